@@ -1,0 +1,1 @@
+"""Backends of the Buffer: ``torch`` (collectives) and ``nvshmem`` (native kernels)."""

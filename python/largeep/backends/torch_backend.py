@@ -1,0 +1,414 @@
+"""SPEC.md's semantics over torch.distributed collectives (gloo on CPU, NCCL on GPU).
+
+This is the reference every other backend is tested against and the NCCL baseline of the benchmarks, so it is
+vectorised: one count exchange, one permutation (a gather), one ``all_to_all_single`` of packed rows, one
+``index_add`` for combine.
+
+Normal mode, variable sizes (the default): the count exchange is read on the host (one sync) to size the output.
+Normal mode with ``num_worst_tokens`` and the whole low-latency mode use fixed-size blocks instead (each source sends
+``cap`` rows to each destination whatever the counts), so no host sync happens and the calls are graph-capturable.
+
+Rows travel packed: every tensor that goes with a token (x, FP8 scales, top-k ids and weights) is viewed as bytes
+and concatenated, so a call issues one data collective.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+import torch.distributed as dist
+
+from largeep import fp8
+from largeep.backends.base import GroupContext, LowLatencyDispatchOut, NormalDispatchOut
+from largeep.layout import Layout, compute_layout, one_hot_mask
+
+
+def _pack(parts: Sequence[torch.Tensor]) -> torch.Tensor:
+    """[P, ...] tensors -> uint8 [P, sum of row bytes]."""
+    rows = parts[0].shape[0]
+    return torch.cat(
+        [p.contiguous().view(torch.uint8).reshape(rows, _row_bytes(p))
+         for p in parts],
+        dim=1,
+    )
+
+
+def _row_bytes(t: torch.Tensor) -> int:
+    n = t.element_size()
+    for s in t.shape[1:]:
+        n *= s
+    return n
+
+
+def _unpack(rows: torch.Tensor, specs: Sequence[tuple[torch.dtype, tuple[int, ...]]]) -> list[torch.Tensor]:
+    """uint8 [P, bytes] -> tensors [P, *shape] of the given dtypes, in order."""
+    out, col = [], 0
+    for dtype, shape in specs:
+        n = 1
+        for s in shape:
+            n *= s
+        nbytes = n * torch.empty((), dtype=dtype).element_size()
+        out.append(rows[:, col : col + nbytes].contiguous().view(dtype).reshape(rows.shape[0], *shape))
+        col += nbytes
+    return out
+
+
+def _exclusive_cumsum(t: torch.Tensor, dim: int = 0) -> torch.Tensor:
+    return torch.cumsum(t, dim=dim) - t
+
+
+@dataclass
+class _VarState:
+    """Handle of a variable-size normal dispatch. Source side: t_idx int64 [P] (token of each sent row, rows
+    ordered by destination then token), send_splits. Receiver side: recv_splits, num_recv."""
+
+    t_idx: torch.Tensor
+    send_splits: list[int]
+    recv_splits: list[int]
+    num_recv: int
+    num_tokens: int
+
+
+@dataclass
+class _FixedState:
+    """Handle of a fixed-size normal dispatch (num_worst_tokens). Source side: slot int64 [T, N], the row of the
+    send block each (token, rank) pair used (``N*cap`` = not sent). Receiver side: dest int64 [N*cap], the output
+    row of each received slot (``num_worst`` = invalid); num_recv int64 [] on the device."""
+
+    slot: torch.Tensor
+    dest: torch.Tensor
+    num_recv: torch.Tensor
+    num_worst: int
+    num_tokens: int
+
+
+@dataclass
+class _LowLatencyState:
+    """Source side: slot int64 [T*K], the send-block row of each (token, k) copy (``N*cap`` = none).
+    Receiver side: out_index int64 [N*cap], the flat row of [E/N * N*M] each received slot landed in
+    (``E/N*N*M`` = invalid)."""
+
+    slot: torch.Tensor
+    out_index: torch.Tensor
+    num_tokens: int
+
+
+class TorchBackend:
+    name = "torch"
+
+    def __init__(self, ctx: GroupContext) -> None:
+        self.ctx = ctx
+
+    # -- collectives ---------------------------------------------------------------------------------------------
+    def _all_to_all(
+        self,
+        send: torch.Tensor,
+        recv_rows: int,
+        send_splits: list[int] | None = None,
+        recv_splits: list[int] | None = None,
+        async_op: bool = False,
+    ) -> tuple[torch.Tensor, dist.Work | None]:
+        out = torch.empty((recv_rows, *send.shape[1:]), dtype=send.dtype, device=send.device)
+        work = dist.all_to_all_single(
+            out, send, output_split_sizes=recv_splits, input_split_sizes=send_splits, group=self.ctx.group,
+            async_op=async_op,
+        )
+        return out, work
+
+    # -- normal mode ---------------------------------------------------------------------------------------------
+    def get_dispatch_layout(self, topk_idx: torch.Tensor) -> Layout:
+        c = self.ctx
+        return compute_layout(topk_idx, c.num_ranks, c.num_experts, c.ranks_per_node)
+
+    def _pair_meta(
+        self, topk_idx: torch.Tensor, topk_weights: torch.Tensor, r_idx: torch.Tensor, t_idx: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """For sent (rank, token) pairs: local expert ids int64 [P, K] (-1 off that rank), weights float32 [P, K]
+        (0 where -1), and per-(rank, local expert) row counts int64 [N, E/N]."""
+        c = self.ctx
+        epr = c.experts_per_rank
+        glob = topk_idx[t_idx]
+        local = glob - r_idx.unsqueeze(1) * epr
+        ok = (glob >= 0) & (local >= 0) & (local < epr)
+        local = torch.where(ok, local, -1)
+        weights = torch.where(ok, topk_weights[t_idx], 0.0)
+        counts = torch.zeros(c.num_ranks, epr, dtype=torch.int64, device=topk_idx.device)
+        counts.index_add_(0, r_idx, one_hot_mask(local, epr).to(torch.int64))
+        return local, weights, counts
+
+    def dispatch(
+        self,
+        x: torch.Tensor,
+        x_scales: torch.Tensor | None,
+        topk_idx: torch.Tensor | None,
+        topk_weights: torch.Tensor | None,
+        state: _VarState | _FixedState | None,
+        expert_alignment: int,
+        num_worst_tokens: int,
+    ) -> NormalDispatchOut:
+        if num_worst_tokens > 0 or isinstance(state, _FixedState):
+            return self._dispatch_fixed(x, x_scales, topk_idx, topk_weights, state, expert_alignment, num_worst_tokens)
+        return self._dispatch_var(x, x_scales, topk_idx, topk_weights, state, expert_alignment)
+
+    def _row_specs(self, x: torch.Tensor, x_scales: torch.Tensor | None, with_meta: bool) -> list:
+        c = self.ctx
+        specs: list[tuple[torch.dtype, tuple[int, ...]]] = [(x.dtype, (c.hidden,))]
+        if x_scales is not None:
+            specs.append((torch.float32, (c.hidden // fp8.GROUP,)))
+        if with_meta:
+            specs += [(torch.int64, (c.num_topk,)), (torch.float32, (c.num_topk,))]
+        return specs
+
+    def _dispatch_var(
+        self,
+        x: torch.Tensor,
+        x_scales: torch.Tensor | None,
+        topk_idx: torch.Tensor | None,
+        topk_weights: torch.Tensor | None,
+        state: _VarState | None,
+        expert_alignment: int,
+    ) -> NormalDispatchOut:
+        c = self.ctx
+        dev = x.device
+        per_expert_list: list[int] = []
+        per_expert_t: torch.Tensor | None = None
+        if state is None:
+            assert topk_idx is not None and topk_weights is not None
+            in_rank = compute_layout(topk_idx, c.num_ranks, c.num_experts, c.ranks_per_node).is_token_in_rank
+            r_idx, t_idx = in_rank.t().nonzero(as_tuple=True)  # ordered by rank, then token
+            local, weights, exp_counts = self._pair_meta(topk_idx, topk_weights, r_idx, t_idx)
+            send_counts = in_rank.sum(0, dtype=torch.int64)
+            meta, _ = self._all_to_all(torch.cat([send_counts.unsqueeze(1), exp_counts], dim=1), c.num_ranks)
+            host = torch.cat([meta[:, 0], send_counts, meta[:, 1:].sum(0)]).cpu()  # the one host sync
+            n = c.num_ranks
+            recv_splits = host[:n].tolist()
+            send_splits = host[n : 2 * n].tolist()
+            raw = host[2 * n :]
+            per_expert_list = (((raw + expert_alignment - 1) // expert_alignment) * expert_alignment).tolist()
+            per_expert_t = torch.tensor(per_expert_list, dtype=torch.int32, device=dev)
+            state = _VarState(t_idx, send_splits, recv_splits, int(sum(recv_splits)), x.shape[0])
+            parts = [x[t_idx]] + ([x_scales[t_idx]] if x_scales is not None else []) + [local, weights]
+        else:
+            parts = [x[state.t_idx]] + ([x_scales[state.t_idx]] if x_scales is not None else [])
+        with_meta = len(parts) > (2 if x_scales is not None else 1)
+        rows, _ = self._all_to_all(_pack(parts), state.num_recv, state.send_splits, state.recv_splits)
+        out = _unpack(rows, self._row_specs(x, x_scales, with_meta))
+        recv_x = out.pop(0)
+        recv_scales = out.pop(0) if x_scales is not None else None
+        recv_idx, recv_w = (out[0], out[1]) if with_meta else (None, None)
+        if per_expert_t is None:
+            per_expert_t = torch.empty(0, dtype=torch.int32, device=dev)
+        return NormalDispatchOut(
+            recv_x, recv_scales, recv_idx, recv_w, per_expert_list, per_expert_t, state.num_recv, state
+        )
+
+    def _dispatch_fixed(
+        self,
+        x: torch.Tensor,
+        x_scales: torch.Tensor | None,
+        topk_idx: torch.Tensor | None,
+        topk_weights: torch.Tensor | None,
+        state: _VarState | _FixedState | None,
+        expert_alignment: int,
+        num_worst_tokens: int,
+    ) -> NormalDispatchOut:
+        c = self.ctx
+        dev = x.device
+        n, cap, t = c.num_ranks, c.max_tokens_per_rank, x.shape[0]
+        per_expert_t: torch.Tensor | None = None
+        if state is None:
+            assert topk_idx is not None and topk_weights is not None
+            in_rank = compute_layout(topk_idx, n, c.num_experts, c.ranks_per_node).is_token_in_rank
+            pos = torch.cumsum(in_rank.to(torch.int64), dim=0) - 1
+            slot = torch.where(in_rank, torch.arange(n, device=dev) * cap + pos, n * cap)  # [T, N]
+            r_idx = torch.arange(n, device=dev).repeat(t)
+            t_idx = torch.arange(t, device=dev).repeat_interleave(n)
+            local, weights, exp_counts = self._pair_meta(
+                topk_idx, topk_weights, r_idx, t_idx
+            )  # counts include only real pairs: local is -1 everywhere off-rank
+            send_counts = in_rank.sum(0, dtype=torch.int64)
+            meta, _ = self._all_to_all(torch.cat([send_counts.unsqueeze(1), exp_counts], dim=1), n)
+            recv_counts = meta[:, 0]
+            raw = meta[:, 1:].sum(0)
+            per_expert_t = (((raw + expert_alignment - 1) // expert_alignment) * expert_alignment).to(torch.int32)
+            j = torch.arange(cap, device=dev)
+            off = _exclusive_cumsum(recv_counts)
+            dest = torch.where(j < recv_counts.unsqueeze(1), off.unsqueeze(1) + j, num_worst_tokens)
+            dest = dest.clamp_max(num_worst_tokens).reshape(-1)
+            num_recv = recv_counts.sum()
+            state = _FixedState(slot, dest, num_recv, num_worst_tokens, t)
+            parts = [x[t_idx]] + ([x_scales[t_idx]] if x_scales is not None else []) + [local, weights]
+        else:
+            assert isinstance(state, _FixedState)
+            t_idx = torch.arange(t, device=dev).repeat_interleave(n)
+            parts = [x[t_idx]] + ([x_scales[t_idx]] if x_scales is not None else [])
+        with_meta = len(parts) > (2 if x_scales is not None else 1)
+        packed = _pack(parts)
+        send = torch.zeros(n * cap + 1, packed.shape[1], dtype=torch.uint8, device=dev)
+        send[state.slot.reshape(-1)] = packed
+        rows, _ = self._all_to_all(send[: n * cap], n * cap)
+        placed = torch.empty(state.num_worst + 1, packed.shape[1], dtype=torch.uint8, device=dev)
+        placed[state.dest] = rows
+        out = _unpack(placed[: state.num_worst], self._row_specs(x, x_scales, with_meta))
+        recv_x = out.pop(0)
+        recv_scales = out.pop(0) if x_scales is not None else None
+        recv_idx, recv_w = (out[0], out[1]) if with_meta else (None, None)
+        if recv_idx is not None and recv_w is not None:
+            tail = torch.arange(state.num_worst, device=dev) >= state.num_recv
+            recv_idx.masked_fill_(tail.unsqueeze(1), -1)
+            recv_w.masked_fill_(tail.unsqueeze(1), 0.0)
+        if per_expert_t is None:
+            per_expert_t = torch.empty(0, dtype=torch.int32, device=dev)
+        return NormalDispatchOut(recv_x, recv_scales, recv_idx, recv_w, [], per_expert_t, None, state)
+
+    def combine(
+        self, y: torch.Tensor, state: _VarState | _FixedState, topk_weights: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        c = self.ctx
+        dev = y.device
+        parts = [y] + ([topk_weights] if topk_weights is not None else [])
+        specs: list[tuple[torch.dtype, tuple[int, ...]]] = [(y.dtype, (c.hidden,))]
+        if topk_weights is not None:
+            specs.append((torch.float32, (c.num_topk,)))
+        packed = _pack(parts)
+        t = state.num_tokens
+        if isinstance(state, _VarState):
+            rows, _ = self._all_to_all(packed, int(sum(state.send_splits)), state.recv_splits, state.send_splits)
+            back = _unpack(rows, specs)
+            x = torch.zeros(t, c.hidden, dtype=torch.float32, device=dev)
+            x.index_add_(0, state.t_idx, back[0].float())
+            w = None
+            if topk_weights is not None:
+                w = torch.zeros(t, c.num_topk, dtype=torch.float32, device=dev)
+                w.index_add_(0, state.t_idx, back[1])
+            return x.to(y.dtype), w
+        n, cap = c.num_ranks, c.max_tokens_per_rank
+        ext = torch.cat([packed, torch.zeros(1, packed.shape[1], dtype=torch.uint8, device=dev)])
+        rows, _ = self._all_to_all(ext[state.dest], n * cap)
+        rows = torch.cat([rows, torch.zeros(1, rows.shape[1], dtype=torch.uint8, device=dev)])
+        back = _unpack(rows[state.slot.reshape(-1)], specs)  # [T*N, ...], (token, rank) pairs
+        x = back[0].float().view(t, n, c.hidden).sum(1)
+        w = back[1].view(t, n, c.num_topk).sum(1) if topk_weights is not None else None
+        return x.to(y.dtype), w
+
+    # -- low-latency mode ------------------------------------------------------------------------------------------
+    def _ll_cap(self) -> int:
+        return self.ctx.max_tokens_per_rank * self.ctx.num_topk
+
+    def low_latency_dispatch(
+        self, x: torch.Tensor, topk_idx: torch.Tensor, use_fp8: bool, round_scale: bool, async_recv: bool
+    ) -> LowLatencyDispatchOut:
+        c = self.ctx
+        dev = x.device
+        n, epr, m, k = c.num_ranks, c.experts_per_rank, c.max_tokens_per_rank, c.num_topk
+        cap = self._ll_cap()
+        t = x.shape[0]
+        valid = topk_idx >= 0
+        dest = torch.where(valid, topk_idx // epr, n).reshape(-1)  # [T*K], n = none
+        local = torch.where(valid, topk_idx % epr, 0).reshape(-1)
+        copies = t * k
+        # Rows for one destination are ordered by (local expert, token, k): keys are unique.
+        key = dest * (epr * copies) + local * copies + torch.arange(copies, device=dev)
+        order = torch.argsort(key)
+        per_dest = torch.bincount(dest, minlength=n + 1)[:n]
+        sorted_dest = dest[order]
+        start = torch.cat([_exclusive_cumsum(per_dest), per_dest.sum().view(1)])
+        pos = torch.arange(copies, device=dev) - start[sorted_dest]
+        slot_sorted = torch.where(sorted_dest < n, sorted_dest * cap + pos, n * cap)
+        slot = torch.empty_like(slot_sorted)
+        slot[order] = slot_sorted
+        counts = torch.zeros(n * epr + 1, dtype=torch.int64, device=dev)
+        counts.index_add_(0, torch.where(dest < n, dest * epr + local, n * epr), torch.ones_like(dest))
+        counts = counts[: n * epr].view(n, epr)
+        token = torch.arange(t, device=dev, dtype=torch.int32).repeat_interleave(k)
+        if use_fp8:
+            q, s = fp8.quantize(x, round_scale=round_scale)
+            parts = [q.repeat_interleave(k, dim=0), s.repeat_interleave(k, dim=0)]
+            specs: list[tuple[torch.dtype, tuple[int, ...]]] = [
+                (fp8.FP8_DTYPE, (c.hidden,)), (torch.float32, (c.hidden // fp8.GROUP,)),
+            ]
+        else:
+            parts = [x.repeat_interleave(k, dim=0)]
+            specs = [(x.dtype, (c.hidden,))]
+        parts += [token.unsqueeze(1), local.to(torch.int32).unsqueeze(1)]
+        specs += [(torch.int32, (1,)), (torch.int32, (1,))]
+        packed = _pack(parts)
+        send = torch.zeros(n * cap + 1, packed.shape[1], dtype=torch.uint8, device=dev)
+        send[slot] = packed
+        recv_counts, _ = self._all_to_all(counts, n)  # [N src, E/N]
+        rows, work = self._all_to_all(send[: n * cap], n * cap, async_op=async_recv)
+        rows_per_expert = n * m
+        x_out = torch.empty(epr, rows_per_expert, c.hidden, dtype=fp8.FP8_DTYPE if use_fp8 else x.dtype, device=dev)
+        s_out = (
+            torch.empty(epr, rows_per_expert, c.hidden // fp8.GROUP, dtype=torch.float32, device=dev)
+            if use_fp8
+            else None
+        )
+        src_info = torch.full((epr, rows_per_expert, 2), -1, dtype=torch.int32, device=dev)
+        num_per_expert = recv_counts.sum(0).to(torch.int32)
+        state = _LowLatencyState(slot, torch.empty(0, dtype=torch.int64, device=dev), t)
+
+        def finish() -> None:
+            if work is not None:
+                work.wait()
+            fields = _unpack(rows, specs)
+            tok, le = fields[-2].view(-1).long(), fields[-1].view(-1).long()
+            j = torch.arange(cap, device=dev).repeat(n)
+            s_of = torch.arange(n, device=dev).repeat_interleave(cap)
+            total = recv_counts.sum(1)
+            ok = j < total[s_of]
+            block_start = _exclusive_cumsum(recv_counts, dim=1)  # [S, E/N]: first row of e in s's block
+            off = _exclusive_cumsum(recv_counts, dim=0)  # [S, E/N]: first output row of s in expert e
+            le = torch.where(ok, le, 0)
+            p = off[s_of, le] + j - block_start[s_of, le]
+            ok = ok & (p < rows_per_expert)
+            dump = epr * rows_per_expert
+            out_index = torch.where(ok, le * rows_per_expert + p, dump)
+            state.out_index = out_index
+            flat = x_out.view(epr * rows_per_expert, c.hidden)
+            ext = torch.empty(dump + 1, c.hidden, dtype=flat.dtype, device=dev)
+            ext[out_index] = fields[0]
+            flat.copy_(ext[:dump])
+            if s_out is not None:
+                sflat = torch.empty(dump + 1, c.hidden // fp8.GROUP, dtype=torch.float32, device=dev)
+                sflat[out_index] = fields[1]
+                s_out.view(dump, -1).copy_(sflat[:dump])
+            info = torch.full((dump + 1, 2), -1, dtype=torch.int32, device=dev)
+            info[out_index] = torch.stack([s_of.to(torch.int32), tok.to(torch.int32)], dim=1)
+            src_info.view(dump, 2).copy_(info[:dump])
+
+        if not async_recv:
+            finish()
+            return LowLatencyDispatchOut(x_out, s_out, num_per_expert, src_info, state, None)
+        return LowLatencyDispatchOut(x_out, s_out, num_per_expert, src_info, state, finish)
+
+    def low_latency_combine(
+        self,
+        y: torch.Tensor,
+        topk_idx: torch.Tensor,
+        topk_weights: torch.Tensor,
+        state: _LowLatencyState,
+        out: torch.Tensor,
+        async_recv: bool,
+    ) -> Callable[[], None] | None:
+        c = self.ctx
+        dev = y.device
+        n, k = c.num_ranks, c.num_topk
+        flat = y.reshape(-1, c.hidden)
+        ext = torch.cat([flat, torch.zeros(1, c.hidden, dtype=y.dtype, device=dev)])
+        rows, work = self._all_to_all(ext[state.out_index], n * self._ll_cap(), async_op=async_recv)
+
+        def finish() -> None:
+            if work is not None:
+                work.wait()
+            back = torch.cat([rows, torch.zeros(1, c.hidden, dtype=rows.dtype, device=dev)])[state.slot]
+            w = torch.where(topk_idx >= 0, topk_weights, 0.0).reshape(-1, 1)
+            acc = (back.float() * w).view(state.num_tokens, k, c.hidden).sum(1)
+            out.copy_(acc)
+
+        if not async_recv:
+            finish()
+            return None
+        return finish

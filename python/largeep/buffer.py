@@ -1,0 +1,522 @@
+"""The public ``Buffer`` of SPEC.md: one per process group, owning every communication buffer.
+
+Every argument is checked here, once, before a backend launches anything. Communication runs on the Buffer's own
+CUDA stream; ``previous_event`` orders it after an event, ``async_finish`` returns at once with an event.
+"""
+
+from __future__ import annotations
+
+import itertools
+import socket
+from dataclasses import dataclass, field
+from typing import Any, Callable, Union
+
+import torch
+import torch.distributed as dist
+
+from largeep import _env, checks
+from largeep._env import logger
+from largeep.backends.base import GroupContext
+from largeep.backends.torch_backend import TorchBackend
+from largeep.errors import ArgumentError, BufferDestroyedError
+from largeep.layout import Layout
+
+Tokens = Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]
+_buffer_ids = itertools.count(1)
+
+
+class EventOverlap:
+    """An event on the Buffer's stream (None on CPU, where every call has finished when it returns)."""
+
+    def __init__(self, event: torch.cuda.Event | None = None) -> None:
+        self.event = event
+
+    def current_stream_wait(self) -> None:
+        """Orders the caller's current stream after the event. Does not block the host."""
+        if self.event is not None:
+            torch.cuda.current_stream().wait_event(self.event)
+
+    def synchronize(self) -> None:
+        """Blocks the host until the event has happened."""
+        if self.event is not None:
+            self.event.synchronize()
+
+
+@dataclass
+class DispatchHandle:
+    """Opaque routing of one normal dispatch. Give it back to ``dispatch`` (cached) or to ``combine``."""
+
+    buffer_id: int
+    num_tokens: int  # T on this rank (source side)
+    num_recv_tokens: int  # rows of the dispatch output (R, or num_worst_tokens)
+    is_token_in_rank: torch.Tensor | None
+    state: Any = field(repr=False)
+
+
+@dataclass
+class LowLatencyHandle:
+    buffer_id: int
+    num_tokens: int
+    state: Any = field(repr=False)
+
+
+@dataclass
+class DispatchResult:
+    """x: [R, H] in x's dtype, or the FP8 pair (e4m3 [R, H], float32 [R, H/128]).
+    topk_idx: int64 [R, K] local expert ids (-1 where the expert is not on this rank); None for a cached dispatch.
+    topk_weights: float32 [R, K]; None for a cached dispatch.
+    num_tokens_per_expert: rows naming each local expert, rounded up to expert_alignment (empty list when
+    num_worst_tokens > 0: no host sync happens then; use num_tokens_per_expert_tensor).
+    num_tokens_per_expert_tensor: the same counts as int32 [E/N] on the device (empty for a cached dispatch).
+    """
+
+    x: Tokens
+    topk_idx: torch.Tensor | None
+    topk_weights: torch.Tensor | None
+    num_tokens_per_expert: list[int]
+    handle: DispatchHandle
+    event: EventOverlap
+    num_tokens_per_expert_tensor: torch.Tensor
+
+
+@dataclass
+class CombineResult:
+    """x: [T, H] in y's dtype; topk_weights: float32 [T, K] or None."""
+
+    x: torch.Tensor
+    topk_weights: torch.Tensor | None
+    event: EventOverlap
+
+
+@dataclass
+class LowLatencyDispatchResult:
+    """x: [E/N, N*max_tokens_per_rank, H] (bf16, or the FP8 pair with scales [E/N, N*M, H/128]);
+    num_tokens_per_expert: int32 [E/N] on the device; src_info: int32 [E/N, N*M, 2], (source rank, source token)
+    of each valid row, -1 elsewhere. hook: with return_recv_hook, call it to complete the receive."""
+
+    x: Tokens
+    num_tokens_per_expert: torch.Tensor
+    src_info: torch.Tensor
+    handle: LowLatencyHandle
+    event: EventOverlap
+    hook: Callable[[], None] | None
+
+
+@dataclass
+class LowLatencyCombineResult:
+    x: torch.Tensor
+    event: EventOverlap
+    hook: Callable[[], None] | None
+
+
+def _group_device(group: dist.ProcessGroup) -> torch.device:
+    name = str(dist.get_backend(group)).lower()
+    if "nccl" in name:
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _ranks_per_host(group: dist.ProcessGroup, num_ranks: int) -> int:
+    """Ranks that share this host; hosts must hold equal, contiguous blocks of ranks."""
+    names: list[Any] = [None] * num_ranks
+    dist.all_gather_object(names, socket.gethostname(), group=group)
+    per_host = names.count(names[0])
+    for r, name in enumerate(names):
+        if name != names[(r // per_host) * per_host]:
+            raise ArgumentError(
+                "Buffer: ranks must fill hosts in equal contiguous blocks (got hosts "
+                f"{names}); pass ranks_per_node explicitly"
+            )
+    return per_host
+
+
+class Buffer:
+    """Dispatch and combine for one expert-parallel process group (SPEC.md).
+
+    Args:
+        group: the process group (None: the default group). N = its size, one GPU per rank.
+        hidden: H. num_experts: E (divisible by N). num_topk: K.
+        max_tokens_per_rank: the most tokens a rank passes to one call (sizes every buffer).
+        backend: "nvshmem", "torch" or "auto" (nvshmem when the native module and GPUs are there, else torch).
+        ranks_per_node: P (default: ranks sharing a host); may be set lower to emulate several nodes on one host.
+        num_sms: SMs the native kernels may use (default 24).
+        low_latency: build the low-latency buffers (decoding) instead of the normal ones.
+    """
+
+    def __init__(
+        self,
+        group: dist.ProcessGroup | None,
+        *,
+        hidden: int,
+        num_experts: int,
+        num_topk: int,
+        max_tokens_per_rank: int,
+        backend: str = "auto",
+        ranks_per_node: int | None = None,
+        num_sms: int | None = None,
+        low_latency: bool = False,
+    ) -> None:
+        op = "Buffer"
+        if not dist.is_initialized():
+            raise ArgumentError(f"{op}: torch.distributed is not initialised; call init_process_group first")
+        group = group if group is not None else dist.group.WORLD
+        assert group is not None
+        n = dist.get_world_size(group)
+        rank = dist.get_rank(group)
+        checks.positive_int(op, "hidden", hidden)
+        checks.positive_int(op, "num_experts", num_experts)
+        checks.positive_int(op, "num_topk", num_topk)
+        checks.positive_int(op, "max_tokens_per_rank", max_tokens_per_rank)
+        if num_experts % n:
+            raise ArgumentError(
+                f"{op}: argument 'num_experts' = {num_experts} is not divisible by the group size {n}"
+            )
+        if num_topk > num_experts:
+            raise ArgumentError(f"{op}: argument 'num_topk' = {num_topk} exceeds num_experts = {num_experts}")
+        if backend not in ("auto", "torch", "nvshmem"):
+            raise ArgumentError(f"{op}: argument 'backend' = {backend!r}, expected 'auto', 'torch' or 'nvshmem'")
+        host_ranks = _ranks_per_host(group, n)
+        if ranks_per_node is None:
+            ranks_per_node = host_ranks
+        checks.positive_int(op, "ranks_per_node", ranks_per_node)
+        if n % ranks_per_node or ranks_per_node > host_ranks:
+            raise ArgumentError(
+                f"{op}: argument 'ranks_per_node' = {ranks_per_node} must divide the group size {n} and be at "
+                f"most the {host_ranks} ranks that share this host"
+            )
+        if num_sms is not None:
+            checks.positive_int(op, "num_sms", num_sms)
+            if num_sms % 2:
+                raise ArgumentError(f"{op}: argument 'num_sms' = {num_sms} must be even")
+        device = _group_device(group)
+        self._settings = _env.settings()
+        self.ctx = GroupContext(
+            group=group, rank=rank, num_ranks=n, ranks_per_node=ranks_per_node, device=device, hidden=hidden,
+            num_experts=num_experts, num_topk=num_topk, max_tokens_per_rank=max_tokens_per_rank,
+            num_sms=num_sms or 24, low_latency=low_latency,
+        )
+        self.backend_name = self._choose_backend(backend)
+        self._impl: Any
+        if self.backend_name == "nvshmem":
+            from largeep.backends.nvshmem_backend import NvshmemBackend
+
+            self._impl = NvshmemBackend(self.ctx, self._settings)
+        else:
+            self._impl = TorchBackend(self.ctx)
+        self._id = next(_buffer_ids)
+        self._alive = True
+        self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+
+    # -- properties --------------------------------------------------------------------------------------------
+    @property
+    def group_size(self) -> int:
+        return self.ctx.num_ranks
+
+    @property
+    def rank(self) -> int:
+        return self.ctx.rank
+
+    @property
+    def num_local_experts(self) -> int:
+        return self.ctx.experts_per_rank
+
+    @property
+    def stream(self) -> torch.cuda.Stream | None:
+        """The Buffer's communication stream (None on CPU)."""
+        return self._stream
+
+    def _choose_backend(self, backend: str) -> str:
+        from largeep import native
+
+        if backend == "torch":
+            return "torch"
+        reason = native.unavailable_reason()
+        if reason is None and self.ctx.device.type != "cuda":
+            reason = "the process group is not an NCCL group on CUDA devices"
+        if reason is None:
+            from largeep.backends.nvshmem_backend import unsupported_reason
+
+            reason = unsupported_reason(self.ctx)
+        if backend == "nvshmem":
+            if reason is not None:
+                raise RuntimeError(f"Buffer: backend 'nvshmem' is not available: {reason}")
+            return "nvshmem"
+        if reason is not None:
+            logger.info("Buffer: backend 'auto' uses 'torch': %s", reason)
+            return "torch"
+        return "nvshmem"
+
+    # -- lifetime -----------------------------------------------------------------------------------------------
+    def destroy(self) -> None:
+        """Frees every buffer (collective on the group for the nvshmem backend). Idempotent."""
+        if not self._alive:
+            return
+        self._alive = False
+        destroy = getattr(self._impl, "destroy", None)
+        if destroy is not None:
+            destroy()
+        self._impl = None
+
+    def _check_alive(self, op: str) -> None:
+        if not self._alive:
+            raise BufferDestroyedError(f"Buffer.{op}: the Buffer was destroyed")
+
+    def _check_mode(self, op: str, low_latency: bool) -> None:
+        if self.ctx.low_latency != low_latency:
+            want = "low_latency=True" if low_latency else "low_latency=False"
+            raise ArgumentError(f"Buffer.{op}: needs a Buffer created with {want}")
+
+    def _check_handle(self, op: str, handle: object, cls: type) -> Any:
+        if not isinstance(handle, cls):
+            raise ArgumentError(f"Buffer.{op}: argument 'handle' must be a {cls.__name__}, got {type(handle).__name__}")
+        if handle.buffer_id != self._id:  # type: ignore[attr-defined]
+            raise ArgumentError(f"Buffer.{op}: argument 'handle' belongs to another (or a destroyed) Buffer")
+        return handle
+
+    # -- streams ------------------------------------------------------------------------------------------------
+    def _run(
+        self,
+        fn: Callable[[], Any],
+        previous_event: EventOverlap | None,
+        async_finish: bool,
+        inputs: list[torch.Tensor | None],
+    ) -> tuple[Any, EventOverlap]:
+        """Runs ``fn`` on the Buffer's stream after the caller's stream (or ``previous_event``)."""
+        if self._stream is None:
+            return fn(), EventOverlap(None)
+        compute = torch.cuda.current_stream()
+        if previous_event is not None and previous_event.event is not None:
+            self._stream.wait_event(previous_event.event)
+        else:
+            self._stream.wait_stream(compute)
+        with torch.cuda.stream(self._stream):
+            result = fn()
+        for t in inputs:
+            if t is not None:
+                t.record_stream(self._stream)
+        for t in _tensors_of(result):
+            t.record_stream(compute)
+        event = torch.cuda.Event()
+        event.record(self._stream)
+        if not async_finish:
+            compute.wait_event(event)
+        return result, EventOverlap(event)
+
+    # -- normal mode --------------------------------------------------------------------------------------------
+    def get_dispatch_layout(
+        self, topk_idx: torch.Tensor, *, previous_event: EventOverlap | None = None, async_finish: bool = False
+    ) -> Layout:
+        """topk_idx int64 [T, K] -> Layout (num_tokens_per_rank int32 [N], num_tokens_per_node int32 [nodes],
+        num_tokens_per_expert int32 [E], is_token_in_rank bool [T, N]). No host wait besides the id range check."""
+        op = "get_dispatch_layout"
+        self._check_alive(op)
+        c = self.ctx
+        idx = checks.topk_idx(
+            op, topk_idx, num_tokens=None, num_topk=c.num_topk, num_experts=c.num_experts, device=c.device,
+            check_values=self._settings.check_values,
+        )
+        checks.max_tokens(op, idx.shape[0], c.max_tokens_per_rank)
+        layout, _ = self._run(lambda: self._impl.get_dispatch_layout(idx), previous_event, async_finish, [idx])
+        return layout  # type: ignore[no-any-return]
+
+    def dispatch(
+        self,
+        x: Tokens,
+        topk_idx: torch.Tensor | None = None,
+        topk_weights: torch.Tensor | None = None,
+        *,
+        handle: DispatchHandle | None = None,
+        expert_alignment: int = 1,
+        num_worst_tokens: int = 0,
+        previous_event: EventOverlap | None = None,
+        async_finish: bool = False,
+    ) -> DispatchResult:
+        """Sends each token once to every rank holding one of its experts (SPEC.md, normal mode).
+
+        x: [T, H] bf16/fp32, or (e4m3 [T, H], float32 [T, H/128]); topk_idx int64 [T, K]; topk_weights float32
+        [T, K]. With ``handle`` (and topk_idx/topk_weights None) the routing of that earlier dispatch is reused.
+        Waits on the host for the count exchange unless num_worst_tokens > 0 or a handle is given.
+        """
+        op = "dispatch"
+        self._check_alive(op)
+        self._check_mode(op, False)
+        c = self.ctx
+        checks.positive_int(op, "expert_alignment", expert_alignment)
+        checks.positive_int(op, "num_worst_tokens", num_worst_tokens, minimum=0)
+        xs, scales = checks.tokens(op, "x", x, hidden=c.hidden, device=c.device, allow_fp8=True)
+        t = xs.shape[0]
+        checks.max_tokens(op, t, c.max_tokens_per_rank)
+        state = None
+        if handle is not None:
+            h = self._check_handle(op, handle, DispatchHandle)
+            if topk_idx is not None or topk_weights is not None:
+                raise ArgumentError(f"Buffer.{op}: with 'handle', 'topk_idx' and 'topk_weights' must be None")
+            if t != h.num_tokens:
+                raise ArgumentError(f"Buffer.{op}: argument 'x' has {t} tokens but the handle was made for {h.num_tokens}")
+            if num_worst_tokens and num_worst_tokens != h.num_recv_tokens:
+                raise ArgumentError(f"Buffer.{op}: argument 'num_worst_tokens' differs from the handle's")
+            state = h.state
+        else:
+            if topk_idx is None or topk_weights is None:
+                raise ArgumentError(f"Buffer.{op}: 'topk_idx' and 'topk_weights' are required without a handle")
+            checks.topk_idx(
+                op, topk_idx, num_tokens=t, num_topk=c.num_topk, num_experts=c.num_experts, device=c.device,
+                check_values=self._settings.check_values and num_worst_tokens == 0,
+            )
+            checks.topk_weights(op, topk_weights, num_tokens=t, num_topk=c.num_topk, device=c.device)
+
+        def run() -> Any:
+            return self._impl.dispatch(xs, scales, topk_idx, topk_weights, state, expert_alignment, num_worst_tokens)
+
+        out, event = self._run(run, previous_event, async_finish, [xs, scales, topk_idx, topk_weights])
+        if handle is None:
+            num_recv = num_worst_tokens if num_worst_tokens else out.num_recv_tokens
+            in_rank = getattr(out.state, "is_token_in_rank", None)
+            handle = DispatchHandle(self._id, t, num_recv, in_rank, out.state)
+        recv_x: Tokens = (out.x, out.x_scales) if out.x_scales is not None else out.x
+        return DispatchResult(
+            recv_x, out.topk_idx, out.topk_weights, out.num_tokens_per_expert, handle, event,
+            out.num_tokens_per_expert_tensor,
+        )
+
+    def combine(
+        self,
+        y: torch.Tensor,
+        handle: DispatchHandle,
+        *,
+        topk_weights: torch.Tensor | None = None,
+        previous_event: EventOverlap | None = None,
+        async_finish: bool = False,
+    ) -> CombineResult:
+        """y [R, H] bf16/fp32 (rows as the dispatch gave them) -> x [T, H], each token's rows summed in float32.
+        topk_weights float32 [R, K], if given, are summed the same way. Does not wait on the host."""
+        op = "combine"
+        self._check_alive(op)
+        self._check_mode(op, False)
+        c = self.ctx
+        h = self._check_handle(op, handle, DispatchHandle)
+        ys = checks.tensor(
+            op, "y", y, dtypes=checks.FLOAT_DTYPES, ndim=2, device=c.device, shape=(h.num_recv_tokens, c.hidden)
+        )
+        if topk_weights is not None:
+            checks.topk_weights(op, topk_weights, num_tokens=h.num_recv_tokens, num_topk=c.num_topk, device=c.device)
+
+        def run() -> Any:
+            return self._impl.combine(ys, h.state, topk_weights)
+
+        (x, w), event = self._run(run, previous_event, async_finish, [ys, topk_weights])
+        return CombineResult(x, w, event)
+
+    # -- low-latency mode ---------------------------------------------------------------------------------------
+    def low_latency_dispatch(
+        self,
+        x: torch.Tensor,
+        topk_idx: torch.Tensor,
+        *,
+        use_fp8: bool = True,
+        round_scale: bool = False,
+        use_ue8m0: bool = False,
+        async_finish: bool = False,
+        return_recv_hook: bool = False,
+    ) -> LowLatencyDispatchResult:
+        """x bf16 [T, H] (T <= max_tokens_per_rank), topk_idx int64 [T, K] -> per-expert receive slots.
+
+        No host wait; CUDA-graph capturable. ``use_ue8m0`` rounds scales to powers of two (kept as float32);
+        ``round_scale`` does the same. With ``return_recv_hook`` the call only issues the sends and ``hook()``
+        completes the receive."""
+        op = "low_latency_dispatch"
+        self._check_alive(op)
+        self._check_mode(op, True)
+        c = self.ctx
+        xs = checks.tensor(op, "x", x, dtypes=(torch.bfloat16,), ndim=2, device=c.device, shape=(None, c.hidden))
+        t = xs.shape[0]
+        checks.max_tokens(op, t, c.max_tokens_per_rank)
+        if use_fp8 and c.hidden % 128:
+            raise ArgumentError(f"Buffer.{op}: FP8 needs hidden % 128 == 0, hidden is {c.hidden}")
+        checks.topk_idx(
+            op, topk_idx, num_tokens=t, num_topk=c.num_topk, num_experts=c.num_experts, device=c.device,
+            check_values=self._settings.check_values,
+        )
+        rounding = bool(round_scale or use_ue8m0)
+
+        def run() -> Any:
+            return self._impl.low_latency_dispatch(xs, topk_idx, use_fp8, rounding, return_recv_hook)
+
+        out, event = self._run(run, None, async_finish, [xs, topk_idx])
+        hook = self._wrap_hook(out.finish) if return_recv_hook else None
+        recv_x: Tokens = (out.x, out.x_scales) if out.x_scales is not None else out.x
+        return LowLatencyDispatchResult(
+            recv_x, out.num_tokens_per_expert, out.src_info, LowLatencyHandle(self._id, t, out.state), event, hook
+        )
+
+    def low_latency_combine(
+        self,
+        y: torch.Tensor,
+        topk_idx: torch.Tensor,
+        topk_weights: torch.Tensor,
+        handle: LowLatencyHandle,
+        *,
+        async_finish: bool = False,
+        return_recv_hook: bool = False,
+        out: torch.Tensor | None = None,
+    ) -> LowLatencyCombineResult:
+        """y bf16 [E/N, N*M, H] -> x bf16 [T, H] = sum_k topk_weights[t, k] * y[expert, row of t] (float32 sums).
+        No host wait; CUDA-graph capturable."""
+        op = "low_latency_combine"
+        self._check_alive(op)
+        self._check_mode(op, True)
+        c = self.ctx
+        h = self._check_handle(op, handle, LowLatencyHandle)
+        rows = c.num_ranks * c.max_tokens_per_rank
+        ys = checks.tensor(
+            op, "y", y, dtypes=(torch.bfloat16,), ndim=3, device=c.device, shape=(c.experts_per_rank, rows, c.hidden)
+        )
+        checks.topk_idx(
+            op, topk_idx, num_tokens=h.num_tokens, num_topk=c.num_topk, num_experts=c.num_experts, device=c.device,
+            check_values=False,
+        )
+        checks.topk_weights(op, topk_weights, num_tokens=h.num_tokens, num_topk=c.num_topk, device=c.device)
+        if out is None:
+            out = torch.empty(h.num_tokens, c.hidden, dtype=torch.bfloat16, device=c.device)
+        else:
+            checks.tensor(
+                op, "out", out, dtypes=(torch.bfloat16,), ndim=2, device=c.device, shape=(h.num_tokens, c.hidden)
+            )
+        target = out
+
+        def run() -> Any:
+            return self._impl.low_latency_combine(ys, topk_idx, topk_weights, h.state, target, return_recv_hook)
+
+        finish, event = self._run(run, None, async_finish, [ys, topk_idx, topk_weights])
+        hook = self._wrap_hook(finish) if return_recv_hook else None
+        return LowLatencyCombineResult(target, event, hook)
+
+    def _wrap_hook(self, finish: Callable[[], None] | None) -> Callable[[], None]:
+        done = [False]
+
+        def hook() -> None:
+            if done[0]:
+                raise RuntimeError("largeep: a receive hook may be called once")
+            done[0] = True
+            if finish is None:
+                return
+            if self._stream is None:
+                finish()
+                return
+            compute = torch.cuda.current_stream()
+            self._stream.wait_stream(compute)
+            with torch.cuda.stream(self._stream):
+                finish()
+            compute.wait_stream(self._stream)
+
+        return hook
+
+
+def _tensors_of(result: Any) -> list[torch.Tensor]:
+    if isinstance(result, torch.Tensor):
+        return [result]
+    if isinstance(result, (tuple, list)):
+        return [t for r in result for t in _tensors_of(r)]
+    if hasattr(result, "__dataclass_fields__"):
+        return [t for name in result.__dataclass_fields__ for t in _tensors_of(getattr(result, name))]
+    return []

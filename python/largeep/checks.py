@@ -1,0 +1,111 @@
+"""Argument checks shared by every backend: run once, in Python, before anything is launched.
+
+Each failure raises :class:`largeep.errors.ArgumentError` whose message names the argument and what was expected.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from largeep.errors import ArgumentError
+from largeep.fp8 import FP8_DTYPE, GROUP
+
+FLOAT_DTYPES = (torch.bfloat16, torch.float32)
+
+
+def _where(op: str, arg: str) -> str:
+    return f"{op}: argument '{arg}'"
+
+
+def tensor(
+    op: str,
+    arg: str,
+    t: object,
+    *,
+    dtypes: Sequence[torch.dtype],
+    ndim: int,
+    device: torch.device,
+    shape: Sequence[int | None] | None = None,
+) -> torch.Tensor:
+    """Checks that ``t`` is a contiguous tensor of one of ``dtypes`` on ``device`` with ``shape`` (None = any)."""
+    if not isinstance(t, torch.Tensor):
+        raise ArgumentError(f"{_where(op, arg)} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in dtypes:
+        names = ", ".join(str(d) for d in dtypes)
+        raise ArgumentError(f"{_where(op, arg)} has dtype {t.dtype}, expected {names}")
+    if t.dim() != ndim:
+        raise ArgumentError(f"{_where(op, arg)} has {t.dim()} dimensions {tuple(t.shape)}, expected {ndim}")
+    if shape is not None:
+        for i, (have, want) in enumerate(zip(t.shape, shape)):
+            if want is not None and have != want:
+                exp = tuple("*" if s is None else s for s in shape)
+                raise ArgumentError(f"{_where(op, arg)} has shape {tuple(t.shape)}, expected {exp} (dim {i})")
+    if t.device.type != device.type or (device.index is not None and t.device.index != device.index):
+        raise ArgumentError(f"{_where(op, arg)} is on {t.device}, expected {device}")
+    if not t.is_contiguous():
+        raise ArgumentError(f"{_where(op, arg)} must be contiguous (strides {t.stride()})")
+    return t
+
+
+def tokens(
+    op: str, arg: str, x: object, *, hidden: int, device: torch.device, allow_fp8: bool, rows: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``x`` is [T, H] bf16/fp32, or (when ``allow_fp8``) a pair (e4m3 [T, H], float32 [T, H/128])."""
+    if isinstance(x, (tuple, list)):
+        if not allow_fp8:
+            raise ArgumentError(f"{_where(op, arg)}: an FP8 pair is not accepted here; pass a bf16/fp32 tensor")
+        if len(x) != 2:
+            raise ArgumentError(f"{_where(op, arg)}: an FP8 pair must have 2 tensors, got {len(x)}")
+        if hidden % GROUP:
+            raise ArgumentError(f"{_where(op, arg)}: FP8 needs hidden % {GROUP} == 0, hidden is {hidden}")
+        q = tensor(op, arg + "[0]", x[0], dtypes=(FP8_DTYPE,), ndim=2, device=device, shape=(rows, hidden))
+        s = tensor(
+            op, arg + "[1]", x[1], dtypes=(torch.float32,), ndim=2, device=device,
+            shape=(q.shape[0], hidden // GROUP),
+        )
+        return q, s
+    t = tensor(op, arg, x, dtypes=FLOAT_DTYPES, ndim=2, device=device, shape=(rows, hidden))
+    return t, None
+
+
+def topk_idx(
+    op: str, t: object, *, num_tokens: int | None, num_topk: int, num_experts: int, device: torch.device,
+    check_values: bool,
+) -> torch.Tensor:
+    """int64 [T, K] with values in [-1, E). The value check costs one device sync; skipped while capturing."""
+    idx = tensor(op, "topk_idx", t, dtypes=(torch.int64,), ndim=2, device=device, shape=(num_tokens, num_topk))
+    if check_values and idx.numel() and not _capturing(device):
+        lo, hi = torch.aminmax(idx)
+        lo_v, hi_v = int(lo), int(hi)
+        if lo_v < -1 or hi_v >= num_experts:
+            bad = lo_v if lo_v < -1 else hi_v
+            raise ArgumentError(f"{_where(op, 'topk_idx')} holds expert id {bad}, expected values in [-1, {num_experts})")
+    return idx
+
+
+def topk_weights(op: str, t: object, *, num_tokens: int, num_topk: int, device: torch.device) -> torch.Tensor:
+    return tensor(
+        op, "topk_weights", t, dtypes=(torch.float32,), ndim=2, device=device, shape=(num_tokens, num_topk)
+    )
+
+
+def positive_int(op: str, arg: str, v: object, *, minimum: int = 1) -> int:
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise ArgumentError(f"{_where(op, arg)} must be an int, got {type(v).__name__}")
+    if v < minimum:
+        raise ArgumentError(f"{_where(op, arg)} must be >= {minimum}, got {v}")
+    return v
+
+
+def max_tokens(op: str, num_tokens: int, max_tokens_per_rank: int) -> None:
+    if num_tokens > max_tokens_per_rank:
+        raise ArgumentError(
+            f"{_where(op, 'x')} has {num_tokens} tokens, more than max_tokens_per_rank={max_tokens_per_rank} "
+            "given to the Buffer"
+        )
+
+
+def _capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()

@@ -1,0 +1,37 @@
+"""FP8 (e4m3) tokens with one float32 scale per 128 channels, as SPEC.md defines them.
+
+A token row x [H] becomes ``q`` e4m3 [H] and ``s`` float32 [H/128] with ``s = amax(|x| over 128 channels) / 448``
+and ``q = x / s``; ``x ~= q * s``. With ``round_scale`` the scale is rounded up to a power of two (UE8M0), which
+keeps ``q`` inside the e4m3 range.
+"""
+
+from __future__ import annotations
+
+import torch
+
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = 448.0
+GROUP = 128
+# Scale floor: an all-zero group gets this scale (q stays 0), never a division by zero.
+_MIN_AMAX = 1e-4
+
+
+def quantize(x: torch.Tensor, round_scale: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [T, H] (bf16/fp32, H % 128 == 0) -> (e4m3 [T, H], float32 scales [T, H/128]). No host sync."""
+    t, h = x.shape
+    if h % GROUP:
+        raise ValueError(f"x: hidden size {h} must be a multiple of {GROUP} for FP8")
+    g = x.float().view(t, h // GROUP, GROUP)
+    amax = g.abs().amax(dim=2).clamp_min(_MIN_AMAX)
+    scale = amax / FP8_MAX
+    if round_scale:
+        scale = torch.exp2(torch.ceil(torch.log2(scale)))
+    q = (g / scale.unsqueeze(2)).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE).view(t, h)
+    return q, scale.contiguous()
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """(e4m3 [..., H], float32 [..., H/128]) -> float32 [..., H]."""
+    h = q.shape[-1]
+    g = q.float().view(*q.shape[:-1], h // GROUP, GROUP)
+    return (g * scale.unsqueeze(-1)).view(*q.shape)

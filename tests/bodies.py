@@ -1,0 +1,201 @@
+"""Test bodies run on every rank of a pool: ``fn(rank, world, *args)``. Shared by the CPU (torch backend on gloo)
+and GPU (torch on NCCL, nvshmem) tests; every check is against ``reference.py``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+import largeep
+from largeep import fp8
+from reference import (
+    make_inputs,
+    ref_combine,
+    ref_dispatch,
+    ref_layout,
+    ref_low_latency,
+    ref_low_latency_combine,
+)
+
+
+def device_for(backend: str) -> torch.device:
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, what: str) -> None:
+    out64, ref64 = out.double().cpu(), ref.double().cpu()
+    assert torch.isfinite(out64).all(), f"{what}: non-finite values"
+    if ref64.numel() == 0:
+        assert out64.numel() == 0, what
+        return
+    # float32 accumulation, then one rounding to the output dtype
+    rel = 2.0**-7 if dtype == torch.bfloat16 else 1e-5
+    err = (out64 - ref64).abs()
+    bound = rel * ref64.abs() + rel * 1e-2 + 1e-6
+    worst = (err / bound).max().item()
+    assert worst <= 1.0, f"{what}: max error {err.max().item():.3g} exceeds bound (ratio {worst:.3g})"
+
+
+def normal_roundtrip(
+    rank: int, world: int, backend: str, tokens: list[int], hidden: int, num_experts: int, num_topk: int,
+    dtype_name: str, use_fp8: bool, alignment: int, seed: int, ranks_per_node: int | None = None,
+    num_worst_tokens: int = 0,
+) -> dict[str, Any]:
+    dtype = getattr(torch, dtype_name)
+    dev = device_for(backend)
+    inputs = [make_inputs(seed, r, tokens[r], hidden, num_experts, num_topk, dtype) for r in range(world)]
+    refs = [ref_dispatch(inputs, r, num_experts) for r in range(world)]
+    mine = inputs[rank]
+    buf = largeep.Buffer(
+        None, hidden=hidden, num_experts=num_experts, num_topk=num_topk,
+        max_tokens_per_rank=max(max(tokens), 1), backend=backend, ranks_per_node=ranks_per_node,
+    )
+    try:
+        idx, w = mine.topk_idx.to(dev), mine.topk_weights.to(dev)
+        idx_copy, w_copy = idx.clone(), w.clone()
+        # layout
+        lay = buf.get_dispatch_layout(idx)
+        rl = ref_layout(mine.topk_idx, world, num_experts, buf.ctx.ranks_per_node)
+        for key, want in rl.items():
+            got = getattr(lay, key).cpu()
+            assert torch.equal(got.to(want.dtype), want), f"layout {key}: {got} != {want}"
+        # dispatch
+        if use_fp8:
+            q, s = fp8.quantize(mine.x.float())
+            x_in: Any = (q.to(dev), s.to(dev))
+        else:
+            x_in = mine.x.to(dev)
+        x_copy = x_in[0].clone() if use_fp8 else x_in.clone()
+        res = buf.dispatch(x_in, idx, w, expert_alignment=alignment, num_worst_tokens=num_worst_tokens)
+        ref = refs[rank]
+        r_rows = len(ref.src)
+        got_rows = num_worst_tokens if num_worst_tokens else r_rows
+        if use_fp8:
+            gq, gs = res.x
+            assert gq.shape[0] == got_rows and gs.shape[0] == got_rows
+            rq, rs = fp8.quantize(ref.x.float()) if r_rows else (torch.empty(0, hidden), torch.empty(0, hidden // 128))
+            assert torch.equal(gq[:r_rows].cpu().view(torch.uint8), rq.view(torch.uint8)), "fp8 x differs"
+            assert torch.equal(gs[:r_rows].cpu(), rs), "fp8 scales differ"
+        else:
+            assert res.x.shape == (got_rows, hidden), f"x shape {tuple(res.x.shape)}"
+            assert res.x.dtype == dtype
+            assert torch.equal(res.x[:r_rows].cpu(), ref.x), "dispatched x differs"
+        assert torch.equal(res.topk_idx[:r_rows].cpu(), ref.topk_idx), "topk_idx differs"
+        assert torch.equal(res.topk_weights[:r_rows].cpu(), ref.topk_weights), "topk_weights differ"
+        if num_worst_tokens:
+            assert (res.topk_idx[r_rows:] == -1).all(), "tail topk_idx must be -1"
+            assert res.num_tokens_per_expert == []
+            counts = res.num_tokens_per_expert_tensor.cpu().tolist()
+        else:
+            counts = res.num_tokens_per_expert
+        want_counts = [((c + alignment - 1) // alignment) * alignment for c in ref.per_expert]
+        assert counts == want_counts, f"num_tokens_per_expert {counts} != {want_counts}"
+        # cached dispatch with new data
+        g = torch.Generator().manual_seed(seed + 7)
+        xs2 = [torch.randn(tokens[r], hidden, generator=g).to(dtype) for r in range(world)]
+        if not use_fp8:
+            res2 = buf.dispatch(xs2[rank].to(dev), handle=res.handle, num_worst_tokens=num_worst_tokens)
+            want2 = torch.stack([xs2[s][t] for s, t in ref.src]) if r_rows else torch.empty(0, hidden, dtype=dtype)
+            assert torch.equal(res2.x[:r_rows].cpu(), want2), "cached dispatch differs"
+            assert res2.topk_idx is None
+        # combine (with weights) against the reference
+        ys = [torch.randn(len(refs[r].src), hidden, generator=g).to(dtype) for r in range(world)]
+        y_mine = ys[rank]
+        if num_worst_tokens:
+            y_mine = torch.cat([y_mine, torch.randn(num_worst_tokens - r_rows, hidden, generator=g).to(dtype)])
+        comb = buf.combine(y_mine.to(dev), res.handle, topk_weights=res.topk_weights)
+        want = ref_combine(ys, refs, rank, tokens[rank])
+        assert comb.x.dtype == dtype and comb.x.shape == (tokens[rank], hidden)
+        _close(comb.x, want, dtype, "combine x")
+        wsum = ref_combine([r.topk_weights for r in refs], refs, rank, tokens[rank])
+        _close(comb.topk_weights, wsum, torch.float32, "combine topk_weights")
+        # adjoint: <dispatch(x), y> == <x, combine(y)> summed over ranks (float32 data)
+        xf = torch.randn(tokens[rank], hidden, generator=torch.Generator().manual_seed(seed * 31 + rank))
+        if dtype == torch.float32 and not use_fp8:
+            d = buf.dispatch(xf.to(dev), handle=res.handle, num_worst_tokens=num_worst_tokens)
+            yf = torch.randn(d.x.shape, generator=torch.Generator().manual_seed(seed * 37 + rank)).to(dev)
+            if num_worst_tokens:
+                yf[r_rows:] = 0
+            c = buf.combine(yf, res.handle)
+            lhs = torch.tensor([(d.x[:r_rows].double() * yf[:r_rows].double()).sum().item()], dtype=torch.float64)
+            rhs = torch.tensor([(xf.double() * c.x.double().cpu()).sum().item()], dtype=torch.float64)
+            both = torch.cat([lhs, rhs]).to(dev)
+            dist.all_reduce(both)
+            a, b = both.tolist()
+            assert abs(a - b) <= 1e-4 * max(1.0, abs(a)), f"adjoint: {a} != {b}"
+        # the caller's tensors are untouched
+        assert torch.equal(idx, idx_copy) and torch.equal(w, w_copy)
+        assert torch.equal(x_in[0] if use_fp8 else x_in, x_copy)
+        return {"rows": r_rows}
+    finally:
+        buf.destroy()
+
+
+def low_latency_roundtrip(
+    rank: int, world: int, backend: str, tokens: list[int], max_tokens: int, hidden: int, num_experts: int,
+    num_topk: int, use_fp8: bool, round_scale: bool, hook: bool, seed: int, ranks_per_node: int | None = None,
+) -> None:
+    dev = device_for(backend)
+    inputs = [
+        make_inputs(seed, r, tokens[r], hidden, num_experts, num_topk, torch.bfloat16) for r in range(world)
+    ]
+    mine = inputs[rank]
+    epr = num_experts // world
+    buf = largeep.Buffer(
+        None, hidden=hidden, num_experts=num_experts, num_topk=num_topk, max_tokens_per_rank=max_tokens,
+        backend=backend, ranks_per_node=ranks_per_node, low_latency=True,
+    )
+    try:
+        x, idx, w = mine.x.to(dev), mine.topk_idx.to(dev), mine.topk_weights.to(dev)
+        res = buf.low_latency_dispatch(x, idx, use_fp8=use_fp8, round_scale=round_scale, return_recv_hook=hook)
+        if hook:
+            assert res.hook is not None
+            res.hook()
+        ref = ref_low_latency(inputs, rank, num_experts)
+        counts = res.num_tokens_per_expert.cpu().tolist()
+        assert counts == [len(ref[e]) for e in range(epr)], f"counts {counts}"
+        info = res.src_info.cpu()
+        if use_fp8:
+            q, s = res.x
+            vals = fp8.dequantize(q.cpu(), s.cpu())
+        else:
+            vals = res.x.cpu().float()
+        for e in range(epr):
+            c = counts[e]
+            keys = [tuple(v) for v in info[e, :c].tolist()]
+            assert sorted(keys) == sorted(ref[e].keys()), f"expert {e}: rows differ"
+            srcs = [k[0] for k in keys]
+            assert srcs == sorted(srcs), f"expert {e}: rows not grouped by source rank"
+            for j, key in enumerate(keys):
+                want = ref[e][key].float()
+                got = vals[e, j]
+                if use_fp8:
+                    # e4m3 keeps 3 mantissa bits: relative error <= 2^-4, plus the scale granularity
+                    tol = want.abs() * 2.0**-3 + want.abs().max() * 2.0**-8
+                    assert ((got - want).abs() <= tol).all(), f"expert {e} row {j}: fp8 values off"
+                else:
+                    assert torch.equal(got, want), f"expert {e} row {j}: values differ"
+        # weighted combine: y = f(expert, source rank, token), known to every rank
+        def y_of(ge: int, s: int, t: int) -> torch.Tensor:
+            g = torch.Generator().manual_seed(seed * 100003 + ge * 1009 + s * 101 + t)
+            return torch.randn(hidden, generator=g).to(torch.bfloat16)
+
+        y = torch.randn(epr, world * max_tokens, hidden).to(torch.bfloat16)
+        for e in range(epr):
+            for j in range(counts[e]):
+                s, t = info[e, j].tolist()
+                y[e, j] = y_of(rank * epr + e, s, t)
+        out = torch.full((tokens[rank], hidden), float("nan"), dtype=torch.bfloat16, device=dev)
+        comb = buf.low_latency_combine(y.to(dev), idx, w, res.handle, out=out, return_recv_hook=hook)
+        if hook:
+            assert comb.hook is not None
+            comb.hook()
+        assert comb.x.data_ptr() == out.data_ptr()
+        want = ref_low_latency_combine(mine, rank, num_experts, world, y_of)
+        _close(comb.x, want, torch.bfloat16, "low-latency combine")
+    finally:
+        buf.destroy()

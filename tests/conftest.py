@@ -1,0 +1,43 @@
+from __future__ import annotations
+
+from typing import Callable, Iterator
+
+import pytest
+import torch
+
+from dist_pool import DistPool
+
+_pools: dict[tuple[int, str], DistPool] = {}
+
+
+def gpu_count() -> int:
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "gpu(n): needs n CUDA GPUs (skipped without them)")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    have = gpu_count()
+    for item in items:
+        m = item.get_closest_marker("gpu")
+        if m is None:
+            continue
+        need = m.args[0] if m.args else 1
+        if have < need:
+            item.add_marker(pytest.mark.skip(reason=f"needs {need} GPUs, {have} visible"))
+
+
+@pytest.fixture(scope="session")
+def pools() -> Iterator[Callable[[int, str], DistPool]]:
+    def get(world: int, backend: str = "gloo") -> DistPool:
+        key = (world, backend)
+        if key not in _pools or _pools[key].broken:
+            _pools[key] = DistPool(world, backend)
+        return _pools[key]
+
+    yield get
+    for p in _pools.values():
+        p.close(force=p.broken)
+    _pools.clear()

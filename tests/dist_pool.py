@@ -1,0 +1,106 @@
+"""A pool of N worker processes joined in one torch.distributed group, reused across tests.
+
+Spawning N Python processes with torch costs seconds, so each world size is started once per test session and
+then runs many test bodies. A body is a module-level function ``fn(rank, world_size, *args)``; the pool runs it on
+every rank and returns the per-rank results, or raises with every failing rank's traceback.
+"""
+
+from __future__ import annotations
+
+import datetime
+import importlib
+import multiprocessing as mp
+import os
+import queue
+import socket
+import traceback
+from typing import Any, Callable
+
+SAFE_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _worker(rank: int, world: int, port: int, backend: str, tasks: Any, results: Any) -> None:
+    os.environ.update(SAFE_ENV)
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
+        kwargs: dict[str, Any] = {"device_id": torch.device("cuda", rank)}
+    else:
+        kwargs = {}
+    dist.init_process_group(
+        backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+        timeout=datetime.timedelta(seconds=120), **kwargs,
+    )
+    while True:
+        item = tasks.get()
+        if item is None:
+            break
+        mod, name, args = item
+        try:
+            fn = getattr(importlib.import_module(mod), name)
+            results.put((rank, True, fn(rank, world, *args)))
+        except BaseException:  # noqa: BLE001 - every failure goes back to the parent
+            results.put((rank, False, traceback.format_exc()))
+    dist.destroy_process_group()
+
+
+class DistPool:
+    def __init__(self, world: int, backend: str = "gloo", timeout_s: float = 180.0) -> None:
+        ctx = mp.get_context("spawn")
+        self.world = world
+        self.timeout_s = timeout_s
+        port = _free_port()
+        self.tasks = [ctx.Queue() for _ in range(world)]
+        self.results = ctx.Queue()
+        self.procs = [
+            ctx.Process(target=_worker, args=(r, world, port, backend, self.tasks[r], self.results), daemon=True)
+            for r in range(world)
+        ]
+        for p in self.procs:
+            p.start()
+        self.broken = False
+
+    def run(self, fn: Callable[..., Any], *args: Any) -> list[Any]:
+        if self.broken:
+            raise RuntimeError("the process pool broke in an earlier test")
+        for q in self.tasks:
+            q.put((fn.__module__, fn.__name__, args))
+        out: list[Any] = [None] * self.world
+        errors = []
+        for _ in range(self.world):
+            try:
+                rank, ok, value = self.results.get(timeout=self.timeout_s)
+            except queue.Empty:
+                self.broken = True
+                self.close(force=True)
+                raise TimeoutError(f"{fn.__name__}: a rank did not finish within {self.timeout_s} s") from None
+            if ok:
+                out[rank] = value
+            else:
+                # the other ranks may now wait forever in a collective: end the pool
+                errors.append(f"--- rank {rank} ---\n{value}")
+                self.broken = True
+                self.close(force=True)
+                break
+        if errors:
+            raise AssertionError(f"{fn.__name__} failed:\n" + "\n".join(errors))
+        return out
+
+    def close(self, force: bool = False) -> None:
+        if not force:
+            for q in self.tasks:
+                q.put(None)
+            for p in self.procs:
+                p.join(timeout=30)
+        for p in self.procs:
+            if p.is_alive():
+                p.kill()

@@ -1,0 +1,134 @@
+"""Independent references for SPEC.md's semantics: plain loops over every rank's inputs, no collectives.
+
+Every rank draws every rank's inputs from the same seeds (``make_inputs``), so each can compute what it must
+receive without talking to anyone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class RankInputs:
+    x: torch.Tensor  # [T, H]
+    topk_idx: torch.Tensor  # int64 [T, K]
+    topk_weights: torch.Tensor  # float32 [T, K]
+
+
+def make_inputs(
+    seed: int, rank: int, num_tokens: int, hidden: int, num_experts: int, num_topk: int, dtype: torch.dtype,
+    minus_one_frac: float = 0.1, distinct: bool = True,
+) -> RankInputs:
+    g = torch.Generator().manual_seed(seed * 1000 + rank)
+    x = torch.randn(num_tokens, hidden, generator=g).to(dtype)
+    if distinct:
+        scores = torch.rand(num_tokens, num_experts, generator=g)
+        idx = scores.topk(num_topk, dim=1).indices
+    else:
+        idx = torch.randint(0, num_experts, (num_tokens, num_topk), generator=g)
+    drop = torch.rand(num_tokens, num_topk, generator=g) < minus_one_frac
+    idx = torch.where(drop, torch.full_like(idx, -1), idx)
+    w = torch.rand(num_tokens, num_topk, generator=g) + 0.1
+    return RankInputs(x, idx.to(torch.int64), w.float())
+
+
+def ref_layout(idx: torch.Tensor, n: int, e: int, p: int) -> dict[str, torch.Tensor]:
+    epr = e // n
+    t = idx.shape[0]
+    in_rank = torch.zeros(t, n, dtype=torch.bool)
+    per_expert = torch.zeros(e, dtype=torch.int64)
+    for i in range(t):
+        seen = set()
+        for v in idx[i].tolist():
+            if v >= 0:
+                in_rank[i, v // epr] = True
+                seen.add(v)
+        for v in seen:
+            per_expert[v] += 1
+    in_node = in_rank.view(t, n // p, p).any(2)
+    return {
+        "is_token_in_rank": in_rank,
+        "num_tokens_per_rank": in_rank.sum(0),
+        "num_tokens_per_node": in_node.sum(0),
+        "num_tokens_per_expert": per_expert,
+    }
+
+
+@dataclass
+class RefDispatch:
+    src: list[tuple[int, int]]  # (source rank, token) of each received row
+    x: torch.Tensor
+    topk_idx: torch.Tensor
+    topk_weights: torch.Tensor
+    per_expert: list[int]  # not rounded
+
+
+def ref_dispatch(inputs: list[RankInputs], rank: int, e: int) -> RefDispatch:
+    n = len(inputs)
+    epr = e // n
+    lo, hi = rank * epr, (rank + 1) * epr
+    src, xs, idxs, ws = [], [], [], []
+    per_expert = [0] * epr
+    for s, inp in enumerate(inputs):
+        for t in range(inp.x.shape[0]):
+            ids = inp.topk_idx[t].tolist()
+            if not any(lo <= v < hi for v in ids):
+                continue
+            src.append((s, t))
+            xs.append(inp.x[t])
+            local = [v - lo if lo <= v < hi else -1 for v in ids]
+            idxs.append(local)
+            ws.append([float(inp.topk_weights[t, k]) if local[k] >= 0 else 0.0 for k in range(len(ids))])
+            for v in set(v for v in local if v >= 0):
+                per_expert[v] += 1
+    k = inputs[0].topk_idx.shape[1]
+    h = inputs[0].x.shape[1]
+    return RefDispatch(
+        src,
+        torch.stack(xs) if xs else torch.empty(0, h, dtype=inputs[0].x.dtype),
+        torch.tensor(idxs, dtype=torch.int64).view(-1, k),
+        torch.tensor(ws, dtype=torch.float32).view(-1, k),
+        per_expert,
+    )
+
+
+def ref_combine(ys: list[torch.Tensor], dispatches: list[RefDispatch], rank: int, num_tokens: int) -> torch.Tensor:
+    """x[t] on ``rank`` = sum over ranks r of y_r[row of (rank, t)], in float64."""
+    h = ys[0].shape[1]
+    out = torch.zeros(num_tokens, h, dtype=torch.float64)
+    for r, d in enumerate(dispatches):
+        for row, (s, t) in enumerate(d.src):
+            if s == rank:
+                out[t] += ys[r][row].double()
+    return out
+
+
+def ref_low_latency(
+    inputs: list[RankInputs], rank: int, e: int
+) -> dict[int, dict[tuple[int, int], torch.Tensor]]:
+    """For each local expert: {(source rank, token): x row} of every copy this rank receives."""
+    n = len(inputs)
+    epr = e // n
+    out: dict[int, dict[tuple[int, int], torch.Tensor]] = {le: {} for le in range(epr)}
+    for s, inp in enumerate(inputs):
+        for t in range(inp.x.shape[0]):
+            for v in inp.topk_idx[t].tolist():
+                if v >= 0 and v // epr == rank:
+                    out[v % epr][(s, t)] = inp.x[t]
+    return out
+
+
+def ref_low_latency_combine(
+    inp: RankInputs, rank: int, e: int, n: int, y_of: "callable[[int, int, int], torch.Tensor]"
+) -> torch.Tensor:
+    """x[t] = sum_k w[t,k] * y_of(expert, source rank, token), in float64."""
+    t_count, h = inp.x.shape
+    out = torch.zeros(t_count, h, dtype=torch.float64)
+    for t in range(t_count):
+        for k, v in enumerate(inp.topk_idx[t].tolist()):
+            if v >= 0:
+                out[t] += float(inp.topk_weights[t, k]) * y_of(v, rank, t).double()
+    return out

@@ -1,0 +1,52 @@
+"""SPEC.md's rules on the torch backend over gloo (CPU), on 1 to 4 ranks."""
+
+from __future__ import annotations
+
+import pytest
+
+import bodies
+
+WORLDS = [1, 2, 3, 4]
+
+
+def _tokens(world: int, base: int) -> list[int]:
+    # uneven counts, and a rank with no tokens at all when there are several ranks
+    return [0 if (r == 1 and world > 1) else base + 3 * r for r in range(world)]
+
+
+@pytest.mark.parametrize("world", WORLDS)
+@pytest.mark.parametrize(
+    "dtype,use_fp8,alignment,worst",
+    [("bfloat16", False, 1, 0), ("float32", False, 4, 0), ("bfloat16", True, 1, 0), ("float32", False, 1, 200)],
+)
+def test_normal(pools, world: int, dtype: str, use_fp8: bool, alignment: int, worst: int) -> None:
+    hidden = 256
+    experts = 12 * world if world != 3 else 24
+    pools(world).run(
+        bodies.normal_roundtrip, "torch", _tokens(world, 17), hidden, experts, 4, dtype, use_fp8, alignment,
+        world * 10 + alignment, None, worst,
+    )
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_normal_emulated_nodes(pools, world: int) -> None:
+    pools(world).run(
+        bodies.normal_roundtrip, "torch", _tokens(world, 9), 128, 8 * world, 8, "bfloat16", False, 1, 5, 1
+    )
+
+
+def test_normal_topk1_all_minus_one(pools) -> None:
+    # top-1 routing, and a token batch where every entry of rank 0 is -1
+    pools(2).run(bodies.normal_roundtrip, "torch", [5, 7], 128, 4, 1, "bfloat16", False, 2, 99)
+
+
+@pytest.mark.parametrize("world", WORLDS)
+@pytest.mark.parametrize("use_fp8,round_scale,hook", [(False, False, False), (True, False, False), (True, True, True)])
+def test_low_latency(pools, world: int, use_fp8: bool, round_scale: bool, hook: bool) -> None:
+    experts = 6 * world
+    tokens = [min(8, 3 + 2 * r) for r in range(world)]
+    if world > 1:
+        tokens[-1] = 0
+    pools(world).run(
+        bodies.low_latency_roundtrip, "torch", tokens, 8, 256, experts, 3, use_fp8, round_scale, hook, world + 3
+    )

@@ -51,6 +51,7 @@ class DispatchHandle:
     num_recv_tokens: int  # rows of the dispatch output (R, or num_worst_tokens)
     is_token_in_rank: torch.Tensor | None
     state: Any = field(repr=False)
+    num_worst_tokens: int = 0  # as given to the dispatch that made the handle (0: variable size)
 
 
 @dataclass
@@ -163,6 +164,11 @@ class Buffer:
         assert group is not None
         n = dist.get_world_size(group)
         rank = dist.get_rank(group)
+        if rank < 0:
+            raise ArgumentError(
+                f"{op}: argument 'group' does not contain this rank (global rank {dist.get_rank()}); create the "
+                "Buffer only on the group's ranks"
+            )
         checks.positive_int(op, "hidden", hidden)
         checks.positive_int(op, "num_experts", num_experts)
         checks.positive_int(op, "num_topk", num_topk)
@@ -315,7 +321,7 @@ class Buffer:
             op, topk_idx, num_tokens=None, num_topk=c.num_topk, num_experts=c.num_experts, device=c.device,
             check_values=self._settings.check_values,
         )
-        checks.max_tokens(op, idx.shape[0], c.max_tokens_per_rank)
+        checks.max_tokens(op, idx.shape[0], c.max_tokens_per_rank, arg="topk_idx")
         layout, _ = self._run(lambda: self._impl.get_dispatch_layout(idx), previous_event, async_finish, [idx])
         return layout  # type: ignore[no-any-return]
 
@@ -353,8 +359,11 @@ class Buffer:
                 raise ArgumentError(f"Buffer.{op}: with 'handle', 'topk_idx' and 'topk_weights' must be None")
             if t != h.num_tokens:
                 raise ArgumentError(f"Buffer.{op}: argument 'x' has {t} tokens but the handle was made for {h.num_tokens}")
-            if num_worst_tokens and num_worst_tokens != h.num_recv_tokens:
-                raise ArgumentError(f"Buffer.{op}: argument 'num_worst_tokens' differs from the handle's")
+            if num_worst_tokens and num_worst_tokens != h.num_worst_tokens:
+                raise ArgumentError(
+                    f"Buffer.{op}: argument 'num_worst_tokens' = {num_worst_tokens} differs from the handle's "
+                    f"({h.num_worst_tokens}; 0 means the handle's dispatch had a variable size)"
+                )
             state = h.state
         else:
             if topk_idx is None or topk_weights is None:
@@ -372,7 +381,7 @@ class Buffer:
         if handle is None:
             num_recv = num_worst_tokens if num_worst_tokens else out.num_recv_tokens
             in_rank = getattr(out.state, "is_token_in_rank", None)
-            handle = DispatchHandle(self._id, t, num_recv, in_rank, out.state)
+            handle = DispatchHandle(self._id, t, num_recv, in_rank, out.state, num_worst_tokens)
         recv_x: Tokens = (out.x, out.x_scales) if out.x_scales is not None else out.x
         return DispatchResult(
             recv_x, out.topk_idx, out.topk_weights, out.num_tokens_per_expert, handle, event,
@@ -432,7 +441,9 @@ class Buffer:
         t = xs.shape[0]
         checks.max_tokens(op, t, c.max_tokens_per_rank)
         if use_fp8 and c.hidden % 128:
-            raise ArgumentError(f"Buffer.{op}: FP8 needs hidden % 128 == 0, hidden is {c.hidden}")
+            raise ArgumentError(
+                f"Buffer.{op}: argument 'use_fp8' = True needs hidden % 128 == 0, hidden is {c.hidden}"
+            )
         checks.topk_idx(
             op, topk_idx, num_tokens=t, num_topk=c.num_topk, num_experts=c.num_experts, device=c.device,
             check_values=self._settings.check_values,

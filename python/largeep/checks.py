@@ -99,10 +99,10 @@ def positive_int(op: str, arg: str, v: object, *, minimum: int = 1) -> int:
     return v
 
 
-def max_tokens(op: str, num_tokens: int, max_tokens_per_rank: int) -> None:
+def max_tokens(op: str, num_tokens: int, max_tokens_per_rank: int, arg: str = "x") -> None:
     if num_tokens > max_tokens_per_rank:
         raise ArgumentError(
-            f"{_where(op, 'x')} has {num_tokens} tokens, more than max_tokens_per_rank={max_tokens_per_rank} "
+            f"{_where(op, arg)} has {num_tokens} tokens, more than max_tokens_per_rank={max_tokens_per_rank} "
             "given to the Buffer"
         )
 

@@ -29,7 +29,7 @@ def _pack(parts: Sequence[torch.Tensor]) -> torch.Tensor:
     """[P, ...] tensors -> uint8 [P, sum of row bytes]."""
     rows = parts[0].shape[0]
     return torch.cat(
-        [p.contiguous().view(torch.uint8).reshape(rows, _row_bytes(p))
+        [p.contiguous().reshape(-1).view(torch.uint8).reshape(rows, _row_bytes(p))
          for p in parts],
         dim=1,
     )

@@ -1,0 +1,128 @@
+// pybind11 surface of largeep._C: plain types only (ints for pointers and streams, bytes for the unique id).
+// Nothing here depends on torch, so one build serves every torch version.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include "kernels/api.cuh"
+#include "kernels/exception.cuh"
+#include "runtime/runtime.hpp"
+
+namespace py = pybind11;
+using namespace largeep;
+
+namespace {
+
+template <typename T>
+T* ptr(uintptr_t p) {
+    return reinterpret_cast<T*>(p);
+}
+cudaStream_t stream_of(uintptr_t s) { return reinterpret_cast<cudaStream_t>(s); }
+
+// Normal-mode kernels bound to one Buffer's memory.
+class NormalKernels {
+   public:
+    NormalKernels(int rank, int num_ranks, int num_experts, int num_topk, int hidden, int max_tokens, uintptr_t base,
+                  uintptr_t peer_base, uintptr_t seq, uintptr_t block_counter, uintptr_t status_dev,
+                  double timeout_s) {
+        const NormalLayout l = normal_layout(num_ranks, num_experts, num_topk, hidden, max_tokens);
+        c_.rank = rank;
+        c_.num_ranks = num_ranks;
+        c_.num_experts = num_experts;
+        c_.num_topk = num_topk;
+        c_.hidden = hidden;
+        c_.max_tokens = max_tokens;
+        c_.off_flags = l.off_flags;
+        c_.off_in_counts = l.off_in_counts;
+        c_.off_out_counts = l.off_out_counts;
+        c_.off_list = l.off_list;
+        c_.off_stage = l.off_stage;
+        c_.off_comb = l.off_comb;
+        c_.off_comb_w = l.off_comb_w;
+        c_.stage_stride = l.stage_stride;
+        c_.stage_off_scales = l.stage_off_scales;
+        c_.stage_off_idx = l.stage_off_idx;
+        c_.stage_off_w = l.stage_off_w;
+        c_.comb_stride = l.comb_stride;
+        c_.base = ptr<uint8_t>(base);
+        c_.peer_base = ptr<const uint64_t>(peer_base);
+        c_.seq = ptr<int64_t>(seq);
+        c_.block_counter = ptr<int>(block_counter);
+        c_.status = ptr<int64_t>(status_dev);
+        c_.timeout_ns = static_cast<uint64_t>(timeout_s * 1e9);
+    }
+
+    void stage(uintptr_t x, int x_elem, uintptr_t scales, uintptr_t idx, uintptr_t w, int num_tokens,
+               uintptr_t send_pos, bool cached, int num_sms, uintptr_t stream) {
+        launch_dispatch_stage(c_, ptr<const void>(x), x_elem, ptr<const float>(scales), ptr<const int64_t>(idx),
+                              ptr<const float>(w), num_tokens, ptr<int>(send_pos), cached, num_sms,
+                              stream_of(stream));
+    }
+    void notify(bool cached, bool report, uintptr_t stream) {
+        launch_dispatch_notify(c_, cached, report, stream_of(stream));
+    }
+    void pull(uintptr_t out_x, int x_elem, uintptr_t out_s, uintptr_t out_idx, uintptr_t out_w, uintptr_t recv_src,
+              uintptr_t recv_off, int num_rows, bool cached, int num_sms, uintptr_t stream) {
+        launch_dispatch_pull(c_, ptr<void>(out_x), x_elem, ptr<float>(out_s), ptr<int64_t>(out_idx), ptr<float>(out_w),
+                             ptr<int>(recv_src), ptr<int>(recv_off), num_rows, cached, num_sms, stream_of(stream));
+    }
+    void combine_push(uintptr_t y, int y_elem, uintptr_t y_w, uintptr_t recv_src, uintptr_t recv_off, int num_rows,
+                      int num_sms, uintptr_t stream) {
+        launch_combine_push(c_, ptr<const void>(y), y_elem, ptr<const float>(y_w), ptr<const int>(recv_src),
+                            ptr<const int>(recv_off), num_rows, num_sms, stream_of(stream));
+    }
+    void combine_reduce(uintptr_t out, int out_elem, uintptr_t out_w, uintptr_t send_pos, int num_tokens,
+                        bool with_weights, int num_sms, uintptr_t stream) {
+        launch_combine_reduce(c_, ptr<void>(out), out_elem, ptr<float>(out_w), ptr<const int>(send_pos), num_tokens,
+                              with_weights, num_sms, stream_of(stream));
+    }
+
+   private:
+    NormalCtx c_{};
+};
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+    m.doc() = "largeep native kernels (NVSHMEM)";
+    py::register_exception<largeep::Error>(m, "NativeError", PyExc_RuntimeError);
+
+    m.def("unique_id", []() { return py::bytes(runtime::unique_id()); });
+    m.def("init", [](py::bytes uid, int rank, int n, int device) {
+        std::string s = uid;
+        py::gil_scoped_release nogil;
+        runtime::init(s, rank, n, device);
+    });
+    m.def("initialized", &runtime::initialized);
+    m.def("rank", &runtime::rank);
+    m.def("num_ranks", &runtime::num_ranks);
+    m.def("alloc", &runtime::alloc, py::call_guard<py::gil_scoped_release>());
+    m.def("free", &runtime::free, py::call_guard<py::gil_scoped_release>());
+    m.def("peer_ptr", &runtime::peer_ptr);
+    m.def("barrier", &runtime::barrier, py::call_guard<py::gil_scoped_release>());
+    m.def("finalize", &runtime::finalize, py::call_guard<py::gil_scoped_release>());
+    m.def("host_alloc", &runtime::host_alloc);
+    m.def("host_free", &runtime::host_free);
+    m.def("wait_host_word", &runtime::wait_host_word, py::call_guard<py::gil_scoped_release>());
+
+    m.def("normal_layout", [](int n, int e, int k, int h, int t) {
+        const NormalLayout l = normal_layout(n, e, k, h, t);
+        py::dict d;
+        d["total_bytes"] = l.total_bytes;
+        d["stage_stride"] = l.stage_stride;
+        d["comb_stride"] = l.comb_stride;
+        return d;
+    });
+    m.def("layout", [](uintptr_t idx, int t, int k, int n, int e, int p, uintptr_t per_rank, uintptr_t per_node,
+                       uintptr_t per_expert, uintptr_t in_rank, uintptr_t status, uintptr_t stream) {
+        launch_layout(ptr<const int64_t>(idx), t, k, n, e, p, ptr<int>(per_rank), ptr<int>(per_node),
+                      ptr<int>(per_expert), ptr<bool>(in_rank), ptr<int64_t>(status), stream_of(stream));
+    });
+
+    py::class_<NormalKernels>(m, "NormalKernels")
+        .def(py::init<int, int, int, int, int, int, uintptr_t, uintptr_t, uintptr_t, uintptr_t, uintptr_t, double>())
+        .def("stage", &NormalKernels::stage)
+        .def("notify", &NormalKernels::notify)
+        .def("pull", &NormalKernels::pull)
+        .def("combine_push", &NormalKernels::combine_push)
+        .def("combine_reduce", &NormalKernels::combine_reduce);
+}

@@ -1,0 +1,98 @@
+// Launchers of every kernel family. Plain types only: pointers, sizes, a context struct, a cudaStream_t.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace largeep {
+
+// ---- status area: host-mapped int64 words, one area per Buffer ------------------------------------------------
+// [0] ready sequence (the notify kernel stores the dispatch sequence once counts are in)
+// [1] error: 0, or op * 65536 + (waited rank + 1); first error wins
+// [2] rows this rank receives (normal dispatch)
+// [3] reserved
+// [4 .. 4 + E/N) rows naming each local expert (normal dispatch)
+enum StatusWord { kReadySeq = 0, kError = 1, kNumRecv = 2, kPerExpert = 4 };
+enum Op {
+    kOpLayout = 1,
+    kOpDispatch = 2,
+    kOpDispatchNotify = 3,
+    kOpCombine = 4,
+    kOpCombineReduce = 5,
+    kOpLowLatencyDispatch = 6,
+    kOpLowLatencyCombine = 7,
+};
+
+// ---- flags: int64 words in the symmetric heap, [kind][source rank] --------------------------------------------
+enum FlagKind {
+    kFlagCounts = 0,     // rank s -> me: its counts row and staged rows for this dispatch round are in place
+    kFlagReadDone = 1,   // rank r -> me: r finished pulling my staged rows of round `seq`
+    kFlagCombReady = 2,  // rank r -> me: r finished pushing its combine rows of round `seq` into my buffer
+    kFlagCombFree = 3,   // rank s -> me: s finished reducing round `seq`; I may write into s's buffer again
+    kNumFlagKinds = 4,
+};
+
+// Device-side sequence counters (cudaMalloc'd int64 [4]); each op reads seq+1 and its last kernel stores it.
+enum SeqKind { kSeqDispatch = 0, kSeqCombine = 1, kSeqLowLatency = 2 };
+
+// Everything a normal-mode kernel needs to find its buffers. Regions of the symmetric allocation (per rank):
+//   flags     int64  [kNumFlagKinds][N]                  written by peers (release), read here (acquire)
+//   in_counts int32  [N][1 + E/N]                         row s written by rank s: rows s->me, then per local expert
+//   out_counts int32 [N][1 + E/N]                         my rows for each destination, built by the stage kernel
+//   list      int32  [N][max_tokens]                      my tokens for destination r, in token order
+//   stage     bytes  [max_tokens][stage_stride]           my tokens: x | scales | topk_idx | topk_weights
+//   comb      bytes  [N][max_tokens][comb_stride]         combine rows pushed by rank r for its j-th row from me
+//   comb_w    float  [N][max_tokens][K]                   combine weights, same indexing
+struct NormalCtx {
+    int rank, num_ranks, num_experts, num_topk, hidden, max_tokens;
+    int64_t off_flags, off_in_counts, off_out_counts, off_list, off_stage, off_comb, off_comb_w;
+    int64_t stage_stride, stage_off_scales, stage_off_idx, stage_off_w;
+    int64_t comb_stride;
+    uint8_t* base;              // my symmetric allocation
+    const uint64_t* peer_base;  // device array [N]: every rank's allocation as seen from this GPU (NVLink)
+    int64_t* seq;               // device counters, SeqKind
+    int* block_counter;         // device ints [4], for last-block detection
+    int64_t* status;            // host-mapped status area (device pointer)
+    uint64_t timeout_ns;
+};
+
+// Region offsets and strides for a normal-mode buffer, and its total bytes.
+struct NormalLayout {
+    int64_t off_flags, off_in_counts, off_out_counts, off_list, off_stage, off_comb, off_comb_w;
+    int64_t stage_stride, stage_off_scales, stage_off_idx, stage_off_w, comb_stride, total_bytes;
+};
+NormalLayout normal_layout(int num_ranks, int num_experts, int num_topk, int hidden, int max_tokens);
+
+// ---- layout.cu -------------------------------------------------------------------------------------------------
+// topk_idx int64 [T, K] -> per_rank int32 [N], per_node int32 [N/P], per_expert int32 [E], in_rank bool [T, N].
+// Ids outside [-1, E) are counted nowhere and reported in status[kError] (op kOpLayout, rank field 0).
+void launch_layout(const int64_t* topk_idx, int num_tokens, int num_topk, int num_ranks, int num_experts,
+                   int ranks_per_node, int* per_rank, int* per_node, int* per_expert, bool* in_rank,
+                   int64_t* status, cudaStream_t stream);
+
+// ---- intranode.cu (normal mode, every rank reachable over NVLink) --------------------------------------------
+// Stage: waits until every receiver finished the previous round, copies this rank's tokens into `stage` and, when
+// not cached, builds each destination's token list, `send_pos` int32 [T, N] (position of t in the list for r, or -1)
+// and out_counts.
+void launch_dispatch_stage(const NormalCtx& ctx, const void* x, int x_elem_bytes, const float* x_scales,
+                           const int64_t* topk_idx, const float* topk_weights, int num_tokens, int* send_pos,
+                           bool cached, int num_sms, cudaStream_t stream);
+// Notify: sends count rows to every peer and raises kFlagCounts; waits for every peer's; with `report` (and not
+// cached), writes totals into the status area and then status[kReadySeq] = seq, for the host to wait on. Only one
+// reporting notify is ever in flight: the host waits for each before launching the next.
+void launch_dispatch_notify(const NormalCtx& ctx, bool cached, bool report, cudaStream_t stream);
+// Pull: row i of the output (sources ascending, then tokens) is read straight from its source's stage over NVLink.
+// recv_src int32 [rows, 2] (source rank, token) and recv_off int32 [N + 1] are written when not cached, read when
+// cached. Rows in [R, num_rows) (num_worst_tokens tail) get topk_idx -1 and weight 0.
+void launch_dispatch_pull(const NormalCtx& ctx, void* out_x, int x_elem_bytes, float* out_scales, int64_t* out_idx,
+                          float* out_w, int* recv_src, int* recv_off, int num_rows, bool cached, int num_sms,
+                          cudaStream_t stream);
+// Combine push: row i of y goes to its source's `comb` buffer over NVLink; raises kFlagCombReady on every source.
+void launch_combine_push(const NormalCtx& ctx, const void* y, int y_elem_bytes, const float* y_w,
+                         const int* recv_src, const int* recv_off, int num_rows, int num_sms, cudaStream_t stream);
+// Combine reduce: out[t] = sum over ranks r with send_pos[t, r] >= 0 of comb[r][send_pos[t, r]] in float32.
+void launch_combine_reduce(const NormalCtx& ctx, void* out, int out_elem_bytes, float* out_w, const int* send_pos,
+                           int num_tokens, bool with_weights, int num_sms, cudaStream_t stream);
+
+}  // namespace largeep

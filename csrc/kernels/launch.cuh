@@ -1,0 +1,114 @@
+// Shared device helpers: bounded waits on flags, block-wide scans, vectorised row copies.
+#pragma once
+
+#include <cuda_bf16.h>
+
+#include <algorithm>
+
+#include "api.cuh"
+#include "exception.cuh"
+#include "ptx.cuh"
+
+namespace largeep {
+
+constexpr int kWarp = 32;
+
+// Records the first error (op, waited rank) in the host-mapped status area.
+__device__ __forceinline__ void report_error(int64_t* status, int op, int rank) {
+    atomicCAS(reinterpret_cast<unsigned long long*>(status + kError), 0ull,
+              static_cast<unsigned long long>(op) * 65536ull + static_cast<unsigned long long>(rank + 1));
+}
+
+// True once any kernel of this Buffer reported an error: later kernels then skip their work so that a stuck
+// peer costs one timeout, not one per kernel.
+__device__ __forceinline__ bool has_error(const int64_t* status) { return ld_volatile(status + kError) != 0; }
+
+// Spins until *flag >= target. Gives up after timeout_ns, reports (op, rank) and returns false.
+__device__ __forceinline__ bool wait_flag(const int64_t* flag, int64_t target, uint64_t timeout_ns, int64_t* status,
+                                          int op, int rank) {
+    if (ld_acquire_sys(flag) >= target) return true;
+    const uint64_t start = globaltimer_ns();
+    while (true) {
+        if (ld_acquire_sys(flag) >= target) return true;
+        if (globaltimer_ns() - start > timeout_ns || has_error(status)) {
+            report_error(status, op, rank);
+            return false;
+        }
+    }
+}
+
+// Threads [0, n) each wait for flags[i] >= target; returns (to every thread) whether all arrived.
+__device__ __forceinline__ bool block_wait_flags(const int64_t* flags, int n, int64_t target, uint64_t timeout_ns,
+                                                 int64_t* status, int op) {
+    __shared__ int ok_all;
+    if (threadIdx.x == 0) ok_all = has_error(status) ? 0 : 1;
+    __syncthreads();
+    if (ok_all && static_cast<int>(threadIdx.x) < n) {
+        if (!wait_flag(flags + threadIdx.x, target, timeout_ns, status, op, threadIdx.x)) atomicAnd(&ok_all, 0);
+    }
+    __syncthreads();
+    return ok_all != 0;
+}
+
+// Exclusive prefix sum of one int per thread over the block (blockDim.x <= 1024); *total gets the sum.
+__device__ __forceinline__ int block_exclusive_scan(int v, int* total) {
+    __shared__ int warp_sums[32];
+    const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp, nwarps = (blockDim.x + kWarp - 1) / kWarp;
+    int incl = v;
+#pragma unroll
+    for (int d = 1; d < kWarp; d *= 2) {
+        int o = __shfl_up_sync(0xffffffffu, incl, d);
+        if (lane >= d) incl += o;
+    }
+    if (lane == kWarp - 1) warp_sums[warp] = incl;
+    __syncthreads();
+    if (warp == 0) {
+        int s = lane < nwarps ? warp_sums[lane] : 0;
+#pragma unroll
+        for (int d = 1; d < kWarp; d *= 2) {
+            int o = __shfl_up_sync(0xffffffffu, s, d);
+            if (lane >= d) s += o;
+        }
+        if (lane < nwarps) warp_sums[lane] = s;  // inclusive over warps
+    }
+    __syncthreads();
+    const int before = (warp > 0 ? warp_sums[warp - 1] : 0) + incl - v;
+    *total = warp_sums[nwarps - 1];
+    __syncthreads();
+    return before;
+}
+
+// Copies `bytes` (a multiple of 16) from src to dst with one warp, 16 bytes per lane per step, four steps in
+// flight. src may be a peer's memory (NVLink) that stays unchanged during this kernel.
+__device__ __forceinline__ void warp_copy(int4* dst, const int4* src, int64_t bytes, int lane) {
+    const int n = static_cast<int>(bytes / 16);
+    int i = lane;
+    for (; i + 3 * kWarp < n; i += 4 * kWarp) {
+        int4 a = ld_nc_v4(src + i), b = ld_nc_v4(src + i + kWarp), c = ld_nc_v4(src + i + 2 * kWarp),
+             d = ld_nc_v4(src + i + 3 * kWarp);
+        st_na_v4(dst + i, a);
+        st_na_v4(dst + i + kWarp, b);
+        st_na_v4(dst + i + 2 * kWarp, c);
+        st_na_v4(dst + i + 3 * kWarp, d);
+    }
+    for (; i < n; i += kWarp) st_na_v4(dst + i, ld_nc_v4(src + i));
+}
+
+// Last block of a grid to call this gets true (all others have passed the same point). Resets the counter.
+__device__ __forceinline__ bool last_block(int* counter) {
+    __shared__ int is_last;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        __threadfence_system();
+        const int old = atomicAdd(counter, 1);
+        is_last = (old == static_cast<int>(gridDim.x) - 1);
+        if (is_last) *counter = 0;
+    }
+    __syncthreads();
+    return is_last != 0;
+}
+
+inline int ceil_div(int64_t a, int64_t b) { return static_cast<int>((a + b - 1) / b); }
+inline int64_t align16(int64_t v) { return (v + 15) / 16 * 16; }
+
+}  // namespace largeep

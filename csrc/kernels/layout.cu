@@ -1,0 +1,77 @@
+// get_dispatch_layout: one thread per token; block-level histograms in shared memory, then one global atomic per
+// non-zero bin. Outputs are zeroed by the launcher first (cudaMemsetAsync).
+#include "launch.cuh"
+
+namespace largeep {
+
+namespace {
+
+constexpr int kLayoutThreads = 256;
+
+__global__ void __launch_bounds__(kLayoutThreads) layout_kernel(const int64_t* topk_idx, int T, int K, int N, int E,
+                                                                int P, int* per_rank, int* per_node,
+                                                                int* per_expert, bool* in_rank, int64_t* status) {
+    extern __shared__ int hist[];  // [E] experts | [N] ranks | [N/P] nodes
+    int* h_rank = hist + E;
+    int* h_node = h_rank + N;
+    const int nodes = N / P, epr = E / N;
+    for (int i = threadIdx.x; i < E + N + nodes; i += blockDim.x) hist[i] = 0;
+    __syncthreads();
+    const int t = blockIdx.x * blockDim.x + threadIdx.x;
+    if (t < T) {
+        const int64_t* row = topk_idx + static_cast<int64_t>(t) * K;
+        bool bad = false;
+        for (int k = 0; k < K; ++k) {
+            const int64_t e = row[k];
+            if (e < -1 || e >= E) bad = true;
+            if (e < 0 || e >= E) continue;
+            // count an expert, a rank, a node once per token however many of its choices land there
+            bool seen_e = false, seen_r = false, seen_n = false;
+            const int r = static_cast<int>(e) / epr, n = r / P;
+            for (int j = 0; j < k; ++j) {
+                const int64_t f = row[j];
+                if (f < 0 || f >= E) continue;
+                seen_e |= (f == e);
+                seen_r |= (static_cast<int>(f) / epr == r);
+                seen_n |= (static_cast<int>(f) / epr / P == n);
+            }
+            if (!seen_e) atomicAdd(&hist[e], 1);
+            if (!seen_r) {
+                atomicAdd(&h_rank[r], 1);
+                in_rank[static_cast<int64_t>(t) * N + r] = true;
+            }
+            if (!seen_n) atomicAdd(&h_node[n], 1);
+        }
+        if (bad) report_error(status, kOpLayout, -1);
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < E + N + nodes; i += blockDim.x) {
+        const int v = hist[i];
+        if (v == 0) continue;
+        if (i < E) atomicAdd(per_expert + i, v);
+        else if (i < E + N) atomicAdd(per_rank + (i - E), v);
+        else atomicAdd(per_node + (i - E - N), v);
+    }
+}
+
+}  // namespace
+
+void launch_layout(const int64_t* topk_idx, int num_tokens, int num_topk, int num_ranks, int num_experts,
+                   int ranks_per_node, int* per_rank, int* per_node, int* per_expert, bool* in_rank,
+                   int64_t* status, cudaStream_t stream) {
+    HOST_ASSERT(num_ranks > 0 && num_experts % num_ranks == 0 && num_ranks % ranks_per_node == 0,
+                "bad layout sizes");
+    CUDA_CHECK(cudaMemsetAsync(per_rank, 0, sizeof(int) * num_ranks, stream));
+    CUDA_CHECK(cudaMemsetAsync(per_node, 0, sizeof(int) * (num_ranks / ranks_per_node), stream));
+    CUDA_CHECK(cudaMemsetAsync(per_expert, 0, sizeof(int) * num_experts, stream));
+    if (num_tokens == 0) return;
+    CUDA_CHECK(cudaMemsetAsync(in_rank, 0, static_cast<size_t>(num_tokens) * num_ranks, stream));
+    const size_t smem = sizeof(int) * (num_experts + num_ranks + num_ranks / ranks_per_node);
+    HOST_ASSERT(smem <= 48 * 1024, "too many experts for the layout kernel: " << num_experts);
+    layout_kernel<<<ceil_div(num_tokens, kLayoutThreads), kLayoutThreads, smem, stream>>>(
+        topk_idx, num_tokens, num_topk, num_ranks, num_experts, ranks_per_node, per_rank, per_node, per_expert,
+        in_rank, status);
+    LAUNCH_CHECK();
+}
+
+}  // namespace largeep

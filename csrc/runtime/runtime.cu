@@ -1,0 +1,130 @@
+#include <nvshmem.h>
+#include <nvshmemx.h>
+
+#include <chrono>
+#include <cstring>
+#include <thread>
+
+#include "../kernels/exception.cuh"
+#include "runtime.hpp"
+
+namespace largeep::runtime {
+
+namespace {
+struct State {
+    bool initialized = false;
+    bool finalized = false;
+    int rank = -1;
+    int num_ranks = 0;
+    int device = -1;
+};
+State g;
+}  // namespace
+
+std::string unique_id() {
+    nvshmemx_uniqueid_t id = NVSHMEMX_UNIQUEID_INITIALIZER;
+    HOST_ASSERT(nvshmemx_get_uniqueid(&id) == 0, "nvshmemx_get_uniqueid failed");
+    return std::string(reinterpret_cast<const char*>(&id), sizeof(id));
+}
+
+void init(const std::string& uid, int rank, int num_ranks, int device) {
+    HOST_ASSERT(!g.finalized, "NVSHMEM was finalised in this process and cannot be initialised again");
+    if (g.initialized) {
+        HOST_ASSERT(g.rank == rank && g.num_ranks == num_ranks && g.device == device,
+                    "NVSHMEM is already initialised in this process as rank " << g.rank << " of " << g.num_ranks
+                    << " on device " << g.device << "; a Buffer on a different group (rank " << rank << " of "
+                    << num_ranks << ", device " << device << ") cannot share it");
+        return;
+    }
+    nvshmemx_uniqueid_t id;
+    HOST_ASSERT(uid.size() == sizeof(id), "bad NVSHMEM unique id size " << uid.size());
+    std::memcpy(&id, uid.data(), sizeof(id));
+    CUDA_CHECK(cudaSetDevice(device));
+    nvshmemx_init_attr_t attr = NVSHMEMX_INIT_ATTR_INITIALIZER;
+    HOST_ASSERT(nvshmemx_set_attr_uniqueid_args(rank, num_ranks, &id, &attr) == 0,
+                "nvshmemx_set_attr_uniqueid_args failed");
+    // nvshmemx_init_attr() would exit() on failure; call the function it wraps and check its status.
+    int provided = 0;
+    nvshmemi_version_t version = {NVSHMEM_VENDOR_MAJOR_VERSION, NVSHMEM_VENDOR_MINOR_VERSION,
+                                  NVSHMEM_VENDOR_PATCH_VERSION};
+    const int status = nvshmemi_init_thread(NVSHMEM_THREAD_SERIALIZED, &provided, NVSHMEMX_INIT_WITH_UNIQUEID, &attr,
+                                            version);
+    HOST_ASSERT(status == 0, "NVSHMEM initialisation failed with status " << status
+                << " (set NVSHMEM_DEBUG=INFO for details)");
+    HOST_ASSERT(nvshmem_my_pe() == rank && nvshmem_n_pes() == num_ranks,
+                "NVSHMEM rank mismatch: got " << nvshmem_my_pe() << "/" << nvshmem_n_pes());
+    g.initialized = true;
+    g.rank = rank;
+    g.num_ranks = num_ranks;
+    g.device = device;
+}
+
+bool initialized() { return g.initialized; }
+int rank() { return g.rank; }
+int num_ranks() { return g.num_ranks; }
+
+uintptr_t alloc(size_t bytes) {
+    HOST_ASSERT(g.initialized, "NVSHMEM is not initialised");
+    void* p = nvshmem_malloc(bytes);
+    HOST_ASSERT(p != nullptr || bytes == 0, "nvshmem_malloc of " << bytes << " bytes failed: the symmetric heap is too small "
+                "(raise NVSHMEM_SYMMETRIC_SIZE before the first Buffer is created)");
+    CUDA_CHECK(cudaMemset(p, 0, bytes));
+    CUDA_CHECK(cudaDeviceSynchronize());
+    nvshmem_barrier_all();
+    return reinterpret_cast<uintptr_t>(p);
+}
+
+void free(uintptr_t ptr) {
+    HOST_ASSERT(g.initialized, "NVSHMEM is not initialised");
+    CUDA_CHECK(cudaDeviceSynchronize());
+    nvshmem_barrier_all();
+    nvshmem_free(reinterpret_cast<void*>(ptr));
+}
+
+uintptr_t peer_ptr(uintptr_t ptr, int pe) {
+    HOST_ASSERT(g.initialized, "NVSHMEM is not initialised");
+    HOST_ASSERT(pe >= 0 && pe < g.num_ranks, "bad rank " << pe);
+    return reinterpret_cast<uintptr_t>(nvshmem_ptr(reinterpret_cast<void*>(ptr), pe));
+}
+
+void barrier() {
+    HOST_ASSERT(g.initialized, "NVSHMEM is not initialised");
+    CUDA_CHECK(cudaDeviceSynchronize());
+    nvshmem_barrier_all();
+}
+
+void finalize() {
+    if (!g.initialized) return;
+    CUDA_CHECK(cudaDeviceSynchronize());
+    nvshmem_finalize();
+    g.initialized = false;
+    g.finalized = true;
+}
+
+std::vector<uintptr_t> host_alloc(size_t bytes) {
+    void* h = nullptr;
+    CUDA_CHECK(cudaHostAlloc(&h, bytes, cudaHostAllocMapped));
+    std::memset(h, 0, bytes);
+    void* d = nullptr;
+    CUDA_CHECK(cudaHostGetDevicePointer(&d, h, 0));
+    return {reinterpret_cast<uintptr_t>(h), reinterpret_cast<uintptr_t>(d)};
+}
+
+void host_free(uintptr_t host_ptr) { CUDA_CHECK(cudaFreeHost(reinterpret_cast<void*>(host_ptr))); }
+
+int wait_host_word(uintptr_t host_ptr, int index, int64_t target, int error_index, double timeout_s) {
+    volatile int64_t* w = reinterpret_cast<volatile int64_t*>(host_ptr);
+    const auto start = std::chrono::steady_clock::now();
+    for (uint64_t spin = 0;; ++spin) {
+        if (w[index] >= target) return 0;
+        if (w[error_index] != 0) return 1;
+        if ((spin & 1023) == 0) {
+            const double waited =
+                std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+            if (waited > timeout_s) return 2;
+            if (waited > 1e-3) std::this_thread::yield();
+        }
+    }
+}
+
+}  // namespace largeep::runtime

@@ -1,0 +1,36 @@
+// Process-level NVSHMEM state: bootstrap from a unique id, the symmetric heap, peer pointers, host-mapped memory,
+// teardown. One owner (the functions below keep a single process-wide state), created and destroyed explicitly.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace largeep::runtime {
+
+// 128-byte NVSHMEM unique id, created by one rank and shared by the caller (Python, over torch.distributed).
+std::string unique_id();
+// Joins NVSHMEM as `rank` of `num_ranks` on CUDA device `device`. Calling it again with the same numbers is a
+// no-op; with different numbers it throws (NVSHMEM hosts one world per process).
+void init(const std::string& uid, int rank, int num_ranks, int device);
+bool initialized();
+int rank();
+int num_ranks();
+// Collective: every rank allocates the same size. The memory is zeroed and every rank has zeroed it on return.
+uintptr_t alloc(size_t bytes);
+// Collective: frees a symmetric allocation after a barrier (no peer may still be reading it).
+void free(uintptr_t ptr);
+// The address of `ptr` on rank `pe` as seen from this GPU (NVLink), or 0 when `pe` is not reachable that way.
+uintptr_t peer_ptr(uintptr_t ptr, int pe);
+void barrier();
+// Collective teardown of NVSHMEM. After it, init may not be called again in this process.
+void finalize();
+
+// Pinned host memory mapped into the device address space: {host pointer, device pointer}.
+std::vector<uintptr_t> host_alloc(size_t bytes);
+void host_free(uintptr_t host_ptr);
+// Spins (GIL released by the caller) until words[index] >= target or words[error_index] != 0 or timeout.
+// Returns 0 when the target was reached, 1 on a device-reported error, 2 on timeout.
+int wait_host_word(uintptr_t host_ptr, int index, int64_t target, int error_index, double timeout_s);
+
+}  // namespace largeep::runtime

@@ -1,0 +1,271 @@
+"""The ``nvshmem`` backend: SPEC.md's semantics on the native kernels of ``largeep._C``.
+
+Process-level NVSHMEM state is joined once (a unique id made by group rank 0 and broadcast over the group) and kept
+for the life of the process; each Buffer allocates its own region of the symmetric heap and frees it in
+``destroy()``. Arguments reaching this module are already checked by ``largeep.buffer``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import math
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from largeep import native
+from largeep._env import Settings, logger
+from largeep.backends.base import GroupContext, NormalDispatchOut
+from largeep.errors import PeerTimeoutError
+from largeep.layout import Layout, one_hot_mask
+
+# Words of the host-mapped status area (csrc/kernels/api.cuh, StatusWord).
+_READY, _ERROR, _NUM_RECV, _PER_EXPERT = 0, 1, 2, 4
+_OPS = {
+    1: "get_dispatch_layout",
+    2: "dispatch (waiting for receivers of the previous round)",
+    3: "dispatch (count exchange)",
+    4: "combine (waiting for sources of the previous round)",
+    5: "combine (waiting for rows)",
+    6: "low_latency_dispatch",
+    7: "low_latency_combine",
+}
+# The host waits a little longer than the device, so that the device's report (which names the rank) comes first.
+_HOST_GRACE_S = 5.0
+
+_world: dict[str, Any] = {}
+
+
+def unsupported_reason(ctx: GroupContext) -> str | None:
+    """None when this backend implements ``ctx``'s configuration, else why not."""
+    if ctx.low_latency:
+        return "the low-latency mode is not implemented in the nvshmem backend yet"
+    if ctx.num_nodes > 1:
+        return (
+            f"inter-node normal mode ({ctx.num_nodes} nodes of {ctx.ranks_per_node} ranks) is not implemented in "
+            "the nvshmem backend yet"
+        )
+    if ctx.num_ranks > 8:
+        return "the intranode kernels support at most 8 ranks"
+    if ctx.hidden % 8:
+        return f"hidden must be a multiple of 8 for the nvshmem backend (got {ctx.hidden})"
+    if ctx.num_topk > 32:
+        return f"num_topk must be <= 32 for the nvshmem backend (got {ctx.num_topk})"
+    return None
+
+
+def _join(ctx: GroupContext, heap_bytes: int, settings: Settings) -> Any:
+    """Initialises NVSHMEM for this process on ctx's group (once), and returns largeep._C."""
+    C = native.module()
+    ranks = dist.get_process_group_ranks(ctx.group)
+    if C.initialized():
+        if _world.get("ranks") != ranks:
+            raise RuntimeError(
+                f"Buffer: NVSHMEM already serves the process group of global ranks {_world.get('ranks')} in this "
+                f"process; a Buffer with backend 'nvshmem' on another group ({ranks}) cannot share it. Use "
+                "backend='torch' for the second group, or one group per process."
+            )
+        return C
+    if "NVSHMEM_SYMMETRIC_SIZE" not in os.environ:
+        gib = 1 << 30
+        size = max(2 * gib, math.ceil(heap_bytes * settings.heap_margin / gib) * gib)
+        os.environ["NVSHMEM_SYMMETRIC_SIZE"] = str(size)
+        logger.warning(
+            "NVSHMEM_SYMMETRIC_SIZE was not set: largeep sets it to %d bytes (%.1f GiB) from the first Buffer's "
+            "needs; set it yourself if later Buffers need more", size, size / gib,
+        )
+    uid = [C.unique_id() if ctx.rank == 0 else None]
+    dist.broadcast_object_list(uid, src=dist.get_global_rank(ctx.group, 0), group=ctx.group)
+    assert ctx.device.index is not None
+    C.init(uid[0], ctx.rank, ctx.num_ranks, ctx.device.index)
+    _world["ranks"] = ranks
+    return C
+
+
+@dataclass
+class _NvState:
+    """Handle of one normal dispatch. Source side: send_pos int32 [T, N] (row of token t in the list for rank r,
+    -1 if not sent). Receiver side: recv_src int32 [rows, 2] (source rank, token), recv_off int32 [N + 1]."""
+
+    send_pos: torch.Tensor
+    recv_src: torch.Tensor
+    recv_off: torch.Tensor
+    num_rows: int
+    num_tokens: int
+    worst: bool
+
+
+class NvshmemBackend:
+    name = "nvshmem"
+
+    def __init__(self, ctx: GroupContext, settings: Settings) -> None:
+        reason = unsupported_reason(ctx)
+        if reason is not None:
+            raise RuntimeError(f"Buffer: backend 'nvshmem': {reason}")
+        self.ctx = ctx
+        self.settings = settings
+        C = native.module()
+        n = ctx.num_ranks
+        lay = C.normal_layout(n, ctx.num_experts, ctx.num_topk, ctx.hidden, ctx.max_tokens_per_rank)
+        self.C = _join(ctx, int(lay["total_bytes"]), settings)
+        self.base = int(self.C.alloc(int(lay["total_bytes"])))
+        peers = [int(self.C.peer_ptr(self.base, r)) for r in range(n)]
+        unreachable = [r for r, p in enumerate(peers) if p == 0]
+        if unreachable:
+            self.C.free(self.base)
+            raise RuntimeError(f"Buffer: ranks {unreachable} are not reachable over NVLink from rank {ctx.rank}")
+        dev = ctx.device
+        self.peer_base = torch.tensor(peers, dtype=torch.int64, device=dev)
+        self.seq = torch.zeros(4, dtype=torch.int64, device=dev)
+        self.counters = torch.zeros(4, dtype=torch.int32, device=dev)
+        words = _PER_EXPERT + ctx.experts_per_rank
+        self.host_ptr, self.status_dev = (int(v) for v in self.C.host_alloc(8 * words))
+        self.status = (ctypes.c_int64 * words).from_address(self.host_ptr)
+        self.kernels = self.C.NormalKernels(
+            ctx.rank, n, ctx.num_experts, ctx.num_topk, ctx.hidden, ctx.max_tokens_per_rank, self.base,
+            self.peer_base.data_ptr(), self.seq.data_ptr(), self.counters.data_ptr(), self.status_dev, settings.timeout_s,
+        )
+        self.alive = True
+
+    # -- lifetime and errors ------------------------------------------------------------------------------------
+    def destroy(self) -> None:
+        if not self.alive:
+            return
+        self.alive = False
+        torch.cuda.synchronize(self.ctx.device)
+        self.C.free(self.base)  # collective: a barrier first, so no peer still reads this memory
+        self.C.host_free(self.host_ptr)
+
+    def _raise_if_failed(self, op: str) -> None:
+        code = int(self.status[_ERROR])
+        if code == 0:
+            return
+        what, rank = _OPS.get(code // 65536, f"op {code // 65536}"), code % 65536 - 1
+        if code // 65536 == 1:
+            raise RuntimeError(f"{op}: the layout kernel found an expert id outside [-1, num_experts)")
+        raise PeerTimeoutError(
+            f"{op}: {what} on rank {self.ctx.rank} waited more than LARGEEP_TIMEOUT_S={self.settings.timeout_s:g} s "
+            f"for rank {rank}; the Buffer is unusable now (destroy it)"
+        )
+
+    def _stream(self) -> int:
+        return int(torch.cuda.current_stream().cuda_stream)
+
+    # -- normal mode --------------------------------------------------------------------------------------------
+    def get_dispatch_layout(self, topk_idx: torch.Tensor) -> Layout:
+        self._raise_if_failed("get_dispatch_layout")
+        c = self.ctx
+        dev = c.device
+        t = topk_idx.shape[0]
+        per_rank = torch.empty(c.num_ranks, dtype=torch.int32, device=dev)
+        per_node = torch.empty(c.num_nodes, dtype=torch.int32, device=dev)
+        per_expert = torch.empty(c.num_experts, dtype=torch.int32, device=dev)
+        in_rank = torch.empty(t, c.num_ranks, dtype=torch.bool, device=dev)
+        self.C.layout(
+            topk_idx.data_ptr(), t, c.num_topk, c.num_ranks, c.num_experts, c.ranks_per_node, per_rank.data_ptr(),
+            per_node.data_ptr(), per_expert.data_ptr(), in_rank.data_ptr(), self.status_dev, self._stream(),
+        )
+        return Layout(per_rank, per_node, per_expert, in_rank)
+
+    def dispatch(
+        self,
+        x: torch.Tensor,
+        x_scales: torch.Tensor | None,
+        topk_idx: torch.Tensor | None,
+        topk_weights: torch.Tensor | None,
+        state: _NvState | None,
+        expert_alignment: int,
+        num_worst_tokens: int,
+    ) -> NormalDispatchOut:
+        self._raise_if_failed("dispatch")
+        c = self.ctx
+        dev = c.device
+        n, t = c.num_ranks, x.shape[0]
+        stream = self._stream()
+        sms = c.num_sms
+        elem = x.element_size()
+        scales_ptr = x_scales.data_ptr() if x_scales is not None else 0
+        cached = state is not None
+        worst = num_worst_tokens > 0 or (state is not None and state.worst)
+        per_expert_list: list[int] = []
+        if state is None:
+            assert topk_idx is not None and topk_weights is not None
+            send_pos = torch.empty(t, n, dtype=torch.int32, device=dev)
+            report = not worst
+            if report:
+                self.status[_READY] = 0
+            self.kernels.stage(
+                x.data_ptr(), elem, scales_ptr, topk_idx.data_ptr(), topk_weights.data_ptr(), t, send_pos.data_ptr(),
+                False, sms, stream,
+            )
+            self.kernels.notify(False, report, stream)
+            if report:
+                rc = self.C.wait_host_word(self.host_ptr, _READY, 1, _ERROR, self.settings.timeout_s + _HOST_GRACE_S)
+                self._raise_if_failed("dispatch")
+                if rc == 2:
+                    raise PeerTimeoutError(
+                        f"dispatch: rank {c.rank} got no count exchange within {self.settings.timeout_s:g} s "
+                        "(a peer did not call dispatch, or a kernel failed)"
+                    )
+                rows = int(self.status[_NUM_RECV])
+                raw = [int(self.status[_PER_EXPERT + e]) for e in range(c.experts_per_rank)]
+                per_expert_list = [((v + expert_alignment - 1) // expert_alignment) * expert_alignment for v in raw]
+            else:
+                rows = num_worst_tokens
+            state = _NvState(
+                send_pos,
+                torch.empty(rows, 2, dtype=torch.int32, device=dev),
+                torch.empty(n + 1, dtype=torch.int32, device=dev),
+                rows, t, worst,
+            )
+        else:
+            self.kernels.stage(x.data_ptr(), elem, scales_ptr, 0, 0, t, 0, True, sms, stream)
+            self.kernels.notify(True, False, stream)
+        rows = state.num_rows
+        out_x = torch.empty(rows, c.hidden, dtype=x.dtype, device=dev)
+        out_s = torch.empty(rows, c.hidden // 128, dtype=torch.float32, device=dev) if x_scales is not None else None
+        out_idx = out_w = None
+        if not cached:
+            out_idx = torch.empty(rows, c.num_topk, dtype=torch.int64, device=dev)
+            out_w = torch.empty(rows, c.num_topk, dtype=torch.float32, device=dev)
+        self.kernels.pull(
+            out_x.data_ptr(), elem, out_s.data_ptr() if out_s is not None else 0,
+            out_idx.data_ptr() if out_idx is not None else 0, out_w.data_ptr() if out_w is not None else 0,
+            state.recv_src.data_ptr(), state.recv_off.data_ptr(), rows, cached, sms, stream,
+        )
+        if per_expert_list:
+            per_expert_t = torch.tensor(per_expert_list, dtype=torch.int32).to(dev, non_blocking=True)
+        elif out_idx is not None:
+            raw_t = one_hot_mask(out_idx, c.experts_per_rank).sum(0, dtype=torch.int32)
+            per_expert_t = (raw_t + expert_alignment - 1) // expert_alignment * expert_alignment
+        else:
+            per_expert_t = torch.empty(0, dtype=torch.int32, device=dev)
+        return NormalDispatchOut(
+            out_x, out_s, out_idx, out_w, per_expert_list, per_expert_t, None if worst else rows, state
+        )
+
+    def combine(
+        self, y: torch.Tensor, state: _NvState, topk_weights: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        self._raise_if_failed("combine")
+        c = self.ctx
+        dev = c.device
+        stream = self._stream()
+        out = torch.empty(state.num_tokens, c.hidden, dtype=y.dtype, device=dev)
+        out_w = (
+            torch.empty(state.num_tokens, c.num_topk, dtype=torch.float32, device=dev)
+            if topk_weights is not None
+            else None
+        )
+        self.kernels.combine_push(
+            y.data_ptr(), y.element_size(), topk_weights.data_ptr() if topk_weights is not None else 0,
+            state.recv_src.data_ptr(), state.recv_off.data_ptr(), state.num_rows, c.num_sms, stream,
+        )
+        self.kernels.combine_reduce(
+            out.data_ptr(), out.element_size(), out_w.data_ptr() if out_w is not None else 0,
+            state.send_pos.data_ptr(), state.num_tokens, topk_weights is not None, c.num_sms, stream,
+        )
+        return out, out_w

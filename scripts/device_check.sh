@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# One round of GPU checks on the GPU machine: build, GPU tests, benchmarks. Logs and JSON go to OUTDIR.
+# usage: scripts/device_check.sh OUTDIR [stage ...]   stages: build tests bench (default: all three)
+set -uo pipefail
+OUT=${1:?usage: scripts/device_check.sh OUTDIR [stage ...]}
+shift
+STAGES=${*:-build tests bench}
+mkdir -p "$OUT"
+# Never let NCCL, PyTorch or NVSHMEM use NVLink multicast on the shared host.
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+export PYTHONUNBUFFERED=1 LARGEEP_BUILD_NATIVE=1 CMAKE_BUILD_PARALLEL_LEVEL=$(nproc)
+PY=${PYTHON:-python3}
+ngpu=$(nvidia-smi -L | wc -l)
+echo "== $(date -u +%FT%TZ) $ngpu GPUs, stages: $STAGES" | tee "$OUT/summary.txt"
+nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
+rc=0
+for stage in $STAGES; do
+  case $stage in
+    build)
+      start=$(date +%s)
+      if ! $PY -m pip install --no-build-isolation --no-deps -v . > "$OUT/build.log" 2>&1; then
+        tail -60 "$OUT/build.log"; echo "BUILD FAILED" | tee -a "$OUT/summary.txt"; exit 1
+      fi
+      echo "build: $(( $(date +%s) - start )) s" | tee -a "$OUT/summary.txt"
+      (cd /tmp && $PY -c "import largeep.native as n; print('native:', n.unavailable_reason() or 'ok')") | tee -a "$OUT/summary.txt"
+      ;;
+    tests)
+      (cd tests && timeout 900 $PY -m pytest -x -q -ra ${LARGEEP_GPU_TESTS:-test_gpu.py} -p no:cacheprovider) \
+        > "$OUT/gpu_tests.log" 2>&1 || rc=1
+      tail -25 "$OUT/gpu_tests.log"
+      ;;
+    bench)
+      if $PY -c "import largeep.bench" 2>/dev/null; then
+        timeout 900 $PY -m largeep.bench ${LARGEEP_BENCH_ARGS:---preset quick} --out "$OUT" > "$OUT/bench.log" 2>&1 || rc=1
+        tail -40 "$OUT/bench.log"
+      fi
+      ;;
+  esac
+done
+exit $rc

@@ -1,0 +1,119 @@
+"""Thin driver: finds nvcc and NVSHMEM, then lets CMake + Ninja build largeep._C.
+
+Without a CUDA toolkit or NVSHMEM the pure-Python package is installed (the torch backend works everywhere) and
+the reason is printed once. Environment:
+  LARGEEP_BUILD_NATIVE  auto (default) | 1 (a failed native build fails the install) | 0 (skip it)
+  LARGEEP_CUDA_ARCHS    CMake CUDA architectures (default 90)
+  NVSHMEM_DIR           an NVSHMEM install (include/, lib/); else the nvidia-nvshmem-cu12/-cu13 wheel is used
+  CUDA_HOME             the CUDA toolkit (else nvcc on PATH)
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+ROOT = Path(__file__).resolve().parent
+
+
+def _say(msg: str) -> None:
+    print(f"[largeep setup] {msg}", file=sys.stderr, flush=True)
+
+
+def _nvcc() -> tuple[str | None, int | None]:
+    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    nvcc = str(Path(home) / "bin" / "nvcc") if home else shutil.which("nvcc")
+    if not nvcc or not Path(nvcc).exists():
+        return None, None
+    out = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout
+    m = re.search(r"release (\d+)\.", out)
+    return nvcc, int(m.group(1)) if m else None
+
+
+def _nvshmem(cuda_major: int | None) -> tuple[dict[str, str] | None, str]:
+    roots = []
+    if os.environ.get("NVSHMEM_DIR"):
+        roots.append(Path(os.environ["NVSHMEM_DIR"]))
+    else:
+        try:
+            import nvidia.nvshmem as wheel  # type: ignore[import-not-found]
+
+            roots += [Path(p) for p in wheel.__path__]
+        except ImportError:
+            pass
+    for root in roots:
+        inc = root / "include"
+        host = sorted(glob.glob(str(root / "lib" / "libnvshmem_host.so*")))
+        dev = root / "lib" / "libnvshmem_device.a"
+        if (inc / "nvshmem.h").exists() and host and dev.exists():
+            return {"include": str(inc), "host": host[0], "device": str(dev)}, ""
+    want = f"nvidia-nvshmem-cu{cuda_major}" if cuda_major else "nvidia-nvshmem-cu12 or -cu13"
+    return None, f"NVSHMEM not found (set NVSHMEM_DIR or `pip install {want}`)"
+
+
+class CMakeBuild(build_ext):
+    def build_extension(self, ext: Extension) -> None:
+        mode = os.environ.get("LARGEEP_BUILD_NATIVE", "auto")
+        if mode == "0":
+            _say("LARGEEP_BUILD_NATIVE=0: installing the pure-Python package (torch backend only)")
+            return
+        try:
+            self._build(ext)
+        except Exception as exc:  # noqa: BLE001 - reported, and fatal only when asked
+            if mode == "1":
+                raise
+            _say(f"native module NOT built: {exc}. The torch backend works; the nvshmem backend needs largeep._C.")
+
+    def _build(self, ext: Extension) -> None:
+        nvcc, major = _nvcc()
+        if nvcc is None:
+            raise RuntimeError("no CUDA toolkit (nvcc) found; set CUDA_HOME")
+        shmem, why = _nvshmem(major)
+        if shmem is None:
+            raise RuntimeError(why)
+        try:
+            import torch
+
+            torch_cuda = torch.version.cuda
+            if torch_cuda and major and int(torch_cuda.split(".")[0]) != major:
+                _say(f"warning: torch was built with CUDA {torch_cuda} but nvcc is CUDA {major}")
+        except ImportError:
+            pass
+        import pybind11
+
+        out_dir = Path(self.get_ext_fullpath(ext.name)).resolve().parent
+        build_dir = Path(self.build_temp).resolve() / "cmake"
+        build_dir.mkdir(parents=True, exist_ok=True)
+        archs = os.environ.get("LARGEEP_CUDA_ARCHS", "90")
+        cfg = [
+            "cmake", str(ROOT), "-G", "Ninja",
+            f"-DCMAKE_CUDA_COMPILER={nvcc}",
+            f"-DCMAKE_CUDA_ARCHITECTURES={archs}",
+            f"-DPython_EXECUTABLE={sys.executable}",
+            f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
+            f"-DNVSHMEM_INCLUDE_DIR={shmem['include']}",
+            f"-DNVSHMEM_HOST_LIB={shmem['host']}",
+            f"-DNVSHMEM_DEVICE_LIB={shmem['device']}",
+            f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={out_dir}",
+        ]
+        _say(f"building largeep._C with {nvcc} (CUDA {major}, sm_{archs}), NVSHMEM from {Path(shmem['host']).parent}")
+        subprocess.run(cfg, cwd=build_dir, check=True)
+        jobs = os.environ.get("CMAKE_BUILD_PARALLEL_LEVEL", str(os.cpu_count() or 2))
+        subprocess.run(["cmake", "--build", ".", "--parallel", jobs], cwd=build_dir, check=True)
+        built = glob.glob(str(out_dir / "_C*.so"))
+        if not built:
+            raise RuntimeError(f"the build produced no _C*.so in {out_dir}")
+
+
+setup(
+    ext_modules=[Extension("largeep._C", sources=[])],
+    cmdclass={"build_ext": CMakeBuild},
+)

@@ -1,0 +1,75 @@
+"""GPU tests: the nvshmem backend against the independent reference, and the torch backend on NCCL.
+
+Run on the GPU machine (scripts/device_check.sh); skipped without GPUs. The nvshmem pool is created after the
+torch/NCCL one so that each process joins NVSHMEM once.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+import bodies
+import gpu_bodies
+from largeep import native
+
+needs_native = pytest.mark.skipif(native.unavailable_reason() is not None, reason=str(native.unavailable_reason()))
+
+
+def _tokens(world: int, base: int) -> list[int]:
+    return [0 if (r == 1 and world > 1) else base + 37 * r for r in range(world)]
+
+
+@pytest.mark.gpu(2)
+@needs_native
+@pytest.mark.parametrize("world", [2, 4])
+def test_runtime_cycles(pools, world: int) -> None:
+    if world > __import__("conftest").gpu_count():
+        pytest.skip("not enough GPUs")
+    pools(world, "nccl").run(gpu_bodies.runtime_and_cycles, 20)
+
+
+@pytest.mark.gpu(2)
+@needs_native
+def test_second_group_refused(pools) -> None:
+    pools(2, "nccl").run(gpu_bodies.second_group_refused)
+
+
+CASES = [
+    # hidden, experts, topk, dtype, fp8, alignment, worst
+    (7168, 256, 8, "bfloat16", False, 1, 0),
+    (7168, 256, 8, "bfloat16", True, 1, 0),
+    (2048, 32, 1, "bfloat16", False, 4, 0),
+    (4096, 64, 5, "float32", False, 1, 0),
+    (2048, 64, 8, "bfloat16", False, 1, 4096),
+    (4096, 16, 3, "float32", False, 8, 3000),
+]
+
+
+@pytest.mark.gpu(2)
+@needs_native
+@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("backend", ["nvshmem", "torch"])
+@pytest.mark.parametrize("case", CASES, ids=[f"h{c[0]}-e{c[1]}-k{c[2]}-{c[3]}-fp8{int(c[4])}-w{c[6]}" for c in CASES])
+def test_normal_gpu(pools, world: int, backend: str, case: tuple) -> None:
+    if world > __import__("conftest").gpu_count():
+        pytest.skip("not enough GPUs")
+    hidden, experts, topk, dtype, fp8, align, worst = case
+    if experts % world:
+        pytest.skip("experts not divisible")
+    tokens = _tokens(world, 700) if not worst else _tokens(world, 300)
+    pools(world, "nccl").run(
+        bodies.normal_roundtrip, backend, tokens, hidden, experts, topk, dtype, fp8, align, 11 + world, None, worst
+    )
+
+
+@pytest.mark.gpu(2)
+@needs_native
+@pytest.mark.parametrize("world", [2, 4])
+def test_normal_gpu_repeat_identical(pools, world: int) -> None:
+    if world > __import__("conftest").gpu_count():
+        pytest.skip("not enough GPUs")
+    for seed in range(3):
+        pools(world, "nccl").run(
+            bodies.normal_roundtrip, "nvshmem", _tokens(world, 4096 - 37 * world), 7168, 256, 8, "bfloat16",
+            False, 1, 100 + seed,
+        )

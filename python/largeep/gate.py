@@ -1,0 +1,455 @@
+"""Top-k MoE gate with group-limited (node-limited) routing, aux-loss-free bias balancing and a load monitor.
+
+Everything here is plain torch (CPU or GPU), with no Python loop over tokens. Expert ids produced by the gate are
+whatever ids the gate's weight rows stand for: physical ids when the gate is sized to the Buffer's experts, logical
+ids when a :class:`largeep.placement.Placement` maps them to physical slots afterwards (``Placement.route``).
+
+Group-limited routing (DeepSeek-V3 style): experts are split into G groups; each token first keeps its best
+``topk_groups`` groups, then picks its top-k experts inside them. The score of a group is the sum of its two best
+expert scores (``group_score="top2"``; a group of one expert uses that expert's score) or its best expert score
+(``group_score="max"``), computed on the selection scores (scores + balancing bias). With the groups equal to the
+nodes of the placement, a token reaches at most ``topk_groups`` nodes.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from largeep.errors import ArgumentError
+
+if TYPE_CHECKING:
+    import torch.distributed as dist
+
+    from largeep.placement import Placement
+
+ScoreFunc = Literal["softmax", "sigmoid"]
+GroupScore = Literal["top2", "max"]
+
+
+def _check(cond: bool, arg: str, msg: str) -> None:
+    if not cond:
+        raise ArgumentError(f"argument '{arg}' {msg}")
+
+
+@dataclass
+class GateConfig:
+    """Options of :class:`TopKGate`.
+
+    Attributes:
+        hidden: input size H.
+        num_experts: experts E (rows of the gate weight).
+        topk: experts per token K.
+        score_func: "softmax" over experts or elementwise "sigmoid".
+        norm_topk_prob: divide the K chosen scores by their sum.
+        routed_scaling_factor: multiplies the final weights.
+        num_groups: G contiguous equal groups (E % G == 0); ignored when the gate is given ``group_of_expert``.
+        topk_groups: groups a token may use (None: all, i.e. no limit).
+        group_score: "top2" (sum of the two best expert scores of the group) or "max".
+        bias_balancing: aux-loss-free balancing: a per-expert bias added to the scores for selection only,
+            moved by ``update_bias``.
+        bias_update_rate: step of the bias update (``bias += rate * sign(mean load - load)``).
+        aux_loss_coef: > 0 returns the Switch/GShard balance loss ``coef * E * sum_e f_e * P_e``.
+        capacity_factor: None, or > 0: each expert keeps at most ceil(factor * T * K / E) of the (token, k)
+            choices, earlier tokens first; the others become -1 with weight 0.
+    """
+
+    hidden: int
+    num_experts: int
+    topk: int
+    score_func: ScoreFunc = "softmax"
+    norm_topk_prob: bool = True
+    routed_scaling_factor: float = 1.0
+    num_groups: int = 1
+    topk_groups: int | None = None
+    group_score: GroupScore = "top2"
+    bias_balancing: bool = True
+    bias_update_rate: float = 1e-3
+    aux_loss_coef: float = 0.0
+    capacity_factor: float | None = None
+
+    def __post_init__(self) -> None:
+        _check(self.hidden >= 1, "hidden", f"must be >= 1, got {self.hidden}")
+        _check(self.num_experts >= 1, "num_experts", f"must be >= 1, got {self.num_experts}")
+        _check(1 <= self.topk <= self.num_experts, "topk", f"must be in [1, num_experts], got {self.topk}")
+        _check(
+            self.score_func in ("softmax", "sigmoid"), "score_func", f"must be softmax|sigmoid, got {self.score_func!r}"
+        )
+        _check(self.group_score in ("top2", "max"), "group_score", f"must be top2|max, got {self.group_score!r}")
+        _check(self.num_groups >= 1, "num_groups", f"must be >= 1, got {self.num_groups}")
+        _check(self.bias_update_rate >= 0, "bias_update_rate", f"must be >= 0, got {self.bias_update_rate}")
+        _check(self.aux_loss_coef >= 0, "aux_loss_coef", f"must be >= 0, got {self.aux_loss_coef}")
+        _check(
+            self.capacity_factor is None or self.capacity_factor > 0,
+            "capacity_factor",
+            f"must be None or > 0, got {self.capacity_factor}",
+        )
+
+
+@dataclass
+class GateOutput:
+    """Result of :meth:`TopKGate.forward`.
+
+    Attributes:
+        topk_idx: int64 [T, K], expert ids in [-1, E) (-1 only where the capacity dropped a choice).
+        topk_weights: float32 [T, K], combine weights (0 where topk_idx is -1); never contain the bias.
+        scores: float32 [T, E], routing probabilities (softmax or sigmoid of the logits, no bias).
+        tokens_per_expert: int64 [E], choices kept per expert (after the capacity).
+        aux_loss: float32 scalar with grad when ``aux_loss_coef`` > 0, else None.
+    """
+
+    topk_idx: torch.Tensor
+    topk_weights: torch.Tensor
+    scores: torch.Tensor
+    tokens_per_expert: torch.Tensor
+    aux_loss: torch.Tensor | None
+
+
+def contiguous_groups(num_experts: int, num_groups: int, device: torch.device | None = None) -> torch.Tensor:
+    """Group of each expert for G contiguous equal groups: int64 [E], expert e in group e // (E / G)."""
+    _check(num_groups >= 1, "num_groups", f"must be >= 1, got {num_groups}")
+    _check(num_experts % num_groups == 0, "num_groups", f"must divide num_experts={num_experts}, got {num_groups}")
+    return torch.arange(num_experts, device=device) // (num_experts // num_groups)
+
+
+def _group_table(group_of_expert: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Members of each group, padded: (table int64 [G, S] of expert ids with E as padding, sizes int64 [G])."""
+    num_experts = group_of_expert.numel()
+    num_groups = int(group_of_expert.max().item()) + 1 if num_experts else 0
+    sizes = torch.bincount(group_of_expert, minlength=num_groups)
+    order = torch.argsort(group_of_expert, stable=True)
+    starts = torch.cumsum(sizes, 0) - sizes
+    width = int(sizes.max().item())
+    pos = torch.arange(num_experts, device=group_of_expert.device) - starts[group_of_expert[order]]
+    table = torch.full((num_groups, width), num_experts, dtype=torch.int64, device=group_of_expert.device)
+    table[group_of_expert[order], pos] = order
+    return table, sizes
+
+
+def check_groups(group_of_expert: torch.Tensor, num_experts: int, topk: int, topk_groups: int) -> None:
+    """Raises ArgumentError unless ``group_of_expert`` (int64 [E], groups 0..G-1, none empty) admits top-k in
+    any ``topk_groups`` of its groups."""
+    _check(
+        isinstance(group_of_expert, torch.Tensor) and group_of_expert.dtype == torch.int64,
+        "group_of_expert",
+        "must be an int64 tensor",
+    )
+    _check(group_of_expert.shape == (num_experts,), "group_of_expert", f"must have shape [{num_experts}]")
+    _check(bool((group_of_expert >= 0).all()), "group_of_expert", "must be >= 0")
+    sizes = torch.bincount(group_of_expert)
+    _check(bool((sizes > 0).all()), "group_of_expert", "must use every group id 0..G-1 (no empty group)")
+    num_groups = sizes.numel()
+    _check(1 <= topk_groups <= num_groups, "topk_groups", f"must be in [1, {num_groups}], got {topk_groups}")
+    smallest = int(torch.sort(sizes).values[:topk_groups].sum().item())
+    _check(topk <= smallest, "topk_groups", f"={topk_groups} groups may hold only {smallest} < topk={topk} experts")
+
+
+def select_topk(
+    scores: torch.Tensor,
+    topk: int,
+    *,
+    bias: torch.Tensor | None = None,
+    group_of_expert: torch.Tensor | None = None,
+    topk_groups: int | None = None,
+    group_score: GroupScore = "top2",
+    norm_topk_prob: bool = True,
+    routed_scaling_factor: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Picks each token's top-k experts, optionally inside its best ``topk_groups`` groups.
+
+    Args:
+        scores: float [T, E], routing scores (probabilities); the weights are taken from these.
+        topk: K.
+        bias: float32 [E] or None; added to ``scores`` for the choice of groups and experts only.
+        group_of_expert: int64 [E] (group ids 0..G-1) or None (no groups).
+        topk_groups: groups kept per token (None: all).
+        group_score: "top2" or "max" (see the module docstring).
+        norm_topk_prob: weights divided by their sum over the K choices.
+        routed_scaling_factor: weights multiplied by it.
+
+    Returns:
+        (topk_idx int64 [T, K] in descending selection score, topk_weights float32 [T, K]); the order of
+        exactly tied scores is torch.topk's.
+    """
+    _check(scores.dim() == 2, "scores", f"must be [T, E], got shape {tuple(scores.shape)}")
+    num_experts = scores.shape[1]
+    _check(1 <= topk <= num_experts, "topk", f"must be in [1, {num_experts}], got {topk}")
+    scores = scores.float()
+    choice = scores if bias is None else scores + bias.to(scores)
+    if group_of_expert is not None and topk_groups is not None:
+        table, sizes = _group_table(group_of_expert.to(scores.device))
+        if topk_groups < table.shape[0]:
+            padded = F.pad(choice, (0, 1), value=-math.inf)  # column E: the padding member
+            members = padded[:, table]  # [T, G, S]
+            if group_score == "max" or table.shape[1] == 1:
+                gscore = members.max(dim=-1).values
+            else:
+                top2 = members.topk(2, dim=-1).values
+                second = torch.where(sizes >= 2, top2[..., 1], torch.zeros_like(top2[..., 1]))
+                gscore = top2[..., 0] + second
+            keep = gscore.topk(topk_groups, dim=-1).indices  # [T, topk_groups]
+            allowed = torch.zeros_like(gscore, dtype=torch.bool).scatter_(1, keep, True)
+            choice = choice.masked_fill(~allowed[:, group_of_expert.to(scores.device)], -math.inf)
+    topk_idx = choice.topk(topk, dim=-1, sorted=True).indices
+    weights = scores.gather(1, topk_idx)
+    if norm_topk_prob:
+        weights = weights / weights.sum(dim=-1, keepdim=True).clamp_min(1e-20)
+    return topk_idx, (weights * routed_scaling_factor).float()
+
+
+def apply_capacity(
+    topk_idx: torch.Tensor, topk_weights: torch.Tensor, num_experts: int, capacity: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keeps at most ``capacity`` choices per expert; earlier tokens (then lower k) keep their slot.
+
+    Args:
+        topk_idx: int64 [T, K] in [-1, E).
+        topk_weights: float32 [T, K].
+        num_experts: E.
+        capacity: choices kept per expert (>= 0).
+
+    Returns:
+        New (topk_idx int64 [T, K], topk_weights float32 [T, K]) with dropped choices set to -1 / 0.
+    """
+    _check(capacity >= 0, "capacity", f"must be >= 0, got {capacity}")
+    flat = topk_idx.reshape(-1)
+    key = torch.where(flat >= 0, flat, torch.full_like(flat, num_experts))  # -1 goes to an extra bucket
+    order = torch.argsort(key, stable=True)
+    counts = torch.bincount(key, minlength=num_experts + 1)
+    starts = torch.cumsum(counts, 0) - counts
+    rank_sorted = torch.arange(flat.numel(), device=flat.device) - starts[key[order]]
+    rank = torch.empty_like(rank_sorted).scatter_(0, order, rank_sorted)
+    drop = ((rank >= capacity) & (flat >= 0)).view_as(topk_idx)
+    return topk_idx.masked_fill(drop, -1), topk_weights.masked_fill(drop, 0.0)
+
+
+def capacity_for(num_tokens: int, topk: int, num_experts: int, capacity_factor: float) -> int:
+    """Choices kept per expert: ceil(capacity_factor * T * K / E)."""
+    return math.ceil(capacity_factor * num_tokens * topk / num_experts)
+
+
+def balance_loss(scores: torch.Tensor, topk_idx: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Switch/GShard auxiliary loss ``E * sum_e f_e * P_e`` (1.0 when perfectly balanced).
+
+    Args:
+        scores: float32 [T, E] routing scores (with grad); rows are normalised to sum 1 for P (sigmoid scores).
+        topk_idx: int64 [T, K] chosen experts (-1 ignored).
+        num_experts: E.
+
+    Returns:
+        float32 scalar; f_e = share of the valid choices that went to e, P_e = mean normalised score of e.
+    """
+    valid = topk_idx >= 0
+    counts = torch.bincount(topk_idx[valid], minlength=num_experts).float()
+    f = counts / counts.sum().clamp_min(1.0)
+    probs = scores / scores.sum(dim=-1, keepdim=True).clamp_min(1e-20)
+    p = probs.mean(dim=0) if scores.shape[0] else torch.zeros_like(f)
+    return num_experts * (f * p).sum()
+
+
+class TopKGate(nn.Module):
+    """Linear router ``logits = x @ weight.T`` followed by :func:`select_topk`, with optional bias balancing,
+    auxiliary loss and capacity.
+
+    Buffers: ``expert_bias`` float32 [E] (selection only), ``expert_load`` float32 [E] (choices counted since the
+    last ``update_bias``; counted in training mode when ``bias_balancing`` is on), ``group_of_expert`` int64 [E].
+    """
+
+    expert_bias: torch.Tensor
+    expert_load: torch.Tensor
+    group_of_expert: torch.Tensor
+
+    def __init__(self, config: GateConfig, *, group_of_expert: torch.Tensor | None = None) -> None:
+        """``group_of_expert``: int64 [E], the group of each expert (e.g. ``Placement.home_node()``); default:
+        ``config.num_groups`` contiguous groups."""
+        super().__init__()
+        self.config = config
+        if group_of_expert is None:
+            group_of_expert = contiguous_groups(config.num_experts, config.num_groups)
+        self.topk_groups = config.topk_groups if config.topk_groups is not None else int(group_of_expert.max()) + 1
+        check_groups(group_of_expert, config.num_experts, config.topk, self.topk_groups)
+        self.weight = nn.Parameter(torch.empty(config.num_experts, config.hidden))
+        nn.init.normal_(self.weight, std=config.hidden**-0.5)
+        self.register_buffer("expert_bias", torch.zeros(config.num_experts))
+        self.register_buffer("expert_load", torch.zeros(config.num_experts))
+        self.register_buffer("group_of_expert", group_of_expert.clone())
+
+    def scores(self, logits: torch.Tensor) -> torch.Tensor:
+        """Routing probabilities float32 [T, E] from logits [T, E]."""
+        logits = logits.float()
+        return logits.softmax(dim=-1) if self.config.score_func == "softmax" else logits.sigmoid()
+
+    def forward(self, x: torch.Tensor) -> GateOutput:
+        """Routes tokens x [T, H] (any float dtype). Does not wait on the host."""
+        cfg = self.config
+        _check(x.dim() == 2 and x.shape[1] == cfg.hidden, "x", f"must be [T, {cfg.hidden}], got {tuple(x.shape)}")
+        return self.route_logits(F.linear(x.float(), self.weight))
+
+    def route_logits(self, logits: torch.Tensor) -> GateOutput:
+        """Routes from given logits float [T, E] (the gate's weight is not used)."""
+        cfg = self.config
+        _check(
+            logits.dim() == 2 and logits.shape[1] == cfg.num_experts,
+            "logits",
+            f"must be [T, {cfg.num_experts}], got {tuple(logits.shape)}",
+        )
+        scores = self.scores(logits)
+        topk_idx, topk_weights = select_topk(
+            scores,
+            cfg.topk,
+            bias=self.expert_bias if cfg.bias_balancing else None,
+            group_of_expert=self.group_of_expert,
+            topk_groups=self.topk_groups,
+            group_score=cfg.group_score,
+            norm_topk_prob=cfg.norm_topk_prob,
+            routed_scaling_factor=cfg.routed_scaling_factor,
+        )
+        if cfg.bias_balancing and self.training:
+            self.expert_load += torch.bincount(topk_idx.reshape(-1), minlength=cfg.num_experts).float()
+        aux = balance_loss(scores, topk_idx, cfg.num_experts) * cfg.aux_loss_coef if cfg.aux_loss_coef > 0 else None
+        if cfg.capacity_factor is not None:
+            cap = capacity_for(logits.shape[0], cfg.topk, cfg.num_experts, cfg.capacity_factor)
+            topk_idx, topk_weights = apply_capacity(topk_idx, topk_weights, cfg.num_experts, cap)
+        valid = topk_idx[topk_idx >= 0]
+        tokens_per_expert = torch.bincount(valid, minlength=cfg.num_experts)
+        return GateOutput(topk_idx, topk_weights, scores, tokens_per_expert, aux)
+
+    @torch.no_grad()
+    def update_bias(
+        self,
+        group: dist.ProcessGroup | None = None,
+        *,
+        load: torch.Tensor | None = None,
+        rate: float | None = None,
+    ) -> torch.Tensor:
+        """One aux-loss-free balancing step: ``bias += rate * sign(mean(load) - load)``, then resets the counts.
+
+        Args:
+            group: when given, the loads are summed over it (one all_reduce of E float32 numbers; every rank of
+                the group must call this). None: local loads only.
+            load: float [E] to use instead of the counts gathered by ``forward`` since the last update.
+            rate: overrides ``config.bias_update_rate``.
+
+        Returns:
+            float32 [E], the (summed) load the step used. Waits on the host only through the all_reduce.
+        """
+        e = self.config.num_experts
+        used = self.expert_load.clone() if load is None else load.detach().float().to(self.expert_bias.device).clone()
+        _check(used.shape == (e,), "load", f"must have shape [{e}], got {tuple(used.shape)}")
+        if group is not None:
+            import torch.distributed as dist
+
+            dist.all_reduce(used, group=group)
+        step = self.config.bias_update_rate if rate is None else rate
+        _check(step >= 0, "rate", f"must be >= 0, got {step}")
+        if self.config.bias_balancing:
+            self.expert_bias += step * torch.sign(used.mean() - used)
+        self.expert_load.zero_()
+        return used
+
+
+@dataclass
+class LoadSnapshot:
+    """Loads seen by one :meth:`LoadMonitor.update` (tensors on the monitor's device; reading them as Python
+    numbers is the caller's host sync).
+
+    Attributes:
+        expert_load: float32 [E], choices per expert this step.
+        gpu_load: float32 [G], choices per GPU this step.
+        ema_expert_load: float32 [E]; ema_gpu_load: float32 [G] (exponential moving averages).
+        expert_imbalance, gpu_imbalance: float32 scalars, max / mean of this step's loads (1 when all zero).
+        ema_expert_imbalance, ema_gpu_imbalance: float32 scalars, the same on the moving averages.
+    """
+
+    expert_load: torch.Tensor
+    gpu_load: torch.Tensor
+    ema_expert_load: torch.Tensor
+    ema_gpu_load: torch.Tensor
+    expert_imbalance: torch.Tensor
+    gpu_imbalance: torch.Tensor
+    ema_expert_imbalance: torch.Tensor
+    ema_gpu_imbalance: torch.Tensor
+
+
+def imbalance(load: torch.Tensor) -> torch.Tensor:
+    """max / mean of a float load vector [n] as a float32 scalar; 1 when the mean is 0."""
+    mean = load.float().mean()
+    return torch.where(mean > 0, load.float().max() / mean.clamp_min(1e-30), torch.ones_like(mean))
+
+
+class LoadMonitor:
+    """Per-expert and per-GPU routing load with exponential moving averages, cheap enough for every step.
+
+    Either ``experts_per_gpu`` (ids are physical: GPU of expert e = e // experts_per_gpu) or ``placement`` (ids are
+    logical; each logical expert's load is split evenly over its replicas) fixes the GPU of each expert; with
+    neither, every expert is its own GPU.
+    """
+
+    def __init__(
+        self,
+        num_experts: int,
+        *,
+        experts_per_gpu: int | None = None,
+        placement: Placement | None = None,
+        ema_decay: float = 0.9,
+        device: torch.device | str | None = None,
+    ) -> None:
+        """``ema_decay``: ema = decay * ema + (1 - decay) * load; the first update sets the ema to the load."""
+        _check(num_experts >= 1, "num_experts", f"must be >= 1, got {num_experts}")
+        _check(0.0 <= ema_decay < 1.0, "ema_decay", f"must be in [0, 1), got {ema_decay}")
+        _check(experts_per_gpu is None or placement is None, "placement", "cannot be given with experts_per_gpu")
+        self.num_experts = num_experts
+        self.ema_decay = ema_decay
+        dev = torch.device(device) if device is not None else torch.device("cpu")
+        if placement is not None:
+            _check(
+                placement.num_logical == num_experts,
+                "placement",
+                f"has {placement.num_logical} logical experts, expected {num_experts}",
+            )
+            self.share = placement.gpu_share().to(dev)  # [E, G]: fraction of e's load that each GPU serves
+        else:
+            per = 1 if experts_per_gpu is None else experts_per_gpu
+            _check(per >= 1 and num_experts % per == 0, "experts_per_gpu", f"must divide {num_experts}, got {per}")
+            gpu = torch.arange(num_experts, device=dev) // per
+            self.share = F.one_hot(gpu, num_experts // per).float()
+        self.num_gpus = self.share.shape[1]
+        self.ema_expert_load = torch.zeros(num_experts, device=dev)
+        self.ema_gpu_load = torch.zeros(self.num_gpus, device=dev)
+        self.steps = 0
+
+    def update(
+        self, topk_idx: torch.Tensor | None = None, *, expert_counts: torch.Tensor | None = None
+    ) -> LoadSnapshot:
+        """Adds one step, from ``topk_idx`` int64 [T, K] (-1 ignored) or ``expert_counts`` float/int [E]."""
+        _check((topk_idx is None) != (expert_counts is None), "topk_idx", "or expert_counts: give exactly one")
+        if topk_idx is not None:
+            flat = topk_idx.reshape(-1).to(self.share.device)
+            load = torch.bincount(flat[flat >= 0], minlength=self.num_experts)[: self.num_experts].float()
+        else:
+            assert expert_counts is not None
+            load = expert_counts.to(self.share.device).float()
+        _check(load.shape == (self.num_experts,), "expert_counts", f"must have {self.num_experts} entries")
+        gpu = load @ self.share
+        if self.steps == 0:
+            self.ema_expert_load.copy_(load)
+            self.ema_gpu_load.copy_(gpu)
+        else:
+            self.ema_expert_load.mul_(self.ema_decay).add_(load, alpha=1 - self.ema_decay)
+            self.ema_gpu_load.mul_(self.ema_decay).add_(gpu, alpha=1 - self.ema_decay)
+        self.steps += 1
+        return LoadSnapshot(
+            load,
+            gpu,
+            self.ema_expert_load.clone(),
+            self.ema_gpu_load.clone(),
+            imbalance(load),
+            imbalance(gpu),
+            imbalance(self.ema_expert_load),
+            imbalance(self.ema_gpu_load),
+        )

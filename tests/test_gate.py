@@ -1,0 +1,389 @@
+"""Tests of largeep.gate against plain-Python references on small sizes, plus the balancing claims."""
+
+from __future__ import annotations
+
+import itertools
+import math
+import os
+import tempfile
+
+import pytest
+import torch
+from largeep.gate import (
+    GateConfig,
+    LoadMonitor,
+    TopKGate,
+    apply_capacity,
+    balance_loss,
+    capacity_for,
+    contiguous_groups,
+    select_topk,
+)
+from largeep.placement import Topology, greedy_placement
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """These tensors are small: one intra-op thread is faster, and it avoids oversubscribing a busy 2-core box."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _ref_select(scores, bias, group_of_expert, topk_groups, topk, group_score, norm, scale):
+    """Brute force, one token at a time: try every set of topk_groups groups, keep the best by summed group score,
+    then the top-k experts inside it."""
+    t_num, e_num = scores.shape
+    choice = scores + (bias if bias is not None else 0.0)
+    groups = sorted(set(group_of_expert.tolist()))
+    idx_out, w_out = [], []
+    for t in range(t_num):
+        row = choice[t].tolist()
+        gscore = {}
+        for g in groups:
+            members = sorted((row[e] for e in range(e_num) if group_of_expert[e] == g), reverse=True)
+            gscore[g] = members[0] if group_score == "max" or len(members) == 1 else members[0] + members[1]
+        best = max(itertools.combinations(groups, topk_groups), key=lambda c: sum(gscore[g] for g in c))
+        allowed = [e for e in range(e_num) if int(group_of_expert[e]) in best]
+        chosen = sorted(allowed, key=lambda e: -row[e])[:topk]
+        w = [float(scores[t, e]) for e in chosen]
+        if norm:
+            total = sum(w)
+            w = [x / total for x in w]
+        idx_out.append(chosen)
+        w_out.append([x * scale for x in w])
+    return torch.tensor(idx_out, dtype=torch.int64), torch.tensor(w_out, dtype=torch.float32)
+
+
+@pytest.mark.parametrize(
+    "e_num,n_groups,topk_groups,topk,group_score,use_bias,norm",
+    [
+        (8, 4, 2, 3, "top2", True, True),
+        (12, 3, 1, 2, "max", False, True),
+        (12, 4, 3, 5, "top2", True, False),
+        (6, 6, 2, 2, "top2", True, True),  # groups of one expert
+        (16, 1, 1, 4, "top2", True, True),  # no group limit
+    ],
+)
+def test_select_topk_matches_bruteforce(e_num, n_groups, topk_groups, topk, group_score, use_bias, norm):
+    gen = torch.Generator().manual_seed(e_num * 100 + topk)
+    for t_num in (0, 1, 37):
+        scores = torch.rand(t_num, e_num, generator=gen)
+        bias = (torch.rand(e_num, generator=gen) - 0.5) * 0.3 if use_bias else None
+        groups = contiguous_groups(e_num, n_groups)
+        idx, w = select_topk(
+            scores,
+            topk,
+            bias=bias,
+            group_of_expert=groups,
+            topk_groups=topk_groups,
+            group_score=group_score,
+            norm_topk_prob=norm,
+            routed_scaling_factor=2.5,
+        )
+        ref_idx, ref_w = _ref_select(scores, bias, groups, topk_groups, topk, group_score, norm, 2.5)
+        assert idx.dtype == torch.int64 and w.dtype == torch.float32
+        assert idx.shape == (t_num, topk)
+        if t_num:
+            assert torch.equal(idx, ref_idx)
+            torch.testing.assert_close(w, ref_w)
+
+
+def test_select_topk_uneven_groups_bruteforce():
+    """Groups given as an arbitrary partition (e.g. the nodes of a placement), of unequal sizes."""
+    gen = torch.Generator().manual_seed(3)
+    groups = torch.tensor([2, 0, 1, 1, 0, 2, 2, 1, 0, 2, 3], dtype=torch.int64)
+    scores = torch.rand(50, groups.numel(), generator=gen)
+    bias = torch.rand(groups.numel(), generator=gen) * 0.1
+    idx, w = select_topk(scores, 3, bias=bias, group_of_expert=groups, topk_groups=2, group_score="top2")
+    ref_idx, ref_w = _ref_select(scores, bias, groups, 2, 3, "top2", True, 1.0)
+    assert torch.equal(idx, ref_idx)
+    torch.testing.assert_close(w, ref_w)
+
+
+@pytest.mark.parametrize(
+    "e_num,nodes,max_nodes,topk,score_func",
+    [(64, 8, 4, 8, "sigmoid"), (256, 8, 4, 8, "softmax"), (32, 4, 1, 4, "sigmoid"), (48, 6, 2, 6, "softmax")],
+)
+def test_node_limited_routing_reaches_at_most_m_nodes(e_num, nodes, max_nodes, topk, score_func):
+    cfg = GateConfig(
+        hidden=32,
+        num_experts=e_num,
+        topk=topk,
+        score_func=score_func,
+        num_groups=nodes,
+        topk_groups=max_nodes,
+    )
+    gate = TopKGate(cfg)
+    gate.expert_bias.copy_(torch.randn(e_num) * 0.05)  # the bias takes part in the choice of groups too
+    x = torch.randn(500, 32)
+    out = gate(x)
+    node = out.topk_idx // (e_num // nodes)
+    for row in node.tolist():
+        assert len(set(row)) <= max_nodes
+    assert len(set(out.topk_idx[0].tolist())) == topk
+
+
+def test_node_limited_routing_with_placement_nodes():
+    """Groups = nodes of a placement (non-contiguous): every token's experts live on at most M nodes."""
+    topo = Topology(num_nodes=4, gpus_per_node=2, slots_per_gpu=4)
+    load = torch.rand(32, generator=torch.Generator().manual_seed(1)) + 0.1
+    placement = greedy_placement(load, topo)
+    home = placement.home_node()
+    gate = TopKGate(GateConfig(hidden=16, num_experts=32, topk=4, topk_groups=2), group_of_expert=home)
+    out = gate(torch.randn(300, 16))
+    phys = placement.route(out.topk_idx, torch.randint(0, 8, (300,)))
+    node = phys // topo.slots_per_gpu // topo.gpus_per_node
+    assert max(len(set(r)) for r in node.tolist()) <= 2
+
+
+def _skewed_logits(gen: torch.Generator, log_p: torch.Tensor, cluster_of: torch.Tensor, t_num: int) -> torch.Tensor:
+    """A skewed synthetic router: log Zipf popularity + co-activation cluster bonus + Gumbel noise, so that the
+    unbiased top-k is a draw without replacement from the Zipf mix."""
+    token_cluster = torch.randint(int(cluster_of.max()) + 1, (t_num,), generator=gen)
+    u = torch.rand(t_num, log_p.numel(), generator=gen).clamp(1e-12, 1 - 1e-7)
+    return log_p[None, :] + 3.0 * (cluster_of[None, :] == token_cluster[:, None]).float() - torch.log(-torch.log(u))
+
+
+@pytest.mark.parametrize("zipf_s", [0.8, 1.2])
+def test_bias_balancing_flattens_a_skewed_router(zipf_s):
+    """Aux-loss-free balancing takes max/mean expert load from >= 2 to <= 1.1 within 200 steps.
+
+    Loads are measured over the last 40 steps (81920 tokens): one step of 2048 tokens holds 64 choices per expert,
+    whose sampling noise alone puts max/mean near 1.4 even for perfectly balanced expected loads. Sigmoid scores as
+    in DeepSeek-V3; the rate is 0.01 because 200 steps is short (DeepSeek-V3 uses 1e-3 over far more steps)."""
+    e_num, topk, t_num = 256, 8, 2048
+    gen = torch.Generator().manual_seed(int(zipf_s * 10))
+    log_p = -zipf_s * torch.log(torch.randperm(e_num, generator=gen).float() + 1.0)
+    cluster_of = torch.randperm(e_num, generator=gen) % 16
+    cfg = GateConfig(hidden=8, num_experts=e_num, topk=topk, score_func="sigmoid", bias_update_rate=0.01)
+    gate = TopKGate(cfg)
+    window = []
+    for step in range(200):
+        logits = _skewed_logits(gen, log_p, cluster_of, t_num)
+        out = gate.route_logits(logits)
+        load = torch.bincount(out.topk_idx.flatten(), minlength=e_num).float()
+        if step == 0:
+            assert float(load.max() / load.mean()) >= 2.0
+        window = (window + [load])[-40:]
+        # The bias never enters the combine weights: they are the raw sigmoid scores of the chosen experts, normed.
+        raw = logits.sigmoid().gather(1, out.topk_idx)
+        torch.testing.assert_close(out.topk_weights, raw / raw.sum(-1, keepdim=True))
+        gate.update_bias()
+    total = torch.stack(window).sum(0)
+    assert float(total.max() / total.mean()) <= 1.1
+    assert float(gate.expert_bias.abs().max()) > 0.1  # the bias did move and changed the selection
+
+
+def test_bias_changes_selection_but_not_weights():
+    cfg = GateConfig(hidden=16, num_experts=8, topk=2, score_func="softmax", norm_topk_prob=False)
+    gate = TopKGate(cfg)
+    x = torch.randn(64, 16)
+    before = gate(x)
+    gate.expert_bias.copy_(torch.tensor([5.0, 0, 0, 0, 0, 0, 0, -5.0]))
+    after = gate(x)
+    assert (after.topk_idx == 0).any(dim=1).all() and not (after.topk_idx == 7).any()
+    assert not torch.equal(before.topk_idx, after.topk_idx)
+    torch.testing.assert_close(after.topk_weights, after.scores.gather(1, after.topk_idx))
+
+
+def test_update_bias_rule_and_counts():
+    cfg = GateConfig(hidden=4, num_experts=6, topk=2, bias_update_rate=0.25)
+    gate = TopKGate(cfg)
+    x = torch.randn(40, 4)
+    out1, out2 = gate(x), gate(x[:13])
+    counts = torch.bincount(torch.cat([out1.topk_idx, out2.topk_idx]).flatten(), minlength=6).float()
+    torch.testing.assert_close(gate.expert_load, counts)
+    used = gate.update_bias()
+    torch.testing.assert_close(used, counts)
+    expect = 0.25 * torch.sign(counts.mean() - counts)
+    torch.testing.assert_close(gate.expert_bias, expect)
+    assert float(gate.expert_load.abs().sum()) == 0.0  # counts reset
+    load = torch.tensor([1.0, 2, 3, 4, 5, 6])
+    gate.update_bias(load=load, rate=0.5)
+    torch.testing.assert_close(gate.expert_bias, expect + 0.5 * torch.sign(load.mean() - load))
+    gate.eval()
+    gate(x)
+    assert float(gate.expert_load.sum()) == 0.0  # eval mode does not count
+    off = TopKGate(GateConfig(hidden=4, num_experts=6, topk=2, bias_balancing=False))
+    off(x)
+    off.update_bias(load=load)
+    assert float(off.expert_bias.abs().sum()) == 0.0
+
+
+def _bias_worker(rank: int, world: int, path: str, result_dir: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{path}", rank=rank, world_size=world)
+    gate = TopKGate(GateConfig(hidden=4, num_experts=5, topk=1, bias_update_rate=0.1))
+    load = torch.tensor([[5.0, 0, 0, 1, 0], [0.0, 0, 4, 1, 1]])[rank]
+    gate.update_bias(dist.group.WORLD, load=load)
+    torch.save(gate.expert_bias, os.path.join(result_dir, f"{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def test_update_bias_sums_loads_over_the_group():
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(_bias_worker, args=(2, os.path.join(tmp, "store"), tmp), nprocs=2, join=True)
+        biases = [torch.load(os.path.join(tmp, f"{r}.pt")) for r in range(2)]
+    total = torch.tensor([5.0, 0, 4, 2, 1])
+    expect = 0.1 * torch.sign(total.mean() - total)
+    for b in biases:
+        torch.testing.assert_close(b, expect)
+
+
+def test_aux_loss_matches_formula_and_has_grad():
+    gen = torch.Generator().manual_seed(5)
+    cfg = GateConfig(hidden=8, num_experts=6, topk=2, aux_loss_coef=0.01, bias_balancing=False)
+    gate = TopKGate(cfg)
+    x = torch.randn(30, 8, generator=gen)
+    out = gate(x)
+    assert out.aux_loss is not None
+    probs = (x @ gate.weight.detach().T).softmax(-1)
+    f = [0.0] * 6
+    for row in out.topk_idx.tolist():
+        for e in row:
+            f[e] += 1.0 / (30 * 2)
+    p = probs.mean(0).tolist()
+    ref = 0.01 * 6 * sum(fi * pi for fi, pi in zip(f, p, strict=True))
+    assert abs(out.aux_loss.item() - ref) < 1e-6
+    out.aux_loss.backward()
+    assert gate.weight.grad is not None and float(gate.weight.grad.abs().sum()) > 0
+    uniform = balance_loss(torch.full((4, 4), 0.25), torch.tensor([[0], [1], [2], [3]]), 4)
+    assert abs(float(uniform) - 1.0) < 1e-6
+    assert TopKGate(GateConfig(hidden=8, num_experts=6, topk=2))(x).aux_loss is None
+
+
+def _ref_capacity(idx: torch.Tensor, w: torch.Tensor, cap: int) -> tuple[torch.Tensor, torch.Tensor]:
+    idx, w = idx.clone(), w.clone()
+    used: dict[int, int] = {}
+    for t in range(idx.shape[0]):
+        for k in range(idx.shape[1]):
+            e = int(idx[t, k])
+            if e < 0:
+                continue
+            if used.get(e, 0) >= cap:
+                idx[t, k], w[t, k] = -1, 0.0
+            else:
+                used[e] = used.get(e, 0) + 1
+    return idx, w
+
+
+@pytest.mark.parametrize("cap", [0, 1, 3, 100])
+def test_capacity_keeps_earlier_tokens(cap):
+    gen = torch.Generator().manual_seed(cap)
+    scores = torch.rand(60, 5, generator=gen)
+    idx, w = select_topk(scores, 2)
+    idx[7] = -1  # a token with all -1
+    idx[9, 1] = -1
+    got_idx, got_w = apply_capacity(idx, w, 5, cap)
+    ref_idx, ref_w = _ref_capacity(idx, w, cap)
+    assert torch.equal(got_idx, ref_idx)
+    torch.testing.assert_close(got_w, ref_w)
+
+
+def test_gate_capacity_factor():
+    cfg = GateConfig(hidden=8, num_experts=4, topk=2, capacity_factor=0.5)
+    gate = TopKGate(cfg)
+    gate.expert_bias.copy_(torch.tensor([10.0, 10.0, 0.0, 0.0]))  # everyone wants experts 0 and 1
+    out = gate(torch.randn(40, 8))
+    cap = capacity_for(40, 2, 4, 0.5)
+    assert cap == 10
+    assert out.tokens_per_expert.tolist() == [10, 10, 0, 0]
+    assert (out.topk_idx[:10] >= 0).all() and (out.topk_idx[10:] == -1).all()
+    assert float(out.topk_weights[10:].detach().abs().sum()) == 0.0
+
+
+def test_zero_tokens_and_single_expert():
+    gate = TopKGate(GateConfig(hidden=8, num_experts=1, topk=1))
+    out = gate(torch.randn(0, 8))
+    assert out.topk_idx.shape == (0, 1) and out.tokens_per_expert.tolist() == [0]
+    out = gate(torch.randn(3, 8))
+    assert out.topk_idx.flatten().tolist() == [0, 0, 0]
+    torch.testing.assert_close(out.topk_weights, torch.ones(3, 1))
+
+
+@pytest.mark.parametrize(
+    "kwargs,arg",
+    [
+        (dict(topk=9), "topk"),
+        (dict(topk=0), "topk"),
+        (dict(score_func="relu"), "score_func"),
+        (dict(group_score="sum"), "group_score"),
+        (dict(num_groups=3), "num_groups"),
+        (dict(num_groups=4, topk_groups=1, topk=3), "topk_groups"),
+        (dict(num_groups=4, topk_groups=5), "topk_groups"),
+        (dict(capacity_factor=0.0), "capacity_factor"),
+        (dict(bias_update_rate=-1.0), "bias_update_rate"),
+        (dict(aux_loss_coef=-0.1), "aux_loss_coef"),
+        (dict(hidden=0), "hidden"),
+    ],
+)
+def test_invalid_arguments_name_the_argument(kwargs, arg):
+    base = dict(hidden=8, num_experts=8, topk=2)
+    base.update(kwargs)
+    with pytest.raises(ValueError, match=f"'{arg}'"):
+        TopKGate(GateConfig(**base))
+
+
+def test_invalid_inputs_name_the_argument():
+    gate = TopKGate(GateConfig(hidden=8, num_experts=8, topk=2))
+    with pytest.raises(ValueError, match="'x'"):
+        gate(torch.randn(4, 7))
+    with pytest.raises(ValueError, match="'logits'"):
+        gate.route_logits(torch.randn(4, 7))
+    with pytest.raises(ValueError, match="'load'"):
+        gate.update_bias(load=torch.ones(3))
+    with pytest.raises(ValueError, match="'group_of_expert'"):
+        TopKGate(GateConfig(hidden=8, num_experts=8, topk=2), group_of_expert=torch.zeros(7, dtype=torch.int64))
+    with pytest.raises(ValueError, match="'capacity'"):
+        apply_capacity(torch.zeros(2, 1, dtype=torch.int64), torch.zeros(2, 1), 2, -1)
+
+
+def test_load_monitor_against_reference():
+    gen = torch.Generator().manual_seed(11)
+    mon = LoadMonitor(12, experts_per_gpu=3, ema_decay=0.5)
+    ema_e = None
+    for step in range(4):
+        idx = torch.randint(-1, 12, (50, 4), generator=gen)
+        snap = mon.update(idx)
+        ref_e = torch.zeros(12)
+        for e in idx.flatten().tolist():
+            if e >= 0:
+                ref_e[e] += 1
+        ref_g = ref_e.view(4, 3).sum(1)
+        ema_e = ref_e.clone() if step == 0 else 0.5 * ema_e + 0.5 * ref_e
+        torch.testing.assert_close(snap.expert_load, ref_e)
+        torch.testing.assert_close(snap.gpu_load, ref_g)
+        torch.testing.assert_close(snap.ema_expert_load, ema_e)
+        torch.testing.assert_close(snap.ema_gpu_load, ema_e.view(4, 3).sum(1))
+        assert abs(float(snap.expert_imbalance) - float(ref_e.max() / ref_e.mean())) < 1e-6
+        assert abs(float(snap.ema_gpu_imbalance) - float(ema_e.view(4, 3).sum(1).max() / ema_e.sum() * 4)) < 1e-5
+
+
+def test_load_monitor_with_placement_splits_over_replicas():
+    topo = Topology(num_nodes=1, gpus_per_node=3, slots_per_gpu=2)
+    from largeep.placement import Placement
+
+    placement = Placement(topo, 4, torch.tensor([0, 1, 0, 2, 3, 0]))  # expert 0 on all three GPUs
+    mon = LoadMonitor(4, placement=placement)
+    snap = mon.update(expert_counts=torch.tensor([9.0, 2.0, 4.0, 1.0]))
+    torch.testing.assert_close(snap.gpu_load, torch.tensor([3.0 + 2.0, 3.0 + 4.0, 1.0 + 3.0]))
+    empty = LoadMonitor(4, placement=placement).update(torch.full((0, 2), -1, dtype=torch.int64))
+    assert float(empty.gpu_imbalance) == 1.0
+    with pytest.raises(ValueError, match="'placement'"):
+        LoadMonitor(5, placement=placement)
+    with pytest.raises(ValueError, match="'experts_per_gpu'"):
+        LoadMonitor(10, experts_per_gpu=3)
+    with pytest.raises(ValueError, match="'ema_decay'"):
+        LoadMonitor(10, ema_decay=1.0)
+
+
+def test_softmax_weights_normalised_and_scaled():
+    gate = TopKGate(GateConfig(hidden=8, num_experts=16, topk=4, routed_scaling_factor=2.0))
+    out = gate(torch.randn(20, 8))
+    torch.testing.assert_close(out.topk_weights.sum(-1), torch.full((20,), 2.0))
+    assert math.isclose(float(out.scores.sum(-1).mean()), 1.0, rel_tol=1e-5)

@@ -1,0 +1,471 @@
+"""Tests of largeep.placement against plain-Python references on small sizes, plus the planner's claims."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import pytest
+import torch
+from largeep.placement import (
+    Placement,
+    RoutingTrace,
+    Topology,
+    contiguous_placement,
+    greedy_placement,
+    migration_plan,
+    plan_placement,
+    replica_counts,
+    simulate_links,
+    synthetic_trace,
+)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """These tensors are small: one intra-op thread is faster, and it avoids oversubscribing a busy 2-core box."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# References
+
+
+def _ref_replica_counts(load: list[float], total: int, cap: int) -> list[int]:
+    counts = [1] * len(load)
+    for _ in range(total - len(load)):
+        cands = [e for e in range(len(load)) if counts[e] < cap]
+        if not cands:
+            break
+        e = max(cands, key=lambda i: (load[i] / counts[i], -i))
+        counts[e] += 1
+    return counts
+
+
+def _ref_greedy(load: list[float], topo: Topology) -> list[list[int]]:
+    """Experts held by each GPU under the EPLB-style greedy."""
+    counts = _ref_replica_counts(load, topo.num_slots, topo.num_gpus)
+    units = [(load[e] / counts[e], e) for e in range(len(load)) for _ in range(counts[e])]
+    order = sorted(range(len(units)), key=lambda u: -units[u][0])  # stable: ties keep expert order
+    gpu_load = [0.0] * topo.num_gpus
+    held: list[list[int]] = [[] for _ in range(topo.num_gpus)]
+    for u in order:
+        w, e = units[u]
+        free = [g for g in range(topo.num_gpus) if len(held[g]) < topo.slots_per_gpu]
+        ok = [g for g in free if e not in held[g]] or free
+        g = min(ok, key=lambda i: (gpu_load[i], i))
+        held[g].append(e)
+        gpu_load[g] += w
+    return [sorted(h) for h in held]
+
+
+def _ref_route(p: Placement, idx: torch.Tensor, src: torch.Tensor, local_cap: float | None = 1.0):
+    """Per-choice Python version of Placement.route. Returns (slots [T, K] with -2 where the choice went to the
+    least-loaded fill, per-slot counts of all choices)."""
+    topo = p.topology
+    spg, gpn = topo.slots_per_gpu, topo.gpus_per_node
+    reps = p.replicas
+    t_num, k_num = idx.shape
+    out = [[-1] * k_num for _ in range(t_num)]
+    multi_count: dict[int, int] = {}
+    for t in range(t_num):
+        for k in range(k_num):
+            e = int(idx[t, k])
+            if e >= 0 and len(reps[e]) > 1:
+                multi_count[e] = multi_count.get(e, 0) + 1
+    turn: dict[tuple[int, int], int] = {}
+    near_used: dict[int, int] = {}
+    far = []
+    for t in range(t_num):
+        s = int(src[t])
+        for k in range(k_num):
+            e = int(idx[t, k])
+            if e < 0:
+                continue
+            if len(reps[e]) == 1:
+                out[t][k] = reps[e][0]
+                continue
+            same_gpu = [r for r in reps[e] if r // spg == s]
+            same_node = [r for r in reps[e] if r // spg // gpn == s // gpn]
+            pick = -1
+            if same_gpu:
+                pick = same_gpu[0]
+            elif same_node:
+                key = (e, s // gpn)
+                pick = same_node[turn.get(key, 0) % len(same_node)]
+                turn[key] = turn.get(key, 0) + 1
+            if pick >= 0 and local_cap is not None:
+                cap = math.ceil(local_cap * multi_count[e] / len(reps[e]))
+                if near_used.get(pick, 0) >= cap:
+                    near_used[pick] = near_used.get(pick, 0) + 1
+                    pick = -1
+                else:
+                    near_used[pick] = near_used.get(pick, 0) + 1
+            if pick >= 0:
+                out[t][k] = pick
+            else:
+                out[t][k] = -2
+                far.append(e)
+    load = [0] * topo.num_slots
+    for row in out:
+        for s in row:
+            if s >= 0:
+                load[s] += 1
+    for e in far:  # sequential least-loaded (ties: lowest slot)
+        r = min(reps[e], key=lambda x: (load[x], x))
+        load[r] += 1
+    return out, load
+
+
+def _ref_links(trace: RoutingTrace, phys: torch.Tensor, topo: Topology, hierarchical: bool, tok_bytes: int):
+    g_num, gpn, spg = topo.num_gpus, topo.gpus_per_node, topo.slots_per_gpu
+    nic_out, nic_in, nvl_out, nvl_in, comp = ([0] * g_num for _ in range(5))
+    for t in range(phys.shape[0]):
+        s = int(trace.src_gpu[t])
+        dsts = [int(x) // spg for x in phys[t].tolist() if x >= 0]
+        for d in dsts:
+            comp[d] += 1
+        gpus = sorted(set(dsts))
+        if hierarchical:
+            for n in sorted({d // gpn for d in gpus}):
+                if n == s // gpn:
+                    continue
+                relay = n * gpn + s % gpn
+                nic_out[s] += 1
+                nic_in[relay] += 1
+                for d in gpus:
+                    if d // gpn == n and d != relay:
+                        nvl_out[relay] += 1
+                        nvl_in[d] += 1
+            for d in gpus:
+                if d // gpn == s // gpn and d != s:
+                    nvl_out[s] += 1
+                    nvl_in[d] += 1
+        else:
+            for d in gpus:
+                if d == s:
+                    continue
+                if d // gpn == s // gpn:
+                    nvl_out[s] += 1
+                    nvl_in[d] += 1
+                else:
+                    nic_out[s] += 1
+                    nic_in[d] += 1
+    return [torch.tensor(v, dtype=torch.float64) * tok_bytes for v in (nic_out, nic_in, nvl_out, nvl_in)], comp
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Topology, Placement, baselines
+
+
+def test_replica_counts_match_reference():
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(10):
+        n = int(torch.randint(1, 12, (1,), generator=gen))
+        load = torch.rand(n, generator=gen) * 10
+        total = n + int(torch.randint(0, 20, (1,), generator=gen))
+        cap = int(torch.randint(1, 6, (1,), generator=gen))
+        got = replica_counts(load, total, cap).tolist()
+        assert got == _ref_replica_counts(load.double().tolist(), total, cap)
+
+
+@pytest.mark.parametrize(
+    "num_experts,nodes,gpn,spg",
+    [
+        (6, 2, 4, 1),  # experts < GPUs: spare GPUs hold replicas of the hottest
+        (8, 2, 4, 1),  # experts == GPUs
+        (10, 2, 2, 3),  # experts not divisible by GPUs, 2 replicas
+        (16, 2, 2, 4),  # no spare slot
+        (5, 1, 1, 5),  # one GPU
+    ],
+)
+def test_greedy_matches_reference(num_experts, nodes, gpn, spg):
+    topo = Topology(nodes, gpn, slots_per_gpu=spg)
+    load = torch.rand(num_experts, generator=torch.Generator().manual_seed(num_experts)) * 100 + 1
+    p = greedy_placement(load, topo)
+    held = [sorted(p.phys_to_log[g * spg : (g + 1) * spg].tolist()) for g in range(topo.num_gpus)]
+    assert held == _ref_greedy(load.double().tolist(), topo)
+    assert sorted(p.replica_count.tolist(), reverse=True)[0] >= 1 and (p.replica_count >= 1).all()
+    if num_experts < topo.num_gpus and spg == 1:
+        hot = int(load.argmax())
+        assert int(p.replica_count[hot]) >= 2
+
+
+def test_contiguous_placement_is_spec_layout():
+    topo = Topology(2, 2, slots_per_gpu=3)
+    p = contiguous_placement(12, topo)
+    assert p.phys_to_log.tolist() == list(range(12))
+    p = contiguous_placement(10, topo)
+    assert p.phys_to_log.tolist() == list(range(10)) + [-1, -1]
+    idx = torch.tensor([[0, 9, -1]])
+    assert p.route(idx, torch.tensor([3])).tolist() == [[0, 9, -1]]
+
+
+def test_placement_tables_and_share():
+    topo = Topology(2, 2, slots_per_gpu=2)
+    p = Placement(topo, 5, torch.tensor([0, 1, 2, 0, 3, 4, 0, -1]))
+    assert p.replicas == [[0, 3, 6], [1], [2], [4], [5]]
+    assert p.replica_count.tolist() == [3, 1, 1, 1, 1]
+    share = p.gpu_share()
+    torch.testing.assert_close(share.sum(1), torch.ones(5))
+    torch.testing.assert_close(share[0], torch.tensor([1 / 3, 1 / 3, 0.0, 1 / 3]))
+    assert p.home_node().tolist() == [0, 0, 0, 1, 1]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Routing
+
+
+@pytest.mark.parametrize("local_cap", [1.0, None, 0.5])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_route_matches_reference(seed, local_cap):
+    gen = torch.Generator().manual_seed(seed)
+    topo = Topology(3, 2, slots_per_gpu=3)
+    # 10 experts over 18 slots, random replica layout with at most one copy per GPU
+    p2l = torch.full((18,), -1, dtype=torch.int64)
+    perm = torch.randperm(18, generator=gen)
+    p2l[perm[:10]] = torch.arange(10)
+    for s in perm[10:16].tolist():
+        g = s // 3
+        e = int(torch.randint(0, 4, (1,), generator=gen))  # extra replicas of experts 0..3
+        if e not in p2l[g * 3 : g * 3 + 3].tolist():
+            p2l[s] = e
+    p = Placement(topo, 10, p2l)
+    t_num = 60
+    idx = torch.stack([torch.randperm(10, generator=gen)[:4] for _ in range(t_num)])
+    idx[5] = -1  # a token with no expert
+    idx[6, 2] = -1
+    src = torch.randint(0, topo.num_gpus, (t_num,), generator=gen)
+    got = p.route(idx, src, local_cap=local_cap)
+    ref, ref_load = _ref_route(p, idx, src, local_cap)
+    for t in range(t_num):
+        for k in range(4):
+            e = int(idx[t, k])
+            if e < 0:
+                assert int(got[t, k]) == -1
+                continue
+            assert int(p.phys_to_log[got[t, k]]) == e
+            if ref[t][k] >= 0:
+                assert int(got[t, k]) == ref[t][k]
+    assert torch.bincount(got[got >= 0], minlength=18).tolist() == ref_load
+
+
+def test_route_prefers_local_and_balances_remote():
+    topo = Topology(2, 2, slots_per_gpu=1)
+    p = Placement(topo, 2, torch.tensor([0, 1, 0, 0]))  # expert 0 on GPUs 0, 2, 3
+    idx = torch.zeros(30, 1, dtype=torch.int64)
+    assert (p.route(idx, torch.full((30,), 2, dtype=torch.int64), local_cap=None) == 2).all()
+    # from GPU 1 (node 0, where GPU 0 holds expert 0): up to the fair share (10) local, the rest water-filled
+    out = p.route(idx, 1)
+    assert torch.bincount(out.flatten(), minlength=4).tolist() == [10, 0, 10, 10]
+    assert (out[:10] == 0).all()
+    # a known load on slot 2 steers the fill to slot 3
+    out = p.route(idx[:4], 1, slot_load=torch.tensor([0.0, 0.0, 5.0, 0.0]))
+    assert torch.bincount(out.flatten(), minlength=4).tolist() == [2, 0, 0, 2]
+
+
+def test_route_edge_cases():
+    topo = Topology(1, 1, slots_per_gpu=3)
+    p = Placement(topo, 3, torch.tensor([2, 0, 1]))
+    assert p.route(torch.tensor([[0, 1, 2], [-1, -1, -1]]), 0).tolist() == [[1, 2, 0], [-1, -1, -1]]
+    assert p.route(torch.zeros(0, 2, dtype=torch.int64), torch.zeros(0, dtype=torch.int64)).shape == (0, 2)
+    with pytest.raises(ValueError, match="'topk_idx'"):
+        p.route(torch.tensor([[3]]), 0)
+    with pytest.raises(ValueError, match="'src_gpu'"):
+        p.route(torch.tensor([[0]]), torch.tensor([1]))
+    with pytest.raises(ValueError, match="'src_gpu'"):
+        p.route(torch.tensor([[0]]), torch.tensor([0, 0]))
+    with pytest.raises(ValueError, match="'local_cap'"):
+        p.route(torch.tensor([[0]]), 0, local_cap=0.0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Link model
+
+
+@pytest.mark.parametrize("hierarchical", [True, False])
+def test_simulate_links_matches_reference(hierarchical):
+    topo = Topology(3, 2, slots_per_gpu=2, nvlink_bw=400.0, nic_bw=50.0)
+    trace = synthetic_trace(40, 9, 3, topo, seed=4)
+    trace.topk_idx[3] = -1
+    load = trace.expert_load()
+    p = greedy_placement(load, topo)
+    res = simulate_links(trace, p, hidden=16, bytes_per_elem=2, hierarchical=hierarchical)
+    phys = p.route(trace.topk_idx, trace.src_gpu)
+    (nic_out, nic_in, nvl_out, nvl_in), comp = _ref_links(trace, phys, topo, hierarchical, 32)
+    torch.testing.assert_close(res.nic_out, nic_out)
+    torch.testing.assert_close(res.nic_in, nic_in)
+    torch.testing.assert_close(res.nvlink_out, nvl_out)
+    torch.testing.assert_close(res.nvlink_in, nvl_in)
+    assert res.compute.tolist() == comp
+    links = {"nic_out": nic_out, "nic_in": nic_in, "nvlink_out": nvl_out, "nvlink_in": nvl_in}
+    assert res.max_link_bytes == max(float(v.max()) for v in links.values())
+    t = max(float(v.max()) / (50.0 if k.startswith("nic") else 400.0) for k, v in links.items())
+    assert math.isclose(res.max_link_time_s, t)
+    assert math.isclose(res.compute_imbalance, max(comp) / (sum(comp) / len(comp)))
+
+
+def test_simulate_links_hierarchical_sends_once_per_node():
+    topo = Topology(2, 4, slots_per_gpu=1)
+    p = contiguous_placement(8, topo)
+    trace = RoutingTrace(torch.tensor([[4, 5, 6, 7]]), torch.tensor([1]), 8)  # one token, all of node 1
+    hier = simulate_links(trace, p, hidden=1, bytes_per_elem=1, hierarchical=True)
+    flat = simulate_links(trace, p, hidden=1, bytes_per_elem=1, hierarchical=False)
+    assert hier.nic_out.tolist() == [0, 1, 0, 0, 0, 0, 0, 0]
+    assert hier.nic_in.tolist() == [0, 0, 0, 0, 0, 1, 0, 0]  # relay: node 1's GPU of local index 1
+    assert hier.nvlink_out.tolist() == [0, 0, 0, 0, 0, 3, 0, 0]
+    assert flat.nic_out.tolist() == [0, 4, 0, 0, 0, 0, 0, 0]
+    assert flat.nic_in.tolist() == [0, 0, 0, 0, 1, 1, 1, 1]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Migration
+
+
+def test_migration_plan_reaches_the_new_layout():
+    topo = Topology(2, 2, slots_per_gpu=3)
+    gen = torch.Generator().manual_seed(9)
+    old = greedy_placement(torch.rand(9, generator=gen), topo)
+    new = greedy_placement(torch.rand(9, generator=gen), topo)
+    assert migration_plan(old, old) == []
+    moves = migration_plan(old, new)
+    held_old = [set(old.phys_to_log[g * 3 : g * 3 + 3].tolist()) for g in range(4)]
+    held = [set(h) for h in held_old]
+    for m in moves:
+        assert m.expert in held_old[m.src_gpu] and m.src_gpu != m.dst_gpu
+        assert int(new.phys_to_log[m.dst_slot]) == m.expert and m.dst_slot // 3 == m.dst_gpu
+        held[m.dst_gpu].add(m.expert)
+    for g in range(4):
+        assert set(new.phys_to_log[g * 3 : g * 3 + 3].tolist()) - {-1} <= held[g]
+    assert len(moves) == sum(1 for s, e in enumerate(new.phys_to_log.tolist()) if e >= 0 and e not in held_old[s // 3])
+    with pytest.raises(ValueError, match="'new'"):
+        migration_plan(old, greedy_placement(torch.rand(8), topo))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Planner
+
+
+def test_planner_without_trace_is_greedy_and_respects_slots():
+    topo = Topology(2, 4, slots_per_gpu=3)
+    load = torch.rand(20, generator=torch.Generator().manual_seed(2)) + 0.1
+    p = plan_placement(load, topo)
+    assert torch.equal(p.phys_to_log, greedy_placement(load, topo).phys_to_log)
+    assert (p.replica_count >= 1).all() and int(p.replica_count.sum()) == topo.num_slots
+
+
+@pytest.mark.parametrize("nodes,gpn,spg,num_experts", [(2, 4, 1, 6), (2, 4, 1, 8), (2, 2, 3, 10), (1, 1, 4, 4)])
+def test_planner_edge_shapes(nodes, gpn, spg, num_experts):
+    topo = Topology(nodes, gpn, slots_per_gpu=spg)
+    trace = synthetic_trace(400, num_experts, 2, topo, seed=1)
+    p = plan_placement(None, topo, trace=trace)
+    assert p.phys_to_log.shape == (topo.num_slots,)
+    assert (p.replica_count >= 1).all()
+    for g in range(topo.num_gpus):  # never two copies of an expert on one GPU
+        row = [e for e in p.phys_to_log[g * spg : (g + 1) * spg].tolist() if e >= 0]
+        assert len(row) == len(set(row))
+    greedy = greedy_placement(trace.expert_load(), topo)
+    a, b = simulate_links(trace, greedy), simulate_links(trace, p)
+    assert b.max_link_time_s <= a.max_link_time_s
+    assert b.compute_imbalance <= a.compute_imbalance * 1.05 + 1e-9
+
+
+@pytest.mark.parametrize(
+    "nodes,spg,zipf_s,seed",
+    [(8, 5, 1.0, 0), (32, 2, 1.0, 0)],  # 256 experts, 8 GPUs per node, 64 resp. 256 spare slots
+)
+def test_topology_aware_plan_cuts_the_bottleneck_link(nodes, spg, zipf_s, seed):
+    topo = Topology(nodes, 8, slots_per_gpu=spg)
+    trace = synthetic_trace(128 * topo.num_gpus, 256, 8, topo, zipf_s=zipf_s, seed=seed)
+    greedy = greedy_placement(trace.expert_load(), topo)
+    plan = plan_placement(None, topo, trace=trace)
+    a, b = simulate_links(trace, greedy), simulate_links(trace, plan)
+    assert a.max_link_time_s / b.max_link_time_s >= 1.3
+    assert b.compute_imbalance <= a.compute_imbalance * 1.05
+
+
+def test_planner_speed_256_experts_256_gpus():
+    plan_placement(None, Topology(2, 2, slots_per_gpu=2), trace=synthetic_trace(64, 8, 2, Topology(2, 2)))  # warm-up
+    topo = Topology(32, 8, slots_per_gpu=1)
+    trace = synthetic_trace(128 * 256, 256, 8, topo, seed=0)
+    t0 = time.perf_counter()
+    plan_placement(None, topo, trace=trace)
+    assert time.perf_counter() - t0 < 1.0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Synthetic traces
+
+
+def test_synthetic_trace_properties():
+    topo = Topology(4, 2)
+    a = synthetic_trace(3000, 64, 4, topo, zipf_s=1.2, num_clusters=8, seed=5)
+    b = synthetic_trace(3000, 64, 4, topo, zipf_s=1.2, num_clusters=8, seed=5)
+    c = synthetic_trace(3000, 64, 4, topo, zipf_s=1.2, num_clusters=8, seed=5, sample_seed=6)
+    assert torch.equal(a.topk_idx, b.topk_idx) and not torch.equal(a.topk_idx, c.topk_idx)
+    assert all(len(set(r)) == 4 for r in a.topk_idx.tolist())
+    assert a.src_gpu.tolist() == sorted(a.src_gpu.tolist()) and int(a.src_gpu.max()) == 7
+    assert torch.bincount(a.src_gpu).tolist() == [375] * 8
+    load = a.expert_load()
+    assert float(load.max()) >= 5 * float(load.median())  # skewed
+    # co-activation: pairs of experts drawn together far more often than independent draws would give
+    one_hot = torch.zeros(3000, 64)
+    one_hot.scatter_(1, a.topk_idx, 1.0)
+    co = one_hot.T @ one_hot
+    p = load / 3000
+    expected = torch.outer(p, p) * 3000
+    mask = ~torch.eye(64, dtype=torch.bool) & (expected > 5)
+    ratio = (co[mask] / expected[mask]).sort().values
+    assert float(ratio[-len(ratio) // 10 :].mean()) > 2.0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Argument checks
+
+
+def test_invalid_arguments_name_the_argument():
+    with pytest.raises(ValueError, match="'num_nodes'"):
+        Topology(0, 8)
+    with pytest.raises(ValueError, match="'slots_per_gpu'"):
+        Topology(1, 8, slots_per_gpu=0)
+    with pytest.raises(ValueError, match="'nic_bw'"):
+        Topology(1, 8, nic_bw=0)
+    topo = Topology(1, 2, slots_per_gpu=2)
+    with pytest.raises(ValueError, match="'phys_to_log'"):
+        Placement(topo, 3, torch.tensor([0, 1, 1, -1]))  # expert 2 has no slot
+    with pytest.raises(ValueError, match="'phys_to_log'"):
+        Placement(topo, 3, torch.tensor([0, 1, 2]))
+    with pytest.raises(ValueError, match="'topology'"):
+        greedy_placement(torch.ones(5), topo)
+    with pytest.raises(ValueError, match="'num_replicas'"):
+        greedy_placement(torch.ones(3), topo, num_replicas=2)
+    with pytest.raises(ValueError, match="'load'"):
+        plan_placement(torch.tensor([1.0, -1.0]), topo)
+    with pytest.raises(ValueError, match="'load'"):
+        plan_placement(None, topo)
+    with pytest.raises(ValueError, match="'trace'"):
+        plan_placement(torch.ones(3), topo, trace=synthetic_trace(10, 4, 1, topo))
+    with pytest.raises(ValueError, match="'imbalance_tolerance'"):
+        plan_placement(torch.ones(3), topo, imbalance_tolerance=-1)
+    with pytest.raises(ValueError, match="'topk_idx'"):
+        RoutingTrace(torch.tensor([[4]]), torch.tensor([0]), 4)
+    with pytest.raises(ValueError, match="'src_gpu'"):
+        RoutingTrace(torch.tensor([[0]]), torch.tensor([0, 1]), 4)
+    with pytest.raises(ValueError, match="'zipf_s'"):
+        synthetic_trace(10, 4, 1, topo, zipf_s=-1)
+    with pytest.raises(ValueError, match="'topk'"):
+        synthetic_trace(10, 4, 5, topo)
+    trace = synthetic_trace(10, 3, 1, topo)
+    with pytest.raises(ValueError, match="'hidden'"):
+        simulate_links(trace, greedy_placement(trace.expert_load(), topo), hidden=0)
+    with pytest.raises(ValueError, match="'num_physical'"):
+        replica_counts(torch.ones(3), 2)
+    # a one-GPU plan holds everything and sends nothing
+    one = Topology(1, 1, slots_per_gpu=3)
+    trace = synthetic_trace(10, 3, 1, one)
+    p = plan_placement(None, one, trace=trace)
+    res = simulate_links(trace, p)
+    assert res.max_link_bytes == 0 and res.compute_imbalance == 1.0

@@ -1,0 +1,230 @@
+"""``python -m largeep.bench`` / ``largeep-bench``: the dispatch/combine benchmark.
+
+Starts one process per visible GPU (NCCL), or runs inside torchrun when RANK and WORLD_SIZE are set; with no GPU it
+starts ``--nprocs`` CPU processes (gloo, default 4) and sweeps small sizes with the torch backend. Every process it
+starts gets NCCL_NVLS_ENABLE=0, TORCH_SYMM_MEM_DISABLE_MULTICAST=1 and NVSHMEM_DISABLE_NVLS=1 unless the user set
+them. Prints a table, writes ``results.json`` and ``latency.png``/``bandwidth.png`` under ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import socket
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+# Set before torch, NCCL or NVSHMEM start in this process or any it spawns: NVLink multicast (NVLS) stays off.
+SAFE_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+
+# (preset, device kind) -> sizes. GPU presets follow SPEC.md's DeepSeek-V3 profile; CPU presets are small enough
+# for the quick one to finish in seconds on two cores.
+PRESETS: dict[tuple[str, str], dict[str, Any]] = {
+    ("quick", "gpu"): {
+        "normal": {"tokens": [4096], "hidden": [7168], "topk": [8], "experts": [256], "dtypes": ["fp8", "bf16"]},
+        "low_latency": {"tokens": [128], "hidden": [7168], "topk": [8], "experts": [288], "dtypes": ["fp8"]},
+        "num_sms": [24], "warmup": 3, "iters": 10,
+    },
+    ("full", "gpu"): {
+        "normal": {"tokens": [256, 1024, 2048, 4096, 8192], "hidden": [7168], "topk": [8], "experts": [256],
+                   "dtypes": ["fp8", "bf16"]},
+        "low_latency": {"tokens": [16, 32, 64, 128, 256], "hidden": [7168], "topk": [8], "experts": [288],
+                        "dtypes": ["fp8", "bf16"]},
+        "num_sms": [8, 16, 24, 32], "warmup": 5, "iters": 30,
+    },
+    ("quick", "cpu"): {
+        "normal": {"tokens": [32, 128], "hidden": [256], "topk": [4], "experts": [16], "dtypes": ["bf16", "fp8"]},
+        "low_latency": {"tokens": [16, 64], "hidden": [256], "topk": [4], "experts": [16], "dtypes": ["fp8"]},
+        "num_sms": [24], "warmup": 1, "iters": 5,
+    },
+    ("full", "cpu"): {
+        "normal": {"tokens": [32, 128, 512, 2048], "hidden": [256, 1024], "topk": [4, 8], "experts": [32],
+                   "dtypes": ["bf16", "fp8"]},
+        "low_latency": {"tokens": [16, 64, 256], "hidden": [256, 1024], "topk": [4, 8], "experts": [32],
+                        "dtypes": ["fp8", "bf16"]},
+        "num_sms": [24], "warmup": 2, "iters": 10,
+    },
+}
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        vals = [int(v) for v in text.replace(" ", "").split(",") if v]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not vals or any(v <= 0 for v in vals):
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return vals
+
+
+def _choices(allowed: Sequence[str]) -> Any:
+    def parse(text: str) -> list[str]:
+        vals = [v for v in text.replace(" ", "").split(",") if v]
+        bad = [v for v in vals if v not in allowed]
+        if bad or not vals:
+            raise argparse.ArgumentTypeError(f"{text!r}: expected a comma-separated subset of {', '.join(allowed)}")
+        return vals
+
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from largeep.bench.adapters import BACKENDS
+    from largeep.bench.routing import ROUTINGS
+
+    p = argparse.ArgumentParser(
+        prog="largeep-bench",
+        description="Benchmark largeep dispatch/combine against the other expert-parallel backends present.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--preset", choices=("quick", "full"), default="quick",
+                   help="sizes to sweep; options below override them")
+    p.add_argument("--backends", type=_choices(BACKENDS), default=list(BACKENDS),
+                   help="comma list; missing ones are skipped with the reason")
+    p.add_argument("--modes", type=_choices(("normal", "low_latency")), default=["normal", "low_latency"])
+    p.add_argument("--tokens", type=_ints, help="tokens per rank (comma list; every mode)")
+    p.add_argument("--hidden", type=_ints, help="hidden sizes (comma list)")
+    p.add_argument("--topk", type=_ints, help="top-k values (comma list)")
+    p.add_argument("--experts", type=_ints, help="expert counts (comma list)")
+    p.add_argument("--dtypes", type=_choices(("bf16", "fp8")), help="dispatch dtypes (combine is always bf16)")
+    p.add_argument("--num-sms", type=_ints, help="SM counts for backends that take one (nvshmem, deepep), e.g. 8,16,24")
+    p.add_argument("--ranks-per-node", type=int, help="ranks per node (default: ranks per host)")
+    p.add_argument("--nprocs", type=int, help="processes to start (default: every visible GPU, or 4 on CPU)")
+    p.add_argument("--cpu", action="store_true", help="run CPU processes (gloo) even when GPUs are visible")
+    p.add_argument("--out", help="output folder (default: bench/results/<time>-<preset>-<device>)")
+    p.add_argument("--warmup", type=int, help="untimed calls before the timed ones")
+    p.add_argument("--iters", type=int, help="timed calls per op")
+    p.add_argument("--routing", choices=ROUTINGS, default="uniform", help="expert choice per token")
+    p.add_argument("--zipf-s", type=float, default=1.0, help="Zipf exponent for --routing zipf")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-hook", action="store_true", help="skip the low-latency send/recv (receive hook) phases")
+    p.add_argument("--no-plots", action="store_true")
+    return p
+
+
+def make_plan(args: argparse.Namespace, device_kind: str, command: str) -> Any:
+    """The sweep of a preset with the options applied."""
+    from largeep.bench.sweep import ModePlan, Plan
+
+    base = PRESETS[(args.preset, device_kind)]
+    modes: dict[str, ModePlan] = {}
+    for mode in ("normal", "low_latency"):
+        m = dict(base[mode])
+        for key in ("tokens", "hidden", "topk", "experts", "dtypes"):
+            if getattr(args, key) is not None:
+                m[key] = getattr(args, key)
+        modes[mode] = ModePlan(**m)
+    for name in ("warmup", "iters"):
+        v = getattr(args, name)
+        if v is not None and v < (1 if name == "iters" else 0):
+            raise SystemExit(f"--{name} must be {'positive' if name == 'iters' else 'non-negative'}")
+    num_sms = args.num_sms or base["num_sms"]
+    if any(s % 2 for s in num_sms):
+        raise SystemExit("--num-sms values must be even")
+    out = args.out
+    if out is None:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        out = str(Path("bench") / "results" / f"{stamp}-{args.preset}-{device_kind}")
+    return Plan(
+        preset=args.preset, backends=args.backends, modes=args.modes, normal=modes["normal"],
+        low_latency=modes["low_latency"], num_sms=num_sms,
+        warmup=base["warmup"] if args.warmup is None else args.warmup,
+        iters=base["iters"] if args.iters is None else args.iters,
+        ranks_per_node=args.ranks_per_node, routing=args.routing, zipf_s=args.zipf_s, seed=args.seed,
+        hook=not args.no_hook, plots=not args.no_plots, out=out, command=command,
+    )
+
+
+def _safe_env() -> None:
+    for k, v in SAFE_ENV.items():
+        os.environ.setdefault(k, v)
+
+
+def _run_rank(args: argparse.Namespace, command: str, device_kind: str, local_rank: int) -> None:
+    """Body of one process after torch.distributed is initialised."""
+    import torch
+    import torch.distributed as dist
+
+    from largeep.bench.sweep import Sweep
+
+    device = torch.device("cuda", local_rank) if device_kind == "gpu" else torch.device("cpu")
+    Sweep(make_plan(args, device_kind, command), device).run()
+    # no collective on the error path: a failed rank exits at once and the launcher ends the others
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def _spawned(rank: int, world: int, port: int, device_kind: str, args: argparse.Namespace, command: str) -> None:
+    _safe_env()
+    import torch
+    import torch.distributed as dist
+
+    kwargs: dict[str, Any] = {}
+    if device_kind == "gpu":
+        torch.cuda.set_device(rank)
+        kwargs["device_id"] = torch.device("cuda", rank)
+    else:
+        torch.set_num_threads(1)
+    dist.init_process_group(
+        "nccl" if device_kind == "gpu" else "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+        world_size=world, timeout=datetime.timedelta(seconds=600), **kwargs,
+    )
+    _run_rank(args, command, device_kind, rank)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; returns the exit status."""
+    _safe_env()
+    args = build_parser().parse_args(argv)
+    from largeep.bench.records import command_line
+
+    command = command_line(None if argv is None else ["largeep-bench", *argv])
+    import torch
+    import torch.distributed as dist
+
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # under torchrun
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        kind = "gpu" if torch.cuda.is_available() and not args.cpu else "cpu"
+        kwargs: dict[str, Any] = {}
+        if kind == "gpu":
+            torch.cuda.set_device(local_rank)
+            kwargs["device_id"] = torch.device("cuda", local_rank)
+        dist.init_process_group("nccl" if kind == "gpu" else "gloo", **kwargs)
+        _run_rank(args, command, kind, local_rank)
+        return 0
+
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() and not args.cpu else 0
+    kind = "gpu" if gpus else "cpu"
+    nprocs = args.nprocs or (gpus if gpus else 4)
+    if nprocs < 1 or (gpus and nprocs > gpus):
+        print(f"--nprocs {nprocs}: expected 1..{gpus if gpus else 'any'}", file=sys.stderr)
+        return 2
+    print(f"largeep-bench: {nprocs} {'GPU' if gpus else 'CPU'} processes, preset {args.preset}", flush=True)
+    import torch.multiprocessing as mp
+
+    try:
+        mp.start_processes(
+            _spawned, args=(nprocs, _free_port(), kind, args, command), nprocs=nprocs, join=True,
+            start_method="spawn",
+        )
+    except mp.ProcessRaisedException as exc:
+        print(f"largeep-bench: a rank failed:\n{exc}", file=sys.stderr)
+        return 1
+    except mp.ProcessExitedException as exc:
+        print(f"largeep-bench: a rank exited: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,334 @@
+"""Benchmark records, the byte counts behind their bandwidths, the environment, and the JSON file.
+
+File layout (one JSON object per run, ``results.json``)::
+
+    {
+      "schema": "largeep.bench/1",
+      "command": "python -m largeep.bench --preset quick ...",   # the command line that produced the file
+      "env": {"gpu": ..., "driver": ..., "cuda": ..., "torch": ..., "nccl": ..., "nvshmem": ..., "git": ...},
+      "settings": {...},          # preset, warm-up, iterations, routing, timing method
+      "skipped": [{"backend": ..., "reason": ...}],
+      "records": [ {RECORD_KEYS...}, ... ],        # SPEC.md "Measuring": exactly these keys
+      "extras": [ {"bus_gbps": ..., "x_best": ..., "phase_of": ...}, ... ]   # one per record, same order
+    }
+
+``records`` hold exactly SPEC.md's keys. What SPEC has no key for sits in ``extras``, aligned with ``records``:
+``bus_gbps`` (bytes that crossed between GPUs / time), ``x_best`` (time over the fastest backend's time for the same
+configuration, 1.0 = fastest) and ``phase_of`` ("dispatch"/"combine" for the low-latency "send"/"recv" records,
+which SPEC's keys cannot tell apart otherwise; None elsewhere).
+
+Byte counts (SPEC.md "Measuring", the field's convention):
+- normal dispatch: every received row, local rows included; a BF16 row is ``2*H`` bytes, an FP8 row ``H + 4*H/128``
+  (e4m3 values plus one float32 scale per 128 channels);
+- normal combine: the same rows in BF16; round trip: dispatch bytes + combine bytes;
+- low-latency dispatch/combine (and their send/recv phases): every (token, expert) copy, FP8 or BF16 as sent for
+  dispatch, BF16 for combine;
+- layout moves no token bytes: its ``logical_gbps`` is None.
+A record's bandwidth is the per-rank average of these bytes divided by the record's median time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shlex
+import socket
+import subprocess
+import sys
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+
+SCHEMA = "largeep.bench/1"
+MODES = ("normal", "low_latency", "layer")
+OPS = ("layout", "dispatch", "combine", "roundtrip", "send", "recv")
+DTYPES = ("bf16", "fp8")
+FP8_GROUP = 128
+
+
+@dataclass
+class Record:
+    """One measurement, with exactly SPEC.md's keys. Times in microseconds; ``num_tokens`` is per rank;
+    ``num_sms`` is None for backends that take no SM count (torch, symm_mem)."""
+
+    backend: str
+    mode: str
+    op: str
+    ep: int
+    ranks_per_node: int
+    num_tokens: int
+    hidden: int
+    num_topk: int
+    num_experts: int
+    dtype: str
+    num_sms: int | None
+    time_us_median: float
+    time_us_p10: float
+    time_us_p90: float
+    logical_gbps: float | None
+
+
+RECORD_KEYS: tuple[str, ...] = tuple(f.name for f in fields(Record))
+
+
+@dataclass
+class Extra:
+    """Per-record values SPEC has no key for (see the module docstring)."""
+
+    bus_gbps: float | None
+    x_best: float | None = None
+    phase_of: str | None = None
+
+
+# -- byte counts ------------------------------------------------------------------------------------------------
+def row_bytes(dtype: str, hidden: int) -> int:
+    """Bytes of one token row as SPEC counts it: BF16 ``2*H``; FP8 ``H + 4*H/128``."""
+    if dtype == "bf16":
+        return 2 * hidden
+    if dtype == "fp8":
+        if hidden % FP8_GROUP:
+            raise ValueError(f"row_bytes: FP8 needs hidden % {FP8_GROUP} == 0, got {hidden}")
+        return hidden + 4 * (hidden // FP8_GROUP)
+    raise ValueError(f"row_bytes: dtype {dtype!r}, expected one of {DTYPES}")
+
+
+def send_rows_normal(topk_idx: torch.Tensor, num_experts: int, num_ranks: int) -> torch.Tensor:
+    """Normal mode: rows one rank sends to each rank (a token goes to a rank once however many of its experts live
+    there). topk_idx int64 [T, K] in [-1, E) -> int64 [N] on the CPU."""
+    per_rank = num_experts // num_ranks
+    idx = topk_idx.detach().to("cpu", torch.int64)
+    hit = torch.zeros(idx.shape[0], num_ranks + 1, dtype=torch.bool)
+    hit.scatter_(1, torch.where(idx >= 0, idx // per_rank, num_ranks), True)
+    return hit[:, :num_ranks].sum(0, dtype=torch.int64)
+
+
+def send_copies_ll(topk_idx: torch.Tensor, num_experts: int, num_ranks: int) -> torch.Tensor:
+    """Low-latency mode: (token, expert) copies one rank sends to each rank (no per-rank deduplication).
+    topk_idx int64 [T, K] -> int64 [N] on the CPU."""
+    per_rank = num_experts // num_ranks
+    idx = topk_idx.detach().to("cpu", torch.int64).reshape(-1)
+    idx = idx[idx >= 0]
+    return torch.bincount(idx // per_rank, minlength=num_ranks).to(torch.int64)
+
+
+@dataclass(frozen=True)
+class Traffic:
+    """Rows moved by one collective call, from the [src, dst] matrix of row counts of every rank.
+
+    mean_rows: rows received per rank, averaged over ranks (local rows included);
+    mean_remote_rows: the same without the rows a rank sends to itself."""
+
+    mean_rows: float
+    mean_remote_rows: float
+
+    @staticmethod
+    def from_matrix(matrix: torch.Tensor) -> Traffic:
+        """matrix int [N src, N dst]: rows (or copies) each source rank sends to each destination rank."""
+        m = matrix.to(torch.float64)
+        n = m.shape[0]
+        total = float(m.sum())
+        local = float(m.diagonal().sum())
+        return Traffic(total / n, (total - local) / n)
+
+    def logical_bytes(self, bytes_per_row: int) -> float:
+        return self.mean_rows * bytes_per_row
+
+    def bus_bytes(self, bytes_per_row: int) -> float:
+        return self.mean_remote_rows * bytes_per_row
+
+
+def gbps(num_bytes: float, time_us: float) -> float:
+    """Bytes over microseconds -> GB/s (1e9 bytes per second)."""
+    return num_bytes / (time_us * 1e-6) / 1e9 if time_us > 0 else float("nan")
+
+
+# -- extras -----------------------------------------------------------------------------------------------------
+_CONFIG_KEYS = ("mode", "op", "ep", "ranks_per_node", "num_tokens", "hidden", "num_topk", "num_experts", "dtype")
+
+
+def fill_x_best(records: Sequence[Record], extras: Sequence[Extra]) -> None:
+    """Sets each extra's ``x_best``: the record's time over the fastest time for the same configuration (any
+    backend, any SM count; for send/recv also the same phase)."""
+    best: dict[tuple[Any, ...], float] = {}
+    keys = []
+    for r, e in zip(records, extras, strict=False):
+        key = tuple(getattr(r, k) for k in _CONFIG_KEYS) + (e.phase_of,)
+        keys.append(key)
+        best[key] = min(best.get(key, float("inf")), r.time_us_median)
+    for r, e, key in zip(records, extras, keys, strict=False):
+        e.x_best = r.time_us_median / best[key] if best[key] > 0 else None
+
+
+# -- environment ------------------------------------------------------------------------------------------------
+def _run(cmd: Sequence[str], cwd: str | None = None) -> str | None:
+    try:
+        out = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=10, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else None
+
+
+def _dist_version(*names: str) -> str | None:
+    from importlib import metadata
+
+    for name in names:
+        try:
+            return f"{name} {metadata.version(name)}"
+        except metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+def git_revision() -> str | None:
+    """The largeep checkout's commit (with "-dirty" when it has uncommitted changes), or None outside git."""
+    here = str(Path(__file__).resolve().parent)
+    rev = _run(["git", "rev-parse", "HEAD"], cwd=here)
+    if rev is None:
+        return None
+    dirty = _run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here)
+    return rev + ("-dirty" if dirty else "")
+
+
+def environment() -> dict[str, Any]:
+    """GPU, driver, CUDA, torch, NCCL and NVSHMEM versions, git revision, host. Never raises."""
+    import largeep
+
+    env: dict[str, Any] = {
+        "host": socket.gethostname(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "largeep": largeep.__version__,
+        "git": git_revision(),
+        "gpu": None,
+        "gpu_count": 0,
+        "driver": None,
+        "nccl": None,
+        "nvshmem": _dist_version("nvidia-nvshmem-cu13", "nvidia-nvshmem-cu12", "nvidia-nvshmem"),
+        "deep_ep": _dist_version("deep_ep", "deep-ep"),
+    }
+    if torch.cuda.is_available():
+        env["gpu"] = torch.cuda.get_device_name(0)
+        env["gpu_count"] = torch.cuda.device_count()
+        env["driver"] = _run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"])
+        if env["driver"]:
+            env["driver"] = env["driver"].splitlines()[0]
+        try:
+            v = torch.cuda.nccl.version()
+            env["nccl"] = ".".join(str(p) for p in v) if isinstance(v, tuple) else str(v)
+        except (RuntimeError, AttributeError):
+            env["nccl"] = None
+    return env
+
+
+def command_line(argv: Sequence[str] | None = None) -> str:
+    """The command that started this process, as a shell line."""
+    args = list(sys.argv if argv is None else argv)
+    if args and args[0].endswith(("__main__.py", "cli.py")):
+        args = [sys.executable, "-m", "largeep.bench"] + args[1:]
+    return shlex.join(args)
+
+
+# -- file -------------------------------------------------------------------------------------------------------
+def write_results(
+    path: str | os.PathLike[str],
+    records: Sequence[Record],
+    extras: Sequence[Extra],
+    *,
+    env: dict[str, Any],
+    command: str,
+    settings: dict[str, Any],
+    skipped: Iterable[dict[str, str]] = (),
+) -> None:
+    """Writes the JSON file described in the module docstring (atomically: a temporary file, then a rename)."""
+    doc: dict[str, Any] = {
+        "schema": SCHEMA,
+        "command": command,
+        "env": env,
+        "settings": settings,
+        "skipped": list(skipped),
+        "records": [asdict(r) for r in records],
+        "extras": [asdict(e) for e in extras],
+    }
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_suffix(target.suffix + ".tmp")
+    tmp.write_text(json.dumps(_finite(doc), indent=1, allow_nan=False, default=_json_default) + "\n")
+    tmp.replace(target)
+
+
+def _finite(obj: Any) -> Any:
+    """NaN and infinities become None (JSON has no such numbers)."""
+    if isinstance(obj, float):
+        return obj if obj == obj and abs(obj) != float("inf") else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, (set, tuple)):
+        return list(obj)
+    return str(obj)
+
+
+def load_records(paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]) -> list[dict[str, Any]]:
+    """Records of one or more result files, as dicts. Accepts this package's layout or a bare list of records."""
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    out: list[dict[str, Any]] = []
+    for p in paths:
+        doc = json.loads(Path(p).read_text())
+        recs = doc["records"] if isinstance(doc, dict) else doc
+        for r in recs:
+            missing = [k for k in RECORD_KEYS if k not in r]
+            if missing:
+                raise ValueError(f"{p}: a record lacks the keys {missing}")
+            out.append(dict(r))
+    return out
+
+
+# -- table ------------------------------------------------------------------------------------------------------
+def _fmt(v: float | None, digits: int = 1) -> str:
+    return "-" if v is None or v != v else f"{v:.{digits}f}"
+
+
+def format_table(records: Sequence[Record], extras: Sequence[Extra]) -> str:
+    """An nccl-tests-like table: one row per record, grouped by mode, op and dtype."""
+    from tabulate import tabulate
+
+    op_order = ("layout", "dispatch", "combine", "roundtrip", "dispatch.send", "dispatch.recv", "combine.send",
+                "combine.recv")
+
+    def label(i: int) -> str:
+        return f"{extras[i].phase_of}.{records[i].op}" if extras[i].phase_of else records[i].op
+
+    def key(i: int) -> tuple[Any, ...]:
+        r = records[i]
+        return (
+            MODES.index(r.mode) if r.mode in MODES else 9, r.hidden, r.num_experts, r.num_topk, r.num_tokens,
+            r.dtype, op_order.index(label(i)) if label(i) in op_order else 9, r.backend, r.num_sms or 0,
+        )
+
+    order = sorted(range(len(records)), key=key)
+    rows = []
+    for i in order:
+        r, e = records[i], extras[i]
+        rows.append([
+            r.backend, r.mode, label(i), r.dtype, r.ep, r.num_tokens, r.hidden, r.num_topk, r.num_experts,
+            "-" if r.num_sms is None else r.num_sms,
+            _fmt(r.time_us_median), _fmt(r.time_us_p10), _fmt(r.time_us_p90),
+            _fmt(r.logical_gbps, 2), _fmt(e.bus_gbps, 2), _fmt(e.x_best, 2),
+        ])
+    headers = [
+        "backend", "mode", "op", "dtype", "ep", "tokens", "hidden", "topk", "experts", "sms",
+        "time(us)", "p10", "p90", "logical GB/s", "bus GB/s", "x best",
+    ]
+    return tabulate(rows, headers=headers, tablefmt="simple", disable_numparse=True,
+                    colalign=("left", "left", "left", "left") + ("right",) * 12)

@@ -1,0 +1,387 @@
+"""The sweep every rank runs: backends x modes x sizes x dtypes x SM counts, timed as timing.py says.
+
+What each op times (one call each, ranks aligned and L2 flushed before it):
+- normal ``layout``: the backend's dispatch layout (which ranks, nodes and experts each token needs);
+- normal ``dispatch``: a dispatch with the handle of an earlier dispatch of the same routing (no layout, no count
+  exchange: pure data movement, the way DeepEP's tests tune dispatch, so ANCHORS.md's figures compare);
+- normal ``combine``: combine with that handle, bf16 expert outputs;
+- normal ``roundtrip``: a fresh dispatch (layout, count exchange and its host wait included) and a combine: what an
+  MoE layer pays;
+- low-latency ``dispatch`` and ``combine``: one call each, in pairs (dispatch, then combine of its handle);
+- low-latency ``send``/``recv`` (backends with a receive hook): the call with ``return_recv_hook=True``, then, with
+  every rank's sends finished (synchronize + barrier), the hook; ``extras.phase_of`` says which call.
+"""
+
+from __future__ import annotations
+
+import itertools
+import socket
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from largeep.bench import records as rec
+from largeep.bench.adapters import Adapter, BufferSpec, make_adapter
+from largeep.bench.routing import random_topk, random_weights
+from largeep.bench.timing import Stats, Timer, reduce_over_ranks
+
+
+@dataclass
+class ModePlan:
+    """Sizes swept in one mode (every combination)."""
+
+    tokens: list[int]
+    hidden: list[int]
+    topk: list[int]
+    experts: list[int]
+    dtypes: list[str]
+
+
+@dataclass
+class Plan:
+    """Everything a sweep needs; built by the CLI from a preset and the options."""
+
+    preset: str
+    backends: list[str]
+    modes: list[str]
+    normal: ModePlan
+    low_latency: ModePlan
+    num_sms: list[int]
+    warmup: int
+    iters: int
+    ranks_per_node: int | None = None
+    routing: str = "uniform"
+    zipf_s: float = 1.0
+    seed: int = 0
+    hook: bool = True
+    plots: bool = True
+    out: str | None = None
+    command: str = ""
+    extra_settings: dict[str, Any] = field(default_factory=dict)
+
+    def mode_plan(self, mode: str) -> ModePlan:
+        return self.normal if mode == "normal" else self.low_latency
+
+
+class _Log:
+    """Progress and skip lines, printed by rank 0 only (tqdm for the progress bar when it is installed)."""
+
+    def __init__(self, rank: int) -> None:
+        self.rank = rank
+        self.total = 0
+        self.done = 0
+        self.t0 = time.perf_counter()
+        self.bar: Any = None
+
+    def start(self, total: int) -> None:
+        """Begins the progress count (a tqdm bar on a terminal when tqdm is installed, else plain lines)."""
+        self.total = total
+        self.t0 = time.perf_counter()
+        if self.rank == 0 and sys.stderr.isatty():
+            try:
+                from tqdm import tqdm
+
+                self.bar = tqdm(total=total, unit="pt", dynamic_ncols=True)
+            except ImportError:
+                self.bar = None
+
+    def info(self, msg: str) -> None:
+        if self.rank != 0:
+            return
+        if self.bar is not None:
+            self.bar.write(msg)
+        else:
+            print(msg, flush=True)
+
+    def step(self, what: str) -> None:
+        self.done += 1
+        if self.rank != 0:
+            return
+        if self.bar is not None:
+            self.bar.set_description(what)
+            self.bar.update(1)
+        else:
+            print(f"[{self.done}/{self.total} {time.perf_counter() - self.t0:6.1f}s] {what}", flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _gather_matrix(vec: torch.Tensor, group: dist.ProcessGroup | None, device: torch.device) -> torch.Tensor:
+    """Every rank's int64 [N] -> [N src, N dst] on the CPU (collective)."""
+    n = dist.get_world_size(group)
+    local = vec.to(device)
+    parts = [torch.empty_like(local) for _ in range(n)]
+    dist.all_gather(parts, local, group=group)
+    return torch.stack(parts).cpu()
+
+
+def _agree(reason: str | None, group: dist.ProcessGroup | None) -> str | None:
+    """The first non-None reason of any rank (collective), so every rank skips together."""
+    reasons: list[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(reasons, reason, group=group)
+    for r in reasons:
+        if r:
+            return str(r)
+    return None
+
+
+def ranks_per_host(group: dist.ProcessGroup | None) -> int:
+    names: list[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(names, socket.gethostname(), group=group)
+    return names.count(names[0])
+
+
+class Sweep:
+    """Runs a :class:`Plan` on this rank; rank 0 prints, writes the JSON and draws the plots."""
+
+    def __init__(self, plan: Plan, device: torch.device, group: dist.ProcessGroup | None = None) -> None:
+        self.plan = plan
+        self.device = device
+        world = group if group is not None else dist.group.WORLD
+        assert world is not None
+        self.group: dist.ProcessGroup = world
+        self.rank = dist.get_rank(group)
+        self.n = dist.get_world_size(group)
+        self.timer = Timer(group, device)
+        self.records: list[rec.Record] = []
+        self.extras: list[rec.Extra] = []
+        self.skipped: list[dict[str, str]] = []
+        self._env: dict[str, Any] | None = None
+        self.log = _Log(self.rank)
+        host = ranks_per_host(group)
+        self.rpn = plan.ranks_per_node or host
+        if self.n % self.rpn or self.rpn > host:
+            raise ValueError(
+                f"--ranks-per-node {self.rpn} must divide the {self.n} ranks and be at most the {host} ranks per host"
+            )
+
+    # -- driver -------------------------------------------------------------------------------------------------
+    def _points(self, mode: str) -> int:
+        mp = self.plan.mode_plan(mode)
+        return len(mp.tokens) * len(mp.dtypes) * len(mp.hidden) * len(mp.topk) * len(mp.experts)
+
+    def run(self) -> tuple[list[rec.Record], list[rec.Extra]]:
+        p = self.plan
+        adapters: list[Adapter] = []
+        for name in p.backends:
+            a = make_adapter(name)
+            reason = _agree(a.unavailable_reason(self.device), self.group)
+            if reason:
+                self._skip(name, reason)
+                continue
+            adapters.append(a)
+        total = sum(
+            self._points(m) * (len(p.num_sms) if a.uses_sms else 1) for a in adapters for m in p.modes
+        )
+        self.log.start(total)
+        for a in adapters:
+            try:
+                for mode in p.modes:
+                    self._run_mode(a, mode)
+            finally:
+                a.shutdown()
+            self._write(final=False)
+        self.log.close()
+        rec.fill_x_best(self.records, self.extras)
+        if self.rank == 0:
+            if self.records:
+                print(rec.format_table(self.records, self.extras), flush=True)
+            self._write(final=True)
+        return self.records, self.extras
+
+    def _skip(self, backend: str, reason: str) -> None:
+        self.skipped.append({"backend": backend, "reason": reason})
+        line = f"skip {backend}: {reason}"
+        self.log.info(line)
+
+    def _run_mode(self, a: Adapter, mode: str) -> None:
+        p = self.plan
+        mp = p.mode_plan(mode)
+        sms_list: list[int | None] = list(p.num_sms) if a.uses_sms else [None]
+        for hidden, topk, experts in itertools.product(mp.hidden, mp.topk, mp.experts):
+            npoints = len(mp.tokens) * len(mp.dtypes) * len(sms_list)
+            why = None
+            if experts % self.n:
+                why = f"{experts} experts are not divisible by {self.n} ranks"
+            elif topk > experts:
+                why = f"top-{topk} exceeds {experts} experts"
+            if why:
+                self._skip(a.name, f"{mode} H={hidden} K={topk} E={experts}: {why}")
+                self.log.done += npoints
+                continue
+            for sms in sms_list:
+                spec = BufferSpec(mode, hidden, experts, topk, max(mp.tokens), sms, self.rpn)
+                what = f"{a.name} {mode} H={hidden} K={topk} E={experts}" + (f" sms={sms}" if sms else "")
+                reason = _agree(a.config_reason(spec, self.n), self.group)
+                if reason is None:
+                    err = None
+                    try:
+                        a.open(self.group, spec, self.device)
+                    except (RuntimeError, ValueError) as exc:  # e.g. largeep.ArgumentError, backend refusals
+                        err = f"{type(exc).__name__}: {exc}"
+                    reason = _agree(err, self.group)
+                if reason:
+                    self._skip(a.name, f"{what}: {reason}")
+                    self.log.done += len(mp.tokens) * len(mp.dtypes)
+                    continue
+                try:
+                    for tokens in mp.tokens:
+                        for i, dtype in enumerate(mp.dtypes):
+                            if dtype == "fp8" and hidden % rec.FP8_GROUP:
+                                self._skip(a.name, f"{what}: fp8 needs hidden % 128 == 0")
+                            elif mode == "normal":
+                                self._normal(a, spec, tokens, dtype, with_layout=i == 0)
+                            else:
+                                self._low_latency(a, spec, tokens, dtype)
+                            self.log.step(f"{what} T={tokens} {dtype}")
+                finally:
+                    a.close()
+
+    # -- inputs -------------------------------------------------------------------------------------------------
+    def _inputs(self, spec: BufferSpec, tokens: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x bf16 [T, H], topk_idx int64 [T, K], topk_weights float32 [T, K] on the device, seeded by rank and T."""
+        p = self.plan
+        seed = (p.seed * 1_000_003 + self.rank * 10_007 + tokens * 131 + spec.num_experts) % (2**62)
+        idx = random_topk(tokens, spec.num_experts, spec.num_topk, seed=seed, routing=p.routing,
+                          zipf_s=p.zipf_s, popularity_seed=p.seed)
+        w = random_weights(tokens, spec.num_topk, seed=seed + 1)
+        gen = torch.Generator().manual_seed(seed + 2)
+        x = torch.randn(tokens, spec.hidden, generator=gen).to(torch.bfloat16)
+        return x.to(self.device), idx.to(self.device), w.to(self.device)
+
+    # -- normal mode --------------------------------------------------------------------------------------------
+    def _normal(self, a: Adapter, spec: BufferSpec, tokens: int, dtype: str, with_layout: bool) -> None:
+        from largeep import fp8
+
+        x, idx, w = self._inputs(spec, tokens)
+        xd: Any = fp8.quantize(x) if dtype == "fp8" else x
+        send = rec.send_rows_normal(idx, spec.num_experts, self.n)
+        matrix = _gather_matrix(send, self.group, self.device)
+        traffic = rec.Traffic.from_matrix(matrix)
+        handle, rows = a.dispatch(xd, idx, w)
+        if rows is None:
+            rows = int(matrix[:, self.rank].sum())
+        y = a.combine_input(rows)
+
+        def roundtrip() -> None:
+            h, _ = a.dispatch(xd, idx, w)
+            a.combine(y, h)
+
+        t = self.timer
+        for i in range(self.plan.warmup + self.plan.iters):
+            keep = i >= self.plan.warmup
+            if with_layout:
+                t.time("layout", lambda: a.layout(idx), record=keep)
+            t.time("dispatch", lambda: a.dispatch_cached(xd, handle), record=keep)
+            t.time("combine", lambda: a.combine(y, handle), record=keep)
+            t.time("roundtrip", roundtrip, record=keep)
+        stats = reduce_over_ranks(t.take(), self.group, self.device)
+        rb_d = rec.row_bytes(dtype, spec.hidden)
+        rb_c = rec.row_bytes("bf16", spec.hidden)
+        per_row = {"layout": None, "dispatch": rb_d, "combine": rb_c, "roundtrip": rb_d + rb_c}
+        for op in ("layout", "dispatch", "combine", "roundtrip"):
+            if op in stats:
+                self._add(a, spec, "normal", op, None, tokens, dtype, stats[op], traffic, per_row[op])
+
+    # -- low-latency mode ---------------------------------------------------------------------------------------
+    def _low_latency(self, a: Adapter, spec: BufferSpec, tokens: int, dtype: str) -> None:
+        x, idx, w = self._inputs(spec, tokens)
+        use_fp8 = dtype == "fp8"
+        copies = rec.send_copies_ll(idx, spec.num_experts, self.n)
+        traffic = rec.Traffic.from_matrix(_gather_matrix(copies, self.group, self.device))
+        y = a.ll_combine_input()
+        t = self.timer
+
+        def dispatch(hook: bool) -> Callable[[], Any]:
+            return lambda: a.ll_dispatch(x, idx, use_fp8, hook)
+
+        def combine(handle: Any, hook: bool) -> Callable[[], Any]:
+            return lambda: a.ll_combine(y, idx, w, handle, hook)
+
+        for i in range(self.plan.warmup + self.plan.iters):
+            keep = i >= self.plan.warmup
+            handle, _ = t.time("dispatch", dispatch(False), record=keep)
+            t.time("combine", combine(handle, False), record=keep)
+        if self.plan.hook and a.has_hook:
+            for i in range(self.plan.warmup + self.plan.iters):
+                keep = i >= self.plan.warmup
+                handle, recv_hook = t.time("dispatch.send", dispatch(True), record=keep)
+                t.time("dispatch.recv", _call(recv_hook), record=keep)
+                combine_hook = t.time("combine.send", combine(handle, True), record=keep)
+                t.time("combine.recv", _call(combine_hook), record=keep)
+        stats = reduce_over_ranks(t.take(), self.group, self.device)
+        rb_d = rec.row_bytes(dtype, spec.hidden)
+        rb_c = rec.row_bytes("bf16", spec.hidden)
+        names = [("dispatch", "dispatch", None, rb_d), ("combine", "combine", None, rb_c),
+                 ("dispatch.send", "send", "dispatch", rb_d), ("dispatch.recv", "recv", "dispatch", rb_d),
+                 ("combine.send", "send", "combine", rb_c), ("combine.recv", "recv", "combine", rb_c)]
+        for name, op, phase, rb in names:
+            if name in stats:
+                self._add(a, spec, "low_latency", op, phase, tokens, dtype, stats[name], traffic, rb)
+
+    # -- records ------------------------------------------------------------------------------------------------
+    def _add(
+        self, a: Adapter, spec: BufferSpec, mode: str, op: str, phase: str | None, tokens: int, dtype: str,
+        st: Stats, traffic: rec.Traffic, bytes_per_row: int | None,
+    ) -> None:
+        logical = bus = None
+        if bytes_per_row is not None:
+            logical = rec.gbps(traffic.logical_bytes(bytes_per_row), st.median)
+            bus = rec.gbps(traffic.bus_bytes(bytes_per_row), st.median)
+        self.records.append(rec.Record(
+            backend=a.name, mode=mode, op=op, ep=self.n, ranks_per_node=self.rpn, num_tokens=tokens,
+            hidden=spec.hidden, num_topk=spec.num_topk, num_experts=spec.num_experts, dtype=dtype,
+            num_sms=spec.num_sms, time_us_median=st.median, time_us_p10=st.p10, time_us_p90=st.p90,
+            logical_gbps=logical,
+        ))
+        self.extras.append(rec.Extra(bus_gbps=bus, phase_of=phase))
+
+    def settings(self) -> dict[str, Any]:
+        p = self.plan
+        return {
+            "preset": p.preset, "warmup": p.warmup, "iters": p.iters, "routing": p.routing,
+            "zipf_s": p.zipf_s if p.routing == "zipf" else None, "seed": p.seed,
+            "device": self.device.type, "world_size": self.n, "ranks_per_node": self.rpn,
+            "normal": asdict(p.normal), "low_latency": asdict(p.low_latency), "num_sms": p.num_sms,
+            "timing": ("per iteration: max over ranks of each rank's time (all-gathered); median/p10/p90 over "
+                       "iterations; " + ("CUDA events, L2 flushed (256 MiB zero_) and ranks barrier-aligned "
+                                         "before each call" if self.device.type == "cuda"
+                                         else "time.perf_counter, ranks barrier-aligned before each call")),
+            "dispatch": "with the handle of an earlier dispatch (no layout, no count exchange)",
+            "roundtrip": "fresh dispatch (layout, count exchange included) + combine",
+            "bandwidth": "per-rank mean of received bytes (SPEC.md Measuring) / median time",
+            **p.extra_settings,
+        }
+
+    def _write(self, final: bool) -> None:
+        if self.rank != 0 or not self.plan.out:
+            return
+        out = Path(self.plan.out)
+        if self._env is None:
+            self._env = rec.environment()
+        rec.write_results(
+            out / "results.json", self.records, self.extras, env=self._env, command=self.plan.command,
+            settings=self.settings(), skipped=self.skipped,
+        )
+        if final:
+            written = [out / "results.json"]
+            if self.plan.plots and self.records:
+                from largeep.bench.plots import plot_results
+
+                written += plot_results(self.records, self.extras, out)
+            print("wrote " + ", ".join(str(w) for w in written), flush=True)
+
+
+def _call(hook: Callable[[], Any] | None) -> Callable[[], Any]:
+    def run() -> Any:
+        return hook() if hook is not None else None
+
+    return run

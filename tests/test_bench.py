@@ -1,0 +1,289 @@
+"""The benchmark package: the CPU quick run end to end, the byte counts, and the EP model (routing statistics,
+calibration)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import pytest
+import torch
+from largeep.bench import records as rec
+from largeep.bench import sim
+from largeep.bench.routing import random_topk
+from largeep.bench.timing import Stats
+
+PYTHON_DIR = Path(__file__).resolve().parents[1] / "python"
+
+SPEC_KEYS = {
+    "backend", "mode", "op", "ep", "ranks_per_node", "num_tokens", "hidden", "num_topk", "num_experts", "dtype",
+    "num_sms", "time_us_median", "time_us_p10", "time_us_p90", "logical_gbps",
+}
+
+
+# -- end to end -------------------------------------------------------------------------------------------------
+def test_cpu_quick_run_end_to_end(tmp_path: Path) -> None:
+    out = tmp_path / "quick"
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(PYTHON_DIR), env.get("PYTHONPATH", "")])
+    env.pop("RANK", None)
+    env.pop("WORLD_SIZE", None)
+    t0 = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, "-m", "largeep.bench", "--preset", "quick", "--nprocs", "2", "--cpu", "--out", str(out)],
+        env=env, capture_output=True, text=True, timeout=120, check=False,
+    )
+    elapsed = time.perf_counter() - t0
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert elapsed < 60, f"the quick CPU run took {elapsed:.1f} s"
+    assert "skip nvshmem:" in proc.stdout  # no native module / no GPU here: one line says why
+    doc = json.loads((out / "results.json").read_text())
+    assert doc["command"].endswith(f"--out {out}")
+    for key in ("gpu", "driver", "cuda", "torch", "nccl", "nvshmem", "git"):
+        assert key in doc["env"]
+    recs = doc["records"]
+    assert recs and len(doc["extras"]) == len(recs)
+    ops = set()
+    for r in recs:
+        assert set(r) == SPEC_KEYS
+        assert r["backend"] == "torch" and r["ep"] == 2
+        assert r["time_us_p10"] <= r["time_us_median"] <= r["time_us_p90"]
+        assert r["time_us_median"] > 0
+        if r["op"] != "layout":
+            assert r["logical_gbps"] > 0
+        ops.add((r["mode"], r["op"]))
+    assert {("normal", o) for o in ("layout", "dispatch", "combine", "roundtrip")} <= ops
+    assert {("low_latency", o) for o in ("dispatch", "combine", "send", "recv")} <= ops
+    assert (out / "latency.png").stat().st_size > 0
+    assert (out / "bandwidth.png").stat().st_size > 0
+    assert "logical GB/s" in proc.stdout and "bus GB/s" in proc.stdout
+
+
+# -- byte counts ------------------------------------------------------------------------------------------------
+def test_record_keys_are_specs() -> None:
+    assert set(rec.RECORD_KEYS) == SPEC_KEYS
+
+
+def test_row_bytes() -> None:
+    assert rec.row_bytes("bf16", 7168) == 14336
+    assert rec.row_bytes("fp8", 7168) == 7168 + 4 * 56
+    with pytest.raises(ValueError):
+        rec.row_bytes("fp8", 100)
+
+
+def test_logical_bytes_against_hand_count() -> None:
+    # 2 ranks, 4 experts (rank 0: experts 0, 1; rank 1: experts 2, 3), top-2
+    r0 = torch.tensor([[0, 1], [0, 2], [3, -1]])  # token 0 -> rank 0; token 1 -> ranks 0, 1; token 2 -> rank 1
+    r1 = torch.tensor([[2, 3], [1, -1]])  # token 0 -> rank 1; token 1 -> rank 0
+    normal = torch.stack([rec.send_rows_normal(r, 4, 2) for r in (r0, r1)])
+    assert normal.tolist() == [[2, 2], [1, 1]]
+    tr = rec.Traffic.from_matrix(normal)
+    # rank 0 receives 2 (own) + 1 rows, rank 1 receives 2 + 1 (own): 3 on average; remote: 1 and 2 -> 1.5
+    assert tr.mean_rows == 3 and tr.mean_remote_rows == 1.5
+    h = 256
+    assert tr.logical_bytes(rec.row_bytes("fp8", h)) == 3 * (256 + 8)
+    assert tr.bus_bytes(rec.row_bytes("fp8", h)) == 1.5 * (256 + 8)
+    assert tr.logical_bytes(rec.row_bytes("bf16", h)) == 3 * 512
+    assert rec.gbps(3 * 512, 1.0) == pytest.approx(1.536)
+    # low latency: every (token, expert) copy: rank 0 sends experts 0,1,0 to rank 0 and 2,3 to rank 1
+    ll = torch.stack([rec.send_copies_ll(r, 4, 2) for r in (r0, r1)])
+    assert ll.tolist() == [[3, 2], [1, 2]]
+    tl = rec.Traffic.from_matrix(ll)
+    assert tl.mean_rows == 4 and tl.mean_remote_rows == 1.5
+
+
+def test_x_best_and_table() -> None:
+    base = dict(mode="normal", op="dispatch", ep=2, ranks_per_node=2, num_tokens=8, hidden=128, num_topk=2,
+                num_experts=4, dtype="bf16", num_sms=None, time_us_p10=1.0, time_us_p90=3.0, logical_gbps=1.0)
+    recs = [rec.Record(backend="a", time_us_median=2.0, **base), rec.Record(backend="b", time_us_median=4.0, **base)]
+    extras = [rec.Extra(bus_gbps=0.5), rec.Extra(bus_gbps=0.25)]
+    rec.fill_x_best(recs, extras)
+    assert [e.x_best for e in extras] == [1.0, 2.0]
+    table = rec.format_table(recs, extras)
+    assert "x best" in table and "2.00" in table
+
+
+def test_stats() -> None:
+    s = Stats.of([float(v) for v in range(1, 12)])
+    assert (s.median, s.p10, s.p90, s.n) == (6.0, 2.0, 10.0, 11)
+
+
+def test_routing_is_distinct_and_seeded() -> None:
+    for routing in ("uniform", "zipf"):
+        a = random_topk(500, 32, 6, seed=3, routing=routing)
+        assert a.shape == (500, 6) and a.dtype == torch.int64
+        assert all(len(set(row)) == 6 for row in a.tolist())
+        assert torch.equal(a, random_topk(500, 32, 6, seed=3, routing=routing))
+    hot = torch.bincount(random_topk(4000, 32, 4, seed=1, routing="zipf").flatten(), minlength=32)
+    assert hot.max() > 3 * hot.float().median()
+
+
+def test_fp8_rows_pack_for_symm_mem() -> None:
+    from largeep import fp8
+    from largeep.bench.adapters import _as_rows16
+
+    q, s = fp8.quantize(torch.randn(5, 256))
+    rows = _as_rows16((q, s))
+    assert rows.dtype == torch.bfloat16 and rows.shape == (5, (256 + 8) // 2)
+    raw = rows.view(torch.uint8)
+    assert torch.equal(raw[:, :256], q.view(torch.uint8))
+    assert torch.equal(raw[:, 256:].contiguous().view(torch.float32), s)
+
+
+# -- the model --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("n,p,e,k", [(4, 4, 16, 4), (8, 2, 32, 3), (16, 8, 256, 8), (64, 8, 256, 8), (32, 8, 288, 8)])
+def test_routing_stats_match_monte_carlo(n: int, p: int, e: int, k: int) -> None:
+    exact = sim.routing_stats(n, p, e, k)
+    idx = random_topk(60000, e, k, seed=11)
+    mc = sim.sampled_stats(idx, n, p, e)
+    assert mc.ranks_per_token == pytest.approx(exact.ranks_per_token, rel=0.01)
+    assert mc.nodes_per_token == pytest.approx(exact.nodes_per_token, rel=0.01)
+    assert 1.0 <= mc.imbalance < 1.1
+    assert exact.ranks_per_token <= min(n, k) and exact.nodes_per_token <= min(n // p, k)
+
+
+def test_node_limited_sampling() -> None:
+    idx = sim.sample_topk(5000, 256, 8, seed=2, num_nodes=8, max_nodes=4)
+    st = sim.sampled_stats(idx, 64, 8, 256)
+    assert st.nodes_per_token <= 4.0 + 1e-9
+    assert st.nodes_per_token < sim.routing_stats(64, 8, 256, 8).nodes_per_token
+
+
+def _synthetic(params: sim.Params, cluster: sim.Cluster, noise: float = 0.0) -> list[dict]:
+    """Records at 1, 2 and 4 GPUs (4 also as 2 nodes of 2) generated by the model from known constants."""
+    gen = torch.Generator().manual_seed(0)
+    out = []
+    for ep, rpn in ((1, 1), (2, 2), (4, 4), (4, 2)):
+        for mode, tokens_list, experts in (("normal", (512, 2048, 8192), 256), ("low_latency", (32, 128), 288)):
+            for tokens in tokens_list:
+                for op, dtype in (("dispatch", "fp8"), ("dispatch", "bf16"), ("combine", "bf16")):
+                    for sms in ((4, 8, 24, 64, None) if mode == "normal" else (24,)):
+                        w = sim.Workload(mode, op, tokens, 7168, 8, experts, dtype)
+                        c = replace(cluster, gpus_per_node=rpn)
+                        t = sim.predict(w, ep, params, c, num_sms=sms).time_us
+                        t *= 1 + noise * float(torch.randn((), generator=gen))
+                        out.append(dict(backend="synthetic", mode=mode, op=op, ep=ep, ranks_per_node=rpn,
+                                        num_tokens=tokens, hidden=7168, num_topk=8, num_experts=experts,
+                                        dtype=dtype, num_sms=sms, time_us_median=t, time_us_p10=t, time_us_p90=t,
+                                        logical_gbps=1.0))
+    return out
+
+
+TRUE = sim.Params(
+    lat_us={"normal.dispatch": 22.0, "normal.combine": 31.0, "low_latency.dispatch": 9.0,
+            "low_latency.combine": 13.0},
+    eff_nvlink=0.72, eff_rdma=0.83, sm_gbps=12.5,
+)
+
+
+def test_calibrate_recovers_known_constants() -> None:
+    cluster = sim.Cluster(nvlink_gbps=450.0, nic_gbps=50.0)
+    fit = sim.calibrate(_synthetic(TRUE, cluster), cluster=cluster)
+    for key, v in TRUE.lat_us.items():
+        assert fit.lat_us[key] == pytest.approx(v, rel=1e-6, abs=1e-6)
+    assert fit.eff_nvlink == pytest.approx(TRUE.eff_nvlink, rel=1e-6)
+    assert fit.eff_rdma == pytest.approx(TRUE.eff_rdma, rel=1e-6)
+    assert fit.sm_gbps == pytest.approx(TRUE.sm_gbps, rel=1e-6)
+    assert set(fit.fitted) == set(sim.PARAM_KEYS) - {"inv_eff_nvlink", "inv_eff_rdma", "inv_sm_gbps"} | {
+        "eff_nvlink", "eff_rdma", "sm_gbps"}
+
+
+def test_calibrate_with_noise_and_holdout_check() -> None:
+    cluster = sim.Cluster()
+    recs = _synthetic(TRUE, cluster, noise=0.02)
+    fit_recs, held, how = sim.split_holdout(recs)
+    assert "EP 4" in how and held and all(r["ep"] == 4 for r in held)
+    fit = sim.calibrate(fit_recs, cluster=cluster)
+    assert fit.eff_nvlink == pytest.approx(TRUE.eff_nvlink, rel=0.05)
+    assert fit.sm_gbps == pytest.approx(TRUE.sm_gbps, rel=0.05)
+    assert "eff_rdma" not in fit.fitted  # no record with two nodes was fitted: the placeholder stays
+    assert fit.eff_rdma == pytest.approx(sim.placeholder().eff_rdma)
+    res = sim.check(fit, [r for r in held if r["ranks_per_node"] == 4], cluster=cluster)
+    assert res.n > 0 and res.median_abs_err < 0.05
+
+
+def test_calibrate_leaves_unexercised_constants_at_the_prior() -> None:
+    cluster = sim.Cluster()
+    only_ll = [r for r in _synthetic(TRUE, cluster) if r["mode"] == "low_latency" and r["ranks_per_node"] == r["ep"]]
+    fit = sim.calibrate(only_ll, cluster=cluster)
+    prior = sim.placeholder()
+    assert fit.sm_gbps == pytest.approx(prior.sm_gbps)
+    assert fit.lat_us["normal.dispatch"] == pytest.approx(prior.lat_us["normal.dispatch"])
+    assert fit.lat_us["low_latency.combine"] == pytest.approx(13.0, rel=1e-6)
+
+
+def test_predict_ep_sweep_and_cli(tmp_path: Path) -> None:
+    rows = sim.sweep_ep(sim.placeholder(), sim.Cluster(), [8, 16, 64, 256], normal=(4096, 7168, 8, 256),
+                        ll=(128, 7168, 8, 288))
+    by = {(r["ep"], r["mode"], r["op"], r["layout"], r["overlap"]): r for r in rows}
+    # one node: no RDMA; more nodes: hierarchical sends fewer bytes over the NIC than flat
+    assert by[(8, "normal", "dispatch", "hierarchical", True)]["rdma_gbps"] == 0
+    h, f = by[(64, "normal", "dispatch", "hierarchical", True)], by[(64, "normal", "dispatch", "flat", True)]
+    assert h["time_us"] < f["time_us"]
+    assert by[(64, "normal", "dispatch", "hierarchical", False)]["time_us"] >= h["time_us"]
+    assert all(0 < r["efficiency"] <= 1 for r in rows)
+    # CLI with a result file of synthetic records; the output says what is measured and what modelled
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps({"records": _synthetic(TRUE, sim.Cluster())}))
+    assert sim.main(["--calibrate", str(path), "--out", str(tmp_path / "sim")]) == 0
+    doc = json.loads((tmp_path / "sim" / "sim.json").read_text())
+    assert doc["calibration"]["source"].startswith("fit of")
+    assert doc["holdout_check"]["n"] > 0
+    assert (tmp_path / "sim" / "sim.png").stat().st_size > 0
+    assert sim.main(["--out", str(tmp_path / "placeholder")]) == 0
+    doc = json.loads((tmp_path / "placeholder" / "sim.json").read_text())
+    assert doc["calibration"]["source"].startswith("PLACEHOLDER")
+    assert asdict(sim.placeholder())["fitted"] == []
+
+
+# -- GPU: the symm_mem adapter moves the right rows -------------------------------------------------------------
+def _symm_mem_roundtrip_body(rank: int, world: int) -> str | None:
+    import torch.distributed as dist
+    from largeep.bench.adapters import BufferSpec, SymmMemAdapter
+    from largeep.bench.routing import random_weights
+
+    dev = torch.device("cuda", rank)
+    a = SymmMemAdapter()
+    reason = a.unavailable_reason(dev)
+    if reason:
+        return reason
+    t, h, k = 48, 256, 4
+    for mode, e in (("normal", 32), ("low_latency", 8 * world), ("low_latency", 144 * world)):
+        a.open(dist.group.WORLD, BufferSpec(mode, h, e, k, 64, None, world), dev)
+        idx = random_topk(t, e, k, seed=100 + rank).to(dev)
+        w = random_weights(t, k, seed=200 + rank).to(dev)
+        x = torch.randn(t, h, generator=torch.Generator().manual_seed(rank)).to(torch.bfloat16).to(dev)
+        if mode == "normal":
+            handle, _ = a.dispatch(x, idx, w)
+            recv = a.dispatch_cached(x, handle)
+            sent = rec.send_rows_normal(idx, e, world).to(dev)
+            parts = [torch.empty_like(sent) for _ in range(world)]
+            dist.all_gather(parts, sent)
+            rows = int(torch.stack(parts)[:, rank].sum())
+            out = a.combine(recv[:rows], handle)
+            hits = torch.zeros(t, world, dtype=torch.bool, device=dev)
+            hits.scatter_(1, idx // (e // world), True)
+            expected = x.float() * hits.sum(1, keepdim=True)
+        else:
+            handle, _ = a.ll_dispatch(x, idx, False, False)
+            y = a._view("recv", a._recv_rows, h)  # the dispatched copies, returned as they came
+            a.ll_combine(y, idx, w, handle, False)
+            assert a.ll_out is not None
+            out = a.ll_out
+            expected = x.float() * w.sum(1, keepdim=True)
+        torch.testing.assert_close(out.float(), expected, rtol=2e-2, atol=2e-2)
+        torch.cuda.synchronize()
+        a.close()
+    return None
+
+
+@pytest.mark.gpu(2)
+def test_symm_mem_adapter_roundtrip(pools) -> None:  # noqa: ANN001 - conftest fixture
+    reasons = pools(2, "nccl").run(_symm_mem_roundtrip_body)
+    if any(reasons):
+        pytest.skip(str(reasons[0]))

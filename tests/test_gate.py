@@ -9,6 +9,8 @@ import tempfile
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from largeep.gate import (
     GateConfig,
     LoadMonitor,
@@ -386,4 +388,28 @@ def test_softmax_weights_normalised_and_scaled():
     gate = TopKGate(GateConfig(hidden=8, num_experts=16, topk=4, routed_scaling_factor=2.0))
     out = gate(torch.randn(20, 8))
     torch.testing.assert_close(out.topk_weights.sum(-1), torch.full((20,), 2.0))
-    assert math.isclose(float(out.scores.sum(-1).mean()), 1.0, rel_tol=1e-5)
+    assert math.isclose(out.scores.detach().sum(-1).mean().item(), 1.0, rel_tol=1e-5)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    n_groups=st.integers(1, 4),
+    per_group=st.integers(1, 4),
+    data=st.data(),
+)
+def test_select_topk_property(n_groups, per_group, data):
+    e_num = n_groups * per_group
+    topk_groups = data.draw(st.integers(1, n_groups))
+    topk = data.draw(st.integers(1, topk_groups * per_group))
+    group_score = data.draw(st.sampled_from(["top2", "max"]))
+    gen = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31 - 1)))
+    scores = torch.rand(data.draw(st.integers(0, 12)), e_num, generator=gen)
+    bias = torch.randn(e_num, generator=gen) * 0.2
+    groups = contiguous_groups(e_num, n_groups)
+    idx, w = select_topk(
+        scores, topk, bias=bias, group_of_expert=groups, topk_groups=topk_groups, group_score=group_score
+    )
+    ref_idx, ref_w = _ref_select(scores, bias, groups, topk_groups, topk, group_score, True, 1.0)
+    if scores.shape[0]:
+        assert torch.equal(idx, ref_idx)
+        torch.testing.assert_close(w, ref_w)

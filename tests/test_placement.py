@@ -7,6 +7,8 @@ import time
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from largeep.placement import (
     Placement,
     RoutingTrace,
@@ -469,3 +471,39 @@ def test_invalid_arguments_name_the_argument():
     p = plan_placement(None, one, trace=trace)
     res = simulate_links(trace, p)
     assert res.max_link_bytes == 0 and res.compute_imbalance == 1.0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Property tests on fresh random layouts
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    nodes=st.integers(1, 3),
+    gpn=st.integers(1, 3),
+    spg=st.integers(1, 3),
+    data=st.data(),
+)
+def test_route_properties(nodes, gpn, spg, data):
+    topo = Topology(nodes, gpn, slots_per_gpu=spg)
+    n_slots = topo.num_slots
+    num_logical = data.draw(st.integers(1, n_slots))
+    seed = data.draw(st.integers(0, 2**31 - 1))
+    gen = torch.Generator().manual_seed(seed)
+    p2l = torch.full((n_slots,), -1, dtype=torch.int64)
+    p2l[torch.randperm(n_slots, generator=gen)[:num_logical]] = torch.arange(num_logical)
+    for s in (p2l < 0).nonzero().flatten().tolist():  # fill some free slots with replicas
+        if torch.rand(1, generator=gen).item() < 0.7:
+            p2l[s] = int(torch.randint(0, num_logical, (1,), generator=gen))
+    p = Placement(topo, num_logical, p2l)
+    k = data.draw(st.integers(1, num_logical))
+    t_num = data.draw(st.integers(0, 40))
+    rows = [torch.randperm(num_logical, generator=gen)[:k] for _ in range(t_num)]
+    idx = torch.stack(rows) if rows else torch.zeros(0, k, dtype=torch.int64)
+    idx = torch.where(torch.rand(t_num, k, generator=gen) < 0.1, -1, idx)
+    src = torch.randint(0, topo.num_gpus, (t_num,), generator=gen)
+    got = p.route(idx, src)
+    assert torch.equal(got < 0, idx < 0)
+    assert torch.equal(p.phys_to_log[got[got >= 0]], idx[idx >= 0])
+    _, ref_load = _ref_route(p, idx, src)
+    assert torch.bincount(got[got >= 0], minlength=n_slots).tolist() == ref_load

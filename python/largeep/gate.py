@@ -91,7 +91,7 @@ class GateConfig:
         )
 
 
-@dataclass
+@dataclass(eq=False)
 class GateOutput:
     """Result of :meth:`TopKGate.forward`.
 
@@ -110,6 +110,13 @@ class GateOutput:
     aux_loss: torch.Tensor | None
 
 
+def _counts(idx: torch.Tensor, n: int) -> torch.Tensor:
+    """int64 [n]: occurrences of each value 0..n-1 in ``idx`` (any shape; -1 ignored), without a host sync."""
+    flat = idx.reshape(-1)
+    key = torch.where(flat >= 0, flat, torch.full_like(flat, n))
+    return torch.zeros(n + 1, dtype=torch.int64, device=idx.device).index_add_(0, key, torch.ones_like(key))[:n]
+
+
 def contiguous_groups(num_experts: int, num_groups: int, device: torch.device | None = None) -> torch.Tensor:
     """Group of each expert for G contiguous equal groups: int64 [E], expert e in group e // (E / G)."""
     _check(num_groups >= 1, "num_groups", f"must be >= 1, got {num_groups}")
@@ -117,8 +124,9 @@ def contiguous_groups(num_experts: int, num_groups: int, device: torch.device | 
     return torch.arange(num_experts, device=device) // (num_experts // num_groups)
 
 
-def _group_table(group_of_expert: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Members of each group, padded: (table int64 [G, S] of expert ids with E as padding, sizes int64 [G])."""
+def group_tables(group_of_expert: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Members of each group, padded: (table int64 [G, S] of expert ids with E as padding, sizes int64 [G]).
+    Reads sizes on the host."""
     num_experts = group_of_expert.numel()
     num_groups = int(group_of_expert.max().item()) + 1 if num_experts else 0
     sizes = torch.bincount(group_of_expert, minlength=num_groups)
@@ -159,6 +167,7 @@ def select_topk(
     group_score: GroupScore = "top2",
     norm_topk_prob: bool = True,
     routed_scaling_factor: float = 1.0,
+    group_table: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Picks each token's top-k experts, optionally inside its best ``topk_groups`` groups.
 
@@ -171,6 +180,8 @@ def select_topk(
         group_score: "top2" or "max" (see the module docstring).
         norm_topk_prob: weights divided by their sum over the K choices.
         routed_scaling_factor: weights multiplied by it.
+        group_table: ``group_tables(group_of_expert)``, precomputed (else computed here, reading group sizes on the
+            host; ``TopKGate`` keeps it so its forward never waits on the host).
 
     Returns:
         (topk_idx int64 [T, K] in descending selection score, topk_weights float32 [T, K]); the order of
@@ -182,7 +193,8 @@ def select_topk(
     scores = scores.float()
     choice = scores if bias is None else scores + bias.to(scores)
     if group_of_expert is not None and topk_groups is not None:
-        table, sizes = _group_table(group_of_expert.to(scores.device))
+        table, sizes = group_table if group_table is not None else group_tables(group_of_expert)
+        table, sizes = table.to(scores.device), sizes.to(scores.device)
         if topk_groups < table.shape[0]:
             padded = F.pad(choice, (0, 1), value=-math.inf)  # column E: the padding member
             members = padded[:, table]  # [T, G, S]
@@ -220,7 +232,7 @@ def apply_capacity(
     flat = topk_idx.reshape(-1)
     key = torch.where(flat >= 0, flat, torch.full_like(flat, num_experts))  # -1 goes to an extra bucket
     order = torch.argsort(key, stable=True)
-    counts = torch.bincount(key, minlength=num_experts + 1)
+    counts = _counts(key, num_experts + 1)
     starts = torch.cumsum(counts, 0) - counts
     rank_sorted = torch.arange(flat.numel(), device=flat.device) - starts[key[order]]
     rank = torch.empty_like(rank_sorted).scatter_(0, order, rank_sorted)
@@ -244,8 +256,7 @@ def balance_loss(scores: torch.Tensor, topk_idx: torch.Tensor, num_experts: int)
     Returns:
         float32 scalar; f_e = share of the valid choices that went to e, P_e = mean normalised score of e.
     """
-    valid = topk_idx >= 0
-    counts = torch.bincount(topk_idx[valid], minlength=num_experts).float()
+    counts = _counts(topk_idx, num_experts).float()
     f = counts / counts.sum().clamp_min(1.0)
     probs = scores / scores.sum(dim=-1, keepdim=True).clamp_min(1e-20)
     p = probs.mean(dim=0) if scores.shape[0] else torch.zeros_like(f)
@@ -257,12 +268,15 @@ class TopKGate(nn.Module):
     auxiliary loss and capacity.
 
     Buffers: ``expert_bias`` float32 [E] (selection only), ``expert_load`` float32 [E] (choices counted since the
-    last ``update_bias``; counted in training mode when ``bias_balancing`` is on), ``group_of_expert`` int64 [E].
+    last ``update_bias``; counted in training mode when ``bias_balancing`` is on), ``group_of_expert`` int64 [E]
+    (and its member table, not saved). ``forward`` never waits on the host.
     """
 
     expert_bias: torch.Tensor
     expert_load: torch.Tensor
     group_of_expert: torch.Tensor
+    group_table: torch.Tensor
+    group_sizes: torch.Tensor
 
     def __init__(self, config: GateConfig, *, group_of_expert: torch.Tensor | None = None) -> None:
         """``group_of_expert``: int64 [E], the group of each expert (e.g. ``Placement.home_node()``); default:
@@ -278,6 +292,9 @@ class TopKGate(nn.Module):
         self.register_buffer("expert_bias", torch.zeros(config.num_experts))
         self.register_buffer("expert_load", torch.zeros(config.num_experts))
         self.register_buffer("group_of_expert", group_of_expert.clone())
+        table, sizes = group_tables(group_of_expert)
+        self.register_buffer("group_table", table, persistent=False)
+        self.register_buffer("group_sizes", sizes, persistent=False)
 
     def scores(self, logits: torch.Tensor) -> torch.Tensor:
         """Routing probabilities float32 [T, E] from logits [T, E]."""
@@ -304,19 +321,19 @@ class TopKGate(nn.Module):
             cfg.topk,
             bias=self.expert_bias if cfg.bias_balancing else None,
             group_of_expert=self.group_of_expert,
+            group_table=(self.group_table, self.group_sizes),
             topk_groups=self.topk_groups,
             group_score=cfg.group_score,
             norm_topk_prob=cfg.norm_topk_prob,
             routed_scaling_factor=cfg.routed_scaling_factor,
         )
         if cfg.bias_balancing and self.training:
-            self.expert_load += torch.bincount(topk_idx.reshape(-1), minlength=cfg.num_experts).float()
+            self.expert_load += _counts(topk_idx, cfg.num_experts).float()
         aux = balance_loss(scores, topk_idx, cfg.num_experts) * cfg.aux_loss_coef if cfg.aux_loss_coef > 0 else None
         if cfg.capacity_factor is not None:
             cap = capacity_for(logits.shape[0], cfg.topk, cfg.num_experts, cfg.capacity_factor)
             topk_idx, topk_weights = apply_capacity(topk_idx, topk_weights, cfg.num_experts, cap)
-        valid = topk_idx[topk_idx >= 0]
-        tokens_per_expert = torch.bincount(valid, minlength=cfg.num_experts)
+        tokens_per_expert = _counts(topk_idx, cfg.num_experts)
         return GateOutput(topk_idx, topk_weights, scores, tokens_per_expert, aux)
 
     @torch.no_grad()
@@ -353,7 +370,7 @@ class TopKGate(nn.Module):
         return used
 
 
-@dataclass
+@dataclass(eq=False)
 class LoadSnapshot:
     """Loads seen by one :meth:`LoadMonitor.update` (tensors on the monitor's device; reading them as Python
     numbers is the caller's host sync).
@@ -429,8 +446,7 @@ class LoadMonitor:
         """Adds one step, from ``topk_idx`` int64 [T, K] (-1 ignored) or ``expert_counts`` float/int [E]."""
         _check((topk_idx is None) != (expert_counts is None), "topk_idx", "or expert_counts: give exactly one")
         if topk_idx is not None:
-            flat = topk_idx.reshape(-1).to(self.share.device)
-            load = torch.bincount(flat[flat >= 0], minlength=self.num_experts)[: self.num_experts].float()
+            load = _counts(topk_idx.to(self.share.device), self.num_experts).float()
         else:
             assert expert_counts is not None
             load = expert_counts.to(self.share.device).float()

@@ -96,7 +96,7 @@ class Topology:
         return self.num_gpus * self.slots_per_gpu
 
 
-@dataclass
+@dataclass(eq=False)
 class RoutingTrace:
     """Routing of T tokens over L logical experts.
 
@@ -146,7 +146,7 @@ def _check_topk(topk_idx: torch.Tensor, num_experts: int, arg: str = "topk_idx")
         _check(lo >= -1 and hi < num_experts, arg, f"must be in [-1, {num_experts}), got [{lo}, {hi}]")
 
 
-@dataclass
+@dataclass(eq=False)
 class Placement:
     """Which logical expert each physical slot holds.
 
@@ -213,9 +213,10 @@ class Placement:
         """int64 [L]: node of each logical expert's first replica (the group for node-limited gating)."""
         return self.replica_table[:, 0] // self.topology.slots_per_gpu // self.topology.gpus_per_node
 
-    def _tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Lookup tables for ``route``, cached per device: on_gpu int64 [L, G] (a slot of e on GPU g, else -1),
-        node_list int64 [L, N, Rn] (slots of e on node n, -1 padded), node_cnt int64 [L, N]."""
+    def _tables(self, device: torch.device) -> tuple[torch.Tensor, ...]:
+        """Lookup tables for ``route``, cached per device: replica_table, replica_count, on_gpu int64 [L, G] (the
+        lowest slot of e on GPU g, else -1), node_list int64 [L, N, Rn] (slots of e on node n ascending, -1
+        padded), node_cnt int64 [L, N]."""
         cache = self.__dict__.setdefault("_table_cache", {})
         if device not in cache:
             topo = self.topology
@@ -232,6 +233,8 @@ class Placement:
             node_list = torch.full((self.num_logical * topo.num_nodes, int(cnt.max())), -1, dtype=torch.int64)
             node_list[key, _rank_within(key, self.num_logical * topo.num_nodes)] = used  # ascending slots
             cache[device] = (
+                self.replica_table.to(device),
+                self.replica_count.to(device),
                 on_gpu.to(device),
                 node_list.view(self.num_logical, topo.num_nodes, -1).to(device),
                 cnt.view(self.num_logical, topo.num_nodes).to(device),
@@ -288,8 +291,7 @@ class Placement:
         if slot_load is not None:
             _check(slot_load.shape == (topo.num_slots,), "slot_load", f"must have shape [{topo.num_slots}]")
         _check(local_cap is None or local_cap > 0, "local_cap", f"must be > 0 or None, got {local_cap}")
-        table = self.replica_table.to(dev)
-        nrep = self.replica_count.to(dev)
+        table, nrep, on_gpu, node_list, node_cnt = self._tables(dev)
         out = torch.full_like(topk_idx, -1)
         valid = topk_idx >= 0
         e = topk_idx.clamp(min=0)
@@ -298,7 +300,6 @@ class Placement:
         t_idx, k_idx = (valid & (nrep[e] > 1)).nonzero(as_tuple=True)
         if t_idx.numel() == 0:
             return out
-        on_gpu, node_list, node_cnt = self._tables(dev)
         n_nodes = topo.num_nodes
         em = e[t_idx, k_idx]
         sm = src[t_idx]
@@ -826,7 +827,7 @@ def plan_placement(
 # Link-load model
 
 
-@dataclass
+@dataclass(eq=False)
 class LinkLoad:
     """Bytes on every link and compute per GPU for one routed batch.
 

@@ -287,3 +287,12 @@ def test_symm_mem_adapter_roundtrip(pools) -> None:  # noqa: ANN001 - conftest f
     reasons = pools(2, "nccl").run(_symm_mem_roundtrip_body)
     if any(reasons):
         pytest.skip(str(reasons[0]))
+
+
+def test_calibrate_warns_when_underdetermined() -> None:
+    cluster = sim.Cluster()
+    one_size = [r for r in _synthetic(TRUE, cluster) if r["num_tokens"] in (2048, 128) and r["ep"] == 4
+                and r["ranks_per_node"] == 4 and r["num_sms"] in (24, None) and r["dtype"] == "bf16"]
+    fit = sim.calibrate(one_size, cluster=cluster)
+    assert any("cannot be separated" in w for w in fit.warnings)
+    assert sim.calibrate(_synthetic(TRUE, cluster), cluster=cluster).warnings == []

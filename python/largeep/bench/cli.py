@@ -4,12 +4,19 @@ Starts one process per visible GPU (NCCL), or runs inside torchrun when RANK and
 starts ``--nprocs`` CPU processes (gloo, default 4) and sweeps small sizes with the torch backend. Every process it
 starts gets NCCL_NVLS_ENABLE=0, TORCH_SYMM_MEM_DISABLE_MULTICAST=1 and NVSHMEM_DISABLE_NVLS=1 unless the user set
 them. Prints a table, writes ``results.json`` and ``latency.png``/``bandwidth.png`` under ``--out``.
+
+When it starts the processes itself, each backend runs in a fresh set of them (nvshmem, symm_mem and deepep each
+initialise NVSHMEM once per process), and the parent merges the results; a backend that crashes is reported and the
+others still run. Under torchrun every backend shares the same processes: pass ``--backends`` one at a time there.
+
+Calibration records for ``python -m largeep.bench.sim``: run ``--preset full`` with ``--nprocs 1``, ``2`` and ``4``.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import os
 import socket
 import sys
@@ -144,7 +151,9 @@ def _safe_env() -> None:
         os.environ.setdefault(k, v)
 
 
-def _run_rank(args: argparse.Namespace, command: str, device_kind: str, local_rank: int) -> None:
+def _run_rank(
+    args: argparse.Namespace, command: str, device_kind: str, local_rank: int, part: str | None = None
+) -> None:
     """Body of one process after torch.distributed is initialised."""
     import torch
     import torch.distributed as dist
@@ -152,13 +161,17 @@ def _run_rank(args: argparse.Namespace, command: str, device_kind: str, local_ra
     from largeep.bench.sweep import Sweep
 
     device = torch.device("cuda", local_rank) if device_kind == "gpu" else torch.device("cpu")
-    Sweep(make_plan(args, device_kind, command), device).run()
+    plan = make_plan(args, device_kind, command)
+    plan.part = part
+    Sweep(plan, device).run()
     # no collective on the error path: a failed rank exits at once and the launcher ends the others
     dist.barrier()
     dist.destroy_process_group()
 
 
-def _spawned(rank: int, world: int, port: int, device_kind: str, args: argparse.Namespace, command: str) -> None:
+def _spawned(
+    rank: int, world: int, port: int, device_kind: str, args: argparse.Namespace, command: str, part: str
+) -> None:
     _safe_env()
     import torch
     import torch.distributed as dist
@@ -173,7 +186,7 @@ def _spawned(rank: int, world: int, port: int, device_kind: str, args: argparse.
         "nccl" if device_kind == "gpu" else "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
         world_size=world, timeout=datetime.timedelta(seconds=600), **kwargs,
     )
-    _run_rank(args, command, device_kind, rank)
+    _run_rank(args, command, device_kind, rank, part)
 
 
 def _free_port() -> int:
@@ -210,20 +223,61 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"--nprocs {nprocs}: expected 1..{gpus if gpus else 'any'}", file=sys.stderr)
         return 2
     print(f"largeep-bench: {nprocs} {'GPU' if gpus else 'CPU'} processes, preset {args.preset}", flush=True)
+    return _launch(args, kind, nprocs, command)
+
+
+def _launch(args: argparse.Namespace, kind: str, nprocs: int, command: str) -> int:
+    """Runs each backend in a fresh set of processes (the NVSHMEM users, nvshmem, symm_mem and deepep, each
+    initialise NVSHMEM once per process and must not meet), then merges, prints and writes the results. A backend
+    whose processes fail is reported and the others still run."""
+    import shutil
+    import tempfile
+
+    import torch
     import torch.multiprocessing as mp
 
+    from largeep.bench import records as rec
+    from largeep.bench.adapters import make_adapter
+    from largeep.bench.sweep import finish
+
+    plan = make_plan(args, kind, command)
+    device = torch.device("cuda", 0) if kind == "gpu" else torch.device("cpu")
+    parts_dir = Path(tempfile.mkdtemp(prefix="largeep-bench-"))
+    records: list[rec.Record] = []
+    extras: list[rec.Extra] = []
+    skipped: list[dict[str, str]] = []
+    settings: dict[str, Any] = {}
+    failed: list[str] = []
     try:
-        mp.start_processes(
-            _spawned, args=(nprocs, _free_port(), kind, args, command), nprocs=nprocs, join=True,
-            start_method="spawn",
-        )
-    except mp.ProcessRaisedException as exc:
-        print(f"largeep-bench: a rank failed:\n{exc}", file=sys.stderr)
-        return 1
-    except mp.ProcessExitedException as exc:
-        print(f"largeep-bench: a rank exited: {exc}", file=sys.stderr)
-        return 1
-    return 0
+        for backend in plan.backends:
+            reason = make_adapter(backend).unavailable_reason(device)
+            if reason:
+                print(f"skip {backend}: {reason}", flush=True)
+                skipped.append({"backend": backend, "reason": reason})
+                continue
+            child = argparse.Namespace(**vars(args))
+            child.backends = [backend]
+            part = parts_dir / f"{backend}.json"
+            try:
+                mp.start_processes(
+                    _spawned, args=(nprocs, _free_port(), kind, child, command, str(part)), nprocs=nprocs,
+                    join=True, start_method="spawn",
+                )
+            except (mp.ProcessRaisedException, mp.ProcessExitedException) as exc:
+                print(f"largeep-bench: backend {backend} failed (its results so far are kept):\n{exc}",
+                      file=sys.stderr, flush=True)
+                failed.append(backend)
+                skipped.append({"backend": backend, "reason": f"failed: {str(exc).strip().splitlines()[-1]}"})
+            if part.exists():
+                doc = json.loads(part.read_text())
+                records += [rec.Record(**r) for r in doc["records"]]
+                extras += [rec.Extra(**e) for e in doc["extras"]]
+                skipped += doc["skipped"]
+                settings = settings or doc["settings"]
+        finish(records, extras, skipped=skipped, settings=settings, plan=plan)
+    finally:
+        shutil.rmtree(parts_dir, ignore_errors=True)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

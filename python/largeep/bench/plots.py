@@ -35,6 +35,9 @@ def plot_results(records: Sequence[Record], extras: Sequence[Extra], out_dir: st
     panels: dict[tuple[str, ...], dict[str, list[tuple[Record, Extra]]]] = defaultdict(lambda: defaultdict(list))
     for r, e in zip(records, extras, strict=False):
         panels[_panel_key(r, e)][_line_key(r)].append((r, e))
+    labels = sorted({_line_key(r) for r in records})
+    palette = plt.get_cmap("tab10")
+    color = {label: palette(i % 10) for i, label in enumerate(labels)}  # one colour per line in every panel
     written = []
     for name, metric in (("latency.png", "time"), ("bandwidth.png", "gbps")):
         keys = [k for k in panels if metric == "time" or k[1] != "layout"]
@@ -49,12 +52,12 @@ def plot_results(records: Sequence[Record], extras: Sequence[Extra], out_dir: st
                 xs = [p[0].num_tokens for p in points]
                 if metric == "time":
                     ys = [p[0].time_us_median for p in points]
-                    (line,) = ax.plot(xs, ys, marker="o", label=label)
+                    ax.plot(xs, ys, marker="o", label=label, color=color[label])
                     ax.fill_between(xs, [p[0].time_us_p10 for p in points], [p[0].time_us_p90 for p in points],
-                                    color=line.get_color(), alpha=0.2)
+                                    color=color[label], alpha=0.2)
                 else:
                     ys = [p[0].logical_gbps or 0.0 for p in points]
-                    ax.plot(xs, ys, marker="o", label=label)
+                    ax.plot(xs, ys, marker="o", label=label, color=color[label])
             ax.set_xscale("log", base=2)
             if metric == "time":
                 ax.set_yscale("log")

@@ -201,6 +201,7 @@ class Params:
     sm_gbps: float
     source: str = ""
     fitted: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
 
     def vector(self) -> list[float]:
         return [self.lat_us[k] for k in _LAT_KEYS] + [1 / self.eff_nvlink, 1 / self.eff_rdma, 1 / self.sm_gbps]
@@ -209,7 +210,7 @@ class Params:
     def from_vector(v: Sequence[float], source: str, fitted: list[str]) -> Params:
         lat = {k: float(v[i]) for i, k in enumerate(_LAT_KEYS)}
         j = len(_LAT_KEYS)
-        return Params(lat, 1 / float(v[j]), 1 / float(v[j + 1]), 1 / float(v[j + 2]), source, fitted)
+        return Params(lat, 1 / float(v[j]), 1 / float(v[j + 1]), 1 / float(v[j + 2]), source, list(fitted))
 
 
 def placeholder() -> Params:
@@ -371,7 +372,27 @@ def calibrate(
                 break
     names = list(PARAM_KEYS)
     fitted = [names[j].replace("inv_", "") for j in sorted(used)]
-    return Params.from_vector(theta.tolist(), f"fit of {len(recs)} records", fitted)
+    params = Params.from_vector(theta.tolist(), f"fit of {len(recs)} records", fitted)
+    params.warnings = _fit_warnings(recs, params)
+    return params
+
+
+def _fit_warnings(recs: Sequence[dict[str, Any]], params: Params) -> list[str]:
+    """What makes a fit untrustworthy: too few records, one token count per op, efficiencies above 1."""
+    out = []
+    if len(recs) < 2 * max(1, len(params.fitted)):
+        out.append(f"{len(recs)} records for {len(params.fitted)} constants: the fit is barely determined")
+    for key in _LAT_KEYS:
+        mode, op = key.split(".")
+        sizes = {(r["num_tokens"], r["ep"], r.get("num_sms"), r["hidden"], r["num_topk"], r["num_experts"],
+                  r["dtype"] if op == "dispatch" else "bf16") for r in recs if r["mode"] == mode and r["op"] == op}
+        if len(sizes) == 1:
+            out.append(f"{key}: one size only, so its latency and bandwidth cannot be separated (sweep --tokens)")
+    for name in ("eff_nvlink", "eff_rdma"):
+        if name in params.fitted and getattr(params, name) > 1.0:
+            out.append(f"{name} = {getattr(params, name):.2f} > 1: the records do not fit this model (too few sizes, "
+                       "or the cluster's link bandwidth is wrong)")
+    return out
 
 
 @dataclass(frozen=True)
@@ -610,6 +631,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"  constants fitted: {', '.join(params.fitted) or 'none'}; the others are placeholders")
     print(f"  lat_us={ {k: round(v, 2) for k, v in params.lat_us.items()} } eff_nvlink={params.eff_nvlink:.3f} "
           f"eff_rdma={params.eff_rdma:.3f} sm_gbps={params.sm_gbps:.2f}")
+    for warning in params.warnings:
+        print(f"  WARNING: {warning}")
     if holdout:
         print(f"held-out check ({holdout['how']}): {holdout['n']} records, median |error| "
               f"{100 * holdout['median_abs_err']:.1f}%, max {100 * holdout['max_abs_err']:.1f}%")

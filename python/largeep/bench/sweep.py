@@ -62,6 +62,9 @@ class Plan:
     hook: bool = True
     plots: bool = True
     out: str | None = None
+    # set by the launcher that starts one set of processes per backend: rank 0 writes its records here and the
+    # launcher prints and writes the merged results
+    part: str | None = None
     command: str = ""
     extra_settings: dict[str, Any] = field(default_factory=dict)
 
@@ -188,13 +191,11 @@ class Sweep:
                     self._run_mode(a, mode)
             finally:
                 a.shutdown()
-            self._write(final=False)
+            self._write_part()
         self.log.close()
-        rec.fill_x_best(self.records, self.extras)
-        if self.rank == 0:
-            if self.records:
-                print(rec.format_table(self.records, self.extras), flush=True)
-            self._write(final=True)
+        self._write_part()
+        if self.rank == 0 and p.part is None:
+            finish(self.records, self.extras, skipped=self.skipped, settings=self.settings(), plan=p)
         return self.records, self.extras
 
     def _skip(self, backend: str, reason: str) -> None:
@@ -361,23 +362,41 @@ class Sweep:
             **p.extra_settings,
         }
 
-    def _write(self, final: bool) -> None:
-        if self.rank != 0 or not self.plan.out:
+    def _write_part(self) -> None:
+        """Rank 0: the records so far, to the launcher's part file (or, without one, to --out as a checkpoint)."""
+        if self.rank != 0:
             return
-        out = Path(self.plan.out)
+        target = self.plan.part or (str(Path(self.plan.out) / "results.json") if self.plan.out else None)
+        if target is None:
+            return
         if self._env is None:
             self._env = rec.environment()
-        rec.write_results(
-            out / "results.json", self.records, self.extras, env=self._env, command=self.plan.command,
-            settings=self.settings(), skipped=self.skipped,
-        )
-        if final:
-            written = [out / "results.json"]
-            if self.plan.plots and self.records:
-                from largeep.bench.plots import plot_results
+        rec.write_results(target, self.records, self.extras, env=self._env, command=self.plan.command,
+                          settings=self.settings(), skipped=self.skipped)
 
-                written += plot_results(self.records, self.extras, out)
-            print("wrote " + ", ".join(str(w) for w in written), flush=True)
+
+def finish(
+    records: list[rec.Record], extras: list[rec.Extra], *, skipped: list[dict[str, str]], settings: dict[str, Any],
+    plan: Plan, env: dict[str, Any] | None = None,
+) -> list[Path]:
+    """Fills ``x_best``, prints the table, writes results.json and the plots under ``plan.out``."""
+    rec.fill_x_best(records, extras)
+    if records:
+        print(rec.format_table(records, extras), flush=True)
+    else:
+        print("no measurements (every backend was skipped)", flush=True)
+    if not plan.out:
+        return []
+    out = Path(plan.out)
+    written = [out / "results.json"]
+    rec.write_results(written[0], records, extras, env=env or rec.environment(), command=plan.command,
+                      settings=settings, skipped=skipped)
+    if plan.plots and records:
+        from largeep.bench.plots import plot_results
+
+        written += plot_results(records, extras, out)
+    print("wrote " + ", ".join(str(w) for w in written), flush=True)
+    return written
 
 
 def _call(hook: Callable[[], Any] | None) -> Callable[[], Any]:

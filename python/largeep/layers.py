@@ -1,0 +1,445 @@
+"""A Mixture-of-Experts layer over a :class:`largeep.Buffer`.
+
+Data flow of :class:`MoELayer` (x [T, H] on each rank of the Buffer's group):
+
+1. gate: a module ``x -> (topk_idx int64 [T, K], topk_weights float32 [T, K])`` (or any object with those two
+   attributes, e.g. ``largeep.gate.TopKGate``'s output); by default the built-in :class:`LinearTopKRouter`.
+2. placement (optional): logical ids -> physical slots (a callable, or a ``largeep.placement.Placement``, whose
+   ``route`` is called with this rank as the source GPU).
+3. dispatch (:mod:`largeep.ops`, differentiable), 4. the rank's local experts (:class:`GroupedExperts`: SwiGLU,
+   one grouped GEMM per projection for all local experts, rows weighted by topk_weights on the expert side),
+   5. combine, plus optional shared experts computed on the whole batch.
+
+Normal mode (training, prefill) supports autograd and ``torch.compile`` (see :mod:`largeep.ops` for the custom ops
+and the two ways to get static or unbacked row counts). Low-latency mode (decoding) has no autograd; the Buffer's
+low-latency combine applies the weights there, as SPEC.md says.
+
+Overlap. ``num_chunks`` > 1 splits the batch: chunk i+1 is dispatched and chunk i-1 combined on the Buffer's stream
+(``async_finish`` events; every dispatch waits only for the gate through ``previous_event``) while the experts
+compute chunk i on the caller's stream. On CPU, or under ``torch.compile`` (the ops then run in program order), the
+same schedule simply runs in order and gives the same result. :class:`TwoBatchOverlap` runs two decoding
+micro-batches with ``return_recv_hook``: while one micro-batch's tokens travel, the other computes.
+
+Experts and replicas. Rank r holds the physical slots [r*E/N, (r+1)*E/N) (w1/w3 [E/N, H, F], w2 [E/N, F, H]).
+A logical expert with several slots (replicas) has one copy of its weights per slot; after backward
+:func:`allreduce_replica_grads` sums the grads of the copies (one all-reduce over the group of the replicated
+experts' grads only), so every copy takes the same optimizer step.
+
+Not done: expert tensor parallelism (splitting F of an expert over several ranks) is a TODO; FP8 in normal mode is
+not used by the layer (the low-latency path can dispatch FP8 with ``ll_use_fp8``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Generator, Iterable, Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from largeep import fp8, ops
+from largeep.buffer import Buffer
+from largeep.errors import ArgumentError
+
+__all__ = [
+    "GroupedExperts",
+    "LinearTopKRouter",
+    "MoELayer",
+    "SwiGLU",
+    "TwoBatchOverlap",
+    "allreduce_replica_grads",
+    "run_interleaved",
+]
+
+
+class LinearTopKRouter(nn.Module):
+    """``logits = x @ weight.T`` (float32), scores by softmax or sigmoid, top-k.
+
+    forward(x [T, H] any float dtype) -> (topk_idx int64 [T, K], topk_weights float32 [T, K]); with
+    ``norm_topk_prob`` the K weights of a token sum to 1. No host wait.
+    """
+
+    def __init__(
+        self, hidden: int, num_experts: int, topk: int, *, score_func: str = "softmax", norm_topk_prob: bool = True
+    ) -> None:
+        super().__init__()
+        if score_func not in ("softmax", "sigmoid"):
+            raise ArgumentError(f"LinearTopKRouter: argument 'score_func' = {score_func!r}, expected softmax|sigmoid")
+        if not 1 <= topk <= num_experts:
+            raise ArgumentError(f"LinearTopKRouter: argument 'topk' = {topk} must be in [1, {num_experts}]")
+        self.topk = topk
+        self.score_func = score_func
+        self.norm_topk_prob = norm_topk_prob
+        self.weight = nn.Parameter(torch.empty(num_experts, hidden))
+        nn.init.normal_(self.weight, std=hidden**-0.5)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        logits = F.linear(x.float(), self.weight.float())
+        scores = logits.softmax(dim=-1) if self.score_func == "softmax" else logits.sigmoid()
+        w, idx = scores.topk(self.topk, dim=-1)
+        if self.norm_topk_prob:
+            w = w / w.sum(dim=-1, keepdim=True)
+        return idx, w
+
+
+class SwiGLU(nn.Module):
+    """Dense SwiGLU MLP ``(silu(x W1) * (x W3)) W2`` (shared experts): w1/w3 [H, F], w2 [F, H]."""
+
+    def __init__(self, hidden: int, ffn_hidden: int, *, dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        self.w1 = nn.Parameter(torch.randn(hidden, ffn_hidden, dtype=dtype) * hidden**-0.5)
+        self.w3 = nn.Parameter(torch.randn(hidden, ffn_hidden, dtype=dtype) * hidden**-0.5)
+        self.w2 = nn.Parameter(torch.randn(ffn_hidden, hidden, dtype=dtype) * ffn_hidden**-0.5)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x [T, H] -> [T, H] in x's dtype (computed in the weights' dtype)."""
+        xw = x.to(self.w1.dtype)
+        return ((F.silu(xw @ self.w1) * (xw @ self.w3)) @ self.w2).to(x.dtype)
+
+
+class GroupedExperts(nn.Module):
+    """The E_l local experts of a rank, SwiGLU, each projection one grouped GEMM over all of them.
+
+    Parameters: w1, w3 [E_l, H, F]; w2 [E_l, F, H]. :func:`largeep.ops.grouped_mm` runs ``torch._grouped_mm``
+    where it can, else a padded bmm (never a Python loop over experts).
+    """
+
+    def __init__(self, num_experts: int, hidden: int, ffn_hidden: int, *, dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        self.num_experts = num_experts
+        self.w1 = nn.Parameter(torch.randn(num_experts, hidden, ffn_hidden, dtype=dtype) * hidden**-0.5)
+        self.w3 = nn.Parameter(torch.randn(num_experts, hidden, ffn_hidden, dtype=dtype) * hidden**-0.5)
+        self.w2 = nn.Parameter(torch.randn(num_experts, ffn_hidden, hidden, dtype=dtype) * ffn_hidden**-0.5)
+
+    def forward(self, x: Tensor, offs: Tensor) -> Tensor:
+        """x [P, H] sorted by expert; offs int32 [E_l] inclusive end row of each expert -> [P, H] in the weights'
+        dtype, zero past ``offs[-1]``."""
+        xs = x.to(self.w1.dtype)
+        h = F.silu(ops.grouped_mm(xs, self.w1, offs)) * ops.grouped_mm(xs, self.w3, offs)
+        return ops.grouped_mm(h, self.w2, offs)
+
+    def forward_rows(
+        self, x: Tensor, topk_idx: Tensor, topk_weights: Tensor, num_pairs: int | None = None
+    ) -> Tensor:
+        """Rows of a normal dispatch -> weighted expert outputs.
+
+        Args:
+            x: [R, H]; topk_idx: int64 [R, K] local expert ids (-1: not here); topk_weights: float32 [R, K].
+            num_pairs: the number of (row, k) entries >= 0 when known on the host (then only those are gathered),
+                else None: all R*K entries go through the sort and rows past the valid ones are skipped by the
+                GEMM. A row must not name one expert twice.
+
+        Returns:
+            y [R, H] in x's dtype: ``y[r] = sum_k w[r, k] * expert_{idx[r, k]}(x[r])``, summed in float32.
+        """
+        r, k = topk_idx.shape
+        e = self.num_experts
+        key = torch.where(topk_idx >= 0, topk_idx, e).reshape(-1)
+        order = torch.argsort(key, stable=True)
+        if num_pairs is not None:
+            order = order[:num_pairs]
+        counts = torch.zeros(e + 1, dtype=torch.int64, device=key.device).scatter_add_(0, key, torch.ones_like(key))
+        offs = torch.cumsum(counts[:e], 0).to(torch.int32)
+        row = order // k
+        out = self.forward(x[row], offs)
+        valid = (key[order] < e).unsqueeze(1)
+        out = torch.where(valid, out.float() * topk_weights.reshape(-1)[order].unsqueeze(1), 0.0)
+        y = torch.zeros(r, x.shape[1], dtype=torch.float32, device=x.device).index_add(0, row, out)
+        return y.to(x.dtype)
+
+    def forward_slots(self, x: Tensor, counts: Tensor, capacity: int | None = None) -> Tensor:
+        """Slots of a low-latency dispatch -> expert outputs (unweighted).
+
+        Args:
+            x: [E_l, S, H]; rows [0, counts[e]) of expert e are valid. counts: int32 [E_l].
+            capacity: the most valid rows in all (fixed; default E_l * S). Only valid rows are computed.
+
+        Returns:
+            [E_l, S, H] in the weights' dtype; invalid rows are zero. No host wait outside the GEMM op.
+        """
+        e, s, h = x.shape
+        j = torch.arange(s, device=x.device)
+        ids = torch.arange(e, device=x.device).unsqueeze(1)
+        key = torch.where(j.unsqueeze(0) < counts.to(torch.int64).unsqueeze(1), ids, e).reshape(-1)
+        order = torch.argsort(key, stable=True)
+        if capacity is not None and capacity < e * s:
+            order = order[:capacity]
+        offs = torch.cumsum(counts.to(torch.int64), 0).to(torch.int32)
+        out = self.forward(x.reshape(e * s, h)[order], offs)
+        y = torch.zeros(e * s, h, dtype=out.dtype, device=x.device).index_copy(0, order, out)
+        return y.view(e, s, h)
+
+
+def _wrap_placement(placement: Any, rank: int) -> Callable[[Tensor], Tensor] | None:
+    if placement is None:
+        return None
+    if hasattr(placement, "route") and hasattr(placement, "phys_to_log"):
+        return lambda idx: placement.route(idx, rank)  # type: ignore[no-any-return]
+    if callable(placement):
+        return placement  # type: ignore[no-any-return]
+    raise ArgumentError("MoELayer: argument 'placement' must be a callable or a largeep.placement.Placement")
+
+
+class MoELayer(nn.Module):
+    """gate -> (placement) -> dispatch -> local grouped SwiGLU experts -> combine, plus optional shared experts.
+
+    Args:
+        buffer: the Buffer (normal mode: training/prefill, with autograd; low-latency mode: decoding, no
+            autograd). H, E (physical experts), K come from it; rank r owns physical experts [r*E/N, (r+1)*E/N).
+        ffn_hidden: F of each routed expert.
+        gate: module ``x -> (topk_idx, topk_weights)`` or an object with those attributes (and optionally
+            ``aux_loss``, kept in ``self.aux_loss``). Default: :class:`LinearTopKRouter` over the logical experts.
+        num_logical_experts: experts the default gate chooses from (default E; differs with a placement).
+        placement: None, a callable logical topk_idx int64 [T, K] -> physical [T, K], or a
+            ``largeep.placement.Placement`` (its ``route`` gets this rank as the source GPU).
+        shared_ffn_hidden: F of the shared experts (0: none), applied to every token.
+        num_chunks: normal mode: split the batch into this many chunks pipelined as described in the module doc.
+        num_worst_tokens: normal mode: > 0 uses fixed-size dispatch outputs (no host wait, static shapes).
+        ll_use_fp8: low-latency mode: dispatch FP8 (needs H % 128 == 0); the experts see the dequantized values.
+        use_custom_ops: take the custom-op path in eager mode too (always taken under ``torch.compile``).
+        router_score, norm_topk_prob: options of the default gate.
+        dtype: of the expert and shared-expert weights (default: torch's default dtype).
+    """
+
+    def __init__(
+        self,
+        buffer: Buffer,
+        *,
+        ffn_hidden: int,
+        gate: nn.Module | None = None,
+        num_logical_experts: int | None = None,
+        placement: Any = None,
+        shared_ffn_hidden: int = 0,
+        num_chunks: int = 1,
+        num_worst_tokens: int = 0,
+        ll_use_fp8: bool = False,
+        use_custom_ops: bool = False,
+        router_score: str = "softmax",
+        norm_topk_prob: bool = True,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        c = buffer.ctx
+        if num_chunks < 1:
+            raise ArgumentError(f"MoELayer: argument 'num_chunks' must be >= 1, got {num_chunks}")
+        if num_worst_tokens < 0:
+            raise ArgumentError(f"MoELayer: argument 'num_worst_tokens' must be >= 0, got {num_worst_tokens}")
+        if ll_use_fp8 and c.hidden % fp8.GROUP:
+            raise ArgumentError(f"MoELayer: ll_use_fp8 needs hidden % {fp8.GROUP} == 0, hidden is {c.hidden}")
+        self.buffer = buffer
+        self.buffer_id = ops.register_buffer(buffer)
+        self.hidden = c.hidden
+        self.num_experts = c.num_experts
+        self.num_local_experts = c.experts_per_rank
+        self.topk = c.num_topk
+        self.rank = c.rank
+        self.low_latency = c.low_latency
+        self.num_chunks = num_chunks
+        self.num_worst_tokens = num_worst_tokens
+        self.ll_use_fp8 = ll_use_fp8
+        self.use_custom_ops = use_custom_ops
+        # every valid low-latency row is one (token, local expert) copy: at most N*M*min(K, E_l)
+        self.ll_capacity = c.num_ranks * c.max_tokens_per_rank * min(c.num_topk, c.experts_per_rank)
+        self.num_logical_experts = num_logical_experts or c.num_experts
+        self.gate = gate or LinearTopKRouter(
+            c.hidden, self.num_logical_experts, c.num_topk, score_func=router_score, norm_topk_prob=norm_topk_prob
+        )
+        self.phys_to_log: Tensor | None = getattr(placement, "phys_to_log", None)
+        self.placement = _wrap_placement(placement, c.rank)
+        self.experts = GroupedExperts(self.num_local_experts, c.hidden, ffn_hidden, dtype=dtype)
+        self.shared_experts = SwiGLU(c.hidden, shared_ffn_hidden, dtype=dtype) if shared_ffn_hidden > 0 else None
+        self.aux_loss: Tensor | None = None
+
+    # -- weights ----------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def load_global_experts(self, w1: Tensor, w3: Tensor, w2: Tensor, phys_to_log: Tensor | None = None) -> None:
+        """Copies this rank's slots from global weights: w1/w3 [L, H, F], w2 [L, F, H] indexed by logical expert;
+        slot s holds logical ``phys_to_log[s]`` (default: this layer's placement's table, else the identity).
+        Empty slots (-1) are zeroed."""
+        table = phys_to_log if phys_to_log is not None else self.phys_to_log
+        lo = self.rank * self.num_local_experts
+        slots = torch.arange(lo, lo + self.num_local_experts)
+        logical = table.cpu()[slots] if table is not None else slots
+        ok = logical >= 0
+        for mine, full in ((self.experts.w1, w1), (self.experts.w3, w3), (self.experts.w2, w2)):
+            src = full.to(device=mine.device, dtype=mine.dtype)[logical.clamp(min=0).to(full.device)]
+            mine.copy_(torch.where(ok.to(mine.device).view(-1, 1, 1), src, 0))
+
+    # -- routing ----------------------------------------------------------------------------------------------
+    def route(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """x [T, H] -> (physical topk_idx int64 [T, K], topk_weights float32 [T, K]); stores the gate's aux loss."""
+        out = self.gate(x)
+        if isinstance(out, (tuple, list)):
+            idx, w = out[0], out[1]
+        else:
+            idx, w = out.topk_idx, out.topk_weights
+            self.aux_loss = getattr(out, "aux_loss", None)
+        if self.placement is not None:
+            idx = self.placement(idx)
+        return idx.to(torch.int64).contiguous(), w.float().contiguous()
+
+    # -- forward ----------------------------------------------------------------------------------------------
+    def forward(self, x: Tensor) -> Tensor:
+        """x [T, H] (bf16/fp32; T <= max_tokens_per_rank per chunk) -> [T, H] in x's dtype. Normal mode waits on
+        the host for each chunk's count exchange unless ``num_worst_tokens`` > 0; low-latency mode does not."""
+        if self.low_latency:
+            state = self._ll_send(x, hooks=False)
+            self._ll_experts(state)
+            return self._ll_finish(state)
+        idx, w = self.route(x)
+        return self._forward_normal(x, idx, w)
+
+    def _forward_normal(self, x: Tensor, idx: Tensor, w: Tensor) -> Tensor:
+        n = self.num_chunks
+        xs, idxs, ws = x.tensor_split(n), idx.tensor_split(n), w.tensor_split(n)
+        ready = ops.capture_event(x.device)  # the gate's outputs exist: dispatches wait for this only
+
+        def send(i: int) -> ops.DispatchOutput:
+            return ops.dispatch(
+                self.buffer_id, xs[i].contiguous(), idxs[i].contiguous(), ws[i].contiguous(),
+                num_worst_tokens=self.num_worst_tokens, previous_event=ready, async_finish=True,
+                use_custom_ops=self.use_custom_ops,
+            )
+
+        pending = [send(0)]
+        shared = self.shared_experts(x) if self.shared_experts is not None else None  # overlaps the first dispatch
+        combined: list[ops.CombineOutput] = []
+        for i in range(n):
+            if i + 1 < n:
+                pending.append(send(i + 1))
+            d = pending[i]
+            ops.wait(d.event)
+            num_pairs = sum(d.num_tokens_per_expert) if d.num_tokens_per_expert is not None else None
+            y = self.experts.forward_rows(d.x, d.topk_idx, d.topk_weights, num_pairs)
+            combined.append(ops.combine(self.buffer_id, y, d.handle, async_finish=True))
+        for c in combined:
+            ops.wait(c.event)
+        out = combined[0].x if n == 1 else torch.cat([c.x for c in combined])
+        return out + shared if shared is not None else out
+
+    # -- low-latency mode, in three steps ---------------------------------------------------------------------
+    def _ll_send(self, x: Tensor, hooks: bool) -> dict[str, Any]:
+        idx, w = self.route(x)
+        d = ops.low_latency_dispatch(
+            self.buffer_id, x.to(torch.bfloat16).contiguous(), idx, use_fp8=self.ll_use_fp8,
+            return_recv_hook=hooks, use_custom_ops=self.use_custom_ops,
+        )
+        shared = self.shared_experts(x) if self.shared_experts is not None else None
+        return {"x": x, "idx": idx, "w": w, "d": d, "shared": shared, "hooks": hooks}
+
+    def _ll_experts(self, st: dict[str, Any]) -> None:
+        d: ops.LowLatencyDispatchOutput = st["d"]
+        if st["hooks"]:
+            d.hook()
+        xe = fp8.dequantize(d.x, d.scales) if d.scales is not None else d.x
+        y = self.experts.forward_slots(xe, d.num_tokens_per_expert, self.ll_capacity)
+        st["out"], st["hook"] = ops.low_latency_combine(
+            self.buffer_id, y.to(torch.bfloat16), st["idx"], st["w"], d.handle, return_recv_hook=st["hooks"]
+        )
+
+    def _ll_finish(self, st: dict[str, Any]) -> Tensor:
+        if st["hooks"]:
+            st["hook"]()
+        out = st["out"].to(st["x"].dtype)
+        return out + st["shared"] if st["shared"] is not None else out
+
+    def low_latency_steps(self, x: Tensor) -> Generator[None, None, Tensor]:
+        """Low-latency forward as a generator that yields while its tokens travel (``return_recv_hook``): after
+        the dispatch sends, and after the combine sends. Drive several with :func:`run_interleaved`; the value
+        returned (``StopIteration.value``) is the output [T, H]. Eager only."""
+        if not self.low_latency:
+            raise ArgumentError("MoELayer.low_latency_steps: needs a Buffer created with low_latency=True")
+        st = self._ll_send(x, hooks=True)
+        yield
+        self._ll_experts(st)
+        yield
+        return self._ll_finish(st)
+
+
+def run_interleaved(steps: Sequence[Generator[None, None, Tensor]]) -> list[Tensor]:
+    """Advances the generators round-robin (one step each in turn) until all return; returns their values."""
+    out: list[Tensor | None] = [None] * len(steps)
+    active = list(range(len(steps)))
+    while active:
+        for i in list(active):
+            try:
+                next(steps[i])
+            except StopIteration as stop:
+                out[i] = stop.value
+                active.remove(i)
+    return [o for o in out if o is not None]
+
+
+class TwoBatchOverlap:
+    """Decoding with two micro-batches through one low-latency :class:`MoELayer`: A's dispatch is sent, B's gate
+    runs and B's dispatch is sent; A receives and computes its experts while B's tokens travel, then sends its
+    combine; B computes while A's results travel back; then both receive. The Buffer's double buffering allows
+    the two calls in flight. Same results as two separate calls."""
+
+    def __init__(self, layer: MoELayer) -> None:
+        if not layer.low_latency:
+            raise ArgumentError("TwoBatchOverlap: the layer's Buffer must be low_latency=True")
+        self.layer = layer
+
+    def __call__(self, xa: Tensor, xb: Tensor) -> tuple[Tensor, Tensor]:
+        """xa [Ta, H], xb [Tb, H] -> (ya [Ta, H], yb [Tb, H])."""
+        ya, yb = run_interleaved([self.layer.low_latency_steps(xa), self.layer.low_latency_steps(xb)])
+        return ya, yb
+
+
+@torch.no_grad()
+def allreduce_replica_grads(
+    params: Iterable[Tensor], phys_to_log: Tensor, group: dist.ProcessGroup | None = None
+) -> int:
+    """Sums the grads of every replica of each logical expert, so all copies take the same step.
+
+    Args:
+        params: this rank's expert parameters, each [S, ...] with one row per local slot (e.g. ``w1``, ``w3``,
+            ``w2`` of :class:`GroupedExperts`); rank r holds the global slots [r*S, (r+1)*S). Params without a grad
+            count as zero.
+        phys_to_log: int64 [N*S], the logical expert of each slot (-1: empty), e.g. ``Placement.phys_to_log``.
+        group: the expert-parallel group (default: the world).
+
+    Only logical experts with two or more slots take part: their grads are added by logical expert into one
+    [Q, sum of row sizes] float32 buffer (Q = replicated experts), all-reduced once over the group, and written
+    back to every slot. Collective: every rank must call it. Returns Q.
+    """
+    plist = list(params)
+    if not plist:
+        return 0
+    n = dist.get_world_size(group)
+    rank = dist.get_rank(group)
+    s = plist[0].shape[0]
+    table = phys_to_log.cpu().to(torch.int64)
+    if table.numel() != n * s or any(p.shape[0] != s for p in plist):
+        raise ArgumentError(
+            f"allreduce_replica_grads: phys_to_log has {table.numel()} slots, params have {s} rows on each of {n} ranks"
+        )
+    used = table >= 0
+    num_logical = int(table.max()) + 1 if bool(used.any()) else 0
+    counts = torch.bincount(table[used], minlength=num_logical)
+    replicated = (counts > 1).nonzero().flatten()
+    q = replicated.numel()
+    if q == 0:
+        return 0
+    compact = torch.full((num_logical,), -1, dtype=torch.int64)
+    compact[replicated] = torch.arange(q)
+    mine = table[rank * s : (rank + 1) * s]
+    slot_q = torch.where(mine >= 0, compact[mine.clamp(min=0)], -1)
+    local = (slot_q >= 0).nonzero().flatten()
+    dev = plist[0].device
+    widths = [p[0].numel() for p in plist]
+    acc = torch.zeros(q, sum(widths), dtype=torch.float32, device=dev)
+    rows = [
+        (p.grad if p.grad is not None else torch.zeros_like(p)).reshape(s, -1)[local.to(dev)].float() for p in plist
+    ]
+    acc.index_add_(0, slot_q[local].to(dev), torch.cat(rows, dim=1))
+    dist.all_reduce(acc, group=group)
+    back = acc[slot_q[local].to(dev)].split(widths, dim=1)
+    for p, b in zip(plist, back, strict=True):
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        p.grad.view(s, -1)[local.to(dev)] = b.to(p.grad.dtype)
+    return q

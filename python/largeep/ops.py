@@ -1,0 +1,846 @@
+"""Dispatch and combine for autograd and ``torch.compile``, and the grouped GEMM that expert MLPs run on.
+
+Two paths reach the same :class:`largeep.Buffer` calls.
+
+Eager (``torch.autograd.Function``): :func:`dispatch` and :func:`combine` return tensors tied into autograd, keep
+the Buffer's handle as a Python object, and take ``previous_event`` / ``async_finish`` so a caller can overlap
+communication with compute. Each is the other's backward (SPEC.md: combine is the adjoint of dispatch):
+
+- dispatch backward: ``combine`` of the grad of the received rows through the same handle; the grad of the
+  received ``topk_weights`` (masked to entries whose expert is on the receiving rank) is summed home by the same
+  call, which gives the grad of the caller's ``topk_weights``.
+- combine backward: a cached ``dispatch`` (handle given, no layout, no count exchange) of the grad of the output.
+  With ``num_worst_tokens`` the rows past the received count get a zero grad (they never reach the output).
+
+Compiled (``torch.library`` custom ops, namespace ``largeep``): a Buffer is a Python object, which a graph cannot
+hold, so a Buffer is registered once (:func:`register_buffer`, outside the compiled region) and ops take its int id.
+A dispatch's handle lives in a registry and travels through the graph as a *ticket*: an int64 CPU tensor [1]
+holding its key. :func:`dispatch` and :func:`combine` pick this path by themselves while
+``torch.compiler.is_compiling()`` (or with ``use_custom_ops=True``). The ops:
+
+==============================  =====================================================================================
+``dispatch_send``               all communication of a dispatch; returns the ticket. Effectful (ordered).
+``dispatch_recv``               the received x [R, H], topk_idx [R, K], topk_weights [R, K] of a ticket; no
+                                communication. R is ``num_worst_tokens``, or else an unbacked SymInt (the fake
+                                implementation calls ``new_dynamic_size``, bounded by N * max_tokens_per_rank).
+                                Carries the autograd formula of dispatch.
+``dispatch_cached``             re-sends a new x [T, H] with a ticket's routing (combine's backward). Effectful.
+``combine``                     y [R, H] (+ topk_weights [R, K]) -> [T, H] (+ [T, K]). Effectful. Carries the
+                                autograd formula of combine.
+``low_latency_dispatch``        and ``low_latency_combine``: the low-latency mode (no autograd). Effectful.
+``grouped_mm``                  ``out[offs[e-1]:offs[e]] = a[offs[e-1]:offs[e]] @ b[e]`` with autograd
+                                (``grouped_mm_wgrad`` is the weight grad).
+==============================  =====================================================================================
+
+Why a send/recv pair: the communication ops are registered effectful (``EffectType.ORDERED``) so that no graph
+pass reorders them or drops one (every rank must issue the same collectives in the same order), but an effectful
+op that creates an unbacked size breaks Inductor in torch 2.13; the pure ``dispatch_recv`` creates it instead.
+
+Variable row counts under ``torch.compile``: ``fullgraph=True`` captures ``dispatch_recv`` (it turns on
+``capture_dynamic_output_shape_ops`` for the frame); without ``fullgraph`` set
+``torch._dynamo.config.capture_dynamic_output_shape_ops = True`` or Dynamo breaks the graph there. With
+``num_worst_tokens`` > 0 every shape is static and no setting is needed (and nothing waits on the host).
+
+Handle lifetime in the registry: a handle counts the backward calls still to come (``hold`` flags, fixed when the
+forward is traced: one for ``dispatch_recv`` when grad flows to x or topk_weights, one for each ``combine`` whose y
+needs grad); each backward call drops one, and the handle is freed once a combine or a backward call leaves the
+count at zero (so inference frees it at the combine, training at the last backward call, in either order). A
+forward that never reaches combine or backward leaves its handle behind; as a safety net each Buffer keeps at most
+``max_live_handles`` (oldest dropped first), and :func:`release_handles` frees them all. Using a freed handle
+raises; so does a second backward through the same compiled graph.
+
+The grouped GEMM uses ``torch._grouped_mm`` (there in torch 2.13: on CPU it runs float32, bfloat16 and
+float16, with every non-unit stride a multiple of 16 bytes; its meta function accepts only bfloat16, hence the
+custom op). Where the native kernel cannot run (strides, dtype, device) a padded ``torch.bmm`` over
+[groups, max rows per group, K] does the same work; no Python loop over groups either way.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import weakref
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+
+from largeep._env import logger
+from largeep.buffer import Buffer, DispatchHandle, EventOverlap, LowLatencyHandle
+from largeep.errors import ArgumentError
+
+__all__ = [
+    "CombineOutput",
+    "DispatchOutput",
+    "LowLatencyDispatchOutput",
+    "OpHandle",
+    "TicketHandle",
+    "buffer_of",
+    "capture_event",
+    "combine",
+    "dispatch",
+    "grouped_mm",
+    "grouped_mm_backend",
+    "live_handles",
+    "low_latency_combine",
+    "low_latency_dispatch",
+    "register_buffer",
+    "release_handles",
+    "wait",
+]
+
+DEFAULT_MAX_LIVE_HANDLES = 256
+
+# ---------------------------------------------------------------------------------------------------------------
+# Registry: Buffers by int id, handles by ticket
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Entry:
+    """A live handle. ``pending`` holds a dispatch's outputs between ``dispatch_send`` and ``dispatch_recv``;
+    ``recv_topk_idx`` (int64 [R, K]) marks the valid rows when ``num_worst_tokens`` > 0."""
+
+    handle: DispatchHandle | LowLatencyHandle
+    num_worst_tokens: int = 0
+    recv_topk_idx: Tensor | None = None
+    pending: tuple[Tensor, Tensor, Tensor] | None = None
+    refs: int = 0  # backward calls still to come
+
+
+class _Registry:
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.buffers: weakref.WeakValueDictionary[int, Buffer] = weakref.WeakValueDictionary()
+        self.ids: weakref.WeakKeyDictionary[Buffer, int] = weakref.WeakKeyDictionary()
+        self.limits: dict[int, int] = {}
+        self.entries: dict[int, OrderedDict[int, _Entry]] = {}
+        self.next_buffer = itertools.count(1)
+        self.next_ticket = itertools.count(1)
+
+
+_REG = _Registry()
+
+
+def register_buffer(buffer: Buffer, *, max_live_handles: int = DEFAULT_MAX_LIVE_HANDLES) -> int:
+    """Gives ``buffer`` an int id that the custom ops take (call it outside any compiled region). Idempotent:
+    a Buffer registered again keeps its id (and gets the new ``max_live_handles``). The registry holds the Buffer
+    weakly."""
+    if not isinstance(buffer, Buffer):
+        raise ArgumentError(f"register_buffer: argument 'buffer' must be a largeep.Buffer, got {type(buffer).__name__}")
+    if max_live_handles < 1:
+        raise ArgumentError(f"register_buffer: argument 'max_live_handles' must be >= 1, got {max_live_handles}")
+    with _REG.lock:
+        bid = _REG.ids.get(buffer)
+        if bid is None:
+            bid = next(_REG.next_buffer)
+            _REG.ids[buffer] = bid
+            _REG.buffers[bid] = buffer
+            _REG.entries[bid] = OrderedDict()
+        _REG.limits[bid] = max_live_handles
+    return bid
+
+
+def buffer_of(buffer_id: int) -> Buffer:
+    """The Buffer registered as ``buffer_id``."""
+    buf = _REG.buffers.get(buffer_id)
+    if buf is None:
+        raise ArgumentError(f"largeep.ops: no live Buffer is registered as id {buffer_id} (see register_buffer)")
+    return buf
+
+
+def release_handles(buffer_id: int) -> int:
+    """Drops every handle still held for ``buffer_id`` (e.g. after an optimizer step); returns how many."""
+    with _REG.lock:
+        entries = _REG.entries.get(buffer_id)
+        n = len(entries) if entries is not None else 0
+        if entries is not None:
+            entries.clear()
+    return n
+
+
+def live_handles(buffer_id: int) -> int:
+    """How many handles the registry holds for ``buffer_id``."""
+    with _REG.lock:
+        return len(_REG.entries.get(buffer_id, ()))
+
+
+def _put(buffer_id: int, entry: _Entry) -> Tensor:
+    with _REG.lock:
+        entries = _REG.entries[buffer_id]
+        tid = next(_REG.next_ticket)
+        entries[tid] = entry
+        while len(entries) > _REG.limits[buffer_id]:
+            entries.popitem(last=False)
+    return torch.tensor([tid], dtype=torch.int64)
+
+
+def _get(buffer_id: int, ticket: Tensor, op: str, refs: int = 0, settle: bool = False) -> _Entry:
+    """The entry of ``ticket``; adds ``refs`` to its count, and with ``settle`` frees it if the count is <= 0."""
+    tid = int(ticket.reshape(-1)[0])
+    with _REG.lock:
+        entries = _REG.entries.get(buffer_id)
+        entry = entries.get(tid) if entries is not None else None
+        if entry is not None:
+            entry.refs += refs
+            if settle and entry.refs <= 0:
+                del entries[tid]  # type: ignore[union-attr]
+    if entry is None:
+        limit = _REG.limits.get(buffer_id, DEFAULT_MAX_LIVE_HANDLES)
+        raise RuntimeError(
+            f"largeep.ops.{op}: handle #{tid} of Buffer id {buffer_id} was released or evicted (each Buffer keeps "
+            f"at most {limit} live handles; raise it with register_buffer(buf, max_live_handles=...)); a second "
+            "backward through the same graph is not supported on the custom-op path"
+        )
+    return entry
+
+
+def _ticket_like() -> Tensor:
+    return torch.empty(1, dtype=torch.int64)
+
+
+def _fresh(outputs: tuple[Tensor, ...], inputs: tuple[Tensor | None, ...] = ()) -> tuple[Tensor, ...]:
+    """Clones outputs that share storage with an input or an earlier output (custom ops may not return aliases;
+    a backend may hand back views of one receive buffer, e.g. all its empty outputs)."""
+    seen = {t.untyped_storage().data_ptr() for t in inputs if t is not None and t.numel()}
+    out = []
+    for t in outputs:
+        ptr = t.untyped_storage().data_ptr()
+        if t.numel() == 0 or ptr in seen:
+            t = t.clone()
+        else:
+            seen.add(ptr)
+        out.append(t)
+    return tuple(out)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Grouped GEMM
+# ---------------------------------------------------------------------------------------------------------------
+
+_NATIVE_DTYPES = {
+    "cpu": (torch.float32, torch.bfloat16, torch.float16),
+    "cuda": (torch.bfloat16,),
+}
+_native_failed: set[tuple[str, torch.dtype]] = set()
+
+
+def _strides_ok(t: Tensor) -> bool:
+    es = t.element_size()
+    if t.data_ptr() % 16:
+        return False
+    unit = 1 in t.stride() or t.numel() <= 1
+    return unit and all(
+        st == 1 or size <= 1 or (st > 0 and st * es % 16 == 0) for st, size in zip(t.stride(), t.shape, strict=True)
+    )
+
+
+def grouped_mm_backend(a: Tensor, b: Tensor) -> str:
+    """"native" when ``torch._grouped_mm`` can run ``a`` [P, K] x ``b`` [G, K, N] (dtype, device, 16-byte
+    strides), else "padded_bmm"."""
+    key = (a.device.type, a.dtype)
+    ok = (
+        hasattr(torch, "_grouped_mm")
+        and a.dtype in _NATIVE_DTYPES.get(a.device.type, ())
+        and key not in _native_failed
+        and b.shape[-1] * a.element_size() % 16 == 0
+        and _strides_ok(a)
+        and _strides_ok(b)
+    )
+    return "native" if ok else "padded_bmm"
+
+
+def _group_rows(offs: Tensor, used: int) -> tuple[Tensor, Tensor, int]:
+    """Rows [0, used) -> (group int64 [used], position in the group int64 [used], max rows of a group)."""
+    o = offs.to(torch.int64)
+    starts = torch.cat([o.new_zeros(1), o[:-1]])
+    counts = o - starts
+    cap = int(counts.max()) if counts.numel() else 0
+    rows = torch.arange(used, device=o.device)
+    grp = torch.searchsorted(o, rows, right=True)
+    return grp, rows - starts[grp], cap
+
+
+def _padded(t: Tensor, grp: Tensor, pos: Tensor, groups: int, cap: int) -> Tensor:
+    out = t.new_zeros(groups, cap, t.shape[1])
+    out[grp, pos] = t[: grp.numel()]
+    return out
+
+
+def _try_native(fn: Any, a: Tensor, *args: Any) -> Tensor | None:
+    try:
+        return fn(*args)  # type: ignore[no-any-return]
+    except RuntimeError as exc:  # an unsupported combination: remember it and use the fallback from now on
+        _native_failed.add((a.device.type, a.dtype))
+        logger.info("largeep: torch._grouped_mm failed for %s %s (%s); using padded bmm", a.device, a.dtype, exc)
+        return None
+
+
+def _grouped_mm_impl(a: Tensor, b: Tensor, offs: Tensor) -> Tensor:
+    if grouped_mm_backend(a, b) == "native" and offs.numel():
+        out = _try_native(lambda: torch._grouped_mm(a, b, offs=offs), a)
+        if out is not None:
+            # the kernel leaves rows past offs[-1] unwritten; zero them without a host sync
+            past = torch.arange(a.shape[0], device=a.device) >= offs[-1]
+            return out.masked_fill_(past.unsqueeze(1), 0)
+    used = int(offs[-1]) if offs.numel() else 0  # the fallback waits on the host for the row counts
+    grp, pos, cap = _group_rows(offs, used)
+    res = torch.bmm(_padded(a, grp, pos, b.shape[0], cap), b)
+    out = a.new_zeros(a.shape[0], b.shape[2])
+    out[:used] = res[grp, pos]
+    return out
+
+
+def _grouped_mm_wgrad_impl(a: Tensor, g: Tensor, offs: Tensor) -> Tensor:
+    """a [P, K], g [P, N] -> [G, K, N] with ``out[e] = a[rows of e].T @ g[rows of e]`` (rows past offs[-1] unused)."""
+    groups = offs.shape[0]
+    if grouped_mm_backend(a, g.unsqueeze(0)) == "native" and groups:
+        out = _try_native(lambda: torch._grouped_mm(a.t(), g, offs=offs), a)
+        if out is not None:
+            return out
+    used = int(offs[-1]) if groups else 0
+    grp, pos, cap = _group_rows(offs, used)
+    return torch.bmm(_padded(a, grp, pos, groups, cap).transpose(1, 2), _padded(g, grp, pos, groups, cap))
+
+
+@torch.library.custom_op(
+    "largeep::grouped_mm", mutates_args=(), schema="(Tensor a, Tensor b, Tensor offs) -> Tensor"
+)
+def _grouped_mm_op(a: Tensor, b: Tensor, offs: Tensor) -> Tensor:
+    return _grouped_mm_impl(a, b, offs)
+
+
+@_grouped_mm_op.register_fake
+def _(a: Tensor, b: Tensor, offs: Tensor) -> Tensor:
+    return a.new_empty(a.shape[0], b.shape[2])
+
+
+@torch.library.custom_op(
+    "largeep::grouped_mm_wgrad", mutates_args=(), schema="(Tensor a, Tensor g, Tensor offs) -> Tensor"
+)
+def _grouped_mm_wgrad_op(a: Tensor, g: Tensor, offs: Tensor) -> Tensor:
+    return _grouped_mm_wgrad_impl(a, g, offs)
+
+
+@_grouped_mm_wgrad_op.register_fake
+def _(a: Tensor, g: Tensor, offs: Tensor) -> Tensor:
+    return a.new_empty(offs.shape[0], a.shape[1], g.shape[1])
+
+
+def _gmm_setup(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
+    a, b, offs = inputs
+    ctx.save_for_backward(a, b, offs)
+
+
+def _gmm_backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
+    a, b, offs = ctx.saved_tensors
+    grad = grad.contiguous()
+    ga = _grouped_mm_op(grad, b.transpose(1, 2), offs) if ctx.needs_input_grad[0] else None
+    gb = _grouped_mm_wgrad_op(a, grad, offs) if ctx.needs_input_grad[1] else None
+    return ga, gb, None
+
+
+_grouped_mm_op.register_autograd(_gmm_backward, setup_context=_gmm_setup)
+
+
+def grouped_mm(a: Tensor, b: Tensor, offs: Tensor) -> Tensor:
+    """One GEMM per group over contiguous row ranges, differentiable in ``a`` and ``b``.
+
+    Args:
+        a: [P, K] rows sorted by group (bf16/fp32/fp16, same dtype as ``b``).
+        b: [G, K, N] one matrix per group.
+        offs: int32 [G], inclusive end row of each group (non-decreasing, ``offs[-1] <= P``).
+
+    Returns:
+        [P, N] in a's dtype; rows past ``offs[-1]`` are zero. The native kernel does not wait on the host; the
+        padded-bmm fallback does (for the largest group), inside the op, so a compiled graph does not break.
+    """
+    return _grouped_mm_op(a, b, offs)  # type: ignore[no-any-return]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Normal mode: custom ops
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _max_rows(buffer_id: int) -> int:
+    buf = _REG.buffers.get(buffer_id)
+    return buf.ctx.num_ranks * buf.ctx.max_tokens_per_rank if buf is not None else 2**31 - 1
+
+
+@torch.library.custom_op(
+    "largeep::dispatch_send",
+    mutates_args=(),
+    schema="(int buffer_id, Tensor x, Tensor topk_idx, Tensor topk_weights, int num_worst_tokens) -> Tensor",
+)
+def _dispatch_send_op(
+    buffer_id: int, x: Tensor, topk_idx: Tensor, topk_weights: Tensor, num_worst_tokens: int
+) -> Tensor:
+    buf = buffer_of(buffer_id)
+    res = buf.dispatch(x, topk_idx, topk_weights, num_worst_tokens=num_worst_tokens)
+    assert isinstance(res.x, Tensor) and res.topk_idx is not None and res.topk_weights is not None
+    entry = _Entry(res.handle, num_worst_tokens, res.topk_idx if num_worst_tokens else None)
+    entry.pending = (res.x, res.topk_idx, res.topk_weights)
+    return _put(buffer_id, entry)
+
+
+@_dispatch_send_op.register_fake
+def _(buffer_id: int, x: Tensor, topk_idx: Tensor, topk_weights: Tensor, num_worst_tokens: int) -> Tensor:
+    return _ticket_like()
+
+
+@torch.library.custom_op(
+    "largeep::dispatch_recv",
+    mutates_args=(),
+    schema=(
+        "(int buffer_id, Tensor ticket, Tensor x, Tensor topk_weights, int num_worst_tokens, bool hold) "
+        "-> (Tensor, Tensor, Tensor)"
+    ),
+)
+def _dispatch_recv_op(
+    buffer_id: int, ticket: Tensor, x: Tensor, topk_weights: Tensor, num_worst_tokens: int, hold: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    entry = _get(buffer_id, ticket, "dispatch_recv", refs=int(hold))
+    if entry.pending is None:
+        raise RuntimeError("largeep.ops.dispatch_recv: the outputs of this dispatch were already taken")
+    out, entry.pending = entry.pending, None
+    rx, ridx, rw = _fresh(out, (ticket, x, topk_weights))
+    return rx, ridx, rw
+
+
+@_dispatch_recv_op.register_fake
+def _(
+    buffer_id: int, ticket: Tensor, x: Tensor, topk_weights: Tensor, num_worst_tokens: int, hold: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    rows = num_worst_tokens or torch.library.get_ctx().new_dynamic_size(max=_max_rows(buffer_id))
+    k = topk_weights.shape[1]
+    return (
+        x.new_empty(rows, x.shape[1]),
+        torch.empty(rows, k, dtype=torch.int64, device=x.device),
+        topk_weights.new_empty(rows, k),
+    )
+
+
+@torch.library.custom_op(
+    "largeep::dispatch_cached",
+    mutates_args=(),
+    schema="(int buffer_id, Tensor x, Tensor ticket, SymInt num_rows) -> Tensor",
+)
+def _dispatch_cached_op(buffer_id: int, x: Tensor, ticket: Tensor, num_rows: int) -> Tensor:
+    """combine's backward: drops the reference its forward held."""
+    entry = _get(buffer_id, ticket, "dispatch_cached", refs=-1, settle=True)
+    assert isinstance(entry.handle, DispatchHandle)
+    out = buffer_of(buffer_id).dispatch(x, handle=entry.handle, num_worst_tokens=entry.num_worst_tokens).x
+    assert isinstance(out, Tensor)
+    return _fresh((_zero_tail(out, entry.recv_topk_idx),), (x,))[0]
+
+
+@_dispatch_cached_op.register_fake
+def _(buffer_id: int, x: Tensor, ticket: Tensor, num_rows: int) -> Tensor:
+    return x.new_empty(num_rows, x.shape[1])
+
+
+@torch.library.custom_op(
+    "largeep::combine",
+    mutates_args=(),
+    schema=(
+        "(int buffer_id, Tensor y, Tensor ticket, SymInt num_tokens, Tensor? topk_weights, int refs) "
+        "-> (Tensor, Tensor)"
+    ),
+)
+def _combine_op(
+    buffer_id: int, y: Tensor, ticket: Tensor, num_tokens: int, topk_weights: Tensor | None, refs: int
+) -> tuple[Tensor, Tensor]:
+    """refs: +1 for a forward whose y needs grad (its backward will come), 0 for one without, -1 as the backward
+    of dispatch_recv."""
+    entry = _get(buffer_id, ticket, "combine", refs=refs, settle=True)
+    assert isinstance(entry.handle, DispatchHandle)
+    res = buffer_of(buffer_id).combine(y, entry.handle, topk_weights=topk_weights)
+    w = res.topk_weights if res.topk_weights is not None else y.new_empty(0, dtype=torch.float32)
+    x, w = _fresh((res.x, w), (y, topk_weights))
+    return x, w
+
+
+@_combine_op.register_fake
+def _(
+    buffer_id: int, y: Tensor, ticket: Tensor, num_tokens: int, topk_weights: Tensor | None, refs: int
+) -> tuple[Tensor, Tensor]:
+    w = topk_weights.new_empty(num_tokens, topk_weights.shape[1]) if topk_weights is not None else None
+    return y.new_empty(num_tokens, y.shape[1]), w if w is not None else y.new_empty(0, dtype=torch.float32)
+
+
+def _zero_tail(x: Tensor, recv_topk_idx: Tensor | None) -> Tensor:
+    """Zeroes rows past the received count of a ``num_worst_tokens`` dispatch (those rows name no expert)."""
+    if recv_topk_idx is None:
+        return x
+    return torch.where((recv_topk_idx >= 0).any(dim=1, keepdim=True), x, 0)
+
+
+def _recv_setup(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor, Tensor]) -> None:
+    buffer_id, ticket, x, topk_weights, _, _ = inputs
+    ctx.buffer_id = buffer_id
+    ctx.num_tokens = x.shape[0]
+    ctx.x_dtype = x.dtype
+    ctx.hidden = x.shape[1]
+    ctx.save_for_backward(ticket, output[1])
+
+
+def _recv_backward(ctx: Any, gx: Tensor | None, _gidx: Any, gw: Tensor | None) -> tuple[Any, ...]:
+    ticket, recv_idx = ctx.saved_tensors
+    if gx is None:
+        gx = torch.zeros(recv_idx.shape[0], ctx.hidden, dtype=ctx.x_dtype, device=recv_idx.device)
+    w = torch.where(recv_idx >= 0, gw, 0.0).contiguous() if gw is not None else None
+    x, wsum = _combine_op(ctx.buffer_id, gx.contiguous(), ticket, ctx.num_tokens, w, -1)
+    return None, None, x, (wsum if w is not None else None), None, None
+
+
+_dispatch_recv_op.register_autograd(_recv_backward, setup_context=_recv_setup)
+
+
+def _combine_setup(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor]) -> None:
+    buffer_id, y, ticket, _, _, _ = inputs
+    ctx.buffer_id = buffer_id
+    ctx.num_rows = y.shape[0]
+    ctx.save_for_backward(ticket)
+
+
+def _combine_backward(ctx: Any, gx: Tensor | None, _gw: Any) -> tuple[Any, ...]:
+    (ticket,) = ctx.saved_tensors
+    if gx is None:
+        return None, None, None, None, None, None
+    gy = _dispatch_cached_op(ctx.buffer_id, gx.contiguous(), ticket, ctx.num_rows)
+    return None, gy, None, None, None, None
+
+
+_combine_op.register_autograd(_combine_backward, setup_context=_combine_setup)
+
+# ---------------------------------------------------------------------------------------------------------------
+# Low-latency mode: custom ops (no autograd)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op(
+    "largeep::low_latency_dispatch",
+    mutates_args=(),
+    schema=(
+        "(int buffer_id, Tensor x, Tensor topk_idx, bool use_fp8, bool round_scale) "
+        "-> (Tensor, Tensor, Tensor, Tensor, Tensor)"
+    ),
+)
+def _ll_dispatch_op(
+    buffer_id: int, x: Tensor, topk_idx: Tensor, use_fp8: bool, round_scale: bool
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    res = buffer_of(buffer_id).low_latency_dispatch(x, topk_idx, use_fp8=use_fp8, round_scale=round_scale)
+    if isinstance(res.x, tuple):
+        q, s = res.x
+    else:
+        q, s = res.x, x.new_empty(0, dtype=torch.float32)
+    q, s, counts, info = _fresh((q, s, res.num_tokens_per_expert, res.src_info), (x, topk_idx))
+    return q, s, counts, info, _put(buffer_id, _Entry(res.handle))
+
+
+@_ll_dispatch_op.register_fake
+def _(
+    buffer_id: int, x: Tensor, topk_idx: Tensor, use_fp8: bool, round_scale: bool
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    c = buffer_of(buffer_id).ctx
+    rows = c.num_ranks * c.max_tokens_per_rank
+    h = x.shape[1]
+    dev = x.device
+    q = torch.empty(c.experts_per_rank, rows, h, dtype=torch.float8_e4m3fn if use_fp8 else x.dtype, device=dev)
+    s = (
+        torch.empty(c.experts_per_rank, rows, h // 128, dtype=torch.float32, device=dev)
+        if use_fp8
+        else torch.empty(0, dtype=torch.float32, device=dev)
+    )
+    counts = torch.empty(c.experts_per_rank, dtype=torch.int32, device=dev)
+    info = torch.empty(c.experts_per_rank, rows, 2, dtype=torch.int32, device=dev)
+    return q, s, counts, info, _ticket_like()
+
+
+@torch.library.custom_op(
+    "largeep::low_latency_combine",
+    mutates_args=(),
+    schema="(int buffer_id, Tensor y, Tensor topk_idx, Tensor topk_weights, Tensor ticket) -> Tensor",
+)
+def _ll_combine_op(buffer_id: int, y: Tensor, topk_idx: Tensor, topk_weights: Tensor, ticket: Tensor) -> Tensor:
+    entry = _get(buffer_id, ticket, "low_latency_combine", settle=True)
+    assert isinstance(entry.handle, LowLatencyHandle)
+    out = buffer_of(buffer_id).low_latency_combine(y, topk_idx, topk_weights, entry.handle).x
+    return _fresh((out,), (y, topk_idx, topk_weights))[0]
+
+
+@_ll_combine_op.register_fake
+def _(buffer_id: int, y: Tensor, topk_idx: Tensor, topk_weights: Tensor, ticket: Tensor) -> Tensor:
+    return y.new_empty(topk_idx.shape[0], y.shape[2])
+
+
+for _name in ("dispatch_send", "dispatch_cached", "combine", "low_latency_dispatch", "low_latency_combine"):
+    torch.library._register_effectful_op(f"largeep::{_name}", torch.library.EffectType.ORDERED)
+
+# ---------------------------------------------------------------------------------------------------------------
+# Eager path: autograd Functions over the Buffer
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class OpHandle:
+    """Handle of an eager :func:`dispatch`: the Buffer, its :class:`DispatchHandle`, the received topk_idx
+    (int64 [R, K], to find the rows past the received count when ``num_worst_tokens`` > 0) and the source T."""
+
+    buffer: Buffer
+    handle: DispatchHandle
+    recv_topk_idx: Tensor
+    num_worst_tokens: int
+    num_tokens: int
+
+
+class TicketHandle(NamedTuple):
+    """Handle of a :func:`dispatch` on the custom-op path: the registry ticket (int64 CPU [1]) and the source T."""
+
+    ticket: Tensor
+    num_tokens: Any  # int or SymInt
+
+
+Handle = OpHandle | TicketHandle
+
+
+class DispatchOutput(NamedTuple):
+    """x: [R, H] in x's dtype; topk_idx: int64 [R, K] local expert ids (-1 elsewhere); topk_weights: float32
+    [R, K]. With ``num_worst_tokens`` R is that number and rows past the received count name no expert (their x
+    is unspecified). num_tokens_per_expert: rows per local expert (host ints) where known without a device sync,
+    else None. event: wait on it (:func:`wait`) before using the tensors when ``async_finish`` was set."""
+
+    x: Tensor
+    topk_idx: Tensor
+    topk_weights: Tensor
+    handle: Handle
+    event: EventOverlap | None
+    num_tokens_per_expert: list[int] | None
+
+
+class CombineOutput(NamedTuple):
+    """x: [T, H] in y's dtype; event as in :class:`DispatchOutput`."""
+
+    x: Tensor
+    event: EventOverlap | None
+
+
+class _DispatchFn(torch.autograd.Function):
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        x: Tensor,
+        topk_idx: Tensor,
+        topk_weights: Tensor,
+        buffer: Buffer,
+        num_worst_tokens: int,
+        previous_event: EventOverlap | None,
+        async_finish: bool,
+        sink: list[Any],
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        res = buffer.dispatch(
+            x, topk_idx, topk_weights, num_worst_tokens=num_worst_tokens, previous_event=previous_event,
+            async_finish=async_finish,
+        )
+        assert isinstance(res.x, Tensor) and res.topk_idx is not None and res.topk_weights is not None
+        handle = OpHandle(buffer, res.handle, res.topk_idx, num_worst_tokens, x.shape[0])
+        sink.append((handle, res))
+        ctx.handle = handle
+        ctx.x_dtype = x.dtype
+        ctx.mark_non_differentiable(res.topk_idx)
+        return res.x, res.topk_idx, res.topk_weights
+
+    @staticmethod
+    def backward(ctx: Any, gx: Tensor | None, _gidx: Any, gw: Tensor | None) -> tuple[Any, ...]:
+        h: OpHandle = ctx.handle
+        if gx is None:
+            gx = torch.zeros(
+                h.handle.num_recv_tokens, h.buffer.ctx.hidden, dtype=ctx.x_dtype, device=h.recv_topk_idx.device
+            )
+        w = torch.where(h.recv_topk_idx >= 0, gw, 0.0).contiguous() if gw is not None else None
+        res = h.buffer.combine(gx.contiguous(), h.handle, topk_weights=w)
+        return res.x, None, res.topk_weights, None, None, None, None, None
+
+
+class _CombineFn(torch.autograd.Function):
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        y: Tensor,
+        handle: OpHandle,
+        previous_event: EventOverlap | None,
+        async_finish: bool,
+        sink: list[Any],
+    ) -> Tensor:
+        res = handle.buffer.combine(y, handle.handle, previous_event=previous_event, async_finish=async_finish)
+        sink.append(res)
+        ctx.handle = handle
+        return res.x
+
+    @staticmethod
+    def backward(ctx: Any, gx: Tensor) -> tuple[Any, ...]:
+        h: OpHandle = ctx.handle
+        gy = h.buffer.dispatch(gx.contiguous(), handle=h.handle, num_worst_tokens=h.num_worst_tokens).x
+        assert isinstance(gy, Tensor)
+        if h.num_worst_tokens:
+            gy = _zero_tail(gy, h.recv_topk_idx)
+        return gy, None, None, None, None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Public functions (pick the path)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _use_ops(force: bool) -> bool:
+    return force or torch.compiler.is_compiling()
+
+
+def _buffer_id(buffer: Buffer | int, op: str) -> int:
+    if isinstance(buffer, int):
+        return buffer
+    if torch.compiler.is_compiling():
+        raise ArgumentError(
+            f"largeep.ops.{op}: inside torch.compile pass the int id from register_buffer(buf), not the Buffer"
+        )
+    return register_buffer(buffer)
+
+
+def _buffer(buffer: Buffer | int) -> Buffer:
+    return buffer if isinstance(buffer, Buffer) else buffer_of(buffer)
+
+
+def dispatch(
+    buffer: Buffer | int,
+    x: Tensor,
+    topk_idx: Tensor,
+    topk_weights: Tensor,
+    *,
+    num_worst_tokens: int = 0,
+    previous_event: EventOverlap | None = None,
+    async_finish: bool = False,
+    use_custom_ops: bool = False,
+) -> DispatchOutput:
+    """Differentiable normal-mode dispatch (SPEC.md): grads flow to ``x`` and ``topk_weights``.
+
+    Args:
+        buffer: a normal-mode Buffer, or its id from :func:`register_buffer` (required inside ``torch.compile``).
+        x: [T, H] bf16/fp32. topk_idx: int64 [T, K] physical expert ids in [-1, E). topk_weights: float32 [T, K].
+        num_worst_tokens: > 0 gives [num_worst_tokens, ...] outputs and no host wait (Buffer semantics).
+        previous_event, async_finish: as ``Buffer.dispatch`` (eager path only; ignored on the custom-op path,
+            which always finishes in order).
+        use_custom_ops: take the custom-op path in eager mode too (it is always taken while compiling).
+
+    Waits on the host for the count exchange unless ``num_worst_tokens`` > 0.
+    """
+    if _use_ops(use_custom_ops):
+        bid = _buffer_id(buffer, "dispatch")
+        ticket = torch.ops.largeep.dispatch_send(bid, x.detach(), topk_idx, topk_weights.detach(), num_worst_tokens)
+        hold = torch.is_grad_enabled() and (x.requires_grad or topk_weights.requires_grad)
+        rx, ridx, rw = torch.ops.largeep.dispatch_recv(bid, ticket, x, topk_weights, num_worst_tokens, hold)
+        return DispatchOutput(rx, ridx, rw, TicketHandle(ticket, x.shape[0]), None, None)
+    buf = _buffer(buffer)
+    sink: list[Any] = []
+    rx, ridx, rw = _DispatchFn.apply(
+        x, topk_idx, topk_weights, buf, num_worst_tokens, previous_event, async_finish, sink
+    )
+    handle, res = sink[0]
+    counts = res.num_tokens_per_expert if not num_worst_tokens else None
+    return DispatchOutput(rx, ridx, rw, handle, res.event, counts)
+
+
+def combine(
+    buffer: Buffer | int,
+    y: Tensor,
+    handle: Handle,
+    *,
+    previous_event: EventOverlap | None = None,
+    async_finish: bool = False,
+) -> CombineOutput:
+    """Differentiable normal-mode combine: x [T, H] = per-token sum of the rows y [R, H] sent home (no weights).
+
+    ``handle`` comes from :func:`dispatch`; the path follows it. Does not wait on the host."""
+    if isinstance(handle, TicketHandle):
+        bid = _buffer_id(buffer, "combine")
+        hold = int(torch.is_grad_enabled() and y.requires_grad)
+        x, _ = torch.ops.largeep.combine(bid, y, handle.ticket, handle.num_tokens, None, hold)
+        return CombineOutput(x, None)
+    sink: list[Any] = []
+    x = _CombineFn.apply(y, handle, previous_event, async_finish, sink)
+    return CombineOutput(x, sink[0].event)
+
+
+class LowLatencyDispatchOutput(NamedTuple):
+    """x: [E/N, N*M, H] (bf16, or e4m3 with ``use_fp8``); scales: float32 [E/N, N*M, H/128] or None;
+    num_tokens_per_expert: int32 [E/N]; src_info: int32 [E/N, N*M, 2]; handle: LowLatencyHandle (eager) or a
+    ticket tensor (custom-op path); hook: see ``Buffer.low_latency_dispatch`` (eager only)."""
+
+    x: Tensor
+    scales: Tensor | None
+    num_tokens_per_expert: Tensor
+    src_info: Tensor
+    handle: LowLatencyHandle | Tensor
+    hook: Any
+
+
+def low_latency_dispatch(
+    buffer: Buffer | int,
+    x: Tensor,
+    topk_idx: Tensor,
+    *,
+    use_fp8: bool = True,
+    round_scale: bool = False,
+    return_recv_hook: bool = False,
+    use_custom_ops: bool = False,
+) -> LowLatencyDispatchOutput:
+    """Low-latency dispatch (no autograd) of x bf16 [T, H], topk_idx int64 [T, K]. Compilable (fixed shapes);
+    ``return_recv_hook`` only on the eager path. No host wait."""
+    if _use_ops(use_custom_ops):
+        if return_recv_hook:
+            raise ArgumentError("largeep.ops.low_latency_dispatch: return_recv_hook is eager-only")
+        bid = _buffer_id(buffer, "low_latency_dispatch")
+        q, s, counts, info, ticket = torch.ops.largeep.low_latency_dispatch(bid, x, topk_idx, use_fp8, round_scale)
+        return LowLatencyDispatchOutput(q, s if use_fp8 else None, counts, info, ticket, None)
+    res = _buffer(buffer).low_latency_dispatch(
+        x, topk_idx, use_fp8=use_fp8, round_scale=round_scale, return_recv_hook=return_recv_hook
+    )
+    q, s = res.x if isinstance(res.x, tuple) else (res.x, None)
+    return LowLatencyDispatchOutput(q, s, res.num_tokens_per_expert, res.src_info, res.handle, res.hook)
+
+
+def low_latency_combine(
+    buffer: Buffer | int,
+    y: Tensor,
+    topk_idx: Tensor,
+    topk_weights: Tensor,
+    handle: LowLatencyHandle | Tensor,
+    *,
+    return_recv_hook: bool = False,
+) -> tuple[Tensor, Any]:
+    """Low-latency combine: y bf16 [E/N, N*M, H] -> (x bf16 [T, H] weighted by topk_weights, hook or None)."""
+    if isinstance(handle, Tensor):
+        if return_recv_hook:
+            raise ArgumentError("largeep.ops.low_latency_combine: return_recv_hook is eager-only")
+        bid = _buffer_id(buffer, "low_latency_combine")
+        return torch.ops.largeep.low_latency_combine(bid, y, topk_idx, topk_weights, handle), None
+    res = _buffer(buffer).low_latency_combine(y, topk_idx, topk_weights, handle, return_recv_hook=return_recv_hook)
+    return res.x, res.hook
+
+
+def capture_event(device: torch.device) -> EventOverlap | None:
+    """An event recorded now on the current stream of ``device`` (for ``previous_event``); None on CPU (where
+    every call has finished when it returns) or while compiling."""
+    if device.type != "cuda" or torch.compiler.is_compiling():
+        return None
+    ev = torch.cuda.Event()
+    ev.record(torch.cuda.current_stream())
+    return EventOverlap(ev)
+
+
+def wait(event: EventOverlap | None) -> None:
+    """Orders the current stream after ``event`` (no-op for None). Does not block the host."""
+    if event is not None:
+        event.current_stream_wait()

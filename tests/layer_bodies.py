@@ -1,0 +1,421 @@
+"""Bodies for test_ops.py and test_layers.py, run on every rank of a pool: ``fn(rank, world, *args)``.
+
+Every rank draws every rank's inputs and the global weights from shared seeds, so each can compute a single-process
+dense reference (every expert, every rank's tokens, float64) without talking to anyone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import largeep
+import torch
+import torch._dynamo
+import torch.distributed as dist
+import torch.nn.functional as F
+from largeep import layers, ops
+from reference import make_inputs, ref_dispatch
+
+
+def _gen(*key: int) -> torch.Generator:
+    s = 0
+    for k in key:
+        s = s * 1000003 + k
+    return torch.Generator().manual_seed(s % (2**62))
+
+
+def close(out: Any, ref: torch.Tensor, what: str, rtol: float = 1e-5) -> None:
+    """|out - ref| <= rtol * (|ref| + max|ref|): relative to each value and to the tensor's scale."""
+    assert isinstance(out, torch.Tensor), f"{what}: got {type(out).__name__}"
+    out64, ref64 = out.detach().double().cpu(), ref.detach().double().cpu()
+    assert out64.shape == ref64.shape, f"{what}: shape {tuple(out64.shape)} != {tuple(ref64.shape)}"
+    assert torch.isfinite(out64).all(), f"{what}: non-finite values"
+    if ref64.numel() == 0:
+        return
+    err = (out64 - ref64).abs()
+    bound = rtol * (ref64.abs() + ref64.abs().max()) + 1e-12
+    worst = (err / bound).max().item()
+    scale = ref64.abs().max().item()
+    assert worst <= 1.0, f"{what}: max error {err.max().item():.3g} (scale {scale:.3g}), x{worst:.3g}"
+
+
+def _allsum(t: Any) -> torch.Tensor:
+    assert isinstance(t, torch.Tensor)
+    t = t.detach().clone()
+    dist.all_reduce(t)
+    return t
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# ops: dispatch / combine autograd against the loop reference
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def ops_autograd(
+    rank: int, world: int, tokens: list[int], hidden: int, num_experts: int, num_topk: int, num_worst: int,
+    use_custom_ops: bool, seed: int,
+) -> dict[str, Any]:
+    """Grads of dispatch (x, topk_weights) and combine (y) against the loop reference, float32."""
+    inputs = [make_inputs(seed, r, tokens[r], hidden, num_experts, num_topk, torch.float32) for r in range(world)]
+    refs = [ref_dispatch(inputs, r, num_experts) for r in range(world)]
+    rows = [len(d.src) for d in refs]
+    # cotangents of each rank's received x and weights, and of each rank's combined output
+    ax = [torch.randn(rows[r], hidden, generator=_gen(seed, 1, r)) for r in range(world)]
+    aw = [torch.randn(rows[r], num_topk, generator=_gen(seed, 2, r)) for r in range(world)]
+    gc = [torch.randn(tokens[r], hidden, generator=_gen(seed, 3, r)) for r in range(world)]
+    mine = inputs[rank]
+    buf = largeep.Buffer(
+        None, hidden=hidden, num_experts=num_experts, num_topk=num_topk, max_tokens_per_rank=max(max(tokens), 1),
+        backend="torch",
+    )
+    try:
+        bid = ops.register_buffer(buf)
+        x = mine.x.clone().requires_grad_()
+        w = mine.topk_weights.clone().requires_grad_()
+        d = ops.dispatch(bid, x, mine.topk_idx, w, num_worst_tokens=num_worst, use_custom_ops=use_custom_ops)
+        r_rows = rows[rank]
+        out_rows = num_worst or r_rows
+        assert d.x.shape == (out_rows, hidden) and d.topk_weights.shape == (out_rows, num_topk)
+        assert torch.equal(d.x[:r_rows].detach(), refs[rank].x)
+        assert torch.equal(d.topk_idx[:r_rows], refs[rank].topk_idx)
+        # the tail of a worst-size dispatch gets a poisoned (NaN) cotangent: it must not reach x or the weights
+        tail_x = torch.full((out_rows - r_rows, hidden), float("nan"))
+        tail_w = torch.full((out_rows - r_rows, num_topk), float("nan"))
+        ax_mine = torch.cat([ax[rank], tail_x]) if num_worst else ax[rank]
+        aw_mine = torch.cat([aw[rank], tail_w]) if num_worst else aw[rank]
+        # combine of an independent y through the same handle; one backward for both (either may run first)
+        y = torch.randn(out_rows, hidden, generator=_gen(seed, 4, rank)).requires_grad_()
+        c = ops.combine(bid, y, d.handle)
+        assert c.x.shape == (tokens[rank], hidden)
+        loss = (d.x * ax_mine).sum() + (d.topk_weights * aw_mine).sum() + (c.x * gc[rank]).sum()
+        loss.backward()
+        want_gx = torch.zeros(tokens[rank], hidden, dtype=torch.float64)
+        want_gw = torch.zeros(tokens[rank], num_topk, dtype=torch.float64)
+        for r, ref in enumerate(refs):
+            for row, (s, t) in enumerate(ref.src):
+                if s == rank:
+                    want_gx[t] += ax[r][row].double()
+                    want_gw[t] += torch.where(ref.topk_idx[row] >= 0, aw[r][row].double(), 0.0)
+        close(x.grad, want_gx, "dispatch: grad of x")
+        close(w.grad, want_gw, "dispatch: grad of topk_weights")
+        # combine backward: grad of y row (s, t) = cotangent of token t on s
+        assert y.grad is not None
+        want_gy = torch.zeros(out_rows, hidden)
+        for row, (s, t) in enumerate(refs[rank].src):
+            want_gy[row] = gc[s][t]
+        close(y.grad, want_gy, "combine: grad of y")
+        if num_worst:
+            assert (y.grad[r_rows:] == 0).all(), "combine: rows past the received count must get a zero grad"
+        if use_custom_ops:
+            assert ops.live_handles(bid) == 0, "handles must be released after backward"
+        return {"rows": r_rows}
+    finally:
+        buf.destroy()
+
+
+def ops_registry_errors(rank: int, world: int) -> None:
+    """A released or evicted handle raises; register_buffer is idempotent; no-grad combine releases."""
+    buf = largeep.Buffer(None, hidden=64, num_experts=2 * world, num_topk=2, max_tokens_per_rank=8, backend="torch")
+    try:
+        bid = ops.register_buffer(buf, max_live_handles=2)
+        assert ops.register_buffer(buf, max_live_handles=2) == bid
+        x = torch.randn(5, 64, generator=_gen(7, rank))
+        idx = torch.tensor([[0, 1]] * 5, dtype=torch.int64)
+        w = torch.rand(5, 2, generator=_gen(8, rank))
+        with torch.no_grad():
+            d = ops.dispatch(bid, x, idx, w, use_custom_ops=True)
+            ops.combine(bid, d.x, d.handle)
+        assert ops.live_handles(bid) == 0
+        handles = [ops.dispatch(bid, x, idx, w, use_custom_ops=True).handle for _ in range(3)]
+        assert ops.live_handles(bid) == 2
+        try:
+            ops.combine(bid, torch.zeros(5, 64), handles[0])
+        except RuntimeError as exc:
+            assert "evicted" in str(exc) and "max_live_handles" in str(exc)
+        else:
+            raise AssertionError("an evicted handle must raise")
+        assert ops.release_handles(bid) == 2 and ops.live_handles(bid) == 0
+    finally:
+        buf.destroy()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# layers: the MoE layer against a dense single-process reference
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class GlobalModel:
+    gate: torch.Tensor  # [L, H]
+    w1: torch.Tensor  # [L, H, F]
+    w3: torch.Tensor
+    w2: torch.Tensor  # [L, F, H]
+    shared: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None  # [H, Fs], [H, Fs], [Fs, H]
+    xs: list[torch.Tensor]  # per rank [T_r, H]
+    gs: list[torch.Tensor]  # per rank cotangent of the output [T_r, H]
+
+
+def make_global(seed: int, tokens: list[int], hidden: int, ffn: int, shared_ffn: int, num_logical: int) -> GlobalModel:
+    g = _gen(seed, 99)
+    h, f = hidden, ffn
+    gate = torch.randn(num_logical, h, generator=g) * h**-0.5
+    w1 = torch.randn(num_logical, h, f, generator=g) * h**-0.5
+    w3 = torch.randn(num_logical, h, f, generator=g) * h**-0.5
+    w2 = torch.randn(num_logical, f, h, generator=g) * f**-0.5
+    shared = None
+    if shared_ffn:
+        shared = (
+            torch.randn(h, shared_ffn, generator=g) * h**-0.5,
+            torch.randn(h, shared_ffn, generator=g) * h**-0.5,
+            torch.randn(shared_ffn, h, generator=g) * shared_ffn**-0.5,
+        )
+    xs = [torch.randn(t, h, generator=_gen(seed, 5, r)) for r, t in enumerate(tokens)]
+    gs = [torch.randn(t, h, generator=_gen(seed, 6, r)) for r, t in enumerate(tokens)]
+    return GlobalModel(gate, w1, w3, w2, shared, xs, gs)
+
+
+def dense_reference(m: GlobalModel, topk: int) -> dict[str, Any]:
+    """Every rank's output and every grad, float64, one expert at a time. Routing is chosen from float32 logits
+    exactly as the built-in router does (so near-ties pick the same experts); the weights are float64."""
+    p = {
+        "gate": m.gate.double().requires_grad_(),
+        "w1": m.w1.double().requires_grad_(),
+        "w3": m.w3.double().requires_grad_(),
+        "w2": m.w2.double().requires_grad_(),
+    }
+    if m.shared is not None:
+        for name, t in zip(("s1", "s3", "s2"), m.shared, strict=True):
+            p[name] = t.double().requires_grad_()
+    xs = [x.double().requires_grad_() for x in m.xs]
+    outs = []
+    loss = torch.zeros((), dtype=torch.float64)
+    for x32, x, g in zip(m.xs, xs, m.gs, strict=True):
+        idx = F.linear(x32, m.gate).softmax(dim=-1).topk(topk, dim=-1).indices
+        probs = (x @ p["gate"].t()).softmax(dim=-1).gather(1, idx)
+        wts = probs / probs.sum(dim=-1, keepdim=True)
+        out = torch.zeros_like(x)
+        for e in range(m.gate.shape[0]):
+            tok, k = (idx == e).nonzero(as_tuple=True)
+            if tok.numel() == 0:
+                continue
+            xe = x[tok]
+            ye = (F.silu(xe @ p["w1"][e]) * (xe @ p["w3"][e])) @ p["w2"][e]
+            out = out.index_add(0, tok, ye * wts[tok, k].unsqueeze(1))
+        if m.shared is not None:
+            out = out + (F.silu(x @ p["s1"]) * (x @ p["s3"])) @ p["s2"]
+        outs.append(out)
+        loss = loss + (out * g.double()).sum()
+    loss.backward()
+    grads = {k: v.grad for k, v in p.items()}
+    return {"outs": [o.detach() for o in outs], "x_grads": [x.grad for x in xs], "grads": grads}
+
+
+def _replica_table(phys_to_log: torch.Tensor, num_logical: int) -> tuple[torch.Tensor, torch.Tensor]:
+    counts = torch.bincount(phys_to_log[phys_to_log >= 0], minlength=num_logical)
+    table = torch.zeros(num_logical, int(counts.max()), dtype=torch.int64)
+    fill = [0] * num_logical
+    for slot, e in enumerate(phys_to_log.tolist()):
+        if e >= 0:
+            table[e, fill[e]] = slot
+            fill[e] += 1
+    return table, counts
+
+
+class RoundRobinReplicas:
+    """Logical -> physical: choice (t, k) of logical e goes to replica (t + k) mod count(e)."""
+
+    def __init__(self, phys_to_log: torch.Tensor, num_logical: int) -> None:
+        self.phys_to_log = phys_to_log
+        self.table, self.counts = _replica_table(phys_to_log, num_logical)
+
+    def __call__(self, idx: torch.Tensor) -> torch.Tensor:
+        t, k = idx.shape
+        pick = (torch.arange(t).unsqueeze(1) + torch.arange(k).unsqueeze(0)) % self.counts[idx]
+        return self.table[idx, pick]
+
+
+def _build_layer(
+    buf: largeep.Buffer, m: GlobalModel, ffn: int, shared_ffn: int, placement: Any = None, **kw: Any
+) -> layers.MoELayer:
+    layer = layers.MoELayer(
+        buf, ffn_hidden=ffn, shared_ffn_hidden=shared_ffn, num_logical_experts=m.gate.shape[0], placement=placement,
+        **kw,
+    )
+    with torch.no_grad():
+        gate_weight: Any = layer.gate.weight
+        gate_weight.copy_(m.gate)
+        if m.shared is not None:
+            assert layer.shared_experts is not None
+            se = layer.shared_experts
+            for mine, full in zip((se.w1, se.w3, se.w2), m.shared, strict=True):
+                mine.copy_(full)
+    layer.load_global_experts(m.w1, m.w3, m.w2)
+    return layer
+
+
+def layer_vs_reference(
+    rank: int, world: int, tokens: list[int], hidden: int, ffn: int, shared_ffn: int, num_experts: int,
+    topk: int, seed: int, variants: list[dict[str, Any]], replicas: int = 0,
+) -> dict[str, Any]:
+    """Forward and grads (x, gate, experts, shared experts) of the layer against the dense reference, float32.
+
+    ``variants``: MoELayer options to run (e.g. num_chunks, num_worst_tokens, use_custom_ops); all must agree
+    with the reference, and with each other to float32 rounding. ``replicas`` > 0: E physical slots hold
+    E - replicas logical experts, the first ``replicas`` of them twice; grads go through allreduce_replica_grads.
+    """
+    num_logical = num_experts - replicas
+    phys_to_log = None
+    if replicas:
+        phys_to_log = torch.cat([torch.arange(num_logical), torch.arange(replicas)])
+        phys_to_log = phys_to_log[torch.randperm(num_experts, generator=_gen(seed, 11))]
+    m = make_global(seed, tokens, hidden, ffn, shared_ffn, num_logical)
+    ref = dense_reference(m, topk)
+    epr = num_experts // world
+    buf = largeep.Buffer(
+        None, hidden=hidden, num_experts=num_experts, num_topk=topk, max_tokens_per_rank=max(max(tokens), 1),
+        backend="torch",
+    )
+    results = []
+    try:
+        for kw in variants:
+            placement = RoundRobinReplicas(phys_to_log, num_logical) if phys_to_log is not None else None
+            layer = _build_layer(buf, m, ffn, shared_ffn, placement=placement, **kw)
+            x = m.xs[rank].clone().requires_grad_()
+            out = layer(x)
+            what = f"rank {rank} {kw}"
+            close(out, ref["outs"][rank], f"{what}: output")
+            (out * m.gs[rank]).sum().backward()
+            close(x.grad, ref["x_grads"][rank], f"{what}: grad of x")
+            close(_allsum(layer.gate.weight.grad), ref["grads"]["gate"], f"{what}: grad of the gate")
+            ex = layer.experts
+            if phys_to_log is not None:
+                assert layers.allreduce_replica_grads([ex.w1, ex.w3, ex.w2], phys_to_log) == replicas
+                logical = phys_to_log[rank * epr : (rank + 1) * epr]
+            else:
+                logical = torch.arange(rank * epr, (rank + 1) * epr)
+            for name in ("w1", "w3", "w2"):
+                close(getattr(ex, name).grad, ref["grads"][name][logical], f"{what}: grad of {name}")
+            if layer.shared_experts is not None:
+                for name, key in (("w1", "s1"), ("w3", "s3"), ("w2", "s2")):
+                    got = _allsum(getattr(layer.shared_experts, name).grad)
+                    close(got, ref["grads"][key], f"{what}: grad of shared {name}")
+            results.append([out.detach(), x.grad] + [p.grad for p in layer.parameters()])
+            assert ops.live_handles(layer.buffer_id) == 0
+        for kw, res in zip(variants[1:], results[1:], strict=True):
+            for a, b in zip(results[0], res, strict=True):
+                close(b, a, f"{variants[0]} vs {kw}", rtol=2e-6)
+        return {"variants": len(results)}
+    finally:
+        buf.destroy()
+
+
+def layer_with_topk_gate(rank: int, world: int, tokens: list[int], seed: int) -> None:
+    """The layer with ``largeep.gate.TopKGate`` (group-limited routing) equals the dense computation with the
+    gate's own routing (every rank runs the gate on every rank's tokens)."""
+    from largeep.gate import GateConfig, TopKGate
+
+    hidden, ffn, experts, topk = 32, 16, 4 * world, 2
+    cfg = GateConfig(
+        hidden=hidden, num_experts=experts, topk=topk, num_groups=world, topk_groups=1, bias_balancing=False
+    )
+    torch.manual_seed(seed)
+    gate = TopKGate(cfg).eval()
+    m = make_global(seed, tokens, hidden, ffn, 0, experts)
+    buf = largeep.Buffer(None, hidden=hidden, num_experts=experts, num_topk=topk, max_tokens_per_rank=max(tokens),
+                         backend="torch")
+    try:
+        layer = layers.MoELayer(buf, ffn_hidden=ffn, gate=gate)
+        layer.load_global_experts(m.w1, m.w3, m.w2)
+        with torch.no_grad():
+            out = layer(m.xs[rank])
+            route = gate(m.xs[rank])
+            want = torch.zeros(tokens[rank], hidden, dtype=torch.float64)
+            x = m.xs[rank].double()
+            for t in range(tokens[rank]):
+                for k in range(topk):
+                    e = int(route.topk_idx[t, k])
+                    if e < 0:
+                        continue
+                    y = (F.silu(x[t] @ m.w1[e].double()) * (x[t] @ m.w3[e].double())) @ m.w2[e].double()
+                    want[t] += float(route.topk_weights[t, k]) * y
+        close(out, want, "layer with TopKGate")
+    finally:
+        buf.destroy()
+
+
+def low_latency_vs_normal(
+    rank: int, world: int, tokens: list[int], hidden: int, ffn: int, shared_ffn: int, num_experts: int, topk: int,
+    seed: int, use_fp8: bool,
+) -> None:
+    """Low-latency forward (bf16 transfer, or FP8) equals the normal forward; the two-micro-batch overlap and the
+    custom-op path equal plain calls exactly."""
+    m = make_global(seed, tokens, hidden, ffn, shared_ffn, num_experts)
+    max_t = max(max(tokens), 1)
+    common = dict(hidden=hidden, num_experts=num_experts, num_topk=topk, max_tokens_per_rank=max_t, backend="torch")
+    nbuf = largeep.Buffer(None, **common)  # type: ignore[arg-type]
+    lbuf = largeep.Buffer(None, low_latency=True, **common)  # type: ignore[arg-type]
+    try:
+        normal = _build_layer(nbuf, m, ffn, shared_ffn)
+        fast = _build_layer(lbuf, m, ffn, shared_ffn, ll_use_fp8=use_fp8)
+        x = m.xs[rank]
+        with torch.no_grad():
+            want = normal(x)
+            got = fast(x)
+        assert got.dtype == x.dtype and got.shape == want.shape
+        # bf16 transfer of x and of the expert outputs (plus e4m3 x with FP8)
+        close(got, want, f"low-latency vs normal (fp8={use_fp8})", rtol=2.0**-4 if use_fp8 else 2.0**-7)
+        half = tokens[rank] // 2
+        xa, xb = x[:half], x[half:]
+        with torch.no_grad():
+            ya, yb = layers.TwoBatchOverlap(fast)(xa, xb)
+            assert torch.equal(ya, fast(xa)) and torch.equal(yb, fast(xb)), "two-batch overlap differs"
+            fast.use_custom_ops = True
+            assert torch.equal(fast(x), got), "custom-op low-latency path differs"
+            if world == 2:
+                torch._dynamo.reset()
+                compiled = torch.compile(fast, backend="aot_eager", fullgraph=True)
+                assert torch.equal(compiled(x), got), "compiled low-latency layer differs"
+                torch._dynamo.reset()
+        assert ops.live_handles(fast.buffer_id) == 0
+    finally:
+        nbuf.destroy()
+        lbuf.destroy()
+
+
+def compiled_two_layers(rank: int, world: int, tokens: list[int], num_worst: int, num_chunks: int, seed: int) -> None:
+    """torch.compile(fullgraph=True, backend aot_eager) of two MoE layers (sharing one Buffer) equals eager in the
+    output and every grad; with num_worst_tokens nothing breaks the graph even without fullgraph."""
+    hidden, ffn, experts, topk = 32, 16, 4 * world, 3
+    torch._dynamo.reset()
+    buf = largeep.Buffer(None, hidden=hidden, num_experts=experts, num_topk=topk, max_tokens_per_rank=max(tokens),
+                         backend="torch")
+    try:
+        torch.manual_seed(seed)  # the same weights on every rank: the gate and shared experts are replicated
+        kw: dict[str, Any] = dict(ffn_hidden=ffn, num_worst_tokens=num_worst, num_chunks=num_chunks)
+        first = layers.MoELayer(buf, shared_ffn_hidden=8, **kw)
+        model = torch.nn.Sequential(first, layers.MoELayer(buf, **kw))
+        x = torch.randn(tokens[rank], hidden, generator=_gen(seed, rank)).requires_grad_()
+
+        def run(fn: Any) -> list[torch.Tensor]:
+            x.grad = None
+            model.zero_grad()
+            y = fn(x)
+            (y * y).sum().backward()
+            return [y.detach(), x.grad] + [p.grad for p in model.parameters()]
+
+        eager = run(model)
+        compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+        for _ in range(2):  # the second call reuses the compiled graphs
+            got = run(compiled)
+            for i, (a, b) in enumerate(zip(got, eager, strict=True)):
+                close(a, b, f"compiled vs eager, tensor {i}", rtol=1e-6)
+        if num_worst:
+            torch._dynamo.reset()
+            with torch.no_grad():
+                explained = torch._dynamo.explain(model)(x)
+            assert explained.graph_break_count == 0 and explained.graph_count == 1, str(explained.break_reasons)
+        ops.release_handles(first.buffer_id)
+    finally:
+        torch._dynamo.reset()
+        buf.destroy()

@@ -377,9 +377,11 @@ def test_planner_edge_shapes(nodes, gpn, spg, num_experts):
 
 @pytest.mark.parametrize(
     "nodes,spg,zipf_s,seed",
-    [(8, 5, 1.0, 0), (32, 2, 1.0, 0)],  # 256 experts, 8 GPUs per node, 64 resp. 256 spare slots
+    [(8, 5, 1.2, 0), (32, 2, 1.2, 0)],  # 256 experts, 8 GPUs per node, 64 resp. 256 spare slots
 )
 def test_topology_aware_plan_cuts_the_bottleneck_link(nodes, spg, zipf_s, seed):
+    """One seed per topology (scripts/placement_report.py reports every zipf exponent and seed: the cut there
+    ranges from about 1.26x to 1.65x on the planning trace)."""
     topo = Topology(nodes, 8, slots_per_gpu=spg)
     trace = synthetic_trace(128 * topo.num_gpus, 256, 8, topo, zipf_s=zipf_s, seed=seed)
     greedy = greedy_placement(trace.expert_load(), topo)

@@ -533,11 +533,12 @@ def _coactivation(trace: RoutingTrace, topology: Topology) -> tuple[np.ndarray, 
     choosing e)."""
     num_logical = trace.num_experts
     idx = trace.topk_idx
-    k = idx.shape[1]
-    a = idx[:, :, None].expand(-1, k, k)
-    b = idx[:, None, :].expand(-1, k, k)
+    i, j = torch.triu_indices(idx.shape[1], idx.shape[1], 1)
+    a, b = idx[:, i], idx[:, j]  # [T, K(K-1)/2]: each unordered pair of a token's choices once
     ok = (a >= 0) & (b >= 0) & (a != b)
     pairs = torch.bincount(a[ok] * num_logical + b[ok], minlength=num_logical * num_logical)
+    pairs = pairs.view(num_logical, num_logical)
+    pairs = (pairs + pairs.T).flatten()
     node = (trace.src_gpu // topology.gpus_per_node)[:, None].expand_as(idx)
     v = idx >= 0
     src = torch.bincount(idx[v] * topology.num_nodes + node[v], minlength=num_logical * topology.num_nodes)
@@ -559,6 +560,7 @@ class _SwapState:
         u_num = unit_at.size
         self.per_node = topology.gpus_per_node * topology.slots_per_gpu
         self.node_pos = np.arange(u_num) // self.per_node
+        self.other_node = self.node_pos[:, None] != self.node_pos[None, :]
         self.gpu_pos = np.arange(u_num) // topology.slots_per_gpu
         self.pos_of = np.empty(u_num, dtype=np.int64)
         self.pos_of[self.unit_at] = np.arange(u_num)
@@ -568,6 +570,7 @@ class _SwapState:
         np.add.at(self.held, (self.gpu_pos, self.col[self.unit_at]), 1)
         self.held[:, num_logical] = 0
         self.gpu_load = np.bincount(self.gpu_pos, weights=self.unit_w[self.unit_at], minlength=topology.num_gpus)
+        self.replicated = bool((np.bincount(self.col, minlength=num_logical + 1)[:num_logical] > 1).any())
 
     def reset(self, unit_at: np.ndarray) -> None:
         """Puts the units back at the given positions."""
@@ -583,11 +586,13 @@ class _SwapState:
         col = self.col[self.unit_at]
         dw = w[None, :] - w[:, None]  # [p, q]: w_q - w_p
         load = self.gpu_load[self.gpu_pos]
-        ok = self.node_pos[:, None] != self.node_pos[None, :]
-        ok &= (load[:, None] + dw <= bound) & (load[None, :] - dw <= bound)
-        ok &= col[:, None] != col[None, :]
-        ok &= self.held[self.gpu_pos[:, None], col[None, :]] == 0  # q's expert not already on p's GPU
-        ok &= self.held[self.gpu_pos[None, :], col[:, None]] == 0
+        ok = (load[:, None] + dw <= bound) & (load[None, :] - dw <= bound)
+        ok &= self.other_node
+        # Two units of one expert are never swapped: the dup test below excludes them (and empty units, which share
+        # a column, have zero gain).
+        if self.replicated:  # only an expert with several replicas can end up twice on a GPU
+            dup = self.held[self.gpu_pos][:, col] > 0  # [p, q]: q's expert already on p's GPU
+            ok &= ~dup & ~dup.T
         return ok
 
     def pick(self, gain: np.ndarray) -> list[tuple[int, int]]:
@@ -641,20 +646,21 @@ def _pair_search(
     e = np.where(real, ue, 0)
     reps = np.bincount(e[real], minlength=pairs.shape[0]).astype(np.float64)
     scale = np.where(real, 1.0 / np.maximum(reps[e], 1.0), 0.0)
-    aff_u = (_PAIR_WEIGHT / max(topk, 2)) * pairs[np.ix_(e, e)] * scale[:, None] * scale[None, :]
+    aff_u = ((_PAIR_WEIGHT / max(topk, 2)) * pairs[np.ix_(e, e)] * scale[:, None] * scale[None, :]).astype(np.float32)
     same = (ue[:, None] == ue[None, :]) & real[:, None] & real[None, :]
     aff_u[same] = -float(src.sum(axis=1).max() + 1.0)
     np.fill_diagonal(aff_u, 0.0)
     n_nodes = state.topo.num_nodes
     onehot = np.zeros((ue.size, n_nodes))
     onehot[np.arange(ue.size), state.node_of_unit()] = 1.0
-    aff = aff_u @ onehot + src[e] * scale[:, None]  # [U, N]: affinity of each unit to each node
+    # [U, N]: affinity of each unit to each node, kept in float64 so that the search does not depend on the BLAS.
+    aff = aff_u.astype(np.float64) @ onehot + src[e] * scale[:, None]
     for _ in range(max_rounds):
         if time.perf_counter() > deadline:
             return
         at = state.unit_at
         a_pos = aff_u[np.ix_(at, at)]
-        d = aff[at] - aff[at, state.node_pos][:, None]  # [p, n]: gain of p's unit moving to node n
+        d = (aff[at] - aff[at, state.node_pos][:, None]).astype(np.float32)  # [p, n]: gain of p's unit moving to n
         dn = d[:, state.node_pos]
         gain = np.where(state.feasible(bound), dn + dn.T - 2.0 * a_pos, -np.inf)
         swaps = state.pick(gain)

@@ -1,0 +1,545 @@
+"""Wrong calls, one per row of ``CASES``, each followed by a good round on the same Buffer (SPEC.md, "Errors").
+
+The body ``bad_call(rank, world, backend, name)`` runs on every rank of a pool: it builds a Buffer and good inputs,
+makes the wrong call of case ``name`` (every rank makes it, so no rank is left waiting in a collective), checks the
+exception's type and message, checks that no tensor the caller holds changed, then runs a good dispatch + combine
+checked against ``reference.py``. It returns the failures instead of raising (see ``checked_calls``).
+
+The backend name is an argument so the GPU run reuses every row with "nvshmem" (and "torch" over NCCL). Rows whose
+``device`` is "cuda" need a CUDA Buffer (tensors on the wrong device); rows whose ``device`` is "cpu" need a Buffer
+on a gloo group (where "nvshmem" cannot run).
+"""
+
+from __future__ import annotations
+
+import os
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import largeep
+import torch
+import torch.distributed as dist
+from checked_calls import (
+    Checker,
+    LowLatencyCase,
+    LowLatencyRound,
+    NormalCase,
+    NormalRound,
+    group_device,
+    same_bits,
+)
+from largeep import ArgumentError, BufferDestroyedError, fp8
+from reference import make_inputs
+
+HIDDEN, EXPERTS, TOPK, MAX_TOKENS = 256, 8, 3, 16
+
+
+def tokens_of(world: int) -> tuple[int, ...]:
+    """Uneven token counts, all below MAX_TOKENS and above 0 (every rank must make the wrong call)."""
+    return tuple(5 + 2 * r for r in range(world))
+
+
+@dataclass
+class Call:
+    fn: Callable[..., Any]
+    args: tuple[Any, ...] = ()
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Env:
+    """What a row's ``call`` may use. x/idx/w: good inputs of this rank on the Buffer's device (x bf16 [T, H],
+    idx int64 [T, K], w float32 [T, K]); prev: a good dispatch already made on ``buf`` (its handle is valid)."""
+
+    rank: int
+    world: int
+    backend: str
+    dev: torch.device
+    hidden: int
+    low_latency: bool
+    buf: largeep.Buffer
+    x: torch.Tensor
+    idx: torch.Tensor
+    w: torch.Tensor
+    prev: Any
+    extra: list[largeep.Buffer] = field(default_factory=list)
+    groups: list[dist.ProcessGroup] = field(default_factory=list)
+    destroyed: bool = False
+
+    def buffer_kwargs(self, **over: Any) -> dict[str, Any]:
+        kw: dict[str, Any] = dict(
+            hidden=self.hidden, num_experts=EXPERTS, num_topk=TOPK, max_tokens_per_rank=MAX_TOKENS,
+            backend=self.backend, low_latency=self.low_latency,
+        )
+        kw.update(over)
+        return kw
+
+    def other_buffer(self, group: dist.ProcessGroup | None = None, **over: Any) -> largeep.Buffer:
+        b = largeep.Buffer(group, **self.buffer_kwargs(**over))
+        self.extra.append(b)
+        return b
+
+    def destroy(self) -> None:
+        self.buf.destroy()
+        self.destroyed = True
+
+    @property
+    def rows(self) -> int:
+        """Rows of the previous normal dispatch on this rank."""
+        return int(self.prev.handle.num_recv_tokens)
+
+    def y(self, rows: int | None = None, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+        """Expert outputs [rows, H] for a normal combine (default: the previous dispatch's row count)."""
+        n = self.rows if rows is None else rows
+        return torch.randn(n, self.hidden, device=self.dev).to(dtype)
+
+    def ll_y(self, experts: int | None = None, rows: int | None = None, hidden: int | None = None,
+             dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+        e = EXPERTS // self.world if experts is None else experts
+        r = self.world * MAX_TOKENS if rows is None else rows
+        return torch.randn(e, r, hidden or self.hidden, device=self.dev).to(dtype)
+
+
+def strided(t: torch.Tensor) -> torch.Tensor:
+    """A non-contiguous tensor equal to ``t`` (same shape and dtype): every other column of a wider one."""
+    wide = torch.zeros(*t.shape[:-1], 2 * t.shape[-1], dtype=t.dtype, device=t.device)
+    out = wide[..., ::2]
+    out.copy_(t)
+    assert not out.is_contiguous()
+    return out
+
+
+def with_id(idx: torch.Tensor, value: int) -> torch.Tensor:
+    """``idx`` with entry [0, 0] set to ``value`` (a fresh tensor)."""
+    out = idx.clone()
+    out[0, 0] = value
+    return out
+
+
+def more_tokens(e: Env, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Good-looking inputs with ``n`` tokens (used with n > MAX_TOKENS)."""
+    inp = make_inputs(77, e.rank, n, e.hidden, EXPERTS, TOPK, torch.bfloat16)
+    return inp.x.to(e.dev), inp.topk_idx.to(e.dev), inp.topk_weights.to(e.dev)
+
+
+def fp8_pair(e: Env) -> tuple[torch.Tensor, torch.Tensor]:
+    """(e4m3 [T, H], float32 [T, H/128]) of x; for a hidden size that is no multiple of 128, one scale per row."""
+    if e.hidden % fp8.GROUP:
+        t = e.x.shape[0]
+        return e.x.to(fp8.FP8_DTYPE), torch.ones(t, max(e.hidden // fp8.GROUP, 1), device=e.dev)
+    q, s = fp8.quantize(e.x.float().cpu())
+    return q.to(e.dev), s.to(e.dev)
+
+
+def other_handle(e: Env, destroy: bool, low_latency: bool | None = None, group: dist.ProcessGroup | None = None
+                 ) -> Any:
+    """A valid handle of another Buffer of the same sizes (destroyed afterwards when ``destroy``)."""
+    ll = e.low_latency if low_latency is None else low_latency
+    b = e.other_buffer(group, low_latency=ll)
+    h: largeep.DispatchHandle | largeep.LowLatencyHandle
+    if ll:
+        h = b.low_latency_dispatch(e.x, e.idx, use_fp8=False).handle
+    else:
+        h = b.dispatch(e.x, e.idx, e.w).handle
+    if destroy:
+        b.destroy()
+    return h
+
+
+def own_subgroup(e: Env) -> dist.ProcessGroup:
+    """A group of size 1 holding only this rank (every rank takes part in making all of them)."""
+    mine, _ = dist.new_subgroups(group_size=1)
+    e.groups.append(mine)
+    return mine
+
+
+def ll_y_for_world_on_subgroup(e: Env) -> Call:
+    # A Buffer on a group of 1 expects y [E, 1*M, H]; y shaped for the world is [E/N, N*M, H]
+    sub = own_subgroup(e)
+    b = e.other_buffer(sub, low_latency=True)
+    h = b.low_latency_dispatch(e.x, e.idx, use_fp8=False).handle
+    return Call(b.low_latency_combine, (e.ll_y(), e.idx, e.w, h))
+
+
+def buffer_on_group_without_me(e: Env) -> Call | None:
+    g = dist.new_group(ranks=[0])
+    if e.rank == 0:
+        e.groups.append(g)
+        return None
+    return Call(largeep.Buffer, (g,), e.buffer_kwargs())
+
+
+def make_buffer(e: Env, **over: Any) -> Call:
+    return Call(largeep.Buffer, (None,), e.buffer_kwargs(**over))
+
+
+def _destroyed(e: Env, call: Callable[[Env], Call]) -> Call:
+    made = call(e)  # built while the Buffer is alive, called after destroy()
+    e.destroy()
+    return made
+
+
+@dataclass(frozen=True)
+class BadCase:
+    """A wrong call. ``words``: substrings that must all appear in the message (the argument, what was expected).
+    ``device``: "any", "cuda" (needs a CUDA Buffer) or "cpu" (needs a Buffer on a gloo group)."""
+
+    name: str
+    low_latency: bool
+    call: Callable[[Env], Call | None]
+    words: tuple[str, ...]
+    error: type[BaseException] = ArgumentError
+    device: str = "any"
+    hidden: int = HIDDEN
+
+
+def _n(name: str, call: Callable[[Env], Call | None], *words: str, **kw: Any) -> BadCase:
+    return BadCase(name, False, call, words, **kw)
+
+
+def _ll(name: str, call: Callable[[Env], Call | None], *words: str, **kw: Any) -> BadCase:
+    return BadCase(name, True, call, words, **kw)
+
+
+_K = ("expected (", f", {TOPK}) (dim")
+CASES: list[BadCase] = [
+    # -- Buffer creation --------------------------------------------------------------------------------------
+    _n("create_num_experts_not_divisible", lambda e: make_buffer(e, num_experts=EXPERTS + 1),
+       "'num_experts'", f"{EXPERTS + 1}", "not divisible by the group size"),
+    _n("create_ranks_per_node_not_dividing", lambda e: make_buffer(e, ranks_per_node=e.world + 1),
+       "'ranks_per_node'", "must divide the group size"),
+    _n("create_ranks_per_node_zero", lambda e: make_buffer(e, ranks_per_node=0), "'ranks_per_node'", ">= 1"),
+    _n("create_hidden_zero", lambda e: make_buffer(e, hidden=0), "'hidden'", ">= 1"),
+    _n("create_hidden_float", lambda e: make_buffer(e, hidden=256.0), "'hidden'", "must be an int", "float"),
+    _n("create_num_topk_above_experts", lambda e: make_buffer(e, num_topk=EXPERTS + 1),
+       "'num_topk'", "exceeds num_experts"),
+    _n("create_max_tokens_zero", lambda e: make_buffer(e, max_tokens_per_rank=0), "'max_tokens_per_rank'", ">= 1"),
+    _n("create_backend_unknown", lambda e: make_buffer(e, backend="mpi"), "'backend'", "'mpi'", "expected"),
+    _n("create_num_sms_odd", lambda e: make_buffer(e, num_sms=7), "'num_sms'", "even"),
+    _n("create_nvshmem_without_gpus", lambda e: make_buffer(e, backend="nvshmem"),
+       "'nvshmem'", "not available", error=RuntimeError, device="cpu"),
+    _n("create_group_without_this_rank", buffer_on_group_without_me, "'group'", "rank"),
+    # -- normal dispatch: x -----------------------------------------------------------------------------------
+    _n("dispatch_x_dtype_int32", lambda e: Call(e.buf.dispatch, (e.x.to(torch.int32), e.idx, e.w)),
+       "'x'", "dtype torch.int32", "expected torch.bfloat16, torch.float32"),
+    _n("dispatch_x_dtype_float16", lambda e: Call(e.buf.dispatch, (e.x.half(), e.idx, e.w)),
+       "'x'", "dtype torch.float16", "expected"),
+    _n("dispatch_x_not_a_tensor", lambda e: Call(e.buf.dispatch, (e.x.float().cpu().numpy(), e.idx, e.w)),
+       "'x'", "must be a torch.Tensor", "ndarray"),
+    _n("dispatch_x_list_of_rows", lambda e: Call(e.buf.dispatch, (list(e.x), e.idx, e.w)),
+       "'x'", "FP8 pair must have 2 tensors"),
+    _n("dispatch_x_1d", lambda e: Call(e.buf.dispatch, (e.x.reshape(-1), e.idx, e.w)),
+       "'x'", "1 dimensions", "expected 2"),
+    _n("dispatch_x_wrong_hidden", lambda e: Call(e.buf.dispatch, (e.x[:, :128].contiguous(), e.idx, e.w)),
+       "'x'", "shape", f"expected ('*', {HIDDEN})"),
+    _n("dispatch_x_non_contiguous", lambda e: Call(e.buf.dispatch, (strided(e.x), e.idx, e.w)),
+       "'x'", "contiguous"),
+    _n("dispatch_x_too_many_tokens", lambda e: Call(e.buf.dispatch, more_tokens(e, MAX_TOKENS + 1)),
+       "'x'", f"{MAX_TOKENS + 1} tokens", f"max_tokens_per_rank={MAX_TOKENS}"),
+    _n("dispatch_fp8_scales_dtype", lambda e: Call(e.buf.dispatch, ((fp8_pair(e)[0], fp8_pair(e)[1].bfloat16()),
+                                                                     e.idx, e.w)),
+       "'x[1]'", "dtype torch.bfloat16", "expected torch.float32"),
+    _n("dispatch_fp8_scales_shape", lambda e: Call(e.buf.dispatch, ((fp8_pair(e)[0], fp8_pair(e)[1][:, :1].clone()),
+                                                                     e.idx, e.w)),
+       "'x[1]'", "shape", f", {HIDDEN // 128}) (dim 1)"),
+    _n("dispatch_fp8_three_tensors", lambda e: Call(e.buf.dispatch, ((*fp8_pair(e), e.x), e.idx, e.w)),
+       "'x'", "2 tensors", "got 3"),
+    _n("dispatch_fp8_hidden_not_128", lambda e: Call(e.buf.dispatch, (fp8_pair(e), e.idx, e.w)),
+       "'x'", "FP8 needs hidden % 128 == 0", "hidden is 192", hidden=192),
+    # -- normal dispatch: topk_idx / topk_weights / options -------------------------------------------------
+    _n("dispatch_idx_dtype_int32", lambda e: Call(e.buf.dispatch, (e.x, e.idx.int(), e.w)),
+       "'topk_idx'", "dtype torch.int32", "expected torch.int64"),
+    _n("dispatch_idx_wrong_topk", lambda e: Call(e.buf.dispatch, (e.x, e.idx[:, :-1].contiguous(), e.w)),
+       "'topk_idx'", "shape", "dim 1"),
+    _n("dispatch_idx_wrong_rows", lambda e: Call(e.buf.dispatch, (e.x, e.idx[:-1].contiguous(), e.w)),
+       "'topk_idx'", "shape", "dim 0"),
+    _n("dispatch_idx_non_contiguous", lambda e: Call(e.buf.dispatch, (e.x, strided(e.idx), e.w)),
+       "'topk_idx'", "contiguous"),
+    _n("dispatch_idx_expert_too_large", lambda e: Call(e.buf.dispatch, (e.x, with_id(e.idx, EXPERTS), e.w)),
+       "'topk_idx'", f"expert id {EXPERTS}", f"[-1, {EXPERTS})"),
+    _n("dispatch_idx_expert_below_minus_one", lambda e: Call(e.buf.dispatch, (e.x, with_id(e.idx, -2), e.w)),
+       "'topk_idx'", "expert id -2", f"[-1, {EXPERTS})"),
+    _n("dispatch_weights_dtype", lambda e: Call(e.buf.dispatch, (e.x, e.idx, e.w.bfloat16())),
+       "'topk_weights'", "dtype torch.bfloat16", "expected torch.float32"),
+    _n("dispatch_weights_shape", lambda e: Call(e.buf.dispatch, (e.x, e.idx, e.w[:, :1].contiguous())),
+       "'topk_weights'", "shape", *_K),
+    _n("dispatch_weights_missing", lambda e: Call(e.buf.dispatch, (e.x, e.idx, None)),
+       "'topk_idx' and 'topk_weights' are required"),
+    _n("dispatch_alignment_zero", lambda e: Call(e.buf.dispatch, (e.x, e.idx, e.w), {"expert_alignment": 0}),
+       "'expert_alignment'", ">= 1"),
+    _n("dispatch_worst_negative", lambda e: Call(e.buf.dispatch, (e.x, e.idx, e.w), {"num_worst_tokens": -1}),
+       "'num_worst_tokens'", ">= 0"),
+    # -- normal dispatch with a handle ----------------------------------------------------------------------
+    _n("dispatch_handle_and_idx", lambda e: Call(e.buf.dispatch, (e.x, e.idx, e.w), {"handle": e.prev.handle}),
+       "'handle'", "'topk_idx' and 'topk_weights' must be None"),
+    _n("dispatch_handle_wrong_tokens", lambda e: Call(e.buf.dispatch, (e.x[:-1].contiguous(),),
+                                                      {"handle": e.prev.handle}),
+       "'x'", "but the handle was made for"),
+    _n("dispatch_handle_other_buffer", lambda e: Call(e.buf.dispatch, (e.x,), {"handle": other_handle(e, False)}),
+       "'handle'", "another"),
+    _n("dispatch_handle_destroyed_buffer", lambda e: Call(e.buf.dispatch, (e.x,),
+                                                          {"handle": other_handle(e, True)}),
+       "'handle'", "destroyed"),
+    _n("dispatch_handle_variable_with_worst",
+       lambda e: Call(e.buf.dispatch, (e.x,), {"handle": e.prev.handle, "num_worst_tokens": max(e.rows, 1)}),
+       "'num_worst_tokens'", "handle"),
+    # -- layout --------------------------------------------------------------------------------------------
+    _n("layout_idx_dtype_float", lambda e: Call(e.buf.get_dispatch_layout, (e.idx.float(),)),
+       "'topk_idx'", "dtype torch.float32", "expected torch.int64"),
+    _n("layout_idx_expert_too_large", lambda e: Call(e.buf.get_dispatch_layout, (with_id(e.idx, EXPERTS + 5),)),
+       "'topk_idx'", f"expert id {EXPERTS + 5}"),
+    _n("layout_too_many_tokens", lambda e: Call(e.buf.get_dispatch_layout, (more_tokens(e, MAX_TOKENS + 3)[1],)),
+       "'topk_idx'", f"{MAX_TOKENS + 3} tokens", f"max_tokens_per_rank={MAX_TOKENS}"),
+    # -- normal combine ------------------------------------------------------------------------------------
+    _n("combine_rows_more_than_handle", lambda e: Call(e.buf.combine, (e.y(e.rows + 1), e.prev.handle)),
+       "'y'", "shape", "dim 0"),
+    _n("combine_rows_fewer_than_handle", lambda e: Call(e.buf.combine, (e.y(max(e.rows - 1, 0) if e.rows else 3),
+                                                                        e.prev.handle)),
+       "'y'", "shape", "dim 0"),
+    _n("combine_y_wrong_hidden", lambda e: Call(e.buf.combine, (e.y()[:, :128].contiguous(), e.prev.handle)),
+       "'y'", "shape", "dim 1"),
+    _n("combine_y_dtype_float16", lambda e: Call(e.buf.combine, (e.y(dtype=torch.float16), e.prev.handle)),
+       "'y'", "dtype torch.float16", "expected torch.bfloat16, torch.float32"),
+    _n("combine_y_non_contiguous", lambda e: Call(e.buf.combine, (strided(e.y()), e.prev.handle)),
+       "'y'", "contiguous"),
+    _n("combine_weights_wrong_rows", lambda e: Call(e.buf.combine, (e.y(), e.prev.handle),
+                                                    {"topk_weights": torch.rand(e.rows + 2, TOPK, device=e.dev)}),
+       "'topk_weights'", "shape", *_K),
+    _n("combine_handle_none", lambda e: Call(e.buf.combine, (e.y(), None)),
+       "'handle'", "must be a DispatchHandle", "NoneType"),
+    _n("combine_handle_low_latency", lambda e: Call(e.buf.combine, (e.y(), other_handle(e, False, True))),
+       "'handle'", "must be a DispatchHandle", "LowLatencyHandle"),
+    _n("combine_handle_other_buffer", lambda e: Call(e.buf.combine, (e.y(), other_handle(e, False))),
+       "'handle'", "another"),
+    _n("combine_handle_destroyed_buffer", lambda e: Call(e.buf.combine, (e.y(), other_handle(e, True))),
+       "'handle'", "destroyed"),
+    # -- the wrong mode ------------------------------------------------------------------------------------
+    _n("low_latency_dispatch_on_normal", lambda e: Call(e.buf.low_latency_dispatch, (e.x, e.idx)),
+       "low_latency_dispatch", "low_latency=True"),
+    _n("low_latency_combine_on_normal", lambda e: Call(e.buf.low_latency_combine,
+                                                       (e.ll_y(), e.idx, e.w, other_handle(e, False, True))),
+       "low_latency_combine", "low_latency=True"),
+    _ll("dispatch_on_low_latency", lambda e: Call(e.buf.dispatch, (e.x, e.idx, e.w)),
+        "dispatch", "low_latency=False"),
+    _ll("combine_on_low_latency", lambda e: Call(e.buf.combine, (e.y(4), other_handle(e, False, False))),
+        "combine", "low_latency=False"),
+    # -- after destroy -------------------------------------------------------------------------------------
+    _n("destroyed_dispatch", lambda e: _destroyed(e, lambda e: Call(e.buf.dispatch, (e.x, e.idx, e.w))),
+       "dispatch", "destroyed", error=BufferDestroyedError),
+    _n("destroyed_combine", lambda e: _destroyed(e, lambda e: Call(e.buf.combine, (e.y(), e.prev.handle))),
+       "combine", "destroyed", error=BufferDestroyedError),
+    _n("destroyed_layout", lambda e: _destroyed(e, lambda e: Call(e.buf.get_dispatch_layout, (e.idx,))),
+       "get_dispatch_layout", "destroyed", error=BufferDestroyedError),
+    _ll("destroyed_low_latency_dispatch", lambda e: _destroyed(e, lambda e: Call(e.buf.low_latency_dispatch,
+                                                                                 (e.x, e.idx))),
+        "low_latency_dispatch", "destroyed", error=BufferDestroyedError),
+    _ll("destroyed_low_latency_combine", lambda e: _destroyed(e, lambda e: Call(
+        e.buf.low_latency_combine, (e.ll_y(), e.idx, e.w, e.prev.handle))),
+        "low_latency_combine", "destroyed", error=BufferDestroyedError),
+    # -- low-latency dispatch ------------------------------------------------------------------------------
+    _ll("ll_dispatch_x_float32", lambda e: Call(e.buf.low_latency_dispatch, (e.x.float(), e.idx)),
+        "'x'", "dtype torch.float32", "expected torch.bfloat16"),
+    _ll("ll_dispatch_x_fp8_pair", lambda e: Call(e.buf.low_latency_dispatch, (fp8_pair(e), e.idx)),
+        "'x'", "must be a torch.Tensor", "tuple"),
+    _ll("ll_dispatch_x_wrong_hidden", lambda e: Call(e.buf.low_latency_dispatch, (e.x[:, :128].contiguous(), e.idx)),
+        "'x'", "shape", f"expected ('*', {HIDDEN})"),
+    _ll("ll_dispatch_x_non_contiguous", lambda e: Call(e.buf.low_latency_dispatch, (strided(e.x), e.idx)),
+        "'x'", "contiguous"),
+    _ll("ll_dispatch_too_many_tokens", lambda e: Call(e.buf.low_latency_dispatch, more_tokens(e, MAX_TOKENS + 1)[:2]),
+        "'x'", f"{MAX_TOKENS + 1} tokens", f"max_tokens_per_rank={MAX_TOKENS}"),
+    _ll("ll_dispatch_idx_expert_too_large", lambda e: Call(e.buf.low_latency_dispatch, (e.x, with_id(e.idx, EXPERTS))),
+        "'topk_idx'", f"expert id {EXPERTS}", f"[-1, {EXPERTS})"),
+    _ll("ll_dispatch_idx_expert_below_minus_one", lambda e: Call(e.buf.low_latency_dispatch,
+                                                                 (e.x, with_id(e.idx, -7))),
+        "'topk_idx'", "expert id -7"),
+    _ll("ll_dispatch_idx_wrong_topk", lambda e: Call(e.buf.low_latency_dispatch, (e.x, e.idx[:, :1].contiguous())),
+        "'topk_idx'", "shape", *_K),
+    _ll("ll_dispatch_idx_wrong_rows", lambda e: Call(e.buf.low_latency_dispatch, (e.x, e.idx[1:].contiguous())),
+        "'topk_idx'", "shape", "dim 0"),
+    _ll("ll_dispatch_fp8_hidden_not_128", lambda e: Call(e.buf.low_latency_dispatch, (e.x, e.idx),
+                                                         {"use_fp8": True}),
+        "'use_fp8'", "needs hidden % 128 == 0", "hidden is 192", hidden=192),
+    # -- low-latency combine -------------------------------------------------------------------------------
+    _ll("ll_combine_y_wrong_experts", lambda e: Call(e.buf.low_latency_combine,
+                                                     (e.ll_y(experts=EXPERTS // e.world + 1), e.idx, e.w,
+                                                      e.prev.handle)),
+        "'y'", "shape", "dim 0"),
+    _ll("ll_combine_y_wrong_rows", lambda e: Call(e.buf.low_latency_combine,
+                                                  (e.ll_y(rows=MAX_TOKENS), e.idx, e.w, e.prev.handle)),
+        "'y'", "shape", "dim 1"),
+    _ll("ll_combine_y_float32", lambda e: Call(e.buf.low_latency_combine,
+                                               (e.ll_y(dtype=torch.float32), e.idx, e.w, e.prev.handle)),
+        "'y'", "dtype torch.float32", "expected torch.bfloat16"),
+    _ll("ll_combine_y_2d", lambda e: Call(e.buf.low_latency_combine, (e.y(4), e.idx, e.w, e.prev.handle)),
+        "'y'", "2 dimensions", "expected 3"),
+    _ll("ll_combine_y_non_contiguous", lambda e: Call(e.buf.low_latency_combine,
+                                                      (strided(e.ll_y()), e.idx, e.w, e.prev.handle)),
+        "'y'", "contiguous"),
+    _ll("ll_combine_idx_wrong_rows", lambda e: Call(e.buf.low_latency_combine,
+                                                    (e.ll_y(), e.idx[:-1].contiguous(), e.w, e.prev.handle)),
+        "'topk_idx'", "shape", "dim 0"),
+    _ll("ll_combine_weights_dtype", lambda e: Call(e.buf.low_latency_combine,
+                                                   (e.ll_y(), e.idx, e.w.double(), e.prev.handle)),
+        "'topk_weights'", "dtype torch.float64", "expected torch.float32"),
+    _ll("ll_combine_handle_normal", lambda e: Call(e.buf.low_latency_combine,
+                                                   (e.ll_y(), e.idx, e.w, other_handle(e, False, False))),
+        "'handle'", "must be a LowLatencyHandle", "DispatchHandle"),
+    _ll("ll_combine_handle_other_buffer", lambda e: Call(e.buf.low_latency_combine,
+                                                         (e.ll_y(), e.idx, e.w, other_handle(e, False))),
+        "'handle'", "another"),
+    _ll("ll_combine_handle_destroyed_buffer", lambda e: Call(e.buf.low_latency_combine,
+                                                             (e.ll_y(), e.idx, e.w, other_handle(e, True))),
+        "'handle'", "destroyed"),
+    _ll("ll_combine_out_wrong_shape", lambda e: Call(
+        e.buf.low_latency_combine, (e.ll_y(), e.idx, e.w, e.prev.handle),
+        {"out": torch.empty(e.x.shape[0] + 1, HIDDEN, dtype=torch.bfloat16, device=e.dev)}),
+        "'out'", "shape", "dim 0"),
+    _ll("ll_combine_out_float32", lambda e: Call(
+        e.buf.low_latency_combine, (e.ll_y(), e.idx, e.w, e.prev.handle),
+        {"out": torch.empty(e.x.shape[0], HIDDEN, device=e.dev)}),
+        "'out'", "dtype torch.float32", "expected torch.bfloat16"),
+    _ll("ll_combine_out_non_contiguous", lambda e: Call(
+        e.buf.low_latency_combine, (e.ll_y(), e.idx, e.w, e.prev.handle), {"out": strided(e.x)}),
+        "'out'", "contiguous"),
+    # -- group size ----------------------------------------------------------------------------------------
+    _ll("ll_combine_y_shaped_for_world_on_subgroup", ll_y_for_world_on_subgroup,
+        "'y'", "shape", f"expected ({EXPERTS}, {MAX_TOKENS}, {HIDDEN})"),
+    _n("combine_handle_from_subgroup_buffer", lambda e: Call(e.buf.combine,
+                                                             (e.y(), other_handle(e, False, group=own_subgroup(e)))),
+       "'handle'", "another"),
+    # -- tensors on the wrong device (a CUDA Buffer only) ----------------------------------------------------
+    _n("dispatch_x_on_cpu", lambda e: Call(e.buf.dispatch, (e.x.cpu(), e.idx, e.w)),
+       "'x'", "is on cpu", "expected cuda", device="cuda"),
+    _n("dispatch_idx_on_cpu", lambda e: Call(e.buf.dispatch, (e.x, e.idx.cpu(), e.w)),
+       "'topk_idx'", "is on cpu", "expected cuda", device="cuda"),
+    _n("dispatch_weights_on_cpu", lambda e: Call(e.buf.dispatch, (e.x, e.idx, e.w.cpu())),
+       "'topk_weights'", "is on cpu", "expected cuda", device="cuda"),
+    _n("dispatch_fp8_scales_on_cpu", lambda e: Call(e.buf.dispatch, ((fp8_pair(e)[0], fp8_pair(e)[1].cpu()),
+                                                                       e.idx, e.w)),
+       "'x[1]'", "is on cpu", "expected cuda", device="cuda"),
+    _n("dispatch_x_on_other_gpu", lambda e: Call(e.buf.dispatch, (e.x.to(f"cuda:{1 - e.rank % 2}"), e.idx, e.w)),
+       "'x'", "expected cuda", device="cuda"),
+    _n("layout_idx_on_cpu", lambda e: Call(e.buf.get_dispatch_layout, (e.idx.cpu(),)),
+       "'topk_idx'", "is on cpu", "expected cuda", device="cuda"),
+    _n("combine_y_on_cpu", lambda e: Call(e.buf.combine, (e.y().cpu(), e.prev.handle)),
+       "'y'", "is on cpu", "expected cuda", device="cuda"),
+    _ll("ll_dispatch_x_on_cpu", lambda e: Call(e.buf.low_latency_dispatch, (e.x.cpu(), e.idx)),
+        "'x'", "is on cpu", "expected cuda", device="cuda"),
+    _ll("ll_combine_y_on_cpu", lambda e: Call(e.buf.low_latency_combine,
+                                              (e.ll_y().cpu(), e.idx, e.w, e.prev.handle)),
+        "'y'", "is on cpu", "expected cuda", device="cuda"),
+    _ll("ll_combine_out_on_cpu", lambda e: Call(
+        e.buf.low_latency_combine, (e.ll_y(), e.idx, e.w, e.prev.handle),
+        {"out": torch.empty(e.x.shape[0], HIDDEN, dtype=torch.bfloat16)}),
+        "'out'", "is on cpu", "expected cuda", device="cuda"),
+]
+BY_NAME = {c.name: c for c in CASES}
+assert len(BY_NAME) == len(CASES), "case names must be unique"
+
+
+def _tensors(obj: Any) -> list[torch.Tensor]:
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, (tuple, list)):
+        return [t for o in obj for t in _tensors(o)]
+    if isinstance(obj, dict):
+        return [t for o in obj.values() for t in _tensors(o)]
+    if hasattr(obj, "__dataclass_fields__") and not isinstance(obj, (largeep.DispatchHandle, largeep.LowLatencyHandle)):
+        return [t for name in obj.__dataclass_fields__ for t in _tensors(getattr(obj, name))]
+    return []
+
+
+def _good_case(world: int, hidden: int, low_latency: bool, seed: int) -> NormalCase | LowLatencyCase:
+    toks = tokens_of(world)
+    if low_latency:
+        return LowLatencyCase(toks, MAX_TOKENS, hidden, EXPERTS, TOPK, seed, use_fp8=hidden % 128 == 0)
+    return NormalCase(toks, hidden, EXPERTS, TOPK, seed, max_tokens=MAX_TOKENS)
+
+
+def _env(rank: int, world: int, backend: str, case: BadCase, seed: int) -> Env:
+    dev = group_device()
+    buf = largeep.Buffer(
+        None, hidden=case.hidden, num_experts=EXPERTS, num_topk=TOPK, max_tokens_per_rank=MAX_TOKENS,
+        backend=backend, low_latency=case.low_latency,
+    )
+    inp = make_inputs(seed, rank, tokens_of(world)[rank], case.hidden, EXPERTS, TOPK, torch.bfloat16)
+    x, idx, w = inp.x.to(dev), inp.topk_idx.to(dev), inp.topk_weights.to(dev)
+    if case.low_latency:
+        prev: Any = buf.low_latency_dispatch(x, idx, use_fp8=False)
+    else:
+        prev = buf.dispatch(x, idx, w)
+    return Env(rank, world, backend, dev, case.hidden, case.low_latency, buf, x, idx, w, prev)
+
+
+def bad_call(rank: int, world: int, backend: str, name: str) -> dict[str, Any]:
+    """Runs row ``name`` of CASES on this rank; returns {"message": the exception's text, "failures": [...]}."""
+    case = BY_NAME[name]
+    seed = zlib.crc32(name.encode()) % 100_000
+    chk = Checker(f"{name} on rank {rank}")
+    e = _env(rank, world, backend, case, seed)
+    message = ""
+    try:
+        call = case.call(e)
+        if call is not None:
+            # the previous results may live in a destroyed Buffer's memory: not read after destroy()
+            held = _tensors([e.x, e.idx, e.w, None if e.destroyed else e.prev, call.args, call.kwargs])
+            before = [t.clone() for t in held]
+            try:
+                call.fn(*call.args, **call.kwargs)
+            except Exception as exc:  # noqa: BLE001 - the type is checked below
+                message = str(exc)
+                chk.expect(isinstance(exc, case.error),
+                           f"raised {type(exc).__name__}({message!r}), expected {case.error.__name__}")
+                missing = [w for w in case.words if w not in message]
+                chk.expect(not missing, f"message {message!r} lacks {missing}")
+            else:
+                chk.expect(False, "the wrong call was not refused")
+            changed = [i for i, (t, c) in enumerate(zip(held, before, strict=True)) if not same_bits(t, c)]
+            chk.expect(not changed, f"the wrong call modified the caller's tensors {changed}")
+        # the Buffer (or, after destroy(), a new one) still works
+        if e.destroyed:
+            e.buf = largeep.Buffer(None, **e.buffer_kwargs())
+        good = _good_case(world, case.hidden, case.low_latency, seed + 1)
+        chk.where = f"{name} on rank {rank}, the good round after it"
+        if isinstance(good, LowLatencyCase):
+            LowLatencyRound(e.buf, good, chk).run()
+        else:
+            NormalRound(e.buf, good, chk).run()
+    finally:
+        for b in e.extra:
+            b.destroy()
+        e.buf.destroy()
+        for g in e.groups:
+            dist.destroy_process_group(g)
+    return {"message": message, "failures": chk.failures, "checks": chk.checks}
+
+
+def bad_timeout_env(rank: int, world: int, backend: str, raw: str) -> dict[str, Any]:
+    """Buffer() with LARGEEP_TIMEOUT_S=``raw`` must raise ValueError naming the variable; then, with the variable
+    unset, a Buffer works."""
+    chk = Checker(f"LARGEEP_TIMEOUT_S={raw!r} on rank {rank}")
+    old = os.environ.get("LARGEEP_TIMEOUT_S")
+    os.environ["LARGEEP_TIMEOUT_S"] = raw
+    try:
+        try:
+            largeep.Buffer(None, hidden=HIDDEN, num_experts=EXPERTS, num_topk=TOPK, max_tokens_per_rank=MAX_TOKENS,
+                           backend=backend).destroy()
+        except ValueError as exc:
+            chk.expect("LARGEEP_TIMEOUT_S" in str(exc) and repr(raw) in str(exc), f"message {str(exc)!r}")
+        else:
+            chk.expect(False, "Buffer() accepted the value")
+    finally:
+        if old is None:
+            del os.environ["LARGEEP_TIMEOUT_S"]
+        else:
+            os.environ["LARGEEP_TIMEOUT_S"] = old
+    case = _good_case(world, HIDDEN, False, 3)
+    buf = largeep.Buffer(None, backend=backend, **case.buffer_kwargs())
+    try:
+        assert isinstance(case, NormalCase)
+        NormalRound(buf, case, chk).run()
+    finally:
+        buf.destroy()
+    return {"failures": chk.failures}

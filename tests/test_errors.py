@@ -1,0 +1,90 @@
+"""SPEC.md "Errors": every wrong call is refused before any byte moves, with an exception that names the argument
+and what was expected; the caller's tensors stay as they were; the Buffer still works for the next good call.
+
+The rows live in ``error_bodies.CASES``; each runs on 2 ranks for every backend available: the torch backend over
+gloo here, and on a GPU machine the torch backend over NCCL and the nvshmem backend (marked ``gpu(2)``). Also here:
+LARGEEP_TIMEOUT_S parsing (``largeep._env``).
+"""
+
+from __future__ import annotations
+
+import error_bodies
+import pytest
+from error_bodies import CASES
+from largeep import _env
+
+WORLD = 2
+_GPU = pytest.mark.gpu(WORLD)
+# (backend, process-group backend, marks)
+RUNS = [("torch", "gloo", ()), ("torch", "nccl", (_GPU,)), ("nvshmem", "nccl", (_GPU,))]
+
+
+def _params() -> list:
+    out = []
+    for backend, pg, marks in RUNS:
+        for case in CASES:
+            if (case.device == "cuda" and pg != "nccl") or (case.device == "cpu" and pg != "gloo"):
+                continue
+            out.append(pytest.param(backend, pg, case.name, marks=marks, id=f"{backend}-{pg}-{case.name}"))
+    return out
+
+
+def test_the_table_covers_spec() -> None:
+    """At least 30 rows, and every kind of wrong input SPEC.md lists."""
+    assert len(CASES) >= 30
+    names = " ".join(c.name for c in CASES)
+    for kind in ("dtype", "shape", "non_contiguous", "too_large", "below_minus_one", "too_many_tokens",
+                 "hidden_not_128", "other_buffer", "destroyed_buffer", "rows_more_than_handle",
+                 "not_divisible", "ranks_per_node_not_dividing", "destroyed_dispatch", "low_latency_dispatch_on_normal",
+                 "dispatch_on_low_latency", "subgroup", "on_cpu", "without_this_rank"):
+        assert kind in names, f"no row for {kind}"
+
+
+@pytest.mark.parametrize("backend,pg,name", _params())
+def test_wrong_call(pools, backend: str, pg: str, name: str) -> None:
+    results = pools(WORLD, pg).run(error_bodies.bad_call, backend, name)
+    failures = [f for r in results for f in r["failures"]]
+    assert not failures, "\n".join(failures)
+    assert any(r["message"] for r in results), "no rank made the wrong call"
+
+
+# -- LARGEEP_TIMEOUT_S --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("raw,expected", [(None, 100.0), ("", 100.0), ("5", 5.0), ("0.25", 0.25), (" 7 ", 7.0)])
+def test_timeout_accepts(monkeypatch: pytest.MonkeyPatch, raw: str | None, expected: float) -> None:
+    if raw is None:
+        monkeypatch.delenv("LARGEEP_TIMEOUT_S", raising=False)
+    else:
+        monkeypatch.setenv("LARGEEP_TIMEOUT_S", raw)
+    assert _env.settings().timeout_s == expected
+
+
+@pytest.mark.parametrize(
+    "raw,words",
+    [
+        ("abc", "expected a number"),
+        ("10s", "expected a number"),
+        ("1,5", "expected a number"),
+        ("0", "expected a positive number"),
+        ("-3", "expected a positive number"),
+        ("-0.0", "expected a positive number"),
+        pytest.param("nan", "expected a positive number", marks=pytest.mark.xfail(
+            strict=True, reason="_env._float: float('nan') <= 0 is False, so NaN is accepted as a timeout")),
+        pytest.param("inf", "expected a positive number", marks=pytest.mark.xfail(
+            strict=True, reason="_env._float accepts inf: a wait without bound, which SPEC rules out")),
+    ],
+)
+def test_timeout_rejects(monkeypatch: pytest.MonkeyPatch, raw: str, words: str) -> None:
+    monkeypatch.setenv("LARGEEP_TIMEOUT_S", raw)
+    with pytest.raises(ValueError) as info:
+        _env.settings()
+    msg = str(info.value)
+    assert "LARGEEP_TIMEOUT_S" in msg and repr(raw) in msg and words in msg, msg
+
+
+@pytest.mark.parametrize("raw", ["abc", "-1"])
+def test_timeout_rejected_at_buffer_creation(pools, raw: str) -> None:
+    """A bad value set after import is refused when a Buffer is made (naming the variable), and a Buffer made
+    once it is fixed works."""
+    results = pools(WORLD).run(error_bodies.bad_timeout_env, "torch", raw)
+    failures = [f for r in results for f in r["failures"]]
+    assert not failures, "\n".join(failures)

@@ -65,61 +65,82 @@ def _ref_greedy(load: list[float], topo: Topology) -> list[list[int]]:
 
 
 def _ref_route(p: Placement, idx: torch.Tensor, src: torch.Tensor, local_cap: float | None = 1.0):
-    """Per-choice Python version of Placement.route. Returns (slots [T, K] with -2 where the choice went to the
-    least-loaded fill, per-slot counts of all choices)."""
+    """Per-choice Python version of Placement.route, one source GPU at a time (the fill by bisection for the water
+    level). Returns (slots [T, K] with -2 where the choice went to the least-loaded fill, per-slot counts)."""
     topo = p.topology
     spg, gpn = topo.slots_per_gpu, topo.gpus_per_node
     reps = p.replicas
     t_num, k_num = idx.shape
     out = [[-1] * k_num for _ in range(t_num)]
-    multi_count: dict[int, int] = {}
-    for t in range(t_num):
-        for k in range(k_num):
-            e = int(idx[t, k])
-            if e >= 0 and len(reps[e]) > 1:
-                multi_count[e] = multi_count.get(e, 0) + 1
-    turn: dict[tuple[int, int], int] = {}
-    near_used: dict[int, int] = {}
-    far = []
-    for t in range(t_num):
-        s = int(src[t])
-        for k in range(k_num):
-            e = int(idx[t, k])
-            if e < 0:
-                continue
-            if len(reps[e]) == 1:
-                out[t][k] = reps[e][0]
-                continue
-            same_gpu = [r for r in reps[e] if r // spg == s]
-            same_node = [r for r in reps[e] if r // spg // gpn == s // gpn]
-            pick = -1
-            if same_gpu:
-                pick = same_gpu[0]
-            elif same_node:
-                key = (e, s // gpn)
-                pick = same_node[turn.get(key, 0) % len(same_node)]
-                turn[key] = turn.get(key, 0) + 1
-            if pick >= 0 and local_cap is not None:
-                cap = math.ceil(local_cap * multi_count[e] / len(reps[e]))
-                if near_used.get(pick, 0) >= cap:
+    total = [0] * topo.num_slots
+    for s in sorted(set(src.tolist())):
+        rows = [t for t in range(t_num) if int(src[t]) == s]
+        multi_count: dict[int, int] = {}
+        for t in rows:
+            for e in idx[t].tolist():
+                if e >= 0 and len(reps[e]) > 1:
+                    multi_count[e] = multi_count.get(e, 0) + 1
+        turn: dict[int, int] = {}
+        near_used: dict[int, int] = {}
+        far = []
+        for t in rows:
+            for k in range(k_num):
+                e = int(idx[t, k])
+                if e < 0:
+                    continue
+                if len(reps[e]) == 1:
+                    out[t][k] = reps[e][0]
+                    continue
+                same_gpu = [r for r in reps[e] if r // spg == s]
+                same_node = [r for r in reps[e] if r // spg // gpn == s // gpn]
+                pick = -1
+                if same_gpu:
+                    pick = same_gpu[0]
+                elif same_node:
+                    pick = same_node[(turn.get(e, 0) + s) % len(same_node)]
+                    turn[e] = turn.get(e, 0) + 1
+                if pick >= 0 and local_cap is not None:
+                    cap = math.ceil(local_cap * topo.num_nodes * multi_count[e] / len(reps[e]))
+                    over = near_used.get(pick, 0) >= cap
                     near_used[pick] = near_used.get(pick, 0) + 1
-                    pick = -1
-                else:
-                    near_used[pick] = near_used.get(pick, 0) + 1
-            if pick >= 0:
-                out[t][k] = pick
-            else:
-                out[t][k] = -2
-                far.append(e)
-    load = [0] * topo.num_slots
-    for row in out:
-        for s in row:
-            if s >= 0:
-                load[s] += 1
-    for e in far:  # sequential least-loaded (ties: lowest slot)
-        r = min(reps[e], key=lambda x: (load[x], x))
-        load[r] += 1
-    return out, load
+                    if over:
+                        pick = -1
+                out[t][k] = pick if pick >= 0 else -2
+                if pick < 0:
+                    far.append(e)
+        load = [0] * topo.num_slots  # what this source has put on each slot
+        for t in rows:
+            for x in out[t]:
+                if x >= 0:
+                    load[x] += 1
+        fills = [0] * topo.num_slots
+        for e in sorted(set(far)):
+            n = far.count(e)
+            r_num = len(reps[e])
+            share = []
+            for x in reps[e]:
+                on_node = sum(1 for y in reps[e] if y // spg // gpn == x // spg // gpn)
+                sh = 1.0 / (topo.num_nodes * on_node)
+                share.append(min(sh, local_cap / r_num) if local_cap is not None else sh)
+            remote = max(1.0 - sum(share), 1.0 / r_num)
+            a = [load[x] + n * sh / remote for x, sh in zip(reps[e], share, strict=True)]
+            lo, hi = min(a), max(a) + n  # bisection for the water level
+            for _ in range(200):
+                mid = (lo + hi) / 2
+                lo, hi = (mid, hi) if sum(max(0.0, mid - v) for v in a) < n else (lo, mid)
+            q = [max(0.0, hi - v) for v in a]
+            fl = [math.floor(v + 1e-9) for v in q]
+            rem = round(n - sum(fl))
+            order = sorted(range(r_num), key=lambda j: (q[j] - fl[j] <= 1e-9, (j - s) % r_num))
+            for j in order[:rem]:
+                fl[j] += 1
+            for j, x in enumerate(reps[e]):
+                fills[x] += fl[j]
+        for slot in range(topo.num_slots):
+            load[slot] += fills[slot]
+        for slot in range(topo.num_slots):
+            total[slot] += load[slot]
+    return out, total
 
 
 def _ref_links(trace: RoutingTrace, phys: torch.Tensor, topo: Topology, hierarchical: bool, tok_bytes: int):
@@ -260,13 +281,14 @@ def test_route_prefers_local_and_balances_remote():
     p = Placement(topo, 2, torch.tensor([0, 1, 0, 0]))  # expert 0 on GPUs 0, 2, 3
     idx = torch.zeros(30, 1, dtype=torch.int64)
     assert (p.route(idx, torch.full((30,), 2, dtype=torch.int64), local_cap=None) == 2).all()
-    # from GPU 1 (node 0, where GPU 0 holds expert 0): up to the fair share (10) local, the rest water-filled
+    # from GPU 1 (node 0, where GPU 0 holds expert 0): node 0 owes the replica on GPU 0 its fair share,
+    # nodes * 30 / replicas = 20 choices; the rest are water-filled over the other replicas
     out = p.route(idx, 1)
-    assert torch.bincount(out.flatten(), minlength=4).tolist() == [10, 0, 10, 10]
-    assert (out[:10] == 0).all()
-    # a known load on slot 2 steers the fill to slot 3
+    assert torch.bincount(out.flatten(), minlength=4).tolist() == [20, 0, 5, 5]
+    assert (out[:20] == 0).all()
+    # a known load on slot 2 steers the fill to slot 3 (cap ceil(2 * 4 / 3) = 3 local)
     out = p.route(idx[:4], 1, slot_load=torch.tensor([0.0, 0.0, 5.0, 0.0]))
-    assert torch.bincount(out.flatten(), minlength=4).tolist() == [2, 0, 0, 2]
+    assert torch.bincount(out.flatten(), minlength=4).tolist() == [3, 0, 0, 1]
 
 
 def test_route_edge_cases():

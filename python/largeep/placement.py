@@ -241,6 +241,22 @@ class Placement:
             )
         return cache[device]
 
+    def _local_share(self, local_cap: float | None, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(share float64 [S], remote float64 [L]): the fraction of its expert's choices that each slot receives
+        from its own node when every GPU sends a similar mix, min(1 / (nodes * replicas of the expert on that
+        node), local_cap / replicas); and per expert, the fraction left for remote fills (at least 1 / replicas)."""
+        topo = self.topology
+        _, nrep, _, _, node_cnt = self._tables(device)
+        p2l = self.phys_to_log.to(device)
+        e = p2l.clamp(min=0)
+        node = torch.arange(topo.num_slots, device=device) // topo.slots_per_gpu // topo.gpus_per_node
+        share = 1.0 / (topo.num_nodes * node_cnt[e, node].clamp(min=1).double())
+        if local_cap is not None:
+            share = torch.minimum(share, local_cap / nrep[e].double())
+        share = torch.where(p2l >= 0, share, torch.zeros_like(share))
+        total = torch.zeros(self.num_logical, dtype=torch.float64, device=device).index_add_(0, e, share)
+        return share, torch.maximum(1.0 - total, 1.0 / nrep.double())
+
     def route(
         self,
         topk_idx: torch.Tensor,
@@ -249,16 +265,22 @@ class Placement:
         slot_load: torch.Tensor | None = None,
         local_cap: float | None = 1.0,
     ) -> torch.Tensor:
-        """Maps logical experts to physical slots for one batch (vectorised; no loop over tokens; waits on the
-        host only to size intermediate tensors).
+        """Maps logical experts to physical slots (vectorised; no loop over tokens; waits on the host only to
+        size intermediate tensors).
 
-        For each (token, k): a replica on the token's source GPU, else one on its source node (several on the
-        node: used in turn), else the least-loaded replica: the remaining choices of each expert fill its replicas
-        by water-filling over their load so far (this batch's local choices plus ``slot_load``), earlier tokens
-        first. With ``local_cap``, a replica takes at most ceil(local_cap * choices of its expert in the batch /
-        replicas) local choices (earlier tokens first) and the others go to the least-loaded replica, so locality
-        never overloads a replica (without the cap, a node holding fewer replicas of an expert than its share of
-        the tokens would pile them on those). Deterministic.
+        Each source GPU's tokens are routed as that GPU would route them alone (in a deployment every rank calls
+        this on its own batch, so the result for a trace of many sources equals one call per source). For each
+        (token, k): a replica on the source GPU; else one on its node (several there: used in turn, starting at a
+        GPU-dependent one); else the least-loaded replica: the source's remaining choices of each expert fill the
+        replicas by water-filling over the load the source has put on them so far, plus ``slot_load``, plus the
+        source's part of the load each replica gets from its own node (so that the fills of all sources add up to
+        even totals: a replica alone on its node serves that node's tokens and gets fewer remote ones); exact ties
+        are broken in an order rotated by the source GPU, so that sources do not all favour the same replica.
+        With ``local_cap``, a source sends at most ceil(local_cap * nodes * its choices of the expert / replicas)
+        to one local replica (earlier tokens first; this is a replica's fair share when every GPU sends a similar
+        mix and each node's GPUs use their node's replicas) and the rest to the least-loaded replicas, so that
+        locality does not overload a replica: without the cap, a node that holds fewer replicas of an expert than
+        its share of the tokens would pile them on those. Deterministic.
 
         Args:
             topk_idx: int64 [T, K], logical experts in [-1, L); -1 passes through.
@@ -300,39 +322,49 @@ class Placement:
         t_idx, k_idx = (valid & (nrep[e] > 1)).nonzero(as_tuple=True)
         if t_idx.numel() == 0:
             return out
-        n_nodes = topo.num_nodes
+        n_nodes, n_log, n_slots = topo.num_nodes, self.num_logical, topo.num_slots
         em = e[t_idx, k_idx]
         sm = src[t_idx]
         snode = sm // topo.gpus_per_node
+        src_key = sm * n_log + em  # (source GPU, expert)
         chosen = on_gpu[em, sm]
         cnt = node_cnt[em, snode]
         on_node = (chosen < 0) & (cnt > 0)
         if bool(on_node.any()):
-            key = em[on_node] * n_nodes + snode[on_node]
-            turn = _rank_within(key, self.num_logical * n_nodes) % cnt[on_node]
+            turn = (_rank_within(src_key[on_node], topo.num_gpus * n_log) + sm[on_node]) % cnt[on_node]
             chosen[on_node] = node_list[em[on_node], snode[on_node], turn]
         near = chosen >= 0
         if local_cap is not None and bool(near.any()):
-            cap = torch.ceil(local_cap * torch.bincount(em, minlength=self.num_logical).double() / nrep.double())
-            over = _rank_within(chosen[near], topo.num_slots) >= cap[em[near]].long()
+            n_se = torch.bincount(src_key, minlength=topo.num_gpus * n_log).double()
+            cap = torch.ceil(local_cap * n_nodes * n_se[src_key[near]] / nrep[em[near]].double())
+            over = _rank_within(sm[near] * n_slots + chosen[near], topo.num_gpus * n_slots) >= cap.long()
             near[near.nonzero().flatten()[over]] = False
         chosen = torch.where(near, chosen, torch.full_like(chosen, -1))
         far = ~near
         if bool(far.any()):
-            base = torch.zeros(topo.num_slots, dtype=torch.float64, device=dev)
+            # Load each source has put on each slot: its single-replica and local choices, plus slot_load.
+            st, sk = single.nonzero(as_tuple=True)
+            placed = torch.cat([src[st] * n_slots + out[st, sk], sm[near] * n_slots + chosen[near]])
+            keys, row = torch.unique(src_key[far], return_inverse=True)  # one row per (source, expert) to fill
+            rs, re = keys // n_log, keys % n_log
+            rows_table = table[re]  # [rows, R]
+            used = torch.bincount(placed, minlength=topo.num_gpus * n_slots).double()
+            a_load = used[(rs[:, None] * n_slots + rows_table.clamp(min=0))]
             if slot_load is not None:
-                base += slot_load.to(device=dev, dtype=torch.float64)
-            base += torch.bincount(out[single], minlength=topo.num_slots).double()
-            base += torch.bincount(chosen[near], minlength=topo.num_slots).double()
-            ef = em[far]
-            quota = _water_fill(base, table, torch.bincount(ef, minlength=self.num_logical).double())  # [L, R]
+                a_load = a_load + slot_load.to(device=dev, dtype=torch.float64)[rows_table.clamp(min=0)]
+            n_row = torch.bincount(row, minlength=keys.numel()).double()
+            # The inflow every replica gets from its own node (the GPUs there use it first): with each source
+            # weighing it in, the remote fills of all sources add up to even totals (see _local_share).
+            share, remote = self._local_share(local_cap, dev)
+            a_load = a_load + n_row[:, None] * share[rows_table.clamp(min=0)] / remote[re][:, None]
+            quota = _water_fill(a_load, rows_table, n_row, rs % nrep[re], nrep[re])  # [rows, R]
             width = table.shape[1]
-            # Row e's cumulative quotas, offset by e so one sorted search serves every expert.
+            # Row r's cumulative quotas, offset by r so one sorted search serves every row.
             big = int(topk_idx.numel()) + 1
-            cum = torch.cumsum(quota, dim=1) + torch.arange(self.num_logical, device=dev)[:, None] * big
-            r = torch.searchsorted(cum.flatten(), ef * big + _rank_within(ef, self.num_logical), right=True)
-            r = torch.minimum(r - ef * width, nrep[ef] - 1)
-            chosen[far] = table[ef, r]
+            cum = torch.cumsum(quota, dim=1) + torch.arange(keys.numel(), device=dev)[:, None] * big
+            r = torch.searchsorted(cum.flatten(), row * big + _rank_within(row, keys.numel()), right=True)
+            r = torch.minimum(r - row * width, nrep[re[row]] - 1)
+            chosen[far] = rows_table[row, r]
         out[t_idx, k_idx] = chosen
         return out
 
@@ -346,37 +378,41 @@ def _rank_within(key: torch.Tensor, num_keys: int) -> torch.Tensor:
     return torch.empty_like(ranked).scatter_(0, order, ranked)
 
 
-def _water_fill(base: torch.Tensor, table: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
-    """Splits n[e] new units over the replicas of e so the most loaded replica is as light as possible.
+def _water_fill(
+    load: torch.Tensor, table: torch.Tensor, n: torch.Tensor, rot: torch.Tensor, nrep: torch.Tensor
+) -> torch.Tensor:
+    """Splits n[r] new units over the replicas of row r so that the most loaded replica is as light as possible.
 
     Args:
-        base: float64 [S], load on each slot so far.
-        table: int64 [L, R], replica slots (-1 padded).
-        n: float64 [L], units to place per expert (whole numbers).
+        load: float64 [rows, R], load on each replica so far (ignored on padding).
+        table: int64 [rows, R], replica slots (-1 padded at the end).
+        n: float64 [rows], units to place (whole numbers).
+        rot: int64 [rows], left-over units go first to replica index rot, then rot + 1, ... (mod nrep).
+        nrep: int64 [rows], replicas per row.
 
     Returns:
-        int64 [L, R]: units per replica (0 on padding), each row summing to n[e].
+        int64 [rows, R]: units per replica (0 on padding), each row summing to n[r].
     """
     pad = table < 0
-    a = torch.where(
-        pad, torch.full(table.shape, math.inf, dtype=torch.float64, device=table.device), base[table.clamp(min=0)]
-    )
+    width = table.shape[1]
+    a = torch.where(pad, torch.full_like(load, math.inf), load)
     a_sorted, _ = torch.sort(a, dim=1)
     finite = torch.isfinite(a_sorted)
     csum = torch.cumsum(torch.where(finite, a_sorted, torch.zeros_like(a_sorted)), dim=1)
-    k = torch.arange(1, table.shape[1] + 1, device=table.device, dtype=torch.float64)
+    k = torch.arange(1, width + 1, device=table.device, dtype=torch.float64)
     level_k = (n[:, None] + csum) / k
     ok = (level_k >= a_sorted) & finite
-    kstar = (ok.long() * torch.arange(table.shape[1], device=table.device)).max(dim=1).values
+    kstar = (ok.long() * torch.arange(width, device=table.device)).max(dim=1).values
     level = level_k.gather(1, kstar[:, None])
     q = torch.where(pad, torch.zeros_like(a), (level - a).clamp(min=0))
     fl = torch.floor(q + 1e-9)
     rem = (n - fl.sum(dim=1)).round().clamp(min=0).long()
-    frac = torch.where(pad, torch.full_like(q, -1.0), q - fl)
-    order = torch.argsort(-frac, dim=1, stable=True)
-    rank = torch.empty_like(order).scatter_(
-        1, order, torch.arange(table.shape[1], device=table.device).expand_as(order).contiguous()
-    )
+    # The rem left-over units go one each to the replicas with a fractional quota, in the rotated order (not by
+    # size of the fraction: that order would be the same for every source and add up to a bias).
+    idx = torch.arange(width, device=table.device).expand_as(table)
+    rotated = torch.where(pad, idx + width, (idx - rot[:, None]) % nrep.clamp(min=1)[:, None])
+    key = torch.where(q - fl > 1e-9, rotated, rotated + 2 * width)
+    rank = torch.empty_like(key).scatter_(1, torch.argsort(key, dim=1), idx.contiguous())
     return fl.long() + (rank < rem[:, None]).long()
 
 
@@ -770,9 +806,10 @@ def plan_placement(
         trace: routing trace of logical experts with source GPUs; without it the plan is the greedy baseline
             (nothing is known about co-activation).
         num_replicas: extra replicas (default: fill every slot).
-        imbalance_tolerance: the search keeps every GPU's compute load <= the greedy plan's max load *
-            (1 + tolerance / 2); the returned plan's compute imbalance on the trace is within (1 + tolerance) of
-            greedy's.
+        imbalance_tolerance: the search keeps every GPU's estimated compute load (each replica serving an even
+            share of its expert) <= the greedy plan's largest GPU load on the trace * (1 + tolerance / 2);
+            the returned plan's compute imbalance on the trace, as routed, is within (1 + tolerance) of greedy's
+            (the search is retried up to twice with a tighter bound, then greedy is returned).
         hierarchical: the dispatch mode whose bottleneck link decides between the search result and greedy.
         max_rounds: rounds of swaps per search phase (each round: the best swap of each of many disjoint node
             pairs); both phases normally stop earlier, when no swap improves (the result is then deterministic).
@@ -805,27 +842,29 @@ def plan_placement(
     if trace is None or topology.num_nodes == 1 or trace.topk_idx.numel() == 0:
         return greedy
     ref = simulate_links(trace, greedy, hierarchical=hierarchical)
+    limit = ref.compute_imbalance * (1.0 + imbalance_tolerance) + 1e-12
+    # Estimated loads (a replica's even share of its expert's choices, in the trace's units) drive the search,
+    # under greedy's largest routed GPU load * (1 + tolerance / 2).
+    unit_scale = float(ref.compute.sum()) / max(float(w.sum()), 1e-30)
     bound = float(ref.compute.max()) * (1.0 + 0.5 * imbalance_tolerance)
     pairs, src = _coactivation(trace, topology)
     unit_expert, w = _units(load, topology, num_replicas, local=True)
-    unit_at = np.argsort(_pack_greedy(unit_expert, w, topology), kind="stable")
-    # Unit loads in the trace's units: a replica's share of its expert's choices.
-    state = _SwapState(unit_expert, unit_at, w * (float(ref.compute.sum()) / max(float(w.sum()), 1e-30)), topology)
-    _pair_search(state, pairs, src, trace.topk_idx.shape[1], bound, max_rounds, t0 + 0.6 * budget)
+    start = np.argsort(_pack_greedy(unit_expert, w, topology), kind="stable")
     # Phase 2 on at most 8192 tokens (evenly strided, so every source GPU keeps its share).
     sub = torch.arange(0, trace.topk_idx.shape[0], max(1, trace.topk_idx.shape[0] // 8192))
-    mid = _to_placement(unit_expert, state.unit_at, load.numel(), topology)
-    bind = mid.route(trace.topk_idx[sub], trace.src_gpu[sub])
-    bind = torch.where(bind >= 0, torch.from_numpy(state.unit_at)[bind.clamp(min=0)], bind)  # slot -> unit
     src_node = (trace.src_gpu[sub] // topology.gpus_per_node).numpy()
-    _demand_search(state, bind.numpy(), src_node, bound, max_rounds, t0 + budget)
-    topo = _to_placement(unit_expert, state.unit_at, load.numel(), topology)
-    new = simulate_links(trace, topo, hierarchical=hierarchical)
-    if (
-        new.max_link_time_s < ref.max_link_time_s
-        and new.compute_imbalance <= ref.compute_imbalance * (1.0 + imbalance_tolerance) + 1e-12
-    ):
-        return topo
+    for _ in range(3):  # the routed loads differ a little from the estimates: retry with a tighter bound
+        state = _SwapState(unit_expert, start, w * unit_scale, topology)
+        _pair_search(state, pairs, src, trace.topk_idx.shape[1], bound, max_rounds, t0 + 0.6 * budget)
+        mid = _to_placement(unit_expert, state.unit_at, load.numel(), topology)
+        bind = mid.route(trace.topk_idx[sub], trace.src_gpu[sub])
+        bind = torch.where(bind >= 0, torch.from_numpy(state.unit_at)[bind.clamp(min=0)], bind)  # slot -> unit
+        _demand_search(state, bind.numpy(), src_node, bound, max_rounds, t0 + budget)
+        topo = _to_placement(unit_expert, state.unit_at, load.numel(), topology)
+        new = simulate_links(trace, topo, hierarchical=hierarchical)
+        if new.compute_imbalance <= limit:
+            return topo if new.max_link_time_s < ref.max_link_time_s else greedy
+        bound *= 0.99 * limit / new.compute_imbalance
     return greedy
 
 

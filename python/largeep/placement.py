@@ -4,7 +4,8 @@ Words. A *logical* expert is what the gate picks (ids [0, L)). A *slot* is a phy
 GPU g owns slots [g * slots_per_gpu, (g + 1) * slots_per_gpu), so the slots are SPEC.md's physical experts
 (E = num_gpus * slots_per_gpu). A :class:`Placement` says which logical expert each slot holds (``phys_to_log``,
 -1 for an empty slot); a logical expert held by several slots has *replicas*. ``Placement.route`` turns a batch's
-logical ``topk_idx`` into the physical ``topk_idx`` that ``Buffer.dispatch`` takes.
+logical ``topk_idx`` into the physical ``topk_idx`` that ``Buffer.dispatch`` takes (same GPU, then same node, then
+the least-loaded replica; each rank routes its own tokens, and the model routes a trace the same way).
 
 Link model (``simulate_links``). Each GPU has one NIC (``nic_bw`` bytes/s each way) and one NVLink port
 (``nvlink_bw`` bytes/s each way). A token goes to a GPU once however many of its experts live there.
@@ -20,14 +21,16 @@ Planner (``plan_placement``).
 2. With a routing trace, the topology-aware plan starts from the same packing, with replica counts that are
    multiples of the node count once an expert has more replicas than nodes (so every node can serve its own tokens),
    then runs two local searches of swaps between GPUs of different nodes, each swap keeping both GPUs' compute load
-   under the bound (greedy's largest GPU load on the trace * (1 + tolerance / 2)):
+   under the bound (greedy's largest GPU load on the trace * (1 + tolerance / 2), on estimated loads: each replica
+   serving an even share of its expert):
    a. co-activation: keep inside nodes the pairs of experts that tokens use together and each expert with the
       source nodes of its tokens (replicas of one expert repel, so they spread to where demand comes from);
    b. demand balance: lower sum_n D_n^4 where D_n = remote tokens that need node n (the NIC load of node n's GPUs
       under hierarchical dispatch), with each token bound to the replicas that ``route`` gave it.
    Swaps on disjoint pairs of nodes are independent, so each round applies the best swap of many node pairs.
-3. The plan with the lower bottleneck link time on the trace wins (the search result, else greedy), provided its
-   compute imbalance on the trace is within (1 + tolerance) of greedy's.
+3. The search result is routed on the trace; if its compute imbalance exceeds greedy's * (1 + tolerance), the
+   search reruns with a tighter bound (twice at most). The plan with the lower bottleneck link time wins (the
+   search result, else greedy).
 """
 
 from __future__ import annotations

@@ -6,11 +6,13 @@
 | LARGEEP_LOG_LEVEL | WARNING | level of the ``largeep`` logger |
 | LARGEEP_CHECK_VALUES | 1 | check expert ids for range on the host (one device sync) before a dispatch |
 | LARGEEP_NVSHMEM_HEAP_MARGIN | 1.25 | factor applied to the first Buffer's needs when largeep picks NVSHMEM_SYMMETRIC_SIZE |
+| LARGEEP_TUNE | threads=512,load=0,unroll=8 | kernel tuning of the normal mode: threads per block, NVLink load kind (0 nc, 1 weak, 2 volatile), loads in flight per lane (4 or 8) |
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 from dataclasses import dataclass
 
@@ -23,6 +25,7 @@ class Settings:
     log_level: str
     check_values: bool
     heap_margin: float
+    tune: dict[str, int]
 
 
 def _float(name: str, default: float) -> float:
@@ -33,8 +36,8 @@ def _float(name: str, default: float) -> float:
         value = float(raw)
     except ValueError as exc:
         raise ValueError(f"{_PREFIX}{name}={raw!r}: expected a number") from exc
-    if value <= 0:
-        raise ValueError(f"{_PREFIX}{name}={raw!r}: expected a positive number")
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{_PREFIX}{name}={raw!r}: expected a positive number (finite)")
     return value
 
 
@@ -45,7 +48,21 @@ def settings() -> Settings:
         log_level=os.environ.get(_PREFIX + "LOG_LEVEL", "WARNING").upper(),
         check_values=os.environ.get(_PREFIX + "CHECK_VALUES", "1") not in ("0", "false", "False", ""),
         heap_margin=_float("NVSHMEM_HEAP_MARGIN", 1.25),
+        tune=_tune(os.environ.get(_PREFIX + "TUNE", "")),
     )
+
+
+_TUNE_DEFAULTS = {"threads": 512, "load": 0, "unroll": 8}
+
+
+def _tune(raw: str) -> dict[str, int]:
+    out = dict(_TUNE_DEFAULTS)
+    for item in filter(None, (p.strip() for p in raw.split(","))):
+        key, _, value = item.partition("=")
+        if key not in out or not value.lstrip("-").isdigit():
+            raise ValueError(f"{_PREFIX}TUNE={raw!r}: expected comma-separated key=int with keys {sorted(out)}")
+        out[key] = int(value)
+    return out
 
 
 logger = logging.getLogger("largeep")

@@ -50,7 +50,10 @@ def _unpack(rows: torch.Tensor, specs: Sequence[tuple[torch.dtype, tuple[int, ..
         for s in shape:
             n *= s
         nbytes = n * torch.empty((), dtype=dtype).element_size()
-        out.append(rows[:, col : col + nbytes].contiguous().view(dtype).reshape(rows.shape[0], *shape))
+        # a fresh buffer: a one-row slice stays non-contiguous in the byte sense and refuses a wider view
+        part = torch.empty((rows.shape[0], nbytes), dtype=torch.uint8, device=rows.device)
+        part.copy_(rows[:, col : col + nbytes])
+        out.append(part.view(dtype).reshape(rows.shape[0], *shape))
         col += nbytes
     return out
 

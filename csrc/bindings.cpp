@@ -23,7 +23,12 @@ class NormalKernels {
    public:
     NormalKernels(int rank, int num_ranks, int num_experts, int num_topk, int hidden, int max_tokens, uintptr_t base,
                   uintptr_t peer_base, uintptr_t seq, uintptr_t block_counter, uintptr_t status_dev,
-                  double timeout_s) {
+                  double timeout_s, int threads, int load_mode, int unroll) {
+        HOST_ASSERT(threads % 32 == 0 && threads >= 64 && threads <= 1024, "threads must be a multiple of 32 in [64, 1024]");
+        HOST_ASSERT(load_mode >= 0 && load_mode <= 2 && (unroll == 4 || unroll == 8), "bad load mode or unroll");
+        c_.threads = threads;
+        c_.load_mode = load_mode;
+        c_.unroll = unroll;
         const NormalLayout l = normal_layout(num_ranks, num_experts, num_topk, hidden, max_tokens);
         c_.rank = rank;
         c_.num_ranks = num_ranks;
@@ -34,14 +39,15 @@ class NormalKernels {
         c_.off_flags = l.off_flags;
         c_.off_in_counts = l.off_in_counts;
         c_.off_out_counts = l.off_out_counts;
-        c_.off_list = l.off_list;
-        c_.off_stage = l.off_stage;
+        c_.off_matrix = l.off_matrix;
+        c_.off_recv = l.off_recv;
         c_.off_comb = l.off_comb;
         c_.off_comb_w = l.off_comb_w;
-        c_.stage_stride = l.stage_stride;
-        c_.stage_off_scales = l.stage_off_scales;
-        c_.stage_off_idx = l.stage_off_idx;
-        c_.stage_off_w = l.stage_off_w;
+        c_.recv_stride = l.recv_stride;
+        c_.recv_off_scales = l.recv_off_scales;
+        c_.recv_off_idx = l.recv_off_idx;
+        c_.recv_off_w = l.recv_off_w;
+        c_.recv_off_src = l.recv_off_src;
         c_.comb_stride = l.comb_stride;
         c_.base = ptr<uint8_t>(base);
         c_.peer_base = ptr<const uint64_t>(peer_base);
@@ -51,19 +57,23 @@ class NormalKernels {
         c_.timeout_ns = static_cast<uint64_t>(timeout_s * 1e9);
     }
 
-    void stage(uintptr_t x, int x_elem, uintptr_t scales, uintptr_t idx, uintptr_t w, int num_tokens,
-               uintptr_t send_pos, bool cached, int num_sms, uintptr_t stream) {
-        launch_dispatch_stage(c_, ptr<const void>(x), x_elem, ptr<const float>(scales), ptr<const int64_t>(idx),
-                              ptr<const float>(w), num_tokens, ptr<int>(send_pos), cached, num_sms,
-                              stream_of(stream));
+    void prepare(uintptr_t idx, int num_tokens, uintptr_t send_pos, uintptr_t stream) {
+        launch_dispatch_prepare(c_, ptr<const int64_t>(idx), num_tokens, ptr<int>(send_pos), stream_of(stream));
     }
-    void notify(bool cached, bool report, uintptr_t stream) {
-        launch_dispatch_notify(c_, cached, report, stream_of(stream));
+    void notify(uintptr_t recv_off, uintptr_t send_off, bool report, uintptr_t stream) {
+        launch_dispatch_notify(c_, ptr<int>(recv_off), ptr<int>(send_off), report, stream_of(stream));
     }
-    void pull(uintptr_t out_x, int x_elem, uintptr_t out_s, uintptr_t out_idx, uintptr_t out_w, uintptr_t recv_src,
-              uintptr_t recv_off, int num_rows, bool cached, int num_sms, uintptr_t stream) {
-        launch_dispatch_pull(c_, ptr<void>(out_x), x_elem, ptr<float>(out_s), ptr<int64_t>(out_idx), ptr<float>(out_w),
-                             ptr<int>(recv_src), ptr<int>(recv_off), num_rows, cached, num_sms, stream_of(stream));
+    void push(uintptr_t x, int x_elem, uintptr_t scales, uintptr_t idx, uintptr_t w, int num_tokens,
+              uintptr_t send_pos, uintptr_t send_off, int num_sms, uintptr_t stream) {
+        launch_dispatch_push(c_, ptr<const void>(x), x_elem, ptr<const float>(scales), ptr<const int64_t>(idx),
+                             ptr<const float>(w), num_tokens, ptr<const int>(send_pos), ptr<const int>(send_off),
+                             num_sms, stream_of(stream));
+    }
+    void copyout(uintptr_t out_x, int x_elem, uintptr_t out_s, uintptr_t out_idx, uintptr_t out_w,
+                 uintptr_t recv_src, uintptr_t recv_off, int num_rows, bool cached, int num_sms, uintptr_t stream) {
+        launch_dispatch_copyout(c_, ptr<void>(out_x), x_elem, ptr<float>(out_s), ptr<int64_t>(out_idx),
+                                ptr<float>(out_w), ptr<int>(recv_src), ptr<const int>(recv_off), num_rows, cached,
+                                num_sms, stream_of(stream));
     }
     void combine_push(uintptr_t y, int y_elem, uintptr_t y_w, uintptr_t recv_src, uintptr_t recv_off, int num_rows,
                       int num_sms, uintptr_t stream) {
@@ -108,7 +118,7 @@ PYBIND11_MODULE(_C, m) {
         const NormalLayout l = normal_layout(n, e, k, h, t);
         py::dict d;
         d["total_bytes"] = l.total_bytes;
-        d["stage_stride"] = l.stage_stride;
+        d["recv_stride"] = l.recv_stride;
         d["comb_stride"] = l.comb_stride;
         return d;
     });
@@ -119,10 +129,12 @@ PYBIND11_MODULE(_C, m) {
     });
 
     py::class_<NormalKernels>(m, "NormalKernels")
-        .def(py::init<int, int, int, int, int, int, uintptr_t, uintptr_t, uintptr_t, uintptr_t, uintptr_t, double>())
-        .def("stage", &NormalKernels::stage)
+        .def(py::init<int, int, int, int, int, int, uintptr_t, uintptr_t, uintptr_t, uintptr_t, uintptr_t, double, int, int,
+                      int>())
+        .def("prepare", &NormalKernels::prepare)
         .def("notify", &NormalKernels::notify)
-        .def("pull", &NormalKernels::pull)
+        .def("push", &NormalKernels::push)
+        .def("copyout", &NormalKernels::copyout)
         .def("combine_push", &NormalKernels::combine_push)
         .def("combine_reduce", &NormalKernels::combine_reduce);
 }

@@ -26,28 +26,30 @@ enum Op {
 
 // ---- flags: int64 words in the symmetric heap, [kind][source rank] --------------------------------------------
 enum FlagKind {
-    kFlagCounts = 0,     // rank s -> me: its counts row and staged rows for this dispatch round are in place
-    kFlagReadDone = 1,   // rank r -> me: r finished pulling my staged rows of round `seq`
-    kFlagCombReady = 2,  // rank r -> me: r finished pushing its combine rows of round `seq` into my buffer
-    kFlagCombFree = 3,   // rank s -> me: s finished reducing round `seq`; I may write into s's buffer again
-    kNumFlagKinds = 4,
+    kFlagCounts = 0,     // rank s -> me: its count rows for this dispatch round are in my in_counts / matrix
+    kFlagRows = 1,       // rank s -> me: all its rows of round `seq` are in my receive buffer
+    kFlagRecvFree = 2,   // rank r -> me: r copied out round `seq`; its counts and receive buffer may be reused
+    kFlagCombReady = 3,  // rank r -> me: r finished pushing its combine rows of round `seq` into my buffer
+    kFlagCombFree = 4,   // rank s -> me: s finished reducing round `seq`; I may write into s's buffer again
+    kNumFlagKinds = 5,
 };
 
 // Device-side sequence counters (cudaMalloc'd int64 [4]); each op reads seq+1 and its last kernel stores it.
 enum SeqKind { kSeqDispatch = 0, kSeqCombine = 1, kSeqLowLatency = 2 };
 
 // Everything a normal-mode kernel needs to find its buffers. Regions of the symmetric allocation (per rank):
-//   flags     int64  [kNumFlagKinds][N]                  written by peers (release), read here (acquire)
-//   in_counts int32  [N][1 + E/N]                         row s written by rank s: rows s->me, then per local expert
-//   out_counts int32 [N][1 + E/N]                         my rows for each destination, built by the stage kernel
-//   list      int32  [N][max_tokens]                      my tokens for destination r, in token order
-//   stage     bytes  [max_tokens][stage_stride]           my tokens: x | scales | topk_idx | topk_weights
-//   comb      bytes  [N][max_tokens][comb_stride]         combine rows pushed by rank r for its j-th row from me
-//   comb_w    float  [N][max_tokens][K]                   combine weights, same indexing
+//   flags      int64 [kNumFlagKinds][N]        written by peers (release), read here (acquire)
+//   in_counts  int32 [N][1 + E/N]              row s written by rank s: rows s->me, then rows per local expert
+//   out_counts int32 [N][1 + E/N]              my count row for each destination (prepare kernel)
+//   matrix     int32 [N][N]                    row s written by rank s: rows s sends to each rank
+//   recv       bytes [N*max_tokens][recv_stride]  rows pushed to me, in SPEC order:
+//                                              x | scales | local expert ids (int64 [K]) | weights [K] | token
+//   comb       bytes [N][max_tokens][comb_stride]  combine rows pushed by rank r for its j-th row from me
+//   comb_w     float [N][max_tokens][K]        combine weights, same indexing
 struct NormalCtx {
     int rank, num_ranks, num_experts, num_topk, hidden, max_tokens;
-    int64_t off_flags, off_in_counts, off_out_counts, off_list, off_stage, off_comb, off_comb_w;
-    int64_t stage_stride, stage_off_scales, stage_off_idx, stage_off_w;
+    int64_t off_flags, off_in_counts, off_out_counts, off_matrix, off_recv, off_comb, off_comb_w;
+    int64_t recv_stride, recv_off_scales, recv_off_idx, recv_off_w, recv_off_src;
     int64_t comb_stride;
     uint8_t* base;              // my symmetric allocation
     const uint64_t* peer_base;  // device array [N]: every rank's allocation as seen from this GPU (NVLink)
@@ -55,12 +57,15 @@ struct NormalCtx {
     int* block_counter;         // device ints [4], for last-block detection
     int64_t* status;            // host-mapped status area (device pointer)
     uint64_t timeout_ns;
+    // Tuning (LARGEEP_TUNE): threads per block of the copy kernels, kind of 16-byte load (see ld_v4), and loads
+    // in flight per lane.
+    int threads, load_mode, unroll;
 };
 
 // Region offsets and strides for a normal-mode buffer, and its total bytes.
 struct NormalLayout {
-    int64_t off_flags, off_in_counts, off_out_counts, off_list, off_stage, off_comb, off_comb_w;
-    int64_t stage_stride, stage_off_scales, stage_off_idx, stage_off_w, comb_stride, total_bytes;
+    int64_t off_flags, off_in_counts, off_out_counts, off_matrix, off_recv, off_comb, off_comb_w;
+    int64_t recv_stride, recv_off_scales, recv_off_idx, recv_off_w, recv_off_src, comb_stride, total_bytes;
 };
 NormalLayout normal_layout(int num_ranks, int num_experts, int num_topk, int hidden, int max_tokens);
 
@@ -72,22 +77,21 @@ void launch_layout(const int64_t* topk_idx, int num_tokens, int num_topk, int nu
                    int64_t* status, cudaStream_t stream);
 
 // ---- intranode.cu (normal mode, every rank reachable over NVLink) --------------------------------------------
-// Stage: waits until every receiver finished the previous round, copies this rank's tokens into `stage` and, when
-// not cached, builds each destination's token list, `send_pos` int32 [T, N] (position of t in the list for r, or -1)
-// and out_counts.
-void launch_dispatch_stage(const NormalCtx& ctx, const void* x, int x_elem_bytes, const float* x_scales,
-                           const int64_t* topk_idx, const float* topk_weights, int num_tokens, int* send_pos,
-                           bool cached, int num_sms, cudaStream_t stream);
-// Notify: sends count rows to every peer and raises kFlagCounts; waits for every peer's; with `report` (and not
-// cached), writes totals into the status area and then status[kReadySeq] = seq, for the host to wait on. Only one
-// reporting notify is ever in flight: the host waits for each before launching the next.
-void launch_dispatch_notify(const NormalCtx& ctx, bool cached, bool report, cudaStream_t stream);
-// Pull: row i of the output (sources ascending, then tokens) is read straight from its source's stage over NVLink.
-// recv_src int32 [rows, 2] (source rank, token) and recv_off int32 [N + 1] are written when not cached, read when
-// cached. Rows in [R, num_rows) (num_worst_tokens tail) get topk_idx -1 and weight 0.
-void launch_dispatch_pull(const NormalCtx& ctx, void* out_x, int x_elem_bytes, float* out_scales, int64_t* out_idx,
-                          float* out_w, int* recv_src, int* recv_off, int num_rows, bool cached, int num_sms,
-                          cudaStream_t stream);
+// Prepare: send_pos int32 [T, N] (position of token t among the rows for rank r, -1 if none) and count rows.
+void launch_dispatch_prepare(const NormalCtx& ctx, const int64_t* topk_idx, int num_tokens, int* send_pos,
+                             cudaStream_t stream);
+// Notify: count exchange; writes recv_off int32 [N + 1] and send_off int32 [N]; with `report`, totals into the
+// status area and then status[kReadySeq] = seq for the host to wait on. Only one reporting notify is ever in
+// flight: the host waits for each before launching the next.
+void launch_dispatch_notify(const NormalCtx& ctx, int* recv_off, int* send_off, bool report, cudaStream_t stream);
+// Push: every token's row (and, when topk_idx is given, ids, weights, token index) into each receiver's buffer.
+void launch_dispatch_push(const NormalCtx& ctx, const void* x, int x_elem_bytes, const float* x_scales,
+                          const int64_t* topk_idx, const float* topk_weights, int num_tokens, const int* send_pos,
+                          const int* send_off, int num_sms, cudaStream_t stream);
+// Copy-out: receive buffer -> outputs; recv_src int32 [rows, 2] (source rank, token) written when not cached.
+void launch_dispatch_copyout(const NormalCtx& ctx, void* out_x, int x_elem_bytes, float* out_scales,
+                             int64_t* out_idx, float* out_w, int* recv_src, const int* recv_off, int num_rows,
+                             bool cached, int num_sms, cudaStream_t stream);
 // Combine push: row i of y goes to its source's `comb` buffer over NVLink; raises kFlagCombReady on every source.
 void launch_combine_push(const NormalCtx& ctx, const void* y, int y_elem_bytes, const float* y_w,
                          const int* recv_src, const int* recv_off, int num_rows, int num_sms, cudaStream_t stream);

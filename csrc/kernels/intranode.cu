@@ -1,9 +1,10 @@
 // Normal (high-throughput) mode between ranks that all reach each other over NVLink.
 //
-// Dispatch pulls: each source stages its tokens once in its own symmetric memory (x | scales | ids | weights),
-// then every receiver reads the rows it needs straight into its output tensor through NVLink peer pointers, in
-// SPEC order (sources ascending, then tokens). A token crosses NVLink once per destination rank and is written to
-// the output once; the only extra traffic is the local staging copy of T rows.
+// Dispatch pushes: each source reads a token's row once from the caller's tensor and writes it over NVLink into
+// the receive buffer (symmetric memory) of every rank that needs it, at its final row in SPEC order (sources
+// ascending, then tokens; offsets come from the count exchange). The receiver then copies its buffer into the
+// output tensors (local traffic only). NVLink writes are posted, so no round trip limits them; NVLink reads
+// measured about 1.7x slower here, which is why an earlier pull design was dropped.
 //
 // Combine pushes: each receiver writes row i of y into its source's `comb` buffer (slot [me][j], j = the row's
 // position in the source->me list); the source then sums the slots of each token in float32.
@@ -17,8 +18,11 @@ namespace largeep {
 
 namespace {
 
-constexpr int kThreads = 512;
-constexpr int kWarps = kThreads / kWarp;
+// Copy kernels run 1024 threads (32 warps) per SM so that enough NVLink traffic is in flight; the reduction keeps
+// 512 threads for the registers its unrolled loads need.
+constexpr int kThreads = 1024;  // the most threads a copy kernel may be launched with (NormalCtx::threads)
+constexpr int kReduceThreads = 512;
+constexpr int kReduceWarps = kReduceThreads / kWarp;
 
 __device__ __forceinline__ int64_t* flags_of(uint8_t* base, const NormalCtx& c) {
     return reinterpret_cast<int64_t*>(base + c.off_flags);
@@ -27,95 +31,87 @@ __device__ __forceinline__ uint8_t* peer(const NormalCtx& c, int r) {
     return reinterpret_cast<uint8_t*>(c.peer_base[r]);
 }
 
-// ---- stage --------------------------------------------------------------------------------------------------
-// Blocks [0, list_blocks): block r builds destination r's token list, send_pos[:, r] and out_counts[r].
-// Other blocks: one warp per token copies x, scales, ids and weights into the stage.
-__global__ void __launch_bounds__(kThreads) dispatch_stage_kernel(NormalCtx c, const uint8_t* x, int x_elem,
-                                                                  const float* scales, const int64_t* idx,
-                                                                  const float* w, int T, int* send_pos,
-                                                                  int list_blocks) {
+// ---- prepare ------------------------------------------------------------------------------------------------
+// Block r: send_pos[:, r] (position of each token in the list of rows for rank r, -1 if none) and the count row
+// for r (rows, then rows naming each of r's experts) into out_counts[r]. Local work only.
+__global__ void __launch_bounds__(kThreads) dispatch_prepare_kernel(NormalCtx c, const int64_t* idx, int T,
+                                                                    int* send_pos) {
     const int N = c.num_ranks, K = c.num_topk, epr = c.num_experts / N;
-    const int64_t seq = c.seq[kSeqDispatch] + 1;
-    // Nobody may still be reading the previous round's stage or lists.
-    if (!block_wait_flags(flags_of(c.base, c) + kFlagReadDone * N, N, seq - 1, c.timeout_ns, c.status,
-                          kOpDispatch))
-        return;
-    if (static_cast<int>(blockIdx.x) < list_blocks) {
-        extern __shared__ int hist[];  // [E/N]: rows naming each of r's experts
-        const int r = blockIdx.x;
-        for (int i = threadIdx.x; i < epr; i += blockDim.x) hist[i] = 0;
-        __syncthreads();
-        int* list = reinterpret_cast<int*>(c.base + c.off_list) + static_cast<int64_t>(r) * c.max_tokens;
-        int base = 0;
-        for (int start = 0; start < T; start += blockDim.x) {
-            const int t = start + threadIdx.x;
-            int hit = 0;
-            if (t < T) {
-                const int64_t* row = idx + static_cast<int64_t>(t) * K;
-                for (int k = 0; k < K; ++k) {
-                    const int64_t e = row[k];
-                    if (e < 0 || e >= c.num_experts || e / epr != r) continue;
-                    hit = 1;
-                    bool seen = false;
-                    for (int j = 0; j < k; ++j) seen |= (row[j] == e);
-                    if (!seen) atomicAdd(&hist[e - static_cast<int64_t>(r) * epr], 1);
-                }
+    extern __shared__ int hist[];  // [E/N]: rows naming each of r's experts
+    const int r = blockIdx.x;
+    for (int i = threadIdx.x; i < epr; i += blockDim.x) hist[i] = 0;
+    __syncthreads();
+    int base = 0;
+    for (int start = 0; start < T; start += blockDim.x) {
+        const int t = start + threadIdx.x;
+        int hit = 0;
+        if (t < T) {
+            const int64_t* row = idx + static_cast<int64_t>(t) * K;
+            for (int k = 0; k < K; ++k) {
+                const int64_t e = row[k];
+                if (e < 0 || e >= c.num_experts || e / epr != r) continue;
+                hit = 1;
+                bool seen = false;
+                for (int j = 0; j < k; ++j) seen |= (row[j] == e);
+                if (!seen) atomicAdd(&hist[e - static_cast<int64_t>(r) * epr], 1);
             }
-            int total;
-            const int pos = base + block_exclusive_scan(hit, &total);
-            if (t < T) {
-                send_pos[static_cast<int64_t>(t) * N + r] = hit ? pos : -1;
-                if (hit) list[pos] = t;
-            }
-            base += total;
         }
-        __syncthreads();
-        int* out = reinterpret_cast<int*>(c.base + c.off_out_counts) + static_cast<int64_t>(r) * (1 + epr);
-        if (threadIdx.x == 0) out[0] = base;
-        for (int i = threadIdx.x; i < epr; i += blockDim.x) out[1 + i] = hist[i];
-        return;
+        int total;
+        const int pos = base + block_exclusive_scan(hit, &total);
+        if (t < T) send_pos[static_cast<int64_t>(t) * N + r] = hit ? pos : -1;
+        base += total;
     }
-    const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
-    const int copy_blocks = gridDim.x - list_blocks;
-    const int64_t x_bytes = static_cast<int64_t>(c.hidden) * x_elem;
-    const int num_scales = c.hidden / 128;
-    for (int t = (blockIdx.x - list_blocks) * kWarps + warp; t < T; t += copy_blocks * kWarps) {
-        uint8_t* dst = c.base + c.off_stage + static_cast<int64_t>(t) * c.stage_stride;
-        warp_copy(reinterpret_cast<int4*>(dst), reinterpret_cast<const int4*>(x + t * x_bytes), x_bytes, lane);
-        if (scales != nullptr) {
-            float* ds = reinterpret_cast<float*>(dst + c.stage_off_scales);
-            for (int i = lane; i < num_scales; i += kWarp) ds[i] = scales[static_cast<int64_t>(t) * num_scales + i];
-        }
-        if (idx != nullptr && lane < K) {
-            reinterpret_cast<int64_t*>(dst + c.stage_off_idx)[lane] = idx[static_cast<int64_t>(t) * K + lane];
-            reinterpret_cast<float*>(dst + c.stage_off_w)[lane] = w[static_cast<int64_t>(t) * K + lane];
-        }
-    }
+    __syncthreads();
+    int* out = reinterpret_cast<int*>(c.base + c.off_out_counts) + static_cast<int64_t>(r) * (1 + epr);
+    if (threadIdx.x == 0) out[0] = base;
+    for (int i = threadIdx.x; i < epr; i += blockDim.x) out[1 + i] = hist[i];
 }
 
 // ---- notify -------------------------------------------------------------------------------------------------
-__global__ void __launch_bounds__(kThreads) dispatch_notify_kernel(NormalCtx c, int cached, int report) {
+// Waits until every receiver has consumed the previous round (its counts and its receive buffer), then sends
+// every peer my count row for it and my row of the [N, N] count matrix, raises kFlagCounts and waits for every
+// peer's. Then computes this rank's recv_off [N + 1] (receive rows per source, prefix) and send_off [N] (where my
+// rows start in each receiver's buffer) into the handle, and, with `report`, the totals for the host.
+__global__ void __launch_bounds__(kThreads) dispatch_notify_kernel(NormalCtx c, int* recv_off, int* send_off,
+                                                                   int report) {
     const int N = c.num_ranks, epr = c.num_experts / N, me = c.rank, row = 1 + epr;
     const int64_t seq = c.seq[kSeqDispatch] + 1;
-    if (has_error(c.status)) return;
-    if (!cached) {
-        // my count row for destination r goes to r's in_counts[me]
-        const int* out = reinterpret_cast<const int*>(c.base + c.off_out_counts);
-        for (int i = threadIdx.x; i < N * row; i += blockDim.x) {
-            const int r = i / row, j = i % row;
-            int* in = reinterpret_cast<int*>(peer(c, r) + c.off_in_counts);
-            in[me * row + j] = out[i];
-        }
+    if (!block_wait_flags(flags_of(c.base, c) + kFlagRecvFree * N, N, seq - 1, c.timeout_ns, c.status,
+                          kOpDispatch))
+        return;
+    const int* out = reinterpret_cast<const int*>(c.base + c.off_out_counts);
+    for (int i = threadIdx.x; i < N * row; i += blockDim.x) {
+        const int r = i / row, j = i % row;
+        reinterpret_cast<int*>(peer(c, r) + c.off_in_counts)[me * row + j] = out[i];
     }
-    __threadfence_system();  // counts (and the stage kernel's rows) before the flag
+    for (int i = threadIdx.x; i < N * N; i += blockDim.x) {
+        const int r = i / N, j = i % N;  // to rank r: matrix[me][j] = rows I send to j
+        reinterpret_cast<int*>(peer(c, r) + c.off_matrix)[me * N + j] = out[j * row];
+    }
+    __threadfence_system();  // counts before the flag
     __syncthreads();
     if (static_cast<int>(threadIdx.x) < N)
         st_release_sys(flags_of(peer(c, threadIdx.x), c) + kFlagCounts * N + me, seq);
     if (!block_wait_flags(flags_of(c.base, c) + kFlagCounts * N, N, seq, c.timeout_ns, c.status,
                           kOpDispatchNotify))
         return;
-    if (cached || !report) return;
     const int* in = reinterpret_cast<const int*>(c.base + c.off_in_counts);
+    const int* matrix = reinterpret_cast<const int*>(c.base + c.off_matrix);
+    if (threadIdx.x == 0) {
+        int acc = 0;
+        for (int s = 0; s < N; ++s) {
+            recv_off[s] = acc;
+            acc += in[s * row];
+        }
+        recv_off[N] = acc;
+    }
+    if (static_cast<int>(threadIdx.x) < N) {
+        const int r = threadIdx.x;
+        int acc = 0;
+        for (int s = 0; s < me; ++s) acc += matrix[s * N + r];
+        send_off[r] = acc;
+    }
+    if (!report) return;
     volatile int64_t* st = c.status;
     for (int e = threadIdx.x; e < epr; e += blockDim.x) {
         int64_t s = 0;
@@ -132,74 +128,134 @@ __global__ void __launch_bounds__(kThreads) dispatch_notify_kernel(NormalCtx c, 
     if (threadIdx.x == 0) st[kReadySeq] = seq;
 }
 
-// ---- pull ---------------------------------------------------------------------------------------------------
-__global__ void __launch_bounds__(kThreads) dispatch_pull_kernel(NormalCtx c, uint8_t* out_x, int x_elem,
-                                                                 float* out_s, int64_t* out_idx, float* out_w,
-                                                                 int* recv_src, int* recv_off, int num_rows,
-                                                                 int cached) {
+// ---- push ---------------------------------------------------------------------------------------------------
+// One warp per token: the token's x row is read once from the caller's tensor and written over NVLink into the
+// receive buffer of every rank that needs it, at row send_off[r] + send_pos[t, r], followed by its scales, its
+// expert ids made local to r (-1 elsewhere), weights, and the token index. Stores are posted: no round trip.
+__global__ void __launch_bounds__(kThreads) dispatch_push_kernel(NormalCtx c, const uint8_t* x, int x_elem,
+                                                                 const float* scales, const int64_t* idx,
+                                                                 const float* w, int T, const int* send_pos,
+                                                                 const int* send_off) {
     const int N = c.num_ranks, K = c.num_topk, epr = c.num_experts / N, me = c.rank;
     const int64_t seq = c.seq[kSeqDispatch] + 1;
-    __shared__ int off[33];
-    const bool ok = !has_error(c.status);
-    if (threadIdx.x == 0 && ok) {
-        if (cached) {
-            for (int s = 0; s <= N; ++s) off[s] = recv_off[s];
-        } else {
-            const int* in = reinterpret_cast<const int*>(c.base + c.off_in_counts);
-            off[0] = 0;
-            for (int s = 0; s < N; ++s) off[s + 1] = off[s] + in[s * (1 + epr)];
-            if (blockIdx.x == 0)
-                for (int s = 0; s <= N; ++s) recv_off[s] = off[s];
+    __shared__ int off[32];
+    // Receivers must have consumed the previous round (the notify kernel checked it for non-cached calls).
+    const bool ok = block_wait_flags(flags_of(c.base, c) + kFlagRecvFree * N, N, seq - 1, c.timeout_ns, c.status,
+                                     kOpDispatch);
+    if (static_cast<int>(threadIdx.x) < N) off[threadIdx.x] = send_off[threadIdx.x];
+    __syncthreads();
+    if (ok) {
+        const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp, kWarps = blockDim.x / kWarp;
+        const int64_t x_bytes = static_cast<int64_t>(c.hidden) * x_elem;
+        const int num_scales = c.hidden / 128;
+        for (int t = blockIdx.x * kWarps + warp; t < T; t += gridDim.x * kWarps) {
+            const int p = lane < N ? send_pos[static_cast<int64_t>(t) * N + lane] : -1;
+            unsigned dests = __ballot_sync(0xffffffffu, p >= 0);
+            const int4* src = reinterpret_cast<const int4*>(x + t * x_bytes);
+            // Load the row once (in chunks that fit registers) and store it to every destination.
+            const int nvec = static_cast<int>(x_bytes / 16);
+            constexpr int kChunk = 8;
+            for (int v0 = 0; v0 < nvec; v0 += kChunk * kWarp) {
+                int4 buf[kChunk];
+#pragma unroll
+                for (int u = 0; u < kChunk; ++u) {
+                    const int v = v0 + u * kWarp + lane;
+                    if (v < nvec) buf[u] = ld_nc_v4(src + v);
+                }
+                unsigned m = dests;
+                while (m) {
+                    const int r = __ffs(m) - 1;
+                    m &= m - 1;
+                    const int pr = __shfl_sync(0xffffffffu, p, r);
+                    int4* dst = reinterpret_cast<int4*>(peer(c, r) + c.off_recv +
+                                                        static_cast<int64_t>(off[r] + pr) * c.recv_stride);
+#pragma unroll
+                    for (int u = 0; u < kChunk; ++u) {
+                        const int v = v0 + u * kWarp + lane;
+                        if (v < nvec) st_na_v4(dst + v, buf[u]);
+                    }
+                }
+            }
+            unsigned m = dests;
+            while (m) {
+                const int r = __ffs(m) - 1;
+                m &= m - 1;
+                const int pr = __shfl_sync(0xffffffffu, p, r);
+                uint8_t* dst = peer(c, r) + c.off_recv + static_cast<int64_t>(off[r] + pr) * c.recv_stride;
+                if (scales != nullptr)
+                    for (int q = lane; q < num_scales; q += kWarp)
+                        reinterpret_cast<float*>(dst + c.recv_off_scales)[q] =
+                            scales[static_cast<int64_t>(t) * num_scales + q];
+                if (idx != nullptr && lane < K) {
+                    const int64_t e = idx[static_cast<int64_t>(t) * K + lane];
+                    const int64_t le = e - static_cast<int64_t>(r) * epr;
+                    const bool mine = e >= 0 && le >= 0 && le < epr;
+                    reinterpret_cast<int64_t*>(dst + c.recv_off_idx)[lane] = mine ? le : -1;
+                    reinterpret_cast<float*>(dst + c.recv_off_w)[lane] = mine ? w[static_cast<int64_t>(t) * K + lane] : 0.f;
+                }
+                if (lane == 0) reinterpret_cast<int*>(dst + c.recv_off_src)[0] = t;
+            }
         }
     }
+    __threadfence_system();  // this thread's remote stores before the flag
+    if (last_block(c.block_counter + 0)) {
+        if (static_cast<int>(threadIdx.x) < N)
+            st_release_sys(flags_of(peer(c, threadIdx.x), c) + kFlagRows * N + me, seq);
+    }
+}
+
+// ---- copy-out -----------------------------------------------------------------------------------------------
+// Waits for every source's rows, then copies receive-buffer rows [0, R) into the caller-visible outputs (local
+// memory only), and tells every source that my receive buffer is free again. Rows in [R, num_rows) (the
+// num_worst_tokens tail) get topk_idx -1 and weight 0.
+__global__ void __launch_bounds__(kThreads) dispatch_copyout_kernel(NormalCtx c, uint8_t* out_x, int x_elem,
+                                                                    float* out_s, int64_t* out_idx, float* out_w,
+                                                                    int* recv_src, const int* recv_off,
+                                                                    int num_rows, int cached) {
+    const int N = c.num_ranks, K = c.num_topk, me = c.rank;
+    const int64_t seq = c.seq[kSeqDispatch] + 1;
+    __shared__ int off[33];
+    const bool ok = block_wait_flags(flags_of(c.base, c) + kFlagRows * N, N, seq, c.timeout_ns, c.status,
+                                     kOpDispatch);
+    if (static_cast<int>(threadIdx.x) <= N) off[threadIdx.x] = recv_off[threadIdx.x];
     __syncthreads();
     if (ok) {
         const int R = off[N];
-        const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
+        const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp, kWarps = blockDim.x / kWarp;
         const int64_t x_bytes = static_cast<int64_t>(c.hidden) * x_elem;
         const int num_scales = c.hidden / 128;
         for (int i = blockIdx.x * kWarps + warp; i < num_rows; i += gridDim.x * kWarps) {
-            if (i >= R) {  // num_worst_tokens tail
+            if (i >= R) {
                 if (!cached && lane < K) {
                     out_idx[static_cast<int64_t>(i) * K + lane] = -1;
                     out_w[static_cast<int64_t>(i) * K + lane] = 0.f;
                 }
                 continue;
             }
-            int s = 0;
-            while (off[s + 1] <= i) ++s;
-            int t;
-            if (cached) {
-                t = recv_src[2 * static_cast<int64_t>(i) + 1];
-            } else {
-                const int* list = reinterpret_cast<const int*>(peer(c, s) + c.off_list);
-                t = list[static_cast<int64_t>(me) * c.max_tokens + (i - off[s])];
-                if (lane == 0) {
-                    recv_src[2 * static_cast<int64_t>(i)] = s;
-                    recv_src[2 * static_cast<int64_t>(i) + 1] = t;
+            const uint8_t* src = c.base + c.off_recv + static_cast<int64_t>(i) * c.recv_stride;
+            warp_copy_rt(reinterpret_cast<int4*>(out_x + i * x_bytes), reinterpret_cast<const int4*>(src), x_bytes,
+                         lane, 1, c.unroll);  // weak loads: peers wrote these rows while this kernel waited
+            if (out_s != nullptr)
+                for (int q = lane; q < num_scales; q += kWarp)
+                    out_s[static_cast<int64_t>(i) * num_scales + q] =
+                        reinterpret_cast<const float*>(src + c.recv_off_scales)[q];
+            if (!cached) {
+                if (lane < K) {
+                    out_idx[static_cast<int64_t>(i) * K + lane] = reinterpret_cast<const int64_t*>(src + c.recv_off_idx)[lane];
+                    out_w[static_cast<int64_t>(i) * K + lane] = reinterpret_cast<const float*>(src + c.recv_off_w)[lane];
                 }
-            }
-            const uint8_t* src = peer(c, s) + c.off_stage + static_cast<int64_t>(t) * c.stage_stride;
-            warp_copy(reinterpret_cast<int4*>(out_x + i * x_bytes), reinterpret_cast<const int4*>(src), x_bytes,
-                      lane);
-            if (out_s != nullptr) {
-                const float* ss = reinterpret_cast<const float*>(src + c.stage_off_scales);
-                for (int q = lane; q < num_scales; q += kWarp) out_s[static_cast<int64_t>(i) * num_scales + q] = ss[q];
-            }
-            if (!cached && lane < K) {
-                const int64_t e = reinterpret_cast<const int64_t*>(src + c.stage_off_idx)[lane];
-                const int64_t le = e - static_cast<int64_t>(me) * epr;
-                const bool mine = e >= 0 && le >= 0 && le < epr;
-                out_idx[static_cast<int64_t>(i) * K + lane] = mine ? le : -1;
-                out_w[static_cast<int64_t>(i) * K + lane] =
-                    mine ? reinterpret_cast<const float*>(src + c.stage_off_w)[lane] : 0.f;
+                if (lane == 0) {
+                    int s = 0;
+                    while (off[s + 1] <= i) ++s;
+                    recv_src[2 * static_cast<int64_t>(i)] = s;
+                    recv_src[2 * static_cast<int64_t>(i) + 1] = reinterpret_cast<const int*>(src + c.recv_off_src)[0];
+                }
             }
         }
     }
-    // Every block has finished reading: tell each source its stage is free, and close the round.
-    if (last_block(c.block_counter + 0)) {
+    if (last_block(c.block_counter + 3)) {
         if (static_cast<int>(threadIdx.x) < N)
-            st_release_sys(flags_of(peer(c, threadIdx.x), c) + kFlagReadDone * N + me, seq);
+            st_release_sys(flags_of(peer(c, threadIdx.x), c) + kFlagRecvFree * N + me, seq);
         if (threadIdx.x == 0) c.seq[kSeqDispatch] = seq;
     }
 }
@@ -218,13 +274,14 @@ __global__ void __launch_bounds__(kThreads) combine_push_kernel(NormalCtx c, con
     __syncthreads();
     if (ok) {
         const int R = min(off[N], num_rows);
-        const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
+        const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp, kWarps = blockDim.x / kWarp;
         const int64_t y_bytes = static_cast<int64_t>(c.hidden) * y_elem;
         for (int i = blockIdx.x * kWarps + warp; i < R; i += gridDim.x * kWarps) {
             const int s = recv_src[2 * static_cast<int64_t>(i)];
             const int64_t slot = static_cast<int64_t>(me) * c.max_tokens + (i - off[s]);
             uint8_t* dst = peer(c, s) + c.off_comb + slot * c.comb_stride;
-            warp_copy(reinterpret_cast<int4*>(dst), reinterpret_cast<const int4*>(y + i * y_bytes), y_bytes, lane);
+            warp_copy_rt(reinterpret_cast<int4*>(dst), reinterpret_cast<const int4*>(y + i * y_bytes), y_bytes,
+                         lane, 0, c.unroll);
             if (y_w != nullptr && lane < K)
                 reinterpret_cast<float*>(peer(c, s) + c.off_comb_w)[slot * K + lane] =
                     y_w[static_cast<int64_t>(i) * K + lane];
@@ -277,11 +334,13 @@ struct Vec<float> {
 };
 
 template <typename T>
-__global__ void __launch_bounds__(kThreads) combine_reduce_kernel(NormalCtx c, T* out, float* out_w,
-                                                                  const int* send_pos, int num_tokens,
-                                                                  int with_weights) {
+__global__ void __launch_bounds__(kReduceThreads) combine_reduce_kernel(NormalCtx c, T* out, float* out_w,
+                                                                        const int* send_pos, int num_tokens,
+                                                                        int with_weights) {
     constexpr int kPer = Vec<T>::kPer;
-    const int N = c.num_ranks, K = c.num_topk, me = c.rank;
+    constexpr int kMaxSrc = 8;
+    constexpr int kUnroll = 2;
+    const int N = c.num_ranks, K = c.num_topk;
     const int64_t seq = c.seq[kSeqCombine] + 1;
     const bool ok = block_wait_flags(flags_of(c.base, c) + kFlagCombReady * N, N, seq, c.timeout_ns, c.status,
                                      kOpCombineReduce);
@@ -290,45 +349,59 @@ __global__ void __launch_bounds__(kThreads) combine_reduce_kernel(NormalCtx c, T
         const int nvec = c.hidden / kPer;
         const uint8_t* comb = c.base + c.off_comb;
         const float* comb_w = reinterpret_cast<const float*>(c.base + c.off_comb_w);
-        for (int t = blockIdx.x * kWarps + warp; t < num_tokens; t += gridDim.x * kWarps) {
-            int pos[8];
-            int n_src = 0;
-            const int4* rows[8];
+        for (int t = blockIdx.x * kReduceWarps + warp; t < num_tokens; t += gridDim.x * kReduceWarps) {
+            // lane r < N reads send_pos[t, r]; the warp shares the list of slots holding t's rows
+            const int p = lane < N ? send_pos[static_cast<int64_t>(t) * N + lane] : -1;
+            const unsigned present = __ballot_sync(0xffffffffu, p >= 0);
+            const int n_src = __popc(present);
+            const int4* rows[kMaxSrc];
+            int slot[kMaxSrc];
 #pragma unroll
-            for (int r = 0; r < 8; ++r) {
-                pos[r] = -1;
-                rows[r] = nullptr;
+            for (int j = 0; j < kMaxSrc; ++j) {
+                rows[j] = nullptr;
+                slot[j] = 0;
             }
-            for (int r = 0; r < N; ++r) {
-                const int p = send_pos[static_cast<int64_t>(t) * N + r];
-                if (p >= 0) {
-                    rows[n_src] = reinterpret_cast<const int4*>(
-                        comb + (static_cast<int64_t>(r) * c.max_tokens + p) * c.comb_stride);
-                    pos[n_src] = r * c.max_tokens + p;
-                    ++n_src;
-                }
+            unsigned m = present;
+#pragma unroll
+            for (int j = 0; j < kMaxSrc; ++j) {
+                if (m == 0) break;
+                const int r = __ffs(m) - 1;
+                m &= m - 1;
+                const int pr = __shfl_sync(0xffffffffu, p, r);
+                slot[j] = r * c.max_tokens + pr;
+                rows[j] = reinterpret_cast<const int4*>(comb + static_cast<int64_t>(slot[j]) * c.comb_stride);
             }
             int4* dst = reinterpret_cast<int4*>(out + static_cast<int64_t>(t) * c.hidden);
-            for (int v = lane; v < nvec; v += kWarp) {
-                float acc[kPer];
+            for (int v0 = lane; v0 < nvec; v0 += kUnroll * kWarp) {
+                int4 buf[kUnroll][kMaxSrc];
 #pragma unroll
-                for (int i = 0; i < kPer; ++i) acc[i] = 0.f;
+                for (int u = 0; u < kUnroll; ++u)
 #pragma unroll
-                for (int j = 0; j < 8; ++j)
-                    if (j < n_src) Vec<T>::add(acc, ld_nc_v4(rows[j] + v));
-                st_na_v4(dst + v, Vec<T>::pack(acc));
+                    for (int j = 0; j < kMaxSrc; ++j)
+                        if (j < n_src && v0 + u * kWarp < nvec) buf[u][j] = ld_v4<1>(rows[j] + v0 + u * kWarp);
+#pragma unroll
+                for (int u = 0; u < kUnroll; ++u) {
+                    if (v0 + u * kWarp >= nvec) break;
+                    float acc[kPer];
+#pragma unroll
+                    for (int e = 0; e < kPer; ++e) acc[e] = 0.f;
+#pragma unroll
+                    for (int j = 0; j < kMaxSrc; ++j)
+                        if (j < n_src) Vec<T>::add(acc, buf[u][j]);
+                    st_na_v4(dst + v0 + u * kWarp, Vec<T>::pack(acc));
+                }
             }
             if (with_weights && lane < K) {
-                float s = 0.f;
-                for (int j = 0; j < n_src; ++j) s += comb_w[static_cast<int64_t>(pos[j]) * K + lane];
-                out_w[static_cast<int64_t>(t) * K + lane] = s;
+                float sum = 0.f;
+                for (int j = 0; j < n_src; ++j) sum += comb_w[static_cast<int64_t>(slot[j]) * K + lane];
+                out_w[static_cast<int64_t>(t) * K + lane] = sum;
             }
         }
     }
     // Every block has read its slots: each pusher may write into my buffer again.
     if (last_block(c.block_counter + 2)) {
         if (static_cast<int>(threadIdx.x) < N)
-            st_release_sys(flags_of(peer(c, threadIdx.x), c) + kFlagCombFree * N + me, seq);
+            st_release_sys(flags_of(peer(c, threadIdx.x), c) + kFlagCombFree * N + c.rank, seq);
         if (threadIdx.x == 0) c.seq[kSeqCombine] = seq;
     }
 }
@@ -344,48 +417,53 @@ NormalLayout normal_layout(int N, int E, int K, int H, int T) {
         off += (bytes + 255) / 256 * 256;
         return at;
     };
-    l.stage_off_scales = align16(static_cast<int64_t>(H) * 4);
-    l.stage_off_idx = l.stage_off_scales + align16(static_cast<int64_t>(H / 128) * 4);
-    l.stage_off_w = l.stage_off_idx + align16(static_cast<int64_t>(K) * 8);
-    l.stage_stride = l.stage_off_w + align16(static_cast<int64_t>(K) * 4);
+    l.recv_off_scales = align16(static_cast<int64_t>(H) * 4);
+    l.recv_off_idx = l.recv_off_scales + align16(static_cast<int64_t>(H / 128) * 4);
+    l.recv_off_w = l.recv_off_idx + align16(static_cast<int64_t>(K) * 8);
+    l.recv_off_src = l.recv_off_w + align16(static_cast<int64_t>(K) * 4);
+    l.recv_stride = l.recv_off_src + 16;
     l.comb_stride = align16(static_cast<int64_t>(H) * 4);
     l.off_flags = take(8ll * kNumFlagKinds * N);
     l.off_in_counts = take(4ll * N * row);
     l.off_out_counts = take(4ll * N * row);
-    l.off_list = take(4ll * N * T);
-    l.off_stage = take(l.stage_stride * T);
+    l.off_matrix = take(4ll * N * N);
+    l.off_recv = take(l.recv_stride * N * T);
     l.off_comb = take(l.comb_stride * N * T);
     l.off_comb_w = take(4ll * N * T * K);
     l.total_bytes = off;
     return l;
 }
 
-void launch_dispatch_stage(const NormalCtx& ctx, const void* x, int x_elem_bytes, const float* x_scales,
-                           const int64_t* topk_idx, const float* topk_weights, int num_tokens, int* send_pos,
-                           bool cached, int num_sms, cudaStream_t stream) {
+void launch_dispatch_prepare(const NormalCtx& ctx, const int64_t* topk_idx, int num_tokens, int* send_pos,
+                             cudaStream_t stream) {
     HOST_ASSERT(ctx.num_topk <= kWarp, "num_topk must be <= 32");
-    HOST_ASSERT((static_cast<int64_t>(ctx.hidden) * x_elem_bytes) % 16 == 0, "hidden * element size must be a multiple of 16");
-    const int list_blocks = cached ? 0 : ctx.num_ranks;
-    const int copy_blocks = std::max(1, num_sms);
     const size_t smem = sizeof(int) * (ctx.num_experts / ctx.num_ranks);
     HOST_ASSERT(smem <= 48 * 1024, "too many experts per rank");
-    dispatch_stage_kernel<<<list_blocks + copy_blocks, kThreads, smem, stream>>>(
-        ctx, static_cast<const uint8_t*>(x), x_elem_bytes, x_scales, cached ? nullptr : topk_idx, topk_weights,
-        num_tokens, send_pos, list_blocks);
+    dispatch_prepare_kernel<<<ctx.num_ranks, kThreads, smem, stream>>>(ctx, topk_idx, num_tokens, send_pos);
     LAUNCH_CHECK();
 }
 
-void launch_dispatch_notify(const NormalCtx& ctx, bool cached, bool report, cudaStream_t stream) {
-    HOST_ASSERT(ctx.num_ranks <= kThreads, "too many ranks");
-    dispatch_notify_kernel<<<1, kThreads, 0, stream>>>(ctx, cached ? 1 : 0, report ? 1 : 0);
+void launch_dispatch_notify(const NormalCtx& ctx, int* recv_off, int* send_off, bool report, cudaStream_t stream) {
+    HOST_ASSERT(ctx.num_ranks <= 32, "the intranode kernels support at most 32 ranks");
+    dispatch_notify_kernel<<<1, kThreads, 0, stream>>>(ctx, recv_off, send_off, report ? 1 : 0);
     LAUNCH_CHECK();
 }
 
-void launch_dispatch_pull(const NormalCtx& ctx, void* out_x, int x_elem_bytes, float* out_scales, int64_t* out_idx,
-                          float* out_w, int* recv_src, int* recv_off, int num_rows, bool cached, int num_sms,
-                          cudaStream_t stream) {
-    HOST_ASSERT(ctx.num_ranks <= 32, "intranode kernels support at most 32 ranks");
-    dispatch_pull_kernel<<<std::max(1, num_sms), kThreads, 0, stream>>>(
+void launch_dispatch_push(const NormalCtx& ctx, const void* x, int x_elem_bytes, const float* x_scales,
+                          const int64_t* topk_idx, const float* topk_weights, int num_tokens, const int* send_pos,
+                          const int* send_off, int num_sms, cudaStream_t stream) {
+    HOST_ASSERT((static_cast<int64_t>(ctx.hidden) * x_elem_bytes) % 16 == 0,
+                "hidden * element size must be a multiple of 16");
+    dispatch_push_kernel<<<std::max(1, num_sms), ctx.threads, 0, stream>>>(
+        ctx, static_cast<const uint8_t*>(x), x_elem_bytes, x_scales, topk_idx, topk_weights, num_tokens, send_pos,
+        send_off);
+    LAUNCH_CHECK();
+}
+
+void launch_dispatch_copyout(const NormalCtx& ctx, void* out_x, int x_elem_bytes, float* out_scales,
+                             int64_t* out_idx, float* out_w, int* recv_src, const int* recv_off, int num_rows,
+                             bool cached, int num_sms, cudaStream_t stream) {
+    dispatch_copyout_kernel<<<std::max(1, num_sms), ctx.threads, 0, stream>>>(
         ctx, static_cast<uint8_t*>(out_x), x_elem_bytes, out_scales, out_idx, out_w, recv_src, recv_off, num_rows,
         cached ? 1 : 0);
     LAUNCH_CHECK();
@@ -394,7 +472,7 @@ void launch_dispatch_pull(const NormalCtx& ctx, void* out_x, int x_elem_bytes, f
 void launch_combine_push(const NormalCtx& ctx, const void* y, int y_elem_bytes, const float* y_w,
                          const int* recv_src, const int* recv_off, int num_rows, int num_sms, cudaStream_t stream) {
     HOST_ASSERT((static_cast<int64_t>(ctx.hidden) * y_elem_bytes) % 16 == 0, "hidden * element size must be a multiple of 16");
-    combine_push_kernel<<<std::max(1, num_sms), kThreads, 0, stream>>>(
+    combine_push_kernel<<<std::max(1, num_sms), ctx.threads, 0, stream>>>(
         ctx, static_cast<const uint8_t*>(y), y_elem_bytes, y_w, recv_src, recv_off, num_rows);
     LAUNCH_CHECK();
 }
@@ -404,11 +482,11 @@ void launch_combine_reduce(const NormalCtx& ctx, void* out, int out_elem_bytes, 
     HOST_ASSERT(ctx.num_ranks <= 8, "combine supports at most 8 ranks per node");
     const int grid = std::max(1, num_sms);
     if (out_elem_bytes == 2) {
-        combine_reduce_kernel<__nv_bfloat16><<<grid, kThreads, 0, stream>>>(
+        combine_reduce_kernel<__nv_bfloat16><<<grid, kReduceThreads, 0, stream>>>(
             ctx, static_cast<__nv_bfloat16*>(out), out_w, send_pos, num_tokens, with_weights ? 1 : 0);
     } else {
         HOST_ASSERT(out_elem_bytes == 4, "combine output must be bf16 or float32");
-        combine_reduce_kernel<float><<<grid, kThreads, 0, stream>>>(ctx, static_cast<float*>(out), out_w, send_pos,
+        combine_reduce_kernel<float><<<grid, kReduceThreads, 0, stream>>>(ctx, static_cast<float*>(out), out_w, send_pos,
                                                                     num_tokens, with_weights ? 1 : 0);
     }
     LAUNCH_CHECK();

@@ -78,20 +78,52 @@ __device__ __forceinline__ int block_exclusive_scan(int v, int* total) {
     return before;
 }
 
-// Copies `bytes` (a multiple of 16) from src to dst with one warp, 16 bytes per lane per step, four steps in
-// flight. src may be a peer's memory (NVLink) that stays unchanged during this kernel.
+// 16-byte loads, by kind: 0 = non-coherent path without L1 allocation (data fixed during the kernel),
+// 1 = weak global load without L1 allocation, 2 = volatile (always from L2 or the peer).
+template <int kLoad>
+__device__ __forceinline__ int4 ld_v4(const int4* p) {
+    if constexpr (kLoad == 0) {
+        return ld_nc_v4(p);
+    } else if constexpr (kLoad == 1) {
+        int4 v;
+        asm volatile("ld.global.L1::no_allocate.v4.s32 {%0,%1,%2,%3}, [%4];"
+                     : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+                     : "l"(p));
+        return v;
+    } else {
+        return ld_volatile_v4(p);
+    }
+}
+
+// Copies `bytes` (a multiple of 16) from src to dst with one warp, 16 bytes per lane per step, kUnroll steps in
+// flight so that NVLink latency is hidden. src may be a peer's memory (NVLink) that stays unchanged during this
+// kernel; dst may be a peer's memory too (the stores are posted and need no round trip).
+template <int kLoad, int kUnroll>
 __device__ __forceinline__ void warp_copy(int4* dst, const int4* src, int64_t bytes, int lane) {
     const int n = static_cast<int>(bytes / 16);
     int i = lane;
-    for (; i + 3 * kWarp < n; i += 4 * kWarp) {
-        int4 a = ld_nc_v4(src + i), b = ld_nc_v4(src + i + kWarp), c = ld_nc_v4(src + i + 2 * kWarp),
-             d = ld_nc_v4(src + i + 3 * kWarp);
-        st_na_v4(dst + i, a);
-        st_na_v4(dst + i + kWarp, b);
-        st_na_v4(dst + i + 2 * kWarp, c);
-        st_na_v4(dst + i + 3 * kWarp, d);
+    for (; i + (kUnroll - 1) * kWarp < n; i += kUnroll * kWarp) {
+        int4 v[kUnroll];
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u) v[u] = ld_v4<kLoad>(src + i + u * kWarp);
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u) st_na_v4(dst + i + u * kWarp, v[u]);
     }
-    for (; i < n; i += kWarp) st_na_v4(dst + i, ld_nc_v4(src + i));
+    for (; i < n; i += kWarp) st_na_v4(dst + i, ld_v4<kLoad>(src + i));
+}
+
+// warp_copy with the load kind and unroll chosen at run time (NormalCtx::load_mode, NormalCtx::unroll).
+__device__ __forceinline__ void warp_copy_rt(int4* dst, const int4* src, int64_t bytes, int lane, int load_mode,
+                                             int unroll) {
+    if (unroll >= 8) {
+        if (load_mode == 0) warp_copy<0, 8>(dst, src, bytes, lane);
+        else if (load_mode == 1) warp_copy<1, 8>(dst, src, bytes, lane);
+        else warp_copy<2, 8>(dst, src, bytes, lane);
+    } else {
+        if (load_mode == 0) warp_copy<0, 4>(dst, src, bytes, lane);
+        else if (load_mode == 1) warp_copy<1, 4>(dst, src, bytes, lane);
+        else warp_copy<2, 4>(dst, src, bytes, lane);
+    }
 }
 
 // Last block of a grid to call this gets true (all others have passed the same point). Resets the counter.

@@ -87,10 +87,12 @@ def _join(ctx: GroupContext, heap_bytes: int, settings: Settings) -> Any:
 
 @dataclass
 class _NvState:
-    """Handle of one normal dispatch. Source side: send_pos int32 [T, N] (row of token t in the list for rank r,
-    -1 if not sent). Receiver side: recv_src int32 [rows, 2] (source rank, token), recv_off int32 [N + 1]."""
+    """Handle of one normal dispatch. Source side: send_pos int32 [T, N] (row of token t among the rows for rank r,
+    -1 if not sent), send_off int32 [N] (where this rank's rows start in each receiver's buffer). Receiver side:
+    recv_src int32 [rows, 2] (source rank, token), recv_off int32 [N + 1] (first row of each source)."""
 
     send_pos: torch.Tensor
+    send_off: torch.Tensor
     recv_src: torch.Tensor
     recv_off: torch.Tensor
     num_rows: int
@@ -127,6 +129,7 @@ class NvshmemBackend:
         self.kernels = self.C.NormalKernels(
             ctx.rank, n, ctx.num_experts, ctx.num_topk, ctx.hidden, ctx.max_tokens_per_rank, self.base,
             self.peer_base.data_ptr(), self.seq.data_ptr(), self.counters.data_ptr(), self.status_dev, settings.timeout_s,
+            settings.tune["threads"], settings.tune["load"], settings.tune["unroll"],
         )
         self.alive = True
 
@@ -194,14 +197,19 @@ class NvshmemBackend:
         if state is None:
             assert topk_idx is not None and topk_weights is not None
             send_pos = torch.empty(t, n, dtype=torch.int32, device=dev)
+            recv_off = torch.empty(n + 1, dtype=torch.int32, device=dev)
+            send_off = torch.empty(n, dtype=torch.int32, device=dev)
             report = not worst
             if report:
                 self.status[_READY] = 0
-            self.kernels.stage(
+            k = self.kernels
+            k.prepare(topk_idx.data_ptr(), t, send_pos.data_ptr(), stream)
+            k.notify(recv_off.data_ptr(), send_off.data_ptr(), report, stream)
+            # The push needs no host decision: it runs while the host waits for the counts below.
+            k.push(
                 x.data_ptr(), elem, scales_ptr, topk_idx.data_ptr(), topk_weights.data_ptr(), t, send_pos.data_ptr(),
-                False, sms, stream,
+                send_off.data_ptr(), sms, stream,
             )
-            self.kernels.notify(False, report, stream)
             if report:
                 rc = self.C.wait_host_word(self.host_ptr, _READY, 1, _ERROR, self.settings.timeout_s + _HOST_GRACE_S)
                 self._raise_if_failed("dispatch")
@@ -216,14 +224,13 @@ class NvshmemBackend:
             else:
                 rows = num_worst_tokens
             state = _NvState(
-                send_pos,
-                torch.empty(rows, 2, dtype=torch.int32, device=dev),
-                torch.empty(n + 1, dtype=torch.int32, device=dev),
-                rows, t, worst,
+                send_pos, send_off, torch.empty(rows, 2, dtype=torch.int32, device=dev), recv_off, rows, t, worst
             )
         else:
-            self.kernels.stage(x.data_ptr(), elem, scales_ptr, 0, 0, t, 0, True, sms, stream)
-            self.kernels.notify(True, False, stream)
+            self.kernels.push(
+                x.data_ptr(), elem, scales_ptr, 0, 0, t, state.send_pos.data_ptr(), state.send_off.data_ptr(), sms,
+                stream,
+            )
         rows = state.num_rows
         out_x = torch.empty(rows, c.hidden, dtype=x.dtype, device=dev)
         out_s = torch.empty(rows, c.hidden // 128, dtype=torch.float32, device=dev) if x_scales is not None else None
@@ -231,7 +238,7 @@ class NvshmemBackend:
         if not cached:
             out_idx = torch.empty(rows, c.num_topk, dtype=torch.int64, device=dev)
             out_w = torch.empty(rows, c.num_topk, dtype=torch.float32, device=dev)
-        self.kernels.pull(
+        self.kernels.copyout(
             out_x.data_ptr(), elem, out_s.data_ptr() if out_s is not None else 0,
             out_idx.data_ptr() if out_idx is not None else 0, out_w.data_ptr() if out_w is not None else 0,
             state.recv_src.data_ptr(), state.recv_off.data_ptr(), rows, cached, sms, stream,

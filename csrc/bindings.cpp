@@ -90,6 +90,57 @@ class NormalKernels {
     NormalCtx c_{};
 };
 
+// Low-latency kernels bound to one Buffer's memory.
+class LowLatencyKernels {
+   public:
+    LowLatencyKernels(int rank, int num_ranks, int num_experts, int num_topk, int hidden, int max_tokens,
+                      uintptr_t base, uintptr_t peer_base, uintptr_t seq, uintptr_t block_counter, uintptr_t status_dev,
+                      double timeout_s) {
+        const LowLatencyLayout l = low_latency_layout(num_ranks, num_experts, num_topk, hidden, max_tokens);
+        c_.rank = rank;
+        c_.num_ranks = num_ranks;
+        c_.num_experts = num_experts;
+        c_.num_topk = num_topk;
+        c_.hidden = hidden;
+        c_.max_tokens = max_tokens;
+        c_.off_flags = l.off_flags;
+        c_.off_counter = l.off_counter;
+        c_.off_recv = l.off_recv;
+        c_.off_comb = l.off_comb;
+        c_.recv_stride = l.recv_stride;
+        c_.off_scales_in_row = l.off_scales_in_row;
+        c_.off_meta_in_row = l.off_meta_in_row;
+        c_.comb_stride = l.comb_stride;
+        c_.base = ptr<uint8_t>(base);
+        c_.peer_base = ptr<const uint64_t>(peer_base);
+        c_.seq = ptr<int64_t>(seq);
+        c_.block_counter = ptr<int>(block_counter);
+        c_.status = ptr<int64_t>(status_dev);
+        c_.timeout_ns = static_cast<uint64_t>(timeout_s * 1e9);
+    }
+    void dispatch_send(uintptr_t x, uintptr_t idx, int num_tokens, bool use_fp8, bool round_scale, uintptr_t hseq,
+                       uintptr_t stream) {
+        launch_ll_dispatch_send(c_, ptr<const void>(x), ptr<const int64_t>(idx), num_tokens, use_fp8, round_scale,
+                                ptr<int64_t>(hseq), stream_of(stream));
+    }
+    void dispatch_recv(uintptr_t out_x, uintptr_t out_s, uintptr_t count, uintptr_t src_info, uintptr_t meta,
+                       bool use_fp8, uintptr_t hseq, uintptr_t stream) {
+        launch_ll_dispatch_recv(c_, ptr<void>(out_x), ptr<float>(out_s), ptr<int>(count), ptr<int>(src_info),
+                                ptr<int>(meta), use_fp8, ptr<const int64_t>(hseq), stream_of(stream));
+    }
+    void combine_send(uintptr_t y, uintptr_t count, uintptr_t meta, uintptr_t hseq, uintptr_t stream) {
+        launch_ll_combine_send(c_, ptr<const void>(y), ptr<const int>(count), ptr<const int>(meta),
+                               ptr<int64_t>(hseq), stream_of(stream));
+    }
+    void combine_recv(uintptr_t idx, uintptr_t w, uintptr_t out, int num_tokens, uintptr_t hseq, uintptr_t stream) {
+        launch_ll_combine_recv(c_, ptr<const int64_t>(idx), ptr<const float>(w), ptr<void>(out), num_tokens,
+                               ptr<const int64_t>(hseq), stream_of(stream));
+    }
+
+   private:
+    LowLatencyCtx c_{};
+};
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -127,6 +178,19 @@ PYBIND11_MODULE(_C, m) {
         launch_layout(ptr<const int64_t>(idx), t, k, n, e, p, ptr<int>(per_rank), ptr<int>(per_node),
                       ptr<int>(per_expert), ptr<bool>(in_rank), ptr<int64_t>(status), stream_of(stream));
     });
+
+    m.def("low_latency_layout", [](int n, int e, int k, int h, int t) {
+        const LowLatencyLayout l = low_latency_layout(n, e, k, h, t);
+        py::dict d;
+        d["total_bytes"] = l.total_bytes;
+        return d;
+    });
+    py::class_<LowLatencyKernels>(m, "LowLatencyKernels")
+        .def(py::init<int, int, int, int, int, int, uintptr_t, uintptr_t, uintptr_t, uintptr_t, uintptr_t, double>())
+        .def("dispatch_send", &LowLatencyKernels::dispatch_send)
+        .def("dispatch_recv", &LowLatencyKernels::dispatch_recv)
+        .def("combine_send", &LowLatencyKernels::combine_send)
+        .def("combine_recv", &LowLatencyKernels::combine_recv);
 
     py::class_<NormalKernels>(m, "NormalKernels")
         .def(py::init<int, int, int, int, int, int, uintptr_t, uintptr_t, uintptr_t, uintptr_t, uintptr_t, double, int, int,

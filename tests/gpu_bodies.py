@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
+import largeep
 import torch
 import torch.distributed as dist
-
-import largeep
 from largeep import native
 
 
@@ -66,3 +65,77 @@ def second_group_refused(rank: int, world: int) -> None:
         else:
             raise AssertionError("a second NVSHMEM group was accepted")
     dist.barrier()
+
+
+def low_latency_graph(rank: int, world: int, reps: int, tokens: int, hidden: int, experts: int, topk: int) -> None:
+    """Captures one low-latency dispatch + combine in a CUDA graph and replays it on fresh data."""
+    buf = largeep.Buffer(None, hidden=hidden, num_experts=experts, num_topk=topk, max_tokens_per_rank=tokens,
+                         backend="nvshmem", low_latency=True)
+    try:
+        x = torch.empty(tokens, hidden, device="cuda", dtype=torch.bfloat16)
+        idx = torch.empty(tokens, topk, device="cuda", dtype=torch.int64)
+        w = torch.empty(tokens, topk, device="cuda", dtype=torch.float32)
+
+        def fill(rep: int) -> None:
+            g = torch.Generator(device="cuda").manual_seed(rep * 1009 + rank)
+            x.copy_(torch.randn(tokens, hidden, device="cuda", generator=g))
+            scores = torch.rand(tokens, experts, device="cuda", generator=g)
+            chosen = scores.topk(topk, dim=1).indices
+            drop = torch.rand(tokens, topk, device="cuda", generator=g) < 0.1
+            idx.copy_(torch.where(drop, -1, chosen))
+            w.copy_(torch.rand(tokens, topk, device="cuda", generator=g))
+
+        fill(0)
+        # one call outside the graph, then capture
+        d = buf.low_latency_dispatch(x, idx, use_fp8=False)
+        buf.low_latency_combine(d.x, idx, w, d.handle)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            d = buf.low_latency_dispatch(x, idx, use_fp8=False)
+            c = buf.low_latency_combine(d.x, idx, w, d.handle)
+        epr = experts // world
+        for rep in range(1, reps + 1):
+            fill(rep)
+            dist.barrier()
+            graph.replay()
+            torch.cuda.synchronize()
+            # an expert that returns its input: combine gives x[t] * sum of the valid weights
+            want = x.float() * torch.where(idx >= 0, w, 0.0).sum(1, keepdim=True)
+            err = (c.x.float() - want).abs().max().item()
+            assert err <= 2.0**-6 * (want.abs().max().item() + 1), f"replay {rep}: combine error {err}"
+            every = [torch.empty_like(idx) for _ in range(world)]
+            dist.all_gather(every, idx)
+            allidx = torch.cat(every)
+            want_counts = [int(((allidx == rank * epr + e).sum()).item()) for e in range(epr)]
+            got_counts = d.num_tokens_per_expert.cpu().tolist()
+            assert got_counts == want_counts, f"replay {rep}: counts {got_counts} != {want_counts}"
+    finally:
+        buf.destroy()
+
+
+def low_latency_two_in_flight(rank: int, world: int, tokens: int, hidden: int, experts: int, topk: int) -> None:
+    """Two dispatches with receive hooks in flight, completed in order; then two combines likewise."""
+    buf = largeep.Buffer(None, hidden=hidden, num_experts=experts, num_topk=topk, max_tokens_per_rank=tokens,
+                         backend="nvshmem", low_latency=True)
+    try:
+        outs = []
+        ins = []
+        for b in range(2):
+            g = torch.Generator(device="cuda").manual_seed(77 + 13 * b + rank)
+            x = torch.randn(tokens, hidden, device="cuda", generator=g).to(torch.bfloat16)
+            idx = torch.rand(tokens, experts, device="cuda", generator=g).topk(topk, dim=1).indices
+            w = torch.rand(tokens, topk, device="cuda", generator=g)
+            ins.append((x, idx, w))
+            outs.append(buf.low_latency_dispatch(x, idx, use_fp8=False, return_recv_hook=True))
+        for d in outs:
+            d.hook()
+        combs = [buf.low_latency_combine(d.x, i[1], i[2], d.handle, return_recv_hook=True) for d, i in zip(outs, ins)]
+        for c in combs:
+            c.hook()
+        for c, (x, idx, w) in zip(combs, ins):
+            want = x.float() * w.sum(1, keepdim=True)
+            err = (c.x.float() - want).abs().max().item()
+            assert err <= 2.0**-6 * (want.abs().max().item() + 1), f"combine error {err}"
+    finally:
+        buf.destroy()

@@ -6,10 +6,9 @@ torch/NCCL one so that each process joins NVSHMEM once.
 
 from __future__ import annotations
 
-import pytest
-
 import bodies
 import gpu_bodies
+import pytest
 from largeep import native
 
 needs_native = pytest.mark.skipif(native.unavailable_reason() is not None, reason=str(native.unavailable_reason()))
@@ -73,3 +72,40 @@ def test_normal_gpu_repeat_identical(pools, world: int) -> None:
             bodies.normal_roundtrip, "nvshmem", _tokens(world, 4096 - 37 * world), 7168, 256, 8, "bfloat16",
             False, 1, 100 + seed,
         )
+
+
+LL_CASES = [
+    # max tokens, hidden, experts, topk, fp8, round_scale, hook
+    (128, 7168, 288, 8, True, False, False),
+    (128, 7168, 288, 8, False, False, True),
+    (64, 2048, 32, 3, True, True, True),
+    (16, 4096, 8, 1, True, False, False),
+]
+
+
+@pytest.mark.gpu(2)
+@needs_native
+@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("case", LL_CASES, ids=[f"m{c[0]}-h{c[1]}-e{c[2]}-k{c[3]}-fp8{int(c[4])}-hook{int(c[6])}"
+                                                for c in LL_CASES])
+def test_low_latency_gpu(pools, world: int, case: tuple) -> None:
+    if world > __import__("conftest").gpu_count():
+        pytest.skip("not enough GPUs")
+    m, hidden, experts, topk, fp8, round_scale, hook = case
+    if experts % world:
+        pytest.skip("experts not divisible")
+    tokens = [m - 3 * r if r != 1 else 0 for r in range(world)]
+    tokens[0] = m
+    pools(world, "nccl").run(
+        bodies.low_latency_roundtrip, "nvshmem", tokens, m, hidden, experts, topk, fp8, round_scale, hook, 5 + world
+    )
+
+
+@pytest.mark.gpu(2)
+@needs_native
+@pytest.mark.parametrize("world", [2, 4])
+def test_low_latency_graph_and_double_buffer(pools, world: int) -> None:
+    if world > __import__("conftest").gpu_count():
+        pytest.skip("not enough GPUs")
+    pools(world, "nccl").run(gpu_bodies.low_latency_two_in_flight, 128, 7168, 288, 8)
+    pools(world, "nccl").run(gpu_bodies.low_latency_graph, 100, 128, 7168, 288, 8)

@@ -99,4 +99,39 @@ void launch_combine_push(const NormalCtx& ctx, const void* y, int y_elem_bytes, 
 void launch_combine_reduce(const NormalCtx& ctx, void* out, int out_elem_bytes, float* out_w, const int* send_pos,
                            int num_tokens, bool with_weights, int num_sms, cudaStream_t stream);
 
+// ---- low_latency.cu (decoding; every rank reachable over NVLink) -------------------------------------------
+// Regions of the symmetric allocation (per rank):
+//   flags   int64 [4 kinds][2 slot buffers][E/N * N]   counts tagged with the round, and free/done flags
+//   counter int32 [N][E/N]                             rows this rank sends per (rank, expert); zero between rounds
+//   recv    bytes [2][E/N][N * M][recv_stride]         rows from source s for local expert e at [e][s*M + j]:
+//                                                      x (H fp8 or 2H bf16) | scales [H/128] | token*K + k
+//   comb    bytes [2][M * K][comb_stride]              combine rows returned for my (token, k)
+struct LowLatencyCtx {
+    int rank, num_ranks, num_experts, num_topk, hidden, max_tokens;
+    int64_t off_flags, off_counter, off_recv, off_comb;
+    int64_t recv_stride, off_scales_in_row, off_meta_in_row, comb_stride;
+    uint8_t* base;
+    const uint64_t* peer_base;
+    int64_t* seq;        // device counters: [kSeqLowLatency] dispatch rounds, [kSeqLowLatency + 1] combine rounds
+    int* block_counter;  // device ints [4]
+    int64_t* status;
+    uint64_t timeout_ns;
+};
+struct LowLatencyLayout {
+    int64_t off_flags, off_counter, off_recv, off_comb;
+    int64_t recv_stride, off_scales_in_row, off_meta_in_row, comb_stride, total_bytes;
+};
+LowLatencyLayout low_latency_layout(int num_ranks, int num_experts, int num_topk, int hidden, int max_tokens);
+// Send phase of dispatch: x bf16 [T, H], topk_idx [T, K]; writes the round into *handle_seq (device).
+void launch_ll_dispatch_send(const LowLatencyCtx& c, const void* x, const int64_t* topk_idx, int num_tokens,
+                             bool use_fp8, bool round_scale, int64_t* handle_seq, cudaStream_t stream);
+// Receive phase: out_x [E/N, N*M, H] (e4m3 or bf16), out_scales float [E/N, N*M, H/128], out_count int32 [E/N],
+// src_info int32 [E/N, N*M, 2], meta int32 [E/N, N*M] (source * M*K + token*K + k, for combine).
+void launch_ll_dispatch_recv(const LowLatencyCtx& c, void* out_x, float* out_scales, int* out_count, int* src_info,
+                             int* meta, bool use_fp8, const int64_t* handle_seq, cudaStream_t stream);
+void launch_ll_combine_send(const LowLatencyCtx& c, const void* y, const int* count, const int* meta,
+                            int64_t* handle_seq, cudaStream_t stream);
+void launch_ll_combine_recv(const LowLatencyCtx& c, const int64_t* topk_idx, const float* topk_weights, void* out,
+                            int num_tokens, const int64_t* handle_seq, cudaStream_t stream);
+
 }  // namespace largeep

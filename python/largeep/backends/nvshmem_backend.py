@@ -18,8 +18,9 @@ import torch.distributed as dist
 
 from largeep import native
 from largeep._env import Settings, logger
-from largeep.backends.base import GroupContext, NormalDispatchOut
+from largeep.backends.base import GroupContext, LowLatencyDispatchOut, NormalDispatchOut
 from largeep.errors import PeerTimeoutError
+from largeep.fp8 import FP8_DTYPE
 from largeep.layout import Layout, one_hot_mask
 
 # Words of the host-mapped status area (csrc/kernels/api.cuh, StatusWord).
@@ -41,8 +42,6 @@ _world: dict[str, Any] = {}
 
 def unsupported_reason(ctx: GroupContext) -> str | None:
     """None when this backend implements ``ctx``'s configuration, else why not."""
-    if ctx.low_latency:
-        return "the low-latency mode is not implemented in the nvshmem backend yet"
     if ctx.num_nodes > 1:
         return (
             f"inter-node normal mode ({ctx.num_nodes} nodes of {ctx.ranks_per_node} ranks) is not implemented in "
@@ -73,7 +72,7 @@ def _join(ctx: GroupContext, heap_bytes: int, settings: Settings) -> Any:
         gib = 1 << 30
         size = max(2 * gib, math.ceil(heap_bytes * settings.heap_margin / gib) * gib)
         os.environ["NVSHMEM_SYMMETRIC_SIZE"] = str(size)
-        logger.warning(
+        (logger.warning if ctx.rank == 0 else logger.debug)(
             "NVSHMEM_SYMMETRIC_SIZE was not set: largeep sets it to %d bytes (%.1f GiB) from the first Buffer's "
             "needs; set it yourself if later Buffers need more", size, size / gib,
         )
@@ -100,6 +99,17 @@ class _NvState:
     worst: bool
 
 
+@dataclass
+class _LLState:
+    """Handle of one low-latency dispatch: seq int64 [1] (its round, written by the send kernel), count int32
+    [E/N], meta int32 [E/N, N*M] (source * M*K + token*K + k of each packed row, -1 past the count)."""
+
+    seq: torch.Tensor
+    count: torch.Tensor
+    meta: torch.Tensor
+    num_tokens: int
+
+
 class NvshmemBackend:
     name = "nvshmem"
 
@@ -111,7 +121,8 @@ class NvshmemBackend:
         self.settings = settings
         C = native.module()
         n = ctx.num_ranks
-        lay = C.normal_layout(n, ctx.num_experts, ctx.num_topk, ctx.hidden, ctx.max_tokens_per_rank)
+        sizes = (n, ctx.num_experts, ctx.num_topk, ctx.hidden, ctx.max_tokens_per_rank)
+        lay = C.low_latency_layout(*sizes) if ctx.low_latency else C.normal_layout(*sizes)
         self.C = _join(ctx, int(lay["total_bytes"]), settings)
         self.base = int(self.C.alloc(int(lay["total_bytes"])))
         peers = [int(self.C.peer_ptr(self.base, r)) for r in range(n)]
@@ -126,11 +137,16 @@ class NvshmemBackend:
         words = _PER_EXPERT + ctx.experts_per_rank
         self.host_ptr, self.status_dev = (int(v) for v in self.C.host_alloc(8 * words))
         self.status = (ctypes.c_int64 * words).from_address(self.host_ptr)
-        self.kernels = self.C.NormalKernels(
+        common = (
             ctx.rank, n, ctx.num_experts, ctx.num_topk, ctx.hidden, ctx.max_tokens_per_rank, self.base,
             self.peer_base.data_ptr(), self.seq.data_ptr(), self.counters.data_ptr(), self.status_dev, settings.timeout_s,
-            settings.tune["threads"], settings.tune["load"], settings.tune["unroll"],
         )
+        if ctx.low_latency:
+            self.ll = self.C.LowLatencyKernels(*common)
+        else:
+            self.kernels = self.C.NormalKernels(
+                *common, settings.tune["threads"], settings.tune["load"], settings.tune["unroll"]
+            )
         self.alive = True
 
     # -- lifetime and errors ------------------------------------------------------------------------------------
@@ -276,3 +292,56 @@ class NvshmemBackend:
             state.send_pos.data_ptr(), state.num_tokens, topk_weights is not None, c.num_sms, stream,
         )
         return out, out_w
+
+    # -- low-latency mode ---------------------------------------------------------------------------------------
+    def low_latency_dispatch(
+        self, x: torch.Tensor, topk_idx: torch.Tensor, use_fp8: bool, round_scale: bool, async_recv: bool
+    ) -> LowLatencyDispatchOut:
+        self._raise_if_failed("low_latency_dispatch")
+        c = self.ctx
+        dev = c.device
+        epr, rows = c.experts_per_rank, c.num_ranks * c.max_tokens_per_rank
+        t = x.shape[0]
+        seq = torch.empty(1, dtype=torch.int64, device=dev)
+        self.ll.dispatch_send(x.data_ptr(), topk_idx.data_ptr(), t, use_fp8, round_scale, seq.data_ptr(),
+                              self._stream())
+        x_out = torch.empty(epr, rows, c.hidden, dtype=FP8_DTYPE if use_fp8 else torch.bfloat16, device=dev)
+        s_out = torch.empty(epr, rows, c.hidden // 128, dtype=torch.float32, device=dev) if use_fp8 else None
+        count = torch.empty(epr, dtype=torch.int32, device=dev)
+        src_info = torch.empty(epr, rows, 2, dtype=torch.int32, device=dev)
+        meta = torch.empty(epr, rows, dtype=torch.int32, device=dev)
+
+        def finish() -> None:
+            self.ll.dispatch_recv(
+                x_out.data_ptr(), s_out.data_ptr() if s_out is not None else 0, count.data_ptr(),
+                src_info.data_ptr(), meta.data_ptr(), use_fp8, seq.data_ptr(), self._stream(),
+            )
+
+        state = _LLState(seq, count, meta, t)
+        if async_recv:
+            return LowLatencyDispatchOut(x_out, s_out, count, src_info, state, finish)
+        finish()
+        return LowLatencyDispatchOut(x_out, s_out, count, src_info, state, None)
+
+    def low_latency_combine(
+        self,
+        y: torch.Tensor,
+        topk_idx: torch.Tensor,
+        topk_weights: torch.Tensor,
+        state: _LLState,
+        out: torch.Tensor,
+        async_recv: bool,
+    ) -> Any:
+        self._raise_if_failed("low_latency_combine")
+        seq = torch.empty(1, dtype=torch.int64, device=self.ctx.device)
+        self.ll.combine_send(y.data_ptr(), state.count.data_ptr(), state.meta.data_ptr(), seq.data_ptr(),
+                             self._stream())
+
+        def finish() -> None:
+            self.ll.combine_recv(topk_idx.data_ptr(), topk_weights.data_ptr(), out.data_ptr(), state.num_tokens,
+                                 seq.data_ptr(), self._stream())
+
+        if async_recv:
+            return finish
+        finish()
+        return None

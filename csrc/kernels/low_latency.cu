@@ -1,0 +1,370 @@
+// Low-latency mode (decoding) between ranks that all reach each other over NVLink.
+//
+// Dispatch send: one warp per (token, k) copy. The warp quantises the token to FP8 on the fly (or keeps BF16),
+// takes a slot among the rows this rank sends to that expert (a local atomic), and stores the row straight into
+// the expert's rank's receive buffer at [slot buffer][local expert][me * M + slot]. The last block then publishes,
+// for every (rank, local expert), the row count tagged with the round: ((seq << 32) | count).
+// Dispatch receive: one block per local expert waits for the tagged counts of every source and packs the rows
+// into the output (sources ascending), with src_info and the combine metadata.
+// Combine send: one block per local expert; each valid row goes back to its source's buffer at [token][k].
+// Combine receive: weighted sum over k in float32.
+//
+// Two slot buffers (round parity) let two calls be in flight. A sender waits until the receiver freed the slot
+// buffer of round seq - 2. The round a receive belongs to travels in the handle (a device tensor), so kernels
+// captured in a CUDA graph replay correctly. Every wait is bounded (NormalCtx-style status area).
+#include <cuda_fp8.h>
+
+#include "launch.cuh"
+
+namespace largeep {
+
+namespace {
+
+constexpr int kLLThreads = 512;
+constexpr int kLLWarps = kLLThreads / kWarp;
+
+__device__ __forceinline__ uint8_t* ll_peer(const LowLatencyCtx& c, int r) {
+    return reinterpret_cast<uint8_t*>(c.peer_base[r]);
+}
+__device__ __forceinline__ int64_t* ll_flags(uint8_t* base, const LowLatencyCtx& c) {
+    return reinterpret_cast<int64_t*>(base + c.off_flags);
+}
+// Flag words: [kind][slot][index], index = local expert * N + source for counts, else rank.
+__device__ __forceinline__ int64_t ll_flag_index(const LowLatencyCtx& c, int kind, int slot, int i) {
+    const int64_t per_slot = static_cast<int64_t>(c.num_experts / c.num_ranks) * c.num_ranks;  // >= N
+    return (static_cast<int64_t>(kind) * 2 + slot) * per_slot + i;
+}
+enum LLFlag { kLLCounts = 0, kLLDispatchFree = 1, kLLCombineDone = 2, kLLCombineFree = 3 };
+
+__device__ __forceinline__ uint8_t* ll_recv_row(uint8_t* base, const LowLatencyCtx& c, int slot, int le, int row) {
+    const int64_t rows_per_expert = static_cast<int64_t>(c.num_ranks) * c.max_tokens;
+    const int epr = c.num_experts / c.num_ranks;
+    return base + c.off_recv + ((static_cast<int64_t>(slot) * epr + le) * rows_per_expert + row) * c.recv_stride;
+}
+
+// Waits (thread-level) until *flag >= target; reports and returns false after the timeout.
+__device__ __forceinline__ bool ll_wait(const int64_t* flag, int64_t target, const LowLatencyCtx& c, int op,
+                                        int rank) {
+    return wait_flag(flag, target, c.timeout_ns, c.status, op, rank);
+}
+
+__global__ void __launch_bounds__(kLLThreads) ll_dispatch_send_kernel(LowLatencyCtx c, const __nv_bfloat16* x,
+                                                                      const int64_t* idx, int T, int use_fp8,
+                                                                      int round_scale, int64_t* handle_seq) {
+    const int N = c.num_ranks, K = c.num_topk, epr = c.num_experts / N, me = c.rank, H = c.hidden;
+    const int64_t seq = c.seq[kSeqLowLatency] + 1;
+    const int slot_buf = static_cast<int>(seq & 1);
+    int* counter = reinterpret_cast<int*>(c.base + c.off_counter);  // [N * E/N], zero between rounds
+    // The receivers must have unpacked round seq - 2, which used the same slot buffer.
+    __shared__ int ok_all;
+    if (threadIdx.x == 0) ok_all = has_error(c.status) ? 0 : 1;
+    __syncthreads();
+    if (ok_all && static_cast<int>(threadIdx.x) < N &&
+        !ll_wait(ll_flags(c.base, c) + ll_flag_index(c, kLLDispatchFree, slot_buf, threadIdx.x), seq - 2, c,
+                 kOpLowLatencyDispatch, threadIdx.x))
+        atomicAnd(&ok_all, 0);
+    __syncthreads();
+    const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
+    if (ok_all) {
+        for (int pair = blockIdx.x * kLLWarps + warp; pair < T * K; pair += gridDim.x * kLLWarps) {
+            const int t = pair / K, k = pair % K;
+            const int64_t e = idx[pair];
+            if (e < 0 || e >= c.num_experts) continue;
+            const int r = static_cast<int>(e / epr), le = static_cast<int>(e % epr);
+            int j = 0;
+            if (lane == 0) j = atomicAdd(counter + r * epr + le, 1);
+            j = __shfl_sync(0xffffffffu, j, 0);
+            if (j >= c.max_tokens) continue;  // more copies than tokens (repeated expert ids): dropped, not corrupting
+            uint8_t* dst = ll_recv_row(ll_peer(c, r), c, slot_buf, le, me * c.max_tokens + j);
+            const int4* src = reinterpret_cast<const int4*>(x + static_cast<int64_t>(t) * H);
+            const int nvec = H / 8;  // 8 bf16 per 16 bytes
+            if (use_fp8) {
+                // Each half-warp handles one group of 128 channels (16 vectors) per step.
+                float* scales = reinterpret_cast<float*>(dst + c.off_scales_in_row);
+                // nvec is a multiple of 16 (H % 128 == 0): a half-warp is wholly in or out of range.
+                for (int v0 = 0; v0 < nvec; v0 += kWarp) {
+                    const int v = v0 + lane;
+                    const bool valid = v < nvec;
+                    float f[8];
+                    if (valid) {
+                        const int4 raw = ld_nc_v4(src + v);
+                        const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&raw);
+#pragma unroll
+                        for (int i = 0; i < 4; ++i) {
+                            const float2 p = __bfloat1622float2(h[i]);
+                            f[2 * i] = p.x;
+                            f[2 * i + 1] = p.y;
+                        }
+                    } else {
+#pragma unroll
+                        for (int i = 0; i < 8; ++i) f[i] = 0.f;
+                    }
+                    float amax = 0.f;
+#pragma unroll
+                    for (int i = 0; i < 8; ++i) amax = fmaxf(amax, fabsf(f[i]));
+#pragma unroll
+                    for (int d = 8; d >= 1; d /= 2) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, d));
+                    float scale = fmaxf(amax, 1e-4f) / 448.f;
+                    if (round_scale) scale = exp2f(ceilf(log2f(scale)));
+                    const float inv = 1.f / scale;
+                    if (!valid) continue;
+                    uint32_t packed[2];
+#pragma unroll
+                    for (int i = 0; i < 2; ++i) {
+                        uint32_t word = 0;
+#pragma unroll
+                        for (int b = 0; b < 4; ++b) {
+                            const float q = fminf(fmaxf(f[4 * i + b] * inv, -448.f), 448.f);
+                            const __nv_fp8_storage_t s8 = __nv_cvt_float_to_fp8(q, __NV_SATFINITE, __NV_E4M3);
+                            word |= static_cast<uint32_t>(s8) << (8 * b);
+                        }
+                        packed[i] = word;
+                    }
+                    reinterpret_cast<uint2*>(dst)[v] = make_uint2(packed[0], packed[1]);
+                    if ((lane & 15) == 0) scales[v / 16] = scale;
+                }
+            } else {
+                int4* d = reinterpret_cast<int4*>(dst);
+                for (int v = lane; v < nvec; v += kWarp) st_na_v4(d + v, ld_nc_v4(src + v));
+            }
+            if (lane == 0) reinterpret_cast<int*>(dst + c.off_meta_in_row)[0] = t * K + k;
+        }
+    }
+    __threadfence_system();  // rows before the counts
+    if (last_block(c.block_counter + 0)) {
+        if (ok_all) {
+            for (int i = threadIdx.x; i < N * epr; i += blockDim.x) {
+                const int r = i / epr, le = i % epr;
+                const int n = min(counter[i], c.max_tokens);
+                counter[i] = 0;
+                st_release_sys(ll_flags(ll_peer(c, r), c) + ll_flag_index(c, kLLCounts, slot_buf, le * N + me),
+                               (seq << 32) | n);
+            }
+        }
+        if (threadIdx.x == 0) {
+            c.seq[kSeqLowLatency] = seq;
+            *handle_seq = seq;
+        }
+    }
+}
+
+// One block per local expert.
+__global__ void __launch_bounds__(kLLThreads) ll_dispatch_recv_kernel(LowLatencyCtx c, uint8_t* out_x,
+                                                                      float* out_scales, int* out_count,
+                                                                      int* src_info, int* meta, int use_fp8,
+                                                                      const int64_t* handle_seq) {
+    const int N = c.num_ranks, me = c.rank, H = c.hidden, M = c.max_tokens;
+    const int le = blockIdx.x;
+    const int64_t seq = *handle_seq;
+    const int slot_buf = static_cast<int>(seq & 1);
+    __shared__ int off[33];
+    __shared__ int ok_all;
+    if (threadIdx.x == 0) ok_all = has_error(c.status) ? 0 : 1;
+    __syncthreads();
+    if (static_cast<int>(threadIdx.x) < N) {
+        int n = 0;
+        const int64_t* f = ll_flags(c.base, c) + ll_flag_index(c, kLLCounts, slot_buf, le * N + threadIdx.x);
+        if (ok_all && ll_wait(f, seq << 32, c, kOpLowLatencyDispatch, threadIdx.x)) {
+            const int64_t v = ld_acquire_sys(f);
+            n = (v >> 32) == seq ? static_cast<int>(v & 0xffffffff) : 0;
+        } else {
+            atomicAnd(&ok_all, 0);
+        }
+        off[threadIdx.x + 1] = n;
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        off[0] = 0;
+        for (int s = 0; s < N; ++s) off[s + 1] += off[s];
+        out_count[le] = ok_all ? off[N] : 0;
+    }
+    __syncthreads();
+    const int rows = N * M;
+    const int total = ok_all ? off[N] : 0;
+    const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
+    const int64_t x_bytes = static_cast<int64_t>(H) * (use_fp8 ? 1 : 2);
+    const int num_scales = H / 128;
+    for (int i = warp; i < rows; i += kLLWarps) {
+        const int64_t o = static_cast<int64_t>(le) * rows + i;
+        if (i >= total) {
+            if (lane < 2) src_info[2 * o + lane] = -1;
+            if (lane == 0) meta[o] = -1;
+            continue;
+        }
+        int s = 0;
+        while (off[s + 1] <= i) ++s;
+        const uint8_t* src = ll_recv_row(c.base, c, slot_buf, le, s * M + (i - off[s]));
+        warp_copy<1, 4>(reinterpret_cast<int4*>(out_x + o * x_bytes), reinterpret_cast<const int4*>(src), x_bytes,
+                        lane);
+        if (use_fp8)
+            for (int q = lane; q < num_scales; q += kWarp)
+                out_scales[o * num_scales + q] = reinterpret_cast<const float*>(src + c.off_scales_in_row)[q];
+        if (lane == 0) {
+            const int tk = reinterpret_cast<const int*>(src + c.off_meta_in_row)[0];
+            src_info[2 * o] = s;
+            src_info[2 * o + 1] = tk / c.num_topk;
+            meta[o] = s * (M * c.num_topk) + tk;
+        }
+    }
+    // Every expert block has read its rows: the slot buffer of this round is free for every source.
+    if (last_block(c.block_counter + 1)) {
+        if (static_cast<int>(threadIdx.x) < N)
+            st_release_sys(ll_flags(ll_peer(c, threadIdx.x), c) + ll_flag_index(c, kLLDispatchFree, slot_buf, me),
+                           seq);
+    }
+}
+
+// One block per local expert: row i of expert le goes to its source's combine buffer at [token][k].
+__global__ void __launch_bounds__(kLLThreads) ll_combine_send_kernel(LowLatencyCtx c, const __nv_bfloat16* y,
+                                                                     const int* count, const int* meta,
+                                                                     int64_t* handle_seq) {
+    const int N = c.num_ranks, me = c.rank, H = c.hidden, M = c.max_tokens, K = c.num_topk;
+    const int le = blockIdx.x;
+    const int64_t seq = c.seq[kSeqLowLatency + 1] + 1;
+    const int slot_buf = static_cast<int>(seq & 1);
+    __shared__ int ok_all;
+    if (threadIdx.x == 0) ok_all = has_error(c.status) ? 0 : 1;
+    __syncthreads();
+    if (ok_all && static_cast<int>(threadIdx.x) < N &&
+        !ll_wait(ll_flags(c.base, c) + ll_flag_index(c, kLLCombineFree, slot_buf, threadIdx.x), seq - 2, c,
+                 kOpLowLatencyCombine, threadIdx.x))
+        atomicAnd(&ok_all, 0);
+    __syncthreads();
+    if (ok_all) {
+        const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
+        const int rows = N * M;
+        const int n = count[le];
+        const int64_t row_bytes = static_cast<int64_t>(H) * 2;
+        for (int i = warp; i < n; i += kLLWarps) {
+            const int64_t o = static_cast<int64_t>(le) * rows + i;
+            const int m = meta[o];
+            const int s = m / (M * K), tk = m % (M * K);
+            uint8_t* dst = ll_peer(c, s) + c.off_comb +
+                           (static_cast<int64_t>(slot_buf) * M * K + tk) * c.comb_stride;
+            warp_copy<0, 4>(reinterpret_cast<int4*>(dst), reinterpret_cast<const int4*>(y + o * H), row_bytes, lane);
+        }
+    }
+    __threadfence_system();
+    if (last_block(c.block_counter + 2)) {
+        if (static_cast<int>(threadIdx.x) < N)
+            st_release_sys(ll_flags(ll_peer(c, threadIdx.x), c) + ll_flag_index(c, kLLCombineDone, slot_buf, me),
+                           seq);
+        if (threadIdx.x == 0) {
+            c.seq[kSeqLowLatency + 1] = seq;
+            *handle_seq = seq;
+        }
+    }
+}
+
+// One warp per token: out[t] = sum_k w[t, k] * comb[t][k] over k with idx[t, k] >= 0, in float32.
+__global__ void __launch_bounds__(kLLThreads) ll_combine_recv_kernel(LowLatencyCtx c, const int64_t* idx,
+                                                                     const float* w, __nv_bfloat16* out, int T,
+                                                                     const int64_t* handle_seq) {
+    const int N = c.num_ranks, me = c.rank, H = c.hidden, M = c.max_tokens, K = c.num_topk;
+    const int64_t seq = *handle_seq;
+    const int slot_buf = static_cast<int>(seq & 1);
+    __shared__ int ok_all;
+    if (threadIdx.x == 0) ok_all = has_error(c.status) ? 0 : 1;
+    __syncthreads();
+    if (ok_all && static_cast<int>(threadIdx.x) < N &&
+        !ll_wait(ll_flags(c.base, c) + ll_flag_index(c, kLLCombineDone, slot_buf, threadIdx.x), seq, c,
+                 kOpLowLatencyCombine, threadIdx.x))
+        atomicAnd(&ok_all, 0);
+    __syncthreads();
+    if (ok_all) {
+        const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
+        const int nvec = H / 8;
+        for (int t = blockIdx.x * kLLWarps + warp; t < T; t += gridDim.x * kLLWarps) {
+            for (int v = lane; v < nvec; v += kWarp) {
+                float acc[8];
+#pragma unroll
+                for (int i = 0; i < 8; ++i) acc[i] = 0.f;
+                for (int k = 0; k < K; ++k) {
+                    if (idx[static_cast<int64_t>(t) * K + k] < 0) continue;
+                    const float wk = w[static_cast<int64_t>(t) * K + k];
+                    const int4 raw = ld_v4<1>(reinterpret_cast<const int4*>(
+                        c.base + c.off_comb +
+                        (static_cast<int64_t>(slot_buf) * M * K + static_cast<int64_t>(t) * K + k) * c.comb_stride) + v);
+                    const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&raw);
+#pragma unroll
+                    for (int i = 0; i < 4; ++i) {
+                        const float2 p = __bfloat1622float2(h[i]);
+                        acc[2 * i] += wk * p.x;
+                        acc[2 * i + 1] += wk * p.y;
+                    }
+                }
+                int4 res;
+                __nv_bfloat162* o = reinterpret_cast<__nv_bfloat162*>(&res);
+#pragma unroll
+                for (int i = 0; i < 4; ++i) o[i] = __floats2bfloat162_rn(acc[2 * i], acc[2 * i + 1]);
+                reinterpret_cast<int4*>(out + static_cast<int64_t>(t) * H)[v] = res;
+            }
+        }
+    }
+    if (last_block(c.block_counter + 3)) {
+        if (static_cast<int>(threadIdx.x) < N)
+            st_release_sys(ll_flags(ll_peer(c, threadIdx.x), c) + ll_flag_index(c, kLLCombineFree, slot_buf, me),
+                           seq);
+    }
+}
+
+}  // namespace
+
+LowLatencyLayout low_latency_layout(int N, int E, int K, int H, int M) {
+    LowLatencyLayout l{};
+    int64_t off = 0;
+    auto take = [&off](int64_t bytes) {
+        const int64_t at = off;
+        off += (bytes + 255) / 256 * 256;
+        return at;
+    };
+    const int epr = E / N;
+    l.off_scales_in_row = align16(static_cast<int64_t>(H) * 2);
+    l.off_meta_in_row = l.off_scales_in_row + align16(static_cast<int64_t>(H / 128) * 4);
+    l.recv_stride = l.off_meta_in_row + 16;
+    l.comb_stride = align16(static_cast<int64_t>(H) * 2);
+    l.off_flags = take(8ll * 4 * 2 * static_cast<int64_t>(epr) * N);
+    l.off_counter = take(4ll * N * epr);
+    l.off_recv = take(l.recv_stride * 2 * epr * static_cast<int64_t>(N) * M);
+    l.off_comb = take(l.comb_stride * 2 * static_cast<int64_t>(M) * K);
+    l.total_bytes = off;
+    return l;
+}
+
+void launch_ll_dispatch_send(const LowLatencyCtx& c, const void* x, const int64_t* topk_idx, int num_tokens,
+                             bool use_fp8, bool round_scale, int64_t* handle_seq, cudaStream_t stream) {
+    HOST_ASSERT(c.hidden % 128 == 0 || !use_fp8, "FP8 needs hidden % 128 == 0");
+    HOST_ASSERT(c.hidden % 8 == 0, "hidden must be a multiple of 8");
+    HOST_ASSERT(c.num_ranks <= 32, "at most 32 ranks");
+    const int pairs = std::max(1, num_tokens * c.num_topk);
+    const int grid = std::min(std::max(1, ceil_div(pairs, kLLWarps)), 132);
+    ll_dispatch_send_kernel<<<grid, kLLThreads, 0, stream>>>(c, static_cast<const __nv_bfloat16*>(x), topk_idx,
+                                                             num_tokens, use_fp8 ? 1 : 0, round_scale ? 1 : 0,
+                                                             handle_seq);
+    LAUNCH_CHECK();
+}
+
+void launch_ll_dispatch_recv(const LowLatencyCtx& c, void* out_x, float* out_scales, int* out_count, int* src_info,
+                             int* meta, bool use_fp8, const int64_t* handle_seq, cudaStream_t stream) {
+    ll_dispatch_recv_kernel<<<c.num_experts / c.num_ranks, kLLThreads, 0, stream>>>(
+        c, static_cast<uint8_t*>(out_x), out_scales, out_count, src_info, meta, use_fp8 ? 1 : 0, handle_seq);
+    LAUNCH_CHECK();
+}
+
+void launch_ll_combine_send(const LowLatencyCtx& c, const void* y, const int* count, const int* meta,
+                            int64_t* handle_seq, cudaStream_t stream) {
+    ll_combine_send_kernel<<<c.num_experts / c.num_ranks, kLLThreads, 0, stream>>>(
+        c, static_cast<const __nv_bfloat16*>(y), count, meta, handle_seq);
+    LAUNCH_CHECK();
+}
+
+void launch_ll_combine_recv(const LowLatencyCtx& c, const int64_t* topk_idx, const float* topk_weights, void* out,
+                            int num_tokens, const int64_t* handle_seq, cudaStream_t stream) {
+    const int grid = std::min(std::max(1, ceil_div(num_tokens, kLLWarps)), 132);
+    ll_combine_recv_kernel<<<grid, kLLThreads, 0, stream>>>(c, topk_idx, topk_weights,
+                                                            static_cast<__nv_bfloat16*>(out), num_tokens,
+                                                            handle_seq);
+    LAUNCH_CHECK();
+}
+
+}  // namespace largeep

@@ -12,20 +12,15 @@ import importlib
 import multiprocessing as mp
 import os
 import queue
-import socket
+import tempfile
 import traceback
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 SAFE_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _worker(rank: int, world: int, port: int, backend: str, tasks: Any, results: Any) -> None:
+def _worker(rank: int, world: int, init_file: str, backend: str, tasks: Any, results: Any) -> None:
     os.environ.update(SAFE_ENV)
     import torch
     import torch.distributed as dist
@@ -37,7 +32,7 @@ def _worker(rank: int, world: int, port: int, backend: str, tasks: Any, results:
     else:
         kwargs = {}
     dist.init_process_group(
-        backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+        backend, init_method=f"file://{init_file}", rank=rank, world_size=world,
         timeout=datetime.timedelta(seconds=120), **kwargs,
     )
     while True:
@@ -58,11 +53,14 @@ class DistPool:
         ctx = mp.get_context("spawn")
         self.world = world
         self.timeout_s = timeout_s
-        port = _free_port()
+        # A file rendezvous: a TCP port picked in advance can be taken by someone else before rank 0 listens.
+        fd, init_file = tempfile.mkstemp(prefix="largeep-pool-")
+        os.close(fd)
+        os.unlink(init_file)
         self.tasks = [ctx.Queue() for _ in range(world)]
         self.results = ctx.Queue()
         self.procs = [
-            ctx.Process(target=_worker, args=(r, world, port, backend, self.tasks[r], self.results), daemon=True)
+            ctx.Process(target=_worker, args=(r, world, init_file, backend, self.tasks[r], self.results), daemon=True)
             for r in range(world)
         ]
         for p in self.procs:

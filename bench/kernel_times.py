@@ -21,6 +21,7 @@ import os
 import re
 import socket
 import sys
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -71,7 +72,7 @@ def _worker(rank: int, world: int, args: argparse.Namespace, port: int, results:
             for dtype in args.dtypes:
                 xin = fp8.quantize(x) if dtype == "fp8" else x
 
-                def step() -> None:
+                def step(buf: Any = buf, xin: Any = xin, dtype: str = dtype, idx: Any = idx, w: Any = w) -> None:
                     flush.zero_()
                     torch.cuda.synchronize()
                     dist.barrier()

@@ -5,10 +5,9 @@ from __future__ import annotations
 
 from typing import Any
 
+import largeep
 import torch
 import torch.distributed as dist
-
-import largeep
 from largeep import fp8
 from reference import (
     make_inputs,

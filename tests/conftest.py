@@ -1,10 +1,9 @@
 from __future__ import annotations
 
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 import torch
-
 from dist_pool import DistPool
 
 _pools: dict[tuple[int, str], DistPool] = {}

@@ -130,10 +130,13 @@ def low_latency_two_in_flight(rank: int, world: int, tokens: int, hidden: int, e
             outs.append(buf.low_latency_dispatch(x, idx, use_fp8=False, return_recv_hook=True))
         for d in outs:
             d.hook()
-        combs = [buf.low_latency_combine(d.x, i[1], i[2], d.handle, return_recv_hook=True) for d, i in zip(outs, ins)]
+        combs = [
+            buf.low_latency_combine(d.x, i[1], i[2], d.handle, return_recv_hook=True)
+            for d, i in zip(outs, ins, strict=True)
+        ]
         for c in combs:
             c.hook()
-        for c, (x, idx, w) in zip(combs, ins):
+        for c, (x, _idx, w) in zip(combs, ins, strict=True):
             want = x.float() * w.sum(1, keepdim=True)
             err = (c.x.float() - want).abs().max().item()
             assert err <= 2.0**-6 * (want.abs().max().item() + 1), f"combine error {err}"

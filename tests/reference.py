@@ -122,7 +122,7 @@ def ref_low_latency(
 
 
 def ref_low_latency_combine(
-    inp: RankInputs, rank: int, e: int, n: int, y_of: "callable[[int, int, int], torch.Tensor]"
+    inp: RankInputs, rank: int, e: int, n: int, y_of: callable[[int, int, int], torch.Tensor]
 ) -> torch.Tensor:
     """x[t] = sum_k w[t,k] * y_of(expert, source rank, token), in float64."""
     t_count, h = inp.x.shape

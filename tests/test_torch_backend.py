@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import pytest
-
 import bodies
+import pytest
 
 WORLDS = [1, 2, 3, 4]
 

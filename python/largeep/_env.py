@@ -5,8 +5,9 @@
 | LARGEEP_TIMEOUT_S | 100 | seconds any wait on a peer may take before it raises |
 | LARGEEP_LOG_LEVEL | WARNING | level of the ``largeep`` logger |
 | LARGEEP_CHECK_VALUES | 1 | check expert ids for range on the host (one device sync) before a dispatch |
-| LARGEEP_NVSHMEM_HEAP_MARGIN | 1.25 | factor applied to the first Buffer's needs when largeep picks NVSHMEM_SYMMETRIC_SIZE |
-| LARGEEP_TUNE | threads=512,load=0,unroll=8 | kernel tuning of the normal mode: threads per block, NVLink load kind (0 nc, 1 weak, 2 volatile), loads in flight per lane (4 or 8) |
+| LARGEEP_NVSHMEM_HEAP_MARGIN | 1.25 | factor on the first Buffer's needs when largeep sets NVSHMEM_SYMMETRIC_SIZE |
+| LARGEEP_TUNE | threads=512,load=0,unroll=8 | normal-mode kernel shape: threads per block, load kind (0 nc, |
+| | | 1 weak, 2 volatile), 16-byte loads in flight per lane (4 or 8) |
 """
 
 from __future__ import annotations

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import itertools
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Union
+from typing import Any, Union
 
 import torch
 import torch.distributed as dist
@@ -21,7 +22,7 @@ from largeep.backends.torch_backend import TorchBackend
 from largeep.errors import ArgumentError, BufferDestroyedError
 from largeep.layout import Layout
 
-Tokens = Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]
+Tokens = Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]  # noqa: UP007 - a runtime alias (Python 3.10)
 _buffer_ids = itertools.count(1)
 
 
@@ -358,7 +359,9 @@ class Buffer:
             if topk_idx is not None or topk_weights is not None:
                 raise ArgumentError(f"Buffer.{op}: with 'handle', 'topk_idx' and 'topk_weights' must be None")
             if t != h.num_tokens:
-                raise ArgumentError(f"Buffer.{op}: argument 'x' has {t} tokens but the handle was made for {h.num_tokens}")
+                raise ArgumentError(
+                    f"Buffer.{op}: argument 'x' has {t} tokens but the handle was made for {h.num_tokens}"
+                )
             if num_worst_tokens and num_worst_tokens != h.num_worst_tokens:
                 raise ArgumentError(
                     f"Buffer.{op}: argument 'num_worst_tokens' = {num_worst_tokens} differs from the handle's "

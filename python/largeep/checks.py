@@ -5,7 +5,7 @@ Each failure raises :class:`largeep.errors.ArgumentError` whose message names th
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -38,7 +38,7 @@ def tensor(
     if t.dim() != ndim:
         raise ArgumentError(f"{_where(op, arg)} has {t.dim()} dimensions {tuple(t.shape)}, expected {ndim}")
     if shape is not None:
-        for i, (have, want) in enumerate(zip(t.shape, shape)):
+        for i, (have, want) in enumerate(zip(t.shape, shape, strict=False)):
             if want is not None and have != want:
                 exp = tuple("*" if s is None else s for s in shape)
                 raise ArgumentError(f"{_where(op, arg)} has shape {tuple(t.shape)}, expected {exp} (dim {i})")
@@ -81,7 +81,9 @@ def topk_idx(
         lo_v, hi_v = int(lo), int(hi)
         if lo_v < -1 or hi_v >= num_experts:
             bad = lo_v if lo_v < -1 else hi_v
-            raise ArgumentError(f"{_where(op, 'topk_idx')} holds expert id {bad}, expected values in [-1, {num_experts})")
+            raise ArgumentError(
+                f"{_where(op, 'topk_idx')} holds expert id {bad}, expected values in [-1, {num_experts})"
+            )
     return idx
 
 

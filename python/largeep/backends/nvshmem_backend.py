@@ -139,7 +139,8 @@ class NvshmemBackend:
         self.status = (ctypes.c_int64 * words).from_address(self.host_ptr)
         common = (
             ctx.rank, n, ctx.num_experts, ctx.num_topk, ctx.hidden, ctx.max_tokens_per_rank, self.base,
-            self.peer_base.data_ptr(), self.seq.data_ptr(), self.counters.data_ptr(), self.status_dev, settings.timeout_s,
+            self.peer_base.data_ptr(), self.seq.data_ptr(), self.counters.data_ptr(), self.status_dev,
+            settings.timeout_s,
         )
         if ctx.low_latency:
             self.ll = self.C.LowLatencyKernels(*common)

@@ -142,3 +142,42 @@ def low_latency_two_in_flight(rank: int, world: int, tokens: int, hidden: int, e
             assert err <= 2.0**-6 * (want.abs().max().item() + 1), f"combine error {err}"
     finally:
         buf.destroy()
+
+
+def missing_peer(rank: int, world: int, timeout_s: float) -> dict[str, float]:
+    """Rank 1 never calls dispatch: every other rank must raise PeerTimeoutError naming rank 1 within the bound."""
+    import os
+    import time
+
+    os.environ["LARGEEP_TIMEOUT_S"] = str(timeout_s)
+    try:
+        buf = largeep.Buffer(None, hidden=1024, num_experts=4 * world, num_topk=2, max_tokens_per_rank=64,
+                             backend="nvshmem")
+    finally:
+        del os.environ["LARGEEP_TIMEOUT_S"]
+    elapsed = 0.0
+    try:
+        if rank != 1:
+            x = torch.randn(64, 1024, device="cuda").to(torch.bfloat16)
+            idx = torch.arange(64 * 2, device="cuda").view(64, 2) % (4 * world)
+            w = torch.rand(64, 2, device="cuda")
+            start = time.monotonic()
+            try:
+                buf.dispatch(x, idx, w)
+            except largeep.PeerTimeoutError as exc:
+                elapsed = time.monotonic() - start
+                assert "rank 1" in str(exc) and "dispatch" in str(exc), str(exc)
+            else:
+                raise AssertionError("dispatch returned although rank 1 never called it")
+            assert elapsed < timeout_s + 10, f"gave up after {elapsed:.1f} s, bound {timeout_s} s"
+            # the Buffer refuses further work at once instead of waiting again
+            start = time.monotonic()
+            try:
+                buf.dispatch(x, idx, w)
+            except largeep.PeerTimeoutError:
+                assert time.monotonic() - start < 1.0
+            else:
+                raise AssertionError("a failed Buffer accepted another dispatch")
+    finally:
+        buf.destroy()
+    return {"elapsed_s": elapsed}

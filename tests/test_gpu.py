@@ -109,3 +109,13 @@ def test_low_latency_graph_and_double_buffer(pools, world: int) -> None:
         pytest.skip("not enough GPUs")
     pools(world, "nccl").run(gpu_bodies.low_latency_two_in_flight, 128, 7168, 288, 8)
     pools(world, "nccl").run(gpu_bodies.low_latency_graph, 100, 128, 7168, 288, 8)
+
+
+@pytest.mark.gpu(2)
+@needs_native
+@pytest.mark.parametrize("world", [2, 4])
+def test_missing_peer_times_out(pools, world: int) -> None:
+    if world > __import__("conftest").gpu_count():
+        pytest.skip("not enough GPUs")
+    times = pools(world, "nccl").run(gpu_bodies.missing_peer, 5.0)
+    assert all(t["elapsed_s"] > 4.0 for r, t in enumerate(times) if r != 1), times

@@ -28,6 +28,8 @@ from largeep.layout import Layout, compute_layout, one_hot_mask
 def _pack(parts: Sequence[torch.Tensor]) -> torch.Tensor:
     """[P, ...] tensors -> uint8 [P, sum of row bytes]."""
     rows = parts[0].shape[0]
+    if len(parts) == 1:
+        return parts[0].contiguous().reshape(-1).view(torch.uint8).reshape(rows, _row_bytes(parts[0]))
     return torch.cat(
         [p.contiguous().reshape(-1).view(torch.uint8).reshape(rows, _row_bytes(p))
          for p in parts],
@@ -120,6 +122,16 @@ class TorchBackend:
         )
         return out, work
 
+    def _all_to_all_into(
+        self, out: torch.Tensor, send: torch.Tensor, send_splits: list[int], recv_splits: list[int]
+    ) -> None:
+        """Rows of ``send`` [P, ...] to ``out`` [R, ...] (same dtype), as bytes so that every dtype travels."""
+        dist.all_to_all_single(
+            out.view(torch.uint8).view(out.shape[0], -1) if out.numel() else out.view(torch.uint8),
+            send.contiguous().view(torch.uint8).view(send.shape[0], -1) if send.numel() else send.view(torch.uint8),
+            output_split_sizes=recv_splits, input_split_sizes=send_splits, group=self.ctx.group,
+        )
+
     # -- normal mode ---------------------------------------------------------------------------------------------
     def get_dispatch_layout(self, topk_idx: torch.Tensor) -> Layout:
         c = self.ctx
@@ -195,12 +207,19 @@ class TorchBackend:
             parts = [x[t_idx]] + ([x_scales[t_idx]] if x_scales is not None else []) + [local, weights]
         else:
             parts = [x[state.t_idx]] + ([x_scales[state.t_idx]] if x_scales is not None else [])
-        with_meta = len(parts) > (2 if x_scales is not None else 1)
-        rows, _ = self._all_to_all(_pack(parts), state.num_recv, state.send_splits, state.recv_splits)
-        out = _unpack(rows, self._row_specs(x, x_scales, with_meta))
-        recv_x = out.pop(0)
-        recv_scales = out.pop(0) if x_scales is not None else None
-        recv_idx, recv_w = (out[0], out[1]) if with_meta else (None, None)
+        # x lands straight in the output (no packing copy on either side); the small per-row fields travel
+        # together in a second collective.
+        recv_x = torch.empty(state.num_recv, c.hidden, dtype=x.dtype, device=dev)
+        self._all_to_all_into(recv_x, parts[0], state.send_splits, state.recv_splits)
+        meta_parts = parts[1:]
+        recv_scales = recv_idx = recv_w = None
+        if meta_parts:
+            specs = self._row_specs(x, x_scales, len(meta_parts) > (1 if x_scales is not None else 0))[1:]
+            rows, _ = self._all_to_all(_pack(meta_parts), state.num_recv, state.send_splits, state.recv_splits)
+            out = _unpack(rows, specs)
+            recv_scales = out.pop(0) if x_scales is not None else None
+            if out:
+                recv_idx, recv_w = out[0], out[1]
         if per_expert_t is None:
             per_expert_t = torch.empty(0, dtype=torch.int32, device=dev)
         return NormalDispatchOut(
@@ -275,18 +294,21 @@ class TorchBackend:
         specs: list[tuple[torch.dtype, tuple[int, ...]]] = [(y.dtype, (c.hidden,))]
         if topk_weights is not None:
             specs.append((torch.float32, (c.num_topk,)))
-        packed = _pack(parts)
         t = state.num_tokens
         if isinstance(state, _VarState):
-            rows, _ = self._all_to_all(packed, int(sum(state.send_splits)), state.recv_splits, state.send_splits)
-            back = _unpack(rows, specs)
+            pairs = int(sum(state.send_splits))
+            back = torch.empty(pairs, c.hidden, dtype=y.dtype, device=dev)
+            self._all_to_all_into(back, y, state.recv_splits, state.send_splits)
             x = torch.zeros(t, c.hidden, dtype=torch.float32, device=dev)
-            x.index_add_(0, state.t_idx, back[0].float())
+            x.index_add_(0, state.t_idx, back.float())
             w = None
             if topk_weights is not None:
+                w_back = torch.empty(pairs, c.num_topk, dtype=torch.float32, device=dev)
+                self._all_to_all_into(w_back, topk_weights, state.recv_splits, state.send_splits)
                 w = torch.zeros(t, c.num_topk, dtype=torch.float32, device=dev)
-                w.index_add_(0, state.t_idx, back[1])
+                w.index_add_(0, state.t_idx, w_back)
             return x.to(y.dtype), w
+        packed = _pack(parts)
         n, cap = c.num_ranks, c.max_tokens_per_rank
         ext = torch.cat([packed, torch.zeros(1, packed.shape[1], dtype=torch.uint8, device=dev)])
         rows, _ = self._all_to_all(ext[state.dest], n * cap)

@@ -44,8 +44,8 @@ def unsupported_reason(ctx: GroupContext) -> str | None:
     """None when this backend implements ``ctx``'s configuration, else why not."""
     if ctx.num_nodes > 1:
         return (
-            f"inter-node normal mode ({ctx.num_nodes} nodes of {ctx.ranks_per_node} ranks) is not implemented in "
-            "the nvshmem backend yet"
+            f"groups spanning several nodes ({ctx.num_nodes} nodes of {ctx.ranks_per_node} ranks) are not "
+            "implemented in the nvshmem backend yet (normal and low-latency mode alike)"
         )
     if ctx.num_ranks > 8:
         return "the intranode kernels support at most 8 ranks"

@@ -1,0 +1,177 @@
+"""Low-latency mode of the nvshmem backend: profiler kernel times and CUDA-graph replay times, every visible GPU.
+
+Whole-call event timings (`python -m largeep.bench`) of the low-latency ops are dominated by the host (Python,
+launches). Decoding runs these ops inside CUDA graphs, so this script reports what that costs:
+  kernels: ll_dispatch_send / ll_dispatch_recv / ll_combine_send / ll_combine_recv, profiler durations
+           (op "send"/"recv" of dispatch and combine, op "dispatch"/"combine" = send + recv);
+  graph:   one CUDA graph holding dispatch + combine, replay time measured with events (op "roundtrip").
+Per iteration the slowest rank counts; records give median and p10/p90. Ranks are aligned by a barrier before
+each iteration.
+
+usage: python bench/low_latency_times.py --out DIR [--tokens 1,8,32,128,256] [--experts 288] [--no-fp8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import socket
+import sys
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+for _k, _v in {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}.items():
+    os.environ.setdefault(_k, _v)
+
+_KERNELS = ("ll_dispatch_send_kernel", "ll_dispatch_recv_kernel", "ll_combine_send_kernel", "ll_combine_recv_kernel")
+
+
+def _stats(per_rank: torch.Tensor) -> tuple[float, float, float]:
+    """per_rank float64 [world, iters] -> median, p10, p90 over iterations of the slowest rank."""
+    worst = per_rank.max(0).values
+    q = torch.quantile(worst, torch.tensor([0.5, 0.1, 0.9], dtype=torch.float64))
+    return float(q[0]), float(q[1]), float(q[2])
+
+
+def _gather(values: list[float], world: int) -> torch.Tensor:
+    t = torch.tensor(values, dtype=torch.float64, device="cuda")
+    out = torch.empty(world, len(values), dtype=torch.float64, device="cuda")
+    dist.all_gather_into_tensor(out.view(-1), t)
+    return out.cpu()
+
+
+def _worker(rank: int, world: int, args: argparse.Namespace, port: int, results: Any) -> None:
+    import largeep
+    from largeep.bench import records as rec
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.set_device(rank)
+    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            device_id=torch.device("cuda", rank))
+    m = max(args.tokens)
+    buf = largeep.Buffer(None, hidden=args.hidden, num_experts=args.experts, num_topk=args.topk,
+                         max_tokens_per_rank=m, backend="nvshmem", low_latency=True)
+    out: list[dict[str, Any]] = []
+    for tokens in args.tokens:
+        g = torch.Generator(device="cuda").manual_seed(2000 + rank)
+        x = torch.randn(tokens, args.hidden, device="cuda", generator=g).to(torch.bfloat16)
+        idx = torch.rand(tokens, args.experts, device="cuda", generator=g).topk(args.topk, dim=1).indices
+        w = torch.rand(tokens, args.topk, device="cuda", generator=g)
+        copies = torch.tensor([float(tokens * args.topk)], device="cuda")
+        dist.all_reduce(copies)
+        mean_copies = float(copies) / world
+        row = rec.row_bytes("fp8" if args.fp8 else "bf16", args.hidden)
+
+        def step() -> Any:
+            d = buf.low_latency_dispatch(x, idx, use_fp8=args.fp8)
+            y = torch.empty(d.x[0].shape if args.fp8 else d.x.shape, dtype=torch.bfloat16, device="cuda")
+            return buf.low_latency_combine(y, idx, w, d.handle)
+
+        for _ in range(args.warmup):
+            step()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(args.iters):
+                dist.barrier()
+                step()
+            torch.cuda.synchronize()
+        per_kernel: dict[str, list[float]] = {k: [] for k in _KERNELS}
+        for e in sorted(prof.events(), key=lambda e: e.time_range.start):
+            if e.device_type != torch.autograd.DeviceType.CUDA:
+                continue
+            hit = re.search("|".join(_KERNELS), e.name)
+            if hit:
+                per_kernel[hit.group(0)].append(e.time_range.elapsed_us())
+        ops = {
+            ("dispatch", "send"): per_kernel["ll_dispatch_send_kernel"],
+            ("dispatch", "recv"): per_kernel["ll_dispatch_recv_kernel"],
+            ("combine", "send"): per_kernel["ll_combine_send_kernel"],
+            ("combine", "recv"): per_kernel["ll_combine_recv_kernel"],
+        }
+        ops[("dispatch", "dispatch")] = [a + b for a, b in zip(ops[("dispatch", "send")], ops[("dispatch", "recv")],
+                                                              strict=True)]
+        ops[("combine", "combine")] = [a + b for a, b in zip(ops[("combine", "send")], ops[("combine", "recv")],
+                                                            strict=True)]
+        # CUDA graph of dispatch + combine, replayed
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            step()
+        for _ in range(args.warmup):
+            graph.replay()
+        torch.cuda.synchronize()
+        replay = []
+        for _ in range(args.iters):
+            dist.barrier()
+            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            s.record()
+            graph.replay()
+            e.record()
+            e.synchronize()
+            replay.append(s.elapsed_time(e) * 1000.0)
+        ops[("graph", "roundtrip")] = replay
+        for (kind, op), times in ops.items():
+            med, p10, p90 = _stats(_gather(times[: args.iters], world))
+            nbytes = mean_copies * (row if kind == "dispatch" else rec.row_bytes("bf16", args.hidden))
+            out.append({
+                "backend": "nvshmem", "mode": "low_latency", "op": op, "of": kind, "ep": world,
+                "ranks_per_node": world, "num_tokens": tokens, "hidden": args.hidden, "num_topk": args.topk,
+                "num_experts": args.experts, "dtype": "fp8" if args.fp8 else "bf16", "num_sms": None,
+                "time_us_median": med, "time_us_p10": p10, "time_us_p90": p90,
+                "logical_gbps": rec.gbps(nbytes, med) if op in ("dispatch", "combine") else None,
+            })
+        del graph
+    if rank == 0:
+        results.put(out)
+    dist.barrier()
+    buf.destroy()
+    dist.destroy_process_group()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tokens", default="1,8,32,128,256")
+    p.add_argument("--hidden", type=int, default=7168)
+    p.add_argument("--topk", type=int, default=8)
+    p.add_argument("--experts", type=int, default=288)
+    p.add_argument("--no-fp8", dest="fp8", action="store_false")
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--iters", type=int, default=30)
+    p.add_argument("--nprocs", type=int, default=None)
+    p.add_argument("--out", required=True)
+    args = p.parse_args()
+    args.tokens = [int(v) for v in args.tokens.split(",")]
+    world = args.nprocs or torch.cuda.device_count()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    procs = [ctx.Process(target=_worker, args=(r, world, args, port, q)) for r in range(world)]
+    for pr in procs:
+        pr.start()
+    recs = q.get(timeout=1200)
+    for pr in procs:
+        pr.join()
+    from tabulate import tabulate
+
+    from largeep.bench import records as rec
+
+    print(tabulate(
+        [[r["of"], r["op"], r["ep"], r["num_tokens"], r["dtype"], f"{r['time_us_median']:.1f}",
+          f"{r['time_us_p10']:.1f}", f"{r['time_us_p90']:.1f}"] for r in recs],
+        headers=["of", "op", "ep", "tokens", "dtype", "us", "p10", "p90"],
+    ))
+    os.makedirs(args.out, exist_ok=True)
+    doc = {"command": " ".join([sys.executable] + sys.argv), "env": rec.environment(),
+           "what": "low-latency kernel and CUDA-graph replay times (bench/low_latency_times.py)", "records": recs}
+    with open(os.path.join(args.out, f"low_latency_times_ep{world}.json"), "w") as f:
+        json.dump(doc, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

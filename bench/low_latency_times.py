@@ -67,7 +67,7 @@ def _worker(rank: int, world: int, args: argparse.Namespace, port: int, results:
         mean_copies = float(copies) / world
         row = rec.row_bytes("fp8" if args.fp8 else "bf16", args.hidden)
 
-        def step() -> Any:
+        def step(x: Any = x, idx: Any = idx, w: Any = w) -> Any:
             d = buf.low_latency_dispatch(x, idx, use_fp8=args.fp8)
             y = torch.empty(d.x[0].shape if args.fp8 else d.x.shape, dtype=torch.bfloat16, device="cuda")
             return buf.low_latency_combine(y, idx, w, d.handle)
@@ -157,9 +157,8 @@ def main() -> None:
     recs = q.get(timeout=1200)
     for pr in procs:
         pr.join()
-    from tabulate import tabulate
-
     from largeep.bench import records as rec
+    from tabulate import tabulate
 
     print(tabulate(
         [[r["of"], r["op"], r["ep"], r["num_tokens"], r["dtype"], f"{r['time_us_median']:.1f}",

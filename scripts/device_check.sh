@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # One round of GPU checks on the GPU machine: build, GPU tests, benchmarks. Logs and JSON go to OUTDIR.
-# usage: scripts/device_check.sh OUTDIR [stage ...]   stages: build tests bench (default: all three)
+# usage: scripts/device_check.sh OUTDIR [stage ...]   stages: build tests bench perf (default: build tests bench)
+#   bench: python -m largeep.bench (whole-call event times, every backend; LARGEEP_BENCH_ARGS overrides the preset)
+#   perf:  kernel times (normal) and kernel + CUDA-graph times (low-latency) of the nvshmem backend, on all GPUs
+#          and on GPUs 0,1
 set -uo pipefail
 OUT=${1:?usage: scripts/device_check.sh OUTDIR [stage ...]}
 shift
@@ -34,6 +37,16 @@ for stage in $STAGES; do
         timeout 900 $PY -m largeep.bench ${LARGEEP_BENCH_ARGS:---preset quick} --out "$OUT" > "$OUT/bench.log" 2>&1 || rc=1
         tail -40 "$OUT/bench.log"
       fi
+      ;;
+    perf)
+      for n in $ngpu 2; do
+        vis=$(seq -s, 0 $((n - 1)))
+        CUDA_VISIBLE_DEVICES=$vis timeout 300 $PY bench/kernel_times.py --nprocs "$n" --num-sms 8,16,24 \
+          --out "$OUT/perf" > "$OUT/perf_normal_ep$n.log" 2>&1 || rc=1
+        CUDA_VISIBLE_DEVICES=$vis timeout 300 $PY bench/low_latency_times.py --nprocs "$n" \
+          --out "$OUT/perf" > "$OUT/perf_ll_ep$n.log" 2>&1 || rc=1
+        tail -12 "$OUT/perf_ll_ep$n.log"
+      done
       ;;
   esac
 done

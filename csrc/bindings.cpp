@@ -18,6 +18,25 @@ T* ptr(uintptr_t p) {
 }
 cudaStream_t stream_of(uintptr_t s) { return reinterpret_cast<cudaStream_t>(s); }
 
+// Fields every kernel context shares: sizes, this Buffer's memory, counters, status area, timeout.
+template <typename Ctx>
+void fill_common(Ctx& c, int rank, int num_ranks, int num_experts, int num_topk, int hidden, int max_tokens,
+                 uintptr_t base, uintptr_t peer_base, uintptr_t seq, uintptr_t block_counter, uintptr_t status_dev,
+                 double timeout_s) {
+    c.rank = rank;
+    c.num_ranks = num_ranks;
+    c.num_experts = num_experts;
+    c.num_topk = num_topk;
+    c.hidden = hidden;
+    c.max_tokens = max_tokens;
+    c.base = ptr<uint8_t>(base);
+    c.peer_base = ptr<const uint64_t>(peer_base);
+    c.seq = ptr<int64_t>(seq);
+    c.block_counter = ptr<int>(block_counter);
+    c.status = ptr<int64_t>(status_dev);
+    c.timeout_ns = static_cast<uint64_t>(timeout_s * 1e9);
+}
+
 // Normal-mode kernels bound to one Buffer's memory.
 class NormalKernels {
    public:
@@ -29,13 +48,9 @@ class NormalKernels {
         c_.threads = threads;
         c_.load_mode = load_mode;
         c_.unroll = unroll;
+        fill_common(c_, rank, num_ranks, num_experts, num_topk, hidden, max_tokens, base, peer_base, seq, block_counter,
+                    status_dev, timeout_s);
         const NormalLayout l = normal_layout(num_ranks, num_experts, num_topk, hidden, max_tokens);
-        c_.rank = rank;
-        c_.num_ranks = num_ranks;
-        c_.num_experts = num_experts;
-        c_.num_topk = num_topk;
-        c_.hidden = hidden;
-        c_.max_tokens = max_tokens;
         c_.off_flags = l.off_flags;
         c_.off_in_counts = l.off_in_counts;
         c_.off_out_counts = l.off_out_counts;
@@ -49,12 +64,6 @@ class NormalKernels {
         c_.recv_off_w = l.recv_off_w;
         c_.recv_off_src = l.recv_off_src;
         c_.comb_stride = l.comb_stride;
-        c_.base = ptr<uint8_t>(base);
-        c_.peer_base = ptr<const uint64_t>(peer_base);
-        c_.seq = ptr<int64_t>(seq);
-        c_.block_counter = ptr<int>(block_counter);
-        c_.status = ptr<int64_t>(status_dev);
-        c_.timeout_ns = static_cast<uint64_t>(timeout_s * 1e9);
     }
 
     void prepare(uintptr_t idx, int num_tokens, uintptr_t send_pos, uintptr_t stream) {
@@ -96,13 +105,9 @@ class LowLatencyKernels {
     LowLatencyKernels(int rank, int num_ranks, int num_experts, int num_topk, int hidden, int max_tokens,
                       uintptr_t base, uintptr_t peer_base, uintptr_t seq, uintptr_t block_counter, uintptr_t status_dev,
                       double timeout_s) {
+        fill_common(c_, rank, num_ranks, num_experts, num_topk, hidden, max_tokens, base, peer_base, seq, block_counter,
+                    status_dev, timeout_s);
         const LowLatencyLayout l = low_latency_layout(num_ranks, num_experts, num_topk, hidden, max_tokens);
-        c_.rank = rank;
-        c_.num_ranks = num_ranks;
-        c_.num_experts = num_experts;
-        c_.num_topk = num_topk;
-        c_.hidden = hidden;
-        c_.max_tokens = max_tokens;
         c_.off_flags = l.off_flags;
         c_.off_counter = l.off_counter;
         c_.off_recv = l.off_recv;
@@ -111,12 +116,6 @@ class LowLatencyKernels {
         c_.off_scales_in_row = l.off_scales_in_row;
         c_.off_meta_in_row = l.off_meta_in_row;
         c_.comb_stride = l.comb_stride;
-        c_.base = ptr<uint8_t>(base);
-        c_.peer_base = ptr<const uint64_t>(peer_base);
-        c_.seq = ptr<int64_t>(seq);
-        c_.block_counter = ptr<int>(block_counter);
-        c_.status = ptr<int64_t>(status_dev);
-        c_.timeout_ns = static_cast<uint64_t>(timeout_s * 1e9);
     }
     void dispatch_send(uintptr_t x, uintptr_t idx, int num_tokens, bool use_fp8, bool round_scale, uintptr_t hseq,
                        uintptr_t stream) {

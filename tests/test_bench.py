@@ -189,8 +189,24 @@ def test_calibrate_recovers_known_constants() -> None:
     assert fit.eff_nvlink == pytest.approx(TRUE.eff_nvlink, rel=1e-6)
     assert fit.eff_rdma == pytest.approx(TRUE.eff_rdma, rel=1e-6)
     assert fit.sm_gbps == pytest.approx(TRUE.sm_gbps, rel=1e-6)
-    assert set(fit.fitted) == set(sim.PARAM_KEYS) - {"inv_eff_nvlink", "inv_eff_rdma", "inv_sm_gbps"} | {
-        "eff_nvlink", "eff_rdma", "sm_gbps"}
+    assert set(fit.fitted) == {k.replace("inv_", "") for k in sim.PARAM_KEYS}
+    assert fit.copy_gbps is None  # TRUE has no receive pass and the fit finds none
+
+
+def test_calibrate_recovers_the_receive_pass() -> None:
+    cluster = sim.Cluster()
+    true = replace(TRUE, copy_gbps=40.0)
+    fit = sim.calibrate(_synthetic(true, cluster), cluster=cluster)
+    assert fit.copy_gbps == pytest.approx(40.0, rel=1e-6)
+    assert fit.sm_gbps == pytest.approx(TRUE.sm_gbps, rel=1e-6)
+    assert fit.eff_nvlink == pytest.approx(TRUE.eff_nvlink, rel=1e-6)
+    w = sim.Workload("normal", "combine", 4096, 7168, 8, 256, "bf16")
+    with_pass = sim.predict(w, 4, true, replace(cluster, gpus_per_node=4), num_sms=24)
+    without = sim.predict(w, 4, TRUE, replace(cluster, gpus_per_node=4), num_sms=24)
+    assert with_pass.time_us == pytest.approx(without.time_us + with_pass.t_copy_us)
+    assert with_pass.t_copy_us > 0 and without.t_copy_us == 0
+    # left out of the fit on request: the old model, the placeholder's "no receive pass"
+    assert sim.calibrate(_synthetic(true, cluster), cluster=cluster, copy_phase=False).copy_gbps is None
 
 
 def test_calibrate_with_noise_and_holdout_check() -> None:
@@ -234,6 +250,13 @@ def test_predict_ep_sweep_and_cli(tmp_path: Path) -> None:
     doc = json.loads((tmp_path / "sim" / "sim.json").read_text())
     assert doc["calibration"]["source"].startswith("fit of")
     assert doc["holdout_check"]["n"] > 0
+    assert sim.main(["--calibrate", str(path), "--holdout-ep", "2", "--holdout-sms", "8", "--eps", "4,16",
+                     "--dispatch-dtypes", "fp8,bf16", "--out", str(tmp_path / "held")]) == 0
+    doc = json.loads((tmp_path / "held" / "sim.json").read_text())
+    assert all(r["ep"] == 2 or r["num_sms"] == 8 for r in doc["holdout_check"]["rows"])
+    assert doc["holdout_check_other_variant"]["variant"] == "without the receive pass"
+    assert {(r["op"], r["dtype"]) for r in doc["predictions"] if r["mode"] == "normal"} == {
+        ("dispatch", "fp8"), ("dispatch", "bf16"), ("combine", "bf16")}
     assert (tmp_path / "sim" / "sim.png").stat().st_size > 0
     assert sim.main(["--out", str(tmp_path / "placeholder")]) == 0
     doc = json.loads((tmp_path / "placeholder" / "sim.json").read_text())
@@ -287,6 +310,58 @@ def test_symm_mem_adapter_roundtrip(pools) -> None:  # noqa: ANN001 - conftest f
     reasons = pools(2, "nccl").run(_symm_mem_roundtrip_body)
     if any(reasons):
         pytest.skip(str(reasons[0]))
+
+
+def test_load_reads_both_layouts_and_tags_the_timing(tmp_path: Path) -> None:
+    base = dict(backend="nvshmem", mode="normal", op="dispatch", ep=4, ranks_per_node=4, num_tokens=4096,
+                hidden=7168, num_topk=8, num_experts=256, dtype="bf16", num_sms=24, time_us_median=800.0,
+                time_us_p10=790.0, time_us_p90=810.0, logical_gbps=250.0)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    kern = tmp_path / "a" / "kernel_times.json"
+    kern.write_text(json.dumps({"command": "x", "env": {}, "what": "profiler kernel times of largeep's kernels",
+                                "records": [{**base, "bus_gbps": 190.0, "kernels": "dispatch"}]}))
+    bench = tmp_path / "b" / "results.json"
+    bench.write_text(json.dumps({"schema": rec.SCHEMA, "records": [base, {**base, "op": "send"}],
+                                 "extras": [{"bus_gbps": 1.0, "x_best": 1.0, "phase_of": None},
+                                            {"bus_gbps": 2.0, "x_best": 1.0, "phase_of": "dispatch"}]}))
+    rows = sim.load([kern, bench])
+    assert [r["timing"] for r in rows] == ["kernel", "events", "events"]
+    assert rows[0]["bus_gbps"] == 190.0 and rows[0]["kernels"] == "dispatch" and rows[0]["label"] == "a"
+    assert rows[2]["phase_of"] == "dispatch" and rows[2]["bus_gbps"] == 2.0
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"records": [{"backend": "x"}]}))
+    with pytest.raises(ValueError, match="lacks the keys"):
+        sim.load(bad)
+
+
+def test_split_holdout_by_ep_and_sms() -> None:
+    recs = [dict(ep=ep, num_sms=sms) for ep in (2, 4) for sms in (8, 16, 24)]
+    fit, held, how = sim.split_holdout(recs, eps=[2], sms=[16])
+    assert [(r["ep"], r["num_sms"]) for r in fit] == [(4, 8), (4, 24)]
+    assert len(held) == 4 and "EP [4]" in how and "[16] SMs" in how
+
+
+KERNEL_TIMES = Path(__file__).resolve().parents[1] / "bench" / "results" / "2026-11-29-kernel-times-push"
+
+
+@pytest.mark.skipif(not (KERNEL_TIMES / "kernel_times_ep4.json").exists(), reason="measured records not present")
+def test_model_predicts_the_held_out_kernel_times() -> None:
+    """The claim of docs/scaling.md: fitted on EP4 at 8 and 24 SMs, the model predicts EP2 and 16 SMs with a median
+    error under 8% (13 of 16 within 15%: EP2's 8-SM combines are over by ~17%, and one EP2 combine is a disturbed
+    measurement)."""
+    recs = [r for r in sim.load(sorted(KERNEL_TIMES.glob("kernel_times_ep*.json"))) if sim._usable(r)]
+    assert len(recs) == 24 and all(r["timing"] == "kernel" for r in recs)
+    fit, held, _ = sim.split_holdout(recs, eps=[2], sms=[16])
+    cluster = sim.Cluster()
+    params = sim.calibrate(fit, cluster=cluster)
+    assert 0.5 < params.eff_nvlink < 0.7 and params.copy_gbps is not None
+    res = sim.check(params, held, cluster=cluster)
+    assert res.n == 16 and res.median_abs_err < 0.08
+    assert sum(abs(r["rel_err"]) <= 0.15 for r in res.rows) >= 13
+    # the model without the receive pass misses these records by far more
+    old = sim.check(sim.calibrate(fit, cluster=cluster, copy_phase=False), held, cluster=cluster)
+    assert old.median_abs_err > 2 * res.median_abs_err
 
 
 def test_calibrate_warns_when_underdetermined() -> None:

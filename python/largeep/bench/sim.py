@@ -15,18 +15,30 @@ Rows per leg, normal mode (a token goes to a rank once):
 Low-latency mode: every (token, expert) copy, ``C = T * K``; NVLink ``C * (P-1)/N``, RDMA ``C * (N-P)/N``.
 Combine moves the same rows back in BF16.
 
-Time: ``lat[mode, op] + max(t_nvl, t_rdma, t_sm)`` with overlap, ``lat + max(t_nvl + t_rdma, t_sm)`` without, where
-``t_leg = link latency + bytes * imbalance / (eff_leg * link bandwidth)`` (0 for a leg that carries nothing) and
-``t_sm = R * b * imbalance / (num_sms * sm_gbps)`` (normal mode only: the SM-driven kernels' throughput cap; records
-without an SM count have none).
+Time: ``lat[mode, op] + max(t_nvl, t_rdma, t_sm) + t_copy`` with overlap, ``lat + max(t_nvl + t_rdma, t_sm) +
+t_copy`` without, where ``t_leg = link latency + bytes * imbalance / (eff_leg * link bandwidth)`` (0 for a leg that
+carries nothing), ``t_sm = R * b * imbalance / (num_sms * sm_gbps)`` (normal mode only: the SM-driven send kernels'
+throughput cap; it overlaps the links because the same SMs drive them) and ``t_copy = R * 2H * imbalance / (num_sms *
+copy_gbps)`` (normal mode only: the receive-side pass that runs after the transfer, in series with it: largeep's
+copy-out of pushed rows in dispatch and the top-k reduction in combine; counted in BF16 row bytes whatever the
+dispatch dtype, because that pass is bound per row more than per byte; ``copy_gbps`` None = no such pass, as in
+designs that receive in place). Records without an SM count have neither SM term.
 
 Constants fitted by :func:`calibrate` (least squares on relative error; the active term of each record is chosen by
 the current fit and the fit repeated until that choice settles): ``lat`` per (mode, op), ``eff_nvlink``,
-``eff_rdma``, ``sm_gbps``. A constant that no record exercises keeps its placeholder value and is reported as such.
-:func:`placeholder` gives the constants ANCHORS.md's measured link ceilings suggest, for use before GPU records
-exist. Everything the CLI prints says which numbers are measured and which modelled.
+``eff_rdma``, ``sm_gbps``, ``copy_gbps``. A constant that no record exercises keeps its placeholder value and is
+reported as such. :func:`placeholder` gives the constants ANCHORS.md's measured link ceilings suggest, for use before
+GPU records exist. Everything the CLI prints says which numbers are measured and which modelled.
 
-CLI: ``python -m largeep.bench.sim --calibrate results.json [...] --out DIR``.
+Record files (:func:`load`): the benchmark's layout (``{"schema", "records", "extras", ...}``: device-event times of
+whole Python calls, host overhead included) and the kernel-time layout of ``bench/kernel_times.py``
+(``{"command", "env", "what", "records"}``, records with the SPEC keys plus ``bus_gbps`` and ``kernels``: profiler
+times of the GPU kernels only). Each loaded record says which in ``timing`` ("kernel" or "events"); by default
+only kernel-timed records are fitted when there are any, since event times carry a few hundred microseconds of
+host work per call that the model has no term for.
+
+CLI: ``python -m largeep.bench.sim --calibrate results.json [...] --out DIR`` (``--holdout-ep``/``--holdout-sms``
+choose the records held out of the check fit; ``--show`` adds records that are listed and plotted, never fitted).
 """
 
 from __future__ import annotations
@@ -34,6 +46,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shlex
 import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -45,17 +58,24 @@ import torch
 MODES = ("normal", "low_latency")
 OPS = ("dispatch", "combine")
 _LAT_KEYS = tuple(f"{m}.{o}" for m in MODES for o in OPS)
-_INV_KEYS = ("inv_eff_nvlink", "inv_eff_rdma", "inv_sm_gbps")
+_INV_KEYS = ("inv_eff_nvlink", "inv_eff_rdma", "inv_sm_gbps", "inv_copy_gbps")
 PARAM_KEYS = _LAT_KEYS + _INV_KEYS
 
 # DeepEP V1 published on H800 + ConnectX-7 400 Gb/s (ANCHORS.md "Published").
-DEEPEP_NORMAL = {  # EP: (dispatch, combine) GB/s; EP8 is NVLink logical bandwidth, the rest RDMA bandwidth
+DEEPEP_NORMAL = {  # EP: (dispatch, combine) GB/s; EP8 is NVLink logical bandwidth, the rest RDMA bandwidth. Their
+    # setting: 4096 tokens, H 7168, top-8 with node-limited routing (top-4 groups), FP8 dispatch, BF16 combine
     8: (153.0, 158.0), 16: (43.0, 43.0), 32: (58.0, 57.0), 64: (51.0, 50.0),
 }
-DEEPEP_LL = {  # EP: (dispatch, combine) us, 128 tokens, H 7168, top-8, FP8 dispatch, BF16 combine
+DEEPEP_LL = {  # EP: (dispatch, combine) us, 128 tokens, H 7168, top-8, FP8 dispatch, BF16 combine; pure RDMA even
+    # at EP8 (DeepEP's low-latency kernels as published), so EP8 is not an NVLink figure
     8: (77.0, 114.0), 16: (118.0, 195.0), 32: (155.0, 273.0), 64: (173.0, 314.0), 128: (192.0, 369.0),
     256: (194.0, 360.0),
 }
+H800_NVLINK_GBPS = 160.0  # DeepEP's README: "H800 (~160 GB/s NVLink maximum bandwidth)"; H200: 450
+# DeepEP V1 measured on our 4x H200 machine with its own tests (ANCHORS.md "Measured"), 4096 tokens, 24 SMs: logical
+# GB/s (dispatch FP8, dispatch BF16, combine); low-latency (128 tokens, 288 experts) dispatch and combine in us.
+DEEPEP_H200_NORMAL = {2: (248.0, 341.0, 292.0), 4: (254.0, 261.0, 358.0)}
+DEEPEP_H200_LL = {2: (28.9, 39.8), 4: (34.5, 55.5)}
 
 
 # -- cluster, workload, routing ---------------------------------------------------------------------------------
@@ -165,6 +185,7 @@ class Traffic:
     nvlink: float
     rdma: float
     sm: float
+    copy: float = 0.0  # received rows in BF16 bytes: the receive-side pass (normal mode)
 
 
 def traffic(
@@ -174,6 +195,7 @@ def traffic(
     n, p = num_ranks, min(ranks_per_node, num_ranks)
     m = max(1, n // p)
     b = w.bytes_per_row() * stats.imbalance
+    b16 = 2 * w.hidden * stats.imbalance
     t = w.num_tokens
     if w.mode == "normal":
         rows = t * stats.ranks_per_token
@@ -183,7 +205,7 @@ def traffic(
         else:
             rdma = rows * (n - p) / n
             nvl = rows * (p - 1) / n
-        return Traffic(rows * b, nvl * b, rdma * b, rows * b)
+        return Traffic(rows * b, nvl * b, rdma * b, rows * b, rows * b16)
     copies = t * w.num_topk
     return Traffic(copies * b, copies * (p - 1) / n * b, copies * (n - p) / n * b, 0.0)
 
@@ -192,25 +214,31 @@ def traffic(
 @dataclass
 class Params:
     """Fitted constants. lat_us: fixed latency per "mode.op"; eff_*: fraction of the link bandwidth reached;
-    sm_gbps: per-SM throughput cap (GB/s per SM, normal mode); source: where the numbers come from;
-    fitted: which constants the data determined (the rest are placeholders)."""
+    sm_gbps: per-SM throughput cap of the send kernels (GB/s of logical bytes per SM, normal mode); copy_gbps:
+    per-SM throughput of the receive-side pass run after the transfer (GB/s of BF16 row bytes per SM; None = no
+    such pass); source: where the numbers come from; fitted: which constants the data determined (the rest are
+    placeholders)."""
 
     lat_us: dict[str, float]
     eff_nvlink: float
     eff_rdma: float
     sm_gbps: float
+    copy_gbps: float | None = None
     source: str = ""
     fitted: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
 
     def vector(self) -> list[float]:
-        return [self.lat_us[k] for k in _LAT_KEYS] + [1 / self.eff_nvlink, 1 / self.eff_rdma, 1 / self.sm_gbps]
+        inv_copy = 1 / self.copy_gbps if self.copy_gbps else 0.0
+        return [self.lat_us[k] for k in _LAT_KEYS] + [1 / self.eff_nvlink, 1 / self.eff_rdma, 1 / self.sm_gbps,
+                                                      inv_copy]
 
     @staticmethod
     def from_vector(v: Sequence[float], source: str, fitted: list[str]) -> Params:
         lat = {k: float(v[i]) for i, k in enumerate(_LAT_KEYS)}
         j = len(_LAT_KEYS)
-        return Params(lat, 1 / float(v[j]), 1 / float(v[j + 1]), 1 / float(v[j + 2]), source, list(fitted))
+        copy = 1 / float(v[j + 3]) if v[j + 3] > 1e-12 else None
+        return Params(lat, 1 / float(v[j]), 1 / float(v[j + 1]), 1 / float(v[j + 2]), copy, source, list(fitted))
 
 
 def placeholder() -> Params:
@@ -218,7 +246,7 @@ def placeholder() -> Params:
     eff_nvlink = 300/450 (NCCL's SM-driven all_to_all reached ~300 GB/s out of each H200, NVLink4 450 GB/s);
     sm_gbps = 11 (DeepEP's logical bandwidth grows ~11 GB/s per SM on the same machine: 89 GB/s at 8 SMs, 254 at
     24); eff_rdma = 0.9 (assumed: no RDMA measurement exists here); latencies ~15-18 us (DeepEP's 4-GPU low-latency
-    times minus their NVLink transfer time at 300 GB/s)."""
+    times minus their NVLink transfer time at 300 GB/s); no serial receive pass (copy_gbps None)."""
     return Params(
         lat_us={"normal.dispatch": 15.0, "normal.combine": 15.0, "low_latency.dispatch": 15.0,
                 "low_latency.combine": 18.0},
@@ -231,13 +259,16 @@ def placeholder() -> Params:
 # -- prediction -------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Prediction:
-    """time_us and its legs; bandwidths in GB/s (logical per SPEC.md; per link: bytes on it / time);
-    efficiency: the busiest link's bytes / (time * its bandwidth); bound: the term that decides the time."""
+    """time_us and its terms; bandwidths in GB/s (logical per SPEC.md; per link: bytes on it / time);
+    efficiency: the busiest link's bytes / (time * its bandwidth); bound: the overlapped term that decides the
+    time (the receive pass t_copy_us and the latency lat_us come on top)."""
 
     time_us: float
     t_nvlink_us: float
     t_rdma_us: float
     t_sm_us: float
+    t_copy_us: float
+    lat_us: float
     logical_gbps: float
     nvlink_gbps: float
     rdma_gbps: float
@@ -255,6 +286,7 @@ def _terms(tr: Traffic, w: Workload, cluster: Cluster, num_sms: int | None) -> d
     }
     if w.mode == "normal" and num_sms:
         out["sm"] = (tr.sm / (num_sms * 1e3), 0.0)
+        out["copy"] = (tr.copy / (num_sms * 1e3), 0.0)
     return out
 
 
@@ -273,14 +305,49 @@ def predict(
     t_nvl = terms["nvlink"][0] / params.eff_nvlink + terms["nvlink"][1]
     t_rdma = terms["rdma"][0] / params.eff_rdma + terms["rdma"][1]
     t_sm = terms["sm"][0] / params.sm_gbps if "sm" in terms else 0.0
+    t_copy = terms["copy"][0] / params.copy_gbps if "copy" in terms and params.copy_gbps else 0.0
     links = max(t_nvl, t_rdma) if overlap else t_nvl + t_rdma
     body = max(links, t_sm)
     bound = "sm" if t_sm >= links and t_sm > 0 else ("rdma" if t_rdma >= t_nvl else "nvlink")
-    time_us = params.lat_us[f"{w.mode}.{w.op}"] + body
+    lat = params.lat_us[f"{w.mode}.{w.op}"]
+    time_us = lat + body + t_copy
     nvl_gbps = tr.nvlink / time_us / 1e3
     rdma_gbps = tr.rdma / time_us / 1e3
     eff = max(nvl_gbps / cluster.nvlink_gbps, rdma_gbps / cluster.nic_gbps)
-    return Prediction(time_us, t_nvl, t_rdma, t_sm, tr.logical / time_us / 1e3, nvl_gbps, rdma_gbps, eff, bound)
+    return Prediction(time_us, t_nvl, t_rdma, t_sm, t_copy, lat, tr.logical / time_us / 1e3, nvl_gbps, rdma_gbps,
+                      eff, bound)
+
+
+# -- record files -----------------------------------------------------------------------------------------------
+def load(paths: str | Path | Sequence[str | Path], *, label: str | None = None) -> list[dict[str, Any]]:
+    """Records of result files in either layout (module docstring), as dicts with the SPEC keys plus ``timing``
+    ("kernel": profiler kernel times; "events": device events around whole calls, host overhead included),
+    ``file`` and ``label`` (``label``, else the file's folder name); the benchmark's per-record ``extras``
+    (``bus_gbps``, ``phase_of``, ...) are merged in, and a kernel-time record's ``kernels`` kept."""
+    from largeep.bench.records import RECORD_KEYS
+
+    if isinstance(paths, (str, Path)):
+        paths = [paths]
+    out: list[dict[str, Any]] = []
+    for path in paths:
+        path = Path(path)
+        doc = json.loads(path.read_text())
+        recs = doc.get("records", []) if isinstance(doc, dict) else doc
+        extras = doc.get("extras") if isinstance(doc, dict) else None
+        what = str(doc.get("what", "")) if isinstance(doc, dict) else ""
+        for i, r in enumerate(recs):
+            missing = [k for k in RECORD_KEYS if k not in r]
+            if missing:
+                raise ValueError(f"{path}: a record lacks the keys {missing}")
+            row = dict(r)
+            if extras and i < len(extras) and isinstance(extras[i], dict):
+                row.update({k: v for k, v in extras[i].items() if k not in row})
+            kernel = "kernels" in r or "kernel" in what.lower()
+            row.setdefault("timing", "kernel" if kernel else "events")
+            row["file"] = str(path)
+            row["label"] = label or path.parent.name
+            out.append(row)
+    return out
 
 
 # -- calibration ------------------------------------------------------------------------------------------------
@@ -305,12 +372,14 @@ def _record_rows(
 
 def calibrate(
     measurements: Iterable[dict[str, Any]], *, cluster: Cluster | None = None, prior: Params | None = None,
-    hierarchical: bool = True, overlap: bool = True, max_iter: int = 100,
+    hierarchical: bool = True, overlap: bool = True, max_iter: int = 100, copy_phase: bool = True,
 ) -> Params:
     """Least-squares fit of the constants to benchmark records (dicts with the record keys; only "dispatch" and
     "combine" of modes "normal" and "low_latency" are used). The cluster must describe the machine the records
     came from (its ``gpus_per_node`` is ignored: each record's ``ranks_per_node`` is used). Minimises the relative
-    error of each record's median time. Constants no record exercises keep ``prior``'s values.
+    error of each record's median time. Constants no record exercises keep ``prior``'s values. copy_phase=False
+    leaves the receive pass out of the fit (``copy_gbps`` stays ``prior``'s, None for the placeholder): the model
+    as it was before largeep's push design, kept for comparison.
 
     Records taken with ``--ranks-per-node`` below the GPUs of one host emulate nodes: their "RDMA" leg ran over
     NVLink, so fit them with a cluster whose ``nic_gbps`` is the NVLink figure, or leave them out."""
@@ -324,7 +393,8 @@ def calibrate(
     rows = _record_rows(recs, cluster, hierarchical)
     theta = np.array(prior.vector(), dtype=np.float64)
     nlat = len(_LAT_KEYS)
-    col = {"nvlink": nlat, "rdma": nlat + 1, "sm": nlat + 2}
+    col = {"nvlink": nlat, "rdma": nlat + 1, "sm": nlat + 2, "copy": nlat + 3}
+    serial = ("copy",) if copy_phase else ()
     active: list[tuple[str, ...]] | None = None
     used: set[int] = set()
     for _ in range(max_iter):
@@ -339,7 +409,8 @@ def calibrate(
             else:
                 links = ("nvlink", "rdma")
                 link_val = vals["nvlink"] + vals["rdma"]
-            choice.append(("sm",) if vals.get("sm", -1.0) > link_val else links)
+            ch: tuple[str, ...] = ("sm",) if vals.get("sm", -1.0) > link_val else links
+            choice.append(ch + tuple(k for k in serial if k in terms))
         if choice == active:
             break
         active = choice
@@ -364,9 +435,10 @@ def calibrate(
             if not bad:
                 theta[free] = sol
                 break
-            # a negative latency or inverse efficiency: clamp it (latency 0, efficiency its prior) and refit
+            # a negative latency, inverse efficiency or receive pass: clamp it (latency 0, no receive pass,
+            # efficiency its prior) and refit
             for j in bad:
-                theta[j] = 0.0 if j < nlat else prior.vector()[j]
+                theta[j] = 0.0 if j < nlat or j == col["copy"] else prior.vector()[j]
             free = [j for j in free if j not in bad]
             if not free:
                 break
@@ -429,13 +501,23 @@ def check(
     return CheckResult(len(errs), errs[len(errs) // 2], errs[-1], rows)
 
 
-def split_holdout(records: Sequence[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]], str]:
-    """(fit, held out, how): hold out the largest EP when there are several, else every third record."""
-    eps = sorted({int(r["ep"]) for r in records})
-    if len(eps) > 1:
-        top = eps[-1]
+def split_holdout(
+    records: Sequence[dict[str, Any]], *, eps: Sequence[int] = (), sms: Sequence[int] = ()
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], str]:
+    """(fit, held out, how). With ``eps`` or ``sms``: hold out every record at one of those EPs or SM counts.
+    Otherwise: hold out the largest EP when there are several, else every third record."""
+    if eps or sms:
+        out = [r for r in records if int(r["ep"]) in eps or r.get("num_sms") in sms]
+        fit = [r for r in records if not (int(r["ep"]) in eps or r.get("num_sms") in sms)]
+        fit_eps = sorted({int(r["ep"]) for r in fit})
+        fit_sms = sorted({r.get("num_sms") for r in fit}, key=lambda v: -1 if v is None else v)
+        what = " and ".join(x for x in (f"EP {sorted(eps)}" if eps else "", f"{sorted(sms)} SMs" if sms else "") if x)
+        return fit, out, f"fit on EP {fit_eps} at {fit_sms} SMs, checked on every record at {what}"
+    all_eps = sorted({int(r["ep"]) for r in records})
+    if len(all_eps) > 1:
+        top = all_eps[-1]
         return ([r for r in records if int(r["ep"]) != top], [r for r in records if int(r["ep"]) == top],
-                f"fit on EP {eps[:-1]}, checked on EP {top}")
+                f"fit on EP {all_eps[:-1]}, checked on EP {top}")
     fit = [r for i, r in enumerate(records) if i % 3 != 2]
     held = [r for i, r in enumerate(records) if i % 3 == 2]
     return fit, held, "fit on 2/3 of the records, checked on every third"
@@ -448,9 +530,11 @@ VARIANTS = (("hierarchical", True), ("hierarchical", False), ("flat", True), ("f
 def sweep_ep(
     params: Params, cluster: Cluster, eps: Sequence[int], *, normal: tuple[int, int, int, int],
     ll: tuple[int, int, int, int], max_nodes: int | None = None, samples: int = 0, seed: int = 0,
+    dispatch_dtypes: Sequence[str] = ("fp8",),
 ) -> list[dict[str, Any]]:
     """Predictions for every EP, op and variant. normal/ll: (tokens, hidden, topk, experts). samples > 0 counts
-    routing statistics on that many sampled tokens (needed for ``max_nodes``) instead of the exact formulas."""
+    routing statistics on that many sampled tokens (needed for ``max_nodes``) instead of the exact formulas.
+    dispatch_dtypes: the normal-mode dispatch dtypes (low-latency dispatch is FP8); combine is BF16."""
     out = []
     for ep in eps:
         p = min(cluster.gpus_per_node, ep)
@@ -459,7 +543,8 @@ def sweep_ep(
             if mode == "normal" and (samples or max_nodes):
                 idx = sample_topk(max(samples, 4096), e, k, seed=seed, num_nodes=ep // p, max_nodes=max_nodes)
                 stats = sampled_stats(idx, ep, p, e)
-            for op, dtype in (("dispatch", "fp8"), ("combine", "bf16")):
+            ops = [("dispatch", d) for d in (dispatch_dtypes if mode == "normal" else ("fp8",))]
+            for op, dtype in (*ops, ("combine", "bf16")):
                 w = Workload(mode, op, t, h, k, e, dtype)
                 for layout, overlap in VARIANTS:
                     if mode == "low_latency" and layout == "hierarchical":
@@ -475,82 +560,151 @@ def _main_variant(row: dict[str, Any]) -> bool:
     return row["overlap"] and (row["layout"] == "hierarchical" or row["mode"] == "low_latency")
 
 
+_COLORS = {("dispatch", "fp8"): "tab:blue", ("dispatch", "bf16"): "tab:green", ("combine", "bf16"): "tab:orange"}
+
+
+def _deepep_h200_us(ep: int, op: str, dtype: str, normal: tuple[int, int, int, int]) -> float:
+    """DeepEP's time on our H200s from its logical GB/s (ANCHORS.md) and the byte count of uniform routing."""
+    t, h, k, e = normal
+    gbps_ = DEEPEP_H200_NORMAL[ep][0 if (op, dtype) == ("dispatch", "fp8") else 1 if op == "dispatch" else 2]
+    w = Workload("normal", op, t, h, k, e, dtype)
+    logical = traffic(w, ep, ep, routing_stats(ep, ep, e, k)).logical
+    return logical / gbps_ / 1e3
+
+
 def plot_sweep(
-    rows: Sequence[dict[str, Any]], measured: Sequence[dict[str, Any]], params: Params, path: Path
+    rows: Sequence[dict[str, Any]], measured: Sequence[dict[str, Any]], params: Params, path: Path, *,
+    shown: Sequence[dict[str, Any]] = (), num_sms: int | None = 24, normal: tuple[int, int, int, int] | None = None,
 ) -> Path:
-    """Time, bandwidth and efficiency against EP; DeepEP's published figures and our measurements as points."""
+    """Time, bandwidth and efficiency against EP. Lines: the model. Points: our fitted records (filled circles, at
+    ``num_sms``), records shown but not fitted (open markers, by label), DeepEP measured on our H200s (stars) and
+    DeepEP's published H800 figures (open triangles)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, 2, figsize=(12, 8.5))
-    colors = {"dispatch": "tab:blue", "combine": "tab:orange"}
+    fig, axes = plt.subplots(2, 2, figsize=(19, 11))
+    series_keys = sorted({(r["op"], r["dtype"]) for r in rows if r["mode"] == "normal"},
+                         key=lambda k: (k[0] != "dispatch", k[1] != "fp8"))
+    labels = sorted({r.get("label", "") for r in shown})
+    shown_marks = dict(zip(labels, "sDvPx<>h", strict=False))
 
-    def series(mode: str, op: str, layout: str, overlap: bool, key: str) -> tuple[list[int], list[float]]:
+    def series(mode: str, op: str, dtype: str | None, layout: str, overlap: bool, key: str):  # noqa: ANN202
         sel = [r for r in rows if r["mode"] == mode and r["op"] == op and r["layout"] == layout
-               and r["overlap"] == overlap]
+               and r["overlap"] == overlap and (dtype is None or r["dtype"] == dtype)]
         return [r["ep"] for r in sel], [r[key] for r in sel]
 
+    def points(recs: Sequence[dict[str, Any]], mode: str, op: str, dtype: str | None) -> list[dict[str, Any]]:
+        """Records of this mode and op; normal mode: this dispatch dtype (combine is BF16 whatever the record's
+        dtype says), the sweep's SM count and token count."""
+        return [r for r in recs if r["mode"] == mode and r["op"] == op
+                and (dtype is None or op == "combine" or r["dtype"] == dtype)
+                and (mode == "low_latency" or (r.get("num_sms") in (num_sms, None)
+                                               and (normal is None or int(r["num_tokens"]) == normal[0])))]
+
+    ll_src = "fitted" if "low_latency.dispatch" in params.fitted else "PLACEHOLDER constants"
+
     ax = axes[0, 0]
-    for op in OPS:
+    for op, dtype in series_keys:
+        c = _COLORS.get((op, dtype), "tab:gray")
         for layout, overlap, style in (("hierarchical", True, "-"), ("hierarchical", False, ":"), ("flat", True, "--")):
-            xs, ys = series("normal", op, layout, overlap, "time_us")
-            ax.plot(xs, ys, style, color=colors[op],
-                    label=f"{op} model, {layout}{'' if overlap else ', no overlap'}")
-        pts = [r for r in measured if r["mode"] == "normal" and r["op"] == op]
+            xs, ys = series("normal", op, dtype, layout, overlap, "time_us")
+            ax.plot(xs, ys, style, color=c, lw=1.2,
+                    label=f"{op} {dtype} model, {layout}{'' if overlap else ', no overlap'}")
+        pts = points(measured, "normal", op, dtype)
         if pts:
-            ax.plot([r["ep"] for r in pts], [r["time_us_median"] for r in pts], "o", color=colors[op],
-                    label=f"{op} measured (largeep)")
-    ax.set_title("normal mode time (modelled lines, measured points)", fontsize=10)
+            ax.plot([r["ep"] for r in pts], [r["time_us_median"] for r in pts], "o", color=c, ms=6,
+                    label=f"{op} {dtype} measured, kernel time (fitted)")
+        for lab in labels:
+            pts = points([r for r in shown if r.get("label") == lab], "normal", op, dtype)
+            if pts:
+                ax.plot([r["ep"] for r in pts], [r["time_us_median"] for r in pts], shown_marks[lab], color=c,
+                        mfc="none", ms=7, label=f"{op} {dtype}: {lab} (not fitted)")
+        if normal is not None:
+            xs = sorted(DEEPEP_H200_NORMAL)
+            ax.plot(xs, [_deepep_h200_us(e, op, dtype, normal) for e in xs], "*", color=c, ms=9,
+                    label=f"DeepEP {op} {dtype}, measured on our H200")
+    ax.set_title(f"normal mode, time per call ({num_sms} SMs; lines modelled, points measured)", fontsize=9)
     ax.set_ylabel("time per call (us)")
 
     ax = axes[0, 1]
-    for op in OPS:
-        xs, ys = series("normal", op, "hierarchical", True, "logical_gbps")
-        ax.plot(xs, ys, "-", color=colors[op], label=f"{op} model, logical GB/s")
-        xs, ys = series("normal", op, "hierarchical", True, "rdma_gbps")
-        ax.plot(xs, ys, "--", color=colors[op], label=f"{op} model, RDMA GB/s")
-        i = OPS.index(op)
-        ax.plot([8], [DEEPEP_NORMAL[8][i]], "s", color=colors[op], mfc="none",
-                label=f"DeepEP {op} EP8 NVLink (published, H800)")
-        eps = [e for e in DEEPEP_NORMAL if e > 8]
-        ax.plot(eps, [DEEPEP_NORMAL[e][i] for e in eps], "^", color=colors[op], mfc="none",
-                label=f"DeepEP {op} RDMA (published, H800)")
-    ax.set_title("normal mode bandwidth", fontsize=10)
+    for op, dtype in series_keys:
+        c = _COLORS.get((op, dtype), "tab:gray")
+        xs, ys = series("normal", op, dtype, "hierarchical", True, "logical_gbps")
+        ax.plot(xs, ys, "-", color=c, label=f"{op} {dtype} model, logical GB/s")
+        xs, ys = series("normal", op, dtype, "hierarchical", True, "rdma_gbps")
+        ax.plot(xs, ys, "--", color=c, label=f"{op} {dtype} model, RDMA GB/s (never measured)")
+        pts = points(measured, "normal", op, dtype)
+        if pts:
+            ax.plot([r["ep"] for r in pts], [r["logical_gbps"] for r in pts], "o", color=c, ms=6,
+                    label=f"{op} {dtype} measured logical GB/s")
+        if dtype == "fp8" or op == "combine":
+            i = OPS.index(op)
+            ax.plot([8], [DEEPEP_NORMAL[8][i]], "s", color=c, mfc="none", label=f"DeepEP {op} EP8 NVLink (H800)")
+            eps = [e for e in DEEPEP_NORMAL if e > 8]
+            ax.plot(eps, [DEEPEP_NORMAL[e][i] for e in eps], "^", color=c, mfc="none",
+                    label=f"DeepEP {op} RDMA GB/s (published, H800)")
+        j = 0 if (op, dtype) == ("dispatch", "fp8") else 1 if op == "dispatch" else 2
+        ax.plot(sorted(DEEPEP_H200_NORMAL), [DEEPEP_H200_NORMAL[e][j] for e in sorted(DEEPEP_H200_NORMAL)], "*",
+                color=c, ms=9, label=f"DeepEP {op} {dtype} on our H200")
+    ax.set_title("normal mode bandwidth", fontsize=9)
     ax.set_ylabel("GB/s")
 
     ax = axes[1, 0]
     for op in OPS:
-        xs, ys = series("low_latency", op, "flat", True, "time_us")
-        ax.plot(xs, ys, "-", color=colors[op], label=f"{op} model")
+        dtype = "fp8" if op == "dispatch" else "bf16"
+        c = _COLORS[(op, dtype)]
+        xs, ys = series("low_latency", op, None, "flat", True, "time_us")
+        ax.plot(xs, ys, "-", color=c, label=f"{op} model ({ll_src})")
         i = OPS.index(op)
-        ax.plot(list(DEEPEP_LL), [v[i] for v in DEEPEP_LL.values()], "^", color=colors[op], mfc="none",
+        ax.plot(list(DEEPEP_LL), [v[i] for v in DEEPEP_LL.values()], "^", color=c, mfc="none",
                 label=f"DeepEP {op} (published, H800)")
-        pts = [r for r in measured if r["mode"] == "low_latency" and r["op"] == op]
+        ax.plot(sorted(DEEPEP_H200_LL), [DEEPEP_H200_LL[e][i] for e in sorted(DEEPEP_H200_LL)], "*", color=c,
+                ms=9, label=f"DeepEP {op}, measured on our H200 (288 experts)")
+        for lab in labels:
+            pts = points([r for r in shown if r.get("label") == lab], "low_latency", op, None)
+            if pts:
+                ax.plot([r["ep"] for r in pts], [r["time_us_median"] for r in pts], shown_marks[lab], color=c,
+                        mfc="none", ms=7, label=f"largeep {op}: {lab} (not fitted)")
+        pts = points(measured, "low_latency", op, None)
         if pts:
-            ax.plot([r["ep"] for r in pts], [r["time_us_median"] for r in pts], "o", color=colors[op],
-                    label=f"{op} measured (largeep)")
-    ax.set_title("low-latency time (modelled lines, published/measured points)", fontsize=10)
+            ax.plot([r["ep"] for r in pts], [r["time_us_median"] for r in pts], "o", color=c,
+                    label=f"{op} measured (fitted)")
+    ax.set_title("low-latency, 128 tokens: time per call", fontsize=9)
     ax.set_ylabel("time per call (us)")
+    ax.set_yscale("log")
 
     ax = axes[1, 1]
     for mode, style in (("normal", "-"), ("low_latency", "--")):
-        for op in OPS:
+        for op, dtype in series_keys if mode == "normal" else (("dispatch", "fp8"), ("combine", "bf16")):
             layout = "hierarchical" if mode == "normal" else "flat"
-            xs, ys = series(mode, op, layout, True, "efficiency")
-            ax.plot(xs, ys, style, color=colors[op], label=f"{mode} {op}")
-    ax.set_title("efficiency: busiest link's bytes / (time x its bandwidth)", fontsize=10)
+            xs, ys = series(mode, op, dtype, layout, True, "efficiency")
+            ax.plot(xs, ys, style, color=_COLORS.get((op, dtype), "tab:gray"), label=f"{mode} {op} {dtype} model")
+    for op in OPS:
+        c = _COLORS[(op, "fp8" if op == "dispatch" else "bf16")]
+        i = OPS.index(op)
+        ax.plot([8], [DEEPEP_NORMAL[8][i] / H800_NVLINK_GBPS], "s", color=c, mfc="none",
+                label=f"DeepEP {op} EP8: published GB/s / {H800_NVLINK_GBPS:g} (H800 NVLink, DeepEP's figure)")
+        eps = [e for e in DEEPEP_NORMAL if e > 8]
+        ax.plot(eps, [DEEPEP_NORMAL[e][i] / 50.0 for e in eps], "^", color=c, mfc="none",
+                label=f"DeepEP {op}: published RDMA GB/s / 50")
+    ax.set_title("efficiency: busiest link's bytes / (time x its bandwidth)", fontsize=9)
     ax.set_ylabel("fraction of link peak")
-    ax.set_ylim(0, 1.05)
+    ax.set_ylim(0, 1.1)
 
     for ax in axes.flat:
         ax.set_xscale("log", base=2)
-        ax.set_xlabel("EP (GPUs)")
+        ax.set_xlabel("EP (GPUs); 8 per node beyond 8")
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=6.5)
+        ax.legend(fontsize=6.5, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
+        lo = min(min((r["ep"] for r in rows), default=8), 8) / 1.3
+        ax.set_xlim(lo, max((r["ep"] for r in rows), default=256) * 1.3)
+        ax.axvspan(lo, 8.5, color="tab:gray", alpha=0.06)
     axes[0, 0].set_yscale("log")
-    fig.suptitle(f"largeep EP model - calibration: {params.source}", fontsize=10)
+    src = params.source if len(params.source) < 150 else params.source[:147] + "..."
+    fig.suptitle(f"largeep EP model (shaded: one node, NVLink only; beyond: modelled, RDMA never measured)\n"
+                 f"calibration: {src}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -562,6 +716,10 @@ def _ints(text: str) -> list[int]:
     return [int(v) for v in text.split(",") if v]
 
 
+def _strs(text: str) -> list[str]:
+    return [v for v in text.split(",") if v]
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m largeep.bench.sim",
@@ -569,9 +727,20 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--calibrate", nargs="*", default=[], metavar="JSON",
-                   help="result files of `python -m largeep.bench` (none: placeholder constants)")
+                   help="result files of `python -m largeep.bench` or bench/kernel_times.py (none: placeholder "
+                        "constants)")
+    p.add_argument("--show", nargs="*", default=[], metavar="[LABEL=]JSON",
+                   help="more result files, listed and plotted as measured points but never fitted; LABEL names "
+                        "them in the table and plot (default: the file's folder)")
     p.add_argument("--backend", help="records of this backend only (default: nvshmem if present, else the most "
                                      "common one)")
+    p.add_argument("--timing", choices=("auto", "kernel", "events", "any"), default="auto",
+                   help="which records to fit: kernel-timed, event-timed (whole calls), any; auto = kernel-timed "
+                        "when there are any, else any. The rest are shown, not fitted")
+    p.add_argument("--holdout-ep", type=_ints, default=[], help="hold these EPs out of the check fit")
+    p.add_argument("--holdout-sms", type=_ints, default=[], help="hold these SM counts out of the check fit")
+    p.add_argument("--no-copy-phase", action="store_true",
+                   help="fit without the serial receive pass (the model before the push design)")
     p.add_argument("--out", help="folder for sim.json and sim.png")
     p.add_argument("--eps", type=_ints, default=[8, 16, 32, 64, 128, 256])
     p.add_argument("--gpus-per-node", type=int, default=8)
@@ -585,6 +754,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hidden", type=int, default=7168)
     p.add_argument("--topk", type=int, default=8)
     p.add_argument("--experts", type=int, default=256)
+    p.add_argument("--dispatch-dtypes", type=_strs, default=["fp8"], help="normal-mode dispatch dtypes to predict")
     p.add_argument("--max-nodes", type=int, help="node-limited routing: at most this many nodes per token")
     p.add_argument("--samples", type=int, default=0, help="sample routing statistics on this many tokens")
     p.add_argument("--flat", action="store_true", help="calibrate with the flat (non-hierarchical) layout")
@@ -601,54 +771,100 @@ def _pick_backend(records: Sequence[dict[str, Any]], wanted: str | None) -> str 
     return max(set(names), key=names.count) if names else None
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def _check_doc(res: CheckResult, how: str, params: Params) -> dict[str, Any]:
+    within = sum(abs(r["rel_err"]) <= 0.15 for r in res.rows)
+    return {"how": how, "n": res.n, "median_abs_err": res.median_abs_err, "max_abs_err": res.max_abs_err,
+            "within_15pct": within, "constants": asdict(params), "rows": res.rows}
+
+
+def _print_check(title: str, doc: dict[str, Any]) -> None:
     from tabulate import tabulate
 
-    from largeep.bench.records import load_records
+    print(f"{title} ({doc['how']}): {doc['n']} records, median |error| {100 * doc['median_abs_err']:.1f}%, "
+          f"max {100 * doc['max_abs_err']:.1f}%, {doc['within_15pct']}/{doc['n']} within 15%")
+    table = [[r["ep"], r["mode"], r["op"], r["dtype"], r["num_sms"], r["num_tokens"], f"{r['measured_us']:.1f}",
+              f"{r['predicted_us']:.1f}", f"{100 * r['rel_err']:+.1f}%"] for r in doc["rows"]]
+    print(tabulate(table, headers=["ep", "mode", "op", "dtype", "sms", "tokens", "measured us", "predicted us",
+                                   "error"], tablefmt="simple", disable_numparse=True))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from tabulate import tabulate
 
     args = build_parser().parse_args(argv)
     measured_cluster = Cluster(nvlink_gbps=args.nvlink_gbps, nic_gbps=args.nic_gbps,
                                nvlink_latency_us=args.nvlink_latency_us, nic_latency_us=args.nic_latency_us)
-    hier, ovl = not args.flat, not args.no_overlap
-    records = [r for r in load_records(args.calibrate) if _usable(r)] if args.calibrate else []
-    backend = _pick_backend(records, args.backend)
-    records = [r for r in records if r["backend"] == backend]
+    hier, ovl, copy = not args.flat, not args.no_overlap, not args.no_copy_phase
+    usable = [r for r in load(args.calibrate) if _usable(r)] if args.calibrate else []
+    backend = _pick_backend(usable, args.backend)
+    pool = [r for r in usable if r["backend"] == backend]
+    timing = args.timing
+    if timing == "auto":
+        timing = "kernel" if any(r["timing"] == "kernel" for r in pool) else "any"
+    records = [r for r in pool if timing == "any" or r["timing"] == timing]
+    fitted_ids = {id(r) for r in records}
+    shown = [r for r in usable if id(r) not in fitted_ids]
+    for arg in args.show:
+        label, _, path = arg.partition("=") if "=" in arg and not Path(arg).exists() else ("", "", arg)
+        shown += [r for r in load(path, label=label or None) if _usable(r)]
+    kw: dict[str, Any] = {"cluster": measured_cluster, "hierarchical": hier, "overlap": ovl}
     holdout: dict[str, Any] | None = None
+    holdout_alt: dict[str, Any] | None = None
     if records:
-        fit, held, how = split_holdout(records)
+        fit, held, how = split_holdout(records, eps=args.holdout_ep, sms=args.holdout_sms)
         if fit and held:
-            p_fit = calibrate(fit, cluster=measured_cluster, hierarchical=hier, overlap=ovl)
-            res = check(p_fit, held, cluster=measured_cluster, hierarchical=hier, overlap=ovl)
-            holdout = {"how": how, "n": res.n, "median_abs_err": res.median_abs_err,
-                       "max_abs_err": res.max_abs_err, "rows": res.rows}
-        params = calibrate(records, cluster=measured_cluster, hierarchical=hier, overlap=ovl)
-        params.source = f"fit of {len(records)} '{backend}' records from {', '.join(args.calibrate)}"
+            p_fit = calibrate(fit, copy_phase=copy, **kw)
+            holdout = _check_doc(check(p_fit, held, **kw), how, p_fit)
+            if any(r.get("num_sms") for r in fit):  # the other model variant, for comparison
+                p_alt = calibrate(fit, copy_phase=not copy, **kw)
+                holdout_alt = _check_doc(check(p_alt, held, **kw), how, p_alt)
+                holdout_alt["variant"] = "without the receive pass" if copy else "with the receive pass"
+        params = calibrate(records, copy_phase=copy, **kw)
+        params.source = (f"fit of {len(records)} '{backend}' {timing}-timed records from "
+                         f"{', '.join(sorted({r['file'] for r in records}))}")
     else:
         params = placeholder()
         if args.calibrate:
             params.source += f" (no usable '{backend}' dispatch/combine records in {', '.join(args.calibrate)})"
     print(f"calibration: {params.source}")
     print(f"  constants fitted: {', '.join(params.fitted) or 'none'}; the others are placeholders")
+    copy_txt = f"{params.copy_gbps:.2f}" if params.copy_gbps else "none"
     print(f"  lat_us={ {k: round(v, 2) for k, v in params.lat_us.items()} } eff_nvlink={params.eff_nvlink:.3f} "
-          f"eff_rdma={params.eff_rdma:.3f} sm_gbps={params.sm_gbps:.2f}")
+          f"eff_rdma={params.eff_rdma:.3f} sm_gbps={params.sm_gbps:.2f} copy_gbps={copy_txt}")
     for warning in params.warnings:
         print(f"  WARNING: {warning}")
+    if shown:
+        ev = sum(r["timing"] == "events" for r in shown)
+        print(f"shown, not fitted: {len(shown)} records ({ev} event-timed: whole Python calls, incl. a few hundred "
+              "us of host work per call that no model term covers)")
+    in_sample = None
+    if records:
+        in_sample = _check_doc(check(params, records, **kw), "in sample: every fitted record", params)
+        print(f"in-sample fit: median |error| {100 * in_sample['median_abs_err']:.1f}%, "
+              f"max {100 * in_sample['max_abs_err']:.1f}%")
     if holdout:
-        print(f"held-out check ({holdout['how']}): {holdout['n']} records, median |error| "
-              f"{100 * holdout['median_abs_err']:.1f}%, max {100 * holdout['max_abs_err']:.1f}%")
+        c = holdout["constants"]
+        print(f"held-out constants: lat_us={ {k: round(v, 1) for k, v in c['lat_us'].items()} } "
+              f"eff_nvlink={c['eff_nvlink']:.3f} sm_gbps={c['sm_gbps']:.2f} copy_gbps={c['copy_gbps'] or 0:.2f}")
+        _print_check("held-out check", holdout)
     elif records:
         print("held-out check: too few records to hold any out")
+    if holdout_alt:
+        print(f"the same check {holdout_alt['variant']}: median |error| {100 * holdout_alt['median_abs_err']:.1f}%, "
+              f"max {100 * holdout_alt['max_abs_err']:.1f}%, {holdout_alt['within_15pct']}/{holdout_alt['n']} "
+              "within 15%")
     cluster = Cluster(args.gpus_per_node, args.nvlink_gbps, args.nic_gbps, args.nvlink_latency_us,
                       args.nic_latency_us, args.num_sms)
-    rows = sweep_ep(params, cluster, args.eps, normal=(args.tokens, args.hidden, args.topk, args.experts),
-                    ll=(args.ll_tokens, args.hidden, args.topk, args.experts), max_nodes=args.max_nodes,
-                    samples=args.samples)
+    normal = (args.tokens, args.hidden, args.topk, args.experts)
+    rows = sweep_ep(params, cluster, args.eps, normal=normal, ll=(args.ll_tokens, args.hidden, args.topk,
+                    args.experts), max_nodes=args.max_nodes, samples=args.samples,
+                    dispatch_dtypes=args.dispatch_dtypes)
     table = []
     for r in rows:
         if not _main_variant(r):
             continue
         pub = ""
-        if r["mode"] == "normal" and r["ep"] in DEEPEP_NORMAL:
+        if r["mode"] == "normal" and r["ep"] in DEEPEP_NORMAL and (r["op"], r["dtype"]) != ("dispatch", "bf16"):
             v = DEEPEP_NORMAL[r["ep"]][OPS.index(r["op"])]
             pub = f"{v:g} GB/s {'NVLink' if r['ep'] == 8 else 'RDMA'}"
         if r["mode"] == "low_latency" and r["ep"] in DEEPEP_LL:
@@ -656,31 +872,47 @@ def main(argv: Sequence[str] | None = None) -> int:
         table.append([r["ep"], r["nodes"], r["mode"], r["op"], r["dtype"], r["tokens"], f"{r['time_us']:.1f}",
                       f"{r['logical_gbps']:.1f}", f"{r['nvlink_gbps']:.1f}", f"{r['rdma_gbps']:.1f}",
                       f"{r['efficiency']:.2f}", r["bound"], "modelled", pub])
-    meas_points = [r for r in records if int(r["ep"]) in args.eps or int(r["ep"]) < min(args.eps)]
-    for r in meas_points:
+    meas = [r for r in records + shown if r.get("num_sms") in (args.num_sms, None) or r["mode"] == "low_latency"]
+    for r in sorted(meas, key=lambda r: (r["timing"], r["label"], r["mode"], int(r["ep"]), r["op"])):
         nodes = int(r["ep"]) // int(r["ranks_per_node"])
+        src = (f"measured ({r['backend']}, {r['timing']}, {r['label']}, "
+               f"{'fitted' if id(r) in fitted_ids else 'not fitted'})")
         table.append([r["ep"], nodes, r["mode"], r["op"], r["dtype"], r["num_tokens"], f"{r['time_us_median']:.1f}",
-                      f"{(r.get('logical_gbps') or 0):.1f}", "", "", "", "", "measured", ""])
+                      f"{(r.get('logical_gbps') or 0):.1f}", "", "", "", "", src, ""])
     print(tabulate(table, headers=["ep", "nodes", "mode", "op", "dtype", "tokens", "time(us)", "logical GB/s",
                                    "NVLink GB/s", "RDMA GB/s", "efficiency", "bound", "source",
                                    "DeepEP published (H800)"],
                    tablefmt="simple", disable_numparse=True))
-    print("modelled rows: hierarchical layout with overlap (normal), direct sends (low-latency); sim.json has "
-          "every variant (flat, no overlap)")
+    print(f"modelled rows: hierarchical layout with overlap (normal), direct sends (low-latency), {args.num_sms} SMs; "
+          "sim.json has every variant (flat, no overlap). Measured rows: one host, NVLink only; no RDMA leg has "
+          "ever been measured")
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         doc = {
-            "calibration": asdict(params), "holdout_check": holdout, "cluster": asdict(cluster),
-            "calibrated_on": {"files": args.calibrate, "backend": backend, "records": len(records),
-                              "hierarchical": hier, "overlap": ovl},
-            "predictions": rows, "measured": records,
+            "calibration": asdict(params), "holdout_check": holdout, "holdout_check_other_variant": holdout_alt,
+            "in_sample": in_sample, "cluster": asdict(cluster),
+            "calibrated_on": {"files": args.calibrate, "backend": backend, "timing": timing, "records": len(records),
+                              "hierarchical": hier, "overlap": ovl, "copy_phase": copy},
+            "predictions": rows, "measured": records, "shown_not_fitted": shown,
             "deepep_published": {"normal_gbps": DEEPEP_NORMAL, "low_latency_us": DEEPEP_LL,
                                  "note": "H800 + CX7 400 Gb/s; EP8 NVLink logical, EP16+ RDMA bandwidth"},
-            "command": " ".join(["python -m largeep.bench.sim", *(sys.argv[1:] if argv is None else argv)]),
+            "deepep_measured_h200": {"normal_gbps_fp8_bf16_combine": DEEPEP_H200_NORMAL,
+                                     "low_latency_us": DEEPEP_H200_LL,
+                                     "note": "ANCHORS.md: DeepEP V1's own tests on our 4x H200, 24 SMs; EP4 "
+                                             "low-latency is the midpoint of 32-37 / 55-56 us"},
+            "notes": {
+                "modelled": "every row of 'predictions'; beyond 8 GPUs the RDMA leg uses eff_rdma and nic "
+                            "latency placeholders: no RDMA leg has ever been measured (no InfiniBand here)",
+                "measured": "'measured' (fitted) and 'shown_not_fitted' records; 'timing' says kernel-timed "
+                            "(profiler) or events (whole Python calls incl. host overhead)",
+            },
+            "command": shlex.join(["python", "-m", "largeep.bench.sim",
+                                   *(sys.argv[1:] if argv is None else argv)]),
         }
         (out / "sim.json").write_text(json.dumps(doc, indent=1, default=str) + "\n")
-        png = plot_sweep(rows, records, params, out / "sim.png")
+        same = [r for r in shown if r["backend"] == backend]  # other backends stay in sim.json and the table
+        png = plot_sweep(rows, records, params, out / "sim.png", shown=same, num_sms=args.num_sms, normal=normal)
         print(f"wrote {out / 'sim.json'}, {png}")
     return 0
 

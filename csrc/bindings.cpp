@@ -104,14 +104,19 @@ class LowLatencyKernels {
    public:
     LowLatencyKernels(int rank, int num_ranks, int num_experts, int num_topk, int hidden, int max_tokens,
                       uintptr_t base, uintptr_t peer_base, uintptr_t seq, uintptr_t block_counter, uintptr_t status_dev,
-                      double timeout_s) {
+                      double timeout_s, int ranks_per_node) {
+        HOST_ASSERT(ranks_per_node > 0 && num_ranks % ranks_per_node == 0, "bad ranks_per_node " << ranks_per_node);
+        c_.ranks_per_node = ranks_per_node;
         fill_common(c_, rank, num_ranks, num_experts, num_topk, hidden, max_tokens, base, peer_base, seq, block_counter,
                     status_dev, timeout_s);
-        const LowLatencyLayout l = low_latency_layout(num_ranks, num_experts, num_topk, hidden, max_tokens);
+        const LowLatencyLayout l =
+            low_latency_layout(num_ranks, num_experts, num_topk, hidden, max_tokens, ranks_per_node);
         c_.off_flags = l.off_flags;
         c_.off_counter = l.off_counter;
         c_.off_recv = l.off_recv;
         c_.off_comb = l.off_comb;
+        c_.off_send = l.off_send;
+        c_.off_comb_send = l.off_comb_send;
         c_.recv_stride = l.recv_stride;
         c_.off_scales_in_row = l.off_scales_in_row;
         c_.off_meta_in_row = l.off_meta_in_row;
@@ -178,14 +183,15 @@ PYBIND11_MODULE(_C, m) {
                       ptr<int>(per_expert), ptr<bool>(in_rank), ptr<int64_t>(status), stream_of(stream));
     });
 
-    m.def("low_latency_layout", [](int n, int e, int k, int h, int t) {
-        const LowLatencyLayout l = low_latency_layout(n, e, k, h, t);
+    m.def("low_latency_layout", [](int n, int e, int k, int h, int t, int p) {
+        const LowLatencyLayout l = low_latency_layout(n, e, k, h, t, p);
         py::dict d;
         d["total_bytes"] = l.total_bytes;
         return d;
     });
     py::class_<LowLatencyKernels>(m, "LowLatencyKernels")
-        .def(py::init<int, int, int, int, int, int, uintptr_t, uintptr_t, uintptr_t, uintptr_t, uintptr_t, double>())
+        .def(py::init<int, int, int, int, int, int, uintptr_t, uintptr_t, uintptr_t, uintptr_t, uintptr_t, double,
+                      int>())
         .def("dispatch_send", &LowLatencyKernels::dispatch_send)
         .def("dispatch_recv", &LowLatencyKernels::dispatch_recv)
         .def("combine_send", &LowLatencyKernels::combine_send)

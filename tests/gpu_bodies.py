@@ -181,3 +181,16 @@ def missing_peer(rank: int, world: int, timeout_s: float) -> dict[str, float]:
     finally:
         buf.destroy()
     return {"elapsed_s": elapsed}
+
+
+def low_latency_put_path(rank: int, world: int, ranks_per_node: int, *args: object) -> None:
+    """bodies.low_latency_roundtrip with one host split into nodes, so peers on other nodes take the put path."""
+    import os
+
+    import bodies
+
+    os.environ["LARGEEP_EXPERIMENTAL_PUTS"] = "1"
+    try:
+        bodies.low_latency_roundtrip(rank, world, *args, ranks_per_node=ranks_per_node)  # type: ignore[arg-type]
+    finally:
+        del os.environ["LARGEEP_EXPERIMENTAL_PUTS"]

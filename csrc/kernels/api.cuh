@@ -106,9 +106,11 @@ void launch_combine_reduce(const NormalCtx& ctx, void* out, int out_elem_bytes, 
 //   recv    bytes [2][E/N][N * M][recv_stride]         rows from source s for local expert e at [e][s*M + j]:
 //                                                      x (H fp8 or 2H bf16) | scales [H/128] | token*K + k
 //   comb    bytes [2][M * K][comb_stride]              combine rows returned for my (token, k)
+//   send    bytes [M * K][recv_stride]                 put path only (peers on other nodes): staged dispatch rows
+//   comb_send bytes [E/N * N * M][comb_stride]         put path only: staged combine rows
 struct LowLatencyCtx {
-    int rank, num_ranks, num_experts, num_topk, hidden, max_tokens;
-    int64_t off_flags, off_counter, off_recv, off_comb;
+    int rank, num_ranks, num_experts, num_topk, hidden, max_tokens, ranks_per_node;
+    int64_t off_flags, off_counter, off_recv, off_comb, off_send, off_comb_send;
     int64_t recv_stride, off_scales_in_row, off_meta_in_row, comb_stride;
     uint8_t* base;
     const uint64_t* peer_base;
@@ -118,10 +120,11 @@ struct LowLatencyCtx {
     uint64_t timeout_ns;
 };
 struct LowLatencyLayout {
-    int64_t off_flags, off_counter, off_recv, off_comb;
+    int64_t off_flags, off_counter, off_recv, off_comb, off_send, off_comb_send;
     int64_t recv_stride, off_scales_in_row, off_meta_in_row, comb_stride, total_bytes;
 };
-LowLatencyLayout low_latency_layout(int num_ranks, int num_experts, int num_topk, int hidden, int max_tokens);
+LowLatencyLayout low_latency_layout(int num_ranks, int num_experts, int num_topk, int hidden, int max_tokens,
+                                    int ranks_per_node);
 // Send phase of dispatch: x bf16 [T, H], topk_idx [T, K]; writes the round into *handle_seq (device).
 void launch_ll_dispatch_send(const LowLatencyCtx& c, const void* x, const int64_t* topk_idx, int num_tokens,
                              bool use_fp8, bool round_scale, int64_t* handle_seq, cudaStream_t stream);

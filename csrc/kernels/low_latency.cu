@@ -9,10 +9,18 @@
 // Combine send: one block per local expert; each valid row goes back to its source's buffer at [token][k].
 // Combine receive: weighted sum over k in float32.
 //
+// Peers on this rank's node (ranks_per_node) are written with plain stores through NVLink peer pointers. Peers on
+// other nodes take NVSHMEM's standard device API instead, so any transport NVSHMEM supports carries them: the row is
+// built in a local symmetric staging buffer, sent with nvshmemx_putmem_nbi_warp, every sending thread calls
+// nvshmem_quiet, and only then are the round's flags raised with nvshmemx_signal_op. Flags are read with
+// nvshmem_signal_fetch in bounded loops.
+//
 // Two slot buffers (round parity) let two calls be in flight. A sender waits until the receiver freed the slot
 // buffer of round seq - 2. The round a receive belongs to travels in the handle (a device tensor), so kernels
 // captured in a CUDA graph replay correctly. Every wait is bounded (NormalCtx-style status area).
 #include <cuda_fp8.h>
+#include <nvshmem.h>
+#include <nvshmemx.h>
 
 #include "launch.cuh"
 
@@ -36,16 +44,41 @@ __device__ __forceinline__ int64_t ll_flag_index(const LowLatencyCtx& c, int kin
 }
 enum LLFlag { kLLCounts = 0, kLLDispatchFree = 1, kLLCombineDone = 2, kLLCombineFree = 3 };
 
+__device__ __forceinline__ bool same_node(const LowLatencyCtx& c, int r) {
+    return r / c.ranks_per_node == c.rank / c.ranks_per_node;
+}
+
+// Sets flag word `index` of rank r to v: a release store over NVLink on this node, an NVSHMEM signal elsewhere.
+// Everything this thread (and, through the caller's barrier and quiet, its grid) wrote to r comes first.
+__device__ __forceinline__ void ll_set_flag(const LowLatencyCtx& c, int r, int64_t index, int64_t v) {
+    if (same_node(c, r)) {
+        st_release_sys(ll_flags(ll_peer(c, r), c) + index, v);
+    } else {
+        nvshmemx_signal_op(reinterpret_cast<uint64_t*>(ll_flags(c.base, c) + index), static_cast<uint64_t>(v),
+                           NVSHMEM_SIGNAL_SET, r);
+    }
+}
+
 __device__ __forceinline__ uint8_t* ll_recv_row(uint8_t* base, const LowLatencyCtx& c, int slot, int le, int row) {
     const int64_t rows_per_expert = static_cast<int64_t>(c.num_ranks) * c.max_tokens;
     const int epr = c.num_experts / c.num_ranks;
     return base + c.off_recv + ((static_cast<int64_t>(slot) * epr + le) * rows_per_expert + row) * c.recv_stride;
 }
 
-// Waits (thread-level) until *flag >= target; reports and returns false after the timeout.
+// Waits (thread-level) until the local flag word reaches target; reports and returns false after the timeout.
+// nvshmem_signal_fetch reads words that NVLink stores or any NVSHMEM transport's signals wrote.
 __device__ __forceinline__ bool ll_wait(const int64_t* flag, int64_t target, const LowLatencyCtx& c, int op,
                                         int rank) {
-    return wait_flag(flag, target, c.timeout_ns, c.status, op, rank);
+    uint64_t* sig = reinterpret_cast<uint64_t*>(const_cast<int64_t*>(flag));
+    if (static_cast<int64_t>(nvshmem_signal_fetch(sig)) >= target) return true;
+    const uint64_t start = globaltimer_ns();
+    while (true) {
+        if (static_cast<int64_t>(nvshmem_signal_fetch(sig)) >= target) return true;
+        if (globaltimer_ns() - start > c.timeout_ns || has_error(c.status)) {
+            report_error(c.status, op, rank);
+            return false;
+        }
+    }
 }
 
 __global__ void __launch_bounds__(kLLThreads) ll_dispatch_send_kernel(LowLatencyCtx c, const __nv_bfloat16* x,
@@ -75,7 +108,9 @@ __global__ void __launch_bounds__(kLLThreads) ll_dispatch_send_kernel(LowLatency
             if (lane == 0) j = atomicAdd(counter + r * epr + le, 1);
             j = __shfl_sync(0xffffffffu, j, 0);
             if (j >= c.max_tokens) continue;  // more copies than tokens (repeated expert ids): dropped, not corrupting
-            uint8_t* dst = ll_recv_row(ll_peer(c, r), c, slot_buf, le, me * c.max_tokens + j);
+            const bool near = same_node(c, r);
+            uint8_t* dst = near ? ll_recv_row(ll_peer(c, r), c, slot_buf, le, me * c.max_tokens + j)
+                                : c.base + c.off_send + static_cast<int64_t>(pair) * c.recv_stride;
             const int4* src = reinterpret_cast<const int4*>(x + static_cast<int64_t>(t) * H);
             const int nvec = H / 8;  // 8 bf16 per 16 bytes
             if (use_fp8) {
@@ -128,8 +163,15 @@ __global__ void __launch_bounds__(kLLThreads) ll_dispatch_send_kernel(LowLatency
                 for (int v = lane; v < nvec; v += kWarp) st_na_v4(d + v, ld_nc_v4(src + v));
             }
             if (lane == 0) reinterpret_cast<int*>(dst + c.off_meta_in_row)[0] = t * K + k;
+            if (!near) {
+                __threadfence();  // the staged row is complete before the transport reads it
+                __syncwarp();
+                nvshmemx_putmem_nbi_warp(ll_recv_row(c.base, c, slot_buf, le, me * c.max_tokens + j), dst,
+                                         c.recv_stride, r);
+            }
         }
     }
+    if (c.ranks_per_node < N) nvshmem_quiet();  // this thread's puts have landed
     __threadfence_system();  // rows before the counts
     if (last_block(c.block_counter + 0)) {
         if (ok_all) {
@@ -137,8 +179,7 @@ __global__ void __launch_bounds__(kLLThreads) ll_dispatch_send_kernel(LowLatency
                 const int r = i / epr, le = i % epr;
                 const int n = min(counter[i], c.max_tokens);
                 counter[i] = 0;
-                st_release_sys(ll_flags(ll_peer(c, r), c) + ll_flag_index(c, kLLCounts, slot_buf, le * N + me),
-                               (seq << 32) | n);
+                ll_set_flag(c, r, ll_flag_index(c, kLLCounts, slot_buf, le * N + me), (seq << 32) | n);
             }
         }
         if (threadIdx.x == 0) {
@@ -165,7 +206,8 @@ __global__ void __launch_bounds__(kLLThreads) ll_dispatch_recv_kernel(LowLatency
         int n = 0;
         const int64_t* f = ll_flags(c.base, c) + ll_flag_index(c, kLLCounts, slot_buf, le * N + threadIdx.x);
         if (ok_all && ll_wait(f, seq << 32, c, kOpLowLatencyDispatch, threadIdx.x)) {
-            const int64_t v = ld_acquire_sys(f);
+            const int64_t v =
+                static_cast<int64_t>(nvshmem_signal_fetch(reinterpret_cast<uint64_t*>(const_cast<int64_t*>(f))));
             n = (v >> 32) == seq ? static_cast<int>(v & 0xffffffff) : 0;
         } else {
             atomicAnd(&ok_all, 0);
@@ -209,8 +251,7 @@ __global__ void __launch_bounds__(kLLThreads) ll_dispatch_recv_kernel(LowLatency
     // Every expert block has read its rows: the slot buffer of this round is free for every source.
     if (last_block(c.block_counter + 1)) {
         if (static_cast<int>(threadIdx.x) < N)
-            st_release_sys(ll_flags(ll_peer(c, threadIdx.x), c) + ll_flag_index(c, kLLDispatchFree, slot_buf, me),
-                           seq);
+            ll_set_flag(c, threadIdx.x, ll_flag_index(c, kLLDispatchFree, slot_buf, me), seq);
     }
 }
 
@@ -239,16 +280,25 @@ __global__ void __launch_bounds__(kLLThreads) ll_combine_send_kernel(LowLatencyC
             const int64_t o = static_cast<int64_t>(le) * rows + i;
             const int m = meta[o];
             const int s = m / (M * K), tk = m % (M * K);
-            uint8_t* dst = ll_peer(c, s) + c.off_comb +
-                           (static_cast<int64_t>(slot_buf) * M * K + tk) * c.comb_stride;
-            warp_copy<0, 4>(reinterpret_cast<int4*>(dst), reinterpret_cast<const int4*>(y + o * H), row_bytes, lane);
+            const int64_t at = c.off_comb + (static_cast<int64_t>(slot_buf) * M * K + tk) * c.comb_stride;
+            if (same_node(c, s)) {
+                warp_copy<0, 4>(reinterpret_cast<int4*>(ll_peer(c, s) + at), reinterpret_cast<const int4*>(y + o * H),
+                                row_bytes, lane);
+            } else {
+                uint8_t* staged = c.base + c.off_comb_send + o * c.comb_stride;
+                warp_copy<0, 4>(reinterpret_cast<int4*>(staged), reinterpret_cast<const int4*>(y + o * H), row_bytes,
+                                lane);
+                __threadfence();
+                __syncwarp();
+                nvshmemx_putmem_nbi_warp(c.base + at, staged, row_bytes, s);
+            }
         }
     }
+    if (c.ranks_per_node < N) nvshmem_quiet();
     __threadfence_system();
     if (last_block(c.block_counter + 2)) {
         if (static_cast<int>(threadIdx.x) < N)
-            st_release_sys(ll_flags(ll_peer(c, threadIdx.x), c) + ll_flag_index(c, kLLCombineDone, slot_buf, me),
-                           seq);
+            ll_set_flag(c, threadIdx.x, ll_flag_index(c, kLLCombineDone, slot_buf, me), seq);
         if (threadIdx.x == 0) {
             c.seq[kSeqLowLatency + 1] = seq;
             *handle_seq = seq;
@@ -303,14 +353,13 @@ __global__ void __launch_bounds__(kLLThreads) ll_combine_recv_kernel(LowLatencyC
     }
     if (last_block(c.block_counter + 3)) {
         if (static_cast<int>(threadIdx.x) < N)
-            st_release_sys(ll_flags(ll_peer(c, threadIdx.x), c) + ll_flag_index(c, kLLCombineFree, slot_buf, me),
-                           seq);
+            ll_set_flag(c, threadIdx.x, ll_flag_index(c, kLLCombineFree, slot_buf, me), seq);
     }
 }
 
 }  // namespace
 
-LowLatencyLayout low_latency_layout(int N, int E, int K, int H, int M) {
+LowLatencyLayout low_latency_layout(int N, int E, int K, int H, int M, int P) {
     LowLatencyLayout l{};
     int64_t off = 0;
     auto take = [&off](int64_t bytes) {
@@ -327,6 +376,11 @@ LowLatencyLayout low_latency_layout(int N, int E, int K, int H, int M) {
     l.off_counter = take(4ll * N * epr);
     l.off_recv = take(l.recv_stride * 2 * epr * static_cast<int64_t>(N) * M);
     l.off_comb = take(l.comb_stride * 2 * static_cast<int64_t>(M) * K);
+    // Staging for the put path, only when some peers are on other nodes: dispatch rows [M * K], combine rows
+    // [E/N * N * M] (the source of a put must be symmetric memory for every transport).
+    const bool puts = P < N;
+    l.off_send = take(puts ? l.recv_stride * static_cast<int64_t>(M) * K : 0);
+    l.off_comb_send = take(puts ? l.comb_stride * epr * static_cast<int64_t>(N) * M : 0);
     l.total_bytes = off;
     return l;
 }

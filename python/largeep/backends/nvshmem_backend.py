@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from largeep import native
-from largeep._env import Settings, logger
+from largeep._env import Settings, logger, settings
 from largeep.backends.base import GroupContext, LowLatencyDispatchOut, NormalDispatchOut
 from largeep.errors import PeerTimeoutError
 from largeep.fp8 import FP8_DTYPE
@@ -42,7 +42,14 @@ _world: dict[str, Any] = {}
 
 def unsupported_reason(ctx: GroupContext) -> str | None:
     """None when this backend implements ``ctx``'s configuration, else why not."""
-    if ctx.num_nodes > 1:
+    if ctx.num_nodes > 1 and ctx.low_latency:
+        if not settings().experimental_puts:
+            return (
+                f"a low-latency group spanning several nodes ({ctx.num_nodes} nodes of {ctx.ranks_per_node} ranks) "
+                "needs the NVSHMEM put path, which is written but not yet run on GPUs; set "
+                "LARGEEP_EXPERIMENTAL_PUTS=1 to use it"
+            )
+    elif ctx.num_nodes > 1:
         return (
             f"groups spanning several nodes ({ctx.num_nodes} nodes of {ctx.ranks_per_node} ranks) are not "
             "implemented in the nvshmem backend yet (normal and low-latency mode alike)"
@@ -122,11 +129,14 @@ class NvshmemBackend:
         C = native.module()
         n = ctx.num_ranks
         sizes = (n, ctx.num_experts, ctx.num_topk, ctx.hidden, ctx.max_tokens_per_rank)
-        lay = C.low_latency_layout(*sizes) if ctx.low_latency else C.normal_layout(*sizes)
+        lay = C.low_latency_layout(*sizes, ctx.ranks_per_node) if ctx.low_latency else C.normal_layout(*sizes)
         self.C = _join(ctx, int(lay["total_bytes"]), settings)
         self.base = int(self.C.alloc(int(lay["total_bytes"])))
         peers = [int(self.C.peer_ptr(self.base, r)) for r in range(n)]
-        unreachable = [r for r, p in enumerate(peers) if p == 0]
+        # Peers on this rank's node are written through NVLink; the low-latency put path reaches the others.
+        node = ctx.rank // ctx.ranks_per_node
+        needed = range(n) if not ctx.low_latency else range(node * ctx.ranks_per_node, (node + 1) * ctx.ranks_per_node)
+        unreachable = [r for r in needed if peers[r] == 0]
         if unreachable:
             self.C.free(self.base)
             raise RuntimeError(f"Buffer: ranks {unreachable} are not reachable over NVLink from rank {ctx.rank}")
@@ -143,7 +153,7 @@ class NvshmemBackend:
             settings.timeout_s,
         )
         if ctx.low_latency:
-            self.ll = self.C.LowLatencyKernels(*common)
+            self.ll = self.C.LowLatencyKernels(*common, ctx.ranks_per_node)
         else:
             self.kernels = self.C.NormalKernels(
                 *common, settings.tune["threads"], settings.tune["load"], settings.tune["unroll"]

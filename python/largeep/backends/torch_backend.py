@@ -313,9 +313,9 @@ class TorchBackend:
         ext = torch.cat([packed, torch.zeros(1, packed.shape[1], dtype=torch.uint8, device=dev)])
         rows, _ = self._all_to_all(ext[state.dest], n * cap)
         rows = torch.cat([rows, torch.zeros(1, rows.shape[1], dtype=torch.uint8, device=dev)])
-        back = _unpack(rows[state.slot.reshape(-1)], specs)  # [T*N, ...], (token, rank) pairs
-        x = back[0].float().view(t, n, c.hidden).sum(1)
-        w = back[1].view(t, n, c.num_topk).sum(1) if topk_weights is not None else None
+        fields = _unpack(rows[state.slot.reshape(-1)], specs)  # [T*N, ...], (token, rank) pairs
+        x = fields[0].float().view(t, n, c.hidden).sum(1)
+        w = fields[1].view(t, n, c.num_topk).sum(1) if topk_weights is not None else None
         return x.to(y.dtype), w
 
     # -- low-latency mode ------------------------------------------------------------------------------------------

@@ -307,12 +307,16 @@ class MoELayer(nn.Module):
         shared = self.shared_experts(x) if self.shared_experts is not None else None  # overlaps the first dispatch
         combined: list[ops.CombineOutput] = []
         for i in range(n):
-            if i + 1 < n:
-                pending.append(send(i + 1))
             d = pending[i]
             ops.wait(d.event)
             num_pairs = sum(d.num_tokens_per_expert) if d.num_tokens_per_expert is not None else None
             y = self.experts.forward_rows(d.x, d.topk_idx, d.topk_weights, num_pairs)
+            # Queue chunk i's experts before sending chunk i+1: that dispatch waits on the host for its count
+            # exchange, which sits on the Buffer's stream behind combine i-1 (and so behind experts i-1); queued
+            # first, experts i run during that wait, overlapping combine i-1 and the push of chunk i+1.
+            # The Buffer's stream order (dispatch i+1 before combine i) is unchanged.
+            if i + 1 < n:
+                pending.append(send(i + 1))
             combined.append(ops.combine(self.buffer_id, y, d.handle, async_finish=True))
         for c in combined:
             ops.wait(c.event)

@@ -1,0 +1,400 @@
+"""Times one MoE layer (:class:`largeep.layers.MoELayer`) at prefill size on every visible GPU, with and without
+overlap of communication and expert compute, and the parts alone (SPEC.md "Measuring").
+
+Variants (all on one layer, the same weights and the same input on each rank; op "roundtrip", mode "layer"):
+  no_overlap   MoELayer with num_chunks=1: gate, dispatch, experts, combine in sequence
+  chunked_2    num_chunks=2: chunk i+1 dispatched and chunk i-1 combined on the Buffer's stream while the experts
+  chunked_4    compute chunk i on the caller's stream (num_chunks=4)
+  two_batch    two micro-batches, each with its own gate, in the two-batch-overlap order: A's dispatch overlaps B's
+               gate, A's experts overlap B's dispatch, B's experts overlap A's combine (normal mode: the
+               low-latency TwoBatchOverlap cannot hold prefill batches, so the same schedule is written with
+               largeep.ops here)
+Parts (same sizes, whole batch; "speedup" None):
+  gate_only    the router alone
+  comm_only    dispatch + combine of the layer's routing, no experts (the rows go straight back)
+  experts_only the grouped SwiGLU experts on the rows one dispatch delivered, no communication
+"speedup" = no_overlap median / variant median. The summary says whether communication and expert compute take
+similar time (the condition under which overlap can pay 1.3x or more; "similar" here: the shorter is at least 2/3
+of the longer), the best a perfect overlap could give, (gate + comm + experts) / (gate + max(comm, experts)), and
+the largest difference of each overlapped variant's output from no_overlap's (checked once before timing).
+
+Timing (largeep.bench.timing): warm-up calls, then per timed call an L2 flush, device sync + barrier, device events
+around the call; per iteration the slowest rank counts; median and p10/p90 over iterations. Forward-only runs under
+torch.no_grad() (prefill); --backward times forward + backward (grads of x, the gate and the experts).
+
+usage:
+  python bench/layer_times.py --out bench/results/DIR [--backend nvshmem|torch] [--backward] [--tokens 4096]
+  python bench/layer_times.py --cpu --nprocs 2 --out /tmp/lt     # gloo + torch backend, tiny sizes (smoke test)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import queue
+import shlex
+import socket
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+for _k, _v in {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}.items():
+    os.environ.setdefault(_k, _v)
+
+LAYER_VARIANTS = ("no_overlap", "chunked_2", "chunked_4", "two_batch")
+PART_VARIANTS = ("gate_only", "comm_only", "experts_only")
+GPU_DEFAULTS = {"tokens": 4096, "hidden": 7168, "experts": 256, "topk": 8, "ffn": 2048, "warmup": 5, "iters": 20}
+CHECK_TOL = 2e-2  # bf16 experts: chunking changes GEMM shapes, so the rounding of the outputs may differ slightly
+CPU_DEFAULTS = {"tokens": 64, "hidden": 128, "experts": 8, "topk": 2, "ffn": 64, "warmup": 2, "iters": 5}
+
+
+def two_batch_forward(layer: Any, x: torch.Tensor) -> torch.Tensor:
+    """Two micro-batches (the halves of x) through a normal-mode MoELayer in the two-batch-overlap order.
+
+    Buffer stream: dispatch A, dispatch B, combine A, combine B; caller's stream: gate A, gate B, experts A,
+    experts B. A dispatch waits on the host for its count exchange, so each step is queued before the host waits.
+    Same result as ``layer(x)`` up to float rounding of the expert sums."""
+    from largeep import ops
+
+    bid = layer.buffer_id
+
+    def send(xm: torch.Tensor) -> ops.DispatchOutput:
+        idx, w = layer.route(xm)
+        ready = ops.capture_event(xm.device)  # this micro-batch's gate is done; the dispatch waits for it only
+        return ops.dispatch(bid, xm.contiguous(), idx, w, previous_event=ready, async_finish=True)
+
+    def experts(d: ops.DispatchOutput) -> torch.Tensor:
+        ops.wait(d.event)
+        pairs = sum(d.num_tokens_per_expert) if d.num_tokens_per_expert is not None else None
+        return layer.experts.forward_rows(d.x, d.topk_idx, d.topk_weights, pairs)  # type: ignore[no-any-return]
+
+    xa, xb = x.tensor_split(2)
+    da = send(xa)  # A's push runs while B's gate computes
+    db = send(xb)
+    ya = experts(da)  # overlaps B's push
+    ca = ops.combine(bid, ya, da.handle, async_finish=True)
+    yb = experts(db)  # overlaps A's combine
+    cb = ops.combine(bid, yb, db.handle, async_finish=True)
+    shared = layer.shared_experts(x) if layer.shared_experts is not None else None  # overlaps B's combine
+    ops.wait(ca.event)
+    ops.wait(cb.event)
+    out = torch.cat([ca.x, cb.x])
+    return out + shared if shared is not None else out
+
+
+def _init(rank: int, world: int, args: argparse.Namespace, port: int) -> torch.device:
+    url = f"tcp://127.0.0.1:{port}"
+    if args.cpu:
+        torch.set_num_threads(max(1, (os.cpu_count() or 2) // world))
+        dist.init_process_group("gloo", init_method=url, rank=rank, world_size=world)
+        return torch.device("cpu")
+    torch.cuda.set_device(rank)
+    dev = torch.device("cuda", rank)
+    dist.init_process_group("nccl", init_method=url, rank=rank, world_size=world, device_id=dev)
+    return dev
+
+
+def _measure(rank: int, world: int, args: argparse.Namespace, dev: torch.device) -> dict[str, Any]:
+    import largeep
+    from largeep import ops
+    from largeep.bench.timing import Timer, reduce_over_ranks
+    from largeep.layers import MoELayer
+
+    bf16 = torch.bfloat16
+    buf = largeep.Buffer(
+        None, hidden=args.hidden, num_experts=args.experts, num_topk=args.topk, max_tokens_per_rank=args.tokens,
+        backend=args.backend, num_sms=args.num_sms if args.backend == "nvshmem" else None,
+    )
+    # no try/finally: after a failure the other ranks may sit in a collective; the parent process ends them
+    torch.manual_seed(1234)  # the same gate on every rank; expert weights are per rank anyway
+    with dev:
+        layer = MoELayer(buf, ffn_hidden=args.ffn, shared_ffn_hidden=args.shared_ffn, dtype=bf16)
+    bid = layer.buffer_id
+    g = torch.Generator(device=dev).manual_seed(1000 + rank)
+    x = torch.randn(args.tokens, args.hidden, device=dev, generator=g).to(bf16)
+    grad_out = torch.randn(args.tokens, args.hidden, device=dev, generator=g).to(bf16)
+    bwd = args.backward
+    xin = x.clone().requires_grad_(bwd)
+
+    # the parts' fixed inputs: the layer's routing of x, and the rows one dispatch of it delivers
+    with torch.no_grad():
+        idx, w = layer.route(x)
+        d0 = ops.dispatch(bid, x, idx, w)
+        pairs0 = sum(d0.num_tokens_per_expert) if d0.num_tokens_per_expert is not None else None
+        rows = d0.x.detach().clone()
+        rows_idx, rows_w = d0.topk_idx.detach(), d0.topk_weights.detach()
+    recv_rows = torch.tensor([float(rows.shape[0]), float(pairs0 or 0)], dtype=torch.float64, device=dev)
+    dist.all_reduce(recv_rows)
+    recv_rows /= world
+    rows_in = rows.clone().requires_grad_(bwd)
+    grad_rows = torch.randn(rows.shape, device=dev, generator=g).to(bf16) if bwd else None
+    grad_w = torch.randn(w.shape, device=dev, generator=g) if bwd else None
+
+    # the overlapped variants must give the no-overlap output (up to the experts' bf16 rounding)
+    with torch.no_grad():
+        layer.num_chunks = 1
+        ref = layer(x).float()
+        outs = {}
+        for chunks in (2, 4):
+            layer.num_chunks = chunks
+            outs[f"chunked_{chunks}"] = layer(x)
+        layer.num_chunks = 1
+        outs["two_batch"] = two_batch_forward(layer, x)
+        scale = ref.abs().max().clamp(min=1e-30)
+        diffs = torch.stack([(o.float() - ref).abs().max() / scale for o in outs.values()]).to(torch.float64)
+        dist.all_reduce(diffs, op=dist.ReduceOp.MAX)
+        check = dict(zip(outs, diffs.tolist(), strict=True))
+        del ref, outs
+    if rank == 0:
+        print(f"  outputs vs no_overlap (max relative difference): {check}", flush=True)
+
+    def finish(out: torch.Tensor, grad: torch.Tensor | None) -> None:
+        if bwd:
+            out.backward(grad)
+
+    def layer_call(chunks: int) -> Callable[[], None]:
+        def f() -> None:
+            layer.num_chunks = chunks
+            finish(layer(xin), grad_out)
+
+        return f
+
+    def two_batch() -> None:
+        finish(two_batch_forward(layer, xin), grad_out)
+
+    def gate_only() -> None:
+        finish(layer.route(xin)[1], grad_w)
+
+    def comm_only() -> None:
+        d = ops.dispatch(bid, xin, idx, w)
+        finish(ops.combine(bid, d.x, d.handle).x, grad_out)
+
+    def experts_only() -> None:
+        finish(layer.experts.forward_rows(rows_in, rows_idx, rows_w, pairs0), grad_rows)
+
+    plan: list[tuple[str, Callable[[], None]]] = [
+        ("no_overlap", layer_call(1)), ("chunked_2", layer_call(2)), ("chunked_4", layer_call(4)),
+        ("two_batch", two_batch), ("gate_only", gate_only), ("comm_only", comm_only),
+        ("experts_only", experts_only),
+    ]
+    if args.variants:
+        plan = [p for p in plan if p[0] in args.variants]
+
+    def prep() -> None:
+        for t in (xin, rows_in, *layer.parameters()):
+            t.grad = None
+
+    timer = Timer(None, dev)
+    stats: dict[str, Any] = {}
+    for name, fn in plan:
+        t0 = time.perf_counter()
+        with torch.set_grad_enabled(bwd):
+            for i in range(args.warmup + args.iters):
+                prep()
+                timer.time(name, fn, record=i >= args.warmup)
+        stats.update(reduce_over_ranks(timer.take(), None, dev))
+        if rank == 0:
+            print(f"  {name}: {stats[name].median:.1f} us (wall {time.perf_counter() - t0:.1f} s)", flush=True)
+    layer.num_chunks = 1
+    result = {
+        "stats": {k: (s.median, s.p10, s.p90, s.n) for k, s in stats.items()},
+        "num_sms": buf.ctx.num_sms if buf.backend_name == "nvshmem" else None,
+        "backend": buf.backend_name,
+        "ranks_per_node": buf.ctx.ranks_per_node,
+        "recv_rows_per_rank": float(recv_rows[0]),
+        "recv_pairs_per_rank": float(recv_rows[1]) if pairs0 is not None else None,
+        "check": check,
+    }
+    if not args.cpu:
+        torch.cuda.synchronize()
+    dist.barrier()
+    buf.destroy()
+    return result
+
+
+def _worker(rank: int, world: int, args: argparse.Namespace, port: int, results: Any) -> None:
+    try:
+        dev = _init(rank, world, args, port)
+        out = _measure(rank, world, args, dev)
+        if rank == 0:
+            results.put(("ok", out))
+        dist.barrier()
+        dist.destroy_process_group()
+    except BaseException:
+        results.put(("error", f"rank {rank}:\n{traceback.format_exc()}"))
+        raise
+
+
+def build_records(args: argparse.Namespace, world: int, res: dict[str, Any]) -> list[dict[str, Any]]:
+    """One record per variant: SPEC.md's keys plus "variant", "speedup" and "pass"."""
+    stats = res["stats"]
+    base = stats.get("no_overlap", (None,))[0]
+    out = []
+    for name in LAYER_VARIANTS + PART_VARIANTS:
+        if name not in stats:
+            continue
+        med, p10, p90, _ = stats[name]
+        out.append({
+            "backend": res["backend"], "mode": "layer", "op": "roundtrip", "ep": world,
+            "ranks_per_node": res["ranks_per_node"], "num_tokens": args.tokens, "hidden": args.hidden,
+            "num_topk": args.topk, "num_experts": args.experts, "dtype": "bf16", "num_sms": res["num_sms"],
+            "time_us_median": med, "time_us_p10": p10, "time_us_p90": p90, "logical_gbps": None,
+            "variant": name,
+            "speedup": base / med if name in LAYER_VARIANTS and base and med > 0 else None,
+            "pass": "forward_backward" if args.backward else "forward",
+        })
+    return out
+
+
+def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """Whether communication and expert compute take similar time, and what overlap gave and could give."""
+    t = {r["variant"]: r["time_us_median"] for r in records}
+    s: dict[str, Any] = {"comm_us": t.get("comm_only"), "experts_us": t.get("experts_only"),
+                         "gate_us": t.get("gate_only")}
+    comm, exp, gate = s["comm_us"], s["experts_us"], s["gate_us"] or 0.0
+    if comm and exp:
+        s["comm_over_experts"] = comm / exp
+        # "similar": the shorter part is at least 2/3 of the longer one
+        s["similar"] = min(comm, exp) / max(comm, exp) >= 2 / 3
+        s["ideal_speedup"] = (gate + comm + exp) / (gate + max(comm, exp))
+    sp = {r["variant"]: r["speedup"] for r in records if r["speedup"] is not None and r["variant"] != "no_overlap"}
+    if sp:
+        best = max(sp, key=lambda k: sp[k])
+        s["best_variant"], s["best_speedup"] = best, sp[best]
+        s["meets_1_3x"] = sp[best] >= 1.3
+    return s
+
+
+def _finite(obj: Any) -> Any:
+    if isinstance(obj, float):
+        return obj if obj == obj and abs(obj) != float("inf") else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def _collect(procs: list[Any], results: Any, timeout_s: float) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            kind, payload = results.get(timeout=1.0)
+        except queue.Empty:
+            if any(p.exitcode not in (None, 0) for p in procs):
+                break
+            continue
+        if kind == "error":
+            raise RuntimeError(payload)
+        return payload  # type: ignore[no-any-return]
+    raise RuntimeError(f"no result (exit codes {[p.exitcode for p in procs]})")
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--cpu", action="store_true", help="gloo + torch backend on the CPU, tiny sizes (smoke test)")
+    p.add_argument("--nprocs", type=int, default=None, help="ranks (default: visible GPUs; --cpu: 2)")
+    p.add_argument("--backend", choices=("nvshmem", "torch"), default=None, help="default nvshmem (--cpu: torch)")
+    p.add_argument("--backward", action="store_true", help="time forward + backward")
+    for key in ("tokens", "hidden", "experts", "topk", "ffn", "warmup", "iters"):
+        p.add_argument(f"--{key}", type=int, default=None, help=f"default {GPU_DEFAULTS[key]} ({CPU_DEFAULTS[key]} "
+                       "with --cpu)")
+    p.add_argument("--shared-ffn", type=int, default=0, help="F of a shared expert (default 0: none)")
+    p.add_argument("--num-sms", type=int, default=24, help="SMs of the nvshmem kernels")
+    p.add_argument("--variants", default=None, help="comma list (default: all): " +
+                   ",".join(LAYER_VARIANTS + PART_VARIANTS))
+    p.add_argument("--out", default="bench/results/layer_times", help="directory of the JSON file")
+    p.add_argument("--timeout", type=float, default=1800.0, help="seconds to wait for the ranks")
+    args = p.parse_args(argv)
+    defaults = CPU_DEFAULTS if args.cpu else GPU_DEFAULTS
+    for key, v in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, v)
+    if args.backend is None:
+        args.backend = "torch" if args.cpu else "nvshmem"
+    if args.cpu and args.backend != "torch":
+        p.error("--cpu runs the torch backend only")
+    args.variants = args.variants.split(",") if args.variants else None
+    if args.variants and not set(args.variants) <= set(LAYER_VARIANTS + PART_VARIANTS):
+        p.error(f"--variants: unknown {sorted(set(args.variants) - set(LAYER_VARIANTS + PART_VARIANTS))}")
+    world = args.nprocs or (2 if args.cpu else torch.cuda.device_count())
+    if world < 1:
+        p.error("no GPUs visible (use --cpu for the CPU smoke test)")
+    if args.experts % world:
+        p.error(f"--experts {args.experts} is not divisible by {world} ranks")
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    print(f"layer_times: {world} ranks, backend {args.backend}, {'forward+backward' if args.backward else 'forward'}"
+          f", tokens {args.tokens}/rank, H {args.hidden}, E {args.experts}, K {args.topk}, F {args.ffn}", flush=True)
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    procs = [ctx.Process(target=_worker, args=(r, world, args, port, results)) for r in range(world)]
+    for pr in procs:
+        pr.start()
+    try:
+        res = _collect(procs, results, args.timeout)
+    except BaseException:
+        for pr in procs:
+            if pr.is_alive():
+                pr.terminate()
+        raise
+    for pr in procs:
+        pr.join()
+
+    from largeep.bench import records as rec
+
+    recs = build_records(args, world, res)
+    summary = summarize(recs)
+    summary["max_rel_diff_vs_no_overlap"] = res["check"]
+    bad = {k: v for k, v in res["check"].items() if not v <= CHECK_TOL}
+    if bad:
+        print(f"WARNING: outputs differ from no_overlap by more than {CHECK_TOL} (relative to max |out|): {bad}")
+    from tabulate import tabulate
+
+    def fmt(v: float | None, d: int = 1) -> str:
+        return "-" if v is None else f"{v:.{d}f}"
+
+    print(tabulate(
+        [[r["variant"], r["backend"], r["pass"], r["ep"], r["num_tokens"], fmt(r["time_us_median"]),
+          fmt(r["time_us_p10"]), fmt(r["time_us_p90"]), fmt(r["speedup"], 2)] for r in recs],
+        headers=["variant", "backend", "pass", "ep", "tokens", "time(us)", "p10", "p90", "speedup"],
+        disable_numparse=True,
+    ))
+    print("summary:", json.dumps(_finite(summary)))
+    doc = {
+        "schema": rec.SCHEMA,
+        "command": shlex.join([sys.executable] + (sys.argv if argv is None else ["bench/layer_times.py", *argv])),
+        "env": rec.environment(),
+        "settings": {
+            "what": "MoELayer times with and without communication/compute overlap (bench/layer_times.py)",
+            "ffn_hidden": args.ffn, "shared_ffn_hidden": args.shared_ffn, "warmup": args.warmup,
+            "iters": args.iters, "pass": "forward_backward" if args.backward else "forward", "cpu": args.cpu,
+            "routing": "LinearTopKRouter (softmax, same weights on every rank) of randn inputs",
+            "recv_rows_per_rank": res["recv_rows_per_rank"], "recv_pairs_per_rank": res["recv_pairs_per_rank"],
+            "timing": "largeep.bench.timing.Timer: L2 flush, barrier, device events; slowest rank per iteration",
+            "nccl_nvls_enable": os.environ.get("NCCL_NVLS_ENABLE"),
+        },
+        "summary": summary,
+        "records": recs,
+    }
+    os.makedirs(args.out, exist_ok=True)
+    name = f"layer_times_{args.backend}_ep{world}{'_bwd' if args.backward else ''}{'_cpu' if args.cpu else ''}.json"
+    path = os.path.join(args.out, name)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(json.dumps(_finite(doc), indent=1, allow_nan=False, default=str) + "\n")
+    os.replace(tmp, path)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,48 @@
+"""bench/layer_times.py in its CPU mode (gloo + torch backend, tiny sizes): it runs, and its JSON has SPEC.md's
+record keys plus "variant" and "speedup", with positive times."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SPEC_KEYS = {
+    "backend", "mode", "op", "ep", "ranks_per_node", "num_tokens", "hidden", "num_topk", "num_experts", "dtype",
+    "num_sms", "time_us_median", "time_us_p10", "time_us_p90", "logical_gbps",
+}
+LAYER = {"no_overlap", "chunked_2", "chunked_4", "two_batch"}
+PARTS = {"gate_only", "comm_only", "experts_only"}
+
+
+def test_layer_times_cpu(tmp_path: Path) -> None:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT / "python"), env.get("PYTHONPATH")) if p)
+    cmd = [sys.executable, str(ROOT / "bench" / "layer_times.py"), "--cpu", "--nprocs", "2", "--warmup", "1",
+           "--iters", "3", "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "no_overlap" in proc.stdout and "summary:" in proc.stdout
+    doc = json.loads((tmp_path / "layer_times_torch_ep2_cpu.json").read_text())
+    assert {"command", "env", "settings", "summary", "records"} <= set(doc)
+    assert "layer_times.py" in doc["command"] and doc["env"]["torch"]
+    recs = doc["records"]
+    assert {r["variant"] for r in recs} == LAYER | PARTS
+    for r in recs:
+        assert SPEC_KEYS | {"variant", "speedup"} <= set(r), r
+        assert (r["mode"], r["op"], r["dtype"], r["backend"]) == ("layer", "roundtrip", "bf16", "torch")
+        assert (r["ep"], r["num_tokens"], r["hidden"], r["num_experts"], r["num_topk"]) == (2, 64, 128, 8, 2)
+        assert r["num_sms"] is None and r["logical_gbps"] is None
+        assert 0 < r["time_us_p10"] <= r["time_us_median"] <= r["time_us_p90"]
+        if r["variant"] in LAYER:
+            assert r["speedup"] > 0
+        else:
+            assert r["speedup"] is None
+    assert next(r for r in recs if r["variant"] == "no_overlap")["speedup"] == 1.0
+    s = doc["summary"]
+    assert s["comm_us"] > 0 and s["experts_us"] > 0 and s["ideal_speedup"] >= 1.0
+    # the overlapped schedules compute the same output as the plain layer
+    assert all(v <= 2e-2 for v in s["max_rel_diff_vs_no_overlap"].values())

@@ -12,8 +12,8 @@
 // Peers on this rank's node (ranks_per_node) are written with plain stores through NVLink peer pointers. Peers on
 // other nodes take NVSHMEM's standard device API instead, so any transport NVSHMEM supports carries them: the row is
 // built in a local symmetric staging buffer, sent with nvshmemx_putmem_nbi_warp, every sending thread calls
-// nvshmem_quiet, and only then are the round's flags raised with nvshmemx_signal_op. Flags are read with
-// nvshmem_signal_fetch in bounded loops.
+// nvshmem_quiet, and only then are the round's flags raised with nvshmemx_signal_op. Flags are read with acquire
+// loads in bounded loops.
 //
 // Two slot buffers (round parity) let two calls be in flight. A sender waits until the receiver freed the slot
 // buffer of round seq - 2. The round a receive belongs to travels in the handle (a device tensor), so kernels
@@ -66,19 +66,13 @@ __device__ __forceinline__ uint8_t* ll_recv_row(uint8_t* base, const LowLatencyC
 }
 
 // Waits (thread-level) until the local flag word reaches target; reports and returns false after the timeout.
-// nvshmem_signal_fetch reads words that NVLink stores or any NVSHMEM transport's signals wrote.
+// The acquire load orders this thread's later reads after the flag; the system fence after it also covers words
+// that an NVSHMEM transport (not an NVLink store) delivered.
 __device__ __forceinline__ bool ll_wait(const int64_t* flag, int64_t target, const LowLatencyCtx& c, int op,
                                         int rank) {
-    uint64_t* sig = reinterpret_cast<uint64_t*>(const_cast<int64_t*>(flag));
-    if (static_cast<int64_t>(nvshmem_signal_fetch(sig)) >= target) return true;
-    const uint64_t start = globaltimer_ns();
-    while (true) {
-        if (static_cast<int64_t>(nvshmem_signal_fetch(sig)) >= target) return true;
-        if (globaltimer_ns() - start > c.timeout_ns || has_error(c.status)) {
-            report_error(c.status, op, rank);
-            return false;
-        }
-    }
+    const bool ok = wait_flag(flag, target, c.timeout_ns, c.status, op, rank);
+    if (ok && c.ranks_per_node < c.num_ranks) __threadfence_system();
+    return ok;
 }
 
 __global__ void __launch_bounds__(kLLThreads) ll_dispatch_send_kernel(LowLatencyCtx c, const __nv_bfloat16* x,
@@ -206,8 +200,7 @@ __global__ void __launch_bounds__(kLLThreads) ll_dispatch_recv_kernel(LowLatency
         int n = 0;
         const int64_t* f = ll_flags(c.base, c) + ll_flag_index(c, kLLCounts, slot_buf, le * N + threadIdx.x);
         if (ok_all && ll_wait(f, seq << 32, c, kOpLowLatencyDispatch, threadIdx.x)) {
-            const int64_t v =
-                static_cast<int64_t>(nvshmem_signal_fetch(reinterpret_cast<uint64_t*>(const_cast<int64_t*>(f))));
+            const int64_t v = ld_acquire_sys(f);
             n = (v >> 32) == seq ? static_cast<int>(v & 0xffffffff) : 0;
         } else {
             atomicAnd(&ok_all, 0);

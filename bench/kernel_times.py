@@ -17,18 +17,12 @@ usage: python bench/kernel_times.py --out bench/results/DIR [--tokens 4096] [--n
 from __future__ import annotations
 
 import argparse
-import os
 import re
-import socket
-import sys
 from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
-
-for _k, _v in {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}.items():
-    os.environ.setdefault(_k, _v)
+from _launch import run_ranks, write_doc  # noqa: E402 - bench/ is the script's directory
 
 _KERNELS = {
     "layout_kernel": "layout",
@@ -46,15 +40,12 @@ def _kernel_of(name: str) -> str | None:
     return m.group(0) if m else None
 
 
-def _worker(rank: int, world: int, args: argparse.Namespace, port: int, results: mp.Queue) -> None:
+def _body(rank: int, world: int, args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]]:
     import largeep
     from largeep import fp8
     from largeep.bench import records as rec
     from torch.profiler import ProfilerActivity, profile
 
-    torch.cuda.set_device(rank)
-    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            device_id=torch.device("cuda", rank))
     flush = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
     out = []
     for tokens in args.tokens:
@@ -127,10 +118,7 @@ def _worker(rank: int, world: int, args: argparse.Namespace, port: int, results:
                         "kernels": op,
                     })
             buf.destroy()
-    if rank == 0:
-        results.put(out)
-    dist.barrier()
-    dist.destroy_process_group()
+    return out
 
 
 def main() -> None:
@@ -150,18 +138,7 @@ def main() -> None:
     args.num_sms = [int(v) for v in args.num_sms.split(",")]
     args.dtypes = args.dtypes.split(",")
     world = args.nprocs or torch.cuda.device_count()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    procs = [ctx.Process(target=_worker, args=(r, world, args, port, q)) for r in range(world)]
-    for pr in procs:
-        pr.start()
-    recs = q.get(timeout=1200)
-    for pr in procs:
-        pr.join()
-    from largeep.bench import records as rec
+    recs = run_ranks(_body, world, args)
     from tabulate import tabulate
 
     print(tabulate(
@@ -170,13 +147,8 @@ def main() -> None:
           f"{r['logical_gbps']:.1f}" if r["logical_gbps"] else "-"] for r in recs],
         headers=["op", "dtype", "ep", "tokens", "sms", "kernel us", "p10", "p90", "logical GB/s"],
     ))
-    os.makedirs(args.out, exist_ok=True)
-    import json
-
-    doc = {"command": " ".join([sys.executable] + sys.argv), "env": rec.environment(),
-           "what": "profiler kernel times of largeep's own kernels (see bench/kernel_times.py)", "records": recs}
-    with open(os.path.join(args.out, f"kernel_times_ep{world}.json"), "w") as f:
-        json.dump(doc, f, indent=1)
+    write_doc(args.out, f"kernel_times_ep{world}.json",
+              "profiler kernel times of largeep's own kernels (see bench/kernel_times.py)", recs)
 
 
 if __name__ == "__main__":

@@ -32,21 +32,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import queue
 import shlex
-import socket
 import sys
 import time
-import traceback
 from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
-
-for _k, _v in {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}.items():
-    os.environ.setdefault(_k, _v)
+from _launch import run_ranks
 
 LAYER_VARIANTS = ("no_overlap", "chunked_2", "chunked_4", "two_batch")
 PART_VARIANTS = ("gate_only", "comm_only", "experts_only")
@@ -87,18 +81,6 @@ def two_batch_forward(layer: Any, x: torch.Tensor) -> torch.Tensor:
     ops.wait(cb.event)
     out = torch.cat([ca.x, cb.x])
     return out + shared if shared is not None else out
-
-
-def _init(rank: int, world: int, args: argparse.Namespace, port: int) -> torch.device:
-    url = f"tcp://127.0.0.1:{port}"
-    if args.cpu:
-        torch.set_num_threads(max(1, (os.cpu_count() or 2) // world))
-        dist.init_process_group("gloo", init_method=url, rank=rank, world_size=world)
-        return torch.device("cpu")
-    torch.cuda.set_device(rank)
-    dev = torch.device("cuda", rank)
-    dist.init_process_group("nccl", init_method=url, rank=rank, world_size=world, device_id=dev)
-    return dev
 
 
 def _measure(rank: int, world: int, args: argparse.Namespace, dev: torch.device) -> dict[str, Any]:
@@ -219,19 +201,6 @@ def _measure(rank: int, world: int, args: argparse.Namespace, dev: torch.device)
     return result
 
 
-def _worker(rank: int, world: int, args: argparse.Namespace, port: int, results: Any) -> None:
-    try:
-        dev = _init(rank, world, args, port)
-        out = _measure(rank, world, args, dev)
-        if rank == 0:
-            results.put(("ok", out))
-        dist.barrier()
-        dist.destroy_process_group()
-    except BaseException:
-        results.put(("error", f"rank {rank}:\n{traceback.format_exc()}"))
-        raise
-
-
 def build_records(args: argparse.Namespace, world: int, res: dict[str, Any]) -> list[dict[str, Any]]:
     """One record per variant: SPEC.md's keys plus "variant", "speedup" and "pass"."""
     stats = res["stats"]
@@ -282,21 +251,6 @@ def _finite(obj: Any) -> Any:
     return obj
 
 
-def _collect(procs: list[Any], results: Any, timeout_s: float) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            kind, payload = results.get(timeout=1.0)
-        except queue.Empty:
-            if any(p.exitcode not in (None, 0) for p in procs):
-                break
-            continue
-        if kind == "error":
-            raise RuntimeError(payload)
-        return payload  # type: ignore[no-any-return]
-    raise RuntimeError(f"no result (exit codes {[p.exitcode for p in procs]})")
-
-
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cpu", action="store_true", help="gloo + torch backend on the CPU, tiny sizes (smoke test)")
@@ -330,25 +284,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.experts % world:
         p.error(f"--experts {args.experts} is not divisible by {world} ranks")
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     print(f"layer_times: {world} ranks, backend {args.backend}, {'forward+backward' if args.backward else 'forward'}"
           f", tokens {args.tokens}/rank, H {args.hidden}, E {args.experts}, K {args.topk}, F {args.ffn}", flush=True)
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    procs = [ctx.Process(target=_worker, args=(r, world, args, port, results)) for r in range(world)]
-    for pr in procs:
-        pr.start()
-    try:
-        res = _collect(procs, results, args.timeout)
-    except BaseException:
-        for pr in procs:
-            if pr.is_alive():
-                pr.terminate()
-        raise
-    for pr in procs:
-        pr.join()
+    res = run_ranks(_measure, world, args, backend="gloo" if args.cpu else "nccl", timeout_s=args.timeout)
 
     from largeep.bench import records as rec
 

@@ -14,19 +14,12 @@ usage: python bench/low_latency_times.py --out DIR [--tokens 1,8,32,128,256] [--
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import re
-import socket
-import sys
 from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
-
-for _k, _v in {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}.items():
-    os.environ.setdefault(_k, _v)
+from _launch import run_ranks, write_doc  # noqa: E402 - bench/ is the script's directory
 
 _KERNELS = ("ll_dispatch_send_kernel", "ll_dispatch_recv_kernel", "ll_combine_send_kernel", "ll_combine_recv_kernel")
 
@@ -45,14 +38,11 @@ def _gather(values: list[float], world: int) -> torch.Tensor:
     return out.cpu()
 
 
-def _worker(rank: int, world: int, args: argparse.Namespace, port: int, results: Any) -> None:
+def _body(rank: int, world: int, args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]]:
     import largeep
     from largeep.bench import records as rec
     from torch.profiler import ProfilerActivity, profile
 
-    torch.cuda.set_device(rank)
-    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            device_id=torch.device("cuda", rank))
     m = max(args.tokens)
     buf = largeep.Buffer(None, hidden=args.hidden, num_experts=args.experts, num_topk=args.topk,
                          max_tokens_per_rank=m, backend="nvshmem", low_latency=True)
@@ -125,11 +115,9 @@ def _worker(rank: int, world: int, args: argparse.Namespace, port: int, results:
                 "logical_gbps": rec.gbps(nbytes, med) if op in ("dispatch", "combine") else None,
             })
         del graph
-    if rank == 0:
-        results.put(out)
     dist.barrier()
     buf.destroy()
-    dist.destroy_process_group()
+    return out
 
 
 def main() -> None:
@@ -146,18 +134,7 @@ def main() -> None:
     args = p.parse_args()
     args.tokens = [int(v) for v in args.tokens.split(",")]
     world = args.nprocs or torch.cuda.device_count()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    procs = [ctx.Process(target=_worker, args=(r, world, args, port, q)) for r in range(world)]
-    for pr in procs:
-        pr.start()
-    recs = q.get(timeout=1200)
-    for pr in procs:
-        pr.join()
-    from largeep.bench import records as rec
+    recs = run_ranks(_body, world, args)
     from tabulate import tabulate
 
     print(tabulate(
@@ -165,11 +142,8 @@ def main() -> None:
           f"{r['time_us_p10']:.1f}", f"{r['time_us_p90']:.1f}"] for r in recs],
         headers=["of", "op", "ep", "tokens", "dtype", "us", "p10", "p90"],
     ))
-    os.makedirs(args.out, exist_ok=True)
-    doc = {"command": " ".join([sys.executable] + sys.argv), "env": rec.environment(),
-           "what": "low-latency kernel and CUDA-graph replay times (bench/low_latency_times.py)", "records": recs}
-    with open(os.path.join(args.out, f"low_latency_times_ep{world}.json"), "w") as f:
-        json.dump(doc, f, indent=1)
+    write_doc(args.out, f"low_latency_times_ep{world}.json",
+              "low-latency kernel and CUDA-graph replay times (bench/low_latency_times.py)", recs)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from _launch import run_ranks, write_doc  # noqa: E402 - bench/ is the script's directory
+from _launch import run_ranks, write_doc  # bench/ is the script's directory
 
 _KERNELS = ("ll_dispatch_send_kernel", "ll_dispatch_recv_kernel", "ll_combine_send_kernel", "ll_combine_recv_kernel")
 

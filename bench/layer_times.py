@@ -241,16 +241,6 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
     return s
 
 
-def _finite(obj: Any) -> Any:
-    if isinstance(obj, float):
-        return obj if obj == obj and abs(obj) != float("inf") else None
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
-    return obj
-
-
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cpu", action="store_true", help="gloo + torch backend on the CPU, tiny sizes (smoke test)")
@@ -307,7 +297,7 @@ def main(argv: list[str] | None = None) -> None:
         headers=["variant", "backend", "pass", "ep", "tokens", "time(us)", "p10", "p90", "speedup"],
         disable_numparse=True,
     ))
-    print("summary:", json.dumps(_finite(summary)))
+    print("summary:", json.dumps(rec.finite(summary)))
     doc = {
         "schema": rec.SCHEMA,
         "command": shlex.join([sys.executable] + (sys.argv if argv is None else ["bench/layer_times.py", *argv])),
@@ -329,7 +319,7 @@ def main(argv: list[str] | None = None) -> None:
     path = os.path.join(args.out, name)
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
-        f.write(json.dumps(_finite(doc), indent=1, allow_nan=False, default=str) + "\n")
+        f.write(json.dumps(rec.finite(doc), indent=1, allow_nan=False, default=str) + "\n")
     os.replace(tmp, path)
     print(f"wrote {path}")
 

@@ -28,6 +28,15 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.skip(reason=f"needs {need} GPUs, {have} visible"))
 
 
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """Small tensors: one intra-op thread is faster, and it avoids oversubscribing a busy 2-core box."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def pools() -> Iterator[Callable[[int, str], DistPool]]:
     def get(world: int, backend: str = "gloo") -> DistPool:

@@ -23,14 +23,7 @@ from largeep.gate import (
 )
 from largeep.placement import Topology, greedy_placement
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tensors are small: one intra-op thread is faster, and it avoids oversubscribing a busy 2-core box."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _ref_select(scores, bias, group_of_expert, topk_groups, topk, group_score, norm, scale):

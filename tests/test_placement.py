@@ -22,14 +22,7 @@ from largeep.placement import (
     synthetic_trace,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tensors are small: one intra-op thread is faster, and it avoids oversubscribing a busy 2-core box."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -257,18 +257,18 @@ def write_results(
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_suffix(target.suffix + ".tmp")
-    tmp.write_text(json.dumps(_finite(doc), indent=1, allow_nan=False, default=_json_default) + "\n")
+    tmp.write_text(json.dumps(finite(doc), indent=1, allow_nan=False, default=_json_default) + "\n")
     tmp.replace(target)
 
 
-def _finite(obj: Any) -> Any:
+def finite(obj: Any) -> Any:
     """NaN and infinities become None (JSON has no such numbers)."""
     if isinstance(obj, float):
         return obj if obj == obj and abs(obj) != float("inf") else None
     if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
+        return {k: finite(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
+        return [finite(v) for v in obj]
     return obj
 
 

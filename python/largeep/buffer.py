@@ -50,7 +50,6 @@ class DispatchHandle:
     buffer_id: int
     num_tokens: int  # T on this rank (source side)
     num_recv_tokens: int  # rows of the dispatch output (R, or num_worst_tokens)
-    is_token_in_rank: torch.Tensor | None
     state: Any = field(repr=False)
     num_worst_tokens: int = 0  # as given to the dispatch that made the handle (0: variable size)
 
@@ -383,8 +382,7 @@ class Buffer:
         out, event = self._run(run, previous_event, async_finish, [xs, scales, topk_idx, topk_weights])
         if handle is None:
             num_recv = num_worst_tokens if num_worst_tokens else out.num_recv_tokens
-            in_rank = getattr(out.state, "is_token_in_rank", None)
-            handle = DispatchHandle(self._id, t, num_recv, in_rank, out.state, num_worst_tokens)
+            handle = DispatchHandle(self._id, t, num_recv, out.state, num_worst_tokens)
         recv_x: Tokens = (out.x, out.x_scales) if out.x_scales is not None else out.x
         return DispatchResult(
             recv_x, out.topk_idx, out.topk_weights, out.num_tokens_per_expert, handle, event,

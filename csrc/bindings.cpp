@@ -58,6 +58,7 @@ class NormalKernels {
         c_.off_recv = l.off_recv;
         c_.off_comb = l.off_comb;
         c_.off_comb_w = l.off_comb_w;
+        c_.off_arrive = l.off_arrive;
         c_.recv_stride = l.recv_stride;
         c_.recv_off_scales = l.recv_off_scales;
         c_.recv_off_idx = l.recv_off_idx;
@@ -88,6 +89,13 @@ class NormalKernels {
                       int num_sms, uintptr_t stream) {
         launch_combine_push(c_, ptr<const void>(y), y_elem, ptr<const float>(y_w), ptr<const int>(recv_src),
                             ptr<const int>(recv_off), num_rows, num_sms, stream_of(stream));
+    }
+    void combine_fused(uintptr_t y, int y_elem, uintptr_t y_w, uintptr_t recv_src, uintptr_t recv_off, int num_rows,
+                       uintptr_t out, uintptr_t out_w, uintptr_t send_pos, int num_tokens, bool with_weights,
+                       int num_sms, uintptr_t stream) {
+        launch_combine_fused(c_, ptr<const void>(y), y_elem, ptr<const float>(y_w), ptr<const int>(recv_src),
+                             ptr<const int>(recv_off), num_rows, ptr<void>(out), ptr<float>(out_w),
+                             ptr<const int>(send_pos), num_tokens, with_weights, num_sms, stream_of(stream));
     }
     void combine_reduce(uintptr_t out, int out_elem, uintptr_t out_w, uintptr_t send_pos, int num_tokens,
                         bool with_weights, int num_sms, uintptr_t stream) {
@@ -205,5 +213,6 @@ PYBIND11_MODULE(_C, m) {
         .def("push", &NormalKernels::push)
         .def("copyout", &NormalKernels::copyout)
         .def("combine_push", &NormalKernels::combine_push)
-        .def("combine_reduce", &NormalKernels::combine_reduce);
+        .def("combine_reduce", &NormalKernels::combine_reduce)
+        .def("combine_fused", &NormalKernels::combine_fused);
 }

@@ -132,3 +132,19 @@ def test_low_latency_put_path(pools, world: int, ranks_per_node: int) -> None:
     pools(world, "nccl").run(
         gpu_bodies.low_latency_put_path, ranks_per_node, "nvshmem", tokens, 128, 7168, 288, 8, True, False, True, 9
     )
+
+
+@pytest.mark.gpu(2)
+@needs_native
+@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("case", [CASES[0], CASES[3], CASES[4]], ids=["spec-bf16", "fp32", "worst"])
+def test_normal_fused_combine(pools, world: int, case: tuple) -> None:
+    """The combine whose reduction overlaps its push (LARGEEP_TUNE fused=1) against the same reference."""
+    if world > __import__("conftest").gpu_count():
+        pytest.skip("not enough GPUs")
+    hidden, experts, topk, dtype, fp8, align, worst = case
+    tokens = _tokens(world, 700) if not worst else _tokens(world, 300)
+    pools(world, "nccl").run(
+        gpu_bodies.normal_roundtrip_tuned, "fused=1", "nvshmem", tokens, hidden, experts, topk, dtype, fp8, align,
+        21 + world, None, worst,
+    )

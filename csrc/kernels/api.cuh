@@ -46,9 +46,10 @@ enum SeqKind { kSeqDispatch = 0, kSeqCombine = 1, kSeqLowLatency = 2 };
 //                                              x | scales | local expert ids (int64 [K]) | weights [K] | token
 //   comb       bytes [N][max_tokens][comb_stride]  combine rows pushed by rank r for its j-th row from me
 //   comb_w     float [N][max_tokens][K]        combine weights, same indexing
+//   arrive     int32 [max_tokens]              fused combine: rows of each of my tokens that have landed
 struct NormalCtx {
     int rank, num_ranks, num_experts, num_topk, hidden, max_tokens;
-    int64_t off_flags, off_in_counts, off_out_counts, off_matrix, off_recv, off_comb, off_comb_w;
+    int64_t off_flags, off_in_counts, off_out_counts, off_matrix, off_recv, off_comb, off_comb_w, off_arrive;
     int64_t recv_stride, recv_off_scales, recv_off_idx, recv_off_w, recv_off_src;
     int64_t comb_stride;
     uint8_t* base;              // my symmetric allocation
@@ -64,7 +65,7 @@ struct NormalCtx {
 
 // Region offsets and strides for a normal-mode buffer, and its total bytes.
 struct NormalLayout {
-    int64_t off_flags, off_in_counts, off_out_counts, off_matrix, off_recv, off_comb, off_comb_w;
+    int64_t off_flags, off_in_counts, off_out_counts, off_matrix, off_recv, off_comb, off_comb_w, off_arrive;
     int64_t recv_stride, recv_off_scales, recv_off_idx, recv_off_w, recv_off_src, comb_stride, total_bytes;
 };
 NormalLayout normal_layout(int num_ranks, int num_experts, int num_topk, int hidden, int max_tokens);
@@ -95,6 +96,10 @@ void launch_dispatch_copyout(const NormalCtx& ctx, void* out_x, int x_elem_bytes
 // Combine push: row i of y goes to its source's `comb` buffer over NVLink; raises kFlagCombReady on every source.
 void launch_combine_push(const NormalCtx& ctx, const void* y, int y_elem_bytes, const float* y_w,
                          const int* recv_src, const int* recv_off, int num_rows, int num_sms, cudaStream_t stream);
+// Combine with the reduction overlapped with the push (half the blocks each; arrival counters per token).
+void launch_combine_fused(const NormalCtx& ctx, const void* y, int y_elem_bytes, const float* y_w,
+                          const int* recv_src, const int* recv_off, int num_rows, void* out, float* out_w,
+                          const int* send_pos, int num_tokens, bool with_weights, int num_sms, cudaStream_t stream);
 // Combine reduce: out[t] = sum over ranks r with send_pos[t, r] >= 0 of comb[r][send_pos[t, r]] in float32.
 void launch_combine_reduce(const NormalCtx& ctx, void* out, int out_elem_bytes, float* out_w, const int* send_pos,
                            int num_tokens, bool with_weights, int num_sms, cudaStream_t stream);

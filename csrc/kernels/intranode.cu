@@ -261,10 +261,25 @@ __global__ void __launch_bounds__(kThreads) dispatch_copyout_kernel(NormalCtx c,
 }
 
 // ---- combine ------------------------------------------------------------------------------------------------
+// Row i of y goes to its source s, slot [me][i - off[s]] of s's comb buffer (one warp); returns the source.
+__device__ __forceinline__ int push_combine_row(const NormalCtx& c, const uint8_t* y, int64_t y_bytes,
+                                                const float* y_w, const int* recv_src, const int* off, int i,
+                                                int lane) {
+    const int K = c.num_topk;
+    const int s = recv_src[2 * static_cast<int64_t>(i)];
+    const int64_t slot = static_cast<int64_t>(c.rank) * c.max_tokens + (i - off[s]);
+    uint8_t* dst = peer(c, s) + c.off_comb + slot * c.comb_stride;
+    warp_copy_rt(reinterpret_cast<int4*>(dst), reinterpret_cast<const int4*>(y + i * y_bytes), y_bytes, lane, 0,
+                 c.unroll);
+    if (y_w != nullptr && lane < K)
+        reinterpret_cast<float*>(peer(c, s) + c.off_comb_w)[slot * K + lane] = y_w[static_cast<int64_t>(i) * K + lane];
+    return s;
+}
+
 __global__ void __launch_bounds__(kThreads) combine_push_kernel(NormalCtx c, const uint8_t* y, int y_elem,
                                                                 const float* y_w, const int* recv_src,
                                                                 const int* recv_off, int num_rows) {
-    const int N = c.num_ranks, K = c.num_topk, me = c.rank;
+    const int N = c.num_ranks, me = c.rank;
     const int64_t seq = c.seq[kSeqCombine] + 1;
     __shared__ int off[33];
     // Each source must have finished reducing the previous round before its buffer is overwritten.
@@ -276,16 +291,8 @@ __global__ void __launch_bounds__(kThreads) combine_push_kernel(NormalCtx c, con
         const int R = min(off[N], num_rows);
         const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp, kWarps = blockDim.x / kWarp;
         const int64_t y_bytes = static_cast<int64_t>(c.hidden) * y_elem;
-        for (int i = blockIdx.x * kWarps + warp; i < R; i += gridDim.x * kWarps) {
-            const int s = recv_src[2 * static_cast<int64_t>(i)];
-            const int64_t slot = static_cast<int64_t>(me) * c.max_tokens + (i - off[s]);
-            uint8_t* dst = peer(c, s) + c.off_comb + slot * c.comb_stride;
-            warp_copy_rt(reinterpret_cast<int4*>(dst), reinterpret_cast<const int4*>(y + i * y_bytes), y_bytes,
-                         lane, 0, c.unroll);
-            if (y_w != nullptr && lane < K)
-                reinterpret_cast<float*>(peer(c, s) + c.off_comb_w)[slot * K + lane] =
-                    y_w[static_cast<int64_t>(i) * K + lane];
-        }
+        for (int i = blockIdx.x * kWarps + warp; i < R; i += gridDim.x * kWarps)
+            push_combine_row(c, y, y_bytes, y_w, recv_src, off, i, lane);
     }
     __threadfence_system();  // this thread's remote stores before the flag
     if (last_block(c.block_counter + 1)) {
@@ -333,75 +340,159 @@ struct Vec<float> {
     }
 };
 
+// out[t] = sum over ranks r with send_pos[t, r] >= 0 of comb[r][send_pos[t, r]], in float32 (one warp).
 template <typename T>
-__global__ void __launch_bounds__(kReduceThreads) combine_reduce_kernel(NormalCtx c, T* out, float* out_w,
-                                                                        const int* send_pos, int num_tokens,
-                                                                        int with_weights) {
+__device__ __forceinline__ void reduce_token(const NormalCtx& c, T* out, float* out_w, const int* send_pos, int t,
+                                             int with_weights, int lane) {
     constexpr int kPer = Vec<T>::kPer;
     constexpr int kMaxSrc = 8;
     constexpr int kUnroll = 2;
     const int N = c.num_ranks, K = c.num_topk;
+    const int nvec = c.hidden / kPer;
+    const uint8_t* comb = c.base + c.off_comb;
+    const float* comb_w = reinterpret_cast<const float*>(c.base + c.off_comb_w);
+    // lane r < N reads send_pos[t, r]; the warp shares the list of slots holding t's rows
+    const int p = lane < N ? send_pos[static_cast<int64_t>(t) * N + lane] : -1;
+    const unsigned present = __ballot_sync(0xffffffffu, p >= 0);
+    const int n_src = __popc(present);
+    const int4* rows[kMaxSrc];
+    int slot[kMaxSrc];
+#pragma unroll
+    for (int j = 0; j < kMaxSrc; ++j) {
+        rows[j] = nullptr;
+        slot[j] = 0;
+    }
+    unsigned m = present;
+#pragma unroll
+    for (int j = 0; j < kMaxSrc; ++j) {
+        if (m == 0) break;
+        const int r = __ffs(m) - 1;
+        m &= m - 1;
+        const int pr = __shfl_sync(0xffffffffu, p, r);
+        slot[j] = r * c.max_tokens + pr;
+        rows[j] = reinterpret_cast<const int4*>(comb + static_cast<int64_t>(slot[j]) * c.comb_stride);
+    }
+    int4* dst = reinterpret_cast<int4*>(out + static_cast<int64_t>(t) * c.hidden);
+    for (int v0 = lane; v0 < nvec; v0 += kUnroll * kWarp) {
+        int4 buf[kUnroll][kMaxSrc];
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u)
+#pragma unroll
+            for (int j = 0; j < kMaxSrc; ++j)
+                if (j < n_src && v0 + u * kWarp < nvec) buf[u][j] = ld_v4<1>(rows[j] + v0 + u * kWarp);
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u) {
+            if (v0 + u * kWarp >= nvec) break;
+            float acc[kPer];
+#pragma unroll
+            for (int e = 0; e < kPer; ++e) acc[e] = 0.f;
+#pragma unroll
+            for (int j = 0; j < kMaxSrc; ++j)
+                if (j < n_src) Vec<T>::add(acc, buf[u][j]);
+            st_na_v4(dst + v0 + u * kWarp, Vec<T>::pack(acc));
+        }
+    }
+    if (with_weights && lane < K) {
+        float sum = 0.f;
+        for (int j = 0; j < n_src; ++j) sum += comb_w[static_cast<int64_t>(slot[j]) * K + lane];
+        out_w[static_cast<int64_t>(t) * K + lane] = sum;
+    }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kReduceThreads) combine_reduce_kernel(NormalCtx c, T* out, float* out_w,
+                                                                        const int* send_pos, int num_tokens,
+                                                                        int with_weights) {
+    const int N = c.num_ranks;
     const int64_t seq = c.seq[kSeqCombine] + 1;
     const bool ok = block_wait_flags(flags_of(c.base, c) + kFlagCombReady * N, N, seq, c.timeout_ns, c.status,
                                      kOpCombineReduce);
     if (ok) {
         const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
-        const int nvec = c.hidden / kPer;
-        const uint8_t* comb = c.base + c.off_comb;
-        const float* comb_w = reinterpret_cast<const float*>(c.base + c.off_comb_w);
-        for (int t = blockIdx.x * kReduceWarps + warp; t < num_tokens; t += gridDim.x * kReduceWarps) {
-            // lane r < N reads send_pos[t, r]; the warp shares the list of slots holding t's rows
-            const int p = lane < N ? send_pos[static_cast<int64_t>(t) * N + lane] : -1;
-            const unsigned present = __ballot_sync(0xffffffffu, p >= 0);
-            const int n_src = __popc(present);
-            const int4* rows[kMaxSrc];
-            int slot[kMaxSrc];
-#pragma unroll
-            for (int j = 0; j < kMaxSrc; ++j) {
-                rows[j] = nullptr;
-                slot[j] = 0;
-            }
-            unsigned m = present;
-#pragma unroll
-            for (int j = 0; j < kMaxSrc; ++j) {
-                if (m == 0) break;
-                const int r = __ffs(m) - 1;
-                m &= m - 1;
-                const int pr = __shfl_sync(0xffffffffu, p, r);
-                slot[j] = r * c.max_tokens + pr;
-                rows[j] = reinterpret_cast<const int4*>(comb + static_cast<int64_t>(slot[j]) * c.comb_stride);
-            }
-            int4* dst = reinterpret_cast<int4*>(out + static_cast<int64_t>(t) * c.hidden);
-            for (int v0 = lane; v0 < nvec; v0 += kUnroll * kWarp) {
-                int4 buf[kUnroll][kMaxSrc];
-#pragma unroll
-                for (int u = 0; u < kUnroll; ++u)
-#pragma unroll
-                    for (int j = 0; j < kMaxSrc; ++j)
-                        if (j < n_src && v0 + u * kWarp < nvec) buf[u][j] = ld_v4<1>(rows[j] + v0 + u * kWarp);
-#pragma unroll
-                for (int u = 0; u < kUnroll; ++u) {
-                    if (v0 + u * kWarp >= nvec) break;
-                    float acc[kPer];
-#pragma unroll
-                    for (int e = 0; e < kPer; ++e) acc[e] = 0.f;
-#pragma unroll
-                    for (int j = 0; j < kMaxSrc; ++j)
-                        if (j < n_src) Vec<T>::add(acc, buf[u][j]);
-                    st_na_v4(dst + v0 + u * kWarp, Vec<T>::pack(acc));
-                }
-            }
-            if (with_weights && lane < K) {
-                float sum = 0.f;
-                for (int j = 0; j < n_src; ++j) sum += comb_w[static_cast<int64_t>(slot[j]) * K + lane];
-                out_w[static_cast<int64_t>(t) * K + lane] = sum;
-            }
-        }
+        for (int t = blockIdx.x * kReduceWarps + warp; t < num_tokens; t += gridDim.x * kReduceWarps)
+            reduce_token(c, out, out_w, send_pos, t, with_weights, lane);
     }
     // Every block has read its slots: each pusher may write into my buffer again.
     if (last_block(c.block_counter + 2)) {
         if (static_cast<int>(threadIdx.x) < N)
             st_release_sys(flags_of(peer(c, threadIdx.x), c) + kFlagCombFree * N + c.rank, seq);
+        if (threadIdx.x == 0) c.seq[kSeqCombine] = seq;
+    }
+}
+
+
+// ---- combine, push and reduction overlapped (LARGEEP_TUNE fused=1) ------------------------------------------
+// Blocks [0, push_blocks) push rows as combine_push_kernel does, and after each row add 1 to the source's arrival
+// counter of that token (`arrive` int32 [max_tokens] in the source's symmetric memory; a system-scope atomic after
+// a system fence, so the row is visible before the count). The other blocks reduce: a token is summed as soon as
+// its counter reaches the number of ranks that received it (known from send_pos), then the counter is reset to 0
+// for the next round. Pushers write into a source only after it raised kFlagCombFree for the previous round,
+// which it does after every counter of that round was reset. Needs every block resident at once (few SMs).
+template <typename T>
+__global__ void __launch_bounds__(kReduceThreads) combine_fused_kernel(NormalCtx c, const uint8_t* y, int y_elem,
+                                                                       const float* y_w, const int* recv_src,
+                                                                       const int* recv_off, int num_rows, T* out,
+                                                                       float* out_w, const int* send_pos,
+                                                                       int num_tokens, int with_weights,
+                                                                       int push_blocks) {
+    const int N = c.num_ranks, me = c.rank;
+    const int64_t seq = c.seq[kSeqCombine] + 1;
+    const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
+    __shared__ int off[33];
+    if (static_cast<int>(blockIdx.x) < push_blocks) {
+        const bool ok = block_wait_flags(flags_of(c.base, c) + kFlagCombFree * N, N, seq - 1, c.timeout_ns,
+                                         c.status, kOpCombine);
+        if (threadIdx.x <= static_cast<unsigned>(N)) off[threadIdx.x] = recv_off[threadIdx.x];
+        __syncthreads();
+        if (ok) {
+            const int R = min(off[N], num_rows);
+            const int64_t y_bytes = static_cast<int64_t>(c.hidden) * y_elem;
+            for (int i = blockIdx.x * kReduceWarps + warp; i < R; i += push_blocks * kReduceWarps) {
+                const int s = push_combine_row(c, y, y_bytes, y_w, recv_src, off, i, lane);
+                __threadfence_system();  // every lane's part of the row before the count
+                __syncwarp();
+                if (lane == 0)
+                    atomicAdd_system(reinterpret_cast<int*>(peer(c, s) + c.off_arrive) +
+                                         recv_src[2 * static_cast<int64_t>(i) + 1],
+                                     1);
+            }
+        }
+    } else {
+        __shared__ volatile int failed;
+        if (threadIdx.x == 0) failed = has_error(c.status) ? 1 : 0;
+        __syncthreads();
+        int* arrive = reinterpret_cast<int*>(c.base + c.off_arrive);
+        const int reduce_blocks = gridDim.x - push_blocks;
+        for (int t = (blockIdx.x - push_blocks) * kReduceWarps + warp; t < num_tokens && !failed;
+             t += reduce_blocks * kReduceWarps) {
+            const int p = lane < N ? send_pos[static_cast<int64_t>(t) * N + lane] : -1;
+            const int expected = __popc(__ballot_sync(0xffffffffu, p >= 0));
+            int ok = 1;
+            if (lane == 0 && expected > 0) {
+                const uint64_t start = globaltimer_ns();
+                while (ld_acquire_sys_s32(arrive + t) < expected) {
+                    if (globaltimer_ns() - start > c.timeout_ns || has_error(c.status)) {
+                        report_error(c.status, kOpCombineReduce, -1);
+                        ok = 0;
+                        break;
+                    }
+                }
+            }
+            ok = __shfl_sync(0xffffffffu, ok, 0);
+            __syncwarp();  // lane 0's acquire orders the whole warp's reads of the rows
+            if (!ok) {
+                if (lane == 0) failed = 1;
+                break;
+            }
+            reduce_token(c, out, out_w, send_pos, t, with_weights, lane);
+            __syncwarp();
+            if (lane == 0) arrive[t] = 0;
+        }
+    }
+    // Every row of this round was read and every counter reset: each pusher may write into my buffer again.
+    if (last_block(c.block_counter + 2)) {
+        if (static_cast<int>(threadIdx.x) < N)
+            st_release_sys(flags_of(peer(c, threadIdx.x), c) + kFlagCombFree * N + me, seq);
         if (threadIdx.x == 0) c.seq[kSeqCombine] = seq;
     }
 }
@@ -430,6 +521,7 @@ NormalLayout normal_layout(int N, int E, int K, int H, int T) {
     l.off_recv = take(l.recv_stride * N * T);
     l.off_comb = take(l.comb_stride * N * T);
     l.off_comb_w = take(4ll * N * T * K);
+    l.off_arrive = take(4ll * T);
     l.total_bytes = off;
     return l;
 }
@@ -488,6 +580,28 @@ void launch_combine_reduce(const NormalCtx& ctx, void* out, int out_elem_bytes, 
         HOST_ASSERT(out_elem_bytes == 4, "combine output must be bf16 or float32");
         combine_reduce_kernel<float><<<grid, kReduceThreads, 0, stream>>>(ctx, static_cast<float*>(out), out_w, send_pos,
                                                                     num_tokens, with_weights ? 1 : 0);
+    }
+    LAUNCH_CHECK();
+}
+
+void launch_combine_fused(const NormalCtx& ctx, const void* y, int y_elem_bytes, const float* y_w,
+                          const int* recv_src, const int* recv_off, int num_rows, void* out, float* out_w,
+                          const int* send_pos, int num_tokens, bool with_weights, int num_sms, cudaStream_t stream) {
+    HOST_ASSERT(ctx.num_ranks <= 8, "combine supports at most 8 ranks per node");
+    HOST_ASSERT(num_sms >= 2, "the fused combine needs at least 2 SMs (push and reduce)");
+    HOST_ASSERT((static_cast<int64_t>(ctx.hidden) * y_elem_bytes) % 16 == 0,
+                "hidden * element size must be a multiple of 16");
+    const int push_blocks = num_sms / 2;
+    const auto* yb = static_cast<const uint8_t*>(y);
+    if (y_elem_bytes == 2) {
+        combine_fused_kernel<__nv_bfloat16><<<num_sms, kReduceThreads, 0, stream>>>(
+            ctx, yb, y_elem_bytes, y_w, recv_src, recv_off, num_rows, static_cast<__nv_bfloat16*>(out), out_w,
+            send_pos, num_tokens, with_weights ? 1 : 0, push_blocks);
+    } else {
+        HOST_ASSERT(y_elem_bytes == 4, "combine input must be bf16 or float32");
+        combine_fused_kernel<float><<<num_sms, kReduceThreads, 0, stream>>>(
+            ctx, yb, y_elem_bytes, y_w, recv_src, recv_off, num_rows, static_cast<float*>(out), out_w, send_pos,
+            num_tokens, with_weights ? 1 : 0, push_blocks);
     }
     LAUNCH_CHECK();
 }

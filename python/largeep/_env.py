@@ -8,8 +8,9 @@
 | LARGEEP_NVSHMEM_HEAP_MARGIN | 1.25 | factor on the first Buffer's needs when largeep sets NVSHMEM_SYMMETRIC_SIZE |
 | LARGEEP_EXPERIMENTAL_PUTS | 0 | 1 lets the nvshmem low-latency mode span several nodes through its NVSHMEM put |
 | | | path (written, not yet run on GPUs) |
-| LARGEEP_TUNE | threads=512,load=0,unroll=8 | normal-mode kernel shape: threads per block, load kind (0 nc, |
-| | | 1 weak, 2 volatile), 16-byte loads in flight per lane (4 or 8) |
+| LARGEEP_TUNE | threads=512,load=0,unroll=8,fused=0 | normal-mode kernels: threads per block, load kind (0 nc, |
+| | | 1 weak, 2 volatile), 16-byte loads in flight per lane (4 or 8), fused=1: combine reduction |
+| | | overlapped with the push (written, not yet run on GPUs) |
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ def settings() -> Settings:
     )
 
 
-_TUNE_DEFAULTS = {"threads": 512, "load": 0, "unroll": 8}
+_TUNE_DEFAULTS = {"threads": 512, "load": 0, "unroll": 8, "fused": 0}
 
 
 def _tune(raw: str) -> dict[str, int]:

@@ -294,13 +294,22 @@ class NvshmemBackend:
             if topk_weights is not None
             else None
         )
+        w_ptr = topk_weights.data_ptr() if topk_weights is not None else 0
+        out_w_ptr = out_w.data_ptr() if out_w is not None else 0
+        if self.settings.tune["fused"]:
+            self.kernels.combine_fused(
+                y.data_ptr(), y.element_size(), w_ptr, state.recv_src.data_ptr(), state.recv_off.data_ptr(),
+                state.num_rows, out.data_ptr(), out_w_ptr, state.send_pos.data_ptr(), state.num_tokens,
+                topk_weights is not None, c.num_sms, stream,
+            )
+            return out, out_w
         self.kernels.combine_push(
-            y.data_ptr(), y.element_size(), topk_weights.data_ptr() if topk_weights is not None else 0,
-            state.recv_src.data_ptr(), state.recv_off.data_ptr(), state.num_rows, c.num_sms, stream,
+            y.data_ptr(), y.element_size(), w_ptr, state.recv_src.data_ptr(), state.recv_off.data_ptr(),
+            state.num_rows, c.num_sms, stream,
         )
         self.kernels.combine_reduce(
-            out.data_ptr(), out.element_size(), out_w.data_ptr() if out_w is not None else 0,
-            state.send_pos.data_ptr(), state.num_tokens, topk_weights is not None, c.num_sms, stream,
+            out.data_ptr(), out.element_size(), out_w_ptr, state.send_pos.data_ptr(), state.num_tokens,
+            topk_weights is not None, c.num_sms, stream,
         )
         return out, out_w
 

@@ -17,6 +17,7 @@ usage: python bench/kernel_times.py --out bench/results/DIR [--tokens 4096] [--n
 from __future__ import annotations
 
 import argparse
+import os
 import re
 from typing import Any
 
@@ -32,6 +33,7 @@ _KERNELS = {
     "dispatch_notify_kernel": "notify",
     "combine_push_kernel": "combine",
     "combine_reduce_kernel": "combine",
+    "combine_fused_kernel": "combine",
 }
 
 
@@ -44,8 +46,10 @@ def _body(rank: int, world: int, args: argparse.Namespace, device: torch.device)
     import largeep
     from largeep import fp8
     from largeep.bench import records as rec
+    from largeep._env import settings
     from torch.profiler import ProfilerActivity, profile
 
+    fused = bool(settings().tune["fused"])  # LARGEEP_TUNE fused=1: one combine kernel per call
     flush = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
     out = []
     for tokens in args.tokens:
@@ -91,7 +95,7 @@ def _body(rank: int, world: int, args: argparse.Namespace, device: torch.device)
                     op = _KERNELS[kname]
                     per_kernel.setdefault(kname, []).append(e.time_range.elapsed_us())
                     lst = per_op.setdefault(op, [0.0] * args.iters)
-                    n_per_iter = {"layout": 1, "dispatch": 3, "notify": 1, "combine": 2}[op]
+                    n_per_iter = {"layout": 1, "dispatch": 3, "notify": 1, "combine": 1 if fused else 2}[op]
                     i = counts.get(op, 0)
                     counts[op] = i + 1
                     lst[min(i // n_per_iter, args.iters - 1)] += e.time_range.elapsed_us()
@@ -115,7 +119,7 @@ def _body(rank: int, world: int, args: argparse.Namespace, device: torch.device)
                         "dtype": dtype, "num_sms": sms, "time_us_median": med, "time_us_p10": p10,
                         "time_us_p90": p90, "logical_gbps": logical,
                         "bus_gbps": rec.gbps(traffic.bus_bytes(row), med) if logical else None,
-                        "kernels": op,
+                        "kernels": op, "tune": os.environ.get("LARGEEP_TUNE", ""),
                     })
             buf.destroy()
     return out

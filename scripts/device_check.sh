@@ -43,6 +43,9 @@ for stage in $STAGES; do
         vis=$(seq -s, 0 $((n - 1)))
         CUDA_VISIBLE_DEVICES=$vis timeout 300 $PY bench/kernel_times.py --nprocs "$n" --num-sms 8,16,24 \
           --out "$OUT/perf" > "$OUT/perf_normal_ep$n.log" 2>&1 || rc=1
+        mkdir -p "$OUT/perf_fused"
+        LARGEEP_TUNE=fused=1 CUDA_VISIBLE_DEVICES=$vis timeout 300 $PY bench/kernel_times.py --nprocs "$n" \
+          --num-sms 8,16,24 --out "$OUT/perf_fused" > "$OUT/perf_fused_ep$n.log" 2>&1 || rc=1
         CUDA_VISIBLE_DEVICES=$vis timeout 300 $PY bench/low_latency_times.py --nprocs "$n" \
           --out "$OUT/perf" > "$OUT/perf_ll_ep$n.log" 2>&1 || rc=1
         tail -12 "$OUT/perf_ll_ep$n.log"

@@ -45,8 +45,8 @@ def _kernel_of(name: str) -> str | None:
 def _body(rank: int, world: int, args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]]:
     import largeep
     from largeep import fp8
-    from largeep.bench import records as rec
     from largeep._env import settings
+    from largeep.bench import records as rec
     from torch.profiler import ProfilerActivity, profile
 
     fused = bool(settings().tune["fused"])  # LARGEEP_TUNE fused=1: one combine kernel per call

@@ -53,4 +53,6 @@ for stage in $STAGES; do
       ;;
   esac
 done
+# One file holding everything, for transports that bring back few files.
+tar czf "$OUT.tar.gz" -C "$(dirname "$OUT")" "$(basename "$OUT")" && echo "wrote $OUT.tar.gz"
 exit $rc

@@ -30,6 +30,7 @@ _KERNELS = {
     "dispatch_prepare_kernel": "dispatch",
     "dispatch_push_kernel": "dispatch",
     "dispatch_copyout_kernel": "dispatch",
+    "dispatch_fused_kernel": "dispatch",
     "dispatch_notify_kernel": "notify",
     "combine_push_kernel": "combine",
     "combine_reduce_kernel": "combine",
@@ -49,7 +50,7 @@ def _body(rank: int, world: int, args: argparse.Namespace, device: torch.device)
     from largeep.bench import records as rec
     from torch.profiler import ProfilerActivity, profile
 
-    fused = bool(settings().tune["fused"])  # LARGEEP_TUNE fused=1: one combine kernel per call
+    fused = bool(settings().tune["fused"])  # LARGEEP_TUNE fused=1: fused dispatch and combine kernels
     flush = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
     out = []
     for tokens in args.tokens:
@@ -95,7 +96,8 @@ def _body(rank: int, world: int, args: argparse.Namespace, device: torch.device)
                     op = _KERNELS[kname]
                     per_kernel.setdefault(kname, []).append(e.time_range.elapsed_us())
                     lst = per_op.setdefault(op, [0.0] * args.iters)
-                    n_per_iter = {"layout": 1, "dispatch": 3, "notify": 1, "combine": 1 if fused else 2}[op]
+                    n_per_iter = {"layout": 1, "dispatch": 2 if fused else 3, "notify": 1,
+                                  "combine": 1 if fused else 2}[op]
                     i = counts.get(op, 0)
                     counts[op] = i + 1
                     lst[min(i // n_per_iter, args.iters - 1)] += e.time_range.elapsed_us()

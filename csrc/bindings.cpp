@@ -64,6 +64,7 @@ class NormalKernels {
         c_.recv_off_idx = l.recv_off_idx;
         c_.recv_off_w = l.recv_off_w;
         c_.recv_off_src = l.recv_off_src;
+        c_.recv_off_tag = l.recv_off_tag;
         c_.comb_stride = l.comb_stride;
     }
 
@@ -89,6 +90,16 @@ class NormalKernels {
                       int num_sms, uintptr_t stream) {
         launch_combine_push(c_, ptr<const void>(y), y_elem, ptr<const float>(y_w), ptr<const int>(recv_src),
                             ptr<const int>(recv_off), num_rows, num_sms, stream_of(stream));
+    }
+    void dispatch_fused(uintptr_t x, int x_elem, uintptr_t scales, uintptr_t idx, uintptr_t w, int num_tokens,
+                        uintptr_t send_pos, uintptr_t send_off, uintptr_t out_x, uintptr_t out_s, uintptr_t out_idx,
+                        uintptr_t out_w, uintptr_t recv_src, uintptr_t recv_off, int num_rows, bool cached,
+                        int num_sms, uintptr_t stream) {
+        launch_dispatch_fused(c_, ptr<const void>(x), x_elem, ptr<const float>(scales), ptr<const int64_t>(idx),
+                              ptr<const float>(w), num_tokens, ptr<const int>(send_pos), ptr<const int>(send_off),
+                              ptr<void>(out_x), ptr<float>(out_s), ptr<int64_t>(out_idx), ptr<float>(out_w),
+                              ptr<int>(recv_src), ptr<const int>(recv_off), num_rows, cached, num_sms,
+                              stream_of(stream));
     }
     void combine_fused(uintptr_t y, int y_elem, uintptr_t y_w, uintptr_t recv_src, uintptr_t recv_off, int num_rows,
                        uintptr_t out, uintptr_t out_w, uintptr_t send_pos, int num_tokens, bool with_weights,
@@ -214,5 +225,6 @@ PYBIND11_MODULE(_C, m) {
         .def("copyout", &NormalKernels::copyout)
         .def("combine_push", &NormalKernels::combine_push)
         .def("combine_reduce", &NormalKernels::combine_reduce)
-        .def("combine_fused", &NormalKernels::combine_fused);
+        .def("combine_fused", &NormalKernels::combine_fused)
+        .def("dispatch_fused", &NormalKernels::dispatch_fused);
 }

@@ -138,8 +138,9 @@ def test_low_latency_put_path(pools, world: int, ranks_per_node: int) -> None:
 @needs_native
 @pytest.mark.parametrize("world", [2, 4])
 @pytest.mark.parametrize("case", [CASES[0], CASES[3], CASES[4]], ids=["spec-bf16", "fp32", "worst"])
-def test_normal_fused_combine(pools, world: int, case: tuple) -> None:
-    """The combine whose reduction overlaps its push (LARGEEP_TUNE fused=1) against the same reference."""
+def test_normal_fused(pools, world: int, case: tuple) -> None:
+    """Dispatch with the copy-out overlapping the push, and combine with the reduction overlapping the push
+    (LARGEEP_TUNE fused=1), against the same reference (cached dispatch and num_worst_tokens included)."""
     if world > __import__("conftest").gpu_count():
         pytest.skip("not enough GPUs")
     hidden, experts, topk, dtype, fp8, align, worst = case

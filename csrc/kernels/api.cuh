@@ -44,13 +44,14 @@ enum SeqKind { kSeqDispatch = 0, kSeqCombine = 1, kSeqLowLatency = 2 };
 //   matrix     int32 [N][N]                    row s written by rank s: rows s sends to each rank
 //   recv       bytes [N*max_tokens][recv_stride]  rows pushed to me, in SPEC order:
 //                                              x | scales | local expert ids (int64 [K]) | weights [K] | token
+//                                              | tag (int64: the round, written last by the fused dispatch)
 //   comb       bytes [N][max_tokens][comb_stride]  combine rows pushed by rank r for its j-th row from me
 //   comb_w     float [N][max_tokens][K]        combine weights, same indexing
 //   arrive     int32 [max_tokens]              fused combine: rows of each of my tokens that have landed
 struct NormalCtx {
     int rank, num_ranks, num_experts, num_topk, hidden, max_tokens;
     int64_t off_flags, off_in_counts, off_out_counts, off_matrix, off_recv, off_comb, off_comb_w, off_arrive;
-    int64_t recv_stride, recv_off_scales, recv_off_idx, recv_off_w, recv_off_src;
+    int64_t recv_stride, recv_off_scales, recv_off_idx, recv_off_w, recv_off_src, recv_off_tag;
     int64_t comb_stride;
     uint8_t* base;              // my symmetric allocation
     const uint64_t* peer_base;  // device array [N]: every rank's allocation as seen from this GPU (NVLink)
@@ -66,7 +67,8 @@ struct NormalCtx {
 // Region offsets and strides for a normal-mode buffer, and its total bytes.
 struct NormalLayout {
     int64_t off_flags, off_in_counts, off_out_counts, off_matrix, off_recv, off_comb, off_comb_w, off_arrive;
-    int64_t recv_stride, recv_off_scales, recv_off_idx, recv_off_w, recv_off_src, comb_stride, total_bytes;
+    int64_t recv_stride, recv_off_scales, recv_off_idx, recv_off_w, recv_off_src, recv_off_tag, comb_stride,
+        total_bytes;
 };
 NormalLayout normal_layout(int num_ranks, int num_experts, int num_topk, int hidden, int max_tokens);
 
@@ -96,6 +98,13 @@ void launch_dispatch_copyout(const NormalCtx& ctx, void* out_x, int x_elem_bytes
 // Combine push: row i of y goes to its source's `comb` buffer over NVLink; raises kFlagCombReady on every source.
 void launch_combine_push(const NormalCtx& ctx, const void* y, int y_elem_bytes, const float* y_w,
                          const int* recv_src, const int* recv_off, int num_rows, int num_sms, cudaStream_t stream);
+// Dispatch with the copy-out overlapped with the push (half the blocks each; rows tagged with the round). Runs
+// after prepare and notify, in place of push + copy-out.
+void launch_dispatch_fused(const NormalCtx& ctx, const void* x, int x_elem_bytes, const float* x_scales,
+                           const int64_t* topk_idx, const float* topk_weights, int num_tokens, const int* send_pos,
+                           const int* send_off, void* out_x, float* out_scales, int64_t* out_idx, float* out_w,
+                           int* recv_src, const int* recv_off, int num_rows, bool cached, int num_sms,
+                           cudaStream_t stream);
 // Combine with the reduction overlapped with the push (half the blocks each; arrival counters per token).
 void launch_combine_fused(const NormalCtx& ctx, const void* y, int y_elem_bytes, const float* y_w,
                           const int* recv_src, const int* recv_off, int num_rows, void* out, float* out_w,

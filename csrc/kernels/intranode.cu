@@ -129,6 +129,67 @@ __global__ void __launch_bounds__(kThreads) dispatch_notify_kernel(NormalCtx c, 
 }
 
 // ---- push ---------------------------------------------------------------------------------------------------
+// One warp pushes token t: the x row is read once from the caller's tensor and written into the receive buffer
+// of every rank that needs it (row send_off[r] + send_pos[t, r]), then scales, expert ids made local to r (-1
+// elsewhere), weights and the token index; with tag != 0 (fused dispatch) the row's tag word last.
+__device__ __forceinline__ void push_token(const NormalCtx& c, const uint8_t* x, int64_t x_bytes, const float* scales,
+                                           const int64_t* idx, const float* w, const int* send_pos, const int* off,
+                                           int t, int lane, int64_t tag) {
+    const int N = c.num_ranks, K = c.num_topk, epr = c.num_experts / N;
+    const int num_scales = c.hidden / 128;
+    const int p = lane < N ? send_pos[static_cast<int64_t>(t) * N + lane] : -1;
+    unsigned dests = __ballot_sync(0xffffffffu, p >= 0);
+    const int4* src = reinterpret_cast<const int4*>(x + t * x_bytes);
+    // Load the row once (in chunks that fit registers) and store it to every destination.
+    const int nvec = static_cast<int>(x_bytes / 16);
+    constexpr int kChunk = 8;
+    for (int v0 = 0; v0 < nvec; v0 += kChunk * kWarp) {
+        int4 buf[kChunk];
+#pragma unroll
+        for (int u = 0; u < kChunk; ++u) {
+            const int v = v0 + u * kWarp + lane;
+            if (v < nvec) buf[u] = ld_nc_v4(src + v);
+        }
+        unsigned m = dests;
+        while (m) {
+            const int r = __ffs(m) - 1;
+            m &= m - 1;
+            const int pr = __shfl_sync(0xffffffffu, p, r);
+            int4* dst = reinterpret_cast<int4*>(peer(c, r) + c.off_recv +
+                                                static_cast<int64_t>(off[r] + pr) * c.recv_stride);
+#pragma unroll
+            for (int u = 0; u < kChunk; ++u) {
+                const int v = v0 + u * kWarp + lane;
+                if (v < nvec) st_na_v4(dst + v, buf[u]);
+            }
+        }
+    }
+    unsigned m = dests;
+    while (m) {
+        const int r = __ffs(m) - 1;
+        m &= m - 1;
+        const int pr = __shfl_sync(0xffffffffu, p, r);
+        uint8_t* dst = peer(c, r) + c.off_recv + static_cast<int64_t>(off[r] + pr) * c.recv_stride;
+        if (scales != nullptr)
+            for (int q = lane; q < num_scales; q += kWarp)
+                reinterpret_cast<float*>(dst + c.recv_off_scales)[q] =
+                    scales[static_cast<int64_t>(t) * num_scales + q];
+        if (idx != nullptr && lane < K) {
+            const int64_t e = idx[static_cast<int64_t>(t) * K + lane];
+            const int64_t le = e - static_cast<int64_t>(r) * epr;
+            const bool mine = e >= 0 && le >= 0 && le < epr;
+            reinterpret_cast<int64_t*>(dst + c.recv_off_idx)[lane] = mine ? le : -1;
+            reinterpret_cast<float*>(dst + c.recv_off_w)[lane] = mine ? w[static_cast<int64_t>(t) * K + lane] : 0.f;
+        }
+        if (lane == 0) reinterpret_cast<int*>(dst + c.recv_off_src)[0] = t;
+        if (tag != 0) {  // fused dispatch: the row's tag last, after every lane's part of the row
+            __threadfence_system();
+            __syncwarp();
+            if (lane == 0) st_release_sys(reinterpret_cast<int64_t*>(dst + c.recv_off_tag), tag);
+        }
+    }
+}
+
 // One warp per token: the token's x row is read once from the caller's tensor and written over NVLink into the
 // receive buffer of every rank that needs it, at row send_off[r] + send_pos[t, r], followed by its scales, its
 // expert ids made local to r (-1 elsewhere), weights, and the token index. Stores are posted: no round trip.
@@ -136,7 +197,7 @@ __global__ void __launch_bounds__(kThreads) dispatch_push_kernel(NormalCtx c, co
                                                                  const float* scales, const int64_t* idx,
                                                                  const float* w, int T, const int* send_pos,
                                                                  const int* send_off) {
-    const int N = c.num_ranks, K = c.num_topk, epr = c.num_experts / N, me = c.rank;
+    const int N = c.num_ranks, me = c.rank;
     const int64_t seq = c.seq[kSeqDispatch] + 1;
     __shared__ int off[32];
     // Receivers must have consumed the previous round (the notify kernel checked it for non-cached calls).
@@ -147,55 +208,8 @@ __global__ void __launch_bounds__(kThreads) dispatch_push_kernel(NormalCtx c, co
     if (ok) {
         const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp, kWarps = blockDim.x / kWarp;
         const int64_t x_bytes = static_cast<int64_t>(c.hidden) * x_elem;
-        const int num_scales = c.hidden / 128;
-        for (int t = blockIdx.x * kWarps + warp; t < T; t += gridDim.x * kWarps) {
-            const int p = lane < N ? send_pos[static_cast<int64_t>(t) * N + lane] : -1;
-            unsigned dests = __ballot_sync(0xffffffffu, p >= 0);
-            const int4* src = reinterpret_cast<const int4*>(x + t * x_bytes);
-            // Load the row once (in chunks that fit registers) and store it to every destination.
-            const int nvec = static_cast<int>(x_bytes / 16);
-            constexpr int kChunk = 8;
-            for (int v0 = 0; v0 < nvec; v0 += kChunk * kWarp) {
-                int4 buf[kChunk];
-#pragma unroll
-                for (int u = 0; u < kChunk; ++u) {
-                    const int v = v0 + u * kWarp + lane;
-                    if (v < nvec) buf[u] = ld_nc_v4(src + v);
-                }
-                unsigned m = dests;
-                while (m) {
-                    const int r = __ffs(m) - 1;
-                    m &= m - 1;
-                    const int pr = __shfl_sync(0xffffffffu, p, r);
-                    int4* dst = reinterpret_cast<int4*>(peer(c, r) + c.off_recv +
-                                                        static_cast<int64_t>(off[r] + pr) * c.recv_stride);
-#pragma unroll
-                    for (int u = 0; u < kChunk; ++u) {
-                        const int v = v0 + u * kWarp + lane;
-                        if (v < nvec) st_na_v4(dst + v, buf[u]);
-                    }
-                }
-            }
-            unsigned m = dests;
-            while (m) {
-                const int r = __ffs(m) - 1;
-                m &= m - 1;
-                const int pr = __shfl_sync(0xffffffffu, p, r);
-                uint8_t* dst = peer(c, r) + c.off_recv + static_cast<int64_t>(off[r] + pr) * c.recv_stride;
-                if (scales != nullptr)
-                    for (int q = lane; q < num_scales; q += kWarp)
-                        reinterpret_cast<float*>(dst + c.recv_off_scales)[q] =
-                            scales[static_cast<int64_t>(t) * num_scales + q];
-                if (idx != nullptr && lane < K) {
-                    const int64_t e = idx[static_cast<int64_t>(t) * K + lane];
-                    const int64_t le = e - static_cast<int64_t>(r) * epr;
-                    const bool mine = e >= 0 && le >= 0 && le < epr;
-                    reinterpret_cast<int64_t*>(dst + c.recv_off_idx)[lane] = mine ? le : -1;
-                    reinterpret_cast<float*>(dst + c.recv_off_w)[lane] = mine ? w[static_cast<int64_t>(t) * K + lane] : 0.f;
-                }
-                if (lane == 0) reinterpret_cast<int*>(dst + c.recv_off_src)[0] = t;
-            }
-        }
+        for (int t = blockIdx.x * kWarps + warp; t < T; t += gridDim.x * kWarps)
+            push_token(c, x, x_bytes, scales, idx, w, send_pos, off, t, lane, 0);
     }
     __threadfence_system();  // this thread's remote stores before the flag
     if (last_block(c.block_counter + 0)) {
@@ -205,6 +219,39 @@ __global__ void __launch_bounds__(kThreads) dispatch_push_kernel(NormalCtx c, co
 }
 
 // ---- copy-out -----------------------------------------------------------------------------------------------
+// One warp copies receive-buffer row i into the outputs (local memory only); rows in [R, num_rows) (the
+// num_worst_tokens tail) get topk_idx -1 and weight 0. Weak loads: peers wrote these rows during this kernel.
+__device__ __forceinline__ void copy_out_row(const NormalCtx& c, uint8_t* out_x, int64_t x_bytes, float* out_s,
+                                             int64_t* out_idx, float* out_w, int* recv_src, const int* off, int R,
+                                             int i, int cached, int lane) {
+    const int K = c.num_topk;
+    const int num_scales = c.hidden / 128;
+    if (i >= R) {
+        if (!cached && lane < K) {
+            out_idx[static_cast<int64_t>(i) * K + lane] = -1;
+            out_w[static_cast<int64_t>(i) * K + lane] = 0.f;
+        }
+        return;
+    }
+    const uint8_t* src = c.base + c.off_recv + static_cast<int64_t>(i) * c.recv_stride;
+    warp_copy_rt(reinterpret_cast<int4*>(out_x + i * x_bytes), reinterpret_cast<const int4*>(src), x_bytes, lane, 1,
+                 c.unroll);
+    if (out_s != nullptr)
+        for (int q = lane; q < num_scales; q += kWarp)
+            out_s[static_cast<int64_t>(i) * num_scales + q] = reinterpret_cast<const float*>(src + c.recv_off_scales)[q];
+    if (cached) return;
+    if (lane < K) {
+        out_idx[static_cast<int64_t>(i) * K + lane] = reinterpret_cast<const int64_t*>(src + c.recv_off_idx)[lane];
+        out_w[static_cast<int64_t>(i) * K + lane] = reinterpret_cast<const float*>(src + c.recv_off_w)[lane];
+    }
+    if (lane == 0) {
+        int s = 0;
+        while (off[s + 1] <= i) ++s;
+        recv_src[2 * static_cast<int64_t>(i)] = s;
+        recv_src[2 * static_cast<int64_t>(i) + 1] = reinterpret_cast<const int*>(src + c.recv_off_src)[0];
+    }
+}
+
 // Waits for every source's rows, then copies receive-buffer rows [0, R) into the caller-visible outputs (local
 // memory only), and tells every source that my receive buffer is free again. Rows in [R, num_rows) (the
 // num_worst_tokens tail) get topk_idx -1 and weight 0.
@@ -212,7 +259,7 @@ __global__ void __launch_bounds__(kThreads) dispatch_copyout_kernel(NormalCtx c,
                                                                     float* out_s, int64_t* out_idx, float* out_w,
                                                                     int* recv_src, const int* recv_off,
                                                                     int num_rows, int cached) {
-    const int N = c.num_ranks, K = c.num_topk, me = c.rank;
+    const int N = c.num_ranks, me = c.rank;
     const int64_t seq = c.seq[kSeqDispatch] + 1;
     __shared__ int off[33];
     const bool ok = block_wait_flags(flags_of(c.base, c) + kFlagRows * N, N, seq, c.timeout_ns, c.status,
@@ -223,36 +270,75 @@ __global__ void __launch_bounds__(kThreads) dispatch_copyout_kernel(NormalCtx c,
         const int R = off[N];
         const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp, kWarps = blockDim.x / kWarp;
         const int64_t x_bytes = static_cast<int64_t>(c.hidden) * x_elem;
-        const int num_scales = c.hidden / 128;
-        for (int i = blockIdx.x * kWarps + warp; i < num_rows; i += gridDim.x * kWarps) {
-            if (i >= R) {
-                if (!cached && lane < K) {
-                    out_idx[static_cast<int64_t>(i) * K + lane] = -1;
-                    out_w[static_cast<int64_t>(i) * K + lane] = 0.f;
+        for (int i = blockIdx.x * kWarps + warp; i < num_rows; i += gridDim.x * kWarps)
+            copy_out_row(c, out_x, x_bytes, out_s, out_idx, out_w, recv_src, off, R, i, cached, lane);
+    }
+    if (last_block(c.block_counter + 3)) {
+        if (static_cast<int>(threadIdx.x) < N)
+            st_release_sys(flags_of(peer(c, threadIdx.x), c) + kFlagRecvFree * N + me, seq);
+        if (threadIdx.x == 0) c.seq[kSeqDispatch] = seq;
+    }
+}
+
+// ---- dispatch, push and copy-out overlapped (LARGEEP_TUNE fused=1) ------------------------------------------
+// Launched after the count exchange (and, without num_worst_tokens, after the host allocated the outputs).
+// Blocks [0, push_blocks) push tokens as dispatch_push_kernel does, each row ending with its tag = the round
+// (release store after a system fence). The other blocks copy rows out as soon as their tag shows this round
+// (acquire), so the local copy overlaps the NVLink transfer. The last block frees every source's next round.
+__global__ void __launch_bounds__(kThreads) dispatch_fused_kernel(NormalCtx c, const uint8_t* x, int x_elem,
+                                                                  const float* scales, const int64_t* idx,
+                                                                  const float* w, int T, const int* send_pos,
+                                                                  const int* send_off, uint8_t* out_x, float* out_s,
+                                                                  int64_t* out_idx, float* out_w, int* recv_src,
+                                                                  const int* recv_off, int num_rows, int cached,
+                                                                  int push_blocks) {
+    const int N = c.num_ranks, me = c.rank;
+    const int64_t seq = c.seq[kSeqDispatch] + 1;
+    const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp, kWarps = blockDim.x / kWarp;
+    const int64_t x_bytes = static_cast<int64_t>(c.hidden) * x_elem;
+    __shared__ int off[33];
+    if (static_cast<int>(blockIdx.x) < push_blocks) {
+        const bool ok = block_wait_flags(flags_of(c.base, c) + kFlagRecvFree * N, N, seq - 1, c.timeout_ns,
+                                         c.status, kOpDispatch);
+        if (static_cast<int>(threadIdx.x) < N) off[threadIdx.x] = send_off[threadIdx.x];
+        __syncthreads();
+        if (ok)
+            for (int t = blockIdx.x * kWarps + warp; t < T; t += push_blocks * kWarps)
+                push_token(c, x, x_bytes, scales, cached ? nullptr : idx, w, send_pos, off, t, lane, seq);
+    } else {
+        __shared__ volatile int failed;
+        if (threadIdx.x == 0) failed = has_error(c.status) ? 1 : 0;
+        if (static_cast<int>(threadIdx.x) <= N) off[threadIdx.x] = recv_off[threadIdx.x];
+        __syncthreads();
+        const int R = off[N];
+        const int copy_blocks = gridDim.x - push_blocks;
+        for (int i = (blockIdx.x - push_blocks) * kWarps + warp; i < num_rows && !failed; i += copy_blocks * kWarps) {
+            int ok = 1;
+            if (i < R && lane == 0) {
+                const int64_t* tag = reinterpret_cast<const int64_t*>(c.base + c.off_recv +
+                                                                      static_cast<int64_t>(i) * c.recv_stride +
+                                                                      c.recv_off_tag);
+                const uint64_t start = globaltimer_ns();
+                while (ld_acquire_sys(tag) < seq) {
+                    if (globaltimer_ns() - start > c.timeout_ns || has_error(c.status)) {
+                        int s = 0;
+                        while (off[s + 1] <= i) ++s;
+                        report_error(c.status, kOpDispatch, s);
+                        ok = 0;
+                        break;
+                    }
                 }
-                continue;
             }
-            const uint8_t* src = c.base + c.off_recv + static_cast<int64_t>(i) * c.recv_stride;
-            warp_copy_rt(reinterpret_cast<int4*>(out_x + i * x_bytes), reinterpret_cast<const int4*>(src), x_bytes,
-                         lane, 1, c.unroll);  // weak loads: peers wrote these rows while this kernel waited
-            if (out_s != nullptr)
-                for (int q = lane; q < num_scales; q += kWarp)
-                    out_s[static_cast<int64_t>(i) * num_scales + q] =
-                        reinterpret_cast<const float*>(src + c.recv_off_scales)[q];
-            if (!cached) {
-                if (lane < K) {
-                    out_idx[static_cast<int64_t>(i) * K + lane] = reinterpret_cast<const int64_t*>(src + c.recv_off_idx)[lane];
-                    out_w[static_cast<int64_t>(i) * K + lane] = reinterpret_cast<const float*>(src + c.recv_off_w)[lane];
-                }
-                if (lane == 0) {
-                    int s = 0;
-                    while (off[s + 1] <= i) ++s;
-                    recv_src[2 * static_cast<int64_t>(i)] = s;
-                    recv_src[2 * static_cast<int64_t>(i) + 1] = reinterpret_cast<const int*>(src + c.recv_off_src)[0];
-                }
+            ok = __shfl_sync(0xffffffffu, ok, 0);
+            __syncwarp();  // lane 0's acquire orders the whole warp's reads of the row
+            if (!ok) {
+                if (lane == 0) failed = 1;
+                break;
             }
+            copy_out_row(c, out_x, x_bytes, out_s, out_idx, out_w, recv_src, off, R, i, cached, lane);
         }
     }
+    __threadfence_system();
     if (last_block(c.block_counter + 3)) {
         if (static_cast<int>(threadIdx.x) < N)
             st_release_sys(flags_of(peer(c, threadIdx.x), c) + kFlagRecvFree * N + me, seq);
@@ -512,6 +598,7 @@ NormalLayout normal_layout(int N, int E, int K, int H, int T) {
     l.recv_off_idx = l.recv_off_scales + align16(static_cast<int64_t>(H / 128) * 4);
     l.recv_off_w = l.recv_off_idx + align16(static_cast<int64_t>(K) * 8);
     l.recv_off_src = l.recv_off_w + align16(static_cast<int64_t>(K) * 4);
+    l.recv_off_tag = l.recv_off_src + 8;
     l.recv_stride = l.recv_off_src + 16;
     l.comb_stride = align16(static_cast<int64_t>(H) * 4);
     l.off_flags = take(8ll * kNumFlagKinds * N);
@@ -581,6 +668,21 @@ void launch_combine_reduce(const NormalCtx& ctx, void* out, int out_elem_bytes, 
         combine_reduce_kernel<float><<<grid, kReduceThreads, 0, stream>>>(ctx, static_cast<float*>(out), out_w, send_pos,
                                                                     num_tokens, with_weights ? 1 : 0);
     }
+    LAUNCH_CHECK();
+}
+
+void launch_dispatch_fused(const NormalCtx& ctx, const void* x, int x_elem_bytes, const float* x_scales,
+                           const int64_t* topk_idx, const float* topk_weights, int num_tokens, const int* send_pos,
+                           const int* send_off, void* out_x, float* out_scales, int64_t* out_idx, float* out_w,
+                           int* recv_src, const int* recv_off, int num_rows, bool cached, int num_sms,
+                           cudaStream_t stream) {
+    HOST_ASSERT(num_sms >= 2, "the fused dispatch needs at least 2 SMs (push and copy-out)");
+    HOST_ASSERT((static_cast<int64_t>(ctx.hidden) * x_elem_bytes) % 16 == 0,
+                "hidden * element size must be a multiple of 16");
+    dispatch_fused_kernel<<<num_sms, ctx.threads, 0, stream>>>(
+        ctx, static_cast<const uint8_t*>(x), x_elem_bytes, x_scales, topk_idx, topk_weights, num_tokens, send_pos,
+        send_off, static_cast<uint8_t*>(out_x), out_scales, out_idx, out_w, recv_src, recv_off, num_rows,
+        cached ? 1 : 0, num_sms / 2);
     LAUNCH_CHECK();
 }
 

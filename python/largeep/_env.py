@@ -9,8 +9,8 @@
 | LARGEEP_EXPERIMENTAL_PUTS | 0 | 1 lets the nvshmem low-latency mode span several nodes through its NVSHMEM put |
 | | | path (written, not yet run on GPUs) |
 | LARGEEP_TUNE | threads=512,load=0,unroll=8,fused=0 | normal-mode kernels: threads per block, load kind (0 nc, |
-| | | 1 weak, 2 volatile), 16-byte loads in flight per lane (4 or 8), fused=1: combine reduction |
-| | | overlapped with the push (written, not yet run on GPUs) |
+| | | 1 weak, 2 volatile), 16-byte loads in flight per lane (4 or 8), fused=1: dispatch copy-out and |
+| | | combine reduction overlapped with their pushes (written, not yet run on GPUs) |
 """
 
 from __future__ import annotations

@@ -220,6 +220,7 @@ class NvshmemBackend:
         scales_ptr = x_scales.data_ptr() if x_scales is not None else 0
         cached = state is not None
         worst = num_worst_tokens > 0 or (state is not None and state.worst)
+        fused = bool(self.settings.tune["fused"])  # push and copy-out in one kernel, after the outputs exist
         per_expert_list: list[int] = []
         if state is None:
             assert topk_idx is not None and topk_weights is not None
@@ -232,11 +233,12 @@ class NvshmemBackend:
             k = self.kernels
             k.prepare(topk_idx.data_ptr(), t, send_pos.data_ptr(), stream)
             k.notify(recv_off.data_ptr(), send_off.data_ptr(), report, stream)
-            # The push needs no host decision: it runs while the host waits for the counts below.
-            k.push(
-                x.data_ptr(), elem, scales_ptr, topk_idx.data_ptr(), topk_weights.data_ptr(), t, send_pos.data_ptr(),
-                send_off.data_ptr(), sms, stream,
-            )
+            if not fused:
+                # The push needs no host decision: it runs while the host waits for the counts below.
+                k.push(
+                    x.data_ptr(), elem, scales_ptr, topk_idx.data_ptr(), topk_weights.data_ptr(), t,
+                    send_pos.data_ptr(), send_off.data_ptr(), sms, stream,
+                )
             if report:
                 rc = self.C.wait_host_word(self.host_ptr, _READY, 1, _ERROR, self.settings.timeout_s + _HOST_GRACE_S)
                 self._raise_if_failed("dispatch")
@@ -253,7 +255,7 @@ class NvshmemBackend:
             state = _NvState(
                 send_pos, send_off, torch.empty(rows, 2, dtype=torch.int32, device=dev), recv_off, rows, t, worst
             )
-        else:
+        elif not fused:
             self.kernels.push(
                 x.data_ptr(), elem, scales_ptr, 0, 0, t, state.send_pos.data_ptr(), state.send_off.data_ptr(), sms,
                 stream,
@@ -265,11 +267,19 @@ class NvshmemBackend:
         if not cached:
             out_idx = torch.empty(rows, c.num_topk, dtype=torch.int64, device=dev)
             out_w = torch.empty(rows, c.num_topk, dtype=torch.float32, device=dev)
-        self.kernels.copyout(
-            out_x.data_ptr(), elem, out_s.data_ptr() if out_s is not None else 0,
+        outs = (
+            out_x.data_ptr(), out_s.data_ptr() if out_s is not None else 0,
             out_idx.data_ptr() if out_idx is not None else 0, out_w.data_ptr() if out_w is not None else 0,
             state.recv_src.data_ptr(), state.recv_off.data_ptr(), rows, cached, sms, stream,
         )
+        if fused:
+            self.kernels.dispatch_fused(
+                x.data_ptr(), elem, scales_ptr, 0 if cached else topk_idx.data_ptr(),  # type: ignore[union-attr]
+                0 if cached else topk_weights.data_ptr(), t,  # type: ignore[union-attr]
+                state.send_pos.data_ptr(), state.send_off.data_ptr(), *outs,
+            )
+        else:
+            self.kernels.copyout(outs[0], elem, *outs[1:])
         if per_expert_list:
             per_expert_t = torch.tensor(per_expert_list, dtype=torch.int32).to(dev, non_blocking=True)
         elif out_idx is not None:

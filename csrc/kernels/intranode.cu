@@ -315,19 +315,11 @@ __global__ void __launch_bounds__(kThreads) dispatch_fused_kernel(NormalCtx c, c
         for (int i = (blockIdx.x - push_blocks) * kWarps + warp; i < num_rows && !failed; i += copy_blocks * kWarps) {
             int ok = 1;
             if (i < R && lane == 0) {
-                const int64_t* tag = reinterpret_cast<const int64_t*>(c.base + c.off_recv +
-                                                                      static_cast<int64_t>(i) * c.recv_stride +
-                                                                      c.recv_off_tag);
-                const uint64_t start = globaltimer_ns();
-                while (ld_acquire_sys(tag) < seq) {
-                    if (globaltimer_ns() - start > c.timeout_ns || has_error(c.status)) {
-                        int s = 0;
-                        while (off[s + 1] <= i) ++s;
-                        report_error(c.status, kOpDispatch, s);
-                        ok = 0;
-                        break;
-                    }
-                }
+                const int64_t* tag = reinterpret_cast<const int64_t*>(
+                    c.base + c.off_recv + static_cast<int64_t>(i) * c.recv_stride + c.recv_off_tag);
+                int s = 0;  // the source of row i, named if it never arrives
+                while (off[s + 1] <= i) ++s;
+                ok = wait_flag(tag, seq, c.timeout_ns, c.status, kOpDispatch, s) ? 1 : 0;
             }
             ok = __shfl_sync(0xffffffffu, ok, 0);
             __syncwarp();  // lane 0's acquire orders the whole warp's reads of the row

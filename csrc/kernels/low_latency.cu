@@ -75,6 +75,15 @@ __device__ __forceinline__ bool ll_wait(const int64_t* flag, int64_t target, con
     return ok;
 }
 
+// Threads [0, N) wait for flag words [kind][slot][0, N) to reach target (block_wait_flags), with the fence ll_wait
+// adds when puts are in use; returns to every thread whether all arrived.
+__device__ __forceinline__ bool ll_block_wait(const LowLatencyCtx& c, int kind, int slot, int64_t target, int op) {
+    const bool ok = block_wait_flags(ll_flags(c.base, c) + ll_flag_index(c, kind, slot, 0), c.num_ranks, target,
+                                     c.timeout_ns, c.status, op);
+    if (ok && c.ranks_per_node < c.num_ranks) __threadfence_system();
+    return ok;
+}
+
 __global__ void __launch_bounds__(kLLThreads) ll_dispatch_send_kernel(LowLatencyCtx c, const __nv_bfloat16* x,
                                                                       const int64_t* idx, int T, int use_fp8,
                                                                       int round_scale, int64_t* handle_seq) {
@@ -83,14 +92,7 @@ __global__ void __launch_bounds__(kLLThreads) ll_dispatch_send_kernel(LowLatency
     const int slot_buf = static_cast<int>(seq & 1);
     int* counter = reinterpret_cast<int*>(c.base + c.off_counter);  // [N * E/N], zero between rounds
     // The receivers must have unpacked round seq - 2, which used the same slot buffer.
-    __shared__ int ok_all;
-    if (threadIdx.x == 0) ok_all = has_error(c.status) ? 0 : 1;
-    __syncthreads();
-    if (ok_all && static_cast<int>(threadIdx.x) < N &&
-        !ll_wait(ll_flags(c.base, c) + ll_flag_index(c, kLLDispatchFree, slot_buf, threadIdx.x), seq - 2, c,
-                 kOpLowLatencyDispatch, threadIdx.x))
-        atomicAnd(&ok_all, 0);
-    __syncthreads();
+    const bool ok_all = ll_block_wait(c, kLLDispatchFree, slot_buf, seq - 2, kOpLowLatencyDispatch);
     const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
     if (ok_all) {
         for (int pair = blockIdx.x * kLLWarps + warp; pair < T * K; pair += gridDim.x * kLLWarps) {
@@ -256,14 +258,7 @@ __global__ void __launch_bounds__(kLLThreads) ll_combine_send_kernel(LowLatencyC
     const int le = blockIdx.x;
     const int64_t seq = c.seq[kSeqLowLatency + 1] + 1;
     const int slot_buf = static_cast<int>(seq & 1);
-    __shared__ int ok_all;
-    if (threadIdx.x == 0) ok_all = has_error(c.status) ? 0 : 1;
-    __syncthreads();
-    if (ok_all && static_cast<int>(threadIdx.x) < N &&
-        !ll_wait(ll_flags(c.base, c) + ll_flag_index(c, kLLCombineFree, slot_buf, threadIdx.x), seq - 2, c,
-                 kOpLowLatencyCombine, threadIdx.x))
-        atomicAnd(&ok_all, 0);
-    __syncthreads();
+    const bool ok_all = ll_block_wait(c, kLLCombineFree, slot_buf, seq - 2, kOpLowLatencyCombine);
     if (ok_all) {
         const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
         const int rows = N * M;
@@ -306,14 +301,7 @@ __global__ void __launch_bounds__(kLLThreads) ll_combine_recv_kernel(LowLatencyC
     const int N = c.num_ranks, me = c.rank, H = c.hidden, M = c.max_tokens, K = c.num_topk;
     const int64_t seq = *handle_seq;
     const int slot_buf = static_cast<int>(seq & 1);
-    __shared__ int ok_all;
-    if (threadIdx.x == 0) ok_all = has_error(c.status) ? 0 : 1;
-    __syncthreads();
-    if (ok_all && static_cast<int>(threadIdx.x) < N &&
-        !ll_wait(ll_flags(c.base, c) + ll_flag_index(c, kLLCombineDone, slot_buf, threadIdx.x), seq, c,
-                 kOpLowLatencyCombine, threadIdx.x))
-        atomicAnd(&ok_all, 0);
-    __syncthreads();
+    const bool ok_all = ll_block_wait(c, kLLCombineDone, slot_buf, seq, kOpLowLatencyCombine);
     if (ok_all) {
         const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
         const int nvec = H / 8;

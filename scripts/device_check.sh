@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # One round of GPU checks on the GPU machine: build, GPU tests, benchmarks. Logs and JSON go to OUTDIR.
-# usage: scripts/device_check.sh OUTDIR [stage ...]   stages: build tests bench perf (default: build tests bench)
+# usage: scripts/device_check.sh OUTDIR [stage ...]   stages: build tests bench perf layer (default: build tests bench)
 #   bench: python -m largeep.bench (whole-call event times, every backend; LARGEEP_BENCH_ARGS overrides the preset)
 #   perf:  kernel times (normal) and kernel + CUDA-graph times (low-latency) of the nvshmem backend, on all GPUs
 #          and on GPUs 0,1
+#   layer: bench/layer_times.py (one MoE layer at prefill size, with and without overlap) on all GPUs
 set -uo pipefail
 OUT=${1:?usage: scripts/device_check.sh OUTDIR [stage ...]}
 shift
@@ -39,7 +40,7 @@ for stage in $STAGES; do
       fi
       ;;
     perf)
-      for n in $ngpu 2; do
+      for n in $(printf '%s\n' "$ngpu" 2 | sort -rnu); do
         vis=$(seq -s, 0 $((n - 1)))
         CUDA_VISIBLE_DEVICES=$vis timeout 300 $PY bench/kernel_times.py --nprocs "$n" --num-sms 8,16,24 \
           --out "$OUT/perf" > "$OUT/perf_normal_ep$n.log" 2>&1 || rc=1
@@ -50,6 +51,13 @@ for stage in $STAGES; do
           --out "$OUT/perf" > "$OUT/perf_ll_ep$n.log" 2>&1 || rc=1
         tail -12 "$OUT/perf_ll_ep$n.log"
       done
+      ;;
+    layer)
+      timeout 600 $PY bench/layer_times.py --out "$OUT/layer" > "$OUT/layer.log" 2>&1 || rc=1
+      tail -20 "$OUT/layer.log"
+      ;;
+    *)
+      echo "unknown stage $stage" | tee -a "$OUT/summary.txt"; rc=1
       ;;
   esac
 done

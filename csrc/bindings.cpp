@@ -18,11 +18,11 @@ T* ptr(uintptr_t p) {
 }
 cudaStream_t stream_of(uintptr_t s) { return reinterpret_cast<cudaStream_t>(s); }
 
-// Fields every kernel context shares: sizes, this Buffer's memory, counters, status area, timeout.
+// Fields every kernel context shares: sizes, this Buffer's memory, counters, status area, error word, timeout.
 template <typename Ctx>
 void fill_common(Ctx& c, int rank, int num_ranks, int num_experts, int num_topk, int hidden, int max_tokens,
                  uintptr_t base, uintptr_t peer_base, uintptr_t seq, uintptr_t block_counter, uintptr_t status_dev,
-                 double timeout_s) {
+                 uintptr_t error_dev, double timeout_s) {
     c.rank = rank;
     c.num_ranks = num_ranks;
     c.num_experts = num_experts;
@@ -34,6 +34,7 @@ void fill_common(Ctx& c, int rank, int num_ranks, int num_experts, int num_topk,
     c.seq = ptr<int64_t>(seq);
     c.block_counter = ptr<int>(block_counter);
     c.status = ptr<int64_t>(status_dev);
+    c.err = ErrorWord{ptr<int64_t>(error_dev), ptr<int64_t>(status_dev)};
     c.timeout_ns = static_cast<uint64_t>(timeout_s * 1e9);
 }
 
@@ -42,14 +43,14 @@ class NormalKernels {
    public:
     NormalKernels(int rank, int num_ranks, int num_experts, int num_topk, int hidden, int max_tokens, uintptr_t base,
                   uintptr_t peer_base, uintptr_t seq, uintptr_t block_counter, uintptr_t status_dev,
-                  double timeout_s, int threads, int load_mode, int unroll) {
+                  uintptr_t error_dev, double timeout_s, int threads, int load_mode, int unroll) {
         HOST_ASSERT(threads % 32 == 0 && threads >= 64 && threads <= 1024, "threads must be a multiple of 32 in [64, 1024]");
         HOST_ASSERT(load_mode >= 0 && load_mode <= 2 && (unroll == 4 || unroll == 8), "bad load mode or unroll");
         c_.threads = threads;
         c_.load_mode = load_mode;
         c_.unroll = unroll;
         fill_common(c_, rank, num_ranks, num_experts, num_topk, hidden, max_tokens, base, peer_base, seq, block_counter,
-                    status_dev, timeout_s);
+                    status_dev, error_dev, timeout_s);
         const NormalLayout l = normal_layout(num_ranks, num_experts, num_topk, hidden, max_tokens);
         c_.off_flags = l.off_flags;
         c_.off_in_counts = l.off_in_counts;
@@ -122,12 +123,12 @@ class NormalKernels {
 class LowLatencyKernels {
    public:
     LowLatencyKernels(int rank, int num_ranks, int num_experts, int num_topk, int hidden, int max_tokens,
-                      uintptr_t base, uintptr_t peer_base, uintptr_t seq, uintptr_t block_counter, uintptr_t status_dev,
-                      double timeout_s, int ranks_per_node) {
+                      uintptr_t base, uintptr_t peer_base, uintptr_t seq, uintptr_t block_counter,
+                      uintptr_t status_dev, uintptr_t error_dev, double timeout_s, int ranks_per_node) {
         HOST_ASSERT(ranks_per_node > 0 && num_ranks % ranks_per_node == 0, "bad ranks_per_node " << ranks_per_node);
         c_.ranks_per_node = ranks_per_node;
         fill_common(c_, rank, num_ranks, num_experts, num_topk, hidden, max_tokens, base, peer_base, seq, block_counter,
-                    status_dev, timeout_s);
+                    status_dev, error_dev, timeout_s);
         const LowLatencyLayout l =
             low_latency_layout(num_ranks, num_experts, num_topk, hidden, max_tokens, ranks_per_node);
         c_.off_flags = l.off_flags;
@@ -197,9 +198,10 @@ PYBIND11_MODULE(_C, m) {
         return d;
     });
     m.def("layout", [](uintptr_t idx, int t, int k, int n, int e, int p, uintptr_t per_rank, uintptr_t per_node,
-                       uintptr_t per_expert, uintptr_t in_rank, uintptr_t status, uintptr_t stream) {
+                       uintptr_t per_expert, uintptr_t in_rank, uintptr_t status, uintptr_t error, uintptr_t stream) {
         launch_layout(ptr<const int64_t>(idx), t, k, n, e, p, ptr<int>(per_rank), ptr<int>(per_node),
-                      ptr<int>(per_expert), ptr<bool>(in_rank), ptr<int64_t>(status), stream_of(stream));
+                      ptr<int>(per_expert), ptr<bool>(in_rank),
+                      ErrorWord{ptr<int64_t>(error), ptr<int64_t>(status)}, stream_of(stream));
     });
 
     m.def("low_latency_layout", [](int n, int e, int k, int h, int t, int p) {
@@ -209,16 +211,16 @@ PYBIND11_MODULE(_C, m) {
         return d;
     });
     py::class_<LowLatencyKernels>(m, "LowLatencyKernels")
-        .def(py::init<int, int, int, int, int, int, uintptr_t, uintptr_t, uintptr_t, uintptr_t, uintptr_t, double,
-                      int>())
+        .def(py::init<int, int, int, int, int, int, uintptr_t, uintptr_t, uintptr_t, uintptr_t, uintptr_t, uintptr_t,
+                      double, int>())
         .def("dispatch_send", &LowLatencyKernels::dispatch_send)
         .def("dispatch_recv", &LowLatencyKernels::dispatch_recv)
         .def("combine_send", &LowLatencyKernels::combine_send)
         .def("combine_recv", &LowLatencyKernels::combine_recv);
 
     py::class_<NormalKernels>(m, "NormalKernels")
-        .def(py::init<int, int, int, int, int, int, uintptr_t, uintptr_t, uintptr_t, uintptr_t, uintptr_t, double, int, int,
-                      int>())
+        .def(py::init<int, int, int, int, int, int, uintptr_t, uintptr_t, uintptr_t, uintptr_t, uintptr_t, uintptr_t,
+                      double, int, int, int>())
         .def("prepare", &NormalKernels::prepare)
         .def("notify", &NormalKernels::notify)
         .def("push", &NormalKernels::push)

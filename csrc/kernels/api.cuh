@@ -34,6 +34,14 @@ enum FlagKind {
     kNumFlagKinds = 5,
 };
 
+// Where kernels record the first error (op * 65536 + waited rank + 1): `dev`, a word in device memory that every
+// wait loop polls (cheap), then the host-mapped status area (`host`, status[kError]) for the host to read. Polling
+// the host-mapped word instead costs a PCIe round trip per read, which serialises across blocks.
+struct ErrorWord {
+    int64_t* dev;
+    int64_t* host;  // the status area (device pointer of the host mapping)
+};
+
 // Device-side sequence counters (cudaMalloc'd int64 [4]); each op reads seq+1 and its last kernel stores it.
 enum SeqKind { kSeqDispatch = 0, kSeqCombine = 1, kSeqLowLatency = 2 };
 
@@ -58,6 +66,7 @@ struct NormalCtx {
     int64_t* seq;               // device counters, SeqKind
     int* block_counter;         // device ints [4], for last-block detection
     int64_t* status;            // host-mapped status area (device pointer)
+    ErrorWord err;              // first error: device word, copied into status[kError]
     uint64_t timeout_ns;
     // Tuning (LARGEEP_TUNE): threads per block of the copy kernels, kind of 16-byte load (see ld_v4), and loads
     // in flight per lane.
@@ -74,10 +83,10 @@ NormalLayout normal_layout(int num_ranks, int num_experts, int num_topk, int hid
 
 // ---- layout.cu -------------------------------------------------------------------------------------------------
 // topk_idx int64 [T, K] -> per_rank int32 [N], per_node int32 [N/P], per_expert int32 [E], in_rank bool [T, N].
-// Ids outside [-1, E) are counted nowhere and reported in status[kError] (op kOpLayout, rank field 0).
+// Ids outside [-1, E) are counted nowhere and reported through `err` (op kOpLayout, rank field 0).
 void launch_layout(const int64_t* topk_idx, int num_tokens, int num_topk, int num_ranks, int num_experts,
                    int ranks_per_node, int* per_rank, int* per_node, int* per_expert, bool* in_rank,
-                   int64_t* status, cudaStream_t stream);
+                   ErrorWord err, cudaStream_t stream);
 
 // ---- intranode.cu (normal mode, every rank reachable over NVLink) --------------------------------------------
 // Prepare: send_pos int32 [T, N] (position of token t among the rows for rank r, -1 if none) and count rows.
@@ -131,6 +140,7 @@ struct LowLatencyCtx {
     int64_t* seq;        // device counters: [kSeqLowLatency] dispatch rounds, [kSeqLowLatency + 1] combine rounds
     int* block_counter;  // device ints [4]
     int64_t* status;
+    ErrorWord err;
     uint64_t timeout_ns;
 };
 struct LowLatencyLayout {

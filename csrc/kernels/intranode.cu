@@ -11,7 +11,8 @@
 //
 // Rounds are numbered by device-side sequence counters (NormalCtx::seq), so kernels captured in a CUDA graph
 // keep working on replay. Every wait is bounded by timeout_ns; on a timeout the kernel records (op, rank) in the
-// host-mapped status area and skips the rest of its work, and later kernels of the Buffer skip theirs.
+// ErrorWord (a device word, copied to the host-mapped status area) and skips the rest of its work, and later
+// kernels of the Buffer skip theirs.
 #include "launch.cuh"
 
 namespace largeep {
@@ -76,7 +77,7 @@ __global__ void __launch_bounds__(kThreads) dispatch_notify_kernel(NormalCtx c, 
                                                                    int report) {
     const int N = c.num_ranks, epr = c.num_experts / N, me = c.rank, row = 1 + epr;
     const int64_t seq = c.seq[kSeqDispatch] + 1;
-    if (!block_wait_flags(flags_of(c.base, c) + kFlagRecvFree * N, N, seq - 1, c.timeout_ns, c.status,
+    if (!block_wait_flags(flags_of(c.base, c) + kFlagRecvFree * N, N, seq - 1, c.timeout_ns, c.err,
                           kOpDispatch))
         return;
     const int* out = reinterpret_cast<const int*>(c.base + c.off_out_counts);
@@ -92,7 +93,7 @@ __global__ void __launch_bounds__(kThreads) dispatch_notify_kernel(NormalCtx c, 
     __syncthreads();
     if (static_cast<int>(threadIdx.x) < N)
         st_release_sys(flags_of(peer(c, threadIdx.x), c) + kFlagCounts * N + me, seq);
-    if (!block_wait_flags(flags_of(c.base, c) + kFlagCounts * N, N, seq, c.timeout_ns, c.status,
+    if (!block_wait_flags(flags_of(c.base, c) + kFlagCounts * N, N, seq, c.timeout_ns, c.err,
                           kOpDispatchNotify))
         return;
     const int* in = reinterpret_cast<const int*>(c.base + c.off_in_counts);
@@ -201,7 +202,7 @@ __global__ void __launch_bounds__(kThreads) dispatch_push_kernel(NormalCtx c, co
     const int64_t seq = c.seq[kSeqDispatch] + 1;
     __shared__ int off[32];
     // Receivers must have consumed the previous round (the notify kernel checked it for non-cached calls).
-    const bool ok = block_wait_flags(flags_of(c.base, c) + kFlagRecvFree * N, N, seq - 1, c.timeout_ns, c.status,
+    const bool ok = block_wait_flags(flags_of(c.base, c) + kFlagRecvFree * N, N, seq - 1, c.timeout_ns, c.err,
                                      kOpDispatch);
     if (static_cast<int>(threadIdx.x) < N) off[threadIdx.x] = send_off[threadIdx.x];
     __syncthreads();
@@ -262,7 +263,7 @@ __global__ void __launch_bounds__(kThreads) dispatch_copyout_kernel(NormalCtx c,
     const int N = c.num_ranks, me = c.rank;
     const int64_t seq = c.seq[kSeqDispatch] + 1;
     __shared__ int off[33];
-    const bool ok = block_wait_flags(flags_of(c.base, c) + kFlagRows * N, N, seq, c.timeout_ns, c.status,
+    const bool ok = block_wait_flags(flags_of(c.base, c) + kFlagRows * N, N, seq, c.timeout_ns, c.err,
                                      kOpDispatch);
     if (static_cast<int>(threadIdx.x) <= N) off[threadIdx.x] = recv_off[threadIdx.x];
     __syncthreads();
@@ -299,7 +300,7 @@ __global__ void __launch_bounds__(kThreads) dispatch_fused_kernel(NormalCtx c, c
     __shared__ int off[33];
     if (static_cast<int>(blockIdx.x) < push_blocks) {
         const bool ok = block_wait_flags(flags_of(c.base, c) + kFlagRecvFree * N, N, seq - 1, c.timeout_ns,
-                                         c.status, kOpDispatch);
+                                         c.err, kOpDispatch);
         if (static_cast<int>(threadIdx.x) < N) off[threadIdx.x] = send_off[threadIdx.x];
         __syncthreads();
         if (ok)
@@ -307,7 +308,7 @@ __global__ void __launch_bounds__(kThreads) dispatch_fused_kernel(NormalCtx c, c
                 push_token(c, x, x_bytes, scales, cached ? nullptr : idx, w, send_pos, off, t, lane, seq);
     } else {
         __shared__ volatile int failed;
-        if (threadIdx.x == 0) failed = has_error(c.status) ? 1 : 0;
+        if (threadIdx.x == 0) failed = has_error(c.err) ? 1 : 0;
         if (static_cast<int>(threadIdx.x) <= N) off[threadIdx.x] = recv_off[threadIdx.x];
         __syncthreads();
         const int R = off[N];
@@ -319,7 +320,7 @@ __global__ void __launch_bounds__(kThreads) dispatch_fused_kernel(NormalCtx c, c
                     c.base + c.off_recv + static_cast<int64_t>(i) * c.recv_stride + c.recv_off_tag);
                 int s = 0;  // the source of row i, named if it never arrives
                 while (off[s + 1] <= i) ++s;
-                ok = wait_flag(tag, seq, c.timeout_ns, c.status, kOpDispatch, s) ? 1 : 0;
+                ok = wait_flag(tag, seq, c.timeout_ns, c.err, kOpDispatch, s) ? 1 : 0;
             }
             ok = __shfl_sync(0xffffffffu, ok, 0);
             __syncwarp();  // lane 0's acquire orders the whole warp's reads of the row
@@ -361,7 +362,7 @@ __global__ void __launch_bounds__(kThreads) combine_push_kernel(NormalCtx c, con
     const int64_t seq = c.seq[kSeqCombine] + 1;
     __shared__ int off[33];
     // Each source must have finished reducing the previous round before its buffer is overwritten.
-    const bool ok = block_wait_flags(flags_of(c.base, c) + kFlagCombFree * N, N, seq - 1, c.timeout_ns, c.status,
+    const bool ok = block_wait_flags(flags_of(c.base, c) + kFlagCombFree * N, N, seq - 1, c.timeout_ns, c.err,
                                      kOpCombine);
     if (threadIdx.x <= static_cast<unsigned>(N)) off[threadIdx.x] = recv_off[threadIdx.x];
     __syncthreads();
@@ -483,7 +484,7 @@ __global__ void __launch_bounds__(kReduceThreads) combine_reduce_kernel(NormalCt
                                                                         int with_weights) {
     const int N = c.num_ranks;
     const int64_t seq = c.seq[kSeqCombine] + 1;
-    const bool ok = block_wait_flags(flags_of(c.base, c) + kFlagCombReady * N, N, seq, c.timeout_ns, c.status,
+    const bool ok = block_wait_flags(flags_of(c.base, c) + kFlagCombReady * N, N, seq, c.timeout_ns, c.err,
                                      kOpCombineReduce);
     if (ok) {
         const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
@@ -519,7 +520,7 @@ __global__ void __launch_bounds__(kReduceThreads) combine_fused_kernel(NormalCtx
     __shared__ int off[33];
     if (static_cast<int>(blockIdx.x) < push_blocks) {
         const bool ok = block_wait_flags(flags_of(c.base, c) + kFlagCombFree * N, N, seq - 1, c.timeout_ns,
-                                         c.status, kOpCombine);
+                                         c.err, kOpCombine);
         if (threadIdx.x <= static_cast<unsigned>(N)) off[threadIdx.x] = recv_off[threadIdx.x];
         __syncthreads();
         if (ok) {
@@ -537,7 +538,7 @@ __global__ void __launch_bounds__(kReduceThreads) combine_fused_kernel(NormalCtx
         }
     } else {
         __shared__ volatile int failed;
-        if (threadIdx.x == 0) failed = has_error(c.status) ? 1 : 0;
+        if (threadIdx.x == 0) failed = has_error(c.err) ? 1 : 0;
         __syncthreads();
         int* arrive = reinterpret_cast<int*>(c.base + c.off_arrive);
         const int reduce_blocks = gridDim.x - push_blocks;
@@ -549,8 +550,8 @@ __global__ void __launch_bounds__(kReduceThreads) combine_fused_kernel(NormalCtx
             if (lane == 0 && expected > 0) {
                 const uint64_t start = globaltimer_ns();
                 while (ld_acquire_sys_s32(arrive + t) < expected) {
-                    if (globaltimer_ns() - start > c.timeout_ns || has_error(c.status)) {
-                        report_error(c.status, kOpCombineReduce, -1);
+                    if (globaltimer_ns() - start > c.timeout_ns || has_error(c.err)) {
+                        report_error(c.err, kOpCombineReduce, -1);
                         ok = 0;
                         break;
                     }

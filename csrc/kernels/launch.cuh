@@ -13,25 +13,30 @@ namespace largeep {
 
 constexpr int kWarp = 32;
 
-// Records the first error (op, waited rank) in the host-mapped status area.
-__device__ __forceinline__ void report_error(int64_t* status, int op, int rank) {
-    atomicCAS(reinterpret_cast<unsigned long long*>(status + kError), 0ull,
-              static_cast<unsigned long long>(op) * 65536ull + static_cast<unsigned long long>(rank + 1));
+// Records the first error (op, waited rank): in the device word, and the winner copies it to the host-mapped
+// status area.
+__device__ __forceinline__ void report_error(ErrorWord err, int op, int rank) {
+    const unsigned long long code =
+        static_cast<unsigned long long>(op) * 65536ull + static_cast<unsigned long long>(rank + 1);
+    if (atomicCAS(reinterpret_cast<unsigned long long*>(err.dev), 0ull, code) == 0ull) {
+        reinterpret_cast<volatile int64_t*>(err.host)[kError] = static_cast<int64_t>(code);
+        __threadfence_system();
+    }
 }
 
 // True once any kernel of this Buffer reported an error: later kernels then skip their work so that a stuck
-// peer costs one timeout, not one per kernel.
-__device__ __forceinline__ bool has_error(const int64_t* status) { return ld_volatile(status + kError) != 0; }
+// peer costs one timeout, not one per kernel. Reads device memory only.
+__device__ __forceinline__ bool has_error(ErrorWord err) { return ld_volatile(err.dev) != 0; }
 
 // Spins until *flag >= target. Gives up after timeout_ns, reports (op, rank) and returns false.
-__device__ __forceinline__ bool wait_flag(const int64_t* flag, int64_t target, uint64_t timeout_ns, int64_t* status,
+__device__ __forceinline__ bool wait_flag(const int64_t* flag, int64_t target, uint64_t timeout_ns, ErrorWord err,
                                           int op, int rank) {
     if (ld_acquire_sys(flag) >= target) return true;
     const uint64_t start = globaltimer_ns();
     while (true) {
         if (ld_acquire_sys(flag) >= target) return true;
-        if (globaltimer_ns() - start > timeout_ns || has_error(status)) {
-            report_error(status, op, rank);
+        if (globaltimer_ns() - start > timeout_ns || has_error(err)) {
+            report_error(err, op, rank);
             return false;
         }
     }
@@ -39,12 +44,12 @@ __device__ __forceinline__ bool wait_flag(const int64_t* flag, int64_t target, u
 
 // Threads [0, n) each wait for flags[i] >= target; returns (to every thread) whether all arrived.
 __device__ __forceinline__ bool block_wait_flags(const int64_t* flags, int n, int64_t target, uint64_t timeout_ns,
-                                                 int64_t* status, int op) {
+                                                 ErrorWord err, int op) {
     __shared__ int ok_all;
-    if (threadIdx.x == 0) ok_all = has_error(status) ? 0 : 1;
+    if (threadIdx.x == 0) ok_all = has_error(err) ? 0 : 1;
     __syncthreads();
     if (ok_all && static_cast<int>(threadIdx.x) < n) {
-        if (!wait_flag(flags + threadIdx.x, target, timeout_ns, status, op, threadIdx.x)) atomicAnd(&ok_all, 0);
+        if (!wait_flag(flags + threadIdx.x, target, timeout_ns, err, op, threadIdx.x)) atomicAnd(&ok_all, 0);
     }
     __syncthreads();
     return ok_all != 0;

@@ -10,7 +10,7 @@ constexpr int kLayoutThreads = 256;
 
 __global__ void __launch_bounds__(kLayoutThreads) layout_kernel(const int64_t* topk_idx, int T, int K, int N, int E,
                                                                 int P, int* per_rank, int* per_node,
-                                                                int* per_expert, bool* in_rank, int64_t* status) {
+                                                                int* per_expert, bool* in_rank, ErrorWord err) {
     extern __shared__ int hist[];  // [E] experts | [N] ranks | [N/P] nodes
     int* h_rank = hist + E;
     int* h_node = h_rank + N;
@@ -42,7 +42,7 @@ __global__ void __launch_bounds__(kLayoutThreads) layout_kernel(const int64_t* t
             }
             if (!seen_n) atomicAdd(&h_node[n], 1);
         }
-        if (bad) report_error(status, kOpLayout, -1);
+        if (bad) report_error(err, kOpLayout, -1);
     }
     __syncthreads();
     for (int i = threadIdx.x; i < E + N + nodes; i += blockDim.x) {
@@ -58,7 +58,7 @@ __global__ void __launch_bounds__(kLayoutThreads) layout_kernel(const int64_t* t
 
 void launch_layout(const int64_t* topk_idx, int num_tokens, int num_topk, int num_ranks, int num_experts,
                    int ranks_per_node, int* per_rank, int* per_node, int* per_expert, bool* in_rank,
-                   int64_t* status, cudaStream_t stream) {
+                   ErrorWord err, cudaStream_t stream) {
     HOST_ASSERT(num_ranks > 0 && num_experts % num_ranks == 0 && num_ranks % ranks_per_node == 0,
                 "bad layout sizes");
     CUDA_CHECK(cudaMemsetAsync(per_rank, 0, sizeof(int) * num_ranks, stream));
@@ -70,7 +70,7 @@ void launch_layout(const int64_t* topk_idx, int num_tokens, int num_topk, int nu
     HOST_ASSERT(smem <= 48 * 1024, "too many experts for the layout kernel: " << num_experts);
     layout_kernel<<<ceil_div(num_tokens, kLayoutThreads), kLayoutThreads, smem, stream>>>(
         topk_idx, num_tokens, num_topk, num_ranks, num_experts, ranks_per_node, per_rank, per_node, per_expert,
-        in_rank, status);
+        in_rank, err);
     LAUNCH_CHECK();
 }
 

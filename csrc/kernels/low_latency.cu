@@ -17,7 +17,7 @@
 //
 // Two slot buffers (round parity) let two calls be in flight. A sender waits until the receiver freed the slot
 // buffer of round seq - 2. The round a receive belongs to travels in the handle (a device tensor), so kernels
-// captured in a CUDA graph replay correctly. Every wait is bounded (NormalCtx-style status area).
+// captured in a CUDA graph replay correctly. Every wait is bounded (errors go to the ErrorWord, as in normal mode).
 #include <cuda_fp8.h>
 #include <nvshmem.h>
 #include <nvshmemx.h>
@@ -70,7 +70,7 @@ __device__ __forceinline__ uint8_t* ll_recv_row(uint8_t* base, const LowLatencyC
 // that an NVSHMEM transport (not an NVLink store) delivered.
 __device__ __forceinline__ bool ll_wait(const int64_t* flag, int64_t target, const LowLatencyCtx& c, int op,
                                         int rank) {
-    const bool ok = wait_flag(flag, target, c.timeout_ns, c.status, op, rank);
+    const bool ok = wait_flag(flag, target, c.timeout_ns, c.err, op, rank);
     if (ok && c.ranks_per_node < c.num_ranks) __threadfence_system();
     return ok;
 }
@@ -79,7 +79,7 @@ __device__ __forceinline__ bool ll_wait(const int64_t* flag, int64_t target, con
 // adds when puts are in use; returns to every thread whether all arrived.
 __device__ __forceinline__ bool ll_block_wait(const LowLatencyCtx& c, int kind, int slot, int64_t target, int op) {
     const bool ok = block_wait_flags(ll_flags(c.base, c) + ll_flag_index(c, kind, slot, 0), c.num_ranks, target,
-                                     c.timeout_ns, c.status, op);
+                                     c.timeout_ns, c.err, op);
     if (ok && c.ranks_per_node < c.num_ranks) __threadfence_system();
     return ok;
 }
@@ -196,7 +196,7 @@ __global__ void __launch_bounds__(kLLThreads) ll_dispatch_recv_kernel(LowLatency
     const int slot_buf = static_cast<int>(seq & 1);
     __shared__ int off[33];
     __shared__ int ok_all;
-    if (threadIdx.x == 0) ok_all = has_error(c.status) ? 0 : 1;
+    if (threadIdx.x == 0) ok_all = has_error(c.err) ? 0 : 1;
     __syncthreads();
     if (static_cast<int>(threadIdx.x) < N) {
         int n = 0;

@@ -146,11 +146,13 @@ class NvshmemBackend:
         self.counters = torch.zeros(4, dtype=torch.int32, device=dev)
         words = _PER_EXPERT + ctx.experts_per_rank
         self.host_ptr, self.status_dev = (int(v) for v in self.C.host_alloc(8 * words))
+        # The kernels poll this device word for errors (reading the host-mapped status costs a PCIe round trip).
+        self.error_word = torch.zeros(1, dtype=torch.int64, device=dev)
         self.status = (ctypes.c_int64 * words).from_address(self.host_ptr)
         common = (
             ctx.rank, n, ctx.num_experts, ctx.num_topk, ctx.hidden, ctx.max_tokens_per_rank, self.base,
             self.peer_base.data_ptr(), self.seq.data_ptr(), self.counters.data_ptr(), self.status_dev,
-            settings.timeout_s,
+            self.error_word.data_ptr(), settings.timeout_s,
         )
         if ctx.low_latency:
             self.ll = self.C.LowLatencyKernels(*common, ctx.ranks_per_node)
@@ -196,7 +198,8 @@ class NvshmemBackend:
         in_rank = torch.empty(t, c.num_ranks, dtype=torch.bool, device=dev)
         self.C.layout(
             topk_idx.data_ptr(), t, c.num_topk, c.num_ranks, c.num_experts, c.ranks_per_node, per_rank.data_ptr(),
-            per_node.data_ptr(), per_expert.data_ptr(), in_rank.data_ptr(), self.status_dev, self._stream(),
+            per_node.data_ptr(), per_expert.data_ptr(), in_rank.data_ptr(), self.status_dev, self.error_word.data_ptr(),
+            self._stream(),
         )
         return Layout(per_rank, per_node, per_expert, in_rank)
 

@@ -77,6 +77,10 @@ class Env:
         return kw
 
     def other_buffer(self, group: dist.ProcessGroup | None = None, **over: Any) -> largeep.Buffer:
+        if group is not None and self.backend == "nvshmem":
+            # NVSHMEM serves one group per process (a second one is refused, tested in test_gpu.py): the Buffer on
+            # the other group uses the torch backend; its handles and shapes still do not fit this Buffer.
+            over.setdefault("backend", "torch")
         b = largeep.Buffer(group, **self.buffer_kwargs(**over))
         self.extra.append(b)
         return b

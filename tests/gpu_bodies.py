@@ -185,15 +185,9 @@ def missing_peer(rank: int, world: int, timeout_s: float) -> dict[str, float]:
 
 def low_latency_put_path(rank: int, world: int, ranks_per_node: int, *args: object) -> None:
     """bodies.low_latency_roundtrip with one host split into nodes, so peers on other nodes take the put path."""
-    import os
-
     import bodies
 
-    os.environ["LARGEEP_EXPERIMENTAL_PUTS"] = "1"
-    try:
-        bodies.low_latency_roundtrip(rank, world, *args, ranks_per_node=ranks_per_node)  # type: ignore[arg-type]
-    finally:
-        del os.environ["LARGEEP_EXPERIMENTAL_PUTS"]
+    bodies.low_latency_roundtrip(rank, world, *args, ranks_per_node=ranks_per_node)  # type: ignore[arg-type]
 
 
 def normal_roundtrip_tuned(rank: int, world: int, tune: str, *args: object) -> object:

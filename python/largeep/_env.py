@@ -6,8 +6,6 @@
 | LARGEEP_LOG_LEVEL | WARNING | level of the ``largeep`` logger |
 | LARGEEP_CHECK_VALUES | 1 | check expert ids for range on the host (one device sync) before a dispatch |
 | LARGEEP_NVSHMEM_HEAP_MARGIN | 1.25 | factor on the first Buffer's needs when largeep sets NVSHMEM_SYMMETRIC_SIZE |
-| LARGEEP_EXPERIMENTAL_PUTS | 0 | 1 lets the nvshmem low-latency mode span several nodes through its NVSHMEM put |
-| | | path (written, not yet run on GPUs) |
 | LARGEEP_TUNE | threads=512,load=0,unroll=8,fused=0 | normal-mode kernels: threads per block, load kind (0 nc, |
 | | | 1 weak, 2 volatile), 16-byte loads in flight per lane (4 or 8), fused=1: dispatch copy-out and |
 | | | combine reduction overlapped with their pushes (written, not yet run on GPUs) |
@@ -30,7 +28,6 @@ class Settings:
     check_values: bool
     heap_margin: float
     tune: dict[str, int]
-    experimental_puts: bool
 
 
 def _float(name: str, default: float) -> float:
@@ -54,7 +51,6 @@ def settings() -> Settings:
         check_values=os.environ.get(_PREFIX + "CHECK_VALUES", "1") not in ("0", "false", "False", ""),
         heap_margin=_float("NVSHMEM_HEAP_MARGIN", 1.25),
         tune=_tune(os.environ.get(_PREFIX + "TUNE", "")),
-        experimental_puts=os.environ.get(_PREFIX + "EXPERIMENTAL_PUTS", "0") == "1",
     )
 
 

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from largeep import native
-from largeep._env import Settings, logger, settings
+from largeep._env import Settings, logger
 from largeep.backends.base import GroupContext, LowLatencyDispatchOut, NormalDispatchOut
 from largeep.errors import PeerTimeoutError
 from largeep.fp8 import FP8_DTYPE
@@ -42,17 +42,10 @@ _world: dict[str, Any] = {}
 
 def unsupported_reason(ctx: GroupContext) -> str | None:
     """None when this backend implements ``ctx``'s configuration, else why not."""
-    if ctx.num_nodes > 1 and ctx.low_latency:
-        if not settings().experimental_puts:
-            return (
-                f"a low-latency group spanning several nodes ({ctx.num_nodes} nodes of {ctx.ranks_per_node} ranks) "
-                "needs the NVSHMEM put path, which is written but not yet run on GPUs; set "
-                "LARGEEP_EXPERIMENTAL_PUTS=1 to use it"
-            )
-    elif ctx.num_nodes > 1:
+    if ctx.num_nodes > 1 and not ctx.low_latency:
         return (
-            f"groups spanning several nodes ({ctx.num_nodes} nodes of {ctx.ranks_per_node} ranks) are not "
-            "implemented in the nvshmem backend yet (normal and low-latency mode alike)"
+            f"normal mode across several nodes ({ctx.num_nodes} nodes of {ctx.ranks_per_node} ranks) is not "
+            "implemented in the nvshmem backend yet"
         )
     if ctx.num_ranks > 8:
         return "the intranode kernels support at most 8 ranks"

@@ -8,10 +8,17 @@ for each op, as DeepEP's figures are measured:
   dispatch = dispatch_prepare + dispatch_push + dispatch_copyout (the count exchange, `dispatch_notify`, is
              reported apart as op "send": it includes waiting for the slowest rank to arrive)
   combine  = combine_push + combine_reduce
+With --ranks-per-node below the number of ranks (nodes emulated on one host), dispatch also counts
+dispatch_rdma_send (the leg between nodes: NVSHMEM puts, once per destination node) and dispatch_forward (the
+NVLink leg on the destination node), and combine counts combine_forward (partial sums put home); a second file,
+legs_ep{N}_p{P}.json, gives each leg's kernel time and bytes, and the bytes that would cross between nodes if every
+rank sent to every rank directly. On one host the "RDMA" leg runs over NVLink: its time is no network figure.
+--node-limit L draws routings whose tokens reach at most L nodes (experts chosen among L random nodes).
 Each iteration: L2 flush, barrier, then layout, dispatch, combine. Per iteration the slowest rank counts; records
 give the median and p10/p90 over iterations.
 
 usage: python bench/kernel_times.py --out bench/results/DIR [--tokens 4096] [--num-sms 8,16,24] [--dtypes bf16,fp8]
+                                  [--ranks-per-node P] [--node-limit L]
 """
 
 from __future__ import annotations
@@ -28,14 +35,45 @@ from _launch import run_ranks, write_doc  # bench/ is the script's directory
 _KERNELS = {
     "layout_kernel": "layout",
     "dispatch_prepare_kernel": "dispatch",
+    "dispatch_rdma_send_kernel": "dispatch",
     "dispatch_push_kernel": "dispatch",
+    "dispatch_forward_kernel": "dispatch",
     "dispatch_copyout_kernel": "dispatch",
-    "dispatch_fused_kernel": "dispatch",
     "dispatch_notify_kernel": "notify",
     "combine_push_kernel": "combine",
+    "combine_forward_kernel": "combine",
     "combine_reduce_kernel": "combine",
-    "combine_fused_kernel": "combine",
 }
+
+
+def _routing(tokens: int, experts: int, topk: int, world: int, p: int, node_limit: int | None,
+             g: torch.Generator) -> torch.Tensor:
+    """Random top-k expert ids [T, K]; with node_limit, every token's experts lie in at most that many nodes."""
+    scores = torch.rand(tokens, experts, device="cuda", generator=g)
+    if node_limit is not None:
+        nodes, per_node = world // p, experts // (world // p)
+        pick = torch.rand(tokens, nodes, device="cuda", generator=g).topk(node_limit, dim=1).indices
+        allowed = torch.zeros(tokens, nodes, dtype=torch.bool, device="cuda").scatter_(1, pick, True)
+        scores = scores.masked_fill(~allowed.repeat_interleave(per_node, dim=1), -1.0)
+    return scores.topk(topk, dim=1).indices
+
+
+def _leg_bytes(idx: torch.Tensor, experts: int, world: int, p: int, rank: int, row: int) -> dict[str, float]:
+    """Bytes this rank sends per leg: between nodes once per (token, other node), between nodes if it sent to
+    every rank directly, and over NVLink on its own node (its direct pushes)."""
+    epr = experts // world
+    ranks = torch.zeros(idx.shape[0], world, dtype=torch.bool, device=idx.device)
+    ranks.scatter_(1, idx // epr, True)
+    nodes = ranks.view(-1, world // p, p).any(2)
+    me = rank // p
+    off_nodes = torch.ones(world // p, dtype=torch.bool, device=idx.device)
+    off_nodes[me] = False
+    off_ranks = off_nodes.repeat_interleave(p)
+    return {
+        "rdma_bytes": float(nodes[:, off_nodes].sum()) * row,
+        "direct_cross_node_bytes": float(ranks[:, off_ranks].sum()) * row,
+        "nvlink_push_bytes": float(ranks[:, ~off_ranks].sum()) * row,
+    }
 
 
 def _kernel_of(name: str) -> str | None:
@@ -46,17 +84,17 @@ def _kernel_of(name: str) -> str | None:
 def _body(rank: int, world: int, args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]]:
     import largeep
     from largeep import fp8
-    from largeep._env import settings
     from largeep.bench import records as rec
     from torch.profiler import ProfilerActivity, profile
 
-    fused = bool(settings().tune["fused"])  # LARGEEP_TUNE fused=1: fused dispatch and combine kernels
     flush = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
-    out = []
+    out: list[dict[str, Any]] = []
+    legs: list[dict[str, Any]] = []
     for tokens in args.tokens:
         g = torch.Generator(device="cuda").manual_seed(1000 + rank)
         x = torch.randn(tokens, args.hidden, device="cuda", generator=g).to(torch.bfloat16)
-        idx = torch.rand(tokens, args.experts, device="cuda", generator=g).topk(args.topk, dim=1).indices
+        p = args.ranks_per_node or world
+        idx = _routing(tokens, args.experts, args.topk, world, p, args.node_limit, g)
         w = torch.rand(tokens, args.topk, device="cuda", generator=g)
         sent = rec.send_rows_normal(idx, args.experts, world).to("cuda")
         matrix = torch.empty(world, world, dtype=torch.int64, device="cuda")
@@ -64,7 +102,8 @@ def _body(rank: int, world: int, args: argparse.Namespace, device: torch.device)
         traffic = rec.Traffic.from_matrix(matrix.cpu())
         for sms in args.num_sms:
             buf = largeep.Buffer(None, hidden=args.hidden, num_experts=args.experts, num_topk=args.topk,
-                                 max_tokens_per_rank=max(args.tokens), backend="nvshmem", num_sms=sms)
+                                 max_tokens_per_rank=max(args.tokens), backend="nvshmem", num_sms=sms,
+                                 ranks_per_node=p)
             for dtype in args.dtypes:
                 xin = fp8.quantize(x) if dtype == "fp8" else x
 
@@ -84,27 +123,26 @@ def _body(rank: int, world: int, args: argparse.Namespace, device: torch.device)
                     for _ in range(args.iters):
                         step()
                     torch.cuda.synchronize()
-                per_op: dict[str, list[float]] = {}
-                counts: dict[str, int] = {}
                 per_kernel: dict[str, list[float]] = {}
                 for e in sorted(prof.events(), key=lambda e: e.time_range.start):
                     if e.device_type != torch.autograd.DeviceType.CUDA:
                         continue
                     kname = _kernel_of(e.name)
-                    if kname is None:
-                        continue
-                    op = _KERNELS[kname]
-                    per_kernel.setdefault(kname, []).append(e.time_range.elapsed_us())
-                    lst = per_op.setdefault(op, [0.0] * args.iters)
-                    n_per_iter = {"layout": 1, "dispatch": 2 if fused else 3, "notify": 1,
-                                  "combine": 1 if fused else 2}[op]
-                    i = counts.get(op, 0)
-                    counts[op] = i + 1
-                    lst[min(i // n_per_iter, args.iters - 1)] += e.time_range.elapsed_us()
+                    if kname is not None:
+                        per_kernel.setdefault(kname, []).append(e.time_range.elapsed_us())
+                # every kernel runs once per iteration: an op's time in iteration i is the sum of its kernels' i-th
+                per_op: dict[str, list[float]] = {}
+                for kname, times in per_kernel.items():
+                    assert len(times) == args.iters, f"{kname}: {len(times)} launches in {args.iters} iterations"
+                    lst = per_op.setdefault(_KERNELS[kname], [0.0] * args.iters)
+                    for i, v in enumerate(times):
+                        lst[i] += v
                 breakdown = {k: float(torch.tensor(v).median()) for k, v in per_kernel.items()}
                 if rank == 0:
                     print(f"tokens={tokens} sms={sms} {dtype} rank0 kernel medians (us):",
                           {k: round(v, 1) for k, v in breakdown.items()}, flush=True)
+                if p < world:
+                    legs.append(_legs(idx, args, world, p, rank, tokens, sms, dtype, per_kernel))
                 for op, times in per_op.items():
                     t = torch.tensor(times, dtype=torch.float64, device="cuda")
                     allt = torch.empty(world, args.iters, dtype=torch.float64, device="cuda")
@@ -116,7 +154,7 @@ def _body(rank: int, world: int, args: argparse.Namespace, device: torch.device)
                     logical = rec.gbps(traffic.logical_bytes(row), med) if op in ("dispatch", "combine") else None
                     out.append({
                         "backend": "nvshmem", "mode": "normal", "op": "send" if op == "notify" else op,
-                        "ep": world, "ranks_per_node": world, "num_tokens": tokens, "hidden": args.hidden,
+                        "ep": world, "ranks_per_node": p, "num_tokens": tokens, "hidden": args.hidden,
                         "num_topk": args.topk, "num_experts": args.experts,
                         "dtype": dtype, "num_sms": sms, "time_us_median": med, "time_us_p10": p10,
                         "time_us_p90": p90, "logical_gbps": logical,
@@ -124,6 +162,42 @@ def _body(rank: int, world: int, args: argparse.Namespace, device: torch.device)
                         "kernels": op, "tune": os.environ.get("LARGEEP_TUNE", ""),
                     })
             buf.destroy()
+    return {"records": out, "legs": legs}
+
+
+_LEG_KERNELS = {
+    "rdma_us": "dispatch_rdma_send_kernel", "forward_us": "dispatch_forward_kernel",
+    "push_us": "dispatch_push_kernel", "copyout_us": "dispatch_copyout_kernel",
+    "combine_push_us": "combine_push_kernel", "combine_forward_us": "combine_forward_kernel",
+    "combine_reduce_us": "combine_reduce_kernel",
+}
+
+
+def _legs(idx: torch.Tensor, args: argparse.Namespace, world: int, p: int, rank: int, tokens: int, sms: int,
+          dtype: str, per_kernel: dict[str, list[float]]) -> dict[str, Any]:
+    """Per-leg kernel medians (slowest rank) and bytes (summed over ranks) of one configuration."""
+    from largeep.bench import records as rec
+
+    row = rec.row_bytes(dtype, args.hidden)
+    mine = _leg_bytes(idx, args.experts, world, p, rank, row)
+    vals = torch.tensor([mine[k] for k in sorted(mine)] +
+                        [float(torch.tensor(per_kernel[k]).median()) if k in per_kernel else 0.0
+                         for k in _LEG_KERNELS.values()], dtype=torch.float64, device="cuda")
+    allv = torch.empty(world, vals.numel(), dtype=torch.float64, device="cuda")
+    dist.all_gather_into_tensor(allv.view(-1), vals)
+    allv = allv.cpu()
+    nb = len(mine)
+    out: dict[str, Any] = {"ep": world, "ranks_per_node": p, "num_tokens": tokens, "hidden": args.hidden,
+                           "num_topk": args.topk, "num_experts": args.experts, "dtype": dtype, "num_sms": sms,
+                           "node_limit": args.node_limit}
+    for i, k in enumerate(sorted(mine)):
+        out[k] = float(allv[:, i].sum())
+    for j, k in enumerate(_LEG_KERNELS):
+        out[k] = float(allv[:, nb + j].max())
+    out["cross_node_saving"] = out["direct_cross_node_bytes"] / max(out["rdma_bytes"], 1.0)
+    # per-GPU bandwidth of each dispatch leg: the bytes one rank sends on it over the leg's kernel time
+    out["rdma_gbps_per_rank"] = out["rdma_bytes"] / world / max(out["rdma_us"], 1e-9) / 1e3
+    out["nvlink_push_gbps_per_rank"] = out["nvlink_push_bytes"] / world / max(out["push_us"], 1e-9) / 1e3
     return out
 
 
@@ -138,13 +212,16 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--nprocs", type=int, default=None)
+    p.add_argument("--ranks-per-node", type=int, default=None, help="emulated node size (default: all ranks)")
+    p.add_argument("--node-limit", type=int, default=None, help="tokens reach at most this many nodes")
     p.add_argument("--out", required=True)
     args = p.parse_args()
     args.tokens = [int(v) for v in args.tokens.split(",")]
     args.num_sms = [int(v) for v in args.num_sms.split(",")]
     args.dtypes = args.dtypes.split(",")
     world = args.nprocs or torch.cuda.device_count()
-    recs = run_ranks(_body, world, args)
+    res = run_ranks(_body, world, args)
+    recs, legs = res["records"], res["legs"]
     from tabulate import tabulate
 
     print(tabulate(
@@ -153,8 +230,16 @@ def main() -> None:
           f"{r['logical_gbps']:.1f}" if r["logical_gbps"] else "-"] for r in recs],
         headers=["op", "dtype", "ep", "tokens", "sms", "kernel us", "p10", "p90", "logical GB/s"],
     ))
-    write_doc(args.out, f"kernel_times_ep{world}.json",
+    rpn = args.ranks_per_node or world
+    tag = f"ep{world}" if rpn == world else f"ep{world}_p{rpn}" + (f"_nl{args.node_limit}" if args.node_limit else "")
+    write_doc(args.out, f"kernel_times_{tag}.json",
               "profiler kernel times of largeep's own kernels (see bench/kernel_times.py)", recs)
+    if legs:
+        for leg in legs:
+            print({k: round(v, 2) if isinstance(v, float) else v for k, v in leg.items()})
+        write_doc(args.out, f"legs_{tag}.json",
+                  "per-leg kernel times (slowest rank) and bytes (all ranks) of the emulated multi-node dispatch; "
+                  "the 'RDMA' leg runs over NVLink on one host (see bench/kernel_times.py)", legs)
 
 
 if __name__ == "__main__":

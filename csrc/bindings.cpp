@@ -43,15 +43,18 @@ class NormalKernels {
    public:
     NormalKernels(int rank, int num_ranks, int num_experts, int num_topk, int hidden, int max_tokens, uintptr_t base,
                   uintptr_t peer_base, uintptr_t seq, uintptr_t block_counter, uintptr_t status_dev,
-                  uintptr_t error_dev, double timeout_s, int threads, int load_mode, int unroll) {
+                  uintptr_t error_dev, double timeout_s, int ranks_per_node, int threads, int load_mode,
+                  int unroll) {
         HOST_ASSERT(threads % 32 == 0 && threads >= 64 && threads <= 1024, "threads must be a multiple of 32 in [64, 1024]");
         HOST_ASSERT(load_mode >= 0 && load_mode <= 2 && (unroll == 4 || unroll == 8), "bad load mode or unroll");
+        HOST_ASSERT(ranks_per_node > 0 && num_ranks % ranks_per_node == 0, "bad ranks_per_node " << ranks_per_node);
         c_.threads = threads;
         c_.load_mode = load_mode;
         c_.unroll = unroll;
+        c_.ranks_per_node = ranks_per_node;
         fill_common(c_, rank, num_ranks, num_experts, num_topk, hidden, max_tokens, base, peer_base, seq, block_counter,
                     status_dev, error_dev, timeout_s);
-        const NormalLayout l = normal_layout(num_ranks, num_experts, num_topk, hidden, max_tokens);
+        const NormalLayout l = normal_layout(num_ranks, num_experts, num_topk, hidden, max_tokens, ranks_per_node);
         c_.off_flags = l.off_flags;
         c_.off_in_counts = l.off_in_counts;
         c_.off_out_counts = l.off_out_counts;
@@ -59,27 +62,48 @@ class NormalKernels {
         c_.off_recv = l.off_recv;
         c_.off_comb = l.off_comb;
         c_.off_comb_w = l.off_comb_w;
-        c_.off_arrive = l.off_arrive;
+        c_.off_rdma_send = l.off_rdma_send;
+        c_.off_rdma_recv = l.off_rdma_recv;
+        c_.off_fwd_comb = l.off_fwd_comb;
+        c_.off_comb_send = l.off_comb_send;
+        c_.off_comb_rdma = l.off_comb_rdma;
         c_.recv_stride = l.recv_stride;
         c_.recv_off_scales = l.recv_off_scales;
         c_.recv_off_idx = l.recv_off_idx;
         c_.recv_off_w = l.recv_off_w;
         c_.recv_off_src = l.recv_off_src;
-        c_.recv_off_tag = l.recv_off_tag;
+        c_.rdma_off_pos = l.rdma_off_pos;
+        c_.rdma_stride = l.rdma_stride;
         c_.comb_stride = l.comb_stride;
+        c_.pcomb_stride = l.pcomb_stride;
     }
 
-    void prepare(uintptr_t idx, int num_tokens, uintptr_t send_pos, uintptr_t stream) {
-        launch_dispatch_prepare(c_, ptr<const int64_t>(idx), num_tokens, ptr<int>(send_pos), stream_of(stream));
+    void prepare(uintptr_t idx, int num_tokens, uintptr_t send_pos, uintptr_t node_pos, uintptr_t node_count,
+                 uintptr_t stream) {
+        launch_dispatch_prepare(c_, ptr<const int64_t>(idx), num_tokens, ptr<int>(send_pos), ptr<int>(node_pos),
+                                ptr<int>(node_count), stream_of(stream));
     }
-    void notify(uintptr_t recv_off, uintptr_t send_off, bool report, uintptr_t stream) {
-        launch_dispatch_notify(c_, ptr<int>(recv_off), ptr<int>(send_off), report, stream_of(stream));
+    void notify(uintptr_t recv_off, uintptr_t send_off, uintptr_t fwd_off, uintptr_t fwd_count, bool report,
+                uintptr_t stream) {
+        launch_dispatch_notify(c_, ptr<int>(recv_off), ptr<int>(send_off), ptr<int>(fwd_off), ptr<int>(fwd_count),
+                               report, stream_of(stream));
     }
     void push(uintptr_t x, int x_elem, uintptr_t scales, uintptr_t idx, uintptr_t w, int num_tokens,
               uintptr_t send_pos, uintptr_t send_off, int num_sms, uintptr_t stream) {
         launch_dispatch_push(c_, ptr<const void>(x), x_elem, ptr<const float>(scales), ptr<const int64_t>(idx),
                              ptr<const float>(w), num_tokens, ptr<const int>(send_pos), ptr<const int>(send_off),
                              num_sms, stream_of(stream));
+    }
+    void rdma_send(uintptr_t x, int x_elem, uintptr_t scales, uintptr_t idx, uintptr_t w, int num_tokens,
+                   uintptr_t send_pos, uintptr_t node_pos, int num_sms, uintptr_t stream) {
+        launch_dispatch_rdma_send(c_, ptr<const void>(x), x_elem, ptr<const float>(scales), ptr<const int64_t>(idx),
+                                  ptr<const float>(w), num_tokens, ptr<const int>(send_pos), ptr<const int>(node_pos),
+                                  num_sms, stream_of(stream));
+    }
+    void forward(int x_elem, bool has_scales, bool cached, uintptr_t fwd_off, uintptr_t fwd_count, uintptr_t fwd_pos,
+                 int num_sms, uintptr_t stream) {
+        launch_dispatch_forward(c_, x_elem, has_scales, cached, ptr<const int>(fwd_off), ptr<const int>(fwd_count),
+                                ptr<int>(fwd_pos), num_sms, stream_of(stream));
     }
     void copyout(uintptr_t out_x, int x_elem, uintptr_t out_s, uintptr_t out_idx, uintptr_t out_w,
                  uintptr_t recv_src, uintptr_t recv_off, int num_rows, bool cached, int num_sms, uintptr_t stream) {
@@ -92,27 +116,15 @@ class NormalKernels {
         launch_combine_push(c_, ptr<const void>(y), y_elem, ptr<const float>(y_w), ptr<const int>(recv_src),
                             ptr<const int>(recv_off), num_rows, num_sms, stream_of(stream));
     }
-    void dispatch_fused(uintptr_t x, int x_elem, uintptr_t scales, uintptr_t idx, uintptr_t w, int num_tokens,
-                        uintptr_t send_pos, uintptr_t send_off, uintptr_t out_x, uintptr_t out_s, uintptr_t out_idx,
-                        uintptr_t out_w, uintptr_t recv_src, uintptr_t recv_off, int num_rows, bool cached,
-                        int num_sms, uintptr_t stream) {
-        launch_dispatch_fused(c_, ptr<const void>(x), x_elem, ptr<const float>(scales), ptr<const int64_t>(idx),
-                              ptr<const float>(w), num_tokens, ptr<const int>(send_pos), ptr<const int>(send_off),
-                              ptr<void>(out_x), ptr<float>(out_s), ptr<int64_t>(out_idx), ptr<float>(out_w),
-                              ptr<int>(recv_src), ptr<const int>(recv_off), num_rows, cached, num_sms,
-                              stream_of(stream));
+    void combine_forward(int y_elem, bool with_weights, uintptr_t fwd_count, uintptr_t fwd_pos, int num_sms,
+                         uintptr_t stream) {
+        launch_combine_forward(c_, y_elem, with_weights, ptr<const int>(fwd_count), ptr<const int>(fwd_pos), num_sms,
+                               stream_of(stream));
     }
-    void combine_fused(uintptr_t y, int y_elem, uintptr_t y_w, uintptr_t recv_src, uintptr_t recv_off, int num_rows,
-                       uintptr_t out, uintptr_t out_w, uintptr_t send_pos, int num_tokens, bool with_weights,
-                       int num_sms, uintptr_t stream) {
-        launch_combine_fused(c_, ptr<const void>(y), y_elem, ptr<const float>(y_w), ptr<const int>(recv_src),
-                             ptr<const int>(recv_off), num_rows, ptr<void>(out), ptr<float>(out_w),
-                             ptr<const int>(send_pos), num_tokens, with_weights, num_sms, stream_of(stream));
-    }
-    void combine_reduce(uintptr_t out, int out_elem, uintptr_t out_w, uintptr_t send_pos, int num_tokens,
-                        bool with_weights, int num_sms, uintptr_t stream) {
-        launch_combine_reduce(c_, ptr<void>(out), out_elem, ptr<float>(out_w), ptr<const int>(send_pos), num_tokens,
-                              with_weights, num_sms, stream_of(stream));
+    void combine_reduce(uintptr_t out, int out_elem, uintptr_t out_w, uintptr_t send_pos, uintptr_t node_pos,
+                        int num_tokens, bool with_weights, int num_sms, uintptr_t stream) {
+        launch_combine_reduce(c_, ptr<void>(out), out_elem, ptr<float>(out_w), ptr<const int>(send_pos),
+                              ptr<const int>(node_pos), num_tokens, with_weights, num_sms, stream_of(stream));
     }
 
    private:
@@ -189,8 +201,8 @@ PYBIND11_MODULE(_C, m) {
     m.def("host_free", &runtime::host_free);
     m.def("wait_host_word", &runtime::wait_host_word, py::call_guard<py::gil_scoped_release>());
 
-    m.def("normal_layout", [](int n, int e, int k, int h, int t) {
-        const NormalLayout l = normal_layout(n, e, k, h, t);
+    m.def("normal_layout", [](int n, int e, int k, int h, int t, int p) {
+        const NormalLayout l = normal_layout(n, e, k, h, t, p);
         py::dict d;
         d["total_bytes"] = l.total_bytes;
         d["recv_stride"] = l.recv_stride;
@@ -220,13 +232,14 @@ PYBIND11_MODULE(_C, m) {
 
     py::class_<NormalKernels>(m, "NormalKernels")
         .def(py::init<int, int, int, int, int, int, uintptr_t, uintptr_t, uintptr_t, uintptr_t, uintptr_t, uintptr_t,
-                      double, int, int, int>())
+                      double, int, int, int, int>())
         .def("prepare", &NormalKernels::prepare)
         .def("notify", &NormalKernels::notify)
         .def("push", &NormalKernels::push)
         .def("copyout", &NormalKernels::copyout)
         .def("combine_push", &NormalKernels::combine_push)
         .def("combine_reduce", &NormalKernels::combine_reduce)
-        .def("combine_fused", &NormalKernels::combine_fused)
-        .def("dispatch_fused", &NormalKernels::dispatch_fused);
+        .def("rdma_send", &NormalKernels::rdma_send)
+        .def("forward", &NormalKernels::forward)
+        .def("combine_forward", &NormalKernels::combine_forward);
 }

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # One round of GPU checks on the GPU machine: build, GPU tests, benchmarks. Logs and JSON go to OUTDIR.
-# usage: scripts/device_check.sh OUTDIR [stage ...]   stages: build tests bench perf layer (default: build tests bench)
+# usage: scripts/device_check.sh OUTDIR [stage ...]   stages: build tests bench perf internode layer (default: build tests bench)
 #   bench: python -m largeep.bench (whole-call event times, every backend; LARGEEP_BENCH_ARGS overrides the preset)
 #   perf:  kernel times (normal) and kernel + CUDA-graph times (low-latency) of the nvshmem backend, on all GPUs
 #          and on GPUs 0,1
+#   internode: kernel and per-leg times of the normal mode with nodes emulated on one host (bench/kernel_times.py)
 #   layer: bench/layer_times.py (one MoE layer at prefill size, with and without overlap) on all GPUs
 set -uo pipefail
 OUT=${1:?usage: scripts/device_check.sh OUTDIR [stage ...]}
@@ -44,13 +45,21 @@ for stage in $STAGES; do
         vis=$(seq -s, 0 $((n - 1)))
         CUDA_VISIBLE_DEVICES=$vis timeout 300 $PY bench/kernel_times.py --nprocs "$n" --num-sms 8,16,24 \
           --out "$OUT/perf" > "$OUT/perf_normal_ep$n.log" 2>&1 || rc=1
-        mkdir -p "$OUT/perf_fused"
-        LARGEEP_TUNE=fused=1 CUDA_VISIBLE_DEVICES=$vis timeout 300 $PY bench/kernel_times.py --nprocs "$n" \
-          --num-sms 8,16,24 --out "$OUT/perf_fused" > "$OUT/perf_fused_ep$n.log" 2>&1 || rc=1
         CUDA_VISIBLE_DEVICES=$vis timeout 300 $PY bench/low_latency_times.py --nprocs "$n" \
           --out "$OUT/perf" > "$OUT/perf_ll_ep$n.log" 2>&1 || rc=1
         tail -12 "$OUT/perf_ll_ep$n.log"
       done
+      ;;
+    internode)
+      # nodes emulated on one host: 2 x (N/2), and on 4+ GPUs N x 1 with tokens reaching at most 2 nodes
+      CUDA_VISIBLE_DEVICES=$(seq -s, 0 $((ngpu - 1))) timeout 300 $PY bench/kernel_times.py --nprocs "$ngpu" \
+        --ranks-per-node $((ngpu / 2)) --num-sms 24 --out "$OUT/internode" > "$OUT/internode_p$((ngpu / 2)).log" 2>&1 || rc=1
+      tail -8 "$OUT/internode_p$((ngpu / 2)).log"
+      if [ "$ngpu" -ge 4 ]; then
+        timeout 300 $PY bench/kernel_times.py --nprocs "$ngpu" --ranks-per-node 1 --node-limit 2 --num-sms 24 \
+          --out "$OUT/internode" > "$OUT/internode_p1_nl2.log" 2>&1 || rc=1
+        tail -8 "$OUT/internode_p1_nl2.log"
+      fi
       ;;
     layer)
       timeout 600 $PY bench/layer_times.py --out "$OUT/layer" > "$OUT/layer.log" 2>&1 || rc=1

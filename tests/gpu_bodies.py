@@ -188,16 +188,3 @@ def low_latency_put_path(rank: int, world: int, ranks_per_node: int, *args: obje
     import bodies
 
     bodies.low_latency_roundtrip(rank, world, *args, ranks_per_node=ranks_per_node)  # type: ignore[arg-type]
-
-
-def normal_roundtrip_tuned(rank: int, world: int, tune: str, *args: object) -> object:
-    """bodies.normal_roundtrip with LARGEEP_TUNE set while the Buffer is created (e.g. "fused=1")."""
-    import os
-
-    import bodies
-
-    os.environ["LARGEEP_TUNE"] = tune
-    try:
-        return bodies.normal_roundtrip(rank, world, *args)  # type: ignore[arg-type]
-    finally:
-        del os.environ["LARGEEP_TUNE"]

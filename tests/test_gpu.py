@@ -136,16 +136,18 @@ def test_low_latency_put_path(pools, world: int, ranks_per_node: int) -> None:
 
 @pytest.mark.gpu(2)
 @needs_native
-@pytest.mark.parametrize("world", [2, 4])
-@pytest.mark.parametrize("case", [CASES[0], CASES[3], CASES[4]], ids=["spec-bf16", "fp32", "worst"])
-def test_normal_fused(pools, world: int, case: tuple) -> None:
-    """Dispatch with the copy-out overlapping the push, and combine with the reduction overlapping the push
-    (LARGEEP_TUNE fused=1), against the same reference (cached dispatch and num_worst_tokens included)."""
+@pytest.mark.parametrize("world,ranks_per_node", [(2, 1), (4, 2), (4, 1)], ids=["2x1", "2x2", "4x1"])
+@pytest.mark.parametrize("case", CASES, ids=[f"h{c[0]}-e{c[1]}-k{c[2]}-{c[3]}-fp8{int(c[4])}-w{c[6]}" for c in CASES])
+def test_normal_internode(pools, world: int, ranks_per_node: int, case: tuple) -> None:
+    """One host split into nodes (ranks_per_node below the host size): rows for other nodes take the RDMA leg
+    (NVSHMEM puts, once per node) and the forwarder's NVLink leg; combine sums per node first. Same reference."""
     if world > __import__("conftest").gpu_count():
         pytest.skip("not enough GPUs")
     hidden, experts, topk, dtype, fp8, align, worst = case
+    if experts % world:
+        pytest.skip("experts not divisible")
     tokens = _tokens(world, 700) if not worst else _tokens(world, 300)
     pools(world, "nccl").run(
-        gpu_bodies.normal_roundtrip_tuned, "fused=1", "nvshmem", tokens, hidden, experts, topk, dtype, fp8, align,
-        21 + world, None, worst,
+        bodies.normal_roundtrip, "nvshmem", tokens, hidden, experts, topk, dtype, fp8, align, 31 + world,
+        ranks_per_node, worst,
     )

@@ -7,6 +7,9 @@ import importlib.util
 
 import layer_bodies
 import pytest
+import torch
+import torch.nn.functional as F
+from largeep import layers, ops
 
 
 def _tokens(world: int, base: int = 13) -> list[int]:
@@ -58,3 +61,83 @@ def test_compile_two_layers(pools, world: int, num_worst: int, num_chunks: int) 
 @pytest.mark.skipif(importlib.util.find_spec("largeep.gate") is None, reason="largeep.gate is not there")
 def test_layer_with_topk_gate(pools) -> None:
     pools(2).run(layer_bodies.layer_with_topk_gate, [10, 7], 3)
+
+
+def _rows_case(case: str, rows: int, topk: int, experts: int, g: torch.Generator) -> torch.Tensor:
+    """Local expert ids [rows, K] (-1: not here), no expert twice in a row; rows 0 and 3 name no local expert."""
+    if case == "empty":
+        return torch.empty(0, topk, dtype=torch.int64)
+    idx = torch.stack([torch.randperm(experts, generator=g)[:topk] for _ in range(rows)])
+    if case == "all_valid":
+        return idx
+    if case == "none_valid":
+        return torch.full_like(idx, -1)
+    idx = torch.where(torch.rand(rows, topk, generator=g) < 0.4, -1, idx)
+    idx[0] = -1
+    idx[3] = -1
+    return idx
+
+
+def _rows_reference(x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, ex: layers.GroupedExperts) -> torch.Tensor:
+    w1, w3, w2 = (p.detach().double() for p in (ex.w1, ex.w3, ex.w2))
+    y = torch.zeros(x.shape, dtype=torch.float64)
+    for r in range(idx.shape[0]):
+        for k in range(idx.shape[1]):
+            e = int(idx[r, k])
+            if e >= 0:
+                xr = x[r].double()
+                y[r] += w[r, k].double() * ((F.silu(xr @ w1[e]) * (xr @ w3[e])) @ w2[e])
+    return y
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("hidden,ffn", [(32, 16), (30, 18)])  # native grouped GEMM, padded bmm
+@pytest.mark.parametrize("case", ["mixed", "all_valid", "none_valid", "empty"])
+@pytest.mark.parametrize("known", [True, False])
+def test_forward_rows(one_thread, dtype: torch.dtype, hidden: int, ffn: int, case: str, known: bool) -> None:
+    """GroupedExperts.forward_rows against a float64 loop, with and without the host-known pair count: outputs,
+    grads of x, the weights and the expert parameters. Rows naming no local expert hold NaN (a worst-size
+    dispatch leaves them unspecified): they must give zero output and zero grad, and poison nothing else."""
+    torch.manual_seed(7)
+    g = torch.Generator().manual_seed(hidden * 100 + len(case) * 2 + known)
+    experts, topk, rows = 5, 3, 9
+    ex = layers.GroupedExperts(experts, hidden, ffn, dtype=dtype)
+    idx = _rows_case(case, rows, topk, experts, g)
+    r = idx.shape[0]
+    x = torch.randn(r, hidden, generator=g)
+    none_here = (idx < 0).all(dim=1)
+    x[none_here] = float("nan")
+    x = x.to(dtype).requires_grad_()
+    w = torch.rand(r, topk, generator=g).requires_grad_()
+    pairs = int((idx >= 0).sum()) if known else None
+    ops.reset_grouped_mm_stats()
+    y = ex.forward_rows(x, idx, w, pairs)
+    backend = ops.grouped_mm_backend(torch.empty(1, hidden, dtype=dtype), ex.w1)
+    assert backend == ("native" if hidden == 32 else "padded_bmm")
+    ran = {name.split(" ")[0] for name in ops.grouped_mm_stats()}
+    assert ran == {backend} or (r == 0 and ran <= {backend, "padded_bmm"}), ops.grouped_mm_stats()
+    assert y.dtype == dtype and y.shape == (r, hidden)
+    x_ref = torch.where(none_here.unsqueeze(1), 0.0, x.detach().float())
+    want = _rows_reference(x_ref, idx, w.detach(), ex)
+    rtol = 1e-5 if dtype == torch.float32 else 2.0**-6
+    layer_bodies.close(y, want, f"forward_rows {case}", rtol=rtol)
+    assert (y[none_here] == 0).all()
+    cot = torch.randn(r, hidden, generator=g).to(dtype)
+    (y.float() * cot.float()).sum().backward()
+    x64 = x_ref.double().requires_grad_()
+    w64 = w.detach().double().requires_grad_()
+    params = [p.detach().double().requires_grad_() for p in (ex.w1, ex.w3, ex.w2)]
+    y64 = 0 * (x64.sum() + w64.sum() + sum(p.sum() for p in params)) + torch.zeros(r, hidden, dtype=torch.float64)
+    for i in range(r):
+        for k in range(topk):
+            e = int(idx[i, k])
+            if e >= 0:
+                h = F.silu(x64[i] @ params[0][e]) * (x64[i] @ params[1][e])
+                y64 = y64.index_add(0, torch.tensor([i]), (w64[i, k] * (h @ params[2][e])).unsqueeze(0))
+    (y64 * cot.double()).sum().backward()
+    assert x.grad is not None and w.grad is not None
+    assert (x.grad[none_here] == 0).all() and (w.grad[none_here] == 0).all()
+    layer_bodies.close(x.grad, x64.grad, "grad of x", rtol=rtol * 4)
+    layer_bodies.close(w.grad, w64.grad, "grad of topk_weights", rtol=rtol * 4)
+    for p, p64, name in zip((ex.w1, ex.w3, ex.w2), params, ("w1", "w3", "w2"), strict=True):
+        layer_bodies.close(p.grad, p64.grad, f"grad of {name}", rtol=rtol * 4)

@@ -21,15 +21,20 @@ def _loop_grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> to
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("k,n", [(32, 16), (30, 18)])  # 16-byte strides (native), odd sizes (padded bmm)
 @pytest.mark.parametrize("counts", [[3, 0, 7, 1], [0, 0, 0, 0], [5, 6, 0, 2]])
-def test_grouped_mm(dtype: torch.dtype, k: int, n: int, counts: list[int]) -> None:
+@pytest.mark.parametrize("hint", [False, True])  # offs[-1] given on the host (used=) or not
+def test_grouped_mm(dtype: torch.dtype, k: int, n: int, counts: list[int], hint: bool) -> None:
     g = torch.Generator().manual_seed(sum(counts) + k)
-    rows = sum(counts) + 2  # two rows past offs[-1]: ignored, output zero there
-    a = torch.randn(rows, k, generator=g).to(dtype).requires_grad_()
+    rows = sum(counts) + 2  # two rows past offs[-1], poisoned: ignored, output (and grad) zero there
+    a = torch.randn(rows, k, generator=g)
+    a[sum(counts) :] = float("nan")
+    a = a.to(dtype).requires_grad_()
     b = torch.randn(len(counts), k, n, generator=g).to(dtype).requires_grad_()
     offs = torch.tensor(counts).cumsum(0).to(torch.int32)
     backend = ops.grouped_mm_backend(a, b)
     assert backend == ("native" if (k, n) == (32, 16) else "padded_bmm")
-    out = ops.grouped_mm(a, b, offs)
+    ops.reset_grouped_mm_stats()
+    out = ops.grouped_mm(a, b, offs, sum(counts) if hint else None)
+    assert [name.split(" ")[0] for name in ops.grouped_mm_stats()] == [backend]
     assert out.dtype == dtype and out.shape == (rows, n)
     want = _loop_grouped_mm(a.detach(), b.detach(), offs)
     rtol = 1e-5 if dtype == torch.float32 else 2.0**-7
@@ -37,6 +42,7 @@ def test_grouped_mm(dtype: torch.dtype, k: int, n: int, counts: list[int]) -> No
     assert (out[sum(counts):] == 0).all()
     cot = torch.randn(rows, n, generator=g).to(dtype)
     (out * cot).sum().backward()
+    assert a.grad is not None and (a.grad[sum(counts) :] == 0).all()
     a64, b64 = a.detach().double().requires_grad_(), b.detach().double().requires_grad_()
     (_loop_grouped_mm_autograd(a64, b64, offs) * cot.double()).sum().backward()
     layer_bodies.close(a.grad, a64.grad, "grouped_mm grad a", rtol=rtol * 4)
@@ -58,6 +64,7 @@ def test_grouped_mm_opcheck() -> None:
     b = torch.randn(3, 16, 8, generator=g, requires_grad=True)
     offs = torch.tensor([4, 4, 10], dtype=torch.int32)
     torch.library.opcheck(torch.ops.largeep.grouped_mm.default, (a, b, offs))
+    torch.library.opcheck(torch.ops.largeep.grouped_mm.default, (a, b, offs, 10))
     torch.library.opcheck(torch.ops.largeep.grouped_mm_wgrad.default, (a.detach(), torch.randn(12, 8), offs))
 
 

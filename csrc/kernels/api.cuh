@@ -24,14 +24,17 @@ enum Op {
     kOpLowLatencyCombine = 7,
 };
 
-// ---- flags: int64 words in the symmetric heap, [kind][source rank] --------------------------------------------
+// ---- flags: int64 words in the symmetric heap, [kind][rank] --------------------------------------------------
 enum FlagKind {
     kFlagCounts = 0,     // rank s -> me: its count rows for this dispatch round are in my in_counts / matrix
-    kFlagRows = 1,       // rank s -> me: all its rows of round `seq` are in my receive buffer
-    kFlagRecvFree = 2,   // rank r -> me: r copied out round `seq`; its counts and receive buffer may be reused
-    kFlagCombReady = 3,  // rank r -> me: r finished pushing its combine rows of round `seq` into my buffer
-    kFlagCombFree = 4,   // rank s -> me: s finished reducing round `seq`; I may write into s's buffer again
-    kNumFlagKinds = 5,
+    kFlagRows = 1,       // [s] all rows of source s of round `seq` are in my receive buffer (set by s, or by the
+                         //     rank of my node that forwards s's rows when s is on another node)
+    kFlagRecvFree = 2,   // rank r -> me: r copied out round `seq`; its counts and receive buffers may be reused
+    kFlagCombReady = 3,  // rank r of my node -> me: r finished pushing its combine rows of round `seq` to me
+    kFlagCombFree = 4,   // rank s -> me: s finished reducing round `seq`; I may write into s's buffers again
+    kFlagRdmaRows = 5,   // RDMA peer s -> me: its rows of round `seq` for my node are in my rdma_recv
+    kFlagCombRdma = 6,   // RDMA peer f -> me: its partial sums of round `seq` are in my comb_rdma
+    kNumFlagKinds = 7,
 };
 
 // Where kernels record the first error (op * 65536 + waited rank + 1): `dev`, a word in device memory that every
@@ -45,26 +48,37 @@ struct ErrorWord {
 // Device-side sequence counters (cudaMalloc'd int64 [4]); each op reads seq+1 and its last kernel stores it.
 enum SeqKind { kSeqDispatch = 0, kSeqCombine = 1, kSeqLowLatency = 2 };
 
-// Everything a normal-mode kernel needs to find its buffers. Regions of the symmetric allocation (per rank):
-//   flags      int64 [kNumFlagKinds][N]        written by peers (release), read here (acquire)
-//   in_counts  int32 [N][1 + E/N]              row s written by rank s: rows s->me, then rows per local expert
-//   out_counts int32 [N][1 + E/N]              my count row for each destination (prepare kernel)
+// Everything a normal-mode kernel needs to find its buffers. Ranks form nodes of P = ranks_per_node consecutive
+// ranks (M = N / P nodes); a rank's RDMA peers are the ranks of other nodes with its local index. Regions of the
+// symmetric allocation (per rank):
+//   flags      int64 [kNumFlagKinds][N]        written by peers (release / signal), read here (acquire)
+//   in_counts  int32 [N][2 + E/N]              row s written by rank s: rows s->me, rows per local expert, rows
+//                                              s->my node (tokens counted once per node)
+//   out_counts int32 [N][2 + E/N]              my count row for each destination (prepare kernel)
 //   matrix     int32 [N][N]                    row s written by rank s: rows s sends to each rank
-//   recv       bytes [N*max_tokens][recv_stride]  rows pushed to me, in SPEC order:
+//   recv       bytes [N*max_tokens][recv_stride]  rows for me, in SPEC order:
 //                                              x | scales | local expert ids (int64 [K]) | weights [K] | token
-//                                              | tag (int64: the round, written last by the fused dispatch)
-//   comb       bytes [N][max_tokens][comb_stride]  combine rows pushed by rank r for its j-th row from me
+//   comb       bytes [N][max_tokens][comb_stride]  combine rows pushed by rank r of my node for its j-th row from me
 //   comb_w     float [N][max_tokens][K]        combine weights, same indexing
-//   arrive     int32 [max_tokens]              fused combine: rows of each of my tokens that have landed
+// Several nodes only:
+//   rdma_send  bytes [M][max_tokens][rdma_stride]  staged rows for node m: recv row (global expert ids) | positions
+//                                              int32 [P] in the list of each rank of node m (-1: not sent)
+//   rdma_recv  bytes [M][max_tokens][rdma_stride]  rows from my RDMA peer on node m, to forward
+//   fwd_comb   bytes [P][M][max_tokens][pcomb_stride]  combine rows of my node's rank l for tokens of my RDMA peer on
+//                                              node m: row (y dtype) | weights float [K] at comb_stride
+//   comb_send  bytes [M][max_tokens][pcomb_stride]  staged float32 partial sums for my RDMA peer on node m
+//   comb_rdma  bytes [M][max_tokens][pcomb_stride]  float32 partial sums from my RDMA peer on node m
 struct NormalCtx {
-    int rank, num_ranks, num_experts, num_topk, hidden, max_tokens;
-    int64_t off_flags, off_in_counts, off_out_counts, off_matrix, off_recv, off_comb, off_comb_w, off_arrive;
-    int64_t recv_stride, recv_off_scales, recv_off_idx, recv_off_w, recv_off_src, recv_off_tag;
-    int64_t comb_stride;
+    int rank, num_ranks, num_experts, num_topk, hidden, max_tokens, ranks_per_node;
+    int64_t off_flags, off_in_counts, off_out_counts, off_matrix, off_recv, off_comb, off_comb_w;
+    int64_t off_rdma_send, off_rdma_recv, off_fwd_comb, off_comb_send, off_comb_rdma;
+    int64_t recv_stride, recv_off_scales, recv_off_idx, recv_off_w, recv_off_src;
+    int64_t rdma_off_pos, rdma_stride, comb_stride, pcomb_stride;
     uint8_t* base;              // my symmetric allocation
-    const uint64_t* peer_base;  // device array [N]: every rank's allocation as seen from this GPU (NVLink)
+    const uint64_t* peer_base;  // device array [N]: every rank's allocation as seen from this GPU (NVLink); 0 for
+                                // ranks of other nodes
     int64_t* seq;               // device counters, SeqKind
-    int* block_counter;         // device ints [4], for last-block detection
+    int* block_counter;         // device ints [8], for last-block detection
     int64_t* status;            // host-mapped status area (device pointer)
     ErrorWord err;              // first error: device word, copied into status[kError]
     uint64_t timeout_ns;
@@ -75,11 +89,13 @@ struct NormalCtx {
 
 // Region offsets and strides for a normal-mode buffer, and its total bytes.
 struct NormalLayout {
-    int64_t off_flags, off_in_counts, off_out_counts, off_matrix, off_recv, off_comb, off_comb_w, off_arrive;
-    int64_t recv_stride, recv_off_scales, recv_off_idx, recv_off_w, recv_off_src, recv_off_tag, comb_stride,
-        total_bytes;
+    int64_t off_flags, off_in_counts, off_out_counts, off_matrix, off_recv, off_comb, off_comb_w;
+    int64_t off_rdma_send, off_rdma_recv, off_fwd_comb, off_comb_send, off_comb_rdma;
+    int64_t recv_stride, recv_off_scales, recv_off_idx, recv_off_w, recv_off_src;
+    int64_t rdma_off_pos, rdma_stride, comb_stride, pcomb_stride, total_bytes;
 };
-NormalLayout normal_layout(int num_ranks, int num_experts, int num_topk, int hidden, int max_tokens);
+NormalLayout normal_layout(int num_ranks, int num_experts, int num_topk, int hidden, int max_tokens,
+                           int ranks_per_node);
 
 // ---- layout.cu -------------------------------------------------------------------------------------------------
 // topk_idx int64 [T, K] -> per_rank int32 [N], per_node int32 [N/P], per_expert int32 [E], in_rank bool [T, N].
@@ -88,15 +104,19 @@ void launch_layout(const int64_t* topk_idx, int num_tokens, int num_topk, int nu
                    int ranks_per_node, int* per_rank, int* per_node, int* per_expert, bool* in_rank,
                    ErrorWord err, cudaStream_t stream);
 
-// ---- intranode.cu (normal mode, every rank reachable over NVLink) --------------------------------------------
-// Prepare: send_pos int32 [T, N] (position of token t among the rows for rank r, -1 if none) and count rows.
+// ---- intranode.cu (normal mode: every group; NVLink inside a node) -----------------------------------------
+// Prepare: send_pos int32 [T, N] (position of token t among the rows for rank r, -1 if none) and count rows; with
+// several nodes also node_pos int32 [T, M] (position among the tokens for node m) and node_count int32 [M].
 void launch_dispatch_prepare(const NormalCtx& ctx, const int64_t* topk_idx, int num_tokens, int* send_pos,
-                             cudaStream_t stream);
-// Notify: count exchange; writes recv_off int32 [N + 1] and send_off int32 [N]; with `report`, totals into the
+                             int* node_pos, int* node_count, cudaStream_t stream);
+// Notify: count exchange; writes recv_off int32 [N + 1] and send_off int32 [N]; with several nodes fwd_off int32
+// [M, P] and fwd_count int32 [M] (rows forwarded from each node's RDMA peer); with `report`, totals into the
 // status area and then status[kReadySeq] = seq for the host to wait on. Only one reporting notify is ever in
 // flight: the host waits for each before launching the next.
-void launch_dispatch_notify(const NormalCtx& ctx, int* recv_off, int* send_off, bool report, cudaStream_t stream);
-// Push: every token's row (and, when topk_idx is given, ids, weights, token index) into each receiver's buffer.
+void launch_dispatch_notify(const NormalCtx& ctx, int* recv_off, int* send_off, int* fwd_off, int* fwd_count,
+                            bool report, cudaStream_t stream);
+// Push: every token's row (and, when topk_idx is given, ids, weights, token index) into the receive buffer of each
+// receiver on this node.
 void launch_dispatch_push(const NormalCtx& ctx, const void* x, int x_elem_bytes, const float* x_scales,
                           const int64_t* topk_idx, const float* topk_weights, int num_tokens, const int* send_pos,
                           const int* send_off, int num_sms, cudaStream_t stream);
@@ -104,23 +124,27 @@ void launch_dispatch_push(const NormalCtx& ctx, const void* x, int x_elem_bytes,
 void launch_dispatch_copyout(const NormalCtx& ctx, void* out_x, int x_elem_bytes, float* out_scales,
                              int64_t* out_idx, float* out_w, int* recv_src, const int* recv_off, int num_rows,
                              bool cached, int num_sms, cudaStream_t stream);
-// Combine push: row i of y goes to its source's `comb` buffer over NVLink; raises kFlagCombReady on every source.
+// Combine push: row i of y goes towards its source over NVLink (its `comb` buffer, or this node's forwarder for
+// it); raises kFlagCombReady on every rank of this node.
 void launch_combine_push(const NormalCtx& ctx, const void* y, int y_elem_bytes, const float* y_w,
                          const int* recv_src, const int* recv_off, int num_rows, int num_sms, cudaStream_t stream);
-// Dispatch with the copy-out overlapped with the push (half the blocks each; rows tagged with the round). Runs
-// after prepare and notify, in place of push + copy-out.
-void launch_dispatch_fused(const NormalCtx& ctx, const void* x, int x_elem_bytes, const float* x_scales,
-                           const int64_t* topk_idx, const float* topk_weights, int num_tokens, const int* send_pos,
-                           const int* send_off, void* out_x, float* out_scales, int64_t* out_idx, float* out_w,
-                           int* recv_src, const int* recv_off, int num_rows, bool cached, int num_sms,
-                           cudaStream_t stream);
-// Combine with the reduction overlapped with the push (half the blocks each; arrival counters per token).
-void launch_combine_fused(const NormalCtx& ctx, const void* y, int y_elem_bytes, const float* y_w,
-                          const int* recv_src, const int* recv_off, int num_rows, void* out, float* out_w,
-                          const int* send_pos, int num_tokens, bool with_weights, int num_sms, cudaStream_t stream);
-// Combine reduce: out[t] = sum over ranks r with send_pos[t, r] >= 0 of comb[r][send_pos[t, r]] in float32.
+// Combine reduce: out[t] = sum over ranks r of this node with send_pos[t, r] >= 0 of comb[r][send_pos[t, r]], plus
+// (node_pos given) the partial of every other node the token went to, in float32.
 void launch_combine_reduce(const NormalCtx& ctx, void* out, int out_elem_bytes, float* out_w, const int* send_pos,
-                           int num_tokens, bool with_weights, int num_sms, cudaStream_t stream);
+                           const int* node_pos, int num_tokens, bool with_weights, int num_sms, cudaStream_t stream);
+
+// ---- internode.cu (normal mode, groups of several nodes: the legs between nodes) ----------------------------
+// RDMA leg of dispatch: each token, once per other node it goes to, put to my RDMA peer there. After notify.
+void launch_dispatch_rdma_send(const NormalCtx& ctx, const void* x, int x_elem_bytes, const float* x_scales,
+                               const int64_t* topk_idx, const float* topk_weights, int num_tokens,
+                               const int* send_pos, const int* node_pos, int num_sms, cudaStream_t stream);
+// Forward leg: rows from my RDMA peers into the receive buffers of my node's ranks; fwd_pos int32 [M, T, P] out.
+void launch_dispatch_forward(const NormalCtx& ctx, int x_elem_bytes, bool has_scales, bool cached,
+                             const int* fwd_off, const int* fwd_count, int* fwd_pos, int num_sms,
+                             cudaStream_t stream);
+// Combine: partial sums of my node's rows for my RDMA peers' tokens, put home. Between push and reduce.
+void launch_combine_forward(const NormalCtx& ctx, int y_elem_bytes, bool with_weights, const int* fwd_count,
+                            const int* fwd_pos, int num_sms, cudaStream_t stream);
 
 // ---- low_latency.cu (decoding; every rank reachable over NVLink) -------------------------------------------
 // Regions of the symmetric allocation (per rank):

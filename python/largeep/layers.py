@@ -15,9 +15,12 @@ and the two ways to get static or unbacked row counts). Low-latency mode (decodi
 low-latency combine applies the weights there, as SPEC.md says.
 
 Overlap. ``num_chunks`` > 1 splits the batch: chunk i+1 is dispatched and chunk i-1 combined on the Buffer's stream
-(``async_finish`` events; every dispatch waits only for the gate through ``previous_event``) while the experts
-compute chunk i on the caller's stream. On CPU, or under ``torch.compile`` (the ops then run in program order), the
-same schedule simply runs in order and gives the same result. :class:`TwoBatchOverlap` runs two decoding
+(``async_finish`` events; every dispatch waits only for the gate through ``previous_event``, and its host waits do
+not wait for the experts queued before it) while the experts compute chunk i on the caller's stream, leaving the
+communication kernels their SMs (``overlap_sm_carveout``). Each chunk's GEMMs read every local expert's weights
+again, so chunking pays only where the experts are not bound by reading their weights (enough rows per expert).
+On CPU, or under ``torch.compile`` (the ops then run in program order), the same schedule simply runs in order and
+gives the same result. :class:`TwoBatchOverlap` runs two decoding
 micro-batches with ``return_recv_hook``: while one micro-batch's tokens travel, the other computes.
 
 Experts and replicas. Rank r holds the physical slots [r*E/N, (r+1)*E/N) (w1/w3 [E/N, H, F], w2 [E/N, F, H]).
@@ -113,12 +116,12 @@ class GroupedExperts(nn.Module):
         self.w3 = nn.Parameter(torch.randn(num_experts, hidden, ffn_hidden, dtype=dtype) * hidden**-0.5)
         self.w2 = nn.Parameter(torch.randn(num_experts, ffn_hidden, hidden, dtype=dtype) * ffn_hidden**-0.5)
 
-    def forward(self, x: Tensor, offs: Tensor) -> Tensor:
+    def forward(self, x: Tensor, offs: Tensor, used: int | None = None) -> Tensor:
         """x [P, H] sorted by expert; offs int32 [E_l] inclusive end row of each expert -> [P, H] in the weights'
-        dtype, zero past ``offs[-1]``."""
+        dtype, zero past ``offs[-1]``. ``used``: ``offs[-1]`` when known on the host (see ``ops.grouped_mm``)."""
         xs = x.to(self.w1.dtype)
-        h = F.silu(ops.grouped_mm(xs, self.w1, offs)) * ops.grouped_mm(xs, self.w3, offs)
-        return ops.grouped_mm(h, self.w2, offs)
+        h = F.silu(ops.grouped_mm(xs, self.w1, offs, used)) * ops.grouped_mm(xs, self.w3, offs, used)
+        return ops.grouped_mm(h, self.w2, offs, used)
 
     def forward_rows(
         self, x: Tensor, topk_idx: Tensor, topk_weights: Tensor, num_pairs: int | None = None
@@ -127,26 +130,43 @@ class GroupedExperts(nn.Module):
 
         Args:
             x: [R, H]; topk_idx: int64 [R, K] local expert ids (-1: not here); topk_weights: float32 [R, K].
-            num_pairs: the number of (row, k) entries >= 0 when known on the host (then only those are gathered),
-                else None: all R*K entries go through the sort and rows past the valid ones are skipped by the
-                GEMM. A row must not name one expert twice.
+            num_pairs: the number of (row, k) entries >= 0 when known on the host (then only those rows, plus one
+                zero row, go through the GEMMs), else None: all R*K entries go through the sort and the gather,
+                and the GEMMs skip the rows past the valid ones. A row must not name one expert twice.
 
         Returns:
-            y [R, H] in x's dtype: ``y[r] = sum_k w[r, k] * expert_{idx[r, k]}(x[r])``, summed in float32.
+            y [R, H] in x's dtype: ``y[r] = sum_k w[r, k] * expert_{idx[r, k]}(x[r])``, summed in float32 (the
+            weights are applied in the expert outputs' dtype). No host wait with the native grouped GEMM.
+
+        The entries are sorted by expert (one argsort of R*K ints), their rows gathered once, three grouped GEMMs
+        run, and ``embedding_bag`` sums each row's K outputs straight from the expert-sorted GEMM output: one read
+        of it, no float32 copy of [pairs, H], no atomics, no scatter.
         """
         r, k = topk_idx.shape
         e = self.num_experts
-        key = torch.where(topk_idx >= 0, topk_idx, e).reshape(-1)
-        order = torch.argsort(key, stable=True)
-        if num_pairs is not None:
-            order = order[:num_pairs]
+        valid = topk_idx >= 0
+        key = torch.where(valid, topk_idx, e).reshape(-1)
+        order = torch.argsort(key, stable=True)  # entries by local expert; entries naming none last
         counts = torch.zeros(e + 1, dtype=torch.int64, device=key.device).scatter_add_(0, key, torch.ones_like(key))
         offs = torch.cumsum(counts[:e], 0).to(torch.int32)
-        row = order // k
-        out = self.forward(x[row], offs)
-        valid = (key[order] < e).unsqueeze(1)
-        out = torch.where(valid, out.float() * topk_weights.reshape(-1)[order].unsqueeze(1), 0.0)
-        y = torch.zeros(r, x.shape[1], dtype=torch.float32, device=x.device).index_add(0, row, out)
+        pad: int | None = None
+        if num_pairs is None:
+            # every entry has a GEMM row; those naming no local expert sit past offs[-1], where the output is zero
+            src = order // k
+            pos = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
+        else:
+            # the valid entries only, then (when some entry names no local expert) one extra row, `pad`, that
+            # every other entry points at and embedding_bag leaves out
+            src = order[:num_pairs] // k
+            if num_pairs < r * k:
+                pad = num_pairs
+                src = torch.cat([src, src.new_zeros(1)])
+            fill = num_pairs if pad is not None else 0
+            pos = torch.full((r * k,), fill, dtype=torch.int64, device=order.device)
+            pos.scatter_(0, order[:num_pairs], torch.arange(num_pairs, device=order.device))
+        out = self.forward(x[src], offs, num_pairs)  # [P, H] in the weights' dtype
+        w = torch.where(valid, topk_weights, 0.0).to(out.dtype)
+        y = F.embedding_bag(pos.view(r, k), out, mode="sum", per_sample_weights=w, padding_idx=pad)
         return y.to(x.dtype)
 
     def forward_slots(self, x: Tensor, counts: Tensor, capacity: int | None = None) -> Tensor:
@@ -197,6 +217,9 @@ class MoELayer(nn.Module):
         shared_ffn_hidden: F of the shared experts (0: none), applied to every token.
         num_chunks: normal mode: split the batch into this many chunks pipelined as described in the module doc.
         num_worst_tokens: normal mode: > 0 uses fixed-size dispatch outputs (no host wait, static shapes).
+        overlap_sm_carveout: with ``num_chunks`` > 1 on CUDA, SMs the expert GEMMs leave free for the
+            communication kernels that run beside them (``ops.sm_carveout``); default (None): the Buffer's
+            ``num_sms``; 0: none.
         ll_use_fp8: low-latency mode: dispatch FP8 (needs H % 128 == 0); the experts see the dequantized values.
         use_custom_ops: take the custom-op path in eager mode too (always taken under ``torch.compile``).
         router_score, norm_topk_prob: options of the default gate.
@@ -214,6 +237,7 @@ class MoELayer(nn.Module):
         shared_ffn_hidden: int = 0,
         num_chunks: int = 1,
         num_worst_tokens: int = 0,
+        overlap_sm_carveout: int | None = None,
         ll_use_fp8: bool = False,
         use_custom_ops: bool = False,
         router_score: str = "softmax",
@@ -226,6 +250,8 @@ class MoELayer(nn.Module):
             raise ArgumentError(f"MoELayer: argument 'num_chunks' must be >= 1, got {num_chunks}")
         if num_worst_tokens < 0:
             raise ArgumentError(f"MoELayer: argument 'num_worst_tokens' must be >= 0, got {num_worst_tokens}")
+        if overlap_sm_carveout is not None and overlap_sm_carveout < 0:
+            raise ArgumentError(f"MoELayer: argument 'overlap_sm_carveout' must be >= 0, got {overlap_sm_carveout}")
         if ll_use_fp8 and c.hidden % fp8.GROUP:
             raise ArgumentError(f"MoELayer: ll_use_fp8 needs hidden % {fp8.GROUP} == 0, hidden is {c.hidden}")
         self.buffer = buffer
@@ -238,6 +264,7 @@ class MoELayer(nn.Module):
         self.low_latency = c.low_latency
         self.num_chunks = num_chunks
         self.num_worst_tokens = num_worst_tokens
+        self.overlap_sm_carveout = overlap_sm_carveout
         self.ll_use_fp8 = ll_use_fp8
         self.use_custom_ops = use_custom_ops
         # every valid low-latency row is one (token, local expert) copy: at most N*M*min(K, E_l)
@@ -305,16 +332,19 @@ class MoELayer(nn.Module):
 
         pending = [send(0)]
         shared = self.shared_experts(x) if self.shared_experts is not None else None  # overlaps the first dispatch
+        carveout = self._carveout(x) if n > 1 else 0
         combined: list[ops.CombineOutput] = []
         for i in range(n):
             d = pending[i]
             ops.wait(d.event)
             num_pairs = sum(d.num_tokens_per_expert) if d.num_tokens_per_expert is not None else None
-            y = self.experts.forward_rows(d.x, d.topk_idx, d.topk_weights, num_pairs)
-            # Queue chunk i's experts before sending chunk i+1: that dispatch waits on the host for its count
-            # exchange, which sits on the Buffer's stream behind combine i-1 (and so behind experts i-1); queued
-            # first, experts i run during that wait, overlapping combine i-1 and the push of chunk i+1.
-            # The Buffer's stream order (dispatch i+1 before combine i) is unchanged.
+            with ops.sm_carveout(carveout):
+                y = self.experts.forward_rows(d.x, d.topk_idx, d.topk_weights, num_pairs)
+            # Queue chunk i's experts before sending chunk i+1. That dispatch waits on the host (the count
+            # exchange, behind combine i-1 on the Buffer's stream); with experts i already queued the GPU computes
+            # meanwhile, and dispatch i+1 and combine i-1 overlap experts i. ops.dispatch issues it from a side
+            # stream, so the Buffer's expert-id check does not make the host wait for experts i first (it would
+            # on the caller's stream, and dispatch i+1 would then run alone after them).
             if i + 1 < n:
                 pending.append(send(i + 1))
             combined.append(ops.combine(self.buffer_id, y, d.handle, async_finish=True))
@@ -322,6 +352,14 @@ class MoELayer(nn.Module):
             ops.wait(c.event)
         out = combined[0].x if n == 1 else torch.cat([c.x for c in combined])
         return out + shared if shared is not None else out
+
+    def _carveout(self, x: Tensor) -> int:
+        """SMs the expert GEMMs leave to the communication kernels running beside them (0: none)."""
+        if not x.is_cuda or torch.compiler.is_compiling():
+            return 0
+        if self.overlap_sm_carveout is not None:
+            return self.overlap_sm_carveout
+        return self.buffer.ctx.num_sms
 
     # -- low-latency mode, in three steps ---------------------------------------------------------------------
     def _ll_send(self, x: Tensor, hooks: bool) -> dict[str, Any]:

@@ -57,10 +57,12 @@ custom op). Where the native kernel cannot run (strides, dtype, device) a padded
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import threading
 import weakref
 from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -83,11 +85,14 @@ __all__ = [
     "dispatch",
     "grouped_mm",
     "grouped_mm_backend",
+    "grouped_mm_stats",
     "live_handles",
     "low_latency_combine",
     "low_latency_dispatch",
     "register_buffer",
     "release_handles",
+    "reset_grouped_mm_stats",
+    "sm_carveout",
     "wait",
 ]
 
@@ -224,7 +229,12 @@ _NATIVE_DTYPES = {
     "cpu": (torch.float32, torch.bfloat16, torch.float16),
     "cuda": (torch.bfloat16,),
 }
-_native_failed: set[tuple[str, torch.dtype]] = set()
+# torch._grouped_mm runs its CUTLASS kernel on these CUDA majors (sm90, sm100); elsewhere it loops over the groups
+# after copying offs to the host, which is no better than the padded bmm
+_NATIVE_CUDA_MAJORS = (9, 10)
+_native_failed: dict[tuple[str, torch.dtype], str] = {}
+_calls: dict[str, int] = {}  # "native" or "padded_bmm (why)" -> calls since the last reset_grouped_mm_stats()
+_calls_lock = threading.Lock()
 
 
 def _strides_ok(t: Tensor) -> bool:
@@ -237,19 +247,49 @@ def _strides_ok(t: Tensor) -> bool:
     )
 
 
+def _cuda_major(device: torch.device) -> int:
+    return torch.cuda.get_device_capability(device)[0]
+
+
+def _fallback_reason(a: Tensor, b: Tensor) -> str | None:
+    """Why ``torch._grouped_mm`` cannot run ``a`` [P, K] x ``b`` [G, K, N] here (None: it can)."""
+    dev = a.device.type
+    if not hasattr(torch, "_grouped_mm"):
+        return f"torch {torch.__version__} has no torch._grouped_mm"
+    if a.dtype not in _NATIVE_DTYPES.get(dev, ()):
+        return f"dtype {a.dtype} on {dev}"
+    failed = _native_failed.get((dev, a.dtype))
+    if failed is not None:
+        return failed
+    if dev == "cuda" and _cuda_major(a.device) not in _NATIVE_CUDA_MAJORS:
+        return f"compute capability {torch.cuda.get_device_capability(a.device)} (the kernel needs sm90 or sm100)"
+    if b.shape[-1] * a.element_size() % 16 or not _strides_ok(a) or not _strides_ok(b):
+        return f"strides not multiples of 16 bytes (a {tuple(a.stride())}, b {tuple(b.stride())})"
+    return None
+
+
 def grouped_mm_backend(a: Tensor, b: Tensor) -> str:
     """"native" when ``torch._grouped_mm`` can run ``a`` [P, K] x ``b`` [G, K, N] (dtype, device, 16-byte
     strides), else "padded_bmm"."""
-    key = (a.device.type, a.dtype)
-    ok = (
-        hasattr(torch, "_grouped_mm")
-        and a.dtype in _NATIVE_DTYPES.get(a.device.type, ())
-        and key not in _native_failed
-        and b.shape[-1] * a.element_size() % 16 == 0
-        and _strides_ok(a)
-        and _strides_ok(b)
-    )
-    return "native" if ok else "padded_bmm"
+    return "native" if _fallback_reason(a, b) is None else "padded_bmm"
+
+
+def grouped_mm_stats() -> dict[str, int]:
+    """Grouped GEMMs run (forward and backward) since the last :func:`reset_grouped_mm_stats`, by backend:
+    ``"native"`` (``torch._grouped_mm``) or ``"padded_bmm (<why the native kernel was not used>)"``."""
+    with _calls_lock:
+        return dict(_calls)
+
+
+def reset_grouped_mm_stats() -> None:
+    """Clears the counts of :func:`grouped_mm_stats`."""
+    with _calls_lock:
+        _calls.clear()
+
+
+def _count(backend: str) -> None:
+    with _calls_lock:
+        _calls[backend] = _calls.get(backend, 0) + 1
 
 
 def _group_rows(offs: Tensor, used: int) -> tuple[Tensor, Tensor, int]:
@@ -269,23 +309,41 @@ def _padded(t: Tensor, grp: Tensor, pos: Tensor, groups: int, cap: int) -> Tenso
     return out
 
 
-def _try_native(fn: Any, a: Tensor, *args: Any) -> Tensor | None:
+def _try_native(fn: Any, a: Tensor) -> Tensor | None:
     try:
-        return fn(*args)  # type: ignore[no-any-return]
+        out = fn()
+    except torch.cuda.OutOfMemoryError:
+        raise
     except RuntimeError as exc:  # an unsupported combination: remember it and use the fallback from now on
-        _native_failed.add((a.device.type, a.dtype))
-        logger.info("largeep: torch._grouped_mm failed for %s %s (%s); using padded bmm", a.device, a.dtype, exc)
+        why = f"torch._grouped_mm failed: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+        _native_failed[(a.device.type, a.dtype)] = why
+        logger.warning("largeep: %s (%s %s); using the padded bmm from now on", why, a.device, a.dtype)
         return None
+    _count("native")
+    return out  # type: ignore[no-any-return]
 
 
-def _grouped_mm_impl(a: Tensor, b: Tensor, offs: Tensor) -> Tensor:
-    if grouped_mm_backend(a, b) == "native" and offs.numel():
+def _clear_tail(out: Tensor, offs: Tensor, used: int) -> Tensor:
+    """Zeroes rows [offs[-1], P) of ``out``: a slice when ``used`` (= offs[-1]) is known on the host, else a masked
+    pass over the whole output (no host sync)."""
+    if used >= 0:
+        if used < out.shape[0]:
+            out[used:].zero_()
+        return out
+    past = torch.arange(out.shape[0], device=out.device) >= offs[-1]
+    return out.masked_fill_(past.unsqueeze(1), 0)
+
+
+def _grouped_mm_impl(a: Tensor, b: Tensor, offs: Tensor, used: int) -> Tensor:
+    why = _fallback_reason(a, b)
+    if why is None and offs.numel():
         out = _try_native(lambda: torch._grouped_mm(a, b, offs=offs), a)
         if out is not None:
-            # the kernel leaves rows past offs[-1] unwritten; zero them without a host sync
-            past = torch.arange(a.shape[0], device=a.device) >= offs[-1]
-            return out.masked_fill_(past.unsqueeze(1), 0)
-    used = int(offs[-1]) if offs.numel() else 0  # the fallback waits on the host for the row counts
+            return _clear_tail(out, offs, used)  # the kernel leaves rows past offs[-1] unwritten
+        why = _fallback_reason(a, b)
+    _count(f"padded_bmm ({why or 'no groups'})")
+    if used < 0:
+        used = int(offs[-1]) if offs.numel() else 0  # the fallback waits on the host for the row counts
     grp, pos, cap = _group_rows(offs, used)
     res = torch.bmm(_padded(a, grp, pos, b.shape[0], cap), b)
     out = a.new_zeros(a.shape[0], b.shape[2])
@@ -293,71 +351,99 @@ def _grouped_mm_impl(a: Tensor, b: Tensor, offs: Tensor) -> Tensor:
     return out
 
 
-def _grouped_mm_wgrad_impl(a: Tensor, g: Tensor, offs: Tensor) -> Tensor:
+def _grouped_mm_wgrad_impl(a: Tensor, g: Tensor, offs: Tensor, used: int) -> Tensor:
     """a [P, K], g [P, N] -> [G, K, N] with ``out[e] = a[rows of e].T @ g[rows of e]`` (rows past offs[-1] unused)."""
     groups = offs.shape[0]
-    if grouped_mm_backend(a, g.unsqueeze(0)) == "native" and groups:
+    why = _fallback_reason(a, g.unsqueeze(0))
+    if why is None and groups:
         out = _try_native(lambda: torch._grouped_mm(a.t(), g, offs=offs), a)
         if out is not None:
             return out
-    used = int(offs[-1]) if groups else 0
+        why = _fallback_reason(a, g.unsqueeze(0))
+    _count(f"padded_bmm ({why or 'no groups'})")
+    if used < 0:
+        used = int(offs[-1]) if groups else 0
     grp, pos, cap = _group_rows(offs, used)
     return torch.bmm(_padded(a, grp, pos, groups, cap).transpose(1, 2), _padded(g, grp, pos, groups, cap))
 
 
 @torch.library.custom_op(
-    "largeep::grouped_mm", mutates_args=(), schema="(Tensor a, Tensor b, Tensor offs) -> Tensor"
+    "largeep::grouped_mm", mutates_args=(), schema="(Tensor a, Tensor b, Tensor offs, int used=-1) -> Tensor"
 )
-def _grouped_mm_op(a: Tensor, b: Tensor, offs: Tensor) -> Tensor:
-    return _grouped_mm_impl(a, b, offs)
+def _grouped_mm_op(a: Tensor, b: Tensor, offs: Tensor, used: int = -1) -> Tensor:
+    return _grouped_mm_impl(a, b, offs, used)
 
 
 @_grouped_mm_op.register_fake
-def _(a: Tensor, b: Tensor, offs: Tensor) -> Tensor:
+def _(a: Tensor, b: Tensor, offs: Tensor, used: int = -1) -> Tensor:
     return a.new_empty(a.shape[0], b.shape[2])
 
 
 @torch.library.custom_op(
-    "largeep::grouped_mm_wgrad", mutates_args=(), schema="(Tensor a, Tensor g, Tensor offs) -> Tensor"
+    "largeep::grouped_mm_wgrad", mutates_args=(), schema="(Tensor a, Tensor g, Tensor offs, int used=-1) -> Tensor"
 )
-def _grouped_mm_wgrad_op(a: Tensor, g: Tensor, offs: Tensor) -> Tensor:
-    return _grouped_mm_wgrad_impl(a, g, offs)
+def _grouped_mm_wgrad_op(a: Tensor, g: Tensor, offs: Tensor, used: int = -1) -> Tensor:
+    return _grouped_mm_wgrad_impl(a, g, offs, used)
 
 
 @_grouped_mm_wgrad_op.register_fake
-def _(a: Tensor, g: Tensor, offs: Tensor) -> Tensor:
+def _(a: Tensor, g: Tensor, offs: Tensor, used: int = -1) -> Tensor:
     return a.new_empty(offs.shape[0], a.shape[1], g.shape[1])
 
 
 def _gmm_setup(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
-    a, b, offs = inputs
+    a, b, offs, used = inputs
+    ctx.used = used
     ctx.save_for_backward(a, b, offs)
 
 
-def _gmm_backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
+def _gmm_backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None, None]:
     a, b, offs = ctx.saved_tensors
     grad = grad.contiguous()
-    ga = _grouped_mm_op(grad, b.transpose(1, 2), offs) if ctx.needs_input_grad[0] else None
-    gb = _grouped_mm_wgrad_op(a, grad, offs) if ctx.needs_input_grad[1] else None
-    return ga, gb, None
+    ga = _grouped_mm_op(grad, b.transpose(1, 2), offs, ctx.used) if ctx.needs_input_grad[0] else None
+    gb = _grouped_mm_wgrad_op(a, grad, offs, ctx.used) if ctx.needs_input_grad[1] else None
+    return ga, gb, None, None
 
 
 _grouped_mm_op.register_autograd(_gmm_backward, setup_context=_gmm_setup)
 
 
-def grouped_mm(a: Tensor, b: Tensor, offs: Tensor) -> Tensor:
+def grouped_mm(a: Tensor, b: Tensor, offs: Tensor, used: int | None = None) -> Tensor:
     """One GEMM per group over contiguous row ranges, differentiable in ``a`` and ``b``.
 
     Args:
         a: [P, K] rows sorted by group (bf16/fp32/fp16, same dtype as ``b``).
         b: [G, K, N] one matrix per group.
-        offs: int32 [G], inclusive end row of each group (non-decreasing, ``offs[-1] <= P``).
+        offs: int32 [G], inclusive end row of each group (non-decreasing, ``offs[-1] <= P``), on a's device.
+        used: ``offs[-1]`` when the caller knows it on the host (no sync): the rows past it are then zeroed with
+            a slice instead of a masked pass over the whole output, and the fallback skips one host sync.
+            Must equal ``offs[-1]``.
 
     Returns:
-        [P, N] in a's dtype; rows past ``offs[-1]`` are zero. The native kernel does not wait on the host; the
-        padded-bmm fallback does (for the largest group), inside the op, so a compiled graph does not break.
+        [P, N] in a's dtype; rows past ``offs[-1]`` are zero. The native kernel (``torch._grouped_mm``: bf16 on
+        sm90/sm100 CUDA; float32/bf16/fp16 on CPU; 16-byte strides) does not wait on the host; the padded-bmm
+        fallback does (for the largest group), inside the op, so a compiled graph does not break.
+        :func:`grouped_mm_stats` counts which one ran.
     """
-    return _grouped_mm_op(a, b, offs)  # type: ignore[no-any-return]
+    return _grouped_mm_op(a, b, offs, -1 if used is None else used)  # type: ignore[no-any-return]
+
+
+@contextlib.contextmanager
+def sm_carveout(num_sms: int) -> Iterator[None]:
+    """GEMMs launched inside leave ``num_sms`` SMs free (torch's experimental SM carveout, which cuBLASLt and the
+    CUTLASS grouped GEMM read at launch). A persistent GEMM grid that fills every SM keeps a communication kernel on
+    another stream from starting until the GEMM ends (or, launched after it, waits for it), which serialises the
+    overlap. ``num_sms`` <= 0, or a torch without the setting: no change. Host-side only; restores the previous
+    value on exit."""
+    if num_sms <= 0 or not hasattr(torch._C, "_set_sm_carveout_experimental"):
+        yield
+        return
+    prev = torch._C._get_sm_carveout_experimental()
+    torch._C._set_sm_carveout_experimental(num_sms)
+    try:
+        yield
+    finally:
+        torch._C._set_sm_carveout_experimental(prev)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -628,6 +714,46 @@ class CombineOutput(NamedTuple):
     event: EventOverlap | None
 
 
+_issue_streams: dict[torch.device, torch.cuda.Stream] = {}
+
+
+def _buffer_dispatch(
+    buffer: Buffer, x: Tensor, topk_idx: Tensor, topk_weights: Tensor, num_worst_tokens: int,
+    previous_event: EventOverlap | None, async_finish: bool,
+) -> Any:
+    """``buffer.dispatch``, issued from an idle side stream when it is to wait for ``previous_event`` only.
+
+    A dispatch without ``num_worst_tokens`` waits on the host: the Buffer's expert-id check syncs the *current*
+    stream, then the count exchange. Issued from the caller's stream, that sync also waits for everything queued
+    there after ``previous_event`` -- in MoELayer's chunked schedule, the previous chunk's expert GEMMs -- so the
+    next chunk could only be sent after them and its dispatch never overlapped them. From a side stream that waits
+    for ``previous_event`` first, the host waits only for what the dispatch needs. The outputs are made safe for
+    the caller's stream (``record_stream``), and without ``async_finish`` the caller's stream waits for them."""
+    ev = previous_event.event if previous_event is not None else None
+    if ev is None or num_worst_tokens or not x.is_cuda or torch.cuda.is_current_stream_capturing():
+        return buffer.dispatch(
+            x, topk_idx, topk_weights, num_worst_tokens=num_worst_tokens, previous_event=previous_event,
+            async_finish=async_finish,
+        )
+    caller = torch.cuda.current_stream(x.device)
+    side = _issue_streams.get(x.device)
+    if side is None:
+        side = _issue_streams[x.device] = torch.cuda.Stream(x.device)
+    side.wait_event(ev)
+    with torch.cuda.stream(side):
+        res = buffer.dispatch(
+            x, topk_idx, topk_weights, num_worst_tokens=num_worst_tokens, previous_event=previous_event,
+            async_finish=True,
+        )
+    xs = res.x if isinstance(res.x, tuple) else (res.x,)
+    for t in (*xs, res.topk_idx, res.topk_weights, res.num_tokens_per_expert_tensor):
+        if isinstance(t, Tensor):
+            t.record_stream(caller)
+    if not async_finish and res.event is not None and res.event.event is not None:
+        caller.wait_event(res.event.event)
+    return res
+
+
 class _DispatchFn(torch.autograd.Function):
     @staticmethod
     def forward(  # type: ignore[override]
@@ -641,10 +767,7 @@ class _DispatchFn(torch.autograd.Function):
         async_finish: bool,
         sink: list[Any],
     ) -> tuple[Tensor, Tensor, Tensor]:
-        res = buffer.dispatch(
-            x, topk_idx, topk_weights, num_worst_tokens=num_worst_tokens, previous_event=previous_event,
-            async_finish=async_finish,
-        )
+        res = _buffer_dispatch(buffer, x, topk_idx, topk_weights, num_worst_tokens, previous_event, async_finish)
         assert isinstance(res.x, Tensor) and res.topk_idx is not None and res.topk_weights is not None
         handle = OpHandle(buffer, res.handle, res.topk_idx, num_worst_tokens, x.shape[0])
         sink.append((handle, res))

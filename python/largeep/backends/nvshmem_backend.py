@@ -42,13 +42,10 @@ _world: dict[str, Any] = {}
 
 def unsupported_reason(ctx: GroupContext) -> str | None:
     """None when this backend implements ``ctx``'s configuration, else why not."""
-    if ctx.num_nodes > 1 and not ctx.low_latency:
-        return (
-            f"normal mode across several nodes ({ctx.num_nodes} nodes of {ctx.ranks_per_node} ranks) is not "
-            "implemented in the nvshmem backend yet"
-        )
-    if ctx.num_ranks > 8:
-        return "the intranode kernels support at most 8 ranks"
+    if ctx.num_ranks > 32:
+        return f"the nvshmem kernels support at most 32 ranks (got {ctx.num_ranks})"
+    if ctx.ranks_per_node > 8:
+        return f"the nvshmem kernels support at most 8 ranks per node (got ranks_per_node={ctx.ranks_per_node})"
     if ctx.hidden % 8:
         return f"hidden must be a multiple of 8 for the nvshmem backend (got {ctx.hidden})"
     if ctx.num_topk > 32:
@@ -84,11 +81,31 @@ def _join(ctx: GroupContext, heap_bytes: int, settings: Settings) -> Any:
     return C
 
 
+def _ptr(t: torch.Tensor | None) -> int:
+    return t.data_ptr() if t is not None else 0
+
+
+@dataclass
+class _Hier:
+    """The parts of a normal dispatch's handle that only groups of several nodes (M nodes of P ranks) have.
+    Source side: node_pos int32 [T, M] (position of token t among the tokens sent to node m, -1 if none),
+    node_count int32 [M]. Forwarder side (rows this rank forwards from its RDMA peer on node m): fwd_count int32
+    [M], fwd_off int32 [M, P] (where that peer's rows start in the receive buffer of each rank of this node),
+    fwd_pos int32 [M, max_tokens, P] (position of forwarded row j in each local rank's list, -1 if not sent)."""
+
+    node_pos: torch.Tensor
+    node_count: torch.Tensor
+    fwd_off: torch.Tensor
+    fwd_count: torch.Tensor
+    fwd_pos: torch.Tensor
+
+
 @dataclass
 class _NvState:
     """Handle of one normal dispatch. Source side: send_pos int32 [T, N] (row of token t among the rows for rank r,
     -1 if not sent), send_off int32 [N] (where this rank's rows start in each receiver's buffer). Receiver side:
-    recv_src int32 [rows, 2] (source rank, token), recv_off int32 [N + 1] (first row of each source)."""
+    recv_src int32 [rows, 2] (source rank, token), recv_off int32 [N + 1] (first row of each source). hier: the
+    inter-node parts (None inside one node)."""
 
     send_pos: torch.Tensor
     send_off: torch.Tensor
@@ -97,6 +114,7 @@ class _NvState:
     num_rows: int
     num_tokens: int
     worst: bool
+    hier: _Hier | None = None
 
 
 @dataclass
@@ -122,21 +140,22 @@ class NvshmemBackend:
         C = native.module()
         n = ctx.num_ranks
         sizes = (n, ctx.num_experts, ctx.num_topk, ctx.hidden, ctx.max_tokens_per_rank)
-        lay = C.low_latency_layout(*sizes, ctx.ranks_per_node) if ctx.low_latency else C.normal_layout(*sizes)
+        lay = (C.low_latency_layout if ctx.low_latency else C.normal_layout)(*sizes, ctx.ranks_per_node)
         self.C = _join(ctx, int(lay["total_bytes"]), settings)
         self.base = int(self.C.alloc(int(lay["total_bytes"])))
-        peers = [int(self.C.peer_ptr(self.base, r)) for r in range(n)]
-        # Peers on this rank's node are written through NVLink; the low-latency put path reaches the others.
+        # Peers on this rank's node are written through NVLink; NVSHMEM's puts reach the others, so their peer
+        # pointers are left 0 even where NVLink would reach them (several nodes emulated on one host).
         node = ctx.rank // ctx.ranks_per_node
-        needed = range(n) if not ctx.low_latency else range(node * ctx.ranks_per_node, (node + 1) * ctx.ranks_per_node)
-        unreachable = [r for r in needed if peers[r] == 0]
+        mine = range(node * ctx.ranks_per_node, (node + 1) * ctx.ranks_per_node)
+        peers = [int(self.C.peer_ptr(self.base, r)) if r in mine else 0 for r in range(n)]
+        unreachable = [r for r in mine if peers[r] == 0]
         if unreachable:
             self.C.free(self.base)
             raise RuntimeError(f"Buffer: ranks {unreachable} are not reachable over NVLink from rank {ctx.rank}")
         dev = ctx.device
         self.peer_base = torch.tensor(peers, dtype=torch.int64, device=dev)
         self.seq = torch.zeros(4, dtype=torch.int64, device=dev)
-        self.counters = torch.zeros(4, dtype=torch.int32, device=dev)
+        self.counters = torch.zeros(8, dtype=torch.int32, device=dev)
         words = _PER_EXPERT + ctx.experts_per_rank
         self.host_ptr, self.status_dev = (int(v) for v in self.C.host_alloc(8 * words))
         # The kernels poll this device word for errors (reading the host-mapped status costs a PCIe round trip).
@@ -151,7 +170,7 @@ class NvshmemBackend:
             self.ll = self.C.LowLatencyKernels(*common, ctx.ranks_per_node)
         else:
             self.kernels = self.C.NormalKernels(
-                *common, settings.tune["threads"], settings.tune["load"], settings.tune["unroll"]
+                *common, ctx.ranks_per_node, settings.tune["threads"], settings.tune["load"], settings.tune["unroll"]
             )
         self.alive = True
 
@@ -210,31 +229,40 @@ class NvshmemBackend:
         c = self.ctx
         dev = c.device
         n, t = c.num_ranks, x.shape[0]
+        nodes, p = c.num_nodes, c.ranks_per_node
         stream = self._stream()
         sms = c.num_sms
         elem = x.element_size()
         scales_ptr = x_scales.data_ptr() if x_scales is not None else 0
         cached = state is not None
         worst = num_worst_tokens > 0 or (state is not None and state.worst)
-        fused = bool(self.settings.tune["fused"])  # push and copy-out in one kernel, after the outputs exist
+        k = self.kernels
         per_expert_list: list[int] = []
         if state is None:
             assert topk_idx is not None and topk_weights is not None
-            send_pos = torch.empty(t, n, dtype=torch.int32, device=dev)
-            recv_off = torch.empty(n + 1, dtype=torch.int32, device=dev)
-            send_off = torch.empty(n, dtype=torch.int32, device=dev)
+            i32 = torch.int32
+            send_pos = torch.empty(t, n, dtype=i32, device=dev)
+            recv_off = torch.empty(n + 1, dtype=i32, device=dev)
+            send_off = torch.empty(n, dtype=i32, device=dev)
+            hier = None
+            if nodes > 1:
+                hier = _Hier(
+                    node_pos=torch.empty(t, nodes, dtype=i32, device=dev),
+                    node_count=torch.empty(nodes, dtype=i32, device=dev),
+                    fwd_off=torch.empty(nodes, p, dtype=i32, device=dev),
+                    fwd_count=torch.empty(nodes, dtype=i32, device=dev),
+                    fwd_pos=torch.empty(nodes, c.max_tokens_per_rank, p, dtype=i32, device=dev),
+                )
             report = not worst
             if report:
                 self.status[_READY] = 0
-            k = self.kernels
-            k.prepare(topk_idx.data_ptr(), t, send_pos.data_ptr(), stream)
-            k.notify(recv_off.data_ptr(), send_off.data_ptr(), report, stream)
-            if not fused:
-                # The push needs no host decision: it runs while the host waits for the counts below.
-                k.push(
-                    x.data_ptr(), elem, scales_ptr, topk_idx.data_ptr(), topk_weights.data_ptr(), t,
-                    send_pos.data_ptr(), send_off.data_ptr(), sms, stream,
-                )
+            k.prepare(topk_idx.data_ptr(), t, send_pos.data_ptr(), _ptr(hier and hier.node_pos),
+                      _ptr(hier and hier.node_count), stream)
+            k.notify(recv_off.data_ptr(), send_off.data_ptr(), _ptr(hier and hier.fwd_off),
+                     _ptr(hier and hier.fwd_count), report, stream)
+            # The sends need no host decision: they run while the host waits for the counts below.
+            self._send(x, elem, scales_ptr, topk_idx.data_ptr(), topk_weights.data_ptr(), t, send_pos, send_off,
+                       hier, False, stream)
             if report:
                 rc = self.C.wait_host_word(self.host_ptr, _READY, 1, _ERROR, self.settings.timeout_s + _HOST_GRACE_S)
                 self._raise_if_failed("dispatch")
@@ -249,13 +277,10 @@ class NvshmemBackend:
             else:
                 rows = num_worst_tokens
             state = _NvState(
-                send_pos, send_off, torch.empty(rows, 2, dtype=torch.int32, device=dev), recv_off, rows, t, worst
+                send_pos, send_off, torch.empty(rows, 2, dtype=i32, device=dev), recv_off, rows, t, worst, hier
             )
-        elif not fused:
-            self.kernels.push(
-                x.data_ptr(), elem, scales_ptr, 0, 0, t, state.send_pos.data_ptr(), state.send_off.data_ptr(), sms,
-                stream,
-            )
+        else:
+            self._send(x, elem, scales_ptr, 0, 0, t, state.send_pos, state.send_off, state.hier, True, stream)
         rows = state.num_rows
         out_x = torch.empty(rows, c.hidden, dtype=x.dtype, device=dev)
         out_s = torch.empty(rows, c.hidden // 128, dtype=torch.float32, device=dev) if x_scales is not None else None
@@ -263,19 +288,10 @@ class NvshmemBackend:
         if not cached:
             out_idx = torch.empty(rows, c.num_topk, dtype=torch.int64, device=dev)
             out_w = torch.empty(rows, c.num_topk, dtype=torch.float32, device=dev)
-        outs = (
-            out_x.data_ptr(), out_s.data_ptr() if out_s is not None else 0,
-            out_idx.data_ptr() if out_idx is not None else 0, out_w.data_ptr() if out_w is not None else 0,
-            state.recv_src.data_ptr(), state.recv_off.data_ptr(), rows, cached, sms, stream,
+        k.copyout(
+            out_x.data_ptr(), elem, _ptr(out_s), _ptr(out_idx), _ptr(out_w), state.recv_src.data_ptr(),
+            state.recv_off.data_ptr(), rows, cached, sms, stream,
         )
-        if fused:
-            self.kernels.dispatch_fused(
-                x.data_ptr(), elem, scales_ptr, 0 if cached else topk_idx.data_ptr(),  # type: ignore[union-attr]
-                0 if cached else topk_weights.data_ptr(), t,  # type: ignore[union-attr]
-                state.send_pos.data_ptr(), state.send_off.data_ptr(), *outs,
-            )
-        else:
-            self.kernels.copyout(outs[0], elem, *outs[1:])
         if per_expert_list:
             per_expert_t = torch.tensor(per_expert_list, dtype=torch.int32).to(dev, non_blocking=True)
         elif out_idx is not None:
@@ -286,6 +302,21 @@ class NvshmemBackend:
         return NormalDispatchOut(
             out_x, out_s, out_idx, out_w, per_expert_list, per_expert_t, None if worst else rows, state
         )
+
+    def _send(
+        self, x: torch.Tensor, elem: int, scales_ptr: int, idx_ptr: int, w_ptr: int, t: int, send_pos: torch.Tensor,
+        send_off: torch.Tensor, hier: _Hier | None, cached: bool, stream: int,
+    ) -> None:
+        """Queues the sending kernels of a dispatch: the RDMA leg (several nodes), the NVLink push to this node's
+        ranks, and the forwarding of the rows my RDMA peers sent (several nodes)."""
+        k, sms = self.kernels, self.ctx.num_sms
+        if hier is not None:
+            k.rdma_send(x.data_ptr(), elem, scales_ptr, idx_ptr, w_ptr, t, send_pos.data_ptr(),
+                        hier.node_pos.data_ptr(), sms, stream)
+        k.push(x.data_ptr(), elem, scales_ptr, idx_ptr, w_ptr, t, send_pos.data_ptr(), send_off.data_ptr(), sms, stream)
+        if hier is not None:
+            k.forward(elem, scales_ptr != 0, cached, hier.fwd_off.data_ptr(), hier.fwd_count.data_ptr(),
+                      hier.fwd_pos.data_ptr(), sms, stream)
 
     def combine(
         self, y: torch.Tensor, state: _NvState, topk_weights: torch.Tensor | None
@@ -300,22 +331,18 @@ class NvshmemBackend:
             if topk_weights is not None
             else None
         )
-        w_ptr = topk_weights.data_ptr() if topk_weights is not None else 0
-        out_w_ptr = out_w.data_ptr() if out_w is not None else 0
-        if self.settings.tune["fused"]:
-            self.kernels.combine_fused(
-                y.data_ptr(), y.element_size(), w_ptr, state.recv_src.data_ptr(), state.recv_off.data_ptr(),
-                state.num_rows, out.data_ptr(), out_w_ptr, state.send_pos.data_ptr(), state.num_tokens,
-                topk_weights is not None, c.num_sms, stream,
-            )
-            return out, out_w
-        self.kernels.combine_push(
-            y.data_ptr(), y.element_size(), w_ptr, state.recv_src.data_ptr(), state.recv_off.data_ptr(),
+        with_w = topk_weights is not None
+        k, hier = self.kernels, state.hier
+        k.combine_push(
+            y.data_ptr(), y.element_size(), _ptr(topk_weights), state.recv_src.data_ptr(), state.recv_off.data_ptr(),
             state.num_rows, c.num_sms, stream,
         )
-        self.kernels.combine_reduce(
-            out.data_ptr(), out.element_size(), out_w_ptr, state.send_pos.data_ptr(), state.num_tokens,
-            topk_weights is not None, c.num_sms, stream,
+        if hier is not None:
+            k.combine_forward(y.element_size(), with_w, hier.fwd_count.data_ptr(), hier.fwd_pos.data_ptr(), c.num_sms,
+                              stream)
+        k.combine_reduce(
+            out.data_ptr(), out.element_size(), _ptr(out_w), state.send_pos.data_ptr(),
+            _ptr(hier and hier.node_pos), state.num_tokens, with_w, c.num_sms, stream,
         )
         return out, out_w
 

@@ -210,7 +210,38 @@ class SymmMemAdapter(Adapter):
     normal: ``send`` [N*M rows] (each token to every rank, worst case) and ``recv`` [N*M rows] (M rows from each
     source, worst case), each 2*H bytes a row; low-latency: ``send`` [M*K] and ``recv`` [N*M*K + E/N] rows (every
     copy of every source lands here; the 2-D all-to-all pads each empty expert to one row). Combine runs the same
-    pools in reverse. Splits and offsets tensors are symmetric int64 too.
+    pools in reverse. Splits and offsets tensors are symmetric int64 too: ``in_splits`` / ``out_so`` for dispatch,
+    ``c_in_splits`` / ``c_out_so`` for combine.
+
+    What one torch op does (``torch/csrc/distributed/c10d/symm_mem/nvshmem_extension.cu``), two kernels on the
+    current stream: (1) each rank *puts* its splits and source offsets into every peer's ``out_splits_offsets``,
+    then a barrier of the group; (2) each rank *pulls* (``nvshmemx_getmem_nbi_block``) its rows from every peer's
+    ``input`` into its own ``out``, waits for its own pulls (``nvshmem_quiet``), and block 0 overwrites row 1 of its
+    own ``out_splits_offsets`` with the output offsets. There is no barrier at the end: when an op is done on this
+    rank's stream, its ``out`` and ``out_splits_offsets`` are final, but a peer may still be pulling from this rank's
+    ``input`` and may not yet have rewritten its own row 1. The only ordering across ranks is the barrier in kernel
+    (1) of the next op, which comes after that op's puts and after whatever was queued before it.
+
+    Reusing one pool per direction is therefore safe when the direction alternates, and needs a fence when it
+    repeats. Dispatch writes ``send`` (before its barrier), puts into peers' ``out_so``, and its peers pull from
+    ``send``; combine writes ``recv`` (the copy of ``y``, ``combine_input``), puts into peers' ``c_out_so``, and its
+    peers pull from ``recv``. A peer reaches the barrier of op n+1 only after its op n is done, so op n+2 may touch
+    what op n used: a dispatch after a combine (or the reverse) conflicts with nothing still in flight. A dispatch
+    right after a dispatch would overwrite ``send`` while a peer may still pull it, and its puts could land in a
+    peer's ``out_so`` before that peer's previous kernel (2) rewrites row 1 with its output offsets, so the peer
+    then pulls our rows from its own stale output offset (wrong rows; seen as ~half the combined values wrong); a
+    combine right after a combine has the same two hazards on ``recv`` and ``c_out_so``. Before the first write of
+    such a repeat (and before ``combine_input`` / ``ll_combine_input`` after a combine) the adapter queues
+    :meth:`_fence`, an NCCL all-reduce of one int on the current stream (no host wait). The sweep alternates dispatch
+    and combine (and aligns the ranks before every timed call), so only its first timed ``dispatch`` of each point,
+    a warm-up call, pays a fence; a timed same-direction repeat would include one all-reduce.
+
+    What each call guarantees: ``dispatch_cached`` returns a view of the ``recv`` pool, valid until the next dispatch
+    or ``combine_input``, or a combine whose ``y`` is not that view; ``combine`` and ``ll_combine`` results
+    (``ll_out``) are fresh tensors. A handle refers to the live ``out_so``: it stays valid until the next
+    ``dispatch`` / ``ll_dispatch`` with other routing (re-dispatching the same routing, as the sweep does, keeps it).
+    ``close`` fences and waits before it drops the pools, so no peer still reads them; views that a caller still
+    holds keep their memory allocated but must not be used after ``close``.
     """
 
     name = "symm_mem"
@@ -223,6 +254,10 @@ class SymmMemAdapter(Adapter):
         self._backend_set = False
         self._ll_2d = True
         self.ll_out: torch.Tensor | None = None
+        # direction ("dispatch" / "combine") of the last all-to-all queued since the last fence: peers may still be
+        # pulling from its pool and rewriting its offsets row (see the class docstring)
+        self._in_flight: str | None = None
+        self._fence_word: torch.Tensor | None = None  # int32 [1], always 0: the all-reduce that fences
 
     def unavailable_reason(self, device: torch.device) -> str | None:
         if device.type != "cuda":
@@ -283,9 +318,31 @@ class SymmMemAdapter(Adapter):
         for t in list(self._pools.values()) + list(self._meta.values()):
             symm_mem.rendezvous(t, group)
         self._send_rows, self._recv_rows = send_rows, recv_rows
+        self._fence_word = torch.zeros(1, dtype=torch.int32, device=device)
+        # all_gather_object waited on the host for every rank's NCCL work, queued after all its earlier work
+        self._in_flight = None
 
     def close(self) -> None:
+        """Collective: fences and waits, so no peer still pulls from or puts into these pools, then drops them."""
+        if self._pools:
+            self._fence()
+            torch.cuda.synchronize(self.device)
         self._pools, self._meta = {}, {}
+        self._in_flight = None
+
+    def _fence(self) -> None:
+        """Queues a barrier on the current stream (no host wait): work this rank queues after it runs only once every
+        rank has finished all the work it queued before its own fence. NCCL starts the all-reduce after the stream's
+        earlier work on each rank, and it cannot finish on any rank before every rank has started it."""
+        assert self._fence_word is not None
+        dist.all_reduce(self._fence_word, op=dist.ReduceOp.MAX, group=self.group)
+        self._in_flight = None
+
+    def _begin(self, direction: str) -> None:
+        """Call before an op's first write to a pool or a splits tensor: fences when the last all-to-all ran in the
+        same direction (its peers may still read the pool this op writes, see the class docstring)."""
+        if self._in_flight == direction:
+            self._fence()
 
     def _view(self, pool: str, rows: int, width: int) -> torch.Tensor:
         """bf16 [rows, width] at the start of a pool (same base pointer, so the same symmetric allocation)."""
@@ -316,15 +373,19 @@ class SymmMemAdapter(Adapter):
         rows = _as_rows16(x)
         w = rows.shape[1]
         ext = torch.cat([rows, rows.new_zeros(1, w)])
+        self._begin("dispatch")
         send = self._view("send", self._send_rows, w)
         send[: h.t_sorted.numel()] = ext[h.t_sorted]
         self._meta["in_splits"].copy_(h.splits)
         recv = self._view("recv", self._recv_rows, w)
         torch.ops.symm_mem.all_to_all_vdev(send, recv, self._meta["in_splits"], h.out_so, self._group_name)
+        self._in_flight = "dispatch"
         return recv
 
     def combine_input(self, rows: int) -> torch.Tensor:
+        """A view of the ``recv`` pool (no copy in ``combine``), filled with random values."""
         assert self.spec is not None
+        self._begin("combine")
         y = self._view("recv", self._recv_rows, self.spec.hidden)[:rows]
         y.normal_()
         return y
@@ -332,6 +393,7 @@ class SymmMemAdapter(Adapter):
     def combine(self, y: torch.Tensor, handle: Any) -> Any:
         h: _SymmNormalHandle = handle
         hdim = y.shape[1]
+        self._begin("combine")
         src = self._view("recv", self._recv_rows, hdim)
         if y.data_ptr() != src.data_ptr():
             src[: y.shape[0]].copy_(y)
@@ -339,6 +401,7 @@ class SymmMemAdapter(Adapter):
         back = self._view("send", self._send_rows, hdim)
         torch.ops.symm_mem.all_to_all_vdev(src, back, self._meta["c_in_splits"], self._meta["c_out_so"],
                                            self._group_name)
+        self._in_flight = "combine"
         acc = torch.zeros(h.num_tokens + 1, hdim, dtype=torch.float32, device=self.device)
         acc.index_add_(0, h.t_sorted, back[: h.t_sorted.numel()].float())
         return acc[: h.num_tokens].to(torch.bfloat16)
@@ -361,6 +424,7 @@ class SymmMemAdapter(Adapter):
             counts = counts.view(-1, e // dist.get_world_size(self.group)).sum(1)
         rows = _as_rows16(fp8.quantize(x) if use_fp8 else x)
         w = rows.shape[1]
+        self._begin("dispatch")
         send = self._view("send", self._send_rows, w)
         send[: t * k] = torch.cat([rows, rows.new_zeros(1, w)])[token_of]
         self._meta["in_splits"].copy_(counts)
@@ -371,10 +435,13 @@ class SymmMemAdapter(Adapter):
         else:
             torch.ops.symm_mem.all_to_all_vdev(send, recv, self._meta["in_splits"], self._meta["out_so"],
                                                self._group_name)
+        self._in_flight = "dispatch"
         return _SymmLLHandle(order, token_of, self._meta["out_so"], t), None
 
     def ll_combine_input(self) -> torch.Tensor:
+        """A view of the whole ``recv`` pool (no copy in ``ll_combine``), filled with random values."""
         assert self.spec is not None
+        self._begin("combine")
         y = self._view("recv", self._recv_rows, self.spec.hidden)
         y.normal_()
         return y
@@ -384,6 +451,7 @@ class SymmMemAdapter(Adapter):
     ) -> Hook:
         h: _SymmLLHandle = handle
         hdim = y.shape[-1]
+        self._begin("combine")
         src = self._view("recv", self._recv_rows, hdim)
         if y.data_ptr() != src.data_ptr():
             src[: y.shape[0]].copy_(y.reshape(-1, hdim)[: self._recv_rows])
@@ -395,6 +463,7 @@ class SymmMemAdapter(Adapter):
             self._meta["c_in_splits"].copy_(h.out_so[0])
             torch.ops.symm_mem.all_to_all_vdev(src, back, self._meta["c_in_splits"], self._meta["c_out_so"],
                                                self._group_name)
+        self._in_flight = "combine"
         n_copies = h.order.numel()
         w = torch.where(topk_idx.reshape(-1) >= 0, topk_weights.reshape(-1), 0.0)[h.order]
         acc = torch.zeros(h.num_tokens + 1, hdim, dtype=torch.float32, device=self.device)

@@ -1,0 +1,241 @@
+// Normal mode across nodes: the legs that cross between nodes. Used with intranode.cu's kernels when the group
+// spans several nodes (NormalCtx::ranks_per_node < num_ranks); only NVSHMEM's standard device API crosses nodes.
+//
+// Dispatch: a token crosses the network at most once per destination node. Its source stages one row per
+// destination node (x, scales, global expert ids, weights, token, and its position in the list of every rank of
+// that node, -1 where it is not sent) and puts it to its RDMA peer there: the rank with the source's local index
+// (dispatch_rdma_send). That forwarder writes the row over NVLink into the receive buffer of every rank of its node
+// that needs it, at the very row the intranode push would have used (dispatch_forward), and raises kFlagRows for
+// the source on each of them; the copy-out is intranode.cu's.
+//
+// Combine: the reverse. Rows whose source is on another node go over NVLink to this node's forwarder for that
+// source (intranode.cu's combine push); the forwarder sums them per token in float32 and puts one float32 partial
+// row (with the summed weights) home (combine_forward), where intranode.cu's reduction adds the partials of every
+// node to the rows of its own node. Partials stay float32 so that the result is the float32 sum however the ranks
+// are split into nodes.
+//
+// Every row is staged in symmetric memory before its put (a put's source must be symmetric for every transport);
+// each sending thread calls nvshmem_quiet, then the last block raises the round's signals.
+#include "normal.cuh"
+
+namespace largeep {
+
+using namespace normal;
+
+namespace {
+
+// First-row prefix over the M source nodes of the rows this rank forwards (counts from the handle).
+__device__ __forceinline__ void node_prefix(const int* fwd_count, int M, int* prefix) {
+    if (threadIdx.x == 0) {
+        int acc = 0;
+        for (int m = 0; m < M; ++m) {
+            prefix[m] = acc;
+            acc += fwd_count[m];
+        }
+        prefix[M] = acc;
+    }
+    __syncthreads();
+}
+
+__device__ __forceinline__ int node_of_row(const int* prefix, int g) {
+    int m = 0;
+    while (prefix[m + 1] <= g) ++m;
+    return m;
+}
+
+// ---- dispatch: RDMA leg -------------------------------------------------------------------------------------
+// One warp per token: for every other node m the token goes to (node_pos[t, m] >= 0), the row is staged at
+// rdma_send[m][node_pos] and put to rdma_recv[my node][node_pos] of my RDMA peer on node m (x, then the
+// metadata, as two puts so that no unused bytes travel).
+__global__ void __launch_bounds__(kThreads) dispatch_rdma_send_kernel(NormalCtx c, const uint8_t* x, int x_elem,
+                                                                      const float* scales, const int64_t* idx,
+                                                                      const float* w, int T, const int* send_pos,
+                                                                      const int* node_pos) {
+    const int N = c.num_ranks, P = c.ranks_per_node, M = N / P, node = c.rank / P, me_local = c.rank % P;
+    const int K = c.num_topk, num_scales = c.hidden / 128;
+    const int64_t seq = c.seq[kSeqDispatch] + 1;
+    const unsigned peers = rdma_peer_mask(c);
+    // My RDMA peers must have forwarded the previous round out of their RDMA receive buffers.
+    const bool ok = wait_flags(c, kFlagRecvFree, peers, seq - 1, kOpDispatch);
+    if (ok) {
+        const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp, kWarps = blockDim.x / kWarp;
+        const int64_t x_bytes = static_cast<int64_t>(c.hidden) * x_elem;
+        const int64_t meta_bytes = c.rdma_stride - c.recv_off_scales;
+        for (int t = blockIdx.x * kWarps + warp; t < T; t += gridDim.x * kWarps) {
+            const int q = lane < M && lane != node ? node_pos[static_cast<int64_t>(t) * M + lane] : -1;
+            for (unsigned dests = __ballot_sync(0xffffffffu, q >= 0); dests; dests &= dests - 1) {
+                const int m = __ffs(dests) - 1;
+                const int qm = __shfl_sync(0xffffffffu, q, m);
+                const int64_t at = (static_cast<int64_t>(m) * c.max_tokens + qm) * c.rdma_stride;
+                uint8_t* row = c.base + c.off_rdma_send + at;
+                warp_copy<0, 4>(reinterpret_cast<int4*>(row), reinterpret_cast<const int4*>(x + t * x_bytes), x_bytes,
+                                lane);
+                if (scales != nullptr)
+                    for (int i = lane; i < num_scales; i += kWarp)
+                        reinterpret_cast<float*>(row + c.recv_off_scales)[i] =
+                            scales[static_cast<int64_t>(t) * num_scales + i];
+                if (idx != nullptr && lane < K) {
+                    reinterpret_cast<int64_t*>(row + c.recv_off_idx)[lane] = idx[static_cast<int64_t>(t) * K + lane];
+                    reinterpret_cast<float*>(row + c.recv_off_w)[lane] = w[static_cast<int64_t>(t) * K + lane];
+                }
+                if (lane == 0) reinterpret_cast<int*>(row + c.recv_off_src)[0] = t;
+                if (lane < P)
+                    reinterpret_cast<int*>(row + c.rdma_off_pos)[lane] = send_pos[static_cast<int64_t>(t) * N + m * P + lane];
+                __threadfence();  // the staged row is complete before the transport reads it
+                __syncwarp();
+                const int64_t dst = c.off_rdma_recv + (static_cast<int64_t>(node) * c.max_tokens + qm) * c.rdma_stride;
+                const int pe = m * P + me_local;
+                nvshmemx_putmem_nbi_warp(c.base + dst, row, x_bytes, pe);
+                nvshmemx_putmem_nbi_warp(c.base + dst + c.recv_off_scales, row + c.recv_off_scales, meta_bytes, pe);
+            }
+        }
+    }
+    nvshmem_quiet();  // this thread's puts have landed
+    __threadfence_system();
+    if (last_block(c.block_counter + 4)) {
+        if (static_cast<int>(threadIdx.x) < N && ((peers >> threadIdx.x) & 1u))
+            set_flag(c, threadIdx.x, kFlagRdmaRows, c.rank, seq);
+    }
+}
+
+// ---- dispatch: forward over NVLink --------------------------------------------------------------------------
+// Waits for the rows of my RDMA peer on every other node, then one warp per row writes it into the receive buffer
+// of every rank d of my node it names (row fwd_off[m][d] + pos), records the positions in fwd_pos [M, T, P] (the
+// handle keeps them for the combine), and raises kFlagRows for that peer on every rank of my node.
+__global__ void __launch_bounds__(kThreads) dispatch_forward_kernel(NormalCtx c, int x_elem, int has_scales,
+                                                                    int cached, const int* fwd_off,
+                                                                    const int* fwd_count, int* fwd_pos) {
+    const int N = c.num_ranks, P = c.ranks_per_node, M = N / P, node = c.rank / P, me_local = c.rank % P;
+    const int64_t seq = c.seq[kSeqDispatch] + 1;
+    __shared__ int prefix[33];
+    const bool ok = wait_flags(c, kFlagRdmaRows, rdma_peer_mask(c), seq, kOpDispatch);
+    node_prefix(fwd_count, M, prefix);
+    if (ok) {
+        const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp, kWarps = blockDim.x / kWarp;
+        const int64_t x_bytes = static_cast<int64_t>(c.hidden) * x_elem;
+        const bool mine = lane >= node * P && lane < (node + 1) * P;  // lane d: a rank of my node
+        for (int g = blockIdx.x * kWarps + warp; g < prefix[M]; g += gridDim.x * kWarps) {
+            const int m = node_of_row(prefix, g), j = g - prefix[m];
+            const uint8_t* row = c.base + c.off_rdma_recv + (static_cast<int64_t>(m) * c.max_tokens + j) * c.rdma_stride;
+            const int* pos = reinterpret_cast<const int*>(row + c.rdma_off_pos);
+            if (lane < P) fwd_pos[(static_cast<int64_t>(m) * c.max_tokens + j) * P + lane] = pos[lane];
+            const int p = mine ? pos[lane - node * P] : -1;
+            const int base = mine ? fwd_off[m * P + lane - node * P] : 0;
+            const unsigned dests = __ballot_sync(0xffffffffu, p >= 0);
+            push_row<1>(c, row, x_bytes, has_scales ? reinterpret_cast<const float*>(row + c.recv_off_scales) : nullptr,
+                        cached ? nullptr : reinterpret_cast<const int64_t*>(row + c.recv_off_idx),
+                        reinterpret_cast<const float*>(row + c.recv_off_w),
+                        reinterpret_cast<const int*>(row + c.recv_off_src)[0], dests, p, base, lane);
+        }
+    }
+    __threadfence_system();  // this thread's NVLink stores before the flags
+    if (last_block(c.block_counter + 5)) {
+        for (int i = threadIdx.x; i < P * M; i += blockDim.x) {
+            const int l = i / M, m = i % M;
+            if (m != node) set_flag(c, node * P + l, kFlagRows, m * P + me_local, seq);
+        }
+    }
+}
+
+// ---- combine: partial sums and RDMA leg ---------------------------------------------------------------------
+// Waits for every rank of my node to have pushed its combine rows, then one warp per forwarded row (j of node m)
+// sums the rows of my node's ranks for that token (fwd_comb[l][m][fwd_pos[m][j][l]]) in float32, stages the
+// partial (and the summed weights) at comb_send[m][j] and puts it to comb_rdma[my node][j] of my RDMA peer on
+// node m, which raised kFlagCombFree for the previous round before this round's combine push began.
+template <typename T>
+__global__ void __launch_bounds__(kReduceThreads) combine_forward_kernel(NormalCtx c, int with_weights,
+                                                                         const int* fwd_count, const int* fwd_pos) {
+    constexpr int kPer = Vec<T>::kPer;
+    const int N = c.num_ranks, P = c.ranks_per_node, M = N / P, node = c.rank / P, me_local = c.rank % P;
+    const int K = c.num_topk;
+    const int64_t seq = c.seq[kSeqCombine] + 1;
+    __shared__ int prefix[33];
+    const bool ok = wait_flags(c, kFlagCombReady, local_mask(c), seq, kOpCombine);
+    node_prefix(fwd_count, M, prefix);
+    if (ok) {
+        const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
+        const int nvec = c.hidden / kPer;
+        const uint8_t* fwd = c.base + c.off_fwd_comb;
+        for (int g = blockIdx.x * kReduceWarps + warp; g < prefix[M]; g += gridDim.x * kReduceWarps) {
+            const int m = node_of_row(prefix, g), j = g - prefix[m];
+            const int q = lane < P ? fwd_pos[(static_cast<int64_t>(m) * c.max_tokens + j) * P + lane] : -1;
+            const unsigned present = __ballot_sync(0xffffffffu, q >= 0);
+            uint8_t* staged = c.base + c.off_comb_send + (static_cast<int64_t>(m) * c.max_tokens + j) * c.pcomb_stride;
+            const uint8_t* rows[kMaxLocal];
+            int n = 0;
+            for (unsigned rm = present; rm; rm &= rm - 1) {  // warp-uniform: every lane takes part in the shuffle
+                const int l = __ffs(rm) - 1;
+                const int ql = __shfl_sync(0xffffffffu, q, l);
+                rows[n++] = fwd + ((static_cast<int64_t>(l) * M + m) * c.max_tokens + ql) * c.pcomb_stride;
+            }
+            for (int v = lane; v < nvec; v += kWarp) {
+                float acc[kPer];
+#pragma unroll
+                for (int e = 0; e < kPer; ++e) acc[e] = 0.f;
+                for (int i = 0; i < n; ++i) Vec<T>::add(acc, ld_v4<1>(reinterpret_cast<const int4*>(rows[i]) + v));
+                int4* out = reinterpret_cast<int4*>(staged) + v * (kPer / 4);
+#pragma unroll
+                for (int i = 0; i < kPer / 4; ++i) out[i] = Vec<float>::pack(acc + 4 * i);
+            }
+            if (with_weights && lane < K) {
+                float sum = 0.f;
+                for (int i = 0; i < n; ++i) sum += reinterpret_cast<const float*>(rows[i] + c.comb_stride)[lane];
+                reinterpret_cast<float*>(staged + c.comb_stride)[lane] = sum;
+            }
+            __threadfence();  // the staged partial is complete before the transport reads it
+            __syncwarp();
+            const int64_t dst = c.off_comb_rdma + (static_cast<int64_t>(node) * c.max_tokens + j) * c.pcomb_stride;
+            nvshmemx_putmem_nbi_warp(c.base + dst, staged,
+                                     with_weights ? c.pcomb_stride : static_cast<int64_t>(c.hidden) * 4,
+                                     m * P + me_local);
+        }
+    }
+    nvshmem_quiet();
+    __threadfence_system();
+    if (last_block(c.block_counter + 6)) {
+        const unsigned peers = rdma_peer_mask(c);
+        if (static_cast<int>(threadIdx.x) < N && ((peers >> threadIdx.x) & 1u))
+            set_flag(c, threadIdx.x, kFlagCombRdma, c.rank, seq);
+    }
+}
+
+}  // namespace
+
+void launch_dispatch_rdma_send(const NormalCtx& ctx, const void* x, int x_elem_bytes, const float* x_scales,
+                               const int64_t* topk_idx, const float* topk_weights, int num_tokens,
+                               const int* send_pos, const int* node_pos, int num_sms, cudaStream_t stream) {
+    HOST_ASSERT(ctx.ranks_per_node < ctx.num_ranks, "the RDMA leg is for groups of several nodes");
+    HOST_ASSERT((static_cast<int64_t>(ctx.hidden) * x_elem_bytes) % 16 == 0,
+                "hidden * element size must be a multiple of 16");
+    dispatch_rdma_send_kernel<<<std::max(1, num_sms), ctx.threads, 0, stream>>>(
+        ctx, static_cast<const uint8_t*>(x), x_elem_bytes, x_scales, topk_idx, topk_weights, num_tokens, send_pos,
+        node_pos);
+    LAUNCH_CHECK();
+}
+
+void launch_dispatch_forward(const NormalCtx& ctx, int x_elem_bytes, bool has_scales, bool cached,
+                             const int* fwd_off, const int* fwd_count, int* fwd_pos, int num_sms,
+                             cudaStream_t stream) {
+    HOST_ASSERT(ctx.ranks_per_node < ctx.num_ranks, "the forward leg is for groups of several nodes");
+    dispatch_forward_kernel<<<std::max(1, num_sms), ctx.threads, 0, stream>>>(
+        ctx, x_elem_bytes, has_scales ? 1 : 0, cached ? 1 : 0, fwd_off, fwd_count, fwd_pos);
+    LAUNCH_CHECK();
+}
+
+void launch_combine_forward(const NormalCtx& ctx, int y_elem_bytes, bool with_weights, const int* fwd_count,
+                            const int* fwd_pos, int num_sms, cudaStream_t stream) {
+    HOST_ASSERT(ctx.ranks_per_node < ctx.num_ranks, "the forward leg is for groups of several nodes");
+    HOST_ASSERT(ctx.ranks_per_node <= kMaxLocal, "combine supports at most 8 ranks per node");
+    const int grid = std::max(1, num_sms);
+    if (y_elem_bytes == 2) {
+        combine_forward_kernel<__nv_bfloat16><<<grid, kReduceThreads, 0, stream>>>(ctx, with_weights ? 1 : 0,
+                                                                                   fwd_count, fwd_pos);
+    } else {
+        HOST_ASSERT(y_elem_bytes == 4, "combine input must be bf16 or float32");
+        combine_forward_kernel<float><<<grid, kReduceThreads, 0, stream>>>(ctx, with_weights ? 1 : 0, fwd_count,
+                                                                           fwd_pos);
+    }
+    LAUNCH_CHECK();
+}
+
+}  // namespace largeep

@@ -1,0 +1,189 @@
+// Device helpers shared by the normal-mode kernels (intranode.cu, internode.cu).
+//
+// Ranks are grouped into nodes of NormalCtx::ranks_per_node (P) consecutive ranks. Ranks of this rank's node are
+// written with plain stores through NVLink peer pointers; ranks of other nodes only through NVSHMEM's standard
+// device API (puts from symmetric staging, quiet, signal_op), so any transport NVSHMEM supports carries them.
+// With P == N every rank is local and the inter-node kernels are never launched.
+#pragma once
+
+#include <nvshmem.h>
+#include <nvshmemx.h>
+
+#include "launch.cuh"
+
+namespace largeep {
+namespace normal {
+
+// Copy kernels run up to 1024 threads (32 warps) per SM so that enough NVLink traffic is in flight; the reductions
+// keep 512 threads for the registers their unrolled loads need.
+constexpr int kThreads = 1024;  // the most threads a copy kernel may be launched with (NormalCtx::threads)
+constexpr int kReduceThreads = 512;
+constexpr int kReduceWarps = kReduceThreads / kWarp;
+constexpr int kMaxLocal = 8;  // ranks per node the combine reduction handles
+
+__device__ __forceinline__ int64_t* flags_of(uint8_t* base, const NormalCtx& c) {
+    return reinterpret_cast<int64_t*>(base + c.off_flags);
+}
+__device__ __forceinline__ uint8_t* peer(const NormalCtx& c, int r) {
+    return reinterpret_cast<uint8_t*>(c.peer_base[r]);
+}
+__device__ __forceinline__ int node_of(const NormalCtx& c, int r) { return r / c.ranks_per_node; }
+__device__ __forceinline__ bool is_local(const NormalCtx& c, int r) { return node_of(c, r) == node_of(c, c.rank); }
+__device__ __forceinline__ int num_nodes(const NormalCtx& c) { return c.num_ranks / c.ranks_per_node; }
+// Bit r set for every rank r of this rank's node.
+__device__ __forceinline__ unsigned local_mask(const NormalCtx& c) {
+    const int first = node_of(c, c.rank) * c.ranks_per_node;
+    const unsigned bits = c.ranks_per_node >= 32 ? 0xffffffffu : ((1u << c.ranks_per_node) - 1u);
+    return bits << first;
+}
+// Bit r set for the rank of every other node with this rank's local index (its RDMA peers).
+__device__ __forceinline__ unsigned rdma_peer_mask(const NormalCtx& c) {
+    unsigned m = 0;
+    const int me_local = c.rank % c.ranks_per_node;
+    for (int n = 0; n < num_nodes(c); ++n)
+        if (n != node_of(c, c.rank)) m |= 1u << (n * c.ranks_per_node + me_local);
+    return m;
+}
+__device__ __forceinline__ unsigned all_mask(int n) { return n >= 32 ? 0xffffffffu : ((1u << n) - 1u); }
+
+// Sets flag word [kind][index] of rank r to v: a release store over NVLink on this node, an NVSHMEM signal
+// elsewhere. Whatever this thread wrote to r before (stores after a system fence, or puts completed by
+// nvshmem_quiet) is visible first.
+__device__ __forceinline__ void set_flag(const NormalCtx& c, int r, int kind, int index, int64_t v) {
+    const int64_t word = static_cast<int64_t>(kind) * c.num_ranks + index;
+    if (is_local(c, r)) {
+        st_release_sys(flags_of(peer(c, r), c) + word, v);
+    } else {
+        nvshmemx_signal_op(reinterpret_cast<uint64_t*>(flags_of(c.base, c) + word), static_cast<uint64_t>(v),
+                           NVSHMEM_SIGNAL_SET, r);
+    }
+}
+
+// Threads [0, N) whose bit is set in `mask` wait for flag words [kind][i] >= target; returns (to every thread)
+// whether all arrived. With remote ranks in the mask, a system fence after the wait also orders reads of data
+// that an NVSHMEM transport (not an NVLink store) delivered.
+__device__ __forceinline__ bool wait_flags(const NormalCtx& c, int kind, unsigned mask, int64_t target, int op) {
+    __shared__ int ok_all;
+    if (threadIdx.x == 0) ok_all = has_error(c.err) ? 0 : 1;
+    __syncthreads();
+    const int i = threadIdx.x;
+    if (ok_all && i < c.num_ranks && ((mask >> i) & 1u)) {
+        if (!wait_flag(flags_of(c.base, c) + static_cast<int64_t>(kind) * c.num_ranks + i, target, c.timeout_ns,
+                       c.err, op, i))
+            atomicAnd(&ok_all, 0);
+    }
+    __syncthreads();
+    if (ok_all && (mask & ~local_mask(c))) __threadfence_system();
+    return ok_all != 0;
+}
+
+// Writes one dispatched row into the receive buffer of every rank r in `dests` (a warp-uniform rank mask), at
+// row base_r + p_r, where lane r holds p_r and base_r: the x row (read once, in register chunks), then its scales,
+// its expert ids made local to r (-1 elsewhere; ids are global), weights and the token index. idx_row == nullptr
+// (cached dispatch) skips ids, weights and token. Every r must be on this rank's node. kLoad: see ld_v4 (0 for rows
+// that no one writes during the kernel, 1 for rows a peer delivered during it).
+template <int kLoad>
+__device__ __forceinline__ void push_row(const NormalCtx& c, const uint8_t* x_row, int64_t x_bytes,
+                                         const float* scales_row, const int64_t* idx_row, const float* w_row,
+                                         int token, unsigned dests, int p, int base, int lane) {
+    const int K = c.num_topk, epr = c.num_experts / c.num_ranks;
+    const int num_scales = c.hidden / 128;
+    const int4* src = reinterpret_cast<const int4*>(x_row);
+    const int nvec = static_cast<int>(x_bytes / 16);
+    constexpr int kChunk = 8;
+    for (int v0 = 0; v0 < nvec; v0 += kChunk * kWarp) {
+        int4 buf[kChunk];
+#pragma unroll
+        for (int u = 0; u < kChunk; ++u) {
+            const int v = v0 + u * kWarp + lane;
+            if (v < nvec) buf[u] = ld_v4<kLoad>(src + v);
+        }
+        unsigned m = dests;
+        while (m) {
+            const int r = __ffs(m) - 1;
+            m &= m - 1;
+            const int row = __shfl_sync(0xffffffffu, base + p, r);
+            int4* dst = reinterpret_cast<int4*>(peer(c, r) + c.off_recv + static_cast<int64_t>(row) * c.recv_stride);
+#pragma unroll
+            for (int u = 0; u < kChunk; ++u) {
+                const int v = v0 + u * kWarp + lane;
+                if (v < nvec) st_na_v4(dst + v, buf[u]);
+            }
+        }
+    }
+    unsigned m = dests;
+    while (m) {
+        const int r = __ffs(m) - 1;
+        m &= m - 1;
+        const int row = __shfl_sync(0xffffffffu, base + p, r);
+        uint8_t* dst = peer(c, r) + c.off_recv + static_cast<int64_t>(row) * c.recv_stride;
+        if (scales_row != nullptr)
+            for (int q = lane; q < num_scales; q += kWarp)
+                reinterpret_cast<float*>(dst + c.recv_off_scales)[q] = scales_row[q];
+        if (idx_row != nullptr) {
+            if (lane < K) {
+                const int64_t e = idx_row[lane];
+                const int64_t le = e - static_cast<int64_t>(r) * epr;
+                const bool mine = e >= 0 && le >= 0 && le < epr;
+                reinterpret_cast<int64_t*>(dst + c.recv_off_idx)[lane] = mine ? le : -1;
+                reinterpret_cast<float*>(dst + c.recv_off_w)[lane] = mine ? w_row[lane] : 0.f;
+            }
+            if (lane == 0) reinterpret_cast<int*>(dst + c.recv_off_src)[0] = token;
+        }
+    }
+}
+
+template <typename T>
+struct Vec;
+template <>
+struct Vec<__nv_bfloat16> {
+    static constexpr int kPer = 8;  // elements per 16 bytes
+    __device__ static void add(float* acc, int4 v) {
+        const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&v);
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            float2 f = __bfloat1622float2(h[i]);
+            acc[2 * i] += f.x;
+            acc[2 * i + 1] += f.y;
+        }
+    }
+    __device__ static int4 pack(const float* acc) {
+        int4 v;
+        __nv_bfloat162* h = reinterpret_cast<__nv_bfloat162*>(&v);
+#pragma unroll
+        for (int i = 0; i < 4; ++i) h[i] = __floats2bfloat162_rn(acc[2 * i], acc[2 * i + 1]);
+        return v;
+    }
+};
+template <>
+struct Vec<float> {
+    static constexpr int kPer = 4;
+    __device__ static void add(float* acc, int4 v) {
+        const float* f = reinterpret_cast<const float*>(&v);
+#pragma unroll
+        for (int i = 0; i < 4; ++i) acc[i] += f[i];
+    }
+    __device__ static int4 pack(const float* acc) {
+        int4 v;
+        float* f = reinterpret_cast<float*>(&v);
+#pragma unroll
+        for (int i = 0; i < 4; ++i) f[i] = acc[i];
+        return v;
+    }
+};
+
+// acc[0, kPer) += the kPer float32 values at row + v * kPer (a float32 partial row; 16-byte loads).
+template <int kPer>
+__device__ __forceinline__ void add_f32(float* acc, const uint8_t* row, int v) {
+    const int4* p = reinterpret_cast<const int4*>(row) + v * (kPer / 4);
+#pragma unroll
+    for (int i = 0; i < kPer / 4; ++i) {
+        const int4 q = ld_v4<1>(p + i);
+        const float* f = reinterpret_cast<const float*>(&q);
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc[4 * i + e] += f[e];
+    }
+}
+
+}  // namespace normal
+}  // namespace largeep

@@ -10,6 +10,7 @@ import sys
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 import torch
@@ -17,6 +18,9 @@ from largeep.bench import records as rec
 from largeep.bench import sim
 from largeep.bench.routing import random_topk
 from largeep.bench.timing import Stats
+
+if TYPE_CHECKING:
+    from largeep.bench.adapters import SymmMemAdapter
 
 PYTHON_DIR = Path(__file__).resolve().parents[1] / "python"
 
@@ -264,8 +268,131 @@ def test_predict_ep_sweep_and_cli(tmp_path: Path) -> None:
     assert asdict(sim.placeholder())["fitted"] == []
 
 
+# -- the symm_mem adapter's ordering rule, on the CPU ------------------------------------------------------------
+def _cpu_symm_adapter(mode: str, n: int, m: int, h: int, e: int, k: int) -> SymmMemAdapter:
+    """A SymmMemAdapter with plain CPU pools in place of symmetric ones (what ``open`` would allocate)."""
+    from largeep.bench.adapters import BufferSpec, SymmMemAdapter
+
+    a = SymmMemAdapter()
+    a.group, a.spec, a.device = None, BufferSpec(mode, h, e, k, m, None, n), torch.device("cpu")
+    a._ll_2d = e // n <= 16
+    nsplit = n if mode == "normal" or not a._ll_2d else e
+    a._send_rows, a._recv_rows = (n * m, n * m) if mode == "normal" else (m * k, n * m * k + e // n)
+    a._pools = {"send": torch.zeros(a._send_rows * 2 * h, dtype=torch.uint8),
+                "recv": torch.zeros(a._recv_rows * 2 * h, dtype=torch.uint8)}
+    shapes = {"in_splits": (nsplit,), "out_so": (2, nsplit), "c_in_splits": (nsplit,), "c_out_so": (2, nsplit)}
+    a._meta = {name: torch.zeros(shape, dtype=torch.int64) for name, shape in shapes.items()}
+    a._fence_word = torch.zeros(1, dtype=torch.int32)
+    return a
+
+
+def test_symm_mem_adapter_fences_only_same_direction_repeats(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The all-to-alls and the fence are recorded, not run: a fence comes before a dispatch that follows a dispatch,
+    before a combine (or combine_input) that follows a combine, and in close; none while the directions alternate,
+    as in the sweep's timed loops."""
+    from types import SimpleNamespace
+
+    import torch.distributed as dist
+    from largeep.bench.routing import random_weights
+
+    events: list[str] = []
+    pools: dict[str, int] = {}
+
+    def a2a(inp: torch.Tensor, *rest: object) -> None:
+        events.append("dispatch" if inp.data_ptr() == pools["send"] else "combine")
+
+    ops = SimpleNamespace(all_to_all_vdev=a2a, all_to_all_vdev_2d=a2a, all_to_all_vdev_2d_offset=a2a)
+    monkeypatch.setattr(torch.ops, "symm_mem", ops, raising=False)
+    monkeypatch.setattr(dist, "all_reduce", lambda *args, **kwargs: events.append("fence"))
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+
+    n, m, h, e, k, t = 2, 6, 8, 4, 2, 5
+    idx = random_topk(t, e, k, seed=1)
+    w = random_weights(t, k, seed=2)
+    x = torch.randn(t, h).to(torch.bfloat16)
+
+    a = _cpu_symm_adapter("normal", n, m, h, e, k)
+    pools["send"] = a._pools["send"].data_ptr()
+    handle, _ = a.dispatch(x, idx, w)
+    y = a.combine_input(4)
+    for _ in range(2):  # the sweep's loop: dispatch_cached, combine, then a round trip
+        a.dispatch_cached(x, handle)
+        a.combine(y, handle)
+        handle, _ = a.dispatch(x, idx, w)
+        a.combine(y, handle)
+    assert events == ["dispatch", "fence", "dispatch", "combine", "dispatch", "combine"] + ["dispatch", "combine"] * 2
+    events.clear()
+    a.combine(y.clone(), handle)  # combine after combine
+    a.combine_input(4)
+    a.close()
+    assert events == ["fence", "combine", "fence", "fence"]
+
+    a = _cpu_symm_adapter("low_latency", n, m, h, e, k)
+    pools["send"] = a._pools["send"].data_ptr()
+    events.clear()
+    y = a.ll_combine_input()
+    for _ in range(2):
+        handle, _ = a.ll_dispatch(x, idx, False, False)
+        a.ll_combine(y, idx, w, handle, False)
+    handle, _ = a.ll_dispatch(x, idx, False, False)
+    handle, _ = a.ll_dispatch(x, idx, False, False)
+    a.ll_combine(y, idx, w, handle, False)
+    a.ll_combine(y, idx, w, handle, False)
+    assert events == ["dispatch", "combine"] * 2 + ["dispatch", "fence", "dispatch", "combine", "fence", "combine"]
+
+
 # -- GPU: the symm_mem adapter moves the right rows -------------------------------------------------------------
+def _symm_mem_normal_calls(
+    a: SymmMemAdapter, x: torch.Tensor, x2: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, e: int, world: int,
+    rank: int,
+) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+    """dispatch, dispatch_cached with other tokens (dispatch after dispatch: new rows in the send pool), combine of
+    the received rows in place, combine of twice them (combine after combine, copied into the recv pool), queued
+    back to back. Returns (what, got, expected) checks; the pool views die with this frame, before ``close``."""
+    import torch.distributed as dist
+
+    sent = rec.send_rows_normal(idx, e, world).to(x.device)
+    parts = [torch.empty_like(sent) for _ in range(world)]
+    dist.all_gather(parts, sent)
+    rows = int(torch.stack(parts)[:, rank].sum())  # before the calls: no collective or host wait between them
+    hits = torch.zeros(idx.shape[0], world, dtype=torch.bool, device=x.device)
+    hits.scatter_(1, idx // (e // world), True)
+    want = x2.float() * hits.sum(1, keepdim=True)
+    handle, _ = a.dispatch(x, idx, w)
+    recv = a.dispatch_cached(x2, handle)
+    out = a.combine(recv[:rows], handle)
+    out2 = a.combine(recv[:rows] * 2, handle)
+    return [("combine", out, want), ("second combine", out2, 2 * want)]
+
+
+def _symm_mem_ll_calls(
+    a: SymmMemAdapter, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, e: int, rank: int
+) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+    """Two low-latency rounds queued back to back, each combining the dispatched copies as they came; the second
+    with other tokens and routing (none on rank 1) and after two dispatches in a row."""
+    from largeep.bench.routing import random_weights
+
+    handle, _ = a.ll_dispatch(x, idx, False, False)
+    y = a._view("recv", a._recv_rows, x.shape[1])  # the whole recv pool: no copy in ll_combine
+    a.ll_combine(y, idx, w, handle, False)
+    out = a.ll_out
+    assert out is not None
+    t2 = 0 if rank == 1 else 20
+    idx2 = random_topk(t2, e, idx.shape[1], seed=300 + rank).to(x.device)
+    w2 = random_weights(t2, idx.shape[1], seed=400 + rank).to(x.device)
+    x2 = torch.randn(t2, x.shape[1], generator=torch.Generator().manual_seed(70 + rank)).to(x)
+    a.ll_dispatch(x, idx, False, False)  # replaced at once by the next dispatch
+    handle, _ = a.ll_dispatch(x2, idx2, False, False)
+    a.ll_combine(y, idx2, w2, handle, False)
+    assert a.ll_out is not None
+    return [("round 1", out, x.float() * w.sum(1, keepdim=True)),
+            ("round 2", a.ll_out, x2.float() * w2.sum(1, keepdim=True))]
+
+
 def _symm_mem_roundtrip_body(rank: int, world: int) -> str | None:
+    """Per mode: the calls of one MoE step queued back to back (see the helpers), checked only after the last one,
+    and one verdict agreed by every rank (a failure on one rank must not leave the other waiting in a collective)."""
     import torch.distributed as dist
     from largeep.bench.adapters import BufferSpec, SymmMemAdapter
     from largeep.bench.routing import random_weights
@@ -275,33 +402,31 @@ def _symm_mem_roundtrip_body(rank: int, world: int) -> str | None:
     reason = a.unavailable_reason(dev)
     if reason:
         return reason
-    t, h, k = 48, 256, 4
+    h, k, t = 256, 4, 48 - 11 * rank  # uneven token counts
     for mode, e in (("normal", 32), ("low_latency", 8 * world), ("low_latency", 144 * world)):
         a.open(dist.group.WORLD, BufferSpec(mode, h, e, k, 64, None, world), dev)
+        for pool in a._pools.values():
+            pool.fill_(255)  # bf16 NaN: a row that should have been written and was not fails the check
         idx = random_topk(t, e, k, seed=100 + rank).to(dev)
         w = random_weights(t, k, seed=200 + rank).to(dev)
         x = torch.randn(t, h, generator=torch.Generator().manual_seed(rank)).to(torch.bfloat16).to(dev)
         if mode == "normal":
-            handle, _ = a.dispatch(x, idx, w)
-            recv = a.dispatch_cached(x, handle)
-            sent = rec.send_rows_normal(idx, e, world).to(dev)
-            parts = [torch.empty_like(sent) for _ in range(world)]
-            dist.all_gather(parts, sent)
-            rows = int(torch.stack(parts)[:, rank].sum())
-            out = a.combine(recv[:rows], handle)
-            hits = torch.zeros(t, world, dtype=torch.bool, device=dev)
-            hits.scatter_(1, idx // (e // world), True)
-            expected = x.float() * hits.sum(1, keepdim=True)
+            x2 = torch.randn(t, h, generator=torch.Generator().manual_seed(50 + rank)).to(x)
+            checks = _symm_mem_normal_calls(a, x, x2, idx, w, e, world, rank)
         else:
-            handle, _ = a.ll_dispatch(x, idx, False, False)
-            y = a._view("recv", a._recv_rows, h)  # the dispatched copies, returned as they came
-            a.ll_combine(y, idx, w, handle, False)
-            assert a.ll_out is not None
-            out = a.ll_out
-            expected = x.float() * w.sum(1, keepdim=True)
-        torch.testing.assert_close(out.float(), expected, rtol=2e-2, atol=2e-2)
-        torch.cuda.synchronize()
+            checks = _symm_mem_ll_calls(a, x, idx, w, e, rank)
+        errs = []
+        for what, got, want in checks:
+            try:
+                torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=2e-2)
+            except AssertionError as exc:
+                errs.append(f"{mode} E={e} {what}: {exc}")
         a.close()
+        verdicts: list[str | None] = [None] * world
+        dist.all_gather_object(verdicts, "\n".join(errs) or None)
+        bad = [f"rank {r}: {v}" for r, v in enumerate(verdicts) if v]
+        if bad:
+            raise AssertionError("\n".join(bad))
     return None
 
 

@@ -222,19 +222,19 @@ class SymmMemAdapter(Adapter):
     ``input`` and may not yet have rewritten its own row 1. The only ordering across ranks is the barrier in kernel
     (1) of the next op, which comes after that op's puts and after whatever was queued before it.
 
-    Reusing one pool per direction is therefore safe when the direction alternates, and needs a fence when it
-    repeats. Dispatch writes ``send`` (before its barrier), puts into peers' ``out_so``, and its peers pull from
-    ``send``; combine writes ``recv`` (the copy of ``y``, ``combine_input``), puts into peers' ``c_out_so``, and its
-    peers pull from ``recv``. A peer reaches the barrier of op n+1 only after its op n is done, so op n+2 may touch
-    what op n used: a dispatch after a combine (or the reverse) conflicts with nothing still in flight. A dispatch
-    right after a dispatch would overwrite ``send`` while a peer may still pull it, and its puts could land in a
-    peer's ``out_so`` before that peer's previous kernel (2) rewrites row 1 with its output offsets, so the peer
-    then pulls our rows from its own stale output offset (wrong rows; seen as ~half the combined values wrong); a
-    combine right after a combine has the same two hazards on ``recv`` and ``c_out_so``. Before the first write of
-    such a repeat (and before ``combine_input`` / ``ll_combine_input`` after a combine) the adapter queues
-    :meth:`_fence`, an NCCL all-reduce of one int on the current stream (no host wait). The sweep alternates dispatch
-    and combine (and aligns the ranks before every timed call), so only its first timed ``dispatch`` of each point,
-    a warm-up call, pays a fence; a timed same-direction repeat would include one all-reduce.
+    Reusing one pool per direction is therefore safe when the direction alternates and needs a fence when it
+    repeats. Dispatch writes ``send`` (before its barrier) and puts into peers' ``out_so``, and its peers pull from
+    ``send``; combine writes ``recv`` (the copy of ``y``, ``combine_input``) and puts into peers' ``c_out_so``, and its
+    peers pull from ``recv``. A peer reaches the barrier of op n+1 only after its op n is done, so op n+1 may touch
+    what op n-1 used: a dispatch after a combine (or the reverse) conflicts with nothing still in flight. A dispatch
+    right after a dispatch would overwrite ``send`` while a peer may still pull from it, and its puts could land in a
+    peer's ``out_so`` before that peer's previous kernel (2) rewrites row 1, which then replaces our source offsets
+    with the peer's stale output offsets, so the peer pulls the wrong rows of our ``send``; a combine right after a
+    combine has the same two hazards on ``recv`` and ``c_out_so``. Before the first write of such a repeat (and in
+    ``combine_input`` / ``ll_combine_input`` after a combine) the adapter queues :meth:`_fence`, an NCCL all-reduce
+    of one int on the current stream (no host wait). Timing: the sweep alternates dispatch and combine, so the only
+    timed call that pays a fence is the first ``dispatch_cached`` of each normal-mode point (it follows the untimed
+    fresh ``dispatch``), a warm-up call unless ``--warmup 0``; any timed same-direction repeat includes one fence.
 
     What each call guarantees: ``dispatch_cached`` returns a view of the ``recv`` pool, valid until the next dispatch
     or ``combine_input``, or a combine whose ``y`` is not that view; ``combine`` and ``ll_combine`` results

@@ -141,3 +141,13 @@ def test_forward_rows(one_thread, dtype: torch.dtype, hidden: int, ffn: int, cas
     layer_bodies.close(w.grad, w64.grad, "grad of topk_weights", rtol=rtol * 4)
     for p, p64, name in zip((ex.w1, ex.w3, ex.w2), params, ("w1", "w3", "w2"), strict=True):
         layer_bodies.close(p.grad, p64.grad, f"grad of {name}", rtol=rtol * 4)
+
+
+@pytest.mark.gpu(2)
+@pytest.mark.parametrize("backend", ["nvshmem", "torch"])
+def test_layer_chunked_gpu(pools, backend: str) -> None:
+    from largeep import native
+
+    if backend == "nvshmem" and native.unavailable_reason() is not None:
+        pytest.skip(str(native.unavailable_reason()))
+    pools(2, "nccl").run(layer_bodies.layer_chunked_gpu, backend, [700, 0])

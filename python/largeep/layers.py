@@ -332,7 +332,7 @@ class MoELayer(nn.Module):
 
         pending = [send(0)]
         shared = self.shared_experts(x) if self.shared_experts is not None else None  # overlaps the first dispatch
-        carveout = self._carveout(x) if n > 1 else 0
+        carveout = self.overlap_carveout(x) if n > 1 else 0
         combined: list[ops.CombineOutput] = []
         for i in range(n):
             d = pending[i]
@@ -353,8 +353,9 @@ class MoELayer(nn.Module):
         out = combined[0].x if n == 1 else torch.cat([c.x for c in combined])
         return out + shared if shared is not None else out
 
-    def _carveout(self, x: Tensor) -> int:
-        """SMs the expert GEMMs leave to the communication kernels running beside them (0: none)."""
+    def overlap_carveout(self, x: Tensor) -> int:
+        """SMs the expert GEMMs of an overlapped schedule leave to the communication kernels running beside them
+        (``overlap_sm_carveout``, default the Buffer's ``num_sms``; 0 on CPU and while compiling)."""
         if not x.is_cuda or torch.compiler.is_compiling():
             return 0
         if self.overlap_sm_carveout is not None:

@@ -8,6 +8,7 @@ every rank and returns the per-rank results, or raises with every failing rank's
 from __future__ import annotations
 
 import datetime
+import faulthandler
 import importlib
 import multiprocessing as mp
 import os
@@ -20,7 +21,7 @@ from typing import Any
 SAFE_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 
 
-def _worker(rank: int, world: int, init_file: str, backend: str, tasks: Any, results: Any) -> None:
+def _worker(rank: int, world: int, init_file: str, backend: str, tasks: Any, results: Any, timeout_s: float) -> None:
     os.environ.update(SAFE_ENV)
     import torch
     import torch.distributed as dist
@@ -32,27 +33,36 @@ def _worker(rank: int, world: int, init_file: str, backend: str, tasks: Any, res
     else:
         kwargs = {}
     dist.init_process_group(
-        backend, init_method=f"file://{init_file}", rank=rank, world_size=world,
-        timeout=datetime.timedelta(seconds=120), **kwargs,
+        backend,
+        init_method=f"file://{init_file}",
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(seconds=120),
+        **kwargs,
     )
     while True:
         item = tasks.get()
         if item is None:
             break
         mod, name, args = item
+        # a body still running shortly before the parent gives up prints every thread's stack (stderr)
+        faulthandler.dump_traceback_later(max(timeout_s - 10.0, 1.0), exit=False)
         try:
             fn = getattr(importlib.import_module(mod), name)
             results.put((rank, True, fn(rank, world, *args)))
         except BaseException:  # noqa: BLE001 - every failure goes back to the parent
             results.put((rank, False, traceback.format_exc()))
+        finally:
+            faulthandler.cancel_dump_traceback_later()
     dist.destroy_process_group()
 
 
 class DistPool:
-    def __init__(self, world: int, backend: str = "gloo", timeout_s: float = 180.0) -> None:
+    def __init__(self, world: int, backend: str = "gloo", timeout_s: float | None = None) -> None:
         ctx = mp.get_context("spawn")
         self.world = world
-        self.timeout_s = timeout_s
+        # LARGEEP_TEST_POOL_TIMEOUT_S: how long a body may run on any rank (default 180 s)
+        self.timeout_s = timeout_s or float(os.environ.get("LARGEEP_TEST_POOL_TIMEOUT_S", "180"))
         # A file rendezvous: a TCP port picked in advance can be taken by someone else before rank 0 listens.
         fd, init_file = tempfile.mkstemp(prefix="largeep-pool-")
         os.close(fd)
@@ -60,7 +70,11 @@ class DistPool:
         self.tasks = [ctx.Queue() for _ in range(world)]
         self.results = ctx.Queue()
         self.procs = [
-            ctx.Process(target=_worker, args=(r, world, init_file, backend, self.tasks[r], self.results), daemon=True)
+            ctx.Process(
+                target=_worker,
+                args=(r, world, init_file, backend, self.tasks[r], self.results, self.timeout_s),
+                daemon=True,
+            )
             for r in range(world)
         ]
         for p in self.procs:

@@ -453,7 +453,8 @@ void launch_dispatch_prepare(const NormalCtx& ctx, const int64_t* topk_idx, int 
     const size_t smem = sizeof(int) * (ctx.num_experts / ctx.num_ranks);
     HOST_ASSERT(smem <= 48 * 1024, "too many experts per rank");
     const int nodes = ctx.num_ranks / ctx.ranks_per_node;
-    HOST_ASSERT(nodes == 1 || (node_pos != nullptr && node_count != nullptr), "node_pos/node_count missing");
+    HOST_ASSERT(nodes == 1 || ((node_pos != nullptr || num_tokens == 0) && node_count != nullptr),
+                "node_pos/node_count missing");
     dispatch_prepare_kernel<<<ctx.num_ranks + (nodes > 1 ? nodes : 0), kThreads, smem, stream>>>(
         ctx, topk_idx, num_tokens, send_pos, node_pos, node_count);
     LAUNCH_CHECK();
@@ -498,7 +499,7 @@ void launch_combine_push(const NormalCtx& ctx, const void* y, int y_elem_bytes, 
 void launch_combine_reduce(const NormalCtx& ctx, void* out, int out_elem_bytes, float* out_w, const int* send_pos,
                            const int* node_pos, int num_tokens, bool with_weights, int num_sms, cudaStream_t stream) {
     HOST_ASSERT(ctx.ranks_per_node <= kMaxLocal, "combine supports at most 8 ranks per node");
-    HOST_ASSERT(ctx.ranks_per_node == ctx.num_ranks || node_pos != nullptr, "node_pos missing");
+    HOST_ASSERT(ctx.ranks_per_node == ctx.num_ranks || node_pos != nullptr || num_tokens == 0, "node_pos missing");
     const int grid = std::max(1, num_sms);
     if (out_elem_bytes == 2) {
         combine_reduce_kernel<__nv_bfloat16><<<grid, kReduceThreads, 0, stream>>>(

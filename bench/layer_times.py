@@ -13,17 +13,29 @@ Parts (same sizes, whole batch; "speedup" None):
   gate_only    the router alone
   comm_only    dispatch + combine of the layer's routing, no experts (the rows go straight back)
   experts_only the grouped SwiGLU experts on the rows one dispatch delivered, no communication
+  experts_half the same on the first half of those rows: 2 x experts_half - experts_only is what a second chunk
+               adds to the experts (every chunk's GEMMs read all local expert weights again)
 "speedup" = no_overlap median / variant median. The summary says whether communication and expert compute take
 similar time (the condition under which overlap can pay 1.3x or more; "similar" here: the shorter is at least 2/3
 of the longer), the best a perfect overlap could give, (gate + comm + experts) / (gate + max(comm, experts)), and
 the largest difference of each overlapped variant's output from no_overlap's (checked once before timing).
+
+The overlapped variants run their expert GEMMs under an SM carveout (--carveout, default the Buffer's SMs) so that
+the communication kernels beside them get SMs. The summary and the log say which grouped GEMM ran ("native":
+torch._grouped_mm; "padded_bmm (why)": the fallback), per variant.
+
+Presets: "prefill" (default): SPEC.md's DeepSeek-V3 prefill, F 2048 -- the experts take ~10x the communication, and
+each rank holds 128 experts (11 GB of weights at EP2), so chunking mostly adds weight reads. "balanced": the same
+with F 256, where communication and expert compute take similar time (the condition of the 1.3x target).
+Explicit --ffn etc. override the preset.
 
 Timing (largeep.bench.timing): warm-up calls, then per timed call an L2 flush, device sync + barrier, device events
 around the call; per iteration the slowest rank counts; median and p10/p90 over iterations. Forward-only runs under
 torch.no_grad() (prefill); --backward times forward + backward (grads of x, the gate and the experts).
 
 usage:
-  python bench/layer_times.py --out bench/results/DIR [--backend nvshmem|torch] [--backward] [--tokens 4096]
+  python bench/layer_times.py --out bench/results/DIR [--preset prefill|balanced] [--backend nvshmem|torch]
+                              [--backward] [--tokens 4096] [--ffn 256] [--carveout 24]
   python bench/layer_times.py --cpu --nprocs 2 --out /tmp/lt     # gloo + torch backend, tiny sizes (smoke test)
 """
 
@@ -43,8 +55,9 @@ import torch.distributed as dist
 from _launch import run_ranks
 
 LAYER_VARIANTS = ("no_overlap", "chunked_2", "chunked_4", "two_batch")
-PART_VARIANTS = ("gate_only", "comm_only", "experts_only")
+PART_VARIANTS = ("gate_only", "comm_only", "experts_only", "experts_half")
 GPU_DEFAULTS = {"tokens": 4096, "hidden": 7168, "experts": 256, "topk": 8, "ffn": 2048, "warmup": 5, "iters": 20}
+PRESETS = {"prefill": {}, "balanced": {"ffn": 256}}  # changes to GPU_DEFAULTS
 CHECK_TOL = 2e-2  # bf16 experts: chunking changes GEMM shapes, so the rounding of the outputs may differ slightly
 CPU_DEFAULTS = {"tokens": 64, "hidden": 128, "experts": 8, "topk": 2, "ffn": 64, "warmup": 2, "iters": 5}
 
@@ -52,31 +65,38 @@ CPU_DEFAULTS = {"tokens": 64, "hidden": 128, "experts": 8, "topk": 2, "ffn": 64,
 def two_batch_forward(layer: Any, x: torch.Tensor) -> torch.Tensor:
     """Two micro-batches (the halves of x) through a normal-mode MoELayer in the two-batch-overlap order.
 
-    Buffer stream: dispatch A, dispatch B, combine A, combine B; caller's stream: gate A, gate B, experts A,
-    experts B. A dispatch waits on the host for its count exchange, so each step is queued before the host waits.
-    Same result as ``layer(x)`` up to float rounding of the expert sums."""
+    Caller's stream: gate A, gate B, experts A, experts B; Buffer's stream: dispatch A (beside gate B), dispatch B
+    (beside experts A), combine A (beside experts B), combine B. Experts A are queued before B is dispatched: a
+    dispatch waits on the host for its count exchange, and the GPU should compute meanwhile (ops.dispatch issues
+    it from a side stream, so that wait does not include experts A). The expert GEMMs leave the communication
+    kernels their SMs (layer.overlap_carveout). Same result as ``layer(x)`` up to float rounding."""
     from largeep import ops
 
     bid = layer.buffer_id
+    carveout = layer.overlap_carveout(x)
 
-    def send(xm: torch.Tensor) -> ops.DispatchOutput:
+    def route(xm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, ops.EventOverlap | None]:
         idx, w = layer.route(xm)
-        ready = ops.capture_event(xm.device)  # this micro-batch's gate is done; the dispatch waits for it only
-        return ops.dispatch(bid, xm.contiguous(), idx, w, previous_event=ready, async_finish=True)
+        return idx, w, ops.capture_event(xm.device)  # this micro-batch's gate is done; its dispatch waits for it
+
+    def send(xm: torch.Tensor, r: tuple[torch.Tensor, torch.Tensor, ops.EventOverlap | None]) -> ops.DispatchOutput:
+        return ops.dispatch(bid, xm.contiguous(), r[0], r[1], previous_event=r[2], async_finish=True)
 
     def experts(d: ops.DispatchOutput) -> torch.Tensor:
         ops.wait(d.event)
         pairs = sum(d.num_tokens_per_expert) if d.num_tokens_per_expert is not None else None
-        return layer.experts.forward_rows(d.x, d.topk_idx, d.topk_weights, pairs)  # type: ignore[no-any-return]
+        with ops.sm_carveout(carveout):
+            return layer.experts.forward_rows(d.x, d.topk_idx, d.topk_weights, pairs)  # type: ignore[no-any-return]
 
     xa, xb = x.tensor_split(2)
-    da = send(xa)  # A's push runs while B's gate computes
-    db = send(xb)
-    ya = experts(da)  # overlaps B's push
+    da = send(xa, route(xa))
+    rb = route(xb)  # B's gate runs beside A's dispatch
+    ya = experts(da)
+    db = send(xb, rb)  # beside A's experts
     ca = ops.combine(bid, ya, da.handle, async_finish=True)
-    yb = experts(db)  # overlaps A's combine
+    yb = experts(db)  # beside A's combine
     cb = ops.combine(bid, yb, db.handle, async_finish=True)
-    shared = layer.shared_experts(x) if layer.shared_experts is not None else None  # overlaps B's combine
+    shared = layer.shared_experts(x) if layer.shared_experts is not None else None  # beside B's combine
     ops.wait(ca.event)
     ops.wait(cb.event)
     out = torch.cat([ca.x, cb.x])
@@ -97,7 +117,9 @@ def _measure(rank: int, world: int, args: argparse.Namespace, dev: torch.device)
     # no try/finally: after a failure the other ranks may sit in a collective; the parent process ends them
     torch.manual_seed(1234)  # the same gate on every rank; expert weights are per rank anyway
     with dev:
-        layer = MoELayer(buf, ffn_hidden=args.ffn, shared_ffn_hidden=args.shared_ffn, dtype=bf16)
+        layer = MoELayer(
+            buf, ffn_hidden=args.ffn, shared_ffn_hidden=args.shared_ffn, overlap_sm_carveout=args.carveout, dtype=bf16
+        )
     bid = layer.buffer_id
     g = torch.Generator(device=dev).manual_seed(1000 + rank)
     x = torch.randn(args.tokens, args.hidden, device=dev, generator=g).to(bf16)
@@ -117,6 +139,8 @@ def _measure(rank: int, world: int, args: argparse.Namespace, dev: torch.device)
     recv_rows /= world
     rows_in = rows.clone().requires_grad_(bwd)
     grad_rows = torch.randn(rows.shape, device=dev, generator=g).to(bf16) if bwd else None
+    half = rows.shape[0] // 2
+    pairs_half = int((rows_idx[:half] >= 0).sum()) if pairs0 is not None else None
     grad_w = torch.randn(w.shape, device=dev, generator=g) if bwd else None
 
     # the overlapped variants must give the no-overlap output (up to the experts' bf16 rounding)
@@ -161,10 +185,14 @@ def _measure(rank: int, world: int, args: argparse.Namespace, dev: torch.device)
     def experts_only() -> None:
         finish(layer.experts.forward_rows(rows_in, rows_idx, rows_w, pairs0), grad_rows)
 
+    def experts_half() -> None:
+        y = layer.experts.forward_rows(rows_in[:half], rows_idx[:half], rows_w[:half], pairs_half)
+        finish(y, grad_rows[:half] if grad_rows is not None else None)
+
     plan: list[tuple[str, Callable[[], None]]] = [
         ("no_overlap", layer_call(1)), ("chunked_2", layer_call(2)), ("chunked_4", layer_call(4)),
         ("two_batch", two_batch), ("gate_only", gate_only), ("comm_only", comm_only),
-        ("experts_only", experts_only),
+        ("experts_only", experts_only), ("experts_half", experts_half),
     ]
     if args.variants:
         plan = [p for p in plan if p[0] in args.variants]
@@ -175,15 +203,21 @@ def _measure(rank: int, world: int, args: argparse.Namespace, dev: torch.device)
 
     timer = Timer(None, dev)
     stats: dict[str, Any] = {}
+    gmm: dict[str, dict[str, int]] = {}  # variant -> grouped GEMM backend -> calls per iteration (this rank)
     for name, fn in plan:
         t0 = time.perf_counter()
+        ops.reset_grouped_mm_stats()
         with torch.set_grad_enabled(bwd):
             for i in range(args.warmup + args.iters):
                 prep()
                 timer.time(name, fn, record=i >= args.warmup)
+        calls = ops.grouped_mm_stats()
+        if calls:
+            gmm[name] = {k: v // (args.warmup + args.iters) for k, v in calls.items()}
         stats.update(reduce_over_ranks(timer.take(), None, dev))
         if rank == 0:
-            print(f"  {name}: {stats[name].median:.1f} us (wall {time.perf_counter() - t0:.1f} s)", flush=True)
+            ran = f", grouped_mm {gmm[name]}" if name in gmm else ""
+            print(f"  {name}: {stats[name].median:.1f} us (wall {time.perf_counter() - t0:.1f} s{ran})", flush=True)
     layer.num_chunks = 1
     result = {
         "stats": {k: (s.median, s.p10, s.p90, s.n) for k, s in stats.items()},
@@ -193,6 +227,8 @@ def _measure(rank: int, world: int, args: argparse.Namespace, dev: torch.device)
         "recv_rows_per_rank": float(recv_rows[0]),
         "recv_pairs_per_rank": float(recv_rows[1]) if pairs0 is not None else None,
         "check": check,
+        "grouped_mm": gmm,
+        "carveout": layer.overlap_carveout(x),
     }
     if not args.cpu:
         torch.cuda.synchronize()
@@ -233,6 +269,9 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
         # "similar": the shorter part is at least 2/3 of the longer one
         s["similar"] = min(comm, exp) / max(comm, exp) >= 2 / 3
         s["ideal_speedup"] = (gate + comm + exp) / (gate + max(comm, exp))
+    if exp and t.get("experts_half"):
+        # what a second chunk adds to the experts: per-call costs, and every local expert's weights read again
+        s["experts_second_chunk_extra_us"] = 2 * t["experts_half"] - exp
     sp = {r["variant"]: r["speedup"] for r in records if r["speedup"] is not None and r["variant"] != "no_overlap"}
     if sp:
         best = max(sp, key=lambda k: sp[k])
@@ -247,9 +286,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--nprocs", type=int, default=None, help="ranks (default: visible GPUs; --cpu: 2)")
     p.add_argument("--backend", choices=("nvshmem", "torch"), default=None, help="default nvshmem (--cpu: torch)")
     p.add_argument("--backward", action="store_true", help="time forward + backward")
+    p.add_argument("--preset", choices=tuple(PRESETS), default="prefill",
+                   help="GPU sizes: prefill (SPEC.md's) or balanced (F 256: communication ~ experts)")
     for key in ("tokens", "hidden", "experts", "topk", "ffn", "warmup", "iters"):
         p.add_argument(f"--{key}", type=int, default=None, help=f"default {GPU_DEFAULTS[key]} ({CPU_DEFAULTS[key]} "
-                       "with --cpu)")
+                       "with --cpu; the preset may change it)")
+    p.add_argument("--carveout", type=int, default=None,
+                   help="SMs the overlapped variants' expert GEMMs leave free (default: the Buffer's SMs; 0: none)")
     p.add_argument("--shared-ffn", type=int, default=0, help="F of a shared expert (default 0: none)")
     p.add_argument("--num-sms", type=int, default=24, help="SMs of the nvshmem kernels")
     p.add_argument("--variants", default=None, help="comma list (default: all): " +
@@ -257,7 +300,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", default="bench/results/layer_times", help="directory of the JSON file")
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds to wait for the ranks")
     args = p.parse_args(argv)
-    defaults = CPU_DEFAULTS if args.cpu else GPU_DEFAULTS
+    base = CPU_DEFAULTS if args.cpu else GPU_DEFAULTS
+    defaults = base if args.cpu else {**GPU_DEFAULTS, **PRESETS[args.preset]}
     for key, v in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, v)
@@ -273,9 +317,12 @@ def main(argv: list[str] | None = None) -> None:
         p.error("no GPUs visible (use --cpu for the CPU smoke test)")
     if args.experts % world:
         p.error(f"--experts {args.experts} is not divisible by {world} ranks")
+    if args.carveout is not None and args.carveout < 0:
+        p.error("--carveout must be >= 0")
 
     print(f"layer_times: {world} ranks, backend {args.backend}, {'forward+backward' if args.backward else 'forward'}"
-          f", tokens {args.tokens}/rank, H {args.hidden}, E {args.experts}, K {args.topk}, F {args.ffn}", flush=True)
+          f", tokens {args.tokens}/rank, H {args.hidden}, E {args.experts}, K {args.topk}, F {args.ffn}"
+          f"{'' if args.cpu else f' (preset {args.preset})'}", flush=True)
     res = run_ranks(_measure, world, args, backend="gloo" if args.cpu else "nccl", timeout_s=args.timeout)
 
     from largeep.bench import records as rec
@@ -283,6 +330,14 @@ def main(argv: list[str] | None = None) -> None:
     recs = build_records(args, world, res)
     summary = summarize(recs)
     summary["max_rel_diff_vs_no_overlap"] = res["check"]
+    # which grouped GEMM the experts ran: "native" (torch._grouped_mm) or "padded_bmm (why)", calls per iteration
+    summary["grouped_mm"] = res["grouped_mm"]
+    summary["grouped_mm_backends"] = sorted({b for calls in res["grouped_mm"].values() for b in calls})
+    summary["carveout_sms"] = res["carveout"]
+    print(f"grouped_mm backends: {summary['grouped_mm_backends']}; overlapped expert GEMMs leave "
+          f"{res['carveout']} SMs free")
+    if any(not b.startswith("native") for b in summary["grouped_mm_backends"]) and not args.cpu:
+        print("WARNING: the experts did not run torch._grouped_mm everywhere (see grouped_mm above)")
     bad = {k: v for k, v in res["check"].items() if not v <= CHECK_TOL}
     if bad:
         print(f"WARNING: outputs differ from no_overlap by more than {CHECK_TOL} (relative to max |out|): {bad}")
@@ -304,6 +359,7 @@ def main(argv: list[str] | None = None) -> None:
         "env": rec.environment(),
         "settings": {
             "what": "MoELayer times with and without communication/compute overlap (bench/layer_times.py)",
+            "preset": None if args.cpu else args.preset, "carveout_sms": res["carveout"],
             "ffn_hidden": args.ffn, "shared_ffn_hidden": args.shared_ffn, "warmup": args.warmup,
             "iters": args.iters, "pass": "forward_backward" if args.backward else "forward", "cpu": args.cpu,
             "routing": "LinearTopKRouter (softmax, same weights on every rank) of randn inputs",
@@ -315,7 +371,9 @@ def main(argv: list[str] | None = None) -> None:
         "records": recs,
     }
     os.makedirs(args.out, exist_ok=True)
-    name = f"layer_times_{args.backend}_ep{world}{'_bwd' if args.backward else ''}{'_cpu' if args.cpu else ''}.json"
+    size = f"_f{args.ffn}" if args.ffn != base["ffn"] else ""  # e.g. the balanced preset: its own file
+    name = (f"layer_times_{args.backend}_ep{world}{size}{'_bwd' if args.backward else ''}"
+            f"{'_cpu' if args.cpu else ''}.json")
     path = os.path.join(args.out, name)
     tmp = path + ".tmp"
     with open(tmp, "w") as f:

@@ -5,7 +5,8 @@
 #   perf:  kernel times (normal) and kernel + CUDA-graph times (low-latency) of the nvshmem backend, on all GPUs
 #          and on GPUs 0,1
 #   internode: kernel and per-leg times of the normal mode with nodes emulated on one host (bench/kernel_times.py)
-#   layer: bench/layer_times.py (one MoE layer at prefill size, with and without overlap) on all GPUs
+#   layer: bench/layer_times.py (one MoE layer at prefill size, with and without overlap) on all GPUs, at SPEC.md's
+#          sizes and with the balanced preset (F 256: communication and expert compute take similar time)
 set -uo pipefail
 OUT=${1:?usage: scripts/device_check.sh OUTDIR [stage ...]}
 shift
@@ -64,6 +65,8 @@ for stage in $STAGES; do
     layer)
       timeout 600 $PY bench/layer_times.py --out "$OUT/layer" > "$OUT/layer.log" 2>&1 || rc=1
       tail -20 "$OUT/layer.log"
+      timeout 600 $PY bench/layer_times.py --preset balanced --out "$OUT/layer" > "$OUT/layer_balanced.log" 2>&1 || rc=1
+      tail -20 "$OUT/layer_balanced.log"
       ;;
     *)
       echo "unknown stage $stage" | tee -a "$OUT/summary.txt"; rc=1

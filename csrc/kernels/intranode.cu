@@ -394,7 +394,9 @@ __global__ void __launch_bounds__(kReduceThreads) combine_reduce_kernel(NormalCt
     const int N = c.num_ranks;
     const int64_t seq = c.seq[kSeqCombine] + 1;
     bool ok = wait_flags(c, kFlagCombReady, local_mask(c), seq, kOpCombineReduce);
-    if (ok && node_pos != nullptr) ok = wait_flags(c, kFlagCombRdma, rdma_peer_mask(c), seq, kOpCombineReduce);
+    // every RDMA peer's partials, even with no tokens here (node_pos may then be null): the round must be complete
+    // before kFlagCombFree below lets anyone write into my buffers again
+    if (ok && c.ranks_per_node < N) ok = wait_flags(c, kFlagCombRdma, rdma_peer_mask(c), seq, kOpCombineReduce);
     if (ok) {
         const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
         for (int t = blockIdx.x * kReduceWarps + warp; t < num_tokens; t += gridDim.x * kReduceWarps)

@@ -166,6 +166,12 @@ class GroupedExperts(nn.Module):
             pos.scatter_(0, order[:num_pairs], torch.arange(num_pairs, device=order.device))
         out = self.forward(x[src], offs, num_pairs)  # [P, H] in the weights' dtype
         w = torch.where(valid, topk_weights, 0.0).to(out.dtype)
+        if out.is_cuda and out.dtype != torch.float32 and torch.is_grad_enabled() and (
+            out.requires_grad or w.requires_grad
+        ):
+            # CUDA has no backward of embedding_bag's per-sample weights in half precision: sum in float32 when
+            # training (a float32 copy of the expert outputs)
+            out, w = out.float(), w.float()
         y = F.embedding_bag(pos.view(r, k), out, mode="sum", per_sample_weights=w, padding_idx=pad)
         return y.to(x.dtype)
 

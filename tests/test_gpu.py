@@ -44,12 +44,11 @@ CASES = [
 ]
 
 
-@pytest.mark.gpu(2)
-@needs_native
-@pytest.mark.parametrize("world", [2, 4])
-@pytest.mark.parametrize("backend", ["nvshmem", "torch"])
-@pytest.mark.parametrize("case", CASES, ids=[f"h{c[0]}-e{c[1]}-k{c[2]}-{c[3]}-fp8{int(c[4])}-w{c[6]}" for c in CASES])
-def test_normal_gpu(pools, world: int, backend: str, case: tuple) -> None:
+CASE_IDS = [f"h{c[0]}-e{c[1]}-k{c[2]}-{c[3]}-fp8{int(c[4])}-w{c[6]}" for c in CASES]
+
+
+def _normal_case(pools, world: int, backend: str, case: tuple, seed: int, ranks_per_node: int | None) -> None:
+    """bodies.normal_roundtrip of one CASES entry (rank 1 holds no tokens)."""
     if world > __import__("conftest").gpu_count():
         pytest.skip("not enough GPUs")
     hidden, experts, topk, dtype, fp8, align, worst = case
@@ -57,8 +56,18 @@ def test_normal_gpu(pools, world: int, backend: str, case: tuple) -> None:
         pytest.skip("experts not divisible")
     tokens = _tokens(world, 700) if not worst else _tokens(world, 300)
     pools(world, "nccl").run(
-        bodies.normal_roundtrip, backend, tokens, hidden, experts, topk, dtype, fp8, align, 11 + world, None, worst
+        bodies.normal_roundtrip, backend, tokens, hidden, experts, topk, dtype, fp8, align, seed, ranks_per_node,
+        worst,
     )
+
+
+@pytest.mark.gpu(2)
+@needs_native
+@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("backend", ["nvshmem", "torch"])
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_normal_gpu(pools, world: int, backend: str, case: tuple) -> None:
+    _normal_case(pools, world, backend, case, 11 + world, None)
 
 
 @pytest.mark.gpu(2)
@@ -123,31 +132,9 @@ def test_missing_peer_times_out(pools, world: int) -> None:
 
 @pytest.mark.gpu(2)
 @needs_native
-@pytest.mark.parametrize("world,ranks_per_node", [(2, 1), (4, 2), (4, 1)])
-def test_low_latency_put_path(pools, world: int, ranks_per_node: int) -> None:
-    """Peers on another (emulated) node are reached with NVSHMEM puts and signals instead of NVLink stores."""
-    if world > __import__("conftest").gpu_count():
-        pytest.skip("not enough GPUs")
-    tokens = [128 - 5 * r for r in range(world)]
-    pools(world, "nccl").run(
-        gpu_bodies.low_latency_put_path, ranks_per_node, "nvshmem", tokens, 128, 7168, 288, 8, True, False, True, 9
-    )
-
-
-@pytest.mark.gpu(2)
-@needs_native
 @pytest.mark.parametrize("world,ranks_per_node", [(2, 1), (4, 2), (4, 1)], ids=["2x1", "2x2", "4x1"])
-@pytest.mark.parametrize("case", CASES, ids=[f"h{c[0]}-e{c[1]}-k{c[2]}-{c[3]}-fp8{int(c[4])}-w{c[6]}" for c in CASES])
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 def test_normal_internode(pools, world: int, ranks_per_node: int, case: tuple) -> None:
     """One host split into nodes (ranks_per_node below the host size): rows for other nodes take the RDMA leg
     (NVSHMEM puts, once per node) and the forwarder's NVLink leg; combine sums per node first. Same reference."""
-    if world > __import__("conftest").gpu_count():
-        pytest.skip("not enough GPUs")
-    hidden, experts, topk, dtype, fp8, align, worst = case
-    if experts % world:
-        pytest.skip("experts not divisible")
-    tokens = _tokens(world, 700) if not worst else _tokens(world, 300)
-    pools(world, "nccl").run(
-        bodies.normal_roundtrip, "nvshmem", tokens, hidden, experts, topk, dtype, fp8, align, 31 + world,
-        ranks_per_node, worst,
-    )
+    _normal_case(pools, world, "nvshmem", case, 31 + world, ranks_per_node)

@@ -132,6 +132,19 @@ def test_missing_peer_times_out(pools, world: int) -> None:
 
 @pytest.mark.gpu(2)
 @needs_native
+@pytest.mark.parametrize("world,ranks_per_node", [(2, 1), (4, 2), (4, 1)])
+def test_low_latency_put_path(pools, world: int, ranks_per_node: int) -> None:
+    """Peers on another (emulated) node are reached with NVSHMEM puts and signals instead of NVLink stores."""
+    if world > __import__("conftest").gpu_count():
+        pytest.skip("not enough GPUs")
+    tokens = [128 - 5 * r for r in range(world)]
+    pools(world, "nccl").run(
+        gpu_bodies.low_latency_put_path, ranks_per_node, "nvshmem", tokens, 128, 7168, 288, 8, True, False, True, 9
+    )
+
+
+@pytest.mark.gpu(2)
+@needs_native
 @pytest.mark.parametrize("world,ranks_per_node", [(2, 1), (4, 2), (4, 1)], ids=["2x1", "2x2", "4x1"])
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 def test_normal_internode(pools, world: int, ranks_per_node: int, case: tuple) -> None:

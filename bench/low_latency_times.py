@@ -4,7 +4,8 @@ Whole-call event timings (`python -m largeep.bench`) of the low-latency ops are 
 launches). Decoding runs these ops inside CUDA graphs, so this script reports what that costs:
   kernels: ll_dispatch_send / ll_dispatch_recv / ll_combine_send / ll_combine_recv, profiler durations
            (op "send"/"recv" of dispatch and combine, op "dispatch"/"combine" = send + recv);
-  graph:   one CUDA graph holding dispatch + combine, replay time measured with events (op "roundtrip").
+  graph:   one CUDA graph holding dispatch + combine, replay time measured with events (op "roundtrip"), once
+           per barrier ("graph") and averaged over --graph-reps replays back to back ("graph_back_to_back").
 Per iteration the slowest rank counts; records give median and p10/p90. Ranks are aligned by a barrier before
 each iteration.
 
@@ -104,6 +105,19 @@ def _body(rank: int, world: int, args: argparse.Namespace, device: torch.device)
             e.synchronize()
             replay.append(s.elapsed_time(e) * 1000.0)
         ops[("graph", "roundtrip")] = replay
+        # the same graph replayed back to back: the ranks' launch skew after the barrier is paid once per
+        # `graph_reps` replays instead of once per replay (decoding replays its step graph back to back too)
+        b2b = []
+        for _ in range(args.iters):
+            dist.barrier()
+            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            s.record()
+            for _ in range(args.graph_reps):
+                graph.replay()
+            e.record()
+            e.synchronize()
+            b2b.append(s.elapsed_time(e) * 1000.0 / args.graph_reps)
+        ops[("graph_back_to_back", "roundtrip")] = b2b
         for (kind, op), times in ops.items():
             med, p10, p90 = _stats(_gather(times[: args.iters], world))
             nbytes = mean_copies * (row if kind == "dispatch" else rec.row_bytes("bf16", args.hidden))
@@ -129,6 +143,7 @@ def main() -> None:
     p.add_argument("--no-fp8", dest="fp8", action="store_false")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--iters", type=int, default=30)
+    p.add_argument("--graph-reps", type=int, default=20, help="back-to-back replays per timed graph iteration")
     p.add_argument("--nprocs", type=int, default=None)
     p.add_argument("--out", required=True)
     args = p.parse_args()

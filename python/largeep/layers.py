@@ -28,8 +28,12 @@ A logical expert with several slots (replicas) has one copy of its weights per s
 :func:`allreduce_replica_grads` sums the grads of the copies (one all-reduce over the group of the replicated
 experts' grads only), so every copy takes the same optimizer step.
 
-Not done: expert tensor parallelism (splitting F of an expert over several ranks) is a TODO; FP8 in normal mode is
-not used by the layer (the low-latency path can dispatch FP8 with ``ll_use_fp8``).
+Expert tensor parallelism (``expert_tp_group``, normal mode): each slot's expert MLPs are split over the T ranks of
+a TP group (F/T columns of w1/w3, F/T rows of w2), the Buffer lives on an EP group of one rank per TP group, and
+the received rows are all-gathered over the TP group before the experts and their partial outputs reduce-scattered
+after; :mod:`largeep.expert_tp` has the groups, the data flow and its communication cost.
+
+Not done: FP8 in normal mode is not used by the layer (the low-latency path can dispatch FP8 with ``ll_use_fp8``).
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ from torch import Tensor, nn
 from largeep import fp8, ops
 from largeep.buffer import Buffer
 from largeep.errors import ArgumentError
+from largeep.expert_tp import ExpertTP
 
 __all__ = [
     "GroupedExperts",
@@ -230,6 +235,12 @@ class MoELayer(nn.Module):
         use_custom_ops: take the custom-op path in eager mode too (always taken under ``torch.compile``).
         router_score, norm_topk_prob: options of the default gate.
         dtype: of the expert and shared-expert weights (default: torch's default dtype).
+        expert_tp_group: None, or a process group of T ranks that share this rank's expert slots, each holding
+            F/T of every expert's hidden units (:mod:`largeep.expert_tp`; normal mode only; ``ffn_hidden`` % T ==
+            0). The Buffer's group must hold exactly one rank of it (this one), and its members must be the same
+            rank of their Buffers' groups: ``largeep.expert_tp.make_expert_tp_groups(T)`` gives both groups. With
+            it the constructor is collective over the group (a check of the configuration); T = 1 is the layer
+            without TP. ``allreduce_replica_grads`` then takes ``group=buffer.ctx.group``.
     """
 
     def __init__(
@@ -249,6 +260,7 @@ class MoELayer(nn.Module):
         router_score: str = "softmax",
         norm_topk_prob: bool = True,
         dtype: torch.dtype | None = None,
+        expert_tp_group: dist.ProcessGroup | None = None,
     ) -> None:
         super().__init__()
         c = buffer.ctx
@@ -260,6 +272,12 @@ class MoELayer(nn.Module):
             raise ArgumentError(f"MoELayer: argument 'overlap_sm_carveout' must be >= 0, got {overlap_sm_carveout}")
         if ll_use_fp8 and c.hidden % fp8.GROUP:
             raise ArgumentError(f"MoELayer: ll_use_fp8 needs hidden % {fp8.GROUP} == 0, hidden is {c.hidden}")
+        self.expert_tp: ExpertTP | None = None
+        if expert_tp_group is not None:
+            self.expert_tp = ExpertTP.check(
+                expert_tp_group, c, ffn_hidden, {"num_chunks": num_chunks, "num_worst_tokens": num_worst_tokens}
+            )
+        tp = self.expert_tp.size if self.expert_tp is not None else 1
         self.buffer = buffer
         self.buffer_id = ops.register_buffer(buffer)
         self.hidden = c.hidden
@@ -281,7 +299,8 @@ class MoELayer(nn.Module):
         )
         self.phys_to_log: Tensor | None = getattr(placement, "phys_to_log", None)
         self.placement = _wrap_placement(placement, c.rank)
-        self.experts = GroupedExperts(self.num_local_experts, c.hidden, ffn_hidden, dtype=dtype)
+        self.ffn_hidden = ffn_hidden
+        self.experts = GroupedExperts(self.num_local_experts, c.hidden, ffn_hidden // tp, dtype=dtype)
         self.shared_experts = SwiGLU(c.hidden, shared_ffn_hidden, dtype=dtype) if shared_ffn_hidden > 0 else None
         self.aux_loss: Tensor | None = None
 
@@ -290,12 +309,17 @@ class MoELayer(nn.Module):
     def load_global_experts(self, w1: Tensor, w3: Tensor, w2: Tensor, phys_to_log: Tensor | None = None) -> None:
         """Copies this rank's slots from global weights: w1/w3 [L, H, F], w2 [L, F, H] indexed by logical expert;
         slot s holds logical ``phys_to_log[s]`` (default: this layer's placement's table, else the identity).
-        Empty slots (-1) are zeroed."""
+        Empty slots (-1) are zeroed. With expert TP, member j of the TP group copies its shard: columns
+        [j*F/T, (j+1)*F/T) of w1/w3, the same rows of w2."""
         table = phys_to_log if phys_to_log is not None else self.phys_to_log
         lo = self.rank * self.num_local_experts
         slots = torch.arange(lo, lo + self.num_local_experts)
         logical = table.cpu()[slots] if table is not None else slots
         ok = logical >= 0
+        if self.expert_tp is not None and self.expert_tp.size > 1:
+            f = self.ffn_hidden // self.expert_tp.size
+            cols = slice(self.expert_tp.rank * f, (self.expert_tp.rank + 1) * f)
+            w1, w3, w2 = w1[:, :, cols], w3[:, :, cols], w2[:, cols, :]
         for mine, full in ((self.experts.w1, w1), (self.experts.w3, w3), (self.experts.w2, w2)):
             src = full.to(device=mine.device, dtype=mine.dtype)[logical.clamp(min=0).to(full.device)]
             mine.copy_(torch.where(ok.to(mine.device).view(-1, 1, 1), src, 0))
@@ -345,7 +369,12 @@ class MoELayer(nn.Module):
             ops.wait(d.event)
             num_pairs = sum(d.num_tokens_per_expert) if d.num_tokens_per_expert is not None else None
             with ops.sm_carveout(carveout):
-                y = self.experts.forward_rows(d.x, d.topk_idx, d.topk_weights, num_pairs)
+                if self.expert_tp is not None and self.expert_tp.size > 1:
+                    y = self.expert_tp.forward_rows(
+                        self.experts, d.x, d.topk_idx, d.topk_weights, num_pairs, self.num_worst_tokens
+                    )
+                else:
+                    y = self.experts.forward_rows(d.x, d.topk_idx, d.topk_weights, num_pairs)
             # Queue chunk i's experts before sending chunk i+1. That dispatch waits on the host (the count
             # exchange, behind combine i-1 on the Buffer's stream); with experts i already queued the GPU computes
             # meanwhile, and dispatch i+1 and combine i-1 overlap experts i. ops.dispatch issues it from a side

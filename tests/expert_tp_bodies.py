@@ -1,0 +1,228 @@
+"""Bodies for test_expert_tp.py, run on every rank of a pool: ``fn(rank, world, *args)``.
+
+The layer with expert tensor parallelism is held to the same dense single-process float64 reference as the plain
+layer (``layer_bodies.dense_reference``): every rank draws every rank's inputs and the global weights from shared
+seeds, so the reference does not depend on how the ranks are grouped.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import largeep
+import torch
+import torch._dynamo
+import torch.distributed as dist
+from largeep import ArgumentError, layers, ops
+from largeep.expert_tp import all_gather_rows, make_expert_tp_groups, reduce_scatter_rows
+from layer_bodies import RoundRobinReplicas, _allsum, _build_layer, _gen, close, dense_reference, make_global
+
+
+def _gather_shards(t: torch.Tensor, dim: int, group: dist.ProcessGroup) -> torch.Tensor:
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, t.contiguous(), group=group)
+    return torch.cat(parts, dim=dim)
+
+
+def collectives(rank: int, world: int, rows: int) -> None:
+    """all_gather_rows / reduce_scatter_rows over the world against plain sums, forward and grads; an unused
+    gathered output gives a zero grad (every member still takes part in the backward's collectives)."""
+    group = dist.group.WORLD
+    assert group is not None
+    xs = [torch.randn(rows, 5, generator=_gen(1, r), dtype=torch.float64) for r in range(world)]
+    ws = [torch.randn(rows, 2, generator=_gen(2, r), dtype=torch.float64) for r in range(world)]
+    ids = [torch.randint(-1, 9, (rows, 2), generator=_gen(3, r)) for r in range(world)]
+    gs = [torch.randn(world * rows, 5, generator=_gen(4, r), dtype=torch.float64) for r in range(world)]
+    x = xs[rank].clone().requires_grad_()
+    w = ws[rank].clone().requires_grad_()
+    xa, wa, ia = all_gather_rows(group, x, w, ids[rank])
+    assert torch.equal(xa.detach(), torch.cat(xs)) and torch.equal(wa.detach(), torch.cat(ws))
+    assert torch.equal(ia, torch.cat(ids)) and not ia.requires_grad
+    (xa * gs[rank]).sum().backward()  # wa unused: its input's grad must be zero
+    close(x.grad, torch.stack([g[rank * rows : (rank + 1) * rows] for g in gs]).sum(0), "all_gather_rows: grad")
+    assert w.grad is not None and (w.grad == 0).all()
+    ys = [torch.randn(world * rows, 3, generator=_gen(5, r), dtype=torch.float64) for r in range(world)]
+    cs = [torch.randn(rows, 3, generator=_gen(6, r), dtype=torch.float64) for r in range(world)]
+    y = ys[rank].clone().requires_grad_()
+    (out,) = reduce_scatter_rows(group, y)
+    close(out, torch.stack([t[rank * rows : (rank + 1) * rows] for t in ys]).sum(0), "reduce_scatter_rows")
+    (out * cs[rank]).sum().backward()
+    close(y.grad, torch.cat(cs), "reduce_scatter_rows: grad")
+
+
+def layer_tp_vs_reference(
+    rank: int, world: int, tp: int, tokens: list[int], hidden: int, ffn: int, shared_ffn: int, num_experts: int,
+    topk: int, seed: int, variants: list[dict[str, Any]], replicas: int = 0,
+) -> dict[str, Any]:
+    """The layer with TP groups of ``tp`` ranks (Buffer on the EP group of world/tp ranks): output and grads of x,
+    the gate, the shared experts and the expert shards (all-gathered over the TP group to full [E_l, H, F] and
+    [E_l, F, H] matrices) against the dense reference; the variants agree with each other to float32 rounding."""
+    groups = make_expert_tp_groups(tp)
+    num_logical = num_experts - replicas
+    phys_to_log = None
+    if replicas:
+        phys_to_log = torch.cat([torch.arange(num_logical), torch.arange(replicas)])
+        phys_to_log = phys_to_log[torch.randperm(num_experts, generator=_gen(seed, 11))]
+    m = make_global(seed, tokens, hidden, ffn, shared_ffn, num_logical)
+    ref = dense_reference(m, topk)
+    epr = num_experts // (world // tp)
+    buf = largeep.Buffer(
+        groups.ep_group, hidden=hidden, num_experts=num_experts, num_topk=topk,
+        max_tokens_per_rank=max(max(tokens), 1), backend="torch",
+    )
+    results = []
+    try:
+        for kw in variants:
+            placement = RoundRobinReplicas(phys_to_log, num_logical) if phys_to_log is not None else None
+            layer = _build_layer(buf, m, ffn, shared_ffn, placement=placement, expert_tp_group=groups.tp_group, **kw)
+            ex = layer.experts
+            assert ex.w1.shape == (epr, hidden, ffn // tp) and ex.w2.shape == (epr, ffn // tp, hidden)
+            x = m.xs[rank].clone().requires_grad_()
+            out = layer(x)
+            what = f"rank {rank} tp {tp} {kw}"
+            close(out, ref["outs"][rank], f"{what}: output")
+            (out * m.gs[rank]).sum().backward()
+            want_gx = ref["x_grads"][rank]  # None where the reference never used x (no tokens, no shared experts)
+            close(x.grad, want_gx if want_gx is not None else torch.zeros_like(x), f"{what}: grad of x")
+            close(_allsum(layer.gate.weight.grad), ref["grads"]["gate"], f"{what}: grad of the gate")
+            if phys_to_log is not None:
+                assert layers.allreduce_replica_grads(
+                    [ex.w1, ex.w3, ex.w2], phys_to_log, group=groups.ep_group
+                ) == replicas
+                logical = phys_to_log[groups.ep_rank * epr : (groups.ep_rank + 1) * epr]
+            else:
+                logical = torch.arange(groups.ep_rank * epr, (groups.ep_rank + 1) * epr)
+            for name, dim in (("w1", 2), ("w3", 2), ("w2", 1)):
+                full = _gather_shards(getattr(ex, name).grad, dim, groups.tp_group)
+                close(full, ref["grads"][name][logical], f"{what}: grad of {name} (gathered)")
+            if layer.shared_experts is not None:
+                for name, key in (("w1", "s1"), ("w3", "s3"), ("w2", "s2")):
+                    got = _allsum(getattr(layer.shared_experts, name).grad)
+                    close(got, ref["grads"][key], f"{what}: grad of shared {name}")
+            results.append([out.detach(), x.grad] + [p.grad for p in layer.parameters()])
+            assert ops.live_handles(layer.buffer_id) == 0
+        for kw, res in zip(variants[1:], results[1:], strict=True):
+            for a, b in zip(results[0], res, strict=True):
+                close(b, a, f"{variants[0]} vs {kw}", rtol=2e-6)
+        return {"variants": len(results)}
+    finally:
+        buf.destroy()
+
+
+def tp1_equals_plain(rank: int, world: int, tokens: list[int], seed: int, variants: list[dict[str, Any]]) -> None:
+    """A TP group of one rank gives the plain layer's output and grads bit for bit."""
+    hidden, ffn, shared_ffn, experts, topk = 32, 24, 8, 4 * world, 3
+    groups = make_expert_tp_groups(1)
+    m = make_global(seed, tokens, hidden, ffn, shared_ffn, experts)
+    buf = largeep.Buffer(
+        None, hidden=hidden, num_experts=experts, num_topk=topk, max_tokens_per_rank=max(max(tokens), 1),
+        backend="torch",
+    )
+    try:
+        for kw in variants:
+            got = []
+            for tp_group in (None, groups.tp_group):
+                layer = _build_layer(buf, m, ffn, shared_ffn, expert_tp_group=tp_group, **kw)
+                x = m.xs[rank].clone().requires_grad_()
+                out = layer(x)
+                (out * m.gs[rank]).sum().backward()
+                got.append([out.detach(), x.grad] + [p.grad for p in layer.parameters()])
+            for i, (a, b) in enumerate(zip(*got, strict=True)):
+                assert torch.equal(a, b), f"rank {rank} {kw}: TP group of 1 differs from the plain layer (tensor {i})"
+    finally:
+        buf.destroy()
+
+
+def compiled_tp_layer(rank: int, world: int, tp: int, tokens: list[int], num_worst: int, seed: int) -> None:
+    """torch.compile(fullgraph=True, backend aot_eager) of the TP layer equals eager in the output and every grad
+    (the count exchange becomes unbacked ints; with num_worst_tokens there is none)."""
+    hidden, ffn, experts, topk = 32, 16, 4 * world // tp, 2
+    groups = make_expert_tp_groups(tp)
+    torch._dynamo.reset()
+    buf = largeep.Buffer(groups.ep_group, hidden=hidden, num_experts=experts, num_topk=topk,
+                         max_tokens_per_rank=max(max(tokens), 1), backend="torch")
+    try:
+        torch.manual_seed(seed)  # the same gate and shared experts on every rank
+        layer = layers.MoELayer(buf, ffn_hidden=ffn, shared_ffn_hidden=8, num_worst_tokens=num_worst,
+                                expert_tp_group=groups.tp_group)
+        x = torch.randn(tokens[rank], hidden, generator=_gen(seed, rank)).requires_grad_()
+
+        def run(fn: Any) -> list[torch.Tensor]:
+            x.grad = None
+            layer.zero_grad()
+            y = fn(x)
+            (y * y).sum().backward()
+            return [y.detach(), x.grad] + [p.grad for p in layer.parameters()]
+
+        eager = run(layer)
+        compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+        for _ in range(2):  # the second call reuses the compiled graph
+            for i, (a, b) in enumerate(zip(run(compiled), eager, strict=True)):
+                close(a, b, f"rank {rank}: compiled vs eager, tensor {i}", rtol=1e-6)
+        ops.release_handles(layer.buffer_id)
+    finally:
+        torch._dynamo.reset()
+        buf.destroy()
+
+
+def _raises(words: tuple[str, ...], fn: Any, *args: Any, **kwargs: Any) -> None:
+    try:
+        fn(*args, **kwargs)
+    except ArgumentError as exc:
+        msg = str(exc)
+        assert all(w in msg for w in words), f"message {msg!r} lacks {words}"
+    else:
+        raise AssertionError(f"no ArgumentError (expected one saying {words})")
+
+
+def bad_configs(rank: int, world: int) -> None:
+    """Wrong expert-TP configurations raise ArgumentError on every rank that makes them (no rank is left waiting
+    in a collective: each case is followed by a good layer on the same groups)."""
+    hidden, experts, topk = 32, 4 * world, 2
+
+    def buffer(group: dist.ProcessGroup | None, **kw: Any) -> largeep.Buffer:
+        return largeep.Buffer(
+            group, hidden=hidden, num_experts=experts, num_topk=topk, max_tokens_per_rank=8, backend="torch", **kw
+        )
+
+    _raises(("tp_size", "does not divide"), make_expert_tp_groups, 3)
+    _raises(("tp_size", "positive"), make_expert_tp_groups, 0)
+    groups = make_expert_tp_groups(2)
+    ep_buf, world_buf = buffer(groups.ep_group), buffer(None)
+    ll_buf = buffer(groups.ep_group, low_latency=True)
+    try:
+        tp = groups.tp_group
+        _raises(("expert_tp_group", "ProcessGroup"), layers.MoELayer, ep_buf, ffn_hidden=16, expert_tp_group=2)
+        _raises(("ffn_hidden", "not divisible", "expert_tp_group"), layers.MoELayer, ep_buf, ffn_hidden=15,
+                expert_tp_group=tp)
+        # ffn_hidden differs between the members: every member raises
+        _raises(("disagree", "ffn_hidden"), layers.MoELayer, ep_buf, ffn_hidden=16 + 8 * groups.tp_rank,
+                expert_tp_group=tp)
+        _raises(("disagree", "num_chunks"), layers.MoELayer, ep_buf, ffn_hidden=16, num_chunks=1 + groups.tp_rank,
+                expert_tp_group=tp)
+        # the Buffer on the whole world holds both members of the TP group
+        _raises(("holds 2 of its ranks", "make_expert_tp_groups"), layers.MoELayer, world_buf, ffn_hidden=16,
+                expert_tp_group=tp)
+        _raises(("normal mode only",), layers.MoELayer, ll_buf, ffn_hidden=16, expert_tp_group=tp)
+        # a group without this rank: only the ranks outside it make the call (it raises before any collective)
+        first = dist.new_group([0])
+        if rank != 0:
+            _raises(("expert_tp_group", "does not contain this rank"), layers.MoELayer, ep_buf, ffn_hidden=16,
+                    expert_tp_group=first)
+        if world == 4:
+            # TP groups {0, 3}, {1, 2} with EP groups {0, 1}, {2, 3}: the members of a TP group sit at slots 0 and 1
+            tp_bad = [dist.new_group(r) for r in ([0, 3], [1, 2])][0 if rank in (0, 3) else 1]
+            ep_bad = [dist.new_group(r) for r in ([0, 1], [2, 3])][rank // 2]
+            bad_buf = buffer(ep_bad)
+            try:
+                _raises(("same expert slot",), layers.MoELayer, bad_buf, ffn_hidden=16,
+                        expert_tp_group=tp_bad)
+            finally:
+                bad_buf.destroy()
+        layer = layers.MoELayer(ep_buf, ffn_hidden=16, expert_tp_group=tp)  # the good configuration still works
+        with torch.no_grad():
+            out = layer(torch.randn(5 + rank, hidden, generator=_gen(9, rank)))
+        assert out.shape == (5 + rank, hidden) and torch.isfinite(out).all()
+    finally:
+        for b in (ep_buf, world_buf, ll_buf):
+            b.destroy()

@@ -1,0 +1,61 @@
+"""largeep.expert_tp: expert tensor parallelism in MoELayer on 2 and 4 ranks over gloo (TP groups of 2) against the
+dense single-process float64 reference; compiled equals eager; a TP group of 1 equals the plain layer; the
+differentiable collectives; wrong configurations."""
+
+from __future__ import annotations
+
+import expert_tp_bodies
+import pytest
+
+
+def _tokens(world: int, base: int = 13) -> list[int]:
+    # uneven counts, and a rank without tokens
+    return [0 if r == 1 else base + 5 * r for r in range(world)]
+
+
+@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("rows", [0, 3])
+def test_collectives(pools, world: int, rows: int) -> None:
+    pools(world).run(expert_tp_bodies.collectives, rows)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_layer_tp_vs_reference(pools, world: int) -> None:
+    # EP group of world/2 ranks; F = 24 split 12 + 12; every variant of the plain layer's test
+    worst = 2 * 13 * world + 40
+    variants = [
+        {},
+        {"num_chunks": 3},
+        {"num_worst_tokens": worst},
+        {"use_custom_ops": True},
+        {"use_custom_ops": True, "num_worst_tokens": worst, "num_chunks": 2},
+    ]
+    pools(world).run(
+        expert_tp_bodies.layer_tp_vs_reference, 2, _tokens(world), 32, 24, 12, 4 * world, 3, 50 + world, variants
+    )
+
+
+def test_layer_tp_padded_bmm_replicas(pools) -> None:
+    # strides that are not multiples of 16 bytes (padded-bmm grouped GEMM: H 30, F/T 9), and two replicated
+    # logical experts whose shard grads are summed over the EP group
+    pools(4).run(expert_tp_bodies.layer_tp_vs_reference, 2, [9, 0, 14, 6], 30, 18, 0, 8, 2, 61, [{}], 2)
+
+
+def test_layer_tp_4(pools) -> None:
+    # one EP rank: the whole world is one TP group of 4
+    pools(4).run(expert_tp_bodies.layer_tp_vs_reference, 4, _tokens(4), 32, 16, 0, 8, 3, 71, [{}, {"num_chunks": 2}])
+
+
+@pytest.mark.parametrize("num_worst", [0, 48])
+def test_compiled_tp_layer(pools, num_worst: int) -> None:
+    pools(2).run(expert_tp_bodies.compiled_tp_layer, 2, [12, 7], num_worst, 9)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_tp1_equals_plain(pools, world: int) -> None:
+    pools(world).run(expert_tp_bodies.tp1_equals_plain, _tokens(world), 80 + world, [{}, {"num_chunks": 2}])
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_bad_configs(pools, world: int) -> None:
+    pools(world).run(expert_tp_bodies.bad_configs)

@@ -256,10 +256,10 @@ class NvshmemBackend:
             report = not worst
             if report:
                 self.status[_READY] = 0
-            k.prepare(topk_idx.data_ptr(), t, send_pos.data_ptr(), _ptr(hier and hier.node_pos),
-                      _ptr(hier and hier.node_count), stream)
-            k.notify(recv_off.data_ptr(), send_off.data_ptr(), _ptr(hier and hier.fwd_off),
-                     _ptr(hier and hier.fwd_count), report, stream)
+            k.prepare(topk_idx.data_ptr(), t, send_pos.data_ptr(), _ptr(hier.node_pos if hier else None),
+                      _ptr(hier.node_count if hier else None), stream)
+            k.notify(recv_off.data_ptr(), send_off.data_ptr(), _ptr(hier.fwd_off if hier else None),
+                     _ptr(hier.fwd_count if hier else None), report, stream)
             # The sends need no host decision: they run while the host waits for the counts below.
             self._send(x, elem, scales_ptr, x_scales is not None, topk_idx.data_ptr(), topk_weights.data_ptr(), t,
                        send_pos, send_off, hier, False, stream)
@@ -344,7 +344,7 @@ class NvshmemBackend:
                               stream)
         k.combine_reduce(
             out.data_ptr(), out.element_size(), _ptr(out_w), state.send_pos.data_ptr(),
-            _ptr(hier and hier.node_pos), state.num_tokens, with_w, c.num_sms, stream,
+            _ptr(hier.node_pos if hier else None), state.num_tokens, with_w, c.num_sms, stream,
         )
         return out, out_w
 

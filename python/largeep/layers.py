@@ -353,40 +353,55 @@ class MoELayer(nn.Module):
         xs, idxs, ws = x.tensor_split(n), idx.tensor_split(n), w.tensor_split(n)
         ready = ops.capture_event(x.device)  # the gate's outputs exist: dispatches wait for this only
 
-        def send(i: int) -> ops.DispatchOutput:
-            return ops.dispatch(
-                self.buffer_id, xs[i].contiguous(), idxs[i].contiguous(), ws[i].contiguous(),
-                num_worst_tokens=self.num_worst_tokens, previous_event=ready, async_finish=True,
-                use_custom_ops=self.use_custom_ops,
-            )
-
-        pending = [send(0)]
+        pending = [self.send_chunk(xs[0], idxs[0], ws[0], ready)]
         shared = self.shared_experts(x) if self.shared_experts is not None else None  # overlaps the first dispatch
         carveout = self.overlap_carveout(x) if n > 1 else 0
         combined: list[ops.CombineOutput] = []
         for i in range(n):
             d = pending[i]
-            ops.wait(d.event)
-            num_pairs = sum(d.num_tokens_per_expert) if d.num_tokens_per_expert is not None else None
-            with ops.sm_carveout(carveout):
-                if self.expert_tp is not None and self.expert_tp.size > 1:
-                    y = self.expert_tp.forward_rows(
-                        self.experts, d.x, d.topk_idx, d.topk_weights, num_pairs, self.num_worst_tokens
-                    )
-                else:
-                    y = self.experts.forward_rows(d.x, d.topk_idx, d.topk_weights, num_pairs)
+            y = self.experts_chunk(d, carveout)
             # Queue chunk i's experts before sending chunk i+1. That dispatch waits on the host (the count
             # exchange, behind combine i-1 on the Buffer's stream); with experts i already queued the GPU computes
             # meanwhile, and dispatch i+1 and combine i-1 overlap experts i. ops.dispatch issues it from a side
             # stream, so the Buffer's expert-id check does not make the host wait for experts i first (it would
             # on the caller's stream, and dispatch i+1 would then run alone after them).
             if i + 1 < n:
-                pending.append(send(i + 1))
-            combined.append(ops.combine(self.buffer_id, y, d.handle, async_finish=True))
+                pending.append(self.send_chunk(xs[i + 1], idxs[i + 1], ws[i + 1], ready))
+            combined.append(self.combine_chunk(y, d))
         for c in combined:
             ops.wait(c.event)
         out = combined[0].x if n == 1 else torch.cat([c.x for c in combined])
         return out + shared if shared is not None else out
+
+    # -- normal mode, one chunk in three steps (MoELayer's schedule above, and MoEPipeline's across layers) --------
+    def send_chunk(self, x: Tensor, idx: Tensor, w: Tensor, ready: Any = None) -> ops.DispatchOutput:
+        """Dispatches one chunk: x [t, H], idx int64 [t, K] physical ids, w float32 [t, K] (from :meth:`route`).
+        ``ready``: an event (``ops.capture_event``) after which x, idx and w exist; the dispatch waits for it
+        only (``async_finish``: wait on the result's event before using it). Waits on the host for the count
+        exchange unless ``num_worst_tokens`` > 0."""
+        return ops.dispatch(
+            self.buffer_id, x.contiguous(), idx.contiguous(), w.contiguous(),
+            num_worst_tokens=self.num_worst_tokens, previous_event=ready, async_finish=True,
+            use_custom_ops=self.use_custom_ops,
+        )
+
+    def experts_chunk(self, d: ops.DispatchOutput, carveout: int = 0) -> Tensor:
+        """The local experts (through the TP group with expert TP) on the rows of a :meth:`send_chunk`, on the
+        caller's stream after the dispatch's event, under ``ops.sm_carveout(carveout)`` -> weighted rows [R, H]
+        for :meth:`combine_chunk`. No host wait."""
+        ops.wait(d.event)
+        num_pairs = sum(d.num_tokens_per_expert) if d.num_tokens_per_expert is not None else None
+        with ops.sm_carveout(carveout):
+            if self.expert_tp is not None and self.expert_tp.size > 1:
+                return self.expert_tp.forward_rows(
+                    self.experts, d.x, d.topk_idx, d.topk_weights, num_pairs, self.num_worst_tokens
+                )
+            return self.experts.forward_rows(d.x, d.topk_idx, d.topk_weights, num_pairs)
+
+    def combine_chunk(self, y: Tensor, d: ops.DispatchOutput) -> ops.CombineOutput:
+        """Combines a chunk's expert rows y [R, H] home on the Buffer's stream (``async_finish``): wait on the
+        result's event (``ops.wait``) before using its x [t, H]. The shared experts are not added. No host wait."""
+        return ops.combine(self.buffer_id, y, d.handle, async_finish=True)
 
     def overlap_carveout(self, x: Tensor) -> int:
         """SMs the expert GEMMs of an overlapped schedule leave to the communication kernels running beside them

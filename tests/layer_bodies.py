@@ -460,3 +460,235 @@ def layer_chunked_gpu(rank: int, world: int, backend: str, tokens: list[int]) ->
         return {"grouped_mm": ran}
     finally:
         buf.destroy()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# MoEPipeline: a stack of layers with a residual add + RMSNorm between, chunks flowing across layers
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _dense_moe(x: torch.Tensor, p: dict[str, torch.Tensor], topk: int) -> torch.Tensor:
+    """One layer of :func:`dense_reference` (float64 params ``p``) on x float64 [T, H]; routing chosen from
+    float32 logits as the built-in router does."""
+    idx = F.linear(x.detach().float(), p["gate"].detach().float()).softmax(dim=-1).topk(topk, dim=-1).indices
+    probs = (x @ p["gate"].t()).softmax(dim=-1).gather(1, idx)
+    wts = probs / probs.sum(dim=-1, keepdim=True)
+    out = torch.zeros_like(x)
+    for e in range(p["gate"].shape[0]):
+        tok, k = (idx == e).nonzero(as_tuple=True)
+        if tok.numel() == 0:
+            continue
+        xe = x[tok]
+        ye = (F.silu(xe @ p["w1"][e]) * (xe @ p["w3"][e])) @ p["w2"][e]
+        out = out.index_add(0, tok, ye * wts[tok, k].unsqueeze(1))
+    if "s1" in p:
+        out = out + (F.silu(x @ p["s1"]) * (x @ p["s3"])) @ p["s2"]
+    return out
+
+
+def _rms(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The token-wise function between the layers: residual add, then RMSNorm over H."""
+    return F.rms_norm(x + y, (x.shape[-1],), weight=weight, eps=1e-6)
+
+
+def _grad(t: torch.Tensor) -> torch.Tensor:
+    assert t.grad is not None
+    return t.grad
+
+
+def pipeline_vs_sequential(
+    rank: int, world: int, tokens: list[int], hidden: int, ffn: int, shared_ffn: int, num_experts: int,
+    topk: int, seed: int, chunk_counts: list[int], layer_kw: dict[str, Any], final_between: bool,
+) -> dict[str, Any]:
+    """MoEPipeline of 3 layers (residual + RMSNorm between; with ``final_between`` also after the last) against
+    the same layers run one after another on the whole batch, and against a dense float64 composition of
+    :func:`dense_reference`'s layer: output, grads of x, of every layer's gate, experts and shared experts, and
+    of the norm weights. Layers 0 and 2 share a Buffer, layer 1 has its own."""
+    num_layers = 3
+    ms = [make_global(seed + 17 * j, tokens, hidden, ffn, shared_ffn, num_experts) for j in range(num_layers)]
+    xs, gs = ms[0].xs, ms[0].gs
+    norms = [1 + 0.1 * torch.randn(hidden, generator=_gen(seed, 40, j)) for j in range(num_layers)]
+    num_between = num_layers if final_between else num_layers - 1
+
+    # dense float64 reference over every rank's tokens
+    ps: list[dict[str, Any]] = []
+    for m in ms:
+        p = {k: getattr(m, k).double().requires_grad_() for k in ("gate", "w1", "w3", "w2")}
+        if m.shared is not None:
+            p.update({k: t.double().requires_grad_() for k, t in zip(("s1", "s3", "s2"), m.shared, strict=True)})
+        ps.append(p)
+    n64 = [w.double().requires_grad_() for w in norms[:num_between]]
+    x64s = [x.double().requires_grad_() for x in xs]
+    want_out = []
+    loss = torch.zeros((), dtype=torch.float64)
+    for x64, g in zip(x64s, gs, strict=True):
+        h = x64
+        for j in range(num_layers):
+            y = _dense_moe(h, ps[j], topk)
+            h = _rms(h, y, n64[j]) if j < num_between else y
+        want_out.append(h.detach())
+        loss = loss + (h * g.double()).sum()
+    loss.backward()
+
+    epr = num_experts // world
+    mine = torch.arange(rank * epr, (rank + 1) * epr)
+    common = dict(hidden=hidden, num_experts=num_experts, num_topk=topk, max_tokens_per_rank=max(max(tokens), 1),
+                  backend="torch")
+    bufs = [largeep.Buffer(None, **common), largeep.Buffer(None, **common)]  # type: ignore[arg-type]
+    try:
+        stack = [_build_layer(bufs[j % 2], ms[j], ffn, shared_ffn, **layer_kw) for j in range(num_layers)]
+        nw = [w.clone().requires_grad_() for w in norms[:num_between]]
+        between = [lambda a, b, w=w: _rms(a, b, w) for w in nw]
+
+        def grads(x: torch.Tensor) -> list[torch.Tensor]:
+            out: list[Any] = [x.grad] + [p.grad for layer in stack for p in layer.parameters()]
+            return out + [w.grad for w in nw]
+
+        def run(fn: Any) -> list[torch.Tensor]:
+            for layer in stack:
+                layer.zero_grad()
+            for w in nw:
+                w.grad = None
+            x = xs[rank].clone().requires_grad_()
+            out = fn(x)
+            (out * gs[rank]).sum().backward()
+            for one in bufs:
+                assert ops.live_handles(ops.register_buffer(one)) == 0
+            return [out.detach()] + grads(x)
+
+        def sequential(x: torch.Tensor) -> torch.Tensor:
+            for j, layer in enumerate(stack):
+                y = layer(x)
+                x = between[j](x, y) if j < num_between else y
+            return x
+
+        seq = run(sequential)
+        close(seq[0], want_out[rank], f"rank {rank}: sequential output vs dense")
+        for count in chunk_counts:
+            pipe = layers.MoEPipeline(stack, between, num_chunks=count)
+            got = run(pipe)
+            what = f"rank {rank} {layer_kw} chunks={count}"
+            for i, (a, b) in enumerate(zip(got, seq, strict=True)):
+                close(a, b, f"{what}: pipeline vs sequential, tensor {i}", rtol=2e-6)
+            close(got[0], want_out[rank], f"{what}: output vs dense")
+            close(got[1], _grad(x64s[rank]), f"{what}: grad of x vs dense")
+            for j, layer in enumerate(stack):
+                assert layer.gate.weight.grad is not None
+                close(_allsum(layer.gate.weight.grad), ps[j]["gate"].grad, f"{what}: layer {j} grad of the gate")
+                for name in ("w1", "w3", "w2"):
+                    got_w = getattr(layer.experts, name).grad
+                    close(got_w, ps[j][name].grad[mine], f"{what}: layer {j} grad of {name}")
+                if layer.shared_experts is not None:
+                    for name, key in (("w1", "s1"), ("w3", "s3"), ("w2", "s2")):
+                        got_s = _allsum(getattr(layer.shared_experts, name).grad)
+                        close(got_s, ps[j][key].grad, f"{what}: layer {j} grad of shared {name}")
+            for j, w in enumerate(nw):
+                close(_allsum(w.grad), _grad(n64[j]), f"{what}: grad of norm {j}")
+            assert pipe.aux_losses == [[] for _ in stack]
+        if 3 in chunk_counts:
+            assert _pipeline_order(stack, between) == [
+                "s0", "e0", "s0", "c0", "e0", "s1", "c0", "e1", "s0", "c1", "e0", "s1", "c0", "e1", "s2", "c1",
+                "e2", "s1", "c2", "e1", "s2", "c1", "e2", "s2", "c2", "e2", "c2",
+            ], "not the wavefront: (0,0) (0,1) (1,0) (0,2) (1,1) (2,0) (1,2) (2,1) (2,2)"
+        return {"chunks": chunk_counts}
+    finally:
+        for one in bufs:
+            one.destroy()
+
+
+def _pipeline_order(stack: list[layers.MoELayer], between: list[Any]) -> list[str]:
+    """The issue order of a 3-chunk MoEPipeline's chunk steps: s (send), e (experts), c (combine) and the layer."""
+    order: list[str] = []
+
+    def recorder(f: Any, tag: str) -> Any:
+        def rec(*a: Any) -> Any:
+            order.append(tag)
+            return f(*a)
+
+        return rec
+
+    for j, layer in enumerate(stack):
+        for step, name in (("s", "send_chunk"), ("e", "experts_chunk"), ("c", "combine_chunk")):
+            object.__setattr__(layer, name, recorder(getattr(layer, name), f"{step}{j}"))
+    try:
+        with torch.no_grad():
+            layers.MoEPipeline(stack, between, num_chunks=3)(torch.randn(7, stack[0].hidden))
+    finally:
+        for layer in stack:
+            for name in ("send_chunk", "experts_chunk", "combine_chunk"):
+                object.__delattr__(layer, name)
+    return order
+
+
+def pipeline_compiled(rank: int, world: int, tokens: list[int], num_worst: int, seed: int) -> None:
+    """torch.compile(fullgraph=True, backend aot_eager) of a 2-layer MoEPipeline with 2 chunks equals eager in the
+    output and every grad."""
+    hidden, ffn, experts, topk = 32, 16, 4 * world, 2
+    torch._dynamo.reset()
+    buf = largeep.Buffer(None, hidden=hidden, num_experts=experts, num_topk=topk, max_tokens_per_rank=max(tokens),
+                         backend="torch")
+    try:
+        torch.manual_seed(seed)
+        stack = [layers.MoELayer(buf, ffn_hidden=ffn, num_worst_tokens=num_worst, shared_ffn_hidden=8)
+                 for _ in range(2)]
+        norm = torch.nn.RMSNorm(hidden)
+        pipe = layers.MoEPipeline(stack, [lambda a, b: norm(a + b)], num_chunks=2)
+        x = torch.randn(tokens[rank], hidden, generator=_gen(seed, rank)).requires_grad_()
+
+        def run(fn: Any) -> list[torch.Tensor]:
+            x.grad = None
+            pipe.zero_grad()
+            norm.zero_grad()
+            y = fn(x)
+            (y * y).sum().backward()
+            return [y.detach(), x.grad] + [p.grad for p in pipe.parameters()] + [norm.weight.grad]  # type: ignore[list-item]
+
+        eager = run(pipe)
+        compiled = torch.compile(pipe, backend="aot_eager", fullgraph=True)
+        for _ in range(2):
+            got = run(compiled)
+            for i, (a, b) in enumerate(zip(got, eager, strict=True)):
+                close(a, b, f"compiled vs eager pipeline, tensor {i}", rtol=1e-6)
+        ops.release_handles(stack[0].buffer_id)
+    finally:
+        torch._dynamo.reset()
+        buf.destroy()
+
+
+def pipeline_errors(rank: int, world: int) -> list[str]:
+    """Wrong stacks raise ArgumentError naming the problem, before any communication."""
+    kw = dict(num_experts=2 * world, num_topk=2, max_tokens_per_rank=8, backend="torch")
+    normal = largeep.Buffer(None, hidden=32, **kw)  # type: ignore[arg-type]
+    wide = largeep.Buffer(None, hidden=64, **kw)  # type: ignore[arg-type]
+    ll = largeep.Buffer(None, hidden=32, low_latency=True, **kw)  # type: ignore[arg-type]
+    try:
+        a, b = layers.MoELayer(normal, ffn_hidden=8), layers.MoELayer(normal, ffn_hidden=8)
+        linear: Any = torch.nn.Linear(32, 32)
+        three: Any = 3
+        cases: list[tuple[Any, list[str]]] = [
+            (lambda: layers.MoEPipeline([]), ["empty"]),
+            (lambda: layers.MoEPipeline([a, linear]), ["layers[1]", "MoELayer"]),
+            (lambda: layers.MoEPipeline([a, layers.MoELayer(ll, ffn_hidden=8)]), ["layers[1]", "low-latency"]),
+            (lambda: layers.MoEPipeline([a, layers.MoELayer(wide, ffn_hidden=8)]), ["hidden size 64", "32"]),
+            (lambda: layers.MoEPipeline([a, b], num_chunks=0), ["num_chunks", ">= 1"]),
+            (lambda: layers.MoEPipeline([a, b], between=[]), ["'between' has 0", "layers take 1"]),
+            (lambda: layers.MoEPipeline([a, b], between=[torch.add] * 3), ["'between' has 3", "layers take 1"]),
+            (lambda: layers.MoEPipeline([a, b], between=[three]), ["between[0]", "not callable"]),
+            (lambda: layers.MoEPipeline([a, layers.MoELayer(normal, ffn_hidden=8).to("meta")]), ["different devices"]),
+        ]
+        seen = []
+        for make, words in cases:
+            try:
+                make()
+            except largeep.ArgumentError as exc:
+                for w in words:
+                    assert w in str(exc), f"{exc!r} does not say {w!r}"
+                seen.append(str(exc))
+            else:
+                raise AssertionError(f"no error for a stack that should say {words}")
+        # one layer twice and a between of length L are fine
+        layers.MoEPipeline([a, a], between=[torch.add, torch.add], num_chunks=1)
+        return seen
+    finally:
+        for buf in (normal, wide, ll):
+            buf.destroy()

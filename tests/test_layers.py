@@ -151,3 +151,27 @@ def test_layer_chunked_gpu(pools, backend: str) -> None:
     if backend == "nvshmem" and native.unavailable_reason() is not None:
         pytest.skip(str(native.unavailable_reason()))
     pools(2, "nccl").run(layer_bodies.layer_chunked_gpu, backend, [700, 0])
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_pipeline_vs_sequential(pools, world: int) -> None:
+    # 3 layers, residual + RMSNorm between; chunks 1/2/3 over uneven token counts and a rank without tokens
+    pools(world).run(
+        layer_bodies.pipeline_vs_sequential, _tokens(world), 32, 24, 12, 4 * world, 3, 50 + world, [1, 2, 3], {},
+        False,
+    )
+
+
+def test_pipeline_options(pools) -> None:
+    # worst-size dispatch on the custom-op path, no shared experts, a between after the last layer too
+    kw = {"use_custom_ops": True, "num_worst_tokens": 2 * 13 * 2 + 40}
+    pools(2).run(layer_bodies.pipeline_vs_sequential, [13, 5], 32, 16, 0, 8, 2, 61, [2, 3], kw, True)
+
+
+@pytest.mark.parametrize("num_worst", [0, 64])
+def test_pipeline_compiled(pools, num_worst: int) -> None:
+    pools(2).run(layer_bodies.pipeline_compiled, [12, 9], num_worst, 9)
+
+
+def test_pipeline_errors(pools) -> None:
+    pools(2).run(layer_bodies.pipeline_errors)

@@ -20,8 +20,10 @@ not wait for the experts queued before it) while the experts compute chunk i on 
 communication kernels their SMs (``overlap_sm_carveout``). Each chunk's GEMMs read every local expert's weights
 again, so chunking pays only where the experts are not bound by reading their weights (enough rows per expert).
 On CPU, or under ``torch.compile`` (the ops then run in program order), the same schedule simply runs in order and
-gives the same result. :class:`TwoBatchOverlap` runs two decoding
-micro-batches with ``return_recv_hook``: while one micro-batch's tokens travel, the other computes.
+gives the same result. :class:`MoEPipeline` carries the chunks across a stack of layers separated by token-wise
+functions (residual add + norm): chunk i is dispatched into layer l+1 while chunk i+1 is still in layer l's experts.
+:class:`TwoBatchOverlap` runs two decoding micro-batches with ``return_recv_hook``: while one micro-batch's tokens
+travel, the other computes.
 
 Experts and replicas. Rank r holds the physical slots [r*E/N, (r+1)*E/N) (w1/w3 [E/N, H, F], w2 [E/N, F, H]).
 A logical expert with several slots (replicas) has one copy of its weights per slot; after backward
@@ -55,6 +57,7 @@ __all__ = [
     "GroupedExperts",
     "LinearTopKRouter",
     "MoELayer",
+    "MoEPipeline",
     "SwiGLU",
     "TwoBatchOverlap",
     "allreduce_replica_grads",
@@ -449,6 +452,147 @@ class MoELayer(nn.Module):
         self._ll_experts(st)
         yield
         return self._ll_finish(st)
+
+
+class MoEPipeline(nn.Module):
+    """A stack of normal-mode :class:`MoELayer` whose chunks flow from one layer into the next without waiting for
+    the rest of the batch.
+
+    **The functions between the layers must be token-wise**: output row t of ``between[l](x, y)`` may depend only
+    on row t of x and y (a residual add, RMSNorm or LayerNorm over H, an elementwise activation, a dense MLP over
+    H). Anything that mixes tokens (attention, a batch statistic, a reshape across rows) makes the chunked result
+    differ from the whole-batch one, silently. The same holds for the gates of the layers after the first (they
+    run per chunk): the built-in :class:`LinearTopKRouter` is token-wise; a gate's ``aux_loss`` is computed per
+    chunk, so each such layer's ``aux_loss`` is its last chunk's and :attr:`aux_losses` lists them all.
+
+    Args:
+        layers: L >= 1 normal-mode MoE layers of one hidden size H on one device (any Buffers; one layer may
+            appear more than once). Their own ``num_chunks`` is not used here.
+        between: None (layer l's output is layer l+1's input), or L-1 functions ``between[l](x_l, y_l) ->
+            x_{l+1}`` taking layer l's input and output [t, H] to layer l+1's input [t, H] (e.g. a residual add
+            and a norm), or L functions: the last one is applied after the last layer too. Modules among them
+            are registered as submodules.
+        num_chunks: C >= 1; the batch is split into C chunks (``tensor_split``: uneven sizes, empty chunks allowed).
+
+    Schedule (a wavefront): step s runs chunk s - l through layer l, for every l, the shallow layers first; each
+    (layer, chunk) is MoELayer's per-chunk steps (:meth:`MoELayer.send_chunk`, :meth:`MoELayer.experts_chunk`,
+    :meth:`MoELayer.combine_chunk`). In issue order: the experts of one (layer, chunk), then the end of the one
+    before it (wait for its combine, add its shared experts, ``between``, the next layer's gate on that chunk),
+    then the dispatch of the next one (waiting only for its own gate's event), then this one's combine, on the
+    Buffer's stream. So chunk i's dispatch into layer l+1 is issued while chunk i+1 is still in layer l's experts,
+    and combines and dispatches of neighbouring chunks run beside the experts. On CUDA the ``between`` and gate of
+    a chunk are queued on the caller's stream behind the experts already issued, so a dispatch overlaps expert
+    work only where another (layer, chunk) sits between it and its predecessor in that order (C >= 3 in the
+    middle of the wavefront); not yet measured on GPUs. C = 1 runs the layers one after another. On CPU, or under
+    ``torch.compile``, everything runs in program order and gives the layers' sequential result (up to float
+    rounding: chunked GEMMs); autograd goes through the differentiable ops as usual.
+    """
+
+    def __init__(
+        self,
+        layers: Sequence[MoELayer],
+        between: Sequence[Callable[[Tensor, Tensor], Tensor]] | None = None,
+        num_chunks: int = 2,
+    ) -> None:
+        super().__init__()
+        stack = list(layers)
+        if not stack:
+            raise ArgumentError("MoEPipeline: argument 'layers' is empty")
+        for j, layer in enumerate(stack):
+            if not isinstance(layer, MoELayer):
+                raise ArgumentError(f"MoEPipeline: layers[{j}] is a {type(layer).__name__}, expected MoELayer")
+            if layer.low_latency:
+                raise ArgumentError(
+                    f"MoEPipeline: layers[{j}] has a low-latency Buffer; the pipeline needs normal-mode layers"
+                )
+            if layer.hidden != stack[0].hidden:
+                raise ArgumentError(
+                    f"MoEPipeline: layers[{j}] has hidden size {layer.hidden}, layers[0] has {stack[0].hidden}"
+                )
+        devices = {p.device for layer in stack for p in layer.parameters()}
+        if len(devices) > 1:
+            names = sorted(map(str, devices))
+            raise ArgumentError(f"MoEPipeline: the layers' parameters are on different devices {names}")
+        if num_chunks < 1:
+            raise ArgumentError(f"MoEPipeline: argument 'num_chunks' must be >= 1, got {num_chunks}")
+        fns = list(between) if between is not None else []
+        if between is not None and len(fns) not in (len(stack) - 1, len(stack)):
+            raise ArgumentError(
+                f"MoEPipeline: argument 'between' has {len(fns)} functions; {len(stack)} layers take "
+                f"{len(stack) - 1} (or {len(stack)}: the last one applied after the last layer)"
+            )
+        for j, fn in enumerate(fns):
+            if not callable(fn):
+                raise ArgumentError(f"MoEPipeline: between[{j}] is not callable")
+            if isinstance(fn, nn.Module):
+                self.add_module(f"between{j}", fn)
+        self.layers = nn.ModuleList(stack)
+        self._stack = stack  # the same layers, typed
+        self.between: list[Callable[[Tensor, Tensor], Tensor]] = fns
+        self.num_chunks = num_chunks
+        self.aux_losses: list[list[Tensor]] = [[] for _ in stack]
+
+    def _route(self, j: int, x: Tensor) -> dict[str, Any]:
+        layer = self._stack[j]
+        layer.aux_loss = None
+        idx, w = layer.route(x)
+        if layer.aux_loss is not None:
+            self.aux_losses[j].append(layer.aux_loss)
+        return {"idx": idx, "w": w, "ready": ops.capture_event(x.device)}
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x [T, H] (bf16/fp32; every chunk T/C <= each Buffer's max_tokens_per_rank) -> [T, H] in x's dtype.
+        Waits on the host for each (layer, chunk)'s count exchange unless that layer has ``num_worst_tokens`` > 0.
+        Collective: every rank of the Buffers' groups must call it with the same ``num_chunks``."""
+        num_layers, n = len(self._stack), self.num_chunks
+        self.aux_losses = [[] for _ in range(num_layers)]
+        carveouts = [layer.overlap_carveout(x) if n > 1 else 0 for layer in self._stack]
+        # per (layer, chunk): x (input rows), idx / w / ready (its gate), d (dispatch), shared, c (combine)
+        st: dict[tuple[int, int], dict[str, Any]] = {}
+        first = self._route(0, x)  # the first layer's gate on the whole batch, as MoELayer does
+        parts = [first[k].tensor_split(n) for k in ("idx", "w")]
+        for i, xi in enumerate(x.tensor_split(n)):
+            st[(0, i)] = {"x": xi, "idx": parts[0][i], "w": parts[1][i], "ready": first["ready"]}
+        outs: list[Tensor | None] = [None] * n
+
+        def send(u: tuple[int, int]) -> None:
+            layer, s = self._stack[u[0]], st[u]
+            s["d"] = layer.send_chunk(s["x"], s["idx"], s["w"], s["ready"])
+            s["shared"] = layer.shared_experts(s["x"]) if layer.shared_experts is not None else None
+
+        def finish(u: tuple[int, int]) -> None:
+            j, i = u
+            s = st.pop(u)
+            ops.wait(s["c"].event)
+            y = s["c"].x + s["shared"] if s["shared"] is not None else s["c"].x
+            if j < len(self.between):
+                y = self.between[j](s["x"], y)
+            if j + 1 < num_layers:
+                st[(j + 1, i)] = {"x": y, **self._route(j + 1, y)}
+            else:
+                outs[i] = y
+
+        # the wavefront: step s holds (j, s - j), shallow layers first. With C > 1 a unit's successor (j + 1, i)
+        # comes at least two units later, so its input is ready (finished) when it is sent
+        units = [(j, s - j) for s in range(num_layers + n - 1) for j in range(num_layers) if 0 <= s - j < n]
+        send(units[0])
+        for k, u in enumerate(units):
+            y = self._stack[u[0]].experts_chunk(st[u]["d"], carveouts[u[0]])
+            if k > 0 and units[k - 1] in st:
+                finish(units[k - 1])
+            nxt = units[k + 1] if k + 1 < len(units) else None
+            if nxt == (u[0] + 1, u[1]):  # C = 1: the next unit needs this one's output
+                st[u]["c"] = self._stack[u[0]].combine_chunk(y, st[u]["d"])
+                finish(u)
+                send(nxt)
+                continue
+            if nxt is not None:
+                send(nxt)
+            st[u]["c"] = self._stack[u[0]].combine_chunk(y, st[u]["d"])
+        finish(units[-1])
+        done = [o for o in outs if o is not None]
+        assert len(done) == n
+        return done[0] if n == 1 else torch.cat(done)
 
 
 def run_interleaved(steps: Sequence[Generator[None, None, Tensor]]) -> list[Tensor]:

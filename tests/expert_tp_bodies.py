@@ -15,7 +15,17 @@ import torch._dynamo
 import torch.distributed as dist
 from largeep import ArgumentError, layers, ops
 from largeep.expert_tp import all_gather_rows, make_expert_tp_groups, reduce_scatter_rows
-from layer_bodies import RoundRobinReplicas, _allsum, _build_layer, _gen, close, dense_reference, make_global
+from layer_bodies import (
+    RoundRobinReplicas,
+    _allsum,
+    _build_layer,
+    _gen,
+    check_shared_grads,
+    close,
+    compare_variants,
+    dense_reference,
+    make_global,
+)
 
 
 def _gather_shards(t: torch.Tensor, dim: int, group: dist.ProcessGroup) -> torch.Tensor:
@@ -95,15 +105,10 @@ def layer_tp_vs_reference(
             for name, dim in (("w1", 2), ("w3", 2), ("w2", 1)):
                 full = _gather_shards(getattr(ex, name).grad, dim, groups.tp_group)
                 close(full, ref["grads"][name][logical], f"{what}: grad of {name} (gathered)")
-            if layer.shared_experts is not None:
-                for name, key in (("w1", "s1"), ("w3", "s3"), ("w2", "s2")):
-                    got = _allsum(getattr(layer.shared_experts, name).grad)
-                    close(got, ref["grads"][key], f"{what}: grad of shared {name}")
+            check_shared_grads(layer, ref, what)
             results.append([out.detach(), x.grad] + [p.grad for p in layer.parameters()])
             assert ops.live_handles(layer.buffer_id) == 0
-        for kw, res in zip(variants[1:], results[1:], strict=True):
-            for a, b in zip(results[0], res, strict=True):
-                close(b, a, f"{variants[0]} vs {kw}", rtol=2e-6)
+        compare_variants(variants, results)
         return {"variants": len(results)}
     finally:
         buf.destroy()

@@ -46,6 +46,21 @@ def _allsum(t: Any) -> torch.Tensor:
     dist.all_reduce(t)
     return t
 
+def check_shared_grads(layer: Any, ref: dict[str, Any], what: str) -> None:
+    """The shared experts' grads, summed over ranks, against the dense reference's."""
+    if layer.shared_experts is not None:
+        for name, key in (("w1", "s1"), ("w3", "s3"), ("w2", "s2")):
+            got = _allsum(getattr(layer.shared_experts, name).grad)
+            close(got, ref["grads"][key], f"{what}: grad of shared {name}")
+
+
+def compare_variants(variants: list[Any], results: list[list[Any]]) -> None:
+    """Every variant's outputs and grads equal the first variant's (to float32 reordering)."""
+    for kw, res in zip(variants[1:], results[1:], strict=True):
+        for a, b in zip(results[0], res, strict=True):
+            close(b, a, f"{variants[0]} vs {kw}", rtol=2e-6)
+
+
 
 # ---------------------------------------------------------------------------------------------------------------
 # ops: dispatch / combine autograd against the loop reference
@@ -296,15 +311,10 @@ def layer_vs_reference(
                 logical = torch.arange(rank * epr, (rank + 1) * epr)
             for name in ("w1", "w3", "w2"):
                 close(getattr(ex, name).grad, ref["grads"][name][logical], f"{what}: grad of {name}")
-            if layer.shared_experts is not None:
-                for name, key in (("w1", "s1"), ("w3", "s3"), ("w2", "s2")):
-                    got = _allsum(getattr(layer.shared_experts, name).grad)
-                    close(got, ref["grads"][key], f"{what}: grad of shared {name}")
+            check_shared_grads(layer, ref, what)
             results.append([out.detach(), x.grad] + [p.grad for p in layer.parameters()])
             assert ops.live_handles(layer.buffer_id) == 0
-        for kw, res in zip(variants[1:], results[1:], strict=True):
-            for a, b in zip(results[0], res, strict=True):
-                close(b, a, f"{variants[0]} vs {kw}", rtol=2e-6)
+        compare_variants(variants, results)
         return {"variants": len(results)}
     finally:
         buf.destroy()

@@ -23,6 +23,7 @@ from layer_bodies import (
     check_shared_grads,
     close,
     compare_variants,
+    compiled_equals_eager,
     dense_reference,
     make_global,
 )
@@ -151,19 +152,7 @@ def compiled_tp_layer(rank: int, world: int, tp: int, tokens: list[int], num_wor
         layer = layers.MoELayer(buf, ffn_hidden=ffn, shared_ffn_hidden=8, num_worst_tokens=num_worst,
                                 expert_tp_group=groups.tp_group)
         x = torch.randn(tokens[rank], hidden, generator=_gen(seed, rank)).requires_grad_()
-
-        def run(fn: Any) -> list[torch.Tensor]:
-            x.grad = None
-            layer.zero_grad()
-            y = fn(x)
-            (y * y).sum().backward()
-            return [y.detach(), x.grad] + [p.grad for p in layer.parameters()]
-
-        eager = run(layer)
-        compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
-        for _ in range(2):  # the second call reuses the compiled graph
-            for i, (a, b) in enumerate(zip(run(compiled), eager, strict=True)):
-                close(a, b, f"rank {rank}: compiled vs eager, tensor {i}", rtol=1e-6)
+        compiled_equals_eager(layer, x, f"rank {rank}: ")
         ops.release_handles(layer.buffer_id)
     finally:
         torch._dynamo.reset()

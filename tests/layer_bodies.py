@@ -60,6 +60,24 @@ def compare_variants(variants: list[Any], results: list[list[Any]]) -> None:
         for a, b in zip(results[0], res, strict=True):
             close(b, a, f"{variants[0]} vs {kw}", rtol=2e-6)
 
+def compiled_equals_eager(model: torch.nn.Module, x: torch.Tensor, what: str) -> None:
+    """torch.compile(model, fullgraph) gives eager's output, x grad and parameter grads, twice (the second call
+    reuses the compiled graphs); loss = sum(y * y)."""
+
+    def run(fn: Any) -> list[torch.Tensor]:
+        x.grad = None
+        model.zero_grad()
+        y = fn(x)
+        (y * y).sum().backward()
+        return [y.detach(), x.grad] + [p.grad for p in model.parameters()]
+
+    eager = run(model)
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    for _ in range(2):
+        for i, (a, b) in enumerate(zip(run(compiled), eager, strict=True)):
+            close(a, b, f"{what}compiled vs eager, tensor {i}", rtol=1e-6)
+
+
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -406,20 +424,7 @@ def compiled_two_layers(rank: int, world: int, tokens: list[int], num_worst: int
         first = layers.MoELayer(buf, shared_ffn_hidden=8, **kw)
         model = torch.nn.Sequential(first, layers.MoELayer(buf, **kw))
         x = torch.randn(tokens[rank], hidden, generator=_gen(seed, rank)).requires_grad_()
-
-        def run(fn: Any) -> list[torch.Tensor]:
-            x.grad = None
-            model.zero_grad()
-            y = fn(x)
-            (y * y).sum().backward()
-            return [y.detach(), x.grad] + [p.grad for p in model.parameters()]
-
-        eager = run(model)
-        compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
-        for _ in range(2):  # the second call reuses the compiled graphs
-            got = run(compiled)
-            for i, (a, b) in enumerate(zip(got, eager, strict=True)):
-                close(a, b, f"compiled vs eager, tensor {i}", rtol=1e-6)
+        compiled_equals_eager(model, x, "")
         if num_worst:
             torch._dynamo.reset()
             with torch.no_grad():

@@ -78,10 +78,9 @@ class NormalKernels {
         c_.pcomb_stride = l.pcomb_stride;
     }
 
-    void prepare(uintptr_t idx, int num_tokens, uintptr_t send_pos, uintptr_t node_pos, uintptr_t node_count,
-                 uintptr_t stream) {
+    void prepare(uintptr_t idx, int num_tokens, uintptr_t send_pos, uintptr_t node_pos, uintptr_t stream) {
         launch_dispatch_prepare(c_, ptr<const int64_t>(idx), num_tokens, ptr<int>(send_pos), ptr<int>(node_pos),
-                                ptr<int>(node_count), stream_of(stream));
+                                stream_of(stream));
     }
     void notify(uintptr_t recv_off, uintptr_t send_off, uintptr_t fwd_off, uintptr_t fwd_count, bool report,
                 uintptr_t stream) {

@@ -106,9 +106,9 @@ void launch_layout(const int64_t* topk_idx, int num_tokens, int num_topk, int nu
 
 // ---- intranode.cu (normal mode: every group; NVLink inside a node) -----------------------------------------
 // Prepare: send_pos int32 [T, N] (position of token t among the rows for rank r, -1 if none) and count rows; with
-// several nodes also node_pos int32 [T, M] (position among the tokens for node m) and node_count int32 [M].
+// several nodes also node_pos int32 [T, M] (position among the tokens for node m).
 void launch_dispatch_prepare(const NormalCtx& ctx, const int64_t* topk_idx, int num_tokens, int* send_pos,
-                             int* node_pos, int* node_count, cudaStream_t stream);
+                             int* node_pos, cudaStream_t stream);
 // Notify: count exchange; writes recv_off int32 [N + 1] and send_off int32 [N]; with several nodes fwd_off int32
 // [M, P] and fwd_count int32 [M] (rows forwarded from each node's RDMA peer); with `report`, totals into the
 // status area and then status[kReadySeq] = seq for the host to wait on. Only one reporting notify is ever in

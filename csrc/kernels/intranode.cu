@@ -29,10 +29,9 @@ namespace {
 // Block r < N: send_pos[:, r] (position of each token in the list of rows for rank r, -1 if none) and the count
 // row for r (rows, rows naming each of r's experts, rows for r's node) into out_counts[r].
 // Block N + m (groups of several nodes): node_pos[:, m] (position of each token among the tokens that go to node
-// m, -1 if none), node_count[m], and the node field of the count row of every rank of node m. Local work only.
+// m, -1 if none) and the node field of the count row of every rank of node m. Local work only.
 __global__ void __launch_bounds__(kThreads) dispatch_prepare_kernel(NormalCtx c, const int64_t* idx, int T,
-                                                                    int* send_pos, int* node_pos,
-                                                                    int* node_count) {
+                                                                    int* send_pos, int* node_pos) {
     const int N = c.num_ranks, K = c.num_topk, epr = c.num_experts / N, P = c.ranks_per_node, M = N / P;
     const int row_len = 2 + epr;
     extern __shared__ int hist[];  // [E/N]: rows naming each of r's experts
@@ -69,7 +68,6 @@ __global__ void __launch_bounds__(kThreads) dispatch_prepare_kernel(NormalCtx c,
     __syncthreads();
     int* out = reinterpret_cast<int*>(c.base + c.off_out_counts);
     if (node_block) {
-        if (threadIdx.x == 0) node_count[r] = base;
         for (int i = threadIdx.x; i < P; i += blockDim.x) out[static_cast<int64_t>(r * P + i) * row_len + 1 + epr] = base;
         return;
     }
@@ -450,15 +448,14 @@ NormalLayout normal_layout(int N, int E, int K, int H, int T, int P) {
 }
 
 void launch_dispatch_prepare(const NormalCtx& ctx, const int64_t* topk_idx, int num_tokens, int* send_pos,
-                             int* node_pos, int* node_count, cudaStream_t stream) {
+                             int* node_pos, cudaStream_t stream) {
     HOST_ASSERT(ctx.num_topk <= kWarp, "num_topk must be <= 32");
     const size_t smem = sizeof(int) * (ctx.num_experts / ctx.num_ranks);
     HOST_ASSERT(smem <= 48 * 1024, "too many experts per rank");
     const int nodes = ctx.num_ranks / ctx.ranks_per_node;
-    HOST_ASSERT(nodes == 1 || ((node_pos != nullptr || num_tokens == 0) && node_count != nullptr),
-                "node_pos/node_count missing");
+    HOST_ASSERT(nodes == 1 || node_pos != nullptr || num_tokens == 0, "node_pos missing");
     dispatch_prepare_kernel<<<ctx.num_ranks + (nodes > 1 ? nodes : 0), kThreads, smem, stream>>>(
-        ctx, topk_idx, num_tokens, send_pos, node_pos, node_count);
+        ctx, topk_idx, num_tokens, send_pos, node_pos);
     LAUNCH_CHECK();
 }
 

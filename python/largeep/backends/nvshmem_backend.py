@@ -88,13 +88,12 @@ def _ptr(t: torch.Tensor | None) -> int:
 @dataclass
 class _Hier:
     """The parts of a normal dispatch's handle that only groups of several nodes (M nodes of P ranks) have.
-    Source side: node_pos int32 [T, M] (position of token t among the tokens sent to node m, -1 if none),
-    node_count int32 [M]. Forwarder side (rows this rank forwards from its RDMA peer on node m): fwd_count int32
+    Source side: node_pos int32 [T, M] (position of token t among the tokens sent to node m, -1 if none).
+    Forwarder side (rows this rank forwards from its RDMA peer on node m): fwd_count int32
     [M], fwd_off int32 [M, P] (where that peer's rows start in the receive buffer of each rank of this node),
     fwd_pos int32 [M, max_tokens, P] (position of forwarded row j in each local rank's list, -1 if not sent)."""
 
     node_pos: torch.Tensor
-    node_count: torch.Tensor
     fwd_off: torch.Tensor
     fwd_count: torch.Tensor
     fwd_pos: torch.Tensor
@@ -248,7 +247,6 @@ class NvshmemBackend:
             if nodes > 1:
                 hier = _Hier(
                     node_pos=torch.empty(t, nodes, dtype=i32, device=dev),
-                    node_count=torch.empty(nodes, dtype=i32, device=dev),
                     fwd_off=torch.empty(nodes, p, dtype=i32, device=dev),
                     fwd_count=torch.empty(nodes, dtype=i32, device=dev),
                     fwd_pos=torch.empty(nodes, c.max_tokens_per_rank, p, dtype=i32, device=dev),
@@ -256,8 +254,7 @@ class NvshmemBackend:
             report = not worst
             if report:
                 self.status[_READY] = 0
-            k.prepare(topk_idx.data_ptr(), t, send_pos.data_ptr(), _ptr(hier.node_pos if hier else None),
-                      _ptr(hier.node_count if hier else None), stream)
+            k.prepare(topk_idx.data_ptr(), t, send_pos.data_ptr(), _ptr(hier.node_pos if hier else None), stream)
             k.notify(recv_off.data_ptr(), send_off.data_ptr(), _ptr(hier.fwd_off if hier else None),
                      _ptr(hier.fwd_count if hier else None), report, stream)
             # The sends need no host decision: they run while the host waits for the counts below.

@@ -51,12 +51,7 @@ __device__ __forceinline__ bool same_node(const LowLatencyCtx& c, int r) {
 // Sets flag word `index` of rank r to v: a release store over NVLink on this node, an NVSHMEM signal elsewhere.
 // Everything this thread (and, through the caller's barrier and quiet, its grid) wrote to r comes first.
 __device__ __forceinline__ void ll_set_flag(const LowLatencyCtx& c, int r, int64_t index, int64_t v) {
-    if (same_node(c, r)) {
-        st_release_sys(ll_flags(ll_peer(c, r), c) + index, v);
-    } else {
-        nvshmemx_signal_op(reinterpret_cast<uint64_t*>(ll_flags(c.base, c) + index), static_cast<uint64_t>(v),
-                           NVSHMEM_SIGNAL_SET, r);
-    }
+    set_peer_flag(same_node(c, r) ? ll_peer(c, r) : nullptr, c.base, c.off_flags + 8 * index, v, r);
 }
 
 __device__ __forceinline__ uint8_t* ll_recv_row(uint8_t* base, const LowLatencyCtx& c, int slot, int le, int row) {
@@ -78,8 +73,8 @@ __device__ __forceinline__ bool ll_wait(const int64_t* flag, int64_t target, con
 // Threads [0, N) wait for flag words [kind][slot][0, N) to reach target (block_wait_flags), with the fence ll_wait
 // adds when puts are in use; returns to every thread whether all arrived.
 __device__ __forceinline__ bool ll_block_wait(const LowLatencyCtx& c, int kind, int slot, int64_t target, int op) {
-    const bool ok = block_wait_flags(ll_flags(c.base, c) + ll_flag_index(c, kind, slot, 0), c.num_ranks, target,
-                                     c.timeout_ns, c.err, op);
+    const bool ok = block_wait_flags(ll_flags(c.base, c) + ll_flag_index(c, kind, slot, 0), all_mask(c.num_ranks),
+                                     target, c.timeout_ns, c.err, op);
     if (ok && c.ranks_per_node < c.num_ranks) __threadfence_system();
     return ok;
 }

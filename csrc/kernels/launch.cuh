@@ -58,7 +58,9 @@ __device__ __forceinline__ bool block_wait_flags(const int64_t* flags, unsigned 
         if (!wait_flag(flags + threadIdx.x, target, timeout_ns, err, op, threadIdx.x)) atomicAnd(&ok_all, 0);
     }
     __syncthreads();
-    return ok_all != 0;
+    const bool ok = ok_all != 0;
+    __syncthreads();  // every thread has read ok_all before a following call's thread 0 rewrites it
+    return ok;
 }
 
 // Sets the int64 flag at byte offset `off` of rank pe's symmetric allocation to v: a release store through `peer`

@@ -232,7 +232,6 @@ class NvshmemBackend:
         stream = self._stream()
         sms = c.num_sms
         elem = x.element_size()
-        scales_ptr = x_scales.data_ptr() if x_scales is not None else 0
         cached = state is not None
         worst = num_worst_tokens > 0 or (state is not None and state.worst)
         k = self.kernels
@@ -258,8 +257,8 @@ class NvshmemBackend:
             k.notify(recv_off.data_ptr(), send_off.data_ptr(), _ptr(hier.fwd_off if hier else None),
                      _ptr(hier.fwd_count if hier else None), report, stream)
             # The sends need no host decision: they run while the host waits for the counts below.
-            self._send(x, elem, scales_ptr, x_scales is not None, topk_idx.data_ptr(), topk_weights.data_ptr(), t,
-                       send_pos, send_off, hier, False, stream)
+            self._send(x, x_scales, topk_idx.data_ptr(), topk_weights.data_ptr(), t, send_pos, send_off, hier, False,
+                       stream)
             if report:
                 rc = self.C.wait_host_word(self.host_ptr, _READY, 1, _ERROR, self.settings.timeout_s + _HOST_GRACE_S)
                 self._raise_if_failed("dispatch")
@@ -277,8 +276,7 @@ class NvshmemBackend:
                 send_pos, send_off, torch.empty(rows, 2, dtype=i32, device=dev), recv_off, rows, t, worst, hier
             )
         else:
-            self._send(x, elem, scales_ptr, x_scales is not None, 0, 0, t, state.send_pos, state.send_off, state.hier,
-                       True, stream)
+            self._send(x, x_scales, 0, 0, t, state.send_pos, state.send_off, state.hier, True, stream)
         rows = state.num_rows
         out_x = torch.empty(rows, c.hidden, dtype=x.dtype, device=dev)
         out_s = torch.empty(rows, c.hidden // 128, dtype=torch.float32, device=dev) if x_scales is not None else None
@@ -302,19 +300,21 @@ class NvshmemBackend:
         )
 
     def _send(
-        self, x: torch.Tensor, elem: int, scales_ptr: int, has_scales: bool, idx_ptr: int, w_ptr: int, t: int,
+        self, x: torch.Tensor, x_scales: torch.Tensor | None, idx_ptr: int, w_ptr: int, t: int,
         send_pos: torch.Tensor, send_off: torch.Tensor, hier: _Hier | None, cached: bool, stream: int,
     ) -> None:
         """Queues the sending kernels of a dispatch: the RDMA leg (several nodes), the NVLink push to this node's
-        ranks, and the forwarding of the rows my RDMA peers sent (several nodes). has_scales: whether the dispatch
-        carries FP8 scales (scales_ptr is 0 for an empty tensor, yet the forwarded rows of other ranks have them)."""
+        ranks, and the forwarding of the rows my RDMA peers sent (several nodes). Whether rows carry FP8 scales
+        comes from ``x_scales is not None``, not from its pointer: an empty tensor's is 0, yet the rows this rank
+        forwards for other ranks have scales."""
         k, sms = self.kernels, self.ctx.num_sms
+        elem, scales_ptr = x.element_size(), _ptr(x_scales)
         if hier is not None:
             k.rdma_send(x.data_ptr(), elem, scales_ptr, idx_ptr, w_ptr, t, send_pos.data_ptr(),
                         hier.node_pos.data_ptr(), sms, stream)
         k.push(x.data_ptr(), elem, scales_ptr, idx_ptr, w_ptr, t, send_pos.data_ptr(), send_off.data_ptr(), sms, stream)
         if hier is not None:
-            k.forward(elem, has_scales, cached, hier.fwd_off.data_ptr(), hier.fwd_count.data_ptr(),
+            k.forward(elem, x_scales is not None, cached, hier.fwd_off.data_ptr(), hier.fwd_count.data_ptr(),
                       hier.fwd_pos.data_ptr(), sms, stream)
 
     def combine(

@@ -102,9 +102,10 @@ class _Hier:
 @dataclass
 class _NvState:
     """Handle of one normal dispatch. Source side: send_pos int32 [T, N] (row of token t among the rows for rank r,
-    -1 if not sent), send_off int32 [N] (where this rank's rows start in each receiver's buffer). Receiver side:
-    recv_src int32 [rows, 2] (source rank, token), recv_off int32 [N + 1] (first row of each source). hier: the
-    inter-node parts (None inside one node)."""
+    -1 if not sent), send_off int32 [N] (where this rank's rows start in each receiver's buffer), self_token int32
+    [T] (the token of each of this rank's rows for itself, which never pass through the receive buffer). Receiver
+    side: recv_src int32 [rows, 2] (source rank, token), recv_off int32 [N + 1] (first row of each source). hier:
+    the inter-node parts (None inside one node)."""
 
     send_pos: torch.Tensor
     send_off: torch.Tensor
@@ -113,6 +114,7 @@ class _NvState:
     num_rows: int
     num_tokens: int
     worst: bool
+    self_token: torch.Tensor
     hier: _Hier | None = None
 
 
@@ -242,6 +244,7 @@ class NvshmemBackend:
             send_pos = torch.empty(t, n, dtype=i32, device=dev)
             recv_off = torch.empty(n + 1, dtype=i32, device=dev)
             send_off = torch.empty(n, dtype=i32, device=dev)
+            self_token = torch.empty(max(t, 1), dtype=i32, device=dev)
             hier = None
             if nodes > 1:
                 hier = _Hier(
@@ -253,7 +256,8 @@ class NvshmemBackend:
             report = not worst
             if report:
                 self.status[_READY] = 0
-            k.prepare(topk_idx.data_ptr(), t, send_pos.data_ptr(), _ptr(hier.node_pos if hier else None), stream)
+            k.prepare(topk_idx.data_ptr(), t, send_pos.data_ptr(), _ptr(hier.node_pos if hier else None),
+                      self_token.data_ptr(), stream)
             k.notify(recv_off.data_ptr(), send_off.data_ptr(), _ptr(hier.fwd_off if hier else None),
                      _ptr(hier.fwd_count if hier else None), report, stream)
             # The sends need no host decision: they run while the host waits for the counts below.
@@ -273,7 +277,8 @@ class NvshmemBackend:
             else:
                 rows = num_worst_tokens
             state = _NvState(
-                send_pos, send_off, torch.empty(rows, 2, dtype=i32, device=dev), recv_off, rows, t, worst, hier
+                send_pos, send_off, torch.empty(rows, 2, dtype=i32, device=dev), recv_off, rows, t, worst, self_token,
+                hier,
             )
         else:
             self._send(x, x_scales, 0, 0, t, state.send_pos, state.send_off, state.hier, True, stream)
@@ -286,7 +291,9 @@ class NvshmemBackend:
             out_w = torch.empty(rows, c.num_topk, dtype=torch.float32, device=dev)
         k.copyout(
             out_x.data_ptr(), elem, _ptr(out_s), _ptr(out_idx), _ptr(out_w), state.recv_src.data_ptr(),
-            state.recv_off.data_ptr(), rows, cached, sms, stream,
+            state.recv_off.data_ptr(), rows, cached, x.data_ptr(), _ptr(x_scales),
+            _ptr(None if cached else topk_idx), _ptr(None if cached else topk_weights),
+            state.self_token.data_ptr(), sms, stream,
         )
         if per_expert_list:
             per_expert_t = torch.tensor(per_expert_list, dtype=torch.int32).to(dev, non_blocking=True)
@@ -341,7 +348,8 @@ class NvshmemBackend:
                               stream)
         k.combine_reduce(
             out.data_ptr(), out.element_size(), _ptr(out_w), state.send_pos.data_ptr(),
-            _ptr(hier.node_pos if hier else None), state.num_tokens, with_w, c.num_sms, stream,
+            _ptr(hier.node_pos if hier else None), state.num_tokens, with_w, y.data_ptr(), _ptr(topk_weights),
+            state.recv_off.data_ptr(), c.num_sms, stream,
         )
         return out, out_w
 

@@ -50,14 +50,24 @@ __global__ void __launch_bounds__(kThreads) dispatch_prepare_kernel(NormalCtx c,
         int hit = 0;
         if (t < T) {
             const int64_t* row = idx + static_cast<int64_t>(t) * K;
-            for (int k = 0; k < K; ++k) {
-                const int64_t e = row[k];
-                if (e < lo || e >= hi) continue;
-                hit = 1;
-                if (node_block) break;
-                bool seen = false;
-                for (int j = 0; j < k; ++j) seen |= (row[j] == e);
-                if (!seen) atomicAdd(&hist[e - lo], 1);
+            // kChunk ids loaded at once (independent loads in flight), then checked from registers
+            constexpr int kChunk = 8;
+            for (int k0 = 0; k0 < K; k0 += kChunk) {
+                int64_t ev[kChunk];
+#pragma unroll
+                for (int u = 0; u < kChunk; ++u) ev[u] = k0 + u < K ? row[k0 + u] : -1;
+#pragma unroll
+                for (int u = 0; u < kChunk; ++u) {
+                    const int64_t e = ev[u];
+                    if (k0 + u >= K || e < lo || e >= hi) continue;
+                    hit = 1;
+                    if (node_block) continue;
+                    bool seen = false;  // count an expert named twice in a row once
+#pragma unroll
+                    for (int j = 0; j < u; ++j) seen |= (ev[j] == e);
+                    for (int j = 0; j < k0; ++j) seen |= (row[j] == e);
+                    if (!seen) atomicAdd(&hist[e - lo], 1);
+                }
             }
         }
         int total;
@@ -356,34 +366,22 @@ __global__ void __launch_bounds__(kThreads) combine_push_kernel(NormalCtx c, con
 // out[t] = sum over ranks r of this node with send_pos[t, r] >= 0 of comb[r][send_pos[t, r]] (for r = me: row
 // self_row0 + send_pos[t, me] of y, the combine's input, which never left this rank), plus (several nodes) the
 // float32 partial comb_rdma[m][node_pos[t, m]] of every other node m the token went to, in float32 (one warp).
-template <typename T>
-__device__ __forceinline__ void reduce_token(const NormalCtx& c, T* out, float* out_w, const int* send_pos,
-                                             const int* node_pos, const T* y, const float* y_w, int self_row0, int t,
-                                             int with_weights, int lane) {
+template <typename T, int kSrc, int kUnroll>
+__device__ __forceinline__ void reduce_token_n(const NormalCtx& c, T* out, float* out_w, const T* y, const float* y_w,
+                                               int self_row0, int t, int with_weights, int lane, int p,
+                                               unsigned present, int q, unsigned remote) {
     constexpr int kPer = Vec<T>::kPer;
-    constexpr int kUnroll = 2;
-    const int N = c.num_ranks, K = c.num_topk, M = num_nodes(c), node = node_of(c, c.rank);
-    const unsigned lmask = local_mask(c);
-    const int nvec = c.hidden / kPer;
+    const int K = c.num_topk, nvec = c.hidden / kPer, n_src = __popc(present);
     const uint8_t* comb = c.base + c.off_comb;
     const float* comb_w = reinterpret_cast<const float*>(c.base + c.off_comb_w);
-    // lane r < N reads send_pos[t, r]; the warp shares the list of slots holding t's rows
-    const int p = lane < N && ((lmask >> lane) & 1u) ? send_pos[static_cast<int64_t>(t) * N + lane] : -1;
-    const unsigned present = __ballot_sync(0xffffffffu, p >= 0);
-    const int n_src = __popc(present);
-    const int q = node_pos != nullptr && lane < M && lane != node ? node_pos[static_cast<int64_t>(t) * M + lane] : -1;
-    const unsigned remote = __ballot_sync(0xffffffffu, q >= 0);
-    const int4* rows[kMaxLocal];
-    const float* wrows[kMaxLocal];
-#pragma unroll
-    for (int j = 0; j < kMaxLocal; ++j) {
-        rows[j] = nullptr;
-        wrows[j] = nullptr;
-    }
+    const int4* rows[kSrc];
+    const float* wrows[kSrc];
     unsigned m = present;
 #pragma unroll
-    for (int j = 0; j < kMaxLocal; ++j) {
-        if (m == 0) break;
+    for (int j = 0; j < kSrc; ++j) {
+        rows[j] = nullptr;
+        wrows[j] = nullptr;
+        if (m == 0) continue;
         const int r = __ffs(m) - 1;
         m &= m - 1;
         const int pr = __shfl_sync(0xffffffffu, p, r);
@@ -402,11 +400,11 @@ __device__ __forceinline__ void reduce_token(const NormalCtx& c, T* out, float* 
     // Every lane runs every iteration (the shuffles below need the whole warp); loads and stores are guarded.
     for (int step = 0; step < nvec; step += kUnroll * kWarp) {
         const int v0 = step + lane;
-        int4 buf[kUnroll][kMaxLocal];
+        int4 buf[kUnroll][kSrc];
 #pragma unroll
         for (int u = 0; u < kUnroll; ++u)
 #pragma unroll
-            for (int j = 0; j < kMaxLocal; ++j)
+            for (int j = 0; j < kSrc; ++j)
                 if (j < n_src && v0 + u * kWarp < nvec) buf[u][j] = ld_v4<1>(rows[j] + v0 + u * kWarp);
 #pragma unroll
         for (int u = 0; u < kUnroll; ++u) {
@@ -415,7 +413,7 @@ __device__ __forceinline__ void reduce_token(const NormalCtx& c, T* out, float* 
 #pragma unroll
             for (int e = 0; e < kPer; ++e) acc[e] = 0.f;
 #pragma unroll
-            for (int j = 0; j < kMaxLocal; ++j)
+            for (int j = 0; j < kSrc; ++j)
                 if (j < n_src && valid) Vec<T>::add(acc, buf[u][j]);
             for (unsigned rm = remote; rm; rm &= rm - 1) {
                 const int src_node = __ffs(rm) - 1;
@@ -429,8 +427,9 @@ __device__ __forceinline__ void reduce_token(const NormalCtx& c, T* out, float* 
     }
     if (with_weights) {
         float sum = 0.f;
-        if (lane < K)
-            for (int j = 0; j < n_src; ++j) sum += wrows[j][lane];
+#pragma unroll
+        for (int j = 0; j < kSrc; ++j)
+            if (j < n_src && lane < K) sum += wrows[j][lane];
         for (unsigned rm = remote; rm; rm &= rm - 1) {
             const int src_node = __ffs(rm) - 1;
             const int qr = __shfl_sync(0xffffffffu, q, src_node);
@@ -442,7 +441,23 @@ __device__ __forceinline__ void reduce_token(const NormalCtx& c, T* out, float* 
     }
 }
 
-template <typename T>
+// kSrc >= ranks per node; kUnroll * kSrc 16-byte loads are in flight per lane (16: one kernel per node size keeps
+// the registers of one loop shape only).
+template <typename T, int kSrc, int kUnroll>
+__device__ __forceinline__ void reduce_token(const NormalCtx& c, T* out, float* out_w, const int* send_pos,
+                                             const int* node_pos, const T* y, const float* y_w, int self_row0, int t,
+                                             int with_weights, int lane) {
+    const int N = c.num_ranks, M = num_nodes(c), node = node_of(c, c.rank);
+    const unsigned lmask = local_mask(c);
+    // lane r < N reads send_pos[t, r]; the warp shares the list of slots holding t's rows
+    const int p = lane < N && ((lmask >> lane) & 1u) ? send_pos[static_cast<int64_t>(t) * N + lane] : -1;
+    const unsigned present = __ballot_sync(0xffffffffu, p >= 0);
+    const int q = node_pos != nullptr && lane < M && lane != node ? node_pos[static_cast<int64_t>(t) * M + lane] : -1;
+    const unsigned remote = __ballot_sync(0xffffffffu, q >= 0);
+    reduce_token_n<T, kSrc, kUnroll>(c, out, out_w, y, y_w, self_row0, t, with_weights, lane, p, present, q, remote);
+}
+
+template <typename T, int kSrc, int kUnroll>
 __global__ void __launch_bounds__(kReduceThreads) combine_reduce_kernel(NormalCtx c, T* out, float* out_w,
                                                                         const int* send_pos, const int* node_pos,
                                                                         int num_tokens, int with_weights, const T* y,
@@ -457,7 +472,7 @@ __global__ void __launch_bounds__(kReduceThreads) combine_reduce_kernel(NormalCt
         const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
         const int self_row0 = recv_off[c.rank];
         for (int t = blockIdx.x * kReduceWarps + warp; t < num_tokens; t += gridDim.x * kReduceWarps)
-            reduce_token(c, out, out_w, send_pos, node_pos, y, y_w, self_row0, t, with_weights, lane);
+            reduce_token<T, kSrc, kUnroll>(c, out, out_w, send_pos, node_pos, y, y_w, self_row0, t, with_weights, lane);
     }
     // Every block has read its slots: each pusher may write into my buffers again.
     if (last_block(c.block_counter + 2)) {
@@ -561,15 +576,26 @@ void launch_combine_reduce(const NormalCtx& ctx, void* out, int out_elem_bytes, 
     HOST_ASSERT(ctx.ranks_per_node <= kMaxLocal, "combine supports at most 8 ranks per node");
     HOST_ASSERT(ctx.ranks_per_node == ctx.num_ranks || node_pos != nullptr || num_tokens == 0, "node_pos missing");
     const int grid = std::max(1, num_sms);
+    HOST_ASSERT(out_elem_bytes == 2 || out_elem_bytes == 4, "combine output must be bf16 or float32");
+    const int P = ctx.ranks_per_node;
+    const int wi = with_weights ? 1 : 0;
+    auto launch = [&](auto kernel, auto* typed_out, const auto* typed_y) {
+        kernel<<<grid, kReduceThreads, 0, stream>>>(ctx, typed_out, out_w, send_pos, node_pos, num_tokens, wi, typed_y,
+                                                    y_w, recv_off);
+    };
     if (out_elem_bytes == 2) {
-        combine_reduce_kernel<__nv_bfloat16><<<grid, kReduceThreads, 0, stream>>>(
-            ctx, static_cast<__nv_bfloat16*>(out), out_w, send_pos, node_pos, num_tokens, with_weights ? 1 : 0,
-            static_cast<const __nv_bfloat16*>(y), y_w, recv_off);
+        using B = __nv_bfloat16;
+        auto* o = static_cast<B*>(out);
+        auto* yy = static_cast<const B*>(y);
+        if (P <= 2) launch(combine_reduce_kernel<B, 2, 8>, o, yy);
+        else if (P <= 4) launch(combine_reduce_kernel<B, 4, 4>, o, yy);
+        else launch(combine_reduce_kernel<B, kMaxLocal, 2>, o, yy);
     } else {
-        HOST_ASSERT(out_elem_bytes == 4, "combine output must be bf16 or float32");
-        combine_reduce_kernel<float><<<grid, kReduceThreads, 0, stream>>>(
-            ctx, static_cast<float*>(out), out_w, send_pos, node_pos, num_tokens, with_weights ? 1 : 0,
-            static_cast<const float*>(y), y_w, recv_off);
+        auto* o = static_cast<float*>(out);
+        auto* yy = static_cast<const float*>(y);
+        if (P <= 2) launch(combine_reduce_kernel<float, 2, 8>, o, yy);
+        else if (P <= 4) launch(combine_reduce_kernel<float, 4, 4>, o, yy);
+        else launch(combine_reduce_kernel<float, kMaxLocal, 2>, o, yy);
     }
     LAUNCH_CHECK();
 }

@@ -197,7 +197,7 @@ class NvshmemBackend:
         )
 
     def _stream(self) -> int:
-        return int(torch.cuda.current_stream().cuda_stream)
+        return int(torch.cuda.current_stream(self.ctx.device).cuda_stream)
 
     # -- normal mode --------------------------------------------------------------------------------------------
     def get_dispatch_layout(self, topk_idx: torch.Tensor) -> Layout:
@@ -272,8 +272,9 @@ class NvshmemBackend:
                         "(a peer did not call dispatch, or a kernel failed)"
                     )
                 rows = int(self.status[_NUM_RECV])
-                raw = [int(self.status[_PER_EXPERT + e]) for e in range(c.experts_per_rank)]
-                per_expert_list = [((v + expert_alignment - 1) // expert_alignment) * expert_alignment for v in raw]
+                raw = self.status[_PER_EXPERT:_PER_EXPERT + c.experts_per_rank]  # ctypes slice: a list of ints
+                a = expert_alignment
+                per_expert_list = raw if a == 1 else [(v + a - 1) // a * a for v in raw]
             else:
                 rows = num_worst_tokens
             state = _NvState(

@@ -32,14 +32,6 @@ constexpr int kLLThreads = 512;
 constexpr int kLLWarps = kLLThreads / kWarp;
 constexpr int kLLMaxTopk = 8;  // the combine receive keeps this many copies' loads in flight (larger K: one by one)
 
-__device__ __forceinline__ int4 pack_bf16x8(const float* acc) {
-    int4 res;
-    __nv_bfloat162* o = reinterpret_cast<__nv_bfloat162*>(&res);
-#pragma unroll
-    for (int i = 0; i < 4; ++i) o[i] = __floats2bfloat162_rn(acc[2 * i], acc[2 * i + 1]);
-    return res;
-}
-
 __device__ __forceinline__ uint8_t* ll_peer(const LowLatencyCtx& c, int r) {
     return reinterpret_cast<uint8_t*>(c.peer_base[r]);
 }

@@ -22,6 +22,7 @@ enum Op {
     kOpCombineReduce = 5,
     kOpLowLatencyDispatch = 6,
     kOpLowLatencyCombine = 7,
+    kOpWorstTooSmall = 8,  // a num_worst_tokens dispatch received more rows than its output holds (not a timeout)
 };
 
 // ---- flags: int64 words in the symmetric heap, [kind][rank] --------------------------------------------------

@@ -169,7 +169,7 @@ class NvshmemBackend:
             self.error_word.data_ptr(), settings.timeout_s,
         )
         if ctx.low_latency:
-            self.ll = self.C.LowLatencyKernels(*common, ctx.ranks_per_node)
+            self.ll = self.C.LowLatencyKernels(*common, ctx.ranks_per_node, settings.tune["ll_send"])
         else:
             self.kernels = self.C.NormalKernels(
                 *common, ctx.ranks_per_node, settings.tune["threads"], settings.tune["load"], settings.tune["unroll"]

@@ -4,10 +4,11 @@
 // the receive buffer (symmetric memory) of every rank of its node that needs it, at its final row in SPEC order
 // (sources ascending, then tokens; offsets come from the count exchange). The receiver then copies its buffer into
 // the output tensors (local traffic only). A rank's rows for itself skip the receive buffer: the copy-out reads
-// them from the caller's tensors (one copy instead of two), and in combine the reduction reads them from y. NVLink writes are posted, so no round trip limits them; NVLink reads
-// measured about 1.7x slower here, which is why an earlier pull design was dropped. Rows for ranks of other nodes
-// travel through internode.cu (one RDMA copy per destination node, forwarded over NVLink there) and land in the
-// same receive buffers at the same rows, so the copy-out is the same.
+// them from the caller's tensors (one copy instead of two), and in combine the reduction reads them from y. NVLink
+// writes are posted, so no round trip limits them; NVLink reads measured about 1.7x slower here, which is why an
+// earlier pull design was dropped. Rows for ranks of other nodes travel through internode.cu (one RDMA copy per
+// destination node, forwarded over NVLink there) and land in the same receive buffers at the same rows, so the
+// copy-out is the same.
 //
 // Combine pushes: each receiver writes row i of y into its source's `comb` buffer (slot [me][j], j = the row's
 // position in the source->me list); the source then sums the slots of each token in float32. Rows whose source is

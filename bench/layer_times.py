@@ -26,8 +26,9 @@ torch._grouped_mm; "padded_bmm (why)": the fallback), per variant.
 
 Presets: "prefill" (default): SPEC.md's DeepSeek-V3 prefill, F 2048 -- the experts take ~10x the communication, and
 each rank holds 128 experts (11 GB of weights at EP2), so chunking mostly adds weight reads. "balanced": the same
-with F 256, where communication and expert compute take similar time (the condition of the 1.3x target).
-Explicit --ffn etc. override the preset.
+with F 256, chosen when communication and expert compute took similar time; with the faster kernels of
+bench/results/2026-11-29-session3 they no longer do on 2 GPUs (communication 0.82 ms, experts 3.0 ms), and the
+summary says whether they are similar on the machine at hand. Explicit --ffn etc. override the preset.
 
 Timing (largeep.bench.timing): warm-up calls, then per timed call an L2 flush, device sync + barrier, device events
 around the call; per iteration the slowest rank counts; median and p10/p90 over iterations. Forward-only runs under
@@ -287,7 +288,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--backend", choices=("nvshmem", "torch"), default=None, help="default nvshmem (--cpu: torch)")
     p.add_argument("--backward", action="store_true", help="time forward + backward")
     p.add_argument("--preset", choices=tuple(PRESETS), default="prefill",
-                   help="GPU sizes: prefill (SPEC.md's) or balanced (F 256: communication ~ experts)")
+                   help="GPU sizes: prefill (SPEC.md's) or balanced (F 256; the summary says whether communication ~ experts)")
     for key in ("tokens", "hidden", "experts", "topk", "ffn", "warmup", "iters"):
         p.add_argument(f"--{key}", type=int, default=None, help=f"default {GPU_DEFAULTS[key]} ({CPU_DEFAULTS[key]} "
                        "with --cpu; the preset may change it)")

@@ -7,7 +7,7 @@
 #          and on GPUs 0,1
 #   internode: kernel and per-leg times of the normal mode with nodes emulated on one host (bench/kernel_times.py)
 #   layer: bench/layer_times.py (one MoE layer at prefill size, with and without overlap) on all GPUs, at SPEC.md's
-#          sizes and with the balanced preset (F 256: communication and expert compute take similar time)
+#          sizes and with the balanced preset (F 256; its summary says whether communication ~ experts)
 #   longrun: 10,000 checked rounds of random sizes on the nvshmem backend, on 2 GPUs and (if present) 4
 #   tune: the experimental LARGEEP_TUNE settings against the defaults: normal kernels with 1024 threads per block,
 #         the low-latency token-major send (ll_send=1: its GPU tests, then its kernel times)

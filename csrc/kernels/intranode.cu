@@ -257,11 +257,9 @@ __device__ __forceinline__ void copy_self_row(const NormalCtx& c, const uint8_t*
             out_s[static_cast<int64_t>(i) * num_scales + q] = scales[static_cast<int64_t>(t) * num_scales + q];
     if (cached) return;
     if (lane < K) {
-        const int64_t e = idx[static_cast<int64_t>(t) * K + lane];
-        const int64_t le = e - static_cast<int64_t>(c.rank) * epr;
-        const bool mine = e >= 0 && le >= 0 && le < epr;
-        out_idx[static_cast<int64_t>(i) * K + lane] = mine ? le : -1;
-        out_w[static_cast<int64_t>(i) * K + lane] = mine ? w[static_cast<int64_t>(t) * K + lane] : 0.f;
+        const int64_t le = local_expert(idx[static_cast<int64_t>(t) * K + lane], c.rank, epr);
+        out_idx[static_cast<int64_t>(i) * K + lane] = le;
+        out_w[static_cast<int64_t>(i) * K + lane] = le >= 0 ? w[static_cast<int64_t>(t) * K + lane] : 0.f;
     }
     if (lane == 0) {
         recv_src[2 * static_cast<int64_t>(i)] = c.rank;

@@ -60,6 +60,12 @@ __device__ __forceinline__ bool wait_flags(const NormalCtx& c, int kind, unsigne
     return ok;
 }
 
+// The id of global expert e on rank r (-1 if e is not there, or is -1), as a dispatch row for r carries it.
+__device__ __forceinline__ int64_t local_expert(int64_t e, int r, int epr) {
+    const int64_t le = e - static_cast<int64_t>(r) * epr;
+    return e >= 0 && le >= 0 && le < epr ? le : -1;
+}
+
 // Writes one dispatched row into the receive buffer of every rank r in `dests` (a warp-uniform rank mask), at
 // row base_r + p_r, where lane r holds p_r and base_r: the x row (read once, in register chunks), then its scales,
 // its expert ids made local to r (-1 elsewhere; ids are global), weights and the token index. idx_row == nullptr
@@ -105,11 +111,9 @@ __device__ __forceinline__ void push_row(const NormalCtx& c, const uint8_t* x_ro
                 reinterpret_cast<float*>(dst + c.recv_off_scales)[q] = scales_row[q];
         if (idx_row != nullptr) {
             if (lane < K) {
-                const int64_t e = idx_row[lane];
-                const int64_t le = e - static_cast<int64_t>(r) * epr;
-                const bool mine = e >= 0 && le >= 0 && le < epr;
-                reinterpret_cast<int64_t*>(dst + c.recv_off_idx)[lane] = mine ? le : -1;
-                reinterpret_cast<float*>(dst + c.recv_off_w)[lane] = mine ? w_row[lane] : 0.f;
+                const int64_t le = local_expert(idx_row[lane], r, epr);
+                reinterpret_cast<int64_t*>(dst + c.recv_off_idx)[lane] = le;
+                reinterpret_cast<float*>(dst + c.recv_off_w)[lane] = le >= 0 ? w_row[lane] : 0.f;
             }
             if (lane == 0) reinterpret_cast<int*>(dst + c.recv_off_src)[0] = token;
         }

@@ -372,12 +372,21 @@ __global__ void __launch_bounds__(kThreads) combine_push_kernel(NormalCtx c, con
 // out[t] = sum over ranks r of this node with send_pos[t, r] >= 0 of comb[r][send_pos[t, r]] (for r = me: row
 // self_row0 + send_pos[t, me] of y, the combine's input, which never left this rank), plus (several nodes) the
 // float32 partial comb_rdma[m][node_pos[t, m]] of every other node m the token went to, in float32 (one warp).
+// kSrc >= ranks per node; kUnroll * kSrc 16-byte loads are in flight per lane (16: one kernel per node size keeps
+// the registers of one loop shape only).
 template <typename T, int kSrc, int kUnroll>
-__device__ __forceinline__ void reduce_token_n(const NormalCtx& c, T* out, float* out_w, const T* y, const float* y_w,
-                                               int self_row0, int t, int with_weights, int lane, int p,
-                                               unsigned present, int q, unsigned remote) {
+__device__ __forceinline__ void reduce_token(const NormalCtx& c, T* out, float* out_w, const int* send_pos,
+                                             const int* node_pos, const T* y, const float* y_w, int self_row0, int t,
+                                             int with_weights, int lane) {
     constexpr int kPer = Vec<T>::kPer;
-    const int K = c.num_topk, nvec = c.hidden / kPer, n_src = __popc(present);
+    const int N = c.num_ranks, K = c.num_topk, M = num_nodes(c), node = node_of(c, c.rank), nvec = c.hidden / kPer;
+    const unsigned lmask = local_mask(c);
+    // lane r < N reads send_pos[t, r]; the warp shares the list of slots holding t's rows
+    const int p = lane < N && ((lmask >> lane) & 1u) ? send_pos[static_cast<int64_t>(t) * N + lane] : -1;
+    const unsigned present = __ballot_sync(0xffffffffu, p >= 0);
+    const int n_src = __popc(present);
+    const int q = node_pos != nullptr && lane < M && lane != node ? node_pos[static_cast<int64_t>(t) * M + lane] : -1;
+    const unsigned remote = __ballot_sync(0xffffffffu, q >= 0);
     const uint8_t* comb = c.base + c.off_comb;
     const float* comb_w = reinterpret_cast<const float*>(c.base + c.off_comb_w);
     const int4* rows[kSrc];
@@ -447,21 +456,6 @@ __device__ __forceinline__ void reduce_token_n(const NormalCtx& c, T* out, float
     }
 }
 
-// kSrc >= ranks per node; kUnroll * kSrc 16-byte loads are in flight per lane (16: one kernel per node size keeps
-// the registers of one loop shape only).
-template <typename T, int kSrc, int kUnroll>
-__device__ __forceinline__ void reduce_token(const NormalCtx& c, T* out, float* out_w, const int* send_pos,
-                                             const int* node_pos, const T* y, const float* y_w, int self_row0, int t,
-                                             int with_weights, int lane) {
-    const int N = c.num_ranks, M = num_nodes(c), node = node_of(c, c.rank);
-    const unsigned lmask = local_mask(c);
-    // lane r < N reads send_pos[t, r]; the warp shares the list of slots holding t's rows
-    const int p = lane < N && ((lmask >> lane) & 1u) ? send_pos[static_cast<int64_t>(t) * N + lane] : -1;
-    const unsigned present = __ballot_sync(0xffffffffu, p >= 0);
-    const int q = node_pos != nullptr && lane < M && lane != node ? node_pos[static_cast<int64_t>(t) * M + lane] : -1;
-    const unsigned remote = __ballot_sync(0xffffffffu, q >= 0);
-    reduce_token_n<T, kSrc, kUnroll>(c, out, out_w, y, y_w, self_row0, t, with_weights, lane, p, present, q, remote);
-}
 
 template <typename T, int kSrc, int kUnroll>
 __global__ void __launch_bounds__(kReduceThreads) combine_reduce_kernel(NormalCtx c, T* out, float* out_w,

@@ -251,6 +251,16 @@ def dense_reference(m: GlobalModel, topk: int) -> dict[str, Any]:
     return {"outs": [o.detach() for o in outs], "x_grads": [x.grad for x in xs], "grads": grads}
 
 
+def random_placement(num_experts: int, replicas: int, seed: int) -> tuple[int, torch.Tensor | None]:
+    """(logical experts, phys_to_log or None): E physical slots holding E - replicas logical experts, the first
+    ``replicas`` of them twice, in a seeded random order (None without replicas)."""
+    num_logical = num_experts - replicas
+    if not replicas:
+        return num_logical, None
+    phys_to_log = torch.cat([torch.arange(num_logical), torch.arange(replicas)])
+    return num_logical, phys_to_log[torch.randperm(num_experts, generator=_gen(seed, 11))]
+
+
 def _replica_table(phys_to_log: torch.Tensor, num_logical: int) -> tuple[torch.Tensor, torch.Tensor]:
     counts = torch.bincount(phys_to_log[phys_to_log >= 0], minlength=num_logical)
     table = torch.zeros(num_logical, int(counts.max()), dtype=torch.int64)
@@ -304,11 +314,7 @@ def layer_vs_reference(
     with the reference, and with each other to float32 rounding. ``replicas`` > 0: E physical slots hold
     E - replicas logical experts, the first ``replicas`` of them twice; grads go through allreduce_replica_grads.
     """
-    num_logical = num_experts - replicas
-    phys_to_log = None
-    if replicas:
-        phys_to_log = torch.cat([torch.arange(num_logical), torch.arange(replicas)])
-        phys_to_log = phys_to_log[torch.randperm(num_experts, generator=_gen(seed, 11))]
+    num_logical, phys_to_log = random_placement(num_experts, replicas, seed)
     m = make_global(seed, tokens, hidden, ffn, shared_ffn, num_logical)
     ref = dense_reference(m, topk)
     epr = num_experts // world

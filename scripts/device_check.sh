@@ -9,7 +9,7 @@
 #   layer: bench/layer_times.py (one MoE layer at prefill size, with and without overlap) on all GPUs, at SPEC.md's
 #          sizes and with the balanced preset (F 256; its summary says whether communication ~ experts)
 #   longrun: 10,000 checked rounds of random sizes on the nvshmem backend, on 2 GPUs and (if present) 4
-#   tune: the experimental LARGEEP_TUNE settings against the defaults: normal kernels with 1024 threads per block,
+#   tune: LARGEEP_TUNE settings other than the defaults: normal kernels with 512 threads per block,
 #         the low-latency token-major send (ll_send=1: its GPU tests, then its kernel times)
 set -uo pipefail
 OUT=${1:?usage: scripts/device_check.sh OUTDIR [stage ...]}
@@ -81,9 +81,9 @@ for stage in $STAGES; do
       done
       ;;
     tune)
-      CUDA_VISIBLE_DEVICES=$(seq -s, 0 $((ngpu - 1))) LARGEEP_TUNE=threads=1024 timeout 200 $PY bench/kernel_times.py \
-        --nprocs "$ngpu" --num-sms 8,16,24 --out "$OUT/tune_threads1024" > "$OUT/tune_threads1024.log" 2>&1 || rc=1
-      grep -E "kernel medians|^(dispatch|combine) " "$OUT/tune_threads1024.log" | tail -12
+      CUDA_VISIBLE_DEVICES=$(seq -s, 0 $((ngpu - 1))) LARGEEP_TUNE=threads=512 timeout 200 $PY bench/kernel_times.py \
+        --nprocs "$ngpu" --num-sms 8,16,24 --out "$OUT/tune_threads512" > "$OUT/tune_threads512.log" 2>&1 || rc=1
+      grep -E "kernel medians|^(dispatch|combine) " "$OUT/tune_threads512.log" | tail -12
       (cd tests && LARGEEP_TUNE=ll_send=1 timeout 200 $PY -m pytest -q -ra -p no:cacheprovider -m gpu \
         -k "low_latency" .) > "$OUT/tune_ll_send1_tests.log" 2>&1 || rc=1
       tail -3 "$OUT/tune_ll_send1_tests.log"

@@ -377,8 +377,12 @@ class Buffer:
             )
             checks.topk_weights(op, topk_weights, num_tokens=t, num_topk=c.num_topk, device=c.device)
 
+        caller = torch.cuda.current_stream(c.device) if c.device.type == "cuda" else None
+
         def run() -> Any:
-            return self._impl.dispatch(xs, scales, topk_idx, topk_weights, state, expert_alignment, num_worst_tokens)
+            return self._impl.dispatch(
+                xs, scales, topk_idx, topk_weights, state, expert_alignment, num_worst_tokens, caller_stream=caller
+            )
 
         out, event = self._run(run, previous_event, async_finish, [xs, scales, topk_idx, topk_weights])
         if handle is None:

@@ -67,7 +67,8 @@ enum SeqKind { kSeqDispatch = 0, kSeqCombine = 1, kSeqLowLatency = 2 };
 //                                              the dispatch outputs are views of them (no copy-out), and a slot
 //                                              stays the caller's until those tensors die (bindings.cpp: Lease)
 // Several nodes only:
-//   rdma_send  bytes [M][max_tokens][rdma_stride]  staged rows for node m: recv row (global expert ids) | positions
+//   rdma_send  bytes [M][max_tokens][rdma_stride]  staged rows for node m: x | scales | global expert ids |
+//                                              weights | token (at recv_off_*; recv_stride bytes) | positions
 //                                              int32 [P] in the list of each rank of node m (-1: not sent)
 //   rdma_recv  bytes [M][max_tokens][rdma_stride]  rows from my RDMA peer on node m, to forward
 //   fwd_comb   bytes [P][M][max_tokens][pcomb_stride]  combine rows of my node's rank l for tokens of my RDMA peer on

@@ -202,10 +202,10 @@ __global__ void __launch_bounds__(kThreads) dispatch_push_kernel(NormalCtx c, co
         const int num_scales = c.hidden / 128;
         const int base = lane < N ? send_off[lane] : 0;
         __shared__ uint8_t* slots[32];  // each receiver's slot this round, as seen from here
-        if (static_cast<int>(threadIdx.x) < N)
-            slots[threadIdx.x] = (lmask >> threadIdx.x) & 1u
-                                     ? peer(c, threadIdx.x) + (send_slot != nullptr ? send_slot[threadIdx.x] : c.off_recv)
-                                     : nullptr;
+        if (static_cast<int>(threadIdx.x) < N) {
+            const int r = threadIdx.x;
+            slots[r] = (lmask >> r) & 1u ? peer(c, r) + (send_slot != nullptr ? send_slot[r] : c.off_recv) : nullptr;
+        }
         __syncthreads();
         for (int t = blockIdx.x * kWarps + warp; t < T; t += gridDim.x * kWarps) {
             const int p = lane < N && (lane != me || include_self) && ((lmask >> lane) & 1u)

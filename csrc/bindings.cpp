@@ -6,6 +6,7 @@
 #include <atomic>
 #include <memory>
 #include <mutex>
+#include <utility>
 #include <vector>
 
 #include "kernels/api.cuh"
@@ -47,8 +48,9 @@ void fill_common(Ctx& c, int rank, int num_ranks, int num_experts, int num_topk,
 // A fresh dispatch may receive into a zero-copy slot (kernels/api.cuh: NormalCtx): its outputs are then tensors
 // over that slot's planes, handed to torch as DLPack capsules, and the slot is busy until every one of them is
 // freed. The last one's deleter (any thread, no GIL needed) records an event on the stream the caller was on when
-// the dispatch returned and frees the slot; the next dispatch that takes the slot makes its stream wait for that
-// event, so the caller's work on the old tensors, queued before they died, ends before peers write the slot again.
+// the dispatch returned, and on every stream added since (zc_add_stream: the record_stream of these tensors), and
+// frees the slot; the next dispatch that takes the slot makes its stream wait for those events, so work on the old
+// tensors queued on those streams before they died ends before peers write the slot again.
 namespace dl {  // the DLPack ABI (unversioned capsules, "dltensor")
 struct Device {
     int32_t device_type;  // 2: CUDA
@@ -75,42 +77,66 @@ struct ManagedTensor {
 };
 }  // namespace dl
 
+constexpr int kMaxReleaseStreams = 8;
+struct Lease;
+
 struct ZcSlots {
-    ZcSlots(int n, int dev) : busy(new std::atomic<int>[n]), released(n, nullptr), device(dev), count(n) {
+    ZcSlots(int n, int dev)
+        : busy(new std::atomic<int>[n]), released(n), recorded(n, 0), current(n), device(dev), count(n) {
         for (int i = 0; i < n; ++i) {
             busy[i].store(0);
-            CUDA_CHECK(cudaEventCreateWithFlags(&released[i], cudaEventDisableTiming));
+            released[i].resize(kMaxReleaseStreams);
+            for (cudaEvent_t& e : released[i]) CUDA_CHECK(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
         }
     }
-    // Frees slot i (1-based) after recording its event on `stream`; nothing once the Buffer is gone.
-    void release(int i, cudaStream_t stream) {
+    // Frees slot i (1-based) after recording one event on each of `streams`; nothing once the Buffer is gone.
+    void release(int i, const std::vector<cudaStream_t>& streams) {
         std::lock_guard<std::mutex> g(mu);
         if (!alive) return;
         int prev = -1;
         cudaGetDevice(&prev);
         if (prev != device) cudaSetDevice(device);
-        cudaEventRecord(released[i - 1], stream);  // a failure here leaves the slot busy rather than unguarded
+        bool ok = true;
+        for (size_t j = 0; j < streams.size(); ++j)
+            ok = ok && cudaEventRecord(released[i - 1][j], streams[j]) == cudaSuccess;
         if (prev != device && prev >= 0) cudaSetDevice(prev);
-        busy[i - 1].store(0, std::memory_order_release);
+        recorded[i - 1] = static_cast<int>(streams.size());
+        if (ok) busy[i - 1].store(0, std::memory_order_release);  // else the slot stays busy, never unguarded
+    }
+    // Makes `stream` wait for the events of slot i's last release.
+    cudaError_t wait_released(int i, cudaStream_t stream) {
+        std::lock_guard<std::mutex> g(mu);
+        for (int j = 0; j < recorded[i - 1]; ++j) {
+            const cudaError_t e = cudaStreamWaitEvent(stream, released[i - 1][j], 0);
+            if (e != cudaSuccess) return e;
+        }
+        return cudaSuccess;
     }
     void close() {
         std::lock_guard<std::mutex> g(mu);
         if (!alive) return;
         alive = false;
-        for (cudaEvent_t e : released) cudaEventDestroy(e);
+        for (auto& v : released)
+            for (cudaEvent_t e : v) cudaEventDestroy(e);
     }
     std::unique_ptr<std::atomic<int>[]> busy;
-    std::vector<cudaEvent_t> released;
+    std::vector<std::vector<cudaEvent_t>> released;
+    std::vector<int> recorded;
+    std::vector<std::weak_ptr<Lease>> current;  // the live lease of each slot (guarded by mu)
     int device, count;
     bool alive = true;
     std::mutex mu;
 };
 
+// Frees its slot when destroyed: built in place only (a copy would free the slot twice).
 struct Lease {
+    Lease(std::shared_ptr<ZcSlots> s, int i, cudaStream_t st) : slots(std::move(s)), slot(i), streams{st} {}
+    Lease(const Lease&) = delete;
+    Lease& operator=(const Lease&) = delete;
+    ~Lease() { slots->release(slot, streams); }
     std::shared_ptr<ZcSlots> slots;
     int slot;
-    cudaStream_t stream;
-    ~Lease() { slots->release(slot, stream); }
+    std::vector<cudaStream_t> streams;  // guarded by slots->mu once the lease is shared
 };
 
 struct Plane {
@@ -206,7 +232,7 @@ class NormalKernels {
         for (int i = 0; i < zc_->count; ++i) {
             int expect = 0;
             if (zc_->busy[i].compare_exchange_strong(expect, 1, std::memory_order_acquire)) {
-                const cudaError_t e = cudaStreamWaitEvent(stream_of(stream), zc_->released[i], 0);
+                const cudaError_t e = zc_->wait_released(i + 1, stream_of(stream));
                 if (e != cudaSuccess) {
                     zc_->busy[i].store(0);
                     CUDA_CHECK(e);
@@ -215,6 +241,24 @@ class NormalKernels {
             }
         }
         return 0;
+    }
+    // The zero-copy output holding device address `addr` (any byte of its slot) is used on `stream` too: its slot's
+    // release waits for that stream as well. Returns false when `addr` is in no taken slot (a copied output).
+    bool zc_add_stream(uintptr_t addr, uintptr_t stream) {
+        const uintptr_t first = reinterpret_cast<uintptr_t>(c_.base + c_.off_zc);
+        const uintptr_t bytes = static_cast<uintptr_t>(c_.zc_slot_bytes);
+        if (zc_->count == 0 || addr < first || addr >= first + bytes * zc_->count) return false;
+        const int i = static_cast<int>((addr - first) / bytes);
+        std::shared_ptr<Lease> lease;  // released after the lock: if it is the last reference, ~Lease takes the lock
+        std::lock_guard<std::mutex> g(zc_->mu);
+        lease = zc_->current[i].lock();
+        if (!lease) return false;
+        for (cudaStream_t s : lease->streams)
+            if (s == stream_of(stream)) return true;
+        HOST_ASSERT(static_cast<int>(lease->streams.size()) < kMaxReleaseStreams,
+                    "a dispatch output is used on more than " << kMaxReleaseStreams << " streams");
+        lease->streams.push_back(stream_of(stream));
+        return true;
     }
     int zc_busy() const {
         int n = 0;
@@ -230,7 +274,11 @@ class NormalKernels {
         HOST_ASSERT(rows >= 0 && rows <= static_cast<int64_t>(c_.num_ranks) * c_.max_tokens && x_row_bytes >= 0 &&
                         x_row_bytes <= 2ll * c_.hidden,
                     "zero-copy outputs out of range");
-        auto lease = std::make_shared<Lease>(Lease{zc_, slot, stream_of(release_stream)});
+        auto lease = std::make_shared<Lease>(zc_, slot, stream_of(release_stream));
+        {
+            std::lock_guard<std::mutex> g(zc_->mu);
+            zc_->current[slot - 1] = lease;
+        }
         uint8_t* b = c_.base + c_.off_zc + static_cast<int64_t>(slot - 1) * c_.zc_slot_bytes;
         const int K = c_.num_topk;
         py::list out;
@@ -409,6 +457,7 @@ PYBIND11_MODULE(_C, m) {
                       double, int, int, int, int, int, int>())
         .def("zc_acquire", &NormalKernels::zc_acquire)
         .def("zc_busy", &NormalKernels::zc_busy)
+        .def("zc_add_stream", &NormalKernels::zc_add_stream)
         .def("zc_outputs", &NormalKernels::zc_outputs)
         .def("zc_close", [](NormalKernels& k) { k.close(); })
         .def("prepare", &NormalKernels::prepare)

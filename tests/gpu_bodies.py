@@ -287,6 +287,27 @@ def zero_copy_slots(rank: int, world: int) -> None:
         gc.collect()
         torch.cuda.synchronize()
         assert int(k.zc_busy()) == 0, int(k.zc_busy())
+        # an output read on another stream (DispatchResult.record_stream): the slot's next dispatch waits for it
+        side = torch.cuda.Stream()
+        inputs, ref = case(700)
+        mine = inputs[rank]
+        res = buf.dispatch(mine.x.cuda(), mine.topk_idx.cuda(), mine.topk_weights.cuda())
+        assert inside(res.x)
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            torch.cuda._sleep(100_000_000)  # ~50 ms: the next dispatch is queued long before the copy runs
+            late = res.x.clone()
+        res.record_stream(side)
+        del res
+        gc.collect()
+        inputs2, ref2 = case(701)
+        mine2 = inputs2[rank]
+        res2 = buf.dispatch(mine2.x.cuda(), mine2.topk_idx.cuda(), mine2.topk_weights.cuda())
+        assert inside(res2.x), "the released slot was not reused"
+        torch.cuda.synchronize()
+        assert torch.equal(late.cpu(), ref.x), "a later dispatch overwrote an output still read on another stream"
+        check(res2, ref2, "dispatch after a cross-stream release")
+        del res2
         dist.barrier()
     finally:
         buf.destroy()

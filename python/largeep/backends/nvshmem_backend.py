@@ -203,6 +203,12 @@ class NvshmemBackend:
         self.C.free(self.base)  # collective: a barrier first, so no peer still reads this memory
         self.C.host_free(self.host_ptr)
 
+    def zc_add_stream(self, addr: int, stream: int) -> bool:
+        """The zero-copy output at device address ``addr`` is used on ``stream`` too (False: not a zero-copy output)."""
+        if self.ctx.low_latency or not self.alive:
+            return False
+        return bool(self.kernels.zc_add_stream(addr, stream))
+
     def _raise_if_failed(self, op: str) -> None:
         code = int(self.status[_ERROR])
         if code == 0:

@@ -220,7 +220,23 @@ def _measure(rank: int, world: int, args: argparse.Namespace, dev: torch.device)
             ran = f", grouped_mm {gmm[name]}" if name in gmm else ""
             print(f"  {name}: {stats[name].median:.1f} us (wall {time.perf_counter() - t0:.1f} s{ran})", flush=True)
     layer.num_chunks = 1
+    profiles: dict[str, str] = {}
+    for name, fn in plan:
+        if name not in (args.profile or ()):
+            continue
+        # GPU time by kernel over 3 calls (every rank runs them; rank 0's table is kept)
+        from torch.profiler import ProfilerActivity, profile
+
+        with torch.set_grad_enabled(bwd), profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(3):
+                prep()
+                fn()
+            torch.cuda.synchronize()
+        profiles[name] = prof.key_averages().table(sort_by="cuda_time_total", row_limit=20, max_name_column_width=70)
+        if rank == 0:
+            print(f"  profile of {name} (3 calls):\n{profiles[name]}", flush=True)
     result = {
+        "profiles": profiles,
         "stats": {k: (s.median, s.p10, s.p90, s.n) for k, s in stats.items()},
         "num_sms": buf.ctx.num_sms if buf.backend_name == "nvshmem" else None,
         "backend": buf.backend_name,
@@ -296,6 +312,8 @@ def main(argv: list[str] | None = None) -> None:
                    help="SMs the overlapped variants' expert GEMMs leave free (default: the Buffer's SMs; 0: none)")
     p.add_argument("--shared-ffn", type=int, default=0, help="F of a shared expert (default 0: none)")
     p.add_argument("--num-sms", type=int, default=24, help="SMs of the nvshmem kernels")
+    p.add_argument("--profile", default=None,
+                   help="comma list of variants to profile after timing (GPU time by kernel over 3 calls; GPU only)")
     p.add_argument("--variants", default=None, help="comma list (default: all): " +
                    ",".join(LAYER_VARIANTS + PART_VARIANTS))
     p.add_argument("--out", default="bench/results/layer_times", help="directory of the JSON file")
@@ -311,6 +329,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.cpu and args.backend != "torch":
         p.error("--cpu runs the torch backend only")
     args.variants = args.variants.split(",") if args.variants else None
+    args.profile = args.profile.split(",") if args.profile else None
     if args.variants and not set(args.variants) <= set(LAYER_VARIANTS + PART_VARIANTS):
         p.error(f"--variants: unknown {sorted(set(args.variants) - set(LAYER_VARIANTS + PART_VARIANTS))}")
     world = args.nprocs or (2 if args.cpu else torch.cuda.device_count())

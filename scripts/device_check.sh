@@ -69,7 +69,8 @@ for stage in $STAGES; do
     layer)
       timeout 600 $PY bench/layer_times.py --out "$OUT/layer" > "$OUT/layer.log" 2>&1 || rc=1
       tail -20 "$OUT/layer.log"
-      timeout 600 $PY bench/layer_times.py --preset balanced --out "$OUT/layer" > "$OUT/layer_balanced.log" 2>&1 || rc=1
+      timeout 600 $PY bench/layer_times.py --preset balanced --profile no_overlap,experts_only,experts_half \
+        --out "$OUT/layer" > "$OUT/layer_balanced.log" 2>&1 || rc=1
       tail -20 "$OUT/layer_balanced.log"
       ;;
     longrun)

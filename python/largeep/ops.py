@@ -745,10 +745,7 @@ def _buffer_dispatch(
             x, topk_idx, topk_weights, num_worst_tokens=num_worst_tokens, previous_event=previous_event,
             async_finish=True,
         )
-    xs = res.x if isinstance(res.x, tuple) else (res.x,)
-    for t in (*xs, res.topk_idx, res.topk_weights, res.num_tokens_per_expert_tensor):
-        if isinstance(t, Tensor):
-            t.record_stream(caller)
+    res.record_stream(caller)  # also guards a zero-copy receive slot, which Tensor.record_stream does not
     if not async_finish and res.event is not None and res.event.event is not None:
         caller.wait_event(res.event.event)
     return res

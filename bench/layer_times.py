@@ -28,7 +28,10 @@ Presets: "prefill" (default): SPEC.md's DeepSeek-V3 prefill, F 2048 -- the exper
 each rank holds 128 experts (11 GB of weights at EP2), so chunking mostly adds weight reads. "balanced": the same
 with F 256, chosen when communication and expert compute took similar time; with the faster kernels of
 bench/results/2026-11-29-session3 they no longer do on 2 GPUs (communication 0.82 ms, experts 3.0 ms), and the
-summary says whether they are similar on the machine at hand. Explicit --ffn etc. override the preset.
+summary says whether they are similar on the machine at hand. "few_experts": 16 experts (8 per rank at EP2, ~4096
+rows each, so an expert GEMM on half the rows costs half: chunking adds no weight reads) with F 384, to show the
+overlap where communication and experts take similar time on 2 GPUs (not SPEC's model). Explicit --ffn etc.
+override the preset.
 
 Timing (largeep.bench.timing): warm-up calls, then per timed call an L2 flush, device sync + barrier, device events
 around the call; per iteration the slowest rank counts; median and p10/p90 over iterations. Forward-only runs under
@@ -58,7 +61,8 @@ from _launch import run_ranks
 LAYER_VARIANTS = ("no_overlap", "chunked_2", "chunked_4", "two_batch")
 PART_VARIANTS = ("gate_only", "comm_only", "experts_only", "experts_half")
 GPU_DEFAULTS = {"tokens": 4096, "hidden": 7168, "experts": 256, "topk": 8, "ffn": 2048, "warmup": 5, "iters": 20}
-PRESETS = {"prefill": {}, "balanced": {"ffn": 256}}  # changes to GPU_DEFAULTS
+# changes to GPU_DEFAULTS
+PRESETS = {"prefill": {}, "balanced": {"ffn": 256}, "few_experts": {"experts": 16, "ffn": 384}}
 CHECK_TOL = 2e-2  # bf16 experts: chunking changes GEMM shapes, so the rounding of the outputs may differ slightly
 CPU_DEFAULTS = {"tokens": 64, "hidden": 128, "experts": 8, "topk": 2, "ffn": 64, "warmup": 2, "iters": 5}
 
@@ -304,7 +308,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--backend", choices=("nvshmem", "torch"), default=None, help="default nvshmem (--cpu: torch)")
     p.add_argument("--backward", action="store_true", help="time forward + backward")
     p.add_argument("--preset", choices=tuple(PRESETS), default="prefill",
-                   help="GPU sizes: prefill (SPEC.md's) or balanced (F 256; the summary says whether communication ~ experts)")
+                   help="GPU sizes: prefill (SPEC.md's), balanced (F 256) or few_experts (16 experts, F 384); the summary "
+                        "says whether communication ~ experts")
     for key in ("tokens", "hidden", "experts", "topk", "ffn", "warmup", "iters"):
         p.add_argument(f"--{key}", type=int, default=None, help=f"default {GPU_DEFAULTS[key]} ({CPU_DEFAULTS[key]} "
                        "with --cpu; the preset may change it)")
@@ -391,7 +396,9 @@ def main(argv: list[str] | None = None) -> None:
         "records": recs,
     }
     os.makedirs(args.out, exist_ok=True)
-    size = f"_f{args.ffn}" if args.ffn != base["ffn"] else ""  # e.g. the balanced preset: its own file
+    # e.g. the balanced preset: its own file
+    size = (f"_e{args.experts}" if args.experts != base["experts"] else "") + (
+        f"_f{args.ffn}" if args.ffn != base["ffn"] else "")
     name = (f"layer_times_{args.backend}_ep{world}{size}{'_bwd' if args.backward else ''}"
             f"{'_cpu' if args.cpu else ''}.json")
     path = os.path.join(args.out, name)

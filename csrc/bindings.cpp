@@ -438,6 +438,11 @@ PYBIND11_MODULE(_C, m) {
                       ErrorWord{ptr<int64_t>(error), ptr<int64_t>(status)}, stream_of(stream));
     });
 
+    m.def("weighted_row_sum", [](uintptr_t src, int elem, uintptr_t pos, uintptr_t w, uintptr_t y, int64_t rows, int k,
+                                 int h, int64_t pad, uintptr_t stream) {
+        launch_weighted_row_sum(ptr<const void>(src), elem, ptr<const int64_t>(pos), ptr<const float>(w), ptr<void>(y),
+                                rows, k, h, pad, stream_of(stream));
+    });
     m.def("low_latency_layout", [](int n, int e, int k, int h, int t, int p) {
         const LowLatencyLayout l = low_latency_layout(n, e, k, h, t, p);
         py::dict d;

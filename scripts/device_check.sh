@@ -7,7 +7,8 @@
 #          and on GPUs 0,1
 #   internode: kernel and per-leg times of the normal mode with nodes emulated on one host (bench/kernel_times.py)
 #   layer: bench/layer_times.py (one MoE layer at prefill size, with and without overlap) on all GPUs, at SPEC.md's
-#          sizes and with the balanced preset (F 256; its summary says whether communication ~ experts)
+#          sizes, with the balanced preset (F 256; its summary says whether communication ~ experts) and with the
+#          few_experts preset (16 experts) at F 384 and 768
 #   longrun: 10,000 checked rounds of random sizes on the nvshmem backend, on 2 GPUs and (if present) 4
 #   tune: LARGEEP_TUNE settings other than the defaults: normal kernels with 512 threads per block,
 #         the low-latency token-major send (ll_send=1: its GPU tests, then its kernel times)
@@ -72,6 +73,11 @@ for stage in $STAGES; do
       timeout 600 $PY bench/layer_times.py --preset balanced --profile no_overlap,experts_only,experts_half \
         --out "$OUT/layer" > "$OUT/layer_balanced.log" 2>&1 || rc=1
       tail -20 "$OUT/layer_balanced.log"
+      for f in 384 768; do
+        timeout 600 $PY bench/layer_times.py --preset few_experts --ffn $f --out "$OUT/layer" \
+          > "$OUT/layer_few_experts_f$f.log" 2>&1 || rc=1
+        tail -14 "$OUT/layer_few_experts_f$f.log"
+      done
       ;;
     longrun)
       for w in 2 4; do

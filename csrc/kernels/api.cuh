@@ -171,6 +171,12 @@ void launch_dispatch_forward(const NormalCtx& ctx, int x_elem_bytes, bool has_sc
 void launch_combine_forward(const NormalCtx& ctx, int y_elem_bytes, bool with_weights, const int* fwd_count,
                             const int* fwd_pos, int num_sms, cudaStream_t stream);
 
+// ---- rows.cu (expert side, no communication) ------------------------------------------------------------------
+// y [rows, hidden] = per row r, the sum over k < num_topk with pos[r, k] != pad of w[r, k] * src[pos[r, k]]
+// (float32 accumulation, one rounding); src and y bf16 (elem_bytes 2) or float32 (4); pos int64, w float32 [rows, K].
+void launch_weighted_row_sum(const void* src, int elem_bytes, const int64_t* pos, const float* w, void* y,
+                             int64_t rows, int num_topk, int hidden, int64_t pad, cudaStream_t stream);
+
 // ---- low_latency.cu (decoding; every rank reachable over NVLink) -------------------------------------------
 // Regions of the symmetric allocation (per rank):
 //   flags   int64 [4 kinds][2 slot buffers][E/N * N]   counts tagged with the round, and free/done flags

@@ -296,9 +296,10 @@ class NormalKernels {
                                 ptr<int>(self_token), stream_of(stream));
     }
     void notify(uintptr_t recv_off, uintptr_t send_off, uintptr_t send_slot, uintptr_t fwd_off, uintptr_t fwd_count,
-                int my_slot, bool report, uintptr_t stream) {
+                int my_slot, bool report, uintptr_t per_expert, int alignment, uintptr_t stream) {
         launch_dispatch_notify(c_, ptr<int>(recv_off), ptr<int>(send_off), ptr<int64_t>(send_slot), ptr<int>(fwd_off),
-                               ptr<int>(fwd_count), my_slot, report, stream_of(stream));
+                               ptr<int>(fwd_count), my_slot, report, ptr<int>(per_expert), alignment,
+                               stream_of(stream));
     }
     void push(uintptr_t x, int x_elem, uintptr_t scales, uintptr_t idx, uintptr_t w, int num_tokens,
               uintptr_t send_pos, uintptr_t send_off, uintptr_t send_slot, bool include_self, int num_sms,

@@ -126,10 +126,12 @@ void launch_dispatch_prepare(const NormalCtx& ctx, const int64_t* topk_idx, int 
 // Notify: count exchange, publishing my receive slot `my_slot` for this round (0: the copy slot); writes recv_off
 // int32 [N + 1], send_off int32 [N] and send_slot int64 [N] (byte offset of each receiver's slot); with several
 // nodes fwd_off int32 [M, P] and fwd_count int32 [M] (rows forwarded from each node's RDMA peer); with `report`,
-// totals into the status area and then status[kReadySeq] = seq for the host to wait on. Only one reporting notify
-// is ever in flight: the host waits for each before launching the next.
+// totals into the status area and then status[kReadySeq] = seq for the host to wait on, and the rows per local
+// expert rounded up to `alignment` into per_expert int32 [E/N] (device). Only one reporting notify is ever in
+// flight: the host waits for each before launching the next.
 void launch_dispatch_notify(const NormalCtx& ctx, int* recv_off, int* send_off, int64_t* send_slot, int* fwd_off,
-                            int* fwd_count, int my_slot, bool report, cudaStream_t stream);
+                            int* fwd_count, int my_slot, bool report, int* per_expert, int alignment,
+                            cudaStream_t stream);
 // Push: every token's row (and, when topk_idx is given, ids, weights, token index) into the receive slot of each
 // other receiver on this node (send_slot; nullptr: the copy slot, as cached dispatches use); with include_self
 // (this rank receives into a zero-copy slot) also into my own slot, else the copy-out copies my rows from the

@@ -101,10 +101,12 @@ __global__ void __launch_bounds__(kThreads) dispatch_prepare_kernel(NormalCtx c,
 // recv_off [N + 1] (receive rows per source, prefix), send_off [N] (where my rows start in each receiver's slot)
 // and send_slot [N] (the byte offset of each receiver's slot) into the handle; with
 // several nodes also fwd_count [M] (rows this rank forwards from its RDMA peer on node m) and fwd_off [M, P] (where
-// that peer's rows start in the buffer of each rank of this node); with `report`, the totals for the host.
+// that peer's rows start in the buffer of each rank of this node); with `report`, the totals for the host and
+// the rows per local expert rounded up to `alignment` into per_expert [E/N] (device).
 __global__ void __launch_bounds__(kThreads) dispatch_notify_kernel(NormalCtx c, int* recv_off, int* send_off,
                                                                    int64_t* send_slot, int* fwd_off, int* fwd_count,
-                                                                   int my_slot, int report) {
+                                                                   int my_slot, int report, int* per_expert,
+                                                                   int alignment) {
     const int N = c.num_ranks, epr = c.num_experts / N, me = c.rank, row = 3 + epr, P = c.ranks_per_node;
     const int64_t seq = c.seq[kSeqDispatch] + 1;
     if (!wait_flags(c, kFlagRecvFree, all_mask(N), seq - 1, kOpDispatch)) return;
@@ -167,6 +169,7 @@ __global__ void __launch_bounds__(kThreads) dispatch_notify_kernel(NormalCtx c, 
         int64_t s = 0;
         for (int src = 0; src < N; ++src) s += in[src * row + 1 + e];
         st[kPerExpert + e] = s;
+        per_expert[e] = static_cast<int>((s + alignment - 1) / alignment * alignment);
     }
     if (threadIdx.x == 0) {
         int64_t total = 0;
@@ -570,12 +573,14 @@ void launch_dispatch_prepare(const NormalCtx& ctx, const int64_t* topk_idx, int 
 }
 
 void launch_dispatch_notify(const NormalCtx& ctx, int* recv_off, int* send_off, int64_t* send_slot, int* fwd_off,
-                            int* fwd_count, int my_slot, bool report, cudaStream_t stream) {
+                            int* fwd_count, int my_slot, bool report, int* per_expert, int alignment,
+                            cudaStream_t stream) {
     HOST_ASSERT(ctx.num_ranks <= 32, "the normal-mode kernels support at most 32 ranks");
     HOST_ASSERT(my_slot >= 0 && my_slot <= ctx.num_zc_slots, "bad receive slot " << my_slot);
+    HOST_ASSERT(!report || (per_expert != nullptr && alignment >= 1), "a reporting notify needs per_expert");
     HOST_ASSERT(my_slot == 0 || ctx.ranks_per_node == ctx.num_ranks, "zero-copy slots are for one node only");
     dispatch_notify_kernel<<<1, kThreads, 0, stream>>>(ctx, recv_off, send_off, send_slot, fwd_off, fwd_count,
-                                                       my_slot, report ? 1 : 0);
+                                                       my_slot, report ? 1 : 0, per_expert, alignment);
     LAUNCH_CHECK();
 }
 

@@ -271,6 +271,7 @@ class NvshmemBackend:
         worst = num_worst_tokens > 0 or (state is not None and state.worst)
         k = self.kernels
         per_expert_list: list[int] = []
+        per_expert_t: torch.Tensor | None = None
         # A fresh dispatch of bf16/e4m3 rows that waits on the host receives into a free zero-copy slot when there
         # is one (its outputs are then that slot's planes, no copy-out); slot 0 is the copy slot. A slot taken
         # here stays taken if the call fails before its outputs exist (the Buffer is unusable then anyway).
@@ -296,10 +297,12 @@ class NvshmemBackend:
             report = not worst
             if report:
                 self.status[_READY] = 0
+                per_expert_t = torch.empty(c.experts_per_rank, dtype=torch.int32, device=dev)
             k.prepare(topk_idx.data_ptr(), t, send_pos.data_ptr(), _ptr(hier.node_pos if hier else None),
                       self_token.data_ptr(), stream)
             k.notify(recv_off.data_ptr(), send_off.data_ptr(), send_slot.data_ptr(),
-                     _ptr(hier.fwd_off if hier else None), _ptr(hier.fwd_count if hier else None), slot, report, stream)
+                     _ptr(hier.fwd_off if hier else None), _ptr(hier.fwd_count if hier else None), slot, report,
+                     _ptr(per_expert_t), expert_alignment, stream)
             # The sends need no host decision: they run while the host waits for the counts below.
             self._send(x, x_scales, topk_idx.data_ptr(), topk_weights.data_ptr(), t, send_pos, send_off,
                        send_slot.data_ptr(), slot > 0, hier, False, stream)
@@ -348,13 +351,12 @@ class NvshmemBackend:
             _ptr(None if cached else topk_idx), _ptr(None if cached else topk_weights),
             state.self_token.data_ptr(), slot, sms, stream,
         )
-        if per_expert_list:
-            per_expert_t = torch.tensor(per_expert_list, dtype=torch.int32).to(dev, non_blocking=True)
-        elif out_idx is not None:
-            raw_t = one_hot_mask(out_idx, c.experts_per_rank).sum(0, dtype=torch.int32)
-            per_expert_t = (raw_t + expert_alignment - 1) // expert_alignment * expert_alignment
-        else:
-            per_expert_t = torch.empty(0, dtype=torch.int32, device=dev)
+        if per_expert_t is None:  # (a reporting notify wrote it) counted from the ids, or none for a cached call
+            if out_idx is not None:
+                raw_t = one_hot_mask(out_idx, c.experts_per_rank).sum(0, dtype=torch.int32)
+                per_expert_t = (raw_t + expert_alignment - 1) // expert_alignment * expert_alignment
+            else:
+                per_expert_t = torch.empty(0, dtype=torch.int32, device=dev)
         return NormalDispatchOut(
             out_x, out_s, out_idx, out_w, per_expert_list, per_expert_t, None if worst else rows, state
         )

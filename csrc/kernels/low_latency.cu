@@ -440,16 +440,8 @@ __global__ void __launch_bounds__(kLLThreads) ll_combine_recv_kernel(LowLatencyC
 #pragma unroll
                     for (int i = 0; i < 8; ++i) acc[i] = 0.f;
 #pragma unroll
-                    for (int k = 0; k < kLLMaxTopk; ++k) {
-                        if (!((present >> k) & 1u)) continue;
-                        const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&raw[k]);
-#pragma unroll
-                        for (int i = 0; i < 4; ++i) {
-                            const float2 p = __bfloat1622float2(h[i]);
-                            acc[2 * i] += wk[k] * p.x;
-                            acc[2 * i + 1] += wk[k] * p.y;
-                        }
-                    }
+                    for (int k = 0; k < kLLMaxTopk; ++k)
+                        if ((present >> k) & 1u) fma_bf16x8(acc, wk[k], raw[k]);
                     dst[v] = pack_bf16x8(acc);
                 }
             } else {
@@ -460,14 +452,8 @@ __global__ void __launch_bounds__(kLLThreads) ll_combine_recv_kernel(LowLatencyC
                     for (int k = 0; k < K; ++k) {
                         if (!((present >> k) & 1u)) continue;
                         const float wk = w[static_cast<int64_t>(t) * K + k];
-                        const int4 raw = ld_v4<1>(reinterpret_cast<const int4*>(rows + static_cast<int64_t>(k) * c.comb_stride) + v);
-                        const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&raw);
-#pragma unroll
-                        for (int i = 0; i < 4; ++i) {
-                            const float2 p = __bfloat1622float2(h[i]);
-                            acc[2 * i] += wk * p.x;
-                            acc[2 * i + 1] += wk * p.y;
-                        }
+                        const int4* src = reinterpret_cast<const int4*>(rows + static_cast<int64_t>(k) * c.comb_stride);
+                        fma_bf16x8(acc, wk, ld_v4<1>(src + v));
                     }
                     dst[v] = pack_bf16x8(acc);
                 }

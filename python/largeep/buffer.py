@@ -562,8 +562,9 @@ def _on_stream(stream: torch.cuda.Stream, current: torch.cuda.Stream) -> Iterato
 
 
 def _tensors_of(result: Any) -> list[torch.Tensor]:
-    """The tensors in a (nested) result of tuples, lists and dataclasses. A list or tuple whose first item is a
-    number holds numbers only (per-expert counts) and is not walked: this runs on every call."""
+    """The tensors of a (nested) result of tuples, lists and dataclasses that the caller gets. A list or tuple whose
+    first item is a number holds numbers only (per-expert counts) and is not walked, nor is a backend's ``state``
+    (a handle's tensors: made on the Buffer's stream and used by its kernels there only): this runs on every call."""
     if isinstance(result, torch.Tensor):
         return [result]
     if isinstance(result, (tuple, list)):
@@ -571,5 +572,7 @@ def _tensors_of(result: Any) -> list[torch.Tensor]:
             return []
         return [t for r in result for t in _tensors_of(r)]
     if hasattr(result, "__dataclass_fields__"):
-        return [t for name in result.__dataclass_fields__ for t in _tensors_of(getattr(result, name))]
+        return [
+            t for name in result.__dataclass_fields__ if name != "state" for t in _tensors_of(getattr(result, name))
+        ]
     return []

@@ -336,7 +336,7 @@ class Buffer:
         c = self.ctx
         idx = checks.topk_idx(
             op, topk_idx, num_tokens=None, num_topk=c.num_topk, num_experts=c.num_experts, device=c.device,
-            check_values=self._settings.check_values,
+            check_values=self._settings.check_values, memo="remember",
         )
         checks.max_tokens(op, idx.shape[0], c.max_tokens_per_rank, arg="topk_idx")
         layout, _ = self._run(lambda: self._impl.get_dispatch_layout(idx), previous_event, async_finish, [idx])
@@ -389,7 +389,7 @@ class Buffer:
                 raise ArgumentError(f"Buffer.{op}: 'topk_idx' and 'topk_weights' are required without a handle")
             checks.topk_idx(
                 op, topk_idx, num_tokens=t, num_topk=c.num_topk, num_experts=c.num_experts, device=c.device,
-                check_values=self._settings.check_values and num_worst_tokens == 0,
+                check_values=self._settings.check_values and num_worst_tokens == 0, memo="use",
             )
             checks.topk_weights(op, topk_weights, num_tokens=t, num_topk=c.num_topk, device=c.device)
 

@@ -326,3 +326,29 @@ def zero_copy_slots(rank: int, world: int) -> None:
         dist.barrier()
     finally:
         buf.destroy()
+
+
+def config_mismatch_refused(rank: int, world: int) -> None:
+    """Ranks that would lay out their symmetric memory differently (here LARGEEP_ZERO_COPY_SLOTS differs) are
+    refused on every rank at Buffer creation, before NVSHMEM allocates anything; a consistent Buffer works after."""
+    import os
+
+    from largeep.errors import ArgumentError
+
+    os.environ["LARGEEP_ZERO_COPY_SLOTS"] = str(1 + rank)
+    try:
+        try:
+            largeep.Buffer(None, hidden=256, num_experts=2 * world, num_topk=2, max_tokens_per_rank=64,
+                           backend="nvshmem")
+        except ArgumentError as exc:
+            assert "disagree" in str(exc) and "LARGEEP_ZERO_COPY_SLOTS" in str(exc), str(exc)
+        else:
+            raise AssertionError("a Buffer was created although the ranks disagree on its layout")
+    finally:
+        del os.environ["LARGEEP_ZERO_COPY_SLOTS"]
+    buf = largeep.Buffer(None, hidden=256, num_experts=2 * world, num_topk=2, max_tokens_per_rank=64,
+                         backend="nvshmem")
+    try:
+        _roundtrip_small(buf, 3)
+    finally:
+        buf.destroy()

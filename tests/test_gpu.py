@@ -122,6 +122,13 @@ def test_low_latency_graph_and_double_buffer(pools, world: int) -> None:
 
 @pytest.mark.gpu(2)
 @needs_native
+def test_config_mismatch_refused(pools) -> None:
+    """Ranks disagreeing on the symmetric layout (LARGEEP_ZERO_COPY_SLOTS) are refused on every rank."""
+    pools(2, "nccl").run(gpu_bodies.config_mismatch_refused)
+
+
+@pytest.mark.gpu(2)
+@needs_native
 def test_zero_copy_slots(pools) -> None:
     """Dispatch outputs as views of receive slots: lifetime, reuse, fallback to the copy slot, the setting off."""
     pools(2, "nccl").run(gpu_bodies.zero_copy_slots)

@@ -19,7 +19,7 @@ import torch.distributed as dist
 from largeep import native
 from largeep._env import Settings, logger
 from largeep.backends.base import GroupContext, LowLatencyDispatchOut, NormalDispatchOut
-from largeep.errors import PeerTimeoutError
+from largeep.errors import ArgumentError, PeerTimeoutError
 from largeep.fp8 import FP8_DTYPE
 from largeep.layout import Layout, one_hot_mask
 
@@ -147,6 +147,18 @@ class NvshmemBackend:
         # zero-copy receive slots: normal mode inside one node (groups of several nodes receive through the
         # forwarders into the copy slot)
         self.zc_slots = settings.zero_copy_slots if not ctx.low_latency and ctx.ranks_per_node == n else 0
+        # Every rank must lay out its symmetric memory the same way (one collective allocation; peers compute
+        # addresses in each other's memory): refuse, on every rank, a group whose ranks disagree.
+        config = (*sizes, ctx.ranks_per_node, ctx.low_latency, self.zc_slots)
+        every: list[Any] = [None] * n
+        dist.all_gather_object(every, config, group=ctx.group)
+        if any(e != config for e in every):
+            names = "(ranks, experts, topk, hidden, max_tokens_per_rank, ranks_per_node, low_latency, zero-copy slots)"
+            raise ArgumentError(
+                f"Buffer: the ranks of the group disagree on the Buffer's configuration {names}: "
+                + "; ".join(f"rank {r}: {e}" for r, e in enumerate(every))
+                + " (LARGEEP_ZERO_COPY_SLOTS must be the same on every rank)"
+            )
         if ctx.low_latency:
             lay = C.low_latency_layout(*sizes, ctx.ranks_per_node)
         else:

@@ -428,6 +428,7 @@ PYBIND11_MODULE(_C, m) {
         py::dict d;
         d["total_bytes"] = l.total_bytes;
         d["zc_slot_bytes"] = l.zc_slot_bytes;
+        d["off_zc"] = l.off_zc;
         d["recv_stride"] = l.recv_stride;
         d["comb_stride"] = l.comb_stride;
         return d;

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import math
 import os
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -132,6 +133,23 @@ class _LLState:
     num_tokens: int
 
 
+# Live backends with zero-copy slots, for record_zero_copy (a weak set: a Buffer never destroyed still goes away).
+_ZC_BACKENDS: weakref.WeakSet[NvshmemBackend] = weakref.WeakSet()
+
+
+def record_zero_copy(t: torch.Tensor, stream: int) -> None:
+    """If ``t`` is a zero-copy dispatch output of a live Buffer (any Buffer of this process), its slot's release
+    also waits for ``stream``: what ``Tensor.record_stream`` does for tensors of torch's allocator."""
+    if not _ZC_BACKENDS or not t.is_cuda:
+        return
+    ptr = t.data_ptr()
+    for b in list(_ZC_BACKENDS):
+        lo, hi = b.zc_region
+        if lo <= ptr < hi:
+            b.zc_add_stream(ptr, stream)
+            return
+
+
 class NvshmemBackend:
     name = "nvshmem"
 
@@ -164,6 +182,7 @@ class NvshmemBackend:
         else:
             lay = C.normal_layout(*sizes, ctx.ranks_per_node, self.zc_slots)
         self.C = _join(ctx, int(lay["total_bytes"]), settings)
+        self.zc_region = (0, 0)  # [first, last) byte of the zero-copy slots, once allocated
         self.base = int(self.C.alloc(int(lay["total_bytes"])))
         # Peers on this rank's node are written through NVLink; NVSHMEM's puts reach the others, so their peer
         # pointers are left 0 even where NVLink would reach them (several nodes emulated on one host).
@@ -196,6 +215,10 @@ class NvshmemBackend:
                 self.zc_slots, dev.index,
             )
         self.alive = True
+        if self.zc_slots:
+            first = self.base + int(lay["off_zc"])
+            self.zc_region = (first, first + self.zc_slots * int(lay["zc_slot_bytes"]))
+            _ZC_BACKENDS.add(self)
 
     # -- lifetime and errors ------------------------------------------------------------------------------------
     def destroy(self) -> None:
@@ -203,6 +226,7 @@ class NvshmemBackend:
             return
         self.alive = False
         torch.cuda.synchronize(self.ctx.device)
+        _ZC_BACKENDS.discard(self)
         if not self.ctx.low_latency:
             held = int(self.kernels.zc_busy())
             if held:

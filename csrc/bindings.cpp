@@ -97,8 +97,14 @@ struct ZcSlots {
         cudaGetDevice(&prev);
         if (prev != device) cudaSetDevice(device);
         bool ok = true;
-        for (size_t j = 0; j < streams.size(); ++j)
-            ok = ok && cudaEventRecord(released[i - 1][j], streams[j]) == cudaSuccess;
+        for (size_t j = 0; j < streams.size() && ok; ++j) {
+            // an event recorded into a CUDA-graph capture could not be waited on by a later dispatch: a slot whose
+            // outputs die while one of their streams captures stays taken (later dispatches copy instead)
+            cudaStreamCaptureStatus capturing = cudaStreamCaptureStatusNone;
+            ok = cudaStreamIsCapturing(streams[j], &capturing) == cudaSuccess &&
+                 capturing == cudaStreamCaptureStatusNone &&
+                 cudaEventRecord(released[i - 1][j], streams[j]) == cudaSuccess;
+        }
         if (prev != device && prev >= 0) cudaSetDevice(prev);
         recorded[i - 1] = static_cast<int>(streams.size());
         if (ok) busy[i - 1].store(0, std::memory_order_release);  // else the slot stays busy, never unguarded

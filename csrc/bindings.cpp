@@ -276,7 +276,8 @@ class NormalKernels {
     // on release_stream) once every tensor made from them is gone.
     py::list zc_outputs(int slot, int64_t rows, int64_t x_row_bytes, bool with_scales, bool with_meta,
                         uintptr_t release_stream) {
-        HOST_ASSERT(slot >= 1 && slot <= zc_->count && zc_->busy[slot - 1].load() != 0, "slot " << slot << " not taken");
+        HOST_ASSERT(slot >= 1 && slot <= zc_->count && zc_->busy[slot - 1].load() != 0,
+                    "slot " << slot << " not taken");
         HOST_ASSERT(rows >= 0 && rows <= static_cast<int64_t>(c_.num_ranks) * c_.max_tokens && x_row_bytes >= 0 &&
                         x_row_bytes <= 2ll * c_.hidden,
                     "zero-copy outputs out of range");

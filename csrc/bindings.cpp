@@ -365,7 +365,7 @@ class LowLatencyKernels {
                       uintptr_t status_dev, uintptr_t error_dev, double timeout_s, int ranks_per_node,
                       int send_mode) {
         HOST_ASSERT(ranks_per_node > 0 && num_ranks % ranks_per_node == 0, "bad ranks_per_node " << ranks_per_node);
-        HOST_ASSERT(send_mode == 0 || send_mode == 1, "LARGEEP_TUNE ll_send must be 0 or 1, got " << send_mode);
+        HOST_ASSERT(send_mode >= -1 && send_mode <= 1, "LARGEEP_TUNE ll_send must be -1, 0 or 1, got " << send_mode);
         c_.ranks_per_node = ranks_per_node;
         c_.send_mode = send_mode;
         fill_common(c_, rank, num_ranks, num_experts, num_topk, hidden, max_tokens, base, peer_base, seq, block_counter,

@@ -11,7 +11,8 @@
 #          few_experts preset (16 experts) at F 384 and 768
 #   longrun: 10,000 checked rounds of random sizes on the nvshmem backend, on 2 GPUs and (if present) 4
 #   tune: LARGEEP_TUNE settings other than the defaults: normal kernels with 512 threads per block,
-#         the low-latency token-major send (ll_send=1: its GPU tests, then its kernel times)
+#         the low-latency sends: ll_send=1 (token-major at every size: its GPU tests), ll_send=0 (pair-wise at
+#         every size: its kernel times, against the default's in the perf stage)
 set -uo pipefail
 OUT=${1:?usage: scripts/device_check.sh OUTDIR [stage ...]}
 shift
@@ -94,9 +95,9 @@ for stage in $STAGES; do
       (cd tests && LARGEEP_TUNE=ll_send=1 timeout 200 $PY -m pytest -q -ra -p no:cacheprovider -m gpu \
         -k "low_latency" .) > "$OUT/tune_ll_send1_tests.log" 2>&1 || rc=1
       tail -3 "$OUT/tune_ll_send1_tests.log"
-      LARGEEP_TUNE=ll_send=1 timeout 200 $PY bench/low_latency_times.py --nprocs "$ngpu" \
-        --out "$OUT/tune_ll_send1" > "$OUT/tune_ll_send1.log" 2>&1 || rc=1
-      tail -12 "$OUT/tune_ll_send1.log"
+      LARGEEP_TUNE=ll_send=0 timeout 200 $PY bench/low_latency_times.py --nprocs "$ngpu" \
+        --out "$OUT/tune_ll_send0" > "$OUT/tune_ll_send0.log" 2>&1 || rc=1
+      tail -12 "$OUT/tune_ll_send0.log"
       ;;
     *)
       echo "unknown stage $stage" | tee -a "$OUT/summary.txt"; rc=1

@@ -199,7 +199,8 @@ struct LowLatencyCtx {
     int64_t* status;
     ErrorWord err;
     uint64_t timeout_ns;
-    int send_mode;  // dispatch send: 0 one warp per (token, copy), 1 one block per token (LARGEEP_TUNE=ll_send)
+    int send_mode;  // dispatch send (LARGEEP_TUNE=ll_send): 0 one warp per (token, copy), 1 one block per token,
+                    // -1 (default) one block per token for at most kTokenMajorMaxTokens tokens
 };
 struct LowLatencyLayout {
     int64_t off_flags, off_counter, off_recv, off_comb, off_send, off_comb_send;

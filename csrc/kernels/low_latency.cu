@@ -204,10 +204,11 @@ __global__ void __launch_bounds__(kLLThreads) ll_dispatch_send_kernel(LowLatency
 }
 
 // Token-major send (LARGEEP_TUNE=ll_send=1; by default for at most kTokenMajorMaxTokens tokens): one block of
-// kTokWarps warps per token. Warp 0 takes the slot of every copy k (the same per-(rank, expert) atomic as above); then every warp
-// quantises its share of the row once (FP8: a half-warp per group of 128 channels) and stores it into every copy's
-// destination, so a token is read and quantised once instead of K times. Copies for peers on other nodes are built
-// in staging and put whole once the block has written them.
+// kTokWarps warps per token. Warp 0 takes the slot of every copy k (the same per-(rank, expert) atomic as above);
+// then every warp quantises its share of the row once (FP8: a half-warp per group of 128 channels) and stores it into
+// every copy's destination, so a token is read and quantised once instead of K times. Copies for peers on other
+// nodes are built in staging (at the pair kernel's staging row, t * K + k) and put whole once the block has written
+// them. Rows, metadata and counts are those of the pair kernel, so ranks may use different kernels in one round.
 constexpr int kTokWarps = 8;
 // 2 GPUs, H 7168, top-8, 288 experts, FP8 (session 4, run2): the token-major send took 13.0 / 13.4 / 14.3 us at 1 /
 // 8 / 32 tokens against 16.5 / 19.3 / 20.9 us for the pair-wise one (graph of dispatch + combine back to back:

@@ -4,7 +4,7 @@
 #   (default: build tests bench)
 #   bench: python -m largeep.bench (whole-call event times, every backend; LARGEEP_BENCH_ARGS overrides the preset)
 #   perf:  kernel times (normal) and kernel + CUDA-graph times (low-latency) of the nvshmem backend, on all GPUs
-#          and on GPUs 0,1
+#          and on GPUs 0,1 (LARGEEP_PERF_SMS: the normal mode's SM counts, default 8,16,24)
 #   internode: kernel and per-leg times of the normal mode with nodes emulated on one host (bench/kernel_times.py)
 #   layer: bench/layer_times.py (one MoE layer at prefill size, with and without overlap) on all GPUs, at SPEC.md's
 #          sizes, with the balanced preset (F 256; its summary says whether communication ~ experts) and with the
@@ -50,7 +50,7 @@ for stage in $STAGES; do
     perf)
       for n in $(printf '%s\n' "$ngpu" 2 | sort -rnu); do
         vis=$(seq -s, 0 $((n - 1)))
-        CUDA_VISIBLE_DEVICES=$vis timeout 300 $PY bench/kernel_times.py --nprocs "$n" --num-sms 8,16,24 \
+        CUDA_VISIBLE_DEVICES=$vis timeout 300 $PY bench/kernel_times.py --nprocs "$n" --num-sms ${LARGEEP_PERF_SMS:-8,16,24} \
           --out "$OUT/perf" > "$OUT/perf_normal_ep$n.log" 2>&1 || rc=1
         CUDA_VISIBLE_DEVICES=$vis timeout 300 $PY bench/low_latency_times.py --nprocs "$n" \
           --out "$OUT/perf" > "$OUT/perf_ll_ep$n.log" 2>&1 || rc=1

@@ -84,7 +84,6 @@ class DispatchResult:
     handle: DispatchHandle
     event: EventOverlap
     num_tokens_per_expert_tensor: torch.Tensor
-    _add_stream: Callable[[int, int], bool] | None = field(default=None, repr=False, compare=False)
 
     def record_stream(self, stream: torch.cuda.Stream) -> None:
         """The outputs are used on ``stream`` too: their memory is not reused before the work queued there by the
@@ -93,9 +92,7 @@ class DispatchResult:
         xs = self.x if isinstance(self.x, tuple) else (self.x,)
         for t in (*xs, self.topk_idx, self.topk_weights, self.num_tokens_per_expert_tensor):
             if isinstance(t, torch.Tensor) and t.is_cuda:
-                t.record_stream(stream)
-        if self._add_stream is not None and xs[0].is_cuda:
-            self._add_stream(xs[0].data_ptr(), int(stream.cuda_stream))
+                _record_stream(t, stream)
 
 
 @dataclass
@@ -315,12 +312,9 @@ class Buffer:
             self._stream.wait_stream(compute)
         with _on_stream(self._stream, compute):
             result = fn()
-        zc = sys.modules.get("largeep.backends.nvshmem_backend")
         for t in inputs:
             if t is not None:
-                t.record_stream(self._stream)
-                if zc is not None:  # a zero-copy dispatch output (of any Buffer) read on this Buffer's stream
-                    zc.record_zero_copy(t, int(self._stream.cuda_stream))
+                _record_stream(t, self._stream)  # also a zero-copy dispatch output (of any Buffer) read here
         for t in _tensors_of(result):
             t.record_stream(compute)
         event = torch.cuda.Event()
@@ -411,7 +405,7 @@ class Buffer:
         recv_x: Tokens = (out.x, out.x_scales) if out.x_scales is not None else out.x
         return DispatchResult(
             recv_x, out.topk_idx, out.topk_weights, out.num_tokens_per_expert, handle, event,
-            out.num_tokens_per_expert_tensor, getattr(self._impl, "zc_add_stream", None),
+            out.num_tokens_per_expert_tensor,
         )
 
     def combine(
@@ -563,6 +557,15 @@ def _on_stream(stream: torch.cuda.Stream, current: torch.cuda.Stream) -> Iterato
         yield
     finally:
         torch.cuda.set_stream(current)
+
+
+def _record_stream(t: torch.Tensor, stream: torch.cuda.Stream) -> None:
+    """``t.record_stream(stream)``, and the same for a zero-copy dispatch output of any nvshmem Buffer, whose receive
+    slot torch's allocator does not manage (the backend module is only looked at once something imported it)."""
+    t.record_stream(stream)
+    zc = sys.modules.get("largeep.backends.nvshmem_backend")
+    if zc is not None:
+        zc.record_zero_copy(t, int(stream.cuda_stream))
 
 
 def _tensors_of(result: Any) -> list[torch.Tensor]:

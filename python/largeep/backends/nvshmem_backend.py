@@ -104,15 +104,14 @@ class _Hier:
 @dataclass
 class _NvState:
     """Handle of one normal dispatch. Source side: send_pos int32 [T, N] (row of token t among the rows for rank r,
-    -1 if not sent), send_off int32 [N] (where this rank's rows start in each receiver's slot), send_slot int64 [N]
-    (byte offset of each receiver's slot this round), self_token int32 [T] (the token of each of this rank's rows
-    for itself, which a copy-slot dispatch copies straight from the inputs). Receiver
-    side: recv_src int32 [rows, 2] (source rank, token), recv_off int32 [N + 1] (first row of each source). hier:
-    the inter-node parts (None inside one node)."""
+    -1 if not sent), send_off int32 [N] (where this rank's rows start in each receiver's slot), self_token int32 [T]
+    (the token of each of this rank's rows for itself, which a copy-slot dispatch copies straight from the inputs).
+    Receiver side: recv_src int32 [rows, 2] (source rank, token), recv_off int32 [N + 1] (first row of each source).
+    hier: the inter-node parts (None inside one node). Each receiver's slot of the round (send_slot) is not kept: a
+    cached dispatch sends to the copy slots."""
 
     send_pos: torch.Tensor
     send_off: torch.Tensor
-    send_slot: torch.Tensor
     recv_src: torch.Tensor
     recv_off: torch.Tensor
     num_rows: int
@@ -320,7 +319,7 @@ class NvshmemBackend:
             send_pos = torch.empty(t, n, dtype=i32, device=dev)
             recv_off = torch.empty(n + 1, dtype=i32, device=dev)
             send_off = torch.empty(n, dtype=i32, device=dev)
-            send_slot = torch.empty(n, dtype=torch.int64, device=dev)
+            send_slot = torch.empty(n, dtype=torch.int64, device=dev)  # this call's only (see _NvState)
             self_token = torch.empty(max(t, 1), dtype=i32, device=dev)
             hier = None
             if nodes > 1:
@@ -357,8 +356,8 @@ class NvshmemBackend:
             else:
                 rows = num_worst_tokens
             state = _NvState(
-                send_pos, send_off, send_slot, torch.empty(rows, 2, dtype=i32, device=dev), recv_off, rows, t, worst,
-                self_token, hier,
+                send_pos, send_off, torch.empty(rows, 2, dtype=i32, device=dev), recv_off, rows, t, worst, self_token,
+                hier,
             )
         else:
             # cached: every rank receives into its copy slot

@@ -220,6 +220,7 @@ class NormalKernels {
         c_.rdma_stride = l.rdma_stride;
         c_.comb_stride = l.comb_stride;
         c_.pcomb_stride = l.pcomb_stride;
+        c_.off_comb_flags = l.off_comb_flags;
         c_.off_zc = l.off_zc;
         c_.zc_slot_bytes = l.zc_slot_bytes;
         c_.pl_idx = l.pl_idx;
@@ -343,6 +344,13 @@ class NormalKernels {
                          uintptr_t stream) {
         launch_combine_forward(c_, y_elem, with_weights, ptr<const int>(fwd_count), ptr<const int>(fwd_pos), num_sms,
                                stream_of(stream));
+    }
+    void combine_fused(uintptr_t out, int out_elem, uintptr_t out_w, uintptr_t send_pos, int num_tokens,
+                       bool with_weights, uintptr_t y, uintptr_t y_w, uintptr_t recv_src, uintptr_t recv_off,
+                       int num_rows, int num_sms, int push_eighths, uintptr_t stream) {
+        launch_combine_fused(c_, ptr<void>(out), out_elem, ptr<float>(out_w), ptr<const int>(send_pos), num_tokens,
+                             with_weights, ptr<const void>(y), ptr<const float>(y_w), ptr<const int>(recv_src),
+                             ptr<const int>(recv_off), num_rows, num_sms, push_eighths, stream_of(stream));
     }
     void combine_reduce(uintptr_t out, int out_elem, uintptr_t out_w, uintptr_t send_pos, uintptr_t node_pos,
                         int num_tokens, bool with_weights, uintptr_t y, uintptr_t y_w, uintptr_t recv_off, int num_sms,
@@ -480,6 +488,7 @@ PYBIND11_MODULE(_C, m) {
         .def("copyout", &NormalKernels::copyout)
         .def("combine_push", &NormalKernels::combine_push)
         .def("combine_reduce", &NormalKernels::combine_reduce)
+        .def("combine_fused", &NormalKernels::combine_fused)
         .def("rdma_send", &NormalKernels::rdma_send)
         .def("forward", &NormalKernels::forward)
         .def("combine_forward", &NormalKernels::combine_forward);

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One round of GPU checks on the GPU machine: build, GPU tests, benchmarks. Logs and JSON go to OUTDIR.
-# usage: scripts/device_check.sh OUTDIR [stage ...]   stages: build tests bench perf internode layer longrun tune
+# usage: scripts/device_check.sh OUTDIR [stage ...]   stages: build tests bench perf internode layer longrun tune comb
 #   (default: build tests bench)
 #   bench: python -m largeep.bench (whole-call event times, every backend; LARGEEP_BENCH_ARGS overrides the preset)
 #   perf:  kernel times (normal) and kernel + CUDA-graph times (low-latency) of the nvshmem backend, on all GPUs
@@ -13,6 +13,7 @@
 #   tune: LARGEEP_TUNE settings other than the defaults: normal kernels with 512 threads per block,
 #         the low-latency sends: ll_send=1 (token-major at every size: its GPU tests), ll_send=0 (pair-wise at
 #         every size: its kernel times, against the default's in the perf stage)
+#   comb: the combine's LARGEEP_TUNE comb settings: GPU tests at comb 0, 1, 7; kernel times at LARGEEP_COMB_SWEEP
 set -uo pipefail
 OUT=${1:?usage: scripts/device_check.sh OUTDIR [stage ...]}
 shift
@@ -98,6 +99,21 @@ for stage in $STAGES; do
       LARGEEP_TUNE=ll_send=0 timeout 200 $PY bench/low_latency_times.py --nprocs "$ngpu" \
         --out "$OUT/tune_ll_send0" > "$OUT/tune_ll_send0.log" 2>&1 || rc=1
       tail -12 "$OUT/tune_ll_send0.log"
+      ;;
+    comb)
+      # the combine's settings (LARGEEP_TUNE comb): 0 = push kernel then reduce kernel, 1..7 = one fused kernel
+      # with comb/8 of its blocks pushing. GPU tests of the normal mode at the extremes, then kernel times.
+      for cb in 0 1 7; do
+        (cd tests && LARGEEP_TUNE=comb=$cb timeout 300 $PY -m pytest -q -ra -p no:cacheprovider -m gpu \
+          -k "normal_gpu or zero_copy or property" .) > "$OUT/comb${cb}_tests.log" 2>&1 || rc=1
+        echo "comb=$cb tests: $(tail -1 "$OUT/comb${cb}_tests.log")" | tee -a "$OUT/summary.txt"
+      done
+      for cb in ${LARGEEP_COMB_SWEEP:-0 2 4 5}; do
+        CUDA_VISIBLE_DEVICES=$(seq -s, 0 $((ngpu - 1))) LARGEEP_TUNE=comb=$cb timeout 200 $PY bench/kernel_times.py \
+          --nprocs "$ngpu" --num-sms ${LARGEEP_PERF_SMS:-8,16,24} --dtypes bf16 --out "$OUT/comb$cb" \
+          > "$OUT/comb$cb.log" 2>&1 || rc=1
+        grep -E "^combine " "$OUT/comb$cb.log" | sed "s/^/comb=$cb /" | tee -a "$OUT/summary.txt"
+      done
       ;;
     *)
       echo "unknown stage $stage" | tee -a "$OUT/summary.txt"; rc=1

@@ -329,23 +329,30 @@ def zero_copy_slots(rank: int, world: int) -> None:
 
 
 def config_mismatch_refused(rank: int, world: int) -> None:
-    """Ranks that would lay out their symmetric memory differently (here LARGEEP_ZERO_COPY_SLOTS differs) are
-    refused on every rank at Buffer creation, before NVSHMEM allocates anything; a consistent Buffer works after."""
+    """Ranks that would lay out their symmetric memory differently (LARGEEP_ZERO_COPY_SLOTS differs) or speak
+    different combine protocols (LARGEEP_TUNE comb 0 on rank 0 only) are refused on every rank at Buffer creation,
+    before NVSHMEM allocates anything; a consistent Buffer works after."""
     import os
 
     from largeep.errors import ArgumentError
 
-    os.environ["LARGEEP_ZERO_COPY_SLOTS"] = str(1 + rank)
-    try:
+    for var, value, named in (("LARGEEP_ZERO_COPY_SLOTS", str(1 + rank), "LARGEEP_ZERO_COPY_SLOTS"),
+                              ("LARGEEP_TUNE", f"comb={0 if rank == 0 else 3}", "comb")):
+        before = os.environ.get(var)
+        os.environ[var] = value
         try:
-            largeep.Buffer(None, hidden=256, num_experts=2 * world, num_topk=2, max_tokens_per_rank=64,
-                           backend="nvshmem")
-        except ArgumentError as exc:
-            assert "disagree" in str(exc) and "LARGEEP_ZERO_COPY_SLOTS" in str(exc), str(exc)
-        else:
-            raise AssertionError("a Buffer was created although the ranks disagree on its layout")
-    finally:
-        del os.environ["LARGEEP_ZERO_COPY_SLOTS"]
+            try:
+                largeep.Buffer(None, hidden=256, num_experts=2 * world, num_topk=2, max_tokens_per_rank=64,
+                               backend="nvshmem")
+            except ArgumentError as exc:
+                assert "disagree" in str(exc) and named in str(exc), str(exc)
+            else:
+                raise AssertionError(f"a Buffer was created although the ranks disagree ({var})")
+        finally:
+            if before is None:
+                del os.environ[var]
+            else:
+                os.environ[var] = before
     buf = largeep.Buffer(None, hidden=256, num_experts=2 * world, num_topk=2, max_tokens_per_rank=64,
                          backend="nvshmem")
     try:

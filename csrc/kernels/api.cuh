@@ -81,6 +81,7 @@ struct NormalCtx {
     int64_t off_rdma_send, off_rdma_recv, off_fwd_comb, off_comb_send, off_comb_rdma;
     int64_t recv_stride, recv_off_scales, recv_off_idx, recv_off_w, recv_off_src;
     int64_t rdma_off_pos, rdma_stride, comb_stride, pcomb_stride;
+    int64_t off_comb_flags;  // int64 [N][ceil(T / kCombChunk)]: chunk c of rank r's combine rows for me has arrived
     // receive slots: slot 0 at off_recv, slot s >= 1 at off_zc + (s - 1) * zc_slot_bytes; plane offsets inside a
     // slot (the token plane at 0)
     int64_t off_zc, zc_slot_bytes, pl_idx, pl_w, pl_scales, pl_x;
@@ -103,7 +104,7 @@ struct NormalLayout {
     int64_t off_flags, off_in_counts, off_out_counts, off_matrix, off_recv, off_comb, off_comb_w;
     int64_t off_rdma_send, off_rdma_recv, off_fwd_comb, off_comb_send, off_comb_rdma;
     int64_t recv_stride, recv_off_scales, recv_off_idx, recv_off_w, recv_off_src;
-    int64_t rdma_off_pos, rdma_stride, comb_stride, pcomb_stride, total_bytes;
+    int64_t rdma_off_pos, rdma_stride, comb_stride, pcomb_stride, total_bytes, off_comb_flags;
     int64_t off_zc, zc_slot_bytes, pl_idx, pl_w, pl_scales, pl_x;
     int num_zc_slots;
 };
@@ -159,6 +160,15 @@ void launch_combine_push(const NormalCtx& ctx, const void* y, int y_elem_bytes, 
 void launch_combine_reduce(const NormalCtx& ctx, void* out, int out_elem_bytes, float* out_w, const int* send_pos,
                            const int* node_pos, int num_tokens, bool with_weights, const void* y, const float* y_w,
                            const int* recv_off, int num_sms, cudaStream_t stream);
+
+// Combine in one kernel, for groups of one node: push blocks (push_eighths / 8 of max(2, num_sms) blocks, at
+// least one of each kind) write the rows back to their sources in chunks of kCombChunk rows, each chunk raising
+// its flag in the source's comb_flags; the other blocks sum each token as soon as the chunks holding its rows have
+// arrived, so the reduction runs beside the NVLink traffic instead of after it. Same result as push + reduce.
+constexpr int kCombChunk = 4;
+void launch_combine_fused(const NormalCtx& ctx, void* out, int out_elem_bytes, float* out_w, const int* send_pos,
+                          int num_tokens, bool with_weights, const void* y, const float* y_w, const int* recv_src,
+                          const int* recv_off, int num_rows, int num_sms, int push_eighths, cudaStream_t stream);
 
 // ---- internode.cu (normal mode, groups of several nodes: the legs between nodes) ----------------------------
 // RDMA leg of dispatch: each token, once per other node it goes to, put to my RDMA peer there. After notify.

@@ -166,15 +166,22 @@ class NvshmemBackend:
         self.zc_slots = settings.zero_copy_slots if not ctx.low_latency and ctx.ranks_per_node == n else 0
         # Every rank must lay out its symmetric memory the same way (one collective allocation; peers compute
         # addresses in each other's memory): refuse, on every rank, a group whose ranks disagree.
-        config = (*sizes, ctx.ranks_per_node, ctx.low_latency, self.zc_slots)
+        # the fused combine (LARGEEP_TUNE comb >= 1, one node) and push + reduce speak different flag protocols
+        comb = settings.tune["comb"]
+        if not 0 <= comb <= 7:
+            raise ArgumentError(f"LARGEEP_TUNE comb={comb}: expected 0 (push, then reduce) or 1..7 (fused: eighths "
+                                "of the blocks that push)")
+        self.fused_combine = comb if not ctx.low_latency and ctx.ranks_per_node == n else 0
+        config = (*sizes, ctx.ranks_per_node, ctx.low_latency, self.zc_slots, self.fused_combine > 0)
         every: list[Any] = [None] * n
         dist.all_gather_object(every, config, group=ctx.group)
         if any(e != config for e in every):
-            names = "(ranks, experts, topk, hidden, max_tokens_per_rank, ranks_per_node, low_latency, zero-copy slots)"
+            names = ("(ranks, experts, topk, hidden, max_tokens_per_rank, ranks_per_node, low_latency, "
+                     "zero-copy slots, fused combine)")
             raise ArgumentError(
                 f"Buffer: the ranks of the group disagree on the Buffer's configuration {names}: "
                 + "; ".join(f"rank {r}: {e}" for r, e in enumerate(every))
-                + " (LARGEEP_ZERO_COPY_SLOTS must be the same on every rank)"
+                + " (LARGEEP_ZERO_COPY_SLOTS, and LARGEEP_TUNE's comb being 0 or not, must be the same on every rank)"
             )
         if ctx.low_latency:
             lay = C.low_latency_layout(*sizes, ctx.ranks_per_node)
@@ -432,6 +439,13 @@ class NvshmemBackend:
         )
         with_w = topk_weights is not None
         k, hier = self.kernels, state.hier
+        if self.fused_combine:
+            k.combine_fused(
+                out.data_ptr(), out.element_size(), _ptr(out_w), state.send_pos.data_ptr(), state.num_tokens, with_w,
+                y.data_ptr(), _ptr(topk_weights), state.recv_src.data_ptr(), state.recv_off.data_ptr(),
+                state.num_rows, c.num_sms, self.fused_combine, stream,
+            )
+            return out, out_w
         k.combine_push(
             y.data_ptr(), y.element_size(), _ptr(topk_weights), state.recv_src.data_ptr(), state.recv_off.data_ptr(),
             state.num_rows, c.num_sms, stream,

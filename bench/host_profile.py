@@ -2,8 +2,8 @@
 
 At 128 tokens per rank the kernels take tens of microseconds, so a round trip (layout, dispatch with its count
 exchange, combine) costs what the host does around them. This runs ``--iters`` round trips on every rank (ranks
-aligned before each) and prints, for rank 0: the host time of each call (median, synchronised after each call)
-and the functions with the most cumulative time under cProfile.
+aligned before each) and prints, for rank 0: the host time of each call (median, ranks aligned before each round
+trip), then the same under cProfile with the functions that took most time (cumulative, then own).
 
     python bench/host_profile.py --nprocs 2 --tokens 128 --out OUT
 """
@@ -55,7 +55,14 @@ def _body(rank: int, world: int, args: argparse.Namespace, device: torch.device)
 
     for _ in range(10):
         roundtrip(False)
-    torch.cuda.synchronize()
+    # first without the profiler (its hooks inflate every figure), then under cProfile
+    for _ in range(args.iters):
+        torch.cuda.synchronize()
+        dist.barrier()
+        roundtrip(True)
+    plain = {k: statistics.median(v) for k, v in host.items()}
+    for v in host.values():
+        v.clear()
     prof = cProfile.Profile()
     for _ in range(args.iters):
         torch.cuda.synchronize()
@@ -67,7 +74,9 @@ def _body(rank: int, world: int, args: argparse.Namespace, device: torch.device)
     buf.destroy()
     s = io.StringIO()
     pstats.Stats(prof, stream=s).sort_stats("cumulative").print_stats(35)
-    return {"host_us_median": {k: statistics.median(v) for k, v in host.items()}, "profile": s.getvalue()}
+    pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(25)
+    return {"host_us_median": plain, "host_us_median_profiled": {k: statistics.median(v) for k, v in host.items()},
+            "profile": s.getvalue()}
 
 
 def main() -> None:
@@ -82,6 +91,7 @@ def main() -> None:
     args = p.parse_args()
     res = run_ranks(_body, args.nprocs or torch.cuda.device_count(), args)
     print("host time per call (us, median, rank 0):", res["host_us_median"])
+    print("the same under cProfile:", res["host_us_median_profiled"])
     print(res["profile"])
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, f"host_profile_t{args.tokens}.json"), "w") as f:

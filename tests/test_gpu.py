@@ -29,6 +29,12 @@ def test_runtime_cycles(pools, world: int) -> None:
 
 @pytest.mark.gpu(2)
 @needs_native
+def test_layout_id_check(pools) -> None:
+    pools(2, "nccl").run(gpu_bodies.layout_id_check)
+
+
+@pytest.mark.gpu(2)
+@needs_native
 def test_second_group_refused(pools) -> None:
     pools(2, "nccl").run(gpu_bodies.second_group_refused)
 

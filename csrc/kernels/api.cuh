@@ -114,10 +114,17 @@ NormalLayout normal_layout(int num_ranks, int num_experts, int num_topk, int hid
 
 // ---- layout.cu -------------------------------------------------------------------------------------------------
 // topk_idx int64 [T, K] -> per_rank int32 [N], per_node int32 [N/P], per_expert int32 [E], in_rank bool [T, N].
-// Ids outside [-1, E) are counted nowhere and reported through `err` (op kOpLayout, rank field 0).
+// Ids outside [-1, E) are counted nowhere and reported through `err` (op kOpLayout, rank field 0), unless `check`
+// is given: then host[1] gets the lowest id below -1 (else 0), host[2] the highest id >= E (else 0), and host[0]
+// is set to 1 when the kernel is done (the caller zeroes it before; num_tokens > 0). scratch: device int64 [3],
+// zero before the first call (each checked call leaves it zero).
+struct LayoutCheck {
+    int64_t* scratch;
+    int64_t* host;  // host-mapped words [3], device pointer
+};
 void launch_layout(const int64_t* topk_idx, int num_tokens, int num_topk, int num_ranks, int num_experts,
                    int ranks_per_node, int* per_rank, int* per_node, int* per_expert, bool* in_rank,
-                   ErrorWord err, cudaStream_t stream);
+                   ErrorWord err, LayoutCheck check, cudaStream_t stream);
 
 // ---- intranode.cu (normal mode: every group; NVLink inside a node) -----------------------------------------
 // Prepare: send_pos int32 [T, N] (position of token t among the rows for rank r, -1 if none) and count rows; with

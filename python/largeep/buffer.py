@@ -332,12 +332,20 @@ class Buffer:
         op = "get_dispatch_layout"
         self._check_alive(op)
         c = self.ctx
+        # a backend that checks the ids in its layout kernel saves the separate min/max and its device copy
+        native_check = getattr(self._impl, "checks_layout_ids", False) and isinstance(topk_idx, torch.Tensor) and \
+            checks.needs_id_check(topk_idx, self._settings.check_values)
         idx = checks.topk_idx(
             op, topk_idx, num_tokens=None, num_topk=c.num_topk, num_experts=c.num_experts, device=c.device,
-            check_values=self._settings.check_values, memo="remember",
+            check_values=self._settings.check_values and not native_check, memo="remember",
         )
         checks.max_tokens(op, idx.shape[0], c.max_tokens_per_rank, arg="topk_idx")
-        layout, _ = self._run(lambda: self._impl.get_dispatch_layout(idx), previous_event, async_finish, [idx])
+        if native_check:
+            layout, _ = self._run(lambda: self._impl.get_dispatch_layout(idx, check=True), previous_event,
+                                  async_finish, [idx])
+            checks.remember_checked(idx, c.num_experts)
+        else:
+            layout, _ = self._run(lambda: self._impl.get_dispatch_layout(idx), previous_event, async_finish, [idx])
         return layout  # type: ignore[no-any-return]
 
     def dispatch(

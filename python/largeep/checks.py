@@ -88,11 +88,19 @@ def topk_idx(
         return idx
     lo_v, hi_v = _id_range(idx)
     if lo_v < -1 or hi_v >= num_experts:
-        bad = lo_v if lo_v < -1 else hi_v
-        raise ArgumentError(f"{_where(op, 'topk_idx')} holds expert id {bad}, expected values in [-1, {num_experts})")
+        raise bad_expert_id(op, lo_v if lo_v < -1 else hi_v, num_experts)
     if memo == "remember":
-        _remember_checked(idx, num_experts)
+        remember_checked(idx, num_experts)
     return idx
+
+
+def needs_id_check(idx: torch.Tensor, check_values: bool) -> bool:
+    """Whether topk_idx's values are to be checked now (checks on, some ids, not capturing a CUDA graph)."""
+    return check_values and idx.numel() > 0 and not _capturing(idx.device)
+
+
+def bad_expert_id(op: str, bad: int, num_experts: int) -> ArgumentError:
+    return ArgumentError(f"{_where(op, 'topk_idx')} holds expert id {bad}, expected values in [-1, {num_experts})")
 
 
 # topk_idx tensors a layout checked, waiting for the dispatch that follows: id -> (weak reference, version counter,
@@ -111,7 +119,8 @@ def _take_checked(idx: torch.Tensor, num_experts: int) -> bool:
     )
 
 
-def _remember_checked(idx: torch.Tensor, num_experts: int) -> None:
+def remember_checked(idx: torch.Tensor, num_experts: int) -> None:
+    """idx passed the id check (here, or in a backend's layout): the dispatch that follows need not check it."""
     if idx.is_inference():
         return
     _CHECKED[id(idx)] = (weakref.ref(idx), idx._version, num_experts)

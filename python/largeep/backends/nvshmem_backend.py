@@ -17,7 +17,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from largeep import native
+from largeep import checks, native
 from largeep._env import Settings, logger
 from largeep.backends.base import GroupContext, LowLatencyDispatchOut, NormalDispatchOut
 from largeep.errors import ArgumentError, PeerTimeoutError
@@ -132,20 +132,32 @@ class _LLState:
     num_tokens: int
 
 
-# Live backends with zero-copy slots, for record_zero_copy (a weak set: a Buffer never destroyed still goes away).
-_ZC_BACKENDS: weakref.WeakSet[NvshmemBackend] = weakref.WeakSet()
+# The zero-copy regions [first, last) byte of live backends, for record_zero_copy: a tuple rebuilt when a backend
+# comes or goes (this is read on every call, so no weak-set iteration there); weak references, so that a Buffer
+# never destroyed still goes away.
+_ZC_REGIONS: tuple[tuple[int, int, weakref.ref[NvshmemBackend]], ...] = ()
+
+
+def _zc_register(backend: NvshmemBackend, live: bool) -> None:
+    global _ZC_REGIONS
+    keep = [(lo, hi, ref) for lo, hi, ref in _ZC_REGIONS if ref() is not None and ref() is not backend]
+    if live:
+        keep.append((*backend.zc_region, weakref.ref(backend)))
+    _ZC_REGIONS = tuple(keep)
 
 
 def record_zero_copy(t: torch.Tensor, stream: int) -> None:
     """If ``t`` is a zero-copy dispatch output of a live Buffer (any Buffer of this process), its slot's release
     also waits for ``stream``: what ``Tensor.record_stream`` does for tensors of torch's allocator."""
-    if not _ZC_BACKENDS or not t.is_cuda:
+    regions = _ZC_REGIONS
+    if not regions or not t.is_cuda:
         return
     ptr = t.data_ptr()
-    for b in list(_ZC_BACKENDS):
-        lo, hi = b.zc_region
+    for lo, hi, ref in regions:
         if lo <= ptr < hi:
-            b.zc_add_stream(ptr, stream)
+            b = ref()
+            if b is not None:
+                b.zc_add_stream(ptr, stream)
             return
 
 
@@ -203,10 +215,13 @@ class NvshmemBackend:
         self.peer_base = torch.tensor(peers, dtype=torch.int64, device=dev)
         self.seq = torch.zeros(4, dtype=torch.int64, device=dev)
         self.counters = torch.zeros(8, dtype=torch.int32, device=dev)
-        words = _PER_EXPERT + ctx.experts_per_rank
+        # status words: ready, error, rows, -, per-expert rows [E/N], the layout check (done, lowest, highest id)
+        self._layout_word = _PER_EXPERT + ctx.experts_per_rank
+        words = self._layout_word + 3
         self.host_ptr, self.status_dev = (int(v) for v in self.C.host_alloc(8 * words))
         # The kernels poll this device word for errors (reading the host-mapped status costs a PCIe round trip).
         self.error_word = torch.zeros(1, dtype=torch.int64, device=dev)
+        self.layout_scratch = torch.zeros(3, dtype=torch.int64, device=dev)  # the layout check's atomics
         self.status = (ctypes.c_int64 * words).from_address(self.host_ptr)
         common = (
             ctx.rank, n, ctx.num_experts, ctx.num_topk, ctx.hidden, ctx.max_tokens_per_rank, self.base,
@@ -224,7 +239,7 @@ class NvshmemBackend:
         if self.zc_slots:
             first = self.base + int(lay["off_zc"])
             self.zc_region = (first, first + self.zc_slots * int(lay["zc_slot_bytes"]))
-            _ZC_BACKENDS.add(self)
+            _zc_register(self, True)
 
     # -- lifetime and errors ------------------------------------------------------------------------------------
     def destroy(self) -> None:
@@ -232,7 +247,7 @@ class NvshmemBackend:
             return
         self.alive = False
         torch.cuda.synchronize(self.ctx.device)
-        _ZC_BACKENDS.discard(self)
+        _zc_register(self, False)
         if not self.ctx.low_latency:
             held = int(self.kernels.zc_busy())
             if held:
@@ -273,20 +288,41 @@ class NvshmemBackend:
         return int(torch.cuda.current_stream(self.ctx.device).cuda_stream)
 
     # -- normal mode --------------------------------------------------------------------------------------------
-    def get_dispatch_layout(self, topk_idx: torch.Tensor) -> Layout:
-        self._raise_if_failed("get_dispatch_layout")
+    # get_dispatch_layout checks the expert ids itself (``check=True``): the layout kernel finds the ids out of
+    # range and the host waits for it on a host-mapped word, instead of a separate min/max and a device copy.
+    checks_layout_ids = True
+
+    def get_dispatch_layout(self, topk_idx: torch.Tensor, check: bool = False) -> Layout:
+        """``check``: raise ArgumentError (nothing else launched, the Buffer still usable) if an id is outside
+        [-1, num_experts); waits on the host for the layout kernel. Needs at least one token."""
+        op = "get_dispatch_layout"
+        self._raise_if_failed(op)
         c = self.ctx
         dev = c.device
         t = topk_idx.shape[0]
-        per_rank = torch.empty(c.num_ranks, dtype=torch.int32, device=dev)
-        per_node = torch.empty(c.num_nodes, dtype=torch.int32, device=dev)
-        per_expert = torch.empty(c.num_experts, dtype=torch.int32, device=dev)
+        counts = torch.empty(c.num_ranks + c.num_nodes + c.num_experts, dtype=torch.int32, device=dev)
+        per_rank, per_node, per_expert = counts.split((c.num_ranks, c.num_nodes, c.num_experts))
         in_rank = torch.empty(t, c.num_ranks, dtype=torch.bool, device=dev)
+        lw = self._layout_word
+        if check:
+            assert t > 0, "the layout check needs tokens"
+            self.status[lw] = 0
         self.C.layout(
             topk_idx.data_ptr(), t, c.num_topk, c.num_ranks, c.num_experts, c.ranks_per_node, per_rank.data_ptr(),
             per_node.data_ptr(), per_expert.data_ptr(), in_rank.data_ptr(), self.status_dev, self.error_word.data_ptr(),
-            self._stream(),
+            self.layout_scratch.data_ptr() if check else 0, self.status_dev + 8 * lw if check else 0, self._stream(),
         )
+        if check:
+            rc = self.C.wait_host_word(self.host_ptr, lw, 1, _ERROR, self.settings.timeout_s + _HOST_GRACE_S)
+            self._raise_if_failed(op)
+            if rc == 2:
+                raise PeerTimeoutError(
+                    f"{op}: the expert-id check of rank {c.rank} did not finish within "
+                    f"LARGEEP_TIMEOUT_S={self.settings.timeout_s:g} s (a kernel before it on the stream is stuck?)"
+                )
+            low, high = int(self.status[lw + 1]), int(self.status[lw + 2])
+            if low < -1 or high >= c.num_experts:
+                raise checks.bad_expert_id(op, low if low < -1 else high, c.num_experts)
         return Layout(per_rank, per_node, per_expert, in_rank)
 
     def dispatch(
@@ -323,11 +359,14 @@ class NvshmemBackend:
         if state is None:
             assert topk_idx is not None and topk_weights is not None
             i32 = torch.int32
-            send_pos = torch.empty(t, n, dtype=i32, device=dev)
-            recv_off = torch.empty(n + 1, dtype=i32, device=dev)
-            send_off = torch.empty(n, dtype=i32, device=dev)
+            report = not worst
+            # one allocation for the int32 arrays of the call (each a view; kernels read them as ints)
+            parts = (t * n, n + 1, n, max(t, 1), c.experts_per_rank if report else 0)
+            send_pos, recv_off, send_off, self_token, per_expert_ws = torch.empty(
+                sum(parts), dtype=i32, device=dev
+            ).split(parts)
+            send_pos = send_pos.view(t, n)
             send_slot = torch.empty(n, dtype=torch.int64, device=dev)  # this call's only (see _NvState)
-            self_token = torch.empty(max(t, 1), dtype=i32, device=dev)
             hier = None
             if nodes > 1:
                 hier = _Hier(
@@ -336,10 +375,9 @@ class NvshmemBackend:
                     fwd_count=torch.empty(nodes, dtype=i32, device=dev),
                     fwd_pos=torch.empty(nodes, c.max_tokens_per_rank, p, dtype=i32, device=dev),
                 )
-            report = not worst
             if report:
                 self.status[_READY] = 0
-                per_expert_t = torch.empty(c.experts_per_rank, dtype=torch.int32, device=dev)
+                per_expert_t = per_expert_ws
             k.prepare(topk_idx.data_ptr(), t, send_pos.data_ptr(), _ptr(hier.node_pos if hier else None),
                       self_token.data_ptr(), stream)
             k.notify(recv_off.data_ptr(), send_off.data_ptr(), send_slot.data_ptr(),

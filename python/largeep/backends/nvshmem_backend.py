@@ -38,6 +38,9 @@ _OPS = {
 _OP_WORST_TOO_SMALL = 8  # kOpWorstTooSmall: not a timeout
 # The host waits a little longer than the device, so that the device's report (which names the rank) comes first.
 _HOST_GRACE_S = 5.0
+# The current stream's handle without building a torch.cuda.Stream (what triton calls; a few microseconds of host
+# time a call at small sizes); None on builds without it, which then take torch.cuda.current_stream.
+_RAW_STREAM = getattr(torch._C, "_cuda_getCurrentRawStream", None)
 
 _world: dict[str, Any] = {}
 
@@ -285,6 +288,9 @@ class NvshmemBackend:
         )
 
     def _stream(self) -> int:
+        index = self.ctx.device.index
+        if _RAW_STREAM is not None and index is not None:
+            return int(_RAW_STREAM(index))
         return int(torch.cuda.current_stream(self.ctx.device).cuda_stream)
 
     # -- normal mode --------------------------------------------------------------------------------------------
@@ -301,7 +307,7 @@ class NvshmemBackend:
         dev = c.device
         t = topk_idx.shape[0]
         counts = torch.empty(c.num_ranks + c.num_nodes + c.num_experts, dtype=torch.int32, device=dev)
-        per_rank, per_node, per_expert = counts.split((c.num_ranks, c.num_nodes, c.num_experts))
+        per_rank, per_node, per_expert = counts.split_with_sizes((c.num_ranks, c.num_nodes, c.num_experts))
         in_rank = torch.empty(t, c.num_ranks, dtype=torch.bool, device=dev)
         lw = self._layout_word
         if check:
@@ -364,7 +370,7 @@ class NvshmemBackend:
             parts = (t * n, n + 1, n, max(t, 1), c.experts_per_rank if report else 0)
             send_pos, recv_off, send_off, self_token, per_expert_ws = torch.empty(
                 sum(parts), dtype=i32, device=dev
-            ).split(parts)
+            ).split_with_sizes(parts)
             send_pos = send_pos.view(t, n)
             send_slot = torch.empty(n, dtype=torch.int64, device=dev)  # this call's only (see _NvState)
             hier = None

@@ -450,11 +450,12 @@ PYBIND11_MODULE(_C, m) {
     });
     m.def("layout", [](uintptr_t idx, int t, int k, int n, int e, int p, uintptr_t per_rank, uintptr_t per_node,
                        uintptr_t per_expert, uintptr_t in_rank, uintptr_t status, uintptr_t error,
-                       uintptr_t check_scratch, uintptr_t check_host, uintptr_t stream) {
+                       uintptr_t check_scratch, uintptr_t check_host, int64_t check_token, uintptr_t stream) {
         launch_layout(ptr<const int64_t>(idx), t, k, n, e, p, ptr<int>(per_rank), ptr<int>(per_node),
                       ptr<int>(per_expert), ptr<bool>(in_rank),
                       ErrorWord{ptr<int64_t>(error), ptr<int64_t>(status)},
-                      LayoutCheck{ptr<int64_t>(check_scratch), ptr<int64_t>(check_host)}, stream_of(stream));
+                      LayoutCheck{ptr<int64_t>(check_scratch), ptr<int64_t>(check_host), check_token},
+                      stream_of(stream));
     });
 
     m.def("weighted_row_sum", [](uintptr_t src, int elem, uintptr_t pos, uintptr_t w, uintptr_t y, int64_t rows, int k,

@@ -418,7 +418,8 @@ __device__ __forceinline__ bool reduce_token(const NormalCtx& c, T* out, float* 
         if (p >= 0 && lane != c.rank)
             ok = wait_flag(chunk_flags + static_cast<int64_t>(lane) * nchunks + p / kCombChunk, seq, c.timeout_ns,
                            c.err, kOpCombineReduce, lane);
-        if (!__all_sync(0xffffffffu, ok)) return false;  // the acquire above, then the warp barrier, then the rows
+        if (!__all_sync(0xffffffffu, ok)) return false;
+        __syncwarp();  // lane r's acquire, then this barrier (memory ordering among the warp), then every lane's loads
     }
     const unsigned present = __ballot_sync(0xffffffffu, p >= 0);
     const int n_src = __popc(present);
@@ -564,11 +565,14 @@ __global__ void __launch_bounds__(kReduceThreads) combine_fused_kernel(NormalCtx
                                    seq);
             }
         }
-    } else if (!has_error(c.err)) {
+    } else {
+        __shared__ int failed;  // read once per block: the warps' collectives below need uniform control flow
+        if (threadIdx.x == 0) failed = has_error(c.err) ? 1 : 0;
+        __syncthreads();
         const int64_t* flags = reinterpret_cast<const int64_t*>(c.base + c.off_comb_flags);
         const int self_row0 = recv_off[me];
         const int rb = static_cast<int>(blockIdx.x) - push_blocks, nrb = static_cast<int>(gridDim.x) - push_blocks;
-        for (int t = rb * warps + warp; t < num_tokens; t += nrb * warps)
+        for (int t = rb * warps + warp; !failed && t < num_tokens; t += nrb * warps)
             if (!reduce_token<T, kSrc, kUnroll, true>(c, out, out_w, send_pos, nullptr, y, y_w, self_row0, t,
                                                       with_weights, lane, flags, nchunks, seq))
                 break;

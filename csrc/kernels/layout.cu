@@ -1,8 +1,9 @@
 // get_dispatch_layout: one thread per token; block-level histograms in shared memory, then one global atomic per
 // non-zero bin. Outputs are zeroed by the launcher first (cudaMemsetAsync). With a check (the host's expert-id
 // range check, done here instead of a separate min/max reduction and copy): the lowest id below -1 and the highest
-// id >= E go to device scratch by atomics, and the last block copies them to host-mapped words, then raises the
-// done word the host waits on (the Buffer is not marked failed: the host raises an argument error).
+// id >= E go to device scratch by atomics, and the last block copies them to host-mapped words, then writes the
+// call's token into the done word the host waits on (the Buffer is not marked failed: the host raises an argument
+// error).
 #include "launch.cuh"
 
 namespace largeep {
@@ -75,7 +76,7 @@ __global__ void __launch_bounds__(kLayoutThreads) layout_kernel(const int64_t* t
                 host[2] = static_cast<int64_t>(atomicExch(sc + 1, 0ull));
                 sc[2] = 0;
                 __threadfence_system();
-                host[0] = 1;
+                host[0] = check.token;
             }
         }
     }

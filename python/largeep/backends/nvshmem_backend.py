@@ -159,9 +159,9 @@ def record_zero_copy(t: torch.Tensor, stream: int) -> None:
     for lo, hi, ref in regions:
         if lo <= ptr < hi:
             b = ref()
-            if b is not None:
+            if b is not None:  # a dead backend's range may have been reused by a live one
                 b.zc_add_stream(ptr, stream)
-            return
+                return
 
 
 class NvshmemBackend:
@@ -220,6 +220,7 @@ class NvshmemBackend:
         self.counters = torch.zeros(8, dtype=torch.int32, device=dev)
         # status words: ready, error, rows, -, per-expert rows [E/N], the layout check (done, lowest, highest id)
         self._layout_word = _PER_EXPERT + ctx.experts_per_rank
+        self._layout_token = 0
         words = self._layout_word + 3
         self.host_ptr, self.status_dev = (int(v) for v in self.C.host_alloc(8 * words))
         # The kernels poll this device word for errors (reading the host-mapped status costs a PCIe round trip).
@@ -300,7 +301,8 @@ class NvshmemBackend:
 
     def get_dispatch_layout(self, topk_idx: torch.Tensor, check: bool = False) -> Layout:
         """``check``: raise ArgumentError (nothing else launched, the Buffer still usable) if an id is outside
-        [-1, num_experts); waits on the host for the layout kernel. Needs at least one token."""
+        [-1, num_experts); waits on the host for the layout kernel, which runs on the Buffer's stream (after the
+        caller's stream and the Buffer's earlier work). Needs at least one token."""
         op = "get_dispatch_layout"
         self._raise_if_failed(op)
         c = self.ctx
@@ -312,14 +314,16 @@ class NvshmemBackend:
         lw = self._layout_word
         if check:
             assert t > 0, "the layout check needs tokens"
-            self.status[lw] = 0
+            self._layout_token += 1  # the kernel writes it when done; an earlier call's kernel writes a smaller one
         self.C.layout(
             topk_idx.data_ptr(), t, c.num_topk, c.num_ranks, c.num_experts, c.ranks_per_node, per_rank.data_ptr(),
             per_node.data_ptr(), per_expert.data_ptr(), in_rank.data_ptr(), self.status_dev, self.error_word.data_ptr(),
-            self.layout_scratch.data_ptr() if check else 0, self.status_dev + 8 * lw if check else 0, self._stream(),
+            self.layout_scratch.data_ptr() if check else 0, self.status_dev + 8 * lw if check else 0,
+            self._layout_token, self._stream(),
         )
         if check:
-            rc = self.C.wait_host_word(self.host_ptr, lw, 1, _ERROR, self.settings.timeout_s + _HOST_GRACE_S)
+            rc = self.C.wait_host_word(self.host_ptr, lw, self._layout_token, _ERROR,
+                                       self.settings.timeout_s + _HOST_GRACE_S)
             self._raise_if_failed(op)
             if rc == 2:
                 raise PeerTimeoutError(

@@ -76,6 +76,15 @@ def test_normal_gpu(pools, world: int, backend: str, case: tuple) -> None:
     _normal_case(pools, world, backend, case, 11 + world, None)
 
 
+@pytest.mark.gpu(1)
+@needs_native
+@pytest.mark.parametrize("case", [CASES[0], CASES[1], CASES[3]], ids=[CASE_IDS[0], CASE_IDS[1], CASE_IDS[3]])
+def test_normal_gpu_one_rank(pools, case: tuple) -> None:
+    """A group of one rank: nothing crosses NVLink (the fused combine's push blocks have no peer; every row is
+    this rank's own)."""
+    _normal_case(pools, 1, "nvshmem", case, 5, None)
+
+
 @pytest.mark.gpu(2)
 @needs_native
 @pytest.mark.parametrize("world", [2, 4])

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One round of GPU checks on the GPU machine: build, GPU tests, benchmarks. Logs and JSON go to OUTDIR.
-# usage: scripts/device_check.sh OUTDIR [stage ...]   stages: build tests bench perf internode layer longrun tune comb
+# usage: scripts/device_check.sh OUTDIR [stage ...]   stages: build tests bench perf internode layer longrun tune comb shared
 #   (default: build tests bench)
 #   bench: python -m largeep.bench (whole-call event times, every backend; LARGEEP_BENCH_ARGS overrides the preset)
 #   perf:  kernel times (normal) and kernel + CUDA-graph times (low-latency) of the nvshmem backend, on all GPUs
@@ -14,6 +14,7 @@
 #         the low-latency sends: ll_send=1 (token-major at every size: its GPU tests), ll_send=0 (pair-wise at
 #         every size: its kernel times, against the default's in the perf stage)
 #   comb: the combine's LARGEEP_TUNE comb settings: GPU tests at comb 0, 1, 7; kernel times at LARGEEP_COMB_SWEEP
+#   shared: the 4-rank GPU tests with 2 ranks per GPU (LARGEEP_TEST_SHARED_GPUS=1; NVSHMEM's several PEs per GPU)
 set -uo pipefail
 OUT=${1:?usage: scripts/device_check.sh OUTDIR [stage ...]}
 shift
@@ -99,6 +100,12 @@ for stage in $STAGES; do
       LARGEEP_TUNE=ll_send=0 timeout 200 $PY bench/low_latency_times.py --nprocs "$ngpu" \
         --out "$OUT/tune_ll_send0" > "$OUT/tune_ll_send0.log" 2>&1 || rc=1
       tail -12 "$OUT/tune_ll_send0.log"
+      ;;
+    shared)
+      # 4 ranks on 2 GPUs (2 per GPU, a gloo group): the 4-rank paths for correctness when no 4-GPU machine is lent
+      (cd tests && LARGEEP_TEST_SHARED_GPUS=1 LARGEEP_TIMEOUT_S=${LARGEEP_TIMEOUT_S:-60} timeout 900 $PY -m pytest -q -ra \
+        -p no:cacheprovider -m gpu -k shared_gpus test_gpu.py) > "$OUT/shared_gpus_tests.log" 2>&1 || rc=1
+      echo "shared-GPU tests: $(tail -1 "$OUT/shared_gpus_tests.log")" | tee -a "$OUT/summary.txt"
       ;;
     comb)
       # the combine's settings (LARGEEP_TUNE comb): 0 = push kernel then reduce kernel, 1..7 = one fused kernel

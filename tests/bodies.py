@@ -20,7 +20,9 @@ from reference import (
 
 
 def device_for(backend: str) -> torch.device:
-    if dist.get_backend() == "nccl":
+    """Where a Buffer of ``backend`` on the default group keeps its tensors: CUDA on an NCCL group, and for the
+    nvshmem backend on a gloo group too (ranks sharing GPUs); else the CPU."""
+    if dist.get_backend() == "nccl" or (backend == "nvshmem" and torch.cuda.is_available()):
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
 

@@ -34,6 +34,11 @@ def _worker(rank: int, world: int, init_file: str, backend: str, tasks: Any, res
         kwargs: dict[str, Any] = {"device_id": torch.device("cuda", rank)}
     else:
         kwargs = {}
+    if backend == "gloo-cuda":
+        # ranks share the GPUs (rank % GPUs): NCCL refuses two ranks on one GPU, gloo does not; the nvshmem backend
+        # runs on the current CUDA device of a gloo group (NVSHMEM hosts several PEs per GPU)
+        torch.cuda.set_device(rank % torch.cuda.device_count())
+        backend = "gloo"
     dist.init_process_group(
         backend,
         init_method=f"file://{init_file}",

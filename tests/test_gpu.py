@@ -6,6 +6,8 @@ torch/NCCL one so that each process joins NVSHMEM once.
 
 from __future__ import annotations
 
+import os
+
 import bodies
 import gpu_bodies
 import pytest
@@ -187,3 +189,36 @@ def test_normal_internode(pools, world: int, ranks_per_node: int, case: tuple) -
     """One host split into nodes (ranks_per_node below the host size): rows for other nodes take the RDMA leg
     (NVSHMEM puts, once per node) and the forwarder's NVLink leg; combine sums per node first. Same reference."""
     _normal_case(pools, world, "nvshmem", case, 31 + world, ranks_per_node)
+
+
+SHARED_GPUS = os.environ.get("LARGEEP_TEST_SHARED_GPUS") == "1"
+needs_shared = pytest.mark.skipif(
+    not SHARED_GPUS, reason="LARGEEP_TEST_SHARED_GPUS=1 runs 4 ranks on 2 GPUs (NVSHMEM's several PEs per GPU; slow)"
+)
+
+
+@pytest.mark.gpu(2)
+@needs_native
+@needs_shared
+@pytest.mark.parametrize("ranks_per_node", [None, 2, 1])
+@pytest.mark.parametrize("case", [CASES[0], CASES[1], CASES[3]], ids=[CASE_IDS[0], CASE_IDS[1], CASE_IDS[3]])
+def test_normal_four_ranks_shared_gpus(pools, ranks_per_node: int | None, case: tuple) -> None:
+    """4 ranks of a gloo group on 2 GPUs, 2 per GPU: the 4-rank paths (one node of 4, 2 x 2, 4 x 1) for correctness
+    where no 4-GPU machine is lent (their kernels take turns on a GPU, so no timing means anything here)."""
+    hidden, experts, topk, dtype, fp8, align, worst = case
+    pools(4, "gloo-cuda").run(
+        bodies.normal_roundtrip, "nvshmem", _tokens(4, 300), hidden, experts, topk, dtype, fp8, align, 31,
+        ranks_per_node, worst,
+    )
+
+
+@pytest.mark.gpu(2)
+@needs_native
+@needs_shared
+@pytest.mark.parametrize("case", LL_CASES[:2], ids=["m128-fp8", "m128-bf16-hook"])
+def test_low_latency_four_ranks_shared_gpus(pools, case: tuple) -> None:
+    m, hidden, experts, topk, fp8, round_scale, hook = case
+    tokens = [m, 0, m - 6, m - 9]
+    pools(4, "gloo-cuda").run(
+        bodies.low_latency_roundtrip, "nvshmem", tokens, m, hidden, experts, topk, fp8, round_scale, hook, 41
+    )

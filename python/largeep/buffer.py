@@ -210,6 +210,10 @@ class Buffer:
             if num_sms % 2:
                 raise ArgumentError(f"{op}: argument 'num_sms' = {num_sms} must be even")
         device = _group_device(group)
+        if backend == "nvshmem" and device.type == "cpu" and torch.cuda.is_available():
+            # NVSHMEM uses the group only for a few object collectives (its start, the configuration check), which
+            # gloo carries as well: the data lives on this process's current CUDA device
+            device = torch.device("cuda", torch.cuda.current_device())
         self._settings = _env.settings()
         self.ctx = GroupContext(
             group=group, rank=rank, num_ranks=n, ranks_per_node=ranks_per_node, device=device, hidden=hidden,

@@ -166,6 +166,8 @@ def _body(rank: int, world: int, args: argparse.Namespace, device: torch.device)
                         "time_us_p90": p90, "logical_gbps": logical,
                         "bus_gbps": rec.gbps(traffic.bus_bytes(row), med) if logical else None,
                         "kernels": op, "tune": os.environ.get("LARGEEP_TUNE", ""),
+                        # the fused combine's push share (LARGEEP_TUNE comb), 0 where push + reduce ran
+                        "combine_eighths": (buf._impl.fused_combine if "combine_fused_kernel" in per_kernel else 0),
                     })
             buf.destroy()
     return {"records": out, "legs": legs}

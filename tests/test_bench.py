@@ -174,14 +174,15 @@ def _synthetic(params: sim.Params, cluster: sim.Cluster, noise: float = 0.0) -> 
                         out.append(dict(backend="synthetic", mode=mode, op=op, ep=ep, ranks_per_node=rpn,
                                         num_tokens=tokens, hidden=7168, num_topk=8, num_experts=experts,
                                         dtype=dtype, num_sms=sms, time_us_median=t, time_us_p10=t, time_us_p90=t,
-                                        logical_gbps=1.0))
+                                        logical_gbps=1.0,
+                                        combine_eighths=c.combine_eighths if params.comb_gbps else 0))
     return out
 
 
 TRUE = sim.Params(
     lat_us={"normal.dispatch": 22.0, "normal.combine": 31.0, "low_latency.dispatch": 9.0,
             "low_latency.combine": 13.0},
-    eff_nvlink=0.72, eff_rdma=0.83, sm_gbps=12.5,
+    eff_nvlink=0.72, eff_rdma=0.83, sm_gbps=12.5, comb_gbps=30.0,
 )
 
 
@@ -193,6 +194,7 @@ def test_calibrate_recovers_known_constants() -> None:
     assert fit.eff_nvlink == pytest.approx(TRUE.eff_nvlink, rel=1e-6)
     assert fit.eff_rdma == pytest.approx(TRUE.eff_rdma, rel=1e-6)
     assert fit.sm_gbps == pytest.approx(TRUE.sm_gbps, rel=1e-6)
+    assert fit.comb_gbps == pytest.approx(TRUE.comb_gbps, rel=1e-6)
     assert set(fit.fitted) == {k.replace("inv_", "") for k in sim.PARAM_KEYS}
     assert fit.copy_gbps is None  # TRUE has no receive pass and the fit finds none
 
@@ -204,13 +206,35 @@ def test_calibrate_recovers_the_receive_pass() -> None:
     assert fit.copy_gbps == pytest.approx(40.0, rel=1e-6)
     assert fit.sm_gbps == pytest.approx(TRUE.sm_gbps, rel=1e-6)
     assert fit.eff_nvlink == pytest.approx(TRUE.eff_nvlink, rel=1e-6)
-    w = sim.Workload("normal", "combine", 4096, 7168, 8, 256, "bf16")
+    w = sim.Workload("normal", "dispatch", 4096, 7168, 8, 256, "bf16")
     with_pass = sim.predict(w, 4, true, replace(cluster, gpus_per_node=4), num_sms=24)
     without = sim.predict(w, 4, TRUE, replace(cluster, gpus_per_node=4), num_sms=24)
     assert with_pass.time_us == pytest.approx(without.time_us + with_pass.t_copy_us)
     assert with_pass.t_copy_us > 0 and without.t_copy_us == 0
     # left out of the fit on request: the old model, the placeholder's "no receive pass"
     assert sim.calibrate(_synthetic(true, cluster), cluster=cluster, copy_phase=False).copy_gbps is None
+
+
+def test_fused_combine_term() -> None:
+    """Inside one node the fused combine is bound by its push blocks (comb/8 of the grid) or the link, with no
+    receive pass after; with several nodes, or comb_gbps unknown, a combine is push + reduce as before."""
+    cluster = sim.Cluster(gpus_per_node=2)
+    true = replace(TRUE, copy_gbps=40.0)
+    w = sim.Workload("normal", "combine", 4096, 7168, 8, 256, "bf16")
+    assert [sim.push_blocks(s, 3) for s in (1, 2, 8, 16, 24)] == [1, 1, 3, 6, 9]
+    f8, f24 = (sim.predict(w, 2, true, cluster, num_sms=s) for s in (8, 24))
+    assert f8.t_copy_us == 0 and f8.bound == "sm"
+    assert f8.t_sm_us == pytest.approx(3 * f24.t_sm_us)  # 3 against 9 push blocks
+    split = sim.predict(w, 2, true, replace(cluster, combine_eighths=0), num_sms=8)
+    assert split.t_copy_us > 0 and split.t_sm_us != f8.t_sm_us
+    unknown = sim.predict(w, 2, replace(true, comb_gbps=None), cluster, num_sms=8)
+    assert unknown.time_us == pytest.approx(split.time_us)
+    two_nodes = sim.predict(w, 4, true, cluster, num_sms=8)
+    assert two_nodes.t_copy_us > 0  # several nodes: push + forward + reduce
+    # a record's tune names its split; otherwise combine_eighths, else push + reduce
+    assert sim.record_eighths({"tune": "threads=512,comb=5"}) == 5
+    assert sim.record_eighths({"tune": "", "combine_eighths": 3}) == 3
+    assert sim.record_eighths({}) == 0
 
 
 def test_calibrate_with_noise_and_holdout_check() -> None:
@@ -233,6 +257,7 @@ def test_calibrate_leaves_unexercised_constants_at_the_prior() -> None:
     fit = sim.calibrate(only_ll, cluster=cluster)
     prior = sim.placeholder()
     assert fit.sm_gbps == pytest.approx(prior.sm_gbps)
+    assert fit.comb_gbps is None  # no fused-combine record: unknown, so combines stay push + reduce
     assert fit.lat_us["normal.dispatch"] == pytest.approx(prior.lat_us["normal.dispatch"])
     assert fit.lat_us["low_latency.combine"] == pytest.approx(13.0, rel=1e-6)
 

@@ -24,11 +24,17 @@ copy-out of pushed rows in dispatch and the top-k reduction in combine; counted 
 dispatch dtype, because that pass is bound per row more than per byte; ``copy_gbps`` None = no such pass, as in
 designs that receive in place). Records without an SM count have neither SM term.
 
+The fused combine (largeep inside one node since session 5: ``comb``/8 of max(2, num_sms) blocks push while the
+rest reduce as rows arrive): ``t_sm = R * b * imbalance / (push_blocks * comb_gbps)`` in place of the SM and receive
+terms (the reduction overlaps the pushes), push_blocks = min(S - 1, max(1, round(S * comb / 8))). It applies to a
+normal-mode combine on one node when ``comb_gbps`` is known and the record (``combine_eighths``, or ``comb=`` in its
+``tune``) or the cluster (``combine_eighths``) says the fused kernel ran; groups of several nodes keep push + reduce.
+
 Constants fitted by :func:`calibrate` (least squares on relative error; the active term of each record is chosen by
 the current fit and the fit repeated until that choice settles): ``lat`` per (mode, op), ``eff_nvlink``,
-``eff_rdma``, ``sm_gbps``, ``copy_gbps``. A constant that no record exercises keeps its placeholder value and is
-reported as such. :func:`placeholder` gives the constants ANCHORS.md's measured link ceilings suggest, for use before
-GPU records exist. Everything the CLI prints says which numbers are measured and which modelled.
+``eff_rdma``, ``sm_gbps``, ``copy_gbps``, ``comb_gbps``. A constant that no record exercises keeps its placeholder
+value and is reported as such. :func:`placeholder` gives the constants ANCHORS.md's measured link ceilings suggest,
+for use before GPU records exist. Everything the CLI prints says which numbers are measured and which modelled.
 
 Record files (:func:`load`): the benchmark's layout (``{"schema", "records", "extras", ...}``: device-event times of
 whole Python calls, host overhead included) and the kernel-time layout of ``bench/kernel_times.py``
@@ -58,7 +64,7 @@ import torch
 MODES = ("normal", "low_latency")
 OPS = ("dispatch", "combine")
 _LAT_KEYS = tuple(f"{m}.{o}" for m in MODES for o in OPS)
-_INV_KEYS = ("inv_eff_nvlink", "inv_eff_rdma", "inv_sm_gbps", "inv_copy_gbps")
+_INV_KEYS = ("inv_eff_nvlink", "inv_eff_rdma", "inv_sm_gbps", "inv_copy_gbps", "inv_comb_gbps")
 PARAM_KEYS = _LAT_KEYS + _INV_KEYS
 
 # DeepEP V1 published on H800 + ConnectX-7 400 Gb/s (ANCHORS.md "Published").
@@ -89,6 +95,7 @@ class Cluster:
     nvlink_latency_us: float = 1.0
     nic_latency_us: float = 3.0
     num_sms: int | None = 24
+    combine_eighths: int = 3  # the fused combine's push share inside one node (LARGEEP_TUNE comb); 0 = two kernels
 
 
 @dataclass(frozen=True)
@@ -216,7 +223,8 @@ class Params:
     """Fitted constants. lat_us: fixed latency per "mode.op"; eff_*: fraction of the link bandwidth reached;
     sm_gbps: per-SM throughput cap of the send kernels (GB/s of logical bytes per SM, normal mode); copy_gbps:
     per-SM throughput of the receive-side pass run after the transfer (GB/s of BF16 row bytes per SM; None = no
-    such pass); source: where the numbers come from; fitted: which constants the data determined (the rest are
+    such pass); comb_gbps: per push block of the fused combine (None = not known: combines are modelled as push +
+    reduce); source: where the numbers come from; fitted: which constants the data determined (the rest are
     placeholders)."""
 
     lat_us: dict[str, float]
@@ -227,18 +235,22 @@ class Params:
     source: str = ""
     fitted: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    comb_gbps: float | None = None  # per push block of the fused combine (GB/s of logical bytes); None = not known
 
     def vector(self) -> list[float]:
         inv_copy = 1 / self.copy_gbps if self.copy_gbps else 0.0
+        inv_comb = 1 / self.comb_gbps if self.comb_gbps else 0.0
         return [self.lat_us[k] for k in _LAT_KEYS] + [1 / self.eff_nvlink, 1 / self.eff_rdma, 1 / self.sm_gbps,
-                                                      inv_copy]
+                                                      inv_copy, inv_comb]
 
     @staticmethod
     def from_vector(v: Sequence[float], source: str, fitted: list[str]) -> Params:
         lat = {k: float(v[i]) for i, k in enumerate(_LAT_KEYS)}
         j = len(_LAT_KEYS)
         copy = 1 / float(v[j + 3]) if v[j + 3] > 1e-12 else None
-        return Params(lat, 1 / float(v[j]), 1 / float(v[j + 1]), 1 / float(v[j + 2]), copy, source, list(fitted))
+        comb = 1 / float(v[j + 4]) if v[j + 4] > 1e-12 else None
+        return Params(lat, 1 / float(v[j]), 1 / float(v[j + 1]), 1 / float(v[j + 2]), copy, source, list(fitted),
+                      comb_gbps=comb)
 
 
 def placeholder() -> Params:
@@ -276,15 +288,29 @@ class Prediction:
     bound: str
 
 
-def _terms(tr: Traffic, w: Workload, cluster: Cluster, num_sms: int | None) -> dict[str, tuple[float, float]]:
-    """Each term as (coefficient on its inverse constant, constant us), so that time = lat + coef * inv + const."""
+def push_blocks(num_sms: int, eighths: int) -> int:
+    """Blocks of the fused combine that push (launch_combine_fused): the rest reduce."""
+    grid = max(2, num_sms)
+    return min(grid - 1, max(1, (grid * eighths + 4) // 8))
+
+
+def _fused(w: Workload, num_ranks: int, ranks_per_node: int, num_sms: int | None, eighths: int) -> bool:
+    return w.mode == "normal" and w.op == "combine" and ranks_per_node >= num_ranks and bool(num_sms) and eighths > 0
+
+
+def _terms(tr: Traffic, w: Workload, cluster: Cluster, num_sms: int | None,
+           fused_eighths: int = 0) -> dict[str, tuple[float, float]]:
+    """Each term as (coefficient on its inverse constant, constant us), so that time = lat + coef * inv + const.
+    fused_eighths > 0: the fused combine's push term ("comb") instead of the SM and receive terms."""
     bw_nvl = cluster.nvlink_gbps * 1e3  # bytes per us
     bw_nic = cluster.nic_gbps * 1e3
     out = {
         "nvlink": (tr.nvlink / bw_nvl, cluster.nvlink_latency_us if tr.nvlink > 0 else 0.0),
         "rdma": (tr.rdma / bw_nic, cluster.nic_latency_us if tr.rdma > 0 else 0.0),
     }
-    if w.mode == "normal" and num_sms:
+    if w.mode == "normal" and num_sms and fused_eighths > 0:
+        out["comb"] = (tr.sm / (push_blocks(num_sms, fused_eighths) * 1e3), 0.0)
+    elif w.mode == "normal" and num_sms:
         out["sm"] = (tr.sm / (num_sms * 1e3), 0.0)
         out["copy"] = (tr.copy / (num_sms * 1e3), 0.0)
     return out
@@ -301,10 +327,13 @@ def predict(
         stats = routing_stats(num_ranks, p, w.num_experts, w.num_topk)
     sms = cluster.num_sms if num_sms == -1 else num_sms
     tr = traffic(w, num_ranks, p, stats, hierarchical=hierarchical)
-    terms = _terms(tr, w, cluster, sms)
+    fused = params.comb_gbps is not None and _fused(w, num_ranks, p, sms, cluster.combine_eighths)
+    terms = _terms(tr, w, cluster, sms, cluster.combine_eighths if fused else 0)
     t_nvl = terms["nvlink"][0] / params.eff_nvlink + terms["nvlink"][1]
     t_rdma = terms["rdma"][0] / params.eff_rdma + terms["rdma"][1]
     t_sm = terms["sm"][0] / params.sm_gbps if "sm" in terms else 0.0
+    if "comb" in terms and params.comb_gbps:
+        t_sm = terms["comb"][0] / params.comb_gbps
     t_copy = terms["copy"][0] / params.copy_gbps if "copy" in terms and params.copy_gbps else 0.0
     links = max(t_nvl, t_rdma) if overlap else t_nvl + t_rdma
     body = max(links, t_sm)
@@ -319,11 +348,13 @@ def predict(
 
 
 # -- record files -----------------------------------------------------------------------------------------------
-def load(paths: str | Path | Sequence[str | Path], *, label: str | None = None) -> list[dict[str, Any]]:
+def load(paths: str | Path | Sequence[str | Path], *, label: str | None = None,
+         fused_combine: int = 0) -> list[dict[str, Any]]:
     """Records of result files in either layout (module docstring), as dicts with the SPEC keys plus ``timing``
     ("kernel": profiler kernel times; "events": device events around whole calls, host overhead included),
     ``file`` and ``label`` (``label``, else the file's folder name); the benchmark's per-record ``extras``
-    (``bus_gbps``, ``phase_of``, ...) are merged in, and a kernel-time record's ``kernels`` kept."""
+    (``bus_gbps``, ``phase_of``, ...) are merged in, and a kernel-time record's ``kernels`` kept. fused_combine:
+    the ``combine_eighths`` of records that do not say (files written before kernel_times.py recorded it)."""
     from largeep.bench.records import RECORD_KEYS
 
     if isinstance(paths, (str, Path)):
@@ -344,6 +375,7 @@ def load(paths: str | Path | Sequence[str | Path], *, label: str | None = None) 
                 row.update({k: v for k, v in extras[i].items() if k not in row})
             kernel = "kernels" in r or "kernel" in what.lower()
             row.setdefault("timing", "kernel" if kernel else "events")
+            row.setdefault("combine_eighths", fused_combine)
             row["file"] = str(path)
             row["label"] = label or path.parent.name
             out.append(row)
@@ -353,6 +385,17 @@ def load(paths: str | Path | Sequence[str | Path], *, label: str | None = None) 
 # -- calibration ------------------------------------------------------------------------------------------------
 def _usable(r: dict[str, Any]) -> bool:
     return r.get("mode") in MODES and r.get("op") in OPS and float(r.get("time_us_median") or 0) > 0
+
+
+def record_eighths(r: dict[str, Any]) -> int:
+    """The fused combine's push share a record ran with (0: push + reduce kernels): ``comb=`` in its ``tune``, else
+    its ``combine_eighths`` (bench/kernel_times.py writes it; load(..., fused_combine=...) sets it for older
+    files), else 0."""
+    for item in str(r.get("tune") or "").split(","):
+        key, _, value = item.strip().partition("=")
+        if key == "comb" and value.isdigit():
+            return int(value)
+    return int(r.get("combine_eighths") or 0)
 
 
 def _record_rows(
@@ -365,7 +408,9 @@ def _record_rows(
         n, p = int(r["ep"]), int(r["ranks_per_node"])
         stats = routing_stats(n, p, w.num_experts, w.num_topk)
         tr = traffic(w, n, p, stats, hierarchical=hierarchical)
-        rows.append((_LAT_KEYS.index(f"{w.mode}.{w.op}"), _terms(tr, w, cluster, r.get("num_sms")),
+        sms = r.get("num_sms")
+        eighths = record_eighths(r) if _fused(w, n, p, sms, record_eighths(r)) else 0
+        rows.append((_LAT_KEYS.index(f"{w.mode}.{w.op}"), _terms(tr, w, cluster, sms, eighths),
                      float(r["time_us_median"])))
     return rows
 
@@ -393,7 +438,9 @@ def calibrate(
     rows = _record_rows(recs, cluster, hierarchical)
     theta = np.array(prior.vector(), dtype=np.float64)
     nlat = len(_LAT_KEYS)
-    col = {"nvlink": nlat, "rdma": nlat + 1, "sm": nlat + 2, "copy": nlat + 3}
+    col = {"nvlink": nlat, "rdma": nlat + 1, "sm": nlat + 2, "copy": nlat + 3, "comb": nlat + 4}
+    if theta[col["comb"]] == 0:  # unknown: start the choice of active terms from a push block as fast as an SM
+        theta[col["comb"]] = theta[col["sm"]]
     serial = ("copy",) if copy_phase else ()
     active: list[tuple[str, ...]] | None = None
     used: set[int] = set()
@@ -409,7 +456,8 @@ def calibrate(
             else:
                 links = ("nvlink", "rdma")
                 link_val = vals["nvlink"] + vals["rdma"]
-            ch: tuple[str, ...] = ("sm",) if vals.get("sm", -1.0) > link_val else links
+            smk = "comb" if "comb" in terms else "sm"  # the fused combine's push blocks, or the send kernels'
+            ch: tuple[str, ...] = (smk,) if vals.get(smk, -1.0) > link_val else links
             choice.append(ch + tuple(k for k in serial if k in terms))
         if choice == active:
             break
@@ -438,10 +486,12 @@ def calibrate(
             # a negative latency, inverse efficiency or receive pass: clamp it (latency 0, no receive pass,
             # efficiency its prior) and refit
             for j in bad:
-                theta[j] = 0.0 if j < nlat or j == col["copy"] else prior.vector()[j]
+                theta[j] = 0.0 if j < nlat or j in (col["copy"], col["comb"]) else prior.vector()[j]
             free = [j for j in free if j not in bad]
             if not free:
                 break
+    if col["comb"] not in used:  # no fused-combine record: the constant stays unknown (or the prior's)
+        theta[col["comb"]] = prior.vector()[col["comb"]]
     names = list(PARAM_KEYS)
     fitted = [names[j].replace("inv_", "") for j in sorted(used)]
     params = Params.from_vector(theta.tolist(), f"fit of {len(recs)} records", fitted)
@@ -489,7 +539,7 @@ def check(
             continue
         w = Workload(r["mode"], r["op"], int(r["num_tokens"]), int(r["hidden"]), int(r["num_topk"]),
                      int(r["num_experts"]), r["dtype"])
-        c = replace(cluster, gpus_per_node=int(r["ranks_per_node"]))
+        c = replace(cluster, gpus_per_node=int(r["ranks_per_node"]), combine_eighths=record_eighths(r))
         pred = predict(w, int(r["ep"]), params, c, hierarchical=hierarchical, overlap=overlap,
                        num_sms=r.get("num_sms"))
         meas = float(r["time_us_median"])
@@ -742,6 +792,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-copy-phase", action="store_true",
                    help="fit without the serial receive pass (zero-copy dispatch has none; also the model before "
                         "the push design)")
+    p.add_argument("--fused-combine", type=int, default=0, metavar="EIGHTHS",
+                   help="records that do not say which combine ran were taken with the fused combine pushing on "
+                        "EIGHTHS/8 of its blocks (largeep's default since session 5: 3); 0 = push + reduce kernels")
+    p.add_argument("--combine-eighths", type=int, default=3,
+                   help="the fused combine's push share in the predictions (one node; 0 = push + reduce)")
     p.add_argument("--out", help="folder for sim.json and sim.png")
     p.add_argument("--eps", type=_ints, default=[8, 16, 32, 64, 128, 256])
     p.add_argument("--gpus-per-node", type=int, default=8)
@@ -796,7 +851,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     measured_cluster = Cluster(nvlink_gbps=args.nvlink_gbps, nic_gbps=args.nic_gbps,
                                nvlink_latency_us=args.nvlink_latency_us, nic_latency_us=args.nic_latency_us)
     hier, ovl, copy = not args.flat, not args.no_overlap, not args.no_copy_phase
-    usable = [r for r in load(args.calibrate) if _usable(r)] if args.calibrate else []
+    usable = [r for r in load(args.calibrate, fused_combine=args.fused_combine) if _usable(r)] if args.calibrate else []
     backend = _pick_backend(usable, args.backend)
     pool = [r for r in usable if r["backend"] == backend]
     timing = args.timing
@@ -830,8 +885,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"calibration: {params.source}")
     print(f"  constants fitted: {', '.join(params.fitted) or 'none'}; the others are placeholders")
     copy_txt = f"{params.copy_gbps:.2f}" if params.copy_gbps else "none"
+    comb_txt = f"{params.comb_gbps:.2f}" if params.comb_gbps else "none"
     print(f"  lat_us={ {k: round(v, 2) for k, v in params.lat_us.items()} } eff_nvlink={params.eff_nvlink:.3f} "
-          f"eff_rdma={params.eff_rdma:.3f} sm_gbps={params.sm_gbps:.2f} copy_gbps={copy_txt}")
+          f"eff_rdma={params.eff_rdma:.3f} sm_gbps={params.sm_gbps:.2f} copy_gbps={copy_txt} comb_gbps={comb_txt}")
     for warning in params.warnings:
         print(f"  WARNING: {warning}")
     if shown:
@@ -846,7 +902,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if holdout:
         c = holdout["constants"]
         print(f"held-out constants: lat_us={ {k: round(v, 1) for k, v in c['lat_us'].items()} } "
-              f"eff_nvlink={c['eff_nvlink']:.3f} sm_gbps={c['sm_gbps']:.2f} copy_gbps={c['copy_gbps'] or 0:.2f}")
+              f"eff_nvlink={c['eff_nvlink']:.3f} sm_gbps={c['sm_gbps']:.2f} copy_gbps={c['copy_gbps'] or 0:.2f} "
+              f"comb_gbps={c['comb_gbps'] or 0:.2f}")
         _print_check("held-out check", holdout)
     elif records:
         print("held-out check: too few records to hold any out")
@@ -855,7 +912,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"max {100 * holdout_alt['max_abs_err']:.1f}%, {holdout_alt['within_15pct']}/{holdout_alt['n']} "
               "within 15%")
     cluster = Cluster(args.gpus_per_node, args.nvlink_gbps, args.nic_gbps, args.nvlink_latency_us,
-                      args.nic_latency_us, args.num_sms)
+                      args.nic_latency_us, args.num_sms, args.combine_eighths)
     normal = (args.tokens, args.hidden, args.topk, args.experts)
     rows = sweep_ep(params, cluster, args.eps, normal=normal, ll=(args.ll_tokens, args.hidden, args.topk,
                     args.experts), max_nodes=args.max_nodes, samples=args.samples,

@@ -6,6 +6,7 @@
 #include <thread>
 
 #include "../kernels/exception.cuh"
+#include "../kernels/ptx.cuh"
 #include "runtime.hpp"
 
 namespace largeep::runtime {
@@ -14,11 +15,55 @@ namespace {
 struct State {
     bool initialized = false;
     bool finalized = false;
+    bool poisoned = false;            // a rendezvous timed out: a peer may be gone, NVSHMEM is no longer safe to use
     int rank = -1;
     int num_ranks = 0;
     int device = -1;
+    uint64_t* arrived = nullptr;      // symmetric [num_ranks]: arrived[r] = the last rendezvous rank r reached
+    uint64_t epoch = 0;               // rendezvous so far (every rank calls them in the same order)
+    int* missing = nullptr;           // device int: a rank that did not arrive, or -1
+    cudaStream_t stream = nullptr;
 };
 State g;
+
+// Thread r tells rank r that I arrived (an NVSHMEM signal: any transport), then waits, bounded, for rank r.
+__global__ void rendezvous_kernel(uint64_t* arrived, int me, int n, uint64_t epoch, uint64_t timeout_ns,
+                                  int* missing) {
+    const int r = threadIdx.x;
+    if (r >= n) return;
+    nvshmemx_signal_op(arrived + me, epoch, NVSHMEM_SIGNAL_SET, r);
+    const uint64_t start = largeep::globaltimer_ns();
+    while (static_cast<uint64_t>(largeep::ld_acquire_sys(reinterpret_cast<const int64_t*>(arrived + r))) < epoch) {
+        if (largeep::globaltimer_ns() - start > timeout_ns) {
+            atomicCAS(missing, -1, r);
+            return;
+        }
+    }
+}
+
+// Every rank must get here within timeout_s; throws naming a rank that did not (and poisons NVSHMEM for this
+// process: the collective that follows could never complete). Guards NVSHMEM's own barriers (in malloc, free and
+// barrier_all), which have no timeout.
+void rendezvous(double timeout_s, const char* what) {
+    HOST_ASSERT(!g.poisoned, what << ": an earlier rendezvous of this process timed out (a peer was missing); NVSHMEM "
+                "cannot be used safely in this process any more");
+    ++g.epoch;
+    const int minus_one = -1;
+    CUDA_CHECK(cudaMemcpyAsync(g.missing, &minus_one, sizeof(int), cudaMemcpyHostToDevice, g.stream));
+    const int threads = (g.num_ranks + 31) / 32 * 32;
+    rendezvous_kernel<<<1, threads, 0, g.stream>>>(g.arrived, g.rank, g.num_ranks, g.epoch,
+                                                   static_cast<uint64_t>(timeout_s * 1e9), g.missing);
+    LAUNCH_CHECK();
+    int missing = -1;
+    CUDA_CHECK(cudaMemcpyAsync(&missing, g.missing, sizeof(int), cudaMemcpyDeviceToHost, g.stream));
+    CUDA_CHECK(cudaStreamSynchronize(g.stream));
+    if (missing >= 0) {
+        g.poisoned = true;
+        HOST_ASSERT(false, what << ": rank " << missing << " did not arrive within " << timeout_s
+                    << " s (LARGEEP_TIMEOUT_S); NVSHMEM's collective was not entered, so this process's symmetric "
+                    "memory of the operation stays allocated and NVSHMEM cannot be used in this process any more");
+    }
+}
 }  // namespace
 
 std::string unique_id() {
@@ -57,14 +102,24 @@ void init(const std::string& uid, int rank, int num_ranks, int device) {
     g.rank = rank;
     g.num_ranks = num_ranks;
     g.device = device;
+    HOST_ASSERT(num_ranks <= 1024, "at most 1024 ranks");
+    // Rendezvous words: every rank is present during initialisation, so NVSHMEM's own barrier is safe here.
+    g.arrived = static_cast<uint64_t*>(nvshmem_malloc(sizeof(uint64_t) * num_ranks));
+    HOST_ASSERT(g.arrived != nullptr, "nvshmem_malloc of the rendezvous words failed");
+    CUDA_CHECK(cudaMemset(g.arrived, 0, sizeof(uint64_t) * num_ranks));
+    CUDA_CHECK(cudaMalloc(&g.missing, sizeof(int)));
+    CUDA_CHECK(cudaStreamCreateWithFlags(&g.stream, cudaStreamNonBlocking));
+    CUDA_CHECK(cudaDeviceSynchronize());
+    nvshmem_barrier_all();
 }
 
 bool initialized() { return g.initialized; }
 int rank() { return g.rank; }
 int num_ranks() { return g.num_ranks; }
 
-uintptr_t alloc(size_t bytes) {
+uintptr_t alloc(size_t bytes, double timeout_s) {
     HOST_ASSERT(g.initialized, "NVSHMEM is not initialised");
+    rendezvous(timeout_s, "Buffer creation (symmetric allocation)");
     void* p = nvshmem_malloc(bytes);
     HOST_ASSERT(p != nullptr || bytes == 0, "nvshmem_malloc of " << bytes << " bytes failed: the symmetric heap is too small "
                 "(raise NVSHMEM_SYMMETRIC_SIZE before the first Buffer is created)");
@@ -74,9 +129,10 @@ uintptr_t alloc(size_t bytes) {
     return reinterpret_cast<uintptr_t>(p);
 }
 
-void free(uintptr_t ptr) {
+void free(uintptr_t ptr, double timeout_s) {
     HOST_ASSERT(g.initialized, "NVSHMEM is not initialised");
     CUDA_CHECK(cudaDeviceSynchronize());
+    rendezvous(timeout_s, "Buffer.destroy (symmetric free)");
     nvshmem_barrier_all();
     nvshmem_free(reinterpret_cast<void*>(ptr));
 }
@@ -87,9 +143,10 @@ uintptr_t peer_ptr(uintptr_t ptr, int pe) {
     return reinterpret_cast<uintptr_t>(nvshmem_ptr(reinterpret_cast<void*>(ptr), pe));
 }
 
-void barrier() {
+void barrier(double timeout_s) {
     HOST_ASSERT(g.initialized, "NVSHMEM is not initialised");
     CUDA_CHECK(cudaDeviceSynchronize());
+    rendezvous(timeout_s, "barrier");
     nvshmem_barrier_all();
 }
 

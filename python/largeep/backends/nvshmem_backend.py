@@ -142,7 +142,7 @@ class NvshmemBackend:
         sizes = (n, ctx.num_experts, ctx.num_topk, ctx.hidden, ctx.max_tokens_per_rank)
         lay = (C.low_latency_layout if ctx.low_latency else C.normal_layout)(*sizes, ctx.ranks_per_node)
         self.C = _join(ctx, int(lay["total_bytes"]), settings)
-        self.base = int(self.C.alloc(int(lay["total_bytes"])))
+        self.base = int(self._collective("Buffer", self.C.alloc, int(lay["total_bytes"]), settings.timeout_s))
         # Peers on this rank's node are written through NVLink; NVSHMEM's puts reach the others, so their peer
         # pointers are left 0 even where NVLink would reach them (several nodes emulated on one host).
         node = ctx.rank // ctx.ranks_per_node
@@ -150,7 +150,7 @@ class NvshmemBackend:
         peers = [int(self.C.peer_ptr(self.base, r)) if r in mine else 0 for r in range(n)]
         unreachable = [r for r in mine if peers[r] == 0]
         if unreachable:
-            self.C.free(self.base)
+            self._collective("Buffer", self.C.free, self.base, settings.timeout_s)
             raise RuntimeError(f"Buffer: ranks {unreachable} are not reachable over NVLink from rank {ctx.rank}")
         dev = ctx.device
         self.peer_base = torch.tensor(peers, dtype=torch.int64, device=dev)
@@ -180,8 +180,21 @@ class NvshmemBackend:
             return
         self.alive = False
         torch.cuda.synchronize(self.ctx.device)
-        self.C.free(self.base)  # collective: a barrier first, so no peer still reads this memory
-        self.C.host_free(self.host_ptr)
+        try:
+            # collective: a bounded rendezvous, then NVSHMEM's barrier, so no peer still reads this memory
+            self._collective("destroy", self.C.free, self.base, self.settings.timeout_s)
+        finally:
+            self.C.host_free(self.host_ptr)
+
+    @staticmethod
+    def _collective(op: str, fn: Any, *args: Any) -> Any:
+        """Runs a collective of the runtime; its bounded rendezvous failing (a rank missing) is a PeerTimeoutError."""
+        try:
+            return fn(*args)
+        except RuntimeError as exc:
+            if "did not arrive within" in str(exc) or "an earlier rendezvous" in str(exc):
+                raise PeerTimeoutError(f"{op}: {exc}") from None
+            raise
 
     def _raise_if_failed(self, op: str) -> None:
         code = int(self.status[_ERROR])

@@ -14,7 +14,7 @@ NVLink leg on the destination node), and combine counts combine_forward (partial
 legs_ep{N}_p{P}.json, gives each leg's kernel time and bytes, and the bytes that would cross between nodes if every
 rank sent to every rank directly. On one host the "RDMA" leg runs over NVLink: its time is no network figure.
 --node-limit L draws routings whose tokens reach at most L nodes (experts chosen among L random nodes).
-Each iteration: L2 flush, barrier, then layout, dispatch, combine. Per iteration the slowest rank counts; records
+Each iteration: L2 flush, barrier, then layout, dispatch, barrier, combine. Per iteration the slowest rank counts; records
 give the median and p10/p90 over iterations.
 
 usage: python bench/kernel_times.py --out bench/results/DIR [--tokens 4096] [--num-sms 8,16,24] [--dtypes bf16,fp8]
@@ -114,6 +114,10 @@ def _body(rank: int, world: int, args: argparse.Namespace, device: torch.device)
                     buf.get_dispatch_layout(idx)
                     d = buf.dispatch(xin, idx, w)
                     y = d.x if dtype == "bf16" else torch.ones(d.x[0].shape, dtype=torch.bfloat16, device="cuda")
+                    # combine starts aligned too: otherwise one rank's later dispatch shows up as the other's
+                    # reduction waiting for its rows
+                    torch.cuda.synchronize()
+                    dist.barrier()
                     buf.combine(y, d.handle)
 
                 for _ in range(args.warmup):

@@ -78,10 +78,10 @@ class NormalKernels {
         c_.pcomb_stride = l.pcomb_stride;
     }
 
-    void prepare(uintptr_t idx, int num_tokens, uintptr_t send_pos, uintptr_t node_pos, uintptr_t node_count,
+    void prepare(uintptr_t idx, int num_tokens, uintptr_t send_pos, uintptr_t node_pos, uintptr_t self_token,
                  uintptr_t stream) {
         launch_dispatch_prepare(c_, ptr<const int64_t>(idx), num_tokens, ptr<int>(send_pos), ptr<int>(node_pos),
-                                ptr<int>(node_count), stream_of(stream));
+                                ptr<int>(self_token), stream_of(stream));
     }
     void notify(uintptr_t recv_off, uintptr_t send_off, uintptr_t fwd_off, uintptr_t fwd_count, bool report,
                 uintptr_t stream) {
@@ -106,10 +106,12 @@ class NormalKernels {
                                 ptr<int>(fwd_pos), num_sms, stream_of(stream));
     }
     void copyout(uintptr_t out_x, int x_elem, uintptr_t out_s, uintptr_t out_idx, uintptr_t out_w,
-                 uintptr_t recv_src, uintptr_t recv_off, int num_rows, bool cached, int num_sms, uintptr_t stream) {
+                 uintptr_t recv_src, uintptr_t recv_off, int num_rows, bool cached, uintptr_t x, uintptr_t scales,
+                 uintptr_t idx, uintptr_t w, uintptr_t self_token, int num_sms, uintptr_t stream) {
         launch_dispatch_copyout(c_, ptr<void>(out_x), x_elem, ptr<float>(out_s), ptr<int64_t>(out_idx),
                                 ptr<float>(out_w), ptr<int>(recv_src), ptr<const int>(recv_off), num_rows, cached,
-                                num_sms, stream_of(stream));
+                                ptr<const void>(x), ptr<const float>(scales), ptr<const int64_t>(idx),
+                                ptr<const float>(w), ptr<const int>(self_token), num_sms, stream_of(stream));
     }
     void combine_push(uintptr_t y, int y_elem, uintptr_t y_w, uintptr_t recv_src, uintptr_t recv_off, int num_rows,
                       int num_sms, uintptr_t stream) {
@@ -122,9 +124,11 @@ class NormalKernels {
                                stream_of(stream));
     }
     void combine_reduce(uintptr_t out, int out_elem, uintptr_t out_w, uintptr_t send_pos, uintptr_t node_pos,
-                        int num_tokens, bool with_weights, int num_sms, uintptr_t stream) {
+                        int num_tokens, bool with_weights, uintptr_t y, uintptr_t y_w, uintptr_t recv_off, int num_sms,
+                        uintptr_t stream) {
         launch_combine_reduce(c_, ptr<void>(out), out_elem, ptr<float>(out_w), ptr<const int>(send_pos),
-                              ptr<const int>(node_pos), num_tokens, with_weights, num_sms, stream_of(stream));
+                              ptr<const int>(node_pos), num_tokens, with_weights, ptr<const void>(y),
+                              ptr<const float>(y_w), ptr<const int>(recv_off), num_sms, stream_of(stream));
     }
 
    private:

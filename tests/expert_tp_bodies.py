@@ -15,7 +15,18 @@ import torch._dynamo
 import torch.distributed as dist
 from largeep import ArgumentError, layers, ops
 from largeep.expert_tp import all_gather_rows, make_expert_tp_groups, reduce_scatter_rows
-from layer_bodies import RoundRobinReplicas, _allsum, _build_layer, _gen, close, dense_reference, make_global
+from layer_bodies import (
+    RoundRobinReplicas,
+    _allsum,
+    _build_layer,
+    _gen,
+    check_shared_grads,
+    close,
+    compare_variants,
+    compiled_equals_eager,
+    dense_reference,
+    make_global,
+)
 
 
 def _gather_shards(t: torch.Tensor, dim: int, group: dist.ProcessGroup) -> torch.Tensor:
@@ -95,15 +106,10 @@ def layer_tp_vs_reference(
             for name, dim in (("w1", 2), ("w3", 2), ("w2", 1)):
                 full = _gather_shards(getattr(ex, name).grad, dim, groups.tp_group)
                 close(full, ref["grads"][name][logical], f"{what}: grad of {name} (gathered)")
-            if layer.shared_experts is not None:
-                for name, key in (("w1", "s1"), ("w3", "s3"), ("w2", "s2")):
-                    got = _allsum(getattr(layer.shared_experts, name).grad)
-                    close(got, ref["grads"][key], f"{what}: grad of shared {name}")
+            check_shared_grads(layer, ref, what)
             results.append([out.detach(), x.grad] + [p.grad for p in layer.parameters()])
             assert ops.live_handles(layer.buffer_id) == 0
-        for kw, res in zip(variants[1:], results[1:], strict=True):
-            for a, b in zip(results[0], res, strict=True):
-                close(b, a, f"{variants[0]} vs {kw}", rtol=2e-6)
+        compare_variants(variants, results)
         return {"variants": len(results)}
     finally:
         buf.destroy()
@@ -146,19 +152,7 @@ def compiled_tp_layer(rank: int, world: int, tp: int, tokens: list[int], num_wor
         layer = layers.MoELayer(buf, ffn_hidden=ffn, shared_ffn_hidden=8, num_worst_tokens=num_worst,
                                 expert_tp_group=groups.tp_group)
         x = torch.randn(tokens[rank], hidden, generator=_gen(seed, rank)).requires_grad_()
-
-        def run(fn: Any) -> list[torch.Tensor]:
-            x.grad = None
-            layer.zero_grad()
-            y = fn(x)
-            (y * y).sum().backward()
-            return [y.detach(), x.grad] + [p.grad for p in layer.parameters()]
-
-        eager = run(layer)
-        compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
-        for _ in range(2):  # the second call reuses the compiled graph
-            for i, (a, b) in enumerate(zip(run(compiled), eager, strict=True)):
-                close(a, b, f"rank {rank}: compiled vs eager, tensor {i}", rtol=1e-6)
+        compiled_equals_eager(layer, x, f"rank {rank}: ")
         ops.release_handles(layer.buffer_id)
     finally:
         torch._dynamo.reset()

@@ -46,6 +46,39 @@ def _allsum(t: Any) -> torch.Tensor:
     dist.all_reduce(t)
     return t
 
+def check_shared_grads(layer: Any, ref: dict[str, Any], what: str) -> None:
+    """The shared experts' grads, summed over ranks, against the dense reference's."""
+    if layer.shared_experts is not None:
+        for name, key in (("w1", "s1"), ("w3", "s3"), ("w2", "s2")):
+            got = _allsum(getattr(layer.shared_experts, name).grad)
+            close(got, ref["grads"][key], f"{what}: grad of shared {name}")
+
+
+def compare_variants(variants: list[Any], results: list[list[Any]]) -> None:
+    """Every variant's outputs and grads equal the first variant's (to float32 reordering)."""
+    for kw, res in zip(variants[1:], results[1:], strict=True):
+        for a, b in zip(results[0], res, strict=True):
+            close(b, a, f"{variants[0]} vs {kw}", rtol=2e-6)
+
+def compiled_equals_eager(model: torch.nn.Module, x: torch.Tensor, what: str) -> None:
+    """torch.compile(model, fullgraph) gives eager's output, x grad and parameter grads, twice (the second call
+    reuses the compiled graphs); loss = sum(y * y)."""
+
+    def run(fn: Any) -> list[torch.Tensor]:
+        x.grad = None
+        model.zero_grad()
+        y = fn(x)
+        (y * y).sum().backward()
+        return [y.detach(), x.grad] + [p.grad for p in model.parameters()]
+
+    eager = run(model)
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    for _ in range(2):
+        for i, (a, b) in enumerate(zip(run(compiled), eager, strict=True)):
+            close(a, b, f"{what}compiled vs eager, tensor {i}", rtol=1e-6)
+
+
+
 
 # ---------------------------------------------------------------------------------------------------------------
 # ops: dispatch / combine autograd against the loop reference
@@ -296,15 +329,10 @@ def layer_vs_reference(
                 logical = torch.arange(rank * epr, (rank + 1) * epr)
             for name in ("w1", "w3", "w2"):
                 close(getattr(ex, name).grad, ref["grads"][name][logical], f"{what}: grad of {name}")
-            if layer.shared_experts is not None:
-                for name, key in (("w1", "s1"), ("w3", "s3"), ("w2", "s2")):
-                    got = _allsum(getattr(layer.shared_experts, name).grad)
-                    close(got, ref["grads"][key], f"{what}: grad of shared {name}")
+            check_shared_grads(layer, ref, what)
             results.append([out.detach(), x.grad] + [p.grad for p in layer.parameters()])
             assert ops.live_handles(layer.buffer_id) == 0
-        for kw, res in zip(variants[1:], results[1:], strict=True):
-            for a, b in zip(results[0], res, strict=True):
-                close(b, a, f"{variants[0]} vs {kw}", rtol=2e-6)
+        compare_variants(variants, results)
         return {"variants": len(results)}
     finally:
         buf.destroy()
@@ -396,20 +424,7 @@ def compiled_two_layers(rank: int, world: int, tokens: list[int], num_worst: int
         first = layers.MoELayer(buf, shared_ffn_hidden=8, **kw)
         model = torch.nn.Sequential(first, layers.MoELayer(buf, **kw))
         x = torch.randn(tokens[rank], hidden, generator=_gen(seed, rank)).requires_grad_()
-
-        def run(fn: Any) -> list[torch.Tensor]:
-            x.grad = None
-            model.zero_grad()
-            y = fn(x)
-            (y * y).sum().backward()
-            return [y.detach(), x.grad] + [p.grad for p in model.parameters()]
-
-        eager = run(model)
-        compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
-        for _ in range(2):  # the second call reuses the compiled graphs
-            got = run(compiled)
-            for i, (a, b) in enumerate(zip(got, eager, strict=True)):
-                close(a, b, f"compiled vs eager, tensor {i}", rtol=1e-6)
+        compiled_equals_eager(model, x, "")
         if num_worst:
             torch._dynamo.reset()
             with torch.no_grad():

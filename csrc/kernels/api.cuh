@@ -106,9 +106,9 @@ void launch_layout(const int64_t* topk_idx, int num_tokens, int num_topk, int nu
 
 // ---- intranode.cu (normal mode: every group; NVLink inside a node) -----------------------------------------
 // Prepare: send_pos int32 [T, N] (position of token t among the rows for rank r, -1 if none) and count rows; with
-// several nodes also node_pos int32 [T, M] (position among the tokens for node m) and node_count int32 [M].
+// several nodes also node_pos int32 [T, M] (position among the tokens for node m).
 void launch_dispatch_prepare(const NormalCtx& ctx, const int64_t* topk_idx, int num_tokens, int* send_pos,
-                             int* node_pos, int* node_count, cudaStream_t stream);
+                             int* node_pos, int* self_token, cudaStream_t stream);
 // Notify: count exchange; writes recv_off int32 [N + 1] and send_off int32 [N]; with several nodes fwd_off int32
 // [M, P] and fwd_count int32 [M] (rows forwarded from each node's RDMA peer); with `report`, totals into the
 // status area and then status[kReadySeq] = seq for the host to wait on. Only one reporting notify is ever in
@@ -116,22 +116,27 @@ void launch_dispatch_prepare(const NormalCtx& ctx, const int64_t* topk_idx, int 
 void launch_dispatch_notify(const NormalCtx& ctx, int* recv_off, int* send_off, int* fwd_off, int* fwd_count,
                             bool report, cudaStream_t stream);
 // Push: every token's row (and, when topk_idx is given, ids, weights, token index) into the receive buffer of each
-// receiver on this node.
+// other receiver on this node (rows for this rank itself are copied by the copy-out from the inputs).
 void launch_dispatch_push(const NormalCtx& ctx, const void* x, int x_elem_bytes, const float* x_scales,
                           const int64_t* topk_idx, const float* topk_weights, int num_tokens, const int* send_pos,
                           const int* send_off, int num_sms, cudaStream_t stream);
-// Copy-out: receive buffer -> outputs; recv_src int32 [rows, 2] (source rank, token) written when not cached.
+// Copy-out: my rows for myself from the dispatch's inputs (x, x_scales, topk_idx, topk_weights; self_token from
+// prepare), the others from the receive buffer -> outputs; recv_src int32 [rows, 2] (source rank, token) written
+// when not cached.
 void launch_dispatch_copyout(const NormalCtx& ctx, void* out_x, int x_elem_bytes, float* out_scales,
                              int64_t* out_idx, float* out_w, int* recv_src, const int* recv_off, int num_rows,
-                             bool cached, int num_sms, cudaStream_t stream);
+                             bool cached, const void* x, const float* x_scales, const int64_t* topk_idx,
+                             const float* topk_weights, const int* self_token, int num_sms, cudaStream_t stream);
 // Combine push: row i of y goes towards its source over NVLink (its `comb` buffer, or this node's forwarder for
-// it); raises kFlagCombReady on every rank of this node.
+// it), except rows whose source is this rank; raises kFlagCombReady on every rank of this node.
 void launch_combine_push(const NormalCtx& ctx, const void* y, int y_elem_bytes, const float* y_w,
                          const int* recv_src, const int* recv_off, int num_rows, int num_sms, cudaStream_t stream);
-// Combine reduce: out[t] = sum over ranks r of this node with send_pos[t, r] >= 0 of comb[r][send_pos[t, r]], plus
-// (node_pos given) the partial of every other node the token went to, in float32.
+// Combine reduce: out[t] = sum over ranks r of this node with send_pos[t, r] >= 0 of comb[r][send_pos[t, r]] (for
+// r = this rank: row recv_off[rank] + send_pos[t, rank] of y, the combine's input, and of y_w), plus (node_pos
+// given) the partial of every other node the token went to, in float32. y has out's element type.
 void launch_combine_reduce(const NormalCtx& ctx, void* out, int out_elem_bytes, float* out_w, const int* send_pos,
-                           const int* node_pos, int num_tokens, bool with_weights, int num_sms, cudaStream_t stream);
+                           const int* node_pos, int num_tokens, bool with_weights, const void* y, const float* y_w,
+                           const int* recv_off, int num_sms, cudaStream_t stream);
 
 // ---- internode.cu (normal mode, groups of several nodes: the legs between nodes) ----------------------------
 // RDMA leg of dispatch: each token, once per other node it goes to, put to my RDMA peer there. After notify.

@@ -3,7 +3,8 @@
 // Dispatch pushes: each source reads a token's row once from the caller's tensor and writes it over NVLink into
 // the receive buffer (symmetric memory) of every rank of its node that needs it, at its final row in SPEC order
 // (sources ascending, then tokens; offsets come from the count exchange). The receiver then copies its buffer into
-// the output tensors (local traffic only). NVLink writes are posted, so no round trip limits them; NVLink reads
+// the output tensors (local traffic only). A rank's rows for itself skip the receive buffer: the copy-out reads
+// them from the caller's tensors (one copy instead of two), and in combine the reduction reads them from y. NVLink writes are posted, so no round trip limits them; NVLink reads
 // measured about 1.7x slower here, which is why an earlier pull design was dropped. Rows for ranks of other nodes
 // travel through internode.cu (one RDMA copy per destination node, forwarded over NVLink there) and land in the
 // same receive buffers at the same rows, so the copy-out is the same.
@@ -29,10 +30,11 @@ namespace {
 // Block r < N: send_pos[:, r] (position of each token in the list of rows for rank r, -1 if none) and the count
 // row for r (rows, rows naming each of r's experts, rows for r's node) into out_counts[r].
 // Block N + m (groups of several nodes): node_pos[:, m] (position of each token among the tokens that go to node
-// m, -1 if none), node_count[m], and the node field of the count row of every rank of node m. Local work only.
+// m, -1 if none) and the node field of the count row of every rank of node m. Block `me` also writes self_token
+// (the token of each of my rows for myself: the copy-out reads those rows straight from the caller's tensors).
+// Local work only.
 __global__ void __launch_bounds__(kThreads) dispatch_prepare_kernel(NormalCtx c, const int64_t* idx, int T,
-                                                                    int* send_pos, int* node_pos,
-                                                                    int* node_count) {
+                                                                    int* send_pos, int* node_pos, int* self_token) {
     const int N = c.num_ranks, K = c.num_topk, epr = c.num_experts / N, P = c.ranks_per_node, M = N / P;
     const int row_len = 2 + epr;
     extern __shared__ int hist[];  // [E/N]: rows naming each of r's experts
@@ -48,14 +50,24 @@ __global__ void __launch_bounds__(kThreads) dispatch_prepare_kernel(NormalCtx c,
         int hit = 0;
         if (t < T) {
             const int64_t* row = idx + static_cast<int64_t>(t) * K;
-            for (int k = 0; k < K; ++k) {
-                const int64_t e = row[k];
-                if (e < lo || e >= hi) continue;
-                hit = 1;
-                if (node_block) break;
-                bool seen = false;
-                for (int j = 0; j < k; ++j) seen |= (row[j] == e);
-                if (!seen) atomicAdd(&hist[e - lo], 1);
+            // kChunk ids loaded at once (independent loads in flight), then checked from registers
+            constexpr int kChunk = 8;
+            for (int k0 = 0; k0 < K; k0 += kChunk) {
+                int64_t ev[kChunk];
+#pragma unroll
+                for (int u = 0; u < kChunk; ++u) ev[u] = k0 + u < K ? row[k0 + u] : -1;
+#pragma unroll
+                for (int u = 0; u < kChunk; ++u) {
+                    const int64_t e = ev[u];
+                    if (k0 + u >= K || e < lo || e >= hi) continue;
+                    hit = 1;
+                    if (node_block) continue;
+                    bool seen = false;  // count an expert named twice in a row once
+#pragma unroll
+                    for (int j = 0; j < u; ++j) seen |= (ev[j] == e);
+                    for (int j = 0; j < k0; ++j) seen |= (row[j] == e);
+                    if (!seen) atomicAdd(&hist[e - lo], 1);
+                }
             }
         }
         int total;
@@ -63,13 +75,13 @@ __global__ void __launch_bounds__(kThreads) dispatch_prepare_kernel(NormalCtx c,
         if (t < T) {
             if (node_block) node_pos[static_cast<int64_t>(t) * M + r] = hit ? pos : -1;
             else send_pos[static_cast<int64_t>(t) * N + r] = hit ? pos : -1;
+            if (!node_block && r == c.rank && hit) self_token[pos] = t;
         }
         base += total;
     }
     __syncthreads();
     int* out = reinterpret_cast<int*>(c.base + c.off_out_counts);
     if (node_block) {
-        if (threadIdx.x == 0) node_count[r] = base;
         for (int i = threadIdx.x; i < P; i += blockDim.x) out[static_cast<int64_t>(r * P + i) * row_len + 1 + epr] = base;
         return;
     }
@@ -161,9 +173,10 @@ __global__ void __launch_bounds__(kThreads) dispatch_notify_kernel(NormalCtx c, 
 
 // ---- push ---------------------------------------------------------------------------------------------------
 // One warp per token: the token's x row is read once from the caller's tensor and written over NVLink into the
-// receive buffer of every rank of this node that needs it, at row send_off[r] + send_pos[t, r], followed by its
-// scales, its expert ids made local to r (-1 elsewhere), weights, and the token index. Stores are posted: no round
-// trip. Ranks of other nodes get the token through internode.cu.
+// receive buffer of every other rank of this node that needs it, at row send_off[r] + send_pos[t, r], followed by
+// its scales, its expert ids made local to r (-1 elsewhere), weights, and the token index. Stores are posted: no
+// round trip. Ranks of other nodes get the token through internode.cu; my rows for myself are not staged at all
+// (the copy-out reads them from the caller's tensors).
 __global__ void __launch_bounds__(kThreads) dispatch_push_kernel(NormalCtx c, const uint8_t* x, int x_elem,
                                                                  const float* scales, const int64_t* idx,
                                                                  const float* w, int T, const int* send_pos,
@@ -179,7 +192,8 @@ __global__ void __launch_bounds__(kThreads) dispatch_push_kernel(NormalCtx c, co
         const int num_scales = c.hidden / 128;
         const int base = lane < N ? send_off[lane] : 0;
         for (int t = blockIdx.x * kWarps + warp; t < T; t += gridDim.x * kWarps) {
-            const int p = lane < N && ((lmask >> lane) & 1u) ? send_pos[static_cast<int64_t>(t) * N + lane] : -1;
+            const int p = lane < N && lane != me && ((lmask >> lane) & 1u)
+                              ? send_pos[static_cast<int64_t>(t) * N + lane] : -1;
             const unsigned dests = __ballot_sync(0xffffffffu, p >= 0);
             push_row<0>(c, x + t * x_bytes, x_bytes, scales ? scales + static_cast<int64_t>(t) * num_scales : nullptr,
                      idx ? idx + static_cast<int64_t>(t) * K : nullptr, w ? w + static_cast<int64_t>(t) * K : nullptr,
@@ -227,25 +241,66 @@ __device__ __forceinline__ void copy_out_row(const NormalCtx& c, uint8_t* out_x,
     }
 }
 
-// Waits for every source's rows (pushed by the source itself on this node, by this node's forwarder of it
-// otherwise), then copies receive-buffer rows [0, R) into the caller-visible outputs (local memory only), and
-// tells every rank that my receive buffer (and my RDMA receive buffer, forwarded before this kernel) is free again.
+// My row i (from myself: token t) straight from the caller's tensors into the outputs, with the expert ids made
+// local to me (-1 elsewhere) as push_row makes them for other ranks.
+__device__ __forceinline__ void copy_self_row(const NormalCtx& c, const uint8_t* x, int64_t x_bytes,
+                                              const float* scales, const int64_t* idx, const float* w, int t,
+                                              uint8_t* out_x, float* out_s, int64_t* out_idx, float* out_w,
+                                              int* recv_src, int i, int cached, int lane) {
+    const int K = c.num_topk, epr = c.num_experts / c.num_ranks;
+    const int num_scales = c.hidden / 128;
+    warp_copy_rt(reinterpret_cast<int4*>(out_x + i * x_bytes), reinterpret_cast<const int4*>(x + t * x_bytes),
+                 x_bytes, lane, 0, c.unroll);
+    if (out_s != nullptr)
+        for (int q = lane; q < num_scales; q += kWarp)
+            out_s[static_cast<int64_t>(i) * num_scales + q] = scales[static_cast<int64_t>(t) * num_scales + q];
+    if (cached) return;
+    if (lane < K) {
+        const int64_t e = idx[static_cast<int64_t>(t) * K + lane];
+        const int64_t le = e - static_cast<int64_t>(c.rank) * epr;
+        const bool mine = e >= 0 && le >= 0 && le < epr;
+        out_idx[static_cast<int64_t>(i) * K + lane] = mine ? le : -1;
+        out_w[static_cast<int64_t>(i) * K + lane] = mine ? w[static_cast<int64_t>(t) * K + lane] : 0.f;
+    }
+    if (lane == 0) {
+        recv_src[2 * static_cast<int64_t>(i)] = c.rank;
+        recv_src[2 * static_cast<int64_t>(i) + 1] = t;
+    }
+}
+
+// Copies my rows for myself from the caller's tensors (x, scales, idx, w: the dispatch's inputs; self_token from
+// prepare) at once, then waits for every other source's rows (pushed by the source itself on this node, by this
+// node's forwarder of it otherwise) and copies receive-buffer rows [0, R) except mine into the caller-visible
+// outputs (local memory only); then tells every rank that my receive buffer (and my RDMA receive buffer,
+// forwarded before this kernel) is free again.
 __global__ void __launch_bounds__(kThreads) dispatch_copyout_kernel(NormalCtx c, uint8_t* out_x, int x_elem,
                                                                     float* out_s, int64_t* out_idx, float* out_w,
                                                                     int* recv_src, const int* recv_off,
-                                                                    int num_rows, int cached) {
+                                                                    int num_rows, int cached, const uint8_t* x,
+                                                                    const float* scales, const int64_t* idx,
+                                                                    const float* w, const int* self_token) {
     const int N = c.num_ranks, me = c.rank;
     const int64_t seq = c.seq[kSeqDispatch] + 1;
     __shared__ int off[33];
-    const bool ok = wait_flags(c, kFlagRows, all_mask(N), seq, kOpDispatch);
+    __shared__ int failed;
+    if (threadIdx.x == 0) failed = has_error(c.err) ? 1 : 0;  // recv_off is only valid if no kernel failed
     if (static_cast<int>(threadIdx.x) <= N) off[threadIdx.x] = recv_off[threadIdx.x];
     __syncthreads();
+    const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp, kWarps = blockDim.x / kWarp;
+    const int64_t x_bytes = static_cast<int64_t>(c.hidden) * x_elem;
+    if (!failed) {
+        for (int j = blockIdx.x * kWarps + warp; j < off[me + 1] - off[me]; j += gridDim.x * kWarps)
+            copy_self_row(c, x, x_bytes, scales, idx, w, self_token[j], out_x, out_s, out_idx, out_w, recv_src,
+                          off[me] + j, cached, lane);
+    }
+    const bool ok = wait_flags(c, kFlagRows, all_mask(N), seq, kOpDispatch);
     if (ok) {
-        const int R = off[N];
-        const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp, kWarps = blockDim.x / kWarp;
-        const int64_t x_bytes = static_cast<int64_t>(c.hidden) * x_elem;
-        for (int i = blockIdx.x * kWarps + warp; i < num_rows; i += gridDim.x * kWarps)
+        const int R = off[N], mine = off[me + 1] - off[me];
+        // rows [0, num_rows) without my own block [off[me], off[me + 1])
+        for (int j = blockIdx.x * kWarps + warp; j < num_rows - mine; j += gridDim.x * kWarps) {
+            const int i = j < off[me] ? j : j + mine;
             copy_out_row(c, out_x, x_bytes, out_s, out_idx, out_w, recv_src, off, R, i, cached, lane);
+        }
     }
     if (last_block(c.block_counter + 3)) {
         if (static_cast<int>(threadIdx.x) < N) set_flag(c, threadIdx.x, kFlagRecvFree, me, seq);
@@ -295,8 +350,10 @@ __global__ void __launch_bounds__(kThreads) combine_push_kernel(NormalCtx c, con
         const int R = min(off[N], num_rows);
         const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp, kWarps = blockDim.x / kWarp;
         const int64_t y_bytes = static_cast<int64_t>(c.hidden) * y_elem;
-        for (int i = blockIdx.x * kWarps + warp; i < R; i += gridDim.x * kWarps)
-            push_combine_row(c, y, y_bytes, y_w, recv_src, off, i, lane);
+        // my rows from myself stay in y: the reduction reads them there
+        const int lo = min(off[me], R), mine = min(off[me + 1], R) - lo;
+        for (int j = blockIdx.x * kWarps + warp; j < R - mine; j += gridDim.x * kWarps)
+            push_combine_row(c, y, y_bytes, y_w, recv_src, off, j < lo ? j : j + mine, lane);
     }
     __threadfence_system();  // this thread's remote stores before the flag
     if (last_block(c.block_counter + 1)) {
@@ -306,52 +363,48 @@ __global__ void __launch_bounds__(kThreads) combine_push_kernel(NormalCtx c, con
     }
 }
 
-// out[t] = sum over ranks r of this node with send_pos[t, r] >= 0 of comb[r][send_pos[t, r]], plus (several
-// nodes) the float32 partial comb_rdma[m][node_pos[t, m]] of every other node m the token went to, in float32
-// (one warp).
-template <typename T>
-__device__ __forceinline__ void reduce_token(const NormalCtx& c, T* out, float* out_w, const int* send_pos,
-                                             const int* node_pos, int t, int with_weights, int lane) {
+// out[t] = sum over ranks r of this node with send_pos[t, r] >= 0 of comb[r][send_pos[t, r]] (for r = me: row
+// self_row0 + send_pos[t, me] of y, the combine's input, which never left this rank), plus (several nodes) the
+// float32 partial comb_rdma[m][node_pos[t, m]] of every other node m the token went to, in float32 (one warp).
+template <typename T, int kSrc, int kUnroll>
+__device__ __forceinline__ void reduce_token_n(const NormalCtx& c, T* out, float* out_w, const T* y, const float* y_w,
+                                               int self_row0, int t, int with_weights, int lane, int p,
+                                               unsigned present, int q, unsigned remote) {
     constexpr int kPer = Vec<T>::kPer;
-    constexpr int kUnroll = 2;
-    const int N = c.num_ranks, K = c.num_topk, M = num_nodes(c), node = node_of(c, c.rank);
-    const unsigned lmask = local_mask(c);
-    const int nvec = c.hidden / kPer;
+    const int K = c.num_topk, nvec = c.hidden / kPer, n_src = __popc(present);
     const uint8_t* comb = c.base + c.off_comb;
     const float* comb_w = reinterpret_cast<const float*>(c.base + c.off_comb_w);
-    // lane r < N reads send_pos[t, r]; the warp shares the list of slots holding t's rows
-    const int p = lane < N && ((lmask >> lane) & 1u) ? send_pos[static_cast<int64_t>(t) * N + lane] : -1;
-    const unsigned present = __ballot_sync(0xffffffffu, p >= 0);
-    const int n_src = __popc(present);
-    const int q = node_pos != nullptr && lane < M && lane != node ? node_pos[static_cast<int64_t>(t) * M + lane] : -1;
-    const unsigned remote = __ballot_sync(0xffffffffu, q >= 0);
-    const int4* rows[kMaxLocal];
-    int slot[kMaxLocal];
-#pragma unroll
-    for (int j = 0; j < kMaxLocal; ++j) {
-        rows[j] = nullptr;
-        slot[j] = 0;
-    }
+    const int4* rows[kSrc];
+    const float* wrows[kSrc];
     unsigned m = present;
 #pragma unroll
-    for (int j = 0; j < kMaxLocal; ++j) {
-        if (m == 0) break;
+    for (int j = 0; j < kSrc; ++j) {
+        rows[j] = nullptr;
+        wrows[j] = nullptr;
+        if (m == 0) continue;
         const int r = __ffs(m) - 1;
         m &= m - 1;
         const int pr = __shfl_sync(0xffffffffu, p, r);
-        slot[j] = r * c.max_tokens + pr;
-        rows[j] = reinterpret_cast<const int4*>(comb + static_cast<int64_t>(slot[j]) * c.comb_stride);
+        if (r == c.rank) {
+            const int64_t i = static_cast<int64_t>(self_row0) + pr;
+            rows[j] = reinterpret_cast<const int4*>(y + i * c.hidden);
+            wrows[j] = y_w != nullptr ? y_w + i * K : nullptr;
+        } else {
+            const int64_t slot = static_cast<int64_t>(r) * c.max_tokens + pr;
+            rows[j] = reinterpret_cast<const int4*>(comb + slot * c.comb_stride);
+            wrows[j] = comb_w + slot * K;
+        }
     }
     const uint8_t* partials = c.base + c.off_comb_rdma;
     int4* dst = reinterpret_cast<int4*>(out + static_cast<int64_t>(t) * c.hidden);
     // Every lane runs every iteration (the shuffles below need the whole warp); loads and stores are guarded.
     for (int step = 0; step < nvec; step += kUnroll * kWarp) {
         const int v0 = step + lane;
-        int4 buf[kUnroll][kMaxLocal];
+        int4 buf[kUnroll][kSrc];
 #pragma unroll
         for (int u = 0; u < kUnroll; ++u)
 #pragma unroll
-            for (int j = 0; j < kMaxLocal; ++j)
+            for (int j = 0; j < kSrc; ++j)
                 if (j < n_src && v0 + u * kWarp < nvec) buf[u][j] = ld_v4<1>(rows[j] + v0 + u * kWarp);
 #pragma unroll
         for (int u = 0; u < kUnroll; ++u) {
@@ -360,7 +413,7 @@ __device__ __forceinline__ void reduce_token(const NormalCtx& c, T* out, float* 
 #pragma unroll
             for (int e = 0; e < kPer; ++e) acc[e] = 0.f;
 #pragma unroll
-            for (int j = 0; j < kMaxLocal; ++j)
+            for (int j = 0; j < kSrc; ++j)
                 if (j < n_src && valid) Vec<T>::add(acc, buf[u][j]);
             for (unsigned rm = remote; rm; rm &= rm - 1) {
                 const int src_node = __ffs(rm) - 1;
@@ -374,8 +427,9 @@ __device__ __forceinline__ void reduce_token(const NormalCtx& c, T* out, float* 
     }
     if (with_weights) {
         float sum = 0.f;
-        if (lane < K)
-            for (int j = 0; j < n_src; ++j) sum += comb_w[static_cast<int64_t>(slot[j]) * K + lane];
+#pragma unroll
+        for (int j = 0; j < kSrc; ++j)
+            if (j < n_src && lane < K) sum += wrows[j][lane];
         for (unsigned rm = remote; rm; rm &= rm - 1) {
             const int src_node = __ffs(rm) - 1;
             const int qr = __shfl_sync(0xffffffffu, q, src_node);
@@ -387,10 +441,27 @@ __device__ __forceinline__ void reduce_token(const NormalCtx& c, T* out, float* 
     }
 }
 
-template <typename T>
+// kSrc >= ranks per node; kUnroll * kSrc 16-byte loads are in flight per lane (16: one kernel per node size keeps
+// the registers of one loop shape only).
+template <typename T, int kSrc, int kUnroll>
+__device__ __forceinline__ void reduce_token(const NormalCtx& c, T* out, float* out_w, const int* send_pos,
+                                             const int* node_pos, const T* y, const float* y_w, int self_row0, int t,
+                                             int with_weights, int lane) {
+    const int N = c.num_ranks, M = num_nodes(c), node = node_of(c, c.rank);
+    const unsigned lmask = local_mask(c);
+    // lane r < N reads send_pos[t, r]; the warp shares the list of slots holding t's rows
+    const int p = lane < N && ((lmask >> lane) & 1u) ? send_pos[static_cast<int64_t>(t) * N + lane] : -1;
+    const unsigned present = __ballot_sync(0xffffffffu, p >= 0);
+    const int q = node_pos != nullptr && lane < M && lane != node ? node_pos[static_cast<int64_t>(t) * M + lane] : -1;
+    const unsigned remote = __ballot_sync(0xffffffffu, q >= 0);
+    reduce_token_n<T, kSrc, kUnroll>(c, out, out_w, y, y_w, self_row0, t, with_weights, lane, p, present, q, remote);
+}
+
+template <typename T, int kSrc, int kUnroll>
 __global__ void __launch_bounds__(kReduceThreads) combine_reduce_kernel(NormalCtx c, T* out, float* out_w,
                                                                         const int* send_pos, const int* node_pos,
-                                                                        int num_tokens, int with_weights) {
+                                                                        int num_tokens, int with_weights, const T* y,
+                                                                        const float* y_w, const int* recv_off) {
     const int N = c.num_ranks;
     const int64_t seq = c.seq[kSeqCombine] + 1;
     bool ok = wait_flags(c, kFlagCombReady, local_mask(c), seq, kOpCombineReduce);
@@ -399,8 +470,9 @@ __global__ void __launch_bounds__(kReduceThreads) combine_reduce_kernel(NormalCt
     if (ok && c.ranks_per_node < N) ok = wait_flags(c, kFlagCombRdma, rdma_peer_mask(c), seq, kOpCombineReduce);
     if (ok) {
         const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
+        const int self_row0 = recv_off[c.rank];
         for (int t = blockIdx.x * kReduceWarps + warp; t < num_tokens; t += gridDim.x * kReduceWarps)
-            reduce_token(c, out, out_w, send_pos, node_pos, t, with_weights, lane);
+            reduce_token<T, kSrc, kUnroll>(c, out, out_w, send_pos, node_pos, y, y_w, self_row0, t, with_weights, lane);
     }
     // Every block has read its slots: each pusher may write into my buffers again.
     if (last_block(c.block_counter + 2)) {
@@ -450,15 +522,14 @@ NormalLayout normal_layout(int N, int E, int K, int H, int T, int P) {
 }
 
 void launch_dispatch_prepare(const NormalCtx& ctx, const int64_t* topk_idx, int num_tokens, int* send_pos,
-                             int* node_pos, int* node_count, cudaStream_t stream) {
+                             int* node_pos, int* self_token, cudaStream_t stream) {
     HOST_ASSERT(ctx.num_topk <= kWarp, "num_topk must be <= 32");
     const size_t smem = sizeof(int) * (ctx.num_experts / ctx.num_ranks);
     HOST_ASSERT(smem <= 48 * 1024, "too many experts per rank");
     const int nodes = ctx.num_ranks / ctx.ranks_per_node;
-    HOST_ASSERT(nodes == 1 || ((node_pos != nullptr || num_tokens == 0) && node_count != nullptr),
-                "node_pos/node_count missing");
+    HOST_ASSERT(nodes == 1 || node_pos != nullptr || num_tokens == 0, "node_pos missing");
     dispatch_prepare_kernel<<<ctx.num_ranks + (nodes > 1 ? nodes : 0), kThreads, smem, stream>>>(
-        ctx, topk_idx, num_tokens, send_pos, node_pos, node_count);
+        ctx, topk_idx, num_tokens, send_pos, node_pos, self_token);
     LAUNCH_CHECK();
 }
 
@@ -482,10 +553,11 @@ void launch_dispatch_push(const NormalCtx& ctx, const void* x, int x_elem_bytes,
 
 void launch_dispatch_copyout(const NormalCtx& ctx, void* out_x, int x_elem_bytes, float* out_scales,
                              int64_t* out_idx, float* out_w, int* recv_src, const int* recv_off, int num_rows,
-                             bool cached, int num_sms, cudaStream_t stream) {
+                             bool cached, const void* x, const float* x_scales, const int64_t* topk_idx,
+                             const float* topk_weights, const int* self_token, int num_sms, cudaStream_t stream) {
     dispatch_copyout_kernel<<<std::max(1, num_sms), ctx.threads, 0, stream>>>(
         ctx, static_cast<uint8_t*>(out_x), x_elem_bytes, out_scales, out_idx, out_w, recv_src, recv_off, num_rows,
-        cached ? 1 : 0);
+        cached ? 1 : 0, static_cast<const uint8_t*>(x), x_scales, topk_idx, topk_weights, self_token);
     LAUNCH_CHECK();
 }
 
@@ -499,17 +571,31 @@ void launch_combine_push(const NormalCtx& ctx, const void* y, int y_elem_bytes, 
 }
 
 void launch_combine_reduce(const NormalCtx& ctx, void* out, int out_elem_bytes, float* out_w, const int* send_pos,
-                           const int* node_pos, int num_tokens, bool with_weights, int num_sms, cudaStream_t stream) {
+                           const int* node_pos, int num_tokens, bool with_weights, const void* y, const float* y_w,
+                           const int* recv_off, int num_sms, cudaStream_t stream) {
     HOST_ASSERT(ctx.ranks_per_node <= kMaxLocal, "combine supports at most 8 ranks per node");
     HOST_ASSERT(ctx.ranks_per_node == ctx.num_ranks || node_pos != nullptr || num_tokens == 0, "node_pos missing");
     const int grid = std::max(1, num_sms);
+    HOST_ASSERT(out_elem_bytes == 2 || out_elem_bytes == 4, "combine output must be bf16 or float32");
+    const int P = ctx.ranks_per_node;
+    const int wi = with_weights ? 1 : 0;
+    auto launch = [&](auto kernel, auto* typed_out, const auto* typed_y) {
+        kernel<<<grid, kReduceThreads, 0, stream>>>(ctx, typed_out, out_w, send_pos, node_pos, num_tokens, wi, typed_y,
+                                                    y_w, recv_off);
+    };
     if (out_elem_bytes == 2) {
-        combine_reduce_kernel<__nv_bfloat16><<<grid, kReduceThreads, 0, stream>>>(
-            ctx, static_cast<__nv_bfloat16*>(out), out_w, send_pos, node_pos, num_tokens, with_weights ? 1 : 0);
+        using B = __nv_bfloat16;
+        auto* o = static_cast<B*>(out);
+        auto* yy = static_cast<const B*>(y);
+        if (P <= 2) launch(combine_reduce_kernel<B, 2, 8>, o, yy);
+        else if (P <= 4) launch(combine_reduce_kernel<B, 4, 4>, o, yy);
+        else launch(combine_reduce_kernel<B, kMaxLocal, 2>, o, yy);
     } else {
-        HOST_ASSERT(out_elem_bytes == 4, "combine output must be bf16 or float32");
-        combine_reduce_kernel<float><<<grid, kReduceThreads, 0, stream>>>(
-            ctx, static_cast<float*>(out), out_w, send_pos, node_pos, num_tokens, with_weights ? 1 : 0);
+        auto* o = static_cast<float*>(out);
+        auto* yy = static_cast<const float*>(y);
+        if (P <= 2) launch(combine_reduce_kernel<float, 2, 8>, o, yy);
+        else if (P <= 4) launch(combine_reduce_kernel<float, 4, 4>, o, yy);
+        else launch(combine_reduce_kernel<float, kMaxLocal, 2>, o, yy);
     }
     LAUNCH_CHECK();
 }

@@ -1,7 +1,9 @@
-// Shared device helpers: bounded waits on flags, block-wide scans, vectorised row copies.
+// Shared device helpers: bounded waits on flags, setting a peer's flag, block-wide scans, vectorised row copies.
 #pragma once
 
 #include <cuda_bf16.h>
+#include <nvshmem.h>
+#include <nvshmemx.h>
 
 #include <algorithm>
 
@@ -42,17 +44,35 @@ __device__ __forceinline__ bool wait_flag(const int64_t* flag, int64_t target, u
     }
 }
 
-// Threads [0, n) each wait for flags[i] >= target; returns (to every thread) whether all arrived.
-__device__ __forceinline__ bool block_wait_flags(const int64_t* flags, int n, int64_t target, uint64_t timeout_ns,
-                                                 ErrorWord err, int op) {
+// Bits [0, n).
+__device__ __forceinline__ unsigned all_mask(int n) { return n >= 32 ? 0xffffffffu : ((1u << n) - 1u); }
+
+// Threads i < 32 whose bit is set in `mask` each wait for flags[i] >= target; returns (to every thread) whether all
+// arrived.
+__device__ __forceinline__ bool block_wait_flags(const int64_t* flags, unsigned mask, int64_t target,
+                                                 uint64_t timeout_ns, ErrorWord err, int op) {
     __shared__ int ok_all;
     if (threadIdx.x == 0) ok_all = has_error(err) ? 0 : 1;
     __syncthreads();
-    if (ok_all && static_cast<int>(threadIdx.x) < n) {
+    if (ok_all && threadIdx.x < 32 && ((mask >> threadIdx.x) & 1u)) {
         if (!wait_flag(flags + threadIdx.x, target, timeout_ns, err, op, threadIdx.x)) atomicAnd(&ok_all, 0);
     }
     __syncthreads();
-    return ok_all != 0;
+    const bool ok = ok_all != 0;
+    __syncthreads();  // every thread has read ok_all before a following call's thread 0 rewrites it
+    return ok;
+}
+
+// Sets the int64 flag at byte offset `off` of rank pe's symmetric allocation to v: a release store through `peer`
+// (pe's allocation as mapped on this GPU, for ranks of this node), else an NVSHMEM signal to the same offset of
+// `mine` (this rank's allocation: the symmetric address). Whatever this thread wrote to pe before (stores after a
+// system fence, or puts completed by nvshmem_quiet) is visible first.
+__device__ __forceinline__ void set_peer_flag(uint8_t* peer, uint8_t* mine, int64_t off, int64_t v, int pe) {
+    if (peer != nullptr) {
+        st_release_sys(reinterpret_cast<int64_t*>(peer + off), v);
+    } else {
+        nvshmemx_signal_op(reinterpret_cast<uint64_t*>(mine + off), static_cast<uint64_t>(v), NVSHMEM_SIGNAL_SET, pe);
+    }
 }
 
 // Exclusive prefix sum of one int per thread over the block (blockDim.x <= 1024); *total gets the sum.

@@ -30,6 +30,15 @@ namespace {
 
 constexpr int kLLThreads = 512;
 constexpr int kLLWarps = kLLThreads / kWarp;
+constexpr int kLLMaxTopk = 8;  // the combine receive keeps this many copies' loads in flight (larger K: one by one)
+
+__device__ __forceinline__ int4 pack_bf16x8(const float* acc) {
+    int4 res;
+    __nv_bfloat162* o = reinterpret_cast<__nv_bfloat162*>(&res);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) o[i] = __floats2bfloat162_rn(acc[2 * i], acc[2 * i + 1]);
+    return res;
+}
 
 __device__ __forceinline__ uint8_t* ll_peer(const LowLatencyCtx& c, int r) {
     return reinterpret_cast<uint8_t*>(c.peer_base[r]);
@@ -51,12 +60,7 @@ __device__ __forceinline__ bool same_node(const LowLatencyCtx& c, int r) {
 // Sets flag word `index` of rank r to v: a release store over NVLink on this node, an NVSHMEM signal elsewhere.
 // Everything this thread (and, through the caller's barrier and quiet, its grid) wrote to r comes first.
 __device__ __forceinline__ void ll_set_flag(const LowLatencyCtx& c, int r, int64_t index, int64_t v) {
-    if (same_node(c, r)) {
-        st_release_sys(ll_flags(ll_peer(c, r), c) + index, v);
-    } else {
-        nvshmemx_signal_op(reinterpret_cast<uint64_t*>(ll_flags(c.base, c) + index), static_cast<uint64_t>(v),
-                           NVSHMEM_SIGNAL_SET, r);
-    }
+    set_peer_flag(same_node(c, r) ? ll_peer(c, r) : nullptr, c.base, c.off_flags + 8 * index, v, r);
 }
 
 __device__ __forceinline__ uint8_t* ll_recv_row(uint8_t* base, const LowLatencyCtx& c, int slot, int le, int row) {
@@ -78,8 +82,8 @@ __device__ __forceinline__ bool ll_wait(const int64_t* flag, int64_t target, con
 // Threads [0, N) wait for flag words [kind][slot][0, N) to reach target (block_wait_flags), with the fence ll_wait
 // adds when puts are in use; returns to every thread whether all arrived.
 __device__ __forceinline__ bool ll_block_wait(const LowLatencyCtx& c, int kind, int slot, int64_t target, int op) {
-    const bool ok = block_wait_flags(ll_flags(c.base, c) + ll_flag_index(c, kind, slot, 0), c.num_ranks, target,
-                                     c.timeout_ns, c.err, op);
+    const bool ok = block_wait_flags(ll_flags(c.base, c) + ll_flag_index(c, kind, slot, 0), all_mask(c.num_ranks),
+                                     target, c.timeout_ns, c.err, op);
     if (ok && c.ranks_per_node < c.num_ranks) __threadfence_system();
     return ok;
 }
@@ -110,53 +114,62 @@ __global__ void __launch_bounds__(kLLThreads) ll_dispatch_send_kernel(LowLatency
             const int4* src = reinterpret_cast<const int4*>(x + static_cast<int64_t>(t) * H);
             const int nvec = H / 8;  // 8 bf16 per 16 bytes
             if (use_fp8) {
-                // Each half-warp handles one group of 128 channels (16 vectors) per step.
+                // Each half-warp handles one group of 128 channels (16 vectors) per step; kSteps steps' loads are
+                // issued before any is used, so that a warp has several loads in flight.
                 float* scales = reinterpret_cast<float*>(dst + c.off_scales_in_row);
+                constexpr int kSteps = 4;
                 // nvec is a multiple of 16 (H % 128 == 0): a half-warp is wholly in or out of range.
-                for (int v0 = 0; v0 < nvec; v0 += kWarp) {
-                    const int v = v0 + lane;
-                    const bool valid = v < nvec;
-                    float f[8];
-                    if (valid) {
-                        const int4 raw = ld_nc_v4(src + v);
-                        const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&raw);
+                for (int base = 0; base < nvec; base += kSteps * kWarp) {
+                    int4 raw[kSteps];
 #pragma unroll
-                        for (int i = 0; i < 4; ++i) {
-                            const float2 p = __bfloat1622float2(h[i]);
-                            f[2 * i] = p.x;
-                            f[2 * i + 1] = p.y;
-                        }
-                    } else {
-#pragma unroll
-                        for (int i = 0; i < 8; ++i) f[i] = 0.f;
+                    for (int u = 0; u < kSteps; ++u) {
+                        const int v = base + u * kWarp + lane;
+                        if (v < nvec) raw[u] = ld_nc_v4(src + v);
                     }
-                    float amax = 0.f;
 #pragma unroll
-                    for (int i = 0; i < 8; ++i) amax = fmaxf(amax, fabsf(f[i]));
+                    for (int u = 0; u < kSteps; ++u) {
+                        const int v = base + u * kWarp + lane;
+                        const bool valid = v < nvec;
+                        float f[8];
+                        if (valid) {
+                            const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&raw[u]);
 #pragma unroll
-                    for (int d = 8; d >= 1; d /= 2) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, d));
-                    float scale = fmaxf(amax, 1e-4f) / 448.f;
-                    if (round_scale) scale = exp2f(ceilf(log2f(scale)));
-                    const float inv = 1.f / scale;
-                    if (!valid) continue;
-                    uint32_t packed[2];
+                            for (int i = 0; i < 4; ++i) {
+                                const float2 p = __bfloat1622float2(h[i]);
+                                f[2 * i] = p.x;
+                                f[2 * i + 1] = p.y;
+                            }
+                        } else {
 #pragma unroll
-                    for (int i = 0; i < 2; ++i) {
-                        uint32_t word = 0;
-#pragma unroll
-                        for (int b = 0; b < 4; ++b) {
-                            const float q = fminf(fmaxf(f[4 * i + b] * inv, -448.f), 448.f);
-                            const __nv_fp8_storage_t s8 = __nv_cvt_float_to_fp8(q, __NV_SATFINITE, __NV_E4M3);
-                            word |= static_cast<uint32_t>(s8) << (8 * b);
+                            for (int i = 0; i < 8; ++i) f[i] = 0.f;
                         }
-                        packed[i] = word;
+                        float amax = 0.f;
+#pragma unroll
+                        for (int i = 0; i < 8; ++i) amax = fmaxf(amax, fabsf(f[i]));
+#pragma unroll
+                        for (int d = 8; d >= 1; d /= 2) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, d));
+                        float scale = fmaxf(amax, 1e-4f) / 448.f;
+                        if (round_scale) scale = exp2f(ceilf(log2f(scale)));
+                        const float inv = 1.f / scale;
+                        if (!valid) continue;
+                        uint32_t packed[2];
+#pragma unroll
+                        for (int i = 0; i < 2; ++i) {
+                            uint32_t word = 0;
+#pragma unroll
+                            for (int b = 0; b < 4; ++b) {
+                                const float q = fminf(fmaxf(f[4 * i + b] * inv, -448.f), 448.f);
+                                const __nv_fp8_storage_t s8 = __nv_cvt_float_to_fp8(q, __NV_SATFINITE, __NV_E4M3);
+                                word |= static_cast<uint32_t>(s8) << (8 * b);
+                            }
+                            packed[i] = word;
+                        }
+                        reinterpret_cast<uint2*>(dst)[v] = make_uint2(packed[0], packed[1]);
+                        if ((lane & 15) == 0) scales[v / 16] = scale;
                     }
-                    reinterpret_cast<uint2*>(dst)[v] = make_uint2(packed[0], packed[1]);
-                    if ((lane & 15) == 0) scales[v / 16] = scale;
                 }
             } else {
-                int4* d = reinterpret_cast<int4*>(dst);
-                for (int v = lane; v < nvec; v += kWarp) st_na_v4(d + v, ld_nc_v4(src + v));
+                warp_copy<0, 4>(reinterpret_cast<int4*>(dst), src, static_cast<int64_t>(nvec) * 16, lane);
             }
             if (lane == 0) reinterpret_cast<int*>(dst + c.off_meta_in_row)[0] = t * K + k;
             if (!near) {
@@ -295,9 +308,11 @@ __global__ void __launch_bounds__(kLLThreads) ll_combine_send_kernel(LowLatencyC
 }
 
 // One warp per token: out[t] = sum_k w[t, k] * comb[t][k] over k with idx[t, k] >= 0, in float32.
+// One warp per (token, slice of the hidden dimension): `slices` warps share a token so that enough loads are in
+// flight when there are few tokens.
 __global__ void __launch_bounds__(kLLThreads) ll_combine_recv_kernel(LowLatencyCtx c, const int64_t* idx,
                                                                      const float* w, __nv_bfloat16* out, int T,
-                                                                     const int64_t* handle_seq) {
+                                                                     int slices, const int64_t* handle_seq) {
     const int N = c.num_ranks, me = c.rank, H = c.hidden, M = c.max_tokens, K = c.num_topk;
     const int64_t seq = *handle_seq;
     const int slot_buf = static_cast<int>(seq & 1);
@@ -305,30 +320,61 @@ __global__ void __launch_bounds__(kLLThreads) ll_combine_recv_kernel(LowLatencyC
     if (ok_all) {
         const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
         const int nvec = H / 8;
-        for (int t = blockIdx.x * kLLWarps + warp; t < T; t += gridDim.x * kLLWarps) {
-            for (int v = lane; v < nvec; v += kWarp) {
-                float acc[8];
+        const uint8_t* comb = c.base + c.off_comb + static_cast<int64_t>(slot_buf) * M * K * c.comb_stride;
+        for (int g = blockIdx.x * kLLWarps + warp; g < T * slices; g += gridDim.x * kLLWarps) {
+            const int t = g / slices, v0 = (g % slices) * kWarp + lane, step = slices * kWarp;
+            // lane k < K holds (expert id, weight) of copy k; the warp shares which copies exist
+            const int64_t e = lane < K ? idx[static_cast<int64_t>(t) * K + lane] : -1;
+            const float wl = lane < K ? w[static_cast<int64_t>(t) * K + lane] : 0.f;
+            const unsigned present = __ballot_sync(0xffffffffu, e >= 0);
+            const uint8_t* rows = comb + static_cast<int64_t>(t) * K * c.comb_stride;
+            int4* dst = reinterpret_cast<int4*>(out + static_cast<int64_t>(t) * H);
+            if (K <= kLLMaxTopk) {
+                // every copy's 16 bytes are loaded before any is added: K loads in flight per lane
+                float wk[kLLMaxTopk];
 #pragma unroll
-                for (int i = 0; i < 8; ++i) acc[i] = 0.f;
-                for (int k = 0; k < K; ++k) {
-                    if (idx[static_cast<int64_t>(t) * K + k] < 0) continue;
-                    const float wk = w[static_cast<int64_t>(t) * K + k];
-                    const int4 raw = ld_v4<1>(reinterpret_cast<const int4*>(
-                        c.base + c.off_comb +
-                        (static_cast<int64_t>(slot_buf) * M * K + static_cast<int64_t>(t) * K + k) * c.comb_stride) + v);
-                    const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&raw);
+                for (int k = 0; k < kLLMaxTopk; ++k) wk[k] = __shfl_sync(0xffffffffu, wl, k);
+                for (int v = v0; v < nvec; v += step) {
+                    int4 raw[kLLMaxTopk];
 #pragma unroll
-                    for (int i = 0; i < 4; ++i) {
-                        const float2 p = __bfloat1622float2(h[i]);
-                        acc[2 * i] += wk * p.x;
-                        acc[2 * i + 1] += wk * p.y;
+                    for (int k = 0; k < kLLMaxTopk; ++k)
+                        if ((present >> k) & 1u)
+                            raw[k] = ld_v4<1>(reinterpret_cast<const int4*>(rows + static_cast<int64_t>(k) * c.comb_stride) + v);
+                    float acc[8];
+#pragma unroll
+                    for (int i = 0; i < 8; ++i) acc[i] = 0.f;
+#pragma unroll
+                    for (int k = 0; k < kLLMaxTopk; ++k) {
+                        if (!((present >> k) & 1u)) continue;
+                        const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&raw[k]);
+#pragma unroll
+                        for (int i = 0; i < 4; ++i) {
+                            const float2 p = __bfloat1622float2(h[i]);
+                            acc[2 * i] += wk[k] * p.x;
+                            acc[2 * i + 1] += wk[k] * p.y;
+                        }
                     }
+                    dst[v] = pack_bf16x8(acc);
                 }
-                int4 res;
-                __nv_bfloat162* o = reinterpret_cast<__nv_bfloat162*>(&res);
+            } else {
+                for (int v = v0; v < nvec; v += step) {
+                    float acc[8];
 #pragma unroll
-                for (int i = 0; i < 4; ++i) o[i] = __floats2bfloat162_rn(acc[2 * i], acc[2 * i + 1]);
-                reinterpret_cast<int4*>(out + static_cast<int64_t>(t) * H)[v] = res;
+                    for (int i = 0; i < 8; ++i) acc[i] = 0.f;
+                    for (int k = 0; k < K; ++k) {
+                        if (!((present >> k) & 1u)) continue;
+                        const float wk = w[static_cast<int64_t>(t) * K + k];
+                        const int4 raw = ld_v4<1>(reinterpret_cast<const int4*>(rows + static_cast<int64_t>(k) * c.comb_stride) + v);
+                        const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&raw);
+#pragma unroll
+                        for (int i = 0; i < 4; ++i) {
+                            const float2 p = __bfloat1622float2(h[i]);
+                            acc[2 * i] += wk * p.x;
+                            acc[2 * i + 1] += wk * p.y;
+                        }
+                    }
+                    dst[v] = pack_bf16x8(acc);
+                }
             }
         }
     }
@@ -395,9 +441,11 @@ void launch_ll_combine_send(const LowLatencyCtx& c, const void* y, const int* co
 
 void launch_ll_combine_recv(const LowLatencyCtx& c, const int64_t* topk_idx, const float* topk_weights, void* out,
                             int num_tokens, const int64_t* handle_seq, cudaStream_t stream) {
-    const int grid = std::min(std::max(1, ceil_div(num_tokens, kLLWarps)), 132);
+    // about 1024 warps in all when tokens are few, at most 8 per token
+    const int slices = std::max(1, std::min(8, 1024 / std::max(1, num_tokens)));
+    const int grid = std::min(std::max(1, ceil_div(static_cast<int64_t>(num_tokens) * slices, kLLWarps)), 132);
     ll_combine_recv_kernel<<<grid, kLLThreads, 0, stream>>>(c, topk_idx, topk_weights,
-                                                            static_cast<__nv_bfloat16*>(out), num_tokens,
+                                                            static_cast<__nv_bfloat16*>(out), num_tokens, slices,
                                                             handle_seq);
     LAUNCH_CHECK();
 }

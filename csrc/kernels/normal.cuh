@@ -32,9 +32,7 @@ __device__ __forceinline__ bool is_local(const NormalCtx& c, int r) { return nod
 __device__ __forceinline__ int num_nodes(const NormalCtx& c) { return c.num_ranks / c.ranks_per_node; }
 // Bit r set for every rank r of this rank's node.
 __device__ __forceinline__ unsigned local_mask(const NormalCtx& c) {
-    const int first = node_of(c, c.rank) * c.ranks_per_node;
-    const unsigned bits = c.ranks_per_node >= 32 ? 0xffffffffu : ((1u << c.ranks_per_node) - 1u);
-    return bits << first;
+    return all_mask(c.ranks_per_node) << (node_of(c, c.rank) * c.ranks_per_node);
 }
 // Bit r set for the rank of every other node with this rank's local index (its RDMA peers).
 __device__ __forceinline__ unsigned rdma_peer_mask(const NormalCtx& c) {
@@ -44,37 +42,22 @@ __device__ __forceinline__ unsigned rdma_peer_mask(const NormalCtx& c) {
         if (n != node_of(c, c.rank)) m |= 1u << (n * c.ranks_per_node + me_local);
     return m;
 }
-__device__ __forceinline__ unsigned all_mask(int n) { return n >= 32 ? 0xffffffffu : ((1u << n) - 1u); }
-
 // Sets flag word [kind][index] of rank r to v: a release store over NVLink on this node, an NVSHMEM signal
 // elsewhere. Whatever this thread wrote to r before (stores after a system fence, or puts completed by
 // nvshmem_quiet) is visible first.
 __device__ __forceinline__ void set_flag(const NormalCtx& c, int r, int kind, int index, int64_t v) {
     const int64_t word = static_cast<int64_t>(kind) * c.num_ranks + index;
-    if (is_local(c, r)) {
-        st_release_sys(flags_of(peer(c, r), c) + word, v);
-    } else {
-        nvshmemx_signal_op(reinterpret_cast<uint64_t*>(flags_of(c.base, c) + word), static_cast<uint64_t>(v),
-                           NVSHMEM_SIGNAL_SET, r);
-    }
+    set_peer_flag(is_local(c, r) ? peer(c, r) : nullptr, c.base, c.off_flags + 8 * word, v, r);
 }
 
 // Threads [0, N) whose bit is set in `mask` wait for flag words [kind][i] >= target; returns (to every thread)
 // whether all arrived. With remote ranks in the mask, a system fence after the wait also orders reads of data
 // that an NVSHMEM transport (not an NVLink store) delivered.
 __device__ __forceinline__ bool wait_flags(const NormalCtx& c, int kind, unsigned mask, int64_t target, int op) {
-    __shared__ int ok_all;
-    if (threadIdx.x == 0) ok_all = has_error(c.err) ? 0 : 1;
-    __syncthreads();
-    const int i = threadIdx.x;
-    if (ok_all && i < c.num_ranks && ((mask >> i) & 1u)) {
-        if (!wait_flag(flags_of(c.base, c) + static_cast<int64_t>(kind) * c.num_ranks + i, target, c.timeout_ns,
-                       c.err, op, i))
-            atomicAnd(&ok_all, 0);
-    }
-    __syncthreads();
-    if (ok_all && (mask & ~local_mask(c))) __threadfence_system();
-    return ok_all != 0;
+    const bool ok = block_wait_flags(flags_of(c.base, c) + static_cast<int64_t>(kind) * c.num_ranks,
+                                     mask & all_mask(c.num_ranks), target, c.timeout_ns, c.err, op);
+    if (ok && (mask & ~local_mask(c))) __threadfence_system();
+    return ok;
 }
 
 // Writes one dispatched row into the receive buffer of every rank r in `dests` (a warp-uniform rank mask), at

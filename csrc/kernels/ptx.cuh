@@ -19,12 +19,6 @@ __device__ __forceinline__ int64_t ld_acquire_sys(const int64_t* p) {
     return v;
 }
 
-__device__ __forceinline__ int ld_acquire_sys_s32(const int* p) {
-    int v;
-    asm volatile("ld.acquire.sys.global.s32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
-    return v;
-}
-
 __device__ __forceinline__ int64_t ld_volatile(const int64_t* p) {
     int64_t v;
     asm volatile("ld.volatile.global.s64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");

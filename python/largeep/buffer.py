@@ -6,9 +6,10 @@ CUDA stream; ``previous_event`` orders it after an event, ``async_finish`` retur
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Union
 
@@ -290,12 +291,12 @@ class Buffer:
         """Runs ``fn`` on the Buffer's stream after the caller's stream (or ``previous_event``)."""
         if self._stream is None:
             return fn(), EventOverlap(None)
-        compute = torch.cuda.current_stream()
+        compute = torch.cuda.current_stream(self._stream.device)
         if previous_event is not None and previous_event.event is not None:
             self._stream.wait_event(previous_event.event)
         else:
             self._stream.wait_stream(compute)
-        with torch.cuda.stream(self._stream):
+        with _on_stream(self._stream, compute):
             result = fn()
         for t in inputs:
             if t is not None:
@@ -515,19 +516,39 @@ class Buffer:
             if self._stream is None:
                 finish()
                 return
-            compute = torch.cuda.current_stream()
+            compute = torch.cuda.current_stream(self._stream.device)
             self._stream.wait_stream(compute)
-            with torch.cuda.stream(self._stream):
+            with _on_stream(self._stream, compute):
                 finish()
             compute.wait_stream(self._stream)
 
         return hook
 
 
+@contextlib.contextmanager
+def _on_stream(stream: torch.cuda.Stream, current: torch.cuda.Stream) -> Iterator[None]:
+    """``torch.cuda.stream(stream)`` for the common case where ``current`` is the current stream of the current
+    device, which is ``stream``'s device: two cheap stream switches instead of the context's device lookups (this
+    runs on every call). Any other case takes ``torch.cuda.stream``."""
+    if torch.cuda.current_device() != stream.device.index:
+        with torch.cuda.stream(stream):
+            yield
+        return
+    torch.cuda.set_stream(stream)
+    try:
+        yield
+    finally:
+        torch.cuda.set_stream(current)
+
+
 def _tensors_of(result: Any) -> list[torch.Tensor]:
+    """The tensors in a (nested) result of tuples, lists and dataclasses. A list or tuple whose first item is a
+    number holds numbers only (per-expert counts) and is not walked: this runs on every call."""
     if isinstance(result, torch.Tensor):
         return [result]
     if isinstance(result, (tuple, list)):
+        if not result or isinstance(result[0], (int, float)):
+            return []
         return [t for r in result for t in _tensors_of(r)]
     if hasattr(result, "__dataclass_fields__"):
         return [t for name in result.__dataclass_fields__ for t in _tensors_of(getattr(result, name))]

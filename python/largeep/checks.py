@@ -77,14 +77,19 @@ def topk_idx(
     """int64 [T, K] with values in [-1, E). The value check costs one device sync; skipped while capturing."""
     idx = tensor(op, "topk_idx", t, dtypes=(torch.int64,), ndim=2, device=device, shape=(num_tokens, num_topk))
     if check_values and idx.numel() and not _capturing(device):
-        lo, hi = torch.aminmax(idx)
-        lo_v, hi_v = int(lo), int(hi)
+        lo_v, hi_v = _id_range(idx)
         if lo_v < -1 or hi_v >= num_experts:
             bad = lo_v if lo_v < -1 else hi_v
             raise ArgumentError(
                 f"{_where(op, 'topk_idx')} holds expert id {bad}, expected values in [-1, {num_experts})"
             )
     return idx
+
+
+def _id_range(idx: torch.Tensor) -> tuple[int, int]:
+    """(min, max) of idx with one device sync (not one per value)."""
+    lo, hi = torch.stack(torch.aminmax(idx)).tolist()
+    return int(lo), int(hi)
 
 
 def topk_weights(op: str, t: object, *, num_tokens: int, num_topk: int, device: torch.device) -> torch.Tensor:

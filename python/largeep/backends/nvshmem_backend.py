@@ -88,13 +88,12 @@ def _ptr(t: torch.Tensor | None) -> int:
 @dataclass
 class _Hier:
     """The parts of a normal dispatch's handle that only groups of several nodes (M nodes of P ranks) have.
-    Source side: node_pos int32 [T, M] (position of token t among the tokens sent to node m, -1 if none),
-    node_count int32 [M]. Forwarder side (rows this rank forwards from its RDMA peer on node m): fwd_count int32
+    Source side: node_pos int32 [T, M] (position of token t among the tokens sent to node m, -1 if none).
+    Forwarder side (rows this rank forwards from its RDMA peer on node m): fwd_count int32
     [M], fwd_off int32 [M, P] (where that peer's rows start in the receive buffer of each rank of this node),
     fwd_pos int32 [M, max_tokens, P] (position of forwarded row j in each local rank's list, -1 if not sent)."""
 
     node_pos: torch.Tensor
-    node_count: torch.Tensor
     fwd_off: torch.Tensor
     fwd_count: torch.Tensor
     fwd_pos: torch.Tensor
@@ -103,9 +102,10 @@ class _Hier:
 @dataclass
 class _NvState:
     """Handle of one normal dispatch. Source side: send_pos int32 [T, N] (row of token t among the rows for rank r,
-    -1 if not sent), send_off int32 [N] (where this rank's rows start in each receiver's buffer). Receiver side:
-    recv_src int32 [rows, 2] (source rank, token), recv_off int32 [N + 1] (first row of each source). hier: the
-    inter-node parts (None inside one node)."""
+    -1 if not sent), send_off int32 [N] (where this rank's rows start in each receiver's buffer), self_token int32
+    [T] (the token of each of this rank's rows for itself, which never pass through the receive buffer). Receiver
+    side: recv_src int32 [rows, 2] (source rank, token), recv_off int32 [N + 1] (first row of each source). hier:
+    the inter-node parts (None inside one node)."""
 
     send_pos: torch.Tensor
     send_off: torch.Tensor
@@ -114,6 +114,7 @@ class _NvState:
     num_rows: int
     num_tokens: int
     worst: bool
+    self_token: torch.Tensor
     hier: _Hier | None = None
 
 
@@ -209,7 +210,7 @@ class NvshmemBackend:
         )
 
     def _stream(self) -> int:
-        return int(torch.cuda.current_stream().cuda_stream)
+        return int(torch.cuda.current_stream(self.ctx.device).cuda_stream)
 
     # -- normal mode --------------------------------------------------------------------------------------------
     def get_dispatch_layout(self, topk_idx: torch.Tensor) -> Layout:
@@ -246,7 +247,6 @@ class NvshmemBackend:
         stream = self._stream()
         sms = c.num_sms
         elem = x.element_size()
-        scales_ptr = x_scales.data_ptr() if x_scales is not None else 0
         cached = state is not None
         worst = num_worst_tokens > 0 or (state is not None and state.worst)
         k = self.kernels
@@ -257,11 +257,11 @@ class NvshmemBackend:
             send_pos = torch.empty(t, n, dtype=i32, device=dev)
             recv_off = torch.empty(n + 1, dtype=i32, device=dev)
             send_off = torch.empty(n, dtype=i32, device=dev)
+            self_token = torch.empty(max(t, 1), dtype=i32, device=dev)
             hier = None
             if nodes > 1:
                 hier = _Hier(
                     node_pos=torch.empty(t, nodes, dtype=i32, device=dev),
-                    node_count=torch.empty(nodes, dtype=i32, device=dev),
                     fwd_off=torch.empty(nodes, p, dtype=i32, device=dev),
                     fwd_count=torch.empty(nodes, dtype=i32, device=dev),
                     fwd_pos=torch.empty(nodes, c.max_tokens_per_rank, p, dtype=i32, device=dev),
@@ -270,12 +270,12 @@ class NvshmemBackend:
             if report:
                 self.status[_READY] = 0
             k.prepare(topk_idx.data_ptr(), t, send_pos.data_ptr(), _ptr(hier.node_pos if hier else None),
-                      _ptr(hier.node_count if hier else None), stream)
+                      self_token.data_ptr(), stream)
             k.notify(recv_off.data_ptr(), send_off.data_ptr(), _ptr(hier.fwd_off if hier else None),
                      _ptr(hier.fwd_count if hier else None), report, stream)
             # The sends need no host decision: they run while the host waits for the counts below.
-            self._send(x, elem, scales_ptr, x_scales is not None, topk_idx.data_ptr(), topk_weights.data_ptr(), t,
-                       send_pos, send_off, hier, False, stream)
+            self._send(x, x_scales, topk_idx.data_ptr(), topk_weights.data_ptr(), t, send_pos, send_off, hier, False,
+                       stream)
             if report:
                 rc = self.C.wait_host_word(self.host_ptr, _READY, 1, _ERROR, self.settings.timeout_s + _HOST_GRACE_S)
                 self._raise_if_failed("dispatch")
@@ -285,16 +285,17 @@ class NvshmemBackend:
                         "(a peer did not call dispatch, or a kernel failed)"
                     )
                 rows = int(self.status[_NUM_RECV])
-                raw = [int(self.status[_PER_EXPERT + e]) for e in range(c.experts_per_rank)]
-                per_expert_list = [((v + expert_alignment - 1) // expert_alignment) * expert_alignment for v in raw]
+                raw = self.status[_PER_EXPERT:_PER_EXPERT + c.experts_per_rank]  # ctypes slice: a list of ints
+                a = expert_alignment
+                per_expert_list = raw if a == 1 else [(v + a - 1) // a * a for v in raw]
             else:
                 rows = num_worst_tokens
             state = _NvState(
-                send_pos, send_off, torch.empty(rows, 2, dtype=i32, device=dev), recv_off, rows, t, worst, hier
+                send_pos, send_off, torch.empty(rows, 2, dtype=i32, device=dev), recv_off, rows, t, worst, self_token,
+                hier,
             )
         else:
-            self._send(x, elem, scales_ptr, x_scales is not None, 0, 0, t, state.send_pos, state.send_off, state.hier,
-                       True, stream)
+            self._send(x, x_scales, 0, 0, t, state.send_pos, state.send_off, state.hier, True, stream)
         rows = state.num_rows
         out_x = torch.empty(rows, c.hidden, dtype=x.dtype, device=dev)
         out_s = torch.empty(rows, c.hidden // 128, dtype=torch.float32, device=dev) if x_scales is not None else None
@@ -304,7 +305,9 @@ class NvshmemBackend:
             out_w = torch.empty(rows, c.num_topk, dtype=torch.float32, device=dev)
         k.copyout(
             out_x.data_ptr(), elem, _ptr(out_s), _ptr(out_idx), _ptr(out_w), state.recv_src.data_ptr(),
-            state.recv_off.data_ptr(), rows, cached, sms, stream,
+            state.recv_off.data_ptr(), rows, cached, x.data_ptr(), _ptr(x_scales),
+            _ptr(None if cached else topk_idx), _ptr(None if cached else topk_weights),
+            state.self_token.data_ptr(), sms, stream,
         )
         if per_expert_list:
             per_expert_t = torch.tensor(per_expert_list, dtype=torch.int32).to(dev, non_blocking=True)
@@ -318,19 +321,21 @@ class NvshmemBackend:
         )
 
     def _send(
-        self, x: torch.Tensor, elem: int, scales_ptr: int, has_scales: bool, idx_ptr: int, w_ptr: int, t: int,
+        self, x: torch.Tensor, x_scales: torch.Tensor | None, idx_ptr: int, w_ptr: int, t: int,
         send_pos: torch.Tensor, send_off: torch.Tensor, hier: _Hier | None, cached: bool, stream: int,
     ) -> None:
         """Queues the sending kernels of a dispatch: the RDMA leg (several nodes), the NVLink push to this node's
-        ranks, and the forwarding of the rows my RDMA peers sent (several nodes). has_scales: whether the dispatch
-        carries FP8 scales (scales_ptr is 0 for an empty tensor, yet the forwarded rows of other ranks have them)."""
+        ranks, and the forwarding of the rows my RDMA peers sent (several nodes). Whether rows carry FP8 scales
+        comes from ``x_scales is not None``, not from its pointer: an empty tensor's is 0, yet the rows this rank
+        forwards for other ranks have scales."""
         k, sms = self.kernels, self.ctx.num_sms
+        elem, scales_ptr = x.element_size(), _ptr(x_scales)
         if hier is not None:
             k.rdma_send(x.data_ptr(), elem, scales_ptr, idx_ptr, w_ptr, t, send_pos.data_ptr(),
                         hier.node_pos.data_ptr(), sms, stream)
         k.push(x.data_ptr(), elem, scales_ptr, idx_ptr, w_ptr, t, send_pos.data_ptr(), send_off.data_ptr(), sms, stream)
         if hier is not None:
-            k.forward(elem, has_scales, cached, hier.fwd_off.data_ptr(), hier.fwd_count.data_ptr(),
+            k.forward(elem, x_scales is not None, cached, hier.fwd_off.data_ptr(), hier.fwd_count.data_ptr(),
                       hier.fwd_pos.data_ptr(), sms, stream)
 
     def combine(
@@ -357,7 +362,8 @@ class NvshmemBackend:
                               stream)
         k.combine_reduce(
             out.data_ptr(), out.element_size(), _ptr(out_w), state.send_pos.data_ptr(),
-            _ptr(hier.node_pos if hier else None), state.num_tokens, with_w, c.num_sms, stream,
+            _ptr(hier.node_pos if hier else None), state.num_tokens, with_w, y.data_ptr(), _ptr(topk_weights),
+            state.recv_off.data_ptr(), c.num_sms, stream,
         )
         return out, out_w
 

@@ -1,0 +1,92 @@
+"""Where the host time of small normal-mode calls goes: one rank's Python profile of a dispatch/combine round trip.
+
+At 128 tokens per rank the kernels take tens of microseconds, so a round trip (layout, dispatch with its count
+exchange, combine) costs what the host does around them. This runs ``--iters`` round trips on every rank (ranks
+aligned before each) and prints, for rank 0: the host time of each call (median, synchronised after each call)
+and the functions with the most cumulative time under cProfile.
+
+    python bench/host_profile.py --nprocs 2 --tokens 128 --out OUT
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import json
+import os
+import pstats
+import statistics
+import sys
+import time
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _launch import run_ranks  # noqa: E402
+
+
+def _body(rank: int, world: int, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    import largeep
+
+    g = torch.Generator(device="cuda").manual_seed(1000 + rank)
+    x = torch.randn(args.tokens, args.hidden, device="cuda", generator=g).to(torch.bfloat16)
+    idx = torch.stack([torch.randperm(args.experts, device="cuda", generator=g)[: args.topk]
+                       for _ in range(args.tokens)])
+    w = torch.rand(args.tokens, args.topk, device="cuda", generator=g)
+    buf = largeep.Buffer(None, hidden=args.hidden, num_experts=args.experts, num_topk=args.topk,
+                         max_tokens_per_rank=args.tokens, backend="nvshmem", num_sms=24)
+    host: dict[str, list[float]] = {"layout": [], "dispatch": [], "combine": []}
+
+    def roundtrip(timed: bool) -> None:
+        t0 = time.perf_counter()
+        buf.get_dispatch_layout(idx)
+        t1 = time.perf_counter()
+        d = buf.dispatch(x, idx, w)
+        t2 = time.perf_counter()
+        buf.combine(d.x, d.handle)
+        t3 = time.perf_counter()
+        if timed:
+            host["layout"].append((t1 - t0) * 1e6)
+            host["dispatch"].append((t2 - t1) * 1e6)
+            host["combine"].append((t3 - t2) * 1e6)
+
+    for _ in range(10):
+        roundtrip(False)
+    torch.cuda.synchronize()
+    prof = cProfile.Profile()
+    for _ in range(args.iters):
+        torch.cuda.synchronize()
+        dist.barrier()
+        prof.enable()
+        roundtrip(True)
+        prof.disable()
+    torch.cuda.synchronize()
+    buf.destroy()
+    s = io.StringIO()
+    pstats.Stats(prof, stream=s).sort_stats("cumulative").print_stats(35)
+    return {"host_us_median": {k: statistics.median(v) for k, v in host.items()}, "profile": s.getvalue()}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tokens", type=int, default=128)
+    p.add_argument("--hidden", type=int, default=7168)
+    p.add_argument("--topk", type=int, default=8)
+    p.add_argument("--experts", type=int, default=256)
+    p.add_argument("--iters", type=int, default=200)
+    p.add_argument("--nprocs", type=int, default=None)
+    p.add_argument("--out", required=True)
+    args = p.parse_args()
+    res = run_ranks(_body, args.nprocs or torch.cuda.device_count(), args)
+    print("host time per call (us, median, rank 0):", res["host_us_median"])
+    print(res["profile"])
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, f"host_profile_t{args.tokens}.json"), "w") as f:
+        json.dump(res, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -179,8 +179,22 @@ def missing_peer(rank: int, world: int, timeout_s: float) -> dict[str, float]:
             else:
                 raise AssertionError("a failed Buffer accepted another dispatch")
     finally:
+        # Teardown is collective: rank 1 waits (outside NVSHMEM) until the others have seen their dispatch fail,
+        # else its bounded destroy could give up on them while they are still inside dispatch.
+        _progress(rank, "before the teardown barrier")
+        dist.barrier()
+        _progress(rank, "destroying")
         buf.destroy()
+        _progress(rank, "destroyed")
     return {"elapsed_s": elapsed}
+
+
+def _progress(rank: int, what: str) -> None:
+    """A timestamped line on stderr: where each rank was if a teardown test hangs (the pool dumps stacks too)."""
+    import sys
+    import time
+
+    print(f"[{time.strftime('%H:%M:%S')}] rank {rank}: {what}", file=sys.stderr, flush=True)
 
 
 def destroy_without_peer(rank: int, world: int, timeout_s: float) -> dict[str, float]:
@@ -195,15 +209,18 @@ def destroy_without_peer(rank: int, world: int, timeout_s: float) -> dict[str, f
         buf = largeep.Buffer(None, hidden=1024, num_experts=4 * world, num_topk=2, max_tokens_per_rank=64,
                              backend="nvshmem")
         if rank == 1:
+            _progress(rank, "returning without destroying its Buffer")
             return {"elapsed_s": 0.0}  # never destroyed
         start = time.monotonic()
         try:
+            _progress(rank, "destroying (rank 1 will not)")
             buf.destroy()
         except largeep.PeerTimeoutError as exc:
             elapsed = time.monotonic() - start
             assert "rank 1" in str(exc) and "destroy" in str(exc), str(exc)
         else:
             raise AssertionError("destroy() returned although rank 1 never called it")
+        _progress(rank, f"destroy raised after {elapsed:.1f} s")
         assert elapsed < timeout_s + 10, f"gave up after {elapsed:.1f} s, bound {timeout_s} s"
         # NVSHMEM is refused at once from now on (a Buffer would first meet rank 1 in torch.distributed
         # collectives, so ask the runtime directly)

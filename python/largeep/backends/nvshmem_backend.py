@@ -193,7 +193,7 @@ class NvshmemBackend:
         try:
             return fn(*args)
         except RuntimeError as exc:
-            if "did not arrive within" in str(exc) or "an earlier rendezvous" in str(exc):
+            if any(m in str(exc) for m in ("did not arrive within", "gave up waiting", "an earlier rendezvous")):
                 raise PeerTimeoutError(f"{op}: {exc}") from None
             raise
 

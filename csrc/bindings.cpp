@@ -140,9 +140,12 @@ class LowLatencyKernels {
    public:
     LowLatencyKernels(int rank, int num_ranks, int num_experts, int num_topk, int hidden, int max_tokens,
                       uintptr_t base, uintptr_t peer_base, uintptr_t seq, uintptr_t block_counter,
-                      uintptr_t status_dev, uintptr_t error_dev, double timeout_s, int ranks_per_node) {
+                      uintptr_t status_dev, uintptr_t error_dev, double timeout_s, int ranks_per_node,
+                      int send_mode) {
         HOST_ASSERT(ranks_per_node > 0 && num_ranks % ranks_per_node == 0, "bad ranks_per_node " << ranks_per_node);
+        HOST_ASSERT(send_mode == 0 || send_mode == 1, "LARGEEP_TUNE ll_send must be 0 or 1, got " << send_mode);
         c_.ranks_per_node = ranks_per_node;
+        c_.send_mode = send_mode;
         fill_common(c_, rank, num_ranks, num_experts, num_topk, hidden, max_tokens, base, peer_base, seq, block_counter,
                     status_dev, error_dev, timeout_s);
         const LowLatencyLayout l =
@@ -228,7 +231,7 @@ PYBIND11_MODULE(_C, m) {
     });
     py::class_<LowLatencyKernels>(m, "LowLatencyKernels")
         .def(py::init<int, int, int, int, int, int, uintptr_t, uintptr_t, uintptr_t, uintptr_t, uintptr_t, uintptr_t,
-                      double, int>())
+                      double, int, int>())
         .def("dispatch_send", &LowLatencyKernels::dispatch_send)
         .def("dispatch_recv", &LowLatencyKernels::dispatch_recv)
         .def("combine_send", &LowLatencyKernels::combine_send)

@@ -1,12 +1,16 @@
 #!/usr/bin/env bash
 # One round of GPU checks on the GPU machine: build, GPU tests, benchmarks. Logs and JSON go to OUTDIR.
-# usage: scripts/device_check.sh OUTDIR [stage ...]   stages: build tests bench perf internode layer (default: build tests bench)
+# usage: scripts/device_check.sh OUTDIR [stage ...]   stages: build tests bench perf internode layer longrun tune
+#   (default: build tests bench)
 #   bench: python -m largeep.bench (whole-call event times, every backend; LARGEEP_BENCH_ARGS overrides the preset)
 #   perf:  kernel times (normal) and kernel + CUDA-graph times (low-latency) of the nvshmem backend, on all GPUs
 #          and on GPUs 0,1
 #   internode: kernel and per-leg times of the normal mode with nodes emulated on one host (bench/kernel_times.py)
 #   layer: bench/layer_times.py (one MoE layer at prefill size, with and without overlap) on all GPUs, at SPEC.md's
 #          sizes and with the balanced preset (F 256: communication and expert compute take similar time)
+#   longrun: 10,000 checked rounds of random sizes on the nvshmem backend, on 2 GPUs and (if present) 4
+#   tune: the experimental LARGEEP_TUNE settings against the defaults: normal kernels with 1024 threads per block,
+#         the low-latency token-major send (ll_send=1: its GPU tests, then its kernel times)
 set -uo pipefail
 OUT=${1:?usage: scripts/device_check.sh OUTDIR [stage ...]}
 shift
@@ -67,6 +71,25 @@ for stage in $STAGES; do
       tail -20 "$OUT/layer.log"
       timeout 600 $PY bench/layer_times.py --preset balanced --out "$OUT/layer" > "$OUT/layer_balanced.log" 2>&1 || rc=1
       tail -20 "$OUT/layer_balanced.log"
+      ;;
+    longrun)
+      for w in 2 4; do
+        [ "$ngpu" -ge "$w" ] || continue
+        (cd tests && LARGEEP_TEST_ROUNDS=10000 timeout 400 $PY -m pytest -q -ra -p no:cacheprovider \
+          "test_long_run.py::test_long_run[$w-nvshmem-nccl]") > "$OUT/long_run_10000_ep$w.log" 2>&1 || rc=1
+        tail -3 "$OUT/long_run_10000_ep$w.log"
+      done
+      ;;
+    tune)
+      CUDA_VISIBLE_DEVICES=$(seq -s, 0 $((ngpu - 1))) LARGEEP_TUNE=threads=1024 timeout 200 $PY bench/kernel_times.py \
+        --nprocs "$ngpu" --num-sms 8,16,24 --out "$OUT/tune_threads1024" > "$OUT/tune_threads1024.log" 2>&1 || rc=1
+      grep -E "kernel medians|^(dispatch|combine) " "$OUT/tune_threads1024.log" | tail -12
+      (cd tests && LARGEEP_TUNE=ll_send=1 timeout 200 $PY -m pytest -q -ra -p no:cacheprovider -m gpu \
+        -k "low_latency" .) > "$OUT/tune_ll_send1_tests.log" 2>&1 || rc=1
+      tail -3 "$OUT/tune_ll_send1_tests.log"
+      LARGEEP_TUNE=ll_send=1 timeout 200 $PY bench/low_latency_times.py --nprocs "$ngpu" \
+        --out "$OUT/tune_ll_send1" > "$OUT/tune_ll_send1.log" 2>&1 || rc=1
+      tail -12 "$OUT/tune_ll_send1.log"
       ;;
     *)
       echo "unknown stage $stage" | tee -a "$OUT/summary.txt"; rc=1

@@ -93,8 +93,14 @@ class DistPool:
                 rank, ok, value = self.results.get(timeout=self.timeout_s)
             except queue.Empty:
                 self.broken = True
+                # a worker that died (a crash, an abort, exit() inside a library) never answers and prints no
+                # stack: say so, with its exit code, before the pool kills the others
+                dead = [f"rank {r} exited with code {p.exitcode}" for r, p in enumerate(self.procs) if not p.is_alive()]
                 self.close(force=True)
-                raise TimeoutError(f"{fn.__name__}: a rank did not finish within {self.timeout_s} s") from None
+                raise TimeoutError(
+                    f"{fn.__name__}: a rank did not finish within {self.timeout_s} s"
+                    + (f" ({'; '.join(dead)})" if dead else " (every worker process was still alive)")
+                ) from None
             if ok:
                 out[rank] = value
             else:

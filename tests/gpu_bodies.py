@@ -144,6 +144,32 @@ def low_latency_two_in_flight(rank: int, world: int, tokens: int, hidden: int, e
         buf.destroy()
 
 
+def worst_too_small(rank: int, world: int) -> None:
+    """A num_worst_tokens dispatch that receives more rows than num_worst_tokens on every rank: the copy-out copies
+    nothing (its loops are bounded by the output's rows in any case) and the next call on the Buffer raises, naming
+    num_worst_tokens, before launching anything."""
+    buf = largeep.Buffer(None, hidden=256, num_experts=2 * world, num_topk=2, max_tokens_per_rank=16,
+                         backend="nvshmem")
+    try:
+        t = 16
+        x = torch.randn(t, 256, device="cuda").to(torch.bfloat16)
+        # every token names expert 0 (rank 0) and expert 2 (rank 1): ranks 0 and 1 receive 16 rows per source
+        idx = torch.tensor([[0, 2]] * t, dtype=torch.int64, device="cuda")
+        w = torch.rand(t, 2, device="cuda")
+        d = buf.dispatch(x, idx, w, num_worst_tokens=4)
+        torch.cuda.synchronize()
+        assert d.x.shape[0] == 4
+        try:
+            buf.combine(d.x, d.handle)
+        except RuntimeError as exc:
+            assert "num_worst_tokens" in str(exc), str(exc)
+        else:
+            if rank < 2:
+                raise AssertionError("combine after an overflowing num_worst_tokens dispatch did not raise")
+    finally:
+        buf.destroy()
+
+
 def missing_peer(rank: int, world: int, timeout_s: float) -> dict[str, float]:
     """Rank 1 never calls dispatch: every other rank must raise PeerTimeoutError naming rank 1 within the bound."""
     import os

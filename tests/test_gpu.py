@@ -122,6 +122,13 @@ def test_low_latency_graph_and_double_buffer(pools, world: int) -> None:
 
 @pytest.mark.gpu(2)
 @needs_native
+def test_worst_tokens_too_small(pools) -> None:
+    """num_worst_tokens below the rows received: no write past the output, and a clear error at the next call."""
+    pools(2, "nccl").run(gpu_bodies.worst_too_small)
+
+
+@pytest.mark.gpu(2)
+@needs_native
 @pytest.mark.parametrize("world", [2, 4])
 def test_missing_peer_times_out(pools, world: int) -> None:
     if world > __import__("conftest").gpu_count():

@@ -153,6 +153,17 @@ def test_layer_chunked_gpu(pools, backend: str) -> None:
     pools(2, "nccl").run(layer_bodies.layer_chunked_gpu, backend, [700, 0])
 
 
+@pytest.mark.gpu(2)
+def test_decode_step_cuda_graph(pools) -> None:
+    """The low-latency MoE decode step captured in a CUDA graph and replayed 20 times on fresh inputs equals eager."""
+    from largeep import native
+
+    if native.unavailable_reason() is not None:
+        pytest.skip(str(native.unavailable_reason()))
+    res = pools(2, "nccl").run(layer_bodies.decode_step_cuda_graph, 16, 20)
+    assert all(r["replays"] == 20 and r["mismatches"] == 0 for r in res), res
+
+
 @pytest.mark.parametrize("world", [2, 4])
 def test_pipeline_vs_sequential(pools, world: int) -> None:
     # 3 layers, residual + RMSNorm between; chunks 1/2/3 over uneven token counts and a rank without tokens

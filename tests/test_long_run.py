@@ -38,7 +38,7 @@ def assert_flat(samples_per_rank: list[list[dict[str, int]]], what: str) -> None
         assert grew["rss"] <= RSS_SLACK, f"{what}, rank {rank}: RSS grew by {grew['rss'] >> 10} KiB ({first} -> {last})"
 
 
-@pytest.mark.parametrize("world,backend,pg", runs(2))
+@pytest.mark.parametrize("world,backend,pg", runs(2) + [p for p in runs(4) if p.values[2] == "nccl"])
 def test_long_run(pools, world: int, backend: str, pg: str) -> None:
     warmup = min(max(ROUNDS // 5, 10), 500)
     # long runs outgrow the shared pool's per-call timeout: give them a pool of their own

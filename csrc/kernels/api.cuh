@@ -22,6 +22,7 @@ enum Op {
     kOpCombineReduce = 5,
     kOpLowLatencyDispatch = 6,
     kOpLowLatencyCombine = 7,
+    kOpWorstTooSmall = 8,  // a num_worst_tokens dispatch received more rows than its output holds (not a timeout)
 };
 
 // ---- flags: int64 words in the symmetric heap, [kind][rank] --------------------------------------------------
@@ -171,6 +172,7 @@ struct LowLatencyCtx {
     int64_t* status;
     ErrorWord err;
     uint64_t timeout_ns;
+    int send_mode;  // dispatch send: 0 one warp per (token, copy), 1 one block per token (LARGEEP_TUNE=ll_send)
 };
 struct LowLatencyLayout {
     int64_t off_flags, off_counter, off_recv, off_comb, off_send, off_comb_send;

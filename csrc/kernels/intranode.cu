@@ -4,10 +4,11 @@
 // the receive buffer (symmetric memory) of every rank of its node that needs it, at its final row in SPEC order
 // (sources ascending, then tokens; offsets come from the count exchange). The receiver then copies its buffer into
 // the output tensors (local traffic only). A rank's rows for itself skip the receive buffer: the copy-out reads
-// them from the caller's tensors (one copy instead of two), and in combine the reduction reads them from y. NVLink writes are posted, so no round trip limits them; NVLink reads
-// measured about 1.7x slower here, which is why an earlier pull design was dropped. Rows for ranks of other nodes
-// travel through internode.cu (one RDMA copy per destination node, forwarded over NVLink there) and land in the
-// same receive buffers at the same rows, so the copy-out is the same.
+// them from the caller's tensors (one copy instead of two), and in combine the reduction reads them from y. NVLink
+// writes are posted, so no round trip limits them; NVLink reads measured about 1.7x slower here, which is why an
+// earlier pull design was dropped. Rows for ranks of other nodes travel through internode.cu (one RDMA copy per
+// destination node, forwarded over NVLink there) and land in the same receive buffers at the same rows, so the
+// copy-out is the same.
 //
 // Combine pushes: each receiver writes row i of y into its source's `comb` buffer (slot [me][j], j = the row's
 // position in the source->me list); the source then sums the slots of each token in float32. Rows whose source is
@@ -286,6 +287,13 @@ __global__ void __launch_bounds__(kThreads) dispatch_copyout_kernel(NormalCtx c,
     if (threadIdx.x == 0) failed = has_error(c.err) ? 1 : 0;  // recv_off is only valid if no kernel failed
     if (static_cast<int>(threadIdx.x) <= N) off[threadIdx.x] = recv_off[threadIdx.x];
     __syncthreads();
+    // More rows than a num_worst_tokens output holds: copy nothing (every block sees the same offsets) and report
+    // it; the Buffer's later kernels then skip their work and its next call raises.
+    if (threadIdx.x == 0 && !failed && off[N] > num_rows) {
+        failed = 1;
+        if (blockIdx.x == 0) report_error(c.err, kOpWorstTooSmall, -1);
+    }
+    __syncthreads();
     const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp, kWarps = blockDim.x / kWarp;
     const int64_t x_bytes = static_cast<int64_t>(c.hidden) * x_elem;
     if (!failed) {
@@ -293,7 +301,7 @@ __global__ void __launch_bounds__(kThreads) dispatch_copyout_kernel(NormalCtx c,
             copy_self_row(c, x, x_bytes, scales, idx, w, self_token[j], out_x, out_s, out_idx, out_w, recv_src,
                           off[me] + j, cached, lane);
     }
-    const bool ok = wait_flags(c, kFlagRows, all_mask(N), seq, kOpDispatch);
+    const bool ok = wait_flags(c, kFlagRows, all_mask(N), seq, kOpDispatch) && !failed;
     if (ok) {
         const int R = off[N], mine = off[me + 1] - off[me];
         // rows [0, num_rows) without my own block [off[me], off[me + 1])

@@ -44,6 +44,15 @@ __device__ __forceinline__ bool wait_flag(const int64_t* flag, int64_t target, u
     }
 }
 
+// 8 float32 values rounded to bf16, packed into 16 bytes.
+__device__ __forceinline__ int4 pack_bf16x8(const float* acc) {
+    int4 res;
+    __nv_bfloat162* o = reinterpret_cast<__nv_bfloat162*>(&res);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) o[i] = __floats2bfloat162_rn(acc[2 * i], acc[2 * i + 1]);
+    return res;
+}
+
 // Bits [0, n).
 __device__ __forceinline__ unsigned all_mask(int n) { return n >= 32 ? 0xffffffffu : ((1u << n) - 1u); }
 

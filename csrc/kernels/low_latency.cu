@@ -32,14 +32,6 @@ constexpr int kLLThreads = 512;
 constexpr int kLLWarps = kLLThreads / kWarp;
 constexpr int kLLMaxTopk = 8;  // the combine receive keeps this many copies' loads in flight (larger K: one by one)
 
-__device__ __forceinline__ int4 pack_bf16x8(const float* acc) {
-    int4 res;
-    __nv_bfloat162* o = reinterpret_cast<__nv_bfloat162*>(&res);
-#pragma unroll
-    for (int i = 0; i < 4; ++i) o[i] = __floats2bfloat162_rn(acc[2 * i], acc[2 * i + 1]);
-    return res;
-}
-
 __device__ __forceinline__ uint8_t* ll_peer(const LowLatencyCtx& c, int r) {
     return reinterpret_cast<uint8_t*>(c.peer_base[r]);
 }
@@ -182,6 +174,144 @@ __global__ void __launch_bounds__(kLLThreads) ll_dispatch_send_kernel(LowLatency
     }
     if (c.ranks_per_node < N) nvshmem_quiet();  // this thread's puts have landed
     __threadfence_system();  // rows before the counts
+    if (last_block(c.block_counter + 0)) {
+        if (ok_all) {
+            for (int i = threadIdx.x; i < N * epr; i += blockDim.x) {
+                const int r = i / epr, le = i % epr;
+                const int n = min(counter[i], c.max_tokens);
+                counter[i] = 0;
+                ll_set_flag(c, r, ll_flag_index(c, kLLCounts, slot_buf, le * N + me), (seq << 32) | n);
+            }
+        }
+        if (threadIdx.x == 0) {
+            c.seq[kSeqLowLatency] = seq;
+            *handle_seq = seq;
+        }
+    }
+}
+
+// Token-major send (LARGEEP_TUNE=ll_send=1, not the default until measured): one block of kTokWarps warps per
+// token. Warp 0 takes the slot of every copy k (the same per-(rank, expert) atomic as above); then every warp
+// quantises its share of the row once (FP8: a half-warp per group of 128 channels) and stores it into every copy's
+// destination, so a token is read and quantised once instead of K times. Copies for peers on other nodes are built
+// in staging and put whole once the block has written them.
+constexpr int kTokWarps = 8;
+constexpr int kTokThreads = kTokWarps * kWarp;
+
+__global__ void __launch_bounds__(kTokThreads) ll_dispatch_send_token_kernel(LowLatencyCtx c, const __nv_bfloat16* x,
+                                                                            const int64_t* idx, int T, int use_fp8,
+                                                                            int round_scale, int64_t* handle_seq) {
+    const int N = c.num_ranks, K = c.num_topk, epr = c.num_experts / N, me = c.rank, H = c.hidden;
+    const int64_t seq = c.seq[kSeqLowLatency] + 1;
+    const int slot_buf = static_cast<int>(seq & 1);
+    int* counter = reinterpret_cast<int*>(c.base + c.off_counter);  // [N * E/N], zero between rounds
+    __shared__ uint8_t* s_dst[kWarp];  // copy k's row (peer buffer or staging); nullptr: no copy
+    __shared__ int s_put[kWarp];       // copy k goes by put to this rank (-1: NVLink store or no copy)
+    __shared__ int s_remote_row[kWarp];  // its row index in the remote receive buffer (put path)
+    __shared__ int s_le[kWarp];
+    const bool ok_all = ll_block_wait(c, kLLDispatchFree, slot_buf, seq - 2, kOpLowLatencyDispatch);
+    const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
+    const int nvec = H / 8;  // 16-byte vectors of 8 bf16
+    if (ok_all) {
+        for (int t = blockIdx.x; t < T; t += gridDim.x) {
+            if (warp == 0) {
+                uint8_t* dst = nullptr;
+                int put = -1, le = 0, j = -1;
+                if (lane < K) {
+                    const int64_t e = idx[static_cast<int64_t>(t) * K + lane];
+                    if (e >= 0 && e < c.num_experts) {
+                        const int r = static_cast<int>(e / epr);
+                        le = static_cast<int>(e % epr);
+                        j = atomicAdd(counter + r * epr + le, 1);
+                        if (j < c.max_tokens) {  // more copies than tokens (repeated ids): dropped, not corrupting
+                            if (same_node(c, r)) {
+                                dst = ll_recv_row(ll_peer(c, r), c, slot_buf, le, me * c.max_tokens + j);
+                            } else {
+                                dst = c.base + c.off_send + (static_cast<int64_t>(t) * K + lane) * c.recv_stride;
+                                put = r;
+                            }
+                        }
+                    }
+                }
+                if (lane < K) {
+                    s_dst[lane] = dst;
+                    s_put[lane] = put;
+                    s_le[lane] = le;
+                    s_remote_row[lane] = me * c.max_tokens + j;
+                }
+            }
+            __syncthreads();
+            const int4* src = reinterpret_cast<const int4*>(x + static_cast<int64_t>(t) * H);
+            if (use_fp8) {
+                // a warp step covers 2 groups of 128 channels (one per half-warp); warp w takes steps w, w + W, ...
+                const int steps = (nvec + kWarp - 1) / kWarp;
+                for (int st = warp; st < steps; st += kTokWarps) {
+                    const int v = st * kWarp + lane;
+                    const bool valid = v < nvec;  // a half-warp is wholly in or out (H % 128 == 0)
+                    float f[8];
+                    if (valid) {
+                        const int4 raw = ld_nc_v4(src + v);
+                        const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&raw);
+#pragma unroll
+                        for (int i = 0; i < 4; ++i) {
+                            const float2 p2 = __bfloat1622float2(h[i]);
+                            f[2 * i] = p2.x;
+                            f[2 * i + 1] = p2.y;
+                        }
+                    } else {
+#pragma unroll
+                        for (int i = 0; i < 8; ++i) f[i] = 0.f;
+                    }
+                    float amax = 0.f;
+#pragma unroll
+                    for (int i = 0; i < 8; ++i) amax = fmaxf(amax, fabsf(f[i]));
+#pragma unroll
+                    for (int d = 8; d >= 1; d /= 2) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, d));
+                    float scale = fmaxf(amax, 1e-4f) / 448.f;
+                    if (round_scale) scale = exp2f(ceilf(log2f(scale)));
+                    const float inv = 1.f / scale;
+                    if (!valid) continue;
+                    uint32_t packed[2];
+#pragma unroll
+                    for (int i = 0; i < 2; ++i) {
+                        uint32_t word = 0;
+#pragma unroll
+                        for (int b = 0; b < 4; ++b) {
+                            const float q = fminf(fmaxf(f[4 * i + b] * inv, -448.f), 448.f);
+                            const __nv_fp8_storage_t s8 = __nv_cvt_float_to_fp8(q, __NV_SATFINITE, __NV_E4M3);
+                            word |= static_cast<uint32_t>(s8) << (8 * b);
+                        }
+                        packed[i] = word;
+                    }
+                    const uint2 out = make_uint2(packed[0], packed[1]);
+                    for (int k = 0; k < K; ++k) {
+                        uint8_t* dst = s_dst[k];
+                        if (dst == nullptr) continue;
+                        reinterpret_cast<uint2*>(dst)[v] = out;
+                        if ((lane & 15) == 0) reinterpret_cast<float*>(dst + c.off_scales_in_row)[v / 16] = scale;
+                    }
+                }
+            } else {
+                for (int v = warp * kWarp + lane; v < nvec; v += kTokThreads) {
+                    const int4 raw = ld_nc_v4(src + v);
+                    for (int k = 0; k < K; ++k)
+                        if (s_dst[k] != nullptr) st_na_v4(reinterpret_cast<int4*>(s_dst[k]) + v, raw);
+                }
+            }
+            if (warp == 0 && lane < K && s_dst[lane] != nullptr)
+                reinterpret_cast<int*>(s_dst[lane] + c.off_meta_in_row)[0] = t * K + lane;
+            if (c.ranks_per_node < N) __threadfence();  // every writer's staged slices before the puts below
+            __syncthreads();  // every copy complete (staged ones before their put); s_* free for the next token
+            for (int k = warp; k < K; k += kTokWarps) {
+                if (s_put[k] < 0) continue;
+                nvshmemx_putmem_nbi_warp(ll_recv_row(c.base, c, slot_buf, s_le[k], s_remote_row[k]), s_dst[k],
+                                         c.recv_stride, s_put[k]);
+            }
+            __syncthreads();
+        }
+    }
+    if (c.ranks_per_node < N) nvshmem_quiet();  // this thread's puts have landed
+    __threadfence_system();                     // rows before the counts
     if (last_block(c.block_counter + 0)) {
         if (ok_all) {
             for (int i = threadIdx.x; i < N * epr; i += blockDim.x) {
@@ -417,6 +547,15 @@ void launch_ll_dispatch_send(const LowLatencyCtx& c, const void* x, const int64_
     HOST_ASSERT(c.hidden % 128 == 0 || !use_fp8, "FP8 needs hidden % 128 == 0");
     HOST_ASSERT(c.hidden % 8 == 0, "hidden must be a multiple of 8");
     HOST_ASSERT(c.num_ranks <= 32, "at most 32 ranks");
+    if (c.send_mode == 1) {
+        HOST_ASSERT(c.num_topk <= kWarp, "num_topk must be <= 32");
+        const int grid = std::min(std::max(1, num_tokens), 264);
+        ll_dispatch_send_token_kernel<<<grid, kTokThreads, 0, stream>>>(
+            c, static_cast<const __nv_bfloat16*>(x), topk_idx, num_tokens, use_fp8 ? 1 : 0, round_scale ? 1 : 0,
+            handle_seq);
+        LAUNCH_CHECK();
+        return;
+    }
     const int pairs = std::max(1, num_tokens * c.num_topk);
     const int grid = std::min(std::max(1, ceil_div(pairs, kLLWarps)), 132);
     ll_dispatch_send_kernel<<<grid, kLLThreads, 0, stream>>>(c, static_cast<const __nv_bfloat16*>(x), topk_idx,

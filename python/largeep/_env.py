@@ -6,8 +6,9 @@
 | LARGEEP_LOG_LEVEL | WARNING | level of the ``largeep`` logger |
 | LARGEEP_CHECK_VALUES | 1 | check expert ids for range on the host (one device sync) before a dispatch |
 | LARGEEP_NVSHMEM_HEAP_MARGIN | 1.25 | factor on the first Buffer's needs when largeep sets NVSHMEM_SYMMETRIC_SIZE |
-| LARGEEP_TUNE | threads=512,load=0,unroll=8 | normal-mode kernels: threads per block, load kind (0 nc, 1 weak, |
-| | | 2 volatile), 16-byte loads in flight per lane (4 or 8) |
+| LARGEEP_TUNE | threads=512,load=0,unroll=8,ll_send=0 | normal-mode kernels: threads per block, load kind (0 nc, |
+| | | 1 weak, 2 volatile), 16-byte loads in flight per lane (4 or 8); low-latency dispatch send: 0 one warp |
+| | | per (token, copy), 1 one block per token (quantised once; experimental, not measured yet) |
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ def settings() -> Settings:
     )
 
 
-_TUNE_DEFAULTS = {"threads": 512, "load": 0, "unroll": 8}
+_TUNE_DEFAULTS = {"threads": 512, "load": 0, "unroll": 8, "ll_send": 0}
 
 
 def _tune(raw: str) -> dict[str, int]:

@@ -34,6 +34,7 @@ _OPS = {
     6: "low_latency_dispatch",
     7: "low_latency_combine",
 }
+_OP_WORST_TOO_SMALL = 8  # kOpWorstTooSmall: not a timeout
 # The host waits a little longer than the device, so that the device's report (which names the rank) comes first.
 _HOST_GRACE_S = 5.0
 
@@ -168,7 +169,7 @@ class NvshmemBackend:
             self.error_word.data_ptr(), settings.timeout_s,
         )
         if ctx.low_latency:
-            self.ll = self.C.LowLatencyKernels(*common, ctx.ranks_per_node)
+            self.ll = self.C.LowLatencyKernels(*common, ctx.ranks_per_node, settings.tune["ll_send"])
         else:
             self.kernels = self.C.NormalKernels(
                 *common, ctx.ranks_per_node, settings.tune["threads"], settings.tune["load"], settings.tune["unroll"]
@@ -204,6 +205,12 @@ class NvshmemBackend:
         what, rank = _OPS.get(code // 65536, f"op {code // 65536}"), code % 65536 - 1
         if code // 65536 == 1:
             raise RuntimeError(f"{op}: the layout kernel found an expert id outside [-1, num_experts)")
+        if code // 65536 == _OP_WORST_TOO_SMALL:
+            raise RuntimeError(
+                f"{op}: an earlier dispatch with num_worst_tokens received more rows on rank {self.ctx.rank} than "
+                "num_worst_tokens; nothing was copied and the Buffer is unusable now (destroy it; num_worst_tokens "
+                "must be at least the rows any rank can receive, e.g. num_ranks * max_tokens_per_rank)"
+            )
         raise PeerTimeoutError(
             f"{op}: {what} on rank {self.ctx.rank} waited more than LARGEEP_TIMEOUT_S={self.settings.timeout_s:g} s "
             f"for rank {rank}; the Buffer is unusable now (destroy it)"

@@ -26,8 +26,12 @@ torch._grouped_mm; "padded_bmm (why)": the fallback), per variant.
 
 Presets: "prefill" (default): SPEC.md's DeepSeek-V3 prefill, F 2048 -- the experts take ~10x the communication, and
 each rank holds 128 experts (11 GB of weights at EP2), so chunking mostly adds weight reads. "balanced": the same
-with F 256, where communication and expert compute take similar time (the condition of the 1.3x target).
-Explicit --ffn etc. override the preset.
+with F 256, chosen when communication and expert compute took similar time; with the faster kernels of
+bench/results/2026-11-29-session3 they no longer do on 2 GPUs (communication 0.82 ms, experts 3.0 ms), and the
+summary says whether they are similar on the machine at hand. "few_experts": 16 experts (8 per rank at EP2, ~4096
+rows each, so an expert GEMM on half the rows costs half: chunking adds no weight reads) with F 384, to show the
+overlap where communication and experts take similar time on 2 GPUs (not SPEC's model). Explicit --ffn etc.
+override the preset.
 
 Timing (largeep.bench.timing): warm-up calls, then per timed call an L2 flush, device sync + barrier, device events
 around the call; per iteration the slowest rank counts; median and p10/p90 over iterations. Forward-only runs under
@@ -57,7 +61,8 @@ from _launch import run_ranks
 LAYER_VARIANTS = ("no_overlap", "chunked_2", "chunked_4", "two_batch")
 PART_VARIANTS = ("gate_only", "comm_only", "experts_only", "experts_half")
 GPU_DEFAULTS = {"tokens": 4096, "hidden": 7168, "experts": 256, "topk": 8, "ffn": 2048, "warmup": 5, "iters": 20}
-PRESETS = {"prefill": {}, "balanced": {"ffn": 256}}  # changes to GPU_DEFAULTS
+# changes to GPU_DEFAULTS
+PRESETS = {"prefill": {}, "balanced": {"ffn": 256}, "few_experts": {"experts": 16, "ffn": 384}}
 CHECK_TOL = 2e-2  # bf16 experts: chunking changes GEMM shapes, so the rounding of the outputs may differ slightly
 CPU_DEFAULTS = {"tokens": 64, "hidden": 128, "experts": 8, "topk": 2, "ffn": 64, "warmup": 2, "iters": 5}
 
@@ -219,7 +224,23 @@ def _measure(rank: int, world: int, args: argparse.Namespace, dev: torch.device)
             ran = f", grouped_mm {gmm[name]}" if name in gmm else ""
             print(f"  {name}: {stats[name].median:.1f} us (wall {time.perf_counter() - t0:.1f} s{ran})", flush=True)
     layer.num_chunks = 1
+    profiles: dict[str, str] = {}
+    for name, fn in plan:
+        if name not in (args.profile or ()):
+            continue
+        # GPU time by kernel over 3 calls (every rank runs them; rank 0's table is kept)
+        from torch.profiler import ProfilerActivity, profile
+
+        with torch.set_grad_enabled(bwd), profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(3):
+                prep()
+                fn()
+            torch.cuda.synchronize()
+        profiles[name] = prof.key_averages().table(sort_by="cuda_time_total", row_limit=20, max_name_column_width=70)
+        if rank == 0:
+            print(f"  profile of {name} (3 calls):\n{profiles[name]}", flush=True)
     result = {
+        "profiles": profiles,
         "stats": {k: (s.median, s.p10, s.p90, s.n) for k, s in stats.items()},
         "num_sms": buf.ctx.num_sms if buf.backend_name == "nvshmem" else None,
         "backend": buf.backend_name,
@@ -287,7 +308,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--backend", choices=("nvshmem", "torch"), default=None, help="default nvshmem (--cpu: torch)")
     p.add_argument("--backward", action="store_true", help="time forward + backward")
     p.add_argument("--preset", choices=tuple(PRESETS), default="prefill",
-                   help="GPU sizes: prefill (SPEC.md's) or balanced (F 256: communication ~ experts)")
+                   help="GPU sizes: prefill (SPEC.md's), balanced (F 256) or few_experts (16 experts, F 384); the summary "
+                        "says whether communication ~ experts")
     for key in ("tokens", "hidden", "experts", "topk", "ffn", "warmup", "iters"):
         p.add_argument(f"--{key}", type=int, default=None, help=f"default {GPU_DEFAULTS[key]} ({CPU_DEFAULTS[key]} "
                        "with --cpu; the preset may change it)")
@@ -295,6 +317,8 @@ def main(argv: list[str] | None = None) -> None:
                    help="SMs the overlapped variants' expert GEMMs leave free (default: the Buffer's SMs; 0: none)")
     p.add_argument("--shared-ffn", type=int, default=0, help="F of a shared expert (default 0: none)")
     p.add_argument("--num-sms", type=int, default=24, help="SMs of the nvshmem kernels")
+    p.add_argument("--profile", default=None,
+                   help="comma list of variants to profile after timing (GPU time by kernel over 3 calls; GPU only)")
     p.add_argument("--variants", default=None, help="comma list (default: all): " +
                    ",".join(LAYER_VARIANTS + PART_VARIANTS))
     p.add_argument("--out", default="bench/results/layer_times", help="directory of the JSON file")
@@ -310,6 +334,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.cpu and args.backend != "torch":
         p.error("--cpu runs the torch backend only")
     args.variants = args.variants.split(",") if args.variants else None
+    args.profile = args.profile.split(",") if args.profile else None
     if args.variants and not set(args.variants) <= set(LAYER_VARIANTS + PART_VARIANTS):
         p.error(f"--variants: unknown {sorted(set(args.variants) - set(LAYER_VARIANTS + PART_VARIANTS))}")
     world = args.nprocs or (2 if args.cpu else torch.cuda.device_count())
@@ -371,7 +396,9 @@ def main(argv: list[str] | None = None) -> None:
         "records": recs,
     }
     os.makedirs(args.out, exist_ok=True)
-    size = f"_f{args.ffn}" if args.ffn != base["ffn"] else ""  # e.g. the balanced preset: its own file
+    # e.g. the balanced preset: its own file
+    size = (f"_e{args.experts}" if args.experts != base["experts"] else "") + (
+        f"_f{args.ffn}" if args.ffn != base["ffn"] else "")
     name = (f"layer_times_{args.backend}_ep{world}{size}{'_bwd' if args.backward else ''}"
             f"{'_cpu' if args.cpu else ''}.json")
     path = os.path.join(args.out, name)

@@ -22,7 +22,9 @@ import torch
 import torch.distributed as dist
 from _launch import run_ranks, write_doc  # bench/ is the script's directory
 
-_KERNELS = ("ll_dispatch_send_kernel", "ll_dispatch_recv_kernel", "ll_combine_send_kernel", "ll_combine_recv_kernel")
+# the dispatch send is ll_dispatch_send_kernel, or ll_dispatch_send_token_kernel with LARGEEP_TUNE=ll_send=1
+_KERNELS = ("ll_dispatch_send(?:_token)?_kernel", "ll_dispatch_recv_kernel", "ll_combine_send_kernel",
+            "ll_combine_recv_kernel")
 
 
 def _stats(per_rank: torch.Tensor) -> tuple[float, float, float]:
@@ -77,9 +79,9 @@ def _body(rank: int, world: int, args: argparse.Namespace, device: torch.device)
                 continue
             hit = re.search("|".join(_KERNELS), e.name)
             if hit:
-                per_kernel[hit.group(0)].append(e.time_range.elapsed_us())
+                per_kernel[next(k for k in _KERNELS if re.fullmatch(k, hit.group(0)))].append(e.time_range.elapsed_us())
         ops = {
-            ("dispatch", "send"): per_kernel["ll_dispatch_send_kernel"],
+            ("dispatch", "send"): per_kernel[_KERNELS[0]],
             ("dispatch", "recv"): per_kernel["ll_dispatch_recv_kernel"],
             ("combine", "send"): per_kernel["ll_combine_send_kernel"],
             ("combine", "recv"): per_kernel["ll_combine_recv_kernel"],

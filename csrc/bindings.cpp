@@ -3,6 +3,12 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <atomic>
+#include <memory>
+#include <mutex>
+#include <utility>
+#include <vector>
+
 #include "kernels/api.cuh"
 #include "kernels/exception.cuh"
 #include "runtime/runtime.hpp"
@@ -38,13 +44,142 @@ void fill_common(Ctx& c, int rank, int num_ranks, int num_experts, int num_topk,
     c.timeout_ns = static_cast<uint64_t>(timeout_s * 1e9);
 }
 
+// ---- zero-copy receive slots ------------------------------------------------------------------------------------
+// A fresh dispatch may receive into a zero-copy slot (kernels/api.cuh: NormalCtx): its outputs are then tensors
+// over that slot's planes, handed to torch as DLPack capsules, and the slot is busy until every one of them is
+// freed. The last one's deleter (any thread, no GIL needed) records an event on the stream the caller was on when
+// the dispatch returned, and on every stream added since (zc_add_stream: the record_stream of these tensors), and
+// frees the slot; the next dispatch that takes the slot makes its stream wait for those events, so work on the old
+// tensors queued on those streams before they died ends before peers write the slot again.
+namespace dl {  // the DLPack ABI (unversioned capsules, "dltensor")
+struct Device {
+    int32_t device_type;  // 2: CUDA
+    int32_t device_id;
+};
+struct DataType {
+    uint8_t code;  // 0 int, 1 uint, 2 float
+    uint8_t bits;
+    uint16_t lanes;
+};
+struct Tensor {
+    void* data;
+    Device device;
+    int32_t ndim;
+    DataType dtype;
+    int64_t* shape;
+    int64_t* strides;
+    uint64_t byte_offset;
+};
+struct ManagedTensor {
+    Tensor dl_tensor;
+    void* manager_ctx;
+    void (*deleter)(ManagedTensor*);
+};
+}  // namespace dl
+
+constexpr int kMaxReleaseStreams = 8;
+struct Lease;
+
+struct ZcSlots {
+    ZcSlots(int n, int dev)
+        : busy(new std::atomic<int>[n]), released(n), recorded(n, 0), current(n), device(dev), count(n) {
+        for (int i = 0; i < n; ++i) {
+            busy[i].store(0);
+            released[i].resize(kMaxReleaseStreams);
+            for (cudaEvent_t& e : released[i]) CUDA_CHECK(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
+        }
+    }
+    // Frees slot i (1-based) after recording one event on each of `streams`; nothing once the Buffer is gone.
+    void release(int i, const std::vector<cudaStream_t>& streams) {
+        std::lock_guard<std::mutex> g(mu);
+        if (!alive) return;
+        int prev = -1;
+        cudaGetDevice(&prev);
+        if (prev != device) cudaSetDevice(device);
+        bool ok = true;
+        for (size_t j = 0; j < streams.size(); ++j)
+            ok = ok && cudaEventRecord(released[i - 1][j], streams[j]) == cudaSuccess;
+        if (prev != device && prev >= 0) cudaSetDevice(prev);
+        recorded[i - 1] = static_cast<int>(streams.size());
+        if (ok) busy[i - 1].store(0, std::memory_order_release);  // else the slot stays busy, never unguarded
+    }
+    // Makes `stream` wait for the events of slot i's last release.
+    cudaError_t wait_released(int i, cudaStream_t stream) {
+        std::lock_guard<std::mutex> g(mu);
+        for (int j = 0; j < recorded[i - 1]; ++j) {
+            const cudaError_t e = cudaStreamWaitEvent(stream, released[i - 1][j], 0);
+            if (e != cudaSuccess) return e;
+        }
+        return cudaSuccess;
+    }
+    void close() {
+        std::lock_guard<std::mutex> g(mu);
+        if (!alive) return;
+        alive = false;
+        for (auto& v : released)
+            for (cudaEvent_t e : v) cudaEventDestroy(e);
+    }
+    std::unique_ptr<std::atomic<int>[]> busy;
+    std::vector<std::vector<cudaEvent_t>> released;
+    std::vector<int> recorded;
+    std::vector<std::weak_ptr<Lease>> current;  // the live lease of each slot (guarded by mu)
+    int device, count;
+    bool alive = true;
+    std::mutex mu;
+};
+
+// Frees its slot when destroyed: built in place only (a copy would free the slot twice).
+struct Lease {
+    Lease(std::shared_ptr<ZcSlots> s, int i, cudaStream_t st) : slots(std::move(s)), slot(i), streams{st} {}
+    Lease(const Lease&) = delete;
+    Lease& operator=(const Lease&) = delete;
+    ~Lease() { slots->release(slot, streams); }
+    std::shared_ptr<ZcSlots> slots;
+    int slot;
+    std::vector<cudaStream_t> streams;  // guarded by slots->mu once the lease is shared
+};
+
+struct Plane {
+    dl::ManagedTensor mt;
+    std::shared_ptr<Lease> lease;
+    int64_t shape[2];
+};
+
+void plane_deleter(dl::ManagedTensor* mt) { delete static_cast<Plane*>(mt->manager_ctx); }
+
+void capsule_destructor(PyObject* cap) {
+    // still named "dltensor": never consumed by a framework, so the deleter is ours to call
+    if (PyCapsule_IsValid(cap, "dltensor")) {
+        auto* mt = static_cast<dl::ManagedTensor*>(PyCapsule_GetPointer(cap, "dltensor"));
+        mt->deleter(mt);
+    }
+}
+
+py::capsule make_plane(const std::shared_ptr<Lease>& lease, void* data, int64_t rows, int64_t cols, uint8_t code,
+                       uint8_t bits) {
+    auto* p = new Plane{};
+    p->lease = lease;
+    p->shape[0] = rows;
+    p->shape[1] = cols;
+    p->mt.dl_tensor = dl::Tensor{data, dl::Device{2, lease->slots->device}, 2, dl::DataType{code, bits, 1}, p->shape,
+                                 nullptr, 0};
+    p->mt.manager_ctx = p;
+    p->mt.deleter = plane_deleter;
+    PyObject* cap = PyCapsule_New(&p->mt, "dltensor", capsule_destructor);
+    if (cap == nullptr) {
+        delete p;
+        throw py::error_already_set();
+    }
+    return py::reinterpret_steal<py::capsule>(cap);
+}
+
 // Normal-mode kernels bound to one Buffer's memory.
 class NormalKernels {
    public:
     NormalKernels(int rank, int num_ranks, int num_experts, int num_topk, int hidden, int max_tokens, uintptr_t base,
                   uintptr_t peer_base, uintptr_t seq, uintptr_t block_counter, uintptr_t status_dev,
                   uintptr_t error_dev, double timeout_s, int ranks_per_node, int threads, int load_mode,
-                  int unroll) {
+                  int unroll, int num_zc_slots, int device) {
         HOST_ASSERT(threads % 32 == 0 && threads >= 64 && threads <= 1024, "threads must be a multiple of 32 in [64, 1024]");
         HOST_ASSERT(load_mode >= 0 && load_mode <= 2 && (unroll == 4 || unroll == 8), "bad load mode or unroll");
         HOST_ASSERT(ranks_per_node > 0 && num_ranks % ranks_per_node == 0, "bad ranks_per_node " << ranks_per_node);
@@ -54,7 +189,10 @@ class NormalKernels {
         c_.ranks_per_node = ranks_per_node;
         fill_common(c_, rank, num_ranks, num_experts, num_topk, hidden, max_tokens, base, peer_base, seq, block_counter,
                     status_dev, error_dev, timeout_s);
-        const NormalLayout l = normal_layout(num_ranks, num_experts, num_topk, hidden, max_tokens, ranks_per_node);
+        HOST_ASSERT(num_zc_slots >= 0 && (num_zc_slots == 0 || ranks_per_node == num_ranks),
+                    "zero-copy slots are for groups of one node");
+        const NormalLayout l =
+            normal_layout(num_ranks, num_experts, num_topk, hidden, max_tokens, ranks_per_node, num_zc_slots);
         c_.off_flags = l.off_flags;
         c_.off_in_counts = l.off_in_counts;
         c_.off_out_counts = l.off_out_counts;
@@ -76,6 +214,80 @@ class NormalKernels {
         c_.rdma_stride = l.rdma_stride;
         c_.comb_stride = l.comb_stride;
         c_.pcomb_stride = l.pcomb_stride;
+        c_.off_zc = l.off_zc;
+        c_.zc_slot_bytes = l.zc_slot_bytes;
+        c_.pl_idx = l.pl_idx;
+        c_.pl_w = l.pl_w;
+        c_.pl_scales = l.pl_scales;
+        c_.pl_x = l.pl_x;
+        c_.num_zc_slots = l.num_zc_slots;
+        zc_ = std::make_shared<ZcSlots>(num_zc_slots, device);
+    }
+    ~NormalKernels() { zc_->close(); }
+    // The Buffer is being destroyed: later releases of outputs still alive touch nothing.
+    void close() { zc_->close(); }
+
+    // A free zero-copy slot (1-based), taken, with `stream` made to wait for its last release; 0 if none is free.
+    int zc_acquire(uintptr_t stream) {
+        for (int i = 0; i < zc_->count; ++i) {
+            int expect = 0;
+            if (zc_->busy[i].compare_exchange_strong(expect, 1, std::memory_order_acquire)) {
+                const cudaError_t e = zc_->wait_released(i + 1, stream_of(stream));
+                if (e != cudaSuccess) {
+                    zc_->busy[i].store(0);
+                    CUDA_CHECK(e);
+                }
+                return i + 1;
+            }
+        }
+        return 0;
+    }
+    // The zero-copy output holding device address `addr` (any byte of its slot) is used on `stream` too: its slot's
+    // release waits for that stream as well. Returns false when `addr` is in no taken slot (a copied output).
+    bool zc_add_stream(uintptr_t addr, uintptr_t stream) {
+        const uintptr_t first = reinterpret_cast<uintptr_t>(c_.base + c_.off_zc);
+        const uintptr_t bytes = static_cast<uintptr_t>(c_.zc_slot_bytes);
+        if (zc_->count == 0 || addr < first || addr >= first + bytes * zc_->count) return false;
+        const int i = static_cast<int>((addr - first) / bytes);
+        std::shared_ptr<Lease> lease;  // released after the lock: if it is the last reference, ~Lease takes the lock
+        std::lock_guard<std::mutex> g(zc_->mu);
+        lease = zc_->current[i].lock();
+        if (!lease) return false;
+        for (cudaStream_t s : lease->streams)
+            if (s == stream_of(stream)) return true;
+        HOST_ASSERT(static_cast<int>(lease->streams.size()) < kMaxReleaseStreams,
+                    "a dispatch output is used on more than " << kMaxReleaseStreams << " streams");
+        lease->streams.push_back(stream_of(stream));
+        return true;
+    }
+    int zc_busy() const {
+        int n = 0;
+        for (int i = 0; i < zc_->count; ++i) n += zc_->busy[i].load() != 0;
+        return n;
+    }
+    // DLPack capsules over slot `slot`'s planes for `rows` rows: x as uint8 [rows, x_row_bytes], then (when asked)
+    // scales float32 [rows, H/128], ids int64 [rows, K], weights float32 [rows, K]. The slot is freed (after an event
+    // on release_stream) once every tensor made from them is gone.
+    py::list zc_outputs(int slot, int64_t rows, int64_t x_row_bytes, bool with_scales, bool with_meta,
+                        uintptr_t release_stream) {
+        HOST_ASSERT(slot >= 1 && slot <= zc_->count && zc_->busy[slot - 1].load() != 0, "slot " << slot << " not taken");
+        HOST_ASSERT(rows >= 0 && rows <= static_cast<int64_t>(c_.num_ranks) * c_.max_tokens && x_row_bytes >= 0 &&
+                        x_row_bytes <= 2ll * c_.hidden,
+                    "zero-copy outputs out of range");
+        auto lease = std::make_shared<Lease>(zc_, slot, stream_of(release_stream));
+        {
+            std::lock_guard<std::mutex> g(zc_->mu);
+            zc_->current[slot - 1] = lease;
+        }
+        uint8_t* b = c_.base + c_.off_zc + static_cast<int64_t>(slot - 1) * c_.zc_slot_bytes;
+        const int K = c_.num_topk;
+        py::list out;
+        out.append(make_plane(lease, b + c_.pl_x, rows, x_row_bytes, 1, 8));
+        out.append(with_scales ? py::object(make_plane(lease, b + c_.pl_scales, rows, c_.hidden / 128, 2, 32))
+                               : py::object(py::none()));
+        out.append(with_meta ? py::object(make_plane(lease, b + c_.pl_idx, rows, K, 0, 64)) : py::object(py::none()));
+        out.append(with_meta ? py::object(make_plane(lease, b + c_.pl_w, rows, K, 2, 32)) : py::object(py::none()));
+        return out;
     }
 
     void prepare(uintptr_t idx, int num_tokens, uintptr_t send_pos, uintptr_t node_pos, uintptr_t self_token,
@@ -83,16 +295,17 @@ class NormalKernels {
         launch_dispatch_prepare(c_, ptr<const int64_t>(idx), num_tokens, ptr<int>(send_pos), ptr<int>(node_pos),
                                 ptr<int>(self_token), stream_of(stream));
     }
-    void notify(uintptr_t recv_off, uintptr_t send_off, uintptr_t fwd_off, uintptr_t fwd_count, bool report,
-                uintptr_t stream) {
-        launch_dispatch_notify(c_, ptr<int>(recv_off), ptr<int>(send_off), ptr<int>(fwd_off), ptr<int>(fwd_count),
-                               report, stream_of(stream));
+    void notify(uintptr_t recv_off, uintptr_t send_off, uintptr_t send_slot, uintptr_t fwd_off, uintptr_t fwd_count,
+                int my_slot, bool report, uintptr_t stream) {
+        launch_dispatch_notify(c_, ptr<int>(recv_off), ptr<int>(send_off), ptr<int64_t>(send_slot), ptr<int>(fwd_off),
+                               ptr<int>(fwd_count), my_slot, report, stream_of(stream));
     }
     void push(uintptr_t x, int x_elem, uintptr_t scales, uintptr_t idx, uintptr_t w, int num_tokens,
-              uintptr_t send_pos, uintptr_t send_off, int num_sms, uintptr_t stream) {
+              uintptr_t send_pos, uintptr_t send_off, uintptr_t send_slot, bool include_self, int num_sms,
+              uintptr_t stream) {
         launch_dispatch_push(c_, ptr<const void>(x), x_elem, ptr<const float>(scales), ptr<const int64_t>(idx),
                              ptr<const float>(w), num_tokens, ptr<const int>(send_pos), ptr<const int>(send_off),
-                             num_sms, stream_of(stream));
+                             ptr<const int64_t>(send_slot), include_self, num_sms, stream_of(stream));
     }
     void rdma_send(uintptr_t x, int x_elem, uintptr_t scales, uintptr_t idx, uintptr_t w, int num_tokens,
                    uintptr_t send_pos, uintptr_t node_pos, int num_sms, uintptr_t stream) {
@@ -107,11 +320,11 @@ class NormalKernels {
     }
     void copyout(uintptr_t out_x, int x_elem, uintptr_t out_s, uintptr_t out_idx, uintptr_t out_w,
                  uintptr_t recv_src, uintptr_t recv_off, int num_rows, bool cached, uintptr_t x, uintptr_t scales,
-                 uintptr_t idx, uintptr_t w, uintptr_t self_token, int num_sms, uintptr_t stream) {
+                 uintptr_t idx, uintptr_t w, uintptr_t self_token, int my_slot, int num_sms, uintptr_t stream) {
         launch_dispatch_copyout(c_, ptr<void>(out_x), x_elem, ptr<float>(out_s), ptr<int64_t>(out_idx),
                                 ptr<float>(out_w), ptr<int>(recv_src), ptr<const int>(recv_off), num_rows, cached,
                                 ptr<const void>(x), ptr<const float>(scales), ptr<const int64_t>(idx),
-                                ptr<const float>(w), ptr<const int>(self_token), num_sms, stream_of(stream));
+                                ptr<const float>(w), ptr<const int>(self_token), my_slot, num_sms, stream_of(stream));
     }
     void combine_push(uintptr_t y, int y_elem, uintptr_t y_w, uintptr_t recv_src, uintptr_t recv_off, int num_rows,
                       int num_sms, uintptr_t stream) {
@@ -133,6 +346,7 @@ class NormalKernels {
 
    private:
     NormalCtx c_{};
+    std::shared_ptr<ZcSlots> zc_;
 };
 
 // Low-latency kernels bound to one Buffer's memory.
@@ -208,10 +422,11 @@ PYBIND11_MODULE(_C, m) {
     m.def("host_free", &runtime::host_free);
     m.def("wait_host_word", &runtime::wait_host_word, py::call_guard<py::gil_scoped_release>());
 
-    m.def("normal_layout", [](int n, int e, int k, int h, int t, int p) {
-        const NormalLayout l = normal_layout(n, e, k, h, t, p);
+    m.def("normal_layout", [](int n, int e, int k, int h, int t, int p, int zc_slots) {
+        const NormalLayout l = normal_layout(n, e, k, h, t, p, zc_slots);
         py::dict d;
         d["total_bytes"] = l.total_bytes;
+        d["zc_slot_bytes"] = l.zc_slot_bytes;
         d["recv_stride"] = l.recv_stride;
         d["comb_stride"] = l.comb_stride;
         return d;
@@ -223,6 +438,11 @@ PYBIND11_MODULE(_C, m) {
                       ErrorWord{ptr<int64_t>(error), ptr<int64_t>(status)}, stream_of(stream));
     });
 
+    m.def("weighted_row_sum", [](uintptr_t src, int elem, uintptr_t pos, uintptr_t w, uintptr_t y, int64_t rows, int k,
+                                 int h, int64_t pad, uintptr_t stream) {
+        launch_weighted_row_sum(ptr<const void>(src), elem, ptr<const int64_t>(pos), ptr<const float>(w), ptr<void>(y),
+                                rows, k, h, pad, stream_of(stream));
+    });
     m.def("low_latency_layout", [](int n, int e, int k, int h, int t, int p) {
         const LowLatencyLayout l = low_latency_layout(n, e, k, h, t, p);
         py::dict d;
@@ -239,7 +459,12 @@ PYBIND11_MODULE(_C, m) {
 
     py::class_<NormalKernels>(m, "NormalKernels")
         .def(py::init<int, int, int, int, int, int, uintptr_t, uintptr_t, uintptr_t, uintptr_t, uintptr_t, uintptr_t,
-                      double, int, int, int, int>())
+                      double, int, int, int, int, int, int>())
+        .def("zc_acquire", &NormalKernels::zc_acquire)
+        .def("zc_busy", &NormalKernels::zc_busy)
+        .def("zc_add_stream", &NormalKernels::zc_add_stream)
+        .def("zc_outputs", &NormalKernels::zc_outputs)
+        .def("zc_close", [](NormalKernels& k) { k.close(); })
         .def("prepare", &NormalKernels::prepare)
         .def("notify", &NormalKernels::notify)
         .def("push", &NormalKernels::push)

@@ -7,9 +7,10 @@
 #          and on GPUs 0,1
 #   internode: kernel and per-leg times of the normal mode with nodes emulated on one host (bench/kernel_times.py)
 #   layer: bench/layer_times.py (one MoE layer at prefill size, with and without overlap) on all GPUs, at SPEC.md's
-#          sizes and with the balanced preset (F 256: communication and expert compute take similar time)
+#          sizes, with the balanced preset (F 256; its summary says whether communication ~ experts) and with the
+#          few_experts preset (16 experts) at F 384 and 768
 #   longrun: 10,000 checked rounds of random sizes on the nvshmem backend, on 2 GPUs and (if present) 4
-#   tune: the experimental LARGEEP_TUNE settings against the defaults: normal kernels with 1024 threads per block,
+#   tune: LARGEEP_TUNE settings other than the defaults: normal kernels with 512 threads per block,
 #         the low-latency token-major send (ll_send=1: its GPU tests, then its kernel times)
 set -uo pipefail
 OUT=${1:?usage: scripts/device_check.sh OUTDIR [stage ...]}
@@ -69,8 +70,14 @@ for stage in $STAGES; do
     layer)
       timeout 600 $PY bench/layer_times.py --out "$OUT/layer" > "$OUT/layer.log" 2>&1 || rc=1
       tail -20 "$OUT/layer.log"
-      timeout 600 $PY bench/layer_times.py --preset balanced --out "$OUT/layer" > "$OUT/layer_balanced.log" 2>&1 || rc=1
+      timeout 600 $PY bench/layer_times.py --preset balanced --profile no_overlap,experts_only,experts_half \
+        --out "$OUT/layer" > "$OUT/layer_balanced.log" 2>&1 || rc=1
       tail -20 "$OUT/layer_balanced.log"
+      for f in 384 768; do
+        timeout 600 $PY bench/layer_times.py --preset few_experts --ffn $f --out "$OUT/layer" \
+          > "$OUT/layer_few_experts_f$f.log" 2>&1 || rc=1
+        tail -14 "$OUT/layer_few_experts_f$f.log"
+      done
       ;;
     longrun)
       for w in 2 4; do
@@ -81,9 +88,9 @@ for stage in $STAGES; do
       done
       ;;
     tune)
-      CUDA_VISIBLE_DEVICES=$(seq -s, 0 $((ngpu - 1))) LARGEEP_TUNE=threads=1024 timeout 200 $PY bench/kernel_times.py \
-        --nprocs "$ngpu" --num-sms 8,16,24 --out "$OUT/tune_threads1024" > "$OUT/tune_threads1024.log" 2>&1 || rc=1
-      grep -E "kernel medians|^(dispatch|combine) " "$OUT/tune_threads1024.log" | tail -12
+      CUDA_VISIBLE_DEVICES=$(seq -s, 0 $((ngpu - 1))) LARGEEP_TUNE=threads=512 timeout 200 $PY bench/kernel_times.py \
+        --nprocs "$ngpu" --num-sms 8,16,24 --out "$OUT/tune_threads512" > "$OUT/tune_threads512.log" 2>&1 || rc=1
+      grep -E "kernel medians|^(dispatch|combine) " "$OUT/tune_threads512.log" | tail -12
       (cd tests && LARGEEP_TUNE=ll_send=1 timeout 200 $PY -m pytest -q -ra -p no:cacheprovider -m gpu \
         -k "low_latency" .) > "$OUT/tune_ll_send1_tests.log" 2>&1 || rc=1
       tail -3 "$OUT/tune_ll_send1_tests.log"

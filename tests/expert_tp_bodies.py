@@ -26,6 +26,7 @@ from layer_bodies import (
     compiled_equals_eager,
     dense_reference,
     make_global,
+    random_placement,
 )
 
 
@@ -69,11 +70,7 @@ def layer_tp_vs_reference(
     the gate, the shared experts and the expert shards (all-gathered over the TP group to full [E_l, H, F] and
     [E_l, F, H] matrices) against the dense reference; the variants agree with each other to float32 rounding."""
     groups = make_expert_tp_groups(tp)
-    num_logical = num_experts - replicas
-    phys_to_log = None
-    if replicas:
-        phys_to_log = torch.cat([torch.arange(num_logical), torch.arange(replicas)])
-        phys_to_log = phys_to_log[torch.randperm(num_experts, generator=_gen(seed, 11))]
+    num_logical, phys_to_log = random_placement(num_experts, replicas, seed)
     m = make_global(seed, tokens, hidden, ffn, shared_ffn, num_logical)
     ref = dense_reference(m, topk)
     epr = num_experts // (world // tp)

@@ -147,13 +147,15 @@ def low_latency_two_in_flight(rank: int, world: int, tokens: int, hidden: int, e
 def worst_too_small(rank: int, world: int) -> None:
     """A num_worst_tokens dispatch that receives more rows than num_worst_tokens on every rank: the copy-out copies
     nothing (its loops are bounded by the output's rows in any case) and the next call on the Buffer raises, naming
-    num_worst_tokens, before launching anything."""
+    num_worst_tokens, before launching anything. Written for 2 ranks (every rank must overflow, or the others would
+    wait in combine for the ranks that refuse it)."""
+    assert world == 2, world
     buf = largeep.Buffer(None, hidden=256, num_experts=2 * world, num_topk=2, max_tokens_per_rank=16,
                          backend="nvshmem")
     try:
         t = 16
         x = torch.randn(t, 256, device="cuda").to(torch.bfloat16)
-        # every token names expert 0 (rank 0) and expert 2 (rank 1): ranks 0 and 1 receive 16 rows per source
+        # every token names expert 0 (rank 0) and expert 2 (rank 1): on 2 ranks each receives 16 rows per source
         idx = torch.tensor([[0, 2]] * t, dtype=torch.int64, device="cuda")
         w = torch.rand(t, 2, device="cuda")
         d = buf.dispatch(x, idx, w, num_worst_tokens=4)
@@ -164,8 +166,7 @@ def worst_too_small(rank: int, world: int) -> None:
         except RuntimeError as exc:
             assert "num_worst_tokens" in str(exc), str(exc)
         else:
-            if rank < 2:
-                raise AssertionError("combine after an overflowing num_worst_tokens dispatch did not raise")
+            raise AssertionError("combine after an overflowing num_worst_tokens dispatch did not raise")
     finally:
         buf.destroy()
 
@@ -267,3 +268,114 @@ def low_latency_put_path(rank: int, world: int, ranks_per_node: int, *args: obje
     import bodies
 
     bodies.low_latency_roundtrip(rank, world, *args, ranks_per_node=ranks_per_node)  # type: ignore[arg-type]
+
+
+def zero_copy_slots(rank: int, world: int) -> None:
+    """Zero-copy receive slots (LARGEEP_ZERO_COPY_SLOTS, default 2): the first two fresh dispatches whose outputs
+    stay alive return views of the Buffer's memory, later ones copy (no free slot); every result equals the
+    reference after all of them ran (no later dispatch wrote over an earlier one's outputs); writing into an output
+    does not reach the next dispatch; a slot is free again once its outputs die; a cached dispatch after a
+    zero-copy one uses the copy slot and is right; with LARGEEP_ZERO_COPY_SLOTS=0 nothing is zero-copy."""
+    import gc
+    import os
+
+    from reference import make_inputs, ref_dispatch
+
+    hidden, experts, topk, m = 1024, 4 * world, 3, 64
+    tokens = [m - 5 * r for r in range(world)]
+
+    def case(seed: int) -> tuple[list, object]:
+        inputs = [make_inputs(seed, r, tokens[r], hidden, experts, topk, torch.bfloat16) for r in range(world)]
+        return inputs, ref_dispatch(inputs, rank, experts)
+
+    def check(res: object, ref: object, what: str) -> None:
+        rows = len(ref.src)  # type: ignore[attr-defined]
+        assert res.x.shape == (rows, hidden), what  # type: ignore[attr-defined]
+        assert torch.equal(res.x.cpu(), ref.x), f"{what}: x differs"  # type: ignore[attr-defined]
+        assert torch.equal(res.topk_idx.cpu(), ref.topk_idx), f"{what}: topk_idx differs"  # type: ignore[attr-defined]
+        assert torch.equal(res.topk_weights.cpu(), ref.topk_weights), f"{what}: weights differ"  # type: ignore[attr-defined]
+
+    buf = largeep.Buffer(None, hidden=hidden, num_experts=experts, num_topk=topk, max_tokens_per_rank=m,
+                         backend="nvshmem")
+    try:
+        k, base = buf._impl.kernels, buf._impl.base  # type: ignore[attr-defined]
+        size = int(buf._impl.C.normal_layout(world, experts, topk, hidden, m, world, 2)["total_bytes"])  # type: ignore[attr-defined]
+
+        def inside(t: torch.Tensor) -> bool:
+            return base <= t.data_ptr() < base + size
+
+        kept, refs = [], []
+        for i in range(4):
+            inputs, ref = case(300 + i)
+            mine = inputs[rank]
+            res = buf.dispatch(mine.x.cuda(), mine.topk_idx.cuda(), mine.topk_weights.cuda())
+            assert int(k.zc_busy()) == min(i + 1, 2), (i, int(k.zc_busy()))
+            assert inside(res.x) == (i < 2) and inside(res.topk_idx) == (i < 2), f"dispatch {i}: zero-copy {i < 2}"
+            kept.append(res)
+            refs.append(ref)
+        torch.cuda.synchronize()
+        for i, (res, ref) in enumerate(zip(kept, refs, strict=True)):
+            check(res, ref, f"dispatch {i} (checked after all four)")
+        # writing into a zero-copy output changes nothing the next dispatch returns
+        kept[0].x.fill_(7.0)
+        del kept[1]
+        gc.collect()
+        assert int(k.zc_busy()) == 1
+        inputs, ref = case(400)
+        mine = inputs[rank]
+        res = buf.dispatch(mine.x.cuda(), mine.topk_idx.cuda(), mine.topk_weights.cuda())
+        assert inside(res.x), "a freed slot was not reused"
+        check(res, ref, "dispatch into a reused slot")
+        # a cached dispatch (copy slot) with that handle: new x, same routing
+        x2 = torch.randn(tokens[rank], hidden, generator=torch.Generator().manual_seed(500 + rank)).to(torch.bfloat16)
+        xs2 = [torch.randn(tokens[r], hidden, generator=torch.Generator().manual_seed(500 + r)).to(torch.bfloat16)
+               for r in range(world)]
+        for r in range(world):
+            inputs[r].x = xs2[r]
+        ref2 = ref_dispatch(inputs, rank, experts)
+        res2 = buf.dispatch(x2.cuda(), handle=res.handle)
+        assert not inside(res2.x)
+        assert torch.equal(res2.x.cpu(), ref2.x), "cached dispatch after a zero-copy one: x differs"
+        del kept, res, res2
+        gc.collect()
+        torch.cuda.synchronize()
+        assert int(k.zc_busy()) == 0, int(k.zc_busy())
+        # an output read on another stream (DispatchResult.record_stream): the slot's next dispatch waits for it
+        side = torch.cuda.Stream()
+        inputs, ref = case(700)
+        mine = inputs[rank]
+        res = buf.dispatch(mine.x.cuda(), mine.topk_idx.cuda(), mine.topk_weights.cuda())
+        assert inside(res.x)
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            torch.cuda._sleep(100_000_000)  # ~50 ms: the next dispatch is queued long before the copy runs
+            late = res.x.clone()
+        res.record_stream(side)
+        del res
+        gc.collect()
+        inputs2, ref2 = case(701)
+        mine2 = inputs2[rank]
+        res2 = buf.dispatch(mine2.x.cuda(), mine2.topk_idx.cuda(), mine2.topk_weights.cuda())
+        assert inside(res2.x), "the released slot was not reused"
+        torch.cuda.synchronize()
+        assert torch.equal(late.cpu(), ref.x), "a later dispatch overwrote an output still read on another stream"
+        check(res2, ref2, "dispatch after a cross-stream release")
+        del res2
+        dist.barrier()
+    finally:
+        buf.destroy()
+    os.environ["LARGEEP_ZERO_COPY_SLOTS"] = "0"
+    try:
+        buf = largeep.Buffer(None, hidden=hidden, num_experts=experts, num_topk=topk, max_tokens_per_rank=m,
+                             backend="nvshmem")
+    finally:
+        del os.environ["LARGEEP_ZERO_COPY_SLOTS"]
+    try:
+        inputs, ref = case(600)
+        mine = inputs[rank]
+        res = buf.dispatch(mine.x.cuda(), mine.topk_idx.cuda(), mine.topk_weights.cuda())
+        assert int(buf._impl.kernels.zc_busy()) == 0  # type: ignore[attr-defined]
+        check(res, ref, "LARGEEP_ZERO_COPY_SLOTS=0")
+        dist.barrier()
+    finally:
+        buf.destroy()

@@ -208,6 +208,25 @@ def make_global(seed: int, tokens: list[int], hidden: int, ffn: int, shared_ffn:
     return GlobalModel(gate, w1, w3, w2, shared, xs, gs)
 
 
+def _dense_moe(x: torch.Tensor, p: dict[str, torch.Tensor], topk: int) -> torch.Tensor:
+    """One dense MoE layer, one expert at a time (float64 params ``p``) on x float64 [T, H]; routing chosen from
+    float32 logits exactly as the built-in router does (so near-ties pick the same experts)."""
+    idx = F.linear(x.detach().float(), p["gate"].detach().float()).softmax(dim=-1).topk(topk, dim=-1).indices
+    probs = (x @ p["gate"].t()).softmax(dim=-1).gather(1, idx)
+    wts = probs / probs.sum(dim=-1, keepdim=True)
+    out = torch.zeros_like(x)
+    for e in range(p["gate"].shape[0]):
+        tok, k = (idx == e).nonzero(as_tuple=True)
+        if tok.numel() == 0:
+            continue
+        xe = x[tok]
+        ye = (F.silu(xe @ p["w1"][e]) * (xe @ p["w3"][e])) @ p["w2"][e]
+        out = out.index_add(0, tok, ye * wts[tok, k].unsqueeze(1))
+    if "s1" in p:
+        out = out + (F.silu(x @ p["s1"]) * (x @ p["s3"])) @ p["s2"]
+    return out
+
+
 def dense_reference(m: GlobalModel, topk: int) -> dict[str, Any]:
     """Every rank's output and every grad, float64, one expert at a time. Routing is chosen from float32 logits
     exactly as the built-in router does (so near-ties pick the same experts); the weights are float64."""
@@ -223,25 +242,23 @@ def dense_reference(m: GlobalModel, topk: int) -> dict[str, Any]:
     xs = [x.double().requires_grad_() for x in m.xs]
     outs = []
     loss = torch.zeros((), dtype=torch.float64)
-    for x32, x, g in zip(m.xs, xs, m.gs, strict=True):
-        idx = F.linear(x32, m.gate).softmax(dim=-1).topk(topk, dim=-1).indices
-        probs = (x @ p["gate"].t()).softmax(dim=-1).gather(1, idx)
-        wts = probs / probs.sum(dim=-1, keepdim=True)
-        out = torch.zeros_like(x)
-        for e in range(m.gate.shape[0]):
-            tok, k = (idx == e).nonzero(as_tuple=True)
-            if tok.numel() == 0:
-                continue
-            xe = x[tok]
-            ye = (F.silu(xe @ p["w1"][e]) * (xe @ p["w3"][e])) @ p["w2"][e]
-            out = out.index_add(0, tok, ye * wts[tok, k].unsqueeze(1))
-        if m.shared is not None:
-            out = out + (F.silu(x @ p["s1"]) * (x @ p["s3"])) @ p["s2"]
+    for x, g in zip(xs, m.gs, strict=True):
+        out = _dense_moe(x, p, topk)  # x float64 rounds back to the float32 input exactly, so routing is the same
         outs.append(out)
         loss = loss + (out * g.double()).sum()
     loss.backward()
     grads = {k: v.grad for k, v in p.items()}
     return {"outs": [o.detach() for o in outs], "x_grads": [x.grad for x in xs], "grads": grads}
+
+
+def random_placement(num_experts: int, replicas: int, seed: int) -> tuple[int, torch.Tensor | None]:
+    """(logical experts, phys_to_log or None): E physical slots holding E - replicas logical experts, the first
+    ``replicas`` of them twice, in a seeded random order (None without replicas)."""
+    num_logical = num_experts - replicas
+    if not replicas:
+        return num_logical, None
+    phys_to_log = torch.cat([torch.arange(num_logical), torch.arange(replicas)])
+    return num_logical, phys_to_log[torch.randperm(num_experts, generator=_gen(seed, 11))]
 
 
 def _replica_table(phys_to_log: torch.Tensor, num_logical: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -297,11 +314,7 @@ def layer_vs_reference(
     with the reference, and with each other to float32 rounding. ``replicas`` > 0: E physical slots hold
     E - replicas logical experts, the first ``replicas`` of them twice; grads go through allreduce_replica_grads.
     """
-    num_logical = num_experts - replicas
-    phys_to_log = None
-    if replicas:
-        phys_to_log = torch.cat([torch.arange(num_logical), torch.arange(replicas)])
-        phys_to_log = phys_to_log[torch.randperm(num_experts, generator=_gen(seed, 11))]
+    num_logical, phys_to_log = random_placement(num_experts, replicas, seed)
     m = make_global(seed, tokens, hidden, ffn, shared_ffn, num_logical)
     ref = dense_reference(m, topk)
     epr = num_experts // world
@@ -522,25 +535,6 @@ def decode_step_cuda_graph(rank: int, world: int, tokens: int, replays: int) -> 
 # ---------------------------------------------------------------------------------------------------------------
 # MoEPipeline: a stack of layers with a residual add + RMSNorm between, chunks flowing across layers
 # ---------------------------------------------------------------------------------------------------------------
-
-
-def _dense_moe(x: torch.Tensor, p: dict[str, torch.Tensor], topk: int) -> torch.Tensor:
-    """One layer of :func:`dense_reference` (float64 params ``p``) on x float64 [T, H]; routing chosen from
-    float32 logits as the built-in router does."""
-    idx = F.linear(x.detach().float(), p["gate"].detach().float()).softmax(dim=-1).topk(topk, dim=-1).indices
-    probs = (x @ p["gate"].t()).softmax(dim=-1).gather(1, idx)
-    wts = probs / probs.sum(dim=-1, keepdim=True)
-    out = torch.zeros_like(x)
-    for e in range(p["gate"].shape[0]):
-        tok, k = (idx == e).nonzero(as_tuple=True)
-        if tok.numel() == 0:
-            continue
-        xe = x[tok]
-        ye = (F.silu(xe @ p["w1"][e]) * (xe @ p["w3"][e])) @ p["w2"][e]
-        out = out.index_add(0, tok, ye * wts[tok, k].unsqueeze(1))
-    if "s1" in p:
-        out = out + (F.silu(x @ p["s1"]) * (x @ p["s3"])) @ p["s2"]
-    return out
 
 
 def _rms(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

@@ -86,3 +86,32 @@ def test_timeout_rejected_at_buffer_creation(pools, raw: str) -> None:
     results = pools(WORLD).run(error_bodies.bad_timeout_env, "torch", raw)
     failures = [f for r in results for f in r["failures"]]
     assert not failures, "\n".join(failures)
+
+
+def test_id_check_runs_once_per_tensor_version(monkeypatch: pytest.MonkeyPatch) -> None:
+    """get_dispatch_layout(idx) then dispatch(idx) checks the ids once; changing idx in place checks them again."""
+    import torch
+    from largeep import checks
+    from largeep.errors import ArgumentError
+
+    calls = []
+    real = checks._id_range
+    monkeypatch.setattr(checks, "_id_range", lambda t: calls.append(1) or real(t))
+    dev = torch.device("cpu")
+    idx = torch.tensor([[0, 3], [1, -1]], dtype=torch.int64)
+
+    def check(t: torch.Tensor, experts: int = 4) -> None:
+        checks.topk_idx("op", t, num_tokens=2, num_topk=2, num_experts=experts, device=dev, check_values=True)
+
+    check(idx)
+    check(idx)
+    assert len(calls) == 1
+    check(idx.clone())  # another tensor: checked
+    assert len(calls) == 2
+    check(idx, experts=8)  # another expert count: checked
+    assert len(calls) == 3
+    idx[0, 1] = 4  # in place: the version counter moves
+    with pytest.raises(ArgumentError, match="expert id 4"):
+        check(idx)
+    with pytest.raises(ArgumentError, match="expert id 4"):
+        check(idx)  # a failed check is not remembered

@@ -122,6 +122,13 @@ def test_low_latency_graph_and_double_buffer(pools, world: int) -> None:
 
 @pytest.mark.gpu(2)
 @needs_native
+def test_zero_copy_slots(pools) -> None:
+    """Dispatch outputs as views of receive slots: lifetime, reuse, fallback to the copy slot, the setting off."""
+    pools(2, "nccl").run(gpu_bodies.zero_copy_slots)
+
+
+@pytest.mark.gpu(2)
+@needs_native
 def test_worst_tokens_too_small(pools) -> None:
     """num_worst_tokens below the rows received: no write past the output, and a clear error at the next call."""
     pools(2, "nccl").run(gpu_bodies.worst_too_small)

@@ -83,3 +83,76 @@ def test_dispatch_combine_autograd(pools, world: int, use_custom_ops: bool, num_
 
 def test_registry(pools) -> None:
     pools(2).run(layer_bodies.ops_registry_errors)
+
+
+def _wrs_reference(src: torch.Tensor, pos: torch.Tensor, w: torch.Tensor, pad: int | None) -> torch.Tensor:
+    """The weighted row sum, one entry at a time in float64."""
+    r, k = pos.shape
+    out = torch.zeros(r, src.shape[1], dtype=torch.float64)
+    for i in range(r):
+        for j in range(k):
+            p = int(pos[i, j])
+            if pad is None or p != pad:
+                out[i] += float(w[i, j]) * src[p].double().cpu()
+    return out
+
+
+def _wrs_case(seed: int, r: int, k: int, h: int, dtype: torch.dtype, pad: bool, device: str):
+    g = torch.Generator().manual_seed(seed)
+    p = r * k
+    src = torch.randn(p + 1, h, generator=g).to(dtype)
+    pos = torch.randperm(p, generator=g).view(r, k)
+    padv = None
+    if pad:
+        padv = p  # the extra row: never summed
+        pos = torch.where(torch.rand(r, k, generator=g) < 0.3, torch.full_like(pos, padv), pos)
+    w = torch.rand(r, k, generator=g)
+    return src.to(device), pos.to(device), w.to(device), padv
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("k", [1, 3, 8])
+@pytest.mark.parametrize("pad", [False, True])
+def test_weighted_row_sum(dtype: torch.dtype, k: int, pad: bool) -> None:
+    """ops.weighted_row_sum against a float64 loop, forward and gradients (CPU: embedding_bag path)."""
+    src, pos, w, padv = _wrs_case(7 + k, 9, k, 64, dtype, pad, "cpu")
+    ref = _wrs_reference(src, pos, w, padv)
+    y = ops.weighted_row_sum(src, pos, w, padv)
+    assert y.dtype == dtype and y.shape == ref.shape
+    tol = 2.0**-7 if dtype == torch.bfloat16 else 1e-5
+    assert torch.allclose(y.double(), ref, rtol=tol, atol=tol)
+    # gradients: against autograd through the same sum written with index ops in float64
+    s64 = src.double().requires_grad_()
+    w64 = w.double().requires_grad_()
+    valid = pos != (padv if padv is not None else -1)
+    safe = torch.where(valid, pos, 0)
+    y64 = (s64[safe] * torch.where(valid, w64, 0.0).unsqueeze(2)).sum(1)
+    gy = torch.randn(y64.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    y64.backward(gy)
+    s_in, w_in = src.clone().requires_grad_(), w.clone().requires_grad_()
+    ops.weighted_row_sum(s_in, pos, w_in, padv).backward(gy.to(dtype))
+    assert torch.allclose(s_in.grad.double(), s64.grad, rtol=tol, atol=tol)
+    assert torch.allclose(w_in.grad.double(), w64.grad, rtol=4 * tol, atol=4 * tol)
+
+
+@pytest.mark.gpu(1)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("k", [1, 3, 8, 10])
+@pytest.mark.parametrize("pad", [False, True])
+def test_weighted_row_sum_gpu(dtype: torch.dtype, k: int, pad: bool) -> None:
+    """The native kernel (largeep's, not embedding_bag) against a float64 loop, rows of 7168."""
+    from largeep import native
+
+    if native.unavailable_reason() is not None:
+        pytest.skip(str(native.unavailable_reason()))
+    src, pos, w, padv = _wrs_case(11 + k, 37, k, 7168, dtype, pad, "cuda")
+    y = ops.weighted_row_sum(src, pos, w, padv)
+    ref = _wrs_reference(src.cpu(), pos.cpu(), w.cpu(), padv)
+    tol = 2.0**-7 if dtype == torch.bfloat16 else 1e-5
+    assert y.dtype == dtype
+    assert torch.allclose(y.double().cpu(), ref, rtol=tol, atol=tol)
+
+
+def test_weighted_row_sum_opcheck() -> None:
+    src, pos, w, padv = _wrs_case(5, 6, 3, 32, torch.float32, True, "cpu")
+    torch.library.opcheck(torch.ops.largeep.weighted_row_sum.default, (src.requires_grad_(), pos, w, padv))

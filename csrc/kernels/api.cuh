@@ -53,16 +53,22 @@ enum SeqKind { kSeqDispatch = 0, kSeqCombine = 1, kSeqLowLatency = 2 };
 // ranks (M = N / P nodes); a rank's RDMA peers are the ranks of other nodes with its local index. Regions of the
 // symmetric allocation (per rank):
 //   flags      int64 [kNumFlagKinds][N]        written by peers (release / signal), read here (acquire)
-//   in_counts  int32 [N][2 + E/N]              row s written by rank s: rows s->me, rows per local expert, rows
-//                                              s->my node (tokens counted once per node)
-//   out_counts int32 [N][2 + E/N]              my count row for each destination (prepare kernel)
+//   in_counts  int32 [N][3 + E/N]              row s written by rank s: rows s->me, rows per local expert, rows
+//                                              s->my node (tokens counted once per node), the receive slot s
+//                                              takes this round
+//   out_counts int32 [N][3 + E/N]              my count row for each destination (prepare and notify kernels)
 //   matrix     int32 [N][N]                    row s written by rank s: rows s sends to each rank
-//   recv       bytes [N*max_tokens][recv_stride]  rows for me, in SPEC order:
-//                                              x | scales | local expert ids (int64 [K]) | weights [K] | token
+//   recv       slot 0: the copy slot           rows for me, in SPEC order, as planes of rows [N*max_tokens]:
+//                                              token int32 | local expert ids int64 [K] | weights float [K] |
+//                                              scales float [H/128] | x (H * 4 bytes a row, any input dtype)
 //   comb       bytes [N][max_tokens][comb_stride]  combine rows pushed by rank r of my node for its j-th row from me
 //   comb_w     float [N][max_tokens][K]        combine weights, same indexing
+//   zc         slots 1..num_zc_slots           zero-copy receive slots: the copy slot's planes with 2-byte x rows;
+//                                              the dispatch outputs are views of them (no copy-out), and a slot
+//                                              stays the caller's until those tensors die (bindings.cpp: Lease)
 // Several nodes only:
-//   rdma_send  bytes [M][max_tokens][rdma_stride]  staged rows for node m: recv row (global expert ids) | positions
+//   rdma_send  bytes [M][max_tokens][rdma_stride]  staged rows for node m: x | scales | global expert ids |
+//                                              weights | token (at recv_off_*; recv_stride bytes) | positions
 //                                              int32 [P] in the list of each rank of node m (-1: not sent)
 //   rdma_recv  bytes [M][max_tokens][rdma_stride]  rows from my RDMA peer on node m, to forward
 //   fwd_comb   bytes [P][M][max_tokens][pcomb_stride]  combine rows of my node's rank l for tokens of my RDMA peer on
@@ -75,6 +81,10 @@ struct NormalCtx {
     int64_t off_rdma_send, off_rdma_recv, off_fwd_comb, off_comb_send, off_comb_rdma;
     int64_t recv_stride, recv_off_scales, recv_off_idx, recv_off_w, recv_off_src;
     int64_t rdma_off_pos, rdma_stride, comb_stride, pcomb_stride;
+    // receive slots: slot 0 at off_recv, slot s >= 1 at off_zc + (s - 1) * zc_slot_bytes; plane offsets inside a
+    // slot (the token plane at 0)
+    int64_t off_zc, zc_slot_bytes, pl_idx, pl_w, pl_scales, pl_x;
+    int num_zc_slots;
     uint8_t* base;              // my symmetric allocation
     const uint64_t* peer_base;  // device array [N]: every rank's allocation as seen from this GPU (NVLink); 0 for
                                 // ranks of other nodes
@@ -94,9 +104,12 @@ struct NormalLayout {
     int64_t off_rdma_send, off_rdma_recv, off_fwd_comb, off_comb_send, off_comb_rdma;
     int64_t recv_stride, recv_off_scales, recv_off_idx, recv_off_w, recv_off_src;
     int64_t rdma_off_pos, rdma_stride, comb_stride, pcomb_stride, total_bytes;
+    int64_t off_zc, zc_slot_bytes, pl_idx, pl_w, pl_scales, pl_x;
+    int num_zc_slots;
 };
+// num_zc_slots: zero-copy receive slots (0: every dispatch copies its rows out of the copy slot).
 NormalLayout normal_layout(int num_ranks, int num_experts, int num_topk, int hidden, int max_tokens,
-                           int ranks_per_node);
+                           int ranks_per_node, int num_zc_slots);
 
 // ---- layout.cu -------------------------------------------------------------------------------------------------
 // topk_idx int64 [T, K] -> per_rank int32 [N], per_node int32 [N/P], per_expert int32 [E], in_rank bool [T, N].
@@ -110,24 +123,30 @@ void launch_layout(const int64_t* topk_idx, int num_tokens, int num_topk, int nu
 // several nodes also node_pos int32 [T, M] (position among the tokens for node m).
 void launch_dispatch_prepare(const NormalCtx& ctx, const int64_t* topk_idx, int num_tokens, int* send_pos,
                              int* node_pos, int* self_token, cudaStream_t stream);
-// Notify: count exchange; writes recv_off int32 [N + 1] and send_off int32 [N]; with several nodes fwd_off int32
-// [M, P] and fwd_count int32 [M] (rows forwarded from each node's RDMA peer); with `report`, totals into the
-// status area and then status[kReadySeq] = seq for the host to wait on. Only one reporting notify is ever in
-// flight: the host waits for each before launching the next.
-void launch_dispatch_notify(const NormalCtx& ctx, int* recv_off, int* send_off, int* fwd_off, int* fwd_count,
-                            bool report, cudaStream_t stream);
-// Push: every token's row (and, when topk_idx is given, ids, weights, token index) into the receive buffer of each
-// other receiver on this node (rows for this rank itself are copied by the copy-out from the inputs).
+// Notify: count exchange, publishing my receive slot `my_slot` for this round (0: the copy slot); writes recv_off
+// int32 [N + 1], send_off int32 [N] and send_slot int64 [N] (byte offset of each receiver's slot); with several
+// nodes fwd_off int32 [M, P] and fwd_count int32 [M] (rows forwarded from each node's RDMA peer); with `report`,
+// totals into the status area and then status[kReadySeq] = seq for the host to wait on. Only one reporting notify
+// is ever in flight: the host waits for each before launching the next.
+void launch_dispatch_notify(const NormalCtx& ctx, int* recv_off, int* send_off, int64_t* send_slot, int* fwd_off,
+                            int* fwd_count, int my_slot, bool report, cudaStream_t stream);
+// Push: every token's row (and, when topk_idx is given, ids, weights, token index) into the receive slot of each
+// other receiver on this node (send_slot; nullptr: the copy slot, as cached dispatches use); with include_self
+// (this rank receives into a zero-copy slot) also into my own slot, else the copy-out copies my rows from the
+// inputs.
 void launch_dispatch_push(const NormalCtx& ctx, const void* x, int x_elem_bytes, const float* x_scales,
                           const int64_t* topk_idx, const float* topk_weights, int num_tokens, const int* send_pos,
-                          const int* send_off, int num_sms, cudaStream_t stream);
+                          const int* send_off, const int64_t* send_slot, bool include_self, int num_sms,
+                          cudaStream_t stream);
 // Copy-out: my rows for myself from the dispatch's inputs (x, x_scales, topk_idx, topk_weights; self_token from
-// prepare), the others from the receive buffer -> outputs; recv_src int32 [rows, 2] (source rank, token) written
-// when not cached.
+// prepare), the others from the copy slot -> outputs; recv_src int32 [rows, 2] (source rank, token) written
+// when not cached. my_slot >= 1 (zero-copy: the outputs are that slot's planes, every row already there): only
+// waits for the rows and writes recv_src.
 void launch_dispatch_copyout(const NormalCtx& ctx, void* out_x, int x_elem_bytes, float* out_scales,
                              int64_t* out_idx, float* out_w, int* recv_src, const int* recv_off, int num_rows,
                              bool cached, const void* x, const float* x_scales, const int64_t* topk_idx,
-                             const float* topk_weights, const int* self_token, int num_sms, cudaStream_t stream);
+                             const float* topk_weights, const int* self_token, int my_slot, int num_sms,
+                             cudaStream_t stream);
 // Combine push: row i of y goes towards its source over NVLink (its `comb` buffer, or this node's forwarder for
 // it), except rows whose source is this rank; raises kFlagCombReady on every rank of this node.
 void launch_combine_push(const NormalCtx& ctx, const void* y, int y_elem_bytes, const float* y_w,
@@ -151,6 +170,12 @@ void launch_dispatch_forward(const NormalCtx& ctx, int x_elem_bytes, bool has_sc
 // Combine: partial sums of my node's rows for my RDMA peers' tokens, put home. Between push and reduce.
 void launch_combine_forward(const NormalCtx& ctx, int y_elem_bytes, bool with_weights, const int* fwd_count,
                             const int* fwd_pos, int num_sms, cudaStream_t stream);
+
+// ---- rows.cu (expert side, no communication) ------------------------------------------------------------------
+// y [rows, hidden] = per row r, the sum over k < num_topk with pos[r, k] != pad of w[r, k] * src[pos[r, k]]
+// (float32 accumulation, one rounding); src and y bf16 (elem_bytes 2) or float32 (4); pos int64, w float32 [rows, K].
+void launch_weighted_row_sum(const void* src, int elem_bytes, const int64_t* pos, const float* w, void* y,
+                             int64_t rows, int num_topk, int hidden, int64_t pad, cudaStream_t stream);
 
 // ---- low_latency.cu (decoding; every rank reachable over NVLink) -------------------------------------------
 // Regions of the symmetric allocation (per rank):

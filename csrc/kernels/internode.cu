@@ -99,8 +99,8 @@ __global__ void __launch_bounds__(kThreads) dispatch_rdma_send_kernel(NormalCtx 
 }
 
 // ---- dispatch: forward over NVLink --------------------------------------------------------------------------
-// Waits for the rows of my RDMA peer on every other node, then one warp per row writes it into the receive buffer
-// of every rank d of my node it names (row fwd_off[m][d] + pos), records the positions in fwd_pos [M, T, P] (the
+// Waits for the rows of my RDMA peer on every other node, then one warp per row writes it into the copy slot
+// of every rank d of my node it names (row fwd_off[m][d] + pos; groups of several nodes never use zero-copy slots), records the positions in fwd_pos [M, T, P] (the
 // handle keeps them for the combine), and raises kFlagRows for that peer on every rank of my node.
 __global__ void __launch_bounds__(kThreads) dispatch_forward_kernel(NormalCtx c, int x_elem, int has_scales,
                                                                     int cached, const int* fwd_off,
@@ -114,6 +114,10 @@ __global__ void __launch_bounds__(kThreads) dispatch_forward_kernel(NormalCtx c,
         const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp, kWarps = blockDim.x / kWarp;
         const int64_t x_bytes = static_cast<int64_t>(c.hidden) * x_elem;
         const bool mine = lane >= node * P && lane < (node + 1) * P;  // lane d: a rank of my node
+        __shared__ uint8_t* slots[32];  // the copy slot of each rank of my node, as seen from here
+        if (static_cast<int>(threadIdx.x) < N)
+            slots[threadIdx.x] = is_local(c, threadIdx.x) ? peer(c, threadIdx.x) + c.off_recv : nullptr;
+        __syncthreads();
         for (int g = blockIdx.x * kWarps + warp; g < prefix[M]; g += gridDim.x * kWarps) {
             const int m = node_of_row(prefix, g), j = g - prefix[m];
             const uint8_t* row = c.base + c.off_rdma_recv + (static_cast<int64_t>(m) * c.max_tokens + j) * c.rdma_stride;
@@ -125,7 +129,7 @@ __global__ void __launch_bounds__(kThreads) dispatch_forward_kernel(NormalCtx c,
             push_row<1>(c, row, x_bytes, has_scales ? reinterpret_cast<const float*>(row + c.recv_off_scales) : nullptr,
                         cached ? nullptr : reinterpret_cast<const int64_t*>(row + c.recv_off_idx),
                         reinterpret_cast<const float*>(row + c.recv_off_w),
-                        reinterpret_cast<const int*>(row + c.recv_off_src)[0], dests, p, base, lane);
+                        reinterpret_cast<const int*>(row + c.recv_off_src)[0], dests, p, base, slots, lane);
         }
     }
     __threadfence_system();  // this thread's NVLink stores before the flags

@@ -37,7 +37,7 @@ namespace {
 __global__ void __launch_bounds__(kThreads) dispatch_prepare_kernel(NormalCtx c, const int64_t* idx, int T,
                                                                     int* send_pos, int* node_pos, int* self_token) {
     const int N = c.num_ranks, K = c.num_topk, epr = c.num_experts / N, P = c.ranks_per_node, M = N / P;
-    const int row_len = 2 + epr;
+    const int row_len = 3 + epr;
     extern __shared__ int hist[];  // [E/N]: rows naming each of r's experts
     const bool node_block = static_cast<int>(blockIdx.x) >= N;
     const int r = node_block ? static_cast<int>(blockIdx.x) - N : static_cast<int>(blockIdx.x);  // rank or node
@@ -95,20 +95,25 @@ __global__ void __launch_bounds__(kThreads) dispatch_prepare_kernel(NormalCtx c,
 }
 
 // ---- notify -------------------------------------------------------------------------------------------------
-// Waits until every receiver has consumed the previous round (its counts and its receive buffer), then sends
-// every peer my count row for it and my row of the [N, N] count matrix (stores on this node, NVSHMEM puts to
-// other nodes), raises kFlagCounts and waits for every peer's. Then computes this rank's recv_off [N + 1] (receive
-// rows per source, prefix) and send_off [N] (where my rows start in each receiver's buffer) into the handle; with
+// Waits until every receiver has consumed the previous round (its counts and its copy slot), then sends every
+// peer my count row for it (with my receive slot for this round) and my row of the [N, N] count matrix (stores on
+// this node, NVSHMEM puts to other nodes), raises kFlagCounts and waits for every peer's. Then computes this rank's
+// recv_off [N + 1] (receive rows per source, prefix), send_off [N] (where my rows start in each receiver's slot)
+// and send_slot [N] (the byte offset of each receiver's slot) into the handle; with
 // several nodes also fwd_count [M] (rows this rank forwards from its RDMA peer on node m) and fwd_off [M, P] (where
 // that peer's rows start in the buffer of each rank of this node); with `report`, the totals for the host.
 __global__ void __launch_bounds__(kThreads) dispatch_notify_kernel(NormalCtx c, int* recv_off, int* send_off,
-                                                                   int* fwd_off, int* fwd_count, int report) {
-    const int N = c.num_ranks, epr = c.num_experts / N, me = c.rank, row = 2 + epr, P = c.ranks_per_node;
+                                                                   int64_t* send_slot, int* fwd_off, int* fwd_count,
+                                                                   int my_slot, int report) {
+    const int N = c.num_ranks, epr = c.num_experts / N, me = c.rank, row = 3 + epr, P = c.ranks_per_node;
     const int64_t seq = c.seq[kSeqDispatch] + 1;
     if (!wait_flags(c, kFlagRecvFree, all_mask(N), seq - 1, kOpDispatch)) return;
-    const int* out = reinterpret_cast<const int*>(c.base + c.off_out_counts);
+    int* out = reinterpret_cast<int*>(c.base + c.off_out_counts);
     int* my_matrix = reinterpret_cast<int*>(c.base + c.off_matrix);
-    for (int j = threadIdx.x; j < N; j += blockDim.x) my_matrix[me * N + j] = out[j * row];
+    for (int j = threadIdx.x; j < N; j += blockDim.x) {
+        my_matrix[me * N + j] = out[j * row];
+        out[j * row + 2 + epr] = my_slot;
+    }
     __syncthreads();
     for (int i = threadIdx.x; i < N * row; i += blockDim.x) {
         const int r = i / row, j = i % row;
@@ -143,6 +148,7 @@ __global__ void __launch_bounds__(kThreads) dispatch_notify_kernel(NormalCtx c, 
         int acc = 0;
         for (int s = 0; s < me; ++s) acc += matrix[s * N + r];
         send_off[r] = acc;
+        send_slot[r] = slot_offset(c, in[r * row + 2 + epr]);
     }
     if (fwd_count != nullptr) {
         const int M = N / P, node = me / P;
@@ -174,14 +180,17 @@ __global__ void __launch_bounds__(kThreads) dispatch_notify_kernel(NormalCtx c, 
 
 // ---- push ---------------------------------------------------------------------------------------------------
 // One warp per token: the token's x row is read once from the caller's tensor and written over NVLink into the
-// receive buffer of every other rank of this node that needs it, at row send_off[r] + send_pos[t, r], followed by
-// its scales, its expert ids made local to r (-1 elsewhere), weights, and the token index. Stores are posted: no
-// round trip. Ranks of other nodes get the token through internode.cu; my rows for myself are not staged at all
-// (the copy-out reads them from the caller's tensors).
+// receive slot of every other rank of this node that needs it, at row send_off[r] + send_pos[t, r] of the slot at
+// send_slot[r] (the copy slot when send_slot is nullptr), followed by its scales, its expert ids made local to r
+// (-1 elsewhere), weights, and the token index. Stores are posted: no round trip. Ranks of other nodes get the
+// token through internode.cu. My rows for myself go into my own zero-copy slot with the others' (include_self:
+// local stores, hidden behind the NVLink-bound pushes), or are not staged at all (the copy-out reads them from the
+// caller's tensors).
 __global__ void __launch_bounds__(kThreads) dispatch_push_kernel(NormalCtx c, const uint8_t* x, int x_elem,
                                                                  const float* scales, const int64_t* idx,
                                                                  const float* w, int T, const int* send_pos,
-                                                                 const int* send_off) {
+                                                                 const int* send_off, const int64_t* send_slot,
+                                                                 int include_self) {
     const int N = c.num_ranks, me = c.rank, K = c.num_topk;
     const int64_t seq = c.seq[kSeqDispatch] + 1;
     const unsigned lmask = local_mask(c);
@@ -192,13 +201,19 @@ __global__ void __launch_bounds__(kThreads) dispatch_push_kernel(NormalCtx c, co
         const int64_t x_bytes = static_cast<int64_t>(c.hidden) * x_elem;
         const int num_scales = c.hidden / 128;
         const int base = lane < N ? send_off[lane] : 0;
+        __shared__ uint8_t* slots[32];  // each receiver's slot this round, as seen from here
+        if (static_cast<int>(threadIdx.x) < N) {
+            const int r = threadIdx.x;
+            slots[r] = (lmask >> r) & 1u ? peer(c, r) + (send_slot != nullptr ? send_slot[r] : c.off_recv) : nullptr;
+        }
+        __syncthreads();
         for (int t = blockIdx.x * kWarps + warp; t < T; t += gridDim.x * kWarps) {
-            const int p = lane < N && lane != me && ((lmask >> lane) & 1u)
+            const int p = lane < N && (lane != me || include_self) && ((lmask >> lane) & 1u)
                               ? send_pos[static_cast<int64_t>(t) * N + lane] : -1;
             const unsigned dests = __ballot_sync(0xffffffffu, p >= 0);
             push_row<0>(c, x + t * x_bytes, x_bytes, scales ? scales + static_cast<int64_t>(t) * num_scales : nullptr,
                      idx ? idx + static_cast<int64_t>(t) * K : nullptr, w ? w + static_cast<int64_t>(t) * K : nullptr,
-                     t, dests, p, base, lane);
+                     t, dests, p, base, slots, lane);
         }
     }
     __threadfence_system();  // this thread's remote stores before the flag
@@ -209,7 +224,15 @@ __global__ void __launch_bounds__(kThreads) dispatch_push_kernel(NormalCtx c, co
 }
 
 // ---- copy-out -----------------------------------------------------------------------------------------------
-// One warp copies receive-buffer row i into the outputs (local memory only); rows in [R, num_rows) (the
+// recv_src[i] = (source of row i by the offsets off [N + 1], token t).
+__device__ __forceinline__ void write_recv_src(int* recv_src, const int* off, int i, int t) {
+    int s = 0;
+    while (off[s + 1] <= i) ++s;
+    recv_src[2 * static_cast<int64_t>(i)] = s;
+    recv_src[2 * static_cast<int64_t>(i) + 1] = t;
+}
+
+// One warp copies copy-slot row i into the outputs (local memory only); rows in [R, num_rows) (the
 // num_worst_tokens tail) get topk_idx -1 and weight 0.
 __device__ __forceinline__ void copy_out_row(const NormalCtx& c, uint8_t* out_x, int64_t x_bytes, float* out_s,
                                              int64_t* out_idx, float* out_w, int* recv_src, const int* off, int R,
@@ -223,23 +246,19 @@ __device__ __forceinline__ void copy_out_row(const NormalCtx& c, uint8_t* out_x,
         }
         return;
     }
-    const uint8_t* src = c.base + c.off_recv + static_cast<int64_t>(i) * c.recv_stride;
-    warp_copy_rt(reinterpret_cast<int4*>(out_x + i * x_bytes), reinterpret_cast<const int4*>(src), x_bytes, lane, 1,
-                 c.unroll);
+    const uint8_t* slot = c.base + c.off_recv;
+    const int64_t ii = i;
+    warp_copy_rt(reinterpret_cast<int4*>(out_x + ii * x_bytes),
+                 reinterpret_cast<const int4*>(slot + c.pl_x + ii * x_bytes), x_bytes, lane, 1, c.unroll);
     if (out_s != nullptr)
         for (int q = lane; q < num_scales; q += kWarp)
-            out_s[static_cast<int64_t>(i) * num_scales + q] = reinterpret_cast<const float*>(src + c.recv_off_scales)[q];
+            out_s[ii * num_scales + q] = reinterpret_cast<const float*>(slot + c.pl_scales)[ii * num_scales + q];
     if (cached) return;
     if (lane < K) {
-        out_idx[static_cast<int64_t>(i) * K + lane] = reinterpret_cast<const int64_t*>(src + c.recv_off_idx)[lane];
-        out_w[static_cast<int64_t>(i) * K + lane] = reinterpret_cast<const float*>(src + c.recv_off_w)[lane];
+        out_idx[ii * K + lane] = reinterpret_cast<const int64_t*>(slot + c.pl_idx)[ii * K + lane];
+        out_w[ii * K + lane] = reinterpret_cast<const float*>(slot + c.pl_w)[ii * K + lane];
     }
-    if (lane == 0) {
-        int s = 0;
-        while (off[s + 1] <= i) ++s;
-        recv_src[2 * static_cast<int64_t>(i)] = s;
-        recv_src[2 * static_cast<int64_t>(i) + 1] = reinterpret_cast<const int*>(src + c.recv_off_src)[0];
-    }
+    if (lane == 0) write_recv_src(recv_src, off, i, reinterpret_cast<const int*>(slot)[ii]);
 }
 
 // My row i (from myself: token t) straight from the caller's tensors into the outputs, with the expert ids made
@@ -257,11 +276,9 @@ __device__ __forceinline__ void copy_self_row(const NormalCtx& c, const uint8_t*
             out_s[static_cast<int64_t>(i) * num_scales + q] = scales[static_cast<int64_t>(t) * num_scales + q];
     if (cached) return;
     if (lane < K) {
-        const int64_t e = idx[static_cast<int64_t>(t) * K + lane];
-        const int64_t le = e - static_cast<int64_t>(c.rank) * epr;
-        const bool mine = e >= 0 && le >= 0 && le < epr;
-        out_idx[static_cast<int64_t>(i) * K + lane] = mine ? le : -1;
-        out_w[static_cast<int64_t>(i) * K + lane] = mine ? w[static_cast<int64_t>(t) * K + lane] : 0.f;
+        const int64_t le = local_expert(idx[static_cast<int64_t>(t) * K + lane], c.rank, epr);
+        out_idx[static_cast<int64_t>(i) * K + lane] = le;
+        out_w[static_cast<int64_t>(i) * K + lane] = le >= 0 ? w[static_cast<int64_t>(t) * K + lane] : 0.f;
     }
     if (lane == 0) {
         recv_src[2 * static_cast<int64_t>(i)] = c.rank;
@@ -271,15 +288,17 @@ __device__ __forceinline__ void copy_self_row(const NormalCtx& c, const uint8_t*
 
 // Copies my rows for myself from the caller's tensors (x, scales, idx, w: the dispatch's inputs; self_token from
 // prepare) at once, then waits for every other source's rows (pushed by the source itself on this node, by this
-// node's forwarder of it otherwise) and copies receive-buffer rows [0, R) except mine into the caller-visible
-// outputs (local memory only); then tells every rank that my receive buffer (and my RDMA receive buffer,
-// forwarded before this kernel) is free again.
+// node's forwarder of it otherwise) and copies copy-slot rows [0, R) except mine into the caller-visible outputs
+// (local memory only); then tells every rank that my copy slot and counts (and my RDMA receive buffer, forwarded
+// before this kernel) are free again. Zero-copy (my_slot >= 1: every row, mine included, was pushed into that
+// slot, whose planes are the outputs): waits for the rows and writes recv_src only.
 __global__ void __launch_bounds__(kThreads) dispatch_copyout_kernel(NormalCtx c, uint8_t* out_x, int x_elem,
                                                                     float* out_s, int64_t* out_idx, float* out_w,
                                                                     int* recv_src, const int* recv_off,
                                                                     int num_rows, int cached, const uint8_t* x,
                                                                     const float* scales, const int64_t* idx,
-                                                                    const float* w, const int* self_token) {
+                                                                    const float* w, const int* self_token,
+                                                                    int my_slot) {
     const int N = c.num_ranks, me = c.rank;
     const int64_t seq = c.seq[kSeqDispatch] + 1;
     __shared__ int off[33];
@@ -296,13 +315,17 @@ __global__ void __launch_bounds__(kThreads) dispatch_copyout_kernel(NormalCtx c,
     __syncthreads();
     const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp, kWarps = blockDim.x / kWarp;
     const int64_t x_bytes = static_cast<int64_t>(c.hidden) * x_elem;
-    if (!failed) {
+    if (!failed && my_slot == 0) {
         for (int j = blockIdx.x * kWarps + warp; j < off[me + 1] - off[me]; j += gridDim.x * kWarps)
             copy_self_row(c, x, x_bytes, scales, idx, w, self_token[j], out_x, out_s, out_idx, out_w, recv_src,
                           off[me] + j, cached, lane);
     }
     const bool ok = wait_flags(c, kFlagRows, all_mask(N), seq, kOpDispatch) && !failed;
-    if (ok) {
+    if (ok && my_slot != 0) {
+        const int* token = reinterpret_cast<const int*>(c.base + slot_offset(c, my_slot));
+        for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < off[N]; i += gridDim.x * blockDim.x)
+            write_recv_src(recv_src, off, i, token[i]);
+    } else if (ok) {
         const int R = off[N], mine = off[me + 1] - off[me];
         // rows [0, num_rows) without my own block [off[me], off[me + 1])
         for (int j = blockIdx.x * kWarps + warp; j < num_rows - mine; j += gridDim.x * kWarps) {
@@ -374,12 +397,21 @@ __global__ void __launch_bounds__(kThreads) combine_push_kernel(NormalCtx c, con
 // out[t] = sum over ranks r of this node with send_pos[t, r] >= 0 of comb[r][send_pos[t, r]] (for r = me: row
 // self_row0 + send_pos[t, me] of y, the combine's input, which never left this rank), plus (several nodes) the
 // float32 partial comb_rdma[m][node_pos[t, m]] of every other node m the token went to, in float32 (one warp).
+// kSrc >= ranks per node; kUnroll * kSrc 16-byte loads are in flight per lane (16: one kernel per node size keeps
+// the registers of one loop shape only).
 template <typename T, int kSrc, int kUnroll>
-__device__ __forceinline__ void reduce_token_n(const NormalCtx& c, T* out, float* out_w, const T* y, const float* y_w,
-                                               int self_row0, int t, int with_weights, int lane, int p,
-                                               unsigned present, int q, unsigned remote) {
+__device__ __forceinline__ void reduce_token(const NormalCtx& c, T* out, float* out_w, const int* send_pos,
+                                             const int* node_pos, const T* y, const float* y_w, int self_row0, int t,
+                                             int with_weights, int lane) {
     constexpr int kPer = Vec<T>::kPer;
-    const int K = c.num_topk, nvec = c.hidden / kPer, n_src = __popc(present);
+    const int N = c.num_ranks, K = c.num_topk, M = num_nodes(c), node = node_of(c, c.rank), nvec = c.hidden / kPer;
+    const unsigned lmask = local_mask(c);
+    // lane r < N reads send_pos[t, r]; the warp shares the list of slots holding t's rows
+    const int p = lane < N && ((lmask >> lane) & 1u) ? send_pos[static_cast<int64_t>(t) * N + lane] : -1;
+    const unsigned present = __ballot_sync(0xffffffffu, p >= 0);
+    const int n_src = __popc(present);
+    const int q = node_pos != nullptr && lane < M && lane != node ? node_pos[static_cast<int64_t>(t) * M + lane] : -1;
+    const unsigned remote = __ballot_sync(0xffffffffu, q >= 0);
     const uint8_t* comb = c.base + c.off_comb;
     const float* comb_w = reinterpret_cast<const float*>(c.base + c.off_comb_w);
     const int4* rows[kSrc];
@@ -449,21 +481,6 @@ __device__ __forceinline__ void reduce_token_n(const NormalCtx& c, T* out, float
     }
 }
 
-// kSrc >= ranks per node; kUnroll * kSrc 16-byte loads are in flight per lane (16: one kernel per node size keeps
-// the registers of one loop shape only).
-template <typename T, int kSrc, int kUnroll>
-__device__ __forceinline__ void reduce_token(const NormalCtx& c, T* out, float* out_w, const int* send_pos,
-                                             const int* node_pos, const T* y, const float* y_w, int self_row0, int t,
-                                             int with_weights, int lane) {
-    const int N = c.num_ranks, M = num_nodes(c), node = node_of(c, c.rank);
-    const unsigned lmask = local_mask(c);
-    // lane r < N reads send_pos[t, r]; the warp shares the list of slots holding t's rows
-    const int p = lane < N && ((lmask >> lane) & 1u) ? send_pos[static_cast<int64_t>(t) * N + lane] : -1;
-    const unsigned present = __ballot_sync(0xffffffffu, p >= 0);
-    const int q = node_pos != nullptr && lane < M && lane != node ? node_pos[static_cast<int64_t>(t) * M + lane] : -1;
-    const unsigned remote = __ballot_sync(0xffffffffu, q >= 0);
-    reduce_token_n<T, kSrc, kUnroll>(c, out, out_w, y, y_w, self_row0, t, with_weights, lane, p, present, q, remote);
-}
 
 template <typename T, int kSrc, int kUnroll>
 __global__ void __launch_bounds__(kReduceThreads) combine_reduce_kernel(NormalCtx c, T* out, float* out_w,
@@ -491,9 +508,9 @@ __global__ void __launch_bounds__(kReduceThreads) combine_reduce_kernel(NormalCt
 
 }  // namespace
 
-NormalLayout normal_layout(int N, int E, int K, int H, int T, int P) {
+NormalLayout normal_layout(int N, int E, int K, int H, int T, int P, int num_zc_slots) {
     NormalLayout l{};
-    const int64_t row = 2 + E / N;
+    const int64_t row = 3 + E / N;
     const int64_t M = N / P;
     int64_t off = 0;
     auto take = [&off](int64_t bytes) {
@@ -514,7 +531,18 @@ NormalLayout normal_layout(int N, int E, int K, int H, int T, int P) {
     l.off_in_counts = take(4ll * N * row);
     l.off_out_counts = take(4ll * N * row);
     l.off_matrix = take(4ll * N * N);
-    l.off_recv = take(l.recv_stride * N * T);
+    // receive slots: planes of N*T rows, token | ids | weights | scales | x (256-byte aligned); the copy slot's x
+    // rows hold any input dtype (4 bytes an element), a zero-copy slot's 2-byte (bf16) or 1-byte (e4m3) rows
+    const int64_t rows = static_cast<int64_t>(N) * T;
+    auto plane = [](int64_t bytes) { return (bytes + 255) / 256 * 256; };
+    l.pl_idx = plane(4 * rows);
+    l.pl_w = l.pl_idx + plane(8 * rows * K);
+    l.pl_scales = l.pl_w + plane(4 * rows * K);
+    l.pl_x = l.pl_scales + plane(4 * rows * (H / 128));
+    l.off_recv = take(l.pl_x + 4 * rows * H);
+    l.num_zc_slots = num_zc_slots;
+    l.zc_slot_bytes = plane(l.pl_x + 2 * rows * H);
+    l.off_zc = take(l.zc_slot_bytes * num_zc_slots);
     l.off_comb = take(l.comb_stride * N * T);
     l.off_comb_w = take(4ll * N * T * K);
     // Several nodes only: RDMA staging and receive rows [M][T], forwarded combine rows [P][M][T], partial sums
@@ -541,31 +569,39 @@ void launch_dispatch_prepare(const NormalCtx& ctx, const int64_t* topk_idx, int 
     LAUNCH_CHECK();
 }
 
-void launch_dispatch_notify(const NormalCtx& ctx, int* recv_off, int* send_off, int* fwd_off, int* fwd_count,
-                            bool report, cudaStream_t stream) {
+void launch_dispatch_notify(const NormalCtx& ctx, int* recv_off, int* send_off, int64_t* send_slot, int* fwd_off,
+                            int* fwd_count, int my_slot, bool report, cudaStream_t stream) {
     HOST_ASSERT(ctx.num_ranks <= 32, "the normal-mode kernels support at most 32 ranks");
-    dispatch_notify_kernel<<<1, kThreads, 0, stream>>>(ctx, recv_off, send_off, fwd_off, fwd_count, report ? 1 : 0);
+    HOST_ASSERT(my_slot >= 0 && my_slot <= ctx.num_zc_slots, "bad receive slot " << my_slot);
+    HOST_ASSERT(my_slot == 0 || ctx.ranks_per_node == ctx.num_ranks, "zero-copy slots are for one node only");
+    dispatch_notify_kernel<<<1, kThreads, 0, stream>>>(ctx, recv_off, send_off, send_slot, fwd_off, fwd_count,
+                                                       my_slot, report ? 1 : 0);
     LAUNCH_CHECK();
 }
 
 void launch_dispatch_push(const NormalCtx& ctx, const void* x, int x_elem_bytes, const float* x_scales,
                           const int64_t* topk_idx, const float* topk_weights, int num_tokens, const int* send_pos,
-                          const int* send_off, int num_sms, cudaStream_t stream) {
+                          const int* send_off, const int64_t* send_slot, bool include_self, int num_sms,
+                          cudaStream_t stream) {
     HOST_ASSERT((static_cast<int64_t>(ctx.hidden) * x_elem_bytes) % 16 == 0,
                 "hidden * element size must be a multiple of 16");
+    HOST_ASSERT(!include_self || (send_slot != nullptr && x_elem_bytes <= 2),
+                "only a fresh dispatch of 1- or 2-byte rows fills a zero-copy slot");
     dispatch_push_kernel<<<std::max(1, num_sms), ctx.threads, 0, stream>>>(
         ctx, static_cast<const uint8_t*>(x), x_elem_bytes, x_scales, topk_idx, topk_weights, num_tokens, send_pos,
-        send_off);
+        send_off, send_slot, include_self ? 1 : 0);
     LAUNCH_CHECK();
 }
 
 void launch_dispatch_copyout(const NormalCtx& ctx, void* out_x, int x_elem_bytes, float* out_scales,
                              int64_t* out_idx, float* out_w, int* recv_src, const int* recv_off, int num_rows,
                              bool cached, const void* x, const float* x_scales, const int64_t* topk_idx,
-                             const float* topk_weights, const int* self_token, int num_sms, cudaStream_t stream) {
+                             const float* topk_weights, const int* self_token, int my_slot, int num_sms,
+                             cudaStream_t stream) {
+    HOST_ASSERT(my_slot == 0 || !cached, "a cached dispatch uses the copy slot");
     dispatch_copyout_kernel<<<std::max(1, num_sms), ctx.threads, 0, stream>>>(
         ctx, static_cast<uint8_t*>(out_x), x_elem_bytes, out_scales, out_idx, out_w, recv_src, recv_off, num_rows,
-        cached ? 1 : 0, static_cast<const uint8_t*>(x), x_scales, topk_idx, topk_weights, self_token);
+        cached ? 1 : 0, static_cast<const uint8_t*>(x), x_scales, topk_idx, topk_weights, self_token, my_slot);
     LAUNCH_CHECK();
 }
 

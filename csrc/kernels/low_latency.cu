@@ -80,6 +80,66 @@ __device__ __forceinline__ bool ll_block_wait(const LowLatencyCtx& c, int kind, 
     return ok;
 }
 
+// FP8 e4m3 of the 8 bf16 values in `raw` (this lane's 16 bytes of a group of 128 channels held by its half-warp):
+// returns the 8 bytes and, in *scale, the group's scale (amax / 448 over the half-warp, rounded up to a power of
+// two with round_scale). Every lane of the warp calls it (shuffles); lanes with valid == false add 0 to the amax.
+__device__ __forceinline__ uint2 quantize_e4m3x8(int4 raw, bool valid, int round_scale, float* scale) {
+    float f[8];
+    const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&raw);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        const float2 p = __bfloat1622float2(h[i]);
+        f[2 * i] = valid ? p.x : 0.f;
+        f[2 * i + 1] = valid ? p.y : 0.f;
+    }
+    float amax = 0.f;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) amax = fmaxf(amax, fabsf(f[i]));
+#pragma unroll
+    for (int d = 8; d >= 1; d /= 2) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, d));
+    float s = fmaxf(amax, 1e-4f) / 448.f;
+    if (round_scale) s = exp2f(ceilf(log2f(s)));
+    *scale = s;
+    const float inv = 1.f / s;
+    uint32_t packed[2];
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+        uint32_t word = 0;
+#pragma unroll
+        for (int b = 0; b < 4; ++b) {
+            const float q = fminf(fmaxf(f[4 * i + b] * inv, -448.f), 448.f);
+            const __nv_fp8_storage_t s8 = __nv_cvt_float_to_fp8(q, __NV_SATFINITE, __NV_E4M3);
+            word |= static_cast<uint32_t>(s8) << (8 * b);
+        }
+        packed[i] = word;
+    }
+    return make_uint2(packed[0], packed[1]);
+}
+
+// End of a dispatch send, every thread of every block: its puts completed (put path) and its rows visible, then the
+// last block publishes, for every (rank, local expert), this round's row count tagged with the round, clears the
+// counters, and advances the round.
+__device__ __forceinline__ void ll_publish_counts(const LowLatencyCtx& c, int* counter, int slot_buf, int64_t seq,
+                                                  bool ok_all, int64_t* handle_seq) {
+    const int N = c.num_ranks, epr = c.num_experts / N;
+    if (c.ranks_per_node < N) nvshmem_quiet();  // this thread's puts have landed
+    __threadfence_system();                     // rows before the counts
+    if (last_block(c.block_counter + 0)) {
+        if (ok_all) {
+            for (int i = threadIdx.x; i < N * epr; i += blockDim.x) {
+                const int r = i / epr, le = i % epr;
+                const int n = min(counter[i], c.max_tokens);
+                counter[i] = 0;
+                ll_set_flag(c, r, ll_flag_index(c, kLLCounts, slot_buf, le * N + c.rank), (seq << 32) | n);
+            }
+        }
+        if (threadIdx.x == 0) {
+            c.seq[kSeqLowLatency] = seq;
+            *handle_seq = seq;
+        }
+    }
+}
+
 __global__ void __launch_bounds__(kLLThreads) ll_dispatch_send_kernel(LowLatencyCtx c, const __nv_bfloat16* x,
                                                                       const int64_t* idx, int T, int use_fp8,
                                                                       int round_scale, int64_t* handle_seq) {
@@ -121,42 +181,10 @@ __global__ void __launch_bounds__(kLLThreads) ll_dispatch_send_kernel(LowLatency
 #pragma unroll
                     for (int u = 0; u < kSteps; ++u) {
                         const int v = base + u * kWarp + lane;
-                        const bool valid = v < nvec;
-                        float f[8];
-                        if (valid) {
-                            const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&raw[u]);
-#pragma unroll
-                            for (int i = 0; i < 4; ++i) {
-                                const float2 p = __bfloat1622float2(h[i]);
-                                f[2 * i] = p.x;
-                                f[2 * i + 1] = p.y;
-                            }
-                        } else {
-#pragma unroll
-                            for (int i = 0; i < 8; ++i) f[i] = 0.f;
-                        }
-                        float amax = 0.f;
-#pragma unroll
-                        for (int i = 0; i < 8; ++i) amax = fmaxf(amax, fabsf(f[i]));
-#pragma unroll
-                        for (int d = 8; d >= 1; d /= 2) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, d));
-                        float scale = fmaxf(amax, 1e-4f) / 448.f;
-                        if (round_scale) scale = exp2f(ceilf(log2f(scale)));
-                        const float inv = 1.f / scale;
-                        if (!valid) continue;
-                        uint32_t packed[2];
-#pragma unroll
-                        for (int i = 0; i < 2; ++i) {
-                            uint32_t word = 0;
-#pragma unroll
-                            for (int b = 0; b < 4; ++b) {
-                                const float q = fminf(fmaxf(f[4 * i + b] * inv, -448.f), 448.f);
-                                const __nv_fp8_storage_t s8 = __nv_cvt_float_to_fp8(q, __NV_SATFINITE, __NV_E4M3);
-                                word |= static_cast<uint32_t>(s8) << (8 * b);
-                            }
-                            packed[i] = word;
-                        }
-                        reinterpret_cast<uint2*>(dst)[v] = make_uint2(packed[0], packed[1]);
+                        float scale;
+                        const uint2 q = quantize_e4m3x8(raw[u], v < nvec, round_scale, &scale);
+                        if (v >= nvec) continue;
+                        reinterpret_cast<uint2*>(dst)[v] = q;
                         if ((lane & 15) == 0) scales[v / 16] = scale;
                     }
                 }
@@ -172,22 +200,7 @@ __global__ void __launch_bounds__(kLLThreads) ll_dispatch_send_kernel(LowLatency
             }
         }
     }
-    if (c.ranks_per_node < N) nvshmem_quiet();  // this thread's puts have landed
-    __threadfence_system();  // rows before the counts
-    if (last_block(c.block_counter + 0)) {
-        if (ok_all) {
-            for (int i = threadIdx.x; i < N * epr; i += blockDim.x) {
-                const int r = i / epr, le = i % epr;
-                const int n = min(counter[i], c.max_tokens);
-                counter[i] = 0;
-                ll_set_flag(c, r, ll_flag_index(c, kLLCounts, slot_buf, le * N + me), (seq << 32) | n);
-            }
-        }
-        if (threadIdx.x == 0) {
-            c.seq[kSeqLowLatency] = seq;
-            *handle_seq = seq;
-        }
-    }
+    ll_publish_counts(c, counter, slot_buf, seq, ok_all, handle_seq);
 }
 
 // Token-major send (LARGEEP_TUNE=ll_send=1, not the default until measured): one block of kTokWarps warps per
@@ -248,42 +261,10 @@ __global__ void __launch_bounds__(kTokThreads) ll_dispatch_send_token_kernel(Low
                 for (int st = warp; st < steps; st += kTokWarps) {
                     const int v = st * kWarp + lane;
                     const bool valid = v < nvec;  // a half-warp is wholly in or out (H % 128 == 0)
-                    float f[8];
-                    if (valid) {
-                        const int4 raw = ld_nc_v4(src + v);
-                        const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&raw);
-#pragma unroll
-                        for (int i = 0; i < 4; ++i) {
-                            const float2 p2 = __bfloat1622float2(h[i]);
-                            f[2 * i] = p2.x;
-                            f[2 * i + 1] = p2.y;
-                        }
-                    } else {
-#pragma unroll
-                        for (int i = 0; i < 8; ++i) f[i] = 0.f;
-                    }
-                    float amax = 0.f;
-#pragma unroll
-                    for (int i = 0; i < 8; ++i) amax = fmaxf(amax, fabsf(f[i]));
-#pragma unroll
-                    for (int d = 8; d >= 1; d /= 2) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, d));
-                    float scale = fmaxf(amax, 1e-4f) / 448.f;
-                    if (round_scale) scale = exp2f(ceilf(log2f(scale)));
-                    const float inv = 1.f / scale;
+                    float scale;
+                    const uint2 out = quantize_e4m3x8(valid ? ld_nc_v4(src + v) : make_int4(0, 0, 0, 0), valid,
+                                                      round_scale, &scale);
                     if (!valid) continue;
-                    uint32_t packed[2];
-#pragma unroll
-                    for (int i = 0; i < 2; ++i) {
-                        uint32_t word = 0;
-#pragma unroll
-                        for (int b = 0; b < 4; ++b) {
-                            const float q = fminf(fmaxf(f[4 * i + b] * inv, -448.f), 448.f);
-                            const __nv_fp8_storage_t s8 = __nv_cvt_float_to_fp8(q, __NV_SATFINITE, __NV_E4M3);
-                            word |= static_cast<uint32_t>(s8) << (8 * b);
-                        }
-                        packed[i] = word;
-                    }
-                    const uint2 out = make_uint2(packed[0], packed[1]);
                     for (int k = 0; k < K; ++k) {
                         uint8_t* dst = s_dst[k];
                         if (dst == nullptr) continue;
@@ -310,22 +291,7 @@ __global__ void __launch_bounds__(kTokThreads) ll_dispatch_send_token_kernel(Low
             __syncthreads();
         }
     }
-    if (c.ranks_per_node < N) nvshmem_quiet();  // this thread's puts have landed
-    __threadfence_system();                     // rows before the counts
-    if (last_block(c.block_counter + 0)) {
-        if (ok_all) {
-            for (int i = threadIdx.x; i < N * epr; i += blockDim.x) {
-                const int r = i / epr, le = i % epr;
-                const int n = min(counter[i], c.max_tokens);
-                counter[i] = 0;
-                ll_set_flag(c, r, ll_flag_index(c, kLLCounts, slot_buf, le * N + me), (seq << 32) | n);
-            }
-        }
-        if (threadIdx.x == 0) {
-            c.seq[kSeqLowLatency] = seq;
-            *handle_seq = seq;
-        }
-    }
+    ll_publish_counts(c, counter, slot_buf, seq, ok_all, handle_seq);
 }
 
 // One block per local expert.

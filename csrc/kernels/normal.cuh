@@ -60,15 +60,29 @@ __device__ __forceinline__ bool wait_flags(const NormalCtx& c, int kind, unsigne
     return ok;
 }
 
-// Writes one dispatched row into the receive buffer of every rank r in `dests` (a warp-uniform rank mask), at
-// row base_r + p_r, where lane r holds p_r and base_r: the x row (read once, in register chunks), then its scales,
-// its expert ids made local to r (-1 elsewhere; ids are global), weights and the token index. idx_row == nullptr
-// (cached dispatch) skips ids, weights and token. Every r must be on this rank's node. kLoad: see ld_v4 (0 for rows
-// that no one writes during the kernel, 1 for rows a peer delivered during it).
+// The id of global expert e on rank r (-1 if e is not there, or is -1), as a dispatch row for r carries it.
+__device__ __forceinline__ int64_t local_expert(int64_t e, int r, int epr) {
+    const int64_t le = e - static_cast<int64_t>(r) * epr;
+    return e >= 0 && le >= 0 && le < epr ? le : -1;
+}
+
+// Byte offset of receive slot s in every rank's allocation (0: the copy slot; see NormalCtx).
+__device__ __forceinline__ int64_t slot_offset(const NormalCtx& c, int s) {
+    return s == 0 ? c.off_recv : c.off_zc + static_cast<int64_t>(s - 1) * c.zc_slot_bytes;
+}
+
+// Writes one dispatched row into the receive slot of every rank r in `dests` (a warp-uniform rank mask), at
+// row base_r + p_r of the slot at slots[r] (r's slot as seen from here, in shared memory), where lane r holds p_r
+// and base_r: the x row (read
+// once, in register chunks; rows of x_bytes in the x plane), then its scales, its expert ids made local to r (-1
+// elsewhere; ids are global), weights and the token index into their planes. idx_row == nullptr (cached dispatch)
+// skips ids, weights and token. Every r must be on this rank's node. kLoad: see ld_v4 (0 for rows that no one
+// writes during the kernel, 1 for rows a peer delivered during it).
 template <int kLoad>
 __device__ __forceinline__ void push_row(const NormalCtx& c, const uint8_t* x_row, int64_t x_bytes,
                                          const float* scales_row, const int64_t* idx_row, const float* w_row,
-                                         int token, unsigned dests, int p, int base, int lane) {
+                                         int token, unsigned dests, int p, int base, uint8_t* const* slots,
+                                         int lane) {
     const int K = c.num_topk, epr = c.num_experts / c.num_ranks;
     const int num_scales = c.hidden / 128;
     const int4* src = reinterpret_cast<const int4*>(x_row);
@@ -86,7 +100,7 @@ __device__ __forceinline__ void push_row(const NormalCtx& c, const uint8_t* x_ro
             const int r = __ffs(m) - 1;
             m &= m - 1;
             const int row = __shfl_sync(0xffffffffu, base + p, r);
-            int4* dst = reinterpret_cast<int4*>(peer(c, r) + c.off_recv + static_cast<int64_t>(row) * c.recv_stride);
+            int4* dst = reinterpret_cast<int4*>(slots[r] + c.pl_x + static_cast<int64_t>(row) * x_bytes);
 #pragma unroll
             for (int u = 0; u < kChunk; ++u) {
                 const int v = v0 + u * kWarp + lane;
@@ -98,20 +112,18 @@ __device__ __forceinline__ void push_row(const NormalCtx& c, const uint8_t* x_ro
     while (m) {
         const int r = __ffs(m) - 1;
         m &= m - 1;
-        const int row = __shfl_sync(0xffffffffu, base + p, r);
-        uint8_t* dst = peer(c, r) + c.off_recv + static_cast<int64_t>(row) * c.recv_stride;
+        const int64_t row = __shfl_sync(0xffffffffu, base + p, r);
+        uint8_t* dst = slots[r];
         if (scales_row != nullptr)
             for (int q = lane; q < num_scales; q += kWarp)
-                reinterpret_cast<float*>(dst + c.recv_off_scales)[q] = scales_row[q];
+                reinterpret_cast<float*>(dst + c.pl_scales)[row * num_scales + q] = scales_row[q];
         if (idx_row != nullptr) {
             if (lane < K) {
-                const int64_t e = idx_row[lane];
-                const int64_t le = e - static_cast<int64_t>(r) * epr;
-                const bool mine = e >= 0 && le >= 0 && le < epr;
-                reinterpret_cast<int64_t*>(dst + c.recv_off_idx)[lane] = mine ? le : -1;
-                reinterpret_cast<float*>(dst + c.recv_off_w)[lane] = mine ? w_row[lane] : 0.f;
+                const int64_t le = local_expert(idx_row[lane], r, epr);
+                reinterpret_cast<int64_t*>(dst + c.pl_idx)[row * K + lane] = le;
+                reinterpret_cast<float*>(dst + c.pl_w)[row * K + lane] = le >= 0 ? w_row[lane] : 0.f;
             }
-            if (lane == 0) reinterpret_cast<int*>(dst + c.recv_off_src)[0] = token;
+            if (lane == 0) reinterpret_cast<int*>(dst)[row] = token;
         }
     }
 }

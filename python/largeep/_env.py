@@ -6,9 +6,11 @@
 | LARGEEP_LOG_LEVEL | WARNING | level of the ``largeep`` logger |
 | LARGEEP_CHECK_VALUES | 1 | check expert ids for range on the host (one device sync) before a dispatch |
 | LARGEEP_NVSHMEM_HEAP_MARGIN | 1.25 | factor on the first Buffer's needs when largeep sets NVSHMEM_SYMMETRIC_SIZE |
-| LARGEEP_TUNE | threads=512,load=0,unroll=8,ll_send=0 | normal-mode kernels: threads per block, load kind (0 nc, |
-| | | 1 weak, 2 volatile), 16-byte loads in flight per lane (4 or 8); low-latency dispatch send: 0 one warp |
-| | | per (token, copy), 1 one block per token (quantised once; experimental, not measured yet) |
+| LARGEEP_ZERO_COPY_SLOTS | 2 | nvshmem normal mode, one node: receive slots whose planes a dispatch returns as its |
+| | | outputs (no copy-out); each holds N * max_tokens_per_rank rows; 0: every dispatch copies |
+| LARGEEP_TUNE | threads=1024,load=0,unroll=8,ll_send=0 | normal-mode copy kernels: threads per block, load |
+| | | kind (0 nc, 1 weak, 2 volatile), 16-byte loads in flight per lane (4 or 8); low-latency dispatch send: |
+| | | 0 one warp per (token, copy), 1 one block per token (quantised once; experimental, not timed yet) |
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ class Settings:
     log_level: str
     check_values: bool
     heap_margin: float
+    zero_copy_slots: int
     tune: dict[str, int]
 
 
@@ -43,6 +46,15 @@ def _float(name: str, default: float) -> float:
     return value
 
 
+def _count(name: str, default: int) -> int:
+    raw = os.environ.get(_PREFIX + name)
+    if raw is None or raw == "":
+        return default
+    if not raw.strip().isdigit():
+        raise ValueError(f"{_PREFIX}{name}={raw!r}: expected a whole number >= 0")
+    return int(raw)
+
+
 def settings() -> Settings:
     """Reads the ``LARGEEP_*`` variables now (they may change between Buffers)."""
     return Settings(
@@ -50,11 +62,12 @@ def settings() -> Settings:
         log_level=os.environ.get(_PREFIX + "LOG_LEVEL", "WARNING").upper(),
         check_values=os.environ.get(_PREFIX + "CHECK_VALUES", "1") not in ("0", "false", "False", ""),
         heap_margin=_float("NVSHMEM_HEAP_MARGIN", 1.25),
+        zero_copy_slots=_count("ZERO_COPY_SLOTS", 2),
         tune=_tune(os.environ.get(_PREFIX + "TUNE", "")),
     )
 
 
-_TUNE_DEFAULTS = {"threads": 512, "load": 0, "unroll": 8, "ll_send": 0}
+_TUNE_DEFAULTS = {"threads": 1024, "load": 0, "unroll": 8, "ll_send": 0}
 
 
 def _tune(raw: str) -> dict[str, int]:

@@ -70,6 +70,10 @@ class DispatchResult:
     num_tokens_per_expert: rows naming each local expert, rounded up to expert_alignment (empty list when
     num_worst_tokens > 0: no host sync happens then; use num_tokens_per_expert_tensor).
     num_tokens_per_expert_tensor: the same counts as int32 [E/N] on the device (empty for a cached dispatch).
+
+    On the nvshmem backend inside one node the outputs may be views of the Buffer's receive slots (zero-copy, see
+    docs/usage.md): use :meth:`record_stream` rather than ``Tensor.record_stream`` when they are used on a stream
+    other than the one current at the call.
     """
 
     x: Tokens
@@ -79,6 +83,18 @@ class DispatchResult:
     handle: DispatchHandle
     event: EventOverlap
     num_tokens_per_expert_tensor: torch.Tensor
+    _add_stream: Callable[[int, int], bool] | None = field(default=None, repr=False, compare=False)
+
+    def record_stream(self, stream: torch.cuda.Stream) -> None:
+        """The outputs are used on ``stream`` too: their memory is not reused before the work queued there by the
+        time they die has run (``Tensor.record_stream`` for every output, and the same for a zero-copy receive
+        slot, which torch's allocator does not manage)."""
+        xs = self.x if isinstance(self.x, tuple) else (self.x,)
+        for t in (*xs, self.topk_idx, self.topk_weights, self.num_tokens_per_expert_tensor):
+            if isinstance(t, torch.Tensor) and t.is_cuda:
+                t.record_stream(stream)
+        if self._add_stream is not None and xs[0].is_cuda:
+            self._add_stream(xs[0].data_ptr(), int(stream.cuda_stream))
 
 
 @dataclass
@@ -377,8 +393,12 @@ class Buffer:
             )
             checks.topk_weights(op, topk_weights, num_tokens=t, num_topk=c.num_topk, device=c.device)
 
+        caller = torch.cuda.current_stream(c.device) if c.device.type == "cuda" else None
+
         def run() -> Any:
-            return self._impl.dispatch(xs, scales, topk_idx, topk_weights, state, expert_alignment, num_worst_tokens)
+            return self._impl.dispatch(
+                xs, scales, topk_idx, topk_weights, state, expert_alignment, num_worst_tokens, caller_stream=caller
+            )
 
         out, event = self._run(run, previous_event, async_finish, [xs, scales, topk_idx, topk_weights])
         if handle is None:
@@ -387,7 +407,7 @@ class Buffer:
         recv_x: Tokens = (out.x, out.x_scales) if out.x_scales is not None else out.x
         return DispatchResult(
             recv_x, out.topk_idx, out.topk_weights, out.num_tokens_per_expert, handle, event,
-            out.num_tokens_per_expert_tensor,
+            out.num_tokens_per_expert_tensor, getattr(self._impl, "zc_add_stream", None),
         )
 
     def combine(

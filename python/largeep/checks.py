@@ -5,6 +5,8 @@ Each failure raises :class:`largeep.errors.ArgumentError` whose message names th
 
 from __future__ import annotations
 
+import weakref
+from collections import OrderedDict
 from collections.abc import Sequence
 
 import torch
@@ -76,14 +78,34 @@ def topk_idx(
 ) -> torch.Tensor:
     """int64 [T, K] with values in [-1, E). The value check costs one device sync; skipped while capturing."""
     idx = tensor(op, "topk_idx", t, dtypes=(torch.int64,), ndim=2, device=device, shape=(num_tokens, num_topk))
-    if check_values and idx.numel() and not _capturing(device):
+    if check_values and idx.numel() and not _capturing(device) and not _already_checked(idx, num_experts):
         lo_v, hi_v = _id_range(idx)
         if lo_v < -1 or hi_v >= num_experts:
             bad = lo_v if lo_v < -1 else hi_v
             raise ArgumentError(
                 f"{_where(op, 'topk_idx')} holds expert id {bad}, expected values in [-1, {num_experts})"
             )
+        _remember_checked(idx, num_experts)
     return idx
+
+
+# The last few topk_idx tensors whose values passed the check: id -> (weak reference, version counter, E). The
+# usual get_dispatch_layout(idx) then dispatch(x, idx, ...) syncs the device once, not twice; any in-place change
+# through torch bumps the version counter and brings the check back.
+_CHECKED: OrderedDict[int, tuple[weakref.ref[torch.Tensor], int, int]] = OrderedDict()
+_CHECKED_MAX = 16
+
+
+def _already_checked(idx: torch.Tensor, num_experts: int) -> bool:
+    hit = _CHECKED.get(id(idx))
+    return hit is not None and hit[0]() is idx and hit[1] == idx._version and hit[2] == num_experts
+
+
+def _remember_checked(idx: torch.Tensor, num_experts: int) -> None:
+    _CHECKED[id(idx)] = (weakref.ref(idx), idx._version, num_experts)
+    _CHECKED.move_to_end(id(idx))
+    while len(_CHECKED) > _CHECKED_MAX:
+        _CHECKED.popitem(last=False)
 
 
 def _id_range(idx: torch.Tensor) -> tuple[int, int]:

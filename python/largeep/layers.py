@@ -147,8 +147,8 @@ class GroupedExperts(nn.Module):
             weights are applied in the expert outputs' dtype). No host wait with the native grouped GEMM.
 
         The entries are sorted by expert (one argsort of R*K ints), their rows gathered once, three grouped GEMMs
-        run, and ``embedding_bag`` sums each row's K outputs straight from the expert-sorted GEMM output: one read
-        of it, no float32 copy of [pairs, H], no atomics, no scatter.
+        run, and :func:`largeep.ops.weighted_row_sum` sums each row's K outputs straight from the expert-sorted GEMM
+        output: one read of it, no float32 copy of [pairs, H], no atomics, no scatter.
         """
         r, k = topk_idx.shape
         e = self.num_experts
@@ -173,14 +173,8 @@ class GroupedExperts(nn.Module):
             pos = torch.full((r * k,), fill, dtype=torch.int64, device=order.device)
             pos.scatter_(0, order[:num_pairs], torch.arange(num_pairs, device=order.device))
         out = self.forward(x[src], offs, num_pairs)  # [P, H] in the weights' dtype
-        w = torch.where(valid, topk_weights, 0.0).to(out.dtype)
-        if out.is_cuda and out.dtype != torch.float32 and torch.is_grad_enabled() and (
-            out.requires_grad or w.requires_grad
-        ):
-            # CUDA has no backward of embedding_bag's per-sample weights in half precision: sum in float32 when
-            # training (a float32 copy of the expert outputs)
-            out, w = out.float(), w.float()
-        y = F.embedding_bag(pos.view(r, k), out, mode="sum", per_sample_weights=w, padding_idx=pad)
+        w = torch.where(valid, topk_weights, 0.0).float()
+        y = ops.weighted_row_sum(out, pos.view(r, k), w, pad)
         return y.to(x.dtype)
 
     def forward_slots(self, x: Tensor, counts: Tensor, capacity: int | None = None) -> Tensor:

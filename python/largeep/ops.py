@@ -67,6 +67,7 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from largeep._env import logger
@@ -408,6 +409,84 @@ def _gmm_backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None,
 _grouped_mm_op.register_autograd(_gmm_backward, setup_context=_gmm_setup)
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Weighted sum of each row's expert outputs
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _native_rows() -> Any:
+    from largeep import native
+
+    return native.module() if native.unavailable_reason() is None else None
+
+
+@torch.library.custom_op(
+    "largeep::weighted_row_sum", mutates_args=(), schema="(Tensor src, Tensor pos, Tensor w, int pad) -> Tensor"
+)
+def _weighted_row_sum_op(src: Tensor, pos: Tensor, w: Tensor, pad: int) -> Tensor:
+    r, k = pos.shape
+    C = _native_rows() if src.is_cuda and src.dtype in (torch.bfloat16, torch.float32) else None
+    if C is None:
+        # embedding_bag: the same sum (its CUDA kernel is several times slower than largeep's on large rows)
+        w_src = torch.where(pos != pad, w, 0.0).to(src.dtype)
+        return F.embedding_bag(pos, src, mode="sum", per_sample_weights=w_src, padding_idx=pad if pad >= 0 else None)
+    src, pos, w = src.contiguous(), pos.contiguous(), w.contiguous().float()
+    y = src.new_empty(r, src.shape[1])
+    C.weighted_row_sum(src.data_ptr(), src.element_size(), pos.data_ptr(), w.data_ptr(), y.data_ptr(), r, k,
+                       src.shape[1], pad, torch.cuda.current_stream(src.device).cuda_stream)
+    return y
+
+
+@_weighted_row_sum_op.register_fake
+def _(src: Tensor, pos: Tensor, w: Tensor, pad: int) -> Tensor:
+    return src.new_empty(pos.shape[0], src.shape[1])
+
+
+def _wrs_setup(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
+    src, pos, w, pad = inputs
+    ctx.pad = pad
+    ctx.save_for_backward(src, pos, w)
+
+
+def _wrs_backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None, Tensor | None, None]:
+    src, pos, w = ctx.saved_tensors
+    r, k = pos.shape
+    valid = pos != ctx.pad
+    flat = pos.reshape(-1)
+    keep = valid.reshape(-1)
+    rows = torch.arange(r, device=pos.device).repeat_interleave(k)
+    g_src = g_w = None
+    if ctx.needs_input_grad[0]:
+        # each valid entry names its own source row: grad_src[pos[r, k]] = w[r, k] * grad[r]
+        contrib = grad.float()[rows[keep]] * w.reshape(-1)[keep].float().unsqueeze(1)
+        g_src = torch.zeros(src.shape, dtype=torch.float32, device=src.device)
+        g_src.index_add_(0, flat[keep], contrib)
+        g_src = g_src.to(src.dtype)
+    if ctx.needs_input_grad[2]:
+        # grad_w[r, k] = <grad[r], src[pos[r, k]]> for valid entries, 0 elsewhere
+        safe = torch.where(valid, pos, 0)
+        dots = torch.bmm(src[safe.reshape(-1)].view(r, k, src.shape[1]).float(), grad.float().unsqueeze(2))
+        dots = dots.squeeze(2)
+        g_w = torch.where(valid, dots, 0.0).to(w.dtype)
+    return g_src, None, g_w, None
+
+
+_weighted_row_sum_op.register_autograd(_wrs_backward, setup_context=_wrs_setup)
+
+
+def weighted_row_sum(src: Tensor, pos: Tensor, w: Tensor, pad: int | None = None) -> Tensor:
+    """``y[r] = sum_k w[r, k] * src[pos[r, k]]`` over the entries with ``pos[r, k] != pad``, accumulated in float32,
+    in src's dtype; differentiable in ``src`` and ``w`` (each source row named by at most one entry).
+
+    Args:
+        src: [P, H] bf16/fp32 rows; pos: int64 [R, K] row indices into src; w: float32 [R, K]; pad: a pos value
+            that names no row (None: every entry is valid).
+    On CUDA with the native module: one read of the named rows, no [R, K, H] intermediate (largeep's kernel), else
+    ``embedding_bag``.
+    """
+    return _weighted_row_sum_op(src, pos, w, -1 if pad is None else pad)  # type: ignore[no-any-return]
+
+
 def grouped_mm(a: Tensor, b: Tensor, offs: Tensor, used: int | None = None) -> Tensor:
     """One GEMM per group over contiguous row ranges, differentiable in ``a`` and ``b``.
 
@@ -745,10 +824,7 @@ def _buffer_dispatch(
             x, topk_idx, topk_weights, num_worst_tokens=num_worst_tokens, previous_event=previous_event,
             async_finish=True,
         )
-    xs = res.x if isinstance(res.x, tuple) else (res.x,)
-    for t in (*xs, res.topk_idx, res.topk_weights, res.num_tokens_per_expert_tensor):
-        if isinstance(t, Tensor):
-            t.record_stream(caller)
+    res.record_stream(caller)  # also guards a zero-copy receive slot, which Tensor.record_stream does not
     if not async_finish and res.event is not None and res.event.event is not None:
         caller.wait_event(res.event.event)
     return res

@@ -103,13 +103,15 @@ class _Hier:
 @dataclass
 class _NvState:
     """Handle of one normal dispatch. Source side: send_pos int32 [T, N] (row of token t among the rows for rank r,
-    -1 if not sent), send_off int32 [N] (where this rank's rows start in each receiver's buffer), self_token int32
-    [T] (the token of each of this rank's rows for itself, which never pass through the receive buffer). Receiver
+    -1 if not sent), send_off int32 [N] (where this rank's rows start in each receiver's slot), send_slot int64 [N]
+    (byte offset of each receiver's slot this round), self_token int32 [T] (the token of each of this rank's rows
+    for itself, which a copy-slot dispatch copies straight from the inputs). Receiver
     side: recv_src int32 [rows, 2] (source rank, token), recv_off int32 [N + 1] (first row of each source). hier:
     the inter-node parts (None inside one node)."""
 
     send_pos: torch.Tensor
     send_off: torch.Tensor
+    send_slot: torch.Tensor
     recv_src: torch.Tensor
     recv_off: torch.Tensor
     num_rows: int
@@ -142,7 +144,13 @@ class NvshmemBackend:
         C = native.module()
         n = ctx.num_ranks
         sizes = (n, ctx.num_experts, ctx.num_topk, ctx.hidden, ctx.max_tokens_per_rank)
-        lay = (C.low_latency_layout if ctx.low_latency else C.normal_layout)(*sizes, ctx.ranks_per_node)
+        # zero-copy receive slots: normal mode inside one node (groups of several nodes receive through the
+        # forwarders into the copy slot)
+        self.zc_slots = settings.zero_copy_slots if not ctx.low_latency and ctx.ranks_per_node == n else 0
+        if ctx.low_latency:
+            lay = C.low_latency_layout(*sizes, ctx.ranks_per_node)
+        else:
+            lay = C.normal_layout(*sizes, ctx.ranks_per_node, self.zc_slots)
         self.C = _join(ctx, int(lay["total_bytes"]), settings)
         self.base = int(self._collective("Buffer", self.C.alloc, int(lay["total_bytes"]), settings.timeout_s))
         # Peers on this rank's node are written through NVLink; NVSHMEM's puts reach the others, so their peer
@@ -172,7 +180,8 @@ class NvshmemBackend:
             self.ll = self.C.LowLatencyKernels(*common, ctx.ranks_per_node, settings.tune["ll_send"])
         else:
             self.kernels = self.C.NormalKernels(
-                *common, ctx.ranks_per_node, settings.tune["threads"], settings.tune["load"], settings.tune["unroll"]
+                *common, ctx.ranks_per_node, settings.tune["threads"], settings.tune["load"], settings.tune["unroll"],
+                self.zc_slots, dev.index,
             )
         self.alive = True
 
@@ -182,6 +191,15 @@ class NvshmemBackend:
             return
         self.alive = False
         torch.cuda.synchronize(self.ctx.device)
+        if not self.ctx.low_latency:
+            held = int(self.kernels.zc_busy())
+            if held:
+                logger.warning(
+                    "Buffer.destroy() on rank %d: the outputs of %d dispatch(es) are still alive; they are views of "
+                    "this Buffer's memory, which is freed now (clone dispatch outputs that must outlive the Buffer)",
+                    self.ctx.rank, held,
+                )
+            self.kernels.zc_close()
         try:
             # collective: a bounded rendezvous, then NVSHMEM's barrier, so no peer still reads this memory
             self._collective("destroy", self.C.free, self.base, self.settings.timeout_s)
@@ -197,6 +215,12 @@ class NvshmemBackend:
             if any(m in str(exc) for m in ("did not arrive within", "gave up waiting", "an earlier rendezvous")):
                 raise PeerTimeoutError(f"{op}: {exc}") from None
             raise
+
+    def zc_add_stream(self, addr: int, stream: int) -> bool:
+        """The zero-copy output at device address ``addr`` is used on ``stream`` too (False: not a zero-copy output)."""
+        if self.ctx.low_latency or not self.alive:
+            return False
+        return bool(self.kernels.zc_add_stream(addr, stream))
 
     def _raise_if_failed(self, op: str) -> None:
         code = int(self.status[_ERROR])
@@ -245,7 +269,9 @@ class NvshmemBackend:
         state: _NvState | None,
         expert_alignment: int,
         num_worst_tokens: int,
+        caller_stream: torch.cuda.Stream | None = None,
     ) -> NormalDispatchOut:
+        """``caller_stream``: the stream the caller is on; zero-copy outputs record their release on it."""
         self._raise_if_failed("dispatch")
         c = self.ctx
         dev = c.device
@@ -258,12 +284,19 @@ class NvshmemBackend:
         worst = num_worst_tokens > 0 or (state is not None and state.worst)
         k = self.kernels
         per_expert_list: list[int] = []
+        # A fresh dispatch of bf16/e4m3 rows that waits on the host receives into a free zero-copy slot when there
+        # is one (its outputs are then that slot's planes, no copy-out); slot 0 is the copy slot. A slot taken
+        # here stays taken if the call fails before its outputs exist (the Buffer is unusable then anyway).
+        slot = 0
+        if state is None and not worst and self.zc_slots and elem <= 2:
+            slot = int(k.zc_acquire(stream))
         if state is None:
             assert topk_idx is not None and topk_weights is not None
             i32 = torch.int32
             send_pos = torch.empty(t, n, dtype=i32, device=dev)
             recv_off = torch.empty(n + 1, dtype=i32, device=dev)
             send_off = torch.empty(n, dtype=i32, device=dev)
+            send_slot = torch.empty(n, dtype=torch.int64, device=dev)
             self_token = torch.empty(max(t, 1), dtype=i32, device=dev)
             hier = None
             if nodes > 1:
@@ -278,11 +311,11 @@ class NvshmemBackend:
                 self.status[_READY] = 0
             k.prepare(topk_idx.data_ptr(), t, send_pos.data_ptr(), _ptr(hier.node_pos if hier else None),
                       self_token.data_ptr(), stream)
-            k.notify(recv_off.data_ptr(), send_off.data_ptr(), _ptr(hier.fwd_off if hier else None),
-                     _ptr(hier.fwd_count if hier else None), report, stream)
+            k.notify(recv_off.data_ptr(), send_off.data_ptr(), send_slot.data_ptr(),
+                     _ptr(hier.fwd_off if hier else None), _ptr(hier.fwd_count if hier else None), slot, report, stream)
             # The sends need no host decision: they run while the host waits for the counts below.
-            self._send(x, x_scales, topk_idx.data_ptr(), topk_weights.data_ptr(), t, send_pos, send_off, hier, False,
-                       stream)
+            self._send(x, x_scales, topk_idx.data_ptr(), topk_weights.data_ptr(), t, send_pos, send_off,
+                       send_slot.data_ptr(), slot > 0, hier, False, stream)
             if report:
                 rc = self.C.wait_host_word(self.host_ptr, _READY, 1, _ERROR, self.settings.timeout_s + _HOST_GRACE_S)
                 self._raise_if_failed("dispatch")
@@ -298,23 +331,35 @@ class NvshmemBackend:
             else:
                 rows = num_worst_tokens
             state = _NvState(
-                send_pos, send_off, torch.empty(rows, 2, dtype=i32, device=dev), recv_off, rows, t, worst, self_token,
-                hier,
+                send_pos, send_off, send_slot, torch.empty(rows, 2, dtype=i32, device=dev), recv_off, rows, t, worst,
+                self_token, hier,
             )
         else:
-            self._send(x, x_scales, 0, 0, t, state.send_pos, state.send_off, state.hier, True, stream)
+            # cached: every rank receives into its copy slot
+            self._send(x, x_scales, 0, 0, t, state.send_pos, state.send_off, 0, False, state.hier, True, stream)
         rows = state.num_rows
-        out_x = torch.empty(rows, c.hidden, dtype=x.dtype, device=dev)
-        out_s = torch.empty(rows, c.hidden // 128, dtype=torch.float32, device=dev) if x_scales is not None else None
-        out_idx = out_w = None
-        if not cached:
-            out_idx = torch.empty(rows, c.num_topk, dtype=torch.int64, device=dev)
-            out_w = torch.empty(rows, c.num_topk, dtype=torch.float32, device=dev)
+        out_s: torch.Tensor | None = None
+        out_idx: torch.Tensor | None = None
+        out_w: torch.Tensor | None = None
+        if slot:
+            rel = caller_stream if caller_stream is not None else torch.cuda.current_stream(dev)
+            planes = k.zc_outputs(slot, rows, c.hidden * elem, x_scales is not None, True, int(rel.cuda_stream))
+            out_x = torch.from_dlpack(planes[0]).view(x.dtype)
+            out_s = torch.from_dlpack(planes[1]) if x_scales is not None else None
+            out_idx, out_w = torch.from_dlpack(planes[2]), torch.from_dlpack(planes[3])
+            del planes
+        else:
+            out_x = torch.empty(rows, c.hidden, dtype=x.dtype, device=dev)
+            if x_scales is not None:
+                out_s = torch.empty(rows, c.hidden // 128, dtype=torch.float32, device=dev)
+            if not cached:
+                out_idx = torch.empty(rows, c.num_topk, dtype=torch.int64, device=dev)
+                out_w = torch.empty(rows, c.num_topk, dtype=torch.float32, device=dev)
         k.copyout(
             out_x.data_ptr(), elem, _ptr(out_s), _ptr(out_idx), _ptr(out_w), state.recv_src.data_ptr(),
             state.recv_off.data_ptr(), rows, cached, x.data_ptr(), _ptr(x_scales),
             _ptr(None if cached else topk_idx), _ptr(None if cached else topk_weights),
-            state.self_token.data_ptr(), sms, stream,
+            state.self_token.data_ptr(), slot, sms, stream,
         )
         if per_expert_list:
             per_expert_t = torch.tensor(per_expert_list, dtype=torch.int32).to(dev, non_blocking=True)
@@ -329,18 +374,21 @@ class NvshmemBackend:
 
     def _send(
         self, x: torch.Tensor, x_scales: torch.Tensor | None, idx_ptr: int, w_ptr: int, t: int,
-        send_pos: torch.Tensor, send_off: torch.Tensor, hier: _Hier | None, cached: bool, stream: int,
+        send_pos: torch.Tensor, send_off: torch.Tensor, send_slot_ptr: int, include_self: bool, hier: _Hier | None,
+        cached: bool, stream: int,
     ) -> None:
         """Queues the sending kernels of a dispatch: the RDMA leg (several nodes), the NVLink push to this node's
-        ranks, and the forwarding of the rows my RDMA peers sent (several nodes). Whether rows carry FP8 scales
-        comes from ``x_scales is not None``, not from its pointer: an empty tensor's is 0, yet the rows this rank
-        forwards for other ranks have scales."""
+        ranks (into each receiver's slot at send_slot_ptr, 0: the copy slots; include_self: my own rows into my
+        zero-copy slot too), and the forwarding of the rows my RDMA peers sent (several nodes). Whether rows carry
+        FP8 scales comes from ``x_scales is not None``, not from its pointer: an empty tensor's is 0, yet the rows
+        this rank forwards for other ranks have scales."""
         k, sms = self.kernels, self.ctx.num_sms
         elem, scales_ptr = x.element_size(), _ptr(x_scales)
         if hier is not None:
             k.rdma_send(x.data_ptr(), elem, scales_ptr, idx_ptr, w_ptr, t, send_pos.data_ptr(),
                         hier.node_pos.data_ptr(), sms, stream)
-        k.push(x.data_ptr(), elem, scales_ptr, idx_ptr, w_ptr, t, send_pos.data_ptr(), send_off.data_ptr(), sms, stream)
+        k.push(x.data_ptr(), elem, scales_ptr, idx_ptr, w_ptr, t, send_pos.data_ptr(), send_off.data_ptr(),
+               send_slot_ptr, include_self, sms, stream)
         if hier is not None:
             k.forward(elem, x_scales is not None, cached, hier.fwd_off.data_ptr(), hier.fwd_count.data_ptr(),
                       hier.fwd_pos.data_ptr(), sms, stream)

@@ -14,6 +14,7 @@ import multiprocessing as mp
 import os
 import queue
 import tempfile
+import time
 import traceback
 from collections.abc import Callable
 from typing import Any
@@ -27,6 +28,7 @@ def _worker(rank: int, world: int, init_file: str, backend: str, tasks: Any, res
     import torch.distributed as dist
 
     torch.set_num_threads(1)
+    faulthandler.enable()  # a crash (SIGSEGV, SIGABRT) prints this worker's Python stack on stderr
     if backend == "nccl":
         torch.cuda.set_device(rank)
         kwargs: dict[str, Any] = {"device_id": torch.device("cuda", rank)}
@@ -88,19 +90,28 @@ class DistPool:
             q.put((fn.__module__, fn.__name__, args))
         out: list[Any] = [None] * self.world
         errors = []
+        answered: set[int] = set()
         for _ in range(self.world):
-            try:
-                rank, ok, value = self.results.get(timeout=self.timeout_s)
-            except queue.Empty:
-                self.broken = True
-                # a worker that died (a crash, an abort, exit() inside a library) never answers and prints no
-                # stack: say so, with its exit code, before the pool kills the others
-                dead = [f"rank {r} exited with code {p.exitcode}" for r, p in enumerate(self.procs) if not p.is_alive()]
-                self.close(force=True)
-                raise TimeoutError(
-                    f"{fn.__name__}: a rank did not finish within {self.timeout_s} s"
-                    + (f" ({'; '.join(dead)})" if dead else " (every worker process was still alive)")
-                ) from None
+            deadline = time.monotonic() + self.timeout_s
+            got = None
+            while got is None:
+                try:
+                    got = self.results.get(timeout=min(1.0, max(0.0, deadline - time.monotonic())))
+                except queue.Empty:
+                    # a worker that died (a crash, an abort, exit() inside a library) never answers and prints no
+                    # stack: say so at once, with its exit code, and end the pool
+                    dead = [f"rank {r} exited with code {p.exitcode}" for r, p in enumerate(self.procs)
+                            if not p.is_alive() and r not in answered]
+                    if dead or time.monotonic() >= deadline:
+                        self.broken = True
+                        self.close(force=True)
+                        raise TimeoutError(
+                            f"{fn.__name__}: " + ("; ".join(dead) if dead else
+                                                  f"a rank did not finish within {self.timeout_s} s (every worker "
+                                                  "process was still alive)")
+                        ) from None
+            rank, ok, value = got
+            answered.add(rank)
             if ok:
                 out[rank] = value
             else:

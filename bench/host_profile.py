@@ -2,8 +2,8 @@
 
 At 128 tokens per rank the kernels take tens of microseconds, so a round trip (layout, dispatch with its count
 exchange, combine) costs what the host does around them. This runs ``--iters`` round trips on every rank (ranks
-aligned before each) and prints, for rank 0: the host time of each call (median, synchronised after each call)
-and the functions with the most cumulative time under cProfile.
+aligned before each) and prints, for rank 0: the host time of each call (median, ranks aligned before each round
+trip), then the same under cProfile with the functions that took most time (cumulative, then own).
 
     python bench/host_profile.py --nprocs 2 --tokens 128 --out OUT
 """
@@ -26,6 +26,27 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _launch import run_ranks  # noqa: E402
+
+
+class _Timed:
+    """Forwards to ``inner``, timing every method call on the host into ``into[name]`` (microseconds)."""
+
+    def __init__(self, inner: Any, into: dict[str, list[float]]) -> None:
+        self._inner, self._into = inner, into
+
+    def __getattr__(self, name: str) -> Any:
+        fn = getattr(self._inner, name)
+        if not callable(fn):
+            return fn
+
+        def timed(*a: Any, **kw: Any) -> Any:
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **kw)
+            finally:
+                self._into.setdefault(name, []).append((time.perf_counter() - t0) * 1e6)
+
+        return timed
 
 
 def _body(rank: int, world: int, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
@@ -55,7 +76,25 @@ def _body(rank: int, world: int, args: argparse.Namespace, device: torch.device)
 
     for _ in range(10):
         roundtrip(False)
-    torch.cuda.synchronize()
+    # first without the profiler (its hooks inflate every figure), then under cProfile
+    for _ in range(args.iters):
+        torch.cuda.synchronize()
+        dist.barrier()
+        roundtrip(True)
+    plain = {k: statistics.median(v) for k, v in host.items()}
+    for v in host.values():
+        v.clear()
+    # each native call's host time (kernel launches, the count-exchange wait), through a timing proxy
+    native: dict[str, list[float]] = {}
+    impl = buf._impl
+    kernels, module = impl.kernels, impl.C
+    impl.kernels, impl.C = _Timed(kernels, native), _Timed(module, native)
+    for _ in range(args.iters):
+        torch.cuda.synchronize()
+        dist.barrier()
+        roundtrip(False)
+    impl.kernels, impl.C = kernels, module
+    native_med = {k: statistics.median(v) for k, v in native.items()}
     prof = cProfile.Profile()
     for _ in range(args.iters):
         torch.cuda.synchronize()
@@ -67,7 +106,10 @@ def _body(rank: int, world: int, args: argparse.Namespace, device: torch.device)
     buf.destroy()
     s = io.StringIO()
     pstats.Stats(prof, stream=s).sort_stats("cumulative").print_stats(35)
-    return {"host_us_median": {k: statistics.median(v) for k, v in host.items()}, "profile": s.getvalue()}
+    pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(25)
+    return {"host_us_median": plain, "native_call_us_median": native_med,
+            "host_us_median_profiled": {k: statistics.median(v) for k, v in host.items()},
+            "profile": s.getvalue()}
 
 
 def main() -> None:
@@ -82,6 +124,8 @@ def main() -> None:
     args = p.parse_args()
     res = run_ranks(_body, args.nprocs or torch.cuda.device_count(), args)
     print("host time per call (us, median, rank 0):", res["host_us_median"])
+    print("native calls (us, median, rank 0):", {k: round(v, 1) for k, v in res["native_call_us_median"].items()})
+    print("the same under cProfile:", res["host_us_median_profiled"])
     print(res["profile"])
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, f"host_profile_t{args.tokens}.json"), "w") as f:

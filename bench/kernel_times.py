@@ -7,15 +7,16 @@ for each op, as DeepEP's figures are measured:
   layout   = layout_kernel (+ its memsets)
   dispatch = dispatch_prepare + dispatch_push + dispatch_copyout (the count exchange, `dispatch_notify`, is
              reported apart as op "send": it includes waiting for the slowest rank to arrive)
-  combine  = combine_push + combine_reduce
+  combine  = combine_fused (one node, the default) or combine_push + combine_reduce (LARGEEP_TUNE comb=0, or
+             several nodes)
 With --ranks-per-node below the number of ranks (nodes emulated on one host), dispatch also counts
 dispatch_rdma_send (the leg between nodes: NVSHMEM puts, once per destination node) and dispatch_forward (the
 NVLink leg on the destination node), and combine counts combine_forward (partial sums put home); a second file,
 legs_ep{N}_p{P}.json, gives each leg's kernel time and bytes, and the bytes that would cross between nodes if every
 rank sent to every rank directly. On one host the "RDMA" leg runs over NVLink: its time is no network figure.
 --node-limit L draws routings whose tokens reach at most L nodes (experts chosen among L random nodes).
-Each iteration: L2 flush, barrier, then layout, dispatch, barrier, combine. Per iteration the slowest rank counts; records
-give the median and p10/p90 over iterations.
+Each iteration: L2 flush, barrier, then layout, dispatch, barrier, combine. Per iteration the slowest rank counts;
+records give the median and p10/p90 over iterations.
 
 usage: python bench/kernel_times.py --out bench/results/DIR [--tokens 4096] [--num-sms 8,16,24] [--dtypes bf16,fp8]
                                   [--ranks-per-node P] [--node-limit L]
@@ -43,6 +44,7 @@ _KERNELS = {
     "combine_push_kernel": "combine",
     "combine_forward_kernel": "combine",
     "combine_reduce_kernel": "combine",
+    "combine_fused_kernel": "combine",
 }
 
 

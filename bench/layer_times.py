@@ -308,8 +308,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--backend", choices=("nvshmem", "torch"), default=None, help="default nvshmem (--cpu: torch)")
     p.add_argument("--backward", action="store_true", help="time forward + backward")
     p.add_argument("--preset", choices=tuple(PRESETS), default="prefill",
-                   help="GPU sizes: prefill (SPEC.md's), balanced (F 256) or few_experts (16 experts, F 384); the summary "
-                        "says whether communication ~ experts")
+                   help="GPU sizes: prefill (SPEC.md's), balanced (F 256) or few_experts (16 experts, F 384); the "
+                        "summary says whether communication ~ experts")
     for key in ("tokens", "hidden", "experts", "topk", "ffn", "warmup", "iters"):
         p.add_argument(f"--{key}", type=int, default=None, help=f"default {GPU_DEFAULTS[key]} ({CPU_DEFAULTS[key]} "
                        "with --cpu; the preset may change it)")

@@ -3,7 +3,14 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <dlfcn.h>
+#include <execinfo.h>
+#include <signal.h>
+#include <unistd.h>
+
 #include <atomic>
+#include <cstdio>
+#include <cstdlib>
 #include <memory>
 #include <mutex>
 #include <utility>
@@ -97,8 +104,14 @@ struct ZcSlots {
         cudaGetDevice(&prev);
         if (prev != device) cudaSetDevice(device);
         bool ok = true;
-        for (size_t j = 0; j < streams.size(); ++j)
-            ok = ok && cudaEventRecord(released[i - 1][j], streams[j]) == cudaSuccess;
+        for (size_t j = 0; j < streams.size() && ok; ++j) {
+            // an event recorded into a CUDA-graph capture could not be waited on by a later dispatch: a slot whose
+            // outputs die while one of their streams captures stays taken (later dispatches copy instead)
+            cudaStreamCaptureStatus capturing = cudaStreamCaptureStatusNone;
+            ok = cudaStreamIsCapturing(streams[j], &capturing) == cudaSuccess &&
+                 capturing == cudaStreamCaptureStatusNone &&
+                 cudaEventRecord(released[i - 1][j], streams[j]) == cudaSuccess;
+        }
         if (prev != device && prev >= 0) cudaSetDevice(prev);
         recorded[i - 1] = static_cast<int>(streams.size());
         if (ok) busy[i - 1].store(0, std::memory_order_release);  // else the slot stays busy, never unguarded
@@ -214,6 +227,7 @@ class NormalKernels {
         c_.rdma_stride = l.rdma_stride;
         c_.comb_stride = l.comb_stride;
         c_.pcomb_stride = l.pcomb_stride;
+        c_.off_comb_flags = l.off_comb_flags;
         c_.off_zc = l.off_zc;
         c_.zc_slot_bytes = l.zc_slot_bytes;
         c_.pl_idx = l.pl_idx;
@@ -270,7 +284,8 @@ class NormalKernels {
     // on release_stream) once every tensor made from them is gone.
     py::list zc_outputs(int slot, int64_t rows, int64_t x_row_bytes, bool with_scales, bool with_meta,
                         uintptr_t release_stream) {
-        HOST_ASSERT(slot >= 1 && slot <= zc_->count && zc_->busy[slot - 1].load() != 0, "slot " << slot << " not taken");
+        HOST_ASSERT(slot >= 1 && slot <= zc_->count && zc_->busy[slot - 1].load() != 0,
+                    "slot " << slot << " not taken");
         HOST_ASSERT(rows >= 0 && rows <= static_cast<int64_t>(c_.num_ranks) * c_.max_tokens && x_row_bytes >= 0 &&
                         x_row_bytes <= 2ll * c_.hidden,
                     "zero-copy outputs out of range");
@@ -296,9 +311,10 @@ class NormalKernels {
                                 ptr<int>(self_token), stream_of(stream));
     }
     void notify(uintptr_t recv_off, uintptr_t send_off, uintptr_t send_slot, uintptr_t fwd_off, uintptr_t fwd_count,
-                int my_slot, bool report, uintptr_t stream) {
+                int my_slot, bool report, uintptr_t per_expert, int alignment, uintptr_t stream) {
         launch_dispatch_notify(c_, ptr<int>(recv_off), ptr<int>(send_off), ptr<int64_t>(send_slot), ptr<int>(fwd_off),
-                               ptr<int>(fwd_count), my_slot, report, stream_of(stream));
+                               ptr<int>(fwd_count), my_slot, report, ptr<int>(per_expert), alignment,
+                               stream_of(stream));
     }
     void push(uintptr_t x, int x_elem, uintptr_t scales, uintptr_t idx, uintptr_t w, int num_tokens,
               uintptr_t send_pos, uintptr_t send_off, uintptr_t send_slot, bool include_self, int num_sms,
@@ -336,6 +352,13 @@ class NormalKernels {
         launch_combine_forward(c_, y_elem, with_weights, ptr<const int>(fwd_count), ptr<const int>(fwd_pos), num_sms,
                                stream_of(stream));
     }
+    void combine_fused(uintptr_t out, int out_elem, uintptr_t out_w, uintptr_t send_pos, int num_tokens,
+                       bool with_weights, uintptr_t y, uintptr_t y_w, uintptr_t recv_src, uintptr_t recv_off,
+                       int num_rows, int num_sms, int push_eighths, uintptr_t stream) {
+        launch_combine_fused(c_, ptr<void>(out), out_elem, ptr<float>(out_w), ptr<const int>(send_pos), num_tokens,
+                             with_weights, ptr<const void>(y), ptr<const float>(y_w), ptr<const int>(recv_src),
+                             ptr<const int>(recv_off), num_rows, num_sms, push_eighths, stream_of(stream));
+    }
     void combine_reduce(uintptr_t out, int out_elem, uintptr_t out_w, uintptr_t send_pos, uintptr_t node_pos,
                         int num_tokens, bool with_weights, uintptr_t y, uintptr_t y_w, uintptr_t recv_off, int num_sms,
                         uintptr_t stream) {
@@ -357,7 +380,7 @@ class LowLatencyKernels {
                       uintptr_t status_dev, uintptr_t error_dev, double timeout_s, int ranks_per_node,
                       int send_mode) {
         HOST_ASSERT(ranks_per_node > 0 && num_ranks % ranks_per_node == 0, "bad ranks_per_node " << ranks_per_node);
-        HOST_ASSERT(send_mode == 0 || send_mode == 1, "LARGEEP_TUNE ll_send must be 0 or 1, got " << send_mode);
+        HOST_ASSERT(send_mode >= -1 && send_mode <= 1, "LARGEEP_TUNE ll_send must be -1, 0 or 1, got " << send_mode);
         c_.ranks_per_node = ranks_per_node;
         c_.send_mode = send_mode;
         fill_common(c_, rank, num_ranks, num_experts, num_topk, hidden, max_tokens, base, peer_base, seq, block_counter,
@@ -400,7 +423,41 @@ class LowLatencyKernels {
 
 }  // namespace
 
+
+namespace {
+// Diagnostics (LARGEEP_SEGV_BACKTRACE=1 at import): a thread that faults prints its native stack (shared object +
+// offset, and the nearest exported symbol) before the default action. For machines without gdb.
+void segv_handler(int sig, siginfo_t* info, void*) {
+    void* frames[64];
+    const int n = backtrace(frames, 64);
+    char line[512];
+    int len = snprintf(line, sizeof(line), "largeep: signal %d at address %p, %d frames\n", sig, info->si_addr, n);
+    (void)!write(2, line, len);
+    for (int i = 0; i < n; ++i) {
+        Dl_info d{};
+        if (dladdr(frames[i], &d) && d.dli_fname) {
+            len = snprintf(line, sizeof(line), "  #%d %s(+0x%lx) %s\n", i, d.dli_fname,
+                           static_cast<unsigned long>(reinterpret_cast<uintptr_t>(frames[i]) -
+                                                      reinterpret_cast<uintptr_t>(d.dli_fbase)),
+                           d.dli_sname ? d.dli_sname : "?");
+        } else {
+            len = snprintf(line, sizeof(line), "  #%d %p\n", i, frames[i]);
+        }
+        (void)!write(2, line, len);
+    }
+    signal(sig, SIG_DFL);
+    raise(sig);
+}
+}  // namespace
+
 PYBIND11_MODULE(_C, m) {
+    if (const char* v = std::getenv("LARGEEP_SEGV_BACKTRACE"); v != nullptr && v[0] == '1') {
+        struct sigaction sa {};
+        sa.sa_sigaction = segv_handler;
+        sa.sa_flags = SA_SIGINFO;
+        sigaction(SIGSEGV, &sa, nullptr);
+        sigaction(SIGBUS, &sa, nullptr);
+    }
     m.doc() = "largeep native kernels (NVSHMEM)";
     py::register_exception<largeep::Error>(m, "NativeError", PyExc_RuntimeError);
 
@@ -427,15 +484,18 @@ PYBIND11_MODULE(_C, m) {
         py::dict d;
         d["total_bytes"] = l.total_bytes;
         d["zc_slot_bytes"] = l.zc_slot_bytes;
+        d["off_zc"] = l.off_zc;
         d["recv_stride"] = l.recv_stride;
         d["comb_stride"] = l.comb_stride;
         return d;
     });
     m.def("layout", [](uintptr_t idx, int t, int k, int n, int e, int p, uintptr_t per_rank, uintptr_t per_node,
-                       uintptr_t per_expert, uintptr_t in_rank, uintptr_t status, uintptr_t error, uintptr_t stream) {
+                       uintptr_t per_expert, uintptr_t in_rank, uintptr_t status, uintptr_t error,
+                       uintptr_t check_scratch, uintptr_t check_host, uintptr_t stream) {
         launch_layout(ptr<const int64_t>(idx), t, k, n, e, p, ptr<int>(per_rank), ptr<int>(per_node),
                       ptr<int>(per_expert), ptr<bool>(in_rank),
-                      ErrorWord{ptr<int64_t>(error), ptr<int64_t>(status)}, stream_of(stream));
+                      ErrorWord{ptr<int64_t>(error), ptr<int64_t>(status)},
+                      LayoutCheck{ptr<int64_t>(check_scratch), ptr<int64_t>(check_host)}, stream_of(stream));
     });
 
     m.def("weighted_row_sum", [](uintptr_t src, int elem, uintptr_t pos, uintptr_t w, uintptr_t y, int64_t rows, int k,
@@ -471,6 +531,7 @@ PYBIND11_MODULE(_C, m) {
         .def("copyout", &NormalKernels::copyout)
         .def("combine_push", &NormalKernels::combine_push)
         .def("combine_reduce", &NormalKernels::combine_reduce)
+        .def("combine_fused", &NormalKernels::combine_fused)
         .def("rdma_send", &NormalKernels::rdma_send)
         .def("forward", &NormalKernels::forward)
         .def("combine_forward", &NormalKernels::combine_forward);

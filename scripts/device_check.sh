@@ -1,17 +1,19 @@
 #!/usr/bin/env bash
 # One round of GPU checks on the GPU machine: build, GPU tests, benchmarks. Logs and JSON go to OUTDIR.
-# usage: scripts/device_check.sh OUTDIR [stage ...]   stages: build tests bench perf internode layer longrun tune
+# usage: scripts/device_check.sh OUTDIR [stage ...]   stages: build tests bench perf internode layer longrun tune comb
 #   (default: build tests bench)
 #   bench: python -m largeep.bench (whole-call event times, every backend; LARGEEP_BENCH_ARGS overrides the preset)
 #   perf:  kernel times (normal) and kernel + CUDA-graph times (low-latency) of the nvshmem backend, on all GPUs
-#          and on GPUs 0,1
+#          and on GPUs 0,1 (LARGEEP_PERF_SMS: the normal mode's SM counts, default 8,16,24)
 #   internode: kernel and per-leg times of the normal mode with nodes emulated on one host (bench/kernel_times.py)
 #   layer: bench/layer_times.py (one MoE layer at prefill size, with and without overlap) on all GPUs, at SPEC.md's
 #          sizes, with the balanced preset (F 256; its summary says whether communication ~ experts) and with the
 #          few_experts preset (16 experts) at F 384 and 768
 #   longrun: 10,000 checked rounds of random sizes on the nvshmem backend, on 2 GPUs and (if present) 4
 #   tune: LARGEEP_TUNE settings other than the defaults: normal kernels with 512 threads per block,
-#         the low-latency token-major send (ll_send=1: its GPU tests, then its kernel times)
+#         the low-latency sends: ll_send=1 (token-major at every size: its GPU tests), ll_send=0 (pair-wise at
+#         every size: its kernel times, against the default's in the perf stage)
+#   comb: the combine's LARGEEP_TUNE comb settings: GPU tests at comb 0, 1, 7; kernel times at LARGEEP_COMB_SWEEP
 set -uo pipefail
 OUT=${1:?usage: scripts/device_check.sh OUTDIR [stage ...]}
 shift
@@ -49,7 +51,7 @@ for stage in $STAGES; do
     perf)
       for n in $(printf '%s\n' "$ngpu" 2 | sort -rnu); do
         vis=$(seq -s, 0 $((n - 1)))
-        CUDA_VISIBLE_DEVICES=$vis timeout 300 $PY bench/kernel_times.py --nprocs "$n" --num-sms 8,16,24 \
+        CUDA_VISIBLE_DEVICES=$vis timeout 300 $PY bench/kernel_times.py --nprocs "$n" --num-sms ${LARGEEP_PERF_SMS:-8,16,24} \
           --out "$OUT/perf" > "$OUT/perf_normal_ep$n.log" 2>&1 || rc=1
         CUDA_VISIBLE_DEVICES=$vis timeout 300 $PY bench/low_latency_times.py --nprocs "$n" \
           --out "$OUT/perf" > "$OUT/perf_ll_ep$n.log" 2>&1 || rc=1
@@ -94,9 +96,24 @@ for stage in $STAGES; do
       (cd tests && LARGEEP_TUNE=ll_send=1 timeout 200 $PY -m pytest -q -ra -p no:cacheprovider -m gpu \
         -k "low_latency" .) > "$OUT/tune_ll_send1_tests.log" 2>&1 || rc=1
       tail -3 "$OUT/tune_ll_send1_tests.log"
-      LARGEEP_TUNE=ll_send=1 timeout 200 $PY bench/low_latency_times.py --nprocs "$ngpu" \
-        --out "$OUT/tune_ll_send1" > "$OUT/tune_ll_send1.log" 2>&1 || rc=1
-      tail -12 "$OUT/tune_ll_send1.log"
+      LARGEEP_TUNE=ll_send=0 timeout 200 $PY bench/low_latency_times.py --nprocs "$ngpu" \
+        --out "$OUT/tune_ll_send0" > "$OUT/tune_ll_send0.log" 2>&1 || rc=1
+      tail -12 "$OUT/tune_ll_send0.log"
+      ;;
+    comb)
+      # the combine's settings (LARGEEP_TUNE comb): 0 = push kernel then reduce kernel, 1..7 = one fused kernel
+      # with comb/8 of its blocks pushing. GPU tests of the normal mode at the extremes, then kernel times.
+      for cb in 0 1 7; do
+        (cd tests && LARGEEP_TUNE=comb=$cb timeout 300 $PY -m pytest -q -ra -p no:cacheprovider -m gpu \
+          -k "normal_gpu or zero_copy or property" .) > "$OUT/comb${cb}_tests.log" 2>&1 || rc=1
+        echo "comb=$cb tests: $(tail -1 "$OUT/comb${cb}_tests.log")" | tee -a "$OUT/summary.txt"
+      done
+      for cb in ${LARGEEP_COMB_SWEEP:-0 2 4 5}; do
+        CUDA_VISIBLE_DEVICES=$(seq -s, 0 $((ngpu - 1))) LARGEEP_TUNE=comb=$cb timeout 200 $PY bench/kernel_times.py \
+          --nprocs "$ngpu" --num-sms ${LARGEEP_PERF_SMS:-8,16,24} --dtypes bf16 --out "$OUT/comb$cb" \
+          > "$OUT/comb$cb.log" 2>&1 || rc=1
+        grep -E "^combine " "$OUT/comb$cb.log" | sed "s/^/comb=$cb /" | tee -a "$OUT/summary.txt"
+      done
       ;;
     *)
       echo "unknown stage $stage" | tee -a "$OUT/summary.txt"; rc=1

@@ -93,6 +93,8 @@ def normal_roundtrip(
             counts = res.num_tokens_per_expert
         want_counts = [((c + alignment - 1) // alignment) * alignment for c in ref.per_expert]
         assert counts == want_counts, f"num_tokens_per_expert {counts} != {want_counts}"
+        on_device = res.num_tokens_per_expert_tensor.cpu().tolist()
+        assert on_device == want_counts, f"num_tokens_per_expert_tensor {on_device} != {want_counts}"
         # cached dispatch with new data
         g = torch.Generator().manual_seed(seed + 7)
         xs2 = [torch.randn(tokens[r], hidden, generator=g).to(dtype) for r in range(world)]

@@ -294,6 +294,8 @@ CASES: list[BadCase] = [
        "'topk_idx'", "dtype torch.float32", "expected torch.int64"),
     _n("layout_idx_expert_too_large", lambda e: Call(e.buf.get_dispatch_layout, (with_id(e.idx, EXPERTS + 5),)),
        "'topk_idx'", f"expert id {EXPERTS + 5}"),
+    _n("layout_idx_expert_below_minus_one", lambda e: Call(e.buf.get_dispatch_layout, (with_id(e.idx, -3),)),
+       "'topk_idx'", "expert id -3", f"[-1, {EXPERTS})"),
     _n("layout_too_many_tokens", lambda e: Call(e.buf.get_dispatch_layout, (more_tokens(e, MAX_TOKENS + 3)[1],)),
        "'topk_idx'", f"{MAX_TOKENS + 3} tokens", f"max_tokens_per_rank={MAX_TOKENS}"),
     # -- normal combine ------------------------------------------------------------------------------------

@@ -20,11 +20,12 @@ from layer_bodies import (
     _allsum,
     _build_layer,
     _gen,
-    check_shared_grads,
     close,
     compare_variants,
     compiled_equals_eager,
     dense_reference,
+    finish_variant,
+    local_logical_experts,
     make_global,
     random_placement,
 )
@@ -97,15 +98,11 @@ def layer_tp_vs_reference(
                 assert layers.allreduce_replica_grads(
                     [ex.w1, ex.w3, ex.w2], phys_to_log, group=groups.ep_group
                 ) == replicas
-                logical = phys_to_log[groups.ep_rank * epr : (groups.ep_rank + 1) * epr]
-            else:
-                logical = torch.arange(groups.ep_rank * epr, (groups.ep_rank + 1) * epr)
+            logical = local_logical_experts(phys_to_log, groups.ep_rank, epr)
             for name, dim in (("w1", 2), ("w3", 2), ("w2", 1)):
                 full = _gather_shards(getattr(ex, name).grad, dim, groups.tp_group)
                 close(full, ref["grads"][name][logical], f"{what}: grad of {name} (gathered)")
-            check_shared_grads(layer, ref, what)
-            results.append([out.detach(), x.grad] + [p.grad for p in layer.parameters()])
-            assert ops.live_handles(layer.buffer_id) == 0
+            finish_variant(results, layer, out, x, ref, what)
         compare_variants(variants, results)
         return {"variants": len(results)}
     finally:

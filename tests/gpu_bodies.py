@@ -379,3 +379,75 @@ def zero_copy_slots(rank: int, world: int) -> None:
         dist.barrier()
     finally:
         buf.destroy()
+
+
+def config_mismatch_refused(rank: int, world: int) -> None:
+    """Ranks that would lay out their symmetric memory differently (LARGEEP_ZERO_COPY_SLOTS differs) or speak
+    different combine protocols (LARGEEP_TUNE comb 0 on rank 0 only) are refused on every rank at Buffer creation,
+    before NVSHMEM allocates anything; a consistent Buffer works after."""
+    import os
+
+    from largeep.errors import ArgumentError
+
+    for var, value, named in (("LARGEEP_ZERO_COPY_SLOTS", str(1 + rank), "LARGEEP_ZERO_COPY_SLOTS"),
+                              ("LARGEEP_TUNE", f"comb={0 if rank == 0 else 3}", "comb")):
+        before = os.environ.get(var)
+        os.environ[var] = value
+        try:
+            try:
+                largeep.Buffer(None, hidden=256, num_experts=2 * world, num_topk=2, max_tokens_per_rank=64,
+                               backend="nvshmem")
+            except ArgumentError as exc:
+                assert "disagree" in str(exc) and named in str(exc), str(exc)
+            else:
+                raise AssertionError(f"a Buffer was created although the ranks disagree ({var})")
+        finally:
+            if before is None:
+                del os.environ[var]
+            else:
+                os.environ[var] = before
+    buf = largeep.Buffer(None, hidden=256, num_experts=2 * world, num_topk=2, max_tokens_per_rank=64,
+                         backend="nvshmem")
+    try:
+        _roundtrip_small(buf, 3)
+    finally:
+        buf.destroy()
+
+
+def layout_id_check(rank: int, world: int) -> None:
+    """The nvshmem layout checks the expert ids in its kernel (largeep's own range check, no separate min/max):
+    a bad id in a late block of tokens raises ArgumentError naming it (the lowest below -1 first, else the highest),
+    the caller's tensor is unchanged and the Buffer works after; good layouts equal counts made with torch ops."""
+    from largeep.errors import ArgumentError
+
+    t, e, k = 1000, 8 * world, 3
+    buf = largeep.Buffer(None, hidden=256, num_experts=e, num_topk=k, max_tokens_per_rank=t, backend="nvshmem")
+    try:
+        g = torch.Generator(device="cuda").manual_seed(5 + rank)
+        idx = torch.rand(t, e, device="cuda", generator=g).topk(k, dim=1).indices
+        idx[::7, 1] = -1
+        for bad, want in (({(900, 1): e + 7}, e + 7), ({(900, 1): e + 7, (700, 0): -4}, -4), ({(999, 2): -2}, -2)):
+            wrong = idx.clone()
+            for (i, j), v in bad.items():
+                wrong[i, j] = v
+            before = wrong.clone()
+            try:
+                buf.get_dispatch_layout(wrong)
+            except ArgumentError as exc:
+                assert f"expert id {want}" in str(exc) and "'topk_idx'" in str(exc), str(exc)
+            else:
+                raise AssertionError(f"no error for expert id {want}")
+            assert torch.equal(wrong, before), "the caller's topk_idx changed"
+        lay = buf.get_dispatch_layout(idx)
+        valid = idx >= 0
+        hit = torch.zeros(t, e, dtype=torch.bool, device="cuda")
+        rows, cols = valid.nonzero(as_tuple=True)
+        hit[rows, idx[rows, cols]] = True
+        in_rank = hit.view(t, world, e // world).any(2)
+        assert torch.equal(lay.num_tokens_per_expert, hit.sum(0, dtype=torch.int32))
+        assert torch.equal(lay.is_token_in_rank, in_rank)
+        assert torch.equal(lay.num_tokens_per_rank, in_rank.sum(0, dtype=torch.int32))
+        assert torch.equal(lay.num_tokens_per_node, in_rank.any(1).sum(0, dtype=torch.int32).view(1))
+        _roundtrip_small(buf, 9)
+    finally:
+        buf.destroy()

@@ -54,6 +54,22 @@ def check_shared_grads(layer: Any, ref: dict[str, Any], what: str) -> None:
             close(got, ref["grads"][key], f"{what}: grad of shared {name}")
 
 
+def local_logical_experts(phys_to_log: torch.Tensor | None, ep_rank: int, epr: int) -> torch.Tensor:
+    """The logical expert of each of this rank's physical experts (itself without replicas)."""
+    if phys_to_log is not None:
+        return phys_to_log[ep_rank * epr : (ep_rank + 1) * epr]
+    return torch.arange(ep_rank * epr, (ep_rank + 1) * epr)
+
+
+def finish_variant(results: list[list[Any]], layer: Any, out: torch.Tensor, x: torch.Tensor, ref: dict[str, Any],
+                   what: str) -> None:
+    """The checks every variant of a training body ends with (shared experts' grads, no handle left alive), then
+    its outputs and grads kept for compare_variants."""
+    check_shared_grads(layer, ref, what)
+    results.append([out.detach(), x.grad] + [p.grad for p in layer.parameters()])
+    assert ops.live_handles(layer.buffer_id) == 0
+
+
 def compare_variants(variants: list[Any], results: list[list[Any]]) -> None:
     """Every variant's outputs and grads equal the first variant's (to float32 reordering)."""
     for kw, res in zip(variants[1:], results[1:], strict=True):
@@ -337,14 +353,10 @@ def layer_vs_reference(
             ex = layer.experts
             if phys_to_log is not None:
                 assert layers.allreduce_replica_grads([ex.w1, ex.w3, ex.w2], phys_to_log) == replicas
-                logical = phys_to_log[rank * epr : (rank + 1) * epr]
-            else:
-                logical = torch.arange(rank * epr, (rank + 1) * epr)
+            logical = local_logical_experts(phys_to_log, rank, epr)
             for name in ("w1", "w3", "w2"):
                 close(getattr(ex, name).grad, ref["grads"][name][logical], f"{what}: grad of {name}")
-            check_shared_grads(layer, ref, what)
-            results.append([out.detach(), x.grad] + [p.grad for p in layer.parameters()])
-            assert ops.live_handles(layer.buffer_id) == 0
+            finish_variant(results, layer, out, x, ref, what)
         compare_variants(variants, results)
         return {"variants": len(results)}
     finally:

@@ -89,7 +89,8 @@ def test_timeout_rejected_at_buffer_creation(pools, raw: str) -> None:
 
 
 def test_id_check_runs_once_per_tensor_version(monkeypatch: pytest.MonkeyPatch) -> None:
-    """get_dispatch_layout(idx) then dispatch(idx) checks the ids once; changing idx in place checks them again."""
+    """A layout's id check covers the dispatch that follows with the same unchanged tensor, once; anything else is
+    checked again: another tensor, another E, a change in place, a second dispatch, an inference tensor."""
     import torch
     from largeep import checks
     from largeep.errors import ArgumentError
@@ -100,18 +101,26 @@ def test_id_check_runs_once_per_tensor_version(monkeypatch: pytest.MonkeyPatch) 
     dev = torch.device("cpu")
     idx = torch.tensor([[0, 3], [1, -1]], dtype=torch.int64)
 
-    def check(t: torch.Tensor, experts: int = 4) -> None:
-        checks.topk_idx("op", t, num_tokens=2, num_topk=2, num_experts=experts, device=dev, check_values=True)
+    def check(t: torch.Tensor, memo: str | None, experts: int = 4) -> None:
+        checks.topk_idx("op", t, num_tokens=2, num_topk=2, num_experts=experts, device=dev, check_values=True,
+                        memo=memo)
 
-    check(idx)
-    check(idx)
-    assert len(calls) == 1
-    check(idx.clone())  # another tensor: checked
-    assert len(calls) == 2
-    check(idx, experts=8)  # another expert count: checked
-    assert len(calls) == 3
+    check(idx, "remember")
+    check(idx, "use")
+    assert len(calls) == 1  # the dispatch after the layout: no second check
+    check(idx, "use")
+    assert len(calls) == 2  # one use only
+    check(idx, "remember")
+    check(idx.clone(), "use")  # another tensor
+    check(idx, "use", experts=8)  # another expert count
+    assert len(calls) == 5
+    check(idx, "remember")
     idx[0, 1] = 4  # in place: the version counter moves
     with pytest.raises(ArgumentError, match="expert id 4"):
-        check(idx)
-    with pytest.raises(ArgumentError, match="expert id 4"):
-        check(idx)  # a failed check is not remembered
+        check(idx, "use")
+    with torch.inference_mode():
+        inf = torch.tensor([[0, 3], [1, -1]], dtype=torch.int64)
+        check(inf, "remember")  # no version counter: not remembered, and no error
+        n = len(calls)
+        check(inf, "use")
+        assert len(calls) == n + 1

@@ -29,6 +29,12 @@ def test_runtime_cycles(pools, world: int) -> None:
 
 @pytest.mark.gpu(2)
 @needs_native
+def test_layout_id_check(pools) -> None:
+    pools(2, "nccl").run(gpu_bodies.layout_id_check)
+
+
+@pytest.mark.gpu(2)
+@needs_native
 def test_second_group_refused(pools) -> None:
     pools(2, "nccl").run(gpu_bodies.second_group_refused)
 
@@ -118,6 +124,13 @@ def test_low_latency_graph_and_double_buffer(pools, world: int) -> None:
         pytest.skip("not enough GPUs")
     pools(world, "nccl").run(gpu_bodies.low_latency_two_in_flight, 128, 7168, 288, 8)
     pools(world, "nccl").run(gpu_bodies.low_latency_graph, 100, 128, 7168, 288, 8)
+
+
+@pytest.mark.gpu(2)
+@needs_native
+def test_config_mismatch_refused(pools) -> None:
+    """Ranks disagreeing on the symmetric layout (LARGEEP_ZERO_COPY_SLOTS) are refused on every rank."""
+    pools(2, "nccl").run(gpu_bodies.config_mismatch_refused)
 
 
 @pytest.mark.gpu(2)

@@ -137,17 +137,22 @@ def test_weighted_row_sum(dtype: torch.dtype, k: int, pad: bool) -> None:
 
 @pytest.mark.gpu(1)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("k", [1, 3, 8, 10])
+@pytest.mark.parametrize("k,h", [(1, 7168), (3, 7168), (8, 7168), (10, 7168), (20, 7168), (3, 100)])
 @pytest.mark.parametrize("pad", [False, True])
-def test_weighted_row_sum_gpu(dtype: torch.dtype, k: int, pad: bool) -> None:
-    """The native kernel (largeep's, not embedding_bag) against a float64 loop, rows of 7168."""
+def test_weighted_row_sum_gpu(dtype: torch.dtype, k: int, h: int, pad: bool) -> None:
+    """On CUDA against a float64 loop: largeep's kernel (K <= 16, rows of 16-byte multiples), embedding_bag for
+    the rest (K 20, 100 bf16 values a row)."""
     from largeep import native
 
     if native.unavailable_reason() is not None:
         pytest.skip(str(native.unavailable_reason()))
-    src, pos, w, padv = _wrs_case(11 + k, 37, k, 7168, dtype, pad, "cuda")
+    src, pos, w, padv = _wrs_case(11 + k, 37, k, h, dtype, pad, "cuda")
+    native_ok = ops._native_rows_ok(src, pos)
+    assert native_ok == (k <= 16 and (h * src.element_size()) % 16 == 0)
     y = ops.weighted_row_sum(src, pos, w, padv)
-    ref = _wrs_reference(src.cpu(), pos.cpu(), w.cpu(), padv)
+    # embedding_bag rounds the weights to src's dtype first (documented); largeep's kernel keeps them in float32
+    w_ref = w.cpu() if native_ok else w.cpu().to(dtype).float()
+    ref = _wrs_reference(src.cpu(), pos.cpu(), w_ref, padv)
     tol = 2.0**-7 if dtype == torch.bfloat16 else 1e-5
     assert y.dtype == dtype
     assert torch.allclose(y.double().cpu(), ref, rtol=tol, atol=tol)
@@ -156,3 +161,15 @@ def test_weighted_row_sum_gpu(dtype: torch.dtype, k: int, pad: bool) -> None:
 def test_weighted_row_sum_opcheck() -> None:
     src, pos, w, padv = _wrs_case(5, 6, 3, 32, torch.float32, True, "cpu")
     torch.library.opcheck(torch.ops.largeep.weighted_row_sum.default, (src.requires_grad_(), pos, w, padv))
+
+
+def test_weighted_row_sum_rejects() -> None:
+    from largeep.errors import ArgumentError
+
+    src, pos, w, _ = _wrs_case(5, 6, 3, 32, torch.float32, False, "cpu")
+    with pytest.raises(ArgumentError, match="pos must be int64"):
+        ops.weighted_row_sum(src, pos.int(), w)
+    with pytest.raises(ArgumentError, match="w has shape"):
+        ops.weighted_row_sum(src, pos, w[:, :2])
+    with pytest.raises(ArgumentError, match="pad must be a row"):
+        ops.weighted_row_sum(src, pos, w, -1)

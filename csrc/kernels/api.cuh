@@ -81,6 +81,7 @@ struct NormalCtx {
     int64_t off_rdma_send, off_rdma_recv, off_fwd_comb, off_comb_send, off_comb_rdma;
     int64_t recv_stride, recv_off_scales, recv_off_idx, recv_off_w, recv_off_src;
     int64_t rdma_off_pos, rdma_stride, comb_stride, pcomb_stride;
+    int64_t off_comb_flags;  // int64 [N][ceil(T / kCombChunk)]: chunk c of rank r's combine rows for me has arrived
     // receive slots: slot 0 at off_recv, slot s >= 1 at off_zc + (s - 1) * zc_slot_bytes; plane offsets inside a
     // slot (the token plane at 0)
     int64_t off_zc, zc_slot_bytes, pl_idx, pl_w, pl_scales, pl_x;
@@ -103,7 +104,7 @@ struct NormalLayout {
     int64_t off_flags, off_in_counts, off_out_counts, off_matrix, off_recv, off_comb, off_comb_w;
     int64_t off_rdma_send, off_rdma_recv, off_fwd_comb, off_comb_send, off_comb_rdma;
     int64_t recv_stride, recv_off_scales, recv_off_idx, recv_off_w, recv_off_src;
-    int64_t rdma_off_pos, rdma_stride, comb_stride, pcomb_stride, total_bytes;
+    int64_t rdma_off_pos, rdma_stride, comb_stride, pcomb_stride, total_bytes, off_comb_flags;
     int64_t off_zc, zc_slot_bytes, pl_idx, pl_w, pl_scales, pl_x;
     int num_zc_slots;
 };
@@ -113,10 +114,17 @@ NormalLayout normal_layout(int num_ranks, int num_experts, int num_topk, int hid
 
 // ---- layout.cu -------------------------------------------------------------------------------------------------
 // topk_idx int64 [T, K] -> per_rank int32 [N], per_node int32 [N/P], per_expert int32 [E], in_rank bool [T, N].
-// Ids outside [-1, E) are counted nowhere and reported through `err` (op kOpLayout, rank field 0).
+// Ids outside [-1, E) are counted nowhere and reported through `err` (op kOpLayout, rank field 0), unless `check`
+// is given: then host[1] gets the lowest id below -1 (else 0), host[2] the highest id >= E (else 0), and host[0]
+// is set to 1 when the kernel is done (the caller zeroes it before; num_tokens > 0). scratch: device int64 [3],
+// zero before the first call (each checked call leaves it zero).
+struct LayoutCheck {
+    int64_t* scratch;
+    int64_t* host;  // host-mapped words [3], device pointer
+};
 void launch_layout(const int64_t* topk_idx, int num_tokens, int num_topk, int num_ranks, int num_experts,
                    int ranks_per_node, int* per_rank, int* per_node, int* per_expert, bool* in_rank,
-                   ErrorWord err, cudaStream_t stream);
+                   ErrorWord err, LayoutCheck check, cudaStream_t stream);
 
 // ---- intranode.cu (normal mode: every group; NVLink inside a node) -----------------------------------------
 // Prepare: send_pos int32 [T, N] (position of token t among the rows for rank r, -1 if none) and count rows; with
@@ -126,10 +134,12 @@ void launch_dispatch_prepare(const NormalCtx& ctx, const int64_t* topk_idx, int 
 // Notify: count exchange, publishing my receive slot `my_slot` for this round (0: the copy slot); writes recv_off
 // int32 [N + 1], send_off int32 [N] and send_slot int64 [N] (byte offset of each receiver's slot); with several
 // nodes fwd_off int32 [M, P] and fwd_count int32 [M] (rows forwarded from each node's RDMA peer); with `report`,
-// totals into the status area and then status[kReadySeq] = seq for the host to wait on. Only one reporting notify
-// is ever in flight: the host waits for each before launching the next.
+// totals into the status area and then status[kReadySeq] = seq for the host to wait on, and the rows per local
+// expert rounded up to `alignment` into per_expert int32 [E/N] (device). Only one reporting notify is ever in
+// flight: the host waits for each before launching the next.
 void launch_dispatch_notify(const NormalCtx& ctx, int* recv_off, int* send_off, int64_t* send_slot, int* fwd_off,
-                            int* fwd_count, int my_slot, bool report, cudaStream_t stream);
+                            int* fwd_count, int my_slot, bool report, int* per_expert, int alignment,
+                            cudaStream_t stream);
 // Push: every token's row (and, when topk_idx is given, ids, weights, token index) into the receive slot of each
 // other receiver on this node (send_slot; nullptr: the copy slot, as cached dispatches use); with include_self
 // (this rank receives into a zero-copy slot) also into my own slot, else the copy-out copies my rows from the
@@ -157,6 +167,15 @@ void launch_combine_push(const NormalCtx& ctx, const void* y, int y_elem_bytes, 
 void launch_combine_reduce(const NormalCtx& ctx, void* out, int out_elem_bytes, float* out_w, const int* send_pos,
                            const int* node_pos, int num_tokens, bool with_weights, const void* y, const float* y_w,
                            const int* recv_off, int num_sms, cudaStream_t stream);
+
+// Combine in one kernel, for groups of one node: push blocks (push_eighths / 8 of max(2, num_sms) blocks, at
+// least one of each kind) write the rows back to their sources in chunks of kCombChunk rows, each chunk raising
+// its flag in the source's comb_flags; the other blocks sum each token as soon as the chunks holding its rows have
+// arrived, so the reduction runs beside the NVLink traffic instead of after it. Same result as push + reduce.
+constexpr int kCombChunk = 4;
+void launch_combine_fused(const NormalCtx& ctx, void* out, int out_elem_bytes, float* out_w, const int* send_pos,
+                          int num_tokens, bool with_weights, const void* y, const float* y_w, const int* recv_src,
+                          const int* recv_off, int num_rows, int num_sms, int push_eighths, cudaStream_t stream);
 
 // ---- internode.cu (normal mode, groups of several nodes: the legs between nodes) ----------------------------
 // RDMA leg of dispatch: each token, once per other node it goes to, put to my RDMA peer there. After notify.
@@ -197,7 +216,8 @@ struct LowLatencyCtx {
     int64_t* status;
     ErrorWord err;
     uint64_t timeout_ns;
-    int send_mode;  // dispatch send: 0 one warp per (token, copy), 1 one block per token (LARGEEP_TUNE=ll_send)
+    int send_mode;  // dispatch send (LARGEEP_TUNE=ll_send): 0 one warp per (token, copy), 1 one block per token,
+                    // -1 (default) one block per token for at most kTokenMajorMaxTokens tokens
 };
 struct LowLatencyLayout {
     int64_t off_flags, off_counter, off_recv, off_comb, off_send, off_comb_send;

@@ -3,9 +3,10 @@
 
 #include <cuda_runtime.h>
 
-#include <sstream>
+#include <cstdio>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 
 namespace largeep {
 
@@ -15,10 +16,47 @@ class Error : public std::runtime_error {
     explicit Error(const std::string& msg) : std::runtime_error(msg) {}
 };
 
+// Builds error messages without iostreams: no locale facets, so a message never depends on which libstdc++ (a
+// static copy inside this module, or the process's shared one) serves the stream (a toolchain that linked
+// libstdc++ statically made formatting a number crash the process instead of raising).
+class Msg {
+   public:
+    Msg& operator<<(const std::string& v) { return add(v.c_str()); }
+    Msg& operator<<(const char* v) { return add(v != nullptr ? v : "(null)"); }
+    Msg& operator<<(char v) {
+        s_ += v;
+        return *this;
+    }
+    Msg& operator<<(bool v) { return add(v ? "true" : "false"); }
+    template <typename T, std::enable_if_t<std::is_integral_v<T> || std::is_enum_v<T>, int> = 0>
+    Msg& operator<<(T v) {
+        if constexpr (std::is_enum_v<T>) {
+            s_ += std::to_string(static_cast<long long>(v));
+        } else {
+            s_ += std::to_string(v);
+        }
+        return *this;
+    }
+    Msg& operator<<(double v) { return fmt("%g", v); }
+    Msg& operator<<(const void* v) { return fmt("%p", v); }
+    const std::string& str() const { return s_; }
+
+   private:
+    Msg& add(const char* v) {
+        s_ += v;
+        return *this;
+    }
+    template <typename T>
+    Msg& fmt(const char* f, T v) {
+        char buf[64];
+        std::snprintf(buf, sizeof(buf), f, v);
+        return add(buf);
+    }
+    std::string s_;
+};
+
 inline std::string where(const char* file, int line) {
-    std::ostringstream os;
-    os << " (" << file << ":" << line << ")";
-    return os.str();
+    return std::string(" (") + file + ":" + std::to_string(line) + ")";
 }
 
 }  // namespace largeep
@@ -26,7 +64,7 @@ inline std::string where(const char* file, int line) {
 #define HOST_ASSERT(cond, msg)                                                              \
     do {                                                                                    \
         if (!(cond)) {                                                                      \
-            std::ostringstream os_;                                                         \
+            ::largeep::Msg os_;                                                             \
             os_ << "largeep: " << msg << " [" #cond "]" << ::largeep::where(__FILE__, __LINE__); \
             throw ::largeep::Error(os_.str());                                              \
         }                                                                                   \
@@ -36,7 +74,7 @@ inline std::string where(const char* file, int line) {
     do {                                                                                              \
         cudaError_t e_ = (call);                                                                      \
         if (e_ != cudaSuccess) {                                                                      \
-            std::ostringstream os_;                                                                   \
+            ::largeep::Msg os_;                                                                       \
             os_ << "largeep: CUDA error " << cudaGetErrorName(e_) << ": " << cudaGetErrorString(e_) \
                 << " in " #call << ::largeep::where(__FILE__, __LINE__);                              \
             throw ::largeep::Error(os_.str());                                                        \

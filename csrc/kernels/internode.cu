@@ -99,9 +99,10 @@ __global__ void __launch_bounds__(kThreads) dispatch_rdma_send_kernel(NormalCtx 
 }
 
 // ---- dispatch: forward over NVLink --------------------------------------------------------------------------
-// Waits for the rows of my RDMA peer on every other node, then one warp per row writes it into the copy slot
-// of every rank d of my node it names (row fwd_off[m][d] + pos; groups of several nodes never use zero-copy slots), records the positions in fwd_pos [M, T, P] (the
-// handle keeps them for the combine), and raises kFlagRows for that peer on every rank of my node.
+// Waits for the rows of my RDMA peer on every other node, then one warp per row writes it into the copy slot of
+// every rank d of my node it names (row fwd_off[m][d] + pos; groups of several nodes never use zero-copy slots),
+// records the positions in fwd_pos [M, T, P] (the handle keeps them for the combine), and raises kFlagRows for that
+// peer on every rank of my node.
 __global__ void __launch_bounds__(kThreads) dispatch_forward_kernel(NormalCtx c, int x_elem, int has_scales,
                                                                     int cached, const int* fwd_off,
                                                                     const int* fwd_count, int* fwd_pos) {

@@ -101,10 +101,12 @@ __global__ void __launch_bounds__(kThreads) dispatch_prepare_kernel(NormalCtx c,
 // recv_off [N + 1] (receive rows per source, prefix), send_off [N] (where my rows start in each receiver's slot)
 // and send_slot [N] (the byte offset of each receiver's slot) into the handle; with
 // several nodes also fwd_count [M] (rows this rank forwards from its RDMA peer on node m) and fwd_off [M, P] (where
-// that peer's rows start in the buffer of each rank of this node); with `report`, the totals for the host.
+// that peer's rows start in the buffer of each rank of this node); with `report`, the totals for the host and
+// the rows per local expert rounded up to `alignment` into per_expert [E/N] (device).
 __global__ void __launch_bounds__(kThreads) dispatch_notify_kernel(NormalCtx c, int* recv_off, int* send_off,
                                                                    int64_t* send_slot, int* fwd_off, int* fwd_count,
-                                                                   int my_slot, int report) {
+                                                                   int my_slot, int report, int* per_expert,
+                                                                   int alignment) {
     const int N = c.num_ranks, epr = c.num_experts / N, me = c.rank, row = 3 + epr, P = c.ranks_per_node;
     const int64_t seq = c.seq[kSeqDispatch] + 1;
     if (!wait_flags(c, kFlagRecvFree, all_mask(N), seq - 1, kOpDispatch)) return;
@@ -167,6 +169,7 @@ __global__ void __launch_bounds__(kThreads) dispatch_notify_kernel(NormalCtx c, 
         int64_t s = 0;
         for (int src = 0; src < N; ++src) s += in[src * row + 1 + e];
         st[kPerExpert + e] = s;
+        per_expert[e] = static_cast<int>((s + alignment - 1) / alignment * alignment);
     }
     if (threadIdx.x == 0) {
         int64_t total = 0;
@@ -398,16 +401,25 @@ __global__ void __launch_bounds__(kThreads) combine_push_kernel(NormalCtx c, con
 // self_row0 + send_pos[t, me] of y, the combine's input, which never left this rank), plus (several nodes) the
 // float32 partial comb_rdma[m][node_pos[t, m]] of every other node m the token went to, in float32 (one warp).
 // kSrc >= ranks per node; kUnroll * kSrc 16-byte loads are in flight per lane (16: one kernel per node size keeps
-// the registers of one loop shape only).
-template <typename T, int kSrc, int kUnroll>
-__device__ __forceinline__ void reduce_token(const NormalCtx& c, T* out, float* out_w, const int* send_pos,
+// the registers of one loop shape only). kChunked (the fused combine): each peer's row is read once the flag of
+// its chunk (chunk_flags[r][slot / kCombChunk], nchunks per rank) holds `seq`; false if a wait gave up.
+template <typename T, int kSrc, int kUnroll, bool kChunked>
+__device__ __forceinline__ bool reduce_token(const NormalCtx& c, T* out, float* out_w, const int* send_pos,
                                              const int* node_pos, const T* y, const float* y_w, int self_row0, int t,
-                                             int with_weights, int lane) {
+                                             int with_weights, int lane, const int64_t* chunk_flags = nullptr,
+                                             int nchunks = 0, int64_t seq = 0) {
     constexpr int kPer = Vec<T>::kPer;
     const int N = c.num_ranks, K = c.num_topk, M = num_nodes(c), node = node_of(c, c.rank), nvec = c.hidden / kPer;
     const unsigned lmask = local_mask(c);
     // lane r < N reads send_pos[t, r]; the warp shares the list of slots holding t's rows
     const int p = lane < N && ((lmask >> lane) & 1u) ? send_pos[static_cast<int64_t>(t) * N + lane] : -1;
+    if constexpr (kChunked) {
+        bool ok = true;
+        if (p >= 0 && lane != c.rank)
+            ok = wait_flag(chunk_flags + static_cast<int64_t>(lane) * nchunks + p / kCombChunk, seq, c.timeout_ns,
+                           c.err, kOpCombineReduce, lane);
+        if (!__all_sync(0xffffffffu, ok)) return false;  // the acquire above, then the warp barrier, then the rows
+    }
     const unsigned present = __ballot_sync(0xffffffffu, p >= 0);
     const int n_src = __popc(present);
     const int q = node_pos != nullptr && lane < M && lane != node ? node_pos[static_cast<int64_t>(t) * M + lane] : -1;
@@ -445,7 +457,7 @@ __device__ __forceinline__ void reduce_token(const NormalCtx& c, T* out, float* 
         for (int u = 0; u < kUnroll; ++u)
 #pragma unroll
             for (int j = 0; j < kSrc; ++j)
-                if (j < n_src && v0 + u * kWarp < nvec) buf[u][j] = ld_v4<1>(rows[j] + v0 + u * kWarp);
+                if (j < n_src && v0 + u * kWarp < nvec) buf[u][j] = ld_v4<kChunked ? 2 : 1>(rows[j] + v0 + u * kWarp);
 #pragma unroll
         for (int u = 0; u < kUnroll; ++u) {
             const bool valid = v0 + u * kWarp < nvec;
@@ -469,7 +481,8 @@ __device__ __forceinline__ void reduce_token(const NormalCtx& c, T* out, float* 
         float sum = 0.f;
 #pragma unroll
         for (int j = 0; j < kSrc; ++j)
-            if (j < n_src && lane < K) sum += wrows[j][lane];
+            if (j < n_src && lane < K) sum += kChunked ? *reinterpret_cast<const volatile float*>(wrows[j] + lane)
+                                                       : wrows[j][lane];
         for (unsigned rm = remote; rm; rm &= rm - 1) {
             const int src_node = __ffs(rm) - 1;
             const int qr = __shfl_sync(0xffffffffu, q, src_node);
@@ -479,6 +492,7 @@ __device__ __forceinline__ void reduce_token(const NormalCtx& c, T* out, float* 
         }
         if (lane < K) out_w[static_cast<int64_t>(t) * K + lane] = sum;
     }
+    return true;
 }
 
 
@@ -497,11 +511,71 @@ __global__ void __launch_bounds__(kReduceThreads) combine_reduce_kernel(NormalCt
         const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
         const int self_row0 = recv_off[c.rank];
         for (int t = blockIdx.x * kReduceWarps + warp; t < num_tokens; t += gridDim.x * kReduceWarps)
-            reduce_token<T, kSrc, kUnroll>(c, out, out_w, send_pos, node_pos, y, y_w, self_row0, t, with_weights, lane);
+            reduce_token<T, kSrc, kUnroll, false>(c, out, out_w, send_pos, node_pos, y, y_w, self_row0, t, with_weights,
+                                                  lane);
     }
     // Every block has read its slots: each pusher may write into my buffers again.
     if (last_block(c.block_counter + 2)) {
         if (static_cast<int>(threadIdx.x) < N) set_flag(c, threadIdx.x, kFlagCombFree, c.rank, seq);
+        if (threadIdx.x == 0) c.seq[kSeqCombine] = seq;
+    }
+}
+
+// The fused combine of one node (see launch_combine_fused). Push blocks: warp g takes chunk g / (N - 1) of the
+// rows for source (me + 1 + g % (N - 1)) % N (the sources in turn, so that no rank's links take everyone's first
+// rows), writes its rows, then raises the chunk's flag in that source's comb_flags. Reduce blocks: one warp per
+// token, in token order, each peer's row read once its chunk's flag holds this round. Rows are in token order
+// within each source's list, so the reduction follows the pushes closely.
+template <typename T, int kSrc, int kUnroll>
+__global__ void __launch_bounds__(kReduceThreads) combine_fused_kernel(NormalCtx c, T* out, float* out_w,
+                                                                       const int* send_pos, int num_tokens,
+                                                                       int with_weights, const T* y, const float* y_w,
+                                                                       const int* recv_src, const int* recv_off,
+                                                                       int num_rows, int push_blocks) {
+    const int N = c.num_ranks, me = c.rank;
+    const int64_t seq = c.seq[kSeqCombine] + 1;
+    const int nchunks = (c.max_tokens + kCombChunk - 1) / kCombChunk;
+    const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp, warps = blockDim.x / kWarp;
+    if (static_cast<int>(blockIdx.x) < push_blocks) {
+        __shared__ int off[33];
+        // every rank must have finished reducing the previous round before its buffers are overwritten
+        const bool ok = wait_flags(c, kFlagCombFree, all_mask(N), seq - 1, kOpCombine);
+        if (threadIdx.x <= static_cast<unsigned>(N)) off[threadIdx.x] = recv_off[threadIdx.x];
+        __syncthreads();
+        if (ok && N > 1) {
+            const int R = min(off[N], num_rows), S = N - 1;
+            const int64_t y_bytes = static_cast<int64_t>(c.hidden) * sizeof(T);
+            int most = 0;
+            for (int s = 0; s < N; ++s) most = max(most, min(off[s + 1], R) - min(off[s], R));
+            const int per_source = (most + kCombChunk - 1) / kCombChunk;
+            for (int g = blockIdx.x * warps + warp; g < per_source * S; g += push_blocks * warps) {
+                const int ch = g / S, s = (me + 1 + g % S) % N;
+                const int lo = min(off[s], R), cnt = min(off[s + 1], R) - lo;
+                const int first = ch * kCombChunk, last = min(cnt, first + kCombChunk);
+                if (first >= last) continue;
+                for (int i = first; i < last; ++i)
+                    push_combine_row(c, reinterpret_cast<const uint8_t*>(y), y_bytes, y_w, recv_src, off, lo + i,
+                                     lane);
+                __threadfence_system();  // this lane's stores of the chunk before its flag
+                __syncwarp();
+                if (lane == 0)
+                    st_release_sys(reinterpret_cast<int64_t*>(peer(c, s) + c.off_comb_flags) +
+                                       static_cast<int64_t>(me) * nchunks + ch,
+                                   seq);
+            }
+        }
+    } else if (!has_error(c.err)) {
+        const int64_t* flags = reinterpret_cast<const int64_t*>(c.base + c.off_comb_flags);
+        const int self_row0 = recv_off[me];
+        const int rb = static_cast<int>(blockIdx.x) - push_blocks, nrb = static_cast<int>(gridDim.x) - push_blocks;
+        for (int t = rb * warps + warp; t < num_tokens; t += nrb * warps)
+            if (!reduce_token<T, kSrc, kUnroll, true>(c, out, out_w, send_pos, nullptr, y, y_w, self_row0, t,
+                                                      with_weights, lane, flags, nchunks, seq))
+                break;
+    }
+    // Every block has read its slots: each pusher may write into my buffers again.
+    if (last_block(c.block_counter + 2)) {
+        if (static_cast<int>(threadIdx.x) < N) set_flag(c, threadIdx.x, kFlagCombFree, me, seq);
         if (threadIdx.x == 0) c.seq[kSeqCombine] = seq;
     }
 }
@@ -545,6 +619,7 @@ NormalLayout normal_layout(int N, int E, int K, int H, int T, int P, int num_zc_
     l.off_zc = take(l.zc_slot_bytes * num_zc_slots);
     l.off_comb = take(l.comb_stride * N * T);
     l.off_comb_w = take(4ll * N * T * K);
+    l.off_comb_flags = take(8ll * N * ((T + kCombChunk - 1) / kCombChunk));
     // Several nodes only: RDMA staging and receive rows [M][T], forwarded combine rows [P][M][T], partial sums
     // staged and received [M][T].
     const bool multi = M > 1;
@@ -556,6 +631,30 @@ NormalLayout normal_layout(int N, int E, int K, int H, int T, int P, int num_zc_
     l.total_bytes = off;
     return l;
 }
+
+namespace {
+// The reduction's loop shape by element type and ranks per node: kUnroll * kSrc = 16 loads in flight per lane.
+template <typename T, int S, int U>
+struct ReduceShape {
+    using type = T;
+    static constexpr int kSrc = S, kUnroll = U;
+};
+template <typename F>
+void with_reduce_shape(int elem_bytes, int ranks_per_node, F&& f) {
+    HOST_ASSERT(elem_bytes == 2 || elem_bytes == 4, "combine output must be bf16 or float32");
+    const int P = ranks_per_node;
+    if (elem_bytes == 2) {
+        using B = __nv_bfloat16;
+        if (P <= 2) f(ReduceShape<B, 2, 8>{});
+        else if (P <= 4) f(ReduceShape<B, 4, 4>{});
+        else f(ReduceShape<B, kMaxLocal, 2>{});
+    } else {
+        if (P <= 2) f(ReduceShape<float, 2, 8>{});
+        else if (P <= 4) f(ReduceShape<float, 4, 4>{});
+        else f(ReduceShape<float, kMaxLocal, 2>{});
+    }
+}
+}  // namespace
 
 void launch_dispatch_prepare(const NormalCtx& ctx, const int64_t* topk_idx, int num_tokens, int* send_pos,
                              int* node_pos, int* self_token, cudaStream_t stream) {
@@ -570,12 +669,14 @@ void launch_dispatch_prepare(const NormalCtx& ctx, const int64_t* topk_idx, int 
 }
 
 void launch_dispatch_notify(const NormalCtx& ctx, int* recv_off, int* send_off, int64_t* send_slot, int* fwd_off,
-                            int* fwd_count, int my_slot, bool report, cudaStream_t stream) {
+                            int* fwd_count, int my_slot, bool report, int* per_expert, int alignment,
+                            cudaStream_t stream) {
     HOST_ASSERT(ctx.num_ranks <= 32, "the normal-mode kernels support at most 32 ranks");
     HOST_ASSERT(my_slot >= 0 && my_slot <= ctx.num_zc_slots, "bad receive slot " << my_slot);
+    HOST_ASSERT(!report || (per_expert != nullptr && alignment >= 1), "a reporting notify needs per_expert");
     HOST_ASSERT(my_slot == 0 || ctx.ranks_per_node == ctx.num_ranks, "zero-copy slots are for one node only");
     dispatch_notify_kernel<<<1, kThreads, 0, stream>>>(ctx, recv_off, send_off, send_slot, fwd_off, fwd_count,
-                                                       my_slot, report ? 1 : 0);
+                                                       my_slot, report ? 1 : 0, per_expert, alignment);
     LAUNCH_CHECK();
 }
 
@@ -619,28 +720,33 @@ void launch_combine_reduce(const NormalCtx& ctx, void* out, int out_elem_bytes, 
                            const int* recv_off, int num_sms, cudaStream_t stream) {
     HOST_ASSERT(ctx.ranks_per_node <= kMaxLocal, "combine supports at most 8 ranks per node");
     HOST_ASSERT(ctx.ranks_per_node == ctx.num_ranks || node_pos != nullptr || num_tokens == 0, "node_pos missing");
-    const int grid = std::max(1, num_sms);
-    HOST_ASSERT(out_elem_bytes == 2 || out_elem_bytes == 4, "combine output must be bf16 or float32");
-    const int P = ctx.ranks_per_node;
     const int wi = with_weights ? 1 : 0;
-    auto launch = [&](auto kernel, auto* typed_out, const auto* typed_y) {
-        kernel<<<grid, kReduceThreads, 0, stream>>>(ctx, typed_out, out_w, send_pos, node_pos, num_tokens, wi, typed_y,
-                                                    y_w, recv_off);
-    };
-    if (out_elem_bytes == 2) {
-        using B = __nv_bfloat16;
-        auto* o = static_cast<B*>(out);
-        auto* yy = static_cast<const B*>(y);
-        if (P <= 2) launch(combine_reduce_kernel<B, 2, 8>, o, yy);
-        else if (P <= 4) launch(combine_reduce_kernel<B, 4, 4>, o, yy);
-        else launch(combine_reduce_kernel<B, kMaxLocal, 2>, o, yy);
-    } else {
-        auto* o = static_cast<float*>(out);
-        auto* yy = static_cast<const float*>(y);
-        if (P <= 2) launch(combine_reduce_kernel<float, 2, 8>, o, yy);
-        else if (P <= 4) launch(combine_reduce_kernel<float, 4, 4>, o, yy);
-        else launch(combine_reduce_kernel<float, kMaxLocal, 2>, o, yy);
-    }
+    with_reduce_shape(out_elem_bytes, ctx.ranks_per_node, [&](auto shape) {
+        using S = decltype(shape);
+        using T = typename S::type;
+        combine_reduce_kernel<T, S::kSrc, S::kUnroll><<<std::max(1, num_sms), kReduceThreads, 0, stream>>>(
+            ctx, static_cast<T*>(out), out_w, send_pos, node_pos, num_tokens, wi, static_cast<const T*>(y), y_w,
+            recv_off);
+    });
+    LAUNCH_CHECK();
+}
+
+void launch_combine_fused(const NormalCtx& ctx, void* out, int out_elem_bytes, float* out_w, const int* send_pos,
+                          int num_tokens, bool with_weights, const void* y, const float* y_w, const int* recv_src,
+                          const int* recv_off, int num_rows, int num_sms, int push_eighths, cudaStream_t stream) {
+    HOST_ASSERT(ctx.ranks_per_node == ctx.num_ranks, "the fused combine is for groups of one node");
+    HOST_ASSERT(ctx.num_ranks <= kMaxLocal, "combine supports at most 8 ranks per node");
+    HOST_ASSERT(push_eighths >= 1 && push_eighths <= 7, "push_eighths must be in [1, 7]");
+    const int grid = std::max(2, num_sms);
+    const int push_blocks = std::min(grid - 1, std::max(1, (grid * push_eighths + 4) / 8));
+    const int wi = with_weights ? 1 : 0;
+    with_reduce_shape(out_elem_bytes, ctx.ranks_per_node, [&](auto shape) {
+        using S = decltype(shape);
+        using T = typename S::type;
+        combine_fused_kernel<T, S::kSrc, S::kUnroll><<<grid, kReduceThreads, 0, stream>>>(
+            ctx, static_cast<T*>(out), out_w, send_pos, num_tokens, wi, static_cast<const T*>(y), y_w, recv_src,
+            recv_off, num_rows, push_blocks);
+    });
     LAUNCH_CHECK();
 }
 

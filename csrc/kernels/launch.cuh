@@ -10,6 +10,7 @@
 #include "api.cuh"
 #include "exception.cuh"
 #include "ptx.cuh"
+#include "vec.cuh"
 
 namespace largeep {
 
@@ -42,15 +43,6 @@ __device__ __forceinline__ bool wait_flag(const int64_t* flag, int64_t target, u
             return false;
         }
     }
-}
-
-// 8 float32 values rounded to bf16, packed into 16 bytes.
-__device__ __forceinline__ int4 pack_bf16x8(const float* acc) {
-    int4 res;
-    __nv_bfloat162* o = reinterpret_cast<__nv_bfloat162*>(&res);
-#pragma unroll
-    for (int i = 0; i < 4; ++i) o[i] = __floats2bfloat162_rn(acc[2 * i], acc[2 * i + 1]);
-    return res;
 }
 
 // Bits [0, n).

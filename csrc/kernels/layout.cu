@@ -1,5 +1,8 @@
 // get_dispatch_layout: one thread per token; block-level histograms in shared memory, then one global atomic per
-// non-zero bin. Outputs are zeroed by the launcher first (cudaMemsetAsync).
+// non-zero bin. Outputs are zeroed by the launcher first (cudaMemsetAsync). With a check (the host's expert-id
+// range check, done here instead of a separate min/max reduction and copy): the lowest id below -1 and the highest
+// id >= E go to device scratch by atomics, and the last block copies them to host-mapped words, then raises the
+// done word the host waits on (the Buffer is not marked failed: the host raises an argument error).
 #include "launch.cuh"
 
 namespace largeep {
@@ -10,7 +13,8 @@ constexpr int kLayoutThreads = 256;
 
 __global__ void __launch_bounds__(kLayoutThreads) layout_kernel(const int64_t* topk_idx, int T, int K, int N, int E,
                                                                 int P, int* per_rank, int* per_node,
-                                                                int* per_expert, bool* in_rank, ErrorWord err) {
+                                                                int* per_expert, bool* in_rank, ErrorWord err,
+                                                                LayoutCheck check) {
     extern __shared__ int hist[];  // [E] experts | [N] ranks | [N/P] nodes
     int* h_rank = hist + E;
     int* h_node = h_rank + N;
@@ -23,7 +27,14 @@ __global__ void __launch_bounds__(kLayoutThreads) layout_kernel(const int64_t* t
         bool bad = false;
         for (int k = 0; k < K; ++k) {
             const int64_t e = row[k];
-            if (e < -1 || e >= E) bad = true;
+            if (e < -1 || e >= E) {
+                bad = true;
+                if (check.scratch != nullptr) {
+                    auto* sc = reinterpret_cast<unsigned long long*>(check.scratch);
+                    if (e < -1) atomicMin(reinterpret_cast<long long*>(sc), static_cast<long long>(e));
+                    else atomicMax(reinterpret_cast<long long*>(sc + 1), static_cast<long long>(e));
+                }
+            }
             if (e < 0 || e >= E) continue;
             // count an expert, a rank, a node once per token however many of its choices land there
             bool seen_e = false, seen_r = false, seen_n = false;
@@ -42,7 +53,7 @@ __global__ void __launch_bounds__(kLayoutThreads) layout_kernel(const int64_t* t
             }
             if (!seen_n) atomicAdd(&h_node[n], 1);
         }
-        if (bad) report_error(err, kOpLayout, -1);
+        if (bad && check.scratch == nullptr) report_error(err, kOpLayout, -1);
     }
     __syncthreads();
     for (int i = threadIdx.x; i < E + N + nodes; i += blockDim.x) {
@@ -52,15 +63,33 @@ __global__ void __launch_bounds__(kLayoutThreads) layout_kernel(const int64_t* t
         else if (i < E + N) atomicAdd(per_rank + (i - E), v);
         else atomicAdd(per_node + (i - E - N), v);
     }
+    if (check.scratch != nullptr) {
+        __syncthreads();
+        if (threadIdx.x == 0) {
+            __threadfence();
+            auto* sc = reinterpret_cast<unsigned long long*>(check.scratch);
+            if (atomicAdd(sc + 2, 1ull) == gridDim.x - 1) {  // the last block: every block's atomics are done
+                __threadfence();
+                volatile int64_t* host = check.host;
+                host[1] = static_cast<int64_t>(atomicExch(sc, 0ull));
+                host[2] = static_cast<int64_t>(atomicExch(sc + 1, 0ull));
+                sc[2] = 0;
+                __threadfence_system();
+                host[0] = 1;
+            }
+        }
+    }
 }
 
 }  // namespace
 
 void launch_layout(const int64_t* topk_idx, int num_tokens, int num_topk, int num_ranks, int num_experts,
                    int ranks_per_node, int* per_rank, int* per_node, int* per_expert, bool* in_rank,
-                   ErrorWord err, cudaStream_t stream) {
+                   ErrorWord err, LayoutCheck check, cudaStream_t stream) {
     HOST_ASSERT(num_ranks > 0 && num_experts % num_ranks == 0 && num_ranks % ranks_per_node == 0,
                 "bad layout sizes");
+    HOST_ASSERT((check.scratch == nullptr) == (check.host == nullptr), "a layout check needs scratch and host words");
+    HOST_ASSERT(check.scratch == nullptr || num_tokens > 0, "a layout check needs tokens (the host skips it)");
     CUDA_CHECK(cudaMemsetAsync(per_rank, 0, sizeof(int) * num_ranks, stream));
     CUDA_CHECK(cudaMemsetAsync(per_node, 0, sizeof(int) * (num_ranks / ranks_per_node), stream));
     CUDA_CHECK(cudaMemsetAsync(per_expert, 0, sizeof(int) * num_experts, stream));
@@ -70,7 +99,7 @@ void launch_layout(const int64_t* topk_idx, int num_tokens, int num_topk, int nu
     HOST_ASSERT(smem <= 48 * 1024, "too many experts for the layout kernel: " << num_experts);
     layout_kernel<<<ceil_div(num_tokens, kLayoutThreads), kLayoutThreads, smem, stream>>>(
         topk_idx, num_tokens, num_topk, num_ranks, num_experts, ranks_per_node, per_rank, per_node, per_expert,
-        in_rank, err);
+        in_rank, err, check);
     LAUNCH_CHECK();
 }
 

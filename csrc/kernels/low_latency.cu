@@ -203,12 +203,17 @@ __global__ void __launch_bounds__(kLLThreads) ll_dispatch_send_kernel(LowLatency
     ll_publish_counts(c, counter, slot_buf, seq, ok_all, handle_seq);
 }
 
-// Token-major send (LARGEEP_TUNE=ll_send=1, not the default until measured): one block of kTokWarps warps per
-// token. Warp 0 takes the slot of every copy k (the same per-(rank, expert) atomic as above); then every warp
-// quantises its share of the row once (FP8: a half-warp per group of 128 channels) and stores it into every copy's
-// destination, so a token is read and quantised once instead of K times. Copies for peers on other nodes are built
-// in staging and put whole once the block has written them.
+// Token-major send (LARGEEP_TUNE=ll_send=1; by default for at most kTokenMajorMaxTokens tokens): one block of
+// kTokWarps warps per token. Warp 0 takes the slot of every copy k (the same per-(rank, expert) atomic as above);
+// then every warp quantises its share of the row once (FP8: a half-warp per group of 128 channels) and stores it into
+// every copy's destination, so a token is read and quantised once instead of K times. Copies for peers on other
+// nodes are built in staging (at the pair kernel's staging row, t * K + k) and put whole once the block has written
+// them. Rows, metadata and counts are those of the pair kernel, so ranks may use different kernels in one round.
 constexpr int kTokWarps = 8;
+// 2 GPUs, H 7168, top-8, 288 experts, FP8 (session 4, run2): the token-major send took 13.0 / 13.4 / 14.3 us at 1 /
+// 8 / 32 tokens against 16.5 / 19.3 / 20.9 us for the pair-wise one (graph of dispatch + combine back to back:
+// 44.4 / 55.3 / 57.4 us against 47.9 / 58.5 / 66.0), but 23.2 against 22.4 us at 128 tokens.
+constexpr int kTokenMajorMaxTokens = 32;
 constexpr int kTokThreads = kTokWarps * kWarp;
 
 __global__ void __launch_bounds__(kTokThreads) ll_dispatch_send_token_kernel(LowLatencyCtx c, const __nv_bfloat16* x,
@@ -440,16 +445,8 @@ __global__ void __launch_bounds__(kLLThreads) ll_combine_recv_kernel(LowLatencyC
 #pragma unroll
                     for (int i = 0; i < 8; ++i) acc[i] = 0.f;
 #pragma unroll
-                    for (int k = 0; k < kLLMaxTopk; ++k) {
-                        if (!((present >> k) & 1u)) continue;
-                        const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&raw[k]);
-#pragma unroll
-                        for (int i = 0; i < 4; ++i) {
-                            const float2 p = __bfloat1622float2(h[i]);
-                            acc[2 * i] += wk[k] * p.x;
-                            acc[2 * i + 1] += wk[k] * p.y;
-                        }
-                    }
+                    for (int k = 0; k < kLLMaxTopk; ++k)
+                        if ((present >> k) & 1u) fma_bf16x8(acc, wk[k], raw[k]);
                     dst[v] = pack_bf16x8(acc);
                 }
             } else {
@@ -460,14 +457,8 @@ __global__ void __launch_bounds__(kLLThreads) ll_combine_recv_kernel(LowLatencyC
                     for (int k = 0; k < K; ++k) {
                         if (!((present >> k) & 1u)) continue;
                         const float wk = w[static_cast<int64_t>(t) * K + k];
-                        const int4 raw = ld_v4<1>(reinterpret_cast<const int4*>(rows + static_cast<int64_t>(k) * c.comb_stride) + v);
-                        const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&raw);
-#pragma unroll
-                        for (int i = 0; i < 4; ++i) {
-                            const float2 p = __bfloat1622float2(h[i]);
-                            acc[2 * i] += wk * p.x;
-                            acc[2 * i + 1] += wk * p.y;
-                        }
+                        const int4* src = reinterpret_cast<const int4*>(rows + static_cast<int64_t>(k) * c.comb_stride);
+                        fma_bf16x8(acc, wk, ld_v4<1>(src + v));
                     }
                     dst[v] = pack_bf16x8(acc);
                 }
@@ -513,7 +504,7 @@ void launch_ll_dispatch_send(const LowLatencyCtx& c, const void* x, const int64_
     HOST_ASSERT(c.hidden % 128 == 0 || !use_fp8, "FP8 needs hidden % 128 == 0");
     HOST_ASSERT(c.hidden % 8 == 0, "hidden must be a multiple of 8");
     HOST_ASSERT(c.num_ranks <= 32, "at most 32 ranks");
-    if (c.send_mode == 1) {
+    if (c.send_mode == 1 || (c.send_mode < 0 && num_tokens <= kTokenMajorMaxTokens)) {
         HOST_ASSERT(c.num_topk <= kWarp, "num_topk must be <= 32");
         const int grid = std::min(std::max(1, num_tokens), 264);
         ll_dispatch_send_token_kernel<<<grid, kTokThreads, 0, stream>>>(

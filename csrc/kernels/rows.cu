@@ -5,6 +5,7 @@
 
 #include "api.cuh"
 #include "exception.cuh"
+#include "vec.cuh"
 
 namespace largeep {
 namespace {
@@ -17,21 +18,9 @@ struct Row;
 template <>
 struct Row<__nv_bfloat16> {
     static constexpr int kPer = 8;  // elements per 16 bytes
-    __device__ static void fma(float* acc, float w, int4 v) {
-        const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&v);
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-            const float2 f = __bfloat1622float2(h[i]);
-            acc[2 * i] += w * f.x;
-            acc[2 * i + 1] += w * f.y;
-        }
-    }
+    __device__ static void fma(float* acc, float w, int4 v) { fma_bf16x8(acc, w, v); }
     __device__ static void store(__nv_bfloat16* dst, const float* acc) {
-        int4 r;
-        __nv_bfloat162* o = reinterpret_cast<__nv_bfloat162*>(&r);
-#pragma unroll
-        for (int i = 0; i < 4; ++i) o[i] = __floats2bfloat162_rn(acc[2 * i], acc[2 * i + 1]);
-        *reinterpret_cast<int4*>(dst) = r;
+        *reinterpret_cast<int4*>(dst) = pack_bf16x8(acc);
     }
 };
 template <>

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import socket
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Union
@@ -83,7 +84,6 @@ class DispatchResult:
     handle: DispatchHandle
     event: EventOverlap
     num_tokens_per_expert_tensor: torch.Tensor
-    _add_stream: Callable[[int, int], bool] | None = field(default=None, repr=False, compare=False)
 
     def record_stream(self, stream: torch.cuda.Stream) -> None:
         """The outputs are used on ``stream`` too: their memory is not reused before the work queued there by the
@@ -92,9 +92,7 @@ class DispatchResult:
         xs = self.x if isinstance(self.x, tuple) else (self.x,)
         for t in (*xs, self.topk_idx, self.topk_weights, self.num_tokens_per_expert_tensor):
             if isinstance(t, torch.Tensor) and t.is_cuda:
-                t.record_stream(stream)
-        if self._add_stream is not None and xs[0].is_cuda:
-            self._add_stream(xs[0].data_ptr(), int(stream.cuda_stream))
+                _record_stream(t, stream)
 
 
 @dataclass
@@ -316,7 +314,7 @@ class Buffer:
             result = fn()
         for t in inputs:
             if t is not None:
-                t.record_stream(self._stream)
+                _record_stream(t, self._stream)  # also a zero-copy dispatch output (of any Buffer) read here
         for t in _tensors_of(result):
             t.record_stream(compute)
         event = torch.cuda.Event()
@@ -334,12 +332,20 @@ class Buffer:
         op = "get_dispatch_layout"
         self._check_alive(op)
         c = self.ctx
+        # a backend that checks the ids in its layout kernel saves the separate min/max and its device copy
+        native_check = getattr(self._impl, "checks_layout_ids", False) and isinstance(topk_idx, torch.Tensor) and \
+            checks.needs_id_check(topk_idx, self._settings.check_values)
         idx = checks.topk_idx(
             op, topk_idx, num_tokens=None, num_topk=c.num_topk, num_experts=c.num_experts, device=c.device,
-            check_values=self._settings.check_values,
+            check_values=self._settings.check_values and not native_check, memo="remember",
         )
         checks.max_tokens(op, idx.shape[0], c.max_tokens_per_rank, arg="topk_idx")
-        layout, _ = self._run(lambda: self._impl.get_dispatch_layout(idx), previous_event, async_finish, [idx])
+        if native_check:
+            layout, _ = self._run(lambda: self._impl.get_dispatch_layout(idx, check=True), previous_event,
+                                  async_finish, [idx])
+            checks.remember_checked(idx, c.num_experts)
+        else:
+            layout, _ = self._run(lambda: self._impl.get_dispatch_layout(idx), previous_event, async_finish, [idx])
         return layout  # type: ignore[no-any-return]
 
     def dispatch(
@@ -389,7 +395,7 @@ class Buffer:
                 raise ArgumentError(f"Buffer.{op}: 'topk_idx' and 'topk_weights' are required without a handle")
             checks.topk_idx(
                 op, topk_idx, num_tokens=t, num_topk=c.num_topk, num_experts=c.num_experts, device=c.device,
-                check_values=self._settings.check_values and num_worst_tokens == 0,
+                check_values=self._settings.check_values and num_worst_tokens == 0, memo="use",
             )
             checks.topk_weights(op, topk_weights, num_tokens=t, num_topk=c.num_topk, device=c.device)
 
@@ -407,7 +413,7 @@ class Buffer:
         recv_x: Tokens = (out.x, out.x_scales) if out.x_scales is not None else out.x
         return DispatchResult(
             recv_x, out.topk_idx, out.topk_weights, out.num_tokens_per_expert, handle, event,
-            out.num_tokens_per_expert_tensor, getattr(self._impl, "zc_add_stream", None),
+            out.num_tokens_per_expert_tensor,
         )
 
     def combine(
@@ -561,9 +567,19 @@ def _on_stream(stream: torch.cuda.Stream, current: torch.cuda.Stream) -> Iterato
         torch.cuda.set_stream(current)
 
 
+def _record_stream(t: torch.Tensor, stream: torch.cuda.Stream) -> None:
+    """``t.record_stream(stream)``, and the same for a zero-copy dispatch output of any nvshmem Buffer, whose receive
+    slot torch's allocator does not manage (the backend module is only looked at once something imported it)."""
+    t.record_stream(stream)
+    zc = sys.modules.get("largeep.backends.nvshmem_backend")
+    if zc is not None:
+        zc.record_zero_copy(t, int(stream.cuda_stream))
+
+
 def _tensors_of(result: Any) -> list[torch.Tensor]:
-    """The tensors in a (nested) result of tuples, lists and dataclasses. A list or tuple whose first item is a
-    number holds numbers only (per-expert counts) and is not walked: this runs on every call."""
+    """The tensors of a (nested) result of tuples, lists and dataclasses that the caller gets. A list or tuple whose
+    first item is a number holds numbers only (per-expert counts) and is not walked, nor is a backend's ``state``
+    (a handle's tensors: made on the Buffer's stream and used by its kernels there only): this runs on every call."""
     if isinstance(result, torch.Tensor):
         return [result]
     if isinstance(result, (tuple, list)):
@@ -571,5 +587,7 @@ def _tensors_of(result: Any) -> list[torch.Tensor]:
             return []
         return [t for r in result for t in _tensors_of(r)]
     if hasattr(result, "__dataclass_fields__"):
-        return [t for name in result.__dataclass_fields__ for t in _tensors_of(getattr(result, name))]
+        return [
+            t for name in result.__dataclass_fields__ if name != "state" for t in _tensors_of(getattr(result, name))
+        ]
     return []

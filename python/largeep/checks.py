@@ -74,34 +74,55 @@ def tokens(
 
 def topk_idx(
     op: str, t: object, *, num_tokens: int | None, num_topk: int, num_experts: int, device: torch.device,
-    check_values: bool,
+    check_values: bool, memo: str | None = None,
 ) -> torch.Tensor:
-    """int64 [T, K] with values in [-1, E). The value check costs one device sync; skipped while capturing."""
+    """int64 [T, K] with values in [-1, E). The value check costs one device sync; skipped while capturing.
+
+    memo: "remember" (get_dispatch_layout): a tensor that passes is remembered; "use" (dispatch): a remembered
+    tensor, unchanged since (same object, same version counter, same E), is not checked again, and is forgotten --
+    so the usual ``get_dispatch_layout(idx)`` then ``dispatch(x, idx, ...)`` syncs the device once, not twice."""
     idx = tensor(op, "topk_idx", t, dtypes=(torch.int64,), ndim=2, device=device, shape=(num_tokens, num_topk))
-    if check_values and idx.numel() and not _capturing(device) and not _already_checked(idx, num_experts):
-        lo_v, hi_v = _id_range(idx)
-        if lo_v < -1 or hi_v >= num_experts:
-            bad = lo_v if lo_v < -1 else hi_v
-            raise ArgumentError(
-                f"{_where(op, 'topk_idx')} holds expert id {bad}, expected values in [-1, {num_experts})"
-            )
-        _remember_checked(idx, num_experts)
+    if not check_values or not idx.numel() or _capturing(device):
+        return idx
+    if memo == "use" and _take_checked(idx, num_experts):
+        return idx
+    lo_v, hi_v = _id_range(idx)
+    if lo_v < -1 or hi_v >= num_experts:
+        raise bad_expert_id(op, lo_v if lo_v < -1 else hi_v, num_experts)
+    if memo == "remember":
+        remember_checked(idx, num_experts)
     return idx
 
 
-# The last few topk_idx tensors whose values passed the check: id -> (weak reference, version counter, E). The
-# usual get_dispatch_layout(idx) then dispatch(x, idx, ...) syncs the device once, not twice; any in-place change
-# through torch bumps the version counter and brings the check back.
+def needs_id_check(idx: torch.Tensor, check_values: bool) -> bool:
+    """Whether topk_idx's values are to be checked now (checks on, some ids, not capturing a CUDA graph)."""
+    return check_values and idx.numel() > 0 and not _capturing(idx.device)
+
+
+def bad_expert_id(op: str, bad: int, num_experts: int) -> ArgumentError:
+    return ArgumentError(f"{_where(op, 'topk_idx')} holds expert id {bad}, expected values in [-1, {num_experts})")
+
+
+# topk_idx tensors a layout checked, waiting for the dispatch that follows: id -> (weak reference, version counter,
+# E). One use each: a tensor changed in place through torch gets a new version and is checked again; writes torch
+# does not see (a CUDA graph replay, raw pointers) between a layout and its dispatch are not caught. Tensors made
+# under inference_mode have no version counter and are always checked.
 _CHECKED: OrderedDict[int, tuple[weakref.ref[torch.Tensor], int, int]] = OrderedDict()
 _CHECKED_MAX = 16
 
 
-def _already_checked(idx: torch.Tensor, num_experts: int) -> bool:
-    hit = _CHECKED.get(id(idx))
-    return hit is not None and hit[0]() is idx and hit[1] == idx._version and hit[2] == num_experts
+def _take_checked(idx: torch.Tensor, num_experts: int) -> bool:
+    hit = _CHECKED.pop(id(idx), None)
+    return (
+        hit is not None and hit[0]() is idx and not idx.is_inference() and hit[1] == idx._version
+        and hit[2] == num_experts
+    )
 
 
-def _remember_checked(idx: torch.Tensor, num_experts: int) -> None:
+def remember_checked(idx: torch.Tensor, num_experts: int) -> None:
+    """idx passed the id check (here, or in a backend's layout): the dispatch that follows need not check it."""
+    if idx.is_inference():
+        return
     _CHECKED[id(idx)] = (weakref.ref(idx), idx._version, num_experts)
     _CHECKED.move_to_end(id(idx))
     while len(_CHECKED) > _CHECKED_MAX:

@@ -149,6 +149,15 @@ def _grads_or_zeros(
     return out
 
 
+def _remember(ctx: Any, group: dist.ProcessGroup, ts: tuple[Tensor, ...], outs: list[Tensor]) -> list[Tensor]:
+    """What the backward of a rows collective needs: the group, the device, and each output's shape and dtype (for
+    the zeros that stand in for missing grads)."""
+    ctx.group = group
+    ctx.device = ts[0].device
+    ctx.out_like = [(o.shape, o.dtype) for o in outs]
+    return outs
+
+
 def _place(ctx: Any, grads: list[Tensor]) -> tuple[Tensor | None, ...]:
     it = iter(grads)
     return (None, *(next(it) if need else None for need in ctx.needs_input_grad[1:]))
@@ -157,10 +166,7 @@ def _place(ctx: Any, grads: list[Tensor]) -> tuple[Tensor | None, ...]:
 class _AllGatherRows(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, group: dist.ProcessGroup, *ts: Tensor) -> tuple[Tensor, ...]:  # type: ignore[override]
-        outs = _gather(ts, group)
-        ctx.group = group
-        ctx.device = ts[0].device
-        ctx.out_like = [(o.shape, o.dtype) for o in outs]
+        outs = _remember(ctx, group, ts, _gather(ts, group))
         ctx.mark_non_differentiable(*(o for o in outs if not o.is_floating_point()))
         return tuple(outs)
 
@@ -172,11 +178,7 @@ class _AllGatherRows(torch.autograd.Function):
 class _ReduceScatterRows(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, group: dist.ProcessGroup, *ts: Tensor) -> tuple[Tensor, ...]:  # type: ignore[override]
-        outs = _scatter(ts, group)
-        ctx.group = group
-        ctx.device = ts[0].device
-        ctx.out_like = [(o.shape, o.dtype) for o in outs]
-        return tuple(outs)
+        return tuple(_remember(ctx, group, ts, _scatter(ts, group)))
 
     @staticmethod
     def backward(ctx: Any, *gs: Tensor | None) -> tuple[Tensor | None, ...]:

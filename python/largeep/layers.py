@@ -143,8 +143,9 @@ class GroupedExperts(nn.Module):
                 and the GEMMs skip the rows past the valid ones. A row must not name one expert twice.
 
         Returns:
-            y [R, H] in x's dtype: ``y[r] = sum_k w[r, k] * expert_{idx[r, k]}(x[r])``, summed in float32 (the
-            weights are applied in the expert outputs' dtype). No host wait with the native grouped GEMM.
+            y [R, H] in x's dtype: ``y[r] = sum_k w[r, k] * expert_{idx[r, k]}(x[r])``, summed in float32 (weights
+            in float32 with largeep's kernel; rounded to the expert outputs' dtype where ``embedding_bag`` stands in,
+            see ``ops.weighted_row_sum``). No host wait with the native grouped GEMM.
 
         The entries are sorted by expert (one argsort of R*K ints), their rows gathered once, three grouped GEMMs
         run, and :func:`largeep.ops.weighted_row_sum` sums each row's K outputs straight from the expert-sorted GEMM
@@ -164,7 +165,7 @@ class GroupedExperts(nn.Module):
             pos = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
         else:
             # the valid entries only, then (when some entry names no local expert) one extra row, `pad`, that
-            # every other entry points at and embedding_bag leaves out
+            # every other entry points at and the weighted sum leaves out
             src = order[:num_pairs] // k
             if num_pairs < r * k:
                 pad = num_pairs

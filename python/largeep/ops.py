@@ -425,7 +425,7 @@ def _native_rows() -> Any:
 )
 def _weighted_row_sum_op(src: Tensor, pos: Tensor, w: Tensor, pad: int) -> Tensor:
     r, k = pos.shape
-    C = _native_rows() if src.is_cuda and src.dtype in (torch.bfloat16, torch.float32) else None
+    C = _native_rows() if _native_rows_ok(src, pos) else None
     if C is None:
         # embedding_bag: the same sum (its CUDA kernel is several times slower than largeep's on large rows)
         w_src = torch.where(pos != pad, w, 0.0).to(src.dtype)
@@ -435,6 +435,15 @@ def _weighted_row_sum_op(src: Tensor, pos: Tensor, w: Tensor, pad: int) -> Tenso
     C.weighted_row_sum(src.data_ptr(), src.element_size(), pos.data_ptr(), w.data_ptr(), y.data_ptr(), r, k,
                        src.shape[1], pad, torch.cuda.current_stream(src.device).cuda_stream)
     return y
+
+
+def _native_rows_ok(src: Tensor, pos: Tensor) -> bool:
+    """Whether largeep's kernel takes these: CUDA bf16/fp32 rows of 16-byte multiples, 16-byte aligned, K <= 16."""
+    return (
+        src.is_cuda and src.dtype in (torch.bfloat16, torch.float32) and src.dim() == 2
+        and (src.shape[1] * src.element_size()) % 16 == 0 and pos.shape[1] <= 16 and pos.is_cuda
+        and (not src.numel() or (src.is_contiguous() and src.data_ptr() % 16 == 0))
+    )
 
 
 @_weighted_row_sum_op.register_fake
@@ -449,26 +458,31 @@ def _wrs_setup(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
 
 
 def _wrs_backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None, Tensor | None, None]:
+    """One top-k column at a time, so the temporaries are [R, H], never [R, K, H]:
+    grad_src[pos[r, k]] = w[r, k] * grad[r] (each valid entry names its own row; duplicates add up) and
+    grad_w[r, k] = <grad[r], src[pos[r, k]]> (0 for entries equal to pad)."""
     src, pos, w = ctx.saved_tensors
-    r, k = pos.shape
+    k = pos.shape[1]
     valid = pos != ctx.pad
-    flat = pos.reshape(-1)
-    keep = valid.reshape(-1)
-    rows = torch.arange(r, device=pos.device).repeat_interleave(k)
-    g_src = g_w = None
-    if ctx.needs_input_grad[0]:
-        # each valid entry names its own source row: grad_src[pos[r, k]] = w[r, k] * grad[r]
-        contrib = grad.float()[rows[keep]] * w.reshape(-1)[keep].float().unsqueeze(1)
-        g_src = torch.zeros(src.shape, dtype=torch.float32, device=src.device)
-        g_src.index_add_(0, flat[keep], contrib)
-        g_src = g_src.to(src.dtype)
-    if ctx.needs_input_grad[2]:
-        # grad_w[r, k] = <grad[r], src[pos[r, k]]> for valid entries, 0 elsewhere
-        safe = torch.where(valid, pos, 0)
-        dots = torch.bmm(src[safe.reshape(-1)].view(r, k, src.shape[1]).float(), grad.float().unsqueeze(2))
-        dots = dots.squeeze(2)
-        g_w = torch.where(valid, dots, 0.0).to(w.dtype)
-    return g_src, None, g_w, None
+    g32 = grad.float()
+    # in src's dtype: each row gets one product, rounded once (rows named twice would be rounded per addition)
+    g_src = torch.zeros_like(src) if ctx.needs_input_grad[0] else None
+    g_w = torch.zeros(pos.shape, dtype=torch.float32, device=pos.device) if ctx.needs_input_grad[2] else None
+    for j in range(k):
+        rows = valid[:, j].nonzero().squeeze(1)
+        p = pos[rows, j]
+        if g_src is not None:
+            g_src.index_add_(0, p, (g32[rows] * w[rows, j].float().unsqueeze(1)).to(src.dtype))
+        if g_w is not None:
+            # bmm accumulates the dot products in float32 from the operands' dtype
+            dots = torch.bmm(src[p].unsqueeze(1), grad[rows].to(src.dtype).unsqueeze(2)).view(-1)
+            g_w[rows, j] = dots.float()
+    return (
+        g_src,
+        None,
+        g_w.to(w.dtype) if g_w is not None else None,
+        None,
+    )
 
 
 _weighted_row_sum_op.register_autograd(_wrs_backward, setup_context=_wrs_setup)
@@ -479,11 +493,20 @@ def weighted_row_sum(src: Tensor, pos: Tensor, w: Tensor, pad: int | None = None
     in src's dtype; differentiable in ``src`` and ``w`` (each source row named by at most one entry).
 
     Args:
-        src: [P, H] bf16/fp32 rows; pos: int64 [R, K] row indices into src; w: float32 [R, K]; pad: a pos value
-            that names no row (None: every entry is valid).
-    On CUDA with the native module: one read of the named rows, no [R, K, H] intermediate (largeep's kernel), else
-    ``embedding_bag``.
+        src: [P, H] bf16/fp32 rows; pos: int64 [R, K] row indices into src (on src's device); w: float32 [R, K];
+            pad: a row index (in [0, P)) that entries name when they are not to be summed, or None: every entry is
+            summed.
+    On CUDA with the native module (bf16/fp32 rows of a multiple of 16 bytes, K <= 16): one read of the named rows,
+    weights in float32, no [R, K, H] intermediate (largeep's kernel); elsewhere ``embedding_bag``, whose weights
+    are rounded to src's dtype first.
     """
+    if pos.dtype != torch.int64 or pos.dim() != 2 or pos.device != src.device:
+        raise ArgumentError(f"weighted_row_sum: pos must be int64 [R, K] on {src.device}, got {pos.dtype} "
+                            f"{tuple(pos.shape)} on {pos.device}")
+    if w.shape != pos.shape:
+        raise ArgumentError(f"weighted_row_sum: w has shape {tuple(w.shape)}, expected {tuple(pos.shape)}")
+    if pad is not None and not 0 <= pad < src.shape[0]:
+        raise ArgumentError(f"weighted_row_sum: pad must be a row of src in [0, {src.shape[0]}) or None, got {pad}")
     return _weighted_row_sum_op(src, pos, w, -1 if pad is None else pad)  # type: ignore[no-any-return]
 
 

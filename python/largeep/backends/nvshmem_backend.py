@@ -10,16 +10,17 @@ from __future__ import annotations
 import ctypes
 import math
 import os
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from largeep import native
+from largeep import checks, native
 from largeep._env import Settings, logger
 from largeep.backends.base import GroupContext, LowLatencyDispatchOut, NormalDispatchOut
-from largeep.errors import PeerTimeoutError
+from largeep.errors import ArgumentError, PeerTimeoutError
 from largeep.fp8 import FP8_DTYPE
 from largeep.layout import Layout, one_hot_mask
 
@@ -37,6 +38,9 @@ _OPS = {
 _OP_WORST_TOO_SMALL = 8  # kOpWorstTooSmall: not a timeout
 # The host waits a little longer than the device, so that the device's report (which names the rank) comes first.
 _HOST_GRACE_S = 5.0
+# The current stream's handle without building a torch.cuda.Stream (what triton calls; a few microseconds of host
+# time a call at small sizes); None on builds without it, which then take torch.cuda.current_stream.
+_RAW_STREAM = getattr(torch._C, "_cuda_getCurrentRawStream", None)
 
 _world: dict[str, Any] = {}
 
@@ -103,15 +107,14 @@ class _Hier:
 @dataclass
 class _NvState:
     """Handle of one normal dispatch. Source side: send_pos int32 [T, N] (row of token t among the rows for rank r,
-    -1 if not sent), send_off int32 [N] (where this rank's rows start in each receiver's slot), send_slot int64 [N]
-    (byte offset of each receiver's slot this round), self_token int32 [T] (the token of each of this rank's rows
-    for itself, which a copy-slot dispatch copies straight from the inputs). Receiver
-    side: recv_src int32 [rows, 2] (source rank, token), recv_off int32 [N + 1] (first row of each source). hier:
-    the inter-node parts (None inside one node)."""
+    -1 if not sent), send_off int32 [N] (where this rank's rows start in each receiver's slot), self_token int32 [T]
+    (the token of each of this rank's rows for itself, which a copy-slot dispatch copies straight from the inputs).
+    Receiver side: recv_src int32 [rows, 2] (source rank, token), recv_off int32 [N + 1] (first row of each source).
+    hier: the inter-node parts (None inside one node). Each receiver's slot of the round (send_slot) is not kept: a
+    cached dispatch sends to the copy slots."""
 
     send_pos: torch.Tensor
     send_off: torch.Tensor
-    send_slot: torch.Tensor
     recv_src: torch.Tensor
     recv_off: torch.Tensor
     num_rows: int
@@ -132,6 +135,35 @@ class _LLState:
     num_tokens: int
 
 
+# The zero-copy regions [first, last) byte of live backends, for record_zero_copy: a tuple rebuilt when a backend
+# comes or goes (this is read on every call, so no weak-set iteration there); weak references, so that a Buffer
+# never destroyed still goes away.
+_ZC_REGIONS: tuple[tuple[int, int, weakref.ref[NvshmemBackend]], ...] = ()
+
+
+def _zc_register(backend: NvshmemBackend, live: bool) -> None:
+    global _ZC_REGIONS
+    keep = [(lo, hi, ref) for lo, hi, ref in _ZC_REGIONS if ref() is not None and ref() is not backend]
+    if live:
+        keep.append((*backend.zc_region, weakref.ref(backend)))
+    _ZC_REGIONS = tuple(keep)
+
+
+def record_zero_copy(t: torch.Tensor, stream: int) -> None:
+    """If ``t`` is a zero-copy dispatch output of a live Buffer (any Buffer of this process), its slot's release
+    also waits for ``stream``: what ``Tensor.record_stream`` does for tensors of torch's allocator."""
+    regions = _ZC_REGIONS
+    if not regions or not t.is_cuda:
+        return
+    ptr = t.data_ptr()
+    for lo, hi, ref in regions:
+        if lo <= ptr < hi:
+            b = ref()
+            if b is not None:
+                b.zc_add_stream(ptr, stream)
+            return
+
+
 class NvshmemBackend:
     name = "nvshmem"
 
@@ -147,11 +179,31 @@ class NvshmemBackend:
         # zero-copy receive slots: normal mode inside one node (groups of several nodes receive through the
         # forwarders into the copy slot)
         self.zc_slots = settings.zero_copy_slots if not ctx.low_latency and ctx.ranks_per_node == n else 0
+        # Every rank must lay out its symmetric memory the same way (one collective allocation; peers compute
+        # addresses in each other's memory): refuse, on every rank, a group whose ranks disagree.
+        # the fused combine (LARGEEP_TUNE comb >= 1, one node) and push + reduce speak different flag protocols
+        comb = settings.tune["comb"]
+        if not 0 <= comb <= 7:
+            raise ArgumentError(f"LARGEEP_TUNE comb={comb}: expected 0 (push, then reduce) or 1..7 (fused: eighths "
+                                "of the blocks that push)")
+        self.fused_combine = comb if not ctx.low_latency and ctx.ranks_per_node == n else 0
+        config = (*sizes, ctx.ranks_per_node, ctx.low_latency, self.zc_slots, self.fused_combine > 0)
+        every: list[Any] = [None] * n
+        dist.all_gather_object(every, config, group=ctx.group)
+        if any(e != config for e in every):
+            names = ("(ranks, experts, topk, hidden, max_tokens_per_rank, ranks_per_node, low_latency, "
+                     "zero-copy slots, fused combine)")
+            raise ArgumentError(
+                f"Buffer: the ranks of the group disagree on the Buffer's configuration {names}: "
+                + "; ".join(f"rank {r}: {e}" for r, e in enumerate(every))
+                + " (LARGEEP_ZERO_COPY_SLOTS, and LARGEEP_TUNE's comb being 0 or not, must be the same on every rank)"
+            )
         if ctx.low_latency:
             lay = C.low_latency_layout(*sizes, ctx.ranks_per_node)
         else:
             lay = C.normal_layout(*sizes, ctx.ranks_per_node, self.zc_slots)
         self.C = _join(ctx, int(lay["total_bytes"]), settings)
+        self.zc_region = (0, 0)  # [first, last) byte of the zero-copy slots, once allocated
         self.base = int(self._collective("Buffer", self.C.alloc, int(lay["total_bytes"]), settings.timeout_s))
         # Peers on this rank's node are written through NVLink; NVSHMEM's puts reach the others, so their peer
         # pointers are left 0 even where NVLink would reach them (several nodes emulated on one host).
@@ -166,10 +218,13 @@ class NvshmemBackend:
         self.peer_base = torch.tensor(peers, dtype=torch.int64, device=dev)
         self.seq = torch.zeros(4, dtype=torch.int64, device=dev)
         self.counters = torch.zeros(8, dtype=torch.int32, device=dev)
-        words = _PER_EXPERT + ctx.experts_per_rank
+        # status words: ready, error, rows, -, per-expert rows [E/N], the layout check (done, lowest, highest id)
+        self._layout_word = _PER_EXPERT + ctx.experts_per_rank
+        words = self._layout_word + 3
         self.host_ptr, self.status_dev = (int(v) for v in self.C.host_alloc(8 * words))
         # The kernels poll this device word for errors (reading the host-mapped status costs a PCIe round trip).
         self.error_word = torch.zeros(1, dtype=torch.int64, device=dev)
+        self.layout_scratch = torch.zeros(3, dtype=torch.int64, device=dev)  # the layout check's atomics
         self.status = (ctypes.c_int64 * words).from_address(self.host_ptr)
         common = (
             ctx.rank, n, ctx.num_experts, ctx.num_topk, ctx.hidden, ctx.max_tokens_per_rank, self.base,
@@ -184,6 +239,10 @@ class NvshmemBackend:
                 self.zc_slots, dev.index,
             )
         self.alive = True
+        if self.zc_slots:
+            first = self.base + int(lay["off_zc"])
+            self.zc_region = (first, first + self.zc_slots * int(lay["zc_slot_bytes"]))
+            _zc_register(self, True)
 
     # -- lifetime and errors ------------------------------------------------------------------------------------
     def destroy(self) -> None:
@@ -191,6 +250,7 @@ class NvshmemBackend:
             return
         self.alive = False
         torch.cuda.synchronize(self.ctx.device)
+        _zc_register(self, False)
         if not self.ctx.low_latency:
             held = int(self.kernels.zc_busy())
             if held:
@@ -241,23 +301,47 @@ class NvshmemBackend:
         )
 
     def _stream(self) -> int:
+        index = self.ctx.device.index
+        if _RAW_STREAM is not None and index is not None:
+            return int(_RAW_STREAM(index))
         return int(torch.cuda.current_stream(self.ctx.device).cuda_stream)
 
     # -- normal mode --------------------------------------------------------------------------------------------
-    def get_dispatch_layout(self, topk_idx: torch.Tensor) -> Layout:
-        self._raise_if_failed("get_dispatch_layout")
+    # get_dispatch_layout checks the expert ids itself (``check=True``): the layout kernel finds the ids out of
+    # range and the host waits for it on a host-mapped word, instead of a separate min/max and a device copy.
+    checks_layout_ids = True
+
+    def get_dispatch_layout(self, topk_idx: torch.Tensor, check: bool = False) -> Layout:
+        """``check``: raise ArgumentError (nothing else launched, the Buffer still usable) if an id is outside
+        [-1, num_experts); waits on the host for the layout kernel. Needs at least one token."""
+        op = "get_dispatch_layout"
+        self._raise_if_failed(op)
         c = self.ctx
         dev = c.device
         t = topk_idx.shape[0]
-        per_rank = torch.empty(c.num_ranks, dtype=torch.int32, device=dev)
-        per_node = torch.empty(c.num_nodes, dtype=torch.int32, device=dev)
-        per_expert = torch.empty(c.num_experts, dtype=torch.int32, device=dev)
+        counts = torch.empty(c.num_ranks + c.num_nodes + c.num_experts, dtype=torch.int32, device=dev)
+        per_rank, per_node, per_expert = counts.split_with_sizes((c.num_ranks, c.num_nodes, c.num_experts))
         in_rank = torch.empty(t, c.num_ranks, dtype=torch.bool, device=dev)
+        lw = self._layout_word
+        if check:
+            assert t > 0, "the layout check needs tokens"
+            self.status[lw] = 0
         self.C.layout(
             topk_idx.data_ptr(), t, c.num_topk, c.num_ranks, c.num_experts, c.ranks_per_node, per_rank.data_ptr(),
             per_node.data_ptr(), per_expert.data_ptr(), in_rank.data_ptr(), self.status_dev, self.error_word.data_ptr(),
-            self._stream(),
+            self.layout_scratch.data_ptr() if check else 0, self.status_dev + 8 * lw if check else 0, self._stream(),
         )
+        if check:
+            rc = self.C.wait_host_word(self.host_ptr, lw, 1, _ERROR, self.settings.timeout_s + _HOST_GRACE_S)
+            self._raise_if_failed(op)
+            if rc == 2:
+                raise PeerTimeoutError(
+                    f"{op}: the expert-id check of rank {c.rank} did not finish within "
+                    f"LARGEEP_TIMEOUT_S={self.settings.timeout_s:g} s (a kernel before it on the stream is stuck?)"
+                )
+            low, high = int(self.status[lw + 1]), int(self.status[lw + 2])
+            if low < -1 or high >= c.num_experts:
+                raise checks.bad_expert_id(op, low if low < -1 else high, c.num_experts)
         return Layout(per_rank, per_node, per_expert, in_rank)
 
     def dispatch(
@@ -284,6 +368,7 @@ class NvshmemBackend:
         worst = num_worst_tokens > 0 or (state is not None and state.worst)
         k = self.kernels
         per_expert_list: list[int] = []
+        per_expert_t: torch.Tensor | None = None
         # A fresh dispatch of bf16/e4m3 rows that waits on the host receives into a free zero-copy slot when there
         # is one (its outputs are then that slot's planes, no copy-out); slot 0 is the copy slot. A slot taken
         # here stays taken if the call fails before its outputs exist (the Buffer is unusable then anyway).
@@ -293,11 +378,14 @@ class NvshmemBackend:
         if state is None:
             assert topk_idx is not None and topk_weights is not None
             i32 = torch.int32
-            send_pos = torch.empty(t, n, dtype=i32, device=dev)
-            recv_off = torch.empty(n + 1, dtype=i32, device=dev)
-            send_off = torch.empty(n, dtype=i32, device=dev)
-            send_slot = torch.empty(n, dtype=torch.int64, device=dev)
-            self_token = torch.empty(max(t, 1), dtype=i32, device=dev)
+            report = not worst
+            # one allocation for the int32 arrays of the call (each a view; kernels read them as ints)
+            parts = (t * n, n + 1, n, max(t, 1), c.experts_per_rank if report else 0)
+            send_pos, recv_off, send_off, self_token, per_expert_ws = torch.empty(
+                sum(parts), dtype=i32, device=dev
+            ).split_with_sizes(parts)
+            send_pos = send_pos.view(t, n)
+            send_slot = torch.empty(n, dtype=torch.int64, device=dev)  # this call's only (see _NvState)
             hier = None
             if nodes > 1:
                 hier = _Hier(
@@ -306,13 +394,14 @@ class NvshmemBackend:
                     fwd_count=torch.empty(nodes, dtype=i32, device=dev),
                     fwd_pos=torch.empty(nodes, c.max_tokens_per_rank, p, dtype=i32, device=dev),
                 )
-            report = not worst
             if report:
                 self.status[_READY] = 0
+                per_expert_t = per_expert_ws
             k.prepare(topk_idx.data_ptr(), t, send_pos.data_ptr(), _ptr(hier.node_pos if hier else None),
                       self_token.data_ptr(), stream)
             k.notify(recv_off.data_ptr(), send_off.data_ptr(), send_slot.data_ptr(),
-                     _ptr(hier.fwd_off if hier else None), _ptr(hier.fwd_count if hier else None), slot, report, stream)
+                     _ptr(hier.fwd_off if hier else None), _ptr(hier.fwd_count if hier else None), slot, report,
+                     _ptr(per_expert_t), expert_alignment, stream)
             # The sends need no host decision: they run while the host waits for the counts below.
             self._send(x, x_scales, topk_idx.data_ptr(), topk_weights.data_ptr(), t, send_pos, send_off,
                        send_slot.data_ptr(), slot > 0, hier, False, stream)
@@ -331,8 +420,8 @@ class NvshmemBackend:
             else:
                 rows = num_worst_tokens
             state = _NvState(
-                send_pos, send_off, send_slot, torch.empty(rows, 2, dtype=i32, device=dev), recv_off, rows, t, worst,
-                self_token, hier,
+                send_pos, send_off, torch.empty(rows, 2, dtype=i32, device=dev), recv_off, rows, t, worst, self_token,
+                hier,
             )
         else:
             # cached: every rank receives into its copy slot
@@ -361,13 +450,12 @@ class NvshmemBackend:
             _ptr(None if cached else topk_idx), _ptr(None if cached else topk_weights),
             state.self_token.data_ptr(), slot, sms, stream,
         )
-        if per_expert_list:
-            per_expert_t = torch.tensor(per_expert_list, dtype=torch.int32).to(dev, non_blocking=True)
-        elif out_idx is not None:
-            raw_t = one_hot_mask(out_idx, c.experts_per_rank).sum(0, dtype=torch.int32)
-            per_expert_t = (raw_t + expert_alignment - 1) // expert_alignment * expert_alignment
-        else:
-            per_expert_t = torch.empty(0, dtype=torch.int32, device=dev)
+        if per_expert_t is None:  # (a reporting notify wrote it) counted from the ids, or none for a cached call
+            if out_idx is not None:
+                raw_t = one_hot_mask(out_idx, c.experts_per_rank).sum(0, dtype=torch.int32)
+                per_expert_t = (raw_t + expert_alignment - 1) // expert_alignment * expert_alignment
+            else:
+                per_expert_t = torch.empty(0, dtype=torch.int32, device=dev)
         return NormalDispatchOut(
             out_x, out_s, out_idx, out_w, per_expert_list, per_expert_t, None if worst else rows, state
         )
@@ -408,6 +496,13 @@ class NvshmemBackend:
         )
         with_w = topk_weights is not None
         k, hier = self.kernels, state.hier
+        if self.fused_combine:
+            k.combine_fused(
+                out.data_ptr(), out.element_size(), _ptr(out_w), state.send_pos.data_ptr(), state.num_tokens, with_w,
+                y.data_ptr(), _ptr(topk_weights), state.recv_src.data_ptr(), state.recv_off.data_ptr(),
+                state.num_rows, c.num_sms, self.fused_combine, stream,
+            )
+            return out, out_w
         k.combine_push(
             y.data_ptr(), y.element_size(), _ptr(topk_weights), state.recv_src.data_ptr(), state.recv_off.data_ptr(),
             state.num_rows, c.num_sms, stream,

@@ -740,7 +740,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--holdout-ep", type=_ints, default=[], help="hold these EPs out of the check fit")
     p.add_argument("--holdout-sms", type=_ints, default=[], help="hold these SM counts out of the check fit")
     p.add_argument("--no-copy-phase", action="store_true",
-                   help="fit without the serial receive pass (the model before the push design)")
+                   help="fit without the serial receive pass (zero-copy dispatch has none; also the model before "
+                        "the push design)")
     p.add_argument("--out", help="folder for sim.json and sim.png")
     p.add_argument("--eps", type=_ints, default=[8, 16, 32, 64, 128, 256])
     p.add_argument("--gpus-per-node", type=int, default=8)

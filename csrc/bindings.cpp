@@ -3,7 +3,14 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <dlfcn.h>
+#include <execinfo.h>
+#include <signal.h>
+#include <unistd.h>
+
 #include <atomic>
+#include <cstdio>
+#include <cstdlib>
 #include <memory>
 #include <mutex>
 #include <utility>
@@ -416,7 +423,41 @@ class LowLatencyKernels {
 
 }  // namespace
 
+
+namespace {
+// Diagnostics (LARGEEP_SEGV_BACKTRACE=1 at import): a thread that faults prints its native stack (shared object +
+// offset, and the nearest exported symbol) before the default action. For machines without gdb.
+void segv_handler(int sig, siginfo_t* info, void*) {
+    void* frames[64];
+    const int n = backtrace(frames, 64);
+    char line[512];
+    int len = snprintf(line, sizeof(line), "largeep: signal %d at address %p, %d frames\n", sig, info->si_addr, n);
+    (void)!write(2, line, len);
+    for (int i = 0; i < n; ++i) {
+        Dl_info d{};
+        if (dladdr(frames[i], &d) && d.dli_fname) {
+            len = snprintf(line, sizeof(line), "  #%d %s(+0x%lx) %s\n", i, d.dli_fname,
+                           static_cast<unsigned long>(reinterpret_cast<uintptr_t>(frames[i]) -
+                                                      reinterpret_cast<uintptr_t>(d.dli_fbase)),
+                           d.dli_sname ? d.dli_sname : "?");
+        } else {
+            len = snprintf(line, sizeof(line), "  #%d %p\n", i, frames[i]);
+        }
+        (void)!write(2, line, len);
+    }
+    signal(sig, SIG_DFL);
+    raise(sig);
+}
+}  // namespace
+
 PYBIND11_MODULE(_C, m) {
+    if (const char* v = std::getenv("LARGEEP_SEGV_BACKTRACE"); v != nullptr && v[0] == '1') {
+        struct sigaction sa {};
+        sa.sa_sigaction = segv_handler;
+        sa.sa_flags = SA_SIGINFO;
+        sigaction(SIGSEGV, &sa, nullptr);
+        sigaction(SIGBUS, &sa, nullptr);
+    }
     m.doc() = "largeep native kernels (NVSHMEM)";
     py::register_exception<largeep::Error>(m, "NativeError", PyExc_RuntimeError);
 

@@ -35,7 +35,7 @@ def runtime_and_cycles(rank: int, world: int, cycles: int) -> dict[str, float]:
         peers = [C.peer_ptr(impl.base, r) for r in range(world)]
         assert all(p != 0 for p in peers), f"peer pointers {peers}"
         assert peers[rank] == impl.base
-        C.barrier()
+        C.barrier(30.0)
         _roundtrip_small(buf, i)
         buf.destroy()
         torch.cuda.synchronize()
@@ -206,8 +206,61 @@ def missing_peer(rank: int, world: int, timeout_s: float) -> dict[str, float]:
             else:
                 raise AssertionError("a failed Buffer accepted another dispatch")
     finally:
+        # Teardown is collective: rank 1 waits (outside NVSHMEM) until the others have seen their dispatch fail,
+        # else its bounded destroy could give up on them while they are still inside dispatch.
+        _progress(rank, "before the teardown barrier")
+        dist.barrier()
+        _progress(rank, "destroying")
         buf.destroy()
+        _progress(rank, "destroyed")
     return {"elapsed_s": elapsed}
+
+
+def _progress(rank: int, what: str) -> None:
+    """A timestamped line on stderr: where each rank was if a teardown test hangs (the pool dumps stacks too)."""
+    import sys
+    import time
+
+    print(f"[{time.strftime('%H:%M:%S')}] rank {rank}: {what}", file=sys.stderr, flush=True)
+
+
+def destroy_without_peer(rank: int, world: int, timeout_s: float) -> dict[str, float]:
+    """Rank 1 never destroys its Buffer: every other rank's destroy() raises PeerTimeoutError naming rank 1 within
+    the bound (instead of waiting forever in NVSHMEM's barrier), and the runtime then refuses new symmetric
+    allocations at once. Run in a pool of its own: the processes cannot use NVSHMEM afterwards."""
+    import os
+    import time
+
+    os.environ["LARGEEP_TIMEOUT_S"] = str(timeout_s)
+    try:
+        buf = largeep.Buffer(None, hidden=1024, num_experts=4 * world, num_topk=2, max_tokens_per_rank=64,
+                             backend="nvshmem")
+        if rank == 1:
+            _progress(rank, "returning without destroying its Buffer")
+            return {"elapsed_s": 0.0}  # never destroyed
+        start = time.monotonic()
+        try:
+            _progress(rank, "destroying (rank 1 will not)")
+            buf.destroy()
+        except largeep.PeerTimeoutError as exc:
+            elapsed = time.monotonic() - start
+            assert "rank 1" in str(exc) and "destroy" in str(exc), str(exc)
+        else:
+            raise AssertionError("destroy() returned although rank 1 never called it")
+        _progress(rank, f"destroy raised after {elapsed:.1f} s")
+        assert elapsed < timeout_s + 10, f"gave up after {elapsed:.1f} s, bound {timeout_s} s"
+        # NVSHMEM is refused at once from now on (a Buffer would first meet rank 1 in torch.distributed
+        # collectives, so ask the runtime directly)
+        start = time.monotonic()
+        try:
+            native.module().alloc(1 << 20, timeout_s)
+        except RuntimeError as exc:
+            assert "earlier rendezvous" in str(exc) and time.monotonic() - start < 1.0, str(exc)
+        else:
+            raise AssertionError("a symmetric allocation succeeded after a failed rendezvous")
+        return {"elapsed_s": elapsed}
+    finally:
+        del os.environ["LARGEEP_TIMEOUT_S"]
 
 
 def low_latency_put_path(rank: int, world: int, ranks_per_node: int, *args: object) -> None:

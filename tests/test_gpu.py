@@ -170,6 +170,21 @@ def test_missing_peer_times_out(pools, world: int) -> None:
 
 @pytest.mark.gpu(2)
 @needs_native
+def test_destroy_without_peer() -> None:
+    """A rank that never destroys its Buffer costs the others one bounded wait, not a hang (a pool of its own:
+    NVSHMEM is unusable in these processes afterwards)."""
+    from dist_pool import DistPool
+
+    pool = DistPool(2, "nccl", timeout_s=120)
+    try:
+        times = pool.run(gpu_bodies.destroy_without_peer, 5.0)
+    finally:
+        pool.close(force=True)
+    assert times[0]["elapsed_s"] > 4.0, times
+
+
+@pytest.mark.gpu(2)
+@needs_native
 @pytest.mark.parametrize("world,ranks_per_node", [(2, 1), (4, 2), (4, 1)])
 def test_low_latency_put_path(pools, world: int, ranks_per_node: int) -> None:
     """Peers on another (emulated) node are reached with NVSHMEM puts and signals instead of NVLink stores."""

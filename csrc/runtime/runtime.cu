@@ -6,6 +6,7 @@
 #include <thread>
 
 #include "../kernels/exception.cuh"
+#include "../kernels/ptx.cuh"
 #include "runtime.hpp"
 
 namespace largeep::runtime {
@@ -14,11 +15,85 @@ namespace {
 struct State {
     bool initialized = false;
     bool finalized = false;
+    bool poisoned = false;            // a rendezvous timed out: a peer may be gone, NVSHMEM is no longer safe to use
     int rank = -1;
     int num_ranks = 0;
     int device = -1;
+    uint64_t* words = nullptr;        // symmetric [2 * num_ranks]: arrived[r], then verdict[r] (see rendezvous_kernel)
+    uint64_t epoch = 0;               // rendezvous so far (every rank calls them in the same order)
+    int* result = nullptr;            // device int[2]: a rank that did not arrive (or -1), a rank that gave up (or -1)
+    cudaStream_t stream = nullptr;
 };
 State g;
+
+// Two phases, thread r talking to rank r (NVSHMEM signals: any transport).
+// 1. arrived[me] := epoch on every rank; wait, bounded, until every rank's arrived word reaches epoch.
+// 2. verdict[me] := 2 * epoch if every rank arrived in phase 1, else 2 * epoch + 1 (I give up); then wait, bounded,
+//    for every rank's verdict of this epoch. Only if every verdict is "arrived" does this rank go on.
+// A one-phase rendezvous lets a rank give up while another, which saw everyone arrive, goes on into NVSHMEM's
+// barrier and waits there forever. Here a rank goes on only if every rank saw every rank arrive; the window left is
+// a rank dying between the phases, which the second bounded wait catches.
+__global__ void rendezvous_kernel(uint64_t* words, int me, int n, uint64_t epoch, uint64_t timeout_ns, int* result) {
+    __shared__ int all_arrived;
+    const int r = threadIdx.x;
+    uint64_t* arrived = words;
+    uint64_t* verdict = words + n;
+    if (r == 0) all_arrived = 1;
+    __syncthreads();
+    if (r < n) {
+        nvshmemx_signal_op(arrived + me, epoch, NVSHMEM_SIGNAL_SET, r);
+        const uint64_t start = largeep::globaltimer_ns();
+        while (static_cast<uint64_t>(largeep::ld_acquire_sys(reinterpret_cast<const int64_t*>(arrived + r))) < epoch) {
+            if (largeep::globaltimer_ns() - start > timeout_ns) {
+                atomicCAS(result, -1, r);
+                atomicExch(&all_arrived, 0);
+                break;
+            }
+        }
+    }
+    __syncthreads();
+    const bool go = all_arrived != 0;
+    if (r >= n) return;
+    nvshmemx_signal_op(verdict + me, 2 * epoch + (go ? 0 : 1), NVSHMEM_SIGNAL_SET, r);
+    if (!go) return;  // this rank gives up; the others learn it from its verdict
+    const uint64_t start = largeep::globaltimer_ns();
+    uint64_t v;
+    while ((v = static_cast<uint64_t>(largeep::ld_acquire_sys(reinterpret_cast<const int64_t*>(verdict + r)))) <
+           2 * epoch) {
+        if (largeep::globaltimer_ns() - start > timeout_ns) {
+            atomicCAS(result, -1, r);
+            return;
+        }
+    }
+    if (v == 2 * epoch + 1) atomicCAS(result + 1, -1, r);  // rank r gave up (a later epoch means it went on)
+}
+
+// Every rank must get here within timeout_s; throws naming a rank that did not (or that gave up), and poisons
+// NVSHMEM for this process (the collective that follows could never complete). Guards NVSHMEM's own barriers (in
+// malloc, free and barrier_all), which have no timeout.
+void rendezvous(double timeout_s, const char* what) {
+    HOST_ASSERT(!g.poisoned, what << ": an earlier rendezvous of this process timed out (a peer was missing); NVSHMEM "
+                "cannot be used safely in this process any more");
+    ++g.epoch;
+    const int init[2] = {-1, -1};
+    CUDA_CHECK(cudaMemcpyAsync(g.result, init, sizeof(init), cudaMemcpyHostToDevice, g.stream));
+    const int threads = (g.num_ranks + 31) / 32 * 32;
+    rendezvous_kernel<<<1, threads, 0, g.stream>>>(g.words, g.rank, g.num_ranks, g.epoch,
+                                                   static_cast<uint64_t>(timeout_s * 1e9), g.result);
+    LAUNCH_CHECK();
+    int res[2] = {-1, -1};
+    CUDA_CHECK(cudaMemcpyAsync(res, g.result, sizeof(res), cudaMemcpyDeviceToHost, g.stream));
+    CUDA_CHECK(cudaStreamSynchronize(g.stream));
+    if (res[0] >= 0 || res[1] >= 0) {
+        g.poisoned = true;
+        const int missing = res[0] >= 0 ? res[0] : res[1];
+        HOST_ASSERT(false, what << ": rank " << missing
+                    << (res[0] >= 0 ? " did not arrive within " : " gave up waiting for another rank within ")
+                    << timeout_s << " s (LARGEEP_TIMEOUT_S); NVSHMEM's collective was not entered, so this "
+                    "process's symmetric memory of the operation stays allocated and NVSHMEM cannot be used in "
+                    "this process any more");
+    }
+}
 }  // namespace
 
 std::string unique_id() {
@@ -57,14 +132,24 @@ void init(const std::string& uid, int rank, int num_ranks, int device) {
     g.rank = rank;
     g.num_ranks = num_ranks;
     g.device = device;
+    HOST_ASSERT(num_ranks <= 1024, "at most 1024 ranks");
+    // Rendezvous words: every rank is present during initialisation, so NVSHMEM's own barrier is safe here.
+    g.words = static_cast<uint64_t*>(nvshmem_malloc(sizeof(uint64_t) * 2 * num_ranks));
+    HOST_ASSERT(g.words != nullptr, "nvshmem_malloc of the rendezvous words failed");
+    CUDA_CHECK(cudaMemset(g.words, 0, sizeof(uint64_t) * 2 * num_ranks));
+    CUDA_CHECK(cudaMalloc(&g.result, 2 * sizeof(int)));
+    CUDA_CHECK(cudaStreamCreateWithFlags(&g.stream, cudaStreamNonBlocking));
+    CUDA_CHECK(cudaDeviceSynchronize());
+    nvshmem_barrier_all();
 }
 
 bool initialized() { return g.initialized; }
 int rank() { return g.rank; }
 int num_ranks() { return g.num_ranks; }
 
-uintptr_t alloc(size_t bytes) {
+uintptr_t alloc(size_t bytes, double timeout_s) {
     HOST_ASSERT(g.initialized, "NVSHMEM is not initialised");
+    rendezvous(timeout_s, "Buffer creation (symmetric allocation)");
     void* p = nvshmem_malloc(bytes);
     HOST_ASSERT(p != nullptr || bytes == 0, "nvshmem_malloc of " << bytes << " bytes failed: the symmetric heap is too small "
                 "(raise NVSHMEM_SYMMETRIC_SIZE before the first Buffer is created)");
@@ -74,9 +159,10 @@ uintptr_t alloc(size_t bytes) {
     return reinterpret_cast<uintptr_t>(p);
 }
 
-void free(uintptr_t ptr) {
+void free(uintptr_t ptr, double timeout_s) {
     HOST_ASSERT(g.initialized, "NVSHMEM is not initialised");
     CUDA_CHECK(cudaDeviceSynchronize());
+    rendezvous(timeout_s, "Buffer.destroy (symmetric free)");
     nvshmem_barrier_all();
     nvshmem_free(reinterpret_cast<void*>(ptr));
 }
@@ -87,9 +173,10 @@ uintptr_t peer_ptr(uintptr_t ptr, int pe) {
     return reinterpret_cast<uintptr_t>(nvshmem_ptr(reinterpret_cast<void*>(ptr), pe));
 }
 
-void barrier() {
+void barrier(double timeout_s) {
     HOST_ASSERT(g.initialized, "NVSHMEM is not initialised");
     CUDA_CHECK(cudaDeviceSynchronize());
+    rendezvous(timeout_s, "barrier");
     nvshmem_barrier_all();
 }
 

@@ -17,12 +17,14 @@ bool initialized();
 int rank();
 int num_ranks();
 // Collective: every rank allocates the same size. The memory is zeroed and every rank has zeroed it on return.
-uintptr_t alloc(size_t bytes);
+// Every collective here first checks, bounded by timeout_s, that every rank has arrived (NVSHMEM's own barriers
+// have no timeout); a missing rank makes it throw, and NVSHMEM is then unusable in this process.
+uintptr_t alloc(size_t bytes, double timeout_s);
 // Collective: frees a symmetric allocation after a barrier (no peer may still be reading it).
-void free(uintptr_t ptr);
+void free(uintptr_t ptr, double timeout_s);
 // The address of `ptr` on rank `pe` as seen from this GPU (NVLink), or 0 when `pe` is not reachable that way.
 uintptr_t peer_ptr(uintptr_t ptr, int pe);
-void barrier();
+void barrier(double timeout_s);
 // Collective teardown of NVSHMEM. After it, init may not be called again in this process.
 void finalize();
 

@@ -204,7 +204,7 @@ class NvshmemBackend:
             lay = C.normal_layout(*sizes, ctx.ranks_per_node, self.zc_slots)
         self.C = _join(ctx, int(lay["total_bytes"]), settings)
         self.zc_region = (0, 0)  # [first, last) byte of the zero-copy slots, once allocated
-        self.base = int(self.C.alloc(int(lay["total_bytes"])))
+        self.base = int(self._collective("Buffer", self.C.alloc, int(lay["total_bytes"]), settings.timeout_s))
         # Peers on this rank's node are written through NVLink; NVSHMEM's puts reach the others, so their peer
         # pointers are left 0 even where NVLink would reach them (several nodes emulated on one host).
         node = ctx.rank // ctx.ranks_per_node
@@ -212,7 +212,7 @@ class NvshmemBackend:
         peers = [int(self.C.peer_ptr(self.base, r)) if r in mine else 0 for r in range(n)]
         unreachable = [r for r in mine if peers[r] == 0]
         if unreachable:
-            self.C.free(self.base)
+            self._collective("Buffer", self.C.free, self.base, settings.timeout_s)
             raise RuntimeError(f"Buffer: ranks {unreachable} are not reachable over NVLink from rank {ctx.rank}")
         dev = ctx.device
         self.peer_base = torch.tensor(peers, dtype=torch.int64, device=dev)
@@ -261,8 +261,21 @@ class NvshmemBackend:
                     self.ctx.rank, held,
                 )
             self.kernels.zc_close()
-        self.C.free(self.base)  # collective: a barrier first, so no peer still reads this memory
-        self.C.host_free(self.host_ptr)
+        try:
+            # collective: a bounded rendezvous, then NVSHMEM's barrier, so no peer still reads this memory
+            self._collective("destroy", self.C.free, self.base, self.settings.timeout_s)
+        finally:
+            self.C.host_free(self.host_ptr)
+
+    @staticmethod
+    def _collective(op: str, fn: Any, *args: Any) -> Any:
+        """Runs a collective of the runtime; its bounded rendezvous failing (a rank missing) is a PeerTimeoutError."""
+        try:
+            return fn(*args)
+        except RuntimeError as exc:
+            if any(m in str(exc) for m in ("did not arrive within", "gave up waiting", "an earlier rendezvous")):
+                raise PeerTimeoutError(f"{op}: {exc}") from None
+            raise
 
     def zc_add_stream(self, addr: int, stream: int) -> bool:
         """The zero-copy output at device address ``addr`` is used on ``stream`` too (False: not a zero-copy output)."""

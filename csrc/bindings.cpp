@@ -425,8 +425,9 @@ class LowLatencyKernels {
 
 
 namespace {
-// Diagnostics (LARGEEP_SEGV_BACKTRACE=1 at import): a thread that faults prints its native stack (shared object +
-// offset, and the nearest exported symbol) before the default action. For machines without gdb.
+// Diagnostics (LARGEEP_SEGV_BACKTRACE=1, read by largeep.native when it loads this module): a thread that faults
+// prints its native stack (shared object + offset, and the nearest exported symbol) before the default action. For
+// machines without gdb.
 void segv_handler(int sig, siginfo_t* info, void*) {
     void* frames[64];
     const int n = backtrace(frames, 64);
@@ -451,14 +452,14 @@ void segv_handler(int sig, siginfo_t* info, void*) {
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
-    if (const char* v = std::getenv("LARGEEP_SEGV_BACKTRACE"); v != nullptr && v[0] == '1') {
+    m.doc() = "largeep native kernels (NVSHMEM)";
+    m.def("install_fault_backtrace", [] {
         struct sigaction sa {};
         sa.sa_sigaction = segv_handler;
         sa.sa_flags = SA_SIGINFO;
         sigaction(SIGSEGV, &sa, nullptr);
         sigaction(SIGBUS, &sa, nullptr);
-    }
-    m.doc() = "largeep native kernels (NVSHMEM)";
+    });
     py::register_exception<largeep::Error>(m, "NativeError", PyExc_RuntimeError);
 
     m.def("unique_id", []() { return py::bytes(runtime::unique_id()); });

@@ -13,6 +13,7 @@
 | | | 0 one warp per (token, copy), 1 one block per token (quantised once), -1 the latter up to 32 tokens; |
 | | | combine inside one node: 1..7 one kernel with comb/8 of its blocks pushing while the rest reduce, 0 a |
 | | | push kernel then a reduce kernel (groups of several nodes always take the latter); the same on every rank |
+| LARGEEP_SEGV_BACKTRACE | 0 | 1: a crash (SIGSEGV, SIGBUS) inside the process prints the native stack (diagnostics) |
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ class Settings:
     heap_margin: float
     zero_copy_slots: int
     tune: dict[str, int]
+    fault_backtrace: bool
 
 
 def _float(name: str, default: float) -> float:
@@ -65,6 +67,7 @@ def settings() -> Settings:
         check_values=os.environ.get(_PREFIX + "CHECK_VALUES", "1") not in ("0", "false", "False", ""),
         heap_margin=_float("NVSHMEM_HEAP_MARGIN", 1.25),
         zero_copy_slots=_count("ZERO_COPY_SLOTS", 2),
+        fault_backtrace=os.environ.get(_PREFIX + "SEGV_BACKTRACE", "0") == "1",
         tune=_tune(os.environ.get(_PREFIX + "TUNE", "")),
     )
 

@@ -18,6 +18,10 @@ def _load() -> tuple[ModuleType | None, str | None]:
         from largeep import _C  # type: ignore[attr-defined]
     except ImportError as exc:
         return None, f"the native module largeep._C is not installed ({exc}); {_HOW}"
+    from largeep import _env
+
+    if _env.settings().fault_backtrace:
+        _C.install_fault_backtrace()
     return _C, None
 
 

@@ -182,7 +182,7 @@ def _synthetic(params: sim.Params, cluster: sim.Cluster, noise: float = 0.0) -> 
 TRUE = sim.Params(
     lat_us={"normal.dispatch": 22.0, "normal.combine": 31.0, "low_latency.dispatch": 9.0,
             "low_latency.combine": 13.0},
-    eff_nvlink=0.72, eff_rdma=0.83, sm_gbps=12.5, comb_gbps=30.0,
+    eff_nvlink=0.72, eff_rdma=0.83, sm_gbps=12.5, comb_gbps=30.0, reduce_gbps=25.0,
 )
 
 
@@ -195,6 +195,7 @@ def test_calibrate_recovers_known_constants() -> None:
     assert fit.eff_rdma == pytest.approx(TRUE.eff_rdma, rel=1e-6)
     assert fit.sm_gbps == pytest.approx(TRUE.sm_gbps, rel=1e-6)
     assert fit.comb_gbps == pytest.approx(TRUE.comb_gbps, rel=1e-6)
+    assert fit.reduce_gbps == pytest.approx(TRUE.reduce_gbps, rel=1e-6)  # bound at 4 SMs (2 push, 2 reduce blocks)
     assert set(fit.fitted) == {k.replace("inv_", "") for k in sim.PARAM_KEYS}
     assert fit.copy_gbps is None  # TRUE has no receive pass and the fit finds none
 
@@ -257,7 +258,7 @@ def test_calibrate_leaves_unexercised_constants_at_the_prior() -> None:
     fit = sim.calibrate(only_ll, cluster=cluster)
     prior = sim.placeholder()
     assert fit.sm_gbps == pytest.approx(prior.sm_gbps)
-    assert fit.comb_gbps is None  # no fused-combine record: unknown, so combines stay push + reduce
+    assert fit.comb_gbps is None and fit.reduce_gbps is None  # no fused-combine record: combines stay push + reduce
     assert fit.lat_us["normal.dispatch"] == pytest.approx(prior.lat_us["normal.dispatch"])
     assert fit.lat_us["low_latency.combine"] == pytest.approx(13.0, rel=1e-6)
 

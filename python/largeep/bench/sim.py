@@ -25,16 +25,19 @@ dispatch dtype, because that pass is bound per row more than per byte; ``copy_gb
 designs that receive in place). Records without an SM count have neither SM term.
 
 The fused combine (largeep inside one node since session 5: ``comb``/8 of max(2, num_sms) blocks push while the
-rest reduce as rows arrive): ``t_sm = R * b * imbalance / (push_blocks * comb_gbps)`` in place of the SM and receive
-terms (the reduction overlaps the pushes), push_blocks = min(S - 1, max(1, round(S * comb / 8))). It applies to a
-normal-mode combine on one node when ``comb_gbps`` is known and the record (``combine_eighths``, or ``comb=`` in its
-``tune``) or the cluster (``combine_eighths``) says the fused kernel ran; groups of several nodes keep push + reduce.
+rest reduce as rows arrive): ``t_sm = max(R * b * imbalance / (push_blocks * comb_gbps), R * 2H * imbalance /
+(reduce_blocks * reduce_gbps))`` in place of the SM and receive terms (the reduction overlaps the pushes),
+push_blocks = min(S - 1, max(1, round(S * comb / 8))) of S = max(2, num_sms) blocks, reduce_blocks the rest. It
+applies to a normal-mode combine on one node when ``comb_gbps`` is known and the record (``combine_eighths``, or
+``comb=`` in its ``tune``) or the cluster (``combine_eighths``) says the fused kernel ran; groups of several nodes
+keep push + reduce.
 
 Constants fitted by :func:`calibrate` (least squares on relative error; the active term of each record is chosen by
 the current fit and the fit repeated until that choice settles): ``lat`` per (mode, op), ``eff_nvlink``,
-``eff_rdma``, ``sm_gbps``, ``copy_gbps``, ``comb_gbps``. A constant that no record exercises keeps its placeholder
-value and is reported as such. :func:`placeholder` gives the constants ANCHORS.md's measured link ceilings suggest,
-for use before GPU records exist. Everything the CLI prints says which numbers are measured and which modelled.
+``eff_rdma``, ``sm_gbps``, ``copy_gbps``, ``comb_gbps``, ``reduce_gbps``. A constant that no record exercises keeps
+its placeholder value and is reported as such. :func:`placeholder` gives the constants ANCHORS.md's measured link
+ceilings suggest, for use before GPU records exist. Everything the CLI prints says which numbers are measured and
+which modelled.
 
 Record files (:func:`load`): the benchmark's layout (``{"schema", "records", "extras", ...}``: device-event times of
 whole Python calls, host overhead included) and the kernel-time layout of ``bench/kernel_times.py``
@@ -64,7 +67,7 @@ import torch
 MODES = ("normal", "low_latency")
 OPS = ("dispatch", "combine")
 _LAT_KEYS = tuple(f"{m}.{o}" for m in MODES for o in OPS)
-_INV_KEYS = ("inv_eff_nvlink", "inv_eff_rdma", "inv_sm_gbps", "inv_copy_gbps", "inv_comb_gbps")
+_INV_KEYS = ("inv_eff_nvlink", "inv_eff_rdma", "inv_sm_gbps", "inv_copy_gbps", "inv_comb_gbps", "inv_reduce_gbps")
 PARAM_KEYS = _LAT_KEYS + _INV_KEYS
 
 # DeepEP V1 published on H800 + ConnectX-7 400 Gb/s (ANCHORS.md "Published").
@@ -224,8 +227,8 @@ class Params:
     sm_gbps: per-SM throughput cap of the send kernels (GB/s of logical bytes per SM, normal mode); copy_gbps:
     per-SM throughput of the receive-side pass run after the transfer (GB/s of BF16 row bytes per SM; None = no
     such pass); comb_gbps: per push block of the fused combine (None = not known: combines are modelled as push +
-    reduce); source: where the numbers come from; fitted: which constants the data determined (the rest are
-    placeholders)."""
+    reduce); reduce_gbps: per reduce block of the fused combine (GB/s of BF16 row bytes; None = never the bound);
+    source: where the numbers come from; fitted: which constants the data determined (the rest are placeholders)."""
 
     lat_us: dict[str, float]
     eff_nvlink: float
@@ -236,12 +239,14 @@ class Params:
     fitted: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     comb_gbps: float | None = None  # per push block of the fused combine (GB/s of logical bytes); None = not known
+    reduce_gbps: float | None = None  # per reduce block of the fused combine (GB/s of BF16 rows); None = not known
 
     def vector(self) -> list[float]:
         inv_copy = 1 / self.copy_gbps if self.copy_gbps else 0.0
         inv_comb = 1 / self.comb_gbps if self.comb_gbps else 0.0
+        inv_red = 1 / self.reduce_gbps if self.reduce_gbps else 0.0
         return [self.lat_us[k] for k in _LAT_KEYS] + [1 / self.eff_nvlink, 1 / self.eff_rdma, 1 / self.sm_gbps,
-                                                      inv_copy, inv_comb]
+                                                      inv_copy, inv_comb, inv_red]
 
     @staticmethod
     def from_vector(v: Sequence[float], source: str, fitted: list[str]) -> Params:
@@ -249,8 +254,9 @@ class Params:
         j = len(_LAT_KEYS)
         copy = 1 / float(v[j + 3]) if v[j + 3] > 1e-12 else None
         comb = 1 / float(v[j + 4]) if v[j + 4] > 1e-12 else None
+        red = 1 / float(v[j + 5]) if v[j + 5] > 1e-12 else None
         return Params(lat, 1 / float(v[j]), 1 / float(v[j + 1]), 1 / float(v[j + 2]), copy, source, list(fitted),
-                      comb_gbps=comb)
+                      comb_gbps=comb, reduce_gbps=red)
 
 
 def placeholder() -> Params:
@@ -301,7 +307,8 @@ def _fused(w: Workload, num_ranks: int, ranks_per_node: int, num_sms: int | None
 def _terms(tr: Traffic, w: Workload, cluster: Cluster, num_sms: int | None,
            fused_eighths: int = 0) -> dict[str, tuple[float, float]]:
     """Each term as (coefficient on its inverse constant, constant us), so that time = lat + coef * inv + const.
-    fused_eighths > 0: the fused combine's push term ("comb") instead of the SM and receive terms."""
+    fused_eighths > 0: the fused combine's push and reduce terms ("comb", "reduce") instead of the SM and receive
+    terms."""
     bw_nvl = cluster.nvlink_gbps * 1e3  # bytes per us
     bw_nic = cluster.nic_gbps * 1e3
     out = {
@@ -309,7 +316,9 @@ def _terms(tr: Traffic, w: Workload, cluster: Cluster, num_sms: int | None,
         "rdma": (tr.rdma / bw_nic, cluster.nic_latency_us if tr.rdma > 0 else 0.0),
     }
     if w.mode == "normal" and num_sms and fused_eighths > 0:
-        out["comb"] = (tr.sm / (push_blocks(num_sms, fused_eighths) * 1e3), 0.0)
+        pushing = push_blocks(num_sms, fused_eighths)
+        out["comb"] = (tr.sm / (pushing * 1e3), 0.0)
+        out["reduce"] = (tr.copy / ((max(2, num_sms) - pushing) * 1e3), 0.0)
     elif w.mode == "normal" and num_sms:
         out["sm"] = (tr.sm / (num_sms * 1e3), 0.0)
         out["copy"] = (tr.copy / (num_sms * 1e3), 0.0)
@@ -334,6 +343,8 @@ def predict(
     t_sm = terms["sm"][0] / params.sm_gbps if "sm" in terms else 0.0
     if "comb" in terms and params.comb_gbps:
         t_sm = terms["comb"][0] / params.comb_gbps
+        if params.reduce_gbps:
+            t_sm = max(t_sm, terms["reduce"][0] / params.reduce_gbps)
     t_copy = terms["copy"][0] / params.copy_gbps if "copy" in terms and params.copy_gbps else 0.0
     links = max(t_nvl, t_rdma) if overlap else t_nvl + t_rdma
     body = max(links, t_sm)
@@ -438,9 +449,13 @@ def calibrate(
     rows = _record_rows(recs, cluster, hierarchical)
     theta = np.array(prior.vector(), dtype=np.float64)
     nlat = len(_LAT_KEYS)
-    col = {"nvlink": nlat, "rdma": nlat + 1, "sm": nlat + 2, "copy": nlat + 3, "comb": nlat + 4}
-    if theta[col["comb"]] == 0:  # unknown: start the choice of active terms from a push block as fast as an SM
-        theta[col["comb"]] = theta[col["sm"]]
+    col = {"nvlink": nlat, "rdma": nlat + 1, "sm": nlat + 2, "copy": nlat + 3, "comb": nlat + 4,
+           "reduce": nlat + 5}
+    # unknown: start the choice of active terms from a push block as fast as an SM and a reduce block half that
+    # (every fused record starts reduce-bound; starting the reduction faster can leave it never chosen, unfitted)
+    for key, scale in (("comb", 1.0), ("reduce", 2.0)):
+        if theta[col[key]] == 0:
+            theta[col[key]] = scale * theta[col["sm"]]
     serial = ("copy",) if copy_phase else ()
     active: list[tuple[str, ...]] | None = None
     used: set[int] = set()
@@ -456,7 +471,8 @@ def calibrate(
             else:
                 links = ("nvlink", "rdma")
                 link_val = vals["nvlink"] + vals["rdma"]
-            smk = "comb" if "comb" in terms else "sm"  # the fused combine's push blocks, or the send kernels'
+            # the send kernels' SMs, or the fused combine's push or reduce blocks, whichever is slowest
+            smk = max((k for k in ("sm", "comb", "reduce") if k in terms), key=lambda k: vals[k], default="sm")
             ch: tuple[str, ...] = (smk,) if vals.get(smk, -1.0) > link_val else links
             choice.append(ch + tuple(k for k in serial if k in terms))
         if choice == active:
@@ -486,12 +502,13 @@ def calibrate(
             # a negative latency, inverse efficiency or receive pass: clamp it (latency 0, no receive pass,
             # efficiency its prior) and refit
             for j in bad:
-                theta[j] = 0.0 if j < nlat or j in (col["copy"], col["comb"]) else prior.vector()[j]
+                theta[j] = 0.0 if j < nlat or j in (col["copy"], col["comb"], col["reduce"]) else prior.vector()[j]
             free = [j for j in free if j not in bad]
             if not free:
                 break
-    if col["comb"] not in used:  # no fused-combine record: the constant stays unknown (or the prior's)
-        theta[col["comb"]] = prior.vector()[col["comb"]]
+    for key in ("comb", "reduce"):
+        if col[key] not in used:  # no record bound there: the constant stays unknown (or the prior's)
+            theta[col[key]] = prior.vector()[col[key]]
     names = list(PARAM_KEYS)
     fitted = [names[j].replace("inv_", "") for j in sorted(used)]
     params = Params.from_vector(theta.tolist(), f"fit of {len(recs)} records", fitted)
@@ -886,8 +903,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"  constants fitted: {', '.join(params.fitted) or 'none'}; the others are placeholders")
     copy_txt = f"{params.copy_gbps:.2f}" if params.copy_gbps else "none"
     comb_txt = f"{params.comb_gbps:.2f}" if params.comb_gbps else "none"
+    red_txt = f"{params.reduce_gbps:.2f}" if params.reduce_gbps else "none"
     print(f"  lat_us={ {k: round(v, 2) for k, v in params.lat_us.items()} } eff_nvlink={params.eff_nvlink:.3f} "
-          f"eff_rdma={params.eff_rdma:.3f} sm_gbps={params.sm_gbps:.2f} copy_gbps={copy_txt} comb_gbps={comb_txt}")
+          f"eff_rdma={params.eff_rdma:.3f} sm_gbps={params.sm_gbps:.2f} copy_gbps={copy_txt} comb_gbps={comb_txt} "
+          f"reduce_gbps={red_txt}")
     for warning in params.warnings:
         print(f"  WARNING: {warning}")
     if shown:
@@ -903,7 +922,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         c = holdout["constants"]
         print(f"held-out constants: lat_us={ {k: round(v, 1) for k, v in c['lat_us'].items()} } "
               f"eff_nvlink={c['eff_nvlink']:.3f} sm_gbps={c['sm_gbps']:.2f} copy_gbps={c['copy_gbps'] or 0:.2f} "
-              f"comb_gbps={c['comb_gbps'] or 0:.2f}")
+              f"comb_gbps={c['comb_gbps'] or 0:.2f} reduce_gbps={c['reduce_gbps'] or 0:.2f}")
         _print_check("held-out check", holdout)
     elif records:
         print("held-out check: too few records to hold any out")

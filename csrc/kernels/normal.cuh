@@ -128,39 +128,6 @@ __device__ __forceinline__ void push_row(const NormalCtx& c, const uint8_t* x_ro
     }
 }
 
-template <typename T>
-struct Vec;
-template <>
-struct Vec<__nv_bfloat16> {
-    static constexpr int kPer = 8;  // elements per 16 bytes
-    __device__ static void add(float* acc, int4 v) {
-        const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&v);
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-            float2 f = __bfloat1622float2(h[i]);
-            acc[2 * i] += f.x;
-            acc[2 * i + 1] += f.y;
-        }
-    }
-    __device__ static int4 pack(const float* acc) { return pack_bf16x8(acc); }
-};
-template <>
-struct Vec<float> {
-    static constexpr int kPer = 4;
-    __device__ static void add(float* acc, int4 v) {
-        const float* f = reinterpret_cast<const float*>(&v);
-#pragma unroll
-        for (int i = 0; i < 4; ++i) acc[i] += f[i];
-    }
-    __device__ static int4 pack(const float* acc) {
-        int4 v;
-        float* f = reinterpret_cast<float*>(&v);
-#pragma unroll
-        for (int i = 0; i < 4; ++i) f[i] = acc[i];
-        return v;
-    }
-};
-
 // acc[0, kPer) += the kPer float32 values at row + v * kPer (a float32 partial row; 16-byte loads).
 template <int kPer>
 __device__ __forceinline__ void add_f32(float* acc, const uint8_t* row, int v) {

@@ -13,29 +13,6 @@ namespace {
 constexpr int kRowThreads = 512;
 constexpr int kRowWarps = kRowThreads / 32;
 
-template <typename T>
-struct Row;
-template <>
-struct Row<__nv_bfloat16> {
-    static constexpr int kPer = 8;  // elements per 16 bytes
-    __device__ static void fma(float* acc, float w, int4 v) { fma_bf16x8(acc, w, v); }
-    __device__ static void store(__nv_bfloat16* dst, const float* acc) {
-        *reinterpret_cast<int4*>(dst) = pack_bf16x8(acc);
-    }
-};
-template <>
-struct Row<float> {
-    static constexpr int kPer = 4;
-    __device__ static void fma(float* acc, float w, int4 v) {
-        const float* f = reinterpret_cast<const float*>(&v);
-#pragma unroll
-        for (int i = 0; i < 4; ++i) acc[i] += w * f[i];
-    }
-    __device__ static void store(float* dst, const float* acc) {
-        *reinterpret_cast<float4*>(dst) = make_float4(acc[0], acc[1], acc[2], acc[3]);
-    }
-};
-
 // One warp per output row r: y[r] = sum over k with pos[r, k] != pad of w[r, k] * src[pos[r, k]], in float32,
 // rounded once to T. Every lane owns 16-byte columns; the K source loads of a column are issued before any is
 // used (kMaxK of them in flight).
@@ -43,7 +20,7 @@ template <typename T, int kMaxK>
 __global__ void __launch_bounds__(kRowThreads) weighted_row_sum_kernel(const T* src, const int64_t* pos,
                                                                        const float* w, T* y, int64_t R, int K, int H,
                                                                        int64_t pad) {
-    using V = Row<T>;
+    using V = Vec<T>;
     const int lane = threadIdx.x % 32;
     const int64_t nvec = H / V::kPer;
     for (int64_t r = static_cast<int64_t>(blockIdx.x) * kRowWarps + threadIdx.x / 32; r < R;

@@ -140,7 +140,8 @@ def test_low_latency_graph_and_double_buffer(pools, world: int) -> None:
 @pytest.mark.gpu(2)
 @needs_native
 def test_config_mismatch_refused(pools) -> None:
-    """Ranks disagreeing on the symmetric layout (LARGEEP_ZERO_COPY_SLOTS) are refused on every rank."""
+    """Ranks disagreeing on the symmetric layout (LARGEEP_ZERO_COPY_SLOTS) or on the combine protocol
+    (LARGEEP_TUNE comb 0 or not) are refused on every rank."""
     pools(2, "nccl").run(gpu_bodies.config_mismatch_refused)
 
 

@@ -4,7 +4,7 @@
 | --- | --- | --- |
 | LARGEEP_TIMEOUT_S | 100 | seconds any wait on a peer may take before it raises |
 | LARGEEP_LOG_LEVEL | WARNING | level of the ``largeep`` logger |
-| LARGEEP_CHECK_VALUES | 1 | check expert ids for range on the host (one device sync) before a dispatch |
+| LARGEEP_CHECK_VALUES | 1 | check expert ids for range before a layout or dispatch (one host wait per ids tensor) |
 | LARGEEP_NVSHMEM_HEAP_MARGIN | 1.25 | factor on the first Buffer's needs when largeep sets NVSHMEM_SYMMETRIC_SIZE |
 | LARGEEP_ZERO_COPY_SLOTS | 2 | nvshmem normal mode, one node: receive slots whose planes a dispatch returns as its |
 | | | outputs (no copy-out); each holds N * max_tokens_per_rank rows; 0: every dispatch copies |

@@ -344,12 +344,11 @@ class Buffer:
             check_values=self._settings.check_values and not native_check, memo="remember",
         )
         checks.max_tokens(op, idx.shape[0], c.max_tokens_per_rank, arg="topk_idx")
+        kwargs = {"check": True} if native_check else {}
+        layout, _ = self._run(lambda: self._impl.get_dispatch_layout(idx, **kwargs), previous_event, async_finish,
+                              [idx])
         if native_check:
-            layout, _ = self._run(lambda: self._impl.get_dispatch_layout(idx, check=True), previous_event,
-                                  async_finish, [idx])
             checks.remember_checked(idx, c.num_experts)
-        else:
-            layout, _ = self._run(lambda: self._impl.get_dispatch_layout(idx), previous_event, async_finish, [idx])
         return layout  # type: ignore[no-any-return]
 
     def dispatch(

@@ -179,14 +179,15 @@ class NvshmemBackend:
         # zero-copy receive slots: normal mode inside one node (groups of several nodes receive through the
         # forwarders into the copy slot)
         self.zc_slots = settings.zero_copy_slots if not ctx.low_latency and ctx.ranks_per_node == n else 0
-        # Every rank must lay out its symmetric memory the same way (one collective allocation; peers compute
-        # addresses in each other's memory): refuse, on every rank, a group whose ranks disagree.
         # the fused combine (LARGEEP_TUNE comb >= 1, one node) and push + reduce speak different flag protocols
         comb = settings.tune["comb"]
         if not 0 <= comb <= 7:
             raise ArgumentError(f"LARGEEP_TUNE comb={comb}: expected 0 (push, then reduce) or 1..7 (fused: eighths "
                                 "of the blocks that push)")
         self.fused_combine = comb if not ctx.low_latency and ctx.ranks_per_node == n else 0
+        # Every rank must lay out its symmetric memory the same way (one collective allocation; peers compute
+        # addresses in each other's memory) and speak the same combine protocol: refuse, on every rank, a group
+        # whose ranks disagree.
         config = (*sizes, ctx.ranks_per_node, ctx.low_latency, self.zc_slots, self.fused_combine > 0)
         every: list[Any] = [None] * n
         dist.all_gather_object(every, config, group=ctx.group)

@@ -341,7 +341,7 @@ def predict(
     t_nvl = terms["nvlink"][0] / params.eff_nvlink + terms["nvlink"][1]
     t_rdma = terms["rdma"][0] / params.eff_rdma + terms["rdma"][1]
     t_sm = terms["sm"][0] / params.sm_gbps if "sm" in terms else 0.0
-    if "comb" in terms and params.comb_gbps:
+    if fused and params.comb_gbps:
         t_sm = terms["comb"][0] / params.comb_gbps
         if params.reduce_gbps:
             t_sm = max(t_sm, terms["reduce"][0] / params.reduce_gbps)
@@ -420,7 +420,9 @@ def _record_rows(
         stats = routing_stats(n, p, w.num_experts, w.num_topk)
         tr = traffic(w, n, p, stats, hierarchical=hierarchical)
         sms = r.get("num_sms")
-        eighths = record_eighths(r) if _fused(w, n, p, sms, record_eighths(r)) else 0
+        eighths = record_eighths(r)
+        if not _fused(w, n, p, sms, eighths):
+            eighths = 0
         rows.append((_LAT_KEYS.index(f"{w.mode}.{w.op}"), _terms(tr, w, cluster, sms, eighths),
                      float(r["time_us_median"])))
     return rows

@@ -4,6 +4,8 @@ Whole-call event timings (`python -m largeep.bench`) of the low-latency ops are 
 launches). Decoding runs these ops inside CUDA graphs, so this script reports what that costs:
   kernels: ll_dispatch_send / ll_dispatch_recv / ll_combine_send / ll_combine_recv, profiler durations
            (op "send"/"recv" of dispatch and combine, op "dispatch"/"combine" = send + recv);
+  hook:    the same kernels in hook mode with a synchronize and a barrier between send and receive (of
+           "dispatch_hook"/"combine_hook"): a receive's own time, without waiting for the slower rank's sends;
   graph:   one CUDA graph holding dispatch + combine, replay time measured with events (op "roundtrip"), once
            per barrier ("graph") and averaged over --graph-reps replays back to back ("graph_back_to_back").
 Per iteration the slowest rank counts; records give median and p10/p90. Ranks are aligned by a barrier before
@@ -41,6 +43,18 @@ def _gather(values: list[float], world: int) -> torch.Tensor:
     return out.cpu()
 
 
+def _kernel_times(prof: Any) -> dict[str, list[float]]:
+    """Each of _KERNELS' durations (us) in the profile, in launch order."""
+    per_kernel: dict[str, list[float]] = {k: [] for k in _KERNELS}
+    for e in sorted(prof.events(), key=lambda e: e.time_range.start):
+        if e.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        hit = re.search("|".join(_KERNELS), e.name)
+        if hit:
+            per_kernel[next(k for k in _KERNELS if re.fullmatch(k, hit.group(0)))].append(e.time_range.elapsed_us())
+    return per_kernel
+
+
 def _body(rank: int, world: int, args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]]:
     import largeep
     from largeep.bench import records as rec
@@ -73,13 +87,7 @@ def _body(rank: int, world: int, args: argparse.Namespace, device: torch.device)
                 dist.barrier()
                 step()
             torch.cuda.synchronize()
-        per_kernel: dict[str, list[float]] = {k: [] for k in _KERNELS}
-        for e in sorted(prof.events(), key=lambda e: e.time_range.start):
-            if e.device_type != torch.autograd.DeviceType.CUDA:
-                continue
-            hit = re.search("|".join(_KERNELS), e.name)
-            if hit:
-                per_kernel[next(k for k in _KERNELS if re.fullmatch(k, hit.group(0)))].append(e.time_range.elapsed_us())
+        per_kernel = _kernel_times(prof)
         ops = {
             ("dispatch", "send"): per_kernel[_KERNELS[0]],
             ("dispatch", "recv"): per_kernel["ll_dispatch_recv_kernel"],
@@ -90,6 +98,26 @@ def _body(rank: int, world: int, args: argparse.Namespace, device: torch.device)
                                                               strict=True)]
         ops[("combine", "combine")] = [a + b for a, b in zip(ops[("combine", "send")], ops[("combine", "recv")],
                                                             strict=True)]
+        # hook mode with every rank's sends complete before any receive starts: the receive kernels' own time
+        # (above, a receive also waits for the slower rank's sends)
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(args.iters):
+                dist.barrier()
+                d = buf.low_latency_dispatch(x, idx, use_fp8=args.fp8, return_recv_hook=True)
+                torch.cuda.synchronize()
+                dist.barrier()
+                d.hook()
+                y = torch.empty(d.x[0].shape if args.fp8 else d.x.shape, dtype=torch.bfloat16, device="cuda")
+                c = buf.low_latency_combine(y, idx, w, d.handle, return_recv_hook=True)
+                torch.cuda.synchronize()
+                dist.barrier()
+                c.hook()
+            torch.cuda.synchronize()
+        hooked = _kernel_times(prof)
+        ops[("dispatch_hook", "send")] = hooked[_KERNELS[0]]
+        ops[("dispatch_hook", "recv")] = hooked["ll_dispatch_recv_kernel"]
+        ops[("combine_hook", "send")] = hooked["ll_combine_send_kernel"]
+        ops[("combine_hook", "recv")] = hooked["ll_combine_recv_kernel"]
         # CUDA graph of dispatch + combine, replayed
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):

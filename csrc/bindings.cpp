@@ -378,11 +378,13 @@ class LowLatencyKernels {
     LowLatencyKernels(int rank, int num_ranks, int num_experts, int num_topk, int hidden, int max_tokens,
                       uintptr_t base, uintptr_t peer_base, uintptr_t seq, uintptr_t block_counter,
                       uintptr_t status_dev, uintptr_t error_dev, double timeout_s, int ranks_per_node,
-                      int send_mode) {
+                      int send_mode, int spread) {
         HOST_ASSERT(ranks_per_node > 0 && num_ranks % ranks_per_node == 0, "bad ranks_per_node " << ranks_per_node);
         HOST_ASSERT(send_mode >= -1 && send_mode <= 1, "LARGEEP_TUNE ll_send must be -1, 0 or 1, got " << send_mode);
+        HOST_ASSERT(spread == 0 || spread == 1, "LARGEEP_TUNE ll_spread must be 0 or 1, got " << spread);
         c_.ranks_per_node = ranks_per_node;
         c_.send_mode = send_mode;
+        c_.spread = spread;
         fill_common(c_, rank, num_ranks, num_experts, num_topk, hidden, max_tokens, base, peer_base, seq, block_counter,
                     status_dev, error_dev, timeout_s);
         const LowLatencyLayout l =
@@ -513,7 +515,7 @@ PYBIND11_MODULE(_C, m) {
     });
     py::class_<LowLatencyKernels>(m, "LowLatencyKernels")
         .def(py::init<int, int, int, int, int, int, uintptr_t, uintptr_t, uintptr_t, uintptr_t, uintptr_t, uintptr_t,
-                      double, int, int>())
+                      double, int, int, int>())
         .def("dispatch_send", &LowLatencyKernels::dispatch_send)
         .def("dispatch_recv", &LowLatencyKernels::dispatch_recv)
         .def("combine_send", &LowLatencyKernels::combine_send)

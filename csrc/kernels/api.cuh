@@ -220,6 +220,9 @@ struct LowLatencyCtx {
     uint64_t timeout_ns;
     int send_mode;  // dispatch send (LARGEEP_TUNE=ll_send): 0 one warp per (token, copy), 1 one block per token,
                     // -1 (default) one block per token for at most kTokenMajorMaxTokens tokens
+    int spread;     // LARGEEP_TUNE=ll_spread: 1 (default) the dispatch receive, the combine send and the combine
+                    // receive share their rows over one wave of blocks; 0 one block per local expert (dispatch
+                    // receive, combine send) and at most 8 warps per token (combine receive)
 };
 struct LowLatencyLayout {
     int64_t off_flags, off_counter, off_recv, off_comb, off_send, off_comb_send;

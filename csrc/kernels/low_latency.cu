@@ -30,6 +30,7 @@ namespace {
 
 constexpr int kLLThreads = 512;
 constexpr int kLLWarps = kLLThreads / kWarp;
+constexpr int kLLMaxGrid = 132;  // blocks: one per SM of an H100 / H200
 constexpr int kLLMaxTopk = 8;  // the combine receive keeps this many copies' loads in flight (larger K: one by one)
 
 __device__ __forceinline__ uint8_t* ll_peer(const LowLatencyCtx& c, int r) {
@@ -151,6 +152,9 @@ __global__ void __launch_bounds__(kLLThreads) ll_dispatch_send_kernel(LowLatency
     const bool ok_all = ll_block_wait(c, kLLDispatchFree, slot_buf, seq - 2, kOpLowLatencyDispatch);
     const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
     if (ok_all) {
+        // a block's warps take consecutive copies: the K copies of a token mostly share one SM, whose L1 serves
+        // the token's row after the first read (spreading the copies over every SM was slower: 24.2 against 22.8 us
+        // at 128 tokens, 2 GPUs)
         for (int pair = blockIdx.x * kLLWarps + warp; pair < T * K; pair += gridDim.x * kLLWarps) {
             const int t = pair / K, k = pair % K;
             const int64_t e = idx[pair];
@@ -299,101 +303,184 @@ __global__ void __launch_bounds__(kTokThreads) ll_dispatch_send_token_kernel(Low
     ll_publish_counts(c, counter, slot_buf, seq, ok_all, handle_seq);
 }
 
-// One block per local expert.
+// a[0, n) becomes its inclusive prefix sum (one warp, in chunks of 32; a in shared memory).
+__device__ __forceinline__ void warp_prefix_inplace(int* a, int n, int lane) {
+    int carry = 0;
+    for (int b = 0; b < n; b += kWarp) {
+        int v = b + lane < n ? a[b + lane] : 0;
+#pragma unroll
+        for (int d = 1; d < kWarp; d *= 2) {
+            const int u = __shfl_up_sync(0xffffffffu, v, d);
+            if (lane >= d) v += u;
+        }
+        if (b + lane < n) a[b + lane] = carry + v;
+        carry += __shfl_sync(0xffffffffu, v, kWarp - 1);
+    }
+}
+
+// The segment k of pref (pref[k] <= row < pref[k + 1]) among n segments (binary search; pref[0] = 0 <= row).
+__device__ __forceinline__ int segment_of(const int* pref, int n, int row) {
+    int lo = 0, hi = n;
+    while (hi - lo > 1) {
+        const int mid = (lo + hi) / 2;
+        if (pref[mid] <= row) lo = mid;
+        else hi = mid;
+    }
+    return lo;
+}
+
+// Output row o of the dispatch receive (one warp): 16-byte vectors [v_lo, v_hi) of row `src`'s x, and with
+// v_lo == 0 its scales, src_info and combine metadata.
+__device__ __forceinline__ void ll_unpack_row(const LowLatencyCtx& c, const uint8_t* src, int s, int64_t o,
+                                              uint8_t* out_x, float* out_scales, int* src_info, int* meta,
+                                              int64_t x_bytes, int use_fp8, int v_lo, int v_hi, int lane) {
+    warp_copy<1, 4>(reinterpret_cast<int4*>(out_x + o * x_bytes) + v_lo, reinterpret_cast<const int4*>(src) + v_lo,
+                    16ll * (v_hi - v_lo), lane);
+    if (v_lo != 0) return;
+    const int num_scales = c.hidden / 128;
+    if (use_fp8)
+        for (int q = lane; q < num_scales; q += kWarp)
+            out_scales[o * num_scales + q] = reinterpret_cast<const float*>(src + c.off_scales_in_row)[q];
+    if (lane == 0) {
+        const int tk = reinterpret_cast<const int*>(src + c.off_meta_in_row)[0];
+        src_info[2 * o] = s;
+        src_info[2 * o + 1] = tk / c.num_topk;
+        meta[o] = s * (c.max_tokens * c.num_topk) + tk;
+    }
+}
+
+// Dispatch receive. Packed (LARGEEP_TUNE ll_spread=0): block le unpacks local expert le (N count words, one warp
+// per row). Spread (default): every block reads all E/N * N count words into `cnt` (dynamic shared memory,
+// E/N * N + 1 ints), turns them into a prefix sum, and the grid's warps share the rows, each cut into `parts`
+// column slices, so that the work does not wait on a second wave of blocks (one per expert) or on the busiest
+// expert. Output rows past an expert's count get src_info and meta -1.
 __global__ void __launch_bounds__(kLLThreads) ll_dispatch_recv_kernel(LowLatencyCtx c, uint8_t* out_x,
                                                                       float* out_scales, int* out_count,
                                                                       int* src_info, int* meta, int use_fp8,
                                                                       const int64_t* handle_seq) {
-    const int N = c.num_ranks, me = c.rank, H = c.hidden, M = c.max_tokens;
-    const int le = blockIdx.x;
+    extern __shared__ int cnt[];
+    const int N = c.num_ranks, me = c.rank, M = c.max_tokens, epr = c.num_experts / N;
     const int64_t seq = *handle_seq;
     const int slot_buf = static_cast<int>(seq & 1);
-    __shared__ int off[33];
+    const int segs = c.spread ? epr * N : N;  // count words this block reads: (expert, source) pairs
+    const int le0 = c.spread ? 0 : static_cast<int>(blockIdx.x);
     __shared__ int ok_all;
     if (threadIdx.x == 0) ok_all = has_error(c.err) ? 0 : 1;
     __syncthreads();
-    if (static_cast<int>(threadIdx.x) < N) {
+    for (int i = threadIdx.x; i < segs; i += blockDim.x) {
         int n = 0;
-        const int64_t* f = ll_flags(c.base, c) + ll_flag_index(c, kLLCounts, slot_buf, le * N + threadIdx.x);
-        if (ok_all && ll_wait(f, seq << 32, c, kOpLowLatencyDispatch, threadIdx.x)) {
+        const int64_t* f = ll_flags(c.base, c) + ll_flag_index(c, kLLCounts, slot_buf, le0 * N + i);
+        if (ok_all && ll_wait(f, seq << 32, c, kOpLowLatencyDispatch, i % N)) {
             const int64_t v = ld_acquire_sys(f);
             n = (v >> 32) == seq ? static_cast<int>(v & 0xffffffff) : 0;
         } else {
             atomicAnd(&ok_all, 0);
         }
-        off[threadIdx.x + 1] = n;
+        cnt[i + 1] = n;
     }
     __syncthreads();
-    if (threadIdx.x == 0) {
-        off[0] = 0;
-        for (int s = 0; s < N; ++s) off[s + 1] += off[s];
-        out_count[le] = ok_all ? off[N] : 0;
+    const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
+    if (warp == 0) {
+        warp_prefix_inplace(cnt + 1, segs, lane);
+        if (lane == 0) cnt[0] = 0;
     }
     __syncthreads();
     const int rows = N * M;
-    const int total = ok_all ? off[N] : 0;
-    const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
-    const int64_t x_bytes = static_cast<int64_t>(H) * (use_fp8 ? 1 : 2);
-    const int num_scales = H / 128;
-    for (int i = warp; i < rows; i += kLLWarps) {
-        const int64_t o = static_cast<int64_t>(le) * rows + i;
-        if (i >= total) {
-            if (lane < 2) src_info[2 * o + lane] = -1;
-            if (lane == 0) meta[o] = -1;
-            continue;
-        }
-        int s = 0;
-        while (off[s + 1] <= i) ++s;
-        const uint8_t* src = ll_recv_row(c.base, c, slot_buf, le, s * M + (i - off[s]));
-        warp_copy<1, 4>(reinterpret_cast<int4*>(out_x + o * x_bytes), reinterpret_cast<const int4*>(src), x_bytes,
-                        lane);
-        if (use_fp8)
-            for (int q = lane; q < num_scales; q += kWarp)
-                out_scales[o * num_scales + q] = reinterpret_cast<const float*>(src + c.off_scales_in_row)[q];
-        if (lane == 0) {
-            const int tk = reinterpret_cast<const int*>(src + c.off_meta_in_row)[0];
-            src_info[2 * o] = s;
-            src_info[2 * o + 1] = tk / c.num_topk;
-            meta[o] = s * (M * c.num_topk) + tk;
-        }
+    const int total = ok_all ? cnt[segs] : 0;
+    // rows of expert le: [cnt[le * N], cnt[(le + 1) * N]) in this block's numbering
+    if (c.spread ? blockIdx.x == 0 : threadIdx.x == 0)
+        for (int le = threadIdx.x; le < (c.spread ? epr : 1); le += blockDim.x)
+            out_count[le0 + le] = ok_all ? cnt[(le + 1) * N] - cnt[le * N] : 0;
+    const int64_t x_bytes = static_cast<int64_t>(c.hidden) * (use_fp8 ? 1 : 2);
+    const int nvec = static_cast<int>(x_bytes / 16);
+    const int warps = static_cast<int>(gridDim.x) * kLLWarps;
+    const int parts = c.spread ? max(1, min(4, warps / max(1, total))) : 1;
+    const int per = (nvec + parts - 1) / parts;
+    const int gw = c.spread ? static_cast<int>(blockIdx.x) * kLLWarps + warp : warp;
+    for (int g = gw; g < total * parts; g += c.spread ? warps : kLLWarps) {
+        const int row = g / parts, part = g % parts;
+        const int k = segment_of(cnt, segs, row);  // (expert, source) pair, numbered le * N + s from le0
+        const int le = le0 + k / N, s = k % N;
+        const int64_t o = static_cast<int64_t>(le) * rows + (row - cnt[(k / N) * N]);
+        const uint8_t* src = ll_recv_row(c.base, c, slot_buf, le, s * M + (row - cnt[k]));
+        if (part * per < nvec)
+            ll_unpack_row(c, src, s, o, out_x, out_scales, src_info, meta, x_bytes, use_fp8, part * per,
+                          min(nvec, (part + 1) * per), lane);
     }
-    // Every expert block has read its rows: the slot buffer of this round is free for every source.
+    // padding: output rows past each expert's count (one thread per row of this block's share)
+    const int pad_rows = (c.spread ? epr : 1) * rows;
+    const int tid = c.spread ? static_cast<int>(blockIdx.x * blockDim.x + threadIdx.x) : static_cast<int>(threadIdx.x);
+    const int threads = c.spread ? static_cast<int>(gridDim.x * blockDim.x) : static_cast<int>(blockDim.x);
+    for (int r = tid; r < pad_rows; r += threads) {
+        const int le = r / rows, i = r % rows;
+        if (ok_all && i < cnt[(le + 1) * N] - cnt[le * N]) continue;
+        const int64_t o = static_cast<int64_t>(le0 + le) * rows + i;
+        src_info[2 * o] = -1;
+        src_info[2 * o + 1] = -1;
+        meta[o] = -1;
+    }
+    // Every block has read its rows: the slot buffer of this round is free for every source.
     if (last_block(c.block_counter + 1)) {
         if (static_cast<int>(threadIdx.x) < N)
             ll_set_flag(c, threadIdx.x, ll_flag_index(c, kLLDispatchFree, slot_buf, me), seq);
     }
 }
 
-// One block per local expert: row i of expert le goes to its source's combine buffer at [token][k].
+// Row i of local expert le, 16-byte vectors [v_lo, v_hi), goes back to its source's combine buffer at [token][k]
+// (one warp): an NVLink store on this node, else staged in symmetric memory and put.
+__device__ __forceinline__ void ll_combine_row(const LowLatencyCtx& c, const __nv_bfloat16* y, const int* meta,
+                                               int slot_buf, int le, int i, int v_lo, int v_hi, int lane) {
+    const int N = c.num_ranks, H = c.hidden, M = c.max_tokens, K = c.num_topk;
+    const int64_t o = static_cast<int64_t>(le) * N * M + i;
+    const int m = meta[o];
+    const int s = m / (M * K), tk = m % (M * K);
+    const int64_t at = c.off_comb + (static_cast<int64_t>(slot_buf) * M * K + tk) * c.comb_stride + 16ll * v_lo;
+    const int4* src = reinterpret_cast<const int4*>(y + o * H) + v_lo;
+    const int64_t bytes = 16ll * (v_hi - v_lo);
+    if (same_node(c, s)) {
+        warp_copy<0, 4>(reinterpret_cast<int4*>(ll_peer(c, s) + at), src, bytes, lane);
+    } else {
+        uint8_t* staged = c.base + c.off_comb_send + o * c.comb_stride + 16ll * v_lo;
+        warp_copy<0, 4>(reinterpret_cast<int4*>(staged), src, bytes, lane);
+        __threadfence();
+        __syncwarp();
+        nvshmemx_putmem_nbi_warp(c.base + at, staged, bytes, s);
+    }
+}
+
+// Combine send. Packed (LARGEEP_TUNE ll_spread=0): block le sends the rows of local expert le, one warp per row.
+// Spread (default): every block lays the rows of all local experts end to end (a prefix sum of the counts in shared
+// memory, `pref`, E/N + 1 ints) and cuts each row into `parts` column slices, so that every warp of the grid takes
+// an equal share however the rows fall on the experts.
 __global__ void __launch_bounds__(kLLThreads) ll_combine_send_kernel(LowLatencyCtx c, const __nv_bfloat16* y,
                                                                      const int* count, const int* meta,
                                                                      int64_t* handle_seq) {
-    const int N = c.num_ranks, me = c.rank, H = c.hidden, M = c.max_tokens, K = c.num_topk;
-    const int le = blockIdx.x;
+    extern __shared__ int pref[];
+    const int N = c.num_ranks, me = c.rank, epr = c.num_experts / N, nvec = c.hidden / 8;
     const int64_t seq = c.seq[kSeqLowLatency + 1] + 1;
     const int slot_buf = static_cast<int>(seq & 1);
     const bool ok_all = ll_block_wait(c, kLLCombineFree, slot_buf, seq - 2, kOpLowLatencyCombine);
-    if (ok_all) {
-        const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
-        const int rows = N * M;
-        const int n = count[le];
-        const int64_t row_bytes = static_cast<int64_t>(H) * 2;
-        for (int i = warp; i < n; i += kLLWarps) {
-            const int64_t o = static_cast<int64_t>(le) * rows + i;
-            const int m = meta[o];
-            const int s = m / (M * K), tk = m % (M * K);
-            const int64_t at = c.off_comb + (static_cast<int64_t>(slot_buf) * M * K + tk) * c.comb_stride;
-            if (same_node(c, s)) {
-                warp_copy<0, 4>(reinterpret_cast<int4*>(ll_peer(c, s) + at), reinterpret_cast<const int4*>(y + o * H),
-                                row_bytes, lane);
-            } else {
-                uint8_t* staged = c.base + c.off_comb_send + o * c.comb_stride;
-                warp_copy<0, 4>(reinterpret_cast<int4*>(staged), reinterpret_cast<const int4*>(y + o * H), row_bytes,
-                                lane);
-                __threadfence();
-                __syncwarp();
-                nvshmemx_putmem_nbi_warp(c.base + at, staged, row_bytes, s);
-            }
+    const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
+    if (ok_all && !c.spread) {
+        const int le = blockIdx.x, n = count[le];
+        for (int i = warp; i < n; i += kLLWarps) ll_combine_row(c, y, meta, slot_buf, le, i, 0, nvec, lane);
+    } else if (ok_all) {
+        for (int i = threadIdx.x; i < epr; i += blockDim.x) pref[i + 1] = count[i];
+        __syncthreads();
+        if (warp == 0) {
+            warp_prefix_inplace(pref + 1, epr, lane);
+            if (lane == 0) pref[0] = 0;
+        }
+        __syncthreads();
+        const int total = pref[epr], warps = static_cast<int>(gridDim.x) * kLLWarps;
+        const int parts = max(1, min(4, warps / max(1, total)));
+        const int per = (nvec + parts - 1) / parts;
+        for (int g = blockIdx.x * kLLWarps + warp; g < total * parts; g += warps) {
+            const int row = g / parts, part = g % parts;
+            const int lo = segment_of(pref, epr, row);  // the expert whose rows hold `row`
+            const int v_lo = part * per;
+            if (v_lo < nvec)
+                ll_combine_row(c, y, meta, slot_buf, lo, row - pref[lo], v_lo, min(nvec, v_lo + per), lane);
         }
     }
     if (c.ranks_per_node < N) nvshmem_quiet();
@@ -506,7 +593,7 @@ void launch_ll_dispatch_send(const LowLatencyCtx& c, const void* x, const int64_
     HOST_ASSERT(c.num_ranks <= 32, "at most 32 ranks");
     if (c.send_mode == 1 || (c.send_mode < 0 && num_tokens <= kTokenMajorMaxTokens)) {
         HOST_ASSERT(c.num_topk <= kWarp, "num_topk must be <= 32");
-        const int grid = std::min(std::max(1, num_tokens), 264);
+        const int grid = std::min(std::max(1, num_tokens), 2 * kLLMaxGrid);
         ll_dispatch_send_token_kernel<<<grid, kTokThreads, 0, stream>>>(
             c, static_cast<const __nv_bfloat16*>(x), topk_idx, num_tokens, use_fp8 ? 1 : 0, round_scale ? 1 : 0,
             handle_seq);
@@ -514,7 +601,7 @@ void launch_ll_dispatch_send(const LowLatencyCtx& c, const void* x, const int64_
         return;
     }
     const int pairs = std::max(1, num_tokens * c.num_topk);
-    const int grid = std::min(std::max(1, ceil_div(pairs, kLLWarps)), 132);
+    const int grid = std::min(ceil_div(pairs, kLLWarps), kLLMaxGrid);
     ll_dispatch_send_kernel<<<grid, kLLThreads, 0, stream>>>(c, static_cast<const __nv_bfloat16*>(x), topk_idx,
                                                              num_tokens, use_fp8 ? 1 : 0, round_scale ? 1 : 0,
                                                              handle_seq);
@@ -523,23 +610,38 @@ void launch_ll_dispatch_send(const LowLatencyCtx& c, const void* x, const int64_
 
 void launch_ll_dispatch_recv(const LowLatencyCtx& c, void* out_x, float* out_scales, int* out_count, int* src_info,
                              int* meta, bool use_fp8, const int64_t* handle_seq, cudaStream_t stream) {
-    ll_dispatch_recv_kernel<<<c.num_experts / c.num_ranks, kLLThreads, 0, stream>>>(
+    const int epr = c.num_experts / c.num_ranks;
+    // spread: one wave of blocks (at most one per SM) sharing every expert's rows; packed: one block per expert
+    const int grid = c.spread ? std::min(kLLMaxGrid, std::max(1, ceil_div(2 * c.num_ranks * c.max_tokens *
+                                                                              c.num_topk, kLLWarps)))
+                              : epr;
+    const size_t smem = sizeof(int) * ((c.spread ? epr * c.num_ranks : c.num_ranks) + 1);
+    HOST_ASSERT(smem <= 48 * 1024, "too many experts for the dispatch receive: " << c.num_experts);
+    ll_dispatch_recv_kernel<<<grid, kLLThreads, smem, stream>>>(
         c, static_cast<uint8_t*>(out_x), out_scales, out_count, src_info, meta, use_fp8 ? 1 : 0, handle_seq);
     LAUNCH_CHECK();
 }
 
 void launch_ll_combine_send(const LowLatencyCtx& c, const void* y, const int* count, const int* meta,
                             int64_t* handle_seq, cudaStream_t stream) {
-    ll_combine_send_kernel<<<c.num_experts / c.num_ranks, kLLThreads, 0, stream>>>(
-        c, static_cast<const __nv_bfloat16*>(y), count, meta, handle_seq);
+    const int epr = c.num_experts / c.num_ranks;
+    // spread: enough blocks for every row this rank can hold (N * M * K at most), two slices each
+    const int grid = c.spread ? std::min(kLLMaxGrid, std::max(1, ceil_div(2 * c.num_ranks * c.max_tokens * c.num_topk,
+                                                                          kLLWarps)))
+                              : epr;
+    const size_t smem = c.spread ? sizeof(int) * (epr + 1) : 0;
+    HOST_ASSERT(smem <= 48 * 1024, "too many experts per rank for the combine send: " << epr);
+    ll_combine_send_kernel<<<grid, kLLThreads, smem, stream>>>(c, static_cast<const __nv_bfloat16*>(y), count, meta,
+                                                               handle_seq);
     LAUNCH_CHECK();
 }
 
 void launch_ll_combine_recv(const LowLatencyCtx& c, const int64_t* topk_idx, const float* topk_weights, void* out,
                             int num_tokens, const int64_t* handle_seq, cudaStream_t stream) {
-    // about 1024 warps in all when tokens are few, at most 8 per token
-    const int slices = std::max(1, std::min(8, 1024 / std::max(1, num_tokens)));
-    const int grid = std::min(std::max(1, ceil_div(static_cast<int64_t>(num_tokens) * slices, kLLWarps)), 132);
+    // about 1024 warps in all when tokens are few (spread: every warp of the grid), at most 8 (16) per token
+    const int slices = c.spread ? std::max(1, std::min(16, ceil_div(kLLMaxGrid * kLLWarps, std::max(1, num_tokens))))
+                                : std::max(1, std::min(8, 1024 / std::max(1, num_tokens)));
+    const int grid = std::min(std::max(1, ceil_div(static_cast<int64_t>(num_tokens) * slices, kLLWarps)), kLLMaxGrid);
     ll_combine_recv_kernel<<<grid, kLLThreads, 0, stream>>>(c, topk_idx, topk_weights,
                                                             static_cast<__nv_bfloat16*>(out), num_tokens, slices,
                                                             handle_seq);

@@ -234,7 +234,8 @@ class NvshmemBackend:
             self.error_word.data_ptr(), settings.timeout_s,
         )
         if ctx.low_latency:
-            self.ll = self.C.LowLatencyKernels(*common, ctx.ranks_per_node, settings.tune["ll_send"])
+            self.ll = self.C.LowLatencyKernels(*common, ctx.ranks_per_node, settings.tune["ll_send"],
+                                               settings.tune["ll_spread"])
         else:
             self.kernels = self.C.NormalKernels(
                 *common, ctx.ranks_per_node, settings.tune["threads"], settings.tune["load"], settings.tune["unroll"],

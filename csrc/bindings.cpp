@@ -481,6 +481,19 @@ PYBIND11_MODULE(_C, m) {
     m.def("host_alloc", &runtime::host_alloc);
     m.def("host_free", &runtime::host_free);
     m.def("wait_host_word", &runtime::wait_host_word, py::call_guard<py::gil_scoped_release>());
+    // Stream ordering without torch's Event objects (a Buffer's call orders its stream after the caller's and back):
+    // an event of the current device, and "waiter waits for what is queued on signaler now" through that event.
+    m.def("event_create", []() {
+        cudaEvent_t e = nullptr;
+        CUDA_CHECK(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
+        return reinterpret_cast<uintptr_t>(e);
+    });
+    m.def("event_destroy", [](uintptr_t e) { cudaEventDestroy(reinterpret_cast<cudaEvent_t>(e)); });
+    m.def("stream_wait", [](uintptr_t waiter, uintptr_t signaler, uintptr_t event) {
+        const cudaEvent_t e = reinterpret_cast<cudaEvent_t>(event);
+        CUDA_CHECK(cudaEventRecord(e, stream_of(signaler)));
+        CUDA_CHECK(cudaStreamWaitEvent(stream_of(waiter), e, 0));
+    });
 
     m.def("normal_layout", [](int n, int e, int k, int h, int t, int p, int zc_slots) {
         const NormalLayout l = normal_layout(n, e, k, h, t, p, zc_slots);

@@ -27,9 +27,60 @@ from largeep.layout import Layout
 Tokens = Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]  # noqa: UP007 - a runtime alias (Python 3.10)
 _buffer_ids = itertools.count(1)
 
+# torch's own calls under torch.cuda.current_stream / set_stream, which take and give plain ints (no Stream objects,
+# no device lookups): the finished-call path below uses them; a torch without them takes the general path.
+_GET_STREAM = getattr(torch._C, "_cuda_getCurrentStream", None)
+_SET_STREAM = getattr(torch._C, "_cuda_setStream", None)
+_RAW_STREAM = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+
+
+class _FinishedCalls:
+    """How a call that returns finished (no ``async_finish``, no ``previous_event``) runs on the Buffer's stream,
+    cheaply (small calls are host-bound): the Buffer's stream waits for what is queued on the caller's through a
+    native event, the call runs with the Buffer's stream current (its allocations and torch ops go there, as on
+    the general path), then the caller's stream waits for the Buffer's through a second event. Inputs need no
+    ``record_stream``: the caller's stream is ordered after every kernel that reads them before anything else runs
+    there. Outputs still get ``record_stream`` on the caller's stream (made on the Buffer's stream, they may be
+    used and freed on the caller's while a later call from another stream allocates on the Buffer's)."""
+
+    def __init__(self, native: Any, stream: torch.cuda.Stream) -> None:
+        self.C = native
+        self.index = stream.device.index
+        self.stream_id, self.device_type = stream.stream_id, stream.device_type
+        self.raw = int(stream.cuda_stream)
+        with torch.cuda.device(stream.device):
+            self.ev_in, self.ev_out = native.event_create(), native.event_create()
+
+    def usable(self) -> bool:
+        """The caller is on the Buffer's device (launches need it current)."""
+        return torch.cuda.current_device() == self.index
+
+    def run(self, fn: Callable[[], Any]) -> Any:
+        assert _GET_STREAM is not None and _SET_STREAM is not None and _RAW_STREAM is not None
+        stream_id, device_index, device_type = _GET_STREAM(self.index)
+        caller_raw = int(_RAW_STREAM(self.index))
+        self.C.stream_wait(self.raw, caller_raw, self.ev_in)
+        _SET_STREAM(stream_id=self.stream_id, device_index=self.index, device_type=self.device_type)
+        try:
+            result = fn()
+        finally:
+            _SET_STREAM(stream_id=stream_id, device_index=device_index, device_type=device_type)
+            self.C.stream_wait(caller_raw, self.raw, self.ev_out)
+        outputs = _tensors_of(result)
+        if outputs:
+            caller = torch.cuda.Stream(stream_id=stream_id, device_index=device_index, device_type=device_type)
+            for t in outputs:
+                t.record_stream(caller)
+        return result
+
+    def close(self) -> None:
+        self.C.event_destroy(self.ev_in)
+        self.C.event_destroy(self.ev_out)
+
 
 class EventOverlap:
-    """An event on the Buffer's stream (None on CPU, where every call has finished when it returns)."""
+    """An event on the Buffer's stream. None on CPU, and for a call without ``async_finish`` (and without
+    ``previous_event``): the caller's stream is then already ordered after the call."""
 
     def __init__(self, event: torch.cuda.Event | None = None) -> None:
         self.event = event
@@ -231,6 +282,13 @@ class Buffer:
         self._id = next(_buffer_ids)
         self._alive = True
         self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self._finished: _FinishedCalls | None = None
+        if self._stream is not None and self.backend_name == "nvshmem" and None not in (
+            _GET_STREAM, _SET_STREAM, _RAW_STREAM
+        ):
+            from largeep import native
+
+            self._finished = _FinishedCalls(native.module(), self._stream)
 
     # -- properties --------------------------------------------------------------------------------------------
     @property
@@ -277,6 +335,9 @@ class Buffer:
         if not self._alive:
             return
         self._alive = False
+        if self._finished is not None:
+            self._finished.close()
+            self._finished = None
         destroy = getattr(self._impl, "destroy", None)
         if destroy is not None:
             destroy()
@@ -306,9 +367,18 @@ class Buffer:
         async_finish: bool,
         inputs: list[torch.Tensor | None],
     ) -> tuple[Any, EventOverlap]:
-        """Runs ``fn`` on the Buffer's stream after the caller's stream (or ``previous_event``)."""
+        """Runs ``fn`` on the Buffer's stream after the caller's stream (or ``previous_event``). A call that
+        returns finished gets no event (None: the caller's stream is already ordered after it)."""
         if self._stream is None:
             return fn(), EventOverlap(None)
+        if self._is_finished_call(previous_event, async_finish):
+            assert self._finished is not None
+            zc = sys.modules.get("largeep.backends.nvshmem_backend")
+            if zc is not None:  # a zero-copy dispatch output read here: its slot waits for this stream too
+                for t in inputs:
+                    if t is not None:
+                        zc.record_zero_copy(t, self._finished.raw)
+            return self._finished.run(fn), EventOverlap(None)
         compute = torch.cuda.current_stream(self._stream.device)
         if previous_event is not None and previous_event.event is not None:
             self._stream.wait_event(previous_event.event)
@@ -326,6 +396,12 @@ class Buffer:
         if not async_finish:
             compute.wait_event(event)
         return result, EventOverlap(event)
+
+    def _is_finished_call(self, previous_event: EventOverlap | None, async_finish: bool) -> bool:
+        return (
+            self._finished is not None and not async_finish
+            and (previous_event is None or previous_event.event is None) and self._finished.usable()
+        )
 
     # -- normal mode --------------------------------------------------------------------------------------------
     def get_dispatch_layout(
@@ -402,7 +478,7 @@ class Buffer:
             )
             checks.topk_weights(op, topk_weights, num_tokens=t, num_topk=c.num_topk, device=c.device)
 
-        caller = torch.cuda.current_stream(c.device) if c.device.type == "cuda" else None
+        caller = _caller_stream(c.device)  # zero-copy outputs record their release on it
 
         def run() -> Any:
             return self._impl.dispatch(
@@ -545,6 +621,10 @@ class Buffer:
             if self._stream is None:
                 finish()
                 return
+            if self._is_finished_call(None, False):
+                assert self._finished is not None
+                self._finished.run(finish)
+                return
             compute = torch.cuda.current_stream(self._stream.device)
             self._stream.wait_stream(compute)
             with _on_stream(self._stream, compute):
@@ -552,6 +632,15 @@ class Buffer:
             compute.wait_stream(self._stream)
 
         return hook
+
+
+def _caller_stream(device: torch.device) -> int | None:
+    """The raw handle of the current stream on ``device`` (None on CPU)."""
+    if device.type != "cuda":
+        return None
+    if _RAW_STREAM is not None and device.index is not None:
+        return int(_RAW_STREAM(device.index))
+    return int(torch.cuda.current_stream(device).cuda_stream)
 
 
 @contextlib.contextmanager

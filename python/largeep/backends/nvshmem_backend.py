@@ -359,9 +359,10 @@ class NvshmemBackend:
         state: _NvState | None,
         expert_alignment: int,
         num_worst_tokens: int,
-        caller_stream: torch.cuda.Stream | None = None,
+        caller_stream: int | None = None,
     ) -> NormalDispatchOut:
-        """``caller_stream``: the stream the caller is on; zero-copy outputs record their release on it."""
+        """``caller_stream``: the raw handle of the stream the caller is on; zero-copy outputs record their
+        release on it (None: the current stream)."""
         self._raise_if_failed("dispatch")
         c = self.ctx
         dev = c.device
@@ -437,8 +438,8 @@ class NvshmemBackend:
         out_idx: torch.Tensor | None = None
         out_w: torch.Tensor | None = None
         if slot:
-            rel = caller_stream if caller_stream is not None else torch.cuda.current_stream(dev)
-            planes = k.zc_outputs(slot, rows, c.hidden * elem, x_scales is not None, True, int(rel.cuda_stream))
+            rel = caller_stream if caller_stream is not None else self._stream()
+            planes = k.zc_outputs(slot, rows, c.hidden * elem, x_scales is not None, True, rel)
             out_x = torch.from_dlpack(planes[0]).view(x.dtype)
             out_s = torch.from_dlpack(planes[1]) if x_scales is not None else None
             out_idx, out_w = torch.from_dlpack(planes[2]), torch.from_dlpack(planes[3])

@@ -162,7 +162,7 @@ class TorchBackend:
         state: _VarState | _FixedState | None,
         expert_alignment: int,
         num_worst_tokens: int,
-        caller_stream: torch.cuda.Stream | None = None,  # nvshmem's zero-copy outputs only
+        caller_stream: int | None = None,  # nvshmem's zero-copy outputs only
     ) -> NormalDispatchOut:
         if num_worst_tokens > 0 or isinstance(state, _FixedState):
             return self._dispatch_fixed(x, x_scales, topk_idx, topk_weights, state, expert_alignment, num_worst_tokens)

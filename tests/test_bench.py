@@ -232,6 +232,12 @@ def test_fused_combine_term() -> None:
     assert unknown.time_us == pytest.approx(split.time_us)
     two_nodes = sim.predict(w, 4, true, cluster, num_sms=8)
     assert two_nodes.t_copy_us > 0  # several nodes: push + forward + reduce
+    # push blocks move the rows for the node's other ranks only; reduce blocks go with this rank's own tokens
+    push = sim.predict(w, 2, replace(true, reduce_gbps=1e9), cluster, num_sms=24).t_sm_us
+    tr = sim.traffic(w, 2, 2, sim.routing_stats(2, 2, 256, 8))
+    assert push == pytest.approx(tr.nvlink / (9 * 1e3 * true.comb_gbps))
+    one = sim.predict(w, 1, true, sim.Cluster(gpus_per_node=1), num_sms=24)  # one rank: nothing to push
+    assert one.t_sm_us == pytest.approx(4096 * 2 * 7168 / (15 * 1e3 * true.reduce_gbps))  # 15 reduce blocks
     # a record's tune names its split; otherwise combine_eighths, else push + reduce
     assert sim.record_eighths({"tune": "threads=512,comb=5"}) == 5
     assert sim.record_eighths({"tune": "", "combine_eighths": 3}) == 3

@@ -69,6 +69,25 @@ def test_create_destroy(pools, world: int, backend: str, pg: str) -> None:
     assert_flat([r["samples"] for r in results], "100 create/destroy cycles")
 
 
+# 4 ranks of a gloo group on 2 GPUs, 2 per GPU (NVSHMEM's several PEs per GPU): the 4-rank paths of the long run
+# and of the create/destroy cycles where no 4-GPU machine is lent; LARGEEP_TEST_SHARED_GPUS=1 on the GPU machine.
+shared_gpus = [
+    pytest.mark.gpu(2),
+    pytest.mark.skipif(os.environ.get("LARGEEP_TEST_SHARED_GPUS") != "1",
+                       reason="LARGEEP_TEST_SHARED_GPUS=1 runs 4 ranks on 2 GPUs (NVSHMEM's several PEs per GPU)"),
+]
+
+
+@pytest.mark.parametrize("world,backend,pg", [pytest.param(4, "nvshmem", "gloo-cuda", marks=shared_gpus)])
+def test_long_run_four_ranks_shared_gpus(pools, world: int, backend: str, pg: str) -> None:
+    test_long_run(pools, world, backend, pg)
+
+
+@pytest.mark.parametrize("world,backend,pg", [pytest.param(4, "nvshmem", "gloo-cuda", marks=shared_gpus)])
+def test_create_destroy_four_ranks_shared_gpus(pools, world: int, backend: str, pg: str) -> None:
+    test_create_destroy(pools, world, backend, pg)
+
+
 @pytest.mark.parametrize("world,backend,pg", runs(2) + runs(4))
 def test_two_groups_side_by_side(pools, world: int, backend: str, pg: str) -> None:
     results = pools(world, pg).run(random_bodies.two_groups, backend, 17)

@@ -196,6 +196,7 @@ class Traffic:
     rdma: float
     sm: float
     copy: float = 0.0  # received rows in BF16 bytes: the receive-side pass (normal mode)
+    reduced: float = 0.0  # this GPU's own tokens in BF16 bytes: what the fused combine's reduce blocks write
 
 
 def traffic(
@@ -215,7 +216,7 @@ def traffic(
         else:
             rdma = rows * (n - p) / n
             nvl = rows * (p - 1) / n
-        return Traffic(rows * b, nvl * b, rdma * b, rows * b, rows * b16)
+        return Traffic(rows * b, nvl * b, rdma * b, rows * b, rows * b16, t * b16)
     copies = t * w.num_topk
     return Traffic(copies * b, copies * (p - 1) / n * b, copies * (n - p) / n * b, 0.0)
 
@@ -226,8 +227,9 @@ class Params:
     """Fitted constants. lat_us: fixed latency per "mode.op"; eff_*: fraction of the link bandwidth reached;
     sm_gbps: per-SM throughput cap of the send kernels (GB/s of logical bytes per SM, normal mode); copy_gbps:
     per-SM throughput of the receive-side pass run after the transfer (GB/s of BF16 row bytes per SM; None = no
-    such pass); comb_gbps: per push block of the fused combine (None = not known: combines are modelled as push +
-    reduce); reduce_gbps: per reduce block of the fused combine (GB/s of BF16 row bytes; None = never the bound);
+    such pass); comb_gbps: per push block of the fused combine (GB/s of the rows pushed to this node's other
+    ranks; None = not known: combines are modelled as push + reduce); reduce_gbps: per reduce block of the fused
+    combine (GB/s of this rank's own tokens in BF16: one warp sums a token; None = never the bound);
     source: where the numbers come from; fitted: which constants the data determined (the rest are placeholders)."""
 
     lat_us: dict[str, float]
@@ -317,8 +319,10 @@ def _terms(tr: Traffic, w: Workload, cluster: Cluster, num_sms: int | None,
     }
     if w.mode == "normal" and num_sms and fused_eighths > 0:
         pushing = push_blocks(num_sms, fused_eighths)
-        out["comb"] = (tr.sm / (pushing * 1e3), 0.0)
-        out["reduce"] = (tr.copy / ((max(2, num_sms) - pushing) * 1e3), 0.0)
+        out["comb"] = (tr.nvlink / (pushing * 1e3), 0.0)  # rows for this node's other ranks: a rank's own stay
+        # one warp per token, waiting for its rows as they arrive: the time goes with the tokens summed (1 GPU:
+        # 0.44 us per token and reduce block, one row each; 2 GPUs: 0.51 us, two rows each; session 6)
+        out["reduce"] = (tr.reduced / ((max(2, num_sms) - pushing) * 1e3), 0.0)
     elif w.mode == "normal" and num_sms:
         out["sm"] = (tr.sm / (num_sms * 1e3), 0.0)
         out["copy"] = (tr.copy / (num_sms * 1e3), 0.0)

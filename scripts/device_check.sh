@@ -104,7 +104,7 @@ for stage in $STAGES; do
     shared)
       # 4 ranks on 2 GPUs (2 per GPU, a gloo group): the 4-rank paths for correctness when no 4-GPU machine is lent
       (cd tests && LARGEEP_TEST_SHARED_GPUS=1 LARGEEP_TIMEOUT_S=${LARGEEP_TIMEOUT_S:-60} timeout 900 $PY -m pytest -q -ra \
-        -p no:cacheprovider -m gpu -k shared_gpus test_gpu.py) > "$OUT/shared_gpus_tests.log" 2>&1 || rc=1
+        -p no:cacheprovider -m gpu -k shared_gpus test_gpu.py test_long_run.py) > "$OUT/shared_gpus_tests.log" 2>&1 || rc=1
       echo "shared-GPU tests: $(tail -1 "$OUT/shared_gpus_tests.log")" | tee -a "$OUT/summary.txt"
       ;;
     comb)

@@ -150,7 +150,7 @@ class NormalRound:
     def __init__(self, buf: largeep.Buffer, case: NormalCase, chk: Checker, group: dist.ProcessGroup | None = None):
         self.buf, self.case, self.chk = buf, case, chk
         self.rank, self.world = dist.get_rank(group), dist.get_world_size(group)
-        self.dev = group_device(group)
+        self.dev = buf.ctx.device  # the group's device, or the current CUDA device for nvshmem on a gloo group
         self.dtype: torch.dtype = getattr(torch, case.dtype)
         assert len(case.tokens) == self.world, "case made for another world size"
         c = case
@@ -320,7 +320,7 @@ class LowLatencyRound:
     ) -> None:
         self.buf, self.case, self.chk = buf, case, chk
         self.rank, self.world = dist.get_rank(group), dist.get_world_size(group)
-        self.dev = group_device(group)
+        self.dev = buf.ctx.device
         c = case
         assert len(c.tokens) == self.world and max(c.tokens) <= c.max_tokens
         self.inputs = [

@@ -6,6 +6,7 @@ launches). Decoding runs these ops inside CUDA graphs, so this script reports wh
            (op "send"/"recv" of dispatch and combine, op "dispatch"/"combine" = send + recv);
   hook:    the same kernels in hook mode with a synchronize and a barrier between send and receive (of
            "dispatch_hook"/"combine_hook"): a receive's own time, without waiting for the slower rank's sends;
+           op "dispatch"/"combine" of them = send + receive (what the cost model fits: no rank skew in it);
   graph:   one CUDA graph holding dispatch + combine, replay time measured with events (op "roundtrip"), once
            per barrier ("graph") and averaged over --graph-reps replays back to back ("graph_back_to_back").
 Per iteration the slowest rank counts; records give median and p10/p90. Ranks are aligned by a barrier before
@@ -118,6 +119,9 @@ def _body(rank: int, world: int, args: argparse.Namespace, device: torch.device)
         ops[("dispatch_hook", "recv")] = hooked["ll_dispatch_recv_kernel"]
         ops[("combine_hook", "send")] = hooked["ll_combine_send_kernel"]
         ops[("combine_hook", "recv")] = hooked["ll_combine_recv_kernel"]
+        for kind in ("dispatch_hook", "combine_hook"):  # the op without waiting for the slower rank's sends
+            ops[(kind, kind.split("_")[0])] = [a + b for a, b in zip(ops[(kind, "send")], ops[(kind, "recv")],
+                                                                    strict=True)]
         # CUDA graph of dispatch + combine, replayed
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
@@ -150,7 +154,7 @@ def _body(rank: int, world: int, args: argparse.Namespace, device: torch.device)
         ops[("graph_back_to_back", "roundtrip")] = b2b
         for (kind, op), times in ops.items():
             med, p10, p90 = _stats(_gather(times[: args.iters], world))
-            nbytes = mean_copies * (row if kind == "dispatch" else rec.row_bytes("bf16", args.hidden))
+            nbytes = mean_copies * (row if kind.startswith("dispatch") else rec.row_bytes("bf16", args.hidden))
             out.append({
                 "backend": "nvshmem", "mode": "low_latency", "op": op, "of": kind, "ep": world,
                 "ranks_per_node": world, "num_tokens": tokens, "hidden": args.hidden, "num_topk": args.topk,

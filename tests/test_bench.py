@@ -244,6 +244,33 @@ def test_fused_combine_term() -> None:
     assert sim.record_eighths({}) == 0
 
 
+def test_low_latency_hook_records(tmp_path: Path) -> None:
+    """A low-latency file's hook-mode send + receive pairs give the op records the fit uses (derived when the file
+    predates them); the plain ones, whose receive waits for the slower rank's sends, are left out; tokens can be
+    held out."""
+    base = {"backend": "nvshmem", "mode": "low_latency", "ep": 2, "ranks_per_node": 2, "hidden": 7168,
+            "num_topk": 8, "num_experts": 288, "dtype": "fp8", "num_sms": None, "logical_gbps": None}
+    recs = []
+    for t in (1, 128):
+        for of, op, us in (("dispatch", "dispatch", 90.0), ("dispatch_hook", "send", 20.0 + t / 10),
+                           ("dispatch_hook", "recv", 8.0), ("combine_hook", "send", 10.0),
+                           ("combine_hook", "recv", 7.0)):
+            recs.append({**base, "of": of, "op": op, "num_tokens": t, "time_us_median": us, "time_us_p10": us,
+                         "time_us_p90": us})
+    path = tmp_path / "low_latency_times_ep2.json"
+    path.write_text(json.dumps({"what": "low-latency kernel times", "records": recs}))
+    loaded = sim.load(path)
+    derived = [r for r in loaded if r.get("derived")]
+    assert sorted((r["of"], r["op"], r["num_tokens"], r["time_us_median"]) for r in derived) == [
+        ("combine_hook", "combine", 1, 17.0), ("combine_hook", "combine", 128, 17.0),
+        ("dispatch_hook", "dispatch", 1, pytest.approx(28.1)), ("dispatch_hook", "dispatch", 128, pytest.approx(40.8))]
+    used = sim.skew_free([r for r in loaded if sim._usable(r)])
+    assert all(str(r["of"]).endswith("_hook") for r in used) and len(used) == 4  # the plain 90 us ones are out
+    fit, held, how = sim.split_holdout(used, tokens=[128])
+    assert {int(r["num_tokens"]) for r in held} == {128} and {int(r["num_tokens"]) for r in fit} == {1}
+    assert "[128] tokens" in how
+
+
 def test_calibrate_with_noise_and_holdout_check() -> None:
     cluster = sim.Cluster()
     recs = _synthetic(TRUE, cluster, noise=0.02)

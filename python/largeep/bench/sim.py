@@ -394,7 +394,42 @@ def load(paths: str | Path | Sequence[str | Path], *, label: str | None = None,
             row["file"] = str(path)
             row["label"] = label or path.parent.name
             out.append(row)
+        out += _hook_sums(out[len(out) - len(recs):])
     return out
+
+
+def _hook_sums(recs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Low-latency records of one file: for each hook-mode send and receive pair (``of`` "dispatch_hook" /
+    "combine_hook", bench/low_latency_times.py) without its op record (files of session 6 before it wrote them),
+    that record derived as the sum of the two medians (p10 and p90 likewise), marked ``derived``."""
+    key = ("of", "ep", "num_tokens", "hidden", "num_topk", "num_experts", "dtype")
+    have = {tuple(r.get(k) for k in key) for r in recs if str(r.get("of", "")).endswith("_hook") and r["op"] in OPS}
+    parts: dict[tuple[Any, ...], dict[str, dict[str, Any]]] = {}
+    for r in recs:
+        if r.get("mode") == "low_latency" and str(r.get("of", "")).endswith("_hook") and r["op"] in ("send", "recv"):
+            parts.setdefault(tuple(r.get(k) for k in key), {})[r["op"]] = r
+    out = []
+    for k, pair in parts.items():
+        if k in have or len(pair) < 2:
+            continue
+        s, v = pair["send"], pair["recv"]
+        row = dict(s)
+        row["op"] = str(s["of"]).split("_")[0]
+        for q in ("time_us_median", "time_us_p10", "time_us_p90"):
+            row[q] = float(s[q]) + float(v[q])
+        row["derived"] = "sum of the hook-mode send and receive medians"
+        out.append(row)
+    return out
+
+
+def skew_free(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The records a low-latency fit should use: where a file has hook-mode dispatch/combine records (send and
+    receive with every rank's sends complete in between), those, and not the plain ones, whose receive also waits
+    for the slower rank's sends (the ranks' launch skew, which no model term covers)."""
+    hooked = {(r["file"], r["op"]) for r in records
+              if r.get("mode") == "low_latency" and str(r.get("of", "")).endswith("_hook")}
+    return [r for r in records if not (r.get("mode") == "low_latency" and (r["file"], r["op"]) in hooked
+                                      and not str(r.get("of", "")).endswith("_hook"))]
 
 
 # -- calibration ------------------------------------------------------------------------------------------------
@@ -575,16 +610,22 @@ def check(
 
 
 def split_holdout(
-    records: Sequence[dict[str, Any]], *, eps: Sequence[int] = (), sms: Sequence[int] = ()
+    records: Sequence[dict[str, Any]], *, eps: Sequence[int] = (), sms: Sequence[int] = (),
+    tokens: Sequence[int] = (),
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], str]:
-    """(fit, held out, how). With ``eps`` or ``sms``: hold out every record at one of those EPs or SM counts.
-    Otherwise: hold out the largest EP when there are several, else every third record."""
-    if eps or sms:
-        out = [r for r in records if int(r["ep"]) in eps or r.get("num_sms") in sms]
-        fit = [r for r in records if not (int(r["ep"]) in eps or r.get("num_sms") in sms)]
+    """(fit, held out, how). With ``eps``, ``sms`` or ``tokens``: hold out every record at one of those EPs, SM
+    counts or tokens per rank. Otherwise: hold out the largest EP when there are several, else every third
+    record."""
+    if eps or sms or tokens:
+        def is_held(r: dict[str, Any]) -> bool:
+            return int(r["ep"]) in eps or r.get("num_sms") in sms or r.get("num_tokens") in tokens
+
+        out = [r for r in records if is_held(r)]
+        fit = [r for r in records if not is_held(r)]
         fit_eps = sorted({int(r["ep"]) for r in fit})
         fit_sms = sorted({r.get("num_sms") for r in fit}, key=lambda v: -1 if v is None else v)
-        what = " and ".join(x for x in (f"EP {sorted(eps)}" if eps else "", f"{sorted(sms)} SMs" if sms else "") if x)
+        what = " and ".join(x for x in (f"EP {sorted(eps)}" if eps else "", f"{sorted(sms)} SMs" if sms else "",
+                                        f"{sorted(tokens)} tokens" if tokens else "") if x)
         return fit, out, f"fit on EP {fit_eps} at {fit_sms} SMs, checked on every record at {what}"
     all_eps = sorted({int(r["ep"]) for r in records})
     if len(all_eps) > 1:
@@ -669,12 +710,14 @@ def plot_sweep(
         return [r["ep"] for r in sel], [r[key] for r in sel]
 
     def points(recs: Sequence[dict[str, Any]], mode: str, op: str, dtype: str | None) -> list[dict[str, Any]]:
-        """Records of this mode and op; normal mode: this dispatch dtype (combine is BF16 whatever the record's
-        dtype says), the sweep's SM count and token count."""
+        """Records of this mode and op at the sweep's token count; normal mode: this dispatch dtype (combine is
+        BF16 whatever the record's dtype says) and the sweep's SM count."""
         return [r for r in recs if r["mode"] == mode and r["op"] == op
                 and (dtype is None or op == "combine" or r["dtype"] == dtype)
-                and (mode == "low_latency" or (r.get("num_sms") in (num_sms, None)
-                                               and (normal is None or int(r["num_tokens"]) == normal[0])))]
+                and (ll_tokens is None or int(r["num_tokens"]) == ll_tokens if mode == "low_latency" else
+                     r.get("num_sms") in (num_sms, None) and (normal is None or int(r["num_tokens"]) == normal[0]))]
+
+    ll_tokens = next((int(r["tokens"]) for r in rows if r["mode"] == "low_latency"), None)
 
     ll_src = "fitted" if "low_latency.dispatch" in params.fitted else "PLACEHOLDER constants"
 
@@ -812,6 +855,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "when there are any, else any. The rest are shown, not fitted")
     p.add_argument("--holdout-ep", type=_ints, default=[], help="hold these EPs out of the check fit")
     p.add_argument("--holdout-sms", type=_ints, default=[], help="hold these SM counts out of the check fit")
+    p.add_argument("--holdout-tokens", type=_ints, default=[], help="hold these tokens per rank out of the check fit")
     p.add_argument("--no-copy-phase", action="store_true",
                    help="fit without the serial receive pass (zero-copy dispatch has none; also the model before "
                         "the push design)")
@@ -874,7 +918,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     measured_cluster = Cluster(nvlink_gbps=args.nvlink_gbps, nic_gbps=args.nic_gbps,
                                nvlink_latency_us=args.nvlink_latency_us, nic_latency_us=args.nic_latency_us)
     hier, ovl, copy = not args.flat, not args.no_overlap, not args.no_copy_phase
-    usable = [r for r in load(args.calibrate, fused_combine=args.fused_combine) if _usable(r)] if args.calibrate else []
+    usable = skew_free([r for r in load(args.calibrate, fused_combine=args.fused_combine) if _usable(r)]) \
+        if args.calibrate else []
     backend = _pick_backend(usable, args.backend)
     pool = [r for r in usable if r["backend"] == backend]
     timing = args.timing
@@ -890,7 +935,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     holdout: dict[str, Any] | None = None
     holdout_alt: dict[str, Any] | None = None
     if records:
-        fit, held, how = split_holdout(records, eps=args.holdout_ep, sms=args.holdout_sms)
+        fit, held, how = split_holdout(records, eps=args.holdout_ep, sms=args.holdout_sms,
+                                       tokens=args.holdout_tokens)
         if fit and held:
             p_fit = calibrate(fit, copy_phase=copy, **kw)
             holdout = _check_doc(check(p_fit, held, **kw), how, p_fit)

@@ -451,3 +451,39 @@ def layout_id_check(rank: int, world: int) -> None:
         _roundtrip_small(buf, 9)
     finally:
         buf.destroy()
+
+
+def finished_calls_on_streams(rank: int, world: int, rounds: int) -> None:
+    """Calls without async_finish (the Buffer's finished-call path: native events, no record_stream on inputs) made
+    from two caller streams in turn, each round's outputs used and dropped on its stream while the next round runs
+    from the other: every combine of the dispatched rows equals x times the ranks each token reached (computed
+    from the ids with torch ops), the results hold no event, and an async_finish call still returns one."""
+    c_hidden, e, k, t = 512, 4 * world, 3, 200
+    buf = largeep.Buffer(None, hidden=c_hidden, num_experts=e, num_topk=k, max_tokens_per_rank=t, backend="nvshmem")
+    try:
+        streams = (torch.cuda.Stream(), torch.cuda.Stream())
+        for i in range(rounds):
+            s = streams[i % 2]
+            with torch.cuda.stream(s):
+                g = torch.Generator(device="cuda").manual_seed(100 * i + rank)
+                x = torch.randn(t, c_hidden, device="cuda", generator=g).to(torch.bfloat16)
+                idx = torch.rand(t, e, device="cuda", generator=g).topk(k, dim=1).indices
+                idx[:: 5 + i % 3, 0] = -1
+                w = torch.rand(t, k, device="cuda", generator=g)
+                lay = buf.get_dispatch_layout(idx)
+                d = buf.dispatch(x, idx, w)
+                assert d.event.event is None, "a finished dispatch holds no event"
+                out = buf.combine(d.x, d.handle)
+                assert out.event.event is None
+                ranks = lay.is_token_in_rank.sum(1, dtype=torch.float32)
+                want = (x.float() * ranks[:, None]).to(torch.bfloat16)
+                assert torch.equal(out.x, want), f"round {i}: combine of the dispatched rows"
+                del d, out, x  # freed on this stream while the next round runs from the other
+        a = buf.dispatch(torch.zeros(5, c_hidden, dtype=torch.bfloat16, device="cuda"),
+                         torch.zeros(5, k, dtype=torch.int64, device="cuda"),
+                         torch.ones(5, k, device="cuda"), async_finish=True)
+        assert a.event.event is not None, "async_finish returns an event"
+        a.event.current_stream_wait()
+        torch.cuda.synchronize()
+    finally:
+        buf.destroy()

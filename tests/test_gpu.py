@@ -37,6 +37,12 @@ def test_layout_id_check(pools) -> None:
 
 @pytest.mark.gpu(2)
 @needs_native
+def test_finished_calls_on_streams(pools) -> None:
+    pools(2, "nccl").run(gpu_bodies.finished_calls_on_streams, 12)
+
+
+@pytest.mark.gpu(2)
+@needs_native
 def test_second_group_refused(pools) -> None:
     pools(2, "nccl").run(gpu_bodies.second_group_refused)
 

@@ -238,6 +238,11 @@ def test_fused_combine_term() -> None:
     assert push == pytest.approx(tr.nvlink / (9 * 1e3 * true.comb_gbps))
     one = sim.predict(w, 1, true, sim.Cluster(gpus_per_node=1), num_sms=24)  # one rank: nothing to push
     assert one.t_sm_us == pytest.approx(4096 * 2 * 7168 / (15 * 1e3 * true.reduce_gbps))  # 15 reduce blocks
+    # fitted on one GPU only (no push rate known), a one-GPU combine still takes the reduce-only fused term
+    reduce_only = replace(true, comb_gbps=None)
+    assert sim.predict(w, 1, reduce_only, sim.Cluster(gpus_per_node=1), num_sms=24).t_sm_us == pytest.approx(
+        one.t_sm_us)
+    assert sim.predict(w, 2, reduce_only, cluster, num_sms=8).t_copy_us > 0  # pushes with no known rate: split
     # a record's tune names its split; otherwise combine_eighths, else push + reduce
     assert sim.record_eighths({"tune": "threads=512,comb=5"}) == 5
     assert sim.record_eighths({"tune": "", "combine_eighths": 3}) == 3
@@ -266,6 +271,8 @@ def test_low_latency_hook_records(tmp_path: Path) -> None:
         ("dispatch_hook", "dispatch", 1, pytest.approx(28.1)), ("dispatch_hook", "dispatch", 128, pytest.approx(40.8))]
     used = sim.skew_free([r for r in loaded if sim._usable(r)])
     assert all(str(r["of"]).endswith("_hook") for r in used) and len(used) == 4  # the plain 90 us ones are out
+    alone = {**base, "of": "dispatch", "op": "dispatch", "num_tokens": 64, "time_us_median": 50.0, "file": str(path)}
+    assert alone in sim.skew_free([*loaded, alone])  # no hook record at its token count: kept
     fit, held, how = sim.split_holdout(used, tokens=[128])
     assert {int(r["num_tokens"]) for r in held} == {128} and {int(r["num_tokens"]) for r in fit} == {1}
     assert "[128] tokens" in how

@@ -30,7 +30,8 @@ namespace {
 
 constexpr int kLLThreads = 512;
 constexpr int kLLWarps = kLLThreads / kWarp;
-constexpr int kLLMaxGrid = 132;  // blocks: one per SM of an H100 / H200
+constexpr int kLLMaxGrid = 132;  // blocks: one per SM of an H100 / H200 (fewer SMs: two waves, slower, not wrong)
+constexpr size_t kLLMaxDynSmem = 40 * 1024;  // the spread kernels' count words (48 KiB less the static share)
 constexpr int kLLMaxTopk = 8;  // the combine receive keeps this many copies' loads in flight (larger K: one by one)
 
 __device__ __forceinline__ uint8_t* ll_peer(const LowLatencyCtx& c, int r) {
@@ -353,7 +354,8 @@ __device__ __forceinline__ void ll_unpack_row(const LowLatencyCtx& c, const uint
 // per row). Spread (default): every block reads all E/N * N count words into `cnt` (dynamic shared memory,
 // E/N * N + 1 ints), turns them into a prefix sum, and the grid's warps share the rows, each cut into `parts`
 // column slices, so that the work does not wait on a second wave of blocks (one per expert) or on the busiest
-// expert. Output rows past an expert's count get src_info and meta -1.
+// expert. Output rows past an expert's count get src_info and meta -1. A count wait that gives up (reported in the
+// error word; the call raises) leaves the outputs undefined: blocks decide on their own waits.
 __global__ void __launch_bounds__(kLLThreads) ll_dispatch_recv_kernel(LowLatencyCtx c, uint8_t* out_x,
                                                                       float* out_scales, int* out_count,
                                                                       int* src_info, int* meta, int use_fp8,
@@ -611,27 +613,31 @@ void launch_ll_dispatch_send(const LowLatencyCtx& c, const void* x, const int64_
 void launch_ll_dispatch_recv(const LowLatencyCtx& c, void* out_x, float* out_scales, int* out_count, int* src_info,
                              int* meta, bool use_fp8, const int64_t* handle_seq, cudaStream_t stream) {
     const int epr = c.num_experts / c.num_ranks;
-    // spread: one wave of blocks (at most one per SM) sharing every expert's rows; packed: one block per expert
-    const int grid = c.spread ? std::min(kLLMaxGrid, std::max(1, ceil_div(2 * c.num_ranks * c.max_tokens *
+    // spread: one wave of blocks (at most one per SM) sharing every expert's rows, while the count words of every
+    // (expert, source) fit in shared memory; packed: one block per expert
+    LowLatencyCtx k = c;
+    k.spread = c.spread && sizeof(int) * (static_cast<size_t>(epr) * c.num_ranks + 1) <= kLLMaxDynSmem;
+    const int grid = k.spread ? std::min(kLLMaxGrid, std::max(1, ceil_div(2 * c.num_ranks * c.max_tokens *
                                                                               c.num_topk, kLLWarps)))
                               : epr;
-    const size_t smem = sizeof(int) * ((c.spread ? epr * c.num_ranks : c.num_ranks) + 1);
-    HOST_ASSERT(smem <= 48 * 1024, "too many experts for the dispatch receive: " << c.num_experts);
+    const size_t smem = sizeof(int) * ((k.spread ? epr * c.num_ranks : c.num_ranks) + 1);
     ll_dispatch_recv_kernel<<<grid, kLLThreads, smem, stream>>>(
-        c, static_cast<uint8_t*>(out_x), out_scales, out_count, src_info, meta, use_fp8 ? 1 : 0, handle_seq);
+        k, static_cast<uint8_t*>(out_x), out_scales, out_count, src_info, meta, use_fp8 ? 1 : 0, handle_seq);
     LAUNCH_CHECK();
 }
 
 void launch_ll_combine_send(const LowLatencyCtx& c, const void* y, const int* count, const int* meta,
                             int64_t* handle_seq, cudaStream_t stream) {
     const int epr = c.num_experts / c.num_ranks;
-    // spread: enough blocks for every row this rank can hold (N * M * K at most), two slices each
-    const int grid = c.spread ? std::min(kLLMaxGrid, std::max(1, ceil_div(2 * c.num_ranks * c.max_tokens * c.num_topk,
+    // spread: enough blocks for every row this rank can hold (N * M * K at most), two slices each, while the
+    // per-expert counts fit in shared memory; packed: one block per expert
+    LowLatencyCtx k = c;
+    k.spread = c.spread && sizeof(int) * (static_cast<size_t>(epr) + 1) <= kLLMaxDynSmem;
+    const int grid = k.spread ? std::min(kLLMaxGrid, std::max(1, ceil_div(2 * c.num_ranks * c.max_tokens * c.num_topk,
                                                                           kLLWarps)))
                               : epr;
-    const size_t smem = c.spread ? sizeof(int) * (epr + 1) : 0;
-    HOST_ASSERT(smem <= 48 * 1024, "too many experts per rank for the combine send: " << epr);
-    ll_combine_send_kernel<<<grid, kLLThreads, smem, stream>>>(c, static_cast<const __nv_bfloat16*>(y), count, meta,
+    const size_t smem = k.spread ? sizeof(int) * (epr + 1) : 0;
+    ll_combine_send_kernel<<<grid, kLLThreads, smem, stream>>>(k, static_cast<const __nv_bfloat16*>(y), count, meta,
                                                                handle_seq);
     LAUNCH_CHECK();
 }

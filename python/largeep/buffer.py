@@ -366,12 +366,15 @@ class Buffer:
         previous_event: EventOverlap | None,
         async_finish: bool,
         inputs: list[torch.Tensor | None],
+        finished: bool = True,
     ) -> tuple[Any, EventOverlap]:
         """Runs ``fn`` on the Buffer's stream after the caller's stream (or ``previous_event``). A call that
-        returns finished gets no event (None: the caller's stream is already ordered after it)."""
+        returns finished gets no event (None: the caller's stream is already ordered after it). finished=False:
+        the call leaves work that reads its inputs for later (a receive hook), so they get ``record_stream`` on
+        the Buffer's stream as on the general path."""
         if self._stream is None:
             return fn(), EventOverlap(None)
-        if self._is_finished_call(previous_event, async_finish):
+        if finished and self._is_finished_call(previous_event, async_finish):
             assert self._finished is not None
             zc = sys.modules.get("largeep.backends.nvshmem_backend")
             if zc is not None:  # a zero-copy dispatch output read here: its slot waits for this stream too
@@ -560,7 +563,7 @@ class Buffer:
         def run() -> Any:
             return self._impl.low_latency_dispatch(xs, topk_idx, use_fp8, rounding, return_recv_hook)
 
-        out, event = self._run(run, None, async_finish, [xs, topk_idx])
+        out, event = self._run(run, None, async_finish, [xs, topk_idx], finished=not return_recv_hook)
         hook = self._wrap_hook(out.finish) if return_recv_hook else None
         recv_x: Tokens = (out.x, out.x_scales) if out.x_scales is not None else out.x
         return LowLatencyDispatchResult(
@@ -605,7 +608,8 @@ class Buffer:
         def run() -> Any:
             return self._impl.low_latency_combine(ys, topk_idx, topk_weights, h.state, target, return_recv_hook)
 
-        finish, event = self._run(run, None, async_finish, [ys, topk_idx, topk_weights])
+        finish, event = self._run(run, None, async_finish, [ys, topk_idx, topk_weights],
+                                  finished=not return_recv_hook)
         hook = self._wrap_hook(finish) if return_recv_hook else None
         return LowLatencyCombineResult(target, event, hook)
 

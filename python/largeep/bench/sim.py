@@ -216,7 +216,8 @@ def traffic(
         else:
             rdma = rows * (n - p) / n
             nvl = rows * (p - 1) / n
-        return Traffic(rows * b, nvl * b, rdma * b, rows * b, rows * b16, t * b16)
+        # every rank sums its own T tokens whatever the routing's imbalance
+        return Traffic(rows * b, nvl * b, rdma * b, rows * b, rows * b16, t * 2 * w.hidden)
     copies = t * w.num_topk
     return Traffic(copies * b, copies * (p - 1) / n * b, copies * (n - p) / n * b, 0.0)
 
@@ -340,13 +341,15 @@ def predict(
         stats = routing_stats(num_ranks, p, w.num_experts, w.num_topk)
     sms = cluster.num_sms if num_sms == -1 else num_sms
     tr = traffic(w, num_ranks, p, stats, hierarchical=hierarchical)
-    fused = params.comb_gbps is not None and _fused(w, num_ranks, p, sms, cluster.combine_eighths)
+    # the fused term needs its push rate, unless nothing is pushed (one GPU: the reduce blocks do it all)
+    fused = _fused(w, num_ranks, p, sms, cluster.combine_eighths) and (
+        params.comb_gbps is not None or (tr.nvlink == 0 and params.reduce_gbps is not None))
     terms = _terms(tr, w, cluster, sms, cluster.combine_eighths if fused else 0)
     t_nvl = terms["nvlink"][0] / params.eff_nvlink + terms["nvlink"][1]
     t_rdma = terms["rdma"][0] / params.eff_rdma + terms["rdma"][1]
     t_sm = terms["sm"][0] / params.sm_gbps if "sm" in terms else 0.0
-    if fused and params.comb_gbps:
-        t_sm = terms["comb"][0] / params.comb_gbps
+    if fused:
+        t_sm = terms["comb"][0] / params.comb_gbps if params.comb_gbps else 0.0
         if params.reduce_gbps:
             t_sm = max(t_sm, terms["reduce"][0] / params.reduce_gbps)
     t_copy = terms["copy"][0] / params.copy_gbps if "copy" in terms and params.copy_gbps else 0.0
@@ -426,9 +429,12 @@ def skew_free(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """The records a low-latency fit should use: where a file has hook-mode dispatch/combine records (send and
     receive with every rank's sends complete in between), those, and not the plain ones, whose receive also waits
     for the slower rank's sends (the ranks' launch skew, which no model term covers)."""
-    hooked = {(r["file"], r["op"]) for r in records
-              if r.get("mode") == "low_latency" and str(r.get("of", "")).endswith("_hook")}
-    return [r for r in records if not (r.get("mode") == "low_latency" and (r["file"], r["op"]) in hooked
+    def key(r: dict[str, Any]) -> tuple[Any, ...]:
+        return (r.get("file"), r["op"], *(r.get(k) for k in ("ep", "num_tokens", "hidden", "num_topk",
+                                                               "num_experts", "dtype")))
+
+    hooked = {key(r) for r in records if r.get("mode") == "low_latency" and str(r.get("of", "")).endswith("_hook")}
+    return [r for r in records if not (r.get("mode") == "low_latency" and key(r) in hooked
                                       and not str(r.get("of", "")).endswith("_hook"))]
 
 
@@ -787,7 +793,7 @@ def plot_sweep(
         if pts:
             ax.plot([r["ep"] for r in pts], [r["time_us_median"] for r in pts], "o", color=c,
                     label=f"{op} measured (fitted)")
-    ax.set_title("low-latency, 128 tokens: time per call", fontsize=9)
+    ax.set_title(f"low-latency, {ll_tokens} tokens: time per call", fontsize=9)
     ax.set_ylabel("time per call (us)")
     ax.set_yscale("log")
 
@@ -930,7 +936,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     shown = [r for r in usable if id(r) not in fitted_ids]
     for arg in args.show:
         label, _, path = arg.partition("=") if "=" in arg and not Path(arg).exists() else ("", "", arg)
-        shown += [r for r in load(path, label=label or None) if _usable(r)]
+        shown += skew_free([r for r in load(path, label=label or None) if _usable(r)])
     kw: dict[str, Any] = {"cluster": measured_cluster, "hierarchical": hier, "overlap": ovl}
     holdout: dict[str, Any] | None = None
     holdout_alt: dict[str, Any] | None = None

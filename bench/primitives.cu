@@ -2,6 +2,8 @@
 // runtime only, no NVSHMEM, no torch). Each kernel variant is launched `reps` times inside one CUDA graph and the
 // replay is timed with events; the table gives microseconds per launch, and "extra" the difference to the empty
 // kernel of the same grid (launch and drain included there). Peer memory is GPU 1's, mapped on GPU 0 by peer access.
+// The "rows" variants give the NVLink store rate from that many warps (7424-byte rows: a low-latency FP8 row);
+// "rows by TMA" moves the same rows with the bulk-copy engine (one copy per warp) instead of the warps' stores.
 //
 // build and run (on the GPU machine):
 //   nvcc -O3 -std=c++17 -arch=sm_90 -I csrc/kernels bench/primitives.cu -o /tmp/primitives && /tmp/primitives
@@ -35,11 +37,12 @@ enum Variant {
     kLastBlockOne,   // barrier, thread 0 fence.sys + the last-block atomic
     kRows,           // each warp stores one 7424-byte row into peer memory (16-byte stores), then fence.sys
     kRowsNoFence,    // the same rows without the fence
+    kRowsTma,        // the same rows from shared memory by one bulk copy per warp (TMA, cp.async.bulk), then fence.sys
     kCount
 };
 const char* kNames[kCount] = {"empty",           "fence.sys/thread", "fence.gpu/thread", "288 release.sys flags",
                               "288 relaxed flags", "acquire.sys local", "last block (fence/thread)",
-                              "last block (one fence)", "rows + fence.sys", "rows, no fence"};
+                              "last block (one fence)", "rows + fence.sys", "rows, no fence", "rows by TMA + fence.sys"};
 
 __global__ void probe(int variant, int64_t* peer, int64_t* local, int* counter, int4* peer_rows, int row_vecs) {
     const int t = threadIdx.x;
@@ -84,6 +87,29 @@ __global__ void probe(int variant, int64_t* peer, int64_t* local, int* counter, 
     }
 }
 
+// kRowsTma: each warp fills its row in shared memory, then lane 0 hands the row to the bulk-copy engine (TMA) with
+// the peer address as destination, waits for the copy and fences; dynamic shared memory: one row per warp.
+__global__ void probe_tma(int4* peer_rows, int row_vecs) {
+    extern __shared__ int4 rows[];
+    const int t = threadIdx.x, warp_in_block = t / 32, lane = t % 32;
+    const int warp = (blockIdx.x * blockDim.x + t) / 32;
+    int4* mine = rows + static_cast<int64_t>(warp_in_block) * row_vecs;
+    for (int v = lane; v < row_vecs; v += 32) mine[v] = make_int4(v, warp, 0, 0);
+    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");  // the generic stores before the bulk copy reads
+    __syncwarp();
+    if (lane == 0) {
+        const uint32_t src = static_cast<uint32_t>(__cvta_generic_to_shared(mine));
+        int4* dst = peer_rows + static_cast<int64_t>(warp) * row_vecs;
+        asm volatile("cp.async.bulk.global.shared::cta.bulk_group [%0], [%1], %2;" ::"l"(dst), "r"(src),
+                     "r"(row_vecs * 16)
+                     : "memory");
+        asm volatile("cp.async.bulk.commit_group;" ::: "memory");
+        asm volatile("cp.async.bulk.wait_group 0;" ::: "memory");
+        __threadfence_system();
+    }
+    __syncwarp();
+}
+
 int main(int argc, char** argv) {
     const int reps = argc > 1 ? std::atoi(argv[1]) : 200;
     int n = 0;
@@ -119,17 +145,24 @@ int main(int argc, char** argv) {
         int grid, threads;
     };
     const Shape shapes[] = {{1, 256}, {8, 512}, {132, 512}};
+    const size_t tma_smem = static_cast<size_t>(512 / 32) * row_vecs * 16;
+    CK(cudaFuncSetAttribute(probe_tma, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(tma_smem)));
     std::printf("%-28s %6s %7s %10s %10s\n", "variant", "grid", "threads", "us/launch", "extra us");
     for (const Shape& sh : shapes) {
         float base = 0.f;
         for (int v = 0; v < kCount; ++v) {
-            if ((v == kRows || v == kRowsNoFence) && sh.grid * sh.threads / 32 * int64_t(row_vecs) * 16 > rows_bytes)
+            if ((v == kRows || v == kRowsNoFence || v == kRowsTma) &&
+                sh.grid * sh.threads / 32 * int64_t(row_vecs) * 16 > rows_bytes)
                 continue;
             cudaGraph_t g;
             cudaGraphExec_t ge;
             CK(cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal));
-            for (int r = 0; r < reps; ++r)
-                probe<<<sh.grid, sh.threads, 0, s>>>(v, peer, local, counter, peer_rows, row_vecs);
+            for (int r = 0; r < reps; ++r) {
+                if (v == kRowsTma)
+                    probe_tma<<<sh.grid, sh.threads, tma_smem, s>>>(peer_rows, row_vecs);
+                else
+                    probe<<<sh.grid, sh.threads, 0, s>>>(v, peer, local, counter, peer_rows, row_vecs);
+            }
             CK(cudaStreamEndCapture(s, &g));
             CK(cudaGraphInstantiate(&ge, g, 0));
             float best = 1e30f;

@@ -3,8 +3,8 @@
 # usage: scripts/device_check.sh OUTDIR [stage ...]   stages: build tests bench perf internode layer longrun tune comb shared
 #   (default: build tests bench)
 #   bench: python -m largeep.bench (whole-call event times, every backend; LARGEEP_BENCH_ARGS overrides the preset)
-#   perf:  kernel times (normal) and kernel + CUDA-graph times (low-latency) of the nvshmem backend, on all GPUs
-#          and on GPUs 0,1 (LARGEEP_PERF_SMS: the normal mode's SM counts, default 8,16,24)
+#   perf:  kernel times (normal) and kernel + CUDA-graph times (low-latency) of the nvshmem backend, on all GPUs,
+#          on GPUs 0,1 and (normal only) on GPU 0 (LARGEEP_PERF_SMS: the normal mode's SM counts, default 8,16,24)
 #   internode: kernel and per-leg times of the normal mode with nodes emulated on one host (bench/kernel_times.py)
 #   layer: bench/layer_times.py (one MoE layer at prefill size, with and without overlap) on all GPUs, at SPEC.md's
 #          sizes, with the balanced preset (F 256; its summary says whether communication ~ experts) and with the
@@ -14,7 +14,9 @@
 #         the low-latency sends: ll_send=1 (token-major at every size: its GPU tests), ll_send=0 (pair-wise at
 #         every size: its kernel times, against the default's in the perf stage)
 #   comb: the combine's LARGEEP_TUNE comb settings: GPU tests at comb 0, 1, 7; kernel times at LARGEEP_COMB_SWEEP
-#   shared: the 4-rank GPU tests with 2 ranks per GPU (LARGEEP_TEST_SHARED_GPUS=1; NVSHMEM's several PEs per GPU)
+#   shared: the 4-rank GPU tests with 2 ranks per GPU (LARGEEP_TEST_SHARED_GPUS=1; NVSHMEM's several PEs per GPU),
+#          the long run and create/destroy cycles among them (LARGEEP_TEST_ROUNDS rounds)
+#   primitives: bench/primitives.cu (fence, flag and NVLink store costs; needs 2 GPUs)
 set -uo pipefail
 OUT=${1:?usage: scripts/device_check.sh OUTDIR [stage ...]}
 shift
@@ -50,10 +52,13 @@ for stage in $STAGES; do
       fi
       ;;
     perf)
-      for n in $(printf '%s\n' "$ngpu" 2 | sort -rnu); do
+      # every GPU, then 2 GPUs, then 1 (the cost model's calibration uses all sizes; low latency needs 2)
+      for n in $(printf '%s\n' "$ngpu" 2 1 | sort -rnu); do
+        [ "$n" -le "$ngpu" ] || continue
         vis=$(seq -s, 0 $((n - 1)))
         CUDA_VISIBLE_DEVICES=$vis timeout 300 $PY bench/kernel_times.py --nprocs "$n" --num-sms ${LARGEEP_PERF_SMS:-8,16,24} \
           --out "$OUT/perf" > "$OUT/perf_normal_ep$n.log" 2>&1 || rc=1
+        [ "$n" -ge 2 ] || continue
         CUDA_VISIBLE_DEVICES=$vis timeout 300 $PY bench/low_latency_times.py --nprocs "$n" \
           --out "$OUT/perf" > "$OUT/perf_ll_ep$n.log" 2>&1 || rc=1
         tail -12 "$OUT/perf_ll_ep$n.log"
@@ -100,6 +105,17 @@ for stage in $STAGES; do
       LARGEEP_TUNE=ll_send=0 timeout 200 $PY bench/low_latency_times.py --nprocs "$ngpu" \
         --out "$OUT/tune_ll_send0" > "$OUT/tune_ll_send0.log" 2>&1 || rc=1
       tail -12 "$OUT/tune_ll_send0.log"
+      ;;
+    primitives)
+      # costs of fences, flags, the last-block pattern and NVLink row stores (warps' stores and TMA), 2 GPUs
+      if nvcc -O3 -std=c++17 -arch=sm_90 -I csrc/kernels bench/primitives.cu -o "$OUT/primitives.bin" \
+          > "$OUT/primitives_build.log" 2>&1; then
+        timeout 120 "$OUT/primitives.bin" 200 > "$OUT/primitives.txt" 2>&1 || rc=1
+        rm -f "$OUT/primitives.bin"
+        tail -35 "$OUT/primitives.txt"
+      else
+        tail -20 "$OUT/primitives_build.log"; rc=1
+      fi
       ;;
     shared)
       # 4 ranks on 2 GPUs (2 per GPU, a gloo group): the 4-rank paths for correctness when no 4-GPU machine is lent

@@ -283,9 +283,7 @@ class Buffer:
         self._alive = True
         self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self._finished: _FinishedCalls | None = None
-        if self._stream is not None and self.backend_name == "nvshmem" and None not in (
-            _GET_STREAM, _SET_STREAM, _RAW_STREAM
-        ):
+        if self._stream is not None and self.backend_name == "nvshmem" and _int_level_streams(device):
             from largeep import native
 
             self._finished = _FinishedCalls(native.module(), self._stream)
@@ -636,6 +634,18 @@ class Buffer:
             compute.wait_stream(self._stream)
 
         return hook
+
+
+def _int_level_streams(device: torch.device) -> bool:
+    """Whether this torch has the int-level stream calls _FinishedCalls uses, in the shape it expects (else calls
+    take the general path)."""
+    if None in (_GET_STREAM, _SET_STREAM, _RAW_STREAM) or device.index is None:
+        return False
+    try:
+        got = _GET_STREAM(device.index)  # type: ignore[misc]
+    except (RuntimeError, TypeError):
+        return False
+    return isinstance(got, tuple) and len(got) == 3 and all(isinstance(v, int) for v in got)
 
 
 def _caller_stream(device: torch.device) -> int | None:

@@ -385,6 +385,9 @@ class LowLatencyKernels {
         c_.ranks_per_node = ranks_per_node;
         c_.send_mode = send_mode;
         c_.spread = spread;
+        int dev = 0;
+        CUDA_CHECK(cudaGetDevice(&dev));  // the Buffer's device is current while its backend is made
+        CUDA_CHECK(cudaDeviceGetAttribute(&c_.device_sms, cudaDevAttrMultiProcessorCount, dev));
         fill_common(c_, rank, num_ranks, num_experts, num_topk, hidden, max_tokens, base, peer_base, seq, block_counter,
                     status_dev, error_dev, timeout_s);
         const LowLatencyLayout l =

@@ -220,6 +220,7 @@ struct LowLatencyCtx {
     uint64_t timeout_ns;
     int send_mode;  // dispatch send (LARGEEP_TUNE=ll_send): 0 one warp per (token, copy), 1 one block per token,
                     // -1 (default) one block per token for at most kTokenMajorMaxTokens tokens
+    int device_sms;  // SMs of the Buffer's GPU: the grids' cap (one wave of blocks, one block per SM)
     int spread;     // LARGEEP_TUNE=ll_spread: 1 (default) the dispatch receive, the combine send and the combine
                     // receive share their rows over one wave of blocks; 0 one block per local expert (dispatch
                     // receive, combine send) and at most 8 warps per token (combine receive)

@@ -30,7 +30,6 @@ namespace {
 
 constexpr int kLLThreads = 512;
 constexpr int kLLWarps = kLLThreads / kWarp;
-constexpr int kLLMaxGrid = 132;  // blocks: one per SM of an H100 / H200 (fewer SMs: two waves, slower, not wrong)
 constexpr size_t kLLMaxDynSmem = 40 * 1024;  // the spread kernels' count words (48 KiB less the static share)
 constexpr int kLLMaxTopk = 8;  // the combine receive keeps this many copies' loads in flight (larger K: one by one)
 
@@ -595,7 +594,7 @@ void launch_ll_dispatch_send(const LowLatencyCtx& c, const void* x, const int64_
     HOST_ASSERT(c.num_ranks <= 32, "at most 32 ranks");
     if (c.send_mode == 1 || (c.send_mode < 0 && num_tokens <= kTokenMajorMaxTokens)) {
         HOST_ASSERT(c.num_topk <= kWarp, "num_topk must be <= 32");
-        const int grid = std::min(std::max(1, num_tokens), 2 * kLLMaxGrid);
+        const int grid = std::min(std::max(1, num_tokens), 2 * c.device_sms);
         ll_dispatch_send_token_kernel<<<grid, kTokThreads, 0, stream>>>(
             c, static_cast<const __nv_bfloat16*>(x), topk_idx, num_tokens, use_fp8 ? 1 : 0, round_scale ? 1 : 0,
             handle_seq);
@@ -603,7 +602,7 @@ void launch_ll_dispatch_send(const LowLatencyCtx& c, const void* x, const int64_
         return;
     }
     const int pairs = std::max(1, num_tokens * c.num_topk);
-    const int grid = std::min(ceil_div(pairs, kLLWarps), kLLMaxGrid);
+    const int grid = std::min(ceil_div(pairs, kLLWarps), c.device_sms);
     ll_dispatch_send_kernel<<<grid, kLLThreads, 0, stream>>>(c, static_cast<const __nv_bfloat16*>(x), topk_idx,
                                                              num_tokens, use_fp8 ? 1 : 0, round_scale ? 1 : 0,
                                                              handle_seq);
@@ -617,7 +616,7 @@ void launch_ll_dispatch_recv(const LowLatencyCtx& c, void* out_x, float* out_sca
     // (expert, source) fit in shared memory; packed: one block per expert
     LowLatencyCtx k = c;
     k.spread = c.spread && sizeof(int) * (static_cast<size_t>(epr) * c.num_ranks + 1) <= kLLMaxDynSmem;
-    const int grid = k.spread ? std::min(kLLMaxGrid, std::max(1, ceil_div(2 * c.num_ranks * c.max_tokens *
+    const int grid = k.spread ? std::min(c.device_sms, std::max(1, ceil_div(2 * c.num_ranks * c.max_tokens *
                                                                               c.num_topk, kLLWarps)))
                               : epr;
     const size_t smem = sizeof(int) * ((k.spread ? epr * c.num_ranks : c.num_ranks) + 1);
@@ -633,7 +632,7 @@ void launch_ll_combine_send(const LowLatencyCtx& c, const void* y, const int* co
     // per-expert counts fit in shared memory; packed: one block per expert
     LowLatencyCtx k = c;
     k.spread = c.spread && sizeof(int) * (static_cast<size_t>(epr) + 1) <= kLLMaxDynSmem;
-    const int grid = k.spread ? std::min(kLLMaxGrid, std::max(1, ceil_div(2 * c.num_ranks * c.max_tokens * c.num_topk,
+    const int grid = k.spread ? std::min(c.device_sms, std::max(1, ceil_div(2 * c.num_ranks * c.max_tokens * c.num_topk,
                                                                           kLLWarps)))
                               : epr;
     const size_t smem = k.spread ? sizeof(int) * (epr + 1) : 0;
@@ -645,9 +644,9 @@ void launch_ll_combine_send(const LowLatencyCtx& c, const void* y, const int* co
 void launch_ll_combine_recv(const LowLatencyCtx& c, const int64_t* topk_idx, const float* topk_weights, void* out,
                             int num_tokens, const int64_t* handle_seq, cudaStream_t stream) {
     // about 1024 warps in all when tokens are few (spread: every warp of the grid), at most 8 (16) per token
-    const int slices = c.spread ? std::max(1, std::min(16, ceil_div(kLLMaxGrid * kLLWarps, std::max(1, num_tokens))))
+    const int slices = c.spread ? std::max(1, std::min(16, ceil_div(c.device_sms * kLLWarps, std::max(1, num_tokens))))
                                 : std::max(1, std::min(8, 1024 / std::max(1, num_tokens)));
-    const int grid = std::min(std::max(1, ceil_div(static_cast<int64_t>(num_tokens) * slices, kLLWarps)), kLLMaxGrid);
+    const int grid = std::min(std::max(1, ceil_div(static_cast<int64_t>(num_tokens) * slices, kLLWarps)), c.device_sms);
     ll_combine_recv_kernel<<<grid, kLLThreads, 0, stream>>>(c, topk_idx, topk_weights,
                                                             static_cast<__nv_bfloat16*>(out), num_tokens, slices,
                                                             handle_seq);

@@ -475,6 +475,8 @@ def finished_calls_on_streams(rank: int, world: int, rounds: int) -> None:
                 assert d.event.event is None, "a finished dispatch holds no event"
                 out = buf.combine(d.x, d.handle)
                 assert out.event.event is None
+                out.event.current_stream_wait()  # fall back to the Buffer's stream: allowed, orders nothing new
+                out.event.synchronize()
                 ranks = lay.is_token_in_rank.sum(1, dtype=torch.float32)
                 want = (x.float() * ranks[:, None]).to(torch.bfloat16)
                 assert torch.equal(out.x, want), f"round {i}: combine of the dispatched rows"

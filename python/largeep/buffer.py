@@ -79,21 +79,27 @@ class _FinishedCalls:
 
 
 class EventOverlap:
-    """An event on the Buffer's stream. None on CPU, and for a call without ``async_finish`` (and without
-    ``previous_event``): the caller's stream is then already ordered after the call."""
+    """An event on the Buffer's stream. ``event`` is None on CPU, and for a call without ``async_finish`` (and
+    without ``previous_event``): the caller's stream is then already ordered after the call, and the two methods
+    fall back to the Buffer's stream as it is when they are called (later work on it included)."""
 
-    def __init__(self, event: torch.cuda.Event | None = None) -> None:
+    def __init__(self, event: torch.cuda.Event | None = None, stream: torch.cuda.Stream | None = None) -> None:
         self.event = event
+        self._stream = stream
 
     def current_stream_wait(self) -> None:
         """Orders the caller's current stream after the event. Does not block the host."""
         if self.event is not None:
             torch.cuda.current_stream().wait_event(self.event)
+        elif self._stream is not None:
+            torch.cuda.current_stream(self._stream.device).wait_stream(self._stream)
 
     def synchronize(self) -> None:
         """Blocks the host until the event has happened."""
         if self.event is not None:
             self.event.synchronize()
+        elif self._stream is not None:
+            self._stream.synchronize()
 
 
 @dataclass
@@ -379,7 +385,7 @@ class Buffer:
                 for t in inputs:
                     if t is not None:
                         zc.record_zero_copy(t, self._finished.raw)
-            return self._finished.run(fn), EventOverlap(None)
+            return self._finished.run(fn), EventOverlap(None, self._stream)
         compute = torch.cuda.current_stream(self._stream.device)
         if previous_event is not None and previous_event.event is not None:
             self._stream.wait_event(previous_event.event)

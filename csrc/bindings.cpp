@@ -378,13 +378,15 @@ class LowLatencyKernels {
     LowLatencyKernels(int rank, int num_ranks, int num_experts, int num_topk, int hidden, int max_tokens,
                       uintptr_t base, uintptr_t peer_base, uintptr_t seq, uintptr_t block_counter,
                       uintptr_t status_dev, uintptr_t error_dev, double timeout_s, int ranks_per_node,
-                      int send_mode, int spread) {
+                      int send_mode, int spread, int fuse) {
         HOST_ASSERT(ranks_per_node > 0 && num_ranks % ranks_per_node == 0, "bad ranks_per_node " << ranks_per_node);
         HOST_ASSERT(send_mode >= -1 && send_mode <= 1, "LARGEEP_TUNE ll_send must be -1, 0 or 1, got " << send_mode);
         HOST_ASSERT(spread == 0 || spread == 1, "LARGEEP_TUNE ll_spread must be 0 or 1, got " << spread);
         c_.ranks_per_node = ranks_per_node;
         c_.send_mode = send_mode;
         c_.spread = spread;
+        HOST_ASSERT(fuse == 0 || fuse == 1, "LARGEEP_TUNE ll_fuse must be 0 or 1, got " << fuse);
+        c_.fuse = fuse;
         int dev = 0;
         CUDA_CHECK(cudaGetDevice(&dev));  // the Buffer's device is current while its backend is made
         CUDA_CHECK(cudaDeviceGetAttribute(&c_.device_sms, cudaDevAttrMultiProcessorCount, dev));
@@ -407,6 +409,14 @@ class LowLatencyKernels {
                        uintptr_t stream) {
         launch_ll_dispatch_send(c_, ptr<const void>(x), ptr<const int64_t>(idx), num_tokens, use_fp8, round_scale,
                                 ptr<int64_t>(hseq), stream_of(stream));
+    }
+    // Send and receive in one kernel where the settings ask for it and allow it; false: nothing launched.
+    bool dispatch_fused(uintptr_t x, uintptr_t idx, int num_tokens, bool use_fp8, bool round_scale, uintptr_t hseq,
+                        uintptr_t out_x, uintptr_t out_s, uintptr_t count, uintptr_t src_info, uintptr_t meta,
+                        uintptr_t stream) {
+        return launch_ll_dispatch_fused(c_, ptr<const void>(x), ptr<const int64_t>(idx), num_tokens, use_fp8,
+                                        round_scale, ptr<int64_t>(hseq), ptr<void>(out_x), ptr<float>(out_s),
+                                        ptr<int>(count), ptr<int>(src_info), ptr<int>(meta), stream_of(stream));
     }
     void dispatch_recv(uintptr_t out_x, uintptr_t out_s, uintptr_t count, uintptr_t src_info, uintptr_t meta,
                        bool use_fp8, uintptr_t hseq, uintptr_t stream) {
@@ -531,8 +541,9 @@ PYBIND11_MODULE(_C, m) {
     });
     py::class_<LowLatencyKernels>(m, "LowLatencyKernels")
         .def(py::init<int, int, int, int, int, int, uintptr_t, uintptr_t, uintptr_t, uintptr_t, uintptr_t, uintptr_t,
-                      double, int, int, int>())
+                      double, int, int, int, int>())
         .def("dispatch_send", &LowLatencyKernels::dispatch_send)
+        .def("dispatch_fused", &LowLatencyKernels::dispatch_fused)
         .def("dispatch_recv", &LowLatencyKernels::dispatch_recv)
         .def("combine_send", &LowLatencyKernels::combine_send)
         .def("combine_recv", &LowLatencyKernels::combine_recv);

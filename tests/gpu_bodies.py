@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import largeep
 import torch
 import torch.distributed as dist
@@ -489,3 +491,18 @@ def finished_calls_on_streams(rank: int, world: int, rounds: int) -> None:
         torch.cuda.synchronize()
     finally:
         buf.destroy()
+
+
+def with_tune(rank: int, world: int, tune: str, fn: Any, *args: Any) -> Any:
+    """fn(rank, world, *args) with LARGEEP_TUNE=tune for the Buffers it makes (read when a Buffer is made)."""
+    import os
+
+    old = os.environ.get("LARGEEP_TUNE")
+    os.environ["LARGEEP_TUNE"] = tune
+    try:
+        return fn(rank, world, *args)
+    finally:
+        if old is None:
+            del os.environ["LARGEEP_TUNE"]
+        else:
+            os.environ["LARGEEP_TUNE"] = old

@@ -145,6 +145,28 @@ def test_low_latency_graph_and_double_buffer(pools, world: int) -> None:
 
 @pytest.mark.gpu(2)
 @needs_native
+@pytest.mark.parametrize("world", [2, 4])
+def test_low_latency_fused_dispatch(pools, world: int) -> None:
+    """LARGEEP_TUNE ll_fuse=1: a dispatch without a hook runs send and unpack in one kernel; the same reference
+    cases as above (hook cases keep two kernels), two calls in flight, and 100 graph replays on fresh data."""
+    if world > __import__("conftest").gpu_count():
+        pytest.skip("not enough GPUs")
+    for m, hidden, experts, topk, fp8, round_scale, hook in LL_CASES:
+        if experts % world:
+            continue
+        tokens = [m - 3 * r if r != 1 else 0 for r in range(world)]
+        tokens[0] = m
+        pools(world, "nccl").run(
+            gpu_bodies.with_tune, "ll_fuse=1", bodies.low_latency_roundtrip, "nvshmem", tokens, m, hidden, experts,
+            topk, fp8, round_scale, hook, 7 + world,
+        )
+    pools(world, "nccl").run(gpu_bodies.with_tune, "ll_fuse=1", gpu_bodies.low_latency_two_in_flight, 128, 7168, 288,
+                             8)
+    pools(world, "nccl").run(gpu_bodies.with_tune, "ll_fuse=1", gpu_bodies.low_latency_graph, 100, 128, 7168, 288, 8)
+
+
+@pytest.mark.gpu(2)
+@needs_native
 def test_config_mismatch_refused(pools) -> None:
     """Ranks disagreeing on the symmetric layout (LARGEEP_ZERO_COPY_SLOTS) or on the combine protocol
     (LARGEEP_TUNE comb 0 or not) are refused on every rank."""

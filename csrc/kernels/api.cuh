@@ -221,6 +221,8 @@ struct LowLatencyCtx {
     int send_mode;  // dispatch send (LARGEEP_TUNE=ll_send): 0 one warp per (token, copy), 1 one block per token,
                     // -1 (default) one block per token for at most kTokenMajorMaxTokens tokens
     int device_sms;  // SMs of the Buffer's GPU: the grids' cap (one wave of blocks, one block per SM)
+    int fuse;        // LARGEEP_TUNE=ll_fuse: 1 a dispatch without a receive hook runs as one kernel (send, then
+                     // unpack), 0 (default) two kernels
     int spread;     // LARGEEP_TUNE=ll_spread: 1 (default) the dispatch receive, the combine send and the combine
                     // receive share their rows over one wave of blocks; 0 one block per local expert (dispatch
                     // receive, combine send) and at most 8 warps per token (combine receive)
@@ -234,6 +236,11 @@ LowLatencyLayout low_latency_layout(int num_ranks, int num_experts, int num_topk
 // Send phase of dispatch: x bf16 [T, H], topk_idx [T, K]; writes the round into *handle_seq (device).
 void launch_ll_dispatch_send(const LowLatencyCtx& c, const void* x, const int64_t* topk_idx, int num_tokens,
                              bool use_fp8, bool round_scale, int64_t* handle_seq, cudaStream_t stream);
+// Send and receive phases in one kernel when the context asks for it (fuse) and can (the spread receive): returns
+// false, launching nothing, otherwise.
+bool launch_ll_dispatch_fused(const LowLatencyCtx& c, const void* x, const int64_t* topk_idx, int num_tokens,
+                              bool use_fp8, bool round_scale, int64_t* handle_seq, void* out_x, float* out_scales,
+                              int* out_count, int* src_info, int* meta, cudaStream_t stream);
 // Receive phase: out_x [E/N, N*M, H] (e4m3 or bf16), out_scales float [E/N, N*M, H/128], out_count int32 [E/N],
 // src_info int32 [E/N, N*M, 2], meta int32 [E/N, N*M] (source * M*K + token*K + k, for combine).
 void launch_ll_dispatch_recv(const LowLatencyCtx& c, void* out_x, float* out_scales, int* out_count, int* src_info,

@@ -141,21 +141,16 @@ __device__ __forceinline__ void ll_publish_counts(const LowLatencyCtx& c, int* c
     }
 }
 
-__global__ void __launch_bounds__(kLLThreads) ll_dispatch_send_kernel(LowLatencyCtx c, const __nv_bfloat16* x,
-                                                                      const int64_t* idx, int T, int use_fp8,
-                                                                      int round_scale, int64_t* handle_seq) {
+// The pair-wise send of blocks [0, blocks): one warp per (token, copy). A block's warps take consecutive copies:
+// the K copies of a token mostly share one SM, whose L1 serves the token's row after the first read (spreading the
+// copies over every SM was slower: 24.2 against 22.8 us at 128 tokens, 2 GPUs).
+__device__ __forceinline__ void ll_send_pairs(const LowLatencyCtx& c, const __nv_bfloat16* x, const int64_t* idx,
+                                              int T, int use_fp8, int round_scale, int slot_buf, int* counter,
+                                              int blocks) {
     const int N = c.num_ranks, K = c.num_topk, epr = c.num_experts / N, me = c.rank, H = c.hidden;
-    const int64_t seq = c.seq[kSeqLowLatency] + 1;
-    const int slot_buf = static_cast<int>(seq & 1);
-    int* counter = reinterpret_cast<int*>(c.base + c.off_counter);  // [N * E/N], zero between rounds
-    // The receivers must have unpacked round seq - 2, which used the same slot buffer.
-    const bool ok_all = ll_block_wait(c, kLLDispatchFree, slot_buf, seq - 2, kOpLowLatencyDispatch);
     const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
-    if (ok_all) {
-        // a block's warps take consecutive copies: the K copies of a token mostly share one SM, whose L1 serves
-        // the token's row after the first read (spreading the copies over every SM was slower: 24.2 against 22.8 us
-        // at 128 tokens, 2 GPUs)
-        for (int pair = blockIdx.x * kLLWarps + warp; pair < T * K; pair += gridDim.x * kLLWarps) {
+    {
+        for (int pair = blockIdx.x * kLLWarps + warp; pair < T * K; pair += blocks * kLLWarps) {
             const int t = pair / K, k = pair % K;
             const int64_t e = idx[pair];
             if (e < 0 || e >= c.num_experts) continue;
@@ -204,6 +199,17 @@ __global__ void __launch_bounds__(kLLThreads) ll_dispatch_send_kernel(LowLatency
             }
         }
     }
+}
+
+__global__ void __launch_bounds__(kLLThreads) ll_dispatch_send_kernel(LowLatencyCtx c, const __nv_bfloat16* x,
+                                                                      const int64_t* idx, int T, int use_fp8,
+                                                                      int round_scale, int64_t* handle_seq) {
+    const int64_t seq = c.seq[kSeqLowLatency] + 1;
+    const int slot_buf = static_cast<int>(seq & 1);
+    int* counter = reinterpret_cast<int*>(c.base + c.off_counter);  // [N * E/N], zero between rounds
+    // The receivers must have unpacked round seq - 2, which used the same slot buffer.
+    const bool ok_all = ll_block_wait(c, kLLDispatchFree, slot_buf, seq - 2, kOpLowLatencyDispatch);
+    if (ok_all) ll_send_pairs(c, x, idx, T, use_fp8, round_scale, slot_buf, counter, static_cast<int>(gridDim.x));
     ll_publish_counts(c, counter, slot_buf, seq, ok_all, handle_seq);
 }
 
@@ -355,13 +361,10 @@ __device__ __forceinline__ void ll_unpack_row(const LowLatencyCtx& c, const uint
 // column slices, so that the work does not wait on a second wave of blocks (one per expert) or on the busiest
 // expert. Output rows past an expert's count get src_info and meta -1. A count wait that gives up (reported in the
 // error word; the call raises) leaves the outputs undefined: blocks decide on their own waits.
-__global__ void __launch_bounds__(kLLThreads) ll_dispatch_recv_kernel(LowLatencyCtx c, uint8_t* out_x,
-                                                                      float* out_scales, int* out_count,
-                                                                      int* src_info, int* meta, int use_fp8,
-                                                                      const int64_t* handle_seq) {
-    extern __shared__ int cnt[];
+// (the body, for round seq: the receive kernel, or the fused dispatch after its sends; cnt: dynamic shared memory)
+__device__ __forceinline__ void ll_unpack(const LowLatencyCtx& c, uint8_t* out_x, float* out_scales, int* out_count,
+                                          int* src_info, int* meta, int use_fp8, int64_t seq, int* cnt) {
     const int N = c.num_ranks, me = c.rank, M = c.max_tokens, epr = c.num_experts / N;
-    const int64_t seq = *handle_seq;
     const int slot_buf = static_cast<int>(seq & 1);
     const int segs = c.spread ? epr * N : N;  // count words this block reads: (expert, source) pairs
     const int le0 = c.spread ? 0 : static_cast<int>(blockIdx.x);
@@ -425,6 +428,37 @@ __global__ void __launch_bounds__(kLLThreads) ll_dispatch_recv_kernel(LowLatency
         if (static_cast<int>(threadIdx.x) < N)
             ll_set_flag(c, threadIdx.x, ll_flag_index(c, kLLDispatchFree, slot_buf, me), seq);
     }
+}
+
+__global__ void __launch_bounds__(kLLThreads) ll_dispatch_recv_kernel(LowLatencyCtx c, uint8_t* out_x,
+                                                                      float* out_scales, int* out_count,
+                                                                      int* src_info, int* meta, int use_fp8,
+                                                                      const int64_t* handle_seq) {
+    extern __shared__ int cnt[];
+    ll_unpack(c, out_x, out_scales, out_count, src_info, meta, use_fp8, *handle_seq, cnt);
+}
+
+// Dispatch without a receive hook in one kernel (LARGEEP_TUNE ll_fuse=1; spread receive only): blocks [0,
+// send_blocks) send as ll_dispatch_send_kernel, the last block to finish sending publishes the counts, then every
+// block unpacks as the spread ll_dispatch_recv_kernel -- no kernel boundary between the two, and a block starts
+// unpacking as soon as its own sends are done. The unpacking blocks wait for this grid's own last block, so the
+// grid (one block per SM at most) must be resident at once: a GPU busy with other kernels delays it, and the waits
+// stay bounded by the timeout.
+__global__ void __launch_bounds__(kLLThreads) ll_dispatch_fused_kernel(LowLatencyCtx c, const __nv_bfloat16* x,
+                                                                       const int64_t* idx, int T, int use_fp8,
+                                                                       int round_scale, int64_t* handle_seq,
+                                                                       uint8_t* out_x, float* out_scales,
+                                                                       int* out_count, int* src_info, int* meta,
+                                                                       int send_blocks) {
+    extern __shared__ int cnt[];
+    const int64_t seq = c.seq[kSeqLowLatency] + 1;  // read by every block before the last one advances it
+    const int slot_buf = static_cast<int>(seq & 1);
+    int* counter = reinterpret_cast<int*>(c.base + c.off_counter);
+    const bool ok_all = ll_block_wait(c, kLLDispatchFree, slot_buf, seq - 2, kOpLowLatencyDispatch);
+    if (ok_all && static_cast<int>(blockIdx.x) < send_blocks)
+        ll_send_pairs(c, x, idx, T, use_fp8, round_scale, slot_buf, counter, send_blocks);
+    ll_publish_counts(c, counter, slot_buf, seq, ok_all, handle_seq);
+    ll_unpack(c, out_x, out_scales, out_count, src_info, meta, use_fp8, seq, cnt);
 }
 
 // Row i of local expert le, 16-byte vectors [v_lo, v_hi), goes back to its source's combine buffer at [token][k]
@@ -607,6 +641,25 @@ void launch_ll_dispatch_send(const LowLatencyCtx& c, const void* x, const int64_
                                                              num_tokens, use_fp8 ? 1 : 0, round_scale ? 1 : 0,
                                                              handle_seq);
     LAUNCH_CHECK();
+}
+
+bool launch_ll_dispatch_fused(const LowLatencyCtx& c, const void* x, const int64_t* topk_idx, int num_tokens,
+                              bool use_fp8, bool round_scale, int64_t* handle_seq, void* out_x, float* out_scales,
+                              int* out_count, int* src_info, int* meta, cudaStream_t stream) {
+    const int epr = c.num_experts / c.num_ranks;
+    const size_t smem = sizeof(int) * (static_cast<size_t>(epr) * c.num_ranks + 1);
+    if (!c.fuse || !c.spread || smem > kLLMaxDynSmem) return false;  // the caller sends, then receives
+    HOST_ASSERT(c.hidden % 128 == 0 || !use_fp8, "FP8 needs hidden % 128 == 0");
+    HOST_ASSERT(c.hidden % 8 == 0, "hidden must be a multiple of 8");
+    HOST_ASSERT(c.num_ranks <= 32, "at most 32 ranks");
+    const int send_blocks = std::min(ceil_div(std::max(1, num_tokens * c.num_topk), kLLWarps), c.device_sms);
+    const int recv_blocks = std::min(c.device_sms, std::max(1, ceil_div(2 * c.num_ranks * c.max_tokens * c.num_topk,
+                                                                        kLLWarps)));
+    ll_dispatch_fused_kernel<<<std::max(send_blocks, recv_blocks), kLLThreads, smem, stream>>>(
+        c, static_cast<const __nv_bfloat16*>(x), topk_idx, num_tokens, use_fp8 ? 1 : 0, round_scale ? 1 : 0,
+        handle_seq, static_cast<uint8_t*>(out_x), out_scales, out_count, src_info, meta, send_blocks);
+    LAUNCH_CHECK();
+    return true;
 }
 
 void launch_ll_dispatch_recv(const LowLatencyCtx& c, void* out_x, float* out_scales, int* out_count, int* src_info,

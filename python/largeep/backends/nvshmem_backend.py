@@ -235,7 +235,7 @@ class NvshmemBackend:
         )
         if ctx.low_latency:
             self.ll = self.C.LowLatencyKernels(*common, ctx.ranks_per_node, settings.tune["ll_send"],
-                                               settings.tune["ll_spread"])
+                                               settings.tune["ll_spread"], settings.tune["ll_fuse"])
         else:
             self.kernels = self.C.NormalKernels(
                 *common, ctx.ranks_per_node, settings.tune["threads"], settings.tune["load"], settings.tune["unroll"],
@@ -534,13 +534,21 @@ class NvshmemBackend:
         epr, rows = c.experts_per_rank, c.num_ranks * c.max_tokens_per_rank
         t = x.shape[0]
         seq = torch.empty(1, dtype=torch.int64, device=dev)
-        self.ll.dispatch_send(x.data_ptr(), topk_idx.data_ptr(), t, use_fp8, round_scale, seq.data_ptr(),
-                              self._stream())
         x_out = torch.empty(epr, rows, c.hidden, dtype=FP8_DTYPE if use_fp8 else torch.bfloat16, device=dev)
         s_out = torch.empty(epr, rows, c.hidden // 128, dtype=torch.float32, device=dev) if use_fp8 else None
         count = torch.empty(epr, dtype=torch.int32, device=dev)
         src_info = torch.empty(epr, rows, 2, dtype=torch.int32, device=dev)
         meta = torch.empty(epr, rows, dtype=torch.int32, device=dev)
+        state = _LLState(seq, count, meta, t)
+        # without a hook, send and unpack may run as one kernel (LARGEEP_TUNE ll_fuse=1)
+        if not async_recv and self.ll.dispatch_fused(
+            x.data_ptr(), topk_idx.data_ptr(), t, use_fp8, round_scale, seq.data_ptr(), x_out.data_ptr(),
+            s_out.data_ptr() if s_out is not None else 0, count.data_ptr(), src_info.data_ptr(), meta.data_ptr(),
+            self._stream(),
+        ):
+            return LowLatencyDispatchOut(x_out, s_out, count, src_info, state, None)
+        self.ll.dispatch_send(x.data_ptr(), topk_idx.data_ptr(), t, use_fp8, round_scale, seq.data_ptr(),
+                              self._stream())
 
         def finish() -> None:
             self.ll.dispatch_recv(
@@ -548,7 +556,6 @@ class NvshmemBackend:
                 src_info.data_ptr(), meta.data_ptr(), use_fp8, seq.data_ptr(), self._stream(),
             )
 
-        state = _LLState(seq, count, meta, t)
         if async_recv:
             return LowLatencyDispatchOut(x_out, s_out, count, src_info, state, finish)
         finish()

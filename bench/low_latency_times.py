@@ -26,9 +26,9 @@ import torch.distributed as dist
 from _launch import run_ranks, write_doc  # bench/ is the script's directory
 
 # the dispatch send is ll_dispatch_send_kernel, or ll_dispatch_send_token_kernel with LARGEEP_TUNE=ll_send=1
-# (LARGEEP_TUNE=ll_fuse=1: a dispatch without a hook is ll_dispatch_fused_kernel alone, send and receive in one)
+# (LARGEEP_TUNE=ll_fuse=1: a call without a hook is ll_dispatch_fused_kernel / ll_combine_fused_kernel alone)
 _KERNELS = ("ll_dispatch_send(?:_token)?_kernel", "ll_dispatch_recv_kernel", "ll_combine_send_kernel",
-            "ll_combine_recv_kernel", "ll_dispatch_fused_kernel")
+            "ll_combine_recv_kernel", "ll_dispatch_fused_kernel", "ll_combine_fused_kernel")
 
 
 def _stats(per_rank: torch.Tensor) -> tuple[float, float, float]:
@@ -96,15 +96,13 @@ def _body(rank: int, world: int, args: argparse.Namespace, device: torch.device)
             ("combine", "send"): per_kernel["ll_combine_send_kernel"],
             ("combine", "recv"): per_kernel["ll_combine_recv_kernel"],
         }
-        fused = per_kernel["ll_dispatch_fused_kernel"]
-        if fused:  # one kernel: no send and receive apart
-            del ops[("dispatch", "send")], ops[("dispatch", "recv")]
-            ops[("dispatch", "dispatch")] = fused
-        else:
-            ops[("dispatch", "dispatch")] = [a + b for a, b in zip(ops[("dispatch", "send")],
-                                                                  ops[("dispatch", "recv")], strict=True)]
-        ops[("combine", "combine")] = [a + b for a, b in zip(ops[("combine", "send")], ops[("combine", "recv")],
-                                                            strict=True)]
+        for kind in ("dispatch", "combine"):
+            fused = per_kernel[f"ll_{kind}_fused_kernel"]
+            if fused:  # one kernel: no send and receive apart
+                del ops[(kind, "send")], ops[(kind, "recv")]
+                ops[(kind, kind)] = fused
+            else:
+                ops[(kind, kind)] = [a + b for a, b in zip(ops[(kind, "send")], ops[(kind, "recv")], strict=True)]
         # hook mode with every rank's sends complete before any receive starts: the receive kernels' own time
         # (above, a receive also waits for the slower rank's sends)
         with profile(activities=[ProfilerActivity.CUDA]) as prof:

@@ -427,6 +427,13 @@ class LowLatencyKernels {
         launch_ll_combine_send(c_, ptr<const void>(y), ptr<const int>(count), ptr<const int>(meta),
                                ptr<int64_t>(hseq), stream_of(stream));
     }
+    // Send and weighted sum in one kernel where the settings ask for it and allow it; false: nothing launched.
+    bool combine_fused(uintptr_t y, uintptr_t count, uintptr_t meta, uintptr_t hseq, uintptr_t idx, uintptr_t w,
+                       uintptr_t out, int num_tokens, uintptr_t stream) {
+        return launch_ll_combine_fused(c_, ptr<const void>(y), ptr<const int>(count), ptr<const int>(meta),
+                                       ptr<int64_t>(hseq), ptr<const int64_t>(idx), ptr<const float>(w), ptr<void>(out),
+                                       num_tokens, stream_of(stream));
+    }
     void combine_recv(uintptr_t idx, uintptr_t w, uintptr_t out, int num_tokens, uintptr_t hseq, uintptr_t stream) {
         launch_ll_combine_recv(c_, ptr<const int64_t>(idx), ptr<const float>(w), ptr<void>(out), num_tokens,
                                ptr<const int64_t>(hseq), stream_of(stream));
@@ -546,6 +553,7 @@ PYBIND11_MODULE(_C, m) {
         .def("dispatch_fused", &LowLatencyKernels::dispatch_fused)
         .def("dispatch_recv", &LowLatencyKernels::dispatch_recv)
         .def("combine_send", &LowLatencyKernels::combine_send)
+        .def("combine_fused", &LowLatencyKernels::combine_fused)
         .def("combine_recv", &LowLatencyKernels::combine_recv);
 
     py::class_<NormalKernels>(m, "NormalKernels")

@@ -146,9 +146,9 @@ def test_low_latency_graph_and_double_buffer(pools, world: int) -> None:
 @pytest.mark.gpu(2)
 @needs_native
 @pytest.mark.parametrize("world", [2, 4])
-def test_low_latency_fused_dispatch(pools, world: int) -> None:
-    """LARGEEP_TUNE ll_fuse=1: a dispatch without a hook runs send and unpack in one kernel; the same reference
-    cases as above (hook cases keep two kernels), two calls in flight, and 100 graph replays on fresh data."""
+def test_low_latency_fused(pools, world: int) -> None:
+    """LARGEEP_TUNE ll_fuse=1: a dispatch or combine without a hook runs as one kernel; the same reference cases as
+    above (hook cases keep two kernels), two calls in flight, and 100 graph replays on fresh data."""
     if world > __import__("conftest").gpu_count():
         pytest.skip("not enough GPUs")
     for m, hidden, experts, topk, fp8, round_scale, hook in LL_CASES:

@@ -487,12 +487,10 @@ __device__ __forceinline__ void ll_combine_row(const LowLatencyCtx& c, const __n
 // Spread (default): every block lays the rows of all local experts end to end (a prefix sum of the counts in shared
 // memory, `pref`, E/N + 1 ints) and cuts each row into `parts` column slices, so that every warp of the grid takes
 // an equal share however the rows fall on the experts.
-__global__ void __launch_bounds__(kLLThreads) ll_combine_send_kernel(LowLatencyCtx c, const __nv_bfloat16* y,
-                                                                     const int* count, const int* meta,
-                                                                     int64_t* handle_seq) {
-    extern __shared__ int pref[];
+// (the body, for round seq: the send kernel, or the fused combine before its sums; pref: dynamic shared memory)
+__device__ __forceinline__ void ll_combine_send_body(const LowLatencyCtx& c, const __nv_bfloat16* y, const int* count,
+                                                     const int* meta, int64_t* handle_seq, int64_t seq, int* pref) {
     const int N = c.num_ranks, me = c.rank, epr = c.num_experts / N, nvec = c.hidden / 8;
-    const int64_t seq = c.seq[kSeqLowLatency + 1] + 1;
     const int slot_buf = static_cast<int>(seq & 1);
     const bool ok_all = ll_block_wait(c, kLLCombineFree, slot_buf, seq - 2, kOpLowLatencyCombine);
     const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
@@ -530,14 +528,19 @@ __global__ void __launch_bounds__(kLLThreads) ll_combine_send_kernel(LowLatencyC
     }
 }
 
+__global__ void __launch_bounds__(kLLThreads) ll_combine_send_kernel(LowLatencyCtx c, const __nv_bfloat16* y,
+                                                                     const int* count, const int* meta,
+                                                                     int64_t* handle_seq) {
+    extern __shared__ int pref[];
+    ll_combine_send_body(c, y, count, meta, handle_seq, c.seq[kSeqLowLatency + 1] + 1, pref);
+}
+
 // One warp per token: out[t] = sum_k w[t, k] * comb[t][k] over k with idx[t, k] >= 0, in float32.
 // One warp per (token, slice of the hidden dimension): `slices` warps share a token so that enough loads are in
-// flight when there are few tokens.
-__global__ void __launch_bounds__(kLLThreads) ll_combine_recv_kernel(LowLatencyCtx c, const int64_t* idx,
-                                                                     const float* w, __nv_bfloat16* out, int T,
-                                                                     int slices, const int64_t* handle_seq) {
+// flight when there are few tokens. (The body, for round seq: the receive kernel, or the fused combine.)
+__device__ __forceinline__ void ll_combine_sum(const LowLatencyCtx& c, const int64_t* idx, const float* w,
+                                               __nv_bfloat16* out, int T, int slices, int64_t seq) {
     const int N = c.num_ranks, me = c.rank, H = c.hidden, M = c.max_tokens, K = c.num_topk;
-    const int64_t seq = *handle_seq;
     const int slot_buf = static_cast<int>(seq & 1);
     const bool ok_all = ll_block_wait(c, kLLCombineDone, slot_buf, seq, kOpLowLatencyCombine);
     if (ok_all) {
@@ -591,6 +594,26 @@ __global__ void __launch_bounds__(kLLThreads) ll_combine_recv_kernel(LowLatencyC
         if (static_cast<int>(threadIdx.x) < N)
             ll_set_flag(c, threadIdx.x, ll_flag_index(c, kLLCombineFree, slot_buf, me), seq);
     }
+}
+
+__global__ void __launch_bounds__(kLLThreads) ll_combine_recv_kernel(LowLatencyCtx c, const int64_t* idx,
+                                                                     const float* w, __nv_bfloat16* out, int T,
+                                                                     int slices, const int64_t* handle_seq) {
+    ll_combine_sum(c, idx, w, out, T, slices, *handle_seq);
+}
+
+// Combine without a receive hook in one kernel (LARGEEP_TUNE ll_fuse=1; spread send only): every block sends as the
+// spread ll_combine_send_kernel, the last one raises the done flags, then every block sums as
+// ll_combine_recv_kernel. Like the fused dispatch, the grid must be resident at once (waits stay bounded).
+__global__ void __launch_bounds__(kLLThreads) ll_combine_fused_kernel(LowLatencyCtx c, const __nv_bfloat16* y,
+                                                                      const int* count, const int* meta,
+                                                                      int64_t* handle_seq, const int64_t* idx,
+                                                                      const float* w, __nv_bfloat16* out, int T,
+                                                                      int slices) {
+    extern __shared__ int pref[];
+    const int64_t seq = c.seq[kSeqLowLatency + 1] + 1;  // read by every block before the last one advances it
+    ll_combine_send_body(c, y, count, meta, handle_seq, seq, pref);
+    ll_combine_sum(c, idx, w, out, T, slices, seq);
 }
 
 }  // namespace
@@ -694,11 +717,36 @@ void launch_ll_combine_send(const LowLatencyCtx& c, const void* y, const int* co
     LAUNCH_CHECK();
 }
 
+namespace {
+// The combine receive's warps per token: about 1024 warps in all when tokens are few (spread: every warp of one
+// wave), at most 8 (16) per token.
+int combine_slices(const LowLatencyCtx& c, int num_tokens) {
+    return c.spread ? std::max(1, std::min(16, ceil_div(c.device_sms * kLLWarps, std::max(1, num_tokens))))
+                    : std::max(1, std::min(8, 1024 / std::max(1, num_tokens)));
+}
+}  // namespace
+
+bool launch_ll_combine_fused(const LowLatencyCtx& c, const void* y, const int* count, const int* meta,
+                             int64_t* handle_seq, const int64_t* topk_idx, const float* topk_weights, void* out,
+                             int num_tokens, cudaStream_t stream) {
+    const int epr = c.num_experts / c.num_ranks;
+    const size_t smem = sizeof(int) * (static_cast<size_t>(epr) + 1);
+    if (!c.fuse || !c.spread || smem > kLLMaxDynSmem) return false;  // the caller sends, then sums
+    const int slices = combine_slices(c, num_tokens);
+    const int send_blocks = std::min(c.device_sms, std::max(1, ceil_div(2 * c.num_ranks * c.max_tokens * c.num_topk,
+                                                                        kLLWarps)));
+    const int sum_blocks =
+        std::min(std::max(1, ceil_div(static_cast<int64_t>(num_tokens) * slices, kLLWarps)), c.device_sms);
+    ll_combine_fused_kernel<<<std::max(send_blocks, sum_blocks), kLLThreads, smem, stream>>>(
+        c, static_cast<const __nv_bfloat16*>(y), count, meta, handle_seq, topk_idx, topk_weights,
+        static_cast<__nv_bfloat16*>(out), num_tokens, slices);
+    LAUNCH_CHECK();
+    return true;
+}
+
 void launch_ll_combine_recv(const LowLatencyCtx& c, const int64_t* topk_idx, const float* topk_weights, void* out,
                             int num_tokens, const int64_t* handle_seq, cudaStream_t stream) {
-    // about 1024 warps in all when tokens are few (spread: every warp of the grid), at most 8 (16) per token
-    const int slices = c.spread ? std::max(1, std::min(16, ceil_div(c.device_sms * kLLWarps, std::max(1, num_tokens))))
-                                : std::max(1, std::min(8, 1024 / std::max(1, num_tokens)));
+    const int slices = combine_slices(c, num_tokens);
     const int grid = std::min(std::max(1, ceil_div(static_cast<int64_t>(num_tokens) * slices, kLLWarps)), c.device_sms);
     ll_combine_recv_kernel<<<grid, kLLThreads, 0, stream>>>(c, topk_idx, topk_weights,
                                                             static_cast<__nv_bfloat16*>(out), num_tokens, slices,

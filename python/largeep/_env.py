@@ -13,7 +13,7 @@
 | | | low-latency |
 | | | dispatch send: 0 one warp per (token, copy), 1 one block per token (quantised once), -1 the latter up to 32 |
 | | | tokens; ll_spread=1 the low-latency receives and combine send share their rows over the grid, 0 per expert; |
-| | | ll_fuse=1 a low-latency dispatch without a hook runs send and unpack in one kernel (not yet run on GPUs); |
+| | | ll_fuse=1 a low-latency call without a hook runs send and receive in one kernel (not yet run on GPUs); |
 | | | combine inside one node: 1..7 one kernel with comb/8 of its blocks pushing while the rest reduce, 0 a |
 | | | push kernel then a reduce kernel (groups of several nodes always take the latter); the same on every rank |
 | LARGEEP_SEGV_BACKTRACE | 0 | 1: a crash (SIGSEGV, SIGBUS) inside the process prints the native stack (diagnostics) |

@@ -572,6 +572,12 @@ class NvshmemBackend:
     ) -> Any:
         self._raise_if_failed("low_latency_combine")
         seq = torch.empty(1, dtype=torch.int64, device=self.ctx.device)
+        # without a hook, send and sum may run as one kernel (LARGEEP_TUNE ll_fuse=1)
+        if not async_recv and self.ll.combine_fused(
+            y.data_ptr(), state.count.data_ptr(), state.meta.data_ptr(), seq.data_ptr(), topk_idx.data_ptr(),
+            topk_weights.data_ptr(), out.data_ptr(), state.num_tokens, self._stream(),
+        ):
+            return None
         self.ll.combine_send(y.data_ptr(), state.count.data_ptr(), state.meta.data_ptr(), seq.data_ptr(),
                              self._stream())
 

@@ -18,6 +18,7 @@ usage: python bench/low_latency_times.py --out DIR [--tokens 1,8,32,128,256] [--
 from __future__ import annotations
 
 import argparse
+import os
 import re
 from typing import Any
 
@@ -165,6 +166,7 @@ def _body(rank: int, world: int, args: argparse.Namespace, device: torch.device)
                 "num_experts": args.experts, "dtype": "fp8" if args.fp8 else "bf16", "num_sms": None,
                 "time_us_median": med, "time_us_p10": p10, "time_us_p90": p90,
                 "logical_gbps": rec.gbps(nbytes, med) if op in ("dispatch", "combine") else None,
+                "tune": os.environ.get("LARGEEP_TUNE", ""),
             })
         del graph
     dist.barrier()

@@ -147,22 +147,27 @@ def test_low_latency_graph_and_double_buffer(pools, world: int) -> None:
 @needs_native
 @pytest.mark.parametrize("world", [2, 4])
 def test_low_latency_fused(pools, world: int) -> None:
-    """LARGEEP_TUNE ll_fuse=1: a dispatch or combine without a hook runs as one kernel; the same reference cases as
-    above (hook cases keep two kernels), two calls in flight, and 100 graph replays on fresh data."""
+    """LARGEEP_TUNE ll_fuse=1: a dispatch or combine without a hook runs as one kernel (the tests check that it
+    did); the reference cases above without hooks (tokens above the token-major send's 32), 20 rounds without host
+    syncs with the ranks out of step, 100 graph replays on fresh data, and the put path (2 nodes emulated)."""
     if world > __import__("conftest").gpu_count():
         pytest.skip("not enough GPUs")
-    for m, hidden, experts, topk, fp8, round_scale, hook in LL_CASES:
-        if experts % world:
+    pool = pools(world, "nccl")
+
+    def fused(*args: object) -> None:
+        results = pool.run(gpu_bodies.with_tune, "ll_fuse=1", *args)
+        assert all(r["fused"] > 0 for r in results), f"no fused launch: {results}"
+
+    for m, hidden, experts, topk, fp8, round_scale, _hook in LL_CASES:
+        if experts % world or m <= 32:
             continue
-        tokens = [m - 3 * r if r != 1 else 0 for r in range(world)]
-        tokens[0] = m
-        pools(world, "nccl").run(
-            gpu_bodies.with_tune, "ll_fuse=1", bodies.low_latency_roundtrip, "nvshmem", tokens, m, hidden, experts,
-            topk, fp8, round_scale, hook, 7 + world,
-        )
-    pools(world, "nccl").run(gpu_bodies.with_tune, "ll_fuse=1", gpu_bodies.low_latency_two_in_flight, 128, 7168, 288,
-                             8)
-    pools(world, "nccl").run(gpu_bodies.with_tune, "ll_fuse=1", gpu_bodies.low_latency_graph, 100, 128, 7168, 288, 8)
+        tokens = [m - 3 * r if r != 1 else 40 for r in range(world)]
+        fused(bodies.low_latency_roundtrip, "nvshmem", tokens, m, hidden, experts, topk, fp8, round_scale, False,
+              7 + world)
+    fused(gpu_bodies.low_latency_rounds, 20, 96, 2048, 8 * world, 4)
+    fused(gpu_bodies.low_latency_graph, 100, 128, 7168, 288, 8)
+    fused(gpu_bodies.low_latency_put_path, world // 2, "nvshmem", [128 - 5 * r for r in range(world)], 128, 7168, 288,
+          8, True, False, False, 9)
 
 
 @pytest.mark.gpu(2)

@@ -440,10 +440,9 @@ __global__ void __launch_bounds__(kLLThreads) ll_dispatch_recv_kernel(LowLatency
 
 // Dispatch without a receive hook in one kernel (LARGEEP_TUNE ll_fuse=1; spread receive only): blocks [0,
 // send_blocks) send as ll_dispatch_send_kernel, the last block to finish sending publishes the counts, then every
-// block unpacks as the spread ll_dispatch_recv_kernel -- no kernel boundary between the two, and a block starts
-// unpacking as soon as its own sends are done. The unpacking blocks wait for this grid's own last block, so the
-// grid (one block per SM at most) must be resident at once: a GPU busy with other kernels delays it, and the waits
-// stay bounded by the timeout.
+// block unpacks as the spread ll_dispatch_recv_kernel -- no kernel boundary between the two (the unpacking starts
+// once this rank's counts are out, that is once every block has sent). The unpacking blocks wait for this grid's
+// own last block, so the grid is launched cooperatively (all its blocks resident at once, or none started).
 __global__ void __launch_bounds__(kLLThreads) ll_dispatch_fused_kernel(LowLatencyCtx c, const __nv_bfloat16* x,
                                                                        const int64_t* idx, int T, int use_fp8,
                                                                        int round_scale, int64_t* handle_seq,
@@ -604,7 +603,7 @@ __global__ void __launch_bounds__(kLLThreads) ll_combine_recv_kernel(LowLatencyC
 
 // Combine without a receive hook in one kernel (LARGEEP_TUNE ll_fuse=1; spread send only): every block sends as the
 // spread ll_combine_send_kernel, the last one raises the done flags, then every block sums as
-// ll_combine_recv_kernel. Like the fused dispatch, the grid must be resident at once (waits stay bounded).
+// ll_combine_recv_kernel. Launched cooperatively, as the fused dispatch.
 __global__ void __launch_bounds__(kLLThreads) ll_combine_fused_kernel(LowLatencyCtx c, const __nv_bfloat16* y,
                                                                       const int* count, const int* meta,
                                                                       int64_t* handle_seq, const int64_t* idx,
@@ -666,23 +665,48 @@ void launch_ll_dispatch_send(const LowLatencyCtx& c, const void* x, const int64_
     LAUNCH_CHECK();
 }
 
+namespace {
+// Launches `kernel` cooperatively (every block resident at once, or the launch waits; capturable in a CUDA graph)
+// when `grid` blocks of kLLThreads threads and `smem` bytes fit the GPU at once; false, launching nothing, otherwise.
+template <typename... Params, typename... Args>
+bool launch_resident(void (*kernel)(Params...), int grid, int sms, size_t smem, cudaStream_t stream, Args... args) {
+    int per_sm = 0;
+    CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kLLThreads, smem));
+    if (grid > per_sm * sms) return false;
+    cudaLaunchConfig_t cfg{};
+    cfg.gridDim = dim3(grid);
+    cfg.blockDim = dim3(kLLThreads);
+    cfg.dynamicSmemBytes = smem;
+    cfg.stream = stream;
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeCooperative;
+    attr[0].val.cooperative = 1;
+    cfg.attrs = attr;
+    cfg.numAttrs = 1;
+    CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, args...));
+    return true;
+}
+}  // namespace
+
 bool launch_ll_dispatch_fused(const LowLatencyCtx& c, const void* x, const int64_t* topk_idx, int num_tokens,
                               bool use_fp8, bool round_scale, int64_t* handle_seq, void* out_x, float* out_scales,
                               int* out_count, int* src_info, int* meta, cudaStream_t stream) {
     const int epr = c.num_experts / c.num_ranks;
     const size_t smem = sizeof(int) * (static_cast<size_t>(epr) * c.num_ranks + 1);
-    if (!c.fuse || !c.spread || smem > kLLMaxDynSmem) return false;  // the caller sends, then receives
+    // the caller sends, then receives: fusion off, the per-expert receive, too many count words, or a call the
+    // token-major send would take (it sends few tokens faster than the pair-wise send fused here)
+    const bool token_major = c.send_mode == 1 || (c.send_mode < 0 && num_tokens <= kTokenMajorMaxTokens);
+    if (!c.fuse || !c.spread || smem > kLLMaxDynSmem || token_major) return false;
     HOST_ASSERT(c.hidden % 128 == 0 || !use_fp8, "FP8 needs hidden % 128 == 0");
     HOST_ASSERT(c.hidden % 8 == 0, "hidden must be a multiple of 8");
     HOST_ASSERT(c.num_ranks <= 32, "at most 32 ranks");
     const int send_blocks = std::min(ceil_div(std::max(1, num_tokens * c.num_topk), kLLWarps), c.device_sms);
     const int recv_blocks = std::min(c.device_sms, std::max(1, ceil_div(2 * c.num_ranks * c.max_tokens * c.num_topk,
                                                                         kLLWarps)));
-    ll_dispatch_fused_kernel<<<std::max(send_blocks, recv_blocks), kLLThreads, smem, stream>>>(
-        c, static_cast<const __nv_bfloat16*>(x), topk_idx, num_tokens, use_fp8 ? 1 : 0, round_scale ? 1 : 0,
-        handle_seq, static_cast<uint8_t*>(out_x), out_scales, out_count, src_info, meta, send_blocks);
-    LAUNCH_CHECK();
-    return true;
+    return launch_resident(ll_dispatch_fused_kernel, std::max(send_blocks, recv_blocks), c.device_sms, smem, stream, c,
+                           static_cast<const __nv_bfloat16*>(x), topk_idx, num_tokens, use_fp8 ? 1 : 0,
+                           round_scale ? 1 : 0, handle_seq, static_cast<uint8_t*>(out_x), out_scales, out_count,
+                           src_info, meta, send_blocks);
 }
 
 void launch_ll_dispatch_recv(const LowLatencyCtx& c, void* out_x, float* out_scales, int* out_count, int* src_info,
@@ -737,11 +761,9 @@ bool launch_ll_combine_fused(const LowLatencyCtx& c, const void* y, const int* c
                                                                         kLLWarps)));
     const int sum_blocks =
         std::min(std::max(1, ceil_div(static_cast<int64_t>(num_tokens) * slices, kLLWarps)), c.device_sms);
-    ll_combine_fused_kernel<<<std::max(send_blocks, sum_blocks), kLLThreads, smem, stream>>>(
-        c, static_cast<const __nv_bfloat16*>(y), count, meta, handle_seq, topk_idx, topk_weights,
-        static_cast<__nv_bfloat16*>(out), num_tokens, slices);
-    LAUNCH_CHECK();
-    return true;
+    return launch_resident(ll_combine_fused_kernel, std::max(send_blocks, sum_blocks), c.device_sms, smem, stream, c,
+                           static_cast<const __nv_bfloat16*>(y), count, meta, handle_seq, topk_idx, topk_weights,
+                           static_cast<__nv_bfloat16*>(out), num_tokens, slices);
 }
 
 void launch_ll_combine_recv(const LowLatencyCtx& c, const int64_t* topk_idx, const float* topk_weights, void* out,

@@ -41,6 +41,8 @@ _HOST_GRACE_S = 5.0
 # The current stream's handle without building a torch.cuda.Stream (what triton calls; a few microseconds of host
 # time a call at small sizes); None on builds without it, which then take torch.cuda.current_stream.
 _RAW_STREAM = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+# low-latency calls that ran as one kernel in this process (LARGEEP_TUNE ll_fuse=1), for tests and diagnostics
+FUSED_LAUNCHES = [0]
 
 _world: dict[str, Any] = {}
 
@@ -234,6 +236,7 @@ class NvshmemBackend:
             self.error_word.data_ptr(), settings.timeout_s,
         )
         if ctx.low_latency:
+            self.ll_fuse = bool(settings.tune["ll_fuse"])
             self.ll = self.C.LowLatencyKernels(*common, ctx.ranks_per_node, settings.tune["ll_send"],
                                                settings.tune["ll_spread"], settings.tune["ll_fuse"])
         else:
@@ -302,6 +305,13 @@ class NvshmemBackend:
             f"{op}: {what} on rank {self.ctx.rank} waited more than LARGEEP_TIMEOUT_S={self.settings.timeout_s:g} s "
             f"for rank {rank}; the Buffer is unusable now (destroy it)"
         )
+
+    @staticmethod
+    def _fused(launched: bool) -> bool:
+        """Counts the fused low-latency launches (FUSED_LAUNCHES: how tests see that ll_fuse=1 took effect)."""
+        if launched:
+            FUSED_LAUNCHES[0] += 1
+        return launched
 
     def _stream(self) -> int:
         index = self.ctx.device.index
@@ -541,11 +551,11 @@ class NvshmemBackend:
         meta = torch.empty(epr, rows, dtype=torch.int32, device=dev)
         state = _LLState(seq, count, meta, t)
         # without a hook, send and unpack may run as one kernel (LARGEEP_TUNE ll_fuse=1)
-        if not async_recv and self.ll.dispatch_fused(
+        if not async_recv and self.ll_fuse and self._fused(self.ll.dispatch_fused(
             x.data_ptr(), topk_idx.data_ptr(), t, use_fp8, round_scale, seq.data_ptr(), x_out.data_ptr(),
             s_out.data_ptr() if s_out is not None else 0, count.data_ptr(), src_info.data_ptr(), meta.data_ptr(),
             self._stream(),
-        ):
+        )):
             return LowLatencyDispatchOut(x_out, s_out, count, src_info, state, None)
         self.ll.dispatch_send(x.data_ptr(), topk_idx.data_ptr(), t, use_fp8, round_scale, seq.data_ptr(),
                               self._stream())
@@ -573,10 +583,10 @@ class NvshmemBackend:
         self._raise_if_failed("low_latency_combine")
         seq = torch.empty(1, dtype=torch.int64, device=self.ctx.device)
         # without a hook, send and sum may run as one kernel (LARGEEP_TUNE ll_fuse=1)
-        if not async_recv and self.ll.combine_fused(
+        if not async_recv and self.ll_fuse and self._fused(self.ll.combine_fused(
             y.data_ptr(), state.count.data_ptr(), state.meta.data_ptr(), seq.data_ptr(), topk_idx.data_ptr(),
             topk_weights.data_ptr(), out.data_ptr(), state.num_tokens, self._stream(),
-        ):
+        )):
             return None
         self.ll.combine_send(y.data_ptr(), state.count.data_ptr(), state.meta.data_ptr(), seq.data_ptr(),
                              self._stream())

@@ -378,15 +378,13 @@ class LowLatencyKernels {
     LowLatencyKernels(int rank, int num_ranks, int num_experts, int num_topk, int hidden, int max_tokens,
                       uintptr_t base, uintptr_t peer_base, uintptr_t seq, uintptr_t block_counter,
                       uintptr_t status_dev, uintptr_t error_dev, double timeout_s, int ranks_per_node,
-                      int send_mode, int spread, int fuse) {
+                      int send_mode, int spread) {
         HOST_ASSERT(ranks_per_node > 0 && num_ranks % ranks_per_node == 0, "bad ranks_per_node " << ranks_per_node);
         HOST_ASSERT(send_mode >= -1 && send_mode <= 1, "LARGEEP_TUNE ll_send must be -1, 0 or 1, got " << send_mode);
         HOST_ASSERT(spread == 0 || spread == 1, "LARGEEP_TUNE ll_spread must be 0 or 1, got " << spread);
         c_.ranks_per_node = ranks_per_node;
         c_.send_mode = send_mode;
         c_.spread = spread;
-        HOST_ASSERT(fuse == 0 || fuse == 1, "LARGEEP_TUNE ll_fuse must be 0 or 1, got " << fuse);
-        c_.fuse = fuse;
         int dev = 0;
         CUDA_CHECK(cudaGetDevice(&dev));  // the Buffer's device is current while its backend is made
         CUDA_CHECK(cudaDeviceGetAttribute(&c_.device_sms, cudaDevAttrMultiProcessorCount, dev));
@@ -410,7 +408,7 @@ class LowLatencyKernels {
         launch_ll_dispatch_send(c_, ptr<const void>(x), ptr<const int64_t>(idx), num_tokens, use_fp8, round_scale,
                                 ptr<int64_t>(hseq), stream_of(stream));
     }
-    // Send and receive in one kernel where the settings ask for it and allow it; false: nothing launched.
+    // Send and receive in one kernel where that can run (LARGEEP_TUNE ll_fuse=1); false: nothing launched.
     bool dispatch_fused(uintptr_t x, uintptr_t idx, int num_tokens, bool use_fp8, bool round_scale, uintptr_t hseq,
                         uintptr_t out_x, uintptr_t out_s, uintptr_t count, uintptr_t src_info, uintptr_t meta,
                         uintptr_t stream) {
@@ -427,7 +425,7 @@ class LowLatencyKernels {
         launch_ll_combine_send(c_, ptr<const void>(y), ptr<const int>(count), ptr<const int>(meta),
                                ptr<int64_t>(hseq), stream_of(stream));
     }
-    // Send and weighted sum in one kernel where the settings ask for it and allow it; false: nothing launched.
+    // Send and weighted sum in one kernel where that can run (LARGEEP_TUNE ll_fuse=1); false: nothing launched.
     bool combine_fused(uintptr_t y, uintptr_t count, uintptr_t meta, uintptr_t hseq, uintptr_t idx, uintptr_t w,
                        uintptr_t out, int num_tokens, uintptr_t stream) {
         return launch_ll_combine_fused(c_, ptr<const void>(y), ptr<const int>(count), ptr<const int>(meta),
@@ -548,7 +546,7 @@ PYBIND11_MODULE(_C, m) {
     });
     py::class_<LowLatencyKernels>(m, "LowLatencyKernels")
         .def(py::init<int, int, int, int, int, int, uintptr_t, uintptr_t, uintptr_t, uintptr_t, uintptr_t, uintptr_t,
-                      double, int, int, int, int>())
+                      double, int, int, int>())
         .def("dispatch_send", &LowLatencyKernels::dispatch_send)
         .def("dispatch_fused", &LowLatencyKernels::dispatch_fused)
         .def("dispatch_recv", &LowLatencyKernels::dispatch_recv)

@@ -221,8 +221,6 @@ struct LowLatencyCtx {
     int send_mode;  // dispatch send (LARGEEP_TUNE=ll_send): 0 one warp per (token, copy), 1 one block per token,
                     // -1 (default) one block per token for at most kTokenMajorMaxTokens tokens
     int device_sms;  // SMs of the Buffer's GPU: the grids' cap (one wave of blocks, one block per SM)
-    int fuse;        // LARGEEP_TUNE=ll_fuse: 1 a dispatch or combine without a receive hook runs as one kernel
-                     // (send, then unpack / sum), 0 (default) two kernels
     int spread;     // LARGEEP_TUNE=ll_spread: 1 (default) the dispatch receive, the combine send and the combine
                     // receive share their rows over one wave of blocks; 0 one block per local expert (dispatch
                     // receive, combine send) and at most 8 warps per token (combine receive)
@@ -236,8 +234,8 @@ LowLatencyLayout low_latency_layout(int num_ranks, int num_experts, int num_topk
 // Send phase of dispatch: x bf16 [T, H], topk_idx [T, K]; writes the round into *handle_seq (device).
 void launch_ll_dispatch_send(const LowLatencyCtx& c, const void* x, const int64_t* topk_idx, int num_tokens,
                              bool use_fp8, bool round_scale, int64_t* handle_seq, cudaStream_t stream);
-// Send and receive phases in one kernel when the context asks for it (fuse) and can (the spread receive): returns
-// false, launching nothing, otherwise.
+// Send and receive phases in one kernel (LARGEEP_TUNE ll_fuse=1, decided by the caller) where that can run: the
+// spread receive, the pair-wise send, the grid resident at once; returns false, launching nothing, otherwise.
 bool launch_ll_dispatch_fused(const LowLatencyCtx& c, const void* x, const int64_t* topk_idx, int num_tokens,
                               bool use_fp8, bool round_scale, int64_t* handle_seq, void* out_x, float* out_scales,
                               int* out_count, int* src_info, int* meta, cudaStream_t stream);
@@ -247,8 +245,8 @@ void launch_ll_dispatch_recv(const LowLatencyCtx& c, void* out_x, float* out_sca
                              int* meta, bool use_fp8, const int64_t* handle_seq, cudaStream_t stream);
 void launch_ll_combine_send(const LowLatencyCtx& c, const void* y, const int* count, const int* meta,
                             int64_t* handle_seq, cudaStream_t stream);
-// Send and weighted sum in one kernel when the context asks for it (fuse) and can (the spread send): returns false,
-// launching nothing, otherwise.
+// Send and weighted sum in one kernel (LARGEEP_TUNE ll_fuse=1, decided by the caller) where that can run: the
+// spread send, the grid resident at once; returns false, launching nothing, otherwise.
 bool launch_ll_combine_fused(const LowLatencyCtx& c, const void* y, const int* count, const int* meta,
                              int64_t* handle_seq, const int64_t* topk_idx, const float* topk_weights, void* out,
                              int num_tokens, cudaStream_t stream);

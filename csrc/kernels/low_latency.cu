@@ -643,29 +643,43 @@ LowLatencyLayout low_latency_layout(int N, int E, int K, int H, int M, int P) {
     return l;
 }
 
-void launch_ll_dispatch_send(const LowLatencyCtx& c, const void* x, const int64_t* topk_idx, int num_tokens,
-                             bool use_fp8, bool round_scale, int64_t* handle_seq, cudaStream_t stream) {
+namespace {
+// Launch geometry shared by the two-kernel and the fused paths.
+int ll_epr(const LowLatencyCtx& c) { return c.num_experts / c.num_ranks; }
+// The token-major send takes this call (it sends few tokens faster than the pair-wise one).
+bool token_major(const LowLatencyCtx& c, int num_tokens) {
+    return c.send_mode == 1 || (c.send_mode < 0 && num_tokens <= kTokenMajorMaxTokens);
+}
+// Blocks of the pair-wise send: 16 copies per block, at most one wave.
+int pair_blocks(const LowLatencyCtx& c, int num_tokens) {
+    return std::min(ceil_div(std::max(1, num_tokens * c.num_topk), kLLWarps), c.device_sms);
+}
+// Blocks of the spread dispatch receive and combine send: enough for every row a rank can hold (N * M * K at most),
+// two slices each, at most one wave.
+int spread_blocks(const LowLatencyCtx& c) {
+    return std::min(c.device_sms, std::max(1, ceil_div(2 * c.num_ranks * c.max_tokens * c.num_topk, kLLWarps)));
+}
+// Dynamic shared memory of the spread dispatch receive (every (expert, source) count word) and combine send (every
+// expert's count), each a prefix sum of that many ints + 1.
+size_t unpack_smem(const LowLatencyCtx& c) {
+    return sizeof(int) * (static_cast<size_t>(ll_epr(c)) * c.num_ranks + 1);
+}
+size_t combine_send_smem(const LowLatencyCtx& c) { return sizeof(int) * (static_cast<size_t>(ll_epr(c)) + 1); }
+// The combine receive's warps per token: about 1024 warps in all when tokens are few (spread: every warp of one
+// wave), at most 8 (16) per token; and its blocks.
+int combine_slices(const LowLatencyCtx& c, int num_tokens) {
+    return c.spread ? std::max(1, std::min(16, ceil_div(c.device_sms * kLLWarps, std::max(1, num_tokens))))
+                    : std::max(1, std::min(8, 1024 / std::max(1, num_tokens)));
+}
+int sum_blocks(const LowLatencyCtx& c, int num_tokens, int slices) {
+    return std::min(std::max(1, ceil_div(static_cast<int64_t>(num_tokens) * slices, kLLWarps)), c.device_sms);
+}
+void check_send(const LowLatencyCtx& c, bool use_fp8) {
     HOST_ASSERT(c.hidden % 128 == 0 || !use_fp8, "FP8 needs hidden % 128 == 0");
     HOST_ASSERT(c.hidden % 8 == 0, "hidden must be a multiple of 8");
     HOST_ASSERT(c.num_ranks <= 32, "at most 32 ranks");
-    if (c.send_mode == 1 || (c.send_mode < 0 && num_tokens <= kTokenMajorMaxTokens)) {
-        HOST_ASSERT(c.num_topk <= kWarp, "num_topk must be <= 32");
-        const int grid = std::min(std::max(1, num_tokens), 2 * c.device_sms);
-        ll_dispatch_send_token_kernel<<<grid, kTokThreads, 0, stream>>>(
-            c, static_cast<const __nv_bfloat16*>(x), topk_idx, num_tokens, use_fp8 ? 1 : 0, round_scale ? 1 : 0,
-            handle_seq);
-        LAUNCH_CHECK();
-        return;
-    }
-    const int pairs = std::max(1, num_tokens * c.num_topk);
-    const int grid = std::min(ceil_div(pairs, kLLWarps), c.device_sms);
-    ll_dispatch_send_kernel<<<grid, kLLThreads, 0, stream>>>(c, static_cast<const __nv_bfloat16*>(x), topk_idx,
-                                                             num_tokens, use_fp8 ? 1 : 0, round_scale ? 1 : 0,
-                                                             handle_seq);
-    LAUNCH_CHECK();
 }
 
-namespace {
 // Launches `kernel` cooperatively (every block resident at once, or the launch waits; capturable in a CUDA graph)
 // when `grid` blocks of kLLThreads threads and `smem` bytes fit the GPU at once; false, launching nothing, otherwise.
 template <typename... Params, typename... Args>
@@ -688,91 +702,77 @@ bool launch_resident(void (*kernel)(Params...), int grid, int sms, size_t smem, 
 }
 }  // namespace
 
+void launch_ll_dispatch_send(const LowLatencyCtx& c, const void* x, const int64_t* topk_idx, int num_tokens,
+                             bool use_fp8, bool round_scale, int64_t* handle_seq, cudaStream_t stream) {
+    check_send(c, use_fp8);
+    if (token_major(c, num_tokens)) {
+        HOST_ASSERT(c.num_topk <= kWarp, "num_topk must be <= 32");
+        const int grid = std::min(std::max(1, num_tokens), 2 * c.device_sms);
+        ll_dispatch_send_token_kernel<<<grid, kTokThreads, 0, stream>>>(
+            c, static_cast<const __nv_bfloat16*>(x), topk_idx, num_tokens, use_fp8 ? 1 : 0, round_scale ? 1 : 0,
+            handle_seq);
+        LAUNCH_CHECK();
+        return;
+    }
+    ll_dispatch_send_kernel<<<pair_blocks(c, num_tokens), kLLThreads, 0, stream>>>(
+        c, static_cast<const __nv_bfloat16*>(x), topk_idx, num_tokens, use_fp8 ? 1 : 0, round_scale ? 1 : 0,
+        handle_seq);
+    LAUNCH_CHECK();
+}
+
 bool launch_ll_dispatch_fused(const LowLatencyCtx& c, const void* x, const int64_t* topk_idx, int num_tokens,
                               bool use_fp8, bool round_scale, int64_t* handle_seq, void* out_x, float* out_scales,
                               int* out_count, int* src_info, int* meta, cudaStream_t stream) {
-    const int epr = c.num_experts / c.num_ranks;
-    const size_t smem = sizeof(int) * (static_cast<size_t>(epr) * c.num_ranks + 1);
-    // the caller sends, then receives: fusion off, the per-expert receive, too many count words, or a call the
-    // token-major send would take (it sends few tokens faster than the pair-wise send fused here)
-    const bool token_major = c.send_mode == 1 || (c.send_mode < 0 && num_tokens <= kTokenMajorMaxTokens);
-    if (!c.fuse || !c.spread || smem > kLLMaxDynSmem || token_major) return false;
-    HOST_ASSERT(c.hidden % 128 == 0 || !use_fp8, "FP8 needs hidden % 128 == 0");
-    HOST_ASSERT(c.hidden % 8 == 0, "hidden must be a multiple of 8");
-    HOST_ASSERT(c.num_ranks <= 32, "at most 32 ranks");
-    const int send_blocks = std::min(ceil_div(std::max(1, num_tokens * c.num_topk), kLLWarps), c.device_sms);
-    const int recv_blocks = std::min(c.device_sms, std::max(1, ceil_div(2 * c.num_ranks * c.max_tokens * c.num_topk,
-                                                                        kLLWarps)));
-    return launch_resident(ll_dispatch_fused_kernel, std::max(send_blocks, recv_blocks), c.device_sms, smem, stream, c,
-                           static_cast<const __nv_bfloat16*>(x), topk_idx, num_tokens, use_fp8 ? 1 : 0,
+    // the caller sends, then receives: the per-expert receive, too many count words, or a token-major call
+    const size_t smem = unpack_smem(c);
+    if (!c.spread || smem > kLLMaxDynSmem || token_major(c, num_tokens)) return false;
+    check_send(c, use_fp8);
+    const int send_blocks = pair_blocks(c, num_tokens);
+    return launch_resident(ll_dispatch_fused_kernel, std::max(send_blocks, spread_blocks(c)), c.device_sms, smem,
+                           stream, c, static_cast<const __nv_bfloat16*>(x), topk_idx, num_tokens, use_fp8 ? 1 : 0,
                            round_scale ? 1 : 0, handle_seq, static_cast<uint8_t*>(out_x), out_scales, out_count,
                            src_info, meta, send_blocks);
 }
 
 void launch_ll_dispatch_recv(const LowLatencyCtx& c, void* out_x, float* out_scales, int* out_count, int* src_info,
                              int* meta, bool use_fp8, const int64_t* handle_seq, cudaStream_t stream) {
-    const int epr = c.num_experts / c.num_ranks;
     // spread: one wave of blocks (at most one per SM) sharing every expert's rows, while the count words of every
     // (expert, source) fit in shared memory; packed: one block per expert
     LowLatencyCtx k = c;
-    k.spread = c.spread && sizeof(int) * (static_cast<size_t>(epr) * c.num_ranks + 1) <= kLLMaxDynSmem;
-    const int grid = k.spread ? std::min(c.device_sms, std::max(1, ceil_div(2 * c.num_ranks * c.max_tokens *
-                                                                              c.num_topk, kLLWarps)))
-                              : epr;
-    const size_t smem = sizeof(int) * ((k.spread ? epr * c.num_ranks : c.num_ranks) + 1);
-    ll_dispatch_recv_kernel<<<grid, kLLThreads, smem, stream>>>(
+    k.spread = c.spread && unpack_smem(c) <= kLLMaxDynSmem;
+    const size_t smem = k.spread ? unpack_smem(c) : sizeof(int) * (c.num_ranks + 1);
+    ll_dispatch_recv_kernel<<<k.spread ? spread_blocks(c) : ll_epr(c), kLLThreads, smem, stream>>>(
         k, static_cast<uint8_t*>(out_x), out_scales, out_count, src_info, meta, use_fp8 ? 1 : 0, handle_seq);
     LAUNCH_CHECK();
 }
 
 void launch_ll_combine_send(const LowLatencyCtx& c, const void* y, const int* count, const int* meta,
                             int64_t* handle_seq, cudaStream_t stream) {
-    const int epr = c.num_experts / c.num_ranks;
-    // spread: enough blocks for every row this rank can hold (N * M * K at most), two slices each, while the
-    // per-expert counts fit in shared memory; packed: one block per expert
+    // spread while the per-expert counts fit in shared memory; packed: one block per expert
     LowLatencyCtx k = c;
-    k.spread = c.spread && sizeof(int) * (static_cast<size_t>(epr) + 1) <= kLLMaxDynSmem;
-    const int grid = k.spread ? std::min(c.device_sms, std::max(1, ceil_div(2 * c.num_ranks * c.max_tokens * c.num_topk,
-                                                                          kLLWarps)))
-                              : epr;
-    const size_t smem = k.spread ? sizeof(int) * (epr + 1) : 0;
-    ll_combine_send_kernel<<<grid, kLLThreads, smem, stream>>>(k, static_cast<const __nv_bfloat16*>(y), count, meta,
-                                                               handle_seq);
+    k.spread = c.spread && combine_send_smem(c) <= kLLMaxDynSmem;
+    ll_combine_send_kernel<<<k.spread ? spread_blocks(c) : ll_epr(c), kLLThreads,
+                             k.spread ? combine_send_smem(c) : 0, stream>>>(
+        k, static_cast<const __nv_bfloat16*>(y), count, meta, handle_seq);
     LAUNCH_CHECK();
 }
-
-namespace {
-// The combine receive's warps per token: about 1024 warps in all when tokens are few (spread: every warp of one
-// wave), at most 8 (16) per token.
-int combine_slices(const LowLatencyCtx& c, int num_tokens) {
-    return c.spread ? std::max(1, std::min(16, ceil_div(c.device_sms * kLLWarps, std::max(1, num_tokens))))
-                    : std::max(1, std::min(8, 1024 / std::max(1, num_tokens)));
-}
-}  // namespace
 
 bool launch_ll_combine_fused(const LowLatencyCtx& c, const void* y, const int* count, const int* meta,
                              int64_t* handle_seq, const int64_t* topk_idx, const float* topk_weights, void* out,
                              int num_tokens, cudaStream_t stream) {
-    const int epr = c.num_experts / c.num_ranks;
-    const size_t smem = sizeof(int) * (static_cast<size_t>(epr) + 1);
-    if (!c.fuse || !c.spread || smem > kLLMaxDynSmem) return false;  // the caller sends, then sums
+    const size_t smem = combine_send_smem(c);
+    if (!c.spread || smem > kLLMaxDynSmem) return false;  // the caller sends, then sums
     const int slices = combine_slices(c, num_tokens);
-    const int send_blocks = std::min(c.device_sms, std::max(1, ceil_div(2 * c.num_ranks * c.max_tokens * c.num_topk,
-                                                                        kLLWarps)));
-    const int sum_blocks =
-        std::min(std::max(1, ceil_div(static_cast<int64_t>(num_tokens) * slices, kLLWarps)), c.device_sms);
-    return launch_resident(ll_combine_fused_kernel, std::max(send_blocks, sum_blocks), c.device_sms, smem, stream, c,
-                           static_cast<const __nv_bfloat16*>(y), count, meta, handle_seq, topk_idx, topk_weights,
-                           static_cast<__nv_bfloat16*>(out), num_tokens, slices);
+    return launch_resident(ll_combine_fused_kernel, std::max(spread_blocks(c), sum_blocks(c, num_tokens, slices)),
+                           c.device_sms, smem, stream, c, static_cast<const __nv_bfloat16*>(y), count, meta,
+                           handle_seq, topk_idx, topk_weights, static_cast<__nv_bfloat16*>(out), num_tokens, slices);
 }
 
 void launch_ll_combine_recv(const LowLatencyCtx& c, const int64_t* topk_idx, const float* topk_weights, void* out,
                             int num_tokens, const int64_t* handle_seq, cudaStream_t stream) {
     const int slices = combine_slices(c, num_tokens);
-    const int grid = std::min(std::max(1, ceil_div(static_cast<int64_t>(num_tokens) * slices, kLLWarps)), c.device_sms);
-    ll_combine_recv_kernel<<<grid, kLLThreads, 0, stream>>>(c, topk_idx, topk_weights,
-                                                            static_cast<__nv_bfloat16*>(out), num_tokens, slices,
-                                                            handle_seq);
+    ll_combine_recv_kernel<<<sum_blocks(c, num_tokens, slices), kLLThreads, 0, stream>>>(
+        c, topk_idx, topk_weights, static_cast<__nv_bfloat16*>(out), num_tokens, slices, handle_seq);
     LAUNCH_CHECK();
 }
 

@@ -236,9 +236,11 @@ class NvshmemBackend:
             self.error_word.data_ptr(), settings.timeout_s,
         )
         if ctx.low_latency:
-            self.ll_fuse = bool(settings.tune["ll_fuse"])
+            if settings.tune["ll_fuse"] not in (0, 1):
+                raise RuntimeError(f"LARGEEP_TUNE ll_fuse must be 0 or 1, got {settings.tune['ll_fuse']}")
+            self.ll_fuse = bool(settings.tune["ll_fuse"])  # the fused launchers run only when asked (see below)
             self.ll = self.C.LowLatencyKernels(*common, ctx.ranks_per_node, settings.tune["ll_send"],
-                                               settings.tune["ll_spread"], settings.tune["ll_fuse"])
+                                               settings.tune["ll_spread"])
         else:
             self.kernels = self.C.NormalKernels(
                 *common, ctx.ranks_per_node, settings.tune["threads"], settings.tune["load"], settings.tune["unroll"],

@@ -19,7 +19,7 @@ import torch.distributed as dist
 
 from largeep import _env, checks
 from largeep._env import logger
-from largeep.backends.base import GroupContext
+from largeep.backends.base import RAW_STREAM, GroupContext, current_raw_stream
 from largeep.backends.torch_backend import TorchBackend
 from largeep.errors import ArgumentError, BufferDestroyedError
 from largeep.layout import Layout
@@ -31,7 +31,6 @@ _buffer_ids = itertools.count(1)
 # no device lookups): the finished-call path below uses them; a torch without them takes the general path.
 _GET_STREAM = getattr(torch._C, "_cuda_getCurrentStream", None)
 _SET_STREAM = getattr(torch._C, "_cuda_setStream", None)
-_RAW_STREAM = getattr(torch._C, "_cuda_getCurrentRawStream", None)
 
 
 class _FinishedCalls:
@@ -56,9 +55,9 @@ class _FinishedCalls:
         return torch.cuda.current_device() == self.index
 
     def run(self, fn: Callable[[], Any]) -> Any:
-        assert _GET_STREAM is not None and _SET_STREAM is not None and _RAW_STREAM is not None
+        assert _GET_STREAM is not None and _SET_STREAM is not None and RAW_STREAM is not None
         stream_id, device_index, device_type = _GET_STREAM(self.index)
-        caller_raw = int(_RAW_STREAM(self.index))
+        caller_raw = int(RAW_STREAM(self.index))
         self.C.stream_wait(self.raw, caller_raw, self.ev_in)
         _SET_STREAM(stream_id=self.stream_id, device_index=self.index, device_type=self.device_type)
         try:
@@ -485,7 +484,8 @@ class Buffer:
             )
             checks.topk_weights(op, topk_weights, num_tokens=t, num_topk=c.num_topk, device=c.device)
 
-        caller = _caller_stream(c.device)  # zero-copy outputs record their release on it
+        # the caller's stream, on which zero-copy outputs record their release
+        caller = current_raw_stream(c.device) if c.device.type == "cuda" else None
 
         def run() -> Any:
             return self._impl.dispatch(
@@ -645,22 +645,13 @@ class Buffer:
 def _int_level_streams(device: torch.device) -> bool:
     """Whether this torch has the int-level stream calls _FinishedCalls uses, in the shape it expects (else calls
     take the general path)."""
-    if None in (_GET_STREAM, _SET_STREAM, _RAW_STREAM) or device.index is None:
+    if None in (_GET_STREAM, _SET_STREAM, RAW_STREAM) or device.index is None:
         return False
     try:
         got = _GET_STREAM(device.index)  # type: ignore[misc]
     except (RuntimeError, TypeError):
         return False
     return isinstance(got, tuple) and len(got) == 3 and all(isinstance(v, int) for v in got)
-
-
-def _caller_stream(device: torch.device) -> int | None:
-    """The raw handle of the current stream on ``device`` (None on CPU)."""
-    if device.type != "cuda":
-        return None
-    if _RAW_STREAM is not None and device.index is not None:
-        return int(_RAW_STREAM(device.index))
-    return int(torch.cuda.current_stream(device).cuda_stream)
 
 
 @contextlib.contextmanager

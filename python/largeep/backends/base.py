@@ -9,6 +9,17 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+# The current stream's handle without building a torch.cuda.Stream (what triton calls; a few microseconds of host
+# time a call at small sizes); None on builds without it, which then take torch.cuda.current_stream.
+RAW_STREAM = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+
+
+def current_raw_stream(device: torch.device) -> int:
+    """The raw handle (cudaStream_t as an int) of the current stream on the CUDA ``device``."""
+    if RAW_STREAM is not None and device.index is not None:
+        return int(RAW_STREAM(device.index))
+    return int(torch.cuda.current_stream(device).cuda_stream)
+
 
 @dataclass(frozen=True)
 class GroupContext:

@@ -19,7 +19,7 @@ import torch.distributed as dist
 
 from largeep import checks, native
 from largeep._env import Settings, logger
-from largeep.backends.base import GroupContext, LowLatencyDispatchOut, NormalDispatchOut
+from largeep.backends.base import GroupContext, LowLatencyDispatchOut, NormalDispatchOut, current_raw_stream
 from largeep.errors import ArgumentError, PeerTimeoutError
 from largeep.fp8 import FP8_DTYPE
 from largeep.layout import Layout, one_hot_mask
@@ -38,9 +38,6 @@ _OPS = {
 _OP_WORST_TOO_SMALL = 8  # kOpWorstTooSmall: not a timeout
 # The host waits a little longer than the device, so that the device's report (which names the rank) comes first.
 _HOST_GRACE_S = 5.0
-# The current stream's handle without building a torch.cuda.Stream (what triton calls; a few microseconds of host
-# time a call at small sizes); None on builds without it, which then take torch.cuda.current_stream.
-_RAW_STREAM = getattr(torch._C, "_cuda_getCurrentRawStream", None)
 # low-latency calls that ran as one kernel in this process (LARGEEP_TUNE ll_fuse=1), for tests and diagnostics
 FUSED_LAUNCHES = [0]
 
@@ -316,10 +313,7 @@ class NvshmemBackend:
         return launched
 
     def _stream(self) -> int:
-        index = self.ctx.device.index
-        if _RAW_STREAM is not None and index is not None:
-            return int(_RAW_STREAM(index))
-        return int(torch.cuda.current_stream(self.ctx.device).cuda_stream)
+        return current_raw_stream(self.ctx.device)
 
     # -- normal mode --------------------------------------------------------------------------------------------
     # get_dispatch_layout checks the expert ids itself (``check=True``): the layout kernel finds the ids out of

@@ -401,11 +401,15 @@ def load(paths: str | Path | Sequence[str | Path], *, label: str | None = None,
     return out
 
 
+# what makes two records of one file the same measurement, apart from how it was taken (``of``) and its op
+_SHAPE_KEYS = ("ep", "num_tokens", "hidden", "num_topk", "num_experts", "dtype")
+
+
 def _hook_sums(recs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """Low-latency records of one file: for each hook-mode send and receive pair (``of`` "dispatch_hook" /
     "combine_hook", bench/low_latency_times.py) without its op record (files of session 6 before it wrote them),
     that record derived as the sum of the two medians (p10 and p90 likewise), marked ``derived``."""
-    key = ("of", "ep", "num_tokens", "hidden", "num_topk", "num_experts", "dtype")
+    key = ("of", *_SHAPE_KEYS)
     have = {tuple(r.get(k) for k in key) for r in recs if str(r.get("of", "")).endswith("_hook") and r["op"] in OPS}
     parts: dict[tuple[Any, ...], dict[str, dict[str, Any]]] = {}
     for r in recs:
@@ -430,8 +434,7 @@ def skew_free(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     receive with every rank's sends complete in between), those, and not the plain ones, whose receive also waits
     for the slower rank's sends (the ranks' launch skew, which no model term covers)."""
     def key(r: dict[str, Any]) -> tuple[Any, ...]:
-        return (r.get("file"), r["op"], *(r.get(k) for k in ("ep", "num_tokens", "hidden", "num_topk",
-                                                               "num_experts", "dtype")))
+        return (r.get("file"), r["op"], *(r.get(k) for k in _SHAPE_KEYS))
 
     hooked = {key(r) for r in records if r.get("mode") == "low_latency" and str(r.get("of", "")).endswith("_hook")}
     return [r for r in records if not (r.get("mode") == "low_latency" and key(r) in hooked

@@ -145,18 +145,23 @@ def test_low_latency_graph_and_double_buffer(pools, world: int) -> None:
 
 @pytest.mark.gpu(2)
 @needs_native
+@pytest.mark.parametrize("fuse", [1, 0])
 @pytest.mark.parametrize("world", [2, 4])
-def test_low_latency_fused(pools, world: int) -> None:
-    """LARGEEP_TUNE ll_fuse=1: a dispatch or combine without a hook runs as one kernel (the tests check that it
-    did); the reference cases above without hooks (tokens above the token-major send's 32), 20 rounds without host
-    syncs with the ranks out of step, 100 graph replays on fresh data, and the put path (2 nodes emulated)."""
+def test_low_latency_fused(pools, world: int, fuse: int) -> None:
+    """LARGEEP_TUNE ll_fuse=1 (the default): a dispatch or combine without a hook runs as one kernel (the tests check
+    that it did); ll_fuse=0: as two (send, then receive; the tests check that no fused kernel ran). The reference
+    cases above without hooks (tokens above the token-major send's 32), 20 rounds without host syncs with the ranks
+    out of step, 100 graph replays on fresh data, and the put path (2 nodes emulated)."""
     if world > __import__("conftest").gpu_count():
         pytest.skip("not enough GPUs")
     pool = pools(world, "nccl")
 
     def fused(*args: object) -> None:
-        results = pool.run(gpu_bodies.with_tune, "ll_fuse=1", *args)
-        assert all(r["fused"] > 0 for r in results), f"no fused launch: {results}"
+        results = pool.run(gpu_bodies.with_tune, f"ll_fuse={fuse}", *args)
+        if fuse:
+            assert all(r["fused"] > 0 for r in results), f"no fused launch: {results}"
+        else:
+            assert all(r["fused"] == 0 for r in results), f"fused launches with ll_fuse=0: {results}"
 
     for m, hidden, experts, topk, fp8, round_scale, _hook in LL_CASES:
         if experts % world or m <= 32:

@@ -67,6 +67,43 @@ CHECK_TOL = 2e-2  # bf16 experts: chunking changes GEMM shapes, so the rounding 
 CPU_DEFAULTS = {"tokens": 64, "hidden": 128, "experts": 8, "topk": 2, "ffn": 64, "warmup": 2, "iters": 5}
 
 
+def _union(iv: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    out: list[tuple[float, float]] = []
+    for a, b in sorted(iv):
+        if out and a <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], b))
+        else:
+            out.append((a, b))
+    return out
+
+
+def _timeline(prof: Any) -> dict[str, float]:
+    """GPU timeline of one profiled call (us): its span (first kernel start to last kernel end), the time some
+    largeep kernel ran ("comm"), some other kernel ran ("compute"), both at once ("both": the overlap), and none
+    ("idle": launch gaps, host waits)."""
+    comm: list[tuple[float, float]] = []
+    other: list[tuple[float, float]] = []
+    for e in prof.events():
+        if e.device_type != torch.autograd.DeviceType.CUDA or e.time_range.elapsed_us() <= 0:
+            continue
+        (comm if "largeep" in e.name else other).append((float(e.time_range.start), float(e.time_range.end)))
+    if not comm and not other:
+        return {}
+    uc, uo, ua = _union(comm), _union(other), _union(comm + other)
+    both, i, j = 0.0, 0, 0
+    while i < len(uc) and j < len(uo):
+        lo, hi = max(uc[i][0], uo[j][0]), min(uc[i][1], uo[j][1])
+        both += max(0.0, hi - lo)
+        if uc[i][1] < uo[j][1]:
+            i += 1
+        else:
+            j += 1
+    span = ua[-1][1] - ua[0][0]
+    busy = sum(b - a for a, b in ua)
+    return {"span": span, "comm": sum(b - a for a, b in uc), "compute": sum(b - a for a, b in uo), "both": both,
+            "idle": span - busy}
+
+
 def two_batch_forward(layer: Any, x: torch.Tensor) -> torch.Tensor:
     """Two micro-batches (the halves of x) through a normal-mode MoELayer in the two-batch-overlap order.
 
@@ -225,6 +262,7 @@ def _measure(rank: int, world: int, args: argparse.Namespace, dev: torch.device)
             print(f"  {name}: {stats[name].median:.1f} us (wall {time.perf_counter() - t0:.1f} s{ran})", flush=True)
     layer.num_chunks = 1
     profiles: dict[str, str] = {}
+    timelines: dict[str, dict[str, float]] = {}
     for name, fn in plan:
         if name not in (args.profile or ()):
             continue
@@ -237,10 +275,50 @@ def _measure(rank: int, world: int, args: argparse.Namespace, dev: torch.device)
                 fn()
             torch.cuda.synchronize()
         profiles[name] = prof.key_averages().table(sort_by="cuda_time_total", row_limit=20, max_name_column_width=70)
+        acts = [ProfilerActivity.CUDA] + ([ProfilerActivity.CPU] if args.trace else [])
+        with torch.set_grad_enabled(bwd), profile(activities=acts) as prof1:
+            prep()
+            fn()
+            torch.cuda.synchronize()
+        timelines[name] = _timeline(prof1)
+        if args.trace and rank == 0:
+            import gzip
+
+            os.makedirs(args.trace, exist_ok=True)
+            tmp = os.path.join(args.trace, f"{name}.json")
+            prof1.export_chrome_trace(tmp)
+            with open(tmp, "rb") as f, gzip.open(tmp + ".gz", "wb") as g:
+                g.write(f.read())
+            os.remove(tmp)
         if rank == 0:
             print(f"  profile of {name} (3 calls):\n{profiles[name]}", flush=True)
+            print(f"  timeline of one {name} call (us): {timelines[name]}", flush=True)
+    if args.sync_debug:
+        # every host sync inside a call of each profiled variant, as torch reports it (warnings with the op)
+        import warnings
+
+        for name, fn in plan:
+            if name not in (args.profile or ()):
+                continue
+            with warnings.catch_warnings(record=True) as caught, torch.set_grad_enabled(bwd):
+                warnings.simplefilter("always")
+                prep()
+                torch.cuda.synchronize()
+                torch.cuda.set_sync_debug_mode(1)
+                try:
+                    fn()
+                finally:
+                    torch.cuda.set_sync_debug_mode(0)
+                torch.cuda.synchronize()
+            if rank == 0:
+                syncs = [f"{w.filename}:{w.lineno}: {str(w.message).splitlines()[0]}" for w in caught
+                         if "synchroniz" in str(w.message)]
+                print(f"  host syncs in one {name} call: {len(syncs)}", flush=True)
+                for line in syncs:
+                    print(f"    {line}", flush=True)
     result = {
         "profiles": profiles,
+        "timelines": timelines,
         "stats": {k: (s.median, s.p10, s.p90, s.n) for k, s in stats.items()},
         "num_sms": buf.ctx.num_sms if buf.backend_name == "nvshmem" else None,
         "backend": buf.backend_name,
@@ -319,6 +397,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--num-sms", type=int, default=24, help="SMs of the nvshmem kernels")
     p.add_argument("--profile", default=None,
                    help="comma list of variants to profile after timing (GPU time by kernel over 3 calls; GPU only)")
+    p.add_argument("--trace", default=None, help="directory: a chrome trace (CPU + CUDA, gzip) of one call of each "
+                   "profiled variant, rank 0")
+    p.add_argument("--sync-debug", action="store_true", help="list the host syncs of one call of each profiled "
+                   "variant (torch.cuda.set_sync_debug_mode), rank 0")
     p.add_argument("--variants", default=None, help="comma list (default: all): " +
                    ",".join(LAYER_VARIANTS + PART_VARIANTS))
     p.add_argument("--out", default="bench/results/layer_times", help="directory of the JSON file")

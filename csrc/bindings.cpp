@@ -538,6 +538,12 @@ PYBIND11_MODULE(_C, m) {
         launch_weighted_row_sum(ptr<const void>(src), elem, ptr<const int64_t>(pos), ptr<const float>(w), ptr<void>(y),
                                 rows, k, h, pad, stream_of(stream));
     });
+    m.def("expert_order_work", [](int64_t entries, int experts) { return expert_order_chunks(entries) * (experts + 1); });
+    m.def("expert_order", [](uintptr_t idx, int64_t rows, int k, int experts, uintptr_t offs, uintptr_t work,
+                             uintptr_t pos, uintptr_t src, int64_t src_len, int64_t pad, uintptr_t stream) {
+        launch_expert_order(ptr<const int64_t>(idx), rows, k, experts, ptr<int>(offs), ptr<int>(work),
+                            ptr<int64_t>(pos), ptr<int64_t>(src), src_len, pad, stream_of(stream));
+    });
     m.def("low_latency_layout", [](int n, int e, int k, int h, int t, int p) {
         const LowLatencyLayout l = low_latency_layout(n, e, k, h, t, p);
         py::dict d;

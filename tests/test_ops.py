@@ -3,6 +3,8 @@ torch.library custom ops) on 1, 2 and 4 ranks over gloo."""
 
 from __future__ import annotations
 
+import collections
+
 import layer_bodies
 import pytest
 import torch
@@ -173,3 +175,70 @@ def test_weighted_row_sum_rejects() -> None:
         ops.weighted_row_sum(src, pos, w[:, :2])
     with pytest.raises(ArgumentError, match="pad must be a row"):
         ops.weighted_row_sum(src, pos, w, -1)
+
+
+def _order_reference(idx: torch.Tensor, e: int, num_pairs: int | None) -> tuple[list, list, list, int | None]:
+    """Expert order by a Python stable sort: (offs, src, pos, pad) as ops.expert_order documents them."""
+    r, k = idx.shape
+    flat = idx.reshape(-1).tolist()
+    keys = [v if 0 <= v < e else e for v in flat]
+    order = sorted(range(len(keys)), key=lambda i: keys[i])
+    counts = collections.Counter(keys)
+    offs, run = [], 0
+    for x in range(e):
+        run += counts[x]
+        offs.append(run)
+    pos = [0] * len(keys)
+    for p, i in enumerate(order):
+        pos[i] = p
+    if num_pairs is None:
+        return offs, [i // k for i in order], pos, None
+    pad = num_pairs if num_pairs < r * k else None
+    src = [i // k for i in order[:num_pairs]] + ([0] if pad is not None else [])
+    pos = [pos[i] if keys[i] < e else pad for i in range(len(keys))]
+    return offs, src, pos, pad
+
+
+def _order_case(r: int, k: int, e: int, seed: int, device: str) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(-1, e + 2, (r, k), generator=g)  # -1, e and e + 1 name no expert
+    return idx.to(device)
+
+
+@pytest.mark.parametrize("r,k,e", [(0, 4, 3), (1, 1, 1), (7, 3, 5), (50, 8, 16), (300, 6, 40)])
+@pytest.mark.parametrize("pairs", [False, True])
+def test_expert_order(r: int, k: int, e: int, pairs: bool) -> None:
+    """The torch path (CPU) against a Python stable sort, with and without the number of pairs."""
+    idx = _order_case(r, k, e, r + k + e, "cpu")
+    num_pairs = int(((idx >= 0) & (idx < e)).sum()) if pairs else None
+    offs, src, pos, pad = ops.expert_order(idx, e, num_pairs)
+    want = _order_reference(idx, e, num_pairs)
+    assert (offs.tolist(), src.tolist(), pos.reshape(-1).tolist(), pad) == want
+    assert offs.dtype == torch.int32 and src.dtype == torch.int64 and pos.shape == (r, k)
+
+
+def test_expert_order_opcheck() -> None:
+    idx = _order_case(9, 4, 6, 1, "cpu")
+    torch.library.opcheck(torch.ops.largeep.expert_order.default, (idx, 6, -1))
+    torch.library.opcheck(torch.ops.largeep.expert_order.default, (idx, 6, int(((idx >= 0) & (idx < 6)).sum())))
+
+
+@pytest.mark.gpu(1)
+@pytest.mark.parametrize("r,k,e", [(0, 8, 4), (1, 1, 1), (3, 8, 1024), (130, 8, 128), (4100, 8, 8),
+                                   (20000, 6, 256), (1023, 1, 2), (333, 3, 1)])
+@pytest.mark.parametrize("pairs", [False, True])
+def test_expert_order_gpu(r: int, k: int, e: int, pairs: bool) -> None:
+    """The native counting sort (CUDA) gives exactly the Python stable sort's order, chunk edges included (1024
+    entries a chunk), for one expert up to 1024 and with entries naming none."""
+    from largeep import native
+
+    if native.unavailable_reason() is not None:
+        pytest.skip(str(native.unavailable_reason()))
+    idx = _order_case(r, k, e, 7 * r + k, "cpu")
+    num_pairs = int(((idx >= 0) & (idx < e)).sum()) if pairs else None
+    offs, src, pos, pad = ops.expert_order(idx.cuda(), e, num_pairs)
+    torch.cuda.synchronize()
+    want = _order_reference(idx, e, num_pairs)
+    assert (offs.tolist(), src.tolist(), pos.reshape(-1).tolist(), pad) == want
+    if r == 130:
+        torch.library.opcheck(torch.ops.largeep.expert_order.default, (idx.cuda(), e, num_pairs or -1))

@@ -60,7 +60,124 @@ void launch_typed(const void* src, const int64_t* pos, const float* w, void* y, 
     LAUNCH_CHECK();
 }
 
+// ---- expert order: a stable counting sort of the (row, k) entries of topk_idx by local expert ----------------
+// Entries are taken in chunks of kOrderChunk, one warp per chunk, 32 consecutive entries per step; key = the local
+// expert, or E for an entry naming none. Pass 1 counts each chunk's keys, pass 2 (one block) turns the counts into
+// each (chunk, key)'s first position and offs, pass 3 hands out positions in entry order (lanes of one key ranked by
+// __match_any_sync), so the result equals a stable argsort of the keys.
+constexpr int kOrderChunk = 1024;
+constexpr int kOrderWarps = 8;
+
+__device__ __forceinline__ int order_key(const int64_t* idx, int64_t i, int64_t n, int E) {
+    if (i >= n) return -1;
+    const int64_t e = idx[i];
+    return e >= 0 && e < E ? static_cast<int>(e) : E;
+}
+
+// counts [chunks][E + 1]
+__global__ void __launch_bounds__(kOrderWarps * 32) order_count_kernel(const int64_t* idx, int64_t n, int E,
+                                                                      int* counts, int64_t chunks) {
+    extern __shared__ int hist[];  // [kOrderWarps][E + 1]
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int64_t chunk = static_cast<int64_t>(blockIdx.x) * kOrderWarps + warp;
+    int* h = hist + warp * (E + 1);
+    for (int k = lane; k <= E; k += 32) h[k] = 0;
+    __syncwarp();
+    if (chunk >= chunks) return;
+    const int64_t begin = chunk * kOrderChunk, end = min(begin + kOrderChunk, n);
+    for (int64_t b = begin; b < end; b += 32) {
+        const int key = order_key(idx, b + lane, end, E);
+        const unsigned peers = __match_any_sync(0xffffffffu, key);
+        if (key >= 0 && (peers & ((1u << lane) - 1u)) == 0) h[key] += __popc(peers);
+        __syncwarp();
+    }
+    for (int k = lane; k <= E; k += 32) counts[chunk * (E + 1) + k] = h[k];
+}
+
+// counts [chunks][E + 1] -> first position of each (chunk, key), in place; offs[e] = inclusive end of expert e.
+__global__ void __launch_bounds__(1024) order_scan_kernel(int* counts, int64_t chunks, int E, int* offs,
+                                                          int64_t* src, int64_t pad) {
+    __shared__ int64_t s_total[1025];  // per key, then its exclusive prefix over keys
+    for (int k = threadIdx.x; k <= E; k += blockDim.x) {
+        int64_t t = 0;
+        for (int64_t c = 0; c < chunks; ++c) t += counts[c * (E + 1) + k];
+        s_total[k] = t;
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        int64_t run = 0;
+        for (int k = 0; k <= E; ++k) {
+            const int64_t t = s_total[k];
+            s_total[k] = run;
+            run += t;
+            if (k < E) offs[k] = static_cast<int>(run);
+        }
+        if (pad >= 0) src[pad] = 0;  // the extra row that entries naming no expert point at
+    }
+    __syncthreads();
+    for (int k = threadIdx.x; k <= E; k += blockDim.x) {
+        int64_t run = s_total[k];
+        for (int64_t c = 0; c < chunks; ++c) {
+            const int v = counts[c * (E + 1) + k];
+            counts[c * (E + 1) + k] = static_cast<int>(run);
+            run += v;
+        }
+    }
+}
+
+// pos[i] = position of entry i (pad for an entry naming no expert when pad >= 0); src[position] = i / K for the
+// positions below src_len.
+__global__ void __launch_bounds__(kOrderWarps * 32) order_assign_kernel(const int64_t* idx, int64_t n, int K, int E,
+                                                                       const int* starts, int64_t chunks,
+                                                                       int64_t* pos, int64_t* src, int64_t src_len,
+                                                                       int64_t pad) {
+    extern __shared__ int run[];  // [kOrderWarps][E + 1]
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int64_t chunk = static_cast<int64_t>(blockIdx.x) * kOrderWarps + warp;
+    if (chunk >= chunks) return;
+    int* r = run + warp * (E + 1);
+    for (int k = lane; k <= E; k += 32) r[k] = starts[chunk * (E + 1) + k];
+    __syncwarp();
+    const int64_t begin = chunk * kOrderChunk, end = min(begin + kOrderChunk, n);
+    for (int64_t b = begin; b < end; b += 32) {
+        const int64_t i = b + lane;
+        const int key = order_key(idx, i, end, E);
+        const unsigned peers = __match_any_sync(0xffffffffu, key);
+        const int64_t p = key >= 0 ? r[key] + __popc(peers & ((1u << lane) - 1u)) : 0;
+        __syncwarp();
+        if (key >= 0) {
+            if ((peers & ((1u << lane) - 1u)) == 0) r[key] += __popc(peers);
+            const bool none = key == E && pad >= 0;
+            pos[i] = none ? pad : p;
+            if (!none && p < src_len) src[p] = i / K;
+        }
+        __syncwarp();
+    }
+}
+
 }  // namespace
+
+void launch_expert_order(const int64_t* idx, int64_t rows, int num_topk, int num_experts, int* offs, int* work,
+                         int64_t* pos, int64_t* src, int64_t src_len, int64_t pad, cudaStream_t stream) {
+    HOST_ASSERT(num_experts >= 1 && num_experts <= kExpertOrderMaxExperts, "expert_order: 1 <= experts <= 1024");
+    const int64_t n = rows * num_topk;
+    const int64_t chunks = expert_order_chunks(n);
+    const size_t smem = static_cast<size_t>(kOrderWarps) * (num_experts + 1) * sizeof(int);
+    const int64_t blocks = (chunks + kOrderWarps - 1) / kOrderWarps;
+    if (blocks > 0) {
+        order_count_kernel<<<blocks, kOrderWarps * 32, smem, stream>>>(idx, n, num_experts, work, chunks);
+        LAUNCH_CHECK();
+    }
+    order_scan_kernel<<<1, 1024, 0, stream>>>(work, chunks, num_experts, offs, src, pad);
+    LAUNCH_CHECK();
+    if (blocks > 0) {
+        order_assign_kernel<<<blocks, kOrderWarps * 32, smem, stream>>>(idx, n, num_topk, num_experts, work, chunks,
+                                                                       pos, src, src_len, pad);
+        LAUNCH_CHECK();
+    }
+}
+
+int64_t expert_order_chunks(int64_t entries) { return (entries + kOrderChunk - 1) / kOrderChunk; }
 
 void launch_weighted_row_sum(const void* src, int elem_bytes, const int64_t* pos, const float* w, void* y,
                              int64_t rows, int num_topk, int hidden, int64_t pad, cudaStream_t stream) {

@@ -147,35 +147,16 @@ class GroupedExperts(nn.Module):
             in float32 with largeep's kernel; rounded to the expert outputs' dtype where ``embedding_bag`` stands in,
             see ``ops.weighted_row_sum``). No host wait with the native grouped GEMM.
 
-        The entries are sorted by expert (one argsort of R*K ints), their rows gathered once, three grouped GEMMs
-        run, and :func:`largeep.ops.weighted_row_sum` sums each row's K outputs straight from the expert-sorted GEMM
-        output: one read of it, no float32 copy of [pairs, H], no atomics, no scatter.
+        The entries are put in expert order (:func:`largeep.ops.expert_order`: one counting sort on CUDA), their
+        rows gathered once, three grouped GEMMs run, and :func:`largeep.ops.weighted_row_sum` sums each row's K
+        outputs straight from the expert-sorted GEMM output: one read of it, no float32 copy of [pairs, H], no
+        atomics, no scatter.
         """
-        r, k = topk_idx.shape
-        e = self.num_experts
         valid = topk_idx >= 0
-        key = torch.where(valid, topk_idx, e).reshape(-1)
-        order = torch.argsort(key, stable=True)  # entries by local expert; entries naming none last
-        counts = torch.zeros(e + 1, dtype=torch.int64, device=key.device).scatter_add_(0, key, torch.ones_like(key))
-        offs = torch.cumsum(counts[:e], 0).to(torch.int32)
-        pad: int | None = None
-        if num_pairs is None:
-            # every entry has a GEMM row; those naming no local expert sit past offs[-1], where the output is zero
-            src = order // k
-            pos = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
-        else:
-            # the valid entries only, then (when some entry names no local expert) one extra row, `pad`, that
-            # every other entry points at and the weighted sum leaves out
-            src = order[:num_pairs] // k
-            if num_pairs < r * k:
-                pad = num_pairs
-                src = torch.cat([src, src.new_zeros(1)])
-            fill = num_pairs if pad is not None else 0
-            pos = torch.full((r * k,), fill, dtype=torch.int64, device=order.device)
-            pos.scatter_(0, order[:num_pairs], torch.arange(num_pairs, device=order.device))
+        offs, src, pos, pad = ops.expert_order(topk_idx, self.num_experts, num_pairs)
         out = self.forward(x[src], offs, num_pairs)  # [P, H] in the weights' dtype
         w = torch.where(valid, topk_weights, 0.0).float()
-        y = ops.weighted_row_sum(out, pos.view(r, k), w, pad)
+        y = ops.weighted_row_sum(out, pos, w, pad)
         return y.to(x.dtype)
 
     def forward_slots(self, x: Tensor, counts: Tensor, capacity: int | None = None) -> Tensor:

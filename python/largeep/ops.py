@@ -414,6 +414,85 @@ _grouped_mm_op.register_autograd(_gmm_backward, setup_context=_gmm_setup)
 # ---------------------------------------------------------------------------------------------------------------
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# The order of a dispatch's (row, k) entries by local expert (the expert GEMMs' input order)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _order_sizes(r: int, k: int, num_pairs: int) -> tuple[int, int]:
+    """(src length, pad) for R*K entries of which num_pairs (-1: not known) name a local expert."""
+    if num_pairs < 0:
+        return r * k, -1
+    pad = num_pairs if num_pairs < r * k else -1
+    return num_pairs + (pad >= 0), pad
+
+
+@torch.library.custom_op(
+    "largeep::expert_order", mutates_args=(),
+    schema="(Tensor idx, int num_experts, int num_pairs) -> (Tensor, Tensor, Tensor)",
+)
+def _expert_order_op(idx: Tensor, num_experts: int, num_pairs: int) -> tuple[Tensor, Tensor, Tensor]:
+    r, k = idx.shape
+    e = num_experts
+    src_len, pad = _order_sizes(r, k, num_pairs)
+    C = _native_rows() if idx.is_cuda and 1 <= e <= 1024 else None
+    if C is not None:
+        # one native call (a stable counting sort, three small kernels) instead of some fifteen torch ops
+        # (outputs of a custom op may not share storage: one allocation each)
+        idx = idx.contiguous()
+        dev = idx.device
+        pos = torch.empty(r, k, dtype=torch.int64, device=dev)
+        src = torch.empty(src_len, dtype=torch.int64, device=dev)
+        offs = torch.empty(e, dtype=torch.int32, device=dev)
+        work = torch.empty(C.expert_order_work(r * k, e), dtype=torch.int32, device=dev)
+        C.expert_order(idx.data_ptr(), r, k, e, offs.data_ptr(), work.data_ptr(), pos.data_ptr(), src.data_ptr(),
+                       src_len, pad, torch.cuda.current_stream(dev).cuda_stream)
+        return offs, src, pos
+    key = torch.where((idx >= 0) & (idx < e), idx, e).reshape(-1)
+    order = torch.argsort(key, stable=True)  # entries by local expert; entries naming none last
+    counts = torch.zeros(e + 1, dtype=torch.int64, device=key.device).scatter_add_(0, key, torch.ones_like(key))
+    offs = torch.cumsum(counts[:e], 0).to(torch.int32)
+    if num_pairs < 0:
+        # every entry has a row; those naming no local expert sit past offs[-1]
+        src = order // k
+        pos = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
+        return offs, src, pos.view(r, k)
+    src = order[:num_pairs] // k
+    if pad >= 0:
+        src = torch.cat([src, src.new_zeros(1)])
+    pos = torch.full((r * k,), max(pad, 0), dtype=torch.int64, device=order.device)
+    pos.scatter_(0, order[:num_pairs], torch.arange(num_pairs, device=order.device))
+    return offs, src, pos.view(r, k)
+
+
+@_expert_order_op.register_fake
+def _(idx: Tensor, num_experts: int, num_pairs: int) -> tuple[Tensor, Tensor, Tensor]:
+    r, k = idx.shape
+    src_len, _ = _order_sizes(r, k, num_pairs)
+    return (idx.new_empty(num_experts, dtype=torch.int32), idx.new_empty(src_len, dtype=torch.int64),
+            idx.new_empty(r, k, dtype=torch.int64))
+
+
+def expert_order(
+    topk_idx: Tensor, num_experts: int, num_pairs: int | None = None
+) -> tuple[Tensor, Tensor, Tensor, int | None]:
+    """The (row, k) entries of ``topk_idx`` int64 [R, K] (local expert ids; -1 or any id outside [0, num_experts)
+    names none) in a stable order by expert -- a stable argsort of the keys, entries naming none last.
+
+    Returns (offs int32 [E] inclusive end of each expert's entries, src int64 the row of the entry at each position,
+    pos int64 [R, K] each entry's position, pad):
+      - num_pairs None: every entry has a position (those naming none past offs[-1]); src [R*K]; pad None.
+      - num_pairs (the number of entries naming an expert, known on the host): src [num_pairs], plus one extra row 0
+        at position pad = num_pairs that every entry naming none points at, when there are such entries (else pad
+        None). ``num_pairs`` must be right; the result is undefined otherwise.
+    On CUDA with the native module (up to 1024 experts): one counting sort, no host sync; elsewhere torch ops
+    (argsort and scatters). A custom op (compiles without a graph break)."""
+    r, k = topk_idx.shape
+    offs, src, pos = _expert_order_op(topk_idx, num_experts, -1 if num_pairs is None else num_pairs)
+    pad = _order_sizes(r, k, num_pairs)[1] if num_pairs is not None else -1
+    return offs, src, pos, pad if pad >= 0 else None
+
+
 def _native_rows() -> Any:
     from largeep import native
 

@@ -49,6 +49,36 @@ class _Timed:
         return timed
 
 
+def _wrap_pieces(buf: Any, into: dict[str, list[float]]) -> list[Any]:
+    """Times (inclusive, microseconds) the Python functions a round trip runs through, by name; returns undo
+    callables."""
+    from largeep import buffer as bmod
+    from largeep import checks
+    from largeep.backends import nvshmem_backend as nb
+
+    targets: list[tuple[Any, str]] = [
+        (checks, "tensor"), (checks, "tokens"), (checks, "topk_idx"), (checks, "topk_weights"),
+        (checks, "remember_checked"), (bmod, "_tensors_of"), (bmod.Buffer, "_run"),
+        (bmod._FinishedCalls, "run"), (nb.NvshmemBackend, "get_dispatch_layout"), (nb.NvshmemBackend, "dispatch"),
+        (nb.NvshmemBackend, "_send"), (nb.NvshmemBackend, "combine"), (nb, "record_zero_copy"),
+    ]
+    undo = []
+    for owner, name in targets:
+        orig = getattr(owner, name)
+        label = f"{getattr(owner, '__name__', owner)}.{name}"
+
+        def wrapped(*a: Any, _orig: Any = orig, _label: str = label, **kw: Any) -> Any:
+            t0 = time.perf_counter()
+            try:
+                return _orig(*a, **kw)
+            finally:
+                into.setdefault(_label, []).append((time.perf_counter() - t0) * 1e6)
+
+        setattr(owner, name, wrapped)
+        undo.append(lambda owner=owner, name=name, orig=orig: setattr(owner, name, orig))
+    return undo
+
+
 def _body(rank: int, world: int, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     import largeep
 
@@ -94,6 +124,17 @@ def _body(rank: int, world: int, args: argparse.Namespace, device: torch.device)
         dist.barrier()
         roundtrip(False)
     impl.kernels, impl.C = kernels, module
+    # the Python pieces of the calls, each timed inclusively (its callees included) by a wrapper
+    pieces: dict[str, list[float]] = {}
+    restore = _wrap_pieces(buf, pieces)
+    for _ in range(args.iters):
+        torch.cuda.synchronize()
+        dist.barrier()
+        roundtrip(False)
+    for undo in restore:
+        undo()
+    pieces_med = {k: (round(statistics.median(v), 1), round(statistics.fmean(v), 1), len(v) // args.iters)
+                  for k, v in pieces.items()}
     native_med = {k: statistics.median(v) for k, v in native.items()}
     # medians hide calls that sometimes block (a launch that waits, a peer that is late): mean and p90 too
     native_tail = {k: (round(statistics.fmean(v), 1), round(sorted(v)[int(0.9 * (len(v) - 1))], 1))
@@ -111,6 +152,7 @@ def _body(rank: int, world: int, args: argparse.Namespace, device: torch.device)
     pstats.Stats(prof, stream=s).sort_stats("cumulative").print_stats(35)
     pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(25)
     return {"host_us_median": plain, "native_call_us_median": native_med, "native_call_us_mean_p90": native_tail,
+            "python_pieces_us_median_mean_calls": pieces_med,
             "host_us_median_profiled": {k: statistics.median(v) for k, v in host.items()},
             "profile": s.getvalue()}
 
@@ -129,6 +171,9 @@ def main() -> None:
     print("host time per call (us, median, rank 0):", res["host_us_median"])
     print("native calls (us, median, rank 0):", {k: round(v, 1) for k, v in res["native_call_us_median"].items()})
     print("native calls (us, mean and p90, rank 0):", res["native_call_us_mean_p90"])
+    print("python pieces (us, inclusive: median, mean, calls per round trip; rank 0):")
+    for k, v in res["python_pieces_us_median_mean_calls"].items():
+        print(f"  {k:40s} {v}")
     print("the same under cProfile:", res["host_us_median_profiled"])
     print(res["profile"])
     os.makedirs(args.out, exist_ok=True)

@@ -201,8 +201,10 @@ void launch_weighted_row_sum(const void* src, int elem_bytes, const int64_t* pos
 // in a stable order by expert, entries naming none last -- what a stable argsort of the keys gives: offs int32
 // [num_experts] inclusive end of each expert's entries; pos int64 [rows * num_topk] each entry's position, or pad
 // for an entry naming none when pad >= 0; src int64 [src_len] the row of the entry at each position (src[pad] = 0
-// when pad >= 0). work: int32 [expert_order_chunks(rows * num_topk) * (num_experts + 1)]. Three kernels, no sync.
+// when pad >= 0). work: int32 [expert_order_chunks(rows * num_topk) * (num_experts + 1)] (at most 2048 chunks of
+// expert_order_chunk entries). Three kernels, no sync.
 constexpr int kExpertOrderMaxExperts = 1024;
+int64_t expert_order_chunk(int64_t entries);
 int64_t expert_order_chunks(int64_t entries);
 void launch_expert_order(const int64_t* idx, int64_t rows, int num_topk, int num_experts, int* offs, int* work,
                          int64_t* pos, int64_t* src, int64_t src_len, int64_t pad, cudaStream_t stream);

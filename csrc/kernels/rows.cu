@@ -61,22 +61,23 @@ void launch_typed(const void* src, const int64_t* pos, const float* w, void* y, 
 }
 
 // ---- expert order: a stable counting sort of the (row, k) entries of topk_idx by local expert ----------------
-// Entries are taken in chunks of kOrderChunk, one warp per chunk, 32 consecutive entries per step; key = the local
-// expert, or E for an entry naming none. Pass 1 counts each chunk's keys, pass 2 (one block) turns the counts into
-// each (chunk, key)'s first position and offs, pass 3 hands out positions in entry order (lanes of one key ranked by
-// __match_any_sync), so the result equals a stable argsort of the keys.
-constexpr int kOrderChunk = 1024;
+// Entries are taken in chunks (expert_order_chunk: 256 or more, a multiple of 32), one warp per chunk, 32
+// consecutive entries per step; key = the local expert, or E for an entry naming none. Pass 1 counts each chunk's
+// keys into work[key][chunk]; pass 2 (one block, a warp per key) turns them into each (key, chunk)'s first position
+// and writes offs; pass 3 hands out positions in entry order (lanes of one key ranked by __match_any_sync), so the
+// result equals a stable argsort of the keys.
 constexpr int kOrderWarps = 8;
+constexpr int64_t kOrderMinChunk = 256;
+constexpr int64_t kOrderMaxChunks = 2048;  // bounds the work array: (E + 1) * 2048 ints
 
-__device__ __forceinline__ int order_key(const int64_t* idx, int64_t i, int64_t n, int E) {
-    if (i >= n) return -1;
+__device__ __forceinline__ int order_key(const int64_t* idx, int64_t i, int64_t end, int E) {
+    if (i >= end) return -1;
     const int64_t e = idx[i];
     return e >= 0 && e < E ? static_cast<int>(e) : E;
 }
 
-// counts [chunks][E + 1]
-__global__ void __launch_bounds__(kOrderWarps * 32) order_count_kernel(const int64_t* idx, int64_t n, int E,
-                                                                      int* counts, int64_t chunks) {
+__global__ void __launch_bounds__(kOrderWarps * 32) order_count_kernel(const int64_t* idx, int64_t n, int64_t chunk_len,
+                                                                      int E, int* work, int64_t chunks) {
     extern __shared__ int hist[];  // [kOrderWarps][E + 1]
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int64_t chunk = static_cast<int64_t>(blockIdx.x) * kOrderWarps + warp;
@@ -84,69 +85,79 @@ __global__ void __launch_bounds__(kOrderWarps * 32) order_count_kernel(const int
     for (int k = lane; k <= E; k += 32) h[k] = 0;
     __syncwarp();
     if (chunk >= chunks) return;
-    const int64_t begin = chunk * kOrderChunk, end = min(begin + kOrderChunk, n);
+    const int64_t begin = chunk * chunk_len, end = min(begin + chunk_len, n);
     for (int64_t b = begin; b < end; b += 32) {
         const int key = order_key(idx, b + lane, end, E);
         const unsigned peers = __match_any_sync(0xffffffffu, key);
         if (key >= 0 && (peers & ((1u << lane) - 1u)) == 0) h[key] += __popc(peers);
         __syncwarp();
     }
-    for (int k = lane; k <= E; k += 32) counts[chunk * (E + 1) + k] = h[k];
+    for (int k = lane; k <= E; k += 32) work[static_cast<int64_t>(k) * chunks + chunk] = h[k];
 }
 
-// counts [chunks][E + 1] -> first position of each (chunk, key), in place; offs[e] = inclusive end of expert e.
-__global__ void __launch_bounds__(1024) order_scan_kernel(int* counts, int64_t chunks, int E, int* offs,
-                                                          int64_t* src, int64_t pad) {
-    __shared__ int64_t s_total[1025];  // per key, then its exclusive prefix over keys
-    for (int k = threadIdx.x; k <= E; k += blockDim.x) {
-        int64_t t = 0;
-        for (int64_t c = 0; c < chunks; ++c) t += counts[c * (E + 1) + k];
-        s_total[k] = t;
+// work[key][chunk] counts -> first positions; offs[e] = inclusive end of expert e; src[pad] = 0 when pad >= 0.
+__global__ void __launch_bounds__(1024) order_scan_kernel(int* work, int64_t chunks, int E, int* offs, int64_t* src,
+                                                          int64_t pad) {
+    __shared__ int64_t s_base[1025];  // per key: its total, then the first position of its entries
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, nwarps = blockDim.x / 32;
+    for (int k = warp; k <= E; k += nwarps) {  // exclusive prefix over the chunks of key k, in tiles of 32
+        int* w = work + static_cast<int64_t>(k) * chunks;
+        int64_t run = 0;
+        for (int64_t c0 = 0; c0 < chunks; c0 += 32) {
+            const int64_t c = c0 + lane;
+            const int v = c < chunks ? w[c] : 0;
+            int incl = v;
+            for (int d = 1; d < 32; d *= 2) {
+                const int o = __shfl_up_sync(0xffffffffu, incl, d);
+                if (lane >= d) incl += o;
+            }
+            if (c < chunks) w[c] = static_cast<int>(run) + incl - v;
+            run += __shfl_sync(0xffffffffu, incl, 31);
+        }
+        if (lane == 0) s_base[k] = run;
     }
     __syncthreads();
     if (threadIdx.x == 0) {
         int64_t run = 0;
         for (int k = 0; k <= E; ++k) {
-            const int64_t t = s_total[k];
-            s_total[k] = run;
+            const int64_t t = s_base[k];
+            s_base[k] = run;
             run += t;
             if (k < E) offs[k] = static_cast<int>(run);
         }
         if (pad >= 0) src[pad] = 0;  // the extra row that entries naming no expert point at
     }
     __syncthreads();
-    for (int k = threadIdx.x; k <= E; k += blockDim.x) {
-        int64_t run = s_total[k];
-        for (int64_t c = 0; c < chunks; ++c) {
-            const int v = counts[c * (E + 1) + k];
-            counts[c * (E + 1) + k] = static_cast<int>(run);
-            run += v;
-        }
+    for (int k = warp; k <= E; k += nwarps) {
+        int* w = work + static_cast<int64_t>(k) * chunks;
+        const int base = static_cast<int>(s_base[k]);
+        for (int64_t c = lane; c < chunks; c += 32) w[c] += base;
     }
 }
 
 // pos[i] = position of entry i (pad for an entry naming no expert when pad >= 0); src[position] = i / K for the
 // positions below src_len.
-__global__ void __launch_bounds__(kOrderWarps * 32) order_assign_kernel(const int64_t* idx, int64_t n, int K, int E,
-                                                                       const int* starts, int64_t chunks,
-                                                                       int64_t* pos, int64_t* src, int64_t src_len,
-                                                                       int64_t pad) {
+__global__ void __launch_bounds__(kOrderWarps * 32) order_assign_kernel(const int64_t* idx, int64_t n,
+                                                                       int64_t chunk_len, int K, int E,
+                                                                       const int* work, int64_t chunks, int64_t* pos,
+                                                                       int64_t* src, int64_t src_len, int64_t pad) {
     extern __shared__ int run[];  // [kOrderWarps][E + 1]
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int64_t chunk = static_cast<int64_t>(blockIdx.x) * kOrderWarps + warp;
     if (chunk >= chunks) return;
     int* r = run + warp * (E + 1);
-    for (int k = lane; k <= E; k += 32) r[k] = starts[chunk * (E + 1) + k];
+    for (int k = lane; k <= E; k += 32) r[k] = work[static_cast<int64_t>(k) * chunks + chunk];
     __syncwarp();
-    const int64_t begin = chunk * kOrderChunk, end = min(begin + kOrderChunk, n);
+    const int64_t begin = chunk * chunk_len, end = min(begin + chunk_len, n);
     for (int64_t b = begin; b < end; b += 32) {
         const int64_t i = b + lane;
         const int key = order_key(idx, i, end, E);
         const unsigned peers = __match_any_sync(0xffffffffu, key);
-        const int64_t p = key >= 0 ? r[key] + __popc(peers & ((1u << lane) - 1u)) : 0;
+        const unsigned before = peers & ((1u << lane) - 1u);
+        const int64_t p = key >= 0 ? r[key] + __popc(before) : 0;
         __syncwarp();
         if (key >= 0) {
-            if ((peers & ((1u << lane) - 1u)) == 0) r[key] += __popc(peers);
+            if (before == 0) r[key] += __popc(peers);
             const bool none = key == E && pad >= 0;
             pos[i] = none ? pad : p;
             if (!none && p < src_len) src[p] = i / K;
@@ -157,27 +168,35 @@ __global__ void __launch_bounds__(kOrderWarps * 32) order_assign_kernel(const in
 
 }  // namespace
 
+int64_t expert_order_chunk(int64_t entries) {
+    const int64_t per = (entries + kOrderMaxChunks - 1) / kOrderMaxChunks;
+    return std::max(kOrderMinChunk, (per + 31) / 32 * 32);
+}
+
+int64_t expert_order_chunks(int64_t entries) {
+    const int64_t len = expert_order_chunk(entries);
+    return (entries + len - 1) / len;
+}
+
 void launch_expert_order(const int64_t* idx, int64_t rows, int num_topk, int num_experts, int* offs, int* work,
                          int64_t* pos, int64_t* src, int64_t src_len, int64_t pad, cudaStream_t stream) {
     HOST_ASSERT(num_experts >= 1 && num_experts <= kExpertOrderMaxExperts, "expert_order: 1 <= experts <= 1024");
     const int64_t n = rows * num_topk;
-    const int64_t chunks = expert_order_chunks(n);
+    const int64_t len = expert_order_chunk(n), chunks = expert_order_chunks(n);
     const size_t smem = static_cast<size_t>(kOrderWarps) * (num_experts + 1) * sizeof(int);
     const int64_t blocks = (chunks + kOrderWarps - 1) / kOrderWarps;
     if (blocks > 0) {
-        order_count_kernel<<<blocks, kOrderWarps * 32, smem, stream>>>(idx, n, num_experts, work, chunks);
+        order_count_kernel<<<blocks, kOrderWarps * 32, smem, stream>>>(idx, n, len, num_experts, work, chunks);
         LAUNCH_CHECK();
     }
     order_scan_kernel<<<1, 1024, 0, stream>>>(work, chunks, num_experts, offs, src, pad);
     LAUNCH_CHECK();
     if (blocks > 0) {
-        order_assign_kernel<<<blocks, kOrderWarps * 32, smem, stream>>>(idx, n, num_topk, num_experts, work, chunks,
-                                                                       pos, src, src_len, pad);
+        order_assign_kernel<<<blocks, kOrderWarps * 32, smem, stream>>>(idx, n, len, num_topk, num_experts, work,
+                                                                       chunks, pos, src, src_len, pad);
         LAUNCH_CHECK();
     }
 }
-
-int64_t expert_order_chunks(int64_t entries) { return (entries + kOrderChunk - 1) / kOrderChunk; }
 
 void launch_weighted_row_sum(const void* src, int elem_bytes, const int64_t* pos, const float* w, void* y,
                              int64_t rows, int num_topk, int hidden, int64_t pad, cudaStream_t stream) {

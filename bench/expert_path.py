@@ -2,7 +2,9 @@
 
 ``GroupedExperts.forward_rows`` on the rows one dispatch delivers: the expert order (largeep's counting sort, or the
 torch ops it replaces), the row gather, three grouped GEMMs, the weighted sum. For each step: the host time of
-issuing it (median over --iters, the GPU kept busy so that no launch waits) and its GPU time (CUDA events, median).
+issuing it (median over --iters, the GPU kept busy so that no launch waits) and its GPU time (CUDA events around
+it, queued behind other work so that its kernels run back to back; median). Before session 7's last commit the GPU
+time was taken on an idle GPU and included the launch gaps of short steps.
 Where the host takes longer than the GPU, the GPU idles unless other work is queued: what decides whether a chunked
 layer can overlap communication with the experts.
 
@@ -75,7 +77,7 @@ def main() -> None:
         ("weighted_row_sum", lambda: ops.weighted_row_sum(out, pos, wv, pad)),
         ("forward_rows (all)", lambda: experts.forward_rows(x, idx, w, num_pairs)),
     ]
-    busy = torch.empty(8192, 8192, device=dev, dtype=torch.bfloat16)
+    busy = torch.randn(8192, 8192, device=dev, dtype=torch.bfloat16)
     res: dict[str, Any] = {"config": vars(args), "num_pairs": num_pairs, "steps": {}}
     with torch.no_grad():
         for name, fn in steps:
@@ -90,6 +92,7 @@ def main() -> None:
                 host.append((time.perf_counter() - t0) * 1e6)
                 torch.cuda.synchronize()
                 a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                _ = busy @ busy  # queued first: the step's kernels then run back to back, without launch gaps
                 a.record()
                 fn()
                 b.record()

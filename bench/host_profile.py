@@ -51,7 +51,8 @@ class _Timed:
 
 def _wrap_pieces(buf: Any, into: dict[str, list[float]]) -> list[Any]:
     """Times (inclusive, microseconds) the Python functions a round trip runs through, by name; returns undo
-    callables."""
+    callables. A recursive function (``_tensors_of``) is timed at every level; inclusive times carry the wrappers
+    of the pieces inside them (about 1 us each)."""
     from largeep import buffer as bmod
     from largeep import checks
     from largeep.backends import nvshmem_backend as nb
@@ -127,12 +128,14 @@ def _body(rank: int, world: int, args: argparse.Namespace, device: torch.device)
     # the Python pieces of the calls, each timed inclusively (its callees included) by a wrapper
     pieces: dict[str, list[float]] = {}
     restore = _wrap_pieces(buf, pieces)
-    for _ in range(args.iters):
-        torch.cuda.synchronize()
-        dist.barrier()
-        roundtrip(False)
-    for undo in restore:
-        undo()
+    try:
+        for _ in range(args.iters):
+            torch.cuda.synchronize()
+            dist.barrier()
+            roundtrip(False)
+    finally:
+        for undo in restore:
+            undo()
     pieces_med = {k: (round(statistics.median(v), 1), round(statistics.fmean(v), 1), len(v) // args.iters)
                   for k, v in pieces.items()}
     native_med = {k: statistics.median(v) for k, v in native.items()}

@@ -229,7 +229,7 @@ def test_expert_order_opcheck() -> None:
 @pytest.mark.parametrize("pairs", [False, True])
 def test_expert_order_gpu(r: int, k: int, e: int, pairs: bool) -> None:
     """The native counting sort (CUDA) gives exactly the Python stable sort's order, chunk edges included (256
-    entries a chunk; 288 for the 560,000 entries of the last case, where the chunks reach their cap of 2048), for
+    entries a chunk; 288 for the 560,000 entries of the last case, above the 2048 chunks of 256 entries), for
     one expert up to 1024 and with entries naming none."""
     from largeep import native
 
@@ -243,3 +243,43 @@ def test_expert_order_gpu(r: int, k: int, e: int, pairs: bool) -> None:
     assert (offs.tolist(), src.tolist(), pos.reshape(-1).tolist(), pad) == want
     if r == 130:
         torch.library.opcheck(torch.ops.largeep.expert_order.default, (idx.cuda(), e, num_pairs or -1))
+
+
+def test_expert_order_rejects() -> None:
+    from largeep.errors import ArgumentError
+
+    idx = _order_case(5, 2, 3, 0, "cpu")
+    with pytest.raises(ArgumentError, match="int64 \\[R, K\\]"):
+        ops.expert_order(idx.int(), 3)
+    with pytest.raises(ArgumentError, match="int64 \\[R, K\\]"):
+        ops.expert_order(idx.reshape(-1), 3)
+    with pytest.raises(ArgumentError, match="num_pairs must be in \\[0, 10\\]"):
+        ops.expert_order(idx, 3, 11)
+    with pytest.raises(ArgumentError, match="num_experts must be >= 1"):
+        ops.expert_order(idx, 0)
+
+
+def test_ops_bypass_only_in_plain_eager() -> None:
+    """Eager calls without gradients skip the custom-op dispatch, but meta and fake tensors still get the ops' fake
+    implementations (shapes, no data access), as before the bypass."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    a, b = torch.randn(8, 16), torch.randn(2, 16, 4)
+    offs = torch.tensor([3, 8], dtype=torch.int32)
+    idx = _order_case(6, 2, 3, 0, "cpu")
+    assert ops._direct(a, b) and not ops._direct(a.requires_grad_(), b)
+    a = a.detach()
+    with torch.no_grad():
+        ma, mb, mo = a.to("meta"), b.to("meta"), offs.to("meta")
+        assert not ops._direct(ma, mb)
+        assert ops.grouped_mm(ma, mb, mo).shape == (8, 4)
+        assert ops.grouped_mm(ma, mb, mo, 8).shape == (8, 4)
+        offs_m, src_m, pos_m, pad = ops.expert_order(idx.to("meta"), 3, 5)
+        assert (offs_m.shape, src_m.shape, pos_m.shape, pad) == ((3,), (6,), (6, 2), 5)
+        with FakeTensorMode() as mode:
+            fa, fb, fo = mode.from_tensor(a), mode.from_tensor(b), mode.from_tensor(offs)
+            assert not ops._direct(fa, fb)
+            assert ops.grouped_mm(fa, fb, fo).shape == (8, 4)
+            y = ops.weighted_row_sum(fa, mode.from_tensor(torch.zeros(3, 2, dtype=torch.int64)),
+                                     mode.from_tensor(torch.ones(3, 2)), None)
+            assert y.shape == (3, 16)

@@ -97,7 +97,7 @@ __global__ void __launch_bounds__(kOrderWarps * 32) order_count_kernel(const int
 
 // work[key][chunk] counts -> first positions; offs[e] = inclusive end of expert e; src[pad] = 0 when pad >= 0.
 __global__ void __launch_bounds__(1024) order_scan_kernel(int* work, int64_t chunks, int E, int* offs, int64_t* src,
-                                                          int64_t pad) {
+                                                          int64_t src_len, int64_t pad) {
     __shared__ int64_t s_base[1025];  // per key: its total, then the first position of its entries
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, nwarps = blockDim.x / 32;
     for (int k = warp; k <= E; k += nwarps) {  // exclusive prefix over the chunks of key k, in tiles of 32
@@ -125,7 +125,7 @@ __global__ void __launch_bounds__(1024) order_scan_kernel(int* work, int64_t chu
             run += t;
             if (k < E) offs[k] = static_cast<int>(run);
         }
-        if (pad >= 0) src[pad] = 0;  // the extra row that entries naming no expert point at
+        if (pad >= 0 && pad < src_len) src[pad] = 0;  // the extra row that entries naming no expert point at
     }
     __syncthreads();
     for (int k = warp; k <= E; k += nwarps) {
@@ -182,6 +182,7 @@ void launch_expert_order(const int64_t* idx, int64_t rows, int num_topk, int num
                          int64_t* pos, int64_t* src, int64_t src_len, int64_t pad, cudaStream_t stream) {
     HOST_ASSERT(num_experts >= 1 && num_experts <= kExpertOrderMaxExperts, "expert_order: 1 <= experts <= 1024");
     const int64_t n = rows * num_topk;
+    HOST_ASSERT(n <= INT32_MAX, "expert_order: at most 2^31 - 1 entries (positions are int32)");
     const int64_t len = expert_order_chunk(n), chunks = expert_order_chunks(n);
     const size_t smem = static_cast<size_t>(kOrderWarps) * (num_experts + 1) * sizeof(int);
     const int64_t blocks = (chunks + kOrderWarps - 1) / kOrderWarps;
@@ -189,7 +190,7 @@ void launch_expert_order(const int64_t* idx, int64_t rows, int num_topk, int num
         order_count_kernel<<<blocks, kOrderWarps * 32, smem, stream>>>(idx, n, len, num_experts, work, chunks);
         LAUNCH_CHECK();
     }
-    order_scan_kernel<<<1, 1024, 0, stream>>>(work, chunks, num_experts, offs, src, pad);
+    order_scan_kernel<<<1, 1024, 0, stream>>>(work, chunks, num_experts, offs, src, src_len, pad);
     LAUNCH_CHECK();
     if (blocks > 0) {
         order_assign_kernel<<<blocks, kOrderWarps * 32, smem, stream>>>(idx, n, len, num_topk, num_experts, work,

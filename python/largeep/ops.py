@@ -335,12 +335,26 @@ def _clear_tail(out: Tensor, offs: Tensor, used: int) -> Tensor:
     return out.masked_fill_(past.unsqueeze(1), 0)
 
 
+try:
+    from torch.utils._python_dispatch import _get_current_dispatch_mode
+except ImportError:  # a torch without it: never bypass the ops
+    _get_current_dispatch_mode = None  # type: ignore[assignment]
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
 def _direct(*tensors: Tensor) -> bool:
-    """Whether an eager call may run a custom op's body directly: not compiling, and no input needing a gradient
-    (the op's autograd is then not needed). The op's dispatch costs host time on every call (about 20 us on the GPU
+    """Whether an eager call may run a custom op's body directly: plain tensors (not meta, fake or another
+    subclass), no compiling, tracing or dispatch mode (fake tensors, meta), and no input needing a gradient (the
+    op's autograd is then not needed). The op's dispatch costs host time on every call (about 20 us on the GPU
     machine, three grouped GEMMs and two more ops per expert call), which a chunked layer pays per chunk."""
-    if torch.compiler.is_compiling():
+    if _get_current_dispatch_mode is None or torch.compiler.is_compiling() or torch.jit.is_tracing():
         return False
+    if _get_current_dispatch_mode() is not None:
+        return False
+    for t in tensors:
+        if type(t) not in _PLAIN or t.is_meta:
+            return False
     return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
 
 
@@ -458,8 +472,9 @@ def _expert_order_impl(idx: Tensor, num_experts: int, num_pairs: int) -> tuple[T
         src = torch.empty(src_len, dtype=torch.int64, device=dev)
         offs = torch.empty(e, dtype=torch.int32, device=dev)
         work = torch.empty(C.expert_order_work(r * k, e), dtype=torch.int32, device=dev)
-        C.expert_order(idx.data_ptr(), r, k, e, offs.data_ptr(), work.data_ptr(), pos.data_ptr(), src.data_ptr(),
-                       src_len, pad, torch.cuda.current_stream(dev).cuda_stream)
+        with _on_device(dev):
+            C.expert_order(idx.data_ptr(), r, k, e, offs.data_ptr(), work.data_ptr(), pos.data_ptr(),
+                           src.data_ptr(), src_len, pad, torch.cuda.current_stream(dev).cuda_stream)
         return offs, src, pos
     key = torch.where((idx >= 0) & (idx < e), idx, e).reshape(-1)
     order = torch.argsort(key, stable=True)  # entries by local expert; entries naming none last
@@ -500,11 +515,25 @@ def expert_order(
         None). ``num_pairs`` must be right; the result is undefined otherwise.
     On CUDA with the native module (up to 1024 experts): one counting sort, no host sync; elsewhere torch ops
     (argsort and scatters). A custom op (compiles without a graph break)."""
+    if not isinstance(topk_idx, Tensor) or topk_idx.dtype != torch.int64 or topk_idx.dim() != 2:
+        what = f"{topk_idx.dtype} {tuple(topk_idx.shape)}" if isinstance(topk_idx, Tensor) else type(topk_idx).__name__
+        raise ArgumentError(f"expert_order: topk_idx must be an int64 [R, K] tensor, got {what}")
     r, k = topk_idx.shape
-    op = _expert_order_impl if _direct() else _expert_order_op
+    if num_experts < 1:
+        raise ArgumentError(f"expert_order: num_experts must be >= 1, got {num_experts}")
+    if num_pairs is not None and not 0 <= num_pairs <= r * k:
+        raise ArgumentError(f"expert_order: num_pairs must be in [0, {r * k}] (R * K), got {num_pairs}")
+    op = _expert_order_impl if _direct(topk_idx) else _expert_order_op
     offs, src, pos = op(topk_idx, num_experts, -1 if num_pairs is None else num_pairs)
     pad = _order_sizes(r, k, num_pairs)[1] if num_pairs is not None else -1
     return offs, src, pos, pad if pad >= 0 else None
+
+
+def _on_device(dev: torch.device) -> Any:
+    """The native row kernels launch on the current device: make it ``dev`` for the call (no-op when it is)."""
+    if dev.index is None or dev.index == torch.cuda.current_device():
+        return contextlib.nullcontext()
+    return torch.cuda.device(dev)
 
 
 def _native_rows() -> Any:
@@ -529,8 +558,9 @@ def _weighted_row_sum_impl(src: Tensor, pos: Tensor, w: Tensor, pad: int) -> Ten
         return F.embedding_bag(pos, src, mode="sum", per_sample_weights=w_src, padding_idx=pad if pad >= 0 else None)
     src, pos, w = src.contiguous(), pos.contiguous(), w.contiguous().float()
     y = src.new_empty(r, src.shape[1])
-    C.weighted_row_sum(src.data_ptr(), src.element_size(), pos.data_ptr(), w.data_ptr(), y.data_ptr(), r, k,
-                       src.shape[1], pad, torch.cuda.current_stream(src.device).cuda_stream)
+    with _on_device(src.device):
+        C.weighted_row_sum(src.data_ptr(), src.element_size(), pos.data_ptr(), w.data_ptr(), y.data_ptr(), r, k,
+                           src.shape[1], pad, torch.cuda.current_stream(src.device).cuda_stream)
     return y
 
 

@@ -634,7 +634,7 @@ def weighted_row_sum(src: Tensor, pos: Tensor, w: Tensor, pad: int | None = None
         raise ArgumentError(f"weighted_row_sum: w has shape {tuple(w.shape)}, expected {tuple(pos.shape)}")
     if pad is not None and not 0 <= pad < src.shape[0]:
         raise ArgumentError(f"weighted_row_sum: pad must be a row of src in [0, {src.shape[0]}) or None, got {pad}")
-    op = _weighted_row_sum_impl if _direct(src, w) else _weighted_row_sum_op
+    op = _weighted_row_sum_impl if _direct(src, w, pos) else _weighted_row_sum_op
     return op(src, pos, w, -1 if pad is None else pad)  # type: ignore[no-any-return]
 
 
@@ -655,7 +655,7 @@ def grouped_mm(a: Tensor, b: Tensor, offs: Tensor, used: int | None = None) -> T
         fallback does (for the largest group), inside the op, so a compiled graph does not break.
         :func:`grouped_mm_stats` counts which one ran.
     """
-    op = _grouped_mm_impl if _direct(a, b) else _grouped_mm_op
+    op = _grouped_mm_impl if _direct(a, b, offs) else _grouped_mm_op
     return op(a, b, offs, -1 if used is None else used)  # type: ignore[no-any-return]
 
 

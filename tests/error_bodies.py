@@ -199,6 +199,30 @@ class BadCase:
     hidden: int = HIDDEN
 
 
+def ll_third_call(e: Env, combine: bool) -> Call:
+    """A low-latency call (of one op) with a hook, one without, then a third while the first's hook is still due:
+    the third is the wrong call; the first hook is called after it either way (the good round needs its slots)."""
+    buf = e.buf
+    if combine:
+        y = e.ll_y()
+
+        def issue(hook: bool = False) -> Any:
+            return buf.low_latency_combine(y, e.idx, e.w, e.prev.handle, return_recv_hook=hook)
+    else:
+        def issue(hook: bool = False) -> Any:
+            return buf.low_latency_dispatch(e.x, e.idx, use_fp8=False, return_recv_hook=hook)
+    first = issue(hook=True)
+    issue()
+
+    def third() -> None:
+        try:
+            issue()
+        finally:
+            first.hook()
+
+    return Call(third)
+
+
 def _n(name: str, call: Callable[[Env], Call | None], *words: str, **kw: Any) -> BadCase:
     return BadCase(name, False, call, words, **kw)
 
@@ -409,6 +433,11 @@ CASES: list[BadCase] = [
     _ll("ll_combine_out_non_contiguous", lambda e: Call(
         e.buf.low_latency_combine, (e.ll_y(), e.idx, e.w, e.prev.handle), {"out": strided(e.x)}),
         "'out'", "contiguous"),
+    # -- a third call while the first one's receive hook is due (two in flight at most) ----------------------
+    _ll("ll_dispatch_third_in_flight", lambda e: ll_third_call(e, False),
+        "low_latency_dispatch", "receive hook", "2 calls before", "at most two calls"),
+    _ll("ll_combine_third_in_flight", lambda e: ll_third_call(e, True),
+        "low_latency_combine", "receive hook", "2 calls before", "at most two calls"),
     # -- group size ----------------------------------------------------------------------------------------
     _ll("ll_combine_y_shaped_for_world_on_subgroup", ll_y_for_world_on_subgroup,
         "'y'", "shape", f"expected ({EXPERTS}, {MAX_TOKENS}, {HIDDEN})"),

@@ -286,6 +286,10 @@ class Buffer:
             self._impl = TorchBackend(self.ctx)
         self._id = next(_buffer_ids)
         self._alive = True
+        # low-latency calls per op issued outside graph capture, and those whose receive hook is still due: a call
+        # reuses the receive slots of the call two before it, which that call's hook frees (_check_in_flight)
+        self._ll_calls = {"low_latency_dispatch": 0, "low_latency_combine": 0}
+        self._ll_pending: dict[str, set[int]] = {"low_latency_dispatch": set(), "low_latency_combine": set()}
         self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self._finished: _FinishedCalls | None = None
         if self._stream is not None and self.backend_name == "nvshmem" and _int_level_streams(device):
@@ -563,12 +567,13 @@ class Buffer:
             check_values=self._settings.check_values,
         )
         rounding = bool(round_scale or use_ue8m0)
+        call = self._check_in_flight(op)
 
         def run() -> Any:
             return self._impl.low_latency_dispatch(xs, topk_idx, use_fp8, rounding, return_recv_hook)
 
         out, event = self._run(run, None, async_finish, [xs, topk_idx], finished=not return_recv_hook)
-        hook = self._wrap_hook(out.finish) if return_recv_hook else None
+        hook = self._wrap_hook(out.finish, op, call) if return_recv_hook else None
         recv_x: Tokens = (out.x, out.x_scales) if out.x_scales is not None else out.x
         return LowLatencyDispatchResult(
             recv_x, out.num_tokens_per_expert, out.src_info, LowLatencyHandle(self._id, t, out.state), event, hook
@@ -608,22 +613,45 @@ class Buffer:
                 op, "out", out, dtypes=(torch.bfloat16,), ndim=2, device=c.device, shape=(h.num_tokens, c.hidden)
             )
         target = out
+        call = self._check_in_flight(op)
 
         def run() -> Any:
             return self._impl.low_latency_combine(ys, topk_idx, topk_weights, h.state, target, return_recv_hook)
 
         finish, event = self._run(run, None, async_finish, [ys, topk_idx, topk_weights],
                                   finished=not return_recv_hook)
-        hook = self._wrap_hook(finish) if return_recv_hook else None
+        hook = self._wrap_hook(finish, op, call) if return_recv_hook else None
         return LowLatencyCombineResult(target, event, hook)
 
-    def _wrap_hook(self, finish: Callable[[], None] | None) -> Callable[[], None]:
+    def _check_in_flight(self, op: str) -> int | None:
+        """Refuses a low-latency call that would need the receive slots of a call whose hook is still due (two
+        calls of one op in flight at most, SPEC.md): on the GPU it would wait for that hook, queued after it on the
+        same stream, until LARGEEP_TIMEOUT_S. Returns the call's number (None while capturing a CUDA graph, whose
+        replays the host cannot count)."""
+        if self._stream is not None and torch.cuda.is_current_stream_capturing():
+            return None
+        call = self._ll_calls[op]
+        late = [n for n in self._ll_pending[op] if n <= call - 2]
+        if late:
+            raise ArgumentError(
+                f"Buffer.{op}: the receive hook of the {op} {call - min(late)} calls before this one has not been "
+                "called; at most two calls of one op may be in flight (call that hook first)"
+            )
+        self._ll_calls[op] = call + 1
+        return call
+
+    def _wrap_hook(self, finish: Callable[[], None] | None, op: str | None = None,
+                   call: int | None = None) -> Callable[[], None]:
         done = [False]
+        if op is not None and call is not None:
+            self._ll_pending[op].add(call)
 
         def hook() -> None:
             if done[0]:
                 raise RuntimeError("largeep: a receive hook may be called once")
             done[0] = True
+            if op is not None and call is not None:
+                self._ll_pending[op].discard(call)
             if finish is None:
                 return
             if self._stream is None:

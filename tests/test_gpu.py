@@ -148,8 +148,8 @@ def test_low_latency_graph_and_double_buffer(pools, world: int) -> None:
 @pytest.mark.parametrize("fuse", [1, 0])
 @pytest.mark.parametrize("world", [2, 4])
 def test_low_latency_fused(pools, world: int, fuse: int) -> None:
-    """LARGEEP_TUNE ll_fuse=1 (the default): a dispatch or combine without a hook runs as one kernel (the tests check
-    that it did); ll_fuse=0: as two (send, then receive; the tests check that no fused kernel ran). The reference
+    """LARGEEP_TUNE ll_fuse=1: a dispatch or combine without a hook runs as one kernel (the tests check that it
+    did); ll_fuse=0 (the default): as two (send, then receive; the tests check that no fused kernel ran). The reference
     cases above without hooks (tokens above the token-major send's 32), 20 rounds without host syncs with the ranks
     out of step, 100 graph replays on fresh data, and the put path (2 nodes emulated)."""
     if world > __import__("conftest").gpu_count():

@@ -160,7 +160,10 @@ __device__ __forceinline__ bool last_block(int* counter) {
         __threadfence_system();
         const int old = atomicAdd(counter, 1);
         is_last = (old == static_cast<int>(gridDim.x) - 1);
-        if (is_last) *counter = 0;
+        if (is_last) {
+            *counter = 0;
+            __threadfence();  // acquire side: the block's later reads come after every other block's arrival
+        }
     }
     __syncthreads();
     return is_last != 0;

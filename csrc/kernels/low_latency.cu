@@ -119,20 +119,24 @@ __device__ __forceinline__ uint2 quantize_e4m3x8(int4 raw, bool valid, int round
 
 // End of a dispatch send, every thread of every block: its puts completed (put path) and its rows visible, then the
 // last block publishes, for every (rank, local expert), this round's row count tagged with the round, clears the
-// counters, and advances the round.
+// counters, and advances the round. Nothing is published once any kernel of the Buffer reported an error (a block
+// that gave up waiting skipped its sends): the peers then time out and say so, instead of taking the counts of rows
+// that never came.
 __device__ __forceinline__ void ll_publish_counts(const LowLatencyCtx& c, int* counter, int slot_buf, int64_t seq,
                                                   bool ok_all, int64_t* handle_seq) {
     const int N = c.num_ranks, epr = c.num_experts / N;
     if (c.ranks_per_node < N) nvshmem_quiet();  // this thread's puts have landed
     __threadfence_system();                     // rows before the counts
-    if (last_block(c.block_counter + 0)) {
-        if (ok_all) {
-            for (int i = threadIdx.x; i < N * epr; i += blockDim.x) {
-                const int r = i / epr, le = i % epr;
-                const int n = min(counter[i], c.max_tokens);
-                counter[i] = 0;
-                ll_set_flag(c, r, ll_flag_index(c, kLLCounts, slot_buf, le * N + c.rank), (seq << 32) | n);
-            }
+    if (last_block(c.block_counter + 0)) {  // (block-uniform branch)
+        __shared__ int s_publish;  // read once, so that the block publishes every count or none
+        if (threadIdx.x == 0) s_publish = ok_all && !has_error(c.err);
+        __syncthreads();
+        const bool publish = s_publish != 0;
+        for (int i = threadIdx.x; i < N * epr; i += blockDim.x) {
+            const int r = i / epr, le = i % epr;
+            const int n = min(counter[i], c.max_tokens);
+            counter[i] = 0;
+            if (publish) ll_set_flag(c, r, ll_flag_index(c, kLLCounts, slot_buf, le * N + c.rank), (seq << 32) | n);
         }
         if (threadIdx.x == 0) {
             c.seq[kSeqLowLatency] = seq;
@@ -517,8 +521,13 @@ __device__ __forceinline__ void ll_combine_send_body(const LowLatencyCtx& c, con
     }
     if (c.ranks_per_node < N) nvshmem_quiet();
     __threadfence_system();
-    if (last_block(c.block_counter + 2)) {
-        if (static_cast<int>(threadIdx.x) < N)
+    if (last_block(c.block_counter + 2)) {  // (block-uniform branch)
+        // no done flags once an error was reported (a block that gave up skipped its rows): peers time out instead
+        // of summing what the slot held before; read once, so that every peer gets its flag or none does
+        __shared__ int s_done;
+        if (threadIdx.x == 0) s_done = !has_error(c.err);
+        __syncthreads();
+        if (static_cast<int>(threadIdx.x) < N && s_done)
             ll_set_flag(c, threadIdx.x, ll_flag_index(c, kLLCombineDone, slot_buf, me), seq);
         if (threadIdx.x == 0) {
             c.seq[kSeqLowLatency + 1] = seq;

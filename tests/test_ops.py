@@ -8,6 +8,8 @@ import collections
 import layer_bodies
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from largeep import ops
 
 
@@ -283,3 +285,21 @@ def test_ops_bypass_only_in_plain_eager() -> None:
             y = ops.weighted_row_sum(fa, mode.from_tensor(torch.zeros(3, 2, dtype=torch.int64)),
                                      mode.from_tensor(torch.ones(3, 2)), None)
             assert y.shape == (3, 16)
+
+
+@settings(max_examples=60, derandomize=True, database=None, deadline=None)
+@given(r=st.integers(0, 70), k=st.integers(1, 9), e=st.integers(1, 40), pairs=st.booleans(),
+       seed=st.integers(0, 2**16))
+def test_expert_order_property(r: int, k: int, e: int, pairs: bool, seed: int) -> None:
+    """Random shapes (empty, one expert, more experts than entries) and ids in [-3, E + 3): the torch path (and the
+    native one on CUDA, where the GPU test above runs it) equals the Python stable sort."""
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(-3, e + 3, (r, k), generator=g)
+    num_pairs = int(((idx >= 0) & (idx < e)).sum()) if pairs else None
+    offs, src, pos, pad = ops.expert_order(idx, e, num_pairs)
+    assert (offs.tolist(), src.tolist(), pos.reshape(-1).tolist(), pad) == _order_reference(idx, e, num_pairs)
+    # every named row comes first in expert order, each expert's entries in entry order
+    if r * k:
+        keys = torch.where((idx >= 0) & (idx < e), idx, e).reshape(-1)
+        if num_pairs is None:
+            assert torch.equal(keys[torch.argsort(pos.reshape(-1))], torch.sort(keys, stable=True).values)

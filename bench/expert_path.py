@@ -24,19 +24,6 @@ from typing import Any
 import torch
 
 
-def _order_ops(idx: torch.Tensor, e: int, num_pairs: int) -> Any:
-    """The torch ops that ops.expert_order runs off CUDA (as forward_rows ran them before), for comparison."""
-    r, k = idx.shape
-    key = torch.where((idx >= 0) & (idx < e), idx, e).reshape(-1)
-    order = torch.argsort(key, stable=True)
-    counts = torch.zeros(e + 1, dtype=torch.int64, device=key.device).scatter_add_(0, key, torch.ones_like(key))
-    offs = torch.cumsum(counts[:e], 0).to(torch.int32)
-    src = torch.cat([order[:num_pairs] // k, order.new_zeros(1)])
-    pos = torch.full((r * k,), num_pairs, dtype=torch.int64, device=order.device)
-    pos.scatter_(0, order[:num_pairs], torch.arange(num_pairs, device=order.device))
-    return offs, src, pos.view(r, k)
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rows", type=int, default=8192, help="rows a dispatch delivered (R)")
@@ -69,7 +56,7 @@ def main() -> None:
     wv = torch.where(idx >= 0, w, 0.0)
     steps: list[tuple[str, Callable[[], Any]]] = [
         ("order (largeep)", lambda: ops.expert_order(idx, e, num_pairs)),
-        ("order (torch ops)", lambda: _order_ops(idx, e, num_pairs)),
+        ("order (torch ops)", lambda: ops._expert_order_torch(idx, e, num_pairs)),
         ("gather x[src]", lambda: x[src]),
         ("grouped_mm w1", lambda: ops.grouped_mm(xs, experts.w1, offs, num_pairs)),
         ("torch._grouped_mm w1 (raw)", lambda: torch._grouped_mm(xs, experts.w1, offs=offs)),

@@ -49,7 +49,7 @@ class _Timed:
         return timed
 
 
-def _wrap_pieces(buf: Any, into: dict[str, list[float]]) -> list[Any]:
+def _wrap_pieces(into: dict[str, list[float]]) -> list[Any]:
     """Times (inclusive, microseconds) the Python functions a round trip runs through, by name; returns undo
     callables. A recursive function (``_tensors_of``) is timed at every level; inclusive times carry the wrappers
     of the pieces inside them (about 1 us each)."""
@@ -127,7 +127,7 @@ def _body(rank: int, world: int, args: argparse.Namespace, device: torch.device)
     impl.kernels, impl.C = kernels, module
     # the Python pieces of the calls, each timed inclusively (its callees included) by a wrapper
     pieces: dict[str, list[float]] = {}
-    restore = _wrap_pieces(buf, pieces)
+    restore = _wrap_pieces(pieces)
     try:
         for _ in range(args.iters):
             torch.cuda.synchronize()

@@ -10,11 +10,10 @@
 | | | outputs (no copy-out); each holds N * max_tokens_per_rank rows; 0: every dispatch copies |
 | LARGEEP_TUNE | threads=1024,load=0,unroll=8,ll_send=-1,ll_spread=1,ll_fuse=0,comb=3 | normal-mode copy kernels: |
 | | | threads per block, load kind (0 nc, 1 weak, 2 volatile), 16-byte loads in flight per lane (4 or 8); |
-| | | low-latency |
-| | | dispatch send: 0 one warp per (token, copy), 1 one block per token (quantised once), -1 the latter up to 32 |
-| | | tokens; ll_spread=1 the low-latency receives and combine send share their rows over the grid, 0 per expert; |
-| | | ll_fuse=1 a low-latency call without a hook runs send and receive in one cooperative kernel (needs   |
-| | | every SM free at once: see README), 0 in two;                                                           |
+| | | low-latency dispatch send: 0 one warp per (token, copy), 1 one block per token (quantised once), -1 the |
+| | | latter up to 32 tokens; ll_spread=1 the low-latency receives and combine send share their rows over the |
+| | | grid, 0 per expert; ll_fuse=1 a low-latency call without a hook runs send and receive in one cooperative |
+| | | kernel (needs every SM free at once: see README), 0 in two; |
 | | | combine inside one node: 1..7 one kernel with comb/8 of its blocks pushing while the rest reduce, 0 a |
 | | | push kernel then a reduce kernel (groups of several nodes always take the latter); the same on every rank |
 | LARGEEP_SEGV_BACKTRACE | 0 | 1: a crash (SIGSEGV, SIGBUS) inside the process prints the native stack (diagnostics) |

@@ -640,17 +640,17 @@ class Buffer:
         self._ll_calls[op] = call + 1
         return call
 
-    def _wrap_hook(self, finish: Callable[[], None] | None, op: str | None = None,
-                   call: int | None = None) -> Callable[[], None]:
+    def _wrap_hook(self, finish: Callable[[], None] | None, op: str, call: int | None) -> Callable[[], None]:
+        """The receive hook of low-latency call ``call`` of ``op`` (None: captured in a graph, not counted)."""
         done = [False]
-        if op is not None and call is not None:
+        if call is not None:
             self._ll_pending[op].add(call)
 
         def hook() -> None:
             if done[0]:
                 raise RuntimeError("largeep: a receive hook may be called once")
             done[0] = True
-            if op is not None and call is not None:
+            if call is not None:
                 self._ll_pending[op].discard(call)
             if finish is None:
                 return

@@ -71,6 +71,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from largeep._env import logger
+from largeep.backends.base import current_raw_stream
 from largeep.buffer import Buffer, DispatchHandle, EventOverlap, LowLatencyHandle
 from largeep.errors import ArgumentError
 
@@ -433,11 +434,6 @@ _grouped_mm_op.register_autograd(_gmm_backward, setup_context=_gmm_setup)
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Weighted sum of each row's expert outputs
-# ---------------------------------------------------------------------------------------------------------------
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # The order of a dispatch's (row, k) entries by local expert (the expert GEMMs' input order)
 # ---------------------------------------------------------------------------------------------------------------
 
@@ -474,8 +470,15 @@ def _expert_order_impl(idx: Tensor, num_experts: int, num_pairs: int) -> tuple[T
         work = torch.empty(C.expert_order_work(r * k, e), dtype=torch.int32, device=dev)
         with _on_device(dev):
             C.expert_order(idx.data_ptr(), r, k, e, offs.data_ptr(), work.data_ptr(), pos.data_ptr(),
-                           src.data_ptr(), src_len, pad, torch.cuda.current_stream(dev).cuda_stream)
+                           src.data_ptr(), src_len, pad, current_raw_stream(dev))
         return offs, src, pos
+    return _expert_order_torch(idx, e, num_pairs)
+
+
+def _expert_order_torch(idx: Tensor, e: int, num_pairs: int) -> tuple[Tensor, Tensor, Tensor]:
+    """expert_order in torch ops (any device): a stable argsort of the keys, then scatters."""
+    r, k = idx.shape
+    pad = _order_sizes(r, k, num_pairs)[1]
     key = torch.where((idx >= 0) & (idx < e), idx, e).reshape(-1)
     order = torch.argsort(key, stable=True)  # entries by local expert; entries naming none last
     counts = torch.zeros(e + 1, dtype=torch.int64, device=key.device).scatter_add_(0, key, torch.ones_like(key))
@@ -523,9 +526,10 @@ def expert_order(
         raise ArgumentError(f"expert_order: num_experts must be >= 1, got {num_experts}")
     if num_pairs is not None and not 0 <= num_pairs <= r * k:
         raise ArgumentError(f"expert_order: num_pairs must be in [0, {r * k}] (R * K), got {num_pairs}")
+    pairs = -1 if num_pairs is None else num_pairs
     op = _expert_order_impl if _direct(topk_idx) else _expert_order_op
-    offs, src, pos = op(topk_idx, num_experts, -1 if num_pairs is None else num_pairs)
-    pad = _order_sizes(r, k, num_pairs)[1] if num_pairs is not None else -1
+    offs, src, pos = op(topk_idx, num_experts, pairs)
+    pad = _order_sizes(r, k, pairs)[1]
     return offs, src, pos, pad if pad >= 0 else None
 
 
@@ -540,6 +544,11 @@ def _native_rows() -> Any:
     from largeep import native
 
     return native.module() if native.unavailable_reason() is None else None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Weighted sum of each row's expert outputs
+# ---------------------------------------------------------------------------------------------------------------
 
 
 @torch.library.custom_op(
@@ -560,7 +569,7 @@ def _weighted_row_sum_impl(src: Tensor, pos: Tensor, w: Tensor, pad: int) -> Ten
     y = src.new_empty(r, src.shape[1])
     with _on_device(src.device):
         C.weighted_row_sum(src.data_ptr(), src.element_size(), pos.data_ptr(), w.data_ptr(), y.data_ptr(), r, k,
-                           src.shape[1], pad, torch.cuda.current_stream(src.device).cuda_stream)
+                           src.shape[1], pad, current_raw_stream(src.device))
     return y
 
 

@@ -1,10 +1,10 @@
 """Host and GPU time of the local expert path of a normal-mode MoE layer, step by step (one GPU, no communication).
 
 ``GroupedExperts.forward_rows`` on the rows one dispatch delivers: the expert order (largeep's counting sort, or the
-torch ops it replaces), the row gather, three grouped GEMMs, the weighted sum. For each step: the host time of
-issuing it (median over --iters, the GPU kept busy so that no launch waits) and its GPU time (CUDA events around
-it, queued behind other work so that its kernels run back to back; median). Before session 7's last commit the GPU
-time was taken on an idle GPU and included the launch gaps of short steps.
+torch ops it replaces), the row gather, the grouped GEMMs (w13: gate and up in one; w2), the weighted sum. For each
+step: the host time of issuing it (median over --iters, the GPU kept busy so that no launch waits) and its GPU time
+(CUDA events around it, queued behind other work so that its kernels run back to back; median). Before session
+7's last commit the GPU time was taken on an idle GPU and included the launch gaps of short steps.
 Where the host takes longer than the GPU, the GPU idles unless other work is queued: what decides whether a chunked
 layer can overlap communication with the experts.
 
@@ -50,16 +50,17 @@ def main() -> None:
     experts = GroupedExperts(e, args.hidden, args.ffn, dtype=torch.bfloat16).to(dev)
     offs, src, pos, pad = ops.expert_order(idx, e, num_pairs)
     xs = x[src]
-    h = torch.nn.functional.silu(ops.grouped_mm(xs, experts.w1, offs, num_pairs)) * ops.grouped_mm(
-        xs, experts.w3, offs, num_pairs)
+    f = args.ffn
+    h13 = ops.grouped_mm(xs, experts.w13, offs, num_pairs)
+    h = torch.nn.functional.silu(h13[:, :f]) * h13[:, f:]
     out = ops.grouped_mm(h, experts.w2, offs, num_pairs)
     wv = torch.where(idx >= 0, w, 0.0)
     steps: list[tuple[str, Callable[[], Any]]] = [
         ("order (largeep)", lambda: ops.expert_order(idx, e, num_pairs)),
         ("order (torch ops)", lambda: ops._expert_order_torch(idx, e, num_pairs)),
         ("gather x[src]", lambda: x[src]),
-        ("grouped_mm w1", lambda: ops.grouped_mm(xs, experts.w1, offs, num_pairs)),
-        ("torch._grouped_mm w1 (raw)", lambda: torch._grouped_mm(xs, experts.w1, offs=offs)),
+        ("grouped_mm w13", lambda: ops.grouped_mm(xs, experts.w13, offs, num_pairs)),
+        ("torch._grouped_mm w13 (raw)", lambda: torch._grouped_mm(xs, experts.w13, offs=offs)),
         ("grouped_mm w2", lambda: ops.grouped_mm(h, experts.w2, offs, num_pairs)),
         ("weighted_row_sum", lambda: ops.weighted_row_sum(out, pos, wv, pad)),
         ("forward_rows (all)", lambda: experts.forward_rows(x, idx, w, num_pairs)),

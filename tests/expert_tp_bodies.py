@@ -24,6 +24,7 @@ from layer_bodies import (
     compare_variants,
     compiled_equals_eager,
     dense_reference,
+    expert_grad,
     finish_variant,
     local_logical_experts,
     make_global,
@@ -96,11 +97,11 @@ def layer_tp_vs_reference(
             close(_allsum(layer.gate.weight.grad), ref["grads"]["gate"], f"{what}: grad of the gate")
             if phys_to_log is not None:
                 assert layers.allreduce_replica_grads(
-                    [ex.w1, ex.w3, ex.w2], phys_to_log, group=groups.ep_group
+                    [ex.w13, ex.w2], phys_to_log, group=groups.ep_group
                 ) == replicas
             logical = local_logical_experts(phys_to_log, groups.ep_rank, epr)
             for name, dim in (("w1", 2), ("w3", 2), ("w2", 1)):
-                full = _gather_shards(getattr(ex, name).grad, dim, groups.tp_group)
+                full = _gather_shards(expert_grad(ex, name), dim, groups.tp_group)
                 close(full, ref["grads"][name][logical], f"{what}: grad of {name} (gathered)")
             finish_variant(results, layer, out, x, ref, what)
         compare_variants(variants, results)

@@ -463,6 +463,10 @@ def finished_calls_on_streams(rank: int, world: int, rounds: int) -> None:
     c_hidden, e, k, t = 512, 4 * world, 3, 200
     buf = largeep.Buffer(None, hidden=c_hidden, num_experts=e, num_topk=k, max_tokens_per_rank=t, backend="nvshmem")
     try:
+        # LARGEEP_STREAM_PRIORITY's default: the Buffer's stream has the highest priority torch gives (below 0)
+        assert buf._stream is not None
+        highest = torch.cuda.Stream(priority=-(1 << 20)).priority
+        assert highest < 0 and buf._stream.priority == highest, (buf._stream.priority, highest)
         streams = (torch.cuda.Stream(), torch.cuda.Stream())
         for i in range(rounds):
             s = streams[i % 2]

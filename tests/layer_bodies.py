@@ -54,6 +54,17 @@ def check_shared_grads(layer: Any, ref: dict[str, Any], what: str) -> None:
             close(got, ref["grads"][key], f"{what}: grad of shared {name}")
 
 
+def expert_grad(ex: Any, name: str) -> torch.Tensor | None:
+    """The grad of GroupedExperts' w1, w3 (halves of w13's grad) or w2."""
+    if name == "w2":
+        return ex.w2.grad  # type: ignore[no-any-return]
+    g = ex.w13.grad
+    if g is None:
+        return None
+    f = ex.ffn_hidden
+    return g[:, :, :f] if name == "w1" else g[:, :, f:]  # type: ignore[no-any-return]
+
+
 def local_logical_experts(phys_to_log: torch.Tensor | None, ep_rank: int, epr: int) -> torch.Tensor:
     """The logical expert of each of this rank's physical experts (itself without replicas)."""
     if phys_to_log is not None:
@@ -352,10 +363,10 @@ def layer_vs_reference(
             close(_allsum(layer.gate.weight.grad), ref["grads"]["gate"], f"{what}: grad of the gate")
             ex = layer.experts
             if phys_to_log is not None:
-                assert layers.allreduce_replica_grads([ex.w1, ex.w3, ex.w2], phys_to_log) == replicas
+                assert layers.allreduce_replica_grads([ex.w13, ex.w2], phys_to_log) == replicas
             logical = local_logical_experts(phys_to_log, rank, epr)
             for name in ("w1", "w3", "w2"):
-                close(getattr(ex, name).grad, ref["grads"][name][logical], f"{what}: grad of {name}")
+                close(expert_grad(ex, name), ref["grads"][name][logical], f"{what}: grad of {name}")
             finish_variant(results, layer, out, x, ref, what)
         compare_variants(variants, results)
         return {"variants": len(results)}
@@ -639,7 +650,7 @@ def pipeline_vs_sequential(
                 assert layer.gate.weight.grad is not None
                 close(_allsum(layer.gate.weight.grad), ps[j]["gate"].grad, f"{what}: layer {j} grad of the gate")
                 for name in ("w1", "w3", "w2"):
-                    got_w = getattr(layer.experts, name).grad
+                    got_w = expert_grad(layer.experts, name)
                     close(got_w, ps[j][name].grad[mine], f"{what}: layer {j} grad of {name}")
                 if layer.shared_experts is not None:
                     for name, key in (("w1", "s1"), ("w3", "s3"), ("w2", "s2")):
@@ -664,9 +675,9 @@ def _pipeline_order(stack: list[layers.MoELayer], between: list[Any]) -> list[st
     order: list[str] = []
 
     def recorder(f: Any, tag: str) -> Any:
-        def rec(*a: Any) -> Any:
+        def rec(*a: Any, **kw: Any) -> Any:
             order.append(tag)
-            return f(*a)
+            return f(*a, **kw)
 
         return rec
 
@@ -755,3 +766,61 @@ def pipeline_errors(rank: int, world: int) -> list[str]:
     finally:
         for buf in (normal, wide, ll):
             buf.destroy()
+
+
+def layer_id_checks(rank: int, world: int) -> dict[str, Any]:
+    """A chunked layer checks its batch's expert ids once, before the first dispatch (its chunks' dispatches then
+    skip the check and its host wait); ids out of range raise ArgumentError there, before any communication, and
+    the Buffer stays usable. Returns the number of id checks per forward, by num_chunks."""
+    from largeep import checks
+
+    hidden, experts, topk, t = 32, 2 * world, 2, 9
+
+    class FixedGate(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.bad = False
+
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            g = _gen(rank, 5)
+            idx = torch.stack([torch.randperm(experts, generator=g)[:topk] for _ in range(x.shape[0])])
+            if self.bad:
+                idx[x.shape[0] - 1, 1] = experts  # in the last chunk
+            return idx, torch.rand(x.shape[0], topk, generator=g)
+
+    buf = largeep.Buffer(None, hidden=hidden, num_experts=experts, num_topk=topk, max_tokens_per_rank=t,
+                         backend="torch")
+    calls = [0]
+    real = checks._id_range
+
+    def counted(idx: torch.Tensor) -> tuple[int, int]:
+        calls[0] += 1
+        return real(idx)
+
+    checks._id_range = counted
+    try:
+        gate = FixedGate()
+        layer = layers.MoELayer(buf, ffn_hidden=8, gate=gate)
+        x = torch.randn(t, hidden, generator=_gen(rank, 6))
+        per_chunks, outs = {}, {}
+        with torch.no_grad():
+            for n in (1, 3):
+                layer.num_chunks = n
+                calls[0] = 0
+                outs[n] = layer(x)
+                per_chunks[n] = calls[0]
+            close(outs[3], outs[1].double(), "num_chunks 3 against 1")
+            gate.bad = True
+            try:
+                layer(x)
+            except largeep.ArgumentError as exc:
+                msg = str(exc)
+                assert "MoELayer" in msg and "topk_idx" in msg and f"expert id {experts}" in msg, msg
+            else:
+                raise AssertionError("an expert id out of range went through the layer")
+            gate.bad = False
+            close(layer(x), outs[1].double(), "after the refused call")
+        return per_chunks
+    finally:
+        checks._id_range = real
+        buf.destroy()

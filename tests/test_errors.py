@@ -79,6 +79,26 @@ def test_timeout_rejects(monkeypatch: pytest.MonkeyPatch, raw: str, words: str) 
     assert "LARGEEP_TIMEOUT_S" in msg and repr(raw) in msg and words in msg, msg
 
 
+# -- LARGEEP_STREAM_PRIORITY ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("raw,high", [(None, True), ("", True), ("high", True), (" HIGH ", True), ("normal", False)])
+def test_stream_priority_accepts(monkeypatch: pytest.MonkeyPatch, raw: str | None, high: bool) -> None:
+    if raw is None:
+        monkeypatch.delenv("LARGEEP_STREAM_PRIORITY", raising=False)
+    else:
+        monkeypatch.setenv("LARGEEP_STREAM_PRIORITY", raw)
+    assert _env.settings().high_priority is high
+    assert _env.stream_priority() == (_env.HIGHEST_PRIORITY if high else 0)
+
+
+@pytest.mark.parametrize("raw", ["low", "1", "-1", "highest"])
+def test_stream_priority_rejects(monkeypatch: pytest.MonkeyPatch, raw: str) -> None:
+    monkeypatch.setenv("LARGEEP_STREAM_PRIORITY", raw)
+    with pytest.raises(ValueError) as info:
+        _env.settings()
+    msg = str(info.value)
+    assert "LARGEEP_STREAM_PRIORITY" in msg and "high, normal" in msg, msg
+
+
 @pytest.mark.parametrize("raw", ["abc", "-1"])
 def test_timeout_rejected_at_buffer_creation(pools, raw: str) -> None:
     """A bad value set after import is refused when a Buffer is made (naming the variable), and a Buffer made

@@ -112,8 +112,8 @@ def test_forward_rows(one_thread, dtype: torch.dtype, hidden: int, ffn: int, cas
     pairs = int((idx >= 0).sum()) if known else None
     ops.reset_grouped_mm_stats()
     y = ex.forward_rows(x, idx, w, pairs)
-    backend = ops.grouped_mm_backend(torch.empty(1, hidden, dtype=dtype), ex.w1)
-    assert backend == ("native" if hidden == 32 else "padded_bmm")
+    backend = ops.grouped_mm_backend(torch.empty(2, hidden, dtype=dtype), ex.w13)
+    assert backend == ("native" if hidden == 32 else "padded_bmm"), (backend, ops._native_failed)
     ran = {name.split(" ")[0] for name in ops.grouped_mm_stats()}
     assert ran == {backend} or (r == 0 and ran <= {backend, "padded_bmm"}), ops.grouped_mm_stats()
     assert y.dtype == dtype and y.shape == (r, hidden)
@@ -139,8 +139,8 @@ def test_forward_rows(one_thread, dtype: torch.dtype, hidden: int, ffn: int, cas
     assert (x.grad[none_here] == 0).all() and (w.grad[none_here] == 0).all()
     layer_bodies.close(x.grad, x64.grad, "grad of x", rtol=rtol * 4)
     layer_bodies.close(w.grad, w64.grad, "grad of topk_weights", rtol=rtol * 4)
-    for p, p64, name in zip((ex.w1, ex.w3, ex.w2), params, ("w1", "w3", "w2"), strict=True):
-        layer_bodies.close(p.grad, p64.grad, f"grad of {name}", rtol=rtol * 4)
+    for p64, name in zip(params, ("w1", "w3", "w2"), strict=True):
+        layer_bodies.close(layer_bodies.expert_grad(ex, name), p64.grad, f"grad of {name}", rtol=rtol * 4)
 
 
 @pytest.mark.gpu(2)
@@ -186,3 +186,26 @@ def test_pipeline_compiled(pools, num_worst: int) -> None:
 
 def test_pipeline_errors(pools) -> None:
     pools(2).run(layer_bodies.pipeline_errors)
+
+
+def test_layer_checks_ids_once(pools) -> None:
+    # one id check per forward whatever the chunks (the layer's own, before the first dispatch)
+    for res in pools(2).run(layer_bodies.layer_id_checks):
+        assert res == {1: 1, 3: 1}, res
+
+
+def test_grouped_experts_w13_views_and_old_state_dict() -> None:
+    # w1 / w3 are w13's halves; a state dict of the earlier layout (separate w1, w3) loads into w13
+    ex = layers.GroupedExperts(3, 16, 8)
+    assert ex.w1.shape == ex.w3.shape == (3, 16, 8)
+    assert torch.equal(torch.cat([ex.w1, ex.w3], dim=2), ex.w13)
+    with torch.no_grad():
+        ex.w3.fill_(2.0)
+    assert (ex.w13[:, :, 8:] == 2.0).all() and not (ex.w13[:, :, :8] == 2.0).all()
+    w1, w3, w2 = torch.randn(3, 16, 8), torch.randn(3, 16, 8), torch.randn(3, 8, 16)
+    other = layers.GroupedExperts(3, 16, 8)
+    other.load_state_dict({"w1": w1, "w3": w3, "w2": w2})
+    assert torch.equal(other.w1, w1) and torch.equal(other.w3, w3) and torch.equal(other.w2, w2)
+    assert set(other.state_dict()) == {"w13", "w2"}
+    other.load_state_dict(ex.state_dict())
+    assert torch.equal(other.w13, ex.w13)

@@ -16,6 +16,9 @@
 | | | kernel (needs every SM free at once: see README), 0 in two; |
 | | | combine inside one node: 1..7 one kernel with comb/8 of its blocks pushing while the rest reduce, 0 a |
 | | | push kernel then a reduce kernel (groups of several nodes always take the latter); the same on every rank |
+| LARGEEP_STREAM_PRIORITY | high | the priority of each Buffer's stream (and of the side stream a layer's dispatch is |
+| | | issued from): ``high``, the highest torch gives, so that a communication kernel queued behind compute |
+| | | gets SMs as they free up, before the compute kernels' waiting blocks; ``normal``: the default priority |
 | LARGEEP_SEGV_BACKTRACE | 0 | 1: a crash (SIGSEGV, SIGBUS) inside the process prints the native stack (diagnostics) |
 """
 
@@ -38,6 +41,7 @@ class Settings:
     zero_copy_slots: int
     tune: dict[str, int]
     fault_backtrace: bool
+    high_priority: bool
 
 
 def _float(name: str, default: float) -> float:
@@ -72,7 +76,25 @@ def settings() -> Settings:
         zero_copy_slots=_count("ZERO_COPY_SLOTS", 2),
         fault_backtrace=os.environ.get(_PREFIX + "SEGV_BACKTRACE", "0") == "1",
         tune=_tune(os.environ.get(_PREFIX + "TUNE", "")),
+        high_priority=_choice("STREAM_PRIORITY", ("high", "normal")) == "high",
     )
+
+
+def _choice(name: str, values: tuple[str, ...]) -> str:
+    """One of ``values`` (the first is the default)."""
+    raw = os.environ.get(_PREFIX + name, "").strip().lower() or values[0]
+    if raw not in values:
+        raise ValueError(f"{_PREFIX}{name}={raw!r}: expected one of {', '.join(values)}")
+    return raw
+
+
+# torch maps a priority below its range to the highest it has (a lower number is a higher priority)
+HIGHEST_PRIORITY = -(1 << 20)
+
+
+def stream_priority() -> int:
+    """The priority to give largeep's streams (LARGEEP_STREAM_PRIORITY)."""
+    return HIGHEST_PRIORITY if settings().high_priority else 0
 
 
 _TUNE_DEFAULTS = {"threads": 1024, "load": 0, "unroll": 8, "ll_send": -1, "ll_spread": 1, "ll_fuse": 0, "comb": 3}

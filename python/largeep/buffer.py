@@ -290,7 +290,12 @@ class Buffer:
         # reuses the receive slots of the call two before it, which that call's hook frees (_check_in_flight)
         self._ll_calls = {"low_latency_dispatch": 0, "low_latency_combine": 0}
         self._ll_pending: dict[str, set[int]] = {"low_latency_dispatch": set(), "low_latency_combine": set()}
-        self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        # high priority (LARGEEP_STREAM_PRIORITY): a dispatch queued behind expert GEMMs on another stream gets SMs
+        # as they free up instead of after all the GEMMs' waiting blocks
+        self._stream = (
+            torch.cuda.Stream(device, priority=_env.HIGHEST_PRIORITY if self._settings.high_priority else 0)
+            if device.type == "cuda" else None
+        )
         self._finished: _FinishedCalls | None = None
         if self._stream is not None and self.backend_name == "nvshmem" and _int_level_streams(device):
             from largeep import native

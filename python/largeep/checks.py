@@ -5,9 +5,11 @@ Each failure raises :class:`largeep.errors.ArgumentError` whose message names th
 
 from __future__ import annotations
 
+import contextlib
+import threading
 import weakref
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 
@@ -82,7 +84,7 @@ def topk_idx(
     tensor, unchanged since (same object, same version counter, same E), is not checked again, and is forgotten --
     so the usual ``get_dispatch_layout(idx)`` then ``dispatch(x, idx, ...)`` syncs the device once, not twice."""
     idx = tensor(op, "topk_idx", t, dtypes=(torch.int64,), ndim=2, device=device, shape=(num_tokens, num_topk))
-    if not check_values or not idx.numel() or _capturing(device):
+    if not check_values or not idx.numel() or _capturing(device) or _vouched():
         return idx
     if memo == "use" and _take_checked(idx, num_experts):
         return idx
@@ -96,7 +98,26 @@ def topk_idx(
 
 def needs_id_check(idx: torch.Tensor, check_values: bool) -> bool:
     """Whether topk_idx's values are to be checked now (checks on, some ids, not capturing a CUDA graph)."""
-    return check_values and idx.numel() > 0 and not _capturing(idx.device)
+    return check_values and idx.numel() > 0 and not _capturing(idx.device) and not _vouched()
+
+
+_VOUCH = threading.local()
+
+
+@contextlib.contextmanager
+def ids_in_range() -> Iterator[None]:
+    """Within it (this thread), expert ids are not value-checked: for largeep's own callers whose ids are in
+    [0, num_experts) by construction (a layer's router), so that a dispatch has no id-check host wait. Shapes,
+    dtypes and devices are still checked."""
+    _VOUCH.depth = getattr(_VOUCH, "depth", 0) + 1
+    try:
+        yield
+    finally:
+        _VOUCH.depth -= 1
+
+
+def _vouched() -> bool:
+    return getattr(_VOUCH, "depth", 0) > 0
 
 
 def bad_expert_id(op: str, bad: int, num_experts: int) -> ArgumentError:

@@ -70,6 +70,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from largeep import _env
 from largeep._env import logger
 from largeep.backends.base import current_raw_stream
 from largeep.buffer import Buffer, DispatchHandle, EventOverlap, LowLatencyHandle
@@ -244,9 +245,8 @@ def _strides_ok(t: Tensor) -> bool:
     if t.data_ptr() % 16:
         return False
     unit = 1 in t.stride() or t.numel() <= 1
-    return unit and all(
-        st == 1 or size <= 1 or (st > 0 and st * es % 16 == 0) for st, size in zip(t.stride(), t.shape, strict=True)
-    )
+    # a dimension of size 1 too: torch checks its stride (a [1, 30] float32 operand is refused)
+    return unit and all(st == 1 or (st > 0 and st * es % 16 == 0) for st in t.stride())
 
 
 def _cuda_major(device: torch.device) -> int:
@@ -978,7 +978,7 @@ def _buffer_dispatch(
     caller = torch.cuda.current_stream(x.device)
     side = _issue_streams.get(x.device)
     if side is None:
-        side = _issue_streams[x.device] = torch.cuda.Stream(x.device)
+        side = _issue_streams[x.device] = torch.cuda.Stream(x.device, priority=_env.stream_priority())
     side.wait_event(ev)
     with torch.cuda.stream(side):
         res = buffer.dispatch(

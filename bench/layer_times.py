@@ -15,9 +15,10 @@ Parts (same sizes, whole batch; "speedup" None):
   experts_only the grouped SwiGLU experts on the rows one dispatch delivered, no communication
   experts_half the same on the first half of those rows: 2 x experts_half - experts_only is what a second chunk
                adds to the experts (every chunk's GEMMs read all local expert weights again)
-  comm_beside_experts  comm_only and experts_only issued together, without a dependency between them (experts on
-               the caller's stream under the carveout, communication on the Buffer's): max(comm_only,
-               experts_only) if they overlap perfectly, their sum if they cannot run at once
+  experts_carveout experts_only under the overlapped variants' SM carveout
+  comm_beside_experts  comm_only and experts_carveout issued together, without a dependency between them (experts
+               on the caller's stream, communication on the Buffer's): max(comm_only, experts_carveout) if they
+               overlap perfectly, their sum if they cannot run at once (forward only: skipped with --backward)
 "speedup" = no_overlap median / variant median. The summary says whether communication and expert compute take
 similar time (the condition under which overlap can pay 1.3x or more; "similar" here: the shorter is at least 2/3
 of the longer), the best a perfect overlap could give, (gate + comm + experts) / (gate + max(comm, experts)), and
@@ -62,7 +63,7 @@ import torch.distributed as dist
 from _launch import run_ranks
 
 LAYER_VARIANTS = ("no_overlap", "chunked_2", "chunked_4", "two_batch")
-PART_VARIANTS = ("gate_only", "comm_only", "experts_only", "experts_half", "comm_beside_experts")
+PART_VARIANTS = ("gate_only", "comm_only", "experts_only", "experts_half", "experts_carveout", "comm_beside_experts")
 GPU_DEFAULTS = {"tokens": 4096, "hidden": 7168, "experts": 256, "topk": 8, "ffn": 2048, "warmup": 5, "iters": 20}
 # changes to GPU_DEFAULTS
 PRESETS = {"prefill": {}, "balanced": {"ffn": 256}, "few_experts": {"experts": 16, "ffn": 384}}
@@ -241,6 +242,11 @@ def _measure(rank: int, world: int, args: argparse.Namespace, dev: torch.device)
     def experts_only() -> None:
         finish(layer.experts.forward_rows(rows_in, rows_idx, rows_w, pairs0), grad_rows)
 
+    def experts_carveout() -> None:
+        with ops.sm_carveout(layer.overlap_carveout(xin)):
+            y = layer.experts.forward_rows(rows_in, rows_idx, rows_w, pairs0)
+        finish(y, grad_rows)
+
     def comm_beside_experts() -> None:
         # no data dependency between the two: the experts on the rows of an earlier dispatch (caller's stream,
         # under the overlapped variants' carveout) and a whole dispatch + combine (Buffer's stream, waiting only
@@ -260,8 +266,11 @@ def _measure(rank: int, world: int, args: argparse.Namespace, dev: torch.device)
     plan: list[tuple[str, Callable[[], None]]] = [
         ("no_overlap", layer_call(1)), ("chunked_2", layer_call(2)), ("chunked_4", layer_call(4)),
         ("two_batch", two_batch), ("gate_only", gate_only), ("comm_only", comm_only),
-        ("experts_only", experts_only), ("experts_half", experts_half), ("comm_beside_experts", comm_beside_experts),
+        ("experts_only", experts_only), ("experts_half", experts_half), ("experts_carveout", experts_carveout),
+        ("comm_beside_experts", comm_beside_experts),
     ]
+    if bwd:  # comm_beside_experts runs the experts' backward only
+        plan = [p for p in plan if p[0] != "comm_beside_experts"]
     if args.variants:
         plan = [p for p in plan if p[0] in args.variants]
 
@@ -403,11 +412,14 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
     if exp and t.get("experts_half"):
         # what a second chunk adds to the experts: per-call costs, and every local expert's weights read again
         s["experts_second_chunk_extra_us"] = 2 * t["experts_half"] - exp
-    beside = t.get("comm_beside_experts")
-    if comm and exp and beside:
+    beside, carved = t.get("comm_beside_experts"), t.get("experts_carveout")
+    if comm and carved and beside:
         # 1: the shorter part hid entirely behind the longer; 0: they ran one after the other (or slowed each other
         # down by as much as they overlapped)
-        s["overlap_of_independent_parts"] = (comm + exp - beside) / min(comm, exp)
+        s["overlap_of_independent_parts"] = (comm + carved - beside) / min(comm, carved)
+    if comm and exp and beside:
+        # the two together against each alone on the whole GPU, one after the other
+        s["independent_parts_speedup"] = (comm + exp) / beside
     sp = {r["variant"]: r["speedup"] for r in records if r["speedup"] is not None and r["variant"] != "no_overlap"}
     if sp:
         best = max(sp, key=lambda k: sp[k])

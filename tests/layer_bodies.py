@@ -820,6 +820,29 @@ def layer_id_checks(rank: int, world: int) -> dict[str, Any]:
                 raise AssertionError("an expert id out of range went through the layer")
             gate.bad = False
             close(layer(x), outs[1].double(), "after the refused call")
+            # a state dict of the earlier layout (experts.w1 / experts.w3) loads into experts.w13
+            sd = layer.state_dict()
+            w13 = sd.pop("experts.w13")
+            f = layer.experts.ffn_hidden
+            sd["experts.w1"], sd["experts.w3"] = w13[:, :, :f].clone(), w13[:, :, f:].clone()
+            other = layers.MoELayer(buf, ffn_hidden=8, gate=FixedGate())
+            other.load_state_dict(sd)
+            assert torch.equal(other.experts.w13, layer.experts.w13)
+            close(other(x), outs[1].double(), "layer loaded from the earlier layout")
+            # a pipeline checks its first layer's batch once and the later layers' ids per chunk
+            gate2 = FixedGate()
+            second = layers.MoELayer(buf, ffn_hidden=8, gate=gate2)
+            pipe = layers.MoEPipeline([layer, second], num_chunks=2)
+            calls[0] = 0
+            pipe(x)
+            per_chunks["pipeline"] = calls[0]
+            gate2.bad = True
+            try:
+                pipe(x)
+            except largeep.ArgumentError as exc:
+                assert f"expert id {experts}" in str(exc), str(exc)
+            else:
+                raise AssertionError("an expert id out of range went through the pipeline's second layer")
         return per_chunks
     finally:
         checks._id_range = real

@@ -87,7 +87,6 @@ def test_stream_priority_accepts(monkeypatch: pytest.MonkeyPatch, raw: str | Non
     else:
         monkeypatch.setenv("LARGEEP_STREAM_PRIORITY", raw)
     assert _env.settings().high_priority is high
-    assert _env.stream_priority() == (_env.HIGHEST_PRIORITY if high else 0)
 
 
 @pytest.mark.parametrize("raw", ["low", "1", "-1", "highest"])
@@ -144,3 +143,40 @@ def test_id_check_runs_once_per_tensor_version(monkeypatch: pytest.MonkeyPatch) 
         n = len(calls)
         check(inf, "use")
         assert len(calls) == n + 1
+
+
+def test_ids_in_range_covers_views_of_the_checked_batch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """checks.ids_in_range(batch) skips the value check of views of ``batch`` unchanged since; other tensors, a view
+    changed in place, and any check after the block (also one left by an exception) are checked."""
+    import torch
+    from largeep import checks
+    from largeep.errors import ArgumentError
+
+    calls = []
+    real = checks._id_range
+    monkeypatch.setattr(checks, "_id_range", lambda t: calls.append(1) or real(t))
+    dev = torch.device("cpu")
+
+    def check(t: torch.Tensor) -> None:
+        checks.topk_idx("op", t, num_tokens=None, num_topk=2, num_experts=4, device=dev, check_values=True)
+
+    batch = torch.tensor([[0, 3], [1, -1], [2, 2], [3, 0]], dtype=torch.int64)
+    bad = batch.clone()
+    bad[1, 0] = 9
+    with checks.ids_in_range(batch):
+        for part in batch.tensor_split(2):
+            check(part)
+        assert not calls  # views of the checked batch
+        with pytest.raises(ArgumentError, match="expert id 9"):
+            check(bad)  # another tensor
+        part = batch[2:]
+        part[0, 0] = -5  # in place: the version counter moves
+        with pytest.raises(ArgumentError, match="expert id -5"):
+            check(part)
+    batch[2, 0] = 2
+    with pytest.raises(RuntimeError, match="boom"), checks.ids_in_range(batch):
+        raise RuntimeError("boom")
+    n = len(calls)
+    check(batch)
+    assert len(calls) == n + 1  # outside the block: checked
+    assert not checks._vouched(batch)

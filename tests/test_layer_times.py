@@ -15,7 +15,7 @@ SPEC_KEYS = {
     "num_sms", "time_us_median", "time_us_p10", "time_us_p90", "logical_gbps",
 }
 LAYER = {"no_overlap", "chunked_2", "chunked_4", "two_batch"}
-PARTS = {"gate_only", "comm_only", "experts_only", "experts_half"}
+PARTS = {"gate_only", "comm_only", "experts_only", "experts_half", "experts_carveout", "comm_beside_experts"}
 
 
 def test_layer_times_cpu(tmp_path: Path) -> None:
@@ -48,5 +48,6 @@ def test_layer_times_cpu(tmp_path: Path) -> None:
     assert all(v <= 2e-2 for v in s["max_rel_diff_vs_no_overlap"].values())
     # which grouped GEMM ran, per variant that runs experts (the CPU sizes have 16-byte strides: the native one)
     assert s["grouped_mm_backends"] == ["native"]
-    assert set(s["grouped_mm"]) == LAYER | {"experts_only", "experts_half"}
+    assert set(s["grouped_mm"]) == LAYER | {"experts_only", "experts_half", "experts_carveout", "comm_beside_experts"}
     assert "experts_second_chunk_extra_us" in s and doc["settings"]["carveout_sms"] == 0
+    assert "overlap_of_independent_parts" in s and s["independent_parts_speedup"] > 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 
+import largeep
 import layer_bodies
 import pytest
 import torch
@@ -190,8 +191,9 @@ def test_pipeline_errors(pools) -> None:
 
 def test_layer_checks_ids_once(pools) -> None:
     # one id check per forward whatever the chunks (the layer's own, before the first dispatch)
+    # (MoEPipeline, 2 layers, 2 chunks: the first layer's batch once, the second layer's chunks one each)
     for res in pools(2).run(layer_bodies.layer_id_checks):
-        assert res == {1: 1, 3: 1}, res
+        assert res == {1: 1, 3: 1, "pipeline": 3}, res
 
 
 def test_grouped_experts_w13_views_and_old_state_dict() -> None:
@@ -209,3 +211,7 @@ def test_grouped_experts_w13_views_and_old_state_dict() -> None:
     assert set(other.state_dict()) == {"w13", "w2"}
     other.load_state_dict(ex.state_dict())
     assert torch.equal(other.w13, ex.w13)
+    # the views are no parameters: their .grad stays None, so the replica all-reduce refuses them
+    assert [n for n, _ in ex.named_parameters()] == ["w13", "w2"]
+    with pytest.raises(largeep.ArgumentError, match="not a leaf"):
+        layers.allreduce_replica_grads([ex.w1, ex.w3, ex.w2], torch.arange(3))

@@ -62,6 +62,25 @@ def _loop_grouped_mm_autograd(a: torch.Tensor, b: torch.Tensor, offs: torch.Tens
     return torch.cat(parts)
 
 
+@pytest.mark.parametrize(
+    "make,ok",
+    [
+        (lambda: torch.empty(8, 32), True),  # row-major, 128-byte rows
+        (lambda: torch.empty(32, 8).t(), True),  # column-major
+        (lambda: torch.empty(1, 30), False),  # one row of 120 bytes: torch checks its stride too
+        (lambda: torch.empty(32, 1).t(), False),  # [1, 32] with strides (1, 1)
+        (lambda: torch.empty(4, 32, 16)[:, :, :8], True),  # a w1-like view of a w13-like weight
+        (lambda: torch.empty(4, 32, 16).transpose(1, 2), True),  # the backward's transposed weight
+        (lambda: torch.empty(0, 32).unsqueeze(0), True),  # zero rows, batch stride 0: batch dims not checked
+        (lambda: torch.empty(8, 32)[:, 1:], False),  # 16-byte misaligned data
+        (lambda: torch.empty(8, 32)[:, ::2], False),  # no unit stride
+    ],
+)
+def test_grouped_mm_stride_rule(make, ok: bool) -> None:
+    # float32: 16 bytes are 4 elements
+    assert ops._strides_ok(make()) is ok
+
+
 def test_grouped_mm_opcheck() -> None:
     g = torch.Generator().manual_seed(3)
     a = torch.randn(12, 16, generator=g, requires_grad=True)

@@ -92,10 +92,6 @@ def _choice(name: str, values: tuple[str, ...]) -> str:
 HIGHEST_PRIORITY = -(1 << 20)
 
 
-def stream_priority() -> int:
-    """The priority to give largeep's streams (LARGEEP_STREAM_PRIORITY)."""
-    return HIGHEST_PRIORITY if settings().high_priority else 0
-
 
 _TUNE_DEFAULTS = {"threads": 1024, "load": 0, "unroll": 8, "ll_send": -1, "ll_spread": 1, "ll_fuse": 0, "comb": 3}
 

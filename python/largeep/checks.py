@@ -84,7 +84,7 @@ def topk_idx(
     tensor, unchanged since (same object, same version counter, same E), is not checked again, and is forgotten --
     so the usual ``get_dispatch_layout(idx)`` then ``dispatch(x, idx, ...)`` syncs the device once, not twice."""
     idx = tensor(op, "topk_idx", t, dtypes=(torch.int64,), ndim=2, device=device, shape=(num_tokens, num_topk))
-    if not check_values or not idx.numel() or _capturing(device) or _vouched():
+    if not check_values or not idx.numel() or _capturing(device) or _vouched(idx):
         return idx
     if memo == "use" and _take_checked(idx, num_experts):
         return idx
@@ -98,26 +98,38 @@ def topk_idx(
 
 def needs_id_check(idx: torch.Tensor, check_values: bool) -> bool:
     """Whether topk_idx's values are to be checked now (checks on, some ids, not capturing a CUDA graph)."""
-    return check_values and idx.numel() > 0 and not _capturing(idx.device) and not _vouched()
+    return check_values and idx.numel() > 0 and not _capturing(idx.device) and not _vouched(idx)
 
 
 _VOUCH = threading.local()
 
 
 @contextlib.contextmanager
-def ids_in_range() -> Iterator[None]:
-    """Within it (this thread), expert ids are not value-checked: for largeep's own callers whose ids are in
-    [0, num_experts) by construction (a layer's router), so that a dispatch has no id-check host wait. Shapes,
-    dtypes and devices are still checked."""
-    _VOUCH.depth = getattr(_VOUCH, "depth", 0) + 1
+def ids_in_range(checked: torch.Tensor) -> Iterator[None]:
+    """Within it (this thread), expert ids held in ``checked``'s memory and not changed since (same storage, same
+    version counter) are not value-checked again: for a layer that checked a whole batch's ids once
+    (``MoELayer.check_ids``) and dispatches it in chunks, views of that batch. Other ids are checked as usual;
+    shapes, dtypes and devices always."""
+    stack = getattr(_VOUCH, "stack", None)
+    if stack is None:
+        stack = _VOUCH.stack = []
+    stack.append((checked.untyped_storage().data_ptr(), _version(checked)))
     try:
         yield
     finally:
-        _VOUCH.depth -= 1
+        stack.pop()
 
 
-def _vouched() -> bool:
-    return getattr(_VOUCH, "depth", 0) > 0
+def _version(t: torch.Tensor) -> int | None:
+    return None if t.is_inference() else int(t._version)  # inference tensors have no version counter
+
+
+def _vouched(idx: torch.Tensor) -> bool:
+    stack = getattr(_VOUCH, "stack", None)
+    if not stack:
+        return False
+    key = (idx.untyped_storage().data_ptr(), _version(idx))
+    return key in stack
 
 
 def bad_expert_id(op: str, bad: int, num_experts: int) -> ArgumentError:

@@ -7,7 +7,8 @@ Data flow of :class:`MoELayer` (x [T, H] on each rank of the Buffer's group):
 2. placement (optional): logical ids -> physical slots (a callable, or a ``largeep.placement.Placement``, whose
    ``route`` is called with this rank as the source GPU).
 3. dispatch (:mod:`largeep.ops`, differentiable), 4. the rank's local experts (:class:`GroupedExperts`: SwiGLU,
-   one grouped GEMM per projection for all local experts, rows weighted by topk_weights on the expert side),
+   grouped GEMMs over all local experts -- gate and up projections in one, then the down projection -- rows
+   weighted by topk_weights on the expert side),
    5. combine, plus optional shared experts computed on the whole batch.
 
 Normal mode (training, prefill) supports autograd and ``torch.compile`` (see :mod:`largeep.ops` for the custom ops
@@ -113,15 +114,17 @@ class SwiGLU(nn.Module):
 
 
 class GroupedExperts(nn.Module):
-    """The E_l local experts of a rank, SwiGLU, each projection one grouped GEMM over all of them.
+    """The E_l local experts of a rank, SwiGLU: two grouped GEMMs over all of them (gate and up, then down).
 
     Parameters: w13 [E_l, H, 2F], the gate projection w1 in columns [0, F) and the up projection w3 in [F, 2F)
     (one GEMM of N = 2F instead of two of F: on H200 with 8 experts, H 7168, F 384 and 32768 rows, 463 us
     against 2 x 318 us, bench/results/2026-11-30-session8); w2 [E_l, F, H]. ``w1`` and ``w3`` are views of
-    w13's halves (read them, or copy into them under ``torch.no_grad``; their grads are w13.grad's halves). A
-    state dict with separate ``w1`` / ``w3`` (the earlier layout) loads into w13.
-    :func:`largeep.ops.grouped_mm` runs ``torch._grouped_mm`` where it can, else a padded bmm (never a Python loop
-    over experts).
+    w13's halves: read them, or copy into them under ``torch.no_grad``; they are not parameters (``ex.w1.grad`` is
+    None: the gradients are ``w13.grad[..., :F]`` and ``[..., F:]``; optimizers and ``allreduce_replica_grads``
+    take ``w13``). A state dict with separate ``w1`` / ``w3`` (the earlier layout) loads into w13 through
+    ``load_state_dict``; optimizer states and checkpoint readers that bypass it (``torch.distributed.checkpoint``)
+    are not converted. :func:`largeep.ops.grouped_mm` runs ``torch._grouped_mm`` where it can, else a padded bmm
+    (never a Python loop over experts).
     """
 
     def __init__(self, num_experts: int, hidden: int, ffn_hidden: int, *, dtype: torch.dtype | None = None) -> None:
@@ -171,7 +174,7 @@ class GroupedExperts(nn.Module):
             see ``ops.weighted_row_sum``). No host wait with the native grouped GEMM.
 
         The entries are put in expert order (:func:`largeep.ops.expert_order`: one counting sort on CUDA), their
-        rows gathered once, three grouped GEMMs run, and :func:`largeep.ops.weighted_row_sum` sums each row's K
+        rows gathered once, two grouped GEMMs run, and :func:`largeep.ops.weighted_row_sum` sums each row's K
         outputs straight from the expert-sorted GEMM output: one read of it, no float32 copy of [pairs, H], no
         atomics, no scatter.
         """
@@ -354,9 +357,9 @@ class MoELayer(nn.Module):
         n = self.num_chunks
         xs, idxs, ws = x.tensor_split(n), idx.tensor_split(n), w.tensor_split(n)
         ready = ops.capture_event(x.device)  # the gate's outputs exist: dispatches wait for this only
-        checked = self.check_ids(idx)
+        checked = idx if self.check_ids(idx) else None
 
-        pending = [self.send_chunk(xs[0], idxs[0], ws[0], ready, ids_checked=checked)]
+        pending = [self.send_chunk(xs[0], idxs[0], ws[0], ready, checked_ids=checked)]
         shared = self.shared_experts(x) if self.shared_experts is not None else None  # overlaps the first dispatch
         carveout = self.overlap_carveout(x) if n > 1 else 0
         combined: list[ops.CombineOutput] = []
@@ -365,11 +368,11 @@ class MoELayer(nn.Module):
             y = self.experts_chunk(d, carveout)
             # Queue chunk i's experts before sending chunk i+1. That dispatch waits on the host (the count
             # exchange, behind combine i-1 on the Buffer's stream); with experts i already queued the GPU computes
-            # meanwhile, and dispatch i+1 and combine i-1 overlap experts i. ops.dispatch issues it from a side
-            # stream, so the Buffer's expert-id check does not make the host wait for experts i first (it would
-            # on the caller's stream, and dispatch i+1 would then run alone after them).
+            # meanwhile, and dispatch i+1 and combine i-1 overlap experts i. Its ids were checked with the batch's
+            # (check_ids), so no id check makes the host wait for experts i first (ops.dispatch issues it from a
+            # side stream as well, for ids that are still to be checked).
             if i + 1 < n:
-                pending.append(self.send_chunk(xs[i + 1], idxs[i + 1], ws[i + 1], ready, ids_checked=checked))
+                pending.append(self.send_chunk(xs[i + 1], idxs[i + 1], ws[i + 1], ready, checked_ids=checked))
             combined.append(self.combine_chunk(y, d))
         for c in combined:
             ops.wait(c.event)
@@ -378,11 +381,12 @@ class MoELayer(nn.Module):
 
     # -- normal mode, one chunk in three steps (MoELayer's schedule above, and MoEPipeline's across layers) --------
     def check_ids(self, idx: Tensor) -> bool:
-        """Checks the expert ids of a whole batch (from :meth:`route`) as the Buffer checks a dispatch's: one host
-        wait, before the batch's first dispatch, when only the gate is queued before it. True: they were checked
-        (pass ``ids_checked=True`` to :meth:`send_chunk` for its chunks), False: the dispatches check them (no
-        check wanted: ``LARGEEP_CHECK_VALUES=0``, ``num_worst_tokens`` > 0, capturing a CUDA graph, or compiling: the
-        custom dispatch op checks at run time)."""
+        """Checks the expert ids of a whole batch (from :meth:`route`) for range [-1, num_experts) as the Buffer
+        checks a dispatch's: one host wait, before the batch's first dispatch, when only the gate is queued before
+        it; raises ArgumentError naming the bad id. True: checked (pass ``checked_ids=idx`` to :meth:`send_chunk`
+        for its chunks); False: not checked here, because no check is wanted (``LARGEEP_CHECK_VALUES=0``; with
+        ``num_worst_tokens`` > 0 or while capturing a CUDA graph the dispatch does not check either) or because
+        it is compiling (the custom dispatch op checks at run time)."""
         if (self.num_worst_tokens or not self.buffer._settings.check_values or torch.compiler.is_compiling()
                 or checks._capturing(idx.device)):
             return False
@@ -392,15 +396,16 @@ class MoELayer(nn.Module):
         return True
 
     def send_chunk(
-        self, x: Tensor, idx: Tensor, w: Tensor, ready: Any = None, ids_checked: bool = False
+        self, x: Tensor, idx: Tensor, w: Tensor, ready: Any = None, checked_ids: Tensor | None = None
     ) -> ops.DispatchOutput:
         """Dispatches one chunk: x [t, H], idx int64 [t, K] physical ids, w float32 [t, K] (from :meth:`route`).
         ``ready``: an event (``ops.capture_event``) after which x, idx and w exist; the dispatch waits for it
         only (``async_finish``: wait on the result's event before using it). Waits on the host for the count
-        exchange unless ``num_worst_tokens`` > 0. ``ids_checked``: :meth:`check_ids` passed for a batch holding
-        these ids, so the dispatch skips its own id check, whose host wait would also wait for whatever runs on
-        the GPU before it (the previous chunk's experts: the dispatch would then start only after them)."""
-        with checks.ids_in_range() if ids_checked else contextlib.nullcontext():
+        exchange unless ``num_worst_tokens`` > 0. ``checked_ids``: a batch :meth:`check_ids` passed; if ``idx``
+        is a view of it, unchanged since (same storage, same version counter), the dispatch skips its own id
+        check, whose host wait would also wait for whatever runs on the GPU before it (the previous chunk's
+        experts: the dispatch would then start only after them). Other ids are checked as usual."""
+        with checks.ids_in_range(checked_ids) if checked_ids is not None else contextlib.nullcontext():
             return ops.dispatch(
                 self.buffer_id, x.contiguous(), idx.contiguous(), w.contiguous(),
                 num_worst_tokens=self.num_worst_tokens, previous_event=ready, async_finish=True,
@@ -569,7 +574,7 @@ class MoEPipeline(nn.Module):
         # per (layer, chunk): x (input rows), idx / w / ready (its gate), d (dispatch), shared, c (combine)
         st: dict[tuple[int, int], dict[str, Any]] = {}
         first = self._route(0, x)  # the first layer's gate on the whole batch, as MoELayer does
-        checked = self._stack[0].check_ids(first["idx"])  # its ids at once (the later layers' per chunk)
+        checked = first["idx"] if self._stack[0].check_ids(first["idx"]) else None  # (later layers: per chunk)
         parts = [first[k].tensor_split(n) for k in ("idx", "w")]
         for i, xi in enumerate(x.tensor_split(n)):
             st[(0, i)] = {"x": xi, "idx": parts[0][i], "w": parts[1][i], "ready": first["ready"], "checked": checked}
@@ -577,7 +582,7 @@ class MoEPipeline(nn.Module):
 
         def send(u: tuple[int, int]) -> None:
             layer, s = self._stack[u[0]], st[u]
-            s["d"] = layer.send_chunk(s["x"], s["idx"], s["w"], s["ready"], ids_checked=s.get("checked", False))
+            s["d"] = layer.send_chunk(s["x"], s["idx"], s["w"], s["ready"], checked_ids=s.get("checked"))
             s["shared"] = layer.shared_experts(s["x"]) if layer.shared_experts is not None else None
 
         def finish(u: tuple[int, int]) -> None:
@@ -666,6 +671,12 @@ def allreduce_replica_grads(
     plist = list(params)
     if not plist:
         return 0
+    for i, p in enumerate(plist):
+        if not p.is_leaf:
+            raise ArgumentError(
+                f"allreduce_replica_grads: params[{i}] is not a leaf tensor (a view such as GroupedExperts.w1 / w3, "
+                "whose .grad stays None); pass the parameters themselves, e.g. [experts.w13, experts.w2]"
+            )
     n = dist.get_world_size(group)
     rank = dist.get_rank(group)
     s = plist[0].shape[0]

@@ -241,12 +241,18 @@ _calls_lock = threading.Lock()
 
 
 def _strides_ok(t: Tensor) -> bool:
-    es = t.element_size()
-    if t.data_ptr() % 16:
+    """torch._grouped_mm's layout rule on the matrix (last two) dims: one stride is 1, the other a multiple of 16
+    bytes and at least the size of the dim with stride 1 -- a dim of size 1 included (a [1, 30] float32 operand,
+    or one with strides (1, 1), is refused); batch dims are not checked. Data 16-byte aligned."""
+    if t.data_ptr() % 16 or t.dim() < 2:
         return False
-    unit = 1 in t.stride() or t.numel() <= 1
-    # a dimension of size 1 too: torch checks its stride (a [1, 30] float32 operand is refused)
-    return unit and all(st == 1 or (st > 0 and st * es % 16 == 0) for st in t.stride())
+    (r, c), (sr, sc) = t.shape[-2:], t.stride()[-2:]
+    per16 = 16 // t.element_size()
+    if sc == 1:
+        return sr % per16 == 0 and sr >= max(1, c)
+    if sr == 1:
+        return sc % per16 == 0 and sc >= max(1, r)
+    return False
 
 
 def _cuda_major(device: torch.device) -> int:
@@ -348,7 +354,7 @@ def _direct(*tensors: Tensor) -> bool:
     """Whether an eager call may run a custom op's body directly: plain tensors (not meta, fake or another
     subclass), no compiling, tracing or dispatch mode (fake tensors, meta), and no input needing a gradient (the
     op's autograd is then not needed). The op's dispatch costs host time on every call (about 20 us on the GPU
-    machine, three grouped GEMMs and two more ops per expert call), which a chunked layer pays per chunk."""
+    machine, two grouped GEMMs and two more ops per expert call), which a chunked layer pays per chunk."""
     if _get_current_dispatch_mode is None or torch.compiler.is_compiling() or torch.jit.is_tracing():
         return False
     if _get_current_dispatch_mode() is not None:
@@ -954,7 +960,7 @@ class CombineOutput(NamedTuple):
     event: EventOverlap | None
 
 
-_issue_streams: dict[torch.device, torch.cuda.Stream] = {}
+_issue_streams: dict[tuple[torch.device, bool], torch.cuda.Stream] = {}
 
 
 def _buffer_dispatch(
@@ -976,9 +982,12 @@ def _buffer_dispatch(
             async_finish=async_finish,
         )
     caller = torch.cuda.current_stream(x.device)
-    side = _issue_streams.get(x.device)
+    key = (x.device, buffer._settings.high_priority)  # the Buffer's own stream priority (LARGEEP_STREAM_PRIORITY)
+    side = _issue_streams.get(key)
     if side is None:
-        side = _issue_streams[x.device] = torch.cuda.Stream(x.device, priority=_env.stream_priority())
+        side = _issue_streams[key] = torch.cuda.Stream(
+            x.device, priority=_env.HIGHEST_PRIORITY if key[1] else 0
+        )
     side.wait_event(ev)
     with torch.cuda.stream(side):
         res = buffer.dispatch(

@@ -16,6 +16,11 @@ Parts (same sizes, whole batch; "speedup" None):
   experts_half the same on the first half of those rows: 2 x experts_half - experts_only is what a second chunk
                adds to the experts (every chunk's GEMMs read all local expert weights again)
   experts_carveout experts_only under the overlapped variants' SM carveout
+Stack (--stack-layers L of this layer, one after the other; "speedup" of stack_pipeline over stack_sequential):
+  stack_sequential  the layer called L times (num_chunks=1), each call's output the next one's input
+  stack_pipeline    the same L layers as one MoEPipeline with --stack-chunks C: chunk i is dispatched into layer
+               l+1 while chunk i+1 is in layer l's experts, so communication overlaps the experts of other
+               (layer, chunk) units and only the pipeline's first dispatch and last combine are exposed
   comm_beside_experts  comm_only and experts_carveout issued together, without a dependency between them (experts
                on the caller's stream, communication on the Buffer's): max(comm_only, experts_carveout) if they
                overlap perfectly, their sum if they cannot run at once (forward only: skipped with --backward)
@@ -63,6 +68,7 @@ import torch.distributed as dist
 from _launch import run_ranks
 
 LAYER_VARIANTS = ("no_overlap", "chunked_2", "chunked_4", "two_batch")
+STACK_VARIANTS = ("stack_sequential", "stack_pipeline")
 PART_VARIANTS = ("gate_only", "comm_only", "experts_only", "experts_half", "experts_carveout", "comm_beside_experts")
 GPU_DEFAULTS = {"tokens": 4096, "hidden": 7168, "experts": 256, "topk": 8, "ffn": 2048, "warmup": 5, "iters": 20}
 # changes to GPU_DEFAULTS
@@ -164,7 +170,7 @@ def _measure(rank: int, world: int, args: argparse.Namespace, dev: torch.device)
     import largeep
     from largeep import ops
     from largeep.bench.timing import Timer, reduce_over_ranks
-    from largeep.layers import MoELayer
+    from largeep.layers import MoELayer, MoEPipeline
 
     bf16 = torch.bfloat16
     buf = largeep.Buffer(
@@ -178,6 +184,8 @@ def _measure(rank: int, world: int, args: argparse.Namespace, dev: torch.device)
             buf, ffn_hidden=args.ffn, shared_ffn_hidden=args.shared_ffn, overlap_sm_carveout=args.carveout, dtype=bf16
         )
     bid = layer.buffer_id
+    # the same layer L times: its weights are read again by every layer, as L distinct layers of this size would
+    pipe = MoEPipeline([layer] * args.stack_layers, num_chunks=args.stack_chunks)
     g = torch.Generator(device=dev).manual_seed(1000 + rank)
     x = torch.randn(args.tokens, args.hidden, device=dev, generator=g).to(bf16)
     grad_out = torch.randn(args.tokens, args.hidden, device=dev, generator=g).to(bf16)
@@ -210,8 +218,14 @@ def _measure(rank: int, world: int, args: argparse.Namespace, dev: torch.device)
             outs[f"chunked_{chunks}"] = layer(x)
         layer.num_chunks = 1
         outs["two_batch"] = two_batch_forward(layer, x)
-        scale = ref.abs().max().clamp(min=1e-30)
-        diffs = torch.stack([(o.float() - ref).abs().max() / scale for o in outs.values()]).to(torch.float64)
+        refs = {k: ref for k in outs}
+        seq = x
+        for _ in range(args.stack_layers):
+            seq = layer(seq)
+        outs["stack_pipeline"], refs["stack_pipeline"] = pipe(x), seq.float()
+        diffs = torch.stack([
+            (o.float() - refs[k]).abs().max() / refs[k].abs().max().clamp(min=1e-30) for k, o in outs.items()
+        ]).to(torch.float64)
         dist.all_reduce(diffs, op=dist.ReduceOp.MAX)
         check = dict(zip(outs, diffs.tolist(), strict=True))
         del ref, outs
@@ -242,6 +256,16 @@ def _measure(rank: int, world: int, args: argparse.Namespace, dev: torch.device)
     def experts_only() -> None:
         finish(layer.experts.forward_rows(rows_in, rows_idx, rows_w, pairs0), grad_rows)
 
+    def stack_sequential() -> None:
+        layer.num_chunks = 1
+        y = xin
+        for _ in range(args.stack_layers):
+            y = layer(y)
+        finish(y, grad_out)
+
+    def stack_pipeline() -> None:
+        finish(pipe(xin), grad_out)
+
     def experts_carveout() -> None:
         with ops.sm_carveout(layer.overlap_carveout(xin)):
             y = layer.experts.forward_rows(rows_in, rows_idx, rows_w, pairs0)
@@ -267,7 +291,8 @@ def _measure(rank: int, world: int, args: argparse.Namespace, dev: torch.device)
         ("no_overlap", layer_call(1)), ("chunked_2", layer_call(2)), ("chunked_4", layer_call(4)),
         ("two_batch", two_batch), ("gate_only", gate_only), ("comm_only", comm_only),
         ("experts_only", experts_only), ("experts_half", experts_half), ("experts_carveout", experts_carveout),
-        ("comm_beside_experts", comm_beside_experts),
+        ("comm_beside_experts", comm_beside_experts), ("stack_sequential", stack_sequential),
+        ("stack_pipeline", stack_pipeline),
     ]
     if bwd:  # comm_beside_experts runs the experts' backward only
         plan = [p for p in plan if p[0] != "comm_beside_experts"]
@@ -381,8 +406,9 @@ def build_records(args: argparse.Namespace, world: int, res: dict[str, Any]) -> 
     """One record per variant: SPEC.md's keys plus "variant", "speedup" and "pass"."""
     stats = res["stats"]
     base = stats.get("no_overlap", (None,))[0]
+    stack_base = stats.get("stack_sequential", (None,))[0]
     out = []
-    for name in LAYER_VARIANTS + PART_VARIANTS:
+    for name in LAYER_VARIANTS + PART_VARIANTS + STACK_VARIANTS:
         if name not in stats:
             continue
         med, p10, p90, _ = stats[name]
@@ -392,7 +418,8 @@ def build_records(args: argparse.Namespace, world: int, res: dict[str, Any]) -> 
             "num_topk": args.topk, "num_experts": args.experts, "dtype": "bf16", "num_sms": res["num_sms"],
             "time_us_median": med, "time_us_p10": p10, "time_us_p90": p90, "logical_gbps": None,
             "variant": name,
-            "speedup": base / med if name in LAYER_VARIANTS and base and med > 0 else None,
+            "speedup": (base / med if name in LAYER_VARIANTS and base and med > 0
+                        else stack_base / med if name in STACK_VARIANTS and stack_base and med > 0 else None),
             "pass": "forward_backward" if args.backward else "forward",
         })
     return out
@@ -420,7 +447,10 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
     if comm and exp and beside:
         # the two together against each alone on the whole GPU, one after the other
         s["independent_parts_speedup"] = (comm + exp) / beside
-    sp = {r["variant"]: r["speedup"] for r in records if r["speedup"] is not None and r["variant"] != "no_overlap"}
+    if t.get("stack_sequential") and t.get("stack_pipeline"):
+        s["stack_speedup"] = t["stack_sequential"] / t["stack_pipeline"]
+    sp = {r["variant"]: r["speedup"] for r in records
+          if r["speedup"] is not None and r["variant"] not in ("no_overlap", "stack_sequential")}
     if sp:
         best = max(sp, key=lambda k: sp[k])
         s["best_variant"], s["best_speedup"] = best, sp[best]
@@ -444,6 +474,8 @@ def main(argv: list[str] | None = None) -> None:
                    help="SMs the overlapped variants' expert GEMMs leave free (default: the Buffer's SMs; 0: none)")
     p.add_argument("--shared-ffn", type=int, default=0, help="F of a shared expert (default 0: none)")
     p.add_argument("--num-sms", type=int, default=24, help="SMs of the nvshmem kernels")
+    p.add_argument("--stack-layers", type=int, default=4, help="layers of the stack variants (the layer repeated)")
+    p.add_argument("--stack-chunks", type=int, default=2, help="chunks of stack_pipeline")
     p.add_argument("--profile", default=None,
                    help="comma list of variants to profile after timing (GPU time by kernel over 3 calls; GPU only)")
     p.add_argument("--trace", default=None, help="directory: a chrome trace (CPU + CUDA, gzip) of one call of each "
@@ -452,7 +484,7 @@ def main(argv: list[str] | None = None) -> None:
                    "variant (torch.cuda.set_sync_debug_mode), rank 0; largeep's own host waits (the layout's id "
                    "check, the count exchange) are not among them")
     p.add_argument("--variants", default=None, help="comma list (default: all): " +
-                   ",".join(LAYER_VARIANTS + PART_VARIANTS))
+                   ",".join(LAYER_VARIANTS + PART_VARIANTS + STACK_VARIANTS))
     p.add_argument("--out", default="bench/results/layer_times", help="directory of the JSON file")
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds to wait for the ranks")
     args = p.parse_args(argv)
@@ -467,13 +499,16 @@ def main(argv: list[str] | None = None) -> None:
         p.error("--cpu runs the torch backend only")
     args.variants = args.variants.split(",") if args.variants else None
     args.profile = args.profile.split(",") if args.profile else None
-    if args.variants and not set(args.variants) <= set(LAYER_VARIANTS + PART_VARIANTS):
-        p.error(f"--variants: unknown {sorted(set(args.variants) - set(LAYER_VARIANTS + PART_VARIANTS))}")
+    known = set(LAYER_VARIANTS + PART_VARIANTS + STACK_VARIANTS)
+    if args.variants and not set(args.variants) <= known:
+        p.error(f"--variants: unknown {sorted(set(args.variants) - known)}")
     world = args.nprocs or (2 if args.cpu else torch.cuda.device_count())
     if world < 1:
         p.error("no GPUs visible (use --cpu for the CPU smoke test)")
     if args.experts % world:
         p.error(f"--experts {args.experts} is not divisible by {world} ranks")
+    if args.stack_layers < 1 or args.stack_chunks < 1:
+        p.error("--stack-layers and --stack-chunks must be >= 1")
     if args.carveout is not None and args.carveout < 0:
         p.error("--carveout must be >= 0")
 

@@ -15,6 +15,7 @@ SPEC_KEYS = {
     "num_sms", "time_us_median", "time_us_p10", "time_us_p90", "logical_gbps",
 }
 LAYER = {"no_overlap", "chunked_2", "chunked_4", "two_batch"}
+STACK = {"stack_sequential", "stack_pipeline"}
 PARTS = {"gate_only", "comm_only", "experts_only", "experts_half", "experts_carveout", "comm_beside_experts"}
 
 
@@ -30,14 +31,14 @@ def test_layer_times_cpu(tmp_path: Path) -> None:
     assert {"command", "env", "settings", "summary", "records"} <= set(doc)
     assert "layer_times.py" in doc["command"] and doc["env"]["torch"]
     recs = doc["records"]
-    assert {r["variant"] for r in recs} == LAYER | PARTS
+    assert {r["variant"] for r in recs} == LAYER | PARTS | STACK
     for r in recs:
         assert SPEC_KEYS | {"variant", "speedup"} <= set(r), r
         assert (r["mode"], r["op"], r["dtype"], r["backend"]) == ("layer", "roundtrip", "bf16", "torch")
         assert (r["ep"], r["num_tokens"], r["hidden"], r["num_experts"], r["num_topk"]) == (2, 64, 128, 8, 2)
         assert r["num_sms"] is None and r["logical_gbps"] is None
         assert 0 < r["time_us_p10"] <= r["time_us_median"] <= r["time_us_p90"]
-        if r["variant"] in LAYER:
+        if r["variant"] in LAYER | STACK:
             assert r["speedup"] > 0
         else:
             assert r["speedup"] is None
@@ -48,6 +49,11 @@ def test_layer_times_cpu(tmp_path: Path) -> None:
     assert all(v <= 2e-2 for v in s["max_rel_diff_vs_no_overlap"].values())
     # which grouped GEMM ran, per variant that runs experts (the CPU sizes have 16-byte strides: the native one)
     assert s["grouped_mm_backends"] == ["native"]
-    assert set(s["grouped_mm"]) == LAYER | {"experts_only", "experts_half", "experts_carveout", "comm_beside_experts"}
+    assert set(s["grouped_mm"]) == LAYER | STACK | {
+        "experts_only", "experts_half", "experts_carveout", "comm_beside_experts"
+    }
     assert "experts_second_chunk_extra_us" in s and doc["settings"]["carveout_sms"] == 0
     assert "overlap_of_independent_parts" in s and s["independent_parts_speedup"] > 0
+    assert next(r for r in recs if r["variant"] == "stack_sequential")["speedup"] == 1.0 and s["stack_speedup"] > 0
+    # the pipelined stack computes what the layer called L times does
+    assert s["max_rel_diff_vs_no_overlap"]["stack_pipeline"] <= 2e-2

@@ -6,9 +6,10 @@
 #   perf:  kernel times (normal) and kernel + CUDA-graph times (low-latency) of the nvshmem backend, on all GPUs,
 #          on GPUs 0,1 and (normal only) on GPU 0 (LARGEEP_PERF_SMS: the normal mode's SM counts, default 8,16,24)
 #   internode: kernel and per-leg times of the normal mode with nodes emulated on one host (bench/kernel_times.py)
-#   layer: bench/layer_times.py (one MoE layer at prefill size, with and without overlap) on all GPUs, at SPEC.md's
-#          sizes, with the balanced preset (F 256; its summary says whether communication ~ experts) and with the
-#          few_experts preset (16 experts) at F 384 and 768
+#   layer: bench/layer_times.py (one MoE layer at prefill size, with and without overlap, and a stack of it
+#          pipelined) on all GPUs, at SPEC.md's sizes, with the balanced preset (F 256; its summary says whether
+#          communication ~ experts) and with the few_experts preset (16 experts) at F 384 and 768, and at 8
+#          communication SMs with a carveout of 8
 #   longrun: 10,000 checked rounds of random sizes on the nvshmem backend, on 2 GPUs and (if present) 4
 #   tune: LARGEEP_TUNE settings other than the defaults: normal kernels with 512 threads per block,
 #         the low-latency sends: ll_send=1 (token-major at every size: its GPU tests), ll_send=0 (pair-wise at
@@ -86,6 +87,10 @@ for stage in $STAGES; do
           > "$OUT/layer_few_experts_f$f.log" 2>&1 || rc=1
         tail -14 "$OUT/layer_few_experts_f$f.log"
       done
+      # the communication's SMs against the experts' carveout (8 / 8 lost least in session 8), stacks included
+      timeout 600 $PY bench/layer_times.py --preset few_experts --num-sms 8 --carveout 8 --out "$OUT/layer_sm8" \
+        > "$OUT/layer_few_experts_sm8.log" 2>&1 || rc=1
+      tail -20 "$OUT/layer_few_experts_sm8.log"
       ;;
     longrun)
       for w in 2 4; do

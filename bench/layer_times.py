@@ -16,18 +16,22 @@ Parts (same sizes, whole batch; "speedup" None):
   experts_half the same on the first half of those rows: 2 x experts_half - experts_only is what a second chunk
                adds to the experts (every chunk's GEMMs read all local expert weights again)
   experts_carveout experts_only under the overlapped variants' SM carveout
-Stack (--stack-layers L of this layer, one after the other; "speedup" of stack_pipeline over stack_sequential):
-  stack_sequential  the layer called L times (num_chunks=1), each call's output the next one's input
-  stack_pipeline    the same L layers as one MoEPipeline with --stack-chunks C: chunk i is dispatched into layer
-               l+1 while chunk i+1 is in layer l's experts, so communication overlaps the experts of other
-               (layer, chunk) units and only the pipeline's first dispatch and last combine are exposed
   comm_beside_experts  comm_only and experts_carveout issued together, without a dependency between them (experts
                on the caller's stream, communication on the Buffer's): max(comm_only, experts_carveout) if they
                overlap perfectly, their sum if they cannot run at once (forward only: skipped with --backward)
-"speedup" = no_overlap median / variant median. The summary says whether communication and expert compute take
+Stack (--stack-layers L copies of this layer with a residual add + RMSNorm between them, token-wise):
+  stack_sequential  the layer called L times (num_chunks=1), each call's output the next one's input
+  stack_pipeline    the same L layers as one MoEPipeline with --stack-chunks C (default 4): chunk i is dispatched
+               into layer l+1 while chunk i+1 is in layer l's experts; a dispatch overlaps expert work where
+               another (layer, chunk) sits between it and its predecessor in issue order (C >= 3, the middle of
+               the wavefront: see MoEPipeline)
+"speedup" = no_overlap median / variant median for the layer variants, stack_sequential median / stack_pipeline
+median for the stack (the summary's stack_speedup). The summary says whether communication and expert compute take
 similar time (the condition under which overlap can pay 1.3x or more; "similar" here: the shorter is at least 2/3
 of the longer), the best a perfect overlap could give, (gate + comm + experts) / (gate + max(comm, experts)), and
-the largest difference of each overlapped variant's output from no_overlap's (checked once before timing).
+the largest difference of each overlapped variant's output from no_overlap's (checked once before timing; the
+pipelined stack's from the sequential stack's, reported apart: the later layers gate per chunk, so near-ties in
+their routing may flip).
 
 The overlapped variants run their expert GEMMs under an SM carveout (--carveout, default the Buffer's SMs) so that
 the communication kernels beside them get SMs. The summary and the log say which grouped GEMM ran ("native":
@@ -69,6 +73,7 @@ from _launch import run_ranks
 
 LAYER_VARIANTS = ("no_overlap", "chunked_2", "chunked_4", "two_batch")
 STACK_VARIANTS = ("stack_sequential", "stack_pipeline")
+STACK_DEFAULTS = (4, 4)  # --stack-layers, --stack-chunks
 PART_VARIANTS = ("gate_only", "comm_only", "experts_only", "experts_half", "experts_carveout", "comm_beside_experts")
 GPU_DEFAULTS = {"tokens": 4096, "hidden": 7168, "experts": 256, "topk": 8, "ffn": 2048, "warmup": 5, "iters": 20}
 # changes to GPU_DEFAULTS
@@ -184,8 +189,20 @@ def _measure(rank: int, world: int, args: argparse.Namespace, dev: torch.device)
             buf, ffn_hidden=args.ffn, shared_ffn_hidden=args.shared_ffn, overlap_sm_carveout=args.carveout, dtype=bf16
         )
     bid = layer.buffer_id
-    # the same layer L times: its weights are read again by every layer, as L distinct layers of this size would
-    pipe = MoEPipeline([layer] * args.stack_layers, num_chunks=args.stack_chunks)
+
+    # the same layer L times: its weights are read again by every layer, as L distinct layers of this size would;
+    # a residual add and an RMSNorm between them keep the activations (and so the routing) from fading layer by layer
+    def between(xl: torch.Tensor, yl: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.rms_norm(xl + yl, (xl.shape[-1],))
+
+    pipe = MoEPipeline([layer] * args.stack_layers, [between] * (args.stack_layers - 1), num_chunks=args.stack_chunks)
+
+    def run_stack(xs: torch.Tensor) -> torch.Tensor:
+        layer.num_chunks = 1
+        for j in range(args.stack_layers):
+            ys = layer(xs)
+            xs = between(xs, ys) if j + 1 < args.stack_layers else ys
+        return xs
     g = torch.Generator(device=dev).manual_seed(1000 + rank)
     x = torch.randn(args.tokens, args.hidden, device=dev, generator=g).to(bf16)
     grad_out = torch.randn(args.tokens, args.hidden, device=dev, generator=g).to(bf16)
@@ -218,19 +235,19 @@ def _measure(rank: int, world: int, args: argparse.Namespace, dev: torch.device)
             outs[f"chunked_{chunks}"] = layer(x)
         layer.num_chunks = 1
         outs["two_batch"] = two_batch_forward(layer, x)
-        refs = {k: ref for k in outs}
-        seq = x
-        for _ in range(args.stack_layers):
-            seq = layer(seq)
-        outs["stack_pipeline"], refs["stack_pipeline"] = pipe(x), seq.float()
+        seq = run_stack(x).float()
+        piped = pipe(x).float()
         diffs = torch.stack([
-            (o.float() - refs[k]).abs().max() / refs[k].abs().max().clamp(min=1e-30) for k, o in outs.items()
+            *((o.float() - ref).abs().max() / ref.abs().max().clamp(min=1e-30) for o in outs.values()),
+            (piped - seq).abs().max() / seq.abs().max().clamp(min=1e-30),
         ]).to(torch.float64)
         dist.all_reduce(diffs, op=dist.ReduceOp.MAX)
-        check = dict(zip(outs, diffs.tolist(), strict=True))
-        del ref, outs
+        check = dict(zip(outs, diffs.tolist()[:-1], strict=True))
+        stack_check = float(diffs[-1])
+        del ref, outs, seq, piped
     if rank == 0:
-        print(f"  outputs vs no_overlap (max relative difference): {check}", flush=True)
+        print(f"  outputs vs no_overlap (max relative difference): {check}; stack_pipeline vs stack_sequential: "
+              f"{stack_check}", flush=True)
 
     def finish(out: torch.Tensor, grad: torch.Tensor | None) -> None:
         if bwd:
@@ -257,11 +274,7 @@ def _measure(rank: int, world: int, args: argparse.Namespace, dev: torch.device)
         finish(layer.experts.forward_rows(rows_in, rows_idx, rows_w, pairs0), grad_rows)
 
     def stack_sequential() -> None:
-        layer.num_chunks = 1
-        y = xin
-        for _ in range(args.stack_layers):
-            y = layer(y)
-        finish(y, grad_out)
+        finish(run_stack(xin), grad_out)
 
     def stack_pipeline() -> None:
         finish(pipe(xin), grad_out)
@@ -392,6 +405,7 @@ def _measure(rank: int, world: int, args: argparse.Namespace, dev: torch.device)
         "recv_rows_per_rank": float(recv_rows[0]),
         "recv_pairs_per_rank": float(recv_rows[1]) if pairs0 is not None else None,
         "check": check,
+        "stack_check": stack_check,
         "grouped_mm": gmm,
         "carveout": layer.overlap_carveout(x),
     }
@@ -450,7 +464,7 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
     if t.get("stack_sequential") and t.get("stack_pipeline"):
         s["stack_speedup"] = t["stack_sequential"] / t["stack_pipeline"]
     sp = {r["variant"]: r["speedup"] for r in records
-          if r["speedup"] is not None and r["variant"] not in ("no_overlap", "stack_sequential")}
+          if r["speedup"] is not None and r["variant"] in LAYER_VARIANTS and r["variant"] != "no_overlap"}
     if sp:
         best = max(sp, key=lambda k: sp[k])
         s["best_variant"], s["best_speedup"] = best, sp[best]
@@ -474,8 +488,9 @@ def main(argv: list[str] | None = None) -> None:
                    help="SMs the overlapped variants' expert GEMMs leave free (default: the Buffer's SMs; 0: none)")
     p.add_argument("--shared-ffn", type=int, default=0, help="F of a shared expert (default 0: none)")
     p.add_argument("--num-sms", type=int, default=24, help="SMs of the nvshmem kernels")
-    p.add_argument("--stack-layers", type=int, default=4, help="layers of the stack variants (the layer repeated)")
-    p.add_argument("--stack-chunks", type=int, default=2, help="chunks of stack_pipeline")
+    p.add_argument("--stack-layers", type=int, default=STACK_DEFAULTS[0],
+                   help="layers of the stack variants (the layer repeated)")
+    p.add_argument("--stack-chunks", type=int, default=STACK_DEFAULTS[1], help="chunks of stack_pipeline")
     p.add_argument("--profile", default=None,
                    help="comma list of variants to profile after timing (GPU time by kernel over 3 calls; GPU only)")
     p.add_argument("--trace", default=None, help="directory: a chrome trace (CPU + CUDA, gzip) of one call of each "
@@ -509,6 +524,8 @@ def main(argv: list[str] | None = None) -> None:
         p.error(f"--experts {args.experts} is not divisible by {world} ranks")
     if args.stack_layers < 1 or args.stack_chunks < 1:
         p.error("--stack-layers and --stack-chunks must be >= 1")
+    if args.backward and args.stack_layers * args.stack_chunks > 256:
+        p.error("--backward keeps a dispatch handle per (layer, chunk) alive: at most 256 (largeep.ops' default)")
     if args.carveout is not None and args.carveout < 0:
         p.error("--carveout must be >= 0")
 
@@ -522,6 +539,7 @@ def main(argv: list[str] | None = None) -> None:
     recs = build_records(args, world, res)
     summary = summarize(recs)
     summary["max_rel_diff_vs_no_overlap"] = res["check"]
+    summary["max_rel_diff_stack_pipeline_vs_sequential"] = res["stack_check"]
     # which grouped GEMM the experts ran: "native" (torch._grouped_mm) or "padded_bmm (why)", calls per iteration
     summary["grouped_mm"] = res["grouped_mm"]
     summary["grouped_mm_backends"] = sorted({b for calls in res["grouped_mm"].values() for b in calls})
@@ -554,6 +572,7 @@ def main(argv: list[str] | None = None) -> None:
             "preset": None if args.cpu else args.preset, "carveout_sms": res["carveout"],
             "ffn_hidden": args.ffn, "shared_ffn_hidden": args.shared_ffn, "warmup": args.warmup,
             "iters": args.iters, "pass": "forward_backward" if args.backward else "forward", "cpu": args.cpu,
+            "stack_layers": args.stack_layers, "stack_chunks": args.stack_chunks,
             "routing": "LinearTopKRouter (softmax, same weights on every rank) of randn inputs",
             "recv_rows_per_rank": res["recv_rows_per_rank"], "recv_pairs_per_rank": res["recv_pairs_per_rank"],
             "timing": "largeep.bench.timing.Timer: L2 flush, barrier, device events; slowest rank per iteration",
@@ -564,8 +583,10 @@ def main(argv: list[str] | None = None) -> None:
     }
     os.makedirs(args.out, exist_ok=True)
     # e.g. the balanced preset: its own file
+    stack = (args.stack_layers, args.stack_chunks)
     size = (f"_e{args.experts}" if args.experts != base["experts"] else "") + (
-        f"_f{args.ffn}" if args.ffn != base["ffn"] else "")
+        f"_f{args.ffn}" if args.ffn != base["ffn"] else "") + (
+        f"_stack{stack[0]}x{stack[1]}" if stack != STACK_DEFAULTS else "")
     name = (f"layer_times_{args.backend}_ep{world}{size}{'_bwd' if args.backward else ''}"
             f"{'_cpu' if args.cpu else ''}.json")
     path = os.path.join(args.out, name)

@@ -93,9 +93,10 @@ def _ref_route(p: Placement, idx: torch.Tensor, src: torch.Tensor, local_cap: fl
                     pick = same_node[(turn.get(e, 0) + s) % len(same_node)]
                     turn[e] = turn.get(e, 0) + 1
                 if pick >= 0 and local_cap is not None:
-                    cap = math.ceil(local_cap * topo.num_nodes * multi_count[e] / len(reps[e]))
-                    over = near_used.get(pick, 0) >= cap
-                    near_used[pick] = near_used.get(pick, 0) + 1
+                    # the node's replicas together take their fair share of this source's choices of e
+                    cap = math.ceil(local_cap * topo.num_nodes * len(same_node) * multi_count[e] / len(reps[e]))
+                    over = near_used.get(e, 0) >= cap
+                    near_used[e] = near_used.get(e, 0) + 1
                     if over:
                         pick = -1
                 out[t][k] = pick if pick >= 0 else -2
@@ -524,3 +525,24 @@ def test_route_properties(nodes, gpn, spg, data):
     assert torch.equal(p.phys_to_log[got[got >= 0]], idx[idx >= 0])
     _, ref_load = _ref_route(p, idx, src)
     assert torch.bincount(got[got >= 0], minlength=n_slots).tolist() == ref_load
+
+
+def test_route_keeps_local_when_every_gpu_holds_a_replica():
+    # expert 0 on every GPU (2 nodes x 4 GPUs): each GPU's choices stay on its own GPU, no traffic at all
+    topo = Topology(2, 4, slots_per_gpu=2)
+    p2l = torch.tensor([v for g in range(8) for v in (0, 1 + g)])
+    p = Placement(topo, 9, p2l)
+    src = torch.arange(8).repeat_interleave(64)
+    out = p.route(torch.zeros(512, 1, dtype=torch.int64), src)
+    assert (out.flatten() // topo.slots_per_gpu == src).all()
+
+
+def test_route_totals_even_with_two_replicas_on_one_node():
+    # expert 0: two replicas on node 0 (GPUs 0, 1), one on node 1 (GPU 4); every GPU sends 64 choices of it:
+    # the three replicas end up with even totals (512 / 3), each node's own replicas used first
+    topo = Topology(2, 4, slots_per_gpu=1)
+    p = Placement(topo, 6, torch.tensor([0, 0, 1, 2, 0, 3, 4, 5]))
+    src = torch.arange(8).repeat_interleave(64)
+    out = p.route(torch.zeros(512, 1, dtype=torch.int64), src)
+    totals = torch.bincount(out.flatten(), minlength=8)[[0, 1, 4]].tolist()
+    assert sum(totals) == 512 and max(totals) - min(totals) <= 2, totals

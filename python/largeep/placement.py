@@ -279,11 +279,12 @@ class Placement:
         source's part of the load each replica gets from its own node (so that the fills of all sources add up to
         even totals: a replica alone on its node serves that node's tokens and gets fewer remote ones); exact ties
         are broken in an order rotated by the source GPU, so that sources do not all favour the same replica.
-        With ``local_cap``, a source sends at most ceil(local_cap * nodes * its choices of the expert / replicas)
-        to one local replica (earlier tokens first; this is a replica's fair share when every GPU sends a similar
-        mix and each node's GPUs use their node's replicas) and the rest to the least-loaded replicas, so that
-        locality does not overload a replica: without the cap, a node that holds fewer replicas of an expert than
-        its share of the tokens would pile them on those. Deterministic.
+        With ``local_cap``, a source sends at most ceil(local_cap * nodes * c * its choices of the expert /
+        replicas) to the c replicas on its node, all of them together (earlier tokens first; this is those
+        replicas' fair share when every GPU sends a similar mix and each node's GPUs use their node's replicas),
+        and the rest to the least-loaded replicas, so that locality does not overload a replica: without the cap,
+        a node that holds fewer replicas of an expert than its share of the tokens would pile them on those.
+        Deterministic.
 
         Args:
             topk_idx: int64 [T, K], logical experts in [-1, L); -1 passes through.
@@ -339,8 +340,9 @@ class Placement:
         near = chosen >= 0
         if local_cap is not None and bool(near.any()):
             n_se = torch.bincount(src_key, minlength=topo.num_gpus * n_log).double()
-            cap = torch.ceil(local_cap * n_nodes * n_se[src_key[near]] / nrep[em[near]].double())
-            over = _rank_within(sm[near] * n_slots + chosen[near], topo.num_gpus * n_slots) >= cap.long()
+            # per (source, expert): the fair share of the replicas on the source's node, all of them together
+            cap = torch.ceil(local_cap * n_nodes * cnt[near].double() * n_se[src_key[near]] / nrep[em[near]].double())
+            over = _rank_within(src_key[near], topo.num_gpus * n_log) >= cap.long()
             near[near.nonzero().flatten()[over]] = False
         chosen = torch.where(near, chosen, torch.full_like(chosen, -1))
         far = ~near

@@ -406,3 +406,40 @@ def test_select_topk_property(n_groups, per_group, data):
     if scores.shape[0]:
         assert torch.equal(idx, ref_idx)
         torch.testing.assert_close(w, ref_w)
+
+
+def test_gate_audit_edges():
+    from largeep.errors import ArgumentError
+    from largeep.gate import GateConfig, TopKGate, capacity_for, contiguous_groups, select_topk
+
+    # capacity in exact decimal: 1.1 * 100 * 8 / 8 = 110 (float rounding gave 111)
+    assert capacity_for(100, 8, 8, 1.1) == 110 and capacity_for(100, 8, 8, 1.0) == 100
+    # select_topk refuses group arguments that cannot hold top-k, or more groups than there are
+    scores = torch.rand(4, 8)
+    groups = contiguous_groups(8, 4)
+    for k, kg in ((3, 1), (2, 0), (2, 5)):
+        with pytest.raises(ArgumentError):
+            select_topk(scores, k, group_of_expert=groups, topk_groups=kg)
+    cfg = GateConfig(hidden=16, num_experts=8, topk=2, num_groups=4, topk_groups=2)
+    torch.manual_seed(0)
+    gate = TopKGate(cfg)
+    x = torch.randn(64, 16)
+    # a state dict's groups take effect (the group table was built at construction only)
+    other = TopKGate(cfg, group_of_expert=torch.tensor([0, 1, 2, 3, 0, 1, 2, 3]))
+    other.load_state_dict(gate.state_dict())
+    assert torch.equal(other(x).topk_idx, gate(x).topk_idx)
+    other.set_groups(torch.tensor([0, 1, 2, 3, 0, 1, 2, 3]))
+    assert other.group_table.tolist() == [[0, 4], [1, 5], [2, 6], [3, 7]]
+    # a module-wide cast keeps the routing in float32 and the balancing state in float32
+    half = TopKGate(cfg)
+    half.load_state_dict(gate.state_dict())
+    half.to(torch.bfloat16)
+    assert half.expert_bias.dtype == torch.float32 and half.expert_load.dtype == torch.float32
+    xb = x.to(torch.bfloat16)
+    logits = torch.nn.functional.linear(xb.float(), gate.weight.to(torch.bfloat16).float())
+    assert torch.equal(half(xb).topk_idx, gate.route_logits(logits).topk_idx)
+    # an autocast region does not make the logits bf16: the same routing inside as outside
+    want = gate(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = gate(x)
+    assert torch.equal(got.topk_idx, want.topk_idx) and torch.equal(got.topk_weights, want.topk_weights)

@@ -546,3 +546,23 @@ def test_route_totals_even_with_two_replicas_on_one_node():
     out = p.route(torch.zeros(512, 1, dtype=torch.int64), src)
     totals = torch.bincount(out.flatten(), minlength=8)[[0, 1, 4]].tolist()
     assert sum(totals) == 512 and max(totals) - min(totals) <= 2, totals
+
+
+def test_audit_edges():
+    # zero load spreads spare replicas evenly (it piled them all on expert 0)
+    assert replica_counts(torch.zeros(5), 16).tolist() == [4, 3, 3, 3, 3]
+    # home_node numbers only the nodes that are some expert's home (the gate refuses empty groups)
+    p = greedy_placement(torch.tensor([10.0, 1.0]), Topology(3, 1))
+    home = p.home_node()
+    assert sorted(set(home.tolist())) == list(range(len(set(home.tolist())))), home
+    # slot_load must be finite and >= 0
+    q = Placement(Topology(1, 2, slots_per_gpu=1), 1, torch.tensor([0, 0]))
+    for bad in ([float("nan"), 0.0], [-1.0, 0.0], [float("inf"), 0.0]):
+        with pytest.raises(ValueError, match="'slot_load'"):
+            q.route(torch.zeros(2, 1, dtype=torch.int64), 0, slot_load=torch.tensor(bad))
+    # a GPU receiving one expert into two slots gets it sent once
+    topo = Topology(1, 2, slots_per_gpu=2)
+    old = Placement(topo, 3, torch.tensor([0, 1, 2, 0]))
+    new = Placement(topo, 3, torch.tensor([2, 2, 0, 1]))
+    moves = migration_plan(old, new)
+    assert [(m.expert, m.dst_gpu) for m in moves] == [(2, 0), (1, 1)], moves

@@ -8,7 +8,8 @@ Group-limited routing (DeepSeek-V3 style): experts are split into G groups; each
 ``topk_groups`` groups, then picks its top-k experts inside them. The score of a group is the sum of its two best
 expert scores (``group_score="top2"``; a group of one expert uses that expert's score) or its best expert score
 (``group_score="max"``), computed on the selection scores (scores + balancing bias). With the groups equal to the
-nodes of the placement, a token reaches at most ``topk_groups`` nodes.
+nodes of the placement and one replica per expert, a token reaches at most ``topk_groups`` nodes; with replicas,
+``Placement.route`` may serve a choice from another node's replica (see ``Placement.home_node``).
 """
 
 from __future__ import annotations
@@ -193,6 +194,8 @@ def select_topk(
     scores = scores.float()
     choice = scores if bias is None else scores + bias.to(scores)
     if group_of_expert is not None and topk_groups is not None:
+        if group_table is None:  # (TopKGate checked its groups when it was built)
+            check_groups(group_of_expert, num_experts, topk, topk_groups)
         table, sizes = group_table if group_table is not None else group_tables(group_of_expert)
         table, sizes = table.to(scores.device), sizes.to(scores.device)
         if topk_groups < table.shape[0]:
@@ -241,8 +244,11 @@ def apply_capacity(
 
 
 def capacity_for(num_tokens: int, topk: int, num_experts: int, capacity_factor: float) -> int:
-    """Choices kept per expert: ceil(capacity_factor * T * K / E)."""
-    return math.ceil(capacity_factor * num_tokens * topk / num_experts)
+    """Choices kept per expert: ceil(capacity_factor * T * K / E), exact for a factor given in decimal (1.1 * 100 * 8 /
+    8 is 110, not float rounding's 111)."""
+    from fractions import Fraction
+
+    return math.ceil(Fraction(str(capacity_factor)) * num_tokens * topk / num_experts)
 
 
 def balance_loss(scores: torch.Tensor, topk_idx: torch.Tensor, num_experts: int) -> torch.Tensor:
@@ -296,6 +302,38 @@ class TopKGate(nn.Module):
         self.register_buffer("group_table", table, persistent=False)
         self.register_buffer("group_sizes", sizes, persistent=False)
 
+    def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
+        # a module-wide cast (gate.to(torch.bfloat16), .half()) must not round the balancing state: a bias step of
+        # 1e-3 vanishes next to 0.5 in bf16 and load counts stop at 256; they stay float32 (devices still move)
+        super()._apply(fn, recurse)
+        for name in ("expert_bias", "expert_load"):
+            buf = getattr(self, name)
+            if buf.dtype != torch.float32:
+                setattr(self, name, buf.float())
+        return self
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[no-untyped-def]
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._refresh_groups()
+
+    def _refresh_groups(self) -> None:
+        """Rebuilds the group table from ``group_of_expert`` (after a state dict or an in-place change of it)."""
+        g = self.group_of_expert
+        self.topk_groups = (
+            self.config.topk_groups if self.config.topk_groups is not None else int(g.max()) + 1
+        )
+        check_groups(g, self.config.num_experts, self.config.topk, self.topk_groups)
+        table, sizes = group_tables(g)
+        self.group_table, self.group_sizes = table.to(g.device), sizes.to(g.device)
+
+    def set_groups(self, group_of_expert: torch.Tensor) -> None:
+        """Replaces the group of each expert (e.g. a new ``Placement.home_node()`` after re-planning)."""
+        check_groups(group_of_expert, self.config.num_experts, self.config.topk,
+                     self.config.topk_groups if self.config.topk_groups is not None else int(group_of_expert.max()) + 1)
+        with torch.no_grad():
+            self.group_of_expert.copy_(group_of_expert.to(self.group_of_expert.device))
+        self._refresh_groups()
+
     def scores(self, logits: torch.Tensor) -> torch.Tensor:
         """Routing probabilities float32 [T, E] from logits [T, E]."""
         logits = logits.float()
@@ -305,7 +343,10 @@ class TopKGate(nn.Module):
         """Routes tokens x [T, H] (any float dtype). Does not wait on the host."""
         cfg = self.config
         _check(x.dim() == 2 and x.shape[1] == cfg.hidden, "x", f"must be [T, {cfg.hidden}], got {tuple(x.shape)}")
-        return self.route_logits(F.linear(x.float(), self.weight))
+        # float32 logits whatever the module's dtype or an autocast region: bf16 logits flip near-tied choices
+        with torch.autocast(x.device.type, enabled=False):
+            logits = F.linear(x.float(), self.weight.float())
+        return self.route_logits(logits)
 
     def route_logits(self, logits: torch.Tensor) -> GateOutput:
         """Routes from given logits float [T, E] (the gate's weight is not used)."""
@@ -443,7 +484,8 @@ class LoadMonitor:
     def update(
         self, topk_idx: torch.Tensor | None = None, *, expert_counts: torch.Tensor | None = None
     ) -> LoadSnapshot:
-        """Adds one step, from ``topk_idx`` int64 [T, K] (-1 ignored) or ``expert_counts`` float/int [E]."""
+        """Adds one step, from ``topk_idx`` int64 [T, K] (-1 ignored; ids are not range-checked, which would wait on
+        the host: give ids in [-1, E)) or ``expert_counts`` float/int [E]."""
         _check((topk_idx is None) != (expert_counts is None), "topk_idx", "or expert_counts: give exactly one")
         if topk_idx is not None:
             load = _counts(topk_idx.to(self.share.device), self.num_experts).float()

@@ -213,8 +213,14 @@ class Placement:
         return share
 
     def home_node(self) -> torch.Tensor:
-        """int64 [L]: node of each logical expert's first replica (the group for node-limited gating)."""
-        return self.replica_table[:, 0] // self.topology.slots_per_gpu // self.topology.gpus_per_node
+        """int64 [L]: the group of each logical expert for node-limited gating (``TopKGate(group_of_expert=...)``):
+        the node of its first replica, numbered 0..G-1 over the nodes that are some expert's home (a node that is
+        no expert's home, possible when experts are fewer than nodes, gets no number, since the gate refuses empty
+        groups). The limit holds for the experts' home nodes: ``route`` may serve a choice from a replica on
+        another node (its own GPU's or node's first), so with replicas a token can reach more nodes than
+        ``topk_groups``."""
+        node = self.replica_table[:, 0] // self.topology.slots_per_gpu // self.topology.gpus_per_node
+        return torch.unique(node, return_inverse=True)[1]
 
     def _tables(self, device: torch.device) -> tuple[torch.Tensor, ...]:
         """Lookup tables for ``route``, cached per device: replica_table, replica_count, on_gpu int64 [L, G] (the
@@ -316,6 +322,8 @@ class Placement:
             )
         if slot_load is not None:
             _check(slot_load.shape == (topo.num_slots,), "slot_load", f"must have shape [{topo.num_slots}]")
+            _check(bool(torch.isfinite(slot_load).all() and (slot_load >= 0).all()), "slot_load",
+                   "must be finite and >= 0")
         _check(local_cap is None or local_cap > 0, "local_cap", f"must be > 0 or None, got {local_cap}")
         table, nrep, on_gpu, node_list, node_cnt = self._tables(dev)
         out = torch.full_like(topk_idx, -1)
@@ -447,7 +455,7 @@ def _num_replicas(num_logical: int, topology: Topology, num_replicas: int | None
 
 def replica_counts(load: torch.Tensor, num_physical: int, max_per_expert: int | None = None) -> torch.Tensor:
     """EPLB's rule: start with one replica each, give every further replica to the expert with the highest load per
-    replica (ties: lower id).
+    replica (ties: fewer replicas, then lower id -- so that equal or zero loads spread the replicas evenly).
 
     Args:
         load: float [L], load per logical expert.
@@ -463,38 +471,39 @@ def replica_counts(load: torch.Tensor, num_physical: int, max_per_expert: int | 
     cap = num_physical if max_per_expert is None else max_per_expert
     _check(cap >= 1, "max_per_expert", f"must be >= 1, got {max_per_expert}")
     counts = [1] * num_logical
-    heap = [(-float(w), e) for e, w in enumerate(load.tolist())]
+    heap = [(-float(w), 1, e) for e, w in enumerate(load.tolist())]
     heapq.heapify(heap)
     for _ in range(num_physical - num_logical):
-        while heap and counts[heap[0][1]] >= cap:
+        while heap and counts[heap[0][2]] >= cap:
             heapq.heappop(heap)
         if not heap:
             break
-        _, e = heapq.heappop(heap)
+        _, _, e = heapq.heappop(heap)
         counts[e] += 1
         if counts[e] < cap:
-            heapq.heappush(heap, (-float(load[e]) / counts[e], e))
+            heapq.heappush(heap, (-float(load[e]) / counts[e], counts[e], e))
     return torch.tensor(counts, dtype=torch.int64)
 
 
 def _local_replica_counts(load: torch.Tensor, num_physical: int, num_nodes: int, cap: int) -> torch.Tensor:
     """Like ``replica_counts`` but an expert with more replicas than nodes gets a multiple of the node count, so
     that every node can hold the same number of its replicas and serve its own tokens locally (with 12 replicas on
-    8 nodes, the nodes holding one replica would have to send a third of their tokens away). int64 [L]."""
+    8 nodes, the nodes holding one replica would have to send a third of their tokens away). int64 [L]; may sum to
+    less than ``num_physical`` when no expert's next step fits what is left (those slots stay empty)."""
     load = _check_load(load)
     num_logical = load.numel()
     counts = [1] * num_logical
     left = num_physical - num_logical
-    heap = [(-float(w), e) for e, w in enumerate(load.tolist())]
+    heap = [(-float(w), 1, e) for e, w in enumerate(load.tolist())]
     heapq.heapify(heap)
     while heap and left > 0:
-        _, e = heapq.heappop(heap)
+        _, _, e = heapq.heappop(heap)
         step = 1 if counts[e] < num_nodes else num_nodes
         if counts[e] + step > cap or step > left:
             continue  # cannot afford this expert's next step; the others may still fit
         counts[e] += step
         left -= step
-        heapq.heappush(heap, (-float(load[e]) / counts[e], e))
+        heapq.heappush(heap, (-float(load[e]) / counts[e], counts[e], e))
     return torch.tensor(counts, dtype=torch.int64)
 
 
@@ -1013,9 +1022,13 @@ class Move:
 def migration_plan(old: Placement, new: Placement) -> list[Move]:
     """Weights to move between GPUs to go from ``old`` to ``new``.
 
-    A slot of ``new`` needs no move when its GPU already holds that expert in ``old`` (a copy between slots of one
-    GPU is local and not listed). Otherwise the weights come from an ``old`` replica on the same node when there is
-    one, else from the replica GPU with the fewest moves so far (spreading the sends).
+    A slot of ``new`` needs no move when its GPU already holds that expert in ``old``, or receives it for another
+    of its slots earlier in the plan (a copy between slots of one GPU is local and not listed). Otherwise the
+    weights come from an ``old`` replica on the same node when there is one, else from the replica GPU with the
+    fewest moves so far (spreading the sends).
+
+    Every move reads the ``old`` layout, and a move's source slot may be another move's destination: apply the plan
+    into separate buffers (or finish every send before any slot is overwritten), not in place in plan order.
 
     Returns:
         Moves in ascending ``dst_slot`` order.
@@ -1044,6 +1057,7 @@ def migration_plan(old: Placement, new: Placement) -> list[Move]:
         pick = min(near or cands, key=lambda c: (sends[c], c))
         sends[pick] += 1
         moves.append(Move(e, pick, g, s))
+        held[g].add(e)  # a second slot of e on GPU g copies locally
     return moves
 
 

@@ -223,6 +223,35 @@ def ll_third_call(e: Env, combine: bool) -> Call:
     return Call(third)
 
 
+def misaligned(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous copy of ``t`` whose data starts one element past a 16-byte boundary."""
+    base = torch.empty(t.numel() + 16, dtype=t.dtype, device=t.device)
+    return base[1:1 + t.numel()].view(t.shape).copy_(t)
+
+
+def ll_combine_before_hook(e: Env) -> Call:
+    """A low-latency combine given the handle of a dispatch whose receive hook is still due (its rows have not been
+    received): refused; the hook is called after it either way."""
+    d = e.buf.low_latency_dispatch(e.x, e.idx, use_fp8=False, return_recv_hook=True)
+    y = e.ll_y()
+
+    def call() -> None:
+        try:
+            e.buf.low_latency_combine(y, e.idx, e.w, d.handle)
+        finally:
+            assert d.hook is not None
+            d.hook()
+
+    return Call(call)
+
+
+def ll_hook_of(e: Env) -> Call:
+    """The receive hook of a low-latency dispatch (for a call after destroy())."""
+    d = e.buf.low_latency_dispatch(e.x, e.idx, use_fp8=False, return_recv_hook=True)
+    assert d.hook is not None
+    return Call(d.hook)
+
+
 def _n(name: str, call: Callable[[Env], Call | None], *words: str, **kw: Any) -> BadCase:
     return BadCase(name, False, call, words, **kw)
 
@@ -287,6 +316,9 @@ CASES: list[BadCase] = [
        "'topk_idx'", "contiguous"),
     _n("dispatch_idx_expert_too_large", lambda e: Call(e.buf.dispatch, (e.x, with_id(e.idx, EXPERTS), e.w)),
        "'topk_idx'", f"expert id {EXPERTS}", f"[-1, {EXPERTS})"),
+    _n("dispatch_worst_idx_expert_too_large",
+       lambda e: Call(e.buf.dispatch, (e.x, with_id(e.idx, EXPERTS), e.w), {"num_worst_tokens": e.world * MAX_TOKENS}),
+       "'topk_idx'", f"expert id {EXPERTS}", device="cpu"),
     _n("dispatch_idx_expert_below_minus_one", lambda e: Call(e.buf.dispatch, (e.x, with_id(e.idx, -2), e.w)),
        "'topk_idx'", "expert id -2", f"[-1, {EXPERTS})"),
     _n("dispatch_weights_dtype", lambda e: Call(e.buf.dispatch, (e.x, e.idx, e.w.bfloat16())),
@@ -368,6 +400,8 @@ CASES: list[BadCase] = [
     _ll("destroyed_low_latency_combine", lambda e: _destroyed(e, lambda e: Call(
         e.buf.low_latency_combine, (e.ll_y(), e.idx, e.w, e.prev.handle))),
         "low_latency_combine", "destroyed", error=BufferDestroyedError),
+    _ll("destroyed_low_latency_hook", lambda e: _destroyed(e, ll_hook_of),
+        "low_latency_dispatch", "receive hook", "destroyed", error=BufferDestroyedError),
     # -- low-latency dispatch ------------------------------------------------------------------------------
     _ll("ll_dispatch_x_float32", lambda e: Call(e.buf.low_latency_dispatch, (e.x.float(), e.idx)),
         "'x'", "dtype torch.float32", "expected torch.bfloat16"),
@@ -433,6 +467,7 @@ CASES: list[BadCase] = [
     _ll("ll_combine_out_non_contiguous", lambda e: Call(
         e.buf.low_latency_combine, (e.ll_y(), e.idx, e.w, e.prev.handle), {"out": strided(e.x)}),
         "'out'", "contiguous"),
+    _ll("ll_combine_before_dispatch_hook", ll_combine_before_hook, "'handle'", "receive hook has not been called"),
     # -- a third call while the first one's receive hook is due (two in flight at most) ----------------------
     _ll("ll_dispatch_third_in_flight", lambda e: ll_third_call(e, False),
         "low_latency_dispatch", "receive hook", "2 calls before", "at most two calls"),
@@ -456,6 +491,10 @@ CASES: list[BadCase] = [
        "'x[1]'", "is on cpu", "expected cuda", device="cuda"),
     _n("dispatch_x_on_other_gpu", lambda e: Call(e.buf.dispatch, (e.x.to(f"cuda:{1 - e.rank % 2}"), e.idx, e.w)),
        "'x'", "expected cuda", device="cuda"),
+    _n("dispatch_x_misaligned", lambda e: Call(e.buf.dispatch, (misaligned(e.x), e.idx, e.w)),
+       "'x'", "16-byte aligned", device="cuda"),
+    _n("combine_y_misaligned", lambda e: Call(e.buf.combine, (misaligned(e.y()), e.prev.handle)),
+       "'y'", "16-byte aligned", device="cuda"),
     _n("layout_idx_on_cpu", lambda e: Call(e.buf.get_dispatch_layout, (e.idx.cpu(),)),
        "'topk_idx'", "is on cpu", "expected cuda", device="cuda"),
     _n("combine_y_on_cpu", lambda e: Call(e.buf.combine, (e.y().cpu(), e.prev.handle)),

@@ -173,6 +173,11 @@ def test_ids_in_range_covers_views_of_the_checked_batch(monkeypatch: pytest.Monk
         part[0, 0] = -5  # in place: the version counter moves
         with pytest.raises(ArgumentError, match="expert id -5"):
             check(part)
+    # only the checked elements: another part of the same storage is checked
+    big = torch.zeros(8, 2, dtype=torch.int64)
+    big[6, 0] = 9
+    with checks.ids_in_range(big[:4]), pytest.raises(ArgumentError, match="expert id 9"):
+        check(big[4:])
     batch[2, 0] = 2
     with pytest.raises(RuntimeError, match="boom"), checks.ids_in_range(batch):
         raise RuntimeError("boom")

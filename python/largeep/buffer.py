@@ -117,6 +117,9 @@ class LowLatencyHandle:
     buffer_id: int
     num_tokens: int
     state: Any = field(repr=False)
+    # False until the dispatch's receive is issued (at once, or by its hook): a combine before it would read
+    # receive slots that hold nothing yet
+    received: bool = True
 
 
 @dataclass
@@ -489,7 +492,10 @@ class Buffer:
                 raise ArgumentError(f"Buffer.{op}: 'topk_idx' and 'topk_weights' are required without a handle")
             checks.topk_idx(
                 op, topk_idx, num_tokens=t, num_topk=c.num_topk, num_experts=c.num_experts, device=c.device,
-                check_values=self._settings.check_values and num_worst_tokens == 0, memo="use",
+                # with num_worst_tokens a CUDA dispatch does not wait on the host, so it does not check values;
+                # on CPU the check costs no device sync
+                check_values=self._settings.check_values and (num_worst_tokens == 0 or c.device.type == "cpu"),
+                memo="use",
             )
             checks.topk_weights(op, topk_weights, num_tokens=t, num_topk=c.num_topk, device=c.device)
 
@@ -528,7 +534,8 @@ class Buffer:
         c = self.ctx
         h = self._check_handle(op, handle, DispatchHandle)
         ys = checks.tensor(
-            op, "y", y, dtypes=checks.FLOAT_DTYPES, ndim=2, device=c.device, shape=(h.num_recv_tokens, c.hidden)
+            op, "y", y, dtypes=checks.FLOAT_DTYPES, ndim=2, device=c.device, shape=(h.num_recv_tokens, c.hidden),
+            row_aligned=True,
         )
         if topk_weights is not None:
             checks.topk_weights(op, topk_weights, num_tokens=h.num_recv_tokens, num_topk=c.num_topk, device=c.device)
@@ -560,7 +567,8 @@ class Buffer:
         self._check_alive(op)
         self._check_mode(op, True)
         c = self.ctx
-        xs = checks.tensor(op, "x", x, dtypes=(torch.bfloat16,), ndim=2, device=c.device, shape=(None, c.hidden))
+        xs = checks.tensor(op, "x", x, dtypes=(torch.bfloat16,), ndim=2, device=c.device, shape=(None, c.hidden),
+                           row_aligned=True)
         t = xs.shape[0]
         checks.max_tokens(op, t, c.max_tokens_per_rank)
         if use_fp8 and c.hidden % 128:
@@ -578,11 +586,10 @@ class Buffer:
             return self._impl.low_latency_dispatch(xs, topk_idx, use_fp8, rounding, return_recv_hook)
 
         out, event = self._run(run, None, async_finish, [xs, topk_idx], finished=not return_recv_hook)
-        hook = self._wrap_hook(out.finish, op, call) if return_recv_hook else None
+        handle = LowLatencyHandle(self._id, t, out.state, received=not return_recv_hook)
+        hook = self._wrap_hook(out.finish, op, call, handle) if return_recv_hook else None
         recv_x: Tokens = (out.x, out.x_scales) if out.x_scales is not None else out.x
-        return LowLatencyDispatchResult(
-            recv_x, out.num_tokens_per_expert, out.src_info, LowLatencyHandle(self._id, t, out.state), event, hook
-        )
+        return LowLatencyDispatchResult(recv_x, out.num_tokens_per_expert, out.src_info, handle, event, hook)
 
     def low_latency_combine(
         self,
@@ -602,9 +609,15 @@ class Buffer:
         self._check_mode(op, True)
         c = self.ctx
         h = self._check_handle(op, handle, LowLatencyHandle)
+        if not h.received:
+            raise ArgumentError(
+                f"Buffer.{op}: argument 'handle' comes from a low_latency_dispatch whose receive hook has not been "
+                "called (call it first: until then the dispatch's rows have not been received)"
+            )
         rows = c.num_ranks * c.max_tokens_per_rank
         ys = checks.tensor(
-            op, "y", y, dtypes=(torch.bfloat16,), ndim=3, device=c.device, shape=(c.experts_per_rank, rows, c.hidden)
+            op, "y", y, dtypes=(torch.bfloat16,), ndim=3, device=c.device, shape=(c.experts_per_rank, rows, c.hidden),
+            row_aligned=True,
         )
         checks.topk_idx(
             op, topk_idx, num_tokens=h.num_tokens, num_topk=c.num_topk, num_experts=c.num_experts, device=c.device,
@@ -615,7 +628,8 @@ class Buffer:
             out = torch.empty(h.num_tokens, c.hidden, dtype=torch.bfloat16, device=c.device)
         else:
             checks.tensor(
-                op, "out", out, dtypes=(torch.bfloat16,), ndim=2, device=c.device, shape=(h.num_tokens, c.hidden)
+                op, "out", out, dtypes=(torch.bfloat16,), ndim=2, device=c.device, shape=(h.num_tokens, c.hidden),
+                row_aligned=True,
             )
         target = out
         call = self._check_in_flight(op)
@@ -645,8 +659,11 @@ class Buffer:
         self._ll_calls[op] = call + 1
         return call
 
-    def _wrap_hook(self, finish: Callable[[], None] | None, op: str, call: int | None) -> Callable[[], None]:
-        """The receive hook of low-latency call ``call`` of ``op`` (None: captured in a graph, not counted)."""
+    def _wrap_hook(
+        self, finish: Callable[[], None] | None, op: str, call: int | None, handle: LowLatencyHandle | None = None
+    ) -> Callable[[], None]:
+        """The receive hook of low-latency call ``call`` of ``op`` (None: captured in a graph, not counted);
+        ``handle``: a dispatch's, marked received once the hook has issued the receive."""
         done = [False]
         if call is not None:
             self._ll_pending[op].add(call)
@@ -654,7 +671,10 @@ class Buffer:
         def hook() -> None:
             if done[0]:
                 raise RuntimeError("largeep: a receive hook may be called once")
+            self._check_alive(f"{op} (its receive hook)")
             done[0] = True
+            if handle is not None:
+                handle.received = True
             if call is not None:
                 self._ll_pending[op].discard(call)
             if finish is None:

@@ -32,8 +32,11 @@ def tensor(
     ndim: int,
     device: torch.device,
     shape: Sequence[int | None] | None = None,
+    row_aligned: bool = False,
 ) -> torch.Tensor:
-    """Checks that ``t`` is a contiguous tensor of one of ``dtypes`` on ``device`` with ``shape`` (None = any)."""
+    """Checks that ``t`` is a contiguous tensor of one of ``dtypes`` on ``device`` with ``shape`` (None = any).
+    ``row_aligned``: token rows the kernels read or write 16 bytes at a time: on CUDA, its data must be 16-byte
+    aligned (a view starting mid-row of a larger tensor is not)."""
     if not isinstance(t, torch.Tensor):
         raise ArgumentError(f"{_where(op, arg)} must be a torch.Tensor, got {type(t).__name__}")
     if t.dtype not in dtypes:
@@ -50,6 +53,9 @@ def tensor(
         raise ArgumentError(f"{_where(op, arg)} is on {t.device}, expected {device}")
     if not t.is_contiguous():
         raise ArgumentError(f"{_where(op, arg)} must be contiguous (strides {t.stride()})")
+    if row_aligned and t.is_cuda and t.data_ptr() % 16:
+        raise ArgumentError(f"{_where(op, arg)} must start at a 16-byte aligned address (data_ptr % 16 = "
+                            f"{t.data_ptr() % 16}: a view into a larger tensor? pass a copy)")
     return t
 
 
@@ -64,13 +70,14 @@ def tokens(
             raise ArgumentError(f"{_where(op, arg)}: an FP8 pair must have 2 tensors, got {len(x)}")
         if hidden % GROUP:
             raise ArgumentError(f"{_where(op, arg)}: FP8 needs hidden % {GROUP} == 0, hidden is {hidden}")
-        q = tensor(op, arg + "[0]", x[0], dtypes=(FP8_DTYPE,), ndim=2, device=device, shape=(rows, hidden))
+        q = tensor(op, arg + "[0]", x[0], dtypes=(FP8_DTYPE,), ndim=2, device=device, shape=(rows, hidden),
+                   row_aligned=True)
         s = tensor(
             op, arg + "[1]", x[1], dtypes=(torch.float32,), ndim=2, device=device,
             shape=(q.shape[0], hidden // GROUP),
         )
         return q, s
-    t = tensor(op, arg, x, dtypes=FLOAT_DTYPES, ndim=2, device=device, shape=(rows, hidden))
+    t = tensor(op, arg, x, dtypes=FLOAT_DTYPES, ndim=2, device=device, shape=(rows, hidden), row_aligned=True)
     return t, None
 
 
@@ -106,14 +113,15 @@ _VOUCH = threading.local()
 
 @contextlib.contextmanager
 def ids_in_range(checked: torch.Tensor) -> Iterator[None]:
-    """Within it (this thread), expert ids held in ``checked``'s memory and not changed since (same storage, same
-    version counter) are not value-checked again: for a layer that checked a whole batch's ids once
-    (``MoELayer.check_ids``) and dispatches it in chunks, views of that batch. Other ids are checked as usual;
-    shapes, dtypes and devices always."""
+    """Within it (this thread), expert ids that lie inside ``checked``'s elements and have not changed since (same
+    storage, same version counter, within its bytes) are not value-checked again: for a layer that checked a whole
+    batch's ids once (``MoELayer.check_ids``) and dispatches it in chunks, views of that batch. Other ids are checked
+    as usual; shapes, dtypes and devices always. ``checked`` must be contiguous."""
     stack = getattr(_VOUCH, "stack", None)
     if stack is None:
         stack = _VOUCH.stack = []
-    stack.append((checked.untyped_storage().data_ptr(), _version(checked)))
+    lo = checked.data_ptr()
+    stack.append((checked.untyped_storage().data_ptr(), _version(checked), lo, lo + checked.numel() * 8))
     try:
         yield
     finally:
@@ -125,11 +133,13 @@ def _version(t: torch.Tensor) -> int | None:
 
 
 def _vouched(idx: torch.Tensor) -> bool:
+    """idx (int64, contiguous) lies inside a batch ``ids_in_range`` holds, unchanged since."""
     stack = getattr(_VOUCH, "stack", None)
     if not stack:
         return False
-    key = (idx.untyped_storage().data_ptr(), _version(idx))
-    return key in stack
+    storage, version, lo = idx.untyped_storage().data_ptr(), _version(idx), idx.data_ptr()
+    hi = lo + idx.numel() * 8
+    return any(s == storage and v == version and a <= lo and hi <= b for s, v, a, b in stack)
 
 
 def bad_expert_id(op: str, bad: int, num_experts: int) -> ArgumentError:

@@ -338,7 +338,8 @@ class TorchBackend:
         # Rows for one destination are ordered by (local expert, token, k): keys are unique.
         key = dest * (epr * copies) + local * copies + torch.arange(copies, device=dev)
         order = torch.argsort(key)
-        per_dest = torch.bincount(dest, minlength=n + 1)[:n]
+        # (not bincount: its output size depends on the data, which a CUDA graph capture cannot read)
+        per_dest = torch.zeros(n + 1, dtype=torch.int64, device=dev).index_add_(0, dest, torch.ones_like(dest))[:n]
         sorted_dest = dest[order]
         start = torch.cat([_exclusive_cumsum(per_dest), per_dest.sum().view(1)])
         pos = torch.arange(copies, device=dev) - start[sorted_dest]

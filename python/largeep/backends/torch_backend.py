@@ -22,6 +22,7 @@ import torch.distributed as dist
 
 from largeep import fp8
 from largeep.backends.base import GroupContext, LowLatencyDispatchOut, NormalDispatchOut
+from largeep.errors import ArgumentError
 from largeep.layout import Layout, compute_layout, one_hot_mask
 
 
@@ -107,6 +108,20 @@ class TorchBackend:
         self.ctx = ctx
 
     # -- collectives ---------------------------------------------------------------------------------------------
+    def _check_worst(self, num_recv: torch.Tensor, num_worst_tokens: int) -> None:
+        """ArgumentError on every rank when some rank receives more rows than ``num_worst_tokens`` (its rows past
+        it would be lost). One all_gather of the row counts; CPU only (on CUDA it would wait on the host)."""
+        n = self.ctx.num_ranks
+        totals = [torch.zeros(1, dtype=torch.int64) for _ in range(n)]
+        dist.all_gather(totals, num_recv.reshape(1).to(torch.int64), group=self.ctx.group)
+        over = {r: int(v) for r, v in enumerate(totals) if int(v) > num_worst_tokens}
+        if over:
+            raise ArgumentError(
+                f"dispatch: argument 'num_worst_tokens' = {num_worst_tokens} is smaller than the rows received by "
+                f"rank(s) {over}; it must be at least the rows any rank can receive (e.g. num_ranks * "
+                "max_tokens_per_rank)"
+            )
+
     def _all_to_all(
         self,
         send: torch.Tensor,
@@ -261,6 +276,8 @@ class TorchBackend:
             dest = torch.where(j < recv_counts.unsqueeze(1), off.unsqueeze(1) + j, num_worst_tokens)
             dest = dest.clamp_max(num_worst_tokens).reshape(-1)
             num_recv = recv_counts.sum()
+            if dev.type == "cpu":  # no device sync on CPU: refuse an overflow on every rank before the rows move
+                self._check_worst(num_recv, num_worst_tokens)
             state = _FixedState(slot, dest, num_recv, num_worst_tokens, t)
             parts = [x[t_idx]] + ([x_scales[t_idx]] if x_scales is not None else []) + [local, weights]
         else:

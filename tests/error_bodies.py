@@ -316,6 +316,8 @@ CASES: list[BadCase] = [
        "'topk_idx'", "contiguous"),
     _n("dispatch_idx_expert_too_large", lambda e: Call(e.buf.dispatch, (e.x, with_id(e.idx, EXPERTS), e.w)),
        "'topk_idx'", f"expert id {EXPERTS}", f"[-1, {EXPERTS})"),
+    _n("dispatch_alignment_too_large", lambda e: Call(e.buf.dispatch, (e.x, e.idx, e.w), {"expert_alignment": 1 << 31}),
+       "'expert_alignment'", "<= 1048576"),
     _n("dispatch_worst_too_small", lambda e: Call(e.buf.dispatch, (e.x, e.idx, e.w), {"num_worst_tokens": 1}),
        "'num_worst_tokens' = 1", "smaller than the rows", device="cpu"),
     _n("dispatch_worst_idx_expert_too_large",

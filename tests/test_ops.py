@@ -322,3 +322,16 @@ def test_expert_order_property(r: int, k: int, e: int, pairs: bool, seed: int) -
         keys = torch.where((idx >= 0) & (idx < e), idx, e).reshape(-1)
         if num_pairs is None:
             assert torch.equal(keys[torch.argsort(pos.reshape(-1))], torch.sort(keys, stable=True).values)
+
+
+def test_ops_dispatch_refuses_what_it_cannot_differentiate() -> None:
+    # refused before anything is looked up or sent: an FP8 pair (no gradient path) and missing weights
+    from largeep import ArgumentError
+
+    x, idx, w = torch.zeros(2, 8), torch.zeros(2, 1, dtype=torch.int64), torch.ones(2, 1)
+    with pytest.raises(ArgumentError, match="'x'.*FP8 pair"):
+        ops.dispatch(0, (x, x), idx, w)  # type: ignore[arg-type]
+    with pytest.raises(ArgumentError, match="'topk_weights'"):
+        ops.dispatch(0, x, idx, None)  # type: ignore[arg-type]
+    with pytest.raises(ArgumentError, match="'topk_weights'"):
+        ops.dispatch(0, x, idx, None, use_custom_ops=True)  # type: ignore[arg-type]

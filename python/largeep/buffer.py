@@ -467,7 +467,7 @@ class Buffer:
         self._check_alive(op)
         self._check_mode(op, False)
         c = self.ctx
-        checks.positive_int(op, "expert_alignment", expert_alignment)
+        checks.positive_int(op, "expert_alignment", expert_alignment, maximum=1 << 20)
         checks.positive_int(op, "num_worst_tokens", num_worst_tokens, minimum=0)
         xs, scales = checks.tokens(op, "x", x, hidden=c.hidden, device=c.device, allow_fp8=True)
         t = xs.shape[0]

@@ -184,11 +184,14 @@ def topk_weights(op: str, t: object, *, num_tokens: int, num_topk: int, device: 
     )
 
 
-def positive_int(op: str, arg: str, v: object, *, minimum: int = 1) -> int:
+def positive_int(op: str, arg: str, v: object, *, minimum: int = 1, maximum: int = 2**31 - 1) -> int:
+    """An int in [minimum, maximum] (default maximum: what the kernels' int32 counts hold)."""
     if isinstance(v, bool) or not isinstance(v, int):
         raise ArgumentError(f"{_where(op, arg)} must be an int, got {type(v).__name__}")
     if v < minimum:
         raise ArgumentError(f"{_where(op, arg)} must be >= {minimum}, got {v}")
+    if v > maximum:
+        raise ArgumentError(f"{_where(op, arg)} must be <= {maximum}, got {v}")
     return v
 
 

@@ -1105,6 +1105,15 @@ def dispatch(
 
     Waits on the host for the count exchange unless ``num_worst_tokens`` > 0.
     """
+    # what the differentiable path cannot take, refused before anything is sent (the Buffer checks the rest)
+    if not isinstance(x, Tensor):
+        raise ArgumentError(
+            f"ops.dispatch: argument 'x' must be a tensor [T, H] (bf16/fp32), got {type(x).__name__} (an FP8 pair "
+            "has no gradient path: use Buffer.dispatch for FP8)"
+        )
+    if not isinstance(topk_weights, Tensor):
+        raise ArgumentError(f"ops.dispatch: argument 'topk_weights' must be a float32 tensor [T, K], got "
+                            f"{type(topk_weights).__name__}")
     if _use_ops(use_custom_ops):
         bid = _buffer_id(buffer, "dispatch")
         ticket = torch.ops.largeep.dispatch_send(bid, x.detach(), topk_idx, topk_weights.detach(), num_worst_tokens)

@@ -621,3 +621,28 @@ def bad_timeout_env(rank: int, world: int, backend: str, raw: str) -> dict[str, 
     finally:
         buf.destroy()
     return {"failures": chk.failures}
+
+
+def hosts_in_any_order(rank: int, world: int) -> list[str]:
+    """Hosts holding ranks a, b, a, b (not in contiguous blocks): refused without ranks_per_node, accepted with
+    ranks_per_node = 1; a block of ranks_per_node ranks across hosts is refused. Returns the messages."""
+    from largeep import buffer as bmod
+
+    real = bmod._host_names
+    bmod._host_names = lambda group, n: ["a", "b"] * (n // 2)  # type: ignore[assignment]
+    kw: dict[str, Any] = dict(hidden=HIDDEN, num_experts=EXPERTS, num_topk=TOPK, max_tokens_per_rank=MAX_TOKENS,
+                              backend="torch")
+    seen = []
+    try:
+        for rpn, words in ((None, "pass ranks_per_node explicitly"), (2, "different hosts")):
+            try:
+                largeep.Buffer(None, ranks_per_node=rpn, **kw)
+            except ArgumentError as exc:
+                assert words in str(exc), str(exc)
+                seen.append(str(exc))
+            else:
+                raise AssertionError(f"ranks_per_node={rpn} on hosts a, b, a, b was accepted")
+        largeep.Buffer(None, ranks_per_node=1, **kw).destroy()
+    finally:
+        bmod._host_names = real  # type: ignore[assignment]
+    return seen

@@ -185,3 +185,8 @@ def test_ids_in_range_covers_views_of_the_checked_batch(monkeypatch: pytest.Monk
     check(batch)
     assert len(calls) == n + 1  # outside the block: checked
     assert not checks._vouched(batch)
+
+
+def test_ranks_per_node_with_hosts_out_of_order(pools) -> None:
+    for seen in pools(4).run(error_bodies.hosts_in_any_order):
+        assert len(seen) == 2

@@ -191,10 +191,14 @@ def _group_device(group: dist.ProcessGroup) -> torch.device:
     return torch.device("cpu")
 
 
-def _ranks_per_host(group: dist.ProcessGroup, num_ranks: int) -> int:
-    """Ranks that share this host; hosts must hold equal, contiguous blocks of ranks."""
+def _host_names(group: dist.ProcessGroup, num_ranks: int) -> list[Any]:
     names: list[Any] = [None] * num_ranks
     dist.all_gather_object(names, socket.gethostname(), group=group)
+    return names
+
+
+def _ranks_per_host(names: list[Any]) -> int:
+    """Ranks that share this host; hosts must hold equal, contiguous blocks of ranks."""
     per_host = names.count(names[0])
     for r, name in enumerate(names):
         if name != names[(r // per_host) * per_host]:
@@ -255,15 +259,22 @@ class Buffer:
             raise ArgumentError(f"{op}: argument 'num_topk' = {num_topk} exceeds num_experts = {num_experts}")
         if backend not in ("auto", "torch", "nvshmem"):
             raise ArgumentError(f"{op}: argument 'backend' = {backend!r}, expected 'auto', 'torch' or 'nvshmem'")
-        host_ranks = _ranks_per_host(group, n)
+        names = _host_names(group, n)
         if ranks_per_node is None:
-            ranks_per_node = host_ranks
+            ranks_per_node = _ranks_per_host(names)
         checks.positive_int(op, "ranks_per_node", ranks_per_node)
-        if n % ranks_per_node or ranks_per_node > host_ranks:
-            raise ArgumentError(
-                f"{op}: argument 'ranks_per_node' = {ranks_per_node} must divide the group size {n} and be at "
-                f"most the {host_ranks} ranks that share this host"
-            )
+        if n % ranks_per_node:
+            raise ArgumentError(f"{op}: argument 'ranks_per_node' = {ranks_per_node} must divide the group size {n}")
+        # a node's ranks reach each other over NVLink: each block of ranks_per_node ranks on one host (hosts need
+        # not be filled in order when it is given)
+        for r, name in enumerate(names):
+            first = (r // ranks_per_node) * ranks_per_node
+            if name != names[first]:
+                raise ArgumentError(
+                    f"{op}: argument 'ranks_per_node' = {ranks_per_node}: ranks {first}..{first + ranks_per_node - 1}"
+                    f" are on different hosts ({names[first:first + ranks_per_node]}); each block of ranks_per_node "
+                    "consecutive ranks must share a host"
+                )
         if num_sms is not None:
             checks.positive_int(op, "num_sms", num_sms)
             if num_sms % 2:

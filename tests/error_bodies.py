@@ -267,6 +267,10 @@ CASES: list[BadCase] = [
        "'num_experts'", f"{EXPERTS + 1}", "not divisible by the group size"),
     _n("create_ranks_per_node_not_dividing", lambda e: make_buffer(e, ranks_per_node=e.world + 1),
        "'ranks_per_node'", "must divide the group size"),
+    _n("create_hidden_zero_on_rank_0_only", lambda e: make_buffer(e, hidden=0 if e.rank == 0 else HIDDEN),
+       "'hidden'", ">= 1"),
+    _n("create_ranks_disagree_on_hidden", lambda e: make_buffer(e, hidden=HIDDEN * (1 + e.rank % 2)),
+       "disagree", "hidden"),
     _n("create_ranks_per_node_zero", lambda e: make_buffer(e, ranks_per_node=0), "'ranks_per_node'", ">= 1"),
     _n("create_hidden_zero", lambda e: make_buffer(e, hidden=0), "'hidden'", ">= 1"),
     _n("create_hidden_float", lambda e: make_buffer(e, hidden=256.0), "'hidden'", "must be an int", "float"),
@@ -626,10 +630,10 @@ def bad_timeout_env(rank: int, world: int, backend: str, raw: str) -> dict[str, 
 def hosts_in_any_order(rank: int, world: int) -> list[str]:
     """Hosts holding ranks a, b, a, b (not in contiguous blocks): refused without ranks_per_node, accepted with
     ranks_per_node = 1; a block of ranks_per_node ranks across hosts is refused. Returns the messages."""
-    from largeep import buffer as bmod
+    import socket
 
-    real = bmod._host_names
-    bmod._host_names = lambda group, n: ["a", "b"] * (n // 2)  # type: ignore[assignment]
+    real = socket.gethostname
+    socket.gethostname = lambda: "ab"[rank % 2]  # type: ignore[assignment]
     kw: dict[str, Any] = dict(hidden=HIDDEN, num_experts=EXPERTS, num_topk=TOPK, max_tokens_per_rank=MAX_TOKENS,
                               backend="torch")
     seen = []
@@ -644,5 +648,5 @@ def hosts_in_any_order(rank: int, world: int) -> list[str]:
                 raise AssertionError(f"ranks_per_node={rpn} on hosts a, b, a, b was accepted")
         largeep.Buffer(None, ranks_per_node=1, **kw).destroy()
     finally:
-        bmod._host_names = real  # type: ignore[assignment]
+        socket.gethostname = real  # type: ignore[assignment]
     return seen

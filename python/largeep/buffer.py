@@ -191,12 +191,6 @@ def _group_device(group: dist.ProcessGroup) -> torch.device:
     return torch.device("cpu")
 
 
-def _host_names(group: dist.ProcessGroup, num_ranks: int) -> list[Any]:
-    names: list[Any] = [None] * num_ranks
-    dist.all_gather_object(names, socket.gethostname(), group=group)
-    return names
-
-
 def _ranks_per_host(names: list[Any]) -> int:
     """Ranks that share this host; hosts must hold equal, contiguous blocks of ranks."""
     per_host = names.count(names[0])
@@ -247,24 +241,60 @@ class Buffer:
                 f"{op}: argument 'group' does not contain this rank (global rank {dist.get_rank()}); create the "
                 "Buffer only on the group's ranks"
             )
-        checks.positive_int(op, "hidden", hidden)
-        checks.positive_int(op, "num_experts", num_experts)
-        checks.positive_int(op, "num_topk", num_topk)
-        checks.positive_int(op, "max_tokens_per_rank", max_tokens_per_rank)
-        if num_experts % n:
+        # Each rank checks its own arguments, then every rank learns every rank's verdict, host and arguments in
+        # one gather: a refusal on one rank is a refusal on all (no rank goes on into a collective the others never
+        # join), and ranks that disagree on the Buffer's arguments are refused too.
+        given = (hidden, num_experts, num_topk, max_tokens_per_rank, backend, ranks_per_node, num_sms, low_latency)
+        local_error: str | None = None
+        try:
+            checks.positive_int(op, "hidden", hidden)
+            checks.positive_int(op, "num_experts", num_experts)
+            checks.positive_int(op, "num_topk", num_topk)
+            checks.positive_int(op, "max_tokens_per_rank", max_tokens_per_rank)
+            if num_experts % n:
+                raise ArgumentError(
+                    f"{op}: argument 'num_experts' = {num_experts} is not divisible by the group size {n}"
+                )
+            if num_topk > num_experts:
+                raise ArgumentError(f"{op}: argument 'num_topk' = {num_topk} exceeds num_experts = {num_experts}")
+            if backend not in ("auto", "torch", "nvshmem"):
+                raise ArgumentError(
+                    f"{op}: argument 'backend' = {backend!r}, expected 'auto', 'torch' or 'nvshmem'"
+                )
+            if ranks_per_node is not None:
+                checks.positive_int(op, "ranks_per_node", ranks_per_node)
+                if n % ranks_per_node:
+                    raise ArgumentError(
+                        f"{op}: argument 'ranks_per_node' = {ranks_per_node} must divide the group size {n}"
+                    )
+            if num_sms is not None:
+                checks.positive_int(op, "num_sms", num_sms)
+                if num_sms % 2:
+                    raise ArgumentError(f"{op}: argument 'num_sms' = {num_sms} must be even")
+        except ArgumentError as exc:
+            local_error = str(exc)
+        every: list[Any] = [None] * n
+        dist.all_gather_object(every, (socket.gethostname(), local_error, given), group=group)
+        if local_error is not None:
+            raise ArgumentError(local_error)
+        refused = {r: e[1] for r, e in enumerate(every) if e[1] is not None}
+        if refused:
+            r0 = min(refused)
             raise ArgumentError(
-                f"{op}: argument 'num_experts' = {num_experts} is not divisible by the group size {n}"
+                f"{op}: rank(s) {sorted(refused)} refused their arguments, so no rank makes the Buffer (rank {r0}: "
+                f"{refused[r0]})"
             )
-        if num_topk > num_experts:
-            raise ArgumentError(f"{op}: argument 'num_topk' = {num_topk} exceeds num_experts = {num_experts}")
-        if backend not in ("auto", "torch", "nvshmem"):
-            raise ArgumentError(f"{op}: argument 'backend' = {backend!r}, expected 'auto', 'torch' or 'nvshmem'")
-        names = _host_names(group, n)
+        differ = {r: e[2] for r, e in enumerate(every) if e[2] != given}
+        if differ:
+            names_ = ("hidden", "num_experts", "num_topk", "max_tokens_per_rank", "backend", "ranks_per_node",
+                      "num_sms", "low_latency")
+            raise ArgumentError(
+                f"{op}: the ranks of the group disagree on the Buffer's arguments {names_}: rank {rank}: {given}; "
+                + "; ".join(f"rank {r}: {v}" for r, v in sorted(differ.items()))
+            )
+        names = [e[0] for e in every]
         if ranks_per_node is None:
             ranks_per_node = _ranks_per_host(names)
-        checks.positive_int(op, "ranks_per_node", ranks_per_node)
-        if n % ranks_per_node:
-            raise ArgumentError(f"{op}: argument 'ranks_per_node' = {ranks_per_node} must divide the group size {n}")
         # a node's ranks reach each other over NVLink: each block of ranks_per_node ranks on one host (hosts need
         # not be filled in order when it is given)
         for r, name in enumerate(names):
@@ -275,10 +305,6 @@ class Buffer:
                     f" are on different hosts ({names[first:first + ranks_per_node]}); each block of ranks_per_node "
                     "consecutive ranks must share a host"
                 )
-        if num_sms is not None:
-            checks.positive_int(op, "num_sms", num_sms)
-            if num_sms % 2:
-                raise ArgumentError(f"{op}: argument 'num_sms' = {num_sms} must be even")
         device = _group_device(group)
         if backend == "nvshmem" and device.type == "cpu" and torch.cuda.is_available():
             # NVSHMEM uses the group only for a few object collectives (its start, the configuration check), which

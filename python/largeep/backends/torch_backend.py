@@ -65,6 +65,32 @@ def _exclusive_cumsum(t: torch.Tensor, dim: int = 0) -> torch.Tensor:
     return torch.cumsum(t, dim=dim) - t
 
 
+_SIG = 3  # a fresh dispatch's signature, sent with its counts: num_worst_tokens, x's dtype, FP8 scales or not
+_DTYPE_CODE = {torch.bfloat16: 0, torch.float32: 1, fp8.FP8_DTYPE: 2}
+_DTYPE_NAME = {v: str(k) for k, v in _DTYPE_CODE.items()}
+
+
+def _call_signature(num_worst_tokens: int, x: torch.Tensor, x_scales: torch.Tensor | None, n: int,
+                    dev: torch.device) -> torch.Tensor:
+    sig = torch.tensor([num_worst_tokens, _DTYPE_CODE.get(x.dtype, -1), int(x_scales is not None)],
+                       dtype=torch.int64, device=dev)
+    return sig.expand(n, _SIG)
+
+
+def _check_signatures(sig: torch.Tensor, rank: int) -> None:
+    """ArgumentError on every rank (each sees every rank's signature) when the ranks' dispatches differ in kind:
+    their rows would not match in the collectives that follow."""
+    rows = [tuple(int(v) for v in r) for r in sig.tolist()]
+    if all(r == rows[rank] for r in rows):
+        return
+    desc = "; ".join(
+        f"rank {r}: num_worst_tokens={w}, x {_DTYPE_NAME.get(d, '?')}{', FP8 scales' if fp else ''}"
+        for r, (w, d, fp) in enumerate(rows)
+    )
+    raise ArgumentError(f"dispatch: the ranks of the group disagree on the call ({desc}); every rank must dispatch "
+                        "the same kind of rows with the same num_worst_tokens")
+
+
 @dataclass
 class _VarState:
     """Handle of a variable-size normal dispatch. Source side: t_idx int64 [P] (token of each sent row, rows
@@ -211,9 +237,13 @@ class TorchBackend:
             r_idx, t_idx = in_rank.t().nonzero(as_tuple=True)  # ordered by rank, then token
             local, weights, exp_counts = self._pair_meta(topk_idx, topk_weights, r_idx, t_idx)
             send_counts = in_rank.sum(0, dtype=torch.int64)
-            meta, _ = self._all_to_all(torch.cat([send_counts.unsqueeze(1), exp_counts], dim=1), c.num_ranks)
-            host = torch.cat([meta[:, 0], send_counts, meta[:, 1:].sum(0)]).cpu()  # the one host sync
+            mine = _call_signature(0, x, x_scales, c.num_ranks, dev)
+            meta, _ = self._all_to_all(torch.cat([send_counts.unsqueeze(1), exp_counts, mine], dim=1), c.num_ranks)
+            sig = meta[:, -_SIG:]
+            host = torch.cat([meta[:, 0], send_counts, meta[:, 1:-_SIG].sum(0), sig.reshape(-1)]).cpu()  # one sync
             n = c.num_ranks
+            _check_signatures(host[-n * _SIG:].view(n, _SIG), c.rank)
+            host = host[: -n * _SIG]
             recv_splits = host[:n].tolist()
             send_splits = host[n : 2 * n].tolist()
             raw = host[2 * n :]
@@ -267,9 +297,12 @@ class TorchBackend:
                 topk_idx, topk_weights, r_idx, t_idx
             )  # counts include only real pairs: local is -1 everywhere off-rank
             send_counts = in_rank.sum(0, dtype=torch.int64)
-            meta, _ = self._all_to_all(torch.cat([send_counts.unsqueeze(1), exp_counts], dim=1), n)
+            mine = _call_signature(num_worst_tokens, x, x_scales, n, dev)
+            meta, _ = self._all_to_all(torch.cat([send_counts.unsqueeze(1), exp_counts, mine], dim=1), n)
+            if dev.type == "cpu":  # (on CUDA the comparison would wait on the host, which this path never does)
+                _check_signatures(meta[:, -_SIG:], c.rank)
             recv_counts = meta[:, 0]
-            raw = meta[:, 1:].sum(0)
+            raw = meta[:, 1:-_SIG].sum(0)
             per_expert_t = (((raw + expert_alignment - 1) // expert_alignment) * expert_alignment).to(torch.int32)
             j = torch.arange(cap, device=dev)
             off = _exclusive_cumsum(recv_counts)

@@ -656,3 +656,22 @@ def hosts_in_any_order(rank: int, world: int) -> list[str]:
     finally:
         socket.gethostname = real  # type: ignore[assignment]
     return seen
+
+
+def auto_backend_agrees(rank: int, world: int) -> list[int]:
+    """backend="auto" learns which ranks cannot load the native module (rank 1 here), so every rank picks the same
+    backend. Returns what the Buffer recorded."""
+    from largeep import native
+
+    real = native.unavailable_reason
+    native.unavailable_reason = lambda: None if rank != 1 else "not built here"  # type: ignore[assignment]
+    try:
+        buf = largeep.Buffer(None, hidden=HIDDEN, num_experts=EXPERTS, num_topk=TOPK, max_tokens_per_rank=MAX_TOKENS,
+                             backend="auto")
+        try:
+            assert buf.backend_name == "torch", buf.backend_name
+            return list(buf._ranks_without_native)
+        finally:
+            buf.destroy()
+    finally:
+        native.unavailable_reason = real  # type: ignore[assignment]

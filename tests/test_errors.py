@@ -190,3 +190,7 @@ def test_ids_in_range_covers_views_of_the_checked_batch(monkeypatch: pytest.Monk
 def test_ranks_per_node_with_hosts_out_of_order(pools) -> None:
     for seen in pools(4).run(error_bodies.hosts_in_any_order):
         assert len(seen) == 2
+
+
+def test_auto_backend_agrees_across_ranks(pools) -> None:
+    assert pools(2).run(error_bodies.auto_backend_agrees) == [[1], [1]]

@@ -273,8 +273,15 @@ class Buffer:
                     raise ArgumentError(f"{op}: argument 'num_sms' = {num_sms} must be even")
         except ArgumentError as exc:
             local_error = str(exc)
+        # whether this rank could run the native module: "auto" picks the same backend on every rank
+        native_ok = True
+        if backend == "auto" and local_error is None:
+            from largeep import native
+
+            native_ok = native.unavailable_reason() is None
         every: list[Any] = [None] * n
-        dist.all_gather_object(every, (socket.gethostname(), local_error, given), group=group)
+        dist.all_gather_object(every, (socket.gethostname(), local_error, given, native_ok), group=group)
+        self._ranks_without_native = [r for r, e in enumerate(every) if not e[3]]
         if local_error is not None:
             raise ArgumentError(local_error)
         refused = {r: e[1] for r, e in enumerate(every) if e[1] is not None}
@@ -366,6 +373,8 @@ class Buffer:
         if backend == "torch":
             return "torch"
         reason = native.unavailable_reason()
+        if reason is None and backend == "auto" and self._ranks_without_native:
+            reason = f"rank(s) {self._ranks_without_native} cannot load the native module (every rank takes 'torch')"
         if reason is None and self.ctx.device.type != "cuda":
             reason = "the process group is not an NCCL group on CUDA devices"
         if reason is None:

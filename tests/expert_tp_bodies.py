@@ -215,3 +215,19 @@ def bad_configs(rank: int, world: int) -> None:
     finally:
         for b in (ep_buf, world_buf, ll_buf):
             b.destroy()
+
+
+def tp_top1_empty_rank(rank: int, world: int) -> None:
+    """Expert TP 2 with top-1 routing and a rank without tokens: its backward hands the backend empty gradients
+    whose strides are 0 (a where over [0, 1]), which the torch backend's byte views refused."""
+    g = make_expert_tp_groups(2)
+    buf = largeep.Buffer(g.ep_group, hidden=32, num_experts=2, num_topk=1, max_tokens_per_rank=8, backend="torch")
+    try:
+        torch.manual_seed(0)
+        layer = layers.MoELayer(buf, ffn_hidden=16, expert_tp_group=g.tp_group)
+        x = torch.randn(5 if rank == 0 else 0, 32, requires_grad=True)
+        y = layer(x)
+        (y * y).sum().backward()
+        assert x.grad is not None and x.grad.shape == x.shape and bool(torch.isfinite(x.grad).all())
+    finally:
+        buf.destroy()

@@ -847,3 +847,29 @@ def layer_id_checks(rank: int, world: int) -> dict[str, Any]:
     finally:
         checks._id_range = real
         buf.destroy()
+
+
+def ops_zero_rows_backward(rank: int, world: int) -> None:
+    """A dispatch of no tokens, differentiated through both paths (eager autograd, custom ops): the empty gradients
+    (strides of 0 from the expanded sum) go back through the combine."""
+    buf = largeep.Buffer(None, hidden=32, num_experts=2 * world, num_topk=2, max_tokens_per_rank=4, backend="torch")
+    try:
+        for custom in (False, True):
+            x = torch.zeros(0, 32, requires_grad=True)
+            w = torch.ones(0, 2, requires_grad=True)
+            d = ops.dispatch(buf, x, torch.zeros(0, 2, dtype=torch.int64), w, use_custom_ops=custom)
+            (d.x.sum() + d.topk_weights.sum()).backward()
+            assert x.grad is not None and x.grad.shape == (0, 32) and w.grad is not None, custom
+        # a handle abandoned before its combine goes away with its Buffer
+        bid = ops.register_buffer(buf)
+        with torch.no_grad():
+            ops.dispatch(bid, torch.zeros(1, 32), torch.zeros(1, 2, dtype=torch.int64), torch.ones(1, 2),
+                         use_custom_ops=True)
+        assert ops.live_handles(bid) >= 1
+    finally:
+        buf.destroy()
+    del buf
+    import gc
+
+    gc.collect()
+    assert ops.live_handles(bid) == 0

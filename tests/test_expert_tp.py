@@ -59,3 +59,7 @@ def test_tp1_equals_plain(pools, world: int) -> None:
 @pytest.mark.parametrize("world", [2, 4])
 def test_bad_configs(pools, world: int) -> None:
     pools(world).run(expert_tp_bodies.bad_configs)
+
+
+def test_tp_top1_with_an_empty_rank(pools) -> None:
+    pools(2).run(expert_tp_bodies.tp_top1_empty_rank)

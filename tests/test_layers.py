@@ -215,3 +215,7 @@ def test_grouped_experts_w13_views_and_old_state_dict() -> None:
     assert [n for n, _ in ex.named_parameters()] == ["w13", "w2"]
     with pytest.raises(largeep.ArgumentError, match="not a leaf"):
         layers.allreduce_replica_grads([ex.w1, ex.w3, ex.w2], torch.arange(3))
+
+
+def test_ops_zero_rows_backward(pools) -> None:
+    pools(1).run(layer_bodies.ops_zero_rows_backward)

@@ -335,3 +335,18 @@ def test_ops_dispatch_refuses_what_it_cannot_differentiate() -> None:
         ops.dispatch(0, x, idx, None)  # type: ignore[arg-type]
     with pytest.raises(ArgumentError, match="'topk_weights'"):
         ops.dispatch(0, x, idx, None, use_custom_ops=True)  # type: ignore[arg-type]
+
+
+def test_grouped_mm_refuses_caller_mistakes_without_turning_native_off() -> None:
+    from largeep import ArgumentError
+
+    a, b = torch.randn(4, 8), torch.randn(2, 8, 4)
+    good = torch.tensor([2, 4], dtype=torch.int32)
+    with pytest.raises(ArgumentError, match="int32"):
+        ops.grouped_mm(a, b, good.long())
+    with pytest.raises(ArgumentError, match="dtype"):
+        ops.grouped_mm(a, b.double(), good)
+    assert (("cpu", torch.float32)) not in ops._native_failed
+    ops.reset_grouped_mm_stats()
+    ops.grouped_mm(a, b, good)
+    assert set(ops.grouped_mm_stats()) == {"native"}, ops.grouped_mm_stats()

@@ -12,8 +12,9 @@ Data flow of :class:`MoELayer` (x [T, H] on each rank of the Buffer's group):
    5. combine, plus optional shared experts computed on the whole batch.
 
 Normal mode (training, prefill) supports autograd and ``torch.compile`` (see :mod:`largeep.ops` for the custom ops
-and the two ways to get static or unbacked row counts). Low-latency mode (decoding) has no autograd; the Buffer's
-low-latency combine applies the weights there, as SPEC.md says.
+and the two ways to get static or unbacked row counts). Low-latency mode (decoding) has no autograd (it runs under
+``torch.no_grad``: its output needs no grad, so a backward through it fails instead of giving the gate alone a
+gradient); the Buffer's low-latency combine applies the weights there, as SPEC.md says.
 
 Overlap. ``num_chunks`` > 1 splits the batch: chunk i+1 is dispatched and chunk i-1 combined on the Buffer's stream
 (``async_finish`` events; every dispatch waits only for the gate through ``previous_event``, and its host waits do
@@ -440,6 +441,7 @@ class MoELayer(nn.Module):
         return self.buffer.ctx.num_sms
 
     # -- low-latency mode, in three steps ---------------------------------------------------------------------
+    @torch.no_grad()  # low-latency mode has no autograd: no partial gradients (the gate's alone) either
     def _ll_send(self, x: Tensor, hooks: bool) -> dict[str, Any]:
         idx, w = self.route(x)
         d = ops.low_latency_dispatch(
@@ -449,6 +451,7 @@ class MoELayer(nn.Module):
         shared = self.shared_experts(x) if self.shared_experts is not None else None
         return {"x": x, "idx": idx, "w": w, "d": d, "shared": shared, "hooks": hooks}
 
+    @torch.no_grad()  # low-latency mode has no autograd: no partial gradients (the gate's alone) either
     def _ll_experts(self, st: dict[str, Any]) -> None:
         d: ops.LowLatencyDispatchOutput = st["d"]
         if st["hooks"]:
@@ -459,6 +462,7 @@ class MoELayer(nn.Module):
             self.buffer_id, y.to(torch.bfloat16), st["idx"], st["w"], d.handle, return_recv_hook=st["hooks"]
         )
 
+    @torch.no_grad()  # low-latency mode has no autograd: no partial gradients (the gate's alone) either
     def _ll_finish(self, st: dict[str, Any]) -> Tensor:
         if st["hooks"]:
             st["hook"]()

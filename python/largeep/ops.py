@@ -147,8 +147,15 @@ def register_buffer(buffer: Buffer, *, max_live_handles: int = DEFAULT_MAX_LIVE_
             _REG.ids[buffer] = bid
             _REG.buffers[bid] = buffer
             _REG.entries[bid] = OrderedDict()
+            weakref.finalize(buffer, _forget_buffer, bid)  # its handles (and their tensors) go with it
         _REG.limits[bid] = max_live_handles
     return bid
+
+
+def _forget_buffer(bid: int) -> None:
+    with _REG.lock:
+        _REG.entries.pop(bid, None)
+        _REG.limits.pop(bid, None)
 
 
 def buffer_of(buffer_id: int) -> Buffer:
@@ -271,6 +278,8 @@ def _fallback_reason(a: Tensor, b: Tensor) -> str | None:
         return failed
     if dev == "cuda" and _cuda_major(a.device) not in _NATIVE_CUDA_MAJORS:
         return f"compute capability {torch.cuda.get_device_capability(a.device)} (the kernel needs sm90 or sm100)"
+    if a.dtype != b.dtype:
+        return f"a is {a.dtype}, b is {b.dtype}"
     if b.shape[-1] * a.element_size() % 16 or not _strides_ok(a) or not _strides_ok(b):
         return f"strides not multiples of 16 bytes (a {tuple(a.stride())}, b {tuple(b.stride())})"
     return None
@@ -616,9 +625,8 @@ def _wrs_backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None, Tensor |
         if g_src is not None:
             g_src.index_add_(0, p, (g32[rows] * w[rows, j].float().unsqueeze(1)).to(src.dtype))
         if g_w is not None:
-            # bmm accumulates the dot products in float32 from the operands' dtype
-            dots = torch.bmm(src[p].unsqueeze(1), grad[rows].to(src.dtype).unsqueeze(2)).view(-1)
-            g_w[rows, j] = dots.float()
+            # in float32 throughout (a bf16 bmm returns its dot products rounded to bf16)
+            g_w[rows, j] = torch.linalg.vecdot(src[p].float(), g32[rows])
     return (
         g_src,
         None,
@@ -670,6 +678,13 @@ def grouped_mm(a: Tensor, b: Tensor, offs: Tensor, used: int | None = None) -> T
         fallback does (for the largest group), inside the op, so a compiled graph does not break.
         :func:`grouped_mm_stats` counts which one ran.
     """
+    # caller mistakes are refused here, not left to the native kernel (whose failures turn it off for the process)
+    if a.dim() != 2 or b.dim() != 3 or offs.dim() != 1:
+        raise ArgumentError(f"grouped_mm: expected a [P, K], b [G, K, N], offs [G]; got {a.dim()}-d, {b.dim()}-d, "
+                            f"{offs.dim()}-d")
+    if a.dtype != b.dtype or offs.dtype != torch.int32:
+        raise ArgumentError(f"grouped_mm: a and b must share a dtype and offs be int32; got {a.dtype}, {b.dtype}, "
+                            f"{offs.dtype}")
     op = _grouped_mm_impl if _direct(a, b, offs) else _grouped_mm_op
     return op(a, b, offs, -1 if used is None else used)  # type: ignore[no-any-return]
 
@@ -819,10 +834,17 @@ def _recv_setup(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor,
     ctx.save_for_backward(ticket, output[1])
 
 
+def _dense(t: Tensor) -> Tensor:
+    """``t`` contiguous with ordinary strides: an empty gradient may carry strides of 0 (an expanded sum, a where
+    over [0, 1]), which ``.contiguous()`` keeps and byte views refuse."""
+    return t.new_zeros(t.shape) if t.numel() == 0 else t.contiguous()
+
+
 def _recv_backward(ctx: Any, gx: Tensor | None, _gidx: Any, gw: Tensor | None) -> tuple[Any, ...]:
     ticket, recv_idx = ctx.saved_tensors
     if gx is None:
         gx = torch.zeros(recv_idx.shape[0], ctx.hidden, dtype=ctx.x_dtype, device=recv_idx.device)
+    # (traced under torch.compile: no branch on sizes here; the backends take empty tensors of any strides)
     w = torch.where(recv_idx >= 0, gw, 0.0).contiguous() if gw is not None else None
     x, wsum = _combine_op(ctx.buffer_id, gx.contiguous(), ticket, ctx.num_tokens, w, -1)
     return None, None, x, (wsum if w is not None else None), None, None
@@ -1029,8 +1051,8 @@ class _DispatchFn(torch.autograd.Function):
             gx = torch.zeros(
                 h.handle.num_recv_tokens, h.buffer.ctx.hidden, dtype=ctx.x_dtype, device=h.recv_topk_idx.device
             )
-        w = torch.where(h.recv_topk_idx >= 0, gw, 0.0).contiguous() if gw is not None else None
-        res = h.buffer.combine(gx.contiguous(), h.handle, topk_weights=w)
+        w = _dense(torch.where(h.recv_topk_idx >= 0, gw, 0.0)) if gw is not None else None
+        res = h.buffer.combine(_dense(gx), h.handle, topk_weights=w)
         return res.x, None, res.topk_weights, None, None, None, None, None
 
 

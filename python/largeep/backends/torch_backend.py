@@ -167,9 +167,11 @@ class TorchBackend:
         self, out: torch.Tensor, send: torch.Tensor, send_splits: list[int], recv_splits: list[int]
     ) -> None:
         """Rows of ``send`` [P, ...] to ``out`` [R, ...] (same dtype), as bytes so that every dtype travels."""
+        # (an empty tensor may have any strides, a last one of 0 included, which a byte view refuses)
         dist.all_to_all_single(
-            out.view(torch.uint8).view(out.shape[0], -1) if out.numel() else out.view(torch.uint8),
-            send.contiguous().view(torch.uint8).view(send.shape[0], -1) if send.numel() else send.view(torch.uint8),
+            out.view(torch.uint8).view(out.shape[0], -1) if out.numel() else out.new_empty(0, dtype=torch.uint8),
+            send.contiguous().view(torch.uint8).view(send.shape[0], -1) if send.numel()
+            else send.new_empty(0, dtype=torch.uint8),
             output_split_sizes=recv_splits, input_split_sizes=send_splits, group=self.ctx.group,
         )
 

@@ -416,7 +416,8 @@ class MoELayer(nn.Module):
     def experts_chunk(self, d: ops.DispatchOutput, carveout: int = 0) -> Tensor:
         """The local experts (through the TP group with expert TP) on the rows of a :meth:`send_chunk`, on the
         caller's stream after the dispatch's event, under ``ops.sm_carveout(carveout)`` -> weighted rows [R, H]
-        for :meth:`combine_chunk`. No host wait."""
+        for :meth:`combine_chunk`. No host wait, except with expert TP and variable sizes (``num_worst_tokens`` 0:
+        the TP group exchanges its row counts on the host)."""
         ops.wait(d.event)
         num_pairs = sum(d.num_tokens_per_expert) if d.num_tokens_per_expert is not None else None
         with ops.sm_carveout(carveout):
@@ -475,6 +476,11 @@ class MoELayer(nn.Module):
         returned (``StopIteration.value``) is the output [T, H]. Eager only."""
         if not self.low_latency:
             raise ArgumentError("MoELayer.low_latency_steps: needs a Buffer created with low_latency=True")
+        if self.use_custom_ops:
+            raise ArgumentError(
+                "MoELayer.low_latency_steps (and TwoBatchOverlap): receive hooks are eager-only; build the layer "
+                "with use_custom_ops=False for the interleaved steps"
+            )
         st = self._ll_send(x, hooks=True)
         yield
         self._ll_experts(st)

@@ -279,18 +279,19 @@ def _measure(rank: int, world: int, args: argparse.Namespace, dev: torch.device)
     def stack_pipeline() -> None:
         finish(pipe(xin), grad_out)
 
-    def experts_carveout() -> None:
+    def carved_experts() -> torch.Tensor:
         with ops.sm_carveout(layer.overlap_carveout(xin)):
-            y = layer.experts.forward_rows(rows_in, rows_idx, rows_w, pairs0)
-        finish(y, grad_rows)
+            return layer.experts.forward_rows(rows_in, rows_idx, rows_w, pairs0)  # type: ignore[no-any-return]
+
+    def experts_carveout() -> None:
+        finish(carved_experts(), grad_rows)
 
     def comm_beside_experts() -> None:
         # no data dependency between the two: the experts on the rows of an earlier dispatch (caller's stream,
         # under the overlapped variants' carveout) and a whole dispatch + combine (Buffer's stream, waiting only
         # for what was queued before the experts)
         ready = ops.capture_event(dev)
-        with ops.sm_carveout(layer.overlap_carveout(xin)):
-            y = layer.experts.forward_rows(rows_in, rows_idx, rows_w, pairs0)
+        y = carved_experts()
         d = ops.dispatch(bid, xin, idx, w, previous_event=ready, async_finish=True)
         c = ops.combine(bid, d.x, d.handle, previous_event=d.event, async_finish=True)
         ops.wait(c.event)

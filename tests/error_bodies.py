@@ -658,11 +658,23 @@ def hosts_in_any_order(rank: int, world: int) -> list[str]:
     return seen
 
 
-def auto_backend_agrees(rank: int, world: int) -> list[int]:
+def auto_backend_agrees(rank: int, world: int) -> str:
     """backend="auto" learns which ranks cannot load the native module (rank 1 here), so every rank picks the same
-    backend. Returns what the Buffer recorded."""
-    from largeep import native
+    backend. Returns why this rank's Buffer took 'torch' (the logged reason)."""
+    import logging
 
+    from largeep import native
+    from largeep._env import logger
+
+    reasons: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            reasons.append(record.getMessage())
+
+    keep, level = Keep(), logger.level
+    logger.addHandler(keep)
+    logger.setLevel(logging.INFO)
     real = native.unavailable_reason
     native.unavailable_reason = lambda: None if rank != 1 else "not built here"  # type: ignore[assignment]
     try:
@@ -670,8 +682,10 @@ def auto_backend_agrees(rank: int, world: int) -> list[int]:
                              backend="auto")
         try:
             assert buf.backend_name == "torch", buf.backend_name
-            return list(buf._ranks_without_native)
         finally:
             buf.destroy()
     finally:
         native.unavailable_reason = real  # type: ignore[assignment]
+        logger.removeHandler(keep)
+        logger.setLevel(level)
+    return next(r for r in reasons if "backend 'auto' uses 'torch'" in r)

@@ -43,6 +43,11 @@ class Settings:
     fault_backtrace: bool
     high_priority: bool
 
+    @property
+    def stream_priority(self) -> int:
+        """The priority of largeep's streams (LARGEEP_STREAM_PRIORITY)."""
+        return HIGHEST_PRIORITY if self.high_priority else 0
+
 
 def _float(name: str, default: float) -> float:
     raw = os.environ.get(_PREFIX + name)
@@ -90,7 +95,6 @@ def _choice(name: str, values: tuple[str, ...]) -> str:
 
 # torch maps a priority below its range to the highest it has (a lower number is a higher priority)
 HIGHEST_PRIORITY = -(1 << 20)
-
 
 
 _TUNE_DEFAULTS = {"threads": 1024, "load": 0, "unroll": 8, "ll_send": -1, "ll_spread": 1, "ll_fuse": 0, "comb": 3}

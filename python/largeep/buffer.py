@@ -281,7 +281,7 @@ class Buffer:
             native_ok = native.unavailable_reason() is None
         every: list[Any] = [None] * n
         dist.all_gather_object(every, (socket.gethostname(), local_error, given, native_ok), group=group)
-        self._ranks_without_native = [r for r, e in enumerate(every) if not e[3]]
+        without_native = [r for r, e in enumerate(every) if not e[3]]
         if local_error is not None:
             raise ArgumentError(local_error)
         refused = {r: e[1] for r, e in enumerate(every) if e[1] is not None}
@@ -323,7 +323,7 @@ class Buffer:
             num_experts=num_experts, num_topk=num_topk, max_tokens_per_rank=max_tokens_per_rank,
             num_sms=num_sms or 24, low_latency=low_latency,
         )
-        self.backend_name = self._choose_backend(backend)
+        self.backend_name = self._choose_backend(backend, without_native)
         self._impl: Any
         if self.backend_name == "nvshmem":
             from largeep.backends.nvshmem_backend import NvshmemBackend
@@ -340,8 +340,7 @@ class Buffer:
         # high priority (LARGEEP_STREAM_PRIORITY): a dispatch queued behind expert GEMMs on another stream gets SMs
         # as they free up instead of after all the GEMMs' waiting blocks
         self._stream = (
-            torch.cuda.Stream(device, priority=_env.HIGHEST_PRIORITY if self._settings.high_priority else 0)
-            if device.type == "cuda" else None
+            torch.cuda.Stream(device, priority=self._settings.stream_priority) if device.type == "cuda" else None
         )
         self._finished: _FinishedCalls | None = None
         if self._stream is not None and self.backend_name == "nvshmem" and _int_level_streams(device):
@@ -367,14 +366,16 @@ class Buffer:
         """The Buffer's communication stream (None on CPU)."""
         return self._stream
 
-    def _choose_backend(self, backend: str) -> str:
+    def _choose_backend(self, backend: str, without_native: list[int]) -> str:
+        """``without_native``: the ranks that cannot load the native module ("auto" then takes torch on every
+        rank)."""
         from largeep import native
 
         if backend == "torch":
             return "torch"
         reason = native.unavailable_reason()
-        if reason is None and backend == "auto" and self._ranks_without_native:
-            reason = f"rank(s) {self._ranks_without_native} cannot load the native module (every rank takes 'torch')"
+        if reason is None and backend == "auto" and without_native:
+            reason = f"rank(s) {without_native} cannot load the native module (every rank takes 'torch')"
         if reason is None and self.ctx.device.type != "cuda":
             reason = "the process group is not an NCCL group on CUDA devices"
         if reason is None:

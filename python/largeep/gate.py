@@ -291,8 +291,7 @@ class TopKGate(nn.Module):
         self.config = config
         if group_of_expert is None:
             group_of_expert = contiguous_groups(config.num_experts, config.num_groups)
-        self.topk_groups = config.topk_groups if config.topk_groups is not None else int(group_of_expert.max()) + 1
-        check_groups(group_of_expert, config.num_experts, config.topk, self.topk_groups)
+        self.topk_groups = self._check_groups(group_of_expert)
         self.weight = nn.Parameter(torch.empty(config.num_experts, config.hidden))
         nn.init.normal_(self.weight, std=config.hidden**-0.5)
         self.register_buffer("expert_bias", torch.zeros(config.num_experts))
@@ -316,20 +315,23 @@ class TopKGate(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self._refresh_groups()
 
+    def _check_groups(self, group_of_expert: torch.Tensor) -> int:
+        """Refuses groups that cannot hold top-k; returns the groups kept per token (config's, default all)."""
+        cfg = self.config
+        topk_groups = cfg.topk_groups if cfg.topk_groups is not None else int(group_of_expert.max()) + 1
+        check_groups(group_of_expert, cfg.num_experts, cfg.topk, topk_groups)
+        return topk_groups
+
     def _refresh_groups(self) -> None:
         """Rebuilds the group table from ``group_of_expert`` (after a state dict or an in-place change of it)."""
         g = self.group_of_expert
-        self.topk_groups = (
-            self.config.topk_groups if self.config.topk_groups is not None else int(g.max()) + 1
-        )
-        check_groups(g, self.config.num_experts, self.config.topk, self.topk_groups)
+        self.topk_groups = self._check_groups(g)
         table, sizes = group_tables(g)
         self.group_table, self.group_sizes = table.to(g.device), sizes.to(g.device)
 
     def set_groups(self, group_of_expert: torch.Tensor) -> None:
         """Replaces the group of each expert (e.g. a new ``Placement.home_node()`` after re-planning)."""
-        check_groups(group_of_expert, self.config.num_experts, self.config.topk,
-                     self.config.topk_groups if self.config.topk_groups is not None else int(group_of_expert.max()) + 1)
+        self._check_groups(group_of_expert)  # before anything changes
         with torch.no_grad():
             self.group_of_expert.copy_(group_of_expert.to(self.group_of_expert.device))
         self._refresh_groups()

@@ -70,7 +70,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from largeep import _env
 from largeep._env import logger
 from largeep.backends.base import current_raw_stream
 from largeep.buffer import Buffer, DispatchHandle, EventOverlap, LowLatencyHandle
@@ -834,17 +833,11 @@ def _recv_setup(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor,
     ctx.save_for_backward(ticket, output[1])
 
 
-def _dense(t: Tensor) -> Tensor:
-    """``t`` contiguous with ordinary strides: an empty gradient may carry strides of 0 (an expanded sum, a where
-    over [0, 1]), which ``.contiguous()`` keeps and byte views refuse."""
-    return t.new_zeros(t.shape) if t.numel() == 0 else t.contiguous()
-
-
 def _recv_backward(ctx: Any, gx: Tensor | None, _gidx: Any, gw: Tensor | None) -> tuple[Any, ...]:
     ticket, recv_idx = ctx.saved_tensors
     if gx is None:
         gx = torch.zeros(recv_idx.shape[0], ctx.hidden, dtype=ctx.x_dtype, device=recv_idx.device)
-    # (traced under torch.compile: no branch on sizes here; the backends take empty tensors of any strides)
+    # (the backends take empty tensors of any strides, as an empty gradient may have)
     w = torch.where(recv_idx >= 0, gw, 0.0).contiguous() if gw is not None else None
     x, wsum = _combine_op(ctx.buffer_id, gx.contiguous(), ticket, ctx.num_tokens, w, -1)
     return None, None, x, (wsum if w is not None else None), None, None
@@ -982,7 +975,7 @@ class CombineOutput(NamedTuple):
     event: EventOverlap | None
 
 
-_issue_streams: dict[tuple[torch.device, bool], torch.cuda.Stream] = {}
+_issue_streams: dict[tuple[torch.device, int], torch.cuda.Stream] = {}
 
 
 def _buffer_dispatch(
@@ -1004,12 +997,10 @@ def _buffer_dispatch(
             async_finish=async_finish,
         )
     caller = torch.cuda.current_stream(x.device)
-    key = (x.device, buffer._settings.high_priority)  # the Buffer's own stream priority (LARGEEP_STREAM_PRIORITY)
+    key = (x.device, buffer._settings.stream_priority)  # the Buffer's own stream priority
     side = _issue_streams.get(key)
     if side is None:
-        side = _issue_streams[key] = torch.cuda.Stream(
-            x.device, priority=_env.HIGHEST_PRIORITY if key[1] else 0
-        )
+        side = _issue_streams[key] = torch.cuda.Stream(x.device, priority=key[1])
     side.wait_event(ev)
     with torch.cuda.stream(side):
         res = buffer.dispatch(
@@ -1051,8 +1042,8 @@ class _DispatchFn(torch.autograd.Function):
             gx = torch.zeros(
                 h.handle.num_recv_tokens, h.buffer.ctx.hidden, dtype=ctx.x_dtype, device=h.recv_topk_idx.device
             )
-        w = _dense(torch.where(h.recv_topk_idx >= 0, gw, 0.0)) if gw is not None else None
-        res = h.buffer.combine(_dense(gx), h.handle, topk_weights=w)
+        w = torch.where(h.recv_topk_idx >= 0, gw, 0.0).contiguous() if gw is not None else None
+        res = h.buffer.combine(gx.contiguous(), h.handle, topk_weights=w)
         return res.x, None, res.topk_weights, None, None, None, None, None
 
 

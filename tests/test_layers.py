@@ -174,6 +174,20 @@ def test_pipeline_vs_sequential(pools, world: int) -> None:
     )
 
 
+@pytest.mark.gpu(2)
+@pytest.mark.parametrize("backend", ["nvshmem", "torch"])
+def test_pipeline_gpu(pools, backend: str) -> None:
+    # on CUDA: the pipeline's side stream beside the Buffers' streams and the experts (float32 layers, shared
+    # experts, 3 layers, 2 Buffers, uneven tokens) against the sequential layers and the dense reference
+    from largeep import native
+
+    if backend == "nvshmem" and native.unavailable_reason() is not None:
+        pytest.skip(str(native.unavailable_reason()))
+    pools(2, "nccl").run(
+        layer_bodies.pipeline_vs_sequential, [300, 77], 256, 64, 32, 16, 3, 71, [1, 2, 3, 4], {}, False, backend
+    )
+
+
 def test_pipeline_options(pools) -> None:
     # worst-size dispatch on the custom-op path, no shared experts, a between after the last layer too
     kw = {"use_custom_ops": True, "num_worst_tokens": 2 * 13 * 2 + 40}

@@ -488,6 +488,10 @@ class MoELayer(nn.Module):
         return self._ll_finish(st)
 
 
+# MoEPipeline's side stream, per (device, priority)
+_pipeline_streams: dict[tuple[torch.device, int], torch.cuda.Stream] = {}
+
+
 class MoEPipeline(nn.Module):
     """A stack of normal-mode :class:`MoELayer` whose chunks flow from one layer into the next without waiting for
     the rest of the batch.
@@ -514,12 +518,16 @@ class MoEPipeline(nn.Module):
     before it (wait for its combine, add its shared experts, ``between``, the next layer's gate on that chunk),
     then the dispatch of the next one (waiting only for its own gate's event), then this one's combine, on the
     Buffer's stream. So chunk i's dispatch into layer l+1 is issued while chunk i+1 is still in layer l's experts,
-    and combines and dispatches of neighbouring chunks run beside the experts. On CUDA the ``between`` and gate of
-    a chunk are queued on the caller's stream behind the experts already issued, so a dispatch overlaps expert
-    work only where another (layer, chunk) sits between it and its predecessor in that order (C >= 3 in the
-    middle of the wavefront); not yet measured on GPUs. C = 1 runs the layers one after another. On CPU, or under
-    ``torch.compile``, everything runs in program order and gives the layers' sequential result (up to float
-    rounding: chunked GEMMs); autograd goes through the differentiable ops as usual.
+    and combines and dispatches of neighbouring chunks run beside the experts. On CUDA (C > 1, not compiling) the
+    end of a (layer, chunk) -- the wait for its combine, the shared experts' sum, ``between``, the next layer's
+    gate and shared experts on it -- runs on a side stream of the pipeline's own (same priority as the first
+    layer's Buffer), which waits for that combine only: so the next dispatch's gate, and with it the dispatch's
+    count exchange that the host waits for, is not queued behind expert GEMMs issued earlier. (On the caller's
+    stream it was: every dispatch into a later layer then waited for the experts issued before it, and the stack
+    ran slower than the layers one after another.) The caller's stream waits for the side stream before the
+    output is returned. C = 1 runs the layers one after another. On CPU, or under ``torch.compile``, everything
+    runs in program order and gives the layers' sequential result (up to float rounding: chunked GEMMs);
+    autograd goes through the differentiable ops as usual (each op's backward on the stream of its forward).
     """
 
     def __init__(
@@ -581,7 +589,12 @@ class MoEPipeline(nn.Module):
         num_layers, n = len(self._stack), self.num_chunks
         self.aux_losses = [[] for _ in range(num_layers)]
         carveouts = [layer.overlap_carveout(x) if n > 1 else 0 for layer in self._stack]
-        # per (layer, chunk): x (input rows), idx / w / ready (its gate), d (dispatch), shared, c (combine)
+        side = self._side_stream(x, self._stack[0].buffer._settings.stream_priority) if n > 1 else None
+        caller = torch.cuda.current_stream(x.device) if side is not None else None
+        if side is not None and caller is not None:
+            side.wait_stream(caller)  # x (and whatever made it) before the side stream's first read
+        # per (layer, chunk): x (input rows), idx / w / ready (its gate), d (dispatch), shared (+ shared_ready: its
+        # event on the caller's stream, layer 0 with a side stream), c (combine)
         st: dict[tuple[int, int], dict[str, Any]] = {}
         first = self._route(0, x)  # the first layer's gate on the whole batch, as MoELayer does
         checked = first["idx"] if self._stack[0].check_ids(first["idx"]) else None  # (later layers: per chunk)
@@ -593,19 +606,31 @@ class MoEPipeline(nn.Module):
         def send(u: tuple[int, int]) -> None:
             layer, s = self._stack[u[0]], st[u]
             s["d"] = layer.send_chunk(s["x"], s["idx"], s["w"], s["ready"], checked_ids=s.get("checked"))
-            s["shared"] = layer.shared_experts(s["x"]) if layer.shared_experts is not None else None
+            if "shared" not in s:  # (with a side stream, a later layer's shared experts ran there in finish)
+                s["shared"] = layer.shared_experts(s["x"]) if layer.shared_experts is not None else None
+                if side is not None and s["shared"] is not None:
+                    s["shared_ready"] = ops.capture_event(x.device)
 
         def finish(u: tuple[int, int]) -> None:
             j, i = u
             s = st.pop(u)
-            ops.wait(s["c"].event)
-            y = s["c"].x + s["shared"] if s["shared"] is not None else s["c"].x
-            if j < len(self.between):
-                y = self.between[j](s["x"], y)
-            if j + 1 < num_layers:
-                st[(j + 1, i)] = {"x": y, **self._route(j + 1, y)}
-            else:
-                outs[i] = y
+            with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
+                ops.wait(s["c"].event)
+                ops.wait(s.get("shared_ready"))
+                if side is not None:  # the combine's output was made safe for the caller's stream; read here
+                    s["c"].x.record_stream(side)
+                    if s["shared"] is not None:
+                        s["shared"].record_stream(side)
+                y = s["c"].x + s["shared"] if s["shared"] is not None else s["c"].x
+                if j < len(self.between):
+                    y = self.between[j](s["x"], y)
+                if j + 1 < num_layers:
+                    nxt = self._stack[j + 1]
+                    st[(j + 1, i)] = {"x": y, **self._route(j + 1, y)}
+                    if side is not None:
+                        st[(j + 1, i)]["shared"] = nxt.shared_experts(y) if nxt.shared_experts is not None else None
+                else:
+                    outs[i] = y
 
         # the wavefront: step s holds (j, s - j), shallow layers first. With C > 1 a unit's successor (j + 1, i)
         # comes at least two units later, so its input is ready (finished) when it is sent
@@ -627,7 +652,25 @@ class MoEPipeline(nn.Module):
         finish(units[-1])
         done = [o for o in outs if o is not None]
         assert len(done) == n
+        if side is not None:
+            assert caller is not None
+            caller.wait_stream(side)
+            for o in done:
+                o.record_stream(caller)  # made on the side stream, read (and freed) on the caller's
         return done[0] if n == 1 else torch.cat(done)
+
+    @staticmethod
+    def _side_stream(x: Tensor, priority: int) -> torch.cuda.Stream | None:
+        """The stream the ends of (layer, chunk) run on (see the class docstring); None on CPU and while
+        compiling. While capturing a CUDA graph it is forked from the caller's stream at the start of forward and
+        joined at the end, so the graph gets the same dependencies as eager execution."""
+        if not x.is_cuda or torch.compiler.is_compiling():
+            return None
+        dev = x.device if x.device.index is not None else torch.device("cuda", torch.cuda.current_device())
+        stream = _pipeline_streams.get((dev, priority))
+        if stream is None:
+            stream = _pipeline_streams[(dev, priority)] = torch.cuda.Stream(dev, priority=priority)
+        return stream
 
 
 def run_interleaved(steps: Sequence[Generator[None, None, Tensor]]) -> list[Tensor]:

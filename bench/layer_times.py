@@ -22,16 +22,21 @@ Parts (same sizes, whole batch; "speedup" None):
 Stack (--stack-layers L copies of this layer with a residual add + RMSNorm between them, token-wise):
   stack_sequential  the layer called L times (num_chunks=1), each call's output the next one's input
   stack_pipeline    the same L layers as one MoEPipeline with --stack-chunks C (default 4): chunk i is dispatched
-               into layer l+1 while chunk i+1 is in layer l's experts; a dispatch overlaps expert work where
-               another (layer, chunk) sits between it and its predecessor in issue order (C >= 3, the middle of
-               the wavefront: see MoEPipeline)
-"speedup" = no_overlap median / variant median for the layer variants, stack_sequential median / stack_pipeline
-median for the stack (the summary's stack_speedup). The summary says whether communication and expert compute take
-similar time (the condition under which overlap can pay 1.3x or more; "similar" here: the shorter is at least 2/3
-of the longer), the best a perfect overlap could give, (gate + comm + experts) / (gate + max(comm, experts)), and
-the largest difference of each overlapped variant's output from no_overlap's (checked once before timing; the
-pipelined stack's from the sequential stack's, reported apart: the later layers gate per chunk, so near-ties in
-their routing may flip).
+               into layer l+1 while chunk i+1 is in layer l's experts, and the combines and dispatches of
+               neighbouring chunks run beside the experts (see MoEPipeline)
+  stack_sequential_graph / stack_pipeline_graph  the same two with num_worst_tokens set (fixed-size dispatches,
+               no host wait: tokens per call x ranks rows), captured once in a CUDA graph and replayed (GPU, forward
+               only). Eagerly, each (layer, chunk) costs the host ~1 ms of Python and launches on the 2-GPU
+               machine, more than a 1024-token chunk's GPU work, so the eager pipeline is host-bound; the graphs
+               take the host out and show what the schedule itself gives.
+"speedup" = no_overlap median / variant median for the layer variants; stack_sequential median / stack_pipeline
+median for the stack (the summary's stack_speedup) and stack_sequential_graph / stack_pipeline_graph for the
+graphs (stack_graph_speedup; stack_pipeline_graph_vs_eager_sequential: stack_sequential / stack_pipeline_graph).
+The summary says whether communication and expert compute take similar time (the condition under which overlap
+can pay 1.3x or more; "similar" here: the shorter is at least 2/3 of the longer), the best a perfect overlap
+could give, (gate + comm + experts) / (gate + max(comm, experts)), and the largest difference of each overlapped
+variant's output from no_overlap's (checked once before timing; the pipelined stack's, and the graphs', from the
+sequential stack's, reported apart: the later layers gate per chunk, so near-ties in their routing may flip).
 
 The overlapped variants run their expert GEMMs under an SM carveout (--carveout, default the Buffer's SMs) so that
 the communication kernels beside them get SMs. The summary and the log say which grouped GEMM ran ("native":
@@ -72,7 +77,8 @@ import torch.distributed as dist
 from _launch import run_ranks
 
 LAYER_VARIANTS = ("no_overlap", "chunked_2", "chunked_4", "two_batch")
-STACK_VARIANTS = ("stack_sequential", "stack_pipeline")
+STACK_VARIANTS = ("stack_sequential", "stack_pipeline", "stack_sequential_graph", "stack_pipeline_graph")
+GRAPH_VARIANTS = ("stack_sequential_graph", "stack_pipeline_graph")  # GPU, forward only
 STACK_DEFAULTS = (4, 4)  # --stack-layers, --stack-chunks
 PART_VARIANTS = ("gate_only", "comm_only", "experts_only", "experts_half", "experts_carveout", "comm_beside_experts")
 GPU_DEFAULTS = {"tokens": 4096, "hidden": 7168, "experts": 256, "topk": 8, "ffn": 2048, "warmup": 5, "iters": 20}
@@ -128,6 +134,27 @@ def _timeline(prof: Any) -> dict[str, float]:
     busy = sum(b - a for a, b in ua)
     return {"span": span, "comm": sum(b - a for a, b in uc), "compute": sum(b - a for a, b in uo), "both": both,
             "idle": span - busy}
+
+
+def _capture(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, layer: Any, worst: int) -> tuple[Any, Any]:
+    """``fn(x)`` captured in a CUDA graph with ``layer.num_worst_tokens = worst`` (no host wait in the dispatches;
+    restored to 0 after): one warm-up call on a side stream, as torch.cuda.graph wants, then the capture. Returns
+    the graph and its (static) output. Collective: every rank captures the same calls."""
+    layer.num_worst_tokens = worst
+    try:
+        with torch.no_grad():
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                fn(x)
+            torch.cuda.current_stream().wait_stream(side)
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                out = fn(x)
+    finally:
+        layer.num_worst_tokens = 0
+    return graph, out
 
 
 def two_batch_forward(layer: Any, x: torch.Tensor) -> torch.Tensor:
@@ -249,6 +276,26 @@ def _measure(rank: int, world: int, args: argparse.Namespace, dev: torch.device)
         print(f"  outputs vs no_overlap (max relative difference): {check}; stack_pipeline vs stack_sequential: "
               f"{stack_check}", flush=True)
 
+    # the stack captured in CUDA graphs (fixed-size dispatches), each checked once against the eager sequential stack
+    graphs: dict[str, Any] = {}
+    graph_check: dict[str, float] = {}
+    if not args.cpu and not bwd:
+        with torch.no_grad():
+            ref_seq = run_stack(x).float()
+        for name in GRAPH_VARIANTS:
+            if args.variants and name not in args.variants:
+                continue
+            chunks = 1 if name == "stack_sequential_graph" else args.stack_chunks
+            fn = run_stack if chunks == 1 else pipe
+            graphs[name], gout = _capture(fn, x, layer, -(-args.tokens // chunks) * world)
+            graphs[name].replay()
+            diff = ((gout.float() - ref_seq).abs().max() / ref_seq.abs().max().clamp(min=1e-30)).to(torch.float64)
+            dist.all_reduce(diff, op=dist.ReduceOp.MAX)
+            graph_check[name] = float(diff)
+        del ref_seq
+        if rank == 0 and graph_check:
+            print(f"  graphs vs the eager stack_sequential (max relative difference): {graph_check}", flush=True)
+
     def finish(out: torch.Tensor, grad: torch.Tensor | None) -> None:
         if bwd:
             out.backward(grad)
@@ -306,7 +353,7 @@ def _measure(rank: int, world: int, args: argparse.Namespace, dev: torch.device)
         ("two_batch", two_batch), ("gate_only", gate_only), ("comm_only", comm_only),
         ("experts_only", experts_only), ("experts_half", experts_half), ("experts_carveout", experts_carveout),
         ("comm_beside_experts", comm_beside_experts), ("stack_sequential", stack_sequential),
-        ("stack_pipeline", stack_pipeline),
+        ("stack_pipeline", stack_pipeline), *((name, g.replay) for name, g in graphs.items()),
     ]
     if bwd:  # comm_beside_experts runs the experts' backward only
         plan = [p for p in plan if p[0] != "comm_beside_experts"]
@@ -407,6 +454,7 @@ def _measure(rank: int, world: int, args: argparse.Namespace, dev: torch.device)
         "recv_pairs_per_rank": float(recv_rows[1]) if pairs0 is not None else None,
         "check": check,
         "stack_check": stack_check,
+        "graph_check": graph_check,
         "grouped_mm": gmm,
         "carveout": layer.overlap_carveout(x),
     }
@@ -422,6 +470,7 @@ def build_records(args: argparse.Namespace, world: int, res: dict[str, Any]) -> 
     stats = res["stats"]
     base = stats.get("no_overlap", (None,))[0]
     stack_base = stats.get("stack_sequential", (None,))[0]
+    graph_base = stats.get("stack_sequential_graph", (None,))[0]
     out = []
     for name in LAYER_VARIANTS + PART_VARIANTS + STACK_VARIANTS:
         if name not in stats:
@@ -434,6 +483,7 @@ def build_records(args: argparse.Namespace, world: int, res: dict[str, Any]) -> 
             "time_us_median": med, "time_us_p10": p10, "time_us_p90": p90, "logical_gbps": None,
             "variant": name,
             "speedup": (base / med if name in LAYER_VARIANTS and base and med > 0
+                        else graph_base / med if name in GRAPH_VARIANTS and graph_base and med > 0
                         else stack_base / med if name in STACK_VARIANTS and stack_base and med > 0 else None),
             "pass": "forward_backward" if args.backward else "forward",
         })
@@ -464,6 +514,10 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
         s["independent_parts_speedup"] = (comm + exp) / beside
     if t.get("stack_sequential") and t.get("stack_pipeline"):
         s["stack_speedup"] = t["stack_sequential"] / t["stack_pipeline"]
+    if t.get("stack_sequential_graph") and t.get("stack_pipeline_graph"):
+        s["stack_graph_speedup"] = t["stack_sequential_graph"] / t["stack_pipeline_graph"]
+    if t.get("stack_sequential") and t.get("stack_pipeline_graph"):
+        s["stack_pipeline_graph_vs_eager_sequential"] = t["stack_sequential"] / t["stack_pipeline_graph"]
     sp = {r["variant"]: r["speedup"] for r in records
           if r["speedup"] is not None and r["variant"] in LAYER_VARIANTS and r["variant"] != "no_overlap"}
     if sp:
@@ -541,6 +595,7 @@ def main(argv: list[str] | None = None) -> None:
     summary = summarize(recs)
     summary["max_rel_diff_vs_no_overlap"] = res["check"]
     summary["max_rel_diff_stack_pipeline_vs_sequential"] = res["stack_check"]
+    summary["max_rel_diff_graphs_vs_stack_sequential"] = res["graph_check"]
     # which grouped GEMM the experts ran: "native" (torch._grouped_mm) or "padded_bmm (why)", calls per iteration
     summary["grouped_mm"] = res["grouped_mm"]
     summary["grouped_mm_backends"] = sorted({b for calls in res["grouped_mm"].values() for b in calls})

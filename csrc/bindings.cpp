@@ -305,10 +305,12 @@ class NormalKernels {
         return out;
     }
 
+    // check_host: 0, or the device address of 3 host-mapped int64 words for the expert-id check (see the kernel)
     void prepare(uintptr_t idx, int num_tokens, uintptr_t send_pos, uintptr_t node_pos, uintptr_t self_token,
-                 uintptr_t stream) {
+                 uintptr_t check_host, int64_t check_token, uintptr_t stream) {
         launch_dispatch_prepare(c_, ptr<const int64_t>(idx), num_tokens, ptr<int>(send_pos), ptr<int>(node_pos),
-                                ptr<int>(self_token), stream_of(stream));
+                                ptr<int>(self_token), IdCheck{ptr<int64_t>(check_host), check_token},
+                                stream_of(stream));
     }
     void notify(uintptr_t recv_off, uintptr_t send_off, uintptr_t send_slot, uintptr_t fwd_off, uintptr_t fwd_count,
                 int my_slot, bool report, uintptr_t per_expert, int alignment, uintptr_t stream) {

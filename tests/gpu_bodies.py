@@ -116,6 +116,79 @@ def low_latency_graph(rank: int, world: int, reps: int, tokens: int, hidden: int
         buf.destroy()
 
 
+def normal_worst_graph(rank: int, world: int, reps: int, tokens: int, hidden: int, experts: int, topk: int) -> None:
+    """A normal-mode dispatch with ``num_worst_tokens`` (no host wait) and its combine, captured in one CUDA graph
+    and replayed on fresh routing: every replay gives the eager call's outputs on the same inputs (the rows that
+    name an expert, ids, weights, and the combine bit for bit), and the combine is each token times the number of
+    ranks it went to (an expert that returns its input)."""
+    buf = largeep.Buffer(None, hidden=hidden, num_experts=experts, num_topk=topk, max_tokens_per_rank=tokens,
+                         backend="nvshmem")
+    try:
+        worst = tokens * world
+        x = torch.empty(tokens, hidden, device="cuda", dtype=torch.bfloat16)
+        idx = torch.empty(tokens, topk, device="cuda", dtype=torch.int64)
+        w = torch.empty(tokens, topk, device="cuda", dtype=torch.float32)
+        epr = experts // world
+
+        def fill(rep: int) -> None:
+            g = torch.Generator(device="cuda").manual_seed(rep * 1013 + rank)
+            x.copy_(torch.randn(tokens, hidden, device="cuda", generator=g))
+            scores = torch.rand(tokens, experts, device="cuda", generator=g)
+            chosen = scores.topk(topk, dim=1).indices
+            drop = torch.rand(tokens, topk, device="cuda", generator=g) < 0.2
+            idx.copy_(torch.where(drop, -1, chosen))
+            w.copy_(torch.rand(tokens, topk, device="cuda", generator=g))
+
+        def step() -> tuple[torch.Tensor, ...]:
+            d = buf.dispatch(x, idx, w, num_worst_tokens=worst)
+            c = buf.combine(d.x, d.handle, topk_weights=d.topk_weights)
+            assert d.topk_idx is not None and d.topk_weights is not None and c.topk_weights is not None
+            return d.x, d.topk_idx, d.topk_weights, c.x, c.topk_weights
+
+        fill(0)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up off the default stream, as torch.cuda.graph wants
+            step()
+        torch.cuda.current_stream().wait_stream(side)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            outs = step()
+        for rep in range(1, reps + 1):
+            fill(rep)
+            dist.barrier()
+            graph.replay()
+            torch.cuda.synchronize()
+            got = [t.clone() for t in outs]
+            dist.barrier()
+            want = step()
+            torch.cuda.synchronize()
+            every = [torch.empty_like(idx) for _ in range(world)]
+            dist.all_gather(every, idx)
+            n_rows = sum(int(((e >= rank * epr) & (e < (rank + 1) * epr)).any(1).sum()) for e in every)
+            assert n_rows <= worst and got[0].shape[0] == worst
+            assert (got[1][n_rows:] == -1).all(), f"replay {rep}: rows past the {n_rows} received name an expert"
+            assert torch.equal(got[1], want[1]), f"replay {rep}: received ids differ from the eager call's"
+            assert torch.equal(got[0][:n_rows], want[0][:n_rows]), f"replay {rep}: received rows differ"
+            assert torch.equal(got[2][:n_rows], want[2][:n_rows]), f"replay {rep}: received weights differ"
+            assert torch.equal(got[3], want[3]) and torch.equal(got[4], want[4]), f"replay {rep}: combine differs"
+            # independent reference: each token comes back once from every rank it went to
+            valid = idx >= 0
+            ranks = torch.stack([(valid & (idx // epr == r)).any(1) for r in range(world)], dim=1)
+            ref = x.float() * ranks.sum(1, keepdim=True)
+            err = (got[3].float() - ref).abs().max().item()
+            assert err <= 2.0**-7 * (ref.abs().max().item() + 1), f"replay {rep}: combine error {err}"
+            ref_w = torch.zeros(tokens, topk, device="cuda")
+            for r in range(world):  # the weights come back summed over the ranks holding each token
+                ref_w += torch.where(ranks[:, r:r + 1], torch.where(valid & (idx // epr == r), w, 0.0), 0.0)
+            assert (got[4] - ref_w).abs().max() <= 1e-6, (
+                f"replay {rep}: combined weights off by {(got[4] - ref_w).abs().max().item()}"
+            )
+    finally:
+        buf.destroy()
+
+
 def low_latency_two_in_flight(rank: int, world: int, tokens: int, hidden: int, experts: int, topk: int) -> None:
     """Two dispatches with receive hooks in flight, completed in order; then two combines likewise."""
     buf = largeep.Buffer(None, hidden=hidden, num_experts=experts, num_topk=topk, max_tokens_per_rank=tokens,
@@ -419,7 +492,10 @@ def config_mismatch_refused(rank: int, world: int) -> None:
 def layout_id_check(rank: int, world: int) -> None:
     """The nvshmem layout checks the expert ids in its kernel (largeep's own range check, no separate min/max):
     a bad id in a late block of tokens raises ArgumentError naming it (the lowest below -1 first, else the highest),
-    the caller's tensor is unchanged and the Buffer works after; good layouts equal counts made with torch ops."""
+    the caller's tensor is unchanged and the Buffer works after; good layouts equal counts made with torch ops.
+    The dispatch checks them in its prepare kernel the same way (every rank passing bad ids: each raises before
+    its count exchange, no zero-copy slot stays taken, the next dispatch works), once per fresh dispatch, and not
+    again after a layout of the same unchanged tensor."""
     from largeep.errors import ArgumentError
 
     t, e, k = 1000, 8 * world, 3
@@ -440,6 +516,28 @@ def layout_id_check(rank: int, world: int) -> None:
             else:
                 raise AssertionError(f"no error for expert id {want}")
             assert torch.equal(wrong, before), "the caller's topk_idx changed"
+            x = torch.randn(t, 256, device="cuda").to(torch.bfloat16)
+            w = torch.rand(t, k, device="cuda")
+            try:
+                buf.dispatch(x, wrong, w)
+            except ArgumentError as exc:
+                assert f"expert id {want}" in str(exc) and "dispatch" in str(exc), str(exc)
+            else:
+                raise AssertionError(f"no dispatch error for expert id {want}")
+            assert torch.equal(wrong, before), "the caller's topk_idx changed"
+            assert buf._impl.kernels.zc_busy() == 0, "a refused dispatch left a zero-copy slot taken"
+        impl = buf._impl
+        x = torch.randn(t, 256, device="cuda").to(torch.bfloat16)
+        w = torch.rand(t, k, device="cuda")
+        checks_before = impl._layout_token
+        d = buf.dispatch(x, idx, w)  # checked in its prepare kernel: one check
+        assert impl._layout_token == checks_before + 1, "a fresh dispatch did not check its ids natively"
+        buf.get_dispatch_layout(idx)
+        buf.dispatch(x, idx, w)  # the layout checked this tensor: no second check
+        assert impl._layout_token == checks_before + 2, "the dispatch checked ids its layout had checked"
+        buf.dispatch(x, handle=d.handle)  # a cached dispatch checks nothing
+        assert impl._layout_token == checks_before + 2
+        del d
         lay = buf.get_dispatch_layout(idx)
         valid = idx >= 0
         hit = torch.zeros(t, e, dtype=torch.bool, device="cuda")

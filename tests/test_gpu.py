@@ -145,6 +145,16 @@ def test_low_latency_graph_and_double_buffer(pools, world: int) -> None:
 
 @pytest.mark.gpu(2)
 @needs_native
+@pytest.mark.parametrize("world", [2, 4])
+def test_normal_worst_graph(pools, world: int) -> None:
+    """Normal mode with num_worst_tokens (no host wait): dispatch + combine captured in a CUDA graph, replayed."""
+    if world > __import__("conftest").gpu_count():
+        pytest.skip("not enough GPUs")
+    pools(world, "nccl").run(gpu_bodies.normal_worst_graph, 20, 96, 2048, 32, 8)
+
+
+@pytest.mark.gpu(2)
+@needs_native
 @pytest.mark.parametrize("fuse", [1, 0])
 @pytest.mark.parametrize("world", [2, 4])
 def test_low_latency_fused(pools, world: int, fuse: int) -> None:

@@ -127,12 +127,18 @@ struct LayoutCheck {
 void launch_layout(const int64_t* topk_idx, int num_tokens, int num_topk, int num_ranks, int num_experts,
                    int ranks_per_node, int* per_rank, int* per_node, int* per_expert, bool* in_rank,
                    ErrorWord err, LayoutCheck check, cudaStream_t stream);
+// The dispatch's id check (in its prepare kernel, one block: no scratch): host as LayoutCheck's; nullptr: none.
+struct IdCheck {
+    int64_t* host;
+    int64_t token;
+};
 
 // ---- intranode.cu (normal mode: every group; NVLink inside a node) -----------------------------------------
 // Prepare: send_pos int32 [T, N] (position of token t among the rows for rank r, -1 if none) and count rows; with
 // several nodes also node_pos int32 [T, M] (position among the tokens for node m).
+// With check.host (host-mapped int64 [3]): the expert-id range check, reported as the kernel's comment says.
 void launch_dispatch_prepare(const NormalCtx& ctx, const int64_t* topk_idx, int num_tokens, int* send_pos,
-                             int* node_pos, int* self_token, cudaStream_t stream);
+                             int* node_pos, int* self_token, IdCheck check, cudaStream_t stream);
 // Notify: count exchange, publishing my receive slot `my_slot` for this round (0: the copy slot); writes recv_off
 // int32 [N + 1], send_off int32 [N] and send_slot int64 [N] (byte offset of each receiver's slot); with several
 // nodes fwd_off int32 [M, P] and fwd_count int32 [M] (rows forwarded from each node's RDMA peer); with `report`,

@@ -33,12 +33,19 @@ namespace {
 // Block N + m (groups of several nodes): node_pos[:, m] (position of each token among the tokens that go to node
 // m, -1 if none) and the node field of the count row of every rank of node m. Block `me` also writes self_token
 // (the token of each of my rows for myself: the copy-out reads those rows straight from the caller's tensors).
-// Local work only.
+// Local work only. Ids outside [-1, E) name no rank here (they are never a hit). With `check` (the host's
+// expert-id range check, instead of a separate min/max reduction and its device copy): block 0, which reads every
+// id, puts the lowest id below -1 and the highest id >= E (0 for none) into host-mapped words check.host[1..2],
+// then writes check.token into check.host[0], which the host waits on before it launches anything that moves data.
 __global__ void __launch_bounds__(kThreads) dispatch_prepare_kernel(NormalCtx c, const int64_t* idx, int T,
-                                                                    int* send_pos, int* node_pos, int* self_token) {
+                                                                    int* send_pos, int* node_pos, int* self_token,
+                                                                    IdCheck check) {
     const int N = c.num_ranks, K = c.num_topk, epr = c.num_experts / N, P = c.ranks_per_node, M = N / P;
     const int row_len = 3 + epr;
     extern __shared__ int hist[];  // [E/N]: rows naming each of r's experts
+    __shared__ long long bad_lo, bad_hi;
+    const bool checking = check.host != nullptr && blockIdx.x == 0;
+    if (checking && threadIdx.x == 0) bad_lo = bad_hi = 0;
     const bool node_block = static_cast<int>(blockIdx.x) >= N;
     const int r = node_block ? static_cast<int>(blockIdx.x) - N : static_cast<int>(blockIdx.x);  // rank or node
     const int64_t lo = node_block ? static_cast<int64_t>(r) * P * epr : static_cast<int64_t>(r) * epr;
@@ -60,6 +67,10 @@ __global__ void __launch_bounds__(kThreads) dispatch_prepare_kernel(NormalCtx c,
 #pragma unroll
                 for (int u = 0; u < kChunk; ++u) {
                     const int64_t e = ev[u];
+                    if (checking && k0 + u < K && (e < -1 || e >= c.num_experts)) {
+                        if (e < -1) atomicMin(&bad_lo, static_cast<long long>(e));
+                        else atomicMax(&bad_hi, static_cast<long long>(e));
+                    }
                     if (k0 + u >= K || e < lo || e >= hi) continue;
                     hit = 1;
                     if (node_block) continue;
@@ -81,6 +92,13 @@ __global__ void __launch_bounds__(kThreads) dispatch_prepare_kernel(NormalCtx c,
         base += total;
     }
     __syncthreads();
+    if (checking && threadIdx.x == 0) {
+        volatile int64_t* host = check.host;
+        host[1] = bad_lo;
+        host[2] = bad_hi;
+        __threadfence_system();
+        host[0] = check.token;
+    }
     int* out = reinterpret_cast<int*>(c.base + c.off_out_counts);
     if (node_block) {
         for (int i = threadIdx.x; i < P; i += blockDim.x) out[static_cast<int64_t>(r * P + i) * row_len + 1 + epr] = base;
@@ -661,14 +679,15 @@ void with_reduce_shape(int elem_bytes, int ranks_per_node, F&& f) {
 }  // namespace
 
 void launch_dispatch_prepare(const NormalCtx& ctx, const int64_t* topk_idx, int num_tokens, int* send_pos,
-                             int* node_pos, int* self_token, cudaStream_t stream) {
+                             int* node_pos, int* self_token, IdCheck check, cudaStream_t stream) {
     HOST_ASSERT(ctx.num_topk <= kWarp, "num_topk must be <= 32");
+    HOST_ASSERT(check.host == nullptr || num_tokens > 0, "an id check needs tokens (the host skips it)");
     const size_t smem = sizeof(int) * (ctx.num_experts / ctx.num_ranks);
     HOST_ASSERT(smem <= 48 * 1024, "too many experts per rank");
     const int nodes = ctx.num_ranks / ctx.ranks_per_node;
     HOST_ASSERT(nodes == 1 || node_pos != nullptr || num_tokens == 0, "node_pos missing");
     dispatch_prepare_kernel<<<ctx.num_ranks + (nodes > 1 ? nodes : 0), kThreads, smem, stream>>>(
-        ctx, topk_idx, num_tokens, send_pos, node_pos, self_token);
+        ctx, topk_idx, num_tokens, send_pos, node_pos, self_token, check);
     LAUNCH_CHECK();
 }
 

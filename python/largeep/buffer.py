@@ -520,6 +520,7 @@ class Buffer:
         t = xs.shape[0]
         checks.max_tokens(op, t, c.max_tokens_per_rank)
         state = None
+        native_check = False
         if handle is not None:
             h = self._check_handle(op, handle, DispatchHandle)
             if topk_idx is not None or topk_weights is not None:
@@ -537,21 +538,35 @@ class Buffer:
         else:
             if topk_idx is None or topk_weights is None:
                 raise ArgumentError(f"Buffer.{op}: 'topk_idx' and 'topk_weights' are required without a handle")
-            checks.topk_idx(
+            # with num_worst_tokens a CUDA dispatch does not wait on the host, so it does not check values; on CPU
+            # the check costs no device sync
+            want = self._settings.check_values and (num_worst_tokens == 0 or c.device.type == "cpu")
+            idx = checks.topk_idx(
                 op, topk_idx, num_tokens=t, num_topk=c.num_topk, num_experts=c.num_experts, device=c.device,
-                # with num_worst_tokens a CUDA dispatch does not wait on the host, so it does not check values;
-                # on CPU the check costs no device sync
-                check_values=self._settings.check_values and (num_worst_tokens == 0 or c.device.type == "cpu"),
-                memo="use",
+                check_values=False,
             )
+            # a backend that checks the ids in its own first kernel (before anything moves) saves the separate
+            # min/max, its device copy and the sync; ids a layout just checked are not checked again either way
+            native_check = (
+                want and getattr(self._impl, "checks_dispatch_ids", False) and checks.needs_id_check(idx, True)
+                and not checks.take_checked(idx, c.num_experts)
+            )
+            if want and not native_check:
+                checks.topk_idx(
+                    op, idx, num_tokens=t, num_topk=c.num_topk, num_experts=c.num_experts, device=c.device,
+                    check_values=True, memo="use",
+                )
             checks.topk_weights(op, topk_weights, num_tokens=t, num_topk=c.num_topk, device=c.device)
 
         # the caller's stream, on which zero-copy outputs record their release
         caller = current_raw_stream(c.device) if c.device.type == "cuda" else None
 
+        extra = {"check_ids": True} if native_check else {}
+
         def run() -> Any:
             return self._impl.dispatch(
-                xs, scales, topk_idx, topk_weights, state, expert_alignment, num_worst_tokens, caller_stream=caller
+                xs, scales, topk_idx, topk_weights, state, expert_alignment, num_worst_tokens, caller_stream=caller,
+                **extra,
             )
 
         out, event = self._run(run, previous_event, async_finish, [xs, scales, topk_idx, topk_weights])

@@ -154,6 +154,11 @@ _CHECKED: OrderedDict[int, tuple[weakref.ref[torch.Tensor], int, int]] = Ordered
 _CHECKED_MAX = 16
 
 
+def take_checked(idx: torch.Tensor, num_experts: int) -> bool:
+    """idx is a tensor a layout just checked (unchanged since, same E): True, and forgotten (one use)."""
+    return _take_checked(idx, num_experts)
+
+
 def _take_checked(idx: torch.Tensor, num_experts: int) -> bool:
     hit = _CHECKED.pop(id(idx), None)
     return (

@@ -319,6 +319,8 @@ class NvshmemBackend:
     # get_dispatch_layout checks the expert ids itself (``check=True``): the layout kernel finds the ids out of
     # range and the host waits for it on a host-mapped word, instead of a separate min/max and a device copy.
     checks_layout_ids = True
+    # dispatch(check_ids=True) checks them in its prepare kernel likewise, before anything moves (see dispatch)
+    checks_dispatch_ids = True
 
     def get_dispatch_layout(self, topk_idx: torch.Tensor, check: bool = False) -> Layout:
         """``check``: raise ArgumentError (nothing else launched, the Buffer still usable) if an id is outside
@@ -343,18 +345,24 @@ class NvshmemBackend:
             self._layout_token, self._stream(),
         )
         if check:
-            rc = self.C.wait_host_word(self.host_ptr, lw, self._layout_token, _ERROR,
-                                       self.settings.timeout_s + _HOST_GRACE_S)
-            self._raise_if_failed(op)
-            if rc == 2:
-                raise PeerTimeoutError(
-                    f"{op}: the expert-id check of rank {c.rank} did not finish within "
-                    f"LARGEEP_TIMEOUT_S={self.settings.timeout_s:g} s (a kernel before it on the stream is stuck?)"
-                )
-            low, high = int(self.status[lw + 1]), int(self.status[lw + 2])
-            if low < -1 or high >= c.num_experts:
-                raise checks.bad_expert_id(op, low if low < -1 else high, c.num_experts)
+            self._wait_id_check(op)
         return Layout(per_rank, per_node, per_expert, in_rank)
+
+    def _wait_id_check(self, op: str) -> None:
+        """Waits for the id check of the kernel just launched (its token in the layout word), raises on a bad id."""
+        c, lw = self.ctx, self._layout_word
+        rc = self.C.wait_host_word(
+            self.host_ptr, lw, self._layout_token, _ERROR, self.settings.timeout_s + _HOST_GRACE_S
+        )
+        self._raise_if_failed(op)
+        if rc == 2:
+            raise PeerTimeoutError(
+                f"{op}: the expert-id check of rank {c.rank} did not finish within "
+                f"LARGEEP_TIMEOUT_S={self.settings.timeout_s:g} s (a kernel before it on the stream is stuck?)"
+            )
+        low, high = int(self.status[lw + 1]), int(self.status[lw + 2])
+        if low < -1 or high >= c.num_experts:
+            raise checks.bad_expert_id(op, low if low < -1 else high, c.num_experts)
 
     def dispatch(
         self,
@@ -366,9 +374,14 @@ class NvshmemBackend:
         expert_alignment: int,
         num_worst_tokens: int,
         caller_stream: int | None = None,
+        check_ids: bool = False,
     ) -> NormalDispatchOut:
         """``caller_stream``: the raw handle of the stream the caller is on; zero-copy outputs record their
-        release on it (None: the current stream)."""
+        release on it (None: the current stream). ``check_ids`` (a fresh dispatch of at least one token): raise
+        ArgumentError if an id in topk_idx is outside [-1, num_experts) -- the prepare kernel finds them, and the
+        host waits for it on a host-mapped word before it launches the count exchange and the sends (nothing has
+        moved, the Buffer stays usable); one wait on a kernel that runs anyway, instead of a min/max, a device
+        copy and a stream sync."""
         self._raise_if_failed("dispatch")
         c = self.ctx
         dev = c.device
@@ -384,10 +397,9 @@ class NvshmemBackend:
         per_expert_t: torch.Tensor | None = None
         # A fresh dispatch of bf16/e4m3 rows that waits on the host receives into a free zero-copy slot when there
         # is one (its outputs are then that slot's planes, no copy-out); slot 0 is the copy slot. A slot taken
-        # here stays taken if the call fails before its outputs exist (the Buffer is unusable then anyway).
+        # (after the id check) stays taken if the call fails before its outputs exist (the Buffer is unusable
+        # then anyway).
         slot = 0
-        if state is None and not worst and self.zc_slots and elem <= 2:
-            slot = int(k.zc_acquire(stream))
         if state is None:
             assert topk_idx is not None and topk_weights is not None
             i32 = torch.int32
@@ -410,8 +422,17 @@ class NvshmemBackend:
             if report:
                 self.status[_READY] = 0
                 per_expert_t = per_expert_ws
+            lw = self._layout_word
+            if check_ids:
+                assert t > 0, "the id check needs tokens"
+                self._layout_token += 1  # as get_dispatch_layout's check: the same words, a newer token
             k.prepare(topk_idx.data_ptr(), t, send_pos.data_ptr(), _ptr(hier.node_pos if hier else None),
-                      self_token.data_ptr(), stream)
+                      self_token.data_ptr(), self.status_dev + 8 * lw if check_ids else 0, self._layout_token, stream)
+            if check_ids:
+                self._wait_id_check("dispatch")
+            # (taken after the check: a refused call leaves every slot free)
+            if not worst and self.zc_slots and elem <= 2:
+                slot = int(k.zc_acquire(stream))
             k.notify(recv_off.data_ptr(), send_off.data_ptr(), send_slot.data_ptr(),
                      _ptr(hier.fwd_off if hier else None), _ptr(hier.fwd_count if hier else None), slot, report,
                      _ptr(per_expert_t), expert_alignment, stream)

@@ -689,3 +689,46 @@ def auto_backend_agrees(rank: int, world: int) -> str:
         logger.removeHandler(keep)
         logger.setLevel(level)
     return next(r for r in reasons if "backend 'auto' uses 'torch'" in r)
+
+
+def dispatch_id_check_paths(rank: int, world: int) -> dict[str, Any]:
+    """Which expert-id check a fresh dispatch runs (a torch-backend Buffer whose backend is made to claim the
+    native check of the nvshmem one, and to record what it was asked): alone, the backend's own (no Python
+    min/max); after a layout of the same unchanged tensor, none (the layout's memo, used once); on a backend
+    without its own check, the Python one; with a handle, none."""
+    from largeep import checks
+
+    buf = largeep.Buffer(None, hidden=32, num_experts=2 * world, num_topk=2, max_tokens_per_rank=4, backend="torch")
+    impl: Any = buf._impl
+    asked: list[bool] = []
+    real_dispatch = impl.dispatch
+
+    def recording(*a: Any, check_ids: bool = False, **k: Any) -> Any:
+        asked.append(check_ids)
+        return real_dispatch(*a, **k)
+
+    calls: list[int] = []
+    real_range = checks._id_range
+    checks._id_range = lambda t: calls.append(1) or real_range(t)  # type: ignore[assignment]
+    impl.dispatch, impl.checks_dispatch_ids = recording, True
+    try:
+        x = torch.randn(4, 32)
+        idx = torch.tensor([[0, 1], [1, -1], [2 * world - 1, 0], [-1, -1]], dtype=torch.int64)
+        w = torch.rand(4, 2)
+        d = buf.dispatch(x, idx, w)
+        assert asked == [True] and not calls, (asked, calls)  # the backend's own check only
+        buf.get_dispatch_layout(idx)  # (the torch backend's layout checks in Python: one min/max)
+        assert len(calls) == 1
+        buf.dispatch(x, idx, w)
+        assert asked[-1] is False and len(calls) == 1, (asked, calls)  # the layout's check covers it
+        buf.dispatch(x, idx, w)
+        assert asked[-1] is True and len(calls) == 1  # the memo is used once
+        buf.dispatch(x, handle=d.handle)
+        assert asked[-1] is False and len(calls) == 1  # a cached dispatch checks nothing
+        impl.checks_dispatch_ids = False
+        buf.dispatch(x, idx, w)
+        assert asked[-1] is False and len(calls) == 2  # no native check: the Python one
+    finally:
+        checks._id_range = real_range  # type: ignore[assignment]
+        buf.destroy()
+    return {"asked": asked, "python_checks": len(calls)}

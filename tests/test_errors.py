@@ -146,6 +146,12 @@ def test_id_check_runs_once_per_tensor_version(monkeypatch: pytest.MonkeyPatch) 
         assert len(calls) == n + 1
 
 
+def test_dispatch_id_check_paths(pools) -> None:
+    # the backend's own check, the layout's memo, the Python check, none for a cached dispatch
+    for res in pools(WORLD).run(error_bodies.dispatch_id_check_paths):
+        assert res == {"asked": [True, False, True, False, False], "python_checks": 2}, res
+
+
 def test_ids_in_range_covers_views_of_the_checked_batch(monkeypatch: pytest.MonkeyPatch) -> None:
     """checks.ids_in_range(batch) skips the value check of views of ``batch`` unchanged since; other tensors, a view
     changed in place, and any check after the block (also one left by an exception) are checked."""

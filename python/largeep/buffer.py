@@ -545,17 +545,17 @@ class Buffer:
                 op, topk_idx, num_tokens=t, num_topk=c.num_topk, num_experts=c.num_experts, device=c.device,
                 check_values=False,
             )
-            # a backend that checks the ids in its own first kernel (before anything moves) saves the separate
-            # min/max, its device copy and the sync; ids a layout just checked are not checked again either way
-            native_check = (
-                want and getattr(self._impl, "checks_dispatch_ids", False) and checks.needs_id_check(idx, True)
-                and not checks.take_checked(idx, c.num_experts)
-            )
-            if want and not native_check:
-                checks.topk_idx(
-                    op, idx, num_tokens=t, num_topk=c.num_topk, num_experts=c.num_experts, device=c.device,
-                    check_values=True, memo="use",
-                )
+            # ids a layout just checked are not checked again (one use of its memo); else a backend that checks
+            # them in its own first kernel (before anything moves) saves the separate min/max, its device copy
+            # and the sync
+            if want and not checks.take_checked(idx, c.num_experts):
+                if getattr(self._impl, "checks_dispatch_ids", False) and checks.needs_id_check(idx, True):
+                    native_check = True
+                else:
+                    checks.topk_idx(
+                        op, idx, num_tokens=t, num_topk=c.num_topk, num_experts=c.num_experts, device=c.device,
+                        check_values=True,
+                    )
             checks.topk_weights(op, topk_weights, num_tokens=t, num_topk=c.num_topk, device=c.device)
 
         # the caller's stream, on which zero-copy outputs record their release

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# session 9 run9: the dispatch's expert-id check in its prepare kernel (no min/max + sync) -- every GPU test, the
+# 4-rank tests on 2 GPUs; the 128-token round trip against the torch backend in one run; host times of the calls
+set -uo pipefail
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
+O=$1; mkdir -p $O
+LARGEEP_TIMEOUT_S=20 LARGEEP_TEST_POOL_TIMEOUT_S=120 timeout 330 bash scripts/device_check.sh $O/check build tests shared
+cat $O/check/summary.txt >> $O/summary.txt; grep -E "passed|failed" $O/check/gpu_tests.log | tail -2 >> $O/summary.txt
+grep -E "^(FAILED|ERROR)" $O/check/gpu_tests.log | head -20 >> $O/summary.txt
+timeout 150 python3 -m largeep.bench --modes normal --tokens 128,4096 --dtypes bf16 --backends nvshmem,torch --experts 256 --no-plots --out $O/bench > $O/bench.log 2>&1
+grep -E "roundtrip" $O/bench.log | tee -a $O/summary.txt
+timeout 100 python3 bench/results/2026-11-30-session9/scripts/diag_host.py 128 > $O/diag_host.log 2>&1
+grep -E "^[a-z]" $O/diag_host.log | grep -v WARN | cut -c1-60 | tee -a $O/summary.txt
+cd $(dirname $O) && tar czf $O.tgz $(basename $O)

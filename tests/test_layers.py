@@ -175,16 +175,19 @@ def test_pipeline_vs_sequential(pools, world: int) -> None:
 
 
 @pytest.mark.gpu(2)
+@pytest.mark.parametrize("custom", [False, True], ids=["eager", "custom_ops"])
 @pytest.mark.parametrize("backend", ["nvshmem", "torch"])
-def test_pipeline_gpu(pools, backend: str) -> None:
+def test_pipeline_gpu(pools, backend: str, custom: bool) -> None:
     # on CUDA: the pipeline's side stream beside the Buffers' streams and the experts (float32 layers, shared
-    # experts, 3 layers, 2 Buffers, uneven tokens) against the sequential layers and the dense reference
+    # experts, 3 layers, 2 Buffers, uneven tokens) against the sequential layers and the dense reference; with
+    # the custom-op path (no events: everything stays on the caller's stream)
     from largeep import native
 
     if backend == "nvshmem" and native.unavailable_reason() is not None:
         pytest.skip(str(native.unavailable_reason()))
+    kw = {"use_custom_ops": True} if custom else {}
     pools(2, "nccl").run(
-        layer_bodies.pipeline_vs_sequential, [300, 77], 256, 64, 32, 16, 3, 71, [1, 2, 3, 4], {}, False, backend
+        layer_bodies.pipeline_vs_sequential, [300, 77], 256, 64, 32, 16, 3, 71, [1, 2, 3, 4], kw, False, backend
     )
 
 

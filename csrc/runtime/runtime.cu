@@ -1,6 +1,7 @@
 #include <nvshmem.h>
 #include <nvshmemx.h>
 
+#include <atomic>
 #include <chrono>
 #include <cstring>
 #include <thread>
@@ -203,8 +204,16 @@ int wait_host_word(uintptr_t host_ptr, int index, int64_t target, int error_inde
     volatile int64_t* w = reinterpret_cast<volatile int64_t*>(host_ptr);
     const auto start = std::chrono::steady_clock::now();
     for (uint64_t spin = 0;; ++spin) {
-        if (w[index] >= target) return 0;
-        if (w[error_index] != 0) return 1;
+        // (acquire: what the GPU wrote before the word, e.g. a check's result words, is read after it, on hosts
+        // whose loads may be reordered as well as on x86)
+        if (w[index] >= target) {
+            std::atomic_thread_fence(std::memory_order_acquire);
+            return 0;
+        }
+        if (w[error_index] != 0) {
+            std::atomic_thread_fence(std::memory_order_acquire);
+            return 1;
+        }
         if ((spin & 1023) == 0) {
             const double waited =
                 std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();

@@ -449,11 +449,13 @@ class Buffer:
             self._stream.wait_event(previous_event.event)
         else:
             self._stream.wait_stream(compute)
-        with _on_stream(self._stream, compute):
-            result = fn()
-        for t in inputs:
-            if t is not None:
-                _record_stream(t, self._stream)  # also a zero-copy dispatch output (of any Buffer) read here
+        try:
+            with _on_stream(self._stream, compute):
+                result = fn()
+        finally:  # (also when fn raised after launching work that reads them, e.g. a refused dispatch's prepare)
+            for t in inputs:
+                if t is not None:
+                    _record_stream(t, self._stream)  # also a zero-copy dispatch output (of any Buffer) read here
         for t in _tensors_of(result):
             t.record_stream(compute)
         event = torch.cuda.Event()

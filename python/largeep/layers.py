@@ -371,7 +371,8 @@ class MoELayer(nn.Module):
             # exchange, behind combine i-1 on the Buffer's stream); with experts i already queued the GPU computes
             # meanwhile, and dispatch i+1 and combine i-1 overlap experts i. Its ids were checked with the batch's
             # (check_ids), so no id check makes the host wait for experts i first (ops.dispatch issues it from a
-            # side stream as well, for ids that are still to be checked).
+            # side stream as well, for ids that are still to be checked by a Python min/max; the nvshmem backend
+            # checks them in its first kernel, on the Buffer's stream).
             if i + 1 < n:
                 pending.append(self.send_chunk(xs[i + 1], idxs[i + 1], ws[i + 1], ready, checked_ids=checked))
             combined.append(self.combine_chunk(y, d))
@@ -521,11 +522,15 @@ class MoEPipeline(nn.Module):
     and combines and dispatches of neighbouring chunks run beside the experts. On CUDA (C > 1, not compiling) the
     end of a (layer, chunk) -- the wait for its combine, the shared experts' sum, ``between``, the next layer's
     gate and shared experts on it -- runs on a side stream of the pipeline's own (same priority as the first
-    layer's Buffer), which waits for that combine only: so the next dispatch's gate, and with it the dispatch's
-    count exchange that the host waits for, is not queued behind expert GEMMs issued earlier. (On the caller's
-    stream it was: every dispatch into a later layer then waited for the experts issued before it, and the stack
-    ran slower than the layers one after another.) The caller's stream waits for the side stream before the
-    output is returned. C = 1 runs the layers one after another. On CPU, or under ``torch.compile``, everything
+    layer's Buffer; one per device and priority), which waits for that combine only: so the next dispatch's gate,
+    and with it the dispatch's count exchange that the host waits for, is queued behind the ends of earlier
+    (layer, chunk)s (their shared experts included), not behind the routed experts' GEMMs on the caller's stream.
+    The caller's stream waits for the side stream before the output is returned. A layer with ``use_custom_ops``
+    keeps everything on the caller's stream (that path gives no events to order the streams by). Eagerly each
+    (layer, chunk) costs the host about 1 ms of Python and launches on the 2-GPU machine (more than a 1024-token
+    chunk's GPU work there: the pipeline was host-bound and slower than the layers one after another); with
+    ``num_worst_tokens`` on every layer the whole call can be captured in a CUDA graph (docs/usage.md, "Chunks
+    across layers"). C = 1 runs the layers one after another. On CPU, or under ``torch.compile``, everything
     runs in program order and gives the layers' sequential result (up to float rounding: chunked GEMMs);
     autograd goes through the differentiable ops as usual (each op's backward on the stream of its forward).
     """
@@ -589,7 +594,10 @@ class MoEPipeline(nn.Module):
         num_layers, n = len(self._stack), self.num_chunks
         self.aux_losses = [[] for _ in range(num_layers)]
         carveouts = [layer.overlap_carveout(x) if n > 1 else 0 for layer in self._stack]
-        side = self._side_stream(x, self._stack[0].buffer._settings.stream_priority) if n > 1 else None
+        # (the custom-op path orders its calls after the caller's stream and returns no events to wait on: a layer
+        # taking it keeps the whole pipeline on the caller's stream)
+        custom = any(layer.use_custom_ops for layer in self._stack)
+        side = None if n == 1 or custom else self._side_stream(x, self._stack[0].buffer._settings.stream_priority)
         caller = torch.cuda.current_stream(x.device) if side is not None else None
         if side is not None and caller is not None:
             side.wait_stream(caller)  # x (and whatever made it) before the side stream's first read
@@ -616,6 +624,9 @@ class MoEPipeline(nn.Module):
             s = st.pop(u)
             with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
                 ops.wait(s["c"].event)
+                if side is not None and s["c"].event is None:  # (no event to wait on: after the caller's stream)
+                    assert caller is not None
+                    side.wait_stream(caller)
                 ops.wait(s.get("shared_ready"))
                 if side is not None:  # the combine's output was made safe for the caller's stream; read here
                     s["c"].x.record_stream(side)
@@ -624,6 +635,8 @@ class MoEPipeline(nn.Module):
                 y = s["c"].x + s["shared"] if s["shared"] is not None else s["c"].x
                 if j < len(self.between):
                     y = self.between[j](s["x"], y)
+                if side is not None:
+                    y = y.contiguous()  # here: a copy the dispatch made would read y on the caller's stream
                 if j + 1 < num_layers:
                     nxt = self._stack[j + 1]
                     st[(j + 1, i)] = {"x": y, **self._route(j + 1, y)}

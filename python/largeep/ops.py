@@ -984,8 +984,9 @@ def _buffer_dispatch(
 ) -> Any:
     """``buffer.dispatch``, issued from an idle side stream when it is to wait for ``previous_event`` only.
 
-    A dispatch without ``num_worst_tokens`` waits on the host: the Buffer's expert-id check syncs the *current*
-    stream, then the count exchange. Issued from the caller's stream, that sync also waits for everything queued
+    A dispatch without ``num_worst_tokens`` waits on the host: the Buffer's expert-id check (a Python min/max where
+    the backend does not check the ids in its own kernel, as the nvshmem one does) syncs the *current* stream,
+    then the count exchange. Issued from the caller's stream, that sync also waits for everything queued
     there after ``previous_event`` -- in MoELayer's chunked schedule, the previous chunk's expert GEMMs -- so the
     next chunk could only be sent after them and its dispatch never overlapped them. From a side stream that waits
     for ``previous_event`` first, the host waits only for what the dispatch needs. The outputs are made safe for

@@ -69,6 +69,18 @@ def second_group_refused(rank: int, world: int) -> None:
     dist.barrier()
 
 
+def _fill_static(x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, experts: int, seed: int, drop: float) -> None:
+    """Fresh inputs into a captured graph's static tensors: x [T, H] random, idx [T, K] K distinct random experts
+    with a fraction ``drop`` of entries -1, w [T, K] random."""
+    tokens, topk = idx.shape
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    x.copy_(torch.randn(x.shape, device="cuda", generator=g))
+    chosen = torch.rand(tokens, experts, device="cuda", generator=g).topk(topk, dim=1).indices
+    dropped = torch.rand(tokens, topk, device="cuda", generator=g) < drop
+    idx.copy_(torch.where(dropped, -1, chosen))
+    w.copy_(torch.rand(tokens, topk, device="cuda", generator=g))
+
+
 def low_latency_graph(rank: int, world: int, reps: int, tokens: int, hidden: int, experts: int, topk: int) -> None:
     """Captures one low-latency dispatch + combine in a CUDA graph and replays it on fresh data."""
     buf = largeep.Buffer(None, hidden=hidden, num_experts=experts, num_topk=topk, max_tokens_per_rank=tokens,
@@ -79,13 +91,7 @@ def low_latency_graph(rank: int, world: int, reps: int, tokens: int, hidden: int
         w = torch.empty(tokens, topk, device="cuda", dtype=torch.float32)
 
         def fill(rep: int) -> None:
-            g = torch.Generator(device="cuda").manual_seed(rep * 1009 + rank)
-            x.copy_(torch.randn(tokens, hidden, device="cuda", generator=g))
-            scores = torch.rand(tokens, experts, device="cuda", generator=g)
-            chosen = scores.topk(topk, dim=1).indices
-            drop = torch.rand(tokens, topk, device="cuda", generator=g) < 0.1
-            idx.copy_(torch.where(drop, -1, chosen))
-            w.copy_(torch.rand(tokens, topk, device="cuda", generator=g))
+            _fill_static(x, idx, w, experts, rep * 1009 + rank, 0.1)
 
         fill(0)
         # one call outside the graph, then capture
@@ -131,13 +137,7 @@ def normal_worst_graph(rank: int, world: int, reps: int, tokens: int, hidden: in
         epr = experts // world
 
         def fill(rep: int) -> None:
-            g = torch.Generator(device="cuda").manual_seed(rep * 1013 + rank)
-            x.copy_(torch.randn(tokens, hidden, device="cuda", generator=g))
-            scores = torch.rand(tokens, experts, device="cuda", generator=g)
-            chosen = scores.topk(topk, dim=1).indices
-            drop = torch.rand(tokens, topk, device="cuda", generator=g) < 0.2
-            idx.copy_(torch.where(drop, -1, chosen))
-            w.copy_(torch.rand(tokens, topk, device="cuda", generator=g))
+            _fill_static(x, idx, w, experts, rep * 1013 + rank, 0.2)
 
         def step() -> tuple[torch.Tensor, ...]:
             d = buf.dispatch(x, idx, w, num_worst_tokens=worst)

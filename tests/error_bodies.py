@@ -732,3 +732,48 @@ def dispatch_id_check_paths(rank: int, world: int) -> dict[str, Any]:
         checks._id_range = real_range  # type: ignore[assignment]
         buf.destroy()
     return {"asked": asked, "python_checks": len(calls)}
+
+
+def torch_missing_peer(rank: int, world: int, timeout_s: float) -> dict[str, float]:
+    """Torch backend on gloo: rank 1 never calls dispatch; every other rank raises PeerTimeoutError naming the call
+    and the ranks waited on within LARGEEP_TIMEOUT_S (not the process group's 30 minutes), then refuses the next
+    call at once. The Buffer lives on a group of its own (short timeout, destroyed at the end): the collective the
+    timed-out ranks abandoned stays in it."""
+    import datetime
+    import time
+
+    sub = dist.new_group(list(range(world)), timeout=datetime.timedelta(seconds=timeout_s + 20))
+    os.environ["LARGEEP_TIMEOUT_S"] = str(timeout_s)
+    try:
+        buf = largeep.Buffer(sub, hidden=32, num_experts=2 * world, num_topk=2, max_tokens_per_rank=4,
+                             backend="torch")
+    finally:
+        del os.environ["LARGEEP_TIMEOUT_S"]
+    elapsed = refused = 0.0
+    try:
+        if rank != 1:
+            x = torch.randn(4, 32)
+            idx = torch.tensor([[0, 1], [1, -1], [2 * world - 1, 0], [-1, -1]], dtype=torch.int64)
+            w = torch.rand(4, 2)
+            start = time.monotonic()
+            try:
+                buf.dispatch(x, idx, w)
+            except largeep.PeerTimeoutError as exc:
+                elapsed = time.monotonic() - start
+                msg = str(exc)
+                assert "dispatch" in msg and "LARGEEP_TIMEOUT_S" in msg and "1" in msg.split("for ranks")[1], msg
+            else:
+                raise AssertionError("dispatch returned although rank 1 never called it")
+            start = time.monotonic()
+            try:
+                buf.dispatch(x, idx, w)
+            except largeep.PeerTimeoutError as exc:
+                refused = time.monotonic() - start
+                assert "failed earlier" in str(exc), str(exc)
+            else:
+                raise AssertionError("a failed Buffer accepted another dispatch")
+    finally:
+        dist.barrier()  # the pool's own group: rank 1 waits here until the others have given up
+        buf.destroy()
+        dist.destroy_process_group(sub)
+    return {"elapsed_s": elapsed, "refused_s": refused}

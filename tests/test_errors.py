@@ -146,6 +146,13 @@ def test_id_check_runs_once_per_tensor_version(monkeypatch: pytest.MonkeyPatch) 
         assert len(calls) == n + 1
 
 
+def test_torch_backend_missing_peer_times_out(pools) -> None:
+    # gloo: bounded by LARGEEP_TIMEOUT_S (2 s here), not by the process group's own timeout
+    for rank, res in enumerate(pools(WORLD).run(error_bodies.torch_missing_peer, 2.0)):
+        if rank != 1:
+            assert 2.0 <= res["elapsed_s"] < 10.0 and res["refused_s"] < 0.5, res
+
+
 def test_dispatch_id_check_paths(pools) -> None:
     # the backend's own check, the layout's memo, the Python check, none for a cached dispatch
     for res in pools(WORLD).run(error_bodies.dispatch_id_check_paths):

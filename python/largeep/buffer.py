@@ -330,7 +330,7 @@ class Buffer:
 
             self._impl = NvshmemBackend(self.ctx, self._settings)
         else:
-            self._impl = TorchBackend(self.ctx)
+            self._impl = TorchBackend(self.ctx, self._settings.timeout_s)
         self._id = next(_buffer_ids)
         self._alive = True
         # low-latency calls per op issued outside graph capture, and those whose receive hook is still due: a call

@@ -16,13 +16,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
 from largeep import fp8
 from largeep.backends.base import GroupContext, LowLatencyDispatchOut, NormalDispatchOut
-from largeep.errors import ArgumentError
+from largeep.errors import ArgumentError, PeerTimeoutError
 from largeep.layout import Layout, compute_layout, one_hot_mask
 
 
@@ -128,10 +129,48 @@ class _LowLatencyState:
 
 
 class TorchBackend:
+    """``timeout_s`` (LARGEEP_TIMEOUT_S): on CPU (gloo) every collective is waited on with this bound, and a peer
+    that does not answer within it ends the call in PeerTimeoutError naming the operation and the ranks waited
+    on; the Buffer then refuses further calls (the group still holds the abandoned collective). On CUDA (NCCL)
+    the process group's own timeout and watchdog apply. None: no bound of our own anywhere."""
+
     name = "torch"
 
-    def __init__(self, ctx: GroupContext) -> None:
+    def __init__(self, ctx: GroupContext, timeout_s: float | None = None) -> None:
         self.ctx = ctx
+        self.timeout_s = timeout_s
+        self._op = "dispatch"  # the public call in progress, for the timeout's message
+        self._failed: str | None = None
+
+    def _begin(self, op: str) -> None:
+        if self._failed is not None:
+            raise PeerTimeoutError(f"{op}: this Buffer failed earlier ({self._failed}); it refuses further calls")
+        self._op = op
+
+    def _bounded(self) -> bool:
+        return self.timeout_s is not None and self.ctx.device.type == "cpu"
+
+    def _wait(self, work: dist.Work | None, op: str | None = None) -> None:
+        """Waits for a collective's ``work`` (None: it ran synchronously), within ``timeout_s`` where bounded."""
+        if work is None:
+            return
+        if not self._bounded():
+            work.wait()
+            return
+        assert self.timeout_s is not None
+        try:
+            work.wait(timeout=timedelta(seconds=self.timeout_s))
+        except RuntimeError as exc:
+            if "timed out" not in str(exc).lower():
+                raise
+            c, what = self.ctx, op or self._op
+            others = [r for r in range(c.num_ranks) if r != c.rank]
+            self._failed = f"{what} on rank {c.rank} timed out"
+            raise PeerTimeoutError(
+                f"{what}: rank {c.rank} waited LARGEEP_TIMEOUT_S={self.timeout_s:g} s for ranks {others} of its "
+                "group, in vain (a peer did not make the same call, or failed before it); this Buffer refuses "
+                "further calls"
+            ) from None
 
     # -- collectives ---------------------------------------------------------------------------------------------
     def _check_worst(self, num_recv: torch.Tensor, num_worst_tokens: int) -> None:
@@ -139,7 +178,8 @@ class TorchBackend:
         it would be lost). One all_gather of the row counts; CPU only (on CUDA it would wait on the host)."""
         n = self.ctx.num_ranks
         totals = [torch.zeros(1, dtype=torch.int64) for _ in range(n)]
-        dist.all_gather(totals, num_recv.reshape(1).to(torch.int64), group=self.ctx.group)
+        self._wait(dist.all_gather(totals, num_recv.reshape(1).to(torch.int64), group=self.ctx.group,
+                                   async_op=self._bounded()))
         over = {r: int(v) for r, v in enumerate(totals) if int(v) > num_worst_tokens}
         if over:
             raise ArgumentError(
@@ -156,11 +196,15 @@ class TorchBackend:
         recv_splits: list[int] | None = None,
         async_op: bool = False,
     ) -> tuple[torch.Tensor, dist.Work | None]:
+        """``async_op``: return the work for the caller to finish with ``_wait`` (else it is waited for here)."""
         out = torch.empty((recv_rows, *send.shape[1:]), dtype=send.dtype, device=send.device)
         work = dist.all_to_all_single(
             out, send, output_split_sizes=recv_splits, input_split_sizes=send_splits, group=self.ctx.group,
-            async_op=async_op,
+            async_op=async_op or self._bounded(),
         )
+        if not async_op:
+            self._wait(work)
+            work = None
         return out, work
 
     def _all_to_all_into(
@@ -168,15 +212,17 @@ class TorchBackend:
     ) -> None:
         """Rows of ``send`` [P, ...] to ``out`` [R, ...] (same dtype), as bytes so that every dtype travels."""
         # (an empty tensor may have any strides, a last one of 0 included, which a byte view refuses)
-        dist.all_to_all_single(
+        self._wait(dist.all_to_all_single(
             out.view(torch.uint8).view(out.shape[0], -1) if out.numel() else out.new_empty(0, dtype=torch.uint8),
             send.contiguous().view(torch.uint8).view(send.shape[0], -1) if send.numel()
             else send.new_empty(0, dtype=torch.uint8),
             output_split_sizes=recv_splits, input_split_sizes=send_splits, group=self.ctx.group,
-        )
+            async_op=self._bounded(),
+        ))
 
     # -- normal mode ---------------------------------------------------------------------------------------------
     def get_dispatch_layout(self, topk_idx: torch.Tensor) -> Layout:
+        self._begin("get_dispatch_layout")
         c = self.ctx
         return compute_layout(topk_idx, c.num_ranks, c.num_experts, c.ranks_per_node)
 
@@ -207,6 +253,7 @@ class TorchBackend:
         num_worst_tokens: int,
         caller_stream: int | None = None,  # nvshmem's zero-copy outputs only
     ) -> NormalDispatchOut:
+        self._begin("dispatch")
         if num_worst_tokens > 0 or isinstance(state, _FixedState):
             return self._dispatch_fixed(x, x_scales, topk_idx, topk_weights, state, expert_alignment, num_worst_tokens)
         return self._dispatch_var(x, x_scales, topk_idx, topk_weights, state, expert_alignment)
@@ -341,6 +388,7 @@ class TorchBackend:
     def combine(
         self, y: torch.Tensor, state: _VarState | _FixedState, topk_weights: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        self._begin("combine")
         c = self.ctx
         dev = y.device
         parts = [y] + ([topk_weights] if topk_weights is not None else [])
@@ -378,6 +426,7 @@ class TorchBackend:
     def low_latency_dispatch(
         self, x: torch.Tensor, topk_idx: torch.Tensor, use_fp8: bool, round_scale: bool, async_recv: bool
     ) -> LowLatencyDispatchOut:
+        self._begin("low_latency_dispatch")
         c = self.ctx
         dev = x.device
         n, epr, m, k = c.num_ranks, c.experts_per_rank, c.max_tokens_per_rank, c.num_topk
@@ -430,8 +479,7 @@ class TorchBackend:
         state = _LowLatencyState(slot, torch.empty(0, dtype=torch.int64, device=dev), t)
 
         def finish() -> None:
-            if work is not None:
-                work.wait()
+            self._wait(work, "low_latency_dispatch")
             fields = _unpack(rows, specs)
             tok, le = fields[-2].view(-1).long(), fields[-1].view(-1).long()
             j = torch.arange(cap, device=dev).repeat(n)
@@ -472,6 +520,7 @@ class TorchBackend:
         out: torch.Tensor,
         async_recv: bool,
     ) -> Callable[[], None] | None:
+        self._begin("low_latency_combine")
         c = self.ctx
         dev = y.device
         n, k = c.num_ranks, c.num_topk
@@ -480,8 +529,7 @@ class TorchBackend:
         rows, work = self._all_to_all(ext[state.out_index], n * self._ll_cap(), async_op=async_recv)
 
         def finish() -> None:
-            if work is not None:
-                work.wait()
+            self._wait(work, "low_latency_combine")
             back = torch.cat([rows, torch.zeros(1, c.hidden, dtype=rows.dtype, device=dev)])[state.slot]
             w = torch.where(topk_idx >= 0, topk_weights, 0.0).reshape(-1, 1)
             acc = (back.float() * w).view(state.num_tokens, k, c.hidden).sum(1)

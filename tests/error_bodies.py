@@ -743,12 +743,16 @@ def torch_missing_peer(rank: int, world: int, timeout_s: float) -> dict[str, flo
     import time
 
     sub = dist.new_group(list(range(world)), timeout=datetime.timedelta(seconds=timeout_s + 20))
+    before = os.environ.get("LARGEEP_TIMEOUT_S")
     os.environ["LARGEEP_TIMEOUT_S"] = str(timeout_s)
     try:
         buf = largeep.Buffer(sub, hidden=32, num_experts=2 * world, num_topk=2, max_tokens_per_rank=4,
                              backend="torch")
     finally:
-        del os.environ["LARGEEP_TIMEOUT_S"]
+        if before is None:
+            del os.environ["LARGEEP_TIMEOUT_S"]
+        else:
+            os.environ["LARGEEP_TIMEOUT_S"] = before
     elapsed = refused = 0.0
     try:
         if rank != 1:

@@ -131,8 +131,9 @@ class _LowLatencyState:
 class TorchBackend:
     """``timeout_s`` (LARGEEP_TIMEOUT_S): on CPU (gloo) every collective is waited on with this bound, and a peer
     that does not answer within it ends the call in PeerTimeoutError naming the operation and the ranks waited
-    on; the Buffer then refuses further calls (the group still holds the abandoned collective). On CUDA (NCCL)
-    the process group's own timeout and watchdog apply. None: no bound of our own anywhere."""
+    on; after that, or any other failure of a collective, the Buffer refuses further calls (the group still holds
+    the abandoned collective; a receive hook already handed out still waits, bounded). On CUDA (NCCL) the process
+    group's own timeout and watchdog apply. None: no bound of our own anywhere."""
 
     name = "torch"
 
@@ -161,15 +162,18 @@ class TorchBackend:
         try:
             work.wait(timeout=timedelta(seconds=self.timeout_s))
         except RuntimeError as exc:
+            # any failure of a collective leaves the group out of step (a peer gone, a late peer matching the
+            # abandoned call): the Buffer refuses further calls either way
+            c, what = self.ctx, op or self._op
+            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            self._failed = f"{what} on rank {c.rank} failed: {first}"
             if "timed out" not in str(exc).lower():
                 raise
-            c, what = self.ctx, op or self._op
             others = [r for r in range(c.num_ranks) if r != c.rank]
-            self._failed = f"{what} on rank {c.rank} timed out"
             raise PeerTimeoutError(
-                f"{what}: rank {c.rank} waited LARGEEP_TIMEOUT_S={self.timeout_s:g} s for ranks {others} of its "
-                "group, in vain (a peer did not make the same call, or failed before it); this Buffer refuses "
-                "further calls"
+                f"{what}: rank {c.rank} waited for ranks {others} of its group in vain (LARGEEP_TIMEOUT_S="
+                f"{self.timeout_s:g} s, or the process group's own timeout if shorter; gloo: {first}): a peer did not "
+                "make the same call, or failed before it; this Buffer refuses further calls"
             ) from None
 
     # -- collectives ---------------------------------------------------------------------------------------------

@@ -58,6 +58,7 @@ custom op). Where the native kernel cannot run (strides, dtype, device) a padded
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import threading
 import weakref
@@ -261,8 +262,15 @@ def _strides_ok(t: Tensor) -> bool:
     return False
 
 
+@functools.cache
+def _cuda_major_of(index: int) -> int:
+    return torch.cuda.get_device_capability(index)[0]
+
+
 def _cuda_major(device: torch.device) -> int:
-    return torch.cuda.get_device_capability(device)[0]
+    """The compute capability's major of ``device``, looked up once per GPU (this runs on every grouped GEMM, and
+    torch's lookup costs several microseconds of host time)."""
+    return _cuda_major_of(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def _fallback_reason(a: Tensor, b: Tensor) -> str | None:

@@ -601,8 +601,7 @@ class MoEPipeline(nn.Module):
         caller = torch.cuda.current_stream(x.device) if side is not None else None
         if side is not None and caller is not None:
             side.wait_stream(caller)  # x (and whatever made it) before the side stream's first read
-        # per (layer, chunk): x (input rows), idx / w / ready (its gate), d (dispatch), shared (+ shared_ready: its
-        # event on the caller's stream, layer 0 with a side stream), c (combine)
+        # per (layer, chunk): x (input rows), idx / w / ready (its gate), d (dispatch), shared, c (combine)
         st: dict[tuple[int, int], dict[str, Any]] = {}
         first = self._route(0, x)  # the first layer's gate on the whole batch, as MoELayer does
         checked = first["idx"] if self._stack[0].check_ids(first["idx"]) else None  # (later layers: per chunk)
@@ -614,20 +613,17 @@ class MoEPipeline(nn.Module):
         def send(u: tuple[int, int]) -> None:
             layer, s = self._stack[u[0]], st[u]
             s["d"] = layer.send_chunk(s["x"], s["idx"], s["w"], s["ready"], checked_ids=s.get("checked"))
-            if "shared" not in s:  # (with a side stream, a later layer's shared experts ran there in finish)
+            if side is None or u[0] == 0:  # (with a side stream, a later layer's shared experts ran there in finish)
                 s["shared"] = layer.shared_experts(s["x"]) if layer.shared_experts is not None else None
-                if side is not None and s["shared"] is not None:
-                    s["shared_ready"] = ops.capture_event(x.device)
 
         def finish(u: tuple[int, int]) -> None:
             j, i = u
             s = st.pop(u)
             with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
+                # the combine waited for the caller's stream as it was when it was issued, so its event also
+                # covers layer 0's shared experts, issued there before it
+                assert side is None or s["c"].event is not None
                 ops.wait(s["c"].event)
-                if side is not None and s["c"].event is None:  # (no event to wait on: after the caller's stream)
-                    assert caller is not None
-                    side.wait_stream(caller)
-                ops.wait(s.get("shared_ready"))
                 if side is not None:  # the combine's output was made safe for the caller's stream; read here
                     s["c"].x.record_stream(side)
                     if s["shared"] is not None:

@@ -93,7 +93,7 @@ def topk_idx(
     idx = tensor(op, "topk_idx", t, dtypes=(torch.int64,), ndim=2, device=device, shape=(num_tokens, num_topk))
     if not check_values or not idx.numel() or _capturing(device) or _vouched(idx):
         return idx
-    if memo == "use" and _take_checked(idx, num_experts):
+    if memo == "use" and take_checked(idx, num_experts):
         return idx
     lo_v, hi_v = _id_range(idx)
     if lo_v < -1 or hi_v >= num_experts:
@@ -156,10 +156,6 @@ _CHECKED_MAX = 16
 
 def take_checked(idx: torch.Tensor, num_experts: int) -> bool:
     """idx is a tensor a layout just checked (unchanged since, same E): True, and forgotten (one use)."""
-    return _take_checked(idx, num_experts)
-
-
-def _take_checked(idx: torch.Tensor, num_experts: int) -> bool:
     hit = _CHECKED.pop(id(idx), None)
     return (
         hit is not None and hit[0]() is idx and not idx.is_inference() and hit[1] == idx._version

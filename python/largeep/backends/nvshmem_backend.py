@@ -334,19 +334,25 @@ class NvshmemBackend:
         counts = torch.empty(c.num_ranks + c.num_nodes + c.num_experts, dtype=torch.int32, device=dev)
         per_rank, per_node, per_expert = counts.split_with_sizes((c.num_ranks, c.num_nodes, c.num_experts))
         in_rank = torch.empty(t, c.num_ranks, dtype=torch.bool, device=dev)
-        lw = self._layout_word
-        if check:
-            assert t > 0, "the layout check needs tokens"
-            self._layout_token += 1  # the kernel writes it when done; an earlier call's kernel writes a smaller one
+        words = self._id_check_words(check, t)
         self.C.layout(
             topk_idx.data_ptr(), t, c.num_topk, c.num_ranks, c.num_experts, c.ranks_per_node, per_rank.data_ptr(),
             per_node.data_ptr(), per_expert.data_ptr(), in_rank.data_ptr(), self.status_dev, self.error_word.data_ptr(),
-            self.layout_scratch.data_ptr() if check else 0, self.status_dev + 8 * lw if check else 0,
-            self._layout_token, self._stream(),
+            self.layout_scratch.data_ptr() if check else 0, words, self._layout_token, self._stream(),
         )
         if check:
             self._wait_id_check(op)
         return Layout(per_rank, per_node, per_expert, in_rank)
+
+    def _id_check_words(self, check: bool, num_tokens: int) -> int:
+        """For a kernel about to check ids (``check``): a new token (the kernel writes it when done; an earlier
+        call's kernel writes a smaller one) and the device address of the host-mapped words it reports into;
+        0 without a check."""
+        if not check:
+            return 0
+        assert num_tokens > 0, "an id check needs tokens"
+        self._layout_token += 1
+        return self.status_dev + 8 * self._layout_word
 
     def _wait_id_check(self, op: str) -> None:
         """Waits for the id check of the kernel just launched (its token in the layout word), raises on a bad id."""
@@ -422,12 +428,9 @@ class NvshmemBackend:
             if report:
                 self.status[_READY] = 0
                 per_expert_t = per_expert_ws
-            lw = self._layout_word
-            if check_ids:
-                assert t > 0, "the id check needs tokens"
-                self._layout_token += 1  # as get_dispatch_layout's check: the same words, a newer token
+            words = self._id_check_words(check_ids, t)  # (the layout check's words)
             k.prepare(topk_idx.data_ptr(), t, send_pos.data_ptr(), _ptr(hier.node_pos if hier else None),
-                      self_token.data_ptr(), self.status_dev + 8 * lw if check_ids else 0, self._layout_token, stream)
+                      self_token.data_ptr(), words, self._layout_token, stream)
             if check_ids:
                 self._wait_id_check("dispatch")
             # (taken after the check: a refused call leaves every slot free)

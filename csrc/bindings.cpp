@@ -535,10 +535,17 @@ PYBIND11_MODULE(_C, m) {
                       stream_of(stream));
     });
 
+    // count: 0, or the address of an int32 on the device (rows of src at or past it are not read)
     m.def("weighted_row_sum", [](uintptr_t src, int elem, uintptr_t pos, uintptr_t w, uintptr_t y, int64_t rows, int k,
-                                 int h, int64_t pad, uintptr_t stream) {
+                                 int h, int64_t pad, uintptr_t count, uintptr_t stream) {
         launch_weighted_row_sum(ptr<const void>(src), elem, ptr<const int64_t>(pos), ptr<const float>(w), ptr<void>(y),
-                                rows, k, h, pad, stream_of(stream));
+                                rows, k, h, pad, ptr<const int>(count), stream_of(stream));
+    });
+    m.def("gather_rows_default_blocks", &gather_rows_default_blocks);
+    m.def("gather_rows", [](uintptr_t x, int64_t x_rows, int64_t row_bytes, uintptr_t src, uintptr_t count,
+                            uintptr_t out, int64_t rows, int num_blocks, uintptr_t stream) {
+        launch_gather_rows(ptr<const void>(x), x_rows, row_bytes, ptr<const int64_t>(src), ptr<const int>(count),
+                           ptr<void>(out), rows, num_blocks, stream_of(stream));
     });
     m.def("expert_order_work", [](int64_t entries, int experts) { return expert_order_chunks(entries) * (experts + 1); });
     m.def("expert_order", [](uintptr_t idx, int64_t rows, int k, int experts, uintptr_t offs, uintptr_t work,

@@ -199,10 +199,20 @@ void launch_combine_forward(const NormalCtx& ctx, int y_elem_bytes, bool with_we
                             const int* fwd_pos, int num_sms, cudaStream_t stream);
 
 // ---- rows.cu (expert side, no communication) ------------------------------------------------------------------
-// y [rows, hidden] = per row r, the sum over k < num_topk with pos[r, k] != pad of w[r, k] * src[pos[r, k]]
-// (float32 accumulation, one rounding); src and y bf16 (elem_bytes 2) or float32 (4); pos int64, w float32 [rows, K].
+// y [rows, hidden] = per row r, the sum over k < num_topk with pos[r, k] != pad and pos[r, k] < *count of
+// w[r, k] * src[pos[r, k]] (float32 accumulation, one rounding; count: int32 on the device, or null for no limit;
+// a skipped entry's source row and weight are not read); src and y bf16 (elem_bytes 2) or float32 (4); pos int64,
+// w float32 [rows, K].
 void launch_weighted_row_sum(const void* src, int elem_bytes, const int64_t* pos, const float* w, void* y,
-                             int64_t rows, int num_topk, int hidden, int64_t pad, cudaStream_t stream);
+                             int64_t rows, int num_topk, int hidden, int64_t pad, const int* count,
+                             cudaStream_t stream);
+// out [rows][row_bytes] = x [x_rows][row_bytes] at src[i] for the rows i < min(*count, rows) (count: int32 on the
+// device, e.g. an expert order's offs[-1]; the host never reads it); rows at or past it are not written and their
+// src entries not read. row_bytes a multiple of 16, x and out 16-byte aligned; a src entry outside [0, x_rows) traps.
+// Grid-stride, num_blocks blocks at most (gather_rows_default_blocks: enough warps to fill num_sms SMs). No sync.
+int gather_rows_default_blocks(int num_sms);
+void launch_gather_rows(const void* x, int64_t x_rows, int64_t row_bytes, const int64_t* src, const int* count,
+                        void* out, int64_t rows, int num_blocks, cudaStream_t stream);
 // The (row, k) entries of idx int64 [rows, num_topk] (local expert ids; an id outside [0, num_experts) names none)
 // in a stable order by expert, entries naming none last -- what a stable argsort of the keys gives: offs int32
 // [num_experts] inclusive end of each expert's entries; pos int64 [rows * num_topk] each entry's position, or pad

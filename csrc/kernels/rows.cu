@@ -1,4 +1,5 @@
-// Expert-side row kernels (no communication): the weighted sum of each dispatched row's expert outputs.
+// Expert-side row kernels (no communication): the weighted sum of each dispatched row's expert outputs, the expert
+// order of a dispatch's (row, k) entries, and the gather of the rows in that order.
 #include <cuda_bf16.h>
 
 #include <algorithm>
@@ -13,16 +14,18 @@ namespace {
 constexpr int kRowThreads = 512;
 constexpr int kRowWarps = kRowThreads / 32;
 
-// One warp per output row r: y[r] = sum over k with pos[r, k] != pad of w[r, k] * src[pos[r, k]], in float32,
-// rounded once to T. Every lane owns 16-byte columns; the K source loads of a column are issued before any is
-// used (kMaxK of them in flight).
+// One warp per output row r: y[r] = sum over k with pos[r, k] != pad and pos[r, k] < limit of w[r, k] *
+// src[pos[r, k]], in float32, rounded once to T (limit = *count, or no limit when count is null). A skipped entry
+// reads neither its source row nor its weight, so whatever those hold (NaN included) cannot reach y. Every lane owns
+// 16-byte columns; the K source loads of a column are issued before any is used (kMaxK of them in flight).
 template <typename T, int kMaxK>
 __global__ void __launch_bounds__(kRowThreads) weighted_row_sum_kernel(const T* src, const int64_t* pos,
                                                                        const float* w, T* y, int64_t R, int K, int H,
-                                                                       int64_t pad) {
+                                                                       int64_t pad, const int* count) {
     using V = Vec<T>;
     const int lane = threadIdx.x % 32;
     const int64_t nvec = H / V::kPer;
+    const int64_t limit = count != nullptr ? static_cast<int64_t>(*count) : INT64_MAX;
     for (int64_t r = static_cast<int64_t>(blockIdx.x) * kRowWarps + threadIdx.x / 32; r < R;
          r += static_cast<int64_t>(gridDim.x) * kRowWarps) {
         int64_t p[kMaxK];
@@ -30,6 +33,7 @@ __global__ void __launch_bounds__(kRowThreads) weighted_row_sum_kernel(const T* 
 #pragma unroll
         for (int k = 0; k < kMaxK; ++k) {
             p[k] = k < K ? pos[r * K + k] : pad;
+            if (p[k] >= limit) p[k] = pad;
             wk[k] = k < K && p[k] != pad ? w[r * K + k] : 0.f;
         }
         for (int64_t v = lane; v < nvec; v += 32) {
@@ -48,15 +52,16 @@ __global__ void __launch_bounds__(kRowThreads) weighted_row_sum_kernel(const T* 
 
 template <typename T>
 void launch_typed(const void* src, const int64_t* pos, const float* w, void* y, int64_t R, int K, int H, int64_t pad,
-                  cudaStream_t stream) {
+                  const int* count, cudaStream_t stream) {
     const int64_t blocks = std::min<int64_t>((R + kRowWarps - 1) / kRowWarps, 65535);
     if (blocks == 0) return;
     auto* s = static_cast<const T*>(src);
     auto* o = static_cast<T*>(y);
-    if (K <= 2) weighted_row_sum_kernel<T, 2><<<blocks, kRowThreads, 0, stream>>>(s, pos, w, o, R, K, H, pad);
-    else if (K <= 4) weighted_row_sum_kernel<T, 4><<<blocks, kRowThreads, 0, stream>>>(s, pos, w, o, R, K, H, pad);
-    else if (K <= 8) weighted_row_sum_kernel<T, 8><<<blocks, kRowThreads, 0, stream>>>(s, pos, w, o, R, K, H, pad);
-    else weighted_row_sum_kernel<T, 16><<<blocks, kRowThreads, 0, stream>>>(s, pos, w, o, R, K, H, pad);
+    auto* kernel = K <= 2   ? weighted_row_sum_kernel<T, 2>
+                   : K <= 4 ? weighted_row_sum_kernel<T, 4>
+                   : K <= 8 ? weighted_row_sum_kernel<T, 8>
+                            : weighted_row_sum_kernel<T, 16>;
+    kernel<<<blocks, kRowThreads, 0, stream>>>(s, pos, w, o, R, K, H, pad, count);
     LAUNCH_CHECK();
 }
 
@@ -166,6 +171,43 @@ __global__ void __launch_bounds__(kOrderWarps * 32) order_assign_kernel(const in
     }
 }
 
+
+// ---- gather: out[i] = x[src[i]] for the positions i below *count (count on the device, never read by the host) --
+// One warp per output row, grid-stride; each lane moves kGatherUnroll 16-byte vectors per step, all loads issued
+// before the stores. Rows at or past *count are not written, and their src entries are not read.
+constexpr int kGatherThreads = 256;
+constexpr int kGatherWarps = kGatherThreads / 32;
+constexpr int kGatherUnroll = 4;
+
+__global__ void __launch_bounds__(kGatherThreads) gather_rows_kernel(const int4* __restrict__ x, int64_t x_rows,
+                                                                    const int64_t* __restrict__ src,
+                                                                    const int* __restrict__ count,
+                                                                    int4* __restrict__ out, int64_t rows,
+                                                                    int64_t nvec) {
+    const int lane = threadIdx.x % 32;
+    const int64_t end = min(rows, static_cast<int64_t>(max(*count, 0)));
+    for (int64_t i = static_cast<int64_t>(blockIdx.x) * kGatherWarps + threadIdx.x / 32; i < end;
+         i += static_cast<int64_t>(gridDim.x) * kGatherWarps) {
+        const int64_t s = src[i];
+        DEVICE_ASSERT(s >= 0 && s < x_rows);
+        const int4* in = x + s * nvec;
+        int4* o = out + i * nvec;
+        for (int64_t v0 = lane; v0 < nvec; v0 += 32 * kGatherUnroll) {
+            int4 buf[kGatherUnroll];
+#pragma unroll
+            for (int u = 0; u < kGatherUnroll; ++u) {
+                const int64_t v = v0 + u * 32;
+                if (v < nvec) buf[u] = __ldg(in + v);
+            }
+#pragma unroll
+            for (int u = 0; u < kGatherUnroll; ++u) {
+                const int64_t v = v0 + u * 32;
+                if (v < nvec) o[v] = buf[u];
+            }
+        }
+    }
+}
+
 }  // namespace
 
 int64_t expert_order_chunk(int64_t entries) {
@@ -200,12 +242,28 @@ void launch_expert_order(const int64_t* idx, int64_t rows, int num_topk, int num
 }
 
 void launch_weighted_row_sum(const void* src, int elem_bytes, const int64_t* pos, const float* w, void* y,
-                             int64_t rows, int num_topk, int hidden, int64_t pad, cudaStream_t stream) {
+                             int64_t rows, int num_topk, int hidden, int64_t pad, const int* count,
+                             cudaStream_t stream) {
     HOST_ASSERT(elem_bytes == 2 || elem_bytes == 4, "weighted_row_sum: rows must be bf16 or float32");
     HOST_ASSERT(num_topk >= 1 && num_topk <= 16, "weighted_row_sum: 1 <= num_topk <= 16");
     HOST_ASSERT(hidden % (16 / elem_bytes) == 0, "weighted_row_sum: hidden * element size must be a multiple of 16");
-    if (elem_bytes == 2) launch_typed<__nv_bfloat16>(src, pos, w, y, rows, num_topk, hidden, pad, stream);
-    else launch_typed<float>(src, pos, w, y, rows, num_topk, hidden, pad, stream);
+    if (elem_bytes == 2) launch_typed<__nv_bfloat16>(src, pos, w, y, rows, num_topk, hidden, pad, count, stream);
+    else launch_typed<float>(src, pos, w, y, rows, num_topk, hidden, pad, count, stream);
+}
+
+int gather_rows_default_blocks(int num_sms) { return std::max(num_sms, 1) * (2048 / kGatherThreads); }
+
+void launch_gather_rows(const void* x, int64_t x_rows, int64_t row_bytes, const int64_t* src, const int* count,
+                        void* out, int64_t rows, int num_blocks, cudaStream_t stream) {
+    HOST_ASSERT(row_bytes >= 0 && row_bytes % 16 == 0, "gather_rows: row bytes must be a multiple of 16");
+    HOST_ASSERT(reinterpret_cast<uintptr_t>(x) % 16 == 0 && reinterpret_cast<uintptr_t>(out) % 16 == 0,
+                "gather_rows: x and out must be 16-byte aligned");
+    HOST_ASSERT(num_blocks >= 1, "gather_rows: num_blocks must be >= 1");
+    const int64_t blocks = std::min<int64_t>({(rows + kGatherWarps - 1) / kGatherWarps, num_blocks, INT32_MAX});
+    if (blocks == 0 || row_bytes == 0) return;
+    gather_rows_kernel<<<blocks, kGatherThreads, 0, stream>>>(static_cast<const int4*>(x), x_rows, src, count,
+                                                              static_cast<int4*>(out), rows, row_bytes / 16);
+    LAUNCH_CHECK();
 }
 
 }  // namespace largeep

@@ -381,12 +381,12 @@ def _direct(*tensors: Tensor) -> bool:
     return not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
 
 
-def _grouped_mm_impl(a: Tensor, b: Tensor, offs: Tensor, used: int) -> Tensor:
+def _grouped_mm_impl(a: Tensor, b: Tensor, offs: Tensor, used: int, clear_tail: bool = True) -> Tensor:
     why = _fallback_reason(a, b)
     if why is None and offs.numel():
         out = _try_native(lambda: torch._grouped_mm(a, b, offs=offs), a)
-        if out is not None:
-            return _clear_tail(out, offs, used)  # the kernel leaves rows past offs[-1] unwritten
+        if out is not None:  # the kernel leaves rows past offs[-1] unwritten
+            return _clear_tail(out, offs, used) if clear_tail else out
         why = _fallback_reason(a, b)
     _count(f"padded_bmm ({why or 'no groups'})")
     if used < 0:
@@ -415,14 +415,15 @@ def _grouped_mm_wgrad_impl(a: Tensor, g: Tensor, offs: Tensor, used: int) -> Ten
 
 
 @torch.library.custom_op(
-    "largeep::grouped_mm", mutates_args=(), schema="(Tensor a, Tensor b, Tensor offs, int used=-1) -> Tensor"
+    "largeep::grouped_mm", mutates_args=(),
+    schema="(Tensor a, Tensor b, Tensor offs, int used=-1, bool clear_tail=True) -> Tensor",
 )
-def _grouped_mm_op(a: Tensor, b: Tensor, offs: Tensor, used: int = -1) -> Tensor:
-    return _grouped_mm_impl(a, b, offs, used)
+def _grouped_mm_op(a: Tensor, b: Tensor, offs: Tensor, used: int = -1, clear_tail: bool = True) -> Tensor:
+    return _grouped_mm_impl(a, b, offs, used, clear_tail)
 
 
 @_grouped_mm_op.register_fake
-def _(a: Tensor, b: Tensor, offs: Tensor, used: int = -1) -> Tensor:
+def _(a: Tensor, b: Tensor, offs: Tensor, used: int = -1, clear_tail: bool = True) -> Tensor:
     return a.new_empty(a.shape[0], b.shape[2])
 
 
@@ -439,17 +440,21 @@ def _(a: Tensor, g: Tensor, offs: Tensor, used: int = -1) -> Tensor:
 
 
 def _gmm_setup(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
-    a, b, offs, used = inputs
+    a, b, offs, used, clear_tail = inputs
     ctx.used = used
+    ctx.clear_tail = clear_tail
     ctx.save_for_backward(a, b, offs)
 
 
-def _gmm_backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None, None]:
+def _gmm_backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None, None, None]:
+    """ga = grad @ b[e].T per group (its rows past offs[-1] cleared as the forward's were: without clear_tail they
+    are unspecified, which the caller promised never to read); gb from the rows below offs[-1] only, so whatever
+    the rows of ``a`` and ``grad`` past it hold (NaN included) does not reach it."""
     a, b, offs = ctx.saved_tensors
     grad = grad.contiguous()
-    ga = _grouped_mm_op(grad, b.transpose(1, 2), offs, ctx.used) if ctx.needs_input_grad[0] else None
+    ga = _grouped_mm_op(grad, b.transpose(1, 2), offs, ctx.used, ctx.clear_tail) if ctx.needs_input_grad[0] else None
     gb = _grouped_mm_wgrad_op(a, grad, offs, ctx.used) if ctx.needs_input_grad[1] else None
-    return ga, gb, None, None
+    return ga, gb, None, None, None
 
 
 _grouped_mm_op.register_autograd(_gmm_backward, setup_context=_gmm_setup)
@@ -574,24 +579,37 @@ def _native_rows() -> Any:
 
 
 @torch.library.custom_op(
-    "largeep::weighted_row_sum", mutates_args=(), schema="(Tensor src, Tensor pos, Tensor w, int pad) -> Tensor"
+    "largeep::weighted_row_sum", mutates_args=(),
+    schema="(Tensor src, Tensor pos, Tensor w, int pad, Tensor? count=None) -> Tensor",
 )
-def _weighted_row_sum_op(src: Tensor, pos: Tensor, w: Tensor, pad: int) -> Tensor:
-    return _weighted_row_sum_impl(src, pos, w, pad)
+def _weighted_row_sum_op(src: Tensor, pos: Tensor, w: Tensor, pad: int, count: Tensor | None = None) -> Tensor:
+    return _weighted_row_sum_impl(src, pos, w, pad, count)
 
 
-def _weighted_row_sum_impl(src: Tensor, pos: Tensor, w: Tensor, pad: int) -> Tensor:
+def _summed(pos: Tensor, pad: int, count: Tensor | None) -> Tensor:
+    """bool [R, K]: the entries weighted_row_sum adds (not pad, and below count when given)."""
+    keep = pos != pad
+    return keep & (pos < count) if count is not None else keep
+
+
+def _weighted_row_sum_impl(src: Tensor, pos: Tensor, w: Tensor, pad: int, count: Tensor | None = None) -> Tensor:
     r, k = pos.shape
-    C = _native_rows() if _native_rows_ok(src, pos) else None
+    C = _native_rows() if _native_rows_ok(src, pos) and (count is None or count.is_cuda) else None
     if C is None:
-        # embedding_bag: the same sum (its CUDA kernel is several times slower than largeep's on large rows)
-        w_src = torch.where(pos != pad, w, 0.0).to(src.dtype)
+        # embedding_bag: the same sum (its CUDA kernel is several times slower than largeep's on large rows). It
+        # multiplies an entry's row by its weight even when the weight is 0, so the rows past count are replaced by
+        # zeros first (selected, not multiplied: they may hold NaN)
+        if count is not None:
+            tail = torch.arange(src.shape[0], device=src.device) >= count
+            src = src.masked_fill(tail.unsqueeze(1), 0)
+        w_src = torch.where(_summed(pos, pad, count), w, 0.0).to(src.dtype)
         return F.embedding_bag(pos, src, mode="sum", per_sample_weights=w_src, padding_idx=pad if pad >= 0 else None)
     src, pos, w = src.contiguous(), pos.contiguous(), w.contiguous().float()
     y = src.new_empty(r, src.shape[1])
     with _on_device(src.device):
         C.weighted_row_sum(src.data_ptr(), src.element_size(), pos.data_ptr(), w.data_ptr(), y.data_ptr(), r, k,
-                           src.shape[1], pad, current_raw_stream(src.device))
+                           src.shape[1], pad, count.data_ptr() if count is not None else 0,
+                           current_raw_stream(src.device))
     return y
 
 
@@ -605,23 +623,24 @@ def _native_rows_ok(src: Tensor, pos: Tensor) -> bool:
 
 
 @_weighted_row_sum_op.register_fake
-def _(src: Tensor, pos: Tensor, w: Tensor, pad: int) -> Tensor:
+def _(src: Tensor, pos: Tensor, w: Tensor, pad: int, count: Tensor | None = None) -> Tensor:
     return src.new_empty(pos.shape[0], src.shape[1])
 
 
 def _wrs_setup(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
-    src, pos, w, pad = inputs
+    src, pos, w, pad, count = inputs
     ctx.pad = pad
-    ctx.save_for_backward(src, pos, w)
+    ctx.save_for_backward(src, pos, w, count)
 
 
-def _wrs_backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None, Tensor | None, None]:
+def _wrs_backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None, Tensor | None, None, None]:
     """One top-k column at a time, so the temporaries are [R, H], never [R, K, H]:
     grad_src[pos[r, k]] = w[r, k] * grad[r] (each valid entry names its own row; duplicates add up) and
-    grad_w[r, k] = <grad[r], src[pos[r, k]]> (0 for entries equal to pad)."""
-    src, pos, w = ctx.saved_tensors
+    grad_w[r, k] = <grad[r], src[pos[r, k]]> (0 for entries equal to pad or at or past count). Only the rows of
+    src that valid entries name are read, and the other rows of grad_src are zero."""
+    src, pos, w, count = ctx.saved_tensors
     k = pos.shape[1]
-    valid = pos != ctx.pad
+    valid = _summed(pos, ctx.pad, count)
     g32 = grad.float()
     # in src's dtype: each row gets one product, rounded once (rows named twice would be rounded per addition)
     g_src = torch.zeros_like(src) if ctx.needs_input_grad[0] else None
@@ -639,20 +658,28 @@ def _wrs_backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None, Tensor |
         None,
         g_w.to(w.dtype) if g_w is not None else None,
         None,
+        None,
     )
 
 
 _weighted_row_sum_op.register_autograd(_wrs_backward, setup_context=_wrs_setup)
 
 
-def weighted_row_sum(src: Tensor, pos: Tensor, w: Tensor, pad: int | None = None) -> Tensor:
-    """``y[r] = sum_k w[r, k] * src[pos[r, k]]`` over the entries with ``pos[r, k] != pad``, accumulated in float32,
-    in src's dtype; differentiable in ``src`` and ``w`` (each source row named by at most one entry).
+def weighted_row_sum(
+    src: Tensor, pos: Tensor, w: Tensor, pad: int | None = None, count: Tensor | None = None
+) -> Tensor:
+    """``y[r] = sum_k w[r, k] * src[pos[r, k]]`` over the entries with ``pos[r, k] != pad`` (and
+    ``pos[r, k] < count``), accumulated in float32, in src's dtype; differentiable in ``src`` and ``w`` (each source
+    row named by at most one entry). Entries left out are skipped, not multiplied by 0: whatever their rows hold
+    (NaN included) reaches neither y nor a gradient; their weights get a zero gradient.
 
     Args:
         src: [P, H] bf16/fp32 rows; pos: int64 [R, K] row indices into src (on src's device); w: float32 [R, K];
             pad: a row index (in [0, P)) that entries name when they are not to be summed, or None: every entry is
             summed.
+        count: None, or an int32 tensor of one element on src's device (e.g. ``offs[-1:]`` of an expert order):
+            the rows of src at or past it are never read, and the entries naming them are left out. Read on the
+            device only (no host wait).
     On CUDA with the native module (bf16/fp32 rows of a multiple of 16 bytes, K <= 16): one read of the named rows,
     weights in float32, no [R, K, H] intermediate (largeep's kernel); elsewhere ``embedding_bag``, whose weights
     are rounded to src's dtype first.
@@ -664,11 +691,155 @@ def weighted_row_sum(src: Tensor, pos: Tensor, w: Tensor, pad: int | None = None
         raise ArgumentError(f"weighted_row_sum: w has shape {tuple(w.shape)}, expected {tuple(pos.shape)}")
     if pad is not None and not 0 <= pad < src.shape[0]:
         raise ArgumentError(f"weighted_row_sum: pad must be a row of src in [0, {src.shape[0]}) or None, got {pad}")
-    op = _weighted_row_sum_impl if _direct(src, w, pos) else _weighted_row_sum_op
-    return op(src, pos, w, -1 if pad is None else pad)  # type: ignore[no-any-return]
+    _check_count("weighted_row_sum", count, src.device)
+    direct = _direct(src, w, pos) if count is None else _direct(src, w, pos, count)
+    op = _weighted_row_sum_impl if direct else _weighted_row_sum_op
+    return op(src, pos, w, -1 if pad is None else pad, count)  # type: ignore[no-any-return]
 
 
-def grouped_mm(a: Tensor, b: Tensor, offs: Tensor, used: int | None = None) -> Tensor:
+def _check_count(op: str, count: Tensor | None, device: torch.device) -> None:
+    if count is None:
+        return
+    if not isinstance(count, Tensor) or count.dtype != torch.int32 or count.numel() != 1 or count.device != device:
+        what = f"{count.dtype} {tuple(count.shape)} on {count.device}" if isinstance(count, Tensor) else type(count)
+        raise ArgumentError(f"{op}: count must be an int32 tensor of one element on {device}, got {what}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Gather of the rows below a device-side count (the expert GEMMs' input when the pair count is not on the host)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op(
+    "largeep::gather_rows", mutates_args=(),
+    schema="(Tensor x, Tensor src, Tensor count, Tensor? pos=None, int num_blocks=0) -> Tensor",
+)
+def _gather_rows_op(x: Tensor, src: Tensor, count: Tensor, pos: Tensor | None = None, num_blocks: int = 0) -> Tensor:
+    return _gather_rows_impl(x, src, count, pos, num_blocks)
+
+
+def _gather_rows_impl(x: Tensor, src: Tensor, count: Tensor, pos: Tensor | None = None, num_blocks: int = 0) -> Tensor:
+    C = _native_rows() if _native_gather_ok(x, src, count) else None
+    if C is None:
+        return _gather_rows_torch(x, src, count)
+    out = x.new_empty(src.shape[0], x.shape[1])
+    _gather_rows_into(C, out, x, src.contiguous(), count, num_blocks)
+    return out
+
+
+def _gather_rows_into(C: Any, out: Tensor, x: Tensor, src: Tensor, count: Tensor, num_blocks: int) -> None:
+    """The native gather into ``out`` [P, H] (its rows at or past count left as they are)."""
+    dev = x.device
+    with _on_device(dev):
+        blocks = num_blocks if num_blocks > 0 else C.gather_rows_default_blocks(_sm_count_of(dev))
+        C.gather_rows(x.data_ptr(), x.shape[0], x.shape[1] * x.element_size(), src.data_ptr(), count.data_ptr(),
+                      out.data_ptr(), src.shape[0], blocks, current_raw_stream(dev))
+
+
+def _native_gather_ok(x: Tensor, src: Tensor, count: Tensor) -> bool:
+    """Whether largeep's gather takes these: CUDA rows of 16-byte multiples, contiguous and 16-byte aligned."""
+    return (
+        x.is_cuda and src.is_cuda and count.is_cuda and (x.shape[1] * x.element_size()) % 16 == 0
+        and (not x.numel() or (x.is_contiguous() and x.data_ptr() % 16 == 0))
+    )
+
+
+@functools.cache
+def _sm_count_index(index: int) -> int:
+    return int(torch.cuda.get_device_properties(index).multi_processor_count)
+
+
+def _sm_count_of(device: torch.device) -> int:
+    """SMs of ``device``, looked up once per GPU."""
+    return _sm_count_index(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def _gather_rows_torch(x: Tensor, src: Tensor, count: Tensor) -> Tensor:
+    """The gather in torch ops (any device, no host wait): the rows at or past count take x[0] (their src entries
+    are not read, so they may be anything)."""
+    p = src.shape[0]
+    if x.shape[0] == 0:  # then count is 0 (no row to name)
+        return x.new_zeros(p, x.shape[1])
+    keep = torch.arange(p, device=src.device) < count
+    return x[torch.where(keep, src, 0)]
+
+
+@_gather_rows_op.register_fake
+def _(x: Tensor, src: Tensor, count: Tensor, pos: Tensor | None = None, num_blocks: int = 0) -> Tensor:
+    return x.new_empty(src.shape[0], x.shape[1])
+
+
+def _gather_setup(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
+    x, src, count, pos, _ = inputs
+    ctx.x_rows = x.shape[0]
+    ctx.x_dtype = x.dtype
+    ctx.save_for_backward(src, count, pos)
+
+
+def _gather_backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None, None, None, None]:
+    """grad_x[r] = the sum of grad[i] over the positions i < count with src[i] = r; the rows at or past count add
+    nothing (selected away, never multiplied: they may hold NaN). With pos (each position i < count named by
+    exactly one entry pos[r, k] = i, and src[i] = r) it is a row sum -- largeep's weighted-sum kernel with weights
+    1: no atomics, float32 accumulation, one rounding; else an index_add in float32 of the masked rows."""
+    if not ctx.needs_input_grad[0]:
+        return None, None, None, None, None
+    src, count, pos = ctx.saved_tensors
+    grad = grad.contiguous()
+    if pos is not None:
+        ones = torch.ones(pos.shape, dtype=torch.float32, device=pos.device)
+        gx = _weighted_row_sum_op(grad, pos, ones, -1, count)
+    else:
+        keep = torch.arange(src.shape[0], device=src.device) < count
+        rows = torch.where(keep.unsqueeze(1), grad.float(), 0.0)
+        gx = grad.new_zeros(ctx.x_rows, grad.shape[1], dtype=torch.float32)
+        if ctx.x_rows:
+            gx.index_add_(0, torch.where(keep, src, 0), rows)
+    return gx.to(ctx.x_dtype), None, None, None, None
+
+
+_gather_rows_op.register_autograd(_gather_backward, setup_context=_gather_setup)
+
+
+def gather_rows(
+    x: Tensor, src: Tensor, count: Tensor, pos: Tensor | None = None, *, num_blocks: int | None = None
+) -> Tensor:
+    """``out[i] = x[src[i]]`` for the positions ``i < count``, with count read on the device (no host wait);
+    differentiable in ``x``. The gather of an expert order's rows when the number of valid pairs is not known on
+    the host (``count = offs[-1:]``): only those rows are copied.
+
+    Args:
+        x: [N, H] rows of any dtype.
+        src: int64 [P] row indices into x (on x's device); entries at or past count are not read.
+        count: int32 tensor of one element on x's device.
+        pos: None, or int64 [N, K] the inverse of src below count (each position i < count named by exactly one
+            entry, ``pos[r, k] = i`` with ``src[i] = r``; the other entries name positions at or past count): what
+            :func:`expert_order` returns. With it the backward is a row sum (no atomics, float32, one rounding);
+            without it an index_add.
+        num_blocks: blocks of the native kernel (grid-stride over the rows); None: enough to fill the GPU.
+
+    Returns:
+        [P, H] in x's dtype. Rows at or past count are unspecified: largeep's kernel (CUDA, rows of 16-byte
+        multiples, x contiguous and 16-byte aligned) leaves them unwritten; the torch fallback fills them with x[0].
+        Their gradient is dropped (never added to x's).
+    """
+    if x.dim() != 2:
+        raise ArgumentError(f"gather_rows: x must be [N, H], got {x.dim()}-d")
+    if src.dtype != torch.int64 or src.dim() != 1 or src.device != x.device:
+        raise ArgumentError(f"gather_rows: src must be int64 [P] on {x.device}, got {src.dtype} {tuple(src.shape)} "
+                            f"on {src.device}")
+    _check_count("gather_rows", count, x.device)
+    if pos is not None and (pos.dtype != torch.int64 or pos.dim() != 2 or pos.shape[0] != x.shape[0]
+                            or pos.device != x.device):
+        raise ArgumentError(f"gather_rows: pos must be int64 [{x.shape[0]}, K] on {x.device} or None, got "
+                            f"{pos.dtype} {tuple(pos.shape)} on {pos.device}")
+    if num_blocks is not None and num_blocks < 1:
+        raise ArgumentError(f"gather_rows: num_blocks must be >= 1 or None, got {num_blocks}")
+    direct = _direct(x, src, count) if pos is None else _direct(x, src, count, pos)
+    op = _gather_rows_impl if direct else _gather_rows_op
+    return op(x, src, count, pos, num_blocks or 0)  # type: ignore[no-any-return]
+
+
+def grouped_mm(a: Tensor, b: Tensor, offs: Tensor, used: int | None = None, *, clear_tail: bool = True) -> Tensor:
     """One GEMM per group over contiguous row ranges, differentiable in ``a`` and ``b``.
 
     Args:
@@ -678,11 +849,16 @@ def grouped_mm(a: Tensor, b: Tensor, offs: Tensor, used: int | None = None) -> T
         used: ``offs[-1]`` when the caller knows it on the host (no sync): the rows past it are then zeroed with
             a slice instead of a masked pass over the whole output, and the fallback skips one host sync.
             Must equal ``offs[-1]``.
+        clear_tail: False leaves the rows past ``offs[-1]`` of the output as the native kernel leaves them
+            (unspecified, NaN possible; the padded bmm still gives zeros), and so are those rows of a's gradient:
+            for a caller that reads neither (``GroupedExperts.forward_rows``: its gather's backward and its weighted
+            sum stop at ``offs[-1]``), which saves a masked pass over the output when ``used`` is not known.
 
     Returns:
-        [P, N] in a's dtype; rows past ``offs[-1]`` are zero. The native kernel (``torch._grouped_mm``: bf16 on
-        sm90/sm100 CUDA; float32/bf16/fp16 on CPU; 16-byte strides) does not wait on the host; the padded-bmm
-        fallback does (for the largest group), inside the op, so a compiled graph does not break.
+        [P, N] in a's dtype; rows past ``offs[-1]`` are zero (with ``clear_tail``). The native kernel
+        (``torch._grouped_mm``: bf16 on sm90/sm100 CUDA; float32/bf16/fp16 on CPU; 16-byte strides) does not wait
+        on the host; the padded-bmm fallback does (for the largest group), inside the op, so a compiled graph does
+        not break.
         :func:`grouped_mm_stats` counts which one ran.
     """
     # caller mistakes are refused here, not left to the native kernel (whose failures turn it off for the process)
@@ -693,7 +869,7 @@ def grouped_mm(a: Tensor, b: Tensor, offs: Tensor, used: int | None = None) -> T
         raise ArgumentError(f"grouped_mm: a and b must share a dtype and offs be int32; got {a.dtype}, {b.dtype}, "
                             f"{offs.dtype}")
     op = _grouped_mm_impl if _direct(a, b, offs) else _grouped_mm_op
-    return op(a, b, offs, -1 if used is None else used)  # type: ignore[no-any-return]
+    return op(a, b, offs, -1 if used is None else used, clear_tail)  # type: ignore[no-any-return]
 
 
 @contextlib.contextmanager

@@ -42,18 +42,20 @@ def tensor(
     if t.dtype not in dtypes:
         names = ", ".join(str(d) for d in dtypes)
         raise ArgumentError(f"{_where(op, arg)} has dtype {t.dtype}, expected {names}")
-    if t.dim() != ndim:
-        raise ArgumentError(f"{_where(op, arg)} has {t.dim()} dimensions {tuple(t.shape)}, expected {ndim}")
+    have_shape = t.shape  # (each attribute read costs host time on every call: read once)
+    if len(have_shape) != ndim:
+        raise ArgumentError(f"{_where(op, arg)} has {t.dim()} dimensions {tuple(have_shape)}, expected {ndim}")
     if shape is not None:
-        for i, (have, want) in enumerate(zip(t.shape, shape, strict=False)):
+        for i, (have, want) in enumerate(zip(have_shape, shape, strict=False)):
             if want is not None and have != want:
                 exp = tuple("*" if s is None else s for s in shape)
-                raise ArgumentError(f"{_where(op, arg)} has shape {tuple(t.shape)}, expected {exp} (dim {i})")
-    if t.device.type != device.type or (device.index is not None and t.device.index != device.index):
-        raise ArgumentError(f"{_where(op, arg)} is on {t.device}, expected {device}")
+                raise ArgumentError(f"{_where(op, arg)} has shape {tuple(have_shape)}, expected {exp} (dim {i})")
+    where = t.device
+    if where != device and (where.type != device.type or (device.index is not None and where.index != device.index)):
+        raise ArgumentError(f"{_where(op, arg)} is on {where}, expected {device}")
     if not t.is_contiguous():
         raise ArgumentError(f"{_where(op, arg)} must be contiguous (strides {t.stride()})")
-    if row_aligned and t.is_cuda and t.data_ptr() % 16:
+    if row_aligned and where.type == "cuda" and t.data_ptr() % 16:
         raise ArgumentError(f"{_where(op, arg)} must start at a 16-byte aligned address (data_ptr % 16 = "
                             f"{t.data_ptr() % 16}: a view into a larger tensor? pass a copy)")
     return t

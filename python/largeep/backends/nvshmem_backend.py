@@ -110,16 +110,20 @@ class _NvState:
     (the token of each of this rank's rows for itself, which a copy-slot dispatch copies straight from the inputs).
     Receiver side: recv_src int32 [rows, 2] (source rank, token), recv_off int32 [N + 1] (first row of each source).
     hier: the inter-node parts (None inside one node). Each receiver's slot of the round (send_slot) is not kept: a
-    cached dispatch sends to the copy slots."""
+    cached dispatch sends to the copy slots.
 
-    send_pos: torch.Tensor
-    send_off: torch.Tensor
+    send_pos, send_off, recv_off and self_token are device addresses inside ``ws`` (one int32 allocation, which
+    this state keeps alive): only the kernels read them, and a view each would cost host time on every call."""
+
+    ws: torch.Tensor
+    send_pos: int
+    send_off: int
     recv_src: torch.Tensor
-    recv_off: torch.Tensor
+    recv_off: int
     num_rows: int
     num_tokens: int
     worst: bool
-    self_token: torch.Tensor
+    self_token: int
     hier: _Hier | None = None
 
 
@@ -410,13 +414,17 @@ class NvshmemBackend:
             assert topk_idx is not None and topk_weights is not None
             i32 = torch.int32
             report = not worst
-            # one allocation for the int32 arrays of the call (each a view; kernels read them as ints)
-            parts = (t * n, n + 1, n, max(t, 1), c.experts_per_rank if report else 0)
-            send_pos, recv_off, send_off, self_token, per_expert_ws = torch.empty(
-                sum(parts), dtype=i32, device=dev
-            ).split_with_sizes(parts)
-            send_pos = send_pos.view(t, n)
-            send_slot = torch.empty(n, dtype=torch.int64, device=dev)  # this call's only (see _NvState)
+            # one int32 allocation for every array of the call, addressed by offset (the kernels take addresses;
+            # views would cost host time): send_slot int64 [N] first (8-byte aligned; this call's only, see
+            # _NvState), send_pos [T, N], recv_off [N + 1], send_off [N], self_token [max(T, 1)], and the reported
+            # per-expert counts last (the one part the caller gets as a tensor)
+            epr = c.experts_per_rank if report else 0
+            ws = torch.empty(2 * n + t * n + (n + 1) + n + max(t, 1) + epr, dtype=i32, device=dev)
+            send_slot = ws.data_ptr()
+            send_pos = send_slot + 8 * n
+            recv_off = send_pos + 4 * t * n
+            send_off = recv_off + 4 * (n + 1)
+            self_token = send_off + 4 * n
             hier = None
             if nodes > 1:
                 hier = _Hier(
@@ -427,21 +435,21 @@ class NvshmemBackend:
                 )
             if report:
                 self.status[_READY] = 0
-                per_expert_t = per_expert_ws
+                per_expert_t = ws[ws.shape[0] - epr:]
             words = self._id_check_words(check_ids, t)  # (the layout check's words)
-            k.prepare(topk_idx.data_ptr(), t, send_pos.data_ptr(), _ptr(hier.node_pos if hier else None),
-                      self_token.data_ptr(), words, self._layout_token, stream)
+            k.prepare(topk_idx.data_ptr(), t, send_pos, _ptr(hier.node_pos if hier else None), self_token, words,
+                      self._layout_token, stream)
             if check_ids:
                 self._wait_id_check("dispatch")
             # (taken after the check: a refused call leaves every slot free)
             if not worst and self.zc_slots and elem <= 2:
                 slot = int(k.zc_acquire(stream))
-            k.notify(recv_off.data_ptr(), send_off.data_ptr(), send_slot.data_ptr(),
+            k.notify(recv_off, send_off, send_slot,
                      _ptr(hier.fwd_off if hier else None), _ptr(hier.fwd_count if hier else None), slot, report,
                      _ptr(per_expert_t), expert_alignment, stream)
             # The sends need no host decision: they run while the host waits for the counts below.
             self._send(x, x_scales, topk_idx.data_ptr(), topk_weights.data_ptr(), t, send_pos, send_off,
-                       send_slot.data_ptr(), slot > 0, hier, False, stream)
+                       send_slot, slot > 0, hier, False, stream)
             if report:
                 rc = self.C.wait_host_word(self.host_ptr, _READY, 1, _ERROR, self.settings.timeout_s + _HOST_GRACE_S)
                 self._raise_if_failed("dispatch")
@@ -457,8 +465,8 @@ class NvshmemBackend:
             else:
                 rows = num_worst_tokens
             state = _NvState(
-                send_pos, send_off, torch.empty(rows, 2, dtype=i32, device=dev), recv_off, rows, t, worst, self_token,
-                hier,
+                ws, send_pos, send_off, torch.empty(rows, 2, dtype=i32, device=dev), recv_off, rows, t, worst,
+                self_token, hier,
             )
         else:
             # cached: every rank receives into its copy slot
@@ -483,9 +491,9 @@ class NvshmemBackend:
                 out_w = torch.empty(rows, c.num_topk, dtype=torch.float32, device=dev)
         k.copyout(
             out_x.data_ptr(), elem, _ptr(out_s), _ptr(out_idx), _ptr(out_w), state.recv_src.data_ptr(),
-            state.recv_off.data_ptr(), rows, cached, x.data_ptr(), _ptr(x_scales),
+            state.recv_off, rows, cached, x.data_ptr(), _ptr(x_scales),
             _ptr(None if cached else topk_idx), _ptr(None if cached else topk_weights),
-            state.self_token.data_ptr(), slot, sms, stream,
+            state.self_token, slot, sms, stream,
         )
         if per_expert_t is None:  # (a reporting notify wrote it) counted from the ids, or none for a cached call
             if out_idx is not None:
@@ -499,7 +507,7 @@ class NvshmemBackend:
 
     def _send(
         self, x: torch.Tensor, x_scales: torch.Tensor | None, idx_ptr: int, w_ptr: int, t: int,
-        send_pos: torch.Tensor, send_off: torch.Tensor, send_slot_ptr: int, include_self: bool, hier: _Hier | None,
+        send_pos: int, send_off: int, send_slot_ptr: int, include_self: bool, hier: _Hier | None,
         cached: bool, stream: int,
     ) -> None:
         """Queues the sending kernels of a dispatch: the RDMA leg (several nodes), the NVLink push to this node's
@@ -510,9 +518,9 @@ class NvshmemBackend:
         k, sms = self.kernels, self.ctx.num_sms
         elem, scales_ptr = x.element_size(), _ptr(x_scales)
         if hier is not None:
-            k.rdma_send(x.data_ptr(), elem, scales_ptr, idx_ptr, w_ptr, t, send_pos.data_ptr(),
+            k.rdma_send(x.data_ptr(), elem, scales_ptr, idx_ptr, w_ptr, t, send_pos,
                         hier.node_pos.data_ptr(), sms, stream)
-        k.push(x.data_ptr(), elem, scales_ptr, idx_ptr, w_ptr, t, send_pos.data_ptr(), send_off.data_ptr(),
+        k.push(x.data_ptr(), elem, scales_ptr, idx_ptr, w_ptr, t, send_pos, send_off,
                send_slot_ptr, include_self, sms, stream)
         if hier is not None:
             k.forward(elem, x_scales is not None, cached, hier.fwd_off.data_ptr(), hier.fwd_count.data_ptr(),
@@ -535,22 +543,22 @@ class NvshmemBackend:
         k, hier = self.kernels, state.hier
         if self.fused_combine:
             k.combine_fused(
-                out.data_ptr(), out.element_size(), _ptr(out_w), state.send_pos.data_ptr(), state.num_tokens, with_w,
-                y.data_ptr(), _ptr(topk_weights), state.recv_src.data_ptr(), state.recv_off.data_ptr(),
+                out.data_ptr(), out.element_size(), _ptr(out_w), state.send_pos, state.num_tokens, with_w,
+                y.data_ptr(), _ptr(topk_weights), state.recv_src.data_ptr(), state.recv_off,
                 state.num_rows, c.num_sms, self.fused_combine, stream,
             )
             return out, out_w
         k.combine_push(
-            y.data_ptr(), y.element_size(), _ptr(topk_weights), state.recv_src.data_ptr(), state.recv_off.data_ptr(),
+            y.data_ptr(), y.element_size(), _ptr(topk_weights), state.recv_src.data_ptr(), state.recv_off,
             state.num_rows, c.num_sms, stream,
         )
         if hier is not None:
             k.combine_forward(y.element_size(), with_w, hier.fwd_count.data_ptr(), hier.fwd_pos.data_ptr(), c.num_sms,
                               stream)
         k.combine_reduce(
-            out.data_ptr(), out.element_size(), _ptr(out_w), state.send_pos.data_ptr(),
+            out.data_ptr(), out.element_size(), _ptr(out_w), state.send_pos,
             _ptr(hier.node_pos if hier else None), state.num_tokens, with_w, y.data_ptr(), _ptr(topk_weights),
-            state.recv_off.data_ptr(), c.num_sms, stream,
+            state.recv_off, c.num_sms, stream,
         )
         return out, out_w
 

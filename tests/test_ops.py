@@ -350,3 +350,206 @@ def test_grouped_mm_refuses_caller_mistakes_without_turning_native_off() -> None
     ops.reset_grouped_mm_stats()
     ops.grouped_mm(a, b, good)
     assert set(ops.grouped_mm_stats()) == {"native"}, ops.grouped_mm_stats()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A device-side count: weighted_row_sum skipping the rows at or past it, and gather_rows stopping at it
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _count_case(seed: int, r: int, k: int, h: int, dtype: torch.dtype, count: int, device: str):
+    """src [r*k, h] whose rows at or past count hold NaN (as unspecified GEMM rows may), pos a permutation of the
+    positions [r, k], weights, count as an int32 tensor [1]."""
+    g = torch.Generator().manual_seed(seed)
+    src = torch.randn(r * k, h, generator=g)
+    src[count:] = float("nan")
+    pos = torch.randperm(r * k, generator=g).view(r, k)
+    w = torch.rand(r, k, generator=g)
+    cnt = torch.tensor([count], dtype=torch.int32)
+    return src.to(dtype).to(device), pos.to(device), w.to(device), cnt.to(device)
+
+
+def _check_wrs_count(seed: int, r: int, k: int, h: int, dtype: torch.dtype, count: int, device: str) -> None:
+    """weighted_row_sum with count against float64 autograd over the entries below count (the NaN rows replaced by
+    zeros in the reference only): output, and grads of src (zero on the rows at or past count) and of the weights
+    (zero for the skipped entries); nothing non-finite anywhere."""
+    src, pos, w, cnt = _count_case(seed, r, k, h, dtype, count, device)
+    s_in, w_in = src.clone().requires_grad_(), w.clone().requires_grad_()
+    y = ops.weighted_row_sum(s_in, pos, w_in, None, cnt)
+    gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed + 1))
+    y.backward(gy.to(dtype).to(device))
+    keep = (pos < count).cpu()
+    s64 = torch.where(torch.arange(r * k).unsqueeze(1) < count, src.cpu().double(), 0.0).requires_grad_()
+    w64 = w.cpu().double().requires_grad_()
+    y64 = (s64[pos.cpu()] * torch.where(keep, w64, 0.0).unsqueeze(2)).sum(1)
+    y64.backward(gy.to(dtype).double())
+    # embedding_bag (the fallback) rounds the weights to src's dtype first; largeep's kernel keeps them in float32
+    tol = 2.0**-7 if dtype == torch.bfloat16 else 1e-5
+    layer_bodies.close(y, y64, "weighted_row_sum with count", rtol=tol)
+    layer_bodies.close(s_in.grad, s64.grad, "grad of src", rtol=tol)
+    layer_bodies.close(w_in.grad, w64.grad, "grad of w", rtol=4 * tol)
+    assert (s_in.grad[count:] == 0).all() and (w_in.grad[~keep.to(device)] == 0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("count", [0, 5, 17, 24])
+def test_weighted_row_sum_count(dtype: torch.dtype, count: int) -> None:
+    """CPU (embedding_bag path): entries at or past count are skipped, NaN in their rows leaks nowhere."""
+    _check_wrs_count(count, 6, 4, 32, dtype, count, "cpu")
+
+
+def _gather_case(seed: int, n: int, k: int, e: int, h: int, dtype: torch.dtype, device: str):
+    """An expert order of random ids (-1 and ids >= e name no expert) over x [n, h] whose rows naming no expert hold
+    NaN; src's entries past the valid count replaced by rows out of range (never to be read)."""
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(-1, e + 1, (n, k), generator=g)
+    if n > 2:
+        idx[1] = -1
+    x = torch.randn(n, h, generator=g)
+    x[((idx < 0) | (idx >= e)).all(dim=1)] = float("nan")
+    offs, src, pos, _ = ops.expert_order(idx, e, None)
+    count = int(offs[-1]) if offs.numel() else 0
+    src = src.clone()
+    src[count:] = torch.tensor([10**9, -7]).repeat(n * k)[: n * k - count]
+    return x.to(dtype).to(device), src.to(device), offs[-1:].to(device), pos.to(device), count
+
+
+def _check_gather(seed: int, n: int, k: int, e: int, h: int, dtype: torch.dtype, with_pos: bool, device: str,
+                  num_blocks: int | None = None) -> None:
+    """gather_rows: the rows below count exactly x[src]; backward with NaN in the gradient's rows at or past count
+    equals an index_add of the rows below it (float64), rows of x named by nothing get 0."""
+    x, src, cnt, pos, count = _gather_case(seed, n, k, e, h, dtype, device)
+    xg = x.clone().requires_grad_()
+    out = ops.gather_rows(xg, src, cnt, pos if with_pos else None, num_blocks=num_blocks)
+    assert out.shape == (n * k, h) and out.dtype == dtype
+    assert torch.equal(out[:count], x[src[:count]]), "gathered rows differ"
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed + 1)).to(dtype)
+    g[count:] = float("nan")
+    out.backward(g.to(device))
+    ref = torch.zeros(n, h, dtype=torch.float64).index_add_(0, src[:count].cpu(), g[:count].double())
+    layer_bodies.close(xg.grad, ref, "grad of x", rtol=2.0**-8 if dtype == torch.bfloat16 else 1e-6)
+    assert xg.grad.dtype == dtype
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("n,k,e", [(0, 3, 2), (1, 1, 1), (9, 3, 4), (40, 4, 3)])
+@pytest.mark.parametrize("with_pos", [False, True])
+def test_gather_rows(dtype: torch.dtype, n: int, k: int, e: int, with_pos: bool) -> None:
+    """CPU (torch path): the rows below the device-side count, src past it never read, grads of those rows only."""
+    _check_gather(n * 10 + k, n, k, e, 24, dtype, with_pos, "cpu")
+
+
+def test_gather_rows_count_bounds() -> None:
+    # count 0 gathers nothing; a count past P stops at P; the fallback's rows past count are x[0]
+    x = torch.randn(5, 8)
+    src = torch.tensor([4, 2, 99, -3])
+    out = ops.gather_rows(x, src, torch.tensor([2], dtype=torch.int32))
+    assert torch.equal(out[:2], x[[4, 2]]) and torch.equal(out[2:], x[[0, 0]])
+    full = ops.gather_rows(x, src[:2], torch.tensor([9], dtype=torch.int32))
+    assert torch.equal(full, x[[4, 2]])
+    assert ops.gather_rows(x[:0], src, torch.tensor([0], dtype=torch.int32)).shape == (4, 8)
+
+
+def test_gather_rows_opcheck() -> None:
+    x, src, cnt, pos, _ = _gather_case(3, 7, 3, 4, 16, torch.float32, "cpu")
+    x = torch.nan_to_num(x)
+    torch.library.opcheck(torch.ops.largeep.gather_rows.default, (x.requires_grad_(), src, cnt, pos, 0))
+    torch.library.opcheck(torch.ops.largeep.gather_rows.default, (x, src, cnt, None, 0))
+    s, p, w, c = _count_case(4, 5, 3, 16, torch.float32, 9, "cpu")
+    torch.library.opcheck(torch.ops.largeep.weighted_row_sum.default,
+                          (torch.nan_to_num(s).requires_grad_(), p, w, -1, c))
+
+
+def test_gather_rows_rejects() -> None:
+    from largeep.errors import ArgumentError
+
+    x, src, cnt = torch.randn(4, 8), torch.tensor([0, 1]), torch.tensor([1], dtype=torch.int32)
+    with pytest.raises(ArgumentError, match="x must be"):
+        ops.gather_rows(x[0], src, cnt)
+    with pytest.raises(ArgumentError, match="src must be int64"):
+        ops.gather_rows(x, src.int(), cnt)
+    with pytest.raises(ArgumentError, match="count must be an int32"):
+        ops.gather_rows(x, src, cnt.long())
+    with pytest.raises(ArgumentError, match="count must be an int32"):
+        ops.gather_rows(x, src, torch.tensor([1, 2], dtype=torch.int32))
+    with pytest.raises(ArgumentError, match="pos must be int64"):
+        ops.gather_rows(x, src, cnt, torch.zeros(3, 2, dtype=torch.int64))
+    with pytest.raises(ArgumentError, match="num_blocks"):
+        ops.gather_rows(x, src, cnt, num_blocks=0)
+    with pytest.raises(ArgumentError, match="count must be an int32"):
+        ops.weighted_row_sum(x, torch.zeros(2, 1, dtype=torch.int64), torch.ones(2, 1), None, cnt.float())
+
+
+def _native_or_skip() -> object:
+    from largeep import native
+
+    if native.unavailable_reason() is not None:
+        pytest.skip(str(native.unavailable_reason()))
+    return native.module()
+
+
+@pytest.mark.gpu(1)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("count", [0, 1, 333, 2048])
+def test_weighted_row_sum_count_gpu(dtype: torch.dtype, count: int) -> None:
+    """largeep's kernel with a device-side count (and the embedding_bag path for rows of 100 bf16): entries at or
+    past it skipped, NaN in their rows leaks nowhere; against float64."""
+    _native_or_skip()
+    _check_wrs_count(count + 1, 256, 8, 512, dtype, count, "cuda")
+    if dtype == torch.bfloat16:
+        src, pos, _, _ = _count_case(1, 4, 3, 100, dtype, 5, "cuda")
+        assert not ops._native_rows_ok(src, pos)
+        _check_wrs_count(count + 2, 40, 3, 100, dtype, min(count, 120), "cuda")
+
+
+@pytest.mark.gpu(1)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("n,k,e,h", [(0, 8, 4, 7168), (1, 1, 1, 64), (37, 3, 5, 7168), (1000, 8, 16, 512),
+                                     (300, 4, 8, 100)])
+@pytest.mark.parametrize("with_pos", [False, True])
+def test_gather_rows_gpu(dtype: torch.dtype, n: int, k: int, e: int, h: int, with_pos: bool) -> None:
+    """largeep's gather (rows of 16-byte multiples; 100 bf16 = 200 bytes takes the torch path): the rows below the
+    device-side count exactly x[src], src past it never read (out-of-range entries there), grads of those rows only;
+    with one block (grid-stride) and the default grid."""
+    _native_or_skip()
+    x = torch.empty(2, h, dtype=dtype, device="cuda")
+    assert ops._native_gather_ok(x, x.new_zeros(1, dtype=torch.int64), x.new_zeros(1, dtype=torch.int32)) == (
+        h * x.element_size() % 16 == 0
+    )
+    _check_gather(n + k + h, n, k, e, h, dtype, with_pos, "cuda")
+    _check_gather(n + k + h + 1, n, k, e, h, dtype, with_pos, "cuda", num_blocks=1)
+
+
+@pytest.mark.gpu(1)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.uint8])
+@pytest.mark.parametrize("blocks", [1, 3, 0])
+def test_gather_rows_leaves_tail_untouched_gpu(dtype: torch.dtype, blocks: int) -> None:
+    """The native kernel into a poisoned output: rows below count are x[src] exactly, every byte of the rows at or
+    past it is left as it was (count 0, inside, equal to P, past P); any row dtype (a byte copy)."""
+    C = _native_or_skip()
+    g = torch.Generator().manual_seed(blocks)
+    n, p, h = 300, 700, 64
+    x = torch.randint(0, 200, (n, h), generator=g).to(dtype).cuda()
+    src = torch.randint(0, n, (p,), generator=g).cuda()
+    for count in (0, 1, 451, p, p + 9):
+        src_bad = src.clone()
+        src_bad[count:] = 10**9  # never read
+        out = torch.full((p, h), 77, dtype=dtype, device="cuda")
+        cnt = torch.tensor([count], dtype=torch.int32, device="cuda")
+        ops._gather_rows_into(C, out, x, src_bad, cnt, blocks)
+        torch.cuda.synchronize()
+        c = min(count, p)
+        assert torch.equal(out[:c], x[src[:c]]), count
+        assert (out[c:] == 77).all(), count
+
+
+@pytest.mark.gpu(1)
+def test_gather_rows_opcheck_gpu() -> None:
+    # every row valid (the op's outputs past count are unspecified, which opcheck's comparisons cannot allow)
+    _native_or_skip()
+    g = torch.Generator().manual_seed(5)
+    idx = torch.randint(0, 4, (50, 3), generator=g).cuda()
+    offs, src, pos, _ = ops.expert_order(idx, 4, None)
+    x = torch.randn(50, 64, device="cuda", requires_grad=True)
+    torch.library.opcheck(torch.ops.largeep.gather_rows.default, (x, src, offs[-1:], pos, 0))
+    torch.library.opcheck(torch.ops.largeep.gather_rows.default, (x, src, offs[-1:], None, 0))

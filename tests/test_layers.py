@@ -80,7 +80,7 @@ def _rows_case(case: str, rows: int, topk: int, experts: int, g: torch.Generator
 
 
 def _rows_reference(x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, ex: layers.GroupedExperts) -> torch.Tensor:
-    w1, w3, w2 = (p.detach().double() for p in (ex.w1, ex.w3, ex.w2))
+    w1, w3, w2 = (p.detach().double().cpu() for p in (ex.w1, ex.w3, ex.w2))
     y = torch.zeros(x.shape, dtype=torch.float64)
     for r in range(idx.shape[0]):
         for k in range(idx.shape[1]):
@@ -142,6 +142,156 @@ def test_forward_rows(one_thread, dtype: torch.dtype, hidden: int, ffn: int, cas
     layer_bodies.close(w.grad, w64.grad, "grad of topk_weights", rtol=rtol * 4)
     for p64, name in zip(params, ("w1", "w3", "w2"), strict=True):
         layer_bodies.close(layer_bodies.expert_grad(ex, name), p64.grad, f"grad of {name}", rtol=rtol * 4)
+
+
+def _poison_tails(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every grouped GEMM output (forward and backward) gets NaN in its rows past offs[-1], and every gather in its
+    rows at or past the count: what the native kernels may leave there (they do not write those rows)."""
+    real_mm, real_gather = torch._grouped_mm, ops._gather_rows_impl
+
+    def mm(a: torch.Tensor, b: torch.Tensor, *args, offs=None, **kw) -> torch.Tensor:
+        out = real_mm(a, b, *args, offs=offs, **kw)
+        if offs is not None and out.dim() == 2 and b.dim() == 3:
+            out.masked_fill_((torch.arange(out.shape[0], device=out.device) >= offs[-1]).unsqueeze(1), float("nan"))
+        return out
+
+    def gather(x: torch.Tensor, src: torch.Tensor, count: torch.Tensor, pos=None, num_blocks: int = 0) -> torch.Tensor:
+        out = real_gather(x, src, count, pos, num_blocks)
+        out.masked_fill_((torch.arange(out.shape[0], device=out.device) >= count).unsqueeze(1), float("nan"))
+        return out
+
+    monkeypatch.setattr(torch, "_grouped_mm", mm)
+    monkeypatch.setattr(ops, "_gather_rows_impl", gather)
+
+
+def _unknown_vs_known_pairs(device: str, dtype: torch.dtype, hidden: int, ffn: int, rows: int, topk: int,
+                            experts: int, seed: int, case: str = "mixed") -> str:
+    """forward_rows with num_pairs=None against the same call with the right num_pairs and against a float64 loop:
+    output, grads of x, of the weights and of w13 / w2. NaN in the rows of x and the weights that no valid entry
+    names. Returns the grouped GEMM backends that ran."""
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    ex = layers.GroupedExperts(experts, hidden, ffn, dtype=dtype).to(device)
+    idx = _rows_case(case, rows, topk, experts, g)
+    r = idx.shape[0]
+    none_here = (idx < 0).all(dim=1)
+    x = torch.randn(r, hidden, generator=g)
+    x[none_here] = float("nan")
+    w = torch.where(idx >= 0, torch.rand(r, topk, generator=g), float("nan"))
+    cot = torch.randn(r, hidden, generator=g).to(dtype)
+    pairs = int((idx >= 0).sum())
+    got = {}
+    ops.reset_grouped_mm_stats()
+    for known in (True, False):
+        ex.zero_grad(set_to_none=True)
+        xg = x.to(dtype).to(device).clone().requires_grad_()
+        wg = w.to(device).clone().requires_grad_()
+        y = ex.forward_rows(xg, idx.to(device), wg, pairs if known else None)
+        assert y.dtype == dtype and y.shape == (r, hidden)
+        (y.float() * cot.to(device).float()).sum().backward()
+        got[known] = {"y": y.detach(), "grad of x": xg.grad, "grad of topk_weights": wg.grad,
+                      "grad of w13": ex.w13.grad, "grad of w2": ex.w2.grad}
+    rtol = 1e-5 if dtype == torch.float32 else 2.0**-6
+    for name, t in got[False].items():
+        assert torch.isfinite(t).all(), f"{name}: non-finite values with num_pairs=None"
+        layer_bodies.close(t, got[True][name], f"{name}: num_pairs None vs known", rtol=rtol)
+    assert (got[False]["y"][none_here.to(device)] == 0).all()
+    assert (got[False]["grad of x"][none_here.to(device)] == 0).all()
+    # the dense reference (float64 autograd over the valid entries only)
+    x_ref = torch.where(none_here.unsqueeze(1), 0.0, x.to(dtype).float())
+    w_ref = torch.where(idx >= 0, w, 0.0)
+    x64 = x_ref.double().requires_grad_()
+    w64 = w_ref.double().requires_grad_()
+    w1, w3, w2 = (p.detach().double().cpu().requires_grad_() for p in (ex.w1, ex.w3, ex.w2))
+    y64 = torch.zeros(r, hidden, dtype=torch.float64)
+    for i, k in (idx >= 0).nonzero().tolist():
+        e = int(idx[i, k])
+        h = F.silu(x64[i] @ w1[e]) * (x64[i] @ w3[e])
+        y64 = y64.index_add(0, torch.tensor([i]), (w64[i, k] * (h @ w2[e])).unsqueeze(0))
+    y64.requires_grad_(True)
+    (y64 * cot.double()).sum().backward()
+    layer_bodies.close(got[False]["y"], y64, "y against the dense reference", rtol=rtol)
+    if pairs:
+        layer_bodies.close(got[False]["grad of x"], x64.grad, "grad of x against the reference", rtol=4 * rtol)
+        layer_bodies.close(got[False]["grad of topk_weights"], w64.grad, "grad of w against the reference",
+                           rtol=4 * rtol)
+        g13 = torch.cat([w1.grad, w3.grad], dim=2)
+        layer_bodies.close(got[False]["grad of w13"], g13, "grad of w13 against the reference", rtol=4 * rtol)
+        layer_bodies.close(got[False]["grad of w2"], w2.grad, "grad of w2 against the reference", rtol=4 * rtol)
+    return " ".join(sorted({name.split(" ")[0] for name in ops.grouped_mm_stats()}))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", ["mixed", "all_valid", "none_valid", "empty"])
+@pytest.mark.parametrize("poison", [False, True])
+def test_forward_rows_unknown_pairs(one_thread, monkeypatch, dtype: torch.dtype, case: str, poison: bool) -> None:
+    """CPU: num_pairs=None (gather, GEMMs and weighted sum stopping at offs[-1], no tail cleared) equals the
+    host-known count and the dense reference, forward and backward, also with NaN planted in every GEMM output's
+    and the gather's rows past offs[-1] (what the native kernels may leave there)."""
+    if poison:
+        _poison_tails(monkeypatch)
+    ran = _unknown_vs_known_pairs("cpu", dtype, 32, 16, 11, 3, 5, 3 + len(case), case)
+    assert ran in ("native", "native padded_bmm", "padded_bmm"), ran
+
+
+@pytest.mark.gpu(1)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("poison", [False, True])
+def test_forward_rows_unknown_pairs_gpu(monkeypatch, dtype: torch.dtype, poison: bool) -> None:
+    """CUDA (native order, gather and weighted sum; torch._grouped_mm for bf16 on sm90/sm100, the padded bmm for
+    float32): num_pairs=None equals the known count and the dense reference, forward and backward, with NaN in the
+    rows of x and the weights that name no local expert and (poison) in the GEMM outputs' and the gather's rows
+    past offs[-1]."""
+    from largeep import native
+
+    if native.unavailable_reason() is not None:
+        pytest.skip(str(native.unavailable_reason()))
+    if poison:
+        _poison_tails(monkeypatch)
+    ran = _unknown_vs_known_pairs("cuda", dtype, 128, 64, 70, 4, 6, 11)
+    if dtype == torch.bfloat16 and torch.cuda.get_device_capability()[0] in (9, 10):
+        assert ran == "native", ran
+
+
+@pytest.mark.gpu(1)
+def test_forward_rows_unknown_pairs_cuda_graph() -> None:
+    """forward_rows with num_pairs=None (bf16) waits on nothing on the host: it captures in a CUDA graph, and
+    replays on fresh rows and ids (with NaN in the rows naming no local expert) equal the eager call."""
+    from largeep import native
+
+    if native.unavailable_reason() is not None:
+        pytest.skip(str(native.unavailable_reason()))
+    torch.manual_seed(2)
+    r, k, e, h, f = 96, 4, 8, 256, 64
+    ex = layers.GroupedExperts(e, h, f, dtype=torch.bfloat16).cuda()
+
+    def fresh(seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        g = torch.Generator().manual_seed(seed)
+        idx = _rows_case("mixed", r, k, e, g)
+        x = torch.randn(r, h, generator=g)
+        x[(idx < 0).all(dim=1)] = float("nan")
+        return x.to(torch.bfloat16).cuda(), idx.cuda(), torch.rand(r, k, generator=g).cuda()
+
+    static = fresh(0)
+    with torch.no_grad():
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                ex.forward_rows(*static)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            y_static = ex.forward_rows(*static)
+        for seed in range(1, 6):
+            new = fresh(seed)
+            for dst, src in zip(static, new, strict=True):
+                dst.copy_(src)
+            graph.replay()
+            want = ex.forward_rows(*new)
+            torch.cuda.synchronize()
+            assert torch.isfinite(y_static).all()
+            assert torch.equal(y_static, want), seed
 
 
 @pytest.mark.gpu(2)

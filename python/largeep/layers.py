@@ -151,12 +151,14 @@ class GroupedExperts(nn.Module):
             state_dict[prefix + "w13"] = torch.cat([state_dict.pop(k1), state_dict.pop(k3)], dim=2)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
-    def forward(self, x: Tensor, offs: Tensor, used: int | None = None) -> Tensor:
+    def forward(self, x: Tensor, offs: Tensor, used: int | None = None, *, clear_tail: bool = True) -> Tensor:
         """x [P, H] sorted by expert; offs int32 [E_l] inclusive end row of each expert -> [P, H] in the weights'
-        dtype, zero past ``offs[-1]``. ``used``: ``offs[-1]`` when known on the host (see ``ops.grouped_mm``)."""
+        dtype, zero past ``offs[-1]``. ``used``: ``offs[-1]`` when known on the host (see ``ops.grouped_mm``).
+        ``clear_tail`` False: the rows past ``offs[-1]`` of the output, and of x's gradient, are unspecified
+        (NaN possible; see ``ops.grouped_mm``), for a caller that reads neither."""
         f = self.ffn_hidden
-        h13 = ops.grouped_mm(x.to(self.w13.dtype), self.w13, offs, used)
-        return ops.grouped_mm(F.silu(h13[:, :f]) * h13[:, f:], self.w2, offs, used)
+        h13 = ops.grouped_mm(x.to(self.w13.dtype), self.w13, offs, used, clear_tail=clear_tail)
+        return ops.grouped_mm(F.silu(h13[:, :f]) * h13[:, f:], self.w2, offs, used, clear_tail=clear_tail)
 
     def forward_rows(
         self, x: Tensor, topk_idx: Tensor, topk_weights: Tensor, num_pairs: int | None = None
@@ -166,8 +168,9 @@ class GroupedExperts(nn.Module):
         Args:
             x: [R, H]; topk_idx: int64 [R, K] local expert ids (-1: not here); topk_weights: float32 [R, K].
             num_pairs: the number of (row, k) entries >= 0 when known on the host (then only those rows, plus one
-                zero row, go through the GEMMs), else None: all R*K entries go through the sort and the gather,
-                and the GEMMs skip the rows past the valid ones. A row must not name one expert twice.
+                zero row, go through the GEMMs), else None: all R*K entries go through the sort, and the gather,
+                the GEMMs and the weighted sum stop at the valid ones (offs[-1], read on the device). A row must not
+                name one expert twice.
 
         Returns:
             y [R, H] in x's dtype: ``y[r] = sum_k w[r, k] * expert_{idx[r, k]}(x[r])``, summed in float32 (weights
@@ -181,10 +184,23 @@ class GroupedExperts(nn.Module):
         """
         valid = topk_idx >= 0
         offs, src, pos, pad = ops.expert_order(topk_idx, self.num_experts, num_pairs)
-        out = self.forward(x[src], offs, num_pairs)  # [P, H] in the weights' dtype
         w = torch.where(valid, topk_weights, 0.0).float()
-        y = ops.weighted_row_sum(out, pos, w, pad)
-        return y.to(x.dtype)
+        if num_pairs is not None:
+            out = self.forward(x[src], offs, num_pairs)  # [P, H] in the weights' dtype
+            return ops.weighted_row_sum(out, pos, w, pad).to(x.dtype)
+        # P = R*K positions of which the first offs[-1] are valid, a number only the device knows. No step reads a
+        # row past it, so none is cleared: the gather copies the valid rows only (the rest of xs is unspecified);
+        # each grouped GEMM computes the groups' rows only, reads no input row past offs[-1] (its weight gradient
+        # neither), and leaves its output rows past it unwritten; silu * mul is row-wise, so garbage there stays
+        # there; the weighted sum skips every entry at or past offs[-1] (those naming no local expert: -1 or out of
+        # range) instead of multiplying its row by 0 (garbage may be NaN). Backward, mirror-wise: the weighted sum's
+        # gradient is zero on those rows, and the GEMMs' input gradients past offs[-1] (unspecified: computed from
+        # unspecified rows) are dropped by the gather's backward, which sums only the positions below offs[-1] into
+        # x's gradient -- so no NaN reaches x, the weights or the expert parameters.
+        count = offs[-1:]
+        xs = ops.gather_rows(x, src, count, pos)
+        out = self.forward(xs, offs, clear_tail=False)
+        return ops.weighted_row_sum(out, pos, w, None, count).to(x.dtype)
 
     def forward_slots(self, x: Tensor, counts: Tensor, capacity: int | None = None) -> Tensor:
         """Slots of a low-latency dispatch -> expert outputs (unweighted).

@@ -1,9 +1,11 @@
 """Host and GPU time of the local expert path of a normal-mode MoE layer, step by step (one GPU, no communication).
 
 ``GroupedExperts.forward_rows`` on the rows one dispatch delivers: the expert order (largeep's counting sort, or the
-torch ops it replaces), the row gather, the grouped GEMMs (w13: gate and up in one; w2), the weighted sum. For each
-step: the host time of issuing it (median over --iters, the GPU kept busy so that no launch waits) and its GPU time
-(CUDA events around it, queued behind other work so that its kernels run back to back; median). Before session
+torch ops it replaces), the row gather, the grouped GEMMs (w13: gate and up in one; w2), the weighted sum; then the
+path without the pair count on the host (``num_pairs=None``, as with ``num_worst_tokens``): a gather of all R*K
+entries against largeep's gather of the valid ones, and the whole call. For each step: the host time of issuing it
+(median over --iters, the GPU kept busy so that no launch waits) and its GPU time (CUDA events around it, queued
+behind other work so that its kernels run back to back; median). Before session
 7's last commit the GPU time was taken on an idle GPU and included the launch gaps of short steps.
 Where the host takes longer than the GPU, the GPU idles unless other work is queued: what decides whether a chunked
 layer can overlap communication with the experts.
@@ -55,6 +57,8 @@ def main() -> None:
     h = torch.nn.functional.silu(h13[:, :f]) * h13[:, f:]
     out = ops.grouped_mm(h, experts.w2, offs, num_pairs)
     wv = torch.where(idx >= 0, w, 0.0)
+    # num_pairs not known on the host (num_worst_tokens): all R*K entries ordered, the valid ones first
+    offs_n, src_n, _, _ = ops.expert_order(idx, e, None)
     steps: list[tuple[str, Callable[[], Any]]] = [
         ("order (largeep)", lambda: ops.expert_order(idx, e, num_pairs)),
         ("order (torch ops)", lambda: ops._expert_order_torch(idx, e, num_pairs)),
@@ -64,6 +68,9 @@ def main() -> None:
         ("grouped_mm w2", lambda: ops.grouped_mm(h, experts.w2, offs, num_pairs)),
         ("weighted_row_sum", lambda: ops.weighted_row_sum(out, pos, wv, pad)),
         ("forward_rows (all)", lambda: experts.forward_rows(x, idx, w, num_pairs)),
+        ("gather x[src] (R*K rows)", lambda: x[src_n]),
+        ("gather_rows (valid of R*K)", lambda: ops.gather_rows(x, src_n, offs_n[-1:])),
+        ("forward_rows (pairs None)", lambda: experts.forward_rows(x, idx, w, None)),
     ]
     busy = torch.randn(8192, 8192, device=dev, dtype=torch.bfloat16)
     res: dict[str, Any] = {"config": vars(args), "num_pairs": num_pairs, "steps": {}}

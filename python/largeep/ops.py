@@ -1174,9 +1174,17 @@ def _buffer_dispatch(
     there after ``previous_event`` -- in MoELayer's chunked schedule, the previous chunk's expert GEMMs -- so the
     next chunk could only be sent after them and its dispatch never overlapped them. From a side stream that waits
     for ``previous_event`` first, the host waits only for what the dispatch needs. The outputs are made safe for
-    the caller's stream (``record_stream``), and without ``async_finish`` the caller's stream waits for them."""
+    the caller's stream (``record_stream``), and without ``async_finish`` the caller's stream waits for them.
+
+    A backend that checks the ids in its own kernel (``checks_dispatch_ids``: the nvshmem one) needs no side
+    stream: its host waits are for kernels on the Buffer's stream, which waits for ``previous_event`` only; the
+    side stream would only cost host time (a stream switch, an event and a ``record_stream`` per output, tens of
+    microseconds per chunk on a host-bound schedule)."""
     ev = previous_event.event if previous_event is not None else None
-    if ev is None or num_worst_tokens or not x.is_cuda or torch.cuda.is_current_stream_capturing():
+    if (
+        ev is None or num_worst_tokens or not x.is_cuda or getattr(buffer._impl, "checks_dispatch_ids", False)
+        or torch.cuda.is_current_stream_capturing()
+    ):
         return buffer.dispatch(
             x, topk_idx, topk_weights, num_worst_tokens=num_worst_tokens, previous_event=previous_event,
             async_finish=async_finish,

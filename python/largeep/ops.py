@@ -737,10 +737,11 @@ def _gather_rows_into(C: Any, out: Tensor, x: Tensor, src: Tensor, count: Tensor
 
 
 def _native_gather_ok(x: Tensor, src: Tensor, count: Tensor) -> bool:
-    """Whether largeep's gather takes these: CUDA rows of 16-byte multiples, contiguous and 16-byte aligned."""
+    """Whether largeep's gather takes these: CUDA rows of 16-byte multiples, contiguous and 16-byte aligned (an
+    empty x, whose view may sit anywhere, takes the torch path)."""
     return (
-        x.is_cuda and src.is_cuda and count.is_cuda and (x.shape[1] * x.element_size()) % 16 == 0
-        and (not x.numel() or (x.is_contiguous() and x.data_ptr() % 16 == 0))
+        x.is_cuda and src.is_cuda and count.is_cuda and x.numel() > 0 and (x.shape[1] * x.element_size()) % 16 == 0
+        and x.is_contiguous() and x.data_ptr() % 16 == 0
     )
 
 

@@ -234,6 +234,42 @@ def test_forward_rows_unknown_pairs(one_thread, monkeypatch, dtype: torch.dtype,
     assert ran in ("native", "native padded_bmm", "padded_bmm"), ran
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", ["mixed", "all_valid", "none_valid"])
+def test_forward_rows_known_pairs_without_x_grad(one_thread, monkeypatch, dtype: torch.dtype, case: str) -> None:
+    """With the pair count known and no gradient for x (inference, or x not requiring one), the GEMMs leave their
+    pad row unwritten (no tail clearing): NaN planted there reaches neither the output nor the weights' gradients,
+    which equal the path that clears it."""
+    torch.manual_seed(5)
+    g = torch.Generator().manual_seed(11 + len(case))
+    ex = layers.GroupedExperts(5, 32, 16, dtype=dtype)
+    idx = _rows_case(case, 9, 3, 5, g)
+    r = idx.shape[0]
+    x = torch.randn(r, 32, generator=g).to(dtype)
+    w = torch.rand(r, 3, generator=g)
+    pairs = int((idx >= 0).sum())
+    cot = torch.randn(r, 32, generator=g)
+    want = ex.forward_rows(x.clone().requires_grad_(), idx, w, pairs)
+    (want.float() * cot).sum().backward()
+    want_grads = [p.grad.clone() for p in (ex.w13, ex.w2)]
+    ex.zero_grad(set_to_none=True)
+    _poison_tails(monkeypatch)
+    cleared = []
+    real_clear = ops._clear_tail
+    monkeypatch.setattr(ops, "_clear_tail", lambda *a: cleared.append(1) or real_clear(*a))
+    with torch.no_grad():
+        got = ex.forward_rows(x, idx, w, pairs)
+    assert not cleared
+    layer_bodies.close(got, want.detach(), f"no_grad forward_rows {case}", rtol=0.0)
+    got = ex.forward_rows(x, idx, w, pairs)  # x needs no gradient, the expert weights do
+    assert not cleared
+    assert torch.isfinite(got).all()
+    (got.float() * cot).sum().backward()
+    for p, want_g, name in zip((ex.w13, ex.w2), want_grads, ("w13", "w2"), strict=True):
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+        layer_bodies.close(p.grad, want_g, f"grad of {name}", rtol=0.0)
+
+
 @pytest.mark.gpu(1)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("poison", [False, True])

@@ -186,7 +186,11 @@ class GroupedExperts(nn.Module):
         offs, src, pos, pad = ops.expert_order(topk_idx, self.num_experts, num_pairs)
         w = torch.where(valid, topk_weights, 0.0).float()
         if num_pairs is not None:
-            out = self.forward(x[src], offs, num_pairs)  # [P, H] in the weights' dtype
+            # the pad row (which the entries naming no local expert point at) lies past offs[-1]: the GEMMs leave
+            # it unwritten and the weighted sum skips it, so it needs clearing only for x's gradient (x[src]'s
+            # backward adds its gradient into x[src[pad]]); without one, two small ops per GEMM are saved
+            clear = torch.is_grad_enabled() and x.requires_grad
+            out = self.forward(x[src], offs, num_pairs, clear_tail=clear)  # [P, H] in the weights' dtype
             return ops.weighted_row_sum(out, pos, w, pad).to(x.dtype)
         # P = R*K positions of which the first offs[-1] are valid, a number only the device knows. No step reads a
         # row past it, so none is cleared: the gather copies the valid rows only (the rest of xs is unspecified);

@@ -398,6 +398,20 @@ def test_weighted_row_sum_count(dtype: torch.dtype, count: int) -> None:
     _check_wrs_count(count, 6, 4, 32, dtype, count, "cpu")
 
 
+def test_weighted_row_sum_count_positions_past_src() -> None:
+    """CPU (embedding_bag path): an entry left out by the count may name a position past src (the native kernel
+    never reads it); the fallback must not read it either, nor let NaN in a pad row through."""
+    src = torch.randn(4, 8)
+    src[3] = float("nan")
+    pos = torch.tensor([[0, 1], [2, 7], [3, 1]])
+    w = torch.tensor([[0.5, 2.0], [1.5, 3.0], [4.0, 1.0]])
+    y = ops.weighted_row_sum(src, pos, w, None, torch.tensor([3], dtype=torch.int32))
+    want = torch.stack([0.5 * src[0] + 2.0 * src[1], 1.5 * src[2], 1.0 * src[1]])
+    torch.testing.assert_close(y, want)
+    y = ops.weighted_row_sum(src, pos, w, 1, torch.tensor([3], dtype=torch.int32))  # pad 1 and the count
+    torch.testing.assert_close(y, torch.stack([0.5 * src[0], 1.5 * src[2], torch.zeros(8)]))
+
+
 def _gather_case(seed: int, n: int, k: int, e: int, h: int, dtype: torch.dtype, device: str):
     """An expert order of random ids (-1 and ids >= e name no expert) over x [n, h] whose rows naming no expert hold
     NaN; src's entries past the valid count replaced by rows out of range (never to be read)."""

@@ -12,12 +12,24 @@ _HOW = (
 )
 
 
+# the version of the bindings this Python code calls (csrc/bindings.cpp's abi_version; 2: ops.gather_rows and
+# weighted_row_sum's count)
+ABI_VERSION = 2
+
+
 @functools.lru_cache(maxsize=1)
 def _load() -> tuple[ModuleType | None, str | None]:
     try:
         from largeep import _C  # type: ignore[attr-defined]
     except ImportError as exc:
         return None, f"the native module largeep._C is not installed ({exc}); {_HOW}"
+    have = getattr(_C, "abi_version", 1)
+    if have != ABI_VERSION:
+        return None, (
+            f"the native module largeep._C ({_C.__file__}) is from another build of largeep (its bindings are "
+            f"version {have}, this Python code needs {ABI_VERSION}); reinstall largeep "
+            "(`pip install --no-build-isolation .`)"
+        )
     from largeep import _env
 
     if _env.settings().fault_backtrace:

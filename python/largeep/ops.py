@@ -597,12 +597,16 @@ def _weighted_row_sum_impl(src: Tensor, pos: Tensor, w: Tensor, pad: int, count:
     C = _native_rows() if _native_rows_ok(src, pos) and (count is None or count.is_cuda) else None
     if C is None:
         # embedding_bag: the same sum (its CUDA kernel is several times slower than largeep's on large rows). It
-        # multiplies an entry's row by its weight even when the weight is 0, so the rows past count are replaced by
-        # zeros first (selected, not multiplied: they may hold NaN)
+        # multiplies an entry's row by its weight even when the weight is 0, and reads the row of every entry but
+        # its padding_idx's; so with a count, every entry left out (at or past count, where rows may hold NaN and
+        # positions may even lie past src, as the native kernel allows; or naming pad) names an appended zero row
+        # that is the padding_idx instead
         if count is not None:
-            tail = torch.arange(src.shape[0], device=src.device) >= count
-            src = src.masked_fill(tail.unsqueeze(1), 0)
-        w_src = torch.where(_summed(pos, pad, count), w, 0.0).to(src.dtype)
+            keep = _summed(pos, pad, count)
+            pad = src.shape[0]
+            src = torch.cat([src, src.new_zeros(1, src.shape[1])])
+            pos = torch.where(keep, pos, pad)
+        w_src = torch.where(_summed(pos, pad, None), w, 0.0).to(src.dtype)
         return F.embedding_bag(pos, src, mode="sum", per_sample_weights=w_src, padding_idx=pad if pad >= 0 else None)
     src, pos, w = src.contiguous(), pos.contiguous(), w.contiguous().float()
     y = src.new_empty(r, src.shape[1])

@@ -126,6 +126,14 @@ class _NvState:
     self_token: int
     hier: _Hier | None = None
 
+    # A copy shares the original: its addresses point into the original's ws (a copy of ws would leave them
+    # pointing at memory freed with the original). The routing is never changed after the dispatch.
+    def __copy__(self) -> _NvState:
+        return self
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> _NvState:
+        return self
+
 
 @dataclass
 class _LLState:
@@ -421,6 +429,7 @@ class NvshmemBackend:
             epr = c.experts_per_rank if report else 0
             ws = torch.empty(2 * n + t * n + (n + 1) + n + max(t, 1) + epr, dtype=i32, device=dev)
             send_slot = ws.data_ptr()
+            assert send_slot % 8 == 0, "dispatch: an allocation not 8-byte aligned (send_slot is int64)"
             send_pos = send_slot + 8 * n
             recv_off = send_pos + 4 * t * n
             send_off = recv_off + 4 * (n + 1)

@@ -21,7 +21,7 @@ Parts (same sizes, whole batch; "speedup" None):
                overlap perfectly, their sum if they cannot run at once (forward only: skipped with --backward)
 Stack (--stack-layers L copies of this layer with a residual add + RMSNorm between them, token-wise):
   stack_sequential  the layer called L times (num_chunks=1), each call's output the next one's input
-  stack_pipeline    the same L layers as one MoEPipeline with --stack-chunks C (default 4): chunk i is dispatched
+  stack_pipeline    the same L layers as one MoEPipeline with --stack-chunks C (default 2): chunk i is dispatched
                into layer l+1 while chunk i+1 is in layer l's experts, and the combines and dispatches of
                neighbouring chunks run beside the experts (see MoEPipeline)
   stack_sequential_graph / stack_pipeline_graph  the same two with num_worst_tokens set (fixed-size dispatches,
@@ -79,7 +79,7 @@ from _launch import run_ranks
 LAYER_VARIANTS = ("no_overlap", "chunked_2", "chunked_4", "two_batch")
 STACK_VARIANTS = ("stack_sequential", "stack_pipeline", "stack_sequential_graph", "stack_pipeline_graph")
 GRAPH_VARIANTS = ("stack_sequential_graph", "stack_pipeline_graph")  # GPU, forward only
-STACK_DEFAULTS = (4, 4)  # --stack-layers, --stack-chunks
+STACK_DEFAULTS = (4, 2)  # --stack-layers, --stack-chunks (2 chunks: the fastest pipelined graph in session 10's sweep)
 PART_VARIANTS = ("gate_only", "comm_only", "experts_only", "experts_half", "experts_carveout", "comm_beside_experts")
 GPU_DEFAULTS = {"tokens": 4096, "hidden": 7168, "experts": 256, "topk": 8, "ffn": 2048, "warmup": 5, "iters": 20}
 # changes to GPU_DEFAULTS

@@ -509,10 +509,6 @@ class MoELayer(nn.Module):
         return self._ll_finish(st)
 
 
-# MoEPipeline's side stream, per (device, priority)
-_pipeline_streams: dict[tuple[torch.device, int], torch.cuda.Stream] = {}
-
-
 class MoEPipeline(nn.Module):
     """A stack of normal-mode :class:`MoELayer` whose chunks flow from one layer into the next without waiting for
     the rest of the batch.
@@ -695,11 +691,7 @@ class MoEPipeline(nn.Module):
         joined at the end, so the graph gets the same dependencies as eager execution."""
         if not x.is_cuda or torch.compiler.is_compiling():
             return None
-        dev = x.device if x.device.index is not None else torch.device("cuda", torch.cuda.current_device())
-        stream = _pipeline_streams.get((dev, priority))
-        if stream is None:
-            stream = _pipeline_streams[(dev, priority)] = torch.cuda.Stream(dev, priority=priority)
-        return stream
+        return ops._side_stream("pipeline", x.device, priority)
 
 
 def run_interleaved(steps: Sequence[Generator[None, None, Tensor]]) -> list[Tensor]:

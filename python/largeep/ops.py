@@ -263,14 +263,14 @@ def _strides_ok(t: Tensor) -> bool:
 
 
 @functools.cache
-def _cuda_major_of(index: int) -> int:
-    return torch.cuda.get_device_capability(index)[0]
+def _props_of(index: int) -> Any:
+    return torch.cuda.get_device_properties(index)
 
 
-def _cuda_major(device: torch.device) -> int:
-    """The compute capability's major of ``device``, looked up once per GPU (this runs on every grouped GEMM, and
-    torch's lookup costs several microseconds of host time)."""
-    return _cuda_major_of(device.index if device.index is not None else torch.cuda.current_device())
+def _props(device: torch.device) -> Any:
+    """The properties of CUDA ``device`` (compute capability, SMs), looked up once per GPU: the grouped GEMM and
+    the gather ask on every call, and torch's lookup costs several microseconds of host time."""
+    return _props_of(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def _fallback_reason(a: Tensor, b: Tensor) -> str | None:
@@ -283,7 +283,7 @@ def _fallback_reason(a: Tensor, b: Tensor) -> str | None:
     failed = _native_failed.get((dev, a.dtype))
     if failed is not None:
         return failed
-    if dev == "cuda" and _cuda_major(a.device) not in _NATIVE_CUDA_MAJORS:
+    if dev == "cuda" and _props(a.device).major not in _NATIVE_CUDA_MAJORS:
         return f"compute capability {torch.cuda.get_device_capability(a.device)} (the kernel needs sm90 or sm100)"
     if a.dtype != b.dtype:
         return f"a is {a.dtype}, b is {b.dtype}"
@@ -735,7 +735,7 @@ def _gather_rows_into(C: Any, out: Tensor, x: Tensor, src: Tensor, count: Tensor
     """The native gather into ``out`` [P, H] (its rows at or past count left as they are)."""
     dev = x.device
     with _on_device(dev):
-        blocks = num_blocks if num_blocks > 0 else C.gather_rows_default_blocks(_sm_count_of(dev))
+        blocks = num_blocks if num_blocks > 0 else C.gather_rows_default_blocks(_props(dev).multi_processor_count)
         C.gather_rows(x.data_ptr(), x.shape[0], x.shape[1] * x.element_size(), src.data_ptr(), count.data_ptr(),
                       out.data_ptr(), src.shape[0], blocks, current_raw_stream(dev))
 
@@ -747,16 +747,6 @@ def _native_gather_ok(x: Tensor, src: Tensor, count: Tensor) -> bool:
         x.is_cuda and src.is_cuda and count.is_cuda and x.numel() > 0 and (x.shape[1] * x.element_size()) % 16 == 0
         and x.is_contiguous() and x.data_ptr() % 16 == 0
     )
-
-
-@functools.cache
-def _sm_count_index(index: int) -> int:
-    return int(torch.cuda.get_device_properties(index).multi_processor_count)
-
-
-def _sm_count_of(device: torch.device) -> int:
-    """SMs of ``device``, looked up once per GPU."""
-    return _sm_count_index(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def _gather_rows_torch(x: Tensor, src: Tensor, count: Tensor) -> Tensor:
@@ -1164,7 +1154,20 @@ class CombineOutput(NamedTuple):
     event: EventOverlap | None
 
 
-_issue_streams: dict[tuple[torch.device, int], torch.cuda.Stream] = {}
+_side_streams: dict[tuple[str, torch.device, int], torch.cuda.Stream] = {}
+
+
+def _side_stream(purpose: str, device: torch.device, priority: int) -> torch.cuda.Stream:
+    """largeep's own stream for ``purpose`` on CUDA ``device`` at ``priority``, made once (one per purpose, so that
+    work of different purposes is not serialised on one stream): "dispatch" (:func:`_buffer_dispatch`), "pipeline"
+    (``layers.MoEPipeline``)."""
+    if device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    key = (purpose, device, priority)
+    stream = _side_streams.get(key)
+    if stream is None:
+        stream = _side_streams[key] = torch.cuda.Stream(device, priority=priority)
+    return stream
 
 
 def _buffer_dispatch(
@@ -1195,10 +1198,7 @@ def _buffer_dispatch(
             async_finish=async_finish,
         )
     caller = torch.cuda.current_stream(x.device)
-    key = (x.device, buffer._settings.stream_priority)  # the Buffer's own stream priority
-    side = _issue_streams.get(key)
-    if side is None:
-        side = _issue_streams[key] = torch.cuda.Stream(x.device, priority=key[1])
+    side = _side_stream("dispatch", x.device, buffer._settings.stream_priority)  # the Buffer's own stream priority
     side.wait_event(ev)
     with torch.cuda.stream(side):
         res = buffer.dispatch(

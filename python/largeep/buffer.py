@@ -199,18 +199,6 @@ def _group_device(group: dist.ProcessGroup) -> torch.device:
     return torch.device("cpu")
 
 
-def _ranks_per_host(names: list[Any]) -> int:
-    """Ranks that share this host; hosts must hold equal, contiguous blocks of ranks."""
-    per_host = names.count(names[0])
-    for r, name in enumerate(names):
-        if name != names[(r // per_host) * per_host]:
-            raise ArgumentError(
-                "Buffer: ranks must fill hosts in equal contiguous blocks (got hosts "
-                f"{names}); pass ranks_per_node explicitly"
-            )
-    return per_host
-
-
 class Buffer:
     """Dispatch and combine for one expert-parallel process group (SPEC.md).
 
@@ -308,13 +296,19 @@ class Buffer:
                 + "; ".join(f"rank {r}: {v}" for r, v in sorted(differ.items()))
             )
         names = [e[0] for e in every]
+        given_per_node = ranks_per_node is not None
         if ranks_per_node is None:
-            ranks_per_node = _ranks_per_host(names)
+            ranks_per_node = names.count(names[0])  # the ranks that share the first host
         # a node's ranks reach each other over NVLink: each block of ranks_per_node ranks on one host (hosts need
-        # not be filled in order when it is given)
+        # not be filled in order when it is given; without it, they must hold equal contiguous blocks of ranks)
         for r, name in enumerate(names):
             first = (r // ranks_per_node) * ranks_per_node
             if name != names[first]:
+                if not given_per_node:
+                    raise ArgumentError(
+                        f"Buffer: ranks must fill hosts in equal contiguous blocks (got hosts {names}); pass "
+                        "ranks_per_node explicitly"
+                    )
                 raise ArgumentError(
                     f"{op}: argument 'ranks_per_node' = {ranks_per_node}: ranks {first}..{first + ranks_per_node - 1}"
                     f" are on different hosts ({names[first:first + ranks_per_node]}); each block of ranks_per_node "

@@ -92,13 +92,7 @@ __global__ void __launch_bounds__(kThreads) dispatch_prepare_kernel(NormalCtx c,
         base += total;
     }
     __syncthreads();
-    if (checking && threadIdx.x == 0) {
-        volatile int64_t* host = check.host;
-        host[1] = bad_lo;
-        host[2] = bad_hi;
-        __threadfence_system();
-        host[0] = check.token;
-    }
+    if (checking && threadIdx.x == 0) publish_id_check(check.host, bad_lo, bad_hi, check.token);
     int* out = reinterpret_cast<int*>(c.base + c.off_out_counts);
     if (node_block) {
         for (int i = threadIdx.x; i < P; i += blockDim.x) out[static_cast<int64_t>(r * P + i) * row_len + 1 + epr] = base;

@@ -31,6 +31,17 @@ __device__ __forceinline__ void report_error(ErrorWord err, int op, int rank) {
 // peer costs one timeout, not one per kernel. Reads device memory only.
 __device__ __forceinline__ bool has_error(ErrorWord err) { return ld_volatile(err.dev) != 0; }
 
+// Hands the result of an expert-id range check to the host, which waits for host[0] to reach `token`: host[1]
+// gets the lowest id below -1 and host[2] the highest id >= E (0 for none), visible before the token.
+__device__ __forceinline__ void publish_id_check(int64_t* host_words, int64_t lowest, int64_t highest,
+                                                 int64_t token) {
+    volatile int64_t* host = host_words;
+    host[1] = lowest;
+    host[2] = highest;
+    __threadfence_system();
+    host[0] = token;
+}
+
 // Spins until *flag >= target. Gives up after timeout_ns, reports (op, rank) and returns false.
 __device__ __forceinline__ bool wait_flag(const int64_t* flag, int64_t target, uint64_t timeout_ns, ErrorWord err,
                                           int op, int rank) {

@@ -71,12 +71,10 @@ __global__ void __launch_bounds__(kLayoutThreads) layout_kernel(const int64_t* t
             auto* sc = reinterpret_cast<unsigned long long*>(check.scratch);
             if (atomicAdd(sc + 2, 1ull) == gridDim.x - 1) {  // the last block: every block's atomics are done
                 __threadfence();
-                volatile int64_t* host = check.host;
-                host[1] = static_cast<int64_t>(atomicExch(sc, 0ull));
-                host[2] = static_cast<int64_t>(atomicExch(sc + 1, 0ull));
+                const auto lowest = static_cast<int64_t>(atomicExch(sc, 0ull));
+                const auto highest = static_cast<int64_t>(atomicExch(sc + 1, 0ull));
                 sc[2] = 0;
-                __threadfence_system();
-                host[0] = check.token;
+                publish_id_check(check.host, lowest, highest, check.token);
             }
         }
     }

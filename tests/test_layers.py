@@ -79,16 +79,21 @@ def _rows_case(case: str, rows: int, topk: int, experts: int, g: torch.Generator
     return idx
 
 
+def _dense_rows64(x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor,
+                  w2: torch.Tensor) -> torch.Tensor:
+    """The dense reference in float64 (inputs float64 on the CPU): ``y[r] = sum_k w[r, k] * expert_{idx[r, k]}(x[r])``
+    over the entries >= 0, one entry at a time; differentiable in every input."""
+    y = torch.zeros(x.shape, dtype=torch.float64)
+    for i, k in (idx >= 0).nonzero().tolist():
+        e = int(idx[i, k])
+        h = F.silu(x[i] @ w1[e]) * (x[i] @ w3[e])
+        y = y.index_add(0, torch.tensor([i]), (w[i, k] * (h @ w2[e])).unsqueeze(0))
+    return y
+
+
 def _rows_reference(x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, ex: layers.GroupedExperts) -> torch.Tensor:
     w1, w3, w2 = (p.detach().double().cpu() for p in (ex.w1, ex.w3, ex.w2))
-    y = torch.zeros(x.shape, dtype=torch.float64)
-    for r in range(idx.shape[0]):
-        for k in range(idx.shape[1]):
-            e = int(idx[r, k])
-            if e >= 0:
-                xr = x[r].double()
-                y[r] += w[r, k].double() * ((F.silu(xr @ w1[e]) * (xr @ w3[e])) @ w2[e])
-    return y
+    return _dense_rows64(x.double(), idx, w.double(), w1, w3, w2)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -128,13 +133,8 @@ def test_forward_rows(one_thread, dtype: torch.dtype, hidden: int, ffn: int, cas
     x64 = x_ref.double().requires_grad_()
     w64 = w.detach().double().requires_grad_()
     params = [p.detach().double().requires_grad_() for p in (ex.w1, ex.w3, ex.w2)]
-    y64 = 0 * (x64.sum() + w64.sum() + sum(p.sum() for p in params)) + torch.zeros(r, hidden, dtype=torch.float64)
-    for i in range(r):
-        for k in range(topk):
-            e = int(idx[i, k])
-            if e >= 0:
-                h = F.silu(x64[i] @ params[0][e]) * (x64[i] @ params[1][e])
-                y64 = y64.index_add(0, torch.tensor([i]), (w64[i, k] * (h @ params[2][e])).unsqueeze(0))
+    # (0 * the sums: every leaf gets a gradient, zero where no entry names it)
+    y64 = 0 * (x64.sum() + w64.sum() + sum(p.sum() for p in params)) + _dense_rows64(x64, idx, w64, *params)
     (y64 * cot.double()).sum().backward()
     assert x.grad is not None and w.grad is not None
     assert (x.grad[none_here] == 0).all() and (w.grad[none_here] == 0).all()
@@ -203,12 +203,7 @@ def _unknown_vs_known_pairs(device: str, dtype: torch.dtype, hidden: int, ffn: i
     x64 = x_ref.double().requires_grad_()
     w64 = w_ref.double().requires_grad_()
     w1, w3, w2 = (p.detach().double().cpu().requires_grad_() for p in (ex.w1, ex.w3, ex.w2))
-    y64 = torch.zeros(r, hidden, dtype=torch.float64)
-    for i, k in (idx >= 0).nonzero().tolist():
-        e = int(idx[i, k])
-        h = F.silu(x64[i] @ w1[e]) * (x64[i] @ w3[e])
-        y64 = y64.index_add(0, torch.tensor([i]), (w64[i, k] * (h @ w2[e])).unsqueeze(0))
-    y64.requires_grad_(True)
+    y64 = _dense_rows64(x64, idx, w64, w1, w3, w2).requires_grad_(True)
     (y64 * cot.double()).sum().backward()
     layer_bodies.close(got[False]["y"], y64, "y against the dense reference", rtol=rtol)
     if pairs:

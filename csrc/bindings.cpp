@@ -380,12 +380,10 @@ class LowLatencyKernels {
     LowLatencyKernels(int rank, int num_ranks, int num_experts, int num_topk, int hidden, int max_tokens,
                       uintptr_t base, uintptr_t peer_base, uintptr_t seq, uintptr_t block_counter,
                       uintptr_t status_dev, uintptr_t error_dev, double timeout_s, int ranks_per_node,
-                      int send_mode, int spread) {
+                      int spread) {
         HOST_ASSERT(ranks_per_node > 0 && num_ranks % ranks_per_node == 0, "bad ranks_per_node " << ranks_per_node);
-        HOST_ASSERT(send_mode >= -1 && send_mode <= 1, "LARGEEP_TUNE ll_send must be -1, 0 or 1, got " << send_mode);
         HOST_ASSERT(spread == 0 || spread == 1, "LARGEEP_TUNE ll_spread must be 0 or 1, got " << spread);
         c_.ranks_per_node = ranks_per_node;
-        c_.send_mode = send_mode;
         c_.spread = spread;
         int dev = 0;
         CUDA_CHECK(cudaGetDevice(&dev));  // the Buffer's device is current while its backend is made
@@ -477,7 +475,7 @@ PYBIND11_MODULE(_C, m) {
     m.doc() = "largeep native kernels (NVSHMEM)";
     // Bumped whenever a binding's signature changes; python/largeep/native.py refuses a module of another version
     // (a stale build next to newer Python code) with a message saying to rebuild, instead of a TypeError later.
-    m.attr("abi_version") = 2;
+    m.attr("abi_version") = 3;
     m.def("install_fault_backtrace", [] {
         struct sigaction sa {};
         sa.sa_sigaction = segv_handler;
@@ -564,7 +562,7 @@ PYBIND11_MODULE(_C, m) {
     });
     py::class_<LowLatencyKernels>(m, "LowLatencyKernels")
         .def(py::init<int, int, int, int, int, int, uintptr_t, uintptr_t, uintptr_t, uintptr_t, uintptr_t, uintptr_t,
-                      double, int, int, int>())
+                      double, int, int>())
         .def("dispatch_send", &LowLatencyKernels::dispatch_send)
         .def("dispatch_fused", &LowLatencyKernels::dispatch_fused)
         .def("dispatch_recv", &LowLatencyKernels::dispatch_recv)

@@ -11,9 +11,8 @@
 #          communication ~ experts) and with the few_experts preset (16 experts) at F 384 and 768, and at 8
 #          communication SMs with a carveout of 8
 #   longrun: 10,000 checked rounds of random sizes on the nvshmem backend, on 2 GPUs and (if present) 4
-#   tune: LARGEEP_TUNE settings other than the defaults: normal kernels with 512 threads per block,
-#         the low-latency sends: ll_send=1 (token-major at every size: its GPU tests), ll_send=0 (pair-wise at
-#         every size: its kernel times, against the default's in the perf stage)
+#   tune: LARGEEP_TUNE settings other than the defaults: normal kernels with 512 threads per block (kernel times),
+#         the low-latency receive and combine send with one block per local expert (ll_spread=0: its GPU tests)
 #   comb: the combine's LARGEEP_TUNE comb settings: GPU tests at comb 0, 1, 7; kernel times at LARGEEP_COMB_SWEEP
 #   shared: the 4-rank GPU tests with 2 ranks per GPU (LARGEEP_TEST_SHARED_GPUS=1; NVSHMEM's several PEs per GPU),
 #          the long run and create/destroy cycles among them (LARGEEP_TEST_ROUNDS rounds)
@@ -104,12 +103,9 @@ for stage in $STAGES; do
       CUDA_VISIBLE_DEVICES=$(seq -s, 0 $((ngpu - 1))) LARGEEP_TUNE=threads=512 timeout 200 $PY bench/kernel_times.py \
         --nprocs "$ngpu" --num-sms 8,16,24 --out "$OUT/tune_threads512" > "$OUT/tune_threads512.log" 2>&1 || rc=1
       grep -E "kernel medians|^(dispatch|combine) " "$OUT/tune_threads512.log" | tail -12
-      (cd tests && LARGEEP_TUNE=ll_send=1 timeout 200 $PY -m pytest -q -ra -p no:cacheprovider -m gpu \
-        -k "low_latency" .) > "$OUT/tune_ll_send1_tests.log" 2>&1 || rc=1
-      tail -3 "$OUT/tune_ll_send1_tests.log"
-      LARGEEP_TUNE=ll_send=0 timeout 200 $PY bench/low_latency_times.py --nprocs "$ngpu" \
-        --out "$OUT/tune_ll_send0" > "$OUT/tune_ll_send0.log" 2>&1 || rc=1
-      tail -12 "$OUT/tune_ll_send0.log"
+      (cd tests && LARGEEP_TUNE=ll_spread=0 timeout 200 $PY -m pytest -q -ra -p no:cacheprovider -m gpu \
+        -k "low_latency" .) > "$OUT/tune_ll_spread0_tests.log" 2>&1 || rc=1
+      tail -3 "$OUT/tune_ll_spread0_tests.log"
       ;;
     primitives)
       # costs of fences, flags, the last-block pattern and NVLink row stores (warps' stores and TMA), 2 GPUs

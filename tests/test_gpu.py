@@ -155,34 +155,35 @@ def test_normal_worst_graph(pools, world: int) -> None:
 
 @pytest.mark.gpu(2)
 @needs_native
-@pytest.mark.parametrize("fuse", [1, 0])
+@pytest.mark.parametrize("tune", ["ll_fuse=1", "ll_fuse=0", "ll_spread=0"])
 @pytest.mark.parametrize("world", [2, 4])
-def test_low_latency_fused(pools, world: int, fuse: int) -> None:
-    """LARGEEP_TUNE ll_fuse=1: a dispatch or combine without a hook runs as one kernel (the tests check that it
-    did); ll_fuse=0 (the default): as two (send, then receive; the tests check that no fused kernel ran). The reference
-    cases above without hooks (tokens above the token-major send's 32), 20 rounds without host syncs with the ranks
-    out of step, 100 graph replays on fresh data, and the put path (2 nodes emulated)."""
+def test_low_latency_tune(pools, world: int, tune: str) -> None:
+    """The low-latency paths that LARGEEP_TUNE picks. ll_fuse=1: a dispatch or combine without a hook runs as one
+    kernel (the tests check that it did); ll_fuse=0 (the default): as two (send, then receive; the tests check that
+    no fused kernel ran); ll_spread=0: the dispatch receive and the combine send with one block per local expert.
+    The reference cases above without hooks, 20 rounds without host syncs with the ranks out of step, 100 graph
+    replays on fresh data, and the put path (2 nodes emulated)."""
     if world > __import__("conftest").gpu_count():
         pytest.skip("not enough GPUs")
     pool = pools(world, "nccl")
 
-    def fused(*args: object) -> None:
-        results = pool.run(gpu_bodies.with_tune, f"ll_fuse={fuse}", *args)
-        if fuse:
+    def run(*args: object) -> None:
+        results = pool.run(gpu_bodies.with_tune, tune, *args)
+        if tune == "ll_fuse=1":
             assert all(r["fused"] > 0 for r in results), f"no fused launch: {results}"
         else:
-            assert all(r["fused"] == 0 for r in results), f"fused launches with ll_fuse=0: {results}"
+            assert all(r["fused"] == 0 for r in results), f"fused launches with {tune}: {results}"
 
     for m, hidden, experts, topk, fp8, round_scale, _hook in LL_CASES:
-        if experts % world or m <= 32:
+        if experts % world:
             continue
-        tokens = [m - 3 * r if r != 1 else 40 for r in range(world)]
-        fused(bodies.low_latency_roundtrip, "nvshmem", tokens, m, hidden, experts, topk, fp8, round_scale, False,
-              7 + world)
-    fused(gpu_bodies.low_latency_rounds, 20, 96, 2048, 8 * world, 4)
-    fused(gpu_bodies.low_latency_graph, 100, 128, 7168, 288, 8)
-    fused(gpu_bodies.low_latency_put_path, world // 2, "nvshmem", [128 - 5 * r for r in range(world)], 128, 7168, 288,
-          8, True, False, False, 9)
+        tokens = [max(1, m - 3 * r) if r != 1 else min(m, 40) for r in range(world)]
+        run(bodies.low_latency_roundtrip, "nvshmem", tokens, m, hidden, experts, topk, fp8, round_scale, False,
+            7 + world)
+    run(gpu_bodies.low_latency_rounds, 20, 96, 2048, 8 * world, 4)
+    run(gpu_bodies.low_latency_graph, 100, 128, 7168, 288, 8)
+    run(gpu_bodies.low_latency_put_path, world // 2, "nvshmem", [128 - 5 * r for r in range(world)], 128, 7168, 288,
+        8, True, False, False, 9)
 
 
 @pytest.mark.gpu(2)

@@ -227,10 +227,12 @@ void launch_expert_order(const int64_t* idx, int64_t rows, int num_topk, int num
 
 // ---- low_latency.cu (decoding; every rank reachable over NVLink) -------------------------------------------
 // Regions of the symmetric allocation (per rank):
-//   flags   int64 [4 kinds][2 slot buffers][E/N * N]   counts tagged with the round, and free/done flags
-//   counter int32 [N][E/N]                             rows this rank sends per (rank, expert); zero between rounds
-//   recv    bytes [2][E/N][N * M][recv_stride]         rows from source s for local expert e at [e][s*M + j]:
-//                                                      x (H fp8 or 2H bf16) | scales [H/128] | token*K + k
+//   flags   int64 [5 kinds][2 slot buffers][E/N * N]   counts tagged with the round, and free/done flags
+//   counter int32 [N][E/N] + [N]                       copies this rank sends per (rank, expert), then rows per
+//                                                      rank; zero between rounds
+//   recv    bytes [2][N][M][recv_stride]               row j from source s at [s][j] (one per token and rank):
+//                                                      x (H fp8 or 2H bf16) | scales [H/128] | token, n,
+//                                                      n x (local expert * 32 + k, the copy's row for that expert)
 //   comb    bytes [2][M * K][comb_stride]              combine rows returned for my (token, k)
 //   send    bytes [M * K][recv_stride]                 put path only (peers on other nodes): staged dispatch rows
 //   comb_send bytes [E/N * N * M][comb_stride]         put path only: staged combine rows
@@ -245,8 +247,6 @@ struct LowLatencyCtx {
     int64_t* status;
     ErrorWord err;
     uint64_t timeout_ns;
-    int send_mode;  // dispatch send (LARGEEP_TUNE=ll_send): 0 one warp per (token, copy), 1 one block per token,
-                    // -1 (default) one block per token for at most kTokenMajorMaxTokens tokens
     int device_sms;  // SMs of the Buffer's GPU: the grids' cap (one wave of blocks, one block per SM)
     int spread;     // LARGEEP_TUNE=ll_spread: 1 (default) the dispatch receive, the combine send and the combine
                     // receive share their rows over one wave of blocks; 0 one block per local expert (dispatch
@@ -262,7 +262,7 @@ LowLatencyLayout low_latency_layout(int num_ranks, int num_experts, int num_topk
 void launch_ll_dispatch_send(const LowLatencyCtx& c, const void* x, const int64_t* topk_idx, int num_tokens,
                              bool use_fp8, bool round_scale, int64_t* handle_seq, cudaStream_t stream);
 // Send and receive phases in one kernel (LARGEEP_TUNE ll_fuse=1, decided by the caller) where that can run: the
-// spread receive, the pair-wise send, the grid resident at once; returns false, launching nothing, otherwise.
+// spread receive, the grid resident at once; returns false, launching nothing, otherwise.
 bool launch_ll_dispatch_fused(const LowLatencyCtx& c, const void* x, const int64_t* topk_idx, int num_tokens,
                               bool use_fp8, bool round_scale, int64_t* handle_seq, void* out_x, float* out_scales,
                               int* out_count, int* src_info, int* meta, cudaStream_t stream);

@@ -1,12 +1,16 @@
 // Low-latency mode (decoding) between ranks that all reach each other over NVLink.
 //
-// Dispatch send: one warp per (token, k) copy. The warp quantises the token to FP8 on the fly (or keeps BF16),
-// takes a slot among the rows this rank sends to that expert (a local atomic), and stores the row straight into
-// the expert's rank's receive buffer at [slot buffer][local expert][me * M + slot]. The last block then publishes,
-// for every (rank, local expert), the row count tagged with the round: ((seq << 32) | count).
-// Dispatch receive: one block per local expert waits for the tagged counts of every source and packs the rows
-// into the output (sources ascending), with src_info and the combine metadata.
-// Combine send: one block per local expert; each valid row goes back to its source's buffer at [token][k].
+// Dispatch send: one block per token. Warp 0 takes, for every copy k, a row among those this rank sends to that
+// expert (a local atomic per (rank, expert)), and for every destination rank one receive row (a local atomic per
+// rank): a token goes to a rank once, however many of its experts live there. The block quantises the token to FP8
+// once (or keeps BF16) and stores it into each destination rank's receive buffer at [slot buffer][me][row], with the
+// token and its list of (local expert, copy k, expert row) entries. The last block then publishes, for every
+// (rank, local expert), the expert's row count, and for every rank the number of rows sent there, each tagged with
+// the round: ((seq << 32) | count).
+// Dispatch receive: the grid waits for the tagged counts of every source, and fans every received row out to the
+// output rows of its entries (experts ascending, sources ascending inside an expert), with src_info and the combine
+// metadata. The output has one row per (token, expert) copy; only the transport is per (token, rank).
+// Combine send: each valid output row goes back to its source's buffer at [token][k].
 // Combine receive: weighted sum over k in float32.
 //
 // Peers on this rank's node (ranks_per_node) are written with plain stores through NVLink peer pointers. Peers on
@@ -39,12 +43,13 @@ __device__ __forceinline__ uint8_t* ll_peer(const LowLatencyCtx& c, int r) {
 __device__ __forceinline__ int64_t* ll_flags(uint8_t* base, const LowLatencyCtx& c) {
     return reinterpret_cast<int64_t*>(base + c.off_flags);
 }
-// Flag words: [kind][slot][index], index = local expert * N + source for counts, else rank.
+// Flag words: [kind][slot][index], index = local expert * N + source for counts, else rank (kLLRows: the source).
 __device__ __forceinline__ int64_t ll_flag_index(const LowLatencyCtx& c, int kind, int slot, int i) {
     const int64_t per_slot = static_cast<int64_t>(c.num_experts / c.num_ranks) * c.num_ranks;  // >= N
     return (static_cast<int64_t>(kind) * 2 + slot) * per_slot + i;
 }
-enum LLFlag { kLLCounts = 0, kLLDispatchFree = 1, kLLCombineDone = 2, kLLCombineFree = 3 };
+enum LLFlag { kLLCounts = 0, kLLDispatchFree = 1, kLLCombineDone = 2, kLLCombineFree = 3, kLLRows = 4 };
+constexpr int kLLFlagKinds = 5;
 
 __device__ __forceinline__ bool same_node(const LowLatencyCtx& c, int r) {
     return r / c.ranks_per_node == c.rank / c.ranks_per_node;
@@ -56,10 +61,9 @@ __device__ __forceinline__ void ll_set_flag(const LowLatencyCtx& c, int r, int64
     set_peer_flag(same_node(c, r) ? ll_peer(c, r) : nullptr, c.base, c.off_flags + 8 * index, v, r);
 }
 
-__device__ __forceinline__ uint8_t* ll_recv_row(uint8_t* base, const LowLatencyCtx& c, int slot, int le, int row) {
-    const int64_t rows_per_expert = static_cast<int64_t>(c.num_ranks) * c.max_tokens;
-    const int epr = c.num_experts / c.num_ranks;
-    return base + c.off_recv + ((static_cast<int64_t>(slot) * epr + le) * rows_per_expert + row) * c.recv_stride;
+// Receive row `row` of the rows source s sent in slot buffer `slot`.
+__device__ __forceinline__ uint8_t* ll_recv_row(uint8_t* base, const LowLatencyCtx& c, int slot, int s, int row) {
+    return base + c.off_recv + ((static_cast<int64_t>(slot) * c.num_ranks + s) * c.max_tokens + row) * c.recv_stride;
 }
 
 // Waits (thread-level) until the local flag word reaches target; reports and returns false after the timeout.
@@ -118,10 +122,10 @@ __device__ __forceinline__ uint2 quantize_e4m3x8(int4 raw, bool valid, int round
 }
 
 // End of a dispatch send, every thread of every block: its puts completed (put path) and its rows visible, then the
-// last block publishes, for every (rank, local expert), this round's row count tagged with the round, clears the
-// counters, and advances the round. Nothing is published once any kernel of the Buffer reported an error (a block
-// that gave up waiting skipped its sends): the peers then time out and say so, instead of taking the counts of rows
-// that never came.
+// last block publishes, for every (rank, local expert), this round's row count tagged with the round, and for every
+// rank the number of receive rows sent there; clears the counters, and advances the round. Nothing is published once
+// any kernel of the Buffer reported an error (a block that gave up waiting skipped its sends): the peers then time
+// out and say so, instead of taking the counts of rows that never came.
 __device__ __forceinline__ void ll_publish_counts(const LowLatencyCtx& c, int* counter, int slot_buf, int64_t seq,
                                                   bool ok_all, int64_t* handle_seq) {
     const int N = c.num_ranks, epr = c.num_experts / N;
@@ -132,11 +136,17 @@ __device__ __forceinline__ void ll_publish_counts(const LowLatencyCtx& c, int* c
         if (threadIdx.x == 0) s_publish = ok_all && !has_error(c.err);
         __syncthreads();
         const bool publish = s_publish != 0;
-        for (int i = threadIdx.x; i < N * epr; i += blockDim.x) {
-            const int r = i / epr, le = i % epr;
+        // counter: [N * E/N] rows per (rank, expert), then [N] receive rows per rank
+        for (int i = threadIdx.x; i < N * epr + N; i += blockDim.x) {
             const int n = min(counter[i], c.max_tokens);
             counter[i] = 0;
-            if (publish) ll_set_flag(c, r, ll_flag_index(c, kLLCounts, slot_buf, le * N + c.rank), (seq << 32) | n);
+            if (!publish) continue;
+            if (i < N * epr) {
+                const int r = i / epr, le = i % epr;
+                ll_set_flag(c, r, ll_flag_index(c, kLLCounts, slot_buf, le * N + c.rank), (seq << 32) | n);
+            } else {
+                ll_set_flag(c, i - N * epr, ll_flag_index(c, kLLRows, slot_buf, c.rank), (seq << 32) | n);
+            }
         }
         if (threadIdx.x == 0) {
             c.seq[kSeqLowLatency] = seq;
@@ -145,171 +155,124 @@ __device__ __forceinline__ void ll_publish_counts(const LowLatencyCtx& c, int* c
     }
 }
 
-// The pair-wise send of blocks [0, blocks): one warp per (token, copy). A block's warps take consecutive copies:
-// the K copies of a token mostly share one SM, whose L1 serves the token's row after the first read (spreading the
-// copies over every SM was slower: 24.2 against 22.8 us at 128 tokens, 2 GPUs).
-__device__ __forceinline__ void ll_send_pairs(const LowLatencyCtx& c, const __nv_bfloat16* x, const int64_t* idx,
-                                              int T, int use_fp8, int round_scale, int slot_buf, int* counter,
-                                              int blocks) {
+// Receive-row metadata (int32 at off_meta_in_row): [0] token, [1] number of entries n, then n pairs
+// (local expert * 32 + k, row of the copy among this source's rows for that expert).
+constexpr int kLLMetaHead = 2;
+
+// The send of blocks [0, blocks) of blockDim.x / 32 warps: one token per block at a time. Warp 0 takes the rows of
+// the token's copies and of its destination ranks and writes the row's metadata; then every warp quantises its
+// share of the row once (FP8: a half-warp per group of 128 channels) and stores it into each destination rank's
+// row. Copies for peers on other nodes are built in staging (at row t * K + k of the rank's first copy k) and put
+// whole once the block has written them. A copy past max_tokens rows of its expert (repeated expert ids) is
+// dropped, not corrupting.
+__device__ __forceinline__ void ll_send_tokens(const LowLatencyCtx& c, const __nv_bfloat16* x, const int64_t* idx,
+                                               int T, int use_fp8, int round_scale, int slot_buf, int* counter,
+                                               int blocks) {
     const int N = c.num_ranks, K = c.num_topk, epr = c.num_experts / N, me = c.rank, H = c.hidden;
-    const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
-    {
-        for (int pair = blockIdx.x * kLLWarps + warp; pair < T * K; pair += blocks * kLLWarps) {
-            const int t = pair / K, k = pair % K;
-            const int64_t e = idx[pair];
-            if (e < 0 || e >= c.num_experts) continue;
-            const int r = static_cast<int>(e / epr), le = static_cast<int>(e % epr);
-            int j = 0;
-            if (lane == 0) j = atomicAdd(counter + r * epr + le, 1);
-            j = __shfl_sync(0xffffffffu, j, 0);
-            if (j >= c.max_tokens) continue;  // more copies than tokens (repeated expert ids): dropped, not corrupting
-            const bool near = same_node(c, r);
-            uint8_t* dst = near ? ll_recv_row(ll_peer(c, r), c, slot_buf, le, me * c.max_tokens + j)
-                                : c.base + c.off_send + static_cast<int64_t>(pair) * c.recv_stride;
-            const int4* src = reinterpret_cast<const int4*>(x + static_cast<int64_t>(t) * H);
-            const int nvec = H / 8;  // 8 bf16 per 16 bytes
-            if (use_fp8) {
-                // Each half-warp handles one group of 128 channels (16 vectors) per step; kSteps steps' loads are
-                // issued before any is used, so that a warp has several loads in flight.
-                float* scales = reinterpret_cast<float*>(dst + c.off_scales_in_row);
-                constexpr int kSteps = 4;
-                // nvec is a multiple of 16 (H % 128 == 0): a half-warp is wholly in or out of range.
-                for (int base = 0; base < nvec; base += kSteps * kWarp) {
-                    int4 raw[kSteps];
-#pragma unroll
-                    for (int u = 0; u < kSteps; ++u) {
-                        const int v = base + u * kWarp + lane;
-                        if (v < nvec) raw[u] = ld_nc_v4(src + v);
-                    }
-#pragma unroll
-                    for (int u = 0; u < kSteps; ++u) {
-                        const int v = base + u * kWarp + lane;
-                        float scale;
-                        const uint2 q = quantize_e4m3x8(raw[u], v < nvec, round_scale, &scale);
-                        if (v >= nvec) continue;
-                        reinterpret_cast<uint2*>(dst)[v] = q;
-                        if ((lane & 15) == 0) scales[v / 16] = scale;
-                    }
+    int* rows_to = counter + N * epr;  // receive rows per destination rank
+    __shared__ uint8_t* s_dst[kWarp];  // the row of the rank whose first copy is k (peer buffer or staging), or null
+    __shared__ int s_put[kWarp];       // that rank when it takes the put path, else -1
+    __shared__ int s_row[kWarp];       // the row's index among the rows this rank sends there
+    const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp, warps = blockDim.x / kWarp;
+    const int nvec = H / 8;  // 16-byte vectors of 8 bf16
+    for (int t = blockIdx.x; t < T; t += blocks) {
+        if (warp == 0) {
+            int r = -1, le = 0;
+            if (lane < K) {
+                const int64_t e = idx[static_cast<int64_t>(t) * K + lane];
+                if (e >= 0 && e < c.num_experts) {
+                    r = static_cast<int>(e / epr);
+                    le = static_cast<int>(e % epr);
                 }
-            } else {
-                warp_copy<0, 4>(reinterpret_cast<int4*>(dst), src, static_cast<int64_t>(nvec) * 16, lane);
             }
-            if (lane == 0) reinterpret_cast<int*>(dst + c.off_meta_in_row)[0] = t * K + k;
-            if (!near) {
-                __threadfence();  // the staged row is complete before the transport reads it
-                __syncwarp();
-                nvshmemx_putmem_nbi_warp(ll_recv_row(c.base, c, slot_buf, le, me * c.max_tokens + j), dst,
-                                         c.recv_stride, r);
+            const unsigned valid = __ballot_sync(0xffffffffu, r >= 0);
+            const unsigned same = __match_any_sync(0xffffffffu, r) & valid;  // copies that go to my copy's rank
+            const int first = same != 0 ? __ffs(same) - 1 : lane;            // the rank's first copy
+            // both atomics in flight at once: the copy's row for its expert, the first copy's row for its rank
+            int j = 0, row = 0;
+            if (r >= 0) j = atomicAdd(counter + r * epr + le, 1);
+            if (r >= 0 && lane == first) row = atomicAdd(rows_to + r, 1);  // < T <= max_tokens
+            row = __shfl_sync(0xffffffffu, row, first);
+            // more copies of an expert than tokens (repeated expert ids): dropped, not corrupting (the rank's row
+            // may then carry no entry)
+            const bool keep = r >= 0 && j < c.max_tokens;
+            const unsigned kept = __ballot_sync(0xffffffffu, keep) & same;
+            uint8_t* dst = nullptr;
+            int put = -1;
+            if (r >= 0) {
+                if (same_node(c, r)) {
+                    dst = ll_recv_row(ll_peer(c, r), c, slot_buf, me, row);
+                } else {
+                    dst = c.base + c.off_send + (static_cast<int64_t>(t) * K + first) * c.recv_stride;
+                    put = r;
+                }
+                int* m = reinterpret_cast<int*>(dst + c.off_meta_in_row);
+                if (keep) {
+                    const int p = __popc(kept & ((1u << lane) - 1u));  // my entry among the rank's kept copies
+                    m[kLLMetaHead + 2 * p] = le * kWarp + lane;
+                    m[kLLMetaHead + 2 * p + 1] = j;
+                }
+                if (lane == first) {
+                    m[0] = t;
+                    m[1] = __popc(kept);
+                }
+            }
+            if (lane < K) {
+                const bool lead = r >= 0 && lane == first;
+                s_dst[lane] = lead ? dst : nullptr;
+                s_put[lane] = lead ? put : -1;
+                s_row[lane] = row;
             }
         }
+        __syncthreads();
+        const int4* src = reinterpret_cast<const int4*>(x + static_cast<int64_t>(t) * H);
+        if (use_fp8) {
+            // a warp step covers 2 groups of 128 channels (one per half-warp); warp w takes steps w, w + W, ...
+            const int steps = (nvec + kWarp - 1) / kWarp;
+            for (int st = warp; st < steps; st += warps) {
+                const int v = st * kWarp + lane;
+                const bool ok = v < nvec;  // a half-warp is wholly in or out (H % 128 == 0)
+                float scale;
+                const uint2 out = quantize_e4m3x8(ok ? ld_nc_v4(src + v) : make_int4(0, 0, 0, 0), ok, round_scale,
+                                                  &scale);
+                if (!ok) continue;
+                for (int k = 0; k < K; ++k) {
+                    uint8_t* dst = s_dst[k];
+                    if (dst == nullptr) continue;
+                    reinterpret_cast<uint2*>(dst)[v] = out;
+                    if ((lane & 15) == 0) reinterpret_cast<float*>(dst + c.off_scales_in_row)[v / 16] = scale;
+                }
+            }
+        } else {
+            for (int v = threadIdx.x; v < nvec; v += blockDim.x) {
+                const int4 raw = ld_nc_v4(src + v);
+                for (int k = 0; k < K; ++k)
+                    if (s_dst[k] != nullptr) st_na_v4(reinterpret_cast<int4*>(s_dst[k]) + v, raw);
+            }
+        }
+        if (c.ranks_per_node < N) __threadfence();  // every writer's staged slices before the puts below
+        __syncthreads();  // every row complete (staged ones before their put); s_* free for the next token
+        for (int k = warp; k < K; k += warps) {
+            if (s_put[k] < 0) continue;
+            nvshmemx_putmem_nbi_warp(ll_recv_row(c.base, c, slot_buf, me, s_row[k]), s_dst[k], c.recv_stride,
+                                     s_put[k]);
+        }
+        __syncthreads();
     }
 }
 
-__global__ void __launch_bounds__(kLLThreads) ll_dispatch_send_kernel(LowLatencyCtx c, const __nv_bfloat16* x,
+constexpr int kTokWarps = 8;  // the send kernel's warps per block (one token per block at a time)
+constexpr int kTokThreads = kTokWarps * kWarp;
+
+__global__ void __launch_bounds__(kTokThreads) ll_dispatch_send_kernel(LowLatencyCtx c, const __nv_bfloat16* x,
                                                                       const int64_t* idx, int T, int use_fp8,
                                                                       int round_scale, int64_t* handle_seq) {
     const int64_t seq = c.seq[kSeqLowLatency] + 1;
     const int slot_buf = static_cast<int>(seq & 1);
-    int* counter = reinterpret_cast<int*>(c.base + c.off_counter);  // [N * E/N], zero between rounds
+    int* counter = reinterpret_cast<int*>(c.base + c.off_counter);  // zero between rounds
     // The receivers must have unpacked round seq - 2, which used the same slot buffer.
     const bool ok_all = ll_block_wait(c, kLLDispatchFree, slot_buf, seq - 2, kOpLowLatencyDispatch);
-    if (ok_all) ll_send_pairs(c, x, idx, T, use_fp8, round_scale, slot_buf, counter, static_cast<int>(gridDim.x));
-    ll_publish_counts(c, counter, slot_buf, seq, ok_all, handle_seq);
-}
-
-// Token-major send (LARGEEP_TUNE=ll_send=1; by default for at most kTokenMajorMaxTokens tokens): one block of
-// kTokWarps warps per token. Warp 0 takes the slot of every copy k (the same per-(rank, expert) atomic as above);
-// then every warp quantises its share of the row once (FP8: a half-warp per group of 128 channels) and stores it into
-// every copy's destination, so a token is read and quantised once instead of K times. Copies for peers on other
-// nodes are built in staging (at the pair kernel's staging row, t * K + k) and put whole once the block has written
-// them. Rows, metadata and counts are those of the pair kernel, so ranks may use different kernels in one round.
-constexpr int kTokWarps = 8;
-// 2 GPUs, H 7168, top-8, 288 experts, FP8 (session 4, run2): the token-major send took 13.0 / 13.4 / 14.3 us at 1 /
-// 8 / 32 tokens against 16.5 / 19.3 / 20.9 us for the pair-wise one (graph of dispatch + combine back to back:
-// 44.4 / 55.3 / 57.4 us against 47.9 / 58.5 / 66.0), but 23.2 against 22.4 us at 128 tokens.
-constexpr int kTokenMajorMaxTokens = 32;
-constexpr int kTokThreads = kTokWarps * kWarp;
-
-__global__ void __launch_bounds__(kTokThreads) ll_dispatch_send_token_kernel(LowLatencyCtx c, const __nv_bfloat16* x,
-                                                                            const int64_t* idx, int T, int use_fp8,
-                                                                            int round_scale, int64_t* handle_seq) {
-    const int N = c.num_ranks, K = c.num_topk, epr = c.num_experts / N, me = c.rank, H = c.hidden;
-    const int64_t seq = c.seq[kSeqLowLatency] + 1;
-    const int slot_buf = static_cast<int>(seq & 1);
-    int* counter = reinterpret_cast<int*>(c.base + c.off_counter);  // [N * E/N], zero between rounds
-    __shared__ uint8_t* s_dst[kWarp];  // copy k's row (peer buffer or staging); nullptr: no copy
-    __shared__ int s_put[kWarp];       // copy k goes by put to this rank (-1: NVLink store or no copy)
-    __shared__ int s_remote_row[kWarp];  // its row index in the remote receive buffer (put path)
-    __shared__ int s_le[kWarp];
-    const bool ok_all = ll_block_wait(c, kLLDispatchFree, slot_buf, seq - 2, kOpLowLatencyDispatch);
-    const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
-    const int nvec = H / 8;  // 16-byte vectors of 8 bf16
-    if (ok_all) {
-        for (int t = blockIdx.x; t < T; t += gridDim.x) {
-            if (warp == 0) {
-                uint8_t* dst = nullptr;
-                int put = -1, le = 0, j = -1;
-                if (lane < K) {
-                    const int64_t e = idx[static_cast<int64_t>(t) * K + lane];
-                    if (e >= 0 && e < c.num_experts) {
-                        const int r = static_cast<int>(e / epr);
-                        le = static_cast<int>(e % epr);
-                        j = atomicAdd(counter + r * epr + le, 1);
-                        if (j < c.max_tokens) {  // more copies than tokens (repeated ids): dropped, not corrupting
-                            if (same_node(c, r)) {
-                                dst = ll_recv_row(ll_peer(c, r), c, slot_buf, le, me * c.max_tokens + j);
-                            } else {
-                                dst = c.base + c.off_send + (static_cast<int64_t>(t) * K + lane) * c.recv_stride;
-                                put = r;
-                            }
-                        }
-                    }
-                }
-                if (lane < K) {
-                    s_dst[lane] = dst;
-                    s_put[lane] = put;
-                    s_le[lane] = le;
-                    s_remote_row[lane] = me * c.max_tokens + j;
-                }
-            }
-            __syncthreads();
-            const int4* src = reinterpret_cast<const int4*>(x + static_cast<int64_t>(t) * H);
-            if (use_fp8) {
-                // a warp step covers 2 groups of 128 channels (one per half-warp); warp w takes steps w, w + W, ...
-                const int steps = (nvec + kWarp - 1) / kWarp;
-                for (int st = warp; st < steps; st += kTokWarps) {
-                    const int v = st * kWarp + lane;
-                    const bool valid = v < nvec;  // a half-warp is wholly in or out (H % 128 == 0)
-                    float scale;
-                    const uint2 out = quantize_e4m3x8(valid ? ld_nc_v4(src + v) : make_int4(0, 0, 0, 0), valid,
-                                                      round_scale, &scale);
-                    if (!valid) continue;
-                    for (int k = 0; k < K; ++k) {
-                        uint8_t* dst = s_dst[k];
-                        if (dst == nullptr) continue;
-                        reinterpret_cast<uint2*>(dst)[v] = out;
-                        if ((lane & 15) == 0) reinterpret_cast<float*>(dst + c.off_scales_in_row)[v / 16] = scale;
-                    }
-                }
-            } else {
-                for (int v = warp * kWarp + lane; v < nvec; v += kTokThreads) {
-                    const int4 raw = ld_nc_v4(src + v);
-                    for (int k = 0; k < K; ++k)
-                        if (s_dst[k] != nullptr) st_na_v4(reinterpret_cast<int4*>(s_dst[k]) + v, raw);
-                }
-            }
-            if (warp == 0 && lane < K && s_dst[lane] != nullptr)
-                reinterpret_cast<int*>(s_dst[lane] + c.off_meta_in_row)[0] = t * K + lane;
-            if (c.ranks_per_node < N) __threadfence();  // every writer's staged slices before the puts below
-            __syncthreads();  // every copy complete (staged ones before their put); s_* free for the next token
-            for (int k = warp; k < K; k += kTokWarps) {
-                if (s_put[k] < 0) continue;
-                nvshmemx_putmem_nbi_warp(ll_recv_row(c.base, c, slot_buf, s_le[k], s_remote_row[k]), s_dst[k],
-                                         c.recv_stride, s_put[k]);
-            }
-            __syncthreads();
-        }
-    }
+    if (ok_all) ll_send_tokens(c, x, idx, T, use_fp8, round_scale, slot_buf, counter, static_cast<int>(gridDim.x));
     ll_publish_counts(c, counter, slot_buf, seq, ok_all, handle_seq);
 }
 
@@ -339,84 +302,126 @@ __device__ __forceinline__ int segment_of(const int* pref, int n, int row) {
     return lo;
 }
 
-// Output row o of the dispatch receive (one warp): 16-byte vectors [v_lo, v_hi) of row `src`'s x, and with
-// v_lo == 0 its scales, src_info and combine metadata.
-__device__ __forceinline__ void ll_unpack_row(const LowLatencyCtx& c, const uint8_t* src, int s, int64_t o,
-                                              uint8_t* out_x, float* out_scales, int* src_info, int* meta,
-                                              int64_t x_bytes, int use_fp8, int v_lo, int v_hi, int lane) {
-    warp_copy<1, 4>(reinterpret_cast<int4*>(out_x + o * x_bytes) + v_lo, reinterpret_cast<const int4*>(src) + v_lo,
-                    16ll * (v_hi - v_lo), lane);
+// One warp: 16-byte vectors [v_lo, v_hi) of received row `src` go to output row o of each of the row's n entries
+// (lane e holds entry e's o, -1 for an entry this block does not write); read once, stored n times. With v_lo == 0
+// also each entry's scales, src_info and combine metadata.
+__device__ __forceinline__ void ll_fan_out_row(const LowLatencyCtx& c, const uint8_t* src, int s, int t, int k,
+                                               int64_t o, int n, uint8_t* out_x, float* out_scales, int* src_info,
+                                               int* meta, int64_t x_bytes, int use_fp8, int v_lo, int v_hi,
+                                               int lane) {
+    constexpr int kU = 4;
+    const int4* in = reinterpret_cast<const int4*>(src);
+    for (int b = v_lo; b < v_hi; b += kU * kWarp) {  // (warp-uniform bounds: the shuffles below)
+        int4 val[kU];
+#pragma unroll
+        for (int u = 0; u < kU; ++u)
+            if (b + u * kWarp + lane < v_hi) val[u] = ld_v4<1>(in + b + u * kWarp + lane);
+        for (int e = 0; e < n; ++e) {
+            const int64_t oe = __shfl_sync(0xffffffffu, o, e);
+            if (oe < 0) continue;
+            int4* dst = reinterpret_cast<int4*>(out_x + oe * x_bytes);
+#pragma unroll
+            for (int u = 0; u < kU; ++u)
+                if (b + u * kWarp + lane < v_hi) st_na_v4(dst + b + u * kWarp + lane, val[u]);
+        }
+    }
     if (v_lo != 0) return;
     const int num_scales = c.hidden / 128;
-    if (use_fp8)
-        for (int q = lane; q < num_scales; q += kWarp)
-            out_scales[o * num_scales + q] = reinterpret_cast<const float*>(src + c.off_scales_in_row)[q];
-    if (lane == 0) {
-        const int tk = reinterpret_cast<const int*>(src + c.off_meta_in_row)[0];
+    if (use_fp8) {
+        const float* sc = reinterpret_cast<const float*>(src + c.off_scales_in_row);
+        for (int e = 0; e < n; ++e) {
+            const int64_t oe = __shfl_sync(0xffffffffu, o, e);
+            if (oe < 0) continue;
+            for (int q = lane; q < num_scales; q += kWarp) out_scales[oe * num_scales + q] = sc[q];
+        }
+    }
+    if (o >= 0) {
         src_info[2 * o] = s;
-        src_info[2 * o + 1] = tk / c.num_topk;
-        meta[o] = s * (c.max_tokens * c.num_topk) + tk;
+        src_info[2 * o + 1] = t;
+        meta[o] = s * (c.max_tokens * c.num_topk) + t * c.num_topk + k;
     }
 }
 
-// Dispatch receive. Packed (LARGEEP_TUNE ll_spread=0): block le unpacks local expert le (N count words, one warp
-// per row). Spread (default): every block reads all E/N * N count words into `cnt` (dynamic shared memory,
-// E/N * N + 1 ints), turns them into a prefix sum, and the grid's warps share the rows, each cut into `parts`
-// column slices, so that the work does not wait on a second wave of blocks (one per expert) or on the busiest
-// expert. Output rows past an expert's count get src_info and meta -1. A count wait that gives up (reported in the
-// error word; the call raises) leaves the outputs undefined: blocks decide on their own waits.
+// Dispatch receive. Spread (default): every block reads all E/N * N count words and the N row counts into `cnt`
+// (dynamic shared memory, E/N * N + N + 2 ints), turns them into prefix sums, and the grid's warps share the
+// received rows, each cut into `parts` column slices. Packed (LARGEEP_TUNE ll_spread=0, or too many count words for
+// shared memory): block le writes local expert le only (N count words); its warps read every received row's
+// entries and copy the rows that have one for le. Output rows past an expert's count get src_info and meta -1. A
+// count wait that gives up (reported in the error word; the call raises) leaves the outputs undefined: blocks
+// decide on their own waits.
 // (the body, for round seq: the receive kernel, or the fused dispatch after its sends; cnt: dynamic shared memory)
 __device__ __forceinline__ void ll_unpack(const LowLatencyCtx& c, uint8_t* out_x, float* out_scales, int* out_count,
                                           int* src_info, int* meta, int use_fp8, int64_t seq, int* cnt) {
     const int N = c.num_ranks, me = c.rank, M = c.max_tokens, epr = c.num_experts / N;
     const int slot_buf = static_cast<int>(seq & 1);
-    const int segs = c.spread ? epr * N : N;  // count words this block reads: (expert, source) pairs
+    const int nle = c.spread ? epr : 1;  // local experts this block writes: [le0, le0 + nle)
+    const int segs = nle * N;            // their count words: (expert, source) pairs
     const int le0 = c.spread ? 0 : static_cast<int>(blockIdx.x);
+    int* rpref = cnt + segs + 1;  // [N + 1]: receive rows per source, as a prefix sum
     __shared__ int ok_all;
     if (threadIdx.x == 0) ok_all = has_error(c.err) ? 0 : 1;
     __syncthreads();
-    for (int i = threadIdx.x; i < segs; i += blockDim.x) {
+    for (int i = threadIdx.x; i < segs + N; i += blockDim.x) {
+        const bool rows_word = i >= segs;
+        const int s = rows_word ? i - segs : i % N;
+        const int64_t* f = ll_flags(c.base, c) + (rows_word ? ll_flag_index(c, kLLRows, slot_buf, s)
+                                                            : ll_flag_index(c, kLLCounts, slot_buf, le0 * N + i));
         int n = 0;
-        const int64_t* f = ll_flags(c.base, c) + ll_flag_index(c, kLLCounts, slot_buf, le0 * N + i);
-        if (ok_all && ll_wait(f, seq << 32, c, kOpLowLatencyDispatch, i % N)) {
+        if (ok_all && ll_wait(f, seq << 32, c, kOpLowLatencyDispatch, s)) {
             const int64_t v = ld_acquire_sys(f);
             n = (v >> 32) == seq ? static_cast<int>(v & 0xffffffff) : 0;
         } else {
             atomicAnd(&ok_all, 0);
         }
-        cnt[i + 1] = n;
+        if (rows_word) rpref[s + 1] = n;
+        else cnt[i + 1] = n;
     }
     __syncthreads();
     const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
     if (warp == 0) {
         warp_prefix_inplace(cnt + 1, segs, lane);
         if (lane == 0) cnt[0] = 0;
+    } else if (warp == 1) {
+        warp_prefix_inplace(rpref + 1, N, lane);
+        if (lane == 0) rpref[0] = 0;
     }
     __syncthreads();
     const int rows = N * M;
-    const int total = ok_all ? cnt[segs] : 0;
+    const int total = ok_all ? rpref[N] : 0;  // received rows
     // rows of expert le: [cnt[le * N], cnt[(le + 1) * N]) in this block's numbering
     if (c.spread ? blockIdx.x == 0 : threadIdx.x == 0)
-        for (int le = threadIdx.x; le < (c.spread ? epr : 1); le += blockDim.x)
+        for (int le = threadIdx.x; le < nle; le += blockDim.x)
             out_count[le0 + le] = ok_all ? cnt[(le + 1) * N] - cnt[le * N] : 0;
     const int64_t x_bytes = static_cast<int64_t>(c.hidden) * (use_fp8 ? 1 : 2);
     const int nvec = static_cast<int>(x_bytes / 16);
-    const int warps = static_cast<int>(gridDim.x) * kLLWarps;
-    const int parts = c.spread ? max(1, min(4, warps / max(1, total))) : 1;
+    const int warps = c.spread ? static_cast<int>(gridDim.x) * kLLWarps : kLLWarps;
+    // a received row is written once per entry (about K / N times): up to 16 slices per row keep every warp busy
+    const int parts = c.spread ? max(1, min(16, warps / max(1, total))) : 1;
     const int per = (nvec + parts - 1) / parts;
     const int gw = c.spread ? static_cast<int>(blockIdx.x) * kLLWarps + warp : warp;
-    for (int g = gw; g < total * parts; g += c.spread ? warps : kLLWarps) {
+    for (int g = gw; g < total * parts; g += warps) {
         const int row = g / parts, part = g % parts;
-        const int k = segment_of(cnt, segs, row);  // (expert, source) pair, numbered le * N + s from le0
-        const int le = le0 + k / N, s = k % N;
-        const int64_t o = static_cast<int64_t>(le) * rows + (row - cnt[(k / N) * N]);
-        const uint8_t* src = ll_recv_row(c.base, c, slot_buf, le, s * M + (row - cnt[k]));
+        const int s = segment_of(rpref, N, row);
+        const uint8_t* src = ll_recv_row(c.base, c, slot_buf, s, row - rpref[s]);
+        const int* m = reinterpret_cast<const int*>(src + c.off_meta_in_row);
+        const int t = m[0], n = min(m[1], c.num_topk);
+        int64_t o = -1;  // lane e < n: the output row of entry e, if this block writes its expert
+        int k = 0;
+        if (lane < n) {
+            const int a = m[kLLMetaHead + 2 * lane], j = m[kLLMetaHead + 2 * lane + 1];
+            const int le = a / kWarp;
+            k = a % kWarp;
+            if (le >= le0 && le < le0 + nle) {
+                const int seg = (le - le0) * N;
+                o = static_cast<int64_t>(le) * rows + (cnt[seg + s] - cnt[seg]) + j;
+            }
+        }
         if (part * per < nvec)
-            ll_unpack_row(c, src, s, o, out_x, out_scales, src_info, meta, x_bytes, use_fp8, part * per,
-                          min(nvec, (part + 1) * per), lane);
+            ll_fan_out_row(c, src, s, t, k, o, n, out_x, out_scales, src_info, meta, x_bytes, use_fp8, part * per,
+                           min(nvec, (part + 1) * per), lane);
     }
     // padding: output rows past each expert's count (one thread per row of this block's share)
-    const int pad_rows = (c.spread ? epr : 1) * rows;
+    const int pad_rows = nle * rows;
     const int tid = c.spread ? static_cast<int>(blockIdx.x * blockDim.x + threadIdx.x) : static_cast<int>(threadIdx.x);
     const int threads = c.spread ? static_cast<int>(gridDim.x * blockDim.x) : static_cast<int>(blockDim.x);
     for (int r = tid; r < pad_rows; r += threads) {
@@ -459,7 +464,7 @@ __global__ void __launch_bounds__(kLLThreads) ll_dispatch_fused_kernel(LowLatenc
     int* counter = reinterpret_cast<int*>(c.base + c.off_counter);
     const bool ok_all = ll_block_wait(c, kLLDispatchFree, slot_buf, seq - 2, kOpLowLatencyDispatch);
     if (ok_all && static_cast<int>(blockIdx.x) < send_blocks)
-        ll_send_pairs(c, x, idx, T, use_fp8, round_scale, slot_buf, counter, send_blocks);
+        ll_send_tokens(c, x, idx, T, use_fp8, round_scale, slot_buf, counter, send_blocks);
     ll_publish_counts(c, counter, slot_buf, seq, ok_all, handle_seq);
     ll_unpack(c, out_x, out_scales, out_count, src_info, meta, use_fp8, seq, cnt);
 }
@@ -637,11 +642,11 @@ LowLatencyLayout low_latency_layout(int N, int E, int K, int H, int M, int P) {
     const int epr = E / N;
     l.off_scales_in_row = align16(static_cast<int64_t>(H) * 2);
     l.off_meta_in_row = l.off_scales_in_row + align16(static_cast<int64_t>(H / 128) * 4);
-    l.recv_stride = l.off_meta_in_row + 16;
+    l.recv_stride = l.off_meta_in_row + align16(4ll * (kLLMetaHead + 2 * K));  // token, n, n entries (n <= K)
     l.comb_stride = align16(static_cast<int64_t>(H) * 2);
-    l.off_flags = take(8ll * 4 * 2 * static_cast<int64_t>(epr) * N);
-    l.off_counter = take(4ll * N * epr);
-    l.off_recv = take(l.recv_stride * 2 * epr * static_cast<int64_t>(N) * M);
+    l.off_flags = take(8ll * kLLFlagKinds * 2 * static_cast<int64_t>(epr) * N);
+    l.off_counter = take(4ll * (N * epr + N));
+    l.off_recv = take(l.recv_stride * 2 * static_cast<int64_t>(N) * M);
     l.off_comb = take(l.comb_stride * 2 * static_cast<int64_t>(M) * K);
     // Staging for the put path, only when some peers are on other nodes: dispatch rows [M * K], combine rows
     // [E/N * N * M] (the source of a put must be symmetric memory for every transport).
@@ -655,23 +660,15 @@ LowLatencyLayout low_latency_layout(int N, int E, int K, int H, int M, int P) {
 namespace {
 // Launch geometry shared by the two-kernel and the fused paths.
 int ll_epr(const LowLatencyCtx& c) { return c.num_experts / c.num_ranks; }
-// The token-major send takes this call (it sends few tokens faster than the pair-wise one).
-bool token_major(const LowLatencyCtx& c, int num_tokens) {
-    return c.send_mode == 1 || (c.send_mode < 0 && num_tokens <= kTokenMajorMaxTokens);
-}
-// Blocks of the pair-wise send: 16 copies per block, at most one wave.
-int pair_blocks(const LowLatencyCtx& c, int num_tokens) {
-    return std::min(ceil_div(std::max(1, num_tokens * c.num_topk), kLLWarps), c.device_sms);
-}
-// Blocks of the spread dispatch receive and combine send: enough for every row a rank can hold (N * M * K at most),
-// two slices each, at most one wave.
+// Blocks of the spread dispatch receive and combine send: enough for every output row a rank can hold (N * M * K at
+// most), two slices each, at most one wave.
 int spread_blocks(const LowLatencyCtx& c) {
     return std::min(c.device_sms, std::max(1, ceil_div(2 * c.num_ranks * c.max_tokens * c.num_topk, kLLWarps)));
 }
-// Dynamic shared memory of the spread dispatch receive (every (expert, source) count word) and combine send (every
-// expert's count), each a prefix sum of that many ints + 1.
-size_t unpack_smem(const LowLatencyCtx& c) {
-    return sizeof(int) * (static_cast<size_t>(ll_epr(c)) * c.num_ranks + 1);
+// Dynamic shared memory of the dispatch receive (spread: every (expert, source) count word; packed: one expert's N)
+// and the N row counts, and of the combine send (every expert's count), each a prefix sum of that many ints + 1.
+size_t unpack_smem(const LowLatencyCtx& c, bool spread) {
+    return sizeof(int) * ((spread ? static_cast<size_t>(ll_epr(c)) : 1) * c.num_ranks + 1 + c.num_ranks + 1);
 }
 size_t combine_send_smem(const LowLatencyCtx& c) { return sizeof(int) * (static_cast<size_t>(ll_epr(c)) + 1); }
 // The combine receive's warps per token: about 1024 warps in all when tokens are few (spread: every warp of one
@@ -687,6 +684,7 @@ void check_send(const LowLatencyCtx& c, bool use_fp8) {
     HOST_ASSERT(c.hidden % 128 == 0 || !use_fp8, "FP8 needs hidden % 128 == 0");
     HOST_ASSERT(c.hidden % 8 == 0, "hidden must be a multiple of 8");
     HOST_ASSERT(c.num_ranks <= 32, "at most 32 ranks");
+    HOST_ASSERT(c.num_topk <= kWarp, "num_topk must be <= 32");
 }
 
 // Launches `kernel` cooperatively (every block resident at once, or the launch waits; capturable in a CUDA graph)
@@ -714,29 +712,21 @@ bool launch_resident(void (*kernel)(Params...), int grid, int sms, size_t smem, 
 void launch_ll_dispatch_send(const LowLatencyCtx& c, const void* x, const int64_t* topk_idx, int num_tokens,
                              bool use_fp8, bool round_scale, int64_t* handle_seq, cudaStream_t stream) {
     check_send(c, use_fp8);
-    if (token_major(c, num_tokens)) {
-        HOST_ASSERT(c.num_topk <= kWarp, "num_topk must be <= 32");
-        const int grid = std::min(std::max(1, num_tokens), 2 * c.device_sms);
-        ll_dispatch_send_token_kernel<<<grid, kTokThreads, 0, stream>>>(
-            c, static_cast<const __nv_bfloat16*>(x), topk_idx, num_tokens, use_fp8 ? 1 : 0, round_scale ? 1 : 0,
-            handle_seq);
-        LAUNCH_CHECK();
-        return;
-    }
-    ll_dispatch_send_kernel<<<pair_blocks(c, num_tokens), kLLThreads, 0, stream>>>(
-        c, static_cast<const __nv_bfloat16*>(x), topk_idx, num_tokens, use_fp8 ? 1 : 0, round_scale ? 1 : 0,
-        handle_seq);
+    const int grid = std::min(std::max(1, num_tokens), 2 * c.device_sms);  // one token per block at a time
+    ll_dispatch_send_kernel<<<grid, kTokThreads, 0, stream>>>(c, static_cast<const __nv_bfloat16*>(x), topk_idx,
+                                                            num_tokens, use_fp8 ? 1 : 0, round_scale ? 1 : 0,
+                                                            handle_seq);
     LAUNCH_CHECK();
 }
 
 bool launch_ll_dispatch_fused(const LowLatencyCtx& c, const void* x, const int64_t* topk_idx, int num_tokens,
                               bool use_fp8, bool round_scale, int64_t* handle_seq, void* out_x, float* out_scales,
                               int* out_count, int* src_info, int* meta, cudaStream_t stream) {
-    // the caller sends, then receives: the per-expert receive, too many count words, or a token-major call
-    const size_t smem = unpack_smem(c);
-    if (!c.spread || smem > kLLMaxDynSmem || token_major(c, num_tokens)) return false;
+    // the caller sends, then receives: the per-expert receive, or too many count words
+    const size_t smem = unpack_smem(c, true);
+    if (!c.spread || smem > kLLMaxDynSmem) return false;
     check_send(c, use_fp8);
-    const int send_blocks = pair_blocks(c, num_tokens);
+    const int send_blocks = std::min(std::max(1, num_tokens), c.device_sms);
     return launch_resident(ll_dispatch_fused_kernel, std::max(send_blocks, spread_blocks(c)), c.device_sms, smem,
                            stream, c, static_cast<const __nv_bfloat16*>(x), topk_idx, num_tokens, use_fp8 ? 1 : 0,
                            round_scale ? 1 : 0, handle_seq, static_cast<uint8_t*>(out_x), out_scales, out_count,
@@ -748,8 +738,8 @@ void launch_ll_dispatch_recv(const LowLatencyCtx& c, void* out_x, float* out_sca
     // spread: one wave of blocks (at most one per SM) sharing every expert's rows, while the count words of every
     // (expert, source) fit in shared memory; packed: one block per expert
     LowLatencyCtx k = c;
-    k.spread = c.spread && unpack_smem(c) <= kLLMaxDynSmem;
-    const size_t smem = k.spread ? unpack_smem(c) : sizeof(int) * (c.num_ranks + 1);
+    k.spread = c.spread && unpack_smem(c, true) <= kLLMaxDynSmem;
+    const size_t smem = unpack_smem(c, k.spread != 0);
     ll_dispatch_recv_kernel<<<k.spread ? spread_blocks(c) : ll_epr(c), kLLThreads, smem, stream>>>(
         k, static_cast<uint8_t*>(out_x), out_scales, out_count, src_info, meta, use_fp8 ? 1 : 0, handle_seq);
     LAUNCH_CHECK();

@@ -8,10 +8,9 @@
 | LARGEEP_NVSHMEM_HEAP_MARGIN | 1.25 | factor on the first Buffer's needs when largeep sets NVSHMEM_SYMMETRIC_SIZE |
 | LARGEEP_ZERO_COPY_SLOTS | 2 | nvshmem normal mode, one node: receive slots whose planes a dispatch returns as its |
 | | | outputs (no copy-out); each holds N * max_tokens_per_rank rows; 0: every dispatch copies |
-| LARGEEP_TUNE | threads=1024,load=0,unroll=8,ll_send=-1,ll_spread=1,ll_fuse=0,comb=3 | normal-mode copy kernels: |
+| LARGEEP_TUNE | threads=1024,load=0,unroll=8,ll_spread=1,ll_fuse=0,comb=3 | normal-mode copy kernels: |
 | | | threads per block, load kind (0 nc, 1 weak, 2 volatile), 16-byte loads in flight per lane (4 or 8); |
-| | | low-latency dispatch send: 0 one warp per (token, copy), 1 one block per token (quantised once), -1 the |
-| | | latter up to 32 tokens; ll_spread=1 the low-latency receives and combine send share their rows over the |
+| | | ll_spread=1 the low-latency receives and combine send share their rows over the |
 | | | grid, 0 per expert; ll_fuse=1 a low-latency call without a hook runs send and receive in one cooperative |
 | | | kernel (needs every SM free at once: see README), 0 in two; |
 | | | combine inside one node: 1..7 one kernel with comb/8 of its blocks pushing while the rest reduce, 0 a |
@@ -97,7 +96,7 @@ def _choice(name: str, values: tuple[str, ...]) -> str:
 HIGHEST_PRIORITY = -(1 << 20)
 
 
-_TUNE_DEFAULTS = {"threads": 1024, "load": 0, "unroll": 8, "ll_send": -1, "ll_spread": 1, "ll_fuse": 0, "comb": 3}
+_TUNE_DEFAULTS = {"threads": 1024, "load": 0, "unroll": 8, "ll_spread": 1, "ll_fuse": 0, "comb": 3}
 
 
 def _tune(raw: str) -> dict[str, int]:

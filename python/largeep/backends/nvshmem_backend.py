@@ -248,8 +248,7 @@ class NvshmemBackend:
             if settings.tune["ll_fuse"] not in (0, 1):
                 raise RuntimeError(f"LARGEEP_TUNE ll_fuse must be 0 or 1, got {settings.tune['ll_fuse']}")
             self.ll_fuse = bool(settings.tune["ll_fuse"])  # 1: the fused launchers (see below; default 0)
-            self.ll = self.C.LowLatencyKernels(*common, ctx.ranks_per_node, settings.tune["ll_send"],
-                                               settings.tune["ll_spread"])
+            self.ll = self.C.LowLatencyKernels(*common, ctx.ranks_per_node, settings.tune["ll_spread"])
         else:
             self.kernels = self.C.NormalKernels(
                 *common, ctx.ranks_per_node, settings.tune["threads"], settings.tune["load"], settings.tune["unroll"],

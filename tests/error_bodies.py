@@ -658,6 +658,29 @@ def hosts_in_any_order(rank: int, world: int) -> list[str]:
     return seen
 
 
+def hosts_of_unequal_size(rank: int, world: int) -> str:
+    """Hosts a, a, b (3 ranks): the first host's 2 ranks do not divide the group, so the node size cannot be
+    derived: refused without ranks_per_node (naming the hosts), accepted with ranks_per_node = 1. Returns the
+    message."""
+    import socket
+
+    real = socket.gethostname
+    socket.gethostname = lambda: "aab"[rank]  # type: ignore[assignment]
+    kw: dict[str, Any] = dict(hidden=HIDDEN, num_experts=6, num_topk=2, max_tokens_per_rank=MAX_TOKENS,
+                              backend="torch")
+    try:
+        try:
+            largeep.Buffer(None, **kw)
+        except ArgumentError as exc:
+            msg = str(exc)
+        else:
+            raise AssertionError("hosts a, a, b were accepted without ranks_per_node")
+        largeep.Buffer(None, ranks_per_node=1, **kw).destroy()
+    finally:
+        socket.gethostname = real  # type: ignore[assignment]
+    return msg
+
+
 def auto_backend_agrees(rank: int, world: int) -> str:
     """backend="auto" learns which ranks cannot load the native module (rank 1 here), so every rank picks the same
     backend. Returns why this rank's Buffer took 'torch' (the logged reason)."""

@@ -206,6 +206,12 @@ def test_ranks_per_node_with_hosts_out_of_order(pools) -> None:
         assert len(seen) == 2
 
 
+def test_hosts_of_unequal_size_refused(pools) -> None:
+    for msg in pools(3).run(error_bodies.hosts_of_unequal_size):
+        assert "Buffer: ranks must fill hosts in equal contiguous blocks" in msg, msg
+        assert "['a', 'a', 'b']" in msg and "does not divide the group size 3" in msg, msg
+
+
 def test_auto_backend_agrees_across_ranks(pools) -> None:
     # rank 0 could load it: it takes 'torch' because rank 1 cannot (on a CPU group it would anyway, so the reason
     # it gives is what tells)

@@ -299,6 +299,11 @@ class Buffer:
         given_per_node = ranks_per_node is not None
         if ranks_per_node is None:
             ranks_per_node = names.count(names[0])  # the ranks that share the first host
+            if n % ranks_per_node:
+                raise ArgumentError(
+                    f"{op}: ranks must fill hosts in equal contiguous blocks (got hosts {names}: {ranks_per_node} "
+                    f"on the first, which does not divide the group size {n}); pass ranks_per_node explicitly"
+                )
         # a node's ranks reach each other over NVLink: each block of ranks_per_node ranks on one host (hosts need
         # not be filled in order when it is given; without it, they must hold equal contiguous blocks of ranks)
         for r, name in enumerate(names):
@@ -306,7 +311,7 @@ class Buffer:
             if name != names[first]:
                 if not given_per_node:
                     raise ArgumentError(
-                        f"Buffer: ranks must fill hosts in equal contiguous blocks (got hosts {names}); pass "
+                        f"{op}: ranks must fill hosts in equal contiguous blocks (got hosts {names}); pass "
                         "ranks_per_node explicitly"
                     )
                 raise ArgumentError(

@@ -12,8 +12,11 @@ Rows per leg, normal mode (a token goes to a rank once):
 - flat: NVLink ``T * d_r * (P-1)/N``, RDMA ``T * d_r * (N-P)/N`` (every remote (token, rank) pair crosses the NIC);
 - hierarchical: RDMA ``T * d_n * (M-1)/M`` (a token crosses the network once per remote node, landing on the GPU
   with the same index), NVLink ``T * d_r * (P-1)/P`` (local pairs plus the fan-out of landed rows).
-Low-latency mode: every (token, expert) copy, ``C = T * K``; NVLink ``C * (P-1)/N``, RDMA ``C * (N-P)/N``.
-Combine moves the same rows back in BF16.
+Normal-mode combine moves the same rows back in BF16.
+Low-latency mode: the logical bytes are every (token, expert) copy, ``C = T * K`` rows. Dispatch sends a token once
+per destination rank and the receiver fans the row out to its experts' output rows: NVLink ``T * d_r * (P-1)/N``,
+RDMA ``T * d_r * (N-P)/N`` (no per-node hop). Combine returns every copy (its rows carry different weights): NVLink
+``C * (P-1)/N``, RDMA ``C * (N-P)/N``, in BF16.
 
 Time: ``lat[mode, op] + max(t_nvl, t_rdma, t_sm) + t_copy`` with overlap, ``lat + max(t_nvl + t_rdma, t_sm) +
 t_copy`` without, where ``t_leg = link latency + bytes * imbalance / (eff_leg * link bandwidth)`` (0 for a leg that
@@ -189,7 +192,8 @@ def sampled_stats(topk_idx: torch.Tensor, num_ranks: int, ranks_per_node: int, n
 # -- traffic ----------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Traffic:
-    """Bytes one GPU moves in one call: logical (received rows incl. local), per leg, and through its SMs."""
+    """Bytes one GPU moves in one call: logical (SPEC.md: received rows incl. local; low-latency mode: every
+    (token, expert) copy), per leg, and through its SMs."""
 
     logical: float
     nvlink: float
@@ -219,7 +223,9 @@ def traffic(
         # every rank sums its own T tokens whatever the routing's imbalance
         return Traffic(rows * b, nvl * b, rdma * b, rows * b, rows * b16, t * 2 * w.hidden)
     copies = t * w.num_topk
-    return Traffic(copies * b, copies * (p - 1) / n * b, copies * (n - p) / n * b, 0.0)
+    # low latency: dispatch crosses a link once per (token, destination rank), combine once per copy
+    sent = t * stats.ranks_per_token if w.op == "dispatch" else copies
+    return Traffic(copies * b, sent * (p - 1) / n * b, sent * (n - p) / n * b, 0.0)
 
 
 # -- parameters -------------------------------------------------------------------------------------------------
@@ -671,7 +677,7 @@ def sweep_ep(
                 w = Workload(mode, op, t, h, k, e, dtype)
                 for layout, overlap in VARIANTS:
                     if mode == "low_latency" and layout == "hierarchical":
-                        continue  # low-latency sends every copy directly
+                        continue  # low-latency sends straight to every rank (no per-node hop)
                     pr = predict(w, ep, params, cluster, stats=stats, hierarchical=layout == "hierarchical",
                                  overlap=overlap)
                     out.append({"ep": ep, "nodes": ep // p, "mode": mode, "op": op, "dtype": dtype, "tokens": t,

@@ -26,10 +26,10 @@ import torch
 import torch.distributed as dist
 from _launch import run_ranks, write_doc  # bench/ is the script's directory
 
-# the dispatch send is ll_dispatch_send_kernel, or ll_dispatch_send_token_kernel with LARGEEP_TUNE=ll_send=1
-# (LARGEEP_TUNE ll_fuse=1: a call without a hook is ll_dispatch_fused_kernel / ll_combine_fused_kernel alone where
-# the fused kernel can run; ll_fuse=0, the default: always the send and receive kernels)
-_KERNELS = ("ll_dispatch_send(?:_token)?_kernel", "ll_dispatch_recv_kernel", "ll_combine_send_kernel",
+# the kernels of each op (LARGEEP_TUNE ll_fuse=1: a call without a hook is ll_dispatch_fused_kernel /
+# ll_combine_fused_kernel alone where the fused kernel can run; ll_fuse=0, the default: always the send and receive
+# kernels)
+_KERNELS = ("ll_dispatch_send_kernel", "ll_dispatch_recv_kernel", "ll_combine_send_kernel",
             "ll_combine_recv_kernel", "ll_dispatch_fused_kernel", "ll_combine_fused_kernel")
 
 

@@ -32,7 +32,7 @@ namespace largeep {
 
 namespace {
 
-constexpr int kLLThreads = 512;
+constexpr int kLLThreads = 512;  // (at least 2 warps: ll_unpack's second prefix sum runs on warp 1)
 constexpr int kLLWarps = kLLThreads / kWarp;
 constexpr size_t kLLMaxDynSmem = 40 * 1024;  // the spread kernels' count words (48 KiB less the static share)
 constexpr int kLLMaxTopk = 8;  // the combine receive keeps this many copies' loads in flight (larger K: one by one)
@@ -254,8 +254,14 @@ __device__ __forceinline__ void ll_send_tokens(const LowLatencyCtx& c, const __n
         __syncthreads();  // every row complete (staged ones before their put); s_* free for the next token
         for (int k = warp; k < K; k += warps) {
             if (s_put[k] < 0) continue;
-            nvshmemx_putmem_nbi_warp(ll_recv_row(c.base, c, slot_buf, me, s_row[k]), s_dst[k], c.recv_stride,
-                                     s_put[k]);
+            uint8_t* remote = ll_recv_row(c.base, c, slot_buf, me, s_row[k]);
+            if (use_fp8) {  // the row's x area holds 2H bytes (BF16) of which FP8 fills H: the rest is not sent
+                nvshmemx_putmem_nbi_warp(remote, s_dst[k], H, s_put[k]);
+                nvshmemx_putmem_nbi_warp(remote + c.off_scales_in_row, s_dst[k] + c.off_scales_in_row,
+                                         c.recv_stride - c.off_scales_in_row, s_put[k]);
+            } else {
+                nvshmemx_putmem_nbi_warp(remote, s_dst[k], c.recv_stride, s_put[k]);
+            }
         }
         __syncthreads();
     }
@@ -346,9 +352,9 @@ __device__ __forceinline__ void ll_fan_out_row(const LowLatencyCtx& c, const uin
 // (dynamic shared memory, E/N * N + N + 2 ints), turns them into prefix sums, and the grid's warps share the
 // received rows, each cut into `parts` column slices. Packed (LARGEEP_TUNE ll_spread=0, or too many count words for
 // shared memory): block le writes local expert le only (N count words); its warps read every received row's
-// entries and copy the rows that have one for le. Output rows past an expert's count get src_info and meta -1. A
-// count wait that gives up (reported in the error word; the call raises) leaves the outputs undefined: blocks
-// decide on their own waits.
+// entries and copy the rows that have one for le (a row without one is not read). Output rows past an expert's
+// count get src_info and meta -1. A count wait that gives up (reported in the error word; the call raises) leaves
+// the outputs undefined: blocks decide on their own waits.
 // (the body, for round seq: the receive kernel, or the fused dispatch after its sends; cnt: dynamic shared memory)
 __device__ __forceinline__ void ll_unpack(const LowLatencyCtx& c, uint8_t* out_x, float* out_scales, int* out_count,
                                           int* src_info, int* meta, int use_fp8, int64_t seq, int* cnt) {
@@ -411,11 +417,15 @@ __device__ __forceinline__ void ll_unpack(const LowLatencyCtx& c, uint8_t* out_x
             const int a = m[kLLMetaHead + 2 * lane], j = m[kLLMetaHead + 2 * lane + 1];
             const int le = a / kWarp;
             k = a % kWarp;
-            if (le >= le0 && le < le0 + nle) {
+            if (le >= le0 && le < le0 + nle && k < c.num_topk) {
                 const int seg = (le - le0) * N;
-                o = static_cast<int64_t>(le) * rows + (cnt[seg + s] - cnt[seg]) + j;
+                // (a row past its (expert, source) count would be another's: never written, whatever a peer sent)
+                if (j >= 0 && j < cnt[seg + s + 1] - cnt[seg + s])
+                    o = static_cast<int64_t>(le) * rows + (cnt[seg + s] - cnt[seg]) + j;
             }
         }
+        // packed: most rows have no entry for this block's expert; they are not read (a warp-uniform test)
+        if (!__any_sync(0xffffffffu, o >= 0)) continue;
         if (part * per < nvec)
             ll_fan_out_row(c, src, s, t, k, o, n, out_x, out_scales, src_info, meta, x_bytes, use_fp8, part * per,
                            min(nvec, (part + 1) * per), lane);
@@ -660,10 +670,11 @@ LowLatencyLayout low_latency_layout(int N, int E, int K, int H, int M, int P) {
 namespace {
 // Launch geometry shared by the two-kernel and the fused paths.
 int ll_epr(const LowLatencyCtx& c) { return c.num_experts / c.num_ranks; }
-// Blocks of the spread dispatch receive and combine send: enough for every output row a rank can hold (N * M * K at
-// most), two slices each, at most one wave.
+// Blocks of the spread dispatch receive and combine send: enough for every (token, expert) copy a rank can hold
+// (N * M * K at most), two slices each, at most one wave.
 int spread_blocks(const LowLatencyCtx& c) {
-    return std::min(c.device_sms, std::max(1, ceil_div(2 * c.num_ranks * c.max_tokens * c.num_topk, kLLWarps)));
+    return std::min(c.device_sms,
+                    std::max(1, ceil_div(2ll * c.num_ranks * c.max_tokens * c.num_topk, kLLWarps)));
 }
 // Dynamic shared memory of the dispatch receive (spread: every (expert, source) count word; packed: one expert's N)
 // and the N row counts, and of the combine send (every expert's count), each a prefix sum of that many ints + 1.

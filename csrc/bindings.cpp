@@ -475,7 +475,7 @@ PYBIND11_MODULE(_C, m) {
     m.doc() = "largeep native kernels (NVSHMEM)";
     // Bumped whenever a binding's signature changes; python/largeep/native.py refuses a module of another version
     // (a stale build next to newer Python code) with a message saying to rebuild, instead of a TypeError later.
-    m.attr("abi_version") = 3;
+    m.attr("abi_version") = 4;
     m.def("install_fault_backtrace", [] {
         struct sigaction sa {};
         sa.sa_sigaction = segv_handler;
@@ -534,6 +534,13 @@ PYBIND11_MODULE(_C, m) {
                       ErrorWord{ptr<int64_t>(error), ptr<int64_t>(status)},
                       LayoutCheck{ptr<int64_t>(check_scratch), ptr<int64_t>(check_host), check_token},
                       stream_of(stream));
+    });
+
+    m.def("id_check", [](uintptr_t ids, int64_t n, int e, uintptr_t check_scratch, uintptr_t check_host,
+                         int64_t check_token, uintptr_t stream) {
+        launch_id_check(ptr<const int64_t>(ids), n, e,
+                        LayoutCheck{ptr<int64_t>(check_scratch), ptr<int64_t>(check_host), check_token},
+                        stream_of(stream));
     });
 
     // count: 0, or the address of an int32 on the device (rows of src at or past it are not read)

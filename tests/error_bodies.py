@@ -223,6 +223,25 @@ def ll_third_call(e: Env, combine: bool) -> Call:
     return Call(third)
 
 
+def ll_bad_id_with_a_hook_due(e: Env) -> Call:
+    """A low-latency dispatch with a bad expert id while an earlier one's hook is due: refused, and it takes no place
+    among the calls in flight -- one more dispatch with a hook is accepted after it (two in flight); both hooks are
+    called after it either way."""
+    buf = e.buf
+    first = buf.low_latency_dispatch(e.x, e.idx, use_fp8=False, return_recv_hook=True)
+
+    def call() -> None:
+        try:
+            buf.low_latency_dispatch(e.x, with_id(e.idx, EXPERTS), use_fp8=False)
+        finally:
+            second = buf.low_latency_dispatch(e.x, e.idx, use_fp8=False, return_recv_hook=True)
+            assert first.hook is not None and second.hook is not None
+            first.hook()
+            second.hook()
+
+    return Call(call)
+
+
 def misaligned(t: torch.Tensor) -> torch.Tensor:
     """A contiguous copy of ``t`` whose data starts one element past a 16-byte boundary."""
     base = torch.empty(t.numel() + 16, dtype=t.dtype, device=t.device)
@@ -432,6 +451,8 @@ CASES: list[BadCase] = [
     _ll("ll_dispatch_idx_expert_below_minus_one", lambda e: Call(e.buf.low_latency_dispatch,
                                                                  (e.x, with_id(e.idx, -7))),
         "'topk_idx'", "expert id -7"),
+    _ll("ll_dispatch_idx_expert_too_large_with_a_hook_due", ll_bad_id_with_a_hook_due,
+        "'topk_idx'", f"expert id {EXPERTS}", f"[-1, {EXPERTS})"),
     _ll("ll_dispatch_idx_wrong_topk", lambda e: Call(e.buf.low_latency_dispatch, (e.x, e.idx[:, :1].contiguous())),
         "'topk_idx'", "shape", *_K),
     _ll("ll_dispatch_idx_wrong_rows", lambda e: Call(e.buf.low_latency_dispatch, (e.x, e.idx[1:].contiguous())),

@@ -127,6 +127,8 @@ struct LayoutCheck {
 void launch_layout(const int64_t* topk_idx, int num_tokens, int num_topk, int num_ranks, int num_experts,
                    int ranks_per_node, int* per_rank, int* per_node, int* per_expert, bool* in_rank,
                    ErrorWord err, LayoutCheck check, cudaStream_t stream);
+// The id range check alone (the low-latency dispatch's): ids int64 [n], n > 0; reports as the layout's check.
+void launch_id_check(const int64_t* ids, int64_t n, int num_experts, LayoutCheck check, cudaStream_t stream);
 // The dispatch's id check (in its prepare kernel, one block: no scratch): host as LayoutCheck's; nullptr: none.
 struct IdCheck {
     int64_t* host;

@@ -3,7 +3,7 @@
 // range check, done here instead of a separate min/max reduction and copy): the lowest id below -1 and the highest
 // id >= E go to device scratch by atomics, and the last block copies them to host-mapped words, then writes the
 // call's token into the done word the host waits on (the Buffer is not marked failed: the host raises an argument
-// error).
+// error). The low-latency dispatch runs the same check alone (id_check_kernel), before its send.
 #include "launch.cuh"
 
 namespace largeep {
@@ -11,6 +11,30 @@ namespace largeep {
 namespace {
 
 constexpr int kLayoutThreads = 256;
+
+// An id outside [-1, E) goes into the check's scratch: the lowest below -1 and the highest >= E, by atomics.
+__device__ __forceinline__ void note_bad_id(int64_t e, int E, const LayoutCheck& check) {
+    auto* sc = reinterpret_cast<long long*>(check.scratch);
+    if (e < -1) atomicMin(sc, static_cast<long long>(e));
+    else if (e >= E) atomicMax(sc + 1, static_cast<long long>(e));
+}
+
+// Every block, once all its threads have noted their ids: the last block to get here hands the scratch's result
+// to the host (and clears the scratch for the next check).
+__device__ __forceinline__ void finish_id_check(const LayoutCheck& check) {
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        __threadfence();
+        auto* sc = reinterpret_cast<unsigned long long*>(check.scratch);
+        if (atomicAdd(sc + 2, 1ull) == gridDim.x - 1) {  // the last block: every block's atomics are done
+            __threadfence();
+            const auto lowest = static_cast<int64_t>(atomicExch(sc, 0ull));
+            const auto highest = static_cast<int64_t>(atomicExch(sc + 1, 0ull));
+            sc[2] = 0;
+            publish_id_check(check.host, lowest, highest, check.token);
+        }
+    }
+}
 
 __global__ void __launch_bounds__(kLayoutThreads) layout_kernel(const int64_t* topk_idx, int T, int K, int N, int E,
                                                                 int P, int* per_rank, int* per_node,
@@ -30,11 +54,7 @@ __global__ void __launch_bounds__(kLayoutThreads) layout_kernel(const int64_t* t
             const int64_t e = row[k];
             if (e < -1 || e >= E) {
                 bad = true;
-                if (check.scratch != nullptr) {
-                    auto* sc = reinterpret_cast<unsigned long long*>(check.scratch);
-                    if (e < -1) atomicMin(reinterpret_cast<long long*>(sc), static_cast<long long>(e));
-                    else atomicMax(reinterpret_cast<long long*>(sc + 1), static_cast<long long>(e));
-                }
+                if (check.scratch != nullptr) note_bad_id(e, E, check);
             }
             if (e < 0 || e >= E) continue;
             // count an expert, a rank, a node once per token however many of its choices land there
@@ -64,20 +84,15 @@ __global__ void __launch_bounds__(kLayoutThreads) layout_kernel(const int64_t* t
         else if (i < E + N) atomicAdd(per_rank + (i - E), v);
         else atomicAdd(per_node + (i - E - N), v);
     }
-    if (check.scratch != nullptr) {
-        __syncthreads();
-        if (threadIdx.x == 0) {
-            __threadfence();
-            auto* sc = reinterpret_cast<unsigned long long*>(check.scratch);
-            if (atomicAdd(sc + 2, 1ull) == gridDim.x - 1) {  // the last block: every block's atomics are done
-                __threadfence();
-                const auto lowest = static_cast<int64_t>(atomicExch(sc, 0ull));
-                const auto highest = static_cast<int64_t>(atomicExch(sc + 1, 0ull));
-                sc[2] = 0;
-                publish_id_check(check.host, lowest, highest, check.token);
-            }
-        }
-    }
+    if (check.scratch != nullptr) finish_id_check(check);
+}
+
+// The expert-id range check alone (the low-latency dispatch's, before its send): one thread per id.
+__global__ void __launch_bounds__(kLayoutThreads) id_check_kernel(const int64_t* ids, int64_t n, int E,
+                                                                  LayoutCheck check) {
+    const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+    if (i < n) note_bad_id(ids[i], E, check);
+    finish_id_check(check);
 }
 
 }  // namespace
@@ -99,6 +114,12 @@ void launch_layout(const int64_t* topk_idx, int num_tokens, int num_topk, int nu
     layout_kernel<<<ceil_div(num_tokens, kLayoutThreads), kLayoutThreads, smem, stream>>>(
         topk_idx, num_tokens, num_topk, num_ranks, num_experts, ranks_per_node, per_rank, per_node, per_expert,
         in_rank, err, check);
+    LAUNCH_CHECK();
+}
+
+void launch_id_check(const int64_t* ids, int64_t n, int num_experts, LayoutCheck check, cudaStream_t stream) {
+    HOST_ASSERT(check.scratch != nullptr && check.host != nullptr && n > 0, "an id check needs ids, scratch and host words");
+    id_check_kernel<<<ceil_div(n, kLayoutThreads), kLayoutThreads, 0, stream>>>(ids, n, num_experts, check);
     LAUNCH_CHECK();
 }
 

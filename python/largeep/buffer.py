@@ -646,17 +646,28 @@ class Buffer:
             raise ArgumentError(
                 f"Buffer.{op}: argument 'use_fp8' = True needs hidden % 128 == 0, hidden is {c.hidden}"
             )
+        # a backend that checks the ids in a kernel of its own saves the min/max, its device copy and the device sync
+        native_check = getattr(self._impl, "checks_low_latency_ids", False) and isinstance(topk_idx, torch.Tensor) \
+            and checks.needs_id_check(topk_idx, self._settings.check_values)
         checks.topk_idx(
             op, topk_idx, num_tokens=t, num_topk=c.num_topk, num_experts=c.num_experts, device=c.device,
-            check_values=self._settings.check_values,
+            check_values=self._settings.check_values and not native_check,
         )
         rounding = bool(round_scale or use_ue8m0)
         call = self._check_in_flight(op)
+        extra = {"check_ids": True} if native_check else {}
 
         def run() -> Any:
-            return self._impl.low_latency_dispatch(xs, topk_idx, use_fp8, rounding, return_recv_hook)
+            return self._impl.low_latency_dispatch(xs, topk_idx, use_fp8, rounding, return_recv_hook, **extra)
 
-        out, event = self._run(run, None, async_finish, [xs, topk_idx], finished=not return_recv_hook)
+        try:
+            out, event = self._run(run, None, async_finish, [xs, topk_idx], finished=not return_recv_hook)
+        except ArgumentError:
+            # refused before anything was sent (the backend's id check): the call takes no place among those in
+            # flight
+            if call is not None:
+                self._ll_calls[op] = call
+            raise
         handle = LowLatencyHandle(self._id, t, out.state, received=not return_recv_hook)
         hook = self._wrap_hook(out.finish, op, call, handle) if return_recv_hook else None
         recv_x: Tokens = (out.x, out.x_scales) if out.x_scales is not None else out.x

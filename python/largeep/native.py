@@ -13,8 +13,8 @@ _HOW = (
 
 
 # the version of the bindings this Python code calls (csrc/bindings.cpp's abi_version; 2: ops.gather_rows and
-# weighted_row_sum's count; 3: the low-latency kernels without the ll_send setting)
-ABI_VERSION = 3
+# weighted_row_sum's count; 3: the low-latency kernels without the ll_send setting; 4: id_check)
+ABI_VERSION = 4
 
 
 @functools.lru_cache(maxsize=1)

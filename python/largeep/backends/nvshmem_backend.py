@@ -571,14 +571,27 @@ class NvshmemBackend:
         return out, out_w
 
     # -- low-latency mode ---------------------------------------------------------------------------------------
+    # low_latency_dispatch(check_ids=True) checks them in a kernel of its own before the send, the host waiting on
+    # a host-mapped word (as the layout's check), instead of a min/max, a device copy and a sync of the device
+    checks_low_latency_ids = True
+
     def low_latency_dispatch(
-        self, x: torch.Tensor, topk_idx: torch.Tensor, use_fp8: bool, round_scale: bool, async_recv: bool
+        self, x: torch.Tensor, topk_idx: torch.Tensor, use_fp8: bool, round_scale: bool, async_recv: bool,
+        check_ids: bool = False,
     ) -> LowLatencyDispatchOut:
-        self._raise_if_failed("low_latency_dispatch")
+        """``check_ids`` (at least one id; not while capturing a CUDA graph): raise ArgumentError, nothing sent and
+        the Buffer still usable, if an id in topk_idx is outside [-1, num_experts)."""
+        op = "low_latency_dispatch"
+        self._raise_if_failed(op)
         c = self.ctx
         dev = c.device
         epr, rows = c.experts_per_rank, c.num_ranks * c.max_tokens_per_rank
         t = x.shape[0]
+        if check_ids:
+            words = self._id_check_words(True, topk_idx.numel())
+            self.C.id_check(topk_idx.data_ptr(), topk_idx.numel(), c.num_experts, self.layout_scratch.data_ptr(),
+                            words, self._layout_token, self._stream())
+            self._wait_id_check(op)
         seq = torch.empty(1, dtype=torch.int64, device=dev)
         x_out = torch.empty(epr, rows, c.hidden, dtype=FP8_DTYPE if use_fp8 else torch.bfloat16, device=dev)
         s_out = torch.empty(epr, rows, c.hidden // 128, dtype=torch.float32, device=dev) if use_fp8 else None

@@ -62,7 +62,7 @@ def test_cpu_quick_run_end_to_end(tmp_path: Path) -> None:
             assert r["logical_gbps"] > 0
         ops.add((r["mode"], r["op"]))
     assert {("normal", o) for o in ("layout", "dispatch", "combine", "roundtrip")} <= ops
-    assert {("low_latency", o) for o in ("dispatch", "combine", "send", "recv")} <= ops
+    assert {("low_latency", o) for o in ("dispatch", "combine", "roundtrip", "send", "recv")} <= ops
     assert (out / "latency.png").stat().st_size > 0
     assert (out / "bandwidth.png").stat().st_size > 0
     assert "logical GB/s" in proc.stdout and "bus GB/s" in proc.stdout

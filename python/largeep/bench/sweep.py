@@ -8,6 +8,7 @@ What each op times (one call each, ranks aligned and L2 flushed before it):
 - normal ``roundtrip``: a fresh dispatch (layout, count exchange and its host wait included) and a combine: what an
   MoE layer pays;
 - low-latency ``dispatch`` and ``combine``: one call each, in pairs (dispatch, then combine of its handle);
+- low-latency ``roundtrip``: the two in one timed call (a dispatch, then the combine of its handle);
 - low-latency ``send``/``recv`` (backends with a receive hook): the call with ``return_recv_hook=True``, then, with
   every rank's sends finished (synchronize + barrier), the hook; ``extras.phase_of`` says which call.
 """
@@ -307,10 +308,15 @@ class Sweep:
         def combine(handle: Any, hook: bool) -> Callable[[], Any]:
             return lambda: a.ll_combine(y, idx, w, handle, hook)
 
+        def roundtrip() -> None:
+            h, _ = a.ll_dispatch(x, idx, use_fp8, False)
+            a.ll_combine(y, idx, w, h, False)
+
         for i in range(self.plan.warmup + self.plan.iters):
             keep = i >= self.plan.warmup
             handle, _ = t.time("dispatch", dispatch(False), record=keep)
             t.time("combine", combine(handle, False), record=keep)
+            t.time("roundtrip", roundtrip, record=keep)
         if self.plan.hook and a.has_hook:
             for i in range(self.plan.warmup + self.plan.iters):
                 keep = i >= self.plan.warmup
@@ -322,6 +328,7 @@ class Sweep:
         rb_d = rec.row_bytes(dtype, spec.hidden)
         rb_c = rec.row_bytes("bf16", spec.hidden)
         names = [("dispatch", "dispatch", None, rb_d), ("combine", "combine", None, rb_c),
+                 ("roundtrip", "roundtrip", None, rb_d + rb_c),
                  ("dispatch.send", "send", "dispatch", rb_d), ("dispatch.recv", "recv", "dispatch", rb_d),
                  ("combine.send", "send", "combine", rb_c), ("combine.recv", "recv", "combine", rb_c)]
         for name, op, phase, rb in names:
@@ -357,7 +364,8 @@ class Sweep:
                                          "before each call" if self.device.type == "cuda"
                                          else "time.perf_counter, ranks barrier-aligned before each call")),
             "dispatch": "with the handle of an earlier dispatch (no layout, no count exchange)",
-            "roundtrip": "fresh dispatch (layout, count exchange included) + combine",
+            "roundtrip": "normal: fresh dispatch (layout, count exchange included) + combine; low latency: "
+                         "dispatch + combine of its handle, one timed call",
             "bandwidth": "per-rank mean of received bytes (SPEC.md Measuring) / median time",
             **p.extra_settings,
         }

@@ -242,6 +242,41 @@ def ll_bad_id_with_a_hook_due(e: Env) -> Call:
     return Call(call)
 
 
+def ll_given_up_call_not_in_flight(rank: int, world: int) -> str:
+    """A low-latency dispatch whose backend gives up (PeerTimeoutError, as the nvshmem id check's host wait does)
+    before sending, while an earlier call's hook is due: the failed call takes no place among the calls in flight, so
+    one more call with a hook is accepted. Returns the failed call's message."""
+    from largeep.errors import PeerTimeoutError
+
+    buf = largeep.Buffer(None, hidden=HIDDEN, num_experts=EXPERTS, num_topk=TOPK, max_tokens_per_rank=MAX_TOKENS,
+                         backend="torch", low_latency=True)
+    try:
+        x = torch.randn(MAX_TOKENS, HIDDEN).to(torch.bfloat16)
+        idx = torch.stack([torch.randperm(EXPERTS)[:TOPK] for _ in range(MAX_TOKENS)])
+        first = buf.low_latency_dispatch(x, idx, use_fp8=False, return_recv_hook=True)
+        real = buf._impl.low_latency_dispatch
+
+        def gives_up(*args: Any, **kwargs: Any) -> Any:
+            raise PeerTimeoutError("low_latency_dispatch: the id check did not finish (injected)")
+
+        buf._impl.low_latency_dispatch = gives_up
+        try:
+            buf.low_latency_dispatch(x, idx, use_fp8=False)
+        except PeerTimeoutError as exc:
+            msg = str(exc)
+        else:
+            raise AssertionError("the injected failure did not raise")
+        finally:
+            buf._impl.low_latency_dispatch = real
+        second = buf.low_latency_dispatch(x, idx, use_fp8=False, return_recv_hook=True)
+        assert first.hook is not None and second.hook is not None
+        first.hook()
+        second.hook()
+        return msg
+    finally:
+        buf.destroy()
+
+
 def misaligned(t: torch.Tensor) -> torch.Tensor:
     """A contiguous copy of ``t`` whose data starts one element past a 16-byte boundary."""
     base = torch.empty(t.numel() + 16, dtype=t.dtype, device=t.device)

@@ -212,6 +212,11 @@ def test_hosts_of_unequal_size_refused(pools) -> None:
         assert "['a', 'a', 'b']" in msg and "does not divide the group size 3" in msg, msg
 
 
+def test_low_latency_call_given_up_is_not_in_flight(pools) -> None:
+    (msg,) = pools(1).run(error_bodies.ll_given_up_call_not_in_flight)
+    assert "injected" in msg, msg
+
+
 def test_auto_backend_agrees_across_ranks(pools) -> None:
     # rank 0 could load it: it takes 'torch' because rank 1 cannot (on a CPU group it would anyway, so the reason
     # it gives is what tells)

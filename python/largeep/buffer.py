@@ -21,7 +21,7 @@ from largeep import _env, checks
 from largeep._env import logger
 from largeep.backends.base import RAW_STREAM, GroupContext, current_raw_stream
 from largeep.backends.torch_backend import TorchBackend
-from largeep.errors import ArgumentError, BufferDestroyedError
+from largeep.errors import ArgumentError, BufferDestroyedError, PeerTimeoutError
 from largeep.layout import Layout
 
 Tokens = Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]  # noqa: UP007 - a runtime alias (Python 3.10)
@@ -631,7 +631,9 @@ class Buffer:
     ) -> LowLatencyDispatchResult:
         """x bf16 [T, H] (T <= max_tokens_per_rank), topk_idx int64 [T, K] -> per-expert receive slots.
 
-        No host wait; CUDA-graph capturable. ``use_ue8m0`` rounds scales to powers of two (kept as float32);
+        CUDA-graph capturable, with no host wait in the graph. Eagerly, the call waits on the host for its
+        expert-id range check (LARGEEP_CHECK_VALUES=0 skips it; on nvshmem a check kernel on the Buffer's stream, so
+        after the Buffer's earlier work). ``use_ue8m0`` rounds scales to powers of two (kept as float32);
         ``round_scale`` does the same. With ``return_recv_hook`` the call only issues the sends and ``hook()``
         completes the receive."""
         op = "low_latency_dispatch"
@@ -662,9 +664,9 @@ class Buffer:
 
         try:
             out, event = self._run(run, None, async_finish, [xs, topk_idx], finished=not return_recv_hook)
-        except ArgumentError:
-            # refused before anything was sent (the backend's id check): the call takes no place among those in
-            # flight
+        except (ArgumentError, PeerTimeoutError):
+            # refused or given up before anything was sent (the backend's id check, or its wait): the call takes no
+            # place among those in flight
             if call is not None:
                 self._ll_calls[op] = call
             raise

@@ -588,6 +588,7 @@ class NvshmemBackend:
         epr, rows = c.experts_per_rank, c.num_ranks * c.max_tokens_per_rank
         t = x.shape[0]
         if check_ids:
+            assert not torch.cuda.is_current_stream_capturing(), "low_latency_dispatch: no id check in a CUDA graph"
             words = self._id_check_words(True, topk_idx.numel())
             self.C.id_check(topk_idx.data_ptr(), topk_idx.numel(), c.num_experts, self.layout_scratch.data_ptr(),
                             words, self._layout_token, self._stream())

@@ -363,7 +363,8 @@ class Sweep:
                        "iterations; " + ("CUDA events, L2 flushed (256 MiB zero_) and ranks barrier-aligned "
                                          "before each call" if self.device.type == "cuda"
                                          else "time.perf_counter, ranks barrier-aligned before each call")),
-            "dispatch": "with the handle of an earlier dispatch (no layout, no count exchange)",
+            "dispatch": "normal: with the handle of an earlier dispatch (no layout, no count exchange); low latency: "
+                        "one call",
             "roundtrip": "normal: fresh dispatch (layout, count exchange included) + combine; low latency: "
                          "dispatch + combine of its handle, one timed call",
             "bandwidth": "per-rank mean of received bytes (SPEC.md Measuring) / median time",

@@ -118,7 +118,8 @@ void launch_layout(const int64_t* topk_idx, int num_tokens, int num_topk, int nu
 }
 
 void launch_id_check(const int64_t* ids, int64_t n, int num_experts, LayoutCheck check, cudaStream_t stream) {
-    HOST_ASSERT(check.scratch != nullptr && check.host != nullptr && n > 0, "an id check needs ids, scratch and host words");
+    HOST_ASSERT(check.scratch != nullptr && check.host != nullptr && n > 0,
+                "an id check needs ids, scratch and host words");
     id_check_kernel<<<ceil_div(n, kLayoutThreads), kLayoutThreads, 0, stream>>>(ids, n, num_experts, check);
     LAUNCH_CHECK();
 }

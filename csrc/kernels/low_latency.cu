@@ -410,14 +410,14 @@ __device__ __forceinline__ void ll_unpack(const LowLatencyCtx& c, uint8_t* out_x
         const int s = segment_of(rpref, N, row);
         const uint8_t* src = ll_recv_row(c.base, c, slot_buf, s, row - rpref[s]);
         const int* m = reinterpret_cast<const int*>(src + c.off_meta_in_row);
-        const int t = m[0], n = min(m[1], c.num_topk);
+        const int t = m[0], n = t >= 0 && t < c.max_tokens ? min(m[1], c.num_topk) : 0;  // (peer data, bounded)
         int64_t o = -1;  // lane e < n: the output row of entry e, if this block writes its expert
         int k = 0;
         if (lane < n) {
             const int a = m[kLLMetaHead + 2 * lane], j = m[kLLMetaHead + 2 * lane + 1];
             const int le = a / kWarp;
             k = a % kWarp;
-            if (le >= le0 && le < le0 + nle && k < c.num_topk) {
+            if (a >= 0 && le >= le0 && le < le0 + nle && k < c.num_topk) {
                 const int seg = (le - le0) * N;
                 // (a row past its (expert, source) count would be another's: never written, whatever a peer sent)
                 if (j >= 0 && j < cnt[seg + s + 1] - cnt[seg + s])

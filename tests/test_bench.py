@@ -4,6 +4,7 @@ calibration)."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -248,7 +249,8 @@ def test_fused_combine_term() -> None:
     assert [sim.push_blocks(s, 3) for s in (1, 2, 8, 16, 24)] == [1, 1, 3, 6, 9]
     f8, f24 = (sim.predict(w, 2, true, cluster, num_sms=s) for s in (8, 24))
     assert f8.t_copy_us == 0 and f8.bound == "sm"
-    assert f8.t_sm_us == pytest.approx(3 * f24.t_sm_us)  # 3 against 9 push blocks
+    # 3 against 9 push blocks, but counted at the busiest warp: 22 against 8 chunks (fused_units), not 3x
+    assert f8.t_sm_us == pytest.approx(22 / 8 * f24.t_sm_us)
     split = sim.predict(w, 2, true, replace(cluster, combine_eighths=0), num_sms=8)
     assert split.t_copy_us > 0 and split.t_sm_us != f8.t_sm_us
     unknown = sim.predict(w, 2, replace(true, comb_gbps=None), cluster, num_sms=8)
@@ -256,11 +258,21 @@ def test_fused_combine_term() -> None:
     two_nodes = sim.predict(w, 4, true, cluster, num_sms=8)
     assert two_nodes.t_copy_us > 0  # several nodes: push + forward + reduce
     # push blocks move the rows for the node's other ranks only; reduce blocks go with this rank's own tokens
+    # by hand: a token misses all 128 experts of the other rank with probability C(128, 8) / C(256, 8), so each
+    # rank gets 4096 (1 - that) = 4081.7 rows from the other, 1021 chunks of 4 over 9 blocks x 16 warps: 7 each
+    # and 8 for the first 13 warps; the busiest warp's 8 chunks x 4 rows x 16 warps of 14336-byte rows per block
+    rows = 4096 * (1 - math.comb(128, 8) / math.comb(256, 8))
+    assert math.ceil(rows / 4) == 1021 and 1021 - 7 * 144 == 13
     push = sim.predict(w, 2, replace(true, reduce_gbps=1e9), cluster, num_sms=24).t_sm_us
+    assert push == pytest.approx(16 * 8 * 4 * 14336 / (1e3 * true.comb_gbps))
     tr = sim.traffic(w, 2, 2, sim.routing_stats(2, 2, 256, 8))
-    assert push == pytest.approx(tr.nvlink / (9 * 1e3 * true.comb_gbps))
+    assert push == pytest.approx(tr.nvlink / (9 * 1e3 * true.comb_gbps) * 8 / (1021 / 144), rel=1e-3)  # vs mean
     one = sim.predict(w, 1, true, sim.Cluster(gpus_per_node=1), num_sms=24)  # one rank: nothing to push
-    assert one.t_sm_us == pytest.approx(4096 * 2 * 7168 / (15 * 1e3 * true.reduce_gbps))  # 15 reduce blocks
+    # 15 reduce blocks, 240 warps: 4096 = 17 x 240 + 16 tokens, so 16 warps sum 18
+    assert one.t_sm_us == pytest.approx(16 * 18 * 2 * 7168 / (1e3 * true.reduce_gbps))
+    even = sim.Workload("normal", "combine", 4080, 7168, 8, 256, "bf16")  # 17 tokens for every warp: the mean
+    assert sim.predict(even, 1, true, sim.Cluster(gpus_per_node=1), num_sms=24).t_sm_us == pytest.approx(
+        4080 * 2 * 7168 / (15 * 1e3 * true.reduce_gbps))
     # fitted on one GPU only (no push rate known), a one-GPU combine still takes the reduce-only fused term
     reduce_only = replace(true, comb_gbps=None)
     assert sim.predict(w, 1, reduce_only, sim.Cluster(gpus_per_node=1), num_sms=24).t_sm_us == pytest.approx(
@@ -270,6 +282,26 @@ def test_fused_combine_term() -> None:
     assert sim.record_eighths({"tune": "threads=512,comb=5"}) == 5
     assert sim.record_eighths({"tune": "", "combine_eighths": 3}) == 3
     assert sim.record_eighths({}) == 0
+
+
+def test_fused_units_busiest_warp() -> None:
+    """The fused combine's push warps take 4-row chunks and its reduce warps tokens in a fixed stride over 16 warps
+    per block (combine_fused_kernel): the counts of the busiest warp, by hand."""
+    # 1 GPU, 4096 tokens: 5 / 10 / 15 reduce blocks = 80 / 160 / 240 warps: 51.2 / 25.6 / 17.07 tokens each
+    assert [sim.fused_units(1, 0.0, 4096, s, 3) for s in (8, 16, 24)] == [(0, 52), (0, 26), (0, 18)]
+    # 2 GPUs, 4081.7 rows per source: 1021 chunks over 48 / 96 / 144 push warps (3 / 6 / 9 blocks)
+    assert [sim.fused_units(2, 4081.7, 4096, s, 3)[0] for s in (8, 16, 24)] == [22, 11, 8]
+    # 4 GPUs, 100 rows per source: 3 sources x 25 chunks = 75 over 48 warps; 4000 tokens over 80 warps: 50 exactly
+    assert sim.fused_units(4, 100.0, 4000, 8, 3) == (2, 50)
+    # an expected count a hair over a whole number of chunks is that number: 48 chunks, one for each of 48 warps
+    assert sim.fused_units(2, 192.0000001, 4000, 8, 3) == (1, 50)
+    assert sim.fused_units(2, 193.0, 4000, 8, 3) == (2, 50)
+    assert sim.fused_units(2, 0.0, 0, 24, 3) == (0, 0)  # 0 tokens
+    # 1 SM: a grid of 2, 1 push block and 1 reduce block of 16 warps: 33 chunks and 40 tokens over 16 warps each
+    assert sim.fused_units(2, 130.0, 40, 1, 4) == (3, 3)
+    w = sim.Workload("normal", "combine", 0, 7168, 8, 256, "bf16")
+    zero = sim.predict(w, 2, TRUE, sim.Cluster(gpus_per_node=2), num_sms=24)
+    assert zero.t_sm_us == 0 and zero.time_us == pytest.approx(TRUE.lat_us["normal.combine"])
 
 
 def test_low_latency_hook_records(tmp_path: Path) -> None:

@@ -28,12 +28,16 @@ dispatch dtype, because that pass is bound per row more than per byte; ``copy_gb
 designs that receive in place). Records without an SM count have neither SM term.
 
 The fused combine (largeep inside one node since session 5: ``comb``/8 of max(2, num_sms) blocks push while the
-rest reduce as rows arrive): ``t_sm = max(R * b * imbalance / (push_blocks * comb_gbps), R * 2H * imbalance /
-(reduce_blocks * reduce_gbps))`` in place of the SM and receive terms (the reduction overlaps the pushes),
-push_blocks = min(S - 1, max(1, round(S * comb / 8))) of S = max(2, num_sms) blocks, reduce_blocks the rest. It
-applies to a normal-mode combine on one node when ``comb_gbps`` is known and the record (``combine_eighths``, or
-``comb=`` in its ``tune``) or the cluster (``combine_eighths``) says the fused kernel ran; groups of several nodes
-keep push + reduce.
+rest reduce as rows arrive): ``t_sm = max(16 * c_push * 4 * b / comb_gbps, 16 * c_red * 2H / reduce_gbps)`` in
+place of the SM and receive terms (the reduction overlaps the pushes), where c_push = ceil((N-1) * ceil(r / 4) /
+(16 * push_blocks)) is the busiest push warp's count of 4-row chunks (r: rows for each other rank of the node, ``T
+d_r / N`` times the imbalance) and c_red = ceil(T / (16 * reduce_blocks)) the busiest reduce warp's tokens: the
+kernel deals chunks and tokens to its warps (16 per block) in a fixed stride and each warp works through its own
+one after another, so the busiest warp, not the mean, sets the time (:func:`fused_units`); comb_gbps and
+reduce_gbps stay rates per block. push_blocks = min(S - 1, max(1, round(S * comb / 8))) of S = max(2, num_sms)
+blocks, reduce_blocks the rest. It applies to a normal-mode combine on one node when ``comb_gbps`` is known and the
+record (``combine_eighths``, or ``comb=`` in its ``tune``) or the cluster (``combine_eighths``) says the fused
+kernel ran; groups of several nodes keep push + reduce.
 
 Constants fitted by :func:`calibrate` (least squares on relative error; the active term of each record is chosen by
 the current fit and the fit repeated until that choice settles): ``lat`` per (mode, op), ``eff_nvlink``,
@@ -235,8 +239,9 @@ class Params:
     sm_gbps: per-SM throughput cap of the send kernels (GB/s of logical bytes per SM, normal mode); copy_gbps:
     per-SM throughput of the receive-side pass run after the transfer (GB/s of BF16 row bytes per SM; None = no
     such pass); comb_gbps: per push block of the fused combine (GB/s of the rows pushed to this node's other
-    ranks; None = not known: combines are modelled as push + reduce); reduce_gbps: per reduce block of the fused
-    combine (GB/s of this rank's own tokens in BF16: one warp sums a token; None = never the bound);
+    ranks, counted at the busiest warp times 16; None = not known: combines are modelled as push + reduce);
+    reduce_gbps: per reduce block of the fused combine (GB/s of this rank's own tokens in BF16, counted at the
+    busiest warp times 16: one warp sums a token; None = never the bound);
     source: where the numbers come from; fitted: which constants the data determined (the rest are placeholders)."""
 
     lat_us: dict[str, float]
@@ -309,15 +314,36 @@ def push_blocks(num_sms: int, eighths: int) -> int:
     return min(grid - 1, max(1, (grid * eighths + 4) // 8))
 
 
+COMB_CHUNK = 4  # rows per push unit of the fused combine (kCombChunk, csrc/kernels/api.cuh)
+FUSED_WARPS = 16  # warps per block of the fused combine, push and reduce alike (kReduceThreads 512 / 32)
+
+
+def _ceil(x: float) -> int:
+    return math.ceil(x - 1e-6)  # expected counts: 1021.0000001 is 1021
+
+
+def fused_units(num_ranks: int, rows_per_source: float, num_tokens: int, num_sms: int,
+                eighths: int) -> tuple[int, int]:
+    """(chunks, tokens) of the fused combine's busiest push warp and busiest reduce warp (combine_fused_kernel).
+    Push warp g of push_blocks * 16 takes units g, g + push_blocks * 16, ... of (N - 1) * ceil(rows per source / 4)
+    (a unit: 4 rows for one source, pushed row by row, then a system fence and the chunk's flag); reduce warp w of
+    the rest takes tokens w, w + reduce_blocks * 16, ... (one token at a time). No warp takes another's work, and
+    each pushes or sums its units one after another, so the busiest warp's count sets the time."""
+    pushing = push_blocks(num_sms, eighths)
+    reducing = max(2, num_sms) - pushing
+    units = (num_ranks - 1) * _ceil(rows_per_source / COMB_CHUNK) if num_ranks > 1 else 0
+    return _ceil(units / (pushing * FUSED_WARPS)), _ceil(num_tokens / (reducing * FUSED_WARPS))
+
+
 def _fused(w: Workload, num_ranks: int, ranks_per_node: int, num_sms: int | None, eighths: int) -> bool:
     return w.mode == "normal" and w.op == "combine" and ranks_per_node >= num_ranks and bool(num_sms) and eighths > 0
 
 
 def _terms(tr: Traffic, w: Workload, cluster: Cluster, num_sms: int | None,
-           fused_eighths: int = 0) -> dict[str, tuple[float, float]]:
+           fused_eighths: int = 0, num_ranks: int = 1) -> dict[str, tuple[float, float]]:
     """Each term as (coefficient on its inverse constant, constant us), so that time = lat + coef * inv + const.
     fused_eighths > 0: the fused combine's push and reduce terms ("comb", "reduce") instead of the SM and receive
-    terms."""
+    terms (num_ranks: the group's, all on one node)."""
     bw_nvl = cluster.nvlink_gbps * 1e3  # bytes per us
     bw_nic = cluster.nic_gbps * 1e3
     out = {
@@ -325,11 +351,16 @@ def _terms(tr: Traffic, w: Workload, cluster: Cluster, num_sms: int | None,
         "rdma": (tr.rdma / bw_nic, cluster.nic_latency_us if tr.rdma > 0 else 0.0),
     }
     if w.mode == "normal" and num_sms and fused_eighths > 0:
-        pushing = push_blocks(num_sms, fused_eighths)
-        out["comb"] = (tr.nvlink / (pushing * 1e3), 0.0)  # rows for this node's other ranks: a rank's own stay
+        # Rates are per block (16 warps), the work is counted at the busiest warp (fused_units): a push block's
+        # bytes are 16 x its busiest warp's chunks of 4 rows, a reduce block's 16 x its busiest warp's tokens.
+        # Push: the rows for this node's other ranks (a rank's own stay), the same count for each source.
+        row = w.bytes_per_row()
+        per_source = tr.nvlink / (row * (num_ranks - 1)) if num_ranks > 1 else 0.0  # imbalance included
+        chunks, tokens = fused_units(num_ranks, per_source, w.num_tokens, num_sms, fused_eighths)
+        out["comb"] = (FUSED_WARPS * chunks * COMB_CHUNK * row / 1e3, 0.0)
         # one warp per token, waiting for its rows as they arrive: the time goes with the tokens summed (1 GPU:
         # 0.44 us per token and reduce block, one row each; 2 GPUs: 0.51 us, two rows each; session 6)
-        out["reduce"] = (tr.reduced / ((max(2, num_sms) - pushing) * 1e3), 0.0)
+        out["reduce"] = (FUSED_WARPS * tokens * tr.reduced / max(1, w.num_tokens) / 1e3, 0.0)
     elif w.mode == "normal" and num_sms:
         out["sm"] = (tr.sm / (num_sms * 1e3), 0.0)
         out["copy"] = (tr.copy / (num_sms * 1e3), 0.0)
@@ -350,7 +381,7 @@ def predict(
     # the fused term needs its push rate, unless nothing is pushed (one GPU: the reduce blocks do it all)
     fused = _fused(w, num_ranks, p, sms, cluster.combine_eighths) and (
         params.comb_gbps is not None or (tr.nvlink == 0 and params.reduce_gbps is not None))
-    terms = _terms(tr, w, cluster, sms, cluster.combine_eighths if fused else 0)
+    terms = _terms(tr, w, cluster, sms, cluster.combine_eighths if fused else 0, num_ranks)
     t_nvl = terms["nvlink"][0] / params.eff_nvlink + terms["nvlink"][1]
     t_rdma = terms["rdma"][0] / params.eff_rdma + terms["rdma"][1]
     t_sm = terms["sm"][0] / params.sm_gbps if "sm" in terms else 0.0
@@ -477,7 +508,7 @@ def _record_rows(
         eighths = record_eighths(r)
         if not _fused(w, n, p, sms, eighths):
             eighths = 0
-        rows.append((_LAT_KEYS.index(f"{w.mode}.{w.op}"), _terms(tr, w, cluster, sms, eighths),
+        rows.append((_LAT_KEYS.index(f"{w.mode}.{w.op}"), _terms(tr, w, cluster, sms, eighths, n),
                      float(r["time_us_median"])))
     return rows
 

@@ -43,9 +43,9 @@ __global__ void __launch_bounds__(kThreads) dispatch_prepare_kernel(NormalCtx c,
     const int N = c.num_ranks, K = c.num_topk, epr = c.num_experts / N, P = c.ranks_per_node, M = N / P;
     const int row_len = 3 + epr;
     extern __shared__ int hist[];  // [E/N]: rows naming each of r's experts
-    __shared__ long long bad_lo, bad_hi;
+    __shared__ long long bad[2];  // the lowest id below -1, the highest >= E (note_bad_id)
     const bool checking = check.host != nullptr && blockIdx.x == 0;
-    if (checking && threadIdx.x == 0) bad_lo = bad_hi = 0;
+    if (checking && threadIdx.x == 0) bad[0] = bad[1] = 0;
     const bool node_block = static_cast<int>(blockIdx.x) >= N;
     const int r = node_block ? static_cast<int>(blockIdx.x) - N : static_cast<int>(blockIdx.x);  // rank or node
     const int64_t lo = node_block ? static_cast<int64_t>(r) * P * epr : static_cast<int64_t>(r) * epr;
@@ -67,10 +67,7 @@ __global__ void __launch_bounds__(kThreads) dispatch_prepare_kernel(NormalCtx c,
 #pragma unroll
                 for (int u = 0; u < kChunk; ++u) {
                     const int64_t e = ev[u];
-                    if (checking && k0 + u < K && (e < -1 || e >= c.num_experts)) {
-                        if (e < -1) atomicMin(&bad_lo, static_cast<long long>(e));
-                        else atomicMax(&bad_hi, static_cast<long long>(e));
-                    }
+                    if (checking && k0 + u < K) note_bad_id(bad, e, c.num_experts);
                     if (k0 + u >= K || e < lo || e >= hi) continue;
                     hit = 1;
                     if (node_block) continue;
@@ -92,7 +89,7 @@ __global__ void __launch_bounds__(kThreads) dispatch_prepare_kernel(NormalCtx c,
         base += total;
     }
     __syncthreads();
-    if (checking && threadIdx.x == 0) publish_id_check(check.host, bad_lo, bad_hi, check.token);
+    if (checking && threadIdx.x == 0) publish_id_check(check.host, bad[0], bad[1], check.token);
     int* out = reinterpret_cast<int*>(c.base + c.off_out_counts);
     if (node_block) {
         for (int i = threadIdx.x; i < P; i += blockDim.x) out[static_cast<int64_t>(r * P + i) * row_len + 1 + epr] = base;

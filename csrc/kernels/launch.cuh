@@ -31,6 +31,13 @@ __device__ __forceinline__ void report_error(ErrorWord err, int op, int rank) {
 // peer costs one timeout, not one per kernel. Reads device memory only.
 __device__ __forceinline__ bool has_error(ErrorWord err) { return ld_volatile(err.dev) != 0; }
 
+// An expert id outside [-1, E) goes into lo_hi (shared or global memory, by atomics): [0] the lowest id below -1,
+// [1] the highest id >= E (both start at 0: none).
+__device__ __forceinline__ void note_bad_id(long long* lo_hi, int64_t e, int E) {
+    if (e < -1) atomicMin(lo_hi, static_cast<long long>(e));
+    else if (e >= E) atomicMax(lo_hi + 1, static_cast<long long>(e));
+}
+
 // Hands the result of an expert-id range check to the host, which waits for host[0] to reach `token`: host[1]
 // gets the lowest id below -1 and host[2] the highest id >= E (0 for none), visible before the token.
 __device__ __forceinline__ void publish_id_check(int64_t* host_words, int64_t lowest, int64_t highest,

@@ -12,13 +12,6 @@ namespace {
 
 constexpr int kLayoutThreads = 256;
 
-// An id outside [-1, E) goes into the check's scratch: the lowest below -1 and the highest >= E, by atomics.
-__device__ __forceinline__ void note_bad_id(int64_t e, int E, const LayoutCheck& check) {
-    auto* sc = reinterpret_cast<long long*>(check.scratch);
-    if (e < -1) atomicMin(sc, static_cast<long long>(e));
-    else if (e >= E) atomicMax(sc + 1, static_cast<long long>(e));
-}
-
 // Every block, once all its threads have noted their ids: the last block to get here hands the scratch's result
 // to the host (and clears the scratch for the next check).
 __device__ __forceinline__ void finish_id_check(const LayoutCheck& check) {
@@ -54,7 +47,7 @@ __global__ void __launch_bounds__(kLayoutThreads) layout_kernel(const int64_t* t
             const int64_t e = row[k];
             if (e < -1 || e >= E) {
                 bad = true;
-                if (check.scratch != nullptr) note_bad_id(e, E, check);
+                if (check.scratch != nullptr) note_bad_id(reinterpret_cast<long long*>(check.scratch), e, E);
             }
             if (e < 0 || e >= E) continue;
             // count an expert, a rank, a node once per token however many of its choices land there
@@ -91,7 +84,7 @@ __global__ void __launch_bounds__(kLayoutThreads) layout_kernel(const int64_t* t
 __global__ void __launch_bounds__(kLayoutThreads) id_check_kernel(const int64_t* ids, int64_t n, int E,
                                                                   LayoutCheck check) {
     const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-    if (i < n) note_bad_id(ids[i], E, check);
+    if (i < n) note_bad_id(reinterpret_cast<long long*>(check.scratch), ids[i], E);
     finish_id_check(check);
 }
 

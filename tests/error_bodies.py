@@ -860,3 +860,73 @@ def torch_missing_peer(rank: int, world: int, timeout_s: float) -> dict[str, flo
         buf.destroy()
         dist.destroy_process_group(sub)
     return {"elapsed_s": elapsed, "refused_s": refused}
+
+
+# -- one rank's ids refused, the others' good ------------------------------------------------------------------------
+REFUSAL_VARIANTS = ("bf16", "fp8", "nodes", "empty_peer", "twice", "worst_peer")
+
+
+def one_rank_refuses(rank: int, world: int, backend: str, variant: str) -> dict[str, Any]:
+    """Rank 0 dispatches an expert id out of range, the other ranks good ids (variants: bf16 rows, FP8 rows, every
+    rank a node of its own, rank 1 with no tokens, two refusals in a row; worst_peer: the other ranks dispatch with
+    num_worst_tokens, nvshmem only). Rank 0 must raise ArgumentError naming the id, every other rank
+    PeerRefusedError naming rank 0, at once (not after LARGEEP_TIMEOUT_S), with the caller's tensors unchanged;
+    then a cached dispatch of an earlier handle and a fresh round are right on every rank (worst_peer: the peers'
+    next call raises instead, their Buffers being unusable). Returns {"failures", "elapsed_s", "checks"}."""
+    import time
+
+    chk = Checker(f"{variant} on rank {rank}")
+    dev = group_device()
+    use_fp8 = variant == "fp8"
+    case = NormalCase(tuple(0 if variant == "empty_peer" and r == 1 else 5 + 2 * r for r in range(world)), HIDDEN,
+                      EXPERTS, TOPK, 11, use_fp8=use_fp8, max_tokens=MAX_TOKENS,
+                      ranks_per_node=1 if variant == "nodes" else None)
+    buf = largeep.Buffer(None, backend=backend, **case.buffer_kwargs())
+    elapsed: list[float] = []
+    try:
+        inp = make_inputs(case.seed, rank, case.tokens[rank], HIDDEN, EXPERTS, TOPK, torch.bfloat16)
+        x, idx, w = inp.x.to(dev), inp.topk_idx.to(dev), inp.topk_weights.to(dev)
+        xs: Any = tuple(t.to(dev) for t in fp8.quantize(inp.x.float())) if use_fp8 else x
+        prev = buf.dispatch(xs, idx, w)
+        prev_x = [t.clone() for t in (prev.x if use_fp8 else (prev.x,))]
+        bad = with_id(idx, EXPERTS + 3 if variant != "twice" else -4) if rank == 0 else idx.clone()
+        worst = world * MAX_TOKENS if variant == "worst_peer" and rank != 0 else 0
+        for attempt in range(2 if variant == "twice" else 1):
+            held = [bad, w] + list(xs if use_fp8 else (xs,))
+            before = [t.clone() for t in held]
+            dist.barrier()
+            t0 = time.perf_counter()
+            try:
+                buf.dispatch(xs, bad, w, num_worst_tokens=worst)
+            except ArgumentError as exc:
+                chk.expect(rank == 0, f"attempt {attempt}: ArgumentError on a rank with good ids: {exc}")
+                chk.expect(f"expert id {int(bad[0, 0])}" in str(exc) and "'topk_idx'" in str(exc), str(exc))
+            except largeep.PeerRefusedError as exc:
+                chk.expect(rank != 0, f"attempt {attempt}: PeerRefusedError on the refusing rank: {exc}")
+                chk.expect("rank(s) [0]" in str(exc) and "usable" in str(exc), str(exc))
+            else:
+                chk.expect(rank != 0 and worst > 0, f"attempt {attempt}: the call was not refused")
+            elapsed.append(time.perf_counter() - t0)
+            chk.expect(all(same_bits(t, c) for t, c in zip(held, before, strict=True)),
+                       "the refused call modified the caller's tensors")
+        if variant == "worst_peer":
+            if rank != 0:  # no host wait in that call: its next call reports the refusal, the Buffer unusable
+                try:
+                    buf.dispatch(xs, idx, w)
+                except largeep.PeerRefusedError as exc:
+                    chk.expect("rank 0 refused" in str(exc) and "unusable" in str(exc), str(exc))
+                else:
+                    chk.expect(False, "the call after a refused num_worst_tokens round was not refused")
+            return {"failures": chk.failures, "elapsed_s": max(elapsed), "checks": chk.checks}
+        # the void round left nothing behind: a cached dispatch of the earlier handle moves its rows again ...
+        again = buf.dispatch(xs, handle=prev.handle)
+        got = again.x if use_fp8 else (again.x,)
+        chk.expect(all(same_bits(a, b) for a, b in zip(got, prev_x, strict=True)),
+                   "a cached dispatch after the void round differs from the first")
+        del prev, again, got
+        # ... and a fresh round is right on every rank
+        chk.where = f"{variant} on rank {rank}, the good round after it"
+        NormalRound(buf, case, chk).run()
+    finally:
+        buf.destroy()
+    return {"failures": chk.failures, "elapsed_s": max(elapsed), "checks": chk.checks}

@@ -838,7 +838,8 @@ def layer_id_checks(rank: int, world: int) -> dict[str, Any]:
             other.load_state_dict(sd)
             assert torch.equal(other.experts.w13, layer.experts.w13)
             close(other(x), outs[1].double(), "layer loaded from the earlier layout")
-            # a pipeline checks its first layer's batch once and the later layers' ids per chunk
+            # a pipeline checks its first layer's batch once (Python) and the later layers' ids per chunk (the
+            # backend's dispatch, with its count exchange)
             gate2 = FixedGate()
             second = layers.MoELayer(buf, ffn_hidden=8, gate=gate2)
             pipe = layers.MoEPipeline([layer, second], num_chunks=2)

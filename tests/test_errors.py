@@ -48,6 +48,29 @@ def test_wrong_call(pools, backend: str, pg: str, name: str) -> None:
     assert any(r["message"] for r in results), "no rank made the wrong call"
 
 
+def _refusal_params() -> list:
+    out = []
+    for backend, pg, marks in RUNS:
+        for variant in error_bodies.REFUSAL_VARIANTS:
+            # worst_peer: the torch backend on CPU checks a num_worst_tokens dispatch too (no device sync there),
+            # and on CUDA a num_worst_tokens dispatch there has no host wait: nvshmem's case only
+            if variant == "worst_peer" and backend != "nvshmem":
+                continue
+            out.append(pytest.param(backend, pg, variant, marks=marks, id=f"{backend}-{pg}-{variant}"))
+    return out
+
+
+@pytest.mark.parametrize("backend,pg,variant", _refusal_params())
+def test_one_rank_refuses(pools, backend: str, pg: str, variant: str) -> None:
+    """Rank 0's dispatch has an expert id out of range, the others' are good: the id check's verdict travels with
+    the count exchange, so rank 0 raises ArgumentError and the others PeerRefusedError, all at once (nothing
+    waits for LARGEEP_TIMEOUT_S), and every Buffer works for the next call."""
+    results = pools(WORLD, pg).run(error_bodies.one_rank_refuses, backend, variant)
+    failures = [f for r in results for f in r["failures"]]
+    assert not failures, "\n".join(failures)
+    assert all(r["elapsed_s"] < 5.0 for r in results), [r["elapsed_s"] for r in results]
+
+
 # -- LARGEEP_TIMEOUT_S --------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("raw,expected", [(None, 100.0), ("", 100.0), ("5", 5.0), ("0.25", 0.25), (" 7 ", 7.0)])
 def test_timeout_accepts(monkeypatch: pytest.MonkeyPatch, raw: str | None, expected: float) -> None:

@@ -11,9 +11,10 @@ namespace largeep {
 // [0] ready sequence (the notify kernel stores the dispatch sequence once counts are in)
 // [1] error: 0, or op * 65536 + (waited rank + 1); first error wins
 // [2] rows this rank receives (normal dispatch)
-// [3] reserved
+// [3] ranks that refused this round's normal dispatch (bit r: rank r's prepare found an expert id outside
+//     [-1, E)); written by a reporting notify before [0]; nonzero means the round was void on every rank
 // [4 .. 4 + E/N) rows naming each local expert (normal dispatch)
-enum StatusWord { kReadySeq = 0, kError = 1, kNumRecv = 2, kPerExpert = 4 };
+enum StatusWord { kReadySeq = 0, kError = 1, kNumRecv = 2, kRefused = 3, kPerExpert = 4 };
 enum Op {
     kOpLayout = 1,
     kOpDispatch = 2,
@@ -23,6 +24,8 @@ enum Op {
     kOpLowLatencyDispatch = 6,
     kOpLowLatencyCombine = 7,
     kOpWorstTooSmall = 8,  // a num_worst_tokens dispatch received more rows than its output holds (not a timeout)
+    kOpPeerRefused = 9,    // a rank refused the round of a num_worst_tokens dispatch, which has no host wait to raise
+                           // from (rank field: the lowest refusing rank; not a timeout)
 };
 
 // ---- flags: int64 words in the symmetric heap, [kind][rank] --------------------------------------------------
@@ -46,8 +49,11 @@ struct ErrorWord {
     int64_t* host;  // the status area (device pointer of the host mapping)
 };
 
-// Device-side sequence counters (cudaMalloc'd int64 [4]); each op reads seq+1 and its last kernel stores it.
-enum SeqKind { kSeqDispatch = 0, kSeqCombine = 1, kSeqLowLatency = 2 };
+// Device-side sequence counters (cudaMalloc'd int64 [5]); each op reads seq+1 and its last kernel stores it.
+// [kRoundVoid] (normal mode) is not a counter: nonzero while the fresh dispatch round in progress is void because
+// a rank refused its expert ids. Prepare stores whether I refuse, notify whether any rank did (from the count
+// exchange); the sending kernels then move no row, and the copy-out clears it.
+enum SeqKind { kSeqDispatch = 0, kSeqCombine = 1, kSeqLowLatency = 2, kRoundVoid = 4 };
 
 // Everything a normal-mode kernel needs to find its buffers. Ranks form nodes of P = ranks_per_node consecutive
 // ranks (M = N / P nodes); a rank's RDMA peers are the ranks of other nodes with its local index. Regions of the
@@ -146,7 +152,9 @@ void launch_dispatch_prepare(const NormalCtx& ctx, const int64_t* topk_idx, int 
 // nodes fwd_off int32 [M, P] and fwd_count int32 [M] (rows forwarded from each node's RDMA peer); with `report`,
 // totals into the status area and then status[kReadySeq] = seq for the host to wait on, and the rows per local
 // expert rounded up to `alignment` into per_expert int32 [E/N] (device). Only one reporting notify is ever in
-// flight: the host waits for each before launching the next.
+// flight: the host waits for each before launching the next. A round that some rank's prepare refused (its ids,
+// seq[kRoundVoid]) is void on every rank: the counts are exchanged, every offset and count comes out 0, and
+// status[kRefused] names the refusing ranks (a notify without `report` reports kOpPeerRefused instead).
 void launch_dispatch_notify(const NormalCtx& ctx, int* recv_off, int* send_off, int64_t* send_slot, int* fwd_off,
                             int* fwd_count, int my_slot, bool report, int* per_expert, int alignment,
                             cudaStream_t stream);

@@ -55,8 +55,10 @@ __global__ void __launch_bounds__(kThreads) dispatch_rdma_send_kernel(NormalCtx 
     const int K = c.num_topk, num_scales = c.hidden / 128;
     const int64_t seq = c.seq[kSeqDispatch] + 1;
     const unsigned peers = rdma_peer_mask(c);
-    // My RDMA peers must have forwarded the previous round out of their RDMA receive buffers.
-    const bool ok = wait_flags(c, kFlagRecvFree, peers, seq - 1, kOpDispatch);
+    // My RDMA peers must have forwarded the previous round out of their RDMA receive buffers. A void fresh round
+    // (idx given; a rank refused it) puts nothing; its flags still go up.
+    const bool ok = wait_flags(c, kFlagRecvFree, peers, seq - 1, kOpDispatch) &&
+                    (idx == nullptr || c.seq[kRoundVoid] == 0);
     if (ok) {
         const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp, kWarps = blockDim.x / kWarp;
         const int64_t x_bytes = static_cast<int64_t>(c.hidden) * x_elem;

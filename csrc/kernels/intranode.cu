@@ -36,7 +36,9 @@ namespace {
 // Local work only. Ids outside [-1, E) name no rank here (they are never a hit). With `check` (the host's
 // expert-id range check, instead of a separate min/max reduction and its device copy): block 0, which reads every
 // id, puts the lowest id below -1 and the highest id >= E (0 for none) into host-mapped words check.host[1..2],
-// then writes check.token into check.host[0], which the host waits on before it launches anything that moves data.
+// then writes check.token into check.host[0]. Block 0 also stores in seq[kRoundVoid] whether this rank refuses the
+// round (a checked id out of range): the notify kernel tells every rank, so that the round moves no row anywhere
+// and every rank's host raises after the count exchange (no host wait of its own for the check).
 __global__ void __launch_bounds__(kThreads) dispatch_prepare_kernel(NormalCtx c, const int64_t* idx, int T,
                                                                     int* send_pos, int* node_pos, int* self_token,
                                                                     IdCheck check) {
@@ -90,6 +92,7 @@ __global__ void __launch_bounds__(kThreads) dispatch_prepare_kernel(NormalCtx c,
     }
     __syncthreads();
     if (checking && threadIdx.x == 0) publish_id_check(check.host, bad[0], bad[1], check.token);
+    if (blockIdx.x == 0 && threadIdx.x == 0) c.seq[kRoundVoid] = checking && (bad[0] != 0 || bad[1] != 0) ? 1 : 0;
     int* out = reinterpret_cast<int*>(c.base + c.off_out_counts);
     if (node_block) {
         for (int i = threadIdx.x; i < P; i += blockDim.x) out[static_cast<int64_t>(r * P + i) * row_len + 1 + epr] = base;
@@ -112,6 +115,10 @@ __global__ void __launch_bounds__(kThreads) dispatch_prepare_kernel(NormalCtx c,
 // several nodes also fwd_count [M] (rows this rank forwards from its RDMA peer on node m) and fwd_off [M, P] (where
 // that peer's rows start in the buffer of each rank of this node); with `report`, the totals for the host and
 // the rows per local expert rounded up to `alignment` into per_expert [E/N] (device).
+// A rank whose prepare refused the round (seq[kRoundVoid]) sets kRefusedSlot in the slot field of its count rows;
+// a round with any such rank is void on every rank: all offsets and counts 0 (so the sends move nothing and the
+// copy-out waits only for the flags), seq[kRoundVoid] set for the sending kernels, and the refusing ranks in
+// status[kRefused] for the host (or, without `report`, an error kOpPeerRefused, since no host waits to raise).
 __global__ void __launch_bounds__(kThreads) dispatch_notify_kernel(NormalCtx c, int* recv_off, int* send_off,
                                                                    int64_t* send_slot, int* fwd_off, int* fwd_count,
                                                                    int my_slot, int report, int* per_expert,
@@ -121,9 +128,10 @@ __global__ void __launch_bounds__(kThreads) dispatch_notify_kernel(NormalCtx c, 
     if (!wait_flags(c, kFlagRecvFree, all_mask(N), seq - 1, kOpDispatch)) return;
     int* out = reinterpret_cast<int*>(c.base + c.off_out_counts);
     int* my_matrix = reinterpret_cast<int*>(c.base + c.off_matrix);
+    const bool i_refuse = c.seq[kRoundVoid] != 0;  // (prepare's, before this kernel overwrites it below)
     for (int j = threadIdx.x; j < N; j += blockDim.x) {
         my_matrix[me * N + j] = out[j * row];
-        out[j * row + 2 + epr] = my_slot;
+        out[j * row + 2 + epr] = my_slot | (i_refuse ? kRefusedSlot : 0);
     }
     __syncthreads();
     for (int i = threadIdx.x; i < N * row; i += blockDim.x) {
@@ -146,20 +154,28 @@ __global__ void __launch_bounds__(kThreads) dispatch_notify_kernel(NormalCtx c, 
     if (!wait_flags(c, kFlagCounts, all_mask(N), seq, kOpDispatchNotify)) return;
     const int* in = reinterpret_cast<const int*>(c.base + c.off_in_counts);
     const int* matrix = reinterpret_cast<const int*>(c.base + c.off_matrix);
+    __shared__ unsigned refusers;
+    if (threadIdx.x == 0) refusers = 0;
+    __syncthreads();
+    if (static_cast<int>(threadIdx.x) < N && (in[threadIdx.x * row + 2 + epr] & kRefusedSlot))
+        atomicOr(&refusers, 1u << threadIdx.x);
+    __syncthreads();
+    const int live = refusers == 0 ? 1 : 0;  // a void round counts nothing: every count below is multiplied by it
     if (threadIdx.x == 0) {
+        c.seq[kRoundVoid] = live ? 0 : 1;
         int acc = 0;
         for (int s = 0; s < N; ++s) {
             recv_off[s] = acc;
-            acc += in[s * row];
+            acc += live * in[s * row];
         }
         recv_off[N] = acc;
     }
     if (static_cast<int>(threadIdx.x) < N) {
         const int r = threadIdx.x;
         int acc = 0;
-        for (int s = 0; s < me; ++s) acc += matrix[s * N + r];
+        for (int s = 0; s < me; ++s) acc += live * matrix[s * N + r];
         send_off[r] = acc;
-        send_slot[r] = slot_offset(c, in[r * row + 2 + epr]);
+        send_slot[r] = slot_offset(c, in[r * row + 2 + epr] & ~kRefusedSlot);
     }
     if (fwd_count != nullptr) {
         const int M = N / P, node = me / P;
@@ -167,23 +183,27 @@ __global__ void __launch_bounds__(kThreads) dispatch_notify_kernel(NormalCtx c, 
             const int m = i / P, l = i % P;
             const int s = m * P + me % P, d = node * P + l;  // my RDMA peer on node m, a rank of my node
             int acc = 0;
-            for (int s2 = 0; s2 < s; ++s2) acc += matrix[s2 * N + d];
+            for (int s2 = 0; s2 < s; ++s2) acc += live * matrix[s2 * N + d];
             fwd_off[i] = acc;
-            if (l == 0) fwd_count[m] = m == node ? 0 : in[s * row + 1 + epr];
+            if (l == 0) fwd_count[m] = m == node ? 0 : live * in[s * row + 1 + epr];
         }
     }
-    if (!report) return;
+    if (!report) {
+        if (!live && threadIdx.x == 0) report_error(c.err, kOpPeerRefused, __ffs(refusers) - 1);
+        return;
+    }
     volatile int64_t* st = c.status;
     for (int e = threadIdx.x; e < epr; e += blockDim.x) {
         int64_t s = 0;
-        for (int src = 0; src < N; ++src) s += in[src * row + 1 + e];
+        for (int src = 0; src < N; ++src) s += live * in[src * row + 1 + e];
         st[kPerExpert + e] = s;
         per_expert[e] = static_cast<int>((s + alignment - 1) / alignment * alignment);
     }
     if (threadIdx.x == 0) {
         int64_t total = 0;
-        for (int src = 0; src < N; ++src) total += in[src * row];
+        for (int src = 0; src < N; ++src) total += live * in[src * row];
         st[kNumRecv] = total;
+        st[kRefused] = refusers;
     }
     __threadfence_system();
     __syncthreads();
@@ -206,8 +226,10 @@ __global__ void __launch_bounds__(kThreads) dispatch_push_kernel(NormalCtx c, co
     const int N = c.num_ranks, me = c.rank, K = c.num_topk;
     const int64_t seq = c.seq[kSeqDispatch] + 1;
     const unsigned lmask = local_mask(c);
-    // Receivers must have consumed the previous round (the notify kernel checked it for non-cached calls).
-    const bool ok = wait_flags(c, kFlagRecvFree, lmask, seq - 1, kOpDispatch);
+    // Receivers must have consumed the previous round (the notify kernel checked it for non-cached calls). A void
+    // fresh round (send_slot given) that a rank refused moves no row; its flags still go up.
+    const bool ok = wait_flags(c, kFlagRecvFree, lmask, seq - 1, kOpDispatch) &&
+                    (send_slot == nullptr || c.seq[kRoundVoid] == 0);
     if (ok) {
         const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp, kWarps = blockDim.x / kWarp;
         const int64_t x_bytes = static_cast<int64_t>(c.hidden) * x_elem;
@@ -347,7 +369,10 @@ __global__ void __launch_bounds__(kThreads) dispatch_copyout_kernel(NormalCtx c,
     }
     if (last_block(c.block_counter + 3)) {
         if (static_cast<int>(threadIdx.x) < N) set_flag(c, threadIdx.x, kFlagRecvFree, me, seq);
-        if (threadIdx.x == 0) c.seq[kSeqDispatch] = seq;
+        if (threadIdx.x == 0) {
+            c.seq[kSeqDispatch] = seq;
+            c.seq[kRoundVoid] = 0;  // (a void round ends here; a cached round after it moves its rows)
+        }
     }
 }
 

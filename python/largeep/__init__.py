@@ -10,7 +10,7 @@ from largeep.buffer import (
     LowLatencyDispatchResult,
     LowLatencyHandle,
 )
-from largeep.errors import ArgumentError, BufferDestroyedError, PeerTimeoutError
+from largeep.errors import ArgumentError, BufferDestroyedError, PeerRefusedError, PeerTimeoutError
 from largeep.layout import Layout
 
 __version__ = "0.1.0"
@@ -27,6 +27,7 @@ __all__ = [
     "LowLatencyCombineResult",
     "LowLatencyDispatchResult",
     "LowLatencyHandle",
+    "PeerRefusedError",
     "PeerTimeoutError",
     "__version__",
 ]

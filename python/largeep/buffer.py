@@ -555,8 +555,9 @@ class Buffer:
                 check_values=False,
             )
             # ids a layout just checked are not checked again (one use of its memo); else a backend that checks
-            # them in its own first kernel (before anything moves) saves the separate min/max, its device copy
-            # and the sync
+            # them itself saves the separate min/max, its device copy and the sync: its verdict travels with the
+            # count exchange, so that a refusal on one rank voids the call on every rank at once (this rank raises
+            # ArgumentError, the others PeerRefusedError) before any row moves
             if want and not checks.take_checked(idx, c.num_experts):
                 if getattr(self._impl, "checks_dispatch_ids", False) and checks.needs_id_check(idx, True):
                     native_check = True

@@ -13,3 +13,8 @@ class PeerTimeoutError(RuntimeError):
 
 class BufferDestroyedError(RuntimeError):
     """A Buffer (or a handle of one) was used after ``destroy()``."""
+
+
+class PeerRefusedError(RuntimeError):
+    """Another rank refused its part of a collective call (bad input there), so the call was void on every rank:
+    nothing was sent or received here, and the Buffer stays usable. The message names the ranks that refused."""

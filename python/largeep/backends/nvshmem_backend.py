@@ -20,12 +20,12 @@ import torch.distributed as dist
 from largeep import checks, native
 from largeep._env import Settings, logger
 from largeep.backends.base import GroupContext, LowLatencyDispatchOut, NormalDispatchOut, current_raw_stream
-from largeep.errors import ArgumentError, PeerTimeoutError
+from largeep.errors import ArgumentError, PeerRefusedError, PeerTimeoutError
 from largeep.fp8 import FP8_DTYPE
 from largeep.layout import Layout, one_hot_mask
 
 # Words of the host-mapped status area (csrc/kernels/api.cuh, StatusWord).
-_READY, _ERROR, _NUM_RECV, _PER_EXPERT = 0, 1, 2, 4
+_READY, _ERROR, _NUM_RECV, _REFUSED, _PER_EXPERT = 0, 1, 2, 3, 4
 _OPS = {
     1: "get_dispatch_layout",
     2: "dispatch (waiting for receivers of the previous round)",
@@ -36,6 +36,7 @@ _OPS = {
     7: "low_latency_combine",
 }
 _OP_WORST_TOO_SMALL = 8  # kOpWorstTooSmall: not a timeout
+_OP_PEER_REFUSED = 9  # kOpPeerRefused: a rank refused a round this rank ran with num_worst_tokens (not a timeout)
 # The host waits a little longer than the device, so that the device's report (which names the rank) comes first.
 _HOST_GRACE_S = 5.0
 # low-latency calls that ran as one kernel in this process (LARGEEP_TUNE ll_fuse=1), for tests and diagnostics
@@ -228,7 +229,7 @@ class NvshmemBackend:
             raise RuntimeError(f"Buffer: ranks {unreachable} are not reachable over NVLink from rank {ctx.rank}")
         dev = ctx.device
         self.peer_base = torch.tensor(peers, dtype=torch.int64, device=dev)
-        self.seq = torch.zeros(4, dtype=torch.int64, device=dev)
+        self.seq = torch.zeros(5, dtype=torch.int64, device=dev)  # api.cuh SeqKind
         self.counters = torch.zeros(8, dtype=torch.int32, device=dev)
         # status words: ready, error, rows, -, per-expert rows [E/N], the layout check (done, lowest, highest id)
         self._layout_word = _PER_EXPERT + ctx.experts_per_rank
@@ -305,6 +306,12 @@ class NvshmemBackend:
         what, rank = _OPS.get(code // 65536, f"op {code // 65536}"), code % 65536 - 1
         if code // 65536 == 1:
             raise RuntimeError(f"{op}: the layout kernel found an expert id outside [-1, num_experts)")
+        if code // 65536 == _OP_PEER_REFUSED:
+            raise PeerRefusedError(
+                f"{op}: rank {rank} refused a dispatch (an expert id outside [-1, num_experts)) in a round that rank "
+                f"{self.ctx.rank} ran with num_worst_tokens, which has no host wait to raise from; the round moved "
+                "no rows and the Buffer is unusable now (destroy it; check the ids before a num_worst_tokens dispatch)"
+            )
         if code // 65536 == _OP_WORST_TOO_SMALL:
             raise RuntimeError(
                 f"{op}: an earlier dispatch with num_worst_tokens received more rows on rank {self.ctx.rank} than "
@@ -394,11 +401,11 @@ class NvshmemBackend:
         check_ids: bool = False,
     ) -> NormalDispatchOut:
         """``caller_stream``: the raw handle of the stream the caller is on; zero-copy outputs record their
-        release on it (None: the current stream). ``check_ids`` (a fresh dispatch of at least one token): raise
-        ArgumentError if an id in topk_idx is outside [-1, num_experts) -- the prepare kernel finds them, and the
-        host waits for it on a host-mapped word before it launches the count exchange and the sends (nothing has
-        moved, the Buffer stays usable); one wait on a kernel that runs anyway, instead of a min/max, a device
-        copy and a stream sync."""
+        release on it (None: the current stream). ``check_ids`` (a fresh dispatch of at least one token, without
+        num_worst_tokens): raise ArgumentError if an id in topk_idx is outside [-1, num_experts). The prepare kernel
+        finds them and tells the count exchange, which makes the round void on every rank: no row moves anywhere,
+        each rank's host learns it with the counts it waits for anyway (no wait of its own for the check), this
+        rank raises ArgumentError and the others PeerRefusedError at once, and every Buffer stays usable."""
         self._raise_if_failed("dispatch")
         c = self.ctx
         dev = c.device
@@ -444,12 +451,12 @@ class NvshmemBackend:
             if report:
                 self.status[_READY] = 0
                 per_expert_t = ws[ws.shape[0] - epr:]
+            assert report or not check_ids, "dispatch: the id check needs the count exchange's host wait"
             words = self._id_check_words(check_ids, t)  # (the layout check's words)
             k.prepare(topk_idx.data_ptr(), t, send_pos, _ptr(hier.node_pos if hier else None), self_token, words,
                       self._layout_token, stream)
-            if check_ids:
-                self._wait_id_check("dispatch")
-            # (taken after the check: a refused call leaves every slot free)
+            # (no wait for the check here: a refusal voids the round on every rank, and the host learns of it with
+            # the counts below; a void round's slot is released before raising)
             if not worst and self.zc_slots and elem <= 2:
                 slot = int(k.zc_acquire(stream))
             k.notify(recv_off, send_off, send_slot,
@@ -466,6 +473,10 @@ class NvshmemBackend:
                         f"dispatch: rank {c.rank} got no count exchange within {self.settings.timeout_s:g} s "
                         "(a peer did not call dispatch, or a kernel failed)"
                     )
+                refused = int(self.status[_REFUSED])
+                if refused:
+                    self._end_void_round(x, recv_off, self_token, slot, stream)
+                    self._raise_refused("dispatch", refused, check_ids)
                 rows = int(self.status[_NUM_RECV])
                 raw = self.status[_PER_EXPERT:_PER_EXPERT + c.experts_per_rank]  # ctypes slice: a list of ints
                 a = expert_alignment
@@ -511,6 +522,30 @@ class NvshmemBackend:
                 per_expert_t = torch.empty(0, dtype=torch.int32, device=dev)
         return NormalDispatchOut(
             out_x, out_s, out_idx, out_w, per_expert_list, per_expert_t, None if worst else rows, state
+        )
+
+    def _end_void_round(self, x: torch.Tensor, recv_off: int, self_token: int, slot: int, stream: int) -> None:
+        """Ends a void dispatch round (a rank refused it; every count is 0): the copy-out of no rows, which frees
+        the round for every peer as any copy-out does, and this call's zero-copy slot given back."""
+        k = self.kernels
+        k.copyout(0, x.element_size(), 0, 0, 0, 0, recv_off, 0, False, x.data_ptr(), 0, 0, 0, self_token, slot,
+                  self.ctx.num_sms, stream)
+        if slot:
+            k.zc_outputs(slot, 0, 0, False, False, stream)  # planes of no rows, dropped at once: the slot's release
+
+    def _raise_refused(self, op: str, refused: int, checked: bool) -> None:
+        """Raises for a void round: ArgumentError (the bad id) where this rank refused it, else PeerRefusedError
+        naming the ranks that did."""
+        c = self.ctx
+        if checked and refused >> c.rank & 1:
+            low, high = (int(v) for v in self.status[self._layout_word + 1:self._layout_word + 3])
+            assert int(self.status[self._layout_word]) == self._layout_token, "dispatch: the id check's words are stale"
+            raise checks.bad_expert_id(op, low if low < -1 else high, c.num_experts)
+        ranks = [r for r in range(c.num_ranks) if refused >> r & 1]
+        raise PeerRefusedError(
+            f"{op}: rank(s) {ranks} refused this dispatch (an expert id outside [-1, num_experts) in their topk_idx), "
+            f"so the round was void on every rank: rank {c.rank} sent and received nothing, and the Buffer stays "
+            "usable for the next call"
         )
 
     def _send(

@@ -21,9 +21,9 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from largeep import fp8
+from largeep import checks, fp8
 from largeep.backends.base import GroupContext, LowLatencyDispatchOut, NormalDispatchOut
-from largeep.errors import ArgumentError, PeerTimeoutError
+from largeep.errors import ArgumentError, PeerRefusedError, PeerTimeoutError
 from largeep.layout import Layout, compute_layout, one_hot_mask
 
 
@@ -66,22 +66,49 @@ def _exclusive_cumsum(t: torch.Tensor, dim: int = 0) -> torch.Tensor:
     return torch.cumsum(t, dim=dim) - t
 
 
-_SIG = 3  # a fresh dispatch's signature, sent with its counts: num_worst_tokens, x's dtype, FP8 scales or not
+# A fresh dispatch's signature, sent with its counts: num_worst_tokens, x's dtype, FP8 scales or not; then its id
+# check's verdict (the lowest id below -1 and the highest id >= E, 0 for none or without a check).
+_SIG = 5
 _DTYPE_CODE = {torch.bfloat16: 0, torch.float32: 1, fp8.FP8_DTYPE: 2}
 _DTYPE_NAME = {v: str(k) for k, v in _DTYPE_CODE.items()}
 
 
 def _call_signature(num_worst_tokens: int, x: torch.Tensor, x_scales: torch.Tensor | None, n: int,
-                    dev: torch.device) -> torch.Tensor:
-    sig = torch.tensor([num_worst_tokens, _DTYPE_CODE.get(x.dtype, -1), int(x_scales is not None)],
+                    dev: torch.device, topk_idx: torch.Tensor, num_experts: int, check_ids: bool) -> torch.Tensor:
+    sig = torch.tensor([num_worst_tokens, _DTYPE_CODE.get(x.dtype, -1), int(x_scales is not None), 0, 0],
                        dtype=torch.int64, device=dev)
+    if check_ids and topk_idx.numel():  # (on the device: the verdict travels with the counts, no sync of its own)
+        lo, hi = torch.aminmax(topk_idx)
+        sig[3] = torch.where(lo < -1, lo, 0)
+        sig[4] = torch.where(hi >= num_experts, hi, 0)
     return sig.expand(n, _SIG)
 
 
-def _check_signatures(sig: torch.Tensor, rank: int) -> None:
-    """ArgumentError on every rank (each sees every rank's signature) when the ranks' dispatches differ in kind:
-    their rows would not match in the collectives that follow."""
+def _in_range(topk_idx: torch.Tensor, num_experts: int, checked: bool) -> torch.Tensor:
+    """topk_idx with ids outside [-1, E) made -1 when it is being checked (its verdict is in the signature; the
+    round will be refused, but the counts computed before the exchange must not index out of range)."""
+    if not checked:
+        return topk_idx
+    return torch.where((topk_idx >= -1) & (topk_idx < num_experts), topk_idx, -1)
+
+
+def _check_signatures(sig: torch.Tensor, rank: int, num_experts: int) -> None:
+    """On every rank (each sees every rank's signature): ArgumentError on a rank whose id check refused its ids and
+    PeerRefusedError on the others, naming those ranks (nothing has moved; the next call may be a good one); else
+    ArgumentError when the ranks' dispatches differ in kind: their rows would not match in the collectives that
+    follow."""
     rows = [tuple(int(v) for v in r) for r in sig.tolist()]
+    refused = [r for r, row in enumerate(rows) if row[3] or row[4]]
+    if refused:
+        low, high = rows[rank][3:]
+        if rank in refused:
+            raise checks.bad_expert_id("dispatch", low if low else high, num_experts)
+        raise PeerRefusedError(
+            f"dispatch: rank(s) {refused} refused this dispatch (an expert id outside [-1, num_experts) in their "
+            f"topk_idx), so the round was void on every rank: rank {rank} sent and received nothing, and the Buffer "
+            "stays usable for the next call"
+        )
+    rows = [r[:3] for r in rows]
     if all(r == rows[rank] for r in rows):
         return
     desc = "; ".join(
@@ -136,6 +163,9 @@ class TorchBackend:
     group's own timeout and watchdog apply. None: no bound of our own anywhere."""
 
     name = "torch"
+    # dispatch(check_ids=True) sends its id check's verdict with the counts (see dispatch): no separate min/max sync,
+    # and a refusal on one rank ends the call on every rank at once instead of leaving the others waiting
+    checks_dispatch_ids = True
 
     def __init__(self, ctx: GroupContext, timeout_s: float | None = None) -> None:
         self.ctx = ctx
@@ -256,11 +286,17 @@ class TorchBackend:
         expert_alignment: int,
         num_worst_tokens: int,
         caller_stream: int | None = None,  # nvshmem's zero-copy outputs only
+        check_ids: bool = False,
     ) -> NormalDispatchOut:
+        """``check_ids`` (a fresh dispatch that waits on the host: without num_worst_tokens, or on CPU): refuse an id
+        in topk_idx outside [-1, num_experts) on every rank, before any row moves: the verdict travels with the count
+        exchange (no sync of its own), this rank raises ArgumentError and the others PeerRefusedError."""
         self._begin("dispatch")
         if num_worst_tokens > 0 or isinstance(state, _FixedState):
-            return self._dispatch_fixed(x, x_scales, topk_idx, topk_weights, state, expert_alignment, num_worst_tokens)
-        return self._dispatch_var(x, x_scales, topk_idx, topk_weights, state, expert_alignment)
+            assert not check_ids or x.device.type == "cpu", "dispatch: no host wait to check ids in (num_worst_tokens)"
+            return self._dispatch_fixed(x, x_scales, topk_idx, topk_weights, state, expert_alignment,
+                                        num_worst_tokens, check_ids)
+        return self._dispatch_var(x, x_scales, topk_idx, topk_weights, state, expert_alignment, check_ids)
 
     def _row_specs(self, x: torch.Tensor, x_scales: torch.Tensor | None, with_meta: bool) -> list:
         c = self.ctx
@@ -279,6 +315,7 @@ class TorchBackend:
         topk_weights: torch.Tensor | None,
         state: _VarState | None,
         expert_alignment: int,
+        check_ids: bool,
     ) -> NormalDispatchOut:
         c = self.ctx
         dev = x.device
@@ -286,16 +323,17 @@ class TorchBackend:
         per_expert_t: torch.Tensor | None = None
         if state is None:
             assert topk_idx is not None and topk_weights is not None
+            mine = _call_signature(0, x, x_scales, c.num_ranks, dev, topk_idx, c.num_experts, check_ids)
+            topk_idx = _in_range(topk_idx, c.num_experts, check_ids)
             in_rank = compute_layout(topk_idx, c.num_ranks, c.num_experts, c.ranks_per_node).is_token_in_rank
             r_idx, t_idx = in_rank.t().nonzero(as_tuple=True)  # ordered by rank, then token
             local, weights, exp_counts = self._pair_meta(topk_idx, topk_weights, r_idx, t_idx)
             send_counts = in_rank.sum(0, dtype=torch.int64)
-            mine = _call_signature(0, x, x_scales, c.num_ranks, dev)
             meta, _ = self._all_to_all(torch.cat([send_counts.unsqueeze(1), exp_counts, mine], dim=1), c.num_ranks)
             sig = meta[:, -_SIG:]
             host = torch.cat([meta[:, 0], send_counts, meta[:, 1:-_SIG].sum(0), sig.reshape(-1)]).cpu()  # one sync
             n = c.num_ranks
-            _check_signatures(host[-n * _SIG:].view(n, _SIG), c.rank)
+            _check_signatures(host[-n * _SIG:].view(n, _SIG), c.rank, c.num_experts)
             host = host[: -n * _SIG]
             recv_splits = host[:n].tolist()
             send_splits = host[n : 2 * n].tolist()
@@ -334,6 +372,7 @@ class TorchBackend:
         state: _VarState | _FixedState | None,
         expert_alignment: int,
         num_worst_tokens: int,
+        check_ids: bool,
     ) -> NormalDispatchOut:
         c = self.ctx
         dev = x.device
@@ -341,6 +380,8 @@ class TorchBackend:
         per_expert_t: torch.Tensor | None = None
         if state is None:
             assert topk_idx is not None and topk_weights is not None
+            mine = _call_signature(num_worst_tokens, x, x_scales, n, dev, topk_idx, c.num_experts, check_ids)
+            topk_idx = _in_range(topk_idx, c.num_experts, check_ids)
             in_rank = compute_layout(topk_idx, n, c.num_experts, c.ranks_per_node).is_token_in_rank
             pos = torch.cumsum(in_rank.to(torch.int64), dim=0) - 1
             slot = torch.where(in_rank, torch.arange(n, device=dev) * cap + pos, n * cap)  # [T, N]
@@ -350,10 +391,9 @@ class TorchBackend:
                 topk_idx, topk_weights, r_idx, t_idx
             )  # counts include only real pairs: local is -1 everywhere off-rank
             send_counts = in_rank.sum(0, dtype=torch.int64)
-            mine = _call_signature(num_worst_tokens, x, x_scales, n, dev)
             meta, _ = self._all_to_all(torch.cat([send_counts.unsqueeze(1), exp_counts, mine], dim=1), n)
             if dev.type == "cpu":  # (on CUDA the comparison would wait on the host, which this path never does)
-                _check_signatures(meta[:, -_SIG:], c.rank)
+                _check_signatures(meta[:, -_SIG:], c.rank, c.num_experts)
             recv_counts = meta[:, 0]
             raw = meta[:, 1:-_SIG].sum(0)
             per_expert_t = (((raw + expert_alignment - 1) // expert_alignment) * expert_alignment).to(torch.int32)

@@ -355,6 +355,16 @@ __global__ void __launch_bounds__(kThreads) dispatch_copyout_kernel(NormalCtx c,
                           off[me] + j, cached, lane);
     }
     const bool ok = wait_flags(c, kFlagRows, all_mask(N), seq, kOpDispatch) && !failed;
+    if (!ok && !cached && out_idx != nullptr) {
+        // A failed round (a timeout, a refusal that a num_worst_tokens call cannot raise, too many rows) leaves
+        // rows that name no expert: the host's next call raises, and until then the ids are safe to index with.
+        const int64_t n = static_cast<int64_t>(num_rows) * c.num_topk;
+        for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+             i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+            out_idx[i] = -1;
+            out_w[i] = 0.f;
+        }
+    }
     if (ok && my_slot != 0) {
         const int* token = reinterpret_cast<const int*>(c.base + slot_offset(c, my_slot));
         for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < off[N]; i += gridDim.x * blockDim.x)

@@ -3,7 +3,8 @@
 At 128 tokens per rank the kernels take tens of microseconds, so a round trip (layout, dispatch with its count
 exchange, combine) costs what the host does around them. This runs ``--iters`` round trips on every rank (ranks
 aligned before each) and prints, for rank 0: the host time of each call (median, ranks aligned before each round
-trip), then the same under cProfile with the functions that took most time (cumulative, then own).
+trip), then the same under cProfile with the functions that took most time (cumulative, then own). With
+``--no-layout`` the round trip is a dispatch (which then checks the expert ids itself) and a combine.
 
     python bench/host_profile.py --nprocs 2 --tokens 128 --out OUT
 """
@@ -94,7 +95,8 @@ def _body(rank: int, world: int, args: argparse.Namespace, device: torch.device)
 
     def roundtrip(timed: bool) -> None:
         t0 = time.perf_counter()
-        buf.get_dispatch_layout(idx)
+        if args.layout:
+            buf.get_dispatch_layout(idx)
         t1 = time.perf_counter()
         d = buf.dispatch(x, idx, w)
         t2 = time.perf_counter()
@@ -167,6 +169,9 @@ def main() -> None:
     p.add_argument("--topk", type=int, default=8)
     p.add_argument("--experts", type=int, default=256)
     p.add_argument("--iters", type=int, default=200)
+    p.add_argument("--layout", action=argparse.BooleanOptionalAction, default=True,
+                   help="call get_dispatch_layout before each dispatch (which then skips its own id check: the "
+                        "layout's memo); --no-layout: the dispatch checks the ids itself")
     p.add_argument("--nprocs", type=int, default=None)
     p.add_argument("--out", required=True)
     args = p.parse_args()

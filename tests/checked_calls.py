@@ -304,6 +304,7 @@ class LowLatencyCase:
     hook: bool = False
     minus_one: float = 0.1
     ranks_per_node: int | None = None
+    distinct: bool = True  # False: a token may name an expert more than once (sent once, SPEC)
 
     def buffer_kwargs(self) -> dict[str, Any]:
         return dict(
@@ -324,7 +325,8 @@ class LowLatencyRound:
         c = case
         assert len(c.tokens) == self.world and max(c.tokens) <= c.max_tokens
         self.inputs = [
-            make_inputs(c.seed, r, c.tokens[r], c.hidden, c.num_experts, c.num_topk, torch.bfloat16, c.minus_one)
+            make_inputs(c.seed, r, c.tokens[r], c.hidden, c.num_experts, c.num_topk, torch.bfloat16, c.minus_one,
+                        c.distinct)
             for r in range(self.world)
         ]
         self.epr = c.num_experts // self.world

@@ -75,6 +75,7 @@ def low_latency_cases(draw: st.DrawFn, world: int) -> LowLatencyCase:
         hook=draw(st.booleans()),
         minus_one=draw(st.sampled_from([0.0, 0.1, 0.5, 1.0])),
         ranks_per_node=draw(st.sampled_from(divisors(world))),
+        distinct=draw(st.booleans()),
     )
 
 
@@ -97,6 +98,9 @@ def edge_cases(world: int) -> list[NormalCase | LowLatencyCase]:
         LowLatencyCase(zeros, 4, 128, e, 2, 6, hook=True),
         LowLatencyCase(full, 16, 256, e, 2, 7, minus_one=1.0),
         LowLatencyCase(full, 16, 128, world, 1, 8, use_fp8=False),
+        # repeated experts: every expert named several times by most tokens (once sent, read back for each k)
+        LowLatencyCase(full, 16, 128, e, e, 9, minus_one=0.0, distinct=False),
+        LowLatencyCase(full, 16, 128, e, min(8, e), 10, distinct=False, hook=True),
     ]
 
 

@@ -163,8 +163,7 @@ constexpr int kLLMetaHead = 2;
 // the token's copies and of its destination ranks and writes the row's metadata; then every warp quantises its
 // share of the row once (FP8: a half-warp per group of 128 channels) and stores it into each destination rank's
 // row. Copies for peers on other nodes are built in staging (at row t * K + k of the rank's first copy k) and put
-// whole once the block has written them. A copy past max_tokens rows of its expert (repeated expert ids) is
-// dropped, not corrupting.
+// whole once the block has written them. A token sends each expert it names once, however many of its k name it.
 __device__ __forceinline__ void ll_send_tokens(const LowLatencyCtx& c, const __nv_bfloat16* x, const int64_t* idx,
                                                int T, int use_fp8, int round_scale, int slot_buf, int* counter,
                                                int blocks) {
@@ -178,13 +177,15 @@ __device__ __forceinline__ void ll_send_tokens(const LowLatencyCtx& c, const __n
     for (int t = blockIdx.x; t < T; t += blocks) {
         if (warp == 0) {
             int r = -1, le = 0;
-            if (lane < K) {
-                const int64_t e = idx[static_cast<int64_t>(t) * K + lane];
-                if (e >= 0 && e < c.num_experts) {
-                    r = static_cast<int>(e / epr);
-                    le = static_cast<int>(e % epr);
-                }
+            const int64_t e = lane < K ? idx[static_cast<int64_t>(t) * K + lane] : -1;
+            if (e >= 0 && e < c.num_experts) {
+                r = static_cast<int>(e / epr);
+                le = static_cast<int>(e % epr);
             }
+            // a token naming an expert more than once sends it once (SPEC: once per expert): the first k naming it
+            // owns the copy, and the combine reads that copy's row for every k naming the expert
+            const unsigned twins = __match_any_sync(0xffffffffu, static_cast<unsigned long long>(e));
+            if (lane != __ffs(twins) - 1) r = -1;
             const unsigned valid = __ballot_sync(0xffffffffu, r >= 0);
             const unsigned same = __match_any_sync(0xffffffffu, r) & valid;  // copies that go to my copy's rank
             const int first = same != 0 ? __ffs(same) - 1 : lane;            // the rank's first copy
@@ -193,8 +194,8 @@ __device__ __forceinline__ void ll_send_tokens(const LowLatencyCtx& c, const __n
             if (r >= 0) j = atomicAdd(counter + r * epr + le, 1);
             if (r >= 0 && lane == first) row = atomicAdd(rows_to + r, 1);  // < T <= max_tokens
             row = __shfl_sync(0xffffffffu, row, first);
-            // more copies of an expert than tokens (repeated expert ids): dropped, not corrupting (the rank's row
-            // may then carry no entry)
+            // (j < T <= max_tokens, a token sending each expert once; bounded all the same: a copy past it would
+            // be dropped, not corrupting)
             const bool keep = r >= 0 && j < c.max_tokens;
             const unsigned kept = __ballot_sync(0xffffffffu, keep) & same;
             uint8_t* dst = nullptr;
@@ -558,7 +559,8 @@ __global__ void __launch_bounds__(kLLThreads) ll_combine_send_kernel(LowLatencyC
     ll_combine_send_body(c, y, count, meta, handle_seq, c.seq[kSeqLowLatency + 1] + 1, pref);
 }
 
-// One warp per token: out[t] = sum_k w[t, k] * comb[t][k] over k with idx[t, k] >= 0, in float32.
+// One warp per token: out[t] = sum_k w[t, k] * comb[t][k'] over k with idx[t, k] in [0, E), in float32, where k'
+// is the first k naming the same expert (the copy the dispatch sent; equal to k for distinct ids).
 // One warp per (token, slice of the hidden dimension): `slices` warps share a token so that enough loads are in
 // flight when there are few tokens. (The body, for round seq: the receive kernel, or the fused combine.)
 __device__ __forceinline__ void ll_combine_sum(const LowLatencyCtx& c, const int64_t* idx, const float* w,
@@ -575,20 +577,27 @@ __device__ __forceinline__ void ll_combine_sum(const LowLatencyCtx& c, const int
             // lane k < K holds (expert id, weight) of copy k; the warp shares which copies exist
             const int64_t e = lane < K ? idx[static_cast<int64_t>(t) * K + lane] : -1;
             const float wl = lane < K ? w[static_cast<int64_t>(t) * K + lane] : 0.f;
-            const unsigned present = __ballot_sync(0xffffffffu, e >= 0);
+            // (an id >= E was never sent: it adds nothing, as in the send)
+            const unsigned present = __ballot_sync(0xffffffffu, e >= 0 && e < c.num_experts);
+            // the copy holding this k's expert output: the first k naming the same expert
+            const int from = __ffs(__match_any_sync(0xffffffffu, static_cast<unsigned long long>(e))) - 1;
             const uint8_t* rows = comb + static_cast<int64_t>(t) * K * c.comb_stride;
             int4* dst = reinterpret_cast<int4*>(out + static_cast<int64_t>(t) * H);
             if (K <= kLLMaxTopk) {
                 // every copy's 16 bytes are loaded before any is added: K loads in flight per lane
                 float wk[kLLMaxTopk];
+                int fk[kLLMaxTopk];
 #pragma unroll
-                for (int k = 0; k < kLLMaxTopk; ++k) wk[k] = __shfl_sync(0xffffffffu, wl, k);
+                for (int k = 0; k < kLLMaxTopk; ++k) {
+                    wk[k] = __shfl_sync(0xffffffffu, wl, k);
+                    fk[k] = __shfl_sync(0xffffffffu, from, k);
+                }
                 for (int v = v0; v < nvec; v += step) {
                     int4 raw[kLLMaxTopk];
 #pragma unroll
                     for (int k = 0; k < kLLMaxTopk; ++k)
                         if ((present >> k) & 1u)
-                            raw[k] = ld_v4<1>(reinterpret_cast<const int4*>(rows + static_cast<int64_t>(k) * c.comb_stride) + v);
+                            raw[k] = ld_v4<1>(reinterpret_cast<const int4*>(rows + static_cast<int64_t>(fk[k]) * c.comb_stride) + v);
                     float acc[8];
 #pragma unroll
                     for (int i = 0; i < 8; ++i) acc[i] = 0.f;
@@ -603,9 +612,10 @@ __device__ __forceinline__ void ll_combine_sum(const LowLatencyCtx& c, const int
 #pragma unroll
                     for (int i = 0; i < 8; ++i) acc[i] = 0.f;
                     for (int k = 0; k < K; ++k) {
+                        const int fk = __shfl_sync(0xffffffffu, from, k);  // (every lane: before the branch)
                         if (!((present >> k) & 1u)) continue;
                         const float wk = w[static_cast<int64_t>(t) * K + k];
-                        const int4* src = reinterpret_cast<const int4*>(rows + static_cast<int64_t>(k) * c.comb_stride);
+                        const int4* src = reinterpret_cast<const int4*>(rows + static_cast<int64_t>(fk) * c.comb_stride);
                         fma_bf16x8(acc, wk, ld_v4<1>(src + v));
                     }
                     dst[v] = pack_bf16x8(acc);

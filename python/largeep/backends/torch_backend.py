@@ -92,6 +92,14 @@ def _in_range(topk_idx: torch.Tensor, num_experts: int, checked: bool) -> torch.
     return torch.where((topk_idx >= -1) & (topk_idx < num_experts), topk_idx, -1)
 
 
+def _first_naming(topk_idx: torch.Tensor) -> torch.Tensor:
+    """int64 [T, K]: for each (t, k), the first k' <= k with topk_idx[t, k'] == topk_idx[t, k]."""
+    k = topk_idx.shape[1]
+    same = topk_idx.unsqueeze(2) == topk_idx.unsqueeze(1)  # [T, K, K']
+    earlier = torch.ones(k, k, dtype=torch.bool, device=topk_idx.device).tril()  # k' <= k
+    return (same & earlier).to(torch.int8).argmax(2)  # the first True (k' = k always is)
+
+
 def _check_signatures(sig: torch.Tensor, rank: int, num_experts: int) -> None:
     """On every rank (each sees every rank's signature): ArgumentError on a rank whose id check refused its ids and
     PeerRefusedError on the others, naming those ranks (nothing has moved; the next call may be a good one); else
@@ -476,7 +484,10 @@ class TorchBackend:
         n, epr, m, k = c.num_ranks, c.experts_per_rank, c.max_tokens_per_rank, c.num_topk
         cap = self._ll_cap()
         t = x.shape[0]
-        valid = topk_idx >= 0
+        # a token naming an expert more than once sends it once (SPEC: once per expert): the first k naming it owns
+        # the copy; the others read its row in combine (first[t, k]: that owner's k)
+        first = _first_naming(topk_idx)
+        valid = (topk_idx >= 0) & (first == torch.arange(k, device=dev))
         dest = torch.where(valid, topk_idx // epr, n).reshape(-1)  # [T*K], n = none
         local = torch.where(valid, topk_idx % epr, 0).reshape(-1)
         copies = t * k
@@ -520,7 +531,9 @@ class TorchBackend:
         )
         src_info = torch.full((epr, rows_per_expert, 2), -1, dtype=torch.int32, device=dev)
         num_per_expert = recv_counts.sum(0).to(torch.int32)
-        state = _LowLatencyState(slot, torch.empty(0, dtype=torch.int64, device=dev), t)
+        # combine reads each (t, k)'s row back from the copy sent for it (a repeated expert's: its owner's)
+        back_slot = slot.view(t, k).gather(1, first).reshape(-1)
+        state = _LowLatencyState(back_slot, torch.empty(0, dtype=torch.int64, device=dev), t)
 
         def finish() -> None:
             self._wait(work, "low_latency_dispatch")

@@ -901,9 +901,11 @@ def one_rank_refuses(rank: int, world: int, backend: str, variant: str) -> dict[
             except ArgumentError as exc:
                 chk.expect(rank == 0, f"attempt {attempt}: ArgumentError on a rank with good ids: {exc}")
                 chk.expect(f"expert id {int(bad[0, 0])}" in str(exc) and "'topk_idx'" in str(exc), str(exc))
+                if variant == "worst_peer":  # the peers could not raise: the message says their Buffers are gone
+                    chk.expect("num_worst_tokens" in str(exc) and "destroy the Buffer" in str(exc), str(exc))
             except largeep.PeerRefusedError as exc:
                 chk.expect(rank != 0, f"attempt {attempt}: PeerRefusedError on the refusing rank: {exc}")
-                chk.expect("rank(s) [0]" in str(exc) and "usable" in str(exc), str(exc))
+                chk.expect("rank(s) [0]" in str(exc) and "stays usable" in str(exc) and exc.buffer_usable, str(exc))
             else:
                 chk.expect(rank != 0 and worst > 0, f"attempt {attempt}: the call was not refused")
             elapsed.append(time.perf_counter() - t0)
@@ -914,7 +916,8 @@ def one_rank_refuses(rank: int, world: int, backend: str, variant: str) -> dict[
                 try:
                     buf.dispatch(xs, idx, w)
                 except largeep.PeerRefusedError as exc:
-                    chk.expect("rank 0 refused" in str(exc) and "unusable" in str(exc), str(exc))
+                    chk.expect("rank 0 refused" in str(exc) and "unusable" in str(exc) and not exc.buffer_usable,
+                               str(exc))
                 else:
                     chk.expect(False, "the call after a refused num_worst_tokens round was not refused")
             return {"failures": chk.failures, "elapsed_s": max(elapsed), "checks": chk.checks}

@@ -777,10 +777,12 @@ def pipeline_errors(rank: int, world: int) -> list[str]:
             buf.destroy()
 
 
-def layer_id_checks(rank: int, world: int) -> dict[str, Any]:
-    """A chunked layer checks its batch's expert ids once, before the first dispatch (its chunks' dispatches then
-    skip the check and its host wait); ids out of range raise ArgumentError there, before any communication, and
-    the Buffer stays usable. Returns the number of id checks per forward, by num_chunks."""
+def layer_id_checks(rank: int, world: int, native: bool) -> dict[str, Any]:
+    """native (the backend checks each dispatch's ids with its count exchange, as largeep's do): the layer checks
+    nothing itself and a bad id ends the dispatch of its chunk on every rank. Else (a backend made to check
+    nothing): a chunked layer checks its batch's expert ids once, before the first dispatch (its chunks'
+    dispatches then skip the check and its host wait). Either way ids out of range raise ArgumentError before any
+    row moves, and the Buffer stays usable. Returns the number of Python id checks per forward, by num_chunks."""
     from largeep import checks
 
     hidden, experts, topk, t = 32, 2 * world, 2, 9
@@ -799,6 +801,9 @@ def layer_id_checks(rank: int, world: int) -> dict[str, Any]:
 
     buf = largeep.Buffer(None, hidden=hidden, num_experts=experts, num_topk=topk, max_tokens_per_rank=t,
                          backend="torch")
+    if not native:
+        buf._impl.checks_dispatch_ids = False  # type: ignore[attr-defined]
+    where = "dispatch" if native else "MoELayer"
     calls = [0]
     real = checks._id_range
 
@@ -824,7 +829,7 @@ def layer_id_checks(rank: int, world: int) -> dict[str, Any]:
                 layer(x)
             except largeep.ArgumentError as exc:
                 msg = str(exc)
-                assert "MoELayer" in msg and "topk_idx" in msg and f"expert id {experts}" in msg, msg
+                assert where in msg and "topk_idx" in msg and f"expert id {experts}" in msg, msg
             else:
                 raise AssertionError("an expert id out of range went through the layer")
             gate.bad = False

@@ -387,12 +387,13 @@ def test_pipeline_errors(pools) -> None:
     pools(2).run(layer_bodies.pipeline_errors)
 
 
-def test_layer_checks_ids_once(pools) -> None:
-    # one Python id check per forward whatever the chunks (the layer's own, before the first dispatch)
-    # (MoEPipeline, 2 layers, 2 chunks: the first layer's batch once; the second layer's chunks are checked by the
-    # backend, whose verdict travels with each dispatch's count exchange: no Python min/max)
-    for res in pools(2).run(layer_bodies.layer_id_checks):
-        assert res == {1: 1, 3: 1, "pipeline": 1}, res
+@pytest.mark.parametrize("native", [True, False])
+def test_layer_checks_ids_once(pools, native: bool) -> None:
+    # native: no Python id check at all (each dispatch's verdict travels with its count exchange); else one per
+    # forward whatever the chunks (the layer's own, before the first dispatch) and, in a MoEPipeline of 2 layers
+    # in 2 chunks, the first layer's batch once and the second layer's chunks one each
+    for res in pools(2).run(layer_bodies.layer_id_checks, native):
+        assert res == ({1: 0, 3: 0, "pipeline": 0} if native else {1: 1, 3: 1, "pipeline": 3}), res
 
 
 def test_grouped_experts_w13_views_and_old_state_dict() -> None:

@@ -12,7 +12,8 @@ namespace largeep {
 // [1] error: 0, or op * 65536 + (waited rank + 1); first error wins
 // [2] rows this rank receives (normal dispatch)
 // [3] ranks that refused this round's normal dispatch (bit r: rank r's prepare found an expert id outside
-//     [-1, E)); written by a reporting notify before [0]; nonzero means the round was void on every rank
+//     [-1, E)); written by a reporting notify before [0]; nonzero means the round was void on every rank; bits
+//     32 + r: rank r ran that void round without a host wait (num_worst_tokens), so its Buffer is unusable now
 // [4 .. 4 + E/N) rows naming each local expert (normal dispatch)
 enum StatusWord { kReadySeq = 0, kError = 1, kNumRecv = 2, kRefused = 3, kPerExpert = 4 };
 enum Op {

@@ -118,7 +118,8 @@ __global__ void __launch_bounds__(kThreads) dispatch_prepare_kernel(NormalCtx c,
 // A rank whose prepare refused the round (seq[kRoundVoid]) sets kRefusedSlot in the slot field of its count rows;
 // a round with any such rank is void on every rank: all offsets and counts 0 (so the sends move nothing and the
 // copy-out waits only for the flags), seq[kRoundVoid] set for the sending kernels, and the refusing ranks in
-// status[kRefused] for the host (or, without `report`, an error kOpPeerRefused, since no host waits to raise).
+// status[kRefused] for the host, with (bits 32 up) the ranks that ran it without a host wait (num_worst_tokens):
+// those cannot raise, so their notify reports the error kOpPeerRefused instead, which leaves their Buffer unusable.
 __global__ void __launch_bounds__(kThreads) dispatch_notify_kernel(NormalCtx c, int* recv_off, int* send_off,
                                                                    int64_t* send_slot, int* fwd_off, int* fwd_count,
                                                                    int my_slot, int report, int* per_expert,
@@ -131,7 +132,7 @@ __global__ void __launch_bounds__(kThreads) dispatch_notify_kernel(NormalCtx c, 
     const bool i_refuse = c.seq[kRoundVoid] != 0;  // (prepare's, before this kernel overwrites it below)
     for (int j = threadIdx.x; j < N; j += blockDim.x) {
         my_matrix[me * N + j] = out[j * row];
-        out[j * row + 2 + epr] = my_slot | (i_refuse ? kRefusedSlot : 0);
+        out[j * row + 2 + epr] = my_slot | (i_refuse ? kRefusedSlot : 0) | (report ? 0 : kNoWaitSlot);
     }
     __syncthreads();
     for (int i = threadIdx.x; i < N * row; i += blockDim.x) {
@@ -154,11 +155,14 @@ __global__ void __launch_bounds__(kThreads) dispatch_notify_kernel(NormalCtx c, 
     if (!wait_flags(c, kFlagCounts, all_mask(N), seq, kOpDispatchNotify)) return;
     const int* in = reinterpret_cast<const int*>(c.base + c.off_in_counts);
     const int* matrix = reinterpret_cast<const int*>(c.base + c.off_matrix);
-    __shared__ unsigned refusers;
-    if (threadIdx.x == 0) refusers = 0;
+    __shared__ unsigned refusers, no_wait;
+    if (threadIdx.x == 0) refusers = no_wait = 0;
     __syncthreads();
-    if (static_cast<int>(threadIdx.x) < N && (in[threadIdx.x * row + 2 + epr] & kRefusedSlot))
-        atomicOr(&refusers, 1u << threadIdx.x);
+    if (static_cast<int>(threadIdx.x) < N) {
+        const int f = in[threadIdx.x * row + 2 + epr];
+        if (f & kRefusedSlot) atomicOr(&refusers, 1u << threadIdx.x);
+        if (f & kNoWaitSlot) atomicOr(&no_wait, 1u << threadIdx.x);
+    }
     __syncthreads();
     const int live = refusers == 0 ? 1 : 0;  // a void round counts nothing: every count below is multiplied by it
     if (threadIdx.x == 0) {
@@ -175,7 +179,7 @@ __global__ void __launch_bounds__(kThreads) dispatch_notify_kernel(NormalCtx c, 
         int acc = 0;
         for (int s = 0; s < me; ++s) acc += live * matrix[s * N + r];
         send_off[r] = acc;
-        send_slot[r] = slot_offset(c, in[r * row + 2 + epr] & ~kRefusedSlot);
+        send_slot[r] = slot_offset(c, in[r * row + 2 + epr] & ~(kRefusedSlot | kNoWaitSlot));
     }
     if (fwd_count != nullptr) {
         const int M = N / P, node = me / P;
@@ -203,7 +207,7 @@ __global__ void __launch_bounds__(kThreads) dispatch_notify_kernel(NormalCtx c, 
         int64_t total = 0;
         for (int src = 0; src < N; ++src) total += live * in[src * row];
         st[kNumRecv] = total;
-        st[kRefused] = refusers;
+        st[kRefused] = static_cast<int64_t>(refusers) | static_cast<int64_t>(live ? 0u : no_wait) << 32;
     }
     __threadfence_system();
     __syncthreads();
@@ -358,6 +362,8 @@ __global__ void __launch_bounds__(kThreads) dispatch_copyout_kernel(NormalCtx c,
     if (!ok && !cached && out_idx != nullptr) {
         // A failed round (a timeout, a refusal that a num_worst_tokens call cannot raise, too many rows) leaves
         // rows that name no expert: the host's next call raises, and until then the ids are safe to index with.
+        // (After a timeout, blocks may disagree on `ok` and a late copy_self_row may overwrite some of this: those
+        // rows then hold real local ids, which are as safe.)
         const int64_t n = static_cast<int64_t>(num_rows) * c.num_topk;
         for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
              i += static_cast<int64_t>(gridDim.x) * blockDim.x) {

@@ -66,9 +66,10 @@ __device__ __forceinline__ int64_t local_expert(int64_t e, int r, int epr) {
     return e >= 0 && le >= 0 && le < epr ? le : -1;
 }
 
-// Set in the slot field of a rank's count rows when it refuses the round (see the notify kernel); slot numbers
-// are far below it.
+// Set in the slot field of a rank's count rows when it refuses the round, and when it runs the round without a host
+// wait (num_worst_tokens: it cannot raise then; see the notify kernel); slot numbers are far below them.
 constexpr int kRefusedSlot = 1 << 20;
+constexpr int kNoWaitSlot = 1 << 21;
 
 // Byte offset of receive slot s in every rank's allocation (0: the copy slot; see NormalCtx).
 __device__ __forceinline__ int64_t slot_offset(const NormalCtx& c, int s) {

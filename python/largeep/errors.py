@@ -17,4 +17,10 @@ class BufferDestroyedError(RuntimeError):
 
 class PeerRefusedError(RuntimeError):
     """Another rank refused its part of a collective call (bad input there), so the call was void on every rank:
-    nothing was sent or received here, and the Buffer stays usable. The message names the ranks that refused."""
+    nothing was sent or received here. The message names the ranks that refused. ``buffer_usable``: whether the
+    Buffer takes further calls (False when a rank ran the call with num_worst_tokens, which cannot raise: that
+    rank's Buffer is unusable, and so the group's; the message says so)."""
+
+    def __init__(self, message: str, *, buffer_usable: bool = True) -> None:
+        super().__init__(message)
+        self.buffer_usable = buffer_usable

@@ -389,10 +389,10 @@ class MoELayer(nn.Module):
             y = self.experts_chunk(d, carveout)
             # Queue chunk i's experts before sending chunk i+1. That dispatch waits on the host (the count
             # exchange, behind combine i-1 on the Buffer's stream); with experts i already queued the GPU computes
-            # meanwhile, and dispatch i+1 and combine i-1 overlap experts i. Its ids were checked with the batch's
-            # (check_ids), so no id check makes the host wait for experts i first (ops.dispatch issues it from a
-            # side stream as well, for ids that are still to be checked by a Python min/max; the nvshmem backend
-            # checks them in its first kernel, on the Buffer's stream).
+            # meanwhile, and dispatch i+1 and combine i-1 overlap experts i. No id check makes the host wait for
+            # experts i first: the backend checks the ids with the count exchange, on the Buffer's stream (or, on a
+            # backend that does not, they were checked with the batch's in check_ids, and ops.dispatch issues the
+            # dispatch from a side stream as well).
             if i + 1 < n:
                 pending.append(self.send_chunk(xs[i + 1], idxs[i + 1], ws[i + 1], ready, checked_ids=checked))
             combined.append(self.combine_chunk(y, d))
@@ -406,10 +406,14 @@ class MoELayer(nn.Module):
         """Checks the expert ids of a whole batch (from :meth:`route`) for range [-1, num_experts) as the Buffer
         checks a dispatch's: one host wait, before the batch's first dispatch, when only the gate is queued before
         it; raises ArgumentError naming the bad id. True: checked (pass ``checked_ids=idx`` to :meth:`send_chunk`
-        for its chunks); False: not checked here, because no check is wanted (``LARGEEP_CHECK_VALUES=0``; with
-        ``num_worst_tokens`` > 0 or while capturing a CUDA graph the dispatch does not check either) or because
-        it is compiling (the custom dispatch op checks at run time)."""
-        if (self.num_worst_tokens or not self.buffer._settings.check_values or torch.compiler.is_compiling()
+        for its chunks); False: not checked here, because the backend checks each dispatch's ids itself at no
+        extra cost, collectively (both of largeep's backends: the verdict travels with the count exchange, so a
+        bad id on one rank ends that chunk's dispatch on every rank at once, where a check here would raise on
+        that rank alone and leave the others waiting), because no check is wanted (``LARGEEP_CHECK_VALUES=0``;
+        with ``num_worst_tokens`` > 0 or while capturing a CUDA graph the dispatch does not check either) or
+        because it is compiling (the custom dispatch op checks at run time)."""
+        if (getattr(self.buffer._impl, "checks_dispatch_ids", False) or self.num_worst_tokens
+                or not self.buffer._settings.check_values or torch.compiler.is_compiling()
                 or checks._capturing(idx.device)):
             return False
         c = self.buffer.ctx

@@ -1177,17 +1177,17 @@ def _buffer_dispatch(
     """``buffer.dispatch``, issued from an idle side stream when it is to wait for ``previous_event`` only.
 
     A dispatch without ``num_worst_tokens`` waits on the host: the Buffer's expert-id check (a Python min/max where
-    the backend does not check the ids in its own kernel, as the nvshmem one does) syncs the *current* stream,
+    the backend does not check the ids itself, as largeep's backends do) syncs the *current* stream,
     then the count exchange. Issued from the caller's stream, that sync also waits for everything queued
     there after ``previous_event`` -- in MoELayer's chunked schedule, the previous chunk's expert GEMMs -- so the
     next chunk could only be sent after them and its dispatch never overlapped them. From a side stream that waits
     for ``previous_event`` first, the host waits only for what the dispatch needs. The outputs are made safe for
     the caller's stream (``record_stream``), and without ``async_finish`` the caller's stream waits for them.
 
-    A backend that checks the ids in its own kernel (``checks_dispatch_ids``: the nvshmem one) needs no side
-    stream: its host waits are for kernels on the Buffer's stream, which waits for ``previous_event`` only; the
-    side stream would only cost host time (a stream switch, an event and a ``record_stream`` per output, tens of
-    microseconds per chunk on a host-bound schedule)."""
+    A backend that checks the ids itself (``checks_dispatch_ids``: both of largeep's, with the count exchange)
+    needs no side stream: its host waits are for work on the Buffer's stream, which waits for ``previous_event``
+    only; the side stream would only cost host time (a stream switch, an event and a ``record_stream`` per output,
+    tens of microseconds per chunk on a host-bound schedule)."""
     ev = previous_event.event if previous_event is not None else None
     if (
         ev is None or num_worst_tokens or not x.is_cuda or getattr(buffer._impl, "checks_dispatch_ids", False)

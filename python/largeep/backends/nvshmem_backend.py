@@ -309,8 +309,10 @@ class NvshmemBackend:
         if code // 65536 == _OP_PEER_REFUSED:
             raise PeerRefusedError(
                 f"{op}: rank {rank} refused a dispatch (an expert id outside [-1, num_experts)) in a round that rank "
-                f"{self.ctx.rank} ran with num_worst_tokens, which has no host wait to raise from; the round moved "
-                "no rows and the Buffer is unusable now (destroy it; check the ids before a num_worst_tokens dispatch)"
+                f"{self.ctx.rank} ran with num_worst_tokens, which has no host wait to raise from; that call's outputs "
+                "hold no rows (ids -1) and the Buffer is unusable now (destroy it on every rank; check the ids before "
+                "a num_worst_tokens dispatch)",
+                buffer_usable=False,
             )
         if code // 65536 == _OP_WORST_TOO_SMALL:
             raise RuntimeError(
@@ -420,9 +422,9 @@ class NvshmemBackend:
         per_expert_list: list[int] = []
         per_expert_t: torch.Tensor | None = None
         # A fresh dispatch of bf16/e4m3 rows that waits on the host receives into a free zero-copy slot when there
-        # is one (its outputs are then that slot's planes, no copy-out); slot 0 is the copy slot. A slot taken
-        # (after the id check) stays taken if the call fails before its outputs exist (the Buffer is unusable
-        # then anyway).
+        # is one (its outputs are then that slot's planes, no copy-out); slot 0 is the copy slot. A void round
+        # (a refusal) gives its slot back; a slot stays taken if the call fails otherwise before its outputs exist
+        # (the Buffer is unusable then anyway).
         slot = 0
         if state is None:
             assert topk_idx is not None and topk_weights is not None
@@ -533,19 +535,31 @@ class NvshmemBackend:
         if slot:
             k.zc_outputs(slot, 0, 0, False, False, stream)  # planes of no rows, dropped at once: the slot's release
 
-    def _raise_refused(self, op: str, refused: int, checked: bool) -> None:
-        """Raises for a void round: ArgumentError (the bad id) where this rank refused it, else PeerRefusedError
-        naming the ranks that did."""
+    def _raise_refused(self, op: str, word: int, checked: bool) -> None:
+        """Raises for a void round (``word``: status[kRefused], the refusing ranks in bits 0-31 and those that ran
+        the round without a host wait in bits 32-63): ArgumentError (the bad id) where this rank refused it, else
+        PeerRefusedError naming the ranks that did."""
         c = self.ctx
-        if checked and refused >> c.rank & 1:
-            low, high = (int(v) for v in self.status[self._layout_word + 1:self._layout_word + 3])
-            assert int(self.status[self._layout_word]) == self._layout_token, "dispatch: the id check's words are stale"
-            raise checks.bad_expert_id(op, low if low < -1 else high, c.num_experts)
-        ranks = [r for r in range(c.num_ranks) if refused >> r & 1]
+        refused = [r for r in range(c.num_ranks) if word >> r & 1]
+        no_wait = [r for r in range(c.num_ranks) if word >> (32 + r) & 1]
+        # ranks that dispatched with num_worst_tokens could not raise: their Buffers are unusable now, and with them
+        # the group's
+        after = (
+            f"; rank(s) {no_wait} ran the call with num_worst_tokens and could not raise, so their Buffers are "
+            "unusable now (they raise at their next call): destroy the Buffer on every rank and make a new one"
+            if no_wait else ", and the Buffer stays usable for the next call"
+        )
+        if checked and c.rank in refused:
+            lw = self._layout_word
+            if int(self.status[lw]) != self._layout_token:
+                raise RuntimeError(f"{op}: the id check's report on rank {c.rank} is missing (an internal error)")
+            low, high = int(self.status[lw + 1]), int(self.status[lw + 2])
+            exc = checks.bad_expert_id(op, low if low < -1 else high, c.num_experts)
+            raise type(exc)(f"{exc} (nothing was sent by any rank{after})")
         raise PeerRefusedError(
-            f"{op}: rank(s) {ranks} refused this dispatch (an expert id outside [-1, num_experts) in their topk_idx), "
-            f"so the round was void on every rank: rank {c.rank} sent and received nothing, and the Buffer stays "
-            "usable for the next call"
+            f"{op}: rank(s) {refused} refused this dispatch (an expert id outside [-1, num_experts) in their "
+            f"topk_idx), so the round was void on every rank: rank {c.rank} sent and received nothing{after}",
+            buffer_usable=not no_wait,
         )
 
     def _send(

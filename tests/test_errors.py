@@ -8,6 +8,8 @@ LARGEEP_TIMEOUT_S parsing (``largeep._env``).
 
 from __future__ import annotations
 
+import os
+
 import error_bodies
 import pytest
 from error_bodies import CASES
@@ -66,6 +68,18 @@ def test_one_rank_refuses(pools, backend: str, pg: str, variant: str) -> None:
     the count exchange, so rank 0 raises ArgumentError and the others PeerRefusedError, all at once (nothing
     waits for LARGEEP_TIMEOUT_S), and every Buffer works for the next call."""
     results = pools(WORLD, pg).run(error_bodies.one_rank_refuses, backend, variant)
+    failures = [f for r in results for f in r["failures"]]
+    assert not failures, "\n".join(failures)
+    assert all(r["elapsed_s"] < 5.0 for r in results), [r["elapsed_s"] for r in results]
+
+
+@pytest.mark.gpu(1)
+@pytest.mark.skipif(os.environ.get("LARGEEP_TEST_SHARED_GPUS") != "1",
+                    reason="LARGEEP_TEST_SHARED_GPUS=1 runs 2 ranks on one GPU (NVSHMEM's several PEs per GPU)")
+@pytest.mark.parametrize("variant", error_bodies.REFUSAL_VARIANTS)
+def test_one_rank_refuses_one_gpu(pools, variant: str) -> None:
+    """The nvshmem backend's refusal with both ranks on one GPU (a gloo group; for machines of one GPU)."""
+    results = pools(WORLD, "gloo-cuda").run(error_bodies.one_rank_refuses, "nvshmem", variant)
     failures = [f for r in results for f in r["failures"]]
     assert not failures, "\n".join(failures)
     assert all(r["elapsed_s"] < 5.0 for r in results), [r["elapsed_s"] for r in results]

@@ -12,6 +12,8 @@ The strategies take only the world size, so a GPU run can drive any backend with
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import random_bodies
 from checked_calls import LowLatencyCase, NormalCase, adjoint_ok
@@ -168,3 +170,13 @@ def test_random_cases_nvshmem_against_torch(pools, world: int, data: st.DataObje
 def test_edge_cases_nvshmem_against_torch(pools, world: int) -> None:
     cases = edge_cases(world)
     assert_results(world, cases, pools(world, "nccl").run(random_bodies.run_cases, "nvshmem", cases, "torch"))
+
+
+@pytest.mark.gpu(1)
+@pytest.mark.skipif(os.environ.get("LARGEEP_TEST_SHARED_GPUS") != "1",
+                    reason="LARGEEP_TEST_SHARED_GPUS=1 runs 2 ranks on one GPU (NVSHMEM's several PEs per GPU)")
+def test_edge_cases_nvshmem_one_gpu(pools) -> None:
+    """The edge cases on the nvshmem backend with both ranks on one GPU (a gloo group; for machines of one GPU),
+    against the reference."""
+    cases = edge_cases(2)
+    assert_results(2, cases, pools(2, "gloo-cuda").run(random_bodies.run_cases, "nvshmem", cases))

@@ -933,3 +933,47 @@ def one_rank_refuses(rank: int, world: int, backend: str, variant: str) -> dict[
     finally:
         buf.destroy()
     return {"failures": chk.failures, "elapsed_s": max(elapsed), "checks": chk.checks}
+
+
+def unchecked_out_of_range(rank: int, world: int, backend: str, low_latency: bool) -> dict[str, Any]:
+    """With LARGEEP_CHECK_VALUES=0 nothing refuses an expert id >= E: every backend ignores it (the token does not
+    go there, and combine adds nothing for it), exactly as if it were -1, instead of indexing out of range."""
+    chk = Checker(f"unchecked ids >= E on rank {rank} ({'low latency' if low_latency else 'normal'})")
+    old = os.environ.get("LARGEEP_CHECK_VALUES")
+    os.environ["LARGEEP_CHECK_VALUES"] = "0"
+    try:
+        buf = largeep.Buffer(None, hidden=HIDDEN, num_experts=EXPERTS, num_topk=TOPK, max_tokens_per_rank=MAX_TOKENS,
+                             backend=backend, low_latency=low_latency)
+    finally:
+        if old is None:
+            del os.environ["LARGEEP_CHECK_VALUES"]
+        else:
+            os.environ["LARGEEP_CHECK_VALUES"] = old
+    dev = buf.ctx.device
+    try:
+        inp = make_inputs(13, rank, tokens_of(world)[rank], HIDDEN, EXPERTS, TOPK, torch.bfloat16)
+        x, idx, w = inp.x.to(dev), inp.topk_idx.to(dev), inp.topk_weights.to(dev)
+        bad = idx.clone()
+        bad[0, 0], bad[1, 1] = EXPERTS, EXPERTS + 7
+        masked = torch.where(bad >= EXPERTS, -1, bad)
+        outs = []
+        for ids in (bad, masked):
+            if low_latency:
+                d = buf.low_latency_dispatch(x, ids, use_fp8=False)
+                counts = d.num_tokens_per_expert.clone()
+                y = torch.zeros(d.x.shape, dtype=torch.bfloat16, device=dev)
+                for e in range(y.shape[0]):
+                    n = int(counts[e])
+                    y[e, :n] = d.x[e, :n].float().mul(e + 2).to(torch.bfloat16)
+                c = buf.low_latency_combine(y, ids, w, d.handle)
+                outs.append([counts, c.x.clone()])
+            else:
+                d = buf.dispatch(x, ids, w)
+                c = buf.combine(d.x, d.handle, topk_weights=d.topk_weights)
+                outs.append([d.x.clone(), d.topk_idx.clone(), d.topk_weights.clone(), c.x.clone(),
+                             c.topk_weights.clone()])
+        for i, (a, b) in enumerate(zip(*outs, strict=True)):
+            chk.expect(same_bits(a, b), f"output {i} differs from the call with those ids -1")
+    finally:
+        buf.destroy()
+    return {"failures": chk.failures}

@@ -73,6 +73,15 @@ def test_one_rank_refuses(pools, backend: str, pg: str, variant: str) -> None:
     assert all(r["elapsed_s"] < 5.0 for r in results), [r["elapsed_s"] for r in results]
 
 
+@pytest.mark.parametrize("backend,pg", [pytest.param(b, p, marks=m, id=f"{b}-{p}") for b, p, m in RUNS])
+@pytest.mark.parametrize("low_latency", [False, True], ids=["normal", "low_latency"])
+def test_unchecked_out_of_range_ids_are_ignored(pools, backend: str, pg: str, low_latency: bool) -> None:
+    """LARGEEP_CHECK_VALUES=0: an id >= E counts as -1 on every backend (no out-of-range indexing, no crash)."""
+    results = pools(WORLD, pg).run(error_bodies.unchecked_out_of_range, backend, low_latency)
+    failures = [f for r in results for f in r["failures"]]
+    assert not failures, "\n".join(failures)
+
+
 @pytest.mark.gpu(1)
 @pytest.mark.skipif(os.environ.get("LARGEEP_TEST_SHARED_GPUS") != "1",
                     reason="LARGEEP_TEST_SHARED_GPUS=1 runs 2 ranks on one GPU (NVSHMEM's several PEs per GPU)")
@@ -83,6 +92,16 @@ def test_one_rank_refuses_one_gpu(pools, variant: str) -> None:
     failures = [f for r in results for f in r["failures"]]
     assert not failures, "\n".join(failures)
     assert all(r["elapsed_s"] < 5.0 for r in results), [r["elapsed_s"] for r in results]
+
+
+@pytest.mark.gpu(1)
+@pytest.mark.skipif(os.environ.get("LARGEEP_TEST_SHARED_GPUS") != "1",
+                    reason="LARGEEP_TEST_SHARED_GPUS=1 runs 2 ranks on one GPU (NVSHMEM's several PEs per GPU)")
+@pytest.mark.parametrize("low_latency", [False, True], ids=["normal", "low_latency"])
+def test_unchecked_out_of_range_ids_are_ignored_one_gpu(pools, low_latency: bool) -> None:
+    results = pools(WORLD, "gloo-cuda").run(error_bodies.unchecked_out_of_range, "nvshmem", low_latency)
+    failures = [f for r in results for f in r["failures"]]
+    assert not failures, "\n".join(failures)
 
 
 # -- LARGEEP_TIMEOUT_S --------------------------------------------------------------------------------------------

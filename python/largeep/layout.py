@@ -24,15 +24,16 @@ class Layout:
 
 
 def one_hot_mask(ids: torch.Tensor, width: int) -> torch.Tensor:
-    """ids int64 [T, K] with values in [-1, width) -> bool [T, width]: column c set if any id == c."""
+    """ids int64 [T, K] -> bool [T, width]: column c set if any id == c. Ids outside [0, width) set nothing (-1:
+    none; an id out of range, which only unchecked calls let through, is ignored as the kernels ignore it)."""
     t = ids.shape[0]
     mask = torch.zeros(t, width + 1, dtype=torch.bool, device=ids.device)
-    mask.scatter_(1, torch.where(ids >= 0, ids, width), True)
+    mask.scatter_(1, torch.where((ids >= 0) & (ids < width), ids, width), True)
     return mask[:, :width]
 
 
 def compute_layout(topk_idx: torch.Tensor, num_ranks: int, num_experts: int, ranks_per_node: int) -> Layout:
-    """topk_idx int64 [T, K] (values in [-1, E)) -> :class:`Layout`."""
+    """topk_idx int64 [T, K] (values in [-1, E); others count nowhere) -> :class:`Layout`."""
     experts_per_rank = num_experts // num_ranks
     t = topk_idx.shape[0]
     rank_of = torch.where(topk_idx >= 0, topk_idx // experts_per_rank, -1)

@@ -84,14 +84,6 @@ def _call_signature(num_worst_tokens: int, x: torch.Tensor, x_scales: torch.Tens
     return sig.expand(n, _SIG)
 
 
-def _in_range(topk_idx: torch.Tensor, num_experts: int, checked: bool) -> torch.Tensor:
-    """topk_idx with ids outside [-1, E) made -1 when it is being checked (its verdict is in the signature; the
-    round will be refused, but the counts computed before the exchange must not index out of range)."""
-    if not checked:
-        return topk_idx
-    return torch.where((topk_idx >= -1) & (topk_idx < num_experts), topk_idx, -1)
-
-
 def _first_naming(topk_idx: torch.Tensor) -> torch.Tensor:
     """int64 [T, K]: for each (t, k), the first k' <= k with topk_idx[t, k'] == topk_idx[t, k]."""
     k = topk_idx.shape[1]
@@ -332,7 +324,6 @@ class TorchBackend:
         if state is None:
             assert topk_idx is not None and topk_weights is not None
             mine = _call_signature(0, x, x_scales, c.num_ranks, dev, topk_idx, c.num_experts, check_ids)
-            topk_idx = _in_range(topk_idx, c.num_experts, check_ids)
             in_rank = compute_layout(topk_idx, c.num_ranks, c.num_experts, c.ranks_per_node).is_token_in_rank
             r_idx, t_idx = in_rank.t().nonzero(as_tuple=True)  # ordered by rank, then token
             local, weights, exp_counts = self._pair_meta(topk_idx, topk_weights, r_idx, t_idx)
@@ -389,7 +380,6 @@ class TorchBackend:
         if state is None:
             assert topk_idx is not None and topk_weights is not None
             mine = _call_signature(num_worst_tokens, x, x_scales, n, dev, topk_idx, c.num_experts, check_ids)
-            topk_idx = _in_range(topk_idx, c.num_experts, check_ids)
             in_rank = compute_layout(topk_idx, n, c.num_experts, c.ranks_per_node).is_token_in_rank
             pos = torch.cumsum(in_rank.to(torch.int64), dim=0) - 1
             slot = torch.where(in_rank, torch.arange(n, device=dev) * cap + pos, n * cap)  # [T, N]
@@ -487,7 +477,8 @@ class TorchBackend:
         # a token naming an expert more than once sends it once (SPEC: once per expert): the first k naming it owns
         # the copy; the others read its row in combine (first[t, k]: that owner's k)
         first = _first_naming(topk_idx)
-        valid = (topk_idx >= 0) & (first == torch.arange(k, device=dev))
+        # (an id >= E, which only an unchecked call lets through, is not sent, as in the nvshmem kernels)
+        valid = (topk_idx >= 0) & (topk_idx < c.num_experts) & (first == torch.arange(k, device=dev))
         dest = torch.where(valid, topk_idx // epr, n).reshape(-1)  # [T*K], n = none
         local = torch.where(valid, topk_idx % epr, 0).reshape(-1)
         copies = t * k
@@ -588,7 +579,7 @@ class TorchBackend:
         def finish() -> None:
             self._wait(work, "low_latency_combine")
             back = torch.cat([rows, torch.zeros(1, c.hidden, dtype=rows.dtype, device=dev)])[state.slot]
-            w = torch.where(topk_idx >= 0, topk_weights, 0.0).reshape(-1, 1)
+            w = torch.where((topk_idx >= 0) & (topk_idx < c.num_experts), topk_weights, 0.0).reshape(-1, 1)
             acc = (back.float() * w).view(state.num_tokens, k, c.hidden).sum(1)
             out.copy_(acc)
 

@@ -2,8 +2,8 @@
 # session 12 run4: host time of the normal round trip's calls (bench/host_profile.py, rank 0 medians; layout,
 # then a fresh dispatch, then a combine, ranks aligned before each round trip) with the id check folded into the
 # count exchange (new) against 88f1f0f (old, /tmp/A), alternated. 2 GPUs, 128 tokens, H 7168, top-8, 256 experts.
-# The dispatch after a layout of the same ids skips its check (the layout's memo), so LARGEEP_LAYOUT=0 runs
-# host_profile's round trip without the layout as well (--no-layout).
+# The dispatch after a layout of the same ids skips its check (the layout's memo), so each tree also runs
+# host_profile's round trip without the layout (--no-layout).
 set -uo pipefail
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1 LARGEEP_BUILD_NATIVE=1 CMAKE_BUILD_PARALLEL_LEVEL=32
 O=$1; mkdir -p $O

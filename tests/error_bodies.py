@@ -877,9 +877,9 @@ def one_rank_refuses(rank: int, world: int, backend: str, variant: str) -> dict[
 
     chk = Checker(f"{variant} on rank {rank}")
     use_fp8 = variant == "fp8"
+    rpn = {"nodes": 1, "half_nodes": max(1, world // 2)}.get(variant)  # half_nodes: 2 nodes (forwarders on 4)
     case = NormalCase(tuple(0 if variant == "empty_peer" and r == 1 else 5 + 2 * r for r in range(world)), HIDDEN,
-                      EXPERTS, TOPK, 11, use_fp8=use_fp8, max_tokens=MAX_TOKENS,
-                      ranks_per_node=1 if variant == "nodes" else None)
+                      EXPERTS, TOPK, 11, use_fp8=use_fp8, max_tokens=MAX_TOKENS, ranks_per_node=rpn)
     buf = largeep.Buffer(None, backend=backend, **case.buffer_kwargs())
     dev = buf.ctx.device  # the group's device, or the current CUDA device for nvshmem on a gloo group
     elapsed: list[float] = []

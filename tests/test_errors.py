@@ -85,10 +85,12 @@ def test_unchecked_out_of_range_ids_are_ignored(pools, backend: str, pg: str, lo
 @pytest.mark.gpu(1)
 @pytest.mark.skipif(os.environ.get("LARGEEP_TEST_SHARED_GPUS") != "1",
                     reason="LARGEEP_TEST_SHARED_GPUS=1 runs 2 ranks on one GPU (NVSHMEM's several PEs per GPU)")
-@pytest.mark.parametrize("variant", error_bodies.REFUSAL_VARIANTS)
-def test_one_rank_refuses_one_gpu(pools, variant: str) -> None:
-    """The nvshmem backend's refusal with both ranks on one GPU (a gloo group; for machines of one GPU)."""
-    results = pools(WORLD, "gloo-cuda").run(error_bodies.one_rank_refuses, "nvshmem", variant)
+@pytest.mark.parametrize("world,variant", [(2, v) for v in error_bodies.REFUSAL_VARIANTS]
+                         + [(4, v) for v in ("bf16", "half_nodes", "nodes", "worst_peer")])
+def test_one_rank_refuses_one_gpu(pools, world: int, variant: str) -> None:
+    """The nvshmem backend's refusal with every rank on one GPU (a gloo group; for machines of one GPU); on 4
+    ranks also 2 nodes of 2 (the forwarders' path) and 4 nodes of 1."""
+    results = pools(world, "gloo-cuda").run(error_bodies.one_rank_refuses, "nvshmem", variant)
     failures = [f for r in results for f in r["failures"]]
     assert not failures, "\n".join(failures)
     assert all(r["elapsed_s"] < 5.0 for r in results), [r["elapsed_s"] for r in results]

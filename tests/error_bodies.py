@@ -977,3 +977,40 @@ def unchecked_out_of_range(rank: int, world: int, backend: str, low_latency: boo
     finally:
         buf.destroy()
     return {"failures": chk.failures}
+
+
+def some_ranks_refuse(rank: int, world: int, backend: str, bad_ranks: list[int], value: int, tokens: list[int],
+                      use_fp8: bool) -> dict[str, Any]:
+    """The ranks in ``bad_ranks`` put expert id ``value`` (out of range) into their first token (those with tokens),
+    the others dispatch good ids: the ranks that refused raise ArgumentError naming the id, every other rank
+    PeerRefusedError naming exactly those ranks (nobody raises when no rank with a token refused); the caller's
+    tensors stay unchanged; then a checked round is right on every rank."""
+    chk = Checker(f"ranks {bad_ranks} refuse {value} (tokens {tokens}, fp8 {use_fp8}) on rank {rank}")
+    experts = 4 * world  # (any world size divides it)
+    case = NormalCase(tuple(tokens), HIDDEN, experts, TOPK, 17, use_fp8=use_fp8, max_tokens=MAX_TOKENS)
+    buf = largeep.Buffer(None, backend=backend, **case.buffer_kwargs())
+    dev = buf.ctx.device
+    refusers = sorted(r for r in bad_ranks if tokens[r] > 0)
+    try:
+        inp = make_inputs(case.seed, rank, tokens[rank], HIDDEN, experts, TOPK, torch.bfloat16)
+        x, idx, w = inp.x.to(dev), inp.topk_idx.to(dev), inp.topk_weights.to(dev)
+        xs: Any = tuple(t.to(dev) for t in fp8.quantize(inp.x.float())) if use_fp8 else x
+        ids = with_id(idx, value) if rank in refusers else idx.clone()
+        held = [ids, w] + list(xs if use_fp8 else (xs,))
+        before = [t.clone() for t in held]
+        try:
+            buf.dispatch(xs, ids, w)
+        except ArgumentError as exc:
+            chk.expect(rank in refusers and f"expert id {value}" in str(exc), f"ArgumentError: {exc}")
+        except largeep.PeerRefusedError as exc:
+            chk.expect(rank not in refusers and f"rank(s) {refusers} refused" in str(exc) and exc.buffer_usable,
+                       f"PeerRefusedError: {exc}")
+        else:
+            chk.expect(not refusers, f"the call went through although ranks {refusers} refused")
+        chk.expect(all(same_bits(t, c) for t, c in zip(held, before, strict=True)),
+                   "the refused call modified the caller's tensors")
+        chk.where += ", the good round after it"
+        NormalRound(buf, case, chk).run()
+    finally:
+        buf.destroy()
+    return {"failures": chk.failures}

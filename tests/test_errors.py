@@ -13,6 +13,8 @@ import os
 import error_bodies
 import pytest
 from error_bodies import CASES
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from largeep import _env
 
 WORLD = 2
@@ -71,6 +73,31 @@ def test_one_rank_refuses(pools, backend: str, pg: str, variant: str) -> None:
     failures = [f for r in results for f in r["failures"]]
     assert not failures, "\n".join(failures)
     assert all(r["elapsed_s"] < 5.0 for r in results), [r["elapsed_s"] for r in results]
+
+
+_SHARED = pytest.mark.skipif(os.environ.get("LARGEEP_TEST_SHARED_GPUS") != "1",
+                             reason="LARGEEP_TEST_SHARED_GPUS=1 runs several ranks on one GPU")
+
+
+@pytest.mark.parametrize("backend,pg,world", [
+    pytest.param("torch", "gloo", 3, id="torch-gloo-3"),
+    pytest.param("nvshmem", "nccl", 2, marks=_GPU, id="nvshmem-nccl-2"),
+    pytest.param("nvshmem", "gloo-cuda", 3, marks=(pytest.mark.gpu(1), _SHARED), id="nvshmem-one-gpu-3"),
+])
+@settings(max_examples=12, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_some_ranks_refuse_random(pools, backend: str, pg: str, world: int, data: st.DataObject) -> None:
+    """Random ranks refuse (random bad ids, token counts, some of them 0): SPEC's rule that a refused call moves
+    nothing, with each rank's exception saying whose ids were wrong; the same generator on the nvshmem backend on
+    GPUs (2 over NCCL, or 3 ranks on one GPU)."""
+    tokens = data.draw(st.lists(st.integers(0, 16), min_size=world, max_size=world), label="tokens")
+    bad = data.draw(st.lists(st.integers(0, world - 1), max_size=world, unique=True), label="bad ranks")
+    value = data.draw(st.one_of(st.integers(4 * world, 1 << 40), st.integers(-(1 << 40), -2)),  # (E = 4 * world)
+                      label="bad id")
+    use_fp8 = data.draw(st.booleans(), label="fp8")
+    results = pools(world, pg).run(error_bodies.some_ranks_refuse, backend, bad, value, tokens, use_fp8)
+    failures = [f for r in results for f in r["failures"]]
+    assert not failures, "\n".join(failures)
 
 
 @pytest.mark.parametrize("backend,pg", [pytest.param(b, p, marks=m, id=f"{b}-{p}") for b, p, m in RUNS])

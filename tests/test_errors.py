@@ -308,3 +308,41 @@ def test_auto_backend_agrees_across_ranks(pools) -> None:
     r0, r1 = pools(2).run(error_bodies.auto_backend_agrees)
     assert "rank(s) [1] cannot load the native module" in r0, r0
     assert "not built here" in r1, r1
+
+
+# -- the nvshmem backend's refusal messages (host side only: the status words a void round leaves) -------------------
+@pytest.mark.parametrize("me,word,raises,words,usable", [
+    # rank 0 refused (id 11 > E = 8), every rank waited: ArgumentError there, PeerRefusedError elsewhere, usable
+    (0, 0b0001, "ArgumentError", ["expert id 11", "'topk_idx'", "stays usable"], True),
+    (2, 0b0001, "PeerRefusedError", ["rank(s) [0] refused", "stays usable"], True),
+    # ranks 0 and 3 refused
+    (1, 0b1001, "PeerRefusedError", ["rank(s) [0, 3] refused"], True),
+    # rank 0 refused, ranks 1 and 3 ran the round with num_worst_tokens (bits 32 up): the Buffers are gone
+    (0, 0b0001 | 0b1010 << 32, "ArgumentError", ["expert id 11", "rank(s) [1, 3] ran the call with num_worst_tokens",
+                                                 "destroy the Buffer on every rank"], False),
+    (2, 0b0001 | 0b1010 << 32, "PeerRefusedError", ["rank(s) [0] refused", "[1, 3]", "destroy the Buffer"], False),
+])
+def test_nvshmem_refusal_messages(me: int, word: int, raises: str, words: list[str], usable: bool) -> None:
+    import types
+
+    import largeep
+    from largeep.backends.nvshmem_backend import NvshmemBackend
+
+    b = object.__new__(NvshmemBackend)
+    b.ctx = types.SimpleNamespace(rank=me, num_ranks=4, num_experts=8)  # type: ignore[assignment]
+    b._layout_word, b._layout_token = 4 + 2, 7
+    status = [0] * 9
+    status[6:9] = [7, 0, 11]  # the id check's words: its token, the lowest id below -1 (none), the highest >= E
+    b.status = status  # type: ignore[assignment]
+    with pytest.raises(Exception) as info:
+        b._raise_refused("dispatch", word, checked=True)
+    exc = info.value
+    assert type(exc).__name__ == raises, exc
+    assert all(w in str(exc) for w in words), str(exc)
+    if isinstance(exc, largeep.PeerRefusedError):
+        assert exc.buffer_usable is usable
+    # a report whose token is not this call's is an internal error, not a wrong id
+    if raises == "ArgumentError":
+        status[6] = 6
+        with pytest.raises(RuntimeError, match="report on rank 0 is missing"):
+            b._raise_refused("dispatch", word, checked=True)

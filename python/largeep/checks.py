@@ -13,7 +13,7 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-from largeep.errors import ArgumentError
+from largeep.errors import ArgumentError, PeerRefusedError
 from largeep.fp8 import FP8_DTYPE, GROUP
 
 FLOAT_DTYPES = (torch.bfloat16, torch.float32)
@@ -146,6 +146,28 @@ def _vouched(idx: torch.Tensor) -> bool:
 
 def bad_expert_id(op: str, bad: int, num_experts: int) -> ArgumentError:
     return ArgumentError(f"{_where(op, 'topk_idx')} holds expert id {bad}, expected values in [-1, {num_experts})")
+
+
+def refused_round(
+    op: str, rank: int, refused: list[int], bad: int | None, num_experts: int, no_wait: list[int] | None = None
+) -> ArgumentError | PeerRefusedError:
+    """What ``rank`` raises for a collective call that the ranks ``refused`` (sorted) voided with an expert id out
+    of range: ArgumentError naming ``bad`` (this rank's own bad id) where it refused, else PeerRefusedError naming
+    them. ``no_wait``: ranks that ran the call without a host wait (num_worst_tokens), which cannot raise, so that
+    their Buffers, and with them the group's, are unusable now."""
+    after = (
+        f"; rank(s) {no_wait} ran the call with num_worst_tokens and could not raise, so their Buffers are "
+        "unusable now (they raise at their next call): destroy the Buffer on every rank and make a new one"
+        if no_wait else ", and the Buffer stays usable for the next call"
+    )
+    if rank in refused:
+        assert bad is not None, f"{op}: rank {rank} refused without a bad id"
+        return ArgumentError(f"{bad_expert_id(op, bad, num_experts)} (nothing was sent by any rank{after})")
+    return PeerRefusedError(
+        f"{op}: rank(s) {refused} refused this dispatch (an expert id outside [-1, num_experts) in their "
+        f"topk_idx), so the round was void on every rank: rank {rank} sent and received nothing{after}",
+        buffer_usable=not no_wait,
+    )
 
 
 # topk_idx tensors a layout checked, waiting for the dispatch that follows: id -> (weak reference, version counter,

@@ -386,9 +386,16 @@ class NvshmemBackend:
                 f"{op}: the expert-id check of rank {c.rank} did not finish within "
                 f"LARGEEP_TIMEOUT_S={self.settings.timeout_s:g} s (a kernel before it on the stream is stuck?)"
             )
+        bad = self._reported_bad_id()
+        if bad is not None:
+            raise checks.bad_expert_id(op, bad, c.num_experts)
+
+    def _reported_bad_id(self) -> int | None:
+        """The id check's report (the host-mapped words after its token): the lowest id below -1, else the highest
+        id >= E; None when every id was in range."""
+        lw = self._layout_word
         low, high = int(self.status[lw + 1]), int(self.status[lw + 2])
-        if low < -1 or high >= c.num_experts:
-            raise checks.bad_expert_id(op, low if low < -1 else high, c.num_experts)
+        return low if low < -1 else high if high >= self.ctx.num_experts else None
 
     def dispatch(
         self,
@@ -542,25 +549,13 @@ class NvshmemBackend:
         c = self.ctx
         refused = [r for r in range(c.num_ranks) if word >> r & 1]
         no_wait = [r for r in range(c.num_ranks) if word >> (32 + r) & 1]
-        # ranks that dispatched with num_worst_tokens could not raise: their Buffers are unusable now, and with them
-        # the group's
-        after = (
-            f"; rank(s) {no_wait} ran the call with num_worst_tokens and could not raise, so their Buffers are "
-            "unusable now (they raise at their next call): destroy the Buffer on every rank and make a new one"
-            if no_wait else ", and the Buffer stays usable for the next call"
-        )
-        if checked and c.rank in refused:
-            lw = self._layout_word
-            if int(self.status[lw]) != self._layout_token:
+        bad = None
+        if c.rank in refused:
+            bad = self._reported_bad_id() if checked and int(self.status[self._layout_word]) == self._layout_token \
+                else None
+            if bad is None:
                 raise RuntimeError(f"{op}: the id check's report on rank {c.rank} is missing (an internal error)")
-            low, high = int(self.status[lw + 1]), int(self.status[lw + 2])
-            exc = checks.bad_expert_id(op, low if low < -1 else high, c.num_experts)
-            raise type(exc)(f"{exc} (nothing was sent by any rank{after})")
-        raise PeerRefusedError(
-            f"{op}: rank(s) {refused} refused this dispatch (an expert id outside [-1, num_experts) in their "
-            f"topk_idx), so the round was void on every rank: rank {c.rank} sent and received nothing{after}",
-            buffer_usable=not no_wait,
-        )
+        raise checks.refused_round(op, c.rank, refused, bad, c.num_experts, no_wait)
 
     def _send(
         self, x: torch.Tensor, x_scales: torch.Tensor | None, idx_ptr: int, w_ptr: int, t: int,

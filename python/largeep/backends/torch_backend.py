@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 from largeep import checks, fp8
 from largeep.backends.base import GroupContext, LowLatencyDispatchOut, NormalDispatchOut
-from largeep.errors import ArgumentError, PeerRefusedError, PeerTimeoutError
+from largeep.errors import ArgumentError, PeerTimeoutError
 from largeep.layout import Layout, compute_layout, one_hot_mask
 
 
@@ -101,13 +101,7 @@ def _check_signatures(sig: torch.Tensor, rank: int, num_experts: int) -> None:
     refused = [r for r, row in enumerate(rows) if row[3] or row[4]]
     if refused:
         low, high = rows[rank][3:]
-        if rank in refused:
-            raise checks.bad_expert_id("dispatch", low if low else high, num_experts)
-        raise PeerRefusedError(
-            f"dispatch: rank(s) {refused} refused this dispatch (an expert id outside [-1, num_experts) in their "
-            f"topk_idx), so the round was void on every rank: rank {rank} sent and received nothing, and the Buffer "
-            "stays usable for the next call"
-        )
+        raise checks.refused_round("dispatch", rank, refused, low or high or None, num_experts)
     rows = [r[:3] for r in rows]
     if all(r == rows[rank] for r in rows):
         return

@@ -34,10 +34,15 @@ def _worker(rank: int, world: int, init_file: str, backend: str, tasks: Any, res
         kwargs: dict[str, Any] = {"device_id": torch.device("cuda", rank)}
     else:
         kwargs = {}
-    if backend == "gloo-cuda":
-        # ranks share the GPUs (rank % GPUs): NCCL refuses two ranks on one GPU, gloo does not; the nvshmem backend
-        # runs on the current CUDA device of a gloo group (NVSHMEM hosts several PEs per GPU)
-        torch.cuda.set_device(rank % torch.cuda.device_count())
+    if backend.startswith("gloo-cuda"):
+        # ranks share the GPUs (gloo-cuda: rank % GPUs; gloo-cuda0: all on GPU 0, whatever the machine has;
+        # gloo-cuda:0,1,0: rank r on the r-th GPU listed): NCCL refuses two ranks on one GPU, gloo does not; the
+        # nvshmem backend runs on the current CUDA device of a gloo group (NVSHMEM hosts several PEs per GPU)
+        if backend.startswith("gloo-cuda:"):
+            gpu = int(backend.split(":")[1].split(",")[rank])
+        else:
+            gpu = 0 if backend == "gloo-cuda0" else rank % torch.cuda.device_count()
+        torch.cuda.set_device(gpu)
         backend = "gloo"
     dist.init_process_group(
         backend,

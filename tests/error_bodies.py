@@ -1014,3 +1014,21 @@ def some_ranks_refuse(rank: int, world: int, backend: str, bad_ranks: list[int],
     finally:
         buf.destroy()
     return {"failures": chk.failures}
+
+
+def uneven_gpus_refused(rank: int, world: int) -> dict[str, Any]:
+    """The ranks share GPUs unevenly (the pool puts 2 on one GPU, 1 on another): every rank's nvshmem Buffer must
+    raise ArgumentError naming the placement, before NVSHMEM's initialisation (which does not finish then)."""
+    import time
+
+    chk = Checker(f"uneven GPUs, rank {rank}")
+    case = NormalCase(tuple([4] * world), HIDDEN, 4 * world, TOPK, 3, max_tokens=MAX_TOKENS)
+    start = time.monotonic()
+    try:
+        largeep.Buffer(None, backend="nvshmem", **case.buffer_kwargs()).destroy()
+    except ArgumentError as exc:
+        chk.expect("different numbers of ranks" in str(exc) and "same number of ranks on every GPU" in str(exc),
+                   f"ArgumentError: {exc}")
+    else:
+        chk.expect(False, "the Buffer was created")
+    return {"failures": chk.failures, "elapsed_s": time.monotonic() - start}

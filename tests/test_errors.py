@@ -82,7 +82,7 @@ _SHARED = pytest.mark.skipif(os.environ.get("LARGEEP_TEST_SHARED_GPUS") != "1",
 @pytest.mark.parametrize("backend,pg,world", [
     pytest.param("torch", "gloo", 3, id="torch-gloo-3"),
     pytest.param("nvshmem", "nccl", 2, marks=_GPU, id="nvshmem-nccl-2"),
-    pytest.param("nvshmem", "gloo-cuda", 3, marks=(pytest.mark.gpu(1), _SHARED), id="nvshmem-one-gpu-3"),
+    pytest.param("nvshmem", "gloo-cuda0", 3, marks=(pytest.mark.gpu(1), _SHARED), id="nvshmem-one-gpu-3"),
 ])
 @settings(max_examples=12, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
@@ -109,6 +109,67 @@ def test_unchecked_out_of_range_ids_are_ignored(pools, backend: str, pg: str, lo
     assert not failures, "\n".join(failures)
 
 
+@pytest.mark.gpu(2)
+def test_nvshmem_refuses_uneven_gpus(pools) -> None:
+    """Ranks 0 and 2 on GPU 0, rank 1 on GPU 1: NVSHMEM's initialisation never returned with that placement (2x
+    H200); every rank raises ArgumentError at once instead."""
+    results = pools(3, "gloo-cuda:0,1,0").run(error_bodies.uneven_gpus_refused)
+    failures = [f for r in results for f in r["failures"]]
+    assert not failures, "\n".join(failures)
+    assert all(r["elapsed_s"] < 10.0 for r in results), [r["elapsed_s"] for r in results]
+
+
+@pytest.mark.parametrize("places,uneven", [
+    ([("a", "g0"), ("a", "g1")], None),
+    ([("a", "g0"), ("a", "g0"), ("a", "g0")], None),  # 3 ranks on one GPU
+    ([("a", "g0"), ("a", "g1"), ("a", "g0"), ("a", "g1")], None),  # 2 on each
+    ([("a", "g0"), ("b", "g0"), ("b", "g0"), ("a", "g1")], None),  # uneven only across hosts
+    ([("a", "g0"), ("a", "g1"), ("a", "g0")], "ranks [0, 2] on GPU g0; ranks [1] on GPU g1"),
+    ([("a", "g0"), ("a", "g1"), ("b", "g0"), ("b", "g0"), ("b", "g1")], "host b"),
+])
+def test_nvshmem_uneven_gpus_reason(places: list[tuple[str, str]], uneven: str | None) -> None:
+    from largeep.backends.nvshmem_backend import uneven_gpus_reason
+
+    reason = uneven_gpus_reason(places)
+    if uneven is None:
+        assert reason is None, reason
+    else:
+        assert reason is not None and uneven in reason and "same number of ranks on every GPU" in reason, reason
+
+
+def test_nvshmem_init_is_bounded(monkeypatch) -> None:
+    """An NVSHMEM initialisation that does not return (CPU: a stand-in that blocks) raises PeerTimeoutError after
+    LARGEEP_TIMEOUT_S, and every later Buffer of the process at once, without entering NVSHMEM again."""
+    import threading
+    import time
+    import types
+
+    import largeep
+    from largeep.backends import nvshmem_backend as nb
+
+    release = threading.Event()
+    calls = []
+
+    class Stuck:
+        def init(self, *args: object) -> None:
+            calls.append(args)
+            release.wait(30)
+
+    monkeypatch.setattr(nb, "_world", {})
+    monkeypatch.setattr(nb.torch.cuda, "set_device", lambda device: None)
+    ctx = types.SimpleNamespace(rank=1, num_ranks=2, device=types.SimpleNamespace(index=0))
+    start = time.monotonic()
+    try:
+        with pytest.raises(largeep.PeerTimeoutError, match=r"did not finish within 0.5 s .* rank 1 of 2"):
+            nb._init_bounded(Stuck(), b"uid", ctx, 0.5)  # type: ignore[arg-type]
+        assert 0.5 <= time.monotonic() - start < 5.0
+        with pytest.raises(largeep.PeerTimeoutError, match="an earlier Buffer's NVSHMEM's initialisation"):
+            nb._join(ctx, 1 << 20, None)  # type: ignore[arg-type]
+        assert len(calls) == 1
+    finally:
+        release.set()
+
+
 @pytest.mark.gpu(1)
 @pytest.mark.skipif(os.environ.get("LARGEEP_TEST_SHARED_GPUS") != "1",
                     reason="LARGEEP_TEST_SHARED_GPUS=1 runs 2 ranks on one GPU (NVSHMEM's several PEs per GPU)")
@@ -117,7 +178,7 @@ def test_unchecked_out_of_range_ids_are_ignored(pools, backend: str, pg: str, lo
 def test_one_rank_refuses_one_gpu(pools, world: int, variant: str) -> None:
     """The nvshmem backend's refusal with every rank on one GPU (a gloo group; for machines of one GPU); on 4
     ranks also 2 nodes of 2 (the forwarders' path) and 4 nodes of 1."""
-    results = pools(world, "gloo-cuda").run(error_bodies.one_rank_refuses, "nvshmem", variant)
+    results = pools(world, "gloo-cuda0").run(error_bodies.one_rank_refuses, "nvshmem", variant)
     failures = [f for r in results for f in r["failures"]]
     assert not failures, "\n".join(failures)
     assert all(r["elapsed_s"] < 5.0 for r in results), [r["elapsed_s"] for r in results]
@@ -128,7 +189,7 @@ def test_one_rank_refuses_one_gpu(pools, world: int, variant: str) -> None:
                     reason="LARGEEP_TEST_SHARED_GPUS=1 runs 2 ranks on one GPU (NVSHMEM's several PEs per GPU)")
 @pytest.mark.parametrize("low_latency", [False, True], ids=["normal", "low_latency"])
 def test_unchecked_out_of_range_ids_are_ignored_one_gpu(pools, low_latency: bool) -> None:
-    results = pools(WORLD, "gloo-cuda").run(error_bodies.unchecked_out_of_range, "nvshmem", low_latency)
+    results = pools(WORLD, "gloo-cuda0").run(error_bodies.unchecked_out_of_range, "nvshmem", low_latency)
     failures = [f for r in results for f in r["failures"]]
     assert not failures, "\n".join(failures)
 

@@ -179,4 +179,4 @@ def test_edge_cases_nvshmem_one_gpu(pools) -> None:
     """The edge cases on the nvshmem backend with both ranks on one GPU (a gloo group; for machines of one GPU),
     against the reference."""
     cases = edge_cases(2)
-    assert_results(2, cases, pools(2, "gloo-cuda").run(random_bodies.run_cases, "nvshmem", cases))
+    assert_results(2, cases, pools(2, "gloo-cuda0").run(random_bodies.run_cases, "nvshmem", cases))

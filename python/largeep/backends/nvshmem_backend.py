@@ -10,6 +10,8 @@ from __future__ import annotations
 import ctypes
 import math
 import os
+import socket
+import threading
 import weakref
 from dataclasses import dataclass
 from typing import Any
@@ -58,8 +60,64 @@ def unsupported_reason(ctx: GroupContext) -> str | None:
     return None
 
 
+def _gpu_of(device: torch.device) -> str:
+    """This process's GPU, named so that the ranks of one host can tell whether they share it."""
+    uuid = getattr(torch.cuda.get_device_properties(device), "uuid", None)
+    if uuid is not None:
+        return str(uuid)
+    return f"device {device.index} of CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '(all)')}"
+
+
+def uneven_gpus_reason(places: list[tuple[str, str]]) -> str | None:
+    """None when, on every host, every GPU that ranks use carries the same number of them; else what is uneven.
+    ``places``: (host, GPU) of each rank. NVSHMEM's initialisation was seen never to return when the GPUs of one
+    host carried different numbers of PEs (2 ranks on one GPU and 1 on the other, 2x H200); one rank per GPU,
+    or several on every GPU alike, work."""
+    hosts: dict[str, dict[str, list[int]]] = {}
+    for rank, (host, gpu) in enumerate(places):
+        hosts.setdefault(host, {}).setdefault(gpu, []).append(rank)
+    for host, gpus in hosts.items():
+        if len({len(r) for r in gpus.values()}) > 1:
+            share = "; ".join(f"ranks {r} on GPU {g}" for g, r in gpus.items())
+            return (f"the GPUs of host {host} carry different numbers of ranks ({share}), and NVSHMEM's "
+                    "initialisation does not finish then: put the same number of ranks on every GPU of a host "
+                    "(one each is the fast layout), or use backend='torch'")
+    return None
+
+
+def _init_bounded(C: Any, uid: Any, ctx: GroupContext, timeout_s: float) -> None:
+    """C.init (collective over the group) in a helper thread, waited for at most timeout_s: an initialisation
+    that does not finish (a rank that never creates its Buffer, a placement NVSHMEM cannot serve) raises
+    PeerTimeoutError instead of hanging; NVSHMEM is then unusable in this process (its thread is still inside)."""
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            C.init(uid, ctx.rank, ctx.num_ranks, ctx.device.index)
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread
+            failure.append(exc)
+
+    worker = threading.Thread(target=run, name="largeep-nvshmem-init", daemon=True)
+    worker.start()
+    worker.join(timeout_s)
+    # C.init made the device current in its thread only; the caller's thread uses it too, as before
+    torch.cuda.set_device(ctx.device)
+    if worker.is_alive():
+        _world["init_failed"] = (
+            f"NVSHMEM's initialisation did not finish within {timeout_s:g} s (LARGEEP_TIMEOUT_S) on rank "
+            f"{ctx.rank} of {ctx.num_ranks}: a rank of the group that did not create its Buffer, or a placement "
+            "NVSHMEM cannot serve (NVSHMEM_DEBUG=INFO says how far it got). NVSHMEM cannot be used in this process "
+            "any more; restart the processes"
+        )
+        raise PeerTimeoutError(f"Buffer: {_world['init_failed']}")
+    if failure:
+        raise failure[0]
+
+
 def _join(ctx: GroupContext, heap_bytes: int, settings: Settings) -> Any:
     """Initialises NVSHMEM for this process on ctx's group (once), and returns largeep._C."""
+    if "init_failed" in _world:
+        raise PeerTimeoutError(f"Buffer: an earlier Buffer's {_world['init_failed']}")
     C = native.module()
     ranks = dist.get_process_group_ranks(ctx.group)
     if C.initialized():
@@ -78,10 +136,16 @@ def _join(ctx: GroupContext, heap_bytes: int, settings: Settings) -> Any:
             "NVSHMEM_SYMMETRIC_SIZE was not set: largeep sets it to %d bytes (%.1f GiB) from the first Buffer's "
             "needs; set it yourself if later Buffers need more", size, size / gib,
         )
+    # Refuse, on every rank, a placement whose initialisation would not finish (before NVSHMEM sees it).
+    places: list[Any] = [None] * ctx.num_ranks
+    dist.all_gather_object(places, (socket.gethostname(), _gpu_of(ctx.device)), group=ctx.group)
+    reason = uneven_gpus_reason(places)
+    if reason is not None:
+        raise ArgumentError(f"Buffer: backend 'nvshmem': {reason}")
     uid = [C.unique_id() if ctx.rank == 0 else None]
     dist.broadcast_object_list(uid, src=dist.get_global_rank(ctx.group, 0), group=ctx.group)
     assert ctx.device.index is not None
-    C.init(uid[0], ctx.rank, ctx.num_ranks, ctx.device.index)
+    _init_bounded(C, uid[0], ctx, settings.timeout_s)
     _world["ranks"] = ranks
     return C
 

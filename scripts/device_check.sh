@@ -15,7 +15,8 @@
 #         the low-latency receive and combine send with one block per local expert (ll_spread=0: its GPU tests)
 #   comb: the combine's LARGEEP_TUNE comb settings: GPU tests at comb 0, 1, 7; kernel times at LARGEEP_COMB_SWEEP
 #   shared: the 4-rank GPU tests with 2 ranks per GPU (LARGEEP_TEST_SHARED_GPUS=1; NVSHMEM's several PEs per GPU),
-#          the long run and create/destroy cycles among them (LARGEEP_TEST_ROUNDS rounds)
+#          the long run and create/destroy cycles among them (LARGEEP_TEST_ROUNDS rounds), and the one-GPU tests
+#          (2-4 ranks on GPU 0: refusals, unchecked ids, property edge cases)
 #   primitives: bench/primitives.cu (fence, flag and NVLink store costs; needs 2 GPUs)
 set -uo pipefail
 OUT=${1:?usage: scripts/device_check.sh OUTDIR [stage ...]}
@@ -119,9 +120,10 @@ for stage in $STAGES; do
       fi
       ;;
     shared)
-      # 4 ranks on 2 GPUs (2 per GPU, a gloo group): the 4-rank paths for correctness when no 4-GPU machine is lent
+      # 4 ranks on 2 GPUs (2 per GPU, a gloo group): the 4-rank paths for correctness when no 4-GPU machine is lent;
+      # and 2-4 ranks on GPU 0 (the one-GPU tests)
       (cd tests && LARGEEP_TEST_SHARED_GPUS=1 LARGEEP_TIMEOUT_S=${LARGEEP_TIMEOUT_S:-60} timeout 900 $PY -m pytest -q -ra \
-        -p no:cacheprovider -m gpu -k shared_gpus test_gpu.py test_long_run.py) > "$OUT/shared_gpus_tests.log" 2>&1 || rc=1
+        -p no:cacheprovider -m gpu -k "shared_gpus or one_gpu" .) > "$OUT/shared_gpus_tests.log" 2>&1 || rc=1
       echo "shared-GPU tests: $(tail -1 "$OUT/shared_gpus_tests.log")" | tee -a "$OUT/summary.txt"
       ;;
     comb)

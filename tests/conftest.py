@@ -4,9 +4,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 import torch
-from dist_pool import DistPool
-
-_pools: dict[tuple[int, str], DistPool] = {}
+from dist_pool import DistPool, PoolCache
 
 
 def gpu_count() -> int:
@@ -39,13 +37,6 @@ def one_thread() -> Iterator[None]:
 
 @pytest.fixture(scope="session")
 def pools() -> Iterator[Callable[[int, str], DistPool]]:
-    def get(world: int, backend: str = "gloo") -> DistPool:
-        key = (world, backend)
-        if key not in _pools or _pools[key].broken:
-            _pools[key] = DistPool(world, backend)
-        return _pools[key]
-
-    yield get
-    for p in _pools.values():
-        p.close(force=p.broken)
-    _pools.clear()
+    cache = PoolCache()
+    yield cache.get
+    cache.close_all()

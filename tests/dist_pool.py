@@ -92,6 +92,7 @@ class DistPool:
         for p in self.procs:
             p.start()
         self.broken = False
+        self.hung = False  # a body ran past timeout_s with every worker alive (not a crash, not a failure)
 
     def run(self, fn: Callable[..., Any], *args: Any) -> list[Any]:
         if self.broken:
@@ -114,6 +115,7 @@ class DistPool:
                             if not p.is_alive() and r not in answered]
                     if dead or time.monotonic() >= deadline:
                         self.broken = True
+                        self.hung = not dead
                         self.close(force=True)
                         raise TimeoutError(
                             f"{fn.__name__}: " + ("; ".join(dead) if dead else
@@ -143,3 +145,33 @@ class DistPool:
         for p in self.procs:
             if p.is_alive():
                 p.kill()
+
+
+class PoolCache:
+    """The pools of a test session, one per (world, process-group backend), started on first use and again after
+    one broke. A pool whose bodies hung ``max_hangs`` times is not started again: each hang costs the pool's whole
+    timeout, and a hypothesis test would retry (and shrink) its failing example many times, each retry hanging."""
+
+    def __init__(self, make: Callable[[int, str], DistPool] = DistPool, max_hangs: int = 2) -> None:
+        self.make = make
+        self.max_hangs = max_hangs
+        self.pools: dict[tuple[int, str], DistPool] = {}
+        self.hangs: dict[tuple[int, str], int] = {}
+
+    def get(self, world: int, backend: str = "gloo") -> DistPool:
+        key = (world, backend)
+        old = self.pools.get(key)
+        if old is None or old.broken:
+            if old is not None and old.hung:
+                self.hangs[key] = self.hangs.get(key, 0) + 1
+                old.hung = False  # counted once
+            if self.hangs.get(key, 0) >= self.max_hangs:
+                raise RuntimeError(f"the pool of {world} ranks ({backend}) hung {self.hangs[key]} times in this "
+                                   "session (see the first of those failures); it is not started again")
+            self.pools[key] = self.make(world, backend)
+        return self.pools[key]
+
+    def close_all(self) -> None:
+        for p in self.pools.values():
+            p.close(force=p.broken)
+        self.pools.clear()

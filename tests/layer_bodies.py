@@ -778,11 +778,10 @@ def pipeline_errors(rank: int, world: int) -> list[str]:
 
 
 def layer_id_checks(rank: int, world: int, native: bool) -> dict[str, Any]:
-    """native (the backend checks each dispatch's ids with its count exchange, as largeep's do): the layer checks
-    nothing itself and a bad id ends the dispatch of its chunk on every rank. Else (a backend made to check
-    nothing): a chunked layer checks its batch's expert ids once, before the first dispatch (its chunks'
-    dispatches then skip the check and its host wait). Either way ids out of range raise ArgumentError before any
-    row moves, and the Buffer stays usable. Returns the number of Python id checks per forward, by num_chunks."""
+    """native (the backend checks each dispatch's ids with its count exchange, as largeep's do): no id check in
+    Python, and a bad id ends the dispatch of its chunk on every rank. Else (a backend made to check nothing): the
+    Buffer checks each chunk's dispatch in Python. Either way ids out of range raise ArgumentError before any row
+    moves, and the Buffer stays usable. Returns the number of Python id checks per forward, by num_chunks."""
     from largeep import checks
 
     hidden, experts, topk, t = 32, 2 * world, 2, 9
@@ -803,7 +802,7 @@ def layer_id_checks(rank: int, world: int, native: bool) -> dict[str, Any]:
                          backend="torch")
     if not native:
         buf._impl.checks_dispatch_ids = False  # type: ignore[attr-defined]
-    where = "dispatch" if native else "MoELayer"
+    where = "dispatch"
     calls = [0]
     real = checks._id_range
 
@@ -843,8 +842,7 @@ def layer_id_checks(rank: int, world: int, native: bool) -> dict[str, Any]:
             other.load_state_dict(sd)
             assert torch.equal(other.experts.w13, layer.experts.w13)
             close(other(x), outs[1].double(), "layer loaded from the earlier layout")
-            # a pipeline checks its first layer's batch once (Python) and the later layers' ids per chunk (the
-            # backend's dispatch, with its count exchange)
+            # a pipeline's dispatches check their chunks' ids like the layer's
             gate2 = FixedGate()
             second = layers.MoELayer(buf, ffn_hidden=8, gate=gate2)
             pipe = layers.MoEPipeline([layer, second], num_chunks=2)

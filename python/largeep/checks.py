@@ -5,11 +5,9 @@ Each failure raises :class:`largeep.errors.ArgumentError` whose message names th
 
 from __future__ import annotations
 
-import contextlib
-import threading
 import weakref
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -93,7 +91,7 @@ def topk_idx(
     tensor, unchanged since (same object, same version counter, same E), is not checked again, and is forgotten --
     so the usual ``get_dispatch_layout(idx)`` then ``dispatch(x, idx, ...)`` syncs the device once, not twice."""
     idx = tensor(op, "topk_idx", t, dtypes=(torch.int64,), ndim=2, device=device, shape=(num_tokens, num_topk))
-    if not check_values or not idx.numel() or _capturing(device) or _vouched(idx):
+    if not check_values or not idx.numel() or _capturing(device):
         return idx
     if memo == "use" and take_checked(idx, num_experts):
         return idx
@@ -107,41 +105,7 @@ def topk_idx(
 
 def needs_id_check(idx: torch.Tensor, check_values: bool) -> bool:
     """Whether topk_idx's values are to be checked now (checks on, some ids, not capturing a CUDA graph)."""
-    return check_values and idx.numel() > 0 and not _capturing(idx.device) and not _vouched(idx)
-
-
-_VOUCH = threading.local()
-
-
-@contextlib.contextmanager
-def ids_in_range(checked: torch.Tensor) -> Iterator[None]:
-    """Within it (this thread), expert ids that lie inside ``checked``'s elements and have not changed since (same
-    storage, same version counter, within its bytes) are not value-checked again: for a layer that checked a whole
-    batch's ids once (``MoELayer.check_ids``) and dispatches it in chunks, views of that batch. Other ids are checked
-    as usual; shapes, dtypes and devices always. ``checked`` must be contiguous."""
-    stack = getattr(_VOUCH, "stack", None)
-    if stack is None:
-        stack = _VOUCH.stack = []
-    lo = checked.data_ptr()
-    stack.append((checked.untyped_storage().data_ptr(), _version(checked), lo, lo + checked.numel() * 8))
-    try:
-        yield
-    finally:
-        stack.pop()
-
-
-def _version(t: torch.Tensor) -> int | None:
-    return None if t.is_inference() else int(t._version)  # inference tensors have no version counter
-
-
-def _vouched(idx: torch.Tensor) -> bool:
-    """idx (int64, contiguous) lies inside a batch ``ids_in_range`` holds, unchanged since."""
-    stack = getattr(_VOUCH, "stack", None)
-    if not stack:
-        return False
-    storage, version, lo = idx.untyped_storage().data_ptr(), _version(idx), idx.data_ptr()
-    hi = lo + idx.numel() * 8
-    return any(s == storage and v == version and a <= lo and hi <= b for s, v, a, b in stack)
+    return check_values and idx.numel() > 0 and not _capturing(idx.device)
 
 
 def bad_expert_id(op: str, bad: int, num_experts: int) -> ArgumentError:

@@ -52,7 +52,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from largeep import checks, fp8, ops
+from largeep import fp8, ops
 from largeep.buffer import Buffer
 from largeep.errors import ArgumentError
 from largeep.expert_tp import ExpertTP
@@ -378,9 +378,7 @@ class MoELayer(nn.Module):
         n = self.num_chunks
         xs, idxs, ws = x.tensor_split(n), idx.tensor_split(n), w.tensor_split(n)
         ready = ops.capture_event(x.device)  # the gate's outputs exist: dispatches wait for this only
-        checked = idx if self.check_ids(idx) else None
-
-        pending = [self.send_chunk(xs[0], idxs[0], ws[0], ready, checked_ids=checked)]
+        pending = [self.send_chunk(xs[0], idxs[0], ws[0], ready)]
         shared = self.shared_experts(x) if self.shared_experts is not None else None  # overlaps the first dispatch
         carveout = self.overlap_carveout(x) if n > 1 else 0
         combined: list[ops.CombineOutput] = []
@@ -390,11 +388,9 @@ class MoELayer(nn.Module):
             # Queue chunk i's experts before sending chunk i+1. That dispatch waits on the host (the count
             # exchange, behind combine i-1 on the Buffer's stream); with experts i already queued the GPU computes
             # meanwhile, and dispatch i+1 and combine i-1 overlap experts i. No id check makes the host wait for
-            # experts i first: the backend checks the ids with the count exchange, on the Buffer's stream (or, on a
-            # backend that does not, they were checked with the batch's in check_ids, and ops.dispatch issues the
-            # dispatch from a side stream as well).
+            # experts i first: the backend checks the ids with the count exchange, on the Buffer's stream.
             if i + 1 < n:
-                pending.append(self.send_chunk(xs[i + 1], idxs[i + 1], ws[i + 1], ready, checked_ids=checked))
+                pending.append(self.send_chunk(xs[i + 1], idxs[i + 1], ws[i + 1], ready))
             combined.append(self.combine_chunk(y, d))
         for c in combined:
             ops.wait(c.event)
@@ -402,41 +398,17 @@ class MoELayer(nn.Module):
         return out + shared if shared is not None else out
 
     # -- normal mode, one chunk in three steps (MoELayer's schedule above, and MoEPipeline's across layers) --------
-    def check_ids(self, idx: Tensor) -> bool:
-        """Checks the expert ids of a whole batch (from :meth:`route`) for range [-1, num_experts) as the Buffer
-        checks a dispatch's: one host wait, before the batch's first dispatch, when only the gate is queued before
-        it; raises ArgumentError naming the bad id. True: checked (pass ``checked_ids=idx`` to :meth:`send_chunk`
-        for its chunks); False: not checked here, because the backend checks each dispatch's ids itself at no
-        extra cost, collectively (both of largeep's backends: the verdict travels with the count exchange, so a
-        bad id on one rank ends that chunk's dispatch on every rank at once, where a check here would raise on
-        that rank alone and leave the others waiting), because no check is wanted (``LARGEEP_CHECK_VALUES=0``;
-        with ``num_worst_tokens`` > 0 or while capturing a CUDA graph the dispatch does not check either) or
-        because it is compiling (the custom dispatch op checks at run time)."""
-        if (getattr(self.buffer._impl, "checks_dispatch_ids", False) or self.num_worst_tokens
-                or not self.buffer._settings.check_values or torch.compiler.is_compiling()
-                or checks._capturing(idx.device)):
-            return False
-        c = self.buffer.ctx
-        checks.topk_idx("MoELayer", idx, num_tokens=None, num_topk=c.num_topk, num_experts=c.num_experts,
-                        device=c.device, check_values=True)
-        return True
-
-    def send_chunk(
-        self, x: Tensor, idx: Tensor, w: Tensor, ready: Any = None, checked_ids: Tensor | None = None
-    ) -> ops.DispatchOutput:
+    def send_chunk(self, x: Tensor, idx: Tensor, w: Tensor, ready: Any = None) -> ops.DispatchOutput:
         """Dispatches one chunk: x [t, H], idx int64 [t, K] physical ids, w float32 [t, K] (from :meth:`route`).
         ``ready``: an event (``ops.capture_event``) after which x, idx and w exist; the dispatch waits for it
         only (``async_finish``: wait on the result's event before using it). Waits on the host for the count
-        exchange unless ``num_worst_tokens`` > 0. ``checked_ids``: a batch :meth:`check_ids` passed; if ``idx``
-        is a view of it, unchanged since (same storage, same version counter), the dispatch skips its own id
-        check, whose host wait would also wait for whatever runs on the GPU before it (the previous chunk's
-        experts: the dispatch would then start only after them). Other ids are checked as usual."""
-        with checks.ids_in_range(checked_ids) if checked_ids is not None else contextlib.nullcontext():
-            return ops.dispatch(
-                self.buffer_id, x.contiguous(), idx.contiguous(), w.contiguous(),
-                num_worst_tokens=self.num_worst_tokens, previous_event=ready, async_finish=True,
-                use_custom_ops=self.use_custom_ops,
-            )
+        exchange unless ``num_worst_tokens`` > 0; the ids are checked with it (largeep's backends send each
+        rank's verdict with the counts, so a bad id on one rank voids the dispatch on every rank at once)."""
+        return ops.dispatch(
+            self.buffer_id, x.contiguous(), idx.contiguous(), w.contiguous(),
+            num_worst_tokens=self.num_worst_tokens, previous_event=ready, async_finish=True,
+            use_custom_ops=self.use_custom_ops,
+        )
 
     def experts_chunk(self, d: ops.DispatchOutput, carveout: int = 0) -> Tensor:
         """The local experts (through the TP group with expert TP) on the rows of a :meth:`send_chunk`, on the
@@ -624,15 +596,14 @@ class MoEPipeline(nn.Module):
         # per (layer, chunk): x (input rows), idx / w / ready (its gate), d (dispatch), shared, c (combine)
         st: dict[tuple[int, int], dict[str, Any]] = {}
         first = self._route(0, x)  # the first layer's gate on the whole batch, as MoELayer does
-        checked = first["idx"] if self._stack[0].check_ids(first["idx"]) else None  # (later layers: per chunk)
         parts = [first[k].tensor_split(n) for k in ("idx", "w")]
         for i, xi in enumerate(x.tensor_split(n)):
-            st[(0, i)] = {"x": xi, "idx": parts[0][i], "w": parts[1][i], "ready": first["ready"], "checked": checked}
+            st[(0, i)] = {"x": xi, "idx": parts[0][i], "w": parts[1][i], "ready": first["ready"]}
         outs: list[Tensor | None] = [None] * n
 
         def send(u: tuple[int, int]) -> None:
             layer, s = self._stack[u[0]], st[u]
-            s["d"] = layer.send_chunk(s["x"], s["idx"], s["w"], s["ready"], checked_ids=s.get("checked"))
+            s["d"] = layer.send_chunk(s["x"], s["idx"], s["w"], s["ready"])
             if side is None or u[0] == 0:  # (with a side stream, a later layer's shared experts ran there in finish)
                 s["shared"] = layer.shared_experts(s["x"]) if layer.shared_experts is not None else None
 

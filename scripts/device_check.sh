@@ -42,7 +42,7 @@ for stage in $STAGES; do
       (cd /tmp && $PY -c "import largeep.native as n; print('native:', n.unavailable_reason() or 'ok')") | tee -a "$OUT/summary.txt"
       ;;
     tests)
-      (cd tests && timeout 1500 $PY -m pytest -q -ra ${LARGEEP_GPU_TESTS:--m gpu .} -p no:cacheprovider) \
+      (cd tests && timeout 1500 $PY -m pytest -q -ra --durations=25 ${LARGEEP_GPU_TESTS:--m gpu .} -p no:cacheprovider) \
         > "$OUT/gpu_tests.log" 2>&1 || rc=1
       tail -25 "$OUT/gpu_tests.log"
       ;;

@@ -35,8 +35,15 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(before)
 
 
+_cache = PoolCache()
+
+
+@pytest.fixture(autouse=True)
+def _pool_cache_test(request: pytest.FixtureRequest) -> None:
+    _cache.test = request.node.nodeid  # (a pool's hangs are counted per test)
+
+
 @pytest.fixture(scope="session")
 def pools() -> Iterator[Callable[[int, str], DistPool]]:
-    cache = PoolCache()
-    yield cache.get
-    cache.close_all()
+    yield _cache.get
+    _cache.close_all()

@@ -149,25 +149,27 @@ class DistPool:
 
 class PoolCache:
     """The pools of a test session, one per (world, process-group backend), started on first use and again after
-    one broke. A pool whose bodies hung ``max_hangs`` times is not started again: each hang costs the pool's whole
-    timeout, and a hypothesis test would retry (and shrink) its failing example many times, each retry hanging."""
+    one broke. Within one test (``test``: its id, set before each test), a pool whose bodies hung ``max_hangs``
+    times is not started again: each hang costs the pool's whole timeout, and a hypothesis test would retry (and
+    shrink) its failing example many times, each retry hanging. The next test starts it again."""
 
     def __init__(self, make: Callable[[int, str], DistPool] = DistPool, max_hangs: int = 2) -> None:
         self.make = make
         self.max_hangs = max_hangs
+        self.test = ""
         self.pools: dict[tuple[int, str], DistPool] = {}
-        self.hangs: dict[tuple[int, str], int] = {}
+        self.hangs: dict[tuple[str, int, str], int] = {}
 
     def get(self, world: int, backend: str = "gloo") -> DistPool:
-        key = (world, backend)
+        key, counted = (world, backend), (self.test, world, backend)
         old = self.pools.get(key)
         if old is None or old.broken:
             if old is not None and old.hung:
-                self.hangs[key] = self.hangs.get(key, 0) + 1
+                self.hangs[counted] = self.hangs.get(counted, 0) + 1
                 old.hung = False  # counted once
-            if self.hangs.get(key, 0) >= self.max_hangs:
-                raise RuntimeError(f"the pool of {world} ranks ({backend}) hung {self.hangs[key]} times in this "
-                                   "session (see the first of those failures); it is not started again")
+            if self.hangs.get(counted, 0) >= self.max_hangs:
+                raise RuntimeError(f"the pool of {world} ranks ({backend}) hung {self.hangs[counted]} times in this "
+                                   "test (see the first of those failures); it is not started again for it")
             self.pools[key] = self.make(world, backend)
         return self.pools[key]
 

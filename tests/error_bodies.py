@@ -1032,3 +1032,32 @@ def uneven_gpus_refused(rank: int, world: int) -> dict[str, Any]:
     else:
         chk.expect(False, "the Buffer was created")
     return {"failures": chk.failures, "elapsed_s": time.monotonic() - start}
+
+
+def init_times_out(rank: int, world: int, timeout_s: float) -> dict[str, Any]:
+    """The ranks share GPUs unevenly and the placement check is switched off: NVSHMEM's initialisation must end
+    in PeerTimeoutError after about ``timeout_s`` (LARGEEP_INIT_TIMEOUT_S) on every rank, and a second Buffer must
+    raise at once. Returns {"failures", "created"} (created: NVSHMEM served the placement after all)."""
+    import time
+
+    from largeep.backends import nvshmem_backend
+
+    chk = Checker(f"init timeout, rank {rank}")
+    case = NormalCase(tuple([4] * world), HIDDEN, 4 * world, TOPK, 3, max_tokens=MAX_TOKENS)
+    nvshmem_backend.uneven_gpus_reason = lambda places: None  # (this process is killed afterwards)
+    os.environ["LARGEEP_INIT_TIMEOUT_S"] = str(timeout_s)
+    start = time.monotonic()
+    try:
+        largeep.Buffer(None, backend="nvshmem", **case.buffer_kwargs()).destroy()
+        return {"failures": [], "created": True}
+    except largeep.PeerTimeoutError as exc:
+        took = time.monotonic() - start
+        chk.expect(timeout_s <= took < timeout_s + 15 and "LARGEEP_INIT_TIMEOUT_S" in str(exc),
+                   f"PeerTimeoutError after {took:.1f} s: {exc}")
+    start = time.monotonic()
+    try:
+        largeep.Buffer(None, backend="nvshmem", **case.buffer_kwargs())
+        chk.expect(False, "a second Buffer was created")
+    except largeep.PeerTimeoutError as exc:
+        chk.expect(time.monotonic() - start < 5.0 and "an earlier Buffer's" in str(exc), f"second Buffer: {exc}")
+    return {"failures": chk.failures, "created": False}

@@ -781,7 +781,8 @@ def layer_id_checks(rank: int, world: int, native: bool) -> dict[str, Any]:
     """native (the backend checks each dispatch's ids with its count exchange, as largeep's do): no id check in
     Python, and a bad id ends the dispatch of its chunk on every rank. Else (a backend made to check nothing): the
     Buffer checks each chunk's dispatch in Python. Either way ids out of range raise ArgumentError before any row
-    moves, and the Buffer stays usable. Returns the number of Python id checks per forward, by num_chunks."""
+    of that chunk moves, and the Buffer stays usable. Returns the number of Python id checks per forward, by
+    num_chunks."""
     from largeep import checks
 
     hidden, experts, topk, t = 32, 2 * world, 2, 9

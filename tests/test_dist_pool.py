@@ -31,7 +31,7 @@ def test_hang_and_crash_are_told_apart() -> None:
         assert pool.broken and pool.hung
     finally:
         pool.close(force=True)
-    pool = DistPool(1, "gloo", timeout_s=30.0)
+    pool = DistPool(1, "gloo", timeout_s=60.0)
     try:
         with pytest.raises(TimeoutError, match="rank 0 exited with code 3"):
             pool.run(exits)
@@ -64,13 +64,16 @@ def test_cache_stops_restarting_a_pool_that_keeps_hanging() -> None:
     assert b is not a and cache.hangs == {}
     b.broken = b.hung = True
     c = cache.get(2, "gloo")  # the first hang: restarted
-    assert c is not b and cache.hangs == {(2, "gloo"): 1}
+    assert c is not b and cache.hangs == {("", 2, "gloo"): 1}
     assert cache.get(3, "gloo") is made[-1] and len(made) == 4  # other keys are independent
     c.broken = c.hung = True
     with pytest.raises(RuntimeError, match=r"pool of 2 ranks \(gloo\) hung 2 times"):
         cache.get(2, "gloo")
     with pytest.raises(RuntimeError, match="hung 2 times"):  # and stays refused, without counting again
         cache.get(2, "gloo")
-    assert cache.hangs == {(2, "gloo"): 2} and len(made) == 4
+    assert cache.hangs == {("", 2, "gloo"): 2} and len(made) == 4
+    cache.test = "the next test"  # which starts it again
+    d = cache.get(2, "gloo")
+    assert d is made[-1] and len(made) == 5 and cache.hangs == {("", 2, "gloo"): 2}
     cache.close_all()
     assert all(p.closed for p in made[-2:]) and cache.pools == {}

@@ -12,6 +12,7 @@ import os
 
 import error_bodies
 import pytest
+from dist_pool import DistPool
 from error_bodies import CASES
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -137,9 +138,11 @@ def test_nvshmem_uneven_gpus_reason(places: list[tuple[str, str]], uneven: str |
         assert reason is not None and uneven in reason and "same number of ranks on every GPU" in reason, reason
 
 
-def test_nvshmem_init_is_bounded(monkeypatch) -> None:
+@pytest.mark.parametrize("outcome", ["hangs", "raises"])
+def test_nvshmem_init_is_bounded(monkeypatch, outcome: str) -> None:
     """An NVSHMEM initialisation that does not return (CPU: a stand-in that blocks) raises PeerTimeoutError after
-    LARGEEP_TIMEOUT_S, and every later Buffer of the process at once, without entering NVSHMEM again."""
+    LARGEEP_INIT_TIMEOUT_S; one that raises passes its error on. Either way every later Buffer of the process raises
+    at once, without entering NVSHMEM again, and the caller's device is left alone."""
     import threading
     import time
     import types
@@ -148,26 +151,55 @@ def test_nvshmem_init_is_bounded(monkeypatch) -> None:
     from largeep.backends import nvshmem_backend as nb
 
     release = threading.Event()
-    calls = []
+    calls, devices = [], []
 
-    class Stuck:
+    class Stand:
         def init(self, *args: object) -> None:
             calls.append(args)
+            if outcome == "raises":
+                raise RuntimeError("NVSHMEM initialisation failed with status 7")
             release.wait(30)
 
+        def initialized(self) -> bool:
+            return False
+
     monkeypatch.setattr(nb, "_world", {})
-    monkeypatch.setattr(nb.torch.cuda, "set_device", lambda device: None)
+    monkeypatch.setattr(nb.native, "module", lambda: Stand())
+    monkeypatch.setattr(nb.torch.cuda, "set_device", devices.append)
     ctx = types.SimpleNamespace(rank=1, num_ranks=2, device=types.SimpleNamespace(index=0))
     start = time.monotonic()
     try:
-        with pytest.raises(largeep.PeerTimeoutError, match=r"did not finish within 0.5 s .* rank 1 of 2"):
-            nb._init_bounded(Stuck(), b"uid", ctx, 0.5)  # type: ignore[arg-type]
-        assert 0.5 <= time.monotonic() - start < 5.0
-        with pytest.raises(largeep.PeerTimeoutError, match="an earlier Buffer's NVSHMEM's initialisation"):
+        if outcome == "hangs":
+            with pytest.raises(largeep.PeerTimeoutError, match=r"did not finish within 0.5 s .* rank 1 of 2"):
+                nb._init_bounded(Stand(), b"uid", ctx, 0.5)  # type: ignore[arg-type]
+            assert 0.5 <= time.monotonic() - start < 5.0
+            later: type[Exception] = largeep.PeerTimeoutError
+        else:
+            with pytest.raises(RuntimeError, match="status 7"):
+                nb._init_bounded(Stand(), b"uid", ctx, 30.0)  # type: ignore[arg-type]
+            later = RuntimeError
+        with pytest.raises(later, match="an earlier Buffer's NVSHMEM's initialisation"):
             nb._join(ctx, 1 << 20, None)  # type: ignore[arg-type]
-        assert len(calls) == 1
+        assert len(calls) == 1 and devices == []
     finally:
         release.set()
+
+
+@pytest.mark.gpu(2)
+def test_nvshmem_init_timeout_on_gpus() -> None:
+    """The real timeout path: ranks on GPUs 0, 1, 0 with the placement check switched off, so that NVSHMEM's
+    initialisation does not finish (as seen on 2x H200): every rank raises PeerTimeoutError after
+    LARGEEP_INIT_TIMEOUT_S (10 s) and at once for a second Buffer. A pool of its own, killed afterwards (its
+    processes keep a thread inside NVSHMEM)."""
+    pool = DistPool(3, "gloo-cuda:0,1,0", timeout_s=120)
+    try:
+        results = pool.run(error_bodies.init_times_out, 10.0)
+    finally:
+        pool.close(force=True)
+    if any(r["created"] for r in results):
+        pytest.skip("NVSHMEM initialised the uneven placement here: its initialisation has nothing to time out")
+    failures = [f for r in results for f in r["failures"]]
+    assert not failures, "\n".join(failures)
 
 
 @pytest.mark.gpu(1)

@@ -34,6 +34,7 @@ _PREFIX = "LARGEEP_"
 @dataclass(frozen=True)
 class Settings:
     timeout_s: float
+    init_timeout_s: float
     log_level: str
     check_values: bool
     heap_margin: float
@@ -74,6 +75,7 @@ def settings() -> Settings:
     """Reads the ``LARGEEP_*`` variables now (they may change between Buffers)."""
     return Settings(
         timeout_s=_float("TIMEOUT_S", 100.0),
+        init_timeout_s=_float("INIT_TIMEOUT_S", 300.0),
         log_level=os.environ.get(_PREFIX + "LOG_LEVEL", "WARNING").upper(),
         check_values=os.environ.get(_PREFIX + "CHECK_VALUES", "1") not in ("0", "false", "False", ""),
         heap_margin=_float("NVSHMEM_HEAP_MARGIN", 1.25),

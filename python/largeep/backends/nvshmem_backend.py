@@ -86,9 +86,11 @@ def uneven_gpus_reason(places: list[tuple[str, str]]) -> str | None:
 
 
 def _init_bounded(C: Any, uid: Any, ctx: GroupContext, timeout_s: float) -> None:
-    """C.init (collective over the group) in a helper thread, waited for at most timeout_s: an initialisation
-    that does not finish (a rank that never creates its Buffer, a placement NVSHMEM cannot serve) raises
-    PeerTimeoutError instead of hanging; NVSHMEM is then unusable in this process (its thread is still inside)."""
+    """C.init (collective over the group) in a helper thread, waited for at most timeout_s
+    (LARGEEP_INIT_TIMEOUT_S): an initialisation that does not finish (a placement NVSHMEM cannot serve) raises
+    PeerTimeoutError instead of hanging. Unless it returned, NVSHMEM is unusable in this process from then on (after
+    a timeout its thread is still inside; after an error or an interrupt its state is unknown): every later Buffer
+    raises at once instead of entering it again."""
     failure: list[BaseException] = []
 
     def run() -> None:
@@ -97,27 +99,39 @@ def _init_bounded(C: Any, uid: Any, ctx: GroupContext, timeout_s: float) -> None
         except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread
             failure.append(exc)
 
+    where = f"on rank {ctx.rank} of {ctx.num_ranks}"
     worker = threading.Thread(target=run, name="largeep-nvshmem-init", daemon=True)
-    worker.start()
-    worker.join(timeout_s)
-    # C.init made the device current in its thread only; the caller's thread uses it too, as before
-    torch.cuda.set_device(ctx.device)
-    if worker.is_alive():
-        _world["init_failed"] = (
-            f"NVSHMEM's initialisation did not finish within {timeout_s:g} s (LARGEEP_TIMEOUT_S) on rank "
-            f"{ctx.rank} of {ctx.num_ranks}: a rank of the group that did not create its Buffer, or a placement "
-            "NVSHMEM cannot serve (NVSHMEM_DEBUG=INFO says how far it got). NVSHMEM cannot be used in this process "
-            "any more; restart the processes"
-        )
-        raise PeerTimeoutError(f"Buffer: {_world['init_failed']}")
-    if failure:
-        raise failure[0]
+    done = False
+    try:
+        worker.start()
+        worker.join(timeout_s)
+        if worker.is_alive():
+            _world["init_failed"] = (PeerTimeoutError, (
+                f"NVSHMEM's initialisation did not finish within {timeout_s:g} s (LARGEEP_INIT_TIMEOUT_S) {where}: "
+                "a placement NVSHMEM cannot serve, or a rank that stopped during it (NVSHMEM_DEBUG=INFO says how far "
+                "it got). NVSHMEM cannot be used in this process any more; restart the processes"
+            ))
+            raise PeerTimeoutError(f"Buffer: {_world['init_failed'][1]}")
+        if failure:
+            _world["init_failed"] = (RuntimeError, (
+                f"NVSHMEM's initialisation failed {where} ({failure[0]}). NVSHMEM cannot be used in this process any "
+                "more; restart the processes"
+            ))
+            raise failure[0]
+        # C.init made the device current in its thread (cudaSetDevice); the caller's thread has it too, as before
+        torch.cuda.set_device(ctx.device)
+        done = True
+    finally:
+        if not done and "init_failed" not in _world:  # interrupted while waiting
+            _world["init_failed"] = (RuntimeError, f"NVSHMEM's initialisation was interrupted {where}; restart the "
+                                                   "processes")
 
 
 def _join(ctx: GroupContext, heap_bytes: int, settings: Settings) -> Any:
     """Initialises NVSHMEM for this process on ctx's group (once), and returns largeep._C."""
     if "init_failed" in _world:
-        raise PeerTimeoutError(f"Buffer: an earlier Buffer's {_world['init_failed']}")
+        kind, why = _world["init_failed"]
+        raise kind(f"Buffer: an earlier Buffer's {why}")
     C = native.module()
     ranks = dist.get_process_group_ranks(ctx.group)
     if C.initialized():
@@ -128,6 +142,12 @@ def _join(ctx: GroupContext, heap_bytes: int, settings: Settings) -> Any:
                 "backend='torch' for the second group, or one group per process."
             )
         return C
+    # Refuse, on every rank, a placement whose initialisation would not finish (before NVSHMEM sees it).
+    places: list[Any] = [None] * ctx.num_ranks
+    dist.all_gather_object(places, (socket.gethostname(), _gpu_of(ctx.device)), group=ctx.group)
+    reason = uneven_gpus_reason(places)
+    if reason is not None:
+        raise ArgumentError(f"Buffer: backend 'nvshmem': {reason}")
     if "NVSHMEM_SYMMETRIC_SIZE" not in os.environ:
         gib = 1 << 30
         size = max(2 * gib, math.ceil(heap_bytes * settings.heap_margin / gib) * gib)
@@ -136,16 +156,10 @@ def _join(ctx: GroupContext, heap_bytes: int, settings: Settings) -> Any:
             "NVSHMEM_SYMMETRIC_SIZE was not set: largeep sets it to %d bytes (%.1f GiB) from the first Buffer's "
             "needs; set it yourself if later Buffers need more", size, size / gib,
         )
-    # Refuse, on every rank, a placement whose initialisation would not finish (before NVSHMEM sees it).
-    places: list[Any] = [None] * ctx.num_ranks
-    dist.all_gather_object(places, (socket.gethostname(), _gpu_of(ctx.device)), group=ctx.group)
-    reason = uneven_gpus_reason(places)
-    if reason is not None:
-        raise ArgumentError(f"Buffer: backend 'nvshmem': {reason}")
     uid = [C.unique_id() if ctx.rank == 0 else None]
     dist.broadcast_object_list(uid, src=dist.get_global_rank(ctx.group, 0), group=ctx.group)
     assert ctx.device.index is not None
-    _init_bounded(C, uid[0], ctx, settings.timeout_s)
+    _init_bounded(C, uid[0], ctx, settings.init_timeout_s)
     _world["ranks"] = ranks
     return C
 

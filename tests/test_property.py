@@ -172,11 +172,26 @@ def test_edge_cases_nvshmem_against_torch(pools, world: int) -> None:
     assert_results(world, cases, pools(world, "nccl").run(random_bodies.run_cases, "nvshmem", cases, "torch"))
 
 
+ONE_GPU = pytest.mark.skipif(os.environ.get("LARGEEP_TEST_SHARED_GPUS") != "1",
+                             reason="LARGEEP_TEST_SHARED_GPUS=1 runs several ranks on one GPU (NVSHMEM's several PEs "
+                             "per GPU)")
+
+
 @pytest.mark.gpu(1)
-@pytest.mark.skipif(os.environ.get("LARGEEP_TEST_SHARED_GPUS") != "1",
-                    reason="LARGEEP_TEST_SHARED_GPUS=1 runs 2 ranks on one GPU (NVSHMEM's several PEs per GPU)")
-def test_edge_cases_nvshmem_one_gpu(pools) -> None:
-    """The edge cases on the nvshmem backend with both ranks on one GPU (a gloo group; for machines of one GPU),
-    against the reference."""
-    cases = edge_cases(2)
-    assert_results(2, cases, pools(2, "gloo-cuda0").run(random_bodies.run_cases, "nvshmem", cases))
+@ONE_GPU
+@pytest.mark.parametrize("world", [2, 3])
+def test_edge_cases_nvshmem_one_gpu(pools, world: int) -> None:
+    """The edge cases on the nvshmem backend with every rank on one GPU (a gloo group; for machines of one GPU; 3
+    ranks: a group size no power of 2), against the reference."""
+    cases = edge_cases(world)
+    assert_results(world, cases, pools(world, "gloo-cuda0").run(random_bodies.run_cases, "nvshmem", cases))
+
+
+@pytest.mark.gpu(1)
+@ONE_GPU
+@settings(GPU_SETTINGS, max_examples=4)
+@given(data=st.data())
+def test_random_cases_nvshmem_one_gpu_three_ranks(pools, data: st.DataObject) -> None:
+    """Random cases on 3 ranks of one GPU (no GPU machine here has 3 GPUs), against the reference."""
+    cases = data.draw(case_lists(3), label="cases")
+    assert_results(3, cases, pools(3, "gloo-cuda0").run(random_bodies.run_cases, "nvshmem", cases))

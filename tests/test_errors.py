@@ -12,6 +12,7 @@ import os
 
 import error_bodies
 import pytest
+import torch
 from dist_pool import DistPool
 from error_bodies import CASES
 from hypothesis import HealthCheck, given, settings
@@ -108,6 +109,21 @@ def test_unchecked_out_of_range_ids_are_ignored(pools, backend: str, pg: str, lo
     results = pools(WORLD, pg).run(error_bodies.unchecked_out_of_range, backend, low_latency)
     failures = [f for r in results for f in r["failures"]]
     assert not failures, "\n".join(failures)
+
+
+def test_nvshmem_refusal_word_of_32_ranks() -> None:
+    """Rank 31 ran a refused round with num_worst_tokens: its bit is the status word's sign bit (read as int64)."""
+    import types
+
+    import largeep
+    from largeep.backends.nvshmem_backend import NvshmemBackend
+
+    b = object.__new__(NvshmemBackend)
+    b.ctx = types.SimpleNamespace(rank=5, num_ranks=32, num_experts=64)  # type: ignore[assignment]
+    word = (1 | (1 << 31) << 32) - (1 << 64)  # as the host reads the int64 status word
+    with pytest.raises(largeep.PeerRefusedError, match=r"rank\(s\) \[0\] refused.*rank\(s\) \[31\] ran") as info:
+        b._raise_refused("dispatch", word, checked=True)
+    assert info.value.buffer_usable is False
 
 
 @pytest.mark.gpu(2)

@@ -207,7 +207,9 @@ __global__ void __launch_bounds__(kThreads) dispatch_notify_kernel(NormalCtx c, 
         int64_t total = 0;
         for (int src = 0; src < N; ++src) total += live * in[src * row];
         st[kNumRecv] = total;
-        st[kRefused] = static_cast<int64_t>(refusers) | static_cast<int64_t>(live ? 0u : no_wait) << 32;
+        // (shifted unsigned: rank 31's bit lands in the sign bit; the host reads the word as int64 and masks)
+        st[kRefused] = static_cast<int64_t>(static_cast<uint64_t>(refusers) |
+                                            static_cast<uint64_t>(live ? 0u : no_wait) << 32);
     }
     __threadfence_system();
     __syncthreads();

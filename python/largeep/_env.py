@@ -80,7 +80,7 @@ def settings() -> Settings:
         check_values=os.environ.get(_PREFIX + "CHECK_VALUES", "1") not in ("0", "false", "False", ""),
         heap_margin=_float("NVSHMEM_HEAP_MARGIN", 1.25),
         zero_copy_slots=_count("ZERO_COPY_SLOTS", 2),
-        fault_backtrace=os.environ.get(_PREFIX + "SEGV_BACKTRACE", "0") == "1",
+        fault_backtrace=os.environ.get(_PREFIX + "SEGV_BACKTRACE", "0") == "1",  # (native.py reads it itself)
         tune=_tune(os.environ.get(_PREFIX + "TUNE", "")),
         high_priority=_choice("STREAM_PRIORITY", ("high", "normal")) == "high",
     )
@@ -117,4 +117,6 @@ if not logger.handlers:
     _handler.setFormatter(logging.Formatter("[largeep %(levelname)s] %(message)s"))
     logger.addHandler(_handler)
     logger.propagate = False
-logger.setLevel(getattr(logging, settings().log_level, logging.WARNING))
+# (only the log level at import: a bad value of another variable is an error of the Buffer that reads it, not of
+# ``import largeep``)
+logger.setLevel(getattr(logging, os.environ.get(_PREFIX + "LOG_LEVEL", "WARNING").upper(), logging.WARNING))

@@ -30,9 +30,10 @@ def _load() -> tuple[ModuleType | None, str | None]:
             f"version {have}, this Python code needs {ABI_VERSION}); reinstall largeep "
             "(`pip install --no-build-isolation .`)"
         )
-    from largeep import _env
+    import os
 
-    if _env.settings().fault_backtrace:
+    # (this variable alone: a bad value of another one is an error of the Buffer that reads it)
+    if os.environ.get("LARGEEP_SEGV_BACKTRACE", "0") == "1":
         _C.install_fault_backtrace()
     return _C, None
 

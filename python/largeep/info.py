@@ -1,0 +1,118 @@
+"""``python -m largeep``: what this machine gives largeep -- versions, GPUs, the native module and why it is missing,
+peer access between the GPUs, the ``LARGEEP_*`` and ``NVSHMEM_*`` settings -- and what to fix first.
+
+Never raises for a missing piece: every line says what it found. Exit status 1 when a ``LARGEEP_*`` variable has a
+value the library would refuse (Buffer creation would raise), else 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+
+def _cuda_major(version: str | None) -> int | None:
+    m = re.match(r"(\d+)", version or "")
+    return int(m.group(1)) if m else None
+
+
+def report() -> dict[str, Any]:
+    """Everything the text report shows, as plain values."""
+    import torch
+
+    from largeep import _env, native
+    from largeep.bench.records import environment
+
+    out: dict[str, Any] = {"environment": environment()}
+    gpus = []
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            p = torch.cuda.get_device_properties(i)
+            gpus.append({"index": i, "name": p.name, "capability": f"{p.major}.{p.minor}",
+                         "memory_gib": round(p.total_memory / (1 << 30), 1), "sms": p.multi_processor_count})
+    out["gpus"] = gpus
+    # peer access: the ranks of one node write each other's memory directly (NVLink), so each pair must have it
+    out["peer_access"] = [[i == j or bool(torch.cuda.can_device_access_peer(i, j)) for j in range(len(gpus))]
+                          for i in range(len(gpus))]
+    out["native"] = native.unavailable_reason() or "ok"
+    out["auto_backend"] = "nvshmem" if out["native"] == "ok" else "torch"
+    try:
+        settings = _env.settings()
+        out["settings"] = {k: v for k, v in vars(settings).items()}
+        out["settings_error"] = None
+    except ValueError as exc:
+        out["settings"], out["settings_error"] = None, str(exc)
+    out["variables"] = {k: v for k, v in sorted(os.environ.items()) if k.startswith(("LARGEEP_", "NVSHMEM_"))}
+    out["advice"] = _advice(out)
+    return out
+
+
+def _advice(r: dict[str, Any]) -> list[str]:
+    env, tips = r["environment"], []
+    if r["settings_error"]:
+        tips.append(f"fix the environment variable: {r['settings_error']} (Buffer creation would raise this)")
+    nvshmem, torch_cuda = env.get("nvshmem"), env.get("cuda")
+    wheel = re.search(r"cu(\d+)", nvshmem or "")
+    if wheel and torch_cuda and int(wheel.group(1)) != _cuda_major(torch_cuda):
+        tips.append(f"{nvshmem} is for CUDA {wheel.group(1)} but torch is built for CUDA {torch_cuda}: install "
+                    f"nvidia-nvshmem-cu{_cuda_major(torch_cuda)} and rebuild largeep")
+    if r["native"] != "ok" and r["gpus"]:
+        tips.append(f"the nvshmem backend is unavailable ({r['native']}); backend='auto' falls back to 'torch'")
+    cut = [(i, j) for i, row in enumerate(r["peer_access"]) for j, ok in enumerate(row) if not ok]
+    if cut:
+        tips.append(f"GPU pairs without peer access {cut}: ranks on those GPUs cannot share a node in the nvshmem "
+                    "backend (set ranks_per_node so that they are on different nodes, or use backend='torch')")
+    if not r["gpus"]:
+        tips.append("no CUDA GPU is visible: only the torch backend runs (gloo on CPU)")
+    return tips
+
+
+def _text(r: dict[str, Any]) -> str:
+    env = r["environment"]
+    lines = [f"largeep {env.get('largeep')}" + (f" ({env['git']})" if env.get("git") else ""),
+             f"  python {env.get('python')}, torch {env.get('torch')} (CUDA {env.get('cuda') or 'none'}), "
+             f"NCCL {env.get('nccl') or '-'}, {env.get('nvshmem') or 'no NVSHMEM wheel'}"]
+    if r["gpus"]:
+        lines.append(f"  {len(r['gpus'])} GPU(s), driver {env.get('driver') or '?'}:")
+        for g in r["gpus"]:
+            lines.append(f"    {g['index']}: {g['name']} (sm_{g['capability'].replace('.', '')}, {g['sms']} SMs, "
+                         f"{g['memory_gib']} GiB)")
+        if len(r["gpus"]) > 1:
+            lines.append("  peer access (row -> column): " + "  ".join(
+                "".join("y" if ok else "." for ok in row) for row in r["peer_access"]))
+    else:
+        lines.append("  no CUDA GPU visible")
+    lines.append(f"  native module (nvshmem backend): {r['native']}")
+    lines.append(f"  backend='auto' picks: {r['auto_backend']} (for groups of up to 32 ranks, 8 per node)")
+    if r["settings_error"]:
+        lines.append(f"  settings: INVALID: {r['settings_error']}")
+    else:
+        s = r["settings"]
+        lines.append(f"  settings: timeout {s['timeout_s']:g} s, init timeout {s['init_timeout_s']:g} s, "
+                     f"value checks {'on' if s['check_values'] else 'off'}, zero-copy slots {s['zero_copy_slots']}")
+    for k, v in r["variables"].items():
+        lines.append(f"    {k}={v}")
+    if r["advice"]:
+        lines.append("to do:")
+        lines.extend(f"  - {t}" for t in r["advice"])
+    else:
+        lines.append("nothing to fix")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m largeep", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--json", action="store_true", help="print the report as JSON")
+    args = ap.parse_args(argv)
+    r = report()
+    print(json.dumps(r, indent=2, default=str) if args.json else _text(r))
+    return 1 if r["settings_error"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,54 @@
+"""``python -m largeep``: the environment report (CPU here; on a GPU machine the same tests see its GPUs)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from largeep import info
+
+
+def test_report_matches_the_machine(capsys: pytest.CaptureFixture[str]) -> None:
+    assert info.main(["--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    assert len(r["gpus"]) == n and len(r["peer_access"]) == n
+    assert all(r["peer_access"][i][i] for i in range(n))
+    assert r["environment"]["torch"] == torch.__version__
+    assert (r["native"] == "ok") == (r["auto_backend"] == "nvshmem")
+    assert r["settings_error"] is None and r["settings"]["timeout_s"] > 0
+    if n == 0:
+        assert r["native"] != "ok" and any("no CUDA GPU" in t for t in r["advice"])
+
+
+def test_bad_variable_is_reported(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("LARGEEP_INIT_TIMEOUT_S", "-1")
+    monkeypatch.setenv("NVSHMEM_DEBUG", "INFO")
+    assert info.main([]) == 1
+    out = capsys.readouterr().out
+    assert "settings: INVALID: LARGEEP_INIT_TIMEOUT_S='-1': expected a positive number" in out
+    assert "NVSHMEM_DEBUG=INFO" in out and "fix the environment variable" in out
+
+
+def test_advice_for_mismatched_cuda_and_cut_peers() -> None:
+    r = {"environment": {"nvshmem": "nvidia-nvshmem-cu12 3.3.9", "cuda": "13.0"}, "settings_error": None,
+         "native": "ok", "gpus": [{}, {}], "peer_access": [[True, False], [False, True]]}
+    tips = info._advice(r)
+    assert any("is for CUDA 12 but torch is built for CUDA 13.0" in t and "nvidia-nvshmem-cu13" in t for t in tips)
+    assert any("without peer access [(0, 1), (1, 0)]" in t for t in tips)
+    r["environment"]["nvshmem"] = "nvidia-nvshmem-cu13 3.8.0"
+    r["peer_access"] = [[True, True], [True, True]]
+    assert info._advice(r) == []
+
+
+def test_import_survives_a_bad_variable() -> None:
+    """A bad LARGEEP_* value is an error of the Buffer that reads it: ``import largeep`` and the report still work
+    (before, the logger's setup read every variable at import and raised)."""
+    env = dict(os.environ, LARGEEP_TIMEOUT_S="abc")
+    run = subprocess.run([sys.executable, "-m", "largeep"], env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 1, run.stderr
+    assert "LARGEEP_TIMEOUT_S='abc': expected a number" in run.stdout

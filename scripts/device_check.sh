@@ -40,6 +40,7 @@ for stage in $STAGES; do
       fi
       echo "build: $(( $(date +%s) - start )) s" | tee -a "$OUT/summary.txt"
       (cd /tmp && $PY -c "import largeep.native as n; print('native:', n.unavailable_reason() or 'ok')") | tee -a "$OUT/summary.txt"
+      (cd /tmp && $PY -m largeep > "$OUT/environment.txt" 2>&1)  # versions, GPUs, peer access, settings
       ;;
     tests)
       (cd tests && timeout 1500 $PY -m pytest -q -ra --durations=25 ${LARGEEP_GPU_TESTS:--m gpu .} -p no:cacheprovider) \

@@ -127,9 +127,27 @@ class _Registry:
         self.entries: dict[int, OrderedDict[int, _Entry]] = {}
         self.next_buffer = itertools.count(1)
         self.next_ticket = itertools.count(1)
+        # ids of Buffers that died, whose entries are dropped under the lock (see _forget_buffer)
+        self.forgotten: list[int] = []
 
 
 _REG = _Registry()
+
+
+def _drop_forgotten() -> None:
+    """(Under the registry's lock.) Drops the entries of Buffers that died since."""
+    while _REG.forgotten:
+        bid = _REG.forgotten.pop()
+        _REG.entries.pop(bid, None)
+        _REG.limits.pop(bid, None)
+
+
+@contextlib.contextmanager
+def _locked() -> Iterator[None]:
+    """The registry's lock, after dropping the entries of Buffers that died since."""
+    with _REG.lock:
+        _drop_forgotten()
+        yield
 
 
 def register_buffer(buffer: Buffer, *, max_live_handles: int = DEFAULT_MAX_LIVE_HANDLES) -> int:
@@ -140,7 +158,7 @@ def register_buffer(buffer: Buffer, *, max_live_handles: int = DEFAULT_MAX_LIVE_
         raise ArgumentError(f"register_buffer: argument 'buffer' must be a largeep.Buffer, got {type(buffer).__name__}")
     if max_live_handles < 1:
         raise ArgumentError(f"register_buffer: argument 'max_live_handles' must be >= 1, got {max_live_handles}")
-    with _REG.lock:
+    with _locked():
         bid = _REG.ids.get(buffer)
         if bid is None:
             bid = next(_REG.next_buffer)
@@ -153,9 +171,15 @@ def register_buffer(buffer: Buffer, *, max_live_handles: int = DEFAULT_MAX_LIVE_
 
 
 def _forget_buffer(bid: int) -> None:
-    with _REG.lock:
-        _REG.entries.pop(bid, None)
-        _REG.limits.pop(bid, None)
+    # A Buffer's finalizer: the garbage collector may run it in a thread that holds the registry's lock (an
+    # allocation inside a locked section), so it never waits for the lock; it leaves the id for the next locked
+    # section, and drops the entries now only if the lock is free.
+    _REG.forgotten.append(bid)
+    if _REG.lock.acquire(blocking=False):
+        try:
+            _drop_forgotten()
+        finally:
+            _REG.lock.release()
 
 
 def buffer_of(buffer_id: int) -> Buffer:
@@ -168,7 +192,7 @@ def buffer_of(buffer_id: int) -> Buffer:
 
 def release_handles(buffer_id: int) -> int:
     """Drops every handle still held for ``buffer_id`` (e.g. after an optimizer step); returns how many."""
-    with _REG.lock:
+    with _locked():
         entries = _REG.entries.get(buffer_id)
         n = len(entries) if entries is not None else 0
         if entries is not None:
@@ -178,12 +202,12 @@ def release_handles(buffer_id: int) -> int:
 
 def live_handles(buffer_id: int) -> int:
     """How many handles the registry holds for ``buffer_id``."""
-    with _REG.lock:
+    with _locked():
         return len(_REG.entries.get(buffer_id, ()))
 
 
 def _put(buffer_id: int, entry: _Entry) -> Tensor:
-    with _REG.lock:
+    with _locked():
         entries = _REG.entries[buffer_id]
         tid = next(_REG.next_ticket)
         entries[tid] = entry
@@ -195,7 +219,7 @@ def _put(buffer_id: int, entry: _Entry) -> Tensor:
 def _get(buffer_id: int, ticket: Tensor, op: str, refs: int = 0, settle: bool = False) -> _Entry:
     """The entry of ``ticket``; adds ``refs`` to its count, and with ``settle`` frees it if the count is <= 0."""
     tid = int(ticket.reshape(-1)[0])
-    with _REG.lock:
+    with _locked():
         entries = _REG.entries.get(buffer_id)
         entry = entries.get(tid) if entries is not None else None
         if entry is not None:

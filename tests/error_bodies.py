@@ -1061,3 +1061,56 @@ def init_times_out(rank: int, world: int, timeout_s: float) -> dict[str, Any]:
     except largeep.PeerTimeoutError as exc:
         chk.expect(time.monotonic() - start < 5.0 and "an earlier Buffer's" in str(exc), f"second Buffer: {exc}")
     return {"failures": chk.failures, "created": False}
+
+
+def bad_env_on_one_rank(rank: int, world: int, var: str, raw: str) -> dict[str, Any]:
+    """The last rank alone has ``var``=``raw`` (a value the library refuses): Buffer() must raise on every rank at
+    once (that rank naming the variable, the others naming that rank), none waiting in a collective the others
+    skip; then, the variable unset, a Buffer works."""
+    chk = Checker(f"{var}={raw!r} on the last rank, rank {rank}")
+    bad = rank == world - 1
+    old = os.environ.get(var)
+    if bad:
+        os.environ[var] = raw
+    kw: dict[str, Any] = dict(hidden=HIDDEN, num_experts=EXPERTS, num_topk=TOPK, max_tokens_per_rank=MAX_TOKENS,
+                              backend="torch")
+    try:
+        try:
+            largeep.Buffer(None, **kw).destroy()
+        except ArgumentError as exc:
+            want = [var, repr(raw)] + ([] if bad else [f"rank(s) [{world - 1}] refused"])
+            chk.expect(all(w in str(exc) for w in want), f"message {str(exc)!r}")
+        else:
+            chk.expect(False, "Buffer() went through")
+    finally:
+        if old is None:
+            os.environ.pop(var, None)
+        else:
+            os.environ[var] = old
+    case = _good_case(world, HIDDEN, False, 5)
+    buf = largeep.Buffer(None, backend="torch", **case.buffer_kwargs())
+    try:
+        assert isinstance(case, NormalCase)
+        NormalRound(buf, case, chk).run()
+    finally:
+        buf.destroy()
+    return {"failures": chk.failures}
+
+
+def nvshmem_missing_on_one_rank(rank: int, world: int) -> str:
+    """backend='nvshmem' where only rank 0 lacks the native module (the others pretend to have it): every rank
+    raises RuntimeError (rank 0 its own reason, the others naming rank 0) instead of the others going on into
+    NVSHMEM's start without it. Returns the message."""
+    from largeep import native
+
+    real = native.unavailable_reason
+    if rank > 0:
+        native.unavailable_reason = lambda: None  # type: ignore[assignment]
+    try:
+        largeep.Buffer(None, hidden=HIDDEN, num_experts=EXPERTS, num_topk=TOPK, max_tokens_per_rank=MAX_TOKENS,
+                       backend="nvshmem")
+    except RuntimeError as exc:
+        return str(exc)
+    finally:
+        native.unavailable_reason = real  # type: ignore[assignment]
+    raise AssertionError("Buffer(backend='nvshmem') went through")

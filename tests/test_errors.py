@@ -9,6 +9,7 @@ LARGEEP_TIMEOUT_S parsing (``largeep._env``).
 from __future__ import annotations
 
 import os
+import re
 
 import error_bodies
 import pytest
@@ -271,6 +272,42 @@ def test_timeout_rejects(monkeypatch: pytest.MonkeyPatch, raw: str, words: str) 
         _env.settings()
     msg = str(info.value)
     assert "LARGEEP_TIMEOUT_S" in msg and repr(raw) in msg and words in msg, msg
+
+
+@pytest.mark.parametrize("var,raw", [("LARGEEP_TIMEOUT_S", "abc"), ("LARGEEP_TUNE", "comb=9"),
+                                     ("LARGEEP_ZERO_COPY_SLOTS", "two")])
+def test_bad_variable_on_one_rank(pools, var: str, raw: str) -> None:
+    results = pools(WORLD).run(error_bodies.bad_env_on_one_rank, var, raw)
+    failures = [f for r in results for f in r["failures"]]
+    assert not failures, "\n".join(failures)
+
+
+def test_nvshmem_missing_on_one_rank(pools) -> None:
+    # (CPU: no rank has the native module; ranks 1.. pretend to)
+    msgs = pools(WORLD).run(error_bodies.nvshmem_missing_on_one_rank)
+    assert "backend 'nvshmem' is not available" in msgs[0], msgs
+    assert all("rank(s) [0] cannot load the native module" in m for m in msgs[1:]), msgs
+
+
+@pytest.mark.parametrize("raw,words", [
+    ("threads=100", "threads=100, expected a multiple of 32 in [64, 1024]"),
+    ("threads=2048", "a multiple of 32"),
+    ("load=3", "load=3, expected 0, 1 or 2"),
+    ("unroll=6", "unroll=6, expected 4 or 8"),
+    ("ll_spread=2", "ll_spread=2"),
+    ("ll_fuse=-1", "ll_fuse=-1"),
+    ("comb=8", "comb=8, expected 0 (push, then reduce) or 1..7"),
+    ("speed=1", "expected comma-separated key=int"),
+])
+def test_tune_rejects(monkeypatch: pytest.MonkeyPatch, raw: str, words: str) -> None:
+    monkeypatch.setenv("LARGEEP_TUNE", raw)
+    with pytest.raises(ValueError, match=re.escape(words)):
+        _env.settings()
+
+
+def test_tune_accepts(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LARGEEP_TUNE", "threads=512,load=2,unroll=4,ll_spread=0,ll_fuse=1,comb=0")
+    assert _env.settings().tune == {"threads": 512, "load": 2, "unroll": 4, "ll_spread": 0, "ll_fuse": 1, "comb": 0}
 
 
 # -- LARGEEP_STREAM_PRIORITY ---------------------------------------------------------------------------------------

@@ -101,6 +101,17 @@ HIGHEST_PRIORITY = -(1 << 20)
 _TUNE_DEFAULTS = {"threads": 1024, "load": 0, "unroll": 8, "ll_spread": 1, "ll_fuse": 0, "comb": 3}
 
 
+# the values each LARGEEP_TUNE key takes (the native kernels assert the same)
+_TUNE_RANGES = {
+    "threads": (tuple(range(64, 1025, 32)), "a multiple of 32 in [64, 1024]"),
+    "load": ((0, 1, 2), "0, 1 or 2"),
+    "unroll": ((4, 8), "4 or 8"),
+    "ll_spread": ((0, 1), "0 or 1"),
+    "ll_fuse": ((0, 1), "0 or 1"),
+    "comb": (tuple(range(8)), "0 (push, then reduce) or 1..7 (fused: eighths of the blocks that push)"),
+}
+
+
 def _tune(raw: str) -> dict[str, int]:
     out = dict(_TUNE_DEFAULTS)
     for item in filter(None, (p.strip() for p in raw.split(","))):
@@ -108,6 +119,9 @@ def _tune(raw: str) -> dict[str, int]:
         if key not in out or not value.lstrip("-").isdigit():
             raise ValueError(f"{_PREFIX}TUNE={raw!r}: expected comma-separated key=int with keys {sorted(out)}")
         out[key] = int(value)
+        allowed, what = _TUNE_RANGES[key]
+        if out[key] not in allowed:
+            raise ValueError(f"{_PREFIX}TUNE={raw!r}: {key}={out[key]}, expected {what}")
     return out
 
 

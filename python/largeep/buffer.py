@@ -267,11 +267,14 @@ class Buffer:
                 checks.positive_int(op, "num_sms", num_sms)
                 if num_sms % 2:
                     raise ArgumentError(f"{op}: argument 'num_sms' = {num_sms} must be even")
-        except ArgumentError as exc:
+            # the LARGEEP_* variables, read now (a bad value on one rank refuses the Buffer on every rank)
+            settings = _env.settings()
+        except (ArgumentError, ValueError) as exc:  # (the settings raise ValueError)
             local_error = str(exc)
-        # whether this rank could run the native module: "auto" picks the same backend on every rank
+        # whether this rank could run the native module: "auto" picks the same backend on every rank, and
+        # "nvshmem" is refused on every rank when one rank cannot
         native_ok = True
-        if backend == "auto" and local_error is None:
+        if backend != "torch" and local_error is None:
             from largeep import native
 
             native_ok = native.unavailable_reason() is None
@@ -324,7 +327,7 @@ class Buffer:
             # NVSHMEM uses the group only for a few object collectives (its start, the configuration check), which
             # gloo carries as well: the data lives on this process's current CUDA device
             device = torch.device("cuda", torch.cuda.current_device())
-        self._settings = _env.settings()
+        self._settings = settings
         self.ctx = GroupContext(
             group=group, rank=rank, num_ranks=n, ranks_per_node=ranks_per_node, device=device, hidden=hidden,
             num_experts=num_experts, num_topk=num_topk, max_tokens_per_rank=max_tokens_per_rank,
@@ -381,8 +384,9 @@ class Buffer:
         if backend == "torch":
             return "torch"
         reason = native.unavailable_reason()
-        if reason is None and backend == "auto" and without_native:
-            reason = f"rank(s) {without_native} cannot load the native module (every rank takes 'torch')"
+        if reason is None and without_native:
+            reason = f"rank(s) {without_native} cannot load the native module or see a CUDA device" + (
+                " (every rank takes 'torch')" if backend == "auto" else "")
         if reason is None and self.ctx.device.type != "cuda":
             reason = "the process group is not an NCCL group on CUDA devices"
         if reason is None:

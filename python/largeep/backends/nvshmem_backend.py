@@ -270,10 +270,7 @@ class NvshmemBackend:
         # forwarders into the copy slot)
         self.zc_slots = settings.zero_copy_slots if not ctx.low_latency and ctx.ranks_per_node == n else 0
         # the fused combine (LARGEEP_TUNE comb >= 1, one node) and push + reduce speak different flag protocols
-        comb = settings.tune["comb"]
-        if not 0 <= comb <= 7:
-            raise ArgumentError(f"LARGEEP_TUNE comb={comb}: expected 0 (push, then reduce) or 1..7 (fused: eighths "
-                                "of the blocks that push)")
+        comb = settings.tune["comb"]  # (0..7: LARGEEP_TUNE's values are checked when the settings are read)
         self.fused_combine = comb if not ctx.low_latency and ctx.ranks_per_node == n else 0
         # Every rank must lay out its symmetric memory the same way (one collective allocation; peers compute
         # addresses in each other's memory) and speak the same combine protocol: refuse, on every rank, a group
@@ -324,8 +321,6 @@ class NvshmemBackend:
             self.error_word.data_ptr(), settings.timeout_s,
         )
         if ctx.low_latency:
-            if settings.tune["ll_fuse"] not in (0, 1):
-                raise RuntimeError(f"LARGEEP_TUNE ll_fuse must be 0 or 1, got {settings.tune['ll_fuse']}")
             self.ll_fuse = bool(settings.tune["ll_fuse"])  # 1: the fused launchers (see below; default 0)
             self.ll = self.C.LowLatencyKernels(*common, ctx.ranks_per_node, settings.tune["ll_spread"])
         else:
@@ -398,9 +393,10 @@ class NvshmemBackend:
                 "num_worst_tokens; nothing was copied and the Buffer is unusable now (destroy it; num_worst_tokens "
                 "must be at least the rows any rank can receive, e.g. num_ranks * max_tokens_per_rank)"
             )
+        whom = f"rank {rank}" if rank >= 0 else "a peer (the host gave up first)"
         raise PeerTimeoutError(
             f"{op}: {what} on rank {self.ctx.rank} waited more than LARGEEP_TIMEOUT_S={self.settings.timeout_s:g} s "
-            f"for rank {rank}; the Buffer is unusable now (destroy it)"
+            f"for {whom}; the Buffer is unusable now (destroy it)"
         )
 
     @staticmethod
@@ -556,9 +552,13 @@ class NvshmemBackend:
                 rc = self.C.wait_host_word(self.host_ptr, _READY, 1, _ERROR, self.settings.timeout_s + _HOST_GRACE_S)
                 self._raise_if_failed("dispatch")
                 if rc == 2:
+                    # the abandoned round's kernels may still finish later and write this round's counts: the next
+                    # call must not read them as its own, so the Buffer is unusable from here (as after a device
+                    # report; op 3, no rank known)
+                    self.status[_ERROR] = 3 << 16
                     raise PeerTimeoutError(
                         f"dispatch: rank {c.rank} got no count exchange within {self.settings.timeout_s:g} s "
-                        "(a peer did not call dispatch, or a kernel failed)"
+                        "(a peer did not call dispatch, or a kernel failed); the Buffer is unusable now (destroy it)"
                     )
                 refused = int(self.status[_REFUSED])
                 if refused:

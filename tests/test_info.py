@@ -52,3 +52,21 @@ def test_import_survives_a_bad_variable() -> None:
     run = subprocess.run([sys.executable, "-m", "largeep"], env=env, capture_output=True, text=True, timeout=120)
     assert run.returncode == 1, run.stderr
     assert "LARGEEP_TIMEOUT_S='abc': expected a number" in run.stdout
+
+
+def test_bad_log_level(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """A LARGEEP_LOG_LEVEL that names no level: the library logs at WARNING (import does not fail, even for a
+    name that logging maps to something else) and the report says so."""
+    from largeep import _env
+
+    for raw in ("loud", "basic_format"):
+        monkeypatch.setenv("LARGEEP_LOG_LEVEL", raw)
+        assert _env.log_level() is None
+        assert info.main([]) == 0
+        assert f"LARGEEP_LOG_LEVEL={raw!r} names no logging level" in capsys.readouterr().out
+    monkeypatch.setenv("LARGEEP_LOG_LEVEL", "info")
+    assert _env.log_level() == 20
+    env = dict(os.environ, LARGEEP_LOG_LEVEL="basic_format")
+    run = subprocess.run([sys.executable, "-c", "import largeep"], env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 0, run.stderr

@@ -423,14 +423,13 @@ def test_ops_zero_rows_backward(pools) -> None:
 def test_ops_registry_finalizer_never_waits_for_the_lock() -> None:
     """A Buffer's finalizer may run (garbage collection) in a thread that holds the ops registry's lock: it must
     not wait for it (that deadlocked), and the dead Buffer's entries go at the next locked call."""
+    import gc
     import threading
     from collections import OrderedDict
 
     from largeep import ops
 
     bid = -12345  # (no real Buffer has a negative id)
-    with ops._locked():
-        ops._REG.entries[bid], ops._REG.limits[bid] = OrderedDict(), 1
     done = threading.Event()
 
     def finalize_inside_lock() -> None:
@@ -438,11 +437,17 @@ def test_ops_registry_finalizer_never_waits_for_the_lock() -> None:
             ops._forget_buffer(bid)  # as the garbage collector would call it here
         done.set()
 
-    t = threading.Thread(target=finalize_inside_lock, daemon=True)
-    t.start()
-    assert done.wait(10.0), "the finalizer waited for a lock its own thread holds"
-    assert bid in ops._REG.entries  # not dropped yet: the lock was held
-    assert ops.live_handles(1) >= 0  # any locked call drops it
-    assert bid not in ops._REG.entries and bid not in ops._REG.limits
-    ops._forget_buffer(bid)  # with the lock free: dropped at once
-    assert bid not in ops._REG.forgotten
+    gc.disable()  # (a collection meanwhile could finalize an earlier test's dead Buffer and drain early)
+    try:
+        with ops._locked():
+            ops._REG.entries[bid], ops._REG.limits[bid] = OrderedDict(), 1
+        t = threading.Thread(target=finalize_inside_lock, daemon=True)
+        t.start()
+        assert done.wait(10.0), "the finalizer waited for a lock its own thread holds"
+        assert bid in ops._REG.entries  # not dropped yet: the lock was held
+        assert ops.live_handles(1) >= 0  # any locked call drops it
+        assert bid not in ops._REG.entries and bid not in ops._REG.limits
+        ops._forget_buffer(bid)  # with the lock free: dropped at once
+        assert bid not in ops._REG.forgotten
+    finally:
+        gc.enable()

@@ -133,4 +133,10 @@ if not logger.handlers:
     logger.propagate = False
 # (only the log level at import: a bad value of another variable is an error of the Buffer that reads it, not of
 # ``import largeep``)
-logger.setLevel(getattr(logging, os.environ.get(_PREFIX + "LOG_LEVEL", "WARNING").upper(), logging.WARNING))
+def log_level() -> int | None:
+    """LARGEEP_LOG_LEVEL as a logging level (default WARNING), or None when it names none."""
+    level = logging.getLevelName(os.environ.get(_PREFIX + "LOG_LEVEL", "WARNING").strip().upper() or "WARNING")
+    return level if isinstance(level, int) else None
+
+
+logger.setLevel(log_level() or logging.WARNING)

@@ -48,6 +48,9 @@ def report() -> dict[str, Any]:
     except ValueError as exc:
         out["settings"], out["settings_error"] = None, str(exc)
     out["variables"] = {k: v for k, v in sorted(os.environ.items()) if k.startswith(("LARGEEP_", "NVSHMEM_"))}
+    out["log_level_error"] = None if _env.log_level() is not None else (
+        f"LARGEEP_LOG_LEVEL={os.environ.get('LARGEEP_LOG_LEVEL')!r} names no logging level (DEBUG, INFO, WARNING, "
+        "ERROR, CRITICAL): the library logs at WARNING")
     out["advice"] = _advice(out)
     return out
 
@@ -56,6 +59,8 @@ def _advice(r: dict[str, Any]) -> list[str]:
     env, tips = r["environment"], []
     if r["settings_error"]:
         tips.append(f"fix the environment variable: {r['settings_error']} (Buffer creation would raise this)")
+    if r.get("log_level_error"):
+        tips.append(r["log_level_error"])
     nvshmem, torch_cuda = env.get("nvshmem"), env.get("cuda")
     wheel = re.search(r"cu(\d+)", nvshmem or "")
     if wheel and torch_cuda and int(wheel.group(1)) != _cuda_major(torch_cuda):
@@ -106,7 +111,7 @@ def _text(r: dict[str, Any]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m largeep", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m largeep", description=(__doc__ or "").split("\n\n")[0])
     ap.add_argument("--json", action="store_true", help="print the report as JSON")
     args = ap.parse_args(argv)
     r = report()

@@ -555,7 +555,9 @@ class NvshmemBackend:
                     # the abandoned round's kernels may still finish later and write this round's counts: the next
                     # call must not read them as its own, so the Buffer is unusable from here (as after a device
                     # report; op 3, no rank known)
-                    self.status[_ERROR] = 3 << 16
+                    if int(self.status[_ERROR]) == 0:
+                        self.status[_ERROR] = 3 << 16
+                    self._raise_if_failed("dispatch")  # (a device report that came meanwhile names the rank)
                     raise PeerTimeoutError(
                         f"dispatch: rank {c.rank} got no count exchange within {self.settings.timeout_s:g} s "
                         "(a peer did not call dispatch, or a kernel failed); the Buffer is unusable now (destroy it)"

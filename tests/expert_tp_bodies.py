@@ -231,3 +231,26 @@ def tp_top1_empty_rank(rank: int, world: int) -> None:
         assert x.grad is not None and x.grad.shape == x.shape and bool(torch.isfinite(x.grad).all())
     finally:
         buf.destroy()
+
+
+def missing_tp_member(rank: int, world: int, timeout_s: float) -> dict[str, Any]:
+    """Rank 0 gathers rows over a TP group whose other members never call (as when their EP group refused a
+    dispatch): it must raise PeerTimeoutError after about LARGEEP_TIMEOUT_S (gloo), not wait for the group's own
+    timeout. Returns {"raised": message or None, "took": seconds} on rank 0."""
+    import os
+    import time
+
+    from largeep import expert_tp
+
+    group = dist.new_group(list(range(world)))
+    if rank != 0:
+        return {"raised": None, "took": 0.0}
+    os.environ["LARGEEP_TIMEOUT_S"] = str(timeout_s)
+    start = time.monotonic()
+    try:
+        expert_tp.all_gather_rows(group, torch.ones(3, 4))
+    except largeep.PeerTimeoutError as exc:
+        return {"raised": str(exc), "took": time.monotonic() - start}
+    finally:
+        del os.environ["LARGEEP_TIMEOUT_S"]
+    return {"raised": None, "took": time.monotonic() - start}

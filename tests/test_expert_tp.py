@@ -63,3 +63,16 @@ def test_bad_configs(pools, world: int) -> None:
 
 def test_tp_top1_with_an_empty_rank(pools) -> None:
     pools(2).run(expert_tp_bodies.tp_top1_empty_rank)
+
+
+def test_missing_tp_member_is_bounded() -> None:
+    # a pool of its own: the abandoned gather stays pending in its processes, which are killed afterwards
+    from dist_pool import DistPool
+
+    pool = DistPool(2, "gloo", timeout_s=120)
+    try:
+        r0 = pool.run(expert_tp_bodies.missing_tp_member, 2.0)[0]
+    finally:
+        pool.close(force=True)
+    assert r0["raised"] is not None and "expert TP" in r0["raised"] and "LARGEEP_TIMEOUT_S=2" in r0["raised"], r0
+    assert 2.0 <= r0["took"] < 30.0, r0

@@ -35,12 +35,10 @@ _PREFIX = "LARGEEP_"
 class Settings:
     timeout_s: float
     init_timeout_s: float
-    log_level: str
     check_values: bool
     heap_margin: float
     zero_copy_slots: int
     tune: dict[str, int]
-    fault_backtrace: bool
     high_priority: bool
 
     @property
@@ -76,14 +74,18 @@ def settings() -> Settings:
     return Settings(
         timeout_s=_float("TIMEOUT_S", 100.0),
         init_timeout_s=_float("INIT_TIMEOUT_S", 300.0),
-        log_level=os.environ.get(_PREFIX + "LOG_LEVEL", "WARNING").upper(),
         check_values=os.environ.get(_PREFIX + "CHECK_VALUES", "1") not in ("0", "false", "False", ""),
         heap_margin=_float("NVSHMEM_HEAP_MARGIN", 1.25),
         zero_copy_slots=_count("ZERO_COPY_SLOTS", 2),
-        fault_backtrace=os.environ.get(_PREFIX + "SEGV_BACKTRACE", "0") == "1",  # (native.py reads it itself)
         tune=_tune(os.environ.get(_PREFIX + "TUNE", "")),
         high_priority=_choice("STREAM_PRIORITY", ("high", "normal")) == "high",
     )
+
+
+def fault_backtrace() -> bool:
+    """LARGEEP_SEGV_BACKTRACE=1 (read when the native module loads, apart from the Buffer's settings: a bad value of
+    another variable is an error of the Buffer that reads it)."""
+    return os.environ.get(_PREFIX + "SEGV_BACKTRACE", "0") == "1"
 
 
 def _choice(name: str, values: tuple[str, ...]) -> str:
@@ -125,6 +127,12 @@ def _tune(raw: str) -> dict[str, int]:
     return out
 
 
+def log_level() -> int | None:
+    """LARGEEP_LOG_LEVEL as a logging level (default WARNING), or None when it names none."""
+    level = logging.getLevelName(os.environ.get(_PREFIX + "LOG_LEVEL", "WARNING").strip().upper() or "WARNING")
+    return level if isinstance(level, int) else None
+
+
 logger = logging.getLogger("largeep")
 if not logger.handlers:
     _handler = logging.StreamHandler()
@@ -133,10 +141,4 @@ if not logger.handlers:
     logger.propagate = False
 # (only the log level at import: a bad value of another variable is an error of the Buffer that reads it, not of
 # ``import largeep``)
-def log_level() -> int | None:
-    """LARGEEP_LOG_LEVEL as a logging level (default WARNING), or None when it names none."""
-    level = logging.getLevelName(os.environ.get(_PREFIX + "LOG_LEVEL", "WARNING").strip().upper() or "WARNING")
-    return level if isinstance(level, int) else None
-
-
 logger.setLevel(log_level() or logging.WARNING)

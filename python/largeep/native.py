@@ -30,10 +30,9 @@ def _load() -> tuple[ModuleType | None, str | None]:
             f"version {have}, this Python code needs {ABI_VERSION}); reinstall largeep "
             "(`pip install --no-build-isolation .`)"
         )
-    import os
+    from largeep import _env
 
-    # (this variable alone: a bad value of another one is an error of the Buffer that reads it)
-    if os.environ.get("LARGEEP_SEGV_BACKTRACE", "0") == "1":
+    if _env.fault_backtrace():
         _C.install_fault_backtrace()
     return _C, None
 

@@ -660,25 +660,30 @@ def bad_call(rank: int, world: int, backend: str, name: str) -> dict[str, Any]:
     return {"message": message, "failures": chk.failures, "checks": chk.checks}
 
 
-def bad_timeout_env(rank: int, world: int, backend: str, raw: str) -> dict[str, Any]:
-    """Buffer() with LARGEEP_TIMEOUT_S=``raw`` must raise ValueError naming the variable; then, with the variable
+def bad_env(rank: int, world: int, backend: str, var: str, raw: str, bad_ranks: list[int]) -> dict[str, Any]:
+    """The ranks ``bad_ranks`` (sorted) have ``var``=``raw`` (a value the library refuses), set after import:
+    Buffer() must raise ArgumentError on every rank at once (the ranks with the value naming the variable, the
+    others naming those ranks and the variable), none waiting in a collective the others skip; then, the variable
     unset, a Buffer works."""
-    chk = Checker(f"LARGEEP_TIMEOUT_S={raw!r} on rank {rank}")
-    old = os.environ.get("LARGEEP_TIMEOUT_S")
-    os.environ["LARGEEP_TIMEOUT_S"] = raw
+    chk = Checker(f"{var}={raw!r} on ranks {bad_ranks}, rank {rank}")
+    bad = rank in bad_ranks
+    old = os.environ.get(var)
+    if bad:
+        os.environ[var] = raw
     try:
         try:
             largeep.Buffer(None, hidden=HIDDEN, num_experts=EXPERTS, num_topk=TOPK, max_tokens_per_rank=MAX_TOKENS,
                            backend=backend).destroy()
-        except ValueError as exc:
-            chk.expect("LARGEEP_TIMEOUT_S" in str(exc) and repr(raw) in str(exc), f"message {str(exc)!r}")
+        except ArgumentError as exc:
+            want = [var, repr(raw)] + ([] if bad else [f"rank(s) {bad_ranks} refused"])
+            chk.expect(all(w in str(exc) for w in want), f"message {str(exc)!r}")
         else:
-            chk.expect(False, "Buffer() accepted the value")
+            chk.expect(False, "Buffer() went through")
     finally:
         if old is None:
-            del os.environ["LARGEEP_TIMEOUT_S"]
+            os.environ.pop(var, None)
         else:
-            os.environ["LARGEEP_TIMEOUT_S"] = old
+            os.environ[var] = old
     case = _good_case(world, HIDDEN, False, 3)
     buf = largeep.Buffer(None, backend=backend, **case.buffer_kwargs())
     try:
@@ -1061,40 +1066,6 @@ def init_times_out(rank: int, world: int, timeout_s: float) -> dict[str, Any]:
     except largeep.PeerTimeoutError as exc:
         chk.expect(time.monotonic() - start < 5.0 and "an earlier Buffer's" in str(exc), f"second Buffer: {exc}")
     return {"failures": chk.failures, "created": False}
-
-
-def bad_env_on_one_rank(rank: int, world: int, var: str, raw: str) -> dict[str, Any]:
-    """The last rank alone has ``var``=``raw`` (a value the library refuses): Buffer() must raise on every rank at
-    once (that rank naming the variable, the others naming that rank), none waiting in a collective the others
-    skip; then, the variable unset, a Buffer works."""
-    chk = Checker(f"{var}={raw!r} on the last rank, rank {rank}")
-    bad = rank == world - 1
-    old = os.environ.get(var)
-    if bad:
-        os.environ[var] = raw
-    kw: dict[str, Any] = dict(hidden=HIDDEN, num_experts=EXPERTS, num_topk=TOPK, max_tokens_per_rank=MAX_TOKENS,
-                              backend="torch")
-    try:
-        try:
-            largeep.Buffer(None, **kw).destroy()
-        except ArgumentError as exc:
-            want = [var, repr(raw)] + ([] if bad else [f"rank(s) [{world - 1}] refused"])
-            chk.expect(all(w in str(exc) for w in want), f"message {str(exc)!r}")
-        else:
-            chk.expect(False, "Buffer() went through")
-    finally:
-        if old is None:
-            os.environ.pop(var, None)
-        else:
-            os.environ[var] = old
-    case = _good_case(world, HIDDEN, False, 5)
-    buf = largeep.Buffer(None, backend="torch", **case.buffer_kwargs())
-    try:
-        assert isinstance(case, NormalCase)
-        NormalRound(buf, case, chk).run()
-    finally:
-        buf.destroy()
-    return {"failures": chk.failures}
 
 
 def nvshmem_missing_on_one_rank(rank: int, world: int) -> str:

@@ -277,7 +277,7 @@ def test_timeout_rejects(monkeypatch: pytest.MonkeyPatch, raw: str, words: str) 
 @pytest.mark.parametrize("var,raw", [("LARGEEP_TIMEOUT_S", "abc"), ("LARGEEP_TUNE", "comb=9"),
                                      ("LARGEEP_ZERO_COPY_SLOTS", "two")])
 def test_bad_variable_on_one_rank(pools, var: str, raw: str) -> None:
-    results = pools(WORLD).run(error_bodies.bad_env_on_one_rank, var, raw)
+    results = pools(WORLD).run(error_bodies.bad_env, "torch", var, raw, [WORLD - 1])
     failures = [f for r in results for f in r["failures"]]
     assert not failures, "\n".join(failures)
 
@@ -333,7 +333,7 @@ def test_stream_priority_rejects(monkeypatch: pytest.MonkeyPatch, raw: str) -> N
 def test_timeout_rejected_at_buffer_creation(pools, raw: str) -> None:
     """A bad value set after import is refused when a Buffer is made (naming the variable), and a Buffer made
     once it is fixed works."""
-    results = pools(WORLD).run(error_bodies.bad_timeout_env, "torch", raw)
+    results = pools(WORLD).run(error_bodies.bad_env, "torch", "LARGEEP_TIMEOUT_S", raw, list(range(WORLD)))
     failures = [f for r in results for f in r["failures"]]
     assert not failures, "\n".join(failures)
 

@@ -112,6 +112,24 @@ def test_unchecked_out_of_range_ids_are_ignored(pools, backend: str, pg: str, lo
     assert not failures, "\n".join(failures)
 
 
+def test_nvshmem_host_gave_up_message() -> None:
+    """The error word a dispatch's host writes when it gave up on the count exchange before the device reported
+    (op 3, no rank): this and every later call raise PeerTimeoutError saying so."""
+    import types
+
+    import largeep
+    from largeep.backends.nvshmem_backend import NvshmemBackend
+
+    b = object.__new__(NvshmemBackend)
+    b.ctx = types.SimpleNamespace(rank=1, num_ranks=2)  # type: ignore[assignment]
+    b.settings = types.SimpleNamespace(timeout_s=7.0)  # type: ignore[assignment]
+    b.status = [0, 3 << 16]  # type: ignore[assignment]
+    for _ in range(2):
+        with pytest.raises(largeep.PeerTimeoutError, match=r"count exchange\) on rank 1 waited more than "
+                           r"LARGEEP_TIMEOUT_S=7 s for a peer \(the host gave up first.*unusable now"):
+            b._raise_if_failed("dispatch")
+
+
 def test_nvshmem_refusal_word_of_32_ranks() -> None:
     """Rank 31 ran a refused round with num_worst_tokens: its bit is the status word's sign bit (read as int64)."""
     import types

@@ -43,7 +43,7 @@ def report() -> dict[str, Any]:
     out["auto_backend"] = "nvshmem" if out["native"] == "ok" else "torch"
     try:
         settings = _env.settings()
-        out["settings"] = {k: v for k, v in vars(settings).items()}
+        out["settings"] = dict(vars(settings))
         out["settings_error"] = None
     except ValueError as exc:
         out["settings"], out["settings_error"] = None, str(exc)

@@ -393,7 +393,8 @@ class NvshmemBackend:
                 "num_worst_tokens; nothing was copied and the Buffer is unusable now (destroy it; num_worst_tokens "
                 "must be at least the rows any rank can receive, e.g. num_ranks * max_tokens_per_rank)"
             )
-        whom = f"rank {rank}" if rank >= 0 else "a peer (the host gave up first)"
+        whom = f"rank {rank}" if rank >= 0 else "a peer (the host gave up first: a peer did not make the call, or a " \
+            "kernel failed)"
         raise PeerTimeoutError(
             f"{op}: {what} on rank {self.ctx.rank} waited more than LARGEEP_TIMEOUT_S={self.settings.timeout_s:g} s "
             f"for {whom}; the Buffer is unusable now (destroy it)"
@@ -555,13 +556,9 @@ class NvshmemBackend:
                     # the abandoned round's kernels may still finish later and write this round's counts: the next
                     # call must not read them as its own, so the Buffer is unusable from here (as after a device
                     # report; op 3, no rank known)
-                    if int(self.status[_ERROR]) == 0:
+                    if int(self.status[_ERROR]) == 0:  # (a device report that came meanwhile names the rank)
                         self.status[_ERROR] = 3 << 16
-                    self._raise_if_failed("dispatch")  # (a device report that came meanwhile names the rank)
-                    raise PeerTimeoutError(
-                        f"dispatch: rank {c.rank} got no count exchange within {self.settings.timeout_s:g} s "
-                        "(a peer did not call dispatch, or a kernel failed); the Buffer is unusable now (destroy it)"
-                    )
+                    self._raise_if_failed("dispatch")
                 refused = int(self.status[_REFUSED])
                 if refused:
                     self._end_void_round(x, recv_off, self_token, slot, stream)

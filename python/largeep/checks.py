@@ -91,7 +91,7 @@ def topk_idx(
     tensor, unchanged since (same object, same version counter, same E), is not checked again, and is forgotten --
     so the usual ``get_dispatch_layout(idx)`` then ``dispatch(x, idx, ...)`` syncs the device once, not twice."""
     idx = tensor(op, "topk_idx", t, dtypes=(torch.int64,), ndim=2, device=device, shape=(num_tokens, num_topk))
-    if not check_values or not idx.numel() or _capturing(device):
+    if not needs_id_check(idx, check_values):
         return idx
     if memo == "use" and take_checked(idx, num_experts):
         return idx

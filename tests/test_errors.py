@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+from typing import Any
 
 import error_bodies
 import pytest
@@ -112,18 +113,27 @@ def test_unchecked_out_of_range_ids_are_ignored(pools, backend: str, pg: str, lo
     assert not failures, "\n".join(failures)
 
 
+def _bare_nvshmem(**ctx: Any) -> Any:
+    """An NvshmemBackend with only ``ctx`` (a namespace of ``ctx``), for its host-side message logic on CPU."""
+    import types
+
+    from largeep.backends.nvshmem_backend import NvshmemBackend
+
+    b = object.__new__(NvshmemBackend)
+    b.ctx = types.SimpleNamespace(**ctx)
+    return b
+
+
 def test_nvshmem_host_gave_up_message() -> None:
     """The error word a dispatch's host writes when it gave up on the count exchange before the device reported
     (op 3, no rank): this and every later call raise PeerTimeoutError saying so."""
     import types
 
     import largeep
-    from largeep.backends.nvshmem_backend import NvshmemBackend
 
-    b = object.__new__(NvshmemBackend)
-    b.ctx = types.SimpleNamespace(rank=1, num_ranks=2)  # type: ignore[assignment]
-    b.settings = types.SimpleNamespace(timeout_s=7.0)  # type: ignore[assignment]
-    b.status = [0, 3 << 16]  # type: ignore[assignment]
+    b = _bare_nvshmem(rank=1, num_ranks=2)
+    b.settings = types.SimpleNamespace(timeout_s=7.0)
+    b.status = [0, 3 << 16]
     for _ in range(2):
         with pytest.raises(largeep.PeerTimeoutError, match=r"count exchange\) on rank 1 waited more than "
                            r"LARGEEP_TIMEOUT_S=7 s for a peer \(the host gave up first.*unusable now"):
@@ -132,13 +142,9 @@ def test_nvshmem_host_gave_up_message() -> None:
 
 def test_nvshmem_refusal_word_of_32_ranks() -> None:
     """Rank 31 ran a refused round with num_worst_tokens: its bit is the status word's sign bit (read as int64)."""
-    import types
-
     import largeep
-    from largeep.backends.nvshmem_backend import NvshmemBackend
 
-    b = object.__new__(NvshmemBackend)
-    b.ctx = types.SimpleNamespace(rank=5, num_ranks=32, num_experts=64)  # type: ignore[assignment]
+    b = _bare_nvshmem(rank=5, num_ranks=32, num_experts=64)
     word = (1 | (1 << 31) << 32) - (1 << 64)  # as the host reads the int64 status word
     with pytest.raises(largeep.PeerRefusedError, match=r"rank\(s\) \[0\] refused.*rank\(s\) \[31\] ran") as info:
         b._raise_refused("dispatch", word, checked=True)
@@ -444,17 +450,13 @@ def test_auto_backend_agrees_across_ranks(pools) -> None:
     (2, 0b0001 | 0b1010 << 32, "PeerRefusedError", ["rank(s) [0] refused", "[1, 3]", "destroy the Buffer"], False),
 ])
 def test_nvshmem_refusal_messages(me: int, word: int, raises: str, words: list[str], usable: bool) -> None:
-    import types
-
     import largeep
-    from largeep.backends.nvshmem_backend import NvshmemBackend
 
-    b = object.__new__(NvshmemBackend)
-    b.ctx = types.SimpleNamespace(rank=me, num_ranks=4, num_experts=8)  # type: ignore[assignment]
+    b = _bare_nvshmem(rank=me, num_ranks=4, num_experts=8)
     b._layout_word, b._layout_token = 4 + 2, 7
     status = [0] * 9
     status[6:9] = [7, 0, 11]  # the id check's words: its token, the lowest id below -1 (none), the highest >= E
-    b.status = status  # type: ignore[assignment]
+    b.status = status
     with pytest.raises(Exception) as info:
         b._raise_refused("dispatch", word, checked=True)
     exc = info.value

@@ -187,6 +187,38 @@ __device__ __forceinline__ bool last_block(int* counter) {
     return is_last != 0;
 }
 
+// Development aid, compiled in only with CUDAFLAGS=-DLARGEEP_TRACE at build time: a kernel marks the ends of its
+// phases with trace_mark(i) (thread 0's SM clock; a phase that ends in a barrier includes the block's work) and
+// trace_print makes thread 0 print each phase's cycles since the mark before, and the block's wall time since mark 0.
+#ifdef LARGEEP_TRACE
+}  // namespace largeep
+#include <cstdio>
+namespace largeep {
+constexpr int kTraceMarks = 10;
+__device__ __forceinline__ long long* trace_slots() {
+    __shared__ long long t[kTraceMarks + 1];  // [kTraceMarks]: globaltimer at mark 0
+    return t;
+}
+__device__ __forceinline__ void trace_mark(int i) {
+    if (threadIdx.x != 0) return;
+    trace_slots()[i] = clock64();
+    if (i == 0) trace_slots()[kTraceMarks] = static_cast<long long>(globaltimer_ns());
+}
+__device__ __forceinline__ void trace_print(const char* kernel, int marks, int rank, int tokens) {
+    if (threadIdx.x != 0) return;
+    const long long* t = trace_slots();
+    long long d[kTraceMarks - 1];
+    for (int i = 0; i < kTraceMarks - 1; ++i) d[i] = i + 1 < marks ? t[i + 1] - t[i] : 0;
+    printf("trace %s rank %d tokens %d block %d/%d ns %lld cycles %lld %lld %lld %lld %lld %lld %lld %lld %lld\n",
+           kernel, rank, tokens, static_cast<int>(blockIdx.x), static_cast<int>(gridDim.x),
+           static_cast<long long>(globaltimer_ns()) - t[kTraceMarks], d[0], d[1], d[2], d[3], d[4], d[5], d[6], d[7],
+           d[8]);
+}
+#else
+__device__ __forceinline__ void trace_mark(int) {}
+__device__ __forceinline__ void trace_print(const char*, int, int, int) {}
+#endif
+
 inline int ceil_div(int64_t a, int64_t b) { return static_cast<int>((a + b - 1) / b); }
 inline int64_t align16(int64_t v) { return (v + 15) / 16 * 16; }
 

@@ -131,10 +131,13 @@ __device__ __forceinline__ void ll_publish_counts(const LowLatencyCtx& c, int* c
     const int N = c.num_ranks, epr = c.num_experts / N;
     if (c.ranks_per_node < N) nvshmem_quiet();  // this thread's puts have landed
     __threadfence_system();                     // rows before the counts
+    trace_mark(4);
     if (last_block(c.block_counter + 0)) {  // (block-uniform branch)
+        trace_mark(5);
         __shared__ int s_publish;  // read once, so that the block publishes every count or none
         if (threadIdx.x == 0) s_publish = ok_all && !has_error(c.err);
         __syncthreads();
+        trace_mark(6);
         const bool publish = s_publish != 0;
         // counter: [N * E/N] rows per (rank, expert), then [N] receive rows per rank
         for (int i = threadIdx.x; i < N * epr + N; i += blockDim.x) {
@@ -152,6 +155,8 @@ __device__ __forceinline__ void ll_publish_counts(const LowLatencyCtx& c, int* c
             c.seq[kSeqLowLatency] = seq;
             *handle_seq = seq;
         }
+        trace_mark(7);
+        trace_print("dispatch_send", 8, c.rank, -1);
     }
 }
 
@@ -226,6 +231,7 @@ __device__ __forceinline__ void ll_send_tokens(const LowLatencyCtx& c, const __n
             }
         }
         __syncthreads();
+        trace_mark(2);
         const int4* src = reinterpret_cast<const int4*>(x + static_cast<int64_t>(t) * H);
         if (use_fp8) {
             // a warp step covers 2 groups of 128 channels (one per half-warp); warp w takes steps w, w + W, ...
@@ -265,6 +271,7 @@ __device__ __forceinline__ void ll_send_tokens(const LowLatencyCtx& c, const __n
             }
         }
         __syncthreads();
+        trace_mark(3);
     }
 }
 
@@ -274,11 +281,13 @@ constexpr int kTokThreads = kTokWarps * kWarp;
 __global__ void __launch_bounds__(kTokThreads) ll_dispatch_send_kernel(LowLatencyCtx c, const __nv_bfloat16* x,
                                                                       const int64_t* idx, int T, int use_fp8,
                                                                       int round_scale, int64_t* handle_seq) {
+    trace_mark(0);
     const int64_t seq = c.seq[kSeqLowLatency] + 1;
     const int slot_buf = static_cast<int>(seq & 1);
     int* counter = reinterpret_cast<int*>(c.base + c.off_counter);  // zero between rounds
     // The receivers must have unpacked round seq - 2, which used the same slot buffer.
     const bool ok_all = ll_block_wait(c, kLLDispatchFree, slot_buf, seq - 2, kOpLowLatencyDispatch);
+    trace_mark(1);
     if (ok_all) ll_send_tokens(c, x, idx, T, use_fp8, round_scale, slot_buf, counter, static_cast<int>(gridDim.x));
     ll_publish_counts(c, counter, slot_buf, seq, ok_all, handle_seq);
 }
@@ -365,6 +374,7 @@ __device__ __forceinline__ void ll_unpack(const LowLatencyCtx& c, uint8_t* out_x
     const int segs = nle * N;            // their count words: (expert, source) pairs
     const int le0 = c.spread ? 0 : static_cast<int>(blockIdx.x);
     int* rpref = cnt + segs + 1;  // [N + 1]: receive rows per source, as a prefix sum
+    trace_mark(0);
     __shared__ int ok_all;
     if (threadIdx.x == 0) ok_all = has_error(c.err) ? 0 : 1;
     __syncthreads();
@@ -384,6 +394,7 @@ __device__ __forceinline__ void ll_unpack(const LowLatencyCtx& c, uint8_t* out_x
         else cnt[i + 1] = n;
     }
     __syncthreads();
+    trace_mark(1);
     const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
     if (warp == 0) {
         warp_prefix_inplace(cnt + 1, segs, lane);
@@ -393,6 +404,7 @@ __device__ __forceinline__ void ll_unpack(const LowLatencyCtx& c, uint8_t* out_x
         if (lane == 0) rpref[0] = 0;
     }
     __syncthreads();
+    trace_mark(2);
     const int rows = N * M;
     const int total = ok_all ? rpref[N] : 0;  // received rows
     // rows of expert le: [cnt[le * N], cnt[(le + 1) * N]) in this block's numbering
@@ -431,6 +443,7 @@ __device__ __forceinline__ void ll_unpack(const LowLatencyCtx& c, uint8_t* out_x
             ll_fan_out_row(c, src, s, t, k, o, n, out_x, out_scales, src_info, meta, x_bytes, use_fp8, part * per,
                            min(nvec, (part + 1) * per), lane);
     }
+    trace_mark(3);
     // padding: output rows past each expert's count (one thread per row of this block's share)
     const int pad_rows = nle * rows;
     const int tid = c.spread ? static_cast<int>(blockIdx.x * blockDim.x + threadIdx.x) : static_cast<int>(threadIdx.x);
@@ -443,10 +456,14 @@ __device__ __forceinline__ void ll_unpack(const LowLatencyCtx& c, uint8_t* out_x
         src_info[2 * o + 1] = -1;
         meta[o] = -1;
     }
+    trace_mark(4);
     // Every block has read its rows: the slot buffer of this round is free for every source.
     if (last_block(c.block_counter + 1)) {
+        trace_mark(5);
         if (static_cast<int>(threadIdx.x) < N)
             ll_set_flag(c, threadIdx.x, ll_flag_index(c, kLLDispatchFree, slot_buf, me), seq);
+        trace_mark(6);
+        trace_print("dispatch_recv", 7, c.rank, total);
     }
 }
 
@@ -511,7 +528,9 @@ __device__ __forceinline__ void ll_combine_send_body(const LowLatencyCtx& c, con
                                                      const int* meta, int64_t* handle_seq, int64_t seq, int* pref) {
     const int N = c.num_ranks, me = c.rank, epr = c.num_experts / N, nvec = c.hidden / 8;
     const int slot_buf = static_cast<int>(seq & 1);
+    trace_mark(0);
     const bool ok_all = ll_block_wait(c, kLLCombineFree, slot_buf, seq - 2, kOpLowLatencyCombine);
+    trace_mark(1);
     const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
     if (ok_all && !c.spread) {
         const int le = blockIdx.x, n = count[le];
@@ -524,6 +543,7 @@ __device__ __forceinline__ void ll_combine_send_body(const LowLatencyCtx& c, con
             if (lane == 0) pref[0] = 0;
         }
         __syncthreads();
+        trace_mark(2);
         const int total = pref[epr], warps = static_cast<int>(gridDim.x) * kLLWarps;
         const int parts = max(1, min(4, warps / max(1, total)));
         const int per = (nvec + parts - 1) / parts;
@@ -535,9 +555,12 @@ __device__ __forceinline__ void ll_combine_send_body(const LowLatencyCtx& c, con
                 ll_combine_row(c, y, meta, slot_buf, lo, row - pref[lo], v_lo, min(nvec, v_lo + per), lane);
         }
     }
+    trace_mark(3);
     if (c.ranks_per_node < N) nvshmem_quiet();
     __threadfence_system();
+    trace_mark(4);
     if (last_block(c.block_counter + 2)) {  // (block-uniform branch)
+        trace_mark(5);
         // no done flags once an error was reported (a block that gave up skipped its rows): peers time out instead
         // of summing what the slot held before; read once, so that every peer gets its flag or none does
         __shared__ int s_done;
@@ -549,6 +572,8 @@ __device__ __forceinline__ void ll_combine_send_body(const LowLatencyCtx& c, con
             c.seq[kSeqLowLatency + 1] = seq;
             *handle_seq = seq;
         }
+        trace_mark(6);
+        trace_print("combine_send", 7, c.rank, -1);
     }
 }
 
@@ -567,7 +592,9 @@ __device__ __forceinline__ void ll_combine_sum(const LowLatencyCtx& c, const int
                                                __nv_bfloat16* out, int T, int slices, int64_t seq) {
     const int N = c.num_ranks, me = c.rank, H = c.hidden, M = c.max_tokens, K = c.num_topk;
     const int slot_buf = static_cast<int>(seq & 1);
+    trace_mark(0);
     const bool ok_all = ll_block_wait(c, kLLCombineDone, slot_buf, seq, kOpLowLatencyCombine);
+    trace_mark(1);
     if (ok_all) {
         const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
         const int nvec = H / 8;
@@ -623,9 +650,13 @@ __device__ __forceinline__ void ll_combine_sum(const LowLatencyCtx& c, const int
             }
         }
     }
+    trace_mark(2);
     if (last_block(c.block_counter + 3)) {
+        trace_mark(3);
         if (static_cast<int>(threadIdx.x) < N)
             ll_set_flag(c, threadIdx.x, ll_flag_index(c, kLLCombineFree, slot_buf, me), seq);
+        trace_mark(4);
+        trace_print("combine_recv", 5, c.rank, T);
     }
 }
 

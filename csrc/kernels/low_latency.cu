@@ -5,15 +5,17 @@
 // rank): a token goes to a rank once, however many of its experts live there. The block quantises the token to FP8
 // once (or keeps BF16) and stores it into each destination rank's receive buffer at [slot buffer][me][row], with the
 // token and its list of (local expert, copy k, expert row) entries. The last block then publishes, for every
-// (rank, local expert), the expert's row count, and for every rank the number of rows sent there, each tagged with
-// the round: ((seq << 32) | count).
-// Dispatch receive: the grid waits for the tagged counts of every source, and fans every received row out to the
+// (rank, local expert), the expert's row count (plain stores), and then for every rank the number of rows sent
+// there (a release store, the word the receiver waits for), each tagged with the round: ((seq << 32) | count).
+// Dispatch receive: the grid waits for every source's rows word, reads the counts it published before it, and fans every received row out to the
 // output rows of its entries (experts ascending, sources ascending inside an expert), with src_info and the combine
 // metadata. The output has one row per (token, expert) copy; only the transport is per (token, rank).
 // Combine send: each valid output row goes back to its source's buffer at [token][k].
 // Combine receive: weighted sum over k in float32.
 //
-// Peers on this rank's node (ranks_per_node) are written with plain stores through NVLink peer pointers. Peers on
+// Peers on this rank's node (ranks_per_node) are written with plain stores through NVLink peer pointers; a flag
+// raised after a block barrier and one thread's system fence (last_block) orders every thread's stores before it
+// (the PTX memory model's cumulativity), so threads do not fence one by one. Peers on
 // other nodes take NVSHMEM's standard device API instead, so any transport NVSHMEM supports carries them: the row is
 // built in a local symmetric staging buffer, sent with nvshmemx_putmem_nbi_warp, every sending thread calls
 // nvshmem_quiet, and only then are the round's flags raised with nvshmemx_signal_op. Flags are read with acquire
@@ -121,35 +123,46 @@ __device__ __forceinline__ uint2 quantize_e4m3x8(int4 raw, bool valid, int round
     return make_uint2(packed[0], packed[1]);
 }
 
-// End of a dispatch send, every thread of every block: its puts completed (put path) and its rows visible, then the
-// last block publishes, for every (rank, local expert), this round's row count tagged with the round, and for every
-// rank the number of receive rows sent there; clears the counters, and advances the round. Nothing is published once
-// any kernel of the Buffer reported an error (a block that gave up waiting skipped its sends): the peers then time
-// out and say so, instead of taking the counts of rows that never came.
+// End of a dispatch send, every thread of every block: its puts completed (put path), then the last block publishes,
+// for every (rank, local expert), this round's row count tagged with the round, and then for every rank the number
+// of receive rows sent there, the word a receiver waits for: ((seq << 32) | count). The count words are plain stores
+// (puts elsewhere, completed before the barrier); the rows word is a release store (signal), so a receiver that has
+// acquired it sees the counts and, through last_block's barrier and fence, every block's rows. Clears the counters,
+// and advances the round. Nothing is published once any kernel of the Buffer reported an error (a block that gave
+// up waiting skipped its sends): the peers then time out and say so, instead of taking the counts of rows that
+// never came.
 __device__ __forceinline__ void ll_publish_counts(const LowLatencyCtx& c, int* counter, int slot_buf, int64_t seq,
                                                   bool ok_all, int64_t* handle_seq) {
     const int N = c.num_ranks, epr = c.num_experts / N;
-    if (c.ranks_per_node < N) nvshmem_quiet();  // this thread's puts have landed
-    __threadfence_system();                     // rows before the counts
+    const bool puts = c.ranks_per_node < N;
+    if (puts) nvshmem_quiet();  // this thread's puts have landed
     trace_mark(4);
-    if (last_block(c.block_counter + 0)) {  // (block-uniform branch)
+    if (last_block(c.block_counter + 0)) {  // (block-uniform branch; its barrier and fence order every block's rows)
         trace_mark(5);
         __shared__ int s_publish;  // read once, so that the block publishes every count or none
         if (threadIdx.x == 0) s_publish = ok_all && !has_error(c.err);
         __syncthreads();
-        trace_mark(6);
         const bool publish = s_publish != 0;
+        trace_mark(6);
         // counter: [N * E/N] rows per (rank, expert), then [N] receive rows per rank
-        for (int i = threadIdx.x; i < N * epr + N; i += blockDim.x) {
+        for (int i = threadIdx.x; i < N * epr; i += blockDim.x) {
             const int n = min(counter[i], c.max_tokens);
             counter[i] = 0;
             if (!publish) continue;
-            if (i < N * epr) {
-                const int r = i / epr, le = i % epr;
-                ll_set_flag(c, r, ll_flag_index(c, kLLCounts, slot_buf, le * N + c.rank), (seq << 32) | n);
-            } else {
-                ll_set_flag(c, i - N * epr, ll_flag_index(c, kLLRows, slot_buf, c.rank), (seq << 32) | n);
-            }
+            const int r = i / epr, le = i % epr;
+            const int64_t off = c.off_flags + 8 * ll_flag_index(c, kLLCounts, slot_buf, le * N + c.rank);
+            const int64_t v = (seq << 32) | n;
+            if (same_node(c, r)) st_volatile(reinterpret_cast<int64_t*>(ll_peer(c, r) + off), v);
+            else nvshmemx_signal_op(reinterpret_cast<uint64_t*>(c.base + off), static_cast<uint64_t>(v),
+                                    NVSHMEM_SIGNAL_SET, r);
+        }
+        if (puts && publish) nvshmem_quiet();  // the count words put elsewhere have landed
+        __syncthreads();  // every count word before any rows word
+        if (static_cast<int>(threadIdx.x) < N) {
+            int* rows_to = counter + N * epr;
+            const int n = min(rows_to[threadIdx.x], c.max_tokens);
+            rows_to[threadIdx.x] = 0;
+            if (publish) ll_set_flag(c, threadIdx.x, ll_flag_index(c, kLLRows, slot_buf, c.rank), (seq << 32) | n);
         }
         if (threadIdx.x == 0) {
             c.seq[kSeqLowLatency] = seq;
@@ -163,15 +176,27 @@ __device__ __forceinline__ void ll_publish_counts(const LowLatencyCtx& c, int* c
 // Receive-row metadata (int32 at off_meta_in_row): [0] token, [1] number of entries n, then n pairs
 // (local expert * 32 + k, row of the copy among this source's rows for that expert).
 constexpr int kLLMetaHead = 2;
+constexpr int kLLPre = 4;  // 16-byte vectors of a token row each thread loads ahead (the rest as it goes)
 
-// The send of blocks [0, blocks) of blockDim.x / 32 warps: one token per block at a time. Warp 0 takes the rows of
-// the token's copies and of its destination ranks and writes the row's metadata; then every warp quantises its
-// share of the row once (FP8: a half-warp per group of 128 channels) and stores it into each destination rank's
-// row. Copies for peers on other nodes are built in staging (at row t * K + k of the rank's first copy k) and put
-// whole once the block has written them. A token sends each expert it names once, however many of its k name it.
-__device__ __forceinline__ void ll_send_tokens(const LowLatencyCtx& c, const __nv_bfloat16* x, const int64_t* idx,
-                                               int T, int use_fp8, int round_scale, int slot_buf, int* counter,
-                                               int blocks) {
+// Thread's vectors [i0, i0 + kLLPre) of row src (vector i of a thread: threadIdx.x + i * blockDim.x), 0 past nvec.
+__device__ __forceinline__ void ll_load_row(const int4* src, int nvec, int i0, int4 (&v)[kLLPre]) {
+#pragma unroll
+    for (int u = 0; u < kLLPre; ++u) {
+        const int at = static_cast<int>(threadIdx.x) + (i0 + u) * static_cast<int>(blockDim.x);
+        v[u] = at < nvec ? ld_nc_v4(src + at) : make_int4(0, 0, 0, 0);
+    }
+}
+
+// The send of blocks [0, blocks) of blockDim.x / 32 warps: one token per block at a time. Each block first waits
+// until the receivers freed the slot buffer (round seq - 2), with its first token's ids and its first vectors of
+// the row already loading. Warp 0 takes the rows of the token's copies and of its destination ranks and writes the
+// row's metadata; then every thread quantises its vectors of the row once (FP8: a half-warp per group of 128
+// channels) and stores them into each destination rank's row. Copies for peers on other nodes are built in staging
+// (at row t * K + k of the rank's first copy k) and put whole once the block has written them. A token sends each
+// expert it names once, however many of its k name it. Returns (to every thread) whether the wait succeeded.
+__device__ __forceinline__ bool ll_send_tokens(const LowLatencyCtx& c, const __nv_bfloat16* x, const int64_t* idx,
+                                               int T, int use_fp8, int round_scale, int slot_buf, int64_t seq,
+                                               int* counter, int blocks) {
     const int N = c.num_ranks, K = c.num_topk, epr = c.num_experts / N, me = c.rank, H = c.hidden;
     int* rows_to = counter + N * epr;  // receive rows per destination rank
     __shared__ uint8_t* s_dst[kWarp];  // the row of the rank whose first copy is k (peer buffer or staging), or null
@@ -179,10 +204,21 @@ __device__ __forceinline__ void ll_send_tokens(const LowLatencyCtx& c, const __n
     __shared__ int s_row[kWarp];       // the row's index among the rows this rank sends there
     const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp, warps = blockDim.x / kWarp;
     const int nvec = H / 8;  // 16-byte vectors of 8 bf16
-    for (int t = blockIdx.x; t < T; t += blocks) {
+    const int per_thread = (nvec + static_cast<int>(blockDim.x) - 1) / static_cast<int>(blockDim.x);
+    int t = static_cast<int>(blockIdx.x);
+    int4 pre[kLLPre];
+    int64_t e = -1;  // warp 0, lane k < K: the token's id k
+    if (t < T) {
+        if (warp == 0 && lane < K) e = idx[static_cast<int64_t>(t) * K + lane];
+        ll_load_row(reinterpret_cast<const int4*>(x + static_cast<int64_t>(t) * H), nvec, 0, pre);
+    }
+    // The receivers must have unpacked round seq - 2, which used the same slot buffer.
+    const bool ok_all = ll_block_wait(c, kLLDispatchFree, slot_buf, seq - 2, kOpLowLatencyDispatch);
+    trace_mark(1);
+    if (!ok_all) return false;
+    for (; t < T; t += blocks) {
         if (warp == 0) {
             int r = -1, le = 0;
-            const int64_t e = lane < K ? idx[static_cast<int64_t>(t) * K + lane] : -1;
             if (e >= 0 && e < c.num_experts) {
                 r = static_cast<int>(e / epr);
                 le = static_cast<int>(e % epr);
@@ -233,32 +269,40 @@ __device__ __forceinline__ void ll_send_tokens(const LowLatencyCtx& c, const __n
         __syncthreads();
         trace_mark(2);
         const int4* src = reinterpret_cast<const int4*>(x + static_cast<int64_t>(t) * H);
-        if (use_fp8) {
-            // a warp step covers 2 groups of 128 channels (one per half-warp); warp w takes steps w, w + W, ...
-            const int steps = (nvec + kWarp - 1) / kWarp;
-            for (int st = warp; st < steps; st += warps) {
-                const int v = st * kWarp + lane;
-                const bool ok = v < nvec;  // a half-warp is wholly in or out (H % 128 == 0)
-                float scale;
-                const uint2 out = quantize_e4m3x8(ok ? ld_nc_v4(src + v) : make_int4(0, 0, 0, 0), ok, round_scale,
-                                                  &scale);
-                if (!ok) continue;
-                for (int k = 0; k < K; ++k) {
-                    uint8_t* dst = s_dst[k];
-                    if (dst == nullptr) continue;
-                    reinterpret_cast<uint2*>(dst)[v] = out;
-                    if ((lane & 15) == 0) reinterpret_cast<float*>(dst + c.off_scales_in_row)[v / 16] = scale;
+        for (int i0 = 0; i0 < per_thread; i0 += kLLPre) {
+            if (i0 > 0) ll_load_row(src, nvec, i0, pre);
+#pragma unroll
+            for (int u = 0; u < kLLPre; ++u) {
+                const int v = static_cast<int>(threadIdx.x) + (i0 + u) * static_cast<int>(blockDim.x);
+                if (use_fp8) {
+                    // a half-warp per group of 128 channels (H % 128 == 0: a half-warp is wholly in or out); the
+                    // whole warp shuffles, so the test is on the warp's first vector
+                    if (v - lane >= nvec) continue;
+                    float scale;
+                    const uint2 out = quantize_e4m3x8(pre[u], v < nvec, round_scale, &scale);
+                    if (v >= nvec) continue;
+                    for (int k = 0; k < K; ++k) {
+                        uint8_t* dst = s_dst[k];
+                        if (dst == nullptr) continue;
+                        reinterpret_cast<uint2*>(dst)[v] = out;
+                        if ((lane & 15) == 0) reinterpret_cast<float*>(dst + c.off_scales_in_row)[v / 16] = scale;
+                    }
+                } else {
+                    if (v >= nvec) continue;
+                    for (int k = 0; k < K; ++k)
+                        if (s_dst[k] != nullptr) st_na_v4(reinterpret_cast<int4*>(s_dst[k]) + v, pre[u]);
                 }
-            }
-        } else {
-            for (int v = threadIdx.x; v < nvec; v += blockDim.x) {
-                const int4 raw = ld_nc_v4(src + v);
-                for (int k = 0; k < K; ++k)
-                    if (s_dst[k] != nullptr) st_na_v4(reinterpret_cast<int4*>(s_dst[k]) + v, raw);
             }
         }
         if (c.ranks_per_node < N) __threadfence();  // every writer's staged slices before the puts below
         __syncthreads();  // every row complete (staged ones before their put); s_* free for the next token
+        // the next token's ids and first vectors load while this one's puts go out
+        const int next = t + blocks;
+        e = -1;
+        if (next < T) {
+            if (warp == 0 && lane < K) e = idx[static_cast<int64_t>(next) * K + lane];
+            ll_load_row(reinterpret_cast<const int4*>(x + static_cast<int64_t>(next) * H), nvec, 0, pre);
+        }
         for (int k = warp; k < K; k += warps) {
             if (s_put[k] < 0) continue;
             uint8_t* remote = ll_recv_row(c.base, c, slot_buf, me, s_row[k]);
@@ -273,6 +317,7 @@ __device__ __forceinline__ void ll_send_tokens(const LowLatencyCtx& c, const __n
         __syncthreads();
         trace_mark(3);
     }
+    return true;
 }
 
 constexpr int kTokWarps = 8;  // the send kernel's warps per block (one token per block at a time)
@@ -285,10 +330,8 @@ __global__ void __launch_bounds__(kTokThreads) ll_dispatch_send_kernel(LowLatenc
     const int64_t seq = c.seq[kSeqLowLatency] + 1;
     const int slot_buf = static_cast<int>(seq & 1);
     int* counter = reinterpret_cast<int*>(c.base + c.off_counter);  // zero between rounds
-    // The receivers must have unpacked round seq - 2, which used the same slot buffer.
-    const bool ok_all = ll_block_wait(c, kLLDispatchFree, slot_buf, seq - 2, kOpLowLatencyDispatch);
-    trace_mark(1);
-    if (ok_all) ll_send_tokens(c, x, idx, T, use_fp8, round_scale, slot_buf, counter, static_cast<int>(gridDim.x));
+    const bool ok_all = ll_send_tokens(c, x, idx, T, use_fp8, round_scale, slot_buf, seq, counter,
+                                       static_cast<int>(gridDim.x));
     ll_publish_counts(c, counter, slot_buf, seq, ok_all, handle_seq);
 }
 
@@ -378,11 +421,10 @@ __device__ __forceinline__ void ll_unpack(const LowLatencyCtx& c, uint8_t* out_x
     __shared__ int ok_all;
     if (threadIdx.x == 0) ok_all = has_error(c.err) ? 0 : 1;
     __syncthreads();
-    for (int i = threadIdx.x; i < segs + N; i += blockDim.x) {
-        const bool rows_word = i >= segs;
-        const int s = rows_word ? i - segs : i % N;
-        const int64_t* f = ll_flags(c.base, c) + (rows_word ? ll_flag_index(c, kLLRows, slot_buf, s)
-                                                            : ll_flag_index(c, kLLCounts, slot_buf, le0 * N + i));
+    // each source's rows word, released after its count words: acquired, they are all there
+    if (static_cast<int>(threadIdx.x) < N) {
+        const int s = threadIdx.x;
+        const int64_t* f = ll_flags(c.base, c) + ll_flag_index(c, kLLRows, slot_buf, s);
         int n = 0;
         if (ok_all && ll_wait(f, seq << 32, c, kOpLowLatencyDispatch, s)) {
             const int64_t v = ld_acquire_sys(f);
@@ -390,8 +432,18 @@ __device__ __forceinline__ void ll_unpack(const LowLatencyCtx& c, uint8_t* out_x
         } else {
             atomicAnd(&ok_all, 0);
         }
-        if (rows_word) rpref[s + 1] = n;
-        else cnt[i + 1] = n;
+        rpref[s + 1] = n;
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < segs; i += blockDim.x) {
+        const int64_t v = ok_all ? ld_volatile(ll_flags(c.base, c) + ll_flag_index(c, kLLCounts, slot_buf, le0 * N + i))
+                                 : 0;
+        // (a count word of another round under this round's rows word: a broken peer; reported, nothing read)
+        if (ok_all && (v >> 32) != seq) {
+            report_error(c.err, kOpLowLatencyDispatch, i % N);
+            atomicAnd(&ok_all, 0);
+        }
+        cnt[i + 1] = (v >> 32) == seq ? static_cast<int>(v & 0xffffffff) : 0;
     }
     __syncthreads();
     trace_mark(1);
@@ -490,9 +542,9 @@ __global__ void __launch_bounds__(kLLThreads) ll_dispatch_fused_kernel(LowLatenc
     const int64_t seq = c.seq[kSeqLowLatency] + 1;  // read by every block before the last one advances it
     const int slot_buf = static_cast<int>(seq & 1);
     int* counter = reinterpret_cast<int*>(c.base + c.off_counter);
-    const bool ok_all = ll_block_wait(c, kLLDispatchFree, slot_buf, seq - 2, kOpLowLatencyDispatch);
-    if (ok_all && static_cast<int>(blockIdx.x) < send_blocks)
-        ll_send_tokens(c, x, idx, T, use_fp8, round_scale, slot_buf, counter, send_blocks);
+    // (blocks past send_blocks have no token: they only wait for the slot buffer, as every block does)
+    const bool ok_all = ll_send_tokens(c, x, idx, static_cast<int>(blockIdx.x) < send_blocks ? T : 0, use_fp8,
+                                       round_scale, slot_buf, seq, counter, send_blocks);
     ll_publish_counts(c, counter, slot_buf, seq, ok_all, handle_seq);
     ll_unpack(c, out_x, out_scales, out_count, src_info, meta, use_fp8, seq, cnt);
 }
@@ -556,10 +608,10 @@ __device__ __forceinline__ void ll_combine_send_body(const LowLatencyCtx& c, con
         }
     }
     trace_mark(3);
-    if (c.ranks_per_node < N) nvshmem_quiet();
-    __threadfence_system();
+    if (c.ranks_per_node < N) nvshmem_quiet();  // this thread's puts have landed
     trace_mark(4);
-    if (last_block(c.block_counter + 2)) {  // (block-uniform branch)
+    // (block-uniform branch; last_block's barrier and fence order every block's rows before the done flags)
+    if (last_block(c.block_counter + 2)) {
         trace_mark(5);
         // no done flags once an error was reported (a block that gave up skipped its rows): peers time out instead
         // of summing what the slot held before; read once, so that every peer gets its flag or none does

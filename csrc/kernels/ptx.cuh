@@ -25,6 +25,11 @@ __device__ __forceinline__ int64_t ld_volatile(const int64_t* p) {
     return v;
 }
 
+// A plain store that the compiler keeps (a data word that a later release store publishes).
+__device__ __forceinline__ void st_volatile(int64_t* p, int64_t v) {
+    asm volatile("st.volatile.global.s64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
+}
+
 __device__ __forceinline__ uint64_t globaltimer_ns() {
     uint64_t t;
     asm volatile("mov.u64 %0, %globaltimer;" : "=l"(t));

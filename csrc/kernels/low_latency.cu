@@ -361,37 +361,57 @@ __device__ __forceinline__ int segment_of(const int* pref, int n, int row) {
     return lo;
 }
 
+constexpr int kFanU = 4;  // 16-byte vectors per lane that a fan-out step reads before storing them
+
+// One warp, one step of a fan-out: vectors [b, b + kFanU * 32) of `in`, below v_hi.
+__device__ __forceinline__ void ll_fan_load(const int4* in, int b, int v_hi, int lane, int4 (&val)[kFanU]) {
+#pragma unroll
+    for (int u = 0; u < kFanU; ++u)
+        if (b + u * kWarp + lane < v_hi) val[u] = ld_v4<1>(in + b + u * kWarp + lane);
+}
+
+// One warp: what ll_fan_out_row takes preloaded for the slice [v_lo, v_hi) of received row `src`: the first step's
+// vectors, and with v_lo == 0 (FP8) the row's first 64 scales (lane q: scales q and q + 32).
+__device__ __forceinline__ void ll_fan_prefetch(const LowLatencyCtx& c, const uint8_t* src, int v_lo, int v_hi,
+                                                int use_fp8, int lane, int4 (&val)[kFanU], float (&sc)[2]) {
+    ll_fan_load(reinterpret_cast<const int4*>(src), v_lo, v_hi, lane, val);
+    if (use_fp8 && v_lo == 0) {
+        const float* scales = reinterpret_cast<const float*>(src + c.off_scales_in_row);
+        if (lane < c.hidden / 128) sc[0] = scales[lane];
+        if (lane + kWarp < c.hidden / 128) sc[1] = scales[lane + kWarp];
+    }
+}
+
 // One warp: 16-byte vectors [v_lo, v_hi) of received row `src` go to output row o of each of the row's n entries
-// (lane e holds entry e's o, -1 for an entry this block does not write); read once, stored n times. With v_lo == 0
-// also each entry's scales, src_info and combine metadata.
+// (lane e holds entry e's o, -1 for an entry this block does not write); read once, stored n times; val and sc from
+// ll_fan_prefetch. With v_lo == 0 also each entry's scales, src_info and combine metadata.
 __device__ __forceinline__ void ll_fan_out_row(const LowLatencyCtx& c, const uint8_t* src, int s, int t, int k,
                                                int64_t o, int n, uint8_t* out_x, float* out_scales, int* src_info,
                                                int* meta, int64_t x_bytes, int use_fp8, int v_lo, int v_hi,
-                                               int lane) {
-    constexpr int kU = 4;
+                                               int lane, int4 (&val)[kFanU], const float (&sc)[2]) {
     const int4* in = reinterpret_cast<const int4*>(src);
-    for (int b = v_lo; b < v_hi; b += kU * kWarp) {  // (warp-uniform bounds: the shuffles below)
-        int4 val[kU];
-#pragma unroll
-        for (int u = 0; u < kU; ++u)
-            if (b + u * kWarp + lane < v_hi) val[u] = ld_v4<1>(in + b + u * kWarp + lane);
+    for (int b = v_lo; b < v_hi; b += kFanU * kWarp) {  // (warp-uniform bounds: the shuffles below)
+        if (b != v_lo) ll_fan_load(in, b, v_hi, lane, val);
         for (int e = 0; e < n; ++e) {
             const int64_t oe = __shfl_sync(0xffffffffu, o, e);
             if (oe < 0) continue;
             int4* dst = reinterpret_cast<int4*>(out_x + oe * x_bytes);
 #pragma unroll
-            for (int u = 0; u < kU; ++u)
+            for (int u = 0; u < kFanU; ++u)
                 if (b + u * kWarp + lane < v_hi) st_na_v4(dst + b + u * kWarp + lane, val[u]);
         }
     }
     if (v_lo != 0) return;
     const int num_scales = c.hidden / 128;
     if (use_fp8) {
-        const float* sc = reinterpret_cast<const float*>(src + c.off_scales_in_row);
+        const float* scales = reinterpret_cast<const float*>(src + c.off_scales_in_row);
         for (int e = 0; e < n; ++e) {
             const int64_t oe = __shfl_sync(0xffffffffu, o, e);
             if (oe < 0) continue;
-            for (int q = lane; q < num_scales; q += kWarp) out_scales[oe * num_scales + q] = sc[q];
+            float* dst = out_scales + oe * num_scales;
+            if (lane < num_scales) dst[lane] = sc[0];
+            if (lane + kWarp < num_scales) dst[lane + kWarp] = sc[1];
+            for (int q = lane + 2 * kWarp; q < num_scales; q += kWarp) dst[q] = scales[q];
         }
     }
     if (o >= 0) {
@@ -475,11 +495,19 @@ __device__ __forceinline__ void ll_unpack(const LowLatencyCtx& c, uint8_t* out_x
         const int s = segment_of(rpref, N, row);
         const uint8_t* src = ll_recv_row(c.base, c, slot_buf, s, row - rpref[s]);
         const int* m = reinterpret_cast<const int*>(src + c.off_meta_in_row);
-        const int t = m[0], n = t >= 0 && t < c.max_tokens ? min(m[1], c.num_topk) : 0;  // (peer data, bounded)
+        const int v_lo = part * per, v_hi = min(nvec, (part + 1) * per);
+        // spread: every row read here has an entry for this block, so its first vectors and scales load together
+        // with its metadata (one round trip, not three one after the other)
+        int4 val[kFanU];
+        float sc[2] = {0.f, 0.f};
+        if (c.spread && v_lo < nvec) ll_fan_prefetch(c, src, v_lo, v_hi, use_fp8, lane, val, sc);
+        const int2 head = *reinterpret_cast<const int2*>(m);  // token, number of entries
+        const int2 entry = lane < c.num_topk ? reinterpret_cast<const int2*>(m + kLLMetaHead)[lane] : make_int2(-1, -1);
+        const int t = head.x, n = t >= 0 && t < c.max_tokens ? min(head.y, c.num_topk) : 0;  // (peer data, bounded)
         int64_t o = -1;  // lane e < n: the output row of entry e, if this block writes its expert
         int k = 0;
         if (lane < n) {
-            const int a = m[kLLMetaHead + 2 * lane], j = m[kLLMetaHead + 2 * lane + 1];
+            const int a = entry.x, j = entry.y;
             const int le = a / kWarp;
             k = a % kWarp;
             if (a >= 0 && le >= le0 && le < le0 + nle && k < c.num_topk) {
@@ -491,9 +519,11 @@ __device__ __forceinline__ void ll_unpack(const LowLatencyCtx& c, uint8_t* out_x
         }
         // packed: most rows have no entry for this block's expert; they are not read (a warp-uniform test)
         if (!__any_sync(0xffffffffu, o >= 0)) continue;
-        if (part * per < nvec)
-            ll_fan_out_row(c, src, s, t, k, o, n, out_x, out_scales, src_info, meta, x_bytes, use_fp8, part * per,
-                           min(nvec, (part + 1) * per), lane);
+        if (v_lo < nvec) {
+            if (!c.spread) ll_fan_prefetch(c, src, v_lo, v_hi, use_fp8, lane, val, sc);
+            ll_fan_out_row(c, src, s, t, k, o, n, out_x, out_scales, src_info, meta, x_bytes, use_fp8, v_lo, v_hi,
+                           lane, val, sc);
+        }
     }
     trace_mark(3);
     // padding: output rows past each expert's count (one thread per row of this block's share)

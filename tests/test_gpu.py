@@ -112,6 +112,10 @@ LL_CASES = [
     (128, 7168, 288, 8, False, False, True),
     (64, 2048, 32, 3, True, True, True),
     (16, 4096, 8, 1, True, False, False),
+    # more tokens than the send's blocks (2 per SM), rows of more 16-byte vectors than a block loads ahead, more
+    # than 64 scales per row
+    (512, 16384, 16, 4, True, False, False),
+    (320, 16384, 16, 4, False, False, True),
 ]
 
 
@@ -235,14 +239,15 @@ def test_destroy_without_peer() -> None:
 
 @pytest.mark.gpu(2)
 @needs_native
-@pytest.mark.parametrize("world,ranks_per_node", [(2, 1), (4, 2), (4, 1)])
-def test_low_latency_put_path(pools, world: int, ranks_per_node: int) -> None:
-    """Peers on another (emulated) node are reached with NVSHMEM puts and signals instead of NVLink stores."""
+@pytest.mark.parametrize("world,ranks_per_node,m", [(2, 1, 128), (4, 2, 128), (4, 1, 128), (2, 1, 320)])
+def test_low_latency_put_path(pools, world: int, ranks_per_node: int, m: int) -> None:
+    """Peers on another (emulated) node are reached with NVSHMEM puts and signals instead of NVLink stores (m 320:
+    more tokens than the send's blocks, so a block sends several)."""
     if world > __import__("conftest").gpu_count():
         pytest.skip("not enough GPUs")
-    tokens = [128 - 5 * r for r in range(world)]
+    tokens = [m - 5 * r for r in range(world)]
     pools(world, "nccl").run(
-        gpu_bodies.low_latency_put_path, ranks_per_node, "nvshmem", tokens, 128, 7168, 288, 8, True, False, True, 9
+        gpu_bodies.low_latency_put_path, ranks_per_node, "nvshmem", tokens, m, 7168, 288, 8, True, False, True, 9
     )
 
 

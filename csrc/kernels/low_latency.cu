@@ -7,9 +7,9 @@
 // token and its list of (local expert, copy k, expert row) entries. The last block then publishes, for every
 // (rank, local expert), the expert's row count (plain stores), and then for every rank the number of rows sent
 // there (a release store, the word the receiver waits for), each tagged with the round: ((seq << 32) | count).
-// Dispatch receive: the grid waits for every source's rows word, reads the counts it published before it, and fans every received row out to the
-// output rows of its entries (experts ascending, sources ascending inside an expert), with src_info and the combine
-// metadata. The output has one row per (token, expert) copy; only the transport is per (token, rank).
+// Dispatch receive: the grid waits for every source's rows word, reads the counts it published before it, and fans
+// every received row out to the output rows of its entries (experts ascending, sources ascending inside an expert),
+// with src_info and the combine metadata. The output has one row per (token, expert) copy; only the transport is per (token, rank).
 // Combine send: each valid output row goes back to its source's buffer at [token][k].
 // Combine receive: weighted sum over k in float32.
 //
@@ -69,8 +69,9 @@ __device__ __forceinline__ uint8_t* ll_recv_row(uint8_t* base, const LowLatencyC
 }
 
 // Waits (thread-level) until the local flag word reaches target; reports and returns false after the timeout.
-// The acquire load orders this thread's later reads after the flag; the system fence after it also covers words
-// that an NVSHMEM transport (not an NVLink store) delivered.
+// The acquire load orders this thread's later reads after the flag (the block's other threads: through the barrier
+// that follows a wait); the system fence after it also covers words that an NVSHMEM transport (not an NVLink store)
+// delivered.
 __device__ __forceinline__ bool ll_wait(const int64_t* flag, int64_t target, const LowLatencyCtx& c, int op,
                                         int rank) {
     const bool ok = wait_flag(flag, target, c.timeout_ns, c.err, op, rank);

@@ -70,3 +70,13 @@ def test_bad_log_level(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFi
     run = subprocess.run([sys.executable, "-c", "import largeep"], env=env, capture_output=True, text=True,
                          timeout=120)
     assert run.returncode == 0, run.stderr
+
+
+def test_peer_access_lines_name_each_gpu() -> None:
+    """Two GPUs that cannot reach each other: each GPU's row is named, one mark per GPU it would write to."""
+    r = {"environment": {}, "gpus": [{"index": i, "name": "G", "capability": "9.0", "memory_gib": 1.0, "sms": 1}
+                                     for i in range(2)],
+         "peer_access": [[True, False], [False, True]], "native": "ok", "auto_backend": "nvshmem",
+         "settings": None, "settings_error": "(not read here)", "variables": {}, "log_level_error": None,
+         "advice": []}
+    assert "peer access (GPU: to GPUs 0, 1, ...): 0: y.  1: .y" in info._text(r)

@@ -88,8 +88,9 @@ def _text(r: dict[str, Any]) -> str:
             lines.append(f"    {g['index']}: {g['name']} (sm_{g['capability'].replace('.', '')}, {g['sms']} SMs, "
                          f"{g['memory_gib']} GiB)")
         if len(r["gpus"]) > 1:
-            lines.append("  peer access (row -> column): " + "  ".join(
-                "".join("y" if ok else "." for ok in row) for row in r["peer_access"]))
+            # GPU i: one mark per GPU j, y where i reaches j's memory directly
+            lines.append("  peer access (GPU: to GPUs 0, 1, ...): " + "  ".join(
+                f"{i}: " + "".join("y" if ok else "." for ok in row) for i, row in enumerate(r["peer_access"])))
     else:
         lines.append("  no CUDA GPU visible")
     lines.append(f"  native module (nvshmem backend): {r['native']}")

@@ -11,4 +11,4 @@ CUDAFLAGS=-DLARGEEP_TRACE python3 -m pip install --no-build-isolation --no-deps 
 timeout 300 python3 bench/low_latency_times.py --nprocs 2 --tokens 1,128 --iters 20 --out "$OUT/ll" \
   > "$OUT/ll.log" 2>&1
 tail -15 "$OUT/ll.log"
-python3 bench/results/2026-11-30-session14/scripts/trace_summary.py "$OUT/ll.log" | tee "$OUT/trace_summary.txt"
+python3 bench/trace_summary.py "$OUT/ll.log" | tee "$OUT/trace_summary.txt"

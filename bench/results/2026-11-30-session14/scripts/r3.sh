@@ -23,6 +23,6 @@ tail -2 $O/shared_ll_tests.log
 echo "tests done $(( $(date +%s) - t0 )) s"
 CUDAFLAGS=-DLARGEEP_TRACE python3 -m pip install --no-build-isolation --no-deps . > $O/build_trace.log 2>&1 || { tail -30 $O/build_trace.log; exit 1; }
 timeout 60 python3 bench/low_latency_times.py --nprocs 2 --tokens 1,128 --iters 20 --out $O/trace > $O/trace.log 2>&1
-python3 bench/results/2026-11-30-session14/scripts/trace_summary.py $O/trace.log | tee $O/trace_summary.txt
+python3 bench/trace_summary.py $O/trace.log | tee $O/trace_summary.txt
 gzip $O/trace.log
 echo "all done $(( $(date +%s) - t0 )) s"

@@ -1039,6 +1039,32 @@ def uneven_gpus_refused(rank: int, world: int) -> dict[str, Any]:
     return {"failures": chk.failures, "elapsed_s": time.monotonic() - start}
 
 
+def heap_sizes_refused(rank: int, world: int) -> dict[str, Any]:
+    """Rank r sets NVSHMEM_SYMMETRIC_SIZE to (r + 2) GiB: every rank's nvshmem Buffer must raise ArgumentError
+    naming the variable, before NVSHMEM starts; with the variable unset on every rank a Buffer is then made (largeep
+    sizes the heap itself) and works."""
+    chk = Checker(f"heap sizes, rank {rank}")
+    case = NormalCase(tuple([4] * world), HIDDEN, 4 * world, TOPK, 3, max_tokens=MAX_TOKENS)
+    old = os.environ.get("NVSHMEM_SYMMETRIC_SIZE")
+    os.environ["NVSHMEM_SYMMETRIC_SIZE"] = f"{rank + 2}G"
+    try:
+        largeep.Buffer(None, backend="nvshmem", **case.buffer_kwargs()).destroy()
+        chk.expect(False, "the Buffer was created")
+    except ArgumentError as exc:
+        chk.expect("NVSHMEM_SYMMETRIC_SIZE differs" in str(exc) and "'2G'" in str(exc), f"ArgumentError: {exc}")
+    finally:
+        if old is None:
+            os.environ.pop("NVSHMEM_SYMMETRIC_SIZE", None)
+        else:
+            os.environ["NVSHMEM_SYMMETRIC_SIZE"] = old
+    buf = largeep.Buffer(None, backend="nvshmem", **case.buffer_kwargs())
+    try:
+        NormalRound(buf, case, chk).run()
+    finally:
+        buf.destroy()
+    return {"failures": chk.failures}
+
+
 def init_times_out(rank: int, world: int, timeout_s: float) -> dict[str, Any]:
     """The ranks share GPUs unevenly and the placement check is switched off: NVSHMEM's initialisation must end
     in PeerTimeoutError after about ``timeout_s`` (LARGEEP_INIT_TIMEOUT_S) on every rank, and a second Buffer must

@@ -179,6 +179,39 @@ def test_nvshmem_uneven_gpus_reason(places: list[tuple[str, str]], uneven: str |
         assert reason is not None and uneven in reason and "same number of ranks on every GPU" in reason, reason
 
 
+@pytest.mark.parametrize("sizes,differ", [
+    (["2147483648", "2147483648"], None),
+    (["2G", "2147483648", "2g"], None),  # NVSHMEM's suffixes: the same size
+    (["1.5G", str(3 << 29)], None),
+    ([None, None], None),
+    (["2G", "4G"], "ranks [0]: '2G'; ranks [1]: '4G'"),
+    (["4294967296", None, "4294967296"], "ranks [0, 2]: '4294967296'; ranks [1]: unset"),
+    (["lots", "2G"], "'lots'"),  # not a size NVSHMEM reads: compared as given
+])
+def test_nvshmem_heap_size_reason(sizes: list[str | None], differ: str | None) -> None:
+    from largeep.backends.nvshmem_backend import heap_size_reason
+
+    reason = heap_size_reason(sizes)
+    if differ is None:
+        assert reason is None, reason
+    else:
+        assert reason is not None and differ in reason and "NVSHMEM_SYMMETRIC_SIZE differs" in reason, reason
+
+
+@pytest.mark.gpu(2)
+def test_nvshmem_refuses_different_heap_sizes() -> None:
+    """Rank 1 sets a larger NVSHMEM_SYMMETRIC_SIZE than rank 0: both raise ArgumentError before NVSHMEM starts
+    (an allocation failing on one rank only would leave the other inside NVSHMEM's barrier); with the variable
+    unset again, a Buffer is made. A pool of its own (NVSHMEM must not be running in it yet)."""
+    pool = DistPool(2, "nccl", timeout_s=120)
+    try:
+        results = pool.run(error_bodies.heap_sizes_refused)
+    finally:
+        pool.close(force=True)
+    failures = [f for r in results for f in r["failures"]]
+    assert not failures, "\n".join(failures)
+
+
 @pytest.mark.parametrize("outcome", ["hangs", "raises"])
 def test_nvshmem_init_is_bounded(monkeypatch, outcome: str) -> None:
     """An NVSHMEM initialisation that does not return (CPU: a stand-in that blocks) raises PeerTimeoutError after

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import math
 import os
+import re
 import socket
 import threading
 import weakref
@@ -85,6 +86,33 @@ def uneven_gpus_reason(places: list[tuple[str, str]]) -> str | None:
     return None
 
 
+_SIZE_SUFFIX = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def _heap_bytes(value: str | None) -> int | str | None:
+    """NVSHMEM_SYMMETRIC_SIZE as bytes (a number with an optional k, m, g or t suffix, any case), else as given."""
+    if value is None:
+        return None
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgtKMGT]?)[bB]?\s*", value)
+    return int(float(m.group(1)) * _SIZE_SUFFIX[m.group(2).lower()]) if m else value
+
+
+def heap_size_reason(sizes: list[str | None]) -> str | None:
+    """None when every rank's NVSHMEM_SYMMETRIC_SIZE (``sizes``, in rank order; None: unset) is the same size; else
+    what differs. NVSHMEM's symmetric allocations are collective: on heaps of different sizes one that fails on some
+    ranks only leaves the others waiting inside NVSHMEM, where no timeout reaches."""
+    if len({_heap_bytes(v) for v in sizes}) <= 1:
+        return None
+    groups: dict[str, list[int]] = {}
+    for rank, v in enumerate(sizes):
+        groups.setdefault("unset" if v is None else repr(v), []).append(rank)
+    share = "; ".join(f"ranks {r}: {v}" for v, r in groups.items())
+    return (f"NVSHMEM_SYMMETRIC_SIZE differs between ranks ({share}); an allocation that fails on some ranks only "
+            "would leave the others waiting inside NVSHMEM: set the same value on every rank, or leave it unset on "
+            "every rank (largeep then sizes the heap from the first Buffer and LARGEEP_NVSHMEM_HEAP_MARGIN, which "
+            "must agree too)")
+
+
 def _init_bounded(C: Any, uid: Any, ctx: GroupContext, timeout_s: float) -> None:
     """C.init (collective over the group) in a helper thread, waited for at most timeout_s
     (LARGEEP_INIT_TIMEOUT_S): an initialisation that does not finish (a placement NVSHMEM cannot serve) raises
@@ -142,19 +170,27 @@ def _join(ctx: GroupContext, heap_bytes: int, settings: Settings) -> Any:
                 "backend='torch' for the second group, or one group per process."
             )
         return C
-    # Refuse, on every rank, a placement whose initialisation would not finish (before NVSHMEM sees it).
-    places: list[Any] = [None] * ctx.num_ranks
-    dist.all_gather_object(places, (socket.gethostname(), _gpu_of(ctx.device)), group=ctx.group)
-    reason = uneven_gpus_reason(places)
-    if reason is not None:
-        raise ArgumentError(f"Buffer: backend 'nvshmem': {reason}")
-    if "NVSHMEM_SYMMETRIC_SIZE" not in os.environ:
+    user_size = os.environ.get("NVSHMEM_SYMMETRIC_SIZE")
+    if user_size is None:
         gib = 1 << 30
         size = max(2 * gib, math.ceil(heap_bytes * settings.heap_margin / gib) * gib)
         os.environ["NVSHMEM_SYMMETRIC_SIZE"] = str(size)
+    # Refuse, on every rank, a placement whose initialisation would not finish and heaps of different sizes (before
+    # NVSHMEM sees them).
+    places: list[Any] = [None] * ctx.num_ranks
+    dist.all_gather_object(places, (socket.gethostname(), _gpu_of(ctx.device), os.environ["NVSHMEM_SYMMETRIC_SIZE"]),
+                           group=ctx.group)
+    reason = uneven_gpus_reason([(host, gpu) for host, gpu, _ in places]) or heap_size_reason(
+        [size for _, _, size in places])
+    if reason is not None:
+        if user_size is None:  # ours: the next Buffer sizes the heap again
+            del os.environ["NVSHMEM_SYMMETRIC_SIZE"]
+        raise ArgumentError(f"Buffer: backend 'nvshmem': {reason}")
+    if user_size is None:
+        size = int(os.environ["NVSHMEM_SYMMETRIC_SIZE"])
         (logger.warning if ctx.rank == 0 else logger.debug)(
             "NVSHMEM_SYMMETRIC_SIZE was not set: largeep sets it to %d bytes (%.1f GiB) from the first Buffer's "
-            "needs; set it yourself if later Buffers need more", size, size / gib,
+            "needs; set it yourself if later Buffers need more", size, size / (1 << 30),
         )
     uid = [C.unique_id() if ctx.rank == 0 else None]
     dist.broadcast_object_list(uid, src=dist.get_global_rank(ctx.group, 0), group=ctx.group)

@@ -198,6 +198,49 @@ def test_nvshmem_heap_size_reason(sizes: list[str | None], differ: str | None) -
         assert reason is not None and differ in reason and "NVSHMEM_SYMMETRIC_SIZE differs" in reason, reason
 
 
+@pytest.mark.parametrize("peer_size", ["same", "4G"])
+def test_nvshmem_join_gathers_heap_sizes(monkeypatch, peer_size: str) -> None:
+    """_join on CPU with stand-ins for NVSHMEM and the group (this rank 0 of 2, the peer's gather entry made up):
+    the size largeep picks is what it gathers; a peer with another size refuses before NVSHMEM starts and the
+    variable largeep set is taken back; the same size goes on into the initialisation."""
+    import types
+
+    import largeep
+    from largeep._env import settings
+    from largeep.backends import nvshmem_backend as nb
+
+    inits = []
+
+    class Stand:
+        def initialized(self) -> bool:
+            return False
+
+        def unique_id(self) -> bytes:
+            return b"uid"
+
+    def gather(out: list, mine: tuple, group: object = None) -> None:
+        out[0] = mine
+        out[1] = (mine[0], "gpu-1", mine[2] if peer_size == "same" else peer_size)
+
+    monkeypatch.delenv("NVSHMEM_SYMMETRIC_SIZE", raising=False)
+    monkeypatch.setattr(nb, "_world", {})
+    monkeypatch.setattr(nb.native, "module", lambda: Stand())
+    monkeypatch.setattr(nb.dist, "get_process_group_ranks", lambda group: [0, 1])
+    monkeypatch.setattr(nb.dist, "all_gather_object", gather)
+    monkeypatch.setattr(nb.dist, "broadcast_object_list", lambda objs, src, group: None)
+    monkeypatch.setattr(nb.dist, "get_global_rank", lambda group, r: r)
+    monkeypatch.setattr(nb, "_gpu_of", lambda device: "gpu-0")
+    monkeypatch.setattr(nb, "_init_bounded", lambda C, uid, ctx, timeout_s: inits.append(uid))
+    ctx = types.SimpleNamespace(rank=0, num_ranks=2, device=types.SimpleNamespace(index=0), group=None)
+    if peer_size == "same":
+        nb._join(ctx, 3 << 30, settings())  # type: ignore[arg-type]
+        assert inits == [b"uid"] and os.environ["NVSHMEM_SYMMETRIC_SIZE"] == str(4 << 30)  # 3 GiB x 1.25, whole GiB
+    else:
+        with pytest.raises(largeep.ArgumentError, match=r"NVSHMEM_SYMMETRIC_SIZE differs.*ranks \[1\]: '4G'"):
+            nb._join(ctx, 3 << 30, settings())  # type: ignore[arg-type]
+        assert inits == [] and "NVSHMEM_SYMMETRIC_SIZE" not in os.environ
+
+
 @pytest.mark.gpu(2)
 def test_nvshmem_refuses_different_heap_sizes() -> None:
     """Rank 1 sets a larger NVSHMEM_SYMMETRIC_SIZE than rank 0: both raise ArgumentError before NVSHMEM starts

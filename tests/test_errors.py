@@ -198,7 +198,7 @@ def test_nvshmem_heap_size_reason(sizes: list[str | None], differ: str | None) -
         assert reason is not None and differ in reason and "NVSHMEM_SYMMETRIC_SIZE differs" in reason, reason
 
 
-@pytest.mark.parametrize("peer_size", ["same", "4G"])
+@pytest.mark.parametrize("peer_size", ["same", "8G"])
 def test_nvshmem_join_gathers_heap_sizes(monkeypatch, peer_size: str) -> None:
     """_join on CPU with stand-ins for NVSHMEM and the group (this rank 0 of 2, the peer's gather entry made up):
     the size largeep picks is what it gathers; a peer with another size refuses before NVSHMEM starts and the
@@ -222,7 +222,8 @@ def test_nvshmem_join_gathers_heap_sizes(monkeypatch, peer_size: str) -> None:
         out[0] = mine
         out[1] = (mine[0], "gpu-1", mine[2] if peer_size == "same" else peer_size)
 
-    monkeypatch.delenv("NVSHMEM_SYMMETRIC_SIZE", raising=False)
+    monkeypatch.setenv("NVSHMEM_SYMMETRIC_SIZE", "0")  # (restored to what it was after the test, as _join sets it)
+    monkeypatch.delenv("NVSHMEM_SYMMETRIC_SIZE")
     monkeypatch.setattr(nb, "_world", {})
     monkeypatch.setattr(nb.native, "module", lambda: Stand())
     monkeypatch.setattr(nb.dist, "get_process_group_ranks", lambda group: [0, 1])
@@ -236,7 +237,7 @@ def test_nvshmem_join_gathers_heap_sizes(monkeypatch, peer_size: str) -> None:
         nb._join(ctx, 3 << 30, settings())  # type: ignore[arg-type]
         assert inits == [b"uid"] and os.environ["NVSHMEM_SYMMETRIC_SIZE"] == str(4 << 30)  # 3 GiB x 1.25, whole GiB
     else:
-        with pytest.raises(largeep.ArgumentError, match=r"NVSHMEM_SYMMETRIC_SIZE differs.*ranks \[1\]: '4G'"):
+        with pytest.raises(largeep.ArgumentError, match=r"NVSHMEM_SYMMETRIC_SIZE differs.*ranks \[1\]: '8G'"):
             nb._join(ctx, 3 << 30, settings())  # type: ignore[arg-type]
         assert inits == [] and "NVSHMEM_SYMMETRIC_SIZE" not in os.environ
 

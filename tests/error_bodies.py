@@ -1111,3 +1111,44 @@ def nvshmem_missing_on_one_rank(rank: int, world: int) -> str:
     finally:
         native.unavailable_reason = real  # type: ignore[assignment]
     raise AssertionError("Buffer(backend='nvshmem') went through")
+
+
+def missing_collective_member(rank: int, world: int, which: str, timeout_s: float) -> dict[str, Any]:
+    """Rank 0 makes a collective call of the library's (``which``: the gate's load sum, or the replicas' gradient
+    sum) that the other ranks never make: it must raise PeerTimeoutError naming the call after about
+    LARGEEP_TIMEOUT_S (gloo), not wait for the process group's own timeout; a good call on every rank works
+    beforehand. Returns {"raised": message or None, "took": seconds} on rank 0."""
+    import time
+
+    from largeep import layers
+    from largeep.gate import GateConfig, TopKGate
+
+    group = dist.new_group(list(range(world)))
+    os.environ["LARGEEP_TIMEOUT_S"] = str(timeout_s)
+    try:
+        if which == "gate":
+            gate = TopKGate(GateConfig(hidden=8, num_experts=4, topk=2))
+
+            def call() -> None:
+                gate.update_bias(group, load=torch.full((4,), float(rank + 1)))
+        else:
+            w = torch.nn.Parameter(torch.zeros(2, 3))
+            w.grad = torch.full((2, 3), float(rank + 1))
+            table = torch.tensor([0, 1] * world)  # every logical expert on every rank
+
+            def call() -> None:
+                layers.allreduce_replica_grads([w], table, group)
+        call()  # every rank: the sum over the group arrives
+        if which != "gate":
+            expect = float(sum(range(1, world + 1)))
+            assert torch.equal(w.grad, torch.full((2, 3), expect)), w.grad
+        if rank != 0:
+            return {"raised": None, "took": 0.0}
+        start = time.monotonic()
+        try:
+            call()
+        except largeep.PeerTimeoutError as exc:
+            return {"raised": str(exc), "took": time.monotonic() - start}
+        return {"raised": None, "took": time.monotonic() - start}
+    finally:
+        del os.environ["LARGEEP_TIMEOUT_S"]

@@ -546,3 +546,16 @@ def test_nvshmem_refusal_messages(me: int, word: int, raises: str, words: list[s
         status[6] = 6
         with pytest.raises(RuntimeError, match="report on rank 0 is missing"):
             b._raise_refused("dispatch", word, checked=True)
+
+
+@pytest.mark.parametrize("which,name", [("gate", "TopKGate.update_bias"), ("replicas", "allreduce_replica_grads")])
+def test_missing_member_of_a_library_collective_is_bounded(which: str, name: str) -> None:
+    """The gate's load sum and the replicas' gradient sum, made by rank 0 alone, raise PeerTimeoutError naming the
+    call after LARGEEP_TIMEOUT_S on gloo. A pool of its own: the abandoned collective stays pending in it."""
+    pool = DistPool(2, "gloo", timeout_s=120)
+    try:
+        r0 = pool.run(error_bodies.missing_collective_member, which, 2.0)[0]
+    finally:
+        pool.close(force=True)
+    assert r0["raised"] is not None and name in r0["raised"] and "LARGEEP_TIMEOUT_S=2" in r0["raised"], r0
+    assert 2.0 <= r0["took"] < 30.0, r0

@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from datetime import timedelta
 from typing import Any
 
 import torch
@@ -48,8 +47,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
-from largeep import _env
-from largeep.errors import ArgumentError, PeerTimeoutError
+from largeep import _collective
+from largeep.errors import ArgumentError
 
 __all__ = [
     "ExpertTP",
@@ -127,25 +126,12 @@ def _run(fn: Any, outs: list[Tensor], ts: tuple[Tensor, ...], group: dist.Proces
     works = [fn(o, t.contiguous(), group=group, async_op=is_async) for o, t in zip(outs, ts, strict=True)]
     if not is_async:
         return outs  # (compiling: synchronous collectives, nothing to wait for here)
-    bound = timedelta(seconds=_env.settings().timeout_s) if ts and ts[0].device.type == "cpu" else None
-    for wk in works:
-        if wk is None:
-            continue
-        if bound is None:
-            wk.wait()
-            continue
-        try:
-            wk.wait(timeout=bound)
-        except RuntimeError as exc:
-            if "timed out" not in str(exc).lower():
-                raise
-            first = str(exc).splitlines()[0]
-            raise PeerTimeoutError(
-                f"expert TP: rank {dist.get_rank(group)} of its TP group waited for the others in vain "
-                f"(LARGEEP_TIMEOUT_S={bound.total_seconds():g} s; gloo: {first}): a member did not make the same "
-                "call, or failed before it (its expert-parallel dispatch refused, for one); the TP group is out of "
-                "step now"
-            ) from None
+    _collective.wait_all(
+        works, bool(ts) and ts[0].device.type == "cpu",
+        f"expert TP: rank {dist.get_rank(group)} of its TP group waited for the others in vain",
+        ": a member did not make the same call, or failed before it (its expert-parallel dispatch refused, for one); "
+        "the TP group is out of step now",
+    )
     return outs
 
 

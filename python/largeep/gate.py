@@ -402,9 +402,9 @@ class TopKGate(nn.Module):
         used = self.expert_load.clone() if load is None else load.detach().float().to(self.expert_bias.device).clone()
         _check(used.shape == (e,), "load", f"must have shape [{e}], got {tuple(used.shape)}")
         if group is not None:
-            import torch.distributed as dist
+            from largeep import _collective
 
-            dist.all_reduce(used, group=group)
+            _collective.all_reduce(used, group, "TopKGate.update_bias")
         step = self.config.bias_update_rate if rate is None else rate
         _check(step >= 0, "rate", f"must be >= 0, got {step}")
         if self.config.bias_balancing:

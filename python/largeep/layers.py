@@ -52,7 +52,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from largeep import fp8, ops
+from largeep import _collective, fp8, ops
 from largeep.buffer import Buffer
 from largeep.errors import ArgumentError
 from largeep.expert_tp import ExpertTP
@@ -753,7 +753,7 @@ def allreduce_replica_grads(
         (p.grad if p.grad is not None else torch.zeros_like(p)).reshape(s, -1)[local.to(dev)].float() for p in plist
     ]
     acc.index_add_(0, slot_q[local].to(dev), torch.cat(rows, dim=1))
-    dist.all_reduce(acc, group=group)
+    _collective.all_reduce(acc, group, "allreduce_replica_grads")
     back = acc[slot_q[local].to(dev)].split(widths, dim=1)
     for p, b in zip(plist, back, strict=True):
         if p.grad is None:

@@ -1,0 +1,48 @@
+"""Waits for process-group collectives that the library issues outside a Buffer (expert TP, the gate's load sum,
+the replicas' gradient sum), bounded by LARGEEP_TIMEOUT_S where the tensors are on the CPU (gloo): a rank that
+raised before the collective, or never makes the call, ends the others' wait in PeerTimeoutError instead of the
+process group's own timeout (30 minutes on gloo). On NCCL the group's own timeout applies (its waits are not
+bounded from the host)."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from largeep import _env
+from largeep.errors import PeerTimeoutError
+
+
+def wait_all(works: list[Any], on_cpu: bool, head: str, tail: str) -> None:
+    """Waits for every work (None: nothing to wait for). On CPU a wait past LARGEEP_TIMEOUT_S raises
+    PeerTimeoutError(f"{head} (LARGEEP_TIMEOUT_S=... s; gloo: ...){tail}")."""
+    bound = timedelta(seconds=_env.settings().timeout_s) if on_cpu else None
+    for wk in works:
+        if wk is None:
+            continue
+        if bound is None:
+            wk.wait()
+            continue
+        try:
+            wk.wait(timeout=bound)
+        except RuntimeError as exc:
+            if "timed out" not in str(exc).lower():
+                raise
+            first = str(exc).splitlines()[0]
+            raise PeerTimeoutError(
+                f"{head} (LARGEEP_TIMEOUT_S={bound.total_seconds():g} s; gloo: {first}){tail}"
+            ) from None
+
+
+def all_reduce(t: torch.Tensor, group: dist.ProcessGroup | None, what: str) -> None:
+    """dist.all_reduce (sum) of ``t`` in place over ``group``, waited for as ``wait_all`` does; ``what`` names the
+    call in the error. Synchronous while torch.compile traces (Dynamo traces only synchronous collectives)."""
+    if torch.compiler.is_compiling():
+        dist.all_reduce(t, group=group)
+        return
+    work = dist.all_reduce(t, group=group, async_op=True)
+    wait_all([work], t.device.type == "cpu", f"{what}: rank {dist.get_rank(group)} waited for the group in vain",
+             ": a rank did not make the same call, or failed before it; the group is out of step now")

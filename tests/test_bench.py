@@ -106,11 +106,14 @@ def test_x_best_and_table() -> None:
     base = dict(mode="normal", op="dispatch", ep=2, ranks_per_node=2, num_tokens=8, hidden=128, num_topk=2,
                 num_experts=4, dtype="bf16", num_sms=None, time_us_p10=1.0, time_us_p90=3.0, logical_gbps=1.0)
     recs = [rec.Record(backend="a", time_us_median=2.0, **base), rec.Record(backend="b", time_us_median=4.0, **base)]
-    extras = [rec.Extra(bus_gbps=0.5), rec.Extra(bus_gbps=0.25)]
+    extras = [rec.Extra(bus_gbps=0.5, floor_us=rec.floor_us(4.5e6, 450.0)), rec.Extra(bus_gbps=0.25)]
     rec.fill_x_best(recs, extras)
     assert [e.x_best for e in extras] == [1.0, 2.0]
     table = rec.format_table(recs, extras)
     assert "x best" in table and "2.00" in table
+    # the floor: 4.5 MB over 450 GB/s is 10 us; none known for the second record
+    head, _, first, second = table.splitlines()[:4]
+    assert head.split()[-1] == "floor(us)" and first.split()[-1] == "10.0" and second.split()[-1] == "-", table
 
 
 def test_stats() -> None:

@@ -109,6 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--zipf-s", type=float, default=1.0, help="Zipf exponent for --routing zipf")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-hook", action="store_true", help="skip the low-latency send/recv (receive hook) phases")
+    p.add_argument("--link-gbps", type=float, default=450.0,
+                   help="one GPU's link bandwidth one way, for the floor column (default 450: NVLink4, H100/H200)")
     p.add_argument("--no-plots", action="store_true")
     return p
 
@@ -129,6 +131,8 @@ def make_plan(args: argparse.Namespace, device_kind: str, command: str) -> Any:
         v = getattr(args, name)
         if v is not None and v < (1 if name == "iters" else 0):
             raise SystemExit(f"--{name} must be {'positive' if name == 'iters' else 'non-negative'}")
+    if args.link_gbps <= 0:
+        raise SystemExit("--link-gbps must be positive")
     num_sms = args.num_sms or base["num_sms"]
     if any(s % 2 for s in num_sms):
         raise SystemExit("--num-sms values must be even")
@@ -142,7 +146,7 @@ def make_plan(args: argparse.Namespace, device_kind: str, command: str) -> Any:
         warmup=base["warmup"] if args.warmup is None else args.warmup,
         iters=base["iters"] if args.iters is None else args.iters,
         ranks_per_node=args.ranks_per_node, routing=args.routing, zipf_s=args.zipf_s, seed=args.seed,
-        hook=not args.no_hook, plots=not args.no_plots, out=out, command=command,
+        hook=not args.no_hook, link_gbps=args.link_gbps, plots=not args.no_plots, out=out, command=command,
     )
 
 

@@ -9,13 +9,16 @@ File layout (one JSON object per run, ``results.json``)::
       "settings": {...},          # preset, warm-up, iterations, routing, timing method
       "skipped": [{"backend": ..., "reason": ...}],
       "records": [ {RECORD_KEYS...}, ... ],        # SPEC.md "Measuring": exactly these keys
-      "extras": [ {"bus_gbps": ..., "x_best": ..., "phase_of": ...}, ... ]   # one per record, same order
+      "extras": [ {"bus_gbps": ..., "x_best": ..., "phase_of": ..., "floor_us": ...}, ... ]   # one per record
     }
 
 ``records`` hold exactly SPEC.md's keys. What SPEC has no key for sits in ``extras``, aligned with ``records``:
 ``bus_gbps`` (bytes that crossed between GPUs / time), ``x_best`` (time over the fastest backend's time for the same
-configuration, 1.0 = fastest) and ``phase_of`` ("dispatch"/"combine" for the low-latency "send"/"recv" records,
-which SPEC's keys cannot tell apart otherwise; None elsewhere).
+configuration, 1.0 = fastest), ``phase_of`` ("dispatch"/"combine" for the low-latency "send"/"recv" records,
+which SPEC's keys cannot tell apart otherwise; None elsewhere) and ``floor_us``, the bytes-over-link floor: the
+fewest bytes the call must move off one GPU (the mean over ranks; a token once per destination rank, except the
+low-latency combine, whose copies carry different expert outputs and go back one by one) over the link's
+bandwidth (``--link-gbps``, settings "link_gbps"; GPU runs only, None on CPU and for the layout).
 
 Byte counts (SPEC.md "Measuring", the field's convention):
 - normal dispatch: every received row, local rows included; a BF16 row is ``2*H`` bytes, an FP8 row ``H + 4*H/128``
@@ -82,6 +85,7 @@ class Extra:
     bus_gbps: float | None
     x_best: float | None = None
     phase_of: str | None = None
+    floor_us: float | None = None
 
 
 # -- byte counts ------------------------------------------------------------------------------------------------
@@ -139,6 +143,11 @@ class Traffic:
 
     def bus_bytes(self, bytes_per_row: int) -> float:
         return self.mean_remote_rows * bytes_per_row
+
+
+def floor_us(num_bytes: float, link_gbps: float) -> float:
+    """The time ``num_bytes`` take over a link of ``link_gbps`` GB/s, in microseconds."""
+    return num_bytes / (link_gbps * 1e3)
 
 
 def gbps(num_bytes: float, time_us: float) -> float:
@@ -324,11 +333,11 @@ def format_table(records: Sequence[Record], extras: Sequence[Extra]) -> str:
             r.backend, r.mode, label(i), r.dtype, r.ep, r.num_tokens, r.hidden, r.num_topk, r.num_experts,
             "-" if r.num_sms is None else r.num_sms,
             _fmt(r.time_us_median), _fmt(r.time_us_p10), _fmt(r.time_us_p90),
-            _fmt(r.logical_gbps, 2), _fmt(e.bus_gbps, 2), _fmt(e.x_best, 2),
+            _fmt(r.logical_gbps, 2), _fmt(e.bus_gbps, 2), _fmt(e.x_best, 2), _fmt(e.floor_us),
         ])
     headers = [
         "backend", "mode", "op", "dtype", "ep", "tokens", "hidden", "topk", "experts", "sms",
-        "time(us)", "p10", "p90", "logical GB/s", "bus GB/s", "x best",
+        "time(us)", "p10", "p90", "logical GB/s", "bus GB/s", "x best", "floor(us)",
     ]
     return tabulate(rows, headers=headers, tablefmt="simple", disable_numparse=True,
-                    colalign=("left", "left", "left", "left") + ("right",) * 12)
+                    colalign=("left", "left", "left", "left") + ("right",) * 13)

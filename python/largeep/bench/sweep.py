@@ -61,6 +61,7 @@ class Plan:
     zipf_s: float = 1.0
     seed: int = 0
     hook: bool = True
+    link_gbps: float = 450.0  # one GPU's link, one way: NVLink4 on H100/H200 (the floor column)
     plots: bool = True
     out: str | None = None
     # set by the launcher that starts one set of processes per backend: rank 0 writes its records here and the
@@ -291,7 +292,9 @@ class Sweep:
         per_row = {"layout": None, "dispatch": rb_d, "combine": rb_c, "roundtrip": rb_d + rb_c}
         for op in ("layout", "dispatch", "combine", "roundtrip"):
             if op in stats:
-                self._add(a, spec, "normal", op, None, tokens, dtype, stats[op], traffic, per_row[op])
+                rb = per_row[op]
+                floor = None if rb is None else traffic.bus_bytes(rb)  # a token once per rank, both ways
+                self._add(a, spec, "normal", op, None, tokens, dtype, stats[op], traffic, rb, floor)
 
     # -- low-latency mode ---------------------------------------------------------------------------------------
     def _low_latency(self, a: Adapter, spec: BufferSpec, tokens: int, dtype: str) -> None:
@@ -299,6 +302,9 @@ class Sweep:
         use_fp8 = dtype == "fp8"
         copies = rec.send_copies_ll(idx, spec.num_experts, self.n)
         traffic = rec.Traffic.from_matrix(_gather_matrix(copies, self.group, self.device))
+        # the floor: a dispatched token needs to reach each destination rank once; the combine's copies differ
+        per_rank = rec.Traffic.from_matrix(
+            _gather_matrix(rec.send_rows_normal(idx, spec.num_experts, self.n), self.group, self.device))
         y = a.ll_combine_input()
         t = self.timer
 
@@ -331,26 +337,33 @@ class Sweep:
                  ("roundtrip", "roundtrip", None, rb_d + rb_c),
                  ("dispatch.send", "send", "dispatch", rb_d), ("dispatch.recv", "recv", "dispatch", rb_d),
                  ("combine.send", "send", "combine", rb_c), ("combine.recv", "recv", "combine", rb_c)]
+        floors = {"dispatch": per_rank.bus_bytes(rb_d), "combine": traffic.bus_bytes(rb_c)}
+        floors["roundtrip"] = floors["dispatch"] + floors["combine"]
         for name, op, phase, rb in names:
             if name in stats:
-                self._add(a, spec, "low_latency", op, phase, tokens, dtype, stats[name], traffic, rb)
+                # (a receive moves nothing over the link in hook mode: its rows came with the send)
+                self._add(a, spec, "low_latency", op, phase, tokens, dtype, stats[name], traffic, rb,
+                          None if op == "recv" else floors[phase or op])
 
     # -- records ------------------------------------------------------------------------------------------------
     def _add(
         self, a: Adapter, spec: BufferSpec, mode: str, op: str, phase: str | None, tokens: int, dtype: str,
-        st: Stats, traffic: rec.Traffic, bytes_per_row: int | None,
+        st: Stats, traffic: rec.Traffic, bytes_per_row: int | None, floor_bytes: float | None = None,
     ) -> None:
+        """floor_bytes: the fewest bytes the call moves off one GPU (records.py, ``floor_us``)."""
         logical = bus = None
         if bytes_per_row is not None:
             logical = rec.gbps(traffic.logical_bytes(bytes_per_row), st.median)
             bus = rec.gbps(traffic.bus_bytes(bytes_per_row), st.median)
+        floor = (rec.floor_us(floor_bytes, self.plan.link_gbps)
+                 if floor_bytes is not None and self.device.type == "cuda" else None)
         self.records.append(rec.Record(
             backend=a.name, mode=mode, op=op, ep=self.n, ranks_per_node=self.rpn, num_tokens=tokens,
             hidden=spec.hidden, num_topk=spec.num_topk, num_experts=spec.num_experts, dtype=dtype,
             num_sms=spec.num_sms, time_us_median=st.median, time_us_p10=st.p10, time_us_p90=st.p90,
             logical_gbps=logical,
         ))
-        self.extras.append(rec.Extra(bus_gbps=bus, phase_of=phase))
+        self.extras.append(rec.Extra(bus_gbps=bus, phase_of=phase, floor_us=floor))
 
     def settings(self) -> dict[str, Any]:
         p = self.plan
@@ -368,6 +381,7 @@ class Sweep:
             "roundtrip": "normal: fresh dispatch (layout, count exchange included) + combine; low latency: "
                          "dispatch + combine of its handle, one timed call",
             "bandwidth": "per-rank mean of received bytes (SPEC.md Measuring) / median time",
+            "link_gbps": p.link_gbps,
             **p.extra_settings,
         }
 

@@ -559,3 +559,22 @@ def test_missing_member_of_a_library_collective_is_bounded(which: str, name: str
         pool.close(force=True)
     assert r0["raised"] is not None and name in r0["raised"] and "LARGEEP_TIMEOUT_S=2" in r0["raised"], r0
     assert 2.0 <= r0["took"] < 30.0, r0
+
+
+@pytest.mark.parametrize("low_latency,ranks,per_node,refused", [
+    (False, 32, 8, None),
+    (False, 33, 1, "normal-mode kernels support at most 32 ranks"),
+    (False, 16, 16, "at most 8 ranks per node"),
+    (True, 256, 16, None),  # low latency: any number of ranks per node, up to 1024 ranks
+    (True, 1024, 8, None),
+    (True, 2048, 8, "low-latency kernels support at most 1024 ranks"),
+])
+def test_nvshmem_group_sizes(low_latency: bool, ranks: int, per_node: int, refused: str | None) -> None:
+    import types
+
+    from largeep.backends.nvshmem_backend import unsupported_reason
+
+    ctx = types.SimpleNamespace(num_ranks=ranks, ranks_per_node=per_node, low_latency=low_latency, hidden=7168,
+                                num_topk=8)
+    reason = unsupported_reason(ctx)  # type: ignore[arg-type]
+    assert (reason is None) if refused is None else (reason is not None and refused in reason), reason

@@ -37,7 +37,10 @@ namespace {
 constexpr int kLLThreads = 512;  // (at least 2 warps: ll_unpack's second prefix sum runs on warp 1)
 constexpr int kLLWarps = kLLThreads / kWarp;
 constexpr size_t kLLMaxDynSmem = 40 * 1024;  // the spread kernels' count words (48 KiB less the static share)
-constexpr int kLLMaxTopk = 8;  // the combine receive keeps this many copies' loads in flight (larger K: one by one)
+constexpr int kLLMaxTopk = 8;
+// Ranks of a low-latency group: the rendezvous kernel's one block (csrc/runtime) bounds NVSHMEM groups at 1024; the
+// kernels here loop over ranks wherever a thread per rank would not fit a block.
+constexpr int kLLMaxRanks = 1024;  // the combine receive keeps this many copies' loads in flight (larger K: one by one)
 
 __device__ __forceinline__ uint8_t* ll_peer(const LowLatencyCtx& c, int r) {
     return reinterpret_cast<uint8_t*>(c.peer_base[r]);
@@ -79,11 +82,19 @@ __device__ __forceinline__ bool ll_wait(const int64_t* flag, int64_t target, con
     return ok;
 }
 
-// Threads [0, N) wait for flag words [kind][slot][0, N) to reach target (block_wait_flags), with the fence ll_wait
-// adds when puts are in use; returns to every thread whether all arrived.
+// The block's threads wait for flag words [kind][slot][0, N) to reach target, thread i for words i, i + blockDim.x,
+// ... (any number of ranks), with the fence ll_wait adds when puts are in use; returns to every thread whether all
+// arrived. Nothing is waited for once the Buffer reported an error (or a word of this wait gave up).
 __device__ __forceinline__ bool ll_block_wait(const LowLatencyCtx& c, int kind, int slot, int64_t target, int op) {
-    const bool ok = block_wait_flags(ll_flags(c.base, c) + ll_flag_index(c, kind, slot, 0), all_mask(c.num_ranks),
-                                     target, c.timeout_ns, c.err, op);
+    __shared__ int ok_all;
+    if (threadIdx.x == 0) ok_all = has_error(c.err) ? 0 : 1;
+    __syncthreads();
+    const int64_t* flags = ll_flags(c.base, c) + ll_flag_index(c, kind, slot, 0);
+    for (int r = threadIdx.x; r < c.num_ranks; r += blockDim.x)
+        if (ok_all && !wait_flag(flags + r, target, c.timeout_ns, c.err, op, r)) atomicAnd(&ok_all, 0);
+    __syncthreads();
+    const bool ok = ok_all != 0;
+    __syncthreads();  // every thread has read ok_all before a following call's thread 0 rewrites it
     if (ok && c.ranks_per_node < c.num_ranks) __threadfence_system();
     return ok;
 }
@@ -159,11 +170,11 @@ __device__ __forceinline__ void ll_publish_counts(const LowLatencyCtx& c, int* c
         }
         if (puts && publish) nvshmem_quiet();  // the count words put elsewhere have landed
         __syncthreads();  // every count word before any rows word
-        if (static_cast<int>(threadIdx.x) < N) {
+        for (int r = threadIdx.x; r < N; r += blockDim.x) {
             int* rows_to = counter + N * epr;
-            const int n = min(rows_to[threadIdx.x], c.max_tokens);
-            rows_to[threadIdx.x] = 0;
-            if (publish) ll_set_flag(c, threadIdx.x, ll_flag_index(c, kLLRows, slot_buf, c.rank), (seq << 32) | n);
+            const int n = min(rows_to[r], c.max_tokens);
+            rows_to[r] = 0;
+            if (publish) ll_set_flag(c, r, ll_flag_index(c, kLLRows, slot_buf, c.rank), (seq << 32) | n);
         }
         if (threadIdx.x == 0) {
             c.seq[kSeqLowLatency] = seq;
@@ -443,8 +454,7 @@ __device__ __forceinline__ void ll_unpack(const LowLatencyCtx& c, uint8_t* out_x
     if (threadIdx.x == 0) ok_all = has_error(c.err) ? 0 : 1;
     __syncthreads();
     // each source's rows word, released after its count words: acquired, they are all there
-    if (static_cast<int>(threadIdx.x) < N) {
-        const int s = threadIdx.x;
+    for (int s = threadIdx.x; s < N; s += blockDim.x) {
         const int64_t* f = ll_flags(c.base, c) + ll_flag_index(c, kLLRows, slot_buf, s);
         int n = 0;
         if (ok_all && ll_wait(f, seq << 32, c, kOpLowLatencyDispatch, s)) {
@@ -543,8 +553,8 @@ __device__ __forceinline__ void ll_unpack(const LowLatencyCtx& c, uint8_t* out_x
     // Every block has read its rows: the slot buffer of this round is free for every source.
     if (last_block(c.block_counter + 1)) {
         trace_mark(5);
-        if (static_cast<int>(threadIdx.x) < N)
-            ll_set_flag(c, threadIdx.x, ll_flag_index(c, kLLDispatchFree, slot_buf, me), seq);
+        for (int r = threadIdx.x; r < N; r += blockDim.x)
+            ll_set_flag(c, r, ll_flag_index(c, kLLDispatchFree, slot_buf, me), seq);
         trace_mark(6);
         trace_print("dispatch_recv", 7, c.rank, total);
     }
@@ -649,8 +659,8 @@ __device__ __forceinline__ void ll_combine_send_body(const LowLatencyCtx& c, con
         __shared__ int s_done;
         if (threadIdx.x == 0) s_done = !has_error(c.err);
         __syncthreads();
-        if (static_cast<int>(threadIdx.x) < N && s_done)
-            ll_set_flag(c, threadIdx.x, ll_flag_index(c, kLLCombineDone, slot_buf, me), seq);
+        for (int r = threadIdx.x; r < N && s_done; r += blockDim.x)
+            ll_set_flag(c, r, ll_flag_index(c, kLLCombineDone, slot_buf, me), seq);
         if (threadIdx.x == 0) {
             c.seq[kSeqLowLatency + 1] = seq;
             *handle_seq = seq;
@@ -736,8 +746,8 @@ __device__ __forceinline__ void ll_combine_sum(const LowLatencyCtx& c, const int
     trace_mark(2);
     if (last_block(c.block_counter + 3)) {
         trace_mark(3);
-        if (static_cast<int>(threadIdx.x) < N)
-            ll_set_flag(c, threadIdx.x, ll_flag_index(c, kLLCombineFree, slot_buf, me), seq);
+        for (int r = threadIdx.x; r < N; r += blockDim.x)
+            ll_set_flag(c, r, ll_flag_index(c, kLLCombineFree, slot_buf, me), seq);
         trace_mark(4);
         trace_print("combine_recv", 5, c.rank, T);
     }
@@ -818,7 +828,7 @@ int sum_blocks(const LowLatencyCtx& c, int num_tokens, int slices) {
 void check_send(const LowLatencyCtx& c, bool use_fp8) {
     HOST_ASSERT(c.hidden % 128 == 0 || !use_fp8, "FP8 needs hidden % 128 == 0");
     HOST_ASSERT(c.hidden % 8 == 0, "hidden must be a multiple of 8");
-    HOST_ASSERT(c.num_ranks <= 32, "at most 32 ranks");
+    HOST_ASSERT(c.num_ranks <= kLLMaxRanks, "at most " << kLLMaxRanks << " ranks in low-latency mode");
     HOST_ASSERT(c.num_topk <= kWarp, "num_topk must be <= 32");
 }
 

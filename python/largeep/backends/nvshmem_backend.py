@@ -48,12 +48,25 @@ FUSED_LAUNCHES = [0]
 _world: dict[str, Any] = {}
 
 
+# Group sizes the kernels support: normal mode (per-rank bit masks of 32 bits, a combine that keeps one row per rank
+# of a node), low-latency mode (loops over ranks; NVSHMEM's rendezvous kernel is one block of at most 1024 threads).
+MAX_RANKS_NORMAL = 32
+MAX_RANKS_PER_NODE_NORMAL = 8
+MAX_RANKS_LOW_LATENCY = 1024
+
+
 def unsupported_reason(ctx: GroupContext) -> str | None:
     """None when this backend implements ``ctx``'s configuration, else why not."""
-    if ctx.num_ranks > 32:
-        return f"the nvshmem kernels support at most 32 ranks (got {ctx.num_ranks})"
-    if ctx.ranks_per_node > 8:
-        return f"the nvshmem kernels support at most 8 ranks per node (got ranks_per_node={ctx.ranks_per_node})"
+    if ctx.low_latency:
+        if ctx.num_ranks > MAX_RANKS_LOW_LATENCY:
+            return (f"the nvshmem low-latency kernels support at most {MAX_RANKS_LOW_LATENCY} ranks "
+                    f"(got {ctx.num_ranks})")
+    elif ctx.num_ranks > MAX_RANKS_NORMAL:
+        return (f"the nvshmem normal-mode kernels support at most {MAX_RANKS_NORMAL} ranks (got {ctx.num_ranks}; "
+                f"low-latency Buffers take up to {MAX_RANKS_LOW_LATENCY})")
+    elif ctx.ranks_per_node > MAX_RANKS_PER_NODE_NORMAL:
+        return (f"the nvshmem normal-mode kernels support at most {MAX_RANKS_PER_NODE_NORMAL} ranks per node "
+                f"(got ranks_per_node={ctx.ranks_per_node})")
     if ctx.hidden % 8:
         return f"hidden must be a multiple of 8 for the nvshmem backend (got {ctx.hidden})"
     if ctx.num_topk > 32:

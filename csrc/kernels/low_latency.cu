@@ -37,10 +37,10 @@ namespace {
 constexpr int kLLThreads = 512;  // (at least 2 warps: ll_unpack's second prefix sum runs on warp 1)
 constexpr int kLLWarps = kLLThreads / kWarp;
 constexpr size_t kLLMaxDynSmem = 40 * 1024;  // the spread kernels' count words (48 KiB less the static share)
-constexpr int kLLMaxTopk = 8;
+constexpr int kLLMaxTopk = 8;  // the combine receive keeps this many copies' loads in flight (larger K: one by one)
 // Ranks of a low-latency group: the rendezvous kernel's one block (csrc/runtime) bounds NVSHMEM groups at 1024; the
 // kernels here loop over ranks wherever a thread per rank would not fit a block.
-constexpr int kLLMaxRanks = 1024;  // the combine receive keeps this many copies' loads in flight (larger K: one by one)
+constexpr int kLLMaxRanks = 1024;
 
 __device__ __forceinline__ uint8_t* ll_peer(const LowLatencyCtx& c, int r) {
     return reinterpret_cast<uint8_t*>(c.peer_base[r]);

@@ -12,14 +12,29 @@
 #            and at F 256 (the balanced preset)
 #   longrun: build; 10,000 checked rounds of random sizes on 4 GPUs (issue 9)
 #   nodes:   build; normal-mode kernel and per-leg times with nodes emulated on one host (2 x 2 and 4 x 1)
-# Everything lands in OUTDIR and OUTDIR.tar.gz. DRY=1 prints the commands instead.
+# Every command runs under what is left of a 560 s budget (LARGEEP_PART_S), so that OUTDIR.tar.gz is written before
+# a 600 s device limit; the exit status is the worst of the commands'. DRY=1 prints the commands (on stderr).
 set -uo pipefail
 PART=${1:?usage: scripts/four_gpu.sh perf|calls|tests1|tests2|layer|longrun|nodes OUTDIR}
 OUT=${2:?usage: scripts/four_gpu.sh PART OUTDIR}
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
 export LARGEEP_TIMEOUT_S=${LARGEEP_TIMEOUT_S:-20} LARGEEP_TEST_POOL_TIMEOUT_S=${LARGEEP_TEST_POOL_TIMEOUT_S:-120}
-run() { if [ "${DRY:-0}" = 1 ]; then echo "$*"; else "$@"; fi; }
-check() { run bash scripts/device_check.sh "$OUT" build "$@"; }
+DEADLINE=$(( $(date +%s) + ${LARGEEP_PART_S:-560} ))
+RC=0
+# run SECONDS CMD...: CMD under the smaller of SECONDS and what is left of the budget
+exec 3>&2  # (DRY's commands go here: the commands' own output may be redirected to a log)
+run() {
+  local want=$1; shift
+  local left=$(( DEADLINE - $(date +%s) ))
+  (( want < left )) || want=$left
+  if [ "${DRY:-0}" = 1 ]; then echo "timeout $want $*" >&3; return 0; fi
+  if (( want <= 0 )); then echo "out of time: $*" | tee -a "$OUT/summary.txt" >&3; RC=1; return 1; fi
+  local rc=0
+  timeout "$want" "$@" || rc=$?
+  if (( rc != 0 )); then echo "rc $rc from: $*" | tee -a "$OUT/summary.txt" >&3; RC=1; fi
+  return $rc
+}
+check() { run 560 bash scripts/device_check.sh "$OUT" build "$@"; }
 mkdir -p "$OUT"
 case $PART in
   perf) check perf ;;
@@ -28,29 +43,30 @@ case $PART in
     L="--modes low_latency --tokens 1,8,32,128,256 --hidden 7168 --topk 8 --experts 288 --dtypes fp8 --no-plots"
     N="--modes normal --tokens 128,4096 --dtypes bf16 --experts 256 --no-plots"
     for b in nvshmem torch nvshmem2; do
-      run timeout 120 python3 -m largeep.bench $L --backends ${b%2} --out "$OUT/ll_$b" > "$OUT/ll_$b.log" 2>&1
-      run timeout 90 python3 -m largeep.bench $N --backends ${b%2} --out "$OUT/normal_$b" > "$OUT/normal_$b.log" 2>&1
-      grep -hE "^${b%2} +(low_latency|normal) +(dispatch|combine|roundtrip) " "$OUT/ll_$b.log" "$OUT/normal_$b.log" 2>/dev/null
+      run 100 python3 -m largeep.bench $L --backends ${b%2} --out "$OUT/ll_$b" > "$OUT/ll_$b.log" 2>&1
+      run 70 python3 -m largeep.bench $N --backends ${b%2} --out "$OUT/normal_$b" > "$OUT/normal_$b.log" 2>&1
+      grep -hE "^${b%2} +(low_latency|normal) +(dispatch|combine|roundtrip) " "$OUT/ll_$b.log" "$OUT/normal_$b.log" \
+        2>/dev/null
     done
     ;;
   tests1) LARGEEP_GPU_TESTS="-m gpu --ignore=test_layers.py --ignore=test_property.py ." check tests ;;
   tests2) LARGEEP_GPU_TESTS="-m gpu test_layers.py test_property.py" check tests ;;
   layer)
     check
-    run timeout 250 python3 bench/layer_times.py --out "$OUT/layer" > "$OUT/layer.log" 2>&1
+    run 250 python3 bench/layer_times.py --out "$OUT/layer" > "$OUT/layer.log" 2>&1
     tail -20 "$OUT/layer.log"
     # F 256: communication nearer the experts' time, where overlap can pay
-    run timeout 250 python3 bench/layer_times.py --preset balanced --out "$OUT/layer_balanced" \
-      > "$OUT/layer_balanced.log" 2>&1
+    run 250 python3 bench/layer_times.py --preset balanced --out "$OUT/layer_balanced" > "$OUT/layer_balanced.log" 2>&1
     tail -20 "$OUT/layer_balanced.log"
     ;;
   longrun)
     check
-    (cd tests && LARGEEP_TEST_ROUNDS=10000 run timeout 480 python3 -m pytest -q -ra -p no:cacheprovider \
-      "test_long_run.py::test_long_run[4-nvshmem-nccl]") > "$OUT/long_run_10000_ep4.log" 2>&1
+    (cd tests && LARGEEP_TEST_ROUNDS=10000 run 480 python3 -m pytest -q -ra -p no:cacheprovider \
+      "test_long_run.py::test_long_run[4-nvshmem-nccl]") > "$OUT/long_run_10000_ep4.log" 2>&1 || RC=1
     tail -3 "$OUT/long_run_10000_ep4.log"
     ;;
   nodes) check internode ;;
   *) echo "unknown part $PART"; exit 2 ;;
 esac
-run tar czf "$OUT.tar.gz" -C "$(dirname "$OUT")" "$(basename "$OUT")"
+[ "${DRY:-0}" = 1 ] || tar czf "$OUT.tar.gz" -C "$(dirname "$OUT")" "$(basename "$OUT")"
+exit $RC

@@ -220,7 +220,7 @@ def test_nvshmem_join_gathers_heap_sizes(monkeypatch, peer_size: str) -> None:
 
     def gather(out: list, mine: tuple, group: object = None) -> None:
         out[0] = mine
-        out[1] = (mine[0], "gpu-1", mine[2] if peer_size == "same" else peer_size)
+        out[1] = (mine[0], "gpu-1", mine[2], True) if peer_size == "same" else (mine[0], "gpu-1", peer_size, False)
 
     monkeypatch.setenv("NVSHMEM_SYMMETRIC_SIZE", "0")  # (restored to what it was after the test, as _join sets it)
     monkeypatch.delenv("NVSHMEM_SYMMETRIC_SIZE")
@@ -237,9 +237,15 @@ def test_nvshmem_join_gathers_heap_sizes(monkeypatch, peer_size: str) -> None:
         nb._join(ctx, 3 << 30, settings())  # type: ignore[arg-type]
         assert inits == [b"uid"] and os.environ["NVSHMEM_SYMMETRIC_SIZE"] == str(4 << 30)  # 3 GiB x 1.25, whole GiB
     else:
-        with pytest.raises(largeep.ArgumentError, match=r"NVSHMEM_SYMMETRIC_SIZE differs.*ranks \[1\]: '8G'"):
+        differs = r"NVSHMEM_SYMMETRIC_SIZE differs between ranks \(ranks \[0\]: unset, so largeep's '4294967296'; "
+        with pytest.raises(largeep.ArgumentError, match=differs + r"ranks \[1\]: '8G'\)"):
             nb._join(ctx, 3 << 30, settings())  # type: ignore[arg-type]
         assert inits == [] and "NVSHMEM_SYMMETRIC_SIZE" not in os.environ
+        # a gather that fails (a peer gone) takes the variable back too
+        monkeypatch.setattr(nb.dist, "all_gather_object", lambda out, mine, group=None: 1 / 0)
+        with pytest.raises(ZeroDivisionError):
+            nb._join(ctx, 3 << 30, settings())  # type: ignore[arg-type]
+        assert "NVSHMEM_SYMMETRIC_SIZE" not in os.environ
 
 
 @pytest.mark.gpu(2)
@@ -561,20 +567,28 @@ def test_missing_member_of_a_library_collective_is_bounded(which: str, name: str
     assert 2.0 <= r0["took"] < 30.0, r0
 
 
-@pytest.mark.parametrize("low_latency,ranks,per_node,refused", [
-    (False, 32, 8, None),
-    (False, 33, 1, "normal-mode kernels support at most 32 ranks"),
-    (False, 16, 16, "at most 8 ranks per node"),
-    (True, 256, 16, None),  # low latency: any number of ranks per node, up to 1024 ranks
-    (True, 1024, 8, None),
-    (True, 2048, 8, "low-latency kernels support at most 1024 ranks"),
+@pytest.mark.parametrize("low_latency,ranks,per_node,max_tokens,refused,auto", [
+    (False, 32, 8, 128, None, True),
+    (False, 33, 1, 128, "normal-mode kernels support at most 32 ranks", False),
+    (False, 16, 16, 128, "at most 8 ranks per node", False),
+    (True, 32, 8, 128, None, True),
+    # low latency: any number of ranks per node, up to 1024 ranks; beyond the normal mode's sizes only on request
+    (True, 256, 16, 128, None, False),
+    (True, 1024, 8, 128, None, False),
+    (True, 2048, 8, 128, "low-latency kernels support at most 1024 ranks", False),
+    (True, 1024, 8, 1 << 18, "must be below 2**31", False),  # 1024 x 2**18 x 8 copies
 ])
-def test_nvshmem_group_sizes(low_latency: bool, ranks: int, per_node: int, refused: str | None) -> None:
+def test_nvshmem_group_sizes(low_latency: bool, ranks: int, per_node: int, max_tokens: int, refused: str | None,
+                             auto: bool) -> None:
+    """Which groups the nvshmem backend takes (unsupported_reason), and which of those backend='auto' gives it
+    (untested_reason: low-latency groups past the normal mode's sizes have not run on GPUs yet)."""
     import types
 
-    from largeep.backends.nvshmem_backend import unsupported_reason
+    from largeep.backends.nvshmem_backend import unsupported_reason, untested_reason
 
     ctx = types.SimpleNamespace(num_ranks=ranks, ranks_per_node=per_node, low_latency=low_latency, hidden=7168,
-                                num_topk=8)
+                                num_topk=8, max_tokens_per_rank=max_tokens)
     reason = unsupported_reason(ctx)  # type: ignore[arg-type]
     assert (reason is None) if refused is None else (reason is not None and refused in reason), reason
+    if reason is None:
+        assert (untested_reason(ctx) is None) == auto  # type: ignore[arg-type]

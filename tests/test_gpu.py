@@ -287,14 +287,14 @@ def test_normal_four_ranks_shared_gpus(pools, ranks_per_node: int | None, case: 
 @needs_shared
 @pytest.mark.parametrize("ranks_per_node", [None, 17], ids=["one-node", "2-nodes"])
 def test_low_latency_many_ranks_shared_gpus(ranks_per_node: int | None) -> None:
-    """34 ranks (17 per GPU): more ranks than the 32 the normal mode takes, so every per-rank step of the
-    low-latency kernels loops over ranks; one node (NVLink stores to every peer) and 2 nodes of 17 (NVSHMEM puts to
-    the other GPU's ranks). A pool of its own, closed afterwards (34 processes)."""
+    """34 ranks, 0-16 on GPU 0 and 17-33 on GPU 1: more ranks than the 32 the normal mode takes, so every per-rank
+    step of the low-latency kernels loops over ranks; one node (NVLink stores to every peer) and 2 nodes of 17, one
+    per GPU (NVSHMEM puts to the other GPU's ranks). A pool of its own, closed afterwards (34 processes)."""
     from dist_pool import DistPool
 
     world = 34
     tokens = [8 - r % 3 if r != 1 else 0 for r in range(world)]
-    pool = DistPool(world, "gloo-cuda", timeout_s=600)
+    pool = DistPool(world, "gloo-cuda:" + ",".join(str(r // 17) for r in range(world)), timeout_s=600)
     try:
         pool.run(bodies.low_latency_roundtrip, "nvshmem", tokens, 8, 256, 2 * world, 4, True, False, True, 43,
                  ranks_per_node)

@@ -390,13 +390,15 @@ class Buffer:
         if reason is None and self.ctx.device.type != "cuda":
             reason = "the process group is not an NCCL group on CUDA devices"
         if reason is None:
-            from largeep.backends.nvshmem_backend import unsupported_reason
+            from largeep.backends.nvshmem_backend import unsupported_reason, untested_reason
 
             reason = unsupported_reason(self.ctx)
         if backend == "nvshmem":
             if reason is not None:
                 raise RuntimeError(f"Buffer: backend 'nvshmem' is not available: {reason}")
             return "nvshmem"
+        if reason is None:
+            reason = untested_reason(self.ctx)
         if reason is not None:
             logger.info("Buffer: backend 'auto' uses 'torch': %s", reason)
             return "torch"

@@ -94,8 +94,8 @@ def _text(r: dict[str, Any]) -> str:
     else:
         lines.append("  no CUDA GPU visible")
     lines.append(f"  native module (nvshmem backend): {r['native']}")
-    lines.append(f"  backend='auto' picks: {r['auto_backend']} (normal-mode Buffers: groups of up to 32 ranks, 8 per "
-                 "node; low-latency Buffers: up to 1024 ranks)")
+    lines.append(f"  backend='auto' picks: {r['auto_backend']} (for groups of up to 32 ranks, 8 per node; "
+                 "backend='nvshmem': low-latency groups of up to 1024)")
     if r["settings_error"]:
         lines.append(f"  settings: INVALID: {r['settings_error']}")
     else:

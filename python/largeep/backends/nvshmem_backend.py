@@ -49,7 +49,9 @@ _world: dict[str, Any] = {}
 
 
 # Group sizes the kernels support: normal mode (per-rank bit masks of 32 bits, a combine that keeps one row per rank
-# of a node), low-latency mode (loops over ranks; NVSHMEM's rendezvous kernel is one block of at most 1024 threads).
+# of a node), low-latency mode (loops over ranks; largeep's rendezvous kernel, csrc/runtime, is one block of at most
+# 1024 threads). Low-latency groups beyond the normal mode's sizes have not run on GPUs yet: backend="auto" leaves
+# them to the torch backend, backend="nvshmem" takes them.
 MAX_RANKS_NORMAL = 32
 MAX_RANKS_PER_NODE_NORMAL = 8
 MAX_RANKS_LOW_LATENCY = 1024
@@ -61,6 +63,10 @@ def unsupported_reason(ctx: GroupContext) -> str | None:
         if ctx.num_ranks > MAX_RANKS_LOW_LATENCY:
             return (f"the nvshmem low-latency kernels support at most {MAX_RANKS_LOW_LATENCY} ranks "
                     f"(got {ctx.num_ranks})")
+        if ctx.num_ranks * ctx.max_tokens_per_rank * ctx.num_topk >= 1 << 31:
+            return ("the nvshmem low-latency kernels number a rank's received copies with 32-bit integers: "
+                    f"ranks x max_tokens_per_rank x num_topk = {ctx.num_ranks * ctx.max_tokens_per_rank * ctx.num_topk}"
+                    " must be below 2**31")
     elif ctx.num_ranks > MAX_RANKS_NORMAL:
         return (f"the nvshmem normal-mode kernels support at most {MAX_RANKS_NORMAL} ranks (got {ctx.num_ranks}; "
                 f"low-latency Buffers take up to {MAX_RANKS_LOW_LATENCY})")
@@ -110,20 +116,33 @@ def _heap_bytes(value: str | None) -> int | str | None:
     return int(float(m.group(1)) * _SIZE_SUFFIX[m.group(2).lower()]) if m else value
 
 
-def heap_size_reason(sizes: list[str | None]) -> str | None:
+def heap_size_reason(sizes: list[str | None], chosen: list[bool] | None = None) -> str | None:
     """None when every rank's NVSHMEM_SYMMETRIC_SIZE (``sizes``, in rank order; None: unset) is the same size; else
-    what differs. NVSHMEM's symmetric allocations are collective: on heaps of different sizes one that fails on some
-    ranks only leaves the others waiting inside NVSHMEM, where no timeout reaches."""
+    what differs. ``chosen[r]``: rank r's value is the one largeep picked (the variable was not set there).
+    NVSHMEM's symmetric allocations are collective: on heaps of different sizes one that fails on some ranks only
+    leaves the others waiting inside NVSHMEM, where no timeout reaches."""
     if len({_heap_bytes(v) for v in sizes}) <= 1:
         return None
     groups: dict[str, list[int]] = {}
     for rank, v in enumerate(sizes):
-        groups.setdefault("unset" if v is None else repr(v), []).append(rank)
+        label = "unset" if v is None else repr(v)
+        if chosen is not None and chosen[rank]:
+            label = f"unset, so largeep's {label}"
+        groups.setdefault(label, []).append(rank)
     share = "; ".join(f"ranks {r}: {v}" for v, r in groups.items())
     return (f"NVSHMEM_SYMMETRIC_SIZE differs between ranks ({share}); an allocation that fails on some ranks only "
             "would leave the others waiting inside NVSHMEM: set the same value on every rank, or leave it unset on "
             "every rank (largeep then sizes the heap from the first Buffer and LARGEEP_NVSHMEM_HEAP_MARGIN, which "
             "must agree too)")
+
+
+def untested_reason(ctx: GroupContext) -> str | None:
+    """Why backend="auto" does not pick nvshmem for a configuration it supports: low-latency groups larger than the
+    normal mode's, whose kernels have not run on GPUs yet; None otherwise."""
+    if ctx.low_latency and (ctx.num_ranks > MAX_RANKS_NORMAL or ctx.ranks_per_node > MAX_RANKS_PER_NODE_NORMAL):
+        return (f"low-latency groups of more than {MAX_RANKS_NORMAL} ranks or {MAX_RANKS_PER_NODE_NORMAL} per node "
+                "have not run on GPUs yet (backend='nvshmem' takes them)")
+    return None
 
 
 def _init_bounded(C: Any, uid: Any, ctx: GroupContext, timeout_s: float) -> None:
@@ -191,14 +210,17 @@ def _join(ctx: GroupContext, heap_bytes: int, settings: Settings) -> Any:
     # Refuse, on every rank, a placement whose initialisation would not finish and heaps of different sizes (before
     # NVSHMEM sees them).
     places: list[Any] = [None] * ctx.num_ranks
-    dist.all_gather_object(places, (socket.gethostname(), _gpu_of(ctx.device), os.environ["NVSHMEM_SYMMETRIC_SIZE"]),
-                           group=ctx.group)
-    reason = uneven_gpus_reason([(host, gpu) for host, gpu, _ in places]) or heap_size_reason(
-        [size for _, _, size in places])
-    if reason is not None:
+    try:
+        mine = (socket.gethostname(), _gpu_of(ctx.device), os.environ["NVSHMEM_SYMMETRIC_SIZE"], user_size is None)
+        dist.all_gather_object(places, mine, group=ctx.group)
+        reason = uneven_gpus_reason([(host, gpu) for host, gpu, _, _ in places]) or heap_size_reason(
+            [size for _, _, size, _ in places], [chosen for _, _, _, chosen in places])
+        if reason is not None:
+            raise ArgumentError(f"Buffer: backend 'nvshmem': {reason}")
+    except BaseException:
         if user_size is None:  # ours: the next Buffer sizes the heap again
-            del os.environ["NVSHMEM_SYMMETRIC_SIZE"]
-        raise ArgumentError(f"Buffer: backend 'nvshmem': {reason}")
+            os.environ.pop("NVSHMEM_SYMMETRIC_SIZE", None)
+        raise
     if user_size is None:
         size = int(os.environ["NVSHMEM_SYMMETRIC_SIZE"])
         (logger.warning if ctx.rank == 0 else logger.debug)(

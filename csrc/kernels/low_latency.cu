@@ -9,7 +9,8 @@
 // there (a release store, the word the receiver waits for), each tagged with the round: ((seq << 32) | count).
 // Dispatch receive: the grid waits for every source's rows word, reads the counts it published before it, and fans
 // every received row out to the output rows of its entries (experts ascending, sources ascending inside an expert),
-// with src_info and the combine metadata. The output has one row per (token, expert) copy; only the transport is per (token, rank).
+// with src_info and the combine metadata. The output has one row per (token, expert) copy; only the transport is
+// per (token, rank).
 // Combine send: each valid output row goes back to its source's buffer at [token][k].
 // Combine receive: weighted sum over k in float32.
 //
@@ -71,20 +72,13 @@ __device__ __forceinline__ uint8_t* ll_recv_row(uint8_t* base, const LowLatencyC
     return base + c.off_recv + ((static_cast<int64_t>(slot) * c.num_ranks + s) * c.max_tokens + row) * c.recv_stride;
 }
 
-// Waits (thread-level) until the local flag word reaches target; reports and returns false after the timeout.
-// The acquire load orders this thread's later reads after the flag (the block's other threads: through the barrier
-// that follows a wait); the system fence after it also covers words that an NVSHMEM transport (not an NVLink store)
-// delivered.
-__device__ __forceinline__ bool ll_wait(const int64_t* flag, int64_t target, const LowLatencyCtx& c, int op,
-                                        int rank) {
-    const bool ok = wait_flag(flag, target, c.timeout_ns, c.err, op, rank);
-    if (ok && c.ranks_per_node < c.num_ranks) __threadfence_system();
-    return ok;
-}
-
 // The block's threads wait for flag words [kind][slot][0, N) to reach target, thread i for words i, i + blockDim.x,
-// ... (any number of ranks), with the fence ll_wait adds when puts are in use; returns to every thread whether all
-// arrived. Nothing is waited for once the Buffer reported an error (or a word of this wait gave up).
+// ... (any number of ranks); returns to every thread whether all arrived. Nothing is waited for once the Buffer
+// reported an error (or a word of this wait gave up). Each waiting thread's acquire load orders its later reads
+// after its flags, and the barrier after the wait the block's; with puts in use, a system fence also covers words
+// that an NVSHMEM transport (not an NVLink store) delivered. (The normal mode's block_wait_flags gives each of at
+// most 32 ranks a thread and a mask bit; written as this loop, its kernels compiled with more spills, so the two
+// stay apart.)
 __device__ __forceinline__ bool ll_block_wait(const LowLatencyCtx& c, int kind, int slot, int64_t target, int op) {
     __shared__ int ok_all;
     if (threadIdx.x == 0) ok_all = has_error(c.err) ? 0 : 1;
@@ -217,13 +211,17 @@ __device__ __forceinline__ bool ll_send_tokens(const LowLatencyCtx& c, const __n
     const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp, warps = blockDim.x / kWarp;
     const int nvec = H / 8;  // 16-byte vectors of 8 bf16
     const int per_thread = (nvec + static_cast<int>(blockDim.x) - 1) / static_cast<int>(blockDim.x);
-    int t = static_cast<int>(blockIdx.x);
     int4 pre[kLLPre];
     int64_t e = -1;  // warp 0, lane k < K: the token's id k
-    if (t < T) {
-        if (warp == 0 && lane < K) e = idx[static_cast<int64_t>(t) * K + lane];
-        ll_load_row(reinterpret_cast<const int4*>(x + static_cast<int64_t>(t) * H), nvec, 0, pre);
-    }
+    // token tok's ids and first vectors, loading while the block does something else
+    auto load_ahead = [&](int tok) {
+        e = -1;
+        if (tok >= T) return;
+        if (warp == 0 && lane < K) e = idx[static_cast<int64_t>(tok) * K + lane];
+        ll_load_row(reinterpret_cast<const int4*>(x + static_cast<int64_t>(tok) * H), nvec, 0, pre);
+    };
+    int t = static_cast<int>(blockIdx.x);
+    load_ahead(t);
     // The receivers must have unpacked round seq - 2, which used the same slot buffer.
     const bool ok_all = ll_block_wait(c, kLLDispatchFree, slot_buf, seq - 2, kOpLowLatencyDispatch);
     trace_mark(1);
@@ -308,13 +306,7 @@ __device__ __forceinline__ bool ll_send_tokens(const LowLatencyCtx& c, const __n
         }
         if (c.ranks_per_node < N) __threadfence();  // every writer's staged slices before the puts below
         __syncthreads();  // every row complete (staged ones before their put); s_* free for the next token
-        // the next token's ids and first vectors load while this one's puts go out
-        const int next = t + blocks;
-        e = -1;
-        if (next < T) {
-            if (warp == 0 && lane < K) e = idx[static_cast<int64_t>(next) * K + lane];
-            ll_load_row(reinterpret_cast<const int4*>(x + static_cast<int64_t>(next) * H), nvec, 0, pre);
-        }
+        load_ahead(t + blocks);  // while this token's puts go out
         for (int k = warp; k < K; k += warps) {
             if (s_put[k] < 0) continue;
             uint8_t* remote = ll_recv_row(c.base, c, slot_buf, me, s_row[k]);
@@ -450,20 +442,13 @@ __device__ __forceinline__ void ll_unpack(const LowLatencyCtx& c, uint8_t* out_x
     const int le0 = c.spread ? 0 : static_cast<int>(blockIdx.x);
     int* rpref = cnt + segs + 1;  // [N + 1]: receive rows per source, as a prefix sum
     trace_mark(0);
-    __shared__ int ok_all;
-    if (threadIdx.x == 0) ok_all = has_error(c.err) ? 0 : 1;
-    __syncthreads();
     // each source's rows word, released after its count words: acquired, they are all there
+    const bool arrived = ll_block_wait(c, kLLRows, slot_buf, seq << 32, kOpLowLatencyDispatch);
+    __shared__ int ok_all;
+    if (threadIdx.x == 0) ok_all = arrived ? 1 : 0;
     for (int s = threadIdx.x; s < N; s += blockDim.x) {
-        const int64_t* f = ll_flags(c.base, c) + ll_flag_index(c, kLLRows, slot_buf, s);
-        int n = 0;
-        if (ok_all && ll_wait(f, seq << 32, c, kOpLowLatencyDispatch, s)) {
-            const int64_t v = ld_acquire_sys(f);
-            n = (v >> 32) == seq ? static_cast<int>(v & 0xffffffff) : 0;
-        } else {
-            atomicAnd(&ok_all, 0);
-        }
-        rpref[s + 1] = n;
+        const int64_t v = arrived ? ld_acquire_sys(ll_flags(c.base, c) + ll_flag_index(c, kLLRows, slot_buf, s)) : 0;
+        rpref[s + 1] = (v >> 32) == seq ? static_cast<int>(v & 0xffffffff) : 0;
     }
     __syncthreads();
     for (int i = threadIdx.x; i < segs; i += blockDim.x) {
@@ -717,7 +702,8 @@ __device__ __forceinline__ void ll_combine_sum(const LowLatencyCtx& c, const int
 #pragma unroll
                     for (int k = 0; k < kLLMaxTopk; ++k)
                         if ((present >> k) & 1u)
-                            raw[k] = ld_v4<1>(reinterpret_cast<const int4*>(rows + static_cast<int64_t>(fk[k]) * c.comb_stride) + v);
+                            raw[k] = ld_v4<1>(
+                                reinterpret_cast<const int4*>(rows + static_cast<int64_t>(fk[k]) * c.comb_stride) + v);
                     float acc[8];
 #pragma unroll
                     for (int i = 0; i < 8; ++i) acc[i] = 0.f;
@@ -735,7 +721,8 @@ __device__ __forceinline__ void ll_combine_sum(const LowLatencyCtx& c, const int
                         const int fk = __shfl_sync(0xffffffffu, from, k);  // (every lane: before the branch)
                         if (!((present >> k) & 1u)) continue;
                         const float wk = w[static_cast<int64_t>(t) * K + k];
-                        const int4* src = reinterpret_cast<const int4*>(rows + static_cast<int64_t>(fk) * c.comb_stride);
+                        const int4* src =
+                            reinterpret_cast<const int4*>(rows + static_cast<int64_t>(fk) * c.comb_stride);
                         fma_bf16x8(acc, wk, ld_v4<1>(src + v));
                     }
                     dst[v] = pack_bf16x8(acc);

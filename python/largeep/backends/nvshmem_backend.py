@@ -63,10 +63,10 @@ def unsupported_reason(ctx: GroupContext) -> str | None:
         if ctx.num_ranks > MAX_RANKS_LOW_LATENCY:
             return (f"the nvshmem low-latency kernels support at most {MAX_RANKS_LOW_LATENCY} ranks "
                     f"(got {ctx.num_ranks})")
-        if ctx.num_ranks * ctx.max_tokens_per_rank * ctx.num_topk >= 1 << 31:
+        copies = ctx.num_ranks * ctx.max_tokens_per_rank * ctx.num_topk
+        if copies >= 1 << 31:
             return ("the nvshmem low-latency kernels number a rank's received copies with 32-bit integers: "
-                    f"ranks x max_tokens_per_rank x num_topk = {ctx.num_ranks * ctx.max_tokens_per_rank * ctx.num_topk}"
-                    " must be below 2**31")
+                    f"ranks x max_tokens_per_rank x num_topk = {copies} must be below 2**31")
     elif ctx.num_ranks > MAX_RANKS_NORMAL:
         return (f"the nvshmem normal-mode kernels support at most {MAX_RANKS_NORMAL} ranks (got {ctx.num_ranks}; "
                 f"low-latency Buffers take up to {MAX_RANKS_LOW_LATENCY})")

@@ -12,7 +12,10 @@ launches). Decoding runs these ops inside CUDA graphs, so this script reports wh
 Per iteration the slowest rank counts; records give median and p10/p90. Ranks are aligned by a barrier before
 each iteration.
 
-usage: python bench/low_latency_times.py --out DIR [--tokens 1,8,32,128,256] [--experts 288] [--no-fp8]
+--weighted gives low_latency_dispatch the weights (topk_weights=): the combine then sums each token's rows on the
+experts' rank (record key "weights_sent"); logical_gbps stays the per-copy bytes of SPEC's combine.
+
+usage: python bench/low_latency_times.py --out DIR [--tokens 1,8,32,128,256] [--experts 288] [--no-fp8] [--weighted]
 """
 
 from __future__ import annotations
@@ -78,8 +81,10 @@ def _body(rank: int, world: int, args: argparse.Namespace, device: torch.device)
         mean_copies = float(copies) / world
         row = rec.row_bytes("fp8" if args.fp8 else "bf16", args.hidden)
 
-        def step(x: Any = x, idx: Any = idx, w: Any = w) -> Any:
-            d = buf.low_latency_dispatch(x, idx, use_fp8=args.fp8)
+        sent = w if args.weighted else None
+
+        def step(x: Any = x, idx: Any = idx, w: Any = w, sent: Any = sent) -> Any:
+            d = buf.low_latency_dispatch(x, idx, use_fp8=args.fp8, topk_weights=sent)
             y = torch.empty(d.x[0].shape if args.fp8 else d.x.shape, dtype=torch.bfloat16, device="cuda")
             return buf.low_latency_combine(y, idx, w, d.handle)
 
@@ -110,7 +115,7 @@ def _body(rank: int, world: int, args: argparse.Namespace, device: torch.device)
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             for _ in range(args.iters):
                 dist.barrier()
-                d = buf.low_latency_dispatch(x, idx, use_fp8=args.fp8, return_recv_hook=True)
+                d = buf.low_latency_dispatch(x, idx, use_fp8=args.fp8, return_recv_hook=True, topk_weights=sent)
                 torch.cuda.synchronize()
                 dist.barrier()
                 d.hook()
@@ -167,7 +172,7 @@ def _body(rank: int, world: int, args: argparse.Namespace, device: torch.device)
                 "num_experts": args.experts, "dtype": "fp8" if args.fp8 else "bf16", "num_sms": None,
                 "time_us_median": med, "time_us_p10": p10, "time_us_p90": p90,
                 "logical_gbps": rec.gbps(nbytes, med) if op in ("dispatch", "combine") else None,
-                "tune": os.environ.get("LARGEEP_TUNE", ""),
+                "tune": os.environ.get("LARGEEP_TUNE", ""), "weights_sent": bool(args.weighted),
             })
         del graph
     dist.barrier()
@@ -182,6 +187,7 @@ def main() -> None:
     p.add_argument("--topk", type=int, default=8)
     p.add_argument("--experts", type=int, default=288)
     p.add_argument("--no-fp8", dest="fp8", action="store_false")
+    p.add_argument("--weighted", action="store_true", help="the dispatch carries the weights (combine sums there)")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--iters", type=int, default=30)
     p.add_argument("--graph-reps", type=int, default=20, help="back-to-back replays per timed graph iteration")

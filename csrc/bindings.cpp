@@ -403,37 +403,44 @@ class LowLatencyKernels {
         c_.off_meta_in_row = l.off_meta_in_row;
         c_.comb_stride = l.comb_stride;
     }
-    void dispatch_send(uintptr_t x, uintptr_t idx, int num_tokens, bool use_fp8, bool round_scale, uintptr_t hseq,
-                       uintptr_t stream) {
-        launch_ll_dispatch_send(c_, ptr<const void>(x), ptr<const int64_t>(idx), num_tokens, use_fp8, round_scale,
-                                ptr<int64_t>(hseq), stream_of(stream));
+    // w: the dispatch's topk_weights (0: none; given, the combine sums each token's rows on the experts' rank)
+    void dispatch_send(uintptr_t x, uintptr_t idx, uintptr_t w, int num_tokens, bool use_fp8, bool round_scale,
+                       uintptr_t hseq, uintptr_t stream) {
+        launch_ll_dispatch_send(c_, ptr<const void>(x), ptr<const int64_t>(idx), ptr<const float>(w), num_tokens,
+                                use_fp8, round_scale, ptr<int64_t>(hseq), stream_of(stream));
     }
     // Send and receive in one kernel where that can run (LARGEEP_TUNE ll_fuse=1); false: nothing launched.
-    bool dispatch_fused(uintptr_t x, uintptr_t idx, int num_tokens, bool use_fp8, bool round_scale, uintptr_t hseq,
-                        uintptr_t out_x, uintptr_t out_s, uintptr_t count, uintptr_t src_info, uintptr_t meta,
-                        uintptr_t stream) {
-        return launch_ll_dispatch_fused(c_, ptr<const void>(x), ptr<const int64_t>(idx), num_tokens, use_fp8,
-                                        round_scale, ptr<int64_t>(hseq), ptr<void>(out_x), ptr<float>(out_s),
-                                        ptr<int>(count), ptr<int>(src_info), ptr<int>(meta), stream_of(stream));
+    bool dispatch_fused(uintptr_t x, uintptr_t idx, uintptr_t w, int num_tokens, bool use_fp8, bool round_scale,
+                        uintptr_t hseq, uintptr_t out_x, uintptr_t out_s, uintptr_t count, uintptr_t src_info,
+                        uintptr_t meta, uintptr_t lead, uintptr_t rowmap, uintptr_t stream) {
+        return launch_ll_dispatch_fused(c_, ptr<const void>(x), ptr<const int64_t>(idx), ptr<const float>(w),
+                                        num_tokens, use_fp8, round_scale, ptr<int64_t>(hseq), ptr<void>(out_x),
+                                        ptr<float>(out_s), ptr<int>(count), ptr<int>(src_info), ptr<int>(meta),
+                                        ptr<int>(lead), ptr<int>(rowmap), stream_of(stream));
     }
     void dispatch_recv(uintptr_t out_x, uintptr_t out_s, uintptr_t count, uintptr_t src_info, uintptr_t meta,
-                       bool use_fp8, uintptr_t hseq, uintptr_t stream) {
+                       uintptr_t lead, uintptr_t rowmap, bool use_fp8, uintptr_t hseq, uintptr_t stream) {
         launch_ll_dispatch_recv(c_, ptr<void>(out_x), ptr<float>(out_s), ptr<int>(count), ptr<int>(src_info),
-                                ptr<int>(meta), use_fp8, ptr<const int64_t>(hseq), stream_of(stream));
+                                ptr<int>(meta), ptr<int>(lead), ptr<int>(rowmap), use_fp8, ptr<const int64_t>(hseq),
+                                stream_of(stream));
     }
-    void combine_send(uintptr_t y, uintptr_t count, uintptr_t meta, uintptr_t hseq, uintptr_t stream) {
+    void combine_send(uintptr_t y, uintptr_t count, uintptr_t meta, uintptr_t lead, uintptr_t rowmap, uintptr_t hseq,
+                      uintptr_t stream) {
         launch_ll_combine_send(c_, ptr<const void>(y), ptr<const int>(count), ptr<const int>(meta),
-                               ptr<int64_t>(hseq), stream_of(stream));
+                               ptr<const int>(lead), ptr<const int>(rowmap), ptr<int64_t>(hseq), stream_of(stream));
     }
     // Send and weighted sum in one kernel where that can run (LARGEEP_TUNE ll_fuse=1); false: nothing launched.
-    bool combine_fused(uintptr_t y, uintptr_t count, uintptr_t meta, uintptr_t hseq, uintptr_t idx, uintptr_t w,
-                       uintptr_t out, int num_tokens, uintptr_t stream) {
+    // merged: the handle's dispatch sent its weights.
+    bool combine_fused(uintptr_t y, uintptr_t count, uintptr_t meta, uintptr_t lead, uintptr_t rowmap, uintptr_t hseq,
+                       uintptr_t idx, uintptr_t w, uintptr_t out, int num_tokens, bool merged, uintptr_t stream) {
         return launch_ll_combine_fused(c_, ptr<const void>(y), ptr<const int>(count), ptr<const int>(meta),
-                                       ptr<int64_t>(hseq), ptr<const int64_t>(idx), ptr<const float>(w), ptr<void>(out),
-                                       num_tokens, stream_of(stream));
+                                       ptr<const int>(lead), ptr<const int>(rowmap), ptr<int64_t>(hseq),
+                                       ptr<const int64_t>(idx), ptr<const float>(w), ptr<void>(out), num_tokens,
+                                       merged, stream_of(stream));
     }
-    void combine_recv(uintptr_t idx, uintptr_t w, uintptr_t out, int num_tokens, uintptr_t hseq, uintptr_t stream) {
-        launch_ll_combine_recv(c_, ptr<const int64_t>(idx), ptr<const float>(w), ptr<void>(out), num_tokens,
+    void combine_recv(uintptr_t idx, uintptr_t w, uintptr_t out, int num_tokens, bool merged, uintptr_t hseq,
+                      uintptr_t stream) {
+        launch_ll_combine_recv(c_, ptr<const int64_t>(idx), ptr<const float>(w), ptr<void>(out), num_tokens, merged,
                                ptr<const int64_t>(hseq), stream_of(stream));
     }
 

@@ -138,10 +138,19 @@ def normal_roundtrip(
         buf.destroy()
 
 
+def low_latency_roundtrip_inference(rank: int, world: int, *args: Any) -> None:
+    """low_latency_roundtrip under torch.inference_mode (whose tensors have no version counter: the check that the
+    combine gets the dispatch's weights unchanged falls back to their identity)."""
+    with torch.inference_mode():
+        low_latency_roundtrip(rank, world, *args)
+
+
 def low_latency_roundtrip(
     rank: int, world: int, backend: str, tokens: list[int], max_tokens: int, hidden: int, num_experts: int,
     num_topk: int, use_fp8: bool, round_scale: bool, hook: bool, seed: int, ranks_per_node: int | None = None,
+    weighted: str = "none",
 ) -> None:
+    """weighted: which ranks give the dispatch their topk_weights ("none", "all", "some": even ranks)."""
     dev = device_for(backend)
     inputs = [
         make_inputs(seed, r, tokens[r], hidden, num_experts, num_topk, torch.bfloat16) for r in range(world)
@@ -154,7 +163,9 @@ def low_latency_roundtrip(
     )
     try:
         x, idx, w = mine.x.to(dev), mine.topk_idx.to(dev), mine.topk_weights.to(dev)
-        res = buf.low_latency_dispatch(x, idx, use_fp8=use_fp8, round_scale=round_scale, return_recv_hook=hook)
+        send_w = weighted == "all" or (weighted == "some" and rank % 2 == 0)
+        res = buf.low_latency_dispatch(x, idx, use_fp8=use_fp8, round_scale=round_scale, return_recv_hook=hook,
+                                       topk_weights=w if send_w else None)
         if hook:
             assert res.hook is not None
             res.hook()

@@ -305,12 +305,18 @@ class LowLatencyCase:
     minus_one: float = 0.1
     ranks_per_node: int | None = None
     distinct: bool = True  # False: a token may name an expert more than once (sent once, SPEC)
+    # which ranks give low_latency_dispatch their topk_weights (summed on the experts' ranks by the nvshmem combine):
+    # "none", "all", or "some" (ranks with (seed + rank) even: sources of both kinds in one round)
+    weighted: str = "none"
 
     def buffer_kwargs(self) -> dict[str, Any]:
         return dict(
             hidden=self.hidden, num_experts=self.num_experts, num_topk=self.num_topk,
             max_tokens_per_rank=self.max_tokens, ranks_per_node=self.ranks_per_node, low_latency=True,
         )
+
+    def weighted_on(self, rank: int) -> bool:
+        return self.weighted == "all" or (self.weighted == "some" and (self.seed + rank) % 2 == 0)
 
 
 class LowLatencyRound:
@@ -345,7 +351,8 @@ class LowLatencyRound:
         self.x, self.idx, self.w = mine.x.to(self.dev), mine.topk_idx.to(self.dev), mine.topk_weights.to(self.dev)
         self._snap = _snapshot(self.x, self.idx, self.w)
         self.res = self.buf.low_latency_dispatch(
-            self.x, self.idx, use_fp8=c.use_fp8, round_scale=c.round_scale, return_recv_hook=c.hook
+            self.x, self.idx, use_fp8=c.use_fp8, round_scale=c.round_scale, return_recv_hook=c.hook,
+            topk_weights=self.w if c.weighted_on(self.rank) else None,
         )
 
     def receive(self) -> None:

@@ -242,6 +242,17 @@ def ll_bad_id_with_a_hook_due(e: Env) -> Call:
     return Call(call)
 
 
+def ll_weights_differ(e: Env, how: str) -> Call:
+    """A low-latency combine whose handle's dispatch was given topk_weights, called with other weights: ``how`` =
+    "copy" (equal values, another tensor) or "in_place" (the same tensor, changed since). Refused: the dispatch's
+    rows carried those weights to the experts' ranks, where the nvshmem combine applies them."""
+    w = e.w.clone()
+    d = e.buf.low_latency_dispatch(e.x, e.idx, use_fp8=False, topk_weights=w)
+    if how == "in_place":
+        w.mul_(1.0)
+    return Call(e.buf.low_latency_combine, (e.ll_y(), e.idx, w.clone() if how == "copy" else w, d.handle))
+
+
 def ll_given_up_call_not_in_flight(rank: int, world: int) -> str:
     """A low-latency dispatch whose backend gives up (PeerTimeoutError, as the nvshmem id check's host wait does)
     before sending, while an earlier call's hook is due: the failed call takes no place among the calls in flight, so
@@ -514,6 +525,13 @@ CASES: list[BadCase] = [
     _ll("ll_combine_idx_wrong_rows", lambda e: Call(e.buf.low_latency_combine,
                                                     (e.ll_y(), e.idx[:-1].contiguous(), e.w, e.prev.handle)),
         "'topk_idx'", "shape", "dim 0"),
+    _ll("ll_combine_weights_not_the_dispatchs", lambda e: ll_weights_differ(e, "copy"),
+        "'topk_weights'", "another tensor", "low_latency_dispatch was given topk_weights"),
+    _ll("ll_combine_weights_changed_since_dispatch", lambda e: ll_weights_differ(e, "in_place"),
+        "'topk_weights'", "changed in place", "pass that tensor unchanged"),
+    _ll("ll_dispatch_weights_wrong_rows", lambda e: Call(e.buf.low_latency_dispatch, (e.x, e.idx),
+                                                         {"topk_weights": e.w[1:].contiguous()}),
+        "'topk_weights'", "shape", "dim 0"),
     _ll("ll_combine_weights_dtype", lambda e: Call(e.buf.low_latency_combine,
                                                    (e.ll_y(), e.idx, e.w.double(), e.prev.handle)),
         "'topk_weights'", "dtype torch.float64", "expected torch.float32"),

@@ -81,8 +81,10 @@ def _fill_static(x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, experts: i
     w.copy_(torch.rand(tokens, topk, device="cuda", generator=g))
 
 
-def low_latency_graph(rank: int, world: int, reps: int, tokens: int, hidden: int, experts: int, topk: int) -> None:
-    """Captures one low-latency dispatch + combine in a CUDA graph and replays it on fresh data."""
+def low_latency_graph(rank: int, world: int, reps: int, tokens: int, hidden: int, experts: int, topk: int,
+                      weighted: bool = False) -> None:
+    """Captures one low-latency dispatch + combine in a CUDA graph and replays it on fresh data (weighted: the
+    dispatch carries the weights, which the replays change in place)."""
     buf = largeep.Buffer(None, hidden=hidden, num_experts=experts, num_topk=topk, max_tokens_per_rank=tokens,
                          backend="nvshmem", low_latency=True)
     try:
@@ -95,12 +97,13 @@ def low_latency_graph(rank: int, world: int, reps: int, tokens: int, hidden: int
 
         fill(0)
         # one call outside the graph, then capture
-        d = buf.low_latency_dispatch(x, idx, use_fp8=False)
+        sent = w if weighted else None
+        d = buf.low_latency_dispatch(x, idx, use_fp8=False, topk_weights=sent)
         buf.low_latency_combine(d.x, idx, w, d.handle)
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            d = buf.low_latency_dispatch(x, idx, use_fp8=False)
+            d = buf.low_latency_dispatch(x, idx, use_fp8=False, topk_weights=sent)
             c = buf.low_latency_combine(d.x, idx, w, d.handle)
         epr = experts // world
         for rep in range(1, reps + 1):

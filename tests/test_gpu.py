@@ -139,6 +139,30 @@ def test_low_latency_gpu(pools, world: int, case: tuple) -> None:
 
 @pytest.mark.gpu(2)
 @needs_native
+@pytest.mark.parametrize("tune", ["", "ll_fuse=1", "ll_spread=0"])
+@pytest.mark.parametrize("world", [2, 4])
+def test_low_latency_weighted(pools, world: int, tune: str) -> None:
+    """low_latency_dispatch given topk_weights: the combine sums each token's rows on the experts' ranks (float32,
+    sent as two bf16 rows where a token has two or more experts on a rank) and equals the reference, with every
+    rank or only some giving weights, FP8 and BF16, hooks, repeated experts (the property tests), the put path and
+    a CUDA graph whose replays change the weights in place; under each LARGEEP_TUNE low-latency path."""
+    if world > __import__("conftest").gpu_count():
+        pytest.skip("not enough GPUs")
+    pool = pools(world, "nccl")
+    for i, (m, hidden, experts, topk, fp8, round_scale, hook) in enumerate(LL_CASES[:4]):
+        tokens = [max(1, m - 3 * r) if r != 1 else min(m, 40) for r in range(world)]
+        pool.run(gpu_bodies.with_tune, tune, bodies.low_latency_roundtrip, "nvshmem", tokens, m, hidden, experts,
+                 topk, fp8, round_scale, hook and tune != "ll_fuse=1", 11 + i, None, ("all", "some")[i % 2])
+    # the put path: 2 nodes emulated (ranks_per_node world // 2)
+    pool.run(gpu_bodies.with_tune, tune, bodies.low_latency_roundtrip, "nvshmem", [128 - 5 * r for r in range(world)],
+             128, 7168, 288, 8, True, False, False, 9, world // 2, "some")
+    pool.run(gpu_bodies.with_tune, tune, gpu_bodies.low_latency_graph, 20, 128, 7168, 288, 8, True)
+    pool.run(gpu_bodies.with_tune, tune, bodies.low_latency_roundtrip_inference, "nvshmem", [64] * world, 64, 2048,
+             32, 4, False, False, True, 19, None, "all")
+
+
+@pytest.mark.gpu(2)
+@needs_native
 @pytest.mark.parametrize("world", [2, 4])
 def test_low_latency_graph_and_double_buffer(pools, world: int) -> None:
     if world > __import__("conftest").gpu_count():

@@ -78,6 +78,7 @@ def low_latency_cases(draw: st.DrawFn, world: int) -> LowLatencyCase:
         minus_one=draw(st.sampled_from([0.0, 0.1, 0.5, 1.0])),
         ranks_per_node=draw(st.sampled_from(divisors(world))),
         distinct=draw(st.booleans()),
+        weighted=draw(st.sampled_from(["none", "all", "some"])),
     )
 
 
@@ -103,6 +104,9 @@ def edge_cases(world: int) -> list[NormalCase | LowLatencyCase]:
         # repeated experts: every expert named several times by most tokens (once sent, read back for each k)
         LowLatencyCase(full, 16, 128, e, e, 9, minus_one=0.0, distinct=False),
         LowLatencyCase(full, 16, 128, e, min(8, e), 10, distinct=False, hook=True),
+        # weights sent with the dispatch: sums on the experts' ranks, with repeated experts, from some ranks only
+        LowLatencyCase(full, 16, 128, e, min(8, e), 11, distinct=False, weighted="all"),
+        LowLatencyCase(one_empty, 16, 256, world, min(4, world), 12, hook=True, weighted="some"),
     ]
 
 

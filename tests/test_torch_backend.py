@@ -39,6 +39,13 @@ def test_normal_topk1_all_minus_one(pools) -> None:
     pools(2).run(bodies.normal_roundtrip, "torch", [5, 7], 128, 4, 1, "bfloat16", False, 2, 99)
 
 
+@pytest.mark.parametrize("weighted", ["all", "some"])
+def test_low_latency_weighted(pools, weighted: str) -> None:
+    """low_latency_dispatch given topk_weights (some ranks or all), under torch.inference_mode: the same results."""
+    pools(2).run(bodies.low_latency_roundtrip_inference, "torch", [8, 5], 8, 256, 12, 4, True, False, True, 17,
+                 None, weighted)
+
+
 @pytest.mark.parametrize("world", WORLDS)
 @pytest.mark.parametrize("use_fp8,round_scale,hook", [(False, False, False), (True, False, False), (True, True, True)])
 def test_low_latency(pools, world: int, use_fp8: bool, round_scale: bool, hook: bool) -> None:

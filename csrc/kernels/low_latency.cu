@@ -11,8 +11,11 @@
 // every received row out to the output rows of its entries (experts ascending, sources ascending inside an expert),
 // with src_info and the combine metadata. The output has one row per (token, expert) copy; only the transport is
 // per (token, rank).
-// Combine send: each valid output row goes back to its source's buffer at [token][k].
-// Combine receive: weighted sum over k in float32.
+// Combine send: each valid output row goes back to its source's buffer at [token][k]. A source that gave its
+// weights to the dispatch (they travel in the row's metadata) gets one sum per (token, rank) instead wherever the
+// token has two or more experts on the rank: the weighted sum in float32, sent as two BF16 rows (its rounding and
+// the remainder's) into the slots of the rank's first two copies.
+// Combine receive: weighted sum over k in float32 (weight 1 for such a pair of rows).
 //
 // Peers on this rank's node (ranks_per_node) are written with plain stores through NVLink peer pointers; a flag
 // raised after a block barrier and one thread's system fence (last_block) orders every thread's stores before it
@@ -179,9 +182,11 @@ __device__ __forceinline__ void ll_publish_counts(const LowLatencyCtx& c, int* c
     }
 }
 
-// Receive-row metadata (int32 at off_meta_in_row): [0] token, [1] number of entries n, then n pairs
-// (local expert * 32 + k, row of the copy among this source's rows for that expert).
+// Receive-row metadata (int32 at off_meta_in_row): [0] token, [1] number of entries n (| kLLWeighted), then n
+// pairs (local expert * 32 + k, row of the copy among this source's rows for that expert) at [2, 2 + 2n), and
+// with kLLWeighted each entry's weight (float bits; the sum over every k naming its expert) at [2 + 2K, 2 + 2K + n).
 constexpr int kLLMetaHead = 2;
+constexpr int kLLWeighted = 1 << 16;  // the source sent its weights: the combine sums the token's rows here
 constexpr int kLLPre = 4;  // 16-byte vectors of a token row each thread loads ahead (the rest as it goes)
 
 // Thread's vectors [i0, i0 + kLLPre) of row src (vector i of a thread: threadIdx.x + i * blockDim.x), 0 past nvec.
@@ -199,10 +204,11 @@ __device__ __forceinline__ void ll_load_row(const int4* src, int nvec, int i0, i
 // row's metadata; then every thread quantises its vectors of the row once (FP8: a half-warp per group of 128
 // channels) and stores them into each destination rank's row. Copies for peers on other nodes are built in staging
 // (at row t * K + k of the rank's first copy k) and put whole once the block has written them. A token sends each
-// expert it names once, however many of its k name it. Returns (to every thread) whether the wait succeeded.
+// expert it names once, however many of its k name it. With weights w [T, K] (else null) each entry carries the
+// sum of the weights of the k naming its expert. Returns (to every thread) whether the wait succeeded.
 __device__ __forceinline__ bool ll_send_tokens(const LowLatencyCtx& c, const __nv_bfloat16* x, const int64_t* idx,
-                                               int T, int use_fp8, int round_scale, int slot_buf, int64_t seq,
-                                               int* counter, int blocks) {
+                                               const float* w, int T, int use_fp8, int round_scale, int slot_buf,
+                                               int64_t seq, int* counter, int blocks) {
     const int N = c.num_ranks, K = c.num_topk, epr = c.num_experts / N, me = c.rank, H = c.hidden;
     int* rows_to = counter + N * epr;  // receive rows per destination rank
     __shared__ uint8_t* s_dst[kWarp];  // the row of the rank whose first copy is k (peer buffer or staging), or null
@@ -213,11 +219,15 @@ __device__ __forceinline__ bool ll_send_tokens(const LowLatencyCtx& c, const __n
     const int per_thread = (nvec + static_cast<int>(blockDim.x) - 1) / static_cast<int>(blockDim.x);
     int4 pre[kLLPre];
     int64_t e = -1;  // warp 0, lane k < K: the token's id k
-    // token tok's ids and first vectors, loading while the block does something else
+    float wv = 0.f;  // and its weight k (with w)
+    // token tok's ids (weights) and first vectors, loading while the block does something else
     auto load_ahead = [&](int tok) {
         e = -1;
         if (tok >= T) return;
-        if (warp == 0 && lane < K) e = idx[static_cast<int64_t>(tok) * K + lane];
+        if (warp == 0 && lane < K) {
+            e = idx[static_cast<int64_t>(tok) * K + lane];
+            if (w != nullptr) wv = w[static_cast<int64_t>(tok) * K + lane];
+        }
         ll_load_row(reinterpret_cast<const int4*>(x + static_cast<int64_t>(tok) * H), nvec, 0, pre);
     };
     int t = static_cast<int>(blockIdx.x);
@@ -237,6 +247,12 @@ __device__ __forceinline__ bool ll_send_tokens(const LowLatencyCtx& c, const __n
             // owns the copy, and the combine reads that copy's row for every k naming the expert
             const unsigned twins = __match_any_sync(0xffffffffu, static_cast<unsigned long long>(e));
             if (lane != __ffs(twins) - 1) r = -1;
+            float ws = 0.f;  // the copy's weight: every k naming its expert (lanes past K: no twin of a valid id)
+            if (w != nullptr)
+                for (int b = 0; b < K; ++b) {
+                    const float wb = __shfl_sync(0xffffffffu, wv, b);
+                    if ((twins >> b) & 1u) ws += wb;
+                }
             const unsigned valid = __ballot_sync(0xffffffffu, r >= 0);
             const unsigned same = __match_any_sync(0xffffffffu, r) & valid;  // copies that go to my copy's rank
             const int first = same != 0 ? __ffs(same) - 1 : lane;            // the rank's first copy
@@ -263,10 +279,11 @@ __device__ __forceinline__ bool ll_send_tokens(const LowLatencyCtx& c, const __n
                     const int p = __popc(kept & ((1u << lane) - 1u));  // my entry among the rank's kept copies
                     m[kLLMetaHead + 2 * p] = le * kWarp + lane;
                     m[kLLMetaHead + 2 * p + 1] = j;
+                    if (w != nullptr) m[kLLMetaHead + 2 * K + p] = __float_as_int(ws);
                 }
                 if (lane == first) {
                     m[0] = t;
-                    m[1] = __popc(kept);
+                    m[1] = __popc(kept) | (w != nullptr ? kLLWeighted : 0);
                 }
             }
             if (lane < K) {
@@ -328,13 +345,14 @@ constexpr int kTokWarps = 8;  // the send kernel's warps per block (one token pe
 constexpr int kTokThreads = kTokWarps * kWarp;
 
 __global__ void __launch_bounds__(kTokThreads) ll_dispatch_send_kernel(LowLatencyCtx c, const __nv_bfloat16* x,
-                                                                      const int64_t* idx, int T, int use_fp8,
-                                                                      int round_scale, int64_t* handle_seq) {
+                                                                      const int64_t* idx, const float* w, int T,
+                                                                      int use_fp8, int round_scale,
+                                                                      int64_t* handle_seq) {
     trace_mark(0);
     const int64_t seq = c.seq[kSeqLowLatency] + 1;
     const int slot_buf = static_cast<int>(seq & 1);
     int* counter = reinterpret_cast<int*>(c.base + c.off_counter);  // zero between rounds
-    const bool ok_all = ll_send_tokens(c, x, idx, T, use_fp8, round_scale, slot_buf, seq, counter,
+    const bool ok_all = ll_send_tokens(c, x, idx, w, T, use_fp8, round_scale, slot_buf, seq, counter,
                                        static_cast<int>(gridDim.x));
     ll_publish_counts(c, counter, slot_buf, seq, ok_all, handle_seq);
 }
@@ -386,13 +404,24 @@ __device__ __forceinline__ void ll_fan_prefetch(const LowLatencyCtx& c, const ui
     }
 }
 
+// Where the combine finds a received row's entries (handle tensors of the dispatch, written by its receive):
+// lead int32 [E/N * N*M] per output row: -1 it goes home alone; with a weighted row of n >= 2 entries, for entry 0
+// (received row g) g * 32 + n - 1, for the others -2 (entry 0's sum carries them); rowmap int32 [N*M][K][2]: entry
+// e of received row g: (output row, weight bits).
+struct LLRowMap {
+    int* lead;
+    int* rowmap;
+};
+
 // One warp: 16-byte vectors [v_lo, v_hi) of received row `src` go to output row o of each of the row's n entries
 // (lane e holds entry e's o, -1 for an entry this block does not write); read once, stored n times; val and sc from
-// ll_fan_prefetch. With v_lo == 0 also each entry's scales, src_info and combine metadata.
+// ll_fan_prefetch. With v_lo == 0 also each entry's scales, src_info and combine metadata, and (received row g,
+// weighted: the source sent weights, lane e's weight bits wbits) the entry's place in map.
 __device__ __forceinline__ void ll_fan_out_row(const LowLatencyCtx& c, const uint8_t* src, int s, int t, int k,
                                                int64_t o, int n, uint8_t* out_x, float* out_scales, int* src_info,
                                                int* meta, int64_t x_bytes, int use_fp8, int v_lo, int v_hi,
-                                               int lane, int4 (&val)[kFanU], const float (&sc)[2]) {
+                                               int lane, int4 (&val)[kFanU], const float (&sc)[2], int g,
+                                               bool weighted, int wbits, const LLRowMap& map) {
     const int4* in = reinterpret_cast<const int4*>(src);
     for (int b = v_lo; b < v_hi; b += kFanU * kWarp) {  // (warp-uniform bounds: the shuffles below)
         if (b != v_lo) ll_fan_load(in, b, v_hi, lane, val);
@@ -422,6 +451,10 @@ __device__ __forceinline__ void ll_fan_out_row(const LowLatencyCtx& c, const uin
         src_info[2 * o] = s;
         src_info[2 * o + 1] = t;
         meta[o] = s * (c.max_tokens * c.num_topk) + t * c.num_topk + k;
+        const bool merge = weighted && n >= 2;
+        map.lead[o] = !merge ? -1 : lane == 0 ? g * kWarp + n - 1 : -2;
+        if (merge) reinterpret_cast<int2*>(map.rowmap)[static_cast<int64_t>(g) * c.num_topk + lane] =
+            make_int2(static_cast<int>(o), wbits);
     }
 }
 
@@ -434,7 +467,8 @@ __device__ __forceinline__ void ll_fan_out_row(const LowLatencyCtx& c, const uin
 // the outputs undefined: blocks decide on their own waits.
 // (the body, for round seq: the receive kernel, or the fused dispatch after its sends; cnt: dynamic shared memory)
 __device__ __forceinline__ void ll_unpack(const LowLatencyCtx& c, uint8_t* out_x, float* out_scales, int* out_count,
-                                          int* src_info, int* meta, int use_fp8, int64_t seq, int* cnt) {
+                                          int* src_info, int* meta, const LLRowMap& map, int use_fp8, int64_t seq,
+                                          int* cnt) {
     const int N = c.num_ranks, me = c.rank, M = c.max_tokens, epr = c.num_experts / N;
     const int slot_buf = static_cast<int>(seq & 1);
     const int nle = c.spread ? epr : 1;  // local experts this block writes: [le0, le0 + nle)
@@ -497,9 +531,12 @@ __device__ __forceinline__ void ll_unpack(const LowLatencyCtx& c, uint8_t* out_x
         int4 val[kFanU];
         float sc[2] = {0.f, 0.f};
         if (c.spread && v_lo < nvec) ll_fan_prefetch(c, src, v_lo, v_hi, use_fp8, lane, val, sc);
-        const int2 head = *reinterpret_cast<const int2*>(m);  // token, number of entries
+        const int2 head = *reinterpret_cast<const int2*>(m);  // token, number of entries (| kLLWeighted)
         const int2 entry = lane < c.num_topk ? reinterpret_cast<const int2*>(m + kLLMetaHead)[lane] : make_int2(-1, -1);
-        const int t = head.x, n = t >= 0 && t < c.max_tokens ? min(head.y, c.num_topk) : 0;  // (peer data, bounded)
+        const bool weighted = (head.y & kLLWeighted) != 0;
+        const int wbits = weighted && lane < c.num_topk ? m[kLLMetaHead + 2 * c.num_topk + lane] : 0;
+        const int t = head.x;
+        const int n = t >= 0 && t < c.max_tokens ? min(head.y & (kLLWeighted - 1), c.num_topk) : 0;  // (bounded)
         int64_t o = -1;  // lane e < n: the output row of entry e, if this block writes its expert
         int k = 0;
         if (lane < n) {
@@ -518,7 +555,7 @@ __device__ __forceinline__ void ll_unpack(const LowLatencyCtx& c, uint8_t* out_x
         if (v_lo < nvec) {
             if (!c.spread) ll_fan_prefetch(c, src, v_lo, v_hi, use_fp8, lane, val, sc);
             ll_fan_out_row(c, src, s, t, k, o, n, out_x, out_scales, src_info, meta, x_bytes, use_fp8, v_lo, v_hi,
-                           lane, val, sc);
+                           lane, val, sc, row, weighted, wbits, map);
         }
     }
     trace_mark(3);
@@ -547,10 +584,10 @@ __device__ __forceinline__ void ll_unpack(const LowLatencyCtx& c, uint8_t* out_x
 
 __global__ void __launch_bounds__(kLLThreads) ll_dispatch_recv_kernel(LowLatencyCtx c, uint8_t* out_x,
                                                                       float* out_scales, int* out_count,
-                                                                      int* src_info, int* meta, int use_fp8,
-                                                                      const int64_t* handle_seq) {
+                                                                      int* src_info, int* meta, LLRowMap map,
+                                                                      int use_fp8, const int64_t* handle_seq) {
     extern __shared__ int cnt[];
-    ll_unpack(c, out_x, out_scales, out_count, src_info, meta, use_fp8, *handle_seq, cnt);
+    ll_unpack(c, out_x, out_scales, out_count, src_info, meta, map, use_fp8, *handle_seq, cnt);
 }
 
 // Dispatch without a receive hook in one kernel (LARGEEP_TUNE ll_fuse=1; spread receive only): blocks [0,
@@ -559,30 +596,100 @@ __global__ void __launch_bounds__(kLLThreads) ll_dispatch_recv_kernel(LowLatency
 // once this rank's counts are out, that is once every block has sent). The unpacking blocks wait for this grid's
 // own last block, so the grid is launched cooperatively (all its blocks resident at once, or none started).
 __global__ void __launch_bounds__(kLLThreads) ll_dispatch_fused_kernel(LowLatencyCtx c, const __nv_bfloat16* x,
-                                                                       const int64_t* idx, int T, int use_fp8,
-                                                                       int round_scale, int64_t* handle_seq,
-                                                                       uint8_t* out_x, float* out_scales,
-                                                                       int* out_count, int* src_info, int* meta,
+                                                                       const int64_t* idx, const float* w, int T,
+                                                                       int use_fp8, int round_scale,
+                                                                       int64_t* handle_seq, uint8_t* out_x,
+                                                                       float* out_scales, int* out_count,
+                                                                       int* src_info, int* meta, LLRowMap map,
                                                                        int send_blocks) {
     extern __shared__ int cnt[];
     const int64_t seq = c.seq[kSeqLowLatency] + 1;  // read by every block before the last one advances it
     const int slot_buf = static_cast<int>(seq & 1);
     int* counter = reinterpret_cast<int*>(c.base + c.off_counter);
     // (blocks past send_blocks have no token: they only wait for the slot buffer, as every block does)
-    const bool ok_all = ll_send_tokens(c, x, idx, static_cast<int>(blockIdx.x) < send_blocks ? T : 0, use_fp8,
+    const bool ok_all = ll_send_tokens(c, x, idx, w, static_cast<int>(blockIdx.x) < send_blocks ? T : 0, use_fp8,
                                        round_scale, slot_buf, seq, counter, send_blocks);
     ll_publish_counts(c, counter, slot_buf, seq, ok_all, handle_seq);
-    ll_unpack(c, out_x, out_scales, out_count, src_info, meta, use_fp8, seq, cnt);
+    ll_unpack(c, out_x, out_scales, out_count, src_info, meta, map, use_fp8, seq, cnt);
+}
+
+// One warp: the weighted sum (float32) of the rows of received row g's n entries (rowmap), 16-byte vectors [v_lo,
+// v_hi), as two bf16 rows (rounding, remainder) into the source's combine buffer at [token][k0] and [token][k1]
+// (entries 0 and 1, whose output rows are o0 = o and o1): NVLink stores on this node, else staged in symmetric
+// memory at o0's and o1's rows and put. Entries naming no output row of this rank (a broken peer's data) add nothing.
+__device__ __forceinline__ void ll_combine_sum_row(const LowLatencyCtx& c, const __nv_bfloat16* y, const int* meta,
+                                                   const int* rowmap, int slot_buf, int64_t o, int m, int g, int n,
+                                                   int v_lo, int v_hi, int lane) {
+    const int N = c.num_ranks, H = c.hidden, M = c.max_tokens, K = c.num_topk;
+    const int64_t rows = static_cast<int64_t>(c.num_experts / N) * N * M;
+    const int2 ent = lane < n ? reinterpret_cast<const int2*>(rowmap)[static_cast<int64_t>(g) * K + lane]
+                              : make_int2(-1, 0);
+    const bool valid = ent.x >= 0 && ent.x < rows;
+    const int64_t o1 = __shfl_sync(0xffffffffu, valid ? ent.x : -1, 1);
+    const int m1 = o1 >= 0 ? meta[o1] : -1;
+    if (m1 < 0 || m1 / K != m / K) return;  // (entry 1 is not a copy of this token: a broken peer's data)
+    const int s = m / (M * K);
+    const int64_t at0 = c.off_comb + (static_cast<int64_t>(slot_buf) * M * K + m % (M * K)) * c.comb_stride;
+    const int64_t at1 = c.off_comb + (static_cast<int64_t>(slot_buf) * M * K + m1 % (M * K)) * c.comb_stride;
+    const bool near = same_node(c, s);
+    uint8_t* dst0 = near ? ll_peer(c, s) + at0 : c.base + c.off_comb_send + o * c.comb_stride;
+    uint8_t* dst1 = near ? ll_peer(c, s) + at1 : c.base + c.off_comb_send + o1 * c.comb_stride;
+    const float wl = valid ? __int_as_float(ent.y) : 0.f;
+    const int64_t ol = valid ? ent.x : o;  // (an invalid entry reads row o with weight 0)
+    for (int b = v_lo; b < v_hi; b += kWarp) {  // (warp-uniform bounds: the shuffles below)
+        const int v = b + lane;
+        const bool act = v < v_hi;
+        float acc[8];
+#pragma unroll
+        for (int i = 0; i < 8; ++i) acc[i] = 0.f;
+        int e = 0;
+        for (; e + kLLMaxTopk <= n; e += kLLMaxTopk) {  // kLLMaxTopk rows' loads in flight
+            int4 raw[kLLMaxTopk];
+            float we[kLLMaxTopk];
+#pragma unroll
+            for (int u = 0; u < kLLMaxTopk; ++u) {
+                const int64_t oe = __shfl_sync(0xffffffffu, ol, e + u);
+                we[u] = __shfl_sync(0xffffffffu, wl, e + u);
+                raw[u] = act ? ld_v4<1>(reinterpret_cast<const int4*>(y + oe * H) + v) : make_int4(0, 0, 0, 0);
+            }
+#pragma unroll
+            for (int u = 0; u < kLLMaxTopk; ++u) fma_bf16x8(acc, we[u], raw[u]);
+        }
+        for (; e < n; ++e) {
+            const int64_t oe = __shfl_sync(0xffffffffu, ol, e);
+            const float we = __shfl_sync(0xffffffffu, wl, e);
+            if (act) fma_bf16x8(acc, we, ld_v4<1>(reinterpret_cast<const int4*>(y + oe * H) + v));
+        }
+        if (!act) continue;
+        int4 hi, lo;
+        split_bf16x8(acc, &hi, &lo);
+        st_na_v4(reinterpret_cast<int4*>(dst0) + v, hi);
+        st_na_v4(reinterpret_cast<int4*>(dst1) + v, lo);
+    }
+    if (near) return;
+    __threadfence();
+    __syncwarp();
+    const int64_t bytes = 16ll * (v_hi - v_lo);
+    nvshmemx_putmem_nbi_warp(c.base + at0 + 16ll * v_lo, dst0 + 16ll * v_lo, bytes, s);
+    nvshmemx_putmem_nbi_warp(c.base + at1 + 16ll * v_lo, dst1 + 16ll * v_lo, bytes, s);
 }
 
 // Row i of local expert le, 16-byte vectors [v_lo, v_hi), goes back to its source's combine buffer at [token][k]
-// (one warp): an NVLink store on this node, else staged in symmetric memory and put.
+// (one warp): an NVLink store on this node, else staged in symmetric memory and put. A row whose received row is
+// summed here (map.lead) goes as that sum, sent by its entry 0, and not by the others.
 __device__ __forceinline__ void ll_combine_row(const LowLatencyCtx& c, const __nv_bfloat16* y, const int* meta,
-                                               int slot_buf, int le, int i, int v_lo, int v_hi, int lane) {
+                                               const LLRowMap& map, int slot_buf, int le, int i, int v_lo, int v_hi,
+                                               int lane) {
     const int N = c.num_ranks, H = c.hidden, M = c.max_tokens, K = c.num_topk;
     const int64_t o = static_cast<int64_t>(le) * N * M + i;
     const int m = meta[o];
     const int s = m / (M * K), tk = m % (M * K);
+    const int lead = map.lead[o];
+    if (lead == -2) return;  // entry 0 of its received row sends the sum
+    if (lead >= 0) {
+        ll_combine_sum_row(c, y, meta, map.rowmap, slot_buf, o, m, lead / kWarp, lead % kWarp + 1, v_lo, v_hi, lane);
+        return;
+    }
     const int64_t at = c.off_comb + (static_cast<int64_t>(slot_buf) * M * K + tk) * c.comb_stride + 16ll * v_lo;
     const int4* src = reinterpret_cast<const int4*>(y + o * H) + v_lo;
     const int64_t bytes = 16ll * (v_hi - v_lo);
@@ -603,7 +710,8 @@ __device__ __forceinline__ void ll_combine_row(const LowLatencyCtx& c, const __n
 // an equal share however the rows fall on the experts.
 // (the body, for round seq: the send kernel, or the fused combine before its sums; pref: dynamic shared memory)
 __device__ __forceinline__ void ll_combine_send_body(const LowLatencyCtx& c, const __nv_bfloat16* y, const int* count,
-                                                     const int* meta, int64_t* handle_seq, int64_t seq, int* pref) {
+                                                     const int* meta, const LLRowMap& map, int64_t* handle_seq,
+                                                     int64_t seq, int* pref) {
     const int N = c.num_ranks, me = c.rank, epr = c.num_experts / N, nvec = c.hidden / 8;
     const int slot_buf = static_cast<int>(seq & 1);
     trace_mark(0);
@@ -612,7 +720,7 @@ __device__ __forceinline__ void ll_combine_send_body(const LowLatencyCtx& c, con
     const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
     if (ok_all && !c.spread) {
         const int le = blockIdx.x, n = count[le];
-        for (int i = warp; i < n; i += kLLWarps) ll_combine_row(c, y, meta, slot_buf, le, i, 0, nvec, lane);
+        for (int i = warp; i < n; i += kLLWarps) ll_combine_row(c, y, meta, map, slot_buf, le, i, 0, nvec, lane);
     } else if (ok_all) {
         for (int i = threadIdx.x; i < epr; i += blockDim.x) pref[i + 1] = count[i];
         __syncthreads();
@@ -630,7 +738,7 @@ __device__ __forceinline__ void ll_combine_send_body(const LowLatencyCtx& c, con
             const int lo = segment_of(pref, epr, row);  // the expert whose rows hold `row`
             const int v_lo = part * per;
             if (v_lo < nvec)
-                ll_combine_row(c, y, meta, slot_buf, lo, row - pref[lo], v_lo, min(nvec, v_lo + per), lane);
+                ll_combine_row(c, y, meta, map, slot_buf, lo, row - pref[lo], v_lo, min(nvec, v_lo + per), lane);
         }
     }
     trace_mark(3);
@@ -656,18 +764,20 @@ __device__ __forceinline__ void ll_combine_send_body(const LowLatencyCtx& c, con
 }
 
 __global__ void __launch_bounds__(kLLThreads) ll_combine_send_kernel(LowLatencyCtx c, const __nv_bfloat16* y,
-                                                                     const int* count, const int* meta,
+                                                                     const int* count, const int* meta, LLRowMap map,
                                                                      int64_t* handle_seq) {
     extern __shared__ int pref[];
-    ll_combine_send_body(c, y, count, meta, handle_seq, c.seq[kSeqLowLatency + 1] + 1, pref);
+    ll_combine_send_body(c, y, count, meta, map, handle_seq, c.seq[kSeqLowLatency + 1] + 1, pref);
 }
 
 // One warp per token: out[t] = sum_k w[t, k] * comb[t][k'] over k with idx[t, k] in [0, E), in float32, where k'
-// is the first k naming the same expert (the copy the dispatch sent; equal to k for distinct ids).
+// is the first k naming the same expert (the copy the dispatch sent; equal to k for distinct ids). `merged` (this
+// rank's dispatch sent its weights): where t has two or more experts on one rank, that rank sent their weighted sum
+// in the rows of its first two copies, each added with weight 1, and its other k add nothing.
 // One warp per (token, slice of the hidden dimension): `slices` warps share a token so that enough loads are in
 // flight when there are few tokens. (The body, for round seq: the receive kernel, or the fused combine.)
 __device__ __forceinline__ void ll_combine_sum(const LowLatencyCtx& c, const int64_t* idx, const float* w,
-                                               __nv_bfloat16* out, int T, int slices, int64_t seq) {
+                                               __nv_bfloat16* out, int T, int slices, int merged, int64_t seq) {
     const int N = c.num_ranks, me = c.rank, H = c.hidden, M = c.max_tokens, K = c.num_topk;
     const int slot_buf = static_cast<int>(seq & 1);
     trace_mark(0);
@@ -681,11 +791,24 @@ __device__ __forceinline__ void ll_combine_sum(const LowLatencyCtx& c, const int
             const int t = g / slices, v0 = (g % slices) * kWarp + lane, step = slices * kWarp;
             // lane k < K holds (expert id, weight) of copy k; the warp shares which copies exist
             const int64_t e = lane < K ? idx[static_cast<int64_t>(t) * K + lane] : -1;
-            const float wl = lane < K ? w[static_cast<int64_t>(t) * K + lane] : 0.f;
+            float wl = lane < K ? w[static_cast<int64_t>(t) * K + lane] : 0.f;
             // (an id >= E was never sent: it adds nothing, as in the send)
-            const unsigned present = __ballot_sync(0xffffffffu, e >= 0 && e < c.num_experts);
+            unsigned present = __ballot_sync(0xffffffffu, e >= 0 && e < c.num_experts);
             // the copy holding this k's expert output: the first k naming the same expert
-            const int from = __ffs(__match_any_sync(0xffffffffu, static_cast<unsigned long long>(e))) - 1;
+            int from = __ffs(__match_any_sync(0xffffffffu, static_cast<unsigned long long>(e))) - 1;
+            if (merged) {
+                int r = (present >> lane) & 1u ? static_cast<int>(e / (c.num_experts / N)) : -1;
+                // the copies sent (the first k of each expert) to this k's rank
+                const unsigned sent = __ballot_sync(0xffffffffu, r >= 0 && from == lane);
+                const unsigned same = __match_any_sync(0xffffffffu, r) & sent;
+                if (r >= 0 && __popc(same) >= 2) {
+                    const int k0 = __ffs(same) - 1, k1 = __ffs(same & (same - 1)) - 1;
+                    wl = 1.f;
+                    from = lane;
+                    if (lane != k0 && lane != k1) r = -1;  // in the sum
+                }
+                present &= __ballot_sync(0xffffffffu, r >= 0);
+            }
             const uint8_t* rows = comb + static_cast<int64_t>(t) * K * c.comb_stride;
             int4* dst = reinterpret_cast<int4*>(out + static_cast<int64_t>(t) * H);
             if (K <= kLLMaxTopk) {
@@ -719,8 +842,8 @@ __device__ __forceinline__ void ll_combine_sum(const LowLatencyCtx& c, const int
                     for (int i = 0; i < 8; ++i) acc[i] = 0.f;
                     for (int k = 0; k < K; ++k) {
                         const int fk = __shfl_sync(0xffffffffu, from, k);  // (every lane: before the branch)
+                        const float wk = __shfl_sync(0xffffffffu, wl, k);
                         if (!((present >> k) & 1u)) continue;
-                        const float wk = w[static_cast<int64_t>(t) * K + k];
                         const int4* src =
                             reinterpret_cast<const int4*>(rows + static_cast<int64_t>(fk) * c.comb_stride);
                         fma_bf16x8(acc, wk, ld_v4<1>(src + v));
@@ -742,8 +865,9 @@ __device__ __forceinline__ void ll_combine_sum(const LowLatencyCtx& c, const int
 
 __global__ void __launch_bounds__(kLLThreads) ll_combine_recv_kernel(LowLatencyCtx c, const int64_t* idx,
                                                                      const float* w, __nv_bfloat16* out, int T,
-                                                                     int slices, const int64_t* handle_seq) {
-    ll_combine_sum(c, idx, w, out, T, slices, *handle_seq);
+                                                                     int slices, int merged,
+                                                                     const int64_t* handle_seq) {
+    ll_combine_sum(c, idx, w, out, T, slices, merged, *handle_seq);
 }
 
 // Combine without a receive hook in one kernel (LARGEEP_TUNE ll_fuse=1; spread send only): every block sends as the
@@ -751,13 +875,14 @@ __global__ void __launch_bounds__(kLLThreads) ll_combine_recv_kernel(LowLatencyC
 // ll_combine_recv_kernel. Launched cooperatively, as the fused dispatch.
 __global__ void __launch_bounds__(kLLThreads) ll_combine_fused_kernel(LowLatencyCtx c, const __nv_bfloat16* y,
                                                                       const int* count, const int* meta,
-                                                                      int64_t* handle_seq, const int64_t* idx,
-                                                                      const float* w, __nv_bfloat16* out, int T,
-                                                                      int slices) {
+                                                                      LLRowMap map, int64_t* handle_seq,
+                                                                      const int64_t* idx, const float* w,
+                                                                      __nv_bfloat16* out, int T, int slices,
+                                                                      int merged) {
     extern __shared__ int pref[];
     const int64_t seq = c.seq[kSeqLowLatency + 1] + 1;  // read by every block before the last one advances it
-    ll_combine_send_body(c, y, count, meta, handle_seq, seq, pref);
-    ll_combine_sum(c, idx, w, out, T, slices, seq);
+    ll_combine_send_body(c, y, count, meta, map, handle_seq, seq, pref);
+    ll_combine_sum(c, idx, w, out, T, slices, merged, seq);
 }
 
 }  // namespace
@@ -773,7 +898,8 @@ LowLatencyLayout low_latency_layout(int N, int E, int K, int H, int M, int P) {
     const int epr = E / N;
     l.off_scales_in_row = align16(static_cast<int64_t>(H) * 2);
     l.off_meta_in_row = l.off_scales_in_row + align16(static_cast<int64_t>(H / 128) * 4);
-    l.recv_stride = l.off_meta_in_row + align16(4ll * (kLLMetaHead + 2 * K));  // token, n, n entries (n <= K)
+    // token, n, n entries (n <= K), n weights
+    l.recv_stride = l.off_meta_in_row + align16(4ll * (kLLMetaHead + 3 * K));
     l.comb_stride = align16(static_cast<int64_t>(H) * 2);
     l.off_flags = take(8ll * kLLFlagKinds * 2 * static_cast<int64_t>(epr) * N);
     l.off_counter = take(4ll * (N * epr + N));
@@ -841,69 +967,77 @@ bool launch_resident(void (*kernel)(Params...), int grid, int sms, size_t smem, 
 }
 }  // namespace
 
-void launch_ll_dispatch_send(const LowLatencyCtx& c, const void* x, const int64_t* topk_idx, int num_tokens,
-                             bool use_fp8, bool round_scale, int64_t* handle_seq, cudaStream_t stream) {
+void launch_ll_dispatch_send(const LowLatencyCtx& c, const void* x, const int64_t* topk_idx,
+                             const float* topk_weights, int num_tokens, bool use_fp8, bool round_scale,
+                             int64_t* handle_seq, cudaStream_t stream) {
     check_send(c, use_fp8);
     const int grid = std::min(std::max(1, num_tokens), 2 * c.device_sms);  // one token per block at a time
     ll_dispatch_send_kernel<<<grid, kTokThreads, 0, stream>>>(c, static_cast<const __nv_bfloat16*>(x), topk_idx,
-                                                            num_tokens, use_fp8 ? 1 : 0, round_scale ? 1 : 0,
-                                                            handle_seq);
+                                                            topk_weights, num_tokens, use_fp8 ? 1 : 0,
+                                                            round_scale ? 1 : 0, handle_seq);
     LAUNCH_CHECK();
 }
 
-bool launch_ll_dispatch_fused(const LowLatencyCtx& c, const void* x, const int64_t* topk_idx, int num_tokens,
-                              bool use_fp8, bool round_scale, int64_t* handle_seq, void* out_x, float* out_scales,
-                              int* out_count, int* src_info, int* meta, cudaStream_t stream) {
+bool launch_ll_dispatch_fused(const LowLatencyCtx& c, const void* x, const int64_t* topk_idx,
+                              const float* topk_weights, int num_tokens, bool use_fp8, bool round_scale,
+                              int64_t* handle_seq, void* out_x, float* out_scales, int* out_count, int* src_info,
+                              int* meta, int* lead, int* rowmap, cudaStream_t stream) {
     // the caller sends, then receives: the per-expert receive, or too many count words
     const size_t smem = unpack_smem(c, true);
     if (!c.spread || smem > kLLMaxDynSmem) return false;
     check_send(c, use_fp8);
     const int send_blocks = std::min(std::max(1, num_tokens), c.device_sms);
     return launch_resident(ll_dispatch_fused_kernel, std::max(send_blocks, spread_blocks(c)), c.device_sms, smem,
-                           stream, c, static_cast<const __nv_bfloat16*>(x), topk_idx, num_tokens, use_fp8 ? 1 : 0,
-                           round_scale ? 1 : 0, handle_seq, static_cast<uint8_t*>(out_x), out_scales, out_count,
-                           src_info, meta, send_blocks);
+                           stream, c, static_cast<const __nv_bfloat16*>(x), topk_idx, topk_weights, num_tokens,
+                           use_fp8 ? 1 : 0, round_scale ? 1 : 0, handle_seq, static_cast<uint8_t*>(out_x),
+                           out_scales, out_count, src_info, meta, LLRowMap{lead, rowmap}, send_blocks);
 }
 
 void launch_ll_dispatch_recv(const LowLatencyCtx& c, void* out_x, float* out_scales, int* out_count, int* src_info,
-                             int* meta, bool use_fp8, const int64_t* handle_seq, cudaStream_t stream) {
+                             int* meta, int* lead, int* rowmap, bool use_fp8, const int64_t* handle_seq,
+                             cudaStream_t stream) {
     // spread: one wave of blocks (at most one per SM) sharing every expert's rows, while the count words of every
     // (expert, source) fit in shared memory; packed: one block per expert
     LowLatencyCtx k = c;
     k.spread = c.spread && unpack_smem(c, true) <= kLLMaxDynSmem;
     const size_t smem = unpack_smem(c, k.spread != 0);
     ll_dispatch_recv_kernel<<<k.spread ? spread_blocks(c) : ll_epr(c), kLLThreads, smem, stream>>>(
-        k, static_cast<uint8_t*>(out_x), out_scales, out_count, src_info, meta, use_fp8 ? 1 : 0, handle_seq);
+        k, static_cast<uint8_t*>(out_x), out_scales, out_count, src_info, meta, LLRowMap{lead, rowmap},
+        use_fp8 ? 1 : 0, handle_seq);
     LAUNCH_CHECK();
 }
 
 void launch_ll_combine_send(const LowLatencyCtx& c, const void* y, const int* count, const int* meta,
-                            int64_t* handle_seq, cudaStream_t stream) {
+                            const int* lead, const int* rowmap, int64_t* handle_seq, cudaStream_t stream) {
     // spread while the per-expert counts fit in shared memory; packed: one block per expert
     LowLatencyCtx k = c;
     k.spread = c.spread && combine_send_smem(c) <= kLLMaxDynSmem;
     ll_combine_send_kernel<<<k.spread ? spread_blocks(c) : ll_epr(c), kLLThreads,
                              k.spread ? combine_send_smem(c) : 0, stream>>>(
-        k, static_cast<const __nv_bfloat16*>(y), count, meta, handle_seq);
+        k, static_cast<const __nv_bfloat16*>(y), count, meta,
+        LLRowMap{const_cast<int*>(lead), const_cast<int*>(rowmap)}, handle_seq);
     LAUNCH_CHECK();
 }
 
 bool launch_ll_combine_fused(const LowLatencyCtx& c, const void* y, const int* count, const int* meta,
-                             int64_t* handle_seq, const int64_t* topk_idx, const float* topk_weights, void* out,
-                             int num_tokens, cudaStream_t stream) {
+                             const int* lead, const int* rowmap, int64_t* handle_seq, const int64_t* topk_idx,
+                             const float* topk_weights, void* out, int num_tokens, bool merged,
+                             cudaStream_t stream) {
     const size_t smem = combine_send_smem(c);
     if (!c.spread || smem > kLLMaxDynSmem) return false;  // the caller sends, then sums
     const int slices = combine_slices(c, num_tokens);
     return launch_resident(ll_combine_fused_kernel, std::max(spread_blocks(c), sum_blocks(c, num_tokens, slices)),
                            c.device_sms, smem, stream, c, static_cast<const __nv_bfloat16*>(y), count, meta,
-                           handle_seq, topk_idx, topk_weights, static_cast<__nv_bfloat16*>(out), num_tokens, slices);
+                           LLRowMap{const_cast<int*>(lead), const_cast<int*>(rowmap)}, handle_seq, topk_idx,
+                           topk_weights, static_cast<__nv_bfloat16*>(out), num_tokens, slices, merged ? 1 : 0);
 }
 
 void launch_ll_combine_recv(const LowLatencyCtx& c, const int64_t* topk_idx, const float* topk_weights, void* out,
-                            int num_tokens, const int64_t* handle_seq, cudaStream_t stream) {
+                            int num_tokens, bool merged, const int64_t* handle_seq, cudaStream_t stream) {
     const int slices = combine_slices(c, num_tokens);
     ll_combine_recv_kernel<<<sum_blocks(c, num_tokens, slices), kLLThreads, 0, stream>>>(
-        c, topk_idx, topk_weights, static_cast<__nv_bfloat16*>(out), num_tokens, slices, handle_seq);
+        c, topk_idx, topk_weights, static_cast<__nv_bfloat16*>(out), num_tokens, slices, merged ? 1 : 0,
+        handle_seq);
     LAUNCH_CHECK();
 }
 

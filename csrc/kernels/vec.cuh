@@ -14,6 +14,19 @@ __device__ __forceinline__ int4 pack_bf16x8(const float* acc) {
     return res;
 }
 
+// 8 float32 values as two bf16 vectors: *hi their rounding, *lo the rounding of what is left (hi + lo holds about
+// 16 significant bits of each value: float32 sums sent in bf16 rows).
+__device__ __forceinline__ void split_bf16x8(const float* acc, int4* hi, int4* lo) {
+    __nv_bfloat162* h = reinterpret_cast<__nv_bfloat162*>(hi);
+    __nv_bfloat162* l = reinterpret_cast<__nv_bfloat162*>(lo);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        h[i] = __floats2bfloat162_rn(acc[2 * i], acc[2 * i + 1]);
+        const float2 r = __bfloat1622float2(h[i]);
+        l[i] = __floats2bfloat162_rn(acc[2 * i] - r.x, acc[2 * i + 1] - r.y);
+    }
+}
+
 // acc[0, 8) += w * the 8 bf16 values of v.
 __device__ __forceinline__ void fma_bf16x8(float* acc, float w, int4 v) {
     const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&v);

@@ -128,6 +128,17 @@ class LowLatencyHandle:
     # False until the dispatch's receive is issued (at once, or by its hook): a combine before it would read
     # receive slots that hold nothing yet
     received: bool = True
+    # the topk_weights given to the dispatch (and their version counter then): the combine must get them unchanged
+    weights: torch.Tensor | None = field(default=None, repr=False)
+    weights_version: int | None = None
+
+
+def _version_of(t: torch.Tensor) -> int | None:
+    """t's version counter (bumped by every in-place change); None for an inference tensor, which has none."""
+    try:
+        return int(t._version)
+    except RuntimeError:
+        return None
 
 
 @dataclass
@@ -635,6 +646,7 @@ class Buffer:
         use_ue8m0: bool = False,
         async_finish: bool = False,
         return_recv_hook: bool = False,
+        topk_weights: torch.Tensor | None = None,
     ) -> LowLatencyDispatchResult:
         """x bf16 [T, H] (T <= max_tokens_per_rank), topk_idx int64 [T, K] -> per-expert receive slots.
 
@@ -642,7 +654,13 @@ class Buffer:
         expert-id range check (LARGEEP_CHECK_VALUES=0 skips it; on nvshmem a check kernel on the Buffer's stream, so
         after the Buffer's earlier work). ``use_ue8m0`` rounds scales to powers of two (kept as float32);
         ``round_scale`` does the same. With ``return_recv_hook`` the call only issues the sends and ``hook()``
-        completes the receive."""
+        completes the receive.
+
+        ``topk_weights`` (float32 [T, K], optional; an extension of SPEC.md): the weights the combine of this
+        handle will apply, sent now with the tokens, so that the nvshmem backend's combine sums each token's
+        outputs on the experts' rank and sends one sum per (token, rank) where a token has two or more experts on
+        a rank (float32 sums, sent as two bf16 rows: about half the bytes at 2-8 ranks). The combine must then get
+        this very tensor, unchanged (ArgumentError otherwise). The torch backend takes and checks it alike."""
         op = "low_latency_dispatch"
         self._check_alive(op)
         self._check_mode(op, True)
@@ -662,22 +680,29 @@ class Buffer:
             op, topk_idx, num_tokens=t, num_topk=c.num_topk, num_experts=c.num_experts, device=c.device,
             check_values=self._settings.check_values and not native_check,
         )
+        ws = None
+        if topk_weights is not None:
+            ws = checks.topk_weights(op, topk_weights, num_tokens=t, num_topk=c.num_topk, device=c.device)
         rounding = bool(round_scale or use_ue8m0)
         call = self._check_in_flight(op)
-        extra = {"check_ids": True} if native_check else {}
+        extra: dict[str, Any] = {"check_ids": True} if native_check else {}
+        if ws is not None:
+            extra["topk_weights"] = ws
 
         def run() -> Any:
             return self._impl.low_latency_dispatch(xs, topk_idx, use_fp8, rounding, return_recv_hook, **extra)
 
+        keep: list[torch.Tensor | None] = [xs, topk_idx, ws]
         try:
-            out, event = self._run(run, None, async_finish, [xs, topk_idx], finished=not return_recv_hook)
+            out, event = self._run(run, None, async_finish, keep, finished=not return_recv_hook)
         except (ArgumentError, PeerTimeoutError):
             # refused or given up before anything was sent (the backend's id check, or its wait): the call takes no
             # place among those in flight
             if call is not None:
                 self._ll_calls[op] = call
             raise
-        handle = LowLatencyHandle(self._id, t, out.state, received=not return_recv_hook)
+        handle = LowLatencyHandle(self._id, t, out.state, received=not return_recv_hook, weights=ws,
+                                  weights_version=_version_of(ws) if ws is not None else None)
         hook = self._wrap_hook(out.finish, op, call, handle) if return_recv_hook else None
         recv_x: Tokens = (out.x, out.x_scales) if out.x_scales is not None else out.x
         return LowLatencyDispatchResult(recv_x, out.num_tokens_per_expert, out.src_info, handle, event, hook)
@@ -715,6 +740,13 @@ class Buffer:
             check_values=False,
         )
         checks.topk_weights(op, topk_weights, num_tokens=h.num_tokens, num_topk=c.num_topk, device=c.device)
+        if h.weights is not None and (topk_weights is not h.weights or _version_of(topk_weights) != h.weights_version):
+            what = "another tensor" if topk_weights is not h.weights else "the same tensor, changed in place since"
+            raise ArgumentError(
+                f"Buffer.{op}: argument 'topk_weights' is {what}: the handle's low_latency_dispatch was given "
+                "topk_weights, which its rows carry to the experts' ranks to be applied there; pass that tensor "
+                "unchanged, or dispatch without topk_weights"
+            )
         if out is None:
             out = torch.empty(h.num_tokens, c.hidden, dtype=torch.bfloat16, device=c.device)
         else:

@@ -442,9 +442,13 @@ class MoELayer(nn.Module):
     @torch.no_grad()  # low-latency mode has no autograd: no partial gradients (the gate's alone) either
     def _ll_send(self, x: Tensor, hooks: bool) -> dict[str, Any]:
         idx, w = self.route(x)
+        w = w.float().contiguous()
+        # eagerly the weights travel with the tokens, and the experts' ranks sum each token's outputs (fewer bytes
+        # back where a token has several experts on one rank); the custom ops take none
+        custom = ops._use_ops(self.use_custom_ops)
         d = ops.low_latency_dispatch(
             self.buffer_id, x.to(torch.bfloat16).contiguous(), idx, use_fp8=self.ll_use_fp8,
-            return_recv_hook=hooks, use_custom_ops=self.use_custom_ops,
+            return_recv_hook=hooks, use_custom_ops=self.use_custom_ops, topk_weights=None if custom else w,
         )
         shared = self.shared_experts(x) if self.shared_experts is not None else None
         return {"x": x, "idx": idx, "w": w, "d": d, "shared": shared, "hooks": hooks}

@@ -1408,17 +1408,22 @@ def low_latency_dispatch(
     round_scale: bool = False,
     return_recv_hook: bool = False,
     use_custom_ops: bool = False,
+    topk_weights: Tensor | None = None,
 ) -> LowLatencyDispatchOutput:
     """Low-latency dispatch (no autograd) of x bf16 [T, H], topk_idx int64 [T, K]. Compilable (fixed shapes);
-    ``return_recv_hook`` only on the eager path. No host wait."""
+    ``return_recv_hook`` and ``topk_weights`` (see ``Buffer.low_latency_dispatch``) only on the eager path. No
+    host wait."""
     if _use_ops(use_custom_ops):
         if return_recv_hook:
             raise ArgumentError("largeep.ops.low_latency_dispatch: return_recv_hook is eager-only")
+        if topk_weights is not None:
+            raise ArgumentError("largeep.ops.low_latency_dispatch: topk_weights is eager-only")
         bid = _buffer_id(buffer, "low_latency_dispatch")
         q, s, counts, info, ticket = torch.ops.largeep.low_latency_dispatch(bid, x, topk_idx, use_fp8, round_scale)
         return LowLatencyDispatchOutput(q, s if use_fp8 else None, counts, info, ticket, None)
     res = _buffer(buffer).low_latency_dispatch(
-        x, topk_idx, use_fp8=use_fp8, round_scale=round_scale, return_recv_hook=return_recv_hook
+        x, topk_idx, use_fp8=use_fp8, round_scale=round_scale, return_recv_hook=return_recv_hook,
+        topk_weights=topk_weights,
     )
     q, s = res.x if isinstance(res.x, tuple) else (res.x, None)
     return LowLatencyDispatchOutput(q, s, res.num_tokens_per_expert, res.src_info, res.handle, res.hook)

@@ -288,12 +288,16 @@ class _NvState:
 @dataclass
 class _LLState:
     """Handle of one low-latency dispatch: seq int64 [1] (its round, written by the send kernel), count int32
-    [E/N], meta int32 [E/N, N*M] (source * M*K + token*K + k of each packed row, -1 past the count)."""
+    [E/N], meta int32 [E/N, N*M] (source * M*K + token*K + k of each packed row, -1 past the count), rowmap int32
+    (lead [E/N * N*M] then [N*M, K, 2]: which rows the combine sums here, csrc/kernels/low_latency.cu), weighted
+    (this rank sent its weights: the experts' ranks sum its tokens' rows)."""
 
     seq: torch.Tensor
     count: torch.Tensor
     meta: torch.Tensor
+    rowmap: torch.Tensor
     num_tokens: int
+    weighted: bool = False
 
 
 # The zero-copy regions [first, last) byte of live backends, for record_zero_copy: a tuple rebuilt when a backend
@@ -769,10 +773,11 @@ class NvshmemBackend:
 
     def low_latency_dispatch(
         self, x: torch.Tensor, topk_idx: torch.Tensor, use_fp8: bool, round_scale: bool, async_recv: bool,
-        check_ids: bool = False,
+        check_ids: bool = False, topk_weights: torch.Tensor | None = None,
     ) -> LowLatencyDispatchOut:
         """``check_ids`` (at least one id; not while capturing a CUDA graph): raise ArgumentError, nothing sent and
-        the Buffer still usable, if an id in topk_idx is outside [-1, num_experts)."""
+        the Buffer still usable, if an id in topk_idx is outside [-1, num_experts). ``topk_weights``: sent with the
+        tokens (the combine sums on the experts' ranks)."""
         op = "low_latency_dispatch"
         self._raise_if_failed(op)
         c = self.ctx
@@ -791,21 +796,25 @@ class NvshmemBackend:
         count = torch.empty(epr, dtype=torch.int32, device=dev)
         src_info = torch.empty(epr, rows, 2, dtype=torch.int32, device=dev)
         meta = torch.empty(epr, rows, dtype=torch.int32, device=dev)
-        state = _LLState(seq, count, meta, t)
+        # any source may send its weights, so every receive records where the combine finds the rows it sums
+        rowmap = torch.empty(epr * rows + rows * c.num_topk * 2, dtype=torch.int32, device=dev)
+        lead, pairs = rowmap.data_ptr(), rowmap.data_ptr() + 4 * epr * rows
+        w_ptr = _ptr(topk_weights)
+        state = _LLState(seq, count, meta, rowmap, t, topk_weights is not None)
         # without a hook, send and unpack may run as one kernel (LARGEEP_TUNE ll_fuse=1)
         if not async_recv and self.ll_fuse and self._fused(self.ll.dispatch_fused(
-            x.data_ptr(), topk_idx.data_ptr(), t, use_fp8, round_scale, seq.data_ptr(), x_out.data_ptr(),
+            x.data_ptr(), topk_idx.data_ptr(), w_ptr, t, use_fp8, round_scale, seq.data_ptr(), x_out.data_ptr(),
             s_out.data_ptr() if s_out is not None else 0, count.data_ptr(), src_info.data_ptr(), meta.data_ptr(),
-            self._stream(),
+            lead, pairs, self._stream(),
         )):
             return LowLatencyDispatchOut(x_out, s_out, count, src_info, state, None)
-        self.ll.dispatch_send(x.data_ptr(), topk_idx.data_ptr(), t, use_fp8, round_scale, seq.data_ptr(),
+        self.ll.dispatch_send(x.data_ptr(), topk_idx.data_ptr(), w_ptr, t, use_fp8, round_scale, seq.data_ptr(),
                               self._stream())
 
         def finish() -> None:
             self.ll.dispatch_recv(
                 x_out.data_ptr(), s_out.data_ptr() if s_out is not None else 0, count.data_ptr(),
-                src_info.data_ptr(), meta.data_ptr(), use_fp8, seq.data_ptr(), self._stream(),
+                src_info.data_ptr(), meta.data_ptr(), lead, pairs, use_fp8, seq.data_ptr(), self._stream(),
             )
 
         if async_recv:
@@ -823,19 +832,23 @@ class NvshmemBackend:
         async_recv: bool,
     ) -> Any:
         self._raise_if_failed("low_latency_combine")
-        seq = torch.empty(1, dtype=torch.int64, device=self.ctx.device)
+        c = self.ctx
+        seq = torch.empty(1, dtype=torch.int64, device=c.device)
+        lead = state.rowmap.data_ptr()
+        pairs = lead + 4 * c.experts_per_rank * c.num_ranks * c.max_tokens_per_rank
         # without a hook, send and sum may run as one kernel (LARGEEP_TUNE ll_fuse=1)
         if not async_recv and self.ll_fuse and self._fused(self.ll.combine_fused(
-            y.data_ptr(), state.count.data_ptr(), state.meta.data_ptr(), seq.data_ptr(), topk_idx.data_ptr(),
-            topk_weights.data_ptr(), out.data_ptr(), state.num_tokens, self._stream(),
+            y.data_ptr(), state.count.data_ptr(), state.meta.data_ptr(), lead, pairs, seq.data_ptr(),
+            topk_idx.data_ptr(), topk_weights.data_ptr(), out.data_ptr(), state.num_tokens, state.weighted,
+            self._stream(),
         )):
             return None
-        self.ll.combine_send(y.data_ptr(), state.count.data_ptr(), state.meta.data_ptr(), seq.data_ptr(),
-                             self._stream())
+        self.ll.combine_send(y.data_ptr(), state.count.data_ptr(), state.meta.data_ptr(), lead, pairs,
+                             seq.data_ptr(), self._stream())
 
         def finish() -> None:
             self.ll.combine_recv(topk_idx.data_ptr(), topk_weights.data_ptr(), out.data_ptr(), state.num_tokens,
-                                 seq.data_ptr(), self._stream())
+                                 state.weighted, seq.data_ptr(), self._stream())
 
         if async_recv:
             return finish

@@ -460,8 +460,11 @@ class TorchBackend:
         return self.ctx.max_tokens_per_rank * self.ctx.num_topk
 
     def low_latency_dispatch(
-        self, x: torch.Tensor, topk_idx: torch.Tensor, use_fp8: bool, round_scale: bool, async_recv: bool
+        self, x: torch.Tensor, topk_idx: torch.Tensor, use_fp8: bool, round_scale: bool, async_recv: bool,
+        topk_weights: torch.Tensor | None = None,
     ) -> LowLatencyDispatchOut:
+        # (topk_weights: the Buffer checked that the combine gets them unchanged; the combine here applies the
+        # combine's weights at the source, which is the same sum)
         self._begin("low_latency_dispatch")
         c = self.ctx
         dev = x.device

@@ -81,10 +81,10 @@ def _body(rank: int, world: int, args: argparse.Namespace, device: torch.device)
         mean_copies = float(copies) / world
         row = rec.row_bytes("fp8" if args.fp8 else "bf16", args.hidden)
 
-        sent = w if args.weighted else None
+        sent = {"topk_weights": w} if args.weighted else {}  # (none: a tree without the option runs too)
 
         def step(x: Any = x, idx: Any = idx, w: Any = w, sent: Any = sent) -> Any:
-            d = buf.low_latency_dispatch(x, idx, use_fp8=args.fp8, topk_weights=sent)
+            d = buf.low_latency_dispatch(x, idx, use_fp8=args.fp8, **sent)
             y = torch.empty(d.x[0].shape if args.fp8 else d.x.shape, dtype=torch.bfloat16, device="cuda")
             return buf.low_latency_combine(y, idx, w, d.handle)
 
@@ -115,7 +115,7 @@ def _body(rank: int, world: int, args: argparse.Namespace, device: torch.device)
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             for _ in range(args.iters):
                 dist.barrier()
-                d = buf.low_latency_dispatch(x, idx, use_fp8=args.fp8, return_recv_hook=True, topk_weights=sent)
+                d = buf.low_latency_dispatch(x, idx, use_fp8=args.fp8, return_recv_hook=True, **sent)
                 torch.cuda.synchronize()
                 dist.barrier()
                 d.hook()

@@ -405,9 +405,9 @@ __device__ __forceinline__ void ll_fan_prefetch(const LowLatencyCtx& c, const ui
 }
 
 // Where the combine finds a received row's entries (handle tensors of the dispatch, written by its receive):
-// lead int32 [E/N * N*M] per output row: -1 it goes home alone; with a weighted row of n >= 2 entries, for entry 0
-// (received row g) g * 32 + n - 1, for the others -2 (entry 0's sum carries them); rowmap int32 [N*M][K][2]: entry
-// e of received row g: (output row, weight bits).
+// lead int32 [E/N * N*M] per output row: -1 it goes home alone; entry e of a weighted received row g of n >= 2
+// entries: g * 32 + e (the row's sum is cut into n pieces, entry e's warps make piece e); rowmap int32 [N*M][K][4]:
+// entry e of received row g: (output row, weight bits, n, 0).
 struct LLRowMap {
     int* lead;
     int* rowmap;
@@ -452,9 +452,9 @@ __device__ __forceinline__ void ll_fan_out_row(const LowLatencyCtx& c, const uin
         src_info[2 * o + 1] = t;
         meta[o] = s * (c.max_tokens * c.num_topk) + t * c.num_topk + k;
         const bool merge = weighted && n >= 2;
-        map.lead[o] = !merge ? -1 : lane == 0 ? g * kWarp + n - 1 : -2;
-        if (merge) reinterpret_cast<int2*>(map.rowmap)[static_cast<int64_t>(g) * c.num_topk + lane] =
-            make_int2(static_cast<int>(o), wbits);
+        map.lead[o] = merge ? g * kWarp + lane : -1;
+        if (merge) reinterpret_cast<int4*>(map.rowmap)[static_cast<int64_t>(g) * c.num_topk + lane] =
+            make_int4(static_cast<int>(o), wbits, n, 0);
     }
 }
 
@@ -613,52 +613,56 @@ __global__ void __launch_bounds__(kLLThreads) ll_dispatch_fused_kernel(LowLatenc
     ll_unpack(c, out_x, out_scales, out_count, src_info, meta, map, use_fp8, seq, cnt);
 }
 
-// One warp: the weighted sum (float32) of the rows of received row g's n entries (rowmap), 16-byte vectors [v_lo,
-// v_hi), as two bf16 rows (rounding, remainder) into the source's combine buffer at [token][k0] and [token][k1]
-// (entries 0 and 1, whose output rows are o0 = o and o1): NVLink stores on this node, else staged in symmetric
-// memory at o0's and o1's rows and put. Entries naming no output row of this rank (a broken peer's data) add nothing.
+// One warp, for entry `me` of received row g (rowmap: its n entries): piece `me` of n of the 16-byte vectors [v_lo,
+// v_hi) of the weighted sum (float32) of the entries' rows, as two bf16 rows (rounding, remainder) into the source's
+// combine buffer at [token][k0] and [token][k1], the slots of entries 0 and 1 (output rows o0, o1): NVLink stores
+// on this node, else staged in symmetric memory at o0's and o1's rows and put. Every load of a vector is issued
+// before any is added (up to kLLMaxTopk entries at once). Entries naming no output row of this rank (a broken
+// peer's data) add nothing; a row whose first two entries are not one token's copies is not sent.
 __device__ __forceinline__ void ll_combine_sum_row(const LowLatencyCtx& c, const __nv_bfloat16* y, const int* meta,
-                                                   const int* rowmap, int slot_buf, int64_t o, int m, int g, int n,
-                                                   int v_lo, int v_hi, int lane) {
+                                                   const int* rowmap, int slot_buf, int g, int me, int v_lo,
+                                                   int v_hi, int lane) {
     const int N = c.num_ranks, H = c.hidden, M = c.max_tokens, K = c.num_topk;
     const int64_t rows = static_cast<int64_t>(c.num_experts / N) * N * M;
-    const int2 ent = lane < n ? reinterpret_cast<const int2*>(rowmap)[static_cast<int64_t>(g) * K + lane]
-                              : make_int2(-1, 0);
-    const bool valid = ent.x >= 0 && ent.x < rows;
+    const int4 ent = lane < K ? reinterpret_cast<const int4*>(rowmap)[static_cast<int64_t>(g) * K + lane]
+                              : make_int4(-1, 0, 0, 0);
+    const int n = min(__shfl_sync(0xffffffffu, ent.z, 0), K);
+    const bool valid = lane < n && ent.x >= 0 && ent.x < rows;
+    const int64_t o0 = __shfl_sync(0xffffffffu, valid ? ent.x : -1, 0);
     const int64_t o1 = __shfl_sync(0xffffffffu, valid ? ent.x : -1, 1);
-    const int m1 = o1 >= 0 ? meta[o1] : -1;
-    if (m1 < 0 || m1 / K != m / K) return;  // (entry 1 is not a copy of this token: a broken peer's data)
-    const int s = m / (M * K);
-    const int64_t at0 = c.off_comb + (static_cast<int64_t>(slot_buf) * M * K + m % (M * K)) * c.comb_stride;
+    if (n < 2 || me >= n || o0 < 0 || o1 < 0) return;
+    const int m0 = meta[o0], m1 = meta[o1];
+    if (m0 < 0 || m1 < 0 || m0 / K != m1 / K) return;
+    const int p_lo = v_lo + static_cast<int>(static_cast<int64_t>(v_hi - v_lo) * me / n);
+    const int p_hi = v_lo + static_cast<int>(static_cast<int64_t>(v_hi - v_lo) * (me + 1) / n);
+    if (p_lo >= p_hi) return;
+    const int s = m0 / (M * K);
+    const int64_t at0 = c.off_comb + (static_cast<int64_t>(slot_buf) * M * K + m0 % (M * K)) * c.comb_stride;
     const int64_t at1 = c.off_comb + (static_cast<int64_t>(slot_buf) * M * K + m1 % (M * K)) * c.comb_stride;
     const bool near = same_node(c, s);
-    uint8_t* dst0 = near ? ll_peer(c, s) + at0 : c.base + c.off_comb_send + o * c.comb_stride;
+    uint8_t* dst0 = near ? ll_peer(c, s) + at0 : c.base + c.off_comb_send + o0 * c.comb_stride;
     uint8_t* dst1 = near ? ll_peer(c, s) + at1 : c.base + c.off_comb_send + o1 * c.comb_stride;
     const float wl = valid ? __int_as_float(ent.y) : 0.f;
-    const int64_t ol = valid ? ent.x : o;  // (an invalid entry reads row o with weight 0)
-    for (int b = v_lo; b < v_hi; b += kWarp) {  // (warp-uniform bounds: the shuffles below)
+    const int64_t ol = valid ? ent.x : o0;  // (an invalid entry reads row o0 with weight 0)
+    for (int b = p_lo; b < p_hi; b += kWarp) {  // (warp-uniform bounds: the shuffles below)
         const int v = b + lane;
-        const bool act = v < v_hi;
+        const bool act = v < p_hi;
         float acc[8];
 #pragma unroll
         for (int i = 0; i < 8; ++i) acc[i] = 0.f;
-        int e = 0;
-        for (; e + kLLMaxTopk <= n; e += kLLMaxTopk) {  // kLLMaxTopk rows' loads in flight
+        for (int e0 = 0; e0 < n; e0 += kLLMaxTopk) {
             int4 raw[kLLMaxTopk];
             float we[kLLMaxTopk];
 #pragma unroll
             for (int u = 0; u < kLLMaxTopk; ++u) {
-                const int64_t oe = __shfl_sync(0xffffffffu, ol, e + u);
-                we[u] = __shfl_sync(0xffffffffu, wl, e + u);
-                raw[u] = act ? ld_v4<1>(reinterpret_cast<const int4*>(y + oe * H) + v) : make_int4(0, 0, 0, 0);
+                const int e = e0 + u;
+                const int64_t oe = __shfl_sync(0xffffffffu, ol, e & (kWarp - 1));
+                we[u] = __shfl_sync(0xffffffffu, wl, e & (kWarp - 1));
+                raw[u] = act && e < n ? ld_v4<1>(reinterpret_cast<const int4*>(y + oe * H) + v) : make_int4(0, 0, 0, 0);
             }
 #pragma unroll
-            for (int u = 0; u < kLLMaxTopk; ++u) fma_bf16x8(acc, we[u], raw[u]);
-        }
-        for (; e < n; ++e) {
-            const int64_t oe = __shfl_sync(0xffffffffu, ol, e);
-            const float we = __shfl_sync(0xffffffffu, wl, e);
-            if (act) fma_bf16x8(acc, we, ld_v4<1>(reinterpret_cast<const int4*>(y + oe * H) + v));
+            for (int u = 0; u < kLLMaxTopk; ++u)
+                if (e0 + u < n) fma_bf16x8(acc, we[u], raw[u]);
         }
         if (!act) continue;
         int4 hi, lo;
@@ -669,14 +673,14 @@ __device__ __forceinline__ void ll_combine_sum_row(const LowLatencyCtx& c, const
     if (near) return;
     __threadfence();
     __syncwarp();
-    const int64_t bytes = 16ll * (v_hi - v_lo);
-    nvshmemx_putmem_nbi_warp(c.base + at0 + 16ll * v_lo, dst0 + 16ll * v_lo, bytes, s);
-    nvshmemx_putmem_nbi_warp(c.base + at1 + 16ll * v_lo, dst1 + 16ll * v_lo, bytes, s);
+    const int64_t bytes = 16ll * (p_hi - p_lo);
+    nvshmemx_putmem_nbi_warp(c.base + at0 + 16ll * p_lo, dst0 + 16ll * p_lo, bytes, s);
+    nvshmemx_putmem_nbi_warp(c.base + at1 + 16ll * p_lo, dst1 + 16ll * p_lo, bytes, s);
 }
 
 // Row i of local expert le, 16-byte vectors [v_lo, v_hi), goes back to its source's combine buffer at [token][k]
 // (one warp): an NVLink store on this node, else staged in symmetric memory and put. A row whose received row is
-// summed here (map.lead) goes as that sum, sent by its entry 0, and not by the others.
+// summed here (map.lead) makes its piece of that sum instead.
 __device__ __forceinline__ void ll_combine_row(const LowLatencyCtx& c, const __nv_bfloat16* y, const int* meta,
                                                const LLRowMap& map, int slot_buf, int le, int i, int v_lo, int v_hi,
                                                int lane) {
@@ -685,9 +689,8 @@ __device__ __forceinline__ void ll_combine_row(const LowLatencyCtx& c, const __n
     const int m = meta[o];
     const int s = m / (M * K), tk = m % (M * K);
     const int lead = map.lead[o];
-    if (lead == -2) return;  // entry 0 of its received row sends the sum
     if (lead >= 0) {
-        ll_combine_sum_row(c, y, meta, map.rowmap, slot_buf, o, m, lead / kWarp, lead % kWarp + 1, v_lo, v_hi, lane);
+        ll_combine_sum_row(c, y, meta, map.rowmap, slot_buf, lead / kWarp, lead % kWarp, v_lo, v_hi, lane);
         return;
     }
     const int64_t at = c.off_comb + (static_cast<int64_t>(slot_buf) * M * K + tk) * c.comb_stride + 16ll * v_lo;

@@ -289,7 +289,7 @@ class _NvState:
 class _LLState:
     """Handle of one low-latency dispatch: seq int64 [1] (its round, written by the send kernel), count int32
     [E/N], meta int32 [E/N, N*M] (source * M*K + token*K + k of each packed row, -1 past the count), rowmap int32
-    (lead [E/N * N*M] then [N*M, K, 2]: which rows the combine sums here, csrc/kernels/low_latency.cu), weighted
+    (lead [E/N * N*M] then [N*M, K, 4]: which rows the combine sums here, csrc/kernels/low_latency.cu), weighted
     (this rank sent its weights: the experts' ranks sum its tokens' rows)."""
 
     seq: torch.Tensor
@@ -797,7 +797,7 @@ class NvshmemBackend:
         src_info = torch.empty(epr, rows, 2, dtype=torch.int32, device=dev)
         meta = torch.empty(epr, rows, dtype=torch.int32, device=dev)
         # any source may send its weights, so every receive records where the combine finds the rows it sums
-        rowmap = torch.empty(epr * rows + rows * c.num_topk * 2, dtype=torch.int32, device=dev)
+        rowmap = torch.empty(epr * rows + rows * c.num_topk * 4, dtype=torch.int32, device=dev)
         lead, pairs = rowmap.data_ptr(), rowmap.data_ptr() + 4 * epr * rows
         w_ptr = _ptr(topk_weights)
         state = _LLState(seq, count, meta, rowmap, t, topk_weights is not None)

@@ -941,6 +941,9 @@ int combine_slices(const LowLatencyCtx& c, int num_tokens) {
 int sum_blocks(const LowLatencyCtx& c, int num_tokens, int slices) {
     return std::min(std::max(1, ceil_div(static_cast<int64_t>(num_tokens) * slices, kLLWarps)), c.device_sms);
 }
+void check_rowmap(const int* rowmap) {
+    HOST_ASSERT(reinterpret_cast<uintptr_t>(rowmap) % 16 == 0, "the handle's rowmap must be 16-byte aligned");
+}
 void check_send(const LowLatencyCtx& c, bool use_fp8) {
     HOST_ASSERT(c.hidden % 128 == 0 || !use_fp8, "FP8 needs hidden % 128 == 0");
     HOST_ASSERT(c.hidden % 8 == 0, "hidden must be a multiple of 8");
@@ -985,6 +988,7 @@ bool launch_ll_dispatch_fused(const LowLatencyCtx& c, const void* x, const int64
                               const float* topk_weights, int num_tokens, bool use_fp8, bool round_scale,
                               int64_t* handle_seq, void* out_x, float* out_scales, int* out_count, int* src_info,
                               int* meta, int* lead, int* rowmap, cudaStream_t stream) {
+    check_rowmap(rowmap);
     // the caller sends, then receives: the per-expert receive, or too many count words
     const size_t smem = unpack_smem(c, true);
     if (!c.spread || smem > kLLMaxDynSmem) return false;
@@ -999,6 +1003,7 @@ bool launch_ll_dispatch_fused(const LowLatencyCtx& c, const void* x, const int64
 void launch_ll_dispatch_recv(const LowLatencyCtx& c, void* out_x, float* out_scales, int* out_count, int* src_info,
                              int* meta, int* lead, int* rowmap, bool use_fp8, const int64_t* handle_seq,
                              cudaStream_t stream) {
+    check_rowmap(rowmap);
     // spread: one wave of blocks (at most one per SM) sharing every expert's rows, while the count words of every
     // (expert, source) fit in shared memory; packed: one block per expert
     LowLatencyCtx k = c;
@@ -1012,6 +1017,7 @@ void launch_ll_dispatch_recv(const LowLatencyCtx& c, void* out_x, float* out_sca
 
 void launch_ll_combine_send(const LowLatencyCtx& c, const void* y, const int* count, const int* meta,
                             const int* lead, const int* rowmap, int64_t* handle_seq, cudaStream_t stream) {
+    check_rowmap(rowmap);
     // spread while the per-expert counts fit in shared memory; packed: one block per expert
     LowLatencyCtx k = c;
     k.spread = c.spread && combine_send_smem(c) <= kLLMaxDynSmem;
@@ -1026,6 +1032,7 @@ bool launch_ll_combine_fused(const LowLatencyCtx& c, const void* y, const int* c
                              const int* lead, const int* rowmap, int64_t* handle_seq, const int64_t* topk_idx,
                              const float* topk_weights, void* out, int num_tokens, bool merged,
                              cudaStream_t stream) {
+    check_rowmap(rowmap);
     const size_t smem = combine_send_smem(c);
     if (!c.spread || smem > kLLMaxDynSmem) return false;  // the caller sends, then sums
     const int slices = combine_slices(c, num_tokens);

@@ -239,6 +239,12 @@ def _ptr(t: torch.Tensor | None) -> int:
     return t.data_ptr() if t is not None else 0
 
 
+def _lead_ints(c: Any) -> int:
+    """int32 words of a low-latency handle's `lead` (one per output row), rounded up to 16 bytes: the rowmap's
+    16-byte entries follow it in the same tensor."""
+    return (c.experts_per_rank * c.num_ranks * c.max_tokens_per_rank + 3) // 4 * 4
+
+
 @dataclass
 class _Hier:
     """The parts of a normal dispatch's handle that only groups of several nodes (M nodes of P ranks) have.
@@ -797,8 +803,8 @@ class NvshmemBackend:
         src_info = torch.empty(epr, rows, 2, dtype=torch.int32, device=dev)
         meta = torch.empty(epr, rows, dtype=torch.int32, device=dev)
         # any source may send its weights, so every receive records where the combine finds the rows it sums
-        rowmap = torch.empty(epr * rows + rows * c.num_topk * 4, dtype=torch.int32, device=dev)
-        lead, pairs = rowmap.data_ptr(), rowmap.data_ptr() + 4 * epr * rows
+        rowmap = torch.empty(_lead_ints(c) + rows * c.num_topk * 4, dtype=torch.int32, device=dev)
+        lead, pairs = rowmap.data_ptr(), rowmap.data_ptr() + 4 * _lead_ints(c)
         w_ptr = _ptr(topk_weights)
         state = _LLState(seq, count, meta, rowmap, t, topk_weights is not None)
         # without a hook, send and unpack may run as one kernel (LARGEEP_TUNE ll_fuse=1)
@@ -835,7 +841,7 @@ class NvshmemBackend:
         c = self.ctx
         seq = torch.empty(1, dtype=torch.int64, device=c.device)
         lead = state.rowmap.data_ptr()
-        pairs = lead + 4 * c.experts_per_rank * c.num_ranks * c.max_tokens_per_rank
+        pairs = lead + 4 * _lead_ints(c)
         # without a hook, send and sum may run as one kernel (LARGEEP_TUNE ll_fuse=1)
         if not async_recv and self.ll_fuse and self._fused(self.ll.combine_fused(
             y.data_ptr(), state.count.data_ptr(), state.meta.data_ptr(), lead, pairs, seq.data_ptr(),

@@ -434,6 +434,9 @@ def low_latency_vs_normal(
         with torch.no_grad():
             ya, yb = layers.TwoBatchOverlap(fast)(xa, xb)
             assert torch.equal(ya, fast(xa)) and torch.equal(yb, fast(xb)), "two-batch overlap differs"
+            fast.ll_send_weights = False  # (the torch backend applies the weights at the source either way)
+            assert torch.equal(fast(x), got), "low-latency layer without weights in the dispatch differs"
+            fast.ll_send_weights = True
             fast.use_custom_ops = True
             assert torch.equal(fast(x), got), "custom-op low-latency path differs"
             if world == 2:

@@ -403,20 +403,22 @@ class LowLatencyKernels {
         c_.off_meta_in_row = l.off_meta_in_row;
         c_.comb_stride = l.comb_stride;
     }
-    // w: the dispatch's topk_weights (0: none; given, the combine sums each token's rows on the experts' rank)
-    void dispatch_send(uintptr_t x, uintptr_t idx, uintptr_t w, int num_tokens, bool use_fp8, bool round_scale,
-                       uintptr_t hseq, uintptr_t stream) {
-        launch_ll_dispatch_send(c_, ptr<const void>(x), ptr<const int64_t>(idx), ptr<const float>(w), num_tokens,
-                                use_fp8, round_scale, ptr<int64_t>(hseq), stream_of(stream));
+    // w: the dispatch's topk_weights (0: none; given, the combine sums each token's rows on the experts' rank),
+    // w_keep: their copy for the combine
+    void dispatch_send(uintptr_t x, uintptr_t idx, uintptr_t w, uintptr_t w_keep, int num_tokens, bool use_fp8,
+                       bool round_scale, uintptr_t hseq, uintptr_t stream) {
+        launch_ll_dispatch_send(c_, ptr<const void>(x), ptr<const int64_t>(idx), ptr<const float>(w),
+                                ptr<float>(w_keep), num_tokens, use_fp8, round_scale, ptr<int64_t>(hseq),
+                                stream_of(stream));
     }
     // Send and receive in one kernel where that can run (LARGEEP_TUNE ll_fuse=1); false: nothing launched.
-    bool dispatch_fused(uintptr_t x, uintptr_t idx, uintptr_t w, int num_tokens, bool use_fp8, bool round_scale,
-                        uintptr_t hseq, uintptr_t out_x, uintptr_t out_s, uintptr_t count, uintptr_t src_info,
-                        uintptr_t meta, uintptr_t lead, uintptr_t rowmap, uintptr_t stream) {
+    bool dispatch_fused(uintptr_t x, uintptr_t idx, uintptr_t w, uintptr_t w_keep, int num_tokens, bool use_fp8,
+                        bool round_scale, uintptr_t hseq, uintptr_t out_x, uintptr_t out_s, uintptr_t count,
+                        uintptr_t src_info, uintptr_t meta, uintptr_t lead, uintptr_t rowmap, uintptr_t stream) {
         return launch_ll_dispatch_fused(c_, ptr<const void>(x), ptr<const int64_t>(idx), ptr<const float>(w),
-                                        num_tokens, use_fp8, round_scale, ptr<int64_t>(hseq), ptr<void>(out_x),
-                                        ptr<float>(out_s), ptr<int>(count), ptr<int>(src_info), ptr<int>(meta),
-                                        ptr<int>(lead), ptr<int>(rowmap), stream_of(stream));
+                                        ptr<float>(w_keep), num_tokens, use_fp8, round_scale, ptr<int64_t>(hseq),
+                                        ptr<void>(out_x), ptr<float>(out_s), ptr<int>(count), ptr<int>(src_info),
+                                        ptr<int>(meta), ptr<int>(lead), ptr<int>(rowmap), stream_of(stream));
     }
     void dispatch_recv(uintptr_t out_x, uintptr_t out_s, uintptr_t count, uintptr_t src_info, uintptr_t meta,
                        uintptr_t lead, uintptr_t rowmap, bool use_fp8, uintptr_t hseq, uintptr_t stream) {

@@ -153,6 +153,10 @@ def test_low_latency_weighted(pools, world: int, tune: str) -> None:
         tokens = [max(1, m - 3 * r) if r != 1 else min(m, 40) for r in range(world)]
         pool.run(gpu_bodies.with_tune, tune, bodies.low_latency_roundtrip, "nvshmem", tokens, m, hidden, experts,
                  topk, fp8, round_scale, hook and tune != "ll_fuse=1", 11 + i, None, ("all", "some")[i % 2])
+    # top-16 of 32 experts: about 8 entries per received row (more than the 8 loads a warp keeps in flight), and the
+    # combine receive's path for K > 8
+    pool.run(gpu_bodies.with_tune, tune, bodies.low_latency_roundtrip, "nvshmem", [40 - r for r in range(world)], 40,
+             1024, 32, 16, False, False, False, 23, None, "some")
     # the put path: 2 nodes emulated (ranks_per_node world // 2)
     pool.run(gpu_bodies.with_tune, tune, bodies.low_latency_roundtrip, "nvshmem", [128 - 5 * r for r in range(world)],
              128, 7168, 288, 8, True, False, False, 9, world // 2, "some")

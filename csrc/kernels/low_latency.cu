@@ -205,10 +205,11 @@ __device__ __forceinline__ void ll_load_row(const int4* src, int nvec, int i0, i
 // channels) and stores them into each destination rank's row. Copies for peers on other nodes are built in staging
 // (at row t * K + k of the rank's first copy k) and put whole once the block has written them. A token sends each
 // expert it names once, however many of its k name it. With weights w [T, K] (else null) each entry carries the
-// sum of the weights of the k naming its expert. Returns (to every thread) whether the wait succeeded.
+// sum of the weights of the k naming its expert, and w_keep [T, K] gets a copy of w (the weights this rank's
+// combine applies: those the experts' ranks got). Returns (to every thread) whether the wait succeeded.
 __device__ __forceinline__ bool ll_send_tokens(const LowLatencyCtx& c, const __nv_bfloat16* x, const int64_t* idx,
-                                               const float* w, int T, int use_fp8, int round_scale, int slot_buf,
-                                               int64_t seq, int* counter, int blocks) {
+                                               const float* w, float* w_keep, int T, int use_fp8, int round_scale,
+                                               int slot_buf, int64_t seq, int* counter, int blocks) {
     const int N = c.num_ranks, K = c.num_topk, epr = c.num_experts / N, me = c.rank, H = c.hidden;
     int* rows_to = counter + N * epr;  // receive rows per destination rank
     __shared__ uint8_t* s_dst[kWarp];  // the row of the rank whose first copy is k (peer buffer or staging), or null
@@ -248,11 +249,13 @@ __device__ __forceinline__ bool ll_send_tokens(const LowLatencyCtx& c, const __n
             const unsigned twins = __match_any_sync(0xffffffffu, static_cast<unsigned long long>(e));
             if (lane != __ffs(twins) - 1) r = -1;
             float ws = 0.f;  // the copy's weight: every k naming its expert (lanes past K: no twin of a valid id)
-            if (w != nullptr)
+            if (w != nullptr) {
+                if (lane < K) w_keep[static_cast<int64_t>(t) * K + lane] = wv;
                 for (int b = 0; b < K; ++b) {
                     const float wb = __shfl_sync(0xffffffffu, wv, b);
                     if ((twins >> b) & 1u) ws += wb;
                 }
+            }
             const unsigned valid = __ballot_sync(0xffffffffu, r >= 0);
             const unsigned same = __match_any_sync(0xffffffffu, r) & valid;  // copies that go to my copy's rank
             const int first = same != 0 ? __ffs(same) - 1 : lane;            // the rank's first copy
@@ -264,6 +267,7 @@ __device__ __forceinline__ bool ll_send_tokens(const LowLatencyCtx& c, const __n
             // (j < T <= max_tokens, a token sending each expert once; bounded all the same: a copy past it would
             // be dropped, not corrupting)
             const bool keep = r >= 0 && j < c.max_tokens;
+            if (r >= 0 && !keep) report_error(c.err, kOpLowLatencyDispatch, r);  // (a counter not cleared: broken)
             const unsigned kept = __ballot_sync(0xffffffffu, keep) & same;
             uint8_t* dst = nullptr;
             int put = -1;
@@ -345,14 +349,14 @@ constexpr int kTokWarps = 8;  // the send kernel's warps per block (one token pe
 constexpr int kTokThreads = kTokWarps * kWarp;
 
 __global__ void __launch_bounds__(kTokThreads) ll_dispatch_send_kernel(LowLatencyCtx c, const __nv_bfloat16* x,
-                                                                      const int64_t* idx, const float* w, int T,
-                                                                      int use_fp8, int round_scale,
-                                                                      int64_t* handle_seq) {
+                                                                      const int64_t* idx, const float* w,
+                                                                      float* w_keep, int T, int use_fp8,
+                                                                      int round_scale, int64_t* handle_seq) {
     trace_mark(0);
     const int64_t seq = c.seq[kSeqLowLatency] + 1;
     const int slot_buf = static_cast<int>(seq & 1);
     int* counter = reinterpret_cast<int*>(c.base + c.off_counter);  // zero between rounds
-    const bool ok_all = ll_send_tokens(c, x, idx, w, T, use_fp8, round_scale, slot_buf, seq, counter,
+    const bool ok_all = ll_send_tokens(c, x, idx, w, w_keep, T, use_fp8, round_scale, slot_buf, seq, counter,
                                        static_cast<int>(gridDim.x));
     ll_publish_counts(c, counter, slot_buf, seq, ok_all, handle_seq);
 }
@@ -534,7 +538,8 @@ __device__ __forceinline__ void ll_unpack(const LowLatencyCtx& c, uint8_t* out_x
         const int2 head = *reinterpret_cast<const int2*>(m);  // token, number of entries (| kLLWeighted)
         const int2 entry = lane < c.num_topk ? reinterpret_cast<const int2*>(m + kLLMetaHead)[lane] : make_int2(-1, -1);
         const bool weighted = (head.y & kLLWeighted) != 0;
-        const int wbits = weighted && lane < c.num_topk ? m[kLLMetaHead + 2 * c.num_topk + lane] : 0;
+        // (inside the row whether or not sent: loaded with the entries, used only when weighted)
+        const int wbits = lane < c.num_topk ? m[kLLMetaHead + 2 * c.num_topk + lane] : 0;
         const int t = head.x;
         const int n = t >= 0 && t < c.max_tokens ? min(head.y & (kLLWeighted - 1), c.num_topk) : 0;  // (bounded)
         int64_t o = -1;  // lane e < n: the output row of entry e, if this block writes its expert
@@ -596,8 +601,9 @@ __global__ void __launch_bounds__(kLLThreads) ll_dispatch_recv_kernel(LowLatency
 // once this rank's counts are out, that is once every block has sent). The unpacking blocks wait for this grid's
 // own last block, so the grid is launched cooperatively (all its blocks resident at once, or none started).
 __global__ void __launch_bounds__(kLLThreads) ll_dispatch_fused_kernel(LowLatencyCtx c, const __nv_bfloat16* x,
-                                                                       const int64_t* idx, const float* w, int T,
-                                                                       int use_fp8, int round_scale,
+                                                                       const int64_t* idx, const float* w,
+                                                                       float* w_keep, int T, int use_fp8,
+                                                                       int round_scale,
                                                                        int64_t* handle_seq, uint8_t* out_x,
                                                                        float* out_scales, int* out_count,
                                                                        int* src_info, int* meta, LLRowMap map,
@@ -607,14 +613,14 @@ __global__ void __launch_bounds__(kLLThreads) ll_dispatch_fused_kernel(LowLatenc
     const int slot_buf = static_cast<int>(seq & 1);
     int* counter = reinterpret_cast<int*>(c.base + c.off_counter);
     // (blocks past send_blocks have no token: they only wait for the slot buffer, as every block does)
-    const bool ok_all = ll_send_tokens(c, x, idx, w, static_cast<int>(blockIdx.x) < send_blocks ? T : 0, use_fp8,
-                                       round_scale, slot_buf, seq, counter, send_blocks);
+    const bool ok_all = ll_send_tokens(c, x, idx, w, w_keep, static_cast<int>(blockIdx.x) < send_blocks ? T : 0,
+                                       use_fp8, round_scale, slot_buf, seq, counter, send_blocks);
     ll_publish_counts(c, counter, slot_buf, seq, ok_all, handle_seq);
     ll_unpack(c, out_x, out_scales, out_count, src_info, meta, map, use_fp8, seq, cnt);
 }
 
-// One warp, for entry `me` of received row g (rowmap: its n entries): piece `me` of n of the 16-byte vectors [v_lo,
-// v_hi) of the weighted sum (float32) of the entries' rows, as two bf16 rows (rounding, remainder) into the source's
+// One warp, for entry `me` of received row g (rowmap: its n entries): piece `me` of n (over NVLink; for a put the
+// whole of it, by entry 0) of the 16-byte vectors [v_lo, v_hi) of the weighted sum (float32) of the entries' rows, as two bf16 rows (rounding, remainder) into the source's
 // combine buffer at [token][k0] and [token][k1], the slots of entries 0 and 1 (output rows o0, o1): NVLink stores
 // on this node, else staged in symmetric memory at o0's and o1's rows and put. Every load of a vector is issued
 // before any is added (up to kLLMaxTopk entries at once). Entries naming no output row of this rank (a broken
@@ -633,13 +639,16 @@ __device__ __forceinline__ void ll_combine_sum_row(const LowLatencyCtx& c, const
     if (n < 2 || me >= n || o0 < 0 || o1 < 0) return;
     const int m0 = meta[o0], m1 = meta[o1];
     if (m0 < 0 || m1 < 0 || m0 / K != m1 / K) return;
-    const int p_lo = v_lo + static_cast<int>(static_cast<int64_t>(v_hi - v_lo) * me / n);
-    const int p_hi = v_lo + static_cast<int>(static_cast<int64_t>(v_hi - v_lo) * (me + 1) / n);
-    if (p_lo >= p_hi) return;
     const int s = m0 / (M * K);
+    const bool near = same_node(c, s);
+    // over NVLink the n entries' warps share the sum; a put goes whole (fewer, larger messages): entry 0 alone
+    const int pieces = near ? n : 1;
+    if (me >= pieces) return;
+    const int p_lo = v_lo + static_cast<int>(static_cast<int64_t>(v_hi - v_lo) * me / pieces);
+    const int p_hi = v_lo + static_cast<int>(static_cast<int64_t>(v_hi - v_lo) * (me + 1) / pieces);
+    if (p_lo >= p_hi) return;
     const int64_t at0 = c.off_comb + (static_cast<int64_t>(slot_buf) * M * K + m0 % (M * K)) * c.comb_stride;
     const int64_t at1 = c.off_comb + (static_cast<int64_t>(slot_buf) * M * K + m1 % (M * K)) * c.comb_stride;
-    const bool near = same_node(c, s);
     uint8_t* dst0 = near ? ll_peer(c, s) + at0 : c.base + c.off_comb_send + o0 * c.comb_stride;
     uint8_t* dst1 = near ? ll_peer(c, s) + at1 : c.base + c.off_comb_send + o1 * c.comb_stride;
     const float wl = valid ? __int_as_float(ent.y) : 0.f;
@@ -689,7 +698,8 @@ __device__ __forceinline__ void ll_combine_row(const LowLatencyCtx& c, const __n
     const int m = meta[o];
     const int s = m / (M * K), tk = m % (M * K);
     const int lead = map.lead[o];
-    if (lead >= 0) {
+    // (bounded: a receive that gave up leaves lead undefined)
+    if (lead >= 0 && lead / kWarp < N * M && lead % kWarp < K) {
         ll_combine_sum_row(c, y, meta, map.rowmap, slot_buf, lead / kWarp, lead % kWarp, v_lo, v_hi, lane);
         return;
     }
@@ -974,30 +984,33 @@ bool launch_resident(void (*kernel)(Params...), int grid, int sms, size_t smem, 
 }  // namespace
 
 void launch_ll_dispatch_send(const LowLatencyCtx& c, const void* x, const int64_t* topk_idx,
-                             const float* topk_weights, int num_tokens, bool use_fp8, bool round_scale,
-                             int64_t* handle_seq, cudaStream_t stream) {
+                             const float* topk_weights, float* weights_kept, int num_tokens, bool use_fp8,
+                             bool round_scale, int64_t* handle_seq, cudaStream_t stream) {
     check_send(c, use_fp8);
+    HOST_ASSERT(topk_weights == nullptr || weights_kept != nullptr, "weights sent need their copy");
     const int grid = std::min(std::max(1, num_tokens), 2 * c.device_sms);  // one token per block at a time
     ll_dispatch_send_kernel<<<grid, kTokThreads, 0, stream>>>(c, static_cast<const __nv_bfloat16*>(x), topk_idx,
-                                                            topk_weights, num_tokens, use_fp8 ? 1 : 0,
+                                                            topk_weights, weights_kept, num_tokens, use_fp8 ? 1 : 0,
                                                             round_scale ? 1 : 0, handle_seq);
     LAUNCH_CHECK();
 }
 
 bool launch_ll_dispatch_fused(const LowLatencyCtx& c, const void* x, const int64_t* topk_idx,
-                              const float* topk_weights, int num_tokens, bool use_fp8, bool round_scale,
-                              int64_t* handle_seq, void* out_x, float* out_scales, int* out_count, int* src_info,
-                              int* meta, int* lead, int* rowmap, cudaStream_t stream) {
+                              const float* topk_weights, float* weights_kept, int num_tokens, bool use_fp8,
+                              bool round_scale, int64_t* handle_seq, void* out_x, float* out_scales, int* out_count,
+                              int* src_info, int* meta, int* lead, int* rowmap, cudaStream_t stream) {
     check_rowmap(rowmap);
+    HOST_ASSERT(topk_weights == nullptr || weights_kept != nullptr, "weights sent need their copy");
     // the caller sends, then receives: the per-expert receive, or too many count words
     const size_t smem = unpack_smem(c, true);
     if (!c.spread || smem > kLLMaxDynSmem) return false;
     check_send(c, use_fp8);
     const int send_blocks = std::min(std::max(1, num_tokens), c.device_sms);
     return launch_resident(ll_dispatch_fused_kernel, std::max(send_blocks, spread_blocks(c)), c.device_sms, smem,
-                           stream, c, static_cast<const __nv_bfloat16*>(x), topk_idx, topk_weights, num_tokens,
-                           use_fp8 ? 1 : 0, round_scale ? 1 : 0, handle_seq, static_cast<uint8_t*>(out_x),
-                           out_scales, out_count, src_info, meta, LLRowMap{lead, rowmap}, send_blocks);
+                           stream, c, static_cast<const __nv_bfloat16*>(x), topk_idx, topk_weights, weights_kept,
+                           num_tokens, use_fp8 ? 1 : 0, round_scale ? 1 : 0, handle_seq,
+                           static_cast<uint8_t*>(out_x), out_scales, out_count, src_info, meta,
+                           LLRowMap{lead, rowmap}, send_blocks);
 }
 
 void launch_ll_dispatch_recv(const LowLatencyCtx& c, void* out_x, float* out_scales, int* out_count, int* src_info,

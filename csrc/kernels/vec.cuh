@@ -15,7 +15,8 @@ __device__ __forceinline__ int4 pack_bf16x8(const float* acc) {
 }
 
 // 8 float32 values as two bf16 vectors: *hi their rounding, *lo the rounding of what is left (hi + lo holds about
-// 16 significant bits of each value: float32 sums sent in bf16 rows).
+// 16 significant bits of each value: float32 sums sent in bf16 rows). An infinite hi (an infinite value, or one
+// rounding past bf16's largest) has lo 0, so that hi + lo stays infinite rather than NaN.
 __device__ __forceinline__ void split_bf16x8(const float* acc, int4* hi, int4* lo) {
     __nv_bfloat162* h = reinterpret_cast<__nv_bfloat162*>(hi);
     __nv_bfloat162* l = reinterpret_cast<__nv_bfloat162*>(lo);
@@ -23,7 +24,7 @@ __device__ __forceinline__ void split_bf16x8(const float* acc, int4* hi, int4* l
     for (int i = 0; i < 4; ++i) {
         h[i] = __floats2bfloat162_rn(acc[2 * i], acc[2 * i + 1]);
         const float2 r = __bfloat1622float2(h[i]);
-        l[i] = __floats2bfloat162_rn(acc[2 * i] - r.x, acc[2 * i + 1] - r.y);
+        l[i] = __floats2bfloat162_rn(isinf(r.x) ? 0.f : acc[2 * i] - r.x, isinf(r.y) ? 0.f : acc[2 * i + 1] - r.y);
     }
 }
 

@@ -296,7 +296,8 @@ class _LLState:
     """Handle of one low-latency dispatch: seq int64 [1] (its round, written by the send kernel), count int32
     [E/N], meta int32 [E/N, N*M] (source * M*K + token*K + k of each packed row, -1 past the count), rowmap int32
     (lead [E/N * N*M] then [N*M, K, 4]: which rows the combine sums here, csrc/kernels/low_latency.cu), weighted
-    (this rank sent its weights: the experts' ranks sum its tokens' rows)."""
+    (this rank sent its weights: the experts' ranks sum its tokens' rows) and then weights_kept float32 [T, K] (the
+    send kernel's copy of them: the combine applies those, the weights the experts' ranks applied)."""
 
     seq: torch.Tensor
     count: torch.Tensor
@@ -304,6 +305,7 @@ class _LLState:
     rowmap: torch.Tensor
     num_tokens: int
     weighted: bool = False
+    weights_kept: torch.Tensor | None = None
 
 
 # The zero-copy regions [first, last) byte of live backends, for record_zero_copy: a tuple rebuilt when a backend
@@ -806,16 +808,18 @@ class NvshmemBackend:
         rowmap = torch.empty(_lead_ints(c) + rows * c.num_topk * 4, dtype=torch.int32, device=dev)
         lead, pairs = rowmap.data_ptr(), rowmap.data_ptr() + 4 * _lead_ints(c)
         w_ptr = _ptr(topk_weights)
-        state = _LLState(seq, count, meta, rowmap, t, topk_weights is not None)
+        kept = torch.empty(t, c.num_topk, dtype=torch.float32, device=dev) if topk_weights is not None else None
+        state = _LLState(seq, count, meta, rowmap, t, topk_weights is not None, kept)
         # without a hook, send and unpack may run as one kernel (LARGEEP_TUNE ll_fuse=1)
         if not async_recv and self.ll_fuse and self._fused(self.ll.dispatch_fused(
-            x.data_ptr(), topk_idx.data_ptr(), w_ptr, t, use_fp8, round_scale, seq.data_ptr(), x_out.data_ptr(),
+            x.data_ptr(), topk_idx.data_ptr(), w_ptr, _ptr(kept), t, use_fp8, round_scale, seq.data_ptr(),
+            x_out.data_ptr(),
             s_out.data_ptr() if s_out is not None else 0, count.data_ptr(), src_info.data_ptr(), meta.data_ptr(),
             lead, pairs, self._stream(),
         )):
             return LowLatencyDispatchOut(x_out, s_out, count, src_info, state, None)
-        self.ll.dispatch_send(x.data_ptr(), topk_idx.data_ptr(), w_ptr, t, use_fp8, round_scale, seq.data_ptr(),
-                              self._stream())
+        self.ll.dispatch_send(x.data_ptr(), topk_idx.data_ptr(), w_ptr, _ptr(kept), t, use_fp8, round_scale,
+                              seq.data_ptr(), self._stream())
 
         def finish() -> None:
             self.ll.dispatch_recv(
@@ -842,10 +846,13 @@ class NvshmemBackend:
         seq = torch.empty(1, dtype=torch.int64, device=c.device)
         lead = state.rowmap.data_ptr()
         pairs = lead + 4 * _lead_ints(c)
+        # weights sent with the dispatch: the combine applies that copy (the Buffer checked that topk_weights is the
+        # same tensor, unchanged where torch can tell), so both sides of every token use the same weights
+        w_ptr = state.weights_kept.data_ptr() if state.weights_kept is not None else topk_weights.data_ptr()
         # without a hook, send and sum may run as one kernel (LARGEEP_TUNE ll_fuse=1)
         if not async_recv and self.ll_fuse and self._fused(self.ll.combine_fused(
             y.data_ptr(), state.count.data_ptr(), state.meta.data_ptr(), lead, pairs, seq.data_ptr(),
-            topk_idx.data_ptr(), topk_weights.data_ptr(), out.data_ptr(), state.num_tokens, state.weighted,
+            topk_idx.data_ptr(), w_ptr, out.data_ptr(), state.num_tokens, state.weighted,
             self._stream(),
         )):
             return None
@@ -853,8 +860,8 @@ class NvshmemBackend:
                              seq.data_ptr(), self._stream())
 
         def finish() -> None:
-            self.ll.combine_recv(topk_idx.data_ptr(), topk_weights.data_ptr(), out.data_ptr(), state.num_tokens,
-                                 state.weighted, seq.data_ptr(), self._stream())
+            self.ll.combine_recv(topk_idx.data_ptr(), w_ptr, out.data_ptr(), state.num_tokens, state.weighted,
+                                 seq.data_ptr(), self._stream())
 
         if async_recv:
             return finish

@@ -207,6 +207,8 @@ __device__ __forceinline__ void ll_load_row(const int4* src, int nvec, int i0, i
 // expert it names once, however many of its k name it. With weights w [T, K] (else null) each entry carries the
 // sum of the weights of the k naming its expert, and w_keep [T, K] gets a copy of w (the weights this rank's
 // combine applies: those the experts' ranks got). Returns (to every thread) whether the wait succeeded.
+// (kWeights: w given; a template argument, so that the send without weights compiles to the code it had before)
+template <bool kWeights>
 __device__ __forceinline__ bool ll_send_tokens(const LowLatencyCtx& c, const __nv_bfloat16* x, const int64_t* idx,
                                                const float* w, float* w_keep, int T, int use_fp8, int round_scale,
                                                int slot_buf, int64_t seq, int* counter, int blocks) {
@@ -227,7 +229,7 @@ __device__ __forceinline__ bool ll_send_tokens(const LowLatencyCtx& c, const __n
         if (tok >= T) return;
         if (warp == 0 && lane < K) {
             e = idx[static_cast<int64_t>(tok) * K + lane];
-            if (w != nullptr) wv = w[static_cast<int64_t>(tok) * K + lane];
+            if (kWeights) wv = w[static_cast<int64_t>(tok) * K + lane];
         }
         ll_load_row(reinterpret_cast<const int4*>(x + static_cast<int64_t>(tok) * H), nvec, 0, pre);
     };
@@ -249,7 +251,7 @@ __device__ __forceinline__ bool ll_send_tokens(const LowLatencyCtx& c, const __n
             const unsigned twins = __match_any_sync(0xffffffffu, static_cast<unsigned long long>(e));
             if (lane != __ffs(twins) - 1) r = -1;
             float ws = 0.f;  // the copy's weight: every k naming its expert (lanes past K: no twin of a valid id)
-            if (w != nullptr) {
+            if (kWeights) {
                 if (lane < K) w_keep[static_cast<int64_t>(t) * K + lane] = wv;
                 for (int b = 0; b < K; ++b) {
                     const float wb = __shfl_sync(0xffffffffu, wv, b);
@@ -283,11 +285,11 @@ __device__ __forceinline__ bool ll_send_tokens(const LowLatencyCtx& c, const __n
                     const int p = __popc(kept & ((1u << lane) - 1u));  // my entry among the rank's kept copies
                     m[kLLMetaHead + 2 * p] = le * kWarp + lane;
                     m[kLLMetaHead + 2 * p + 1] = j;
-                    if (w != nullptr) m[kLLMetaHead + 2 * K + p] = __float_as_int(ws);
+                    if (kWeights) m[kLLMetaHead + 2 * K + p] = __float_as_int(ws);
                 }
                 if (lane == first) {
                     m[0] = t;
-                    m[1] = __popc(kept) | (w != nullptr ? kLLWeighted : 0);
+                    m[1] = __popc(kept) | (kWeights ? kLLWeighted : 0);
                 }
             }
             if (lane < K) {
@@ -348,6 +350,7 @@ __device__ __forceinline__ bool ll_send_tokens(const LowLatencyCtx& c, const __n
 constexpr int kTokWarps = 8;  // the send kernel's warps per block (one token per block at a time)
 constexpr int kTokThreads = kTokWarps * kWarp;
 
+template <bool kWeights>
 __global__ void __launch_bounds__(kTokThreads) ll_dispatch_send_kernel(LowLatencyCtx c, const __nv_bfloat16* x,
                                                                       const int64_t* idx, const float* w,
                                                                       float* w_keep, int T, int use_fp8,
@@ -356,8 +359,8 @@ __global__ void __launch_bounds__(kTokThreads) ll_dispatch_send_kernel(LowLatenc
     const int64_t seq = c.seq[kSeqLowLatency] + 1;
     const int slot_buf = static_cast<int>(seq & 1);
     int* counter = reinterpret_cast<int*>(c.base + c.off_counter);  // zero between rounds
-    const bool ok_all = ll_send_tokens(c, x, idx, w, w_keep, T, use_fp8, round_scale, slot_buf, seq, counter,
-                                       static_cast<int>(gridDim.x));
+    const bool ok_all = ll_send_tokens<kWeights>(c, x, idx, w, w_keep, T, use_fp8, round_scale, slot_buf, seq,
+                                                 counter, static_cast<int>(gridDim.x));
     ll_publish_counts(c, counter, slot_buf, seq, ok_all, handle_seq);
 }
 
@@ -600,11 +603,12 @@ __global__ void __launch_bounds__(kLLThreads) ll_dispatch_recv_kernel(LowLatency
 // block unpacks as the spread ll_dispatch_recv_kernel -- no kernel boundary between the two (the unpacking starts
 // once this rank's counts are out, that is once every block has sent). The unpacking blocks wait for this grid's
 // own last block, so the grid is launched cooperatively (all its blocks resident at once, or none started).
+template <bool kWeights>
 __global__ void __launch_bounds__(kLLThreads) ll_dispatch_fused_kernel(LowLatencyCtx c, const __nv_bfloat16* x,
                                                                        const int64_t* idx, const float* w,
                                                                        float* w_keep, int T, int use_fp8,
-                                                                       int round_scale,
-                                                                       int64_t* handle_seq, uint8_t* out_x,
+                                                                       int round_scale, int64_t* handle_seq,
+                                                                       uint8_t* out_x,
                                                                        float* out_scales, int* out_count,
                                                                        int* src_info, int* meta, LLRowMap map,
                                                                        int send_blocks) {
@@ -613,16 +617,18 @@ __global__ void __launch_bounds__(kLLThreads) ll_dispatch_fused_kernel(LowLatenc
     const int slot_buf = static_cast<int>(seq & 1);
     int* counter = reinterpret_cast<int*>(c.base + c.off_counter);
     // (blocks past send_blocks have no token: they only wait for the slot buffer, as every block does)
-    const bool ok_all = ll_send_tokens(c, x, idx, w, w_keep, static_cast<int>(blockIdx.x) < send_blocks ? T : 0,
-                                       use_fp8, round_scale, slot_buf, seq, counter, send_blocks);
+    const bool ok_all = ll_send_tokens<kWeights>(c, x, idx, w, w_keep,
+                                                 static_cast<int>(blockIdx.x) < send_blocks ? T : 0, use_fp8,
+                                                 round_scale, slot_buf, seq, counter, send_blocks);
     ll_publish_counts(c, counter, slot_buf, seq, ok_all, handle_seq);
     ll_unpack(c, out_x, out_scales, out_count, src_info, meta, map, use_fp8, seq, cnt);
 }
 
 // One warp, for entry `me` of received row g (rowmap: its n entries): piece `me` of n (over NVLink; for a put the
-// whole of it, by entry 0) of the 16-byte vectors [v_lo, v_hi) of the weighted sum (float32) of the entries' rows, as two bf16 rows (rounding, remainder) into the source's
-// combine buffer at [token][k0] and [token][k1], the slots of entries 0 and 1 (output rows o0, o1): NVLink stores
-// on this node, else staged in symmetric memory at o0's and o1's rows and put. Every load of a vector is issued
+// whole of it, by entry 0) of the 16-byte vectors [v_lo, v_hi) of the weighted sum (float32) of the entries' rows,
+// as two bf16 rows (rounding, remainder) into the source's combine buffer at [token][k0] and [token][k1], the slots
+// of entries 0 and 1 (output rows o0, o1): NVLink stores on this node, else staged in symmetric memory at o0's and
+// o1's rows and put. Every load of a vector is issued
 // before any is added (up to kLLMaxTopk entries at once). Entries naming no output row of this rank (a broken
 // peer's data) add nothing; a row whose first two entries are not one token's copies is not sent.
 __device__ __forceinline__ void ll_combine_sum_row(const LowLatencyCtx& c, const __nv_bfloat16* y, const int* meta,
@@ -784,13 +790,14 @@ __global__ void __launch_bounds__(kLLThreads) ll_combine_send_kernel(LowLatencyC
 }
 
 // One warp per token: out[t] = sum_k w[t, k] * comb[t][k'] over k with idx[t, k] in [0, E), in float32, where k'
-// is the first k naming the same expert (the copy the dispatch sent; equal to k for distinct ids). `merged` (this
+// is the first k naming the same expert (the copy the dispatch sent; equal to k for distinct ids). kMerged (this
 // rank's dispatch sent its weights): where t has two or more experts on one rank, that rank sent their weighted sum
 // in the rows of its first two copies, each added with weight 1, and its other k add nothing.
 // One warp per (token, slice of the hidden dimension): `slices` warps share a token so that enough loads are in
 // flight when there are few tokens. (The body, for round seq: the receive kernel, or the fused combine.)
+template <bool kMerged>
 __device__ __forceinline__ void ll_combine_sum(const LowLatencyCtx& c, const int64_t* idx, const float* w,
-                                               __nv_bfloat16* out, int T, int slices, int merged, int64_t seq) {
+                                               __nv_bfloat16* out, int T, int slices, int64_t seq) {
     const int N = c.num_ranks, me = c.rank, H = c.hidden, M = c.max_tokens, K = c.num_topk;
     const int slot_buf = static_cast<int>(seq & 1);
     trace_mark(0);
@@ -809,7 +816,7 @@ __device__ __forceinline__ void ll_combine_sum(const LowLatencyCtx& c, const int
             unsigned present = __ballot_sync(0xffffffffu, e >= 0 && e < c.num_experts);
             // the copy holding this k's expert output: the first k naming the same expert
             int from = __ffs(__match_any_sync(0xffffffffu, static_cast<unsigned long long>(e))) - 1;
-            if (merged) {
+            if (kMerged) {
                 int r = (present >> lane) & 1u ? static_cast<int>(e / (c.num_experts / N)) : -1;
                 // the copies sent (the first k of each expert) to this k's rank
                 const unsigned sent = __ballot_sync(0xffffffffu, r >= 0 && from == lane);
@@ -876,26 +883,26 @@ __device__ __forceinline__ void ll_combine_sum(const LowLatencyCtx& c, const int
     }
 }
 
+template <bool kMerged>
 __global__ void __launch_bounds__(kLLThreads) ll_combine_recv_kernel(LowLatencyCtx c, const int64_t* idx,
                                                                      const float* w, __nv_bfloat16* out, int T,
-                                                                     int slices, int merged,
-                                                                     const int64_t* handle_seq) {
-    ll_combine_sum(c, idx, w, out, T, slices, merged, *handle_seq);
+                                                                     int slices, const int64_t* handle_seq) {
+    ll_combine_sum<kMerged>(c, idx, w, out, T, slices, *handle_seq);
 }
 
 // Combine without a receive hook in one kernel (LARGEEP_TUNE ll_fuse=1; spread send only): every block sends as the
 // spread ll_combine_send_kernel, the last one raises the done flags, then every block sums as
 // ll_combine_recv_kernel. Launched cooperatively, as the fused dispatch.
+template <bool kMerged>
 __global__ void __launch_bounds__(kLLThreads) ll_combine_fused_kernel(LowLatencyCtx c, const __nv_bfloat16* y,
                                                                       const int* count, const int* meta,
                                                                       LLRowMap map, int64_t* handle_seq,
                                                                       const int64_t* idx, const float* w,
-                                                                      __nv_bfloat16* out, int T, int slices,
-                                                                      int merged) {
+                                                                      __nv_bfloat16* out, int T, int slices) {
     extern __shared__ int pref[];
     const int64_t seq = c.seq[kSeqLowLatency + 1] + 1;  // read by every block before the last one advances it
     ll_combine_send_body(c, y, count, meta, map, handle_seq, seq, pref);
-    ll_combine_sum(c, idx, w, out, T, slices, merged, seq);
+    ll_combine_sum<kMerged>(c, idx, w, out, T, slices, seq);
 }
 
 }  // namespace
@@ -989,9 +996,10 @@ void launch_ll_dispatch_send(const LowLatencyCtx& c, const void* x, const int64_
     check_send(c, use_fp8);
     HOST_ASSERT(topk_weights == nullptr || weights_kept != nullptr, "weights sent need their copy");
     const int grid = std::min(std::max(1, num_tokens), 2 * c.device_sms);  // one token per block at a time
-    ll_dispatch_send_kernel<<<grid, kTokThreads, 0, stream>>>(c, static_cast<const __nv_bfloat16*>(x), topk_idx,
-                                                            topk_weights, weights_kept, num_tokens, use_fp8 ? 1 : 0,
-                                                            round_scale ? 1 : 0, handle_seq);
+    auto* kernel = topk_weights != nullptr ? ll_dispatch_send_kernel<true> : ll_dispatch_send_kernel<false>;
+    kernel<<<grid, kTokThreads, 0, stream>>>(c, static_cast<const __nv_bfloat16*>(x), topk_idx, topk_weights,
+                                             weights_kept, num_tokens, use_fp8 ? 1 : 0, round_scale ? 1 : 0,
+                                             handle_seq);
     LAUNCH_CHECK();
 }
 
@@ -1006,7 +1014,8 @@ bool launch_ll_dispatch_fused(const LowLatencyCtx& c, const void* x, const int64
     if (!c.spread || smem > kLLMaxDynSmem) return false;
     check_send(c, use_fp8);
     const int send_blocks = std::min(std::max(1, num_tokens), c.device_sms);
-    return launch_resident(ll_dispatch_fused_kernel, std::max(send_blocks, spread_blocks(c)), c.device_sms, smem,
+    auto* kernel = topk_weights != nullptr ? ll_dispatch_fused_kernel<true> : ll_dispatch_fused_kernel<false>;
+    return launch_resident(kernel, std::max(send_blocks, spread_blocks(c)), c.device_sms, smem,
                            stream, c, static_cast<const __nv_bfloat16*>(x), topk_idx, topk_weights, weights_kept,
                            num_tokens, use_fp8 ? 1 : 0, round_scale ? 1 : 0, handle_seq,
                            static_cast<uint8_t*>(out_x), out_scales, out_count, src_info, meta,
@@ -1049,18 +1058,19 @@ bool launch_ll_combine_fused(const LowLatencyCtx& c, const void* y, const int* c
     const size_t smem = combine_send_smem(c);
     if (!c.spread || smem > kLLMaxDynSmem) return false;  // the caller sends, then sums
     const int slices = combine_slices(c, num_tokens);
-    return launch_resident(ll_combine_fused_kernel, std::max(spread_blocks(c), sum_blocks(c, num_tokens, slices)),
-                           c.device_sms, smem, stream, c, static_cast<const __nv_bfloat16*>(y), count, meta,
+    auto* kernel = merged ? ll_combine_fused_kernel<true> : ll_combine_fused_kernel<false>;
+    return launch_resident(kernel, std::max(spread_blocks(c), sum_blocks(c, num_tokens, slices)), c.device_sms, smem,
+                           stream, c, static_cast<const __nv_bfloat16*>(y), count, meta,
                            LLRowMap{const_cast<int*>(lead), const_cast<int*>(rowmap)}, handle_seq, topk_idx,
-                           topk_weights, static_cast<__nv_bfloat16*>(out), num_tokens, slices, merged ? 1 : 0);
+                           topk_weights, static_cast<__nv_bfloat16*>(out), num_tokens, slices);
 }
 
 void launch_ll_combine_recv(const LowLatencyCtx& c, const int64_t* topk_idx, const float* topk_weights, void* out,
                             int num_tokens, bool merged, const int64_t* handle_seq, cudaStream_t stream) {
     const int slices = combine_slices(c, num_tokens);
-    ll_combine_recv_kernel<<<sum_blocks(c, num_tokens, slices), kLLThreads, 0, stream>>>(
-        c, topk_idx, topk_weights, static_cast<__nv_bfloat16*>(out), num_tokens, slices, merged ? 1 : 0,
-        handle_seq);
+    auto* kernel = merged ? ll_combine_recv_kernel<true> : ll_combine_recv_kernel<false>;
+    kernel<<<sum_blocks(c, num_tokens, slices), kLLThreads, 0, stream>>>(
+        c, topk_idx, topk_weights, static_cast<__nv_bfloat16*>(out), num_tokens, slices, handle_seq);
     LAUNCH_CHECK();
 }
 

@@ -284,7 +284,7 @@ bool launch_ll_dispatch_fused(const LowLatencyCtx& c, const void* x, const int64
                               int* src_info, int* meta, int* lead, int* rowmap, cudaStream_t stream);
 // Receive phase: out_x [E/N, N*M, H] (e4m3 or bf16), out_scales float [E/N, N*M, H/128], out_count int32 [E/N],
 // src_info int32 [E/N, N*M, 2], meta int32 [E/N, N*M] (source * M*K + token*K + k, for combine), lead int32
-// [E/N, N*M] and rowmap int32 [N*M, K, 4] (where the combine finds the rows it sums; low_latency.cu).
+// [E/N, N*M] and rowmap int32 [N*M, min(K, E/N), 4] (where the combine finds the rows it sums; low_latency.cu).
 void launch_ll_dispatch_recv(const LowLatencyCtx& c, void* out_x, float* out_scales, int* out_count, int* src_info,
                              int* meta, int* lead, int* rowmap, bool use_fp8, const int64_t* handle_seq,
                              cudaStream_t stream);

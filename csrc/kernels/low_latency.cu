@@ -413,12 +413,16 @@ __device__ __forceinline__ void ll_fan_prefetch(const LowLatencyCtx& c, const ui
 
 // Where the combine finds a received row's entries (handle tensors of the dispatch, written by its receive):
 // lead int32 [E/N * N*M] per output row: -1 it goes home alone; entry e of a weighted received row g of n >= 2
-// entries: g * 32 + e (the row's sum is cut into n pieces, entry e's warps make piece e); rowmap int32 [N*M][K][4]:
-// entry e of received row g: (output row, weight bits, n, 0).
+// entries: g * 32 + e (the row's sum is cut into n pieces, entry e's warps make piece e); rowmap int32 [N*M][S][4]
+// with S = min(K, E/N) (a received row names distinct local experts): entry e of received row g: (output row, weight
+// bits, n, 0).
 struct LLRowMap {
     int* lead;
     int* rowmap;
 };
+__device__ __forceinline__ int ll_rowmap_stride(const LowLatencyCtx& c) {
+    return min(c.num_topk, c.num_experts / c.num_ranks);
+}
 
 // One warp: 16-byte vectors [v_lo, v_hi) of received row `src` go to output row o of each of the row's n entries
 // (lane e holds entry e's o, -1 for an entry this block does not write); read once, stored n times; val and sc from
@@ -458,9 +462,10 @@ __device__ __forceinline__ void ll_fan_out_row(const LowLatencyCtx& c, const uin
         src_info[2 * o] = s;
         src_info[2 * o + 1] = t;
         meta[o] = s * (c.max_tokens * c.num_topk) + t * c.num_topk + k;
-        const bool merge = weighted && n >= 2;
+        const int stride = ll_rowmap_stride(c);
+        const bool merge = weighted && n >= 2 && n <= stride;  // (more entries than local experts: a broken peer)
         map.lead[o] = merge ? g * kWarp + lane : -1;
-        if (merge) reinterpret_cast<int4*>(map.rowmap)[static_cast<int64_t>(g) * c.num_topk + lane] =
+        if (merge) reinterpret_cast<int4*>(map.rowmap)[static_cast<int64_t>(g) * stride + lane] =
             make_int4(static_cast<int>(o), wbits, n, 0);
     }
 }
@@ -636,9 +641,10 @@ __device__ __forceinline__ void ll_combine_sum_row(const LowLatencyCtx& c, const
                                                    int v_hi, int lane) {
     const int N = c.num_ranks, H = c.hidden, M = c.max_tokens, K = c.num_topk;
     const int64_t rows = static_cast<int64_t>(c.num_experts / N) * N * M;
-    const int4 ent = lane < K ? reinterpret_cast<const int4*>(rowmap)[static_cast<int64_t>(g) * K + lane]
-                              : make_int4(-1, 0, 0, 0);
-    const int n = min(__shfl_sync(0xffffffffu, ent.z, 0), K);
+    const int stride = ll_rowmap_stride(c);
+    const int4 ent = lane < stride ? reinterpret_cast<const int4*>(rowmap)[static_cast<int64_t>(g) * stride + lane]
+                                   : make_int4(-1, 0, 0, 0);
+    const int n = min(__shfl_sync(0xffffffffu, ent.z, 0), stride);
     const bool valid = lane < n && ent.x >= 0 && ent.x < rows;
     const int64_t o0 = __shfl_sync(0xffffffffu, valid ? ent.x : -1, 0);
     const int64_t o1 = __shfl_sync(0xffffffffu, valid ? ent.x : -1, 1);

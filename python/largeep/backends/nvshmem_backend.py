@@ -295,9 +295,9 @@ class _NvState:
 class _LLState:
     """Handle of one low-latency dispatch: seq int64 [1] (its round, written by the send kernel), count int32
     [E/N], meta int32 [E/N, N*M] (source * M*K + token*K + k of each packed row, -1 past the count), rowmap int32
-    (lead [E/N * N*M] then [N*M, K, 4]: which rows the combine sums here, csrc/kernels/low_latency.cu), weighted
-    (this rank sent its weights: the experts' ranks sum its tokens' rows) and then weights_kept float32 [T, K] (the
-    send kernel's copy of them: the combine applies those, the weights the experts' ranks applied)."""
+    (lead [E/N * N*M] then [N*M, min(K, E/N), 4]: which rows the combine sums here, csrc/kernels/low_latency.cu),
+    weighted (this rank sent its weights: the experts' ranks sum its tokens' rows) and then weights_kept float32
+    [T, K] (the send kernel's copy of them: the combine applies those, the weights the experts' ranks applied)."""
 
     seq: torch.Tensor
     count: torch.Tensor
@@ -805,7 +805,8 @@ class NvshmemBackend:
         src_info = torch.empty(epr, rows, 2, dtype=torch.int32, device=dev)
         meta = torch.empty(epr, rows, dtype=torch.int32, device=dev)
         # any source may send its weights, so every receive records where the combine finds the rows it sums
-        rowmap = torch.empty(_lead_ints(c) + rows * c.num_topk * 4, dtype=torch.int32, device=dev)
+        # (a received row names at most min(K, E/N) local experts)
+        rowmap = torch.empty(_lead_ints(c) + rows * min(c.num_topk, epr) * 4, dtype=torch.int32, device=dev)
         lead, pairs = rowmap.data_ptr(), rowmap.data_ptr() + 4 * _lead_ints(c)
         w_ptr = _ptr(topk_weights)
         kept = torch.empty(t, c.num_topk, dtype=torch.float32, device=dev) if topk_weights is not None else None

@@ -59,3 +59,19 @@ def test_dispatch_state_copies_share_the_original() -> None:
                      2, 1, False, ws.data_ptr() + 24)
     assert copy.copy(st) is st and copy.deepcopy(st) is st
     assert copy.deepcopy({"state": st})["state"] is st
+
+
+@pytest.mark.parametrize("ranks,experts,max_tokens,topk", [(2, 6, 11, 6), (2, 288, 128, 8), (3, 3, 5, 1),
+                                                           (34, 68, 8, 4), (7, 21, 13, 3)])
+def test_low_latency_rowmap_is_aligned(ranks: int, experts: int, max_tokens: int, topk: int) -> None:
+    """A low-latency handle's rowmap (16-byte entries after one lead word per output row) starts 16-byte aligned
+    whatever E/N * N*M is (2 ranks, 6 experts, 11 tokens: 66 lead words made misaligned loads on GPUs)."""
+    from types import SimpleNamespace
+
+    from largeep.backends.nvshmem_backend import _lead_ints
+
+    c = SimpleNamespace(experts_per_rank=experts // ranks, num_ranks=ranks, max_tokens_per_rank=max_tokens,
+                        num_topk=topk)
+    words = _lead_ints(c)
+    assert words * 4 % 16 == 0
+    assert words >= c.experts_per_rank * ranks * max_tokens > words - 4

@@ -613,10 +613,9 @@ __global__ void __launch_bounds__(kLLThreads) ll_dispatch_fused_kernel(LowLatenc
                                                                        const int64_t* idx, const float* w,
                                                                        float* w_keep, int T, int use_fp8,
                                                                        int round_scale, int64_t* handle_seq,
-                                                                       uint8_t* out_x,
-                                                                       float* out_scales, int* out_count,
-                                                                       int* src_info, int* meta, LLRowMap map,
-                                                                       int send_blocks) {
+                                                                       uint8_t* out_x, float* out_scales,
+                                                                       int* out_count, int* src_info, int* meta,
+                                                                       LLRowMap map, int send_blocks) {
     extern __shared__ int cnt[];
     const int64_t seq = c.seq[kSeqLowLatency] + 1;  // read by every block before the last one advances it
     const int slot_buf = static_cast<int>(seq & 1);
@@ -633,9 +632,9 @@ __global__ void __launch_bounds__(kLLThreads) ll_dispatch_fused_kernel(LowLatenc
 // whole of it, by entry 0) of the 16-byte vectors [v_lo, v_hi) of the weighted sum (float32) of the entries' rows,
 // as two bf16 rows (rounding, remainder) into the source's combine buffer at [token][k0] and [token][k1], the slots
 // of entries 0 and 1 (output rows o0, o1): NVLink stores on this node, else staged in symmetric memory at o0's and
-// o1's rows and put. Every load of a vector is issued
-// before any is added (up to kLLMaxTopk entries at once). Entries naming no output row of this rank (a broken
-// peer's data) add nothing; a row whose first two entries are not one token's copies is not sent.
+// o1's rows and put. Every load of a vector is issued before any is added (up to kLLMaxTopk entries at once).
+// Entries naming no output row of this rank (a broken peer's data) add nothing; a row whose first two entries are
+// not one token's copies is not sent.
 __device__ __forceinline__ void ll_combine_sum_row(const LowLatencyCtx& c, const __nv_bfloat16* y, const int* meta,
                                                    const int* rowmap, int slot_buf, int g, int me, int v_lo,
                                                    int v_hi, int lane) {
@@ -967,8 +966,9 @@ int sum_blocks(const LowLatencyCtx& c, int num_tokens, int slices) {
 void check_rowmap(const int* rowmap) {
     HOST_ASSERT(reinterpret_cast<uintptr_t>(rowmap) % 16 == 0, "the handle's rowmap must be 16-byte aligned");
 }
-void check_send(const LowLatencyCtx& c, bool use_fp8) {
+void check_send(const LowLatencyCtx& c, bool use_fp8, const float* topk_weights, const float* weights_kept) {
     HOST_ASSERT(c.hidden % 128 == 0 || !use_fp8, "FP8 needs hidden % 128 == 0");
+    HOST_ASSERT(topk_weights == nullptr || weights_kept != nullptr, "weights sent need their copy");
     HOST_ASSERT(c.hidden % 8 == 0, "hidden must be a multiple of 8");
     HOST_ASSERT(c.num_ranks <= kLLMaxRanks, "at most " << kLLMaxRanks << " ranks in low-latency mode");
     HOST_ASSERT(c.num_topk <= kWarp, "num_topk must be <= 32");
@@ -999,8 +999,7 @@ bool launch_resident(void (*kernel)(Params...), int grid, int sms, size_t smem, 
 void launch_ll_dispatch_send(const LowLatencyCtx& c, const void* x, const int64_t* topk_idx,
                              const float* topk_weights, float* weights_kept, int num_tokens, bool use_fp8,
                              bool round_scale, int64_t* handle_seq, cudaStream_t stream) {
-    check_send(c, use_fp8);
-    HOST_ASSERT(topk_weights == nullptr || weights_kept != nullptr, "weights sent need their copy");
+    check_send(c, use_fp8, topk_weights, weights_kept);
     const int grid = std::min(std::max(1, num_tokens), 2 * c.device_sms);  // one token per block at a time
     auto* kernel = topk_weights != nullptr ? ll_dispatch_send_kernel<true> : ll_dispatch_send_kernel<false>;
     kernel<<<grid, kTokThreads, 0, stream>>>(c, static_cast<const __nv_bfloat16*>(x), topk_idx, topk_weights,
@@ -1014,11 +1013,10 @@ bool launch_ll_dispatch_fused(const LowLatencyCtx& c, const void* x, const int64
                               bool round_scale, int64_t* handle_seq, void* out_x, float* out_scales, int* out_count,
                               int* src_info, int* meta, int* lead, int* rowmap, cudaStream_t stream) {
     check_rowmap(rowmap);
-    HOST_ASSERT(topk_weights == nullptr || weights_kept != nullptr, "weights sent need their copy");
     // the caller sends, then receives: the per-expert receive, or too many count words
     const size_t smem = unpack_smem(c, true);
     if (!c.spread || smem > kLLMaxDynSmem) return false;
-    check_send(c, use_fp8);
+    check_send(c, use_fp8, topk_weights, weights_kept);
     const int send_blocks = std::min(std::max(1, num_tokens), c.device_sms);
     auto* kernel = topk_weights != nullptr ? ll_dispatch_fused_kernel<true> : ll_dispatch_fused_kernel<false>;
     return launch_resident(kernel, std::max(send_blocks, spread_blocks(c)), c.device_sms, smem,

@@ -245,6 +245,11 @@ def _lead_ints(c: Any) -> int:
     return (c.experts_per_rank * c.num_ranks * c.max_tokens_per_rank + 3) // 4 * 4
 
 
+def _rowmap_ptrs(rowmap: torch.Tensor, c: Any) -> tuple[int, int]:
+    """The device addresses of a low-latency handle's `lead` and of the rowmap entries after it."""
+    return rowmap.data_ptr(), rowmap.data_ptr() + 4 * _lead_ints(c)
+
+
 @dataclass
 class _Hier:
     """The parts of a normal dispatch's handle that only groups of several nodes (M nodes of P ranks) have.
@@ -296,16 +301,19 @@ class _LLState:
     """Handle of one low-latency dispatch: seq int64 [1] (its round, written by the send kernel), count int32
     [E/N], meta int32 [E/N, N*M] (source * M*K + token*K + k of each packed row, -1 past the count), rowmap int32
     (lead [E/N * N*M] then [N*M, min(K, E/N), 4]: which rows the combine sums here, csrc/kernels/low_latency.cu),
-    weighted (this rank sent its weights: the experts' ranks sum its tokens' rows) and then weights_kept float32
-    [T, K] (the send kernel's copy of them: the combine applies those, the weights the experts' ranks applied)."""
+    weights_kept float32 [T, K] or None (this rank sent its weights, so the experts' ranks sum its tokens' rows:
+    the send kernel's copy of them, which the combine applies, the weights the experts' ranks applied)."""
 
     seq: torch.Tensor
     count: torch.Tensor
     meta: torch.Tensor
     rowmap: torch.Tensor
     num_tokens: int
-    weighted: bool = False
     weights_kept: torch.Tensor | None = None
+
+    @property
+    def weighted(self) -> bool:
+        return self.weights_kept is not None
 
 
 # The zero-copy regions [first, last) byte of live backends, for record_zero_copy: a tuple rebuilt when a backend
@@ -807,10 +815,10 @@ class NvshmemBackend:
         # any source may send its weights, so every receive records where the combine finds the rows it sums
         # (a received row names at most min(K, E/N) local experts)
         rowmap = torch.empty(_lead_ints(c) + rows * min(c.num_topk, epr) * 4, dtype=torch.int32, device=dev)
-        lead, pairs = rowmap.data_ptr(), rowmap.data_ptr() + 4 * _lead_ints(c)
+        lead, pairs = _rowmap_ptrs(rowmap, c)
         w_ptr = _ptr(topk_weights)
         kept = torch.empty(t, c.num_topk, dtype=torch.float32, device=dev) if topk_weights is not None else None
-        state = _LLState(seq, count, meta, rowmap, t, topk_weights is not None, kept)
+        state = _LLState(seq, count, meta, rowmap, t, kept)
         # without a hook, send and unpack may run as one kernel (LARGEEP_TUNE ll_fuse=1)
         if not async_recv and self.ll_fuse and self._fused(self.ll.dispatch_fused(
             x.data_ptr(), topk_idx.data_ptr(), w_ptr, _ptr(kept), t, use_fp8, round_scale, seq.data_ptr(),
@@ -845,8 +853,7 @@ class NvshmemBackend:
         self._raise_if_failed("low_latency_combine")
         c = self.ctx
         seq = torch.empty(1, dtype=torch.int64, device=c.device)
-        lead = state.rowmap.data_ptr()
-        pairs = lead + 4 * _lead_ints(c)
+        lead, pairs = _rowmap_ptrs(state.rowmap, c)
         # weights sent with the dispatch: the combine applies that copy (the Buffer checked that topk_weights is the
         # same tensor, unchanged where torch can tell), so both sides of every token use the same weights
         w_ptr = state.weights_kept.data_ptr() if state.weights_kept is not None else topk_weights.data_ptr()

@@ -213,3 +213,64 @@ def low_latency_roundtrip(
         _close(comb.x, want, torch.bfloat16, "low-latency combine")
     finally:
         buf.destroy()
+
+
+def low_latency_ops_weighted(
+    rank: int, world: int, backend: str, tokens: list[int], max_tokens: int, hidden: int, num_experts: int,
+    num_topk: int, seed: int,
+) -> None:
+    """The custom-op path of a low-latency dispatch given topk_weights: ops.low_latency_dispatch/combine with
+    use_custom_ops, and both under torch.compile(fullgraph, aot_eager), equal the eager Buffer calls bit for bit and
+    the float64 reference within bf16 rounding (expert e returns its rows times 2^(e % 3), exact in bf16); a combine
+    given another tensor of the same values is refused (ArgumentError naming topk_weights) and leaves the handle
+    for the corrected call; no handle stays behind."""
+    from largeep import ArgumentError, ops
+
+    dev = device_for(backend)
+    inputs = [
+        make_inputs(seed, r, tokens[r], hidden, num_experts, num_topk, torch.bfloat16) for r in range(world)
+    ]
+    mine = inputs[rank]
+    epr = num_experts // world
+    buf = largeep.Buffer(
+        None, hidden=hidden, num_experts=num_experts, num_topk=num_topk, max_tokens_per_rank=max_tokens,
+        backend=backend, low_latency=True,
+    )
+    try:
+        bid = ops.register_buffer(buf)
+        x, idx, w = mine.x.to(dev), mine.topk_idx.to(dev), mine.topk_weights.to(dev)
+        factor = torch.tensor([2.0 ** ((rank * epr + e) % 3) for e in range(epr)], device=dev)
+
+        def expert(xe: torch.Tensor) -> torch.Tensor:
+            return (xe.float() * factor[:, None, None]).to(torch.bfloat16)
+
+        d = buf.low_latency_dispatch(x, idx, use_fp8=False, topk_weights=w)
+        want = buf.low_latency_combine(expert(d.x), idx, w, d.handle).x
+
+        def y_of(ge: int, s: int, t: int) -> torch.Tensor:
+            return inputs[s].x[t].float() * 2.0 ** (ge % 3)
+
+        _close(want, ref_low_latency_combine(mine, rank, num_experts, world, y_of), torch.bfloat16,
+               "eager weighted low-latency combine")
+
+        def step(xs: torch.Tensor, ids: torch.Tensor, ws: torch.Tensor) -> torch.Tensor:
+            o = ops.low_latency_dispatch(bid, xs, ids, use_fp8=False, use_custom_ops=True, topk_weights=ws)
+            return ops.low_latency_combine(bid, expert(o.x), ids, ws, o.handle)[0]
+
+        assert torch.equal(step(x, idx, w), want), "custom-op path differs from the eager calls"
+        o = ops.low_latency_dispatch(bid, x, idx, use_fp8=False, use_custom_ops=True, topk_weights=w)
+        try:
+            ops.low_latency_combine(bid, expert(o.x), idx, w.clone(), o.handle)
+        except ArgumentError as exc:
+            assert "topk_weights" in str(exc), str(exc)
+        else:
+            raise AssertionError("a combine given a copy of the dispatch's weights was accepted")
+        got = ops.low_latency_combine(bid, expert(o.x), idx, w, o.handle)[0]
+        assert torch.equal(got, want), "the corrected combine after a refused one differs"
+        torch._dynamo.reset()
+        compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
+        assert torch.equal(compiled(x, idx, w), want), "compiled custom-op path differs from the eager calls"
+        torch._dynamo.reset()
+        assert ops.live_handles(bid) == 0, f"{ops.live_handles(bid)} handles left in the registry"
+    finally:
+        buf.destroy()

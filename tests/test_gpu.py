@@ -139,6 +139,14 @@ def test_low_latency_gpu(pools, world: int, case: tuple) -> None:
 
 @pytest.mark.gpu(2)
 @needs_native
+def test_low_latency_ops_weighted(pools) -> None:
+    """The custom-op path (and torch.compile) of a low-latency dispatch given topk_weights, on the nvshmem
+    kernels: equal to the eager calls bit for bit, a copy of the weights refused at the combine."""
+    pools(2, "nccl").run(bodies.low_latency_ops_weighted, "nvshmem", [40, 23], 40, 2048, 16, 8, 29)
+
+
+@pytest.mark.gpu(2)
+@needs_native
 @pytest.mark.parametrize("tune", ["", "ll_fuse=1", "ll_spread=0"])
 @pytest.mark.parametrize("world", [2, 4])
 def test_low_latency_weighted(pools, world: int, tune: str) -> None:

@@ -46,6 +46,11 @@ def test_low_latency_weighted(pools, weighted: str) -> None:
                  None, weighted)
 
 
+def test_low_latency_ops_weighted(pools) -> None:
+    """The custom-op path (and torch.compile) of a low-latency dispatch given topk_weights."""
+    pools(2).run(bodies.low_latency_ops_weighted, "torch", [8, 5], 8, 256, 12, 4, 19)
+
+
 @pytest.mark.parametrize("world", WORLDS)
 @pytest.mark.parametrize("use_fp8,round_scale,hook", [(False, False, False), (True, False, False), (True, True, True)])
 def test_low_latency(pools, world: int, use_fp8: bool, round_scale: bool, hook: bool) -> None:

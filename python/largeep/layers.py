@@ -258,7 +258,7 @@ class MoELayer(nn.Module):
             communication kernels that run beside them (``ops.sm_carveout``); default (None): the Buffer's
             ``num_sms``; 0: none.
         ll_use_fp8: low-latency mode: dispatch FP8 (needs H % 128 == 0); the experts see the dequantized values.
-        ll_send_weights: low-latency mode, eager path: the dispatch carries the gate weights, so that the combine
+        ll_send_weights: low-latency mode: the dispatch carries the gate weights, so that the combine
             sums each token's outputs on the experts' ranks (``Buffer.low_latency_dispatch(topk_weights=)``: fewer
             bytes back at 2-8 ranks; on 2 H200s 7 us less at 128 tokens, 2 us more at 1 token). Default True.
         use_custom_ops: take the custom-op path in eager mode too (always taken under ``torch.compile``).
@@ -448,12 +448,12 @@ class MoELayer(nn.Module):
     def _ll_send(self, x: Tensor, hooks: bool) -> dict[str, Any]:
         idx, w = self.route(x)
         w = w.float().contiguous()
-        # eagerly the weights travel with the tokens, and the experts' ranks sum each token's outputs (fewer bytes
-        # back where a token has several experts on one rank); the custom ops take none
-        send_w = self.ll_send_weights and not ops._use_ops(self.use_custom_ops)
+        # the weights travel with the tokens, and the experts' ranks sum each token's outputs (fewer bytes back
+        # where a token has several experts on one rank); the combine gets this very w
         d = ops.low_latency_dispatch(
             self.buffer_id, x.to(torch.bfloat16).contiguous(), idx, use_fp8=self.ll_use_fp8,
-            return_recv_hook=hooks, use_custom_ops=self.use_custom_ops, topk_weights=w if send_w else None,
+            return_recv_hook=hooks, use_custom_ops=self.use_custom_ops,
+            topk_weights=w if self.ll_send_weights else None,
         )
         shared = self.shared_experts(x) if self.shared_experts is not None else None
         return {"x": x, "idx": idx, "w": w, "d": d, "shared": shared, "hooks": hooks}

@@ -1075,25 +1075,27 @@ _combine_op.register_autograd(_combine_backward, setup_context=_combine_setup)
     "largeep::low_latency_dispatch",
     mutates_args=(),
     schema=(
-        "(int buffer_id, Tensor x, Tensor topk_idx, bool use_fp8, bool round_scale) "
+        "(int buffer_id, Tensor x, Tensor topk_idx, bool use_fp8, bool round_scale, Tensor? topk_weights) "
         "-> (Tensor, Tensor, Tensor, Tensor, Tensor)"
     ),
 )
 def _ll_dispatch_op(
-    buffer_id: int, x: Tensor, topk_idx: Tensor, use_fp8: bool, round_scale: bool
+    buffer_id: int, x: Tensor, topk_idx: Tensor, use_fp8: bool, round_scale: bool, topk_weights: Tensor | None
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    res = buffer_of(buffer_id).low_latency_dispatch(x, topk_idx, use_fp8=use_fp8, round_scale=round_scale)
+    res = buffer_of(buffer_id).low_latency_dispatch(
+        x, topk_idx, use_fp8=use_fp8, round_scale=round_scale, topk_weights=topk_weights
+    )
     if isinstance(res.x, tuple):
         q, s = res.x
     else:
         q, s = res.x, x.new_empty(0, dtype=torch.float32)
-    q, s, counts, info = _fresh((q, s, res.num_tokens_per_expert, res.src_info), (x, topk_idx))
+    q, s, counts, info = _fresh((q, s, res.num_tokens_per_expert, res.src_info), (x, topk_idx, topk_weights))
     return q, s, counts, info, _put(buffer_id, _Entry(res.handle))
 
 
 @_ll_dispatch_op.register_fake
 def _(
-    buffer_id: int, x: Tensor, topk_idx: Tensor, use_fp8: bool, round_scale: bool
+    buffer_id: int, x: Tensor, topk_idx: Tensor, use_fp8: bool, round_scale: bool, topk_weights: Tensor | None
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     c = buffer_of(buffer_id).ctx
     rows = c.num_ranks * c.max_tokens_per_rank
@@ -1116,9 +1118,24 @@ def _(
     schema="(int buffer_id, Tensor y, Tensor topk_idx, Tensor topk_weights, Tensor ticket) -> Tensor",
 )
 def _ll_combine_op(buffer_id: int, y: Tensor, topk_idx: Tensor, topk_weights: Tensor, ticket: Tensor) -> Tensor:
-    entry = _get(buffer_id, ticket, "low_latency_combine", settle=True)
-    assert isinstance(entry.handle, LowLatencyHandle)
-    out = buffer_of(buffer_id).low_latency_combine(y, topk_idx, topk_weights, entry.handle).x
+    # the handle is freed after the combine: a call refused for its arguments leaves it for a corrected one
+    entry = _get(buffer_id, ticket, "low_latency_combine")
+    h = entry.handle
+    assert isinstance(h, LowLatencyHandle)
+    w = topk_weights
+    if h.weights is not None:
+        # the dispatch was given weights: a compiled graph hands the ops the same storage, not the same Python
+        # object, so the storage is what must match here (the Buffer then checks the object the dispatch kept)
+        kept = h.weights
+        if (w.data_ptr(), w.shape, w.stride(), w.dtype) != (kept.data_ptr(), kept.shape, kept.stride(), kept.dtype):
+            raise ArgumentError(
+                "largeep.ops.low_latency_combine: argument 'topk_weights' is not the tensor given to the ticket's "
+                "low_latency_dispatch (other storage, shape or strides): those weights travelled with the tokens "
+                "and are applied on the experts' ranks; pass the same tensor, or dispatch without topk_weights"
+            )
+        w = kept
+    out = buffer_of(buffer_id).low_latency_combine(y, topk_idx, w, h).x
+    _get(buffer_id, ticket, "low_latency_combine", settle=True)
     return _fresh((out,), (y, topk_idx, topk_weights))[0]
 
 
@@ -1411,15 +1428,16 @@ def low_latency_dispatch(
     topk_weights: Tensor | None = None,
 ) -> LowLatencyDispatchOutput:
     """Low-latency dispatch (no autograd) of x bf16 [T, H], topk_idx int64 [T, K]. Compilable (fixed shapes);
-    ``return_recv_hook`` and ``topk_weights`` (see ``Buffer.low_latency_dispatch``) only on the eager path. No
-    host wait."""
+    ``return_recv_hook`` only on the eager path. ``topk_weights``: see ``Buffer.low_latency_dispatch``; on the
+    custom-op path the combine must get a tensor of the same storage, shape and strides (a compiled graph passes
+    the same buffer to both ops) and applies the weights as this dispatch read them. No host wait."""
     if _use_ops(use_custom_ops):
         if return_recv_hook:
             raise ArgumentError("largeep.ops.low_latency_dispatch: return_recv_hook is eager-only")
-        if topk_weights is not None:
-            raise ArgumentError("largeep.ops.low_latency_dispatch: topk_weights is eager-only")
         bid = _buffer_id(buffer, "low_latency_dispatch")
-        q, s, counts, info, ticket = torch.ops.largeep.low_latency_dispatch(bid, x, topk_idx, use_fp8, round_scale)
+        q, s, counts, info, ticket = torch.ops.largeep.low_latency_dispatch(
+            bid, x, topk_idx, use_fp8, round_scale, topk_weights
+        )
         return LowLatencyDispatchOutput(q, s if use_fp8 else None, counts, info, ticket, None)
     res = _buffer(buffer).low_latency_dispatch(
         x, topk_idx, use_fp8=use_fp8, round_scale=round_scale, return_recv_hook=return_recv_hook,

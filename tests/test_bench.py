@@ -69,6 +69,27 @@ def test_cpu_quick_run_end_to_end(tmp_path: Path) -> None:
     assert "logical GB/s" in proc.stdout and "bus GB/s" in proc.stdout
 
 
+def test_cpu_ll_send_weights_run(tmp_path: Path) -> None:
+    """--ll-send-weights: the low-latency dispatches carry the weights (torch backend on CPU processes); the records
+    keep SPEC's keys, the extras say weights_sent, the settings ll_send_weights, and the model does not fit them."""
+    out = tmp_path / "weighted"
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(PYTHON_DIR), env.get("PYTHONPATH", "")])
+    env.pop("RANK", None)
+    env.pop("WORLD_SIZE", None)
+    proc = subprocess.run(
+        [sys.executable, "-m", "largeep.bench", "--preset", "quick", "--nprocs", "2", "--cpu", "--modes",
+         "low_latency", "--tokens", "1,8", "--ll-send-weights", "--no-plots", "--out", str(out)],
+        env=env, capture_output=True, text=True, timeout=120, check=False,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    doc = json.loads((out / "results.json").read_text())
+    assert doc["settings"]["ll_send_weights"] is True
+    assert doc["records"] and all(set(r) == SPEC_KEYS and r["mode"] == "low_latency" for r in doc["records"])
+    assert all(e["weights_sent"] is True for e in doc["extras"])
+    assert not [r for r in sim.load(out / "results.json") if sim._usable(r)]
+
+
 # -- byte counts ------------------------------------------------------------------------------------------------
 def test_record_keys_are_specs() -> None:
     assert set(rec.RECORD_KEYS) == SPEC_KEYS
@@ -100,6 +121,11 @@ def test_logical_bytes_against_hand_count() -> None:
     assert ll.tolist() == [[3, 2], [1, 2]]
     tl = rec.Traffic.from_matrix(ll)
     assert tl.mean_rows == 4 and tl.mean_remote_rows == 1.5
+    # weights sent with the dispatch: a token with two or more distinct experts on a rank gets two rows back from it
+    # (its sum, as value and remainder), one with one expert one row; repeated experts count once
+    r2 = torch.tensor([[0, 1, 1], [0, 2, 3], [2, -1, -1], [1, 0, 3]])
+    assert rec.summed_rows_ll(r2, 4, 2).tolist() == [2 + 1 + 0 + 2, 0 + 2 + 1 + 1]
+    assert rec.summed_rows_ll(torch.tensor([[0, 1, 2, 3]]), 8, 4).tolist() == [2, 2, 0, 0]
 
 
 def test_x_best_and_table() -> None:

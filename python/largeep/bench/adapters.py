@@ -47,6 +47,7 @@ class Adapter:
     name = "?"
     uses_sms = False  # sweeps num_sms
     has_hook = False  # low-latency receive hook (send/recv phases)
+    sends_ll_weights = False  # ll_dispatch takes topk_weights (the combine then applies those); others ignore them
 
     def __init__(self) -> None:
         self.group: dist.ProcessGroup | None = None
@@ -92,8 +93,11 @@ class Adapter:
         raise NotImplementedError
 
     # low-latency mode
-    def ll_dispatch(self, x: torch.Tensor, topk_idx: torch.Tensor, use_fp8: bool, hook: bool) -> tuple[Any, Hook]:
-        """-> (handle, receive hook or None)."""
+    def ll_dispatch(
+        self, x: torch.Tensor, topk_idx: torch.Tensor, use_fp8: bool, hook: bool, topk_weights: torch.Tensor | None
+    ) -> tuple[Any, Hook]:
+        """-> (handle, receive hook or None). topk_weights: None, or (where ``sends_ll_weights``) the weights the
+        dispatch carries for its combine to apply."""
         raise NotImplementedError
 
     def ll_combine_input(self) -> torch.Tensor:
@@ -116,6 +120,7 @@ class LargeepAdapter(Adapter):
     """largeep.Buffer with backend "nvshmem" or "torch"."""
 
     has_hook = True
+    sends_ll_weights = True
 
     def __init__(self, backend: str) -> None:
         super().__init__()
@@ -162,8 +167,11 @@ class LargeepAdapter(Adapter):
     def combine(self, y: torch.Tensor, handle: Any) -> Any:
         return self.buf.combine(y, handle)
 
-    def ll_dispatch(self, x: torch.Tensor, topk_idx: torch.Tensor, use_fp8: bool, hook: bool) -> tuple[Any, Hook]:
-        res = self.buf.low_latency_dispatch(x, topk_idx, use_fp8=use_fp8, return_recv_hook=hook)
+    def ll_dispatch(
+        self, x: torch.Tensor, topk_idx: torch.Tensor, use_fp8: bool, hook: bool, topk_weights: torch.Tensor | None
+    ) -> tuple[Any, Hook]:
+        res = self.buf.low_latency_dispatch(x, topk_idx, use_fp8=use_fp8, return_recv_hook=hook,
+                                            topk_weights=topk_weights)
         return res.handle, res.hook
 
     def ll_combine(
@@ -408,7 +416,9 @@ class SymmMemAdapter(Adapter):
 
     # low-latency mode: one row per (token, expert) copy, sorted by expert; all_to_all_vdev_2d (expert-major on
     # arrival) when E/N <= 16, else all_to_all_vdev (grouped by source rank)
-    def ll_dispatch(self, x: torch.Tensor, topk_idx: torch.Tensor, use_fp8: bool, hook: bool) -> tuple[Any, Hook]:
+    def ll_dispatch(
+        self, x: torch.Tensor, topk_idx: torch.Tensor, use_fp8: bool, hook: bool, topk_weights: torch.Tensor | None
+    ) -> tuple[Any, Hook]:
         from largeep import fp8
 
         s = self.spec
@@ -570,7 +580,9 @@ class DeepEPAdapter(Adapter):
     def combine(self, y: torch.Tensor, handle: Any) -> Any:
         return self.buf.combine(y, handle)
 
-    def ll_dispatch(self, x: torch.Tensor, topk_idx: torch.Tensor, use_fp8: bool, hook: bool) -> tuple[Any, Hook]:
+    def ll_dispatch(
+        self, x: torch.Tensor, topk_idx: torch.Tensor, use_fp8: bool, hook: bool, topk_weights: torch.Tensor | None
+    ) -> tuple[Any, Hook]:
         assert self.spec is not None
         out = self.buf.low_latency_dispatch(
             x, topk_idx, self.spec.max_tokens, self.spec.num_experts, use_fp8=use_fp8, return_recv_hook=hook

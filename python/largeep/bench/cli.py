@@ -109,6 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--zipf-s", type=float, default=1.0, help="Zipf exponent for --routing zipf")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-hook", action="store_true", help="skip the low-latency send/recv (receive hook) phases")
+    p.add_argument("--ll-send-weights", action="store_true",
+                   help="low-latency: the dispatch carries topk_weights (nvshmem, torch; the combine sums each "
+                        "token's outputs on the experts' ranks); other backends apply them at the combine as always")
     p.add_argument("--link-gbps", type=float, default=450.0,
                    help="one GPU's link bandwidth one way, for the floor column (default 450: NVLink4, H100/H200)")
     p.add_argument("--no-plots", action="store_true")
@@ -146,7 +149,8 @@ def make_plan(args: argparse.Namespace, device_kind: str, command: str) -> Any:
         warmup=base["warmup"] if args.warmup is None else args.warmup,
         iters=base["iters"] if args.iters is None else args.iters,
         ranks_per_node=args.ranks_per_node, routing=args.routing, zipf_s=args.zipf_s, seed=args.seed,
-        hook=not args.no_hook, link_gbps=args.link_gbps, plots=not args.no_plots, out=out, command=command,
+        hook=not args.no_hook, ll_send_weights=args.ll_send_weights, link_gbps=args.link_gbps,
+        plots=not args.no_plots, out=out, command=command,
     )
 
 

@@ -9,7 +9,7 @@ File layout (one JSON object per run, ``results.json``)::
       "settings": {...},          # preset, warm-up, iterations, routing, timing method
       "skipped": [{"backend": ..., "reason": ...}],
       "records": [ {RECORD_KEYS...}, ... ],        # SPEC.md "Measuring": exactly these keys
-      "extras": [ {"bus_gbps": ..., "x_best": ..., "phase_of": ..., "floor_us": ...}, ... ]   # one per record
+      "extras": [ {"bus_gbps": ..., "x_best": ..., "phase_of": ..., "floor_us": ..., "weights_sent": ...}, ... ]
     }
 
 ``records`` hold exactly SPEC.md's keys. What SPEC has no key for sits in ``extras``, aligned with ``records``:
@@ -17,8 +17,10 @@ File layout (one JSON object per run, ``results.json``)::
 configuration, 1.0 = fastest), ``phase_of`` ("dispatch"/"combine" for the low-latency "send"/"recv" records,
 which SPEC's keys cannot tell apart otherwise; None elsewhere) and ``floor_us``, the bytes-over-link floor: the
 fewest bytes the call must move off one GPU (the mean over ranks; a token once per destination rank, except the
-low-latency combine, whose copies carry different expert outputs and go back one by one) over the link's
-bandwidth (``--link-gbps``, settings "link_gbps"; GPU runs only, None on CPU and for the layout).
+low-latency combine, whose copies carry different expert outputs and go back one by one, or with
+``--ll-send-weights`` as one sum in two rows per token with two or more experts on a rank) over the link's
+bandwidth (``--link-gbps``, settings "link_gbps"; GPU runs only, None on CPU and for the layout); ``weights_sent``
+(low-latency records: the dispatch carried the weights, see ``summed_rows_ll``; None for normal mode).
 
 Byte counts (SPEC.md "Measuring", the field's convention):
 - normal dispatch: every received row, local rows included; a BF16 row is ``2*H`` bytes, an FP8 row ``H + 4*H/128``
@@ -86,6 +88,9 @@ class Extra:
     x_best: float | None = None
     phase_of: str | None = None
     floor_us: float | None = None
+    # low-latency records: the dispatch carried topk_weights (``--ll-send-weights``), so the combine summed each
+    # token's outputs on the experts' ranks; None for normal mode
+    weights_sent: bool | None = None
 
 
 # -- byte counts ------------------------------------------------------------------------------------------------
@@ -117,6 +122,18 @@ def send_copies_ll(topk_idx: torch.Tensor, num_experts: int, num_ranks: int) -> 
     idx = topk_idx.detach().to("cpu", torch.int64).reshape(-1)
     idx = idx[idx >= 0]
     return torch.bincount(idx // per_rank, minlength=num_ranks).to(torch.int64)
+
+
+def summed_rows_ll(topk_idx: torch.Tensor, num_experts: int, num_ranks: int) -> torch.Tensor:
+    """Low-latency combine of a dispatch that carried its weights: rows that come back to one rank from each rank,
+    where a token with two or more distinct experts on a rank gets their sum as two rows (bf16 value and
+    remainder) and a token with one gets its one row. topk_idx int64 [T, K] -> int64 [N] on the CPU."""
+    per_rank = num_experts // num_ranks
+    idx = topk_idx.detach().to("cpu", torch.int64)
+    hit = torch.zeros(idx.shape[0], num_experts + 1, dtype=torch.bool)
+    hit.scatter_(1, torch.where(idx >= 0, idx, num_experts), True)  # distinct valid experts of each token
+    per = hit[:, :num_experts].reshape(idx.shape[0], num_ranks, per_rank).sum(2)
+    return per.clamp(max=2).sum(0, dtype=torch.int64)
 
 
 @dataclass(frozen=True)

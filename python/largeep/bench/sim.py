@@ -480,7 +480,10 @@ def skew_free(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 
 # -- calibration ------------------------------------------------------------------------------------------------
 def _usable(r: dict[str, Any]) -> bool:
-    return r.get("mode") in MODES and r.get("op") in OPS and float(r.get("time_us_median") or 0) > 0
+    # a low-latency call whose dispatch carried the weights (``weights_sent``) moves fewer combine bytes than the
+    # per-copy combine the model describes: not fitted
+    return (r.get("mode") in MODES and r.get("op") in OPS and float(r.get("time_us_median") or 0) > 0
+            and not r.get("weights_sent"))
 
 
 def record_eighths(r: dict[str, Any]) -> int:

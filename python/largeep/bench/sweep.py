@@ -61,6 +61,9 @@ class Plan:
     zipf_s: float = 1.0
     seed: int = 0
     hook: bool = True
+    # low-latency: the dispatch carries topk_weights where the backend takes them (Buffer.low_latency_dispatch's
+    # option: the combine sums each token's outputs on the experts' ranks); other backends run as without
+    ll_send_weights: bool = False
     link_gbps: float = 450.0  # one GPU's link, one way: NVLink4 on H100/H200 (the floor column)
     plots: bool = True
     out: str | None = None
@@ -305,17 +308,22 @@ class Sweep:
         # the floor: a dispatched token needs to reach each destination rank once; the combine's copies differ
         per_rank = rec.Traffic.from_matrix(
             _gather_matrix(rec.send_rows_normal(idx, spec.num_experts, self.n), self.group, self.device))
+        sent = self.plan.ll_send_weights and a.sends_ll_weights
+        if sent:  # the combine's floor: a summed (token, rank) pair comes back as two rows, a single copy as one
+            summed = rec.Traffic.from_matrix(
+                _gather_matrix(rec.summed_rows_ll(idx, spec.num_experts, self.n), self.group, self.device))
         y = a.ll_combine_input()
         t = self.timer
+        ws = w if sent else None
 
         def dispatch(hook: bool) -> Callable[[], Any]:
-            return lambda: a.ll_dispatch(x, idx, use_fp8, hook)
+            return lambda: a.ll_dispatch(x, idx, use_fp8, hook, ws)
 
         def combine(handle: Any, hook: bool) -> Callable[[], Any]:
             return lambda: a.ll_combine(y, idx, w, handle, hook)
 
         def roundtrip() -> None:
-            h, _ = a.ll_dispatch(x, idx, use_fp8, False)
+            h, _ = a.ll_dispatch(x, idx, use_fp8, False, ws)
             a.ll_combine(y, idx, w, h, False)
 
         for i in range(self.plan.warmup + self.plan.iters):
@@ -337,18 +345,19 @@ class Sweep:
                  ("roundtrip", "roundtrip", None, rb_d + rb_c),
                  ("dispatch.send", "send", "dispatch", rb_d), ("dispatch.recv", "recv", "dispatch", rb_d),
                  ("combine.send", "send", "combine", rb_c), ("combine.recv", "recv", "combine", rb_c)]
-        floors = {"dispatch": per_rank.bus_bytes(rb_d), "combine": traffic.bus_bytes(rb_c)}
+        floors = {"dispatch": per_rank.bus_bytes(rb_d), "combine": (summed if sent else traffic).bus_bytes(rb_c)}
         floors["roundtrip"] = floors["dispatch"] + floors["combine"]
         for name, op, phase, rb in names:
             if name in stats:
                 # (a receive moves nothing over the link in hook mode: its rows came with the send)
                 self._add(a, spec, "low_latency", op, phase, tokens, dtype, stats[name], traffic, rb,
-                          None if op == "recv" else floors[phase or op])
+                          None if op == "recv" else floors[phase or op], weights_sent=sent)
 
     # -- records ------------------------------------------------------------------------------------------------
     def _add(
         self, a: Adapter, spec: BufferSpec, mode: str, op: str, phase: str | None, tokens: int, dtype: str,
         st: Stats, traffic: rec.Traffic, bytes_per_row: int | None, floor_bytes: float | None = None,
+        weights_sent: bool | None = None,
     ) -> None:
         """floor_bytes: the fewest bytes the call moves off one GPU (records.py, ``floor_us``)."""
         logical = bus = None
@@ -363,7 +372,7 @@ class Sweep:
             num_sms=spec.num_sms, time_us_median=st.median, time_us_p10=st.p10, time_us_p90=st.p90,
             logical_gbps=logical,
         ))
-        self.extras.append(rec.Extra(bus_gbps=bus, phase_of=phase, floor_us=floor))
+        self.extras.append(rec.Extra(bus_gbps=bus, phase_of=phase, floor_us=floor, weights_sent=weights_sent))
 
     def settings(self) -> dict[str, Any]:
         p = self.plan
@@ -382,6 +391,7 @@ class Sweep:
                          "dispatch + combine of its handle, one timed call",
             "bandwidth": "per-rank mean of received bytes (SPEC.md Measuring) / median time",
             "link_gbps": p.link_gbps,
+            "ll_send_weights": p.ll_send_weights,
             **p.extra_settings,
         }
 

@@ -145,6 +145,21 @@ def low_latency_roundtrip_inference(rank: int, world: int, *args: Any) -> None:
         low_latency_roundtrip(rank, world, *args)
 
 
+def _ll_case(
+    world: int, backend: str, tokens: list[int], max_tokens: int, hidden: int, num_experts: int, num_topk: int,
+    seed: int, ranks_per_node: int | None = None,
+) -> tuple[list[Any], largeep.Buffer]:
+    """Every rank's inputs (make_inputs, bf16) and a low-latency Buffer for them."""
+    inputs = [
+        make_inputs(seed, r, tokens[r], hidden, num_experts, num_topk, torch.bfloat16) for r in range(world)
+    ]
+    buf = largeep.Buffer(
+        None, hidden=hidden, num_experts=num_experts, num_topk=num_topk, max_tokens_per_rank=max_tokens,
+        backend=backend, ranks_per_node=ranks_per_node, low_latency=True,
+    )
+    return inputs, buf
+
+
 def low_latency_roundtrip(
     rank: int, world: int, backend: str, tokens: list[int], max_tokens: int, hidden: int, num_experts: int,
     num_topk: int, use_fp8: bool, round_scale: bool, hook: bool, seed: int, ranks_per_node: int | None = None,
@@ -152,15 +167,9 @@ def low_latency_roundtrip(
 ) -> None:
     """weighted: which ranks give the dispatch their topk_weights ("none", "all", "some": even ranks)."""
     dev = device_for(backend)
-    inputs = [
-        make_inputs(seed, r, tokens[r], hidden, num_experts, num_topk, torch.bfloat16) for r in range(world)
-    ]
+    inputs, buf = _ll_case(world, backend, tokens, max_tokens, hidden, num_experts, num_topk, seed, ranks_per_node)
     mine = inputs[rank]
     epr = num_experts // world
-    buf = largeep.Buffer(
-        None, hidden=hidden, num_experts=num_experts, num_topk=num_topk, max_tokens_per_rank=max_tokens,
-        backend=backend, ranks_per_node=ranks_per_node, low_latency=True,
-    )
     try:
         x, idx, w = mine.x.to(dev), mine.topk_idx.to(dev), mine.topk_weights.to(dev)
         send_w = weighted == "all" or (weighted == "some" and rank % 2 == 0)
@@ -227,15 +236,9 @@ def low_latency_ops_weighted(
     from largeep import ArgumentError, ops
 
     dev = device_for(backend)
-    inputs = [
-        make_inputs(seed, r, tokens[r], hidden, num_experts, num_topk, torch.bfloat16) for r in range(world)
-    ]
+    inputs, buf = _ll_case(world, backend, tokens, max_tokens, hidden, num_experts, num_topk, seed)
     mine = inputs[rank]
     epr = num_experts // world
-    buf = largeep.Buffer(
-        None, hidden=hidden, num_experts=num_experts, num_topk=num_topk, max_tokens_per_rank=max_tokens,
-        backend=backend, low_latency=True,
-    )
     try:
         bid = ops.register_buffer(buf)
         x, idx, w = mine.x.to(dev), mine.topk_idx.to(dev), mine.topk_weights.to(dev)

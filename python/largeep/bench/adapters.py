@@ -94,7 +94,8 @@ class Adapter:
 
     # low-latency mode
     def ll_dispatch(
-        self, x: torch.Tensor, topk_idx: torch.Tensor, use_fp8: bool, hook: bool, topk_weights: torch.Tensor | None
+        self, x: torch.Tensor, topk_idx: torch.Tensor, use_fp8: bool, hook: bool,
+        topk_weights: torch.Tensor | None = None,
     ) -> tuple[Any, Hook]:
         """-> (handle, receive hook or None). topk_weights: None, or (where ``sends_ll_weights``) the weights the
         dispatch carries for its combine to apply."""
@@ -168,7 +169,8 @@ class LargeepAdapter(Adapter):
         return self.buf.combine(y, handle)
 
     def ll_dispatch(
-        self, x: torch.Tensor, topk_idx: torch.Tensor, use_fp8: bool, hook: bool, topk_weights: torch.Tensor | None
+        self, x: torch.Tensor, topk_idx: torch.Tensor, use_fp8: bool, hook: bool,
+        topk_weights: torch.Tensor | None = None,
     ) -> tuple[Any, Hook]:
         res = self.buf.low_latency_dispatch(x, topk_idx, use_fp8=use_fp8, return_recv_hook=hook,
                                             topk_weights=topk_weights)
@@ -417,7 +419,8 @@ class SymmMemAdapter(Adapter):
     # low-latency mode: one row per (token, expert) copy, sorted by expert; all_to_all_vdev_2d (expert-major on
     # arrival) when E/N <= 16, else all_to_all_vdev (grouped by source rank)
     def ll_dispatch(
-        self, x: torch.Tensor, topk_idx: torch.Tensor, use_fp8: bool, hook: bool, topk_weights: torch.Tensor | None
+        self, x: torch.Tensor, topk_idx: torch.Tensor, use_fp8: bool, hook: bool,
+        topk_weights: torch.Tensor | None = None,
     ) -> tuple[Any, Hook]:
         from largeep import fp8
 
@@ -581,7 +584,8 @@ class DeepEPAdapter(Adapter):
         return self.buf.combine(y, handle)
 
     def ll_dispatch(
-        self, x: torch.Tensor, topk_idx: torch.Tensor, use_fp8: bool, hook: bool, topk_weights: torch.Tensor | None
+        self, x: torch.Tensor, topk_idx: torch.Tensor, use_fp8: bool, hook: bool,
+        topk_weights: torch.Tensor | None = None,
     ) -> tuple[Any, Hook]:
         assert self.spec is not None
         out = self.buf.low_latency_dispatch(

@@ -2,7 +2,8 @@
 # The 4-GPU round the open issues still need, in parts that each fit one device call (under 10 minutes), in the
 # order of what they settle. Run from the repository root on the 4-GPU machine: scripts/four_gpu.sh PART OUTDIR
 #   perf:    build; normal-mode kernel times at 8/16/24 SMs on 4, 2 and 1 GPUs and low-latency kernel and graph
-#            times on 4 and 2 GPUs (issues 3, 4, 8: the 4-GPU tables and the model's held-out EP4 records)
+#            times on 4 and 2 GPUs, and on 4 with the weights sent (issues 3, 4, 8: the 4-GPU tables and the
+#            model's held-out EP4 records)
 #   calls:   build; whole calls against the torch backend on NCCL, each backend in its own process, nvshmem /
 #            torch / nvshmem: the normal round trip at 128 and 4096 tokens (issue 3's 10x and 2x) and low latency
 #            at 1-256 tokens (issue 4's 10x)
@@ -37,7 +38,12 @@ run() {
 check() { run 560 bash scripts/device_check.sh "$OUT" build "$@"; }
 mkdir -p "$OUT"
 case $PART in
-  perf) check perf ;;
+  perf)
+    check perf
+    # the low-latency combine with the weights sent (issue 4's combine on 4 GPUs: about a quarter fewer bytes)
+    run 120 python3 bench/low_latency_times.py --nprocs 4 --weighted --out "$OUT/perf_w" > "$OUT/perf_ll_w_ep4.log" 2>&1
+    tail -12 "$OUT/perf_ll_w_ep4.log"
+    ;;
   calls)
     check
     L="--modes low_latency --tokens 1,8,32,128,256 --hidden 7168 --topk 8 --experts 288 --dtypes fp8 --no-plots"

@@ -229,10 +229,13 @@ def low_latency_ops_weighted(
     num_topk: int, seed: int,
 ) -> None:
     """The custom-op path of a low-latency dispatch given topk_weights: ops.low_latency_dispatch/combine with
-    use_custom_ops, and both under torch.compile(fullgraph, aot_eager), equal the eager Buffer calls bit for bit and
-    the float64 reference within bf16 rounding (expert e returns its rows times 2^(e % 3), exact in bf16); a combine
-    given another tensor of the same values is refused (ArgumentError naming topk_weights) and leaves the handle
-    for the corrected call; no handle stays behind."""
+    use_custom_ops, and both under torch.compile(fullgraph) with aot_eager and with Inductor, equal the eager Buffer
+    calls bit for bit and the float64 reference within bf16 rounding (expert e returns its rows times 2^(e % 3),
+    exact in bf16). A combine given another tensor of the same values is refused (ArgumentError naming
+    topk_weights) and leaves the handle for the corrected call; a view of the same memory is accepted; weights
+    changed in place after the dispatch are refused. Compiled, a combine given other weights that Inductor may
+    place in the dispatch's weights' memory is refused or applies the dispatch's weights, never others. No handle
+    stays behind."""
     from largeep import ArgumentError, ops
 
     dev = device_for(backend)
@@ -270,9 +273,42 @@ def low_latency_ops_weighted(
             raise AssertionError("a combine given a copy of the dispatch's weights was accepted")
         got = ops.low_latency_combine(bid, expert(o.x), idx, w, o.handle)[0]
         assert torch.equal(got, want), "the corrected combine after a refused one differs"
-        torch._dynamo.reset()
-        compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
-        assert torch.equal(compiled(x, idx, w), want), "compiled custom-op path differs from the eager calls"
+        o = ops.low_latency_dispatch(bid, x, idx, use_fp8=False, use_custom_ops=True, topk_weights=w)
+        got = ops.low_latency_combine(bid, expert(o.x), idx, w.view(w.shape), o.handle)[0]
+        assert torch.equal(got, want), "a combine given a view of the dispatch's weights differs"
+        w2 = w.clone()
+        o = ops.low_latency_dispatch(bid, x, idx, use_fp8=False, use_custom_ops=True, topk_weights=w2)
+        w2.mul_(2)
+        try:
+            ops.low_latency_combine(bid, expert(o.x), idx, w2, o.handle)
+        except ArgumentError as exc:
+            assert "changed in place" in str(exc), str(exc)
+        else:
+            raise AssertionError("a combine given weights changed in place since the dispatch was accepted")
+        assert ops.live_handles(bid) == 1 and ops.release_handles(bid) == 1
+
+        # other weights at the combine, computed from the dispatch's after it (Inductor may reuse their memory)
+        d3 = buf.low_latency_dispatch(x, idx, use_fp8=False, topk_weights=w * 3)
+        want3 = buf.low_latency_combine(expert(d3.x), idx, d3.handle.weights, d3.handle).x
+
+        def swap(xs: torch.Tensor, ids: torch.Tensor, ws: torch.Tensor) -> torch.Tensor:
+            wa = ws * 3
+            o = ops.low_latency_dispatch(bid, xs, ids, use_fp8=False, use_custom_ops=True, topk_weights=wa)
+            wb = wa * 2 + o.num_tokens_per_expert.sum().float() * 0
+            return ops.low_latency_combine(bid, expert(o.x), ids, wb, o.handle)[0]
+
+        for how in ("aot_eager", "inductor"):
+            torch._dynamo.reset()
+            compiled = torch.compile(step, backend=how, fullgraph=True)
+            assert torch.equal(compiled(x, idx, w), want), f"compiled ({how}) custom-op path differs from eager"
+            torch._dynamo.reset()
+            try:
+                got = torch.compile(swap, backend=how, fullgraph=True)(x, idx, w)
+            except ArgumentError as exc:
+                assert "topk_weights" in str(exc), str(exc)
+                ops.release_handles(bid)
+            else:
+                assert torch.equal(got, want3), f"compiled ({how}): a combine applied weights other than the dispatch's"
         torch._dynamo.reset()
         assert ops.live_handles(bid) == 0, f"{ops.live_handles(bid)} handles left in the registry"
     finally:

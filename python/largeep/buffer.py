@@ -660,8 +660,9 @@ class Buffer:
         handle will apply, sent now with the tokens, so that the nvshmem backend's combine sums each token's
         outputs on the experts' rank and sends one sum per (token, rank) where a token has two or more experts on
         a rank (float32 sums, sent as two bf16 rows: about half the bytes at 2 ranks, a quarter fewer at 4). The
-        combine must then get this very tensor, unchanged (ArgumentError otherwise); the nvshmem combine applies
-        them as this call read them. The torch backend takes and checks it alike."""
+        combine must then get this very tensor, unchanged (ArgumentError otherwise), and applies them as this call
+        read them (each backend keeps a copy). The torch backend takes and checks it alike (its combine applies
+        them at the source)."""
         op = "low_latency_dispatch"
         self._check_alive(op)
         self._check_mode(op, True)

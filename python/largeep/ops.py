@@ -47,7 +47,9 @@ needs grad); each backward call drops one, and the handle is freed once a combin
 count at zero (so inference frees it at the combine, training at the last backward call, in either order). A
 forward that never reaches combine or backward leaves its handle behind; as a safety net each Buffer keeps at most
 ``max_live_handles`` (oldest dropped first), and :func:`release_handles` frees them all. Using a freed handle
-raises; so does a second backward through the same compiled graph.
+raises; so does a second backward through the same compiled graph. A low-latency handle is freed by its combine,
+also by a combine that fails, except one refused for its arguments (``ArgumentError``), which leaves it for a
+corrected call.
 
 The grouped GEMM uses ``torch._grouped_mm`` (there in torch 2.13: on CPU it runs float32, bfloat16 and
 float16, with every non-unit stride a multiple of 16 bytes; its meta function accepts only bfloat16, hence the
@@ -71,6 +73,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from largeep import checks
 from largeep._env import logger
 from largeep.backends.base import current_raw_stream
 from largeep.buffer import Buffer, DispatchHandle, EventOverlap, LowLatencyHandle
@@ -234,6 +237,15 @@ def _get(buffer_id: int, ticket: Tensor, op: str, refs: int = 0, settle: bool = 
             "backward through the same graph is not supported on the custom-op path"
         )
     return entry
+
+
+def _drop(buffer_id: int, ticket: Tensor) -> None:
+    """Frees the entry of ``ticket`` if it is still there (release_handles or eviction may have freed it)."""
+    tid = int(ticket.reshape(-1)[0])
+    with _locked():
+        entries = _REG.entries.get(buffer_id)
+        if entries is not None:
+            entries.pop(tid, None)
 
 
 def _ticket_like() -> Tensor:
@@ -1075,7 +1087,7 @@ _combine_op.register_autograd(_combine_backward, setup_context=_combine_setup)
     "largeep::low_latency_dispatch",
     mutates_args=(),
     schema=(
-        "(int buffer_id, Tensor x, Tensor topk_idx, bool use_fp8, bool round_scale, Tensor? topk_weights) "
+        "(int buffer_id, Tensor x, Tensor topk_idx, bool use_fp8, bool round_scale, Tensor? topk_weights=None) "
         "-> (Tensor, Tensor, Tensor, Tensor, Tensor)"
     ),
 )
@@ -1118,24 +1130,39 @@ def _(
     schema="(int buffer_id, Tensor y, Tensor topk_idx, Tensor topk_weights, Tensor ticket) -> Tensor",
 )
 def _ll_combine_op(buffer_id: int, y: Tensor, topk_idx: Tensor, topk_weights: Tensor, ticket: Tensor) -> Tensor:
-    # the handle is freed after the combine: a call refused for its arguments leaves it for a corrected one
+    # the handle is freed after the combine, or after any failure but a refusal of its arguments (eagerly, a
+    # corrected call may follow; inside a compiled graph none can, and max_live_handles bounds what is left)
     entry = _get(buffer_id, ticket, "low_latency_combine")
     h = entry.handle
     assert isinstance(h, LowLatencyHandle)
-    w = topk_weights
-    if h.weights is not None:
-        # the dispatch was given weights: a compiled graph hands the ops the same storage, not the same Python
-        # object, so the storage is what must match here (the Buffer then checks the object the dispatch kept)
-        kept = h.weights
-        if (w.data_ptr(), w.shape, w.stride(), w.dtype) != (kept.data_ptr(), kept.shape, kept.stride(), kept.dtype):
-            raise ArgumentError(
-                "largeep.ops.low_latency_combine: argument 'topk_weights' is not the tensor given to the ticket's "
-                "low_latency_dispatch (other storage, shape or strides): those weights travelled with the tokens "
-                "and are applied on the experts' ranks; pass the same tensor, or dispatch without topk_weights"
-            )
-        w = kept
-    out = buffer_of(buffer_id).low_latency_combine(y, topk_idx, w, h).x
-    _get(buffer_id, ticket, "low_latency_combine", settle=True)
+    try:
+        w = topk_weights
+        if h.weights is not None:
+            # the dispatch was given weights: a compiled graph hands the ops the same storage, not the same Python
+            # object, so the storage is what must match here (the Buffer then checks the object the dispatch
+            # kept). Best effort: Inductor may reuse that memory for another tensor once the dispatch has read it,
+            # which no check here can tell; the combine applies the weights as the dispatch read them either way.
+            buf = buffer_of(buffer_id)
+            c = buf.ctx
+            checks.topk_weights("low_latency_combine", w, num_tokens=h.num_tokens, num_topk=c.num_topk,
+                                device=c.device)
+            kept = h.weights
+            if (w.data_ptr(), w.stride()) != (kept.data_ptr(), kept.stride()):
+                raise ArgumentError(
+                    "largeep.ops.low_latency_combine: argument 'topk_weights' is not the tensor given to the "
+                    f"ticket's low_latency_dispatch (memory at {w.data_ptr():#x} with strides {tuple(w.stride())}, "
+                    f"expected {kept.data_ptr():#x} with {tuple(kept.stride())}): those weights travelled with the "
+                    "tokens and are applied on the experts' ranks; pass the same tensor, or dispatch without "
+                    "topk_weights"
+                )
+            w = kept
+        out = buffer_of(buffer_id).low_latency_combine(y, topk_idx, w, h).x
+    except ArgumentError:
+        raise
+    except BaseException:
+        _drop(buffer_id, ticket)
+        raise
+    _drop(buffer_id, ticket)
     return _fresh((out,), (y, topk_idx, topk_weights))[0]
 
 
@@ -1429,8 +1456,10 @@ def low_latency_dispatch(
 ) -> LowLatencyDispatchOutput:
     """Low-latency dispatch (no autograd) of x bf16 [T, H], topk_idx int64 [T, K]. Compilable (fixed shapes);
     ``return_recv_hook`` only on the eager path. ``topk_weights``: see ``Buffer.low_latency_dispatch``; on the
-    custom-op path the combine must get a tensor of the same storage, shape and strides (a compiled graph passes
-    the same buffer to both ops) and applies the weights as this dispatch read them. No host wait."""
+    custom-op path the combine must get a tensor of the same memory and strides (a compiled graph passes the same
+    buffer to both ops, not the same object). That check is best effort under Inductor, which may place another
+    tensor in that memory once this dispatch has read it; the combine applies the weights as this dispatch read
+    them, on every backend. No host wait."""
     if _use_ops(use_custom_ops):
         if return_recv_hook:
             raise ArgumentError("largeep.ops.low_latency_dispatch: return_recv_hook is eager-only")

@@ -147,6 +147,9 @@ class _LowLatencyState:
     slot: torch.Tensor
     out_index: torch.Tensor
     num_tokens: int
+    # the dispatch's topk_weights as it read them (a copy), or None: the combine applies these, as the nvshmem
+    # backend applies the copy its send kernel keeps
+    weights_kept: torch.Tensor | None = None
 
 
 class TorchBackend:
@@ -463,8 +466,8 @@ class TorchBackend:
         self, x: torch.Tensor, topk_idx: torch.Tensor, use_fp8: bool, round_scale: bool, async_recv: bool,
         topk_weights: torch.Tensor | None = None,
     ) -> LowLatencyDispatchOut:
-        # (topk_weights: the Buffer checked that the combine gets them unchanged; the combine here applies the
-        # combine's weights at the source, which is the same sum)
+        # (topk_weights: the Buffer checked that the combine gets the same tensor; the combine here applies a copy
+        # taken now at the source, which is the same sum as the nvshmem backend's on the experts' ranks)
         self._begin("low_latency_dispatch")
         c = self.ctx
         dev = x.device
@@ -521,7 +524,8 @@ class TorchBackend:
         num_per_expert = recv_counts.sum(0).to(torch.int32)
         # combine reads each (t, k)'s row back from the copy sent for it (a repeated expert's: its owner's)
         back_slot = slot.view(t, k).gather(1, first).reshape(-1)
-        state = _LowLatencyState(back_slot, torch.empty(0, dtype=torch.int64, device=dev), t)
+        kept = topk_weights.clone() if topk_weights is not None else None
+        state = _LowLatencyState(back_slot, torch.empty(0, dtype=torch.int64, device=dev), t, kept)
 
         def finish() -> None:
             self._wait(work, "low_latency_dispatch")
@@ -576,7 +580,8 @@ class TorchBackend:
         def finish() -> None:
             self._wait(work, "low_latency_combine")
             back = torch.cat([rows, torch.zeros(1, c.hidden, dtype=rows.dtype, device=dev)])[state.slot]
-            w = torch.where((topk_idx >= 0) & (topk_idx < c.num_experts), topk_weights, 0.0).reshape(-1, 1)
+            given = state.weights_kept if state.weights_kept is not None else topk_weights
+            w = torch.where((topk_idx >= 0) & (topk_idx < c.num_experts), given, 0.0).reshape(-1, 1)
             acc = (back.float() * w).view(state.num_tokens, k, c.hidden).sum(1)
             out.copy_(acc)
 

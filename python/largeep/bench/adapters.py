@@ -121,12 +121,14 @@ class LargeepAdapter(Adapter):
     """largeep.Buffer with backend "nvshmem" or "torch"."""
 
     has_hook = True
-    sends_ll_weights = True
 
     def __init__(self, backend: str) -> None:
         super().__init__()
         self.name = backend
         self.backend = backend
+        # the nvshmem combine sums a token's outputs on the experts' ranks when the dispatch carried the weights;
+        # the torch backend takes them too but applies them at the source either way (same traffic)
+        self.sends_ll_weights = backend == "nvshmem"
         self.uses_sms = backend == "nvshmem"
         self.buf: Any = None
 

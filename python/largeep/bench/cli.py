@@ -110,8 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-hook", action="store_true", help="skip the low-latency send/recv (receive hook) phases")
     p.add_argument("--ll-send-weights", action="store_true",
-                   help="low-latency: the dispatch carries topk_weights (nvshmem, torch; the combine sums each "
-                        "token's outputs on the experts' ranks); other backends apply them at the combine as always")
+                   help="low-latency, nvshmem backend: the dispatch carries topk_weights and the combine sums each "
+                        "token's outputs on the experts' ranks; other backends apply them at the combine as always")
     p.add_argument("--link-gbps", type=float, default=450.0,
                    help="one GPU's link bandwidth one way, for the floor column (default 450: NVLink4, H100/H200)")
     p.add_argument("--no-plots", action="store_true")

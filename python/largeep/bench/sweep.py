@@ -187,7 +187,7 @@ class Sweep:
                 continue
             adapters.append(a)
             if p.ll_send_weights and "low_latency" in p.modes and not a.sends_ll_weights:
-                self.log.info(f"--ll-send-weights: {name} takes no weights at dispatch and applies them at the combine")
+                self.log.info(f"--ll-send-weights: not for {name} (it applies the weights at the combine either way)")
         total = sum(
             self._points(m) * (len(p.num_sms) if a.uses_sms else 1) for a in adapters for m in p.modes
         )

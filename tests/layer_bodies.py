@@ -87,9 +87,9 @@ def compare_variants(variants: list[Any], results: list[list[Any]]) -> None:
         for a, b in zip(results[0], res, strict=True):
             close(b, a, f"{variants[0]} vs {kw}", rtol=2e-6)
 
-def compiled_equals_eager(model: torch.nn.Module, x: torch.Tensor, what: str) -> None:
-    """torch.compile(model, fullgraph) gives eager's output, x grad and parameter grads, twice (the second call
-    reuses the compiled graphs); loss = sum(y * y)."""
+def compiled_equals_eager(model: torch.nn.Module, x: torch.Tensor, what: str, backend: str = "aot_eager") -> None:
+    """torch.compile(model, fullgraph, backend) gives eager's output, x grad and parameter grads, twice (the second
+    call reuses the compiled graphs); loss = sum(y * y)."""
 
     def run(fn: Any) -> list[torch.Tensor]:
         x.grad = None
@@ -99,7 +99,7 @@ def compiled_equals_eager(model: torch.nn.Module, x: torch.Tensor, what: str) ->
         return [y.detach(), x.grad] + [p.grad for p in model.parameters()]
 
     eager = run(model)
-    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    compiled = torch.compile(model, backend=backend, fullgraph=True)
     for _ in range(2):
         for i, (a, b) in enumerate(zip(run(compiled), eager, strict=True)):
             close(a, b, f"{what}compiled vs eager, tensor {i}", rtol=1e-6)
@@ -440,9 +440,14 @@ def low_latency_vs_normal(
             fast.use_custom_ops = True
             assert torch.equal(fast(x), got), "custom-op low-latency path differs"
             if world == 2:
-                torch._dynamo.reset()
-                compiled = torch.compile(fast, backend="aot_eager", fullgraph=True)
-                assert torch.equal(compiled(x), got), "compiled low-latency layer differs"
+                # aot_eager runs the same ops: bit for bit; Inductor fuses the gate's and experts' float math
+                for how in ("aot_eager", "inductor"):
+                    torch._dynamo.reset()
+                    got_c = torch.compile(fast, backend=how, fullgraph=True)(x)
+                    if how == "aot_eager":
+                        assert torch.equal(got_c, got), "compiled low-latency layer differs"
+                    else:
+                        close(got_c, got, "compiled (inductor) low-latency layer", rtol=1e-6)
                 torch._dynamo.reset()
         assert ops.live_handles(fast.buffer_id) == 0
     finally:
@@ -450,7 +455,8 @@ def low_latency_vs_normal(
         lbuf.destroy()
 
 
-def compiled_two_layers(rank: int, world: int, tokens: list[int], num_worst: int, num_chunks: int, seed: int) -> None:
+def compiled_two_layers(rank: int, world: int, tokens: list[int], num_worst: int, num_chunks: int, seed: int,
+                        backend: str = "aot_eager") -> None:
     """torch.compile(fullgraph=True, backend aot_eager) of two MoE layers (sharing one Buffer) equals eager in the
     output and every grad; with num_worst_tokens nothing breaks the graph even without fullgraph."""
     hidden, ffn, experts, topk = 32, 16, 4 * world, 3
@@ -463,7 +469,7 @@ def compiled_two_layers(rank: int, world: int, tokens: list[int], num_worst: int
         first = layers.MoELayer(buf, shared_ffn_hidden=8, **kw)
         model = torch.nn.Sequential(first, layers.MoELayer(buf, **kw))
         x = torch.randn(tokens[rank], hidden, generator=_gen(seed, rank)).requires_grad_()
-        compiled_equals_eager(model, x, "")
+        compiled_equals_eager(model, x, "", backend)
         if num_worst:
             torch._dynamo.reset()
             with torch.no_grad():
@@ -706,9 +712,11 @@ def _pipeline_order(stack: list[layers.MoELayer], between: list[Any]) -> list[st
     return order
 
 
-def pipeline_compiled(rank: int, world: int, tokens: list[int], num_worst: int, seed: int) -> None:
-    """torch.compile(fullgraph=True, backend aot_eager) of a 2-layer MoEPipeline with 2 chunks equals eager in the
-    output and every grad."""
+def pipeline_compiled(rank: int, world: int, tokens: list[int], num_worst: int, seed: int,
+                      backend: str = "aot_eager") -> None:
+    """torch.compile(fullgraph=True, backend) of a 2-layer MoEPipeline with 2 chunks equals eager in the output and
+    every grad. Under Inductor this needs largeep._inductor_order: the ranks' token counts differ, so they compile
+    graphs of different shapes, whose communication ops Inductor would otherwise order differently."""
     hidden, ffn, experts, topk = 32, 16, 4 * world, 2
     torch._dynamo.reset()
     buf = largeep.Buffer(None, hidden=hidden, num_experts=experts, num_topk=topk, max_tokens_per_rank=max(tokens),
@@ -730,7 +738,7 @@ def pipeline_compiled(rank: int, world: int, tokens: list[int], num_worst: int, 
             return [y.detach(), x.grad] + [p.grad for p in pipe.parameters()] + [norm.weight.grad]  # type: ignore[list-item]
 
         eager = run(pipe)
-        compiled = torch.compile(pipe, backend="aot_eager", fullgraph=True)
+        compiled = torch.compile(pipe, backend=backend, fullgraph=True)
         for _ in range(2):
             got = run(compiled)
             for i, (a, b) in enumerate(zip(got, eager, strict=True)):

@@ -59,6 +59,11 @@ def test_compile_two_layers(pools, world: int, num_worst: int, num_chunks: int) 
     pools(world).run(layer_bodies.compiled_two_layers, [12 + 3 * r for r in range(world)], num_worst, num_chunks, 7)
 
 
+def test_compile_two_layers_inductor(pools) -> None:
+    """The same with Inductor (torch.compile's default backend), chunked, ranks of different token counts."""
+    pools(2).run(layer_bodies.compiled_two_layers, [12, 15], 0, 2, 7, "inductor")
+
+
 @pytest.mark.skipif(importlib.util.find_spec("largeep.gate") is None, reason="largeep.gate is not there")
 def test_layer_with_topk_gate(pools) -> None:
     pools(2).run(layer_bodies.layer_with_topk_gate, [10, 7], 3)
@@ -378,9 +383,10 @@ def test_pipeline_options(pools) -> None:
     pools(2).run(layer_bodies.pipeline_vs_sequential, [13, 5], 32, 16, 0, 8, 2, 61, [2, 3], kw, True)
 
 
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
 @pytest.mark.parametrize("num_worst", [0, 64])
-def test_pipeline_compiled(pools, num_worst: int) -> None:
-    pools(2).run(layer_bodies.pipeline_compiled, [12, 9], num_worst, 9)
+def test_pipeline_compiled(pools, num_worst: int, backend: str) -> None:
+    pools(2).run(layer_bodies.pipeline_compiled, [12, 9], num_worst, 9, backend)
 
 
 def test_pipeline_errors(pools) -> None:

@@ -73,7 +73,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from largeep import checks
+from largeep import _inductor_order, checks
 from largeep._env import logger
 from largeep.backends.base import current_raw_stream
 from largeep.buffer import Buffer, DispatchHandle, EventOverlap, LowLatencyHandle
@@ -949,6 +949,7 @@ def _dispatch_send_op(
 
 @_dispatch_send_op.register_fake
 def _(buffer_id: int, x: Tensor, topk_idx: Tensor, topk_weights: Tensor, num_worst_tokens: int) -> Tensor:
+    _inductor_order.ensure()
     return _ticket_like()
 
 
@@ -1000,6 +1001,7 @@ def _dispatch_cached_op(buffer_id: int, x: Tensor, ticket: Tensor, num_rows: int
 
 @_dispatch_cached_op.register_fake
 def _(buffer_id: int, x: Tensor, ticket: Tensor, num_rows: int) -> Tensor:
+    _inductor_order.ensure()
     return x.new_empty(num_rows, x.shape[1])
 
 
@@ -1028,6 +1030,7 @@ def _combine_op(
 def _(
     buffer_id: int, y: Tensor, ticket: Tensor, num_tokens: int, topk_weights: Tensor | None, refs: int
 ) -> tuple[Tensor, Tensor]:
+    _inductor_order.ensure()
     w = topk_weights.new_empty(num_tokens, topk_weights.shape[1]) if topk_weights is not None else None
     return y.new_empty(num_tokens, y.shape[1]), w if w is not None else y.new_empty(0, dtype=torch.float32)
 
@@ -1109,6 +1112,7 @@ def _ll_dispatch_op(
 def _(
     buffer_id: int, x: Tensor, topk_idx: Tensor, use_fp8: bool, round_scale: bool, topk_weights: Tensor | None
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    _inductor_order.ensure()
     c = buffer_of(buffer_id).ctx
     rows = c.num_ranks * c.max_tokens_per_rank
     h = x.shape[1]
@@ -1168,6 +1172,7 @@ def _ll_combine_op(buffer_id: int, y: Tensor, topk_idx: Tensor, topk_weights: Te
 
 @_ll_combine_op.register_fake
 def _(buffer_id: int, y: Tensor, topk_idx: Tensor, topk_weights: Tensor, ticket: Tensor) -> Tensor:
+    _inductor_order.ensure()
     return y.new_empty(topk_idx.shape[0], y.shape[2])
 
 

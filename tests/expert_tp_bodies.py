@@ -134,9 +134,10 @@ def tp1_equals_plain(rank: int, world: int, tokens: list[int], seed: int, varian
         buf.destroy()
 
 
-def compiled_tp_layer(rank: int, world: int, tp: int, tokens: list[int], num_worst: int, seed: int) -> None:
-    """torch.compile(fullgraph=True, backend aot_eager) of the TP layer equals eager in the output and every grad
-    (the count exchange becomes unbacked ints; with num_worst_tokens there is none)."""
+def compiled_tp_layer(rank: int, world: int, tp: int, tokens: list[int], num_worst: int, seed: int,
+                      backend: str = "aot_eager") -> None:
+    """torch.compile(fullgraph=True, backend) of the TP layer equals eager in the output and every grad (the count
+    exchange becomes unbacked ints, whose bounds Inductor must be told; with num_worst_tokens there is none)."""
     hidden, ffn, experts, topk = 32, 16, 4 * world // tp, 2
     groups = make_expert_tp_groups(tp)
     torch._dynamo.reset()
@@ -147,7 +148,7 @@ def compiled_tp_layer(rank: int, world: int, tp: int, tokens: list[int], num_wor
         layer = layers.MoELayer(buf, ffn_hidden=ffn, shared_ffn_hidden=8, num_worst_tokens=num_worst,
                                 expert_tp_group=groups.tp_group)
         x = torch.randn(tokens[rank], hidden, generator=_gen(seed, rank)).requires_grad_()
-        compiled_equals_eager(layer, x, f"rank {rank}: ")
+        compiled_equals_eager(layer, x, f"rank {rank}: ", backend)
         ops.release_handles(layer.buffer_id)
     finally:
         torch._dynamo.reset()

@@ -46,9 +46,10 @@ def test_layer_tp_4(pools) -> None:
     pools(4).run(expert_tp_bodies.layer_tp_vs_reference, 4, _tokens(4), 32, 16, 0, 8, 3, 71, [{}, {"num_chunks": 2}])
 
 
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
 @pytest.mark.parametrize("num_worst", [0, 48])
-def test_compiled_tp_layer(pools, num_worst: int) -> None:
-    pools(2).run(expert_tp_bodies.compiled_tp_layer, 2, [12, 7], num_worst, 9)
+def test_compiled_tp_layer(pools, num_worst: int, backend: str) -> None:
+    pools(2).run(expert_tp_bodies.compiled_tp_layer, 2, [12, 7], num_worst, 9, backend)
 
 
 @pytest.mark.parametrize("world", [2, 4])

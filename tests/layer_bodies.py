@@ -457,7 +457,7 @@ def low_latency_vs_normal(
 
 def compiled_two_layers(rank: int, world: int, tokens: list[int], num_worst: int, num_chunks: int, seed: int,
                         backend: str = "aot_eager") -> None:
-    """torch.compile(fullgraph=True, backend aot_eager) of two MoE layers (sharing one Buffer) equals eager in the
+    """torch.compile(fullgraph=True, backend) of two MoE layers (sharing one Buffer) equals eager in the
     output and every grad; with num_worst_tokens nothing breaks the graph even without fullgraph."""
     hidden, ffn, experts, topk = 32, 16, 4 * world, 3
     torch._dynamo.reset()

@@ -182,6 +182,27 @@ def test_routing_stats_match_monte_carlo(n: int, p: int, e: int, k: int) -> None
     assert mc.nodes_per_token == pytest.approx(exact.nodes_per_token, rel=0.01)
     assert 1.0 <= mc.imbalance < 1.1
     assert exact.ranks_per_token <= min(n, k) and exact.nodes_per_token <= min(n // p, k)
+    # the rows of a low-latency combine with the weights sent: min(experts on a rank, 2) summed over ranks
+    assert mc.summed_rows_per_token == pytest.approx(exact.summed_rows_per_token, rel=0.01)
+    assert exact.ranks_per_token <= exact.summed_rows_per_token <= min(2 * exact.ranks_per_token, k)
+    # the same count as the benchmark's floor (records.summed_rows_ll)
+    assert float(rec.summed_rows_ll(idx[:2000], e, n).sum()) / 2000 == pytest.approx(
+        float(sim.sampled_stats(idx[:2000], n, p, e).summed_rows_per_token))
+
+
+def test_weighted_low_latency_combine_traffic() -> None:
+    """With the weights sent, the low-latency combine crosses the links once per (token, rank) with one expert there
+    and twice with more: about half the copies at 2 ranks (288 experts, top-8), a quarter fewer at 4; the dispatch and
+    the logical bytes do not change."""
+    for n, frac in ((2, 0.49), (4, 0.77)):
+        st = sim.routing_stats(n, n, 288, 8)
+        plain = sim.traffic(sim.Workload("low_latency", "combine", 128, 7168, 8, 288), n, n, st)
+        summed = sim.traffic(sim.Workload("low_latency", "combine", 128, 7168, 8, 288, weights_sent=True), n, n, st)
+        assert summed.nvlink / plain.nvlink == pytest.approx(frac, abs=0.01)
+        assert summed.logical == plain.logical
+        d = [sim.traffic(sim.Workload("low_latency", "dispatch", 128, 7168, 8, 288, "fp8", ws), n, n, st)
+             for ws in (False, True)]
+        assert d[0] == d[1]
 
 
 def test_node_limited_sampling() -> None:

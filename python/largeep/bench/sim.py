@@ -119,6 +119,8 @@ class Workload:
     num_topk: int
     num_experts: int
     dtype: str = "bf16"
+    # low-latency: the dispatch carried topk_weights, so the combine returns summed rows (RoutingStats)
+    weights_sent: bool = False
 
     def bytes_per_row(self) -> int:
         from largeep.bench.records import row_bytes
@@ -129,11 +131,14 @@ class Workload:
 @dataclass(frozen=True)
 class RoutingStats:
     """ranks_per_token: E[distinct ranks a token needs]; nodes_per_token: E[distinct nodes]; imbalance: rows the
-    busiest rank receives over the mean (1 for uniform routing)."""
+    busiest rank receives over the mean (1 for uniform routing); summed_rows_per_token: E[sum over ranks of
+    min(distinct experts of the token there, 2)], the rows a low-latency combine returns per token when the dispatch
+    carried the weights (a rank sums two or more of a token's experts into two rows; 0: not computed)."""
 
     ranks_per_token: float
     nodes_per_token: float
     imbalance: float = 1.0
+    summed_rows_per_token: float = 0.0
 
 
 def _miss(num_experts: int, hit_experts: float, k: int) -> float:
@@ -154,9 +159,19 @@ def _miss(num_experts: int, hit_experts: float, k: int) -> float:
 def routing_stats(num_ranks: int, ranks_per_node: int, num_experts: int, num_topk: int) -> RoutingStats:
     """Exact statistics of uniform top-K routing (every K-subset of experts equally likely)."""
     nodes = max(1, num_ranks // ranks_per_node)
-    d_r = num_ranks * (1.0 - _miss(num_experts, num_experts / num_ranks, num_topk))
+    h = num_experts / num_ranks
+    p0 = _miss(num_experts, h, num_topk)
+    d_r = num_ranks * (1.0 - p0)
     d_n = nodes * (1.0 - _miss(num_experts, num_experts / nodes, num_topk))
-    return RoutingStats(d_r, d_n, 1.0)
+    # P(exactly one of the token's K distinct experts is on a given rank of h experts)
+    hi = int(round(h))
+    if abs(h - hi) < 1e-9 and num_topk >= 1 and num_experts - hi >= num_topk - 1:
+        p1 = hi * math.comb(num_experts - hi, num_topk - 1) / math.comb(num_experts, num_topk)
+    else:  # (E not divisible by N: the binomial approximation)
+        q = h / num_experts
+        p1 = num_topk * q * (1.0 - q) ** (num_topk - 1)
+    summed = num_ranks * ((1.0 - p0) + max(0.0, 1.0 - p0 - p1))
+    return RoutingStats(d_r, d_n, 1.0, summed)
 
 
 def sample_topk(
@@ -190,7 +205,12 @@ def sampled_stats(topk_idx: torch.Tensor, num_ranks: int, ranks_per_node: int, n
     nodes = hit.view(t, num_ranks // ranks_per_node, ranks_per_node).any(dim=2)
     per = hit.sum(0).double()
     d_r = float(hit.sum()) / t
-    return RoutingStats(d_r, float(nodes.sum()) / t, float(per.max() / per.mean()) if per.sum() > 0 else 1.0)
+    # distinct experts of each token on each rank, clamped at 2 (the rows of a weighted low-latency combine)
+    distinct = torch.zeros(t, num_experts + 1, dtype=torch.bool)
+    distinct.scatter_(1, torch.where(topk_idx >= 0, topk_idx, num_experts), True)
+    on_rank = distinct[:, :num_experts].reshape(t, num_ranks, per_rank).sum(2)
+    summed = float(on_rank.clamp(max=2).sum()) / t
+    return RoutingStats(d_r, float(nodes.sum()) / t, float(per.max() / per.mean()) if per.sum() > 0 else 1.0, summed)
 
 
 # -- traffic ----------------------------------------------------------------------------------------------------
@@ -227,8 +247,14 @@ def traffic(
         # every rank sums its own T tokens whatever the routing's imbalance
         return Traffic(rows * b, nvl * b, rdma * b, rows * b, rows * b16, t * 2 * w.hidden)
     copies = t * w.num_topk
-    # low latency: dispatch crosses a link once per (token, destination rank), combine once per copy
-    sent = t * stats.ranks_per_token if w.op == "dispatch" else copies
+    # low latency: dispatch crosses a link once per (token, destination rank), combine once per copy (with the
+    # weights sent: once per (token, rank) with one expert there, twice with more)
+    if w.op == "dispatch":
+        sent = t * stats.ranks_per_token
+    elif w.weights_sent and stats.summed_rows_per_token > 0:
+        sent = t * stats.summed_rows_per_token
+    else:
+        sent = copies
     return Traffic(copies * b, sent * (p - 1) / n * b, sent * (n - p) / n * b, 0.0)
 
 
@@ -479,11 +505,12 @@ def skew_free(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 # -- calibration ------------------------------------------------------------------------------------------------
-def _usable(r: dict[str, Any]) -> bool:
-    # a low-latency call whose dispatch carried the weights (``weights_sent``) moves fewer combine bytes than the
-    # per-copy combine the model describes: not fitted
+def _usable(r: dict[str, Any], *, weighted: bool = False) -> bool:
+    """A dispatch/combine record with a time. Records of low-latency calls whose dispatch carried the weights
+    (``weights_sent``) are not fitted (``weighted`` False): their combine moves the summed rows, which the model
+    predicts from the constants of the per-copy combine; ``check`` takes them (``--check-weighted``)."""
     return (r.get("mode") in MODES and r.get("op") in OPS and float(r.get("time_us_median") or 0) > 0
-            and not r.get("weights_sent"))
+            and (weighted or not r.get("weights_sent")))
 
 
 def record_eighths(r: dict[str, Any]) -> int:
@@ -642,10 +669,10 @@ def check(
     cluster = cluster or Cluster()
     rows = []
     for r in records:
-        if not _usable(r):
+        if not _usable(r, weighted=True):
             continue
         w = Workload(r["mode"], r["op"], int(r["num_tokens"]), int(r["hidden"]), int(r["num_topk"]),
-                     int(r["num_experts"]), r["dtype"])
+                     int(r["num_experts"]), r["dtype"], bool(r.get("weights_sent")))
         c = replace(cluster, gpus_per_node=int(r["ranks_per_node"]), combine_eighths=record_eighths(r))
         pred = predict(w, int(r["ep"]), params, c, hierarchical=hierarchical, overlap=overlap,
                        num_sms=r.get("num_sms"))
@@ -913,6 +940,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "EIGHTHS/8 of its blocks (largeep's default since session 5: 3); 0 = push + reduce kernels")
     p.add_argument("--combine-eighths", type=int, default=3,
                    help="the fused combine's push share in the predictions (one node; 0 = push + reduce)")
+    p.add_argument("--check-weighted", nargs="*", default=[], metavar="JSON",
+                   help="low-latency records with the weights sent (bench/low_latency_times.py --weighted): "
+                        "predicted with the fitted constants and compared, not fitted")
     p.add_argument("--out", help="folder for sim.json and sim.png")
     p.add_argument("--eps", type=_ints, default=[8, 16, 32, 64, 128, 256])
     p.add_argument("--gpus-per-node", type=int, default=8)
@@ -1027,6 +1057,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         _print_check("held-out check", holdout)
     elif records:
         print("held-out check: too few records to hold any out")
+    weighted_doc = None
+    if args.check_weighted:
+        wrecs = [r for r in skew_free([r for r in load(args.check_weighted) if _usable(r, weighted=True)])
+                 if r.get("weights_sent") and r.get("backend", backend) == backend]
+        weighted_doc = _check_doc(check(params, wrecs, **kw), "low-latency calls with the weights sent (not fitted: "
+                                  "predicted from the per-copy constants with the summed combine rows)", params)
+        _print_check("weighted check", weighted_doc)
     if holdout_alt:
         print(f"the same check {holdout_alt['variant']}: median |error| {100 * holdout_alt['median_abs_err']:.1f}%, "
               f"max {100 * holdout_alt['max_abs_err']:.1f}%, {holdout_alt['within_15pct']}/{holdout_alt['n']} "
@@ -1069,7 +1106,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         out.mkdir(parents=True, exist_ok=True)
         doc = {
             "calibration": asdict(params), "holdout_check": holdout, "holdout_check_other_variant": holdout_alt,
-            "in_sample": in_sample, "cluster": asdict(cluster),
+            "in_sample": in_sample, "weighted_check": weighted_doc, "cluster": asdict(cluster),
             "calibrated_on": {"files": args.calibrate, "backend": backend, "timing": timing, "records": len(records),
                               "hierarchical": hier, "overlap": ovl, "copy_phase": copy},
             "predictions": rows, "measured": records, "shown_not_fitted": shown,

@@ -898,3 +898,43 @@ def ops_zero_rows_backward(rank: int, world: int) -> None:
 
     gc.collect()
     assert ops.live_handles(bid) == 0
+
+
+def placement_compiled(rank: int, world: int, tokens: list[int], seed: int) -> None:
+    """A layer with a largeep.placement.Placement (replicas of hot experts) under torch.compile(fullgraph=True),
+    aot_eager and Inductor: the trace routes with Placement.table_route (no host wait) where eager routes with
+    route; the replicas hold the same weights, so the output and the grad of x equal eager's to float32 rounding."""
+    from largeep import placement as pl
+
+    hidden, ffn, topk, logical = 32, 16, 2, 6
+    slots = 4 * world
+    torch._dynamo.reset()
+    buf = largeep.Buffer(None, hidden=hidden, num_experts=slots, num_topk=topk, max_tokens_per_rank=max(tokens),
+                         backend="torch")
+    try:
+        topo = pl.Topology(num_nodes=1, gpus_per_node=world, slots_per_gpu=slots // world)
+        plc = pl.greedy_placement(torch.tensor([6.0, 3, 1, 1, 1, 1]), topo)
+        assert int(plc.replica_count.max()) > 1
+        torch.manual_seed(seed)
+        layer = layers.MoELayer(buf, ffn_hidden=ffn, num_logical_experts=logical, placement=plc)
+        g = torch.Generator().manual_seed(seed)
+        w1, w3 = (torch.randn(logical, hidden, ffn, generator=g) * 0.2 for _ in range(2))
+        layer.load_global_experts(w1, w3, torch.randn(logical, ffn, hidden, generator=g) * 0.2)
+        x = torch.randn(tokens[rank], hidden, generator=_gen(seed, rank)).requires_grad_()
+
+        def run(fn: Any) -> list[torch.Tensor]:
+            x.grad = None
+            y = fn(x)
+            (y * y).sum().backward()
+            return [y.detach(), x.grad]
+
+        eager = run(layer)
+        for how in ("aot_eager", "inductor"):
+            torch._dynamo.reset()
+            got = run(torch.compile(layer, backend=how, fullgraph=True))
+            for i, (a, b) in enumerate(zip(got, eager, strict=True)):
+                close(a, b, f"rank {rank}: compiled ({how}) layer with a placement, tensor {i}", rtol=1e-5)
+        ops.release_handles(layer.buffer_id)
+    finally:
+        torch._dynamo.reset()
+        buf.destroy()

@@ -59,6 +59,11 @@ def test_compile_two_layers(pools, world: int, num_worst: int, num_chunks: int) 
     pools(world).run(layer_bodies.compiled_two_layers, [12 + 3 * r for r in range(world)], num_worst, num_chunks, 7)
 
 
+def test_placement_compiled(pools) -> None:
+    """A layer with a Placement compiles with fullgraph (its table route) and equals eager."""
+    pools(2).run(layer_bodies.placement_compiled, [12, 9], 5)
+
+
 def test_compile_two_layers_inductor(pools) -> None:
     """The same with Inductor (torch.compile's default backend), chunked, ranks of different token counts."""
     pools(2).run(layer_bodies.compiled_two_layers, [12, 15], 0, 2, 7, "inductor")

@@ -300,6 +300,30 @@ def test_route_edge_cases():
         p.route(torch.tensor([[0]]), 0, local_cap=0.0)
 
 
+def test_table_route():
+    """The traceable route: own GPU's replica, else the node's in turn, else all replicas in turn; -1 passes; with
+    one replica per expert it equals route; it compiles with fullgraph."""
+    topo = Topology(2, 2, slots_per_gpu=2)
+    # expert 0 on GPUs 0 and 3; expert 1 on GPUs 0 and 1 (node 0) only; experts 2..4 once each
+    p = Placement(topo, 5, torch.tensor([0, 1, 1, 2, 3, 4, 0, -1]))
+    idx = torch.tensor([[0, 1], [1, -1], [2, 0], [3, 4]])
+    # from GPU 0: expert 0 and 1 are there
+    assert p.table_route(idx, 0).tolist() == [[0, 1], [1, -1], [3, 0], [4, 5]]
+    # from GPU 1 (node 0): expert 0's node-0 replica is slot 0; expert 1 is on GPU 1 (slot 2)
+    assert p.table_route(idx, 1).tolist() == [[0, 2], [2, -1], [3, 0], [4, 5]]
+    # from GPU 2 (node 1): expert 0 on node 1 is slot 6; expert 1 is not on node 1: its replicas 1, 2 in turn by t + k
+    out = p.table_route(idx, 2)
+    assert out.tolist() == [[6, 2], [2, -1], [3, 6], [4, 5]]
+    assert (p.phys_to_log[out.clamp(min=0)] == idx.clamp(min=0)).all()
+    one = Placement(topo, 8, torch.arange(8))
+    rnd = torch.randint(-1, 8, (50, 3))
+    assert torch.equal(one.table_route(rnd, 3), one.route(rnd, 3))
+    compiled = torch.compile(lambda i: p.table_route(i, 2), backend="aot_eager", fullgraph=True)
+    assert torch.equal(compiled(idx), out)
+    with pytest.raises(ValueError, match="'src_gpu'"):
+        p.table_route(idx, 4)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Link model
 

@@ -229,11 +229,21 @@ class GroupedExperts(nn.Module):
         return y.view(e, s, h)
 
 
-def _wrap_placement(placement: Any, rank: int) -> Callable[[Tensor], Tensor] | None:
+def _wrap_placement(placement: Any, rank: int, device: torch.device) -> Callable[[Tensor], Tensor] | None:
     if placement is None:
         return None
     if hasattr(placement, "route") and hasattr(placement, "phys_to_log"):
-        return lambda idx: placement.route(idx, rank)  # type: ignore[no-any-return]
+        if hasattr(placement, "table_route"):
+            placement._tables(device)  # (built now, eagerly: a trace then only reads them)
+
+        def route(idx: Tensor) -> Tensor:
+            # route water-fills by load and waits on the host; traced or captured, the table route instead
+            traced = torch.compiler.is_compiling() or (idx.is_cuda and torch.cuda.is_current_stream_capturing())
+            if traced and hasattr(placement, "table_route"):
+                return placement.table_route(idx, rank)  # type: ignore[no-any-return]
+            return placement.route(idx, rank)  # type: ignore[no-any-return]
+
+        return route
     if callable(placement):
         return placement  # type: ignore[no-any-return]
     raise ArgumentError("MoELayer: argument 'placement' must be a callable or a largeep.placement.Placement")
@@ -250,7 +260,9 @@ class MoELayer(nn.Module):
             ``aux_loss``, kept in ``self.aux_loss``). Default: :class:`LinearTopKRouter` over the logical experts.
         num_logical_experts: experts the default gate chooses from (default E; differs with a placement).
         placement: None, a callable logical topk_idx int64 [T, K] -> physical [T, K], or a
-            ``largeep.placement.Placement`` (its ``route`` gets this rank as the source GPU).
+            ``largeep.placement.Placement`` (its ``route`` gets this rank as the source GPU; under
+            ``torch.compile`` or CUDA-graph capture its ``table_route``, which needs no host wait but does not
+            balance the remote replicas by load).
         shared_ffn_hidden: F of the shared experts (0: none), applied to every token.
         num_chunks: normal mode: split the batch into this many chunks pipelined as described in the module doc.
         num_worst_tokens: normal mode: > 0 uses fixed-size dispatch outputs (no host wait, static shapes).
@@ -329,7 +341,7 @@ class MoELayer(nn.Module):
             c.hidden, self.num_logical_experts, c.num_topk, score_func=router_score, norm_topk_prob=norm_topk_prob
         )
         self.phys_to_log: Tensor | None = getattr(placement, "phys_to_log", None)
-        self.placement = _wrap_placement(placement, c.rank)
+        self.placement = _wrap_placement(placement, c.rank, c.device)
         self.ffn_hidden = ffn_hidden
         self.experts = GroupedExperts(self.num_local_experts, c.hidden, ffn_hidden // tp, dtype=dtype)
         self.shared_experts = SwiGLU(c.hidden, shared_ffn_hidden, dtype=dtype) if shared_ffn_hidden > 0 else None

@@ -222,6 +222,36 @@ class Placement:
         node = self.replica_table[:, 0] // self.topology.slots_per_gpu // self.topology.gpus_per_node
         return torch.unique(node, return_inverse=True)[1]
 
+    def table_route(self, topk_idx: torch.Tensor, src_gpu: int) -> torch.Tensor:
+        """A traceable ``route`` for the tokens of one source GPU: no host wait and no data-dependent shape, so
+        ``torch.compile(fullgraph=True)`` and CUDA-graph capture take it (``MoELayer`` uses it there). Choice (t, k)
+        of logical e goes to e's replica on ``src_gpu`` if there is one, else to one on its node (the node's
+        replicas in turn by t + k), else to one of all of e's replicas in turn by t + k. Unlike ``route`` it does
+        not water-fill the remote choices by load, and it does not check the ids (``route`` does). Where every
+        expert has one replica the two agree.
+
+        Args:
+            topk_idx: int64 [T, K], logical experts in [-1, L); -1 passes through.
+            src_gpu: the source GPU of every token, in [0, num_gpus).
+
+        Returns:
+            int64 [T, K], slots in [-1, num_slots).
+        """
+        topo = self.topology
+        _check(0 <= src_gpu < topo.num_gpus, "src_gpu", f"must be in [0, {topo.num_gpus}), got {src_gpu}")
+        table, nrep, on_gpu, node_list, node_cnt = self._tables(topk_idx.device)
+        t, k = topk_idx.shape
+        dev = topk_idx.device
+        turn = torch.arange(t, device=dev)[:, None] + torch.arange(k, device=dev)[None, :]
+        e = topk_idx.clamp(min=0)
+        node = src_gpu // topo.gpus_per_node
+        cnt = node_cnt[e, node]
+        mine = on_gpu[e, src_gpu]
+        near = node_list[e, node, turn % cnt.clamp(min=1)]
+        far = table[e, turn % nrep[e].clamp(min=1)]
+        out = torch.where(mine >= 0, mine, torch.where(cnt > 0, near, far))
+        return torch.where(topk_idx >= 0, out, torch.full_like(out, -1))
+
     def _tables(self, device: torch.device) -> tuple[torch.Tensor, ...]:
         """Lookup tables for ``route``, cached per device: replica_table, replica_count, on_gpu int64 [L, G] (the
         lowest slot of e on GPU g, else -1), node_list int64 [L, N, Rn] (slots of e on node n ascending, -1

@@ -292,6 +292,25 @@ def test_gate_capacity_factor():
     assert float(out.topk_weights[10:].detach().abs().sum()) == 0.0
 
 
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_gate_compiles_fullgraph(backend: str):
+    """torch.compile(fullgraph=True) of the gate gives eager's choices and weights (to float32 rounding), with the
+    capacity factor (its exact fraction is made outside the trace), group limits and the aux loss; a capacity factor
+    changed after construction applies."""
+    torch.manual_seed(3)
+    x = torch.randn(40, 32)
+    for kw in (dict(capacity_factor=1.1, aux_loss_coef=0.01), dict(score_func="sigmoid", num_groups=4, topk_groups=2)):
+        gate = TopKGate(GateConfig(hidden=32, num_experts=16, topk=4, **kw))
+        torch._dynamo.reset()
+        want, got = gate(x), torch.compile(gate, backend=backend, fullgraph=True)(x)
+        assert torch.equal(got.topk_idx, want.topk_idx)
+        torch.testing.assert_close(got.topk_weights, want.topk_weights, rtol=1e-6, atol=1e-7)
+        assert torch.equal(got.tokens_per_expert, want.tokens_per_expert)
+    gate.config.capacity_factor = 0.5
+    assert int(gate(x).tokens_per_expert.max()) <= capacity_for(40, 4, 16, 0.5) == 5
+    torch._dynamo.reset()
+
+
 def test_zero_tokens_and_single_expert():
     gate = TopKGate(GateConfig(hidden=8, num_experts=1, topk=1))
     out = gate(torch.randn(0, 8))

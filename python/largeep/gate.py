@@ -243,12 +243,20 @@ def apply_capacity(
     return topk_idx.masked_fill(drop, -1), topk_weights.masked_fill(drop, 0.0)
 
 
-def capacity_for(num_tokens: int, topk: int, num_experts: int, capacity_factor: float) -> int:
-    """Choices kept per expert: ceil(capacity_factor * T * K / E), exact for a factor given in decimal (1.1 * 100 * 8 /
-    8 is 110, not float rounding's 111)."""
+def capacity_ratio(capacity_factor: float) -> tuple[int, int]:
+    """The factor as the fraction its decimal form says (1.1 -> 11/10, not the binary float's ratio)."""
     from fractions import Fraction
 
-    return math.ceil(Fraction(str(capacity_factor)) * num_tokens * topk / num_experts)
+    f = Fraction(str(capacity_factor))
+    return f.numerator, f.denominator
+
+
+def capacity_for(num_tokens: int, topk: int, num_experts: int, capacity_factor: float | tuple[int, int]) -> int:
+    """Choices kept per expert: ceil(capacity_factor * T * K / E), exact for a factor given in decimal (1.1 * 100 * 8 /
+    8 is 110, not float rounding's 111). The factor may be given as ``capacity_ratio``'s (num, den); integer
+    arithmetic only, so a traced T (torch.compile) works."""
+    num, den = capacity_ratio(capacity_factor) if not isinstance(capacity_factor, tuple) else capacity_factor
+    return -((-num * num_tokens * topk) // (den * num_experts))
 
 
 def balance_loss(scores: torch.Tensor, topk_idx: torch.Tensor, num_experts: int) -> torch.Tensor:
@@ -289,6 +297,10 @@ class TopKGate(nn.Module):
         ``config.num_groups`` contiguous groups."""
         super().__init__()
         self.config = config
+        # (the capacity factor as an exact fraction, made here: Fraction does not trace under torch.compile; remade
+        # if config.capacity_factor changes)
+        self._capacity: tuple[float | None, tuple[int, int] | None] = (None, None)
+        self._capacity_ratio()
         if group_of_expert is None:
             group_of_expert = contiguous_groups(config.num_experts, config.num_groups)
         self.topk_groups = self._check_groups(group_of_expert)
@@ -314,6 +326,12 @@ class TopKGate(nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[no-untyped-def]
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self._refresh_groups()
+
+    def _capacity_ratio(self) -> tuple[int, int] | None:
+        factor = self.config.capacity_factor
+        if factor is not None and self._capacity[0] != factor:
+            self._capacity = (factor, capacity_ratio(factor))
+        return self._capacity[1] if factor is not None else None
 
     def _check_groups(self, group_of_expert: torch.Tensor) -> int:
         """Refuses groups that cannot hold top-k; returns the groups kept per token (config's, default all)."""
@@ -373,8 +391,9 @@ class TopKGate(nn.Module):
         if cfg.bias_balancing and self.training:
             self.expert_load += _counts(topk_idx, cfg.num_experts).float()
         aux = balance_loss(scores, topk_idx, cfg.num_experts) * cfg.aux_loss_coef if cfg.aux_loss_coef > 0 else None
-        if cfg.capacity_factor is not None:
-            cap = capacity_for(logits.shape[0], cfg.topk, cfg.num_experts, cfg.capacity_factor)
+        ratio = self._capacity_ratio()
+        if ratio is not None:
+            cap = capacity_for(logits.shape[0], cfg.topk, cfg.num_experts, ratio)
             topk_idx, topk_weights = apply_capacity(topk_idx, topk_weights, cfg.num_experts, cap)
         tokens_per_expert = _counts(topk_idx, cfg.num_experts)
         return GateOutput(topk_idx, topk_weights, scores, tokens_per_expert, aux)

@@ -64,9 +64,10 @@ def test_placement_compiled(pools) -> None:
     pools(2).run(layer_bodies.placement_compiled, [12, 9], 5)
 
 
-def test_compile_two_layers_inductor(pools) -> None:
+@pytest.mark.parametrize("num_worst,num_chunks", [(0, 2), (64, 2)])
+def test_compile_two_layers_inductor(pools, num_worst: int, num_chunks: int) -> None:
     """The same with Inductor (torch.compile's default backend), chunked, ranks of different token counts."""
-    pools(2).run(layer_bodies.compiled_two_layers, [12, 15], 0, 2, 7, "inductor")
+    pools(2).run(layer_bodies.compiled_two_layers, [12, 15], num_worst, num_chunks, 7, "inductor")
 
 
 @pytest.mark.skipif(importlib.util.find_spec("largeep.gate") is None, reason="largeep.gate is not there")

@@ -938,3 +938,45 @@ def placement_compiled(rank: int, world: int, tokens: list[int], seed: int) -> N
     finally:
         torch._dynamo.reset()
         buf.destroy()
+
+
+def ops_two_batches_compiled(rank: int, world: int, num_worst: int, backend: str) -> None:
+    """A user's MoE step on largeep.ops: two micro-batches (no data dependency between them), each dispatch ->
+    expert (rows times their weights' sum) -> combine, under torch.compile(fullgraph=True, backend): outputs and the
+    grads of x and topk_weights equal eager's (aot_eager bit for bit; Inductor to float32 rounding). The ranks have
+    different token counts, so they compile graphs of different shapes whose communication must stay in order."""
+    buf = largeep.Buffer(None, hidden=32, num_experts=4 * world, num_topk=2, max_tokens_per_rank=20, backend="torch")
+    try:
+        bid = ops.register_buffer(buf)
+        g = torch.Generator().manual_seed(rank)
+
+        def make(t: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            x = torch.randn(t, 32, generator=g).requires_grad_()
+            idx = torch.rand(t, 4 * world, generator=g).topk(2, dim=1).indices
+            return x, idx, torch.rand(t, 2, generator=g).requires_grad_()
+
+        a, b = make(10 + 3 * rank), make(7 + 5 * rank)
+
+        def moe(x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+            d = ops.dispatch(bid, x, idx, w, num_worst_tokens=num_worst)
+            return ops.combine(bid, d.x * d.topk_weights.sum(1, keepdim=True), d.handle).x
+
+        def two(a: Any, b: Any) -> tuple[torch.Tensor, torch.Tensor]:
+            return moe(*a), moe(*b)
+
+        def run(fn: Any) -> list[torch.Tensor]:
+            for t in (*a, *b):
+                t.grad = None
+            ya, yb = fn(a, b)
+            ((ya * ya).sum() + (yb * yb).sum()).backward()
+            return [ya.detach(), yb.detach(), a[0].grad, a[2].grad, b[0].grad, b[2].grad]
+
+        want = run(two)
+        torch._dynamo.reset()
+        got = run(torch.compile(two, backend=backend, fullgraph=True))
+        for i, (x, y) in enumerate(zip(got, want, strict=True)):
+            close(x, y, f"rank {rank}: compiled ({backend}) two micro-batches, tensor {i}", rtol=1e-6)
+        ops.release_handles(bid)
+    finally:
+        torch._dynamo.reset()
+        buf.destroy()

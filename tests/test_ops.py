@@ -104,6 +104,14 @@ def test_dispatch_combine_autograd(pools, world: int, use_custom_ops: bool, num_
     )
 
 
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+@pytest.mark.parametrize("num_worst", [0, 40])
+def test_two_batches_compiled(pools, num_worst: int, backend: str) -> None:
+    """ops.dispatch / ops.combine of two independent micro-batches in one compiled graph (fullgraph), forward and
+    backward, equal eager."""
+    pools(2).run(layer_bodies.ops_two_batches_compiled, num_worst, backend)
+
+
 def test_registry(pools) -> None:
     pools(2).run(layer_bodies.ops_registry_errors)
 

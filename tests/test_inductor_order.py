@@ -35,3 +35,13 @@ def test_wraps_once_or_not_at_all(setting: str | None, want: str) -> None:
     out = subprocess.run([sys.executable, "-c", _PROBE], env=env, capture_output=True, text=True, timeout=120,
                          check=True)
     assert out.stdout.split("\n")[-2] == want, out.stdout + out.stderr
+
+
+def test_bad_setting_names_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    from largeep import _env, info
+
+    monkeypatch.setenv("LARGEEP_INDUCTOR_ORDER_FIX", "yes")
+    with pytest.raises(ValueError, match="LARGEEP_INDUCTOR_ORDER_FIX='yes'"):
+        _env.inductor_order_fix()
+    r = info.report()
+    assert r["settings_error"] and "LARGEEP_INDUCTOR_ORDER_FIX" in r["settings_error"]

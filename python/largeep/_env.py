@@ -19,6 +19,8 @@
 | | | issued from): ``high``, the highest torch gives, so that a communication kernel queued behind compute |
 | | | gets SMs as they free up, before the compute kernels' waiting blocks; ``normal``: the default priority |
 | LARGEEP_SEGV_BACKTRACE | 0 | 1: a crash (SIGSEGV, SIGBUS) inside the process prints the native stack (diagnostics) |
+| LARGEEP_INDUCTOR_ORDER_FIX | 1 | 1: keep Inductor from reordering largeep's communication ops (_inductor_order.py); |
+| | | 0: leave Inductor as it is |
 """
 
 from __future__ import annotations
@@ -86,6 +88,12 @@ def fault_backtrace() -> bool:
     """LARGEEP_SEGV_BACKTRACE=1 (read when the native module loads, apart from the Buffer's settings: a bad value of
     another variable is an error of the Buffer that reads it)."""
     return os.environ.get(_PREFIX + "SEGV_BACKTRACE", "0") == "1"
+
+
+def inductor_order_fix() -> bool:
+    """LARGEEP_INDUCTOR_ORDER_FIX (read when a graph holding a largeep communication op is first traced): "1"
+    (default) or "0"; anything else raises ValueError naming the variable."""
+    return _choice("INDUCTOR_ORDER_FIX", ("1", "0")) == "1"
 
 
 def _choice(name: str, values: tuple[str, ...]) -> str:

@@ -20,11 +20,11 @@ implementations of largeep's effectful ops, that is only while a graph holding o
 from __future__ import annotations
 
 import functools
-import os
 from typing import Any
 
 import torch
 
+from largeep import _env
 from largeep._env import logger
 
 _state = {"done": False}
@@ -34,8 +34,9 @@ def ensure() -> None:
     """Wraps Inductor's ``with_effects`` lowering (once per process; see the module docstring)."""
     if _state["done"]:
         return
+    enabled = _env.inductor_order_fix()  # (a bad value raises, naming the variable, at every trace until fixed)
     _state["done"] = True
-    if os.environ.get("LARGEEP_INDUCTOR_ORDER_FIX", "1") == "0":
+    if not enabled:
         logger.info("LARGEEP_INDUCTOR_ORDER_FIX=0: Inductor's ordering of communication ops is left as it is")
         return
     try:

@@ -46,7 +46,14 @@ def report() -> dict[str, Any]:
         out["settings"] = dict(vars(settings))
         out["settings_error"] = None
     except ValueError as exc:
-        out["settings"], out["settings_error"] = None, str(exc)
+        out["settings"], out["settings_error"] = None, f"{exc} (Buffer creation would raise this)"
+    try:
+        fix = _env.inductor_order_fix()
+        if out["settings"] is not None:
+            out["settings"]["inductor_order_fix"] = fix
+    except ValueError as exc:
+        out["settings"] = None
+        out["settings_error"] = f"{exc} (a torch.compile trace of a largeep op would raise this)"
     out["variables"] = {k: v for k, v in sorted(os.environ.items()) if k.startswith(("LARGEEP_", "NVSHMEM_"))}
     out["log_level_error"] = None if _env.log_level() is not None else (
         f"LARGEEP_LOG_LEVEL={os.environ.get('LARGEEP_LOG_LEVEL')!r} names no logging level (DEBUG, INFO, WARNING, "
@@ -58,7 +65,7 @@ def report() -> dict[str, Any]:
 def _advice(r: dict[str, Any]) -> list[str]:
     env, tips = r["environment"], []
     if r["settings_error"]:
-        tips.append(f"fix the environment variable: {r['settings_error']} (Buffer creation would raise this)")
+        tips.append(f"fix the environment variable: {r['settings_error']}")
     if r.get("log_level_error"):
         tips.append(r["log_level_error"])
     nvshmem, torch_cuda = env.get("nvshmem"), env.get("cuda")

@@ -522,18 +522,34 @@ def layer_chunked_gpu(rank: int, world: int, backend: str, tokens: list[int]) ->
         buf.destroy()
 
 
-def decode_step_cuda_graph(rank: int, world: int, tokens: int, replays: int) -> dict[str, Any]:
+def decode_step_cuda_graph(rank: int, world: int, tokens: int, replays: int,
+                           with_placement: bool = False) -> dict[str, Any]:
     """The low-latency decode step of a MoE layer (gate, FP8 dispatch, grouped expert GEMMs, combine, shared
     experts) captured once in a CUDA graph on the nvshmem backend and replayed on fresh inputs: every replay equals
     the eager layer on the same input exactly, and the expert slots stay consistent across replays (the Buffer's
-    round counters live on the device)."""
+    round counters live on the device). ``with_placement``: the layer holds replicas of hot experts (a Placement,
+    the same logical weights in every replica); the graph routes with table_route, eager with route, so a replay
+    equals eager to bf16 rounding (the replicas' GEMMs see other row groupings)."""
     hidden, ffn, experts, topk = 1024, 256, 8 * world, 4
     buf = largeep.Buffer(None, hidden=hidden, num_experts=experts, num_topk=topk, max_tokens_per_rank=tokens,
                          backend="nvshmem", low_latency=True)
     try:
         torch.manual_seed(7)  # the same gate and experts on every rank
+        kw: dict[str, Any] = {}
+        if with_placement:
+            from largeep import placement as pl
+
+            logical = experts - 3
+            load = torch.ones(logical)
+            load[:3] = 8.0
+            topo = pl.Topology(num_nodes=1, gpus_per_node=world, slots_per_gpu=experts // world)
+            kw = {"num_logical_experts": logical, "placement": pl.greedy_placement(load, topo)}
         with torch.device("cuda"):
-            layer = layers.MoELayer(buf, ffn_hidden=ffn, shared_ffn_hidden=64, dtype=torch.bfloat16)
+            layer = layers.MoELayer(buf, ffn_hidden=ffn, shared_ffn_hidden=64, dtype=torch.bfloat16, **kw)
+        if with_placement:
+            g0, n_log = torch.Generator().manual_seed(8), kw["num_logical_experts"]
+            w13 = [torch.randn(n_log, hidden, ffn, generator=g0) * hidden**-0.5 for _ in range(2)]
+            layer.load_global_experts(*w13, torch.randn(n_log, ffn, hidden, generator=g0) * ffn**-0.5)
         g = torch.Generator(device="cuda").manual_seed(70 + rank)
         x_static = torch.randn(tokens, hidden, device="cuda", generator=g).to(torch.bfloat16)
         with torch.no_grad():
@@ -554,7 +570,9 @@ def decode_step_cuda_graph(rank: int, world: int, tokens: int, replays: int) -> 
                 graph.replay()
                 got = y_static.clone()
                 want = layer(x_new)  # eager, the same routing and weights
-                if not torch.equal(got, want):
+                if with_placement:
+                    close(got.float(), want.float(), f"rank {rank}: replay {i} with a placement", rtol=2.0**-6)
+                elif not torch.equal(got, want):
                     mismatches += 1
                     err = float((got.float() - want.float()).abs().max())
                     raise AssertionError(f"rank {rank}: replay {i} differs from eager (max abs diff {err:.3g})")

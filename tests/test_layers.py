@@ -347,13 +347,15 @@ def test_layer_chunked_gpu(pools, backend: str) -> None:
 
 
 @pytest.mark.gpu(2)
-def test_decode_step_cuda_graph(pools) -> None:
-    """The low-latency MoE decode step captured in a CUDA graph and replayed 20 times on fresh inputs equals eager."""
+@pytest.mark.parametrize("with_placement", [False, True], ids=["plain", "placement"])
+def test_decode_step_cuda_graph(pools, with_placement: bool) -> None:
+    """The low-latency MoE decode step captured in a CUDA graph and replayed 20 times on fresh inputs equals eager
+    (with a placement: its table route in the graph, to bf16 rounding)."""
     from largeep import native
 
     if native.unavailable_reason() is not None:
         pytest.skip(str(native.unavailable_reason()))
-    res = pools(2, "nccl").run(layer_bodies.decode_step_cuda_graph, 16, 20)
+    res = pools(2, "nccl").run(layer_bodies.decode_step_cuda_graph, 16, 20, with_placement)
     assert all(r["replays"] == 20 and r["mismatches"] == 0 for r in res), res
 
 

@@ -315,6 +315,11 @@ def test_table_route():
     out = p.table_route(idx, 2)
     assert out.tolist() == [[6, 2], [2, -1], [3, 6], [4, 5]]
     assert (p.phys_to_log[out.clamp(min=0)] == idx.clamp(min=0)).all()
+    # GPU 3 (node 1 too) starts expert 1's turn one replica later than GPU 2: the two sources spread their tokens
+    assert p.table_route(idx, 3)[:2, :].tolist() == [[6, 1], [1, -1]]
+    many = torch.ones(40, 1, dtype=torch.int64)
+    assert torch.bincount(torch.cat([p.table_route(many, 2), p.table_route(many, 3)]).flatten()).tolist() == [
+        0, 40, 40]
     one = Placement(topo, 8, torch.arange(8))
     rnd = torch.randint(-1, 8, (50, 3))
     assert torch.equal(one.table_route(rnd, 3), one.route(rnd, 3))

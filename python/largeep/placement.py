@@ -226,7 +226,8 @@ class Placement:
         """A traceable ``route`` for the tokens of one source GPU: no host wait and no data-dependent shape, so
         ``torch.compile(fullgraph=True)`` and CUDA-graph capture take it (``MoELayer`` uses it there). Choice (t, k)
         of logical e goes to e's replica on ``src_gpu`` if there is one, else to one on its node (the node's
-        replicas in turn by t + k), else to one of all of e's replicas in turn by t + k. Unlike ``route`` it does
+        replicas in turn by t + k + src_gpu), else to one of all of e's replicas in turn by t + k + src_gpu (the
+        source's offset keeps sources from starting on the same replica). Unlike ``route`` it does
         not water-fill the remote choices by load, and it does not check the ids (``route`` does). Where every
         expert has one replica the two agree.
 
@@ -242,7 +243,7 @@ class Placement:
         table, nrep, on_gpu, node_list, node_cnt = self._tables(topk_idx.device)
         t, k = topk_idx.shape
         dev = topk_idx.device
-        turn = torch.arange(t, device=dev)[:, None] + torch.arange(k, device=dev)[None, :]
+        turn = torch.arange(t, device=dev)[:, None] + torch.arange(k, device=dev)[None, :] + src_gpu
         e = topk_idx.clamp(min=0)
         node = src_gpu // topo.gpus_per_node
         cnt = node_cnt[e, node]

@@ -292,6 +292,7 @@ def test_gate_capacity_factor():
     assert float(out.topk_weights[10:].detach().abs().sum()) == 0.0
 
 
+@pytest.mark.filterwarnings("ignore:.*torch.jit.script_method.* is deprecated:DeprecationWarning")  # (torch's own)
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
 def test_gate_compiles_fullgraph(backend: str):
     """torch.compile(fullgraph=True) of the gate gives eager's choices and weights (to float32 rounding), with the

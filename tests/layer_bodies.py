@@ -962,7 +962,8 @@ def ops_two_batches_compiled(rank: int, world: int, num_worst: int, backend: str
     """A user's MoE step on largeep.ops: two micro-batches (no data dependency between them), each dispatch ->
     expert (rows times their weights' sum) -> combine, under torch.compile(fullgraph=True, backend): outputs and the
     grads of x and topk_weights equal eager's (aot_eager bit for bit; Inductor to float32 rounding). The ranks have
-    different token counts, so they compile graphs of different shapes whose communication must stay in order."""
+    different token counts, so they compile graphs of different shapes (the ordering fix itself is guarded by
+    test_pipeline_compiled, which fails without it; this case happens to keep its order either way)."""
     buf = largeep.Buffer(None, hidden=32, num_experts=4 * world, num_topk=2, max_tokens_per_rank=20, backend="torch")
     try:
         bid = ops.register_buffer(buf)

@@ -297,7 +297,7 @@ def test_gate_capacity_factor():
 def test_gate_compiles_fullgraph(backend: str):
     """torch.compile(fullgraph=True) of the gate gives eager's choices and weights (to float32 rounding), with the
     capacity factor (its exact fraction is made outside the trace), group limits and the aux loss; a capacity factor
-    changed after construction applies."""
+    changed after a compiled call applies at the retrace."""
     torch.manual_seed(3)
     x = torch.randn(40, 32)
     for kw in (dict(capacity_factor=1.1, aux_loss_coef=0.01), dict(score_func="sigmoid", num_groups=4, topk_groups=2)):
@@ -307,8 +307,15 @@ def test_gate_compiles_fullgraph(backend: str):
         assert torch.equal(got.topk_idx, want.topk_idx)
         torch.testing.assert_close(got.topk_weights, want.topk_weights, rtol=1e-6, atol=1e-7)
         assert torch.equal(got.tokens_per_expert, want.tokens_per_expert)
+    # a factor changed after a compiled call: the retrace reads the new exact fraction (made when it was set)
+    gate = TopKGate(GateConfig(hidden=32, num_experts=16, topk=4, capacity_factor=1.1))
+    torch._dynamo.reset()
+    compiled = torch.compile(gate, backend=backend, fullgraph=True)
+    compiled(x)
     gate.config.capacity_factor = 0.5
-    assert int(gate(x).tokens_per_expert.max()) <= capacity_for(40, 4, 16, 0.5) == 5
+    got = compiled(x)
+    assert int(got.tokens_per_expert.max()) <= capacity_for(40, 4, 16, 0.5) == 5
+    assert torch.equal(got.topk_idx, gate(x).topk_idx)
     torch._dynamo.reset()
 
 

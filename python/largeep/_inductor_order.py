@@ -13,7 +13,8 @@ data (one unchunked layer after another) is not affected; chunked layers and ``M
 :func:`ensure` wraps that lowering once per process so that the edges it records under buffer names are also
 recorded under the operation names the scheduler reads (as the upstream fix does); where the edges are already
 keyed right, or the lowering has another shape, the wrapper adds nothing. It is called from the fake
-implementations of largeep's effectful ops, that is only while a graph holding one is traced.
+implementations of largeep's effectful ops, that is only while a graph holding one is traced; from then on it
+applies to every ORDERED effectful op Inductor lowers in the process (as the upstream fix does), not only largeep's.
 ``LARGEEP_INDUCTOR_ORDER_FIX=0`` turns it off.
 """
 
@@ -58,11 +59,12 @@ def ensure() -> None:
         deps = getattr(V.graph, "additional_star_deps", None)
         if deps is not None:
             for new in V.graph.operations[first:]:
-                buffer_name = new.get_name()  # type: ignore[attr-defined]
-                get_op_name = getattr(new, "get_operation_name", None)
-                op_name = get_op_name() if get_op_name is not None else buffer_name
-                edges = deps.get(buffer_name)
-                if edges and op_name != buffer_name:
+                # (plain attributes: an operation without a buffer name asserts in get_name())
+                buffer_name = getattr(new, "name", None)
+                op_name = getattr(new, "operation_name", None)
+                edges = deps.get(buffer_name) if buffer_name is not None else None
+                if edges and op_name is not None and op_name != buffer_name:
+                    deps.setdefault(op_name, type(edges)())
                     deps[op_name] |= edges
         return out
 

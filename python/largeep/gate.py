@@ -91,6 +91,14 @@ class GateConfig:
             f"must be None or > 0, got {self.capacity_factor}",
         )
 
+    def __setattr__(self, name: str, value: object) -> None:
+        object.__setattr__(self, name, value)
+        if name == "capacity_factor":
+            # its exact fraction, made whenever the factor is set (outside any torch.compile trace: Fraction and
+            # str(float) do not trace, and a retrace after a change must not need them)
+            ratio = capacity_ratio(value) if isinstance(value, (int, float)) else None  # type: ignore[arg-type]
+            object.__setattr__(self, "_capacity_ratio", ratio)
+
 
 @dataclass(eq=False)
 class GateOutput:
@@ -297,10 +305,6 @@ class TopKGate(nn.Module):
         ``config.num_groups`` contiguous groups."""
         super().__init__()
         self.config = config
-        # (the capacity factor as an exact fraction, made here: Fraction does not trace under torch.compile; remade
-        # if config.capacity_factor changes)
-        self._capacity: tuple[float | None, tuple[int, int] | None] = (None, None)
-        self._capacity_ratio()
         if group_of_expert is None:
             group_of_expert = contiguous_groups(config.num_experts, config.num_groups)
         self.topk_groups = self._check_groups(group_of_expert)
@@ -326,12 +330,6 @@ class TopKGate(nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[no-untyped-def]
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self._refresh_groups()
-
-    def _capacity_ratio(self) -> tuple[int, int] | None:
-        factor = self.config.capacity_factor
-        if factor is not None and self._capacity[0] != factor:
-            self._capacity = (factor, capacity_ratio(factor))
-        return self._capacity[1] if factor is not None else None
 
     def _check_groups(self, group_of_expert: torch.Tensor) -> int:
         """Refuses groups that cannot hold top-k; returns the groups kept per token (config's, default all)."""
@@ -391,7 +389,7 @@ class TopKGate(nn.Module):
         if cfg.bias_balancing and self.training:
             self.expert_load += _counts(topk_idx, cfg.num_experts).float()
         aux = balance_loss(scores, topk_idx, cfg.num_experts) * cfg.aux_loss_coef if cfg.aux_loss_coef > 0 else None
-        ratio = self._capacity_ratio()
+        ratio = getattr(cfg, "_capacity_ratio", None) if cfg.capacity_factor is not None else None
         if ratio is not None:
             cap = capacity_for(logits.shape[0], cfg.topk, cfg.num_experts, ratio)
             topk_idx, topk_weights = apply_capacity(topk_idx, topk_weights, cfg.num_experts, cap)

@@ -52,8 +52,8 @@ def report() -> dict[str, Any]:
         if out["settings"] is not None:
             out["settings"]["inductor_order_fix"] = fix
     except ValueError as exc:
-        out["settings"] = None
-        out["settings_error"] = f"{exc} (a torch.compile trace of a largeep op would raise this)"
+        msg = f"{exc} (a torch.compile trace of a largeep op would raise this)"
+        out["settings_error"] = f"{out['settings_error']}; {msg}" if out["settings_error"] else msg
     out["variables"] = {k: v for k, v in sorted(os.environ.items()) if k.startswith(("LARGEEP_", "NVSHMEM_"))}
     out["log_level_error"] = None if _env.log_level() is not None else (
         f"LARGEEP_LOG_LEVEL={os.environ.get('LARGEEP_LOG_LEVEL')!r} names no logging level (DEBUG, INFO, WARNING, "

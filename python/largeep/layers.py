@@ -233,13 +233,14 @@ def _wrap_placement(placement: Any, rank: int, device: torch.device) -> Callable
     if placement is None:
         return None
     if hasattr(placement, "route") and hasattr(placement, "phys_to_log"):
-        if hasattr(placement, "table_route"):
+        tabled = hasattr(placement, "table_route") and hasattr(placement, "_tables")
+        if tabled:
             placement._tables(device)  # (built now, eagerly: a trace then only reads them)
 
         def route(idx: Tensor) -> Tensor:
             # route water-fills by load and waits on the host; traced or captured, the table route instead
             traced = torch.compiler.is_compiling() or (idx.is_cuda and torch.cuda.is_current_stream_capturing())
-            if traced and hasattr(placement, "table_route"):
+            if traced and tabled:
                 return placement.table_route(idx, rank)  # type: ignore[no-any-return]
             return placement.route(idx, rank)  # type: ignore[no-any-return]
 

@@ -228,8 +228,9 @@ class Placement:
         of logical e goes to e's replica on ``src_gpu`` if there is one, else to one on its node (the node's
         replicas in turn by t + k + src_gpu), else to one of all of e's replicas in turn by t + k + src_gpu (the
         source's offset keeps sources from starting on the same replica). Unlike ``route`` it does
-        not water-fill the remote choices by load, and it does not check the ids (``route`` does). Where every
-        expert has one replica the two agree.
+        not water-fill the remote choices by load, applies no ``local_cap`` (every choice with a replica on the
+        node stays on the node), and does not check the ids (``route`` does; an id >= L indexes out of range).
+        Where every expert has one replica the two agree.
 
         Args:
             topk_idx: int64 [T, K], logical experts in [-1, L); -1 passes through.

@@ -328,13 +328,13 @@ class ExpertTP:
         else:
             rows = _exchange_ints([r, -1 if num_pairs is None else num_pairs], self.group, x.device)
             cap = max(row[0] for row in rows)
+            pairs = None
             if torch.compiler.is_compiling():
                 # the counts are data-dependent there: tell the compiler what slicing y[:r] below needs
                 for row in rows:
                     torch._check(row[0] >= 0)
                 torch._check(r <= cap)
-            pairs = None
-            if not torch.compiler.is_compiling() and all(row[1] >= 0 for row in rows):
+            elif all(row[1] >= 0 for row in rows):
                 pairs = sum(row[1] for row in rows)
         xa, wa, ia = all_gather_rows(
             self.group, _pad_rows(x, cap, 0.0), _pad_rows(topk_weights, cap, 0.0), _pad_rows(topk_idx, cap, -1)

@@ -389,7 +389,7 @@ class TopKGate(nn.Module):
         if cfg.bias_balancing and self.training:
             self.expert_load += _counts(topk_idx, cfg.num_experts).float()
         aux = balance_loss(scores, topk_idx, cfg.num_experts) * cfg.aux_loss_coef if cfg.aux_loss_coef > 0 else None
-        ratio = getattr(cfg, "_capacity_ratio", None) if cfg.capacity_factor is not None else None
+        ratio = getattr(cfg, "_capacity_ratio", None)  # (None without a capacity factor)
         if ratio is not None:
             cap = capacity_for(logits.shape[0], cfg.topk, cfg.num_experts, ratio)
             topk_idx, topk_weights = apply_capacity(topk_idx, topk_weights, cfg.num_experts, cap)

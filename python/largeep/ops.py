@@ -1139,6 +1139,7 @@ def _ll_combine_op(buffer_id: int, y: Tensor, topk_idx: Tensor, topk_weights: Te
     entry = _get(buffer_id, ticket, "low_latency_combine")
     h = entry.handle
     assert isinstance(h, LowLatencyHandle)
+    buf = buffer_of(buffer_id)
     try:
         w = topk_weights
         if h.weights is not None:
@@ -1146,7 +1147,6 @@ def _ll_combine_op(buffer_id: int, y: Tensor, topk_idx: Tensor, topk_weights: Te
             # object, so the storage is what must match here (the Buffer then checks the object the dispatch
             # kept). Best effort: Inductor may reuse that memory for another tensor once the dispatch has read it,
             # which no check here can tell; the combine applies the weights as the dispatch read them either way.
-            buf = buffer_of(buffer_id)
             c = buf.ctx
             checks.topk_weights("low_latency_combine", w, num_tokens=h.num_tokens, num_topk=c.num_topk,
                                 device=c.device)
@@ -1160,7 +1160,7 @@ def _ll_combine_op(buffer_id: int, y: Tensor, topk_idx: Tensor, topk_weights: Te
                     "topk_weights"
                 )
             w = kept
-        out = buffer_of(buffer_id).low_latency_combine(y, topk_idx, w, h).x
+        out = buf.low_latency_combine(y, topk_idx, w, h).x
     except ArgumentError:
         raise
     except BaseException:

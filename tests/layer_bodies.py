@@ -933,6 +933,9 @@ def placement_compiled(rank: int, world: int, tokens: list[int], seed: int) -> N
         topo = pl.Topology(num_nodes=1, gpus_per_node=world, slots_per_gpu=slots // world)
         plc = pl.greedy_placement(torch.tensor([6.0, 3, 1, 1, 1, 1]), topo)
         assert int(plc.replica_count.max()) > 1
+        with torch.device("meta"):  # another default device than the Buffer's, as `with torch.device("cuda")`
+            meta = layers.MoELayer(buf, ffn_hidden=ffn, num_logical_experts=logical, placement=plc)
+        assert meta.experts.w13.device.type == "meta"
         torch.manual_seed(seed)
         layer = layers.MoELayer(buf, ffn_hidden=ffn, num_logical_experts=logical, placement=plc)
         g = torch.Generator().manual_seed(seed)

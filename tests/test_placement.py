@@ -595,3 +595,30 @@ def test_audit_edges():
     new = Placement(topo, 3, torch.tensor([2, 2, 0, 1]))
     moves = migration_plan(old, new)
     assert [(m.expert, m.dst_gpu) for m in moves] == [(2, 0), (1, 1)], moves
+
+
+def test_host_work_ignores_default_device():
+    """Placement, its planners and the link simulator build their host tables on the CPU whatever default device
+    the caller has set (a model built under ``with torch.device("cuda")``): here the meta device, whose tensors
+    would refuse to mix with the CPU ones. Results equal those made without a default device."""
+    topo = Topology(2, 2, slots_per_gpu=3)
+    load = torch.tensor([9.0, 4, 2, 1, 1, 1, 1, 1])
+    idx = torch.tensor([[0, 1], [1, -1], [2, 0], [7, 4]])
+    src = torch.tensor([0, 1, 2, 3])
+
+    def work() -> list:
+        trace = synthetic_trace(64, 8, 2, topo, seed=3)
+        p = greedy_placement(load, topo)
+        q = plan_placement(load, topo, trace=trace, max_rounds=5, time_budget_s=60.0)
+        c = contiguous_placement(8, topo)
+        links = simulate_links(trace, p)
+        return [trace.topk_idx, p.phys_to_log, p.replica_table, p.gpu_share(), p.table_route(idx, 2),
+                p.route(idx, src), q.phys_to_log, c.replica_table, links.compute, replica_counts(load, 12),
+                torch.tensor([len(migration_plan(c, p))], device="cpu")]
+
+    want = work()
+    with torch.device("meta"):
+        got = work()
+    for i, (a, b) in enumerate(zip(got, want, strict=True)):
+        assert a.device.type == "cpu", i
+        assert torch.equal(a, b), i

@@ -357,7 +357,7 @@ class MoELayer(nn.Module):
         [j*F/T, (j+1)*F/T) of w1/w3, the same rows of w2."""
         table = phys_to_log if phys_to_log is not None else self.phys_to_log
         lo = self.rank * self.num_local_experts
-        slots = torch.arange(lo, lo + self.num_local_experts)
+        slots = torch.arange(lo, lo + self.num_local_experts, device="cpu")
         logical = table.cpu()[slots] if table is not None else slots
         ok = logical >= 0
         if self.expert_tp is not None and self.expert_tp.size > 1:
@@ -763,8 +763,8 @@ def allreduce_replica_grads(
     q = replicated.numel()
     if q == 0:
         return 0
-    compact = torch.full((num_logical,), -1, dtype=torch.int64)
-    compact[replicated] = torch.arange(q)
+    compact = torch.full((num_logical,), -1, dtype=torch.int64, device="cpu")
+    compact[replicated] = torch.arange(q, device="cpu")
     mine = table[rank * s : (rank + 1) * s]
     slot_q = torch.where(mine >= 0, compact[mine.clamp(min=0)], -1)
     local = (slot_q >= 0).nonzero().flatten()

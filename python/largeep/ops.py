@@ -216,7 +216,7 @@ def _put(buffer_id: int, entry: _Entry) -> Tensor:
         entries[tid] = entry
         while len(entries) > _REG.limits[buffer_id]:
             entries.popitem(last=False)
-    return torch.tensor([tid], dtype=torch.int64)
+    return torch.tensor([tid], dtype=torch.int64, device="cpu")
 
 
 def _get(buffer_id: int, ticket: Tensor, op: str, refs: int = 0, settle: bool = False) -> _Entry:
@@ -249,7 +249,7 @@ def _drop(buffer_id: int, ticket: Tensor) -> None:
 
 
 def _ticket_like() -> Tensor:
-    return torch.empty(1, dtype=torch.int64)
+    return torch.empty(1, dtype=torch.int64, device="cpu")
 
 
 def _fresh(outputs: tuple[Tensor, ...], inputs: tuple[Tensor | None, ...] = ()) -> tuple[Tensor, ...]:

@@ -188,8 +188,8 @@ class Placement:
         _check(missing.numel() == 0, "phys_to_log", f"leaves logical experts without a slot: {missing[:8].tolist()}")
         order = torch.argsort(torch.where(used, p2l, self.num_logical), stable=True)[: int(used.sum())]
         starts = torch.cumsum(counts, 0) - counts
-        pos = torch.arange(order.numel()) - starts[p2l[order]]
-        table = torch.full((self.num_logical, int(counts.max())), -1, dtype=torch.int64)
+        pos = torch.arange(order.numel(), device="cpu") - starts[p2l[order]]
+        table = torch.full((self.num_logical, int(counts.max())), -1, dtype=torch.int64, device="cpu")
         table[p2l[order], pos] = order
         self.replica_table = table
         self.replica_count = counts
@@ -201,12 +201,12 @@ class Placement:
 
     def gpu_of_slot(self) -> torch.Tensor:
         """int64 [num_slots]: the GPU of each slot."""
-        return torch.arange(self.topology.num_slots) // self.topology.slots_per_gpu
+        return torch.arange(self.topology.num_slots, device="cpu") // self.topology.slots_per_gpu
 
     def gpu_share(self) -> torch.Tensor:
         """float32 [L, G]: share of each logical expert's load that each GPU serves when split evenly over its
         replicas."""
-        share = torch.zeros(self.num_logical, self.topology.num_gpus)
+        share = torch.zeros(self.num_logical, self.topology.num_gpus, device="cpu")
         used = self.phys_to_log >= 0
         e = self.phys_to_log[used]
         share.index_put_((e, self.gpu_of_slot()[used]), 1.0 / self.replica_count[e].float(), accumulate=True)
@@ -266,12 +266,14 @@ class Placement:
             gpu = used // topo.slots_per_gpu
             node = gpu // topo.gpus_per_node
             big = topo.num_slots
-            on_gpu = torch.full((self.num_logical * topo.num_gpus,), big, dtype=torch.int64)
+            on_gpu = torch.full((self.num_logical * topo.num_gpus,), big, dtype=torch.int64, device="cpu")
             on_gpu.scatter_reduce_(0, e * topo.num_gpus + gpu, used, reduce="amin")  # lowest slot of e on g
             on_gpu = torch.where(on_gpu == big, -1, on_gpu).view(self.num_logical, topo.num_gpus)
             key = e * topo.num_nodes + node
             cnt = torch.bincount(key, minlength=self.num_logical * topo.num_nodes)
-            node_list = torch.full((self.num_logical * topo.num_nodes, int(cnt.max())), -1, dtype=torch.int64)
+            node_list = torch.full(
+                (self.num_logical * topo.num_nodes, int(cnt.max())), -1, dtype=torch.int64, device="cpu"
+            )
             node_list[key, _rank_within(key, self.num_logical * topo.num_nodes)] = used  # ascending slots
             cache[device] = (
                 self.replica_table.to(device),
@@ -514,7 +516,7 @@ def replica_counts(load: torch.Tensor, num_physical: int, max_per_expert: int | 
         counts[e] += 1
         if counts[e] < cap:
             heapq.heappush(heap, (-float(load[e]) / counts[e], counts[e], e))
-    return torch.tensor(counts, dtype=torch.int64)
+    return torch.tensor(counts, dtype=torch.int64, device="cpu")
 
 
 def _local_replica_counts(load: torch.Tensor, num_physical: int, num_nodes: int, cap: int) -> torch.Tensor:
@@ -536,7 +538,7 @@ def _local_replica_counts(load: torch.Tensor, num_physical: int, num_nodes: int,
         counts[e] += step
         left -= step
         heapq.heappush(heap, (-float(load[e]) / counts[e], counts[e], e))
-    return torch.tensor(counts, dtype=torch.int64)
+    return torch.tensor(counts, dtype=torch.int64, device="cpu")
 
 
 def contiguous_placement(num_logical: int, topology: Topology) -> Placement:
@@ -544,8 +546,8 @@ def contiguous_placement(num_logical: int, topology: Topology) -> Placement:
     slots past L stay empty."""
     _check(num_logical >= 1, "num_logical", f"must be >= 1, got {num_logical}")
     _num_replicas(num_logical, topology, None)
-    p2l = torch.full((topology.num_slots,), -1, dtype=torch.int64)
-    p2l[:num_logical] = torch.arange(num_logical)
+    p2l = torch.full((topology.num_slots,), -1, dtype=torch.int64, device="cpu")
+    p2l[:num_logical] = torch.arange(num_logical, device="cpu")
     return Placement(topology, num_logical, p2l)
 
 
@@ -615,7 +617,7 @@ def _coactivation(trace: RoutingTrace, topology: Topology) -> tuple[np.ndarray, 
     choosing e)."""
     num_logical = trace.num_experts
     idx = trace.topk_idx
-    i, j = torch.triu_indices(idx.shape[1], idx.shape[1], 1)
+    i, j = torch.triu_indices(idx.shape[1], idx.shape[1], 1, device="cpu")
     a, b = idx[:, i], idx[:, j]  # [T, K(K-1)/2]: each unordered pair of a token's choices once
     ok = (a >= 0) & (b >= 0) & (a != b)
     pairs = torch.bincount(a[ok] * num_logical + b[ok], minlength=num_logical * num_logical)
@@ -897,7 +899,7 @@ def plan_placement(
     unit_expert, w = _units(load, topology, num_replicas, local=True)
     start = np.argsort(_pack_greedy(unit_expert, w, topology), kind="stable")
     # Phase 2 on at most 8192 tokens (evenly strided, so every source GPU keeps its share).
-    sub = torch.arange(0, trace.topk_idx.shape[0], max(1, trace.topk_idx.shape[0] // 8192))
+    sub = torch.arange(0, trace.topk_idx.shape[0], max(1, trace.topk_idx.shape[0] // 8192), device="cpu")
     src_node = (trace.src_gpu[sub] // topology.gpus_per_node).numpy()
     for _ in range(3):  # the routed loads differ a little from the estimates: retry with a tighter bound
         state = _SwapState(unit_expert, start, w * unit_scale, topology)
@@ -990,10 +992,10 @@ def simulate_links(
     first_gpu = _first_in_row(dst)
     s2 = src[:, None].expand_as(dst)
     same_node = (dst // gpn) == (s2 // gpn)
-    nic_out = torch.zeros(g_num, dtype=torch.float64)
-    nic_in = torch.zeros(g_num, dtype=torch.float64)
-    nvl_out = torch.zeros(g_num, dtype=torch.float64)
-    nvl_in = torch.zeros(g_num, dtype=torch.float64)
+    nic_out = torch.zeros(g_num, dtype=torch.float64, device="cpu")
+    nic_in = torch.zeros(g_num, dtype=torch.float64, device="cpu")
+    nvl_out = torch.zeros(g_num, dtype=torch.float64, device="cpu")
+    nvl_in = torch.zeros(g_num, dtype=torch.float64, device="cpu")
 
     def add(acc: torch.Tensor, idx: torch.Tensor) -> None:
         acc += torch.bincount(idx, minlength=g_num).double()
@@ -1132,20 +1134,24 @@ def synthetic_trace(
         num_clusters = max(1, num_experts // 16)
     _check(1 <= num_clusters <= num_experts, "num_clusters", f"must be in [1, {num_experts}], got {num_clusters}")
     _check(0.0 <= source_affinity <= 1.0, "source_affinity", f"must be in [0, 1], got {source_affinity}")
-    gen = torch.Generator().manual_seed(seed)
-    rank = torch.randperm(num_experts, generator=gen).double() + 1.0
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    rank = torch.randperm(num_experts, generator=gen, device="cpu").double() + 1.0
     log_p = -zipf_s * torch.log(rank)
-    cluster_of = torch.empty(num_experts, dtype=torch.int64)
-    cluster_of[torch.randperm(num_experts, generator=gen)] = torch.arange(num_experts) % num_clusters
+    cluster_of = torch.empty(num_experts, dtype=torch.int64, device="cpu")
+    cluster_of[torch.randperm(num_experts, generator=gen, device="cpu")] = (
+        torch.arange(num_experts, device="cpu") % num_clusters
+    )
     g_num = topology.num_gpus
-    src = torch.arange(num_tokens, dtype=torch.int64) * g_num // max(num_tokens, 1)
+    src = torch.arange(num_tokens, dtype=torch.int64, device="cpu") * g_num // max(num_tokens, 1)
     node = src // topology.gpus_per_node
-    home = torch.randperm(max(num_clusters, topology.num_nodes), generator=gen)[: topology.num_nodes] % num_clusters
-    gen = torch.Generator().manual_seed(seed if sample_seed is None else (sample_seed + 1) * 1_000_003 + seed)
-    token_cluster = torch.randint(num_clusters, (num_tokens,), generator=gen)
-    affine = torch.rand(num_tokens, generator=gen) < source_affinity
+    home = torch.randperm(max(num_clusters, topology.num_nodes), generator=gen, device="cpu")
+    home = home[: topology.num_nodes] % num_clusters
+    sample = seed if sample_seed is None else (sample_seed + 1) * 1_000_003 + seed
+    gen = torch.Generator(device="cpu").manual_seed(sample)
+    token_cluster = torch.randint(num_clusters, (num_tokens,), generator=gen, device="cpu")
+    affine = torch.rand(num_tokens, generator=gen, device="cpu") < source_affinity
     token_cluster = torch.where(affine, home[node], token_cluster)
-    u = torch.rand(num_tokens, num_experts, generator=gen, dtype=torch.float64).clamp_min(1e-300)
+    u = torch.rand(num_tokens, num_experts, generator=gen, dtype=torch.float64, device="cpu").clamp_min(1e-300)
     gumbel = -torch.log((-torch.log(u)).clamp_min(1e-300))
     logits = log_p[None, :] + cluster_strength * (cluster_of[None, :] == token_cluster[:, None]).double() + gumbel
     topk_idx = logits.topk(topk, dim=1).indices

@@ -208,7 +208,7 @@ class TorchBackend:
         """ArgumentError on every rank when some rank receives more rows than ``num_worst_tokens`` (its rows past
         it would be lost). One all_gather of the row counts; CPU only (on CUDA it would wait on the host)."""
         n = self.ctx.num_ranks
-        totals = [torch.zeros(1, dtype=torch.int64) for _ in range(n)]
+        totals = [torch.zeros(1, dtype=torch.int64, device="cpu") for _ in range(n)]
         self._wait(dist.all_gather(totals, num_recv.reshape(1).to(torch.int64), group=self.ctx.group,
                                    async_op=self._bounded()))
         over = {r: int(v) for r, v in enumerate(totals) if int(v) > num_worst_tokens}

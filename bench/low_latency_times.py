@@ -14,8 +14,10 @@ each iteration.
 
 --weighted gives low_latency_dispatch the weights (topk_weights=): the combine then sums each token's rows on the
 experts' rank (record key "weights_sent"); logical_gbps stays the per-copy bytes of SPEC's combine.
+--bf16-partial-sums (with --weighted): those sums come back as one bf16 row each (record key "bf16_partial_sums").
 
 usage: python bench/low_latency_times.py --out DIR [--tokens 1,8,32,128,256] [--experts 288] [--no-fp8] [--weighted]
+       [--bf16-partial-sums]
 """
 
 from __future__ import annotations
@@ -81,7 +83,9 @@ def _body(rank: int, world: int, args: argparse.Namespace, device: torch.device)
         mean_copies = float(copies) / world
         row = rec.row_bytes("fp8" if args.fp8 else "bf16", args.hidden)
 
-        sent = {"topk_weights": w} if args.weighted else {}  # (none: a tree without the option runs too)
+        sent: dict[str, Any] = {"topk_weights": w} if args.weighted else {}  # (none: a tree without the option)
+        if args.bf16_partial_sums:
+            sent["bf16_partial_sums"] = True
 
         def step(x: Any = x, idx: Any = idx, w: Any = w, sent: Any = sent) -> Any:
             d = buf.low_latency_dispatch(x, idx, use_fp8=args.fp8, **sent)
@@ -173,6 +177,7 @@ def _body(rank: int, world: int, args: argparse.Namespace, device: torch.device)
                 "time_us_median": med, "time_us_p10": p10, "time_us_p90": p90,
                 "logical_gbps": rec.gbps(nbytes, med) if op in ("dispatch", "combine") else None,
                 "tune": os.environ.get("LARGEEP_TUNE", ""), "weights_sent": bool(args.weighted),
+                "bf16_partial_sums": bool(args.bf16_partial_sums),
             })
         del graph
     dist.barrier()
@@ -188,6 +193,7 @@ def main() -> None:
     p.add_argument("--experts", type=int, default=288)
     p.add_argument("--no-fp8", dest="fp8", action="store_false")
     p.add_argument("--weighted", action="store_true", help="the dispatch carries the weights (combine sums there)")
+    p.add_argument("--bf16-partial-sums", action="store_true", help="with --weighted: each sum as one bf16 row")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--iters", type=int, default=30)
     p.add_argument("--graph-reps", type=int, default=20, help="back-to-back replays per timed graph iteration")
@@ -195,6 +201,8 @@ def main() -> None:
     p.add_argument("--out", required=True)
     args = p.parse_args()
     args.tokens = [int(v) for v in args.tokens.split(",")]
+    if args.bf16_partial_sums and not args.weighted:
+        p.error("--bf16-partial-sums needs --weighted")
     world = args.nprocs or torch.cuda.device_count()
     recs = run_ranks(_body, world, args)
     from tabulate import tabulate

@@ -138,6 +138,78 @@ def normal_roundtrip(
         buf.destroy()
 
 
+def low_latency_partial_sums(
+    rank: int, world: int, backend: str, tokens: list[int], max_tokens: int, hidden: int, num_experts: int,
+    num_topk: int, seed: int, modes: list[str], hook: bool = False, ranks_per_node: int | None = None,
+    distinct: bool = True, use_fp8: bool = False,
+) -> None:
+    """modes[r]: what rank r's dispatch asks for: "none" (no weights sent), "split" (weights sent: a token's sum over
+    its experts on one rank comes back in two bf16 rows) or "bf16" (bf16_partial_sums: in one, its rounding). The
+    values make every float32 sum exact (expert outputs multiples of 1/64 below 4 in magnitude, weights powers of
+    two from 1/16 to 1), so the combine must equal, bit for bit, bf16 of the sum over ranks r of P_r, the token's
+    exact sum over its experts on r, rounded to bf16 in "bf16" mode where the token has two or more distinct
+    experts on r (float64 reference; twins, -1 entries and ranks in other modes mixed in)."""
+    dev = device_for(backend)
+    inputs, buf = _ll_case(world, backend, tokens, max_tokens, hidden, num_experts, num_topk, seed, ranks_per_node)
+    epr = num_experts // world
+    try:
+        mine = inputs[rank]
+        if not distinct:  # repeated experts: a token names some expert at two k (twins share one copy)
+            mine.topk_idx[::3, 1] = mine.topk_idx[::3, 0]
+        g = torch.Generator().manual_seed(seed * 7919 + rank)
+        w = 2.0 ** -torch.randint(0, 5, mine.topk_idx.shape, generator=g).float()
+        x, idx, w_dev = mine.x.to(dev), mine.topk_idx.to(dev), w.to(dev)
+        mode = modes[rank]
+        res = buf.low_latency_dispatch(x, idx, use_fp8=use_fp8, return_recv_hook=hook,
+                                       topk_weights=None if mode == "none" else w_dev,
+                                       bf16_partial_sums=mode == "bf16")
+        if hook:
+            assert res.hook is not None
+            res.hook()
+
+        def y_of(ge: int, s: int, t: int) -> torch.Tensor:
+            gy = torch.Generator().manual_seed(seed * 100003 + ge * 1009 + s * 101 + t)
+            return (torch.randint(-255, 256, (hidden,), generator=gy).double() / 64).to(torch.bfloat16)
+
+        counts = res.num_tokens_per_expert.cpu().tolist()
+        info = res.src_info.cpu()
+        y = torch.zeros(epr, world * max_tokens, hidden, dtype=torch.bfloat16)
+        for e in range(epr):
+            for j in range(counts[e]):
+                s, t = info[e, j].tolist()
+                y[e, j] = y_of(rank * epr + e, s, t)
+        comb = buf.low_latency_combine(y.to(dev), idx, w_dev, res.handle, return_recv_hook=hook)
+        if hook:
+            assert comb.hook is not None
+            comb.hook()
+        want = torch.zeros(tokens[rank], hidden, dtype=torch.float64)
+        exact = torch.zeros_like(want)
+        for t in range(tokens[rank]):
+            part: dict[int, torch.Tensor] = {}
+            experts: dict[int, set[int]] = {}
+            for k, e in enumerate(mine.topk_idx[t].tolist()):
+                if e < 0:
+                    continue
+                r = e // epr
+                term = float(w[t, k]) * y_of(e, rank, t).double()
+                part[r] = part[r] + term if r in part else term
+                experts.setdefault(r, set()).add(e)
+            for r, p in part.items():
+                exact[t] += p
+                rounded = mode == "bf16" and len(experts[r]) >= 2
+                want[t] += p.float().to(torch.bfloat16).double() if rounded else p
+        if mode == "bf16" and tokens[rank] >= 8 and num_topk >= 4:  # (the case exercises the rounding)
+            assert not torch.equal(want.to(torch.bfloat16), exact.to(torch.bfloat16))
+        got = comb.x.cpu()
+        bad = (got != want.to(torch.bfloat16)).nonzero()
+        assert bad.numel() == 0, (
+            f"rank {rank} ({mode}): {bad.shape[0]} of {got.numel()} values differ, first at {bad[0].tolist()}: "
+            f"{got[tuple(bad[0])].item()} against {want[tuple(bad[0])].item()}"
+        )
+    finally:
+        buf.destroy()
+
+
 def low_latency_roundtrip_inference(rank: int, world: int, *args: Any) -> None:
     """low_latency_roundtrip under torch.inference_mode (whose tensors have no version counter: the check that the
     combine gets the dispatch's weights unchanged falls back to their identity)."""

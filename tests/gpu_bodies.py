@@ -82,9 +82,9 @@ def _fill_static(x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, experts: i
 
 
 def low_latency_graph(rank: int, world: int, reps: int, tokens: int, hidden: int, experts: int, topk: int,
-                      weighted: bool = False) -> None:
+                      weighted: bool = False, bf16_sums: bool = False) -> None:
     """Captures one low-latency dispatch + combine in a CUDA graph and replays it on fresh data (weighted: the
-    dispatch carries the weights, which the replays change in place)."""
+    dispatch carries the weights, which the replays change in place; bf16_sums: with bf16_partial_sums)."""
     buf = largeep.Buffer(None, hidden=hidden, num_experts=experts, num_topk=topk, max_tokens_per_rank=tokens,
                          backend="nvshmem", low_latency=True)
     try:
@@ -98,12 +98,12 @@ def low_latency_graph(rank: int, world: int, reps: int, tokens: int, hidden: int
         fill(0)
         # one call outside the graph, then capture
         sent = w if weighted else None
-        d = buf.low_latency_dispatch(x, idx, use_fp8=False, topk_weights=sent)
+        d = buf.low_latency_dispatch(x, idx, use_fp8=False, topk_weights=sent, bf16_partial_sums=bf16_sums)
         buf.low_latency_combine(d.x, idx, w, d.handle)
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            d = buf.low_latency_dispatch(x, idx, use_fp8=False, topk_weights=sent)
+            d = buf.low_latency_dispatch(x, idx, use_fp8=False, topk_weights=sent, bf16_partial_sums=bf16_sums)
             c = buf.low_latency_combine(d.x, idx, w, d.handle)
         epr = experts // world
         for rep in range(1, reps + 1):

@@ -175,6 +175,30 @@ def test_low_latency_weighted(pools, world: int, tune: str) -> None:
 
 @pytest.mark.gpu(2)
 @needs_native
+@pytest.mark.parametrize("tune", ["", "ll_fuse=1", "ll_spread=0"])
+@pytest.mark.parametrize("world", [2, 4])
+def test_low_latency_bf16_partial_sums(pools, world: int, tune: str) -> None:
+    """bf16_partial_sums on the nvshmem kernels: bit for bit against the float64 reference of exact values (each
+    rank's sum of a token's experts rounded to bf16 where it has two or more there), at SPEC's low-latency size with
+    a hook, FP8; with ranks in the three modes mixed, repeated experts, and over the put path (2 nodes emulated);
+    a CUDA graph replayed on fresh weights; under each LARGEEP_TUNE low-latency path."""
+    if world > __import__("conftest").gpu_count():
+        pytest.skip("not enough GPUs")
+    pool = pools(world, "nccl")
+    hook = tune != "ll_fuse=1"
+    mixed = ["bf16", "split", "none", "bf16"][:world]
+    body = bodies.low_latency_partial_sums
+    pool.run(gpu_bodies.with_tune, tune, body, "nvshmem", [128 - 5 * r for r in range(world)], 128, 7168, 288, 8, 61,
+             ["bf16"] * world, hook, None, True, True)
+    pool.run(gpu_bodies.with_tune, tune, body, "nvshmem", [40 - 3 * r for r in range(world)], 40, 1024, 32, 8, 62,
+             mixed, hook, None, False)
+    pool.run(gpu_bodies.with_tune, tune, body, "nvshmem", [64 - r for r in range(world)], 64, 2048, 48, 6, 63, mixed,
+             False, world // 2, True)
+    pool.run(gpu_bodies.with_tune, tune, gpu_bodies.low_latency_graph, 10, 128, 7168, 288, 8, True, True)
+
+
+@pytest.mark.gpu(2)
+@needs_native
 @pytest.mark.parametrize("world", [2, 4])
 def test_low_latency_graph_and_double_buffer(pools, world: int) -> None:
     if world > __import__("conftest").gpu_count():

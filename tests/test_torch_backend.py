@@ -51,6 +51,17 @@ def test_low_latency_ops_weighted(pools) -> None:
     pools(2).run(bodies.low_latency_ops_weighted, "torch", [8, 5], 8, 256, 12, 4, 19)
 
 
+@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("modes,distinct", [("bf16", True), ("mixed", False)])
+def test_low_latency_bf16_partial_sums(pools, world: int, modes: str, distinct: bool) -> None:
+    """bf16_partial_sums: a token's sum over its experts on one rank rounded to bf16 where it has two or more there,
+    bit for bit against a float64 reference on exact values; ranks asking for it, for two-row sums and for no
+    weights mixed in one call; repeated experts."""
+    m = ["bf16"] * world if modes == "bf16" else ["bf16", "split", "none"][:world]
+    pools(world).run(bodies.low_latency_partial_sums, "torch", [12, 9, 0][:world], 12, 256, 4 * world, 6, 3, m,
+                     modes == "mixed", None, distinct)
+
+
 @pytest.mark.parametrize("world", WORLDS)
 @pytest.mark.parametrize("use_fp8,round_scale,hook", [(False, False, False), (True, False, False), (True, True, True)])
 def test_low_latency(pools, world: int, use_fp8: bool, round_scale: bool, hook: bool) -> None:

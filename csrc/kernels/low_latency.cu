@@ -14,8 +14,9 @@
 // Combine send: each valid output row goes back to its source's buffer at [token][k]. A source that gave its
 // weights to the dispatch (they travel in the row's metadata) gets one sum per (token, rank) instead wherever the
 // token has two or more experts on the rank: the weighted sum in float32, sent as two BF16 rows (its rounding and
-// the remainder's) into the slots of the rank's first two copies.
-// Combine receive: weighted sum over k in float32 (weight 1 for such a pair of rows).
+// the remainder's) into the slots of the rank's first two copies, or, when the source asked for bf16 partial sums,
+// as its rounding alone into the first copy's slot.
+// Combine receive: weighted sum over k in float32 (weight 1 for such a sum's rows).
 //
 // Peers on this rank's node (ranks_per_node) are written with plain stores through NVLink peer pointers; a flag
 // raised after a block barrier and one thread's system fence (last_block) orders every thread's stores before it
@@ -187,6 +188,7 @@ __device__ __forceinline__ void ll_publish_counts(const LowLatencyCtx& c, int* c
 // with kLLWeighted each entry's weight (float bits; the sum over every k naming its expert) at [2 + 2K, 2 + 2K + n).
 constexpr int kLLMetaHead = 2;
 constexpr int kLLWeighted = 1 << 16;  // the source sent its weights: the combine sums the token's rows here
+constexpr int kLLSumOne = 1 << 17;    // (with kLLWeighted) and sends such a sum as one bf16 row, not two
 constexpr int kLLPre = 4;  // 16-byte vectors of a token row each thread loads ahead (the rest as it goes)
 
 // Thread's vectors [i0, i0 + kLLPre) of row src (vector i of a thread: threadIdx.x + i * blockDim.x), 0 past nvec.
@@ -206,12 +208,13 @@ __device__ __forceinline__ void ll_load_row(const int4* src, int nvec, int i0, i
 // (at row t * K + k of the rank's first copy k) and put whole once the block has written them. A token sends each
 // expert it names once, however many of its k name it. With weights w [T, K] (else null) each entry carries the
 // sum of the weights of the k naming its expert, and w_keep [T, K] gets a copy of w (the weights this rank's
-// combine applies: those the experts' ranks got). Returns (to every thread) whether the wait succeeded.
+// combine applies: those the experts' ranks got); sum_one asks the experts' ranks for their sums as one bf16 row.
+// Returns (to every thread) whether the wait succeeded.
 // (kWeights: w given; a template argument, so that the send without weights compiles to the code it had before)
 template <bool kWeights>
 __device__ __forceinline__ bool ll_send_tokens(const LowLatencyCtx& c, const __nv_bfloat16* x, const int64_t* idx,
                                                const float* w, float* w_keep, int T, int use_fp8, int round_scale,
-                                               int slot_buf, int64_t seq, int* counter, int blocks) {
+                                               int sum_one, int slot_buf, int64_t seq, int* counter, int blocks) {
     const int N = c.num_ranks, K = c.num_topk, epr = c.num_experts / N, me = c.rank, H = c.hidden;
     int* rows_to = counter + N * epr;  // receive rows per destination rank
     __shared__ uint8_t* s_dst[kWarp];  // the row of the rank whose first copy is k (peer buffer or staging), or null
@@ -289,7 +292,7 @@ __device__ __forceinline__ bool ll_send_tokens(const LowLatencyCtx& c, const __n
                 }
                 if (lane == first) {
                     m[0] = t;
-                    m[1] = __popc(kept) | (kWeights ? kLLWeighted : 0);
+                    m[1] = __popc(kept) | (kWeights ? kLLWeighted | (sum_one ? kLLSumOne : 0) : 0);
                 }
             }
             if (lane < K) {
@@ -354,13 +357,14 @@ template <bool kWeights>
 __global__ void __launch_bounds__(kTokThreads) ll_dispatch_send_kernel(LowLatencyCtx c, const __nv_bfloat16* x,
                                                                       const int64_t* idx, const float* w,
                                                                       float* w_keep, int T, int use_fp8,
-                                                                      int round_scale, int64_t* handle_seq) {
+                                                                      int round_scale, int sum_one,
+                                                                      int64_t* handle_seq) {
     trace_mark(0);
     const int64_t seq = c.seq[kSeqLowLatency] + 1;
     const int slot_buf = static_cast<int>(seq & 1);
     int* counter = reinterpret_cast<int*>(c.base + c.off_counter);  // zero between rounds
-    const bool ok_all = ll_send_tokens<kWeights>(c, x, idx, w, w_keep, T, use_fp8, round_scale, slot_buf, seq,
-                                                 counter, static_cast<int>(gridDim.x));
+    const bool ok_all = ll_send_tokens<kWeights>(c, x, idx, w, w_keep, T, use_fp8, round_scale, sum_one, slot_buf,
+                                                 seq, counter, static_cast<int>(gridDim.x));
     ll_publish_counts(c, counter, slot_buf, seq, ok_all, handle_seq);
 }
 
@@ -415,7 +419,7 @@ __device__ __forceinline__ void ll_fan_prefetch(const LowLatencyCtx& c, const ui
 // lead int32 [E/N * N*M] per output row: -1 it goes home alone; entry e of a weighted received row g of n >= 2
 // entries: g * 32 + e (the row's sum is cut into n pieces, entry e's warps make piece e); rowmap int32 [N*M][S][4]
 // with S = min(K, E/N) (a received row names distinct local experts): entry e of received row g: (output row, weight
-// bits, n, 0).
+// bits, n, 1 if the source asked for the sum as one bf16 row else 0).
 struct LLRowMap {
     int* lead;
     int* rowmap;
@@ -427,12 +431,13 @@ __device__ __forceinline__ int ll_rowmap_stride(const LowLatencyCtx& c) {
 // One warp: 16-byte vectors [v_lo, v_hi) of received row `src` go to output row o of each of the row's n entries
 // (lane e holds entry e's o, -1 for an entry this block does not write); read once, stored n times; val and sc from
 // ll_fan_prefetch. With v_lo == 0 also each entry's scales, src_info and combine metadata, and (received row g,
-// weighted: the source sent weights, lane e's weight bits wbits) the entry's place in map.
+// flags: the row's kLLWeighted (the source sent weights, lane e's weight bits wbits) and kLLSumOne) the entry's place
+// in map.
 __device__ __forceinline__ void ll_fan_out_row(const LowLatencyCtx& c, const uint8_t* src, int s, int t, int k,
                                                int64_t o, int n, uint8_t* out_x, float* out_scales, int* src_info,
                                                int* meta, int64_t x_bytes, int use_fp8, int v_lo, int v_hi,
                                                int lane, int4 (&val)[kFanU], const float (&sc)[2], int g,
-                                               bool weighted, int wbits, const LLRowMap& map) {
+                                               int flags, int wbits, const LLRowMap& map) {
     const int4* in = reinterpret_cast<const int4*>(src);
     for (int b = v_lo; b < v_hi; b += kFanU * kWarp) {  // (warp-uniform bounds: the shuffles below)
         if (b != v_lo) ll_fan_load(in, b, v_hi, lane, val);
@@ -463,10 +468,11 @@ __device__ __forceinline__ void ll_fan_out_row(const LowLatencyCtx& c, const uin
         src_info[2 * o + 1] = t;
         meta[o] = s * (c.max_tokens * c.num_topk) + t * c.num_topk + k;
         const int stride = ll_rowmap_stride(c);
-        const bool merge = weighted && n >= 2 && n <= stride;  // (more entries than local experts: a broken peer)
+        // (more entries than local experts: a broken peer)
+        const bool merge = (flags & kLLWeighted) && n >= 2 && n <= stride;
         map.lead[o] = merge ? g * kWarp + lane : -1;
         if (merge) reinterpret_cast<int4*>(map.rowmap)[static_cast<int64_t>(g) * stride + lane] =
-            make_int4(static_cast<int>(o), wbits, n, 0);
+            make_int4(static_cast<int>(o), wbits, n, (flags & kLLSumOne) ? 1 : 0);
     }
 }
 
@@ -543,9 +549,9 @@ __device__ __forceinline__ void ll_unpack(const LowLatencyCtx& c, uint8_t* out_x
         int4 val[kFanU];
         float sc[2] = {0.f, 0.f};
         if (c.spread && v_lo < nvec) ll_fan_prefetch(c, src, v_lo, v_hi, use_fp8, lane, val, sc);
-        const int2 head = *reinterpret_cast<const int2*>(m);  // token, number of entries (| kLLWeighted)
+        const int2 head = *reinterpret_cast<const int2*>(m);  // token, number of entries (| kLLWeighted | kLLSumOne)
         const int2 entry = lane < c.num_topk ? reinterpret_cast<const int2*>(m + kLLMetaHead)[lane] : make_int2(-1, -1);
-        const bool weighted = (head.y & kLLWeighted) != 0;
+        const int flags = head.y & (kLLWeighted | kLLSumOne);
         // (inside the row whether or not sent: loaded with the entries, used only when weighted)
         const int wbits = lane < c.num_topk ? m[kLLMetaHead + 2 * c.num_topk + lane] : 0;
         const int t = head.x;
@@ -568,7 +574,7 @@ __device__ __forceinline__ void ll_unpack(const LowLatencyCtx& c, uint8_t* out_x
         if (v_lo < nvec) {
             if (!c.spread) ll_fan_prefetch(c, src, v_lo, v_hi, use_fp8, lane, val, sc);
             ll_fan_out_row(c, src, s, t, k, o, n, out_x, out_scales, src_info, meta, x_bytes, use_fp8, v_lo, v_hi,
-                           lane, val, sc, row, weighted, wbits, map);
+                           lane, val, sc, row, flags, wbits, map);
         }
     }
     trace_mark(3);
@@ -612,7 +618,8 @@ template <bool kWeights>
 __global__ void __launch_bounds__(kLLThreads) ll_dispatch_fused_kernel(LowLatencyCtx c, const __nv_bfloat16* x,
                                                                        const int64_t* idx, const float* w,
                                                                        float* w_keep, int T, int use_fp8,
-                                                                       int round_scale, int64_t* handle_seq,
+                                                                       int round_scale, int sum_one,
+                                                                       int64_t* handle_seq,
                                                                        uint8_t* out_x, float* out_scales,
                                                                        int* out_count, int* src_info, int* meta,
                                                                        LLRowMap map, int send_blocks) {
@@ -623,7 +630,7 @@ __global__ void __launch_bounds__(kLLThreads) ll_dispatch_fused_kernel(LowLatenc
     // (blocks past send_blocks have no token: they only wait for the slot buffer, as every block does)
     const bool ok_all = ll_send_tokens<kWeights>(c, x, idx, w, w_keep,
                                                  static_cast<int>(blockIdx.x) < send_blocks ? T : 0, use_fp8,
-                                                 round_scale, slot_buf, seq, counter, send_blocks);
+                                                 round_scale, sum_one, slot_buf, seq, counter, send_blocks);
     ll_publish_counts(c, counter, slot_buf, seq, ok_all, handle_seq);
     ll_unpack(c, out_x, out_scales, out_count, src_info, meta, map, use_fp8, seq, cnt);
 }
@@ -631,8 +638,8 @@ __global__ void __launch_bounds__(kLLThreads) ll_dispatch_fused_kernel(LowLatenc
 // One warp, for entry `me` of received row g (rowmap: its n entries): piece `me` of n (over NVLink; for a put the
 // whole of it, by entry 0) of the 16-byte vectors [v_lo, v_hi) of the weighted sum (float32) of the entries' rows,
 // as two bf16 rows (rounding, remainder) into the source's combine buffer at [token][k0] and [token][k1], the slots
-// of entries 0 and 1 (output rows o0, o1): NVLink stores on this node, else staged in symmetric memory at o0's and
-// o1's rows and put. Every load of a vector is issued before any is added (up to kLLMaxTopk entries at once).
+// of entries 0 and 1 (output rows o0, o1), or (the source asked for bf16 partial sums) as its rounding alone at
+// [token][k0]: NVLink stores on this node, else staged in symmetric memory at o0's and o1's rows and put. Every load of a vector is issued before any is added (up to kLLMaxTopk entries at once).
 // Entries naming no output row of this rank (a broken peer's data) add nothing; a row whose first two entries are
 // not one token's copies is not sent.
 __device__ __forceinline__ void ll_combine_sum_row(const LowLatencyCtx& c, const __nv_bfloat16* y, const int* meta,
@@ -644,6 +651,7 @@ __device__ __forceinline__ void ll_combine_sum_row(const LowLatencyCtx& c, const
     const int4 ent = lane < stride ? reinterpret_cast<const int4*>(rowmap)[static_cast<int64_t>(g) * stride + lane]
                                    : make_int4(-1, 0, 0, 0);
     const int n = min(__shfl_sync(0xffffffffu, ent.z, 0), stride);
+    const bool one = __shfl_sync(0xffffffffu, ent.w, 0) != 0;  // one bf16 row: the rounding alone
     const bool valid = lane < n && ent.x >= 0 && ent.x < rows;
     const int64_t o0 = __shfl_sync(0xffffffffu, valid ? ent.x : -1, 0);
     const int64_t o1 = __shfl_sync(0xffffffffu, valid ? ent.x : -1, 1);
@@ -685,6 +693,10 @@ __device__ __forceinline__ void ll_combine_sum_row(const LowLatencyCtx& c, const
                 if (e0 + u < n) fma_bf16x8(acc, we[u], raw[u]);
         }
         if (!act) continue;
+        if (one) {
+            st_na_v4(reinterpret_cast<int4*>(dst0) + v, pack_bf16x8(acc));
+            continue;
+        }
         int4 hi, lo;
         split_bf16x8(acc, &hi, &lo);
         st_na_v4(reinterpret_cast<int4*>(dst0) + v, hi);
@@ -695,7 +707,7 @@ __device__ __forceinline__ void ll_combine_sum_row(const LowLatencyCtx& c, const
     __syncwarp();
     const int64_t bytes = 16ll * (p_hi - p_lo);
     nvshmemx_putmem_nbi_warp(c.base + at0 + 16ll * p_lo, dst0 + 16ll * p_lo, bytes, s);
-    nvshmemx_putmem_nbi_warp(c.base + at1 + 16ll * p_lo, dst1 + 16ll * p_lo, bytes, s);
+    if (!one) nvshmemx_putmem_nbi_warp(c.base + at1 + 16ll * p_lo, dst1 + 16ll * p_lo, bytes, s);
 }
 
 // Row i of local expert le, 16-byte vectors [v_lo, v_hi), goes back to its source's combine buffer at [token][k]
@@ -796,11 +808,12 @@ __global__ void __launch_bounds__(kLLThreads) ll_combine_send_kernel(LowLatencyC
 
 // One warp per token: out[t] = sum_k w[t, k] * comb[t][k'] over k with idx[t, k] in [0, E), in float32, where k'
 // is the first k naming the same expert (the copy the dispatch sent; equal to k for distinct ids). kMerged (this
-// rank's dispatch sent its weights): where t has two or more experts on one rank, that rank sent their weighted sum
-// in the rows of its first two copies, each added with weight 1, and its other k add nothing.
+// rank's dispatch sent its weights; 1: sums as two rows, 2: as one bf16 row): where t has two or more experts on one
+// rank, that rank sent their weighted sum in the rows of its first two copies (2: of its first copy), each added
+// with weight 1, and its other k add nothing.
 // One warp per (token, slice of the hidden dimension): `slices` warps share a token so that enough loads are in
 // flight when there are few tokens. (The body, for round seq: the receive kernel, or the fused combine.)
-template <bool kMerged>
+template <int kMerged>
 __device__ __forceinline__ void ll_combine_sum(const LowLatencyCtx& c, const int64_t* idx, const float* w,
                                                __nv_bfloat16* out, int T, int slices, int64_t seq) {
     const int N = c.num_ranks, me = c.rank, H = c.hidden, M = c.max_tokens, K = c.num_topk;
@@ -830,7 +843,7 @@ __device__ __forceinline__ void ll_combine_sum(const LowLatencyCtx& c, const int
                     const int k0 = __ffs(same) - 1, k1 = __ffs(same & (same - 1)) - 1;
                     wl = 1.f;
                     from = lane;
-                    if (lane != k0 && lane != k1) r = -1;  // in the sum
+                    if (lane != k0 && (kMerged == 2 || lane != k1)) r = -1;  // in the sum
                 }
                 present &= __ballot_sync(0xffffffffu, r >= 0);
             }
@@ -888,7 +901,7 @@ __device__ __forceinline__ void ll_combine_sum(const LowLatencyCtx& c, const int
     }
 }
 
-template <bool kMerged>
+template <int kMerged>
 __global__ void __launch_bounds__(kLLThreads) ll_combine_recv_kernel(LowLatencyCtx c, const int64_t* idx,
                                                                      const float* w, __nv_bfloat16* out, int T,
                                                                      int slices, const int64_t* handle_seq) {
@@ -898,7 +911,7 @@ __global__ void __launch_bounds__(kLLThreads) ll_combine_recv_kernel(LowLatencyC
 // Combine without a receive hook in one kernel (LARGEEP_TUNE ll_fuse=1; spread send only): every block sends as the
 // spread ll_combine_send_kernel, the last one raises the done flags, then every block sums as
 // ll_combine_recv_kernel. Launched cooperatively, as the fused dispatch.
-template <bool kMerged>
+template <int kMerged>
 __global__ void __launch_bounds__(kLLThreads) ll_combine_fused_kernel(LowLatencyCtx c, const __nv_bfloat16* y,
                                                                       const int* count, const int* meta,
                                                                       LLRowMap map, int64_t* handle_seq,
@@ -998,19 +1011,20 @@ bool launch_resident(void (*kernel)(Params...), int grid, int sms, size_t smem, 
 
 void launch_ll_dispatch_send(const LowLatencyCtx& c, const void* x, const int64_t* topk_idx,
                              const float* topk_weights, float* weights_kept, int num_tokens, bool use_fp8,
-                             bool round_scale, int64_t* handle_seq, cudaStream_t stream) {
+                             bool round_scale, bool sum_one, int64_t* handle_seq, cudaStream_t stream) {
     check_send(c, use_fp8, topk_weights, weights_kept);
     const int grid = std::min(std::max(1, num_tokens), 2 * c.device_sms);  // one token per block at a time
     auto* kernel = topk_weights != nullptr ? ll_dispatch_send_kernel<true> : ll_dispatch_send_kernel<false>;
     kernel<<<grid, kTokThreads, 0, stream>>>(c, static_cast<const __nv_bfloat16*>(x), topk_idx, topk_weights,
                                              weights_kept, num_tokens, use_fp8 ? 1 : 0, round_scale ? 1 : 0,
-                                             handle_seq);
+                                             sum_one ? 1 : 0, handle_seq);
     LAUNCH_CHECK();
 }
 
 bool launch_ll_dispatch_fused(const LowLatencyCtx& c, const void* x, const int64_t* topk_idx,
                               const float* topk_weights, float* weights_kept, int num_tokens, bool use_fp8,
-                              bool round_scale, int64_t* handle_seq, void* out_x, float* out_scales, int* out_count,
+                              bool round_scale, bool sum_one, int64_t* handle_seq, void* out_x, float* out_scales,
+                              int* out_count,
                               int* src_info, int* meta, int* lead, int* rowmap, cudaStream_t stream) {
     check_rowmap(rowmap);
     // the caller sends, then receives: the per-expert receive, or too many count words
@@ -1021,7 +1035,7 @@ bool launch_ll_dispatch_fused(const LowLatencyCtx& c, const void* x, const int64
     auto* kernel = topk_weights != nullptr ? ll_dispatch_fused_kernel<true> : ll_dispatch_fused_kernel<false>;
     return launch_resident(kernel, std::max(send_blocks, spread_blocks(c)), c.device_sms, smem,
                            stream, c, static_cast<const __nv_bfloat16*>(x), topk_idx, topk_weights, weights_kept,
-                           num_tokens, use_fp8 ? 1 : 0, round_scale ? 1 : 0, handle_seq,
+                           num_tokens, use_fp8 ? 1 : 0, round_scale ? 1 : 0, sum_one ? 1 : 0, handle_seq,
                            static_cast<uint8_t*>(out_x), out_scales, out_count, src_info, meta,
                            LLRowMap{lead, rowmap}, send_blocks);
 }
@@ -1056,13 +1070,14 @@ void launch_ll_combine_send(const LowLatencyCtx& c, const void* y, const int* co
 
 bool launch_ll_combine_fused(const LowLatencyCtx& c, const void* y, const int* count, const int* meta,
                              const int* lead, const int* rowmap, int64_t* handle_seq, const int64_t* topk_idx,
-                             const float* topk_weights, void* out, int num_tokens, bool merged,
+                             const float* topk_weights, void* out, int num_tokens, int merged,
                              cudaStream_t stream) {
     check_rowmap(rowmap);
     const size_t smem = combine_send_smem(c);
     if (!c.spread || smem > kLLMaxDynSmem) return false;  // the caller sends, then sums
     const int slices = combine_slices(c, num_tokens);
-    auto* kernel = merged ? ll_combine_fused_kernel<true> : ll_combine_fused_kernel<false>;
+    auto* kernel = merged == 2 ? ll_combine_fused_kernel<2>
+                   : merged == 1 ? ll_combine_fused_kernel<1> : ll_combine_fused_kernel<0>;
     return launch_resident(kernel, std::max(spread_blocks(c), sum_blocks(c, num_tokens, slices)), c.device_sms, smem,
                            stream, c, static_cast<const __nv_bfloat16*>(y), count, meta,
                            LLRowMap{const_cast<int*>(lead), const_cast<int*>(rowmap)}, handle_seq, topk_idx,
@@ -1070,9 +1085,10 @@ bool launch_ll_combine_fused(const LowLatencyCtx& c, const void* y, const int* c
 }
 
 void launch_ll_combine_recv(const LowLatencyCtx& c, const int64_t* topk_idx, const float* topk_weights, void* out,
-                            int num_tokens, bool merged, const int64_t* handle_seq, cudaStream_t stream) {
+                            int num_tokens, int merged, const int64_t* handle_seq, cudaStream_t stream) {
     const int slices = combine_slices(c, num_tokens);
-    auto* kernel = merged ? ll_combine_recv_kernel<true> : ll_combine_recv_kernel<false>;
+    auto* kernel = merged == 2 ? ll_combine_recv_kernel<2>
+                   : merged == 1 ? ll_combine_recv_kernel<1> : ll_combine_recv_kernel<0>;
     kernel<<<sum_blocks(c, num_tokens, slices), kLLThreads, 0, stream>>>(
         c, topk_idx, topk_weights, static_cast<__nv_bfloat16*>(out), num_tokens, slices, handle_seq);
     LAUNCH_CHECK();

@@ -647,6 +647,7 @@ class Buffer:
         async_finish: bool = False,
         return_recv_hook: bool = False,
         topk_weights: torch.Tensor | None = None,
+        bf16_partial_sums: bool = False,
     ) -> LowLatencyDispatchResult:
         """x bf16 [T, H] (T <= max_tokens_per_rank), topk_idx int64 [T, K] -> per-expert receive slots.
 
@@ -662,7 +663,11 @@ class Buffer:
         a rank (float32 sums, sent as two bf16 rows: about half the bytes at 2 ranks, a quarter fewer at 4). The
         combine must then get this very tensor, unchanged (ArgumentError otherwise), and applies them as this call
         read them (each backend keeps a copy). The torch backend takes and checks it alike (its combine applies
-        them at the source)."""
+        them at the source).
+
+        ``bf16_partial_sums`` (needs ``topk_weights``): each such sum comes back as one bf16 row (its rounding)
+        instead of two: half those bytes again, and the combine's output then carries, besides its own rounding, up
+        to half a bf16 unit of each summed rank's partial sum (the torch backend rounds the same partial sums)."""
         op = "low_latency_dispatch"
         self._check_alive(op)
         self._check_mode(op, True)
@@ -685,11 +690,22 @@ class Buffer:
         ws = None
         if topk_weights is not None:
             ws = checks.topk_weights(op, topk_weights, num_tokens=t, num_topk=c.num_topk, device=c.device)
+        if not isinstance(bf16_partial_sums, bool):
+            raise ArgumentError(
+                f"Buffer.{op}: argument 'bf16_partial_sums' must be a bool, got {type(bf16_partial_sums).__name__}"
+            )
+        if bf16_partial_sums and ws is None:
+            raise ArgumentError(
+                f"Buffer.{op}: argument 'bf16_partial_sums' = True needs 'topk_weights' (the sums it rounds are made "
+                "on the experts' ranks, with the weights sent with the tokens)"
+            )
         rounding = bool(round_scale or use_ue8m0)
         call = self._check_in_flight(op)
         extra: dict[str, Any] = {"check_ids": True} if native_check else {}
         if ws is not None:
             extra["topk_weights"] = ws
+        if bf16_partial_sums:
+            extra["bf16_partial_sums"] = True
 
         def run() -> Any:
             return self._impl.low_latency_dispatch(xs, topk_idx, use_fp8, rounding, return_recv_hook, **extra)

@@ -1090,15 +1090,17 @@ _combine_op.register_autograd(_combine_backward, setup_context=_combine_setup)
     "largeep::low_latency_dispatch",
     mutates_args=(),
     schema=(
-        "(int buffer_id, Tensor x, Tensor topk_idx, bool use_fp8, bool round_scale, Tensor? topk_weights=None) "
-        "-> (Tensor, Tensor, Tensor, Tensor, Tensor)"
+        "(int buffer_id, Tensor x, Tensor topk_idx, bool use_fp8, bool round_scale, Tensor? topk_weights=None, "
+        "bool bf16_partial_sums=False) -> (Tensor, Tensor, Tensor, Tensor, Tensor)"
     ),
 )
 def _ll_dispatch_op(
-    buffer_id: int, x: Tensor, topk_idx: Tensor, use_fp8: bool, round_scale: bool, topk_weights: Tensor | None
+    buffer_id: int, x: Tensor, topk_idx: Tensor, use_fp8: bool, round_scale: bool, topk_weights: Tensor | None,
+    bf16_partial_sums: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     res = buffer_of(buffer_id).low_latency_dispatch(
-        x, topk_idx, use_fp8=use_fp8, round_scale=round_scale, topk_weights=topk_weights
+        x, topk_idx, use_fp8=use_fp8, round_scale=round_scale, topk_weights=topk_weights,
+        bf16_partial_sums=bf16_partial_sums,
     )
     if isinstance(res.x, tuple):
         q, s = res.x
@@ -1110,7 +1112,8 @@ def _ll_dispatch_op(
 
 @_ll_dispatch_op.register_fake
 def _(
-    buffer_id: int, x: Tensor, topk_idx: Tensor, use_fp8: bool, round_scale: bool, topk_weights: Tensor | None
+    buffer_id: int, x: Tensor, topk_idx: Tensor, use_fp8: bool, round_scale: bool, topk_weights: Tensor | None,
+    bf16_partial_sums: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     _inductor_order.ensure()
     c = buffer_of(buffer_id).ctx
@@ -1458,9 +1461,11 @@ def low_latency_dispatch(
     return_recv_hook: bool = False,
     use_custom_ops: bool = False,
     topk_weights: Tensor | None = None,
+    bf16_partial_sums: bool = False,
 ) -> LowLatencyDispatchOutput:
     """Low-latency dispatch (no autograd) of x bf16 [T, H], topk_idx int64 [T, K]. Compilable (fixed shapes);
-    ``return_recv_hook`` only on the eager path. ``topk_weights``: see ``Buffer.low_latency_dispatch``; on the
+    ``return_recv_hook`` only on the eager path. ``topk_weights``, ``bf16_partial_sums``: see
+    ``Buffer.low_latency_dispatch``; on the
     custom-op path the combine must get a tensor of the same memory and strides (a compiled graph passes the same
     buffer to both ops, not the same object). That check is best effort under Inductor, which may place another
     tensor in that memory once this dispatch has read it; the combine applies the weights as this dispatch read
@@ -1470,12 +1475,12 @@ def low_latency_dispatch(
             raise ArgumentError("largeep.ops.low_latency_dispatch: return_recv_hook is eager-only")
         bid = _buffer_id(buffer, "low_latency_dispatch")
         q, s, counts, info, ticket = torch.ops.largeep.low_latency_dispatch(
-            bid, x, topk_idx, use_fp8, round_scale, topk_weights
+            bid, x, topk_idx, use_fp8, round_scale, topk_weights, bf16_partial_sums
         )
         return LowLatencyDispatchOutput(q, s if use_fp8 else None, counts, info, ticket, None)
     res = _buffer(buffer).low_latency_dispatch(
         x, topk_idx, use_fp8=use_fp8, round_scale=round_scale, return_recv_hook=return_recv_hook,
-        topk_weights=topk_weights,
+        topk_weights=topk_weights, bf16_partial_sums=bf16_partial_sums,
     )
     q, s = res.x if isinstance(res.x, tuple) else (res.x, None)
     return LowLatencyDispatchOutput(q, s, res.num_tokens_per_expert, res.src_info, res.handle, res.hook)

@@ -302,7 +302,8 @@ class _LLState:
     [E/N], meta int32 [E/N, N*M] (source * M*K + token*K + k of each packed row, -1 past the count), rowmap int32
     (lead [E/N * N*M] then [N*M, min(K, E/N), 4]: which rows the combine sums here, csrc/kernels/low_latency.cu),
     weights_kept float32 [T, K] or None (this rank sent its weights, so the experts' ranks sum its tokens' rows:
-    the send kernel's copy of them, which the combine applies, the weights the experts' ranks applied)."""
+    the send kernel's copy of them, which the combine applies, the weights the experts' ranks applied); sum_one:
+    with weights, those ranks send each sum as one bf16 row (bf16_partial_sums), not two."""
 
     seq: torch.Tensor
     count: torch.Tensor
@@ -310,10 +311,12 @@ class _LLState:
     rowmap: torch.Tensor
     num_tokens: int
     weights_kept: torch.Tensor | None = None
+    sum_one: bool = False
 
     @property
-    def weighted(self) -> bool:
-        return self.weights_kept is not None
+    def merged(self) -> int:
+        """The combine receive's mode: 0 (no weights sent), 1 (sums in two bf16 rows), 2 (in one)."""
+        return 0 if self.weights_kept is None else 2 if self.sum_one else 1
 
 
 # The zero-copy regions [first, last) byte of live backends, for record_zero_copy: a tuple rebuilt when a backend
@@ -789,11 +792,11 @@ class NvshmemBackend:
 
     def low_latency_dispatch(
         self, x: torch.Tensor, topk_idx: torch.Tensor, use_fp8: bool, round_scale: bool, async_recv: bool,
-        check_ids: bool = False, topk_weights: torch.Tensor | None = None,
+        check_ids: bool = False, topk_weights: torch.Tensor | None = None, bf16_partial_sums: bool = False,
     ) -> LowLatencyDispatchOut:
         """``check_ids`` (at least one id; not while capturing a CUDA graph): raise ArgumentError, nothing sent and
         the Buffer still usable, if an id in topk_idx is outside [-1, num_experts). ``topk_weights``: sent with the
-        tokens (the combine sums on the experts' ranks)."""
+        tokens (the combine sums on the experts' ranks; ``bf16_partial_sums``: each sum sent as one bf16 row)."""
         op = "low_latency_dispatch"
         self._raise_if_failed(op)
         c = self.ctx
@@ -818,17 +821,18 @@ class NvshmemBackend:
         lead, pairs = _rowmap_ptrs(rowmap, c)
         w_ptr = _ptr(topk_weights)
         kept = torch.empty(t, c.num_topk, dtype=torch.float32, device=dev) if topk_weights is not None else None
-        state = _LLState(seq, count, meta, rowmap, t, kept)
+        sum_one = bool(bf16_partial_sums and topk_weights is not None)
+        state = _LLState(seq, count, meta, rowmap, t, kept, sum_one)
         # without a hook, send and unpack may run as one kernel (LARGEEP_TUNE ll_fuse=1)
         if not async_recv and self.ll_fuse and self._fused(self.ll.dispatch_fused(
-            x.data_ptr(), topk_idx.data_ptr(), w_ptr, _ptr(kept), t, use_fp8, round_scale, seq.data_ptr(),
+            x.data_ptr(), topk_idx.data_ptr(), w_ptr, _ptr(kept), t, use_fp8, round_scale, sum_one, seq.data_ptr(),
             x_out.data_ptr(),
             s_out.data_ptr() if s_out is not None else 0, count.data_ptr(), src_info.data_ptr(), meta.data_ptr(),
             lead, pairs, self._stream(),
         )):
             return LowLatencyDispatchOut(x_out, s_out, count, src_info, state, None)
         self.ll.dispatch_send(x.data_ptr(), topk_idx.data_ptr(), w_ptr, _ptr(kept), t, use_fp8, round_scale,
-                              seq.data_ptr(), self._stream())
+                              sum_one, seq.data_ptr(), self._stream())
 
         def finish() -> None:
             self.ll.dispatch_recv(
@@ -860,7 +864,7 @@ class NvshmemBackend:
         # without a hook, send and sum may run as one kernel (LARGEEP_TUNE ll_fuse=1)
         if not async_recv and self.ll_fuse and self._fused(self.ll.combine_fused(
             y.data_ptr(), state.count.data_ptr(), state.meta.data_ptr(), lead, pairs, seq.data_ptr(),
-            topk_idx.data_ptr(), w_ptr, out.data_ptr(), state.num_tokens, state.weighted,
+            topk_idx.data_ptr(), w_ptr, out.data_ptr(), state.num_tokens, state.merged,
             self._stream(),
         )):
             return None
@@ -868,7 +872,7 @@ class NvshmemBackend:
                              seq.data_ptr(), self._stream())
 
         def finish() -> None:
-            self.ll.combine_recv(topk_idx.data_ptr(), w_ptr, out.data_ptr(), state.num_tokens, state.weighted,
+            self.ll.combine_recv(topk_idx.data_ptr(), w_ptr, out.data_ptr(), state.num_tokens, state.merged,
                                  seq.data_ptr(), self._stream())
 
         if async_recv:

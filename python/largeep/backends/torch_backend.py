@@ -150,6 +150,24 @@ class _LowLatencyState:
     # the dispatch's topk_weights as it read them (a copy), or None: the combine applies these, as the nvshmem
     # backend applies the copy its send kernel keeps
     weights_kept: torch.Tensor | None = None
+    # bf16_partial_sums: a token's weighted sum over its experts on one rank is rounded to bf16 where it has two or
+    # more there (the nvshmem backend sends that sum as one bf16 row)
+    sum_one: bool = False
+
+
+def _bf16_partial_sums(terms: torch.Tensor, topk_idx: torch.Tensor, valid: torch.Tensor, epr: int,
+                       n: int) -> torch.Tensor:
+    """float32 [T, H]: sum over ranks r of P[t, r] = sum of terms[t, k] over the k whose expert is on r, each P rounded
+    to bf16 where t names two or more distinct experts on r (bf16_partial_sums: the experts' rank sent that sum as
+    one bf16 row; a single expert's row goes as it is)."""
+    t, k, h = terms.shape
+    rank = torch.where(valid, topk_idx // epr, n)  # [T, K], n = none
+    distinct = valid & (_first_naming(topk_idx) == torch.arange(k, device=terms.device))
+    experts_on = torch.zeros(t, n + 1, dtype=torch.int64, device=terms.device).scatter_add_(1, rank, distinct.long())
+    part = torch.zeros(t, n + 1, h, dtype=torch.float32, device=terms.device)
+    part.scatter_add_(1, rank.unsqueeze(-1).expand(t, k, h), terms)
+    part = torch.where((experts_on >= 2).unsqueeze(-1), part.to(torch.bfloat16).float(), part)
+    return part[:, :n].sum(1)
 
 
 class TorchBackend:
@@ -464,7 +482,7 @@ class TorchBackend:
 
     def low_latency_dispatch(
         self, x: torch.Tensor, topk_idx: torch.Tensor, use_fp8: bool, round_scale: bool, async_recv: bool,
-        topk_weights: torch.Tensor | None = None,
+        topk_weights: torch.Tensor | None = None, bf16_partial_sums: bool = False,
     ) -> LowLatencyDispatchOut:
         # (topk_weights: the Buffer checked that the combine gets the same tensor; the combine here applies a copy
         # taken now at the source, which is the same sum as the nvshmem backend's on the experts' ranks)
@@ -525,7 +543,8 @@ class TorchBackend:
         # combine reads each (t, k)'s row back from the copy sent for it (a repeated expert's: its owner's)
         back_slot = slot.view(t, k).gather(1, first).reshape(-1)
         kept = topk_weights.clone() if topk_weights is not None else None
-        state = _LowLatencyState(back_slot, torch.empty(0, dtype=torch.int64, device=dev), t, kept)
+        state = _LowLatencyState(back_slot, torch.empty(0, dtype=torch.int64, device=dev), t, kept,
+                                 bool(bf16_partial_sums and kept is not None))
 
         def finish() -> None:
             self._wait(work, "low_latency_dispatch")
@@ -581,9 +600,13 @@ class TorchBackend:
             self._wait(work, "low_latency_combine")
             back = torch.cat([rows, torch.zeros(1, c.hidden, dtype=rows.dtype, device=dev)])[state.slot]
             given = state.weights_kept if state.weights_kept is not None else topk_weights
-            w = torch.where((topk_idx >= 0) & (topk_idx < c.num_experts), given, 0.0).reshape(-1, 1)
-            acc = (back.float() * w).view(state.num_tokens, k, c.hidden).sum(1)
-            out.copy_(acc)
+            valid = (topk_idx >= 0) & (topk_idx < c.num_experts)
+            w = torch.where(valid, given, 0.0).reshape(-1, 1)
+            terms = (back.float() * w).view(state.num_tokens, k, c.hidden)
+            if state.sum_one:
+                out.copy_(_bf16_partial_sums(terms, topk_idx, valid, c.experts_per_rank, n))
+            else:
+                out.copy_(terms.sum(1))
 
         if not async_recv:
             finish()

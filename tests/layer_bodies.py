@@ -437,7 +437,16 @@ def low_latency_vs_normal(
             fast.ll_send_weights = False  # (the torch backend applies the weights at the source either way)
             assert torch.equal(fast(x), got), "low-latency layer without weights in the dispatch differs"
             fast.ll_send_weights = True
+            fast.ll_bf16_partial_sums = True  # one more bf16 rounding of each rank's partial sum
+            rounded = fast(x)
+            close(rounded, want, "low-latency layer with bf16 partial sums vs normal",
+                  rtol=2.0**-4 if use_fp8 else 2.0**-6)
+            if world >= 2 and topk >= 3:  # (else no token has a rounded partial sum beside another rank's)
+                assert not torch.equal(rounded, got), "bf16 partial sums changed nothing"
             fast.use_custom_ops = True
+            close(fast(x), want, "custom-op low-latency path with bf16 partial sums vs normal",
+                  rtol=2.0**-4 if use_fp8 else 2.0**-6)
+            fast.ll_bf16_partial_sums = False
             assert torch.equal(fast(x), got), "custom-op low-latency path differs"
             if world == 2:
                 # aot_eager runs the same ops: bit for bit; Inductor fuses the gate's and experts' float math

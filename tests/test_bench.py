@@ -80,15 +80,16 @@ def test_cpu_ll_send_weights_run(tmp_path: Path) -> None:
     env.pop("WORLD_SIZE", None)
     proc = subprocess.run(
         [sys.executable, "-m", "largeep.bench", "--preset", "quick", "--nprocs", "2", "--cpu", "--modes",
-         "low_latency", "--tokens", "1,8", "--ll-send-weights", "--no-plots", "--out", str(out)],
+         "low_latency", "--tokens", "1,8", "--ll-send-weights", "--ll-bf16-partial-sums", "--no-plots", "--out",
+         str(out)],
         env=env, capture_output=True, text=True, timeout=120, check=False,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     doc = json.loads((out / "results.json").read_text())
-    assert doc["settings"]["ll_send_weights"] is True
+    assert doc["settings"]["ll_send_weights"] is True and doc["settings"]["ll_bf16_partial_sums"] is True
     assert "--ll-send-weights: not for torch" in proc.stdout
     assert doc["records"] and all(set(r) == SPEC_KEYS and r["mode"] == "low_latency" for r in doc["records"])
-    assert all(e["weights_sent"] is False for e in doc["extras"])
+    assert all(e["weights_sent"] is False and e["bf16_partial_sums"] is None for e in doc["extras"])
     usable = [r for r in sim.load(out / "results.json") if sim._usable(r)]
     assert usable and not any(sim._usable({**r, "weights_sent": True}) for r in usable)
 
@@ -203,6 +204,24 @@ def test_weighted_low_latency_combine_traffic() -> None:
         d = [sim.traffic(sim.Workload("low_latency", "dispatch", 128, 7168, 8, 288, "fp8", ws), n, n, st)
              for ws in (False, True)]
         assert d[0] == d[1]
+        # bf16 partial sums: one row per (token, rank), as the dispatch's rows
+        one = sim.traffic(sim.Workload("low_latency", "combine", 128, 7168, 8, 288, weights_sent=True,
+                                       bf16_partial_sums=True), n, n, st)
+        assert one.nvlink / plain.nvlink == pytest.approx(st.ranks_per_token / 8)
+        assert one.logical == plain.logical
+    idx = sim.sample_topk(3000, 288, 8, seed=5)
+    for n in (2, 4):
+        rows = rec.send_rows_normal(idx, 288, n)  # [N] (token, rank) pairs sent to each rank
+        assert torch.equal(rec.summed_rows_ll(idx, 288, n, 1), rows)
+        assert (rec.summed_rows_ll(idx, 288, n) >= rows).all()
+
+
+def test_bf16_partial_sums_needs_weights() -> None:
+    from largeep.bench import cli
+
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--cpu", "--ll-bf16-partial-sums"])
+    assert e.value.code == 2
 
 
 def test_node_limited_sampling() -> None:

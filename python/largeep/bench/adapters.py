@@ -95,10 +95,11 @@ class Adapter:
     # low-latency mode
     def ll_dispatch(
         self, x: torch.Tensor, topk_idx: torch.Tensor, use_fp8: bool, hook: bool,
-        topk_weights: torch.Tensor | None = None,
+        topk_weights: torch.Tensor | None = None, bf16_partial_sums: bool = False,
     ) -> tuple[Any, Hook]:
         """-> (handle, receive hook or None). topk_weights: None, or (where ``sends_ll_weights``) the weights the
-        dispatch carries for its combine to apply."""
+        dispatch carries for its combine to apply; bf16_partial_sums: with them, Buffer.low_latency_dispatch's
+        option."""
         raise NotImplementedError
 
     def ll_combine_input(self) -> torch.Tensor:
@@ -172,10 +173,11 @@ class LargeepAdapter(Adapter):
 
     def ll_dispatch(
         self, x: torch.Tensor, topk_idx: torch.Tensor, use_fp8: bool, hook: bool,
-        topk_weights: torch.Tensor | None = None,
+        topk_weights: torch.Tensor | None = None, bf16_partial_sums: bool = False,
     ) -> tuple[Any, Hook]:
         res = self.buf.low_latency_dispatch(x, topk_idx, use_fp8=use_fp8, return_recv_hook=hook,
-                                            topk_weights=topk_weights)
+                                            topk_weights=topk_weights,
+                                            bf16_partial_sums=bf16_partial_sums and topk_weights is not None)
         return res.handle, res.hook
 
     def ll_combine(
@@ -422,7 +424,7 @@ class SymmMemAdapter(Adapter):
     # arrival) when E/N <= 16, else all_to_all_vdev (grouped by source rank)
     def ll_dispatch(
         self, x: torch.Tensor, topk_idx: torch.Tensor, use_fp8: bool, hook: bool,
-        topk_weights: torch.Tensor | None = None,
+        topk_weights: torch.Tensor | None = None, bf16_partial_sums: bool = False,
     ) -> tuple[Any, Hook]:
         from largeep import fp8
 
@@ -587,7 +589,7 @@ class DeepEPAdapter(Adapter):
 
     def ll_dispatch(
         self, x: torch.Tensor, topk_idx: torch.Tensor, use_fp8: bool, hook: bool,
-        topk_weights: torch.Tensor | None = None,
+        topk_weights: torch.Tensor | None = None, bf16_partial_sums: bool = False,
     ) -> tuple[Any, Hook]:
         assert self.spec is not None
         out = self.buf.low_latency_dispatch(

@@ -112,6 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ll-send-weights", action="store_true",
                    help="low-latency, nvshmem backend: the dispatch carries topk_weights and the combine sums each "
                         "token's outputs on the experts' ranks; other backends apply them at the combine as always")
+    p.add_argument("--ll-bf16-partial-sums", action="store_true",
+                   help="with --ll-send-weights: those sums come back as one bf16 row each (one more bf16 rounding "
+                        "of each rank's partial sum, fewer bytes)")
     p.add_argument("--link-gbps", type=float, default=450.0,
                    help="one GPU's link bandwidth one way, for the floor column (default 450: NVLink4, H100/H200)")
     p.add_argument("--no-plots", action="store_true")
@@ -149,7 +152,8 @@ def make_plan(args: argparse.Namespace, device_kind: str, command: str) -> Any:
         warmup=base["warmup"] if args.warmup is None else args.warmup,
         iters=base["iters"] if args.iters is None else args.iters,
         ranks_per_node=args.ranks_per_node, routing=args.routing, zipf_s=args.zipf_s, seed=args.seed,
-        hook=not args.no_hook, ll_send_weights=args.ll_send_weights, link_gbps=args.link_gbps,
+        hook=not args.no_hook, ll_send_weights=args.ll_send_weights,
+        ll_bf16_partial_sums=args.ll_bf16_partial_sums, link_gbps=args.link_gbps,
         plots=not args.no_plots, out=out, command=command,
     )
 
@@ -206,7 +210,10 @@ def _free_port() -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit status."""
     _safe_env()
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.ll_bf16_partial_sums and not args.ll_send_weights:
+        parser.error("--ll-bf16-partial-sums needs --ll-send-weights")
     from largeep.bench.records import command_line
 
     command = command_line(None if argv is None else ["largeep-bench", *argv])

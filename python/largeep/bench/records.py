@@ -91,6 +91,8 @@ class Extra:
     # low-latency records: the dispatch carried topk_weights (``--ll-send-weights``), so the combine summed each
     # token's outputs on the experts' ranks; None for normal mode
     weights_sent: bool | None = None
+    # with weights_sent: the sums came back as one bf16 row each (``--ll-bf16-partial-sums``); else None
+    bf16_partial_sums: bool | None = None
 
 
 # -- byte counts ------------------------------------------------------------------------------------------------
@@ -124,16 +126,17 @@ def send_copies_ll(topk_idx: torch.Tensor, num_experts: int, num_ranks: int) -> 
     return torch.bincount(idx // per_rank, minlength=num_ranks).to(torch.int64)
 
 
-def summed_rows_ll(topk_idx: torch.Tensor, num_experts: int, num_ranks: int) -> torch.Tensor:
+def summed_rows_ll(topk_idx: torch.Tensor, num_experts: int, num_ranks: int, rows_per_sum: int = 2) -> torch.Tensor:
     """Low-latency combine of a dispatch that carried its weights: rows that come back to one rank from each rank,
     where a token with two or more distinct experts on a rank gets their sum as two rows (bf16 value and
-    remainder) and a token with one gets its one row. topk_idx int64 [T, K] -> int64 [N] on the CPU."""
+    remainder; ``rows_per_sum`` 1: bf16_partial_sums, the value alone) and a token with one gets its one row.
+    topk_idx int64 [T, K] -> int64 [N] on the CPU."""
     per_rank = num_experts // num_ranks
     idx = topk_idx.detach().to("cpu", torch.int64)
     hit = torch.zeros(idx.shape[0], num_experts + 1, dtype=torch.bool)
     hit.scatter_(1, torch.where(idx >= 0, idx, num_experts), True)  # distinct valid experts of each token
     per = hit[:, :num_experts].reshape(idx.shape[0], num_ranks, per_rank).sum(2)
-    return per.clamp(max=2).sum(0, dtype=torch.int64)
+    return per.clamp(max=rows_per_sum).sum(0, dtype=torch.int64)
 
 
 @dataclass(frozen=True)

@@ -119,8 +119,10 @@ class Workload:
     num_topk: int
     num_experts: int
     dtype: str = "bf16"
-    # low-latency: the dispatch carried topk_weights, so the combine returns summed rows (RoutingStats)
+    # low-latency: the dispatch carried topk_weights, so the combine returns summed rows (RoutingStats); with
+    # bf16_partial_sums one row per (token, rank) it names (ranks_per_token), as the dispatch sends
     weights_sent: bool = False
+    bf16_partial_sums: bool = False
 
     def bytes_per_row(self) -> int:
         from largeep.bench.records import row_bytes
@@ -247,8 +249,8 @@ def traffic(
         return Traffic(rows * b, nvl * b, rdma * b, rows * b, rows * b16, t * 2 * w.hidden)
     copies = t * w.num_topk
     # low latency: dispatch crosses a link once per (token, destination rank), combine once per copy (with the
-    # weights sent: once per (token, rank) with one expert there, twice with more)
-    if w.op == "dispatch":
+    # weights sent: once per (token, rank) with one expert there, twice with more; with bf16 partial sums once)
+    if w.op == "dispatch" or (w.weights_sent and w.bf16_partial_sums):
         sent = t * stats.ranks_per_token
     elif w.weights_sent and stats.summed_rows_per_token > 0:
         sent = t * stats.summed_rows_per_token
@@ -671,7 +673,8 @@ def check(
         if not _usable(r, weighted=True):
             continue
         w = Workload(r["mode"], r["op"], int(r["num_tokens"]), int(r["hidden"]), int(r["num_topk"]),
-                     int(r["num_experts"]), r["dtype"], bool(r.get("weights_sent")))
+                     int(r["num_experts"]), r["dtype"], bool(r.get("weights_sent")),
+                     bool(r.get("bf16_partial_sums")))
         c = replace(cluster, gpus_per_node=int(r["ranks_per_node"]), combine_eighths=record_eighths(r))
         pred = predict(w, int(r["ep"]), params, c, hierarchical=hierarchical, overlap=overlap,
                        num_sms=r.get("num_sms"))

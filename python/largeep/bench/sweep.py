@@ -64,6 +64,8 @@ class Plan:
     # low-latency: the dispatch carries topk_weights where the backend takes them (Buffer.low_latency_dispatch's
     # option: the combine sums each token's outputs on the experts' ranks); other backends run as without
     ll_send_weights: bool = False
+    # with ll_send_weights: those sums come back as one bf16 row (bf16_partial_sums)
+    ll_bf16_partial_sums: bool = False
     link_gbps: float = 450.0  # one GPU's link, one way: NVLink4 on H100/H200 (the floor column)
     plots: bool = True
     out: str | None = None
@@ -311,21 +313,23 @@ class Sweep:
         per_rank = rec.Traffic.from_matrix(
             _gather_matrix(rec.send_rows_normal(idx, spec.num_experts, self.n), self.group, self.device))
         sent = self.plan.ll_send_weights and a.sends_ll_weights
-        if sent:  # the combine's floor: a summed (token, rank) pair comes back as two rows, a single copy as one
-            summed = rec.Traffic.from_matrix(
-                _gather_matrix(rec.summed_rows_ll(idx, spec.num_experts, self.n), self.group, self.device))
+        one = sent and self.plan.ll_bf16_partial_sums
+        if sent:  # the combine's floor: a summed (token, rank) pair comes back as two rows (one: bf16 partial
+            # sums), a single copy as one
+            summed = rec.Traffic.from_matrix(_gather_matrix(
+                rec.summed_rows_ll(idx, spec.num_experts, self.n, 1 if one else 2), self.group, self.device))
         y = a.ll_combine_input()
         t = self.timer
         ws = w if sent else None
 
         def dispatch(hook: bool) -> Callable[[], Any]:
-            return lambda: a.ll_dispatch(x, idx, use_fp8, hook, ws)
+            return lambda: a.ll_dispatch(x, idx, use_fp8, hook, ws, one)
 
         def combine(handle: Any, hook: bool) -> Callable[[], Any]:
             return lambda: a.ll_combine(y, idx, w, handle, hook)
 
         def roundtrip() -> None:
-            h, _ = a.ll_dispatch(x, idx, use_fp8, False, ws)
+            h, _ = a.ll_dispatch(x, idx, use_fp8, False, ws, one)
             a.ll_combine(y, idx, w, h, False)
 
         for i in range(self.plan.warmup + self.plan.iters):
@@ -353,13 +357,14 @@ class Sweep:
             if name in stats:
                 # (a receive moves nothing over the link in hook mode: its rows came with the send)
                 self._add(a, spec, "low_latency", op, phase, tokens, dtype, stats[name], traffic, rb,
-                          None if op == "recv" else floors[phase or op], weights_sent=sent)
+                          None if op == "recv" else floors[phase or op], weights_sent=sent,
+                          bf16_partial_sums=one if sent else None)
 
     # -- records ------------------------------------------------------------------------------------------------
     def _add(
         self, a: Adapter, spec: BufferSpec, mode: str, op: str, phase: str | None, tokens: int, dtype: str,
         st: Stats, traffic: rec.Traffic, bytes_per_row: int | None, floor_bytes: float | None = None,
-        weights_sent: bool | None = None,
+        weights_sent: bool | None = None, bf16_partial_sums: bool | None = None,
     ) -> None:
         """floor_bytes: the fewest bytes the call moves off one GPU (records.py, ``floor_us``)."""
         logical = bus = None
@@ -374,7 +379,8 @@ class Sweep:
             num_sms=spec.num_sms, time_us_median=st.median, time_us_p10=st.p10, time_us_p90=st.p90,
             logical_gbps=logical,
         ))
-        self.extras.append(rec.Extra(bus_gbps=bus, phase_of=phase, floor_us=floor, weights_sent=weights_sent))
+        self.extras.append(rec.Extra(bus_gbps=bus, phase_of=phase, floor_us=floor, weights_sent=weights_sent,
+                                     bf16_partial_sums=bf16_partial_sums))
 
     def settings(self) -> dict[str, Any]:
         p = self.plan
@@ -394,6 +400,7 @@ class Sweep:
             "bandwidth": "per-rank mean of received bytes (SPEC.md Measuring) / median time",
             "link_gbps": p.link_gbps,
             "ll_send_weights": p.ll_send_weights,
+            "ll_bf16_partial_sums": p.ll_bf16_partial_sums,
             **p.extra_settings,
         }
 

@@ -323,6 +323,7 @@ def test_table_route():
     one = Placement(topo, 8, torch.arange(8))
     rnd = torch.randint(-1, 8, (50, 3))
     assert torch.equal(one.table_route(rnd, 3), one.route(rnd, 3))
+    assert p.prepare("cpu") is p  # (the tables, built ahead of a trace)
     compiled = torch.compile(lambda i: p.table_route(i, 2), backend="aot_eager", fullgraph=True)
     assert torch.equal(compiled(idx), out)
     with pytest.raises(ValueError, match="'src_gpu'"):

@@ -233,9 +233,9 @@ def _wrap_placement(placement: Any, rank: int, device: torch.device) -> Callable
     if placement is None:
         return None
     if hasattr(placement, "route") and hasattr(placement, "phys_to_log"):
-        tabled = hasattr(placement, "table_route") and hasattr(placement, "_tables")
+        tabled = hasattr(placement, "table_route") and hasattr(placement, "prepare")
         if tabled:
-            placement._tables(device)  # (built now, eagerly: a trace then only reads them)
+            placement.prepare(device)  # (its tables built now, eagerly: a trace then only reads them)
 
         def route(idx: Tensor) -> Tensor:
             # route water-fills by load and waits on the host; traced or captured, the table route instead

@@ -254,6 +254,13 @@ class Placement:
         out = torch.where(mine >= 0, mine, torch.where(cnt > 0, near, far))
         return torch.where(topk_idx >= 0, out, torch.full_like(out, -1))
 
+    def prepare(self, device: torch.device | str) -> Placement:
+        """Builds the lookup tables of ``route`` and ``table_route`` on ``device`` now (they are otherwise built at
+        the first call there), so that a ``torch.compile`` trace or a CUDA-graph capture only reads them. Returns
+        self."""
+        self._tables(torch.device(device))
+        return self
+
     def _tables(self, device: torch.device) -> tuple[torch.Tensor, ...]:
         """Lookup tables for ``route``, cached per device: replica_table, replica_count, on_gpu int64 [L, G] (the
         lowest slot of e on GPU g, else -1), node_list int64 [L, N, Rn] (slots of e on node n ascending, -1

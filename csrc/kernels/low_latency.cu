@@ -419,13 +419,11 @@ __device__ __forceinline__ void ll_fan_prefetch(const LowLatencyCtx& c, const ui
 // lead int32 [E/N * N*M] per output row: -1 it goes home alone; entry e of a weighted received row g of n >= 2
 // entries: g * 32 + e (the row's sum is cut into n pieces, entry e's warps make piece e); rowmap int32 [N*M][S][4]
 // with S = min(K, E/N) (a received row names distinct local experts): entry e of received row g: (output row, weight
-// bits, n | kLLMapSumOne if the source asked for the sum as one bf16 row, the output row's meta: the combine send
-// reads entries 0 and 1's there, not one more dependent load from meta).
+// bits, n, 1 if the source asked for the sum as one bf16 row else 0).
 struct LLRowMap {
     int* lead;
     int* rowmap;
 };
-constexpr int kLLMapSumOne = 1 << 16;  // (n <= 32 below it)
 __device__ __forceinline__ int ll_rowmap_stride(const LowLatencyCtx& c) {
     return min(c.num_topk, c.num_experts / c.num_ranks);
 }
@@ -468,14 +466,13 @@ __device__ __forceinline__ void ll_fan_out_row(const LowLatencyCtx& c, const uin
     if (o >= 0) {
         src_info[2 * o] = s;
         src_info[2 * o + 1] = t;
-        const int mo = s * (c.max_tokens * c.num_topk) + t * c.num_topk + k;
-        meta[o] = mo;
+        meta[o] = s * (c.max_tokens * c.num_topk) + t * c.num_topk + k;
         const int stride = ll_rowmap_stride(c);
         // (more entries than local experts: a broken peer)
         const bool merge = (flags & kLLWeighted) && n >= 2 && n <= stride;
         map.lead[o] = merge ? g * kWarp + lane : -1;
         if (merge) reinterpret_cast<int4*>(map.rowmap)[static_cast<int64_t>(g) * stride + lane] =
-            make_int4(static_cast<int>(o), wbits, n | ((flags & kLLSumOne) ? kLLMapSumOne : 0), mo);
+            make_int4(static_cast<int>(o), wbits, n, (flags & kLLSumOne) ? 1 : 0);
     }
 }
 
@@ -645,23 +642,22 @@ __global__ void __launch_bounds__(kLLThreads) ll_dispatch_fused_kernel(LowLatenc
 // [token][k0]: NVLink stores on this node, else staged in symmetric memory at o0's and o1's rows and put. Every load of a vector is issued before any is added (up to kLLMaxTopk entries at once).
 // Entries naming no output row of this rank (a broken peer's data) add nothing; a row whose first two entries are
 // not one token's copies is not sent.
-__device__ __forceinline__ void ll_combine_sum_row(const LowLatencyCtx& c, const __nv_bfloat16* y, const int* rowmap,
-                                                   int slot_buf, int g, int me, int v_lo, int v_hi, int lane) {
+__device__ __forceinline__ void ll_combine_sum_row(const LowLatencyCtx& c, const __nv_bfloat16* y, const int* meta,
+                                                   const int* rowmap, int slot_buf, int g, int me, int v_lo,
+                                                   int v_hi, int lane) {
     const int N = c.num_ranks, H = c.hidden, M = c.max_tokens, K = c.num_topk;
     const int64_t rows = static_cast<int64_t>(c.num_experts / N) * N * M;
     const int stride = ll_rowmap_stride(c);
     const int4 ent = lane < stride ? reinterpret_cast<const int4*>(rowmap)[static_cast<int64_t>(g) * stride + lane]
-                                   : make_int4(-1, 0, 0, -1);
-    const int nw = __shfl_sync(0xffffffffu, ent.z, 0);
-    const int n = min(nw & (kLLMapSumOne - 1), stride);
-    const bool one = (nw & kLLMapSumOne) != 0;  // one bf16 row: the rounding alone
+                                   : make_int4(-1, 0, 0, 0);
+    const int n = min(__shfl_sync(0xffffffffu, ent.z, 0), stride);
+    const bool one = __shfl_sync(0xffffffffu, ent.w, 0) != 0;  // one bf16 row: the rounding alone
     const bool valid = lane < n && ent.x >= 0 && ent.x < rows;
     const int64_t o0 = __shfl_sync(0xffffffffu, valid ? ent.x : -1, 0);
     const int64_t o1 = __shfl_sync(0xffffffffu, valid ? ent.x : -1, 1);
-    // meta of output rows o0 and o1, as the receive recorded it with them
-    const int m0 = __shfl_sync(0xffffffffu, ent.w, 0), m1 = __shfl_sync(0xffffffffu, ent.w, 1);
     if (n < 2 || me >= n || o0 < 0 || o1 < 0) return;
-    if (m0 < 0 || m1 < 0 || m0 / K != m1 / K || m0 / (M * K) >= N) return;
+    const int m0 = meta[o0], m1 = meta[o1];
+    if (m0 < 0 || m1 < 0 || m0 / K != m1 / K) return;
     const int s = m0 / (M * K);
     const bool near = same_node(c, s);
     // over NVLink the n entries' warps share the sum; a put goes whole (fewer, larger messages): entry 0 alone
@@ -727,7 +723,7 @@ __device__ __forceinline__ void ll_combine_row(const LowLatencyCtx& c, const __n
     const int lead = map.lead[o];
     // (bounded: a receive that gave up leaves lead undefined)
     if (lead >= 0 && lead / kWarp < N * M && lead % kWarp < K) {
-        ll_combine_sum_row(c, y, map.rowmap, slot_buf, lead / kWarp, lead % kWarp, v_lo, v_hi, lane);
+        ll_combine_sum_row(c, y, meta, map.rowmap, slot_buf, lead / kWarp, lead % kWarp, v_lo, v_hi, lane);
         return;
     }
     const int64_t at = c.off_comb + (static_cast<int64_t>(slot_buf) * M * K + tk) * c.comb_stride + 16ll * v_lo;

@@ -11,7 +11,8 @@ t0=$(date +%s)
 pack() { (cd $O && tar czf r3.tar.gz r3 && rm -rf r3); }
 git log --oneline -1 > $R/tree.txt
 python3 -m pip install --no-build-isolation --no-deps . > $R/build.log 2>&1 || { tail -40 $R/build.log; pack; exit 1; }
-mkdir -p /tmp/oldsrc && git archive $OLD CMakeLists.txt setup.py pyproject.toml csrc python | tar x -C /tmp/oldsrc
+# (the old tree, made beforehand: mkdir -p ab/oldtree && git archive $OLD CMakeLists.txt setup.py pyproject.toml csrc python | tar x -C ab/oldtree)
+rm -rf /tmp/oldsrc && cp -r ab/oldtree /tmp/oldsrc
 (cd /tmp/oldsrc && python3 -m pip install --no-build-isolation --no-deps --target /tmp/A . > $R/build_old.log 2>&1) || { tail -20 $R/build_old.log; pack; exit 1; }
 echo "builds $(( $(date +%s) - t0 )) s"
 (cd tests && timeout 240 python3 -m pytest -q -ra -m gpu -k "bf16_partial_sums or low_latency_weighted or ops_weighted or property or decode_step" --durations=5 . -p no:cacheprovider) > $R/tests.log 2>&1

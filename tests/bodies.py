@@ -160,6 +160,12 @@ def low_latency_partial_sums(
         w = 2.0 ** -torch.randint(0, 5, mine.topk_idx.shape, generator=g).float()
         x, idx, w_dev = mine.x.to(dev), mine.topk_idx.to(dev), w.to(dev)
         mode = modes[rank]
+        # two rounds without weights first (one per slot buffer): every combine slot then holds a real row, so a
+        # side that read or wrote a slot the other did not would show (fresh symmetric memory is zero)
+        for _ in range(2):
+            pre = buf.low_latency_dispatch(x, idx, use_fp8=use_fp8)
+            noise = torch.randn(epr, world * max_tokens, hidden, generator=g).to(torch.bfloat16).to(dev)
+            buf.low_latency_combine(noise, idx, w_dev, pre.handle)
         res = buf.low_latency_dispatch(x, idx, use_fp8=use_fp8, return_recv_hook=hook,
                                        topk_weights=None if mode == "none" else w_dev,
                                        bf16_partial_sums=mode == "bf16")

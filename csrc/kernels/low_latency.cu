@@ -639,7 +639,8 @@ __global__ void __launch_bounds__(kLLThreads) ll_dispatch_fused_kernel(LowLatenc
 // whole of it, by entry 0) of the 16-byte vectors [v_lo, v_hi) of the weighted sum (float32) of the entries' rows,
 // as two bf16 rows (rounding, remainder) into the source's combine buffer at [token][k0] and [token][k1], the slots
 // of entries 0 and 1 (output rows o0, o1), or (the source asked for bf16 partial sums) as its rounding alone at
-// [token][k0]: NVLink stores on this node, else staged in symmetric memory at o0's and o1's rows and put. Every load of a vector is issued before any is added (up to kLLMaxTopk entries at once).
+// [token][k0]: NVLink stores on this node, else staged in symmetric memory at o0's and o1's rows and put. Every load
+// of a vector is issued before any is added (up to kLLMaxTopk entries at once).
 // Entries naming no output row of this rank (a broken peer's data) add nothing; a row whose first two entries are
 // not one token's copies is not sent.
 __device__ __forceinline__ void ll_combine_sum_row(const LowLatencyCtx& c, const __nv_bfloat16* y, const int* meta,

@@ -338,6 +338,10 @@ class MoELayer(nn.Module):
         self.overlap_sm_carveout = overlap_sm_carveout
         self.ll_use_fp8 = ll_use_fp8
         self.ll_send_weights = ll_send_weights
+        if not isinstance(ll_bf16_partial_sums, bool):
+            raise ArgumentError(
+                f"MoELayer: argument 'll_bf16_partial_sums' must be a bool, got {type(ll_bf16_partial_sums).__name__}"
+            )
         if ll_bf16_partial_sums and not ll_send_weights:
             raise ArgumentError("MoELayer: argument 'll_bf16_partial_sums' = True needs ll_send_weights=True")
         self.ll_bf16_partial_sums = ll_bf16_partial_sums

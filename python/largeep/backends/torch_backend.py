@@ -601,12 +601,14 @@ class TorchBackend:
             back = torch.cat([rows, torch.zeros(1, c.hidden, dtype=rows.dtype, device=dev)])[state.slot]
             given = state.weights_kept if state.weights_kept is not None else topk_weights
             valid = (topk_idx >= 0) & (topk_idx < c.num_experts)
-            w = torch.where(valid, given, 0.0).reshape(-1, 1)
-            terms = (back.float() * w).view(state.num_tokens, k, c.hidden)
+            w = torch.where(valid, given, 0.0)
             if state.sum_one:
+                # as the kernels: a repeated expert's copy once, with the sum of its weights
+                w_own = torch.zeros_like(w).scatter_add_(1, _first_naming(topk_idx), w)
+                terms = back.float().view(state.num_tokens, k, c.hidden) * w_own.unsqueeze(-1)
                 out.copy_(_bf16_partial_sums(terms, topk_idx, valid, c.experts_per_rank, n))
             else:
-                out.copy_(terms.sum(1))
+                out.copy_((back.float() * w.reshape(-1, 1)).view(state.num_tokens, k, c.hidden).sum(1))
 
         if not async_recv:
             finish()

@@ -365,6 +365,17 @@ def test_low_latency_many_ranks_shared_gpus(ranks_per_node: int | None) -> None:
 @pytest.mark.gpu(2)
 @needs_native
 @needs_shared
+@pytest.mark.parametrize("ranks_per_node", [None, 2], ids=["one-node", "2-nodes"])
+def test_low_latency_bf16_partial_sums_four_ranks_shared_gpus(pools, ranks_per_node: int | None) -> None:
+    """bf16_partial_sums with 4 ranks on 2 GPUs (a token's experts spread over up to 4 ranks, each rank's sum
+    rounded on its own), ranks in the three modes mixed, repeated experts; one node, and 2 nodes of 2 (puts)."""
+    pools(4, "gloo-cuda").run(bodies.low_latency_partial_sums, "nvshmem", [48, 0, 40, 33], 48, 2048, 64, 8, 71,
+                              ["bf16", "split", "none", "bf16"], True, ranks_per_node, False)
+
+
+@pytest.mark.gpu(2)
+@needs_native
+@needs_shared
 @pytest.mark.parametrize("case", LL_CASES[:2], ids=["m128-fp8", "m128-bf16-hook"])
 def test_low_latency_four_ranks_shared_gpus(pools, case: tuple) -> None:
     m, hidden, experts, topk, fp8, round_scale, hook = case

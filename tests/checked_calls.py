@@ -308,6 +308,9 @@ class LowLatencyCase:
     # which ranks give low_latency_dispatch their topk_weights (summed on the experts' ranks by the nvshmem combine):
     # "none", "all", or "some" (ranks with (seed + rank) even: sources of both kinds in one round)
     weighted: str = "none"
+    # ranks that give their weights also ask for bf16_partial_sums (each rank's sum back as one bf16 row; the
+    # combine's bound, float32 accumulation over the terms' magnitudes, covers that rounding too)
+    bf16_sums: bool = False
 
     def buffer_kwargs(self) -> dict[str, Any]:
         return dict(
@@ -353,6 +356,7 @@ class LowLatencyRound:
         self.res = self.buf.low_latency_dispatch(
             self.x, self.idx, use_fp8=c.use_fp8, round_scale=c.round_scale, return_recv_hook=c.hook,
             topk_weights=self.w if c.weighted_on(self.rank) else None,
+            bf16_partial_sums=c.bf16_sums and c.weighted_on(self.rank),
         )
 
     def receive(self) -> None:

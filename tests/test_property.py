@@ -79,6 +79,7 @@ def low_latency_cases(draw: st.DrawFn, world: int) -> LowLatencyCase:
         ranks_per_node=draw(st.sampled_from(divisors(world))),
         distinct=draw(st.booleans()),
         weighted=draw(st.sampled_from(["none", "all", "some"])),
+        bf16_sums=draw(st.booleans()),
     )
 
 
@@ -106,7 +107,7 @@ def edge_cases(world: int) -> list[NormalCase | LowLatencyCase]:
         LowLatencyCase(full, 16, 128, e, min(8, e), 10, distinct=False, hook=True),
         # weights sent with the dispatch: sums on the experts' ranks, with repeated experts, from some ranks only
         LowLatencyCase(full, 16, 128, e, min(8, e), 11, distinct=False, weighted="all"),
-        LowLatencyCase(one_empty, 16, 256, world, min(4, world), 12, hook=True, weighted="some"),
+        LowLatencyCase(one_empty, 16, 256, world, min(4, world), 12, hook=True, weighted="some", bf16_sums=True),
     ]
 
 

@@ -155,17 +155,22 @@ class _LowLatencyState:
     sum_one: bool = False
 
 
-def _bf16_partial_sums(terms: torch.Tensor, topk_idx: torch.Tensor, valid: torch.Tensor, epr: int,
+def _bf16_partial_sums(rows: torch.Tensor, w: torch.Tensor, topk_idx: torch.Tensor, valid: torch.Tensor, epr: int,
                        n: int) -> torch.Tensor:
-    """float32 [T, H]: sum over ranks r of P[t, r] = sum of terms[t, k] over the k whose expert is on r, each P rounded
-    to bf16 where t names two or more distinct experts on r (bf16_partial_sums: the experts' rank sent that sum as
-    one bf16 row; a single expert's row goes as it is)."""
-    t, k, h = terms.shape
+    """float32 [T, H]: sum over ranks r of P[t, r] = sum of w[t, k] * rows[t, k] over the k whose expert is on r, each
+    P rounded to bf16 where t names two or more distinct experts on r (bf16_partial_sums: the experts' rank sent that
+    sum as one bf16 row; a single expert's row goes as it is). rows float32 [T, K, H] (a repeated expert's k: its
+    first k's row), w float32 [T, K] (0 where not valid)."""
+    t, k, h = rows.shape
+    first = _first_naming(topk_idx)
+    own = first == torch.arange(k, device=rows.device)
+    # as the kernels: a repeated expert's row once, with the sum of its weights
+    w_own = torch.zeros_like(w).scatter_add_(1, first, w)
     rank = torch.where(valid, topk_idx // epr, n)  # [T, K], n = none
-    distinct = valid & (_first_naming(topk_idx) == torch.arange(k, device=terms.device))
-    experts_on = torch.zeros(t, n + 1, dtype=torch.int64, device=terms.device).scatter_add_(1, rank, distinct.long())
-    part = torch.zeros(t, n + 1, h, dtype=torch.float32, device=terms.device)
-    part.scatter_add_(1, rank.unsqueeze(-1).expand(t, k, h), terms)
+    experts_on = torch.zeros(t, n + 1, dtype=torch.int64, device=rows.device).scatter_add_(
+        1, rank, (valid & own).long())
+    part = torch.zeros(t, n + 1, h, dtype=torch.float32, device=rows.device)
+    part.scatter_add_(1, rank.unsqueeze(-1).expand(t, k, h), rows * w_own.unsqueeze(-1))
     part = torch.where((experts_on >= 2).unsqueeze(-1), part.to(torch.bfloat16).float(), part)
     return part[:, :n].sum(1)
 
@@ -603,10 +608,8 @@ class TorchBackend:
             valid = (topk_idx >= 0) & (topk_idx < c.num_experts)
             w = torch.where(valid, given, 0.0)
             if state.sum_one:
-                # as the kernels: a repeated expert's copy once, with the sum of its weights
-                w_own = torch.zeros_like(w).scatter_add_(1, _first_naming(topk_idx), w)
-                terms = back.float().view(state.num_tokens, k, c.hidden) * w_own.unsqueeze(-1)
-                out.copy_(_bf16_partial_sums(terms, topk_idx, valid, c.experts_per_rank, n))
+                rows3 = back.float().view(state.num_tokens, k, c.hidden)
+                out.copy_(_bf16_partial_sums(rows3, w, topk_idx, valid, c.experts_per_rank, n))
             else:
                 out.copy_((back.float() * w.reshape(-1, 1)).view(state.num_tokens, k, c.hidden).sum(1))
 

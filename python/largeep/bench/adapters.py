@@ -176,8 +176,7 @@ class LargeepAdapter(Adapter):
         topk_weights: torch.Tensor | None = None, bf16_partial_sums: bool = False,
     ) -> tuple[Any, Hook]:
         res = self.buf.low_latency_dispatch(x, topk_idx, use_fp8=use_fp8, return_recv_hook=hook,
-                                            topk_weights=topk_weights,
-                                            bf16_partial_sums=bf16_partial_sums and topk_weights is not None)
+                                            topk_weights=topk_weights, bf16_partial_sums=bf16_partial_sums)
         return res.handle, res.hook
 
     def ll_combine(

@@ -196,10 +196,14 @@ class NormalKernels {
         HOST_ASSERT(threads % 32 == 0 && threads >= 64 && threads <= 1024, "threads must be a multiple of 32 in [64, 1024]");
         HOST_ASSERT(load_mode >= 0 && load_mode <= 2 && (unroll == 4 || unroll == 8), "bad load mode or unroll");
         HOST_ASSERT(ranks_per_node > 0 && num_ranks % ranks_per_node == 0, "bad ranks_per_node " << ranks_per_node);
+        // (the copy kernels give each rank a thread in their waits and offsets)
+        HOST_ASSERT(threads > num_ranks, "threads (" << threads << ") must exceed the number of ranks (" << num_ranks
+                                                      << ")");
         c_.threads = threads;
         c_.load_mode = load_mode;
         c_.unroll = unroll;
         c_.ranks_per_node = ranks_per_node;
+        c_.first_local = rank - rank % ranks_per_node;
         fill_common(c_, rank, num_ranks, num_experts, num_topk, hidden, max_tokens, base, peer_base, seq, block_counter,
                     status_dev, error_dev, timeout_s);
         HOST_ASSERT(num_zc_slots >= 0 && (num_zc_slots == 0 || ranks_per_node == num_ranks),

@@ -1009,14 +1009,15 @@ def unchecked_out_of_range(rank: int, world: int, backend: str, low_latency: boo
 
 
 def some_ranks_refuse(rank: int, world: int, backend: str, bad_ranks: list[int], value: int, tokens: list[int],
-                      use_fp8: bool) -> dict[str, Any]:
+                      use_fp8: bool, ranks_per_node: int | None = None) -> dict[str, Any]:
     """The ranks in ``bad_ranks`` put expert id ``value`` (out of range) into their first token (those with tokens),
     the others dispatch good ids: the ranks that refused raise ArgumentError naming the id, every other rank
     PeerRefusedError naming exactly those ranks (nobody raises when no rank with a token refused); the caller's
     tensors stay unchanged; then a checked round is right on every rank."""
     chk = Checker(f"ranks {bad_ranks} refuse {value} (tokens {tokens}, fp8 {use_fp8}) on rank {rank}")
     experts = 4 * world  # (any world size divides it)
-    case = NormalCase(tuple(tokens), HIDDEN, experts, TOPK, 17, use_fp8=use_fp8, max_tokens=MAX_TOKENS)
+    case = NormalCase(tuple(tokens), HIDDEN, experts, TOPK, 17, use_fp8=use_fp8, max_tokens=MAX_TOKENS,
+                      ranks_per_node=ranks_per_node)
     buf = largeep.Buffer(None, backend=backend, **case.buffer_kwargs())
     dev = buf.ctx.device
     refusers = sorted(r for r in bad_ranks if tokens[r] > 0)

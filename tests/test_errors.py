@@ -140,15 +140,26 @@ def test_nvshmem_host_gave_up_message() -> None:
             b._raise_if_failed("dispatch")
 
 
-def test_nvshmem_refusal_word_of_32_ranks() -> None:
-    """Rank 31 ran a refused round with num_worst_tokens: its bit is the status word's sign bit (read as int64)."""
+def test_nvshmem_refusal_words_of_many_ranks() -> None:
+    """A void round of 40 ranks: each rank's status word says whether it refused (bit 0) and whether it ran the
+    round without a host wait (bit 1); ranks past 32 are named as any other."""
     import largeep
 
-    b = _bare_nvshmem(rank=5, num_ranks=32, num_experts=64)
-    word = (1 | (1 << 31) << 32) - (1 << 64)  # as the host reads the int64 status word
-    with pytest.raises(largeep.PeerRefusedError, match=r"rank\(s\) \[0\] refused.*rank\(s\) \[31\] ran") as info:
-        b._raise_refused("dispatch", word, checked=True)
+    b = _bare_nvshmem(rank=5, num_ranks=40, num_experts=80)
+    words = [0] * 40
+    words[0] = 1
+    words[33] = 1 | 2
+    words[31] = 2
+    words[39] = 2
+    with pytest.raises(largeep.PeerRefusedError,
+                       match=r"rank\(s\) \[0, 33\] refused.*rank\(s\) \[31, 33, 39\] ran") as info:
+        b._raise_refused("dispatch", words, checked=True)
     assert info.value.buffer_usable is False
+    words = [0] * 40
+    words[37] = 1
+    with pytest.raises(largeep.PeerRefusedError, match=r"rank\(s\) \[37\] refused") as info:
+        b._raise_refused("dispatch", words, checked=True)
+    assert info.value.buffer_usable is True
 
 
 @pytest.mark.gpu(2)
@@ -521,18 +532,19 @@ def test_auto_backend_agrees_across_ranks(pools) -> None:
 
 
 # -- the nvshmem backend's refusal messages (host side only: the status words a void round leaves) -------------------
-@pytest.mark.parametrize("me,word,raises,words,usable", [
+@pytest.mark.parametrize("me,refusals,raises,words,usable", [
+    # (refusals: each rank's status word in the void round, bit 0 refused, bit 1 ran it without a host wait)
     # rank 0 refused (id 11 > E = 8), every rank waited: ArgumentError there, PeerRefusedError elsewhere, usable
-    (0, 0b0001, "ArgumentError", ["expert id 11", "'topk_idx'", "stays usable"], True),
-    (2, 0b0001, "PeerRefusedError", ["rank(s) [0] refused", "stays usable"], True),
+    (0, [1, 0, 0, 0], "ArgumentError", ["expert id 11", "'topk_idx'", "stays usable"], True),
+    (2, [1, 0, 0, 0], "PeerRefusedError", ["rank(s) [0] refused", "stays usable"], True),
     # ranks 0 and 3 refused
-    (1, 0b1001, "PeerRefusedError", ["rank(s) [0, 3] refused"], True),
-    # rank 0 refused, ranks 1 and 3 ran the round with num_worst_tokens (bits 32 up): the Buffers are gone
-    (0, 0b0001 | 0b1010 << 32, "ArgumentError", ["expert id 11", "rank(s) [1, 3] ran the call with num_worst_tokens",
-                                                 "destroy the Buffer on every rank"], False),
-    (2, 0b0001 | 0b1010 << 32, "PeerRefusedError", ["rank(s) [0] refused", "[1, 3]", "destroy the Buffer"], False),
+    (1, [1, 0, 0, 1], "PeerRefusedError", ["rank(s) [0, 3] refused"], True),
+    # rank 0 refused, ranks 1 and 3 ran the round with num_worst_tokens: the Buffers are gone
+    (0, [1, 2, 0, 2], "ArgumentError", ["expert id 11", "rank(s) [1, 3] ran the call with num_worst_tokens",
+                                        "destroy the Buffer on every rank"], False),
+    (2, [1, 2, 0, 2], "PeerRefusedError", ["rank(s) [0] refused", "[1, 3]", "destroy the Buffer"], False),
 ])
-def test_nvshmem_refusal_messages(me: int, word: int, raises: str, words: list[str], usable: bool) -> None:
+def test_nvshmem_refusal_messages(me: int, refusals: list[int], raises: str, words: list[str], usable: bool) -> None:
     import largeep
 
     b = _bare_nvshmem(rank=me, num_ranks=4, num_experts=8)
@@ -541,7 +553,7 @@ def test_nvshmem_refusal_messages(me: int, word: int, raises: str, words: list[s
     status[6:9] = [7, 0, 11]  # the id check's words: its token, the lowest id below -1 (none), the highest >= E
     b.status = status
     with pytest.raises(Exception) as info:
-        b._raise_refused("dispatch", word, checked=True)
+        b._raise_refused("dispatch", refusals, checked=True)
     exc = info.value
     assert type(exc).__name__ == raises, exc
     assert all(w in str(exc) for w in words), str(exc)
@@ -551,7 +563,7 @@ def test_nvshmem_refusal_messages(me: int, word: int, raises: str, words: list[s
     if raises == "ArgumentError":
         status[6] = 6
         with pytest.raises(RuntimeError, match="report on rank 0 is missing"):
-            b._raise_refused("dispatch", word, checked=True)
+            b._raise_refused("dispatch", refusals, checked=True)
 
 
 @pytest.mark.parametrize("which,name", [("gate", "TopKGate.update_bias"), ("replicas", "allreduce_replica_grads")])
@@ -569,10 +581,18 @@ def test_missing_member_of_a_library_collective_is_bounded(which: str, name: str
 
 @pytest.mark.parametrize("low_latency,ranks,per_node,max_tokens,refused,auto", [
     (False, 32, 8, 128, None, True),
-    (False, 33, 1, 128, "normal-mode kernels support at most 32 ranks", False),
+    # normal mode: up to 256 ranks and 32 nodes; beyond the tested sizes (40 ranks) only on request
+    (False, 40, 8, 128, None, True),
+    (False, 40, 2, 128, None, True),
+    (False, 40, 1, 128, "at most 32 nodes", False),
+    (False, 64, 2, 128, None, False),
+    (False, 256, 8, 128, None, False),
+    (False, 264, 8, 128, "normal-mode kernels support at most 256 ranks", False),
     (False, 16, 16, 128, "at most 8 ranks per node", False),
     (True, 32, 8, 128, None, True),
-    # low latency: any number of ranks per node, up to 1024 ranks; beyond the normal mode's sizes only on request
+    (True, 34, 17, 128, None, False),
+    (True, 34, 2, 128, None, True),
+    # low latency: any number of ranks per node, up to 1024 ranks; beyond the tested sizes only on request
     (True, 256, 16, 128, None, False),
     (True, 1024, 8, 128, None, False),
     (True, 2048, 8, 128, "low-latency kernels support at most 1024 ranks", False),
@@ -581,7 +601,7 @@ def test_missing_member_of_a_library_collective_is_bounded(which: str, name: str
 def test_nvshmem_group_sizes(low_latency: bool, ranks: int, per_node: int, max_tokens: int, refused: str | None,
                              auto: bool) -> None:
     """Which groups the nvshmem backend takes (unsupported_reason), and which of those backend='auto' gives it
-    (untested_reason: low-latency groups past the normal mode's sizes have not run on GPUs yet)."""
+    (untested_reason: groups past the sizes that have run on GPUs)."""
     import types
 
     from largeep.backends.nvshmem_backend import unsupported_reason, untested_reason

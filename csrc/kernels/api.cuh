@@ -11,11 +11,15 @@ namespace largeep {
 // [0] ready sequence (the notify kernel stores the dispatch sequence once counts are in)
 // [1] error: 0, or op * 65536 + (waited rank + 1); first error wins
 // [2] rows this rank receives (normal dispatch)
-// [3] ranks that refused this round's normal dispatch (bit r: rank r's prepare found an expert id outside
-//     [-1, E)); written by a reporting notify before [0]; nonzero means the round was void on every rank; bits
-//     32 + r: rank r ran that void round without a host wait (num_worst_tokens), so its Buffer is unusable now
+// [3] how many ranks refused this round's normal dispatch (their prepare found an expert id outside [-1, E));
+//     written by a reporting notify before [0]; nonzero means the round was void on every rank
 // [4 .. 4 + E/N) rows naming each local expert (normal dispatch)
+// [4 + E/N .. + kLayoutCheckWords) the expert-id check's report (see publish_id_check)
+// [kRefusedRanks(E/N) + r], r < N: written for every rank r in a void round, before [0]: bit 0 set if r refused it,
+//     bit 1 if r ran it without a host wait (num_worst_tokens), so that r's Buffer is unusable now
 enum StatusWord { kReadySeq = 0, kError = 1, kNumRecv = 2, kRefused = 3, kPerExpert = 4 };
+constexpr int kLayoutCheckWords = 3;
+__host__ __device__ constexpr int kRefusedRanks(int experts_per_rank) { return kPerExpert + experts_per_rank + kLayoutCheckWords; }
 enum Op {
     kOpLayout = 1,
     kOpDispatch = 2,
@@ -84,6 +88,7 @@ enum SeqKind { kSeqDispatch = 0, kSeqCombine = 1, kSeqLowLatency = 2, kRoundVoid
 //   comb_rdma  bytes [M][max_tokens][pcomb_stride]  float32 partial sums from my RDMA peer on node m
 struct NormalCtx {
     int rank, num_ranks, num_experts, num_topk, hidden, max_tokens, ranks_per_node;
+    int first_local;  // the first rank of this rank's node (rank - rank % ranks_per_node)
     int64_t off_flags, off_in_counts, off_out_counts, off_matrix, off_recv, off_comb, off_comb_w;
     int64_t off_rdma_send, off_rdma_recv, off_fwd_comb, off_comb_send, off_comb_rdma;
     int64_t recv_stride, recv_off_scales, recv_off_idx, recv_off_w, recv_off_src;

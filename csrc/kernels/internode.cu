@@ -54,10 +54,9 @@ __global__ void __launch_bounds__(kThreads) dispatch_rdma_send_kernel(NormalCtx 
     const int N = c.num_ranks, P = c.ranks_per_node, M = N / P, node = c.rank / P, me_local = c.rank % P;
     const int K = c.num_topk, num_scales = c.hidden / 128;
     const int64_t seq = c.seq[kSeqDispatch] + 1;
-    const unsigned peers = rdma_peer_mask(c);
     // My RDMA peers must have forwarded the previous round out of their RDMA receive buffers. A void fresh round
     // (idx given; a rank refused it) puts nothing; its flags still go up.
-    const bool ok = wait_flags(c, kFlagRecvFree, peers, seq - 1, kOpDispatch) &&
+    const bool ok = wait_rdma_peers(c, kFlagRecvFree, seq - 1, kOpDispatch) &&
                     (idx == nullptr || c.seq[kRoundVoid] == 0);
     if (ok) {
         const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp, kWarps = blockDim.x / kWarp;
@@ -95,8 +94,8 @@ __global__ void __launch_bounds__(kThreads) dispatch_rdma_send_kernel(NormalCtx 
     nvshmem_quiet();  // this thread's puts have landed
     __threadfence_system();
     if (last_block(c.block_counter + 4)) {
-        if (static_cast<int>(threadIdx.x) < N && ((peers >> threadIdx.x) & 1u))
-            set_flag(c, threadIdx.x, kFlagRdmaRows, c.rank, seq);
+        if (static_cast<int>(threadIdx.x) < M && static_cast<int>(threadIdx.x) != node)
+            set_flag(c, threadIdx.x * P + me_local, kFlagRdmaRows, c.rank, seq);
     }
 }
 
@@ -110,24 +109,23 @@ __global__ void __launch_bounds__(kThreads) dispatch_forward_kernel(NormalCtx c,
                                                                     const int* fwd_count, int* fwd_pos) {
     const int N = c.num_ranks, P = c.ranks_per_node, M = N / P, node = c.rank / P, me_local = c.rank % P;
     const int64_t seq = c.seq[kSeqDispatch] + 1;
-    __shared__ int prefix[33];
-    const bool ok = wait_flags(c, kFlagRdmaRows, rdma_peer_mask(c), seq, kOpDispatch);
+    __shared__ int prefix[kMaxNodes + 1];
+    const bool ok = wait_rdma_peers(c, kFlagRdmaRows, seq, kOpDispatch);
     node_prefix(fwd_count, M, prefix);
     if (ok) {
         const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp, kWarps = blockDim.x / kWarp;
         const int64_t x_bytes = static_cast<int64_t>(c.hidden) * x_elem;
-        const bool mine = lane >= node * P && lane < (node + 1) * P;  // lane d: a rank of my node
-        __shared__ uint8_t* slots[32];  // the copy slot of each rank of my node, as seen from here
-        if (static_cast<int>(threadIdx.x) < N)
-            slots[threadIdx.x] = is_local(c, threadIdx.x) ? peer(c, threadIdx.x) + c.off_recv : nullptr;
+        __shared__ uint8_t* slots[kMaxLocal];  // the copy slot of each rank of my node, as seen from here
+        if (static_cast<int>(threadIdx.x) < P) slots[threadIdx.x] = peer(c, node * P + threadIdx.x) + c.off_recv;
         __syncthreads();
         for (int g = blockIdx.x * kWarps + warp; g < prefix[M]; g += gridDim.x * kWarps) {
             const int m = node_of_row(prefix, g), j = g - prefix[m];
             const uint8_t* row = c.base + c.off_rdma_recv + (static_cast<int64_t>(m) * c.max_tokens + j) * c.rdma_stride;
             const int* pos = reinterpret_cast<const int*>(row + c.rdma_off_pos);
             if (lane < P) fwd_pos[(static_cast<int64_t>(m) * c.max_tokens + j) * P + lane] = pos[lane];
-            const int p = mine ? pos[lane - node * P] : -1;
-            const int base = mine ? fwd_off[m * P + lane - node * P] : 0;
+            // lane l < P: rank node * P + l of my node
+            const int p = lane < P ? pos[lane] : -1;
+            const int base = lane < P ? fwd_off[m * P + lane] : 0;
             const unsigned dests = __ballot_sync(0xffffffffu, p >= 0);
             push_row<1>(c, row, x_bytes, has_scales ? reinterpret_cast<const float*>(row + c.recv_off_scales) : nullptr,
                         cached ? nullptr : reinterpret_cast<const int64_t*>(row + c.recv_off_idx),
@@ -156,8 +154,8 @@ __global__ void __launch_bounds__(kReduceThreads) combine_forward_kernel(NormalC
     const int N = c.num_ranks, P = c.ranks_per_node, M = N / P, node = c.rank / P, me_local = c.rank % P;
     const int K = c.num_topk;
     const int64_t seq = c.seq[kSeqCombine] + 1;
-    __shared__ int prefix[33];
-    const bool ok = wait_flags(c, kFlagCombReady, local_mask(c), seq, kOpCombine);
+    __shared__ int prefix[kMaxNodes + 1];
+    const bool ok = wait_local(c, kFlagCombReady, seq, kOpCombine);
     node_prefix(fwd_count, M, prefix);
     if (ok) {
         const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
@@ -200,9 +198,8 @@ __global__ void __launch_bounds__(kReduceThreads) combine_forward_kernel(NormalC
     nvshmem_quiet();
     __threadfence_system();
     if (last_block(c.block_counter + 6)) {
-        const unsigned peers = rdma_peer_mask(c);
-        if (static_cast<int>(threadIdx.x) < N && ((peers >> threadIdx.x) & 1u))
-            set_flag(c, threadIdx.x, kFlagCombRdma, c.rank, seq);
+        if (static_cast<int>(threadIdx.x) < M && static_cast<int>(threadIdx.x) != node)
+            set_flag(c, threadIdx.x * P + me_local, kFlagCombRdma, c.rank, seq);
     }
 }
 

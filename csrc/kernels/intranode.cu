@@ -118,15 +118,16 @@ __global__ void __launch_bounds__(kThreads) dispatch_prepare_kernel(NormalCtx c,
 // A rank whose prepare refused the round (seq[kRoundVoid]) sets kRefusedSlot in the slot field of its count rows;
 // a round with any such rank is void on every rank: all offsets and counts 0 (so the sends move nothing and the
 // copy-out waits only for the flags), seq[kRoundVoid] set for the sending kernels, and the refusing ranks in
-// status[kRefused] for the host, with (bits 32 up) the ranks that ran it without a host wait (num_worst_tokens):
-// those cannot raise, so their notify reports the error kOpPeerRefused instead, which leaves their Buffer unusable.
+// status[kRefused] (their number) and status[kRefusedRanks + r] (see api.cuh) for the host, with the ranks that ran it
+// without a host wait (num_worst_tokens): those cannot raise, so their notify reports the error kOpPeerRefused
+// instead, which leaves their Buffer unusable.
 __global__ void __launch_bounds__(kThreads) dispatch_notify_kernel(NormalCtx c, int* recv_off, int* send_off,
                                                                    int64_t* send_slot, int* fwd_off, int* fwd_count,
                                                                    int my_slot, int report, int* per_expert,
                                                                    int alignment) {
     const int N = c.num_ranks, epr = c.num_experts / N, me = c.rank, row = 3 + epr, P = c.ranks_per_node;
     const int64_t seq = c.seq[kSeqDispatch] + 1;
-    if (!wait_flags(c, kFlagRecvFree, all_mask(N), seq - 1, kOpDispatch)) return;
+    if (!wait_all(c, kFlagRecvFree, seq - 1, kOpDispatch)) return;
     int* out = reinterpret_cast<int*>(c.base + c.off_out_counts);
     int* my_matrix = reinterpret_cast<int*>(c.base + c.off_matrix);
     const bool i_refuse = c.seq[kRoundVoid] != 0;  // (prepare's, before this kernel overwrites it below)
@@ -143,28 +144,36 @@ __global__ void __launch_bounds__(kThreads) dispatch_notify_kernel(NormalCtx c, 
         const int r = i / N, j = i % N;  // to rank r: matrix[me][j] = rows I send to j
         if (is_local(c, r)) reinterpret_cast<int*>(peer(c, r) + c.off_matrix)[me * N + j] = my_matrix[me * N + j];
     }
-    if (static_cast<int>(threadIdx.x) < N && !is_local(c, threadIdx.x)) {
-        const int r = threadIdx.x;
-        nvshmem_int_put_nbi(reinterpret_cast<int*>(c.base + c.off_in_counts) + me * row, out + r * row, row, r);
-        nvshmem_int_put_nbi(my_matrix + me * N, my_matrix + me * N, N, r);
+    // (one thread per rank: N <= kMaxRanks <= blockDim.x)
+    const int r_mine = threadIdx.x;
+    if (r_mine < N && !is_local(c, r_mine)) {
+        nvshmem_int_put_nbi(reinterpret_cast<int*>(c.base + c.off_in_counts) + me * row, out + r_mine * row, row,
+                            r_mine);
+        nvshmem_int_put_nbi(my_matrix + me * N, my_matrix + me * N, N, r_mine);
         nvshmem_quiet();
     }
     __threadfence_system();  // counts before the flag
     __syncthreads();
-    if (static_cast<int>(threadIdx.x) < N) set_flag(c, threadIdx.x, kFlagCounts, me, seq);
-    if (!wait_flags(c, kFlagCounts, all_mask(N), seq, kOpDispatchNotify)) return;
+    if (r_mine < N) set_flag(c, r_mine, kFlagCounts, me, seq);
+    if (!wait_all(c, kFlagCounts, seq, kOpDispatchNotify)) return;
     const int* in = reinterpret_cast<const int*>(c.base + c.off_in_counts);
     const int* matrix = reinterpret_cast<const int*>(c.base + c.off_matrix);
-    __shared__ unsigned refusers, no_wait;
-    if (threadIdx.x == 0) refusers = no_wait = 0;
-    __syncthreads();
-    if (static_cast<int>(threadIdx.x) < N) {
-        const int f = in[threadIdx.x * row + 2 + epr];
-        if (f & kRefusedSlot) atomicOr(&refusers, 1u << threadIdx.x);
-        if (f & kNoWaitSlot) atomicOr(&no_wait, 1u << threadIdx.x);
+    __shared__ int num_refusers, first_refuser;
+    if (threadIdx.x == 0) {
+        num_refusers = 0;
+        first_refuser = N;
     }
     __syncthreads();
-    const int live = refusers == 0 ? 1 : 0;  // a void round counts nothing: every count below is multiplied by it
+    // rank r_mine's refusal (bit 0) and whether it runs the round without a host wait (bit 1)
+    const int refusal = r_mine < N ? ((in[r_mine * row + 2 + epr] & kRefusedSlot) ? 1 : 0) |
+                                         ((in[r_mine * row + 2 + epr] & kNoWaitSlot) ? 2 : 0)
+                                   : 0;
+    if (refusal & 1) {
+        atomicAdd(&num_refusers, 1);
+        atomicMin(&first_refuser, r_mine);
+    }
+    __syncthreads();
+    const int live = num_refusers == 0 ? 1 : 0;  // a void round counts nothing: every count below is multiplied by it
     if (threadIdx.x == 0) {
         c.seq[kRoundVoid] = live ? 0 : 1;
         int acc = 0;
@@ -174,12 +183,11 @@ __global__ void __launch_bounds__(kThreads) dispatch_notify_kernel(NormalCtx c, 
         }
         recv_off[N] = acc;
     }
-    if (static_cast<int>(threadIdx.x) < N) {
-        const int r = threadIdx.x;
+    if (r_mine < N) {
         int acc = 0;
-        for (int s = 0; s < me; ++s) acc += live * matrix[s * N + r];
-        send_off[r] = acc;
-        send_slot[r] = slot_offset(c, in[r * row + 2 + epr] & ~(kRefusedSlot | kNoWaitSlot));
+        for (int s = 0; s < me; ++s) acc += live * matrix[s * N + r_mine];
+        send_off[r_mine] = acc;
+        send_slot[r_mine] = slot_offset(c, in[r_mine * row + 2 + epr] & ~(kRefusedSlot | kNoWaitSlot));
     }
     if (fwd_count != nullptr) {
         const int M = N / P, node = me / P;
@@ -193,7 +201,7 @@ __global__ void __launch_bounds__(kThreads) dispatch_notify_kernel(NormalCtx c, 
         }
     }
     if (!report) {
-        if (!live && threadIdx.x == 0) report_error(c.err, kOpPeerRefused, __ffs(refusers) - 1);
+        if (!live && threadIdx.x == 0) report_error(c.err, kOpPeerRefused, first_refuser);
         return;
     }
     volatile int64_t* st = c.status;
@@ -207,10 +215,9 @@ __global__ void __launch_bounds__(kThreads) dispatch_notify_kernel(NormalCtx c, 
         int64_t total = 0;
         for (int src = 0; src < N; ++src) total += live * in[src * row];
         st[kNumRecv] = total;
-        // (shifted unsigned: rank 31's bit lands in the sign bit; the host reads the word as int64 and masks)
-        st[kRefused] = static_cast<int64_t>(static_cast<uint64_t>(refusers) |
-                                            static_cast<uint64_t>(live ? 0u : no_wait) << 32);
+        st[kRefused] = num_refusers;
     }
+    if (!live && r_mine < N) st[kRefusedRanks(epr) + r_mine] = refusal;
     __threadfence_system();
     __syncthreads();
     if (threadIdx.x == 0) st[kReadySeq] = seq;
@@ -231,25 +238,27 @@ __global__ void __launch_bounds__(kThreads) dispatch_push_kernel(NormalCtx c, co
                                                                  int include_self) {
     const int N = c.num_ranks, me = c.rank, K = c.num_topk;
     const int64_t seq = c.seq[kSeqDispatch] + 1;
-    const unsigned lmask = local_mask(c);
+    const int P = c.ranks_per_node, r0 = first_local(c);
     // Receivers must have consumed the previous round (the notify kernel checked it for non-cached calls). A void
     // fresh round (send_slot given) that a rank refused moves no row; its flags still go up.
-    const bool ok = wait_flags(c, kFlagRecvFree, lmask, seq - 1, kOpDispatch) &&
+    const bool ok = wait_local(c, kFlagRecvFree, seq - 1, kOpDispatch) &&
                     (send_slot == nullptr || c.seq[kRoundVoid] == 0);
     if (ok) {
         const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp, kWarps = blockDim.x / kWarp;
         const int64_t x_bytes = static_cast<int64_t>(c.hidden) * x_elem;
         const int num_scales = c.hidden / 128;
-        const int base = lane < N ? send_off[lane] : 0;
-        __shared__ uint8_t* slots[32];  // each receiver's slot this round, as seen from here
-        if (static_cast<int>(threadIdx.x) < N) {
-            const int r = threadIdx.x;
-            slots[r] = (lmask >> r) & 1u ? peer(c, r) + (send_slot != nullptr ? send_slot[r] : c.off_recv) : nullptr;
+        // lane l < P: rank r0 + l of my node
+        const int base = lane < P ? send_off[r0 + lane] : 0;
+        __shared__ uint8_t* slots[kMaxLocal];  // the slot of each rank of my node this round, as seen from here
+        if (static_cast<int>(threadIdx.x) < P) {
+            const int r = r0 + threadIdx.x;
+            slots[threadIdx.x] = peer(c, r) + (send_slot != nullptr ? send_slot[r] : c.off_recv);
         }
         __syncthreads();
+        const bool to_lane = lane < P && (r0 + lane != me || include_self);
+        const int* lane_pos = send_pos + r0 + lane;
         for (int t = blockIdx.x * kWarps + warp; t < T; t += gridDim.x * kWarps) {
-            const int p = lane < N && (lane != me || include_self) && ((lmask >> lane) & 1u)
-                              ? send_pos[static_cast<int64_t>(t) * N + lane] : -1;
+            const int p = to_lane ? lane_pos[static_cast<int64_t>(t) * N] : -1;
             const unsigned dests = __ballot_sync(0xffffffffu, p >= 0);
             push_row<0>(c, x + t * x_bytes, x_bytes, scales ? scales + static_cast<int64_t>(t) * num_scales : nullptr,
                      idx ? idx + static_cast<int64_t>(t) * K : nullptr, w ? w + static_cast<int64_t>(t) * K : nullptr,
@@ -258,16 +267,19 @@ __global__ void __launch_bounds__(kThreads) dispatch_push_kernel(NormalCtx c, co
     }
     __threadfence_system();  // this thread's remote stores before the flag
     if (last_block(c.block_counter + 0)) {
-        if (static_cast<int>(threadIdx.x) < N && ((lmask >> threadIdx.x) & 1u))
-            set_flag(c, threadIdx.x, kFlagRows, me, seq);
+        if (static_cast<int>(threadIdx.x) < P) set_flag(c, r0 + threadIdx.x, kFlagRows, me, seq);
     }
 }
 
 // ---- copy-out -----------------------------------------------------------------------------------------------
-// recv_src[i] = (source of row i by the offsets off [N + 1], token t).
-__device__ __forceinline__ void write_recv_src(int* recv_src, const int* off, int i, int t) {
-    int s = 0;
-    while (off[s + 1] <= i) ++s;
+// recv_src[i] = (source of row i by the offsets off [N + 1], token t): the first s with off[s + 1] > i.
+__device__ __forceinline__ void write_recv_src(int* recv_src, const int* off, int N, int i, int t) {
+    int s = 0, hi = N - 1;
+    while (s < hi) {
+        const int mid = (s + hi) / 2;
+        if (off[mid + 1] > i) hi = mid;
+        else s = mid + 1;
+    }
     recv_src[2 * static_cast<int64_t>(i)] = s;
     recv_src[2 * static_cast<int64_t>(i) + 1] = t;
 }
@@ -298,7 +310,7 @@ __device__ __forceinline__ void copy_out_row(const NormalCtx& c, uint8_t* out_x,
         out_idx[ii * K + lane] = reinterpret_cast<const int64_t*>(slot + c.pl_idx)[ii * K + lane];
         out_w[ii * K + lane] = reinterpret_cast<const float*>(slot + c.pl_w)[ii * K + lane];
     }
-    if (lane == 0) write_recv_src(recv_src, off, i, reinterpret_cast<const int*>(slot)[ii]);
+    if (lane == 0) write_recv_src(recv_src, off, c.num_ranks, i, reinterpret_cast<const int*>(slot)[ii]);
 }
 
 // My row i (from myself: token t) straight from the caller's tensors into the outputs, with the expert ids made
@@ -341,7 +353,7 @@ __global__ void __launch_bounds__(kThreads) dispatch_copyout_kernel(NormalCtx c,
                                                                     int my_slot) {
     const int N = c.num_ranks, me = c.rank;
     const int64_t seq = c.seq[kSeqDispatch] + 1;
-    __shared__ int off[33];
+    __shared__ int off[kMaxRanks + 1];
     __shared__ int failed;
     if (threadIdx.x == 0) failed = has_error(c.err) ? 1 : 0;  // recv_off is only valid if no kernel failed
     if (static_cast<int>(threadIdx.x) <= N) off[threadIdx.x] = recv_off[threadIdx.x];
@@ -360,7 +372,7 @@ __global__ void __launch_bounds__(kThreads) dispatch_copyout_kernel(NormalCtx c,
             copy_self_row(c, x, x_bytes, scales, idx, w, self_token[j], out_x, out_s, out_idx, out_w, recv_src,
                           off[me] + j, cached, lane);
     }
-    const bool ok = wait_flags(c, kFlagRows, all_mask(N), seq, kOpDispatch) && !failed;
+    const bool ok = wait_all(c, kFlagRows, seq, kOpDispatch) && !failed;
     if (!ok && !cached && out_idx != nullptr) {
         // A failed round (a timeout, a refusal that a num_worst_tokens call cannot raise, too many rows) leaves
         // rows that name no expert: the host's next call raises, and until then the ids are safe to index with.
@@ -376,7 +388,7 @@ __global__ void __launch_bounds__(kThreads) dispatch_copyout_kernel(NormalCtx c,
     if (ok && my_slot != 0) {
         const int* token = reinterpret_cast<const int*>(c.base + slot_offset(c, my_slot));
         for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < off[N]; i += gridDim.x * blockDim.x)
-            write_recv_src(recv_src, off, i, token[i]);
+            write_recv_src(recv_src, off, N, i, token[i]);
     } else if (ok) {
         const int R = off[N], mine = off[me + 1] - off[me];
         // rows [0, num_rows) without my own block [off[me], off[me + 1])
@@ -426,10 +438,10 @@ __global__ void __launch_bounds__(kThreads) combine_push_kernel(NormalCtx c, con
                                                                 const int* recv_off, int num_rows) {
     const int N = c.num_ranks, me = c.rank;
     const int64_t seq = c.seq[kSeqCombine] + 1;
-    __shared__ int off[33];
+    __shared__ int off[kMaxRanks + 1];
     // Every rank must have finished reducing the previous round before its buffers are overwritten (forwarders
     // finish their partial sums before their own reduction).
-    const bool ok = wait_flags(c, kFlagCombFree, all_mask(N), seq - 1, kOpCombine);
+    const bool ok = wait_all(c, kFlagCombFree, seq - 1, kOpCombine);
     if (threadIdx.x <= static_cast<unsigned>(N)) off[threadIdx.x] = recv_off[threadIdx.x];
     __syncthreads();
     if (ok) {
@@ -443,9 +455,8 @@ __global__ void __launch_bounds__(kThreads) combine_push_kernel(NormalCtx c, con
     }
     __threadfence_system();  // this thread's remote stores before the flag
     if (last_block(c.block_counter + 1)) {
-        const unsigned lmask = local_mask(c);
-        if (static_cast<int>(threadIdx.x) < N && ((lmask >> threadIdx.x) & 1u))
-            set_flag(c, threadIdx.x, kFlagCombReady, me, seq);
+        if (static_cast<int>(threadIdx.x) < c.ranks_per_node)
+            set_flag(c, first_local(c) + threadIdx.x, kFlagCombReady, me, seq);
     }
 }
 
@@ -462,10 +473,11 @@ __device__ __forceinline__ bool reduce_token(const NormalCtx& c, T* out, float* 
                                              int nchunks = 0, int64_t seq = 0) {
     constexpr int kPer = Vec<T>::kPer;
     const int N = c.num_ranks, K = c.num_topk, M = num_nodes(c), node = node_of(c, c.rank), nvec = c.hidden / kPer;
-    const unsigned lmask = local_mask(c);
-    // lane r < N reads send_pos[t, r]; the warp shares the list of slots holding t's rows
-    const int p = lane < N && ((lmask >> lane) & 1u) ? send_pos[static_cast<int64_t>(t) * N + lane] : -1;
-    if constexpr (kChunked) {
+    const int r0 = first_local(c);
+    // lane l < P reads send_pos[t, r0 + l] (rank r0 + l of my node); the warp shares the list of slots holding t's
+    // rows
+    const int p = lane < c.ranks_per_node ? send_pos[static_cast<int64_t>(t) * N + r0 + lane] : -1;
+    if constexpr (kChunked) {  // (one node: r0 == 0)
         bool ok = true;
         if (p >= 0 && lane != c.rank)
             ok = wait_flag(chunk_flags + static_cast<int64_t>(lane) * nchunks + p / kCombChunk, seq, c.timeout_ns,
@@ -487,9 +499,10 @@ __device__ __forceinline__ bool reduce_token(const NormalCtx& c, T* out, float* 
         rows[j] = nullptr;
         wrows[j] = nullptr;
         if (m == 0) continue;
-        const int r = __ffs(m) - 1;
+        const int l = __ffs(m) - 1;
         m &= m - 1;
-        const int pr = __shfl_sync(0xffffffffu, p, r);
+        const int pr = __shfl_sync(0xffffffffu, p, l);
+        const int r = r0 + l;
         if (r == c.rank) {
             const int64_t i = static_cast<int64_t>(self_row0) + pr;
             rows[j] = reinterpret_cast<const int4*>(y + i * c.hidden);
@@ -556,10 +569,10 @@ __global__ void __launch_bounds__(kReduceThreads) combine_reduce_kernel(NormalCt
                                                                         const float* y_w, const int* recv_off) {
     const int N = c.num_ranks;
     const int64_t seq = c.seq[kSeqCombine] + 1;
-    bool ok = wait_flags(c, kFlagCombReady, local_mask(c), seq, kOpCombineReduce);
+    bool ok = wait_local(c, kFlagCombReady, seq, kOpCombineReduce);
     // every RDMA peer's partials, even with no tokens here (node_pos may then be null): the round must be complete
     // before kFlagCombFree below lets anyone write into my buffers again
-    if (ok && c.ranks_per_node < N) ok = wait_flags(c, kFlagCombRdma, rdma_peer_mask(c), seq, kOpCombineReduce);
+    if (ok && c.ranks_per_node < N) ok = wait_rdma_peers(c, kFlagCombRdma, seq, kOpCombineReduce);
     if (ok) {
         const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
         const int self_row0 = recv_off[c.rank];
@@ -592,7 +605,7 @@ __global__ void __launch_bounds__(kReduceThreads) combine_fused_kernel(NormalCtx
     if (static_cast<int>(blockIdx.x) < push_blocks) {
         __shared__ int off[33];
         // every rank must have finished reducing the previous round before its buffers are overwritten
-        const bool ok = wait_flags(c, kFlagCombFree, all_mask(N), seq - 1, kOpCombine);
+        const bool ok = wait_all(c, kFlagCombFree, seq - 1, kOpCombine);
         if (threadIdx.x <= static_cast<unsigned>(N)) off[threadIdx.x] = recv_off[threadIdx.x];
         __syncthreads();
         if (ok && N > 1) {
@@ -728,7 +741,8 @@ void launch_dispatch_prepare(const NormalCtx& ctx, const int64_t* topk_idx, int 
 void launch_dispatch_notify(const NormalCtx& ctx, int* recv_off, int* send_off, int64_t* send_slot, int* fwd_off,
                             int* fwd_count, int my_slot, bool report, int* per_expert, int alignment,
                             cudaStream_t stream) {
-    HOST_ASSERT(ctx.num_ranks <= 32, "the normal-mode kernels support at most 32 ranks");
+    HOST_ASSERT(ctx.num_ranks <= kMaxRanks && ctx.num_ranks / ctx.ranks_per_node <= kMaxNodes,
+                "the normal-mode kernels support at most " << kMaxRanks << " ranks and " << kMaxNodes << " nodes");
     HOST_ASSERT(my_slot >= 0 && my_slot <= ctx.num_zc_slots, "bad receive slot " << my_slot);
     HOST_ASSERT(!report || (per_expert != nullptr && alignment >= 1), "a reporting notify needs per_expert");
     HOST_ASSERT(my_slot == 0 || ctx.ranks_per_node == ctx.num_ranks, "zero-copy slots are for one node only");

@@ -63,18 +63,17 @@ __device__ __forceinline__ bool wait_flag(const int64_t* flag, int64_t target, u
     }
 }
 
-// Bits [0, n).
-__device__ __forceinline__ unsigned all_mask(int n) { return n >= 32 ? 0xffffffffu : ((1u << n) - 1u); }
-
-// Threads i < 32 whose bit is set in `mask` each wait for flags[i] >= target; returns (to every thread) whether all
-// arrived.
-__device__ __forceinline__ bool block_wait_flags(const int64_t* flags, unsigned mask, int64_t target,
-                                                 uint64_t timeout_ns, ErrorWord err, int op) {
+// Thread i < count waits for flags[first + i * stride] >= target (the flag of rank first + i * stride), except the
+// flag of rank `skip` (-1: none); returns (to every thread) whether all arrived. count <= blockDim.x (one thread per
+// rank, no loop: the normal-mode kernels compiled with more spills around a loop here).
+__device__ __forceinline__ bool block_wait_ranks(const int64_t* flags, int first, int count, int stride, int skip,
+                                                 int64_t target, uint64_t timeout_ns, ErrorWord err, int op) {
     __shared__ int ok_all;
     if (threadIdx.x == 0) ok_all = has_error(err) ? 0 : 1;
     __syncthreads();
-    if (ok_all && threadIdx.x < 32 && ((mask >> threadIdx.x) & 1u)) {
-        if (!wait_flag(flags + threadIdx.x, target, timeout_ns, err, op, threadIdx.x)) atomicAnd(&ok_all, 0);
+    const int r = first + static_cast<int>(threadIdx.x) * stride;
+    if (ok_all && static_cast<int>(threadIdx.x) < count && r != skip) {
+        if (!wait_flag(flags + r, target, timeout_ns, err, op, r)) atomicAnd(&ok_all, 0);
     }
     __syncthreads();
     const bool ok = ok_all != 0;

@@ -20,6 +20,10 @@ constexpr int kThreads = 1024;  // the most threads a copy kernel may be launche
 constexpr int kReduceThreads = 512;
 constexpr int kReduceWarps = kReduceThreads / kWarp;
 constexpr int kMaxLocal = 8;  // ranks per node the combine reduction handles
+// Group sizes (MAX_RANKS_NORMAL, MAX_NODES_NORMAL in the Python backend): a thread per rank in the waits and the
+// count exchange (every kernel has at least 512), a lane per node in the per-token loops over nodes.
+constexpr int kMaxRanks = 256;
+constexpr int kMaxNodes = 32;
 
 __device__ __forceinline__ int64_t* flags_of(uint8_t* base, const NormalCtx& c) {
     return reinterpret_cast<int64_t*>(base + c.off_flags);
@@ -30,18 +34,8 @@ __device__ __forceinline__ uint8_t* peer(const NormalCtx& c, int r) {
 __device__ __forceinline__ int node_of(const NormalCtx& c, int r) { return r / c.ranks_per_node; }
 __device__ __forceinline__ bool is_local(const NormalCtx& c, int r) { return node_of(c, r) == node_of(c, c.rank); }
 __device__ __forceinline__ int num_nodes(const NormalCtx& c) { return c.num_ranks / c.ranks_per_node; }
-// Bit r set for every rank r of this rank's node.
-__device__ __forceinline__ unsigned local_mask(const NormalCtx& c) {
-    return all_mask(c.ranks_per_node) << (node_of(c, c.rank) * c.ranks_per_node);
-}
-// Bit r set for the rank of every other node with this rank's local index (its RDMA peers).
-__device__ __forceinline__ unsigned rdma_peer_mask(const NormalCtx& c) {
-    unsigned m = 0;
-    const int me_local = c.rank % c.ranks_per_node;
-    for (int n = 0; n < num_nodes(c); ++n)
-        if (n != node_of(c, c.rank)) m |= 1u << (n * c.ranks_per_node + me_local);
-    return m;
-}
+// The first rank of this rank's node; ranks first_local(c) + l, l < P, are its node.
+__device__ __forceinline__ int first_local(const NormalCtx& c) { return c.first_local; }
 // Sets flag word [kind][index] of rank r to v: a release store over NVLink on this node, an NVSHMEM signal
 // elsewhere. Whatever this thread wrote to r before (stores after a system fence, or puts completed by
 // nvshmem_quiet) is visible first.
@@ -50,14 +44,27 @@ __device__ __forceinline__ void set_flag(const NormalCtx& c, int r, int kind, in
     set_peer_flag(is_local(c, r) ? peer(c, r) : nullptr, c.base, c.off_flags + 8 * word, v, r);
 }
 
-// Threads [0, N) whose bit is set in `mask` wait for flag words [kind][i] >= target; returns (to every thread)
-// whether all arrived. With remote ranks in the mask, a system fence after the wait also orders reads of data
-// that an NVSHMEM transport (not an NVLink store) delivered.
-__device__ __forceinline__ bool wait_flags(const NormalCtx& c, int kind, unsigned mask, int64_t target, int op) {
-    const bool ok = block_wait_flags(flags_of(c.base, c) + static_cast<int64_t>(kind) * c.num_ranks,
-                                     mask & all_mask(c.num_ranks), target, c.timeout_ns, c.err, op);
-    if (ok && (mask & ~local_mask(c))) __threadfence_system();
+// The block waits for flag words [kind][r] >= target of the ranks r = first + i * stride (i < count) but `skip`;
+// returns (to every thread) whether all arrived. With ranks of other nodes among them (`remote`), a system fence
+// after the wait also orders reads of data that an NVSHMEM transport (not an NVLink store) delivered.
+__device__ __forceinline__ bool wait_ranks(const NormalCtx& c, int kind, int first, int count, int stride, int skip,
+                                           bool remote, int64_t target, int op) {
+    const bool ok = block_wait_ranks(flags_of(c.base, c) + static_cast<int64_t>(kind) * c.num_ranks, first, count,
+                                     stride, skip, target, c.timeout_ns, c.err, op);
+    if (ok && remote) __threadfence_system();
     return ok;
+}
+// ... of every rank of the group
+__device__ __forceinline__ bool wait_all(const NormalCtx& c, int kind, int64_t target, int op) {
+    return wait_ranks(c, kind, 0, c.num_ranks, 1, -1, c.ranks_per_node < c.num_ranks, target, op);
+}
+// ... of the ranks of this rank's node
+__device__ __forceinline__ bool wait_local(const NormalCtx& c, int kind, int64_t target, int op) {
+    return wait_ranks(c, kind, first_local(c), c.ranks_per_node, 1, -1, false, target, op);
+}
+// ... of this rank's RDMA peers (the rank with its local index on every other node)
+__device__ __forceinline__ bool wait_rdma_peers(const NormalCtx& c, int kind, int64_t target, int op) {
+    return wait_ranks(c, kind, c.rank % c.ranks_per_node, num_nodes(c), c.ranks_per_node, c.rank, true, target, op);
 }
 
 // The id of global expert e on rank r (-1 if e is not there, or is -1), as a dispatch row for r carries it.
@@ -76,19 +83,18 @@ __device__ __forceinline__ int64_t slot_offset(const NormalCtx& c, int s) {
     return s == 0 ? c.off_recv : c.off_zc + static_cast<int64_t>(s - 1) * c.zc_slot_bytes;
 }
 
-// Writes one dispatched row into the receive slot of every rank r in `dests` (a warp-uniform rank mask), at
-// row base_r + p_r of the slot at slots[r] (r's slot as seen from here, in shared memory), where lane r holds p_r
-// and base_r: the x row (read
-// once, in register chunks; rows of x_bytes in the x plane), then its scales, its expert ids made local to r (-1
-// elsewhere; ids are global), weights and the token index into their planes. idx_row == nullptr (cached dispatch)
-// skips ids, weights and token. Every r must be on this rank's node. kLoad: see ld_v4 (0 for rows that no one
+// Writes one dispatched row into the receive slot of every rank first_local(c) + l of this rank's node with bit l
+// set in `dests` (warp-uniform), at row base_l + p_l of the slot at slots[l] (its slot as seen from here, in shared
+// memory), where lane l holds p_l and base_l: the x row (read once, in register chunks; rows of x_bytes in the x
+// plane), then its scales, its expert ids made local to that rank (-1 elsewhere; ids are global), weights and the
+// token index into their planes. idx_row == nullptr (cached dispatch) skips ids, weights and token. kLoad: see ld_v4 (0 for rows that no one
 // writes during the kernel, 1 for rows a peer delivered during it).
 template <int kLoad>
 __device__ __forceinline__ void push_row(const NormalCtx& c, const uint8_t* x_row, int64_t x_bytes,
                                          const float* scales_row, const int64_t* idx_row, const float* w_row,
                                          int token, unsigned dests, int p, int base, uint8_t* const* slots,
                                          int lane) {
-    const int K = c.num_topk, epr = c.num_experts / c.num_ranks;
+    const int K = c.num_topk, epr = c.num_experts / c.num_ranks, r0 = first_local(c);
     const int num_scales = c.hidden / 128;
     const int4* src = reinterpret_cast<const int4*>(x_row);
     const int nvec = static_cast<int>(x_bytes / 16);
@@ -102,10 +108,10 @@ __device__ __forceinline__ void push_row(const NormalCtx& c, const uint8_t* x_ro
         }
         unsigned m = dests;
         while (m) {
-            const int r = __ffs(m) - 1;
+            const int l = __ffs(m) - 1;
             m &= m - 1;
-            const int row = __shfl_sync(0xffffffffu, base + p, r);
-            int4* dst = reinterpret_cast<int4*>(slots[r] + c.pl_x + static_cast<int64_t>(row) * x_bytes);
+            const int row = __shfl_sync(0xffffffffu, base + p, l);
+            int4* dst = reinterpret_cast<int4*>(slots[l] + c.pl_x + static_cast<int64_t>(row) * x_bytes);
 #pragma unroll
             for (int u = 0; u < kChunk; ++u) {
                 const int v = v0 + u * kWarp + lane;
@@ -115,16 +121,16 @@ __device__ __forceinline__ void push_row(const NormalCtx& c, const uint8_t* x_ro
     }
     unsigned m = dests;
     while (m) {
-        const int r = __ffs(m) - 1;
+        const int l = __ffs(m) - 1;
         m &= m - 1;
-        const int64_t row = __shfl_sync(0xffffffffu, base + p, r);
-        uint8_t* dst = slots[r];
+        const int64_t row = __shfl_sync(0xffffffffu, base + p, l);
+        uint8_t* dst = slots[l];
         if (scales_row != nullptr)
             for (int q = lane; q < num_scales; q += kWarp)
                 reinterpret_cast<float*>(dst + c.pl_scales)[row * num_scales + q] = scales_row[q];
         if (idx_row != nullptr) {
             if (lane < K) {
-                const int64_t le = local_expert(idx_row[lane], r, epr);
+                const int64_t le = local_expert(idx_row[lane], r0 + l, epr);
                 reinterpret_cast<int64_t*>(dst + c.pl_idx)[row * K + lane] = le;
                 reinterpret_cast<float*>(dst + c.pl_w)[row * K + lane] = le >= 0 ? w_row[lane] : 0.f;
             }

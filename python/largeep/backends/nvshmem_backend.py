@@ -14,6 +14,7 @@ import re
 import socket
 import threading
 import weakref
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,13 +49,18 @@ FUSED_LAUNCHES = [0]
 _world: dict[str, Any] = {}
 
 
-# Group sizes the kernels support: normal mode (per-rank bit masks of 32 bits, a combine that keeps one row per rank
-# of a node), low-latency mode (loops over ranks; largeep's rendezvous kernel, csrc/runtime, is one block of at most
-# 1024 threads). Low-latency groups beyond the normal mode's sizes have not run on GPUs yet: backend="auto" leaves
-# them to the torch backend, backend="nvshmem" takes them.
-MAX_RANKS_NORMAL = 32
+# Group sizes the kernels support: normal mode (a thread per rank in the waits and the count exchange, a lane per
+# node in the per-token loops over nodes, a combine that keeps one row per rank of a node: csrc/kernels/normal.cuh),
+# low-latency mode (loops over ranks; largeep's rendezvous kernel, csrc/runtime, is one block of at most 1024
+# threads).
+MAX_RANKS_NORMAL = 256
+MAX_NODES_NORMAL = 32
 MAX_RANKS_PER_NODE_NORMAL = 8
 MAX_RANKS_LOW_LATENCY = 1024
+# The largest groups that have run on GPUs (many ranks per GPU, tests/test_gpu.py's *_many_ranks_shared_gpus):
+# backend="auto" leaves larger ones to the torch backend, backend="nvshmem" takes them.
+TESTED_RANKS_NORMAL = 40
+TESTED_RANKS_LOW_LATENCY = 34
 
 
 def unsupported_reason(ctx: GroupContext) -> str | None:
@@ -70,6 +76,9 @@ def unsupported_reason(ctx: GroupContext) -> str | None:
     elif ctx.num_ranks > MAX_RANKS_NORMAL:
         return (f"the nvshmem normal-mode kernels support at most {MAX_RANKS_NORMAL} ranks (got {ctx.num_ranks}; "
                 f"low-latency Buffers take up to {MAX_RANKS_LOW_LATENCY})")
+    elif ctx.num_ranks // ctx.ranks_per_node > MAX_NODES_NORMAL:
+        return (f"the nvshmem normal-mode kernels support at most {MAX_NODES_NORMAL} nodes (got "
+                f"{ctx.num_ranks // ctx.ranks_per_node}: {ctx.num_ranks} ranks, ranks_per_node={ctx.ranks_per_node})")
     elif ctx.ranks_per_node > MAX_RANKS_PER_NODE_NORMAL:
         return (f"the nvshmem normal-mode kernels support at most {MAX_RANKS_PER_NODE_NORMAL} ranks per node "
                 f"(got ranks_per_node={ctx.ranks_per_node})")
@@ -137,11 +146,15 @@ def heap_size_reason(sizes: list[str | None], chosen: list[bool] | None = None) 
 
 
 def untested_reason(ctx: GroupContext) -> str | None:
-    """Why backend="auto" does not pick nvshmem for a configuration it supports: low-latency groups larger than the
-    normal mode's, whose kernels have not run on GPUs yet; None otherwise."""
-    if ctx.low_latency and (ctx.num_ranks > MAX_RANKS_NORMAL or ctx.ranks_per_node > MAX_RANKS_PER_NODE_NORMAL):
-        return (f"low-latency groups of more than {MAX_RANKS_NORMAL} ranks or {MAX_RANKS_PER_NODE_NORMAL} per node "
-                "have not run on GPUs yet (backend='nvshmem' takes them)")
+    """Why backend="auto" does not pick nvshmem for a configuration it supports: groups larger than any that has run
+    on GPUs (TESTED_RANKS_*; low-latency groups of more than 8 ranks per node); None otherwise."""
+    if ctx.low_latency:
+        if ctx.num_ranks > TESTED_RANKS_LOW_LATENCY or ctx.ranks_per_node > MAX_RANKS_PER_NODE_NORMAL:
+            return (f"low-latency groups of more than {TESTED_RANKS_LOW_LATENCY} ranks or {MAX_RANKS_PER_NODE_NORMAL} "
+                    "per node have not run on GPUs yet (backend='nvshmem' takes them)")
+    elif ctx.num_ranks > TESTED_RANKS_NORMAL:
+        return (f"normal-mode groups of more than {TESTED_RANKS_NORMAL} ranks have not run on GPUs yet "
+                "(backend='nvshmem' takes them)")
     return None
 
 
@@ -400,10 +413,12 @@ class NvshmemBackend:
         self.peer_base = torch.tensor(peers, dtype=torch.int64, device=dev)
         self.seq = torch.zeros(5, dtype=torch.int64, device=dev)  # api.cuh SeqKind
         self.counters = torch.zeros(8, dtype=torch.int32, device=dev)
-        # status words: ready, error, rows, -, per-expert rows [E/N], the layout check (done, lowest, highest id)
+        # status words (csrc/kernels/api.cuh): ready, error, rows, refusers, per-expert rows [E/N], the layout check
+        # (done, lowest, highest id), each rank's part in a void round [N]
         self._layout_word = _PER_EXPERT + ctx.experts_per_rank
         self._layout_token = 0
-        words = self._layout_word + 3
+        self._refusal_word = self._layout_word + 3
+        words = self._refusal_word + n
         self.host_ptr, self.status_dev = (int(v) for v in self.C.host_alloc(8 * words))
         # The kernels poll this device word for errors (reading the host-mapped status costs a PCIe round trip).
         self.error_word = torch.zeros(1, dtype=torch.int64, device=dev)
@@ -653,10 +668,11 @@ class NvshmemBackend:
                     if int(self.status[_ERROR]) == 0:  # (a device report that came meanwhile names the rank)
                         self.status[_ERROR] = 3 << 16
                     self._raise_if_failed("dispatch")
-                refused = int(self.status[_REFUSED])
-                if refused:
+                if int(self.status[_REFUSED]):
                     self._end_void_round(x, recv_off, self_token, slot, stream)
-                    self._raise_refused("dispatch", refused, check_ids)
+                    self._raise_refused(
+                        "dispatch", self.status[self._refusal_word:self._refusal_word + c.num_ranks], check_ids
+                    )
                 rows = int(self.status[_NUM_RECV])
                 raw = self.status[_PER_EXPERT:_PER_EXPERT + c.experts_per_rank]  # ctypes slice: a list of ints
                 a = expert_alignment
@@ -713,13 +729,13 @@ class NvshmemBackend:
         if slot:
             k.zc_outputs(slot, 0, 0, False, False, stream)  # planes of no rows, dropped at once: the slot's release
 
-    def _raise_refused(self, op: str, word: int, checked: bool) -> None:
-        """Raises for a void round (``word``: status[kRefused], the refusing ranks in bits 0-31 and those that ran
-        the round without a host wait in bits 32-63): ArgumentError (the bad id) where this rank refused it, else
+    def _raise_refused(self, op: str, words: Sequence[int], checked: bool) -> None:
+        """Raises for a void round (``words``: each rank's part in it, bit 0 for a rank that refused it, bit 1 for
+        one that ran it without a host wait): ArgumentError (the bad id) where this rank refused it, else
         PeerRefusedError naming the ranks that did."""
         c = self.ctx
-        refused = [r for r in range(c.num_ranks) if word >> r & 1]
-        no_wait = [r for r in range(c.num_ranks) if word >> (32 + r) & 1]
+        refused = [r for r, w in enumerate(words) if w & 1]
+        no_wait = [r for r, w in enumerate(words) if w & 2]
         bad = None
         if c.rank in refused:
             bad = self._reported_bad_id() if checked and int(self.status[self._layout_word]) == self._layout_token \

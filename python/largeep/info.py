@@ -101,8 +101,9 @@ def _text(r: dict[str, Any]) -> str:
     else:
         lines.append("  no CUDA GPU visible")
     lines.append(f"  native module (nvshmem backend): {r['native']}")
-    lines.append(f"  backend='auto' picks: {r['auto_backend']} (for groups of up to 32 ranks, 8 per node; "
-                 "backend='nvshmem': low-latency groups of up to 1024)")
+    lines.append(f"  backend='auto' picks: {r['auto_backend']} (for normal-mode groups of up to 40 ranks, "
+                 "low-latency groups of up to 34, 8 per node; backend='nvshmem': normal mode up to 256 ranks, "
+                 "32 nodes, low latency up to 1024)")
     if r["settings_error"]:
         lines.append(f"  settings: INVALID: {r['settings_error']}")
     else:

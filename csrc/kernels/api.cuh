@@ -72,8 +72,8 @@ enum SeqKind { kSeqDispatch = 0, kSeqCombine = 1, kSeqLowLatency = 2, kRoundVoid
 //   recv       slot 0: the copy slot           rows for me, in SPEC order, as planes of rows [N*max_tokens]:
 //                                              token int32 | local expert ids int64 [K] | weights float [K] |
 //                                              scales float [H/128] | x (H * 4 bytes a row, any input dtype)
-//   comb       bytes [N][max_tokens][comb_stride]  combine rows pushed by rank r of my node for its j-th row from me
-//   comb_w     float [N][max_tokens][K]        combine weights, same indexing
+//   comb       bytes [P][max_tokens][comb_stride]  combine rows pushed by rank l of my node for its j-th row from me
+//   comb_w     float [P][max_tokens][K]        combine weights, same indexing
 //   zc         slots 1..num_zc_slots           zero-copy receive slots: the copy slot's planes with 2-byte x rows;
 //                                              the dispatch outputs are views of them (no copy-out), and a slot
 //                                              stays the caller's until those tensors die (bindings.cpp: Lease)

@@ -407,8 +407,8 @@ __global__ void __launch_bounds__(kThreads) dispatch_copyout_kernel(NormalCtx c,
 }
 
 // ---- combine ------------------------------------------------------------------------------------------------
-// Row i of y goes back towards its source s (one warp): on this node into slot [me][i - off[s]] of s's comb
-// buffer; for s on node m elsewhere into slot [my local index][m][i - off[s]] of the fwd_comb buffer of this
+// Row i of y goes back towards its source s (one warp): on this node into slot [my local index][i - off[s]] of s's
+// comb buffer; for s on node m elsewhere into slot [my local index][m][i - off[s]] of the fwd_comb buffer of this
 // node's forwarder for s (the rank with s's local index), with the weights after the row.
 __device__ __forceinline__ void push_combine_row(const NormalCtx& c, const uint8_t* y, int64_t y_bytes,
                                                  const float* y_w, const int* recv_src, const int* off, int i,
@@ -418,7 +418,7 @@ __device__ __forceinline__ void push_combine_row(const NormalCtx& c, const uint8
     const int p = i - off[s];
     const int4* src = reinterpret_cast<const int4*>(y + i * y_bytes);
     if (is_local(c, s)) {
-        const int64_t slot = static_cast<int64_t>(c.rank) * c.max_tokens + p;
+        const int64_t slot = static_cast<int64_t>(c.rank - c.first_local) * c.max_tokens + p;
         uint8_t* dst = peer(c, s) + c.off_comb + slot * c.comb_stride;
         warp_copy_rt(reinterpret_cast<int4*>(dst), src, y_bytes, lane, 0, c.unroll);
         if (y_w != nullptr && lane < K)
@@ -460,9 +460,10 @@ __global__ void __launch_bounds__(kThreads) combine_push_kernel(NormalCtx c, con
     }
 }
 
-// out[t] = sum over ranks r of this node with send_pos[t, r] >= 0 of comb[r][send_pos[t, r]] (for r = me: row
-// self_row0 + send_pos[t, me] of y, the combine's input, which never left this rank), plus (several nodes) the
-// float32 partial comb_rdma[m][node_pos[t, m]] of every other node m the token went to, in float32 (one warp).
+// out[t] = sum over ranks r = first_local + l of this node with send_pos[t, r] >= 0 of comb[l][send_pos[t, r]] (for
+// r = me: row self_row0 + send_pos[t, me] of y, the combine's input, which never left this rank), plus (several
+// nodes) the float32 partial comb_rdma[m][node_pos[t, m]] of every other node m the token went to, in float32 (one
+// warp).
 // kSrc >= ranks per node; kUnroll * kSrc 16-byte loads are in flight per lane (16: one kernel per node size keeps
 // the registers of one loop shape only). kChunked (the fused combine): each peer's row is read once the flag of
 // its chunk (chunk_flags[r][slot / kCombChunk], nchunks per rank) holds `seq`; false if a wait gave up.
@@ -508,7 +509,7 @@ __device__ __forceinline__ bool reduce_token(const NormalCtx& c, T* out, float* 
             rows[j] = reinterpret_cast<const int4*>(y + i * c.hidden);
             wrows[j] = y_w != nullptr ? y_w + i * K : nullptr;
         } else {
-            const int64_t slot = static_cast<int64_t>(r) * c.max_tokens + pr;
+            const int64_t slot = static_cast<int64_t>(l) * c.max_tokens + pr;
             rows[j] = reinterpret_cast<const int4*>(comb + slot * c.comb_stride);
             wrows[j] = comb_w + slot * K;
         }
@@ -686,8 +687,8 @@ NormalLayout normal_layout(int N, int E, int K, int H, int T, int P, int num_zc_
     l.num_zc_slots = num_zc_slots;
     l.zc_slot_bytes = plane(l.pl_x + 2 * rows * H);
     l.off_zc = take(l.zc_slot_bytes * num_zc_slots);
-    l.off_comb = take(l.comb_stride * N * T);
-    l.off_comb_w = take(4ll * N * T * K);
+    l.off_comb = take(l.comb_stride * P * T);  // written by the ranks of my node only
+    l.off_comb_w = take(4ll * P * T * K);
     l.off_comb_flags = take(8ll * N * ((T + kCombChunk - 1) / kCombChunk));
     // Several nodes only: RDMA staging and receive rows [M][T], forwarded combine rows [P][M][T], partial sums
     // staged and received [M][T].

@@ -140,6 +140,17 @@ def test_nvshmem_host_gave_up_message() -> None:
             b._raise_if_failed("dispatch")
 
 
+def test_nvshmem_threads_for_many_ranks() -> None:
+    """LARGEEP_TUNE threads must exceed the rank count of a normal-mode group (a thread per rank in the kernels'
+    waits); the message names the ranks that set too few."""
+    from largeep.backends.nvshmem_backend import threads_reason
+
+    assert threads_reason(40, [64] * 40) is None
+    assert threads_reason(256, [1024] * 256) is None
+    reason = threads_reason(64, [1024] * 60 + [64, 1024, 64, 1024])
+    assert reason is not None and "must exceed 64" in reason and "rank(s) [60, 62] set [64]" in reason, reason
+
+
 def test_nvshmem_refusal_words_of_many_ranks() -> None:
     """A void round of 40 ranks: each rank's status word says whether it refused (bit 0) and whether it ran the
     round without a host wait (bit 1); ranks past 32 are named as any other."""

@@ -89,6 +89,17 @@ def unsupported_reason(ctx: GroupContext) -> str | None:
     return None
 
 
+def threads_reason(num_ranks: int, threads: list[int]) -> str | None:
+    """None when every rank's LARGEEP_TUNE threads (``threads``, in rank order) exceeds the group's rank count, as
+    the normal-mode kernels need (a thread per rank in their waits); else which ranks set too few."""
+    few = [r for r, t in enumerate(threads) if t <= num_ranks]
+    if not few:
+        return None
+    return (f"the normal-mode kernels give each of the {num_ranks} ranks a thread of a block: LARGEEP_TUNE threads "
+            f"must exceed {num_ranks}, and rank(s) {few} set {sorted({threads[r] for r in few})} (the default, 1024, "
+            "fits any normal-mode group)")
+
+
 def _gpu_of(device: torch.device) -> str:
     """This process's GPU, named so that the ranks of one host can tell whether they share it."""
     uuid = getattr(torch.cuda.get_device_properties(device), "uuid", None)
@@ -383,8 +394,9 @@ class NvshmemBackend:
         # addresses in each other's memory) and speak the same combine protocol: refuse, on every rank, a group
         # whose ranks disagree.
         config = (*sizes, ctx.ranks_per_node, ctx.low_latency, self.zc_slots, self.fused_combine > 0)
-        every: list[Any] = [None] * n
-        dist.all_gather_object(every, config, group=ctx.group)
+        gathered: list[Any] = [None] * n
+        dist.all_gather_object(gathered, (config, settings.tune["threads"]), group=ctx.group)
+        every = [g[0] for g in gathered]
         if any(e != config for e in every):
             names = ("(ranks, experts, topk, hidden, max_tokens_per_rank, ranks_per_node, low_latency, "
                      "zero-copy slots, fused combine)")
@@ -393,6 +405,10 @@ class NvshmemBackend:
                 + "; ".join(f"rank {r}: {e}" for r, e in enumerate(every))
                 + " (LARGEEP_ZERO_COPY_SLOTS, and LARGEEP_TUNE's comb being 0 or not, must be the same on every rank)"
             )
+        if not ctx.low_latency:
+            reason = threads_reason(n, [g[1] for g in gathered])
+            if reason is not None:
+                raise ArgumentError(f"Buffer: {reason}")
         if ctx.low_latency:
             lay = C.low_latency_layout(*sizes, ctx.ranks_per_node)
         else:

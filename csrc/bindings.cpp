@@ -196,6 +196,10 @@ class NormalKernels {
         HOST_ASSERT(threads % 32 == 0 && threads >= 64 && threads <= 1024, "threads must be a multiple of 32 in [64, 1024]");
         HOST_ASSERT(load_mode >= 0 && load_mode <= 2 && (unroll == 4 || unroll == 8), "bad load mode or unroll");
         HOST_ASSERT(ranks_per_node > 0 && num_ranks % ranks_per_node == 0, "bad ranks_per_node " << ranks_per_node);
+        HOST_ASSERT(num_ranks <= kNormalMaxRanks && num_ranks / ranks_per_node <= kNormalMaxNodes &&
+                        ranks_per_node <= kNormalMaxLocal,
+                    "the normal-mode kernels support at most " << kNormalMaxRanks << " ranks, " << kNormalMaxNodes
+                                                               << " nodes and " << kNormalMaxLocal << " ranks per node");
         // (the copy kernels give each rank a thread in their waits and offsets)
         HOST_ASSERT(threads > num_ranks, "threads (" << threads << ") must exceed the number of ranks (" << num_ranks
                                                       << ")");

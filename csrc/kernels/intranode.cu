@@ -10,8 +10,8 @@
 // destination node, forwarded over NVLink there) and land in the same receive buffers at the same rows, so the
 // copy-out is the same.
 //
-// Combine pushes: each receiver writes row i of y into its source's `comb` buffer (slot [me][j], j = the row's
-// position in the source->me list); the source then sums the slots of each token in float32. Rows whose source is
+// Combine pushes: each receiver writes row i of y into its source's `comb` buffer (slot [l][j], l = the receiver's
+// position in its node, j = the row's position in the source->me list); the source then sums the slots of each token in float32. Rows whose source is
 // on another node go to this node's forwarder for that source instead (internode.cu), which sums them and sends
 // one float32 partial per token home; the source adds those partials in the same reduction.
 //

@@ -19,11 +19,10 @@ namespace normal {
 constexpr int kThreads = 1024;  // the most threads a copy kernel may be launched with (NormalCtx::threads)
 constexpr int kReduceThreads = 512;
 constexpr int kReduceWarps = kReduceThreads / kWarp;
-constexpr int kMaxLocal = 8;  // ranks per node the combine reduction handles
-// Group sizes (MAX_RANKS_NORMAL, MAX_NODES_NORMAL in the Python backend): a thread per rank in the waits and the
-// count exchange (every kernel has at least 512), a lane per node in the per-token loops over nodes.
-constexpr int kMaxRanks = 256;
-constexpr int kMaxNodes = 32;
+// Group sizes (api.cuh; the NormalKernels constructor enforces them, and threads > ranks)
+constexpr int kMaxLocal = kNormalMaxLocal;
+constexpr int kMaxRanks = kNormalMaxRanks;
+constexpr int kMaxNodes = kNormalMaxNodes;
 
 __device__ __forceinline__ int64_t* flags_of(uint8_t* base, const NormalCtx& c) {
     return reinterpret_cast<int64_t*>(base + c.off_flags);

@@ -101,9 +101,13 @@ def _text(r: dict[str, Any]) -> str:
     else:
         lines.append("  no CUDA GPU visible")
     lines.append(f"  native module (nvshmem backend): {r['native']}")
-    lines.append(f"  backend='auto' picks: {r['auto_backend']} (for normal-mode groups of up to 40 ranks, "
-                 "low-latency groups of up to 34, 8 per node; backend='nvshmem': normal mode up to 256 ranks, "
-                 "32 nodes, low latency up to 1024)")
+    from largeep.backends import nvshmem_backend as nv
+
+    lines.append(f"  backend='auto' picks: {r['auto_backend']} (for normal-mode groups of up to "
+                 f"{nv.TESTED_RANKS_NORMAL} ranks, low-latency groups of up to {nv.TESTED_RANKS_LOW_LATENCY}, "
+                 f"{nv.MAX_RANKS_PER_NODE_NORMAL} per node; backend='nvshmem': normal mode up to "
+                 f"{nv.MAX_RANKS_NORMAL} ranks, {nv.MAX_NODES_NORMAL} nodes, low latency up to "
+                 f"{nv.MAX_RANKS_LOW_LATENCY})")
     if r["settings_error"]:
         lines.append(f"  settings: INVALID: {r['settings_error']}")
     else:

@@ -1177,3 +1177,26 @@ def missing_collective_member(rank: int, world: int, which: str, timeout_s: floa
         return {"raised": None, "took": time.monotonic() - start}
     finally:
         del os.environ["LARGEEP_TIMEOUT_S"]
+
+
+def too_large_for_the_gpu(rank: int, world: int) -> dict[str, Any]:
+    """The first nvshmem Buffer of these processes asks for more symmetric memory than their shared GPU has free
+    (max_tokens_per_rank 2**20 at hidden 7168: about 170 GiB per rank): every rank raises ArgumentError naming the
+    memory, before NVSHMEM starts; then a Buffer of a fitting size works (a checked round)."""
+    chk = Checker(f"too large on rank {rank}")
+    try:
+        largeep.Buffer(None, hidden=7168, num_experts=2 * world, num_topk=2, max_tokens_per_rank=1 << 20,
+                       backend="nvshmem")
+    except ArgumentError as exc:
+        chk.expect("GiB of symmetric memory per rank" in str(exc) and "GiB free" in str(exc)
+                   and "lower max_tokens_per_rank" in str(exc), f"ArgumentError: {exc}")
+    else:
+        chk.expect(False, "a Buffer larger than the GPU's free memory was made")
+    case = NormalCase(tuple(5 + 3 * r for r in range(world)), HIDDEN, EXPERTS, TOPK, 19, max_tokens=MAX_TOKENS)
+    buf = largeep.Buffer(None, backend="nvshmem", **case.buffer_kwargs())
+    try:
+        chk.where += ", the fitting Buffer after it"
+        NormalRound(buf, case, chk).run()
+    finally:
+        buf.destroy()
+    return {"failures": chk.failures}

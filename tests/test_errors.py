@@ -151,6 +151,26 @@ def test_nvshmem_threads_for_many_ranks() -> None:
     assert reason is not None and "must exceed 64" in reason and "rank(s) [60, 62] set [64]" in reason, reason
 
 
+def test_nvshmem_memory_reason() -> None:
+    """A Buffer whose symmetric allocation some GPU cannot hold for all of its ranks is refused on every rank, naming
+    that GPU, its ranks and its free memory; GPUs are told apart by host and GPU."""
+    from largeep.backends.nvshmem_backend import memory_reason
+
+    gib = 1 << 30
+    assert memory_reason(10 * gib, [("a", "0", 80 * gib), ("a", "1", 80 * gib)]) is None
+    assert memory_reason(10 * gib, [("a", "0", 80 * gib)] * 8) is None  # 8 ranks on one GPU: 80 GiB, just fits
+    reason = memory_reason(10 * gib, [("a", "0", 80 * gib)] * 8 + [("a", "1", 15 * gib)] + [("b", "0", 5 * gib)])
+    assert reason is not None
+    assert "10.00 GiB of symmetric memory per rank" in reason
+    assert "GPU 0 of host a" not in reason, reason
+    assert "GPU 1 of host a (1 rank(s): [8]) has 15.0 GiB free" not in reason, reason
+    assert "GPU 0 of host b (1 rank(s): [9]) has 5.0 GiB free" in reason, reason
+    # the lowest free memory any sharer saw counts
+    reason = memory_reason(10 * gib, [("a", "0", 80 * gib), ("a", "0", 19 * gib)])
+    assert reason is not None and "(2 rank(s): [0, 1]) has 19.0 GiB free" in reason, reason
+    assert "lower max_tokens_per_rank" in reason
+
+
 def test_nvshmem_refusal_words_of_many_ranks() -> None:
     """A void round of 40 ranks: each rank's status word says whether it refused (bit 0) and whether it ran the
     round without a host wait (bit 1); ranks past 32 are named as any other."""
@@ -368,6 +388,21 @@ def test_one_rank_refuses_one_gpu(pools, world: int, variant: str) -> None:
 @pytest.mark.parametrize("low_latency", [False, True], ids=["normal", "low_latency"])
 def test_unchecked_out_of_range_ids_are_ignored_one_gpu(pools, low_latency: bool) -> None:
     results = pools(WORLD, "gloo-cuda0").run(error_bodies.unchecked_out_of_range, "nvshmem", low_latency)
+    failures = [f for r in results for f in r["failures"]]
+    assert not failures, "\n".join(failures)
+
+
+@pytest.mark.gpu(1)
+@pytest.mark.skipif(os.environ.get("LARGEEP_TEST_SHARED_GPUS") != "1",
+                    reason="LARGEEP_TEST_SHARED_GPUS=1 runs 2 ranks on one GPU (NVSHMEM's several PEs per GPU)")
+def test_buffer_too_large_for_the_gpu_one_gpu() -> None:
+    """A first Buffer that the GPU cannot hold is refused on every rank before NVSHMEM starts, which leaves the
+    processes able to make a Buffer that fits. A pool of its own: NVSHMEM must not have started in it."""
+    pool = DistPool(2, "gloo-cuda0", timeout_s=300)
+    try:
+        results = pool.run(error_bodies.too_large_for_the_gpu)
+    finally:
+        pool.close(force=True)
     failures = [f for r in results for f in r["failures"]]
     assert not failures, "\n".join(failures)
 

@@ -100,6 +100,26 @@ def threads_reason(num_ranks: int, threads: list[int]) -> str | None:
             "fits any normal-mode group)")
 
 
+def memory_reason(need: int, places: list[tuple[str, str, int]]) -> str | None:
+    """None unless some GPU cannot hold the symmetric allocation of ``need`` bytes for each of its ranks;
+    ``places``: (host, GPU, free bytes as that rank saw them) of each rank, in rank order. NVSHMEM maps its heap's
+    memory as allocations ask for it, so an allocation that a GPU cannot hold fails there only, and the other ranks
+    would be left inside the collective allocation: refuse it on every rank first."""
+    gpus: dict[tuple[str, str], list[int]] = {}
+    for rank, (host, gpu, _) in enumerate(places):
+        gpus.setdefault((host, gpu), []).append(rank)
+    short = []
+    for (host, gpu), ranks in gpus.items():
+        free = min(places[r][2] for r in ranks)
+        if need * len(ranks) > free:
+            short.append(f"GPU {gpu} of host {host} ({len(ranks)} rank(s): {ranks}) has {free / 2**30:.1f} GiB free")
+    if not short:
+        return None
+    return (f"the Buffer needs {need / 2**30:.2f} GiB of symmetric memory per rank, more than " + "; ".join(short)
+            + ". Its receive buffers hold num_ranks x max_tokens_per_rank rows: lower max_tokens_per_rank (or hidden, "
+            "or use FP8 rows), or free GPU memory first")
+
+
 def _gpu_of(device: torch.device) -> str:
     """This process's GPU, named so that the ranks of one host can tell whether they share it."""
     uuid = getattr(torch.cuda.get_device_properties(device), "uuid", None)
@@ -394,8 +414,11 @@ class NvshmemBackend:
         # addresses in each other's memory) and speak the same combine protocol: refuse, on every rank, a group
         # whose ranks disagree.
         config = (*sizes, ctx.ranks_per_node, ctx.low_latency, self.zc_slots, self.fused_combine > 0)
+        # (with each rank's LARGEEP_TUNE threads, and its GPU's free memory for the symmetric allocation below)
+        free = int(torch.cuda.mem_get_info(ctx.device)[0])
         gathered: list[Any] = [None] * n
-        dist.all_gather_object(gathered, (config, settings.tune["threads"]), group=ctx.group)
+        dist.all_gather_object(gathered, (config, settings.tune["threads"], (socket.gethostname(),
+                               _gpu_of(ctx.device), free)), group=ctx.group)
         every = [g[0] for g in gathered]
         if any(e != config for e in every):
             names = ("(ranks, experts, topk, hidden, max_tokens_per_rank, ranks_per_node, low_latency, "
@@ -413,6 +436,11 @@ class NvshmemBackend:
             lay = C.low_latency_layout(*sizes, ctx.ranks_per_node)
         else:
             lay = C.normal_layout(*sizes, ctx.ranks_per_node, self.zc_slots)
+        # (the first Buffer only: later ones may reuse heap memory that NVSHMEM keeps mapped, which the free memory
+        # does not count, and every rank of the group initialised NVSHMEM with the same first Buffer)
+        reason = None if C.initialized() else memory_reason(int(lay["total_bytes"]), [g[2] for g in gathered])
+        if reason is not None:
+            raise ArgumentError(f"Buffer: {reason}")
         self.C = _join(ctx, int(lay["total_bytes"]), settings)
         self.zc_region = (0, 0)  # [first, last) byte of the zero-copy slots, once allocated
         self.base = int(self._collective("Buffer", self.C.alloc, int(lay["total_bytes"]), settings.timeout_s))

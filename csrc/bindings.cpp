@@ -199,7 +199,8 @@ class NormalKernels {
         HOST_ASSERT(num_ranks <= kNormalMaxRanks && num_ranks / ranks_per_node <= kNormalMaxNodes &&
                         ranks_per_node <= kNormalMaxLocal,
                     "the normal-mode kernels support at most " << kNormalMaxRanks << " ranks, " << kNormalMaxNodes
-                                                               << " nodes and " << kNormalMaxLocal << " ranks per node");
+                                                               << " nodes and " << kNormalMaxLocal
+                                                               << " ranks per node");
         // (the copy kernels give each rank a thread in their waits and offsets)
         HOST_ASSERT(threads > num_ranks, "threads (" << threads << ") must exceed the number of ranks (" << num_ranks
                                                       << ")");

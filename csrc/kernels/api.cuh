@@ -19,7 +19,9 @@ namespace largeep {
 //     bit 1 if r ran it without a host wait (num_worst_tokens), so that r's Buffer is unusable now
 enum StatusWord { kReadySeq = 0, kError = 1, kNumRecv = 2, kRefused = 3, kPerExpert = 4 };
 constexpr int kLayoutCheckWords = 3;
-__host__ __device__ constexpr int kRefusedRanks(int experts_per_rank) { return kPerExpert + experts_per_rank + kLayoutCheckWords; }
+__host__ __device__ constexpr int kRefusedRanks(int experts_per_rank) {
+    return kPerExpert + experts_per_rank + kLayoutCheckWords;
+}
 enum Op {
     kOpLayout = 1,
     kOpDispatch = 2,

@@ -13,8 +13,9 @@ _HOW = (
 
 
 # the version of the bindings this Python code calls (csrc/bindings.cpp's abi_version; 2: ops.gather_rows and
-# weighted_row_sum's count; 3: the low-latency kernels without the ll_send setting; 4: id_check)
-ABI_VERSION = 4
+# weighted_row_sum's count; 3: the low-latency kernels without the ll_send setting; 4: id_check; 5: the normal
+# mode's status words for a void round, one per rank)
+ABI_VERSION = 5
 
 
 @functools.lru_cache(maxsize=1)

@@ -719,6 +719,40 @@ def split_holdout(
 VARIANTS = (("hierarchical", True), ("hierarchical", False), ("flat", True), ("flat", False))
 
 
+def symmetric_memory(eps: Sequence[int], gpus_per_node: int, normal: tuple[int, int, int, int],
+                     ll: tuple[int, int, int, int], zero_copy_slots: int = 2) -> list[dict[str, Any]] | str:
+    """The symmetric memory one rank's Buffer takes at each EP, from the kernels' own layouts (largeep._C's
+    normal_layout and low_latency_layout): normal mode at ``normal`` = (tokens per rank, hidden, top-k, experts),
+    with zero-copy slots on one node, and low latency at ``ll``; experts rounded up to a multiple of EP. Whether the
+    normal kernels take that group (at most 256 ranks, 32 nodes, 8 per node). A str saying why not where the native
+    module is missing."""
+    from largeep import native
+    from largeep.backends.nvshmem_backend import MAX_NODES_NORMAL, MAX_RANKS_NORMAL, MAX_RANKS_PER_NODE_NORMAL
+
+    try:
+        C = native.module()
+    except RuntimeError as exc:
+        return f"not computed: {exc}"
+    gib = float(1 << 30)
+    rows = []
+    for ep in eps:
+        p = min(gpus_per_node, ep)
+        nodes = ep // p
+
+        def experts(e: int, ep: int = ep) -> int:
+            return -(-e // ep) * ep
+
+        t, h, k, e = normal
+        nb = C.normal_layout(ep, experts(e), k, h, t, p, zero_copy_slots if nodes == 1 else 0)["total_bytes"]
+        lt, lh, lk, le = ll
+        lb = C.low_latency_layout(ep, experts(le), lk, lh, lt, p)["total_bytes"]
+        rows.append({"ep": ep, "nodes": nodes, "ranks_per_node": p, "normal_tokens": t, "normal_gib": nb / gib,
+                     "low_latency_tokens": lt, "low_latency_gib": lb / gib,
+                     "normal_supported": ep <= MAX_RANKS_NORMAL and nodes <= MAX_NODES_NORMAL
+                     and p <= MAX_RANKS_PER_NODE_NORMAL})
+    return rows
+
+
 def sweep_ep(
     params: Params, cluster: Cluster, eps: Sequence[int], *, normal: tuple[int, int, int, int],
     ll: tuple[int, int, int, int], max_nodes: int | None = None, samples: int = 0, seed: int = 0,
@@ -1103,6 +1137,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"modelled rows: hierarchical layout with overlap (normal), direct sends (low-latency), {args.num_sms} SMs; "
           "sim.json has every variant (flat, no overlap). Measured rows: one host, NVLink only; no RDMA leg has "
           "ever been measured")
+    memory = symmetric_memory(args.eps, args.gpus_per_node, normal,
+                              (args.ll_tokens, args.hidden, args.topk, args.experts))
+    if isinstance(memory, str):
+        print(f"symmetric memory per GPU: {memory}")
+    else:
+        print(tabulate([[m["ep"], m["nodes"], m["normal_tokens"], f"{m['normal_gib']:.2f}",
+                         "" if m["normal_supported"] else "beyond the normal kernels' limits",
+                         m["low_latency_tokens"], f"{m['low_latency_gib']:.2f}"] for m in memory],
+                       headers=["ep", "nodes", "normal tokens", "normal GiB", "", "low-latency tokens",
+                                "low-latency GiB"], tablefmt="simple", disable_numparse=True))
+        print("symmetric memory per GPU of one Buffer, from the kernels' layouts (not modelled): the normal mode's "
+              "receive buffers hold ep x tokens rows")
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
@@ -1111,7 +1157,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "in_sample": in_sample, "weighted_check": weighted_doc, "cluster": asdict(cluster),
             "calibrated_on": {"files": args.calibrate, "backend": backend, "timing": timing, "records": len(records),
                               "hierarchical": hier, "overlap": ovl, "copy_phase": copy},
-            "predictions": rows, "measured": records, "shown_not_fitted": shown,
+            "predictions": rows, "measured": records, "shown_not_fitted": shown, "symmetric_memory": memory,
             "deepep_published": {"normal_gbps": DEEPEP_NORMAL, "low_latency_us": DEEPEP_LL,
                                  "note": "H800 + CX7 400 Gb/s; EP8 NVLink logical, EP16+ RDMA bandwidth"},
             "deepep_measured_h200": {"normal_gbps_fp8_bf16_combine": DEEPEP_H200_NORMAL,

@@ -166,9 +166,9 @@ def test_nvshmem_memory_reason() -> None:
     assert "GPU 1 of host a (1 rank(s): [8]) has 15.0 GiB free" not in reason, reason
     assert "GPU 0 of host b (1 rank(s): [9]) has 5.0 GiB free" in reason, reason
     # the lowest free memory any sharer saw counts
-    reason = memory_reason(10 * gib, [("a", "0", 80 * gib), ("a", "0", 19 * gib)])
+    reason = memory_reason(10 * gib, [("a", "0", 80 * gib), ("a", "0", 19 * gib)], max_tokens=4096)
     assert reason is not None and "(2 rank(s): [0, 1]) has 19.0 GiB free" in reason, reason
-    assert "lower max_tokens_per_rank" in reason
+    assert "lower max_tokens_per_rank (about 3891 or fewer would fit)" in reason, reason
 
 
 def test_nvshmem_refusal_words_of_many_ranks() -> None:

@@ -100,24 +100,28 @@ def threads_reason(num_ranks: int, threads: list[int]) -> str | None:
             "fits any normal-mode group)")
 
 
-def memory_reason(need: int, places: list[tuple[str, str, int]]) -> str | None:
+def memory_reason(need: int, places: list[tuple[str, str, int]], max_tokens: int = 0) -> str | None:
     """None unless some GPU cannot hold the symmetric allocation of ``need`` bytes for each of its ranks;
     ``places``: (host, GPU, free bytes as that rank saw them) of each rank, in rank order. NVSHMEM maps its heap's
     memory as allocations ask for it, so an allocation that a GPU cannot hold fails there only, and the other ranks
-    would be left inside the collective allocation: refuse it on every rank first."""
+    would be left inside the collective allocation: refuse it on every rank first. ``max_tokens``: the Buffer's
+    max_tokens_per_rank, to suggest one that would fit (the memory grows about in proportion to it)."""
     gpus: dict[tuple[str, str], list[int]] = {}
     for rank, (host, gpu, _) in enumerate(places):
         gpus.setdefault((host, gpu), []).append(rank)
     short = []
+    fits = 1.0
     for (host, gpu), ranks in gpus.items():
         free = min(places[r][2] for r in ranks)
         if need * len(ranks) > free:
             short.append(f"GPU {gpu} of host {host} ({len(ranks)} rank(s): {ranks}) has {free / 2**30:.1f} GiB free")
+            fits = min(fits, free / (need * len(ranks)))
     if not short:
         return None
+    hint = f" (about {int(max_tokens * fits)} or fewer would fit)" if max_tokens and int(max_tokens * fits) else ""
     return (f"the Buffer needs {need / 2**30:.2f} GiB of symmetric memory per rank, more than " + "; ".join(short)
-            + ". Its receive buffers hold num_ranks x max_tokens_per_rank rows: lower max_tokens_per_rank (or hidden, "
-            "or use FP8 rows), or free GPU memory first")
+            + f". Its receive buffers hold num_ranks x max_tokens_per_rank rows: lower max_tokens_per_rank{hint}, "
+            "or free GPU memory first")
 
 
 def _gpu_of(device: torch.device) -> str:
@@ -438,7 +442,8 @@ class NvshmemBackend:
             lay = C.normal_layout(*sizes, ctx.ranks_per_node, self.zc_slots)
         # (the first Buffer only: later ones may reuse heap memory that NVSHMEM keeps mapped, which the free memory
         # does not count, and every rank of the group initialised NVSHMEM with the same first Buffer)
-        reason = None if C.initialized() else memory_reason(int(lay["total_bytes"]), [g[2] for g in gathered])
+        reason = None if C.initialized() else memory_reason(int(lay["total_bytes"]), [g[2] for g in gathered],
+                                                            ctx.max_tokens_per_rank)
         if reason is not None:
             raise ArgumentError(f"Buffer: {reason}")
         self.C = _join(ctx, int(lay["total_bytes"]), settings)

@@ -290,16 +290,21 @@ def test_nvshmem_join_gathers_heap_sizes(monkeypatch, peer_size: str) -> None:
         assert "NVSHMEM_SYMMETRIC_SIZE" not in os.environ
 
 
+def _fresh_pool_run(world: int, spec: str, body: Any, *args: Any, timeout_s: float = 120) -> list[Any]:
+    """``body``'s results on a pool of its own (NVSHMEM not started in it yet), closed afterwards."""
+    pool = DistPool(world, spec, timeout_s=timeout_s)
+    try:
+        return pool.run(body, *args)
+    finally:
+        pool.close(force=True)
+
+
 @pytest.mark.gpu(2)
 def test_nvshmem_refuses_different_heap_sizes() -> None:
     """Rank 1 sets a larger NVSHMEM_SYMMETRIC_SIZE than rank 0: both raise ArgumentError before NVSHMEM starts
     (an allocation failing on one rank only would leave the other inside NVSHMEM's barrier); with the variable
     unset again, a Buffer is made. A pool of its own (NVSHMEM must not be running in it yet)."""
-    pool = DistPool(2, "nccl", timeout_s=120)
-    try:
-        results = pool.run(error_bodies.heap_sizes_refused)
-    finally:
-        pool.close(force=True)
+    results = _fresh_pool_run(2, "nccl", error_bodies.heap_sizes_refused)
     failures = [f for r in results for f in r["failures"]]
     assert not failures, "\n".join(failures)
 
@@ -357,11 +362,7 @@ def test_nvshmem_init_timeout_on_gpus() -> None:
     initialisation does not finish (as seen on 2x H200): every rank raises PeerTimeoutError after
     LARGEEP_INIT_TIMEOUT_S (10 s) and at once for a second Buffer. A pool of its own, killed afterwards (its
     processes keep a thread inside NVSHMEM)."""
-    pool = DistPool(3, "gloo-cuda:0,1,0", timeout_s=120)
-    try:
-        results = pool.run(error_bodies.init_times_out, 10.0)
-    finally:
-        pool.close(force=True)
+    results = _fresh_pool_run(3, "gloo-cuda:0,1,0", error_bodies.init_times_out, 10.0)
     if any(r["created"] for r in results):
         pytest.skip("NVSHMEM initialised the uneven placement here: its initialisation has nothing to time out")
     failures = [f for r in results for f in r["failures"]]
@@ -398,11 +399,7 @@ def test_unchecked_out_of_range_ids_are_ignored_one_gpu(pools, low_latency: bool
 def test_buffer_too_large_for_the_gpu_one_gpu() -> None:
     """A first Buffer that the GPU cannot hold is refused on every rank before NVSHMEM starts, which leaves the
     processes able to make a Buffer that fits. A pool of its own: NVSHMEM must not have started in it."""
-    pool = DistPool(2, "gloo-cuda0", timeout_s=300)
-    try:
-        results = pool.run(error_bodies.too_large_for_the_gpu)
-    finally:
-        pool.close(force=True)
+    results = _fresh_pool_run(2, "gloo-cuda0", error_bodies.too_large_for_the_gpu, timeout_s=300)
     failures = [f for r in results for f in r["failures"]]
     assert not failures, "\n".join(failures)
 

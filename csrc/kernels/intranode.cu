@@ -748,8 +748,6 @@ void launch_dispatch_prepare(const NormalCtx& ctx, const int64_t* topk_idx, int 
 void launch_dispatch_notify(const NormalCtx& ctx, int* recv_off, int* send_off, int64_t* send_slot, int* fwd_off,
                             int* fwd_count, int my_slot, bool report, int* per_expert, int alignment,
                             cudaStream_t stream) {
-    HOST_ASSERT(ctx.num_ranks <= kMaxRanks && ctx.num_ranks / ctx.ranks_per_node <= kMaxNodes,
-                "the normal-mode kernels support at most " << kMaxRanks << " ranks and " << kMaxNodes << " nodes");
     HOST_ASSERT(my_slot >= 0 && my_slot <= ctx.num_zc_slots, "bad receive slot " << my_slot);
     HOST_ASSERT(!report || (per_expert != nullptr && alignment >= 1), "a reporting notify needs per_expert");
     HOST_ASSERT(my_slot == 0 || ctx.ranks_per_node == ctx.num_ranks, "zero-copy slots are for one node only");

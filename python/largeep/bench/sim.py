@@ -724,10 +724,12 @@ def symmetric_memory(eps: Sequence[int], gpus_per_node: int, normal: tuple[int, 
     """The symmetric memory one rank's Buffer takes at each EP, from the kernels' own layouts (largeep._C's
     normal_layout and low_latency_layout): normal mode at ``normal`` = (tokens per rank, hidden, top-k, experts),
     with zero-copy slots on one node, and low latency at ``ll``; experts rounded up to a multiple of EP. Whether the
-    normal kernels take that group (at most 256 ranks, 32 nodes, 8 per node). A str saying why not where the native
+    normal kernels take that group (the nvshmem backend's unsupported_reason). A str saying why not where the native
     module is missing."""
+    import types
+
     from largeep import native
-    from largeep.backends.nvshmem_backend import MAX_NODES_NORMAL, MAX_RANKS_NORMAL, MAX_RANKS_PER_NODE_NORMAL
+    from largeep.backends.nvshmem_backend import unsupported_reason
 
     try:
         C = native.module()
@@ -748,8 +750,8 @@ def symmetric_memory(eps: Sequence[int], gpus_per_node: int, normal: tuple[int, 
         lb = C.low_latency_layout(ep, experts(le), lk, lh, lt, p)["total_bytes"]
         rows.append({"ep": ep, "nodes": nodes, "ranks_per_node": p, "normal_tokens": t, "normal_gib": nb / gib,
                      "low_latency_tokens": lt, "low_latency_gib": lb / gib,
-                     "normal_supported": ep <= MAX_RANKS_NORMAL and nodes <= MAX_NODES_NORMAL
-                     and p <= MAX_RANKS_PER_NODE_NORMAL})
+                     "normal_supported": unsupported_reason(types.SimpleNamespace(  # type: ignore[arg-type]
+                         low_latency=False, num_ranks=ep, ranks_per_node=p, hidden=h, num_topk=k)) is None})
     return rows
 
 

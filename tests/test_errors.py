@@ -631,9 +631,15 @@ def test_missing_member_of_a_library_collective_is_bounded(which: str, name: str
     (False, 64, 2, 128, None, False),
     (False, 256, 8, 128, None, False),
     (False, 264, 8, 128, "normal-mode kernels support at most 256 ranks", False),
-    (False, 16, 16, 128, "at most 8 ranks per node", False),
+    # up to 32 ranks per node (the 32-rank test ran one node of 32 and 2 nodes of 16)
+    (False, 16, 16, 128, None, True),
+    (False, 32, 32, 128, None, True),
+    (False, 40, 20, 128, None, True),
+    (False, 64, 64, 128, "at most 32 ranks per node", False),
+    (False, 256, 32, 128, None, False),
     (True, 32, 8, 128, None, True),
-    (True, 34, 17, 128, None, False),
+    (True, 34, 17, 128, None, True),
+    (True, 34, 34, 128, None, True),
     (True, 34, 2, 128, None, True),
     # low latency: any number of ranks per node, up to 1024 ranks; beyond the tested sizes only on request
     (True, 256, 16, 128, None, False),

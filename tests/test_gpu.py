@@ -393,6 +393,37 @@ def test_normal_many_ranks_shared_gpus() -> None:
         pool.close(force=True)
 
 
+@pytest.mark.gpu(1)
+@needs_native
+@needs_shared
+def test_normal_wide_nodes_shared_gpus() -> None:
+    """32 ranks, 0-15 on GPU 0 and 16-31 on GPU 1 (all on GPU 0 where only one is visible), as one node of 32 and
+    as 2 nodes of 16: more ranks per node than the combine reductions hold rows of in registers (8), with top-24 of
+    64 experts so that a token's rows come from up to 24 ranks of a node (read 8 at a time). One node: zero-copy
+    dispatch and the fused combine (lanes by rank, all 32); 2 nodes: the RDMA leg, the forward to 16 ranks and
+    their partial sums. BF16 with alignment and the cached path, FP8 with num_worst_tokens, float32 with the
+    adjoint check, then refusals from ranks 3, 17 and 31 and a good round. A pool of its own, closed afterwards."""
+    import error_bodies
+    from dist_pool import DistPool
+
+    world, gpus = 32, min(__import__("conftest").gpu_count(), 2)
+    tokens = [0 if r in (1, 20) else 5 + (r * 7) % 19 for r in range(world)]
+    pool = DistPool(world, "gloo-cuda:" + ",".join(str(r * gpus // world) for r in range(world)), timeout_s=900)
+    try:
+        for per_node in (None, 16):
+            pool.run(bodies.normal_roundtrip, "nvshmem", tokens, 2048, 2 * world, 24, "bfloat16", False, 4, 64,
+                     per_node)
+            pool.run(bodies.normal_roundtrip, "nvshmem", tokens, 2048, 2 * world, 24, "bfloat16", True, 1, 65,
+                     per_node, world * max(tokens))
+            pool.run(bodies.normal_roundtrip, "nvshmem", tokens, 1024, 2 * world, 20, "float32", False, 1, 66,
+                     per_node)
+            results = pool.run(error_bodies.some_ranks_refuse, "nvshmem", [3, 17, 31], 2 * world * 4 + 5,
+                               [1 + t % 16 for t in tokens], False, per_node)
+            assert all(not r["failures"] for r in results), [r["failures"] for r in results if r["failures"]]
+    finally:
+        pool.close(force=True)
+
+
 @pytest.mark.gpu(2)
 @needs_native
 @needs_shared

@@ -90,11 +90,11 @@ enum SeqKind { kSeqDispatch = 0, kSeqCombine = 1, kSeqLowLatency = 2, kRoundVoid
 //   comb_rdma  bytes [M][max_tokens][pcomb_stride]  float32 partial sums from my RDMA peer on node m
 // Normal-mode group sizes (MAX_RANKS_NORMAL, MAX_NODES_NORMAL, MAX_RANKS_PER_NODE_NORMAL in the Python backend):
 // a thread per rank in the waits and the count exchange (so a copy kernel's NormalCtx::threads must exceed the
-// rank count; the reductions have 512, the notify 1024), a lane per node in the per-token loops over nodes, and
-// a row pointer per rank of the node in the combine reduction's registers.
+// rank count; the reductions have 512, the notify 1024), a lane per node in the per-token loops over nodes, and a
+// lane per rank of the node in the per-token loops over those (the pushes, the forward, the reductions).
 constexpr int kNormalMaxRanks = 256;
 constexpr int kNormalMaxNodes = 32;
-constexpr int kNormalMaxLocal = 8;
+constexpr int kNormalMaxLocal = 32;
 
 struct NormalCtx {
     int rank, num_ranks, num_experts, num_topk, hidden, max_tokens, ranks_per_node;

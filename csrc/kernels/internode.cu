@@ -229,7 +229,6 @@ void launch_dispatch_forward(const NormalCtx& ctx, int x_elem_bytes, bool has_sc
 void launch_combine_forward(const NormalCtx& ctx, int y_elem_bytes, bool with_weights, const int* fwd_count,
                             const int* fwd_pos, int num_sms, cudaStream_t stream) {
     HOST_ASSERT(ctx.ranks_per_node < ctx.num_ranks, "the forward leg is for groups of several nodes");
-    HOST_ASSERT(ctx.ranks_per_node <= kMaxLocal, "combine supports at most 8 ranks per node");
     const int grid = std::max(1, num_sms);
     if (y_elem_bytes == 2) {
         combine_forward_kernel<__nv_bfloat16><<<grid, kReduceThreads, 0, stream>>>(ctx, with_weights ? 1 : 0,

@@ -461,14 +461,105 @@ __global__ void __launch_bounds__(kThreads) combine_push_kernel(NormalCtx c, con
     }
 }
 
+// reduce_token's sum for nodes of more than kSrc ranks (see there; p, present, q and remote as it computes them):
+// lane j < n_src keeps the row (and weights) of the j-th source of `present` (bit l: rank first_local + l, or rank l
+// of the fused combine's one node), and each vector step reads the sources kSrc at a time, their rows shuffled
+// from those lanes.
+// A pointer held by lane `src`, to every lane.
+template <typename P>
+__device__ __forceinline__ P* shfl_ptr(P* v, int src) {
+    return reinterpret_cast<P*>(__shfl_sync(0xffffffffu, reinterpret_cast<unsigned long long>(v), src));
+}
+
+template <typename T, int kSrc, int kUnroll, bool kChunked>
+__device__ __forceinline__ bool reduce_token_many(const NormalCtx& c, T* out, float* out_w, const T* y,
+                                                  const float* y_w, int self_row0, int t, int with_weights, int lane,
+                                                  int p, unsigned present, int q, unsigned remote) {
+    constexpr int kPer = Vec<T>::kPer;
+    const int K = c.num_topk, nvec = c.hidden / kPer, n_src = __popc(present);
+    const uint8_t* partials = c.base + c.off_comb_rdma;
+    // lane j: the j-th set bit l of `present` (__fns counts from 1), its slot position and its row
+    const int l = lane < n_src ? static_cast<int>(__fns(present, 0, lane + 1)) : 0;
+    const int pr = __shfl_sync(0xffffffffu, p, l);
+    const int r = kChunked ? l : first_local(c) + l;
+    const int4* my_row = nullptr;
+    const float* my_w = nullptr;
+    if (lane < n_src) {
+        if (r == c.rank) {
+            const int64_t i = static_cast<int64_t>(self_row0) + pr;
+            my_row = reinterpret_cast<const int4*>(y + i * c.hidden);
+            my_w = y_w != nullptr ? y_w + i * K : nullptr;
+        } else {
+            const int64_t slot = static_cast<int64_t>(l) * c.max_tokens + pr;
+            my_row = reinterpret_cast<const int4*>(c.base + c.off_comb + slot * c.comb_stride);
+            my_w = reinterpret_cast<const float*>(c.base + c.off_comb_w) + slot * K;
+        }
+    }
+    int4* dst = reinterpret_cast<int4*>(out + static_cast<int64_t>(t) * c.hidden);
+    for (int step = 0; step < nvec; step += kUnroll * kWarp) {
+        const int v0 = step + lane;
+        float acc[kUnroll][kPer];
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u)
+#pragma unroll
+            for (int e = 0; e < kPer; ++e) acc[u][e] = 0.f;
+        for (int b = 0; b < n_src; b += kSrc) {
+            const int4* rows[kSrc];
+#pragma unroll
+            for (int j = 0; j < kSrc; ++j) rows[j] = shfl_ptr(my_row, (b + j) % kWarp);
+            int4 buf[kUnroll][kSrc];
+#pragma unroll
+            for (int u = 0; u < kUnroll; ++u)
+#pragma unroll
+                for (int j = 0; j < kSrc; ++j)
+                    if (b + j < n_src && v0 + u * kWarp < nvec)
+                        buf[u][j] = ld_v4<kChunked ? 2 : 1>(rows[j] + v0 + u * kWarp);
+#pragma unroll
+            for (int u = 0; u < kUnroll; ++u)
+#pragma unroll
+                for (int j = 0; j < kSrc; ++j)
+                    if (b + j < n_src && v0 + u * kWarp < nvec) Vec<T>::add(acc[u], buf[u][j]);
+        }
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u) {
+            const bool valid = v0 + u * kWarp < nvec;
+            for (unsigned rm = remote; rm; rm &= rm - 1) {
+                const int src_node = __ffs(rm) - 1;
+                const int qr = __shfl_sync(0xffffffffu, q, src_node);
+                if (valid)
+                    add_f32<kPer>(acc[u], partials + (static_cast<int64_t>(src_node) * c.max_tokens + qr) * c.pcomb_stride,
+                                  v0 + u * kWarp);
+            }
+            if (valid) st_na_v4(dst + v0 + u * kWarp, Vec<T>::pack(acc[u]));
+        }
+    }
+    if (with_weights) {
+        float sum = 0.f;
+        for (int j = 0; j < n_src; ++j) {
+            const float* w = shfl_ptr(my_w, j);
+            if (lane < K) sum += kChunked ? *reinterpret_cast<const volatile float*>(w + lane) : w[lane];
+        }
+        for (unsigned rm = remote; rm; rm &= rm - 1) {
+            const int src_node = __ffs(rm) - 1;
+            const int qr = __shfl_sync(0xffffffffu, q, src_node);
+            if (lane < K)
+                sum += reinterpret_cast<const float*>(partials + (static_cast<int64_t>(src_node) * c.max_tokens + qr) *
+                                                                     c.pcomb_stride + c.comb_stride)[lane];
+        }
+        if (lane < K) out_w[static_cast<int64_t>(t) * K + lane] = sum;
+    }
+    return true;
+}
+
 // out[t] = sum over ranks r = first_local + l of this node with send_pos[t, r] >= 0 of comb[l][send_pos[t, r]] (for
 // r = me: row self_row0 + send_pos[t, me] of y, the combine's input, which never left this rank), plus (several
 // nodes) the float32 partial comb_rdma[m][node_pos[t, m]] of every other node m the token went to, in float32 (one
 // warp).
-// kSrc >= ranks per node; kUnroll * kSrc 16-byte loads are in flight per lane (16: one kernel per node size keeps
-// the registers of one loop shape only). kChunked (the fused combine): each peer's row is read once the flag of
-// its chunk (chunk_flags[r][slot / kCombChunk], nchunks per rank) holds `seq`; false if a wait gave up.
-template <typename T, int kSrc, int kUnroll, bool kChunked>
+// kSrc >= ranks per node, or kMany: more ranks per node than kSrc, whose rows are read kSrc sources at a time (lane
+// j keeps the j-th source's row); kUnroll * kSrc 16-byte loads are in flight per lane (16: one kernel per node size
+// keeps the registers of one loop shape only). kChunked (the fused combine): each peer's row is read once the flag
+// of its chunk (chunk_flags[r][slot / kCombChunk], nchunks per rank) holds `seq`; false if a wait gave up.
+template <typename T, int kSrc, int kUnroll, bool kChunked, bool kMany>
 __device__ __forceinline__ bool reduce_token(const NormalCtx& c, T* out, float* out_w, const int* send_pos,
                                              const int* node_pos, const T* y, const float* y_w, int self_row0, int t,
                                              int with_weights, int lane, const int64_t* chunk_flags = nullptr,
@@ -498,6 +589,8 @@ __device__ __forceinline__ bool reduce_token(const NormalCtx& c, T* out, float* 
     const unsigned remote = __ballot_sync(0xffffffffu, q >= 0);
     const uint8_t* comb = c.base + c.off_comb;
     const float* comb_w = reinterpret_cast<const float*>(c.base + c.off_comb_w);
+    if constexpr (kMany) return reduce_token_many<T, kSrc, kUnroll, kChunked>(c, out, out_w, y, y_w, self_row0, t,
+                                                                          with_weights, lane, p, present, q, remote);
     const int4* rows[kSrc];
     const float* wrows[kSrc];
     unsigned m = present;
@@ -569,7 +662,7 @@ __device__ __forceinline__ bool reduce_token(const NormalCtx& c, T* out, float* 
 }
 
 
-template <typename T, int kSrc, int kUnroll>
+template <typename T, int kSrc, int kUnroll, bool kMany>
 __global__ void __launch_bounds__(kReduceThreads) combine_reduce_kernel(NormalCtx c, T* out, float* out_w,
                                                                         const int* send_pos, const int* node_pos,
                                                                         int num_tokens, int with_weights, const T* y,
@@ -584,7 +677,7 @@ __global__ void __launch_bounds__(kReduceThreads) combine_reduce_kernel(NormalCt
         const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
         const int self_row0 = recv_off[c.rank];
         for (int t = blockIdx.x * kReduceWarps + warp; t < num_tokens; t += gridDim.x * kReduceWarps)
-            reduce_token<T, kSrc, kUnroll, false>(c, out, out_w, send_pos, node_pos, y, y_w, self_row0, t, with_weights,
+            reduce_token<T, kSrc, kUnroll, false, kMany>(c, out, out_w, send_pos, node_pos, y, y_w, self_row0, t, with_weights,
                                                   lane);
     }
     // Every block has read its slots: each pusher may write into my buffers again.
@@ -599,7 +692,7 @@ __global__ void __launch_bounds__(kReduceThreads) combine_reduce_kernel(NormalCt
 // rows), writes its rows, then raises the chunk's flag in that source's comb_flags. Reduce blocks: one warp per
 // token, in token order, each peer's row read once its chunk's flag holds this round. Rows are in token order
 // within each source's list, so the reduction follows the pushes closely.
-template <typename T, int kSrc, int kUnroll>
+template <typename T, int kSrc, int kUnroll, bool kMany>
 __global__ void __launch_bounds__(kReduceThreads) combine_fused_kernel(NormalCtx c, T* out, float* out_w,
                                                                        const int* send_pos, int num_tokens,
                                                                        int with_weights, const T* y, const float* y_w,
@@ -610,7 +703,7 @@ __global__ void __launch_bounds__(kReduceThreads) combine_fused_kernel(NormalCtx
     const int nchunks = (c.max_tokens + kCombChunk - 1) / kCombChunk;
     const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp, warps = blockDim.x / kWarp;
     if (static_cast<int>(blockIdx.x) < push_blocks) {
-        __shared__ int off[33];
+        __shared__ int off[kMaxLocal + 1];  // (one node)
         // every rank must have finished reducing the previous round before its buffers are overwritten
         const bool ok = wait_all(c, kFlagCombFree, seq - 1, kOpCombine);
         if (threadIdx.x <= static_cast<unsigned>(N)) off[threadIdx.x] = recv_off[threadIdx.x];
@@ -645,7 +738,7 @@ __global__ void __launch_bounds__(kReduceThreads) combine_fused_kernel(NormalCtx
         const int self_row0 = recv_off[me];
         const int rb = static_cast<int>(blockIdx.x) - push_blocks, nrb = static_cast<int>(gridDim.x) - push_blocks;
         for (int t = rb * warps + warp; !failed && t < num_tokens; t += nrb * warps)
-            if (!reduce_token<T, kSrc, kUnroll, true>(c, out, out_w, send_pos, nullptr, y, y_w, self_row0, t,
+            if (!reduce_token<T, kSrc, kUnroll, true, kMany>(c, out, out_w, send_pos, nullptr, y, y_w, self_row0, t,
                                                       with_weights, lane, flags, nchunks, seq))
                 break;
     }
@@ -709,11 +802,14 @@ NormalLayout normal_layout(int N, int E, int K, int H, int T, int P, int num_zc_
 }
 
 namespace {
-// The reduction's loop shape by element type and ranks per node: kUnroll * kSrc = 16 loads in flight per lane.
-template <typename T, int S, int U>
+// The reduction's loop shape by element type and ranks per node: kUnroll * kSrc = 16 loads in flight per lane;
+// nodes of more than kReduceSrc ranks read their sources in batches of kReduceSrc (kMany), 8 loads in flight (the
+// registers of 16 and of the batch loop spill).
+template <typename T, int S, int U, bool Many = false>
 struct ReduceShape {
     using type = T;
     static constexpr int kSrc = S, kUnroll = U;
+    static constexpr bool kMany = Many;
 };
 template <typename F>
 void with_reduce_shape(int elem_bytes, int ranks_per_node, F&& f) {
@@ -723,11 +819,13 @@ void with_reduce_shape(int elem_bytes, int ranks_per_node, F&& f) {
         using B = __nv_bfloat16;
         if (P <= 2) f(ReduceShape<B, 2, 8>{});
         else if (P <= 4) f(ReduceShape<B, 4, 4>{});
-        else f(ReduceShape<B, kMaxLocal, 2>{});
+        else if (P <= kReduceSrc) f(ReduceShape<B, kReduceSrc, 2>{});
+        else f(ReduceShape<B, kReduceSrc, 1, true>{});
     } else {
         if (P <= 2) f(ReduceShape<float, 2, 8>{});
         else if (P <= 4) f(ReduceShape<float, 4, 4>{});
-        else f(ReduceShape<float, kMaxLocal, 2>{});
+        else if (P <= kReduceSrc) f(ReduceShape<float, kReduceSrc, 2>{});
+        else f(ReduceShape<float, kReduceSrc, 1, true>{});
     }
 }
 }  // namespace
@@ -794,13 +892,12 @@ void launch_combine_push(const NormalCtx& ctx, const void* y, int y_elem_bytes, 
 void launch_combine_reduce(const NormalCtx& ctx, void* out, int out_elem_bytes, float* out_w, const int* send_pos,
                            const int* node_pos, int num_tokens, bool with_weights, const void* y, const float* y_w,
                            const int* recv_off, int num_sms, cudaStream_t stream) {
-    HOST_ASSERT(ctx.ranks_per_node <= kMaxLocal, "combine supports at most 8 ranks per node");
     HOST_ASSERT(ctx.ranks_per_node == ctx.num_ranks || node_pos != nullptr || num_tokens == 0, "node_pos missing");
     const int wi = with_weights ? 1 : 0;
     with_reduce_shape(out_elem_bytes, ctx.ranks_per_node, [&](auto shape) {
         using S = decltype(shape);
         using T = typename S::type;
-        combine_reduce_kernel<T, S::kSrc, S::kUnroll><<<std::max(1, num_sms), kReduceThreads, 0, stream>>>(
+        combine_reduce_kernel<T, S::kSrc, S::kUnroll, S::kMany><<<std::max(1, num_sms), kReduceThreads, 0, stream>>>(
             ctx, static_cast<T*>(out), out_w, send_pos, node_pos, num_tokens, wi, static_cast<const T*>(y), y_w,
             recv_off);
     });
@@ -811,7 +908,6 @@ void launch_combine_fused(const NormalCtx& ctx, void* out, int out_elem_bytes, f
                           int num_tokens, bool with_weights, const void* y, const float* y_w, const int* recv_src,
                           const int* recv_off, int num_rows, int num_sms, int push_eighths, cudaStream_t stream) {
     HOST_ASSERT(ctx.ranks_per_node == ctx.num_ranks, "the fused combine is for groups of one node");
-    HOST_ASSERT(ctx.num_ranks <= kMaxLocal, "combine supports at most 8 ranks per node");
     HOST_ASSERT(push_eighths >= 1 && push_eighths <= 7, "push_eighths must be in [1, 7]");
     const int grid = std::max(2, num_sms);
     const int push_blocks = std::min(grid - 1, std::max(1, (grid * push_eighths + 4) / 8));
@@ -819,7 +915,7 @@ void launch_combine_fused(const NormalCtx& ctx, void* out, int out_elem_bytes, f
     with_reduce_shape(out_elem_bytes, ctx.ranks_per_node, [&](auto shape) {
         using S = decltype(shape);
         using T = typename S::type;
-        combine_fused_kernel<T, S::kSrc, S::kUnroll><<<grid, kReduceThreads, 0, stream>>>(
+        combine_fused_kernel<T, S::kSrc, S::kUnroll, S::kMany><<<grid, kReduceThreads, 0, stream>>>(
             ctx, static_cast<T*>(out), out_w, send_pos, num_tokens, wi, static_cast<const T*>(y), y_w, recv_src,
             recv_off, num_rows, push_blocks);
     });

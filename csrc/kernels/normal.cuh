@@ -23,6 +23,9 @@ constexpr int kReduceWarps = kReduceThreads / kWarp;
 constexpr int kMaxLocal = kNormalMaxLocal;
 constexpr int kMaxRanks = kNormalMaxRanks;
 constexpr int kMaxNodes = kNormalMaxNodes;
+// Rows a combine reduction keeps in flight per lane and vector step: one per source rank of its node up to this
+// many; a node of more ranks has its sources read this many at a time (reduce_token's kMany).
+constexpr int kReduceSrc = 8;
 
 __device__ __forceinline__ int64_t* flags_of(uint8_t* base, const NormalCtx& c) {
     return reinterpret_cast<int64_t*>(base + c.off_flags);

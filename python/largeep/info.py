@@ -104,9 +104,9 @@ def _text(r: dict[str, Any]) -> str:
     from largeep.backends import nvshmem_backend as nv
 
     lines.append(f"  backend='auto' picks: {r['auto_backend']} (for normal-mode groups of up to "
-                 f"{nv.TESTED_RANKS_NORMAL} ranks, low-latency groups of up to {nv.TESTED_RANKS_LOW_LATENCY}, "
-                 f"{nv.MAX_RANKS_PER_NODE_NORMAL} per node; backend='nvshmem': normal mode up to "
-                 f"{nv.MAX_RANKS_NORMAL} ranks, {nv.MAX_NODES_NORMAL} nodes, low latency up to "
+                 f"{nv.TESTED_RANKS_NORMAL} ranks, low-latency groups of up to {nv.TESTED_RANKS_LOW_LATENCY}; "
+                 f"backend='nvshmem': normal mode up to {nv.MAX_RANKS_NORMAL} ranks, {nv.MAX_NODES_NORMAL} nodes "
+                 f"of at most {nv.MAX_RANKS_PER_NODE_NORMAL}, low latency up to "
                  f"{nv.MAX_RANKS_LOW_LATENCY})")
     if r["settings_error"]:
         lines.append(f"  settings: INVALID: {r['settings_error']}")

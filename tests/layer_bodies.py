@@ -14,6 +14,7 @@ import torch
 import torch._dynamo
 import torch.distributed as dist
 import torch.nn.functional as F
+from bodies import device_for
 from largeep import layers, ops
 from reference import make_inputs, ref_dispatch
 
@@ -621,7 +622,7 @@ def pipeline_vs_sequential(
     of the norm weights. Layers 0 and 2 share a Buffer, layer 1 has its own. On a CUDA pool (float32 layers on
     the rank's GPU, ``backend``), the pipeline's side stream and the Buffers' streams run as they do in a model;
     the pipeline must match the sequential layers to float32 rounding of chunked GEMMs."""
-    dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    dev = device_for(backend)
     tol, dense_tol = (2e-6, 1e-5) if dev.type == "cpu" else (1e-4, 1e-4)
     num_layers = 3
     ms = [make_global(seed + 17 * j, tokens, hidden, ffn, shared_ffn, num_experts) for j in range(num_layers)]

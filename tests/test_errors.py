@@ -169,6 +169,7 @@ def test_nvshmem_memory_reason() -> None:
     reason = memory_reason(10 * gib, [("a", "0", 80 * gib), ("a", "0", 19 * gib)], max_tokens=4096)
     assert reason is not None and "(2 rank(s): [0, 1]) has 19.0 GiB free" in reason, reason
     assert "lower max_tokens_per_rank (about 3891 or fewer would fit)" in reason, reason
+    assert "MoELayer(num_chunks=...)" in reason, reason
 
 
 def test_nvshmem_refusal_words_of_many_ranks() -> None:

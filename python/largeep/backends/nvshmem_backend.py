@@ -121,8 +121,9 @@ def memory_reason(need: int, places: list[tuple[str, str, int]], max_tokens: int
         return None
     hint = f" (about {int(max_tokens * fits)} or fewer would fit)" if max_tokens and int(max_tokens * fits) else ""
     return (f"the Buffer needs {need / 2**30:.2f} GiB of symmetric memory per rank, more than " + "; ".join(short)
-            + f". Its receive buffers hold num_ranks x max_tokens_per_rank rows: lower max_tokens_per_rank{hint}, "
-            "or free GPU memory first")
+            + f". Its receive buffers hold num_ranks x max_tokens_per_rank rows: lower max_tokens_per_rank{hint} "
+            "and pass larger batches in chunks of at most that many tokens (largeep.layers.MoELayer(num_chunks=...) "
+            "does), or free GPU memory first")
 
 
 def _gpu_of(device: torch.device) -> str:

@@ -466,9 +466,9 @@ __global__ void __launch_bounds__(kThreads) combine_push_kernel(NormalCtx c, con
 // of the fused combine's one node), and each vector step reads the sources kSrc at a time, their rows shuffled
 // from those lanes.
 // A pointer held by lane `src`, to every lane.
-template <typename P>
-__device__ __forceinline__ P* shfl_ptr(P* v, int src) {
-    return reinterpret_cast<P*>(__shfl_sync(0xffffffffu, reinterpret_cast<unsigned long long>(v), src));
+template <typename V>
+__device__ __forceinline__ V* shfl_ptr(V* v, int src) {
+    return reinterpret_cast<V*>(__shfl_sync(0xffffffffu, reinterpret_cast<unsigned long long>(v), src));
 }
 
 template <typename T, int kSrc, int kUnroll, bool kChunked>

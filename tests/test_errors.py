@@ -625,13 +625,17 @@ def test_missing_member_of_a_library_collective_is_bounded(which: str, name: str
 
 @pytest.mark.parametrize("low_latency,ranks,per_node,max_tokens,refused,auto", [
     (False, 32, 8, 128, None, True),
-    # normal mode: up to 256 ranks and 32 nodes; beyond the tested sizes (40 ranks) only on request
+    # normal mode: up to 512 ranks and 64 nodes; beyond the tested sizes (40 ranks) only on request
     (False, 40, 8, 128, None, True),
     (False, 40, 2, 128, None, True),
-    (False, 40, 1, 128, "at most 32 nodes", False),
+    (False, 40, 1, 128, None, True),
+    (False, 64, 1, 128, None, False),
+    (False, 65, 1, 128, "at most 64 nodes", False),
     (False, 64, 2, 128, None, False),
     (False, 256, 8, 128, None, False),
-    (False, 264, 8, 128, "normal-mode kernels support at most 256 ranks", False),
+    (False, 264, 8, 128, None, False),
+    (False, 512, 8, 128, None, False),
+    (False, 520, 8, 128, "normal-mode kernels support at most 512 ranks", False),
     # up to 32 ranks per node (the 32-rank test ran one node of 32 and 2 nodes of 16)
     (False, 16, 16, 128, None, True),
     (False, 32, 32, 128, None, True),

@@ -368,10 +368,11 @@ def test_low_latency_many_ranks_shared_gpus(ranks_per_node: int | None) -> None:
 def test_normal_many_ranks_shared_gpus() -> None:
     """40 ranks, 0-19 on GPU 0 and 20-39 on GPU 1 (all on GPU 0 where only one is visible): more ranks than fit a
     32-bit mask, so every per-rank step of the normal kernels is by rank position or thread, not by bit. 5 nodes of
-    8 (ranks past 32 inside a node; on 2 GPUs node 2 straddles them) and 20 nodes of 2 (20 RDMA peers per rank,
-    through NVSHMEM puts): BF16 with alignment and the cached path, FP8 with num_worst_tokens, float32 with the
-    adjoint check, then refusals from ranks 3, 33 and 39 (every other rank names exactly those) and a good round
-    after them. A pool of its own, closed afterwards (40 processes)."""
+    8 (ranks past 32 inside a node; on 2 GPUs node 2 straddles them), 20 nodes of 2 (20 RDMA peers per rank,
+    through NVSHMEM puts) and 40 nodes of 1 (more nodes than a warp has lanes: the per-token loops over nodes go 32
+    at a time): BF16 with alignment and the cached path, FP8 with num_worst_tokens, float32 with the adjoint check,
+    then refusals from ranks 3, 33 and 39 (every other rank names exactly those) and a good round after them. A pool
+    of its own, closed afterwards (40 processes)."""
     import error_bodies
     from dist_pool import DistPool
 
@@ -379,7 +380,7 @@ def test_normal_many_ranks_shared_gpus() -> None:
     tokens = [0 if r in (1, 34) else 5 + (r * 7) % 19 for r in range(world)]
     pool = DistPool(world, "gloo-cuda:" + ",".join(str(r * gpus // world) for r in range(world)), timeout_s=900)
     try:
-        for per_node in (8, 2):
+        for per_node in (8, 2, 1):
             pool.run(bodies.normal_roundtrip, "nvshmem", tokens, 2048, 2 * world, 8, "bfloat16", False, 4, 61,
                      per_node)
             pool.run(bodies.normal_roundtrip, "nvshmem", tokens, 2048, 2 * world, 8, "bfloat16", True, 1, 62,

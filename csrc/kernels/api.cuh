@@ -90,10 +90,11 @@ enum SeqKind { kSeqDispatch = 0, kSeqCombine = 1, kSeqLowLatency = 2, kRoundVoid
 //   comb_rdma  bytes [M][max_tokens][pcomb_stride]  float32 partial sums from my RDMA peer on node m
 // Normal-mode group sizes (MAX_RANKS_NORMAL, MAX_NODES_NORMAL, MAX_RANKS_PER_NODE_NORMAL in the Python backend):
 // a thread per rank in the waits and the count exchange (so a copy kernel's NormalCtx::threads must exceed the
-// rank count; the reductions have 512, the notify 1024), a lane per node in the per-token loops over nodes, and a
-// lane per rank of the node in the per-token loops over those (the pushes, the forward, the reductions).
-constexpr int kNormalMaxRanks = 256;
-constexpr int kNormalMaxNodes = 32;
+// rank count; the reductions have 512, the notify 1024), a lane per node in the per-token loops over nodes (groups
+// of more than 32 nodes take them 32 at a time), and a lane per rank of the node in the per-token loops over those
+// (the pushes, the forward, the reductions).
+constexpr int kNormalMaxRanks = 512;
+constexpr int kNormalMaxNodes = 64;
 constexpr int kNormalMaxLocal = 32;
 
 struct NormalCtx {

@@ -46,7 +46,9 @@ __device__ __forceinline__ int node_of_row(const int* prefix, int g) {
 // ---- dispatch: RDMA leg -------------------------------------------------------------------------------------
 // One warp per token: for every other node m the token goes to (node_pos[t, m] >= 0), the row is staged at
 // rdma_send[m][node_pos] and put to rdma_recv[my node][node_pos] of my RDMA peer on node m (x, then the
-// metadata, as two puts so that no unused bytes travel).
+// metadata, as two puts so that no unused bytes travel). Lane l looks at node m0 + l: one pass of m0 = 0 for groups
+// of at most 32 nodes, passes of 32 nodes otherwise (kManyNodes).
+template <bool kManyNodes>
 __global__ void __launch_bounds__(kThreads) dispatch_rdma_send_kernel(NormalCtx c, const uint8_t* x, int x_elem,
                                                                       const float* scales, const int64_t* idx,
                                                                       const float* w, int T, const int* send_pos,
@@ -63,31 +65,38 @@ __global__ void __launch_bounds__(kThreads) dispatch_rdma_send_kernel(NormalCtx 
         const int64_t x_bytes = static_cast<int64_t>(c.hidden) * x_elem;
         const int64_t meta_bytes = c.rdma_stride - c.recv_off_scales;
         for (int t = blockIdx.x * kWarps + warp; t < T; t += gridDim.x * kWarps) {
-            const int q = lane < M && lane != node ? node_pos[static_cast<int64_t>(t) * M + lane] : -1;
-            for (unsigned dests = __ballot_sync(0xffffffffu, q >= 0); dests; dests &= dests - 1) {
-                const int m = __ffs(dests) - 1;
-                const int qm = __shfl_sync(0xffffffffu, q, m);
-                const int64_t at = (static_cast<int64_t>(m) * c.max_tokens + qm) * c.rdma_stride;
-                uint8_t* row = c.base + c.off_rdma_send + at;
-                warp_copy<0, 4>(reinterpret_cast<int4*>(row), reinterpret_cast<const int4*>(x + t * x_bytes), x_bytes,
-                                lane);
-                if (scales != nullptr)
-                    for (int i = lane; i < num_scales; i += kWarp)
-                        reinterpret_cast<float*>(row + c.recv_off_scales)[i] =
-                            scales[static_cast<int64_t>(t) * num_scales + i];
-                if (idx != nullptr && lane < K) {
-                    reinterpret_cast<int64_t*>(row + c.recv_off_idx)[lane] = idx[static_cast<int64_t>(t) * K + lane];
-                    reinterpret_cast<float*>(row + c.recv_off_w)[lane] = w[static_cast<int64_t>(t) * K + lane];
+            for (int m0 = 0; m0 < (kManyNodes ? M : 1); m0 += kWarp) {
+                const int mm = m0 + lane;
+                const int q = mm < M && mm != node ? node_pos[static_cast<int64_t>(t) * M + mm] : -1;
+                for (unsigned dests = __ballot_sync(0xffffffffu, q >= 0); dests; dests &= dests - 1) {
+                    const int m = m0 + __ffs(dests) - 1;
+                    const int qm = __shfl_sync(0xffffffffu, q, m - m0);
+                    const int64_t at = (static_cast<int64_t>(m) * c.max_tokens + qm) * c.rdma_stride;
+                    uint8_t* row = c.base + c.off_rdma_send + at;
+                    warp_copy<0, 4>(reinterpret_cast<int4*>(row), reinterpret_cast<const int4*>(x + t * x_bytes),
+                                    x_bytes, lane);
+                    if (scales != nullptr)
+                        for (int i = lane; i < num_scales; i += kWarp)
+                            reinterpret_cast<float*>(row + c.recv_off_scales)[i] =
+                                scales[static_cast<int64_t>(t) * num_scales + i];
+                    if (idx != nullptr && lane < K) {
+                        reinterpret_cast<int64_t*>(row + c.recv_off_idx)[lane] =
+                            idx[static_cast<int64_t>(t) * K + lane];
+                        reinterpret_cast<float*>(row + c.recv_off_w)[lane] = w[static_cast<int64_t>(t) * K + lane];
+                    }
+                    if (lane == 0) reinterpret_cast<int*>(row + c.recv_off_src)[0] = t;
+                    if (lane < P)
+                        reinterpret_cast<int*>(row + c.rdma_off_pos)[lane] =
+                            send_pos[static_cast<int64_t>(t) * N + m * P + lane];
+                    __threadfence();  // the staged row is complete before the transport reads it
+                    __syncwarp();
+                    const int64_t dst =
+                        c.off_rdma_recv + (static_cast<int64_t>(node) * c.max_tokens + qm) * c.rdma_stride;
+                    const int pe = m * P + me_local;
+                    nvshmemx_putmem_nbi_warp(c.base + dst, row, x_bytes, pe);
+                    nvshmemx_putmem_nbi_warp(c.base + dst + c.recv_off_scales, row + c.recv_off_scales, meta_bytes,
+                                             pe);
                 }
-                if (lane == 0) reinterpret_cast<int*>(row + c.recv_off_src)[0] = t;
-                if (lane < P)
-                    reinterpret_cast<int*>(row + c.rdma_off_pos)[lane] = send_pos[static_cast<int64_t>(t) * N + m * P + lane];
-                __threadfence();  // the staged row is complete before the transport reads it
-                __syncwarp();
-                const int64_t dst = c.off_rdma_recv + (static_cast<int64_t>(node) * c.max_tokens + qm) * c.rdma_stride;
-                const int pe = m * P + me_local;
-                nvshmemx_putmem_nbi_warp(c.base + dst, row, x_bytes, pe);
-                nvshmemx_putmem_nbi_warp(c.base + dst + c.recv_off_scales, row + c.recv_off_scales, meta_bytes, pe);
             }
         }
     }
@@ -211,9 +220,11 @@ void launch_dispatch_rdma_send(const NormalCtx& ctx, const void* x, int x_elem_b
     HOST_ASSERT(ctx.ranks_per_node < ctx.num_ranks, "the RDMA leg is for groups of several nodes");
     HOST_ASSERT((static_cast<int64_t>(ctx.hidden) * x_elem_bytes) % 16 == 0,
                 "hidden * element size must be a multiple of 16");
-    dispatch_rdma_send_kernel<<<std::max(1, num_sms), ctx.threads, 0, stream>>>(
-        ctx, static_cast<const uint8_t*>(x), x_elem_bytes, x_scales, topk_idx, topk_weights, num_tokens, send_pos,
-        node_pos);
+    auto kernel = ctx.num_ranks / ctx.ranks_per_node > kWarp ? dispatch_rdma_send_kernel<true>
+                                                             : dispatch_rdma_send_kernel<false>;
+    kernel<<<std::max(1, num_sms), ctx.threads, 0, stream>>>(ctx, static_cast<const uint8_t*>(x), x_elem_bytes,
+                                                            x_scales, topk_idx, topk_weights, num_tokens, send_pos,
+                                                            node_pos);
     LAUNCH_CHECK();
 }
 

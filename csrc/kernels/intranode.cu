@@ -461,10 +461,11 @@ __global__ void __launch_bounds__(kThreads) combine_push_kernel(NormalCtx c, con
     }
 }
 
-// reduce_token's sum for nodes of more than kSrc ranks (see there; p, present, q and remote as it computes them):
-// lane j < n_src keeps the row (and weights) of the j-th source of `present` (bit l: rank first_local + l, or rank l
-// of the fused combine's one node), and each vector step reads the sources kSrc at a time, their rows shuffled
-// from those lanes.
+// reduce_token's sum for nodes of more than kSrc ranks or groups of more than 32 nodes (see there; p and present as
+// it computes them): lane j < n_src keeps the row (and weights) of the j-th source of `present` (bit l: rank
+// first_local + l, or rank l of the fused combine's one node), and each vector step reads the sources kSrc at a
+// time, their rows shuffled from those lanes; lane l keeps node ch * 32 + l's position of t (qs[ch]) for the other
+// nodes' partials, 32 nodes a chunk.
 // A pointer held by lane `src`, to every lane.
 template <typename V>
 __device__ __forceinline__ V* shfl_ptr(V* v, int src) {
@@ -472,12 +473,21 @@ __device__ __forceinline__ V* shfl_ptr(V* v, int src) {
 }
 
 template <typename T, int kSrc, int kUnroll, bool kChunked>
-__device__ __forceinline__ bool reduce_token_many(const NormalCtx& c, T* out, float* out_w, const T* y,
-                                                  const float* y_w, int self_row0, int t, int with_weights, int lane,
-                                                  int p, unsigned present, int q, unsigned remote) {
+__device__ __forceinline__ bool reduce_token_many(const NormalCtx& c, T* out, float* out_w, const int* node_pos,
+                                                  const T* y, const float* y_w, int self_row0, int t,
+                                                  int with_weights, int lane, int p, unsigned present) {
     constexpr int kPer = Vec<T>::kPer;
     const int K = c.num_topk, nvec = c.hidden / kPer, n_src = __popc(present);
+    const int M = num_nodes(c), node = node_of(c, c.rank);
     const uint8_t* partials = c.base + c.off_comb_rdma;
+    int qs[kNodeChunks];
+    unsigned remote[kNodeChunks];
+#pragma unroll
+    for (int ch = 0; ch < kNodeChunks; ++ch) {
+        const int m = ch * kWarp + lane;
+        qs[ch] = node_pos != nullptr && m < M && m != node ? node_pos[static_cast<int64_t>(t) * M + m] : -1;
+        remote[ch] = __ballot_sync(0xffffffffu, qs[ch] >= 0);
+    }
     // lane j: the j-th set bit l of `present` (__fns counts from 1), its slot position and its row
     const int l = lane < n_src ? static_cast<int>(__fns(present, 0, lane + 1)) : 0;
     const int pr = __shfl_sync(0xffffffffu, p, l);
@@ -523,13 +533,14 @@ __device__ __forceinline__ bool reduce_token_many(const NormalCtx& c, T* out, fl
 #pragma unroll
         for (int u = 0; u < kUnroll; ++u) {
             const bool valid = v0 + u * kWarp < nvec;
-            for (unsigned rm = remote; rm; rm &= rm - 1) {
-                const int src_node = __ffs(rm) - 1;
-                const int qr = __shfl_sync(0xffffffffu, q, src_node);
-                if (valid)
-                    add_f32<kPer>(acc[u], partials + (static_cast<int64_t>(src_node) * c.max_tokens + qr) * c.pcomb_stride,
-                                  v0 + u * kWarp);
-            }
+#pragma unroll
+            for (int ch = 0; ch < kNodeChunks; ++ch)
+                for (unsigned rm = remote[ch]; rm; rm &= rm - 1) {
+                    const int l = __ffs(rm) - 1;
+                    const int qr = __shfl_sync(0xffffffffu, qs[ch], l);
+                    const int64_t at = (static_cast<int64_t>(ch * kWarp + l) * c.max_tokens + qr) * c.pcomb_stride;
+                    if (valid) add_f32<kPer>(acc[u], partials + at, v0 + u * kWarp);
+                }
             if (valid) st_na_v4(dst + v0 + u * kWarp, Vec<T>::pack(acc[u]));
         }
     }
@@ -539,13 +550,14 @@ __device__ __forceinline__ bool reduce_token_many(const NormalCtx& c, T* out, fl
             const float* w = shfl_ptr(my_w, j);
             if (lane < K) sum += kChunked ? *reinterpret_cast<const volatile float*>(w + lane) : w[lane];
         }
-        for (unsigned rm = remote; rm; rm &= rm - 1) {
-            const int src_node = __ffs(rm) - 1;
-            const int qr = __shfl_sync(0xffffffffu, q, src_node);
-            if (lane < K)
-                sum += reinterpret_cast<const float*>(partials + (static_cast<int64_t>(src_node) * c.max_tokens + qr) *
-                                                                     c.pcomb_stride + c.comb_stride)[lane];
-        }
+#pragma unroll
+        for (int ch = 0; ch < kNodeChunks; ++ch)
+            for (unsigned rm = remote[ch]; rm; rm &= rm - 1) {
+                const int l = __ffs(rm) - 1;
+                const int qr = __shfl_sync(0xffffffffu, qs[ch], l);
+                const int64_t at = (static_cast<int64_t>(ch * kWarp + l) * c.max_tokens + qr) * c.pcomb_stride;
+                if (lane < K) sum += reinterpret_cast<const float*>(partials + at + c.comb_stride)[lane];
+            }
         if (lane < K) out_w[static_cast<int64_t>(t) * K + lane] = sum;
     }
     return true;
@@ -589,8 +601,8 @@ __device__ __forceinline__ bool reduce_token(const NormalCtx& c, T* out, float* 
     const unsigned remote = __ballot_sync(0xffffffffu, q >= 0);
     const uint8_t* comb = c.base + c.off_comb;
     const float* comb_w = reinterpret_cast<const float*>(c.base + c.off_comb_w);
-    if constexpr (kMany) return reduce_token_many<T, kSrc, kUnroll, kChunked>(c, out, out_w, y, y_w, self_row0, t,
-                                                                          with_weights, lane, p, present, q, remote);
+    if constexpr (kMany) return reduce_token_many<T, kSrc, kUnroll, kChunked>(c, out, out_w, node_pos, y, y_w,
+                                                                          self_row0, t, with_weights, lane, p, present);
     const int4* rows[kSrc];
     const float* wrows[kSrc];
     unsigned m = present;
@@ -803,8 +815,8 @@ NormalLayout normal_layout(int N, int E, int K, int H, int T, int P, int num_zc_
 
 namespace {
 // The reduction's loop shape by element type and ranks per node: kUnroll * kSrc = 16 loads in flight per lane;
-// nodes of more than kReduceSrc ranks read their sources in batches of kReduceSrc (kMany), 8 loads in flight (the
-// registers of 16 and of the batch loop spill).
+// nodes of more than kReduceSrc ranks, and groups of more than 32 nodes, take reduce_token_many (kMany): sources in
+// batches of kReduceSrc, 8 loads in flight (the registers of 16 and of the batch loop spill), nodes 32 at a time.
 template <typename T, int S, int U, bool Many = false>
 struct ReduceShape {
     using type = T;
@@ -812,20 +824,21 @@ struct ReduceShape {
     static constexpr bool kMany = Many;
 };
 template <typename F>
-void with_reduce_shape(int elem_bytes, int ranks_per_node, F&& f) {
+void with_reduce_shape(int elem_bytes, int ranks_per_node, int nodes, F&& f) {
     HOST_ASSERT(elem_bytes == 2 || elem_bytes == 4, "combine output must be bf16 or float32");
     const int P = ranks_per_node;
+    const bool many = P > kReduceSrc || nodes > kWarp;
     if (elem_bytes == 2) {
         using B = __nv_bfloat16;
-        if (P <= 2) f(ReduceShape<B, 2, 8>{});
+        if (many) f(ReduceShape<B, kReduceSrc, 1, true>{});
+        else if (P <= 2) f(ReduceShape<B, 2, 8>{});
         else if (P <= 4) f(ReduceShape<B, 4, 4>{});
-        else if (P <= kReduceSrc) f(ReduceShape<B, kReduceSrc, 2>{});
-        else f(ReduceShape<B, kReduceSrc, 1, true>{});
+        else f(ReduceShape<B, kReduceSrc, 2>{});
     } else {
-        if (P <= 2) f(ReduceShape<float, 2, 8>{});
+        if (many) f(ReduceShape<float, kReduceSrc, 1, true>{});
+        else if (P <= 2) f(ReduceShape<float, 2, 8>{});
         else if (P <= 4) f(ReduceShape<float, 4, 4>{});
-        else if (P <= kReduceSrc) f(ReduceShape<float, kReduceSrc, 2>{});
-        else f(ReduceShape<float, kReduceSrc, 1, true>{});
+        else f(ReduceShape<float, kReduceSrc, 2>{});
     }
 }
 }  // namespace
@@ -894,7 +907,7 @@ void launch_combine_reduce(const NormalCtx& ctx, void* out, int out_elem_bytes, 
                            const int* recv_off, int num_sms, cudaStream_t stream) {
     HOST_ASSERT(ctx.ranks_per_node == ctx.num_ranks || node_pos != nullptr || num_tokens == 0, "node_pos missing");
     const int wi = with_weights ? 1 : 0;
-    with_reduce_shape(out_elem_bytes, ctx.ranks_per_node, [&](auto shape) {
+    with_reduce_shape(out_elem_bytes, ctx.ranks_per_node, ctx.num_ranks / ctx.ranks_per_node, [&](auto shape) {
         using S = decltype(shape);
         using T = typename S::type;
         combine_reduce_kernel<T, S::kSrc, S::kUnroll, S::kMany><<<std::max(1, num_sms), kReduceThreads, 0, stream>>>(
@@ -912,7 +925,7 @@ void launch_combine_fused(const NormalCtx& ctx, void* out, int out_elem_bytes, f
     const int grid = std::max(2, num_sms);
     const int push_blocks = std::min(grid - 1, std::max(1, (grid * push_eighths + 4) / 8));
     const int wi = with_weights ? 1 : 0;
-    with_reduce_shape(out_elem_bytes, ctx.ranks_per_node, [&](auto shape) {
+    with_reduce_shape(out_elem_bytes, ctx.ranks_per_node, 1, [&](auto shape) {
         using S = decltype(shape);
         using T = typename S::type;
         combine_fused_kernel<T, S::kSrc, S::kUnroll, S::kMany><<<grid, kReduceThreads, 0, stream>>>(

@@ -26,6 +26,8 @@ constexpr int kMaxNodes = kNormalMaxNodes;
 // Rows a combine reduction keeps in flight per lane and vector step: one per source rank of its node up to this
 // many; a node of more ranks has its sources read this many at a time (reduce_token's kMany).
 constexpr int kReduceSrc = 8;
+// Per-token loops over nodes keep a lane per node, kWarp nodes at a time: at most this many at a time.
+constexpr int kNodeChunks = (kMaxNodes + kWarp - 1) / kWarp;
 
 __device__ __forceinline__ int64_t* flags_of(uint8_t* base, const NormalCtx& c) {
     return reinterpret_cast<int64_t*>(base + c.off_flags);

@@ -53,8 +53,8 @@ _world: dict[str, Any] = {}
 # node and a lane per rank of a node in the per-token loops: csrc/kernels/api.cuh),
 # low-latency mode (loops over ranks; largeep's rendezvous kernel, csrc/runtime, is one block of at most 1024
 # threads).
-MAX_RANKS_NORMAL = 256
-MAX_NODES_NORMAL = 32
+MAX_RANKS_NORMAL = 512
+MAX_NODES_NORMAL = 64
 MAX_RANKS_PER_NODE_NORMAL = 32
 MAX_RANKS_LOW_LATENCY = 1024
 # The largest groups that have run on GPUs (many ranks per GPU, tests/test_gpu.py's *_many_ranks_shared_gpus and

@@ -58,9 +58,9 @@ MAX_NODES_NORMAL = 64
 MAX_RANKS_PER_NODE_NORMAL = 32
 MAX_RANKS_LOW_LATENCY = 1024
 # The largest groups that have run on GPUs (many ranks per GPU, tests/test_gpu.py's *_many_ranks_shared_gpus and
-# test_normal_wide_nodes_shared_gpus: normal-mode nodes of 1, 2, 4, 8, 16 and 32 ranks, low-latency nodes of up to
-# 34; every node size goes through the same code, a lane per rank of the node): backend="auto" leaves larger
-# groups to the torch backend, backend="nvshmem" takes them.
+# test_normal_wide_nodes_shared_gpus: normal-mode nodes of 1, 2, 4, 8, 16 and 32 ranks and up to 40 nodes,
+# low-latency nodes of up to 34; every node size goes through the same code, a lane per rank of the node):
+# backend="auto" leaves larger groups to the torch backend, backend="nvshmem" takes them.
 TESTED_RANKS_NORMAL = 40
 TESTED_RANKS_LOW_LATENCY = 34
 

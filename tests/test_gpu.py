@@ -362,6 +362,34 @@ def test_low_latency_many_ranks_shared_gpus(ranks_per_node: int | None) -> None:
         pool.close(force=True)
 
 
+def _normal_rounds_on_shared_gpus(world: int, empty: tuple[int, ...], per_nodes: tuple[int | None, ...],
+                                  topk: int, topk_f32: int, refusers: list[int], seed: int) -> None:
+    """``world`` ranks, the first half on GPU 0 and the rest on GPU 1 (all on GPU 0 where only one is visible), no
+    tokens on the ranks in ``empty``, 2 experts per rank; for each ranks_per_node in ``per_nodes``: BF16 (top-k
+    ``topk``) with alignment and the cached path, FP8 with num_worst_tokens, float32 (top-k ``topk_f32``) with the
+    adjoint check, then refusals from ``refusers`` (every other rank names exactly those) and a good round after
+    them; seeds ``seed``..``seed`` + 2. A pool of its own, closed afterwards."""
+    import error_bodies
+    from dist_pool import DistPool
+
+    gpus = min(__import__("conftest").gpu_count(), 2)
+    tokens = [0 if r in empty else 5 + (r * 7) % 19 for r in range(world)]
+    pool = DistPool(world, "gloo-cuda:" + ",".join(str(r * gpus // world) for r in range(world)), timeout_s=900)
+    try:
+        for per_node in per_nodes:
+            pool.run(bodies.normal_roundtrip, "nvshmem", tokens, 2048, 2 * world, topk, "bfloat16", False, 4, seed,
+                     per_node)
+            pool.run(bodies.normal_roundtrip, "nvshmem", tokens, 2048, 2 * world, topk, "bfloat16", True, 1,
+                     seed + 1, per_node, world * max(tokens))
+            pool.run(bodies.normal_roundtrip, "nvshmem", tokens, 1024, 2 * world, topk_f32, "float32", False, 1,
+                     seed + 2, per_node)
+            results = pool.run(error_bodies.some_ranks_refuse, "nvshmem", refusers, 2 * world * 4 + 5,
+                               [1 + t % 16 for t in tokens], False, per_node)
+            assert all(not r["failures"] for r in results), [r["failures"] for r in results if r["failures"]]
+    finally:
+        pool.close(force=True)
+
+
 @pytest.mark.gpu(1)
 @needs_native
 @needs_shared
@@ -373,25 +401,7 @@ def test_normal_many_ranks_shared_gpus() -> None:
     at a time): BF16 with alignment and the cached path, FP8 with num_worst_tokens, float32 with the adjoint check,
     then refusals from ranks 3, 33 and 39 (every other rank names exactly those) and a good round after them. A pool
     of its own, closed afterwards (40 processes)."""
-    import error_bodies
-    from dist_pool import DistPool
-
-    world, gpus = 40, min(__import__("conftest").gpu_count(), 2)
-    tokens = [0 if r in (1, 34) else 5 + (r * 7) % 19 for r in range(world)]
-    pool = DistPool(world, "gloo-cuda:" + ",".join(str(r * gpus // world) for r in range(world)), timeout_s=900)
-    try:
-        for per_node in (8, 2, 1):
-            pool.run(bodies.normal_roundtrip, "nvshmem", tokens, 2048, 2 * world, 8, "bfloat16", False, 4, 61,
-                     per_node)
-            pool.run(bodies.normal_roundtrip, "nvshmem", tokens, 2048, 2 * world, 8, "bfloat16", True, 1, 62,
-                     per_node, world * max(tokens))
-            pool.run(bodies.normal_roundtrip, "nvshmem", tokens, 1024, 2 * world, 6, "float32", False, 1, 63,
-                     per_node)
-            results = pool.run(error_bodies.some_ranks_refuse, "nvshmem", [3, 33, 39], 2 * world * 4 + 5,
-                               [1 + t % 16 for t in tokens], False, per_node)
-            assert all(not r["failures"] for r in results), [r["failures"] for r in results if r["failures"]]
-    finally:
-        pool.close(force=True)
+    _normal_rounds_on_shared_gpus(40, (1, 34), (8, 2, 1), 8, 6, [3, 33, 39], 61)
 
 
 @pytest.mark.gpu(1)
@@ -404,25 +414,7 @@ def test_normal_wide_nodes_shared_gpus() -> None:
     dispatch and the fused combine (lanes by rank, all 32); 2 nodes: the RDMA leg, the forward to 16 ranks and
     their partial sums. BF16 with alignment and the cached path, FP8 with num_worst_tokens, float32 with the
     adjoint check, then refusals from ranks 3, 17 and 31 and a good round. A pool of its own, closed afterwards."""
-    import error_bodies
-    from dist_pool import DistPool
-
-    world, gpus = 32, min(__import__("conftest").gpu_count(), 2)
-    tokens = [0 if r in (1, 20) else 5 + (r * 7) % 19 for r in range(world)]
-    pool = DistPool(world, "gloo-cuda:" + ",".join(str(r * gpus // world) for r in range(world)), timeout_s=900)
-    try:
-        for per_node in (None, 16):
-            pool.run(bodies.normal_roundtrip, "nvshmem", tokens, 2048, 2 * world, 24, "bfloat16", False, 4, 64,
-                     per_node)
-            pool.run(bodies.normal_roundtrip, "nvshmem", tokens, 2048, 2 * world, 24, "bfloat16", True, 1, 65,
-                     per_node, world * max(tokens))
-            pool.run(bodies.normal_roundtrip, "nvshmem", tokens, 1024, 2 * world, 20, "float32", False, 1, 66,
-                     per_node)
-            results = pool.run(error_bodies.some_ranks_refuse, "nvshmem", [3, 17, 31], 2 * world * 4 + 5,
-                               [1 + t % 16 for t in tokens], False, per_node)
-            assert all(not r["failures"] for r in results), [r["failures"] for r in results if r["failures"]]
-    finally:
-        pool.close(force=True)
+    _normal_rounds_on_shared_gpus(32, (1, 20), (None, 16), 24, 20, [3, 17, 31], 64)
 
 
 @pytest.mark.gpu(2)

@@ -536,9 +536,9 @@ __device__ __forceinline__ bool reduce_token_many(const NormalCtx& c, T* out, fl
 #pragma unroll
             for (int ch = 0; ch < kNodeChunks; ++ch)
                 for (unsigned rm = remote[ch]; rm; rm &= rm - 1) {
-                    const int l = __ffs(rm) - 1;
-                    const int qr = __shfl_sync(0xffffffffu, qs[ch], l);
-                    const int64_t at = (static_cast<int64_t>(ch * kWarp + l) * c.max_tokens + qr) * c.pcomb_stride;
+                    const int n = __ffs(rm) - 1;  // node ch * kWarp + n
+                    const int qr = __shfl_sync(0xffffffffu, qs[ch], n);
+                    const int64_t at = (static_cast<int64_t>(ch * kWarp + n) * c.max_tokens + qr) * c.pcomb_stride;
                     if (valid) add_f32<kPer>(acc[u], partials + at, v0 + u * kWarp);
                 }
             if (valid) st_na_v4(dst + v0 + u * kWarp, Vec<T>::pack(acc[u]));
@@ -553,9 +553,9 @@ __device__ __forceinline__ bool reduce_token_many(const NormalCtx& c, T* out, fl
 #pragma unroll
         for (int ch = 0; ch < kNodeChunks; ++ch)
             for (unsigned rm = remote[ch]; rm; rm &= rm - 1) {
-                const int l = __ffs(rm) - 1;
-                const int qr = __shfl_sync(0xffffffffu, qs[ch], l);
-                const int64_t at = (static_cast<int64_t>(ch * kWarp + l) * c.max_tokens + qr) * c.pcomb_stride;
+                const int n = __ffs(rm) - 1;
+                const int qr = __shfl_sync(0xffffffffu, qs[ch], n);
+                const int64_t at = (static_cast<int64_t>(ch * kWarp + n) * c.max_tokens + qr) * c.pcomb_stride;
                 if (lane < K) sum += reinterpret_cast<const float*>(partials + at + c.comb_stride)[lane];
             }
         if (lane < K) out_w[static_cast<int64_t>(t) * K + lane] = sum;

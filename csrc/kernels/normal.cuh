@@ -28,6 +28,9 @@ constexpr int kMaxNodes = kNormalMaxNodes;
 constexpr int kReduceSrc = 8;
 // Per-token loops over nodes keep a lane per node, kWarp nodes at a time: at most this many at a time.
 constexpr int kNodeChunks = (kMaxNodes + kWarp - 1) / kWarp;
+// A thread per rank in the reductions' waits and flag loops, a lane per rank of the node.
+static_assert(kMaxRanks <= kReduceThreads && kMaxRanks < kThreads, "a thread per rank in every normal kernel");
+static_assert(kMaxLocal <= kWarp, "a lane per rank of the node");
 
 __device__ __forceinline__ int64_t* flags_of(uint8_t* base, const NormalCtx& c) {
     return reinterpret_cast<int64_t*>(base + c.off_flags);

@@ -461,17 +461,17 @@ __global__ void __launch_bounds__(kThreads) combine_push_kernel(NormalCtx c, con
     }
 }
 
-// reduce_token's sum for nodes of more than kSrc ranks or groups of more than 32 nodes (see there; p and present as
-// it computes them): lane j < n_src keeps the row (and weights) of the j-th source of `present` (bit l: rank
-// first_local + l, or rank l of the fused combine's one node), and each vector step reads the sources kSrc at a
-// time, their rows shuffled from those lanes; lane l keeps node ch * 32 + l's position of t (qs[ch]) for the other
-// nodes' partials, 32 nodes a chunk.
 // A pointer held by lane `src`, to every lane.
 template <typename V>
 __device__ __forceinline__ V* shfl_ptr(V* v, int src) {
     return reinterpret_cast<V*>(__shfl_sync(0xffffffffu, reinterpret_cast<unsigned long long>(v), src));
 }
 
+// reduce_token's sum for nodes of more than kSrc ranks or groups of more than 32 nodes (see there; p and present as
+// it computes them): lane j < n_src keeps the row (and weights) of the j-th source of `present` (bit l: rank
+// first_local + l, or rank l of the fused combine's one node), and each vector step reads the sources kSrc at a
+// time, their rows shuffled from those lanes; lane l keeps node ch * 32 + l's position of t (qs[ch]) for the other
+// nodes' partials, 32 nodes a chunk.
 template <typename T, int kSrc, int kUnroll, bool kChunked>
 __device__ __forceinline__ bool reduce_token_many(const NormalCtx& c, T* out, float* out_w, const int* node_pos,
                                                   const T* y, const float* y_w, int self_row0, int t,

@@ -81,7 +81,7 @@ __device__ __forceinline__ uint8_t* ll_recv_row(uint8_t* base, const LowLatencyC
 // reported an error (or a word of this wait gave up). Each waiting thread's acquire load orders its later reads
 // after its flags, and the barrier after the wait the block's; with puts in use, a system fence also covers words
 // that an NVSHMEM transport (not an NVLink store) delivered. (The normal mode's block_wait_ranks gives each of at
-// most 256 ranks a thread of its own; written as this loop, its kernels compiled with more spills, so the two stay
+// most 512 ranks a thread of its own; written as this loop, its kernels compiled with more spills, so the two stay
 // apart.)
 __device__ __forceinline__ bool ll_block_wait(const LowLatencyCtx& c, int kind, int slot, int64_t target, int op) {
     __shared__ int ok_all;

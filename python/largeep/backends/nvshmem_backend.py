@@ -435,13 +435,12 @@ class NvshmemBackend:
                 + "; ".join(f"rank {r}: {e}" for r, e in enumerate(every))
                 + " (LARGEEP_ZERO_COPY_SLOTS, and LARGEEP_TUNE's comb being 0 or not, must be the same on every rank)"
             )
-        if not ctx.low_latency:
-            reason = threads_reason(n, [g[1] for g in gathered])
-            if reason is not None:
-                raise ArgumentError(f"Buffer: {reason}")
         if ctx.low_latency:
             lay = C.low_latency_layout(*sizes, ctx.ranks_per_node)
         else:
+            reason = threads_reason(n, [g[1] for g in gathered])
+            if reason is not None:
+                raise ArgumentError(f"Buffer: {reason}")
             lay = C.normal_layout(*sizes, ctx.ranks_per_node, self.zc_slots)
         # (the first Buffer only: later ones may reuse heap memory that NVSHMEM keeps mapped, which the free memory
         # does not count, and every rank of the group initialised NVSHMEM with the same first Buffer)

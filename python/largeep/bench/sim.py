@@ -736,18 +736,14 @@ def symmetric_memory(eps: Sequence[int], gpus_per_node: int, normal: tuple[int, 
     except RuntimeError as exc:
         return f"not computed: {exc}"
     gib = float(1 << 30)
+    t, h, k, e = normal
+    lt, lh, lk, le = ll
     rows = []
     for ep in eps:
         p = min(gpus_per_node, ep)
         nodes = ep // p
-
-        def experts(e: int, ep: int = ep) -> int:
-            return -(-e // ep) * ep
-
-        t, h, k, e = normal
-        nb = C.normal_layout(ep, experts(e), k, h, t, p, zero_copy_slots if nodes == 1 else 0)["total_bytes"]
-        lt, lh, lk, le = ll
-        lb = C.low_latency_layout(ep, experts(le), lk, lh, lt, p)["total_bytes"]
+        nb = C.normal_layout(ep, -(-e // ep) * ep, k, h, t, p, zero_copy_slots if nodes == 1 else 0)["total_bytes"]
+        lb = C.low_latency_layout(ep, -(-le // ep) * ep, lk, lh, lt, p)["total_bytes"]
         rows.append({"ep": ep, "nodes": nodes, "ranks_per_node": p, "normal_tokens": t, "normal_gib": nb / gib,
                      "low_latency_tokens": lt, "low_latency_gib": lb / gib,
                      "normal_supported": unsupported_reason(types.SimpleNamespace(  # type: ignore[arg-type]

@@ -596,13 +596,13 @@ __device__ __forceinline__ bool reduce_token(const NormalCtx& c, T* out, float* 
         __syncwarp();  // lane r's acquire, then this barrier (memory ordering among the warp), then every lane's loads
     }
     const unsigned present = __ballot_sync(0xffffffffu, p >= 0);
+    if constexpr (kMany) return reduce_token_many<T, kSrc, kUnroll, kChunked>(c, out, out_w, node_pos, y, y_w,
+                                                                          self_row0, t, with_weights, lane, p, present);
     const int n_src = __popc(present);
     const int q = node_pos != nullptr && lane < M && lane != node ? node_pos[static_cast<int64_t>(t) * M + lane] : -1;
     const unsigned remote = __ballot_sync(0xffffffffu, q >= 0);
     const uint8_t* comb = c.base + c.off_comb;
     const float* comb_w = reinterpret_cast<const float*>(c.base + c.off_comb_w);
-    if constexpr (kMany) return reduce_token_many<T, kSrc, kUnroll, kChunked>(c, out, out_w, node_pos, y, y_w,
-                                                                          self_row0, t, with_weights, lane, p, present);
     const int4* rows[kSrc];
     const float* wrows[kSrc];
     unsigned m = present;

@@ -44,8 +44,9 @@ def _close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, what: str) 
 def normal_roundtrip(
     rank: int, world: int, backend: str, tokens: list[int], hidden: int, num_experts: int, num_topk: int,
     dtype_name: str, use_fp8: bool, alignment: int, seed: int, ranks_per_node: int | None = None,
-    num_worst_tokens: int = 0,
+    num_worst_tokens: int = 0, tokens_per_round: int | None = None,
 ) -> dict[str, Any]:
+    """tokens_per_round: a Buffer that moves calls in rounds (of at most this many tokens per rank)."""
     dtype = getattr(torch, dtype_name)
     dev = device_for(backend)
     inputs = [make_inputs(seed, r, tokens[r], hidden, num_experts, num_topk, dtype) for r in range(world)]
@@ -54,6 +55,7 @@ def normal_roundtrip(
     buf = largeep.Buffer(
         None, hidden=hidden, num_experts=num_experts, num_topk=num_topk,
         max_tokens_per_rank=max(max(tokens), 1), backend=backend, ranks_per_node=ranks_per_node,
+        tokens_per_round=tokens_per_round,
     )
     try:
         idx, w = mine.topk_idx.to(dev), mine.topk_weights.to(dev)
@@ -391,3 +393,76 @@ def low_latency_ops_weighted(
         assert ops.live_handles(bid) == 0, f"{ops.live_handles(bid)} handles left in the registry"
     finally:
         buf.destroy()
+
+
+def rounds_match_one_round(
+    rank: int, world: int, backend: str, tokens: list[int], hidden: int, num_experts: int, num_topk: int,
+    dtype_name: str, use_fp8: bool, tokens_per_round: int, seed: int, ranks_per_node: int | None = None,
+) -> dict[str, Any]:
+    """A Buffer in rounds (tokens_per_round) against one without, on the same inputs: dispatch outputs (fresh and
+    cached), counts and combine outputs equal bit for bit (the same rows, summed in the same order); and the
+    refusals that rounds add (num_worst_tokens, tokens_per_round out of range or with low_latency)."""
+    dtype = getattr(torch, dtype_name)
+    dev = device_for(backend)
+    mine = make_inputs(seed, rank, tokens[rank], hidden, num_experts, num_topk, dtype)
+    m = max(max(tokens), 1)
+    kw = dict(hidden=hidden, num_experts=num_experts, num_topk=num_topk, max_tokens_per_rank=m, backend=backend,
+              ranks_per_node=ranks_per_node)
+    for bad, why in ((m + 1, "must be <= "), (0, "must be >= 1")):
+        try:
+            largeep.Buffer(None, **kw, tokens_per_round=bad)  # type: ignore[arg-type]
+            raise AssertionError(f"tokens_per_round={bad} was accepted")
+        except largeep.ArgumentError as exc:
+            assert "tokens_per_round" in str(exc) and why in str(exc), str(exc)
+    try:
+        largeep.Buffer(None, **kw, low_latency=True, tokens_per_round=1)  # type: ignore[arg-type]
+        raise AssertionError("tokens_per_round with low_latency was accepted")
+    except largeep.ArgumentError as exc:
+        assert "normal mode only" in str(exc), str(exc)
+    one = largeep.Buffer(None, **kw)  # type: ignore[arg-type]
+    rounds = largeep.Buffer(None, **kw, tokens_per_round=tokens_per_round)  # type: ignore[arg-type]
+    try:
+        assert rounds.num_rounds == -(-m // tokens_per_round) and one.num_rounds == 1
+        idx, w = mine.topk_idx.to(dev), mine.topk_weights.to(dev)
+        if use_fp8:
+            q, s = fp8.quantize(mine.x.float())
+            x_in: Any = (q.to(dev), s.to(dev))
+        else:
+            x_in = mine.x.to(dev)
+        try:
+            rounds.dispatch(x_in, idx, w, num_worst_tokens=world * m)
+            raise AssertionError("num_worst_tokens with rounds was accepted")
+        except largeep.ArgumentError as exc:
+            assert "num_worst_tokens" in str(exc) and "tokens_per_round" in str(exc), str(exc)
+        a = one.dispatch(x_in, idx, w, expert_alignment=3)
+        b = rounds.dispatch(x_in, idx, w, expert_alignment=3)
+
+        def same(p: Any, q: Any, what: str) -> None:
+            if isinstance(p, tuple):
+                same(p[0].view(torch.uint8), q[0].view(torch.uint8), what + " (e4m3)")
+                same(p[1], q[1], what + " (scales)")
+                return
+            assert p.shape == q.shape and p.dtype == q.dtype, f"{what}: {p.shape} {p.dtype} vs {q.shape} {q.dtype}"
+            assert torch.equal(p.cpu(), q.cpu()), f"{what} differs"
+
+        same(a.x, b.x, "dispatch x")
+        same(a.topk_idx, b.topk_idx, "dispatch topk_idx")
+        same(a.topk_weights, b.topk_weights, "dispatch topk_weights")
+        assert a.num_tokens_per_expert == b.num_tokens_per_expert, (a.num_tokens_per_expert, b.num_tokens_per_expert)
+        same(a.num_tokens_per_expert_tensor, b.num_tokens_per_expert_tensor, "num_tokens_per_expert_tensor")
+        assert a.handle.num_recv_tokens == b.handle.num_recv_tokens
+        rows = a.handle.num_recv_tokens
+        g = torch.Generator().manual_seed(seed + rank)
+        if not use_fp8:  # cached, new data
+            x2 = torch.randn(tokens[rank], hidden, generator=g).to(dtype).to(dev)
+            same(one.dispatch(x2, handle=a.handle).x, rounds.dispatch(x2, handle=b.handle).x, "cached dispatch")
+        y = torch.randn(rows, hidden, generator=g).to(dtype).to(dev)
+        ca, cb = one.combine(y, a.handle, topk_weights=a.topk_weights), rounds.combine(y, b.handle,
+                                                                                     topk_weights=b.topk_weights)
+        same(ca.x, cb.x, "combine x")
+        same(ca.topk_weights, cb.topk_weights, "combine topk_weights")
+        same(one.combine(y, a.handle).x, rounds.combine(y, b.handle).x, "combine x without weights")
+        return {"rows": rows}
+    finally:
+        rounds.destroy()
+        one.destroy()

@@ -168,8 +168,13 @@ def test_nvshmem_memory_reason() -> None:
     # the lowest free memory any sharer saw counts
     reason = memory_reason(10 * gib, [("a", "0", 80 * gib), ("a", "0", 19 * gib)], max_tokens=4096)
     assert reason is not None and "(2 rank(s): [0, 1]) has 19.0 GiB free" in reason, reason
-    assert "lower max_tokens_per_rank (about 3891 or fewer would fit)" in reason, reason
-    assert "MoELayer(num_chunks=...)" in reason, reason
+    assert "pass tokens_per_round=3891 or fewer" in reason, reason
+    assert "lower max_tokens_per_rank to about 3891" in reason and "MoELayer(num_chunks=...)" in reason, reason
+    # a Buffer in rounds: its buffers hold tokens_per_round tokens per rank
+    reason = memory_reason(10 * gib, [("a", "0", 19 * gib)] * 2, max_tokens=1024, in_rounds=True)
+    assert reason is not None and "lower tokens_per_round (about 972 or fewer would fit)" in reason, reason
+    reason = memory_reason(10 * gib, [("a", "0", 1 << 20)], max_tokens=8)
+    assert reason is not None and "lower max_tokens_per_rank or tokens_per_round" in reason, reason
 
 
 def test_nvshmem_refusal_words_of_many_ranks() -> None:

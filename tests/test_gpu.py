@@ -362,6 +362,35 @@ def test_low_latency_many_ranks_shared_gpus(ranks_per_node: int | None) -> None:
         pool.close(force=True)
 
 
+@pytest.mark.gpu(1)
+@needs_native
+@needs_shared
+@pytest.mark.parametrize("ranks_per_node", [None, 2], ids=["one-node", "2-nodes"])
+def test_normal_tokens_per_round_one_gpu(pools, ranks_per_node: int | None) -> None:
+    """Buffer(tokens_per_round=...) on the nvshmem backend, 4 ranks on one GPU (rank 1 without tokens): calls in 5 to
+    26 rounds against the reference (BF16 with alignment and the cached path, FP8, float32 with the adjoint check),
+    and against a Buffer of one round bit for bit (one node: zero-copy receive slots per round; 2 nodes: the RDMA
+    and forwarding legs per round)."""
+    tokens = _tokens(4, 300)
+    pool = pools(4, "gloo-cuda0")
+    for case, per_round in ((CASES[0], 100), (CASES[1], 37), (CASES[3], 16)):
+        hidden, experts, topk, dtype, fp8, align, _ = case
+        pool.run(bodies.normal_roundtrip, "nvshmem", tokens, hidden, experts, topk, dtype, fp8, align, 61,
+                 ranks_per_node, 0, per_round)
+    for fp8 in (False, True):
+        pool.run(bodies.rounds_match_one_round, "nvshmem", tokens, 2048, 32, 8, "bfloat16", fp8, 128, 67,
+                 ranks_per_node)
+
+
+@pytest.mark.gpu(2)
+@needs_native
+def test_normal_tokens_per_round(pools) -> None:
+    """Buffer(tokens_per_round=...) on 2 GPUs (NCCL group), the nvshmem and torch backends against one round."""
+    for backend in ("nvshmem", "torch"):
+        pools(2).run(bodies.rounds_match_one_round, backend, [700, 0], 4096, 64, 8, "bfloat16", False, 256, 71)
+        pools(2).run(bodies.rounds_match_one_round, backend, [300, 517], 7168, 64, 8, "bfloat16", True, 200, 73)
+
+
 def _normal_rounds_on_shared_gpus(world: int, empty: tuple[int, ...], per_nodes: tuple[int | None, ...],
                                   topk: int, topk_f32: int, refusers: list[int], seed: int) -> None:
     """``world`` ranks, the first half on GPU 0 and the rest on GPU 1 (all on GPU 0 where only one is visible), no

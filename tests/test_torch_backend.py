@@ -72,3 +72,45 @@ def test_low_latency(pools, world: int, use_fp8: bool, round_scale: bool, hook: 
     pools(world).run(
         bodies.low_latency_roundtrip, "torch", tokens, 8, 256, experts, 3, use_fp8, round_scale, hook, world + 3
     )
+
+
+@pytest.mark.parametrize("world", WORLDS)
+@pytest.mark.parametrize("dtype,use_fp8,alignment,per_round", [("bfloat16", False, 1, 7), ("float32", False, 4, 1),
+                                                               ("bfloat16", True, 1, 10)])
+def test_normal_rounds(pools, world: int, dtype: str, use_fp8: bool, alignment: int, per_round: int) -> None:
+    """A Buffer with tokens_per_round (calls in rounds) against the reference: every check of a plain Buffer's."""
+    hidden = 256
+    experts = 12 * world if world != 3 else 24
+    pools(world).run(
+        bodies.normal_roundtrip, "torch", _tokens(world, 17), hidden, experts, 4, dtype, use_fp8, alignment,
+        world * 10 + alignment + 3, None, 0, per_round,
+    )
+
+
+@pytest.mark.parametrize("world,ranks_per_node,per_round", [(1, None, 4), (2, None, 3), (3, None, 16), (4, 2, 5)])
+@pytest.mark.parametrize("use_fp8", [False, True])
+def test_rounds_match_one_round(pools, world: int, ranks_per_node: int | None, per_round: int, use_fp8: bool) -> None:
+    """Rounds against one round, bit for bit (dispatch fresh and cached, counts, combine), and rounds' refusals."""
+    pools(world).run(
+        bodies.rounds_match_one_round, "torch", _tokens(world, 17), 256, 8 * world, 4, "bfloat16", use_fp8, per_round,
+        world + 40, ranks_per_node,
+    )
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_merge_positions(seed: int) -> None:
+    """rounds.merge_positions against a row-by-row listing of SPEC's order (source, then round, then position)."""
+    import torch
+    from largeep.backends.rounds import merge_positions, round_bounds
+
+    g = torch.Generator().manual_seed(seed)
+    n, r = int(torch.randint(1, 6, (1,), generator=g)), int(torch.randint(1, 5, (1,), generator=g))
+    counts = [torch.randint(0, 4, (n,), generator=g) * (torch.rand(n, generator=g) > 0.2) for _ in range(r)]
+    rows = [int(c.sum()) for c in counts]
+    order = [(s, i, j) for s in range(n) for i in range(r) for j in range(int(counts[i][s]))]
+    where = {key: pos for pos, key in enumerate(order)}
+    offsets = torch.stack([torch.cat([torch.zeros(1, dtype=torch.int64), c.cumsum(0)]) for c in counts])
+    got = merge_positions(offsets.to(torch.int32 if seed % 2 else torch.int64), sum(rows)).tolist()
+    want = [where[(s, i, j)] for i in range(r) for s in range(n) for j in range(int(counts[i][s]))]
+    assert got == want
+    assert round_bounds(10, 3) == [0, 3, 6, 10] and round_bounds(2, 4) == [0, 0, 1, 1, 2]

@@ -7,6 +7,7 @@ CUDA stream; ``previous_event`` orders it after an event, ``async_finish`` retur
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import socket
 import sys
@@ -20,6 +21,7 @@ import torch.distributed as dist
 from largeep import _env, checks
 from largeep._env import logger
 from largeep.backends.base import RAW_STREAM, GroupContext, current_raw_stream
+from largeep.backends.rounds import RoundsBackend
 from largeep.backends.torch_backend import TorchBackend
 from largeep.errors import ArgumentError, BufferDestroyedError, PeerTimeoutError
 from largeep.layout import Layout
@@ -221,6 +223,10 @@ class Buffer:
         ranks_per_node: P (default: ranks sharing a host); may be set lower to emulate several nodes on one host.
         num_sms: SMs the native kernels may use (default 24).
         low_latency: build the low-latency buffers (decoding) instead of the normal ones.
+        tokens_per_round: normal mode: size the receive buffers for this many tokens per rank, and move every
+            dispatch and combine in ceil(max_tokens_per_rank / tokens_per_round) rounds (default: one round of
+            max_tokens_per_rank). For groups whose receive buffers (num_ranks x max_tokens_per_rank rows) would not
+            fit in GPU memory; each round costs a count exchange (largeep/backends/rounds.py, docs/usage.md).
     """
 
     def __init__(
@@ -235,6 +241,7 @@ class Buffer:
         ranks_per_node: int | None = None,
         num_sms: int | None = None,
         low_latency: bool = False,
+        tokens_per_round: int | None = None,
     ) -> None:
         op = "Buffer"
         if not dist.is_initialized():
@@ -251,7 +258,8 @@ class Buffer:
         # Each rank checks its own arguments, then every rank learns every rank's verdict, host and arguments in
         # one gather: a refusal on one rank is a refusal on all (no rank goes on into a collective the others never
         # join), and ranks that disagree on the Buffer's arguments are refused too.
-        given = (hidden, num_experts, num_topk, max_tokens_per_rank, backend, ranks_per_node, num_sms, low_latency)
+        given = (hidden, num_experts, num_topk, max_tokens_per_rank, backend, ranks_per_node, num_sms, low_latency,
+                 tokens_per_round)
         local_error: str | None = None
         try:
             checks.positive_int(op, "hidden", hidden)
@@ -264,6 +272,13 @@ class Buffer:
                 )
             if num_topk > num_experts:
                 raise ArgumentError(f"{op}: argument 'num_topk' = {num_topk} exceeds num_experts = {num_experts}")
+            if tokens_per_round is not None:
+                checks.positive_int(op, "tokens_per_round", tokens_per_round, maximum=max_tokens_per_rank)
+                if low_latency:
+                    raise ArgumentError(
+                        f"{op}: argument 'tokens_per_round' applies to the normal mode only (low-latency buffers "
+                        "hold max_tokens_per_rank tokens per rank and expert; lower max_tokens_per_rank instead)"
+                    )
             if backend not in ("auto", "torch", "nvshmem"):
                 raise ArgumentError(
                     f"{op}: argument 'backend' = {backend!r}, expected 'auto', 'torch' or 'nvshmem'"
@@ -304,7 +319,7 @@ class Buffer:
         differ = {r: e[2] for r, e in enumerate(every) if e[2] != given}
         if differ:
             names_ = ("hidden", "num_experts", "num_topk", "max_tokens_per_rank", "backend", "ranks_per_node",
-                      "num_sms", "low_latency")
+                      "num_sms", "low_latency", "tokens_per_round")
             raise ArgumentError(
                 f"{op}: the ranks of the group disagree on the Buffer's arguments {names_}: rank {rank}: {given}; "
                 + "; ".join(f"rank {r}: {v}" for r, v in sorted(differ.items()))
@@ -345,13 +360,19 @@ class Buffer:
             num_sms=num_sms or 24, low_latency=low_latency,
         )
         self.backend_name = self._choose_backend(backend, without_native)
+        # in rounds (tokens_per_round): the backend is sized for one round and runs inside RoundsBackend
+        per_round = tokens_per_round or max_tokens_per_rank
+        self.num_rounds = -(-max_tokens_per_rank // per_round)
+        inner = dataclasses.replace(self.ctx, max_tokens_per_rank=per_round) if self.num_rounds > 1 else self.ctx
         self._impl: Any
         if self.backend_name == "nvshmem":
             from largeep.backends.nvshmem_backend import NvshmemBackend
 
-            self._impl = NvshmemBackend(self.ctx, self._settings)
+            self._impl = NvshmemBackend(inner, self._settings, in_rounds=self.num_rounds > 1)
         else:
-            self._impl = TorchBackend(self.ctx, self._settings.timeout_s)
+            self._impl = TorchBackend(inner, self._settings.timeout_s)
+        if self.num_rounds > 1:
+            self._impl = RoundsBackend(self._impl, self.ctx, self.num_rounds)
         self._id = next(_buffer_ids)
         self._alive = True
         # low-latency calls per op issued outside graph capture, and those whose receive hook is still due: a call
@@ -542,6 +563,12 @@ class Buffer:
         c = self.ctx
         checks.positive_int(op, "expert_alignment", expert_alignment, maximum=1 << 20)
         checks.positive_int(op, "num_worst_tokens", num_worst_tokens, minimum=0)
+        if num_worst_tokens and self.num_rounds > 1:
+            raise ArgumentError(
+                f"Buffer.{op}: argument 'num_worst_tokens' is not available in a Buffer with tokens_per_round (its "
+                f"{self.num_rounds} rounds are merged by their row counts, which only the host waits of a "
+                "variable-size dispatch give); pass 0"
+            )
         xs, scales = checks.tokens(op, "x", x, hidden=c.hidden, device=c.device, allow_fp8=True)
         t = xs.shape[0]
         checks.max_tokens(op, t, c.max_tokens_per_rank)

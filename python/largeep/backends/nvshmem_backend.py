@@ -102,12 +102,14 @@ def threads_reason(num_ranks: int, threads: list[int]) -> str | None:
             "fits any normal-mode group)")
 
 
-def memory_reason(need: int, places: list[tuple[str, str, int]], max_tokens: int = 0) -> str | None:
+def memory_reason(need: int, places: list[tuple[str, str, int]], max_tokens: int = 0, in_rounds: bool = False
+                  ) -> str | None:
     """None unless some GPU cannot hold the symmetric allocation of ``need`` bytes for each of its ranks;
     ``places``: (host, GPU, free bytes as that rank saw them) of each rank, in rank order. NVSHMEM maps its heap's
     memory as allocations ask for it, so an allocation that a GPU cannot hold fails there only, and the other ranks
-    would be left inside the collective allocation: refuse it on every rank first. ``max_tokens``: the Buffer's
-    max_tokens_per_rank, to suggest one that would fit (the memory grows about in proportion to it)."""
+    would be left inside the collective allocation: refuse it on every rank first. ``max_tokens``: the tokens per
+    rank the buffers are sized for (max_tokens_per_rank, or tokens_per_round when ``in_rounds``), to suggest a
+    size that would fit (the memory grows about in proportion to it)."""
     gpus: dict[tuple[str, str], list[int]] = {}
     for rank, (host, gpu, _) in enumerate(places):
         gpus.setdefault((host, gpu), []).append(rank)
@@ -120,11 +122,21 @@ def memory_reason(need: int, places: list[tuple[str, str, int]], max_tokens: int
             fits = min(fits, free / (need * len(ranks)))
     if not short:
         return None
-    hint = f" (about {int(max_tokens * fits)} or fewer would fit)" if max_tokens and int(max_tokens * fits) else ""
-    return (f"the Buffer needs {need / 2**30:.2f} GiB of symmetric memory per rank, more than " + "; ".join(short)
-            + f". Its receive buffers hold num_ranks x max_tokens_per_rank rows: lower max_tokens_per_rank{hint} "
-            "and pass larger batches in chunks of at most that many tokens (largeep.layers.MoELayer(num_chunks=...) "
-            "does), or free GPU memory first")
+    size = int(max_tokens * fits)
+    head = (f"the Buffer needs {need / 2**30:.2f} GiB of symmetric memory per rank, more than " + "; ".join(short)
+            + ". ")
+    if in_rounds:
+        return head + ("Its receive buffers hold num_ranks x tokens_per_round rows: lower tokens_per_round"
+                       + (f" (about {size} or fewer would fit)" if size else "") + ", or free GPU memory first")
+    if not size:
+        return head + ("Its receive buffers hold num_ranks x max_tokens_per_rank rows: lower max_tokens_per_rank "
+                       "or tokens_per_round, or free GPU memory first")
+    return head + (
+        "Its receive buffers hold num_ranks x max_tokens_per_rank rows: pass tokens_per_round="
+        f"{size} or fewer (calls then move in rounds of that many tokens per rank, each round a count exchange, "
+        f"with buffers for one round), or lower max_tokens_per_rank to about {size} and pass larger batches in "
+        "chunks of at most that many tokens (largeep.layers.MoELayer(num_chunks=...) does), or free GPU memory first"
+    )
 
 
 def _gpu_of(device: torch.device) -> str:
@@ -402,7 +414,9 @@ def record_zero_copy(t: torch.Tensor, stream: int) -> None:
 class NvshmemBackend:
     name = "nvshmem"
 
-    def __init__(self, ctx: GroupContext, settings: Settings) -> None:
+    def __init__(self, ctx: GroupContext, settings: Settings, in_rounds: bool = False) -> None:
+        """``in_rounds``: ``ctx`` sizes the buffers for tokens_per_round tokens per rank (RoundsBackend runs
+        this backend's calls), which the memory refusal names."""
         reason = unsupported_reason(ctx)
         if reason is not None:
             raise RuntimeError(f"Buffer: backend 'nvshmem': {reason}")
@@ -445,7 +459,7 @@ class NvshmemBackend:
         # (the first Buffer only: later ones may reuse heap memory that NVSHMEM keeps mapped, which the free memory
         # does not count, and every rank of the group initialised NVSHMEM with the same first Buffer)
         reason = None if C.initialized() else memory_reason(int(lay["total_bytes"]), [g[2] for g in gathered],
-                                                            ctx.max_tokens_per_rank)
+                                                            ctx.max_tokens_per_rank, in_rounds)
         if reason is not None:
             raise ArgumentError(f"Buffer: {reason}")
         self.C = _join(ctx, int(lay["total_bytes"]), settings)
@@ -770,6 +784,12 @@ class NvshmemBackend:
         return NormalDispatchOut(
             out_x, out_s, out_idx, out_w, per_expert_list, per_expert_t, None if worst else rows, state
         )
+
+    def recv_offsets(self, state: _NvState) -> torch.Tensor:
+        """int32 [N + 1] on the device (a view of the handle's recv_off): the first row a dispatch (``state``)
+        received from each source rank, then its rows."""
+        first = (state.recv_off - state.ws.data_ptr()) // 4
+        return state.ws[first:first + self.ctx.num_ranks + 1]
 
     def _end_void_round(self, x: torch.Tensor, recv_off: int, self_token: int, slot: int, stream: int) -> None:
         """Ends a void dispatch round (a rank refused it; every count is 0): the copy-out of no rows, which frees

@@ -447,6 +447,14 @@ class TorchBackend:
             per_expert_t = torch.empty(0, dtype=torch.int32, device=dev)
         return NormalDispatchOut(recv_x, recv_scales, recv_idx, recv_w, [], per_expert_t, None, state)
 
+    def recv_offsets(self, state: _VarState) -> torch.Tensor:
+        """int64 [N + 1] on the Buffer's device: the first row a variable-size dispatch (``state``) received from
+        each rank, then its rows."""
+        first = [0]
+        for v in state.recv_splits:
+            first.append(first[-1] + v)
+        return torch.tensor(first, dtype=torch.int64, device=self.ctx.device)
+
     def combine(
         self, y: torch.Tensor, state: _VarState | _FixedState, topk_weights: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:

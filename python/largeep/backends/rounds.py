@@ -1,0 +1,194 @@
+"""Normal mode in rounds: bounded receive buffers for large groups (``Buffer(tokens_per_round=...)``).
+
+A backend's receive buffers hold a round's worst case, N x max_tokens_per_rank rows, because every token of every
+rank may name one of a rank's experts. At hundreds of ranks and prefill sizes that is more memory than a GPU has
+(docs/scaling.md). With ``tokens_per_round`` set, the inner backend is sized for that many tokens per rank, and each
+dispatch and combine of up to max_tokens_per_rank tokens runs as R = ceil(max_tokens_per_rank / tokens_per_round)
+rounds of the inner backend's own calls, each on a contiguous slice of the rank's tokens:
+
+- every rank runs all R rounds of every call (ranks do not know each other's token counts before the count
+  exchange), so a call of few tokens still costs R count exchanges; a rank's T tokens are split evenly, round i
+  taking tokens [i*T // R, (i+1)*T // R);
+- the dispatch output keeps SPEC's order (source rank, then token): round i's rows from source s land after the
+  rows of s's earlier rounds (a scatter on the device, computed from each round's receive counts; no host wait
+  besides the rounds' own count exchanges);
+- the combine gathers each round's rows from y in that order and runs the round's combine; the rounds' tokens are
+  contiguous slices, so their outputs are concatenated. Each token's rows are summed by the inner backend exactly
+  as without rounds (the same rows, in the same order), so results are bit for bit those of one round;
+- the cached path (a handle) replays the rounds with their own routing.
+
+The price: R host waits per fresh dispatch instead of one, a copy of the received rows (the scatter) and of the
+combine input (the gather), and about twice the output's memory while the rounds' outputs are merged.
+``num_worst_tokens`` (no host wait) is not available in rounds: a round's row count is known only on the device,
+so the merged output could not be sized, nor an overflow of num_worst_tokens across rounds be reported.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from largeep.backends.base import GroupContext, NormalDispatchOut
+from largeep.layout import Layout
+
+
+@dataclass
+class _RoundsState:
+    """Handle of a dispatch in rounds: the inner backend's state of each round, the token slice of each round
+    (bounds [R + 1]), and dest[i] int64 [rows of round i]: the output row of each of round i's rows."""
+
+    states: list[Any]
+    bounds: list[int]
+    dest: list[torch.Tensor]
+    num_rows: int
+
+
+def round_bounds(num_tokens: int, num_rounds: int) -> list[int]:
+    """The token slices of a call of ``num_tokens`` tokens in ``num_rounds`` rounds: round i takes tokens
+    [b[i], b[i + 1]), as even as integers allow."""
+    return [i * num_tokens // num_rounds for i in range(num_rounds + 1)]
+
+
+def merge_positions(offsets: torch.Tensor, total: int) -> torch.Tensor:
+    """Where the rounds' received rows go in the merged output (SPEC order: source rank, then token).
+    ``offsets``: int [R, N + 1], round i's first row from each source (a source's rows are contiguous and in token
+    order within a round; offsets[i, N] = the round's rows); ``total``: the rows of all rounds, known on the host.
+    Returns int64 [total] for the rounds' rows one after the other (round 0's, then round 1's, ...): row j of
+    round i, from source s, goes to (rows of sources < s, all rounds) + (rows of s in rounds < i) + (j - first row
+    of s in round i). A dozen small ops whatever R (host time adds up on small calls)."""
+    c = (offsets[:, 1:] - offsets[:, :-1]).to(torch.int64)  # [R, N]
+    r, n = c.shape
+    flat = c.reshape(-1)
+    concat_first = torch.cumsum(flat, 0) - flat  # first row of (i, s) with the rounds one after the other
+    by_source = c.t().reshape(-1)
+    final_first = (torch.cumsum(by_source, 0) - by_source).view(n, r).t().reshape(-1)  # ... in the merged order
+    return torch.arange(total, dtype=torch.int64, device=c.device) + torch.repeat_interleave(
+        final_first - concat_first, flat, output_size=total)
+
+
+def as_words(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous [rows, ...] tensor's rows viewed as the widest integer words that divide a row's bytes (a
+    row copy by index_copy_ / index_select moves an element per thread: 8-byte words move rows 8x faster than
+    bytes)."""
+    flat = t.reshape(t.shape[0], -1) if t.dim() != 2 else t
+    row, start = flat.shape[1] * flat.element_size(), flat.storage_offset() * flat.element_size()
+    for dtype, size in ((torch.int64, 8), (torch.int32, 4), (torch.int16, 2)):
+        if row % size == 0 and start % size == 0 and flat.element_size() <= size:
+            return flat.view(torch.uint8).view(dtype) if flat.element_size() != size else flat.view(dtype)
+    return flat.view(torch.uint8)
+
+
+class RoundsBackend:
+    """Runs ``inner`` (a normal-mode backend sized for ``tokens_per_round`` tokens per rank) over calls of up to
+    ``ctx.max_tokens_per_rank`` tokens, in ``num_rounds`` rounds (see the module's text)."""
+
+    def __init__(self, inner: Any, ctx: GroupContext, num_rounds: int) -> None:
+        assert not ctx.low_latency and num_rounds > 1
+        self.inner = inner
+        self.ctx = ctx
+        self.num_rounds = num_rounds
+        self.name = inner.name
+
+    @property
+    def checks_layout_ids(self) -> bool:
+        return bool(getattr(self.inner, "checks_layout_ids", False))
+
+    @property
+    def checks_dispatch_ids(self) -> bool:
+        return bool(getattr(self.inner, "checks_dispatch_ids", False))
+
+    def destroy(self) -> None:
+        destroy = getattr(self.inner, "destroy", None)
+        if destroy is not None:
+            destroy()
+
+    def get_dispatch_layout(self, topk_idx: torch.Tensor, **kwargs: Any) -> Layout:
+        # (no per-rank buffer holds a layout's tokens: the whole call at once)
+        return self.inner.get_dispatch_layout(topk_idx, **kwargs)  # type: ignore[no-any-return]
+
+    def dispatch(
+        self,
+        x: torch.Tensor,
+        x_scales: torch.Tensor | None,
+        topk_idx: torch.Tensor | None,
+        topk_weights: torch.Tensor | None,
+        state: _RoundsState | None,
+        expert_alignment: int,
+        num_worst_tokens: int,
+        caller_stream: int | None = None,
+        check_ids: bool = False,
+    ) -> NormalDispatchOut:
+        # (caller_stream: the inner backend's zero-copy outputs are merged here, on the current stream, and
+        # released after that: the merged output is an ordinary tensor)
+        assert num_worst_tokens == 0 and (state is None or isinstance(state, _RoundsState)), \
+            "dispatch: rounds need the host's row counts (the Buffer refuses num_worst_tokens with rounds)"
+        t = x.shape[0]
+        bounds = state.bounds if state is not None else round_bounds(t, self.num_rounds)
+        outs: list[NormalDispatchOut] = []
+        offsets: list[torch.Tensor] = []
+        for i in range(self.num_rounds):
+            lo, hi = bounds[i], bounds[i + 1]
+            o = self.inner.dispatch(
+                x[lo:hi], None if x_scales is None else x_scales[lo:hi],
+                None if topk_idx is None else topk_idx[lo:hi], None if topk_weights is None else topk_weights[lo:hi],
+                None if state is None else state.states[i], 1, 0,
+                **({"check_ids": True} if check_ids and hi > lo else {}),
+            )
+            if state is None:
+                offsets.append(self.inner.recv_offsets(o.state))
+            outs.append(o)
+        if state is None:
+            rows = [o.x.shape[0] for o in outs]
+            total = sum(rows)
+            dest = merge_positions(torch.stack(offsets), total) if total else torch.empty(0, dtype=torch.int64,
+                                                                                         device=x.device)
+            first = [sum(rows[:i]) for i in range(len(rows) + 1)]
+            state = _RoundsState([o.state for o in outs], bounds,
+                                 [dest[first[i]:first[i + 1]] for i in range(len(rows))], total)
+        total = state.num_rows
+
+        def merged(parts: list[torch.Tensor | None]) -> torch.Tensor | None:
+            first = parts[0]
+            if first is None:
+                return None
+            out = torch.empty(total, *first.shape[1:], dtype=first.dtype, device=first.device)
+            for d, p in zip(state.dest, parts, strict=True):
+                assert p is not None
+                as_words(out).index_copy_(0, d, as_words(p))
+            return out
+
+        out_x = merged([o.x for o in outs])
+        out_s = merged([o.x_scales for o in outs])
+        out_idx = merged([o.topk_idx for o in outs])
+        out_w = merged([o.topk_weights for o in outs])
+        assert out_x is not None
+        a = expert_alignment
+        per_expert_list: list[int] = []
+        if topk_idx is not None:  # (a fresh dispatch: the rounds' host counts)
+            raw = [sum(v) for v in zip(*(o.num_tokens_per_expert for o in outs), strict=True)]
+            per_expert_list = [(v + a - 1) // a * a for v in raw]
+        tensors = [o.num_tokens_per_expert_tensor for o in outs]
+        if tensors[0].numel():
+            per_expert_t = torch.stack(tensors).sum(0, dtype=torch.int32)
+            if a > 1:
+                per_expert_t = (per_expert_t + a - 1) // a * a
+        else:
+            per_expert_t = tensors[0]
+        del outs  # (the rounds' outputs, zero-copy slots among them, go before the caller gets the merged ones)
+        return NormalDispatchOut(out_x, out_s, out_idx, out_w, per_expert_list, per_expert_t, total, state)
+
+    def combine(
+        self, y: torch.Tensor, state: _RoundsState, topk_weights: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        xs: list[torch.Tensor] = []
+        ws: list[torch.Tensor] = []
+        for i, d in enumerate(state.dest):
+            y_i = as_words(y).index_select(0, d).view(y.dtype).view(-1, y.shape[1])
+            w_i = None if topk_weights is None else topk_weights.index_select(0, d)
+            x_i, w_i = self.inner.combine(y_i, state.states[i], w_i)
+            xs.append(x_i)
+            if w_i is not None:
+                ws.append(w_i)
+        return torch.cat(xs), (torch.cat(ws) if ws else None)

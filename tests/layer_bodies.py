@@ -334,9 +334,10 @@ def _build_layer(
 
 def layer_vs_reference(
     rank: int, world: int, tokens: list[int], hidden: int, ffn: int, shared_ffn: int, num_experts: int,
-    topk: int, seed: int, variants: list[dict[str, Any]], replicas: int = 0,
+    topk: int, seed: int, variants: list[dict[str, Any]], replicas: int = 0, tokens_per_round: int | None = None,
 ) -> dict[str, Any]:
     """Forward and grads (x, gate, experts, shared experts) of the layer against the dense reference, float32.
+    ``tokens_per_round``: the Buffer's (calls in rounds).
 
     ``variants``: MoELayer options to run (e.g. num_chunks, num_worst_tokens, use_custom_ops); all must agree
     with the reference, and with each other to float32 rounding. ``replicas`` > 0: E physical slots hold
@@ -348,7 +349,7 @@ def layer_vs_reference(
     epr = num_experts // world
     buf = largeep.Buffer(
         None, hidden=hidden, num_experts=num_experts, num_topk=topk, max_tokens_per_rank=max(max(tokens), 1),
-        backend="torch",
+        backend="torch", tokens_per_round=tokens_per_round,
     )
     results = []
     try:
@@ -1015,4 +1016,18 @@ def ops_two_batches_compiled(rank: int, world: int, num_worst: int, backend: str
         ops.release_handles(bid)
     finally:
         torch._dynamo.reset()
+        buf.destroy()
+
+
+def layer_refuses_worst_with_rounds(rank: int, world: int) -> None:
+    """MoELayer(num_worst_tokens=...) on a Buffer in rounds is refused when made, naming both."""
+    buf = largeep.Buffer(None, hidden=32, num_experts=4, num_topk=2, max_tokens_per_rank=16, backend="torch",
+                         tokens_per_round=4)
+    try:
+        try:
+            layers.MoELayer(buf, ffn_hidden=8, num_worst_tokens=64)
+            raise AssertionError("MoELayer(num_worst_tokens=...) on a Buffer in rounds was accepted")
+        except largeep.ArgumentError as exc:
+            assert "num_worst_tokens" in str(exc) and "tokens_per_round" in str(exc) and "4 rounds" in str(exc), exc
+    finally:
         buf.destroy()

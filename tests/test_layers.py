@@ -30,6 +30,18 @@ def test_layer_forward_backward(pools, world: int) -> None:
     pools(world).run(layer_bodies.layer_vs_reference, _tokens(world), 32, 24, 12, 4 * world, 3, 10 + world, variants)
 
 
+@pytest.mark.parametrize("world", [1, 3])
+def test_layer_buffer_in_rounds(pools, world: int) -> None:
+    # a Buffer that moves calls in rounds (tokens_per_round): forward and grads as without, chunked too
+    variants = [{}, {"num_chunks": 2}, {"use_custom_ops": True}]
+    pools(world).run(layer_bodies.layer_vs_reference, _tokens(world), 32, 24, 12, 4 * world, 3, 30 + world, variants,
+                     0, 5)
+
+
+def test_layer_refuses_num_worst_tokens_with_rounds(pools) -> None:
+    pools(1).run(layer_bodies.layer_refuses_worst_with_rounds)
+
+
 def test_layer_padded_bmm_sizes(pools) -> None:
     # hidden and ffn sizes whose strides are not multiples of 16 bytes: the padded-bmm grouped GEMM
     pools(2).run(layer_bodies.layer_vs_reference, [9, 14], 30, 18, 0, 6, 2, 5, [{}, {"num_chunks": 2}])

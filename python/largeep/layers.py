@@ -315,6 +315,11 @@ class MoELayer(nn.Module):
             raise ArgumentError(f"MoELayer: argument 'num_chunks' must be >= 1, got {num_chunks}")
         if num_worst_tokens < 0:
             raise ArgumentError(f"MoELayer: argument 'num_worst_tokens' must be >= 0, got {num_worst_tokens}")
+        if num_worst_tokens and getattr(buffer, "num_rounds", 1) > 1:
+            raise ArgumentError(
+                f"MoELayer: argument 'num_worst_tokens' = {num_worst_tokens} needs a Buffer without tokens_per_round "
+                f"(this one moves calls in {buffer.num_rounds} rounds, which need the host's row counts)"
+            )
         if overlap_sm_carveout is not None and overlap_sm_carveout < 0:
             raise ArgumentError(f"MoELayer: argument 'overlap_sm_carveout' must be >= 0, got {overlap_sm_carveout}")
         if ll_use_fp8 and c.hidden % fp8.GROUP:

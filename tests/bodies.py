@@ -462,6 +462,20 @@ def rounds_match_one_round(
         same(ca.x, cb.x, "combine x")
         same(ca.topk_weights, cb.topk_weights, "combine topk_weights")
         same(one.combine(y, a.handle).x, rounds.combine(y, b.handle).x, "combine x without weights")
+        # a bad id in rank 0's last round (when it has tokens there): every rank raises in that round, the error
+        # says which, and the Buffer takes the next call
+        if tokens[0] and rounds.num_rounds > 1:
+            bad = idx.clone()
+            if rank == 0:
+                bad[-1, 0] = num_experts
+            try:
+                rounds.dispatch(x_in, bad, w)
+                raise AssertionError("a bad id in the last round was accepted")
+            except (largeep.ArgumentError, largeep.PeerRefusedError) as exc:
+                want = largeep.ArgumentError if rank == 0 else largeep.PeerRefusedError
+                assert type(exc) is want and f"of {rounds.num_rounds} (tokens_per_round)" in str(exc), repr(exc)
+            again = rounds.dispatch(x_in, idx, w, expert_alignment=3)
+            same(a.x, again.x, "dispatch after a refused one")
         return {"rows": rows}
     finally:
         rounds.destroy()

@@ -461,6 +461,28 @@ def test_predict_ep_sweep_and_cli(tmp_path: Path) -> None:
     assert asdict(sim.placeholder())["fitted"] == []
 
 
+def test_sim_rounds(tmp_path) -> None:
+    """Normal-mode calls in rounds (Buffer(tokens_per_round=...)): the same bytes, plus the fitted latency per extra
+    round and the merge of the received rows; low latency unchanged; the CLI names the rounds."""
+    cluster = sim.Cluster()
+    w = sim.Workload("normal", "dispatch", 4096, 7168, 8, 256, "fp8")
+    one, four = (sim.predict(w, 64, TRUE, cluster, rounds=r) for r in (1, 4))
+    logical = sim.traffic(w, 64, 8, sim.routing_stats(64, 8, 256, 8)).logical
+    assert four.rounds == 4 and one.rounds == 1 and one.t_rounds_us == 0
+    assert four.t_rounds_us == pytest.approx(3 * TRUE.lat_us["normal.dispatch"] + logical / sim.MERGE_BYTES_PER_US)
+    assert four.time_us == pytest.approx(one.time_us + four.t_rounds_us)
+    ll = sim.Workload("low_latency", "dispatch", 128, 7168, 8, 256, "fp8")
+    assert sim.predict(ll, 64, TRUE, cluster, rounds=4).time_us == sim.predict(ll, 64, TRUE, cluster).time_us
+    rows = sim.sweep_ep(TRUE, cluster, [16], normal=(4096, 7168, 8, 256), ll=(128, 7168, 8, 288),
+                        tokens_per_round=1024)
+    assert {r["rounds"] for r in rows if r["mode"] == "normal"} == {4}
+    assert {r["rounds"] for r in rows if r["mode"] == "low_latency"} == {1}
+    assert sim.main(["--eps", "16", "--tokens-per-round", "1024", "--out", str(tmp_path / "rounds")]) == 0
+    doc = json.loads((tmp_path / "rounds" / "sim.json").read_text())
+    assert all(r["rounds"] == 4 for r in doc["predictions"] if r["mode"] == "normal")
+    assert "--tokens-per-round" in doc["command"]
+
+
 # -- the symm_mem adapter's ordering rule, on the CPU ------------------------------------------------------------
 def _cpu_symm_adapter(mode: str, n: int, m: int, h: int, e: int, k: int) -> SymmMemAdapter:
     """A SymmMemAdapter with plain CPU pools in place of symmetric ones (what ``open`` would allocate)."""

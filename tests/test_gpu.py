@@ -368,8 +368,9 @@ def test_low_latency_many_ranks_shared_gpus(ranks_per_node: int | None) -> None:
 @pytest.mark.parametrize("ranks_per_node", [None, 2], ids=["one-node", "2-nodes"])
 def test_normal_tokens_per_round_one_gpu(pools, ranks_per_node: int | None) -> None:
     """Buffer(tokens_per_round=...) on the nvshmem backend, 4 ranks on one GPU (rank 1 without tokens): calls in 5 to
-    26 rounds against the reference (BF16 with alignment and the cached path, FP8, float32 with the adjoint check),
-    and against a Buffer of one round bit for bit (one node: zero-copy receive slots per round; 2 nodes: the RDMA
+    26 rounds against the reference (BF16 with the cached path, FP8, float32 with the adjoint check),
+    and against a Buffer of one round bit for bit, with a bad id refused in the last round (one node: zero-copy
+    receive slots per round; 2 nodes: the RDMA
     and forwarding legs per round)."""
     tokens = _tokens(4, 300)
     pool = pools(4, "gloo-cuda0")

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from largeep.backends.base import GroupContext, NormalDispatchOut
+from largeep.errors import ArgumentError, PeerRefusedError
 from largeep.layout import Layout
 
 
@@ -97,6 +98,10 @@ class RoundsBackend:
 
     @property
     def checks_dispatch_ids(self) -> bool:
+        # Each round checks its own slice's ids with its count exchange (a refusal voids that round on every rank,
+        # which all raise there, the Buffer usable). A bad id of a later round is found after the earlier rounds'
+        # rows have moved into this call's own outputs, which are dropped: the error says so, and the caller's
+        # tensors are untouched.
         return bool(getattr(self.inner, "checks_dispatch_ids", False))
 
     def destroy(self) -> None:
@@ -124,21 +129,41 @@ class RoundsBackend:
         # released after that: the merged output is an ordinary tensor)
         assert num_worst_tokens == 0 and (state is None or isinstance(state, _RoundsState)), \
             "dispatch: rounds need the host's row counts (the Buffer refuses num_worst_tokens with rounds)"
+        outs: list[NormalDispatchOut] = []
+        try:
+            return self._dispatch(x, x_scales, topk_idx, topk_weights, state, expert_alignment, outs, check_ids)
+        except (ArgumentError, PeerRefusedError) as exc:
+            if len(outs) == 0:
+                raise
+            # (a later round's refusal: say what the earlier rounds did; same class, same buffer_usable)
+            note = (f" [in round {len(outs)} of {self.num_rounds} (tokens_per_round): rounds 0..{len(outs) - 1} "
+                    "had moved their rows into this call's outputs, which are dropped]")
+            new = type(exc)(str(exc) + note) if isinstance(exc, ArgumentError) else \
+                PeerRefusedError(str(exc) + note, buffer_usable=exc.buffer_usable)
+            raise new from None
+        finally:
+            outs.clear()  # (the rounds' outputs, zero-copy slots among them, also when a round raised)
+
+    def _dispatch(
+        self, x: torch.Tensor, x_scales: torch.Tensor | None, topk_idx: torch.Tensor | None,
+        topk_weights: torch.Tensor | None, state: _RoundsState | None, expert_alignment: int,
+        outs: list[NormalDispatchOut], check_ids: bool,
+    ) -> NormalDispatchOut:
         t = x.shape[0]
         bounds = state.bounds if state is not None else round_bounds(t, self.num_rounds)
-        outs: list[NormalDispatchOut] = []
         offsets: list[torch.Tensor] = []
         for i in range(self.num_rounds):
             lo, hi = bounds[i], bounds[i + 1]
-            o = self.inner.dispatch(
+            # (no local name holds a round's output: a traceback keeps this frame, and the caller's finally
+            # releases them, zero-copy slots among them, by clearing outs)
+            outs.append(self.inner.dispatch(
                 x[lo:hi], None if x_scales is None else x_scales[lo:hi],
                 None if topk_idx is None else topk_idx[lo:hi], None if topk_weights is None else topk_weights[lo:hi],
                 None if state is None else state.states[i], 1, 0,
                 **({"check_ids": True} if check_ids and hi > lo else {}),
-            )
+            ))
             if state is None:
-                offsets.append(self.inner.recv_offsets(o.state))
-            outs.append(o)
+                offsets.append(self.inner.recv_offsets(outs[-1].state))
         if state is None:
             rows = [o.x.shape[0] for o in outs]
             total = sum(rows)
@@ -176,7 +201,6 @@ class RoundsBackend:
                 per_expert_t = (per_expert_t + a - 1) // a * a
         else:
             per_expert_t = tensors[0]
-        del outs  # (the rounds' outputs, zero-copy slots among them, go before the caller gets the merged ones)
         return NormalDispatchOut(out_x, out_s, out_idx, out_w, per_expert_list, per_expert_t, total, state)
 
     def combine(

@@ -333,6 +333,14 @@ class Prediction:
     rdma_gbps: float
     efficiency: float
     bound: str
+    rounds: int = 1  # Buffer(tokens_per_round=...): the call in this many rounds
+    t_rounds_us: float = 0.0  # what the rounds add: a latency per extra round, and the merge pass (in time_us)
+
+
+# Rows a Buffer in rounds merges into SPEC's order (dispatch: a scatter of the received rows; combine: a gather of
+# its input), in bytes per us of rows: an index_copy_ of 29.4 MB of BF16 rows (2048 x H 7168, 8-byte words) took
+# 19.5 us on an H200 (bench/results/2026-12-01-session20/r3, profile of a 2-round dispatch on one rank).
+MERGE_BYTES_PER_US = 29.4e6 / 19.5
 
 
 def push_blocks(num_sms: int, eighths: int) -> int:
@@ -396,10 +404,12 @@ def _terms(tr: Traffic, w: Workload, cluster: Cluster, num_sms: int | None,
 
 def predict(
     w: Workload, num_ranks: int, params: Params, cluster: Cluster, *, stats: RoutingStats | None = None,
-    hierarchical: bool = True, overlap: bool = True, num_sms: int | None = -1,
+    hierarchical: bool = True, overlap: bool = True, num_sms: int | None = -1, rounds: int = 1,
 ) -> Prediction:
     """Time and bandwidths of one call on ``num_ranks`` GPUs (``cluster.gpus_per_node`` per node).
-    num_sms: -1 = the cluster's; None = no SM cap."""
+    num_sms: -1 = the cluster's; None = no SM cap. rounds > 1 (normal mode, a Buffer with tokens_per_round): the
+    same bytes in that many calls, each with its latency, plus the merge of the received rows
+    (MERGE_BYTES_PER_US)."""
     p = min(cluster.gpus_per_node, num_ranks)
     if stats is None:
         stats = routing_stats(num_ranks, p, w.num_experts, w.num_topk)
@@ -421,12 +431,14 @@ def predict(
     body = max(links, t_sm)
     bound = "sm" if t_sm >= links and t_sm > 0 else ("rdma" if t_rdma >= t_nvl else "nvlink")
     lat = params.lat_us[f"{w.mode}.{w.op}"]
-    time_us = lat + body + t_copy
+    rounds = rounds if w.mode == "normal" else 1
+    t_rounds = (rounds - 1) * lat + tr.logical / MERGE_BYTES_PER_US if rounds > 1 else 0.0
+    time_us = lat + body + t_copy + t_rounds
     nvl_gbps = tr.nvlink / time_us / 1e3
     rdma_gbps = tr.rdma / time_us / 1e3
     eff = max(nvl_gbps / cluster.nvlink_gbps, rdma_gbps / cluster.nic_gbps)
     return Prediction(time_us, t_nvl, t_rdma, t_sm, t_copy, lat, tr.logical / time_us / 1e3, nvl_gbps, rdma_gbps,
-                      eff, bound)
+                      eff, bound, rounds, t_rounds)
 
 
 # -- record files -----------------------------------------------------------------------------------------------
@@ -754,11 +766,13 @@ def symmetric_memory(eps: Sequence[int], gpus_per_node: int, normal: tuple[int, 
 def sweep_ep(
     params: Params, cluster: Cluster, eps: Sequence[int], *, normal: tuple[int, int, int, int],
     ll: tuple[int, int, int, int], max_nodes: int | None = None, samples: int = 0, seed: int = 0,
-    dispatch_dtypes: Sequence[str] = ("fp8",),
+    dispatch_dtypes: Sequence[str] = ("fp8",), tokens_per_round: int | None = None,
 ) -> list[dict[str, Any]]:
     """Predictions for every EP, op and variant. normal/ll: (tokens, hidden, topk, experts). samples > 0 counts
     routing statistics on that many sampled tokens (needed for ``max_nodes``) instead of the exact formulas.
-    dispatch_dtypes: the normal-mode dispatch dtypes (low-latency dispatch is FP8); combine is BF16."""
+    dispatch_dtypes: the normal-mode dispatch dtypes (low-latency dispatch is FP8); combine is BF16.
+    tokens_per_round: normal-mode calls in rounds of that many tokens (Buffer(tokens_per_round=...))."""
+    rounds = -(-normal[0] // tokens_per_round) if tokens_per_round else 1
     out = []
     for ep in eps:
         p = min(cluster.gpus_per_node, ep)
@@ -774,7 +788,7 @@ def sweep_ep(
                     if mode == "low_latency" and layout == "hierarchical":
                         continue  # low-latency sends straight to every rank (no per-node hop)
                     pr = predict(w, ep, params, cluster, stats=stats, hierarchical=layout == "hierarchical",
-                                 overlap=overlap)
+                                 overlap=overlap, rounds=rounds)
                     out.append({"ep": ep, "nodes": ep // p, "mode": mode, "op": op, "dtype": dtype, "tokens": t,
                                 "layout": layout, "overlap": overlap, "source": "modelled", **asdict(pr)})
     return out
@@ -986,6 +1000,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nic-latency-us", type=float, default=3.0)
     p.add_argument("--num-sms", type=int, default=24)
     p.add_argument("--tokens", type=int, default=4096, help="normal mode tokens per rank")
+    p.add_argument("--tokens-per-round", type=int, default=None,
+                   help="normal mode in rounds (Buffer(tokens_per_round=...)): memory for this many tokens per rank, "
+                        "and each call in ceil(tokens / this) rounds")
     p.add_argument("--ll-tokens", type=int, default=128, help="low-latency tokens per rank")
     p.add_argument("--hidden", type=int, default=7168)
     p.add_argument("--topk", type=int, default=8)
@@ -1107,7 +1124,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     normal = (args.tokens, args.hidden, args.topk, args.experts)
     rows = sweep_ep(params, cluster, args.eps, normal=normal, ll=(args.ll_tokens, args.hidden, args.topk,
                     args.experts), max_nodes=args.max_nodes, samples=args.samples,
-                    dispatch_dtypes=args.dispatch_dtypes)
+                    dispatch_dtypes=args.dispatch_dtypes, tokens_per_round=args.tokens_per_round)
     table = []
     for r in rows:
         if not _main_variant(r):
@@ -1118,7 +1135,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             pub = f"{v:g} GB/s {'NVLink' if r['ep'] == 8 else 'RDMA'}"
         if r["mode"] == "low_latency" and r["ep"] in DEEPEP_LL:
             pub = f"{DEEPEP_LL[r['ep']][OPS.index(r['op'])]:g} us"
-        table.append([r["ep"], r["nodes"], r["mode"], r["op"], r["dtype"], r["tokens"], f"{r['time_us']:.1f}",
+        tokens = f"{r['tokens']} ({r['rounds']} rounds)" if r["rounds"] > 1 else r["tokens"]
+        table.append([r["ep"], r["nodes"], r["mode"], r["op"], r["dtype"], tokens, f"{r['time_us']:.1f}",
                       f"{r['logical_gbps']:.1f}", f"{r['nvlink_gbps']:.1f}", f"{r['rdma_gbps']:.1f}",
                       f"{r['efficiency']:.2f}", r["bound"], "modelled", pub])
     meas = [r for r in records + shown if r.get("num_sms") in (args.num_sms, None) or r["mode"] == "low_latency"]
@@ -1135,7 +1153,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"modelled rows: hierarchical layout with overlap (normal), direct sends (low-latency), {args.num_sms} SMs; "
           "sim.json has every variant (flat, no overlap). Measured rows: one host, NVLink only; no RDMA leg has "
           "ever been measured")
-    memory = symmetric_memory(args.eps, args.gpus_per_node, normal,
+    if args.tokens_per_round:
+        print(f"normal mode in rounds of {args.tokens_per_round} tokens per rank: each extra round adds the call's "
+              "fitted latency, and the rows are merged at about "
+              f"{MERGE_BYTES_PER_US / 1e3:.0f} GB/s (measured on one H200; modelled here)")
+    sized = min(args.tokens, args.tokens_per_round or args.tokens)
+    memory = symmetric_memory(args.eps, args.gpus_per_node, (sized, *normal[1:]),
                               (args.ll_tokens, args.hidden, args.topk, args.experts))
     if isinstance(memory, str):
         print(f"symmetric memory per GPU: {memory}")
@@ -1143,7 +1166,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(tabulate([[m["ep"], m["nodes"], m["normal_tokens"], f"{m['normal_gib']:.2f}",
                          "" if m["normal_supported"] else "beyond the normal kernels' limits",
                          m["low_latency_tokens"], f"{m['low_latency_gib']:.2f}"] for m in memory],
-                       headers=["ep", "nodes", "normal tokens", "normal GiB", "", "low-latency tokens",
+                       headers=["ep", "nodes", "normal buffer tokens", "normal GiB", "", "low-latency tokens",
                                 "low-latency GiB"], tablefmt="simple", disable_numparse=True))
         print("symmetric memory per GPU of one Buffer, from the kernels' layouts (not modelled): the normal mode's "
               "receive buffers hold ep x tokens rows")

@@ -76,8 +76,8 @@ def as_words(t: torch.Tensor) -> torch.Tensor:
     flat = t.reshape(t.shape[0], -1) if t.dim() != 2 else t
     row, start = flat.shape[1] * flat.element_size(), flat.storage_offset() * flat.element_size()
     for dtype, size in ((torch.int64, 8), (torch.int32, 4), (torch.int16, 2)):
-        if row % size == 0 and start % size == 0 and flat.element_size() <= size:
-            return flat.view(torch.uint8).view(dtype) if flat.element_size() != size else flat.view(dtype)
+        if row % size == 0 and start % size == 0:
+            return flat.view(torch.uint8).view(dtype)
     return flat.view(torch.uint8)
 
 
@@ -169,9 +169,7 @@ class RoundsBackend:
             total = sum(rows)
             dest = merge_positions(torch.stack(offsets), total) if total else torch.empty(0, dtype=torch.int64,
                                                                                          device=x.device)
-            first = [sum(rows[:i]) for i in range(len(rows) + 1)]
-            state = _RoundsState([o.state for o in outs], bounds,
-                                 [dest[first[i]:first[i + 1]] for i in range(len(rows))], total)
+            state = _RoundsState([o.state for o in outs], bounds, list(dest.split(rows)), total)
         total = state.num_rows
 
         def merged(parts: list[torch.Tensor | None]) -> torch.Tensor | None:

@@ -14,6 +14,7 @@ and concatenated, so a call issues one data collective.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
@@ -450,10 +451,7 @@ class TorchBackend:
     def recv_offsets(self, state: _VarState) -> torch.Tensor:
         """int64 [N + 1] on the Buffer's device: the first row a variable-size dispatch (``state``) received from
         each rank, then its rows."""
-        first = [0]
-        for v in state.recv_splits:
-            first.append(first[-1] + v)
-        return torch.tensor(first, dtype=torch.int64, device=self.ctx.device)
+        return torch.tensor([0, *itertools.accumulate(state.recv_splits)], dtype=torch.int64, device=self.ctx.device)
 
     def combine(
         self, y: torch.Tensor, state: _VarState | _FixedState, topk_weights: torch.Tensor | None

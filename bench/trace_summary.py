@@ -8,8 +8,8 @@ Each kernel's thread 0 records its SM clock at the end of each phase (csrc/kerne
 block per call (the last one) prints the cycles of each phase and the block's wall time. Lines that two processes
 interleaved are skipped. The printf makes the kernels slower, so the profiler times of such a build mean nothing;
 the phases before the print do not pay for it. Phases, in order:
-  dispatch_send: slot wait, rows taken, row loaded + quantised + stored, (put path: quiet), last block, error read,
-                 count words and rows words
+  dispatch_send: slot wait, rows taken, thread 0's vectors quantised + stored, the block's barrier after the
+                 stores, puts + barrier, (put path: quiet), last block, error read, count words and rows words
   dispatch_recv: rows words and count words, prefix sums, fan-out, padding, last block, free flags
   combine_send:  slot wait, prefix sums, rows, (put path: quiet), last block, done flags
   combine_recv:  done wait, sums, last block, free flags

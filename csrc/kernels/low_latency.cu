@@ -146,14 +146,14 @@ __device__ __forceinline__ void ll_publish_counts(const LowLatencyCtx& c, int* c
     const int N = c.num_ranks, epr = c.num_experts / N;
     const bool puts = c.ranks_per_node < N;
     if (puts) nvshmem_quiet();  // this thread's puts have landed
-    trace_mark(4);
+    trace_mark(6);
     if (last_block(c.block_counter + 0)) {  // (block-uniform branch; its barrier and fence order every block's rows)
-        trace_mark(5);
+        trace_mark(7);
         __shared__ int s_publish;  // read once, so that the block publishes every count or none
         if (threadIdx.x == 0) s_publish = ok_all && !has_error(c.err);
         __syncthreads();
         const bool publish = s_publish != 0;
-        trace_mark(6);
+        trace_mark(8);
         // counter: [N * E/N] rows per (rank, expert), then [N] receive rows per rank
         for (int i = threadIdx.x; i < N * epr; i += blockDim.x) {
             const int n = min(counter[i], c.max_tokens);
@@ -178,8 +178,8 @@ __device__ __forceinline__ void ll_publish_counts(const LowLatencyCtx& c, int* c
             c.seq[kSeqLowLatency] = seq;
             *handle_seq = seq;
         }
-        trace_mark(7);
-        trace_print("dispatch_send", 8, c.rank, -1);
+        trace_mark(9);
+        trace_print("dispatch_send", 10, c.rank, -1);
     }
 }
 
@@ -330,8 +330,10 @@ __device__ __forceinline__ bool ll_send_tokens(const LowLatencyCtx& c, const __n
                 }
             }
         }
+        trace_mark(3);
         if (c.ranks_per_node < N) __threadfence();  // every writer's staged slices before the puts below
         __syncthreads();  // every row complete (staged ones before their put); s_* free for the next token
+        trace_mark(4);
         load_ahead(t + blocks);  // while this token's puts go out
         for (int k = warp; k < K; k += warps) {
             if (s_put[k] < 0) continue;
@@ -345,7 +347,7 @@ __device__ __forceinline__ bool ll_send_tokens(const LowLatencyCtx& c, const __n
             }
         }
         __syncthreads();
-        trace_mark(3);
+        trace_mark(5);
     }
     return true;
 }

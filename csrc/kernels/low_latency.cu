@@ -217,9 +217,11 @@ __device__ __forceinline__ bool ll_send_tokens(const LowLatencyCtx& c, const __n
                                                int sum_one, int slot_buf, int64_t seq, int* counter, int blocks) {
     const int N = c.num_ranks, K = c.num_topk, epr = c.num_experts / N, me = c.rank, H = c.hidden;
     int* rows_to = counter + N * epr;  // receive rows per destination rank
-    __shared__ uint8_t* s_dst[kWarp];  // the row of the rank whose first copy is k (peer buffer or staging), or null
-    __shared__ int s_put[kWarp];       // that rank when it takes the put path, else -1
+    // the token's destination ranks, one entry each (in the order of their first copies), s_nd of them:
+    __shared__ uint8_t* s_dst[kWarp];  // the rank's row (peer buffer, or staging for the put path)
+    __shared__ int s_put[kWarp];       // the rank when it takes the put path, else -1
     __shared__ int s_row[kWarp];       // the row's index among the rows this rank sends there
+    __shared__ int s_nd;
     const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp, warps = blockDim.x / kWarp;
     const int nvec = H / 8;  // 16-byte vectors of 8 bf16
     const int per_thread = (nvec + static_cast<int>(blockDim.x) - 1) / static_cast<int>(blockDim.x);
@@ -295,15 +297,24 @@ __device__ __forceinline__ bool ll_send_tokens(const LowLatencyCtx& c, const __n
                     m[1] = __popc(kept) | (kWeights ? kLLWeighted | (sum_one ? kLLSumOne : 0) : 0);
                 }
             }
-            if (lane < K) {
-                const bool lead = r >= 0 && lane == first;
-                s_dst[lane] = lead ? dst : nullptr;
-                s_put[lane] = lead ? put : -1;
-                s_row[lane] = row;
+            const bool lead = r >= 0 && lane == first;  // (lanes >= K: r < 0)
+            const unsigned leads = __ballot_sync(0xffffffffu, lead);
+            if (lead) {
+                const int p = __popc(leads & ((1u << lane) - 1u));
+                s_dst[p] = dst;
+                s_put[p] = put;
+                s_row[p] = row;
             }
+            if (lane == 0) s_nd = __popc(leads);
         }
         __syncthreads();
         trace_mark(2);
+        // the first kLLMaxTopk destinations' rows in registers (read from shared memory once per token, not once
+        // per vector: a store through a generic pointer may alias it), the rest from shared memory
+        const int nd = s_nd;
+        uint8_t* dsts[kLLMaxTopk];
+#pragma unroll
+        for (int i = 0; i < kLLMaxTopk; ++i) dsts[i] = i < nd ? s_dst[i] : nullptr;
         const int4* src = reinterpret_cast<const int4*>(x + static_cast<int64_t>(t) * H);
         for (int i0 = 0; i0 < per_thread; i0 += kLLPre) {
             if (i0 > 0) ll_load_row(src, nvec, i0, pre);
@@ -317,16 +328,20 @@ __device__ __forceinline__ bool ll_send_tokens(const LowLatencyCtx& c, const __n
                     float scale;
                     const uint2 out = quantize_e4m3x8(pre[u], v < nvec, round_scale, &scale);
                     if (v >= nvec) continue;
-                    for (int k = 0; k < K; ++k) {
-                        uint8_t* dst = s_dst[k];
-                        if (dst == nullptr) continue;
+                    auto store = [&](uint8_t* dst) {
                         reinterpret_cast<uint2*>(dst)[v] = out;
                         if ((lane & 15) == 0) reinterpret_cast<float*>(dst + c.off_scales_in_row)[v / 16] = scale;
-                    }
+                    };
+#pragma unroll
+                    for (int i = 0; i < kLLMaxTopk; ++i)
+                        if (i < nd) store(dsts[i]);
+                    for (int i = kLLMaxTopk; i < nd; ++i) store(s_dst[i]);
                 } else {
                     if (v >= nvec) continue;
-                    for (int k = 0; k < K; ++k)
-                        if (s_dst[k] != nullptr) st_na_v4(reinterpret_cast<int4*>(s_dst[k]) + v, pre[u]);
+#pragma unroll
+                    for (int i = 0; i < kLLMaxTopk; ++i)
+                        if (i < nd) st_na_v4(reinterpret_cast<int4*>(dsts[i]) + v, pre[u]);
+                    for (int i = kLLMaxTopk; i < nd; ++i) st_na_v4(reinterpret_cast<int4*>(s_dst[i]) + v, pre[u]);
                 }
             }
         }
@@ -335,15 +350,15 @@ __device__ __forceinline__ bool ll_send_tokens(const LowLatencyCtx& c, const __n
         __syncthreads();  // every row complete (staged ones before their put); s_* free for the next token
         trace_mark(4);
         load_ahead(t + blocks);  // while this token's puts go out
-        for (int k = warp; k < K; k += warps) {
-            if (s_put[k] < 0) continue;
-            uint8_t* remote = ll_recv_row(c.base, c, slot_buf, me, s_row[k]);
+        for (int i = warp; i < nd; i += warps) {
+            if (s_put[i] < 0) continue;
+            uint8_t* remote = ll_recv_row(c.base, c, slot_buf, me, s_row[i]);
             if (use_fp8) {  // the row's x area holds 2H bytes (BF16) of which FP8 fills H: the rest is not sent
-                nvshmemx_putmem_nbi_warp(remote, s_dst[k], H, s_put[k]);
-                nvshmemx_putmem_nbi_warp(remote + c.off_scales_in_row, s_dst[k] + c.off_scales_in_row,
-                                         c.recv_stride - c.off_scales_in_row, s_put[k]);
+                nvshmemx_putmem_nbi_warp(remote, s_dst[i], H, s_put[i]);
+                nvshmemx_putmem_nbi_warp(remote + c.off_scales_in_row, s_dst[i] + c.off_scales_in_row,
+                                         c.recv_stride - c.off_scales_in_row, s_put[i]);
             } else {
-                nvshmemx_putmem_nbi_warp(remote, s_dst[k], c.recv_stride, s_put[k]);
+                nvshmemx_putmem_nbi_warp(remote, s_dst[i], c.recv_stride, s_put[i]);
             }
         }
         __syncthreads();

@@ -77,24 +77,22 @@ __device__ __forceinline__ uint8_t* ll_recv_row(uint8_t* base, const LowLatencyC
 }
 
 // The block's threads wait for flag words [kind][slot][0, N) to reach target, thread i for words i, i + blockDim.x,
-// ... (any number of ranks); returns to every thread whether all arrived. Nothing is waited for once the Buffer
-// reported an error (or a word of this wait gave up). Each waiting thread's acquire load orders its later reads
-// after its flags, and the barrier after the wait the block's; with puts in use, a system fence also covers words
-// that an NVSHMEM transport (not an NVLink store) delivered. (The normal mode's block_wait_ranks gives each of at
-// most 512 ranks a thread of its own; written as this loop, its kernels compiled with more spills, so the two stay
-// apart.)
+// ... (any number of ranks); returns to every thread whether all arrived. The last thread also reads the error word
+// (with fewer ranks than threads it has no flag, so that load is in flight with the flag loads): once the Buffer
+// reported an error (or a word of this wait gave up) the call goes no further, and a wait for a flag that has not
+// come ends at its first look at the error word. Each waiting thread's acquire load orders its later reads after its
+// flags, and the barrier (one that also ANDs the threads' results) the block's; with puts in use, a system fence also
+// covers words that an NVSHMEM transport (not an NVLink store) delivered. (The normal mode's block_wait_ranks gives
+// each of at most 512 ranks a thread of its own; written as this loop, its kernels compiled with more spills, so the
+// two stay apart.)
 __device__ __forceinline__ bool ll_block_wait(const LowLatencyCtx& c, int kind, int slot, int64_t target, int op) {
-    __shared__ int ok_all;
-    if (threadIdx.x == 0) ok_all = has_error(c.err) ? 0 : 1;
-    __syncthreads();
+    bool ok = !(threadIdx.x == blockDim.x - 1 && has_error(c.err));
     const int64_t* flags = ll_flags(c.base, c) + ll_flag_index(c, kind, slot, 0);
     for (int r = threadIdx.x; r < c.num_ranks; r += blockDim.x)
-        if (ok_all && !wait_flag(flags + r, target, c.timeout_ns, c.err, op, r)) atomicAnd(&ok_all, 0);
-    __syncthreads();
-    const bool ok = ok_all != 0;
-    __syncthreads();  // every thread has read ok_all before a following call's thread 0 rewrites it
-    if (ok && c.ranks_per_node < c.num_ranks) __threadfence_system();
-    return ok;
+        if (ok && !wait_flag(flags + r, target, c.timeout_ns, c.err, op, r)) ok = false;
+    const bool all = __syncthreads_and(ok) != 0;
+    if (all && c.ranks_per_node < c.num_ranks) __threadfence_system();
+    return all;
 }
 
 // FP8 e4m3 of the 8 bf16 values in `raw` (this lane's 16 bytes of a group of 128 channels held by its half-warp):
@@ -154,23 +152,39 @@ __device__ __forceinline__ void ll_publish_counts(const LowLatencyCtx& c, int* c
         __syncthreads();
         const bool publish = s_publish != 0;
         trace_mark(8);
-        // counter: [N * E/N] rows per (rank, expert), then [N] receive rows per rank
-        for (int i = threadIdx.x; i < N * epr; i += blockDim.x) {
-            const int n = min(counter[i], c.max_tokens);
-            counter[i] = 0;
-            if (!publish) continue;
-            const int r = i / epr, le = i % epr;
-            const int64_t off = c.off_flags + 8 * ll_flag_index(c, kLLCounts, slot_buf, le * N + c.rank);
-            const int64_t v = (seq << 32) | n;
-            if (same_node(c, r)) st_volatile(reinterpret_cast<int64_t*>(ll_peer(c, r) + off), v);
-            else nvshmemx_signal_op(reinterpret_cast<uint64_t*>(c.base + off), static_cast<uint64_t>(v),
-                                    NVSHMEM_SIGNAL_SET, r);
+        // counter: [N * E/N] rows per (rank, expert), then [N] receive rows per rank. A thread loads kBatch count
+        // words at once, and its first rows word with the first of them (the stores below would otherwise order
+        // each load after the store before it: a round trip each).
+        constexpr int kBatch = 4;
+        const int total = N * epr;
+        int* rows_to = counter + total;
+        const int r0 = static_cast<int>(threadIdx.x);
+        const int rows_r0 = r0 < N ? rows_to[r0] : 0;
+        for (int i0 = 0; i0 < total; i0 += kBatch * static_cast<int>(blockDim.x)) {
+            int got[kBatch];
+#pragma unroll
+            for (int j = 0; j < kBatch; ++j) {
+                const int i = i0 + r0 + j * static_cast<int>(blockDim.x);
+                got[j] = i < total ? counter[i] : 0;
+            }
+#pragma unroll
+            for (int j = 0; j < kBatch; ++j) {
+                const int i = i0 + r0 + j * static_cast<int>(blockDim.x);
+                if (i >= total) continue;
+                counter[i] = 0;
+                if (!publish) continue;
+                const int r = i / epr, le = i % epr;
+                const int64_t off = c.off_flags + 8 * ll_flag_index(c, kLLCounts, slot_buf, le * N + c.rank);
+                const int64_t v = (seq << 32) | min(got[j], c.max_tokens);
+                if (same_node(c, r)) st_volatile(reinterpret_cast<int64_t*>(ll_peer(c, r) + off), v);
+                else nvshmemx_signal_op(reinterpret_cast<uint64_t*>(c.base + off), static_cast<uint64_t>(v),
+                                        NVSHMEM_SIGNAL_SET, r);
+            }
         }
         if (puts && publish) nvshmem_quiet();  // the count words put elsewhere have landed
         __syncthreads();  // every count word before any rows word
-        for (int r = threadIdx.x; r < N; r += blockDim.x) {
-            int* rows_to = counter + N * epr;
-            const int n = min(rows_to[r], c.max_tokens);
+        for (int r = r0; r < N; r += blockDim.x) {
+            const int n = min(r == r0 ? rows_r0 : rows_to[r], c.max_tokens);
             rows_to[r] = 0;
             if (publish) ll_set_flag(c, r, ll_flag_index(c, kLLRows, slot_buf, c.rank), (seq << 32) | n);
         }

@@ -16,7 +16,7 @@ echo "builds $(( $(date +%s) - t0 )) s"
 for run in n1 o1 n2 o2 n3 o3; do
   P=; [[ $run == o* ]] && P=/tmp/A
   PYTHONPATH=$P timeout 90 python3 bench/low_latency_times.py --nprocs 1 --tokens 1,8,128 --iters 30 --out $R/ll_$run > $R/ll_$run.log 2>&1
-  echo "== $run rc=$? $(( $(date +%s) - t0 )) s"; grep -E "^dispatch_hook +send" $R/ll_$run.log
+  echo "== $run rc=$? $(( $(date +%s) - t0 )) s"; grep -E "^(dispatch|combine)_hook +(send|recv)" $R/ll_$run.log
 done
 (cd tests && LARGEEP_TEST_EMULATE_GPUS=2 LARGEEP_TEST_SHARED_GPUS=1 LARGEEP_TIMEOUT_S=30 LARGEEP_TEST_POOL_TIMEOUT_S=120 timeout 260 python3 -m pytest -v -ra -p no:cacheprovider -m gpu -k "low_latency and not many_ranks" test_gpu.py test_layers.py test_property.py test_ops.py) > $R/tests.log 2>&1
 echo "tests rc=$? $(( $(date +%s) - t0 )) s"

@@ -152,39 +152,23 @@ __device__ __forceinline__ void ll_publish_counts(const LowLatencyCtx& c, int* c
         __syncthreads();
         const bool publish = s_publish != 0;
         trace_mark(8);
-        // counter: [N * E/N] rows per (rank, expert), then [N] receive rows per rank. A thread loads kBatch count
-        // words at once, and its first rows word with the first of them (the stores below would otherwise order
-        // each load after the store before it: a round trip each).
-        constexpr int kBatch = 4;
-        const int total = N * epr;
-        int* rows_to = counter + total;
-        const int r0 = static_cast<int>(threadIdx.x);
-        const int rows_r0 = r0 < N ? rows_to[r0] : 0;
-        for (int i0 = 0; i0 < total; i0 += kBatch * static_cast<int>(blockDim.x)) {
-            int got[kBatch];
-#pragma unroll
-            for (int j = 0; j < kBatch; ++j) {
-                const int i = i0 + r0 + j * static_cast<int>(blockDim.x);
-                got[j] = i < total ? counter[i] : 0;
-            }
-#pragma unroll
-            for (int j = 0; j < kBatch; ++j) {
-                const int i = i0 + r0 + j * static_cast<int>(blockDim.x);
-                if (i >= total) continue;
-                counter[i] = 0;
-                if (!publish) continue;
-                const int r = i / epr, le = i % epr;
-                const int64_t off = c.off_flags + 8 * ll_flag_index(c, kLLCounts, slot_buf, le * N + c.rank);
-                const int64_t v = (seq << 32) | min(got[j], c.max_tokens);
-                if (same_node(c, r)) st_volatile(reinterpret_cast<int64_t*>(ll_peer(c, r) + off), v);
-                else nvshmemx_signal_op(reinterpret_cast<uint64_t*>(c.base + off), static_cast<uint64_t>(v),
-                                        NVSHMEM_SIGNAL_SET, r);
-            }
+        // counter: [N * E/N] rows per (rank, expert), then [N] receive rows per rank
+        for (int i = threadIdx.x; i < N * epr; i += blockDim.x) {
+            const int n = min(counter[i], c.max_tokens);
+            counter[i] = 0;
+            if (!publish) continue;
+            const int r = i / epr, le = i % epr;
+            const int64_t off = c.off_flags + 8 * ll_flag_index(c, kLLCounts, slot_buf, le * N + c.rank);
+            const int64_t v = (seq << 32) | n;
+            if (same_node(c, r)) st_volatile(reinterpret_cast<int64_t*>(ll_peer(c, r) + off), v);
+            else nvshmemx_signal_op(reinterpret_cast<uint64_t*>(c.base + off), static_cast<uint64_t>(v),
+                                    NVSHMEM_SIGNAL_SET, r);
         }
         if (puts && publish) nvshmem_quiet();  // the count words put elsewhere have landed
         __syncthreads();  // every count word before any rows word
-        for (int r = r0; r < N; r += blockDim.x) {
-            const int n = min(r == r0 ? rows_r0 : rows_to[r], c.max_tokens);
+        for (int r = threadIdx.x; r < N; r += blockDim.x) {
+            int* rows_to = counter + N * epr;
+            const int n = min(rows_to[r], c.max_tokens);
             rows_to[r] = 0;
             if (publish) ll_set_flag(c, r, ll_flag_index(c, kLLRows, slot_buf, c.rank), (seq << 32) | n);
         }

@@ -365,6 +365,27 @@ def test_low_latency_many_ranks_shared_gpus(ranks_per_node: int | None) -> None:
 @pytest.mark.gpu(1)
 @needs_native
 @needs_shared
+@pytest.mark.parametrize("ranks_per_node", [None, 6], ids=["one-node", "2-nodes"])
+def test_low_latency_many_destinations_one_gpu(ranks_per_node: int | None) -> None:
+    """12 ranks on one GPU, top-16 of 24 experts: most tokens go to more than 8 ranks, so the dispatch send takes
+    its destinations past the 8 it holds in registers from shared memory; one node (NVLink stores) and 2 nodes of 6
+    (staged rows and NVSHMEM puts). FP8 with a hook, the even ranks' weights sent, rank 1 without tokens. A pool of
+    its own, closed afterwards."""
+    from dist_pool import DistPool
+
+    world = 12
+    tokens = [6 - r % 3 if r != 1 else 0 for r in range(world)]
+    pool = DistPool(world, "gloo-cuda0", timeout_s=300)
+    try:
+        pool.run(bodies.low_latency_roundtrip, "nvshmem", tokens, 8, 256, 24, 16, True, False, True, 47,
+                 ranks_per_node, "some")
+    finally:
+        pool.close(force=True)
+
+
+@pytest.mark.gpu(1)
+@needs_native
+@needs_shared
 @pytest.mark.parametrize("ranks_per_node", [None, 2], ids=["one-node", "2-nodes"])
 def test_normal_tokens_per_round_one_gpu(pools, ranks_per_node: int | None) -> None:
     """Buffer(tokens_per_round=...) on the nvshmem backend, 4 ranks on one GPU (rank 1 without tokens): calls in 5 to

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, overload
 
 import torch
 import torch.distributed as dist
@@ -19,6 +19,16 @@ def current_raw_stream(device: torch.device) -> int:
     if RAW_STREAM is not None and device.index is not None:
         return int(RAW_STREAM(device.index))
     return int(torch.cuda.current_stream(device).cuda_stream)
+
+
+@overload
+def align_up(v: int, a: int) -> int: ...
+@overload
+def align_up(v: torch.Tensor, a: int) -> torch.Tensor: ...
+def align_up(v: int | torch.Tensor, a: int) -> int | torch.Tensor:
+    """``v`` rounded up to a multiple of ``a`` (an int, or a tensor of ints elementwise): a per-expert row count
+    under ``expert_alignment``."""
+    return (v + a - 1) // a * a
 
 
 @dataclass(frozen=True)

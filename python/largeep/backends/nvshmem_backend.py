@@ -23,7 +23,13 @@ import torch.distributed as dist
 
 from largeep import checks, native
 from largeep._env import Settings, logger
-from largeep.backends.base import GroupContext, LowLatencyDispatchOut, NormalDispatchOut, current_raw_stream
+from largeep.backends.base import (
+    GroupContext,
+    LowLatencyDispatchOut,
+    NormalDispatchOut,
+    align_up,
+    current_raw_stream,
+)
 from largeep.errors import ArgumentError, PeerRefusedError, PeerTimeoutError
 from largeep.fp8 import FP8_DTYPE
 from largeep.layout import Layout, one_hot_mask
@@ -741,7 +747,7 @@ class NvshmemBackend:
                 rows = int(self.status[_NUM_RECV])
                 raw = self.status[_PER_EXPERT:_PER_EXPERT + c.experts_per_rank]  # ctypes slice: a list of ints
                 a = expert_alignment
-                per_expert_list = raw if a == 1 else [(v + a - 1) // a * a for v in raw]
+                per_expert_list = raw if a == 1 else [align_up(v, a) for v in raw]
             else:
                 rows = num_worst_tokens
             state = _NvState(
@@ -778,7 +784,7 @@ class NvshmemBackend:
         if per_expert_t is None:  # (a reporting notify wrote it) counted from the ids, or none for a cached call
             if out_idx is not None:
                 raw_t = one_hot_mask(out_idx, c.experts_per_rank).sum(0, dtype=torch.int32)
-                per_expert_t = (raw_t + expert_alignment - 1) // expert_alignment * expert_alignment
+                per_expert_t = align_up(raw_t, expert_alignment)
             else:
                 per_expert_t = torch.empty(0, dtype=torch.int32, device=dev)
         return NormalDispatchOut(

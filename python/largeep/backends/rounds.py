@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from largeep.backends.base import GroupContext, NormalDispatchOut
+from largeep.backends.base import GroupContext, NormalDispatchOut, align_up
 from largeep.errors import ArgumentError, PeerRefusedError
 from largeep.layout import Layout
 
@@ -191,12 +191,12 @@ class RoundsBackend:
         per_expert_list: list[int] = []
         if topk_idx is not None:  # (a fresh dispatch: the rounds' host counts)
             raw = [sum(v) for v in zip(*(o.num_tokens_per_expert for o in outs), strict=True)]
-            per_expert_list = [(v + a - 1) // a * a for v in raw]
+            per_expert_list = [align_up(v, a) for v in raw]
         tensors = [o.num_tokens_per_expert_tensor for o in outs]
         if tensors[0].numel():
             per_expert_t = torch.stack(tensors).sum(0, dtype=torch.int32)
             if a > 1:
-                per_expert_t = (per_expert_t + a - 1) // a * a
+                per_expert_t = align_up(per_expert_t, a)
         else:
             per_expert_t = tensors[0]
         return NormalDispatchOut(out_x, out_s, out_idx, out_w, per_expert_list, per_expert_t, total, state)

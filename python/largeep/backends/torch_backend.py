@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from largeep import checks, fp8
-from largeep.backends.base import GroupContext, LowLatencyDispatchOut, NormalDispatchOut
+from largeep.backends.base import GroupContext, LowLatencyDispatchOut, NormalDispatchOut, align_up
 from largeep.errors import ArgumentError, PeerTimeoutError
 from largeep.layout import Layout, compute_layout, one_hot_mask
 
@@ -358,7 +358,7 @@ class TorchBackend:
             recv_splits = host[:n].tolist()
             send_splits = host[n : 2 * n].tolist()
             raw = host[2 * n :]
-            per_expert_list = (((raw + expert_alignment - 1) // expert_alignment) * expert_alignment).tolist()
+            per_expert_list = align_up(raw, expert_alignment).tolist()
             per_expert_t = torch.tensor(per_expert_list, dtype=torch.int32, device=dev)
             state = _VarState(t_idx, send_splits, recv_splits, int(sum(recv_splits)), x.shape[0])
             parts = [x[t_idx]] + ([x_scales[t_idx]] if x_scales is not None else []) + [local, weights]
@@ -415,7 +415,7 @@ class TorchBackend:
                 _check_signatures(meta[:, -_SIG:], c.rank, c.num_experts)
             recv_counts = meta[:, 0]
             raw = meta[:, 1:-_SIG].sum(0)
-            per_expert_t = (((raw + expert_alignment - 1) // expert_alignment) * expert_alignment).to(torch.int32)
+            per_expert_t = align_up(raw, expert_alignment).to(torch.int32)
             j = torch.arange(cap, device=dev)
             off = _exclusive_cumsum(recv_counts)
             dest = torch.where(j < recv_counts.unsqueeze(1), off.unsqueeze(1) + j, num_worst_tokens)

@@ -114,3 +114,17 @@ def test_merge_positions(seed: int) -> None:
     want = [where[(s, i, j)] for i in range(r) for s in range(n) for j in range(int(counts[i][s]))]
     assert got == want
     assert round_bounds(10, 3) == [0, 3, 6, 10] and round_bounds(2, 4) == [0, 0, 1, 1, 2]
+
+
+def test_stack_offsets() -> None:
+    """rounds.stack_offsets: the rounds' receive offsets as device tensors (stacked as they are) or as host lists
+    (one int64 tensor), the same values either way."""
+    import torch
+    from largeep.backends.rounds import stack_offsets
+
+    host = [[0, 2, 2, 5], [0, 0, 1, 1]]
+    got = stack_offsets(host, torch.device("cpu"))
+    assert got.dtype == torch.int64 and got.tolist() == host
+    dev = [torch.tensor(h, dtype=torch.int32) for h in host]
+    got = stack_offsets(dev, torch.device("cpu"))
+    assert got.dtype == torch.int32 and got.tolist() == host

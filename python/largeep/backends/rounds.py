@@ -69,6 +69,18 @@ def merge_positions(offsets: torch.Tensor, total: int) -> torch.Tensor:
         final_first - concat_first, flat, output_size=total)
 
 
+def stack_offsets(parts: list[torch.Tensor] | list[list[int]], device: torch.device) -> torch.Tensor:
+    """The rounds' receive offsets (each round's ``recv_offsets``: a device tensor, or a host list where the backend
+    has them on the host) as one [R, N + 1] tensor on ``device``. Host lists go in one copy, from pinned memory and
+    without waiting for the device where it is a GPU (a copy per round, or from pageable memory, would make the host
+    wait for each round's transfers)."""
+    first = parts[0]
+    if isinstance(first, torch.Tensor):
+        return torch.stack(parts)  # type: ignore[arg-type]
+    host = torch.tensor(parts, dtype=torch.int64, pin_memory=device.type == "cuda")
+    return host.to(device, non_blocking=True)
+
+
 def as_words(t: torch.Tensor) -> torch.Tensor:
     """A contiguous [rows, ...] tensor's rows viewed as the widest integer words that divide a row's bytes (a
     row copy by index_copy_ / index_select moves an element per thread: 8-byte words move rows 8x faster than
@@ -151,7 +163,7 @@ class RoundsBackend:
     ) -> NormalDispatchOut:
         t = x.shape[0]
         bounds = state.bounds if state is not None else round_bounds(t, self.num_rounds)
-        offsets: list[torch.Tensor] = []
+        offsets: list[Any] = []  # (each round's recv_offsets: device tensors, or host lists; see stack_offsets)
         for i in range(self.num_rounds):
             lo, hi = bounds[i], bounds[i + 1]
             # (no local name holds a round's output: a traceback keeps this frame, and the caller's finally
@@ -167,8 +179,8 @@ class RoundsBackend:
         if state is None:
             rows = [o.x.shape[0] for o in outs]
             total = sum(rows)
-            dest = merge_positions(torch.stack(offsets), total) if total else torch.empty(0, dtype=torch.int64,
-                                                                                         device=x.device)
+            dest = merge_positions(stack_offsets(offsets, x.device), total) if total else \
+                torch.empty(0, dtype=torch.int64, device=x.device)
             state = _RoundsState([o.state for o in outs], bounds, list(dest.split(rows)), total)
         total = state.num_rows
 

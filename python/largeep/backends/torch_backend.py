@@ -448,10 +448,11 @@ class TorchBackend:
             per_expert_t = torch.empty(0, dtype=torch.int32, device=dev)
         return NormalDispatchOut(recv_x, recv_scales, recv_idx, recv_w, [], per_expert_t, None, state)
 
-    def recv_offsets(self, state: _VarState) -> torch.Tensor:
-        """int64 [N + 1] on the Buffer's device: the first row a variable-size dispatch (``state``) received from
-        each rank, then its rows."""
-        return torch.tensor([0, *itertools.accumulate(state.recv_splits)], dtype=torch.int64, device=self.ctx.device)
+    def recv_offsets(self, state: _VarState) -> list[int]:
+        """[N + 1] on the host (this backend has them there: a copy to the device per round would wait for the
+        round's transfers): the first row a variable-size dispatch (``state``) received from each rank, then its
+        rows."""
+        return [0, *itertools.accumulate(state.recv_splits)]
 
     def combine(
         self, y: torch.Tensor, state: _VarState | _FixedState, topk_weights: torch.Tensor | None

@@ -294,6 +294,45 @@ def missing_peer(rank: int, world: int, timeout_s: float) -> dict[str, float]:
     return {"elapsed_s": elapsed}
 
 
+def missing_peer_low_latency(rank: int, world: int, timeout_s: float) -> dict[str, float]:
+    """Rank 1 never calls low_latency_dispatch: the others' receive kernels give up after the bound (no host waits
+    in the low-latency calls), and their next call raises PeerTimeoutError naming rank 1 at once."""
+    import os
+    import time
+
+    os.environ["LARGEEP_TIMEOUT_S"] = str(timeout_s)
+    try:
+        buf = largeep.Buffer(None, hidden=1024, num_experts=4 * world, num_topk=2, max_tokens_per_rank=64,
+                             backend="nvshmem", low_latency=True)
+    finally:
+        del os.environ["LARGEEP_TIMEOUT_S"]
+    elapsed = 0.0
+    try:
+        if rank != 1:
+            x = torch.randn(64, 1024, device="cuda").to(torch.bfloat16)
+            idx = torch.arange(64 * 2, device="cuda").view(64, 2) % (4 * world)
+            start = time.monotonic()
+            buf.low_latency_dispatch(x, idx, use_fp8=False)
+            torch.cuda.synchronize()  # (the receive kernel waits for rank 1's rows until it gives up)
+            elapsed = time.monotonic() - start
+            assert timeout_s - 1.0 < elapsed < timeout_s + 10, f"gave up after {elapsed:.1f} s, bound {timeout_s} s"
+            start = time.monotonic()
+            try:
+                buf.low_latency_dispatch(x, idx, use_fp8=False)
+            except largeep.PeerTimeoutError as exc:
+                assert "rank 1" in str(exc) and "low_latency_dispatch" in str(exc), str(exc)
+                assert time.monotonic() - start < 1.0
+            else:
+                raise AssertionError("a failed Buffer accepted another low_latency_dispatch")
+    finally:
+        _progress(rank, "before the teardown barrier")
+        dist.barrier()
+        _progress(rank, "destroying")
+        buf.destroy()
+        _progress(rank, "destroyed")
+    return {"elapsed_s": elapsed}
+
+
 def _progress(rank: int, what: str) -> None:
     """A timestamped line on stderr: where each rank was if a teardown test hangs (the pool dumps stacks too)."""
     import sys

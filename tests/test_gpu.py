@@ -284,6 +284,15 @@ def test_missing_peer_times_out(pools, world: int) -> None:
 
 @pytest.mark.gpu(2)
 @needs_native
+def test_missing_peer_times_out_low_latency(pools) -> None:
+    """The low-latency mode's bounded waits: a rank that never calls costs the others one LARGEEP_TIMEOUT_S, named
+    at their next call."""
+    times = pools(2, "nccl").run(gpu_bodies.missing_peer_low_latency, 5.0)
+    assert times[0]["elapsed_s"] > 4.0, times
+
+
+@pytest.mark.gpu(2)
+@needs_native
 def test_destroy_without_peer() -> None:
     """A rank that never destroys its Buffer costs the others one bounded wait, not a hang (a pool of its own:
     NVSHMEM is unusable in these processes afterwards)."""
@@ -369,16 +378,20 @@ def test_low_latency_many_ranks_shared_gpus(ranks_per_node: int | None) -> None:
 def test_low_latency_many_destinations_one_gpu(ranks_per_node: int | None) -> None:
     """12 ranks on one GPU, top-16 of 24 experts: most tokens go to more than 8 ranks, so the dispatch send takes
     its destinations past the 8 it holds in registers from shared memory; one node (NVLink stores) and 2 nodes of 6
-    (staged rows and NVSHMEM puts). FP8 with a hook, the even ranks' weights sent, rank 1 without tokens. A pool of
-    its own, closed afterwards."""
+    (staged rows and NVSHMEM puts). FP8 with a hook, the even ranks' weights sent, rank 1 without tokens; then BF16
+    with repeated experts, ranks without weights, with split sums and with bf16 partial sums mixed, the combine
+    bit for bit against float64 sums. A pool of its own, closed afterwards."""
     from dist_pool import DistPool
 
     world = 12
     tokens = [6 - r % 3 if r != 1 else 0 for r in range(world)]
+    modes = [("none", "split", "bf16")[r % 3] for r in range(world)]
     pool = DistPool(world, "gloo-cuda0", timeout_s=300)
     try:
         pool.run(bodies.low_latency_roundtrip, "nvshmem", tokens, 8, 256, 24, 16, True, False, True, 47,
                  ranks_per_node, "some")
+        pool.run(bodies.low_latency_partial_sums, "nvshmem", tokens, 8, 256, 24, 16, 53, modes, True,
+                 ranks_per_node, False, False)
     finally:
         pool.close(force=True)
 

@@ -249,82 +249,61 @@ def worst_too_small(rank: int, world: int) -> None:
         buf.destroy()
 
 
-def missing_peer(rank: int, world: int, timeout_s: float) -> dict[str, float]:
-    """Rank 1 never calls dispatch: every other rank must raise PeerTimeoutError naming rank 1 within the bound."""
+def missing_peer(rank: int, world: int, timeout_s: float, low_latency: bool = False) -> dict[str, float]:
+    """Rank 1 never calls dispatch: every other rank must raise PeerTimeoutError naming rank 1 within the bound.
+    low_latency: low_latency_dispatch, which has no host wait: the others' receive kernels give up after the bound,
+    and their next call raises PeerTimeoutError naming rank 1 at once."""
     import os
     import time
 
     os.environ["LARGEEP_TIMEOUT_S"] = str(timeout_s)
     try:
         buf = largeep.Buffer(None, hidden=1024, num_experts=4 * world, num_topk=2, max_tokens_per_rank=64,
-                             backend="nvshmem")
+                             backend="nvshmem", low_latency=low_latency)
     finally:
         del os.environ["LARGEEP_TIMEOUT_S"]
+    op = "low_latency_dispatch" if low_latency else "dispatch"
     elapsed = 0.0
     try:
         if rank != 1:
             x = torch.randn(64, 1024, device="cuda").to(torch.bfloat16)
             idx = torch.arange(64 * 2, device="cuda").view(64, 2) % (4 * world)
             w = torch.rand(64, 2, device="cuda")
+
+            def call() -> None:
+                if low_latency:
+                    buf.low_latency_dispatch(x, idx, use_fp8=False)
+                else:
+                    buf.dispatch(x, idx, w)
+
             start = time.monotonic()
-            try:
-                buf.dispatch(x, idx, w)
-            except largeep.PeerTimeoutError as exc:
+            if low_latency:
+                call()
+                torch.cuda.synchronize()  # (the receive kernel waits for rank 1's rows until it gives up)
                 elapsed = time.monotonic() - start
-                assert "rank 1" in str(exc) and "dispatch" in str(exc), str(exc)
+                assert elapsed > timeout_s - 1.0, f"gave up after {elapsed:.1f} s, bound {timeout_s} s"
             else:
-                raise AssertionError("dispatch returned although rank 1 never called it")
+                try:
+                    call()
+                except largeep.PeerTimeoutError as exc:
+                    elapsed = time.monotonic() - start
+                    assert "rank 1" in str(exc) and op in str(exc), str(exc)
+                else:
+                    raise AssertionError(f"{op} returned although rank 1 never called it")
             assert elapsed < timeout_s + 10, f"gave up after {elapsed:.1f} s, bound {timeout_s} s"
             # the Buffer refuses further work at once instead of waiting again
             start = time.monotonic()
             try:
-                buf.dispatch(x, idx, w)
-            except largeep.PeerTimeoutError:
-                assert time.monotonic() - start < 1.0
-            else:
-                raise AssertionError("a failed Buffer accepted another dispatch")
-    finally:
-        # Teardown is collective: rank 1 waits (outside NVSHMEM) until the others have seen their dispatch fail,
-        # else its bounded destroy could give up on them while they are still inside dispatch.
-        _progress(rank, "before the teardown barrier")
-        dist.barrier()
-        _progress(rank, "destroying")
-        buf.destroy()
-        _progress(rank, "destroyed")
-    return {"elapsed_s": elapsed}
-
-
-def missing_peer_low_latency(rank: int, world: int, timeout_s: float) -> dict[str, float]:
-    """Rank 1 never calls low_latency_dispatch: the others' receive kernels give up after the bound (no host waits
-    in the low-latency calls), and their next call raises PeerTimeoutError naming rank 1 at once."""
-    import os
-    import time
-
-    os.environ["LARGEEP_TIMEOUT_S"] = str(timeout_s)
-    try:
-        buf = largeep.Buffer(None, hidden=1024, num_experts=4 * world, num_topk=2, max_tokens_per_rank=64,
-                             backend="nvshmem", low_latency=True)
-    finally:
-        del os.environ["LARGEEP_TIMEOUT_S"]
-    elapsed = 0.0
-    try:
-        if rank != 1:
-            x = torch.randn(64, 1024, device="cuda").to(torch.bfloat16)
-            idx = torch.arange(64 * 2, device="cuda").view(64, 2) % (4 * world)
-            start = time.monotonic()
-            buf.low_latency_dispatch(x, idx, use_fp8=False)
-            torch.cuda.synchronize()  # (the receive kernel waits for rank 1's rows until it gives up)
-            elapsed = time.monotonic() - start
-            assert timeout_s - 1.0 < elapsed < timeout_s + 10, f"gave up after {elapsed:.1f} s, bound {timeout_s} s"
-            start = time.monotonic()
-            try:
-                buf.low_latency_dispatch(x, idx, use_fp8=False)
+                call()
             except largeep.PeerTimeoutError as exc:
-                assert "rank 1" in str(exc) and "low_latency_dispatch" in str(exc), str(exc)
                 assert time.monotonic() - start < 1.0
+                if low_latency:
+                    assert "rank 1" in str(exc) and op in str(exc), str(exc)
             else:
-                raise AssertionError("a failed Buffer accepted another low_latency_dispatch")
+                raise AssertionError(f"a failed Buffer accepted another {op}")
     finally:
+        # Teardown is collective: rank 1 waits (outside NVSHMEM) until the others have seen their call fail, else
+        # its bounded destroy could give up on them while they are still inside it.
         _progress(rank, "before the teardown barrier")
         dist.barrier()
         _progress(rank, "destroying")

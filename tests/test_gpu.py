@@ -287,7 +287,7 @@ def test_missing_peer_times_out(pools, world: int) -> None:
 def test_missing_peer_times_out_low_latency(pools) -> None:
     """The low-latency mode's bounded waits: a rank that never calls costs the others one LARGEEP_TIMEOUT_S, named
     at their next call."""
-    times = pools(2, "nccl").run(gpu_bodies.missing_peer_low_latency, 5.0)
+    times = pools(2, "nccl").run(gpu_bodies.missing_peer, 5.0, True)
     assert times[0]["elapsed_s"] > 4.0, times
 
 

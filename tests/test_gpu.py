@@ -417,6 +417,15 @@ def test_normal_tokens_per_round_one_gpu(pools, ranks_per_node: int | None) -> N
                  ranks_per_node)
 
 
+@pytest.mark.gpu(1)
+def test_normal_tokens_per_round_torch_one_rank(pools) -> None:
+    """Buffer(tokens_per_round=...) on the torch backend with CUDA tensors, a group of one rank on NCCL: the rounds'
+    receive offsets (host lists) reach the GPU in one pinned, non-blocking copy (rounds.stack_offsets); results
+    against one round bit for bit."""
+    pools(1, "nccl").run(bodies.rounds_match_one_round, "torch", [700], 4096, 16, 8, "bfloat16", False, 256, 79)
+    pools(1, "nccl").run(bodies.rounds_match_one_round, "torch", [517], 7168, 16, 8, "bfloat16", True, 200, 83)
+
+
 @pytest.mark.gpu(2)
 @needs_native
 def test_normal_tokens_per_round(pools) -> None:

@@ -62,10 +62,12 @@ def _wrap_pieces(into: dict[str, list[float]]) -> list[Any]:
         (checks, "tensor"), (checks, "tokens"), (checks, "topk_idx"), (checks, "topk_weights"),
         (checks, "remember_checked"), (bmod, "_tensors_of"), (bmod.Buffer, "_run"),
         (bmod._FinishedCalls, "run"), (nb.NvshmemBackend, "get_dispatch_layout"), (nb.NvshmemBackend, "dispatch"),
-        (nb.NvshmemBackend, "_send"), (nb.NvshmemBackend, "combine"), (nb, "record_zero_copy"),
+        (nb.NvshmemBackend, "_send_cached"), (nb.NvshmemBackend, "combine"), (nb, "record_zero_copy"),
     ]
     undo = []
     for owner, name in targets:
+        if not hasattr(owner, name):  # (a tree before or after this function existed)
+            continue
         orig = getattr(owner, name)
         label = f"{getattr(owner, '__name__', owner)}.{name}"
 

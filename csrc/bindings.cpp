@@ -314,18 +314,27 @@ class NormalKernels {
         return out;
     }
 
-    // check_host: 0, or the device address of 3 host-mapped int64 words for the expert-id check (see the kernel)
-    void prepare(uintptr_t idx, int num_tokens, uintptr_t send_pos, uintptr_t node_pos, uintptr_t self_token,
-                 uintptr_t check_host, int64_t check_token, uintptr_t stream) {
+    // A fresh dispatch's launches in one call from Python (each call through the binding costs host time):
+    // prepare, a zero-copy slot when `want_slot` (zc_acquire), notify publishing that slot, then the sends (the RDMA
+    // leg and the forwarding in groups of several nodes, the NVLink push). Returns the slot (0: the copy slot).
+    // check_host: 0, or the device address of 3 host-mapped int64 words for the expert-id check (see the prepare
+    // kernel). (node_pos and fwd_pos are 0 in groups of one node, and node_pos also where num_tokens is 0.)
+    int start(uintptr_t idx, int num_tokens, uintptr_t send_pos, uintptr_t node_pos, uintptr_t self_token,
+              uintptr_t check_host, int64_t check_token, bool want_slot, uintptr_t recv_off, uintptr_t send_off,
+              uintptr_t send_slot, uintptr_t fwd_off, uintptr_t fwd_count, uintptr_t fwd_pos, bool report,
+              uintptr_t per_expert, int alignment, uintptr_t x, int x_elem, uintptr_t scales, bool has_scales,
+              uintptr_t w, int num_sms, uintptr_t stream) {
+        const bool nodes = c_.ranks_per_node < c_.num_ranks;
+        const cudaStream_t s = stream_of(stream);
         launch_dispatch_prepare(c_, ptr<const int64_t>(idx), num_tokens, ptr<int>(send_pos), ptr<int>(node_pos),
-                                ptr<int>(self_token), IdCheck{ptr<int64_t>(check_host), check_token},
-                                stream_of(stream));
-    }
-    void notify(uintptr_t recv_off, uintptr_t send_off, uintptr_t send_slot, uintptr_t fwd_off, uintptr_t fwd_count,
-                int my_slot, bool report, uintptr_t per_expert, int alignment, uintptr_t stream) {
+                                ptr<int>(self_token), IdCheck{ptr<int64_t>(check_host), check_token}, s);
+        const int slot = want_slot ? zc_acquire(stream) : 0;
         launch_dispatch_notify(c_, ptr<int>(recv_off), ptr<int>(send_off), ptr<int64_t>(send_slot), ptr<int>(fwd_off),
-                               ptr<int>(fwd_count), my_slot, report, ptr<int>(per_expert), alignment,
-                               stream_of(stream));
+                               ptr<int>(fwd_count), slot, report, ptr<int>(per_expert), alignment, s);
+        if (nodes) rdma_send(x, x_elem, scales, idx, w, num_tokens, send_pos, node_pos, num_sms, stream);
+        push(x, x_elem, scales, idx, w, num_tokens, send_pos, send_off, send_slot, slot > 0, num_sms, stream);
+        if (nodes) forward(x_elem, has_scales, false, fwd_off, fwd_count, fwd_pos, num_sms, stream);
+        return slot;
     }
     void push(uintptr_t x, int x_elem, uintptr_t scales, uintptr_t idx, uintptr_t w, int num_tokens,
               uintptr_t send_pos, uintptr_t send_off, uintptr_t send_slot, bool include_self, int num_sms,
@@ -496,7 +505,7 @@ PYBIND11_MODULE(_C, m) {
     // Bumped whenever a binding's signature, or the meaning of a status word the kernels share with the Python code,
     // changes; python/largeep/native.py refuses a module of another version (a stale build next to newer Python
     // code) with a message saying to rebuild, instead of a TypeError or a misread word later.
-    m.attr("abi_version") = 6;
+    m.attr("abi_version") = 7;
     m.def("install_fault_backtrace", [] {
         struct sigaction sa {};
         sa.sa_sigaction = segv_handler;
@@ -606,8 +615,7 @@ PYBIND11_MODULE(_C, m) {
         .def("zc_add_stream", &NormalKernels::zc_add_stream)
         .def("zc_outputs", &NormalKernels::zc_outputs)
         .def("zc_close", [](NormalKernels& k) { k.close(); })
-        .def("prepare", &NormalKernels::prepare)
-        .def("notify", &NormalKernels::notify)
+        .def("start", &NormalKernels::start)
         .def("push", &NormalKernels::push)
         .def("copyout", &NormalKernels::copyout)
         .def("combine_push", &NormalKernels::combine_push)

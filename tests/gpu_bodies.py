@@ -559,16 +559,21 @@ def layout_id_check(rank: int, world: int) -> None:
         buf.dispatch(x, handle=d.handle)  # a cached dispatch checks nothing
         assert impl._layout_token == checks_before + 2
         del d
-        lay = buf.get_dispatch_layout(idx)
-        valid = idx >= 0
-        hit = torch.zeros(t, e, dtype=torch.bool, device="cuda")
-        rows, cols = valid.nonzero(as_tuple=True)
-        hit[rows, idx[rows, cols]] = True
-        in_rank = hit.view(t, world, e // world).any(2)
-        assert torch.equal(lay.num_tokens_per_expert, hit.sum(0, dtype=torch.int32))
-        assert torch.equal(lay.is_token_in_rank, in_rank)
-        assert torch.equal(lay.num_tokens_per_rank, in_rank.sum(0, dtype=torch.int32))
-        assert torch.equal(lay.num_tokens_per_node, in_rank.any(1).sum(0, dtype=torch.int32).view(1))
+        # several blocks of tokens (counts zeroed first, then summed by atomics) and one block (256 tokens or fewer:
+        # the kernel stores every count itself, zeros too, over memory a larger layout's outputs left behind)
+        for n in (t, 256, 257, 100, 1, 700, 3):
+            sub = idx[:n]
+            lay = buf.get_dispatch_layout(sub)
+            valid = sub >= 0
+            hit = torch.zeros(n, e, dtype=torch.bool, device="cuda")
+            rows, cols = valid.nonzero(as_tuple=True)
+            hit[rows, sub[rows, cols]] = True
+            in_rank = hit.view(n, world, e // world).any(2)
+            assert torch.equal(lay.num_tokens_per_expert, hit.sum(0, dtype=torch.int32)), n
+            assert torch.equal(lay.is_token_in_rank, in_rank), n
+            assert torch.equal(lay.num_tokens_per_rank, in_rank.sum(0, dtype=torch.int32)), n
+            assert torch.equal(lay.num_tokens_per_node, in_rank.any(1).sum(0, dtype=torch.int32).view(1)), n
+            del lay
         _roundtrip_small(buf, 9)
     finally:
         buf.destroy()

@@ -1,5 +1,7 @@
 // get_dispatch_layout: one thread per token; block-level histograms in shared memory, then one global atomic per
-// non-zero bin. Outputs are zeroed by the launcher first (cudaMemsetAsync). With a check (the host's expert-id
+// non-zero bin, into counts the launcher zeroed first (cudaMemsetAsync); a grid of one block (up to 256 tokens, the
+// small calls whose cost is the host's) stores its histograms as the counts instead, so that the call is one launch
+// rather than five. Each block clears its own tokens' rows of is_token_in_rank before setting them. With a check (the host's expert-id
 // range check, done here instead of a separate min/max reduction and copy): the lowest id below -1 and the highest
 // id >= E go to device scratch by atomics, and the last block copies them to host-mapped words, then writes the
 // call's token into the done word the host waits on (the Buffer is not marked failed: the host raises an argument
@@ -38,7 +40,12 @@ __global__ void __launch_bounds__(kLayoutThreads) layout_kernel(const int64_t* t
     int* h_node = h_rank + N;
     const int nodes = N / P, epr = E / N;
     for (int i = threadIdx.x; i < E + N + nodes; i += blockDim.x) hist[i] = 0;
-    __syncthreads();
+    {  // this block's rows of in_rank, cleared with consecutive threads on consecutive bytes
+        const int64_t first = static_cast<int64_t>(blockIdx.x) * blockDim.x * N;
+        const int64_t end = min(static_cast<int64_t>(blockIdx.x + 1) * blockDim.x, static_cast<int64_t>(T)) * N;
+        for (int64_t i = first + threadIdx.x; i < end; i += blockDim.x) in_rank[i] = false;
+    }
+    __syncthreads();  // (a thread sets flags in rows another thread cleared)
     const int t = blockIdx.x * blockDim.x + threadIdx.x;
     if (t < T) {
         const int64_t* row = topk_idx + static_cast<int64_t>(t) * K;
@@ -70,12 +77,12 @@ __global__ void __launch_bounds__(kLayoutThreads) layout_kernel(const int64_t* t
         if (bad && check.scratch == nullptr) report_error(err, kOpLayout, -1);
     }
     __syncthreads();
+    const bool alone = gridDim.x == 1;  // (the counts were not zeroed: every bin is stored, zeros too)
     for (int i = threadIdx.x; i < E + N + nodes; i += blockDim.x) {
         const int v = hist[i];
-        if (v == 0) continue;
-        if (i < E) atomicAdd(per_expert + i, v);
-        else if (i < E + N) atomicAdd(per_rank + (i - E), v);
-        else atomicAdd(per_node + (i - E - N), v);
+        int* to = i < E ? per_expert + i : i < E + N ? per_rank + (i - E) : per_node + (i - E - N);
+        if (alone) *to = v;
+        else if (v != 0) atomicAdd(to, v);
     }
     if (check.scratch != nullptr) finish_id_check(check);
 }
@@ -97,14 +104,20 @@ void launch_layout(const int64_t* topk_idx, int num_tokens, int num_topk, int nu
                 "bad layout sizes");
     HOST_ASSERT((check.scratch == nullptr) == (check.host == nullptr), "a layout check needs scratch and host words");
     HOST_ASSERT(check.scratch == nullptr || num_tokens > 0, "a layout check needs tokens (the host skips it)");
-    CUDA_CHECK(cudaMemsetAsync(per_rank, 0, sizeof(int) * num_ranks, stream));
-    CUDA_CHECK(cudaMemsetAsync(per_node, 0, sizeof(int) * (num_ranks / ranks_per_node), stream));
-    CUDA_CHECK(cudaMemsetAsync(per_expert, 0, sizeof(int) * num_experts, stream));
+    const int nodes = num_ranks / ranks_per_node, blocks = ceil_div(num_tokens, kLayoutThreads);
+    if (blocks != 1) {  // (one block stores every count itself)
+        if (per_node == per_rank + num_ranks && per_expert == per_node + nodes) {  // one allocation, in this order
+            CUDA_CHECK(cudaMemsetAsync(per_rank, 0, sizeof(int) * (num_ranks + nodes + num_experts), stream));
+        } else {
+            CUDA_CHECK(cudaMemsetAsync(per_rank, 0, sizeof(int) * num_ranks, stream));
+            CUDA_CHECK(cudaMemsetAsync(per_node, 0, sizeof(int) * nodes, stream));
+            CUDA_CHECK(cudaMemsetAsync(per_expert, 0, sizeof(int) * num_experts, stream));
+        }
+    }
     if (num_tokens == 0) return;
-    CUDA_CHECK(cudaMemsetAsync(in_rank, 0, static_cast<size_t>(num_tokens) * num_ranks, stream));
-    const size_t smem = sizeof(int) * (num_experts + num_ranks + num_ranks / ranks_per_node);
+    const size_t smem = sizeof(int) * (num_experts + num_ranks + nodes);
     HOST_ASSERT(smem <= 48 * 1024, "too many experts for the layout kernel: " << num_experts);
-    layout_kernel<<<ceil_div(num_tokens, kLayoutThreads), kLayoutThreads, smem, stream>>>(
+    layout_kernel<<<blocks, kLayoutThreads, smem, stream>>>(
         topk_idx, num_tokens, num_topk, num_ranks, num_experts, ranks_per_node, per_rank, per_node, per_expert,
         in_rank, err, check);
     LAUNCH_CHECK();

@@ -15,8 +15,9 @@ _HOW = (
 # the version of the bindings this Python code calls (csrc/bindings.cpp's abi_version; 2: ops.gather_rows and
 # weighted_row_sum's count; 3: the low-latency kernels without the ll_send setting; 4: id_check; 5: the normal
 # mode's status words for a void round, one per rank; 6: normal-mode groups of up to 512 ranks, 64 nodes and 32
-# ranks per node, which an older build would refuse only after the Buffer's collective allocation)
-ABI_VERSION = 6
+# ranks per node, which an older build would refuse only after the Buffer's collective allocation; 7: the normal
+# kernels' start, a fresh dispatch's launches in one call)
+ABI_VERSION = 7
 
 
 @functools.lru_cache(maxsize=1)

@@ -717,18 +717,16 @@ class NvshmemBackend:
                 per_expert_t = ws[ws.shape[0] - epr:]
             assert report or not check_ids, "dispatch: the id check needs the count exchange's host wait"
             words = self._id_check_words(check_ids, t)  # (the layout check's words)
-            k.prepare(topk_idx.data_ptr(), t, send_pos, _ptr(hier.node_pos if hier else None), self_token, words,
-                      self._layout_token, stream)
-            # (no wait for the check here: a refusal voids the round on every rank, and the host learns of it with
-            # the counts below; a void round's slot is released before raising)
-            if not worst and self.zc_slots and elem <= 2:
-                slot = int(k.zc_acquire(stream))
-            k.notify(recv_off, send_off, send_slot,
-                     _ptr(hier.fwd_off if hier else None), _ptr(hier.fwd_count if hier else None), slot, report,
-                     _ptr(per_expert_t), expert_alignment, stream)
-            # The sends need no host decision: they run while the host waits for the counts below.
-            self._send(x, x_scales, topk_idx.data_ptr(), topk_weights.data_ptr(), t, send_pos, send_off,
-                       send_slot, slot > 0, hier, False, stream)
+            # One native call queues prepare, takes a zero-copy slot (if one is free and wanted), the count exchange
+            # (notify) and the sends (see _send_cached): the sends need no host decision, so they run while the host waits
+            # for the counts below. (No wait for the id check here: a refusal voids the round on every rank, and the
+            # host learns of it with the counts; a void round's slot is released before raising.)
+            slot = int(k.start(
+                topk_idx.data_ptr(), t, send_pos, _ptr(hier.node_pos if hier else None), self_token, words,
+                self._layout_token, not worst and bool(self.zc_slots) and elem <= 2, recv_off, send_off, send_slot,
+                _ptr(hier.fwd_off if hier else None), _ptr(hier.fwd_count if hier else None),
+                _ptr(hier.fwd_pos if hier else None), report, _ptr(per_expert_t), expert_alignment, x.data_ptr(),
+                elem, _ptr(x_scales), x_scales is not None, topk_weights.data_ptr(), c.num_sms, stream))
             if report:
                 rc = self.C.wait_host_word(self.host_ptr, _READY, 1, _ERROR, self.settings.timeout_s + _HOST_GRACE_S)
                 self._raise_if_failed("dispatch")
@@ -756,7 +754,7 @@ class NvshmemBackend:
             )
         else:
             # cached: every rank receives into its copy slot
-            self._send(x, x_scales, 0, 0, t, state.send_pos, state.send_off, 0, False, state.hier, True, stream)
+            self._send_cached(x, x_scales, t, state, stream)
         rows = state.num_rows
         out_s: torch.Tensor | None = None
         out_idx: torch.Tensor | None = None
@@ -821,25 +819,21 @@ class NvshmemBackend:
                 raise RuntimeError(f"{op}: the id check's report on rank {c.rank} is missing (an internal error)")
         raise checks.refused_round(op, c.rank, refused, bad, c.num_experts, no_wait)
 
-    def _send(
-        self, x: torch.Tensor, x_scales: torch.Tensor | None, idx_ptr: int, w_ptr: int, t: int,
-        send_pos: int, send_off: int, send_slot_ptr: int, include_self: bool, hier: _Hier | None,
-        cached: bool, stream: int,
-    ) -> None:
-        """Queues the sending kernels of a dispatch: the RDMA leg (several nodes), the NVLink push to this node's
-        ranks (into each receiver's slot at send_slot_ptr, 0: the copy slots; include_self: my own rows into my
-        zero-copy slot too), and the forwarding of the rows my RDMA peers sent (several nodes). Whether rows carry
+    def _send_cached(self, x: torch.Tensor, x_scales: torch.Tensor | None, t: int, state: _NvState,
+                     stream: int) -> None:
+        """Queues the sending kernels of a cached dispatch (a fresh one's are queued by the native ``start``, in
+        the same order): the RDMA leg (several nodes), the NVLink push into this node's ranks' copy slots, and the
+        forwarding of the rows my RDMA peers sent (several nodes); no ids or weights travel. Whether rows carry
         FP8 scales comes from ``x_scales is not None``, not from its pointer: an empty tensor's is 0, yet the rows
         this rank forwards for other ranks have scales."""
-        k, sms = self.kernels, self.ctx.num_sms
+        k, sms, hier = self.kernels, self.ctx.num_sms, state.hier
         elem, scales_ptr = x.element_size(), _ptr(x_scales)
         if hier is not None:
-            k.rdma_send(x.data_ptr(), elem, scales_ptr, idx_ptr, w_ptr, t, send_pos,
-                        hier.node_pos.data_ptr(), sms, stream)
-        k.push(x.data_ptr(), elem, scales_ptr, idx_ptr, w_ptr, t, send_pos, send_off,
-               send_slot_ptr, include_self, sms, stream)
+            k.rdma_send(x.data_ptr(), elem, scales_ptr, 0, 0, t, state.send_pos, hier.node_pos.data_ptr(), sms,
+                        stream)
+        k.push(x.data_ptr(), elem, scales_ptr, 0, 0, t, state.send_pos, state.send_off, 0, False, sms, stream)
         if hier is not None:
-            k.forward(elem, x_scales is not None, cached, hier.fwd_off.data_ptr(), hier.fwd_count.data_ptr(),
+            k.forward(elem, x_scales is not None, True, hier.fwd_off.data_ptr(), hier.fwd_count.data_ptr(),
                       hier.fwd_pos.data_ptr(), sms, stream)
 
     def combine(

@@ -4,7 +4,7 @@ timings), on every visible GPU.
 `python -m largeep.bench` times whole calls with device events, which also counts the host's share (argument
 checks, the count-exchange wait, allocations). This script reports what the GPU spends in largeep's own kernels
 for each op, as DeepEP's figures are measured:
-  layout   = layout_kernel (+ its memsets)
+  layout   = layout_kernel (the memset of its counts past 256 tokens not counted; it clears is_token_in_rank itself)
   dispatch = dispatch_prepare + dispatch_push + dispatch_copyout (the count exchange, `dispatch_notify`, is
              reported apart as op "send": it includes waiting for the slowest rank to arrive)
   combine  = combine_fused (one node, the default) or combine_push + combine_reduce (LARGEEP_TUNE comb=0, or

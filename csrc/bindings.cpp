@@ -325,6 +325,8 @@ class NormalKernels {
               uintptr_t per_expert, int alignment, uintptr_t x, int x_elem, uintptr_t scales, bool has_scales,
               uintptr_t w, int num_sms, uintptr_t stream) {
         const bool nodes = c_.ranks_per_node < c_.num_ranks;
+        HOST_ASSERT(!nodes || (fwd_off != 0 && fwd_count != 0 && fwd_pos != 0),
+                    "a group of several nodes needs fwd_off, fwd_count and fwd_pos");
         const cudaStream_t s = stream_of(stream);
         launch_dispatch_prepare(c_, ptr<const int64_t>(idx), num_tokens, ptr<int>(send_pos), ptr<int>(node_pos),
                                 ptr<int>(self_token), IdCheck{ptr<int64_t>(check_host), check_token}, s);

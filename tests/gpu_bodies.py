@@ -561,7 +561,7 @@ def layout_id_check(rank: int, world: int) -> None:
         del d
         # several blocks of tokens (counts zeroed first, then summed by atomics) and one block (256 tokens or fewer:
         # the kernel stores every count itself, zeros too, over memory a larger layout's outputs left behind)
-        for n in (t, 256, 257, 100, 1, 700, 3):
+        for n in (t, 256, 257, 100, 1, 700, 3, 0):
             sub = idx[:n]
             lay = buf.get_dispatch_layout(sub)
             valid = sub >= 0

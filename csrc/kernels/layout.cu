@@ -1,11 +1,12 @@
 // get_dispatch_layout: one thread per token; block-level histograms in shared memory, then one global atomic per
 // non-zero bin, into counts the launcher zeroed first (cudaMemsetAsync); a grid of one block (up to 256 tokens, the
 // small calls whose cost is the host's) stores its histograms as the counts instead, so that the call is one launch
-// rather than five. Each block clears its own tokens' rows of is_token_in_rank before setting them. With a check (the host's expert-id
-// range check, done here instead of a separate min/max reduction and copy): the lowest id below -1 and the highest
-// id >= E go to device scratch by atomics, and the last block copies them to host-mapped words, then writes the
-// call's token into the done word the host waits on (the Buffer is not marked failed: the host raises an argument
-// error). The low-latency dispatch runs the same check alone (id_check_kernel), before its send.
+// rather than five. Each block clears its own tokens' rows of is_token_in_rank before setting them. With a check
+// (the host's expert-id range check, done here instead of a separate min/max reduction and copy): the lowest id
+// below -1 and the highest id >= E go to device scratch by atomics, and the last block copies them to host-mapped
+// words, then writes the call's token into the done word the host waits on (the Buffer is not marked failed: the
+// host raises an argument error). The low-latency dispatch runs the same check alone (id_check_kernel), before its
+// send.
 #include "launch.cuh"
 
 namespace largeep {

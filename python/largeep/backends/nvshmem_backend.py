@@ -718,9 +718,9 @@ class NvshmemBackend:
             assert report or not check_ids, "dispatch: the id check needs the count exchange's host wait"
             words = self._id_check_words(check_ids, t)  # (the layout check's words)
             # One native call queues prepare, takes a zero-copy slot (if one is free and wanted), the count exchange
-            # (notify) and the sends (see _send_cached): the sends need no host decision, so they run while the host waits
-            # for the counts below. (No wait for the id check here: a refusal voids the round on every rank, and the
-            # host learns of it with the counts; a void round's slot is released before raising.)
+            # (notify) and the sends (as _send_cached's): the sends need no host decision, so they run while the host
+            # waits for the counts below. (No wait for the id check here: a refusal voids the round on every rank,
+            # and the host learns of it with the counts; a void round's slot is released before raising.)
             slot = int(k.start(
                 topk_idx.data_ptr(), t, send_pos, _ptr(hier.node_pos if hier else None), self_token, words,
                 self._layout_token, not worst and bool(self.zc_slots) and elem <= 2, recv_off, send_off, send_slot,

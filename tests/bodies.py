@@ -476,6 +476,15 @@ def rounds_match_one_round(
                 assert type(exc) is want and f"of {rounds.num_rounds} (tokens_per_round)" in str(exc), repr(exc)
             again = rounds.dispatch(x_in, idx, w, expert_alignment=3)
             same(a.x, again.x, "dispatch after a refused one")
+        # every token to rank 0's experts: the other ranks receive no rows, and combine an empty y of any strides
+        # (as the gradient of a sum is: a scalar expanded, strides (0, 0))
+        to0 = torch.where(idx >= 0, idx % (num_experts // world), idx)
+        a0, b0 = one.dispatch(x_in, to0, w), rounds.dispatch(x_in, to0, w)
+        rows0 = a0.handle.num_recv_tokens
+        assert rows0 == b0.handle.num_recv_tokens and (rank == 0 or rows0 == 0), (rank, rows0)
+        y0 = torch.randn(rows0, hidden, generator=g).to(dtype).to(dev) if rows0 else \
+            torch.zeros((), dtype=dtype, device=dev).expand(0, hidden)
+        same(one.combine(y0, a0.handle).x, rounds.combine(y0, b0.handle).x, "combine of an empty or full y")
         return {"rows": rows}
     finally:
         rounds.destroy()

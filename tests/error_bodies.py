@@ -892,16 +892,18 @@ def torch_missing_peer(rank: int, world: int, timeout_s: float) -> dict[str, flo
 
 
 # -- one rank's ids refused, the others' good ------------------------------------------------------------------------
-REFUSAL_VARIANTS = ("bf16", "fp8", "nodes", "empty_peer", "twice", "worst_peer")
+REFUSAL_VARIANTS = ("bf16", "fp8", "nodes", "empty_peer", "twice", "worst_peer", "worst_all")
 
 
 def one_rank_refuses(rank: int, world: int, backend: str, variant: str) -> dict[str, Any]:
     """Rank 0 dispatches an expert id out of range, the other ranks good ids (variants: bf16 rows, FP8 rows, every
     rank a node of its own, rank 1 with no tokens, two refusals in a row; worst_peer: the other ranks dispatch with
-    num_worst_tokens, nvshmem only). Rank 0 must raise ArgumentError naming the id, every other rank
-    PeerRefusedError naming rank 0, at once (not after LARGEEP_TIMEOUT_S), with the caller's tensors unchanged;
-    then a cached dispatch of an earlier handle and a fresh round are right on every rank (worst_peer: the peers'
-    next call raises instead, their Buffers being unusable). Returns {"failures", "elapsed_s", "checks"}."""
+    num_worst_tokens, nvshmem only; worst_all: every rank does, nvshmem only). Rank 0 must raise ArgumentError
+    naming the id, every other rank PeerRefusedError naming rank 0, at once (not after LARGEEP_TIMEOUT_S), with the
+    caller's tensors unchanged; then a cached dispatch of an earlier handle and a fresh round are right on every rank
+    (worst_peer: the peers' next call raises instead, their Buffers being unusable; worst_all: no rank raises in the
+    call, which has no host wait, and every rank's next call does, rank 0's naming the id). Returns {"failures",
+    "elapsed_s", "checks"}."""
     import time
 
     chk = Checker(f"{variant} on rank {rank}")
@@ -919,7 +921,7 @@ def one_rank_refuses(rank: int, world: int, backend: str, variant: str) -> dict[
         prev = buf.dispatch(xs, idx, w)
         prev_x = [t.clone() for t in (prev.x if use_fp8 else (prev.x,))]
         bad = with_id(idx, EXPERTS + 3 if variant != "twice" else -4) if rank == 0 else idx.clone()
-        worst = world * MAX_TOKENS if variant == "worst_peer" and rank != 0 else 0
+        worst = world * MAX_TOKENS if (variant == "worst_peer" and rank != 0) or variant == "worst_all" else 0
         for attempt in range(2 if variant == "twice" else 1):
             held = [bad, w] + list(xs if use_fp8 else (xs,))
             before = [t.clone() for t in held]
@@ -928,7 +930,7 @@ def one_rank_refuses(rank: int, world: int, backend: str, variant: str) -> dict[
             try:
                 buf.dispatch(xs, bad, w, num_worst_tokens=worst)
             except ArgumentError as exc:
-                chk.expect(rank == 0, f"attempt {attempt}: ArgumentError on a rank with good ids: {exc}")
+                chk.expect(rank == 0 and variant != "worst_all", f"attempt {attempt}: ArgumentError: {exc}")
                 chk.expect(f"expert id {int(bad[0, 0])}" in str(exc) and "'topk_idx'" in str(exc), str(exc))
                 if variant == "worst_peer":  # the peers could not raise: the message says their Buffers are gone
                     chk.expect("num_worst_tokens" in str(exc) and "destroy the Buffer" in str(exc), str(exc))
@@ -936,17 +938,20 @@ def one_rank_refuses(rank: int, world: int, backend: str, variant: str) -> dict[
                 chk.expect(rank != 0, f"attempt {attempt}: PeerRefusedError on the refusing rank: {exc}")
                 chk.expect("rank(s) [0]" in str(exc) and "stays usable" in str(exc) and exc.buffer_usable, str(exc))
             else:
-                chk.expect(rank != 0 and worst > 0, f"attempt {attempt}: the call was not refused")
+                chk.expect(worst > 0 and (rank != 0 or variant == "worst_all"),
+                           f"attempt {attempt}: the call was not refused")
             elapsed.append(time.perf_counter() - t0)
             chk.expect(all(same_bits(t, c) for t, c in zip(held, before, strict=True)),
                        "the refused call modified the caller's tensors")
-        if variant == "worst_peer":
-            if rank != 0:  # no host wait in that call: its next call reports the refusal, the Buffer unusable
+        if variant in ("worst_peer", "worst_all"):
+            if worst:  # no host wait in that call: its next call reports the refusal, the Buffer unusable
                 try:
                     buf.dispatch(xs, idx, w)
                 except largeep.PeerRefusedError as exc:
                     chk.expect("rank 0 refused" in str(exc) and "unusable" in str(exc) and not exc.buffer_usable,
                                str(exc))
+                    if rank == 0:  # its own check's verdict, read at this call
+                        chk.expect(f"expert id {int(bad[0, 0])}," in str(exc), str(exc))
                 else:
                     chk.expect(False, "the call after a refused num_worst_tokens round was not refused")
             return {"failures": chk.failures, "elapsed_s": max(elapsed), "checks": chk.checks}

@@ -62,7 +62,7 @@ def _refusal_params() -> list:
         for variant in error_bodies.REFUSAL_VARIANTS:
             # worst_peer: the torch backend on CPU checks a num_worst_tokens dispatch too (no device sync there),
             # and on CUDA a num_worst_tokens dispatch there has no host wait: nvshmem's case only
-            if variant == "worst_peer" and backend != "nvshmem":
+            if variant in ("worst_peer", "worst_all") and backend != "nvshmem":
                 continue
             out.append(pytest.param(backend, pg, variant, marks=marks, id=f"{backend}-{pg}-{variant}"))
     return out
@@ -379,7 +379,7 @@ def test_nvshmem_init_timeout_on_gpus() -> None:
 @pytest.mark.skipif(os.environ.get("LARGEEP_TEST_SHARED_GPUS") != "1",
                     reason="LARGEEP_TEST_SHARED_GPUS=1 runs 2 ranks on one GPU (NVSHMEM's several PEs per GPU)")
 @pytest.mark.parametrize("world,variant", [(2, v) for v in error_bodies.REFUSAL_VARIANTS]
-                         + [(4, v) for v in ("bf16", "half_nodes", "nodes", "worst_peer")])
+                         + [(4, v) for v in ("bf16", "half_nodes", "nodes", "worst_peer", "worst_all")])
 def test_one_rank_refuses_one_gpu(pools, world: int, variant: str) -> None:
     """The nvshmem backend's refusal with every rank on one GPU (a gloo group; for machines of one GPU); on 4
     ranks also 2 nodes of 2 (the forwarders' path) and 4 nodes of 1."""

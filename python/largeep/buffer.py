@@ -591,9 +591,12 @@ class Buffer:
         else:
             if topk_idx is None or topk_weights is None:
                 raise ArgumentError(f"Buffer.{op}: 'topk_idx' and 'topk_weights' are required without a handle")
-            # with num_worst_tokens a CUDA dispatch does not wait on the host, so it does not check values; on CPU
-            # the check costs no device sync
-            want = self._settings.check_values and (num_worst_tokens == 0 or c.device.type == "cpu")
+            # with num_worst_tokens a CUDA dispatch does not wait on the host: only a backend that checks the ids
+            # in its kernels without a host wait checks them then (a refusal surfaces at the next call); on CPU the
+            # check costs no device sync
+            host_ok = num_worst_tokens == 0 or c.device.type == "cpu"
+            no_wait = getattr(self._impl, "checks_ids_without_wait", False)
+            want = self._settings.check_values and (host_ok or no_wait)
             idx = checks.topk_idx(
                 op, topk_idx, num_tokens=t, num_topk=c.num_topk, num_experts=c.num_experts, device=c.device,
                 check_values=False,
@@ -605,7 +608,7 @@ class Buffer:
             if want and not checks.take_checked(idx, c.num_experts):
                 if getattr(self._impl, "checks_dispatch_ids", False) and checks.needs_id_check(idx, True):
                     native_check = True
-                else:
+                elif host_ok:
                     checks.topk_idx(
                         op, idx, num_tokens=t, num_topk=c.num_topk, num_experts=c.num_experts, device=c.device,
                         check_values=True,

@@ -560,8 +560,10 @@ class NvshmemBackend:
         if code // 65536 == 1:
             raise RuntimeError(f"{op}: the layout kernel found an expert id outside [-1, num_experts)")
         if code // 65536 == _OP_PEER_REFUSED:
+            bad = self._reported_bad_id() if rank == self.ctx.rank else None  # (this rank's own check, if it ran)
+            which = f"expert id {bad}, outside" if bad is not None else "an expert id outside"
             raise PeerRefusedError(
-                f"{op}: rank {rank} refused a dispatch (an expert id outside [-1, num_experts)) in a round that rank "
+                f"{op}: rank {rank} refused a dispatch ({which} [-1, num_experts)) in a round that rank "
                 f"{self.ctx.rank} ran with num_worst_tokens, which has no host wait to raise from; that call's outputs "
                 "hold no rows (ids -1) and the Buffer is unusable now (destroy it on every rank; check the ids before "
                 "a num_worst_tokens dispatch)",
@@ -596,6 +598,8 @@ class NvshmemBackend:
     checks_layout_ids = True
     # dispatch(check_ids=True) checks them in its prepare kernel likewise, before anything moves (see dispatch)
     checks_dispatch_ids = True
+    # ... with num_worst_tokens too, where no host wait follows (the refusal then surfaces at the next call)
+    checks_ids_without_wait = True
 
     def get_dispatch_layout(self, topk_idx: torch.Tensor, check: bool = False) -> Layout:
         """``check``: raise ArgumentError (nothing else launched, the Buffer still usable) if an id is outside
@@ -665,11 +669,13 @@ class NvshmemBackend:
         check_ids: bool = False,
     ) -> NormalDispatchOut:
         """``caller_stream``: the raw handle of the stream the caller is on; zero-copy outputs record their
-        release on it (None: the current stream). ``check_ids`` (a fresh dispatch of at least one token, without
-        num_worst_tokens): raise ArgumentError if an id in topk_idx is outside [-1, num_experts). The prepare kernel
-        finds them and tells the count exchange, which makes the round void on every rank: no row moves anywhere,
-        each rank's host learns it with the counts it waits for anyway (no wait of its own for the check), this
-        rank raises ArgumentError and the others PeerRefusedError at once, and every Buffer stays usable."""
+        release on it (None: the current stream). ``check_ids`` (a fresh dispatch of at least one token): raise
+        ArgumentError if an id in topk_idx is outside [-1, num_experts). The prepare kernel finds them and tells the
+        count exchange, which makes the round void on every rank: no row moves anywhere, each rank's host learns it
+        with the counts it waits for anyway (no wait of its own for the check), this rank raises ArgumentError and
+        the others PeerRefusedError at once, and every Buffer stays usable. A rank that runs the round with
+        num_worst_tokens has no host wait: the call returns (its outputs hold no rows), and its Buffer is unusable
+        from then on, its next call raising PeerRefusedError (see _raise_if_failed)."""
         self._raise_if_failed("dispatch")
         c = self.ctx
         dev = c.device
@@ -715,7 +721,6 @@ class NvshmemBackend:
             if report:
                 self.status[_READY] = 0
                 per_expert_t = ws[ws.shape[0] - epr:]
-            assert report or not check_ids, "dispatch: the id check needs the count exchange's host wait"
             words = self._id_check_words(check_ids, t)  # (the layout check's words)
             # One native call queues prepare, takes a zero-copy slot (if one is free and wanted), the count exchange
             # (notify) and the sends (as _send_cached's): the sends need no host decision, so they run while the host

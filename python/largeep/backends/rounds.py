@@ -218,6 +218,8 @@ class RoundsBackend:
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         xs: list[torch.Tensor] = []
         ws: list[torch.Tensor] = []
+        if y.numel() == 0:  # (an empty y may have any strides, as an empty gradient does; as_words needs rows)
+            y = torch.empty(y.shape, dtype=y.dtype, device=y.device)
         for i, d in enumerate(state.dest):
             y_i = as_words(y).index_select(0, d).view(y.dtype).view(-1, y.shape[1])
             w_i = None if topk_weights is None else topk_weights.index_select(0, d)

@@ -293,9 +293,18 @@ def low_latency_roundtrip(
                 s, t = info[e, j].tolist()
                 y[e, j] = y_of(rank * epr + e, s, t)
         out = torch.full((tokens[rank], hidden), float("nan"), dtype=torch.bfloat16, device=dev)
-        comb = buf.low_latency_combine(y.to(dev), idx, w, res.handle, out=out, return_recv_hook=hook)
+        # weights the dispatch did not get may be a temporary the caller drops before the hook: the pending
+        # receive must keep them (freed, their memory could hold other data by the time the hook runs)
+        w_given = w if send_w else w.clone()
+        comb = buf.low_latency_combine(y.to(dev), idx, w_given, res.handle, out=out, return_recv_hook=hook)
         if hook:
             assert comb.hook is not None
+            if not send_w:
+                del w_given
+                if dev.type == "cuda":
+                    torch.cuda.synchronize()
+                    junk = torch.full_like(w, 1e4)  # (the freed block, if nothing kept it)
+                    del junk
             comb.hook()
         assert comb.x.data_ptr() == out.data_ptr()
         want = ref_low_latency_combine(mine, rank, num_experts, world, y_of)

@@ -125,6 +125,50 @@ def low_latency_graph(rank: int, world: int, reps: int, tokens: int, hidden: int
         buf.destroy()
 
 
+def low_latency_hook_capture(rank: int, world: int) -> None:
+    """A receive hook runs where its send was made: an eager call's hook called inside a CUDA graph capture, and a
+    captured call's hook called after the capture, raise ArgumentError naming the op (nothing runs or is captured);
+    the eager hook then works where it belongs, its results right."""
+    from largeep.errors import ArgumentError
+
+    tokens, hidden, experts, topk = 8, 256, 8 * world, 2
+    buf = largeep.Buffer(None, hidden=hidden, num_experts=experts, num_topk=topk, max_tokens_per_rank=tokens,
+                         backend="nvshmem", low_latency=True)
+    try:
+        x = torch.empty(tokens, hidden, device="cuda", dtype=torch.bfloat16)
+        idx = torch.empty(tokens, topk, device="cuda", dtype=torch.int64)
+        w = torch.empty(tokens, topk, device="cuda", dtype=torch.float32)
+        _fill_static(x, idx, w, experts, 7 + rank, 0.1)
+        want = buf.low_latency_dispatch(x, idx, use_fp8=False)
+        want_counts = want.num_tokens_per_expert.clone()
+        d = buf.low_latency_dispatch(x, idx, use_fp8=False, return_recv_hook=True)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            try:
+                d.hook()
+                raise AssertionError("an eager call's hook ran inside a capture")
+            except ArgumentError as exc:
+                assert "low_latency_dispatch" in str(exc) and "made outside a CUDA graph capture" in str(exc), exc
+            y = x.mul(2)  # (something to capture)
+        del y
+        d.hook()  # where it belongs: the receive runs now
+        torch.cuda.synchronize()
+        assert torch.equal(d.num_tokens_per_expert, want_counts), "the eager hook's counts differ"
+        graph2 = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph2):
+            d2 = buf.low_latency_dispatch(x, idx, use_fp8=False, return_recv_hook=True)
+        try:
+            d2.hook()
+            raise AssertionError("a captured call's hook ran eagerly")
+        except ArgumentError as exc:
+            assert "made inside a CUDA graph capture" in str(exc), exc
+        torch.cuda.synchronize()
+        del graph2, d2  # never replayed
+    finally:
+        buf.destroy()
+
+
 def normal_worst_graph(rank: int, world: int, reps: int, tokens: int, hidden: int, experts: int, topk: int) -> None:
     """A normal-mode dispatch with ``num_worst_tokens`` (no host wait) and its combine, captured in one CUDA graph
     and replayed on fresh routing: every replay gives the eager call's outputs on the same inputs (the rows that

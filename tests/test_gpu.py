@@ -265,6 +265,12 @@ def test_zero_copy_slots(pools) -> None:
     pools(2, "nccl").run(gpu_bodies.zero_copy_slots)
 
 
+@pytest.mark.gpu(1)
+@needs_native
+def test_low_latency_hook_capture(pools) -> None:
+    pools(1, "nccl").run(gpu_bodies.low_latency_hook_capture)
+
+
 @pytest.mark.gpu(2)
 @needs_native
 def test_worst_tokens_too_small(pools) -> None:

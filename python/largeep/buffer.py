@@ -691,9 +691,10 @@ class Buffer:
         handle will apply, sent now with the tokens, so that the nvshmem backend's combine sums each token's
         outputs on the experts' rank and sends one sum per (token, rank) where a token has two or more experts on
         a rank (float32 sums, sent as two bf16 rows: about half the bytes at 2 ranks, a quarter fewer at 4). The
-        combine must then get this very tensor, unchanged (ArgumentError otherwise), and applies them as this call
-        read them (each backend keeps a copy). The torch backend takes and checks it alike (its combine applies
-        them at the source).
+        combine must then get this very tensor, unchanged (ArgumentError otherwise; a change in place goes unseen
+        for an inference tensor, which has no version counter), and applies them as this call read them (each
+        backend keeps a copy). The torch backend takes and checks it alike (its combine applies them at the
+        source).
 
         ``bf16_partial_sums`` (needs ``topk_weights``): each such sum comes back as one bf16 row (its rounding)
         instead of two: half those bytes again, and the combine's output then carries, besides its own rounding, up
@@ -838,11 +839,22 @@ class Buffer:
         done = [False]
         if call is not None:
             self._ll_pending[op].add(call)
+        # a hook runs its receive where its send went: inside the CUDA graph capture that holds the send, or eagerly
+        # (an eager send's receive captured into a graph would not run now; a captured send's receive run eagerly
+        # would wait for a send that has not run)
+        captured = self._stream is not None and torch.cuda.is_current_stream_capturing()
 
         def hook() -> None:
             if done[0]:
-                raise RuntimeError("largeep: a receive hook may be called once")
+                raise RuntimeError(f"largeep: Buffer.{op}: a receive hook may be called once")
             self._check_alive(f"{op} (its receive hook)")
+            if self._stream is not None and torch.cuda.is_current_stream_capturing() != captured:
+                where = ("inside a CUDA graph capture", "outside one") if captured else \
+                    ("outside a CUDA graph capture", "inside one")
+                raise ArgumentError(
+                    f"Buffer.{op}: its receive hook was made {where[0]} and is called {where[1]}: call it where the "
+                    "call was made (in the same capture, or eagerly)"
+                )
             done[0] = True
             if handle is not None:
                 handle.received = True

@@ -886,8 +886,9 @@ class NvshmemBackend:
         self, x: torch.Tensor, topk_idx: torch.Tensor, use_fp8: bool, round_scale: bool, async_recv: bool,
         check_ids: bool = False, topk_weights: torch.Tensor | None = None, bf16_partial_sums: bool = False,
     ) -> LowLatencyDispatchOut:
-        """``check_ids`` (at least one id; not while capturing a CUDA graph): raise ArgumentError, nothing sent and
-        the Buffer still usable, if an id in topk_idx is outside [-1, num_experts). ``topk_weights``: sent with the
+        """``check_ids`` (at least one id; not while capturing a CUDA graph): raise ArgumentError, nothing sent, if
+        an id in topk_idx is outside [-1, num_experts) (on this rank only: the other ranks are not told, see
+        docs/usage.md). ``topk_weights``: sent with the
         tokens (the combine sums on the experts' ranks; ``bf16_partial_sums``: each sum sent as one bf16 row)."""
         op = "low_latency_dispatch"
         self._raise_if_failed(op)
@@ -952,7 +953,8 @@ class NvshmemBackend:
         lead, pairs = _rowmap_ptrs(state.rowmap, c)
         # weights sent with the dispatch: the combine applies that copy (the Buffer checked that topk_weights is the
         # same tensor, unchanged where torch can tell), so both sides of every token use the same weights
-        w_ptr = state.weights_kept.data_ptr() if state.weights_kept is not None else topk_weights.data_ptr()
+        w = state.weights_kept if state.weights_kept is not None else topk_weights
+        w_ptr = w.data_ptr()
         # without a hook, send and sum may run as one kernel (LARGEEP_TUNE ll_fuse=1)
         if not async_recv and self.ll_fuse and self._fused(self.ll.combine_fused(
             y.data_ptr(), state.count.data_ptr(), state.meta.data_ptr(), lead, pairs, seq.data_ptr(),
@@ -964,7 +966,9 @@ class NvshmemBackend:
                              seq.data_ptr(), self._stream())
 
         def finish() -> None:
-            self.ll.combine_recv(topk_idx.data_ptr(), w_ptr, out.data_ptr(), state.num_tokens, state.merged,
+            # (the closure holds every tensor the receive reads, the weights too: a caller's temporary freed before
+            # the hook runs would otherwise be reused meanwhile)
+            self.ll.combine_recv(topk_idx.data_ptr(), w.data_ptr(), out.data_ptr(), state.num_tokens, state.merged,
                                  seq.data_ptr(), self._stream())
 
         if async_recv:

@@ -113,6 +113,43 @@ def compiled_equals_eager(model: torch.nn.Module, x: torch.Tensor, what: str, ba
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def ops_returned_idx_changed(rank: int, world: int) -> dict[str, Any]:
+    """The backward of ops.dispatch / ops.combine does not read the topk_idx the dispatch returned: a caller who
+    changes it in place (here clamp_, as to index per-expert tensors) gets the same gradients (eager and custom ops,
+    with and without num_worst_tokens, whose rows past the received count get no gradient). And a raised
+    max_live_handles stays when MoELayer or the ops register the Buffer again."""
+    hidden, experts, topk = 8, 2 * world, 2
+    buf = largeep.Buffer(None, hidden=hidden, num_experts=experts, num_topk=topk, max_tokens_per_rank=4,
+                         backend="torch")
+    try:
+        g = torch.Generator().manual_seed(5 + rank)
+        idx = torch.stack([torch.randperm(experts, generator=g)[:topk] for _ in range(3)])
+        idx[2, 1] = -1
+        x0, w0 = torch.randn(3, hidden, generator=g), torch.rand(3, topk, generator=g)
+        for custom in (False, True):
+            for worst in (0, 16):
+                grads = []
+                for change in (False, True):
+                    x, w = x0.clone().requires_grad_(), w0.clone().requires_grad_()
+                    p = torch.linspace(0.5, 1.5, hidden).requires_grad_()
+                    d = ops.dispatch(buf, x, idx, w, num_worst_tokens=worst, use_custom_ops=custom)
+                    if change:
+                        d.topk_idx.clamp_(min=0)
+                    rx = torch.nan_to_num(d.x)  # (rows past the received count are unspecified)
+                    c = ops.combine(buf, rx * p, d.handle)
+                    (c.x.square().sum() + (d.topk_weights * 3.0).sum()).backward()
+                    grads.append([x.grad, w.grad, p.grad])
+                for name, a, b in zip(("x", "topk_weights", "expert"), *grads, strict=True):
+                    assert torch.equal(a, b), f"custom={custom} worst={worst}: {name} grad changed with topk_idx"
+        bid = ops.register_buffer(buf, max_live_handles=1000)
+        layers.MoELayer(buf, ffn_hidden=4, dtype=torch.float32)
+        assert ops.register_buffer(buf) == bid and ops._REG.limits[bid] == 1000, ops._REG.limits[bid]
+        ops.release_handles(bid)
+    finally:
+        buf.destroy()
+    return {}
+
+
 def ops_autograd(
     rank: int, world: int, tokens: list[int], hidden: int, num_experts: int, num_topk: int, num_worst: int,
     use_custom_ops: bool, seed: int,

@@ -112,6 +112,10 @@ def test_two_batches_compiled(pools, num_worst: int, backend: str) -> None:
     pools(2).run(layer_bodies.ops_two_batches_compiled, num_worst, backend)
 
 
+def test_returned_idx_changed_in_place(pools) -> None:
+    pools(2).run(layer_bodies.ops_returned_idx_changed)
+
+
 def test_registry(pools) -> None:
     pools(2).run(layer_bodies.ops_registry_errors)
 

@@ -112,11 +112,12 @@ DEFAULT_MAX_LIVE_HANDLES = 256
 @dataclass
 class _Entry:
     """A live handle. ``pending`` holds a dispatch's outputs between ``dispatch_send`` and ``dispatch_recv``;
-    ``recv_topk_idx`` (int64 [R, K]) marks the valid rows when ``num_worst_tokens`` > 0."""
+    ``valid_rows`` (bool [R, 1], the registry's own: the returned topk_idx may be changed in place or its memory
+    reused once the caller is done with it) marks the received rows when ``num_worst_tokens`` > 0."""
 
     handle: DispatchHandle | LowLatencyHandle
     num_worst_tokens: int = 0
-    recv_topk_idx: Tensor | None = None
+    valid_rows: Tensor | None = None
     pending: tuple[Tensor, Tensor, Tensor] | None = None
     refs: int = 0  # backward calls still to come
 
@@ -153,13 +154,18 @@ def _locked() -> Iterator[None]:
         yield
 
 
-def register_buffer(buffer: Buffer, *, max_live_handles: int = DEFAULT_MAX_LIVE_HANDLES) -> int:
+def register_buffer(buffer: Buffer, *, max_live_handles: int | None = None) -> int:
     """Gives ``buffer`` an int id that the custom ops take (call it outside any compiled region). Idempotent:
-    a Buffer registered again keeps its id (and gets the new ``max_live_handles``). The registry holds the Buffer
-    weakly."""
+    a Buffer registered again keeps its id, and its limit unless ``max_live_handles`` is given (None: keep the
+    Buffer's limit, DEFAULT_MAX_LIVE_HANDLES for a new one; MoELayer and the ops register the Buffers they get with
+    None, so a limit raised before stays). The registry holds the Buffer weakly."""
     if not isinstance(buffer, Buffer):
         raise ArgumentError(f"register_buffer: argument 'buffer' must be a largeep.Buffer, got {type(buffer).__name__}")
-    if max_live_handles < 1:
+    if max_live_handles is not None and (isinstance(max_live_handles, bool) or not isinstance(max_live_handles, int)):
+        raise ArgumentError(
+            f"register_buffer: argument 'max_live_handles' must be an int, got {type(max_live_handles).__name__}"
+        )
+    if max_live_handles is not None and max_live_handles < 1:
         raise ArgumentError(f"register_buffer: argument 'max_live_handles' must be >= 1, got {max_live_handles}")
     with _locked():
         bid = _REG.ids.get(buffer)
@@ -169,7 +175,8 @@ def register_buffer(buffer: Buffer, *, max_live_handles: int = DEFAULT_MAX_LIVE_
             _REG.buffers[bid] = buffer
             _REG.entries[bid] = OrderedDict()
             weakref.finalize(buffer, _forget_buffer, bid)  # its handles (and their tensors) go with it
-        _REG.limits[bid] = max_live_handles
+        if max_live_handles is not None or bid not in _REG.limits:
+            _REG.limits[bid] = max_live_handles if max_live_handles is not None else DEFAULT_MAX_LIVE_HANDLES
     return bid
 
 
@@ -942,7 +949,7 @@ def _dispatch_send_op(
     buf = buffer_of(buffer_id)
     res = buf.dispatch(x, topk_idx, topk_weights, num_worst_tokens=num_worst_tokens)
     assert isinstance(res.x, Tensor) and res.topk_idx is not None and res.topk_weights is not None
-    entry = _Entry(res.handle, num_worst_tokens, res.topk_idx if num_worst_tokens else None)
+    entry = _Entry(res.handle, num_worst_tokens, _valid_rows(res.topk_idx) if num_worst_tokens else None)
     entry.pending = (res.x, res.topk_idx, res.topk_weights)
     return _put(buffer_id, entry)
 
@@ -996,7 +1003,7 @@ def _dispatch_cached_op(buffer_id: int, x: Tensor, ticket: Tensor, num_rows: int
     assert isinstance(entry.handle, DispatchHandle)
     out = buffer_of(buffer_id).dispatch(x, handle=entry.handle, num_worst_tokens=entry.num_worst_tokens).x
     assert isinstance(out, Tensor)
-    return _fresh((_zero_tail(out, entry.recv_topk_idx),), (x,))[0]
+    return _fresh((_zero_tail(out, entry.valid_rows),), (x,))[0]
 
 
 @_dispatch_cached_op.register_fake
@@ -1035,11 +1042,17 @@ def _(
     return y.new_empty(num_tokens, y.shape[1]), w if w is not None else y.new_empty(0, dtype=torch.float32)
 
 
-def _zero_tail(x: Tensor, recv_topk_idx: Tensor | None) -> Tensor:
-    """Zeroes rows past the received count of a ``num_worst_tokens`` dispatch (those rows name no expert)."""
-    if recv_topk_idx is None:
+def _valid_rows(recv_topk_idx: Tensor) -> Tensor:
+    """bool [R, 1]: the rows a ``num_worst_tokens`` dispatch received (a received row names one of this rank's
+    experts; the rows past the received count name none)."""
+    return (recv_topk_idx >= 0).any(dim=1, keepdim=True)
+
+
+def _zero_tail(x: Tensor, valid_rows: Tensor | None) -> Tensor:
+    """Zeroes rows past the received count of a ``num_worst_tokens`` dispatch (``valid_rows``: _valid_rows's)."""
+    if valid_rows is None:
         return x
-    return torch.where((recv_topk_idx >= 0).any(dim=1, keepdim=True), x, 0)
+    return torch.where(valid_rows, x, 0)
 
 
 def _recv_setup(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor, Tensor]) -> None:
@@ -1048,15 +1061,17 @@ def _recv_setup(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor,
     ctx.num_tokens = x.shape[0]
     ctx.x_dtype = x.dtype
     ctx.hidden = x.shape[1]
-    ctx.save_for_backward(ticket, output[1])
+    # which received (row, k) name an expert, as a tensor of the backward's own: the returned topk_idx may be
+    # changed in place by the caller
+    ctx.save_for_backward(ticket, output[1] >= 0)
 
 
 def _recv_backward(ctx: Any, gx: Tensor | None, _gidx: Any, gw: Tensor | None) -> tuple[Any, ...]:
-    ticket, recv_idx = ctx.saved_tensors
+    ticket, recv_valid = ctx.saved_tensors
     if gx is None:
-        gx = torch.zeros(recv_idx.shape[0], ctx.hidden, dtype=ctx.x_dtype, device=recv_idx.device)
+        gx = torch.zeros(recv_valid.shape[0], ctx.hidden, dtype=ctx.x_dtype, device=recv_valid.device)
     # (the backends take empty tensors of any strides, as an empty gradient may have)
-    w = torch.where(recv_idx >= 0, gw, 0.0).contiguous() if gw is not None else None
+    w = torch.where(recv_valid, gw, 0.0).contiguous() if gw is not None else None
     x, wsum = _combine_op(ctx.buffer_id, gx.contiguous(), ticket, ctx.num_tokens, w, -1)
     return None, None, x, (wsum if w is not None else None), None, None
 
@@ -1189,12 +1204,14 @@ for _name in ("dispatch_send", "dispatch_cached", "combine", "low_latency_dispat
 
 @dataclass
 class OpHandle:
-    """Handle of an eager :func:`dispatch`: the Buffer, its :class:`DispatchHandle`, the received topk_idx
-    (int64 [R, K], to find the rows past the received count when ``num_worst_tokens`` > 0) and the source T."""
+    """Handle of an eager :func:`dispatch`: the Buffer, its :class:`DispatchHandle`, which received (row, k) name an
+    expert (bool [R, K], ``recv_topk_idx >= 0`` as the dispatch returned it: its own, so that changes to the returned
+    topk_idx do not reach the backward; it masks the weights' gradient and finds the rows past the received count
+    when ``num_worst_tokens`` > 0) and the source T."""
 
     buffer: Buffer
     handle: DispatchHandle
-    recv_topk_idx: Tensor
+    recv_valid: Tensor
     num_worst_tokens: int
     num_tokens: int
 
@@ -1302,7 +1319,7 @@ class _DispatchFn(torch.autograd.Function):
     ) -> tuple[Tensor, Tensor, Tensor]:
         res = _buffer_dispatch(buffer, x, topk_idx, topk_weights, num_worst_tokens, previous_event, async_finish)
         assert isinstance(res.x, Tensor) and res.topk_idx is not None and res.topk_weights is not None
-        handle = OpHandle(buffer, res.handle, res.topk_idx, num_worst_tokens, x.shape[0])
+        handle = OpHandle(buffer, res.handle, res.topk_idx >= 0, num_worst_tokens, x.shape[0])
         sink.append((handle, res))
         ctx.handle = handle
         ctx.x_dtype = x.dtype
@@ -1314,9 +1331,9 @@ class _DispatchFn(torch.autograd.Function):
         h: OpHandle = ctx.handle
         if gx is None:
             gx = torch.zeros(
-                h.handle.num_recv_tokens, h.buffer.ctx.hidden, dtype=ctx.x_dtype, device=h.recv_topk_idx.device
+                h.handle.num_recv_tokens, h.buffer.ctx.hidden, dtype=ctx.x_dtype, device=h.recv_valid.device
             )
-        w = torch.where(h.recv_topk_idx >= 0, gw, 0.0).contiguous() if gw is not None else None
+        w = torch.where(h.recv_valid, gw, 0.0).contiguous() if gw is not None else None
         res = h.buffer.combine(gx.contiguous(), h.handle, topk_weights=w)
         return res.x, None, res.topk_weights, None, None, None, None, None
 
@@ -1342,7 +1359,7 @@ class _CombineFn(torch.autograd.Function):
         gy = h.buffer.dispatch(gx.contiguous(), handle=h.handle, num_worst_tokens=h.num_worst_tokens).x
         assert isinstance(gy, Tensor)
         if h.num_worst_tokens:
-            gy = _zero_tail(gy, h.recv_topk_idx)
+            gy = _zero_tail(gy, h.recv_valid.any(dim=1, keepdim=True))
         return gy, None, None, None, None
 
 

@@ -114,10 +114,12 @@ def compiled_equals_eager(model: torch.nn.Module, x: torch.Tensor, what: str, ba
 
 
 def ops_returned_idx_changed(rank: int, world: int) -> dict[str, Any]:
-    """The backward of ops.dispatch / ops.combine does not read the topk_idx the dispatch returned: a caller who
-    changes it in place (here clamp_, as to index per-expert tensors) gets the same gradients (eager and custom ops,
-    with and without num_worst_tokens, whose rows past the received count get no gradient). And a raised
-    max_live_handles stays when MoELayer or the ops register the Buffer again."""
+    """A caller who changes the topk_idx a dispatch returned in place (here clamp_, as to index per-expert tensors)
+    gets the same gradients on the custom-op path (its backward keeps masks of its own; with and without
+    num_worst_tokens, whose rows past the received count get no gradient), and on the eager path a RuntimeError
+    saying so from the backward, which reads it then (an async_finish dispatch's outputs are not ready at its
+    return), instead of wrong gradients. And a raised max_live_handles stays when MoELayer or the ops register the
+    Buffer again."""
     hidden, experts, topk = 8, 2 * world, 2
     buf = largeep.Buffer(None, hidden=hidden, num_experts=experts, num_topk=topk, max_tokens_per_rank=4,
                          backend="torch")
@@ -137,7 +139,16 @@ def ops_returned_idx_changed(rank: int, world: int) -> dict[str, Any]:
                         d.topk_idx.clamp_(min=0)
                     rx = torch.nan_to_num(d.x)  # (rows past the received count are unspecified)
                     c = ops.combine(buf, rx * p, d.handle)
-                    (c.x.square().sum() + (d.topk_weights * 3.0).sum()).backward()
+                    loss = c.x.square().sum() + (d.topk_weights * 3.0).sum()
+                    if change and not custom:
+                        try:
+                            loss.backward()
+                            raise AssertionError(f"worst={worst}: an eager backward took a changed topk_idx")
+                        except RuntimeError as exc:
+                            assert "changed in place" in str(exc), exc
+                        grads.append(grads[0])
+                        continue
+                    loss.backward()
                     grads.append([x.grad, w.grad, p.grad])
                 for name, a, b in zip(("x", "topk_weights", "expert"), *grads, strict=True):
                     assert torch.equal(a, b), f"custom={custom} worst={worst}: {name} grad changed with topk_idx"

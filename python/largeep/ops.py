@@ -1204,16 +1204,27 @@ for _name in ("dispatch_send", "dispatch_cached", "combine", "low_latency_dispat
 
 @dataclass
 class OpHandle:
-    """Handle of an eager :func:`dispatch`: the Buffer, its :class:`DispatchHandle`, which received (row, k) name an
-    expert (bool [R, K], ``recv_topk_idx >= 0`` as the dispatch returned it: its own, so that changes to the returned
-    topk_idx do not reach the backward; it masks the weights' gradient and finds the rows past the received count
-    when ``num_worst_tokens`` > 0) and the source T."""
+    """Handle of an eager :func:`dispatch`: the Buffer, its :class:`DispatchHandle`, the received topk_idx
+    (int64 [R, K], to mask the weights' gradient and to find the rows past the received count when
+    ``num_worst_tokens`` > 0; read by the backward, which refuses it changed in place since) and the source T."""
 
     buffer: Buffer
     handle: DispatchHandle
-    recv_valid: Tensor
+    recv_topk_idx: Tensor
     num_worst_tokens: int
     num_tokens: int
+    recv_version: int = 0  # recv_topk_idx's version counter when the dispatch returned it
+
+    def recv_valid(self) -> Tensor:
+        """bool [R, K]: the received (row, k) that name an expert; raises if topk_idx was changed in place (the
+        backward would take wrong rows and weights). (Read at backward time, on the backward's stream: the
+        outputs of an ``async_finish`` dispatch are not ready when it returns.)"""
+        if self.recv_topk_idx._version != self.recv_version:
+            raise RuntimeError(
+                "largeep.ops: the topk_idx that dispatch returned was changed in place before the backward, which "
+                "reads it to find the received rows and weights; change a clone of it instead"
+            )
+        return self.recv_topk_idx >= 0
 
 
 class TicketHandle(NamedTuple):
@@ -1319,7 +1330,7 @@ class _DispatchFn(torch.autograd.Function):
     ) -> tuple[Tensor, Tensor, Tensor]:
         res = _buffer_dispatch(buffer, x, topk_idx, topk_weights, num_worst_tokens, previous_event, async_finish)
         assert isinstance(res.x, Tensor) and res.topk_idx is not None and res.topk_weights is not None
-        handle = OpHandle(buffer, res.handle, res.topk_idx >= 0, num_worst_tokens, x.shape[0])
+        handle = OpHandle(buffer, res.handle, res.topk_idx, num_worst_tokens, x.shape[0], res.topk_idx._version)
         sink.append((handle, res))
         ctx.handle = handle
         ctx.x_dtype = x.dtype
@@ -1331,9 +1342,9 @@ class _DispatchFn(torch.autograd.Function):
         h: OpHandle = ctx.handle
         if gx is None:
             gx = torch.zeros(
-                h.handle.num_recv_tokens, h.buffer.ctx.hidden, dtype=ctx.x_dtype, device=h.recv_valid.device
+                h.handle.num_recv_tokens, h.buffer.ctx.hidden, dtype=ctx.x_dtype, device=h.recv_topk_idx.device
             )
-        w = torch.where(h.recv_valid, gw, 0.0).contiguous() if gw is not None else None
+        w = torch.where(h.recv_valid(), gw, 0.0).contiguous() if gw is not None else None
         res = h.buffer.combine(gx.contiguous(), h.handle, topk_weights=w)
         return res.x, None, res.topk_weights, None, None, None, None, None
 
@@ -1359,7 +1370,7 @@ class _CombineFn(torch.autograd.Function):
         gy = h.buffer.dispatch(gx.contiguous(), handle=h.handle, num_worst_tokens=h.num_worst_tokens).x
         assert isinstance(gy, Tensor)
         if h.num_worst_tokens:
-            gy = _zero_tail(gy, h.recv_valid.any(dim=1, keepdim=True))
+            gy = _zero_tail(gy, h.recv_valid().any(dim=1, keepdim=True))
         return gy, None, None, None, None
 
 

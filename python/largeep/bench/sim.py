@@ -231,7 +231,8 @@ class Traffic:
 def traffic(
     w: Workload, num_ranks: int, ranks_per_node: int, stats: RoutingStats, *, hierarchical: bool = True
 ) -> Traffic:
-    """Per-GPU bytes of one call (module docstring). Scaled by ``stats.imbalance`` (the busiest rank decides)."""
+    """Per-GPU bytes of one call (module docstring). The link, SM and copy terms are scaled by ``stats.imbalance``
+    (the busiest rank decides); ``logical`` is not (SPEC.md's logical bytes: the mean rank's received rows)."""
     n, p = num_ranks, min(ranks_per_node, num_ranks)
     m = max(1, n // p)
     b = w.bytes_per_row() * stats.imbalance
@@ -246,7 +247,7 @@ def traffic(
             rdma = rows * (n - p) / n
             nvl = rows * (p - 1) / n
         # every rank sums its own T tokens whatever the routing's imbalance
-        return Traffic(rows * b, nvl * b, rdma * b, rows * b, rows * b16, t * 2 * w.hidden)
+        return Traffic(rows * w.bytes_per_row(), nvl * b, rdma * b, rows * b, rows * b16, t * 2 * w.hidden)
     copies = t * w.num_topk
     # low latency: dispatch crosses a link once per (token, destination rank), combine once per copy (with the
     # weights sent: once per (token, rank) with one expert there, twice with more; with bf16 partial sums once)
@@ -256,7 +257,7 @@ def traffic(
         sent = t * stats.summed_rows_per_token
     else:
         sent = copies
-    return Traffic(copies * b, sent * (p - 1) / n * b, sent * (n - p) / n * b, 0.0)
+    return Traffic(copies * w.bytes_per_row(), sent * (p - 1) / n * b, sent * (n - p) / n * b, 0.0)
 
 
 # -- parameters -------------------------------------------------------------------------------------------------
@@ -432,7 +433,8 @@ def predict(
     bound = "sm" if t_sm >= links and t_sm > 0 else ("rdma" if t_rdma >= t_nvl else "nvlink")
     lat = params.lat_us[f"{w.mode}.{w.op}"]
     rounds = rounds if w.mode == "normal" else 1
-    t_rounds = (rounds - 1) * lat + tr.logical / MERGE_BYTES_PER_US if rounds > 1 else 0.0
+    # (the merge pass of the busiest rank: its received rows, tr.sm in normal mode)
+    t_rounds = (rounds - 1) * lat + tr.sm / MERGE_BYTES_PER_US if rounds > 1 else 0.0
     time_us = lat + body + t_copy + t_rounds
     nvl_gbps = tr.nvlink / time_us / 1e3
     rdma_gbps = tr.rdma / time_us / 1e3
@@ -589,6 +591,7 @@ def calibrate(
     serial = ("copy",) if copy_phase else ()
     active: list[tuple[str, ...]] | None = None
     used: set[int] = set()
+    to_prior: set[int] = set()  # (of the last solve) efficiencies the records drove to <= 0, back at prior's value
     for _ in range(max_iter):
         # which term decides each record under the current constants
         choice: list[tuple[str, ...]] = []
@@ -621,6 +624,7 @@ def calibrate(
             b[i] /= t
         used = {j for j in range(len(theta)) if np.any(a[:, j] != 0)}
         free = sorted(used)
+        to_prior = set()
         for _attempt in range(len(theta)):
             fixed = [j for j in range(len(theta)) if j not in free]
             rhs = b - a[:, fixed] @ theta[fixed] if fixed else b
@@ -632,7 +636,10 @@ def calibrate(
             # a negative latency, inverse efficiency or receive pass: clamp it (latency 0, no receive pass,
             # efficiency its prior) and refit
             for j in bad:
-                theta[j] = 0.0 if j < nlat or j in (col["copy"], col["comb"], col["reduce"]) else prior.vector()[j]
+                zero = j < nlat or j in (col["copy"], col["comb"], col["reduce"])
+                theta[j] = 0.0 if zero else prior.vector()[j]
+                if not zero:
+                    to_prior.add(j)
             free = [j for j in free if j not in bad]
             if not free:
                 break
@@ -640,9 +647,12 @@ def calibrate(
         if col[key] not in used:  # no record bound there: the constant stays unknown (or the prior's)
             theta[col[key]] = prior.vector()[col[key]]
     names = list(PARAM_KEYS)
-    fitted = [names[j].replace("inv_", "") for j in sorted(used)]
+    fitted = [names[j].replace("inv_", "") for j in sorted(used - to_prior)]
     params = Params.from_vector(theta.tolist(), f"fit of {len(recs)} records", fitted)
-    params.warnings = _fit_warnings(recs, params)
+    params.warnings = _fit_warnings(recs, params) + [
+        f"{names[j].replace('inv_', '')}: the records gave it no positive value, so it stays the placeholder "
+        f"{getattr(params, names[j].replace('inv_', ''))}" for j in sorted(to_prior)
+    ]
     return params
 
 

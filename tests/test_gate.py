@@ -11,6 +11,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from largeep.errors import ArgumentError
 from largeep.gate import (
     GateConfig,
     LoadMonitor,
@@ -470,3 +471,34 @@ def test_gate_audit_edges():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         got = gate(x)
     assert torch.equal(got.topk_idx, want.topk_idx) and torch.equal(got.topk_weights, want.topk_weights)
+
+
+def test_gate_review_edges() -> None:
+    """A module-wide cast keeps the balancing state's values (not rounded through bf16 on the way back to float32);
+    a numpy float capacity factor is a capacity factor (it used to turn the capacity off), nan / inf / bool are
+    refused naming it; a state dict whose groups are refused leaves the gate as it was."""
+    import numpy as np
+
+    g = TopKGate(GateConfig(hidden=8, num_experts=4, topk=2))
+    bias, load = torch.tensor([0.501, 0.123456, 1e-3, -0.3333]), torch.tensor([257.0, 1001.0, 3.0, 65537.0])
+    g.expert_bias.copy_(bias)
+    g.expert_load.copy_(load)
+    g.to(torch.bfloat16)
+    assert g.expert_bias.dtype == torch.float32 and torch.equal(g.expert_bias, bias), g.expert_bias
+    assert g.expert_load.dtype == torch.float32 and torch.equal(g.expert_load, load), g.expert_load
+    assert g.weight.dtype == torch.bfloat16
+
+    np_cfg = GateConfig(hidden=8, num_experts=4, topk=2, capacity_factor=np.float32(0.5))
+    out = TopKGate(np_cfg)(torch.randn(64, 8, generator=torch.Generator().manual_seed(3)))
+    assert max(out.tokens_per_expert.tolist()) <= 16, out.tokens_per_expert  # ceil(0.5 * 64 * 2 / 4)
+    for bad in (float("nan"), float("inf"), True):
+        with pytest.raises(ArgumentError, match="capacity_factor"):
+            GateConfig(hidden=8, num_experts=4, topk=2, capacity_factor=bad)
+
+    g2 = TopKGate(GateConfig(hidden=8, num_experts=8, topk=2, num_groups=4, topk_groups=2))
+    groups, table = g2.group_of_expert.clone(), g2.group_table.clone()
+    sd = g2.state_dict()
+    sd["group_of_expert"] = torch.tensor([0, 0, 0, 0, 0, 0, 0, 2])  # group 1 empty
+    with pytest.raises(ArgumentError):
+        g2.load_state_dict(sd)
+    assert torch.equal(g2.group_of_expert, groups) and torch.equal(g2.group_table, table)

@@ -15,6 +15,7 @@ nodes of the placement and one replica per expert, a token reaches at most ``top
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
@@ -96,7 +97,12 @@ class GateConfig:
         if name == "capacity_factor":
             # its exact fraction, made whenever the factor is set (outside any torch.compile trace: Fraction and
             # str(float) do not trace, and a retrace after a change must not need them)
-            ratio = capacity_ratio(value) if isinstance(value, (int, float)) else None  # type: ignore[arg-type]
+            ratio = None
+            if value is not None:
+                real = isinstance(value, numbers.Real) and not isinstance(value, bool)
+                _check(real and math.isfinite(float(value)) and float(value) > 0,  # type: ignore[arg-type]
+                       "capacity_factor", f"must be None or a finite number > 0, got {value!r}")
+                ratio = capacity_ratio(float(value))  # type: ignore[arg-type]
             object.__setattr__(self, "_capacity_ratio", ratio)
 
 
@@ -319,15 +325,20 @@ class TopKGate(nn.Module):
 
     def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
         # a module-wide cast (gate.to(torch.bfloat16), .half()) must not round the balancing state: a bias step of
-        # 1e-3 vanishes next to 0.5 in bf16 and load counts stop at 256; they stay float32 (devices still move)
+        # 1e-3 vanishes next to 0.5 in bf16 and load counts stop at 256; they stay float32, from their values
+        # before the cast (devices still move)
+        before = {name: getattr(self, name) for name in ("expert_bias", "expert_load")}
         super()._apply(fn, recurse)
-        for name in ("expert_bias", "expert_load"):
+        for name, old in before.items():
             buf = getattr(self, name)
             if buf.dtype != torch.float32:
-                setattr(self, name, buf.float())
+                setattr(self, name, old.to(device=buf.device, dtype=torch.float32))
         return self
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[no-untyped-def]
+        groups = state_dict.get(prefix + "group_of_expert")
+        if isinstance(groups, torch.Tensor):  # refused before anything is loaded (not a gate half loaded)
+            self._check_groups(groups)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self._refresh_groups()
 

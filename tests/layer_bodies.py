@@ -1067,6 +1067,34 @@ def ops_two_batches_compiled(rank: int, world: int, num_worst: int, backend: str
         buf.destroy()
 
 
+def layer_checks_placement_sizes(rank: int, world: int) -> None:
+    """MoELayer with a Placement: one of another group size or slot count is refused naming it, as is a
+    num_logical_experts other than the placement's; without num_logical_experts the default gate chooses among the
+    placement's logical experts (not the physical ones)."""
+    from largeep import placement as pl
+
+    buf = largeep.Buffer(None, hidden=32, num_experts=4, num_topk=2, max_tokens_per_rank=16, backend="torch")
+    try:
+        good = pl.greedy_placement(torch.tensor([5.0, 1.0, 1.0]), pl.Topology(num_nodes=1, gpus_per_node=1,
+                                                                                slots_per_gpu=4))
+        for bad, kw, words in (
+            (pl.greedy_placement(torch.tensor([5.0, 1.0]), pl.Topology(num_nodes=1, gpus_per_node=1, slots_per_gpu=2)),
+             {}, ("'placement'", "2 physical experts", "4 physical experts")),
+            (good, {"num_logical_experts": 4}, ("'num_logical_experts' = 4", "3 logical experts")),
+        ):
+            try:
+                layers.MoELayer(buf, ffn_hidden=8, placement=bad, **kw)
+                raise AssertionError(f"MoELayer accepted {kw} with {bad.topology}")
+            except largeep.ArgumentError as exc:
+                assert all(w in str(exc) for w in words), exc
+        layer = layers.MoELayer(buf, ffn_hidden=8, placement=good)
+        assert layer.num_logical_experts == 3
+        out = layer(torch.randn(5, 32))
+        assert out.shape == (5, 32) and torch.isfinite(out).all()
+    finally:
+        buf.destroy()
+
+
 def layer_refuses_worst_with_rounds(rank: int, world: int) -> None:
     """MoELayer(num_worst_tokens=...) on a Buffer in rounds is refused when made, naming both."""
     buf = largeep.Buffer(None, hidden=32, num_experts=4, num_topk=2, max_tokens_per_rank=16, backend="torch",

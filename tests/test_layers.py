@@ -38,6 +38,10 @@ def test_layer_buffer_in_rounds(pools, world: int) -> None:
                      0, 5)
 
 
+def test_layer_checks_placement_sizes(pools) -> None:
+    pools(1).run(layer_bodies.layer_checks_placement_sizes)
+
+
 def test_layer_refuses_num_worst_tokens_with_rounds(pools) -> None:
     pools(1).run(layer_bodies.layer_refuses_worst_with_rounds)
 

@@ -259,7 +259,7 @@ class MoELayer(nn.Module):
         ffn_hidden: F of each routed expert.
         gate: module ``x -> (topk_idx, topk_weights)`` or an object with those attributes (and optionally
             ``aux_loss``, kept in ``self.aux_loss``). Default: :class:`LinearTopKRouter` over the logical experts.
-        num_logical_experts: experts the default gate chooses from (default E; differs with a placement).
+        num_logical_experts: experts the default gate chooses from (default E, or a Placement's logical experts).
         placement: None, a callable logical topk_idx int64 [T, K] -> physical [T, K], or a
             ``largeep.placement.Placement`` (its ``route`` gets this rank as the source GPU; under
             ``torch.compile`` or CUDA-graph capture its ``table_route``, which needs no host wait but does not
@@ -353,6 +353,20 @@ class MoELayer(nn.Module):
         self.use_custom_ops = use_custom_ops
         # every valid low-latency row is one (token, local expert) copy: at most N*M*min(K, E_l)
         self.ll_capacity = c.num_ranks * c.max_tokens_per_rank * min(c.num_topk, c.experts_per_rank)
+        topo = getattr(placement, "topology", None)
+        if topo is not None and hasattr(placement, "num_logical"):  # a largeep.placement.Placement: its sizes
+            if topo.num_gpus != c.num_ranks or topo.num_slots != c.num_experts:
+                raise ArgumentError(
+                    f"MoELayer: argument 'placement' has {topo.num_gpus} GPUs of {topo.slots_per_gpu} slots "
+                    f"({topo.num_slots} physical experts); the Buffer has {c.num_ranks} ranks and {c.num_experts} "
+                    "physical experts"
+                )
+            if num_logical_experts is not None and num_logical_experts != placement.num_logical:
+                raise ArgumentError(
+                    f"MoELayer: argument 'num_logical_experts' = {num_logical_experts} differs from the placement's "
+                    f"{placement.num_logical} logical experts"
+                )
+            num_logical_experts = placement.num_logical
         self.num_logical_experts = num_logical_experts or c.num_experts
         self.gate = gate or LinearTopKRouter(
             c.hidden, self.num_logical_experts, c.num_topk, score_func=router_score, norm_topk_prob=norm_topk_prob

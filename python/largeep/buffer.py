@@ -841,8 +841,8 @@ class Buffer:
             self._ll_pending[op].add(call)
         # a hook runs its receive where its send went: inside the CUDA graph capture that holds the send, or eagerly
         # (an eager send's receive captured into a graph would not run now; a captured send's receive run eagerly
-        # would wait for a send that has not run)
-        captured = self._stream is not None and torch.cuda.is_current_stream_capturing()
+        # would wait for a send that has not run); _check_in_flight numbered the call unless it was captured
+        captured = call is None
 
         def hook() -> None:
             if done[0]:

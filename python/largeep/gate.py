@@ -86,11 +86,7 @@ class GateConfig:
         _check(self.num_groups >= 1, "num_groups", f"must be >= 1, got {self.num_groups}")
         _check(self.bias_update_rate >= 0, "bias_update_rate", f"must be >= 0, got {self.bias_update_rate}")
         _check(self.aux_loss_coef >= 0, "aux_loss_coef", f"must be >= 0, got {self.aux_loss_coef}")
-        _check(
-            self.capacity_factor is None or self.capacity_factor > 0,
-            "capacity_factor",
-            f"must be None or > 0, got {self.capacity_factor}",
-        )
+        # (capacity_factor is checked whenever it is set: __setattr__)
 
     def __setattr__(self, name: str, value: object) -> None:
         object.__setattr__(self, name, value)

@@ -161,12 +161,13 @@ def register_buffer(buffer: Buffer, *, max_live_handles: int | None = None) -> i
     None, so a limit raised before stays). The registry holds the Buffer weakly."""
     if not isinstance(buffer, Buffer):
         raise ArgumentError(f"register_buffer: argument 'buffer' must be a largeep.Buffer, got {type(buffer).__name__}")
-    if max_live_handles is not None and (isinstance(max_live_handles, bool) or not isinstance(max_live_handles, int)):
-        raise ArgumentError(
-            f"register_buffer: argument 'max_live_handles' must be an int, got {type(max_live_handles).__name__}"
-        )
-    if max_live_handles is not None and max_live_handles < 1:
-        raise ArgumentError(f"register_buffer: argument 'max_live_handles' must be >= 1, got {max_live_handles}")
+    if max_live_handles is not None:
+        if isinstance(max_live_handles, bool) or not isinstance(max_live_handles, int):
+            raise ArgumentError(
+                f"register_buffer: argument 'max_live_handles' must be an int, got {type(max_live_handles).__name__}"
+            )
+        if max_live_handles < 1:
+            raise ArgumentError(f"register_buffer: argument 'max_live_handles' must be >= 1, got {max_live_handles}")
     with _locked():
         bid = _REG.ids.get(buffer)
         if bid is None:
@@ -175,8 +176,10 @@ def register_buffer(buffer: Buffer, *, max_live_handles: int | None = None) -> i
             _REG.buffers[bid] = buffer
             _REG.entries[bid] = OrderedDict()
             weakref.finalize(buffer, _forget_buffer, bid)  # its handles (and their tensors) go with it
-        if max_live_handles is not None or bid not in _REG.limits:
-            _REG.limits[bid] = max_live_handles if max_live_handles is not None else DEFAULT_MAX_LIVE_HANDLES
+        if max_live_handles is None:
+            _REG.limits.setdefault(bid, DEFAULT_MAX_LIVE_HANDLES)
+        else:
+            _REG.limits[bid] = max_live_handles
     return bid
 
 
@@ -1215,16 +1218,16 @@ class OpHandle:
     num_tokens: int
     recv_version: int = 0  # recv_topk_idx's version counter when the dispatch returned it
 
-    def recv_valid(self) -> Tensor:
-        """bool [R, K]: the received (row, k) that name an expert; raises if topk_idx was changed in place (the
-        backward would take wrong rows and weights). (Read at backward time, on the backward's stream: the
-        outputs of an ``async_finish`` dispatch are not ready when it returns.)"""
+    def unchanged_recv_idx(self) -> Tensor:
+        """recv_topk_idx, for the backward; raises if it was changed in place (the backward would take wrong rows
+        and weights). (Read at backward time, on the backward's stream: the outputs of an ``async_finish`` dispatch
+        are not ready when it returns.)"""
         if self.recv_topk_idx._version != self.recv_version:
             raise RuntimeError(
                 "largeep.ops: the topk_idx that dispatch returned was changed in place before the backward, which "
                 "reads it to find the received rows and weights; change a clone of it instead"
             )
-        return self.recv_topk_idx >= 0
+        return self.recv_topk_idx
 
 
 class TicketHandle(NamedTuple):
@@ -1344,7 +1347,7 @@ class _DispatchFn(torch.autograd.Function):
             gx = torch.zeros(
                 h.handle.num_recv_tokens, h.buffer.ctx.hidden, dtype=ctx.x_dtype, device=h.recv_topk_idx.device
             )
-        w = torch.where(h.recv_valid(), gw, 0.0).contiguous() if gw is not None else None
+        w = torch.where(h.unchanged_recv_idx() >= 0, gw, 0.0).contiguous() if gw is not None else None
         res = h.buffer.combine(gx.contiguous(), h.handle, topk_weights=w)
         return res.x, None, res.topk_weights, None, None, None, None, None
 
@@ -1370,7 +1373,7 @@ class _CombineFn(torch.autograd.Function):
         gy = h.buffer.dispatch(gx.contiguous(), handle=h.handle, num_worst_tokens=h.num_worst_tokens).x
         assert isinstance(gy, Tensor)
         if h.num_worst_tokens:
-            gy = _zero_tail(gy, h.recv_valid().any(dim=1, keepdim=True))
+            gy = _zero_tail(gy, _valid_rows(h.unchanged_recv_idx()))
         return gy, None, None, None, None
 
 

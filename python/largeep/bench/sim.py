@@ -646,12 +646,12 @@ def calibrate(
     for key in ("comb", "reduce"):
         if col[key] not in used:  # no record bound there: the constant stays unknown (or the prior's)
             theta[col[key]] = prior.vector()[col[key]]
-    names = list(PARAM_KEYS)
-    fitted = [names[j].replace("inv_", "") for j in sorted(used - to_prior)]
+    names = [k.replace("inv_", "") for k in PARAM_KEYS]
+    fitted = [names[j] for j in sorted(used - to_prior)]
     params = Params.from_vector(theta.tolist(), f"fit of {len(recs)} records", fitted)
     params.warnings = _fit_warnings(recs, params) + [
-        f"{names[j].replace('inv_', '')}: the records gave it no positive value, so it stays the placeholder "
-        f"{getattr(params, names[j].replace('inv_', ''))}" for j in sorted(to_prior)
+        f"{names[j]}: the records gave it no positive value, so it stays the placeholder {getattr(params, names[j])}"
+        for j in sorted(to_prior)
     ]
     return params
 

@@ -62,6 +62,12 @@ def test_cpu_quick_run_end_to_end(tmp_path: Path) -> None:
         if r["op"] != "layout":
             assert r["logical_gbps"] > 0
         ops.add((r["mode"], r["op"]))
+    # a combine is BF16 whatever the dispatch's dtype, timed and recorded once per configuration
+    keys = [(r["mode"], r["op"], x["phase_of"], r["num_tokens"], r["hidden"], r["num_topk"], r["num_experts"],
+             r["dtype"], r["num_sms"]) for r, x in zip(recs, doc["extras"], strict=True)]
+    assert len(set(keys)) == len(keys)
+    assert all(k[7] == "bf16" for k in keys if "combine" in (k[1], k[2]))
+    assert {r["dtype"] for r in recs if r["op"] == "dispatch"} == {"bf16", "fp8"}
     assert {("normal", o) for o in ("layout", "dispatch", "combine", "roundtrip")} <= ops
     assert {("low_latency", o) for o in ("dispatch", "combine", "roundtrip", "send", "recv")} <= ops
     assert (out / "latency.png").stat().st_size > 0

@@ -244,13 +244,18 @@ class Sweep:
                     continue
                 try:
                     for tokens in mp.tokens:
-                        for i, dtype in enumerate(mp.dtypes):
+                        # the layout and the combine do not depend on the dispatch dtype: timed with the first
+                        # dtype that runs, recorded once (the combine as BF16, which it is)
+                        first = True
+                        for dtype in mp.dtypes:
                             if dtype == "fp8" and hidden % rec.FP8_GROUP:
                                 self._skip(a.name, f"{what}: fp8 needs hidden % 128 == 0")
                             elif mode == "normal":
-                                self._normal(a, spec, tokens, dtype, with_layout=i == 0)
+                                self._normal(a, spec, tokens, dtype, first)
+                                first = False
                             else:
-                                self._low_latency(a, spec, tokens, dtype)
+                                self._low_latency(a, spec, tokens, dtype, first)
+                                first = False
                             self.log.step(f"{what} T={tokens} {dtype}")
                 finally:
                     a.close()
@@ -268,7 +273,8 @@ class Sweep:
         return x.to(self.device), idx.to(self.device), w.to(self.device)
 
     # -- normal mode --------------------------------------------------------------------------------------------
-    def _normal(self, a: Adapter, spec: BufferSpec, tokens: int, dtype: str, with_layout: bool) -> None:
+    def _normal(self, a: Adapter, spec: BufferSpec, tokens: int, dtype: str, first: bool) -> None:
+        """``first``: the first dtype of these sizes, which also times the layout and the combine."""
         from largeep import fp8
 
         x, idx, w = self._inputs(spec, tokens)
@@ -288,10 +294,11 @@ class Sweep:
         t = self.timer
         for i in range(self.plan.warmup + self.plan.iters):
             keep = i >= self.plan.warmup
-            if with_layout:
+            if first:
                 t.time("layout", lambda: a.layout(idx), record=keep)
             t.time("dispatch", lambda: a.dispatch_cached(xd, handle), record=keep)
-            t.time("combine", lambda: a.combine(y, handle), record=keep)
+            if first:
+                t.time("combine", lambda: a.combine(y, handle), record=keep)
             t.time("roundtrip", roundtrip, record=keep)
         stats = reduce_over_ranks(t.take(), self.group, self.device)
         rb_d = rec.row_bytes(dtype, spec.hidden)
@@ -301,10 +308,13 @@ class Sweep:
             if op in stats:
                 rb = per_row[op]
                 floor = None if rb is None else traffic.bus_bytes(rb)  # a token once per rank, both ways
-                self._add(a, spec, "normal", op, None, tokens, dtype, stats[op], traffic, rb, floor)
+                self._add(a, spec, "normal", op, None, tokens, "bf16" if op == "combine" else dtype, stats[op],
+                          traffic, rb, floor)
 
     # -- low-latency mode ---------------------------------------------------------------------------------------
-    def _low_latency(self, a: Adapter, spec: BufferSpec, tokens: int, dtype: str) -> None:
+    def _low_latency(self, a: Adapter, spec: BufferSpec, tokens: int, dtype: str, first: bool) -> None:
+        """``first``: the first dtype of these sizes; only its combines are recorded (each dispatch is still
+        combined, so every dtype's calls run in the same order)."""
         x, idx, w = self._inputs(spec, tokens)
         use_fp8 = dtype == "fp8"
         copies = rec.send_copies_ll(idx, spec.num_experts, self.n)
@@ -335,15 +345,15 @@ class Sweep:
         for i in range(self.plan.warmup + self.plan.iters):
             keep = i >= self.plan.warmup
             handle, _ = t.time("dispatch", dispatch(False), record=keep)
-            t.time("combine", combine(handle, False), record=keep)
+            t.time("combine", combine(handle, False), record=keep and first)
             t.time("roundtrip", roundtrip, record=keep)
         if self.plan.hook and a.has_hook:
             for i in range(self.plan.warmup + self.plan.iters):
                 keep = i >= self.plan.warmup
                 handle, recv_hook = t.time("dispatch.send", dispatch(True), record=keep)
                 t.time("dispatch.recv", _call(recv_hook), record=keep)
-                combine_hook = t.time("combine.send", combine(handle, True), record=keep)
-                t.time("combine.recv", _call(combine_hook), record=keep)
+                combine_hook = t.time("combine.send", combine(handle, True), record=keep and first)
+                t.time("combine.recv", _call(combine_hook), record=keep and first)
         stats = reduce_over_ranks(t.take(), self.group, self.device)
         rb_d = rec.row_bytes(dtype, spec.hidden)
         rb_c = rec.row_bytes("bf16", spec.hidden)
@@ -356,7 +366,8 @@ class Sweep:
         for name, op, phase, rb in names:
             if name in stats:
                 # (a receive moves nothing over the link in hook mode: its rows came with the send)
-                self._add(a, spec, "low_latency", op, phase, tokens, dtype, stats[name], traffic, rb,
+                self._add(a, spec, "low_latency", op, phase, tokens, "bf16" if (phase or op) == "combine" else dtype,
+                          stats[name], traffic, rb,
                           None if op == "recv" else floors[phase or op], weights_sent=sent,
                           bf16_partial_sums=one if sent else None)
 

@@ -191,10 +191,9 @@ class NormalKernels {
    public:
     NormalKernels(int rank, int num_ranks, int num_experts, int num_topk, int hidden, int max_tokens, uintptr_t base,
                   uintptr_t peer_base, uintptr_t seq, uintptr_t block_counter, uintptr_t status_dev,
-                  uintptr_t error_dev, double timeout_s, int ranks_per_node, int threads, int load_mode,
-                  int unroll, int num_zc_slots, int device) {
+                  uintptr_t error_dev, double timeout_s, int ranks_per_node, int threads, int unroll, int num_zc_slots, int device) {
         HOST_ASSERT(threads % 32 == 0 && threads >= 64 && threads <= 1024, "threads must be a multiple of 32 in [64, 1024]");
-        HOST_ASSERT(load_mode >= 0 && load_mode <= 2 && (unroll == 4 || unroll == 8), "bad load mode or unroll");
+        HOST_ASSERT(unroll == 4 || unroll == 8, "unroll must be 4 or 8");
         HOST_ASSERT(ranks_per_node > 0 && num_ranks % ranks_per_node == 0, "bad ranks_per_node " << ranks_per_node);
         HOST_ASSERT(num_ranks <= kNormalMaxRanks && num_ranks / ranks_per_node <= kNormalMaxNodes &&
                         ranks_per_node <= kNormalMaxLocal,
@@ -205,7 +204,6 @@ class NormalKernels {
         HOST_ASSERT(threads > num_ranks, "threads (" << threads << ") must exceed the number of ranks (" << num_ranks
                                                       << ")");
         c_.threads = threads;
-        c_.load_mode = load_mode;
         c_.unroll = unroll;
         c_.ranks_per_node = ranks_per_node;
         c_.first_local = rank - rank % ranks_per_node;
@@ -507,7 +505,7 @@ PYBIND11_MODULE(_C, m) {
     // Bumped whenever a binding's signature, or the meaning of a status word the kernels share with the Python code,
     // changes; python/largeep/native.py refuses a module of another version (a stale build next to newer Python
     // code) with a message saying to rebuild, instead of a TypeError or a misread word later.
-    m.attr("abi_version") = 7;
+    m.attr("abi_version") = 8;
     m.def("install_fault_backtrace", [] {
         struct sigaction sa {};
         sa.sa_sigaction = segv_handler;

@@ -356,6 +356,76 @@ def missing_peer(rank: int, world: int, timeout_s: float, low_latency: bool = Fa
     return {"elapsed_s": elapsed}
 
 
+def abandoned_round(rank: int, world: int, timeout_s: float, worst: bool) -> dict[str, float]:
+    """Rank 1's dispatch raises after its sends are queued and before its copy-out (an out-of-memory error
+    injected where its outputs are made: the zero-copy planes, or with ``worst`` the copy slot's outputs of a
+    num_worst_tokens dispatch). Rank 1 raises that error, and its next call RuntimeError at once, naming it (the
+    Buffer unusable: its round is open); the other ranks' call returns (rank 1's rows were sent) and their next one
+    raises PeerTimeoutError naming rank 1 within the bound instead of reading a stale round."""
+    import os
+    import time
+
+    os.environ["LARGEEP_TIMEOUT_S"] = str(timeout_s)
+    try:
+        buf = largeep.Buffer(None, hidden=1024, num_experts=4 * world, num_topk=2, max_tokens_per_rank=64,
+                             backend="nvshmem")
+    finally:
+        del os.environ["LARGEEP_TIMEOUT_S"]
+    rows_worst = world * 64 + 9  # a row count no other allocation of the call has
+    x = torch.randn(64, 1024, device="cuda").to(torch.bfloat16)
+    idx = torch.arange(64 * 2, device="cuda").view(64, 2) % (4 * world)
+    w = torch.rand(64, 2, device="cuda")
+    kw = {"num_worst_tokens": rows_worst} if worst else {}
+    elapsed = 0.0
+    try:
+        if rank == 1:
+            name = "empty" if worst else "from_dlpack"
+            real = getattr(torch, name)
+
+            def failing(*args: object, **kwargs: object) -> object:
+                if not worst or (args and args[0] == rows_worst):
+                    raise torch.OutOfMemoryError("injected: no memory for the dispatch outputs")
+                return real(*args, **kwargs)
+
+            setattr(torch, name, failing)
+            try:
+                buf.dispatch(x, idx, w, **kw)
+            except torch.OutOfMemoryError as exc:
+                assert "injected" in str(exc), str(exc)
+            else:
+                raise AssertionError("the injected error did not reach the caller")
+            finally:
+                setattr(torch, name, real)
+            start = time.monotonic()
+            try:
+                buf.dispatch(x, idx, w, **kw)
+            except RuntimeError as exc:
+                assert time.monotonic() - start < 1.0
+                assert "unusable" in str(exc) and "OutOfMemoryError" in str(exc), str(exc)
+            else:
+                raise AssertionError("a Buffer with an open round accepted another dispatch")
+        else:
+            d = buf.dispatch(x, idx, w, **kw)
+            torch.cuda.synchronize()
+            assert d.x.shape[0] == (rows_worst if worst else int(d.num_tokens_per_expert.sum())) > 0
+            start = time.monotonic()
+            try:
+                buf.dispatch(x, idx, w, **kw)
+                torch.cuda.synchronize()
+                buf.dispatch(x, idx, w)  # (a num_worst_tokens call raises at the next call)
+            except largeep.PeerTimeoutError as exc:
+                elapsed = time.monotonic() - start
+                assert "rank 1" in str(exc), str(exc)
+            else:
+                raise AssertionError("dispatch returned although rank 1's round is open")
+            assert elapsed < timeout_s + 10, f"gave up after {elapsed:.1f} s, bound {timeout_s} s"
+    finally:
+        _progress(rank, "before the teardown barrier")
+        dist.barrier()
+        buf.destroy()
+    return {"elapsed_s": elapsed}
+
+
 def _progress(rank: int, what: str) -> None:
     """A timestamped line on stderr: where each rank was if a teardown test hangs (the pool dumps stacks too)."""
     import sys

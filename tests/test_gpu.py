@@ -290,6 +290,16 @@ def test_missing_peer_times_out(pools, world: int) -> None:
 
 @pytest.mark.gpu(2)
 @needs_native
+@pytest.mark.parametrize("worst", [False, True], ids=["zero_copy", "worst"])
+def test_abandoned_round(pools, worst: bool) -> None:
+    """A dispatch that raises between its sends and its copy-out (out of memory for its outputs) marks its Buffer
+    unusable, and the other ranks' next call names that rank after the bound instead of reading a stale round."""
+    times = pools(2, "nccl").run(gpu_bodies.abandoned_round, 5.0, worst)
+    assert times[0]["elapsed_s"] > 4.0, times
+
+
+@pytest.mark.gpu(2)
+@needs_native
 def test_missing_peer_times_out_low_latency(pools) -> None:
     """The low-latency mode's bounded waits: a rank that never calls costs the others one LARGEEP_TIMEOUT_S, named
     at their next call."""

@@ -117,9 +117,9 @@ struct NormalCtx {
     int64_t* status;            // host-mapped status area (device pointer)
     ErrorWord err;              // first error: device word, copied into status[kError]
     uint64_t timeout_ns;
-    // Tuning (LARGEEP_TUNE): threads per block of the copy kernels, kind of 16-byte load (see ld_v4), and loads
-    // in flight per lane.
-    int threads, load_mode, unroll;
+    // Tuning (LARGEEP_TUNE): threads per block of the copy kernels and 16-byte loads in flight per lane (the kind
+    // of load is each call site's: see warp_copy_rt).
+    int threads, unroll;
 };
 
 // Region offsets and strides for a normal-mode buffer, and its total bytes.

@@ -155,7 +155,8 @@ __device__ __forceinline__ void warp_copy(int4* dst, const int4* src, int64_t by
     for (; i < n; i += kWarp) st_na_v4(dst + i, ld_v4<kLoad>(src + i));
 }
 
-// warp_copy with the load kind and unroll chosen at run time (NormalCtx::load_mode, NormalCtx::unroll).
+// warp_copy with the unroll chosen at run time (NormalCtx::unroll). The load kind is the call site's, which knows
+// its source: the caller's tensors take non-coherent loads (0), rows that peers wrote during the call weak ones (1).
 __device__ __forceinline__ void warp_copy_rt(int4* dst, const int4* src, int64_t bytes, int lane, int load_mode,
                                              int unroll) {
     if (unroll >= 8) {

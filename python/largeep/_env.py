@@ -8,8 +8,8 @@
 | LARGEEP_NVSHMEM_HEAP_MARGIN | 1.25 | factor on the first Buffer's needs when largeep sets NVSHMEM_SYMMETRIC_SIZE |
 | LARGEEP_ZERO_COPY_SLOTS | 2 | nvshmem normal mode, one node: receive slots whose planes a dispatch returns as its |
 | | | outputs (no copy-out); each holds N * max_tokens_per_rank rows; 0: every dispatch copies |
-| LARGEEP_TUNE | threads=1024,load=0,unroll=8,ll_spread=1,ll_fuse=0,comb=3 | normal-mode copy kernels: |
-| | | threads per block, load kind (0 nc, 1 weak, 2 volatile), 16-byte loads in flight per lane (4 or 8); |
+| LARGEEP_TUNE | threads=1024,unroll=8,ll_spread=1,ll_fuse=0,comb=3 | normal-mode copy kernels: |
+| | | threads per block, 16-byte loads in flight per lane (4 or 8); |
 | | | ll_spread=1 the low-latency receives and combine send share their rows over the |
 | | | grid, 0 per expert; ll_fuse=1 a low-latency call without a hook runs send and receive in one cooperative |
 | | | kernel (needs every SM free at once: see README), 0 in two; |
@@ -108,13 +108,12 @@ def _choice(name: str, values: tuple[str, ...]) -> str:
 HIGHEST_PRIORITY = -(1 << 20)
 
 
-_TUNE_DEFAULTS = {"threads": 1024, "load": 0, "unroll": 8, "ll_spread": 1, "ll_fuse": 0, "comb": 3}
+_TUNE_DEFAULTS = {"threads": 1024, "unroll": 8, "ll_spread": 1, "ll_fuse": 0, "comb": 3}
 
 
 # the values each LARGEEP_TUNE key takes (the native kernels assert the same)
 _TUNE_RANGES = {
     "threads": (tuple(range(64, 1025, 32)), "a multiple of 32 in [64, 1024]"),
-    "load": ((0, 1, 2), "0, 1 or 2"),
     "unroll": ((4, 8), "4 or 8"),
     "ll_spread": ((0, 1), "0 or 1"),
     "ll_fuse": ((0, 1), "0 or 1"),

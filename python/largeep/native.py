@@ -16,8 +16,9 @@ _HOW = (
 # weighted_row_sum's count; 3: the low-latency kernels without the ll_send setting; 4: id_check; 5: the normal
 # mode's status words for a void round, one per rank; 6: normal-mode groups of up to 512 ranks, 64 nodes and 32
 # ranks per node, which an older build would refuse only after the Buffer's collective allocation; 7: the normal
-# kernels' start, a fresh dispatch's launches in one call)
-ABI_VERSION = 7
+# kernels' start, a fresh dispatch's launches in one call; 8: NormalKernels without the load kind, which every call
+# site chooses)
+ABI_VERSION = 8
 
 
 @functools.lru_cache(maxsize=1)

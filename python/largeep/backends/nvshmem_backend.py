@@ -47,6 +47,7 @@ _OPS = {
 }
 _OP_WORST_TOO_SMALL = 8  # kOpWorstTooSmall: not a timeout
 _OP_PEER_REFUSED = 9  # kOpPeerRefused: a rank refused a round this rank ran with num_worst_tokens (not a timeout)
+_OP_ABANDONED = 16  # (host only) a dispatch raised between queuing its sends and queuing its copy-out
 # The host waits a little longer than the device, so that the device's report (which names the rank) comes first.
 _HOST_GRACE_S = 5.0
 # low-latency calls that ran as one kernel in this process (LARGEEP_TUNE ll_fuse=1), for tests and diagnostics
@@ -437,6 +438,9 @@ class NvshmemBackend:
         # the fused combine (LARGEEP_TUNE comb >= 1, one node) and push + reduce speak different flag protocols
         comb = settings.tune["comb"]  # (0..7: LARGEEP_TUNE's values are checked when the settings are read)
         self.fused_combine = comb if not ctx.low_latency and ctx.ranks_per_node == n else 0
+        # a dispatch's round between its sends and its copy-out (see dispatch), and what ended one there
+        self._round_open = False
+        self._abandoned = ""
         # Every rank must lay out its symmetric memory the same way (one collective allocation; peers compute
         # addresses in each other's memory) and speak the same combine protocol: refuse, on every rank, a group
         # whose ranks disagree.
@@ -505,7 +509,7 @@ class NvshmemBackend:
             self.ll = self.C.LowLatencyKernels(*common, ctx.ranks_per_node, settings.tune["ll_spread"])
         else:
             self.kernels = self.C.NormalKernels(
-                *common, ctx.ranks_per_node, settings.tune["threads"], settings.tune["load"], settings.tune["unroll"],
+                *common, ctx.ranks_per_node, settings.tune["threads"], settings.tune["unroll"],
                 self.zc_slots, dev.index,
             )
         self.alive = True
@@ -568,6 +572,12 @@ class NvshmemBackend:
                 "hold no rows (ids -1) and the Buffer is unusable now (destroy it on every rank; check the ids before "
                 "a num_worst_tokens dispatch)",
                 buffer_usable=False,
+            )
+        if code // 65536 == _OP_ABANDONED:
+            raise RuntimeError(
+                f"{op}: an earlier dispatch on rank {self.ctx.rank} raised after its sends were queued and before its "
+                f"copy-out ({self._abandoned}); its round was left open, so the Buffer is unusable now (destroy it on "
+                "every rank: the other ranks' next calls wait for this rank until LARGEEP_TIMEOUT_S)"
             )
         if code // 65536 == _OP_WORST_TOO_SMALL:
             raise RuntimeError(
@@ -668,6 +678,32 @@ class NvshmemBackend:
         caller_stream: int | None = None,
         check_ids: bool = False,
     ) -> NormalDispatchOut:
+        """_dispatch, and a round it leaves open marks the Buffer unusable: an exception between queuing the round's
+        sends and queuing its copy-out (out of memory for the outputs, KeyboardInterrupt) leaves this rank's
+        sequence number and receive flags behind its peers', so a later call would read this round's counts as its
+        own and the peers' next sends would wait for this rank until LARGEEP_TIMEOUT_S."""
+        self._round_open = False
+        try:
+            return self._dispatch(x, x_scales, topk_idx, topk_weights, state, expert_alignment, num_worst_tokens,
+                                  caller_stream, check_ids)
+        except BaseException as exc:
+            if self._round_open and int(self.status[_ERROR]) == 0:
+                self._abandoned = f"{type(exc).__name__}: {exc}"[:300]
+                self.status[_ERROR] = _OP_ABANDONED << 16
+            raise
+
+    def _dispatch(
+        self,
+        x: torch.Tensor,
+        x_scales: torch.Tensor | None,
+        topk_idx: torch.Tensor | None,
+        topk_weights: torch.Tensor | None,
+        state: _NvState | None,
+        expert_alignment: int,
+        num_worst_tokens: int,
+        caller_stream: int | None,
+        check_ids: bool,
+    ) -> NormalDispatchOut:
         """``caller_stream``: the raw handle of the stream the caller is on; zero-copy outputs record their
         release on it (None: the current stream). ``check_ids`` (a fresh dispatch of at least one token): raise
         ArgumentError if an id in topk_idx is outside [-1, num_experts). The prepare kernel finds them and tells the
@@ -726,6 +762,7 @@ class NvshmemBackend:
             # (notify) and the sends (as _send_cached's): the sends need no host decision, so they run while the host
             # waits for the counts below. (No wait for the id check here: a refusal voids the round on every rank,
             # and the host learns of it with the counts; a void round's slot is released before raising.)
+            self._round_open = True
             slot = int(k.start(
                 topk_idx.data_ptr(), t, send_pos, _ptr(hier.node_pos if hier else None), self_token, words,
                 self._layout_token, not worst and bool(self.zc_slots) and elem <= 2, recv_off, send_off, send_slot,
@@ -744,6 +781,7 @@ class NvshmemBackend:
                     self._raise_if_failed("dispatch")
                 if int(self.status[_REFUSED]):
                     self._end_void_round(x, recv_off, self_token, slot, stream)
+                    self._round_open = False
                     self._raise_refused(
                         "dispatch", self.status[self._refusal_word:self._refusal_word + c.num_ranks], check_ids
                     )
@@ -757,9 +795,6 @@ class NvshmemBackend:
                 ws, send_pos, send_off, torch.empty(rows, 2, dtype=i32, device=dev), recv_off, rows, t, worst,
                 self_token, hier,
             )
-        else:
-            # cached: every rank receives into its copy slot
-            self._send_cached(x, x_scales, t, state, stream)
         rows = state.num_rows
         out_s: torch.Tensor | None = None
         out_idx: torch.Tensor | None = None
@@ -778,12 +813,17 @@ class NvshmemBackend:
             if not cached:
                 out_idx = torch.empty(rows, c.num_topk, dtype=torch.int64, device=dev)
                 out_w = torch.empty(rows, c.num_topk, dtype=torch.float32, device=dev)
+        if cached:  # (its outputs made first: nothing can fail between its sends and its copy-out but a launch)
+            # every rank receives into its copy slot
+            self._round_open = True
+            self._send_cached(x, x_scales, t, state, stream)
         k.copyout(
             out_x.data_ptr(), elem, _ptr(out_s), _ptr(out_idx), _ptr(out_w), state.recv_src.data_ptr(),
             state.recv_off, rows, cached, x.data_ptr(), _ptr(x_scales),
             _ptr(None if cached else topk_idx), _ptr(None if cached else topk_weights),
             state.self_token, slot, sms, stream,
         )
+        self._round_open = False
         if per_expert_t is None:  # (a reporting notify wrote it) counted from the ids, or none for a cached call
             if out_idx is not None:
                 raw_t = one_hot_mask(out_idx, c.experts_per_rank).sum(0, dtype=torch.int32)

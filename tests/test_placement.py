@@ -623,3 +623,41 @@ def test_host_work_ignores_default_device():
     for i, (a, b) in enumerate(zip(got, want, strict=True)):
         assert a.device.type == "cpu", i
         assert torch.equal(a, b), i
+
+
+def test_review_edges():
+    """Found by review: a plan that left a GPU without an expert while there were more experts than GPUs; an
+    infinite local_cap that kept nothing local; prepare("cpu:0") filling a cache entry route never reads; sizes
+    given as floats failing later with a TypeError; a Placement sharing the caller's phys_to_log."""
+    topo = Topology(4, 4, slots_per_gpu=4)  # 48 experts, 64 slots, no replicas: 16 empty slots
+    trace = synthetic_trace(2048, 48, 8, topo, zipf_s=1.2, seed=1)
+    p = plan_placement(None, topo, trace=trace, num_replicas=0, time_budget_s=60.0)
+    per_gpu = (p.phys_to_log.view(16, 4) >= 0).sum(1)
+    assert (per_gpu >= 1).all(), per_gpu  # (it left GPU 14 empty)
+    q = Placement(Topology(1, 4), 1, torch.zeros(4, dtype=torch.int64))  # a replica on every GPU
+    idx = torch.zeros(2, 4, dtype=torch.int64)
+    assert (q.route(idx, 1, local_cap=None) == 1).all()
+    assert (q.route(idx, 1, local_cap=1e19) == 1).all()  # (ceil(cap).long() overflowed: nothing stayed local)
+    for bad in (math.inf, math.nan, 0.0, True, "1"):
+        with pytest.raises(ValueError, match="'local_cap' must be a finite number > 0, or None"):
+            q.route(idx, 1, local_cap=bad)
+    q.prepare("cpu:0")
+    assert list(q._table_cache) == [idx.device]
+    for make, arg in ((lambda: Topology(2.0, 2), "num_nodes"), (lambda: Topology(2, 2, slots_per_gpu=1.5),
+                                                                   "slots_per_gpu"),
+                      (lambda: Placement(Topology(1, 2), 2.0, torch.tensor([0, 1])), "num_logical"),
+                      (lambda: replica_counts(torch.ones(2), 3.5), "num_physical"),
+                      (lambda: plan_placement(torch.ones(4), Topology(2, 2), max_rounds=2.5), "max_rounds"),
+                      (lambda: greedy_placement(torch.ones(2), Topology(2, 2), num_replicas=1.0), "num_replicas")):
+        with pytest.raises(ValueError, match=f"'{arg}' must be an int"):
+            make()
+    p2l = torch.tensor([0, 1])
+    r = Placement(Topology(1, 2), 2, p2l)
+    p2l[0] = 1
+    assert r.phys_to_log.tolist() == [0, 1]
+    with pytest.raises(ValueError, match="'src_gpu' must be >= 0"):
+        RoutingTrace(torch.zeros(2, 1, dtype=torch.int64), torch.tensor([0, -1]), 1)
+    t2 = RoutingTrace(torch.zeros(2, 1, dtype=torch.int64), torch.tensor([0, 7]), 1)
+    one = Placement(Topology(2, 2), 1, torch.zeros(4, dtype=torch.int64))
+    with pytest.raises(ValueError, match="'trace' has a src_gpu outside"):
+        simulate_links(t2, one, physical_idx=torch.zeros(2, 1, dtype=torch.int64))

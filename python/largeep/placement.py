@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import heapq
 import math
+import numbers
 import time
 from dataclasses import dataclass, field
 
@@ -66,6 +67,11 @@ def _check(cond: bool, arg: str, msg: str) -> None:
         raise ArgumentError(f"argument '{arg}' {msg}")
 
 
+def _check_int(value: object, arg: str, minimum: int) -> None:
+    _check(isinstance(value, numbers.Integral) and not isinstance(value, bool) and int(value) >= minimum, arg,
+           f"must be an int >= {minimum}, got {value!r}")
+
+
 @dataclass(frozen=True)
 class Topology:
     """A cluster: ``num_nodes`` x ``gpus_per_node`` GPUs; GPU g is on node g // gpus_per_node.
@@ -84,11 +90,11 @@ class Topology:
     slots_per_gpu: int = 1
 
     def __post_init__(self) -> None:
-        _check(self.num_nodes >= 1, "num_nodes", f"must be >= 1, got {self.num_nodes}")
-        _check(self.gpus_per_node >= 1, "gpus_per_node", f"must be >= 1, got {self.gpus_per_node}")
+        _check_int(self.num_nodes, "num_nodes", 1)
+        _check_int(self.gpus_per_node, "gpus_per_node", 1)
         _check(self.nvlink_bw > 0, "nvlink_bw", f"must be > 0 bytes/s, got {self.nvlink_bw}")
         _check(self.nic_bw > 0, "nic_bw", f"must be > 0 bytes/s, got {self.nic_bw}")
-        _check(self.slots_per_gpu >= 1, "slots_per_gpu", f"must be >= 1, got {self.slots_per_gpu}")
+        _check_int(self.slots_per_gpu, "slots_per_gpu", 1)
 
     @property
     def num_gpus(self) -> int:
@@ -125,7 +131,11 @@ class RoutingTrace:
             "src_gpu",
             f"must be an int64 tensor [{t}]",
         )
-        _check(self.num_experts >= 1, "num_experts", f"must be >= 1, got {self.num_experts}")
+        _check_int(self.num_experts, "num_experts", 1)
+        # the planner and the link model count on the CPU: a trace gathered from the gate's CUDA ids moves there
+        self.topk_idx, self.src_gpu = self.topk_idx.cpu(), self.src_gpu.cpu()
+        if t:
+            _check(int(self.src_gpu.min()) >= 0, "src_gpu", f"must be >= 0, got {int(self.src_gpu.min())}")
         if self.topk_idx.numel():
             lo, hi = int(self.topk_idx.min()), int(self.topk_idx.max())
             _check(
@@ -166,6 +176,11 @@ class Placement:
     phys_to_log: torch.Tensor
     replica_table: torch.Tensor = field(init=False, repr=False)
     replica_count: torch.Tensor = field(init=False, repr=False)
+    # route's lookup tables per device (_tables): a field, read with a plain attribute lookup, which torch.compile
+    # traces on every torch version (Dynamo of torch 2.11 refuses __dict__.setdefault)
+    _table_cache: dict[torch.device, tuple[torch.Tensor, ...]] = field(
+        init=False, repr=False, default_factory=dict, compare=False
+    )
 
     def __post_init__(self) -> None:
         s = self.topology.num_slots
@@ -175,8 +190,8 @@ class Placement:
             "phys_to_log",
             f"must be an int64 tensor [{s}] (num_gpus * slots_per_gpu)",
         )
-        _check(self.num_logical >= 1, "num_logical", f"must be >= 1, got {self.num_logical}")
-        self.phys_to_log = p2l = p2l.cpu()
+        _check_int(self.num_logical, "num_logical", 1)
+        self.phys_to_log = p2l = p2l.cpu().clone()  # (its own: a caller's later change would not match the tables)
         _check(
             bool(((p2l >= -1) & (p2l < self.num_logical)).all()),
             "phys_to_log",
@@ -258,14 +273,14 @@ class Placement:
         """Builds the lookup tables of ``route`` and ``table_route`` on ``device`` now (they are otherwise built at
         the first call there), so that a ``torch.compile`` trace or a CUDA-graph capture only reads them. Returns
         self."""
-        self._tables(torch.device(device))
+        self._tables(torch.empty(0, device=device).device)  # (the key a tensor there has: "cuda" is cuda:<current>)
         return self
 
     def _tables(self, device: torch.device) -> tuple[torch.Tensor, ...]:
         """Lookup tables for ``route``, cached per device: replica_table, replica_count, on_gpu int64 [L, G] (the
         lowest slot of e on GPU g, else -1), node_list int64 [L, N, Rn] (slots of e on node n ascending, -1
         padded), node_cnt int64 [L, N]."""
-        cache = self.__dict__.setdefault("_table_cache", {})
+        cache = self._table_cache
         if device not in cache:
             topo = self.topology
             used = (self.phys_to_log >= 0).nonzero().flatten()
@@ -365,7 +380,9 @@ class Placement:
             _check(slot_load.shape == (topo.num_slots,), "slot_load", f"must have shape [{topo.num_slots}]")
             _check(bool(torch.isfinite(slot_load).all() and (slot_load >= 0).all()), "slot_load",
                    "must be finite and >= 0")
-        _check(local_cap is None or local_cap > 0, "local_cap", f"must be > 0 or None, got {local_cap}")
+        _check(local_cap is None or (isinstance(local_cap, numbers.Real) and not isinstance(local_cap, bool)
+                                     and 0 < local_cap < math.inf), "local_cap",
+               f"must be a finite number > 0, or None for no cap, got {local_cap!r}")
         table, nrep, on_gpu, node_list, node_cnt = self._tables(dev)
         out = torch.full_like(topk_idx, -1)
         valid = topk_idx >= 0
@@ -391,7 +408,7 @@ class Placement:
             n_se = torch.bincount(src_key, minlength=topo.num_gpus * n_log).double()
             # per (source, expert): the fair share of the replicas on the source's node, all of them together
             cap = torch.ceil(local_cap * n_nodes * cnt[near].double() * n_se[src_key[near]] / nrep[em[near]].double())
-            over = _rank_within(src_key[near], topo.num_gpus * n_log) >= cap.long()
+            over = _rank_within(src_key[near], topo.num_gpus * n_log) >= cap.clamp(max=2.0**62).long()
             near[near.nonzero().flatten()[over]] = False
         chosen = torch.where(near, chosen, torch.full_like(chosen, -1))
         far = ~near
@@ -490,7 +507,8 @@ def _num_replicas(num_logical: int, topology: Topology, num_replicas: int | None
     )
     if num_replicas is None:
         return spare
-    _check(0 <= num_replicas <= spare, "num_replicas", f"must be in [0, {spare}], got {num_replicas}")
+    _check_int(num_replicas, "num_replicas", 0)
+    _check(num_replicas <= spare, "num_replicas", f"must be in [0, {spare}], got {num_replicas}")
     return num_replicas
 
 
@@ -508,7 +526,7 @@ def replica_counts(load: torch.Tensor, num_physical: int, max_per_expert: int | 
     """
     load = _check_load(load)
     num_logical = load.numel()
-    _check(num_physical >= num_logical, "num_physical", f"must be >= {num_logical}, got {num_physical}")
+    _check_int(num_physical, "num_physical", num_logical)
     cap = num_physical if max_per_expert is None else max_per_expert
     _check(cap >= 1, "max_per_expert", f"must be >= 1, got {max_per_expert}")
     counts = [1] * num_logical
@@ -611,7 +629,8 @@ def greedy_placement(load: torch.Tensor, topology: Topology, *, num_replicas: in
     Args:
         load: float [L], measured load per logical expert.
         topology: the cluster; needs num_slots >= L.
-        num_replicas: extra replicas (default: fill every slot).
+        num_replicas: extra replicas (default: fill every slot); at most one replica of an expert per GPU, so
+            fewer where that bounds them (the rest of the slots stay empty).
     """
     load = _check_load(load)
     unit_expert, w = _units(load, topology, num_replicas)
@@ -656,11 +675,17 @@ class _SwapState:
         self.pos_of = np.empty(u_num, dtype=np.int64)
         self.pos_of[self.unit_at] = np.arange(u_num)
         num_logical = int(unit_expert.max()) + 1
+        self.empty_col = num_logical
         self.col = np.where(unit_expert >= 0, unit_expert, num_logical)  # empty units: a column never counted
         self.held = np.zeros((topology.num_gpus, num_logical + 1), dtype=np.int64)
         np.add.at(self.held, (self.gpu_pos, self.col[self.unit_at]), 1)
         self.held[:, num_logical] = 0
         self.gpu_load = np.bincount(self.gpu_pos, weights=self.unit_w[self.unit_at], minlength=topology.num_gpus)
+        # experts (replicas, not empty slots) per GPU: where there are at least as many as GPUs, no swap may take a
+        # GPU's last one away (an expert's weight can be small enough for the load bound to allow it)
+        self.real = np.bincount(self.gpu_pos, weights=(self.col[self.unit_at] < num_logical).astype(np.float64),
+                                minlength=topology.num_gpus)
+        self.keep_real = int((unit_expert >= 0).sum()) >= topology.num_gpus
         self.replicated = bool((np.bincount(self.col, minlength=num_logical + 1)[:num_logical] > 1).any())
 
     def reset(self, unit_at: np.ndarray) -> None:
@@ -672,7 +697,7 @@ class _SwapState:
 
     def feasible(self, bound: float) -> np.ndarray:
         """bool [U, U] over positions: the swap keeps both GPUs under ``bound`` and puts no second copy of an
-        expert on a GPU."""
+        expert on a GPU, nor leaves a GPU without an expert where every GPU can have one."""
         w = self.unit_w[self.unit_at]
         col = self.col[self.unit_at]
         dw = w[None, :] - w[:, None]  # [p, q]: w_q - w_p
@@ -684,6 +709,11 @@ class _SwapState:
         if self.replicated:  # only an expert with several replicas can end up twice on a GPU
             dup = self.held[self.gpu_pos][:, col] > 0  # [p, q]: q's expert already on p's GPU
             ok &= ~dup & ~dup.T
+        if self.keep_real:
+            empty = col == self.empty_col
+            if empty.any():
+                last = ~empty & (self.real[self.gpu_pos] <= 1)  # p holds its GPU's last expert
+                ok &= ~(last[:, None] & empty[None, :]) & ~(empty[:, None] & last[None, :])
         return ok
 
     def pick(self, gain: np.ndarray) -> list[tuple[int, int]]:
@@ -718,6 +748,9 @@ class _SwapState:
         self.held[:, -1] = 0
         self.gpu_load[gp] += self.unit_w[v] - self.unit_w[u]
         self.gpu_load[gq] += self.unit_w[u] - self.unit_w[v]
+        ru, rv = float(self.unit_expert[u] >= 0), float(self.unit_expert[v] >= 0)
+        self.real[gp] += rv - ru
+        self.real[gq] += ru - rv
         self.unit_at[p], self.unit_at[q] = v, u
         self.pos_of[u], self.pos_of[v] = q, p
         return u, v
@@ -860,7 +893,8 @@ def plan_placement(
             GPUs hold replicas; L > GPUs: experts packed under the slot limit.
         trace: routing trace of logical experts with source GPUs; without it the plan is the greedy baseline
             (nothing is known about co-activation).
-        num_replicas: extra replicas (default: fill every slot).
+        num_replicas: extra replicas (default: fill every slot); at most one replica of an expert per GPU, so
+            fewer where that bounds them (the rest of the slots stay empty).
         imbalance_tolerance: the search keeps every GPU's estimated compute load (each replica serving an even
             share of its expert) <= the greedy plan's largest GPU load on the trace * (1 + tolerance / 2);
             the returned plan's compute imbalance on the trace, as routed, is within (1 + tolerance) of greedy's
@@ -880,7 +914,7 @@ def plan_placement(
         load = trace.expert_load()
     load = _check_load(load)
     _check(imbalance_tolerance >= 0, "imbalance_tolerance", f"must be >= 0, got {imbalance_tolerance}")
-    _check(max_rounds >= 0, "max_rounds", f"must be >= 0, got {max_rounds}")
+    _check_int(max_rounds, "max_rounds", 0)
     _check(time_budget_s is None or time_budget_s >= 0, "time_budget_s", f"must be None or >= 0, got {time_budget_s}")
     budget = math.inf if time_budget_s is None else time_budget_s
     if trace is not None:
@@ -993,7 +1027,10 @@ def simulate_links(
     else:
         _check_topk(physical_idx, topo.num_slots, "physical_idx")
         _check(physical_idx.shape == trace.topk_idx.shape, "physical_idx", "must have the trace's shape")
+        physical_idx = physical_idx.cpu()
     src = trace.src_gpu
+    if src.numel():
+        _check(int(src.max()) < g_num, "trace", f"has a src_gpu outside [0, {g_num}) (its largest: {int(src.max())})")
     dst = torch.where(physical_idx >= 0, physical_idx // topo.slots_per_gpu, physical_idx)  # [T, K] GPU
     compute = torch.bincount(dst[dst >= 0], minlength=g_num).double()
     first_gpu = _first_in_row(dst)

@@ -169,13 +169,14 @@ def low_latency_hook_capture(rank: int, world: int) -> None:
         buf.destroy()
 
 
-def normal_worst_graph(rank: int, world: int, reps: int, tokens: int, hidden: int, experts: int, topk: int) -> None:
+def normal_worst_graph(rank: int, world: int, reps: int, tokens: int, hidden: int, experts: int, topk: int,
+                       backend: str = "nvshmem") -> None:
     """A normal-mode dispatch with ``num_worst_tokens`` (no host wait) and its combine, captured in one CUDA graph
     and replayed on fresh routing: every replay gives the eager call's outputs on the same inputs (the rows that
     name an expert, ids, weights, and the combine bit for bit), and the combine is each token times the number of
     ranks it went to (an expert that returns its input)."""
     buf = largeep.Buffer(None, hidden=hidden, num_experts=experts, num_topk=topk, max_tokens_per_rank=tokens,
-                         backend="nvshmem")
+                         backend=backend)
     try:
         worst = tokens * world
         x = torch.empty(tokens, hidden, device="cuda", dtype=torch.bfloat16)

@@ -217,6 +217,13 @@ def test_normal_worst_graph(pools, world: int) -> None:
     pools(world, "nccl").run(gpu_bodies.normal_worst_graph, 20, 96, 2048, 32, 8)
 
 
+@pytest.mark.gpu(1)
+def test_normal_worst_graph_torch_one_rank(pools) -> None:
+    """The torch backend's fresh num_worst_tokens dispatch captured in a CUDA graph (one rank on NCCL: ranks
+    cannot share a GPU there): it made its call signature from a host list, which a capture refuses."""
+    pools(1, "nccl").run(gpu_bodies.normal_worst_graph, 10, 96, 2048, 32, 8, "torch")
+
+
 @pytest.mark.gpu(2)
 @needs_native
 @pytest.mark.parametrize("tune", ["ll_fuse=1", "ll_fuse=0", "ll_spread=0"])

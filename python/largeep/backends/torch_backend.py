@@ -400,7 +400,10 @@ class TorchBackend:
         per_expert_t: torch.Tensor | None = None
         if state is None:
             assert topk_idx is not None and topk_weights is not None
-            mine = _call_signature(num_worst_tokens, x, x_scales, n, dev, topk_idx, c.num_experts, check_ids)
+            # (on CUDA no rank reads the signatures here: zeros, made without a copy from the host, which a CUDA
+            # graph capture refuses)
+            mine = _call_signature(num_worst_tokens, x, x_scales, n, dev, topk_idx, c.num_experts, check_ids) \
+                if dev.type == "cpu" else torch.zeros(n, _SIG, dtype=torch.int64, device=dev)
             in_rank = compute_layout(topk_idx, n, c.num_experts, c.ranks_per_node).is_token_in_rank
             pos = torch.cumsum(in_rank.to(torch.int64), dim=0) - 1
             slot = torch.where(in_rank, torch.arange(n, device=dev) * cap + pos, n * cap)  # [T, N]

@@ -583,8 +583,10 @@ __device__ __forceinline__ bool reduce_token(const NormalCtx& c, T* out, float* 
     // rows. The fused combine (kChunked) is for one node: lane = rank there, tested against the mask of my node's
     // ranks as before session 18 (always true for lane < N on one node; this form measured 3.5 us faster at one
     // rank and SPEC's size than `lane < P`, and `lane < N` alone 1 us: session 18, r7-r8).
-    const unsigned one_node = (c.ranks_per_node >= 32 ? ~0u : ((1u << c.ranks_per_node) - 1u))
-                              << (node_of(c, c.rank) * c.ranks_per_node);
+    // (kChunked only: one node, so the shift is 0; elsewhere it could reach 32 bits)
+    const unsigned one_node = kChunked ? (c.ranks_per_node >= 32 ? ~0u : ((1u << c.ranks_per_node) - 1u))
+                                             << (node_of(c, c.rank) * c.ranks_per_node)
+                                       : 0u;
     const int p = kChunked ? (lane < N && ((one_node >> lane) & 1u) ? send_pos[static_cast<int64_t>(t) * N + lane] : -1)
                            : (lane < c.ranks_per_node ? send_pos[static_cast<int64_t>(t) * N + r0 + lane] : -1);
     if constexpr (kChunked) {

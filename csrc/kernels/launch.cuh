@@ -84,11 +84,14 @@ __device__ __forceinline__ bool block_wait_ranks(const int64_t* flags, int first
 // Sets the int64 flag at byte offset `off` of rank pe's symmetric allocation to v: a release store through `peer`
 // (pe's allocation as mapped on this GPU, for ranks of this node), else an NVSHMEM signal to the same offset of
 // `mine` (this rank's allocation: the symmetric address). Whatever this thread wrote to pe before (stores after a
-// system fence, or puts completed by nvshmem_quiet) is visible first.
+// system fence, or puts completed by nvshmem_quiet) is visible first. The signal takes a system fence of its own:
+// over NVSHMEM's P2P transport it is a plain store, and the puts it announces may be other blocks' (quieted before
+// a barrier this thread passed), which only the release of the NVLink branch would otherwise order.
 __device__ __forceinline__ void set_peer_flag(uint8_t* peer, uint8_t* mine, int64_t off, int64_t v, int pe) {
     if (peer != nullptr) {
         st_release_sys(reinterpret_cast<int64_t*>(peer + off), v);
     } else {
+        __threadfence_system();
         nvshmemx_signal_op(reinterpret_cast<uint64_t*>(mine + off), static_cast<uint64_t>(v), NVSHMEM_SIGNAL_SET, pe);
     }
 }

@@ -562,7 +562,11 @@ class NvshmemBackend:
             return
         what, rank = _OPS.get(code // 65536, f"op {code // 65536}"), code % 65536 - 1
         if code // 65536 == 1:
-            raise RuntimeError(f"{op}: the layout kernel found an expert id outside [-1, num_experts)")
+            raise RuntimeError(
+                f"{op}: an unchecked get_dispatch_layout (LARGEEP_CHECK_VALUES=0, or inside a CUDA graph) on rank "
+                f"{self.ctx.rank} found an expert id outside [-1, num_experts); the Buffer is unusable now (destroy it "
+                "on every rank)"
+            )
         if code // 65536 == _OP_PEER_REFUSED:
             bad = self._reported_bad_id() if rank == self.ctx.rank else None  # (this rank's own check, if it ran)
             which = f"expert id {bad}, outside" if bad is not None else "an expert id outside"

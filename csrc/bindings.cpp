@@ -609,7 +609,7 @@ PYBIND11_MODULE(_C, m) {
 
     py::class_<NormalKernels>(m, "NormalKernels")
         .def(py::init<int, int, int, int, int, int, uintptr_t, uintptr_t, uintptr_t, uintptr_t, uintptr_t, uintptr_t,
-                      double, int, int, int, int, int, int>())
+                      double, int, int, int, int, int>())
         .def("zc_acquire", &NormalKernels::zc_acquire)
         .def("zc_busy", &NormalKernels::zc_busy)
         .def("zc_add_stream", &NormalKernels::zc_add_stream)

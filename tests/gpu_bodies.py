@@ -408,7 +408,7 @@ def abandoned_round(rank: int, world: int, timeout_s: float, worst: bool) -> dic
         else:
             d = buf.dispatch(x, idx, w, **kw)
             torch.cuda.synchronize()
-            assert d.x.shape[0] == (rows_worst if worst else int(d.num_tokens_per_expert.sum())) > 0
+            assert d.x.shape[0] == (rows_worst if worst else sum(d.num_tokens_per_expert)) > 0
             start = time.monotonic()
             try:
                 buf.dispatch(x, idx, w, **kw)

@@ -1205,3 +1205,41 @@ def too_large_for_the_gpu(rank: int, world: int) -> dict[str, Any]:
     finally:
         buf.destroy()
     return {"failures": chk.failures}
+
+
+def ranks_disagree(rank: int, world: int) -> list[str]:
+    """Ranks that disagree on a combine (topk_weights on rank 0 only; y float32 on rank 0 only) or on a cached
+    dispatch (FP8 rows on rank 0 only), with variable and fixed (num_worst_tokens) outputs: on CPU groups every rank
+    raises ArgumentError naming each rank's call (gloo aborted the process), nothing moves, and the next good
+    round trip is right."""
+    torch.manual_seed(rank)
+    e = 4 * world
+    buf = largeep.Buffer(None, hidden=128, num_experts=e, num_topk=2, max_tokens_per_rank=8, backend="torch")
+    x = torch.randn(6, 128).to(torch.bfloat16)
+    idx = torch.stack([torch.randperm(e)[:2] for _ in range(6)])
+    w = torch.rand(6, 2)
+    ranks = torch.stack([(idx // 4 == r).any(1) for r in range(world)], dim=1).sum(1, keepdim=True)
+    msgs = []
+    try:
+        for worst in (0, 16):
+            d = buf.dispatch(x, idx, w, num_worst_tokens=worst)
+            y = d.x.float() if rank == 0 else d.x
+            cases = [(lambda d=d: buf.combine(d.x, d.handle, topk_weights=d.topk_weights if rank == 0 else None),
+                      "topk_weights given", "topk_weights None"),
+                     (lambda d=d, y=y: buf.combine(y, d.handle), "y torch.float32", "y torch.bfloat16"),
+                     (lambda d=d: buf.dispatch(fp8.quantize(x) if rank == 0 else x, handle=d.handle),
+                      "x torch.float8_e4m3fn, FP8 scales", "x torch.bfloat16")]
+            for call, first, second in cases:
+                try:
+                    call()
+                except largeep.ArgumentError as exc:
+                    assert f"rank 0: {'x' if first[0] == 'x' else 'y'}" in str(exc) and first in str(exc) \
+                        and second in str(exc), str(exc)
+                    msgs.append(str(exc))
+                else:
+                    raise AssertionError(f"ranks that disagree were not refused ({first} / {second})")
+            c = buf.combine(d.x, d.handle)  # the Buffer still works
+            assert torch.equal(c.x, (x.float() * ranks).to(torch.bfloat16)), "a good combine after the refusals"
+    finally:
+        buf.destroy()
+    return msgs

@@ -671,3 +671,9 @@ def test_nvshmem_group_sizes(low_latency: bool, ranks: int, per_node: int, max_t
     assert (reason is None) if refused is None else (reason is not None and refused in reason), reason
     if reason is None:
         assert (untested_reason(ctx) is None) == auto  # type: ignore[arg-type]
+
+
+def test_torch_backend_ranks_disagree(pools) -> None:
+    """Cached dispatches and combines whose kind differs between ranks are refused on every rank (CPU groups)."""
+    for msgs in pools(WORLD).run(error_bodies.ranks_disagree):
+        assert len(msgs) == 6 and all("disagree on the call" in m for m in msgs), msgs

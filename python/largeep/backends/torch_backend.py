@@ -114,6 +114,31 @@ def _check_signatures(sig: torch.Tensor, rank: int, num_experts: int) -> None:
                         "the same kind of rows with the same num_worst_tokens")
 
 
+def _agree(backend: TorchBackend, op: str, values: tuple[int, ...], describe: Callable[[tuple[int, ...]], str],
+           what: str) -> None:
+    """On a CPU group (gloo aborts the process, no exception, when the sizes of one collective differ between
+    ranks): every rank sends ``values`` (its kind of call) and every rank raises ArgumentError naming each rank's
+    when they differ, before any row moves. Not on CUDA, where comparing would wait on the host."""
+    n = backend.ctx.num_ranks
+    if n == 1:
+        return
+    mine = torch.tensor(values, dtype=torch.int64).expand(n, len(values)).contiguous()
+    got, _ = backend._all_to_all(mine, n)
+    rows = [tuple(int(v) for v in r) for r in got.tolist()]
+    if all(r == rows[0] for r in rows):
+        return
+    desc = "; ".join(f"rank {r}: {describe(row)}" for r, row in enumerate(rows))
+    raise ArgumentError(f"{op}: the ranks of the group disagree on the call ({desc}); {what}")
+
+
+def _rows_kind(v: tuple[int, ...]) -> str:
+    return f"x {_DTYPE_NAME.get(v[0], '?')}{', FP8 scales' if v[1] else ''}"
+
+
+def _combine_kind(v: tuple[int, ...]) -> str:
+    return f"y {_DTYPE_NAME.get(v[0], '?')}, topk_weights {'given' if v[1] else 'None'}"
+
+
 @dataclass
 class _VarState:
     """Handle of a variable-size normal dispatch. Source side: t_idx int64 [P] (token of each sent row, rows
@@ -363,6 +388,9 @@ class TorchBackend:
             state = _VarState(t_idx, send_splits, recv_splits, int(sum(recv_splits)), x.shape[0])
             parts = [x[t_idx]] + ([x_scales[t_idx]] if x_scales is not None else []) + [local, weights]
         else:
+            if dev.type == "cpu":
+                _agree(self, "dispatch", (_DTYPE_CODE.get(x.dtype, -1), int(x_scales is not None)), _rows_kind,
+                       "every rank of a cached dispatch must send the same kind of rows")
             parts = [x[state.t_idx]] + ([x_scales[state.t_idx]] if x_scales is not None else [])
         # x lands straight in the output (no packing copy on either side); the small per-row fields travel
         # together in a second collective.
@@ -430,6 +458,9 @@ class TorchBackend:
             parts = [x[t_idx]] + ([x_scales[t_idx]] if x_scales is not None else []) + [local, weights]
         else:
             assert isinstance(state, _FixedState)
+            if dev.type == "cpu":
+                _agree(self, "dispatch", (_DTYPE_CODE.get(x.dtype, -1), int(x_scales is not None)), _rows_kind,
+                       "every rank of a cached dispatch must send the same kind of rows")
             t_idx = torch.arange(t, device=dev).repeat_interleave(n)
             parts = [x[t_idx]] + ([x_scales[t_idx]] if x_scales is not None else [])
         with_meta = len(parts) > (2 if x_scales is not None else 1)
@@ -463,6 +494,9 @@ class TorchBackend:
         self._begin("combine")
         c = self.ctx
         dev = y.device
+        if dev.type == "cpu":
+            _agree(self, "combine", (_DTYPE_CODE.get(y.dtype, -1), int(topk_weights is not None)), _combine_kind,
+                   "every rank must combine the same dtype of y, and pass topk_weights or not alike")
         parts = [y] + ([topk_weights] if topk_weights is not None else [])
         specs: list[tuple[torch.dtype, tuple[int, ...]]] = [(y.dtype, (c.hidden,))]
         if topk_weights is not None:

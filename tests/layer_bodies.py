@@ -1107,3 +1107,40 @@ def layer_refuses_worst_with_rounds(rank: int, world: int) -> None:
             assert "num_worst_tokens" in str(exc) and "tokens_per_round" in str(exc) and "4 rounds" in str(exc), exc
     finally:
         buf.destroy()
+
+
+def inference_mode_matches_no_grad(rank: int, world: int, tokens: list[int]) -> None:
+    """Normal-mode MoELayer (plain, in chunks, with num_worst_tokens), MoEPipeline and ops.dispatch/combine under
+    torch.inference_mode (prefill) equal the same calls under no_grad bit for bit (the eager dispatch read the
+    returned ids' version counter, which inference tensors do not have)."""
+    dev = device_for("torch")
+    buf = largeep.Buffer(None, hidden=16, num_experts=4 * world, num_topk=2, max_tokens_per_rank=16,
+                         backend="torch")
+    try:
+        torch.manual_seed(0)
+        layer = layers.MoELayer(buf, ffn_hidden=8).to(dev)
+        x = torch.randn(tokens[rank], 16, generator=_gen(rank, 5)).to(dev)
+        idx = torch.stack([torch.randperm(4 * world, generator=_gen(rank, t))[:2] for t in range(tokens[rank])])
+        w = torch.rand(tokens[rank], 2, generator=_gen(rank, 9))
+        calls = {
+            "plain": lambda: layer(x),
+            "chunks": lambda: layers.MoELayer(buf, ffn_hidden=8, num_chunks=2).to(dev).eval()(x),
+            "pipeline": lambda: layers.MoEPipeline([layer], num_chunks=2)(x),
+            "ops": lambda: (lambda d: ops.combine(buf, d.x, d.handle).x)(ops.dispatch(buf, x, idx.to(dev),
+                                                                                       w.to(dev))),
+        }
+        for name, call in calls.items():
+            torch.manual_seed(1)
+            with torch.no_grad():
+                want = call()
+            torch.manual_seed(1)
+            with torch.inference_mode():
+                got = call()
+            assert torch.equal(got, want), name
+        layer.num_worst_tokens = 16 * world
+        with torch.no_grad():
+            want = layer(x)
+        with torch.inference_mode():
+            assert torch.equal(layer(x), want), "num_worst_tokens"
+    finally:
+        buf.destroy()

@@ -91,6 +91,12 @@ def test_layer_with_topk_gate(pools) -> None:
     pools(2).run(layer_bodies.layer_with_topk_gate, [10, 7], 3)
 
 
+def test_inference_mode(pools) -> None:
+    """Prefill under torch.inference_mode: the normal-mode layer, its chunks, the pipeline and the ops equal no_grad
+    (the eager dispatch read a version counter that inference tensors lack)."""
+    pools(2).run(layer_bodies.inference_mode_matches_no_grad, [6, 5])
+
+
 def _rows_case(case: str, rows: int, topk: int, experts: int, g: torch.Generator) -> torch.Tensor:
     """Local expert ids [rows, K] (-1: not here), no expert twice in a row; rows 0 and 3 name no local expert."""
     if case == "empty":

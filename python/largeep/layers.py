@@ -395,7 +395,8 @@ class MoELayer(nn.Module):
             cols = slice(self.expert_tp.rank * f, (self.expert_tp.rank + 1) * f)
             w1, w3, w2 = w1[:, :, cols], w3[:, :, cols], w2[:, cols, :]
         for mine, full in ((self.experts.w1, w1), (self.experts.w3, w3), (self.experts.w2, w2)):
-            src = full.to(device=mine.device, dtype=mine.dtype)[logical.clamp(min=0).to(full.device)]
+            # (only this rank's experts move, whatever device the global weights are on)
+            src = full[logical.clamp(min=0).to(full.device)].to(device=mine.device, dtype=mine.dtype)
             mine.copy_(torch.where(ok.to(mine.device).view(-1, 1, 1), src, 0))
 
     # -- routing ----------------------------------------------------------------------------------------------

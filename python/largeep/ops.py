@@ -1216,13 +1216,14 @@ class OpHandle:
     recv_topk_idx: Tensor
     num_worst_tokens: int
     num_tokens: int
-    recv_version: int = 0  # recv_topk_idx's version counter when the dispatch returned it
+    recv_version: int = 0  # recv_topk_idx's version counter when the dispatch returned it (-1: an inference tensor)
 
     def unchanged_recv_idx(self) -> Tensor:
         """recv_topk_idx, for the backward; raises if it was changed in place (the backward would take wrong rows
         and weights). (Read at backward time, on the backward's stream: the outputs of an ``async_finish`` dispatch
-        are not ready when it returns.)"""
-        if self.recv_topk_idx._version != self.recv_version:
+        are not ready when it returns. An inference tensor has no version counter: nothing to check, and no
+        backward reads it.)"""
+        if self.recv_version >= 0 and self.recv_topk_idx._version != self.recv_version:
             raise RuntimeError(
                 "largeep.ops: the topk_idx that dispatch returned was changed in place before the backward, which "
                 "reads it to find the received rows and weights; change a clone of it instead"
@@ -1333,7 +1334,8 @@ class _DispatchFn(torch.autograd.Function):
     ) -> tuple[Tensor, Tensor, Tensor]:
         res = _buffer_dispatch(buffer, x, topk_idx, topk_weights, num_worst_tokens, previous_event, async_finish)
         assert isinstance(res.x, Tensor) and res.topk_idx is not None and res.topk_weights is not None
-        handle = OpHandle(buffer, res.handle, res.topk_idx, num_worst_tokens, x.shape[0], res.topk_idx._version)
+        handle = OpHandle(buffer, res.handle, res.topk_idx, num_worst_tokens, x.shape[0],
+                          -1 if res.topk_idx.is_inference() else res.topk_idx._version)
         sink.append((handle, res))
         ctx.handle = handle
         ctx.x_dtype = x.dtype

@@ -178,6 +178,8 @@ def bad_configs(rank: int, world: int) -> None:
     _raises(("tp_size", "does not divide"), make_expert_tp_groups, 3)
     _raises(("tp_size", "positive"), make_expert_tp_groups, 0)
     groups = make_expert_tp_groups(2)
+    # a group smaller than the world: its new_group calls would leave the other ranks' group counters behind
+    _raises(("'group' has", "of the world's"), make_expert_tp_groups, 1, groups.ep_group)
     ep_buf, world_buf = buffer(groups.ep_group), buffer(None)
     ll_buf = buffer(groups.ep_group, low_latency=True)
     try:

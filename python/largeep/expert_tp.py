@@ -80,8 +80,11 @@ def make_expert_tp_groups(tp_size: int, group: dist.ProcessGroup | None = None) 
     """Splits ``group`` (default: the world; W ranks) into W/T TP groups of T consecutive ranks and T EP groups of
     W/T ranks (EP group j: member j of every TP group), and returns this rank's two.
 
-    Collective: every rank of ``group`` must call it, with the same ``tp_size`` (``dist.new_group`` is called for
-    every group). Raises ArgumentError when T < 1, T does not divide W, or this rank is not in ``group``.
+    Collective over the whole world: ``dist.new_group`` must be called by every rank of the default group, so
+    ``group`` must span the world (ranks outside a smaller group would skip those calls and every later
+    ``dist.new_group`` of the world would wait forever). For a smaller group, make its TP and EP groups with
+    ``dist.new_group`` on every rank and build :class:`ExpertTPGroups` from them. Raises ArgumentError when T < 1,
+    T does not divide W, this rank is not in ``group``, or ``group`` is smaller than the world.
     """
     op = "make_expert_tp_groups"
     if not dist.is_initialized():
@@ -94,6 +97,12 @@ def make_expert_tp_groups(tp_size: int, group: dist.ProcessGroup | None = None) 
         raise ArgumentError(f"{op}: argument 'group' does not contain this rank (global rank {dist.get_rank()})")
     ranks = dist.get_process_group_ranks(group)
     w = len(ranks)
+    if w != dist.get_world_size():
+        raise ArgumentError(
+            f"{op}: argument 'group' has {w} of the world's {dist.get_world_size()} ranks; the groups it makes need "
+            "dist.new_group on every rank of the world, so give the world's group (or make the groups yourself "
+            "with dist.new_group on every rank and build ExpertTPGroups from them)"
+        )
     if w % tp_size:
         raise ArgumentError(f"{op}: argument 'tp_size' = {tp_size} does not divide the group size {w}")
     tp_lists = [ranks[b * tp_size : (b + 1) * tp_size] for b in range(w // tp_size)]

@@ -1144,3 +1144,21 @@ def inference_mode_matches_no_grad(rank: int, world: int, tokens: list[int]) -> 
             assert torch.equal(layer(x), want), "num_worst_tokens"
     finally:
         buf.destroy()
+
+
+def layer_size_checks(rank: int, world: int) -> None:
+    """MoELayer's sizes are ints of their range, refused naming the argument (they failed later: a negative
+    dimension, a division by zero, tensor_split's TypeError)."""
+    buf = largeep.Buffer(None, hidden=16, num_experts=4 * world, num_topk=2, max_tokens_per_rank=8, backend="torch")
+    try:
+        for kw in ({"ffn_hidden": 0}, {"ffn_hidden": -8}, {"ffn_hidden": 8.0}, {"ffn_hidden": 8, "num_chunks": 2.5},
+                   {"ffn_hidden": 8, "shared_ffn_hidden": -1}, {"ffn_hidden": 8, "num_worst_tokens": True}):
+            arg = [k for k in kw if k != "ffn_hidden"][0] if len(kw) > 1 else "ffn_hidden"
+            try:
+                layers.MoELayer(buf, **kw)  # type: ignore[arg-type]
+            except largeep.ArgumentError as exc:
+                assert f"argument '{arg}' must be an int" in str(exc), str(exc)
+            else:
+                raise AssertionError(f"MoELayer accepted {kw}")
+    finally:
+        buf.destroy()

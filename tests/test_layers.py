@@ -97,6 +97,10 @@ def test_inference_mode(pools) -> None:
     pools(2).run(layer_bodies.inference_mode_matches_no_grad, [6, 5])
 
 
+def test_layer_size_checks(pools) -> None:
+    pools(1).run(layer_bodies.layer_size_checks)
+
+
 def _rows_case(case: str, rows: int, topk: int, experts: int, g: torch.Generator) -> torch.Tensor:
     """Local expert ids [rows, K] (-1: not here), no expert twice in a row; rows 0 and 3 name no local expert."""
     if case == "empty":

@@ -311,10 +311,10 @@ class MoELayer(nn.Module):
     ) -> None:
         super().__init__()
         c = buffer.ctx
-        if num_chunks < 1:
-            raise ArgumentError(f"MoELayer: argument 'num_chunks' must be >= 1, got {num_chunks}")
-        if num_worst_tokens < 0:
-            raise ArgumentError(f"MoELayer: argument 'num_worst_tokens' must be >= 0, got {num_worst_tokens}")
+        for arg, value, least in (("ffn_hidden", ffn_hidden, 1), ("shared_ffn_hidden", shared_ffn_hidden, 0),
+                                  ("num_chunks", num_chunks, 1), ("num_worst_tokens", num_worst_tokens, 0)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < least:
+                raise ArgumentError(f"MoELayer: argument '{arg}' must be an int >= {least}, got {value!r}")
         if num_worst_tokens and getattr(buffer, "num_rounds", 1) > 1:
             raise ArgumentError(
                 f"MoELayer: argument 'num_worst_tokens' = {num_worst_tokens} needs a Buffer without tokens_per_round "

@@ -756,3 +756,38 @@ def test_sim_symmetric_memory() -> None:
     assert [r["normal_supported"] for r in rows] == [True, True, True, True, False]  # (at most 64 nodes)
     assert by_ep[256]["nodes"] == 32 and by_ep[512]["ranks_per_node"] == 8
     assert all(r["low_latency_gib"] > 0 for r in rows)
+
+
+def test_summing_pass_fit() -> None:
+    """The low-latency combine with the weights sent has a summing pass in series (sum_lat_us + the T * K BF16
+    copies at sum_gbps): no such term until fitted; fit_summing recovers it from records the model made with it,
+    leaving the other constants; sweep_ep then lists that combine (two-row sums and bf16 partial sums) and the
+    plot's series leave it out."""
+    cluster = sim.Cluster(nvlink_gbps=450.0, nic_gbps=50.0, gpus_per_node=2)
+    truth = replace(TRUE, sum_lat_us=2.5, sum_gbps=5000.0)
+    w = sim.Workload("low_latency", "combine", 128, 7168, 8, 288, "bf16", True)
+    assert sim.predict(w, 2, TRUE, cluster).t_sum_us == 0.0
+    got = sim.predict(w, 2, truth, cluster)
+    assert got.t_sum_us == pytest.approx(2.5 + 128 * 8 * 2 * 7168 / 5e6)
+    assert got.time_us == pytest.approx(sim.predict(w, 2, TRUE, cluster).time_us + got.t_sum_us)
+    plain = sim.Workload("low_latency", "combine", 128, 7168, 8, 288, "bf16")
+    assert sim.predict(plain, 2, truth, cluster).t_sum_us == 0.0  # only with the weights sent
+    recs = []
+    for tokens in (1, 32, 128, 256):
+        for one in (False, True):
+            wl = sim.Workload("low_latency", "combine", tokens, 7168, 8, 288, "bf16", True, one)
+            t = sim.predict(wl, 2, truth, cluster).time_us
+            recs.append(dict(backend="synthetic", mode="low_latency", op="combine", ep=2, ranks_per_node=2,
+                             num_tokens=tokens, hidden=7168, num_topk=8, num_experts=288, dtype="fp8", num_sms=None,
+                             time_us_median=t, weights_sent=True, bf16_partial_sums=one))
+    fit = sim.fit_summing(TRUE, recs, cluster=cluster)
+    assert fit.sum_lat_us == pytest.approx(2.5, rel=1e-6) and fit.sum_gbps == pytest.approx(5000.0, rel=1e-6)
+    assert fit.lat_us == TRUE.lat_us and fit.fitted[-2:] == ["sum_lat_us", "sum_gbps"]
+    with pytest.raises(ValueError, match="two sizes"):
+        sim.fit_summing(TRUE, recs[:2], cluster=cluster)
+    rows = sim.sweep_ep(fit, cluster, [2, 4], normal=(4096, 7168, 8, 256), ll=(128, 7168, 8, 288))
+    sent = [r for r in rows if r["weights_sent"]]
+    assert {(r["ep"], r["bf16_partial_sums"]) for r in sent} == {(2, False), (2, True), (4, False), (4, True)}
+    assert all(r["t_sum_us"] > 0 for r in sent)
+    unfitted = sim.sweep_ep(TRUE, cluster, [2], normal=(4096, 7168, 8, 256), ll=(128, 7168, 8, 288))
+    assert not any(r["weights_sent"] for r in unfitted)

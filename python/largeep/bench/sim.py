@@ -39,6 +39,11 @@ blocks, reduce_blocks the rest. It applies to a normal-mode combine on one node 
 record (``combine_eighths``, or ``comb=`` in its ``tune``) or the cluster (``combine_eighths``) says the fused
 kernel ran; groups of several nodes keep push + reduce.
 
+A low-latency combine whose dispatch carried the weights (``weights_sent``) adds a summing pass in series: the
+experts' rank reads the T * K BF16 copies it holds and sums each token's before it sends them, ``sum_lat_us + T * K
+* 2H / sum_gbps`` (:func:`fit_summing`, on such records, with the other constants as fitted without them; no term
+until fitted).
+
 Constants fitted by :func:`calibrate` (least squares on relative error; the active term of each record is chosen by
 the current fit and the fit repeated until that choice settles): ``lat`` per (mode, op), ``eff_nvlink``,
 ``eff_rdma``, ``sm_gbps``, ``copy_gbps``, ``comb_gbps``, ``reduce_gbps``. A constant that no record exercises keeps
@@ -282,6 +287,10 @@ class Params:
     warnings: list[str] = field(default_factory=list)
     comb_gbps: float | None = None  # per push block of the fused combine (GB/s of logical bytes); None = not known
     reduce_gbps: float | None = None  # per reduce block of the fused combine (GB/s of BF16 rows); None = not known
+    # the low-latency combine with the weights sent: the experts' rank reads every copy it holds and sums a token's
+    # copies before it sends them (fit_summing); in series with the rest. None = no such term (not fitted)
+    sum_lat_us: float | None = None
+    sum_gbps: float | None = None  # per GPU, GB/s of the BF16 copies read
 
     def vector(self) -> list[float]:
         inv_copy = 1 / self.copy_gbps if self.copy_gbps else 0.0
@@ -336,6 +345,7 @@ class Prediction:
     bound: str
     rounds: int = 1  # Buffer(tokens_per_round=...): the call in this many rounds
     t_rounds_us: float = 0.0  # what the rounds add: a latency per extra round, and the merge pass (in time_us)
+    t_sum_us: float = 0.0  # the summing pass of a low-latency combine with the weights sent (in time_us)
 
 
 # Rows a Buffer in rounds merges into SPEC's order (dispatch: a scatter of the received rows; combine: a gather of
@@ -435,12 +445,66 @@ def predict(
     rounds = rounds if w.mode == "normal" else 1
     # (the merge pass of the busiest rank: its received rows, tr.sm in normal mode)
     t_rounds = (rounds - 1) * lat + tr.sm / MERGE_BYTES_PER_US if rounds > 1 else 0.0
-    time_us = lat + body + t_copy + t_rounds
+    t_sum = summing_us(w, params, stats.imbalance)
+    time_us = lat + body + t_copy + t_rounds + t_sum
     nvl_gbps = tr.nvlink / time_us / 1e3
     rdma_gbps = tr.rdma / time_us / 1e3
     eff = max(nvl_gbps / cluster.nvlink_gbps, rdma_gbps / cluster.nic_gbps)
     return Prediction(time_us, t_nvl, t_rdma, t_sm, t_copy, lat, tr.logical / time_us / 1e3, nvl_gbps, rdma_gbps,
-                      eff, bound, rounds, t_rounds)
+                      eff, bound, rounds, t_rounds, t_sum)
+
+
+def _summed_bytes(w: Workload, imbalance: float) -> float:
+    """BF16 bytes of the copies a rank sums in a low-latency combine with the weights sent (T * K copies on the
+    mean rank, whatever the EP), 0 for any other call."""
+    if w.mode != "low_latency" or w.op != "combine" or not w.weights_sent:
+        return 0.0
+    return w.num_tokens * w.num_topk * 2 * w.hidden * imbalance
+
+
+def summing_us(w: Workload, params: Params, imbalance: float = 1.0) -> float:
+    """The summing pass of a low-latency combine with the weights sent: sum_lat_us + its copies' bytes at
+    sum_gbps; 0 where it does not apply or was not fitted."""
+    b = _summed_bytes(w, imbalance)
+    if b == 0.0 or not params.sum_gbps:
+        return 0.0
+    return (params.sum_lat_us or 0.0) + b / (params.sum_gbps * 1e3)
+
+
+def fit_summing(params: Params, records: Iterable[dict[str, Any]], *, cluster: Cluster | None = None) -> Params:
+    """``params`` with ``sum_lat_us`` and ``sum_gbps`` fitted on low-latency combine records whose dispatch carried
+    the weights: least squares on relative error of what the per-copy constants leave unexplained (the other
+    constants stay as they are). Raises ValueError with fewer than two such records of different sizes, or when the
+    fit gives no positive rate."""
+    import numpy as np
+
+    cluster = cluster or Cluster()
+    base = replace(params, sum_lat_us=None, sum_gbps=None)
+    xs, ys, ms = [], [], []
+    for r in records:
+        if not (_usable(r, weighted=True) and r["mode"] == "low_latency" and r["op"] == "combine"
+                and r.get("weights_sent")):
+            continue
+        w = Workload("low_latency", "combine", int(r["num_tokens"]), int(r["hidden"]), int(r["num_topk"]),
+                     int(r["num_experts"]), "bf16", True, bool(r.get("bf16_partial_sums")))
+        c = replace(cluster, gpus_per_node=int(r["ranks_per_node"]))
+        meas = float(r["time_us_median"])
+        ys.append(meas - predict(w, int(r["ep"]), base, c, num_sms=r.get("num_sms")).time_us)
+        xs.append(_summed_bytes(w, 1.0) / 1e3)
+        ms.append(meas)
+    if len(set(xs)) < 2:
+        raise ValueError(f"fit_summing: {len(xs)} weighted low-latency combine records of {len(set(xs))} sizes; "
+                         "need two sizes at least")
+    m = np.array(ms)
+    a = np.stack([np.ones(len(xs)), np.array(xs)], axis=1) / m[:, None]
+    (lat, inv), *_ = np.linalg.lstsq(a, np.array(ys) / m, rcond=None)
+    if lat < 0:  # no negative fixed cost: the rate alone, through the origin
+        lat = 0.0
+        inv = float(np.dot(a[:, 1], np.array(ys) / m) / np.dot(a[:, 1], a[:, 1]))
+    if inv <= 0:
+        raise ValueError(f"fit_summing: the records leave no time growing with the copies (rate {inv:g})")
+    return replace(params, sum_lat_us=float(lat), sum_gbps=float(1 / inv),
+                   fitted=[*params.fitted, "sum_lat_us", "sum_gbps"])
 
 
 # -- record files -----------------------------------------------------------------------------------------------
@@ -781,7 +845,9 @@ def sweep_ep(
     """Predictions for every EP, op and variant. normal/ll: (tokens, hidden, topk, experts). samples > 0 counts
     routing statistics on that many sampled tokens (needed for ``max_nodes``) instead of the exact formulas.
     dispatch_dtypes: the normal-mode dispatch dtypes (low-latency dispatch is FP8); combine is BF16.
-    tokens_per_round: normal-mode calls in rounds of that many tokens (Buffer(tokens_per_round=...))."""
+    tokens_per_round: normal-mode calls in rounds of that many tokens (Buffer(tokens_per_round=...)). Where
+    ``params`` has a fitted summing pass, the low-latency combine with the weights sent too (rows with
+    ``weights_sent`` True, two-row sums and ``bf16_partial_sums``)."""
     rounds = -(-normal[0] // tokens_per_round) if tokens_per_round else 1
     out = []
     for ep in eps:
@@ -791,16 +857,20 @@ def sweep_ep(
             if mode == "normal" and (samples or max_nodes):
                 idx = sample_topk(max(samples, 4096), e, k, seed=seed, num_nodes=ep // p, max_nodes=max_nodes)
                 stats = sampled_stats(idx, ep, p, e)
-            ops = [("dispatch", d) for d in (dispatch_dtypes if mode == "normal" else ("fp8",))]
-            for op, dtype in (*ops, ("combine", "bf16")):
-                w = Workload(mode, op, t, h, k, e, dtype)
+            ops = [("dispatch", d, False, False) for d in (dispatch_dtypes if mode == "normal" else ("fp8",))]
+            ops.append(("combine", "bf16", False, False))
+            if mode == "low_latency" and params.sum_gbps:
+                ops += [("combine", "bf16", True, False), ("combine", "bf16", True, True)]
+            for op, dtype, sent, one in ops:
+                w = Workload(mode, op, t, h, k, e, dtype, sent, one)
                 for layout, overlap in VARIANTS:
                     if mode == "low_latency" and layout == "hierarchical":
                         continue  # low-latency sends straight to every rank (no per-node hop)
                     pr = predict(w, ep, params, cluster, stats=stats, hierarchical=layout == "hierarchical",
                                  overlap=overlap, rounds=rounds)
                     out.append({"ep": ep, "nodes": ep // p, "mode": mode, "op": op, "dtype": dtype, "tokens": t,
-                                "layout": layout, "overlap": overlap, "source": "modelled", **asdict(pr)})
+                                "layout": layout, "overlap": overlap, "source": "modelled", "weights_sent": sent,
+                                "bf16_partial_sums": one, **asdict(pr)})
     return out
 
 
@@ -840,7 +910,7 @@ def plot_sweep(
 
     def series(mode: str, op: str, dtype: str | None, layout: str, overlap: bool, key: str):  # noqa: ANN202
         sel = [r for r in rows if r["mode"] == mode and r["op"] == op and r["layout"] == layout
-               and r["overlap"] == overlap and (dtype is None or r["dtype"] == dtype)]
+               and r["overlap"] == overlap and (dtype is None or r["dtype"] == dtype) and not r.get("weights_sent")]
         return [r["ep"] for r in sel], [r[key] for r in sel]
 
     def points(recs: Sequence[dict[str, Any]], mode: str, op: str, dtype: str | None) -> list[dict[str, Any]]:
@@ -1001,6 +1071,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--check-weighted", nargs="*", default=[], metavar="JSON",
                    help="low-latency records with the weights sent (bench/low_latency_times.py --weighted): "
                         "predicted with the fitted constants and compared, not fitted")
+    p.add_argument("--fit-weighted", nargs="*", default=[], metavar="JSON",
+                   help="low-latency records with the weights sent on which to fit the combine's summing pass "
+                        "(sum_lat_us, sum_gbps; the other constants as fitted without them); --check-weighted then "
+                        "checks it, and the predictions list the combine with the weights sent")
     p.add_argument("--out", help="folder for sim.json and sim.png")
     p.add_argument("--eps", type=_ints, default=[8, 16, 32, 64, 128, 256])
     p.add_argument("--gpus-per-node", type=int, default=8)
@@ -1119,11 +1193,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     elif records:
         print("held-out check: too few records to hold any out")
     weighted_doc = None
+    if args.fit_weighted:
+        frecs = [r for r in skew_free([r for r in load(args.fit_weighted) if _usable(r, weighted=True)])
+                 if r.get("weights_sent") and r.get("backend", backend) == backend]
+        params = fit_summing(params, frecs, cluster=measured_cluster)
+        params.source += f"; summing pass fitted on {len(frecs)} records of {', '.join(args.fit_weighted)}"
+        print(f"summing pass of the low-latency combine with the weights sent: sum_lat_us={params.sum_lat_us:.2f} "
+              f"sum_gbps={params.sum_gbps:.0f} (fitted on {', '.join(args.fit_weighted)})")
     if args.check_weighted:
         wrecs = [r for r in skew_free([r for r in load(args.check_weighted) if _usable(r, weighted=True)])
                  if r.get("weights_sent") and r.get("backend", backend) == backend]
-        weighted_doc = _check_doc(check(params, wrecs, **kw), "low-latency calls with the weights sent (not fitted: "
-                                  "predicted from the per-copy constants with the summed combine rows)", params)
+        how = ("low-latency calls with the weights sent (not fitted: predicted from the per-copy constants with the "
+               "summed combine rows" + (", and the summing pass fitted on --fit-weighted" if args.fit_weighted
+                                        else "; no summing pass") + ")")
+        weighted_doc = _check_doc(check(params, wrecs, **kw), how, params)
         _print_check("weighted check", weighted_doc)
     if holdout_alt:
         print(f"the same check {holdout_alt['variant']}: median |error| {100 * holdout_alt['median_abs_err']:.1f}%, "
@@ -1146,7 +1229,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if r["mode"] == "low_latency" and r["ep"] in DEEPEP_LL:
             pub = f"{DEEPEP_LL[r['ep']][OPS.index(r['op'])]:g} us"
         tokens = f"{r['tokens']} ({r['rounds']} rounds)" if r["rounds"] > 1 else r["tokens"]
-        table.append([r["ep"], r["nodes"], r["mode"], r["op"], r["dtype"], tokens, f"{r['time_us']:.1f}",
+        op = r["op"] + ((" (bf16 partial sums)" if r["bf16_partial_sums"] else " (weights sent)")
+                        if r.get("weights_sent") else "")
+        if r.get("weights_sent"):
+            pub = ""
+        table.append([r["ep"], r["nodes"], r["mode"], op, r["dtype"], tokens, f"{r['time_us']:.1f}",
                       f"{r['logical_gbps']:.1f}", f"{r['nvlink_gbps']:.1f}", f"{r['rdma_gbps']:.1f}",
                       f"{r['efficiency']:.2f}", r["bound"], "modelled", pub])
     meas = [r for r in records + shown if r.get("num_sms") in (args.num_sms, None) or r["mode"] == "low_latency"]

@@ -677,3 +677,39 @@ def test_torch_backend_ranks_disagree(pools) -> None:
     """Cached dispatches and combines whose kind differs between ranks are refused on every rank (CPU groups)."""
     for msgs in pools(WORLD).run(error_bodies.ranks_disagree):
         assert len(msgs) == 6 and all("disagree on the call" in m for m in msgs), msgs
+
+
+def test_dispatch_round_left_open_marks_the_buffer() -> None:
+    """The nvshmem dispatch's guard (its GPU test: test_abandoned_round): an exception after the round's sends were
+    queued and before its copy-out marks the Buffer unusable, naming the exception; one before the sends, or once
+    the copy-out is queued, or after a device error was reported, leaves the error word as it was."""
+    from largeep.backends import nvshmem_backend as nb
+
+    class Fake:
+        def __init__(self) -> None:
+            self.status = [0] * 8
+            self._round_open = False
+            self._abandoned = ""
+
+    def body(self: Fake, open_at_raise: bool, exc: BaseException | None) -> str:
+        self._round_open = open_at_raise
+        if exc is not None:
+            raise exc
+        return "done"
+
+    guarded = nb._closes_open_round(body)  # type: ignore[arg-type]
+    for open_at_raise, exc, marked in ((True, torch.OutOfMemoryError("no memory"), True),
+                                       (True, KeyboardInterrupt(), True), (False, MemoryError(), False)):
+        f = Fake()
+        with pytest.raises(type(exc)):
+            guarded(f, open_at_raise, exc)
+        assert (f.status[nb._ERROR] == nb._OP_ABANDONED << 16) is marked
+        assert (type(exc).__name__ in f._abandoned) is marked
+    f = Fake()
+    f.status[nb._ERROR] = 3 << 16  # a device report first: kept
+    with pytest.raises(RuntimeError):
+        guarded(f, True, RuntimeError("x"))
+    assert f.status[nb._ERROR] == 3 << 16
+    f = Fake()
+    f._round_open = True  # (left over from an earlier call: the guard resets it)
+    assert guarded(f, False, None) == "done" and f.status[nb._ERROR] == 0

@@ -8,13 +8,14 @@ for the life of the process; each Buffer allocates its own region of the symmetr
 from __future__ import annotations
 
 import ctypes
+import functools
 import math
 import os
 import re
 import socket
 import threading
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -418,6 +419,26 @@ def record_zero_copy(t: torch.Tensor, stream: int) -> None:
                 return
 
 
+def _closes_open_round(fn: Callable[..., NormalDispatchOut]) -> Callable[..., NormalDispatchOut]:
+    """For NvshmemBackend.dispatch: a round it leaves open marks the Buffer unusable. An exception between queuing
+    the round's sends and queuing its copy-out (``_round_open``: out of memory for the outputs, KeyboardInterrupt)
+    leaves this rank's sequence number and receive flags behind its peers', so a later call would read this round's
+    counts as its own and the peers' next sends would wait for this rank until LARGEEP_TIMEOUT_S."""
+
+    @functools.wraps(fn)
+    def wrapper(self: NvshmemBackend, *args: Any, **kwargs: Any) -> NormalDispatchOut:
+        self._round_open = False
+        try:
+            return fn(self, *args, **kwargs)
+        except BaseException as exc:
+            if self._round_open and int(self.status[_ERROR]) == 0:
+                self._abandoned = f"{type(exc).__name__}: {exc}"[:300]
+                self.status[_ERROR] = _OP_ABANDONED << 16
+            raise
+
+    return wrapper
+
+
 class NvshmemBackend:
     name = "nvshmem"
 
@@ -670,6 +691,7 @@ class NvshmemBackend:
         low, high = int(self.status[lw + 1]), int(self.status[lw + 2])
         return low if low < -1 else high if high >= self.ctx.num_experts else None
 
+    @_closes_open_round
     def dispatch(
         self,
         x: torch.Tensor,
@@ -681,32 +703,6 @@ class NvshmemBackend:
         num_worst_tokens: int,
         caller_stream: int | None = None,
         check_ids: bool = False,
-    ) -> NormalDispatchOut:
-        """_dispatch, and a round it leaves open marks the Buffer unusable: an exception between queuing the round's
-        sends and queuing its copy-out (out of memory for the outputs, KeyboardInterrupt) leaves this rank's
-        sequence number and receive flags behind its peers', so a later call would read this round's counts as its
-        own and the peers' next sends would wait for this rank until LARGEEP_TIMEOUT_S."""
-        self._round_open = False
-        try:
-            return self._dispatch(x, x_scales, topk_idx, topk_weights, state, expert_alignment, num_worst_tokens,
-                                  caller_stream, check_ids)
-        except BaseException as exc:
-            if self._round_open and int(self.status[_ERROR]) == 0:
-                self._abandoned = f"{type(exc).__name__}: {exc}"[:300]
-                self.status[_ERROR] = _OP_ABANDONED << 16
-            raise
-
-    def _dispatch(
-        self,
-        x: torch.Tensor,
-        x_scales: torch.Tensor | None,
-        topk_idx: torch.Tensor | None,
-        topk_weights: torch.Tensor | None,
-        state: _NvState | None,
-        expert_alignment: int,
-        num_worst_tokens: int,
-        caller_stream: int | None,
-        check_ids: bool,
     ) -> NormalDispatchOut:
         """``caller_stream``: the raw handle of the stream the caller is on; zero-copy outputs record their
         release on it (None: the current stream). ``check_ids`` (a fresh dispatch of at least one token): raise

@@ -1162,3 +1162,42 @@ def layer_size_checks(rank: int, world: int) -> None:
                 raise AssertionError(f"MoELayer accepted {kw}")
     finally:
         buf.destroy()
+
+
+def repeated_expert_gate(rank: int, world: int) -> None:
+    """A gate that names one expert at several k (no distinct_experts attribute): every (token, k) is computed and
+    weighted, with variable and fixed (num_worst_tokens) outputs, against a per-token loop over the experts (the
+    layer took the dispatch's rows per expert for its (row, k) entries, and dropped or misread the extra ones)."""
+    dev = device_for("torch")
+    e, k, h, f = 4 * world, 3, 32, 16
+    buf = largeep.Buffer(None, hidden=h, num_experts=e, num_topk=k, max_tokens_per_rank=8, backend="torch")
+
+    class RepeatGate(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            t = torch.arange(x.shape[0], device=x.device)
+            idx = torch.stack([t % e, t % e, (t * 5 + 1) % e], dim=1)  # k 0 and 1 name one expert
+            idx[::4, 2] = -1
+            return idx, torch.linspace(0.1, 0.9, x.shape[0] * k, device=x.device).view(-1, k)
+
+    try:
+        x = torch.randn(7, h, generator=_gen(rank, 3)).to(dev)
+        for worst in (0, 8 * world):
+            torch.manual_seed(5)
+            layer = layers.MoELayer(buf, ffn_hidden=f, gate=RepeatGate(), num_worst_tokens=worst).to(dev)
+            with torch.no_grad():
+                y = layer(x)
+                w13 = torch.cat([torch.empty_like(layer.experts.w13)] * world)
+                dist.all_gather_into_tensor(w13, layer.experts.w13.contiguous())
+                w2 = torch.cat([torch.empty_like(layer.experts.w2)] * world)
+                dist.all_gather_into_tensor(w2, layer.experts.w2.contiguous())
+                idx, wts = RepeatGate()(x)
+                ref = torch.zeros_like(x)
+                for t in range(x.shape[0]):
+                    for j in range(k):
+                        ex = int(idx[t, j])
+                        if ex >= 0:
+                            a = x[t] @ w13[ex]
+                            ref[t] += wts[t, j] * ((F.silu(a[:f]) * a[f:]) @ w2[ex])
+            close(y, ref, f"repeated experts, num_worst_tokens={worst}")
+    finally:
+        buf.destroy()

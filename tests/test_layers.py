@@ -101,6 +101,10 @@ def test_layer_size_checks(pools) -> None:
     pools(1).run(layer_bodies.layer_size_checks)
 
 
+def test_repeated_expert_gate(pools) -> None:
+    pools(2).run(layer_bodies.repeated_expert_gate)
+
+
 def _rows_case(case: str, rows: int, topk: int, experts: int, g: torch.Generator) -> torch.Tensor:
     """Local expert ids [rows, K] (-1: not here), no expert twice in a row; rows 0 and 3 name no local expert."""
     if case == "empty":

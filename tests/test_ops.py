@@ -204,8 +204,10 @@ def test_weighted_row_sum_rejects() -> None:
     src, pos, w, _ = _wrs_case(5, 6, 3, 32, torch.float32, False, "cpu")
     with pytest.raises(ArgumentError, match="pos must be int64"):
         ops.weighted_row_sum(src, pos.int(), w)
-    with pytest.raises(ArgumentError, match="w has shape"):
+    with pytest.raises(ArgumentError, match=r"w must be \[R, K\] = \(6, 3\) on cpu, got \(6, 2\)"):
         ops.weighted_row_sum(src, pos, w[:, :2])
+    with pytest.raises(ArgumentError, match="w must be .* on cpu, got .* on meta"):  # (the kernel took its pointer)
+        ops.weighted_row_sum(src, pos, w.to("meta"))
     with pytest.raises(ArgumentError, match="pad must be a row"):
         ops.weighted_row_sum(src, pos, w, -1)
 

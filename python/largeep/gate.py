@@ -296,6 +296,7 @@ class TopKGate(nn.Module):
     (and its member table, not saved). ``forward`` never waits on the host.
     """
 
+    distinct_experts = True  # a token's K choices are distinct experts (MoELayer.experts_chunk counts on it)
     expert_bias: torch.Tensor
     expert_load: torch.Tensor
     group_of_expert: torch.Tensor

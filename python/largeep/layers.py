@@ -76,6 +76,8 @@ class LinearTopKRouter(nn.Module):
     ``norm_topk_prob`` the K weights of a token sum to 1. No host wait.
     """
 
+    distinct_experts = True  # a token's K choices are distinct experts (MoELayer.experts_chunk counts on it)
+
     def __init__(
         self, hidden: int, num_experts: int, topk: int, *, score_func: str = "softmax", norm_topk_prob: bool = True
     ) -> None:
@@ -259,6 +261,10 @@ class MoELayer(nn.Module):
         ffn_hidden: F of each routed expert.
         gate: module ``x -> (topk_idx, topk_weights)`` or an object with those attributes (and optionally
             ``aux_loss``, kept in ``self.aux_loss``). Default: :class:`LinearTopKRouter` over the logical experts.
+            A token may name one expert at several k (each is computed and weighted); a gate whose choices are
+            always distinct says so with a ``distinct_experts = True`` attribute (the built-in gates do), which
+            lets the experts run only the (row, k) entries the dispatch counted on the host instead of sorting
+            all R*K entries (the GEMMs stop at the valid ones either way).
         num_logical_experts: experts the default gate chooses from (default E, or a Placement's logical experts).
         placement: None, a callable logical topk_idx int64 [T, K] -> physical [T, K], or a
             ``largeep.placement.Placement`` (its ``route`` gets this rank as the source GPU; under
@@ -465,7 +471,11 @@ class MoELayer(nn.Module):
         for :meth:`combine_chunk`. No host wait, except with expert TP and variable sizes (``num_worst_tokens`` 0:
         the TP group exchanges its row counts on the host)."""
         ops.wait(d.event)
-        num_pairs = sum(d.num_tokens_per_expert) if d.num_tokens_per_expert is not None else None
+        # The dispatch counts rows per expert: that is the number of (row, k) entries only where no token names an
+        # expert twice, which a gate says with distinct_experts = True (the built-in ones). Otherwise the entries
+        # are counted on the device (every one computed, a repeated expert once per k).
+        distinct = getattr(self.gate, "distinct_experts", False) is True
+        num_pairs = sum(d.num_tokens_per_expert) if d.num_tokens_per_expert is not None and distinct else None
         with ops.sm_carveout(carveout):
             if self.expert_tp is not None and self.expert_tp.size > 1:
                 return self.expert_tp.forward_rows(

@@ -737,8 +737,9 @@ def weighted_row_sum(
     if pos.dtype != torch.int64 or pos.dim() != 2 or pos.device != src.device:
         raise ArgumentError(f"weighted_row_sum: pos must be int64 [R, K] on {src.device}, got {pos.dtype} "
                             f"{tuple(pos.shape)} on {pos.device}")
-    if w.shape != pos.shape:
-        raise ArgumentError(f"weighted_row_sum: w has shape {tuple(w.shape)}, expected {tuple(pos.shape)}")
+    if w.shape != pos.shape or w.device != src.device:
+        raise ArgumentError(f"weighted_row_sum: w must be [R, K] = {tuple(pos.shape)} on {src.device}, got "
+                            f"{tuple(w.shape)} on {w.device}")
     if pad is not None and not 0 <= pad < src.shape[0]:
         raise ArgumentError(f"weighted_row_sum: pad must be a row of src in [0, {src.shape[0]}) or None, got {pad}")
     _check_count("weighted_row_sum", count, src.device)

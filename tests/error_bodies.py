@@ -1243,3 +1243,24 @@ def ranks_disagree(rank: int, world: int) -> list[str]:
     finally:
         buf.destroy()
     return msgs
+
+
+def event_arguments(rank: int, world: int) -> None:
+    """get_dispatch_layout returns its event (Layout.event); a previous_event that is not an EventOverlap is
+    refused naming the argument, before anything runs."""
+    buf = largeep.Buffer(None, hidden=128, num_experts=4 * world, num_topk=2, max_tokens_per_rank=8,
+                         backend="torch")
+    try:
+        idx = torch.zeros(3, 2, dtype=torch.int64)
+        layout = buf.get_dispatch_layout(idx, async_finish=True)
+        assert isinstance(layout.event, largeep.EventOverlap), layout
+        for call in (lambda: buf.get_dispatch_layout(idx, previous_event=object()),
+                     lambda: buf.dispatch(torch.zeros(3, 128), idx, torch.ones(3, 2), previous_event=1)):
+            try:
+                call()
+            except ArgumentError as exc:
+                assert "'previous_event' must be an EventOverlap" in str(exc), str(exc)
+            else:
+                raise AssertionError("a previous_event of the wrong type was taken")
+    finally:
+        buf.destroy()

@@ -783,3 +783,56 @@ def low_latency_rounds(rank: int, world: int, rounds: int, tokens: int, hidden: 
             assert torch.allclose(got.float(), want.float(), rtol=2e-2, atol=2e-2), f"round {i}"
     finally:
         buf.destroy()
+
+
+def normal_stream_edges(rank: int, world: int, backend: str) -> None:
+    """Normal mode on one GPU: a fresh dispatch without num_worst_tokens inside a CUDA graph capture is refused
+    naming the argument, nothing captured (it waited for the count exchange until LARGEEP_TIMEOUT_S, then the
+    Buffer was unusable); the layout's event (async_finish) orders a reader on another stream; a finished call's
+    event given to another Buffer as previous_event is taken (that Buffer waits for the first one's stream); a
+    previous_event of the wrong type is refused; the Buffers then work, their results right."""
+    from largeep.errors import ArgumentError
+
+    kw: dict[str, Any] = dict(hidden=256, num_experts=8 * world, num_topk=2, max_tokens_per_rank=64,
+                              backend=backend)
+    buf, other = largeep.Buffer(None, **kw), largeep.Buffer(None, **kw)
+    try:
+        x = torch.randn(64, 256, device="cuda").to(torch.bfloat16)
+        idx = torch.stack([torch.randperm(8 * world, device="cuda")[:2] for _ in range(64)])
+        w = torch.rand(64, 2, device="cuda")
+        ranks = torch.stack([(idx // 8 == r).any(1) for r in range(world)], 1)
+        want = (x.float() * ranks.sum(1, keepdim=True)).to(torch.bfloat16)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph, stream=side):
+                buf.dispatch(x, idx, w)
+        except ArgumentError as exc:
+            assert "num_worst_tokens" in str(exc) and "capture" in str(exc), str(exc)
+        else:
+            raise AssertionError("a fresh variable-size dispatch was captured")
+        torch.cuda.synchronize()
+        layout = buf.get_dispatch_layout(idx, async_finish=True)
+        assert layout.event is not None and layout.event.event is not None
+        with torch.cuda.stream(side):
+            layout.event.current_stream_wait()
+            assert torch.equal(layout.num_tokens_per_rank, ranks.sum(0, dtype=torch.int32))
+        torch.cuda.synchronize()
+        y = torch.empty_like(x)
+        d = buf.dispatch(x, idx, w)  # finished: no event of its own, its Buffer's stream
+        assert d.event.event is None
+        y.copy_(x)
+        d2 = other.dispatch(y, idx, w, previous_event=d.event, async_finish=True)
+        d2.event.current_stream_wait()
+        assert torch.equal(other.combine(d2.x, d2.handle).x, want), "the other Buffer after a cross-Buffer event"
+        assert torch.equal(buf.combine(d.x, d.handle).x, want), "combine"
+        try:
+            buf.dispatch(x, idx, w, previous_event=torch.cuda.Event())  # type: ignore[arg-type]
+        except ArgumentError as exc:
+            assert "previous_event" in str(exc), str(exc)
+        else:
+            raise AssertionError("a torch.cuda.Event was taken as previous_event")
+    finally:
+        other.destroy()
+        buf.destroy()

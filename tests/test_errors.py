@@ -713,3 +713,7 @@ def test_dispatch_round_left_open_marks_the_buffer() -> None:
     f = Fake()
     f._round_open = True  # (left over from an earlier call: the guard resets it)
     assert guarded(f, False, None) == "done" and f.status[nb._ERROR] == 0
+
+
+def test_event_arguments(pools) -> None:
+    pools(1).run(error_bodies.event_arguments)

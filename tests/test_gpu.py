@@ -278,6 +278,14 @@ def test_low_latency_hook_capture(pools) -> None:
     pools(1, "nccl").run(gpu_bodies.low_latency_hook_capture)
 
 
+@pytest.mark.gpu(1)
+@needs_native
+def test_normal_stream_edges(pools) -> None:
+    """A fresh variable-size dispatch refused inside a capture; the layout's async event; a finished call's event
+    given to another Buffer; a previous_event of the wrong type refused (one rank)."""
+    pools(1, "nccl").run(gpu_bodies.normal_stream_edges, "nvshmem")
+
+
 @pytest.mark.gpu(2)
 @needs_native
 def test_worst_tokens_too_small(pools) -> None:

@@ -479,6 +479,9 @@ class Buffer:
         returns finished gets no event (None: the caller's stream is already ordered after it). finished=False:
         the call leaves work that reads its inputs for later (a receive hook), so they get ``record_stream`` on
         the Buffer's stream as on the general path."""
+        if previous_event is not None and not isinstance(previous_event, EventOverlap):
+            raise ArgumentError(f"argument 'previous_event' must be an EventOverlap (a call's .event) or None, got "
+                                f"{type(previous_event).__name__}")
         if self._stream is None:
             return fn(), EventOverlap(None)
         if finished and self._is_finished_call(previous_event, async_finish):
@@ -494,6 +497,9 @@ class Buffer:
             self._stream.wait_event(previous_event.event)
         else:
             self._stream.wait_stream(compute)
+            other = previous_event._stream if previous_event is not None else None
+            if other is not None and other != self._stream:  # another Buffer's finished call: its stream as it is
+                self._stream.wait_stream(other)
         try:
             with _on_stream(self._stream, compute):
                 result = fn()
@@ -512,7 +518,9 @@ class Buffer:
     def _is_finished_call(self, previous_event: EventOverlap | None, async_finish: bool) -> bool:
         return (
             self._finished is not None and not async_finish
-            and (previous_event is None or previous_event.event is None) and self._finished.usable()
+            and (previous_event is None or (previous_event.event is None
+                                            and previous_event._stream in (None, self._stream)))
+            and self._finished.usable()
         )
 
     # -- normal mode --------------------------------------------------------------------------------------------
@@ -533,10 +541,11 @@ class Buffer:
         )
         checks.max_tokens(op, idx.shape[0], c.max_tokens_per_rank, arg="topk_idx")
         kwargs = {"check": True} if native_check else {}
-        layout, _ = self._run(lambda: self._impl.get_dispatch_layout(idx, **kwargs), previous_event, async_finish,
-                              [idx])
+        layout, event = self._run(lambda: self._impl.get_dispatch_layout(idx, **kwargs), previous_event,
+                                  async_finish, [idx])
         if native_check:
             checks.remember_checked(idx, c.num_experts)
+        layout.event = event
         return layout  # type: ignore[no-any-return]
 
     def dispatch(
@@ -591,6 +600,12 @@ class Buffer:
         else:
             if topk_idx is None or topk_weights is None:
                 raise ArgumentError(f"Buffer.{op}: 'topk_idx' and 'topk_weights' are required without a handle")
+            if num_worst_tokens == 0 and c.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+                raise ArgumentError(
+                    f"Buffer.{op}: inside a CUDA graph capture a fresh dispatch needs argument 'num_worst_tokens' "
+                    "> 0 (without it the row count comes from the host's wait for the count exchange, which a "
+                    "capture cannot make); or pass the handle of an earlier dispatch"
+                )
             # with num_worst_tokens a CUDA dispatch does not wait on the host: only a backend that checks the ids
             # in its kernels without a host wait checks them then (a refusal surfaces at the next call); on CPU the
             # check costs no device sync

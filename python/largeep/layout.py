@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -15,12 +16,15 @@ class Layout:
     num_tokens_per_node: int32 [nodes], tokens that need any rank of node n.
     num_tokens_per_expert: int32 [E], tokens that name expert e (once per token).
     is_token_in_rank: bool [T, N].
+    event: the call's EventOverlap (``Buffer.get_dispatch_layout``; with ``async_finish=True`` wait on it before
+    reading the counts on another stream), else None.
     """
 
     num_tokens_per_rank: torch.Tensor
     num_tokens_per_node: torch.Tensor
     num_tokens_per_expert: torch.Tensor
     is_token_in_rank: torch.Tensor
+    event: Any = None
 
 
 def one_hot_mask(ids: torch.Tensor, width: int) -> torch.Tensor:

@@ -1,7 +1,8 @@
 """Thin driver: finds nvcc and NVSHMEM, then lets CMake + Ninja build largeep._C.
 
 Without a CUDA toolkit or NVSHMEM the pure-Python package is installed (the torch backend works everywhere) and
-the reason is printed once. Environment:
+the reason is printed once (pip shows it with -v only) and kept in the package (largeep/_native_build.json), where
+``python -m largeep`` and the nvshmem backend's refusal find it. Environment:
   LARGEEP_BUILD_NATIVE  auto (default) | 1 (a failed native build fails the install) | 0 (skip it)
   LARGEEP_CUDA_ARCHS    CMake CUDA architectures (default 90)
   NVSHMEM_DIR           an NVSHMEM install (include/, lib/); else the nvidia-nvshmem-cu12/-cu13 wheel is used
@@ -11,6 +12,7 @@ the reason is printed once. Environment:
 from __future__ import annotations
 
 import glob
+import json
 import os
 import re
 import shutil
@@ -59,20 +61,44 @@ def _nvshmem(cuda_major: int | None) -> tuple[dict[str, str] | None, str]:
     return None, f"NVSHMEM not found (set NVSHMEM_DIR or `pip install {want}`)"
 
 
+def _tool(module: str, attr: str, name: str) -> str:
+    """The pip-installed cmake / ninja of this Python (PATH may hold an older one, or none), else PATH's."""
+    try:
+        found = Path(getattr(__import__(module), attr)) / name
+        if found.exists():
+            return str(found)
+    except (ImportError, AttributeError):
+        pass
+    return shutil.which(name) or name
+
+
 class CMakeBuild(build_ext):
     def build_extension(self, ext: Extension) -> None:
-        mode = os.environ.get("LARGEEP_BUILD_NATIVE", "auto")
+        mode = os.environ.get("LARGEEP_BUILD_NATIVE", "auto").strip().lower()
+        if mode not in ("auto", "0", "1"):
+            raise RuntimeError(f"LARGEEP_BUILD_NATIVE={mode!r}: expected auto, 1 (the native module or a failed "
+                               "install) or 0 (the pure-Python package)")
+        out_dir = Path(self.get_ext_fullpath(ext.name)).resolve().parent
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for old in glob.glob(str(out_dir / "_C*.so")):  # an earlier build's module must not ship with this one
+            os.remove(old)
+        note = out_dir / "_native_build.json"
         if mode == "0":
             _say("LARGEEP_BUILD_NATIVE=0: installing the pure-Python package (torch backend only)")
+            note.write_text(json.dumps({"built": False, "reason": "skipped at install (LARGEEP_BUILD_NATIVE=0)"}))
             return
         try:
-            self._build(ext)
+            archs = self._build(ext, out_dir)
         except Exception as exc:  # noqa: BLE001 - reported, and fatal only when asked
+            note.write_text(json.dumps({"built": False, "reason": f"its build failed at install: {exc}"}))
             if mode == "1":
                 raise
             _say(f"native module NOT built: {exc}. The torch backend works; the nvshmem backend needs largeep._C.")
+            return
+        note.write_text(json.dumps({"built": True, "cuda_archs": archs}))
 
-    def _build(self, ext: Extension) -> None:
+    def _build(self, ext: Extension, out_dir: Path) -> str:
+        """Builds _C into out_dir; returns the CUDA architectures it was built for."""
         nvcc, major = _nvcc()
         if nvcc is None:
             raise RuntimeError("no CUDA toolkit (nvcc) found; set CUDA_HOME")
@@ -89,12 +115,12 @@ class CMakeBuild(build_ext):
             pass
         import pybind11
 
-        out_dir = Path(self.get_ext_fullpath(ext.name)).resolve().parent
         build_dir = Path(self.build_temp).resolve() / "cmake"
         build_dir.mkdir(parents=True, exist_ok=True)
         archs = os.environ.get("LARGEEP_CUDA_ARCHS", "90")
+        cmake = _tool("cmake", "CMAKE_BIN_DIR", "cmake")
         cfg = [
-            "cmake", str(ROOT), "-G", "Ninja",
+            cmake, str(ROOT), "-G", "Ninja", f"-DCMAKE_MAKE_PROGRAM={_tool('ninja', 'BIN_DIR', 'ninja')}",
             f"-DCMAKE_CUDA_COMPILER={nvcc}",
             f"-DCMAKE_CUDA_ARCHITECTURES={archs}",
             f"-DPython_EXECUTABLE={sys.executable}",
@@ -107,10 +133,11 @@ class CMakeBuild(build_ext):
         _say(f"building largeep._C with {nvcc} (CUDA {major}, sm_{archs}), NVSHMEM from {Path(shmem['host']).parent}")
         subprocess.run(cfg, cwd=build_dir, check=True)
         jobs = os.environ.get("CMAKE_BUILD_PARALLEL_LEVEL", str(os.cpu_count() or 2))
-        subprocess.run(["cmake", "--build", ".", "--parallel", jobs], cwd=build_dir, check=True)
+        subprocess.run([cmake, "--build", ".", "--parallel", jobs], cwd=build_dir, check=True)
         built = glob.glob(str(out_dir / "_C*.so"))
         if not built:
             raise RuntimeError(f"the build produced no _C*.so in {out_dir}")
+        return archs
 
 
 setup(

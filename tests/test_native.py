@@ -75,3 +75,49 @@ def test_low_latency_rowmap_is_aligned(ranks: int, experts: int, max_tokens: int
     words = _lead_ints(c)
     assert words * 4 % 16 == 0
     assert words >= c.experts_per_rank * ranks * max_tokens > words - 4
+
+
+def test_install_record(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    """setup.py's record of the native build (largeep/_native_build.json): why it was not built reaches the
+    refusal (pip hides the build's own message without -v); the architectures it was built for are compared with
+    the GPU's; no record (a source tree) keeps the generic message and no architecture check."""
+    import json
+    import sys
+
+    import torch
+
+    note = tmp_path / "_native_build.json"
+    monkeypatch.setattr(native, "__file__", str(tmp_path / "native.py"))
+    import largeep
+
+    monkeypatch.setitem(sys.modules, "largeep._C", None)  # (import largeep._C fails as when it is not there)
+    monkeypatch.delattr(largeep, "_C", raising=False)
+    native._load.cache_clear()
+    try:
+        assert native.build_note() == {} and native.built_archs() is None
+        assert "is not installed" in (native.unavailable_reason() or "")
+        note.write_text(json.dumps({"built": False, "reason": "its build failed at install: no nvcc"}))
+        native._load.cache_clear()
+        reason = native.unavailable_reason() or ""
+        assert "was not built: its build failed at install: no nvcc" in reason, reason
+        note.write_text(json.dumps({"built": True, "cuda_archs": "90;100a"}))
+        assert native.built_archs() == {90, 100}
+        (tmp_path / "_C.cpython-311-x86_64-linux-gnu.so").write_bytes(b"")
+        native._load.cache_clear()
+        reason = native.unavailable_reason() or ""
+        assert "installed but does not load" in reason, reason
+        # a module that loads, on a GPU it was not built for
+        fake = type(sys)("largeep._C")
+        fake.abi_version = native.ABI_VERSION  # type: ignore[attr-defined]
+        fake.install_fault_backtrace = lambda: None  # type: ignore[attr-defined]
+        monkeypatch.setitem(sys.modules, "largeep._C", fake)
+        monkeypatch.setattr(largeep, "_C", fake, raising=False)
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (8, 0))
+        native._load.cache_clear()
+        reason = native.unavailable_reason() or ""
+        assert "built for compute capability [90, 100]" in reason and "LARGEEP_CUDA_ARCHS=80" in reason, reason
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+        assert native.unavailable_reason() is None
+    finally:
+        native._load.cache_clear()

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import functools
+import json
+import re
+from pathlib import Path
 from types import ModuleType
 
 _HOW = (
@@ -21,11 +24,35 @@ _HOW = (
 ABI_VERSION = 8
 
 
+def build_note() -> dict[str, object]:
+    """What the install recorded about the native build (setup.py writes largeep/_native_build.json): ``built``,
+    and ``reason`` (why not) or ``cuda_archs``; empty when there is no record (a source tree, an older install)."""
+    try:
+        note = json.loads((Path(__file__).with_name("_native_build.json")).read_text())
+    except (OSError, ValueError):
+        return {}
+    return note if isinstance(note, dict) else {}
+
+
+def built_archs() -> set[int] | None:
+    """The compute capabilities (major * 10 + minor) the native module was built for, None when unrecorded."""
+    raw = str(build_note().get("cuda_archs") or "")
+    archs = {int(a) for a in re.findall(r"\d+", raw)}
+    return archs or None
+
+
 @functools.lru_cache(maxsize=1)
 def _load() -> tuple[ModuleType | None, str | None]:
     try:
         from largeep import _C  # type: ignore[attr-defined]
     except ImportError as exc:
+        if list(Path(__file__).parent.glob("_C*.so")):
+            return None, (f"the native module largeep._C is installed but does not load ({exc}): a library it needs "
+                          "(libnvshmem_host from the NVSHMEM wheel it was built with) moved or was removed; "
+                          f"reinstall largeep (`pip install --no-build-isolation .`)")
+        note = build_note()
+        if note.get("built") is False:
+            return None, f"the native module largeep._C was not built: {note.get('reason')}; {_HOW}"
         return None, f"the native module largeep._C is not installed ({exc}); {_HOW}"
     have = getattr(_C, "abi_version", 1)
     if have != ABI_VERSION:
@@ -58,4 +85,10 @@ def unavailable_reason() -> str | None:
 
     if not torch.cuda.is_available():
         return "no CUDA device is visible"
+    archs = built_archs()
+    major, minor = torch.cuda.get_device_capability()
+    if archs is not None and major * 10 + minor not in archs:
+        return (f"the native module was built for compute capability {sorted(archs)} (LARGEEP_CUDA_ARCHS), this "
+                f"GPU is {major * 10 + minor}; reinstall with LARGEEP_CUDA_ARCHS={major * 10 + minor} (the kernels "
+                "are written for Hopper: other GPUs are untested)")
     return None

@@ -230,6 +230,16 @@ def test_bf16_partial_sums_needs_weights() -> None:
     assert e.value.code == 2
 
 
+@pytest.mark.parametrize("args", [["--nprocs", "0"], ["--ranks-per-node", "-2"], ["--nprocs", "x"]])
+def test_cli_refuses_counts_below_one(args: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    """(0 was taken as 'not given', a negative ranks-per-node skipped every configuration and exited 0)"""
+    from largeep.bench import cli
+
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--cpu", *args])
+    assert e.value.code == 2 and "expected a positive integer" in capsys.readouterr().err
+
+
 def test_node_limited_sampling() -> None:
     idx = sim.sample_topk(5000, 256, 8, seed=2, num_nodes=8, max_nodes=4)
     st = sim.sampled_stats(idx, 64, 8, 256)

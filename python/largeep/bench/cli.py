@@ -68,6 +68,16 @@ def _ints(text: str) -> list[int]:
     return vals
 
 
+def _positive(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return v
+
+
 def _choices(allowed: Sequence[str]) -> Any:
     def parse(text: str) -> list[str]:
         vals = [v for v in text.replace(" ", "").split(",") if v]
@@ -99,8 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--experts", type=_ints, help="expert counts (comma list)")
     p.add_argument("--dtypes", type=_choices(("bf16", "fp8")), help="dispatch dtypes (combine is always bf16)")
     p.add_argument("--num-sms", type=_ints, help="SM counts for backends that take one (nvshmem, deepep), e.g. 8,16,24")
-    p.add_argument("--ranks-per-node", type=int, help="ranks per node (default: ranks per host)")
-    p.add_argument("--nprocs", type=int, help="processes to start (default: every visible GPU, or 4 on CPU)")
+    p.add_argument("--ranks-per-node", type=_positive, help="ranks per node (default: ranks per host)")
+    p.add_argument("--nprocs", type=_positive, help="processes to start (default: every visible GPU, or 4 on CPU)")
     p.add_argument("--cpu", action="store_true", help="run CPU processes (gloo) even when GPUs are visible")
     p.add_argument("--out", help="output folder (default: bench/results/<time>-<preset>-<device>)")
     p.add_argument("--warmup", type=int, help="untimed calls before the timed ones")

@@ -717,3 +717,20 @@ def test_dispatch_round_left_open_marks_the_buffer() -> None:
 
 def test_event_arguments(pools) -> None:
     pools(1).run(error_bodies.event_arguments)
+
+
+@pytest.mark.parametrize("raw,on", [(None, True), ("1", True), ("TRUE", True), (" on ", True), ("0", False),
+                                    ("False", False), ("OFF", False), ("", False), ("no", False)])
+def test_check_values_accepts(monkeypatch: pytest.MonkeyPatch, raw: str | None, on: bool) -> None:
+    if raw is None:
+        monkeypatch.delenv("LARGEEP_CHECK_VALUES", raising=False)
+    else:
+        monkeypatch.setenv("LARGEEP_CHECK_VALUES", raw)
+    assert _env.settings().check_values is on
+
+
+def test_check_values_rejects(monkeypatch: pytest.MonkeyPatch) -> None:
+    # (FALSE and off left the checks on before, silently)
+    monkeypatch.setenv("LARGEEP_CHECK_VALUES", "disable")
+    with pytest.raises(ValueError, match="LARGEEP_CHECK_VALUES='disable': expected 1"):
+        _env.settings()

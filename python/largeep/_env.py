@@ -3,8 +3,10 @@
 | variable | default | meaning |
 | --- | --- | --- |
 | LARGEEP_TIMEOUT_S | 100 | seconds any wait on a peer may take before it raises |
+| LARGEEP_INIT_TIMEOUT_S | 300 | seconds NVSHMEM's initialisation (a process's first nvshmem Buffer) may take |
 | LARGEEP_LOG_LEVEL | WARNING | level of the ``largeep`` logger |
-| LARGEEP_CHECK_VALUES | 1 | check expert ids for range before a layout or dispatch (one host wait per ids tensor) |
+| LARGEEP_CHECK_VALUES | 1 | check expert ids for range before a layout or dispatch (one host wait per ids tensor); |
+| | | 1/true/yes/on, or 0/false/no/off/empty (any case); anything else raises |
 | LARGEEP_NVSHMEM_HEAP_MARGIN | 1.25 | factor on the first Buffer's needs when largeep sets NVSHMEM_SYMMETRIC_SIZE |
 | LARGEEP_ZERO_COPY_SLOTS | 2 | nvshmem normal mode, one node: receive slots whose planes a dispatch returns as its |
 | | | outputs (no copy-out); each holds N * max_tokens_per_rank rows; 0: every dispatch copies |
@@ -62,6 +64,18 @@ def _float(name: str, default: float) -> float:
     return value
 
 
+def _flag(name: str, default: bool) -> bool:
+    raw = os.environ.get(_PREFIX + name)
+    if raw is None:
+        return default
+    word = raw.strip().lower()
+    if word in ("1", "true", "yes", "on"):
+        return True
+    if word in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"{_PREFIX}{name}={raw!r}: expected 1 (or true, yes, on) or 0 (or false, no, off, empty)")
+
+
 def _count(name: str, default: int) -> int:
     raw = os.environ.get(_PREFIX + name)
     if raw is None or raw == "":
@@ -76,7 +90,7 @@ def settings() -> Settings:
     return Settings(
         timeout_s=_float("TIMEOUT_S", 100.0),
         init_timeout_s=_float("INIT_TIMEOUT_S", 300.0),
-        check_values=os.environ.get(_PREFIX + "CHECK_VALUES", "1") not in ("0", "false", "False", ""),
+        check_values=_flag("CHECK_VALUES", True),
         heap_margin=_float("NVSHMEM_HEAP_MARGIN", 1.25),
         zero_copy_slots=_count("ZERO_COPY_SLOTS", 2),
         tune=_tune(os.environ.get(_PREFIX + "TUNE", "")),

@@ -734,3 +734,11 @@ def test_check_values_rejects(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LARGEEP_CHECK_VALUES", "disable")
     with pytest.raises(ValueError, match="LARGEEP_CHECK_VALUES='disable': expected 1"):
         _env.settings()
+
+
+def test_settings_name_every_bad_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LARGEEP_TIMEOUT_S", "abc")
+    monkeypatch.setenv("LARGEEP_TUNE", "threads=7")
+    with pytest.raises(ValueError) as e:
+        _env.settings()
+    assert "LARGEEP_TIMEOUT_S='abc'" in str(e.value) and "LARGEEP_TUNE='threads=7'" in str(e.value), str(e.value)

@@ -31,6 +31,7 @@ import logging
 import math
 import os
 from dataclasses import dataclass
+from typing import Any
 
 _PREFIX = "LARGEEP_"
 
@@ -86,16 +87,29 @@ def _count(name: str, default: int) -> int:
 
 
 def settings() -> Settings:
-    """Reads the ``LARGEEP_*`` variables now (they may change between Buffers)."""
-    return Settings(
-        timeout_s=_float("TIMEOUT_S", 100.0),
-        init_timeout_s=_float("INIT_TIMEOUT_S", 300.0),
-        check_values=_flag("CHECK_VALUES", True),
-        heap_margin=_float("NVSHMEM_HEAP_MARGIN", 1.25),
-        zero_copy_slots=_count("ZERO_COPY_SLOTS", 2),
-        tune=_tune(os.environ.get(_PREFIX + "TUNE", "")),
-        high_priority=_choice("STREAM_PRIORITY", ("high", "normal")) == "high",
-    )
+    """Reads the ``LARGEEP_*`` variables now (they may change between Buffers). Raises one ValueError naming every
+    variable that is wrong."""
+    errors: list[str] = []
+
+    def read(fn: Any, *args: Any) -> Any:
+        try:
+            return fn(*args)
+        except ValueError as exc:
+            errors.append(str(exc))
+            return None
+
+    values = {
+        "timeout_s": read(_float, "TIMEOUT_S", 100.0),
+        "init_timeout_s": read(_float, "INIT_TIMEOUT_S", 300.0),
+        "check_values": read(_flag, "CHECK_VALUES", True),
+        "heap_margin": read(_float, "NVSHMEM_HEAP_MARGIN", 1.25),
+        "zero_copy_slots": read(_count, "ZERO_COPY_SLOTS", 2),
+        "tune": read(lambda: _tune(os.environ.get(_PREFIX + "TUNE", ""))),
+        "high_priority": read(lambda: _choice("STREAM_PRIORITY", ("high", "normal")) == "high"),
+    }
+    if errors:
+        raise ValueError("; ".join(errors))
+    return Settings(**values)
 
 
 def fault_backtrace() -> bool:

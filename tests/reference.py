@@ -132,3 +132,32 @@ def ref_low_latency_combine(
             if v >= 0:
                 out[t] += float(inp.topk_weights[t, k]) * y_of(v, rank, t).double()
     return out
+
+
+def fp8_check(q: torch.Tensor, s: torch.Tensor, x: torch.Tensor, round_scale: bool) -> str | None:
+    """SPEC.md's FP8 rows, checked from first principles (no largeep code): ``q`` e4m3 [..., H] and ``s`` float32
+    [..., H/128] of rows ``x`` [..., H]. Each group's scale is amax(|x| over its 128 channels) / 448 in float32 (an
+    all-zero group: 1e-4 / 448), with ``round_scale`` the power of two at or above it; each q is x / s rounded to the
+    nearest e4m3 value (within half the e4m3 spacing at |x / s|, plus 1e-6 relative for a kernel that multiplies by
+    1 / s). Returns what is wrong, or None."""
+    g = x.float().reshape(*x.shape[:-1], -1, 128)
+    want = g.abs().amax(-1).clamp_min(1e-4) / 448.0
+    got = s.float().reshape(want.shape)
+    if round_scale:
+        mant, _ = torch.frexp(got)
+        if not bool((mant == 0.5).all()):
+            return "a rounded scale is not a power of two"
+        if not bool(((got >= want * (1 - 1e-6)) & (got < 2 * want * (1 + 1e-6))).all()):
+            return "a rounded scale is not the power of two at or above amax / 448"
+    elif not bool(((got - want).abs() <= want * 2.0**-22).all()):
+        worst = float(((got - want).abs() / want).max())
+        return f"scales differ from amax / 448 (relative error up to {worst:.3g})"
+    v = g.double() / got.double().unsqueeze(-1)
+    a = v.abs()
+    spacing = torch.exp2(torch.floor(torch.log2(a.clamp_min(2.0**-6))) - 3)  # e4m3: 3 mantissa bits, min normal 2^-6
+    err = (q.double().reshape(v.shape) - v).abs()
+    bad = err > spacing / 2 + a * 1e-6 + 1e-12
+    if bool(bad.any()):
+        worst = float((err / spacing).max())
+        return f"{int(bad.sum())} values not rounded to the nearest e4m3 (worst error {worst:.3g} steps)"
+    return None

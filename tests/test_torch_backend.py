@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import bodies
 import pytest
+import torch
 
 WORLDS = [1, 2, 3, 4]
 
@@ -36,7 +37,7 @@ def test_normal_emulated_nodes(pools, world: int) -> None:
 
 def test_normal_topk1_all_minus_one(pools) -> None:
     # top-1 routing, and a token batch where every entry of rank 0 is -1
-    pools(2).run(bodies.normal_roundtrip, "torch", [5, 7], 128, 4, 1, "bfloat16", False, 2, 99)
+    pools(2).run(bodies.normal_roundtrip, "torch", [5, 7], 128, 4, 1, "bfloat16", False, 2, 99, None, 0, None, 0)
 
 
 @pytest.mark.parametrize("weighted", ["all", "some"])
@@ -128,3 +129,27 @@ def test_stack_offsets() -> None:
     dev = [torch.tensor(h, dtype=torch.int32) for h in host]
     got = stack_offsets(dev, torch.device("cpu"))
     assert got.dtype == torch.int32 and got.tolist() == host
+
+
+@pytest.mark.parametrize("round_scale", [False, True])
+def test_fp8_quantize_matches_spec(round_scale: bool) -> None:
+    """fp8.quantize (what the torch backend's low-latency dispatch sends, and the usual way to make a normal FP8
+    dispatch's input) against reference.fp8_check: amax / 448 scales, round to nearest, zero and huge groups."""
+    from largeep import fp8
+    from reference import fp8_check
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(9, 512, generator=g) * torch.logspace(-6, 4, 9).unsqueeze(1)
+    x[0, :128] = 0.0  # an all-zero group
+    x[1, 5] = 60000.0  # a group with one huge value
+    for dt in (torch.float32, torch.bfloat16):
+        q, s = fp8.quantize(x.to(dt), round_scale=round_scale)
+        assert fp8_check(q, s, x.to(dt), round_scale) is None
+    q, s = fp8.quantize(x, round_scale=round_scale)
+    assert fp8_check(q, s * 1.01, x, round_scale) is not None  # the check sees a wrong scale
+    # the right scale, values rounded toward zero: one e4m3 step down (its magnitude bits) where nearest went up
+    v = x / s.repeat_interleave(128, dim=1)
+    bits = q.view(torch.uint8)
+    up = (q.float().abs() > v.abs()) & ((bits & 0x7F) > 0)
+    toward_zero = torch.where(up, bits - 1, bits).view(torch.float8_e4m3fn)
+    assert fp8_check(toward_zero, s, x, round_scale) is not None

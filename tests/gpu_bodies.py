@@ -723,8 +723,10 @@ def finished_calls_on_streams(rank: int, world: int, rounds: int) -> None:
                 assert out.event.event is None
                 out.event.current_stream_wait()  # fall back to the Buffer's stream: allowed, orders nothing new
                 out.event.synchronize()
-                ranks = lay.is_token_in_rank.sum(1, dtype=torch.float32)
-                want = (x.float() * ranks[:, None]).to(torch.bfloat16)
+                epr = e // world  # the ranks each token went to, from its ids (not the layout's answer)
+                hit = torch.stack([((idx >= 0) & (idx // epr == r)).any(1) for r in range(world)], dim=1)
+                assert torch.equal(lay.is_token_in_rank, hit), f"round {i}: layout"
+                want = (x.float() * hit.sum(1, dtype=torch.float32)[:, None]).to(torch.bfloat16)
                 assert torch.equal(out.x, want), f"round {i}: combine of the dispatched rows"
                 del d, out, x  # freed on this stream while the next round runs from the other
         a = buf.dispatch(torch.zeros(5, c_hidden, dtype=torch.bfloat16, device="cuda"),

@@ -66,7 +66,7 @@ def test_low_latency_vs_normal(pools, world: int) -> None:
 
 
 def test_low_latency_fp8(pools) -> None:
-    pools(2).run(layer_bodies.low_latency_vs_normal, [6, 5], 128, 32, 0, 8, 2, 41, True)
+    pools(2).run(layer_bodies.low_latency_vs_normal, [6, 5], 256, 32, 0, 8, 2, 41, True)
 
 
 @pytest.mark.parametrize("world", [1, 2])

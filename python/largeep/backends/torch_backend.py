@@ -338,6 +338,9 @@ class TorchBackend:
         in topk_idx outside [-1, num_experts) on every rank, before any row moves: the verdict travels with the count
         exchange (no sync of its own), this rank raises ArgumentError and the others PeerRefusedError."""
         self._begin("dispatch")
+        if state is not None and x.device.type == "cpu":  # (a fresh dispatch's kind travels with its counts)
+            _agree(self, "dispatch", (_DTYPE_CODE.get(x.dtype, -1), int(x_scales is not None)), _rows_kind,
+                   "every rank of a cached dispatch must send the same kind of rows")
         if num_worst_tokens > 0 or isinstance(state, _FixedState):
             assert not check_ids or x.device.type == "cpu", "dispatch: no host wait to check ids in (num_worst_tokens)"
             return self._dispatch_fixed(x, x_scales, topk_idx, topk_weights, state, expert_alignment,
@@ -388,9 +391,6 @@ class TorchBackend:
             state = _VarState(t_idx, send_splits, recv_splits, int(sum(recv_splits)), x.shape[0])
             parts = [x[t_idx]] + ([x_scales[t_idx]] if x_scales is not None else []) + [local, weights]
         else:
-            if dev.type == "cpu":
-                _agree(self, "dispatch", (_DTYPE_CODE.get(x.dtype, -1), int(x_scales is not None)), _rows_kind,
-                       "every rank of a cached dispatch must send the same kind of rows")
             parts = [x[state.t_idx]] + ([x_scales[state.t_idx]] if x_scales is not None else [])
         # x lands straight in the output (no packing copy on either side); the small per-row fields travel
         # together in a second collective.
@@ -458,9 +458,6 @@ class TorchBackend:
             parts = [x[t_idx]] + ([x_scales[t_idx]] if x_scales is not None else []) + [local, weights]
         else:
             assert isinstance(state, _FixedState)
-            if dev.type == "cpu":
-                _agree(self, "dispatch", (_DTYPE_CODE.get(x.dtype, -1), int(x_scales is not None)), _rows_kind,
-                       "every rank of a cached dispatch must send the same kind of rows")
             t_idx = torch.arange(t, device=dev).repeat_interleave(n)
             parts = [x[t_idx]] + ([x_scales[t_idx]] if x_scales is not None else [])
         with_meta = len(parts) > (2 if x_scales is not None else 1)

@@ -92,18 +92,25 @@ def test_install_record(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
 
     monkeypatch.setitem(sys.modules, "largeep._C", None)  # (import largeep._C fails as when it is not there)
     monkeypatch.delattr(largeep, "_C", raising=False)
-    native._load.cache_clear()
+    caches = (native._load, native.build_note, native._arch_reason)
+
+    def clear() -> None:  # (the record and the verdicts are cached per process; this test changes them)
+        for c in caches:
+            c.cache_clear()
+
+    clear()
     try:
         assert native.build_note() == {} and native.built_archs() is None
         assert "is not installed" in (native.unavailable_reason() or "")
         note.write_text(json.dumps({"built": False, "reason": "its build failed at install: no nvcc"}))
-        native._load.cache_clear()
+        clear()
         reason = native.unavailable_reason() or ""
         assert "was not built: its build failed at install: no nvcc" in reason, reason
         note.write_text(json.dumps({"built": True, "cuda_archs": "90;100a"}))
+        clear()
         assert native.built_archs() == {90, 100}
         (tmp_path / "_C.cpython-311-x86_64-linux-gnu.so").write_bytes(b"")
-        native._load.cache_clear()
+        clear()
         reason = native.unavailable_reason() or ""
         assert "installed but does not load" in reason, reason
         # a module that loads, on a GPU it was not built for
@@ -113,11 +120,14 @@ def test_install_record(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
         monkeypatch.setitem(sys.modules, "largeep._C", fake)
         monkeypatch.setattr(largeep, "_C", fake, raising=False)
         monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (8, 0))
-        native._load.cache_clear()
+        clear()
         reason = native.unavailable_reason() or ""
         assert "built for compute capability [90, 100]" in reason and "LARGEEP_CUDA_ARCHS=80" in reason, reason
+        assert native.unavailable_reason() == reason  # (the verdict is kept for the device)
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+        clear()
         assert native.unavailable_reason() is None
     finally:
-        native._load.cache_clear()
+        clear()

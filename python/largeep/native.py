@@ -24,6 +24,7 @@ _HOW = (
 ABI_VERSION = 8
 
 
+@functools.lru_cache(maxsize=1)
 def build_note() -> dict[str, object]:
     """What the install recorded about the native build (setup.py writes largeep/_native_build.json): ``built``,
     and ``reason`` (why not) or ``cuda_archs``; empty when there is no record (a source tree, an older install)."""
@@ -85,8 +86,17 @@ def unavailable_reason() -> str | None:
 
     if not torch.cuda.is_available():
         return "no CUDA device is visible"
+    return _arch_reason(torch.cuda.current_device())
+
+
+@functools.cache
+def _arch_reason(device: int) -> str | None:
+    """Why the module cannot run on CUDA device ``device`` (built for other GPUs), else None. Cached: the row
+    kernels ask unavailable_reason on every call."""
+    import torch
+
     archs = built_archs()
-    major, minor = torch.cuda.get_device_capability()
+    major, minor = torch.cuda.get_device_capability(device)
     if archs is not None and major * 10 + minor not in archs:
         return (f"the native module was built for compute capability {sorted(archs)} (LARGEEP_CUDA_ARCHS), this "
                 f"GPU is {major * 10 + minor}; reinstall with LARGEEP_CUDA_ARCHS={major * 10 + minor} (the kernels "

@@ -485,11 +485,9 @@ def fit_summing(params: Params, records: Iterable[dict[str, Any]], *, cluster: C
         if not (_usable(r, weighted=True) and r["mode"] == "low_latency" and r["op"] == "combine"
                 and r.get("weights_sent")):
             continue
-        w = Workload("low_latency", "combine", int(r["num_tokens"]), int(r["hidden"]), int(r["num_topk"]),
-                     int(r["num_experts"]), "bf16", True, bool(r.get("bf16_partial_sums")))
-        c = replace(cluster, gpus_per_node=int(r["ranks_per_node"]))
+        w, pred = _predict_record(r, base, cluster)
         meas = float(r["time_us_median"])
-        ys.append(meas - predict(w, int(r["ep"]), base, c, num_sms=r.get("num_sms")).time_us)
+        ys.append(meas - pred.time_us)
         xs.append(_summed_bytes(w, 1.0) / 1e3)
         ms.append(meas)
     if len(set(xs)) < 2:
@@ -748,6 +746,18 @@ class CheckResult:
     rows: list[dict[str, Any]]
 
 
+def _predict_record(
+    r: dict[str, Any], params: Params, cluster: Cluster, *, hierarchical: bool = True, overlap: bool = True,
+) -> tuple[Workload, Prediction]:
+    """The workload of a record (its sizes, dtype and low-latency weight options) and its prediction on the
+    record's group (its ranks per node and fused-combine split)."""
+    w = Workload(r["mode"], r["op"], int(r["num_tokens"]), int(r["hidden"]), int(r["num_topk"]),
+                 int(r["num_experts"]), r["dtype"], bool(r.get("weights_sent")), bool(r.get("bf16_partial_sums")))
+    c = replace(cluster, gpus_per_node=int(r["ranks_per_node"]), combine_eighths=record_eighths(r))
+    return w, predict(w, int(r["ep"]), params, c, hierarchical=hierarchical, overlap=overlap,
+                      num_sms=r.get("num_sms"))
+
+
 def check(
     params: Params, records: Iterable[dict[str, Any]], *, cluster: Cluster | None = None,
     hierarchical: bool = True, overlap: bool = True,
@@ -758,12 +768,7 @@ def check(
     for r in records:
         if not _usable(r, weighted=True):
             continue
-        w = Workload(r["mode"], r["op"], int(r["num_tokens"]), int(r["hidden"]), int(r["num_topk"]),
-                     int(r["num_experts"]), r["dtype"], bool(r.get("weights_sent")),
-                     bool(r.get("bf16_partial_sums")))
-        c = replace(cluster, gpus_per_node=int(r["ranks_per_node"]), combine_eighths=record_eighths(r))
-        pred = predict(w, int(r["ep"]), params, c, hierarchical=hierarchical, overlap=overlap,
-                       num_sms=r.get("num_sms"))
+        _, pred = _predict_record(r, params, cluster, hierarchical=hierarchical, overlap=overlap)
         meas = float(r["time_us_median"])
         rows.append({**{k: r[k] for k in ("backend", "mode", "op", "ep", "num_tokens", "dtype", "num_sms")},
                      "measured_us": meas, "predicted_us": pred.time_us, "rel_err": pred.time_us / meas - 1})
@@ -1193,16 +1198,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     elif records:
         print("held-out check: too few records to hold any out")
     weighted_doc = None
+
+    def weighted(files: Sequence[str]) -> list[dict[str, Any]]:
+        """The low-latency records of ``files`` whose dispatch carried the weights, of the fitted backend."""
+        return [r for r in skew_free([r for r in load(files) if _usable(r, weighted=True)])
+                if r.get("weights_sent") and r.get("backend", backend) == backend]
+
     if args.fit_weighted:
-        frecs = [r for r in skew_free([r for r in load(args.fit_weighted) if _usable(r, weighted=True)])
-                 if r.get("weights_sent") and r.get("backend", backend) == backend]
+        frecs = weighted(args.fit_weighted)
         params = fit_summing(params, frecs, cluster=measured_cluster)
         params.source += f"; summing pass fitted on {len(frecs)} records of {', '.join(args.fit_weighted)}"
         print(f"summing pass of the low-latency combine with the weights sent: sum_lat_us={params.sum_lat_us:.2f} "
               f"sum_gbps={params.sum_gbps:.0f} (fitted on {', '.join(args.fit_weighted)})")
     if args.check_weighted:
-        wrecs = [r for r in skew_free([r for r in load(args.check_weighted) if _usable(r, weighted=True)])
-                 if r.get("weights_sent") and r.get("backend", backend) == backend]
+        wrecs = weighted(args.check_weighted)
         how = ("low-latency calls with the weights sent (not fitted: predicted from the per-copy constants with the "
                "summed combine rows" + (", and the summing pass fitted on --fit-weighted" if args.fit_weighted
                                         else "; no summing pass") + ")")

@@ -137,8 +137,8 @@ def refused_round(
 # topk_idx tensors a layout checked, waiting for the dispatch that follows: id -> (weak reference, version counter,
 # E). One use each: a tensor changed in place through torch gets a new version and is checked again; writes torch
 # does not see (a CUDA graph replay, raw pointers, a torch.distributed receive or broadcast into it) between a
-# layout and its dispatch are not caught. Tensors made
-# under inference_mode have no version counter and are always checked.
+# layout and its dispatch are not caught. Tensors made under inference_mode have no version counter and are always
+# checked.
 _CHECKED: OrderedDict[int, tuple[weakref.ref[torch.Tensor], int, int]] = OrderedDict()
 _CHECKED_MAX = 16
 

@@ -250,11 +250,9 @@ class Sweep:
                         for dtype in mp.dtypes:
                             if dtype == "fp8" and hidden % rec.FP8_GROUP:
                                 self._skip(a.name, f"{what}: fp8 needs hidden % 128 == 0")
-                            elif mode == "normal":
-                                self._normal(a, spec, tokens, dtype, first)
-                                first = False
                             else:
-                                self._low_latency(a, spec, tokens, dtype, first)
+                                run = self._normal if mode == "normal" else self._low_latency
+                                run(a, spec, tokens, dtype, first)
                                 first = False
                             self.log.step(f"{what} T={tokens} {dtype}")
                 finally:

@@ -1167,9 +1167,9 @@ def layer_size_checks(rank: int, world: int) -> None:
     dimension, a division by zero, tensor_split's TypeError)."""
     buf = largeep.Buffer(None, hidden=16, num_experts=4 * world, num_topk=2, max_tokens_per_rank=8, backend="torch")
     try:
-        for kw in ({"ffn_hidden": 0}, {"ffn_hidden": -8}, {"ffn_hidden": 8.0}, {"ffn_hidden": 8, "num_chunks": 2.5},
-                   {"ffn_hidden": 8, "shared_ffn_hidden": -1}, {"ffn_hidden": 8, "num_worst_tokens": True}):
-            arg = [k for k in kw if k != "ffn_hidden"][0] if len(kw) > 1 else "ffn_hidden"
+        for arg, value in (("ffn_hidden", 0), ("ffn_hidden", -8), ("ffn_hidden", 8.0), ("num_chunks", 2.5),
+                           ("shared_ffn_hidden", -1), ("num_worst_tokens", True)):
+            kw = {"ffn_hidden": 8, arg: value}
             try:
                 layers.MoELayer(buf, **kw)  # type: ignore[arg-type]
             except largeep.ArgumentError as exc:

@@ -191,7 +191,8 @@ class NormalKernels {
    public:
     NormalKernels(int rank, int num_ranks, int num_experts, int num_topk, int hidden, int max_tokens, uintptr_t base,
                   uintptr_t peer_base, uintptr_t seq, uintptr_t block_counter, uintptr_t status_dev,
-                  uintptr_t error_dev, double timeout_s, int ranks_per_node, int threads, int unroll, int num_zc_slots, int device) {
+                  uintptr_t error_dev, double timeout_s, int ranks_per_node, int threads, int unroll, int num_zc_slots,
+                  int device) {
         HOST_ASSERT(threads % 32 == 0 && threads >= 64 && threads <= 1024, "threads must be a multiple of 32 in [64, 1024]");
         HOST_ASSERT(unroll == 4 || unroll == 8, "unroll must be 4 or 8");
         HOST_ASSERT(ranks_per_node > 0 && num_ranks % ranks_per_node == 0, "bad ranks_per_node " << ranks_per_node);

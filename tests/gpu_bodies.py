@@ -357,27 +357,35 @@ def missing_peer(rank: int, world: int, timeout_s: float, low_latency: bool = Fa
     return {"elapsed_s": elapsed}
 
 
-def abandoned_round(rank: int, world: int, timeout_s: float, worst: bool) -> dict[str, float]:
-    """Rank 1's dispatch raises after its sends are queued and before its copy-out (an out-of-memory error
-    injected where its outputs are made: the zero-copy planes, or with ``worst`` the copy slot's outputs of a
-    num_worst_tokens dispatch). Rank 1 raises that error, and its next call RuntimeError at once, naming it (the
-    Buffer unusable: its round is open); the other ranks' call returns (rank 1's rows were sent) and their next one
-    raises PeerTimeoutError naming rank 1 within the bound instead of reading a stale round."""
-    import os
-    import time
-
-    os.environ["LARGEEP_TIMEOUT_S"] = str(timeout_s)
-    try:
-        buf = largeep.Buffer(None, hidden=1024, num_experts=4 * world, num_topk=2, max_tokens_per_rank=64,
-                             backend="nvshmem")
-    finally:
-        del os.environ["LARGEEP_TIMEOUT_S"]
+def outputs_out_of_memory(rank: int, world: int, worst: bool) -> None:
+    """Rank 1's dispatch runs out of memory after its sends are queued and before its copy-out (an error injected
+    where its outputs are made: the zero-copy planes, or with ``worst`` the copy slot's outputs of a
+    num_worst_tokens dispatch). Rank 1 raises that error and drains the round, so the other ranks' call returns
+    rank 1's rows, and every rank's next dispatch (rank 1's with its memory back) receives exactly the rows routed
+    to it: the Buffer stays usable on every rank."""
+    buf = largeep.Buffer(None, hidden=1024, num_experts=4 * world, num_topk=2, max_tokens_per_rank=64,
+                         backend="nvshmem")
     rows_worst = world * 64 + 9  # a row count no other allocation of the call has
-    x = torch.randn(64, 1024, device="cuda").to(torch.bfloat16)
-    idx = torch.arange(64 * 2, device="cuda").view(64, 2) % (4 * world)
-    w = torch.rand(64, 2, device="cuda")
+    t = 64
+    # row t of rank r: channel 0 holds t, channel 1 holds r (exact in bf16), so each received row names its source
+    x = torch.zeros(t, 1024, device="cuda")
+    x[:, 0] = torch.arange(t, device="cuda")
+    x[:, 1] = rank
+    x = x.to(torch.bfloat16)
+    idx = torch.arange(t * 2, device="cuda").view(t, 2) % (4 * world)  # (every rank routes alike)
+    w = torch.rand(t, 2, device="cuda")
     kw = {"num_worst_tokens": rows_worst} if worst else {}
-    elapsed = 0.0
+    mine = [tok for tok in range(t) if bool((idx[tok] // 4 == rank).any())]
+    want = sorted((s, tok) for s in range(world) for tok in mine)
+
+    def check(d: Any) -> None:
+        rows = len(want)
+        assert d.x.shape[0] == (rows_worst if worst else rows), (d.x.shape, rows)
+        got = sorted((int(r[1]), int(r[0])) for r in d.x[:rows, :2].float().tolist())
+        assert got == want, f"rank {rank} received {got[:6]}..., expected {want[:6]}..."
+        if worst:
+            assert bool((d.topk_idx[rows:] == -1).all()), "the num_worst_tokens tail names no expert"
+
     try:
         if rank == 1:
             name = "empty" if worst else "from_dlpack"
@@ -397,35 +405,72 @@ def abandoned_round(rank: int, world: int, timeout_s: float, worst: bool) -> dic
                 raise AssertionError("the injected error did not reach the caller")
             finally:
                 setattr(torch, name, real)
-            start = time.monotonic()
-            try:
-                buf.dispatch(x, idx, w, **kw)
-            except RuntimeError as exc:
-                assert time.monotonic() - start < 1.0
-                assert "unusable" in str(exc) and "OutOfMemoryError" in str(exc), str(exc)
-            else:
-                raise AssertionError("a Buffer with an open round accepted another dispatch")
         else:
+            check(buf.dispatch(x, idx, w, **kw))
+        torch.cuda.synchronize()
+        for _ in range(2):  # (the second round of the zero-copy case receives into the slot the first gave back)
             d = buf.dispatch(x, idx, w, **kw)
+            check(d)
+            out = buf.combine(d.x, d.handle)
             torch.cuda.synchronize()
-            rows = world * int((idx // 4 == rank).any(1).sum())  # (every rank routes alike: 4 experts per rank)
-            assert rows > 0 and d.x.shape[0] == (rows_worst if worst else rows), (d.x.shape, rows)
-            start = time.monotonic()
-            try:
-                buf.dispatch(x, idx, w, **kw)
-                torch.cuda.synchronize()
-                buf.dispatch(x, idx, w)  # (a num_worst_tokens call raises at the next call)
-            except largeep.PeerTimeoutError as exc:
-                elapsed = time.monotonic() - start
-                assert "rank 1" in str(exc), str(exc)
-            else:
-                raise AssertionError("dispatch returned although rank 1's round is open")
-            assert elapsed < timeout_s + 10, f"gave up after {elapsed:.1f} s, bound {timeout_s} s"
+            reached = (idx // 4).unsqueeze(2) == torch.arange(world, device="cuda")  # [t, 2, world]
+            n_ranks = reached.any(1).sum(1).float()
+            assert torch.equal(out.x[:, 0].float(), n_ranks * torch.arange(t, device="cuda").float()), \
+                f"rank {rank}: the combine after the drained round is wrong"
+            del d, out
     finally:
-        _progress(rank, "before the teardown barrier")
         dist.barrier()
         buf.destroy()
-    return {"elapsed_s": elapsed}
+
+
+def late_peer(rank: int, world: int, timeout_s: float, ranks_per_node: int | None) -> dict[str, float]:
+    """Rank 1 comes more than LARGEEP_TIMEOUT_S late to a cached dispatch and its combine, which rank 0 queues
+    back to back (no host wait between them). Rank 0's dispatch times out waiting for rank 1's rows and its combine
+    then skips its work: it must not tell rank 1 that its partial sums are in place, or rank 1 would sum what its
+    slots held from the round before. Rank 1's dispatch gets rank 0's rows (sent before rank 0 gave up); its
+    combine must time out naming rank 0 (its next call raises PeerTimeoutError), not return the earlier round's
+    sums. Each round's x differs, so stale sums would show."""
+    import os
+    import time
+
+    os.environ["LARGEEP_TIMEOUT_S"] = str(timeout_s)
+    try:
+        buf = largeep.Buffer(None, hidden=1024, num_experts=4 * world, num_topk=2, max_tokens_per_rank=64,
+                             backend="nvshmem", ranks_per_node=ranks_per_node)
+    finally:
+        del os.environ["LARGEEP_TIMEOUT_S"]
+    t = 64
+    idx = torch.arange(t * 2, device="cuda").view(t, 2) % (4 * world)
+    w = torch.rand(t, 2, device="cuda")
+    reached = ((idx // 4).unsqueeze(2) == torch.arange(world, device="cuda")).any(1).sum(1).float()
+    times: dict[str, float] = {}
+    try:
+        x1 = torch.full((t, 1024), 1.0, device="cuda").to(torch.bfloat16)
+        d = buf.dispatch(x1, idx, w)
+        out = buf.combine(d.x, d.handle)
+        torch.cuda.synchronize()
+        assert torch.equal(out.x[:, 0].float(), reached), "the first round's combine is wrong"
+        x2 = torch.full((t, 1024), 2.0, device="cuda").to(torch.bfloat16)
+        if rank == 1:
+            time.sleep(timeout_s + 3.0)
+        start = time.monotonic()
+        d2 = buf.dispatch(x2, handle=d.handle)
+        out2 = buf.combine(d2.x, d.handle)
+        torch.cuda.synchronize()
+        times["elapsed_s"] = time.monotonic() - start
+        other = 1 - rank if world == 2 else None
+        try:
+            buf.dispatch(x2, handle=d.handle)
+        except largeep.PeerTimeoutError as exc:
+            assert other is None or f"rank {other}" in str(exc), str(exc)
+        else:
+            same = torch.equal(out2.x[:, 0].float(), 2 * reached)
+            raise AssertionError(f"rank {rank}: the round after a peer timed out returned ("
+                                 f"{'right' if same else 'stale'} sums) and the next call did not raise")
+    finally:
+        dist.barrier()
+        buf.destroy()
+    return times
 
 
 def _progress(rank: int, what: str) -> None:

@@ -680,9 +680,10 @@ def test_torch_backend_ranks_disagree(pools) -> None:
 
 
 def test_dispatch_round_left_open_marks_the_buffer() -> None:
-    """The nvshmem dispatch's guard (its GPU test: test_abandoned_round): an exception after the round's sends were
-    queued and before its copy-out marks the Buffer unusable, naming the exception; one before the sends, or once
-    the copy-out is queued, or after a device error was reported, leaves the error word as it was."""
+    """The nvshmem dispatch's guard: an exception after the round's sends were queued and before its copy-out marks
+    the Buffer unusable, naming the exception; one before the sends, or once the copy-out is queued, or after a
+    device error was reported, leaves the error word as it was. (Out of memory for a fresh dispatch's outputs
+    drains the round instead: test_dispatch_outputs_out_of_memory on GPUs.)"""
     from largeep.backends import nvshmem_backend as nb
 
     class Fake:

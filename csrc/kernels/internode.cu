@@ -102,7 +102,7 @@ __global__ void __launch_bounds__(kThreads) dispatch_rdma_send_kernel(NormalCtx 
     }
     nvshmem_quiet();  // this thread's puts have landed
     __threadfence_system();
-    if (last_block(c.block_counter + 4)) {
+    if (last_block(c.block_counter + 4) && block_raises_data_flags(c, idx != nullptr && c.seq[kRoundVoid] != 0)) {
         if (static_cast<int>(threadIdx.x) < M && static_cast<int>(threadIdx.x) != node)
             set_flag(c, threadIdx.x * P + me_local, kFlagRdmaRows, c.rank, seq);
     }
@@ -143,7 +143,7 @@ __global__ void __launch_bounds__(kThreads) dispatch_forward_kernel(NormalCtx c,
         }
     }
     __threadfence_system();  // this thread's NVLink stores before the flags
-    if (last_block(c.block_counter + 5)) {
+    if (last_block(c.block_counter + 5) && block_raises_data_flags(c, !cached && c.seq[kRoundVoid] != 0)) {
         for (int i = threadIdx.x; i < P * M; i += blockDim.x) {
             const int l = i / M, m = i % M;
             if (m != node) set_flag(c, node * P + l, kFlagRows, m * P + me_local, seq);
@@ -206,7 +206,7 @@ __global__ void __launch_bounds__(kReduceThreads) combine_forward_kernel(NormalC
     }
     nvshmem_quiet();
     __threadfence_system();
-    if (last_block(c.block_counter + 6)) {
+    if (last_block(c.block_counter + 6) && block_raises_data_flags(c, false)) {
         if (static_cast<int>(threadIdx.x) < M && static_cast<int>(threadIdx.x) != node)
             set_flag(c, threadIdx.x * P + me_local, kFlagCombRdma, c.rank, seq);
     }

@@ -267,7 +267,8 @@ __global__ void __launch_bounds__(kThreads) dispatch_push_kernel(NormalCtx c, co
         }
     }
     __threadfence_system();  // this thread's remote stores before the flag
-    if (last_block(c.block_counter + 0)) {
+    if (last_block(c.block_counter + 0) &&
+        block_raises_data_flags(c, send_slot != nullptr && c.seq[kRoundVoid] != 0)) {
         if (static_cast<int>(threadIdx.x) < P) set_flag(c, r0 + threadIdx.x, kFlagRows, me, seq);
     }
 }
@@ -344,7 +345,8 @@ __device__ __forceinline__ void copy_self_row(const NormalCtx& c, const uint8_t*
 // node's forwarder of it otherwise) and copies copy-slot rows [0, R) except mine into the caller-visible outputs
 // (local memory only); then tells every rank that my copy slot and counts (and my RDMA receive buffer, forwarded
 // before this kernel) are free again. Zero-copy (my_slot >= 1: every row, mine included, was pushed into that
-// slot, whose planes are the outputs): waits for the rows and writes recv_src only.
+// slot, whose planes are the outputs): waits for the rows and writes recv_src only. num_rows < 0 drains the round
+// (its outputs could not be made): waits for the rows, copies nothing and frees the round as any copy-out does.
 __global__ void __launch_bounds__(kThreads) dispatch_copyout_kernel(NormalCtx c, uint8_t* out_x, int x_elem,
                                                                     float* out_s, int64_t* out_idx, float* out_w,
                                                                     int* recv_src, const int* recv_off,
@@ -356,24 +358,25 @@ __global__ void __launch_bounds__(kThreads) dispatch_copyout_kernel(NormalCtx c,
     const int64_t seq = c.seq[kSeqDispatch] + 1;
     __shared__ int off[kMaxRanks + 1];
     __shared__ int failed;
+    const bool drain = num_rows < 0;
     if (threadIdx.x == 0) failed = has_error(c.err) ? 1 : 0;  // recv_off is only valid if no kernel failed
     if (static_cast<int>(threadIdx.x) <= N) off[threadIdx.x] = recv_off[threadIdx.x];
     __syncthreads();
     // More rows than a num_worst_tokens output holds: copy nothing (every block sees the same offsets) and report
     // it; the Buffer's later kernels then skip their work and its next call raises.
-    if (threadIdx.x == 0 && !failed && off[N] > num_rows) {
+    if (threadIdx.x == 0 && !failed && !drain && off[N] > num_rows) {
         failed = 1;
         if (blockIdx.x == 0) report_error(c.err, kOpWorstTooSmall, -1);
     }
     __syncthreads();
     const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp, kWarps = blockDim.x / kWarp;
     const int64_t x_bytes = static_cast<int64_t>(c.hidden) * x_elem;
-    if (!failed && my_slot == 0) {
+    if (!failed && !drain && my_slot == 0) {
         for (int j = blockIdx.x * kWarps + warp; j < off[me + 1] - off[me]; j += gridDim.x * kWarps)
             copy_self_row(c, x, x_bytes, scales, idx, w, self_token[j], out_x, out_s, out_idx, out_w, recv_src,
                           off[me] + j, cached, lane);
     }
-    const bool ok = wait_all(c, kFlagRows, seq, kOpDispatch) && !failed;
+    const bool ok = wait_all(c, kFlagRows, seq, kOpDispatch) && !failed && !drain;
     if (!ok && !cached && out_idx != nullptr) {
         // A failed round (a timeout, a refusal that a num_worst_tokens call cannot raise, too many rows) leaves
         // rows that name no expert: the host's next call raises, and until then the ids are safe to index with.
@@ -455,7 +458,7 @@ __global__ void __launch_bounds__(kThreads) combine_push_kernel(NormalCtx c, con
             push_combine_row(c, y, y_bytes, y_w, recv_src, off, j < lo ? j : j + mine, lane);
     }
     __threadfence_system();  // this thread's remote stores before the flag
-    if (last_block(c.block_counter + 1)) {
+    if (last_block(c.block_counter + 1) && block_raises_data_flags(c, false)) {
         if (static_cast<int>(threadIdx.x) < c.ranks_per_node)
             set_flag(c, first_local(c) + threadIdx.x, kFlagCombReady, me, seq);
     }

@@ -51,6 +51,19 @@ __device__ __forceinline__ void set_flag(const NormalCtx& c, int r, int kind, in
     set_peer_flag(is_local(c, r) ? peer(c, r) : nullptr, c.base, c.off_flags + 8 * word, v, r);
 }
 
+// Whether a sending kernel's last block raises the flags that tell peers its rows (or partial sums) are in place:
+// not once this Buffer has reported an error (a kernel that gave up skipped its rows, and the flag would hand a peer
+// that comes more than LARGEEP_TIMEOUT_S late whatever its slot held before), unless the round is void (it carries
+// no rows, and the copy-outs of ranks that refused it wait for these flags; a num_worst_tokens rank reports the
+// refusal as an error). Peers then time out naming this rank, as in the low-latency mode. Thread 0 reads the error
+// word once for the block, so that every peer gets its flag or none does: call it from every thread of the block.
+__device__ __forceinline__ bool block_raises_data_flags(const NormalCtx& c, bool void_round) {
+    __shared__ int raise;
+    if (threadIdx.x == 0) raise = void_round || !has_error(c.err);
+    __syncthreads();
+    return raise != 0;
+}
+
 // The block waits for flag words [kind][r] >= target of the ranks r = first + i * stride (i < count) but `skip`;
 // returns (to every thread) whether all arrived. With ranks of other nodes among them (`remote`), a system fence
 // after the wait also orders reads of data that an NVSHMEM transport (not an NVLink store) delivered.

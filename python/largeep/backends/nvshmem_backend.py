@@ -421,9 +421,10 @@ def record_zero_copy(t: torch.Tensor, stream: int) -> None:
 
 def _closes_open_round(fn: Callable[..., NormalDispatchOut]) -> Callable[..., NormalDispatchOut]:
     """For NvshmemBackend.dispatch: a round it leaves open marks the Buffer unusable. An exception between queuing
-    the round's sends and queuing its copy-out (``_round_open``: out of memory for the outputs, KeyboardInterrupt)
-    leaves this rank's sequence number and receive flags behind its peers', so a later call would read this round's
-    counts as its own and the peers' next sends would wait for this rank until LARGEEP_TIMEOUT_S."""
+    the round's sends and queuing its copy-out (``_round_open``: a failed launch, KeyboardInterrupt; not out of
+    memory for a fresh dispatch's outputs, whose round dispatch drains itself) leaves this rank's sequence number
+    and receive flags behind its peers', so a later call would read this round's counts as its own and the peers'
+    next sends would wait for this rank until LARGEEP_TIMEOUT_S."""
 
     @functools.wraps(fn)
     def wrapper(self: NvshmemBackend, *args: Any, **kwargs: Any) -> NormalDispatchOut:
@@ -725,6 +726,9 @@ class NvshmemBackend:
         k = self.kernels
         per_expert_list: list[int] = []
         per_expert_t: torch.Tensor | None = None
+        out_s: torch.Tensor | None
+        out_idx: torch.Tensor | None
+        out_w: torch.Tensor | None
         # A fresh dispatch of bf16/e4m3 rows that waits on the host receives into a free zero-copy slot when there
         # is one (its outputs are then that slot's planes, no copy-out); slot 0 is the copy slot. A void round
         # (a refusal) gives its slot back; a slot stays taken if the call fails otherwise before its outputs exist
@@ -780,7 +784,7 @@ class NvshmemBackend:
                         self.status[_ERROR] = 3 << 16
                     self._raise_if_failed("dispatch")
                 if int(self.status[_REFUSED]):
-                    self._end_void_round(x, recv_off, self_token, slot, stream)
+                    self._end_round_without_outputs(x, recv_off, self_token, slot, stream)
                     self._round_open = False
                     self._raise_refused(
                         "dispatch", self.status[self._refusal_word:self._refusal_word + c.num_ranks], check_ids
@@ -791,30 +795,34 @@ class NvshmemBackend:
                 per_expert_list = raw if a == 1 else [align_up(v, a) for v in raw]
             else:
                 rows = num_worst_tokens
-            state = _NvState(
-                ws, send_pos, send_off, torch.empty(rows, 2, dtype=i32, device=dev), recv_off, rows, t, worst,
-                self_token, hier,
-            )
-        rows = state.num_rows
-        out_s: torch.Tensor | None = None
-        out_idx: torch.Tensor | None = None
-        out_w: torch.Tensor | None = None
-        if slot:
-            rel = caller_stream if caller_stream is not None else self._stream()
-            planes = k.zc_outputs(slot, rows, c.hidden * elem, x_scales is not None, True, rel)
-            out_x = torch.from_dlpack(planes[0]).view(x.dtype)
-            out_s = torch.from_dlpack(planes[1]) if x_scales is not None else None
-            out_idx, out_w = torch.from_dlpack(planes[2]), torch.from_dlpack(planes[3])
-            del planes
+            # Out of memory for the outputs (or any error making them) drains the round: its copy-out waits for the
+            # rows, copies none and frees the round for every peer, whose calls complete; this call raises and the
+            # Buffer stays usable. (A zero-copy slot whose planes were made goes back when they die.)
+            leased = False
+            try:
+                state = _NvState(
+                    ws, send_pos, send_off, torch.empty(rows, 2, dtype=i32, device=dev), recv_off, rows, t, worst,
+                    self_token, hier,
+                )
+                if slot:
+                    rel = caller_stream if caller_stream is not None else self._stream()
+                    planes = k.zc_outputs(slot, rows, c.hidden * elem, x_scales is not None, True, rel)
+                    leased = True
+                    out_x = torch.from_dlpack(planes[0]).view(x.dtype)
+                    out_s = torch.from_dlpack(planes[1]) if x_scales is not None else None
+                    out_idx, out_w = torch.from_dlpack(planes[2]), torch.from_dlpack(planes[3])
+                    del planes
+                else:
+                    out_x, out_s, out_idx, out_w = self._dispatch_outputs(x, x_scales, rows, True)
+            except BaseException:
+                self._end_round_without_outputs(x, recv_off, self_token, 0 if leased else slot, stream)
+                self._round_open = False
+                raise
         else:
-            out_x = torch.empty(rows, c.hidden, dtype=x.dtype, device=dev)
-            if x_scales is not None:
-                out_s = torch.empty(rows, c.hidden // 128, dtype=torch.float32, device=dev)
-            if not cached:
-                out_idx = torch.empty(rows, c.num_topk, dtype=torch.int64, device=dev)
-                out_w = torch.empty(rows, c.num_topk, dtype=torch.float32, device=dev)
-        if cached:  # (its outputs made first: nothing can fail between its sends and its copy-out but a launch)
-            # every rank receives into its copy slot
+            # (its outputs made before its sends: nothing can fail between its sends and its copy-out but a launch)
+            out_x, out_s, out_idx, out_w = self._dispatch_outputs(x, x_scales, state.num_rows, False)
+        rows = state.num_rows
+        if cached:  # every rank receives into its copy slot
             self._round_open = True
             self._send_cached(x, x_scales, t, state, stream)
         k.copyout(
@@ -840,11 +848,28 @@ class NvshmemBackend:
         first = (state.recv_off - state.ws.data_ptr()) // 4
         return state.ws[first:first + self.ctx.num_ranks + 1]
 
-    def _end_void_round(self, x: torch.Tensor, recv_off: int, self_token: int, slot: int, stream: int) -> None:
-        """Ends a void dispatch round (a rank refused it; every count is 0): the copy-out of no rows, which frees
-        the round for every peer as any copy-out does, and this call's zero-copy slot given back."""
+    def _dispatch_outputs(
+        self, x: torch.Tensor, x_scales: torch.Tensor | None, rows: int, with_meta: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        """A copied dispatch's outputs of ``rows`` rows: x, its FP8 scales (if x_scales), and (``with_meta``: a
+        fresh dispatch) the expert ids and weights."""
+        c, dev = self.ctx, self.ctx.device
+        out_x = torch.empty(rows, c.hidden, dtype=x.dtype, device=dev)
+        out_s = None if x_scales is None else torch.empty(rows, c.hidden // 128, dtype=torch.float32, device=dev)
+        if not with_meta:
+            return out_x, out_s, None, None
+        out_idx = torch.empty(rows, c.num_topk, dtype=torch.int64, device=dev)
+        out_w = torch.empty(rows, c.num_topk, dtype=torch.float32, device=dev)
+        return out_x, out_s, out_idx, out_w
+
+    def _end_round_without_outputs(self, x: torch.Tensor, recv_off: int, self_token: int, slot: int,
+                                   stream: int) -> None:
+        """Ends a fresh dispatch round that has no outputs: a void one (a rank refused it; every count is 0), or
+        one whose outputs could not be made. Its copy-out drains the round (num_rows -1: waits for the rows, copies
+        none), which frees it for every peer as any copy-out does; ``slot`` (non-zero: a zero-copy slot this call
+        took and made no planes of) is given back."""
         k = self.kernels
-        k.copyout(0, x.element_size(), 0, 0, 0, 0, recv_off, 0, False, x.data_ptr(), 0, 0, 0, self_token, slot,
+        k.copyout(0, x.element_size(), 0, 0, 0, 0, recv_off, -1, False, x.data_ptr(), 0, 0, 0, self_token, slot,
                   self.ctx.num_sms, stream)
         if slot:
             k.zc_outputs(slot, 0, 0, False, False, stream)  # planes of no rows, dropped at once: the slot's release

@@ -506,7 +506,7 @@ PYBIND11_MODULE(_C, m) {
     // Bumped whenever a binding's signature, or the meaning of a status word the kernels share with the Python code,
     // changes; python/largeep/native.py refuses a module of another version (a stale build next to newer Python
     // code) with a message saying to rebuild, instead of a TypeError or a misread word later.
-    m.attr("abi_version") = 8;
+    m.attr("abi_version") = 9;
     m.def("install_fault_backtrace", [] {
         struct sigaction sa {};
         sa.sa_sigaction = segv_handler;
@@ -574,11 +574,12 @@ PYBIND11_MODULE(_C, m) {
                         stream_of(stream));
     });
 
-    // count: 0, or the address of an int32 on the device (rows of src at or past it are not read)
-    m.def("weighted_row_sum", [](uintptr_t src, int elem, uintptr_t pos, uintptr_t w, uintptr_t y, int64_t rows, int k,
-                                 int h, int64_t pad, uintptr_t count, uintptr_t stream) {
-        launch_weighted_row_sum(ptr<const void>(src), elem, ptr<const int64_t>(pos), ptr<const float>(w), ptr<void>(y),
-                                rows, k, h, pad, ptr<const int>(count), stream_of(stream));
+    // count: 0, or the address of an int32 on the device (rows of src at or past it are not read); src_rows: the
+    // rows of src (entries naming none of them are left out)
+    m.def("weighted_row_sum", [](uintptr_t src, int64_t src_rows, int elem, uintptr_t pos, uintptr_t w, uintptr_t y,
+                                 int64_t rows, int k, int h, int64_t pad, uintptr_t count, uintptr_t stream) {
+        launch_weighted_row_sum(ptr<const void>(src), src_rows, elem, ptr<const int64_t>(pos), ptr<const float>(w),
+                                ptr<void>(y), rows, k, h, pad, ptr<const int>(count), stream_of(stream));
     });
     m.def("gather_rows_default_blocks", &gather_rows_default_blocks);
     m.def("gather_rows", [](uintptr_t x, int64_t x_rows, int64_t row_bytes, uintptr_t src, uintptr_t count,

@@ -426,6 +426,48 @@ def test_weighted_row_sum_count_positions_past_src() -> None:
     torch.testing.assert_close(y, torch.stack([0.5 * src[0], 1.5 * src[2], torch.zeros(8)]))
 
 
+def _check_wrs_outside_src(device: str, pad: int | None, count: int | None) -> None:
+    """Entries naming no row of src (negative, or at or past its rows) are left out like pad, on either path, and
+    get zero weight gradients; nothing is read out of bounds (on CUDA an out-of-bounds read or a device assert would
+    end the process's CUDA context). Against a loop over the entries kept."""
+    g = torch.Generator().manual_seed(5)
+    src = torch.randn(6, 64, generator=g)
+    pos = torch.tensor([[0, -1], [7, 2], [-5, 9], [3, 4], [1_000_000, 5], [2, 6]])
+    w = torch.rand(6, 2, generator=g)
+    limit = 6 if count is None else min(count, 6)
+    want = torch.zeros(6, 64, dtype=torch.float64)
+    kept = torch.zeros(6, 2, dtype=torch.bool)
+    for i in range(6):
+        for j in range(2):
+            p = int(pos[i, j])
+            if 0 <= p < limit and p != pad:
+                want[i] += float(w[i, j]) * src[p].double()
+                kept[i, j] = True
+    cnt = None if count is None else torch.tensor([count], dtype=torch.int32, device=device)
+    s_in = src.to(device).requires_grad_()
+    w_in = w.to(device).requires_grad_()
+    y = ops.weighted_row_sum(s_in, pos.to(device), w_in, pad, cnt)
+    layer_bodies.close(y, want, "weighted_row_sum with positions outside src", rtol=1e-5)
+    y.sum().backward()
+    assert (w_in.grad.cpu()[~kept] == 0).all() and (w_in.grad.cpu()[kept] != 0).all()
+    named = torch.zeros(6, dtype=torch.bool)
+    named[pos[kept]] = True
+    assert (s_in.grad.cpu()[~named] == 0).all() and torch.isfinite(s_in.grad).all()
+
+
+@pytest.mark.parametrize(("pad", "count"), [(None, None), (3, None), (None, 4), (3, 9)])
+def test_weighted_row_sum_positions_outside_src(pad: int | None, count: int | None) -> None:
+    """CPU (embedding_bag path)."""
+    _check_wrs_outside_src("cpu", pad, count)
+
+
+@pytest.mark.gpu(1)
+@pytest.mark.parametrize(("pad", "count"), [(None, None), (3, None), (None, 4), (3, 9)])
+def test_weighted_row_sum_positions_outside_src_gpu(pad: int | None, count: int | None) -> None:
+    """CUDA: largeep's kernel (or embedding_bag where the native module is missing)."""
+    _check_wrs_outside_src("cuda", pad, count)
+
+
 def _gather_case(seed: int, n: int, k: int, e: int, h: int, dtype: torch.dtype, device: str):
     """An expert order of random ids (-1 and ids >= e name no expert) over x [n, h] whose rows naming no expert hold
     NaN; src's entries past the valid count replaced by rows out of range (never to be read)."""

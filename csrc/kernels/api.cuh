@@ -226,12 +226,12 @@ void launch_combine_forward(const NormalCtx& ctx, int y_elem_bytes, bool with_we
                             const int* fwd_pos, int num_sms, cudaStream_t stream);
 
 // ---- rows.cu (expert side, no communication) ------------------------------------------------------------------
-// y [rows, hidden] = per row r, the sum over k < num_topk with pos[r, k] != pad and pos[r, k] < *count of
-// w[r, k] * src[pos[r, k]] (float32 accumulation, one rounding; count: int32 on the device, or null for no limit;
-// a skipped entry's source row and weight are not read); src and y bf16 (elem_bytes 2) or float32 (4); pos int64,
-// w float32 [rows, K].
-void launch_weighted_row_sum(const void* src, int elem_bytes, const int64_t* pos, const float* w, void* y,
-                             int64_t rows, int num_topk, int hidden, int64_t pad, const int* count,
+// y [rows, hidden] = per row r, the sum over k < num_topk with pos[r, k] != pad, 0 <= pos[r, k] < src_rows and
+// pos[r, k] < *count of w[r, k] * src[pos[r, k]] (float32 accumulation, one rounding; count: int32 on the device, or
+// null for no limit; a skipped entry's source row and weight are not read); src and y bf16 (elem_bytes 2) or
+// float32 (4); pos int64, w float32 [rows, K].
+void launch_weighted_row_sum(const void* src, int64_t src_rows, int elem_bytes, const int64_t* pos, const float* w,
+                             void* y, int64_t rows, int num_topk, int hidden, int64_t pad, const int* count,
                              cudaStream_t stream);
 // out [rows][row_bytes] = x [x_rows][row_bytes] at src[i] for the rows i < min(*count, rows) (count: int32 on the
 // device, e.g. an expert order's offs[-1]; the host never reads it); rows at or past it are not written and their

@@ -14,18 +14,19 @@ namespace {
 constexpr int kRowThreads = 512;
 constexpr int kRowWarps = kRowThreads / 32;
 
-// One warp per output row r: y[r] = sum over k with pos[r, k] != pad and pos[r, k] < limit of w[r, k] *
-// src[pos[r, k]], in float32, rounded once to T (limit = *count, or no limit when count is null). A skipped entry
+// One warp per output row r: y[r] = sum over k with pos[r, k] != pad and 0 <= pos[r, k] < limit of w[r, k] *
+// src[pos[r, k]], in float32, rounded once to T (limit = the rows of src, or *count if fewer). A skipped entry
 // reads neither its source row nor its weight, so whatever those hold (NaN included) cannot reach y. Every lane owns
 // 16-byte columns; the K source loads of a column are issued before any is used (kMaxK of them in flight).
 template <typename T, int kMaxK>
-__global__ void __launch_bounds__(kRowThreads) weighted_row_sum_kernel(const T* src, const int64_t* pos,
-                                                                       const float* w, T* y, int64_t R, int K, int H,
-                                                                       int64_t pad, const int* count) {
+__global__ void __launch_bounds__(kRowThreads) weighted_row_sum_kernel(const T* src, int64_t src_rows,
+                                                                       const int64_t* pos, const float* w, T* y,
+                                                                       int64_t R, int K, int H, int64_t pad,
+                                                                       const int* count) {
     using V = Vec<T>;
     const int lane = threadIdx.x % 32;
     const int64_t nvec = H / V::kPer;
-    const int64_t limit = count != nullptr ? static_cast<int64_t>(*count) : INT64_MAX;
+    const int64_t limit = count != nullptr ? min(static_cast<int64_t>(*count), src_rows) : src_rows;
     for (int64_t r = static_cast<int64_t>(blockIdx.x) * kRowWarps + threadIdx.x / 32; r < R;
          r += static_cast<int64_t>(gridDim.x) * kRowWarps) {
         int64_t p[kMaxK];
@@ -33,7 +34,7 @@ __global__ void __launch_bounds__(kRowThreads) weighted_row_sum_kernel(const T* 
 #pragma unroll
         for (int k = 0; k < kMaxK; ++k) {
             p[k] = k < K ? pos[r * K + k] : pad;
-            if (p[k] >= limit) p[k] = pad;
+            if (p[k] < 0 || p[k] >= limit) p[k] = pad;
             wk[k] = k < K && p[k] != pad ? w[r * K + k] : 0.f;
         }
         for (int64_t v = lane; v < nvec; v += 32) {
@@ -51,8 +52,8 @@ __global__ void __launch_bounds__(kRowThreads) weighted_row_sum_kernel(const T* 
 }
 
 template <typename T>
-void launch_typed(const void* src, const int64_t* pos, const float* w, void* y, int64_t R, int K, int H, int64_t pad,
-                  const int* count, cudaStream_t stream) {
+void launch_typed(const void* src, int64_t src_rows, const int64_t* pos, const float* w, void* y, int64_t R, int K,
+                  int H, int64_t pad, const int* count, cudaStream_t stream) {
     const int64_t blocks = std::min<int64_t>((R + kRowWarps - 1) / kRowWarps, 65535);
     if (blocks == 0) return;
     auto* s = static_cast<const T*>(src);
@@ -61,7 +62,7 @@ void launch_typed(const void* src, const int64_t* pos, const float* w, void* y, 
                    : K <= 4 ? weighted_row_sum_kernel<T, 4>
                    : K <= 8 ? weighted_row_sum_kernel<T, 8>
                             : weighted_row_sum_kernel<T, 16>;
-    kernel<<<blocks, kRowThreads, 0, stream>>>(s, pos, w, o, R, K, H, pad, count);
+    kernel<<<blocks, kRowThreads, 0, stream>>>(s, src_rows, pos, w, o, R, K, H, pad, count);
     LAUNCH_CHECK();
 }
 
@@ -241,14 +242,16 @@ void launch_expert_order(const int64_t* idx, int64_t rows, int num_topk, int num
     }
 }
 
-void launch_weighted_row_sum(const void* src, int elem_bytes, const int64_t* pos, const float* w, void* y,
-                             int64_t rows, int num_topk, int hidden, int64_t pad, const int* count,
+void launch_weighted_row_sum(const void* src, int64_t src_rows, int elem_bytes, const int64_t* pos, const float* w,
+                             void* y, int64_t rows, int num_topk, int hidden, int64_t pad, const int* count,
                              cudaStream_t stream) {
     HOST_ASSERT(elem_bytes == 2 || elem_bytes == 4, "weighted_row_sum: rows must be bf16 or float32");
+    HOST_ASSERT(src_rows >= 0, "weighted_row_sum: src_rows must be >= 0");
     HOST_ASSERT(num_topk >= 1 && num_topk <= 16, "weighted_row_sum: 1 <= num_topk <= 16");
     HOST_ASSERT(hidden % (16 / elem_bytes) == 0, "weighted_row_sum: hidden * element size must be a multiple of 16");
-    if (elem_bytes == 2) launch_typed<__nv_bfloat16>(src, pos, w, y, rows, num_topk, hidden, pad, count, stream);
-    else launch_typed<float>(src, pos, w, y, rows, num_topk, hidden, pad, count, stream);
+    if (elem_bytes == 2)
+        launch_typed<__nv_bfloat16>(src, src_rows, pos, w, y, rows, num_topk, hidden, pad, count, stream);
+    else launch_typed<float>(src, src_rows, pos, w, y, rows, num_topk, hidden, pad, count, stream);
 }
 
 int gather_rows_default_blocks(int num_sms) { return std::max(num_sms, 1) * (2048 / kGatherThreads); }

@@ -632,9 +632,10 @@ def _weighted_row_sum_op(src: Tensor, pos: Tensor, w: Tensor, pad: int, count: T
     return _weighted_row_sum_impl(src, pos, w, pad, count)
 
 
-def _summed(pos: Tensor, pad: int, count: Tensor | None) -> Tensor:
-    """bool [R, K]: the entries weighted_row_sum adds (not pad, and below count when given)."""
-    keep = pos != pad
+def _summed(pos: Tensor, pad: int, count: Tensor | None, rows: int) -> Tensor:
+    """bool [R, K]: the entries weighted_row_sum adds (not pad, naming one of src's ``rows`` rows, and below count
+    when given)."""
+    keep = (pos != pad) & (pos >= 0) & (pos < rows)
     return keep & (pos < count) if count is not None else keep
 
 
@@ -643,22 +644,27 @@ def _weighted_row_sum_impl(src: Tensor, pos: Tensor, w: Tensor, pad: int, count:
     C = _native_rows() if _native_rows_ok(src, pos) and (count is None or count.is_cuda) else None
     if C is None:
         # embedding_bag: the same sum (its CUDA kernel is several times slower than largeep's on large rows). It
-        # multiplies an entry's row by its weight even when the weight is 0, and reads the row of every entry but
-        # its padding_idx's; so with a count, every entry left out (at or past count, where rows may hold NaN and
-        # positions may even lie past src, as the native kernel allows; or naming pad) names an appended zero row
-        # that is the padding_idx instead
-        if count is not None:
-            keep = _summed(pos, pad, count)
-            pad = src.shape[0]
+        # multiplies an entry's row by its weight even when the weight is 0, reads the row of every entry but its
+        # padding_idx's, and fails on a position outside src (on CUDA, an assert that ends the process's CUDA
+        # context). So every entry left out names the padding_idx instead: pad itself when there is no count, else
+        # an appended zero row (entries at or past count may name rows that hold NaN, or lie past src, as the
+        # native kernel allows). Without pad or count, the zero row is appended only if a position lies outside src
+        # (on CUDA always: no host wait).
+        n = src.shape[0]
+        if count is None and pad >= 0:
+            pos = torch.where(_summed(pos, pad, None, n), pos, pad)
+        elif count is not None or pos.is_cuda or bool(((pos < 0) | (pos >= n)).any()):
+            keep = _summed(pos, pad, count, n)
+            pad = n
             src = torch.cat([src, src.new_zeros(1, src.shape[1])])
             pos = torch.where(keep, pos, pad)
-        w_src = torch.where(_summed(pos, pad, None), w, 0.0).to(src.dtype)
+        w_src = torch.where(_summed(pos, pad, None, src.shape[0]), w, 0.0).to(src.dtype)
         return F.embedding_bag(pos, src, mode="sum", per_sample_weights=w_src, padding_idx=pad if pad >= 0 else None)
     src, pos, w = src.contiguous(), pos.contiguous(), w.contiguous().float()
     y = src.new_empty(r, src.shape[1])
     with _on_device(src.device):
-        C.weighted_row_sum(src.data_ptr(), src.element_size(), pos.data_ptr(), w.data_ptr(), y.data_ptr(), r, k,
-                           src.shape[1], pad, count.data_ptr() if count is not None else 0,
+        C.weighted_row_sum(src.data_ptr(), src.shape[0], src.element_size(), pos.data_ptr(), w.data_ptr(),
+                           y.data_ptr(), r, k, src.shape[1], pad, count.data_ptr() if count is not None else 0,
                            current_raw_stream(src.device))
     return y
 
@@ -690,7 +696,7 @@ def _wrs_backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None, Tensor |
     src that valid entries name are read, and the other rows of grad_src are zero."""
     src, pos, w, count = ctx.saved_tensors
     k = pos.shape[1]
-    valid = _summed(pos, ctx.pad, count)
+    valid = _summed(pos, ctx.pad, count, src.shape[0])
     g32 = grad.float()
     # in src's dtype: each row gets one product, rounded once (rows named twice would be rounded per addition)
     g_src = torch.zeros_like(src) if ctx.needs_input_grad[0] else None
@@ -718,10 +724,12 @@ _weighted_row_sum_op.register_autograd(_wrs_backward, setup_context=_wrs_setup)
 def weighted_row_sum(
     src: Tensor, pos: Tensor, w: Tensor, pad: int | None = None, count: Tensor | None = None
 ) -> Tensor:
-    """``y[r] = sum_k w[r, k] * src[pos[r, k]]`` over the entries with ``pos[r, k] != pad`` (and
-    ``pos[r, k] < count``), accumulated in float32, in src's dtype; differentiable in ``src`` and ``w`` (each source
-    row named by at most one entry). Entries left out are skipped, not multiplied by 0: whatever their rows hold
-    (NaN included) reaches neither y nor a gradient; their weights get a zero gradient.
+    """``y[r] = sum_k w[r, k] * src[pos[r, k]]`` over the entries with ``pos[r, k] != pad`` and
+    ``0 <= pos[r, k] < P`` (and ``pos[r, k] < count``), accumulated in float32, in src's dtype; differentiable in
+    ``src`` and ``w`` (each source row named by at most one entry). Entries left out are skipped, not multiplied by
+    0: whatever their rows hold (NaN included) reaches neither y nor a gradient; their weights get a zero gradient.
+    An entry naming no row of src is left out rather than read out of bounds (the positions are not checked on the
+    host, which would cost a wait).
 
     Args:
         src: [P, H] bf16/fp32 rows; pos: int64 [R, K] row indices into src (on src's device); w: float32 [R, K];

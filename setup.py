@@ -61,6 +61,18 @@ def _nvshmem(cuda_major: int | None) -> tuple[dict[str, str] | None, str]:
     return None, f"NVSHMEM not found (set NVSHMEM_DIR or `pip install {want}`)"
 
 
+def _wheel_cuda_major(host_lib: str) -> int | None:
+    """The CUDA major of the nvidia-nvshmem-cuNN wheel that installed ``host_lib``, None when no wheel did."""
+    from importlib import metadata
+
+    target = Path(host_lib).resolve()
+    for dist in metadata.distributions():
+        m = re.fullmatch(r"nvidia-nvshmem-cu(\d+)", (dist.metadata["Name"] or "").lower())
+        if m and any(Path(str(dist.locate_file(f))).resolve() == target for f in dist.files or ()):
+            return int(m.group(1))
+    return None
+
+
 def _tool(module: str, attr: str, name: str) -> str:
     """The pip-installed cmake / ninja of this Python (PATH may hold an older one, or none), else PATH's."""
     try:
@@ -113,6 +125,12 @@ class CMakeBuild(build_ext):
                 _say(f"warning: torch was built with CUDA {torch_cuda} but nvcc is CUDA {major}")
         except ImportError:
             pass
+        hint = ""
+        wheel_major = _wheel_cuda_major(shmem["host"])
+        if wheel_major is not None and major is not None and wheel_major != major:
+            hint = (f"NVSHMEM comes from the nvidia-nvshmem-cu{wheel_major} wheel but nvcc is CUDA {major}: "
+                    f"`pip install nvidia-nvshmem-cu{major}` (and uninstall the other), or set NVSHMEM_DIR")
+            _say(f"warning: {hint}")
         import pybind11
 
         build_dir = Path(self.build_temp).resolve() / "cmake"
@@ -131,9 +149,14 @@ class CMakeBuild(build_ext):
             f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={out_dir}",
         ]
         _say(f"building largeep._C with {nvcc} (CUDA {major}, sm_{archs}), NVSHMEM from {Path(shmem['host']).parent}")
-        subprocess.run(cfg, cwd=build_dir, check=True)
         jobs = os.environ.get("CMAKE_BUILD_PARALLEL_LEVEL", str(os.cpu_count() or 2))
-        subprocess.run([cmake, "--build", ".", "--parallel", jobs], cwd=build_dir, check=True)
+        try:
+            subprocess.run(cfg, cwd=build_dir, check=True)
+            subprocess.run([cmake, "--build", ".", "--parallel", jobs], cwd=build_dir, check=True)
+        except subprocess.CalledProcessError as exc:
+            if hint:
+                raise RuntimeError(f"{exc} ({hint})") from exc
+            raise
         built = glob.glob(str(out_dir / "_C*.so"))
         if not built:
             raise RuntimeError(f"the build produced no _C*.so in {out_dir}")

@@ -314,8 +314,8 @@ class NormalKernels {
     }
 
     // A fresh dispatch's launches in one call from Python (each call through the binding costs host time):
-    // prepare, a zero-copy slot when `want_slot` (zc_acquire), notify publishing that slot, then the sends (the RDMA
-    // leg and the forwarding in groups of several nodes, the NVLink push). Returns the slot (0: the copy slot).
+    // prepare, a zero-copy slot when `want_slot` (zc_acquire), notify publishing that slot, then the sends (`send`).
+    // Returns the slot (0: the copy slot).
     // check_host: 0, or the device address of 3 host-mapped int64 words for the expert-id check (see the prepare
     // kernel). (node_pos and fwd_pos are 0 in groups of one node, and node_pos also where num_tokens is 0.)
     int start(uintptr_t idx, int num_tokens, uintptr_t send_pos, uintptr_t node_pos, uintptr_t self_token,
@@ -332,28 +332,36 @@ class NormalKernels {
         const int slot = want_slot ? zc_acquire(stream) : 0;
         launch_dispatch_notify(c_, ptr<int>(recv_off), ptr<int>(send_off), ptr<int64_t>(send_slot), ptr<int>(fwd_off),
                                ptr<int>(fwd_count), slot, report, ptr<int>(per_expert), alignment, s);
-        if (nodes) rdma_send(x, x_elem, scales, idx, w, num_tokens, send_pos, node_pos, num_sms, stream);
-        push(x, x_elem, scales, idx, w, num_tokens, send_pos, send_off, send_slot, slot > 0, num_sms, stream);
-        if (nodes) forward(x_elem, has_scales, false, fwd_off, fwd_count, fwd_pos, num_sms, stream);
+        send(x, x_elem, scales, has_scales, idx, w, false, num_tokens, send_pos, node_pos, send_off, send_slot,
+             slot > 0, fwd_off, fwd_count, fwd_pos, num_sms, stream);
         return slot;
     }
-    void push(uintptr_t x, int x_elem, uintptr_t scales, uintptr_t idx, uintptr_t w, int num_tokens,
-              uintptr_t send_pos, uintptr_t send_off, uintptr_t send_slot, bool include_self, int num_sms,
+    // A dispatch's sends, queued by fresh (start) and cached dispatches alike: the RDMA leg (groups of several
+    // nodes), the NVLink push into the slots of this node's ranks, then the forwarding of the rows my RDMA peers
+    // sent (several nodes). A fresh one's rows carry ids and weights, into the slots notify published (send_slot;
+    // include_self: mine too, into my zero-copy slot); a cached one's (send_slot 0) go into the copy slots, without.
+    // has_scales, not the scales pointer, says whether rows carry FP8 scales: an empty tensor's is 0, yet the rows
+    // this rank forwards for others have scales. (node_pos and the fwd_* arrays: 0 in groups of one node.)
+    void send(uintptr_t x, int x_elem, uintptr_t scales, bool has_scales, uintptr_t idx, uintptr_t w, bool cached,
+              int num_tokens, uintptr_t send_pos, uintptr_t node_pos, uintptr_t send_off, uintptr_t send_slot,
+              bool include_self, uintptr_t fwd_off, uintptr_t fwd_count, uintptr_t fwd_pos, int num_sms,
               uintptr_t stream) {
+        const bool nodes = c_.ranks_per_node < c_.num_ranks;
+        HOST_ASSERT(!nodes || (fwd_off != 0 && fwd_count != 0 && fwd_pos != 0),
+                    "a group of several nodes needs fwd_off, fwd_count and fwd_pos");
+        HOST_ASSERT(!cached || (idx == 0 && w == 0 && send_slot == 0 && !include_self),
+                    "a cached dispatch sends no ids or weights, into the copy slots");
+        const cudaStream_t s = stream_of(stream);
+        if (nodes)
+            launch_dispatch_rdma_send(c_, ptr<const void>(x), x_elem, ptr<const float>(scales), ptr<const int64_t>(idx),
+                                      ptr<const float>(w), num_tokens, ptr<const int>(send_pos),
+                                      ptr<const int>(node_pos), cached, num_sms, s);
         launch_dispatch_push(c_, ptr<const void>(x), x_elem, ptr<const float>(scales), ptr<const int64_t>(idx),
                              ptr<const float>(w), num_tokens, ptr<const int>(send_pos), ptr<const int>(send_off),
-                             ptr<const int64_t>(send_slot), include_self, num_sms, stream_of(stream));
-    }
-    void rdma_send(uintptr_t x, int x_elem, uintptr_t scales, uintptr_t idx, uintptr_t w, int num_tokens,
-                   uintptr_t send_pos, uintptr_t node_pos, int num_sms, uintptr_t stream) {
-        launch_dispatch_rdma_send(c_, ptr<const void>(x), x_elem, ptr<const float>(scales), ptr<const int64_t>(idx),
-                                  ptr<const float>(w), num_tokens, ptr<const int>(send_pos), ptr<const int>(node_pos),
-                                  num_sms, stream_of(stream));
-    }
-    void forward(int x_elem, bool has_scales, bool cached, uintptr_t fwd_off, uintptr_t fwd_count, uintptr_t fwd_pos,
-                 int num_sms, uintptr_t stream) {
-        launch_dispatch_forward(c_, x_elem, has_scales, cached, ptr<const int>(fwd_off), ptr<const int>(fwd_count),
-                                ptr<int>(fwd_pos), num_sms, stream_of(stream));
+                             ptr<const int64_t>(send_slot), include_self, num_sms, s);
+        if (nodes)
+            launch_dispatch_forward(c_, x_elem, has_scales, cached, ptr<const int>(fwd_off), ptr<const int>(fwd_count),
+                                    ptr<int>(fwd_pos), num_sms, s);
     }
     void copyout(uintptr_t out_x, int x_elem, uintptr_t out_s, uintptr_t out_idx, uintptr_t out_w,
                  uintptr_t recv_src, uintptr_t recv_off, int num_rows, bool cached, uintptr_t x, uintptr_t scales,
@@ -618,12 +626,10 @@ PYBIND11_MODULE(_C, m) {
         .def("zc_outputs", &NormalKernels::zc_outputs)
         .def("zc_close", [](NormalKernels& k) { k.close(); })
         .def("start", &NormalKernels::start)
-        .def("push", &NormalKernels::push)
+        .def("send", &NormalKernels::send)
         .def("copyout", &NormalKernels::copyout)
         .def("combine_push", &NormalKernels::combine_push)
         .def("combine_reduce", &NormalKernels::combine_reduce)
         .def("combine_fused", &NormalKernels::combine_fused)
-        .def("rdma_send", &NormalKernels::rdma_send)
-        .def("forward", &NormalKernels::forward)
         .def("combine_forward", &NormalKernels::combine_forward);
 }

@@ -214,9 +214,11 @@ void launch_combine_fused(const NormalCtx& ctx, void* out, int out_elem_bytes, f
 
 // ---- internode.cu (normal mode, groups of several nodes: the legs between nodes) ----------------------------
 // RDMA leg of dispatch: each token, once per other node it goes to, put to my RDMA peer there. After notify.
+// cached: no ids or weights travel (a fresh dispatch of no tokens may have null ones as well).
 void launch_dispatch_rdma_send(const NormalCtx& ctx, const void* x, int x_elem_bytes, const float* x_scales,
                                const int64_t* topk_idx, const float* topk_weights, int num_tokens,
-                               const int* send_pos, const int* node_pos, int num_sms, cudaStream_t stream);
+                               const int* send_pos, const int* node_pos, bool cached, int num_sms,
+                               cudaStream_t stream);
 // Forward leg: rows from my RDMA peers into the receive buffers of my node's ranks; fwd_pos int32 [M, T, P] out.
 void launch_dispatch_forward(const NormalCtx& ctx, int x_elem_bytes, bool has_scales, bool cached,
                              const int* fwd_off, const int* fwd_count, int* fwd_pos, int num_sms,

@@ -52,14 +52,14 @@ template <bool kManyNodes>
 __global__ void __launch_bounds__(kThreads) dispatch_rdma_send_kernel(NormalCtx c, const uint8_t* x, int x_elem,
                                                                       const float* scales, const int64_t* idx,
                                                                       const float* w, int T, const int* send_pos,
-                                                                      const int* node_pos) {
+                                                                      const int* node_pos, int cached) {
     const int N = c.num_ranks, P = c.ranks_per_node, M = N / P, node = c.rank / P, me_local = c.rank % P;
     const int K = c.num_topk, num_scales = c.hidden / 128;
     const int64_t seq = c.seq[kSeqDispatch] + 1;
     // My RDMA peers must have forwarded the previous round out of their RDMA receive buffers. A void fresh round
-    // (idx given; a rank refused it) puts nothing; its flags still go up.
+    // (a rank refused it) puts nothing; its flags still go up.
     const bool ok = wait_rdma_peers(c, kFlagRecvFree, seq - 1, kOpDispatch) &&
-                    (idx == nullptr || c.seq[kRoundVoid] == 0);
+                    (cached || c.seq[kRoundVoid] == 0);
     if (ok) {
         const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp, kWarps = blockDim.x / kWarp;
         const int64_t x_bytes = static_cast<int64_t>(c.hidden) * x_elem;
@@ -79,7 +79,7 @@ __global__ void __launch_bounds__(kThreads) dispatch_rdma_send_kernel(NormalCtx 
                         for (int i = lane; i < num_scales; i += kWarp)
                             reinterpret_cast<float*>(row + c.recv_off_scales)[i] =
                                 scales[static_cast<int64_t>(t) * num_scales + i];
-                    if (idx != nullptr && lane < K) {
+                    if (!cached && lane < K) {
                         reinterpret_cast<int64_t*>(row + c.recv_off_idx)[lane] =
                             idx[static_cast<int64_t>(t) * K + lane];
                         reinterpret_cast<float*>(row + c.recv_off_w)[lane] = w[static_cast<int64_t>(t) * K + lane];
@@ -102,7 +102,7 @@ __global__ void __launch_bounds__(kThreads) dispatch_rdma_send_kernel(NormalCtx 
     }
     nvshmem_quiet();  // this thread's puts have landed
     __threadfence_system();
-    if (last_block(c.block_counter + 4) && block_raises_data_flags(c, idx != nullptr && c.seq[kRoundVoid] != 0)) {
+    if (last_block(c.block_counter + 4) && block_raises_data_flags(c, !cached && c.seq[kRoundVoid] != 0)) {
         if (static_cast<int>(threadIdx.x) < M && static_cast<int>(threadIdx.x) != node)
             set_flag(c, threadIdx.x * P + me_local, kFlagRdmaRows, c.rank, seq);
     }
@@ -216,7 +216,8 @@ __global__ void __launch_bounds__(kReduceThreads) combine_forward_kernel(NormalC
 
 void launch_dispatch_rdma_send(const NormalCtx& ctx, const void* x, int x_elem_bytes, const float* x_scales,
                                const int64_t* topk_idx, const float* topk_weights, int num_tokens,
-                               const int* send_pos, const int* node_pos, int num_sms, cudaStream_t stream) {
+                               const int* send_pos, const int* node_pos, bool cached, int num_sms,
+                               cudaStream_t stream) {
     HOST_ASSERT(ctx.ranks_per_node < ctx.num_ranks, "the RDMA leg is for groups of several nodes");
     HOST_ASSERT((static_cast<int64_t>(ctx.hidden) * x_elem_bytes) % 16 == 0,
                 "hidden * element size must be a multiple of 16");
@@ -224,7 +225,7 @@ void launch_dispatch_rdma_send(const NormalCtx& ctx, const void* x, int x_elem_b
                                                              : dispatch_rdma_send_kernel<false>;
     kernel<<<std::max(1, num_sms), ctx.threads, 0, stream>>>(ctx, static_cast<const uint8_t*>(x), x_elem_bytes,
                                                             x_scales, topk_idx, topk_weights, num_tokens, send_pos,
-                                                            node_pos);
+                                                            node_pos, cached ? 1 : 0);
     LAUNCH_CHECK();
 }
 

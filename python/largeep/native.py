@@ -20,7 +20,8 @@ _HOW = (
 # mode's status words for a void round, one per rank; 6: normal-mode groups of up to 512 ranks, 64 nodes and 32
 # ranks per node, which an older build would refuse only after the Buffer's collective allocation; 7: the normal
 # kernels' start, a fresh dispatch's launches in one call; 8: NormalKernels without the load kind, which every call
-# site chooses; 9: the dispatch copy-out's drain (num_rows -1), and weighted_row_sum's src_rows)
+# site chooses; 9: the dispatch copy-out's drain (num_rows -1), weighted_row_sum's src_rows, and one send for fresh
+# and cached dispatches)
 ABI_VERSION = 9
 
 

@@ -891,20 +891,15 @@ class NvshmemBackend:
 
     def _send_cached(self, x: torch.Tensor, x_scales: torch.Tensor | None, t: int, state: _NvState,
                      stream: int) -> None:
-        """Queues the sending kernels of a cached dispatch (a fresh one's are queued by the native ``start``, in
-        the same order): the RDMA leg (several nodes), the NVLink push into this node's ranks' copy slots, and the
-        forwarding of the rows my RDMA peers sent (several nodes); no ids or weights travel. Whether rows carry
-        FP8 scales comes from ``x_scales is not None``, not from its pointer: an empty tensor's is 0, yet the rows
-        this rank forwards for other ranks have scales."""
-        k, sms, hier = self.kernels, self.ctx.num_sms, state.hier
-        elem, scales_ptr = x.element_size(), _ptr(x_scales)
-        if hier is not None:
-            k.rdma_send(x.data_ptr(), elem, scales_ptr, 0, 0, t, state.send_pos, hier.node_pos.data_ptr(), sms,
-                        stream)
-        k.push(x.data_ptr(), elem, scales_ptr, 0, 0, t, state.send_pos, state.send_off, 0, False, sms, stream)
-        if hier is not None:
-            k.forward(elem, x_scales is not None, True, hier.fwd_off.data_ptr(), hier.fwd_count.data_ptr(),
-                      hier.fwd_pos.data_ptr(), sms, stream)
+        """Queues the sends of a cached dispatch through the native ``send`` that a fresh one's ``start`` calls
+        too (the RDMA leg, the NVLink push into this node's ranks' copy slots, the forwarding of the rows my RDMA
+        peers sent), with no ids or weights."""
+        h = state.hier
+        self.kernels.send(
+            x.data_ptr(), x.element_size(), _ptr(x_scales), x_scales is not None, 0, 0, True, t, state.send_pos,
+            _ptr(h.node_pos if h else None), state.send_off, 0, False, _ptr(h.fwd_off if h else None),
+            _ptr(h.fwd_count if h else None), _ptr(h.fwd_pos if h else None), self.ctx.num_sms, stream,
+        )
 
     def combine(
         self, y: torch.Tensor, state: _NvState, topk_weights: torch.Tensor | None

@@ -331,7 +331,8 @@ class NormalKernels {
                                 ptr<int>(self_token), IdCheck{ptr<int64_t>(check_host), check_token}, s);
         const int slot = want_slot ? zc_acquire(stream) : 0;
         launch_dispatch_notify(c_, ptr<int>(recv_off), ptr<int>(send_off), ptr<int64_t>(send_slot), ptr<int>(fwd_off),
-                               ptr<int>(fwd_count), slot, report, ptr<int>(per_expert), alignment, s);
+                               ptr<int>(fwd_count), slot, report, ptr<int>(per_expert), alignment,
+                               kRowKind(x_elem, has_scales), s);
         send(x, x_elem, scales, has_scales, idx, w, false, num_tokens, send_pos, node_pos, send_off, send_slot,
              slot > 0, fwd_off, fwd_count, fwd_pos, num_sms, stream);
         return slot;

@@ -423,6 +423,41 @@ def outputs_out_of_memory(rank: int, world: int, worst: bool) -> None:
         buf.destroy()
 
 
+def kinds_disagree_without_wait(rank: int, world: int) -> None:
+    """Rank 1 dispatches float32 rows with num_worst_tokens (no host wait) while the others dispatch bfloat16 rows
+    and wait: the round is void on every rank. The waiting ranks raise ArgumentError naming each rank's kind and
+    rank 1 as unable to raise; rank 1's call returns outputs of no rows (ids -1) and its next call raises
+    RuntimeError naming the rank whose kind differed, its Buffer unusable."""
+    buf = largeep.Buffer(None, hidden=1024, num_experts=4 * world, num_topk=2, max_tokens_per_rank=64,
+                         backend="nvshmem")
+    try:
+        x = torch.randn(64, 1024, device="cuda").to(torch.bfloat16)
+        idx = torch.arange(64 * 2, device="cuda").view(64, 2) % (4 * world)
+        w = torch.rand(64, 2, device="cuda")
+        if rank == 1:
+            d = buf.dispatch(x.float(), idx, w, num_worst_tokens=world * 64)
+            torch.cuda.synchronize()
+            assert bool((d.topk_idx == -1).all()), "the void round's outputs name no expert"
+            try:
+                buf.dispatch(x, idx, w)
+            except RuntimeError as exc:
+                assert "rank 0 sent another kind of rows" in str(exc) and "unusable" in str(exc), str(exc)
+            else:
+                raise AssertionError("the Buffer of a rank that could not raise took another call")
+        else:
+            try:
+                buf.dispatch(x, idx, w)
+            except largeep.ArgumentError as exc:
+                msg = str(exc)
+                assert "disagree" in msg and "rank 0: x torch.bfloat16" in msg, msg
+                assert "rank 1: x torch.float32" in msg and "rank(s) [1] ran the call with num_worst_tokens" in msg, msg
+            else:
+                raise AssertionError("ranks that disagree on the kind of rows were not refused")
+    finally:
+        dist.barrier()
+        buf.destroy()
+
+
 def late_peer(rank: int, world: int, timeout_s: float, ranks_per_node: int | None) -> dict[str, float]:
     """Rank 1 comes more than LARGEEP_TIMEOUT_S late to a cached dispatch and its combine, which rank 0 queues
     back to back (no host wait between them). Rank 0's dispatch times out waiting for rank 1's rows and its combine

@@ -315,6 +315,15 @@ def test_dispatch_outputs_out_of_memory(pools, worst: bool) -> None:
 
 @pytest.mark.gpu(2)
 @needs_native
+def test_kinds_disagree_without_wait(pools) -> None:
+    """A void round of ranks that disagree on the kind of rows, one of them without a host wait (num_worst_tokens):
+    the waiting ranks raise naming each rank's kind, and the rank that could not raise learns it at its next call.
+    (Ranks that all wait: the bad-input table's dispatch_ranks_disagree cases.)"""
+    pools(2, "nccl").run(gpu_bodies.kinds_disagree_without_wait)
+
+
+@pytest.mark.gpu(2)
+@needs_native
 @pytest.mark.parametrize(("tune", "ranks_per_node"), [("comb=0", None), ("comb=3", None), ("comb=3", 1)],
                          ids=["push_reduce", "fused", "two_nodes"])
 def test_late_peer_gets_no_stale_sums(pools, tune: str, ranks_per_node: int | None) -> None:

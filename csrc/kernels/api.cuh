@@ -11,13 +11,21 @@ namespace largeep {
 // [0] ready sequence (the notify kernel stores the dispatch sequence once counts are in)
 // [1] error: 0, or op * 65536 + (waited rank + 1); first error wins
 // [2] rows this rank receives (normal dispatch)
-// [3] how many ranks refused this round's normal dispatch (their prepare found an expert id outside [-1, E));
-//     written by a reporting notify before [0]; nonzero means the round was void on every rank
+// [3] how many ranks refused this round's normal dispatch (their prepare found an expert id outside [-1, E)), plus
+//     kRanksDisagree if the ranks sent rows of different kinds (see kRowKind); written by a reporting notify before
+//     [0]; nonzero means the round was void on every rank
 // [4 .. 4 + E/N) rows naming each local expert (normal dispatch)
 // [4 + E/N .. + kLayoutCheckWords) the expert-id check's report (see publish_id_check)
 // [kRefusedRanks(E/N) + r], r < N: written for every rank r in a void round, before [0]: bit 0 set if r refused it,
-//     bit 1 if r ran it without a host wait (num_worst_tokens), so that r's Buffer is unusable now
+//     bit 1 if r ran it without a host wait (num_worst_tokens), so that r's Buffer is unusable now; bits 2-4 the
+//     kind of rows r sent (kRowKind)
 enum StatusWord { kReadySeq = 0, kError = 1, kNumRecv = 2, kRefused = 3, kPerExpert = 4 };
+constexpr int kRanksDisagree = 1 << 20;
+// The kind of rows a fresh normal dispatch sends, which every rank must share: bits 0-1 the element size (0: 1
+// byte, 1: 2 bytes, 2: 4 bytes), bit 2 set for rows with FP8 scales.
+__host__ __device__ constexpr int kRowKind(int x_elem_bytes, bool has_scales) {
+    return (x_elem_bytes == 1 ? 0 : x_elem_bytes == 2 ? 1 : 2) | (has_scales ? 4 : 0);
+}
 constexpr int kLayoutCheckWords = 3;
 __host__ __device__ constexpr int kRefusedRanks(int experts_per_rank) {
     return kPerExpert + experts_per_rank + kLayoutCheckWords;
@@ -33,6 +41,8 @@ enum Op {
     kOpWorstTooSmall = 8,  // a num_worst_tokens dispatch received more rows than its output holds (not a timeout)
     kOpPeerRefused = 9,    // a rank refused the round of a num_worst_tokens dispatch, which has no host wait to raise
                            // from (rank field: the lowest refusing rank; not a timeout)
+    kOpRanksDisagree = 10,  // the ranks sent rows of different kinds in a round this rank ran with num_worst_tokens
+                            // (rank field: the lowest rank whose kind differs from this rank's; not a timeout)
 };
 
 // ---- flags: int64 words in the symmetric heap, [kind][rank] --------------------------------------------------
@@ -171,9 +181,11 @@ void launch_dispatch_prepare(const NormalCtx& ctx, const int64_t* topk_idx, int 
 // expert rounded up to `alignment` into per_expert int32 [E/N] (device). Only one reporting notify is ever in
 // flight: the host waits for each before launching the next. A round that some rank's prepare refused (its ids,
 // seq[kRoundVoid]) is void on every rank: the counts are exchanged, every offset and count comes out 0, and
-// status[kRefused] names the refusing ranks (a notify without `report` reports kOpPeerRefused instead).
+// status[kRefused] names the refusing ranks (a notify without `report` reports kOpPeerRefused instead). So is a
+// round whose ranks send rows of different kinds (row_kind: kRowKind of this rank's; kRanksDisagree in
+// status[kRefused], or kOpRanksDisagree reported without `report`).
 void launch_dispatch_notify(const NormalCtx& ctx, int* recv_off, int* send_off, int64_t* send_slot, int* fwd_off,
-                            int* fwd_count, int my_slot, bool report, int* per_expert, int alignment,
+                            int* fwd_count, int my_slot, bool report, int* per_expert, int alignment, int row_kind,
                             cudaStream_t stream);
 // Push: every token's row (and, when topk_idx is given, ids, weights, token index) into the receive slot of each
 // other receiver on this node (send_slot; nullptr: the copy slot, as cached dispatches use); with include_self

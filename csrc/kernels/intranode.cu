@@ -125,7 +125,7 @@ __global__ void __launch_bounds__(kThreads) dispatch_prepare_kernel(NormalCtx c,
 __global__ void __launch_bounds__(kThreads) dispatch_notify_kernel(NormalCtx c, int* recv_off, int* send_off,
                                                                    int64_t* send_slot, int* fwd_off, int* fwd_count,
                                                                    int my_slot, int report, int* per_expert,
-                                                                   int alignment) {
+                                                                   int alignment, int row_kind) {
     const int N = c.num_ranks, epr = c.num_experts / N, me = c.rank, row = 3 + epr, P = c.ranks_per_node;
     const int64_t seq = c.seq[kSeqDispatch] + 1;
     if (!wait_all(c, kFlagRecvFree, seq - 1, kOpDispatch)) return;
@@ -134,7 +134,8 @@ __global__ void __launch_bounds__(kThreads) dispatch_notify_kernel(NormalCtx c, 
     const bool i_refuse = c.seq[kRoundVoid] != 0;  // (prepare's, before this kernel overwrites it below)
     for (int j = threadIdx.x; j < N; j += blockDim.x) {
         my_matrix[me * N + j] = out[j * row];
-        out[j * row + 2 + epr] = my_slot | (i_refuse ? kRefusedSlot : 0) | (report ? 0 : kNoWaitSlot);
+        out[j * row + 2 + epr] =
+            my_slot | (i_refuse ? kRefusedSlot : 0) | (report ? 0 : kNoWaitSlot) | (row_kind << kKindShift);
     }
     __syncthreads();
     for (int i = threadIdx.x; i < N * row; i += blockDim.x) {
@@ -159,22 +160,27 @@ __global__ void __launch_bounds__(kThreads) dispatch_notify_kernel(NormalCtx c, 
     if (!wait_all(c, kFlagCounts, seq, kOpDispatchNotify)) return;
     const int* in = reinterpret_cast<const int*>(c.base + c.off_in_counts);
     const int* matrix = reinterpret_cast<const int*>(c.base + c.off_matrix);
-    __shared__ int num_refusers, first_refuser;
+    __shared__ int num_refusers, first_refuser, first_other_kind;
     if (threadIdx.x == 0) {
         num_refusers = 0;
         first_refuser = N;
+        first_other_kind = N;
     }
     __syncthreads();
-    // rank r_mine's refusal (bit 0) and whether it runs the round without a host wait (bit 1)
-    const int refusal = r_mine < N ? ((in[r_mine * row + 2 + epr] & kRefusedSlot) ? 1 : 0) |
-                                         ((in[r_mine * row + 2 + epr] & kNoWaitSlot) ? 2 : 0)
+    // rank r_mine's refusal (bit 0), whether it runs the round without a host wait (bit 1), and its kind of rows
+    const int word = r_mine < N ? in[r_mine * row + 2 + epr] : 0;
+    const int kind = (word & kKindSlotMask) >> kKindShift;
+    const int refusal = r_mine < N ? ((word & kRefusedSlot) ? 1 : 0) | ((word & kNoWaitSlot) ? 2 : 0) | (kind << 2)
                                    : 0;
     if (refusal & 1) {
         atomicAdd(&num_refusers, 1);
         atomicMin(&first_refuser, r_mine);
     }
+    if (r_mine < N && kind != row_kind) atomicMin(&first_other_kind, r_mine);
     __syncthreads();
-    const int live = num_refusers == 0 ? 1 : 0;  // a void round counts nothing: every count below is multiplied by it
+    // a void round counts nothing: every count below is multiplied by it (every rank sees the same words, so every
+    // rank voids it or none does)
+    const int live = num_refusers == 0 && first_other_kind == N ? 1 : 0;
     if (threadIdx.x == 0) {
         c.seq[kRoundVoid] = live ? 0 : 1;
         int acc = 0;
@@ -188,7 +194,7 @@ __global__ void __launch_bounds__(kThreads) dispatch_notify_kernel(NormalCtx c, 
         int acc = 0;
         for (int s = 0; s < me; ++s) acc += live * matrix[s * N + r_mine];
         send_off[r_mine] = acc;
-        send_slot[r_mine] = slot_offset(c, in[r_mine * row + 2 + epr] & ~(kRefusedSlot | kNoWaitSlot));
+        send_slot[r_mine] = slot_offset(c, word & ~(kRefusedSlot | kNoWaitSlot | kKindSlotMask));
     }
     if (fwd_count != nullptr) {
         const int M = N / P, node = me / P;
@@ -202,7 +208,9 @@ __global__ void __launch_bounds__(kThreads) dispatch_notify_kernel(NormalCtx c, 
         }
     }
     if (!report) {
-        if (!live && threadIdx.x == 0) report_error(c.err, kOpPeerRefused, first_refuser);
+        if (!live && threadIdx.x == 0)
+            report_error(c.err, num_refusers ? kOpPeerRefused : kOpRanksDisagree,
+                         num_refusers ? first_refuser : first_other_kind);
         return;
     }
     volatile int64_t* st = c.status;
@@ -216,7 +224,7 @@ __global__ void __launch_bounds__(kThreads) dispatch_notify_kernel(NormalCtx c, 
         int64_t total = 0;
         for (int src = 0; src < N; ++src) total += live * in[src * row];
         st[kNumRecv] = total;
-        st[kRefused] = num_refusers;
+        st[kRefused] = num_refusers + (first_other_kind < N ? kRanksDisagree : 0);
     }
     if (!live && r_mine < N) st[kRefusedRanks(epr) + r_mine] = refusal;
     __threadfence_system();
@@ -862,13 +870,14 @@ void launch_dispatch_prepare(const NormalCtx& ctx, const int64_t* topk_idx, int 
 }
 
 void launch_dispatch_notify(const NormalCtx& ctx, int* recv_off, int* send_off, int64_t* send_slot, int* fwd_off,
-                            int* fwd_count, int my_slot, bool report, int* per_expert, int alignment,
+                            int* fwd_count, int my_slot, bool report, int* per_expert, int alignment, int row_kind,
                             cudaStream_t stream) {
     HOST_ASSERT(my_slot >= 0 && my_slot <= ctx.num_zc_slots, "bad receive slot " << my_slot);
     HOST_ASSERT(!report || (per_expert != nullptr && alignment >= 1), "a reporting notify needs per_expert");
     HOST_ASSERT(my_slot == 0 || ctx.ranks_per_node == ctx.num_ranks, "zero-copy slots are for one node only");
+    HOST_ASSERT(row_kind >= 0 && row_kind < 8, "bad row kind " << row_kind);
     dispatch_notify_kernel<<<1, kThreads, 0, stream>>>(ctx, recv_off, send_off, send_slot, fwd_off, fwd_count,
-                                                       my_slot, report ? 1 : 0, per_expert, alignment);
+                                                       my_slot, report ? 1 : 0, per_expert, alignment, row_kind);
     LAUNCH_CHECK();
 }
 

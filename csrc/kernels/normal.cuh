@@ -97,6 +97,9 @@ __device__ __forceinline__ int64_t local_expert(int64_t e, int r, int epr) {
 // wait (num_worst_tokens: it cannot raise then; see the notify kernel); slot numbers are far below them.
 constexpr int kRefusedSlot = 1 << 20;
 constexpr int kNoWaitSlot = 1 << 21;
+// ... and the kind of rows the rank sends (kRowKind), in bits 22-24
+constexpr int kKindShift = 22;
+constexpr int kKindSlotMask = 7 << kKindShift;
 
 // Byte offset of receive slot s in every rank's allocation (0: the copy slot; see NormalCtx).
 __device__ __forceinline__ int64_t slot_offset(const NormalCtx& c, int s) {

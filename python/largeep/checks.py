@@ -119,11 +119,7 @@ def refused_round(
     of range: ArgumentError naming ``bad`` (this rank's own bad id) where it refused, else PeerRefusedError naming
     them. ``no_wait``: ranks that ran the call without a host wait (num_worst_tokens), which cannot raise, so that
     their Buffers, and with them the group's, are unusable now."""
-    after = (
-        f"; rank(s) {no_wait} ran the call with num_worst_tokens and could not raise, so their Buffers are "
-        "unusable now (they raise at their next call): destroy the Buffer on every rank and make a new one"
-        if no_wait else ", and the Buffer stays usable for the next call"
-    )
+    after = _after_void_round(no_wait)
     if rank in refused:
         assert bad is not None, f"{op}: rank {rank} refused without a bad id"
         return ArgumentError(f"{bad_expert_id(op, bad, num_experts)} (nothing was sent by any rank{after})")
@@ -132,6 +128,22 @@ def refused_round(
         f"topk_idx), so the round was void on every rank: rank {rank} sent and received nothing{after}",
         buffer_usable=not no_wait,
     )
+
+
+def _after_void_round(no_wait: list[int] | None) -> str:
+    """How a void round leaves the Buffers: usable, unless ranks ``no_wait`` ran it without a host wait."""
+    if no_wait:
+        return (f"; rank(s) {no_wait} ran the call with num_worst_tokens and could not raise, so their Buffers are "
+                "unusable now (they raise at their next call): destroy the Buffer on every rank and make a new one")
+    return ", and the Buffer stays usable for the next call"
+
+
+def calls_disagree(op: str, calls: Sequence[str], rule: str, no_wait: list[int] | None = None) -> ArgumentError:
+    """What every rank raises for a collective call whose ranks disagree on its kind (``calls``: each rank's, in
+    rank order), which was void on every rank; ``rule``: what every rank must do."""
+    desc = "; ".join(f"rank {r}: {c}" for r, c in enumerate(calls))
+    return ArgumentError(f"{op}: the ranks of the group disagree on the call ({desc}); every rank must {rule} "
+                         f"(nothing was sent by any rank{_after_void_round(no_wait)})")
 
 
 # topk_idx tensors a layout checked, waiting for the dispatch that follows: id -> (weak reference, version counter,

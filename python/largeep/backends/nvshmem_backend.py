@@ -48,6 +48,9 @@ _OPS = {
 }
 _OP_WORST_TOO_SMALL = 8  # kOpWorstTooSmall: not a timeout
 _OP_PEER_REFUSED = 9  # kOpPeerRefused: a rank refused a round this rank ran with num_worst_tokens (not a timeout)
+_OP_RANKS_DISAGREE = 10  # kOpRanksDisagree: the ranks sent rows of different kinds (not a timeout)
+# the kinds of rows a fresh dispatch sends (api.cuh's kRowKind), as the refusal names them
+_ROW_KINDS = {1: "x torch.bfloat16", 2: "x torch.float32", 4: "x torch.float8_e4m3fn, FP8 scales"}
 _OP_ABANDONED = 16  # (host only) a dispatch raised between queuing its sends and queuing its copy-out
 # The host waits a little longer than the device, so that the device's report (which names the rank) comes first.
 _HOST_GRACE_S = 5.0
@@ -599,6 +602,13 @@ class NvshmemBackend:
                 "a num_worst_tokens dispatch)",
                 buffer_usable=False,
             )
+        if code // 65536 == _OP_RANKS_DISAGREE:
+            raise RuntimeError(
+                f"{op}: in an earlier dispatch that rank {self.ctx.rank} ran with num_worst_tokens, which has no host "
+                f"wait to raise from, rank {rank} sent another kind of rows (dtype, or FP8 scales or not) than this "
+                "rank; that call's outputs hold no rows (ids -1) and the Buffer is unusable now (destroy it on every "
+                "rank; every rank must dispatch the same kind of rows)"
+            )
         if code // 65536 == _OP_ABANDONED:
             raise RuntimeError(
                 f"{op}: an earlier dispatch on rank {self.ctx.rank} raised after its sends were queued and before its "
@@ -876,11 +886,15 @@ class NvshmemBackend:
 
     def _raise_refused(self, op: str, words: Sequence[int], checked: bool) -> None:
         """Raises for a void round (``words``: each rank's part in it, bit 0 for a rank that refused it, bit 1 for
-        one that ran it without a host wait): ArgumentError (the bad id) where this rank refused it, else
-        PeerRefusedError naming the ranks that did."""
+        one that ran it without a host wait, bits 2-4 the kind of rows it sent): ArgumentError (the bad id) where
+        this rank refused it, else PeerRefusedError naming the ranks that did; with no refusal, ArgumentError naming
+        each rank's kind of rows (they disagreed)."""
         c = self.ctx
         refused = [r for r, w in enumerate(words) if w & 1]
         no_wait = [r for r, w in enumerate(words) if w & 2]
+        if not refused:
+            calls = [_ROW_KINDS.get(w >> 2 & 7, f"rows of kind {w >> 2 & 7}") for w in words]
+            raise checks.calls_disagree(op, calls, "dispatch the same kind of rows", no_wait)
         bad = None
         if c.rank in refused:
             bad = self._reported_bad_id() if checked and int(self.status[self._layout_word]) == self._layout_token \

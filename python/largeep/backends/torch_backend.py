@@ -106,12 +106,8 @@ def _check_signatures(sig: torch.Tensor, rank: int, num_experts: int) -> None:
     rows = [r[:3] for r in rows]
     if all(r == rows[rank] for r in rows):
         return
-    desc = "; ".join(
-        f"rank {r}: num_worst_tokens={w}, x {_DTYPE_NAME.get(d, '?')}{', FP8 scales' if fp else ''}"
-        for r, (w, d, fp) in enumerate(rows)
-    )
-    raise ArgumentError(f"dispatch: the ranks of the group disagree on the call ({desc}); every rank must dispatch "
-                        "the same kind of rows with the same num_worst_tokens")
+    calls = [f"num_worst_tokens={w}, x {_DTYPE_NAME.get(d, '?')}{', FP8 scales' if fp else ''}" for w, d, fp in rows]
+    raise checks.calls_disagree("dispatch", calls, "dispatch the same kind of rows with the same num_worst_tokens")
 
 
 def _agree(backend: TorchBackend, op: str, values: tuple[int, ...], describe: Callable[[tuple[int, ...]], str],

@@ -30,13 +30,6 @@ from reference import (
 )
 
 
-def group_device(group: dist.ProcessGroup | None = None) -> torch.device:
-    """The device a Buffer on ``group`` expects its tensors on (cuda for NCCL groups, else cpu)."""
-    if "nccl" in str(dist.get_backend(group)).lower():
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
 def bits(t: torch.Tensor) -> torch.Tensor:
     """The bytes of ``t`` (any dtype, any strides) as uint8 on the CPU: equality that also holds for NaN."""
     return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8)

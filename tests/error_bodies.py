@@ -27,7 +27,6 @@ from checked_calls import (
     LowLatencyRound,
     NormalCase,
     NormalRound,
-    group_device,
     same_bits,
 )
 from largeep import ArgumentError, BufferDestroyedError, fp8
@@ -630,11 +629,11 @@ def _good_case(world: int, hidden: int, low_latency: bool, seed: int) -> NormalC
 
 
 def _env(rank: int, world: int, backend: str, case: BadCase, seed: int) -> Env:
-    dev = group_device()
     buf = largeep.Buffer(
         None, hidden=case.hidden, num_experts=EXPERTS, num_topk=TOPK, max_tokens_per_rank=MAX_TOKENS,
         backend=backend, low_latency=case.low_latency,
     )
+    dev = buf.ctx.device  # (the current CUDA device for nvshmem on a gloo group: ranks sharing a GPU)
     inp = make_inputs(seed, rank, tokens_of(world)[rank], case.hidden, EXPERTS, TOPK, torch.bfloat16)
     x, idx, w = inp.x.to(dev), inp.topk_idx.to(dev), inp.topk_weights.to(dev)
     if case.low_latency:

@@ -423,18 +423,23 @@ def outputs_out_of_memory(rank: int, world: int, worst: bool) -> None:
         buf.destroy()
 
 
-def kinds_disagree_without_wait(rank: int, world: int) -> None:
-    """Rank 1 dispatches float32 rows with num_worst_tokens (no host wait) while the others dispatch bfloat16 rows
-    and wait: the round is void on every rank. The waiting ranks raise ArgumentError naming each rank's kind and
-    rank 1 as unable to raise; rank 1's call returns outputs of no rows (ids -1) and its next call raises
-    RuntimeError naming the rank whose kind differed, its Buffer unusable."""
+def kinds_disagree(rank: int, world: int, variant: str) -> None:
+    """Ranks whose fresh dispatches send different kinds of rows: the round is void on every rank.
+    ``dtype``: rank 0 float32, the others bfloat16; ``fp8``: rank 1 the FP8 pair, the others bfloat16; every rank
+    raises ArgumentError naming each rank's kind, and the next good dispatch receives exactly the rows routed to
+    it. ``no_wait``: rank 1 float32 with num_worst_tokens (no host wait): the waiting ranks raise ArgumentError
+    naming each rank's kind and rank 1 as unable to raise; rank 1's call returns outputs of no rows (ids -1) and its
+    next call raises RuntimeError naming the rank whose kind differed, its Buffer unusable."""
+    from largeep import fp8
+
     buf = largeep.Buffer(None, hidden=1024, num_experts=4 * world, num_topk=2, max_tokens_per_rank=64,
                          backend="nvshmem")
     try:
         x = torch.randn(64, 1024, device="cuda").to(torch.bfloat16)
         idx = torch.arange(64 * 2, device="cuda").view(64, 2) % (4 * world)
         w = torch.rand(64, 2, device="cuda")
-        if rank == 1:
+        kinds = ["x torch.bfloat16"] * world
+        if variant == "no_wait" and rank == 1:
             d = buf.dispatch(x.float(), idx, w, num_worst_tokens=world * 64)
             torch.cuda.synchronize()
             assert bool((d.topk_idx == -1).all()), "the void round's outputs name no expert"
@@ -444,15 +449,33 @@ def kinds_disagree_without_wait(rank: int, world: int) -> None:
                 assert "rank 0 sent another kind of rows" in str(exc) and "unusable" in str(exc), str(exc)
             else:
                 raise AssertionError("the Buffer of a rank that could not raise took another call")
-        else:
-            try:
-                buf.dispatch(x, idx, w)
-            except largeep.ArgumentError as exc:
-                msg = str(exc)
-                assert "disagree" in msg and "rank 0: x torch.bfloat16" in msg, msg
-                assert "rank 1: x torch.float32" in msg and "rank(s) [1] ran the call with num_worst_tokens" in msg, msg
+            return
+        mine: Any = x
+        if variant in ("dtype", "no_wait"):
+            who = 0 if variant == "dtype" else 1
+            kinds[who] = "x torch.float32"
+            mine = x.float() if rank == who else x
+        elif variant == "fp8":
+            kinds[1] = "x torch.float8_e4m3fn, FP8 scales"
+            mine = fp8.quantize(x.float()) if rank == 1 else x
+        try:
+            buf.dispatch(mine, idx, w)
+        except largeep.ArgumentError as exc:
+            msg = str(exc)
+            assert "disagree" in msg and all(f"rank {r}: {k}" in msg for r, k in enumerate(kinds)), msg
+            if variant == "no_wait":
+                assert "rank(s) [1] ran the call with num_worst_tokens" in msg, msg
             else:
-                raise AssertionError("ranks that disagree on the kind of rows were not refused")
+                assert "stays usable" in msg, msg
+        else:
+            raise AssertionError(f"ranks that disagree on the kind of rows were not refused ({variant})")
+        if variant != "no_wait":
+            d = buf.dispatch(x, idx, w)
+            rows = world * int((idx // 4 == rank).any(1).sum())
+            assert d.x.shape[0] == rows, (d.x.shape, rows)
+            out = buf.combine(d.x, d.handle)
+            reached = ((idx // 4).unsqueeze(2) == torch.arange(world, device="cuda")).any(1).sum(1, keepdim=True)
+            torch.testing.assert_close(out.x.float(), (x.float() * reached).to(torch.bfloat16).float())
     finally:
         dist.barrier()
         buf.destroy()

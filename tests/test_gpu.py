@@ -315,11 +315,12 @@ def test_dispatch_outputs_out_of_memory(pools, worst: bool) -> None:
 
 @pytest.mark.gpu(2)
 @needs_native
-def test_kinds_disagree_without_wait(pools) -> None:
-    """A void round of ranks that disagree on the kind of rows, one of them without a host wait (num_worst_tokens):
-    the waiting ranks raise naming each rank's kind, and the rank that could not raise learns it at its next call.
-    (Ranks that all wait: the bad-input table's dispatch_ranks_disagree cases.)"""
-    pools(2, "nccl").run(gpu_bodies.kinds_disagree_without_wait)
+@pytest.mark.parametrize("variant", ["dtype", "fp8", "no_wait"])
+def test_kinds_disagree(pools, variant: str) -> None:
+    """A void round of ranks that disagree on the kind of rows: every waiting rank raises naming each rank's kind
+    (the Buffer usable, unless a rank ran it with num_worst_tokens: that one learns it at its next call). (Also the
+    bad-input table's dispatch_ranks_disagree cases, on 2 GPUs.)"""
+    pools(2, "nccl").run(gpu_bodies.kinds_disagree, variant)
 
 
 @pytest.mark.gpu(2)

@@ -187,7 +187,8 @@ def _destroyed(e: Env, call: Callable[[Env], Call]) -> Call:
 @dataclass(frozen=True)
 class BadCase:
     """A wrong call. ``words``: substrings that must all appear in the message (the argument, what was expected).
-    ``device``: "any", "cuda" (needs a CUDA Buffer) or "cpu" (needs a Buffer on a gloo group)."""
+    ``device``: "any", "cuda" (needs a CUDA Buffer) or "cpu" (needs a Buffer on a gloo group); ``gpus``: the GPUs
+    the process needs (ranks sharing one GPU skip a case of 2)."""
 
     name: str
     low_latency: bool
@@ -196,6 +197,7 @@ class BadCase:
     error: type[BaseException] = ArgumentError
     device: str = "any"
     hidden: int = HIDDEN
+    gpus: int = 0
 
 
 def ll_third_call(e: Env, combine: bool) -> Call:
@@ -586,7 +588,7 @@ CASES: list[BadCase] = [
                                                                        e.idx, e.w)),
        "'x[1]'", "is on cpu", "expected cuda", device="cuda"),
     _n("dispatch_x_on_other_gpu", lambda e: Call(e.buf.dispatch, (e.x.to(f"cuda:{1 - e.rank % 2}"), e.idx, e.w)),
-       "'x'", "expected cuda", device="cuda"),
+       "'x'", "expected cuda", device="cuda", gpus=2),
     _n("dispatch_x_misaligned", lambda e: Call(e.buf.dispatch, (misaligned(e.x), e.idx, e.w)),
        "'x'", "16-byte aligned", device="cuda"),
     _n("combine_y_misaligned", lambda e: Call(e.buf.combine, (misaligned(e.y()), e.prev.handle)),

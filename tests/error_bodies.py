@@ -138,14 +138,16 @@ def fp8_pair(e: Env) -> tuple[torch.Tensor, torch.Tensor]:
 
 def other_handle(e: Env, destroy: bool, low_latency: bool | None = None, group: dist.ProcessGroup | None = None
                  ) -> Any:
-    """A valid handle of another Buffer of the same sizes (destroyed afterwards when ``destroy``)."""
+    """A valid handle of another Buffer of the same sizes (destroyed afterwards when ``destroy``). Its inputs go to
+    that Buffer's device: a torch Buffer on a subgroup of a gloo group whose ranks share a GPU takes CPU tensors."""
     ll = e.low_latency if low_latency is None else low_latency
     b = e.other_buffer(group, low_latency=ll)
+    x, idx, w = (t.to(b.ctx.device) for t in (e.x, e.idx, e.w))
     h: largeep.DispatchHandle | largeep.LowLatencyHandle
     if ll:
-        h = b.low_latency_dispatch(e.x, e.idx, use_fp8=False).handle
+        h = b.low_latency_dispatch(x, idx, use_fp8=False).handle
     else:
-        h = b.dispatch(e.x, e.idx, e.w).handle
+        h = b.dispatch(x, idx, w).handle
     if destroy:
         b.destroy()
     return h
@@ -162,8 +164,9 @@ def ll_y_for_world_on_subgroup(e: Env) -> Call:
     # A Buffer on a group of 1 expects y [E, 1*M, H]; y shaped for the world is [E/N, N*M, H]
     sub = own_subgroup(e)
     b = e.other_buffer(sub, low_latency=True)
-    h = b.low_latency_dispatch(e.x, e.idx, use_fp8=False).handle
-    return Call(b.low_latency_combine, (e.ll_y(), e.idx, e.w, h))
+    x, idx, w, y = (t.to(b.ctx.device) for t in (e.x, e.idx, e.w, e.ll_y()))  # (see other_handle)
+    h = b.low_latency_dispatch(x, idx, use_fp8=False).handle
+    return Call(b.low_latency_combine, (y, idx, w, h))
 
 
 def buffer_on_group_without_me(e: Env) -> Call | None:

@@ -294,19 +294,26 @@ def worst_too_small(rank: int, world: int) -> None:
         buf.destroy()
 
 
+def _bounded_buffer(world: int, timeout_s: float, **kwargs: Any) -> largeep.Buffer:
+    """A small nvshmem Buffer (hidden 1024, 4 experts per rank, top-2, 64 tokens) whose waits give up after
+    ``timeout_s`` (LARGEEP_TIMEOUT_S is read when a Buffer is made)."""
+    import os
+
+    os.environ["LARGEEP_TIMEOUT_S"] = str(timeout_s)
+    try:
+        return largeep.Buffer(None, hidden=1024, num_experts=4 * world, num_topk=2, max_tokens_per_rank=64,
+                              backend="nvshmem", **kwargs)
+    finally:
+        del os.environ["LARGEEP_TIMEOUT_S"]
+
+
 def missing_peer(rank: int, world: int, timeout_s: float, low_latency: bool = False) -> dict[str, float]:
     """Rank 1 never calls dispatch: every other rank must raise PeerTimeoutError naming rank 1 within the bound.
     low_latency: low_latency_dispatch, which has no host wait: the others' receive kernels give up after the bound,
     and their next call raises PeerTimeoutError naming rank 1 at once."""
-    import os
     import time
 
-    os.environ["LARGEEP_TIMEOUT_S"] = str(timeout_s)
-    try:
-        buf = largeep.Buffer(None, hidden=1024, num_experts=4 * world, num_topk=2, max_tokens_per_rank=64,
-                             backend="nvshmem", low_latency=low_latency)
-    finally:
-        del os.environ["LARGEEP_TIMEOUT_S"]
+    buf = _bounded_buffer(world, timeout_s, low_latency=low_latency)
     op = "low_latency_dispatch" if low_latency else "dispatch"
     elapsed = 0.0
     try:
@@ -488,15 +495,9 @@ def late_peer(rank: int, world: int, timeout_s: float, ranks_per_node: int | Non
     slots held from the round before. Rank 1's dispatch gets rank 0's rows (sent before rank 0 gave up); its
     combine must time out naming rank 0 (its next call raises PeerTimeoutError), not return the earlier round's
     sums. Each round's x differs, so stale sums would show."""
-    import os
     import time
 
-    os.environ["LARGEEP_TIMEOUT_S"] = str(timeout_s)
-    try:
-        buf = largeep.Buffer(None, hidden=1024, num_experts=4 * world, num_topk=2, max_tokens_per_rank=64,
-                             backend="nvshmem", ranks_per_node=ranks_per_node)
-    finally:
-        del os.environ["LARGEEP_TIMEOUT_S"]
+    buf = _bounded_buffer(world, timeout_s, ranks_per_node=ranks_per_node)
     t = 64
     idx = torch.arange(t * 2, device="cuda").view(t, 2) % (4 * world)
     w = torch.rand(t, 2, device="cuda")

@@ -61,16 +61,21 @@ def _nvshmem(cuda_major: int | None) -> tuple[dict[str, str] | None, str]:
     return None, f"NVSHMEM not found (set NVSHMEM_DIR or `pip install {want}`)"
 
 
-def _wheel_cuda_major(host_lib: str) -> int | None:
-    """The CUDA major of the nvidia-nvshmem-cuNN wheel that installed ``host_lib``, None when no wheel did."""
+def _wheel_cuda_majors(host_lib: str) -> list[int]:
+    """The CUDA majors of the nvidia-nvshmem-cuNN wheels that list ``host_lib`` (the -cu12 and -cu13 wheels write
+    the same path, so both may), empty when none does or the metadata cannot be read (it only feeds a hint)."""
     from importlib import metadata
 
-    target = Path(host_lib).resolve()
-    for dist in metadata.distributions():
-        m = re.fullmatch(r"nvidia-nvshmem-cu(\d+)", (dist.metadata["Name"] or "").lower())
-        if m and any(Path(str(dist.locate_file(f))).resolve() == target for f in dist.files or ()):
-            return int(m.group(1))
-    return None
+    try:
+        target = Path(host_lib).resolve()
+        found = []
+        for dist in metadata.distributions():
+            m = re.fullmatch(r"nvidia-nvshmem-cu(\d+)", (dist.metadata["Name"] or "").lower())
+            if m and any(Path(str(dist.locate_file(f))).resolve() == target for f in dist.files or ()):
+                found.append(int(m.group(1)))
+        return sorted(set(found))
+    except Exception:  # noqa: BLE001 - a broken RECORD must not fail the build
+        return []
 
 
 def _tool(module: str, attr: str, name: str) -> str:
@@ -126,10 +131,12 @@ class CMakeBuild(build_ext):
         except ImportError:
             pass
         hint = ""
-        wheel_major = _wheel_cuda_major(shmem["host"])
-        if wheel_major is not None and major is not None and wheel_major != major:
-            hint = (f"NVSHMEM comes from the nvidia-nvshmem-cu{wheel_major} wheel but nvcc is CUDA {major}: "
-                    f"`pip install nvidia-nvshmem-cu{major}` (and uninstall the other), or set NVSHMEM_DIR")
+        wheels = _wheel_cuda_majors(shmem["host"])
+        if major is not None and wheels and wheels != [major]:
+            names = " and ".join(f"nvidia-nvshmem-cu{m}" for m in wheels)
+            hint = (f"NVSHMEM comes from {names} but nvcc is CUDA {major}: keep only nvidia-nvshmem-cu{major} "
+                    f"(`pip uninstall` the other, then `pip install --force-reinstall nvidia-nvshmem-cu{major}`), "
+                    "or set NVSHMEM_DIR")
             _say(f"warning: {hint}")
         import pybind11
 

@@ -212,6 +212,7 @@ class NormalKernels {
                     status_dev, error_dev, timeout_s);
         HOST_ASSERT(num_zc_slots >= 0 && (num_zc_slots == 0 || ranks_per_node == num_ranks),
                     "zero-copy slots are for groups of one node");
+        HOST_ASSERT(num_zc_slots < 1024, "at most 1023 zero-copy slots (slot numbers share a count word with flags)");
         const NormalLayout l =
             normal_layout(num_ranks, num_experts, num_topk, hidden, max_tokens, ranks_per_node, num_zc_slots);
         c_.off_flags = l.off_flags;
@@ -280,6 +281,18 @@ class NormalKernels {
         HOST_ASSERT(static_cast<int>(lease->streams.size()) < kMaxReleaseStreams,
                     "a dispatch output is used on more than " << kMaxReleaseStreams << " streams");
         lease->streams.push_back(stream_of(stream));
+        return true;
+    }
+    // Gives slot `slot` back (after `stream`'s work so far) when it is taken and no planes of it are alive: a dispatch
+    // that took it and ended without outputs (a void round, or outputs that could not be made). A slot whose planes
+    // were made goes back when they die. Returns whether it gave the slot back.
+    bool zc_give_back(int slot, uintptr_t stream) {
+        HOST_ASSERT(slot >= 1 && slot <= zc_->count, "slot " << slot << " out of range");
+        {
+            std::lock_guard<std::mutex> g(zc_->mu);
+            if (zc_->busy[slot - 1].load() == 0 || !zc_->current[slot - 1].expired()) return false;
+        }
+        Lease(zc_, slot, stream_of(stream));  // (its destructor records the release and frees the slot)
         return true;
     }
     int zc_busy() const {
@@ -623,6 +636,7 @@ PYBIND11_MODULE(_C, m) {
                       double, int, int, int, int, int>())
         .def("zc_acquire", &NormalKernels::zc_acquire)
         .def("zc_busy", &NormalKernels::zc_busy)
+        .def("zc_give_back", &NormalKernels::zc_give_back)
         .def("zc_add_stream", &NormalKernels::zc_add_stream)
         .def("zc_outputs", &NormalKernels::zc_outputs)
         .def("zc_close", [](NormalKernels& k) { k.close(); })

@@ -364,14 +364,20 @@ def missing_peer(rank: int, world: int, timeout_s: float, low_latency: bool = Fa
     return {"elapsed_s": elapsed}
 
 
-def outputs_out_of_memory(rank: int, world: int, worst: bool) -> None:
+def outputs_out_of_memory(rank: int, world: int, where: str) -> None:
     """Rank 1's dispatch runs out of memory after its sends are queued and before its copy-out (an error injected
-    where its outputs are made: the zero-copy planes, or with ``worst`` the copy slot's outputs of a
-    num_worst_tokens dispatch). Rank 1 raises that error and drains the round, so the other ranks' call returns
-    rank 1's rows, and every rank's next dispatch (rank 1's with its memory back) receives exactly the rows routed
-    to it: the Buffer stays usable on every rank."""
+    where its outputs are made): ``planes``, the zero-copy slot's planes (the slot taken and its planes made);
+    ``state``, the handle's arrays while a zero-copy slot is taken and has no planes yet (the slot must be given
+    back); ``worst``, the copy slot's outputs of a num_worst_tokens dispatch. Rank 1 raises that error and drains
+    the round, holding no zero-copy slot afterwards; the other ranks' call returns rank 1's rows (which they do not
+    combine: rank 1 has no handle), and every rank's next two dispatches (rank 1's with its memory back) receive
+    exactly the rows routed to them, into zero-copy slots where they may, and their combines are right: the
+    Buffers stay in step."""
+    import gc
+
     buf = largeep.Buffer(None, hidden=1024, num_experts=4 * world, num_topk=2, max_tokens_per_rank=64,
                          backend="nvshmem")
+    worst = where == "worst"
     rows_worst = world * 64 + 9  # a row count no other allocation of the call has
     t = 64
     # row t of rank r: channel 0 holds t, channel 1 holds r (exact in bf16), so each received row names its source
@@ -384,6 +390,7 @@ def outputs_out_of_memory(rank: int, world: int, worst: bool) -> None:
     kw = {"num_worst_tokens": rows_worst} if worst else {}
     mine = [tok for tok in range(t) if bool((idx[tok] // 4 == rank).any())]
     want = sorted((s, tok) for s in range(world) for tok in mine)
+    kernels = buf._impl.kernels
 
     def check(d: Any) -> None:
         rows = len(want)
@@ -395,11 +402,12 @@ def outputs_out_of_memory(rank: int, world: int, worst: bool) -> None:
 
     try:
         if rank == 1:
-            name = "empty" if worst else "from_dlpack"
+            name = "from_dlpack" if where == "planes" else "empty"
             real = getattr(torch, name)
+            shape = {"planes": None, "state": (len(want), 2), "worst": (rows_worst, 1024)}[where]
 
             def failing(*args: object, **kwargs: object) -> object:
-                if not worst or (args and args[0] == rows_worst):
+                if shape is None or args == shape:
                     raise torch.OutOfMemoryError("injected: no memory for the dispatch outputs")
                 return real(*args, **kwargs)
 
@@ -412,10 +420,13 @@ def outputs_out_of_memory(rank: int, world: int, worst: bool) -> None:
                 raise AssertionError("the injected error did not reach the caller")
             finally:
                 setattr(torch, name, real)
+            gc.collect()
+            assert kernels.zc_busy() == 0, f"{kernels.zc_busy()} zero-copy slot(s) still taken after the error"
         else:
             check(buf.dispatch(x, idx, w, **kw))
         torch.cuda.synchronize()
-        for _ in range(2):  # (the second round of the zero-copy case receives into the slot the first gave back)
+        held = []
+        for _ in range(2):  # (both held: the second receives into the other slot, if not worst)
             d = buf.dispatch(x, idx, w, **kw)
             check(d)
             out = buf.combine(d.x, d.handle)
@@ -424,10 +435,74 @@ def outputs_out_of_memory(rank: int, world: int, worst: bool) -> None:
             n_ranks = reached.any(1).sum(1).float()
             assert torch.equal(out.x[:, 0].float(), n_ranks * torch.arange(t, device="cuda").float()), \
                 f"rank {rank}: the combine after the drained round is wrong"
-            del d, out
+            held.append(d)
+        assert kernels.zc_busy() == (0 if worst else 2), f"{kernels.zc_busy()} zero-copy slots taken"
+        del held, d, out
     finally:
         dist.barrier()
         buf.destroy()
+
+
+def failed_copyout_launch(rank: int, world: int, timeout_s: float) -> dict[str, float]:
+    """Rank 1's dispatch raises between queuing its sends and queuing its copy-out, in a way it cannot drain (the
+    copy-out's launch itself fails: injected). Rank 1 raises that error, and its next call RuntimeError at once
+    naming it (the Buffer unusable: its round is open); the other ranks' call returns (rank 1's rows were sent)
+    and their next one raises PeerTimeoutError naming rank 1 within the bound instead of reading a stale round."""
+    import time
+
+    buf = _bounded_buffer(world, timeout_s)
+    x = torch.randn(64, 1024, device="cuda").to(torch.bfloat16)
+    idx = torch.arange(64 * 2, device="cuda").view(64, 2) % (4 * world)
+    w = torch.rand(64, 2, device="cuda")
+    elapsed = 0.0
+    try:
+        if rank == 1:
+            impl = buf._impl
+            real = impl.kernels
+
+            class FailingCopyout:
+                def __getattr__(self, name: str) -> Any:
+                    return getattr(real, name)
+
+                def copyout(self, *args: object) -> None:
+                    raise RuntimeError("injected: the copy-out's launch failed")
+
+            impl.kernels = FailingCopyout()
+            try:
+                buf.dispatch(x, idx, w)
+            except RuntimeError as exc:
+                assert "injected" in str(exc), str(exc)
+            else:
+                raise AssertionError("the injected error did not reach the caller")
+            finally:
+                impl.kernels = real
+            start = time.monotonic()
+            try:
+                buf.dispatch(x, idx, w)
+            except RuntimeError as exc:
+                assert time.monotonic() - start < 1.0
+                assert "unusable" in str(exc) and "the copy-out's launch failed" in str(exc), str(exc)
+            else:
+                raise AssertionError("a Buffer with an open round accepted another dispatch")
+        else:
+            d = buf.dispatch(x, idx, w)
+            torch.cuda.synchronize()
+            rows = world * int((idx // 4 == rank).any(1).sum())  # (every rank routes alike: 4 experts per rank)
+            assert rows > 0 and d.x.shape[0] == rows, (d.x.shape, rows)
+            start = time.monotonic()
+            try:
+                buf.dispatch(x, idx, w)
+            except largeep.PeerTimeoutError as exc:
+                elapsed = time.monotonic() - start
+                assert "rank 1" in str(exc), str(exc)
+            else:
+                raise AssertionError("dispatch returned although rank 1's round is open")
+            assert elapsed < timeout_s + 10, f"gave up after {elapsed:.1f} s, bound {timeout_s} s"
+    finally:
+        _progress(rank, "before the teardown barrier")
+        dist.barrier()
+        buf.destroy()
+    return {"elapsed_s": elapsed}
 
 
 def kinds_disagree(rank: int, world: int, variant: str) -> None:

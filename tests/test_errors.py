@@ -13,6 +13,7 @@ import re
 from typing import Any
 
 import error_bodies
+import largeep
 import pytest
 import torch
 from dist_pool import DistPool
@@ -443,6 +444,18 @@ def test_timeout_rejects(monkeypatch: pytest.MonkeyPatch, raw: str, words: str) 
     assert "LARGEEP_TIMEOUT_S" in msg and repr(raw) in msg and words in msg, msg
 
 
+@pytest.mark.parametrize("raw,ok", [("0", True), ("64", True), ("65", False), ("1048576", False), ("-1", False)])
+def test_zero_copy_slots_range(monkeypatch: pytest.MonkeyPatch, raw: str, ok: bool) -> None:
+    """LARGEEP_ZERO_COPY_SLOTS: a whole number in [0, 64] (a slot number shares its count word with flag bits)."""
+    monkeypatch.setenv("LARGEEP_ZERO_COPY_SLOTS", raw)
+    if ok:
+        assert _env.settings().zero_copy_slots == int(raw)
+        return
+    with pytest.raises(ValueError) as info:
+        _env.settings()
+    assert "LARGEEP_ZERO_COPY_SLOTS" in str(info.value) and "<= 64" in str(info.value), str(info.value)
+
+
 @pytest.mark.parametrize("var,raw", [("LARGEEP_TIMEOUT_S", "abc"), ("LARGEEP_TUNE", "comb=9"),
                                      ("LARGEEP_ZERO_COPY_SLOTS", "two")])
 def test_bad_variable_on_one_rank(pools, var: str, raw: str) -> None:
@@ -745,3 +758,35 @@ def test_settings_name_every_bad_variable(monkeypatch: pytest.MonkeyPatch) -> No
     with pytest.raises(ValueError) as e:
         _env.settings()
     assert "LARGEEP_TIMEOUT_S='abc'" in str(e.value) and "LARGEEP_TUNE='threads=7'" in str(e.value), str(e.value)
+
+
+def test_rounds_out_of_step_after_a_rank_alone_raised() -> None:
+    """Calls in rounds (tokens_per_round): a round that raises on this rank alone (out of memory: the nvshmem
+    dispatch drains that round, and the peers go on to the next) leaves the rank's rounds out of step with its
+    peers', so every later call of the Buffer raises at once naming it; a refusal (void on every rank) does not."""
+    import types
+
+    from largeep.backends.rounds import RoundsBackend
+
+    inner = types.SimpleNamespace(name="fake")
+    rb = RoundsBackend(inner, types.SimpleNamespace(low_latency=False), 3)
+
+    def refused() -> None:
+        raise largeep.PeerRefusedError("rank 0 refused")
+
+    with pytest.raises(largeep.PeerRefusedError):
+        rb._round("dispatch", 1, refused)
+    rb._check_in_step("dispatch")  # (still usable)
+
+    def out_of_memory() -> None:
+        raise torch.OutOfMemoryError("no memory for the outputs")
+
+    with pytest.raises(torch.OutOfMemoryError):
+        rb._round("dispatch", 1, out_of_memory)
+    for call in (lambda: rb.dispatch(torch.zeros(4, 8), None, None, None, None, 1, 0),
+                 lambda: rb.combine(torch.zeros(4, 8), None, None),  # type: ignore[arg-type]
+                 lambda: rb.get_dispatch_layout(torch.zeros(4, 2, dtype=torch.int64))):
+        with pytest.raises(RuntimeError) as info:
+            call()
+        msg = str(info.value)
+        assert "round 1 of 3" in msg and "OutOfMemoryError: no memory" in msg and "unusable" in msg, msg

@@ -306,11 +306,22 @@ def test_missing_peer_times_out(pools, world: int) -> None:
 
 @pytest.mark.gpu(2)
 @needs_native
-@pytest.mark.parametrize("worst", [False, True], ids=["zero_copy", "worst"])
-def test_dispatch_outputs_out_of_memory(pools, worst: bool) -> None:
-    """A dispatch that cannot make its outputs after its sends (out of memory) raises and drains its round: the
-    other ranks' call completes, and every rank's Buffer takes the next round with the right rows."""
-    pools(2, "nccl").run(gpu_bodies.outputs_out_of_memory, worst)
+@pytest.mark.parametrize("where", ["planes", "state", "worst"])
+def test_dispatch_outputs_out_of_memory(pools, where: str) -> None:
+    """A dispatch that cannot make its outputs after its sends (out of memory) raises and drains its round, its
+    zero-copy slot given back: the other ranks' call completes, and every rank's Buffer takes the next rounds with
+    the right rows."""
+    pools(2, "nccl").run(gpu_bodies.outputs_out_of_memory, where)
+
+
+@pytest.mark.gpu(2)
+@needs_native
+def test_failed_copyout_launch(pools) -> None:
+    """A dispatch that raises between its sends and its copy-out in a way it cannot drain (the copy-out's launch
+    fails) marks its Buffer unusable, and the other ranks' next call names that rank after the bound instead of
+    reading a stale round."""
+    times = pools(2, "nccl").run(gpu_bodies.failed_copyout_launch, 5.0)
+    assert times[0]["elapsed_s"] > 4.0, times
 
 
 @pytest.mark.gpu(2)

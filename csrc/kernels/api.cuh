@@ -68,8 +68,9 @@ struct ErrorWord {
 
 // Device-side sequence counters (cudaMalloc'd int64 [5]); each op reads seq+1 and its last kernel stores it.
 // [kRoundVoid] (normal mode) is not a counter: nonzero while the fresh dispatch round in progress is void because
-// a rank refused its expert ids. Prepare stores whether I refuse, notify whether any rank did (from the count
-// exchange); the sending kernels then move no row, and the copy-out clears it.
+// a rank refused its expert ids, or the ranks' kinds of rows differ. Prepare stores whether I refuse, notify
+// whether the round is void (from the count exchange); the sending kernels then move no row, and the copy-out
+// clears it.
 enum SeqKind { kSeqDispatch = 0, kSeqCombine = 1, kSeqLowLatency = 2, kRoundVoid = 4 };
 
 // Everything a normal-mode kernel needs to find its buffers. Ranks form nodes of P = ranks_per_node consecutive
@@ -198,14 +199,16 @@ void launch_dispatch_push(const NormalCtx& ctx, const void* x, int x_elem_bytes,
 // Copy-out: my rows for myself from the dispatch's inputs (x, x_scales, topk_idx, topk_weights; self_token from
 // prepare), the others from the copy slot -> outputs; recv_src int32 [rows, 2] (source rank, token) written
 // when not cached. my_slot >= 1 (zero-copy: the outputs are that slot's planes, every row already there): only
-// waits for the rows and writes recv_src.
+// waits for the rows and writes recv_src. num_rows < 0 drains the round (a void one, or one whose outputs could
+// not be made): waits for the rows, copies nothing; every copy-out then frees the round for every peer.
 void launch_dispatch_copyout(const NormalCtx& ctx, void* out_x, int x_elem_bytes, float* out_scales,
                              int64_t* out_idx, float* out_w, int* recv_src, const int* recv_off, int num_rows,
                              bool cached, const void* x, const float* x_scales, const int64_t* topk_idx,
                              const float* topk_weights, const int* self_token, int my_slot, int num_sms,
                              cudaStream_t stream);
 // Combine push: row i of y goes towards its source over NVLink (its `comb` buffer, or this node's forwarder for
-// it), except rows whose source is this rank; raises kFlagCombReady on every rank of this node.
+// it), except rows whose source is this rank; raises kFlagCombReady on every rank of this node (unless this
+// Buffer has reported an error: block_raises_data_flags).
 void launch_combine_push(const NormalCtx& ctx, const void* y, int y_elem_bytes, const float* y_w,
                          const int* recv_src, const int* recv_off, int num_rows, int num_sms, cudaStream_t stream);
 // Combine reduce: out[t] = sum over ranks r of this node with send_pos[t, r] >= 0 of comb[r][send_pos[t, r]] (for

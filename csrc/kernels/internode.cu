@@ -15,7 +15,8 @@
 // are split into nodes.
 //
 // Every row is staged in symmetric memory before its put (a put's source must be symmetric for every transport);
-// each sending thread calls nvshmem_quiet, then the last block raises the round's signals.
+// each sending thread calls nvshmem_quiet, then the last block raises the round's signals (not once this Buffer
+// has reported an error, but in a void round: block_raises_data_flags).
 #include "normal.cuh"
 
 namespace largeep {
@@ -57,7 +58,7 @@ __global__ void __launch_bounds__(kThreads) dispatch_rdma_send_kernel(NormalCtx 
     const int K = c.num_topk, num_scales = c.hidden / 128;
     const int64_t seq = c.seq[kSeqDispatch] + 1;
     // My RDMA peers must have forwarded the previous round out of their RDMA receive buffers. A void fresh round
-    // (a rank refused it) puts nothing; its flags still go up.
+    // (a rank refused it, or the ranks' kinds of rows differ) puts nothing; its flags still go up.
     const bool ok = wait_rdma_peers(c, kFlagRecvFree, seq - 1, kOpDispatch) &&
                     (cached || c.seq[kRoundVoid] == 0);
     if (ok) {

@@ -121,7 +121,9 @@ __global__ void __launch_bounds__(kThreads) dispatch_prepare_kernel(NormalCtx c,
 // copy-out waits only for the flags), seq[kRoundVoid] set for the sending kernels, and the refusing ranks in
 // status[kRefused] (their number) and status[kRefusedRanks + r] (see api.cuh) for the host, with the ranks that ran it
 // without a host wait (num_worst_tokens): those cannot raise, so their notify reports the error kOpPeerRefused
-// instead, which leaves their Buffer unusable.
+// instead, which leaves their Buffer unusable. Each count row's slot field also carries the kind of rows its rank
+// sends (row_kind, bits kKindShift..): a round whose ranks' kinds differ is void the same way (kRanksDisagree in
+// status[kRefused], kOpRanksDisagree without a host wait).
 __global__ void __launch_bounds__(kThreads) dispatch_notify_kernel(NormalCtx c, int* recv_off, int* send_off,
                                                                    int64_t* send_slot, int* fwd_off, int* fwd_count,
                                                                    int my_slot, int report, int* per_expert,

@@ -9,7 +9,7 @@
 | | | 1/true/yes/on, or 0/false/no/off/empty (any case); anything else raises |
 | LARGEEP_NVSHMEM_HEAP_MARGIN | 1.25 | factor on the first Buffer's needs when largeep sets NVSHMEM_SYMMETRIC_SIZE |
 | LARGEEP_ZERO_COPY_SLOTS | 2 | nvshmem normal mode, one node: receive slots whose planes a dispatch returns as its |
-| | | outputs (no copy-out); each holds N * max_tokens_per_rank rows; 0: every dispatch copies |
+| | | outputs (no copy-out); each holds N * max_tokens_per_rank rows; 0: every dispatch copies; at most 64 |
 | LARGEEP_TUNE | threads=1024,unroll=8,ll_spread=1,ll_fuse=0,comb=3 | normal-mode copy kernels: |
 | | | threads per block, 16-byte loads in flight per lane (4 or 8); |
 | | | ll_spread=1 the low-latency receives and combine send share their rows over the |
@@ -77,12 +77,17 @@ def _flag(name: str, default: bool) -> bool:
     raise ValueError(f"{_PREFIX}{name}={raw!r}: expected 1 (or true, yes, on) or 0 (or false, no, off, empty)")
 
 
-def _count(name: str, default: int) -> int:
+# (a slot number travels in a count row's word beside the refusal and kind bits, from bit 20: far above this)
+_MAX_ZERO_COPY_SLOTS = 64
+
+
+def _count(name: str, default: int, most: int | None = None) -> int:
     raw = os.environ.get(_PREFIX + name)
     if raw is None or raw == "":
         return default
-    if not raw.strip().isdigit():
-        raise ValueError(f"{_PREFIX}{name}={raw!r}: expected a whole number >= 0")
+    if not raw.strip().isdigit() or (most is not None and int(raw) > most):
+        limit = f" and <= {most}" if most is not None else ""
+        raise ValueError(f"{_PREFIX}{name}={raw!r}: expected a whole number >= 0{limit}")
     return int(raw)
 
 
@@ -103,7 +108,7 @@ def settings() -> Settings:
         "init_timeout_s": read(_float, "INIT_TIMEOUT_S", 300.0),
         "check_values": read(_flag, "CHECK_VALUES", True),
         "heap_margin": read(_float, "NVSHMEM_HEAP_MARGIN", 1.25),
-        "zero_copy_slots": read(_count, "ZERO_COPY_SLOTS", 2),
+        "zero_copy_slots": read(_count, "ZERO_COPY_SLOTS", 2, _MAX_ZERO_COPY_SLOTS),
         "tune": read(lambda: _tune(os.environ.get(_PREFIX + "TUNE", ""))),
         "high_priority": read(lambda: _choice("STREAM_PRIORITY", ("high", "normal")) == "high"),
     }

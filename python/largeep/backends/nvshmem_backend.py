@@ -14,6 +14,7 @@ import os
 import re
 import socket
 import threading
+import traceback
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -806,9 +807,9 @@ class NvshmemBackend:
             else:
                 rows = num_worst_tokens
             # Out of memory for the outputs (or any error making them) drains the round: its copy-out waits for the
-            # rows, copies none and frees the round for every peer, whose calls complete; this call raises and the
-            # Buffer stays usable. (A zero-copy slot whose planes were made goes back when they die.)
-            leased = False
+            # rows, copies none and frees the round for every peer, whose calls complete; this call raises and every
+            # Buffer stays in step for the next dispatch (this rank has no handle: the peers must not combine the
+            # round, see docs/usage.md).
             try:
                 state = _NvState(
                     ws, send_pos, send_off, torch.empty(rows, 2, dtype=i32, device=dev), recv_off, rows, t, worst,
@@ -816,16 +817,14 @@ class NvshmemBackend:
                 )
                 if slot:
                     rel = caller_stream if caller_stream is not None else self._stream()
-                    planes = k.zc_outputs(slot, rows, c.hidden * elem, x_scales is not None, True, rel)
-                    leased = True
-                    out_x = torch.from_dlpack(planes[0]).view(x.dtype)
-                    out_s = torch.from_dlpack(planes[1]) if x_scales is not None else None
-                    out_idx, out_w = torch.from_dlpack(planes[2]), torch.from_dlpack(planes[3])
-                    del planes
+                    out_x, out_s, out_idx, out_w = self._zero_copy_outputs(slot, rows, x, x_scales, rel)
                 else:
                     out_x, out_s, out_idx, out_w = self._dispatch_outputs(x, x_scales, rows, True)
-            except BaseException:
-                self._end_round_without_outputs(x, recv_off, self_token, 0 if leased else slot, stream)
+            except BaseException as exc:
+                # the frames that made a zero-copy slot's planes let go of them now (their slot goes back when they
+                # die; else _end_round_without_outputs gives it back)
+                traceback.clear_frames(exc.__traceback__)
+                self._end_round_without_outputs(x, recv_off, self_token, slot, stream)
                 self._round_open = False
                 raise
         else:
@@ -858,6 +857,18 @@ class NvshmemBackend:
         first = (state.recv_off - state.ws.data_ptr()) // 4
         return state.ws[first:first + self.ctx.num_ranks + 1]
 
+    def _zero_copy_outputs(
+        self, slot: int, rows: int, x: torch.Tensor, x_scales: torch.Tensor | None, release_stream: int
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
+        """A fresh dispatch's outputs as the planes of zero-copy slot ``slot`` (x, its FP8 scales if x_scales,
+        the expert ids and weights), which goes back once they are all gone (after ``release_stream``'s work)."""
+        c = self.ctx
+        planes = self.kernels.zc_outputs(slot, rows, c.hidden * x.element_size(), x_scales is not None, True,
+                                         release_stream)
+        out_x = torch.from_dlpack(planes[0]).view(x.dtype)
+        out_s = torch.from_dlpack(planes[1]) if x_scales is not None else None
+        return out_x, out_s, torch.from_dlpack(planes[2]), torch.from_dlpack(planes[3])
+
     def _dispatch_outputs(
         self, x: torch.Tensor, x_scales: torch.Tensor | None, rows: int, with_meta: bool
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
@@ -876,13 +887,13 @@ class NvshmemBackend:
                                    stream: int) -> None:
         """Ends a fresh dispatch round that has no outputs: a void one (a rank refused it; every count is 0), or
         one whose outputs could not be made. Its copy-out drains the round (num_rows -1: waits for the rows, copies
-        none), which frees it for every peer as any copy-out does; ``slot`` (non-zero: a zero-copy slot this call
-        took and made no planes of) is given back."""
+        none), which frees it for every peer as any copy-out does; ``slot`` (non-zero: the zero-copy slot this call
+        took) is given back unless planes of it are alive (it goes back when they die)."""
         k = self.kernels
         k.copyout(0, x.element_size(), 0, 0, 0, 0, recv_off, -1, False, x.data_ptr(), 0, 0, 0, self_token, slot,
                   self.ctx.num_sms, stream)
         if slot:
-            k.zc_outputs(slot, 0, 0, False, False, stream)  # planes of no rows, dropped at once: the slot's release
+            k.zc_give_back(slot, stream)
 
     def _raise_refused(self, op: str, words: Sequence[int], checked: bool) -> None:
         """Raises for a void round (``words``: each rank's part in it, bit 0 for a rank that refused it, bit 1 for

@@ -103,6 +103,28 @@ class RoundsBackend:
         self.ctx = ctx
         self.num_rounds = num_rounds
         self.name = inner.name
+        self._out_of_step = ""  # why this rank's rounds no longer match its peers' (see _round)
+
+    def _check_in_step(self, op: str) -> None:
+        if self._out_of_step:
+            raise RuntimeError(f"{op}: {self._out_of_step}; this rank's rounds no longer match the other ranks', "
+                               "so the Buffer is unusable now (destroy it on every rank)")
+
+    def _round(self, op: str, i: int, call: Any, *args: Any, **kwargs: Any) -> Any:
+        """Round ``i`` of a call: ``call(*args, **kwargs)`` on the inner backend. A round that raises on this rank
+        alone (out of memory, say: a dispatch drains its round and raises, and its peers go on to the next round)
+        leaves this rank's rounds out of step with its peers' (a retry's round 0 would pair with their round
+        i + 1), so the Buffer refuses every later call. A refusal (ArgumentError, PeerRefusedError) voids that round
+        on every rank, all of which raise there: the Buffer stays usable."""
+        try:
+            return call(*args, **kwargs)
+        except (ArgumentError, PeerRefusedError):
+            raise
+        except BaseException as exc:
+            if not self._out_of_step:
+                self._out_of_step = (f"an earlier {op} in rounds (tokens_per_round) raised in round {i} of "
+                                     f"{self.num_rounds} ({type(exc).__name__}: {exc})"[:400])
+            raise
 
     @property
     def checks_layout_ids(self) -> bool:
@@ -123,6 +145,7 @@ class RoundsBackend:
 
     def get_dispatch_layout(self, topk_idx: torch.Tensor, **kwargs: Any) -> Layout:
         # (no per-rank buffer holds a layout's tokens: the whole call at once)
+        self._check_in_step("get_dispatch_layout")
         return self.inner.get_dispatch_layout(topk_idx, **kwargs)  # type: ignore[no-any-return]
 
     def dispatch(
@@ -139,6 +162,7 @@ class RoundsBackend:
     ) -> NormalDispatchOut:
         # (caller_stream: the inner backend's zero-copy outputs are merged here, on the current stream, and
         # released after that: the merged output is an ordinary tensor)
+        self._check_in_step("dispatch")
         assert num_worst_tokens == 0 and (state is None or isinstance(state, _RoundsState)), \
             "dispatch: rounds need the host's row counts (the Buffer refuses num_worst_tokens with rounds)"
         outs: list[NormalDispatchOut] = []
@@ -168,8 +192,8 @@ class RoundsBackend:
             lo, hi = bounds[i], bounds[i + 1]
             # (no local name holds a round's output: a traceback keeps this frame, and the caller's finally
             # releases them, zero-copy slots among them, by clearing outs)
-            outs.append(self.inner.dispatch(
-                x[lo:hi], None if x_scales is None else x_scales[lo:hi],
+            outs.append(self._round(
+                "dispatch", i, self.inner.dispatch, x[lo:hi], None if x_scales is None else x_scales[lo:hi],
                 None if topk_idx is None else topk_idx[lo:hi], None if topk_weights is None else topk_weights[lo:hi],
                 None if state is None else state.states[i], 1, 0,
                 **({"check_ids": True} if check_ids and hi > lo else {}),
@@ -216,6 +240,7 @@ class RoundsBackend:
     def combine(
         self, y: torch.Tensor, state: _RoundsState, topk_weights: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        self._check_in_step("combine")
         xs: list[torch.Tensor] = []
         ws: list[torch.Tensor] = []
         if y.numel() == 0:  # (an empty y may have any strides, as an empty gradient does; as_words needs rows)
@@ -223,7 +248,7 @@ class RoundsBackend:
         for i, d in enumerate(state.dest):
             y_i = as_words(y).index_select(0, d).view(y.dtype).view(-1, y.shape[1])
             w_i = None if topk_weights is None else topk_weights.index_select(0, d)
-            x_i, w_i = self.inner.combine(y_i, state.states[i], w_i)
+            x_i, w_i = self._round("combine", i, self.inner.combine, y_i, state.states[i], w_i)
             xs.append(x_i)
             if w_i is not None:
                 ws.append(w_i)

@@ -292,7 +292,9 @@ class NormalKernels {
             std::lock_guard<std::mutex> g(zc_->mu);
             if (zc_->busy[slot - 1].load() == 0 || !zc_->current[slot - 1].expired()) return false;
         }
-        Lease(zc_, slot, stream_of(stream));  // (its destructor records the release and frees the slot)
+        {
+            const Lease release(zc_, slot, stream_of(stream));  // its destructor records the release, frees the slot
+        }
         return true;
     }
     int zc_busy() const {

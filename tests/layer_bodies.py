@@ -1202,18 +1202,58 @@ def repeated_expert_gate(rank: int, world: int) -> None:
             layer = layers.MoELayer(buf, ffn_hidden=f, gate=RepeatGate(), num_worst_tokens=worst).to(dev)
             with torch.no_grad():
                 y = layer(x)
-                w13 = torch.cat([torch.empty_like(layer.experts.w13)] * world)
-                dist.all_gather_into_tensor(w13, layer.experts.w13.contiguous())
-                w2 = torch.cat([torch.empty_like(layer.experts.w2)] * world)
-                dist.all_gather_into_tensor(w2, layer.experts.w2.contiguous())
                 idx, wts = RepeatGate()(x)
-                ref = torch.zeros_like(x)
-                for t in range(x.shape[0]):
-                    for j in range(k):
-                        ex = int(idx[t, j])
-                        if ex >= 0:
-                            a = x[t] @ w13[ex]
-                            ref[t] += wts[t, j] * ((F.silu(a[:f]) * a[f:]) @ w2[ex])
+                ref = _per_entry_reference(layer, x, idx, wts, world)
             close(y, ref, f"repeated experts, num_worst_tokens={worst}")
+    finally:
+        buf.destroy()
+
+
+def _per_entry_reference(layer: layers.MoELayer, x: torch.Tensor, idx: torch.Tensor, wts: torch.Tensor,
+                         world: int) -> torch.Tensor:
+    """sum over (t, k) with idx[t, k] >= 0 of wts[t, k] * SwiGLU of physical expert idx[t, k] (the experts'
+    weights gathered from every rank), one entry at a time."""
+    f = layer.experts.w2.shape[1]
+    w13 = torch.cat([torch.empty_like(layer.experts.w13)] * world)
+    dist.all_gather_into_tensor(w13, layer.experts.w13.contiguous())
+    w2 = torch.cat([torch.empty_like(layer.experts.w2)] * world)
+    dist.all_gather_into_tensor(w2, layer.experts.w2.contiguous())
+    ref = torch.zeros_like(x)
+    for t in range(x.shape[0]):
+        for j in range(idx.shape[1]):
+            ex = int(idx[t, j])
+            if ex >= 0:
+                a = x[t] @ w13[ex]
+                ref[t] += wts[t, j] * ((F.silu(a[:f]) * a[f:]) @ w2[ex])
+    return ref
+
+
+def merging_placement(rank: int, world: int) -> None:
+    """A gate whose choices are distinct (distinct_experts = True) and a placement callable that sends two logical
+    experts to one physical expert: the layer must not take the dispatch's rows per expert for its (row, k) entries
+    (it dropped one of the two, half the output), with variable and fixed outputs; against a per-entry loop."""
+    dev = device_for("torch")
+    e, k, h, f = 4 * world, 2, 32, 16
+    buf = largeep.Buffer(None, hidden=h, num_experts=e, num_topk=k, max_tokens_per_rank=8, backend="torch")
+
+    class DistinctGate(torch.nn.Module):
+        distinct_experts = True
+
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            t = torch.arange(x.shape[0], device=x.device)
+            idx = torch.stack([t % e, t % e + e], dim=1)  # distinct logical experts, one physical expert
+            return idx, torch.linspace(0.1, 0.9, x.shape[0] * k, device=x.device).view(-1, k)
+
+    try:
+        x = torch.randn(7, h, generator=_gen(rank, 4)).to(dev)
+        for worst in (0, 8 * world):
+            torch.manual_seed(6)
+            layer = layers.MoELayer(buf, ffn_hidden=f, gate=DistinctGate(), num_logical_experts=2 * e,
+                                    placement=lambda i: i % e, num_worst_tokens=worst).to(dev)
+            with torch.no_grad():
+                y = layer(x)
+                idx, wts = DistinctGate()(x)
+                ref = _per_entry_reference(layer, x, idx % e, wts, world)
+            close(y, ref, f"a placement that merges experts, num_worst_tokens={worst}")
     finally:
         buf.destroy()

@@ -502,3 +502,50 @@ def test_gate_review_edges() -> None:
     with pytest.raises(ArgumentError):
         g2.load_state_dict(sd)
     assert torch.equal(g2.group_of_expert, groups) and torch.equal(g2.group_table, table)
+
+
+def test_config_fields_after_construction():
+    """The sizes and the grouping are fixed once a GateConfig exists (a gate checked its groups against them);
+    the other fields are checked again when set, and a refused value leaves the config as it was."""
+    cfg = GateConfig(hidden=8, num_experts=8, topk=2, num_groups=4, topk_groups=2)
+    gate = TopKGate(cfg)
+    for name, value in (("topk", 5), ("topk_groups", 1), ("num_groups", 2), ("hidden", 16), ("num_experts", 4)):
+        with pytest.raises(ArgumentError, match=f"'{name}' cannot change"):
+            setattr(cfg, name, value)
+    assert (cfg.topk, cfg.topk_groups, cfg.num_groups) == (2, 2, 4)
+    with pytest.raises(ArgumentError, match="score_func"):
+        cfg.score_func = "relu"  # type: ignore[assignment]
+    assert cfg.score_func == "softmax"
+    cfg.score_func = "sigmoid"
+    cfg.routed_scaling_factor = 2.5
+    out = gate(torch.randn(5, 8))
+    groups = gate.group_of_expert[out.topk_idx]
+    assert all(len(set(g.tolist())) <= 2 for g in groups), "the node limit holds"
+    torch.testing.assert_close(out.topk_weights.sum(1), torch.full((5,), 2.5))
+
+
+def test_linear_router_in_autocast():
+    """LinearTopKRouter's logits are float32 inside an autocast region too: the same choices and float32
+    weights as outside it."""
+    from largeep.layers import LinearTopKRouter
+
+    torch.manual_seed(0)
+    router = LinearTopKRouter(64, 32, 4)
+    x = torch.randn(512, 64)
+    want_idx, want_w = router(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        idx, w = router(x)
+    assert w.dtype == torch.float32 and torch.equal(idx, want_idx)
+    torch.testing.assert_close(w, want_w)
+
+
+def test_top1_with_normalised_weights_warns():
+    """topk=1 with norm_topk_prob makes every weight 1 (no gradient reaches the router): the config warns."""
+    import warnings
+
+    with pytest.warns(UserWarning, match="no gradient"):
+        GateConfig(hidden=8, num_experts=4, topk=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        GateConfig(hidden=8, num_experts=4, topk=1, norm_topk_prob=False)
+        GateConfig(hidden=8, num_experts=1, topk=1)  # (one expert: nothing to learn)

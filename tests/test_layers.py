@@ -105,6 +105,10 @@ def test_repeated_expert_gate(pools) -> None:
     pools(2).run(layer_bodies.repeated_expert_gate)
 
 
+def test_merging_placement(pools) -> None:
+    pools(2).run(layer_bodies.merging_placement)
+
+
 def _rows_case(case: str, rows: int, topk: int, experts: int, g: torch.Generator) -> torch.Tensor:
     """Local expert ids [rows, K] (-1: not here), no expert twice in a row; rows 0 and 3 name no local expert."""
     if case == "empty":

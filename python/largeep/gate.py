@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
@@ -39,6 +40,10 @@ def _check(cond: bool, arg: str, msg: str) -> None:
         raise ArgumentError(f"argument '{arg}' {msg}")
 
 
+# GateConfig fields a gate depends on from its construction (its group checks, its weight's shape)
+_FIXED_GATE_FIELDS = frozenset({"hidden", "num_experts", "topk", "num_groups", "topk_groups"})
+
+
 @dataclass
 class GateConfig:
     """Options of :class:`TopKGate`.
@@ -59,6 +64,10 @@ class GateConfig:
         aux_loss_coef: > 0 returns the Switch/GShard balance loss ``coef * E * sum_e f_e * P_e``.
         capacity_factor: None, or > 0: each expert keeps at most ceil(factor * T * K / E) of the (token, k)
             choices, earlier tokens first; the others become -1 with weight 0.
+
+    The sizes and the grouping (hidden, num_experts, topk, num_groups, topk_groups) are fixed once the config
+    exists (a gate checks its groups against them when it is made: make a new gate to change them); the other
+    fields may change between calls and are checked again when set.
     """
 
     hidden: int
@@ -86,10 +95,25 @@ class GateConfig:
         _check(self.num_groups >= 1, "num_groups", f"must be >= 1, got {self.num_groups}")
         _check(self.bias_update_rate >= 0, "bias_update_rate", f"must be >= 0, got {self.bias_update_rate}")
         _check(self.aux_loss_coef >= 0, "aux_loss_coef", f"must be >= 0, got {self.aux_loss_coef}")
+        if self.topk == 1 and self.norm_topk_prob and self.num_experts > 1:
+            warnings.warn("GateConfig: topk=1 with norm_topk_prob=True makes every weight 1, so the router's weight "
+                          "gets no gradient from the task loss (pass norm_topk_prob=False to train it)",
+                          UserWarning, stacklevel=3)
         # (capacity_factor is checked whenever it is set: __setattr__)
 
     def __setattr__(self, name: str, value: object) -> None:
+        built = "_capacity_ratio" in self.__dict__  # (set at the end of construction, by capacity_factor's field)
+        if built and name in _FIXED_GATE_FIELDS:
+            raise ArgumentError(f"GateConfig: argument {name!r} cannot change once the config exists (a gate "
+                                f"checked its groups against it); make a new GateConfig and gate instead")
+        old = self.__dict__.get(name)
         object.__setattr__(self, name, value)
+        if built and name != "capacity_factor":
+            try:
+                self.__post_init__()
+            except ArgumentError:
+                object.__setattr__(self, name, old)  # (the config stays as it was)
+                raise
         if name == "capacity_factor":
             # its exact fraction, made whenever the factor is set (outside any torch.compile trace: Fraction and
             # str(float) do not trace, and a retrace after a change must not need them)
@@ -416,7 +440,9 @@ class TopKGate(nn.Module):
 
         Args:
             group: when given, the loads are summed over it (one all_reduce of E float32 numbers; every rank of
-                the group must call this). None: local loads only.
+                the group must call this). None: local loads only. (Under DDP pass it ``broadcast_buffers=False``:
+                its buffer broadcast copies rank 0's counts over the others'. A checkpointed forward that is
+                recomputed counts twice.)
             load: float [E] to use instead of the counts gathered by ``forward`` since the last update.
             rate: overrides ``config.bias_update_rate``.
 

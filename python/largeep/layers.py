@@ -93,11 +93,13 @@ class LinearTopKRouter(nn.Module):
         nn.init.normal_(self.weight, std=hidden**-0.5)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        logits = F.linear(x.float(), self.weight.float())
+        # float32 logits inside an autocast region too (bf16 logits flip near-tied choices)
+        with torch.autocast(x.device.type, enabled=False):
+            logits = F.linear(x.float(), self.weight.float())
         scores = logits.softmax(dim=-1) if self.score_func == "softmax" else logits.sigmoid()
         w, idx = scores.topk(self.topk, dim=-1)
         if self.norm_topk_prob:
-            w = w / w.sum(dim=-1, keepdim=True)
+            w = w / w.sum(dim=-1, keepdim=True).clamp_min(1e-20)
         return idx, w
 
 
@@ -231,10 +233,15 @@ class GroupedExperts(nn.Module):
         return y.view(e, s, h)
 
 
+def _is_placement(placement: Any) -> bool:
+    """A ``largeep.placement.Placement`` (or one shaped like it): route by replicas, a physical-to-logical table."""
+    return hasattr(placement, "route") and hasattr(placement, "phys_to_log")
+
+
 def _wrap_placement(placement: Any, rank: int, device: torch.device) -> Callable[[Tensor], Tensor] | None:
     if placement is None:
         return None
-    if hasattr(placement, "route") and hasattr(placement, "phys_to_log"):
+    if _is_placement(placement):
         tabled = hasattr(placement, "table_route") and hasattr(placement, "prepare")
         if tabled:
             placement.prepare(device)  # (its tables built now, eagerly: a trace then only reads them)
@@ -264,7 +271,9 @@ class MoELayer(nn.Module):
             A token may name one expert at several k (each is computed and weighted); a gate whose choices are
             always distinct says so with a ``distinct_experts = True`` attribute (the built-in gates do), which
             lets the experts run only the (row, k) entries the dispatch counted on the host instead of sorting
-            all R*K entries (the GEMMs stop at the valid ones either way).
+            all R*K entries (the GEMMs stop at the valid ones either way). It is trusted with no placement or a
+            ``Placement`` (distinct experts land on distinct replicas), not through another callable, which may
+            send two experts to one.
         num_logical_experts: experts the default gate chooses from (default E, or a Placement's logical experts).
         placement: None, a callable logical topk_idx int64 [T, K] -> physical [T, K], or a
             ``largeep.placement.Placement`` (its ``route`` gets this rank as the source GPU; under
@@ -379,6 +388,8 @@ class MoELayer(nn.Module):
         )
         self.phys_to_log: Tensor | None = getattr(placement, "phys_to_log", None)
         self.placement = _wrap_placement(placement, c.rank, c.device)
+        # whether a token's distinct logical experts stay distinct physical ones (see experts_chunk)
+        self._placement_keeps_distinct = placement is None or _is_placement(placement)
         self.ffn_hidden = ffn_hidden
         self.experts = GroupedExperts(self.num_local_experts, c.hidden, ffn_hidden // tp, dtype=dtype)
         self.shared_experts = SwiGLU(c.hidden, shared_ffn_hidden, dtype=dtype) if shared_ffn_hidden > 0 else None
@@ -472,9 +483,10 @@ class MoELayer(nn.Module):
         the TP group exchanges its row counts on the host)."""
         ops.wait(d.event)
         # The dispatch counts rows per expert: that is the number of (row, k) entries only where no token names an
-        # expert twice, which a gate says with distinct_experts = True (the built-in ones). Otherwise the entries
-        # are counted on the device (every one computed, a repeated expert once per k).
-        distinct = getattr(self.gate, "distinct_experts", False) is True
+        # expert twice, which a gate says with distinct_experts = True (the built-in ones) and a placement keeps
+        # (none, or a Placement). Otherwise the entries are counted on the device (every one computed, a repeated
+        # expert once per k).
+        distinct = getattr(self.gate, "distinct_experts", False) is True and self._placement_keeps_distinct
         num_pairs = sum(d.num_tokens_per_expert) if d.num_tokens_per_expert is not None and distinct else None
         with ops.sm_carveout(carveout):
             if self.expert_tp is not None and self.expert_tp.size > 1:

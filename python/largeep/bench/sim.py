@@ -1103,7 +1103,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--experts", type=int, default=256)
     p.add_argument("--dispatch-dtypes", type=_strs, default=["fp8"], help="normal-mode dispatch dtypes to predict")
     p.add_argument("--max-nodes", type=int, help="node-limited routing: at most this many nodes per token")
-    p.add_argument("--samples", type=int, default=0, help="sample routing statistics on this many tokens")
+    p.add_argument("--samples", type=int, default=0,
+                   help="sample routing statistics (normal mode) on this many tokens (at least 4096; --max-nodes "
+                        "samples 4096 by itself)")
     p.add_argument("--flat", action="store_true", help="calibrate with the flat (non-hierarchical) layout")
     p.add_argument("--no-overlap", action="store_true", help="calibrate with legs in sequence")
     return p

@@ -505,3 +505,38 @@ def rounds_match_one_round(
     finally:
         rounds.destroy()
         one.destroy()
+
+
+def sweep_keeps_records_of_a_failed_backend(rank: int, world: int, part: str) -> dict[str, int]:
+    """A benchmark backend that fails at its second size point: the sweep raises, and the part file holds the
+    records of the points before (the launcher says "its results so far are kept")."""
+    import json
+
+    from largeep.bench import adapters, sweep
+
+    class FailsAtSixteen(adapters.LargeepAdapter):
+        def dispatch(self, *args: Any, **kwargs: Any) -> Any:
+            if args[1].shape[0] == 16:
+                raise RuntimeError("injected: the second size point fails")
+            return super().dispatch(*args, **kwargs)
+
+    real = sweep.make_adapter
+    sweep.make_adapter = lambda name: FailsAtSixteen("torch")
+    try:
+        mp = sweep.ModePlan(tokens=[8, 16], hidden=[128], topk=[2], experts=[4 * world], dtypes=["bf16"])
+        plan = sweep.Plan(preset="quick", backends=["torch"], modes=["normal"], normal=mp, low_latency=mp,
+                          num_sms=[24], warmup=0, iters=2, part=part, plots=False)
+        s = sweep.Sweep(plan, torch.device("cpu"))
+        try:
+            s.run()
+        except RuntimeError as exc:
+            assert "injected" in str(exc), str(exc)
+        else:
+            raise AssertionError("the failing backend did not raise")
+    finally:
+        sweep.make_adapter = real
+    if rank != 0:
+        return {"in_memory": len(s.records), "in_file": -1}
+    with open(part) as f:
+        doc = json.load(f)
+    return {"in_memory": len(s.records), "in_file": len(doc["records"])}

@@ -801,3 +801,11 @@ def test_summing_pass_fit() -> None:
     assert all(r["t_sum_us"] > 0 for r in sent)
     unfitted = sim.sweep_ep(TRUE, cluster, [2], normal=(4096, 7168, 8, 256), ll=(128, 7168, 8, 288))
     assert not any(r["weights_sent"] for r in unfitted)
+
+
+def test_sweep_keeps_records_of_a_failed_backend(pools, tmp_path: Path) -> None:
+    """A backend that fails mid-sweep leaves the records of its earlier points in its part file."""
+    import bodies
+
+    out = pools(1).run(bodies.sweep_keeps_records_of_a_failed_backend, str(tmp_path / "torch.json"))
+    assert out[0]["in_memory"] > 0 and out[0]["in_file"] == out[0]["in_memory"], out

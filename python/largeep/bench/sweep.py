@@ -200,7 +200,7 @@ class Sweep:
                     self._run_mode(a, mode)
             finally:
                 a.shutdown()
-            self._write_part()
+                self._write_part()  # (also when a backend failed: its records so far are kept)
         self.log.close()
         self._write_part()
         if self.rank == 0 and p.part is None:

@@ -809,3 +809,24 @@ def test_sweep_keeps_records_of_a_failed_backend(pools, tmp_path: Path) -> None:
 
     out = pools(1).run(bodies.sweep_keeps_records_of_a_failed_backend, str(tmp_path / "torch.json"))
     assert out[0]["in_memory"] > 0 and out[0]["in_file"] == out[0]["in_memory"], out
+
+
+def test_load_reads_the_runs_settings(tmp_path: Path) -> None:
+    """sim.load takes a benchmark file's routing, device and LARGEEP_TUNE comb (which combine one node ran) into
+    its records, and a fit on skewed-routing or CPU records says so."""
+    import json
+
+    from largeep.bench import sim
+
+    src = Path(__file__).resolve().parent.parent / "bench/results/2026-11-29-kernel-times-push/kernel_times_ep4.json"
+    doc = json.loads(src.read_text())
+    doc["settings"] = {"routing": "zipf", "device": "cpu", "tune": {"comb": 3}}
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps(doc))
+    recs = sim.load(path)
+    combines = [r for r in recs if r["op"] == "combine" and r["mode"] == "normal"]
+    assert combines and all(r["combine_eighths"] == 3 for r in combines)
+    assert all(r["routing"] == "zipf" and r["device"] == "cpu" for r in recs)
+    assert all(r["combine_eighths"] == 0 for r in sim.load(src) if r["op"] == "combine")  # (no settings: as before)
+    warnings = sim.calibrate([r for r in recs if r["op"] in ("dispatch", "combine")]).warnings
+    assert any("zipf routing" in w for w in warnings) and any("CPU processes" in w for w in warnings), warnings

@@ -525,6 +525,9 @@ def load(paths: str | Path | Sequence[str | Path], *, label: str | None = None,
         recs = doc.get("records", []) if isinstance(doc, dict) else doc
         extras = doc.get("extras") if isinstance(doc, dict) else None
         what = str(doc.get("what", "")) if isinstance(doc, dict) else ""
+        raw = doc.get("settings") if isinstance(doc, dict) else None
+        settings: dict[str, Any] = raw if isinstance(raw, dict) else {}
+        tune: dict[str, Any] = settings["tune"] if isinstance(settings.get("tune"), dict) else {}
         for i, r in enumerate(recs):
             missing = [k for k in RECORD_KEYS if k not in r]
             if missing:
@@ -534,6 +537,13 @@ def load(paths: str | Path | Sequence[str | Path], *, label: str | None = None,
                 row.update({k: v for k, v in extras[i].items() if k not in row})
             kernel = "kernels" in r or "kernel" in what.lower()
             row.setdefault("timing", "kernel" if kernel else "events")
+            # the run's routing and device (the benchmark's settings), which a fit must know of
+            for key in ("routing", "device"):
+                if key in settings:
+                    row.setdefault(key, settings[key])
+            one_node = r.get("ranks_per_node") in (None, r["ep"])
+            if "comb" in tune and r.get("backend") == "nvshmem" and r["mode"] == "normal" and one_node:
+                row.setdefault("combine_eighths", int(tune["comb"]))  # (the benchmark's runs record LARGEEP_TUNE)
             row.setdefault("combine_eighths", fused_combine)
             row["file"] = str(path)
             row["label"] = label or path.parent.name
@@ -720,8 +730,15 @@ def calibrate(
 
 
 def _fit_warnings(recs: Sequence[dict[str, Any]], params: Params) -> list[str]:
-    """What makes a fit untrustworthy: too few records, one token count per op, efficiencies above 1."""
+    """What makes a fit untrustworthy: too few records, one token count per op, efficiencies above 1, records of
+    a skewed routing or of CPU processes (their time is not the links')."""
     out = []
+    skewed = sorted({str(r["routing"]) for r in recs if r.get("routing") not in (None, "uniform")})
+    if skewed:
+        out.append(f"records of {', '.join(skewed)} routing: the model's rows per token assume uniform routing, so "
+                   "the fitted constants absorb the skew")
+    if any(r.get("device") == "cpu" for r in recs):
+        out.append("records of CPU processes: the constants describe that run's gloo transport, not GPU links")
     if len(recs) < 2 * max(1, len(params.fitted)):
         out.append(f"{len(recs)} records for {len(params.fitted)} constants: the fit is barely determined")
     for key in _LAT_KEYS:

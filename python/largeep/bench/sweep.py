@@ -149,6 +149,16 @@ def ranks_per_host(group: dist.ProcessGroup | None) -> int:
     return names.count(names[0])
 
 
+def _tune_now() -> dict[str, int] | str:
+    """LARGEEP_TUNE's values as a Buffer made now reads them (or why they cannot be read)."""
+    from largeep import _env
+
+    try:
+        return dict(_env.settings().tune)
+    except ValueError as exc:
+        return f"unreadable: {exc}"
+
+
 class Sweep:
     """Runs a :class:`Plan` on this rank; rank 0 prints, writes the JSON and draws the plots."""
 
@@ -410,6 +420,9 @@ class Sweep:
             "link_gbps": p.link_gbps,
             "ll_send_weights": p.ll_send_weights,
             "ll_bf16_partial_sums": p.ll_bf16_partial_sums,
+            # the nvshmem kernels' settings (LARGEEP_TUNE): comb says which combine one node ran (0 push + reduce,
+            # 1..7 fused), which the model needs to read a combine record
+            "tune": _tune_now(),
             **p.extra_settings,
         }
 

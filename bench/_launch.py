@@ -94,6 +94,8 @@ def write_doc(out_dir: str, name: str, what: str, records: list[dict[str, Any]],
     path = os.path.join(out_dir, name)
     doc = {"command": " ".join([sys.executable] + sys.argv), "env": rec.environment(), "what": what,
            "records": records, **extra}
-    with open(path, "w") as f:
-        json.dump(doc, f, indent=1)
+    tmp = path + ".tmp"  # (atomically: a run cut short leaves the earlier file whole)
+    with open(tmp, "w") as f:
+        json.dump(rec.finite(doc), f, indent=1, allow_nan=False)
+    os.replace(tmp, path)
     return path

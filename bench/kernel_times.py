@@ -239,7 +239,7 @@ def main() -> None:
         headers=["op", "dtype", "ep", "tokens", "sms", "kernel us", "p10", "p90", "logical GB/s"],
     ))
     rpn = args.ranks_per_node or world
-    tag = f"ep{world}" if rpn == world else f"ep{world}_p{rpn}" + (f"_nl{args.node_limit}" if args.node_limit else "")
+    tag = (f"ep{world}" if rpn == world else f"ep{world}_p{rpn}") + (f"_nl{args.node_limit}" if args.node_limit else "")
     write_doc(args.out, f"kernel_times_{tag}.json",
               "profiler kernel times of largeep's own kernels (see bench/kernel_times.py)", recs)
     if legs:

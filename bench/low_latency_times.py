@@ -212,7 +212,10 @@ def main() -> None:
           f"{r['time_us_p10']:.1f}", f"{r['time_us_p90']:.1f}"] for r in recs],
         headers=["of", "op", "ep", "tokens", "dtype", "us", "p10", "p90"],
     ))
-    write_doc(args.out, f"low_latency_times_ep{world}.json",
+    # (the options in the name: a second run into the same --out with others must not replace this one)
+    tag = f"ep{world}" + ("" if args.fp8 else "_bf16") + ("_weighted" if args.weighted else "") + \
+        ("_partial" if args.bf16_partial_sums else "")
+    write_doc(args.out, f"low_latency_times_{tag}.json",
               "low-latency kernel and CUDA-graph replay times (bench/low_latency_times.py)", recs)
 
 

@@ -18,7 +18,6 @@ import argparse
 import datetime
 import json
 import os
-import socket
 import sys
 import time
 from collections.abc import Sequence
@@ -192,7 +191,7 @@ def _run_rank(
 
 
 def _spawned(
-    rank: int, world: int, port: int, device_kind: str, args: argparse.Namespace, command: str, part: str
+    rank: int, world: int, rendezvous: str, device_kind: str, args: argparse.Namespace, command: str, part: str
 ) -> None:
     _safe_env()
     import torch
@@ -205,16 +204,10 @@ def _spawned(
     else:
         torch.set_num_threads(1)
     dist.init_process_group(
-        "nccl" if device_kind == "gpu" else "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+        "nccl" if device_kind == "gpu" else "gloo", init_method=f"file://{rendezvous}", rank=rank,
         world_size=world, timeout=datetime.timedelta(seconds=600), **kwargs,
     )
     _run_rank(args, command, device_kind, rank, part)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -283,9 +276,12 @@ def _launch(args: argparse.Namespace, kind: str, nprocs: int, command: str) -> i
             child = argparse.Namespace(**vars(args))
             child.backends = [backend]
             part = parts_dir / f"{backend}.json"
+            # a file rendezvous, new for each backend (a free TCP port found here could be taken before the ranks
+            # bind it)
+            rendezvous = parts_dir / f"{backend}.rendezvous"
             try:
                 mp.start_processes(
-                    _spawned, args=(nprocs, _free_port(), kind, child, command, str(part)), nprocs=nprocs,
+                    _spawned, args=(nprocs, str(rendezvous), kind, child, command, str(part)), nprocs=nprocs,
                     join=True, start_method="spawn",
                 )
             except (mp.ProcessRaisedException, mp.ProcessExitedException) as exc:

@@ -295,6 +295,8 @@ def _launch(args: argparse.Namespace, kind: str, nprocs: int, command: str) -> i
                 extras += [rec.Extra(**e) for e in doc["extras"]]
                 skipped += doc["skipped"]
                 settings = settings or doc["settings"]
+        if settings:
+            settings = {**settings, "backends": plan.backends}  # (each part ran one of them)
         finish(records, extras, skipped=skipped, settings=settings, plan=plan)
     finally:
         shutil.rmtree(parts_dir, ignore_errors=True)

@@ -404,7 +404,8 @@ class Sweep:
     def settings(self) -> dict[str, Any]:
         p = self.plan
         return {
-            "preset": p.preset, "warmup": p.warmup, "iters": p.iters, "routing": p.routing,
+            "preset": p.preset, "backends": p.backends, "modes": p.modes, "hook": p.hook,
+            "warmup": p.warmup, "iters": p.iters, "routing": p.routing,
             "zipf_s": p.zipf_s if p.routing == "zipf" else None, "seed": p.seed,
             "device": self.device.type, "world_size": self.n, "ranks_per_node": self.rpn,
             "normal": asdict(p.normal), "low_latency": asdict(p.low_latency), "num_sms": p.num_sms,

@@ -1215,10 +1215,12 @@ def too_large_for_the_gpu(rank: int, world: int) -> dict[str, Any]:
 
 
 def ranks_disagree(rank: int, world: int) -> list[str]:
-    """Ranks that disagree on a combine (topk_weights on rank 0 only; y float32 on rank 0 only) or on a cached
-    dispatch (FP8 rows on rank 0 only), with variable and fixed (num_worst_tokens) outputs: on CPU groups every rank
-    raises ArgumentError naming each rank's call (gloo aborted the process), nothing moves, and the next good
-    round trip is right."""
+    """Ranks that disagree on a combine (topk_weights on rank 0 only; y float32 on rank 0 only), on a cached
+    dispatch (FP8 rows on rank 0 only), or on the call itself (a cached dispatch on rank 0, a combine or a fresh
+    dispatch elsewhere), with variable and fixed (num_worst_tokens) outputs: on CPU groups every rank raises
+    ArgumentError naming each rank's call (gloo aborted the process where the calls' first collectives differed in
+    size, and a cached dispatch met by a combine of the same sizes returned the wrong rows), nothing moves, and the
+    next good round trip is right."""
     torch.manual_seed(rank)
     e = 4 * world
     buf = largeep.Buffer(None, hidden=128, num_experts=e, num_topk=2, max_tokens_per_rank=8, backend="torch")
@@ -1235,7 +1237,12 @@ def ranks_disagree(rank: int, world: int) -> list[str]:
                       "topk_weights given", "topk_weights None"),
                      (lambda d=d, y=y: buf.combine(y, d.handle), "y torch.float32", "y torch.bfloat16"),
                      (lambda d=d: buf.dispatch(fp8.quantize(x) if rank == 0 else x, handle=d.handle),
-                      "x torch.float8_e4m3fn, FP8 scales", "x torch.bfloat16")]
+                      "x torch.float8_e4m3fn, FP8 scales", "x torch.bfloat16"),
+                     (lambda d=d: buf.dispatch(x, handle=d.handle) if rank == 0 else buf.combine(d.x, d.handle),
+                      "cached dispatch, x torch.bfloat16", "combine, y torch.bfloat16"),
+                     (lambda d=d, worst=worst: buf.dispatch(x, handle=d.handle) if rank == 0 else
+                      buf.dispatch(x, idx, w, num_worst_tokens=worst),
+                      "cached dispatch, x torch.bfloat16", f"num_worst_tokens={worst}, x torch.bfloat16")]
             for call, first, second in cases:
                 try:
                     call()

@@ -689,9 +689,11 @@ def test_nvshmem_group_sizes(low_latency: bool, ranks: int, per_node: int, max_t
 
 
 def test_torch_backend_ranks_disagree(pools) -> None:
-    """Cached dispatches and combines whose kind differs between ranks are refused on every rank (CPU groups)."""
+    """Cached dispatches and combines whose kind differs between ranks, and ranks that make different calls, are
+    refused on every rank (CPU groups)."""
     for msgs in pools(WORLD).run(error_bodies.ranks_disagree):
-        assert len(msgs) == 6 and all("disagree on the call" in m for m in msgs), msgs
+        assert len(msgs) == 10 and all("disagree on the call" in m for m in msgs), msgs
+        assert sum("make the same call" in m for m in msgs) == 4, msgs
 
 
 def test_dispatch_round_left_open_marks_the_buffer() -> None:

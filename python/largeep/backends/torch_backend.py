@@ -67,22 +67,56 @@ def _exclusive_cumsum(t: torch.Tensor, dim: int = 0) -> torch.Tensor:
     return torch.cumsum(t, dim=dim) - t
 
 
-# A fresh dispatch's signature, sent with its counts: num_worst_tokens, x's dtype, FP8 scales or not; then its id
-# check's verdict (the lowest id below -1 and the highest id >= E, 0 for none or without a check).
-_SIG = 5
+# A normal-mode call's signature: the call (_FRESH dispatch, _CACHED dispatch, _COMBINE), num_worst_tokens, the
+# dtype of its rows, and FP8 scales (a dispatch) or topk_weights (a combine) given or not; then a fresh dispatch's id
+# check verdict (the lowest id below -1 and the highest id >= E, 0 for none or without a check). A fresh dispatch
+# sends it with its counts, the last _SIG columns of its first collective. On CPU groups every normal-mode call's
+# first collective carries it at that one width (_agree), so ranks that make different calls pair in it and raise
+# instead of meeting collectives of different sizes, which gloo answers by aborting the process.
+_SIG = 6
+_FRESH, _CACHED, _COMBINE = 0, 1, 2
 _DTYPE_CODE = {torch.bfloat16: 0, torch.float32: 1, fp8.FP8_DTYPE: 2}
 _DTYPE_NAME = {v: str(k) for k, v in _DTYPE_CODE.items()}
 
 
 def _call_signature(num_worst_tokens: int, x: torch.Tensor, x_scales: torch.Tensor | None, n: int,
                     dev: torch.device, topk_idx: torch.Tensor, num_experts: int, check_ids: bool) -> torch.Tensor:
-    sig = torch.tensor([num_worst_tokens, _DTYPE_CODE.get(x.dtype, -1), int(x_scales is not None), 0, 0],
+    sig = torch.tensor([_FRESH, num_worst_tokens, _DTYPE_CODE.get(x.dtype, -1), int(x_scales is not None), 0, 0],
                        dtype=torch.int64, device=dev)
     if check_ids and topk_idx.numel():  # (on the device: the verdict travels with the counts, no sync of its own)
         lo, hi = torch.aminmax(topk_idx)
-        sig[3] = torch.where(lo < -1, lo, 0)
-        sig[4] = torch.where(hi >= num_experts, hi, 0)
+        sig[4] = torch.where(lo < -1, lo, 0)
+        sig[5] = torch.where(hi >= num_experts, hi, 0)
     return sig.expand(n, _SIG)
+
+
+def _describe_call(row: tuple[int, ...]) -> str:
+    call, worst, dtype, flag = row[:4]
+    name = _DTYPE_NAME.get(dtype, "?")
+    if call == _COMBINE:
+        return f"combine, y {name}, topk_weights {'given' if flag else 'None'}"
+    rows = f"x {name}{', FP8 scales' if flag else ''}"
+    return f"cached dispatch, {rows}" if call == _CACHED else f"num_worst_tokens={worst}, {rows}"
+
+
+# what every rank must do, by the call this rank made
+_SAME_CALL = {
+    _FRESH: "dispatch the same kind of rows with the same num_worst_tokens",
+    _CACHED: "send the same kind of rows in a cached dispatch",
+    _COMBINE: "combine the same dtype of y, and pass topk_weights or not alike",
+}
+
+
+def _raise_if_calls_differ(rows: Sequence[tuple[int, ...]], rank: int) -> None:
+    """ArgumentError on every rank (each sees every rank's signature) when the ranks' calls differ: another call
+    (a fresh or cached dispatch, a combine), or another kind of rows. Ignores the id verdicts."""
+    kinds = [r[:4] for r in rows]
+    if all(k == kinds[rank] for k in kinds):
+        return
+    op = "combine" if kinds[rank][0] == _COMBINE else "dispatch"
+    rule = _SAME_CALL[kinds[rank][0]] if all(k[0] == kinds[rank][0] for k in kinds) else \
+        "make the same call (a fresh dispatch, a cached dispatch or a combine)"
+    raise checks.calls_disagree(op, [_describe_call(r) for r in rows], rule)
 
 
 def _first_naming(topk_idx: torch.Tensor) -> torch.Tensor:
@@ -99,40 +133,29 @@ def _check_signatures(sig: torch.Tensor, rank: int, num_experts: int) -> None:
     ArgumentError when the ranks' dispatches differ in kind: their rows would not match in the collectives that
     follow."""
     rows = [tuple(int(v) for v in r) for r in sig.tolist()]
-    refused = [r for r, row in enumerate(rows) if row[3] or row[4]]
+    if any(r[0] != _FRESH for r in rows):  # (a peer made another call: its verdict fields mean nothing)
+        _raise_if_calls_differ(rows, rank)
+    refused = [r for r, row in enumerate(rows) if row[4] or row[5]]
     if refused:
-        low, high = rows[rank][3:]
+        low, high = rows[rank][4:]
         raise checks.refused_round("dispatch", rank, refused, low or high or None, num_experts)
-    rows = [r[:3] for r in rows]
-    if all(r == rows[rank] for r in rows):
-        return
-    calls = [f"num_worst_tokens={w}, x {_DTYPE_NAME.get(d, '?')}{', FP8 scales' if fp else ''}" for w, d, fp in rows]
-    raise checks.calls_disagree("dispatch", calls, "dispatch the same kind of rows with the same num_worst_tokens")
+    _raise_if_calls_differ(rows, rank)
 
 
-def _agree(backend: TorchBackend, op: str, values: tuple[int, ...], describe: Callable[[tuple[int, ...]], str],
-           what: str) -> None:
-    """On a CPU group (gloo aborts the process, no exception, when the sizes of one collective differ between
-    ranks): every rank sends ``values`` (its kind of call) and every rank raises ArgumentError naming each rank's
-    when they differ, before any row moves. Not on CUDA, where comparing would wait on the host."""
-    n = backend.ctx.num_ranks
+def _agree(backend: TorchBackend, call: int, dtype: torch.dtype, flag: bool) -> None:
+    """On a CPU group, a cached dispatch's or a combine's first collective: its signature (``call``, the dtype of
+    its rows, FP8 scales or topk_weights given) at the width of a fresh dispatch's counts, so that it pairs with
+    whatever call the other ranks made; every rank raises ArgumentError naming each rank's call when they differ,
+    before any row moves. Not on CUDA, where comparing would wait on the host."""
+    c = backend.ctx
+    n = c.num_ranks
     if n == 1:
         return
-    mine = torch.tensor(values, dtype=torch.int64).expand(n, len(values)).contiguous()
+    mine = torch.zeros(n, 1 + c.experts_per_rank + _SIG, dtype=torch.int64)
+    mine[:, -_SIG:] = torch.tensor([call, 0, _DTYPE_CODE.get(dtype, -1), int(flag), 0, 0])
     got, _ = backend._all_to_all(mine, n)
-    rows = [tuple(int(v) for v in r) for r in got.tolist()]
-    if all(r == rows[0] for r in rows):
-        return
-    desc = "; ".join(f"rank {r}: {describe(row)}" for r, row in enumerate(rows))
-    raise ArgumentError(f"{op}: the ranks of the group disagree on the call ({desc}); {what}")
-
-
-def _rows_kind(v: tuple[int, ...]) -> str:
-    return f"x {_DTYPE_NAME.get(v[0], '?')}{', FP8 scales' if v[1] else ''}"
-
-
-def _combine_kind(v: tuple[int, ...]) -> str:
-    return f"y {_DTYPE_NAME.get(v[0], '?')}, topk_weights {'given' if v[1] else 'None'}"
+    rows = [tuple(int(v) for v in r) for r in got[:, -_SIG:].tolist()]
+    _raise_if_calls_differ(rows, c.rank)
 
 
 @dataclass
@@ -335,8 +358,7 @@ class TorchBackend:
         exchange (no sync of its own), this rank raises ArgumentError and the others PeerRefusedError."""
         self._begin("dispatch")
         if state is not None and x.device.type == "cpu":  # (a fresh dispatch's kind travels with its counts)
-            _agree(self, "dispatch", (_DTYPE_CODE.get(x.dtype, -1), int(x_scales is not None)), _rows_kind,
-                   "every rank of a cached dispatch must send the same kind of rows")
+            _agree(self, _CACHED, x.dtype, x_scales is not None)
         if num_worst_tokens > 0 or isinstance(state, _FixedState):
             assert not check_ids or x.device.type == "cpu", "dispatch: no host wait to check ids in (num_worst_tokens)"
             return self._dispatch_fixed(x, x_scales, topk_idx, topk_weights, state, expert_alignment,
@@ -488,8 +510,7 @@ class TorchBackend:
         c = self.ctx
         dev = y.device
         if dev.type == "cpu":
-            _agree(self, "combine", (_DTYPE_CODE.get(y.dtype, -1), int(topk_weights is not None)), _combine_kind,
-                   "every rank must combine the same dtype of y, and pass topk_weights or not alike")
+            _agree(self, _COMBINE, y.dtype, topk_weights is not None)
         parts = [y] + ([topk_weights] if topk_weights is not None else [])
         specs: list[tuple[torch.dtype, tuple[int, ...]]] = [(y.dtype, (c.hidden,))]
         if topk_weights is not None:

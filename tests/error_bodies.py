@@ -1278,3 +1278,31 @@ def event_arguments(rank: int, world: int) -> None:
                 raise AssertionError("a previous_event of the wrong type was taken")
     finally:
         buf.destroy()
+
+
+def ll_use_fp8_disagree(rank: int, world: int) -> str:
+    """A low-latency dispatch with use_fp8 on rank 0 only, on a CPU group: every rank raises ArgumentError naming
+    each rank's use_fp8 (the packed rows of different widths aborted the process in gloo), and the next good round
+    trip is right."""
+    torch.manual_seed(rank)
+    e = 4 * world
+    buf = largeep.Buffer(None, hidden=128, num_experts=e, num_topk=2, max_tokens_per_rank=8, backend="torch",
+                         low_latency=True)
+    x = torch.randn(6, 128).to(torch.bfloat16)
+    idx = torch.stack([torch.randperm(e)[:2] for _ in range(6)])
+    w = torch.rand(6, 2)
+    try:
+        try:
+            buf.low_latency_dispatch(x, idx, use_fp8=rank == 0)
+        except ArgumentError as exc:
+            msg = str(exc)
+            assert "disagree" in msg and "rank 0: use_fp8=True" in msg and "rank 1: use_fp8=False" in msg, msg
+        else:
+            raise AssertionError("ranks that disagree on use_fp8 were not refused")
+        d = buf.low_latency_dispatch(x, idx, use_fp8=False)
+        out = buf.low_latency_combine(d.x, idx, w, d.handle)
+        want = (x.float() * w.sum(1, keepdim=True)).to(torch.bfloat16)
+        torch.testing.assert_close(out.x.float(), want.float(), rtol=2**-7, atol=2**-7)
+    finally:
+        buf.destroy()
+    return msg

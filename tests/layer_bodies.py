@@ -537,7 +537,8 @@ def low_latency_vs_normal(
 def compiled_two_layers(rank: int, world: int, tokens: list[int], num_worst: int, num_chunks: int, seed: int,
                         backend: str = "aot_eager") -> None:
     """torch.compile(fullgraph=True, backend) of two MoE layers (sharing one Buffer) equals eager in the
-    output and every grad; with num_worst_tokens nothing breaks the graph even without fullgraph."""
+    output and every grad; with num_worst_tokens nothing breaks the graph even without fullgraph, in inference and
+    in training (the backward's shapes are static too: weighted_row_sum's backward once split the frame)."""
     hidden, ffn, experts, topk = 32, 16, 4 * world, 3
     torch._dynamo.reset()
     buf = largeep.Buffer(None, hidden=hidden, num_experts=experts, num_topk=topk, max_tokens_per_rank=max(tokens),
@@ -554,6 +555,12 @@ def compiled_two_layers(rank: int, world: int, tokens: list[int], num_worst: int
             with torch.no_grad():
                 explained = torch._dynamo.explain(model)(x)
             assert explained.graph_break_count == 0 and explained.graph_count == 1, str(explained.break_reasons)
+            torch._dynamo.reset()
+            counters = torch._dynamo.utils.counters
+            counters.clear()
+            torch.compile(model, backend=backend)(x).float().sum().backward()
+            graphs = counters["stats"]["unique_graphs"]
+            assert graphs == 1, f"training with num_worst_tokens compiled into {graphs} graphs: {dict(counters)}"
         ops.release_handles(first.buffer_id)
     finally:
         torch._dynamo.reset()
@@ -1255,5 +1262,32 @@ def merging_placement(rank: int, world: int) -> None:
                 idx, wts = DistinctGate()(x)
                 ref = _per_entry_reference(layer, x, idx % e, wts, world)
             close(y, ref, f"a placement that merges experts, num_worst_tokens={worst}")
+    finally:
+        buf.destroy()
+
+
+def deepcopy_of_a_model(rank: int, world: int) -> None:
+    """copy.deepcopy of a model holding an MoELayer (an EMA copy, a frozen reference): the copy has new parameters
+    and shares the Buffer, and gives the same output; pickling the Buffer raises a TypeError that says why."""
+    import copy
+    import pickle
+
+    buf = largeep.Buffer(None, hidden=32, num_experts=4 * world, num_topk=2, max_tokens_per_rank=8,
+                         backend="torch")
+    try:
+        torch.manual_seed(3)
+        model = torch.nn.Sequential(layers.MoELayer(buf, ffn_hidden=16))
+        twin = copy.deepcopy(model)
+        assert twin[0].buffer is buf
+        assert all(a is not b for a, b in zip(model.parameters(), twin.parameters(), strict=True))
+        x = torch.randn(5, 32, generator=_gen(rank, 9))
+        with torch.no_grad():
+            assert torch.equal(model(x), twin(x))
+        try:
+            pickle.dumps(buf)
+        except TypeError as exc:
+            assert "cannot be pickled" in str(exc) and "state_dict" in str(exc), str(exc)
+        else:
+            raise AssertionError("a Buffer was pickled")
     finally:
         buf.destroy()

@@ -696,6 +696,11 @@ def test_torch_backend_ranks_disagree(pools) -> None:
         assert sum("make the same call" in m for m in msgs) == 4, msgs
 
 
+def test_torch_backend_low_latency_use_fp8_disagree(pools) -> None:
+    """Low-latency dispatches whose use_fp8 differs between ranks are refused on every rank (CPU groups)."""
+    pools(WORLD).run(error_bodies.ll_use_fp8_disagree)
+
+
 def test_dispatch_round_left_open_marks_the_buffer() -> None:
     """The nvshmem dispatch's guard: an exception after the round's sends were queued and before its copy-out marks
     the Buffer unusable, naming the exception; one before the sends, or once the copy-out is queued, or after a

@@ -101,6 +101,10 @@ def test_layer_size_checks(pools) -> None:
     pools(1).run(layer_bodies.layer_size_checks)
 
 
+def test_deepcopy_of_a_model(pools) -> None:
+    pools(1).run(layer_bodies.deepcopy_of_a_model)
+
+
 def test_repeated_expert_gate(pools) -> None:
     pools(2).run(layer_bodies.repeated_expert_gate)
 

@@ -437,6 +437,15 @@ class Buffer:
         return "nvshmem"
 
     # -- lifetime -----------------------------------------------------------------------------------------------
+    def __deepcopy__(self, memo: dict[int, Any]) -> Buffer:
+        """A Buffer is a shared communication resource (its group, its device memory): a deep copy of a model that
+        holds one (an EMA copy, a frozen reference) shares it."""
+        return self
+
+    def __reduce__(self) -> Any:
+        raise TypeError("a largeep.Buffer cannot be pickled (it holds a process group and device memory); save the "
+                        "model's state_dict instead, and make a new Buffer when loading")
+
     def destroy(self) -> None:
         """Frees every buffer (collective on the group for the nvshmem backend). Idempotent."""
         if not self._alive:

@@ -692,25 +692,29 @@ def _wrs_setup(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
 def _wrs_backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None, Tensor | None, None, None]:
     """One top-k column at a time, so the temporaries are [R, H], never [R, K, H]:
     grad_src[pos[r, k]] = w[r, k] * grad[r] (each valid entry names its own row; duplicates add up) and
-    grad_w[r, k] = <grad[r], src[pos[r, k]]> (0 for entries equal to pad or at or past count). Only the rows of
-    src that valid entries name are read, and the other rows of grad_src are zero."""
+    grad_w[r, k] = <grad[r], src[pos[r, k]]> (0 for entries equal to pad, outside src, or at or past count). Every
+    shape is static (no data-dependent selection or branch, which would break a compiled backward into pieces): an
+    entry left out names an extra row P, zero in the copy of src that is read and dropped from grad_src, and its
+    weight's grad is masked by torch.where (so that whatever its weight or grad hold, NaN included, goes nowhere);
+    the rows of grad_src no valid entry names are zero."""
     src, pos, w, count = ctx.saved_tensors
-    k = pos.shape[1]
-    valid = _summed(pos, ctx.pad, count, src.shape[0])
+    k, n = pos.shape[1], src.shape[0]
+    valid = _summed(pos, ctx.pad, count, n)
     g32 = grad.float()
     # in src's dtype: each row gets one product, rounded once (rows named twice would be rounded per addition)
-    g_src = torch.zeros_like(src) if ctx.needs_input_grad[0] else None
+    g_src = src.new_zeros(n + 1, src.shape[1]) if ctx.needs_input_grad[0] else None
     g_w = torch.zeros(pos.shape, dtype=torch.float32, device=pos.device) if ctx.needs_input_grad[2] else None
+    src_read = F.pad(src, (0, 0, 0, 1)) if g_w is not None else None  # (row n: zeros)
     for j in range(k):
-        rows = valid[:, j].nonzero().squeeze(1)
-        p = pos[rows, j]
+        ok = valid[:, j]
+        p = torch.where(ok, pos[:, j], n)
         if g_src is not None:
-            g_src.index_add_(0, p, (g32[rows] * w[rows, j].float().unsqueeze(1)).to(src.dtype))
-        if g_w is not None:
+            g_src.index_add_(0, p, (g32 * w[:, j].float().unsqueeze(1)).to(src.dtype))
+        if g_w is not None and src_read is not None:
             # in float32 throughout (a bf16 bmm returns its dot products rounded to bf16)
-            g_w[rows, j] = torch.linalg.vecdot(src[p].float(), g32[rows])
+            g_w[:, j] = torch.where(ok, torch.linalg.vecdot(src_read[p].float(), g32), 0.0)
     return (
-        g_src,
+        g_src[:n] if g_src is not None else None,
         None,
         g_w.to(w.dtype) if g_w is not None else None,
         None,

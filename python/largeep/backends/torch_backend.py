@@ -592,7 +592,18 @@ class TorchBackend:
         packed = _pack(parts)
         send = torch.zeros(n * cap + 1, packed.shape[1], dtype=torch.uint8, device=dev)
         send[slot] = packed
+        # On CPU groups each rank's use_fp8 travels with its counts: rows of another width would meet in the next
+        # collective, which gloo answers by aborting the process; every rank raises here instead.
+        check_kind = dev.type == "cpu" and n > 1
+        if check_kind:
+            counts = torch.cat([counts, torch.full((n, 1), int(use_fp8), dtype=torch.int64)], dim=1)
         recv_counts, _ = self._all_to_all(counts, n)  # [N src, E/N]
+        if check_kind:
+            kinds = [bool(v) for v in recv_counts[:, -1].tolist()]
+            recv_counts = recv_counts[:, :-1]
+            if any(v != use_fp8 for v in kinds):
+                raise checks.calls_disagree("low_latency_dispatch", [f"use_fp8={v}" for v in kinds],
+                                            "pass the same use_fp8")
         rows, work = self._all_to_all(send[: n * cap], n * cap, async_op=async_recv)
         rows_per_expert = n * m
         x_out = torch.empty(epr, rows_per_expert, c.hidden, dtype=fp8.FP8_DTYPE if use_fp8 else x.dtype, device=dev)

@@ -55,9 +55,10 @@ __device__ __forceinline__ void set_flag(const NormalCtx& c, int r, int kind, in
 // not once this Buffer has reported an error (a kernel that gave up skipped its rows, and the flag would hand a peer
 // that comes more than LARGEEP_TIMEOUT_S late whatever its slot held before), unless the round is void (it carries
 // no rows, and every rank's copy-out still waits for these flags; a num_worst_tokens rank reports the void round
-// as an error). (A rank whose count wait timed out does not know yet that the round is void, so in a void round
-// that also lost a rank, the others time out naming it rather than raising the refusal.) Peers then time out naming this rank, as in the low-latency mode. Thread 0 reads the error
-// word once for the block, so that every peer gets its flag or none does: call it from every thread of the block.
+// as an error). Peers then time out naming this rank, as in the low-latency mode. (A rank whose count wait timed
+// out does not know yet that the round is void, so in a void round that also lost a rank, the others time out
+// naming it rather than raising the refusal.) Thread 0 reads the error word once for the block, so that every
+// peer gets its flag or none does: call it from every thread of the block.
 __device__ __forceinline__ bool block_raises_data_flags(const NormalCtx& c, bool void_round) {
     __shared__ int raise;
     if (threadIdx.x == 0) raise = void_round || !has_error(c.err);

@@ -127,6 +127,20 @@ def _bare_nvshmem(**ctx: Any) -> Any:
     return b
 
 
+def test_nvshmem_kinds_disagree_message() -> None:
+    """A void round whose ranks sent different kinds of rows (the kind in bits 2-4 of each rank's refusal word):
+    ArgumentError naming each rank's kind as the torch backend names it, and the rank that ran it without a host
+    wait (its GPU test: test_kinds_disagree)."""
+    b = _bare_nvshmem(rank=0, num_ranks=3, num_experts=12)
+    words = [1 << 2, (2 << 2) | 2, 4 << 2]  # bf16; float32 without a host wait; FP8 with scales
+    with pytest.raises(largeep.ArgumentError) as info:
+        b._raise_refused("dispatch", words, checked=True)
+    msg = str(info.value)
+    for part in ("disagree", "rank 0: x torch.bfloat16", "rank 1: x torch.float32",
+                 "rank 2: x torch.float8_e4m3fn, FP8 scales", "rank(s) [1] ran the call with num_worst_tokens"):
+        assert part in msg, msg
+
+
 def test_nvshmem_host_gave_up_message() -> None:
     """The error word a dispatch's host writes when it gave up on the count exchange before the device reported
     (op 3, no rank): this and every later call raise PeerTimeoutError saying so."""

@@ -138,6 +138,11 @@ def _after_void_round(no_wait: list[int] | None) -> str:
     return ", and the Buffer stays usable for the next call"
 
 
+def rows_kind(dtype: torch.dtype | str, with_scales: bool) -> str:
+    """A dispatch's kind of rows, as the refusals of ranks that disagree name it (both backends)."""
+    return f"x {dtype}{', FP8 scales' if with_scales else ''}"
+
+
 def calls_disagree(op: str, calls: Sequence[str], rule: str, no_wait: list[int] | None = None) -> ArgumentError:
     """What every rank raises for a collective call whose ranks disagree on its kind (``calls``: each rank's, in
     rank order), which was void on every rank; ``rule``: what every rank must do."""

@@ -50,8 +50,8 @@ _OPS = {
 _OP_WORST_TOO_SMALL = 8  # kOpWorstTooSmall: not a timeout
 _OP_PEER_REFUSED = 9  # kOpPeerRefused: a rank refused a round this rank ran with num_worst_tokens (not a timeout)
 _OP_RANKS_DISAGREE = 10  # kOpRanksDisagree: the ranks sent rows of different kinds (not a timeout)
-# the kinds of rows a fresh dispatch sends (api.cuh's kRowKind), as the refusal names them
-_ROW_KINDS = {1: "x torch.bfloat16", 2: "x torch.float32", 4: "x torch.float8_e4m3fn, FP8 scales"}
+# the kinds of rows a fresh dispatch sends (api.cuh's kRowKind): dtype, FP8 scales or not
+_ROW_KINDS = {1: (torch.bfloat16, False), 2: (torch.float32, False), 4: (FP8_DTYPE, True)}
 _OP_ABANDONED = 16  # (host only) a dispatch raised between queuing its sends and queuing its copy-out
 # The host waits a little longer than the device, so that the device's report (which names the rank) comes first.
 _HOST_GRACE_S = 5.0
@@ -904,7 +904,8 @@ class NvshmemBackend:
         refused = [r for r, w in enumerate(words) if w & 1]
         no_wait = [r for r, w in enumerate(words) if w & 2]
         if not refused:
-            calls = [_ROW_KINDS.get(w >> 2 & 7, f"rows of kind {w >> 2 & 7}") for w in words]
+            kinds = [w >> 2 & 7 for w in words]
+            calls = [checks.rows_kind(*_ROW_KINDS[k]) if k in _ROW_KINDS else f"rows of kind {k}" for k in kinds]
             raise checks.calls_disagree(op, calls, "dispatch the same kind of rows", no_wait)
         bad = None
         if c.rank in refused:

@@ -76,7 +76,7 @@ def _exclusive_cumsum(t: torch.Tensor, dim: int = 0) -> torch.Tensor:
 _SIG = 6
 _FRESH, _CACHED, _COMBINE = 0, 1, 2
 _DTYPE_CODE = {torch.bfloat16: 0, torch.float32: 1, fp8.FP8_DTYPE: 2}
-_DTYPE_NAME = {v: str(k) for k, v in _DTYPE_CODE.items()}
+_DTYPE_OF = {v: k for k, v in _DTYPE_CODE.items()}
 
 
 def _call_signature(num_worst_tokens: int, x: torch.Tensor, x_scales: torch.Tensor | None, n: int,
@@ -91,11 +91,11 @@ def _call_signature(num_worst_tokens: int, x: torch.Tensor, x_scales: torch.Tens
 
 
 def _describe_call(row: tuple[int, ...]) -> str:
-    call, worst, dtype, flag = row[:4]
-    name = _DTYPE_NAME.get(dtype, "?")
+    call, worst, code, flag = row[:4]
+    dtype = _DTYPE_OF.get(code, "?")
     if call == _COMBINE:
-        return f"combine, y {name}, topk_weights {'given' if flag else 'None'}"
-    rows = f"x {name}{', FP8 scales' if flag else ''}"
+        return f"combine, y {dtype}, topk_weights {'given' if flag else 'None'}"
+    rows = checks.rows_kind(dtype, bool(flag))
     return f"cached dispatch, {rows}" if call == _CACHED else f"num_worst_tokens={worst}, {rows}"
 
 

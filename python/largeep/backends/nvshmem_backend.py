@@ -741,9 +741,9 @@ class NvshmemBackend:
         out_idx: torch.Tensor | None
         out_w: torch.Tensor | None
         # A fresh dispatch of bf16/e4m3 rows that waits on the host receives into a free zero-copy slot when there
-        # is one (its outputs are then that slot's planes, no copy-out); slot 0 is the copy slot. A void round
-        # (a refusal) gives its slot back; a slot stays taken if the call fails otherwise before its outputs exist
-        # (the Buffer is unusable then anyway).
+        # is one (its outputs are then that slot's planes, no copy-out); slot 0 is the copy slot. A round that ends
+        # without outputs (a refusal, or outputs that could not be made) gives its slot back; a slot stays taken
+        # only if the call fails at its count wait (the Buffer is unusable then anyway).
         slot = 0
         if state is None:
             assert topk_idx is not None and topk_weights is not None
@@ -774,9 +774,10 @@ class NvshmemBackend:
                 per_expert_t = ws[ws.shape[0] - epr:]
             words = self._id_check_words(check_ids, t)  # (the layout check's words)
             # One native call queues prepare, takes a zero-copy slot (if one is free and wanted), the count exchange
-            # (notify) and the sends (as _send_cached's): the sends need no host decision, so they run while the host
-            # waits for the counts below. (No wait for the id check here: a refusal voids the round on every rank,
-            # and the host learns of it with the counts; a void round's slot is released before raising.)
+            # (notify) and the sends (the native send, as _send_cached's): the sends need no host decision, so they
+            # run while the host waits for the counts below. (No wait for the id check here: a refusal voids the round
+            # on every rank, and the host learns of it with the counts; a void round's slot is released before
+            # raising.)
             self._round_open = True
             slot = int(k.start(
                 topk_idx.data_ptr(), t, send_pos, _ptr(hier.node_pos if hier else None), self_token, words,

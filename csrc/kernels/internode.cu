@@ -59,8 +59,7 @@ __global__ void __launch_bounds__(kThreads) dispatch_rdma_send_kernel(NormalCtx 
     const int64_t seq = c.seq[kSeqDispatch] + 1;
     // My RDMA peers must have forwarded the previous round out of their RDMA receive buffers. A void fresh round
     // (a rank refused it, or the ranks' kinds of rows differ) puts nothing; its flags still go up.
-    const bool ok = wait_rdma_peers(c, kFlagRecvFree, seq - 1, kOpDispatch) &&
-                    (cached || c.seq[kRoundVoid] == 0);
+    const bool ok = wait_rdma_peers(c, kFlagRecvFree, seq - 1, kOpDispatch) && !void_round(c, !cached);
     if (ok) {
         const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp, kWarps = blockDim.x / kWarp;
         const int64_t x_bytes = static_cast<int64_t>(c.hidden) * x_elem;
@@ -103,7 +102,7 @@ __global__ void __launch_bounds__(kThreads) dispatch_rdma_send_kernel(NormalCtx 
     }
     nvshmem_quiet();  // this thread's puts have landed
     __threadfence_system();
-    if (last_block(c.block_counter + 4) && block_raises_data_flags(c, !cached && c.seq[kRoundVoid] != 0)) {
+    if (last_block(c.block_counter + 4) && block_raises_data_flags(c, void_round(c, !cached))) {
         if (static_cast<int>(threadIdx.x) < M && static_cast<int>(threadIdx.x) != node)
             set_flag(c, threadIdx.x * P + me_local, kFlagRdmaRows, c.rank, seq);
     }
@@ -144,7 +143,7 @@ __global__ void __launch_bounds__(kThreads) dispatch_forward_kernel(NormalCtx c,
         }
     }
     __threadfence_system();  // this thread's NVLink stores before the flags
-    if (last_block(c.block_counter + 5) && block_raises_data_flags(c, !cached && c.seq[kRoundVoid] != 0)) {
+    if (last_block(c.block_counter + 5) && block_raises_data_flags(c, void_round(c, !cached))) {
         for (int i = threadIdx.x; i < P * M; i += blockDim.x) {
             const int l = i / M, m = i % M;
             if (m != node) set_flag(c, node * P + l, kFlagRows, m * P + me_local, seq);

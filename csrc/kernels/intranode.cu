@@ -252,8 +252,7 @@ __global__ void __launch_bounds__(kThreads) dispatch_push_kernel(NormalCtx c, co
     const int P = c.ranks_per_node, r0 = first_local(c);
     // Receivers must have consumed the previous round (the notify kernel checked it for non-cached calls). A void
     // fresh round (send_slot given) that a rank refused moves no row; its flags still go up.
-    const bool ok = wait_local(c, kFlagRecvFree, seq - 1, kOpDispatch) &&
-                    (send_slot == nullptr || c.seq[kRoundVoid] == 0);
+    const bool ok = wait_local(c, kFlagRecvFree, seq - 1, kOpDispatch) && !void_round(c, send_slot != nullptr);
     if (ok) {
         const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp, kWarps = blockDim.x / kWarp;
         const int64_t x_bytes = static_cast<int64_t>(c.hidden) * x_elem;
@@ -278,7 +277,7 @@ __global__ void __launch_bounds__(kThreads) dispatch_push_kernel(NormalCtx c, co
     }
     __threadfence_system();  // this thread's remote stores before the flag
     if (last_block(c.block_counter + 0) &&
-        block_raises_data_flags(c, send_slot != nullptr && c.seq[kRoundVoid] != 0)) {
+        block_raises_data_flags(c, void_round(c, send_slot != nullptr))) {
         if (static_cast<int>(threadIdx.x) < P) set_flag(c, r0 + threadIdx.x, kFlagRows, me, seq);
     }
 }

@@ -51,6 +51,10 @@ __device__ __forceinline__ void set_flag(const NormalCtx& c, int r, int kind, in
     set_peer_flag(is_local(c, r) ? peer(c, r) : nullptr, c.base, c.off_flags + 8 * word, v, r);
 }
 
+// Whether a dispatch's round is void (seq[kRoundVoid], set by the notify kernel: a rank refused it, or the ranks'
+// kinds of rows differ): it moves no row. Only a fresh dispatch can be; a cached one has no count exchange.
+__device__ __forceinline__ bool void_round(const NormalCtx& c, bool fresh) { return fresh && c.seq[kRoundVoid] != 0; }
+
 // Whether a sending kernel's last block raises the flags that tell peers its rows (or partial sums) are in place:
 // not once this Buffer has reported an error (a kernel that gave up skipped its rows, and the flag would hand a peer
 // that comes more than LARGEEP_TIMEOUT_S late whatever its slot held before), unless the round is void (it carries
@@ -59,9 +63,9 @@ __device__ __forceinline__ void set_flag(const NormalCtx& c, int r, int kind, in
 // out does not know yet that the round is void, so in a void round that also lost a rank, the others time out
 // naming it rather than raising the refusal.) Thread 0 reads the error word once for the block, so that every
 // peer gets its flag or none does: call it from every thread of the block.
-__device__ __forceinline__ bool block_raises_data_flags(const NormalCtx& c, bool void_round) {
+__device__ __forceinline__ bool block_raises_data_flags(const NormalCtx& c, bool is_void) {
     __shared__ int raise;
-    if (threadIdx.x == 0) raise = void_round || !has_error(c.err);
+    if (threadIdx.x == 0) raise = is_void || !has_error(c.err);
     __syncthreads();
     return raise != 0;
 }
@@ -112,8 +116,8 @@ __device__ __forceinline__ int64_t slot_offset(const NormalCtx& c, int s) {
 // set in `dests` (warp-uniform), at row base_l + p_l of the slot at slots[l] (its slot as seen from here, in shared
 // memory), where lane l holds p_l and base_l: the x row (read once, in register chunks; rows of x_bytes in the x
 // plane), then its scales, its expert ids made local to that rank (-1 elsewhere; ids are global), weights and the
-// token index into their planes. idx_row == nullptr (cached dispatch) skips ids, weights and token. kLoad: see ld_v4 (0 for rows that no one
-// writes during the kernel, 1 for rows a peer delivered during it).
+// token index into their planes. idx_row == nullptr (cached dispatch) skips ids, weights and token. kLoad: see
+// ld_v4 (0 for rows that no one writes during the kernel, 1 for rows a peer delivered during it).
 template <int kLoad>
 __device__ __forceinline__ void push_row(const NormalCtx& c, const uint8_t* x_row, int64_t x_bytes,
                                          const float* scales_row, const int64_t* idx_row, const float* w_row,

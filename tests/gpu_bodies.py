@@ -938,15 +938,41 @@ def with_tune(rank: int, world: int, tune: str, fn: Any, *args: Any) -> dict[str
             os.environ["LARGEEP_TUNE"] = old
 
 
-def low_latency_rounds(rank: int, world: int, rounds: int, tokens: int, hidden: int, experts: int, topk: int) -> None:
+def _start_low_latency_at(buf: largeep.Buffer, world: int, experts: int, last_round: int) -> None:
+    """Makes a fresh low-latency nvshmem Buffer continue as if ``last_round`` rounds had run (every rank calls it
+    before its first call): its round counter, and its slot-free flags (the peers freed both slot buffers), which
+    sit first in its symmetric allocation as int64 [kind][slot][E/N * N] (low_latency.cu's ll_flag_index)."""
+    impl = buf._impl  # type: ignore[attr-defined]
+    per_slot = experts // world * world
+    flags = torch.as_tensor(_DeviceWords(impl.base, 5 * 2 * per_slot), device="cuda").view(5, 2, per_slot)
+    flags[1] = last_round  # kLLDispatchFree
+    flags[3] = last_round  # kLLCombineFree
+    impl.seq[2] = last_round  # kSeqLowLatency
+    torch.cuda.synchronize()
+    dist.barrier()
+
+
+class _DeviceWords:
+    """int64 [n] device memory at ``ptr``, for torch.as_tensor (CUDA array interface)."""
+
+    def __init__(self, ptr: int, n: int) -> None:
+        self.__cuda_array_interface__ = {"shape": (n,), "typestr": "<i8", "data": (ptr, False), "version": 2}
+
+
+def low_latency_rounds(rank: int, world: int, rounds: int, tokens: int, hidden: int, experts: int, topk: int,
+                       last_round: int = 0) -> None:
     """``rounds`` dispatch + combine rounds without hooks or host syncs, the ranks starting each round up to 2 ms
     apart (so a round's sends meet slots the slower rank's previous rounds still hold), every round's combine of
-    the dispatched rows checked: out[t] = sum over k of w[t, k] * x[t] (BF16 dispatch, rows unchanged)."""
+    the dispatched rows checked: out[t] = sum over k of w[t, k] * x[t] (BF16 dispatch, rows unchanged).
+    ``last_round``: the Buffer starts as if that many rounds had run (the round numbers the kernels tag their
+    count words with)."""
     import time
 
     buf = largeep.Buffer(None, hidden=hidden, num_experts=experts, num_topk=topk, max_tokens_per_rank=tokens,
                          backend="nvshmem", low_latency=True)
     try:
+        if last_round:
+            _start_low_latency_at(buf, world, experts, last_round)
         outs = []
         for i in range(rounds):
             g = torch.Generator(device="cuda").manual_seed(1000 * i + rank)

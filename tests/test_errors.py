@@ -685,6 +685,10 @@ def test_missing_member_of_a_library_collective_is_bounded(which: str, name: str
     (True, 1024, 8, 128, None, False),
     (True, 2048, 8, 128, "low-latency kernels support at most 1024 ranks", False),
     (True, 1024, 8, 1 << 18, "must be below 2**31", False),  # 1024 x 2**18 x 8 copies
+    (True, 1024, 8, 1 << 16, "must be below 2**31", False),  # 1024 x 2**16 rows x 32 lanes
+    (True, 1024, 8, (1 << 16) - 1, None, False),
+    (True, 2, 2, 1 << 20, None, True),
+    (True, 2, 2, (1 << 20) + 1, "at most 2**20", False),  # a round's count words
 ])
 def test_nvshmem_group_sizes(low_latency: bool, ranks: int, per_node: int, max_tokens: int, refused: str | None,
                              auto: bool) -> None:

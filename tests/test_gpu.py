@@ -210,6 +210,15 @@ def test_low_latency_graph_and_double_buffer(pools, world: int) -> None:
 
 @pytest.mark.gpu(2)
 @needs_native
+def test_low_latency_rounds_past_2_31(pools) -> None:
+    """A Buffer's rounds 2**31 - 3 to 2**31 + 4 and 2**32 - 3 to 2**32 + 4, each checked: the count words carry the
+    round beside the count (with the round in the word's high 32 bits, every dispatch from round 2**31 on failed)."""
+    pools(2, "nccl").run(gpu_bodies.low_latency_rounds, 8, 96, 2048, 16, 4, 2**31 - 4)
+    pools(2, "nccl").run(gpu_bodies.low_latency_rounds, 8, 96, 2048, 16, 4, 2**32 - 4)
+
+
+@pytest.mark.gpu(2)
+@needs_native
 @pytest.mark.parametrize("world", [2, 4])
 def test_normal_worst_graph(pools, world: int) -> None:
     """Normal mode with num_worst_tokens (no host wait): dispatch + combine captured in a CUDA graph, replayed."""

@@ -1,4 +1,4 @@
-// Low-latency mode (decoding) between ranks that all reach each other over NVLink.
+// Low-latency mode (decoding): NVLink stores to the peers of this rank's node, NVSHMEM puts to the others.
 //
 // Dispatch send: one block per token. Warp 0 takes, for every copy k, a row among those this rank sends to that
 // expert (a local atomic per (rank, expert)), and for every destination rank one receive row (a local atomic per
@@ -6,7 +6,7 @@
 // once (or keeps BF16) and stores it into each destination rank's receive buffer at [slot buffer][me][row], with the
 // token and its list of (local expert, copy k, expert row) entries. The last block then publishes, for every
 // (rank, local expert), the expert's row count (plain stores), and then for every rank the number of rows sent
-// there (a release store, the word the receiver waits for), each tagged with the round: ((seq << 32) | count).
+// there (a release store, the word the receiver waits for), each tagged with the round (ll_round_word).
 // Dispatch receive: the grid waits for every source's rows word, reads the counts it published before it, and fans
 // every received row out to the output rows of its entries (experts ascending, sources ascending inside an expert),
 // with src_info and the combine metadata. The output has one row per (token, expert) copy; only the transport is
@@ -71,6 +71,20 @@ __device__ __forceinline__ void ll_set_flag(const LowLatencyCtx& c, int r, int64
     set_peer_flag(same_node(c, r) ? ll_peer(c, r) : nullptr, c.base, c.off_flags + 8 * index, v, r);
 }
 
+// A count or rows word: round seq >= 1 and a count 0 <= n <= max_tokens in one int64, seq * (max_tokens + 1) + n,
+// which grows with the round whatever the counts, so that a wait for round seq is a wait for the word to reach
+// ll_round_word(c, seq, 0) (a word from an earlier round, or the zeroed word of none, stays below it). The Python
+// side bounds max_tokens to 2^20: more than 2^43 rounds fit (years of calls every microsecond).
+__device__ __forceinline__ int64_t ll_round_word(const LowLatencyCtx& c, int64_t seq, int n) {
+    return seq * (static_cast<int64_t>(c.max_tokens) + 1) + n;
+}
+__device__ __forceinline__ int64_t ll_word_round(const LowLatencyCtx& c, int64_t v) {
+    return v / (static_cast<int64_t>(c.max_tokens) + 1);
+}
+__device__ __forceinline__ int ll_word_count(const LowLatencyCtx& c, int64_t v) {
+    return static_cast<int>(v % (static_cast<int64_t>(c.max_tokens) + 1));
+}
+
 // Receive row `row` of the rows source s sent in slot buffer `slot`.
 __device__ __forceinline__ uint8_t* ll_recv_row(uint8_t* base, const LowLatencyCtx& c, int slot, int s, int row) {
     return base + c.off_recv + ((static_cast<int64_t>(slot) * c.num_ranks + s) * c.max_tokens + row) * c.recv_stride;
@@ -133,7 +147,7 @@ __device__ __forceinline__ uint2 quantize_e4m3x8(int4 raw, bool valid, int round
 
 // End of a dispatch send, every thread of every block: its puts completed (put path), then the last block publishes,
 // for every (rank, local expert), this round's row count tagged with the round, and then for every rank the number
-// of receive rows sent there, the word a receiver waits for: ((seq << 32) | count). The count words are plain stores
+// of receive rows sent there, the word a receiver waits for (ll_round_word). The count words are plain stores
 // (puts elsewhere, completed before the barrier); the rows word is a release store (signal), so a receiver that has
 // acquired it sees the counts and, through last_block's barrier and fence, every block's rows. Clears the counters,
 // and advances the round. Nothing is published once any kernel of the Buffer reported an error (a block that gave
@@ -159,7 +173,7 @@ __device__ __forceinline__ void ll_publish_counts(const LowLatencyCtx& c, int* c
             if (!publish) continue;
             const int r = i / epr, le = i % epr;
             const int64_t off = c.off_flags + 8 * ll_flag_index(c, kLLCounts, slot_buf, le * N + c.rank);
-            const int64_t v = (seq << 32) | n;
+            const int64_t v = ll_round_word(c, seq, n);
             if (same_node(c, r)) st_volatile(reinterpret_cast<int64_t*>(ll_peer(c, r) + off), v);
             else nvshmemx_signal_op(reinterpret_cast<uint64_t*>(c.base + off), static_cast<uint64_t>(v),
                                     NVSHMEM_SIGNAL_SET, r);
@@ -170,7 +184,7 @@ __device__ __forceinline__ void ll_publish_counts(const LowLatencyCtx& c, int* c
             int* rows_to = counter + N * epr;
             const int n = min(rows_to[r], c.max_tokens);
             rows_to[r] = 0;
-            if (publish) ll_set_flag(c, r, ll_flag_index(c, kLLRows, slot_buf, c.rank), (seq << 32) | n);
+            if (publish) ll_set_flag(c, r, ll_flag_index(c, kLLRows, slot_buf, c.rank), ll_round_word(c, seq, n));
         }
         if (threadIdx.x == 0) {
             c.seq[kSeqLowLatency] = seq;
@@ -510,23 +524,23 @@ __device__ __forceinline__ void ll_unpack(const LowLatencyCtx& c, uint8_t* out_x
     int* rpref = cnt + segs + 1;  // [N + 1]: receive rows per source, as a prefix sum
     trace_mark(0);
     // each source's rows word, released after its count words: acquired, they are all there
-    const bool arrived = ll_block_wait(c, kLLRows, slot_buf, seq << 32, kOpLowLatencyDispatch);
+    const bool arrived = ll_block_wait(c, kLLRows, slot_buf, ll_round_word(c, seq, 0), kOpLowLatencyDispatch);
     __shared__ int ok_all;
     if (threadIdx.x == 0) ok_all = arrived ? 1 : 0;
     for (int s = threadIdx.x; s < N; s += blockDim.x) {
         const int64_t v = arrived ? ld_acquire_sys(ll_flags(c.base, c) + ll_flag_index(c, kLLRows, slot_buf, s)) : 0;
-        rpref[s + 1] = (v >> 32) == seq ? static_cast<int>(v & 0xffffffff) : 0;
+        rpref[s + 1] = ll_word_round(c, v) == seq ? ll_word_count(c, v) : 0;
     }
     __syncthreads();
     for (int i = threadIdx.x; i < segs; i += blockDim.x) {
         const int64_t v = ok_all ? ld_volatile(ll_flags(c.base, c) + ll_flag_index(c, kLLCounts, slot_buf, le0 * N + i))
                                  : 0;
         // (a count word of another round under this round's rows word: a broken peer; reported, nothing read)
-        if (ok_all && (v >> 32) != seq) {
+        if (ok_all && ll_word_round(c, v) != seq) {
             report_error(c.err, kOpLowLatencyDispatch, i % N);
             atomicAnd(&ok_all, 0);
         }
-        cnt[i + 1] = (v >> 32) == seq ? static_cast<int>(v & 0xffffffff) : 0;
+        cnt[i + 1] = ll_word_round(c, v) == seq ? ll_word_count(c, v) : 0;
     }
     __syncthreads();
     trace_mark(1);
@@ -736,6 +750,7 @@ __device__ __forceinline__ void ll_combine_row(const LowLatencyCtx& c, const __n
     const int64_t o = static_cast<int64_t>(le) * N * M + i;
     const int m = meta[o];
     const int s = m / (M * K), tk = m % (M * K);
+    if (m < 0 || s >= N) return;  // (bounded: no real row of a source; only a receive that went wrong leaves one)
     const int lead = map.lead[o];
     // (bounded: a receive that gave up leaves lead undefined)
     if (lead >= 0 && lead / kWarp < N * M && lead % kWarp < K) {

@@ -69,6 +69,7 @@ MAX_RANKS_NORMAL = 512
 MAX_NODES_NORMAL = 64
 MAX_RANKS_PER_NODE_NORMAL = 32
 MAX_RANKS_LOW_LATENCY = 1024
+MAX_TOKENS_LOW_LATENCY = 1 << 20  # (low_latency.cu's ll_round_word: more than 2**43 rounds of a Buffer fit)
 # The largest groups that have run on GPUs (many ranks per GPU, tests/test_gpu.py's *_many_ranks_shared_gpus and
 # test_normal_wide_nodes_shared_gpus: normal-mode nodes of 1, 2, 4, 8, 16 and 32 ranks and up to 40 nodes,
 # low-latency nodes of up to 34; every node size goes through the same code, a lane per rank of the node):
@@ -83,10 +84,13 @@ def unsupported_reason(ctx: GroupContext) -> str | None:
         if ctx.num_ranks > MAX_RANKS_LOW_LATENCY:
             return (f"the nvshmem low-latency kernels support at most {MAX_RANKS_LOW_LATENCY} ranks "
                     f"(got {ctx.num_ranks})")
-        copies = ctx.num_ranks * ctx.max_tokens_per_rank * ctx.num_topk
+        if ctx.max_tokens_per_rank > MAX_TOKENS_LOW_LATENCY:
+            return ("the nvshmem low-latency kernels keep a round's number beside its row counts in one 64-bit word: "
+                    f"max_tokens_per_rank must be at most 2**20 (got {ctx.max_tokens_per_rank})")
+        copies = ctx.num_ranks * ctx.max_tokens_per_rank * max(ctx.num_topk, 32)
         if copies >= 1 << 31:
-            return ("the nvshmem low-latency kernels number a rank's received copies with 32-bit integers: "
-                    f"ranks x max_tokens_per_rank x num_topk = {copies} must be below 2**31")
+            return ("the nvshmem low-latency kernels number a rank's received copies (and rows times 32 lanes) with "
+                    f"32-bit integers: ranks x max_tokens_per_rank x max(num_topk, 32) = {copies} must be below 2**31")
     elif ctx.num_ranks > MAX_RANKS_NORMAL:
         return (f"the nvshmem normal-mode kernels support at most {MAX_RANKS_NORMAL} ranks (got {ctx.num_ranks}; "
                 f"low-latency Buffers take up to {MAX_RANKS_LOW_LATENCY})")

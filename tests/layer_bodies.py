@@ -608,6 +608,50 @@ def layer_chunked_gpu(rank: int, world: int, backend: str, tokens: list[int]) ->
         buf.destroy()
 
 
+def layer_strided_input_gpu(rank: int, world: int, backend: str, tokens: list[int]) -> None:
+    """A strided x (every row a view into a wider tensor) gives the contiguous x's output bit for bit: through the
+    chunked layer, and through send_chunk given an event recorded before a long kernel on the caller's stream (the
+    dispatch waited for that event only and read the copy of x unwritten)."""
+    hidden, ffn, experts, topk = 1024, 256, 16 * world, 4
+    buf = largeep.Buffer(
+        None, hidden=hidden, num_experts=experts, num_topk=topk, max_tokens_per_rank=max(tokens), backend=backend
+    )
+    try:
+        torch.manual_seed(5)  # the same gate on every rank
+        with torch.device("cuda"):
+            layer = layers.MoELayer(buf, ffn_hidden=ffn, dtype=torch.bfloat16, num_chunks=3)
+        g = torch.Generator(device="cuda").manual_seed(70 + rank)
+        x = torch.randn(tokens[rank], hidden, device="cuda", generator=g).to(torch.bfloat16)
+        wide = torch.randn(tokens[rank], 2 * hidden, device="cuda", generator=g).to(torch.bfloat16)
+        wide[:, hidden:] = x
+        strided = wide[:, hidden:]
+        assert not strided.is_contiguous() or tokens[rank] <= 1
+        with torch.no_grad():
+            want = layer(x)
+            got = layer(strided)
+            torch.cuda.synchronize()
+            assert torch.equal(got, want), f"rank {rank}: chunked layer on a strided x"
+            idx, w = layer.route(x)
+
+            def one_chunk(xi: torch.Tensor, stall: bool) -> torch.Tensor:
+                poison = torch.full_like(x, float("nan"))  # the block the copy of xi is likely to get
+                del poison
+                ready = ops.capture_event(x.device)
+                if stall:
+                    torch.cuda._sleep(20_000_000)  # (tens of ms: the copy below runs after the dispatch could)
+                d = layer.send_chunk(xi, idx, w, ready)
+                c = layer.combine_chunk(layer.experts_chunk(d), d)
+                ops.wait(c.event)
+                return c.x
+
+            want = one_chunk(x, False)
+            got = one_chunk(strided, True)
+            torch.cuda.synchronize()
+            assert torch.equal(got, want), f"rank {rank}: send_chunk of a strided x"
+    finally:
+        buf.destroy()
+
+
 def decode_step_cuda_graph(rank: int, world: int, tokens: int, replays: int,
                            with_placement: bool = False) -> dict[str, Any]:
     """The low-latency decode step of a MoE layer (gate, FP8 dispatch, grouped expert GEMMs, combine, shared

@@ -385,6 +385,16 @@ def test_layer_chunked_gpu(pools, backend: str) -> None:
 
 
 @pytest.mark.gpu(2)
+@pytest.mark.parametrize("backend", ["nvshmem", "torch"])
+def test_layer_strided_input_gpu(pools, backend: str) -> None:
+    from largeep import native
+
+    if backend == "nvshmem" and native.unavailable_reason() is not None:
+        pytest.skip(str(native.unavailable_reason()))
+    pools(2, "nccl").run(layer_bodies.layer_strided_input_gpu, backend, [600, 37])
+
+
+@pytest.mark.gpu(2)
 @pytest.mark.parametrize("with_placement", [False, True], ids=["plain", "placement"])
 def test_decode_step_cuda_graph(pools, with_placement: bool) -> None:
     """The low-latency MoE decode step captured in a CUDA graph and replayed 20 times on fresh inputs equals eager

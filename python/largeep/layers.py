@@ -442,6 +442,7 @@ class MoELayer(nn.Module):
 
     def _forward_normal(self, x: Tensor, idx: Tensor, w: Tensor) -> Tensor:
         n = self.num_chunks
+        x = x.contiguous()  # (a strided x copied once, before the event the dispatches wait for)
         xs, idxs, ws = x.tensor_split(n), idx.tensor_split(n), w.tensor_split(n)
         ready = ops.capture_event(x.device)  # the gate's outputs exist: dispatches wait for this only
         pending = [self.send_chunk(xs[0], idxs[0], ws[0], ready)]
@@ -469,9 +470,14 @@ class MoELayer(nn.Module):
         ``ready``: an event (``ops.capture_event``) after which x, idx and w exist; the dispatch waits for it
         only (``async_finish``: wait on the result's event before using it). Waits on the host for the count
         exchange unless ``num_worst_tokens`` > 0; the ids are checked with it (largeep's backends send each
-        rank's verdict with the counts, so a bad id on one rank voids the dispatch on every rank at once)."""
+        rank's verdict with the counts, so a bad id on one rank voids the dispatch on every rank at once). A
+        strided x, idx or w is copied first, on the current stream, and the dispatch then waits for the copies."""
+        xc, idxc, wc = x.contiguous(), idx.contiguous(), w.contiguous()
+        if ready is not None and (xc is not x or idxc is not idx or wc is not w):
+            # the copies were queued after `ready`: waiting for it alone would let the dispatch read them unwritten
+            ready = ops.capture_event(x.device)
         return ops.dispatch(
-            self.buffer_id, x.contiguous(), idx.contiguous(), w.contiguous(),
+            self.buffer_id, xc, idxc, wc,
             num_worst_tokens=self.num_worst_tokens, previous_event=ready, async_finish=True,
             use_custom_ops=self.use_custom_ops,
         )

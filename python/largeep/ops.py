@@ -1557,7 +1557,7 @@ def capture_event(device: torch.device) -> EventOverlap | None:
     if device.type != "cuda" or torch.compiler.is_compiling():
         return None
     ev = torch.cuda.Event()
-    ev.record(torch.cuda.current_stream())
+    ev.record(torch.cuda.current_stream(device))
     return EventOverlap(ev)
 
 

@@ -761,7 +761,7 @@ def test_event_arguments(pools) -> None:
 
 
 @pytest.mark.parametrize("raw,on", [(None, True), ("1", True), ("TRUE", True), (" on ", True), ("0", False),
-                                    ("False", False), ("OFF", False), ("", False), ("no", False)])
+                                    ("False", False), ("OFF", False), ("", True), ("no", False)])
 def test_check_values_accepts(monkeypatch: pytest.MonkeyPatch, raw: str | None, on: bool) -> None:
     if raw is None:
         monkeypatch.delenv("LARGEEP_CHECK_VALUES", raising=False)

@@ -80,3 +80,33 @@ def test_peer_access_lines_name_each_gpu() -> None:
          "settings": None, "settings_error": "(not read here)", "variables": {}, "log_level_error": None,
          "advice": []}
     assert "peer access (GPU: to GPUs 0, 1, ...): 0: y.  1: .y" in info._text(r)
+
+
+def test_help_is_plain_text(capsys: pytest.CaptureFixture[str]) -> None:
+    """``--help`` shows the docstring's first paragraph without its reST marks."""
+    with pytest.raises(SystemExit) as e:
+        info.main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "``" not in out and ":mod:" not in out
+    assert "python -m largeep: what this machine gives largeep" in " ".join(out.split())
+
+
+def test_bad_segv_backtrace_is_reported(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """LARGEEP_SEGV_BACKTRACE takes LARGEEP_CHECK_VALUES's spellings; another value makes the report name it and
+    exit 1 without a traceback, also where the native module's load (which reads it) raises."""
+    from largeep import _env, native
+
+    def load_reads_it() -> str | None:  # (as native._load does when largeep._C is there)
+        _env.fault_backtrace()
+        return "stand-in"
+
+    monkeypatch.setattr(native, "unavailable_reason", load_reads_it)
+    monkeypatch.setenv("LARGEEP_SEGV_BACKTRACE", "sometimes")
+    assert info.main([]) == 1
+    out = capsys.readouterr().out
+    assert "settings: INVALID: LARGEEP_SEGV_BACKTRACE='sometimes': expected 1 (or true, yes, on)" in out
+    assert "native module (nvshmem backend): not loaded: LARGEEP_SEGV_BACKTRACE='sometimes'" in out
+    monkeypatch.setenv("LARGEEP_SEGV_BACKTRACE", "TRUE")
+    assert info.main([]) == 0
+    assert "native module (nvshmem backend): stand-in" in capsys.readouterr().out

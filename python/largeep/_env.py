@@ -6,7 +6,7 @@
 | LARGEEP_INIT_TIMEOUT_S | 300 | seconds NVSHMEM's initialisation (a process's first nvshmem Buffer) may take |
 | LARGEEP_LOG_LEVEL | WARNING | level of the ``largeep`` logger |
 | LARGEEP_CHECK_VALUES | 1 | check expert ids for range before a layout or dispatch (one host wait per ids tensor); |
-| | | 1/true/yes/on, or 0/false/no/off/empty (any case); anything else raises |
+| | | 1/true/yes/on, or 0/false/no/off (any case); empty: the default; anything else raises |
 | LARGEEP_NVSHMEM_HEAP_MARGIN | 1.25 | factor on the first Buffer's needs when largeep sets NVSHMEM_SYMMETRIC_SIZE |
 | LARGEEP_ZERO_COPY_SLOTS | 2 | nvshmem normal mode, one node: receive slots whose planes a dispatch returns as its |
 | | | outputs (no copy-out); each holds N * max_tokens_per_rank rows; 0: every dispatch copies; at most 64 |
@@ -20,7 +20,8 @@
 | LARGEEP_STREAM_PRIORITY | high | the priority of each Buffer's stream (and of the side stream a layer's dispatch is |
 | | | issued from): ``high``, the highest torch gives, so that a communication kernel queued behind compute |
 | | | gets SMs as they free up, before the compute kernels' waiting blocks; ``normal``: the default priority |
-| LARGEEP_SEGV_BACKTRACE | 0 | 1: a crash (SIGSEGV, SIGBUS) inside the process prints the native stack (diagnostics) |
+| LARGEEP_SEGV_BACKTRACE | 0 | 1 (true/yes/on): a crash (SIGSEGV, SIGBUS) inside the process prints the native stack |
+| | | (diagnostics); 0/false/no/off (any case); empty: the default; anything else raises |
 | LARGEEP_INDUCTOR_ORDER_FIX | 1 | 1: keep Inductor from reordering largeep's communication ops (_inductor_order.py); |
 | | | 0: leave Inductor as it is |
 """
@@ -66,15 +67,16 @@ def _float(name: str, default: float) -> float:
 
 
 def _flag(name: str, default: bool) -> bool:
+    """1/true/yes/on or 0/false/no/off (any case, blanks around ignored); unset or empty: ``default``."""
     raw = os.environ.get(_PREFIX + name)
-    if raw is None:
+    word = (raw or "").strip().lower()
+    if word == "":
         return default
-    word = raw.strip().lower()
     if word in ("1", "true", "yes", "on"):
         return True
-    if word in ("0", "false", "no", "off", ""):
+    if word in ("0", "false", "no", "off"):
         return False
-    raise ValueError(f"{_PREFIX}{name}={raw!r}: expected 1 (or true, yes, on) or 0 (or false, no, off, empty)")
+    raise ValueError(f"{_PREFIX}{name}={raw!r}: expected 1 (or true, yes, on) or 0 (or false, no, off)")
 
 
 # (a slot number travels in a count row's word beside the refusal and kind bits, from bit 20: far above this)
@@ -112,15 +114,19 @@ def settings() -> Settings:
         "tune": read(lambda: _tune(os.environ.get(_PREFIX + "TUNE", ""))),
         "high_priority": read(lambda: _choice("STREAM_PRIORITY", ("high", "normal")) == "high"),
     }
+    # (read when the native module loads, not kept here; checked here too so that a bad value refuses the Buffer
+    # on every rank, as the others do, instead of raising on one rank as it loads the module)
+    read(fault_backtrace)
     if errors:
         raise ValueError("; ".join(errors))
     return Settings(**values)
 
 
 def fault_backtrace() -> bool:
-    """LARGEEP_SEGV_BACKTRACE=1 (read when the native module loads, apart from the Buffer's settings: a bad value of
-    another variable is an error of the Buffer that reads it)."""
-    return os.environ.get(_PREFIX + "SEGV_BACKTRACE", "0") == "1"
+    """LARGEEP_SEGV_BACKTRACE (default off; the spellings of :func:`_flag`, anything else raises ValueError naming
+    the variable). Read when the native module loads, apart from the Buffer's settings: a bad value of another
+    variable is an error of the Buffer that reads it."""
+    return _flag("SEGV_BACKTRACE", False)
 
 
 def inductor_order_fix() -> bool:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from largeep.errors import ArgumentError
+
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0
 GROUP = 128
@@ -17,10 +19,20 @@ _MIN_AMAX = 1e-4
 
 
 def quantize(x: torch.Tensor, round_scale: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [T, H] (bf16/fp32, H % 128 == 0) -> (e4m3 [T, H], float32 scales [T, H/128]). No host sync."""
+    """x [T, H] (bf16/fp32, H % 128 == 0) -> (e4m3 [T, H], float32 scales [T, H/128]). No host sync. A wrong ``x``
+    raises :class:`largeep.ArgumentError`."""
+    if not isinstance(x, torch.Tensor):
+        raise ArgumentError(f"fp8.quantize: argument 'x' must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 2:
+        raise ArgumentError(f"fp8.quantize: argument 'x' has {x.dim()} dimensions {tuple(x.shape)}, expected 2 "
+                            "(tokens, hidden)")
+    if not x.is_floating_point():
+        raise ArgumentError(f"fp8.quantize: argument 'x' has dtype {x.dtype}, expected a floating-point dtype "
+                            "(bf16 or fp32)")
     t, h = x.shape
     if h % GROUP:
-        raise ValueError(f"x: hidden size {h} must be a multiple of {GROUP} for FP8")
+        raise ArgumentError(f"fp8.quantize: argument 'x' has shape {tuple(x.shape)}, expected a hidden size (dim 1) "
+                            f"that is a multiple of {GROUP}")
     g = x.float().view(t, h // GROUP, GROUP)
     amax = g.abs().amax(dim=2).clamp_min(_MIN_AMAX)
     scale = amax / FP8_MAX

@@ -39,7 +39,10 @@ def report() -> dict[str, Any]:
     # peer access: the ranks of one node write each other's memory directly (NVLink), so each pair must have it
     out["peer_access"] = [[i == j or bool(torch.cuda.can_device_access_peer(i, j)) for j in range(len(gpus))]
                           for i in range(len(gpus))]
-    out["native"] = native.unavailable_reason() or "ok"
+    try:
+        out["native"] = native.unavailable_reason() or "ok"
+    except ValueError as exc:  # (a bad LARGEEP_SEGV_BACKTRACE, which the module's load reads; settings say it too)
+        out["native"] = f"not loaded: {exc}"
     out["auto_backend"] = "nvshmem" if out["native"] == "ok" else "torch"
     try:
         settings = _env.settings()
@@ -125,7 +128,9 @@ def _text(r: dict[str, Any]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m largeep", description=(__doc__ or "").split("\n\n")[0])
+    # (the module docstring's first paragraph, without its reST literal marks)
+    about = (__doc__ or "").split("\n\n")[0].replace("``", "")
+    ap = argparse.ArgumentParser(prog="python -m largeep", description=about)
     ap.add_argument("--json", action="store_true", help="print the report as JSON")
     args = ap.parse_args(argv)
     r = report()

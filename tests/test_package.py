@@ -1,0 +1,103 @@
+"""The package surface: submodules reached as attributes of ``largeep``, the boolean ``LARGEEP_*`` variables, and
+the argument checks of ``largeep.fp8`` (CPU)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from largeep import ArgumentError, _env, fp8
+
+_LAZY = ("expert_tp", "gate", "layers", "native", "ops", "placement")
+
+
+def _python(code: str, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-c", code], env=dict(os.environ, **env), capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_submodules_as_attributes() -> None:
+    """``import largeep`` alone reaches the public submodules (as README writes them), imports none of them until
+    asked, and an unknown name raises AttributeError in the usual wording."""
+    code = f"""
+import sys
+import largeep
+lazy = {_LAZY!r}
+assert not [m for m in lazy if "largeep." + m in sys.modules], sorted(sys.modules)
+assert set(lazy) <= set(dir(largeep)) and "Buffer" in dir(largeep)
+assert largeep.layers.MoELayer and largeep.ops.dispatch and largeep.native.unavailable_reason
+assert largeep.gate and largeep.placement.Placement and largeep.expert_tp.make_expert_tp_groups
+assert largeep.layers is sys.modules["largeep.layers"]
+try:
+    largeep.nonexistent
+except AttributeError as exc:
+    assert str(exc) == "module 'largeep' has no attribute 'nonexistent'", str(exc)
+else:
+    raise SystemExit("largeep.nonexistent did not raise")
+assert not hasattr(largeep, "_C_nonexistent")
+from largeep import gate  # (from-imports still work)
+print("ok")
+"""
+    run = _python(code)
+    assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr
+
+
+@pytest.mark.parametrize("name,default", [("CHECK_VALUES", True), ("SEGV_BACKTRACE", False)])
+@pytest.mark.parametrize("raw,want", [(None, None), ("", None), ("  ", None), ("1", True), ("TRUE", True),
+                                      (" on ", True), ("Yes", True), ("0", False), ("False", False), ("OFF", False),
+                                      ("no", False)])
+def test_flags_accept(monkeypatch: pytest.MonkeyPatch, name: str, default: bool, raw: str | None,
+                      want: bool | None) -> None:
+    """Both boolean variables take the same spellings; unset and empty mean the default, as for every other
+    LARGEEP_* variable (before, an empty LARGEEP_CHECK_VALUES turned the checks off, and LARGEEP_SEGV_BACKTRACE took
+    exactly "1": "true" was ignored)."""
+    if raw is None:
+        monkeypatch.delenv("LARGEEP_" + name, raising=False)
+    else:
+        monkeypatch.setenv("LARGEEP_" + name, raw)
+    expect = default if want is None else want
+    if name == "CHECK_VALUES":
+        assert _env.settings().check_values is expect
+    else:
+        assert _env.fault_backtrace() is expect
+        _env.settings()  # (a good value: the Buffer's settings take it)
+
+
+@pytest.mark.parametrize("name", ["CHECK_VALUES", "SEGV_BACKTRACE"])
+@pytest.mark.parametrize("raw", ["disable", "2", "y"])
+def test_flags_refuse(monkeypatch: pytest.MonkeyPatch, name: str, raw: str) -> None:
+    """Anything else raises ValueError naming the variable: in the Buffer's settings (so that a Buffer is refused on
+    every rank) and, for LARGEEP_SEGV_BACKTRACE, where the native module's load reads it."""
+    monkeypatch.setenv("LARGEEP_" + name, raw)
+    with pytest.raises(ValueError, match=f"LARGEEP_{name}={raw!r}: expected 1 \\(or true, yes, on\\)"):
+        _env.settings()
+    if name == "SEGV_BACKTRACE":
+        with pytest.raises(ValueError, match=f"LARGEEP_SEGV_BACKTRACE={raw!r}"):
+            _env.fault_backtrace()
+
+
+def test_fp8_quantize_argument_errors() -> None:
+    """fp8.quantize refuses wrong arguments with largeep.ArgumentError (a ValueError) naming the argument and what
+    was expected; a right one still quantizes (0 tokens included)."""
+    g = torch.Generator().manual_seed(5)
+    cases = [
+        (torch.randn(4, 200, generator=g), r"argument 'x' has shape \(4, 200\), expected a hidden size \(dim 1\) "
+                                           r"that is a multiple of 128"),
+        (torch.randn(2, 4, 128, generator=g), r"argument 'x' has 3 dimensions \(2, 4, 128\), expected 2"),
+        (torch.randn(256, generator=g), r"argument 'x' has 1 dimensions \(256,\), expected 2"),
+        (torch.randint(0, 9, (3, 128), generator=g), r"argument 'x' has dtype torch.int64, expected a floating-point"),
+        ([[0.5] * 128], r"argument 'x' must be a torch.Tensor, got list"),
+    ]
+    for x, msg in cases:
+        with pytest.raises(ArgumentError, match=r"fp8.quantize: " + msg):
+            fp8.quantize(x)  # type: ignore[arg-type]
+        assert issubclass(ArgumentError, ValueError)
+    for t in (0, 3):
+        x = torch.randn(t, 256, generator=g).to(torch.bfloat16)
+        q, s = fp8.quantize(x)
+        assert q.shape == (t, 256) and q.dtype == fp8.FP8_DTYPE and s.shape == (t, 2) and s.dtype == torch.float32
+        back = fp8.dequantize(q, s)
+        assert torch.allclose(back, x.float(), rtol=0.07, atol=1e-3)

@@ -1,7 +1,9 @@
 """One process per rank for the standalone scripts in bench/: spawn, join a group, run a body, return rank 0's result.
 
 A body is a module-level function ``body(rank, world, args, device) -> value``; rank 0's value comes back to the
-parent. The group rendezvous goes through a file (a TCP port picked in advance can be taken before rank 0 listens).
+parent. ``write_records`` writes SPEC.md records as the benchmark does (a list file and its run file beside it),
+``write_doc`` anything else as one JSON object. The group rendezvous goes through a file (a TCP port picked in
+advance can be taken before rank 0 listens).
 Every spawned process gets NCCL_NVLS_ENABLE=0, TORCH_SYMM_MEM_DISABLE_MULTICAST=1 and NVSHMEM_DISABLE_NVLS=1 unless
 the caller set them.
 """
@@ -11,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import queue
+import shlex
 import sys
 import tempfile
 import time
@@ -86,14 +89,29 @@ def run_ranks(body: Body, world: int, args: Any, *, backend: str = "nccl", timeo
     return payload
 
 
+def _command() -> str:
+    return shlex.join([sys.executable] + sys.argv)
+
+
+def write_records(out_dir: str, name: str, what: str, records: list[dict[str, Any]], **run: Any) -> str:
+    """Writes SPEC.md records (with the script's own per-record keys) as OUT_DIR/NAME, a JSON list whose records
+    also carry the environment and the command, and {schema, results, command, env, what, **run} beside it as
+    NAME.run.json (largeep.bench.records, module docstring). Returns the list file's path."""
+    from largeep.bench import records as rec
+
+    path = os.path.join(out_dir, name)
+    rec.write_records(path, records, env=rec.environment(), command=_command(), what=what, **run)
+    return path
+
+
 def write_doc(out_dir: str, name: str, what: str, records: list[dict[str, Any]], **extra: Any) -> str:
-    """Writes {command, env, what, records, **extra} as OUT_DIR/NAME and returns the path."""
+    """Writes rows that are not SPEC records (e.g. kernel_times.py's per-leg bytes) as one object {command, env,
+    what, records, **extra} at OUT_DIR/NAME and returns the path."""
     from largeep.bench import records as rec
 
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, name)
-    doc = {"command": " ".join([sys.executable] + sys.argv), "env": rec.environment(), "what": what,
-           "records": records, **extra}
+    doc = {"command": _command(), "env": rec.environment(), "what": what, "records": records, **extra}
     tmp = path + ".tmp"  # (atomically: a run cut short leaves the earlier file whole)
     with open(tmp, "w") as f:
         json.dump(rec.finite(doc), f, indent=1, allow_nan=False)

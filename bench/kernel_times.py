@@ -17,6 +17,11 @@ rank sent to every rank directly. On one host the "RDMA" leg runs over NVLink: i
 --node-limit L draws routings whose tokens reach at most L nodes (experts chosen among L random nodes).
 Each iteration: L2 flush, barrier, then layout, dispatch, barrier, combine. Per iteration the slowest rank counts;
 records give the median and p10/p90 over iterations.
+Writes OUT/kernel_times_{tag}.json, a JSON list of SPEC.md records, each also with "bus_gbps", "kernels" (the op
+whose kernels were summed), "tune" (LARGEEP_TUNE), "combine_eighths" (the fused combine's push share, 0: push +
+reduce), the environment (gpu, driver, cuda, torch, nccl, nvshmem, git) and "command"; kernel_times_{tag}.run.json
+beside it says what the times are (largeep.bench.records); legs_{tag}.json is one object {command, env, what,
+records}.
 
 usage: python bench/kernel_times.py --out bench/results/DIR [--tokens 4096] [--num-sms 8,16,24] [--dtypes bf16,fp8]
                                   [--ranks-per-node P] [--node-limit L]
@@ -31,7 +36,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from _launch import run_ranks, write_doc  # bench/ is the script's directory
+from _launch import run_ranks, write_doc, write_records  # bench/ is the script's directory
 
 _KERNELS = {
     "layout_kernel": "layout",
@@ -240,7 +245,7 @@ def main() -> None:
     ))
     rpn = args.ranks_per_node or world
     tag = (f"ep{world}" if rpn == world else f"ep{world}_p{rpn}") + (f"_nl{args.node_limit}" if args.node_limit else "")
-    write_doc(args.out, f"kernel_times_{tag}.json",
+    write_records(args.out, f"kernel_times_{tag}.json",
               "profiler kernel times of largeep's own kernels (see bench/kernel_times.py)", recs)
     if legs:
         for leg in legs:

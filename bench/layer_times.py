@@ -29,6 +29,10 @@ Stack (--stack-layers L copies of this layer with a residual add + RMSNorm betwe
                only). Eagerly, each (layer, chunk) costs the host ~1 ms of Python and launches on the 2-GPU
                machine, more than a 1024-token chunk's GPU work, so the eager pipeline is host-bound; the graphs
                take the host out and show what the schedule itself gives.
+Writes OUT/layer_times_{backend}_ep{N}[...].json, a JSON list of SPEC.md records (mode "layer", op "roundtrip"),
+each also with "variant", "speedup", "pass" ("forward" or "forward_backward"), the environment (gpu, driver, cuda,
+torch, nccl, nvshmem, git) and "command"; the same name with .run.json holds "what", "settings" and "summary"
+(largeep.bench.records).
 "speedup" = no_overlap median / variant median for the layer variants; stack_sequential median / stack_pipeline
 median for the stack (the summary's stack_speedup) and stack_sequential_graph / stack_pipeline_graph for the
 graphs (stack_graph_speedup; stack_pipeline_graph_vs_eager_sequential: stack_sequential / stack_pipeline_graph).
@@ -619,12 +623,10 @@ def main(argv: list[str] | None = None) -> None:
         disable_numparse=True,
     ))
     print("summary:", json.dumps(rec.finite(summary)))
-    doc = {
-        "schema": rec.SCHEMA,
-        "command": shlex.join([sys.executable] + (sys.argv if argv is None else ["bench/layer_times.py", *argv])),
-        "env": rec.environment(),
+    command = shlex.join([sys.executable] + (sys.argv if argv is None else ["bench/layer_times.py", *argv]))
+    run = {
+        "what": "MoELayer times with and without communication/compute overlap (bench/layer_times.py)",
         "settings": {
-            "what": "MoELayer times with and without communication/compute overlap (bench/layer_times.py)",
             "preset": None if args.cpu else args.preset, "carveout_sms": res["carveout"],
             "ffn_hidden": args.ffn, "shared_ffn_hidden": args.shared_ffn, "warmup": args.warmup,
             "iters": args.iters, "pass": "forward_backward" if args.backward else "forward", "cpu": args.cpu,
@@ -635,9 +637,7 @@ def main(argv: list[str] | None = None) -> None:
             "nccl_nvls_enable": os.environ.get("NCCL_NVLS_ENABLE"),
         },
         "summary": summary,
-        "records": recs,
     }
-    os.makedirs(args.out, exist_ok=True)
     # e.g. the balanced preset: its own file
     stack = (args.stack_layers, args.stack_chunks)
     size = (f"_e{args.experts}" if args.experts != base["experts"] else "") + (
@@ -645,12 +645,10 @@ def main(argv: list[str] | None = None) -> None:
         f"_stack{stack[0]}x{stack[1]}" if stack != STACK_DEFAULTS else "")
     name = (f"layer_times_{args.backend}_ep{world}{size}{'_bwd' if args.backward else ''}"
             f"{'_cpu' if args.cpu else ''}.json")
-    path = os.path.join(args.out, name)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(json.dumps(rec.finite(doc), indent=1, allow_nan=False, default=str) + "\n")
-    os.replace(tmp, path)
-    print(f"wrote {path}")
+    env = rec.environment()
+    written = rec.write_records(os.path.join(args.out, name), recs, env=env, command=command,
+                                record_env={**env, "gpu": None} if args.cpu else env, **run)
+    print(f"wrote {', '.join(str(w.resolve()) for w in written)}")
 
 
 if __name__ == "__main__":

@@ -15,6 +15,10 @@ each iteration.
 --weighted gives low_latency_dispatch the weights (topk_weights=): the combine then sums each token's rows on the
 experts' rank (record key "weights_sent"); logical_gbps stays the per-copy bytes of SPEC's combine.
 --bf16-partial-sums (with --weighted): those sums come back as one bf16 row each (record key "bf16_partial_sums").
+Writes OUT/low_latency_times_{tag}.json, a JSON list of SPEC.md records, each also with "of" (how the op was timed,
+above), "tune" (LARGEEP_TUNE), "weights_sent", "bf16_partial_sums", the environment (gpu, driver, cuda, torch,
+nccl, nvshmem, git) and "command"; low_latency_times_{tag}.run.json beside it says what the times are
+(largeep.bench.records).
 
 usage: python bench/low_latency_times.py --out DIR [--tokens 1,8,32,128,256] [--experts 288] [--no-fp8] [--weighted]
        [--bf16-partial-sums]
@@ -29,7 +33,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from _launch import run_ranks, write_doc  # bench/ is the script's directory
+from _launch import run_ranks, write_records  # bench/ is the script's directory
 
 # the kernels of each op (LARGEEP_TUNE ll_fuse=1: a call without a hook is ll_dispatch_fused_kernel /
 # ll_combine_fused_kernel alone where the fused kernel can run; ll_fuse=0, the default: always the send and receive
@@ -215,7 +219,7 @@ def main() -> None:
     # (the options in the name: a second run into the same --out with others must not replace this one)
     tag = f"ep{world}" + ("" if args.fp8 else "_bf16") + ("_weighted" if args.weighted else "") + \
         ("_partial" if args.bf16_partial_sums else "")
-    write_doc(args.out, f"low_latency_times_{tag}.json",
+    write_records(args.out, f"low_latency_times_{tag}.json",
               "low-latency kernel and CUDA-graph replay times (bench/low_latency_times.py)", recs)
 
 

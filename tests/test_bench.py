@@ -29,33 +29,48 @@ SPEC_KEYS = {
     "backend", "mode", "op", "ep", "ranks_per_node", "num_tokens", "hidden", "num_topk", "num_experts", "dtype",
     "num_sms", "time_us_median", "time_us_p10", "time_us_p90", "logical_gbps",
 }
+# SPEC.md: "plus the environment (GPU, driver, CUDA, torch, NCCL and NVSHMEM versions, git revision) and the command"
+ENV_KEYS = {"gpu", "driver", "cuda", "torch", "nccl", "nvshmem", "git"}
+FILE_KEYS = SPEC_KEYS | ENV_KEYS | {"command"}
+
+
+def _bench_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(PYTHON_DIR), env.get("PYTHONPATH", "")])
+    env.pop("RANK", None)
+    env.pop("WORLD_SIZE", None)
+    return env
 
 
 # -- end to end -------------------------------------------------------------------------------------------------
 def test_cpu_quick_run_end_to_end(tmp_path: Path) -> None:
     out = tmp_path / "quick"
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(PYTHON_DIR), env.get("PYTHONPATH", "")])
-    env.pop("RANK", None)
-    env.pop("WORLD_SIZE", None)
     t0 = time.perf_counter()
     proc = subprocess.run(
         [sys.executable, "-m", "largeep.bench", "--preset", "quick", "--nprocs", "2", "--cpu", "--out", str(out)],
-        env=env, capture_output=True, text=True, timeout=120, check=False,
+        env=_bench_env(), capture_output=True, text=True, timeout=120, check=False,
     )
     elapsed = time.perf_counter() - t0
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert elapsed < 60, f"the quick CPU run took {elapsed:.1f} s"
     assert "skip nvshmem:" in proc.stdout  # no native module / no GPU here: one line says why
-    doc = json.loads((out / "results.json").read_text())
-    assert doc["command"].endswith(f"--out {out}")
-    for key in ("gpu", "driver", "cuda", "torch", "nccl", "nvshmem", "git"):
-        assert key in doc["env"]
-    recs = doc["records"]
-    assert recs and len(doc["extras"]) == len(recs)
+    # results.json: SPEC's list of records, each with exactly SPEC's keys, the environment and the command
+    recs = json.loads((out / "results.json").read_text())
+    assert isinstance(recs, list) and recs
+    assert all(list(r) == list(rec.FILE_KEYS) for r in recs)  # (the same order in every record)
+    assert set(rec.FILE_KEYS) == FILE_KEYS
+    assert {r["command"] for r in recs} == {recs[0]["command"]} and recs[0]["command"].endswith(f"--out {out}")
+    assert all(r["gpu"] is None and r["torch"] == torch.__version__ for r in recs)  # CPU processes: no GPU
+    # run.json beside it: the rest, the extras aligned with the records
+    run = json.loads((out / "run.json").read_text())
+    assert set(run) == {"schema", "results", "command", "env", "settings", "skipped", "extras"}
+    assert run["schema"] == rec.SCHEMA and run["results"] == "results.json" and run["command"] == recs[0]["command"]
+    assert ENV_KEYS <= set(run["env"]) and run["settings"]["device"] == "cpu"
+    assert {s["backend"] for s in run["skipped"]} >= {"nvshmem"}
+    assert len(run["extras"]) == len(recs)
+    assert f"in {out.resolve()}" in proc.stdout  # where they went, as an absolute path
     ops = set()
     for r in recs:
-        assert set(r) == SPEC_KEYS
         assert r["backend"] == "torch" and r["ep"] == 2
         assert r["time_us_p10"] <= r["time_us_median"] <= r["time_us_p90"]
         assert r["time_us_median"] > 0
@@ -64,7 +79,7 @@ def test_cpu_quick_run_end_to_end(tmp_path: Path) -> None:
         ops.add((r["mode"], r["op"]))
     # a combine is BF16 whatever the dispatch's dtype, timed and recorded once per configuration
     keys = [(r["mode"], r["op"], x["phase_of"], r["num_tokens"], r["hidden"], r["num_topk"], r["num_experts"],
-             r["dtype"], r["num_sms"]) for r, x in zip(recs, doc["extras"], strict=True)]
+             r["dtype"], r["num_sms"]) for r, x in zip(recs, run["extras"], strict=True)]
     assert len(set(keys)) == len(keys)
     assert all(k[7] == "bf16" for k in keys if "combine" in (k[1], k[2]))
     assert {r["dtype"] for r in recs if r["op"] == "dispatch"} == {"bf16", "fp8"}
@@ -75,29 +90,35 @@ def test_cpu_quick_run_end_to_end(tmp_path: Path) -> None:
     assert "logical GB/s" in proc.stdout and "bus GB/s" in proc.stdout
 
 
-def test_cpu_ll_send_weights_run(tmp_path: Path) -> None:
+def test_cpu_ll_send_weights_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """--ll-send-weights on CPU processes: the torch backend applies the weights at the combine either way, so its
     dispatches carry none (a line says so) and its extras say weights_sent False; the records keep SPEC's keys, the
-    settings say ll_send_weights. The model leaves weights_sent records out of its fit."""
+    settings say ll_send_weights. The model leaves weights_sent records out of its fit, and refuses to fit records of
+    CPU processes without --allow-cpu."""
     out = tmp_path / "weighted"
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(PYTHON_DIR), env.get("PYTHONPATH", "")])
-    env.pop("RANK", None)
-    env.pop("WORLD_SIZE", None)
     proc = subprocess.run(
         [sys.executable, "-m", "largeep.bench", "--preset", "quick", "--nprocs", "2", "--cpu", "--modes",
          "low_latency", "--tokens", "1,8", "--ll-send-weights", "--ll-bf16-partial-sums", "--no-plots", "--out",
          str(out)],
-        env=env, capture_output=True, text=True, timeout=120, check=False,
+        env=_bench_env(), capture_output=True, text=True, timeout=120, check=False,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    doc = json.loads((out / "results.json").read_text())
-    assert doc["settings"]["ll_send_weights"] is True and doc["settings"]["ll_bf16_partial_sums"] is True
+    recs = json.loads((out / "results.json").read_text())
+    run = json.loads((out / "run.json").read_text())
+    assert run["settings"]["ll_send_weights"] is True and run["settings"]["ll_bf16_partial_sums"] is True
     assert "--ll-send-weights: not for torch" in proc.stdout
-    assert doc["records"] and all(set(r) == SPEC_KEYS and r["mode"] == "low_latency" for r in doc["records"])
-    assert all(e["weights_sent"] is False and e["bf16_partial_sums"] is None for e in doc["extras"])
+    assert recs and all(set(r) == FILE_KEYS and r["mode"] == "low_latency" for r in recs)
+    assert all(e["weights_sent"] is False and e["bf16_partial_sums"] is None for e in run["extras"])
     usable = [r for r in sim.load(out / "results.json") if sim._usable(r)]
-    assert usable and not any(sim._usable({**r, "weights_sent": True}) for r in usable)
+    assert usable and all(r["weights_sent"] is False and r["device"] == "cpu" for r in usable)  # (from run.json)
+    assert not any(sim._usable({**r, "weights_sent": True}) for r in usable)
+    # a CPU run's records are refused by the model's fit unless asked for
+    with pytest.raises(SystemExit) as e:
+        sim.main(["--calibrate", str(out / "results.json"), "--out", str(tmp_path / "sim")])
+    assert e.value.code == 2 and "CPU processes" in capsys.readouterr().err
+    assert not (tmp_path / "sim").exists()
+    assert sim.main(["--calibrate", str(out / "results.json"), "--allow-cpu", "--eps", "8",
+                     "--out", str(tmp_path / "sim")]) == 0
 
 
 # -- byte counts ------------------------------------------------------------------------------------------------
@@ -238,6 +259,86 @@ def test_cli_refuses_counts_below_one(args: list[str], capsys: pytest.CaptureFix
     with pytest.raises(SystemExit) as e:
         cli.main(["--cpu", *args])
     assert e.value.code == 2 and "expected a positive integer" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["--experts", "10"], "--experts 10: not divisible by the 4 ranks"),
+    (["--topk", "40"], "top-k above the expert count: top-40 of 16"),
+    (["--nprocs", "3"], "expert counts (normal 16, low_latency 16) are not divisible by the 3 ranks"),
+    (["--nprocs", "3", "--modes", "normal"], "expert counts (normal 16) are not divisible by the 3 ranks"),
+    (["--ranks-per-node", "3"], "--ranks-per-node 3 does not divide the 4 ranks"),
+    (["--nprocs", "2", "--ranks-per-node", "4"], "--ranks-per-node 4 does not divide the 2 ranks"),
+    (["--num-sms", "8,9"], "expected even SM counts"),
+    (["--iters", "0"], "expected a positive integer"),
+    (["--warmup", "-1"], "expected a non-negative integer"),
+    (["--link-gbps", "0"], "expected a positive number"),
+    (["--hidden", "0"], "expected positive integers"),
+])
+def test_cli_refuses_mistakes_before_starting(args: list[str], msg: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """Mistakes found before any process starts (they were found by 4 processes, which skipped every backend and
+    exited 0, or printed a traceback): argparse's usage error, exit status 2."""
+    from largeep.bench import cli
+
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--cpu", *args])
+    err = capsys.readouterr()
+    assert e.value.code == 2 and "largeep-bench: error:" in err.err and msg in err.err, err.err
+    assert "processes, preset" not in err.out  # (nothing started)
+
+
+def _nvshmem_runs_here() -> bool:
+    from largeep.bench.adapters import make_adapter
+
+    return make_adapter("nvshmem").unavailable_reason(torch.device("cpu")) is None
+
+
+def test_cli_nothing_measured_exits_non_zero(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Every backend skipped: one line says so, the exit status is 1 and no results file is left."""
+    from largeep.bench import cli
+
+    if _nvshmem_runs_here():
+        pytest.skip("the nvshmem backend runs here")
+    assert cli.main(["--cpu", "--backends", "nvshmem", "--out", str(tmp_path / "none")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("largeep-bench: nothing measured") and "no results written" in err[-1]
+    assert not (tmp_path / "none").exists()
+
+
+def test_cli_help_says_each_default_once() -> None:
+    from largeep.bench import cli
+
+    text = cli.build_parser().format_help()
+    flat = " ".join(text.split())
+    for opt in ("--modes", "--seed", "--no-plots", "--backends", "--link-gbps", "--ranks-per-node", "--num-sms"):
+        line = flat[flat.index(f" {opt} "):]
+        nxt = line.find(" --", 3)
+        assert len(line[:nxt].split()) > 2, f"{opt} has no help: {line[:nxt]}"
+    assert "(default: None)" not in flat and "['" not in flat
+    for opt in flat.split(" --")[1:]:
+        assert opt.count("default") <= 1, opt
+    assert "even" in flat[flat.index(" --num-sms "):flat.index(" --ranks-per-node ")]
+
+
+def test_cpu_fp8_skip_line_and_relative_out(tmp_path: Path) -> None:
+    """--hidden 100: one line per configuration says its FP8 points are skipped (backend named once, no progress
+    line of theirs); the folder given relative to the current directory is printed as an absolute path."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "largeep.bench", "--cpu", "--nprocs", "1", "--hidden", "100", "--tokens", "4,8",
+         "--iters", "1", "--warmup", "0", "--no-hook", "--no-plots", "--backends", "torch", "--out", "rel/out"],
+        cwd=tmp_path, env=_bench_env(), capture_output=True, text=True, timeout=120, check=False,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lines = proc.stdout.splitlines()
+    skips = [ln for ln in lines if ln.startswith("skip ")]
+    assert skips == ["skip torch normal H=100 K=4 E=16 fp8: needs hidden % 128 == 0",
+                     "skip torch low_latency H=100 K=4 E=16 fp8: needs hidden % 128 == 0"], proc.stdout
+    progress = [ln for ln in lines if ln.startswith("[")]
+    assert [(ln[:4], ln.split("] ", 1)[1]) for ln in progress] == [
+        ("[1/2", "torch normal H=100 K=4 E=16 T=4 bf16"), ("[2/2", "torch normal H=100 K=4 E=16 T=8 bf16")], progress
+    out = (tmp_path / "rel" / "out").resolve()
+    assert f"in {out}" in proc.stdout
+    recs = json.loads((out / "results.json").read_text())
+    assert {(r["mode"], r["dtype"]) for r in recs} == {("normal", "bf16")}
 
 
 def test_node_limited_sampling() -> None:
@@ -703,7 +804,7 @@ def test_load_reads_both_layouts_and_tags_the_timing(tmp_path: Path) -> None:
     kern.write_text(json.dumps({"command": "x", "env": {}, "what": "profiler kernel times of largeep's kernels",
                                 "records": [{**base, "bus_gbps": 190.0, "kernels": "dispatch"}]}))
     bench = tmp_path / "b" / "results.json"
-    bench.write_text(json.dumps({"schema": rec.SCHEMA, "records": [base, {**base, "op": "send"}],
+    bench.write_text(json.dumps({"schema": rec.SCHEMA_V1, "records": [base, {**base, "op": "send"}],
                                  "extras": [{"bus_gbps": 1.0, "x_best": 1.0, "phase_of": None},
                                             {"bus_gbps": 2.0, "x_best": 1.0, "phase_of": "dispatch"}]}))
     rows = sim.load([kern, bench])
@@ -714,6 +815,50 @@ def test_load_reads_both_layouts_and_tags_the_timing(tmp_path: Path) -> None:
     bad.write_text(json.dumps({"records": [{"backend": "x"}]}))
     with pytest.raises(ValueError, match="lacks the keys"):
         sim.load(bad)
+
+
+def test_loaders_read_new_and_old_files(tmp_path: Path) -> None:
+    """The list layout (results.json and run.json beside it; a script's NAME.json and NAME.run.json) and the old
+    one-object layout give the same records, extras and settings; the committed files still load."""
+    r1 = rec.Record(backend="torch", mode="low_latency", op="send", ep=2, ranks_per_node=2, num_tokens=8, hidden=256,
+                    num_topk=4, num_experts=16, dtype="fp8", num_sms=None, time_us_median=5.0, time_us_p10=4.0,
+                    time_us_p90=6.0, logical_gbps=1.5)
+    r2 = replace(r1, op="combine", dtype="bf16", time_us_median=7.0)
+    extras = [rec.Extra(bus_gbps=1.0, phase_of="dispatch"), rec.Extra(bus_gbps=2.0)]
+    env = {"gpu": "H200", "driver": "580", "cuda": "13.0", "torch": "2.11", "nccl": "2.28", "nvshmem": "3.4",
+           "git": "abc", "host": "h"}
+    settings = {"device": "cuda", "routing": "zipf", "tune": {"comb": 3}}
+    new = tmp_path / "new" / "results.json"
+    written = rec.write_results(new, [r1, r2], extras, env=env, command="largeep-bench --x", settings=settings,
+                                skipped=[{"backend": "deepep", "reason": "not installed"}])
+    assert written == [new, new.parent / "run.json"]
+    old = tmp_path / "old" / "results.json"
+    old.parent.mkdir()
+    old.write_text(json.dumps({"schema": rec.SCHEMA_V1, "command": "largeep-bench --x", "env": env,
+                               "settings": settings, "skipped": [], "records": [asdict(r1), asdict(r2)],
+                               "extras": [asdict(e) for e in extras]}))
+    a, b = rec.load_records(new), rec.load_records(old)
+    assert a == b and [set(r) for r in a] == [FILE_KEYS] * 2 and a[0]["gpu"] == "H200"
+    assert rec.load_records(new.parent / "run.json") == a  # the run file names its records
+    for path in (new, old):
+        f = rec.read_results(path)
+        assert f.settings == settings and f.extras is not None and f.extras[0]["phase_of"] == "dispatch"
+        rows = sim.load(path)
+        assert [(r["phase_of"], r["bus_gbps"], r["routing"], r["gpu"]) for r in rows] == [
+            ("dispatch", 1.0, "zipf", "H200"), (None, 2.0, "zipf", "H200")]
+    # without its run file a list file still loads (no extras, no settings)
+    (new.parent / "run.json").unlink()
+    assert rec.load_records(new) == a and "phase_of" not in sim.load(new)[0]
+    # a script's file: NAME.json and NAME.run.json, the script's own keys kept
+    recs = [{**asdict(r1), "of": "dispatch_hook", "tune": ""}]
+    paths = rec.write_records(tmp_path / "s" / "low_latency_times_ep2.json", recs, env=env, command="c",
+                              what="low-latency kernel times")
+    assert [p.name for p in paths] == ["low_latency_times_ep2.json", "low_latency_times_ep2.run.json"]
+    assert set(json.loads(paths[0].read_text())[0]) == FILE_KEYS | {"of", "tune"}
+    assert [r["timing"] for r in sim.load(paths[0])] == ["kernel"]  # ("what", from the run file)
+    committed = Path(__file__).resolve().parents[1] / "bench" / "results"
+    for old_file in sorted(committed.glob("2026-12-01-session22/r2/bench_n1/results.json"))[:1]:
+        assert all(set(r) >= SPEC_KEYS | ENV_KEYS for r in rec.load_records(old_file))
 
 
 def test_split_holdout_by_ep_and_sms() -> None:

@@ -1,5 +1,6 @@
-"""bench/layer_times.py in its CPU mode (gloo + torch backend, tiny sizes): it runs, and its JSON has SPEC.md's
-record keys plus "variant" and "speedup", with positive times."""
+"""bench/layer_times.py in its CPU mode (gloo + torch backend, tiny sizes): it runs, and its JSON is a list of
+SPEC.md's records, each with exactly SPEC's keys, "variant", "speedup" and "pass", the environment and the command,
+with positive times; the run file beside it holds the settings and the summary."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ SPEC_KEYS = {
     "backend", "mode", "op", "ep", "ranks_per_node", "num_tokens", "hidden", "num_topk", "num_experts", "dtype",
     "num_sms", "time_us_median", "time_us_p10", "time_us_p90", "logical_gbps",
 }
+FILE_KEYS = SPEC_KEYS | {"gpu", "driver", "cuda", "torch", "nccl", "nvshmem", "git", "command"}
 LAYER = {"no_overlap", "chunked_2", "chunked_4", "two_batch"}
 STACK = {"stack_sequential", "stack_pipeline"}
 PARTS = {"gate_only", "comm_only", "experts_only", "experts_half", "experts_carveout", "comm_beside_experts"}
@@ -27,13 +29,16 @@ def test_layer_times_cpu(tmp_path: Path) -> None:
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60, check=False)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "no_overlap" in proc.stdout and "summary:" in proc.stdout
-    doc = json.loads((tmp_path / "layer_times_torch_ep2_cpu.json").read_text())
-    assert {"command", "env", "settings", "summary", "records"} <= set(doc)
+    recs = json.loads((tmp_path / "layer_times_torch_ep2_cpu.json").read_text())
+    doc = json.loads((tmp_path / "layer_times_torch_ep2_cpu.run.json").read_text())
+    assert isinstance(recs, list) and set(doc) == {"schema", "results", "command", "env", "what", "settings",
+                                                   "summary"}
+    assert doc["results"] == "layer_times_torch_ep2_cpu.json"
     assert "layer_times.py" in doc["command"] and doc["env"]["torch"]
-    recs = doc["records"]
     assert {r["variant"] for r in recs} == LAYER | PARTS | STACK
     for r in recs:
-        assert SPEC_KEYS | {"variant", "speedup"} <= set(r), r
+        assert set(r) == FILE_KEYS | {"variant", "speedup", "pass"}, r
+        assert r["command"] == doc["command"] and r["torch"] == doc["env"]["torch"] and r["gpu"] is None
         assert (r["mode"], r["op"], r["dtype"], r["backend"]) == ("layer", "roundtrip", "bf16", "torch")
         assert (r["ep"], r["num_tokens"], r["hidden"], r["num_experts"], r["num_topk"]) == (2, 64, 128, 8, 2)
         assert r["num_sms"] is None and r["logical_gbps"] is None

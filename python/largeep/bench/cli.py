@@ -3,7 +3,15 @@
 Starts one process per visible GPU (NCCL), or runs inside torchrun when RANK and WORLD_SIZE are set; with no GPU it
 starts ``--nprocs`` CPU processes (gloo, default 4) and sweeps small sizes with the torch backend. Every process it
 starts gets NCCL_NVLS_ENABLE=0, TORCH_SYMM_MEM_DISABLE_MULTICAST=1 and NVSHMEM_DISABLE_NVLS=1 unless the user set
-them. Prints a table, writes ``results.json`` and ``latency.png``/``bandwidth.png`` under ``--out``.
+them. Prints a table, writes ``results.json`` (a list of SPEC.md's records), ``run.json`` (settings, skipped
+backends, per-record extras; see :mod:`largeep.bench.records`) and ``latency.png``/``bandwidth.png`` under ``--out``
+(default ``bench/results/<time>-<preset>-<gpu|cpu>/`` under the current directory), and prints that folder's
+absolute path.
+
+Options are checked before any process starts (argparse errors, exit status 2): sizes and counts positive, SM
+counts even, every expert count divisible by the rank count, top-k at most the expert count, ranks per node
+dividing the rank count. Exit status 1 when a backend failed or nothing at all was measured (then no results file
+is written).
 
 When it starts the processes itself, each backend runs in a fresh set of them (nvshmem, symm_mem and deepep each
 initialise NVSHMEM once per process), and the parent merges the results; a backend that crashes is reported and the
@@ -16,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import sys
 import time
@@ -67,6 +74,13 @@ def _ints(text: str) -> list[int]:
     return vals
 
 
+def _even_ints(text: str) -> list[int]:
+    vals = _ints(text)
+    if any(v % 2 for v in vals):
+        raise argparse.ArgumentTypeError(f"expected even SM counts, got {text!r}")
+    return vals
+
+
 def _positive(text: str) -> int:
     try:
         v = int(text)
@@ -74,6 +88,26 @@ def _positive(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
     if v < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return v
+
+
+def _non_negative(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}")
+    return v
+
+
+def _positive_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not 0 < v < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
     return v
 
 
@@ -94,29 +128,41 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = argparse.ArgumentParser(
         prog="largeep-bench",
-        description="Benchmark largeep dispatch/combine against the other expert-parallel backends present.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Benchmark largeep dispatch/combine against the other expert-parallel backends present. "
+                    "Sizes not given come from the preset (GPU: SPEC.md's DeepSeek-V3 profile; CPU: a small one).",
     )
     p.add_argument("--preset", choices=("quick", "full"), default="quick",
-                   help="sizes to sweep; options below override them")
+                   help="sizes to sweep (default: quick); the options below override them")
     p.add_argument("--backends", type=_choices(BACKENDS), default=list(BACKENDS),
-                   help="comma list; missing ones are skipped with the reason")
-    p.add_argument("--modes", type=_choices(("normal", "low_latency")), default=["normal", "low_latency"])
-    p.add_argument("--tokens", type=_ints, help="tokens per rank (comma list; every mode)")
-    p.add_argument("--hidden", type=_ints, help="hidden sizes (comma list)")
-    p.add_argument("--topk", type=_ints, help="top-k values (comma list)")
-    p.add_argument("--experts", type=_ints, help="expert counts (comma list)")
-    p.add_argument("--dtypes", type=_choices(("bf16", "fp8")), help="dispatch dtypes (combine is always bf16)")
-    p.add_argument("--num-sms", type=_ints, help="SM counts for backends that take one (nvshmem, deepep), e.g. 8,16,24")
-    p.add_argument("--ranks-per-node", type=_positive, help="ranks per node (default: ranks per host)")
+                   help=f"comma list (default: all of {','.join(BACKENDS)}); those missing here are skipped with "
+                        "the reason")
+    p.add_argument("--modes", type=_choices(("normal", "low_latency")), default=["normal", "low_latency"],
+                   help="comma list of normal, low_latency (default: both)")
+    p.add_argument("--tokens", type=_ints, help="tokens per rank, comma list, every mode (default: the preset's)")
+    p.add_argument("--hidden", type=_ints, help="hidden sizes, comma list (default: the preset's; FP8 needs a "
+                                                 "multiple of 128)")
+    p.add_argument("--topk", type=_ints, help="top-k values, comma list, each at most every expert count (default: "
+                                               "the preset's)")
+    p.add_argument("--experts", type=_ints, help="expert counts, comma list, each divisible by the rank count "
+                                                  "(default: the preset's)")
+    p.add_argument("--dtypes", type=_choices(("bf16", "fp8")),
+                   help="dispatch dtypes, comma list of bf16, fp8 (default: the preset's); combine is always bf16")
+    p.add_argument("--num-sms", type=_even_ints,
+                   help="SM counts for backends that take one (nvshmem, deepep), comma list of even numbers (both "
+                        "refuse odd ones), e.g. 8,16,24 (default: the preset's, 24; full GPU preset 8,16,24,32)")
+    p.add_argument("--ranks-per-node", type=_positive,
+                   help="ranks per node; must divide the rank count and be at most the ranks on one host "
+                        "(default: the ranks on one host)")
     p.add_argument("--nprocs", type=_positive, help="processes to start (default: every visible GPU, or 4 on CPU)")
     p.add_argument("--cpu", action="store_true", help="run CPU processes (gloo) even when GPUs are visible")
-    p.add_argument("--out", help="output folder (default: bench/results/<time>-<preset>-<device>)")
-    p.add_argument("--warmup", type=int, help="untimed calls before the timed ones")
-    p.add_argument("--iters", type=int, help="timed calls per op")
-    p.add_argument("--routing", choices=ROUTINGS, default="uniform", help="expert choice per token")
-    p.add_argument("--zipf-s", type=float, default=1.0, help="Zipf exponent for --routing zipf")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", help="output folder (default: bench/results/<time>-<preset>-<gpu|cpu> under the current "
+                                 "directory)")
+    p.add_argument("--warmup", type=_non_negative, help="untimed calls before the timed ones (default: the preset's)")
+    p.add_argument("--iters", type=_positive, help="timed calls per op (default: the preset's)")
+    p.add_argument("--routing", choices=ROUTINGS, default="uniform",
+                   help="expert choice per token (default: uniform)")
+    p.add_argument("--zipf-s", type=float, default=1.0, help="Zipf exponent for --routing zipf (default: 1.0)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the routings and inputs (default: 0)")
     p.add_argument("--no-hook", action="store_true", help="skip the low-latency send/recv (receive hook) phases")
     p.add_argument("--ll-send-weights", action="store_true",
                    help="low-latency, nvshmem backend: the dispatch carries topk_weights and the combine sums each "
@@ -124,40 +170,67 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ll-bf16-partial-sums", action="store_true",
                    help="with --ll-send-weights: those sums come back as one bf16 row each (one more bf16 rounding "
                         "of each rank's partial sum, fewer bytes)")
-    p.add_argument("--link-gbps", type=float, default=450.0,
-                   help="one GPU's link bandwidth one way, for the floor column (default 450: NVLink4, H100/H200)")
-    p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--link-gbps", type=_positive_float, default=450.0,
+                   help="one GPU's link bandwidth one way in GB/s, for the floor column (default: 450, NVLink4 on "
+                        "H100/H200)")
+    p.add_argument("--no-plots", action="store_true", help="write no latency.png and bandwidth.png")
     return p
 
 
-def make_plan(args: argparse.Namespace, device_kind: str, command: str) -> Any:
-    """The sweep of a preset with the options applied."""
-    from largeep.bench.sweep import ModePlan, Plan
-
+def _mode_plans(args: argparse.Namespace, device_kind: str) -> dict[str, Any]:
+    """Each mode's sizes: the preset's with the options applied (dicts of ModePlan's fields)."""
     base = PRESETS[(args.preset, device_kind)]
-    modes: dict[str, ModePlan] = {}
+    modes: dict[str, Any] = {}
     for mode in ("normal", "low_latency"):
         m = dict(base[mode])
         for key in ("tokens", "hidden", "topk", "experts", "dtypes"):
             if getattr(args, key) is not None:
                 m[key] = getattr(args, key)
-        modes[mode] = ModePlan(**m)
-    for name in ("warmup", "iters"):
-        v = getattr(args, name)
-        if v is not None and v < (1 if name == "iters" else 0):
-            raise SystemExit(f"--{name} must be {'positive' if name == 'iters' else 'non-negative'}")
-    if args.link_gbps <= 0:
-        raise SystemExit("--link-gbps must be positive")
-    num_sms = args.num_sms or base["num_sms"]
-    if any(s % 2 for s in num_sms):
-        raise SystemExit("--num-sms values must be even")
+        modes[mode] = m
+    return modes
+
+
+def check_args(args: argparse.Namespace, device_kind: str, world: int, host_ranks: int | None) -> str | None:
+    """What would make the sweep skip every size of a mode or fail once its processes run, found before they start:
+    an expert count not divisible by the ``world`` ranks, a top-k above an expert count, ranks per node that do not
+    divide the ranks or exceed ``host_ranks`` (None: not known here). Returns the first such message, or None."""
+    modes = _mode_plans(args, device_kind)
+    bad = {mode: ",".join(str(e) for e in modes[mode]["experts"] if e % world) for mode in args.modes}
+    bad = {mode: v for mode, v in bad.items() if v}
+    if bad and args.experts is not None:
+        return f"--experts {next(iter(bad.values()))}: not divisible by the {world} ranks"
+    if bad:
+        others = [m for m in args.modes if m not in bad]
+        return (f"the {args.preset} preset's expert counts ({', '.join(f'{m} {v}' for m, v in bad.items())}) are not "
+                f"divisible by the {world} ranks: pass --experts with multiples of {world} or another --nprocs"
+                + (f", or --modes {','.join(others)}" if others else ""))
+    for mode in args.modes:
+        m = modes[mode]
+        pairs = [(k, e) for k in m["topk"] for e in m["experts"] if k > e]
+        if pairs:
+            return f"{mode}: top-k above the expert count: " + ", ".join(f"top-{k} of {e}" for k, e in pairs)
+    rpn = args.ranks_per_node
+    if rpn is not None:
+        if world % rpn:
+            return f"--ranks-per-node {rpn} does not divide the {world} ranks"
+        if host_ranks is not None and rpn > host_ranks:
+            return f"--ranks-per-node {rpn} exceeds the {host_ranks} ranks on this host"
+    return None
+
+
+def make_plan(args: argparse.Namespace, device_kind: str, command: str) -> Any:
+    """The sweep of a preset with the options applied (the options checked by the parser and :func:`check_args`)."""
+    from largeep.bench.sweep import ModePlan, Plan
+
+    base = PRESETS[(args.preset, device_kind)]
+    modes = {mode: ModePlan(**m) for mode, m in _mode_plans(args, device_kind).items()}
     out = args.out
     if out is None:
         stamp = time.strftime("%Y%m%d-%H%M%S")
         out = str(Path("bench") / "results" / f"{stamp}-{args.preset}-{device_kind}")
     return Plan(
         preset=args.preset, backends=args.backends, modes=args.modes, normal=modes["normal"],
-        low_latency=modes["low_latency"], num_sms=num_sms,
+        low_latency=modes["low_latency"], num_sms=args.num_sms or base["num_sms"],
         warmup=base["warmup"] if args.warmup is None else args.warmup,
         iters=base["iters"] if args.iters is None else args.iters,
         ranks_per_node=args.ranks_per_node, routing=args.routing, zipf_s=args.zipf_s, seed=args.seed,
@@ -174,8 +247,8 @@ def _safe_env() -> None:
 
 def _run_rank(
     args: argparse.Namespace, command: str, device_kind: str, local_rank: int, part: str | None = None
-) -> None:
-    """Body of one process after torch.distributed is initialised."""
+) -> int:
+    """Body of one process after torch.distributed is initialised; returns how many records it measured."""
     import torch
     import torch.distributed as dist
 
@@ -184,10 +257,11 @@ def _run_rank(
     device = torch.device("cuda", local_rank) if device_kind == "gpu" else torch.device("cpu")
     plan = make_plan(args, device_kind, command)
     plan.part = part
-    Sweep(plan, device).run()
+    records, _ = Sweep(plan, device).run()
     # no collective on the error path: a failed rank exits at once and the launcher ends the others
     dist.barrier()
     dist.destroy_process_group()
+    return len(records)
 
 
 def _spawned(
@@ -226,20 +300,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # under torchrun
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         kind = "gpu" if torch.cuda.is_available() and not args.cpu else "cpu"
+        local = os.environ.get("LOCAL_WORLD_SIZE")
+        error = check_args(args, kind, int(os.environ["WORLD_SIZE"]), int(local) if local else None)
+        if error:
+            parser.error(error)
         kwargs: dict[str, Any] = {}
         if kind == "gpu":
             torch.cuda.set_device(local_rank)
             kwargs["device_id"] = torch.device("cuda", local_rank)
         dist.init_process_group("nccl" if kind == "gpu" else "gloo", **kwargs)
-        _run_rank(args, command, kind, local_rank)
-        return 0
+        return 0 if _run_rank(args, command, kind, local_rank) else 1
 
     gpus = torch.cuda.device_count() if torch.cuda.is_available() and not args.cpu else 0
     kind = "gpu" if gpus else "cpu"
     nprocs = args.nprocs or (gpus if gpus else 4)
-    if nprocs < 1 or (gpus and nprocs > gpus):
-        print(f"--nprocs {nprocs}: expected 1..{gpus if gpus else 'any'}", file=sys.stderr)
-        return 2
+    if gpus and nprocs > gpus:
+        parser.error(f"--nprocs {nprocs}: only {gpus} GPUs are visible (--cpu runs CPU processes)")
+    error = check_args(args, kind, nprocs, nprocs)
+    if error:
+        parser.error(error)
     print(f"largeep-bench: {nprocs} {'GPU' if gpus else 'CPU'} processes, preset {args.preset}", flush=True)
     return _launch(args, kind, nprocs, command)
 
@@ -270,7 +349,7 @@ def _launch(args: argparse.Namespace, kind: str, nprocs: int, command: str) -> i
         for backend in plan.backends:
             reason = make_adapter(backend).unavailable_reason(device)
             if reason:
-                print(f"skip {backend}: {reason}", flush=True)
+                print(f"skip {backend}: {reason}", flush=True)  # (the sweep's form: skip BACKEND [where]: why)
                 skipped.append({"backend": backend, "reason": reason})
                 continue
             child = argparse.Namespace(**vars(args))
@@ -290,17 +369,17 @@ def _launch(args: argparse.Namespace, kind: str, nprocs: int, command: str) -> i
                 failed.append(backend)
                 skipped.append({"backend": backend, "reason": f"failed: {str(exc).strip().splitlines()[-1]}"})
             if part.exists():
-                doc = json.loads(part.read_text())
-                records += [rec.Record(**r) for r in doc["records"]]
-                extras += [rec.Extra(**e) for e in doc["extras"]]
-                skipped += doc["skipped"]
-                settings = settings or doc["settings"]
+                part_records, part_extras, part_skipped, part_settings = rec.read_part(part)
+                records += part_records
+                extras += part_extras
+                skipped += part_skipped
+                settings = settings or part_settings
         if settings:
             settings = {**settings, "backends": plan.backends}  # (each part ran one of them)
         finish(records, extras, skipped=skipped, settings=settings, plan=plan)
     finally:
         shutil.rmtree(parts_dir, ignore_errors=True)
-    return 1 if failed else 0
+    return 1 if failed or not records else 0
 
 
 if __name__ == "__main__":

@@ -1,26 +1,46 @@
-"""Benchmark records, the byte counts behind their bandwidths, the environment, and the JSON file.
+"""Benchmark records, the byte counts behind their bandwidths, the environment, and the JSON files.
 
-File layout (one JSON object per run, ``results.json``)::
+Files of one run (``python -m largeep.bench``; :func:`write_results`)::
 
-    {
-      "schema": "largeep.bench/1",
-      "command": "python -m largeep.bench --preset quick ...",   # the command line that produced the file
-      "env": {"gpu": ..., "driver": ..., "cuda": ..., "torch": ..., "nccl": ..., "nvshmem": ..., "git": ...},
-      "settings": {...},          # preset, warm-up, iterations, routing, timing method
-      "skipped": [{"backend": ..., "reason": ...}],
-      "records": [ {RECORD_KEYS...}, ... ],        # SPEC.md "Measuring": exactly these keys
-      "extras": [ {"bus_gbps": ..., "x_best": ..., "phase_of": ..., "floor_us": ..., "weights_sent": ...}, ... ]
-    }
+    results.json   a JSON list, one record per measurement (SPEC.md "Measuring"), each with exactly these keys:
+                   RECORD_KEYS  backend, mode, op, ep, ranks_per_node, num_tokens, hidden, num_topk, num_experts,
+                                dtype, num_sms, time_us_median, time_us_p10, time_us_p90, logical_gbps
+                   ENV_KEYS     gpu, driver, cuda, torch, nccl, nvshmem, git  (the same in every record of a file;
+                                ``gpu`` is None for records of CPU processes, even on a host with GPUs)
+                   "command"    the command line that produced the file
+    run.json       what is not a record:
+                   {"schema": "largeep.bench/2", "results": "results.json", "command": ..., "env": {...},
+                    "settings": {...},     # preset, warm-up, iterations, routing, timing method, device
+                    "skipped": [{"backend": ..., "reason": ...}],
+                    "extras": [{"bus_gbps": ..., "x_best": ..., "phase_of": ..., "floor_us": ...,
+                                "weights_sent": ..., "bf16_partial_sums": ...}, ...]}   # aligned with results.json
 
-``records`` hold exactly SPEC.md's keys. What SPEC has no key for sits in ``extras``, aligned with ``records``:
-``bus_gbps`` (bytes that crossed between GPUs / time), ``x_best`` (time over the fastest backend's time for the same
-configuration, 1.0 = fastest), ``phase_of`` ("dispatch"/"combine" for the low-latency "send"/"recv" records,
-which SPEC's keys cannot tell apart otherwise; None elsewhere) and ``floor_us``, the bytes-over-link floor: the
-fewest bytes the call must move off one GPU (the mean over ranks; a token once per destination rank, except the
-low-latency combine, whose copies carry different expert outputs and go back one by one, or with
-``--ll-send-weights`` as one sum in two rows per token with two or more experts on a rank) over the link's
-bandwidth (``--link-gbps``, settings "link_gbps"; GPU runs only, None on CPU and for the layout); ``weights_sent``
-(low-latency records: the dispatch carried the weights, see ``summed_rows_ll``; None for normal mode).
+A run that measures nothing writes neither file (the CLI says so and exits 1).
+``env`` in run.json is :func:`environment` whole (host, python, largeep, gpu_count, deep_ep besides ENV_KEYS). The
+``extras`` hold per-record values SPEC has no key for, at the index of their record: ``bus_gbps`` (bytes that
+crossed between GPUs / time), ``x_best`` (time over the fastest backend's time for the same configuration, 1.0 =
+fastest), ``phase_of`` ("dispatch"/"combine" for the low-latency "send"/"recv" records, which SPEC's keys cannot
+tell apart otherwise; None elsewhere) and ``floor_us``, the bytes-over-link floor: the fewest bytes the call must
+move off one GPU (the mean over ranks; a token once per destination rank, except the low-latency combine, whose
+copies carry different expert outputs and go back one by one, or with ``--ll-send-weights`` as one sum in two rows
+per token with two or more experts on a rank) over the link's bandwidth (``--link-gbps``, settings "link_gbps"; GPU
+runs only, None on CPU and for the layout); ``weights_sent`` (low-latency records: the dispatch carried the weights,
+see ``summed_rows_ll``; None for normal mode) and ``bf16_partial_sums``.
+
+The scripts in ``bench/`` write their SPEC records the same way (:func:`write_records`): a list file, each record
+with SPEC's keys, the script's own per-record keys, ENV_KEYS and "command", and its run file beside it, named
+``NAME.run.json`` for ``NAME.json`` (``run.json`` for ``results.json``; several scripts write into one folder).
+Their own keys: ``bench/layer_times.py`` (mode "layer") "variant", "speedup" (over the no-overlap variant, or the
+sequential stack) and "pass" ("forward" or "forward_backward"); ``bench/kernel_times.py`` "bus_gbps", "kernels"
+(the op whose kernels were summed: profiler times), "tune" (LARGEEP_TUNE) and "combine_eighths" (the fused
+combine's push share, 0 for push + reduce); ``bench/low_latency_times.py`` "of" (how the op was timed: "dispatch",
+"combine", "dispatch_hook", "combine_hook", "graph", "graph_back_to_back"), "tune", "weights_sent" and
+"bf16_partial_sums". Their run files hold "what" (what the times are) and, for layer_times.py, "settings" and
+"summary".
+
+Files written before this layout (schema "largeep.bench/1" and the scripts' ``{"command", "env", "what",
+"records"}``) are one JSON object with the records under "records" and, for the benchmark, "extras" aligned with
+them; :func:`read_results` reads both layouts, and a bare list of records without a run file.
 
 Byte counts (SPEC.md "Measuring", the field's convention):
 - normal dispatch: every received row, local rows included; a BF16 row is ``2*H`` bytes, an FP8 row ``H + 4*H/128``
@@ -48,7 +68,8 @@ from typing import Any
 
 import torch
 
-SCHEMA = "largeep.bench/1"
+SCHEMA = "largeep.bench/2"  # a list file of records and its run file (module docstring)
+SCHEMA_V1 = "largeep.bench/1"  # one object {"schema", "command", "env", "settings", "skipped", "records", "extras"}
 MODES = ("normal", "low_latency", "layer")
 OPS = ("layout", "dispatch", "combine", "roundtrip", "send", "recv")
 DTYPES = ("bf16", "fp8")
@@ -78,6 +99,10 @@ class Record:
 
 
 RECORD_KEYS: tuple[str, ...] = tuple(f.name for f in fields(Record))
+# SPEC.md's environment, in every record of a file (names as :func:`environment` gives them)
+ENV_KEYS: tuple[str, ...] = ("gpu", "driver", "cuda", "torch", "nccl", "nvshmem", "git")
+# the keys of every record of results.json, in this order
+FILE_KEYS: tuple[str, ...] = RECORD_KEYS + ENV_KEYS + ("command",)
 
 
 @dataclass
@@ -262,7 +287,42 @@ def command_line(argv: Sequence[str] | None = None) -> str:
     return shlex.join(args)
 
 
-# -- file -------------------------------------------------------------------------------------------------------
+# -- files ------------------------------------------------------------------------------------------------------
+def run_path(results: str | os.PathLike[str]) -> Path:
+    """The run file beside a list file of records: ``run.json`` for ``results.json``, else ``NAME.run.json``."""
+    path = Path(results)
+    return path.with_name("run.json" if path.name == "results.json" else f"{path.stem}.run.json")
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    """Atomically (a temporary file, then a rename: a run cut short leaves the earlier file whole)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(finite(obj), indent=1, allow_nan=False, default=_json_default) + "\n")
+    tmp.replace(path)
+
+
+def flat_record(record: dict[str, Any], env: dict[str, Any], command: str) -> dict[str, Any]:
+    """A record as a list file holds it: its keys, then ENV_KEYS from ``env``, then "command"."""
+    return {**record, **{k: env.get(k) for k in ENV_KEYS}, "command": command}
+
+
+def write_records(
+    path: str | os.PathLike[str], records: Sequence[dict[str, Any]], *, env: dict[str, Any], command: str,
+    record_env: dict[str, Any] | None = None, **run: Any,
+) -> list[Path]:
+    """Writes ``records`` (SPEC's keys plus the writer's own, see the module docstring) as a JSON list at ``path``,
+    each with ENV_KEYS (from ``record_env``, default ``env``) and "command" added, and ``{"schema", "results",
+    "command", "env", **run}`` as its run file (:func:`run_path`). Returns both paths."""
+    target = Path(path)
+    doc = {"schema": SCHEMA, "results": target.name, "command": command, "env": env, **run}
+    runfile = run_path(target)
+    renv = env if record_env is None else record_env
+    _write_json(target, [flat_record(r, renv, command) for r in records])
+    _write_json(runfile, doc)
+    return [target, runfile]
+
+
 def write_results(
     path: str | os.PathLike[str],
     records: Sequence[Record],
@@ -272,22 +332,35 @@ def write_results(
     command: str,
     settings: dict[str, Any],
     skipped: Iterable[dict[str, str]] = (),
+) -> list[Path]:
+    """Writes the benchmark's results.json and run.json (module docstring). Records of CPU processes (settings
+    "device" "cpu") say ``gpu`` None. Returns the two paths."""
+    return write_records(
+        path, [asdict(r) for r in records], env=env, command=command,
+        record_env={**env, "gpu": None} if settings.get("device") == "cpu" else env, settings=settings,
+        skipped=list(skipped), extras=[asdict(e) for e in extras],
+    )
+
+
+def write_part(
+    path: str | os.PathLike[str],
+    records: Sequence[Record],
+    extras: Sequence[Extra],
+    *,
+    settings: dict[str, Any],
+    skipped: Iterable[dict[str, str]] = (),
 ) -> None:
-    """Writes the JSON file described in the module docstring (atomically: a temporary file, then a rename)."""
-    doc: dict[str, Any] = {
-        "schema": SCHEMA,
-        "command": command,
-        "env": env,
-        "settings": settings,
-        "skipped": list(skipped),
-        "records": [asdict(r) for r in records],
-        "extras": [asdict(e) for e in extras],
-    }
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_suffix(target.suffix + ".tmp")
-    tmp.write_text(json.dumps(finite(doc), indent=1, allow_nan=False, default=_json_default) + "\n")
-    tmp.replace(target)
+    """One backend's records, from its rank 0 to the launcher that merges the backends (a private file, one
+    object: ``{"settings", "skipped", "records", "extras"}``; :func:`read_part` reads it)."""
+    _write_json(Path(path), {"settings": settings, "skipped": list(skipped), "records": [asdict(r) for r in records],
+                             "extras": [asdict(e) for e in extras]})
+
+
+def read_part(path: str | os.PathLike[str]) -> tuple[list[Record], list[Extra], list[dict[str, str]], dict[str, Any]]:
+    """A part file's records, extras, skipped backends and settings."""
+    doc = json.loads(Path(path).read_text())
+    return ([Record(**r) for r in doc["records"]], [Extra(**e) for e in doc["extras"]], list(doc["skipped"]),
+            dict(doc["settings"]))
 
 
 def finite(obj: Any) -> Any:
@@ -307,19 +380,87 @@ def _json_default(obj: Any) -> Any:
     return str(obj)
 
 
+@dataclass
+class ResultsFile:
+    """One results file read by :func:`read_results`, in either layout.
+
+    records: the records as stored (dicts); extras: per-record dicts aligned with them, or None; env, command,
+    settings, skipped, what: the run's (from the run file or the old object; empty when not known); run: the whole
+    run file or old object, records and extras left out; layout: "list" or "object"."""
+
+    path: Path
+    records: list[dict[str, Any]]
+    extras: list[dict[str, Any]] | None
+    env: dict[str, Any]
+    command: str | None
+    settings: dict[str, Any]
+    skipped: list[dict[str, Any]]
+    what: str
+    run: dict[str, Any]
+    layout: str
+
+
+def _is_run_doc(doc: Any) -> bool:
+    return isinstance(doc, dict) and doc.get("schema") == SCHEMA and isinstance(doc.get("results"), str)
+
+
+def read_results(path: str | os.PathLike[str]) -> ResultsFile:
+    """Reads a list file of records with its run file when there is one (given the run file, reads the list file
+    it names), or an object file of the old layout. Raises ValueError for anything else."""
+    path = Path(path)
+    doc = json.loads(path.read_text())
+    run: dict[str, Any] = {}
+    if _is_run_doc(doc):
+        run, path = doc, path.with_name(doc["results"])
+        doc = json.loads(path.read_text())
+    if isinstance(doc, list):
+        layout, records = "list", doc
+        if not run and run_path(path).exists():
+            run = json.loads(run_path(path).read_text())
+            if not _is_run_doc(run):
+                raise ValueError(f"{run_path(path)}: not a run file (schema {SCHEMA})")
+    elif isinstance(doc, dict) and isinstance(doc.get("records"), list):
+        layout, records, run = "object", doc["records"], doc
+    else:
+        raise ValueError(f"{path}: expected a list of records or an object with 'records'")
+    if not all(isinstance(r, dict) for r in records):
+        raise ValueError(f"{path}: a record is not a JSON object")
+    extras = run.get("extras") if isinstance(run.get("extras"), list) else None
+    if extras is not None and len(extras) != len(records):
+        raise ValueError(f"{path}: {len(records)} records but {len(extras)} extras in its run file")
+    env = run.get("env")
+    settings = run.get("settings")
+    return ResultsFile(
+        path=path, records=records, extras=extras, env=env if isinstance(env, dict) else {},
+        command=run.get("command") if isinstance(run.get("command"), str) else None,
+        settings=settings if isinstance(settings, dict) else {}, skipped=list(run.get("skipped") or []),
+        what=str(run.get("what") or ""), run={k: v for k, v in run.items() if k not in ("records", "extras")},
+        layout=layout,
+    )
+
+
 def load_records(paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]) -> list[dict[str, Any]]:
-    """Records of one or more result files, as dicts. Accepts this package's layout or a bare list of records."""
+    """Records of one or more results files in either layout (:func:`read_results`), as dicts with SPEC's keys, the
+    writer's own keys, and ENV_KEYS and "command" (from the run's environment where an old file keeps them once;
+    left out where it has none). Raises ValueError for a record without SPEC's keys."""
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
     out: list[dict[str, Any]] = []
     for p in paths:
-        doc = json.loads(Path(p).read_text())
-        recs = doc["records"] if isinstance(doc, dict) else doc
-        for r in recs:
+        f = read_results(p)
+        for r in f.records:
             missing = [k for k in RECORD_KEYS if k not in r]
             if missing:
-                raise ValueError(f"{p}: a record lacks the keys {missing}")
-            out.append(dict(r))
+                raise ValueError(f"{f.path}: a record lacks the keys {missing}")
+            row = dict(r)
+            if f.layout == "object" and f.settings.get("device") == "cpu":
+                row.setdefault("gpu", None)  # (as write_results says of CPU processes)
+            for k in ENV_KEYS:
+                if k in f.env:
+                    row.setdefault(k, f.env[k])
+            if f.command is not None:
+                row.setdefault("command", f.command)
+            out.append(row)
     return out
 
 

@@ -51,12 +51,14 @@ its placeholder value and is reported as such. :func:`placeholder` gives the con
 ceilings suggest, for use before GPU records exist. Everything the CLI prints says which numbers are measured and
 which modelled.
 
-Record files (:func:`load`): the benchmark's layout (``{"schema", "records", "extras", ...}``: device-event times of
-whole Python calls, host overhead included) and the kernel-time layout of ``bench/kernel_times.py``
-(``{"command", "env", "what", "records"}``, records with the SPEC keys plus ``bus_gbps`` and ``kernels``: profiler
-times of the GPU kernels only). Each loaded record says which in ``timing`` ("kernel" or "events"); by default
-only kernel-timed records are fitted when there are any, since event times carry a few hundred microseconds of
-host work per call that the model has no term for.
+Record files (:func:`load`, through :func:`largeep.bench.records.read_results`): the benchmark's results.json (a
+list of records, its run.json beside it with the settings and extras; or the older one object ``{"schema",
+"records", "extras", ...}``): device-event times of whole Python calls, host overhead included; and the files of
+``bench/kernel_times.py`` and ``bench/low_latency_times.py`` (the same two layouts; records with the SPEC keys plus
+``bus_gbps`` and ``kernels``, or ``of``: profiler times of the GPU kernels only). Each loaded record says which in
+``timing`` ("kernel" or "events"); by default only kernel-timed records are fitted when there are any, since event
+times carry a few hundred microseconds of host work per call that the model has no term for. Records of CPU
+processes are refused by ``--calibrate`` unless ``--allow-cpu`` is given.
 
 CLI: ``python -m largeep.bench.sim --calibrate results.json [...] --out DIR`` (``--holdout-ep``/``--holdout-sms``
 choose the records held out of the check fit; ``--show`` adds records that are listed and plotted, never fitted).
@@ -512,21 +514,17 @@ def load(paths: str | Path | Sequence[str | Path], *, label: str | None = None,
     """Records of result files in either layout (module docstring), as dicts with the SPEC keys plus ``timing``
     ("kernel": profiler kernel times; "events": device events around whole calls, host overhead included),
     ``file`` and ``label`` (``label``, else the file's folder name); the benchmark's per-record ``extras``
-    (``bus_gbps``, ``phase_of``, ...) are merged in, and a kernel-time record's ``kernels`` kept. fused_combine:
-    the ``combine_eighths`` of records that do not say (files written before kernel_times.py recorded it)."""
-    from largeep.bench.records import RECORD_KEYS
+    (``bus_gbps``, ``phase_of``, ...) are merged in, and a kernel-time record's ``kernels`` kept; ``gpu`` (None:
+    CPU processes) where the file says. fused_combine: the ``combine_eighths`` of records that do not say (files
+    written before kernel_times.py recorded it)."""
+    from largeep.bench.records import RECORD_KEYS, read_results
 
     if isinstance(paths, (str, Path)):
         paths = [paths]
     out: list[dict[str, Any]] = []
-    for path in paths:
-        path = Path(path)
-        doc = json.loads(path.read_text())
-        recs = doc.get("records", []) if isinstance(doc, dict) else doc
-        extras = doc.get("extras") if isinstance(doc, dict) else None
-        what = str(doc.get("what", "")) if isinstance(doc, dict) else ""
-        raw = doc.get("settings") if isinstance(doc, dict) else None
-        settings: dict[str, Any] = raw if isinstance(raw, dict) else {}
+    for given in paths:
+        f = read_results(given)
+        path, recs, extras, what, settings = f.path, f.records, f.extras, f.what, f.settings
         tune: dict[str, Any] = settings["tune"] if isinstance(settings.get("tune"), dict) else {}
         for i, r in enumerate(recs):
             missing = [k for k in RECORD_KEYS if k not in r]
@@ -535,6 +533,8 @@ def load(paths: str | Path | Sequence[str | Path], *, label: str | None = None,
             row = dict(r)
             if extras and i < len(extras) and isinstance(extras[i], dict):
                 row.update({k: v for k, v in extras[i].items() if k not in row})
+            if f.layout == "object" and "gpu" in f.env:  # (a list file's records say it themselves)
+                row.setdefault("gpu", None if settings.get("device") == "cpu" else f.env["gpu"])
             kernel = "kernels" in r or "kernel" in what.lower()
             row.setdefault("timing", "kernel" if kernel else "events")
             # the run's routing and device (the benchmark's settings), which a fit must know of
@@ -550,6 +550,11 @@ def load(paths: str | Path | Sequence[str | Path], *, label: str | None = None,
             out.append(row)
         out += _hook_sums(out[len(out) - len(recs):])
     return out
+
+
+def of_cpu(r: dict[str, Any]) -> bool:
+    """A record of CPU processes: its run's device was the CPU, or its environment names no GPU."""
+    return r.get("device") == "cpu" or ("gpu" in r and r["gpu"] is None)
 
 
 # what makes two records of one file the same measurement, apart from how it was taken (``of``) and its op
@@ -1076,6 +1081,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calibrate", nargs="*", default=[], metavar="JSON",
                    help="result files of `python -m largeep.bench` or bench/kernel_times.py (none: placeholder "
                         "constants)")
+    p.add_argument("--allow-cpu", action="store_true",
+                   help="fit records of CPU processes too (refused otherwise: their times are gloo's, not GPU links')")
     p.add_argument("--show", nargs="*", default=[], metavar="[LABEL=]JSON",
                    help="more result files, listed and plotted as measured points but never fitted; LABEL names "
                         "them in the table and plot (default: the file's folder)")
@@ -1157,7 +1164,14 @@ def _print_check(title: str, doc: dict[str, Any]) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     from tabulate import tabulate
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.allow_cpu:
+        for flag, files in (("--calibrate", args.calibrate), ("--fit-weighted", args.fit_weighted)):
+            cpu = sorted({r["file"] for r in load(files) if of_cpu(r)}) if files else []
+            if cpu:
+                parser.error(f"{flag}: {', '.join(cpu)} hold records of CPU processes (no GPU in their environment): "
+                             "their times are gloo's, not GPU links'; pass --allow-cpu to fit them anyway")
     measured_cluster = Cluster(nvlink_gbps=args.nvlink_gbps, nic_gbps=args.nic_gbps,
                                nvlink_latency_us=args.nvlink_latency_us, nic_latency_us=args.nic_latency_us)
     hier, ovl, copy = not args.flat, not args.no_overlap, not args.no_copy_phase

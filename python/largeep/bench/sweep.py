@@ -186,7 +186,7 @@ class Sweep:
     # -- driver -------------------------------------------------------------------------------------------------
     def _points(self, mode: str) -> int:
         mp = self.plan.mode_plan(mode)
-        return len(mp.tokens) * len(mp.dtypes) * len(mp.hidden) * len(mp.topk) * len(mp.experts)
+        return len(mp.tokens) * sum(len(_dtypes(mp, h)) for h in mp.hidden) * len(mp.topk) * len(mp.experts)
 
     def run(self) -> tuple[list[rec.Record], list[rec.Extra]]:
         p = self.plan
@@ -217,29 +217,35 @@ class Sweep:
             finish(self.records, self.extras, skipped=self.skipped, settings=self.settings(), plan=p)
         return self.records, self.extras
 
-    def _skip(self, backend: str, reason: str) -> None:
-        self.skipped.append({"backend": backend, "reason": reason})
-        line = f"skip {backend}: {reason}"
-        self.log.info(line)
+    def _skip(self, backend: str, reason: str, where: str = "") -> None:
+        """One line, ``skip BACKEND [WHERE]: REASON``; kept in the run's "skipped" as {backend, reason}, the reason
+        prefixed by WHERE (the mode and sizes) when given."""
+        self.skipped.append({"backend": backend, "reason": f"{where}: {reason}" if where else reason})
+        self.log.info(f"skip {backend}{' ' + where if where else ''}: {reason}")
 
     def _run_mode(self, a: Adapter, mode: str) -> None:
         p = self.plan
         mp = p.mode_plan(mode)
         sms_list: list[int | None] = list(p.num_sms) if a.uses_sms else [None]
         for hidden, topk, experts in itertools.product(mp.hidden, mp.topk, mp.experts):
-            npoints = len(mp.tokens) * len(mp.dtypes) * len(sms_list)
+            sizes = f"{mode} H={hidden} K={topk} E={experts}"
+            dtypes = _dtypes(mp, hidden)
+            npoints = len(mp.tokens) * len(dtypes) * len(sms_list)
             why = None
             if experts % self.n:
                 why = f"{experts} experts are not divisible by {self.n} ranks"
             elif topk > experts:
                 why = f"top-{topk} exceeds {experts} experts"
             if why:
-                self._skip(a.name, f"{mode} H={hidden} K={topk} E={experts}: {why}")
+                self._skip(a.name, why, sizes)
                 self.log.done += npoints
                 continue
+            if len(dtypes) < len(mp.dtypes):  # (left out of the progress count too)
+                self._skip(a.name, f"needs hidden % {rec.FP8_GROUP} == 0", f"{sizes} fp8")
             for sms in sms_list:
                 spec = BufferSpec(mode, hidden, experts, topk, max(mp.tokens), sms, self.rpn)
-                what = f"{a.name} {mode} H={hidden} K={topk} E={experts}" + (f" sms={sms}" if sms else "")
+                where = sizes + (f" sms={sms}" if sms else "")
+                what = f"{a.name} {where}"
                 reason = _agree(a.config_reason(spec, self.n), self.group)
                 if reason is None:
                     err = None
@@ -249,21 +255,16 @@ class Sweep:
                         err = f"{type(exc).__name__}: {exc}"
                     reason = _agree(err, self.group)
                 if reason:
-                    self._skip(a.name, f"{what}: {reason}")
-                    self.log.done += len(mp.tokens) * len(mp.dtypes)
+                    self._skip(a.name, reason, where)
+                    self.log.done += len(mp.tokens) * len(dtypes)
                     continue
                 try:
                     for tokens in mp.tokens:
                         # the layout and the combine do not depend on the dispatch dtype: timed with the first
-                        # dtype that runs, recorded once (the combine as BF16, which it is)
-                        first = True
-                        for dtype in mp.dtypes:
-                            if dtype == "fp8" and hidden % rec.FP8_GROUP:
-                                self._skip(a.name, f"{what}: fp8 needs hidden % 128 == 0")
-                            else:
-                                run = self._normal if mode == "normal" else self._low_latency
-                                run(a, spec, tokens, dtype, first)
-                                first = False
+                        # dtype, recorded once (the combine as BF16, which it is)
+                        for i, dtype in enumerate(dtypes):
+                            run = self._normal if mode == "normal" else self._low_latency
+                            run(a, spec, tokens, dtype, i == 0)
                             self.log.step(f"{what} T={tokens} {dtype}")
                 finally:
                     a.close()
@@ -428,40 +429,50 @@ class Sweep:
         }
 
     def _write_part(self) -> None:
-        """Rank 0: the records so far, to the launcher's part file (or, without one, to --out as a checkpoint)."""
+        """Rank 0: the records so far, to the launcher's part file (or, without one, to --out's results.json and
+        run.json as a checkpoint, once there is a record)."""
         if self.rank != 0:
             return
-        target = self.plan.part or (str(Path(self.plan.out) / "results.json") if self.plan.out else None)
-        if target is None:
+        if self.plan.part:
+            rec.write_part(self.plan.part, self.records, self.extras, settings=self.settings(), skipped=self.skipped)
+            return
+        if not self.plan.out or not self.records:
             return
         if self._env is None:
             self._env = rec.environment()
-        rec.write_results(target, self.records, self.extras, env=self._env, command=self.plan.command,
-                          settings=self.settings(), skipped=self.skipped)
+        rec.write_results(Path(self.plan.out) / "results.json", self.records, self.extras, env=self._env,
+                          command=self.plan.command, settings=self.settings(), skipped=self.skipped)
 
 
 def finish(
     records: list[rec.Record], extras: list[rec.Extra], *, skipped: list[dict[str, str]], settings: dict[str, Any],
     plan: Plan, env: dict[str, Any] | None = None,
 ) -> list[Path]:
-    """Fills ``x_best``, prints the table, writes results.json and the plots under ``plan.out``."""
+    """Fills ``x_best``, prints the table, writes results.json, run.json and the plots under ``plan.out`` and
+    prints their folder's absolute path. With no record it prints one line to stderr and writes nothing: a
+    results file would look like a run (the caller exits non-zero)."""
+    if not records:
+        print("largeep-bench: nothing measured: every backend and configuration was skipped (see the skip lines); "
+              "no results written", file=sys.stderr, flush=True)
+        return []
     rec.fill_x_best(records, extras)
-    if records:
-        print(rec.format_table(records, extras), flush=True)
-    else:
-        print("no measurements (every backend was skipped)", flush=True)
+    print(rec.format_table(records, extras), flush=True)
     if not plan.out:
         return []
-    out = Path(plan.out)
-    written = [out / "results.json"]
-    rec.write_results(written[0], records, extras, env=env or rec.environment(), command=plan.command,
-                      settings=settings, skipped=skipped)
-    if plan.plots and records:
+    out = Path(plan.out).resolve()
+    written = rec.write_results(out / "results.json", records, extras, env=env or rec.environment(),
+                                command=plan.command, settings=settings, skipped=skipped)
+    if plan.plots:
         from largeep.bench.plots import plot_results
 
         written += plot_results(records, extras, out)
-    print("wrote " + ", ".join(str(w) for w in written), flush=True)
+    print(f"wrote {', '.join(w.name for w in written)} in {out}", flush=True)
     return written
+
+
+def _dtypes(mp: ModePlan, hidden: int) -> list[str]:
+    """The dispatch dtypes that can run at this hidden size (FP8 needs whole 128-channel scale groups)."""
+    return [d for d in mp.dtypes if d != "fp8" or hidden % rec.FP8_GROUP == 0]
 
 
 def _call(hook: Callable[[], Any] | None) -> Callable[[], Any]:

@@ -626,11 +626,10 @@ def layer_strided_input_gpu(rank: int, world: int, backend: str, tokens: list[in
         wide[:, hidden:] = x
         strided = wide[:, hidden:]
         assert not strided.is_contiguous() or tokens[rank] <= 1
+        # (every call first, the checks after: a rank that failed early would leave its peer waiting in a call)
         with torch.no_grad():
-            want = layer(x)
-            got = layer(strided)
-            torch.cuda.synchronize()
-            assert torch.equal(got, want), f"rank {rank}: chunked layer on a strided x"
+            want_layer = layer(x)
+            got_layer = layer(strided)
             idx, w = layer.route(x)
 
             def one_chunk(xi: torch.Tensor, stall: bool) -> torch.Tensor:
@@ -644,10 +643,12 @@ def layer_strided_input_gpu(rank: int, world: int, backend: str, tokens: list[in
                 ops.wait(c.event)
                 return c.x
 
-            want = one_chunk(x, False)
-            got = one_chunk(strided, True)
-            torch.cuda.synchronize()
-            assert torch.equal(got, want), f"rank {rank}: send_chunk of a strided x"
+            want_chunk = one_chunk(x, False)
+            got_chunk = one_chunk(strided, True)
+        torch.cuda.synchronize()
+        bad = [what for what, got, want in (("the chunked layer", got_layer, want_layer),
+                                            ("send_chunk", got_chunk, want_chunk)) if not torch.equal(got, want)]
+        assert not bad, f"rank {rank}: {bad} on a strided x differ from the contiguous x's output"
     finally:
         buf.destroy()
 

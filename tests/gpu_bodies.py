@@ -959,6 +959,32 @@ class _DeviceWords:
         self.__cuda_array_interface__ = {"shape": (n,), "typestr": "<i8", "data": (ptr, False), "version": 2}
 
 
+def low_latency_fp8_disagree(rank: int, world: int) -> None:
+    """Rank 0 dispatches FP8 rows, the others BF16 (use_fp8 differs): every rank's next call raises RuntimeError
+    naming use_fp8 and a rank that sent the other kind (the receivers read each row's kind and leave such rows
+    unread; before, they decoded them as their own kind: garbage, silently)."""
+    hidden, experts, topk, tokens = 2048, 8 * world, 4, 64
+    buf = largeep.Buffer(None, hidden=hidden, num_experts=experts, num_topk=topk, max_tokens_per_rank=tokens,
+                         backend="nvshmem", low_latency=True)
+    try:
+        g = torch.Generator(device="cuda").manual_seed(90 + rank)
+        x = torch.randn(tokens, hidden, device="cuda", generator=g).to(torch.bfloat16)
+        idx = torch.rand(tokens, experts, device="cuda", generator=g).topk(topk, dim=1).indices
+        buf.low_latency_dispatch(x, idx, use_fp8=rank == 0)
+        torch.cuda.synchronize()
+        try:
+            buf.low_latency_dispatch(x, idx, use_fp8=rank == 0)
+        except RuntimeError as exc:
+            msg = str(exc)
+        else:
+            raise AssertionError(f"rank {rank}: the call after a round of mixed use_fp8 did not raise")
+        assert "use_fp8" in msg and "from rank" in msg, msg
+        sender = int(msg.split("from rank ")[1].split()[0])
+        assert (sender == 0) if rank != 0 else (sender != 0), msg
+    finally:
+        buf.destroy()
+
+
 def low_latency_rounds(rank: int, world: int, rounds: int, tokens: int, hidden: int, experts: int, topk: int,
                        last_round: int = 0) -> None:
     """``rounds`` dispatch + combine rounds without hooks or host syncs, the ranks starting each round up to 2 ms

@@ -210,6 +210,13 @@ def test_low_latency_graph_and_double_buffer(pools, world: int) -> None:
 
 @pytest.mark.gpu(2)
 @needs_native
+def test_low_latency_fp8_disagree(pools) -> None:
+    """Ranks whose low-latency dispatches differ in use_fp8: every rank's next call raises, naming a sender."""
+    pools(2, "nccl").run(gpu_bodies.low_latency_fp8_disagree)
+
+
+@pytest.mark.gpu(2)
+@needs_native
 def test_low_latency_rounds_past_2_31(pools) -> None:
     """A Buffer's rounds 2**31 - 3 to 2**31 + 4 and 2**32 - 3 to 2**32 + 4, each checked: the count words carry the
     round beside the count (with the round in the word's high 32 bits, every dispatch from round 2**31 on failed)."""

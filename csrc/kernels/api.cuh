@@ -43,6 +43,8 @@ enum Op {
                            // from (rank field: the lowest refusing rank; not a timeout)
     kOpRanksDisagree = 10,  // the ranks sent rows of different kinds in a round this rank ran with num_worst_tokens
                             // (rank field: the lowest rank whose kind differs from this rank's; not a timeout)
+    kOpLowLatencyKinds = 11,  // a low-latency dispatch received rows of the other kind (FP8 or BF16: use_fp8) than
+                              // this rank's (rank field: a source that sent them; not a timeout)
 };
 
 // ---- flags: int64 words in the symmetric heap, [kind][rank] --------------------------------------------------
@@ -269,15 +271,16 @@ int64_t expert_order_chunks(int64_t entries);
 void launch_expert_order(const int64_t* idx, int64_t rows, int num_topk, int num_experts, int* offs, int* work,
                          int64_t* pos, int64_t* src, int64_t src_len, int64_t pad, cudaStream_t stream);
 
-// ---- low_latency.cu (decoding; every rank reachable over NVLink) -------------------------------------------
+// ---- low_latency.cu (decoding; NVLink stores on this rank's node, NVSHMEM puts to other nodes) ---------------
 // Regions of the symmetric allocation (per rank):
 //   flags   int64 [5 kinds][2 slot buffers][E/N * N]   counts tagged with the round, and free/done flags
 //   counter int32 [N][E/N] + [N]                       copies this rank sends per (rank, expert), then rows per
 //                                                      rank; zero between rounds
 //   recv    bytes [2][N][M][recv_stride]               row j from source s at [s][j] (one per token and rank):
-//                                                      x (H fp8 or 2H bf16) | scales [H/128] | token, n,
-//                                                      n x (local expert * 32 + k, the copy's row for that expert),
-//                                                      n weights (a dispatch given its weights)
+//                                                      x (H fp8 or 2H bf16) | scales [H/128] | int32 metadata:
+//                                                      token, n (| flags), n x (local expert * 32 + k, the copy's
+//                                                      row for that expert) at [2, 2 + 2n), n weights at
+//                                                      [2 + 2K, 2 + 2K + n) (a dispatch given its weights)
 //   comb    bytes [2][M * K][comb_stride]              combine rows returned for my (token, k)
 //   send    bytes [M * K][recv_stride]                 put path only (peers on other nodes): staged dispatch rows
 //   comb_send bytes [E/N * N * M][comb_stride]         put path only: staged combine rows

@@ -195,12 +195,14 @@ __device__ __forceinline__ void ll_publish_counts(const LowLatencyCtx& c, int* c
     }
 }
 
-// Receive-row metadata (int32 at off_meta_in_row): [0] token, [1] number of entries n (| kLLWeighted), then n
-// pairs (local expert * 32 + k, row of the copy among this source's rows for that expert) at [2, 2 + 2n), and
-// with kLLWeighted each entry's weight (float bits; the sum over every k naming its expert) at [2 + 2K, 2 + 2K + n).
+// Receive-row metadata (int32 at off_meta_in_row): [0] token, [1] number of entries n (| kLLWeighted | kLLSumOne |
+// kLLFp8), then n pairs (local expert * 32 + k, row of the copy among this source's rows for that expert) at
+// [2, 2 + 2n), and with kLLWeighted each entry's weight (float bits; the sum over every k naming its expert) at
+// [2 + 2K, 2 + 2K + n).
 constexpr int kLLMetaHead = 2;
 constexpr int kLLWeighted = 1 << 16;  // the source sent its weights: the combine sums the token's rows here
 constexpr int kLLSumOne = 1 << 17;    // (with kLLWeighted) and sends such a sum as one bf16 row, not two
+constexpr int kLLFp8 = 1 << 18;       // the row is FP8 with scales (else BF16): the receiver's use_fp8 must agree
 constexpr int kLLPre = 4;  // 16-byte vectors of a token row each thread loads ahead (the rest as it goes)
 
 // Thread's vectors [i0, i0 + kLLPre) of row src (vector i of a thread: threadIdx.x + i * blockDim.x), 0 past nvec.
@@ -306,7 +308,8 @@ __device__ __forceinline__ bool ll_send_tokens(const LowLatencyCtx& c, const __n
                 }
                 if (lane == first) {
                     m[0] = t;
-                    m[1] = __popc(kept) | (kWeights ? kLLWeighted | (sum_one ? kLLSumOne : 0) : 0);
+                    m[1] = __popc(kept) | (kWeights ? kLLWeighted | (sum_one ? kLLSumOne : 0) : 0) |
+                           (use_fp8 ? kLLFp8 : 0);
                 }
             }
             const bool lead = r >= 0 && lane == first;  // (lanes >= K: r < 0)
@@ -581,6 +584,11 @@ __device__ __forceinline__ void ll_unpack(const LowLatencyCtx& c, uint8_t* out_x
         const int2 head = *reinterpret_cast<const int2*>(m);  // token, number of entries (| kLLWeighted | kLLSumOne)
         const int2 entry = lane < c.num_topk ? reinterpret_cast<const int2*>(m + kLLMetaHead)[lane] : make_int2(-1, -1);
         const int flags = head.y & (kLLWeighted | kLLSumOne);
+        // (a source that sent the other kind of row: its bytes would be decoded as garbage; reported, not read)
+        if (((head.y & kLLFp8) != 0) != (use_fp8 != 0)) {
+            if (lane == 0) report_error(c.err, kOpLowLatencyKinds, s);
+            continue;
+        }
         // (inside the row whether or not sent: loaded with the entries, used only when weighted)
         const int wbits = lane < c.num_topk ? m[kLLMetaHead + 2 * c.num_topk + lane] : 0;
         const int t = head.x;

@@ -50,6 +50,7 @@ _OPS = {
 _OP_WORST_TOO_SMALL = 8  # kOpWorstTooSmall: not a timeout
 _OP_PEER_REFUSED = 9  # kOpPeerRefused: a rank refused a round this rank ran with num_worst_tokens (not a timeout)
 _OP_RANKS_DISAGREE = 10  # kOpRanksDisagree: the ranks sent rows of different kinds (not a timeout)
+_OP_LL_KINDS = 11  # kOpLowLatencyKinds: a low-latency dispatch got FP8 rows with use_fp8=False, or the reverse
 # the kinds of rows a fresh dispatch sends (api.cuh's kRowKind): dtype, FP8 scales or not
 _ROW_KINDS = {1: (torch.bfloat16, False), 2: (torch.float32, False), 4: (FP8_DTYPE, True)}
 _OP_ABANDONED = 16  # (host only) a dispatch raised between queuing its sends and queuing its copy-out
@@ -613,6 +614,13 @@ class NvshmemBackend:
                 f"wait to raise from, rank {rank} sent another kind of rows (dtype, or FP8 scales or not) than this "
                 "rank; that call's outputs hold no rows (ids -1) and the Buffer is unusable now (destroy it on every "
                 "rank; every rank must dispatch the same kind of rows)"
+            )
+        if code // 65536 == _OP_LL_KINDS:
+            raise RuntimeError(
+                f"{op}: an earlier low_latency_dispatch on rank {self.ctx.rank} received rows of the other kind from "
+                f"rank {rank} (FP8 and BF16: the ranks passed different use_fp8), which it left unread; that call's "
+                "outputs are undefined and the Buffer is unusable now (destroy it on every rank; every rank must "
+                "pass the same use_fp8)"
             )
         if code // 65536 == _OP_ABANDONED:
             raise RuntimeError(

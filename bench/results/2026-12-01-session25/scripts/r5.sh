@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Session 25, r5 (one GPU): the FP8 kind bit in low-latency rows. Build; with 2 ranks on the GPU:
 # test_low_latency_fp8_disagree, every low-latency test again (the bit is in every row's metadata), the bad-input
-# table's low-latency rows and the property tests; with 2 or 4 ranks on the GPU without emulation: the
-# low-latency four-rank / many-rank shared-GPU tests.
+# table's low-latency rows and the property tests; without emulation: the
+# 12 ranks on the GPU of test_low_latency_many_destinations_one_gpu (FP8 and BF16 rows, both paths).
 # usage: bash bench/results/2026-12-01-session25/scripts/r5.sh $OUT [name]
 set -uo pipefail
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1 LARGEEP_BUILD_NATIVE=1 CMAKE_BUILD_PARALLEL_LEVEL=16
@@ -17,7 +17,7 @@ run() {  # name timeout pytest-args...
 }
 python3 -m pip install --no-build-isolation --no-deps . > $R/build.log 2>&1 || { tail -40 $R/build.log; pack; exit 1; }
 echo "build $(( $(date +%s) - t0 )) s"
-LARGEEP_TEST_SHARED_GPUS=1 run shared 100 test_gpu.py -k "low_latency and (four_ranks or many_ranks)"
+LARGEEP_TEST_SHARED_GPUS=1 run shared 150 test_gpu.py -k "many_destinations_one_gpu"
 export LARGEEP_TEST_EMULATE_GPUS=2 LARGEEP_TEST_SHARED_GPUS=1
 run ll 260 test_gpu.py -k "low_latency and not many_ranks and not four_ranks"
 run table 60 -k "nvshmem-nccl and low_latency" test_errors.py

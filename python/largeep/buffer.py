@@ -833,7 +833,9 @@ class Buffer:
         def run() -> Any:
             return self._impl.low_latency_combine(ys, topk_idx, topk_weights, h.state, target, return_recv_hook)
 
-        finish, event = self._run(run, None, async_finish, [ys, topk_idx, topk_weights],
+        # (target too: the Buffer's stream writes it, and a caller that drops the result before waiting on its event
+        # must not see its memory reused meanwhile)
+        finish, event = self._run(run, None, async_finish, [ys, topk_idx, topk_weights, target],
                                   finished=not return_recv_hook)
         hook = self._wrap_hook(finish, op, call) if return_recv_hook else None
         return LowLatencyCombineResult(target, event, hook)

@@ -9,7 +9,15 @@ Normal mode with ``num_worst_tokens`` and the whole low-latency mode use fixed-s
 ``cap`` rows to each destination whatever the counts), so no host sync happens and the calls are graph-capturable.
 
 Rows travel packed: every tensor that goes with a token (x, FP8 scales, top-k ids and weights) is viewed as bytes
-and concatenated, so a call issues one data collective.
+and concatenated, so a fixed-size call issues one data collective; a variable-size dispatch sends x straight into
+its output and the small per-row fields in a second one, and a variable-size combine given weights sends them in a
+second one too.
+
+On CUDA (NCCL) no wait here is bounded by LARGEEP_TIMEOUT_S: the process group's timeout applies. Nor are the
+kinds of the ranks' calls compared there except in a variable-size fresh dispatch (its signature rides the count
+exchange, read on the host): a num_worst_tokens dispatch sends a blank signature (no host wait to read one), and
+cached dispatches, combines and low-latency calls (use_fp8) send none, so ranks whose calls differ pair mismatched
+collectives (docs/usage.md).
 """
 
 from __future__ import annotations

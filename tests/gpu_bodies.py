@@ -940,14 +940,16 @@ def with_tune(rank: int, world: int, tune: str, fn: Any, *args: Any) -> dict[str
 
 def _start_low_latency_at(buf: largeep.Buffer, world: int, experts: int, last_round: int) -> None:
     """Makes a fresh low-latency nvshmem Buffer continue as if ``last_round`` rounds had run (every rank calls it
-    before its first call): its round counter, and its slot-free flags (the peers freed both slot buffers), which
-    sit first in its symmetric allocation as int64 [kind][slot][E/N * N] (low_latency.cu's ll_flag_index)."""
+    before its first call): its round counters (dispatch and combine), and its slot-free flags (the peers freed
+    both slot buffers), which sit first in its symmetric allocation as int64 [kind][slot][E/N * N]
+    (low_latency.cu's ll_flag_index)."""
     impl = buf._impl  # type: ignore[attr-defined]
     per_slot = experts // world * world
     flags = torch.as_tensor(_DeviceWords(impl.base, 5 * 2 * per_slot), device="cuda").view(5, 2, per_slot)
     flags[1] = last_round  # kLLDispatchFree
     flags[3] = last_round  # kLLCombineFree
-    impl.seq[2] = last_round  # kSeqLowLatency
+    impl.seq[2] = last_round  # kSeqLowLatency: dispatch rounds
+    impl.seq[3] = last_round  # and combine rounds
     torch.cuda.synchronize()
     dist.barrier()
 

@@ -286,6 +286,40 @@ def test_cli_refuses_mistakes_before_starting(args: list[str], msg: str, capsys:
     assert "processes, preset" not in err.out  # (nothing started)
 
 
+def test_cli_check_args_skips_a_mode_another_can_run() -> None:
+    """The GPU preset on 3 ranks: 256 normal-mode experts do not divide, 288 low-latency ones do, so the run goes on
+    (the sweep skips the normal mode, saying why) unless that mode was all it was asked for or --experts was given."""
+    from largeep.bench import cli
+
+    parser = cli.build_parser()
+    assert cli.check_args(parser.parse_args([]), "cuda", 3, None) is None
+    msg = cli.check_args(parser.parse_args(["--modes", "normal"]), "cuda", 3, None)
+    assert msg is not None and "(normal 256) are not divisible by the 3 ranks" in msg, msg
+    msg = cli.check_args(parser.parse_args(["--experts", "256"]), "cuda", 3, None)
+    assert msg is not None and "--experts 256" in msg, msg
+
+
+def test_read_results_tolerates_a_torn_pair(tmp_path: Path) -> None:
+    """A run cut short between writing results.json and run.json leaves them apart: the records load, without the
+    extras, and a warning says so; a list file given twice, or with its run file, is read once."""
+    r1 = rec.Record(backend="torch", mode="normal", op="dispatch", ep=2, ranks_per_node=2, num_tokens=8, hidden=256,
+                    num_topk=4, num_experts=16, dtype="bf16", num_sms=None, time_us_median=5.0, time_us_p10=4.0,
+                    time_us_p90=6.0, logical_gbps=1.5)
+    path = tmp_path / "results.json"
+    rec.write_results(path, [r1, replace(r1, op="combine")], [rec.Extra(), rec.Extra()], env={}, command="c",
+                      settings={})
+    run = json.loads((tmp_path / "run.json").read_text())
+    run["extras"] = run["extras"][:1]
+    (tmp_path / "run.json").write_text(json.dumps(run))
+    with pytest.warns(UserWarning, match="2 records but 1 extras"):
+        f = rec.read_results(path)
+    assert f.extras is None and len(f.records) == 2
+    with pytest.warns(UserWarning):
+        assert len(rec.load_records([path, tmp_path / "run.json", path])) == 2
+    with pytest.warns(UserWarning):
+        assert len(sim.load([path, tmp_path / "run.json"])) == 2
+
+
 def _nvshmem_runs_here() -> bool:
     from largeep.bench.adapters import make_adapter
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import importlib
-from types import ModuleType
+import importlib as _importlib
+from types import ModuleType as _ModuleType
 from typing import TYPE_CHECKING
 
 from largeep.buffer import (
@@ -55,12 +55,13 @@ if not TYPE_CHECKING:
     # (hidden from the type checker, which takes the submodules from the imports above: a module-level __getattr__
     # would make every unknown ``largeep.name`` a ModuleType to it, ``from largeep import _C`` included)
 
-    def __getattr__(name: str) -> ModuleType:
+    def __getattr__(name: str) -> _ModuleType:
         if name in _LAZY_SUBMODULES:
             # (the import binds the submodule as this package's attribute: later lookups do not come here)
-            return importlib.import_module(f"{__name__}.{name}")
+            return _importlib.import_module(f"{__name__}.{name}")
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY_SUBMODULES))
+    return sorted({k for k in globals() if not k.startswith("_") and k not in ("TYPE_CHECKING", "annotations")}
+                  | set(__all__) | set(_LAZY_SUBMODULES))

@@ -709,7 +709,9 @@ class Buffer:
         expert-id range check (LARGEEP_CHECK_VALUES=0 skips it; on nvshmem a check kernel on the Buffer's stream, so
         after the Buffer's earlier work). ``use_ue8m0`` rounds scales to powers of two (kept as float32);
         ``round_scale`` does the same. With ``return_recv_hook`` the call only issues the sends and ``hook()``
-        completes the receive.
+        completes the receive. Every rank must pass the same ``use_fp8``: the nvshmem backend's receivers leave rows
+        of the other kind unread and their next call raises RuntimeError naming the sender (the Buffer unusable); the
+        torch backend refuses the call on CPU groups and does not check it on GPUs (docs/usage.md).
 
         ``topk_weights`` (float32 [T, K], optional; an extension of SPEC.md): the weights the combine of this
         handle will apply, sent now with the tokens, so that the nvshmem backend's combine sums each token's

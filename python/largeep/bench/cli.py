@@ -199,11 +199,9 @@ def check_args(args: argparse.Namespace, device_kind: str, world: int, host_rank
     bad = {mode: v for mode, v in bad.items() if v}
     if bad and args.experts is not None:
         return f"--experts {next(iter(bad.values()))}: not divisible by the {world} ranks"
-    if bad:
-        others = [m for m in args.modes if m not in bad]
+    if bad and len(bad) == len(args.modes):  # (a preset's mode that cannot run is skipped, said why, if another can)
         return (f"the {args.preset} preset's expert counts ({', '.join(f'{m} {v}' for m, v in bad.items())}) are not "
-                f"divisible by the {world} ranks: pass --experts with multiples of {world} or another --nprocs"
-                + (f", or --modes {','.join(others)}" if others else ""))
+                f"divisible by the {world} ranks: pass --experts with multiples of {world} or another --nprocs")
     for mode in args.modes:
         m = modes[mode]
         pairs = [(k, e) for k in m["topk"] for e in m["experts"] if k > e]

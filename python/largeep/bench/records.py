@@ -61,6 +61,7 @@ import shlex
 import socket
 import subprocess
 import sys
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -427,7 +428,10 @@ def read_results(path: str | os.PathLike[str]) -> ResultsFile:
         raise ValueError(f"{path}: a record is not a JSON object")
     extras = run.get("extras") if isinstance(run.get("extras"), list) else None
     if extras is not None and len(extras) != len(records):
-        raise ValueError(f"{path}: {len(records)} records but {len(extras)} extras in its run file")
+        # (the two files are written one after the other: a run cut short between them leaves them apart)
+        warnings.warn(f"{path}: {len(records)} records but {len(extras)} extras in its run file (a run cut short "
+                      "between writing the two?): the extras are left out", stacklevel=2)
+        extras = None
     env = run.get("env")
     settings = run.get("settings")
     return ResultsFile(
@@ -446,8 +450,12 @@ def load_records(paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
     out: list[dict[str, Any]] = []
+    seen: set[Path] = set()
     for p in paths:
         f = read_results(p)
+        if f.path.resolve() in seen:  # (a list file given twice, or with its run file)
+            continue
+        seen.add(f.path.resolve())
         for r in f.records:
             missing = [k for k in RECORD_KEYS if k not in r]
             if missing:

@@ -522,8 +522,12 @@ def load(paths: str | Path | Sequence[str | Path], *, label: str | None = None,
     if isinstance(paths, (str, Path)):
         paths = [paths]
     out: list[dict[str, Any]] = []
+    seen: set[Path] = set()
     for given in paths:
         f = read_results(given)
+        if f.path.resolve() in seen:  # (a list file given twice, or with its run file)
+            continue
+        seen.add(f.path.resolve())
         path, recs, extras, what, settings = f.path, f.records, f.extras, f.what, f.settings
         tune: dict[str, Any] = settings["tune"] if isinstance(settings.get("tune"), dict) else {}
         for i, r in enumerate(recs):

@@ -242,6 +242,8 @@ class Sweep:
                 continue
             if len(dtypes) < len(mp.dtypes):  # (left out of the progress count too)
                 self._skip(a.name, f"needs hidden % {rec.FP8_GROUP} == 0", f"{sizes} fp8")
+            if not dtypes:  # (no Buffer to make for nothing)
+                continue
             for sms in sms_list:
                 spec = BufferSpec(mode, hidden, experts, topk, max(mp.tokens), sms, self.rpn)
                 where = sizes + (f" sms={sms}" if sms else "")

@@ -292,10 +292,10 @@ def test_cli_check_args_skips_a_mode_another_can_run() -> None:
     from largeep.bench import cli
 
     parser = cli.build_parser()
-    assert cli.check_args(parser.parse_args([]), "cuda", 3, None) is None
-    msg = cli.check_args(parser.parse_args(["--modes", "normal"]), "cuda", 3, None)
+    assert cli.check_args(parser.parse_args([]), "gpu", 3, None) is None
+    msg = cli.check_args(parser.parse_args(["--modes", "normal"]), "gpu", 3, None)
     assert msg is not None and "(normal 256) are not divisible by the 3 ranks" in msg, msg
-    msg = cli.check_args(parser.parse_args(["--experts", "256"]), "cuda", 3, None)
+    msg = cli.check_args(parser.parse_args(["--experts", "256"]), "gpu", 3, None)
     assert msg is not None and "--experts 256" in msg, msg
 
 
@@ -306,7 +306,7 @@ def test_read_results_tolerates_a_torn_pair(tmp_path: Path) -> None:
                     num_topk=4, num_experts=16, dtype="bf16", num_sms=None, time_us_median=5.0, time_us_p10=4.0,
                     time_us_p90=6.0, logical_gbps=1.5)
     path = tmp_path / "results.json"
-    rec.write_results(path, [r1, replace(r1, op="combine")], [rec.Extra(), rec.Extra()], env={}, command="c",
+    rec.write_results(path, [r1, replace(r1, op="combine")], [rec.Extra(None), rec.Extra(None)], env={}, command="c",
                       settings={})
     run = json.loads((tmp_path / "run.json").read_text())
     run["extras"] = run["extras"][:1]

@@ -769,7 +769,9 @@ class TwoBatchOverlap:
     """Decoding with two micro-batches through one low-latency :class:`MoELayer`: A's dispatch is sent, B's gate
     runs and B's dispatch is sent; A receives and computes its experts while B's tokens travel, then sends its
     combine; B computes while A's results travel back; then both receive. The Buffer's double buffering allows
-    the two calls in flight. Same results as two separate calls."""
+    the two calls in flight. Same results as two separate calls. If a step of one micro-batch raises, the other's
+    calls are left in flight (a receive hook not called, a combine not sent): its peers' calls go unanswered, so
+    treat the Buffer as failed (destroy it on every rank)."""
 
     def __init__(self, layer: MoELayer) -> None:
         if not layer.low_latency:

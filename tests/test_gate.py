@@ -320,6 +320,20 @@ def test_gate_compiles_fullgraph(backend: str):
     torch._dynamo.reset()
 
 
+def test_gate_compiled_with_capacity_over_many_batch_sizes():
+    """A compiled gate with a capacity factor takes 12 batch sizes without hitting the recompile limit (the capacity
+    check formatted the traced size into its message, which made every size a graph of its own; fullgraph=True then
+    failed at the ninth) and routes each as eager does."""
+    gate = TopKGate(GateConfig(hidden=32, num_experts=16, topk=4, capacity_factor=1.1))
+    torch._dynamo.reset()
+    compiled = torch.compile(gate, backend="eager", fullgraph=True)
+    torch.manual_seed(4)
+    for t in range(40, 160, 10):
+        x = torch.randn(t, 32)
+        assert torch.equal(compiled(x).topk_idx, gate(x).topk_idx), t
+    torch._dynamo.reset()
+
+
 def test_zero_tokens_and_single_expert():
     gate = TopKGate(GateConfig(hidden=8, num_experts=1, topk=1))
     out = gate(torch.randn(0, 8))

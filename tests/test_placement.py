@@ -666,3 +666,20 @@ def test_review_edges():
     one = Placement(Topology(2, 2), 1, torch.zeros(4, dtype=torch.int64))
     with pytest.raises(ValueError, match="'trace' has a src_gpu outside"):
         simulate_links(t2, one, physical_idx=torch.zeros(2, 1, dtype=torch.int64))
+
+
+def test_greedy_packing_spreads_units_without_load():
+    """Units of no load go to the GPU with the most free slots among equally loaded ones: no expert twice on a GPU
+    and no GPU left empty where a layout without either exists (the lowest-numbered GPU used to fill up first)."""
+    def per_gpu(p: Placement) -> list[list[int]]:
+        s = p.topology.slots_per_gpu
+        return [p.phys_to_log[g * s:(g + 1) * s].tolist() for g in range(p.topology.num_gpus)]
+
+    for load, topo in ((torch.zeros(5), Topology(1, 3, slots_per_gpu=3)),
+                       (torch.tensor([0.0, 0, 20, 0]), Topology(1, 4, slots_per_gpu=3))):
+        for slots in per_gpu(greedy_placement(load, topo)):
+            held = [e for e in slots if e >= 0]
+            assert len(held) == len(set(held)), per_gpu(greedy_placement(load, topo))
+    p = greedy_placement(torch.tensor([59.0, 7, 0, 33, 0, 18, 2, 4, 0]), Topology(3, 3, slots_per_gpu=2),
+                         num_replicas=0)
+    assert all(any(e >= 0 for e in slots) for slots in per_gpu(p)), per_gpu(p)

@@ -265,7 +265,10 @@ def apply_capacity(
     Returns:
         New (topk_idx int64 [T, K], topk_weights float32 [T, K]) with dropped choices set to -1 / 0.
     """
-    _check(capacity >= 0, "capacity", f"must be >= 0, got {capacity}")
+    if torch.compiler.is_compiling():  # (a traced size: branching on it, or formatting it into a message, would
+        torch._check(capacity >= 0)   # make it a constant, a graph per batch size)
+    else:
+        _check(capacity >= 0, "capacity", f"must be >= 0, got {capacity}")
     flat = topk_idx.reshape(-1)
     key = torch.where(flat >= 0, flat, torch.full_like(flat, num_experts))  # -1 goes to an extra bucket
     order = torch.argsort(key, stable=True)

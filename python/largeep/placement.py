@@ -577,7 +577,8 @@ def contiguous_placement(num_logical: int, topology: Topology) -> Placement:
 
 
 def _pack_greedy(unit_expert: np.ndarray, unit_w: np.ndarray, topology: Topology) -> np.ndarray:
-    """Largest unit first onto the least-loaded GPU that has a free slot and no copy of that expert.
+    """Largest unit first onto the least-loaded GPU that has a free slot and no copy of that expert (among equally
+    loaded GPUs, the one with the most free slots: units of no load spread instead of filling one GPU first).
 
     Returns int64 [U]: GPU of each unit.
     """
@@ -589,7 +590,7 @@ def _pack_greedy(unit_expert: np.ndarray, unit_w: np.ndarray, topology: Topology
     for u in np.argsort(-unit_w, kind="stable"):
         e = int(unit_expert[u])
         cost = np.where(free > 0, gpu_load, np.inf)
-        for g in np.argsort(cost, kind="stable"):
+        for g in np.lexsort((-free, cost)):  # (cost first, then the most free slots; stable)
             if e not in held[g] or not np.isfinite(cost[g]):
                 break
         if not np.isfinite(cost[g]):  # every GPU with room already holds e: accept a duplicate
@@ -939,7 +940,7 @@ def plan_placement(
     pairs, src = _coactivation(trace, topology)
     unit_expert, w = _units(load, topology, num_replicas, local=True)
     start = np.argsort(_pack_greedy(unit_expert, w, topology), kind="stable")
-    # Phase 2 on at most 8192 tokens (evenly strided, so every source GPU keeps its share).
+    # Phase 2 on about 8192 tokens (fewer than 16384; evenly strided, so every source GPU keeps its share).
     sub = torch.arange(0, trace.topk_idx.shape[0], max(1, trace.topk_idx.shape[0] // 8192), device="cpu")
     src_node = (trace.src_gpu[sub] // topology.gpus_per_node).numpy()
     for _ in range(3):  # the routed loads differ a little from the estimates: retry with a tighter bound

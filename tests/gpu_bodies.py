@@ -505,6 +505,57 @@ def failed_copyout_launch(rank: int, world: int, timeout_s: float) -> dict[str, 
     return {"elapsed_s": elapsed}
 
 
+def failed_reduce_launch(rank: int, world: int, timeout_s: float) -> None:
+    """With the combine in push + reduce (run under LARGEEP_TUNE comb=0), rank 1's combine raises between queuing its
+    push and its reduce (the reduce's launch fails: injected). Rank 1 raises that error, and its next call (a
+    dispatch) RuntimeError at once naming it (the Buffer unusable: its round is open; before, its next combine
+    summed the peers' rows of the round before, silently); the other ranks' combine returns the right sums (rank
+    1's push was queued)."""
+    buf = _bounded_buffer(world, timeout_s)
+    x = torch.randn(64, 1024, device="cuda").to(torch.bfloat16)
+    idx = torch.arange(64 * 2, device="cuda").view(64, 2) % (4 * world)
+    w = torch.rand(64, 2, device="cuda")
+    try:
+        assert buf._impl.fused_combine == 0  # type: ignore[attr-defined]
+        d = buf.dispatch(x, idx, w)
+        if rank == 1:
+            impl = buf._impl  # type: ignore[attr-defined]
+            real = impl.kernels
+
+            class FailingReduce:
+                def __getattr__(self, name: str) -> Any:
+                    return getattr(real, name)
+
+                def combine_reduce(self, *args: object) -> None:
+                    raise RuntimeError("injected: the reduce's launch failed")
+
+            impl.kernels = FailingReduce()
+            try:
+                buf.combine(d.x, d.handle)
+            except RuntimeError as exc:
+                assert "injected" in str(exc), str(exc)
+            else:
+                raise AssertionError("the injected error did not reach the caller")
+            finally:
+                impl.kernels = real
+            try:
+                buf.dispatch(x, idx, w)
+            except RuntimeError as exc:
+                msg = str(exc)
+                assert "unusable" in msg and "before its reduce" in msg and "the reduce's launch" in msg, msg
+            else:
+                raise AssertionError("a Buffer with an open combine round accepted another call")
+        else:
+            out = buf.combine(d.x, d.handle).x
+            ranks = torch.zeros(64, world, device="cuda").scatter_(1, idx // 4, 1.0).sum(1, keepdim=True)
+            torch.cuda.synchronize()
+            assert torch.allclose(out.float(), x.float() * ranks, rtol=2e-2, atol=2e-2)
+    finally:
+        _progress(rank, "before the teardown barrier")
+        dist.barrier()
+        buf.destroy()
+
+
 def kinds_disagree(rank: int, world: int, variant: str) -> None:
     """Ranks whose fresh dispatches send different kinds of rows: the round is void on every rank.
     ``dtype``: rank 0 float32, the others bfloat16; ``fp8``: rank 1 the FP8 pair, the others bfloat16; every rank

@@ -755,6 +755,16 @@ def test_dispatch_round_left_open_marks_the_buffer() -> None:
     f._round_open = True  # (left over from an earlier call: the guard resets it)
     assert guarded(f, False, None) == "done" and f.status[nb._ERROR] == 0
 
+    def combine(self: Fake) -> None:  # (the combine's guard names it)
+        self._round_open = True
+        raise KeyboardInterrupt
+
+    f = Fake()
+    with pytest.raises(KeyboardInterrupt):
+        nb._closes_open_round(combine)(f)  # type: ignore[arg-type]
+    assert f.status[nb._ERROR] == nb._OP_ABANDONED << 16 and f._abandoned_in == "combine"  # type: ignore[attr-defined]
+    assert "before its reduce" in nb._OPEN_ROUND["combine"]
+
 
 def test_event_arguments(pools) -> None:
     pools(1).run(error_bodies.event_arguments)

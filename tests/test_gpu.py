@@ -342,6 +342,14 @@ def test_failed_copyout_launch(pools) -> None:
 
 @pytest.mark.gpu(2)
 @needs_native
+def test_failed_reduce_launch(pools) -> None:
+    """A push + reduce combine that raises between its push and its reduce marks its Buffer unusable (its next
+    combine would have summed the round before's rows); the other ranks' combine is right."""
+    pools(2, "nccl").run(gpu_bodies.with_tune, "comb=0", gpu_bodies.failed_reduce_launch, 5.0)
+
+
+@pytest.mark.gpu(2)
+@needs_native
 @pytest.mark.parametrize("variant", ["dtype", "fp8", "no_wait"])
 def test_kinds_disagree(pools, variant: str) -> None:
     """A void round of ranks that disagree on the kind of rows: every waiting rank raises naming each rank's kind

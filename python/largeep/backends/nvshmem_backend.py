@@ -18,7 +18,7 @@ import traceback
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -428,21 +428,30 @@ def record_zero_copy(t: torch.Tensor, stream: int) -> None:
                 return
 
 
-def _closes_open_round(fn: Callable[..., NormalDispatchOut]) -> Callable[..., NormalDispatchOut]:
-    """For NvshmemBackend.dispatch: a round it leaves open marks the Buffer unusable. An exception between queuing
-    the round's sends and queuing its copy-out (``_round_open``: a failed launch, KeyboardInterrupt; not out of
-    memory for a fresh dispatch's outputs, whose round dispatch drains itself) leaves this rank's sequence number
-    and receive flags behind its peers', so a later call would read this round's counts as its own and the peers'
-    next sends would wait for this rank until LARGEEP_TIMEOUT_S."""
+# where a guarded call (_closes_open_round) stopped with its round open
+_OPEN_ROUND = {"dispatch": "after its sends were queued and before its copy-out",
+               "combine": "after its push was queued and before its reduce"}
+
+_R = TypeVar("_R")
+
+
+def _closes_open_round(fn: Callable[..., _R]) -> Callable[..., _R]:
+    """For NvshmemBackend.dispatch and combine: a round the call leaves open marks the Buffer unusable. An exception
+    between queuing a dispatch's sends and its copy-out, or a combine's push and its reduce (``_round_open``: a
+    failed launch, KeyboardInterrupt; not out of memory for a fresh dispatch's outputs, whose round dispatch drains
+    itself) leaves this rank's sequence number and flags behind its peers', so a later call would take this round's
+    counts or rows as its own (a combine: the previous round's rows, summed without an error) and the peers' next
+    calls would wait for this rank until LARGEEP_TIMEOUT_S."""
 
     @functools.wraps(fn)
-    def wrapper(self: NvshmemBackend, *args: Any, **kwargs: Any) -> NormalDispatchOut:
+    def wrapper(self: NvshmemBackend, *args: Any, **kwargs: Any) -> _R:
         self._round_open = False
         try:
             return fn(self, *args, **kwargs)
         except BaseException as exc:
             if self._round_open and int(self.status[_ERROR]) == 0:
                 self._abandoned = f"{type(exc).__name__}: {exc}"[:300]
+                self._abandoned_in = fn.__name__
                 self.status[_ERROR] = _OP_ABANDONED << 16
             raise
 
@@ -471,7 +480,7 @@ class NvshmemBackend:
         self.fused_combine = comb if not ctx.low_latency and ctx.ranks_per_node == n else 0
         # a dispatch's round between its sends and its copy-out (see dispatch), and what ended one there
         self._round_open = False
-        self._abandoned = ""
+        self._abandoned, self._abandoned_in = "", "dispatch"
         # Every rank must lay out its symmetric memory the same way (one collective allocation; peers compute
         # addresses in each other's memory) and speak the same combine protocol: refuse, on every rank, a group
         # whose ranks disagree.
@@ -623,10 +632,11 @@ class NvshmemBackend:
                 "pass the same use_fp8)"
             )
         if code // 65536 == _OP_ABANDONED:
+            where = self._abandoned_in
             raise RuntimeError(
-                f"{op}: an earlier dispatch on rank {self.ctx.rank} raised after its sends were queued and before its "
-                f"copy-out ({self._abandoned}); its round was left open, so the Buffer is unusable now (destroy it on "
-                "every rank: the other ranks' next calls wait for this rank until LARGEEP_TIMEOUT_S)"
+                f"{op}: an earlier {where} on rank {self.ctx.rank} raised {_OPEN_ROUND.get(where, 'mid-round')} "
+                f"({self._abandoned}); its round was left open, so the Buffer is unusable now (destroy it on every "
+                "rank: the other ranks' next calls wait for this rank until LARGEEP_TIMEOUT_S)"
             )
         if code // 65536 == _OP_WORST_TOO_SMALL:
             raise RuntimeError(
@@ -940,6 +950,7 @@ class NvshmemBackend:
             _ptr(h.fwd_count if h else None), _ptr(h.fwd_pos if h else None), self.ctx.num_sms, stream,
         )
 
+    @_closes_open_round
     def combine(
         self, y: torch.Tensor, state: _NvState, topk_weights: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -962,6 +973,8 @@ class NvshmemBackend:
                 state.num_rows, c.num_sms, self.fused_combine, stream,
             )
             return out, out_w
+        # (push, forward and reduce: three launches; the round counts as this rank's only once the reduce is queued)
+        self._round_open = True
         k.combine_push(
             y.data_ptr(), y.element_size(), _ptr(topk_weights), state.recv_src.data_ptr(), state.recv_off,
             state.num_rows, c.num_sms, stream,
@@ -974,6 +987,7 @@ class NvshmemBackend:
             _ptr(hier.node_pos if hier else None), state.num_tokens, with_w, y.data_ptr(), _ptr(topk_weights),
             state.recv_off, c.num_sms, stream,
         )
+        self._round_open = False
         return out, out_w
 
     # -- low-latency mode ---------------------------------------------------------------------------------------

@@ -689,6 +689,8 @@ def test_missing_member_of_a_library_collective_is_bounded(which: str, name: str
     (True, 1024, 8, (1 << 16) - 1, None, False),
     (True, 2, 2, 1 << 20, None, True),
     (True, 2, 2, (1 << 20) + 1, "at most 2**20", False),  # a round's count words
+    (False, 256, 8, 1 << 23, "must be below 2**31", False),  # 2**31 received rows
+    (False, 256, 8, (1 << 23) - 1, None, False),
 ])
 def test_nvshmem_group_sizes(low_latency: bool, ranks: int, per_node: int, max_tokens: int, refused: str | None,
                              auto: bool) -> None:

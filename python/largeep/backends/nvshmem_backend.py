@@ -40,9 +40,9 @@ from largeep.layout import Layout, one_hot_mask
 _READY, _ERROR, _NUM_RECV, _REFUSED, _PER_EXPERT = 0, 1, 2, 3, 4
 _OPS = {
     1: "get_dispatch_layout",
-    2: "dispatch (waiting for receivers of the previous round)",
+    2: "dispatch (waiting for a peer's rows, or for receivers to free the previous round's)",
     3: "dispatch (count exchange)",
-    4: "combine (waiting for sources of the previous round)",
+    4: "combine (waiting for a peer's rows, or for sources to free the previous round's)",
     5: "combine (waiting for rows)",
     6: "low_latency_dispatch",
     7: "low_latency_combine",
@@ -92,6 +92,9 @@ def unsupported_reason(ctx: GroupContext) -> str | None:
         if copies >= 1 << 31:
             return ("the nvshmem low-latency kernels number a rank's received copies (and rows times 32 lanes) with "
                     f"32-bit integers: ranks x max_tokens_per_rank x max(num_topk, 32) = {copies} must be below 2**31")
+    elif ctx.num_ranks * ctx.max_tokens_per_rank >= 1 << 31:
+        return ("the nvshmem normal-mode kernels number a rank's received rows with 32-bit integers: ranks x "
+                f"max_tokens_per_rank = {ctx.num_ranks * ctx.max_tokens_per_rank} must be below 2**31")
     elif ctx.num_ranks > MAX_RANKS_NORMAL:
         return (f"the nvshmem normal-mode kernels support at most {MAX_RANKS_NORMAL} ranks (got {ctx.num_ranks}; "
                 f"low-latency Buffers take up to {MAX_RANKS_LOW_LATENCY})")

@@ -683,3 +683,10 @@ def test_greedy_packing_spreads_units_without_load():
     p = greedy_placement(torch.tensor([59.0, 7, 0, 33, 0, 18, 2, 4, 0]), Topology(3, 3, slots_per_gpu=2),
                          num_replicas=0)
     assert all(any(e >= 0 for e in slots) for slots in per_gpu(p)), per_gpu(p)
+
+
+def test_route_refuses_a_bool_source_gpu():
+    """src_gpu=True is refused naming the argument (it was taken as GPU 1)."""
+    p = greedy_placement(torch.ones(4), Topology(1, 2, slots_per_gpu=2))
+    with pytest.raises(ValueError, match="src_gpu"):  # (ArgumentError)
+        p.route(torch.tensor([[0, 1], [2, 3]]), True)

@@ -361,6 +361,7 @@ class Placement:
         _check_topk(topk_idx, self.num_logical)
         t_num = topk_idx.shape[0]
         dev = topk_idx.device
+        _check(not isinstance(src_gpu, bool), "src_gpu", f"must be an int or an int64 tensor [{t_num}], got a bool")
         if isinstance(src_gpu, int):
             src = torch.full((t_num,), src_gpu, dtype=torch.int64, device=dev)
         else:
@@ -370,6 +371,7 @@ class Placement:
                 "src_gpu",
                 f"must be an int or an int64 tensor [{t_num}]",
             )
+            src = src.to(dev)  # (topk_idx's device: a CPU tensor beside CUDA ids is taken)
         if src.numel():
             _check(
                 int(src.min()) >= 0 and int(src.max()) < topo.num_gpus,

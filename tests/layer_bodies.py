@@ -1163,6 +1163,38 @@ def layer_checks_placement_sizes(rank: int, world: int) -> None:
         buf.destroy()
 
 
+def layer_saves_slot_layout(rank: int, world: int) -> None:
+    """A MoELayer with a placement saves its slot layout in its state dict; a state loads into a layer of the same
+    layout (weights equal after), is refused naming the key by one of another layout (its slots would have held
+    other experts' weights) or without a placement, strict or not; a state without the key (saved before) loads."""
+    from largeep import placement as pl
+
+    buf = largeep.Buffer(None, hidden=32, num_experts=4, num_topk=2, max_tokens_per_rank=16, backend="torch")
+    try:
+        topo = pl.Topology(num_nodes=1, gpus_per_node=1, slots_per_gpu=4)
+        p1 = pl.greedy_placement(torch.tensor([5.0, 1.0, 1.0]), topo)
+        p2 = pl.Placement(topo, 3, torch.tensor([2, 1, 0, 0]))
+        assert not torch.equal(p1.phys_to_log, p2.phys_to_log)
+        a = layers.MoELayer(buf, ffn_hidden=8, placement=p1)
+        state = a.state_dict()
+        assert torch.equal(state["slot_layout"], p1.phys_to_log)
+        b = layers.MoELayer(buf, ffn_hidden=8, placement=pl.Placement(topo, 3, p1.phys_to_log.clone()))
+        b.load_state_dict(state)
+        assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
+        for other in (layers.MoELayer(buf, ffn_hidden=8, placement=p2), layers.MoELayer(buf, ffn_hidden=8)):
+            for strict in (True, False):
+                try:
+                    other.load_state_dict(state, strict=strict)
+                    raise AssertionError("a state of another slot layout was loaded")
+                except RuntimeError as exc:
+                    assert "slot_layout" in str(exc) and "load_global_experts" in str(exc), exc
+        old = {k: v for k, v in state.items() if k != "slot_layout"}
+        layers.MoELayer(buf, ffn_hidden=8, placement=p2).load_state_dict(old)
+        assert "slot_layout" not in layers.MoELayer(buf, ffn_hidden=8).state_dict()
+    finally:
+        buf.destroy()
+
+
 def layer_refuses_worst_with_rounds(rank: int, world: int) -> None:
     """MoELayer(num_worst_tokens=...) on a Buffer in rounds is refused when made, naming both."""
     buf = largeep.Buffer(None, hidden=32, num_experts=4, num_topk=2, max_tokens_per_rank=16, backend="torch",

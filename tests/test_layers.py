@@ -42,6 +42,10 @@ def test_layer_checks_placement_sizes(pools) -> None:
     pools(1).run(layer_bodies.layer_checks_placement_sizes)
 
 
+def test_layer_saves_slot_layout(pools) -> None:
+    pools(1).run(layer_bodies.layer_saves_slot_layout)
+
+
 def test_layer_refuses_num_worst_tokens_with_rounds(pools) -> None:
     pools(1).run(layer_bodies.layer_refuses_worst_with_rounds)
 

@@ -394,6 +394,8 @@ class MoELayer(nn.Module):
         self.experts = GroupedExperts(self.num_local_experts, c.hidden, ffn_hidden // tp, dtype=dtype)
         self.shared_experts = SwiGLU(c.hidden, shared_ffn_hidden, dtype=dtype) if shared_ffn_hidden > 0 else None
         self.aux_loss: Tensor | None = None
+        self.register_state_dict_post_hook(_save_slot_layout)
+        self.register_load_state_dict_pre_hook(_check_slot_layout)
 
     # -- weights ----------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -749,6 +751,43 @@ class MoEPipeline(nn.Module):
         if not x.is_cuda or torch.compiler.is_compiling():
             return None
         return ops._side_stream("pipeline", x.device, priority)
+
+
+_SLOT_LAYOUT = "slot_layout"  # the state-dict key of a layer's placement table (MoELayer)
+
+
+def _save_slot_layout(module: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any) -> None:
+    """A MoELayer with a placement saves which logical expert each physical slot holds (int64 [slots], -1 empty)
+    beside its expert weights, which are per slot."""
+    table = getattr(module, "phys_to_log", None)
+    if table is not None:
+        state_dict[prefix + _SLOT_LAYOUT] = table.detach().to("cpu", torch.int64).clone()
+
+
+def _check_slot_layout(module: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any,
+                       strict: bool, missing_keys: list[str], unexpected_keys: list[str],
+                       error_msgs: list[str]) -> None:
+    """Loading a MoELayer's state: a saved slot layout must be the layer's own (a layer without a placement holds
+    logical expert s in slot s), else its slots would get other experts' weights; refused (load_state_dict raises,
+    strict or not). A state without one (saved before layouts were saved) loads as it is."""
+    saved = state_dict.pop(prefix + _SLOT_LAYOUT, None)
+    if saved is None:
+        return
+    table = getattr(module, "phys_to_log", None)
+    mine = table.detach().to("cpu", torch.int64) if table is not None else torch.arange(saved.numel())
+    if not (isinstance(saved, Tensor) and saved.shape == mine.shape and torch.equal(saved.to("cpu"), mine)):
+        error_msgs.append(
+            f"{prefix + _SLOT_LAYOUT}: the saved expert weights are laid out over the slots as "
+            f"{_short(saved)}, this layer's placement as {_short(mine)}: load them through load_global_experts "
+            "(its weights per logical expert), or build the layer with the saved placement"
+        )
+
+
+def _short(t: Any) -> str:
+    if not isinstance(t, Tensor):
+        return repr(t)
+    vals = t.flatten().tolist()
+    return str(vals[:16])[:-1] + (", ...]" if len(vals) > 16 else "]")
 
 
 def run_interleaved(steps: Sequence[Generator[None, None, Tensor]]) -> list[Tensor]:

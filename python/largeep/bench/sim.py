@@ -865,7 +865,8 @@ def symmetric_memory(eps: Sequence[int], gpus_per_node: int, normal: tuple[int, 
         rows.append({"ep": ep, "nodes": nodes, "ranks_per_node": p, "normal_tokens": t, "normal_gib": nb / gib,
                      "low_latency_tokens": lt, "low_latency_gib": lb / gib,
                      "normal_supported": unsupported_reason(types.SimpleNamespace(  # type: ignore[arg-type]
-                         low_latency=False, num_ranks=ep, ranks_per_node=p, hidden=h, num_topk=k)) is None})
+                         low_latency=False, num_ranks=ep, ranks_per_node=p, hidden=h, num_topk=k,
+                         max_tokens_per_rank=t)) is None})
     return rows
 
 

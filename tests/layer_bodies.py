@@ -1136,9 +1136,9 @@ def ops_two_batches_compiled(rank: int, world: int, num_worst: int, backend: str
 
 
 def layer_checks_placement_sizes(rank: int, world: int) -> None:
-    """MoELayer with a Placement: one of another group size or slot count is refused naming it, as is a
-    num_logical_experts other than the placement's; without num_logical_experts the default gate chooses among the
-    placement's logical experts (not the physical ones)."""
+    """MoELayer with a Placement: one of another group size or slot count is refused naming it, as are a
+    num_logical_experts other than the placement's and a gate over another number of experts; without
+    num_logical_experts the default gate chooses among the placement's logical experts (not the physical ones)."""
     from largeep import placement as pl
 
     buf = largeep.Buffer(None, hidden=32, num_experts=4, num_topk=2, max_tokens_per_rank=16, backend="torch")
@@ -1155,6 +1155,15 @@ def layer_checks_placement_sizes(rank: int, world: int) -> None:
                 raise AssertionError(f"MoELayer accepted {kw} with {bad.topology}")
             except largeep.ArgumentError as exc:
                 assert all(w in str(exc) for w in words), exc
+        from largeep.gate import GateConfig, TopKGate
+
+        for gate in (layers.LinearTopKRouter(32, 4, 2), TopKGate(GateConfig(hidden=32, num_experts=5, topk=2))):
+            try:  # a gate over another number of experts than the placement's logical ones
+                layers.MoELayer(buf, ffn_hidden=8, placement=good, gate=gate)
+                raise AssertionError(f"MoELayer accepted {type(gate).__name__} with another expert count")
+            except largeep.ArgumentError as exc:
+                assert "'gate' chooses among" in str(exc) and "3 logical experts" in str(exc), exc
+        layer = layers.MoELayer(buf, ffn_hidden=8, placement=good, gate=layers.LinearTopKRouter(32, 3, 2))
         layer = layers.MoELayer(buf, ffn_hidden=8, placement=good)
         assert layer.num_logical_experts == 3
         out = layer(torch.randn(5, 32))

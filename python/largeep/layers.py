@@ -383,6 +383,12 @@ class MoELayer(nn.Module):
                 )
             num_logical_experts = placement.num_logical
         self.num_logical_experts = num_logical_experts or c.num_experts
+        known = _gate_experts(gate)
+        if known is not None and known != self.num_logical_experts:
+            raise ArgumentError(
+                f"MoELayer: argument 'gate' chooses among {known} experts; the layer has {self.num_logical_experts} "
+                "logical experts (num_logical_experts, the placement's, else the Buffer's num_experts)"
+            )
         self.gate = gate or LinearTopKRouter(
             c.hidden, self.num_logical_experts, c.num_topk, score_func=router_score, norm_topk_prob=norm_topk_prob
         )
@@ -751,6 +757,14 @@ class MoEPipeline(nn.Module):
         if not x.is_cuda or torch.compiler.is_compiling():
             return None
         return ops._side_stream("pipeline", x.device, priority)
+
+
+def _gate_experts(gate: Any) -> int | None:
+    """The number of experts a gate chooses among, where it says (largeep's gates; None: not known)."""
+    if isinstance(gate, LinearTopKRouter):
+        return int(gate.weight.shape[0])
+    n = getattr(getattr(gate, "config", None), "num_experts", None)
+    return n if isinstance(n, int) and not isinstance(n, bool) else None
 
 
 _SLOT_LAYOUT = "slot_layout"  # the state-dict key of a layer's placement table (MoELayer)

@@ -62,7 +62,7 @@ import socket
 import subprocess
 import sys
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -443,23 +443,31 @@ def read_results(path: str | os.PathLike[str]) -> ResultsFile:
     )
 
 
-def load_records(paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]) -> list[dict[str, Any]]:
-    """Records of one or more results files in either layout (:func:`read_results`), as dicts with SPEC's keys, the
-    writer's own keys, and ENV_KEYS and "command" (from the run's environment where an old file keeps them once;
-    left out where it has none). Raises ValueError for a record without SPEC's keys."""
+def read_results_files(paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]) -> Iterator[ResultsFile]:
+    """Each results file of ``paths`` once (:func:`read_results`; a list file given twice, or with its run file, is
+    read once), every record checked for SPEC's keys (ValueError naming the file otherwise)."""
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
-    out: list[dict[str, Any]] = []
     seen: set[Path] = set()
     for p in paths:
         f = read_results(p)
-        if f.path.resolve() in seen:  # (a list file given twice, or with its run file)
+        if f.path.resolve() in seen:
             continue
         seen.add(f.path.resolve())
         for r in f.records:
             missing = [k for k in RECORD_KEYS if k not in r]
             if missing:
                 raise ValueError(f"{f.path}: a record lacks the keys {missing}")
+        yield f
+
+
+def load_records(paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]) -> list[dict[str, Any]]:
+    """Records of one or more results files in either layout (:func:`read_results_files`), as dicts with SPEC's
+    keys, the writer's own keys, and ENV_KEYS and "command" (from the run's environment where an old file keeps them
+    once; left out where it has none). Raises ValueError for a record without SPEC's keys."""
+    out: list[dict[str, Any]] = []
+    for f in read_results_files(paths):
+        for r in f.records:
             row = dict(r)
             if f.layout == "object" and f.settings.get("device") == "cpu":
                 row.setdefault("gpu", None)  # (as write_results says of CPU processes)

@@ -51,7 +51,7 @@ its placeholder value and is reported as such. :func:`placeholder` gives the con
 ceilings suggest, for use before GPU records exist. Everything the CLI prints says which numbers are measured and
 which modelled.
 
-Record files (:func:`load`, through :func:`largeep.bench.records.read_results`): the benchmark's results.json (a
+Record files (:func:`load`, through :func:`largeep.bench.records.read_results_files`): the benchmark's results.json (a
 list of records, its run.json beside it with the settings and extras; or the older one object ``{"schema",
 "records", "extras", ...}``): device-event times of whole Python calls, host overhead included; and the files of
 ``bench/kernel_times.py`` and ``bench/low_latency_times.py`` (the same two layouts; records with the SPEC keys plus
@@ -517,23 +517,13 @@ def load(paths: str | Path | Sequence[str | Path], *, label: str | None = None,
     (``bus_gbps``, ``phase_of``, ...) are merged in, and a kernel-time record's ``kernels`` kept; ``gpu`` (None:
     CPU processes) where the file says. fused_combine: the ``combine_eighths`` of records that do not say (files
     written before kernel_times.py recorded it)."""
-    from largeep.bench.records import RECORD_KEYS, read_results
+    from largeep.bench.records import read_results_files
 
-    if isinstance(paths, (str, Path)):
-        paths = [paths]
     out: list[dict[str, Any]] = []
-    seen: set[Path] = set()
-    for given in paths:
-        f = read_results(given)
-        if f.path.resolve() in seen:  # (a list file given twice, or with its run file)
-            continue
-        seen.add(f.path.resolve())
+    for f in read_results_files(paths):
         path, recs, extras, what, settings = f.path, f.records, f.extras, f.what, f.settings
         tune: dict[str, Any] = settings["tune"] if isinstance(settings.get("tune"), dict) else {}
         for i, r in enumerate(recs):
-            missing = [k for k in RECORD_KEYS if k not in r]
-            if missing:
-                raise ValueError(f"{path}: a record lacks the keys {missing}")
             row = dict(r)
             if extras and i < len(extras) and isinstance(extras[i], dict):
                 row.update({k: v for k, v in extras[i].items() if k not in row})

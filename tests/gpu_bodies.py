@@ -443,6 +443,33 @@ def outputs_out_of_memory(rank: int, world: int, where: str) -> None:
         buf.destroy()
 
 
+def _raises_injected(buf: largeep.Buffer, method: str, what: str, call: Any) -> None:
+    """Runs ``call()`` with the nvshmem Buffer's native ``method`` failing as a failed launch would (RuntimeError
+    "injected: WHAT"), and asserts that error reaches the caller; the Buffer's kernels are restored after."""
+    impl = buf._impl  # type: ignore[attr-defined]
+    real = impl.kernels
+
+    class Failing:
+        def __getattr__(self, name: str) -> Any:
+            if name != method:
+                return getattr(real, name)
+
+            def fail(*args: object) -> None:
+                raise RuntimeError(f"injected: {what}")
+
+            return fail
+
+    impl.kernels = Failing()
+    try:
+        call()
+    except RuntimeError as exc:
+        assert "injected" in str(exc), str(exc)
+    else:
+        raise AssertionError("the injected error did not reach the caller")
+    finally:
+        impl.kernels = real
+
+
 def failed_copyout_launch(rank: int, world: int, timeout_s: float) -> dict[str, float]:
     """Rank 1's dispatch raises between queuing its sends and queuing its copy-out, in a way it cannot drain (the
     copy-out's launch itself fails: injected). Rank 1 raises that error, and its next call RuntimeError at once
@@ -457,25 +484,7 @@ def failed_copyout_launch(rank: int, world: int, timeout_s: float) -> dict[str, 
     elapsed = 0.0
     try:
         if rank == 1:
-            impl = buf._impl
-            real = impl.kernels
-
-            class FailingCopyout:
-                def __getattr__(self, name: str) -> Any:
-                    return getattr(real, name)
-
-                def copyout(self, *args: object) -> None:
-                    raise RuntimeError("injected: the copy-out's launch failed")
-
-            impl.kernels = FailingCopyout()
-            try:
-                buf.dispatch(x, idx, w)
-            except RuntimeError as exc:
-                assert "injected" in str(exc), str(exc)
-            else:
-                raise AssertionError("the injected error did not reach the caller")
-            finally:
-                impl.kernels = real
+            _raises_injected(buf, "copyout", "the copy-out's launch failed", lambda: buf.dispatch(x, idx, w))
             start = time.monotonic()
             try:
                 buf.dispatch(x, idx, w)
@@ -519,25 +528,7 @@ def failed_reduce_launch(rank: int, world: int, timeout_s: float) -> None:
         assert buf._impl.fused_combine == 0  # type: ignore[attr-defined]
         d = buf.dispatch(x, idx, w)
         if rank == 1:
-            impl = buf._impl  # type: ignore[attr-defined]
-            real = impl.kernels
-
-            class FailingReduce:
-                def __getattr__(self, name: str) -> Any:
-                    return getattr(real, name)
-
-                def combine_reduce(self, *args: object) -> None:
-                    raise RuntimeError("injected: the reduce's launch failed")
-
-            impl.kernels = FailingReduce()
-            try:
-                buf.combine(d.x, d.handle)
-            except RuntimeError as exc:
-                assert "injected" in str(exc), str(exc)
-            else:
-                raise AssertionError("the injected error did not reach the caller")
-            finally:
-                impl.kernels = real
+            _raises_injected(buf, "combine_reduce", "the reduce's launch failed", lambda: buf.combine(d.x, d.handle))
             try:
                 buf.dispatch(x, idx, w)
             except RuntimeError as exc:

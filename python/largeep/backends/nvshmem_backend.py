@@ -53,7 +53,7 @@ _OP_RANKS_DISAGREE = 10  # kOpRanksDisagree: the ranks sent rows of different ki
 _OP_LL_KINDS = 11  # kOpLowLatencyKinds: a low-latency dispatch got FP8 rows with use_fp8=False, or the reverse
 # the kinds of rows a fresh dispatch sends (api.cuh's kRowKind): dtype, FP8 scales or not
 _ROW_KINDS = {1: (torch.bfloat16, False), 2: (torch.float32, False), 4: (FP8_DTYPE, True)}
-_OP_ABANDONED = 16  # (host only) a dispatch raised between queuing its sends and queuing its copy-out
+_OP_ABANDONED = 16  # (host only) a call left its round open (_closes_open_round: a dispatch or a combine)
 # The host waits a little longer than the device, so that the device's report (which names the rank) comes first.
 _HOST_GRACE_S = 5.0
 # low-latency calls that ran as one kernel in this process (LARGEEP_TUNE ll_fuse=1), for tests and diagnostics
@@ -481,7 +481,7 @@ class NvshmemBackend:
         # the fused combine (LARGEEP_TUNE comb >= 1, one node) and push + reduce speak different flag protocols
         comb = settings.tune["comb"]  # (0..7: LARGEEP_TUNE's values are checked when the settings are read)
         self.fused_combine = comb if not ctx.low_latency and ctx.ranks_per_node == n else 0
-        # a dispatch's round between its sends and its copy-out (see dispatch), and what ended one there
+        # a round a dispatch or combine has half queued (_closes_open_round), and what ended one there and in which
         self._round_open = False
         self._abandoned, self._abandoned_in = "", "dispatch"
         # Every rank must lay out its symmetric memory the same way (one collective allocation; peers compute

@@ -645,9 +645,8 @@ def main(argv: list[str] | None = None) -> None:
         f"_stack{stack[0]}x{stack[1]}" if stack != STACK_DEFAULTS else "")
     name = (f"layer_times_{args.backend}_ep{world}{size}{'_bwd' if args.backward else ''}"
             f"{'_cpu' if args.cpu else ''}.json")
-    env = rec.environment()
-    written = rec.write_records(os.path.join(args.out, name), recs, env=env, command=command,
-                                record_env={**env, "gpu": None} if args.cpu else env, **run)
+    written = rec.write_records(os.path.join(args.out, name), recs, env=rec.environment(), command=command,
+                                cpu=args.cpu, **run)
     print(f"wrote {', '.join(str(w.resolve()) for w in written)}")
 
 

@@ -310,15 +310,16 @@ def flat_record(record: dict[str, Any], env: dict[str, Any], command: str) -> di
 
 def write_records(
     path: str | os.PathLike[str], records: Sequence[dict[str, Any]], *, env: dict[str, Any], command: str,
-    record_env: dict[str, Any] | None = None, **run: Any,
+    cpu: bool = False, **run: Any,
 ) -> list[Path]:
     """Writes ``records`` (SPEC's keys plus the writer's own, see the module docstring) as a JSON list at ``path``,
-    each with ENV_KEYS (from ``record_env``, default ``env``) and "command" added, and ``{"schema", "results",
-    "command", "env", **run}`` as its run file (:func:`run_path`). Returns both paths."""
+    each with ENV_KEYS from ``env`` (``gpu`` None for the records of CPU processes, ``cpu``) and "command" added,
+    and ``{"schema", "results", "command", "env", **run}`` as its run file (:func:`run_path`). Returns both
+    paths."""
     target = Path(path)
     doc = {"schema": SCHEMA, "results": target.name, "command": command, "env": env, **run}
     runfile = run_path(target)
-    renv = env if record_env is None else record_env
+    renv = {**env, "gpu": None} if cpu else env
     _write_json(target, [flat_record(r, renv, command) for r in records])
     _write_json(runfile, doc)
     return [target, runfile]
@@ -338,7 +339,7 @@ def write_results(
     "device" "cpu") say ``gpu`` None. Returns the two paths."""
     return write_records(
         path, [asdict(r) for r in records], env=env, command=command,
-        record_env={**env, "gpu": None} if settings.get("device") == "cpu" else env, settings=settings,
+        cpu=settings.get("device") == "cpu", settings=settings,
         skipped=list(skipped), extras=[asdict(e) for e in extras],
     )
 

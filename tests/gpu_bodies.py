@@ -41,8 +41,11 @@ def runtime_and_cycles(rank: int, world: int, cycles: int) -> dict[str, float]:
         _roundtrip_small(buf, i)
         buf.destroy()
         torch.cuda.synchronize()
+        # every rank past its destroy before free memory is read (ranks sharing a GPU see each other's memory)
+        dist.barrier()
         if i == 0:
             free0 = torch.cuda.mem_get_info()[0]
+        dist.barrier()
     free1 = torch.cuda.mem_get_info()[0]
     assert free0 is not None
     leak = free0 - free1

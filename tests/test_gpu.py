@@ -11,6 +11,7 @@ import os
 import bodies
 import gpu_bodies
 import pytest
+import torch
 from largeep import native
 
 needs_native = pytest.mark.skipif(native.unavailable_reason() is not None, reason=str(native.unavailable_reason()))
@@ -438,19 +439,21 @@ def test_normal_four_ranks_shared_gpus(pools, ranks_per_node: int | None, case: 
     )
 
 
-@pytest.mark.gpu(2)
+@pytest.mark.gpu(1)
 @needs_native
 @needs_shared
 @pytest.mark.parametrize("ranks_per_node", [None, 17], ids=["one-node", "2-nodes"])
 def test_low_latency_many_ranks_shared_gpus(ranks_per_node: int | None) -> None:
-    """34 ranks, 0-16 on GPU 0 and 17-33 on GPU 1: more ranks than the 32 the normal mode takes, so every per-rank
-    step of the low-latency kernels loops over ranks; one node (NVLink stores to every peer) and 2 nodes of 17, one
-    per GPU (NVSHMEM puts to the other GPU's ranks). A pool of its own, closed afterwards (34 processes)."""
+    """34 ranks, 0-16 on GPU 0 and 17-33 on GPU 1 (all on GPU 0 where only one is visible): more ranks than the 32
+    the normal mode takes, so every per-rank step of the low-latency kernels loops over ranks; one node (NVLink
+    stores to every peer) and 2 nodes of 17, one per GPU (NVSHMEM puts to the other GPU's ranks). A pool of its own,
+    closed afterwards (34 processes)."""
     from dist_pool import DistPool
 
     world = 34
+    gpus = min(torch.cuda.device_count(), 2)  # the GPUs there are, not the emulated count
     tokens = [8 - r % 3 if r != 1 else 0 for r in range(world)]
-    pool = DistPool(world, "gloo-cuda:" + ",".join(str(r // 17) for r in range(world)), timeout_s=600)
+    pool = DistPool(world, "gloo-cuda:" + ",".join(str(r * gpus // world) for r in range(world)), timeout_s=600)
     try:
         pool.run(bodies.low_latency_roundtrip, "nvshmem", tokens, 8, 256, 2 * world, 4, True, False, True, 43,
                  ranks_per_node)
@@ -532,7 +535,7 @@ def _normal_rounds_on_shared_gpus(world: int, empty: tuple[int, ...], per_nodes:
     import error_bodies
     from dist_pool import DistPool
 
-    gpus = min(__import__("conftest").gpu_count(), 2)
+    gpus = min(torch.cuda.device_count(), 2)  # the GPUs there are, not the emulated count
     tokens = [0 if r in empty else 5 + (r * 7) % 19 for r in range(world)]
     pool = DistPool(world, "gloo-cuda:" + ",".join(str(r * gpus // world) for r in range(world)), timeout_s=900)
     try:

@@ -12,19 +12,6 @@ pack() { (cd $O && tar czf $N.tar.gz $N && rm -rf $N); }
 python3 -m pip install --no-build-isolation --no-deps . > $R/build.log 2>&1 || { tail -40 $R/build.log; pack; exit 1; }
 echo "build $(( $(date +%s) - t0 )) s"
 S=$(pwd)/bench/results/2026-12-01-session26/scripts
-(cd tests && timeout -s INT 200 python3 - "$S" <<'PY') > $R/leak.log 2>&1
-import sys
-sys.path.insert(0, sys.argv[1])
-from dist_pool import DistPool
-import leak_bodies
-for variant in ("raw", "create", "roundtrip", "ll"):
-    pool = DistPool(2, "gloo-cuda0", timeout_s=120)
-    try:
-        res = pool.run(leak_bodies.cycles, variant, 8)
-    finally:
-        pool.close(force=True)
-    free = [f for f, _ in res[0]]
-    print(variant, "free KiB deltas:", [free[0] - f for f in free], "reserved KiB:", [r for _, r in res[0]], [r for _, r in res[1]], flush=True)
-PY
+(cd tests && timeout -s INT 200 python3 $S/leak_main.py) > $R/leak.log 2>&1
 echo "leak rc=$? $(( $(date +%s) - t0 )) s"; cat $R/leak.log | grep -v "^\[largeep WARNING" | tail -20
 pack

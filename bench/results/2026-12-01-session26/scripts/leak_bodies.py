@@ -10,9 +10,11 @@ import torch.distributed as dist
 from largeep import native
 
 
-def _mem() -> tuple[int, int]:
+def _mem(empty: bool = False) -> tuple[int, int]:
     gc.collect()
     torch.cuda.synchronize()
+    if empty:
+        torch.cuda.empty_cache()
     dist.barrier()
     free = torch.cuda.mem_get_info()[0]
     dist.barrier()
@@ -29,11 +31,11 @@ def _small(buf: largeep.Buffer, seed: int) -> None:
     buf.combine(torch.ones_like(d.x), d.handle)
 
 
-def cycles(rank: int, world: int, variant: str, n: int) -> list[tuple[int, int]]:
+def cycles(rank: int, world: int, variant: str, n: int, empty: bool = False) -> list[tuple[int, int]]:
     kw = dict(hidden=256, num_experts=4 * world, num_topk=2, max_tokens_per_rank=64, backend="nvshmem")
     keep = largeep.Buffer(None, **kw)  # NVSHMEM initialised, and one Buffer alive throughout
     C = native.module()
-    out = [_mem()]
+    out = [_mem(empty)]
     for i in range(n):
         if variant == "raw":
             p = C.alloc(1 << 22, 30.0)
@@ -48,6 +50,6 @@ def cycles(rank: int, world: int, variant: str, n: int) -> list[tuple[int, int]]
                 _small(b, i)
             b.destroy()
             del b
-        out.append(_mem())
+        out.append(_mem(empty))
     keep.destroy()
     return out

@@ -10,12 +10,18 @@ if __name__ == "__main__":
     import leak_bodies
     from dist_pool import DistPool
 
-    for variant in ("raw", "create", "roundtrip", "ll"):
+    # r3: each variant 8 cycles; r4 (argument "r4"): the round trip 40 cycles (past the 32 streams of torch's
+    # stream pool, from which each Buffer takes its stream), then 12 with torch.cuda.empty_cache() before each reading
+    r4 = sys.argv[1:] == ["r4"]
+    runs = [("roundtrip", 40, False), ("roundtrip", 12, True)] if r4 else [
+        (v, 8, False) for v in ("raw", "create", "roundtrip", "ll")]
+    for variant, n, empty in runs:
         pool = DistPool(2, "gloo-cuda0", timeout_s=120)
         try:
-            res = pool.run(leak_bodies.cycles, variant, 8)
+            res = pool.run(leak_bodies.cycles, variant, n, empty)
         finally:
             pool.close(force=True)
         free = [f for f, _ in res[0]]
-        print(variant, "free KiB fall:", [free[0] - f for f in free], "reserved KiB:", [r for _, r in res[0]],
+        print(variant, "empty_cache" if empty else "", "free KiB fall:", [free[0] - f for f in free],
+              "reserved KiB:", [r for _, r in res[0]],
               [r for _, r in res[1]], flush=True)

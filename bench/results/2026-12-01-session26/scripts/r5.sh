@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Session 26, r5 (one GPU): test_runtime_cycles with torch's cache given back before each reading (r3/r4: the fall of
 # free memory was torch's per-stream block cache, plateauing once the 32-stream pool came round) and a threshold of
-# 8 MiB; with 2 ranks on the GPU, then one rank without emulation.
+# 8 MiB; with 2 ranks on the GPU.
 # usage: bash bench/results/2026-12-01-session26/scripts/r5.sh $OUT [name]
 set -uo pipefail
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1 LARGEEP_BUILD_NATIVE=1 CMAKE_BUILD_PARALLEL_LEVEL=16

@@ -30,6 +30,25 @@ def _say(msg: str) -> None:
     print(f"[largeep setup] {msg}", file=sys.stderr, flush=True)
 
 
+def _git_revision() -> str | None:
+    """The commit of the tree being installed ("-dirty" with uncommitted changes to tracked files), None outside a
+    git checkout of largeep; kept in the install's note, since an installed package lies outside the checkout."""
+    def git(*args: str) -> str | None:
+        try:
+            out = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return out.stdout.strip() if out.returncode == 0 else None
+
+    top = git("rev-parse", "--show-toplevel")
+    if top is None or Path(top).resolve() != ROOT:  # (a tree inside someone else's repository is not a checkout)
+        return None
+    rev = git("rev-parse", "HEAD")
+    if not rev:
+        return None
+    return rev + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+
+
 def _nvcc() -> tuple[str | None, int | None]:
     home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
     nvcc = str(Path(home) / "bin" / "nvcc") if home else shutil.which("nvcc")
@@ -100,19 +119,21 @@ class CMakeBuild(build_ext):
         for old in glob.glob(str(out_dir / "_C*.so")):  # an earlier build's module must not ship with this one
             os.remove(old)
         note = out_dir / "_native_build.json"
+        rev = _git_revision()
         if mode == "0":
             _say("LARGEEP_BUILD_NATIVE=0: installing the pure-Python package (torch backend only)")
-            note.write_text(json.dumps({"built": False, "reason": "skipped at install (LARGEEP_BUILD_NATIVE=0)"}))
+            note.write_text(json.dumps({"built": False, "reason": "skipped at install (LARGEEP_BUILD_NATIVE=0)",
+                                        "git": rev}))
             return
         try:
             archs = self._build(ext, out_dir)
         except Exception as exc:  # noqa: BLE001 - reported, and fatal only when asked
-            note.write_text(json.dumps({"built": False, "reason": f"its build failed at install: {exc}"}))
+            note.write_text(json.dumps({"built": False, "reason": f"its build failed at install: {exc}", "git": rev}))
             if mode == "1":
                 raise
             _say(f"native module NOT built: {exc}. The torch backend works; the nvshmem backend needs largeep._C.")
             return
-        note.write_text(json.dumps({"built": True, "cuda_archs": archs}))
+        note.write_text(json.dumps({"built": True, "cuda_archs": archs, "git": rev}))
 
     def _build(self, ext: Extension, out_dir: Path) -> str:
         """Builds _C into out_dir; returns the CUDA architectures it was built for."""

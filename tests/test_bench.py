@@ -1009,3 +1009,40 @@ def test_load_reads_the_runs_settings(tmp_path: Path) -> None:
     assert all(r["combine_eighths"] == 0 for r in sim.load(src) if r["op"] == "combine")  # (no settings: as before)
     warnings = sim.calibrate([r for r in recs if r["op"] in ("dispatch", "combine")]).warnings
     assert any("zipf routing" in w for w in warnings) and any("CPU processes" in w for w in warnings), warnings
+
+
+@pytest.mark.parametrize("note", [{"built": False, "git": "0123abc"}, {"built": False}, None])
+def test_git_revision_of_an_install_inside_another_repository(tmp_path: Path, note: dict | None) -> None:
+    """An installed package whose folder lies inside some other git repository (site-packages of a versioned tool
+    folder) reports the commit its install recorded (setup.py), or None: never that repository's commit."""
+    import shutil
+
+    repo = tmp_path / "tools"
+    site = repo / "lib" / "site-packages"
+    shutil.copytree(Path(rec.__file__).resolve().parents[1], site / "largeep",
+                    ignore=shutil.ignore_patterns("_C*.so", "_native_build.json", "__pycache__"))
+    if note is not None:
+        (site / "largeep" / "_native_build.json").write_text(json.dumps(note))
+    git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run(["git", "init", "-q", str(repo)], check=True)
+    (repo / "README").write_text("another project\n")
+    subprocess.run([*git, "add", "README"], check=True)
+    subprocess.run([*git, "commit", "-q", "-m", "other"], check=True)
+    other = subprocess.run([*git, "rev-parse", "HEAD"], check=True, capture_output=True, text=True).stdout.strip()
+    out = subprocess.run(
+        [sys.executable, "-c", "from largeep.bench.records import git_revision; print(git_revision())"],
+        cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(site)}, capture_output=True, text=True, check=True,
+    ).stdout.strip()
+    assert out != other
+    assert out == str((note or {}).get("git"))  # (printed: None when the install recorded none)
+
+
+def test_git_revision_of_the_checkout() -> None:
+    """Run from the checkout (PYTHONPATH=python), the revision is the checkout's HEAD."""
+    root = Path(rec.__file__).resolve().parents[3]
+    if not (root / ".git").exists():
+        pytest.skip("not a git checkout")
+    head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    if (Path(rec.__file__).resolve().parents[1] != root / "python" / "largeep") or not head:
+        pytest.skip("largeep is not imported from this checkout")
+    assert (rec.git_revision() or "").split("-")[0] == head

@@ -239,13 +239,22 @@ def _dist_version(*names: str) -> str | None:
 
 
 def git_revision() -> str | None:
-    """The largeep checkout's commit (with "-dirty" when it has uncommitted changes), or None outside git."""
-    here = str(Path(__file__).resolve().parent)
-    rev = _run(["git", "rev-parse", "HEAD"], cwd=here)
-    if rev is None:
-        return None
-    dirty = _run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here)
-    return rev + ("-dirty" if dirty else "")
+    """The largeep commit this code is from ("-dirty" with uncommitted changes): that of the checkout it runs in
+    (PYTHONPATH=python, an editable install), else the one the install recorded (setup.py, from the tree it
+    installed); None when neither is known. A package installed into a folder that lies inside some other git
+    repository (site-packages in a versioned tool folder) does not take that repository's commit."""
+    pkg = Path(__file__).resolve().parent.parent  # python/largeep in a checkout
+    here = str(pkg)
+    top = _run(["git", "rev-parse", "--show-toplevel"], cwd=here)
+    if top is not None and Path(top).resolve() / "python" / "largeep" == pkg:
+        rev = _run(["git", "rev-parse", "HEAD"], cwd=here)
+        if rev is not None:
+            dirty = _run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here)
+            return rev + ("-dirty" if dirty else "")
+    from largeep import native
+
+    rev = native.build_note().get("git")
+    return rev if isinstance(rev, str) and rev else None
 
 
 def environment() -> dict[str, Any]:

@@ -9,8 +9,9 @@ launches). Decoding runs these ops inside CUDA graphs, so this script reports wh
            op "dispatch"/"combine" of them = send + receive (what the cost model fits: no rank skew in it);
   graph:   one CUDA graph holding dispatch + combine, replay time measured with events (op "roundtrip"), once
            per barrier ("graph") and averaged over --graph-reps replays back to back ("graph_back_to_back").
-Per iteration the slowest rank counts; records give median and p10/p90. Ranks are aligned by a barrier before
-each iteration.
+Per iteration the slowest rank counts; records give median and p10/p90. Before each iteration L2 is flushed and
+the ranks are aligned by a barrier. Every record's dtype is the dispatch's (a combine always sends BF16 rows; its
+logical_gbps counts BF16 rows), so a run's dispatch and combine records share their shape keys.
 
 --weighted gives low_latency_dispatch the weights (topk_weights=): the combine then sums each token's rows on the
 experts' rank (record key "weights_sent"); logical_gbps stays the per-copy bytes of SPEC's combine.
@@ -77,6 +78,9 @@ def _body(rank: int, world: int, args: argparse.Namespace, device: torch.device)
     buf = largeep.Buffer(None, hidden=args.hidden, num_experts=args.experts, num_topk=args.topk,
                          max_tokens_per_rank=m, backend="nvshmem", low_latency=True)
     out: list[dict[str, Any]] = []
+    # SPEC's Measuring: L2 flushed before each timed call (zero_() of 256 MiB, queued before the timed work and
+    # outside it: a profiled kernel's duration and the graph's events do not include it)
+    flush = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
     for tokens in args.tokens:
         g = torch.Generator(device="cuda").manual_seed(2000 + rank)
         x = torch.randn(tokens, args.hidden, device="cuda", generator=g).to(torch.bfloat16)
@@ -101,6 +105,7 @@ def _body(rank: int, world: int, args: argparse.Namespace, device: torch.device)
         torch.cuda.synchronize()
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             for _ in range(args.iters):
+                flush.zero_()
                 dist.barrier()
                 step()
             torch.cuda.synchronize()
@@ -122,6 +127,7 @@ def _body(rank: int, world: int, args: argparse.Namespace, device: torch.device)
         # (above, a receive also waits for the slower rank's sends)
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             for _ in range(args.iters):
+                flush.zero_()
                 dist.barrier()
                 d = buf.low_latency_dispatch(x, idx, use_fp8=args.fp8, return_recv_hook=True, **sent)
                 torch.cuda.synchronize()
@@ -150,6 +156,7 @@ def _body(rank: int, world: int, args: argparse.Namespace, device: torch.device)
         torch.cuda.synchronize()
         replay = []
         for _ in range(args.iters):
+            flush.zero_()
             dist.barrier()
             s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             s.record()
@@ -162,6 +169,7 @@ def _body(rank: int, world: int, args: argparse.Namespace, device: torch.device)
         # `graph_reps` replays instead of once per replay (decoding replays its step graph back to back too)
         b2b = []
         for _ in range(args.iters):
+            flush.zero_()  # (once per batch of replays: the replays after the first may find warm lines)
             dist.barrier()
             s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             s.record()

@@ -46,9 +46,10 @@ Byte counts (SPEC.md "Measuring", the field's convention):
 - normal dispatch: every received row, local rows included; a BF16 row is ``2*H`` bytes, an FP8 row ``H + 4*H/128``
   (e4m3 values plus one float32 scale per 128 channels);
 - normal combine: the same rows in BF16; round trip: dispatch bytes + combine bytes;
-- low-latency dispatch/combine (and their send/recv phases): every (token, expert) copy, FP8 or BF16 as sent for
+- low-latency dispatch/combine (and their send phases): every (token, expert) copy, FP8 or BF16 as sent for
   dispatch, BF16 for combine;
-- layout moves no token bytes: its ``logical_gbps`` is None.
+- layout, and a receive phase in hook mode (its rows came with the send), move no token bytes over a link: their
+  ``logical_gbps`` is None.
 A record's bandwidth is the per-rank average of these bytes divided by the record's median time.
 """
 

@@ -371,13 +371,14 @@ class Sweep:
         rb_c = rec.row_bytes("bf16", spec.hidden)
         names = [("dispatch", "dispatch", None, rb_d), ("combine", "combine", None, rb_c),
                  ("roundtrip", "roundtrip", None, rb_d + rb_c),
-                 ("dispatch.send", "send", "dispatch", rb_d), ("dispatch.recv", "recv", "dispatch", rb_d),
-                 ("combine.send", "send", "combine", rb_c), ("combine.recv", "recv", "combine", rb_c)]
+                 ("dispatch.send", "send", "dispatch", rb_d), ("dispatch.recv", "recv", "dispatch", None),
+                 ("combine.send", "send", "combine", rb_c), ("combine.recv", "recv", "combine", None)]
         floors = {"dispatch": per_rank.bus_bytes(rb_d), "combine": (summed if sent else traffic).bus_bytes(rb_c)}
         floors["roundtrip"] = floors["dispatch"] + floors["combine"]
         for name, op, phase, rb in names:
             if name in stats:
-                # (a receive moves nothing over the link in hook mode: its rows came with the send)
+                # (a receive moves nothing over the link in hook mode: its rows came with the send, so it has
+                # no floor and no logical bandwidth, as a layout has none)
                 self._add(a, spec, "low_latency", op, phase, tokens, "bf16" if (phase or op) == "combine" else dtype,
                           stats[name], traffic, rb,
                           None if op == "recv" else floors[phase or op], weights_sent=sent,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import itertools
+import logging
 import socket
 import sys
 from collections.abc import Callable, Iterator
@@ -219,7 +220,8 @@ class Buffer:
         group: the process group (None: the default group). N = its size, one GPU per rank.
         hidden: H. num_experts: E (divisible by N). num_topk: K.
         max_tokens_per_rank: the most tokens a rank passes to one call (sizes every buffer).
-        backend: "nvshmem", "torch" or "auto" (nvshmem when the native module and GPUs are there, else torch).
+        backend: "nvshmem", "torch" or "auto" (nvshmem when the native module and GPUs are there and the group's
+            size has run on GPUs, else torch; on GPUs rank 0 logs a warning saying why it took torch).
         ranks_per_node: P (default: ranks sharing a host); may be set lower to emulate several nodes on one host.
         num_sms: SMs the native kernels may use (default 24).
         low_latency: build the low-latency buffers (decoding) instead of the normal ones.
@@ -432,7 +434,10 @@ class Buffer:
         if reason is None:
             reason = untested_reason(self.ctx)
         if reason is not None:
-            logger.info("Buffer: backend 'auto' uses 'torch': %s", reason)
+            # on GPUs the torch backend (NCCL all-to-all) is much slower than the kernels: say so where it is seen
+            # (rank 0, at WARNING); on the CPU it is the only backend
+            level = logging.WARNING if self.ctx.device.type == "cuda" and self.ctx.rank == 0 else logging.INFO
+            logger.log(level, "Buffer: backend 'auto' uses 'torch': %s (backend='torch' silences this)", reason)
             return "torch"
         return "nvshmem"
 

@@ -301,6 +301,20 @@ def test_cli_check_args_skips_a_mode_another_can_run() -> None:
     assert msg is not None and "--experts 256" in msg, msg
 
 
+def test_cli_check_args_fp8_hidden() -> None:
+    """A mode whose every (hidden, dtype) is FP8 with a hidden size that is not a multiple of 128 is refused before
+    the processes start (it would measure nothing); one with a BF16 dtype or a good hidden size runs."""
+    from largeep.bench import cli
+
+    parser = cli.build_parser()
+    msg = cli.check_args(parser.parse_args(["--modes", "low_latency", "--hidden", "200"]), "cpu", 2, None)
+    assert msg is not None and "low_latency: FP8 needs hidden sizes that are multiples of 128" in msg, msg
+    assert cli.check_args(parser.parse_args(["--modes", "low_latency", "--hidden", "200,256"]), "cpu", 2, None) is None
+    assert cli.check_args(parser.parse_args(["--modes", "normal", "--hidden", "200"]), "cpu", 2, None) is None
+    msg = cli.check_args(parser.parse_args(["--hidden", "200", "--dtypes", "fp8"]), "cpu", 2, None)
+    assert msg is not None and "normal: FP8" in msg, msg
+
+
 def test_read_results_tolerates_a_torn_pair(tmp_path: Path) -> None:
     """A run cut short between writing results.json and run.json leaves them apart: the records load, without the
     extras, and a warning says so; a list file given twice, or with its run file, is read once."""

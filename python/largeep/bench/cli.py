@@ -189,8 +189,9 @@ def _mode_plans(args: argparse.Namespace, device_kind: str) -> dict[str, Any]:
 
 def check_args(args: argparse.Namespace, device_kind: str, world: int, host_ranks: int | None) -> str | None:
     """What would make the sweep skip every size of a mode or fail once its processes run, found before they start:
-    an expert count not divisible by the ``world`` ranks, a top-k above an expert count, ranks per node that do not
-    divide the ranks or exceed ``host_ranks`` (None: not known here). Returns the first such message, or None."""
+    an expert count not divisible by the ``world`` ranks, a top-k above an expert count, a mode whose every hidden
+    size and dtype is FP8 with a hidden size that is not a multiple of 128, ranks per node that do not divide the
+    ranks or exceed ``host_ranks`` (None: not known here). Returns the first such message, or None."""
     modes = _mode_plans(args, device_kind)
     bad = {mode: ",".join(str(e) for e in modes[mode]["experts"] if e % world) for mode in args.modes}
     bad = {mode: v for mode, v in bad.items() if v}
@@ -204,6 +205,11 @@ def check_args(args: argparse.Namespace, device_kind: str, world: int, host_rank
         pairs = [(k, e) for k in m["topk"] for e in m["experts"] if k > e]
         if pairs:
             return f"{mode}: top-k above the expert count: " + ", ".join(f"top-{k} of {e}" for k, e in pairs)
+        # FP8 needs hidden % 128 == 0: a mode none of whose (hidden, dtype) pairs can run would measure nothing (one
+        # that can run some is swept, the others skipped with a line saying why)
+        if all(d == "fp8" and h % 128 for h in m["hidden"] for d in m["dtypes"]):
+            return (f"{mode}: FP8 needs hidden sizes that are multiples of 128, and every pair of hidden "
+                    f"{','.join(map(str, m['hidden']))} and dtypes {','.join(m['dtypes'])} is FP8 with another hidden")
     rpn = args.ranks_per_node
     if rpn is not None:
         if world % rpn:

@@ -1058,6 +1058,51 @@ def some_ranks_refuse(rank: int, world: int, backend: str, bad_ranks: list[int],
     return {"failures": chk.failures}
 
 
+def too_many_tokens_on_some_ranks(rank: int, world: int, backend: str, over: list[int], use_fp8: bool,
+                                  tokens_per_round: int | None = None) -> dict[str, Any]:
+    """The ranks in ``over`` dispatch MAX_TOKENS + 1 tokens (the others a few): they raise ArgumentError naming
+    max_tokens_per_rank, every other rank PeerRefusedError naming exactly them, at once (not after a timeout); the
+    caller's tensors stay unchanged; then a checked round is right on every rank (every Buffer usable)."""
+    import time
+
+    chk = Checker(f"ranks {over} send too many tokens (fp8 {use_fp8}, rounds {tokens_per_round}) on rank {rank}")
+    experts = 4 * world
+    good = tuple(3 + 2 * r for r in range(world))
+    case = NormalCase(good, HIDDEN, experts, TOPK, 23, use_fp8=use_fp8, max_tokens=MAX_TOKENS)
+    kwargs = case.buffer_kwargs()
+    if tokens_per_round is not None:
+        kwargs["tokens_per_round"] = tokens_per_round
+    buf = largeep.Buffer(None, backend=backend, **kwargs)
+    dev = buf.ctx.device
+    try:
+        t = MAX_TOKENS + 1 if rank in over else good[rank]
+        inp = make_inputs(case.seed, rank, t, HIDDEN, experts, TOPK, torch.bfloat16)
+        x, idx, w = inp.x.to(dev), inp.topk_idx.to(dev), inp.topk_weights.to(dev)
+        xs: Any = tuple(v.to(dev) for v in fp8.quantize(inp.x.float())) if use_fp8 else x
+        held = [idx, w] + list(xs if use_fp8 else (xs,))
+        before = [v.clone() for v in held]
+        start = time.monotonic()
+        try:
+            buf.dispatch(xs, idx, w)
+        except ArgumentError as exc:
+            chk.expect(rank in over and f"has {MAX_TOKENS + 1} tokens, more than max_tokens_per_rank={MAX_TOKENS}"
+                       in str(exc), f"ArgumentError: {exc}")
+        except largeep.PeerRefusedError as exc:
+            chk.expect(rank not in over and f"rank(s) {sorted(over)} refused" in str(exc) and exc.buffer_usable,
+                       f"PeerRefusedError: {exc}")
+        else:
+            chk.expect(not over, f"the call went through although ranks {over} sent too many tokens")
+        elapsed = time.monotonic() - start
+        chk.expect(elapsed < 10.0, f"the refusal took {elapsed:.1f} s (a timeout, not a refusal)")
+        chk.expect(all(same_bits(v, c) for v, c in zip(held, before, strict=True)),
+                   "the refused call modified the caller's tensors")
+        chk.where += ", the good round after it"
+        NormalRound(buf, case, chk).run()
+    finally:
+        buf.destroy()
+    return {"failures": chk.failures}
+
+
 def uneven_gpus_refused(rank: int, world: int) -> dict[str, Any]:
     """The ranks share GPUs unevenly (the pool puts 2 on one GPU, 1 on another): every rank's nvshmem Buffer must
     raise ArgumentError naming the placement, before NVSHMEM's initialisation (which does not finish then)."""

@@ -107,6 +107,24 @@ def test_some_ranks_refuse_random(pools, backend: str, pg: str, world: int, data
     assert not failures, "\n".join(failures)
 
 
+@pytest.mark.parametrize("backend,pg,world", [
+    pytest.param("torch", "gloo", 3, id="torch-gloo-3"),
+    pytest.param("nvshmem", "nccl", 2, marks=_GPU, id="nvshmem-nccl-2"),
+    pytest.param("nvshmem", "gloo-cuda0", 3, marks=(pytest.mark.gpu(1), _SHARED), id="nvshmem-one-gpu-3"),
+])
+@pytest.mark.parametrize("over,use_fp8,rounds", [([0], False, None), ([1, 2], True, None), ([2], False, 4)],
+                         ids=["rank0", "ranks12-fp8", "rank2-rounds"])
+def test_too_many_tokens_on_some_ranks(pools, backend: str, pg: str, world: int, over: list[int], use_fp8: bool,
+                                       rounds: int | None) -> None:
+    """A rank whose batch outgrows max_tokens_per_rank refuses the dispatch on every rank (the others raise
+    PeerRefusedError naming it at once, not PeerTimeoutError after LARGEEP_TIMEOUT_S), and every Buffer serves the
+    next call; also with calls in rounds (tokens_per_round)."""
+    over = [r for r in over if r < world]
+    results = pools(world, pg).run(error_bodies.too_many_tokens_on_some_ranks, backend, over, use_fp8, rounds)
+    failures = [f for r in results for f in r["failures"]]
+    assert not failures, "\n".join(failures)
+
+
 @pytest.mark.parametrize("backend,pg", [pytest.param(b, p, marks=m, id=f"{b}-{p}") for b, p, m in RUNS])
 @pytest.mark.parametrize("low_latency", [False, True], ids=["normal", "low_latency"])
 def test_unchecked_out_of_range_ids_are_ignored(pools, backend: str, pg: str, low_latency: bool) -> None:

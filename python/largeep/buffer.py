@@ -24,7 +24,7 @@ from largeep._env import logger
 from largeep.backends.base import RAW_STREAM, GroupContext, current_raw_stream
 from largeep.backends.rounds import RoundsBackend
 from largeep.backends.torch_backend import TorchBackend
-from largeep.errors import ArgumentError, BufferDestroyedError, PeerTimeoutError
+from largeep.errors import ArgumentError, BufferDestroyedError, PeerRefusedError, PeerTimeoutError
 from largeep.layout import Layout
 
 Tokens = Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]  # noqa: UP007 - a runtime alias (Python 3.10)
@@ -594,6 +594,8 @@ class Buffer:
             )
         xs, scales = checks.tokens(op, "x", x, hidden=c.hidden, device=c.device, allow_fp8=True)
         t = xs.shape[0]
+        if t > c.max_tokens_per_rank and handle is None:
+            self._void_dispatch(xs, scales, expert_alignment, num_worst_tokens)
         checks.max_tokens(op, t, c.max_tokens_per_rank)
         state = None
         native_check = False
@@ -664,6 +666,36 @@ class Buffer:
             recv_x, out.topk_idx, out.topk_weights, out.num_tokens_per_expert, handle, event,
             out.num_tokens_per_expert_tensor,
         )
+
+    def _void_dispatch(self, xs: torch.Tensor, scales: torch.Tensor | None, expert_alignment: int,
+                       num_worst_tokens: int) -> None:
+        """Before this rank refuses a fresh dispatch for a reason of its own tokens (more of them than
+        max_tokens_per_rank; the caller raises that ArgumentError next): where the backend refuses a round on every
+        rank (its id check travels with the count exchange), a one-token round with an expert id this rank's check
+        refuses makes the call void on every rank, so the others raise PeerRefusedError naming this rank at once
+        instead of waiting for it until their timeout, and every Buffer stays usable (as for a bad id: a rank that
+        ran the round with num_worst_tokens cannot raise and its Buffer is unusable from then on). Elsewhere (a
+        CUDA num_worst_tokens dispatch of a backend that checks ids only with a host wait, a graph capture) only
+        this rank raises, and the others' call ends in PeerTimeoutError."""
+        c = self.ctx
+        host_ok = num_worst_tokens == 0 or c.device.type == "cpu"
+        if (not getattr(self._impl, "checks_dispatch_ids", False) or checks._capturing(c.device)
+                or not (host_ok or getattr(self._impl, "checks_ids_without_wait", False))):
+            return
+        x1 = torch.zeros(1, c.hidden, dtype=xs.dtype, device=c.device)
+        s1 = None if scales is None else torch.ones(1, c.hidden // 128, dtype=torch.float32, device=c.device)
+        idx = torch.full((1, c.num_topk), c.num_experts, dtype=torch.int64, device=c.device)
+        w = torch.zeros(1, c.num_topk, dtype=torch.float32, device=c.device)
+        caller = current_raw_stream(c.device) if c.device.type == "cuda" else None
+
+        def run() -> Any:
+            return self._impl.dispatch(x1, s1, idx, w, None, expert_alignment, num_worst_tokens,
+                                       caller_stream=caller, check_ids=True)
+
+        try:
+            self._run(run, None, False, [x1, s1, idx, w])
+        except (ArgumentError, PeerRefusedError):
+            pass  # (this rank's refusal, and perhaps others': the caller raises this rank's own reason)
 
     def combine(
         self,

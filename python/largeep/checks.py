@@ -125,7 +125,8 @@ def refused_round(
         return ArgumentError(f"{bad_expert_id(op, bad, num_experts)} (nothing was sent by any rank{after})")
     return PeerRefusedError(
         f"{op}: rank(s) {refused} refused this dispatch (an expert id outside [-1, num_experts) in their "
-        f"topk_idx), so the round was void on every rank: rank {rank} sent and received nothing{after}",
+        f"topk_idx, or more tokens than max_tokens_per_rank), so the round was void on every rank: rank {rank} "
+        f"sent and received nothing{after}",
         buffer_usable=not no_wait,
     )
 

@@ -5,7 +5,11 @@ Model (per GPU, per call; T tokens per rank, N ranks, P GPUs per node, M = N/P n
 Routing statistics (:class:`RoutingStats`): for top-K distinct experts out of E, with experts contiguous per rank,
 the expected distinct ranks a token needs ``d_r = N * (1 - C(E - E/N, K) / C(E, K))`` and distinct nodes
 ``d_n = M * (1 - C(E - E/M, K) / C(E, K))`` (exact, hypergeometric), or the same counted on sampled routings (any
-distribution, e.g. node-limited or skewed; ``imbalance`` = busiest rank over the mean).
+distribution, e.g. node-limited or skewed; ``imbalance`` = busiest rank over the mean). Only groups and routings
+that can exist are modelled (:func:`routing_problem`): E divisible by N (SPEC.md), a group of more than P ranks made
+of whole nodes, K <= E, node-limited routing that leaves K experts; so d_r <= min(K, N) and d_n <= min(K, M).
+:func:`routing_stats`, :func:`sampled_stats` and :func:`traffic` raise ValueError otherwise, :func:`sweep_ep` leaves
+such a mode out at that EP with a warning, and the CLI refuses such arguments naming them.
 
 Rows per leg, normal mode (a token goes to a rank once):
 - received rows (the logical bytes of SPEC.md) ``R = T * d_r``;
@@ -151,35 +155,62 @@ class RoutingStats:
     summed_rows_per_token: float = 0.0
 
 
-def _miss(num_experts: int, hit_experts: float, k: int) -> float:
+def routing_problem(num_ranks: int, ranks_per_node: int, num_experts: int, num_topk: int, *,
+                    max_nodes: int | None = None) -> str | None:
+    """Why this group and routing cannot exist (None: they can). SPEC.md: experts are contiguous per rank and
+    ``num_experts`` is divisible by the number of ranks; a group of more ranks than one node's holds whole nodes (its
+    ranks per node divide its ranks); a token picks ``num_topk`` distinct experts, so at most ``num_experts``; node-
+    limited routing (``max_nodes``) needs at least one node per token and at least ``num_topk`` experts on the nodes
+    it allows."""
+    if num_ranks < 1 or ranks_per_node < 1:
+        return f"ranks ({num_ranks}) and ranks per node ({ranks_per_node}) must be positive"
+    if num_topk < 1 or num_experts < 1:
+        return f"experts ({num_experts}) and top-k ({num_topk}) must be positive"
+    if num_experts % num_ranks:
+        return (f"{num_experts} experts are not divisible by {num_ranks} ranks (SPEC.md: every rank holds the same "
+                "number of experts)")
+    if num_topk > num_experts:
+        return f"top-{num_topk} needs at least {num_topk} experts, not {num_experts}"
+    if ranks_per_node < num_ranks and num_ranks % ranks_per_node:
+        return f"{ranks_per_node} ranks per node do not divide {num_ranks} ranks (a group holds whole nodes)"
+    if max_nodes is not None:
+        nodes = max(1, num_ranks // ranks_per_node)
+        if max_nodes < 1:
+            return f"node-limited routing to at most {max_nodes} nodes per token: it needs at least 1"
+        allowed = min(max_nodes, nodes) * (num_experts // nodes)
+        if allowed < num_topk:
+            return (f"node-limited routing to at most {max_nodes} nodes per token leaves {allowed} experts at "
+                    f"{num_ranks} ranks ({num_experts // nodes} per node), fewer than top-{num_topk}")
+    return None
+
+
+def check_routing(num_ranks: int, ranks_per_node: int, num_experts: int, num_topk: int, *,
+                  max_nodes: int | None = None) -> None:
+    """Raise ValueError saying why, where :func:`routing_problem` finds one."""
+    why = routing_problem(num_ranks, ranks_per_node, num_experts, num_topk, max_nodes=max_nodes)
+    if why:
+        raise ValueError(why)
+
+
+def _miss(num_experts: int, hit_experts: int, k: int) -> float:
     """P(none of k distinct uniform draws from E lands in a given set of ``hit_experts``) = C(E-h, k) / C(E, k)."""
-    h = hit_experts
-    if abs(h - round(h)) < 1e-9:
-        h = int(round(h))
-        if num_experts - h < k:
-            return 0.0
-        return math.comb(num_experts - h, k) / math.comb(num_experts, k)
-    # fractional experts per rank (E not divisible): the product form of the same ratio
-    p = 1.0
-    for i in range(k):
-        p *= max(0.0, (num_experts - h - i) / (num_experts - i))
-    return p
+    if num_experts - hit_experts < k:
+        return 0.0
+    return math.comb(num_experts - hit_experts, k) / math.comb(num_experts, k)
 
 
 def routing_stats(num_ranks: int, ranks_per_node: int, num_experts: int, num_topk: int) -> RoutingStats:
-    """Exact statistics of uniform top-K routing (every K-subset of experts equally likely)."""
+    """Exact statistics of uniform top-K routing (every K-subset of experts equally likely). Raises ValueError for
+    a group or routing that cannot exist (:func:`routing_problem`: e.g. experts not divisible by the ranks), so
+    that d_r <= min(K, N) and d_n <= min(K, M) hold."""
+    check_routing(num_ranks, ranks_per_node, num_experts, num_topk)
     nodes = max(1, num_ranks // ranks_per_node)
-    h = num_experts / num_ranks
+    h = num_experts // num_ranks
     p0 = _miss(num_experts, h, num_topk)
     d_r = num_ranks * (1.0 - p0)
-    d_n = nodes * (1.0 - _miss(num_experts, num_experts / nodes, num_topk))
+    d_n = nodes * (1.0 - _miss(num_experts, num_experts // nodes, num_topk))
     # P(exactly one of the token's K distinct experts is on a given rank of h experts)
-    hi = int(round(h))
-    if abs(h - hi) < 1e-9 and num_topk >= 1 and num_experts - hi >= num_topk - 1:
-        p1 = hi * math.comb(num_experts - hi, num_topk - 1) / math.comb(num_experts, num_topk)
-    else:  # (E not divisible by N: the binomial approximation)
-        q = h / num_experts
-        p1 = num_topk * q * (1.0 - q) ** (num_topk - 1)
+    p1 = h * math.comb(num_experts - h, num_topk - 1) / math.comb(num_experts, num_topk)
     summed = num_ranks * ((1.0 - p0) + max(0.0, 1.0 - p0 - p1))
     return RoutingStats(d_r, d_n, 1.0, summed)
 
@@ -189,11 +220,15 @@ def sample_topk(
     max_nodes: int | None = None, routing: str = "uniform", zipf_s: float = 1.0,
 ) -> torch.Tensor:
     """int64 [T, K] routings for Monte Carlo statistics; ``max_nodes`` limits each token to that many nodes
-    (DeepSeek-V3's node-limited routing: pick nodes first, then experts among theirs)."""
+    (DeepSeek-V3's node-limited routing: pick nodes first, then experts among theirs). Raises ValueError where
+    the experts do not divide among the nodes or the allowed nodes hold fewer than K experts."""
     from largeep.bench.routing import random_topk
 
+    if num_topk > num_experts:
+        raise ValueError(f"top-{num_topk} needs at least {num_topk} experts, not {num_experts}")
     if max_nodes is None or max_nodes >= num_nodes:
         return random_topk(num_tokens, num_experts, num_topk, seed=seed, routing=routing, zipf_s=zipf_s)
+    check_routing(num_nodes, 1, num_experts, num_topk, max_nodes=max_nodes)  # (nodes as ranks of one per node)
     gen = torch.Generator().manual_seed(seed)
     per_node = num_experts // num_nodes
     nodes = torch.rand(num_tokens, num_nodes, generator=gen).topk(max_nodes, dim=1).indices  # [T, M']
@@ -205,7 +240,10 @@ def sample_topk(
 
 
 def sampled_stats(topk_idx: torch.Tensor, num_ranks: int, ranks_per_node: int, num_experts: int) -> RoutingStats:
-    """The same statistics counted on a routing int64 [T, K] (-1 = none)."""
+    """The same statistics counted on a routing int64 [T, K] (-1 = none). Raises ValueError as
+    :func:`routing_stats` does."""
+    check_routing(num_ranks, ranks_per_node, num_experts, max(1, topk_idx.shape[1]))
+    ranks_per_node = min(ranks_per_node, num_ranks)
     per_rank = num_experts // num_ranks
     t = topk_idx.shape[0]
     ranks = torch.where(topk_idx >= 0, topk_idx // per_rank, num_ranks)
@@ -240,7 +278,9 @@ def traffic(
     w: Workload, num_ranks: int, ranks_per_node: int, stats: RoutingStats, *, hierarchical: bool = True
 ) -> Traffic:
     """Per-GPU bytes of one call (module docstring). The link, SM and copy terms are scaled by ``stats.imbalance``
-    (the busiest rank decides); ``logical`` is not (SPEC.md's logical bytes: the mean rank's received rows)."""
+    (the busiest rank decides); ``logical`` is not (SPEC.md's logical bytes: the mean rank's received rows).
+    Raises ValueError for a group or routing that cannot exist (:func:`routing_problem`)."""
+    check_routing(num_ranks, ranks_per_node, w.num_experts, w.num_topk)
     n, p = num_ranks, min(ranks_per_node, num_ranks)
     m = max(1, n // p)
     b = w.bytes_per_row() * stats.imbalance
@@ -870,12 +910,20 @@ def sweep_ep(
     dispatch_dtypes: the normal-mode dispatch dtypes (low-latency dispatch is FP8); combine is BF16.
     tokens_per_round: normal-mode calls in rounds of that many tokens (Buffer(tokens_per_round=...)). Where
     ``params`` has a fitted summing pass, the low-latency combine with the weights sent too (rows with
-    ``weights_sent`` True, two-row sums and ``bf16_partial_sums``)."""
+    ``weights_sent`` True, two-row sums and ``bf16_partial_sums``). A mode that cannot exist at an EP
+    (:func:`routing_problem`: its experts not divisible by the EP, the EP not whole nodes, ...) is left out there,
+    with a warning saying why (the CLI refuses such arguments before it gets here)."""
+    import warnings
+
     rounds = -(-normal[0] // tokens_per_round) if tokens_per_round else 1
     out = []
     for ep in eps:
         p = min(cluster.gpus_per_node, ep)
         for mode, (t, h, k, e) in (("normal", normal), ("low_latency", ll)):
+            why = routing_problem(ep, p, e, k, max_nodes=max_nodes if mode == "normal" else None)
+            if why:
+                warnings.warn(f"sweep_ep: no {mode} predictions at EP {ep}: {why}", stacklevel=2)
+                continue
             stats = None
             if mode == "normal" and (samples or max_nodes):
                 idx = sample_topk(max(samples, 4096), e, k, seed=seed, num_nodes=ep // p, max_nodes=max_nodes)
@@ -1130,6 +1178,34 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def check_args(args: argparse.Namespace) -> str | None:
+    """Why the sweep's arguments describe groups or routings that cannot exist (argparse's error message, naming the
+    arguments), or None. SPEC.md: --experts divisible by every EP of --eps; a group of more GPUs than a node's holds
+    whole nodes (--gpus-per-node divides it); --topk at most --experts; --max-nodes at least 1 and leaving --topk
+    experts."""
+    if args.gpus_per_node < 1:
+        return f"--gpus-per-node {args.gpus_per_node}: must be positive"
+    if not args.eps or any(ep < 1 for ep in args.eps):
+        return f"--eps {','.join(map(str, args.eps))}: every EP must be positive"
+    if args.topk < 1 or args.topk > args.experts:
+        return f"--topk {args.topk}: must be between 1 and --experts {args.experts}"
+    bad = [ep for ep in args.eps if args.experts % ep]
+    if bad:
+        return (f"--experts {args.experts} is not divisible by --eps {', '.join(map(str, bad))} (SPEC.md: every rank "
+                "holds the same number of experts)")
+    g = args.gpus_per_node
+    bad = [ep for ep in args.eps if ep > g and ep % g]
+    if bad:
+        return (f"--gpus-per-node {g} does not divide --eps {', '.join(map(str, bad))}: a group of more GPUs than "
+                f"a node holds whole nodes (EP {bad[0]} would be {bad[0] / g:.3g} nodes)")
+    if args.max_nodes is not None:
+        for ep in args.eps:
+            why = routing_problem(ep, min(g, ep), args.experts, args.topk, max_nodes=args.max_nodes)
+            if why:
+                return f"--max-nodes {args.max_nodes} at EP {ep}: {why}"
+    return None
+
+
 def _pick_backend(records: Sequence[dict[str, Any]], wanted: str | None) -> str | None:
     names = [r["backend"] for r in records]
     if wanted:
@@ -1161,6 +1237,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     parser = build_parser()
     args = parser.parse_args(argv)
+    problem = check_args(args)
+    if problem:
+        parser.error(problem)
     if not args.allow_cpu:
         for flag, files in (("--calibrate", args.calibrate), ("--fit-weighted", args.fit_weighted)):
             cpu = sorted({r["file"] for r in load(files) if of_cpu(r)}) if files else []

@@ -55,6 +55,15 @@ its placeholder value and is reported as such. :func:`placeholder` gives the con
 ceilings suggest, for use before GPU records exist. Everything the CLI prints says which numbers are measured and
 which modelled.
 
+DeepEP's figures beside the model (ANCHORS.md), in our byte count, the bytes that cross a link: DeepEP's tests count
+a token's RDMA bytes once for every node its experts are on, its own node included (d_n rows per token, where the
+model's NIC leg carries d_n (M-1)/M), and its intranode "NVL" bytes as every received row, local ones included
+(SPEC's logical bytes). So its published RDMA GB/s are shown x (M-1)/M (M = EP/8 of its nodes) beside the model's
+RDMA GB/s, its EP8 figure beside the model's logical GB/s, and both (EP8: x 7/8 on NVLink) over the link's peak
+beside the model's efficiency (:func:`deepep_normal_in_our_count`). Its low-latency figures are at 128 tokens, top-8
+of 288 experts (its test's count; 288 does not divide EP 64-256, where the published count is not stated): the model
+at that configuration is listed and plotted beside them (:func:`deepep_ll_comparison`).
+
 Record files (:func:`load`, through :func:`largeep.bench.records.read_results_files`): the benchmark's results.json (a
 list of records, its run.json beside it with the settings and extras; or the older one object ``{"schema",
 "records", "extras", ...}``): device-event times of whole Python calls, host overhead included; and the files of
@@ -89,21 +98,51 @@ _LAT_KEYS = tuple(f"{m}.{o}" for m in MODES for o in OPS)
 _INV_KEYS = ("inv_eff_nvlink", "inv_eff_rdma", "inv_sm_gbps", "inv_copy_gbps", "inv_comb_gbps", "inv_reduce_gbps")
 PARAM_KEYS = _LAT_KEYS + _INV_KEYS
 
-# DeepEP V1 published on H800 + ConnectX-7 400 Gb/s (ANCHORS.md "Published").
-DEEPEP_NORMAL = {  # EP: (dispatch, combine) GB/s; EP8 is NVLink logical bandwidth, the rest RDMA bandwidth. Their
-    # setting: 4096 tokens, H 7168, top-8 with node-limited routing (top-4 groups), FP8 dispatch, BF16 combine
+# DeepEP V1 published on H800 + ConnectX-7 400 Gb/s (ANCHORS.md "Published"), in DeepEP's own byte count; beside
+# ours they go through deepep_normal_in_our_count (its RDMA figure counts the token's own node too).
+DEEPEP_NORMAL = {  # EP: (dispatch, combine) GB/s as published; EP8 is DeepEP's intranode "NVL" figure (every received
+    # row, local ones included: SPEC's logical bytes), EP16+ its internode "RDMA" figure (a row for every node a
+    # token's experts are on, its own node included). Their setting: 4096 tokens, H 7168, top-8 of 256 experts with
+    # node-limited routing (top-4 groups), FP8 dispatch, BF16 combine, 8 GPUs per node
     8: (153.0, 158.0), 16: (43.0, 43.0), 32: (58.0, 57.0), 64: (51.0, 50.0),
 }
 DEEPEP_LL = {  # EP: (dispatch, combine) us, 128 tokens, H 7168, top-8, FP8 dispatch, BF16 combine; pure RDMA even
-    # at EP8 (DeepEP's low-latency kernels as published), so EP8 is not an NVLink figure
+    # at EP8 (DeepEP's low-latency kernels as published), so EP8 is not an NVLink figure. Experts: its test's 288 at
+    # EP 8, 16 and 32; 288 does not divide EP 64-256 (its test requires that), and ANCHORS.md does not say the count
     8: (77.0, 114.0), 16: (118.0, 195.0), 32: (155.0, 273.0), 64: (173.0, 314.0), 128: (192.0, 369.0),
     256: (194.0, 360.0),
 }
+DEEPEP_GPUS_PER_NODE = 8  # the H800 nodes of DeepEP's published figures
+DEEPEP_LL_SHAPE = (128, 7168, 8, 288)  # DeepEP's low-latency test: tokens per rank, hidden, top-k, experts
 H800_NVLINK_GBPS = 160.0  # DeepEP's README: "H800 (~160 GB/s NVLink maximum bandwidth)"; H200: 450
 # DeepEP V1 measured on our 4x H200 machine with its own tests (ANCHORS.md "Measured"), 4096 tokens, 24 SMs: logical
 # GB/s (dispatch FP8, dispatch BF16, combine); low-latency (128 tokens, 288 experts) dispatch and combine in us.
 DEEPEP_H200_NORMAL = {2: (248.0, 341.0, 292.0), 4: (254.0, 261.0, 358.0)}
 DEEPEP_H200_LL = {2: (28.9, 39.8), 4: (34.5, 55.5)}
+
+
+def deepep_normal_in_our_count(ep: int, op: str) -> dict[str, Any]:
+    """DeepEP's published normal-mode figure at ``ep`` (:data:`DEEPEP_NORMAL`) converted into our byte count, the
+    bytes that cross a link. DeepEP's tests count a dispatched token once for every node its experts are on, its own
+    node included (the internode "RDMA" figure: d_n rows per token), and once for every rank it reaches, its own
+    included (the "NVL" figure, SPEC's logical bytes). Ours: d_n (M-1)/M rows per token over the NIC (a token
+    leaves its node once per other node), and a rank's received rows less its own over NVLink. Where the routing
+    treats every node and rank alike (DeepEP's tests, node-limited or not), a token's own node is among its d_n
+    nodes with probability d_n / M, so the RDMA figure in our count is (M-1)/M of DeepEP's, M = ep / 8 nodes (x1/2
+    at EP16); the intranode figure is our logical GB/s as it stands, and (P-1)/P of it on NVLink (P = 8).
+    Returns ep, op, leg ("nvlink" or "rdma"), published_gbps, factor, our_count_gbps (link bytes per second),
+    logical_gbps (EP8 only: the published figure; None beyond one node) and efficiency (our_count_gbps over the
+    H800's NVLink, :data:`H800_NVLINK_GBPS`, or the 50 GB/s NIC)."""
+    published = DEEPEP_NORMAL[ep][OPS.index(op)]
+    p = min(DEEPEP_GPUS_PER_NODE, ep)
+    nodes = ep // p
+    if nodes == 1:
+        factor, leg, peak, logical = (p - 1) / p, "nvlink", H800_NVLINK_GBPS, published
+    else:
+        factor, leg, peak, logical = (nodes - 1) / nodes, "rdma", 50.0, None
+    ours = published * factor
+    return {"ep": ep, "op": op, "leg": leg, "published_gbps": published, "factor": factor, "our_count_gbps": ours,
+            "logical_gbps": logical, "efficiency": ours / peak}
 
 
 # -- cluster, workload, routing ---------------------------------------------------------------------------------
@@ -949,6 +988,26 @@ def sweep_ep(
     return out
 
 
+def deepep_ll_comparison(params: Params, cluster: Cluster) -> list[dict[str, Any]]:
+    """The low-latency model at DeepEP's own configuration, beside its figures: :data:`DEEPEP_LL_SHAPE` (128 tokens,
+    H 7168, top-8 of 288 experts; FP8 dispatch, BF16 combine), 8 GPUs per node, the cluster's links and latencies.
+    One row per EP and op of :data:`DEEPEP_H200_LL` (DeepEP measured on our H200s) and :data:`DEEPEP_LL` (published,
+    H800): ep, op, source, deepep_us, experts and model_us, these two None where 288 experts do not divide the EP
+    (64 to 256: DeepEP's count there is not known)."""
+    t, h, k, e = DEEPEP_LL_SHAPE
+    c = replace(cluster, gpus_per_node=DEEPEP_GPUS_PER_NODE)
+    out = []
+    for source, figures in (("measured on our H200s", DEEPEP_H200_LL), ("published, H800", DEEPEP_LL)):
+        for ep in sorted(figures):
+            ok = routing_problem(ep, min(c.gpus_per_node, ep), e, k) is None
+            for i, op in enumerate(OPS):
+                w = Workload("low_latency", op, t, h, k, e, "fp8" if op == "dispatch" else "bf16")
+                model = predict(w, ep, params, c, hierarchical=False).time_us if ok else None
+                out.append({"ep": ep, "op": op, "source": source, "deepep_us": figures[ep][i],
+                            "experts": e if ok else None, "model_us": model})
+    return out
+
+
 def _main_variant(row: dict[str, Any]) -> bool:
     return row["overlap"] and (row["layout"] == "hierarchical" or row["mode"] == "low_latency")
 
@@ -968,10 +1027,13 @@ def _deepep_h200_us(ep: int, op: str, dtype: str, normal: tuple[int, int, int, i
 def plot_sweep(
     rows: Sequence[dict[str, Any]], measured: Sequence[dict[str, Any]], params: Params, path: Path, *,
     shown: Sequence[dict[str, Any]] = (), num_sms: int | None = 24, normal: tuple[int, int, int, int] | None = None,
+    ll_experts: int | None = None, deepep_ll: Sequence[dict[str, Any]] = (),
 ) -> Path:
     """Time, bandwidth and efficiency against EP. Lines: the model. Points: our fitted records (filled circles, at
     ``num_sms``), records shown but not fitted (open markers, by label), DeepEP measured on our H200s (stars) and
-    DeepEP's published H800 figures (open triangles)."""
+    DeepEP's published H800 figures (open triangles, bandwidths in our byte count: :func:`deepep_normal_in_our_count`),
+    and the low-latency model at DeepEP's configuration (crosses, ``deepep_ll``: :func:`deepep_ll_comparison`);
+    ll_experts: the experts of the low-latency lines, for their labels."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -1035,28 +1097,38 @@ def plot_sweep(
             ax.plot([r["ep"] for r in pts], [r["logical_gbps"] for r in pts], "o", color=c, ms=6,
                     label=f"{op} {dtype} measured logical GB/s")
         if dtype == "fp8" or op == "combine":
-            i = OPS.index(op)
-            ax.plot([8], [DEEPEP_NORMAL[8][i]], "s", color=c, mfc="none", label=f"DeepEP {op} EP8 NVLink (H800)")
-            eps = [e for e in DEEPEP_NORMAL if e > 8]
-            ax.plot(eps, [DEEPEP_NORMAL[e][i] for e in eps], "^", color=c, mfc="none",
-                    label=f"DeepEP {op} RDMA GB/s (published, H800)")
+            ours = [deepep_normal_in_our_count(e, op) for e in sorted(DEEPEP_NORMAL)]
+            one = [d for d in ours if d["leg"] == "nvlink"]
+            ax.plot([d["ep"] for d in one], [d["logical_gbps"] for d in one], "s", color=c, mfc="none",
+                    label=f"DeepEP {op} EP8, H800: its NVL GB/s = logical (as the solid lines)")
+            rdma = [d for d in ours if d["leg"] == "rdma"]
+            ax.plot([d["ep"] for d in rdma], [d["our_count_gbps"] for d in rdma], "^", color=c, mfc="none",
+                    label=f"DeepEP {op} RDMA, H800: published x (M-1)/M = NIC bytes as the dashed lines count")
         j = 0 if (op, dtype) == ("dispatch", "fp8") else 1 if op == "dispatch" else 2
         ax.plot(sorted(DEEPEP_H200_NORMAL), [DEEPEP_H200_NORMAL[e][j] for e in sorted(DEEPEP_H200_NORMAL)], "*",
                 color=c, ms=9, label=f"DeepEP {op} {dtype} on our H200")
-    ax.set_title("normal mode bandwidth", fontsize=9)
+    ax.set_title("normal mode bandwidth; RDMA: rows leaving a token's node\n(DeepEP's published count its own "
+                 "node too: shown x (M-1)/M, M = EP/8)", fontsize=8)
     ax.set_ylabel("GB/s")
 
     ax = axes[1, 0]
+    lle = f", {ll_experts} experts" if ll_experts else ""
+    dee = DEEPEP_LL_SHAPE[3]
     for op in OPS:
         dtype = "fp8" if op == "dispatch" else "bf16"
         c = _COLORS[(op, dtype)]
         xs, ys = series("low_latency", op, None, "flat", True, "time_us")
-        ax.plot(xs, ys, "-", color=c, label=f"{op} model ({ll_src})")
+        ax.plot(xs, ys, "-", color=c, label=f"{op} model{lle} ({ll_src})")
+        at = [d for d in deepep_ll if d["op"] == op and d["model_us"] is not None]
+        if at:
+            ax.plot([d["ep"] for d in at], [d["model_us"] for d in at], "x", color=c, ms=7,
+                    label=f"{op} model at DeepEP's configuration ({dee} experts, EP {min(d['ep'] for d in at)}-"
+                          f"{max(d['ep'] for d in at)})")
         i = OPS.index(op)
         ax.plot(list(DEEPEP_LL), [v[i] for v in DEEPEP_LL.values()], "^", color=c, mfc="none",
-                label=f"DeepEP {op} (published, H800)")
+                label=f"DeepEP {op} (published, H800; {dee} experts to EP32, count not stated beyond)")
         ax.plot(sorted(DEEPEP_H200_LL), [DEEPEP_H200_LL[e][i] for e in sorted(DEEPEP_H200_LL)], "*", color=c,
-                ms=9, label=f"DeepEP {op}, measured on our H200 (288 experts)")
+                ms=9, label=f"DeepEP {op}, measured on our H200 ({dee} experts)")
         for lab in labels:
             pts = points([r for r in shown if r.get("label") == lab], "low_latency", op, None)
             if pts:
@@ -1066,7 +1138,12 @@ def plot_sweep(
         if pts:
             ax.plot([r["ep"] for r in pts], [r["time_us_median"] for r in pts], "o", color=c,
                     label=f"{op} measured (fitted)")
-    ax.set_title(f"low-latency, {ll_tokens} tokens: time per call", fontsize=9)
+    gaps = [abs(d["model_us"] / r["time_us"] - 1) for d in deepep_ll if d["model_us"] is not None for r in rows
+            if _main_variant(r) and r["mode"] == "low_latency" and not r.get("weights_sent") and r["ep"] == d["ep"]
+            and r["op"] == d["op"]]
+    gap = f", {100 * max(gaps):.2f}% from the lines at most" if gaps else ""
+    ax.set_title(f"low-latency, {ll_tokens} tokens, time per call\nlines{lle}; crosses at DeepEP's {dee}{gap}",
+                 fontsize=8)
     ax.set_ylabel("time per call (us)")
     ax.set_yscale("log")
 
@@ -1078,13 +1155,15 @@ def plot_sweep(
             ax.plot(xs, ys, style, color=_COLORS.get((op, dtype), "tab:gray"), label=f"{mode} {op} {dtype} model")
     for op in OPS:
         c = _COLORS[(op, "fp8" if op == "dispatch" else "bf16")]
-        i = OPS.index(op)
-        ax.plot([8], [DEEPEP_NORMAL[8][i] / H800_NVLINK_GBPS], "s", color=c, mfc="none",
-                label=f"DeepEP {op} EP8: published GB/s / {H800_NVLINK_GBPS:g} (H800 NVLink, DeepEP's figure)")
-        eps = [e for e in DEEPEP_NORMAL if e > 8]
-        ax.plot(eps, [DEEPEP_NORMAL[e][i] / 50.0 for e in eps], "^", color=c, mfc="none",
-                label=f"DeepEP {op}: published RDMA GB/s / 50")
-    ax.set_title("efficiency: busiest link's bytes / (time x its bandwidth)", fontsize=9)
+        ours = [deepep_normal_in_our_count(e, op) for e in sorted(DEEPEP_NORMAL)]
+        one = [d for d in ours if d["leg"] == "nvlink"]
+        ax.plot([d["ep"] for d in one], [d["efficiency"] for d in one], "s", color=c, mfc="none",
+                label=f"DeepEP {op} EP8: published x 7/8 (its local rows cross no link) / {H800_NVLINK_GBPS:g} "
+                      "(H800 NVLink)")
+        rdma = [d for d in ours if d["leg"] == "rdma"]
+        ax.plot([d["ep"] for d in rdma], [d["efficiency"] for d in rdma], "^", color=c, mfc="none",
+                label=f"DeepEP {op}: published RDMA x (M-1)/M (its own node crosses no NIC) / 50")
+    ax.set_title("efficiency: busiest link's bytes / (time x its bandwidth); DeepEP's in our count", fontsize=9)
     ax.set_ylabel("fraction of link peak")
     ax.set_ylim(0, 1.1)
 
@@ -1173,6 +1252,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=int, default=0,
                    help="sample routing statistics (normal mode) on this many tokens (at least 4096; --max-nodes "
                         "samples 4096 by itself)")
+    p.add_argument("--eff-rdma", type=float, default=None,
+                   help="set the NIC efficiency of the predictions to this (a what-if: no RDMA leg has been "
+                        "measured; default: the fit's, else the placeholder 0.9)")
     p.add_argument("--flat", action="store_true", help="calibrate with the flat (non-hierarchical) layout")
     p.add_argument("--no-overlap", action="store_true", help="calibrate with legs in sequence")
     return p
@@ -1203,6 +1285,8 @@ def check_args(args: argparse.Namespace) -> str | None:
             why = routing_problem(ep, min(g, ep), args.experts, args.topk, max_nodes=args.max_nodes)
             if why:
                 return f"--max-nodes {args.max_nodes} at EP {ep}: {why}"
+    if args.eff_rdma is not None and not 0 < args.eff_rdma <= 1:
+        return f"--eff-rdma {args.eff_rdma}: must be in (0, 1]"
     return None
 
 
@@ -1282,6 +1366,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         params = placeholder()
         if args.calibrate:
             params.source += f" (no usable '{backend}' dispatch/combine records in {', '.join(args.calibrate)})"
+    if args.eff_rdma is not None:
+        params = replace(params, eff_rdma=args.eff_rdma, fitted=[k for k in params.fitted if k != "eff_rdma"],
+                         source=f"{params.source}; eff_rdma set to {args.eff_rdma:g} by --eff-rdma")
     print(f"calibration: {params.source}")
     print(f"  constants fitted: {', '.join(params.fitted) or 'none'}; the others are placeholders")
     copy_txt = f"{params.copy_gbps:.2f}" if params.copy_gbps else "none"
@@ -1339,16 +1426,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows = sweep_ep(params, cluster, args.eps, normal=normal, ll=(args.ll_tokens, args.hidden, args.topk,
                     args.experts), max_nodes=args.max_nodes, samples=args.samples,
                     dispatch_dtypes=args.dispatch_dtypes, tokens_per_round=args.tokens_per_round)
+    deepep_ll = deepep_ll_comparison(params, cluster)
+    ll_at = {(d["ep"], d["op"]): d for d in deepep_ll if d["source"].startswith("published")}
     table = []
     for r in rows:
         if not _main_variant(r):
             continue
         pub = ""
         if r["mode"] == "normal" and r["ep"] in DEEPEP_NORMAL and (r["op"], r["dtype"]) != ("dispatch", "bf16"):
-            v = DEEPEP_NORMAL[r["ep"]][OPS.index(r["op"])]
-            pub = f"{v:g} GB/s {'NVLink' if r['ep'] == 8 else 'RDMA'}"
-        if r["mode"] == "low_latency" and r["ep"] in DEEPEP_LL:
-            pub = f"{DEEPEP_LL[r['ep']][OPS.index(r['op'])]:g} us"
+            d = deepep_normal_in_our_count(r["ep"], r["op"])
+            if d["leg"] == "nvlink":
+                pub = f"{d['logical_gbps']:g} GB/s logical ({d['our_count_gbps']:.1f} NVLink)"
+            else:
+                pub = f"{d['our_count_gbps']:.1f} GB/s RDMA (published {d['published_gbps']:g})"
+        if r["mode"] == "low_latency" and (r["ep"], r["op"]) in ll_at:
+            d = ll_at[(r["ep"], r["op"])]
+            at = f"model at {d['experts']} experts {d['model_us']:.1f}" if d["model_us"] is not None else \
+                "experts not stated"
+            pub = f"{d['deepep_us']:g} us ({at})"
         tokens = f"{r['tokens']} ({r['rounds']} rounds)" if r["rounds"] > 1 else r["tokens"]
         op = r["op"] + ((" (bf16 partial sums)" if r["bf16_partial_sums"] else " (weights sent)")
                         if r.get("weights_sent") else "")
@@ -1366,11 +1461,30 @@ def main(argv: Sequence[str] | None = None) -> int:
                       f"{(r.get('logical_gbps') or 0):.1f}", "", "", "", "", src, ""])
     print(tabulate(table, headers=["ep", "nodes", "mode", "op", "dtype", "tokens", "time(us)", "logical GB/s",
                                    "NVLink GB/s", "RDMA GB/s", "efficiency", "bound", "source",
-                                   "DeepEP published (H800)"],
+                                   "DeepEP published (H800), in our byte count"],
                    tablefmt="simple", disable_numparse=True))
     print(f"modelled rows: hierarchical layout with overlap (normal), direct sends (low-latency), {args.num_sms} SMs; "
           "sim.json has every variant (flat, no overlap). Measured rows: one host, NVLink only; no RDMA leg has "
           "ever been measured")
+    print("DeepEP published, in our byte count (the bytes that cross a link): its internode RDMA GB/s count a row "
+          "for every node a token's experts are on, its own node included; ours only the nodes it leaves for, so "
+          "its figures are shown x (M-1)/M (M = EP/8 of its nodes; published in brackets). Its EP8 NVL GB/s count "
+          "every received row, local ones included, as our logical GB/s do (x 7/8 on NVLink, in brackets). "
+          "Low-latency: the model at DeepEP's configuration (128 tokens, H 7168, top-8, 288 experts) in brackets")
+    swept = {(r["ep"], r["op"]): r["time_us"] for r in rows
+             if _main_variant(r) and r["mode"] == "low_latency" and not r.get("weights_sent")}
+    ll_table = [[d["ep"], d["op"], d["source"], f"{d['deepep_us']:g}", d["experts"] or "not stated",
+                 "" if d["model_us"] is None else f"{d['model_us']:.1f}",
+                 "" if d["model_us"] is None else f"{100 * (d['model_us'] / d['deepep_us'] - 1):+.0f}%",
+                 f"{swept[(d['ep'], d['op'])]:.1f}" if (d["ep"], d["op"]) in swept else ""]
+                for d in deepep_ll]
+    print(tabulate(ll_table, headers=["ep", "op", "DeepEP", "DeepEP us", "DeepEP experts", "model us there",
+                                      "model vs DeepEP", f"model us, the sweep's {args.experts} experts"],
+                   tablefmt="simple", disable_numparse=True))
+    print(f"low-latency beside DeepEP, at its configuration ({DEEPEP_LL_SHAPE[0]} tokens, H {DEEPEP_LL_SHAPE[1]}, "
+          f"top-{DEEPEP_LL_SHAPE[2]}, {DEEPEP_LL_SHAPE[3]} experts, FP8 dispatch, 8 GPUs per node) on this cluster's "
+          f"links (modelled); {DEEPEP_LL_SHAPE[3]} experts do not divide EP 64-256, so DeepEP's published figures "
+          "there used a count it does not state; the last column is the sweep's own configuration")
     if args.tokens_per_round:
         print(f"normal mode in rounds of {args.tokens_per_round} tokens per rank: each extra round adds the call's "
               "fitted latency, and the rows are merged at about "
@@ -1398,7 +1512,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                               "hierarchical": hier, "overlap": ovl, "copy_phase": copy},
             "predictions": rows, "measured": records, "shown_not_fitted": shown, "symmetric_memory": memory,
             "deepep_published": {"normal_gbps": DEEPEP_NORMAL, "low_latency_us": DEEPEP_LL,
-                                 "note": "H800 + CX7 400 Gb/s; EP8 NVLink logical, EP16+ RDMA bandwidth"},
+                                 "note": "H800 + CX7 400 Gb/s, as published: EP8 NVL (logical, local rows "
+                                         "included), EP16+ RDMA counting every node a token reaches, its own "
+                                         "included",
+                                 "normal_in_our_count": [deepep_normal_in_our_count(e, op) for e in DEEPEP_NORMAL
+                                                         for op in OPS],
+                                 "normal_in_our_count_note": "the bytes that cross a link: RDMA x (M-1)/M, M = "
+                                                             "EP/8 nodes; EP8 on NVLink x 7/8 (logical as "
+                                                             "published); efficiency over 160 GB/s (H800 NVLink) "
+                                                             "or 50 GB/s (NIC)"},
+            "deepep_low_latency_comparison": deepep_ll,
             "deepep_measured_h200": {"normal_gbps_fp8_bf16_combine": DEEPEP_H200_NORMAL,
                                      "low_latency_us": DEEPEP_H200_LL,
                                      "note": "ANCHORS.md: DeepEP V1's own tests on our 4x H200, 24 SMs; EP4 "
@@ -1414,7 +1537,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         }
         (out / "sim.json").write_text(json.dumps(doc, indent=1, default=str) + "\n")
         same = [r for r in shown if r["backend"] == backend]  # other backends stay in sim.json and the table
-        png = plot_sweep(rows, records, params, out / "sim.png", shown=same, num_sms=args.num_sms, normal=normal)
+        png = plot_sweep(rows, records, params, out / "sim.png", shown=same, num_sms=args.num_sms, normal=normal,
+                         ll_experts=args.experts, deepep_ll=deepep_ll)
         print(f"wrote {out / 'sim.json'}, {png}")
     return 0
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import collections
 
 import layer_bodies
+import ops_bodies
 import pytest
 import torch
 from hypothesis import given, settings
@@ -118,6 +119,16 @@ def test_returned_idx_changed_in_place(pools) -> None:
 
 def test_registry(pools) -> None:
     pools(2).run(layer_bodies.ops_registry_errors)
+
+
+def _no_failures(results: list[list[str]]) -> None:
+    failed = [f"rank {r}: {f}" for r, fails in enumerate(results) for f in fails]
+    assert not failed, "\n".join(failed)
+
+
+def test_refused_call_keeps_handle(pools) -> None:
+    """A custom-op combine or cached dispatch refused for its arguments leaves the handle for a corrected call."""
+    _no_failures(pools(2).run(ops_bodies.ops_refused_call_keeps_handle))
 
 
 def _wrs_reference(src: torch.Tensor, pos: torch.Tensor, w: torch.Tensor, pad: int | None) -> torch.Tensor:

@@ -47,9 +47,10 @@ needs grad); each backward call drops one, and the handle is freed once a combin
 count at zero (so inference frees it at the combine, training at the last backward call, in either order). A
 forward that never reaches combine or backward leaves its handle behind; as a safety net each Buffer keeps at most
 ``max_live_handles`` (oldest dropped first), and :func:`release_handles` frees them all. Using a freed handle
-raises; so does a second backward through the same compiled graph. A low-latency handle is freed by its combine,
-also by a combine that fails, except one refused for its arguments (``ArgumentError``), which leaves it for a
-corrected call.
+raises; so does a second backward through the same compiled graph. A call refused for its arguments
+(``ArgumentError``, raised before anything is sent) leaves the handle and its count as they were, for a corrected
+call; any other failure counts as the call made. So a low-latency handle is freed by its combine, also by a combine
+that fails, except one refused for its arguments.
 
 The grouped GEMM uses ``torch._grouped_mm`` (there in torch 2.13: on CPU it runs float32, bfloat16 and
 float16, with every non-unit stride a multiple of 16 bytes; its meta function accepts only bfloat16, hence the
@@ -229,16 +230,14 @@ def _put(buffer_id: int, entry: _Entry) -> Tensor:
     return torch.tensor([tid], dtype=torch.int64, device="cpu")
 
 
-def _get(buffer_id: int, ticket: Tensor, op: str, refs: int = 0, settle: bool = False) -> _Entry:
-    """The entry of ``ticket``; adds ``refs`` to its count, and with ``settle`` frees it if the count is <= 0."""
+def _get(buffer_id: int, ticket: Tensor, op: str, refs: int = 0) -> _Entry:
+    """The entry of ``ticket``; adds ``refs`` to its count (never frees it: see :func:`_settle`)."""
     tid = int(ticket.reshape(-1)[0])
     with _locked():
         entries = _REG.entries.get(buffer_id)
         entry = entries.get(tid) if entries is not None else None
         if entry is not None:
             entry.refs += refs
-            if settle and entry.refs <= 0:
-                del entries[tid]  # type: ignore[union-attr]
     if entry is None:
         limit = _REG.limits.get(buffer_id, DEFAULT_MAX_LIVE_HANDLES)
         raise RuntimeError(
@@ -247,6 +246,20 @@ def _get(buffer_id: int, ticket: Tensor, op: str, refs: int = 0, settle: bool = 
             "backward through the same graph is not supported on the custom-op path"
         )
     return entry
+
+
+def _settle(buffer_id: int, ticket: Tensor, refs: int) -> None:
+    """Adds ``refs`` to the count of ``ticket``'s entry, if it is still there, and frees it if the count is <= 0:
+    after a call that used the entry (its arguments accepted), so that one refused for them leaves the entry as it
+    was, for a corrected call."""
+    tid = int(ticket.reshape(-1)[0])
+    with _locked():
+        entries = _REG.entries.get(buffer_id)
+        entry = entries.get(tid) if entries is not None else None
+        if entry is not None:
+            entry.refs += refs
+            if entry.refs <= 0:
+                del entries[tid]  # type: ignore[union-attr]
 
 
 def _drop(buffer_id: int, ticket: Tensor) -> None:
@@ -1014,10 +1027,17 @@ def _(
     schema="(int buffer_id, Tensor x, Tensor ticket, SymInt num_rows) -> Tensor",
 )
 def _dispatch_cached_op(buffer_id: int, x: Tensor, ticket: Tensor, num_rows: int) -> Tensor:
-    """combine's backward: drops the reference its forward held."""
-    entry = _get(buffer_id, ticket, "dispatch_cached", refs=-1, settle=True)
+    """combine's backward: drops the reference its forward held (once the Buffer has accepted ``x``)."""
+    entry = _get(buffer_id, ticket, "dispatch_cached")
     assert isinstance(entry.handle, DispatchHandle)
-    out = buffer_of(buffer_id).dispatch(x, handle=entry.handle, num_worst_tokens=entry.num_worst_tokens).x
+    try:
+        out = buffer_of(buffer_id).dispatch(x, handle=entry.handle, num_worst_tokens=entry.num_worst_tokens).x
+    except ArgumentError:
+        raise
+    except BaseException:
+        _settle(buffer_id, ticket, -1)
+        raise
+    _settle(buffer_id, ticket, -1)
     assert isinstance(out, Tensor)
     return _fresh((_zero_tail(out, entry.valid_rows),), (x,))[0]
 
@@ -1040,10 +1060,19 @@ def _combine_op(
     buffer_id: int, y: Tensor, ticket: Tensor, num_tokens: int, topk_weights: Tensor | None, refs: int
 ) -> tuple[Tensor, Tensor]:
     """refs: +1 for a forward whose y needs grad (its backward will come), 0 for one without, -1 as the backward
-    of dispatch_recv."""
-    entry = _get(buffer_id, ticket, "combine", refs=refs, settle=True)
+    of dispatch_recv. The count changes once the Buffer has accepted the arguments: a combine refused for them
+    (``ArgumentError``, raised before anything is sent) leaves the handle as it was, for a corrected call; any
+    other failure counts as the call made."""
+    entry = _get(buffer_id, ticket, "combine")
     assert isinstance(entry.handle, DispatchHandle)
-    res = buffer_of(buffer_id).combine(y, entry.handle, topk_weights=topk_weights)
+    try:
+        res = buffer_of(buffer_id).combine(y, entry.handle, topk_weights=topk_weights)
+    except ArgumentError:
+        raise
+    except BaseException:
+        _settle(buffer_id, ticket, refs)
+        raise
+    _settle(buffer_id, ticket, refs)
     w = res.topk_weights if res.topk_weights is not None else y.new_empty(0, dtype=torch.float32)
     x, w = _fresh((res.x, w), (y, topk_weights))
     return x, w

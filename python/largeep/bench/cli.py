@@ -17,7 +17,10 @@ When it starts the processes itself, each backend runs in a fresh set of them (n
 initialise NVSHMEM once per process), and the parent merges the results; a backend that crashes is reported and the
 others still run. Under torchrun every backend shares the same processes: pass ``--backends`` one at a time there.
 
-Calibration records for ``python -m largeep.bench.sim``: run ``--preset full`` with ``--nprocs 1``, ``2`` and ``4``.
+Calibration records for ``python -m largeep.bench.sim`` are kernel times: ``bench/kernel_times.py`` for the normal
+mode (e.g. ``--num-sms 8,16,24``) and ``bench/low_latency_times.py`` for the low-latency mode, each on 1, 2 and 4 GPUs.
+This benchmark's records (``--preset full`` included) time whole calls with events: ``sim`` shows them (``--show``)
+and does not fit them by default (``--timing auto``).
 """
 
 from __future__ import annotations

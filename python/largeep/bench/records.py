@@ -254,8 +254,8 @@ def git_revision() -> str | None:
             return rev + ("-dirty" if dirty else "")
     from largeep import native
 
-    rev = native.build_note().get("git")
-    return rev if isinstance(rev, str) and rev else None
+    recorded = native.build_note().get("git")
+    return recorded if isinstance(recorded, str) and recorded else None
 
 
 def environment() -> dict[str, Any]:

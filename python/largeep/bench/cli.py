@@ -20,7 +20,7 @@ others still run. Under torchrun every backend shares the same processes: pass `
 Calibration records for ``python -m largeep.bench.sim`` are kernel times: ``bench/kernel_times.py`` for the normal
 mode (e.g. ``--num-sms 8,16,24``) and ``bench/low_latency_times.py`` for the low-latency mode, each on 1, 2 and 4 GPUs.
 This benchmark's records (``--preset full`` included) time whole calls with events: ``sim`` shows them (``--show``)
-and does not fit them by default (``--timing auto``).
+and fits them only when no kernel-timed record is given (``--timing auto``; ``--timing kernel`` never fits them).
 """
 
 from __future__ import annotations

@@ -97,3 +97,107 @@ def ops_refused_call_keeps_handle(rank: int, world: int) -> list[str]:
     finally:
         buf.destroy()
     return fails
+
+
+def _close(fails: list[str], got: Any, want: torch.Tensor, what: str, rtol: float = 1e-4) -> None:
+    """|got - want| <= rtol * (|want| + max|want|), recorded instead of raised."""
+    if not isinstance(got, torch.Tensor):
+        fails.append(f"{what}: got {type(got).__name__}")
+        return
+    got64, want64 = got.detach().double(), want.detach().double()
+    if got64.shape != want64.shape:
+        fails.append(f"{what}: shape {tuple(got64.shape)}, want {tuple(want64.shape)}")
+        return
+    if want64.numel() == 0:
+        return
+    err = (got64 - want64).abs()
+    bound = rtol * (want64.abs() + want64.abs().max()) + 1e-12
+    if not torch.isfinite(got64).all() or (err > bound).any():
+        fails.append(f"{what}: max error {err.max().item():.3g} (scale {want64.abs().max().item():.3g})")
+
+
+def _draw(seed: int, rank: int, *shape: int) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed * 7919 + rank))
+
+
+def ops_second_derivative(rank: int, world: int, tokens: list[int], num_worst: int, custom: bool) -> list[str]:
+    """A gradient penalty through dispatch and combine: f = sum(a * rx^3) + sum(b * rw^3) + sum(e * c^2) on each
+    rank, with rx, rw the received rows and weights and c = combine(rx^2 * q), plus a local term sum(x^3 / 2 + w^3)
+    (so that a second derivative losing largeep's part would still have a graph); the first derivatives
+    (g_x, g_w) = grad(f, (x, w), create_graph=True), then the grads of P = sum(u * g_x^2) + sum(v * g_w^2). Against
+    the same functions of every rank's inputs in one process (float64, index ops, torch's autograd), where the
+    distributed gradients are those of the sums over ranks of f and of P. The eager path gives both derivatives;
+    the custom-op path gives the first and raises, naming what is not supported, for the second."""
+    from reference import make_inputs, ref_dispatch
+
+    fails: list[str] = []
+    experts = 2 * world
+    inputs = [make_inputs(41, r, tokens[r], HIDDEN, experts, TOPK, torch.float32) for r in range(world)]
+    refs = [ref_dispatch(inputs, r, experts) for r in range(world)]
+    rows = [len(d.src) for d in refs]
+    a = [_draw(1, r, rows[r], HIDDEN) for r in range(world)]
+    b = [_draw(2, r, rows[r], TOPK) for r in range(world)]
+    q = [_draw(3, r, rows[r], HIDDEN) for r in range(world)]
+    e = [_draw(4, r, tokens[r], HIDDEN) for r in range(world)]
+    u = [_draw(5, r, tokens[r], HIDDEN) for r in range(world)]
+    v = [_draw(6, r, tokens[r], TOPK) for r in range(world)]
+
+    # the reference: every rank's tokens in one process
+    xs = [inp.x.double().requires_grad_() for inp in inputs]
+    ws = [inp.topk_weights.double().requires_grad_() for inp in inputs]
+    f_all = torch.zeros((), dtype=torch.float64)
+    cs = [torch.zeros(tokens[s], HIDDEN, dtype=torch.float64) for s in range(world)]
+    for r, d in enumerate(refs):
+        rx = torch.stack([xs[s][t] for s, t in d.src]) if d.src else torch.zeros(0, HIDDEN, dtype=torch.float64)
+        rw = torch.stack([ws[s][t] for s, t in d.src]) if d.src else torch.zeros(0, TOPK, dtype=torch.float64)
+        rw = torch.where(d.topk_idx >= 0, rw, 0.0)
+        f_all = f_all + (a[r] * rx**3).sum() + (b[r] * rw**3).sum()
+        y = rx * rx * q[r]
+        for s in range(world):
+            mine = [(row, t) for row, (src, t) in enumerate(d.src) if src == s]
+            if mine:
+                cs[s] = cs[s].index_add(0, torch.tensor([t for _, t in mine]), y[[row for row, _ in mine]])
+    f_all = f_all + sum((e[s] * cs[s] ** 2).sum() + (xs[s] ** 3 / 2).sum() + (ws[s] ** 3).sum() for s in range(world))
+    first = torch.autograd.grad(f_all, xs + ws, create_graph=True, allow_unused=True)
+    first = [g if g is not None else torch.zeros_like(p) for g, p in zip(first, xs + ws, strict=True)]
+    p_all = sum((u[s] * first[s] ** 2).sum() + (v[s] * first[world + s] ** 2).sum() for s in range(world))
+    second = torch.autograd.grad(p_all, xs + ws, allow_unused=True)
+    second = [g if g is not None else torch.zeros_like(p) for g, p in zip(second, xs + ws, strict=True)]
+
+    buf = _buffer(world, max_tokens=max(max(tokens), 1))
+    try:
+        mine = inputs[rank]
+        x = mine.x.clone().requires_grad_()
+        w = mine.topk_weights.clone().requires_grad_()
+        d = ops.dispatch(buf, x, mine.topk_idx, w, num_worst_tokens=num_worst, use_custom_ops=custom)
+        tail = d.x.shape[0] - rows[rank]
+
+        def pad(t: torch.Tensor) -> torch.Tensor:
+            return torch.cat([t, t.new_zeros(tail, t.shape[1])])
+
+        # rows past the received count (num_worst_tokens) are unspecified: masked out, as a caller would
+        rx = torch.where((d.topk_idx >= 0).any(dim=1, keepdim=True), d.x, 0.0)
+        rw = torch.where(d.topk_idx >= 0, d.topk_weights, 0.0)
+        c = ops.combine(buf, rx * rx * pad(q[rank]), d.handle).x
+        f = (pad(a[rank]) * rx**3).sum() + (pad(b[rank]) * rw**3).sum() + (e[rank] * c * c).sum()
+        f = f + (x**3 / 2).sum() + (w**3).sum()
+        gx, gw = torch.autograd.grad(f, (x, w), create_graph=True)
+        _close(fails, gx, first[rank], "first derivative, x")
+        _close(fails, gw, first[world + rank], "first derivative, topk_weights")
+        p = (u[rank] * gx * gx).sum() + (v[rank] * gw * gw).sum()
+        try:
+            g2x, g2w = torch.autograd.grad(p, (x, w))
+            if custom:
+                fails.append("custom-op path: a second derivative did not raise")
+            else:
+                _close(fails, g2x, second[rank], "second derivative, x")
+                _close(fails, g2w, second[world + rank], "second derivative, topk_weights")
+        except RuntimeError as exc:
+            if not custom or "second derivative" not in str(exc) or "not supported" not in str(exc):
+                fails.append(f"second derivative: {type(exc).__name__}: {exc}")
+        if custom:
+            bid = ops.register_buffer(buf)
+            _check(fails, ops.live_handles(bid) == 0, f"{ops.live_handles(bid)} live handles after, want 0")
+    finally:
+        buf.destroy()
+    return fails

@@ -126,6 +126,15 @@ def _no_failures(results: list[list[str]]) -> None:
     assert not failed, "\n".join(failed)
 
 
+@pytest.mark.parametrize("use_custom_ops", [False, True])
+@pytest.mark.parametrize("num_worst", [0, 16])
+@pytest.mark.parametrize("tokens", [[6, 3], [5, 0]])
+def test_second_derivative(pools, tokens: list[int], num_worst: int, use_custom_ops: bool) -> None:
+    """A gradient penalty (create_graph=True, then a second backward) through dispatch (x and topk_weights) and
+    combine against autograd over the whole world in one process; eager path only, the custom-op path raises."""
+    _no_failures(pools(2).run(ops_bodies.ops_second_derivative, tokens, num_worst, use_custom_ops))
+
+
 def test_refused_call_keeps_handle(pools) -> None:
     """A custom-op combine or cached dispatch refused for its arguments leaves the handle for a corrected call."""
     _no_failures(pools(2).run(ops_bodies.ops_refused_call_keeps_handle))

@@ -12,6 +12,9 @@ communication with compute. Each is the other's backward (SPEC.md: combine is th
 - combine backward: a cached ``dispatch`` (handle given, no layout, no count exchange) of the grad of the output.
   With ``num_worst_tokens`` the rows past the received count get a zero grad (they never reach the output).
 
+These backwards are differentiable in turn (each is the other's backward again), so second derivatives
+(``create_graph=True``, e.g. a gradient penalty) are right on this path; the custom-op path raises for them.
+
 Compiled (``torch.library`` custom ops, namespace ``largeep``): a Buffer is a Python object, which a graph cannot
 hold, so a Buffer is registered once (:func:`register_buffer`, outside the compiled region) and ops take its int id.
 A dispatch's handle lives in a registry and travels through the graph as a *ticket*: an int64 CPU tensor [1]
@@ -1125,13 +1128,24 @@ _dispatch_recv_op.register_autograd(_recv_backward, setup_context=_recv_setup)
 
 
 def _combine_setup(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor]) -> None:
-    buffer_id, y, ticket, _, _, _ = inputs
+    buffer_id, y, ticket, _, _, refs = inputs
     ctx.buffer_id = buffer_id
     ctx.num_rows = y.shape[0]
+    ctx.in_backward = refs < 0  # dispatch_recv's backward, recorded by a backward with create_graph=True
     ctx.save_for_backward(ticket)
 
 
+_NO_DOUBLE_BACKWARD = (
+    "largeep.ops: a second derivative through dispatch or combine (a backward through a backward taken with "
+    "create_graph=True, e.g. a gradient penalty) is not supported on the custom-op path (torch.compile, "
+    "use_custom_ops=True); the eager path (ops.dispatch / ops.combine with use_custom_ops=False, not compiled) "
+    "supports it"
+)
+
+
 def _combine_backward(ctx: Any, gx: Tensor | None, _gw: Any) -> tuple[Any, ...]:
+    if ctx.in_backward:
+        raise RuntimeError(_NO_DOUBLE_BACKWARD)
     (ticket,) = ctx.saved_tensors
     if gx is None:
         return None, None, None, None, None, None
@@ -1140,6 +1154,18 @@ def _combine_backward(ctx: Any, gx: Tensor | None, _gw: Any) -> tuple[Any, ...]:
 
 
 _combine_op.register_autograd(_combine_backward, setup_context=_combine_setup)
+
+
+def _cached_setup(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
+    pass
+
+
+def _cached_backward(ctx: Any, gy: Tensor) -> tuple[Any, ...]:
+    # dispatch_cached runs only as combine's backward: reaching its own backward is a second derivative
+    raise RuntimeError(_NO_DOUBLE_BACKWARD)
+
+
+_dispatch_cached_op.register_autograd(_cached_backward, setup_context=_cached_setup)
 
 # ---------------------------------------------------------------------------------------------------------------
 # Low-latency mode: custom ops (no autograd)
@@ -1391,9 +1417,8 @@ class _DispatchFn(torch.autograd.Function):
             gx = torch.zeros(
                 h.handle.num_recv_tokens, h.buffer.ctx.hidden, dtype=ctx.x_dtype, device=h.recv_topk_idx.device
             )
-        w = torch.where(h.unchanged_recv_idx() >= 0, gw, 0.0).contiguous() if gw is not None else None
-        res = h.buffer.combine(gx.contiguous(), h.handle, topk_weights=w)
-        return res.x, None, res.topk_weights, None, None, None, None, None
+        x, w = _home_recorded(h, gx, gw)
+        return x, None, w, None, None, None, None, None
 
 
 class _CombineFn(torch.autograd.Function):
@@ -1413,12 +1438,92 @@ class _CombineFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, gx: Tensor) -> tuple[Any, ...]:
-        h: OpHandle = ctx.handle
-        gy = h.buffer.dispatch(gx.contiguous(), handle=h.handle, num_worst_tokens=h.num_worst_tokens).x
-        assert isinstance(gy, Tensor)
-        if h.num_worst_tokens:
-            gy = _zero_tail(gy, _valid_rows(h.unchanged_recv_idx()))
+        gy, _ = _away_recorded(ctx.handle, gx, None)
         return gy, None, None, None, None
+
+
+# The backwards above are themselves differentiable (a second derivative, e.g. a gradient penalty taken with
+# create_graph=True): both maps are linear, so each one's backward is the other one through the same handle.
+#   home: rows [R, H], weights [R, K] or None -> (sum of each token's rows [T, H], of its weights [T, K] or None);
+#         weights are taken only where the received topk_idx names an expert (dispatch gave 0 elsewhere), rows
+#         past the received count (num_worst_tokens) not at all (combine reads none of them).
+#   away: x [T, H], w [T, K] or None -> (the rows a dispatch with the handle receives [R, H], rows past the received
+#         count zero; the weights [R, K] it receives, zero where topk_idx names no expert here).
+# The first derivative costs what it did without this (one combine, one cached dispatch); the weights' part of
+# "away" (a cached dispatch carries no weights) sends them as rows of H float32 values, which only a second
+# derivative through the weights does.
+
+
+def _home(h: OpHandle, rows: Tensor, weights: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    w = torch.where(h.unchanged_recv_idx() >= 0, weights, 0.0).contiguous() if weights is not None else None
+    res = h.buffer.combine(rows.contiguous(), h.handle, topk_weights=w)
+    return res.x, (res.topk_weights if w is not None else None)
+
+
+def _away(h: OpHandle, x: Tensor, w: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    buf, worst = h.buffer, h.num_worst_tokens
+    rows = buf.dispatch(x.contiguous(), handle=h.handle, num_worst_tokens=worst).x
+    assert isinstance(rows, Tensor)
+    if worst:
+        rows = _zero_tail(rows, _valid_rows(h.unchanged_recv_idx()))
+    recv_w = None
+    if w is not None:
+        hidden, k = buf.ctx.hidden, w.shape[1]
+        parts = []
+        for lo in range(0, k, hidden):  # (K <= H in any real model: one call)
+            part = w[:, lo:lo + hidden].float()
+            sent = buf.dispatch(F.pad(part, (0, hidden - part.shape[1])).contiguous(), handle=h.handle,
+                                num_worst_tokens=worst).x
+            assert isinstance(sent, Tensor)
+            parts.append(sent[:, :part.shape[1]])
+        recv_w = torch.where(h.unchanged_recv_idx() >= 0, torch.cat(parts, dim=1), 0.0)
+    return rows, recv_w
+
+
+class _HomeFn(torch.autograd.Function):
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, rows: Tensor, weights: Tensor | None, h: OpHandle
+    ) -> tuple[Tensor, Tensor | None]:
+        ctx.handle = h
+        ctx.has_weights = weights is not None
+        return _home(h, rows, weights)
+
+    @staticmethod
+    def backward(ctx: Any, gx: Tensor, gw: Tensor | None) -> tuple[Any, ...]:
+        # (autograd passes zeros for an output not used, None for the weights' output when there was none)
+        grows, gweights = _away_recorded(ctx.handle, gx, gw if ctx.has_weights else None)
+        return grows, gweights, None
+
+
+class _AwayFn(torch.autograd.Function):
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, x: Tensor, w: Tensor | None, h: OpHandle
+    ) -> tuple[Tensor, Tensor | None]:
+        ctx.handle = h
+        ctx.has_weights = w is not None
+        return _away(h, x, w)
+
+    @staticmethod
+    def backward(ctx: Any, grows: Tensor, gw: Tensor | None) -> tuple[Any, ...]:
+        gx, gweights = _home_recorded(ctx.handle, grows, gw if ctx.has_weights else None)
+        return gx, gweights, None
+
+
+def _home_recorded(h: OpHandle, rows: Tensor, weights: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """_home, recorded for autograd when the backward calling it is (create_graph=True); else called directly,
+    which saves a Function's host time on every first-order backward."""
+    if torch.is_grad_enabled():
+        return _HomeFn.apply(rows, weights, h)  # type: ignore[no-any-return]
+    return _home(h, rows, weights)
+
+
+def _away_recorded(h: OpHandle, x: Tensor, w: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """_away, recorded for autograd as :func:`_home_recorded` is."""
+    if torch.is_grad_enabled():
+        return _AwayFn.apply(x, w, h)  # type: ignore[no-any-return]
+    return _away(h, x, w)
 
 
 # ---------------------------------------------------------------------------------------------------------------

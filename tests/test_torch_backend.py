@@ -2,9 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
+import datetime
+import gc
+import os
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
 import bodies
+import largeep
 import pytest
 import torch
+import torch.distributed as dist
+from checked_calls import Checker
+from reference import make_inputs, ref_dispatch
 
 WORLDS = [1, 2, 3, 4]
 
@@ -153,3 +165,163 @@ def test_fp8_quantize_matches_spec(round_scale: bool) -> None:
     up = (q.float().abs() > v.abs()) & ((bits & 0x7F) > 0)
     toward_zero = torch.where(up, bits - 1, bits).view(torch.float8_e4m3fn)
     assert fp8_check(toward_zero, s, x, round_scale) is not None
+
+
+# -- bodies run on every rank of a pool (the workers import them from this module) ---------------------------------
+@contextlib.contextmanager
+def _own_group_buffer(world: int, timeout_s: float, **kwargs: Any) -> Iterator[largeep.Buffer]:
+    """A torch-backend Buffer with LARGEEP_TIMEOUT_S = ``timeout_s`` on a group of its own (a collective that a test
+    leaves abandoned stays in that group, until the group's own timeout, a few seconds longer, ends it), destroyed
+    with it after every rank is past its calls."""
+    # (freeing a gloo group blocks the process until its abandoned collective ends: an earlier test's group is
+    # freed here, not inside this test's timings)
+    gc.collect()
+    sub = dist.new_group(list(range(world)), timeout=datetime.timedelta(seconds=timeout_s + 3))
+    before = os.environ.get("LARGEEP_TIMEOUT_S")
+    os.environ["LARGEEP_TIMEOUT_S"] = str(timeout_s)
+    try:
+        buf = largeep.Buffer(sub, backend="torch", **kwargs)
+    finally:
+        if before is None:
+            del os.environ["LARGEEP_TIMEOUT_S"]
+        else:
+            os.environ["LARGEEP_TIMEOUT_S"] = before
+    try:
+        yield buf
+    finally:
+        dist.barrier()  # (the pool's group: a rank whose peers wait in vain waits here until they have given up)
+        buf.destroy()
+        dist.destroy_process_group(sub)
+
+
+def _timed(call: Callable[[], Any]) -> tuple[Any, BaseException | None, float]:
+    """call()'s result or exception, and the seconds it took."""
+    start = time.monotonic()
+    try:
+        return call(), None, time.monotonic() - start
+    except BaseException as exc:  # noqa: BLE001 - KeyboardInterrupt is one of the failures injected
+        return None, exc, time.monotonic() - start
+
+
+def _inject(impl: Any, name: str, exc: BaseException, after: int = 0) -> None:
+    """Makes ``impl``'s method ``name`` raise ``exc`` from its call number ``after`` (from 0) on (it runs as before
+    until then); ``del impl.<name>`` undoes it."""
+    method = getattr(impl, name)
+    calls = [0]
+
+    def fail(*args: Any, **kwargs: Any) -> Any:
+        calls[0] += 1
+        if calls[0] > after:
+            raise exc
+        return method(*args, **kwargs)
+
+    setattr(impl, name, fail)
+
+
+FAILURE_POINTS = {
+    # where rank 1 fails: (the call, what it raises, after how many of its collectives)
+    "dispatch": "a variable-size dispatch, out of memory for its received rows (after the count exchange)",
+    "num_worst_tokens": "a num_worst_tokens dispatch, before its row collective (after the counts, the overflow check)",
+    "combine": "a combine given weights, KeyboardInterrupt before the rows go back (after the call's signature)",
+    "hook": "a low-latency dispatch's receive hook (all of the call's collectives issued)",
+    "before": "a variable-size dispatch, out of memory before its first collective: the Buffer stays usable",
+}
+
+
+def fails_mid_call(rank: int, world: int, where: str, timeout_s: float) -> list[str]:
+    """Rank 1 raises in the middle of a call (``where``: a FAILURE_POINTS key). From the call's first collective on,
+    its Buffer refuses every later call at once, naming the call and the error, so that it never pairs a collective
+    with the one its peers wait in; the peers give up after LARGEEP_TIMEOUT_S and refuse too; no process aborts.
+    Before the first collective nothing is marked: rank 1's retry pairs with the call its peers wait in."""
+    chk = Checker(f"{where} on rank {rank}")
+    hidden, experts, topk, tokens = 128, 2 * world, 2, 6
+    bad = rank == 1
+    inputs = [make_inputs(7, r, tokens, hidden, experts, topk, torch.float32) for r in range(world)]
+    me = inputs[rank]
+    low_latency = where == "hook"
+    with _own_group_buffer(world, timeout_s, hidden=hidden, num_experts=experts, num_topk=topk,
+                           max_tokens_per_rank=tokens, low_latency=low_latency) as buf:
+        impl = buf._impl
+        injected = MemoryError(f"injected on rank {rank}: out of memory")
+        if where == "hook":
+            xb = me.x.to(torch.bfloat16)
+            d = buf.low_latency_dispatch(xb, me.topk_idx, use_fp8=False, return_recv_hook=True)
+            if bad:
+                _inject(impl, "_wait", injected)
+            assert d.hook is not None
+            _, exc, _ = _timed(d.hook)
+            chk.expect((exc is injected) if bad else exc is None, f"the hook raised {exc!r}")
+            y = torch.randn(experts // world, world * tokens, hidden).to(torch.bfloat16)
+
+            def call() -> Any:
+                return buf.low_latency_combine(y, me.topk_idx, me.topk_weights, d.handle)
+
+            op = "low_latency_dispatch"
+        elif where == "combine":
+            d = buf.dispatch(me.x, me.topk_idx, me.topk_weights)
+            if bad:
+                injected = KeyboardInterrupt()
+                _inject(impl, "_all_to_all_into", injected)
+
+            def call() -> Any:
+                return buf.combine(d.x, d.handle, topk_weights=d.topk_weights)
+
+            op = "combine"
+        else:
+            worst = world * tokens if where == "num_worst_tokens" else 0
+            if bad and where == "dispatch":  # (the rows' collective, after the count exchange)
+                _inject(impl, "_all_to_all_into", injected)
+            elif bad:  # (the count exchange: the second collective of a num_worst_tokens dispatch, the first else)
+                _inject(impl, "_all_to_all", injected, after=1 if where == "num_worst_tokens" else 0)
+
+            def call() -> Any:
+                return buf.dispatch(me.x, me.topk_idx, me.topk_weights, num_worst_tokens=worst)
+
+            op = "dispatch"
+        if where != "hook":
+            _, exc, took = _timed(call)
+            if where == "before" and not bad:
+                chk.expect(exc is None, f"the call raised {exc!r} (rank 1 retried it at once)")
+            elif bad:
+                chk.expect(exc is injected and took < timeout_s, f"the call raised {exc!r} after {took:.1f} s")
+            else:
+                chk.expect(isinstance(exc, largeep.PeerTimeoutError) and timeout_s <= took < timeout_s + 20,
+                           f"the call raised {exc!r} after {took:.1f} s, not PeerTimeoutError after {timeout_s} s")
+        for name in ("_all_to_all", "_all_to_all_into", "_wait"):
+            impl.__dict__.pop(name, None)
+        if where == "before":
+            # rank 1's retry meets the others' call, which then completes: both are right
+            got, exc, _ = _timed(call) if bad else (None, None, 0.0)
+            if bad:
+                chk.expect(exc is None, f"the retry raised {exc!r}")
+            want = ref_dispatch(inputs, rank, experts)
+            if got is not None:
+                chk.equal(got.x, want.x, "the retry's rows")
+                chk.equal(got.topk_idx, want.topk_idx, "the retry's ids")
+            return chk.failures
+        # the first call after the failure: refused at once on rank 1; the peers wait in vain in the hook case (their
+        # first call after rank 1's failure), or are refused at once since their own wait failed
+        _, exc, took = _timed(call)
+        if bad:
+            what = "KeyboardInterrupt" if where == "combine" else f"MemoryError: injected on rank {rank}"
+            chk.expect(isinstance(exc, RuntimeError) and not isinstance(exc, largeep.PeerTimeoutError)
+                       and took < 1.0 and "failed earlier" in str(exc) and f"{op} on rank 1 raised {what}" in str(exc),
+                       f"the next call raised {exc!r} after {took:.1f} s")
+        elif where == "hook":
+            chk.expect(isinstance(exc, largeep.PeerTimeoutError) and timeout_s <= took < timeout_s + 20,
+                       f"the combine raised {exc!r} after {took:.1f} s, not PeerTimeoutError after {timeout_s} s")
+        else:
+            chk.expect(isinstance(exc, largeep.PeerTimeoutError) and took < 1.0 and "failed earlier" in str(exc),
+                       f"the next call raised {exc!r} after {took:.1f} s")
+        _, exc, took = _timed(call)  # and again
+        chk.expect(isinstance(exc, RuntimeError) and took < 1.0 and "failed earlier" in str(exc),
+                   f"the call after that raised {exc!r} after {took:.1f} s")
+    return chk.failures
+
+
+# -- tests -------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("where,world", [(w, 2) for w in FAILURE_POINTS] + [("dispatch", 3)])
+def test_failure_mid_call(pools, where: str, world: int) -> None:
+    """FAILURE_POINTS: one rank fails in the middle of a call; see fails_mid_call."""
+    results = pools(world).run(fails_mid_call, where, 2.0 if where != "before" else 60.0)
+    assert all(not r for r in results), results

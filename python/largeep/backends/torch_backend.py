@@ -18,21 +18,27 @@ kinds of the ranks' calls compared there except in a variable-size fresh dispatc
 exchange, read on the host): a num_worst_tokens dispatch sends a blank signature (no host wait to read one), and
 cached dispatches, combines and low-latency calls (use_fp8) send none, so ranks whose calls differ pair mismatched
 collectives (docs/usage.md).
+
+A call that raises on one rank after its first collective (out of memory, KeyboardInterrupt, a wait that timed out)
+leaves that rank out of step with the others, which wait in the call's next collective: from then on the Buffer
+refuses every call on that rank before it issues anything (_out_of_step_on_error).
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
 
 from largeep import checks, fp8
 from largeep.backends.base import GroupContext, LowLatencyDispatchOut, NormalDispatchOut, align_up
-from largeep.errors import ArgumentError, PeerTimeoutError
+from largeep.errors import ArgumentError, PeerRefusedError, PeerTimeoutError
 from largeep.layout import Layout, compute_layout, one_hot_mask
 
 
@@ -228,12 +234,44 @@ def _bf16_partial_sums(rows: torch.Tensor, w: torch.Tensor, topk_idx: torch.Tens
     return part[:, :n].sum(1)
 
 
+_R = TypeVar("_R")
+
+
+def _out_of_step_on_error(fn: Callable[..., _R]) -> Callable[..., _R]:
+    """For TorchBackend's collective calls: refuses the call at once if the Buffer failed earlier; an exception
+    raised after the call's first collective was issued (out of memory for an output, KeyboardInterrupt, a failed
+    wait: anything on this rank alone) marks the Buffer failed, naming the call and the error, and goes on up. The
+    other ranks went on into the call's next collective, which this rank never joins: they wait for it until their
+    bound (LARGEEP_TIMEOUT_S over gloo, the process group's timeout over NCCL), and a later call of this rank would
+    pair its first collective with that one (gloo aborts the process on the size mismatch; NCCL mixes the rows or
+    hangs). So every later call on this rank is refused before it issues anything. (Finishing the call's remaining
+    collectives first is not attempted: their receive buffers are what could not be made, and a KeyboardInterrupt
+    means stop.) A refusal (ArgumentError, PeerRefusedError) after the first collective is raised on every rank
+    alike, each having seen every rank's signature or counts there: the ranks stay in step and the Buffer usable."""
+
+    @functools.wraps(fn)
+    def wrapper(self: TorchBackend, *args: Any, **kwargs: Any) -> _R:
+        self._begin(fn.__name__)
+        self._issued = False
+        try:
+            return fn(self, *args, **kwargs)
+        except (ArgumentError, PeerRefusedError):
+            raise
+        except BaseException as exc:
+            if self._issued:
+                self._fail(fn.__name__, exc)
+            raise
+
+    return wrapper
+
+
 class TorchBackend:
     """``timeout_s`` (LARGEEP_TIMEOUT_S): on CPU (gloo) every collective is waited on with this bound, and a peer
     that does not answer within it ends the call in PeerTimeoutError naming the operation and the ranks waited
     on; after that, or any other failure of a collective, the Buffer refuses further calls (the group still holds
     the abandoned collective; a receive hook already handed out still waits, bounded). On CUDA (NCCL) the process
-    group's own timeout and watchdog apply. None: no bound of our own anywhere."""
+    group's own timeout and watchdog apply. None: no bound of our own anywhere. Any other exception on this rank
+    after a call's first collective makes the Buffer refuse further calls too (see _out_of_step_on_error)."""
 
     name = "torch"
     # dispatch(check_ids=True) sends its id check's verdict with the counts (see dispatch): no separate min/max sync,
@@ -244,12 +282,43 @@ class TorchBackend:
         self.ctx = ctx
         self.timeout_s = timeout_s
         self._op = "dispatch"  # the public call in progress, for the timeout's message
+        # why this Buffer refuses every call, and the class of that refusal (PeerTimeoutError after a failed wait)
         self._failed: str | None = None
+        self._failed_error: type[RuntimeError] = RuntimeError
+        self._issued = False  # the call in progress has issued a collective (see _out_of_step_on_error)
 
     def _begin(self, op: str) -> None:
         if self._failed is not None:
-            raise PeerTimeoutError(f"{op}: this Buffer failed earlier ({self._failed}); it refuses further calls")
+            raise self._failed_error(
+                f"{op}: this Buffer failed earlier ({self._failed}); it refuses further calls (destroy it on every "
+                "rank)"
+            )
         self._op = op
+
+    def _fail(self, op: str, exc: BaseException) -> None:
+        """Marks the Buffer failed after ``exc`` ended ``op`` on this rank past its first collective (a failed
+        wait has marked it already, with its own reason)."""
+        if self._failed is not None:
+            return
+        lines = str(exc).splitlines()
+        what = f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+        self._failed = (f"{op} on rank {self.ctx.rank} raised {what[:300]} after its first collective, so this "
+                        "rank's collectives no longer pair with the other ranks' (theirs wait for its part of that "
+                        "call)")
+        self._failed_error = RuntimeError
+
+    def _finishing(self, op: str, finish: Callable[[], None]) -> Callable[[], None]:
+        """``finish`` (the rest of a low-latency call, after its collectives were issued), marking the Buffer failed
+        if it raises."""
+
+        def run() -> None:
+            try:
+                finish()
+            except BaseException as exc:
+                self._fail(op, exc)
+                raise
+
+        return run
 
     def _bounded(self) -> bool:
         return self.timeout_s is not None and self.ctx.device.type == "cpu"
@@ -270,6 +339,7 @@ class TorchBackend:
             c, what = self.ctx, op or self._op
             first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             self._failed = f"{what} on rank {c.rank} failed: {first}"
+            self._failed_error = PeerTimeoutError
             if "timed out" not in str(exc).lower():
                 raise
             others = [r for r in range(c.num_ranks) if r != c.rank]
@@ -285,6 +355,7 @@ class TorchBackend:
         it would be lost). One all_gather of the row counts; CPU only (on CUDA it would wait on the host)."""
         n = self.ctx.num_ranks
         totals = [torch.zeros(1, dtype=torch.int64, device="cpu") for _ in range(n)]
+        self._issued = True
         self._wait(dist.all_gather(totals, num_recv.reshape(1).to(torch.int64), group=self.ctx.group,
                                    async_op=self._bounded()))
         over = {r: int(v) for r, v in enumerate(totals) if int(v) > num_worst_tokens}
@@ -305,6 +376,7 @@ class TorchBackend:
     ) -> tuple[torch.Tensor, dist.Work | None]:
         """``async_op``: return the work for the caller to finish with ``_wait`` (else it is waited for here)."""
         out = torch.empty((recv_rows, *send.shape[1:]), dtype=send.dtype, device=send.device)
+        self._issued = True
         work = dist.all_to_all_single(
             out, send, output_split_sizes=recv_splits, input_split_sizes=send_splits, group=self.ctx.group,
             async_op=async_op or self._bounded(),
@@ -319,6 +391,7 @@ class TorchBackend:
     ) -> None:
         """Rows of ``send`` [P, ...] to ``out`` [R, ...] (same dtype), as bytes so that every dtype travels."""
         # (an empty tensor may have any strides, a last one of 0 included, which a byte view refuses)
+        self._issued = True
         self._wait(dist.all_to_all_single(
             out.view(torch.uint8).view(out.shape[0], -1) if out.numel() else out.new_empty(0, dtype=torch.uint8),
             send.contiguous().view(torch.uint8).view(send.shape[0], -1) if send.numel()
@@ -349,6 +422,7 @@ class TorchBackend:
         counts.index_add_(0, r_idx, one_hot_mask(local, epr).to(torch.int64))
         return local, weights, counts
 
+    @_out_of_step_on_error
     def dispatch(
         self,
         x: torch.Tensor,
@@ -364,7 +438,6 @@ class TorchBackend:
         """``check_ids`` (a fresh dispatch that waits on the host: without num_worst_tokens, or on CPU): refuse an id
         in topk_idx outside [-1, num_experts) on every rank, before any row moves: the verdict travels with the count
         exchange (no sync of its own), this rank raises ArgumentError and the others PeerRefusedError."""
-        self._begin("dispatch")
         if state is not None and x.device.type == "cpu":  # (a fresh dispatch's kind travels with its counts)
             _agree(self, _CACHED, x.dtype, x_scales is not None)
         if num_worst_tokens > 0 or isinstance(state, _FixedState):
@@ -511,10 +584,10 @@ class TorchBackend:
         rows."""
         return [0, *itertools.accumulate(state.recv_splits)]
 
+    @_out_of_step_on_error
     def combine(
         self, y: torch.Tensor, state: _VarState | _FixedState, topk_weights: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        self._begin("combine")
         c = self.ctx
         dev = y.device
         if dev.type == "cpu":
@@ -551,13 +624,13 @@ class TorchBackend:
     def _ll_cap(self) -> int:
         return self.ctx.max_tokens_per_rank * self.ctx.num_topk
 
+    @_out_of_step_on_error
     def low_latency_dispatch(
         self, x: torch.Tensor, topk_idx: torch.Tensor, use_fp8: bool, round_scale: bool, async_recv: bool,
         topk_weights: torch.Tensor | None = None, bf16_partial_sums: bool = False,
     ) -> LowLatencyDispatchOut:
         # (topk_weights: the Buffer checked that the combine gets the same tensor; the combine here applies a copy
         # taken now at the source, which is the same sum as the nvshmem backend's on the experts' ranks)
-        self._begin("low_latency_dispatch")
         c = self.ctx
         dev = x.device
         n, epr, m, k = c.num_ranks, c.experts_per_rank, c.max_tokens_per_rank, c.num_topk
@@ -659,8 +732,10 @@ class TorchBackend:
         if not async_recv:
             finish()
             return LowLatencyDispatchOut(x_out, s_out, num_per_expert, src_info, state, None)
-        return LowLatencyDispatchOut(x_out, s_out, num_per_expert, src_info, state, finish)
+        return LowLatencyDispatchOut(x_out, s_out, num_per_expert, src_info, state,
+                                     self._finishing("low_latency_dispatch", finish))
 
+    @_out_of_step_on_error
     def low_latency_combine(
         self,
         y: torch.Tensor,
@@ -670,7 +745,6 @@ class TorchBackend:
         out: torch.Tensor,
         async_recv: bool,
     ) -> Callable[[], None] | None:
-        self._begin("low_latency_combine")
         c = self.ctx
         dev = y.device
         n, k = c.num_ranks, c.num_topk
@@ -693,4 +767,4 @@ class TorchBackend:
         if not async_recv:
             finish()
             return None
-        return finish
+        return self._finishing("low_latency_combine", finish)

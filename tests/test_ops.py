@@ -135,6 +135,43 @@ def test_second_derivative(pools, tokens: list[int], num_worst: int, use_custom_
     _no_failures(pools(2).run(ops_bodies.ops_second_derivative, tokens, num_worst, use_custom_ops))
 
 
+@pytest.mark.parametrize(
+    "backend,num_chunks", [("eager", 0), ("eager", 2), ("aot_eager", 0), ("aot_eager", 1), ("aot_eager", 2),
+                           ("inductor", 0)],
+)
+def test_checkpointed(pools, backend: str, num_chunks: int) -> None:
+    """Dispatch and combine (num_chunks 0), or an MoE layer in chunks, under activation checkpointing with
+    context_fn=ops.checkpoint_context_fn, eager and compiled, equal the same without checkpointing."""
+    _no_failures(pools(2).run(ops_bodies.ops_checkpointed, backend, num_chunks))
+
+
+def test_checkpoint_policy() -> None:
+    """checkpoint_policy saves largeep's communication ops and dispatch_recv only; checkpoint_context_fn asks a
+    policy of the caller's about every other op."""
+    import functools
+
+    from torch.utils.checkpoint import CheckpointPolicy, checkpoint
+
+    lib = torch.ops.largeep
+    for op in (lib.dispatch_send, lib.dispatch_recv, lib.dispatch_cached, lib.combine, lib.low_latency_dispatch,
+               lib.low_latency_combine):
+        assert ops.checkpoint_policy(None, op.default) == CheckpointPolicy.MUST_SAVE, op
+    for op in (lib.grouped_mm.default, lib.expert_order.default, torch.ops.aten.mm.default):
+        assert ops.checkpoint_policy(None, op) is None, op
+    asked: set[str] = set()
+
+    def mine(ctx, op, *args, **kwargs):
+        asked.add(str(op))
+        return CheckpointPolicy.MUST_SAVE if op == torch.ops.aten.sin.default else CheckpointPolicy.PREFER_RECOMPUTE
+
+    x = torch.randn(5, requires_grad=True)
+    y = checkpoint(lambda t: torch.sin(t).exp(), x, use_reentrant=False,
+                   context_fn=functools.partial(ops.checkpoint_context_fn, policy=mine))
+    y.sum().backward()
+    assert torch.allclose(x.grad, torch.cos(x) * torch.sin(x).exp())
+    assert asked == {"aten.sin.default", "aten.exp.default"}, asked
+
+
 def test_refused_call_keeps_handle(pools) -> None:
     """A custom-op combine or cached dispatch refused for its arguments leaves the handle for a corrected call."""
     _no_failures(pools(2).run(ops_bodies.ops_refused_call_keeps_handle))

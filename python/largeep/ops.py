@@ -91,6 +91,8 @@ __all__ = [
     "TicketHandle",
     "buffer_of",
     "capture_event",
+    "checkpoint_context_fn",
+    "checkpoint_policy",
     "combine",
     "dispatch",
     "grouped_mm",
@@ -1683,6 +1685,47 @@ def low_latency_combine(
         return torch.ops.largeep.low_latency_combine(bid, y, topk_idx, topk_weights, handle), None
     res = _buffer(buffer).low_latency_combine(y, topk_idx, topk_weights, handle, return_recv_hook=return_recv_hook)
     return res.x, res.hook
+
+
+# The ops that a recomputation must not run again: the communication ops (every rank would have to issue them again,
+# in the same order, and torch's checkpointing of an effectful op in a compiled graph fails), and dispatch_recv,
+# whose outputs a ticket gives out once.
+_SAVED_BY_CHECKPOINT = frozenset(
+    ("dispatch_send", "dispatch_recv", "dispatch_cached", "combine", "low_latency_dispatch", "low_latency_combine")
+)
+
+
+def checkpoint_policy(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> Any:
+    """A selective-checkpointing policy (``torch.utils.checkpoint.create_selective_checkpoint_contexts``): MUST_SAVE
+    for largeep's communication ops and ``dispatch_recv``, None for any other op (decide those yourself). See
+    :func:`checkpoint_context_fn`, which wraps it."""
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    if getattr(op, "namespace", None) == "largeep" and op.__name__.split(".")[0] in _SAVED_BY_CHECKPOINT:
+        return CheckpointPolicy.MUST_SAVE
+    return None
+
+
+def checkpoint_context_fn(policy: Any = None) -> tuple[Any, Any]:
+    """``context_fn`` for ``torch.utils.checkpoint.checkpoint(fn, ..., use_reentrant=False,
+    context_fn=largeep.ops.checkpoint_context_fn)`` around code that calls :func:`dispatch` / :func:`combine` (or a
+    ``MoELayer``): the recomputation in the backward keeps the outputs of largeep's communication ops from the
+    forward (they are saved, about the size of the received rows and the combined output) and recomputes
+    everything else (or what ``policy(ctx, op, *args, **kwargs)`` -> ``CheckpointPolicy`` decides; pass it with
+    ``functools.partial(checkpoint_context_fn, policy=...)``). Under ``torch.compile`` plain activation
+    checkpointing of a region with largeep's ops fails in torch (it cannot recompute ordered effectful ops); with
+    this it compiles and equals eager. Eagerly on the custom-op path it also saves the dispatch and combine that
+    plain checkpointing sends again in the backward; the eager path's autograd Functions are not ops that a policy
+    sees, and are recomputed as plain checkpointing does."""
+    from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+
+    def choose(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> Any:
+        must = checkpoint_policy(ctx, op, *args, **kwargs)
+        if must is not None:
+            return must
+        return policy(ctx, op, *args, **kwargs) if policy is not None else CheckpointPolicy.PREFER_RECOMPUTE
+
+    return create_selective_checkpoint_contexts(choose)  # type: ignore[no-any-return]
 
 
 def capture_event(device: torch.device) -> EventOverlap | None:

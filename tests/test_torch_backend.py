@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from checked_calls import Checker
-from reference import make_inputs, ref_dispatch
+from reference import make_inputs, ref_combine, ref_dispatch
 
 WORLDS = [1, 2, 3, 4]
 
@@ -319,9 +319,56 @@ def fails_mid_call(rank: int, world: int, where: str, timeout_s: float) -> list[
     return chk.failures
 
 
+def handles_of_other_dispatches(rank: int, world: int) -> list[str]:
+    """Combines and cached dispatches whose ranks pass handles of different dispatches (a variable-size one and a
+    num_worst_tokens one; two variable-size ones) raise ArgumentError on every rank naming each rank's handle,
+    before any row moves; the Buffer stays usable (the right handles then give the reference's results)."""
+    chk = Checker(f"rank {rank}")
+    tokens, hidden, experts = 6, 64, 2 * world
+    inputs = [make_inputs(13, r, tokens, hidden, experts, 2, torch.float32) for r in range(world)]
+    refs = [ref_dispatch(inputs, r, experts) for r in range(world)]
+    me = inputs[rank]
+    buf = largeep.Buffer(None, hidden=hidden, num_experts=experts, num_topk=2, max_tokens_per_rank=tokens,
+                         backend="torch")
+    try:
+        a = buf.dispatch(me.x, me.topk_idx, me.topk_weights)
+        b = buf.dispatch(me.x, me.topk_idx, me.topk_weights, num_worst_tokens=world * tokens)
+        c = buf.dispatch(me.x, me.topk_idx, me.topk_weights)
+        worst = f"the handle of dispatch 2, num_worst_tokens={world * tokens}"
+        first = "rank 0: {}the handle of dispatch 1, variable size"
+        for mine, theirs, want in ((a, b, [first, worst]),
+                                   (a, c, [first, "the handle of dispatch 3, variable size"])):
+            h = mine.handle if rank == 0 else theirs.handle
+            y = torch.randn(h.num_recv_tokens, hidden)
+            for what, call in (("combine", lambda h=h, y=y: buf.combine(y, h)),
+                               ("cached dispatch", lambda h=h: buf.dispatch(me.x * 2, handle=h))):
+                _, exc, _ = _timed(call)
+                msg = str(exc)
+                lead = "combine, y torch.float32, topk_weights None, " if what == "combine" else \
+                    "cached dispatch, x torch.float32, "
+                chk.expect(isinstance(exc, largeep.ArgumentError) and "handle of the same dispatch" in msg
+                           and all(w.format(lead) in msg for w in want), f"{what} of {want}: {exc!r}")
+        # the Buffer is usable: the right handles give the reference's results
+        ys = [torch.randn(len(r.src), hidden, generator=torch.Generator().manual_seed(s)) for s, r in enumerate(refs)]
+        got = buf.combine(ys[rank], a.handle)
+        chk.expect(torch.allclose(got.x.double(), ref_combine(ys, refs, rank, tokens), rtol=1e-5, atol=1e-5),
+                   "combine after the refusals")
+        again = buf.dispatch(me.x * 2, handle=b.handle)
+        chk.equal(again.x[: len(refs[rank].src)], refs[rank].x * 2, "cached dispatch after the refusals")
+    finally:
+        buf.destroy()
+    return chk.failures
+
+
 # -- tests -------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("where,world", [(w, 2) for w in FAILURE_POINTS] + [("dispatch", 3)])
 def test_failure_mid_call(pools, where: str, world: int) -> None:
     """FAILURE_POINTS: one rank fails in the middle of a call; see fails_mid_call."""
     results = pools(world).run(fails_mid_call, where, 2.0 if where != "before" else 60.0)
+    assert all(not r for r in results), results
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_handles_of_other_dispatches_refused(pools, world: int) -> None:
+    results = pools(world).run(handles_of_other_dispatches)
     assert all(not r for r in results), results

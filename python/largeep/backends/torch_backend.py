@@ -81,13 +81,16 @@ def _exclusive_cumsum(t: torch.Tensor, dim: int = 0) -> torch.Tensor:
     return torch.cumsum(t, dim=dim) - t
 
 
-# A normal-mode call's signature: the call (_FRESH dispatch, _CACHED dispatch, _COMBINE), num_worst_tokens, the
-# dtype of its rows, and FP8 scales (a dispatch) or topk_weights (a combine) given or not; then a fresh dispatch's id
-# check verdict (the lowest id below -1 and the highest id >= E, 0 for none or without a check). A fresh dispatch
-# sends it with its counts, the last _SIG columns of its first collective. On CPU groups every normal-mode call's
-# first collective carries it at that one width (_agree), so ranks that make different calls pair in it and raise
+# A normal-mode call's signature: the call (_FRESH dispatch, _CACHED dispatch, _COMBINE), num_worst_tokens (of the
+# handle's dispatch in a cached dispatch or a combine: 0 for a variable-size one), the dtype of its rows, and FP8
+# scales (a dispatch) or topk_weights (a combine) given or not; then a fresh dispatch's id check verdict (the lowest id
+# below -1 and the highest id >= E, 0 for none or without a check); then the number of the handle's dispatch among
+# this Buffer's fresh dispatches (1, 2, ...; 0 in a fresh dispatch): ranks make their fresh dispatches together, so
+# handles of one dispatch carry one number on every rank. A fresh dispatch sends it with its counts, the last _SIG
+# columns of its first collective. On CPU groups every normal-mode call's first collective carries it at that one
+# width (_agree), so ranks that make different calls, or pass handles of different dispatches, pair in it and raise
 # instead of meeting collectives of different sizes, which gloo answers by aborting the process.
-_SIG = 6
+_SIG = 7
 _FRESH, _CACHED, _COMBINE = 0, 1, 2
 _DTYPE_CODE = {torch.bfloat16: 0, torch.float32: 1, fp8.FP8_DTYPE: 2}
 _DTYPE_OF = {v: k for k, v in _DTYPE_CODE.items()}
@@ -95,7 +98,7 @@ _DTYPE_OF = {v: k for k, v in _DTYPE_CODE.items()}
 
 def _call_signature(num_worst_tokens: int, x: torch.Tensor, x_scales: torch.Tensor | None, n: int,
                     dev: torch.device, topk_idx: torch.Tensor, num_experts: int, check_ids: bool) -> torch.Tensor:
-    sig = torch.tensor([_FRESH, num_worst_tokens, _DTYPE_CODE.get(x.dtype, -1), int(x_scales is not None), 0, 0],
+    sig = torch.tensor([_FRESH, num_worst_tokens, _DTYPE_CODE.get(x.dtype, -1), int(x_scales is not None), 0, 0, 0],
                        dtype=torch.int64, device=dev)
     if check_ids and topk_idx.numel():  # (on the device: the verdict travels with the counts, no sync of its own)
         lo, hi = torch.aminmax(topk_idx)
@@ -107,10 +110,12 @@ def _call_signature(num_worst_tokens: int, x: torch.Tensor, x_scales: torch.Tens
 def _describe_call(row: tuple[int, ...]) -> str:
     call, worst, code, flag = row[:4]
     dtype = _DTYPE_OF.get(code, "?")
+    # (no parentheses or semicolons: calls_disagree lists the ranks' calls in parentheses, separated by them)
+    handle = f"the handle of dispatch {row[6]}, {f'num_worst_tokens={worst}' if worst else 'variable size'}"
     if call == _COMBINE:
-        return f"combine, y {dtype}, topk_weights {'given' if flag else 'None'}"
+        return f"combine, y {dtype}, topk_weights {'given' if flag else 'None'}, {handle}"
     rows = checks.rows_kind(dtype, bool(flag))
-    return f"cached dispatch, {rows}" if call == _CACHED else f"num_worst_tokens={worst}, {rows}"
+    return f"cached dispatch, {rows}, {handle}" if call == _CACHED else f"num_worst_tokens={worst}, {rows}"
 
 
 # what every rank must do, by the call this rank made
@@ -123,13 +128,19 @@ _SAME_CALL = {
 
 def _raise_if_calls_differ(rows: Sequence[tuple[int, ...]], rank: int) -> None:
     """ArgumentError on every rank (each sees every rank's signature) when the ranks' calls differ: another call
-    (a fresh or cached dispatch, a combine), or another kind of rows. Ignores the id verdicts."""
-    kinds = [r[:4] for r in rows]
-    if all(k == kinds[rank] for k in kinds):
+    (a fresh or cached dispatch, a combine), a handle of another dispatch, or another kind of rows. Ignores the id
+    verdicts."""
+    kinds = [r[:4] + r[6:7] for r in rows]
+    mine = kinds[rank]
+    if all(k == mine for k in kinds):
         return
-    op = "combine" if kinds[rank][0] == _COMBINE else "dispatch"
-    rule = _SAME_CALL[kinds[rank][0]] if all(k[0] == kinds[rank][0] for k in kinds) else \
-        "make the same call (a fresh dispatch, a cached dispatch or a combine)"
+    op = "combine" if mine[0] == _COMBINE else "dispatch"
+    if any(k[0] != mine[0] for k in kinds):
+        rule = "make the same call (a fresh dispatch, a cached dispatch or a combine)"
+    elif mine[0] != _FRESH and any((k[1], k[4]) != (mine[1], mine[4]) for k in kinds):
+        rule = "pass the handle of the same dispatch (the one that every rank made together)"
+    else:
+        rule = _SAME_CALL[mine[0]]
     raise checks.calls_disagree(op, [_describe_call(r) for r in rows], rule)
 
 
@@ -151,22 +162,24 @@ def _check_signatures(sig: torch.Tensor, rank: int, num_experts: int) -> None:
         _raise_if_calls_differ(rows, rank)
     refused = [r for r, row in enumerate(rows) if row[4] or row[5]]
     if refused:
-        low, high = rows[rank][4:]
+        low, high = rows[rank][4:6]
         raise checks.refused_round("dispatch", rank, refused, low or high or None, num_experts)
     _raise_if_calls_differ(rows, rank)
 
 
-def _agree(backend: TorchBackend, call: int, dtype: torch.dtype, flag: bool) -> None:
-    """On a CPU group, a cached dispatch's or a combine's first collective: its signature (``call``, the dtype of
-    its rows, FP8 scales or topk_weights given) at the width of a fresh dispatch's counts, so that it pairs with
-    whatever call the other ranks made; every rank raises ArgumentError naming each rank's call when they differ,
-    before any row moves. Not on CUDA, where comparing would wait on the host."""
+def _agree(backend: TorchBackend, call: int, dtype: torch.dtype, flag: bool, state: _VarState | _FixedState) -> None:
+    """On a CPU group, a cached dispatch's or a combine's first collective: its signature (``call``, the handle's
+    num_worst_tokens and dispatch number, the dtype of its rows, FP8 scales or topk_weights given) at the width of a
+    fresh dispatch's counts, so that it pairs with whatever call the other ranks made; every rank raises
+    ArgumentError naming each rank's call when they differ, before any row moves. Not on CUDA, where comparing
+    would wait on the host."""
     c = backend.ctx
     n = c.num_ranks
     if n == 1:
         return
+    worst = state.num_worst if isinstance(state, _FixedState) else 0
     mine = torch.zeros(n, 1 + c.experts_per_rank + _SIG, dtype=torch.int64)
-    mine[:, -_SIG:] = torch.tensor([call, 0, _DTYPE_CODE.get(dtype, -1), int(flag), 0, 0])
+    mine[:, -_SIG:] = torch.tensor([call, worst, _DTYPE_CODE.get(dtype, -1), int(flag), 0, 0, state.number])
     got, _ = backend._all_to_all(mine, n)
     rows = [tuple(int(v) for v in r) for r in got[:, -_SIG:].tolist()]
     _raise_if_calls_differ(rows, c.rank)
@@ -182,6 +195,7 @@ class _VarState:
     recv_splits: list[int]
     num_recv: int
     num_tokens: int
+    number: int  # the dispatch's number among the Buffer's fresh dispatches (see _SIG)
 
 
 @dataclass
@@ -195,6 +209,7 @@ class _FixedState:
     num_recv: torch.Tensor
     num_worst: int
     num_tokens: int
+    number: int  # the dispatch's number among the Buffer's fresh dispatches (see _SIG)
 
 
 @dataclass
@@ -286,6 +301,8 @@ class TorchBackend:
         self._failed: str | None = None
         self._failed_error: type[RuntimeError] = RuntimeError
         self._issued = False  # the call in progress has issued a collective (see _out_of_step_on_error)
+        # fresh dispatches made so far, past their refusals (the ranks make them together: the same count on each)
+        self._dispatches = 0
 
     def _begin(self, op: str) -> None:
         if self._failed is not None:
@@ -439,7 +456,7 @@ class TorchBackend:
         in topk_idx outside [-1, num_experts) on every rank, before any row moves: the verdict travels with the count
         exchange (no sync of its own), this rank raises ArgumentError and the others PeerRefusedError."""
         if state is not None and x.device.type == "cpu":  # (a fresh dispatch's kind travels with its counts)
-            _agree(self, _CACHED, x.dtype, x_scales is not None)
+            _agree(self, _CACHED, x.dtype, x_scales is not None, state)
         if num_worst_tokens > 0 or isinstance(state, _FixedState):
             assert not check_ids or x.device.type == "cpu", "dispatch: no host wait to check ids in (num_worst_tokens)"
             return self._dispatch_fixed(x, x_scales, topk_idx, topk_weights, state, expert_alignment,
@@ -487,7 +504,8 @@ class TorchBackend:
             raw = host[2 * n :]
             per_expert_list = align_up(raw, expert_alignment).tolist()
             per_expert_t = torch.tensor(per_expert_list, dtype=torch.int32, device=dev)
-            state = _VarState(t_idx, send_splits, recv_splits, int(sum(recv_splits)), x.shape[0])
+            self._dispatches += 1
+            state = _VarState(t_idx, send_splits, recv_splits, int(sum(recv_splits)), x.shape[0], self._dispatches)
             parts = [x[t_idx]] + ([x_scales[t_idx]] if x_scales is not None else []) + [local, weights]
         else:
             parts = [x[state.t_idx]] + ([x_scales[state.t_idx]] if x_scales is not None else [])
@@ -553,7 +571,8 @@ class TorchBackend:
             num_recv = recv_counts.sum()
             if dev.type == "cpu":  # no device sync on CPU: refuse an overflow on every rank before the rows move
                 self._check_worst(num_recv, num_worst_tokens)
-            state = _FixedState(slot, dest, num_recv, num_worst_tokens, t)
+            self._dispatches += 1
+            state = _FixedState(slot, dest, num_recv, num_worst_tokens, t, self._dispatches)
             parts = [x[t_idx]] + ([x_scales[t_idx]] if x_scales is not None else []) + [local, weights]
         else:
             assert isinstance(state, _FixedState)
@@ -591,7 +610,7 @@ class TorchBackend:
         c = self.ctx
         dev = y.device
         if dev.type == "cpu":
-            _agree(self, _COMBINE, y.dtype, topk_weights is not None)
+            _agree(self, _COMBINE, y.dtype, topk_weights is not None, state)
         parts = [y] + ([topk_weights] if topk_weights is not None else [])
         specs: list[tuple[torch.dtype, tuple[int, ...]]] = [(y.dtype, (c.hidden,))]
         if topk_weights is not None:

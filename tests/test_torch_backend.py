@@ -360,6 +360,46 @@ def handles_of_other_dispatches(rank: int, world: int) -> list[str]:
     return chk.failures
 
 
+def _spread(g: torch.Generator, rows: int, hidden: int) -> torch.Tensor:
+    """float32 [rows, hidden] of magnitudes from 1e-3 to 1e3: sums in another order differ in their last bits."""
+    return torch.randn(rows, hidden, generator=g) * 10.0 ** torch.randint(-3, 4, (rows, 1), generator=g).float()
+
+
+def combine_sums_in_rank_order(rank: int, world: int) -> list[str]:
+    """A variable-size combine sums each token's rows in rank order, from 0, in float32: bit for bit
+    ((0 + y of the lowest rank) + y of the next) ..., for x and for the weights."""
+    chk = Checker(f"rank {rank}")
+    hidden, experts, topk = 96, 4 * world, 6
+    tokens = [11 + 5 * r for r in range(world)]
+    inputs = [make_inputs(17, r, tokens[r], hidden, experts, topk, torch.float32) for r in range(world)]
+    refs = [ref_dispatch(inputs, r, experts) for r in range(world)]
+    ys = [_spread(torch.Generator().manual_seed(100 + r), len(refs[r].src), hidden) for r in range(world)]
+    ws = [_spread(torch.Generator().manual_seed(200 + r), len(refs[r].src), topk) for r in range(world)]
+    me = inputs[rank]
+    buf = largeep.Buffer(None, hidden=hidden, num_experts=experts, num_topk=topk, max_tokens_per_rank=max(tokens),
+                         backend="torch")
+    try:
+        d = buf.dispatch(me.x, me.topk_idx, me.topk_weights)
+        c = buf.combine(ys[rank], d.handle, topk_weights=ws[rank])
+        want = torch.zeros(tokens[rank], hidden)
+        want_w = torch.zeros(tokens[rank], topk)
+        many = 0
+        for r in range(world):
+            for row, (s, t) in enumerate(refs[r].src):
+                if s == rank:
+                    want[t] = want[t] + ys[r][row]
+                    want_w[t] = want_w[t] + ws[r][row]
+        for t in range(tokens[rank]):
+            many += sum(any(s == rank and tt == t for s, tt in refs[r].src) for r in range(world)) >= 3
+        chk.expect(world < 3 or many > 0, "no token went to three ranks")
+        assert c.topk_weights is not None
+        chk.equal(c.x, want, "x")
+        chk.equal(c.topk_weights, want_w, "weights")
+    finally:
+        buf.destroy()
+    return chk.failures
+
+
 # -- tests -------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("where,world", [(w, 2) for w in FAILURE_POINTS] + [("dispatch", 3)])
 def test_failure_mid_call(pools, where: str, world: int) -> None:
@@ -372,3 +412,31 @@ def test_failure_mid_call(pools, where: str, world: int) -> None:
 def test_handles_of_other_dispatches_refused(pools, world: int) -> None:
     results = pools(world).run(handles_of_other_dispatches)
     assert all(not r for r in results), results
+
+
+@pytest.mark.parametrize("world", [3, 4])
+def test_combine_sums_in_rank_order(pools, world: int) -> None:
+    results = pools(world).run(combine_sums_in_rank_order)
+    assert all(not r for r in results), results
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu(1))])
+def test_sum_blocks_in_order(device: str) -> None:
+    """The variable-size combine's sum (torch_backend._sum_blocks_in_order) against a row-by-row float32 sum in
+    block order, bit for bit, on CPU and on CUDA (where one index_add of all rows sums in atomics of no fixed
+    order); bf16 rows are taken as float32."""
+    from largeep.backends.torch_backend import _sum_blocks_in_order
+
+    g = torch.Generator().manual_seed(5)
+    tokens, hidden = 300, 257
+    blocks = [260, 0, 299, 1, 250, 300, 7]
+    index = torch.cat([torch.randperm(tokens, generator=g)[:b] for b in blocks])
+    for dtype in (torch.float32, torch.bfloat16):
+        rows = _spread(g, sum(blocks), hidden).to(dtype)
+        want = torch.zeros(tokens, hidden)
+        for p, t in enumerate(index.tolist()):
+            want[t] = want[t] + rows[p].float()
+        for _ in range(3):
+            out = torch.zeros(tokens, hidden, device=device)
+            _sum_blocks_in_order(out, index.to(device), rows.to(device), blocks)
+            assert torch.equal(out.cpu(), want), f"{dtype}: {(out.cpu() != want).sum()} sums differ"

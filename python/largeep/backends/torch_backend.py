@@ -1,8 +1,9 @@
 """SPEC.md's semantics over torch.distributed collectives (gloo on CPU, NCCL on GPU).
 
 This is the reference every other backend is tested against and the NCCL baseline of the benchmarks, so it is
-vectorised: one count exchange, one permutation (a gather), one ``all_to_all_single`` of packed rows, one
-``index_add`` for combine.
+vectorised: one count exchange, one permutation (a gather), one ``all_to_all_single`` of packed rows, and for a
+variable-size combine one ``index_add`` per rank whose rows come back (in rank order: the sums are the same bits on
+every device and every run).
 
 Normal mode, variable sizes (the default): the count exchange is read on the host (one sync) to size the output.
 Normal mode with ``num_worst_tokens`` and the whole low-latency mode use fixed-size blocks instead (each source sends
@@ -79,6 +80,20 @@ def _unpack(rows: torch.Tensor, specs: Sequence[tuple[torch.dtype, tuple[int, ..
 
 def _exclusive_cumsum(t: torch.Tensor, dim: int = 0) -> torch.Tensor:
     return torch.cumsum(t, dim=dim) - t
+
+
+def _sum_blocks_in_order(out: torch.Tensor, index: torch.Tensor, rows: torch.Tensor, blocks: Sequence[int]) -> None:
+    """out float32 [T, ...] += rows [P, ...] (any float dtype, taken as float32) at out[index[p]], the rows being
+    len(blocks) contiguous blocks of blocks[i] rows (a variable-size combine: the rows from each rank, in rank
+    order), none of which names an index twice. One index_add per block, in block order: every out[t] is the sum
+    0 + (its row of the first block that has one) + (... of the next) ..., the same order on every device (one
+    index_add over all rows runs in that order on CPU, but in atomics of no fixed order on CUDA, where a token with
+    rows from three ranks or more could then differ in its last bits from one run to the next)."""
+    start = 0
+    for size in blocks:
+        if size:
+            out.index_add_(0, index[start : start + size], rows[start : start + size].float())
+        start += size
 
 
 # A normal-mode call's signature: the call (_FRESH dispatch, _CACHED dispatch, _COMBINE), num_worst_tokens (of the
@@ -621,13 +636,13 @@ class TorchBackend:
             back = torch.empty(pairs, c.hidden, dtype=y.dtype, device=dev)
             self._all_to_all_into(back, y, state.recv_splits, state.send_splits)
             x = torch.zeros(t, c.hidden, dtype=torch.float32, device=dev)
-            x.index_add_(0, state.t_idx, back.float())
+            _sum_blocks_in_order(x, state.t_idx, back, state.send_splits)
             w = None
             if topk_weights is not None:
                 w_back = torch.empty(pairs, c.num_topk, dtype=torch.float32, device=dev)
                 self._all_to_all_into(w_back, topk_weights, state.recv_splits, state.send_splits)
                 w = torch.zeros(t, c.num_topk, dtype=torch.float32, device=dev)
-                w.index_add_(0, state.t_idx, w_back)
+                _sum_blocks_in_order(w, state.t_idx, w_back, state.send_splits)
             return x.to(y.dtype), w
         packed = _pack(parts)
         n, cap = c.num_ranks, c.max_tokens_per_rank

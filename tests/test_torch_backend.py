@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from checked_calls import Checker
-from reference import make_inputs, ref_combine, ref_dispatch
+from reference import RankInputs, make_inputs, ref_combine, ref_dispatch
 
 WORLDS = [1, 2, 3, 4]
 
@@ -319,6 +319,84 @@ def fails_mid_call(rank: int, world: int, where: str, timeout_s: float) -> list[
     return chk.failures
 
 
+def _routing_to_rank0(world: int, tokens: int, experts: int, seed: int) -> list[RankInputs]:
+    """Top-2 inputs where two tokens of three name expert 0 (rank 0's) and the others an expert on another rank,
+    and one token of four an expert on another rank too: rank 0 receives the most rows."""
+    epr = experts // world
+    inputs = [make_inputs(seed, r, tokens, 64, experts, 2, torch.float32) for r in range(world)]
+    for inp in inputs:
+        t = torch.arange(tokens)
+        inp.topk_idx[:, 0] = torch.where(t % 3 != 0, 0, epr * (1 + t % (world - 1)))
+        inp.topk_idx[:, 1] = torch.where(t % 4 == 0, epr * (1 + t % (world - 1)) + 1, -1)
+    return inputs
+
+
+def worst_too_small_without_host_wait(rank: int, world: int) -> list[str]:
+    """The CUDA path of a num_worst_tokens dispatch (no host wait; forced here on a CPU group) where rank 0 receives
+    more rows than num_worst_tokens: its outputs hold no rows, the combine gives NaN for every token rank 0 received
+    (never a sum that silently lacks them) and the right sums for the others; rank 0's next call raises, naming
+    the rows and num_worst_tokens, as does every call after it. The host reads the device's verdict without
+    waiting: a call made before it arrives (simulated) goes through, and the first overflow is the one named."""
+    chk = Checker(f"rank {rank}")
+    tokens, experts = 8, 2 * world
+    inputs = _routing_to_rank0(world, tokens, experts, 31)
+    refs = [ref_dispatch(inputs, r, experts) for r in range(world)]
+    rows = [len(ref.src) for ref in refs]
+    assert rows[0] > max(rows[1:]), rows
+    me, ref = inputs[rank], refs[rank]
+    buf = largeep.Buffer(None, hidden=64, num_experts=experts, num_topk=2, max_tokens_per_rank=tokens,
+                         backend="torch")
+    try:
+        impl = buf._impl
+        impl.worst_check_on_host = False
+        to0 = (me.topk_idx == 0).any(1)
+
+        def round_trip(worst: int, what: str) -> None:
+            d = buf.dispatch(me.x, me.topk_idx, me.topk_weights, num_worst_tokens=worst)
+            over = rows[rank] > worst
+            chk.expect(d.x.shape[0] == worst, f"{what}: {d.x.shape[0]} rows")
+            if over:
+                chk.expect(bool((d.topk_idx == -1).all()) and bool((d.topk_weights == 0).all()),
+                           f"{what}: an output that did not fit holds ids or weights")
+                chk.expect(d.num_tokens_per_expert_tensor.tolist() == [0] * (experts // world),
+                           f"{what}: counts {d.num_tokens_per_expert_tensor.tolist()} of an output that did not fit")
+            else:
+                n = rows[rank]
+                chk.equal(d.x[:n], ref.x, f"{what}: rows")
+                chk.equal(d.topk_idx[:n], ref.topk_idx, f"{what}: ids")
+                chk.expect(bool((d.topk_idx[n:] == -1).all()), f"{what}: ids past the rows")
+                chk.expect(d.num_tokens_per_expert_tensor.tolist() == ref.per_expert, f"{what}: counts")
+            # an expert that returns its rows: each token comes back once from every rank it went to
+            c = buf.combine(d.x, d.handle, topk_weights=d.topk_weights)
+            assert c.topk_weights is not None
+            want = ref_combine([r.x for r in refs], refs, rank, tokens).float()
+            want_w = ref_combine([r.topk_weights for r in refs], refs, rank, tokens).float()
+            lost = to0 if rows[0] > worst else torch.zeros_like(to0)
+            chk.expect(bool(c.x[lost].isnan().all()) and bool(c.topk_weights[lost].isnan().all()),
+                       f"{what}: tokens sent to rank 0 came back without NaN")
+            chk.expect(torch.allclose(c.x[~lost], want[~lost], rtol=1e-6, atol=0)
+                       and torch.allclose(c.topk_weights[~lost], want_w[~lost], rtol=1e-6, atol=0),
+                       f"{what}: the sums of the other tokens differ")
+
+        round_trip(rows[0], "num_worst_tokens = rows of rank 0")
+        # rank 0's host reads its verdict before the device has sent it (as a GPU host running ahead does)
+        landed = impl._overflow_host
+        impl._overflow_host = torch.zeros(1, dtype=torch.int64).numpy()
+        round_trip(rows[0] - 1, "one row too few")
+        round_trip(world * tokens, "enough rows after one too few")
+        impl._overflow_host = landed
+        if rank == 0:  # (the other ranks make no more calls, which would wait for rank 0)
+            for _ in range(2):
+                _, exc, took = _timed(lambda: buf.dispatch(me.x, me.topk_idx, me.topk_weights))
+                msg = str(exc)
+                chk.expect(isinstance(exc, RuntimeError) and took < 1.0 and f"num_worst_tokens = {rows[0] - 1} "
+                           f"received {rows[0]} rows on rank 0" in msg and "failed earlier" in msg,
+                           f"the call after the overflow raised {exc!r}")
+    finally:
+        buf.destroy()
+    return chk.failures
+
+
 def handles_of_other_dispatches(rank: int, world: int) -> list[str]:
     """Combines and cached dispatches whose ranks pass handles of different dispatches (a variable-size one and a
     num_worst_tokens one; two variable-size ones) raise ArgumentError on every rank naming each rank's handle,
@@ -405,6 +483,12 @@ def combine_sums_in_rank_order(rank: int, world: int) -> list[str]:
 def test_failure_mid_call(pools, where: str, world: int) -> None:
     """FAILURE_POINTS: one rank fails in the middle of a call; see fails_mid_call."""
     results = pools(world).run(fails_mid_call, where, 2.0 if where != "before" else 60.0)
+    assert all(not r for r in results), results
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_worst_too_small_without_host_wait(pools, world: int) -> None:
+    results = pools(world).run(worst_too_small_without_host_wait)
     assert all(not r for r in results), results
 
 

@@ -20,6 +20,15 @@ exchange, read on the host): a num_worst_tokens dispatch sends a blank signature
 cached dispatches, combines and low-latency calls (use_fp8) send none, so ranks whose calls differ pair mismatched
 collectives (docs/usage.md).
 
+A num_worst_tokens dispatch whose rows on some rank are more than num_worst_tokens is refused on every rank of a CPU
+group before its rows move (one more collective, of the row counts). On CUDA nothing waits for the counts; as on the
+nvshmem backend, that rank's outputs hold no rows (ids -1, weights 0, counts 0) and its next call raises, the Buffer
+unusable; besides, its combine sends NaN back for every row it received, so that no source rank's sum silently lacks
+them. The verdict reaches the host through a copy into pinned memory that nothing waits for: a call the host makes
+before the device has run the dispatch (its combine, typically) goes through, and a later one raises. In a CUDA
+graph the check is captured with the dispatch and runs at each replay; the host reads it at its next call of the
+Buffer outside the graph (no Python runs during a replay).
+
 A call that raises on one rank after its first collective (out of memory, KeyboardInterrupt, a wait that timed out)
 leaves that rank out of step with the others, which wait in the call's next collective: from then on the Buffer
 refuses every call on that rank before it issues anything (_out_of_step_on_error).
@@ -200,6 +209,12 @@ def _agree(backend: TorchBackend, call: int, dtype: torch.dtype, flag: bool, sta
     _raise_if_calls_differ(rows, c.rank)
 
 
+# a fixed-size dispatch's output rows past its num_worst_tokens: the row that empty slots land in (zeros in combine),
+# and the one that received rows land in when they are more than the output holds (NaN in combine)
+_DISCARD, _POISON = 0, 1
+_EXTRA_ROWS = 2
+
+
 @dataclass
 class _VarState:
     """Handle of a variable-size normal dispatch. Source side: t_idx int64 [P] (token of each sent row, rows
@@ -217,7 +232,8 @@ class _VarState:
 class _FixedState:
     """Handle of a fixed-size normal dispatch (num_worst_tokens). Source side: slot int64 [T, N], the row of the
     send block each (token, rank) pair used (``N*cap`` = not sent). Receiver side: dest int64 [N*cap], the output
-    row of each received slot (``num_worst`` = invalid); num_recv int64 [] on the device."""
+    row of each received slot (``num_worst + _DISCARD``: an empty slot; ``num_worst + _POISON``: a row that did not
+    fit, see TorchBackend._note_overflow); num_recv int64 [] on the device, the rows the output holds."""
 
     slot: torch.Tensor
     dest: torch.Tensor
@@ -318,8 +334,32 @@ class TorchBackend:
         self._issued = False  # the call in progress has issued a collective (see _out_of_step_on_error)
         # fresh dispatches made so far, past their refusals (the ranks make them together: the same count on each)
         self._dispatches = 0
+        # A num_worst_tokens dispatch that receives more rows than num_worst_tokens: on CPU every rank refuses it
+        # before the rows move (_check_worst); on CUDA, which has no host wait to raise from, _note_overflow marks it
+        # in _overflow (int64 [1] on the device) and in _overflow_host (its pinned host copy, as numpy), which the
+        # next call reads (_begin). worst_check_on_host False on a CPU group takes the CUDA path there.
+        self.worst_check_on_host = ctx.device.type == "cpu"
+        self._overflow: torch.Tensor | None = None
+        self._overflow_pinned: torch.Tensor | None = None
+        self._overflow_host: Any = None
+        if not ctx.low_latency:
+            # (made here, not at the first num_worst_tokens call, which may be inside a CUDA graph capture; the copy
+            # from the host waits for itself, so any stream may use the zeros)
+            self._overflow = torch.zeros(1, dtype=torch.int64).to(ctx.device)
+            self._overflow_pinned = torch.zeros(1, dtype=torch.int64, pin_memory=True) \
+                if ctx.device.type == "cuda" else self._overflow
+            self._overflow_host = self._overflow_pinned.numpy()
 
     def _begin(self, op: str) -> None:
+        if self._failed is None and self._overflow_host is not None and self._overflow_host[0]:
+            code = int(self._overflow_host[0])
+            self._failed = (
+                f"an earlier dispatch with num_worst_tokens = {code & 0xFFFFFFFF} received {code >> 32} rows on rank "
+                f"{self.ctx.rank}, more than its output holds; that call's outputs hold no rows (ids -1, counts 0) "
+                "and its combine gave NaN for every token this rank had received; num_worst_tokens must be at least "
+                "the rows any rank can receive, e.g. num_ranks * max_tokens_per_rank"
+            )
+            self._failed_error = RuntimeError
         if self._failed is not None:
             raise self._failed_error(
                 f"{op}: this Buffer failed earlier ({self._failed}); it refuses further calls (destroy it on every "
@@ -352,6 +392,13 @@ class TorchBackend:
 
         return run
 
+    def destroy(self) -> None:
+        """On CUDA, waits for the device to finish this Buffer's work, which may still write _overflow (the caching
+        allocator would otherwise hand its memory to another tensor of the stream that made it meanwhile)."""
+        if self._overflow is not None and self._overflow.device.type == "cuda":
+            torch.cuda.synchronize(self._overflow.device)
+        self._overflow = self._overflow_pinned = self._overflow_host = None
+
     def _bounded(self) -> bool:
         return self.timeout_s is not None and self.ctx.device.type == "cpu"
 
@@ -380,6 +427,22 @@ class TorchBackend:
                 f"{self.timeout_s:g} s, or the process group's own timeout if shorter; gloo: {first}): a peer did not "
                 "make the same call, or failed before it; this Buffer refuses further calls"
             ) from None
+
+    def _note_overflow(self, over: torch.Tensor, num_recv: torch.Tensor, num_worst_tokens: int) -> None:
+        """A num_worst_tokens dispatch without a host wait (CUDA): ``over`` (bool [] on the device) says its
+        ``num_recv`` rows are more than ``num_worst_tokens``. Then (as the nvshmem backend) its outputs hold no rows
+        (the caller sets their ids to -1 and counts to 0), and its rows go to the _POISON row: its combine sends
+        NaN back for each, so no source rank's sum silently lacks them. Here the first such dispatch's counts go
+        into _overflow on the device, then into pinned host memory, where the next call of this Buffer reads them
+        and raises, the Buffer unusable from then on. Nothing waits: a call that the host makes before the device
+        has run this copy (the combine, typically) goes through, and a later one raises. In a CUDA graph the
+        update and the copy are captured (a copy to pinned memory is a plain graph node) and run at each replay;
+        the host learns of an overflow at its first call after the replay, never during the replay itself."""
+        assert self._overflow is not None and self._overflow_pinned is not None
+        code = torch.where(over, num_recv * (1 << 32) + num_worst_tokens, 0)  # (rows < 2**31 and worst < 2**32)
+        self._overflow.copy_(torch.where(self._overflow != 0, self._overflow, code))  # (the first one stays)
+        if self._overflow_pinned is not self._overflow:
+            self._overflow_pinned.copy_(self._overflow, non_blocking=True)
 
     # -- collectives ---------------------------------------------------------------------------------------------
     def _check_worst(self, num_recv: torch.Tensor, num_worst_tokens: int) -> None:
@@ -581,13 +644,21 @@ class TorchBackend:
             per_expert_t = align_up(raw, expert_alignment).to(torch.int32)
             j = torch.arange(cap, device=dev)
             off = _exclusive_cumsum(recv_counts)
-            dest = torch.where(j < recv_counts.unsqueeze(1), off.unsqueeze(1) + j, num_worst_tokens)
-            dest = dest.clamp_max(num_worst_tokens).reshape(-1)
             num_recv = recv_counts.sum()
-            if dev.type == "cpu":  # no device sync on CPU: refuse an overflow on every rank before the rows move
+            # each received slot's output row: num_worst_tokens (_DISCARD) for an empty slot; every row to _POISON
+            # when they are more than the output holds
+            valid = j < recv_counts.unsqueeze(1)  # [N src, cap]
+            dest = torch.where(valid, off.unsqueeze(1) + j, num_worst_tokens + _DISCARD)
+            if self.worst_check_on_host:  # no device sync on CPU: refuse an overflow on every rank before rows move
                 self._check_worst(num_recv, num_worst_tokens)
+            else:
+                over = num_recv > num_worst_tokens
+                self._note_overflow(over, num_recv, num_worst_tokens)
+                dest = torch.where(over & valid, num_worst_tokens + _POISON, dest)
+                per_expert_t = torch.where(over, 0, per_expert_t)
+                num_recv = torch.where(over, 0, num_recv)  # (the rows the output holds: none)
             self._dispatches += 1
-            state = _FixedState(slot, dest, num_recv, num_worst_tokens, t, self._dispatches)
+            state = _FixedState(slot, dest.reshape(-1), num_recv, num_worst_tokens, t, self._dispatches)
             parts = [x[t_idx]] + ([x_scales[t_idx]] if x_scales is not None else []) + [local, weights]
         else:
             assert isinstance(state, _FixedState)
@@ -598,7 +669,7 @@ class TorchBackend:
         send = torch.zeros(n * cap + 1, packed.shape[1], dtype=torch.uint8, device=dev)
         send[state.slot.reshape(-1)] = packed
         rows, _ = self._all_to_all(send[: n * cap], n * cap)
-        placed = torch.empty(state.num_worst + 1, packed.shape[1], dtype=torch.uint8, device=dev)
+        placed = torch.empty(state.num_worst + _EXTRA_ROWS, packed.shape[1], dtype=torch.uint8, device=dev)
         placed[state.dest] = rows
         out = _unpack(placed[: state.num_worst], self._row_specs(x, x_scales, with_meta))
         recv_x = out.pop(0)
@@ -646,7 +717,10 @@ class TorchBackend:
             return x.to(y.dtype), w
         packed = _pack(parts)
         n, cap = c.num_ranks, c.max_tokens_per_rank
-        ext = torch.cat([packed, torch.zeros(1, packed.shape[1], dtype=torch.uint8, device=dev)])
+        # y's rows, then the _DISCARD row (zeros: an empty slot's) and the _POISON row (all bits set: NaN in bf16 and
+        # float32, sent for the rows of a dispatch whose rows did not fit)
+        ext = torch.cat([packed, torch.zeros(1, packed.shape[1], dtype=torch.uint8, device=dev),
+                         torch.full((1, packed.shape[1]), 255, dtype=torch.uint8, device=dev)])
         rows, _ = self._all_to_all(ext[state.dest], n * cap)
         rows = torch.cat([rows, torch.zeros(1, rows.shape[1], dtype=torch.uint8, device=dev)])
         fields = _unpack(rows[state.slot.reshape(-1)], specs)  # [T*N, ...], (token, rank) pairs

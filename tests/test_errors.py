@@ -815,6 +815,30 @@ def test_settings_name_every_bad_variable(monkeypatch: pytest.MonkeyPatch) -> No
     assert "LARGEEP_TIMEOUT_S='abc'" in str(e.value) and "LARGEEP_TUNE='threads=7'" in str(e.value), str(e.value)
 
 
+@pytest.mark.parametrize("name,raw,message", [
+    ("TIMEOUT_S", "0.0004", "expected a number >= 0.001"),  # (0 ms: torch's waits would have no bound)
+    ("INIT_TIMEOUT_S", "1e-5", "expected a number >= 0.001"),
+    ("ZERO_COPY_SLOTS", "\uff13", "expected a whole number >= 0"),  # (a fullwidth 3: str.isdigit took it)
+    ("ZERO_COPY_SLOTS", "\u00b2", "expected a whole number >= 0"),  # (a superscript 2: int() failed, unnamed)
+    ("TUNE", "threads=--512", "expected comma-separated key=int"),
+    ("TUNE", "threads=\u0665\u0661\u0662", "expected comma-separated key=int"),  # (Arabic-Indic 512)
+])
+def test_settings_refuse_odd_numbers(monkeypatch: pytest.MonkeyPatch, name: str, raw: str, message: str) -> None:
+    """Numbers in other scripts and timeouts below a millisecond are refused, naming the variable."""
+    monkeypatch.setenv("LARGEEP_" + name, raw)
+    with pytest.raises(ValueError) as e:
+        _env.settings()
+    assert f"LARGEEP_{name}={raw!r}" in str(e.value) and message in str(e.value), str(e.value)
+
+
+def test_settings_take_a_millisecond_timeout(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LARGEEP_TIMEOUT_S", "0.001")
+    monkeypatch.setenv("LARGEEP_ZERO_COPY_SLOTS", " 3 ")
+    monkeypatch.setenv("LARGEEP_TUNE", "threads= 512")
+    s = _env.settings()
+    assert s.timeout_s == 0.001 and s.zero_copy_slots == 3 and s.tune["threads"] == 512
+
+
 def test_rounds_out_of_step_after_a_rank_alone_raised() -> None:
     """Calls in rounds (tokens_per_round): a round that raises on this rank alone (out of memory: the nvshmem
     dispatch drains that round, and the peers go on to the next) leaves the rank's rounds out of step with its

@@ -40,8 +40,11 @@ def test_wraps_once_or_not_at_all(setting: str | None, want: str) -> None:
 def test_bad_setting_names_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
     from largeep import _env, info
 
-    monkeypatch.setenv("LARGEEP_INDUCTOR_ORDER_FIX", "yes")
-    with pytest.raises(ValueError, match="LARGEEP_INDUCTOR_ORDER_FIX='yes'"):
+    for word, on in (("yes", True), ("Off", False), (" 1 ", True), ("", True)):  # (the spellings of every flag)
+        monkeypatch.setenv("LARGEEP_INDUCTOR_ORDER_FIX", word)
+        assert _env.inductor_order_fix() is on, word
+    monkeypatch.setenv("LARGEEP_INDUCTOR_ORDER_FIX", "2")
+    with pytest.raises(ValueError, match="LARGEEP_INDUCTOR_ORDER_FIX='2'"):
         _env.inductor_order_fix()
     r = info.report()
     assert r["settings_error"] and "LARGEEP_INDUCTOR_ORDER_FIX" in r["settings_error"]

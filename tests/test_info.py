@@ -56,16 +56,23 @@ def test_import_survives_a_bad_variable() -> None:
 
 def test_bad_log_level(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     """A LARGEEP_LOG_LEVEL that names no level: the library logs at WARNING (import does not fail, even for a
-    name that logging maps to something else) and the report says so."""
+    name that logging maps to something else), the report says so and exits 1 (a Buffer would refuse it)."""
     from largeep import _env
 
     for raw in ("loud", "basic_format"):
         monkeypatch.setenv("LARGEEP_LOG_LEVEL", raw)
         assert _env.log_level() is None
-        assert info.main([]) == 0
+        assert info.main([]) == 1
         assert f"LARGEEP_LOG_LEVEL={raw!r} names no logging level" in capsys.readouterr().out
     monkeypatch.setenv("LARGEEP_LOG_LEVEL", "info")
     assert _env.log_level() == 20
+    monkeypatch.setenv("LARGEEP_LOG_LEVEL", "15")
+    assert _env.log_level() == 15
+    # the Buffer's settings read every variable: a bad level is refused there, naming it
+    monkeypatch.setenv("LARGEEP_LOG_LEVEL", "verbose")
+    with pytest.raises(ValueError, match="LARGEEP_LOG_LEVEL='verbose'"):
+        _env.settings()
+    monkeypatch.setenv("LARGEEP_LOG_LEVEL", "info")
     env = dict(os.environ, LARGEEP_LOG_LEVEL="basic_format")
     run = subprocess.run([sys.executable, "-c", "import largeep"], env=env, capture_output=True, text=True,
                          timeout=120)

@@ -31,6 +31,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,7 +54,9 @@ class Settings:
         return HIGHEST_PRIORITY if self.high_priority else 0
 
 
-def _float(name: str, default: float) -> float:
+def _float(name: str, default: float, least: float | None = None) -> float:
+    """A finite number > 0 (>= ``least`` when given: the timeouts, which torch's waits take in whole milliseconds,
+    where 0 means no bound at all)."""
     raw = os.environ.get(_PREFIX + name)
     if raw is None or raw == "":
         return default
@@ -63,6 +66,8 @@ def _float(name: str, default: float) -> float:
         raise ValueError(f"{_PREFIX}{name}={raw!r}: expected a number") from exc
     if not math.isfinite(value) or value <= 0:
         raise ValueError(f"{_PREFIX}{name}={raw!r}: expected a positive number (finite)")
+    if least is not None and value < least:
+        raise ValueError(f"{_PREFIX}{name}={raw!r}: expected a number >= {least:g} (seconds)")
     return value
 
 
@@ -79,6 +84,9 @@ def _flag(name: str, default: bool) -> bool:
     raise ValueError(f"{_PREFIX}{name}={raw!r}: expected 1 (or true, yes, on) or 0 (or false, no, off)")
 
 
+# the least timeout taken: torch's waits count whole milliseconds, and a bound of 0 ms is none
+_LEAST_TIMEOUT_S = 0.001
+
 # (a slot number travels in a count row's word beside the refusal and kind bits, from bit 20: far above this)
 _MAX_ZERO_COPY_SLOTS = 64
 
@@ -87,7 +95,8 @@ def _count(name: str, default: int, most: int | None = None) -> int:
     raw = os.environ.get(_PREFIX + name)
     if raw is None or raw == "":
         return default
-    if not raw.strip().isdigit() or (most is not None and int(raw) > most):
+    # (ASCII digits only: str.isdigit takes other scripts' digits and superscripts, which int() refuses or reads)
+    if not re.fullmatch(r"[0-9]+", raw.strip()) or (most is not None and int(raw) > most):
         limit = f" and <= {most}" if most is not None else ""
         raise ValueError(f"{_PREFIX}{name}={raw!r}: expected a whole number >= 0{limit}")
     return int(raw)
@@ -106,8 +115,8 @@ def settings() -> Settings:
             return None
 
     values = {
-        "timeout_s": read(_float, "TIMEOUT_S", 100.0),
-        "init_timeout_s": read(_float, "INIT_TIMEOUT_S", 300.0),
+        "timeout_s": read(_float, "TIMEOUT_S", 100.0, _LEAST_TIMEOUT_S),
+        "init_timeout_s": read(_float, "INIT_TIMEOUT_S", 300.0, _LEAST_TIMEOUT_S),
         "check_values": read(_flag, "CHECK_VALUES", True),
         "heap_margin": read(_float, "NVSHMEM_HEAP_MARGIN", 1.25),
         "zero_copy_slots": read(_count, "ZERO_COPY_SLOTS", 2, _MAX_ZERO_COPY_SLOTS),
@@ -117,6 +126,7 @@ def settings() -> Settings:
     # (read when the native module loads, not kept here; checked here too so that a bad value refuses the Buffer
     # on every rank, as the others do, instead of raising on one rank as it loads the module)
     read(fault_backtrace)
+    read(_checked_log_level)
     if errors:
         raise ValueError("; ".join(errors))
     return Settings(**values)
@@ -130,9 +140,9 @@ def fault_backtrace() -> bool:
 
 
 def inductor_order_fix() -> bool:
-    """LARGEEP_INDUCTOR_ORDER_FIX (read when a graph holding a largeep communication op is first traced): "1"
-    (default) or "0"; anything else raises ValueError naming the variable."""
-    return _choice("INDUCTOR_ORDER_FIX", ("1", "0")) == "1"
+    """LARGEEP_INDUCTOR_ORDER_FIX (read when a graph holding a largeep communication op is first traced): on by
+    default; the spellings of :func:`_flag`, anything else raises ValueError naming the variable."""
+    return _flag("INDUCTOR_ORDER_FIX", True)
 
 
 def _choice(name: str, values: tuple[str, ...]) -> str:
@@ -164,7 +174,7 @@ def _tune(raw: str) -> dict[str, int]:
     out = dict(_TUNE_DEFAULTS)
     for item in filter(None, (p.strip() for p in raw.split(","))):
         key, _, value = item.partition("=")
-        if key not in out or not value.lstrip("-").isdigit():
+        if key not in out or not re.fullmatch(r"-?[0-9]+", value.strip()):
             raise ValueError(f"{_PREFIX}TUNE={raw!r}: expected comma-separated key=int with keys {sorted(out)}")
         out[key] = int(value)
         allowed, what = _TUNE_RANGES[key]
@@ -174,9 +184,22 @@ def _tune(raw: str) -> dict[str, int]:
 
 
 def log_level() -> int | None:
-    """LARGEEP_LOG_LEVEL as a logging level (default WARNING), or None when it names none."""
-    level = logging.getLevelName(os.environ.get(_PREFIX + "LOG_LEVEL", "WARNING").strip().upper() or "WARNING")
+    """LARGEEP_LOG_LEVEL as a logging level (default WARNING): a level's name (DEBUG, INFO, WARNING, ERROR,
+    CRITICAL; any case) or a whole number; None when it is neither (``import largeep`` then logs at WARNING, and
+    the next Buffer, which reads every variable, raises ValueError naming it)."""
+    raw = os.environ.get(_PREFIX + "LOG_LEVEL", "").strip().upper() or "WARNING"
+    if re.fullmatch(r"[0-9]+", raw):
+        return int(raw)
+    level = logging.getLevelName(raw)
     return level if isinstance(level, int) else None
+
+
+def _checked_log_level() -> int:
+    level = log_level()
+    if level is None:
+        raise ValueError(f"{_PREFIX}LOG_LEVEL={os.environ.get(_PREFIX + 'LOG_LEVEL')!r}: expected DEBUG, INFO, "
+                         "WARNING, ERROR, CRITICAL or a whole number")
+    return level
 
 
 logger = logging.getLogger("largeep")

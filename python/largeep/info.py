@@ -60,7 +60,7 @@ def report() -> dict[str, Any]:
     out["variables"] = {k: v for k, v in sorted(os.environ.items()) if k.startswith(("LARGEEP_", "NVSHMEM_"))}
     out["log_level_error"] = None if _env.log_level() is not None else (
         f"LARGEEP_LOG_LEVEL={os.environ.get('LARGEEP_LOG_LEVEL')!r} names no logging level (DEBUG, INFO, WARNING, "
-        "ERROR, CRITICAL): the library logs at WARNING")
+        "ERROR, CRITICAL, or a whole number): the library logs at WARNING, and a Buffer refuses it")
     out["advice"] = _advice(out)
     return out
 

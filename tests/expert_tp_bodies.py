@@ -177,6 +177,7 @@ def bad_configs(rank: int, world: int) -> None:
 
     _raises(("tp_size", "does not divide"), make_expert_tp_groups, 3)
     _raises(("tp_size", "positive"), make_expert_tp_groups, 0)
+    _raises(("tp_size", "positive"), make_expert_tp_groups, True)  # a bool is no size (True == 1)
     groups = make_expert_tp_groups(2)
     # a group smaller than the world: its new_group calls would leave the other ranks' group counters behind
     _raises(("'group' has", "of the world's"), make_expert_tp_groups, 1, groups.ep_group)

@@ -91,7 +91,7 @@ def make_expert_tp_groups(tp_size: int, group: dist.ProcessGroup | None = None) 
         raise ArgumentError(f"{op}: torch.distributed is not initialised; call init_process_group first")
     group = group if group is not None else dist.group.WORLD
     assert group is not None
-    if not isinstance(tp_size, int) or tp_size < 1:
+    if not isinstance(tp_size, int) or isinstance(tp_size, bool) or tp_size < 1:
         raise ArgumentError(f"{op}: argument 'tp_size' must be a positive int, got {tp_size!r}")
     if dist.get_rank(group) < 0:
         raise ArgumentError(f"{op}: argument 'group' does not contain this rank (global rank {dist.get_rank()})")

@@ -7,6 +7,9 @@ seeds, so the reference does not depend on how the ranks are grouped.
 
 from __future__ import annotations
 
+import contextlib
+import os
+from collections.abc import Iterator
 from typing import Any
 
 import largeep
@@ -165,6 +168,37 @@ def _raises(words: tuple[str, ...], fn: Any, *args: Any, **kwargs: Any) -> None:
         raise AssertionError(f"no ArgumentError (expected one saying {words})")
 
 
+@contextlib.contextmanager
+def _timeout(seconds: float) -> Iterator[None]:
+    """LARGEEP_TIMEOUT_S for the body: a rank left waiting in a collective raises soon, and the body reports it."""
+    before = os.environ.get("LARGEEP_TIMEOUT_S")
+    os.environ["LARGEEP_TIMEOUT_S"] = str(seconds)
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["LARGEEP_TIMEOUT_S"]
+        else:
+            os.environ["LARGEEP_TIMEOUT_S"] = before
+
+
+def _expect(failures: list[str], what: str, error: type[BaseException], words: tuple[str, ...], fn: Any,
+            *args: Any, **kwargs: Any) -> None:
+    """Calls ``fn``; a missing ``error``, another exception, or a message without ``words`` is added to
+    ``failures`` (asserted by the caller after every call, so that one rank's failure does not hide behind the
+    others' timeouts)."""
+    try:
+        fn(*args, **kwargs)
+    except error as exc:
+        msg = str(exc)
+        if type(exc) is not error or not all(w in msg for w in words):
+            failures.append(f"{what}: {type(exc).__name__} {msg!r} (expected {error.__name__} saying {words})")
+    except Exception as exc:  # noqa: BLE001 - reported with the others
+        failures.append(f"{what}: {type(exc).__name__}: {exc} (expected {error.__name__} saying {words})")
+    else:
+        failures.append(f"{what}: no {error.__name__} (expected one saying {words})")
+
+
 def bad_configs(rank: int, world: int) -> None:
     """Wrong expert-TP configurations raise ArgumentError on every rank that makes them (no rank is left waiting
     in a collective: each case is followed by a good layer on the same groups)."""
@@ -212,6 +246,17 @@ def bad_configs(rank: int, world: int) -> None:
                         expert_tp_group=tp_bad)
             finally:
                 bad_buf.destroy()
+            # TP groups {0, 1}, {2, 3} with EP groups {0, 3}, {1, 2}: the members of each TP group sit at one slot,
+            # but each EP group mixes shard 0 of one TP group with shard 1 of another (its replica grads would sum
+            # the two)
+            tp_mix = [dist.new_group(r) for r in ([0, 1], [2, 3])][rank // 2]
+            ep_mix = [dist.new_group(r) for r in ([0, 3], [1, 2])][0 if rank in (0, 3) else 1]
+            mix_buf = buffer(ep_mix)
+            try:
+                _raises(("members [", "same shard", "allreduce_replica_grads"), layers.MoELayer, mix_buf,
+                        ffn_hidden=16, expert_tp_group=tp_mix)
+            finally:
+                mix_buf.destroy()
         layer = layers.MoELayer(ep_buf, ffn_hidden=16, expert_tp_group=tp)  # the good configuration still works
         with torch.no_grad():
             out = layer(torch.randn(5 + rank, hidden, generator=_gen(9, rank)))
@@ -219,6 +264,49 @@ def bad_configs(rank: int, world: int) -> None:
     finally:
         for b in (ep_buf, world_buf, ll_buf):
             b.destroy()
+
+
+def one_sided_refusals(rank: int, world: int) -> None:
+    """An argument that only rank 0 gets wrong, refused before the collective check (overlap_sm_carveout,
+    num_chunks, ffn_hidden, ll_use_fp8, num_worst_tokens with a Buffer in rounds): rank 0 raises its own
+    ArgumentError and every other rank ArgumentError saying it was refused elsewhere -- rank 0's TP partners
+    through the TP group, the others through their Buffers' groups -- at once, none left waiting; then a good
+    layer works on every rank."""
+    hidden, experts, topk = 32, 4 * world, 2
+    groups = make_expert_tp_groups(2)
+
+    def buffer(**kw: Any) -> largeep.Buffer:
+        return largeep.Buffer(groups.ep_group, hidden=hidden, num_experts=experts, num_topk=topk,
+                              max_tokens_per_rank=8, backend="torch", **kw)
+
+    bufs = {"plain": buffer(), "rounds": buffer(tokens_per_round=4)}
+    cases = [
+        ("plain", {"overlap_sm_carveout": -1}, ("overlap_sm_carveout", ">= 0")),
+        ("plain", {"num_chunks": 0}, ("num_chunks", "int >= 1")),
+        ("plain", {"ffn_hidden": "16"}, ("ffn_hidden", "int >= 1")),
+        ("plain", {"ll_use_fp8": True}, ("ll_use_fp8", "hidden % 128")),
+        ("rounds", {"num_worst_tokens": 8}, ("num_worst_tokens", "tokens_per_round")),
+    ]
+    failures: list[str] = []
+    try:
+        with _timeout(20):
+            for name, bad, words in cases:
+                kw: dict[str, Any] = {"ffn_hidden": 16, **(bad if rank == 0 else {})}
+                if rank == 0:
+                    _expect(failures, f"rank 0 {bad}", ArgumentError, words, layers.MoELayer, bufs[name],
+                            expert_tp_group=groups.tp_group, **kw)
+                else:
+                    _expect(failures, f"rank {rank} (rank 0: {bad})", ArgumentError, ("refused", "makes the layer"),
+                            layers.MoELayer, bufs[name], expert_tp_group=groups.tp_group, **kw)
+            layer = layers.MoELayer(bufs["plain"], ffn_hidden=16, expert_tp_group=groups.tp_group)
+            with torch.no_grad():
+                out = layer(torch.randn(5 + rank, hidden, generator=_gen(9, rank)))
+            if not (out.shape == (5 + rank, hidden) and bool(torch.isfinite(out).all())):
+                failures.append(f"rank {rank}: the good layer after the refusals gave {out.shape}")
+    finally:
+        for b in bufs.values():
+            b.destroy()
+    assert not failures, "\n".join(failures)
 
 
 def tp_top1_empty_rank(rank: int, world: int) -> None:

@@ -62,6 +62,11 @@ def test_bad_configs(pools, world: int) -> None:
     pools(world).run(expert_tp_bodies.bad_configs)
 
 
+@pytest.mark.parametrize("world", [2, 4])
+def test_one_sided_refusals(pools, world: int) -> None:
+    pools(world).run(expert_tp_bodies.one_sided_refusals)
+
+
 def test_tp_top1_with_an_empty_rank(pools) -> None:
     pools(2).run(expert_tp_bodies.tp_top1_empty_rank)
 

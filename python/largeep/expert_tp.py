@@ -127,26 +127,27 @@ def make_expert_tp_groups(tp_size: int, group: dist.ProcessGroup | None = None) 
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _run(fn: Any, outs: list[Tensor], ts: tuple[Tensor, ...], group: dist.ProcessGroup) -> list[Tensor]:
+def _run(
+    fn: Any, outs: list[Tensor], ts: tuple[Tensor, ...], group: dist.ProcessGroup, what: str = "TP group"
+) -> list[Tensor]:
     """Issues ``fn(out, t)`` for every pair, then waits for all (Dynamo traces only synchronous collectives). On
     CPU (gloo) each wait is bounded by LARGEEP_TIMEOUT_S, as the torch backend's are (a member that raised before
-    the collective, e.g. its EP group refused a dispatch, never joins it); on NCCL the group's own timeout applies."""
+    the collective never joins it); on NCCL the group's own timeout applies. ``what`` names the group."""
     is_async = not torch.compiler.is_compiling()
     works = [fn(o, t.contiguous(), group=group, async_op=is_async) for o, t in zip(outs, ts, strict=True)]
     if not is_async:
         return outs  # (compiling: synchronous collectives, nothing to wait for here)
     _collective.wait_all(
         works, bool(ts) and ts[0].device.type == "cpu",
-        f"expert TP: rank {dist.get_rank(group)} of its TP group waited for the others in vain",
-        ": a member did not make the same call, or failed before it (its expert-parallel dispatch refused, for one); "
-        "the TP group is out of step now",
+        f"expert TP: rank {dist.get_rank(group)} of its {what} waited for the others in vain",
+        ": a member did not make the same call, or failed before it; the group is out of step now",
     )
     return outs
 
 
-def _gather(ts: tuple[Tensor, ...], group: dist.ProcessGroup) -> list[Tensor]:
+def _gather(ts: tuple[Tensor, ...], group: dist.ProcessGroup, what: str = "TP group") -> list[Tensor]:
     n = dist.get_world_size(group)
-    return _run(_all_gather_single, [t.new_empty(n * t.shape[0], *t.shape[1:]) for t in ts], ts, group)
+    return _run(_all_gather_single, [t.new_empty(n * t.shape[0], *t.shape[1:]) for t in ts], ts, group, what)
 
 
 def _scatter(ts: tuple[Tensor, ...], group: dist.ProcessGroup) -> list[Tensor]:
@@ -222,7 +223,9 @@ def reduce_scatter_rows(group: dist.ProcessGroup, *ts: Tensor) -> tuple[Tensor, 
 _count_streams: dict[torch.device, torch.cuda.Stream] = {}
 
 
-def _exchange_ints(vals: list[int], group: dist.ProcessGroup, device: torch.device) -> list[list[int]]:
+def _exchange_ints(
+    vals: list[int], group: dist.ProcessGroup, device: torch.device, what: str = "TP group"
+) -> list[list[int]]:
     """All-gathers a few host ints from every member -> [T][len(vals)]. Waits on the host. On CUDA (eager) it runs
     on a side stream, so the host waits for this exchange only, not for the expert GEMMs queued before it."""
     stream = None
@@ -232,8 +235,60 @@ def _exchange_ints(vals: list[int], group: dist.ProcessGroup, device: torch.devi
             stream = _count_streams[device] = torch.cuda.Stream(device)
     with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
         t = torch.tensor(vals, dtype=torch.int64, device=device)
-        (out,) = _gather((t,), group)
+        (out,) = _gather((t,), group, what)
         return out.view(dist.get_world_size(group), len(vals)).tolist()  # type: ignore[no-any-return]
+
+
+def _tp_verdict(op: str, mine: dict[str, int], rows: list[list[int]], size: int, ffn_hidden: int) -> str | None:
+    """ExpertTP.check's refusal (a message) from the TP group's configuration ``rows`` (``mine``'s fields on every
+    member), or None."""
+    turned = [j for j, row in enumerate(rows) if row[0]]
+    if turned:
+        return (f"{op}: member(s) {turned} of 'expert_tp_group' refused their arguments (see the error there), so "
+                "no member makes the layer")
+    for j, row in enumerate(rows):
+        if row[1] != 1:
+            return (
+                f"{op}: the Buffer's group of member {j} of 'expert_tp_group' holds {row[1]} of its ranks; it "
+                "must hold that member only: make the Buffer on the EP group of "
+                "largeep.expert_tp.make_expert_tp_groups, not on the whole world"
+            )
+    for name, want, got in zip(mine, mine.values(), zip(*rows, strict=True), strict=True):
+        if len(set(got)) == 1:
+            continue
+        if name == "slot":
+            return (
+                f"{op}: the members of 'expert_tp_group' must hold the same expert slot (the same rank in "
+                f"their Buffers' groups), got ranks {list(got)}: the Buffer's group must hold member j of every "
+                "TP group for one j (see largeep.expert_tp.make_expert_tp_groups)"
+            )
+        return f"{op}: the members of 'expert_tp_group' disagree on {name}: {list(got)} (this rank: {want})"
+    if size > 1 and mine["low_latency"]:
+        return f"{op}: expert tensor parallelism (T = {size}) supports the normal mode only"
+    if ffn_hidden % size:
+        return f"{op}: argument 'ffn_hidden' = {ffn_hidden} is not divisible by the size {size} of 'expert_tp_group'"
+    return None
+
+
+def _ep_verdict(op: str, rows: list[list[int]], ep_rank: int, tp_rank: int, size: int) -> str | None:
+    """ExpertTP.check's refusal from the Buffer's group's ``rows`` ([refused, index in its TP group, TP size] of
+    every rank), or None."""
+    if len({row[2] for row in rows}) > 1:
+        return (f"{op}: the ranks of the Buffer's group have 'expert_tp_group's of sizes {[row[2] for row in rows]} "
+                f"(this rank, rank {ep_rank} there: {size}); they must be equal")
+    if len({row[1] for row in rows}) > 1:
+        return (
+            f"{op}: the ranks of the Buffer's group are members {[row[1] for row in rows]} of their "
+            f"'expert_tp_group's (this rank, rank {ep_rank} there: member {tp_rank}); the Buffer's group must hold "
+            "member j of every TP group for one j, so that its ranks hold the same shard of their experts "
+            "(allreduce_replica_grads over it would sum different shards): see "
+            "largeep.expert_tp.make_expert_tp_groups"
+        )
+    turned = [r for r, row in enumerate(rows) if row[0]]
+    if turned:
+        return (f"{op}: the expert-TP configuration was refused on rank(s) {turned} of the Buffer's group (see the "
+                "error there), so no rank makes the layer")
+    return None
 
 
 def _pad_rows(t: Tensor, rows: int, value: float) -> Tensor:
@@ -252,12 +307,19 @@ class ExpertTP:
         self.rank = rank
 
     @classmethod
-    def check(cls, group: Any, ep_ctx: Any, ffn_hidden: int, settings: dict[str, int]) -> ExpertTP:
+    def check(
+        cls, group: Any, ep_ctx: Any, ffn_hidden: int, settings: dict[str, int],
+        local_error: ArgumentError | None = None,
+    ) -> ExpertTP:
         """Validates ``group`` against the Buffer's context ``ep_ctx`` and returns the state.
 
-        Collective over ``group`` (one small all-gather) once this rank is known to be in it, so that a mismatch
-        raises on every member instead of leaving some of them waiting. ``settings``: layer options that every
-        member must share (they fix the order of the collectives)."""
+        Collective, once this rank is known to be in ``group``, so that a refusal anywhere raises on every rank of
+        the TP and EP groups instead of leaving some waiting (in this check, or in a later call of the layers that
+        the others made): an all-gather of the configuration over ``group``, one of each member's index in its TP
+        group over the Buffer's group, and one of the verdicts over ``group`` again (a refusal seen in one EP group
+        reaches every TP group through its members there, and from them every EP group). ``settings``: layer
+        options that every member must share (they fix the order of the collectives). ``local_error``: the
+        caller's own refusal of its arguments, raised after the exchanges (its values are not compared)."""
         op = "MoELayer"
         if group is dist.GroupMember.NON_GROUP_MEMBER:  # what dist.new_group returns on the ranks outside it
             raise ArgumentError(
@@ -276,7 +338,9 @@ class ExpertTP:
         size = dist.get_world_size(group)
         # ranks of the TP group inside this rank's Buffer group: must be this rank alone
         overlap = len(set(dist.get_process_group_ranks(ep_ctx.group)) & set(dist.get_process_group_ranks(group)))
+        refused = local_error is not None
         mine = {
+            "refused": int(refused),
             "overlap": overlap,
             "slot": ep_ctx.rank,
             "the Buffer's group size": ep_ctx.num_ranks,
@@ -284,35 +348,30 @@ class ExpertTP:
             "hidden": ep_ctx.hidden,
             "num_topk": ep_ctx.num_topk,
             "low_latency": int(ep_ctx.low_latency),
-            "ffn_hidden": ffn_hidden,
-            **settings,
+            # (a refused member's own values need not even be ints: zeros, not compared)
+            "ffn_hidden": 0 if refused else ffn_hidden,
+            **{k: 0 if refused else v for k, v in settings.items()},
         }
+        error = str(local_error) if local_error is not None else None
         rows = _exchange_ints(list(mine.values()), group, ep_ctx.device) if size > 1 else [list(mine.values())]
-        for j, row in enumerate(rows):
-            if row[0] != 1:
-                raise ArgumentError(
-                    f"{op}: the Buffer's group of member {j} of 'expert_tp_group' holds {row[0]} of its ranks; it "
-                    "must hold that member only: make the Buffer on the EP group of "
-                    "largeep.expert_tp.make_expert_tp_groups, not on the whole world"
+        if error is None:
+            error = _tp_verdict(op, mine, rows, size, ffn_hidden)
+        if ep_ctx.num_ranks > 1:
+            ep_rows = _exchange_ints([int(error is not None), rank, size], ep_ctx.group, ep_ctx.device, "EP group")
+            if error is None:
+                error = _ep_verdict(op, ep_rows, ep_ctx.rank, rank, size)
+        if size > 1:
+            flags = _exchange_ints([int(error is not None)], group, ep_ctx.device)
+            if error is None and any(f[0] for f in flags):
+                error = (
+                    f"{op}: the expert-TP configuration was refused on another rank, so no rank makes the layer "
+                    f"(members {[j for j, f in enumerate(flags) if f[0]]} of 'expert_tp_group' learned of it from "
+                    "their Buffers' groups; see the error there)"
                 )
-        for name, want, got in zip(mine, mine.values(), zip(*rows, strict=True), strict=True):
-            if len(set(got)) == 1:
-                continue
-            if name == "slot":
-                raise ArgumentError(
-                    f"{op}: the members of 'expert_tp_group' must hold the same expert slot (the same rank in "
-                    f"their Buffers' groups), got ranks {list(got)}: the Buffer's group must hold member j of every "
-                    "TP group for one j (see largeep.expert_tp.make_expert_tp_groups)"
-                )
-            raise ArgumentError(
-                f"{op}: the members of 'expert_tp_group' disagree on {name}: {list(got)} (this rank: {want})"
-            )
-        if size > 1 and ep_ctx.low_latency:
-            raise ArgumentError(f"{op}: expert tensor parallelism (T = {size}) supports the normal mode only")
-        if ffn_hidden % size:
-            raise ArgumentError(
-                f"{op}: argument 'ffn_hidden' = {ffn_hidden} is not divisible by the size {size} of 'expert_tp_group'"
-            )
+        if local_error is not None:
+            raise local_error
+        if error is not None:
+            raise ArgumentError(error)
         return cls(group, size, rank)
 
     def forward_rows(

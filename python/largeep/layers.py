@@ -298,9 +298,11 @@ class MoELayer(nn.Module):
         expert_tp_group: None, or a process group of T ranks that share this rank's expert slots, each holding
             F/T of every expert's hidden units (:mod:`largeep.expert_tp`; normal mode only; ``ffn_hidden`` % T ==
             0). The Buffer's group must hold exactly one rank of it (this one), and its members must be the same
-            rank of their Buffers' groups: ``largeep.expert_tp.make_expert_tp_groups(T)`` gives both groups. With
-            it the constructor is collective over the group (a check of the configuration); T = 1 is the layer
-            without TP. ``allreduce_replica_grads`` then takes ``group=buffer.ctx.group``.
+            rank of their Buffers' groups, and a Buffer's group must hold the same member j of every TP group:
+            ``largeep.expert_tp.make_expert_tp_groups(T)`` gives both groups. With it the constructor is collective
+            over the group and the Buffer's group (a check of the configuration, which refuses an argument wrong on
+            any rank on every rank: every rank of both groups must then give ``expert_tp_group``); T = 1 is the
+            layer without TP. ``allreduce_replica_grads`` then takes ``group=buffer.ctx.group``.
     """
 
     def __init__(
@@ -326,23 +328,35 @@ class MoELayer(nn.Module):
     ) -> None:
         super().__init__()
         c = buffer.ctx
-        for arg, value, least in (("ffn_hidden", ffn_hidden, 1), ("shared_ffn_hidden", shared_ffn_hidden, 0),
-                                  ("num_chunks", num_chunks, 1), ("num_worst_tokens", num_worst_tokens, 0)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < least:
-                raise ArgumentError(f"MoELayer: argument '{arg}' must be an int >= {least}, got {value!r}")
-        if num_worst_tokens and getattr(buffer, "num_rounds", 1) > 1:
-            raise ArgumentError(
-                f"MoELayer: argument 'num_worst_tokens' = {num_worst_tokens} needs a Buffer without tokens_per_round "
-                f"(this one moves calls in {buffer.num_rounds} rounds, which need the host's row counts)"
-            )
-        if overlap_sm_carveout is not None and overlap_sm_carveout < 0:
-            raise ArgumentError(f"MoELayer: argument 'overlap_sm_carveout' must be >= 0, got {overlap_sm_carveout}")
-        if ll_use_fp8 and c.hidden % fp8.GROUP:
-            raise ArgumentError(f"MoELayer: ll_use_fp8 needs hidden % {fp8.GROUP} == 0, hidden is {c.hidden}")
+        local_error: ArgumentError | None = None
+        try:
+            for arg, value, least in (("ffn_hidden", ffn_hidden, 1), ("shared_ffn_hidden", shared_ffn_hidden, 0),
+                                      ("num_chunks", num_chunks, 1), ("num_worst_tokens", num_worst_tokens, 0)):
+                if not isinstance(value, int) or isinstance(value, bool) or value < least:
+                    raise ArgumentError(f"MoELayer: argument '{arg}' must be an int >= {least}, got {value!r}")
+            if num_worst_tokens and getattr(buffer, "num_rounds", 1) > 1:
+                raise ArgumentError(
+                    f"MoELayer: argument 'num_worst_tokens' = {num_worst_tokens} needs a Buffer without "
+                    f"tokens_per_round (this one moves calls in {buffer.num_rounds} rounds, which need the host's "
+                    "row counts)"
+                )
+            if overlap_sm_carveout is not None and overlap_sm_carveout < 0:
+                raise ArgumentError(
+                    f"MoELayer: argument 'overlap_sm_carveout' must be >= 0, got {overlap_sm_carveout}"
+                )
+            if ll_use_fp8 and c.hidden % fp8.GROUP:
+                raise ArgumentError(f"MoELayer: ll_use_fp8 needs hidden % {fp8.GROUP} == 0, hidden is {c.hidden}")
+        except ArgumentError as exc:
+            if expert_tp_group is None:
+                raise
+            # with expert TP the check below is collective: this refusal goes to the other members as a verdict
+            # (as Buffer.__init__ sends its ranks'), and every member raises, none left waiting there
+            local_error = exc
         self.expert_tp: ExpertTP | None = None
         if expert_tp_group is not None:
             self.expert_tp = ExpertTP.check(
-                expert_tp_group, c, ffn_hidden, {"num_chunks": num_chunks, "num_worst_tokens": num_worst_tokens}
+                expert_tp_group, c, ffn_hidden, {"num_chunks": num_chunks, "num_worst_tokens": num_worst_tokens},
+                local_error,
             )
         tp = self.expert_tp.size if self.expert_tp is not None else 1
         self.buffer = buffer

@@ -60,7 +60,8 @@ def test_cpu_quick_run_end_to_end(tmp_path: Path) -> None:
     assert all(list(r) == list(rec.FILE_KEYS) for r in recs)  # (the same order in every record)
     assert set(rec.FILE_KEYS) == FILE_KEYS
     assert {r["command"] for r in recs} == {recs[0]["command"]} and recs[0]["command"].endswith(f"--out {out}")
-    assert all(r["gpu"] is None and r["torch"] == torch.__version__ for r in recs)  # CPU processes: no GPU
+    # CPU processes: no GPU, no NVSHMEM (whatever is installed beside them)
+    assert all(r["gpu"] is None and r["nvshmem"] is None and r["torch"] == torch.__version__ for r in recs)
     # run.json beside it: the rest, the extras aligned with the records
     run = json.loads((out / "run.json").read_text())
     assert set(run) == {"schema", "results", "command", "env", "settings", "skipped", "extras"}

@@ -323,13 +323,15 @@ def write_records(
     cpu: bool = False, **run: Any,
 ) -> list[Path]:
     """Writes ``records`` (SPEC's keys plus the writer's own, see the module docstring) as a JSON list at ``path``,
-    each with ENV_KEYS from ``env`` (``gpu`` None for the records of CPU processes, ``cpu``) and "command" added,
+    each with ENV_KEYS from ``env`` (``gpu``, ``driver`` and ``nvshmem`` None for the records of CPU processes,
+    ``cpu``) and "command" added,
     and ``{"schema", "results", "command", "env", **run}`` as its run file (:func:`run_path`). Returns both
     paths."""
     target = Path(path)
     doc = {"schema": SCHEMA, "results": target.name, "command": command, "env": env, **run}
     runfile = run_path(target)
-    renv = {**env, "gpu": None} if cpu else env
+    # (records of CPU processes ran no GPU and no NVSHMEM: the versions installed beside them are in the run file)
+    renv = {**env, "gpu": None, "driver": None, "nvshmem": None} if cpu else env
     _write_json(target, [flat_record(r, renv, command) for r in records])
     _write_json(runfile, doc)
     return [target, runfile]

@@ -256,11 +256,12 @@ def ops_checkpointed(rank: int, world: int, backend: str, num_chunks: int) -> li
                 ("eager path", keep),
                 ("eager path, plain checkpoint", functools.partial(checkpoint, block, use_reentrant=False)),
                 ("custom-op path", keep),
+                ("custom-op path, plain checkpoint", functools.partial(checkpoint, block, use_reentrant=False)),
             ]
         else:
             cases = [(backend, torch.compile(keep, backend=backend, fullgraph=True))]
         for what, fn in cases:
-            layer.use_custom_ops = what == "custom-op path"
+            layer.use_custom_ops = what.startswith("custom-op path")
             for step in range(2 if backend != "eager" else 1):  # (compiled: the second call reuses the graphs)
                 got = _attempt(fails, f"{what}: step {step}", run, fn)
                 if got is None:
@@ -271,5 +272,72 @@ def ops_checkpointed(rank: int, world: int, backend: str, num_chunks: int) -> li
                 _check(fails, live == 0, f"{what}: step {step}: {live} live handles, want 0")
     finally:
         torch._dynamo.reset()
+        buf.destroy()
+    return fails
+
+
+def ops_partial_backward(rank: int, world: int) -> list[str]:
+    """Custom-op path, eagerly: a handle goes with the autograd graph that could still use it. A backward that
+    reaches only the expert's parameter (torch.autograd.grad of it alone: dispatch_recv's backward never runs)
+    leaves at most the live step's handle, and none once its tensors are dropped, so that a low max_live_handles
+    evicts nothing of a long run; so does a graph dropped without any backward. A second backward through the
+    same combine (retain_graph) raises saying so, before anything is sent, and leaves nothing behind either. An
+    evicted handle's error names the limit and how to raise it."""
+    import gc
+
+    fails: list[str] = []
+    buf = _buffer(world)
+    try:
+        bid = ops.register_buffer(buf, max_live_handles=3)
+        x0, idx, w0 = _inputs(rank, world, 5, seed=3)
+        # grad of p on this rank: each received row's x times the sum of its weights for experts here
+        want_gp = torch.zeros(HIDDEN)
+        for s in range(world):
+            xs, idxs, ws = _inputs(s, world, 5, seed=3)
+            here = ((idxs >= 0) & (idxs // 2 == rank)).float()
+            want_gp += (xs * (ws * here).sum(1, keepdim=True)).sum(0)
+
+        def forward() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            x = x0.clone().requires_grad_()
+            p = torch.linspace(0.5, 1.5, HIDDEN).requires_grad_()
+            d = ops.dispatch(bid, x, idx, w0.clone().requires_grad_(), use_custom_ops=True)
+            c = ops.combine(bid, d.x * p * d.topk_weights.sum(1, keepdim=True), d.handle)
+            return c.x.sum(), x, p
+
+        for step in range(8):  # past max_live_handles: a leak would evict, and raise
+            loss, x, p = forward()
+            (gp,) = _attempt(fails, f"step {step}: grad of p alone", torch.autograd.grad, loss, [p]) or (None,)
+            _check(fails, gp is not None and torch.allclose(gp, want_gp, rtol=1e-5), f"step {step}: grad of p")
+            _check(fails, ops.live_handles(bid) <= 1, f"step {step}: {ops.live_handles(bid)} live handles, want <= 1")
+        del loss, x, p
+        gc.collect()
+        _check(fails, ops.live_handles(bid) == 0, f"parameter-only backward: {ops.live_handles(bid)} live, want 0")
+
+        forward()  # a graph dropped without a backward
+        gc.collect()
+        _check(fails, ops.live_handles(bid) == 0, f"dropped graph: {ops.live_handles(bid)} live handles, want 0")
+
+        loss, x, p = forward()
+        _attempt(fails, "grad of p, retain_graph", torch.autograd.grad, loss, [p], retain_graph=True)
+        try:
+            torch.autograd.grad(loss, [x])
+            fails.append("a second backward through the same combine did not raise")
+        except RuntimeError as exc:
+            _check(fails, "second backward through the same graph" in str(exc), f"second backward: {exc}")
+        del loss, x, p
+        gc.collect()
+        _check(fails, ops.live_handles(bid) == 0, f"second backward: {ops.live_handles(bid)} live handles, want 0")
+
+        # an evicted handle (more dispatches in flight than the limit) names the limit and how to raise it
+        handles = [ops.dispatch(bid, x0, idx, w0, use_custom_ops=True).handle for _ in range(4)]
+        try:
+            ops.combine(bid, torch.zeros(5, HIDDEN), handles[0])  # (refused on every rank alike, before sending)
+            fails.append("an evicted handle was combined")
+        except RuntimeError as exc:
+            msg = str(exc)
+            _check(fails, "evicted" in msg and "max_live_handles = 3" in msg and "register_buffer(buf, "
+                   "max_live_handles=" in msg, f"eviction error: {msg}")
+        ops.release_handles(bid)
+    finally:
         buf.destroy()
     return fails

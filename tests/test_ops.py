@@ -172,6 +172,11 @@ def test_checkpoint_policy() -> None:
     assert asked == {"aten.sin.default", "aten.exp.default"}, asked
 
 
+def test_partial_backward(pools) -> None:
+    """Custom-op handles go with the graph: a backward that skips dispatch's, or none, leaves none behind."""
+    _no_failures(pools(2).run(ops_bodies.ops_partial_backward))
+
+
 def test_refused_call_keeps_handle(pools) -> None:
     """A custom-op combine or cached dispatch refused for its arguments leaves the handle for a corrected call."""
     _no_failures(pools(2).run(ops_bodies.ops_refused_call_keeps_handle))

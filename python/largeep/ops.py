@@ -44,16 +44,21 @@ Variable row counts under ``torch.compile``: ``fullgraph=True`` captures ``dispa
 ``torch._dynamo.config.capture_dynamic_output_shape_ops = True`` or Dynamo breaks the graph there. With
 ``num_worst_tokens`` > 0 every shape is static and no setting is needed (and nothing waits on the host).
 
-Handle lifetime in the registry: a handle counts the backward calls still to come (``hold`` flags, fixed when the
+Handle lifetime in the registry: a handle counts the backward calls still to come (hold flags, fixed when the
 forward is traced: one for ``dispatch_recv`` when grad flows to x or topk_weights, one for each ``combine`` whose y
 needs grad); each backward call drops one, and the handle is freed once a combine or a backward call leaves the
-count at zero (so inference frees it at the combine, training at the last backward call, in either order). A
-forward that never reaches combine or backward leaves its handle behind; as a safety net each Buffer keeps at most
-``max_live_handles`` (oldest dropped first), and :func:`release_handles` frees them all. Using a freed handle
-raises; so does a second backward through the same compiled graph. A call refused for its arguments
-(``ArgumentError``, raised before anything is sent) leaves the handle and its count as they were, for a corrected
-call; any other failure counts as the call made. So a low-latency handle is freed by its combine, also by a combine
-that fails, except one refused for its arguments.
+count at zero (so inference frees it at the combine, training at the last backward call, in either order).
+Eagerly (``use_custom_ops=True``) each of those counts belongs to the autograd node that will make the call: should
+the node die without making it (a backward that did not reach it, e.g. ``torch.autograd.grad`` of the expert
+weights alone; a graph dropped before its backward), it gives the count back, and the handle is freed with its
+graph once a combine has used it. A compiled graph's backward is one node that makes every call, so a partial
+backward frees there too. What stays is a handle no combine has used (the caller may still combine it) and a
+compiled forward whose backward never runs; as a safety net each Buffer keeps at most ``max_live_handles`` (oldest
+dropped first, with a warning the first time; a later use of one names the limit), and :func:`release_handles`
+frees them all. Using a freed handle raises; so does a second backward through the same graph. A call refused for
+its arguments (``ArgumentError``, raised before anything is sent) leaves the handle and its count as they were, for
+a corrected call; any other failure counts as the call made. So a low-latency handle is freed by its combine, also
+by a combine that fails, except one refused for its arguments.
 
 The grouped GEMM uses ``torch._grouped_mm`` (there in torch 2.13: on CPU it runs float32, bfloat16 and
 float16, with every non-unit stride a multiple of 16 bytes; its meta function accepts only bfloat16, hence the
@@ -76,6 +81,7 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch._subclasses.fake_tensor import is_fake
 
 from largeep import _inductor_order, checks
 from largeep._env import logger
@@ -109,6 +115,7 @@ __all__ = [
 ]
 
 DEFAULT_MAX_LIVE_HANDLES = 256
+_EVICTED_KEPT = 4096
 
 # ---------------------------------------------------------------------------------------------------------------
 # Registry: Buffers by int id, handles by ticket
@@ -126,6 +133,10 @@ class _Entry:
     valid_rows: Tensor | None = None
     pending: tuple[Tensor, Tensor, Tensor] | None = None
     refs: int = 0  # backward calls still to come
+    # of those, the ones an eager op call added that no autograd node has taken yet (see _Hold); a compiled
+    # graph's are never taken
+    unclaimed: int = 0
+    combined: bool = False  # a combine has used it
 
 
 class _Registry:
@@ -139,25 +150,103 @@ class _Registry:
         self.next_ticket = itertools.count(1)
         # ids of Buffers that died, whose entries are dropped under the lock (see _forget_buffer)
         self.forgotten: list[int] = []
+        # (buffer id, ticket) of each _Hold whose autograd node died before making its backward call
+        self.released: list[tuple[int, int]] = []
+        # the latest tickets evicted by max_live_handles, per Buffer (to name the limit in a later call's error)
+        self.evicted: dict[int, OrderedDict[int, None]] = {}
 
 
 _REG = _Registry()
 
 
 def _drop_forgotten() -> None:
-    """(Under the registry's lock.) Drops the entries of Buffers that died since."""
+    """(Under the registry's lock.) Drops the entries of Buffers that died since, and the counts of holds given
+    back since: an entry whose count that leaves at zero is freed if a combine has used it (before one has, the
+    caller may still combine it, as after an inference dispatch)."""
     while _REG.forgotten:
         bid = _REG.forgotten.pop()
         _REG.entries.pop(bid, None)
         _REG.limits.pop(bid, None)
+        _REG.evicted.pop(bid, None)
+    while _REG.released:
+        bid, tid = _REG.released.pop()
+        entries = _REG.entries.get(bid)
+        entry = entries.get(tid) if entries is not None else None
+        if entry is not None:
+            entry.refs -= 1
+            if entry.refs <= 0 and entry.combined:
+                del entries[tid]  # type: ignore[union-attr]
+
+
+def _drop_forgotten_now() -> None:
+    """For finalizers: _drop_forgotten if the registry's lock is free, else the next locked section does it (the
+    garbage collector may run a finalizer in a thread that holds the lock, inside an allocation in a locked
+    section, so a finalizer never waits for it)."""
+    if _REG.lock.acquire(blocking=False):
+        try:
+            _drop_forgotten()
+        finally:
+            _REG.lock.release()
 
 
 @contextlib.contextmanager
 def _locked() -> Iterator[None]:
-    """The registry's lock, after dropping the entries of Buffers that died since."""
+    """The registry's lock, after dropping the entries of Buffers that died since and the holds given back."""
     with _REG.lock:
         _drop_forgotten()
         yield
+
+
+class _Hold:
+    """One backward call still to come on a handle (one of its ``refs``), owned by the eager autograd node that will
+    make it: dispatch_recv's (whose backward is a combine) or a combine's (whose backward is a cached dispatch).
+    The backward takes it. Should the node die without having made its call -- a backward that did not reach it
+    (``torch.autograd.grad`` of other inputs only, a weights-only backward), or a graph dropped before its
+    backward -- the hold is given back then, so that the handle goes with the graph that could still use it
+    instead of staying until ``max_live_handles`` evicts it.
+
+    The node keeps the ticket of its own forward: under activation checkpointing the recomputed forward's handles
+    are held (and given back) by the recomputation's nodes, which die once it has run."""
+
+    __slots__ = ("buffer_id", "live", "ticket", "tid")
+
+    def __init__(self, buffer_id: int, ticket: Tensor, tid: int) -> None:
+        self.buffer_id, self.ticket, self.tid, self.live = buffer_id, ticket, tid, True
+
+    def take(self) -> Tensor:
+        """For the backward call: the ticket, once (a second backward through the same graph raises before
+        anything is sent)."""
+        if not self.live:
+            raise RuntimeError(
+                "largeep.ops: a second backward through the same graph is not supported on the custom-op path (the "
+                "first one released the dispatch's handle); run the forward again"
+            )
+        self.live = False
+        return self.ticket
+
+    def __del__(self) -> None:
+        if self.live:
+            try:
+                _REG.released.append((self.buffer_id, self.tid))
+                _drop_forgotten_now()
+            except Exception:  # noqa: BLE001 - at interpreter exit the registry may be gone
+                pass
+
+
+def _claim(buffer_id: int, ticket: Tensor) -> _Hold | None:
+    """For an autograd node's setup: takes one of the holds that the eager op call just made added to the count of
+    ``ticket``'s entry. None while traced (no op has run; the ticket is fake) and after an op that did not run
+    (a selective checkpoint's recomputation returns the saved outputs)."""
+    if type(ticket) is not Tensor or ticket.device.type != "cpu" or is_fake(ticket):
+        return None
+    tid = int(ticket.reshape(-1)[0])
+    with _locked():
+        entries = _REG.entries.get(buffer_id)
+        entry = entries.get(tid) if entries is not None else None
+        if entry is None or entry.unclaimed <= 0:
+            return None
+        entry.unclaimed -= 1
+    return _Hold(buffer_id, ticket, tid)
 
 
 def register_buffer(buffer: Buffer, *, max_live_handles: int | None = None) -> int:
@@ -194,11 +283,7 @@ def _forget_buffer(bid: int) -> None:
     # allocation inside a locked section), so it never waits for the lock; it leaves the id for the next locked
     # section, and drops the entries now only if the lock is free.
     _REG.forgotten.append(bid)
-    if _REG.lock.acquire(blocking=False):
-        try:
-            _drop_forgotten()
-        finally:
-            _REG.lock.release()
+    _drop_forgotten_now()
 
 
 def buffer_of(buffer_id: int) -> Buffer:
@@ -231,38 +316,61 @@ def _put(buffer_id: int, entry: _Entry) -> Tensor:
         tid = next(_REG.next_ticket)
         entries[tid] = entry
         while len(entries) > _REG.limits[buffer_id]:
-            entries.popitem(last=False)
+            old, _ = entries.popitem(last=False)
+            evicted = _REG.evicted.setdefault(buffer_id, OrderedDict())
+            if not evicted:
+                logger.warning(
+                    "largeep.ops: Buffer id %d holds more than max_live_handles = %d dispatch handles; the oldest "
+                    "are dropped from now on (see largeep.ops.register_buffer and release_handles)",
+                    buffer_id, _REG.limits[buffer_id],
+                )
+            evicted[old] = None
+            while len(evicted) > _EVICTED_KEPT:
+                evicted.popitem(last=False)
     return torch.tensor([tid], dtype=torch.int64, device="cpu")
 
 
 def _get(buffer_id: int, ticket: Tensor, op: str, refs: int = 0) -> _Entry:
-    """The entry of ``ticket``; adds ``refs`` to its count (never frees it: see :func:`_settle`)."""
+    """The entry of ``ticket``; adds ``refs`` to its count, as holds an autograd node may claim (never frees it:
+    see :func:`_settle`)."""
     tid = int(ticket.reshape(-1)[0])
     with _locked():
         entries = _REG.entries.get(buffer_id)
         entry = entries.get(tid) if entries is not None else None
         if entry is not None:
             entry.refs += refs
+            entry.unclaimed += max(refs, 0)
+        evicted = tid in _REG.evicted.get(buffer_id, ())
     if entry is None:
         limit = _REG.limits.get(buffer_id, DEFAULT_MAX_LIVE_HANDLES)
+        if evicted:
+            raise RuntimeError(
+                f"largeep.ops.{op}: handle #{tid} of Buffer id {buffer_id} was evicted: the Buffer held more than "
+                f"max_live_handles = {limit} live handles, and the oldest are dropped. Raise the limit with "
+                "largeep.ops.register_buffer(buf, max_live_handles=...) (at least the dispatches in flight between "
+                "a forward and its backward: layers x chunks x micro-batches), or free the handles left behind "
+                "(forwards whose combine or backward never ran) with largeep.ops.release_handles(buffer_id)"
+            )
         raise RuntimeError(
-            f"largeep.ops.{op}: handle #{tid} of Buffer id {buffer_id} was released or evicted (each Buffer keeps "
-            f"at most {limit} live handles; raise it with register_buffer(buf, max_live_handles=...)); a second "
-            "backward through the same graph is not supported on the custom-op path"
+            f"largeep.ops.{op}: handle #{tid} of Buffer id {buffer_id} was released (by the combine or backward "
+            "call that was its last, or by release_handles); a second backward through the same graph is not "
+            "supported on the custom-op path"
         )
     return entry
 
 
-def _settle(buffer_id: int, ticket: Tensor, refs: int) -> None:
-    """Adds ``refs`` to the count of ``ticket``'s entry, if it is still there, and frees it if the count is <= 0:
-    after a call that used the entry (its arguments accepted), so that one refused for them leaves the entry as it
-    was, for a corrected call."""
+def _settle(buffer_id: int, ticket: Tensor, refs: int, *, combined: bool = False) -> None:
+    """Adds ``refs`` to the count of ``ticket``'s entry, if it is still there (added ones as holds an autograd node
+    may claim), and frees it if the count is <= 0: after a call that used the entry (its arguments accepted), so
+    that one refused for them leaves the entry as it was, for a corrected call."""
     tid = int(ticket.reshape(-1)[0])
     with _locked():
         entries = _REG.entries.get(buffer_id)
         entry = entries.get(tid) if entries is not None else None
         if entry is not None:
             entry.refs += refs
+            entry.unclaimed += max(refs, 0)
+            entry.combined = entry.combined or combined
             if entry.refs <= 0:
                 del entries[tid]  # type: ignore[union-attr]
 
@@ -1067,7 +1175,7 @@ def _combine_op(
     """refs: +1 for a forward whose y needs grad (its backward will come), 0 for one without, -1 as the backward
     of dispatch_recv. The count changes once the Buffer has accepted the arguments: a combine refused for them
     (``ArgumentError``, raised before anything is sent) leaves the handle as it was, for a corrected call; any
-    other failure counts as the call made."""
+    other failure counts as the call made (a failed forward without the backward it would have had)."""
     entry = _get(buffer_id, ticket, "combine")
     assert isinstance(entry.handle, DispatchHandle)
     try:
@@ -1075,9 +1183,9 @@ def _combine_op(
     except ArgumentError:
         raise
     except BaseException:
-        _settle(buffer_id, ticket, refs)
+        _settle(buffer_id, ticket, min(refs, 0), combined=True)
         raise
-    _settle(buffer_id, ticket, refs)
+    _settle(buffer_id, ticket, refs, combined=True)
     w = res.topk_weights if res.topk_weights is not None else y.new_empty(0, dtype=torch.float32)
     x, w = _fresh((res.x, w), (y, topk_weights))
     return x, w
@@ -1106,11 +1214,16 @@ def _zero_tail(x: Tensor, valid_rows: Tensor | None) -> Tensor:
 
 
 def _recv_setup(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor, Tensor]) -> None:
-    buffer_id, ticket, x, topk_weights, _, _ = inputs
+    buffer_id, ticket, x, topk_weights, _, hold = inputs
     ctx.buffer_id = buffer_id
     ctx.num_tokens = x.shape[0]
     ctx.x_dtype = x.dtype
     ctx.hidden = x.shape[1]
+    # eagerly the node holds its backward call's count and its own forward's ticket (see _Hold), which the
+    # backward takes over the saved one (a checkpoint's recomputation gives that of the recomputed forward); the
+    # ticket is saved in any case, so that the saved tensors are the same whether or not a hold was claimed (a
+    # selective checkpoint compares the forward's with the recomputation's)
+    ctx.hold = _claim(buffer_id, ticket) if hold else None
     # which received (row, k) name an expert, as a tensor of the backward's own: the returned topk_idx may be
     # changed in place by the caller
     ctx.save_for_backward(ticket, output[1] >= 0)
@@ -1118,6 +1231,8 @@ def _recv_setup(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor,
 
 def _recv_backward(ctx: Any, gx: Tensor | None, _gidx: Any, gw: Tensor | None) -> tuple[Any, ...]:
     ticket, recv_valid = ctx.saved_tensors
+    if ctx.hold is not None:
+        ticket = ctx.hold.take()
     if gx is None:
         gx = torch.zeros(recv_valid.shape[0], ctx.hidden, dtype=ctx.x_dtype, device=recv_valid.device)
     # (the backends take empty tensors of any strides, as an empty gradient may have)
@@ -1134,6 +1249,7 @@ def _combine_setup(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Tens
     ctx.buffer_id = buffer_id
     ctx.num_rows = y.shape[0]
     ctx.in_backward = refs < 0  # dispatch_recv's backward, recorded by a backward with create_graph=True
+    ctx.hold = _claim(buffer_id, ticket) if refs > 0 else None  # (as in _recv_setup)
     ctx.save_for_backward(ticket)
 
 
@@ -1148,9 +1264,11 @@ _NO_DOUBLE_BACKWARD = (
 def _combine_backward(ctx: Any, gx: Tensor | None, _gw: Any) -> tuple[Any, ...]:
     if ctx.in_backward:
         raise RuntimeError(_NO_DOUBLE_BACKWARD)
-    (ticket,) = ctx.saved_tensors
     if gx is None:
         return None, None, None, None, None, None
+    (ticket,) = ctx.saved_tensors
+    if ctx.hold is not None:
+        ticket = ctx.hold.take()
     gy = _dispatch_cached_op(ctx.buffer_id, gx.contiguous(), ticket, ctx.num_rows)
     return None, gy, None, None, None, None
 

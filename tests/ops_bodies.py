@@ -17,9 +17,9 @@ from largeep import ops
 HIDDEN, TOPK = 8, 2
 
 
-def _buffer(world: int, max_tokens: int = 8) -> largeep.Buffer:
-    return largeep.Buffer(None, hidden=HIDDEN, num_experts=2 * world, num_topk=TOPK, max_tokens_per_rank=max_tokens,
-                          backend="torch")
+def _buffer(world: int, max_tokens: int = 8, hidden: int = HIDDEN, backend: str = "torch") -> largeep.Buffer:
+    return largeep.Buffer(None, hidden=hidden, num_experts=2 * world, num_topk=TOPK, max_tokens_per_rank=max_tokens,
+                          backend=backend)
 
 
 def _inputs(rank: int, world: int, tokens: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -62,10 +62,32 @@ def _refused(fails: list[str], what: str, fn: Any, *args: Any) -> None:
         fails.append(f"{what}: {type(exc).__name__} instead of ArgumentError: {exc}")
 
 
+def _close(fails: list[str], got: Any, want: torch.Tensor, what: str, rtol: float = 1e-4) -> None:
+    """|got - want| <= rtol * (|want| + max|want|), recorded instead of raised."""
+    if not isinstance(got, torch.Tensor):
+        fails.append(f"{what}: got {type(got).__name__}")
+        return
+    got64, want64 = got.detach().double().cpu(), want.detach().double().cpu()
+    if got64.shape != want64.shape:
+        fails.append(f"{what}: shape {tuple(got64.shape)}, want {tuple(want64.shape)}")
+        return
+    if want64.numel() == 0:
+        return
+    err = (got64 - want64).abs()
+    bound = rtol * (want64.abs() + want64.abs().max()) + 1e-12
+    if not torch.isfinite(got64).all() or (err > bound).any():
+        fails.append(f"{what}: max error {err.max().item():.3g} (scale {want64.abs().max().item():.3g})")
+
+
+def _draw(seed: int, rank: int, *shape: int) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed * 7919 + rank))
+
+
 def ops_refused_call_keeps_handle(rank: int, world: int) -> list[str]:
     """On the custom-op path a combine, or a combine's backward (dispatch_cached), refused for its arguments leaves
     the handle's count as it was: a corrected inference combine still finds the handle (and frees it), and a
-    training step whose combine and cached dispatch were first refused ends with a backward that releases it."""
+    training step whose combine, or whose cached dispatch, was first refused ends with a backward that gives the
+    right grad and releases the handle."""
     fails: list[str] = []
     buf = _buffer(world)
     try:
@@ -99,56 +121,40 @@ def ops_refused_call_keeps_handle(rank: int, world: int) -> list[str]:
     return fails
 
 
-def _close(fails: list[str], got: Any, want: torch.Tensor, what: str, rtol: float = 1e-4) -> None:
-    """|got - want| <= rtol * (|want| + max|want|), recorded instead of raised."""
-    if not isinstance(got, torch.Tensor):
-        fails.append(f"{what}: got {type(got).__name__}")
-        return
-    got64, want64 = got.detach().double(), want.detach().double()
-    if got64.shape != want64.shape:
-        fails.append(f"{what}: shape {tuple(got64.shape)}, want {tuple(want64.shape)}")
-        return
-    if want64.numel() == 0:
-        return
-    err = (got64 - want64).abs()
-    bound = rtol * (want64.abs() + want64.abs().max()) + 1e-12
-    if not torch.isfinite(got64).all() or (err > bound).any():
-        fails.append(f"{what}: max error {err.max().item():.3g} (scale {want64.abs().max().item():.3g})")
-
-
-def _draw(seed: int, rank: int, *shape: int) -> torch.Tensor:
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed * 7919 + rank))
-
-
-def ops_second_derivative(rank: int, world: int, tokens: list[int], num_worst: int, custom: bool) -> list[str]:
+def ops_second_derivative(rank: int, world: int, tokens: list[int], num_worst: int, custom: bool,
+                          backend: str = "torch") -> list[str]:
     """A gradient penalty through dispatch and combine: f = sum(a * rx^3) + sum(b * rw^3) + sum(e * c^2) on each
     rank, with rx, rw the received rows and weights and c = combine(rx^2 * q), plus a local term sum(x^3 / 2 + w^3)
     (so that a second derivative losing largeep's part would still have a graph); the first derivatives
     (g_x, g_w) = grad(f, (x, w), create_graph=True), then the grads of P = sum(u * g_x^2) + sum(v * g_w^2). Against
     the same functions of every rank's inputs in one process (float64, index ops, torch's autograd), where the
     distributed gradients are those of the sums over ranks of f and of P. The eager path gives both derivatives;
-    the custom-op path gives the first and raises, naming what is not supported, for the second."""
+    the custom-op path gives the first and raises, naming what is not supported, for the second. float32, on the
+    device of a Buffer of ``backend`` (H 8 on the CPU, 128 on CUDA)."""
+    from bodies import device_for
     from reference import make_inputs, ref_dispatch
 
     fails: list[str] = []
+    dev = device_for(backend)
+    h = HIDDEN if dev.type == "cpu" else 128
     experts = 2 * world
-    inputs = [make_inputs(41, r, tokens[r], HIDDEN, experts, TOPK, torch.float32) for r in range(world)]
+    inputs = [make_inputs(41, r, tokens[r], h, experts, TOPK, torch.float32) for r in range(world)]
     refs = [ref_dispatch(inputs, r, experts) for r in range(world)]
     rows = [len(d.src) for d in refs]
-    a = [_draw(1, r, rows[r], HIDDEN) for r in range(world)]
+    a = [_draw(1, r, rows[r], h) for r in range(world)]
     b = [_draw(2, r, rows[r], TOPK) for r in range(world)]
-    q = [_draw(3, r, rows[r], HIDDEN) for r in range(world)]
-    e = [_draw(4, r, tokens[r], HIDDEN) for r in range(world)]
-    u = [_draw(5, r, tokens[r], HIDDEN) for r in range(world)]
+    q = [_draw(3, r, rows[r], h) for r in range(world)]
+    e = [_draw(4, r, tokens[r], h) for r in range(world)]
+    u = [_draw(5, r, tokens[r], h) for r in range(world)]
     v = [_draw(6, r, tokens[r], TOPK) for r in range(world)]
 
     # the reference: every rank's tokens in one process
     xs = [inp.x.double().requires_grad_() for inp in inputs]
     ws = [inp.topk_weights.double().requires_grad_() for inp in inputs]
     f_all = torch.zeros((), dtype=torch.float64)
-    cs = [torch.zeros(tokens[s], HIDDEN, dtype=torch.float64) for s in range(world)]
+    cs = [torch.zeros(tokens[s], h, dtype=torch.float64) for s in range(world)]
     for r, d in enumerate(refs):
-        rx = torch.stack([xs[s][t] for s, t in d.src]) if d.src else torch.zeros(0, HIDDEN, dtype=torch.float64)
+        rx = torch.stack([xs[s][t] for s, t in d.src]) if d.src else torch.zeros(0, h, dtype=torch.float64)
         rw = torch.stack([ws[s][t] for s, t in d.src]) if d.src else torch.zeros(0, TOPK, dtype=torch.float64)
         rw = torch.where(d.topk_idx >= 0, rw, 0.0)
         f_all = f_all + (a[r] * rx**3).sum() + (b[r] * rw**3).sum()
@@ -164,27 +170,27 @@ def ops_second_derivative(rank: int, world: int, tokens: list[int], num_worst: i
     second = torch.autograd.grad(p_all, xs + ws, allow_unused=True)
     second = [g if g is not None else torch.zeros_like(p) for g, p in zip(second, xs + ws, strict=True)]
 
-    buf = _buffer(world, max_tokens=max(max(tokens), 1))
+    buf = _buffer(world, max_tokens=max(max(tokens), 1), hidden=h, backend=backend)
     try:
         mine = inputs[rank]
-        x = mine.x.clone().requires_grad_()
-        w = mine.topk_weights.clone().requires_grad_()
-        d = ops.dispatch(buf, x, mine.topk_idx, w, num_worst_tokens=num_worst, use_custom_ops=custom)
+        x = mine.x.to(dev, copy=True).requires_grad_()
+        w = mine.topk_weights.to(dev, copy=True).requires_grad_()
+        d = ops.dispatch(buf, x, mine.topk_idx.to(dev), w, num_worst_tokens=num_worst, use_custom_ops=custom)
         tail = d.x.shape[0] - rows[rank]
 
         def pad(t: torch.Tensor) -> torch.Tensor:
-            return torch.cat([t, t.new_zeros(tail, t.shape[1])])
+            return torch.cat([t, t.new_zeros(tail, t.shape[1])]).to(dev)
 
         # rows past the received count (num_worst_tokens) are unspecified: masked out, as a caller would
         rx = torch.where((d.topk_idx >= 0).any(dim=1, keepdim=True), d.x, 0.0)
         rw = torch.where(d.topk_idx >= 0, d.topk_weights, 0.0)
         c = ops.combine(buf, rx * rx * pad(q[rank]), d.handle).x
-        f = (pad(a[rank]) * rx**3).sum() + (pad(b[rank]) * rw**3).sum() + (e[rank] * c * c).sum()
+        f = (pad(a[rank]) * rx**3).sum() + (pad(b[rank]) * rw**3).sum() + (e[rank].to(dev) * c * c).sum()
         f = f + (x**3 / 2).sum() + (w**3).sum()
         gx, gw = torch.autograd.grad(f, (x, w), create_graph=True)
         _close(fails, gx, first[rank], "first derivative, x")
         _close(fails, gw, first[world + rank], "first derivative, topk_weights")
-        p = (u[rank] * gx * gx).sum() + (v[rank] * gw * gw).sum()
+        p = (u[rank].to(dev) * gx * gx).sum() + (v[rank].to(dev) * gw * gw).sum()
         try:
             g2x, g2w = torch.autograd.grad(p, (x, w))
             if custom:
@@ -203,34 +209,37 @@ def ops_second_derivative(rank: int, world: int, tokens: list[int], num_worst: i
     return fails
 
 
-def ops_checkpointed(rank: int, world: int, backend: str, num_chunks: int) -> list[str]:
+def ops_checkpointed(rank: int, world: int, backend: str, num_chunks: int, buffer_backend: str = "torch") -> list[str]:
     """A block under non-reentrant activation checkpointing with ``context_fn=ops.checkpoint_context_fn``: an MoE
     layer (gate, grouped-GEMM experts, shared experts; ``num_chunks`` chunks; ``num_chunks`` 0: a plain
     dispatch, an elementwise expert and a combine, which Inductor compiles in a fraction of the time) followed by a
     local op. ``backend`` "eager" runs it eagerly on both paths (autograd Functions, custom ops) and with plain
     checkpointing; "aot_eager" and "inductor" compile it (fullgraph), which plain checkpointing cannot. The output
     and the grads of x, of the gate weights and of every parameter equal those without checkpointing, eagerly, and
-    no handle is left alive."""
+    no handle is left alive. float32, on the device of a Buffer of ``buffer_backend``."""
     import functools
 
     import torch._dynamo
+    from bodies import device_for
     from largeep import layers
     from torch.utils.checkpoint import checkpoint
 
     fails: list[str] = []
-    hidden = 32
+    dev = device_for(buffer_backend)
+    hidden = 32 if dev.type == "cpu" else 128
     buf = largeep.Buffer(None, hidden=hidden, num_experts=2 * world, num_topk=TOPK, max_tokens_per_rank=16,
-                         backend="torch")
+                         backend=buffer_backend)
     try:
         torch.manual_seed(17)  # the same weights on every rank
-        layer = layers.MoELayer(buf, ffn_hidden=16, shared_ffn_hidden=8, num_chunks=max(num_chunks, 1))
+        with torch.device(dev):
+            layer = layers.MoELayer(buf, ffn_hidden=16, shared_ffn_hidden=8, num_chunks=max(num_chunks, 1))
         bid = layer.buffer_id
         g = torch.Generator().manual_seed(rank)
         tokens = 11 + 3 * rank
-        x0 = torch.randn(tokens, hidden, generator=g)
-        idx = torch.stack([torch.randperm(2 * world, generator=g)[:TOPK] for _ in range(tokens)])
-        w0 = torch.rand(tokens, TOPK, generator=g)
-        scale = torch.linspace(0.5, 1.5, hidden)
+        x0 = torch.randn(tokens, hidden, generator=g).to(dev)
+        idx = torch.stack([torch.randperm(2 * world, generator=g)[:TOPK] for _ in range(tokens)]).to(dev)
+        w0 = torch.rand(tokens, TOPK, generator=g).to(dev)
+        scale = torch.linspace(0.5, 1.5, hidden).to(dev)
 
         def moe(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
             if num_chunks:

@@ -145,6 +145,22 @@ def test_checkpointed(pools, backend: str, num_chunks: int) -> None:
     _no_failures(pools(2).run(ops_bodies.ops_checkpointed, backend, num_chunks))
 
 
+@pytest.mark.gpu(2)
+@pytest.mark.parametrize("backend", ["nvshmem", "torch"])
+def test_second_derivative_and_checkpointed_gpu(pools, backend: str) -> None:
+    """On CUDA (float32): the eager path's second derivatives (the weights' part sent as float32 rows by cached
+    dispatches), the custom-op path's refusal of them; checkpoint_context_fn eagerly and with aot_eager."""
+    from largeep import native
+
+    if backend == "nvshmem" and native.unavailable_reason() is not None:
+        pytest.skip(str(native.unavailable_reason()))
+    pool = pools(2, "nccl")
+    for num_worst, custom in ((0, False), (32, False), (0, True)):
+        _no_failures(pool.run(ops_bodies.ops_second_derivative, [6, 3], num_worst, custom, backend))
+    for mode, chunks in (("eager", 0), ("eager", 2), ("aot_eager", 2)):
+        _no_failures(pool.run(ops_bodies.ops_checkpointed, mode, chunks, backend))
+
+
 def test_checkpoint_policy() -> None:
     """checkpoint_policy saves largeep's communication ops and dispatch_recv only; checkpoint_context_fn asks a
     policy of the caller's about every other op."""

@@ -47,18 +47,18 @@ Variable row counts under ``torch.compile``: ``fullgraph=True`` captures ``dispa
 Handle lifetime in the registry: a handle counts the backward calls still to come (hold flags, fixed when the
 forward is traced: one for ``dispatch_recv`` when grad flows to x or topk_weights, one for each ``combine`` whose y
 needs grad); each backward call drops one, and the handle is freed once a combine or a backward call leaves the
-count at zero (so inference frees it at the combine, training at the last backward call, in either order).
-Eagerly (``use_custom_ops=True``) each of those counts belongs to the autograd node that will make the call: should
-the node die without making it (a backward that did not reach it, e.g. ``torch.autograd.grad`` of the expert
-weights alone; a graph dropped before its backward), it gives the count back, and the handle is freed with its
-graph once a combine has used it. A compiled graph's backward is one node that makes every call, so a partial
-backward frees there too. What stays is a handle no combine has used (the caller may still combine it) and a
-compiled forward whose backward never runs; as a safety net each Buffer keeps at most ``max_live_handles`` (oldest
-dropped first, with a warning the first time; a later use of one names the limit), and :func:`release_handles`
-frees them all. Using a freed handle raises; so does a second backward through the same graph. A call refused for
-its arguments (``ArgumentError``, raised before anything is sent) leaves the handle and its count as they were, for
-a corrected call; any other failure counts as the call made. So a low-latency handle is freed by its combine, also
-by a combine that fails, except one refused for its arguments.
+count at zero (so inference frees it at the combine, training at the last backward call, in either order). Eagerly
+(``use_custom_ops=True``) each of those counts belongs to the autograd node that will make the call: should the node
+die without making it (a backward that did not reach it, e.g. ``torch.autograd.grad`` of the expert weights alone; a
+graph dropped before its backward), it gives the count back, and the handle is freed with its graph once a combine
+has used it. A compiled graph's backward is one node that makes every call, so a partial backward that reaches it
+frees there too. What stays is a handle no combine has used (the caller may still combine it) and those of a
+compiled graph whose backward never runs; as a safety net each Buffer keeps at most ``max_live_handles`` (oldest
+dropped first, with a warning the first time; a later use of one names the limit), and :func:`release_handles` frees
+them all. Using a freed handle raises; so does a second backward through the same graph. A call refused for its
+arguments (``ArgumentError``, raised before anything is sent) leaves the handle and its count as they were, for a
+corrected call; any other failure counts as the call made. So a low-latency handle is freed by its combine, also by
+a combine that fails, except one refused for its arguments.
 
 The grouped GEMM uses ``torch._grouped_mm`` (there in torch 2.13: on CPU it runs float32, bfloat16 and
 float16, with every non-unit stride a multiple of 16 bytes; its meta function accepts only bfloat16, hence the

@@ -16,7 +16,7 @@ import largeep
 import torch
 import torch._dynamo
 import torch.distributed as dist
-from largeep import ArgumentError, layers, ops
+from largeep import ArgumentError, PeerRefusedError, layers, ops
 from largeep.expert_tp import all_gather_rows, make_expert_tp_groups, reduce_scatter_rows
 from layer_bodies import (
     RoundRobinReplicas,
@@ -307,6 +307,257 @@ def one_sided_refusals(rank: int, world: int) -> None:
         for b in bufs.values():
             b.destroy()
     assert not failures, "\n".join(failures)
+
+
+class _SpreadGate(torch.nn.Module):
+    """Token t of a call -> experts (t + k) % E for k < K (distinct), weights softmax(x W^T) over them (W [K, H]:
+    the gate has a gradient). ``bad_call``: the gate's call (counted from ``calls`` = 0) whose rows from
+    ``bad_from`` on name expert E instead of their first expert (out of range: the dispatch refuses it)."""
+
+    distinct_experts = True
+
+    def __init__(self, hidden: int, experts: int, topk: int, seed: int) -> None:
+        super().__init__()
+        self.experts, self.topk = experts, topk
+        self.weight = torch.nn.Parameter(torch.randn(topk, hidden, generator=_gen(seed, 7)) * hidden**-0.5)
+        self.calls, self.bad_call, self.bad_from = 0, -1, 0
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        t = x.shape[0]
+        idx = (torch.arange(t).unsqueeze(1) + torch.arange(self.topk)) % self.experts
+        if self.calls == self.bad_call:
+            idx[self.bad_from :, 0] = self.experts
+        self.calls += 1
+        return idx, torch.softmax(x.float() @ self.weight.T, dim=-1)
+
+
+def _round(run: Any, params: list[torch.nn.Parameter], x: torch.Tensor, g: torch.Tensor) -> list[torch.Tensor]:
+    """Forward and backward of ``run`` (zeroed grads first) -> [output, grad of x, grads of ``params``]."""
+    for p in params:
+        p.grad = None
+    xg = x.clone().requires_grad_()
+    out = run(xg)
+    (out * g[: out.shape[0]]).sum().backward()
+    return [out.detach(), xg.grad] + [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+
+
+def refusal_keeps_tp_in_step(rank: int, world: int, kw: dict[str, Any], pipeline: bool) -> None:
+    """TP groups of 2; two layers (different weights) on one Buffer and TP group, run one after the other (or as
+    a MoEPipeline of 2 chunks), forward and backward. Round 1: rank 0's second layer names an out-of-range expert
+    (in its second chunk where there are two); round 2: rank 0 has more tokens than max_tokens_per_rank. Each is
+    refused in rank 0's EP group (ArgumentError on rank 0, PeerRefusedError on its EP peers) and, through the void
+    row rank 0 sends in the TP exchange, on its TP partners (PeerRefusedError naming member 0), at once. Round 3
+    equals round 0 bit for bit on every rank (output, grads of x and of every parameter): the TP collectives
+    stayed in step. Failures are collected and asserted after every round."""
+    hidden, experts, topk, ffn = 32, 2 * world, 2, 16
+    groups = make_expert_tp_groups(2)
+    buf = largeep.Buffer(groups.ep_group, hidden=hidden, num_experts=experts, num_topk=topk,
+                         max_tokens_per_rank=16, backend="torch")
+    failures: list[str] = []
+    try:
+        torch.manual_seed(100 + groups.tp_rank)  # (each member its own shard; the same shard in every EP group)
+        gates = [_SpreadGate(hidden, experts, topk, seed) for seed in (1, 2)]
+        stack = [layers.MoELayer(buf, ffn_hidden=ffn, shared_ffn_hidden=8, gate=gate,
+                                 expert_tp_group=groups.tp_group, **kw) for gate in gates]
+        model: Any = layers.MoEPipeline(stack, num_chunks=2) if pipeline else torch.nn.Sequential(*stack)
+        params = list(model.parameters())
+        tokens = [12, 0, 9, 7][rank % 4]
+        x = torch.randn(tokens, hidden, generator=_gen(31, rank))
+        g = torch.randn(40, hidden, generator=_gen(32, rank))
+        ep_peer = groups.ep_rank > 0 and groups.tp_rank == 0  # (rank 0's EP group: member 0 of every TP group)
+        with _timeout(20):
+            want = _round(model, params, x, g)
+            # where the second layer's refused chunk lies: its gate's call 1 (the pipeline calls it per chunk), else
+            # call 0's second half (num_chunks 2) or all of it
+            split = kw.get("num_chunks", 1) > 1
+            gates[1].bad_call, gates[1].bad_from = (1, 0) if pipeline else (0, tokens // 2 if split else 0)
+            big = torch.randn(40, hidden, generator=_gen(33, rank))  # 20 tokens per chunk of 2 > 16
+            for what, xi, words in (("a bad expert id", x, "topk_idx"), ("too many tokens", big,
+                                                                          "max_tokens_per_rank")):
+                for gate in gates:
+                    gate.calls = 0
+                if rank != 0:
+                    gates[1].bad_call = -1
+                    xi = x
+                name = f"rank {rank} {kw} pipeline={pipeline}, {what} on rank 0"
+                if rank == 0:
+                    _expect(failures, name, ArgumentError, (words,), _round, model, params, xi, g)
+                elif ep_peer:
+                    _expect(failures, name, PeerRefusedError, ("refused this dispatch",), _round, model, params,
+                            xi, g)
+                else:
+                    _expect(failures, name, PeerRefusedError, ("member(s) [0]", "stays in step"), _round, model,
+                            params, xi, g)
+                gates[1].bad_call = -1
+            for gate in gates:
+                gate.calls = 0
+            try:
+                got = _round(model, params, x, g)
+                for i, (a, b) in enumerate(zip(got, want, strict=True)):
+                    if not torch.equal(a, b):
+                        failures.append(f"rank {rank} {kw} pipeline={pipeline}: round 3 differs from round 0 "
+                                        f"(tensor {i}, max diff {(a - b).abs().max().item():.3g})")
+            except Exception as exc:  # noqa: BLE001 - reported with the others
+                failures.append(f"rank {rank} {kw} pipeline={pipeline}: round 3 raised {type(exc).__name__}: {exc}")
+    finally:
+        if kw.get("use_custom_ops"):
+            ops.release_handles(stack[0].buffer_id)
+        buf.destroy()
+    assert not failures, "\n".join(failures)
+
+
+def dtype_mismatch_refused(rank: int, world: int, kw: dict[str, Any]) -> None:
+    """TP groups of 2 whose member 0 passes x in bfloat16 and member 1 in float32 (each EP group one dtype, so the
+    dispatches go through): ArgumentError on every rank naming both dtypes, before any row moves over the TP group
+    (the rows' all-gather of different byte counts aborted the process on gloo); then a float32 call on every
+    rank equals the one made before, bit for bit."""
+    hidden = 32
+    groups = make_expert_tp_groups(2)
+    buf = largeep.Buffer(groups.ep_group, hidden=hidden, num_experts=2 * world, num_topk=2, max_tokens_per_rank=16,
+                         backend="torch")
+    failures: list[str] = []
+    try:
+        torch.manual_seed(200 + groups.tp_rank)
+        layer = layers.MoELayer(buf, ffn_hidden=16, gate=_SpreadGate(hidden, 2 * world, 2, 3),
+                                expert_tp_group=groups.tp_group, **kw)
+        x = torch.randn(5 + 3 * rank, hidden, generator=_gen(41, rank))
+        with _timeout(20), torch.no_grad():
+            want = layer(x)
+            mixed = x.bfloat16() if groups.tp_rank == 0 else x
+            _expect(failures, f"rank {rank} {kw}", ArgumentError, ("different dtypes", "bfloat16", "float32"), layer,
+                    mixed)
+            try:
+                got = layer(x)
+                if not torch.equal(got, want):
+                    failures.append(f"rank {rank} {kw}: the call after the refusal differs from the one before")
+            except Exception as exc:  # noqa: BLE001 - reported with the others
+                failures.append(f"rank {rank} {kw}: the call after the refusal raised {type(exc).__name__}: {exc}")
+    finally:
+        buf.destroy()
+    assert not failures, "\n".join(failures)
+
+
+class _FailOnce(torch.nn.Module):
+    """Wraps a module; its first call raises RuntimeError (as an out-of-memory error would)."""
+
+    def __init__(self, inner: torch.nn.Module) -> None:
+        super().__init__()
+        self.inner, self.failed = inner, False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.failed:
+            self.failed = True
+            raise RuntimeError("planted failure")
+        return self.inner(x)  # type: ignore[no-any-return]
+
+
+def shifted_exchanges(rank: int, world: int) -> None:
+    """Members whose count exchanges belong to different calls raise RuntimeError on every member (they paired
+    silently before), and the TP group then refuses every later call at once on every member: (1) member 0 calls
+    two layers in the other order; (2) member 0 fails between its dispatch and the exchange (its shared experts
+    raise once), so its next call's exchange meets member 1's pending one. 2 ranks: TP group of 2, EP groups of 1."""
+    hidden = 32
+    failures: list[str] = []
+    with _timeout(20):
+        for part in ("order", "between"):
+            groups = make_expert_tp_groups(2)
+            buf = largeep.Buffer(groups.ep_group, hidden=hidden, num_experts=2, num_topk=1, max_tokens_per_rank=8,
+                                 backend="torch")
+            try:
+                torch.manual_seed(rank)
+                stack = [layers.MoELayer(buf, ffn_hidden=16, shared_ffn_hidden=8, expert_tp_group=groups.tp_group)
+                         for _ in range(2)]
+                x = torch.randn(6, hidden, generator=_gen(51, rank))
+                name = f"rank {rank} {part}"
+                with torch.no_grad():
+                    if part == "order":
+                        first = stack[1] if rank == 0 else stack[0]
+                        words: tuple[str, ...] = ("different calls", "layers [1, 0]")
+                    else:
+                        first = stack[0]
+                        words = ("different calls", "chunks [2, 1]")
+                        if rank == 0:
+                            assert stack[0].shared_experts is not None
+                            stack[0].shared_experts = _FailOnce(stack[0].shared_experts)
+                            _expect(failures, f"{name} (planted)", RuntimeError, ("planted failure",), stack[0], x)
+                    _expect(failures, name, RuntimeError, words, first, x)
+                    for layer in stack:
+                        _expect(failures, f"{name}, later", RuntimeError, ("failed earlier", "different calls"),
+                                layer, x)
+            finally:
+                buf.destroy()
+    assert not failures, "\n".join(failures)
+
+
+def failed_dispatch_joins(rank: int, world: int) -> None:
+    """A dispatch that fails on member 0 for another reason than a refusal (x not a tensor: AttributeError) still
+    sends its void row: member 1 raises PeerRefusedError saying member 0 failed, and the next call equals the one
+    before on both. 2 ranks: TP group of 2, EP groups of 1."""
+    hidden = 32
+    groups = make_expert_tp_groups(2)
+    buf = largeep.Buffer(groups.ep_group, hidden=hidden, num_experts=2, num_topk=1, max_tokens_per_rank=8,
+                         backend="torch")
+    failures: list[str] = []
+    try:
+        torch.manual_seed(rank)
+        layer = layers.MoELayer(buf, ffn_hidden=16, expert_tp_group=groups.tp_group)
+        x = torch.randn(6, hidden, generator=_gen(71, rank))
+        with _timeout(20), torch.no_grad():
+            want = layer(x)
+            if rank == 0:
+                idx, w = layer.route(x)
+                _expect(failures, "rank 0", AttributeError, ("contiguous",), layer.send_chunk, x.tolist(), idx, w)
+            else:
+                _expect(failures, "rank 1", PeerRefusedError, ("member(s) [0]", "failed there"), layer, x)
+            try:
+                if not torch.equal(layer(x), want):
+                    failures.append(f"rank {rank}: the call after the failure differs from the one before")
+            except Exception as exc:  # noqa: BLE001 - reported with the others
+                failures.append(f"rank {rank}: the call after the failure raised {type(exc).__name__}: {exc}")
+    finally:
+        buf.destroy()
+    assert not failures, "\n".join(failures)
+
+
+def worst_refusal_without_exchange(rank: int, world: int, timeout_s: float) -> list[float]:
+    """num_worst_tokens where chunks exchange no counts (as on CUDA; forced here on CPU): rank 0's refused dispatch
+    (a bad expert id) cannot tell its TP partner, so rank 0 raises ArgumentError and marks the TP group failed, and
+    rank 1 waits for its rows until LARGEEP_TIMEOUT_S (PeerTimeoutError); the next call raises RuntimeError on both
+    at once: no value computed from rows out of step. Returns the seconds each call took."""
+    import time
+
+    from largeep import expert_tp
+
+    hidden = 32
+    groups = make_expert_tp_groups(2)
+    buf = largeep.Buffer(groups.ep_group, hidden=hidden, num_experts=2, num_topk=1, max_tokens_per_rank=8,
+                         backend="torch")
+    failures: list[str] = []
+    took = []
+    plain = expert_tp._exchanges_counts
+    expert_tp._exchanges_counts = lambda fixed_rows, device: not fixed_rows  # type: ignore[assignment]
+    try:
+        gate = _SpreadGate(hidden, 2, 1, 4)
+        layer = layers.MoELayer(buf, ffn_hidden=16, gate=gate, num_worst_tokens=16, expert_tp_group=groups.tp_group)
+        x = torch.randn(6, hidden, generator=_gen(61, rank))
+        with _timeout(timeout_s), torch.no_grad():
+            gate.calls, gate.bad_call = 0, 0 if rank == 0 else -1
+            start = time.monotonic()
+            if rank == 0:
+                _expect(failures, "rank 0", ArgumentError, ("topk_idx",), layer, x)
+            else:
+                _expect(failures, "rank 1", largeep.PeerTimeoutError, ("expert TP", "LARGEEP_TIMEOUT_S"), layer, x)
+            took.append(time.monotonic() - start)
+            gate.bad_call = -1
+            start = time.monotonic()
+            _expect(failures, f"rank {rank}, next call", RuntimeError, ("failed earlier", "num_worst_tokens"
+                                                                        if rank == 0 else "collective"), layer, x)
+            took.append(time.monotonic() - start)
+    finally:
+        expert_tp._exchanges_counts = plain  # type: ignore[assignment]
+        buf.destroy()
+    assert not failures, "\n".join(failures)
+    return took
 
 
 def tp_top1_empty_rank(rank: int, world: int) -> None:

@@ -67,6 +67,45 @@ def test_one_sided_refusals(pools, world: int) -> None:
     pools(world).run(expert_tp_bodies.one_sided_refusals)
 
 
+@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize(
+    ("kw", "pipeline"),
+    [({}, False), ({"num_chunks": 2}, False), ({"num_worst_tokens": 64}, False), ({"use_custom_ops": True}, False),
+     ({}, True)],
+    ids=["plain", "chunks", "worst", "custom_ops", "pipeline"],
+)
+def test_refusal_keeps_tp_in_step(pools, world: int, kw: dict, pipeline: bool) -> None:
+    # a dispatch refused in one EP group raises on every rank at once, and the next call is right everywhere
+    pools(world).run(expert_tp_bodies.refusal_keeps_tp_in_step, kw, pipeline)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("kw", [{}, {"num_worst_tokens": 64}], ids=["plain", "worst"])
+def test_dtype_mismatch_refused(pools, world: int, kw: dict) -> None:
+    pools(world).run(expert_tp_bodies.dtype_mismatch_refused, kw)
+
+
+def test_shifted_exchanges_raise(pools) -> None:
+    pools(2).run(expert_tp_bodies.shifted_exchanges)
+
+
+def test_failed_dispatch_joins(pools) -> None:
+    pools(2).run(expert_tp_bodies.failed_dispatch_joins)
+
+
+def test_worst_refusal_without_exchange() -> None:
+    # a pool of its own: rank 1's abandoned gather stays pending in its process, which is killed afterwards
+    from dist_pool import DistPool
+
+    pool = DistPool(2, "gloo", timeout_s=120)
+    try:
+        took = pool.run(expert_tp_bodies.worst_refusal_without_exchange, 2.0)
+    finally:
+        pool.close(force=True)
+    assert took[0][0] < 2.0 and 2.0 <= took[1][0] < 30.0, took  # rank 0 at once, rank 1 after its bound
+    assert took[0][1] < 2.0 and took[1][1] < 2.0, took  # the next call: refused at once on both
+
+
 def test_tp_top1_with_an_empty_rank(pools) -> None:
     pools(2).run(expert_tp_bodies.tp_top1_empty_rank)
 

@@ -12,8 +12,9 @@ One chunk on member j of a TP group (:meth:`ExpertTP.forward_rows`):
 
 1. dispatch in its EP group (the Buffer): R_j rows whose experts sit on slot s. The members receive different
    rows: each from the source ranks of its own EP group.
-2. count exchange: all-gather of (R_j, pairs_j) over the TP group, 2 int64 per member, one host wait. Skipped with
-   ``num_worst_tokens`` (then R_j = num_worst_tokens).
+2. count exchange: all-gather over the TP group of 6 int64 per member, one host wait: R_j, pairs_j, x's dtype, and
+   what keeps the members in step (below). With ``num_worst_tokens`` (R_j = num_worst_tokens) only eagerly on CPU,
+   where it costs no device sync.
 3. all-gather of the rows (x [R_j, H], topk_weights and topk_idx [R_j, K]) padded to C = max_j R_j rows (padding
    names no expert): every member holds the same T*C rows.
 4. the sharded SwiGLU on all T*C rows: ``silu(x W1_j) * (x W3_j)`` is elementwise in F, so ``(...) W2_j``,
@@ -28,17 +29,40 @@ Communication per chunk and rank, beyond the EP dispatch/combine (C = max rows o
 forward (T-1)*C*(H*b_x + K*12) bytes all-gathered (x in its dtype, b_x bytes; weights float32; ids int64) plus
 (T-1)*C*H*b_x reduce-scattered; backward the same two volumes again (the x and weight grads reduce-scattered, the
 output grads all-gathered). An all-reduce of the partials would move twice the reduce-scatter's bytes. Without
-``num_worst_tokens`` step 2 adds a small all-gather and a host wait. Uneven R_j cost padding: every member computes
-and moves T*C rows, not sum_j R_j.
+``num_worst_tokens`` (or eagerly on CPU) step 2 adds a small all-gather and a host wait. Uneven R_j cost padding:
+every member computes and moves T*C rows, not sum_j R_j.
+
+Failures. A dispatch is refused in one EP group (an expert id out of range, or a rank with more tokens than
+max_tokens_per_rank: ArgumentError on the refusing rank, PeerRefusedError on its EP peers, the Buffers usable)
+while the members' partners in the other EP groups dispatched theirs and wait in the chunk's count exchange. So a
+member whose dispatch raises joins that exchange with a void row before it raises (:meth:`ExpertTP.dispatch_failed`,
+called by ``MoELayer.send_chunk``), and every member that sees a void row raises PeerRefusedError naming it: the
+whole world raises at the same chunk (each TP group has a member in the refusing EP group), nothing moves over the
+TP groups, and the next call pairs its collectives as it should. Members that pass x in different dtypes raise
+ArgumentError there alike. Each row also carries the layer's number on the group and the number of chunks begun on
+the group (every dispatch attempt counts, refused or not): members whose exchanges belong to different layers or
+chunks (a member failed between its dispatch and the exchange, or the members call the layers in different orders)
+raise RuntimeError, instead of computing with rows of another call. Such a shift, a collective that raised (a wait
+past LARGEEP_TIMEOUT_S), or any error after the exchange marks the group failed on that rank, which then refuses
+every call on it before issuing anything: make new groups and layers on every rank. Where no counts are exchanged
+(``num_worst_tokens`` on CUDA, or compiled), nothing can tell a refusal to the partners: the refusing member marks
+the group failed and the partners wait for its rows until their bound (LARGEEP_TIMEOUT_S on gloo, the process
+group's timeout on NCCL), so no wrong value is computed, but the groups and the layers' Buffers must be destroyed
+and made anew on every rank; x's dtype is not compared there either (every member must pass one dtype: NCCL pairs
+gathers of different byte counts in undefined ways).
 
 Under ``torch.compile`` (``fullgraph=True`` works) the collectives are issued synchronously (Dynamo traces them)
-and the count exchange gives unbacked ints. Not done: the low-latency (decoding) mode, and sharding the shared
-experts (they stay replicated on every rank).
+and the count exchange gives unbacked ints; the checks of the exchange's rows become runtime assertions (layer
+number, dtype, no void row), and no chunks are counted (Python state is not read at run time) nor void rows sent (a
+raise leaves the graph without running Python): a dispatch refused in a compiled call leaves the TP group one call
+out of step, detected only where the members' next exchanges belong to different layers; treat it as fatal.
+Not done: the low-latency (decoding) mode, and sharding the shared experts (they stay replicated on every rank).
 """
 
 from __future__ import annotations
 
 import contextlib
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,7 +72,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from largeep import _collective
-from largeep.errors import ArgumentError
+from largeep.errors import ArgumentError, PeerRefusedError
 
 __all__ = [
     "ExpertTP",
@@ -123,6 +147,59 @@ def make_expert_tp_groups(tp_size: int, group: dist.ProcessGroup | None = None) 
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# What this rank knows of each TP group
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class _GroupState:
+    """This rank's record of one group, shared by every layer on it (eager mode only: nothing here is read while
+    compiling). ``layers``: the layers checked on it so far (each layer's number; every member checks them in the
+    same order, the check being collective). ``chunks``: the chunks whose dispatch the layers on it began (every
+    attempt, refused or not): each count exchange carries it, so members whose exchanges belong to different
+    chunks (one member failed between its dispatch and the exchange, and its next chunk's exchange met the
+    others' pending one) see it. ``failed``: why its collectives no longer pair with the other members' (None while
+    they do); from then on this rank refuses every collective on it before issuing anything."""
+
+    def __init__(self) -> None:
+        self.layers = 0
+        self.chunks = 0
+        self.failed: str | None = None
+
+
+_states: weakref.WeakKeyDictionary[dist.ProcessGroup, _GroupState] = weakref.WeakKeyDictionary()
+
+
+def _state(group: dist.ProcessGroup) -> _GroupState:
+    st = _states.get(group)
+    if st is None:
+        st = _states[group] = _GroupState()
+    return st
+
+
+def _fail(group: dist.ProcessGroup, why: str) -> None:
+    """Marks ``group`` failed on this rank (the first reason stays)."""
+    st = _state(group)
+    if st.failed is None:
+        st.failed = why
+
+
+def _raised(exc: BaseException) -> str:
+    lines = str(exc).splitlines()
+    return f"{type(exc).__name__}: {lines[0][:300]}" if lines else type(exc).__name__
+
+
+def _refuse_if_failed(group: dist.ProcessGroup, what: str) -> None:
+    st = _states.get(group)
+    if st is not None and st.failed is not None:
+        raise RuntimeError(
+            f"expert TP: rank {dist.get_rank(group)} of its {what} refuses this call: the group failed earlier "
+            f"({st.failed}), so its collectives no longer pair with the other members'. Make a new group on every "
+            "rank (largeep.expert_tp.make_expert_tp_groups, or dist.new_group) and new layers on it (the old "
+            "layers' state dicts load into them); a Buffer that failed too says so at its next call"
+        )
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Differentiable collectives along dim 0 over the TP group (each one's backward is the other)
 # ---------------------------------------------------------------------------------------------------------------
 
@@ -132,16 +209,23 @@ def _run(
 ) -> list[Tensor]:
     """Issues ``fn(out, t)`` for every pair, then waits for all (Dynamo traces only synchronous collectives). On
     CPU (gloo) each wait is bounded by LARGEEP_TIMEOUT_S, as the torch backend's are (a member that raised before
-    the collective never joins it); on NCCL the group's own timeout applies. ``what`` names the group."""
-    is_async = not torch.compiler.is_compiling()
-    works = [fn(o, t.contiguous(), group=group, async_op=is_async) for o, t in zip(outs, ts, strict=True)]
-    if not is_async:
-        return outs  # (compiling: synchronous collectives, nothing to wait for here)
-    _collective.wait_all(
-        works, bool(ts) and ts[0].device.type == "cpu",
-        f"expert TP: rank {dist.get_rank(group)} of its {what} waited for the others in vain",
-        ": a member did not make the same call, or failed before it; the group is out of step now",
-    )
+    the collective never joins it); on NCCL the group's own timeout applies. ``what`` names the group. Eagerly, a
+    group that failed earlier is refused first, and one whose collective raises here is marked failed."""
+    if torch.compiler.is_compiling():  # (synchronous collectives, nothing to wait for here)
+        for o, t in zip(outs, ts, strict=True):
+            fn(o, t.contiguous(), group=group, async_op=False)
+        return outs
+    _refuse_if_failed(group, what)
+    try:
+        works = [fn(o, t.contiguous(), group=group, async_op=True) for o, t in zip(outs, ts, strict=True)]
+        _collective.wait_all(
+            works, bool(ts) and ts[0].device.type == "cpu",
+            f"expert TP: rank {dist.get_rank(group)} of its {what} waited for the others in vain",
+            ": a member did not make the same call, or failed before it; the group is out of step now",
+        )
+    except BaseException as exc:
+        _fail(group, f"a collective on it raised {_raised(exc)}")
+        raise
     return outs
 
 
@@ -297,14 +381,43 @@ def _pad_rows(t: Tensor, rows: int, value: float) -> Tensor:
     return F.pad(t, (0, 0, 0, rows - t.shape[0]), value=value)
 
 
+# A chunk's count exchange, one row per member: _VOID (0, or why this member's dispatch of the chunk raised:
+# _REFUSED, a refusal that leaves its Buffer usable, or _FAILED, anything else), _LAYER (the layer's number on the
+# group), _CHUNK (the group's chunk count, -1 while compiling), _DTYPE (x's dtype), _ROWS (R_j), _PAIRS (the
+# valid (row, k) entries, -1: not known on the host)
+_VOID, _LAYER, _CHUNK, _DTYPE, _ROWS, _PAIRS = range(6)
+_REFUSED, _FAILED = 1, 2
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def _dtype_code(dtype: torch.dtype) -> int:
+    return _DTYPES.index(dtype) if dtype in _DTYPES else len(_DTYPES) + dtype.itemsize
+
+
+def _dtype_name(code: int) -> str:
+    return str(_DTYPES[code]) if 0 <= code < len(_DTYPES) else f"a dtype of {code - len(_DTYPES)} bytes"
+
+
+def _exchanges_counts(fixed_rows: int, device: torch.device) -> bool:
+    """Whether a chunk's rows go through the count exchange: always without ``num_worst_tokens``; with it only in
+    eager mode on CPU, where reading it costs no device sync (on CUDA and while compiling the point of
+    ``num_worst_tokens`` is to have none)."""
+    return not fixed_rows or (device.type == "cpu" and not torch.compiler.is_compiling())
+
+
 class ExpertTP:
     """The expert-TP state of one :class:`largeep.layers.MoELayer`: ``group`` (T ranks), ``size`` T, ``rank``
-    (this rank's member index j). Made by :meth:`check`, which validates the configuration."""
+    (this rank's member index j), ``number`` (the layer's number among those checked on the group), ``device``
+    (the Buffer's). Made by :meth:`check`, which validates the configuration."""
 
-    def __init__(self, group: dist.ProcessGroup, size: int, rank: int) -> None:
+    def __init__(
+        self, group: dist.ProcessGroup, size: int, rank: int, number: int = 0, device: torch.device | None = None
+    ) -> None:
         self.group = group
         self.size = size
         self.rank = rank
+        self.number = number
+        self.device = device if device is not None else torch.device("cpu")
 
     @classmethod
     def check(
@@ -372,7 +485,102 @@ class ExpertTP:
             raise local_error
         if error is not None:
             raise ArgumentError(error)
-        return cls(group, size, rank)
+        st = _state(group)
+        st.layers += 1
+        return cls(group, size, rank, st.layers - 1, ep_ctx.device)
+
+    def begin_chunk(self) -> None:
+        """Counts a chunk whose dispatch begins (every attempt, before anything can raise), for the exchange's
+        check. Eager only."""
+        if self.size > 1 and not torch.compiler.is_compiling():
+            _state(self.group).chunks += 1
+
+    def dispatch_failed(self, exc: BaseException, x: Any, fixed_rows: int) -> None:
+        """For a member whose dispatch of a chunk raised ``exc`` (the caller raises it next). The other members,
+        whose dispatches went through in their own EP groups, go on into this chunk's count exchange: this member
+        joins it with a void row, so that every member raises there (PeerRefusedError on the others, naming this
+        one) and the next chunk's collectives pair as they should. Where a chunk exchanges no counts
+        (``num_worst_tokens`` on CUDA), nothing can tell the others: the group is marked failed here (its later
+        calls refused at once), and the others wait for this member's rows in vain, until their bound. Eager only
+        (while compiling a raise leaves the graph without running this)."""
+        if self.size == 1 or torch.compiler.is_compiling():
+            return
+        st = _state(self.group)
+        if st.failed is not None:
+            return  # (its collectives pair with nothing any more: nothing to join)
+        if not isinstance(exc, Exception):  # (KeyboardInterrupt and the like: stop, join nothing)
+            _fail(self.group, f"the dispatch of a chunk on this rank was interrupted ({_raised(exc)})")
+            return
+        if not _exchanges_counts(fixed_rows, self.device):
+            _fail(
+                self.group,
+                f"the dispatch of a chunk with num_worst_tokens raised {_raised(exc)} on this rank, whose TP partners "
+                "went on into that chunk's rows all-gather (such chunks exchange no counts in which to tell them); "
+                "destroy the layers' Buffers and groups and make new ones on every rank",
+            )
+            return
+        refused = isinstance(exc, ArgumentError) or (isinstance(exc, PeerRefusedError) and exc.buffer_usable)
+        dtype = x.dtype if isinstance(x, Tensor) else None  # (x itself may be what the dispatch refused)
+        with contextlib.suppress(Exception):  # (a shift or a failed wait marked the group failed already)
+            self._exchange(_REFUSED if refused else _FAILED, dtype, 0, None, self.device)
+
+    def _exchange(
+        self, void: int, dtype: torch.dtype | None, r: int, num_pairs: int | None, device: torch.device
+    ) -> list[list[int]]:
+        """A chunk's count exchange (rows as the _VOID... fields say). Eagerly raises RuntimeError on every member,
+        and marks the group failed, when the rows belong to different layers or chunks: the members' collectives
+        are out of step (and the rows would be another chunk's)."""
+        compiling = torch.compiler.is_compiling()
+        chunk = -1 if compiling else _state(self.group).chunks
+        code = _dtype_code(dtype) if dtype is not None else -1
+        mine = [void, self.number, chunk, code, r, -1 if num_pairs is None else num_pairs]
+        rows = _exchange_ints(mine, self.group, device)
+        if compiling:
+            return rows
+        layers = [row[_LAYER] for row in rows]
+        chunks = [row[_CHUNK] for row in rows]
+        if len(set(layers)) > 1 or (min(chunks) >= 0 and len(set(chunks)) > 1):
+            why = (
+                f"the members' count exchanges belong to different calls: layers {layers} (each member's layer "
+                f"number on the group), chunks {chunks} (the chunks it had begun); a member failed between a "
+                "dispatch and its exchange, or the members call the layers in different orders"
+            )
+            _fail(self.group, why)
+            raise RuntimeError(
+                f"expert TP: rank {self.rank} of its TP group: {why}. The group's collectives no longer pair: make "
+                "a new group and new layers on every rank"
+            )
+        return rows
+
+    def _refuse_void_or_mixed(self, rows: list[list[int]], dtype: torch.dtype) -> None:
+        """After a chunk's count exchange, on every member alike: PeerRefusedError where a member's dispatch raised
+        (its row is void), ArgumentError where the members' x differ in dtype. Nothing has moved over the TP
+        group; the group and the layer stay usable."""
+        void = [j for j, row in enumerate(rows) if row[_VOID]]
+        if void:
+            ranks = dist.get_process_group_ranks(self.group)
+            failed = [j for j in void if rows[j][_VOID] != _REFUSED]
+            how = (
+                "was refused there (see the error there: an expert id out of range, or more tokens than "
+                "max_tokens_per_rank, on a rank of that expert-parallel group, for one)"
+                if not failed
+                else f"failed there (members {failed} raised another error than a refusal: see it there; their "
+                "Buffers may be unusable)"
+            )
+            raise PeerRefusedError(
+                f"expert TP: the dispatch of this chunk by member(s) {void} of this rank's TP group (global rank(s) "
+                f"{[ranks[j] for j in void]}), in the expert-parallel group that holds member(s) {void} of every TP "
+                f"group, {how}; so the chunk is void on every member: rank {self.rank} of the TP group computed and "
+                "sent nothing over it, and the TP group stays in step for the next call",
+                buffer_usable=True,
+            )
+        codes = [row[_DTYPE] for row in rows]
+        if len(set(codes)) > 1:
+            raise ArgumentError(
+                f"expert TP: the members of the TP group pass x of different dtypes {[_dtype_name(c) for c in codes]} "
+                f"(this rank, member {self.rank}: {dtype}); their rows are all-gathered and their partial outputs "
+                "summed, so they must share one dtype. Nothing was sent over the TP group; the layer stays usable"
+            )
 
     def forward_rows(
         self, experts: Any, x: Tensor, topk_idx: Tensor, topk_weights: Tensor, num_pairs: int | None,
@@ -384,29 +592,57 @@ class ExpertTP:
             experts: this member's :class:`largeep.layers.GroupedExperts` shard (F/T columns).
             x: [R, H]; topk_idx: int64 [R, K] local expert ids (-1: not here); topk_weights: float32 [R, K].
             num_pairs: the entries >= 0 of topk_idx when known on the host, else None.
-            fixed_rows: > 0: every member has exactly this many rows (``num_worst_tokens``): no count exchange.
+            fixed_rows: > 0: every member has exactly this many rows (``num_worst_tokens``): no count exchange
+                (except eagerly on CPU, see the module doc).
 
         Returns:
             y [R, H] in x's dtype, summed over the members' partials. Collective over the group; waits on the host
-            for the count exchange unless ``fixed_rows``.
+            for the count exchange unless ``fixed_rows``. Raises (on every member alike, before any row moves over
+            the group) PeerRefusedError where a member's dispatch of this chunk raised, ArgumentError where the
+            members' x differ in dtype, RuntimeError where the exchanges belong to different calls (the group is
+            marked failed then); RuntimeError at once where the group failed earlier on this rank.
         """
         r = x.shape[0]
-        if fixed_rows:
-            cap, pairs = fixed_rows, None
-        else:
-            rows = _exchange_ints([r, -1 if num_pairs is None else num_pairs], self.group, x.device)
-            cap = max(row[0] for row in rows)
-            pairs = None
-            if torch.compiler.is_compiling():
-                # the counts are data-dependent there: tell the compiler what slicing y[:r] below needs
+        compiling = torch.compiler.is_compiling()
+        if not compiling:
+            _refuse_if_failed(self.group, "TP group")
+        cap, pairs = fixed_rows, None
+        if _exchanges_counts(fixed_rows, x.device):
+            rows = self._exchange(0, x.dtype, r, num_pairs, x.device)
+            if compiling:
+                # the counts are data-dependent there: tell the compiler what slicing y[:r] below needs, and check
+                # what the eager path raises on (ends the run with a failed runtime assertion)
+                code = _dtype_code(x.dtype)
                 for row in rows:
-                    torch._check(row[0] >= 0)
-                torch._check(r <= cap)
-            elif all(row[1] >= 0 for row in rows):
-                pairs = sum(row[1] for row in rows)
+                    torch._check(row[_VOID] == 0)
+                    torch._check(row[_LAYER] == self.number)
+                    torch._check(row[_DTYPE] == code)
+                    torch._check(row[_ROWS] >= 0)
+            else:
+                self._refuse_void_or_mixed(rows, x.dtype)
+            if not fixed_rows:
+                cap = max(row[_ROWS] for row in rows)
+                if compiling:
+                    torch._check(r <= cap)
+                elif all(row[_PAIRS] >= 0 for row in rows):
+                    pairs = sum(row[_PAIRS] for row in rows)
+        if compiling:
+            return self._rows_through(experts, x, topk_idx, topk_weights, cap, pairs)
+        try:
+            return self._rows_through(experts, x, topk_idx, topk_weights, cap, pairs)
+        except BaseException as exc:
+            # the others went on into the rows' collectives after the exchange: this rank's next ones would pair
+            # with theirs (a failed wait has marked the group with its own reason already)
+            _fail(self.group, f"a chunk's forward raised {_raised(exc)} after its count exchange")
+            raise
+
+    def _rows_through(
+        self, experts: Any, x: Tensor, topk_idx: Tensor, topk_weights: Tensor, cap: int, pairs: int | None
+    ) -> Tensor:
+        """Steps 3-5 of the module doc, every member's rows padded to ``cap``."""
         xa, wa, ia = all_gather_rows(
             self.group, _pad_rows(x, cap, 0.0), _pad_rows(topk_weights, cap, 0.0), _pad_rows(topk_idx, cap, -1)
         )
         partial = experts.forward_rows(xa, ia, wa, pairs)  # [T*cap, H]
         (y,) = reduce_scatter_rows(self.group, partial)
-        return y[:r]
+        return y[: x.shape[0]]

@@ -493,16 +493,30 @@ class MoELayer(nn.Module):
         only (``async_finish``: wait on the result's event before using it). Waits on the host for the count
         exchange unless ``num_worst_tokens`` > 0; the ids are checked with it (largeep's backends send each
         rank's verdict with the counts, so a bad id on one rank voids the dispatch on every rank at once). A
-        strided x, idx or w is copied first, on the current stream, and the dispatch then waits for the copies."""
-        xc, idxc, wc = x.contiguous(), idx.contiguous(), w.contiguous()
-        if ready is not None and (xc is not x or idxc is not idx or wc is not w):
-            # the copies were queued after `ready`: waiting for it alone would let the dispatch read them unwritten
-            ready = ops.capture_event(x.device)
-        return ops.dispatch(
-            self.buffer_id, xc, idxc, wc,
-            num_worst_tokens=self.num_worst_tokens, previous_event=ready, async_finish=True,
-            use_custom_ops=self.use_custom_ops,
-        )
+        strided x, idx or w is copied first, on the current stream, and the dispatch then waits for the copies.
+        With expert TP a dispatch that raises is joined to the chunk's TP count exchange as a void row first, so
+        that the TP partners (in other EP groups) raise too (:meth:`largeep.expert_tp.ExpertTP.dispatch_failed`)."""
+        tp = self.expert_tp if self.expert_tp is not None and self.expert_tp.size > 1 else None
+        if tp is not None:
+            tp.begin_chunk()
+        try:
+            xc, idxc, wc = x.contiguous(), idx.contiguous(), w.contiguous()
+            if ready is not None and (xc is not x or idxc is not idx or wc is not w):
+                # the copies were queued after `ready`: waiting for it alone would let the dispatch read them
+                # unwritten
+                ready = ops.capture_event(x.device)
+            return ops.dispatch(
+                self.buffer_id, xc, idxc, wc,
+                num_worst_tokens=self.num_worst_tokens, previous_event=ready, async_finish=True,
+                use_custom_ops=self.use_custom_ops,
+            )
+        except BaseException as exc:
+            if tp is not None:
+                # a refusal in this rank's EP group: the TP partners, in other EP groups, dispatched theirs and wait
+                # in this chunk's count exchange; this rank joins it with a void row, so that every member raises
+                # there and the TP group stays in step (expert_tp.ExpertTP.dispatch_failed)
+                tp.dispatch_failed(exc, x, self.num_worst_tokens)
+            raise
 
     def experts_chunk(self, d: ops.DispatchOutput, carveout: int = 0) -> Tensor:
         """The local experts (through the TP group with expert TP) on the rows of a :meth:`send_chunk`, on the

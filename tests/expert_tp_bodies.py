@@ -426,15 +426,19 @@ def dtype_mismatch_refused(rank: int, world: int, kw: dict[str, Any]) -> None:
             mixed = x.bfloat16() if groups.tp_rank == 0 else x
             _expect(failures, f"rank {rank} {kw}", ArgumentError, ("different dtypes", "bfloat16", "float32"), layer,
                     mixed)
-            try:
-                got = layer(x)
-                if not torch.equal(got, want):
-                    failures.append(f"rank {rank} {kw}: the call after the refusal differs from the one before")
-            except Exception as exc:  # noqa: BLE001 - reported with the others
-                failures.append(f"rank {rank} {kw}: the call after the refusal raised {type(exc).__name__}: {exc}")
+            _same_again(failures, f"rank {rank} {kw}: the call after the refusal", layer, x, want)
     finally:
         buf.destroy()
     assert not failures, "\n".join(failures)
+
+
+def _same_again(failures: list[str], what: str, layer: Any, x: torch.Tensor, want: torch.Tensor) -> None:
+    """``layer(x)`` gives ``want`` again, bit for bit (failures noted, not raised: the peers' calls must go on)."""
+    try:
+        if not torch.equal(layer(x), want):
+            failures.append(f"{what} differs from the one before")
+    except Exception as exc:  # noqa: BLE001 - reported with the others
+        failures.append(f"{what} raised {type(exc).__name__}: {exc}")
 
 
 class _FailOnce(torch.nn.Module):
@@ -509,11 +513,7 @@ def failed_dispatch_joins(rank: int, world: int) -> None:
                 _expect(failures, "rank 0", AttributeError, ("contiguous",), layer.send_chunk, x.tolist(), idx, w)
             else:
                 _expect(failures, "rank 1", PeerRefusedError, ("member(s) [0]", "failed there"), layer, x)
-            try:
-                if not torch.equal(layer(x), want):
-                    failures.append(f"rank {rank}: the call after the failure differs from the one before")
-            except Exception as exc:  # noqa: BLE001 - reported with the others
-                failures.append(f"rank {rank}: the call after the failure raised {type(exc).__name__}: {exc}")
+            _same_again(failures, f"rank {rank}: the call after the failure", layer, x, want)
     finally:
         buf.destroy()
     assert not failures, "\n".join(failures)

@@ -303,17 +303,20 @@ def test_cli_check_args_skips_a_mode_another_can_run() -> None:
 
 
 def test_cli_check_args_fp8_hidden() -> None:
-    """A mode whose every (hidden, dtype) is FP8 with a hidden size that is not a multiple of 128 is refused before
-    the processes start (it would measure nothing); one with a BF16 dtype or a good hidden size runs."""
+    """Modes whose every (hidden, dtype) is FP8 with a hidden size that is not a multiple of 128 are refused before
+    the processes start (the run would measure nothing); with a BF16 dtype or a good hidden size in any mode asked
+    for, the run goes on (test_cpu_fp8_skip_line_and_relative_out: the FP8 points are skipped, each said)."""
     from largeep.bench import cli
 
     parser = cli.build_parser()
     msg = cli.check_args(parser.parse_args(["--modes", "low_latency", "--hidden", "200"]), "cpu", 2, None)
-    assert msg is not None and "low_latency: FP8 needs hidden sizes that are multiples of 128" in msg, msg
+    assert msg is not None and "FP8 needs hidden sizes that are multiples of 128" in msg, msg
+    assert "low_latency hidden 200 dtypes fp8" in msg, msg
     assert cli.check_args(parser.parse_args(["--modes", "low_latency", "--hidden", "200,256"]), "cpu", 2, None) is None
     assert cli.check_args(parser.parse_args(["--modes", "normal", "--hidden", "200"]), "cpu", 2, None) is None
+    assert cli.check_args(parser.parse_args(["--hidden", "200"]), "cpu", 2, None) is None  # (normal's bf16 runs)
     msg = cli.check_args(parser.parse_args(["--hidden", "200", "--dtypes", "fp8"]), "cpu", 2, None)
-    assert msg is not None and "normal: FP8" in msg, msg
+    assert msg is not None and "normal hidden 200 dtypes fp8; low_latency hidden 200 dtypes fp8" in msg, msg
 
 
 def test_read_results_tolerates_a_torn_pair(tmp_path: Path) -> None:

@@ -192,8 +192,8 @@ def _mode_plans(args: argparse.Namespace, device_kind: str) -> dict[str, Any]:
 
 def check_args(args: argparse.Namespace, device_kind: str, world: int, host_ranks: int | None) -> str | None:
     """What would make the sweep skip every size of a mode or fail once its processes run, found before they start:
-    an expert count not divisible by the ``world`` ranks, a top-k above an expert count, a mode whose every hidden
-    size and dtype is FP8 with a hidden size that is not a multiple of 128, ranks per node that do not divide the
+    an expert count not divisible by the ``world`` ranks, a top-k above an expert count, modes whose every hidden
+    size and dtype pair FP8 with a hidden size that is not a multiple of 128, ranks per node that do not divide the
     ranks or exceed ``host_ranks`` (None: not known here). Returns the first such message, or None."""
     modes = _mode_plans(args, device_kind)
     bad = {mode: ",".join(str(e) for e in modes[mode]["experts"] if e % world) for mode in args.modes}
@@ -208,11 +208,13 @@ def check_args(args: argparse.Namespace, device_kind: str, world: int, host_rank
         pairs = [(k, e) for k in m["topk"] for e in m["experts"] if k > e]
         if pairs:
             return f"{mode}: top-k above the expert count: " + ", ".join(f"top-{k} of {e}" for k, e in pairs)
-        # FP8 needs hidden % 128 == 0: a mode none of whose (hidden, dtype) pairs can run would measure nothing (one
-        # that can run some is swept, the others skipped with a line saying why)
-        if all(d == "fp8" and h % 128 for h in m["hidden"] for d in m["dtypes"]):
-            return (f"{mode}: FP8 needs hidden sizes that are multiples of 128, and every pair of hidden "
-                    f"{','.join(map(str, m['hidden']))} and dtypes {','.join(m['dtypes'])} is FP8 with another hidden")
+    # FP8 needs hidden % 128 == 0: when no (hidden, dtype) pair of any mode asked for can run, the run would measure
+    # nothing (pairs that cannot run beside ones that can are skipped, each with a line saying why)
+    if all(d == "fp8" and h % 128 for mode in args.modes for h in modes[mode]["hidden"] for d in modes[mode]["dtypes"]):
+        asked = "; ".join(f"{mode} hidden {','.join(map(str, modes[mode]['hidden']))} dtypes "
+                          f"{','.join(modes[mode]['dtypes'])}" for mode in args.modes)
+        return ("FP8 needs hidden sizes that are multiples of 128, and every mode's hidden sizes and dtypes pair FP8 "
+                f"with another hidden size: {asked}")
     rpn = args.ranks_per_node
     if rpn is not None:
         if world % rpn:

@@ -86,11 +86,16 @@ _SHARED = pytest.mark.skipif(os.environ.get("LARGEEP_TEST_SHARED_GPUS") != "1",
                              reason="LARGEEP_TEST_SHARED_GPUS=1 runs several ranks on one GPU")
 
 
-@pytest.mark.parametrize("backend,pg,world", [
+# the groups of the refusal tests: the torch backend on 3 CPU ranks, the nvshmem backend on 2 GPUs over NCCL, or 3
+# ranks on one GPU
+_REFUSAL_GROUPS = [
     pytest.param("torch", "gloo", 3, id="torch-gloo-3"),
     pytest.param("nvshmem", "nccl", 2, marks=_GPU, id="nvshmem-nccl-2"),
     pytest.param("nvshmem", "gloo-cuda0", 3, marks=(pytest.mark.gpu(1), _SHARED), id="nvshmem-one-gpu-3"),
-])
+]
+
+
+@pytest.mark.parametrize("backend,pg,world", _REFUSAL_GROUPS)
 @settings(max_examples=12, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_some_ranks_refuse_random(pools, backend: str, pg: str, world: int, data: st.DataObject) -> None:
@@ -107,11 +112,7 @@ def test_some_ranks_refuse_random(pools, backend: str, pg: str, world: int, data
     assert not failures, "\n".join(failures)
 
 
-@pytest.mark.parametrize("backend,pg,world", [
-    pytest.param("torch", "gloo", 3, id="torch-gloo-3"),
-    pytest.param("nvshmem", "nccl", 2, marks=_GPU, id="nvshmem-nccl-2"),
-    pytest.param("nvshmem", "gloo-cuda0", 3, marks=(pytest.mark.gpu(1), _SHARED), id="nvshmem-one-gpu-3"),
-])
+@pytest.mark.parametrize("backend,pg,world", _REFUSAL_GROUPS)
 @pytest.mark.parametrize("over,use_fp8,rounds", [([0], False, None), ([1, 2], True, None), ([2], False, 4)],
                          ids=["rank0", "ranks12-fp8", "rank2-rounds"])
 def test_too_many_tokens_on_some_ranks(pools, backend: str, pg: str, world: int, over: list[int], use_fp8: bool,

@@ -625,9 +625,8 @@ class Buffer:
             # with num_worst_tokens a CUDA dispatch does not wait on the host: only a backend that checks the ids
             # in its kernels without a host wait checks them then (a refusal surfaces at the next call); on CPU the
             # check costs no device sync
-            host_ok = num_worst_tokens == 0 or c.device.type == "cpu"
-            no_wait = getattr(self._impl, "checks_ids_without_wait", False)
-            want = self._settings.check_values and (host_ok or no_wait)
+            host_ok, in_call = self._id_checks(num_worst_tokens)
+            want = self._settings.check_values and in_call
             idx = checks.topk_idx(
                 op, topk_idx, num_tokens=t, num_topk=c.num_topk, num_experts=c.num_experts, device=c.device,
                 check_values=False,
@@ -667,6 +666,13 @@ class Buffer:
             out.num_tokens_per_expert_tensor,
         )
 
+    def _id_checks(self, num_worst_tokens: int) -> tuple[bool, bool]:
+        """Whether a fresh dispatch's ids can be checked with a host wait (none with num_worst_tokens on CUDA), and
+        whether they can be checked in the call at all (there, or by a backend that checks them in its kernels
+        without a wait)."""
+        host_ok = num_worst_tokens == 0 or self.ctx.device.type == "cpu"
+        return host_ok, host_ok or bool(getattr(self._impl, "checks_ids_without_wait", False))
+
     def _void_dispatch(self, xs: torch.Tensor, scales: torch.Tensor | None, expert_alignment: int,
                        num_worst_tokens: int) -> None:
         """Before this rank refuses a fresh dispatch for a reason of its own tokens (more of them than
@@ -678,9 +684,8 @@ class Buffer:
         CUDA num_worst_tokens dispatch of a backend that checks ids only with a host wait, a graph capture) only
         this rank raises, and the others' call ends in PeerTimeoutError."""
         c = self.ctx
-        host_ok = num_worst_tokens == 0 or c.device.type == "cpu"
         if (not getattr(self._impl, "checks_dispatch_ids", False) or checks._capturing(c.device)
-                or not (host_ok or getattr(self._impl, "checks_ids_without_wait", False))):
+                or not self._id_checks(num_worst_tokens)[1]):
             return
         x1 = torch.zeros(1, c.hidden, dtype=xs.dtype, device=c.device)
         s1 = None if scales is None else torch.ones(1, c.hidden // 128, dtype=torch.float32, device=c.device)

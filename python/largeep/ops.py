@@ -74,9 +74,9 @@ import itertools
 import threading
 import weakref
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -1537,7 +1537,7 @@ class _DispatchFn(torch.autograd.Function):
             gx = torch.zeros(
                 h.handle.num_recv_tokens, h.buffer.ctx.hidden, dtype=ctx.x_dtype, device=h.recv_topk_idx.device
             )
-        x, w = _home_recorded(h, gx, gw)
+        x, w = _recorded(_home, _away, h, gx, gw)
         return x, None, w, None, None, None, None, None
 
 
@@ -1558,7 +1558,7 @@ class _CombineFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, gx: Tensor) -> tuple[Any, ...]:
-        gy, _ = _away_recorded(ctx.handle, gx, None)
+        gy, _ = _recorded(_away, _home, ctx.handle, gx, None)
         return gy, None, None, None, None
 
 
@@ -1600,50 +1600,33 @@ def _away(h: OpHandle, x: Tensor, w: Tensor | None) -> tuple[Tensor, Tensor | No
     return rows, recv_w
 
 
-class _HomeFn(torch.autograd.Function):
-    @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: Any, rows: Tensor, weights: Tensor | None, h: OpHandle
-    ) -> tuple[Tensor, Tensor | None]:
-        ctx.handle = h
-        ctx.has_weights = weights is not None
-        return _home(h, rows, weights)
+if TYPE_CHECKING:  # (the annotations only: _home and _away)
+    _Map = Callable[[OpHandle, Tensor, Tensor | None], tuple[Tensor, Tensor | None]]
+
+
+class _LinearFn(torch.autograd.Function):
+    """``fn`` (_home or _away) through a handle, recorded for autograd: its backward is ``adjoint``, the other one,
+    recorded again in turn (any order of derivative)."""
 
     @staticmethod
-    def backward(ctx: Any, gx: Tensor, gw: Tensor | None) -> tuple[Any, ...]:
+    def forward(  # type: ignore[override]
+        ctx: Any, a: Tensor, b: Tensor | None, h: OpHandle, fn: _Map, adjoint: _Map
+    ) -> tuple[Tensor, Tensor | None]:
+        ctx.handle, ctx.fn, ctx.adjoint = h, fn, adjoint
+        return fn(h, a, b)
+
+    @staticmethod
+    def backward(ctx: Any, ga: Tensor, gb: Tensor | None) -> tuple[Any, ...]:
         # (autograd passes zeros for an output not used, None for the weights' output when there was none)
-        grows, gweights = _away_recorded(ctx.handle, gx, gw if ctx.has_weights else None)
-        return grows, gweights, None
+        return (*_recorded(ctx.adjoint, ctx.fn, ctx.handle, ga, gb), None, None, None)
 
 
-class _AwayFn(torch.autograd.Function):
-    @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: Any, x: Tensor, w: Tensor | None, h: OpHandle
-    ) -> tuple[Tensor, Tensor | None]:
-        ctx.handle = h
-        ctx.has_weights = w is not None
-        return _away(h, x, w)
-
-    @staticmethod
-    def backward(ctx: Any, grows: Tensor, gw: Tensor | None) -> tuple[Any, ...]:
-        gx, gweights = _home_recorded(ctx.handle, grows, gw if ctx.has_weights else None)
-        return gx, gweights, None
-
-
-def _home_recorded(h: OpHandle, rows: Tensor, weights: Tensor | None) -> tuple[Tensor, Tensor | None]:
-    """_home, recorded for autograd when the backward calling it is (create_graph=True); else called directly,
-    which saves a Function's host time on every first-order backward."""
+def _recorded(fn: _Map, adjoint: _Map, h: OpHandle, a: Tensor, b: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """``fn(h, a, b)``, recorded for autograd (its backward ``adjoint``) when the backward calling it is
+    (create_graph=True); else called directly, which saves a Function's host time on every first-order backward."""
     if torch.is_grad_enabled():
-        return _HomeFn.apply(rows, weights, h)  # type: ignore[no-any-return]
-    return _home(h, rows, weights)
-
-
-def _away_recorded(h: OpHandle, x: Tensor, w: Tensor | None) -> tuple[Tensor, Tensor | None]:
-    """_away, recorded for autograd as :func:`_home_recorded` is."""
-    if torch.is_grad_enabled():
-        return _AwayFn.apply(x, w, h)  # type: ignore[no-any-return]
-    return _away(h, x, w)
+        return _LinearFn.apply(a, b, h, fn, adjoint)  # type: ignore[no-any-return]
+    return fn(h, a, b)
 
 
 # ---------------------------------------------------------------------------------------------------------------

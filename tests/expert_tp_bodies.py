@@ -18,6 +18,7 @@ import torch._dynamo
 import torch.distributed as dist
 from largeep import ArgumentError, PeerRefusedError, layers, ops
 from largeep.expert_tp import all_gather_rows, make_expert_tp_groups, reduce_scatter_rows
+from largeep.placement import Topology, contiguous_placement
 from layer_bodies import (
     RoundRobinReplicas,
     _allsum,
@@ -268,7 +269,9 @@ def bad_configs(rank: int, world: int) -> None:
 
 def one_sided_refusals(rank: int, world: int) -> None:
     """An argument that only rank 0 gets wrong, refused before the collective check (overlap_sm_carveout,
-    num_chunks, ffn_hidden, ll_use_fp8, num_worst_tokens with a Buffer in rounds): rank 0 raises its own
+    num_chunks, ffn_hidden, ll_use_fp8, num_worst_tokens with a Buffer in rounds, ll_bf16_partial_sums, the gate's
+    expert count, the placement's sizes or type, num_logical_experts against the placement, router_score): rank 0
+    raises its own
     ArgumentError and every other rank ArgumentError saying it was refused elsewhere -- rank 0's TP partners
     through the TP group, the others through their Buffers' groups -- at once, none left waiting; then a good
     layer works on every rank."""
@@ -286,6 +289,17 @@ def one_sided_refusals(rank: int, world: int) -> None:
         ("plain", {"ffn_hidden": "16"}, ("ffn_hidden", "int >= 1")),
         ("plain", {"ll_use_fp8": True}, ("ll_use_fp8", "hidden % 128")),
         ("rounds", {"num_worst_tokens": 8}, ("num_worst_tokens", "tokens_per_round")),
+        ("plain", {"ll_bf16_partial_sums": True, "ll_send_weights": False},
+         ("ll_bf16_partial_sums", "ll_send_weights")),
+        ("plain", {"ll_bf16_partial_sums": 1}, ("ll_bf16_partial_sums", "bool")),
+        ("plain", {"gate": layers.LinearTopKRouter(hidden, experts + 1, topk)}, ("gate", f"{experts + 1} experts")),
+        ("plain", {"placement": contiguous_placement(experts, Topology(1, world // 2 + 1, slots_per_gpu=8))},
+         ("placement", "ranks")),
+        ("plain", {"placement": contiguous_placement(experts, Topology(1, world // 2, slots_per_gpu=8)),
+                   "num_logical_experts": 3},
+         ("num_logical_experts", "differs")),
+        ("plain", {"placement": "round robin"}, ("placement", "callable")),
+        ("plain", {"router_score": "tanh"}, ("score_func", "softmax|sigmoid")),
     ]
     failures: list[str] = []
     try:

@@ -346,6 +346,24 @@ class MoELayer(nn.Module):
                 )
             if ll_use_fp8 and c.hidden % fp8.GROUP:
                 raise ArgumentError(f"MoELayer: ll_use_fp8 needs hidden % {fp8.GROUP} == 0, hidden is {c.hidden}")
+            if not isinstance(ll_bf16_partial_sums, bool):
+                raise ArgumentError(
+                    "MoELayer: argument 'll_bf16_partial_sums' must be a bool, got "
+                    f"{type(ll_bf16_partial_sums).__name__}"
+                )
+            if ll_bf16_partial_sums and not ll_send_weights:
+                raise ArgumentError("MoELayer: argument 'll_bf16_partial_sums' = True needs ll_send_weights=True")
+            num_logical = _logical_experts(c, placement, num_logical_experts)
+            known = _gate_experts(gate)
+            if known is not None and known != num_logical:
+                raise ArgumentError(
+                    f"MoELayer: argument 'gate' chooses among {known} experts; the layer has {num_logical} logical "
+                    "experts (num_logical_experts, the placement's, else the Buffer's num_experts)"
+                )
+            route = _wrap_placement(placement, c.rank, c.device)
+            router: nn.Module = gate or LinearTopKRouter(
+                c.hidden, num_logical, c.num_topk, score_func=router_score, norm_topk_prob=norm_topk_prob
+            )
         except ArgumentError as exc:
             if expert_tp_group is None:
                 raise
@@ -372,42 +390,14 @@ class MoELayer(nn.Module):
         self.overlap_sm_carveout = overlap_sm_carveout
         self.ll_use_fp8 = ll_use_fp8
         self.ll_send_weights = ll_send_weights
-        if not isinstance(ll_bf16_partial_sums, bool):
-            raise ArgumentError(
-                f"MoELayer: argument 'll_bf16_partial_sums' must be a bool, got {type(ll_bf16_partial_sums).__name__}"
-            )
-        if ll_bf16_partial_sums and not ll_send_weights:
-            raise ArgumentError("MoELayer: argument 'll_bf16_partial_sums' = True needs ll_send_weights=True")
         self.ll_bf16_partial_sums = ll_bf16_partial_sums
         self.use_custom_ops = use_custom_ops
         # every valid low-latency row is one (token, local expert) copy: at most N*M*min(K, E_l)
         self.ll_capacity = c.num_ranks * c.max_tokens_per_rank * min(c.num_topk, c.experts_per_rank)
-        topo = getattr(placement, "topology", None)
-        if topo is not None and hasattr(placement, "num_logical"):  # a largeep.placement.Placement: its sizes
-            if topo.num_gpus != c.num_ranks or topo.num_slots != c.num_experts:
-                raise ArgumentError(
-                    f"MoELayer: argument 'placement' has {topo.num_gpus} GPUs of {topo.slots_per_gpu} slots "
-                    f"({topo.num_slots} physical experts); the Buffer has {c.num_ranks} ranks and {c.num_experts} "
-                    "physical experts"
-                )
-            if num_logical_experts is not None and num_logical_experts != placement.num_logical:
-                raise ArgumentError(
-                    f"MoELayer: argument 'num_logical_experts' = {num_logical_experts} differs from the placement's "
-                    f"{placement.num_logical} logical experts"
-                )
-            num_logical_experts = placement.num_logical
-        self.num_logical_experts = num_logical_experts or c.num_experts
-        known = _gate_experts(gate)
-        if known is not None and known != self.num_logical_experts:
-            raise ArgumentError(
-                f"MoELayer: argument 'gate' chooses among {known} experts; the layer has {self.num_logical_experts} "
-                "logical experts (num_logical_experts, the placement's, else the Buffer's num_experts)"
-            )
-        self.gate = gate or LinearTopKRouter(
-            c.hidden, self.num_logical_experts, c.num_topk, score_func=router_score, norm_topk_prob=norm_topk_prob
-        )
+        self.num_logical_experts = num_logical
+        self.gate = router
         self.phys_to_log: Tensor | None = getattr(placement, "phys_to_log", None)
-        self.placement = _wrap_placement(placement, c.rank, c.device)
+        self.placement = route
         # whether a token's distinct logical experts stay distinct physical ones (see experts_chunk)
         self._placement_keeps_distinct = placement is None or _is_placement(placement)
         self.ffn_hidden = ffn_hidden
@@ -785,6 +775,26 @@ class MoEPipeline(nn.Module):
         if not x.is_cuda or torch.compiler.is_compiling():
             return None
         return ops._side_stream("pipeline", x.device, priority)
+
+
+def _logical_experts(c: Any, placement: Any, num_logical_experts: int | None) -> int:
+    """The layer's number of logical experts: the placement's (checked against the Buffer's ranks and physical
+    experts, and against ``num_logical_experts`` where given), else ``num_logical_experts``, else the Buffer's."""
+    topo = getattr(placement, "topology", None)
+    if topo is not None and hasattr(placement, "num_logical"):  # a largeep.placement.Placement: its sizes
+        if topo.num_gpus != c.num_ranks or topo.num_slots != c.num_experts:
+            raise ArgumentError(
+                f"MoELayer: argument 'placement' has {topo.num_gpus} GPUs of {topo.slots_per_gpu} slots "
+                f"({topo.num_slots} physical experts); the Buffer has {c.num_ranks} ranks and {c.num_experts} "
+                "physical experts"
+            )
+        if num_logical_experts is not None and num_logical_experts != placement.num_logical:
+            raise ArgumentError(
+                f"MoELayer: argument 'num_logical_experts' = {num_logical_experts} differs from the placement's "
+                f"{placement.num_logical} logical experts"
+            )
+        return int(placement.num_logical)
+    return num_logical_experts or c.num_experts
 
 
 def _gate_experts(gate: Any) -> int | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import itertools
 import math
 import os
@@ -563,3 +564,41 @@ def test_top1_with_normalised_weights_warns():
         warnings.simplefilter("error")
         GateConfig(hidden=8, num_experts=4, topk=1, norm_topk_prob=False)
         GateConfig(hidden=8, num_experts=1, topk=1)  # (one expert: nothing to learn)
+
+
+@pytest.mark.parametrize("groups", [None, [0, 1, 2, 3, 0, 1, 2, 3]])
+def test_gate_made_on_meta_then_to_empty(groups):
+    """A gate made under torch.device("meta") (FSDP2's meta init) builds, and after to_empty either
+    reset_parameters or a state dict makes it equal a gate made on the CPU (the group tables included; to_empty
+    leaves them whatever memory they got)."""
+    cfg = GateConfig(hidden=16, num_experts=8, topk=2, num_groups=4, topk_groups=2)
+    given = None if groups is None else torch.tensor(groups)
+    torch.manual_seed(7)
+    ref = TopKGate(cfg, group_of_expert=given)
+    with torch.device("meta"):
+        meta = TopKGate(cfg, group_of_expert=given)
+    assert meta.weight.is_meta and meta.group_table.is_meta and meta.group_of_expert.is_meta
+    x = torch.randn(33, 16)
+    for how in ("reset", "state_dict"):
+        gate = copy.deepcopy(meta).to_empty(device="cpu")
+        for name in ("group_of_expert", "group_table", "group_sizes"):
+            getattr(gate, name).fill_(-5)  # (poisoned: to_empty gives no values)
+        if how == "reset":
+            torch.manual_seed(7)
+            gate.reset_parameters()
+        else:
+            gate.load_state_dict(ref.state_dict())
+        for name, want in ref.state_dict().items():
+            assert torch.equal(gate.state_dict()[name], want), (how, name)
+        assert torch.equal(gate.group_table, ref.group_table) and torch.equal(gate.group_sizes, ref.group_sizes), how
+        got, want = gate(x), ref(x)
+        assert torch.equal(got.topk_idx, want.topk_idx) and torch.equal(got.topk_weights, want.topk_weights), how
+    # reset_parameters writes back the groups last given, e.g. by set_groups
+    gate = TopKGate(cfg)
+    other = torch.tensor([3, 2, 1, 0, 3, 2, 1, 0])
+    gate.set_groups(other)
+    gate.group_of_expert.fill_(-5)
+    gate.reset_parameters()
+    assert torch.equal(gate.group_of_expert, other) and gate.group_table.tolist() == [[3, 7], [2, 6], [1, 5], [0, 4]]
+    with pytest.raises(ArgumentError, match="group_of_expert"):
+        TopKGate(cfg, group_of_expert=torch.empty(8, dtype=torch.int64, device="meta"))

@@ -160,18 +160,19 @@ def contiguous_groups(num_experts: int, num_groups: int, device: torch.device | 
 
 
 def group_tables(group_of_expert: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Members of each group, padded: (table int64 [G, S] of expert ids with E as padding, sizes int64 [G]).
-    Reads sizes on the host."""
-    num_experts = group_of_expert.numel()
-    num_groups = int(group_of_expert.max().item()) + 1 if num_experts else 0
-    sizes = torch.bincount(group_of_expert, minlength=num_groups)
-    order = torch.argsort(group_of_expert, stable=True)
-    starts = torch.cumsum(sizes, 0) - sizes
-    width = int(sizes.max().item())
-    pos = torch.arange(num_experts, device=group_of_expert.device) - starts[group_of_expert[order]]
-    table = torch.full((num_groups, width), num_experts, dtype=torch.int64, device=group_of_expert.device)
-    table[group_of_expert[order], pos] = order
-    return table, sizes
+    """Members of each group, padded: (table int64 [G, S] of expert ids ascending with E as padding, sizes int64
+    [G]), on the CPU whatever the default device (built from the groups read on the host as Python ints, so that a
+    gate made under ``torch.device("meta")`` still gets them)."""
+    groups = [int(g) for g in group_of_expert.tolist()]
+    _check(min(groups, default=0) >= 0, "group_of_expert", "must be >= 0")
+    num_experts = len(groups)
+    members: list[list[int]] = [[] for _ in range(max(groups) + 1 if groups else 0)]
+    for e, g in enumerate(groups):
+        members[g].append(e)
+    width = max((len(m) for m in members), default=0)
+    rows = [m + [num_experts] * (width - len(m)) for m in members]
+    table = torch.tensor(rows, dtype=torch.int64, device="cpu").view(len(members), width)
+    return table, torch.tensor([len(m) for m in members], dtype=torch.int64, device="cpu")
 
 
 def check_groups(group_of_expert: torch.Tensor, num_experts: int, topk: int, topk_groups: int) -> None:
@@ -182,6 +183,7 @@ def check_groups(group_of_expert: torch.Tensor, num_experts: int, topk: int, top
         "group_of_expert",
         "must be an int64 tensor",
     )
+    _check(group_of_expert.device.type != "meta", "group_of_expert", "must hold values (not a meta tensor)")
     _check(group_of_expert.shape == (num_experts,), "group_of_expert", f"must have shape [{num_experts}]")
     _check(bool((group_of_expert >= 0).all()), "group_of_expert", "must be >= 0")
     sizes = torch.bincount(group_of_expert)
@@ -321,6 +323,11 @@ class TopKGate(nn.Module):
     Buffers: ``expert_bias`` float32 [E] (selection only), ``expert_load`` float32 [E] (choices counted since the
     last ``update_bias``; counted in training mode when ``bias_balancing`` is on), ``group_of_expert`` int64 [E]
     (and its member table, not saved). ``forward`` never waits on the host.
+
+    Made on the meta device (``with torch.device("meta")``, e.g. for FSDP2), the gate holds no values; after
+    ``to_empty(device=...)`` its tensors hold whatever memory they got, and ``reset_parameters()`` (a fresh gate's
+    values: weight, zero bias and load, the groups and their table) or ``load_state_dict`` (the groups saved with
+    the gate; the table is rebuilt from them) make it usable. The gate keeps its groups on the host too, for that.
     """
 
     distinct_experts = True  # a token's K choices are distinct experts (MoELayer.experts_chunk counts on it)
@@ -331,21 +338,37 @@ class TopKGate(nn.Module):
     group_sizes: torch.Tensor
 
     def __init__(self, config: GateConfig, *, group_of_expert: torch.Tensor | None = None) -> None:
-        """``group_of_expert``: int64 [E], the group of each expert (e.g. ``Placement.home_node()``); default:
-        ``config.num_groups`` contiguous groups."""
+        """``group_of_expert``: int64 [E] holding values (on any device but meta), the group of each expert (e.g.
+        ``Placement.home_node()``); default: ``config.num_groups`` contiguous groups. The gate's tensors are made on
+        the default device."""
         super().__init__()
         self.config = config
         if group_of_expert is None:
-            group_of_expert = contiguous_groups(config.num_experts, config.num_groups)
+            group_of_expert = contiguous_groups(config.num_experts, config.num_groups, device=torch.device("cpu"))
         self.topk_groups = self._check_groups(group_of_expert)
+        # the groups on the host: what reset_parameters writes back (a meta or to_empty gate's buffer holds none)
+        self._host_groups = group_of_expert.detach().to("cpu", copy=True)
         self.weight = nn.Parameter(torch.empty(config.num_experts, config.hidden))
-        nn.init.normal_(self.weight, std=config.hidden**-0.5)
+        dev = self.weight.device
         self.register_buffer("expert_bias", torch.zeros(config.num_experts))
         self.register_buffer("expert_load", torch.zeros(config.num_experts))
-        self.register_buffer("group_of_expert", group_of_expert.clone())
-        table, sizes = group_tables(group_of_expert)
-        self.register_buffer("group_table", table, persistent=False)
-        self.register_buffer("group_sizes", sizes, persistent=False)
+        self.register_buffer("group_of_expert", torch.empty(config.num_experts, dtype=torch.int64))
+        table, sizes = group_tables(self._host_groups)
+        self.register_buffer("group_table", table.to(dev), persistent=False)
+        self.register_buffer("group_sizes", sizes.to(dev), persistent=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Sets a fresh gate's values in place: weight normal with std hidden**-0.5, zero ``expert_bias`` and
+        ``expert_load``, and the groups last given (at construction, by ``set_groups`` or by a state dict) with
+        their table, on the gate's device. After ``to_empty(device=...)`` of a gate made on the meta device this
+        makes it a working gate."""
+        with torch.no_grad():
+            nn.init.normal_(self.weight, std=self.config.hidden**-0.5)
+            self.expert_bias.zero_()
+            self.expert_load.zero_()
+            self.group_of_expert.copy_(self._host_groups)
+        self._use_groups(self._host_groups)
 
     def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
         # a module-wide cast (gate.to(torch.bfloat16), .half()) must not round the balancing state: a bias step of
@@ -361,31 +384,40 @@ class TopKGate(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[no-untyped-def]
         groups = state_dict.get(prefix + "group_of_expert")
-        if isinstance(groups, torch.Tensor):  # refused before anything is loaded (not a gate half loaded)
-            self._check_groups(groups)
+        if isinstance(groups, torch.Tensor) and groups.device.type != "meta":  # refused before anything is loaded
+            self._check_groups(groups)  # (not a gate half loaded)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self._refresh_groups()
 
     def _check_groups(self, group_of_expert: torch.Tensor) -> int:
         """Refuses groups that cannot hold top-k; returns the groups kept per token (config's, default all)."""
         cfg = self.config
+        _check(group_of_expert.device.type != "meta", "group_of_expert", "must hold values (not a meta tensor)")
         topk_groups = cfg.topk_groups if cfg.topk_groups is not None else int(group_of_expert.max()) + 1
         check_groups(group_of_expert, cfg.num_experts, cfg.topk, topk_groups)
         return topk_groups
 
+    def _use_groups(self, group_of_expert: torch.Tensor) -> None:
+        """Takes checkable groups as the gate's: its host copy, topk_groups and member table (the buffer
+        ``group_of_expert`` is the caller's to write)."""
+        self.topk_groups = self._check_groups(group_of_expert)
+        self._host_groups = group_of_expert.detach().to("cpu", copy=True)
+        table, sizes = group_tables(self._host_groups)
+        dev = self.group_of_expert.device
+        self.group_table, self.group_sizes = table.to(dev), sizes.to(dev)
+
     def _refresh_groups(self) -> None:
-        """Rebuilds the group table from ``group_of_expert`` (after a state dict or an in-place change of it)."""
-        g = self.group_of_expert
-        self.topk_groups = self._check_groups(g)
-        table, sizes = group_tables(g)
-        self.group_table, self.group_sizes = table.to(g.device), sizes.to(g.device)
+        """Rebuilds the group table from ``group_of_expert`` (after a state dict or an in-place change of it). A meta
+        buffer holds no groups to read: the gate keeps those it had (loading into a meta module changes nothing)."""
+        if self.group_of_expert.device.type != "meta":
+            self._use_groups(self.group_of_expert)
 
     def set_groups(self, group_of_expert: torch.Tensor) -> None:
         """Replaces the group of each expert (e.g. a new ``Placement.home_node()`` after re-planning)."""
         self._check_groups(group_of_expert)  # before anything changes
         with torch.no_grad():
             self.group_of_expert.copy_(group_of_expert.to(self.group_of_expert.device))
-        self._refresh_groups()
+        self._use_groups(group_of_expert)
 
     def scores(self, logits: torch.Tensor) -> torch.Tensor:
         """Routing probabilities float32 [T, E] from logits [T, E]."""
@@ -440,6 +472,7 @@ class TopKGate(nn.Module):
         rate: float | None = None,
     ) -> torch.Tensor:
         """One aux-loss-free balancing step: ``bias += rate * sign(mean(load) - load)``, then resets the counts.
+
 
         Args:
             group: when given, the loads are summed over it (one all_reduce of E float32 numbers; every rank of

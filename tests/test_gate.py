@@ -566,6 +566,26 @@ def test_top1_with_normalised_weights_warns():
         GateConfig(hidden=8, num_experts=1, topk=1)  # (one expert: nothing to learn)
 
 
+def test_top1_warning_once_per_config():
+    """The top-1 warning comes once, from the construction or from the assignment that turns norm_topk_prob on; a
+    later change of another field does not repeat it (every assignment re-ran the checks, warning each time)."""
+    import warnings
+
+    with pytest.warns(UserWarning, match="no gradient") as caught:
+        cfg = GateConfig(hidden=8, num_experts=4, topk=1)
+    assert len(caught) == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cfg.routed_scaling_factor = 2.0
+        cfg.score_func = "sigmoid"
+        cfg.capacity_factor = 1.5
+        cfg.norm_topk_prob = True  # (already on)
+        cfg.norm_topk_prob = False
+    with pytest.warns(UserWarning, match="no gradient") as caught:
+        cfg.norm_topk_prob = True  # (turned on again)
+    assert len(caught) == 1 and caught[0].filename == __file__
+
+
 @pytest.mark.parametrize("groups", [None, [0, 1, 2, 3, 0, 1, 2, 3]])
 def test_gate_made_on_meta_then_to_empty(groups):
     """A gate made under torch.device("meta") (FSDP2's meta init) builds, and after to_empty either

@@ -85,6 +85,18 @@ class GateConfig:
     capacity_factor: float | None = None
 
     def __post_init__(self) -> None:
+        self._validate()
+        self._warn_top1(stacklevel=4)
+        # (capacity_factor is checked whenever it is set: __setattr__)
+
+    def _warn_top1(self, stacklevel: int) -> None:
+        if self.topk == 1 and self.norm_topk_prob and self.num_experts > 1:
+            warnings.warn("GateConfig: topk=1 with norm_topk_prob=True makes every weight 1, so the router's weight "
+                          "gets no gradient from the task loss (pass norm_topk_prob=False to train it)",
+                          UserWarning, stacklevel=stacklevel)
+
+    def _validate(self) -> None:
+        """Checks the fields (run again whenever one is set)."""
         _check(self.hidden >= 1, "hidden", f"must be >= 1, got {self.hidden}")
         _check(self.num_experts >= 1, "num_experts", f"must be >= 1, got {self.num_experts}")
         _check(1 <= self.topk <= self.num_experts, "topk", f"must be in [1, num_experts], got {self.topk}")
@@ -95,11 +107,6 @@ class GateConfig:
         _check(self.num_groups >= 1, "num_groups", f"must be >= 1, got {self.num_groups}")
         _check(self.bias_update_rate >= 0, "bias_update_rate", f"must be >= 0, got {self.bias_update_rate}")
         _check(self.aux_loss_coef >= 0, "aux_loss_coef", f"must be >= 0, got {self.aux_loss_coef}")
-        if self.topk == 1 and self.norm_topk_prob and self.num_experts > 1:
-            warnings.warn("GateConfig: topk=1 with norm_topk_prob=True makes every weight 1, so the router's weight "
-                          "gets no gradient from the task loss (pass norm_topk_prob=False to train it)",
-                          UserWarning, stacklevel=3)
-        # (capacity_factor is checked whenever it is set: __setattr__)
 
     def __setattr__(self, name: str, value: object) -> None:
         built = "_capacity_ratio" in self.__dict__  # (set at the end of construction, by capacity_factor's field)
@@ -110,10 +117,13 @@ class GateConfig:
         object.__setattr__(self, name, value)
         if built and name != "capacity_factor":
             try:
-                self.__post_init__()
+                self._validate()
             except ArgumentError:
                 object.__setattr__(self, name, old)  # (the config stays as it was)
                 raise
+            # the top-1 warning once per config: again only where this assignment turns it on (the sizes are fixed)
+            if name == "norm_topk_prob" and value and not old:
+                self._warn_top1(stacklevel=3)
         if name == "capacity_factor":
             # its exact fraction, made whenever the factor is set (outside any torch.compile trace: Fraction and
             # str(float) do not trace, and a retrace after a change must not need them)

@@ -59,7 +59,7 @@ class GateConfig:
         topk_groups: groups a token may use (None: all, i.e. no limit).
         group_score: "top2" (sum of the two best expert scores of the group) or "max".
         bias_balancing: aux-loss-free balancing: a per-expert bias added to the scores for selection only,
-            moved by ``update_bias``.
+            moved by ``update_bias`` (which evens the load per logical expert, not per replica: see there).
         bias_update_rate: step of the bias update (``bias += rate * sign(mean load - load)``).
         aux_loss_coef: > 0 returns the Switch/GShard balance loss ``coef * E * sum_e f_e * P_e``.
         capacity_factor: None, or > 0: each expert keeps at most ceil(factor * T * K / E) of the (token, k)
@@ -483,6 +483,13 @@ class TopKGate(nn.Module):
     ) -> torch.Tensor:
         """One aux-loss-free balancing step: ``bias += rate * sign(mean(load) - load)``, then resets the counts.
 
+        The step evens the load per logical expert; it knows nothing of replicas. Beside a
+        :class:`largeep.placement.Placement` that gives a hot expert several replicas this works against the plan:
+        the bias pushes the replicated expert down toward the mean load of one expert, so its replicas' GPUs serve
+        less than the plan gave them (underloaded) and the GPUs of the experts it moves the load to more, until a
+        re-plan from the new loads. To even the load per replica instead, pass ``load`` = the counts divided by each
+        expert's replica count (``Placement.replica_count``); a re-plan from loads balanced that way sees loads in
+        proportion to the current replica counts, so it keeps them.
 
         Args:
             group: when given, the loads are summed over it (one all_reduce of E float32 numbers; every rank of

@@ -690,3 +690,24 @@ def test_route_refuses_a_bool_source_gpu():
     p = greedy_placement(torch.ones(4), Topology(1, 2, slots_per_gpu=2))
     with pytest.raises(ValueError, match="src_gpu"):  # (ArgumentError)
         p.route(torch.tensor([[0, 1], [2, 3]]), True)
+
+
+def test_route_takes_any_integer_source_gpu():
+    """route takes one source GPU as a numpy integer or a 0-dim integer tensor, as table_route does (it took only a
+    Python int); other scalars are refused naming the argument."""
+    import numpy as np
+
+    topo = Topology(2, 2, slots_per_gpu=2)
+    p = greedy_placement(torch.tensor([9.0, 4, 2, 1, 1, 1]), topo)
+    idx = torch.randint(-1, 6, (37, 2), generator=torch.Generator().manual_seed(5))
+    want = p.route(idx, 3)
+    assert torch.equal(want, p.route(idx, torch.full((37,), 3)))
+    for src in (np.int64(3), np.int32(3), np.uint8(3), torch.tensor(3), torch.tensor(3, dtype=torch.int32)):
+        assert torch.equal(p.route(idx, src), want), type(src)
+        assert torch.equal(p.table_route(idx, src), p.table_route(idx, 3)), type(src)
+    for bad in (torch.tensor(3.0), torch.tensor(True), np.float64(3.0), 3.0, torch.tensor([3])):
+        with pytest.raises(ValueError, match="'src_gpu'"):
+            p.route(idx, bad)
+    with pytest.raises(ValueError, match="'src_gpu'"):
+        p.route(idx, np.int64(4))
+

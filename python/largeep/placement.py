@@ -325,7 +325,7 @@ class Placement:
     def route(
         self,
         topk_idx: torch.Tensor,
-        src_gpu: torch.Tensor | int,
+        src_gpu: torch.Tensor | numbers.Integral | int,
         *,
         slot_load: torch.Tensor | None = None,
         local_cap: float | None = 1.0,
@@ -350,7 +350,8 @@ class Placement:
 
         Args:
             topk_idx: int64 [T, K], logical experts in [-1, L); -1 passes through.
-            src_gpu: int64 [T] (or one int for all tokens), source GPU of each token.
+            src_gpu: int64 [T], source GPU of each token, or one for all tokens: an integer (Python, numpy) or a
+                0-dim integer tensor.
             slot_load: float [num_slots] or None, load already on each slot.
             local_cap: > 0, or None for no cap (see above).
 
@@ -362,8 +363,10 @@ class Placement:
         t_num = topk_idx.shape[0]
         dev = topk_idx.device
         _check(not isinstance(src_gpu, bool), "src_gpu", f"must be an int or an int64 tensor [{t_num}], got a bool")
-        if isinstance(src_gpu, int):
-            src = torch.full((t_num,), src_gpu, dtype=torch.int64, device=dev)
+        if isinstance(src_gpu, torch.Tensor) and src_gpu.dim() == 0 and src_gpu.dtype in _INT_DTYPES:
+            src_gpu = int(src_gpu)  # (one source for all tokens, as table_route takes it)
+        if isinstance(src_gpu, (int, numbers.Integral)):  # (a numpy integer too)
+            src = torch.full((t_num,), int(src_gpu), dtype=torch.int64, device=dev)
         else:
             src = src_gpu
             _check(
@@ -440,6 +443,9 @@ class Placement:
             chosen[far] = rows_table[row, r]
         out[t_idx, k_idx] = chosen
         return out
+
+
+_INT_DTYPES = (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64)
 
 
 def _rank_within(key: torch.Tensor, num_keys: int) -> torch.Tensor:

@@ -711,3 +711,23 @@ def test_route_takes_any_integer_source_gpu():
     with pytest.raises(ValueError, match="'src_gpu'"):
         p.route(idx, np.int64(4))
 
+
+def test_placement_pickles_without_its_tables():
+    """A pickled Placement (broadcast_object_list sharing one plan over ranks) leaves its per-device lookup tables
+    behind (they may be CUDA tensors of the sender); the copy equals the original and routes the same."""
+    import copy
+    import pickle
+
+    topo = Topology(3, 2, slots_per_gpu=2)
+    p = greedy_placement(torch.tensor([30.0, 9, 4, 2, 1, 1, 1, 1]), topo).prepare("cpu")
+    assert p._table_cache
+    gen = torch.Generator().manual_seed(8)
+    idx = torch.randint(-1, 8, (64, 3), generator=gen)
+    src = torch.randint(0, 6, (64,), generator=gen)
+    for q in (pickle.loads(pickle.dumps(p)), copy.deepcopy(p)):
+        assert q._table_cache == {} and p._table_cache  # (the original keeps its own)
+        assert q.topology == p.topology and q.num_logical == p.num_logical
+        for name in ("phys_to_log", "replica_table", "replica_count"):
+            assert torch.equal(getattr(q, name), getattr(p, name)), name
+        assert torch.equal(q.route(idx, src), p.route(idx, src))
+        assert torch.equal(q.table_route(idx, 4), p.table_route(idx, 4))

@@ -209,6 +209,13 @@ class Placement:
         self.replica_table = table
         self.replica_count = counts
 
+    def __getstate__(self) -> dict[str, object]:
+        # a pickled plan (broadcast_object_list sharing it over ranks, torch.save) carries no lookup tables: they
+        # may be CUDA tensors of the sender's device; the receiver builds its own at first use (or prepare)
+        state = self.__dict__.copy()
+        state["_table_cache"] = {}
+        return state
+
     @property
     def replicas(self) -> list[list[int]]:
         """Slots of each logical expert, ascending."""

@@ -731,3 +731,15 @@ def test_placement_pickles_without_its_tables():
             assert torch.equal(getattr(q, name), getattr(p, name)), name
         assert torch.equal(q.route(idx, src), p.route(idx, src))
         assert torch.equal(q.table_route(idx, 4), p.table_route(idx, 4))
+
+
+def test_planner_rounds_replicas_to_node_multiples():
+    """What plan_placement's docstring says of num_replicas: the search rounds an expert's replicas up in steps of
+    the node count, so it may use fewer than asked (here 4 of 5, slots left empty) where greedy uses them all; and
+    without a time budget the plan depends on its inputs only (every rank planning alike gets the same plan)."""
+    topo = Topology(3, 2, slots_per_gpu=2)
+    trace = synthetic_trace(2000, 2, 1, topo, seed=0)
+    p = plan_placement(None, topo, trace=trace, num_replicas=5)
+    assert p.replica_count.tolist() == [3, 3] and int((p.phys_to_log < 0).sum()) == 6
+    assert int(greedy_placement(trace.expert_load(), topo, num_replicas=5).replica_count.sum()) == 7
+    assert torch.equal(plan_placement(None, topo, trace=trace, num_replicas=5).phys_to_log, p.phys_to_log)

@@ -163,6 +163,15 @@ def _check_topk(topk_idx: torch.Tensor, num_experts: int, arg: str = "topk_idx")
 class Placement:
     """Which logical expert each physical slot holds.
 
+    Every rank must hold the same placement. Each rank routes its own tokens with its copy (``route``, or
+    ``table_route`` in a traced ``MoELayer``) and loads its slots' weights from it (``MoELayer`` reads its
+    ``phys_to_log``, e.g. in ``load_global_experts``); where two ranks' copies differ, tokens reach slots that hold
+    other experts than their sender assumed and are computed with the wrong experts, with no error. Plan on one rank
+    and share the plan, e.g. ``torch.distributed.broadcast_object_list([placement], src=0)`` (a pickled Placement
+    carries no lookup tables; each rank builds its own), or plan on every rank from the same loads and trace
+    (all-reduced or gathered) without ``plan_placement``'s ``time_budget_s``, whose result depends on the speed of
+    the machine.
+
     Attributes:
         topology: the cluster (slot s is on GPU s // slots_per_gpu).
         num_logical: L.
@@ -910,7 +919,12 @@ def plan_placement(
         trace: routing trace of logical experts with source GPUs; without it the plan is the greedy baseline
             (nothing is known about co-activation).
         num_replicas: extra replicas (default: fill every slot); at most one replica of an expert per GPU, so
-            fewer where that bounds them (the rest of the slots stay empty).
+            fewer where that bounds them (the rest of the slots stay empty). With a trace (and more than one node)
+            the search result rounds an expert's replica count up in steps of the node count once it has as many
+            replicas as nodes (step 2 of the module docstring), so it may use fewer replicas than asked (or than
+            the default's free slots), leaving those slots empty: on 3 nodes x 2 GPUs x 2 slots with 2 experts and
+            ``num_replicas=5``, its plan holds 3 + 3 replicas (4 extra, 6 slots empty). The greedy plan, returned
+            when the search does not win, uses them all (up to the one-per-GPU bound).
         imbalance_tolerance: the search keeps every GPU's estimated compute load (each replica serving an even
             share of its expert) <= the greedy plan's largest GPU load on the trace * (1 + tolerance / 2);
             the returned plan's compute imbalance on the trace, as routed, is within (1 + tolerance) of greedy's
@@ -918,10 +932,15 @@ def plan_placement(
         hierarchical: the dispatch mode whose bottleneck link decides between the search result and greedy.
         max_rounds: rounds of swaps per search phase (each round: the best swap of each of many disjoint node
             pairs); both phases normally stop earlier, when no swap improves (the result is then deterministic).
-        time_budget_s: optional wall-clock limit of the searches (the result then depends on the machine's speed).
+        time_budget_s: optional wall-clock limit of the searches (the result then depends on the machine's speed
+            and load: never plan on every rank independently with it, since the ranks may get different plans).
 
     Returns:
         The plan with the lower bottleneck link time on the trace (the greedy plan when the search does not win).
+
+    Every rank must use the same plan (see :class:`Placement`): plan on one rank and share the result (e.g.
+    ``torch.distributed.broadcast_object_list``), or on every rank from the same loads and trace (all-reduced or
+    gathered) without ``time_budget_s`` (the result then depends on the inputs only).
     """
     t0 = time.perf_counter()
     if load is None:

@@ -590,6 +590,31 @@ def tp_top1_empty_rank(rank: int, world: int) -> None:
         buf.destroy()
 
 
+def tp_state_names_its_shard(rank: int, world: int) -> None:
+    """A TP member's state dict says which shard of each expert it holds: it loads into the layer of the same
+    member, and is refused by the layer of the other member (same shapes, other columns)."""
+    g = make_expert_tp_groups(2)
+    buf = largeep.Buffer(g.ep_group, hidden=32, num_experts=2 * (world // 2), num_topk=1, max_tokens_per_rank=8,
+                         backend="torch")
+    try:
+        layer = layers.MoELayer(buf, ffn_hidden=16, expert_tp_group=g.tp_group)
+        state = layer.state_dict()
+        member = dist.get_rank(g.tp_group)
+        assert state["expert_shard"].tolist() == [member, 2], state["expert_shard"]
+        states: list[Any] = [None, None]
+        dist.all_gather_object(states, state, group=g.tp_group)
+        layers.MoELayer(buf, ffn_hidden=16, expert_tp_group=g.tp_group).load_state_dict(states[member])
+        other = layers.MoELayer(buf, ffn_hidden=16, expert_tp_group=g.tp_group)
+        try:
+            other.load_state_dict(states[1 - member])
+        except RuntimeError as exc:
+            assert "expert_shard" in str(exc) and f"shard {1 - member} of 2" in str(exc), exc
+        else:
+            raise AssertionError(f"rank {rank}: the other member's shard was loaded")
+    finally:
+        buf.destroy()
+
+
 def missing_tp_member(rank: int, world: int, timeout_s: float) -> dict[str, Any]:
     """Rank 0 gathers rows over a TP group whose other members never call (as when their EP group refused a
     dispatch): it must raise PeerTimeoutError after about LARGEEP_TIMEOUT_S (gloo), not wait for the group's own

@@ -1173,33 +1173,88 @@ def layer_checks_placement_sizes(rank: int, world: int) -> None:
 
 
 def layer_saves_slot_layout(rank: int, world: int) -> None:
-    """A MoELayer with a placement saves its slot layout in its state dict; a state loads into a layer of the same
-    layout (weights equal after), is refused naming the key by one of another layout (its slots would have held
-    other experts' weights) or without a placement, strict or not; a state without the key (saved before) loads."""
+    """A MoELayer saves the logical expert of each of its slots in its state dict; a state loads into a layer whose
+    slots hold the same experts (weights equal after), and is refused naming the key, strict or not, by a layer of
+    another placement, by one without a placement, and by the same layer on another rank (each rank saves its own
+    slots), since its slots would hold other experts' weights; a state without the key (from elsewhere) is read
+    as slot s holding expert s, and one with the earlier global ``slot_layout`` table by that table."""
     from largeep import placement as pl
 
-    buf = largeep.Buffer(None, hidden=32, num_experts=4, num_topk=2, max_tokens_per_rank=16, backend="torch")
+    buf = largeep.Buffer(None, hidden=32, num_experts=4 * world, num_topk=2, max_tokens_per_rank=16,
+                         backend="torch")
     try:
-        topo = pl.Topology(num_nodes=1, gpus_per_node=1, slots_per_gpu=4)
-        p1 = pl.greedy_placement(torch.tensor([5.0, 1.0, 1.0]), topo)
-        p2 = pl.Placement(topo, 3, torch.tensor([2, 1, 0, 0]))
-        assert not torch.equal(p1.phys_to_log, p2.phys_to_log)
+        topo = pl.Topology(num_nodes=1, gpus_per_node=world, slots_per_gpu=4)
+        p1 = pl.greedy_placement(torch.tensor([5.0, 1.0, 1.0] * world), topo)
+        p2 = pl.Placement(topo, 3 * world, p1.phys_to_log.roll(1))
+        lo = 4 * rank
+        assert not torch.equal(p1.phys_to_log[lo : lo + 4], p2.phys_to_log[lo : lo + 4])
         a = layers.MoELayer(buf, ffn_hidden=8, placement=p1)
         state = a.state_dict()
-        assert torch.equal(state["slot_layout"], p1.phys_to_log)
-        b = layers.MoELayer(buf, ffn_hidden=8, placement=pl.Placement(topo, 3, p1.phys_to_log.clone()))
+        assert torch.equal(state["slot_experts"], p1.phys_to_log[lo : lo + 4])
+        b = layers.MoELayer(buf, ffn_hidden=8, placement=pl.Placement(topo, 3 * world, p1.phys_to_log.clone()))
         b.load_state_dict(state)
         assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
-        for other in (layers.MoELayer(buf, ffn_hidden=8, placement=p2), layers.MoELayer(buf, ffn_hidden=8)):
+
+        def refused(layer: layers.MoELayer, st: dict[str, torch.Tensor], words: tuple[str, ...]) -> None:
             for strict in (True, False):
                 try:
-                    other.load_state_dict(state, strict=strict)
-                    raise AssertionError("a state of another slot layout was loaded")
+                    layer.load_state_dict(st, strict=strict)
                 except RuntimeError as exc:
-                    assert "slot_layout" in str(exc) and "load_global_experts" in str(exc), exc
-        old = {k: v for k, v in state.items() if k != "slot_layout"}
-        layers.MoELayer(buf, ffn_hidden=8, placement=p2).load_state_dict(old)
-        assert "slot_layout" not in layers.MoELayer(buf, ffn_hidden=8).state_dict()
+                    assert all(w in str(exc) for w in words + ("load_global_experts",)), exc
+                else:
+                    raise AssertionError(f"rank {rank}: a state of other slots was loaded (strict={strict})")
+
+        plain = layers.MoELayer(buf, ffn_hidden=8)
+        for other in (layers.MoELayer(buf, ffn_hidden=8, placement=p2), plain):
+            refused(other, state, ("slot_experts",))
+        # states of the plain layer: this rank's loads; another rank's is refused (world > 1)
+        gathered: list[Any] = [None] * world
+        dist.all_gather_object(gathered, plain.state_dict())
+        layers.MoELayer(buf, ffn_hidden=8).load_state_dict(gathered[rank])
+        if world > 1:
+            refused(layers.MoELayer(buf, ffn_hidden=8), gathered[(rank + 1) % world], ("slot_experts", f"rank {rank}"))
+        # without the key: slot s holds expert s
+        bare = {k: v for k, v in plain.state_dict().items() if k != "slot_experts"}
+        layers.MoELayer(buf, ffn_hidden=8).load_state_dict(bare)
+        shifted = pl.Placement(topo, 4 * world, torch.arange(4 * world).roll(1))
+        refused(layers.MoELayer(buf, ffn_hidden=8, placement=shifted), bare, ("slot_experts", "absent"))
+        # an earlier state: the placement's whole table under slot_layout
+        legacy = {**{k: v for k, v in state.items() if k != "slot_experts"}, "slot_layout": p1.phys_to_log.clone()}
+        layers.MoELayer(buf, ffn_hidden=8, placement=p1).load_state_dict(legacy)
+        refused(layers.MoELayer(buf, ffn_hidden=8, placement=p2), legacy, ("slot_layout",))
+    finally:
+        buf.destroy()
+
+
+def replicas_start_equal(rank: int, world: int) -> None:
+    """With every rank's generator seeded alike, a MoELayer's slots that hold one logical expert start with the same
+    weights on every rank (replicas), and slots of different experts with different weights (also at the same
+    local index on different ranks, which plain per-rank draws would make equal)."""
+    from largeep import placement as pl
+
+    buf = largeep.Buffer(None, hidden=32, num_experts=3 * world, num_topk=2, max_tokens_per_rank=8, backend="torch")
+    try:
+        topo = pl.Topology(num_nodes=1, gpus_per_node=world, slots_per_gpu=3)
+        plc = pl.greedy_placement(torch.tensor([8.0] + [1.0] * (3 * world - 2)), topo)
+        table = plc.phys_to_log.tolist()
+        assert len(set(table)) < len(table), table  # some expert has replicas
+        for placement in (plc, None):
+            torch.manual_seed(11)
+            layer = layers.MoELayer(buf, ffn_hidden=8, placement=placement)
+            experts = table if placement is not None else list(range(3 * world))
+            for name in ("w13", "w2"):
+                mine = getattr(layer.experts, name).detach()
+                parts = [torch.empty_like(mine) for _ in range(world)]
+                dist.all_gather(parts, mine)
+                slots = torch.cat(parts)
+                for i in range(len(experts)):
+                    for j in range(i):
+                        same = torch.equal(slots[i], slots[j])
+                        if (experts[i] == experts[j]) != same:
+                            raise AssertionError(
+                                f"rank {rank}: {name} of slots {j} and {i} (experts {experts[j]}, {experts[i]}) "
+                                f"{'equal' if same else 'differ'}"
+                            )
     finally:
         buf.destroy()
 

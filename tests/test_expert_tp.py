@@ -110,6 +110,11 @@ def test_tp_top1_with_an_empty_rank(pools) -> None:
     pools(2).run(expert_tp_bodies.tp_top1_empty_rank)
 
 
+@pytest.mark.parametrize("world", [2, 4])
+def test_tp_state_names_its_shard(pools, world: int) -> None:
+    pools(world).run(expert_tp_bodies.tp_state_names_its_shard)
+
+
 def test_missing_tp_member_is_bounded() -> None:
     # a pool of its own: the abandoned gather stays pending in its processes, which are killed afterwards
     from dist_pool import DistPool

@@ -42,8 +42,14 @@ def test_layer_checks_placement_sizes(pools) -> None:
     pools(1).run(layer_bodies.layer_checks_placement_sizes)
 
 
-def test_layer_saves_slot_layout(pools) -> None:
-    pools(1).run(layer_bodies.layer_saves_slot_layout)
+@pytest.mark.parametrize("world", [2, 3])
+def test_replicas_start_equal(pools, world: int) -> None:
+    pools(world).run(layer_bodies.replicas_start_equal)
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_layer_saves_slot_layout(pools, world: int) -> None:
+    pools(world).run(layer_bodies.layer_saves_slot_layout)
 
 
 def test_layer_refuses_num_worst_tokens_with_rounds(pools) -> None:

@@ -132,12 +132,42 @@ class GroupedExperts(nn.Module):
     (never a Python loop over experts).
     """
 
-    def __init__(self, num_experts: int, hidden: int, ffn_hidden: int, *, dtype: torch.dtype | None = None) -> None:
+    def __init__(
+        self, num_experts: int, hidden: int, ffn_hidden: int, *, dtype: torch.dtype | None = None, init: bool = True
+    ) -> None:
+        """``init`` False: the weights are left uninitialised (for :meth:`seeded_init_` or a load)."""
         super().__init__()
         self.num_experts = num_experts
         self.ffn_hidden = ffn_hidden
-        self.w13 = nn.Parameter(torch.randn(num_experts, hidden, 2 * ffn_hidden, dtype=dtype) * hidden**-0.5)
-        self.w2 = nn.Parameter(torch.randn(num_experts, ffn_hidden, hidden, dtype=dtype) * ffn_hidden**-0.5)
+        w13 = torch.empty(num_experts, hidden, 2 * ffn_hidden, dtype=dtype)
+        w2 = torch.empty(num_experts, ffn_hidden, hidden, dtype=dtype)
+        if init:
+            w13.normal_(std=hidden**-0.5)
+            w2.normal_(std=ffn_hidden**-0.5)
+        self.w13 = nn.Parameter(w13)
+        self.w2 = nn.Parameter(w2)
+
+    @torch.no_grad()
+    def seeded_init_(self, experts: Sequence[int], seed: int, shard: int = 0, num_shards: int = 1) -> None:
+        """Draws slot i's weights from a generator of its own, seeded by (``seed``, ``experts[i]``, ``shard``):
+        slots holding one expert get the same weights, on whatever rank they are, and different experts differ.
+        ``experts``: the expert of each slot (< 0: an empty slot, zeroed). ``shard`` of ``num_shards``: this rank's
+        F columns of an expert split over a tensor-parallel group (the scales are the whole expert's)."""
+        if len(experts) != self.num_experts:
+            raise ArgumentError(f"GroupedExperts.seeded_init_: {len(experts)} experts for {self.num_experts} slots")
+        hidden, f = self.w13.shape[1], self.ffn_hidden
+        if self.w13.is_meta:  # (no memory to fill: a meta-device module is materialised later)
+            return
+        for i, e in enumerate(experts):
+            if e < 0:
+                self.w13[i].zero_()
+                self.w2[i].zero_()
+                continue
+            g = torch.Generator(device="cpu").manual_seed(_mix_seed(seed, int(e), shard, num_shards))
+            w13 = torch.randn(hidden, 2 * f, generator=g, device="cpu") * hidden**-0.5
+            w2 = torch.randn(f, hidden, generator=g, device="cpu") * (f * num_shards) ** -0.5
+            self.w13[i].copy_(w13)
+            self.w2[i].copy_(w2)
 
     @property
     def w1(self) -> Tensor:
@@ -231,6 +261,17 @@ class GroupedExperts(nn.Module):
         out = self.forward(x.reshape(e * s, h)[order], offs)
         y = torch.zeros(e * s, h, dtype=out.dtype, device=x.device).index_copy(0, order, out)
         return y.view(e, s, h)
+
+
+def _mix_seed(seed: int, *parts: int) -> int:
+    """One generator seed from ``seed`` and small ints (SplitMix64-style mixing: nearby inputs, unrelated seeds)."""
+    z = seed & (2**64 - 1)
+    for p in parts:
+        z = (z + 0x9E3779B97F4A7C15 * (p + 1)) & (2**64 - 1)
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & (2**64 - 1)
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & (2**64 - 1)
+        z ^= z >> 31
+    return z & (2**63 - 1)
 
 
 def _is_placement(placement: Any) -> bool:
@@ -401,13 +442,26 @@ class MoELayer(nn.Module):
         # whether a token's distinct logical experts stay distinct physical ones (see experts_chunk)
         self._placement_keeps_distinct = placement is None or _is_placement(placement)
         self.ffn_hidden = ffn_hidden
-        self.experts = GroupedExperts(self.num_local_experts, c.hidden, ffn_hidden // tp, dtype=dtype)
+        self.experts = GroupedExperts(self.num_local_experts, c.hidden, ffn_hidden // tp, dtype=dtype, init=False)
+        # every copy of an expert starts from the same weights, and different experts from different ones, on
+        # every rank whose torch generator was seeded alike (the seed is drawn from it)
+        seed = int(torch.randint(0, 2**62, (), dtype=torch.int64, device="cpu"))
+        self.experts.seeded_init_(
+            self._slot_experts(), seed, self.expert_tp.rank if self.expert_tp is not None else 0, tp
+        )
         self.shared_experts = SwiGLU(c.hidden, shared_ffn_hidden, dtype=dtype) if shared_ffn_hidden > 0 else None
         self.aux_loss: Tensor | None = None
         self.register_state_dict_post_hook(_save_slot_layout)
         self.register_load_state_dict_pre_hook(_check_slot_layout)
 
     # -- weights ----------------------------------------------------------------------------------------------
+    def _slot_experts(self) -> list[int]:
+        """The logical expert of each local slot (-1: empty): the placement's table, else slot s holds expert s."""
+        lo = self.rank * self.num_local_experts
+        if self.phys_to_log is None:
+            return list(range(lo, lo + self.num_local_experts))
+        return [int(e) for e in self.phys_to_log.cpu()[lo : lo + self.num_local_experts].tolist()]
+
     @torch.no_grad()
     def load_global_experts(self, w1: Tensor, w3: Tensor, w2: Tensor, phys_to_log: Tensor | None = None) -> None:
         """Copies this rank's slots from global weights: w1/w3 [L, H, F], w2 [L, F, H] indexed by logical expert;
@@ -805,33 +859,58 @@ def _gate_experts(gate: Any) -> int | None:
     return n if isinstance(n, int) and not isinstance(n, bool) else None
 
 
-_SLOT_LAYOUT = "slot_layout"  # the state-dict key of a layer's placement table (MoELayer)
+_SLOT_EXPERTS = "slot_experts"  # state-dict key: the logical expert of each of the layer's local slots (MoELayer)
+_EXPERT_SHARD = "expert_shard"  # with expert TP: [member, T], the columns of every expert this state holds
+_SLOT_LAYOUT = "slot_layout"  # the earlier key: the placement's whole table, saved only with a placement
 
 
 def _save_slot_layout(module: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any) -> None:
-    """A MoELayer with a placement saves which logical expert each physical slot holds (int64 [slots], -1 empty)
-    beside its expert weights, which are per slot."""
-    table = getattr(module, "phys_to_log", None)
-    if table is not None:
-        state_dict[prefix + _SLOT_LAYOUT] = table.detach().to("cpu", torch.int64).clone()
+    """A MoELayer saves which logical expert each of its slots holds (int64 [E_l], -1 empty) beside its expert
+    weights, which are per slot, and with expert TP which shard of each expert they are."""
+    assert isinstance(module, MoELayer)
+    state_dict[prefix + _SLOT_EXPERTS] = torch.tensor(module._slot_experts(), dtype=torch.int64)
+    tp = module.expert_tp
+    if tp is not None and tp.size > 1:
+        state_dict[prefix + _EXPERT_SHARD] = torch.tensor([tp.rank, tp.size], dtype=torch.int64)
 
 
 def _check_slot_layout(module: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any,
                        strict: bool, missing_keys: list[str], unexpected_keys: list[str],
                        error_msgs: list[str]) -> None:
-    """Loading a MoELayer's state: a saved slot layout must be the layer's own (a layer without a placement holds
-    logical expert s in slot s), else its slots would get other experts' weights; refused (load_state_dict raises,
-    strict or not). A state without one (saved before layouts were saved) loads as it is."""
-    saved = state_dict.pop(prefix + _SLOT_LAYOUT, None)
+    """Loading a MoELayer's state: its slots must hold the experts this layer's slots hold (the same placement,
+    and the same rank: each rank saves its own slots), and with expert TP the same shard of them, else each slot
+    would get another expert's weights; refused (load_state_dict raises, strict or not). A state without
+    ``slot_experts`` is read as slot s of rank r holding expert r * E_l + s (a layer without a placement), or by
+    the placement table it saved under ``slot_layout`` (earlier states)."""
+    assert isinstance(module, MoELayer)
+    key = prefix + _SLOT_EXPERTS
+    mine = torch.tensor(module._slot_experts(), dtype=torch.int64)
+    saved = state_dict.pop(key, None)
+    legacy = state_dict.pop(prefix + _SLOT_LAYOUT, None)
+    if saved is None and isinstance(legacy, Tensor) and legacy.dim() == 1:
+        key = prefix + _SLOT_LAYOUT
+        lo = module.rank * module.num_local_experts
+        saved = legacy.to("cpu", torch.int64)[lo : lo + module.num_local_experts]
     if saved is None:
-        return
-    table = getattr(module, "phys_to_log", None)
-    mine = table.detach().to("cpu", torch.int64) if table is not None else torch.arange(saved.numel())
+        key = f"{prefix + _SLOT_EXPERTS} (absent: slot s holds expert s)"
+        lo = module.rank * module.num_local_experts
+        saved = torch.arange(lo, lo + module.num_local_experts)
     if not (isinstance(saved, Tensor) and saved.shape == mine.shape and torch.equal(saved.to("cpu"), mine)):
         error_msgs.append(
-            f"{prefix + _SLOT_LAYOUT}: the saved expert weights are laid out over the slots as "
-            f"{_short(saved)}, this layer's placement as {_short(mine)}: load them through load_global_experts "
-            "(its weights per logical expert), or build the layer with the saved placement"
+            f"{key}: the saved expert weights are those of logical experts {_short(saved)} in this rank's slots, "
+            f"this layer's slots hold {_short(mine)} (its placement, rank {module.rank}): load them through "
+            "load_global_experts (its weights per logical expert), or build the layer with the saved placement, on "
+            "the rank that saved them"
+        )
+    shard = state_dict.pop(prefix + _EXPERT_SHARD, None)
+    tp = module.expert_tp
+    want = [tp.rank, tp.size] if tp is not None and tp.size > 1 else None
+    got = shard.tolist() if isinstance(shard, Tensor) else shard
+    if got != want:
+        error_msgs.append(
+            f"{prefix + _EXPERT_SHARD}: the saved expert weights are "
+            f"{'the whole experts' if got is None else f'shard {got[0]} of {got[1]} of each expert'}; this layer "
+            f"holds {'the whole experts' if want is None else f'shard {want[0]} of {want[1]}'} (expert_tp_group)"
         )
 
 

@@ -608,6 +608,31 @@ def layer_chunked_gpu(rank: int, world: int, backend: str, tokens: list[int]) ->
         buf.destroy()
 
 
+def layer_unaligned_chunks_gpu(rank: int, world: int) -> None:
+    """Chunks of a batch whose rows are not a multiple of 16 bytes (hidden 30, float32: 120 bytes) start at
+    addresses the Buffer refuses on CUDA (not 16-byte aligned); the layer copies them, and the chunked output
+    equals the unchunked one (torch backend: the nvshmem backend refuses such a hidden size)."""
+    hidden = 30
+    buf = largeep.Buffer(None, hidden=hidden, num_experts=4 * world, num_topk=2, max_tokens_per_rank=16,
+                         backend="torch")
+    try:
+        outs = []
+        for chunks in (1, 3):
+            torch.manual_seed(5)
+            with torch.device("cuda"):
+                layer = layers.MoELayer(buf, ffn_hidden=8, num_chunks=chunks)
+            x = torch.randn(7 + rank, hidden, device="cuda", generator=_gen_cuda(80 + rank))
+            with torch.no_grad():
+                outs.append(layer(x))
+        close(outs[1], outs[0], f"rank {rank}: chunked layer with unaligned chunk views", rtol=1e-5)
+    finally:
+        buf.destroy()
+
+
+def _gen_cuda(seed: int) -> torch.Generator:
+    return torch.Generator(device="cuda").manual_seed(seed)
+
+
 def layer_strided_input_gpu(rank: int, world: int, backend: str, tokens: list[int]) -> None:
     """A strided x (every row a view into a wider tensor) gives the contiguous x's output bit for bit: through the
     chunked layer, and through send_chunk given an event recorded before a long kernel on the caller's stream (the
@@ -834,6 +859,34 @@ def pipeline_vs_sequential(
     finally:
         for one in bufs:
             one.destroy()
+
+
+def pipeline_aux_losses(rank: int, world: int) -> None:
+    """MoEPipeline with gates that return an aux loss: every layer after the first computes one per chunk; after
+    a forward, its ``aux_loss`` is their mean weighted by the chunks' tokens, and ``aux_losses`` lists them."""
+    from largeep.gate import GateConfig, TopKGate
+
+    hidden, experts = 32, 4 * world
+    buf = largeep.Buffer(None, hidden=hidden, num_experts=experts, num_topk=2, max_tokens_per_rank=16,
+                         backend="torch")
+    try:
+        torch.manual_seed(3)
+        stack = [
+            layers.MoELayer(buf, ffn_hidden=8, gate=TopKGate(GateConfig(hidden, experts, 2, aux_loss_coef=0.01)))
+            for _ in range(2)
+        ]
+        pipe = layers.MoEPipeline(stack, num_chunks=3)
+        x = torch.randn(10 + rank, hidden, generator=_gen(4, rank))
+        pipe(x)
+        rows = [c.shape[0] for c in x.tensor_split(3)]
+        assert len(pipe.aux_losses[0]) == 1 and stack[0].aux_loss is pipe.aux_losses[0][0]
+        assert len(pipe.aux_losses[1]) == 3, pipe.aux_losses
+        want = sum(loss * r for loss, r in zip(pipe.aux_losses[1], rows, strict=True)) / sum(rows)
+        got = stack[1].aux_loss
+        assert got is not None and torch.allclose(got, want, rtol=1e-6), (got, want)
+        assert not torch.allclose(got, pipe.aux_losses[1][-1]), "layer 1's aux_loss is still its last chunk's"
+    finally:
+        buf.destroy()
 
 
 def _pipeline_order(stack: list[layers.MoELayer], between: list[Any]) -> list[str]:
@@ -1135,6 +1188,37 @@ def ops_two_batches_compiled(rank: int, world: int, num_worst: int, backend: str
         buf.destroy()
 
 
+def layer_checks_nodes_and_ll_chunks(rank: int, world: int) -> None:
+    """A placement planned for another node shape than the Buffer's ranks_per_node is refused naming both (route
+    would take far replicas for near ones); the Buffer's shape is accepted. A low-latency layer refuses
+    num_chunks > 1 (a low-latency call moves at most max_tokens_per_rank tokens at once)."""
+    from largeep import placement as pl
+
+    buf = largeep.Buffer(None, hidden=32, num_experts=2 * world, num_topk=2, max_tokens_per_rank=16,
+                         backend="torch", ranks_per_node=1)
+    ll = largeep.Buffer(None, hidden=32, num_experts=2 * world, num_topk=2, max_tokens_per_rank=16,
+                        backend="torch", low_latency=True)
+    try:
+        load = torch.tensor([4.0] + [1.0] * (2 * world - 2))
+        flat = pl.greedy_placement(load, pl.Topology(num_nodes=1, gpus_per_node=world, slots_per_gpu=2))
+        try:
+            layers.MoELayer(buf, ffn_hidden=8, placement=flat)
+            raise AssertionError("a placement of one node was taken for a Buffer of one rank per node")
+        except largeep.ArgumentError as exc:
+            assert f"{world} GPUs per node" in str(exc) and "1 ranks per node" in str(exc), exc
+        layers.MoELayer(buf, ffn_hidden=8,
+                        placement=pl.greedy_placement(load, pl.Topology(num_nodes=world, gpus_per_node=1,
+                                                                        slots_per_gpu=2)))
+        try:
+            layers.MoELayer(ll, ffn_hidden=8, num_chunks=2)
+            raise AssertionError("a low-latency layer took num_chunks=2")
+        except largeep.ArgumentError as exc:
+            assert "'num_chunks' = 2" in str(exc) and "low_latency_steps" in str(exc), exc
+    finally:
+        buf.destroy()
+        ll.destroy()
+
+
 def layer_checks_placement_sizes(rank: int, world: int) -> None:
     """MoELayer with a Placement: one of another group size or slot count is refused naming it, as are a
     num_logical_experts other than the placement's and a gate over another number of experts; without
@@ -1222,6 +1306,36 @@ def layer_saves_slot_layout(rank: int, world: int) -> None:
         legacy = {**{k: v for k, v in state.items() if k != "slot_experts"}, "slot_layout": p1.phys_to_log.clone()}
         layers.MoELayer(buf, ffn_hidden=8, placement=p1).load_state_dict(legacy)
         refused(layers.MoELayer(buf, ffn_hidden=8, placement=p2), legacy, ("slot_layout",))
+    finally:
+        buf.destroy()
+
+
+def interleaved_refusals(rank: int, world: int) -> None:
+    """Low-latency micro-batches whose step raises on every rank leave the Buffer usable: TwoBatchOverlap with B
+    over max_tokens_per_rank (A's dispatch was sent: its receive is completed before the error propagates), and
+    three generators on one Buffer through run_interleaved (the third dispatch is refused: two calls in flight).
+    The next plain call equals the one before."""
+    m = make_global(5, [6] * world, 32, 16, 0, 4 * world)
+    buf = largeep.Buffer(None, hidden=32, num_experts=4 * world, num_topk=2, max_tokens_per_rank=6,
+                         low_latency=True, backend="torch")
+    try:
+        layer = _build_layer(buf, m, 16, 0)
+        x = m.xs[rank]
+        with torch.no_grad():
+            want = layer(x)
+            for what, run, words in (
+                ("B over max_tokens_per_rank", lambda: layers.TwoBatchOverlap(layer)(x[:3], torch.cat([x, x[:1]])),
+                 ("max_tokens_per_rank",)),
+                ("three generators", lambda: layers.run_interleaved([layer.low_latency_steps(x) for _ in range(3)]),
+                 ("two calls", "in flight")),
+            ):
+                try:
+                    run()
+                except largeep.ArgumentError as exc:
+                    assert all(w in str(exc) for w in words), (what, exc)
+                else:
+                    raise AssertionError(f"rank {rank}: {what} was not refused")
+                assert torch.equal(layer(x), want), f"rank {rank}: the call after {what} differs"
     finally:
         buf.destroy()
 

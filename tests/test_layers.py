@@ -42,6 +42,20 @@ def test_layer_checks_placement_sizes(pools) -> None:
     pools(1).run(layer_bodies.layer_checks_placement_sizes)
 
 
+def test_layer_checks_nodes_and_ll_chunks(pools) -> None:
+    pools(2).run(layer_bodies.layer_checks_nodes_and_ll_chunks)
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_pipeline_aux_losses(pools, world: int) -> None:
+    pools(world).run(layer_bodies.pipeline_aux_losses)
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_interleaved_refusals(pools, world: int) -> None:
+    pools(world).run(layer_bodies.interleaved_refusals)
+
+
 @pytest.mark.parametrize("world", [2, 3])
 def test_replicas_start_equal(pools, world: int) -> None:
     pools(world).run(layer_bodies.replicas_start_equal)
@@ -392,6 +406,11 @@ def test_layer_chunked_gpu(pools, backend: str) -> None:
     if backend == "nvshmem" and native.unavailable_reason() is not None:
         pytest.skip(str(native.unavailable_reason()))
     pools(2, "nccl").run(layer_bodies.layer_chunked_gpu, backend, [700, 0])
+
+
+@pytest.mark.gpu(1)
+def test_layer_unaligned_chunks_gpu(pools) -> None:
+    pools(1, "nccl").run(layer_bodies.layer_unaligned_chunks_gpu)
 
 
 @pytest.mark.gpu(2)

@@ -17,8 +17,9 @@ and the two ways to get static or unbacked row counts). Low-latency mode (decodi
 gradient); the Buffer's low-latency combine applies the weights there, as SPEC.md says.
 
 Overlap. ``num_chunks`` > 1 splits the batch: chunk i+1 is dispatched and chunk i-1 combined on the Buffer's stream
-(``async_finish`` events; every dispatch waits only for the gate through ``previous_event``, and its host waits do
-not wait for the experts queued before it) while the experts compute chunk i on the caller's stream, leaving the
+(``async_finish`` events; every dispatch waits only for the gate through ``previous_event``; its count exchange,
+which the host waits for, queues behind combine i-1 on the Buffer's stream, and so behind experts i-1, but not
+behind experts i, queued before it) while the experts compute chunk i on the caller's stream, leaving the
 communication kernels their SMs (``overlap_sm_carveout``). Each chunk's GEMMs read every local expert's weights
 again, so chunking pays only where the experts are not bound by reading their weights (enough rows per expert).
 On CPU, or under ``torch.compile`` (the ops then run in program order), the same schedule simply runs in order and
@@ -335,7 +336,9 @@ class MoELayer(nn.Module):
             each rank's partial sum. Default False.
         use_custom_ops: take the custom-op path in eager mode too (always taken under ``torch.compile``).
         router_score, norm_topk_prob: options of the default gate.
-        dtype: of the expert and shared-expert weights (default: torch's default dtype).
+        dtype: of the expert and shared-expert weights (default: torch's default dtype). The parameters are made
+            on torch's default device (``with torch.device(...)``), not the Buffer's: move the layer there
+            (``.to(buffer.ctx.device)``) before calling it.
         expert_tp_group: None, or a process group of T ranks that share this rank's expert slots, each holding
             F/T of every expert's hidden units (:mod:`largeep.expert_tp`; normal mode only; ``ffn_hidden`` % T ==
             0). The Buffer's group must hold exactly one rank of it (this one), and its members must be the same
@@ -375,6 +378,12 @@ class MoELayer(nn.Module):
                                       ("num_chunks", num_chunks, 1), ("num_worst_tokens", num_worst_tokens, 0)):
                 if not isinstance(value, int) or isinstance(value, bool) or value < least:
                     raise ArgumentError(f"MoELayer: argument '{arg}' must be an int >= {least}, got {value!r}")
+            if c.low_latency and num_chunks > 1:
+                raise ArgumentError(
+                    f"MoELayer: argument 'num_chunks' = {num_chunks} applies to normal mode; a low-latency call moves "
+                    "at most max_tokens_per_rank tokens at once (use low_latency_steps or TwoBatchOverlap to overlap "
+                    "micro-batches)"
+                )
             if num_worst_tokens and getattr(buffer, "num_rounds", 1) > 1:
                 raise ArgumentError(
                     f"MoELayer: argument 'num_worst_tokens' = {num_worst_tokens} needs a Buffer without "
@@ -497,8 +506,11 @@ class MoELayer(nn.Module):
 
     # -- forward ----------------------------------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
-        """x [T, H] (bf16/fp32; T <= max_tokens_per_rank per chunk) -> [T, H] in x's dtype. Normal mode waits on
-        the host for each chunk's count exchange unless ``num_worst_tokens`` > 0; low-latency mode does not."""
+        """x [T, H] (bf16/fp32; T <= max_tokens_per_rank per chunk, and per call in low-latency mode) -> [T, H] in
+        x's dtype. Normal mode waits on the host for each chunk's count exchange unless ``num_worst_tokens`` > 0;
+        low-latency mode has no count exchange, but an eager call waits for its dispatch's expert-id check (not
+        inside a CUDA graph), and a placement's ``route`` waits on the host (its ``table_route``, taken under
+        capture and compile, does not)."""
         if self.low_latency:
             state = self._ll_send(x, hooks=False)
             self._ll_experts(state)
@@ -537,7 +549,8 @@ class MoELayer(nn.Module):
         only (``async_finish``: wait on the result's event before using it). Waits on the host for the count
         exchange unless ``num_worst_tokens`` > 0; the ids are checked with it (largeep's backends send each
         rank's verdict with the counts, so a bad id on one rank voids the dispatch on every rank at once). A
-        strided x, idx or w is copied first, on the current stream, and the dispatch then waits for the copies.
+        strided x, idx or w is copied first, on the current stream (so is an x that starts at an address not 16-byte
+        aligned, as chunk views of a batch can on CUDA), and the dispatch then waits for the copies.
         With expert TP a dispatch that raises is joined to the chunk's TP count exchange as a void row first, so
         that the TP partners (in other EP groups) raise too (:meth:`largeep.expert_tp.ExpertTP.dispatch_failed`)."""
         tp = self.expert_tp if self.expert_tp is not None and self.expert_tp.size > 1 else None
@@ -545,6 +558,10 @@ class MoELayer(nn.Module):
             tp.begin_chunk()
         try:
             xc, idxc, wc = x.contiguous(), idx.contiguous(), w.contiguous()
+            if xc.is_cuda and xc.data_ptr() % 16:
+                # a chunk's view starts mid-way through the batch: at rows whose bytes (H x element size) are not a
+                # multiple of 16 its start is not 16-byte aligned, which the kernels' row copies need
+                xc = xc.clone()
             if ready is not None and (xc is not x or idxc is not idx or wc is not w):
                 # the copies were queued after `ready`: waiting for it alone would let the dispatch read them
                 # unwritten
@@ -566,7 +583,9 @@ class MoELayer(nn.Module):
         """The local experts (through the TP group with expert TP) on the rows of a :meth:`send_chunk`, on the
         caller's stream after the dispatch's event, under ``ops.sm_carveout(carveout)`` -> weighted rows [R, H]
         for :meth:`combine_chunk`. No host wait, except with expert TP and variable sizes (``num_worst_tokens`` 0:
-        the TP group exchanges its row counts on the host)."""
+        the TP group exchanges its row counts on the host), and where the grouped GEMM falls back to a padded bmm
+        (no native grouped GEMM: float32 weights on CUDA, or a GPU other than sm90/sm100), which reads the row
+        counts on the host (``ops.grouped_mm``)."""
         ops.wait(d.event)
         # The dispatch counts rows per expert: that is the number of (row, k) entries only where no token names an
         # expert twice, which a gate says with distinct_experts = True (the built-in ones) and a placement keeps
@@ -641,10 +660,22 @@ class MoELayer(nn.Module):
                 "with use_custom_ops=False for the interleaved steps"
             )
         st = self._ll_send(x, hooks=True)
-        yield
-        self._ll_experts(st)
-        yield
-        return self._ll_finish(st)
+        due: Callable[[], None] | None = st["d"].hook  # the receive this rank owes its peers' sends
+        try:
+            yield
+            due = None  # (_ll_experts calls it first)
+            self._ll_experts(st)
+            due = st["hook"]
+            yield
+            due = None
+            return self._ll_finish(st)
+        finally:
+            # closed (run_interleaved ends every generator when one raises) or failed between a send and its
+            # receive: receive now, so the Buffer has no call left in flight; a receive that fails in turn (the
+            # Buffer failed) leaves the first error to propagate
+            if due is not None:
+                with contextlib.suppress(Exception):
+                    due()
 
 
 class MoEPipeline(nn.Module):
@@ -655,8 +686,11 @@ class MoEPipeline(nn.Module):
     on row t of x and y (a residual add, RMSNorm or LayerNorm over H, an elementwise activation, a dense MLP over
     H). Anything that mixes tokens (attention, a batch statistic, a reshape across rows) makes the chunked result
     differ from the whole-batch one, silently. The same holds for the gates of the layers after the first (they
-    run per chunk): the built-in :class:`LinearTopKRouter` is token-wise; a gate's ``aux_loss`` is computed per
-    chunk, so each such layer's ``aux_loss`` is its last chunk's and :attr:`aux_losses` lists them all.
+    run per chunk): the built-in :class:`LinearTopKRouter` is token-wise, a :class:`largeep.gate.TopKGate` with a
+    ``capacity_factor`` is not (its capacity is per call, earlier tokens first). A gate's ``aux_loss`` is computed
+    per chunk: :attr:`aux_losses` lists each layer's, and after a forward each layer's ``aux_loss`` is their mean
+    weighted by the chunks' tokens (the whole batch's loss where the loss is a mean over tokens; a loss that
+    multiplies such means, as the usual load-balancing loss does, is near it but not equal).
 
     Args:
         layers: L >= 1 normal-mode MoE layers of one hidden size H on one device (any Buffers; one layer may
@@ -732,6 +766,7 @@ class MoEPipeline(nn.Module):
         self.between: list[Callable[[Tensor, Tensor], Tensor]] = fns
         self.num_chunks = num_chunks
         self.aux_losses: list[list[Tensor]] = [[] for _ in stack]
+        self._aux_rows: list[list[int]] = [[] for _ in stack]
 
     def _route(self, j: int, x: Tensor) -> dict[str, Any]:
         layer = self._stack[j]
@@ -739,7 +774,17 @@ class MoEPipeline(nn.Module):
         idx, w = layer.route(x)
         if layer.aux_loss is not None:
             self.aux_losses[j].append(layer.aux_loss)
+            self._aux_rows[j].append(x.shape[0])
         return {"idx": idx, "w": w, "ready": ops.capture_event(x.device)}
+
+    def _merge_aux_losses(self) -> None:
+        """Each layer's ``aux_loss`` after a forward: the mean of its chunks' losses weighted by their tokens (the
+        first layer's gate ran on the whole batch: its one loss)."""
+        for layer, losses, rows in zip(self._stack, self.aux_losses, self._aux_rows, strict=True):
+            if len(losses) > 1:
+                total = sum(rows)
+                weights = [r / total for r in rows] if total else [1 / len(rows)] * len(rows)
+                layer.aux_loss = sum((loss * wt for loss, wt in zip(losses, weights, strict=True)), losses[0] * 0)
 
     def forward(self, x: Tensor) -> Tensor:
         """x [T, H] (bf16/fp32; every chunk T/C <= each Buffer's max_tokens_per_rank) -> [T, H] in x's dtype.
@@ -747,6 +792,7 @@ class MoEPipeline(nn.Module):
         Collective: every rank of the Buffers' groups must call it with the same ``num_chunks``."""
         num_layers, n = len(self._stack), self.num_chunks
         self.aux_losses = [[] for _ in range(num_layers)]
+        self._aux_rows = [[] for _ in range(num_layers)]
         carveouts = [layer.overlap_carveout(x) if n > 1 else 0 for layer in self._stack]
         # (the custom-op path orders its calls after the caller's stream and returns no events to wait on: a layer
         # taking it keeps the whole pipeline on the caller's stream)
@@ -812,6 +858,7 @@ class MoEPipeline(nn.Module):
                 send(nxt)
             st[u]["c"] = self._stack[u[0]].combine_chunk(y, st[u]["d"])
         finish(units[-1])
+        self._merge_aux_losses()
         done = [o for o in outs if o is not None]
         assert len(done) == n
         if side is not None:
@@ -841,6 +888,14 @@ def _logical_experts(c: Any, placement: Any, num_logical_experts: int | None) ->
                 f"MoELayer: argument 'placement' has {topo.num_gpus} GPUs of {topo.slots_per_gpu} slots "
                 f"({topo.num_slots} physical experts); the Buffer has {c.num_ranks} ranks and {c.num_experts} "
                 "physical experts"
+            )
+        if topo.gpus_per_node != c.ranks_per_node:
+            # (route would take replicas on another node for near ones, and a gate limited by the placement's
+            # home nodes would limit by the wrong groups)
+            raise ArgumentError(
+                f"MoELayer: argument 'placement' has {topo.gpus_per_node} GPUs per node; the Buffer has "
+                f"{c.ranks_per_node} ranks per node (its ranks_per_node): plan with Topology(num_nodes="
+                f"{c.num_ranks // c.ranks_per_node}, gpus_per_node={c.ranks_per_node}, ...)"
             )
         if num_logical_experts is not None and num_logical_experts != placement.num_logical:
             raise ArgumentError(
@@ -922,16 +977,24 @@ def _short(t: Any) -> str:
 
 
 def run_interleaved(steps: Sequence[Generator[None, None, Tensor]]) -> list[Tensor]:
-    """Advances the generators round-robin (one step each in turn) until all return; returns their values."""
+    """Advances the generators round-robin (one step each in turn) until all return; returns their values. If a
+    step raises, the other generators are closed before the error propagates (:meth:`MoELayer.low_latency_steps`
+    then completes the receive it owes, so its Buffer has no call left in flight). A low-latency Buffer holds two
+    calls of each op in flight: more than two generators on one Buffer raise at the third's dispatch."""
     out: list[Tensor | None] = [None] * len(steps)
     active = list(range(len(steps)))
-    while active:
-        for i in list(active):
-            try:
-                next(steps[i])
-            except StopIteration as stop:
-                out[i] = stop.value
-                active.remove(i)
+    try:
+        while active:
+            for i in list(active):
+                try:
+                    next(steps[i])
+                except StopIteration as stop:
+                    out[i] = stop.value
+                    active.remove(i)
+    except BaseException:
+        for i in active:
+            steps[i].close()
+        raise
     return [o for o in out if o is not None]
 
 
@@ -939,9 +1002,10 @@ class TwoBatchOverlap:
     """Decoding with two micro-batches through one low-latency :class:`MoELayer`: A's dispatch is sent, B's gate
     runs and B's dispatch is sent; A receives and computes its experts while B's tokens travel, then sends its
     combine; B computes while A's results travel back; then both receive. The Buffer's double buffering allows
-    the two calls in flight. Same results as two separate calls. If a step of one micro-batch raises, the other's
-    calls are left in flight (a receive hook not called, a combine not sent): its peers' calls go unanswered, so
-    treat the Buffer as failed (destroy it on every rank)."""
+    the two calls in flight. Same results as two separate calls. If a step of one micro-batch raises (e.g. B has
+    more tokens than ``max_tokens_per_rank``), the other's receive that is due is completed before the error
+    propagates, so when every rank raises alike the Buffer stays usable; a step that raises on some ranks only
+    leaves the others' calls unanswered (they end in ``PeerTimeoutError``)."""
 
     def __init__(self, layer: MoELayer) -> None:
         if not layer.low_latency:

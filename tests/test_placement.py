@@ -300,11 +300,51 @@ def test_route_edge_cases():
         p.route(torch.tensor([[0]]), 0, local_cap=0.0)
 
 
+def _ref_table_route(p: Placement, idx: torch.Tensor, src: int) -> list[list[int]]:
+    """Per-choice Python version of Placement.table_route, its remote cycle from exact fractions: choice (t, k) stays
+    on its node iff u = (t * 40503 + k * 27146 + src * 47976) mod 2**16 < 2**16 * min(1, N * c / R) (rounded down);
+    the remote replicas' weights are N / R - 1 / c (per replica of a node with N * c > R) in smallest whole numbers,
+    entry j of a replica of weight w sorted at (j + 1/2) / w; the source starts its cycle at floor(frac(src *
+    40503 / 2**16) * W)."""
+    from fractions import Fraction
+
+    topo = p.topology
+    spg, gpn, n_nodes = topo.slots_per_gpu, topo.gpus_per_node, topo.num_nodes
+    node_of = [s // spg // gpn for s in range(topo.num_slots)]
+    out = []
+    for t, row in enumerate(idx.tolist()):
+        out.append([])
+        for k, e in enumerate(row):
+            if e < 0:
+                out[-1].append(-1)
+                continue
+            reps = p.replicas[e]
+            per_node = [[r for r in reps if node_of[r] == n] for n in range(n_nodes)]
+            near = per_node[src // gpn]
+            share = min(Fraction(1), Fraction(n_nodes * len(near), len(reps)))
+            u = (t * 40503 + k * 27146 + src * 47976) % 65536
+            if u < math.floor(65536 * share):
+                mine = [r for r in near if r // spg == src]
+                out[-1].append(mine[0] if mine else near[(t + k + src) % len(near)])
+                continue
+            weight = {r: Fraction(n_nodes, len(reps)) - Fraction(1, len(per_node[node_of[r]])) for r in reps
+                      if n_nodes * len(per_node[node_of[r]]) > len(reps)}
+            scale = math.lcm(*(w.denominator for w in weight.values()))
+            whole = {r: int(w * scale) for r, w in weight.items()}
+            g = math.gcd(*whole.values())
+            cycle = [r for _, r in sorted((Fraction(2 * j + 1, 2 * (w // g)), r) for r, w in whole.items()
+                                          for j in range(w // g))]
+            start = (src * 40503 % 65536) * len(cycle) // 65536
+            out[-1].append(cycle[(t + k + start) % len(cycle)])
+    return out
+
+
 def test_table_route():
-    """The traceable route: own GPU's replica, else the node's in turn, else all replicas in turn; -1 passes; with
-    one replica per expert it equals route; it compiles with fullgraph."""
+    """The traceable route: own GPU's replica, else the node's in turn, else a remote cycle; -1 passes; with one
+    replica per expert it equals route; where each node holds replicas in proportion to its share of the sources,
+    every choice stays on its node; it compiles with fullgraph."""
     topo = Topology(2, 2, slots_per_gpu=2)
-    # expert 0 on GPUs 0 and 3; expert 1 on GPUs 0 and 1 (node 0) only; experts 2..4 once each
+    # expert 0 on GPUs 0 and 3 (one per node); expert 1 on GPUs 0 and 1 (node 0) only; experts 2..4 once each
     p = Placement(topo, 5, torch.tensor([0, 1, 1, 2, 3, 4, 0, -1]))
     idx = torch.tensor([[0, 1], [1, -1], [2, 0], [3, 4]])
     # from GPU 0: expert 0 and 1 are there
@@ -320,6 +360,9 @@ def test_table_route():
     many = torch.ones(40, 1, dtype=torch.int64)
     assert torch.bincount(torch.cat([p.table_route(many, 2), p.table_route(many, 3)]).flatten()).tolist() == [
         0, 40, 40]
+    zeros = torch.zeros(64, 3, dtype=torch.int64)
+    for g in range(4):  # (expert 0 has one replica per node: every choice stays on the node)
+        assert (p.table_route(zeros, g) == (0 if g < 2 else 6)).all()
     one = Placement(topo, 8, torch.arange(8))
     rnd = torch.randint(-1, 8, (50, 3))
     assert torch.equal(one.table_route(rnd, 3), one.route(rnd, 3))
@@ -328,6 +371,80 @@ def test_table_route():
     assert torch.equal(compiled(idx), out)
     with pytest.raises(ValueError, match="'src_gpu'"):
         p.table_route(idx, 4)
+    with pytest.raises(ValueError, match="'src_gpu'"):
+        p.table_route(idx, True)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_table_route_matches_reference(seed):
+    gen = torch.Generator().manual_seed(seed)
+    topo = Topology(3, 2, slots_per_gpu=2)
+    p2l = torch.cat([torch.arange(7), torch.randint(0, 3, (5,), generator=gen)])  # replicas of experts 0..2
+    p = Placement(topo, 7, p2l[torch.randperm(12, generator=gen)])
+    idx = torch.randint(-1, 7, (90, 3), generator=gen)
+    for src in range(topo.num_gpus):
+        assert p.table_route(idx, src).tolist() == _ref_table_route(p, idx, src), src
+    compiled = torch.compile(lambda i: p.table_route(i, seed), backend="aot_eager", fullgraph=True)
+    assert torch.equal(compiled(idx), p.table_route(idx, seed))
+
+
+def test_table_route_caps_local_choices():
+    """Found by review: table_route kept every choice on its node when the node had a replica, so the one replica
+    of a node holding 1 of 8 got all of its node's choices (2.67x its fair share). Its static cap keeps that node's
+    fair share (N * c / R of its choices) local and spreads the rest over the replicas that have room: every GPU
+    sending 60 choices of expert 0, each replica now serves about 90 (3 nodes x 4 GPUs, replicas on GPUs 0 | 4, 5,
+    6 | 8..11)."""
+    topo = Topology(3, 4)
+    p2l = torch.tensor([0, 1, 2, 3, 0, 0, 0, 4, 0, 0, 0, 0])
+    p = Placement(topo, 5, p2l)
+    zeros = torch.zeros(60, 1, dtype=torch.int64)
+    routed = [p.table_route(zeros, g) for g in range(12)]
+    served = torch.bincount(torch.cat(routed).flatten(), minlength=12)
+    reps = p.replicas[0]
+    assert served.sum() == 720 and served[reps].min() >= 85 and served[reps].max() <= 95, served.tolist()
+    # node 0 keeps 3/8 of each of its GPU's choices (to a choice or two), and GPU 0 (its replica) only its own
+    for g in range(4):
+        kept = int((routed[g] == 0).sum())
+        assert abs(kept - 60 * 3 / 8) <= 2, (g, kept)
+    # on random placements, the replicas of an expert that every GPU sends alike serve even totals
+    gen = torch.Generator().manual_seed(0)
+    worst = 0.0
+    for _ in range(60):
+        nodes, gpn, spg = (int(torch.randint(1, 5, (1,), generator=gen)) for _ in range(3))
+        topo = Topology(nodes, gpn, slots_per_gpu=spg)
+        n_log = int(torch.randint(1, topo.num_slots + 1, (1,), generator=gen))
+        p2l = torch.cat([torch.arange(n_log), torch.randint(0, n_log, (topo.num_slots - n_log,), generator=gen)])
+        p2l = p2l[torch.randperm(topo.num_slots, generator=gen)]
+        gpus = torch.nonzero(p2l == 0).flatten() // spg
+        if gpus.numel() < 2 or gpus.unique().numel() < gpus.numel():  # (one replica of expert 0 per GPU)
+            continue
+        q = Placement(topo, n_log, p2l)
+        served = torch.bincount(torch.cat([q.table_route(zeros, g) for g in range(topo.num_gpus)]).flatten(),
+                                minlength=topo.num_slots)[q.replicas[0]].double()
+        worst = max(worst, float(served.max() / served.mean()))
+    assert worst <= 1.1, worst  # (route's own is about 1.05 here; the old table_route up to 2.67)
+
+
+def test_table_route_remote_cycle():
+    """The remote cycle weighs each replica by what it lacks of the fair share after its node's own choices
+    (N / R - 1 / c): 1 of node 1's 3 replicas, 3 of node 2's 4 in a cycle of 15, interleaved; a cycle whose
+    exact weights need more than 1024 entries is rounded to 1024, every replica kept."""
+    p = Placement(Topology(3, 4), 5, torch.tensor([0, 1, 2, 3, 0, 0, 0, 4, 0, 0, 0, 0]))
+    *_, keep, spread, spread_len = p._tables(torch.device("cpu"))
+    assert keep.tolist() == [[3 * 65536 // 8, 65536, 65536]] + [[65536, 0, 0]] * 3 + [[0, 65536, 0]]
+    cycle = spread[0, : int(spread_len[0])].tolist()
+    assert len(cycle) == 15 and [cycle.count(s) for s in (4, 5, 6, 8, 9, 10, 11)] == [1, 1, 1, 3, 3, 3, 3]
+    assert all(a != b for a, b in zip(cycle, cycle[1:] + cycle[:1], strict=True)), cycle
+    # c = 11 and 13 of 24 replicas on 3 nodes: weights 9/11 and 15/13, 39 and 55 in whole numbers (1144 entries)
+    topo = Topology(3, 13)
+    p2l = torch.tensor([0] * 11 + [1, 2] + [0] * 13 + [3] * 1 + list(range(4, 16)))
+    q = Placement(topo, 16, p2l)
+    *_, spread, spread_len = q._tables(torch.device("cpu"))
+    cycle = spread[0, : int(spread_len[0])]
+    assert cycle.numel() == 1024
+    counts = torch.bincount(cycle, minlength=39)[q.replicas[0]].double()
+    want = torch.tensor([39.0] * 11 + [55.0] * 13) * 1024 / 1144
+    assert (counts - want).abs().max() < 1.0 and counts.min() >= 1, counts
 
 
 # ---------------------------------------------------------------------------------------------------------------

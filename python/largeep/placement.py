@@ -255,34 +255,58 @@ class Placement:
 
     def table_route(self, topk_idx: torch.Tensor, src_gpu: int) -> torch.Tensor:
         """A traceable ``route`` for the tokens of one source GPU: no host wait and no data-dependent shape, so
-        ``torch.compile(fullgraph=True)`` and CUDA-graph capture take it (``MoELayer`` uses it there). Choice (t, k)
-        of logical e goes to e's replica on ``src_gpu`` if there is one, else to one on its node (the node's
-        replicas in turn by t + k + src_gpu), else to one of all of e's replicas in turn by t + k + src_gpu (the
-        source's offset keeps sources from starting on the same replica). Unlike ``route`` it does
-        not water-fill the remote choices by load, applies no ``local_cap`` (every choice with a replica on the
-        node stays on the node), and does not check the ids (``route`` does; an id >= L indexes out of range).
-        Where every expert has one replica the two agree.
+        ``torch.compile(fullgraph=True)`` and CUDA-graph capture take it (``MoELayer`` uses it there).
+
+        Its local cap is static (``route``'s default ``local_cap=1.0`` counts each source's choices; this one cannot
+        look at them): a choice (t, k) of logical e from a node that holds c of e's R replicas (N nodes) stays on
+        that node for a fixed share min(1, N * c / R) of the (t, k), the node's fair share when every node sends a
+        similar mix, chosen by a golden-ratio sequence over t and k (offset by the source GPU), so that over
+        consecutive tokens each source keeps that share to within a few choices. A choice that stays goes to e's
+        replica on ``src_gpu`` if there is one, else to the node's replicas in turn by t + k + src_gpu. The others
+        (all of them from a node with no replica of e) go to the replicas of the nodes holding more than their
+        share (N * c > R), in turn by t + k over a fixed interleaved cycle in which each replica appears in
+        proportion to what its own node's choices leave of its fair share (N / R - 1 / c), each source starting at
+        its own point of the cycle (src_gpu / phi of the way round). With every node sending the same number of
+        choices of e, every replica of e then serves about the same number. Where a node holds fewer than its share
+        of e's replicas, more choices of e cross nodes than if they all stayed (as with ``route``).
+
+        Unlike ``route`` it does not water-fill by the load a batch actually brings (a batch whose nodes send uneven
+        numbers of choices of an expert is balanced less well), and it does not check the ids (``route`` does; an
+        id >= L indexes out of range). Where every expert has one replica the two agree; where every node holds an
+        expert's replicas in proportion (N * c = R) every choice of it stays on its node, as with ``route``.
+        Deterministic.
 
         Args:
             topk_idx: int64 [T, K], logical experts in [-1, L); -1 passes through.
-            src_gpu: the source GPU of every token, in [0, num_gpus).
+            src_gpu: the source GPU of every token, in [0, num_gpus): an integer (Python, numpy) or a 0-dim integer
+                tensor.
 
         Returns:
             int64 [T, K], slots in [-1, num_slots).
         """
         topo = self.topology
+        _check(not isinstance(src_gpu, bool), "src_gpu", "must be an int or a 0-dim integer tensor, got a bool")
+        if isinstance(src_gpu, numbers.Integral):
+            src_gpu = int(src_gpu)  # (a numpy integer would turn the tensor arithmetic below into numpy's)
         _check(0 <= src_gpu < topo.num_gpus, "src_gpu", f"must be in [0, {topo.num_gpus}), got {src_gpu}")
-        table, nrep, on_gpu, node_list, node_cnt = self._tables(topk_idx.device)
+        _, _, on_gpu, node_list, node_cnt, keep, spread, spread_len = self._tables(topk_idx.device)
         t, k = topk_idx.shape
         dev = topk_idx.device
-        turn = torch.arange(t, device=dev)[:, None] + torch.arange(k, device=dev)[None, :] + src_gpu
+        t_idx, k_idx = torch.arange(t, device=dev)[:, None], torch.arange(k, device=dev)[None, :]
+        turn = t_idx + k_idx + src_gpu
         e = topk_idx.clamp(min=0)
         node = src_gpu // topo.gpus_per_node
         cnt = node_cnt[e, node]
         mine = on_gpu[e, src_gpu]
         near = node_list[e, node, turn % cnt.clamp(min=1)]
-        far = table[e, turn % nrep[e].clamp(min=1)]
-        out = torch.where(mine >= 0, mine, torch.where(cnt > 0, near, far))
+        # the sources start their remote cycles spread over it (src / phi of the way round; +1 would bunch a node's
+        # GPUs on neighbouring entries, which a batch shorter than the cycle leaves uneven)
+        n_far = spread_len[e]
+        far = spread[e, (t_idx + k_idx + ((src_gpu * 40503) & 0xFFFF) * n_far // 65536) % n_far]
+        # u / 2**16 = t / phi + k * (sqrt(2) - 1) + src * (sqrt(3) - 1) mod 1, in 16-bit fixed point (whole
+        # numbers: no overflow, the same on every device); choice (t, k) stays on its node iff u < keep
+        u = (t_idx * 40503 + k_idx * 27146 + src_gpu * 47976) & 0xFFFF
+        out = torch.where(u < keep[e, node], torch.where(mine >= 0, mine, near), far)
         return torch.where(topk_idx >= 0, out, torch.full_like(out, -1))
 
     def prepare(self, device: torch.device | str) -> Placement:
@@ -293,9 +317,9 @@ class Placement:
         return self
 
     def _tables(self, device: torch.device) -> tuple[torch.Tensor, ...]:
-        """Lookup tables for ``route``, cached per device: replica_table, replica_count, on_gpu int64 [L, G] (the
-        lowest slot of e on GPU g, else -1), node_list int64 [L, N, Rn] (slots of e on node n ascending, -1
-        padded), node_cnt int64 [L, N]."""
+        """Lookup tables for ``route`` and ``table_route``, cached per device: replica_table, replica_count, on_gpu
+        int64 [L, G] (the lowest slot of e on GPU g, else -1), node_list int64 [L, N, Rn] (slots of e on node n
+        ascending, -1 padded), node_cnt int64 [L, N], and ``_spread_tables``' keep, spread and spread_len."""
         cache = self._table_cache
         if device not in cache:
             topo = self.topology
@@ -313,21 +337,60 @@ class Placement:
                 (self.num_logical * topo.num_nodes, int(cnt.max())), -1, dtype=torch.int64, device="cpu"
             )
             node_list[key, _rank_within(key, self.num_logical * topo.num_nodes)] = used  # ascending slots
+            cnt = cnt.view(self.num_logical, topo.num_nodes)
             cache[device] = (
                 self.replica_table.to(device),
                 self.replica_count.to(device),
                 on_gpu.to(device),
                 node_list.view(self.num_logical, topo.num_nodes, -1).to(device),
-                cnt.view(self.num_logical, topo.num_nodes).to(device),
+                cnt.to(device),
+                *(x.to(device) for x in self._spread_tables(cnt)),
             )
         return cache[device]
+
+    def _spread_tables(self, node_cnt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``table_route``'s static cap and remote cycle, from node_cnt int64 [L, N] (c, replicas of e per node):
+        keep int64 [L, N], the choices of e that node n keeps in 2**16ths (2**16 * min(1, N * c / R), rounded
+        down; exactly 2**16 where N * c >= R); spread int64 [L, W] with spread_len int64 [L] (>= 1): e's cycle of
+        remote replicas, each replica of a node with N * c > R as often as its weight N / R - 1 / c (exact in the
+        smallest whole numbers, else rounded to a cycle of 1024), interleaved (entry j of a replica of weight w
+        sorted at (j + 1/2) / w), -1 padded. Built on the host from Python ints."""
+        topo = self.topology
+        n_nodes, per_node = topo.num_nodes, topo.gpus_per_node * topo.slots_per_gpu
+        counts = node_cnt.tolist()
+        keep: list[list[int]] = []
+        cycles: list[list[int]] = []
+        for row, slots in zip(counts, self.replicas, strict=True):
+            reps = len(slots)
+            keep.append([1 << 16 if n_nodes * c >= reps else (n_nodes * c << 16) // reps for c in row])
+            # weight of each replica in whole numbers: (N * c - R) / c over the nodes where it is positive
+            over = [n for n, c in enumerate(row) if n_nodes * c > reps]
+            common = math.lcm(*(row[n] for n in over)) if over else 1
+            weight = {s: (n_nodes * row[s // per_node] - reps) * common // row[s // per_node]
+                      for s in slots if s // per_node in over}
+            if not weight:  # (no choice is remote: every node keeps all of its own)
+                weight = dict.fromkeys(slots, 1)
+            g = math.gcd(*weight.values())
+            weight = {s: w // g for s, w in weight.items()}
+            total = sum(weight.values())
+            if total > 1024:  # largest remainders, each replica kept at least once
+                exact = {s: w * 1024 / total for s, w in weight.items()}
+                weight = {s: max(1, int(x)) for s, x in exact.items()}
+                short = max(0, 1024 - sum(weight.values()))
+                for s in sorted(exact, key=lambda s: (int(exact[s]) - exact[s], s))[:short]:
+                    weight[s] += 1
+            cycles.append([s for _, s in sorted(((j + 0.5) / w, s) for s, w in weight.items() for j in range(w))])
+        width = max(len(c) for c in cycles)
+        spread = torch.tensor([c + [-1] * (width - len(c)) for c in cycles], dtype=torch.int64, device="cpu")
+        spread_len = torch.tensor([len(c) for c in cycles], dtype=torch.int64, device="cpu")
+        return torch.tensor(keep, dtype=torch.int64, device="cpu"), spread, spread_len
 
     def _local_share(self, local_cap: float | None, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """(share float64 [S], remote float64 [L]): the fraction of its expert's choices that each slot receives
         from its own node when every GPU sends a similar mix, min(1 / (nodes * replicas of the expert on that
         node), local_cap / replicas); and per expert, the fraction left for remote fills (at least 1 / replicas)."""
         topo = self.topology
-        _, nrep, _, _, node_cnt = self._tables(device)
+        _, nrep, _, _, node_cnt, *_ = self._tables(device)
         p2l = self.phys_to_log.to(device)
         e = p2l.clamp(min=0)
         node = torch.arange(topo.num_slots, device=device) // topo.slots_per_gpu // topo.gpus_per_node
@@ -404,7 +467,7 @@ class Placement:
         _check(local_cap is None or (isinstance(local_cap, numbers.Real) and not isinstance(local_cap, bool)
                                      and 0 < local_cap < math.inf), "local_cap",
                f"must be a finite number > 0, or None for no cap, got {local_cap!r}")
-        table, nrep, on_gpu, node_list, node_cnt = self._tables(dev)
+        table, nrep, on_gpu, node_list, node_cnt, *_ = self._tables(dev)
         out = torch.full_like(topk_idx, -1)
         valid = topk_idx >= 0
         e = topk_idx.clamp(min=0)

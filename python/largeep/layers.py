@@ -523,12 +523,13 @@ class MoELayer(nn.Module):
         x = x.contiguous()  # (a strided x copied once, before the event the dispatches wait for)
         xs, idxs, ws = x.tensor_split(n), idx.tensor_split(n), w.tensor_split(n)
         ready = ops.capture_event(x.device)  # the gate's outputs exist: dispatches wait for this only
-        pending = [self.send_chunk(xs[0], idxs[0], ws[0], ready)]
+        pending: list[ops.DispatchOutput | None] = [self.send_chunk(xs[0], idxs[0], ws[0], ready)]
         shared = self.shared_experts(x) if self.shared_experts is not None else None  # overlaps the first dispatch
         carveout = self.overlap_carveout(x) if n > 1 else 0
         combined: list[ops.CombineOutput] = []
         for i in range(n):
             d = pending[i]
+            assert d is not None
             y = self.experts_chunk(d, carveout)
             # Queue chunk i's experts before sending chunk i+1. That dispatch waits on the host (the count
             # exchange, behind combine i-1 on the Buffer's stream); with experts i already queued the GPU computes
@@ -537,6 +538,9 @@ class MoELayer(nn.Module):
             if i + 1 < n:
                 pending.append(self.send_chunk(xs[i + 1], idxs[i + 1], ws[i + 1], ready))
             combined.append(self.combine_chunk(y, d))
+            # (without autograd nothing else holds the chunk's received rows: a zero-copy receive slot they sit in
+            # is free for the next dispatch once its kernels are done, instead of at the end of the forward)
+            pending[i] = d = None  # type: ignore[assignment]
         for c in combined:
             ops.wait(c.event)
         out = combined[0].x if n == 1 else torch.cat([c.x for c in combined])

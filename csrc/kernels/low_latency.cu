@@ -679,7 +679,8 @@ __global__ void __launch_bounds__(kLLThreads) ll_dispatch_fused_kernel(LowLatenc
 // [token][k0]: NVLink stores on this node, else staged in symmetric memory at o0's and o1's rows and put. Every load
 // of a vector is issued before any is added (up to kLLMaxTopk entries at once).
 // Entries naming no output row of this rank (a broken peer's data) add nothing; a row whose first two entries are
-// not one token's copies is not sent.
+// not one token's copies (of a source rank: the handle of a dispatch captured in a CUDA graph and not yet replayed
+// holds whatever its memory held) is not sent.
 __device__ __forceinline__ void ll_combine_sum_row(const LowLatencyCtx& c, const __nv_bfloat16* y, const int* meta,
                                                    const int* rowmap, int slot_buf, int g, int me, int v_lo,
                                                    int v_hi, int lane) {
@@ -695,7 +696,7 @@ __device__ __forceinline__ void ll_combine_sum_row(const LowLatencyCtx& c, const
     const int64_t o1 = __shfl_sync(0xffffffffu, valid ? ent.x : -1, 1);
     if (n < 2 || me >= n || o0 < 0 || o1 < 0) return;
     const int m0 = meta[o0], m1 = meta[o1];
-    if (m0 < 0 || m1 < 0 || m0 / K != m1 / K) return;
+    if (m0 < 0 || m1 < 0 || m0 / K != m1 / K || m0 / (M * K) >= N) return;
     const int s = m0 / (M * K);
     const bool near = same_node(c, s);
     // over NVLink the n entries' warps share the sum; a put goes whole (fewer, larger messages): entry 0 alone
@@ -783,21 +784,24 @@ __device__ __forceinline__ void ll_combine_row(const LowLatencyCtx& c, const __n
 // Spread (default): every block lays the rows of all local experts end to end (a prefix sum of the counts in shared
 // memory, `pref`, E/N + 1 ints) and cuts each row into `parts` column slices, so that every warp of the grid takes
 // an equal share however the rows fall on the experts.
+// Each expert's count is bounded by its N*M output rows: count is a tensor of the handle, which the caller may have
+// changed in place, or which a dispatch captured in a CUDA graph and not yet replayed never wrote.
 // (the body, for round seq: the send kernel, or the fused combine before its sums; pref: dynamic shared memory)
 __device__ __forceinline__ void ll_combine_send_body(const LowLatencyCtx& c, const __nv_bfloat16* y, const int* count,
                                                      const int* meta, const LLRowMap& map, int64_t* handle_seq,
                                                      int64_t seq, int* pref) {
     const int N = c.num_ranks, me = c.rank, epr = c.num_experts / N, nvec = c.hidden / 8;
+    const int rows = N * c.max_tokens;  // an expert's output rows
     const int slot_buf = static_cast<int>(seq & 1);
     trace_mark(0);
     const bool ok_all = ll_block_wait(c, kLLCombineFree, slot_buf, seq - 2, kOpLowLatencyCombine);
     trace_mark(1);
     const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
     if (ok_all && !c.spread) {
-        const int le = blockIdx.x, n = count[le];
+        const int le = blockIdx.x, n = min(max(count[le], 0), rows);
         for (int i = warp; i < n; i += kLLWarps) ll_combine_row(c, y, meta, map, slot_buf, le, i, 0, nvec, lane);
     } else if (ok_all) {
-        for (int i = threadIdx.x; i < epr; i += blockDim.x) pref[i + 1] = count[i];
+        for (int i = threadIdx.x; i < epr; i += blockDim.x) pref[i + 1] = min(max(count[i], 0), rows);
         __syncthreads();
         if (warp == 0) {
             warp_prefix_inplace(pref + 1, epr, lane);

@@ -1031,7 +1031,9 @@ void check_send(const LowLatencyCtx& c, bool use_fp8, const float* topk_weights,
 }
 
 // Launches `kernel` cooperatively (every block resident at once, or the launch waits; capturable in a CUDA graph)
-// when `grid` blocks of kLLThreads threads and `smem` bytes fit the GPU at once; false, launching nothing, otherwise.
+// when `grid` blocks of kLLThreads threads and `smem` bytes fit the GPU at once; false, launching nothing, otherwise,
+// and also when the driver refuses the launch as too large although the occupancy says it fits (under MPS a
+// process may get fewer SMs than the device has): the caller then takes its two-kernel path.
 template <typename... Params, typename... Args>
 bool launch_resident(void (*kernel)(Params...), int grid, int sms, size_t smem, cudaStream_t stream, Args... args) {
     int per_sm = 0;
@@ -1047,7 +1049,12 @@ bool launch_resident(void (*kernel)(Params...), int grid, int sms, size_t smem, 
     attr[0].val.cooperative = 1;
     cfg.attrs = attr;
     cfg.numAttrs = 1;
-    CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, args...));
+    const cudaError_t err = cudaLaunchKernelEx(&cfg, kernel, args...);
+    if (err == cudaErrorCooperativeLaunchTooLarge) {
+        (void)cudaGetLastError();  // (the refused launch set the last error: the next LAUNCH_CHECK would take it)
+        return false;
+    }
+    CUDA_CHECK(err);
     return true;
 }
 }  // namespace

@@ -620,6 +620,27 @@ def test_low_latency_call_given_up_is_not_in_flight(pools) -> None:
     assert "injected" in msg, msg
 
 
+def test_nvshmem_low_latency_broken_state_messages() -> None:
+    """The low-latency kernels' reports of a broken state (a row counter not cleared; a source's count word of
+    another round under its rows word of this round) raise RuntimeError saying what was found, naming the rank, not
+    PeerTimeoutError about LARGEEP_TIMEOUT_S."""
+    import types
+
+    from largeep.backends import nvshmem_backend as nb
+
+    b = _bare_nvshmem(rank=0, num_ranks=4)
+    b.settings = types.SimpleNamespace(timeout_s=7.0)
+    for code, words in ((nb._OP_LL_COUNTER, ("rank 2", "did not clear it", "unusable")),
+                        (nb._OP_LL_ROUND, ("rank 2", "of another round", "unusable"))):
+        b.status = [0, (code << 16) + 3]  # rank field: rank 2
+        with pytest.raises(RuntimeError) as info:
+            b._raise_if_failed("low_latency_combine")
+        msg = str(info.value)
+        assert not isinstance(info.value, largeep.PeerTimeoutError) and "LARGEEP_TIMEOUT_S" not in msg, msg
+        assert msg.startswith("low_latency_combine: an earlier low_latency_dispatch on rank 0"), msg
+        assert all(w in msg for w in words), msg
+
+
 def test_auto_backend_agrees_across_ranks(pools) -> None:
     # rank 0 could load it: it takes 'torch' because rank 1 cannot (on a CPU group it would anyway, so the reason
     # it gives is what tells)

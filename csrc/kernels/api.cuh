@@ -45,6 +45,10 @@ enum Op {
                             // (rank field: the lowest rank whose kind differs from this rank's; not a timeout)
     kOpLowLatencyKinds = 11,  // a low-latency dispatch received rows of the other kind (FP8 or BF16: use_fp8) than
                               // this rank's (rank field: a source that sent them; not a timeout)
+    kOpLowLatencyCounter = 12,  // a low-latency dispatch send found a row counter at max_tokens already: not cleared
+                                // after the dispatch before it (rank field: the destination; not a timeout)
+    kOpLowLatencyRound = 13,  // a low-latency dispatch receive found, under a source's rows word of this round, a
+                              // count word of another round (rank field: that source; not a timeout)
 };
 
 // ---- flags: int64 words in the symmetric heap, [kind][rank] --------------------------------------------------

@@ -288,7 +288,7 @@ __device__ __forceinline__ bool ll_send_tokens(const LowLatencyCtx& c, const __n
             // (j < T <= max_tokens, a token sending each expert once; bounded all the same: a copy past it would
             // be dropped, not corrupting)
             const bool keep = r >= 0 && j < c.max_tokens;
-            if (r >= 0 && !keep) report_error(c.err, kOpLowLatencyDispatch, r);  // (a counter not cleared: broken)
+            if (r >= 0 && !keep) report_error(c.err, kOpLowLatencyCounter, r);  // (a counter not cleared: broken)
             const unsigned kept = __ballot_sync(0xffffffffu, keep) & same;
             uint8_t* dst = nullptr;
             int put = -1;
@@ -540,7 +540,7 @@ __device__ __forceinline__ void ll_unpack(const LowLatencyCtx& c, uint8_t* out_x
                                  : 0;
         // (a count word of another round under this round's rows word: a broken peer; reported, nothing read)
         if (ok_all && ll_word_round(c, v) != seq) {
-            report_error(c.err, kOpLowLatencyDispatch, i % N);
+            report_error(c.err, kOpLowLatencyRound, i % N);
             atomicAnd(&ok_all, 0);
         }
         cnt[i + 1] = ll_word_round(c, v) == seq ? ll_word_count(c, v) : 0;

@@ -51,6 +51,8 @@ _OP_WORST_TOO_SMALL = 8  # kOpWorstTooSmall: not a timeout
 _OP_PEER_REFUSED = 9  # kOpPeerRefused: a rank refused a round this rank ran with num_worst_tokens (not a timeout)
 _OP_RANKS_DISAGREE = 10  # kOpRanksDisagree: the ranks sent rows of different kinds (not a timeout)
 _OP_LL_KINDS = 11  # kOpLowLatencyKinds: a low-latency dispatch got FP8 rows with use_fp8=False, or the reverse
+_OP_LL_COUNTER = 12  # kOpLowLatencyCounter: a low-latency dispatch's row counter was not cleared (not a timeout)
+_OP_LL_ROUND = 13  # kOpLowLatencyRound: a source's count word of another round under its rows word (not a timeout)
 # the kinds of rows a fresh dispatch sends (api.cuh's kRowKind): dtype, FP8 scales or not
 _ROW_KINDS = {1: (torch.bfloat16, False), 2: (torch.float32, False), 4: (FP8_DTYPE, True)}
 _OP_ABANDONED = 16  # (host only) a call left its round open (_closes_open_round: a dispatch or a combine)
@@ -633,6 +635,21 @@ class NvshmemBackend:
                 f"rank {rank} (FP8 and BF16: the ranks passed different use_fp8), which it left unread; that call's "
                 "outputs are undefined and the Buffer is unusable now (destroy it on every rank; every rank must "
                 "pass the same use_fp8)"
+            )
+        if code // 65536 == _OP_LL_COUNTER:
+            raise RuntimeError(
+                f"{op}: an earlier low_latency_dispatch on rank {self.ctx.rank} found its count of the rows it sends "
+                f"to rank {rank} already at max_tokens_per_rank when it began: the dispatch before it did not clear "
+                "it (it stopped midway, or two dispatches of this Buffer ran at once, e.g. a CUDA graph replayed "
+                "beside an eager call); the copies past it were not sent and the Buffer is unusable now (destroy it "
+                "on every rank)"
+            )
+        if code // 65536 == _OP_LL_ROUND:
+            raise RuntimeError(
+                f"{op}: an earlier low_latency_dispatch on rank {self.ctx.rank} found, beside rank {rank}'s row count "
+                "of its round, a per-expert count of another round: that rank's state is broken (its dispatch "
+                "stopped midway, or its memory was overwritten); nothing of it was read, the call's outputs are "
+                "undefined and the Buffer is unusable now (destroy it on every rank)"
             )
         if code // 65536 == _OP_ABANDONED:
             where = self._abandoned_in

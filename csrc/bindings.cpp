@@ -447,23 +447,24 @@ class LowLatencyKernels {
         c_.comb_stride = l.comb_stride;
     }
     // w: the dispatch's topk_weights (0: none; given, the combine sums each token's rows on the experts' rank),
-    // w_keep: their copy for the combine; sum_one: such sums come back as one bf16 row each, not two
-    void dispatch_send(uintptr_t x, uintptr_t idx, uintptr_t w, uintptr_t w_keep, int num_tokens, bool use_fp8,
-                       bool round_scale, bool sum_one, uintptr_t hseq, uintptr_t stream) {
+    // w_keep: their copy for the combine; ids_keep: int32 [T, K], the ids sent, for the combine; sum_one: such sums
+    // come back as one bf16 row each, not two
+    void dispatch_send(uintptr_t x, uintptr_t idx, uintptr_t w, uintptr_t w_keep, uintptr_t ids_keep, int num_tokens,
+                       bool use_fp8, bool round_scale, bool sum_one, uintptr_t hseq, uintptr_t stream) {
         launch_ll_dispatch_send(c_, ptr<const void>(x), ptr<const int64_t>(idx), ptr<const float>(w),
-                                ptr<float>(w_keep), num_tokens, use_fp8, round_scale, sum_one, ptr<int64_t>(hseq),
-                                stream_of(stream));
+                                ptr<float>(w_keep), ptr<int>(ids_keep), num_tokens, use_fp8, round_scale, sum_one,
+                                ptr<int64_t>(hseq), stream_of(stream));
     }
     // Send and receive in one kernel where that can run (LARGEEP_TUNE ll_fuse=1); false: nothing launched.
-    bool dispatch_fused(uintptr_t x, uintptr_t idx, uintptr_t w, uintptr_t w_keep, int num_tokens, bool use_fp8,
-                        bool round_scale, bool sum_one, uintptr_t hseq, uintptr_t out_x, uintptr_t out_s,
-                        uintptr_t count, uintptr_t src_info, uintptr_t meta, uintptr_t lead, uintptr_t rowmap,
-                        uintptr_t stream) {
+    bool dispatch_fused(uintptr_t x, uintptr_t idx, uintptr_t w, uintptr_t w_keep, uintptr_t ids_keep,
+                        int num_tokens, bool use_fp8, bool round_scale, bool sum_one, uintptr_t hseq,
+                        uintptr_t out_x, uintptr_t out_s, uintptr_t count, uintptr_t src_info, uintptr_t meta,
+                        uintptr_t lead, uintptr_t rowmap, uintptr_t stream) {
         return launch_ll_dispatch_fused(c_, ptr<const void>(x), ptr<const int64_t>(idx), ptr<const float>(w),
-                                        ptr<float>(w_keep), num_tokens, use_fp8, round_scale, sum_one,
-                                        ptr<int64_t>(hseq),
-                                        ptr<void>(out_x), ptr<float>(out_s), ptr<int>(count), ptr<int>(src_info),
-                                        ptr<int>(meta), ptr<int>(lead), ptr<int>(rowmap), stream_of(stream));
+                                        ptr<float>(w_keep), ptr<int>(ids_keep), num_tokens, use_fp8, round_scale,
+                                        sum_one, ptr<int64_t>(hseq), ptr<void>(out_x), ptr<float>(out_s),
+                                        ptr<int>(count), ptr<int>(src_info), ptr<int>(meta), ptr<int>(lead),
+                                        ptr<int>(rowmap), stream_of(stream));
     }
     void dispatch_recv(uintptr_t out_x, uintptr_t out_s, uintptr_t count, uintptr_t src_info, uintptr_t meta,
                        uintptr_t lead, uintptr_t rowmap, bool use_fp8, uintptr_t hseq, uintptr_t stream) {
@@ -477,18 +478,20 @@ class LowLatencyKernels {
                                ptr<const int>(lead), ptr<const int>(rowmap), ptr<int64_t>(hseq), stream_of(stream));
     }
     // Send and weighted sum in one kernel where that can run (LARGEEP_TUNE ll_fuse=1); false: nothing launched.
-    // merged: 0, or the handle's dispatch sent its weights: 1 (sums as two bf16 rows), 2 (as one: sum_one).
+    // sent: the handle's dispatch's ids_keep; merged: 0, or the handle's dispatch sent its weights: 1 (sums as two
+    // bf16 rows), 2 (as one: sum_one).
     bool combine_fused(uintptr_t y, uintptr_t count, uintptr_t meta, uintptr_t lead, uintptr_t rowmap, uintptr_t hseq,
-                       uintptr_t idx, uintptr_t w, uintptr_t out, int num_tokens, int merged, uintptr_t stream) {
+                       uintptr_t sent, uintptr_t idx, uintptr_t w, uintptr_t out, int num_tokens, int merged,
+                       uintptr_t stream) {
         return launch_ll_combine_fused(c_, ptr<const void>(y), ptr<const int>(count), ptr<const int>(meta),
                                        ptr<const int>(lead), ptr<const int>(rowmap), ptr<int64_t>(hseq),
-                                       ptr<const int64_t>(idx), ptr<const float>(w), ptr<void>(out), num_tokens,
-                                       merged, stream_of(stream));
+                                       ptr<const int>(sent), ptr<const int64_t>(idx), ptr<const float>(w),
+                                       ptr<void>(out), num_tokens, merged, stream_of(stream));
     }
-    void combine_recv(uintptr_t idx, uintptr_t w, uintptr_t out, int num_tokens, int merged, uintptr_t hseq,
-                      uintptr_t stream) {
-        launch_ll_combine_recv(c_, ptr<const int64_t>(idx), ptr<const float>(w), ptr<void>(out), num_tokens, merged,
-                               ptr<const int64_t>(hseq), stream_of(stream));
+    void combine_recv(uintptr_t sent, uintptr_t idx, uintptr_t w, uintptr_t out, int num_tokens, int merged,
+                      uintptr_t hseq, uintptr_t stream) {
+        launch_ll_combine_recv(c_, ptr<const int>(sent), ptr<const int64_t>(idx), ptr<const float>(w), ptr<void>(out),
+                               num_tokens, merged, ptr<const int64_t>(hseq), stream_of(stream));
     }
 
    private:
@@ -530,7 +533,7 @@ PYBIND11_MODULE(_C, m) {
     // Bumped whenever a binding's signature, or the meaning of a status word the kernels share with the Python code,
     // changes; python/largeep/native.py refuses a module of another version (a stale build next to newer Python
     // code) with a message saying to rebuild, instead of a TypeError or a misread word later.
-    m.attr("abi_version") = 9;
+    m.attr("abi_version") = 10;
     m.def("install_fault_backtrace", [] {
         struct sigaction sa {};
         sa.sa_sigaction = segv_handler;

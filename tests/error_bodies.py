@@ -257,6 +257,24 @@ def ll_weights_differ(e: Env, how: str) -> Call:
     return Call(e.buf.low_latency_combine, (e.ll_y(), e.idx, w.clone() if how == "copy" else w, d.handle))
 
 
+def ll_ids_differ(e: Env, how: str) -> Call:
+    """A low-latency combine whose handle's dispatch was given topk_weights, called with other ids: ``how`` =
+    "copy" (equal values, another tensor), "masked" (a copy with -1 at a k that was sent) or "in_place" (the same
+    tensor, changed since). Refused: the experts' ranks sum each token's outputs over the k they got, which other
+    ids cannot mask."""
+    idx = e.idx.clone()
+    d = e.buf.low_latency_dispatch(e.x, idx, use_fp8=False, topk_weights=e.w)
+    if how == "in_place":
+        idx.add_(0)
+    given = idx
+    if how == "copy":
+        given = idx.clone()
+    elif how == "masked":
+        given = idx.clone()
+        given[:, 0] = -1
+    return Call(e.buf.low_latency_combine, (e.ll_y(), given, e.w, d.handle))
+
+
 def ll_given_up_call_not_in_flight(rank: int, world: int) -> str:
     """A low-latency dispatch whose backend gives up (PeerTimeoutError, as the nvshmem id check's host wait does)
     before sending, while an earlier call's hook is due: the failed call takes no place among the calls in flight, so
@@ -536,6 +554,12 @@ CASES: list[BadCase] = [
         "'topk_weights'", "another tensor", "low_latency_dispatch was given topk_weights"),
     _ll("ll_combine_weights_changed_since_dispatch", lambda e: ll_weights_differ(e, "in_place"),
         "'topk_weights'", "changed in place", "pass that tensor unchanged"),
+    _ll("ll_combine_idx_not_the_weighted_dispatchs", lambda e: ll_ids_differ(e, "copy"),
+        "'topk_idx'", "another tensor", "was given topk_weights", "pass the dispatch's topk_idx unchanged"),
+    _ll("ll_combine_idx_masked_after_weighted_dispatch", lambda e: ll_ids_differ(e, "masked"),
+        "'topk_idx'", "another tensor", "other ids cannot be applied to those sums"),
+    _ll("ll_combine_idx_changed_since_weighted_dispatch", lambda e: ll_ids_differ(e, "in_place"),
+        "'topk_idx'", "changed in place", "pass the dispatch's topk_idx unchanged"),
     _ll("ll_dispatch_weights_wrong_rows", lambda e: Call(e.buf.low_latency_dispatch, (e.x, e.idx),
                                                          {"topk_weights": e.w[1:].contiguous()}),
         "'topk_weights'", "shape", "dim 0"),

@@ -1120,3 +1120,116 @@ def normal_stream_edges(rank: int, world: int, backend: str) -> None:
     finally:
         other.destroy()
         buf.destroy()
+
+
+def _ll_masked_ids(g: torch.Generator, tokens: int, experts: int, topk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dispatch ids, combine ids), int64 [tokens, topk] on the CPU. Dispatch: distinct random experts, about a quarter
+    -1, and in every fifth token k 1 repeating k 0's expert. Combine: the dispatch's ids, with about a third of the
+    valid ones -1 (a copy sent and masked), most of the -1 naming a random expert (a k the dispatch did not send),
+    and some valid ones naming another expert (a copy sent, still counted: its row is the dispatch's expert's)."""
+    d = torch.rand(tokens, experts, generator=g).topk(topk, dim=1).indices
+    d = torch.where(torch.rand(tokens, topk, generator=g) < 0.25, -1, d)
+    if topk > 1:
+        d[::5, 1] = d[::5, 0]
+    u = torch.rand(tokens, topk, generator=g)
+    other = torch.randint(0, experts, (tokens, topk), generator=g)
+    c = torch.where((d >= 0) & (u < 0.33), -1, d)
+    c = torch.where((d < 0) & (u < 0.8), other, c)
+    c = torch.where((d >= 0) & (u > 0.85), other, c)
+    return d, c
+
+
+def low_latency_combine_mask(rank: int, world: int, tokens: list[int], max_tokens: int, hidden: int, experts: int,
+                             topk: int, ranks_per_node: int | None = None) -> None:
+    """A low-latency combine whose topk_idx differs from its dispatch's (no weights sent): -1 at k the dispatch sent,
+    experts at k the dispatch left at -1, other experts at k it sent. Each k adds iff the dispatch sent it and the
+    combine names an expert there, with the row of the dispatch's expert: the nvshmem backend against the torch
+    backend (the reference implementation) and against float64 sums, without and with hooks. Two rounds of large
+    values at every k run first, so that the combine slots hold stale rows wherever this round sends none (the
+    nvshmem combine read those before: it took the copies from its own ids). Then: the counts of a handle raised in
+    place past every expert's rows (the combine send bounds them: the same result), and an eager combine given the
+    handle of a dispatch captured in a CUDA graph and never replayed (its counts, metadata and kept ids are whatever
+    the memory held: bounded, no fault), followed by a good round."""
+    import bodies
+
+    kw: dict[str, Any] = dict(hidden=hidden, num_experts=experts, num_topk=topk, max_tokens_per_rank=max_tokens,
+                              low_latency=True)
+    nv = largeep.Buffer(None, backend="nvshmem", ranks_per_node=ranks_per_node, **kw)
+    tb = largeep.Buffer(None, backend="torch", **kw)
+    dev_t = bodies.device_for("torch")
+    epr = experts // world
+    # expert e multiplies its rows by 2 ** (e % 3): exact in bf16, and the row a k adds says which expert made it
+    factor = torch.tensor([2.0 ** ((rank * epr + e) % 3) for e in range(epr)])
+
+    def expert(xe: torch.Tensor) -> torch.Tensor:
+        return (xe.float() * factor.to(xe.device)[:, None, None]).to(torch.bfloat16)
+
+    def roundtrip(buf: largeep.Buffer, dev: torch.device, x: torch.Tensor, idx_d: torch.Tensor, idx_c: torch.Tensor,
+                  w: torch.Tensor, hook: bool) -> torch.Tensor:
+        d = buf.low_latency_dispatch(x.to(dev), idx_d.to(dev), use_fp8=False, return_recv_hook=hook)
+        if hook:
+            assert d.hook is not None
+            d.hook()
+        c = buf.low_latency_combine(expert(d.x), idx_c.to(dev), w.to(dev), d.handle, return_recv_hook=hook)
+        if hook:
+            assert c.hook is not None
+            c.hook()
+        return c.x.cpu()
+
+    try:
+        g = torch.Generator().manual_seed(4100 + rank)
+        t = tokens[rank]
+        # stale rows: two rounds (both combine slot buffers) of large values at every k of every token
+        for _ in range(2):
+            x = (64 * torch.randn(max_tokens, hidden, generator=g)).to(torch.bfloat16)
+            full = torch.rand(max_tokens, experts, generator=g).topk(topk, dim=1).indices
+            roundtrip(nv, torch.device("cuda"), x, full, full, torch.ones(max_tokens, topk), False)
+        for hook in (False, True):
+            x = torch.randn(t, hidden, generator=g).to(torch.bfloat16)
+            idx_d, idx_c = _ll_masked_ids(g, t, experts, topk)
+            w = torch.rand(t, topk, generator=g) + 0.1
+            got = roundtrip(nv, torch.device("cuda"), x, idx_d, idx_c, w, hook)
+            ref = roundtrip(tb, dev_t, x, idx_d, idx_c, w, hook)
+            keep = (idx_d >= 0) & (idx_c >= 0) & (idx_c < experts)
+            scale = torch.where(keep, w.double() * 2.0 ** (idx_d.clamp(min=0) % 3).double(), 0.0)
+            want = x.double() * scale.sum(1, keepdim=True)
+            bodies._close(got, want, torch.bfloat16, f"rank {rank} hook={hook}: nvshmem combine against float64")
+            bodies._close(ref, want, torch.bfloat16, f"rank {rank} hook={hook}: torch combine against float64")
+            bodies._close(got, ref.double(), torch.bfloat16, f"rank {rank} hook={hook}: nvshmem against torch")
+
+        # counts raised in place past the expert's rows: rows past the real count carry no source, nothing more moves
+        x = torch.randn(t, hidden, generator=g).to(torch.bfloat16)
+        idx_d, _ = _ll_masked_ids(g, t, experts, topk)
+        w = torch.rand(t, topk, generator=g) + 0.1
+        d = nv.low_latency_dispatch(x.cuda(), idx_d.cuda(), use_fp8=False)
+        y = expert(d.x)
+        d.num_tokens_per_expert.fill_(2**30)
+        got = nv.low_latency_combine(y, idx_d.cuda(), w.cuda(), d.handle).x.cpu()
+        scale = torch.where(idx_d >= 0, w.double() * 2.0 ** (idx_d.clamp(min=0) % 3).double(), 0.0)
+        bodies._close(got, x.double() * scale.sum(1, keepdim=True), torch.bfloat16,
+                      f"rank {rank}: combine with counts past the rows")
+
+        # a captured dispatch never replayed: its handle's tensors were never written
+        xs = torch.randn(max_tokens, hidden, generator=g).to(torch.bfloat16).cuda()
+        ids = torch.rand(max_tokens, experts, generator=g).topk(topk, dim=1).indices.cuda()
+        ws = torch.rand(max_tokens, topk, generator=g).cuda()
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            dg = nv.low_latency_dispatch(xs, ids, use_fp8=False)
+        nv.low_latency_combine(torch.randn_like(dg.x), ids, ws, dg.handle)
+        torch.cuda.synchronize()
+        del graph, dg
+        dist.barrier()
+        x = torch.randn(t, hidden, generator=g).to(torch.bfloat16)
+        idx_d, idx_c = _ll_masked_ids(g, t, experts, topk)
+        w = torch.rand(t, topk, generator=g) + 0.1
+        got = roundtrip(nv, torch.device("cuda"), x, idx_d, idx_c, w, False)
+        keep = (idx_d >= 0) & (idx_c >= 0) & (idx_c < experts)
+        scale = torch.where(keep, w.double() * 2.0 ** (idx_d.clamp(min=0) % 3).double(), 0.0)
+        bodies._close(got, x.double() * scale.sum(1, keepdim=True), torch.bfloat16,
+                      f"rank {rank}: the round after a combine of a never-replayed dispatch's handle")
+    finally:
+        dist.barrier()
+        tb.destroy()
+        nv.destroy()

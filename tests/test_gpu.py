@@ -201,6 +201,23 @@ def test_low_latency_bf16_partial_sums(pools, world: int, tune: str) -> None:
 
 @pytest.mark.gpu(2)
 @needs_native
+@pytest.mark.parametrize("tune", ["", "ll_fuse=1", "ll_spread=0"])
+@pytest.mark.parametrize("ranks_per_node", [None, 1], ids=["one-node", "2-nodes"])
+def test_low_latency_combine_ids_mask(pools, tune: str, ranks_per_node: int | None) -> None:
+    """A low-latency combine given other ids than its dispatch (no weights sent): k adds iff the dispatch sent it and
+    the combine names an expert there, with the dispatch's expert's row (before, the nvshmem combine took which
+    copies exist from its own ids and read a stale row where the dispatch had sent none), against the torch
+    backend and float64 sums, without and with hooks; counts raised in place are bounded; an eager combine of a
+    never-replayed captured dispatch's handle does not fault. One node and 2 nodes of 1 (puts); under each
+    LARGEEP_TUNE low-latency path."""
+    results = pools(2, "nccl").run(gpu_bodies.with_tune, tune, gpu_bodies.low_latency_combine_mask, [40, 27], 40,
+                                   2048, 16, 8, ranks_per_node)
+    if tune == "ll_fuse=1":
+        assert all(r["fused"] > 0 for r in results), f"no fused launch: {results}"
+
+
+@pytest.mark.gpu(2)
+@needs_native
 @pytest.mark.parametrize("world", [2, 4])
 def test_low_latency_graph_and_double_buffer(pools, world: int) -> None:
     if world > __import__("conftest").gpu_count():

@@ -313,16 +313,18 @@ LowLatencyLayout low_latency_layout(int num_ranks, int num_experts, int num_topk
 // Send phase of dispatch: x bf16 [T, H], topk_idx [T, K], topk_weights float [T, K] or null (given: they travel
 // with the tokens, the combine sums each token's outputs on the experts' rank, and weights_kept [T, K] gets a copy:
 // the weights this rank's combine then applies; sum_one: the experts' ranks send each such sum as one bf16 row, not
-// two); writes the round into *handle_seq (device).
+// two); ids_kept int32 [T, K] gets the ids sent (-1 where none: outside [0, E)), from which the combine knows which
+// copies come back; writes the round into *handle_seq (device).
 void launch_ll_dispatch_send(const LowLatencyCtx& c, const void* x, const int64_t* topk_idx,
-                             const float* topk_weights, float* weights_kept, int num_tokens, bool use_fp8,
-                             bool round_scale, bool sum_one, int64_t* handle_seq, cudaStream_t stream);
+                             const float* topk_weights, float* weights_kept, int* ids_kept, int num_tokens,
+                             bool use_fp8, bool round_scale, bool sum_one, int64_t* handle_seq, cudaStream_t stream);
 // Send and receive phases in one kernel (LARGEEP_TUNE ll_fuse=1, decided by the caller) where that can run: the
 // spread receive, the grid resident at once; returns false, launching nothing, otherwise.
 bool launch_ll_dispatch_fused(const LowLatencyCtx& c, const void* x, const int64_t* topk_idx,
-                              const float* topk_weights, float* weights_kept, int num_tokens, bool use_fp8,
-                              bool round_scale, bool sum_one, int64_t* handle_seq, void* out_x, float* out_scales,
-                              int* out_count, int* src_info, int* meta, int* lead, int* rowmap, cudaStream_t stream);
+                              const float* topk_weights, float* weights_kept, int* ids_kept, int num_tokens,
+                              bool use_fp8, bool round_scale, bool sum_one, int64_t* handle_seq, void* out_x,
+                              float* out_scales, int* out_count, int* src_info, int* meta, int* lead, int* rowmap,
+                              cudaStream_t stream);
 // Receive phase: out_x [E/N, N*M, H] (e4m3 or bf16), out_scales float [E/N, N*M, H/128], out_count int32 [E/N],
 // src_info int32 [E/N, N*M, 2], meta int32 [E/N, N*M] (source * M*K + token*K + k, for combine), lead int32
 // [E/N, N*M] and rowmap int32 [N*M, min(K, E/N), 4] (where the combine finds the rows it sums; low_latency.cu).
@@ -334,12 +336,16 @@ void launch_ll_combine_send(const LowLatencyCtx& c, const void* y, const int* co
 // Send and weighted sum in one kernel (LARGEEP_TUNE ll_fuse=1, decided by the caller) where that can run: the
 // spread send, the grid resident at once; returns false, launching nothing, otherwise.
 bool launch_ll_combine_fused(const LowLatencyCtx& c, const void* y, const int* count, const int* meta,
-                             const int* lead, const int* rowmap, int64_t* handle_seq, const int64_t* topk_idx,
-                             const float* topk_weights, void* out, int num_tokens, int merged,
-                             cudaStream_t stream);
-// merged: 0, or this rank's dispatch of the handle sent its weights (the experts' ranks summed the rows; topk_weights
-// is then that dispatch's weights_kept): 1 with each sum in two bf16 rows, 2 in one (the dispatch's sum_one).
-void launch_ll_combine_recv(const LowLatencyCtx& c, const int64_t* topk_idx, const float* topk_weights, void* out,
-                            int num_tokens, int merged, const int64_t* handle_seq, cudaStream_t stream);
+                             const int* lead, const int* rowmap, int64_t* handle_seq, const int* ids_sent,
+                             const int64_t* topk_idx, const float* topk_weights, void* out, int num_tokens,
+                             int merged, cudaStream_t stream);
+// Weighted sum: ids_sent int32 [T, K] is the handle's dispatch's ids_kept (which copies came back, and from which k's
+// slot); topk_idx [T, K] (the combine's) masks them: k adds where both name an expert. merged: 0, or this rank's
+// dispatch of the handle sent its weights (the experts' ranks summed the rows; topk_weights is then that dispatch's
+// weights_kept, and topk_idx is not read: such a sum cannot be masked): 1 with each sum in two bf16 rows, 2 in one
+// (the dispatch's sum_one).
+void launch_ll_combine_recv(const LowLatencyCtx& c, const int* ids_sent, const int64_t* topk_idx,
+                            const float* topk_weights, void* out, int num_tokens, int merged,
+                            const int64_t* handle_seq, cudaStream_t stream);
 
 }  // namespace largeep

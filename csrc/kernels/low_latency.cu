@@ -16,7 +16,9 @@
 // token has two or more experts on the rank: the weighted sum in float32, sent as two BF16 rows (its rounding and
 // the remainder's) into the slots of the rank's first two copies, or, when the source asked for bf16 partial sums,
 // as its rounding alone into the first copy's slot.
-// Combine receive: weighted sum over k in float32 (weight 1 for such a sum's rows).
+// Combine receive: weighted sum in float32 (weight 1 for such a sum's rows) over the k whose copy the dispatch sent
+// (its send keeps the ids it sent, in the handle) and the combine's ids still name (with weights sent: every k sent,
+// a sum made on an expert's rank being past masking).
 //
 // Peers on this rank's node (ranks_per_node) are written with plain stores through NVLink peer pointers; a flag
 // raised after a block barrier and one thread's system fence (last_block) orders every thread's stores before it
@@ -223,12 +225,15 @@ __device__ __forceinline__ void ll_load_row(const int4* src, int nvec, int i0, i
 // expert it names once, however many of its k name it. With weights w [T, K] (else null) each entry carries the
 // sum of the weights of the k naming its expert, and w_keep [T, K] gets a copy of w (the weights this rank's
 // combine applies: those the experts' ranks got); sum_one asks the experts' ranks for their sums as one bf16 row.
+// ids_keep int32 [T, K] gets the ids as sent (-1 for an id outside [0, E), which sends nothing): this rank's combine
+// learns from them which copies came back and which k's slot holds each, whatever ids it is given itself.
 // Returns (to every thread) whether the wait succeeded.
 // (kWeights: w given; a template argument, so that the send without weights compiles to the code it had before)
 template <bool kWeights>
 __device__ __forceinline__ bool ll_send_tokens(const LowLatencyCtx& c, const __nv_bfloat16* x, const int64_t* idx,
-                                               const float* w, float* w_keep, int T, int use_fp8, int round_scale,
-                                               int sum_one, int slot_buf, int64_t seq, int* counter, int blocks) {
+                                               const float* w, float* w_keep, int* ids_keep, int T, int use_fp8,
+                                               int round_scale, int sum_one, int slot_buf, int64_t seq, int* counter,
+                                               int blocks) {
     const int N = c.num_ranks, K = c.num_topk, epr = c.num_experts / N, me = c.rank, H = c.hidden;
     int* rows_to = counter + N * epr;  // receive rows per destination rank
     // the token's destination ranks, one entry each (in the order of their first copies), s_nd of them:
@@ -265,6 +270,7 @@ __device__ __forceinline__ bool ll_send_tokens(const LowLatencyCtx& c, const __n
                 r = static_cast<int>(e / epr);
                 le = static_cast<int>(e % epr);
             }
+            if (lane < K) ids_keep[static_cast<int64_t>(t) * K + lane] = r >= 0 ? static_cast<int>(e) : -1;
             // a token naming an expert more than once sends it once (SPEC: once per expert): the first k naming it
             // owns the copy, and the combine reads that copy's row for every k naming the expert
             const unsigned twins = __match_any_sync(0xffffffffu, static_cast<unsigned long long>(e));
@@ -388,15 +394,15 @@ constexpr int kTokThreads = kTokWarps * kWarp;
 template <bool kWeights>
 __global__ void __launch_bounds__(kTokThreads) ll_dispatch_send_kernel(LowLatencyCtx c, const __nv_bfloat16* x,
                                                                       const int64_t* idx, const float* w,
-                                                                      float* w_keep, int T, int use_fp8,
-                                                                      int round_scale, int sum_one,
+                                                                      float* w_keep, int* ids_keep, int T,
+                                                                      int use_fp8, int round_scale, int sum_one,
                                                                       int64_t* handle_seq) {
     trace_mark(0);
     const int64_t seq = c.seq[kSeqLowLatency] + 1;
     const int slot_buf = static_cast<int>(seq & 1);
     int* counter = reinterpret_cast<int*>(c.base + c.off_counter);  // zero between rounds
-    const bool ok_all = ll_send_tokens<kWeights>(c, x, idx, w, w_keep, T, use_fp8, round_scale, sum_one, slot_buf,
-                                                 seq, counter, static_cast<int>(gridDim.x));
+    const bool ok_all = ll_send_tokens<kWeights>(c, x, idx, w, w_keep, ids_keep, T, use_fp8, round_scale, sum_one,
+                                                 slot_buf, seq, counter, static_cast<int>(gridDim.x));
     ll_publish_counts(c, counter, slot_buf, seq, ok_all, handle_seq);
 }
 
@@ -654,8 +660,8 @@ __global__ void __launch_bounds__(kLLThreads) ll_dispatch_recv_kernel(LowLatency
 template <bool kWeights>
 __global__ void __launch_bounds__(kLLThreads) ll_dispatch_fused_kernel(LowLatencyCtx c, const __nv_bfloat16* x,
                                                                        const int64_t* idx, const float* w,
-                                                                       float* w_keep, int T, int use_fp8,
-                                                                       int round_scale, int sum_one,
+                                                                       float* w_keep, int* ids_keep, int T,
+                                                                       int use_fp8, int round_scale, int sum_one,
                                                                        int64_t* handle_seq,
                                                                        uint8_t* out_x, float* out_scales,
                                                                        int* out_count, int* src_info, int* meta,
@@ -665,7 +671,7 @@ __global__ void __launch_bounds__(kLLThreads) ll_dispatch_fused_kernel(LowLatenc
     const int slot_buf = static_cast<int>(seq & 1);
     int* counter = reinterpret_cast<int*>(c.base + c.off_counter);
     // (blocks past send_blocks have no token: they only wait for the slot buffer, as every block does)
-    const bool ok_all = ll_send_tokens<kWeights>(c, x, idx, w, w_keep,
+    const bool ok_all = ll_send_tokens<kWeights>(c, x, idx, w, w_keep, ids_keep,
                                                  static_cast<int>(blockIdx.x) < send_blocks ? T : 0, use_fp8,
                                                  round_scale, sum_one, slot_buf, seq, counter, send_blocks);
     ll_publish_counts(c, counter, slot_buf, seq, ok_all, handle_seq);
@@ -849,16 +855,20 @@ __global__ void __launch_bounds__(kLLThreads) ll_combine_send_kernel(LowLatencyC
     ll_combine_send_body(c, y, count, meta, map, handle_seq, c.seq[kSeqLowLatency + 1] + 1, pref);
 }
 
-// One warp per token: out[t] = sum_k w[t, k] * comb[t][k'] over k with idx[t, k] in [0, E), in float32, where k'
-// is the first k naming the same expert (the copy the dispatch sent; equal to k for distinct ids). kMerged (this
-// rank's dispatch sent its weights; 1: sums as two rows, 2: as one bf16 row): where t has two or more experts on one
-// rank, that rank sent their weighted sum in the rows of its first two copies (2: of its first copy), each added
-// with weight 1, and its other k add nothing.
+// One warp per token: out[t] = sum_k w[t, k] * comb[t][k'] over the k that the dispatch sent (ids_sent [T, K], the ids
+// its send kept: in [0, E)) and that idx[t, k] (the combine's ids) still names (in [0, E)), in float32, where k' is
+// the first k whose sent id is the same expert (the copy the dispatch sent; equal to k for distinct ids). Which
+// copies exist comes from the dispatch alone: a k the combine names but the dispatch did not send has no row this
+// round (its slot holds an earlier round's), and the combine's ids only mask. kMerged (this rank's dispatch sent its
+// weights; 1: sums as two rows, 2: as one bf16 row): where t has two or more experts on one rank, that rank sent
+// their weighted sum in the rows of its first two copies (2: of its first copy), each added with weight 1, and its
+// other k add nothing; such a sum cannot be masked, so idx is not read (the Buffer refuses ids other than the
+// dispatch's) and the sum is over every k sent.
 // One warp per (token, slice of the hidden dimension): `slices` warps share a token so that enough loads are in
 // flight when there are few tokens. (The body, for round seq: the receive kernel, or the fused combine.)
 template <int kMerged>
-__device__ __forceinline__ void ll_combine_sum(const LowLatencyCtx& c, const int64_t* idx, const float* w,
-                                               __nv_bfloat16* out, int T, int slices, int64_t seq) {
+__device__ __forceinline__ void ll_combine_sum(const LowLatencyCtx& c, const int* ids_sent, const int64_t* idx,
+                                               const float* w, __nv_bfloat16* out, int T, int slices, int64_t seq) {
     const int N = c.num_ranks, me = c.rank, H = c.hidden, M = c.max_tokens, K = c.num_topk;
     const int slot_buf = static_cast<int>(seq & 1);
     trace_mark(0);
@@ -870,15 +880,19 @@ __device__ __forceinline__ void ll_combine_sum(const LowLatencyCtx& c, const int
         const uint8_t* comb = c.base + c.off_comb + static_cast<int64_t>(slot_buf) * M * K * c.comb_stride;
         for (int g = blockIdx.x * kLLWarps + warp; g < T * slices; g += gridDim.x * kLLWarps) {
             const int t = g / slices, v0 = (g % slices) * kWarp + lane, step = slices * kWarp;
-            // lane k < K holds (expert id, weight) of copy k; the warp shares which copies exist
-            const int64_t e = lane < K ? idx[static_cast<int64_t>(t) * K + lane] : -1;
+            // lane k < K holds (expert id sent, weight) of copy k; the warp shares which copies exist
+            const int e = lane < K ? ids_sent[static_cast<int64_t>(t) * K + lane] : -1;
             float wl = lane < K ? w[static_cast<int64_t>(t) * K + lane] : 0.f;
-            // (an id >= E was never sent: it adds nothing, as in the send)
+            // (bounded: the kept ids of a dispatch captured in a CUDA graph and not yet replayed were never written)
             unsigned present = __ballot_sync(0xffffffffu, e >= 0 && e < c.num_experts);
             // the copy holding this k's expert output: the first k naming the same expert
-            int from = __ffs(__match_any_sync(0xffffffffu, static_cast<unsigned long long>(e))) - 1;
-            if (kMerged) {
-                int r = (present >> lane) & 1u ? static_cast<int>(e / (c.num_experts / N)) : -1;
+            int from = __ffs(__match_any_sync(0xffffffffu, e)) - 1;
+            if (!kMerged) {
+                // (an id the combine names >= E adds nothing, as in the torch backend)
+                const int64_t ec = lane < K ? idx[static_cast<int64_t>(t) * K + lane] : -1;
+                present &= __ballot_sync(0xffffffffu, ec >= 0 && ec < c.num_experts);
+            } else {
+                int r = (present >> lane) & 1u ? e / (c.num_experts / N) : -1;
                 // the copies sent (the first k of each expert) to this k's rank
                 const unsigned sent = __ballot_sync(0xffffffffu, r >= 0 && from == lane);
                 const unsigned same = __match_any_sync(0xffffffffu, r) & sent;
@@ -945,10 +959,11 @@ __device__ __forceinline__ void ll_combine_sum(const LowLatencyCtx& c, const int
 }
 
 template <int kMerged>
-__global__ void __launch_bounds__(kLLThreads) ll_combine_recv_kernel(LowLatencyCtx c, const int64_t* idx,
-                                                                     const float* w, __nv_bfloat16* out, int T,
-                                                                     int slices, const int64_t* handle_seq) {
-    ll_combine_sum<kMerged>(c, idx, w, out, T, slices, *handle_seq);
+__global__ void __launch_bounds__(kLLThreads) ll_combine_recv_kernel(LowLatencyCtx c, const int* ids_sent,
+                                                                     const int64_t* idx, const float* w,
+                                                                     __nv_bfloat16* out, int T, int slices,
+                                                                     const int64_t* handle_seq) {
+    ll_combine_sum<kMerged>(c, ids_sent, idx, w, out, T, slices, *handle_seq);
 }
 
 // Combine without a receive hook in one kernel (LARGEEP_TUNE ll_fuse=1; spread send only): every block sends as the
@@ -958,12 +973,13 @@ template <int kMerged>
 __global__ void __launch_bounds__(kLLThreads) ll_combine_fused_kernel(LowLatencyCtx c, const __nv_bfloat16* y,
                                                                       const int* count, const int* meta,
                                                                       LLRowMap map, int64_t* handle_seq,
-                                                                      const int64_t* idx, const float* w,
-                                                                      __nv_bfloat16* out, int T, int slices) {
+                                                                      const int* ids_sent, const int64_t* idx,
+                                                                      const float* w, __nv_bfloat16* out, int T,
+                                                                      int slices) {
     extern __shared__ int pref[];
     const int64_t seq = c.seq[kSeqLowLatency + 1] + 1;  // read by every block before the last one advances it
     ll_combine_send_body(c, y, count, meta, map, handle_seq, seq, pref);
-    ll_combine_sum<kMerged>(c, idx, w, out, T, slices, seq);
+    ll_combine_sum<kMerged>(c, ids_sent, idx, w, out, T, slices, seq);
 }
 
 }  // namespace
@@ -1022,9 +1038,11 @@ int sum_blocks(const LowLatencyCtx& c, int num_tokens, int slices) {
 void check_rowmap(const int* rowmap) {
     HOST_ASSERT(reinterpret_cast<uintptr_t>(rowmap) % 16 == 0, "the handle's rowmap must be 16-byte aligned");
 }
-void check_send(const LowLatencyCtx& c, bool use_fp8, const float* topk_weights, const float* weights_kept) {
+void check_send(const LowLatencyCtx& c, bool use_fp8, const float* topk_weights, const float* weights_kept,
+                const int* ids_kept, int num_tokens) {
     HOST_ASSERT(c.hidden % 128 == 0 || !use_fp8, "FP8 needs hidden % 128 == 0");
     HOST_ASSERT(topk_weights == nullptr || weights_kept != nullptr, "weights sent need their copy");
+    HOST_ASSERT(num_tokens == 0 || ids_kept != nullptr, "the ids sent need their copy");
     HOST_ASSERT(c.hidden % 8 == 0, "hidden must be a multiple of 8");
     HOST_ASSERT(c.num_ranks <= kLLMaxRanks, "at most " << kLLMaxRanks << " ranks in low-latency mode");
     HOST_ASSERT(c.num_topk <= kWarp, "num_topk must be <= 32");
@@ -1060,32 +1078,32 @@ bool launch_resident(void (*kernel)(Params...), int grid, int sms, size_t smem, 
 }  // namespace
 
 void launch_ll_dispatch_send(const LowLatencyCtx& c, const void* x, const int64_t* topk_idx,
-                             const float* topk_weights, float* weights_kept, int num_tokens, bool use_fp8,
-                             bool round_scale, bool sum_one, int64_t* handle_seq, cudaStream_t stream) {
-    check_send(c, use_fp8, topk_weights, weights_kept);
+                             const float* topk_weights, float* weights_kept, int* ids_kept, int num_tokens,
+                             bool use_fp8, bool round_scale, bool sum_one, int64_t* handle_seq, cudaStream_t stream) {
+    check_send(c, use_fp8, topk_weights, weights_kept, ids_kept, num_tokens);
     const int grid = std::min(std::max(1, num_tokens), 2 * c.device_sms);  // one token per block at a time
     auto* kernel = topk_weights != nullptr ? ll_dispatch_send_kernel<true> : ll_dispatch_send_kernel<false>;
     kernel<<<grid, kTokThreads, 0, stream>>>(c, static_cast<const __nv_bfloat16*>(x), topk_idx, topk_weights,
-                                             weights_kept, num_tokens, use_fp8 ? 1 : 0, round_scale ? 1 : 0,
-                                             sum_one ? 1 : 0, handle_seq);
+                                             weights_kept, ids_kept, num_tokens, use_fp8 ? 1 : 0,
+                                             round_scale ? 1 : 0, sum_one ? 1 : 0, handle_seq);
     LAUNCH_CHECK();
 }
 
 bool launch_ll_dispatch_fused(const LowLatencyCtx& c, const void* x, const int64_t* topk_idx,
-                              const float* topk_weights, float* weights_kept, int num_tokens, bool use_fp8,
-                              bool round_scale, bool sum_one, int64_t* handle_seq, void* out_x, float* out_scales,
-                              int* out_count,
-                              int* src_info, int* meta, int* lead, int* rowmap, cudaStream_t stream) {
+                              const float* topk_weights, float* weights_kept, int* ids_kept, int num_tokens,
+                              bool use_fp8, bool round_scale, bool sum_one, int64_t* handle_seq, void* out_x,
+                              float* out_scales, int* out_count, int* src_info, int* meta, int* lead, int* rowmap,
+                              cudaStream_t stream) {
     check_rowmap(rowmap);
     // the caller sends, then receives: the per-expert receive, or too many count words
     const size_t smem = unpack_smem(c, true);
     if (!c.spread || smem > kLLMaxDynSmem) return false;
-    check_send(c, use_fp8, topk_weights, weights_kept);
+    check_send(c, use_fp8, topk_weights, weights_kept, ids_kept, num_tokens);
     const int send_blocks = std::min(std::max(1, num_tokens), c.device_sms);
     auto* kernel = topk_weights != nullptr ? ll_dispatch_fused_kernel<true> : ll_dispatch_fused_kernel<false>;
     return launch_resident(kernel, std::max(send_blocks, spread_blocks(c)), c.device_sms, smem,
                            stream, c, static_cast<const __nv_bfloat16*>(x), topk_idx, topk_weights, weights_kept,
-                           num_tokens, use_fp8 ? 1 : 0, round_scale ? 1 : 0, sum_one ? 1 : 0, handle_seq,
+                           ids_kept, num_tokens, use_fp8 ? 1 : 0, round_scale ? 1 : 0, sum_one ? 1 : 0, handle_seq,
                            static_cast<uint8_t*>(out_x), out_scales, out_count, src_info, meta,
                            LLRowMap{lead, rowmap}, send_blocks);
 }
@@ -1119,10 +1137,11 @@ void launch_ll_combine_send(const LowLatencyCtx& c, const void* y, const int* co
 }
 
 bool launch_ll_combine_fused(const LowLatencyCtx& c, const void* y, const int* count, const int* meta,
-                             const int* lead, const int* rowmap, int64_t* handle_seq, const int64_t* topk_idx,
-                             const float* topk_weights, void* out, int num_tokens, int merged,
-                             cudaStream_t stream) {
+                             const int* lead, const int* rowmap, int64_t* handle_seq, const int* ids_sent,
+                             const int64_t* topk_idx, const float* topk_weights, void* out, int num_tokens,
+                             int merged, cudaStream_t stream) {
     check_rowmap(rowmap);
+    HOST_ASSERT(num_tokens == 0 || ids_sent != nullptr, "the combine needs the ids its dispatch sent");
     const size_t smem = combine_send_smem(c);
     if (!c.spread || smem > kLLMaxDynSmem) return false;  // the caller sends, then sums
     const int slices = combine_slices(c, num_tokens);
@@ -1130,17 +1149,19 @@ bool launch_ll_combine_fused(const LowLatencyCtx& c, const void* y, const int* c
                    : merged == 1 ? ll_combine_fused_kernel<1> : ll_combine_fused_kernel<0>;
     return launch_resident(kernel, std::max(spread_blocks(c), sum_blocks(c, num_tokens, slices)), c.device_sms, smem,
                            stream, c, static_cast<const __nv_bfloat16*>(y), count, meta,
-                           LLRowMap{const_cast<int*>(lead), const_cast<int*>(rowmap)}, handle_seq, topk_idx,
-                           topk_weights, static_cast<__nv_bfloat16*>(out), num_tokens, slices);
+                           LLRowMap{const_cast<int*>(lead), const_cast<int*>(rowmap)}, handle_seq, ids_sent,
+                           topk_idx, topk_weights, static_cast<__nv_bfloat16*>(out), num_tokens, slices);
 }
 
-void launch_ll_combine_recv(const LowLatencyCtx& c, const int64_t* topk_idx, const float* topk_weights, void* out,
-                            int num_tokens, int merged, const int64_t* handle_seq, cudaStream_t stream) {
+void launch_ll_combine_recv(const LowLatencyCtx& c, const int* ids_sent, const int64_t* topk_idx,
+                            const float* topk_weights, void* out, int num_tokens, int merged,
+                            const int64_t* handle_seq, cudaStream_t stream) {
+    HOST_ASSERT(num_tokens == 0 || ids_sent != nullptr, "the combine needs the ids its dispatch sent");
     const int slices = combine_slices(c, num_tokens);
     auto* kernel = merged == 2 ? ll_combine_recv_kernel<2>
                    : merged == 1 ? ll_combine_recv_kernel<1> : ll_combine_recv_kernel<0>;
     kernel<<<sum_blocks(c, num_tokens, slices), kLLThreads, 0, stream>>>(
-        c, topk_idx, topk_weights, static_cast<__nv_bfloat16*>(out), num_tokens, slices, handle_seq);
+        c, ids_sent, topk_idx, topk_weights, static_cast<__nv_bfloat16*>(out), num_tokens, slices, handle_seq);
     LAUNCH_CHECK();
 }
 

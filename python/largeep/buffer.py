@@ -134,6 +134,10 @@ class LowLatencyHandle:
     # the topk_weights given to the dispatch (and their version counter then): the combine must get them unchanged
     weights: torch.Tensor | None = field(default=None, repr=False)
     weights_version: int | None = None
+    # with weights, the dispatch's topk_idx too (and its version then): the experts' ranks sum a token's outputs
+    # over the k they got, which no other ids can mask
+    topk_idx: torch.Tensor | None = field(default=None, repr=False)
+    topk_idx_version: int | None = None
 
 
 def _version_of(t: torch.Tensor) -> int | None:
@@ -819,7 +823,9 @@ class Buffer:
                 self._ll_calls[op] = call
             raise
         handle = LowLatencyHandle(self._id, t, out.state, received=not return_recv_hook, weights=ws,
-                                  weights_version=_version_of(ws) if ws is not None else None)
+                                  weights_version=_version_of(ws) if ws is not None else None,
+                                  topk_idx=topk_idx if ws is not None else None,
+                                  topk_idx_version=_version_of(topk_idx) if ws is not None else None)
         hook = self._wrap_hook(out.finish, op, call, handle) if return_recv_hook else None
         recv_x: Tokens = (out.x, out.x_scales) if out.x_scales is not None else out.x
         return LowLatencyDispatchResult(recv_x, out.num_tokens_per_expert, out.src_info, handle, event, hook)
@@ -835,8 +841,14 @@ class Buffer:
         return_recv_hook: bool = False,
         out: torch.Tensor | None = None,
     ) -> LowLatencyCombineResult:
-        """y bf16 [E/N, N*M, H] -> x bf16 [T, H] = sum_k topk_weights[t, k] * y[expert, row of t] (float32 sums).
-        No host wait; CUDA-graph capturable."""
+        """y bf16 [E/N, N*M, H] -> x bf16 [T, H] = sum_k topk_weights[t, k] * y[expert, row of t] (float32 sums),
+        over the k whose copy the handle's dispatch sent (its topk_idx[t, k] named an expert) and that topk_idx
+        (int64 [T, K]) still names: a k the dispatch did not send adds nothing whatever topk_idx says there, and -1
+        at a k that was sent leaves that k out. For a k that repeats an earlier k's expert, the row is that expert's.
+        A dispatch given topk_weights needs this topk_idx to be its own tensor, unchanged (ArgumentError otherwise:
+        the experts' ranks sum over the k they got). No host wait; CUDA-graph capturable; topk_idx, topk_weights
+        (unless sent at dispatch) and ``out`` are read and written when the receive runs (with
+        ``return_recv_hook``: when the hook runs)."""
         op = "low_latency_combine"
         self._check_alive(op)
         self._check_mode(op, True)
@@ -863,6 +875,14 @@ class Buffer:
                 f"Buffer.{op}: argument 'topk_weights' is {what}: the handle's low_latency_dispatch was given "
                 "topk_weights, which its rows carry to the experts' ranks to be applied there; pass that tensor "
                 "unchanged, or dispatch without topk_weights"
+            )
+        if h.topk_idx is not None and (topk_idx is not h.topk_idx or _version_of(topk_idx) != h.topk_idx_version):
+            what = "another tensor" if topk_idx is not h.topk_idx else "the same tensor, changed in place since"
+            raise ArgumentError(
+                f"Buffer.{op}: argument 'topk_idx' is {what}: the handle's low_latency_dispatch was given "
+                "topk_weights, so the experts' ranks sum each token's outputs over the experts it named there, and "
+                "other ids cannot be applied to those sums; pass the dispatch's topk_idx unchanged, or dispatch "
+                "without topk_weights"
             )
         if out is None:
             out = torch.empty(h.num_tokens, c.hidden, dtype=torch.bfloat16, device=c.device)

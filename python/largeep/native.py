@@ -21,8 +21,9 @@ _HOW = (
 # ranks per node, which an older build would refuse only after the Buffer's collective allocation; 7: the normal
 # kernels' start, a fresh dispatch's launches in one call; 8: NormalKernels without the load kind, which every call
 # site chooses; 9: the dispatch copy-out's drain (num_rows -1), weighted_row_sum's src_rows, and one send for fresh
-# and cached dispatches)
-ABI_VERSION = 9
+# and cached dispatches; 10: the low-latency send keeps the ids it sent and the combine reads them, and the error
+# words of a low-latency row counter not cleared and of a count word of another round)
+ABI_VERSION = 10
 
 
 @functools.lru_cache(maxsize=1)

@@ -1350,7 +1350,7 @@ def _ll_combine_op(buffer_id: int, y: Tensor, topk_idx: Tensor, topk_weights: Te
     assert isinstance(h, LowLatencyHandle)
     buf = buffer_of(buffer_id)
     try:
-        w = topk_weights
+        w, idx = topk_weights, topk_idx
         if h.weights is not None:
             # the dispatch was given weights: a compiled graph hands the ops the same storage, not the same Python
             # object, so the storage is what must match here (the Buffer then checks the object the dispatch
@@ -1369,7 +1369,22 @@ def _ll_combine_op(buffer_id: int, y: Tensor, topk_idx: Tensor, topk_weights: Te
                     "topk_weights"
                 )
             w = kept
-        out = buf.low_latency_combine(y, topk_idx, w, h).x
+            # and the ids likewise: the experts' ranks sum each token's outputs over the k the dispatch named (the
+            # same best effort; the nvshmem combine then reads the ids its dispatch kept, not these)
+            kept_idx = h.topk_idx
+            assert kept_idx is not None
+            checks.topk_idx("low_latency_combine", idx, num_tokens=h.num_tokens, num_topk=c.num_topk,
+                            num_experts=c.num_experts, device=c.device, check_values=False)
+            if (idx.data_ptr(), idx.stride()) != (kept_idx.data_ptr(), kept_idx.stride()):
+                raise ArgumentError(
+                    "largeep.ops.low_latency_combine: argument 'topk_idx' is not the tensor given to the ticket's "
+                    f"low_latency_dispatch (memory at {idx.data_ptr():#x} with strides {tuple(idx.stride())}, "
+                    f"expected {kept_idx.data_ptr():#x} with {tuple(kept_idx.stride())}): that dispatch was given "
+                    "topk_weights, so the experts' ranks sum each token's outputs over the experts it named there; "
+                    "pass the same topk_idx, or dispatch without topk_weights"
+                )
+            idx = kept_idx
+        out = buf.low_latency_combine(y, idx, w, h).x
     except ArgumentError:
         raise
     except BaseException:

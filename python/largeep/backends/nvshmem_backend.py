@@ -388,13 +388,16 @@ class _LLState:
     (lead [E/N * N*M] then [N*M, min(K, E/N), 4]: which rows the combine sums here, csrc/kernels/low_latency.cu),
     weights_kept float32 [T, K] or None (this rank sent its weights, so the experts' ranks sum its tokens' rows:
     the send kernel's copy of them, which the combine applies, the weights the experts' ranks applied); sum_one:
-    with weights, those ranks send each sum as one bf16 row (bf16_partial_sums), not two."""
+    with weights, those ranks send each sum as one bf16 row (bf16_partial_sums), not two; ids_sent int32 [T, K]
+    (the send kernel's copy of the ids it sent, -1 where it sent nothing: the combine takes from it which copies
+    come back, and the combine's topk_idx only masks them; a CUDA graph's replays of the send rewrite it)."""
 
     seq: torch.Tensor
     count: torch.Tensor
     meta: torch.Tensor
     rowmap: torch.Tensor
     num_tokens: int
+    ids_sent: torch.Tensor
     weights_kept: torch.Tensor | None = None
     sum_one: bool = False
 
@@ -1047,18 +1050,19 @@ class NvshmemBackend:
         lead, pairs = _rowmap_ptrs(rowmap, c)
         w_ptr = _ptr(topk_weights)
         kept = torch.empty(t, c.num_topk, dtype=torch.float32, device=dev) if topk_weights is not None else None
+        sent = torch.empty(t, c.num_topk, dtype=torch.int32, device=dev)
         sum_one = bool(bf16_partial_sums and topk_weights is not None)
-        state = _LLState(seq, count, meta, rowmap, t, kept, sum_one)
+        state = _LLState(seq, count, meta, rowmap, t, sent, kept, sum_one)
         # without a hook, send and unpack may run as one kernel (LARGEEP_TUNE ll_fuse=1)
         if not async_recv and self.ll_fuse and self._fused(self.ll.dispatch_fused(
-            x.data_ptr(), topk_idx.data_ptr(), w_ptr, _ptr(kept), t, use_fp8, round_scale, sum_one, seq.data_ptr(),
-            x_out.data_ptr(),
+            x.data_ptr(), topk_idx.data_ptr(), w_ptr, _ptr(kept), sent.data_ptr(), t, use_fp8, round_scale, sum_one,
+            seq.data_ptr(), x_out.data_ptr(),
             s_out.data_ptr() if s_out is not None else 0, count.data_ptr(), src_info.data_ptr(), meta.data_ptr(),
             lead, pairs, self._stream(),
         )):
             return LowLatencyDispatchOut(x_out, s_out, count, src_info, state, None)
-        self.ll.dispatch_send(x.data_ptr(), topk_idx.data_ptr(), w_ptr, _ptr(kept), t, use_fp8, round_scale,
-                              sum_one, seq.data_ptr(), self._stream())
+        self.ll.dispatch_send(x.data_ptr(), topk_idx.data_ptr(), w_ptr, _ptr(kept), sent.data_ptr(), t, use_fp8,
+                              round_scale, sum_one, seq.data_ptr(), self._stream())
 
         def finish() -> None:
             self.ll.dispatch_recv(
@@ -1088,10 +1092,12 @@ class NvshmemBackend:
         # same tensor, unchanged where torch can tell), so both sides of every token use the same weights
         w = state.weights_kept if state.weights_kept is not None else topk_weights
         w_ptr = w.data_ptr()
+        # which copies come back is the dispatch's (state.ids_sent); topk_idx masks them (not read with weights sent)
+        sent = state.ids_sent
         # without a hook, send and sum may run as one kernel (LARGEEP_TUNE ll_fuse=1)
         if not async_recv and self.ll_fuse and self._fused(self.ll.combine_fused(
             y.data_ptr(), state.count.data_ptr(), state.meta.data_ptr(), lead, pairs, seq.data_ptr(),
-            topk_idx.data_ptr(), w_ptr, out.data_ptr(), state.num_tokens, state.merged,
+            sent.data_ptr(), topk_idx.data_ptr(), w_ptr, out.data_ptr(), state.num_tokens, state.merged,
             self._stream(),
         )):
             return None
@@ -1101,8 +1107,8 @@ class NvshmemBackend:
         def finish() -> None:
             # (the closure holds every tensor the receive reads, the weights too: a caller's temporary freed before
             # the hook runs would otherwise be reused meanwhile)
-            self.ll.combine_recv(topk_idx.data_ptr(), w.data_ptr(), out.data_ptr(), state.num_tokens, state.merged,
-                                 seq.data_ptr(), self._stream())
+            self.ll.combine_recv(sent.data_ptr(), topk_idx.data_ptr(), w.data_ptr(), out.data_ptr(), state.num_tokens,
+                                 state.merged, seq.data_ptr(), self._stream())
 
         if async_recv:
             return finish

@@ -275,6 +275,58 @@ def ll_ids_differ(e: Env, how: str) -> Call:
     return Call(e.buf.low_latency_combine, (e.ll_y(), given, e.w, d.handle))
 
 
+def ll_hook_that_raised(rank: int, world: int) -> dict[str, str]:
+    """A low-latency dispatch's receive hook whose receive raises (injected, after the real receive ran): the hook
+    raises that error; a second call of it raises that it may be called once, naming the first call's error; a
+    combine given the handle raises RuntimeError naming it (the handle was never marked received); and the failed
+    call is no longer in flight (two more calls with hooks due are accepted). Returns the messages."""
+    buf = largeep.Buffer(None, hidden=HIDDEN, num_experts=EXPERTS, num_topk=TOPK, max_tokens_per_rank=MAX_TOKENS,
+                         backend="torch", low_latency=True)
+    try:
+        x = torch.randn(MAX_TOKENS, HIDDEN).to(torch.bfloat16)
+        idx = torch.stack([torch.randperm(EXPERTS)[:TOPK] for _ in range(MAX_TOKENS)])
+        w = torch.rand(MAX_TOKENS, TOPK)
+        real = buf._impl.low_latency_dispatch
+
+        def failing(*args: Any, **kwargs: Any) -> Any:
+            out = real(*args, **kwargs)
+            finish = out.finish
+
+            def fail() -> None:
+                finish()
+                raise RuntimeError("the receive's launch failed (injected)")
+
+            out.finish = fail
+            return out
+
+        buf._impl.low_latency_dispatch = failing
+        try:
+            d = buf.low_latency_dispatch(x, idx, use_fp8=False, return_recv_hook=True)
+        finally:
+            buf._impl.low_latency_dispatch = real
+        assert d.hook is not None
+        msgs: dict[str, str] = {}
+        for name, call in (("hook", d.hook), ("again", d.hook),
+                           ("combine", lambda: buf.low_latency_combine(
+                               torch.randn(EXPERTS // world, world * MAX_TOKENS, HIDDEN).to(torch.bfloat16), idx, w,
+                               d.handle))):
+            try:
+                call()
+            except RuntimeError as exc:
+                assert not isinstance(exc, ArgumentError), f"{name}: {exc}"
+                msgs[name] = str(exc)
+            else:
+                raise AssertionError(f"{name}: did not raise")
+        first = buf.low_latency_dispatch(x, idx, use_fp8=False, return_recv_hook=True)
+        second = buf.low_latency_dispatch(x, idx, use_fp8=False, return_recv_hook=True)
+        assert first.hook is not None and second.hook is not None
+        first.hook()
+        second.hook()
+        return msgs
+    finally:
+        buf.destroy()
+
+
 def ll_given_up_call_not_in_flight(rank: int, world: int) -> str:
     """A low-latency dispatch whose backend gives up (PeerTimeoutError, as the nvshmem id check's host wait does)
     before sending, while an earlier call's hook is due: the failed call takes no place among the calls in flight, so

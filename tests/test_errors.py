@@ -620,6 +620,16 @@ def test_low_latency_call_given_up_is_not_in_flight(pools) -> None:
     assert "injected" in msg, msg
 
 
+def test_low_latency_hook_that_raised(pools) -> None:
+    """A receive hook whose receive raised is spent (not re-run into a half state), its handle refused by a
+    combine with that error, and its call no longer in flight."""
+    (msgs,) = pools(1).run(error_bodies.ll_hook_that_raised)
+    assert "(injected)" in msgs["hook"], msgs
+    assert "may be called once" in msgs["again"] and "its first call raised RuntimeError" in msgs["again"], msgs
+    assert "(injected)" in msgs["again"], msgs
+    assert "receive hook raised" in msgs["combine"] and "(injected)" in msgs["combine"], msgs
+
+
 def test_nvshmem_low_latency_broken_state_messages() -> None:
     """The low-latency kernels' reports of a broken state (a row counter not cleared; a source's count word of
     another round under its rows word of this round) raise RuntimeError saying what was found, naming the rank, not
@@ -639,6 +649,37 @@ def test_nvshmem_low_latency_broken_state_messages() -> None:
         assert not isinstance(info.value, largeep.PeerTimeoutError) and "LARGEEP_TIMEOUT_S" not in msg, msg
         assert msg.startswith("low_latency_combine: an earlier low_latency_dispatch on rank 0"), msg
         assert all(w in msg for w in words), msg
+
+
+def test_nvshmem_low_latency_receive_raised_marks_the_buffer() -> None:
+    """The nvshmem low-latency receive's guard (run at once or by the hook): an exception marks the Buffer
+    unusable naming it, and every later call raises that; a device report first is kept; a receive that returns
+    marks nothing."""
+    from largeep.backends import nvshmem_backend as nb
+
+    for op in ("low_latency_dispatch", "low_latency_combine"):
+        b = _bare_nvshmem(rank=1, num_ranks=2)
+        b.status = [0] * 8
+        b._abandoned, b._abandoned_in = "", "dispatch"
+
+        def fails() -> None:
+            raise RuntimeError("launch failed (injected)")
+
+        b._ll_closes_round(op)(lambda: None)()
+        assert b.status[nb._ERROR] == 0
+        with pytest.raises(RuntimeError, match="injected"):
+            b._ll_closes_round(op)(fails)()
+        assert b.status[nb._ERROR] == nb._OP_ABANDONED << 16
+        with pytest.raises(RuntimeError) as info:
+            b._raise_if_failed("low_latency_dispatch")
+        msg = str(info.value)
+        for part in (f"an earlier {op} on rank 1", "after its send was queued and before its receive",
+                     "launch failed (injected)", "unusable"):
+            assert part in msg, msg
+        b.status[nb._ERROR] = 7 << 16
+        with pytest.raises(RuntimeError):
+            b._ll_closes_round(op)(fails)()
+        assert b.status[nb._ERROR] == 7 << 16
 
 
 def test_auto_backend_agrees_across_ranks(pools) -> None:

@@ -131,6 +131,8 @@ class LowLatencyHandle:
     # False until the dispatch's receive is issued (at once, or by its hook): a combine before it would read
     # receive slots that hold nothing yet
     received: bool = True
+    # what the dispatch's receive hook raised, if it did (the receive may not have run: the handle stays unreceived)
+    hook_error: str | None = field(default=None, repr=False)
     # the topk_weights given to the dispatch (and their version counter then): the combine must get them unchanged
     weights: torch.Tensor | None = field(default=None, repr=False)
     weights_version: int | None = None
@@ -854,6 +856,13 @@ class Buffer:
         self._check_mode(op, True)
         c = self.ctx
         h = self._check_handle(op, handle, LowLatencyHandle)
+        if h.hook_error is not None:
+            raise RuntimeError(
+                f"Buffer.{op}: argument 'handle' comes from a low_latency_dispatch whose receive hook raised: this "
+                f"Buffer failed earlier (low_latency_dispatch on rank {self.rank} raised {h.hook_error} in its "
+                "receive hook); that dispatch's rows were not received and the Buffer is unusable now (destroy it on "
+                "every rank)"
+            )
         if not h.received:
             raise ArgumentError(
                 f"Buffer.{op}: argument 'handle' comes from a low_latency_dispatch whose receive hook has not been "
@@ -925,8 +934,16 @@ class Buffer:
         self, finish: Callable[[], None] | None, op: str, call: int | None, handle: LowLatencyHandle | None = None
     ) -> Callable[[], None]:
         """The receive hook of low-latency call ``call`` of ``op`` (None: captured in a graph, not counted);
-        ``handle``: a dispatch's, marked received once the hook has issued the receive."""
-        done = [False]
+        ``handle``: a dispatch's, marked received once the hook has issued the receive.
+
+        A hook runs once. A call refused before the receive starts (after destroy(), or inside / outside a capture
+        unlike its call) leaves it callable. Once the receive was attempted the hook is spent, whether it was issued
+        or raised: a receive that raised may have run in part (the backend then marks the Buffer unusable, the
+        other ranks having sent their rows), so it is not run again; the call leaves the calls in flight (the
+        Buffer's next call raises the backend's error, not a refusal for a hook still due), and a dispatch's handle
+        records the error and stays unreceived, so that a combine given it raises that error instead of reading
+        counts and rows that were never written."""
+        spent: list[str | None] = [None]  # set once the receive was attempted: "" it was issued, else what it raised
         if call is not None:
             self._ll_pending[op].add(call)
         # a hook runs its receive where its send went: inside the CUDA graph capture that holds the send, or eagerly
@@ -935,8 +952,9 @@ class Buffer:
         captured = call is None
 
         def hook() -> None:
-            if done[0]:
-                raise RuntimeError(f"largeep: Buffer.{op}: a receive hook may be called once")
+            if spent[0] is not None:
+                raised = f" (its first call raised {spent[0]})" if spent[0] else ""
+                raise RuntimeError(f"largeep: Buffer.{op}: a receive hook may be called once{raised}")
             self._check_alive(f"{op} (its receive hook)")
             if self._stream is not None and torch.cuda.is_current_stream_capturing() != captured:
                 where = ("inside a CUDA graph capture", "outside one") if captured else \
@@ -945,27 +963,39 @@ class Buffer:
                     f"Buffer.{op}: its receive hook was made {where[0]} and is called {where[1]}: call it where the "
                     "call was made (in the same capture, or eagerly)"
                 )
-            done[0] = True
-            if handle is not None:
-                handle.received = True
-            if call is not None:
-                self._ll_pending[op].discard(call)
-            if finish is None:
-                return
-            if self._stream is None:
-                finish()
-                return
-            if self._is_finished_call(None, False):
-                assert self._finished is not None
-                self._finished.run(finish)
-                return
-            compute = torch.cuda.current_stream(self._stream.device)
-            self._stream.wait_stream(compute)
-            with _on_stream(self._stream, compute):
-                finish()
-            compute.wait_stream(self._stream)
+            try:
+                self._run_receive(finish)
+            except BaseException as exc:
+                spent[0] = f"{type(exc).__name__}: {exc}"[:300]
+                if handle is not None:
+                    handle.hook_error = spent[0]
+                raise
+            else:
+                spent[0] = ""
+                if handle is not None:
+                    handle.received = True
+            finally:
+                if call is not None:
+                    self._ll_pending[op].discard(call)
 
         return hook
+
+    def _run_receive(self, finish: Callable[[], None] | None) -> None:
+        """A receive hook's ``finish`` on the Buffer's stream, ordered after the caller's stream and before it."""
+        if finish is None:
+            return
+        if self._stream is None:
+            finish()
+            return
+        if self._is_finished_call(None, False):
+            assert self._finished is not None
+            self._finished.run(finish)
+            return
+        compute = torch.cuda.current_stream(self._stream.device)
+        self._stream.wait_stream(compute)
+        with _on_stream(self._stream, compute):
+            finish()
+        compute.wait_stream(self._stream)
 
 
 def _int_level_streams(device: torch.device) -> bool:

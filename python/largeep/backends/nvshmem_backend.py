@@ -438,7 +438,9 @@ def record_zero_copy(t: torch.Tensor, stream: int) -> None:
 
 # where a guarded call (_closes_open_round) stopped with its round open
 _OPEN_ROUND = {"dispatch": "after its sends were queued and before its copy-out",
-               "combine": "after its push was queued and before its reduce"}
+               "combine": "after its push was queued and before its reduce",
+               "low_latency_dispatch": "after its send was queued and before its receive",
+               "low_latency_combine": "after its send was queued and before its receive"}
 
 _R = TypeVar("_R")
 
@@ -1018,6 +1020,28 @@ class NvshmemBackend:
     # a host-mapped word (as the layout's check), instead of a min/max, a device copy and a sync of the device
     checks_low_latency_ids = True
 
+    def _ll_closes_round(self, op: str) -> Callable[[Callable[[], None]], Callable[[], None]]:
+        """For a low-latency call's receive (``finish``, run at once or by its hook): if it raises, the send it
+        follows has taken the round on every rank and this rank never frees its slots nor reads its rows, so the
+        Buffer is marked unusable (as _closes_open_round does for the normal mode), and every later call raises
+        naming the error instead of waiting for peers that wait for this rank, or reading the handle's never-written
+        counts."""
+
+        def wrap(finish: Callable[[], None]) -> Callable[[], None]:
+            def run() -> None:
+                try:
+                    finish()
+                except BaseException as exc:
+                    if int(self.status[_ERROR]) == 0:
+                        self._abandoned = f"{type(exc).__name__}: {exc}"[:300]
+                        self._abandoned_in = op
+                        self.status[_ERROR] = _OP_ABANDONED << 16
+                    raise
+
+            return run
+
+        return wrap
+
     def low_latency_dispatch(
         self, x: torch.Tensor, topk_idx: torch.Tensor, use_fp8: bool, round_scale: bool, async_recv: bool,
         check_ids: bool = False, topk_weights: torch.Tensor | None = None, bf16_partial_sums: bool = False,
@@ -1064,6 +1088,7 @@ class NvshmemBackend:
         self.ll.dispatch_send(x.data_ptr(), topk_idx.data_ptr(), w_ptr, _ptr(kept), sent.data_ptr(), t, use_fp8,
                               round_scale, sum_one, seq.data_ptr(), self._stream())
 
+        @self._ll_closes_round(op)
         def finish() -> None:
             self.ll.dispatch_recv(
                 x_out.data_ptr(), s_out.data_ptr() if s_out is not None else 0, count.data_ptr(),
@@ -1084,7 +1109,8 @@ class NvshmemBackend:
         out: torch.Tensor,
         async_recv: bool,
     ) -> Any:
-        self._raise_if_failed("low_latency_combine")
+        op = "low_latency_combine"
+        self._raise_if_failed(op)
         c = self.ctx
         seq = torch.empty(1, dtype=torch.int64, device=c.device)
         lead, pairs = _rowmap_ptrs(state.rowmap, c)
@@ -1104,6 +1130,7 @@ class NvshmemBackend:
         self.ll.combine_send(y.data_ptr(), state.count.data_ptr(), state.meta.data_ptr(), lead, pairs,
                              seq.data_ptr(), self._stream())
 
+        @self._ll_closes_round(op)
         def finish() -> None:
             # (the closure holds every tensor the receive reads, the weights too: a caller's temporary freed before
             # the hook runs would otherwise be reused meanwhile)

@@ -430,18 +430,20 @@ def test_table_route_remote_cycle():
     (N / R - 1 / c): 1 of node 1's 3 replicas, 3 of node 2's 4 in a cycle of 15, interleaved; a cycle whose
     exact weights need more than 1024 entries is rounded to 1024, every replica kept."""
     p = Placement(Topology(3, 4), 5, torch.tensor([0, 1, 2, 3, 0, 0, 0, 4, 0, 0, 0, 0]))
-    *_, keep, spread, spread_len = p._tables(torch.device("cpu"))
+    keep, cycles, start, length = p._spread(torch.device("cpu"))
     assert keep.tolist() == [[3 * 65536 // 8, 65536, 65536]] + [[65536, 0, 0]] * 3 + [[0, 65536, 0]]
-    cycle = spread[0, : int(spread_len[0])].tolist()
+    assert length.tolist() == [15, 1, 1, 1, 1] and start.tolist() == [0, 15, 16, 17, 18]
+    assert cycles[15:].tolist() == [1, 2, 3, 7]
+    cycle = cycles[:15].tolist()
     assert len(cycle) == 15 and [cycle.count(s) for s in (4, 5, 6, 8, 9, 10, 11)] == [1, 1, 1, 3, 3, 3, 3]
     assert all(a != b for a, b in zip(cycle, cycle[1:] + cycle[:1], strict=True)), cycle
     # c = 11 and 13 of 24 replicas on 3 nodes: weights 9/11 and 15/13, 39 and 55 in whole numbers (1144 entries)
     topo = Topology(3, 13)
     p2l = torch.tensor([0] * 11 + [1, 2] + [0] * 13 + [3] * 1 + list(range(4, 16)))
     q = Placement(topo, 16, p2l)
-    *_, spread, spread_len = q._tables(torch.device("cpu"))
-    cycle = spread[0, : int(spread_len[0])]
-    assert cycle.numel() == 1024
+    _, cycles, start, length = q._spread(torch.device("cpu"))
+    assert int(start[0]) == 0 and int(length[0]) == 1024 and length[1:].tolist() == [1] * 15
+    cycle = cycles[:1024]
     counts = torch.bincount(cycle, minlength=39)[q.replicas[0]].double()
     want = torch.tensor([39.0] * 11 + [55.0] * 13) * 1024 / 1144
     assert (counts - want).abs().max() < 1.0 and counts.min() >= 1, counts
@@ -764,7 +766,7 @@ def test_review_edges():
         with pytest.raises(ValueError, match="'local_cap' must be a finite number > 0, or None"):
             q.route(idx, 1, local_cap=bad)
     q.prepare("cpu:0")
-    assert list(q._table_cache) == [idx.device]
+    assert list(q._table_cache) == [idx.device] and list(q._spread_cache) == [idx.device]
     for make, arg in ((lambda: Topology(2.0, 2), "num_nodes"), (lambda: Topology(2, 2, slots_per_gpu=1.5),
                                                                    "slots_per_gpu"),
                       (lambda: Placement(Topology(1, 2), 2.0, torch.tensor([0, 1])), "num_logical"),
@@ -842,7 +844,8 @@ def test_placement_pickles_without_its_tables():
     idx = torch.randint(-1, 8, (64, 3), generator=gen)
     src = torch.randint(0, 6, (64,), generator=gen)
     for q in (pickle.loads(pickle.dumps(p)), copy.deepcopy(p)):
-        assert q._table_cache == {} and p._table_cache  # (the original keeps its own)
+        assert q._table_cache == q._spread_cache == {}
+        assert p._table_cache and p._spread_cache  # (the original keeps its own)
         assert q.topology == p.topology and q.num_logical == p.num_logical
         for name in ("phys_to_log", "replica_table", "replica_count"):
             assert torch.equal(getattr(q, name), getattr(p, name)), name

@@ -190,6 +190,10 @@ class Placement:
     _table_cache: dict[torch.device, tuple[torch.Tensor, ...]] = field(
         init=False, repr=False, default_factory=dict, compare=False
     )
+    # table_route's cap and remote cycles per device (_spread), apart: route never needs them
+    _spread_cache: dict[torch.device, tuple[torch.Tensor, ...]] = field(
+        init=False, repr=False, default_factory=dict, compare=False
+    )
 
     def __post_init__(self) -> None:
         s = self.topology.num_slots
@@ -222,7 +226,7 @@ class Placement:
         # a pickled plan (broadcast_object_list sharing it over ranks, torch.save) carries no lookup tables: they
         # may be CUDA tensors of the sender's device; the receiver builds its own at first use (or prepare)
         state = self.__dict__.copy()
-        state["_table_cache"] = {}
+        state["_table_cache"], state["_spread_cache"] = {}, {}
         return state
 
     @property
@@ -289,7 +293,8 @@ class Placement:
         if isinstance(src_gpu, numbers.Integral):
             src_gpu = int(src_gpu)  # (a numpy integer would turn the tensor arithmetic below into numpy's)
         _check(0 <= src_gpu < topo.num_gpus, "src_gpu", f"must be in [0, {topo.num_gpus}), got {src_gpu}")
-        _, _, on_gpu, node_list, node_cnt, keep, spread, spread_len = self._tables(topk_idx.device)
+        _, _, on_gpu, node_list, node_cnt = self._tables(topk_idx.device)
+        keep, cycles, cycle_start, cycle_len = self._spread(topk_idx.device)
         t, k = topk_idx.shape
         dev = topk_idx.device
         t_idx, k_idx = torch.arange(t, device=dev)[:, None], torch.arange(k, device=dev)[None, :]
@@ -301,8 +306,8 @@ class Placement:
         near = node_list[e, node, turn % cnt.clamp(min=1)]
         # the sources start their remote cycles spread over it (src / phi of the way round; +1 would bunch a node's
         # GPUs on neighbouring entries, which a batch shorter than the cycle leaves uneven)
-        n_far = spread_len[e]
-        far = spread[e, (t_idx + k_idx + ((src_gpu * 40503) & 0xFFFF) * n_far // 65536) % n_far]
+        n_far = cycle_len[e]
+        far = cycles[cycle_start[e] + (t_idx + k_idx + ((src_gpu * 40503) & 0xFFFF) * n_far // 65536) % n_far]
         # u / 2**16 = t / phi + k * (sqrt(2) - 1) + src * (sqrt(3) - 1) mod 1, in 16-bit fixed point (whole
         # numbers: no overflow, the same on every device); choice (t, k) stays on its node iff u < keep
         u = (t_idx * 40503 + k_idx * 27146 + src_gpu * 47976) & 0xFFFF
@@ -313,13 +318,15 @@ class Placement:
         """Builds the lookup tables of ``route`` and ``table_route`` on ``device`` now (they are otherwise built at
         the first call there), so that a ``torch.compile`` trace or a CUDA-graph capture only reads them. Returns
         self."""
-        self._tables(torch.empty(0, device=device).device)  # (the key a tensor there has: "cuda" is cuda:<current>)
+        dev = torch.empty(0, device=device).device  # (the key a tensor there has: "cuda" is cuda:<current>)
+        self._tables(dev)
+        self._spread(dev)
         return self
 
     def _tables(self, device: torch.device) -> tuple[torch.Tensor, ...]:
-        """Lookup tables for ``route`` and ``table_route``, cached per device: replica_table, replica_count, on_gpu
+        """Lookup tables for ``route`` (and ``table_route``), cached per device: replica_table, replica_count, on_gpu
         int64 [L, G] (the lowest slot of e on GPU g, else -1), node_list int64 [L, N, Rn] (slots of e on node n
-        ascending, -1 padded), node_cnt int64 [L, N], and ``_spread_tables``' keep, spread and spread_len."""
+        ascending, -1 padded), node_cnt int64 [L, N]."""
         cache = self._table_cache
         if device not in cache:
             topo = self.topology
@@ -337,60 +344,65 @@ class Placement:
                 (self.num_logical * topo.num_nodes, int(cnt.max())), -1, dtype=torch.int64, device="cpu"
             )
             node_list[key, _rank_within(key, self.num_logical * topo.num_nodes)] = used  # ascending slots
-            cnt = cnt.view(self.num_logical, topo.num_nodes)
             cache[device] = (
                 self.replica_table.to(device),
                 self.replica_count.to(device),
                 on_gpu.to(device),
                 node_list.view(self.num_logical, topo.num_nodes, -1).to(device),
-                cnt.to(device),
-                *(x.to(device) for x in self._spread_tables(cnt)),
+                cnt.view(self.num_logical, topo.num_nodes).to(device),
             )
         return cache[device]
 
-    def _spread_tables(self, node_cnt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``table_route``'s static cap and remote cycle, from node_cnt int64 [L, N] (c, replicas of e per node):
-        keep int64 [L, N], the choices of e that node n keeps in 2**16ths (2**16 * min(1, N * c / R), rounded
-        down; exactly 2**16 where N * c >= R); spread int64 [L, W] with spread_len int64 [L] (>= 1): e's cycle of
-        remote replicas, each replica of a node with N * c > R as often as its weight N / R - 1 / c (exact in the
-        smallest whole numbers, else rounded to a cycle of 1024), interleaved (entry j of a replica of weight w
-        sorted at (j + 1/2) / w), -1 padded. Built on the host from Python ints."""
-        topo = self.topology
-        n_nodes, per_node = topo.num_nodes, topo.gpus_per_node * topo.slots_per_gpu
-        counts = node_cnt.tolist()
-        keep: list[list[int]] = []
-        cycles: list[list[int]] = []
-        for row, slots in zip(counts, self.replicas, strict=True):
-            reps = len(slots)
-            keep.append([1 << 16 if n_nodes * c >= reps else (n_nodes * c << 16) // reps for c in row])
-            # weight of each replica in whole numbers: (N * c - R) / c over the nodes where it is positive
-            over = [n for n, c in enumerate(row) if n_nodes * c > reps]
-            common = math.lcm(*(row[n] for n in over)) if over else 1
-            weight = {s: (n_nodes * row[s // per_node] - reps) * common // row[s // per_node]
-                      for s in slots if s // per_node in over}
-            if not weight:  # (no choice is remote: every node keeps all of its own)
-                weight = dict.fromkeys(slots, 1)
-            g = math.gcd(*weight.values())
-            weight = {s: w // g for s, w in weight.items()}
-            total = sum(weight.values())
-            if total > 1024:  # largest remainders, each replica kept at least once
-                exact = {s: w * 1024 / total for s, w in weight.items()}
-                weight = {s: max(1, int(x)) for s, x in exact.items()}
-                short = max(0, 1024 - sum(weight.values()))
-                for s in sorted(exact, key=lambda s: (int(exact[s]) - exact[s], s))[:short]:
-                    weight[s] += 1
-            cycles.append([s for _, s in sorted(((j + 0.5) / w, s) for s, w in weight.items() for j in range(w))])
-        width = max(len(c) for c in cycles)
-        spread = torch.tensor([c + [-1] * (width - len(c)) for c in cycles], dtype=torch.int64, device="cpu")
-        spread_len = torch.tensor([len(c) for c in cycles], dtype=torch.int64, device="cpu")
-        return torch.tensor(keep, dtype=torch.int64, device="cpu"), spread, spread_len
+    def _spread(self, device: torch.device) -> tuple[torch.Tensor, ...]:
+        """``table_route``'s static cap and remote cycles, cached per device (built on the host, once):
+
+        keep int64 [L, N]: the choices of e that node n keeps, in 2**16ths: 2**16 * min(1, N * c / R) rounded down
+        (c: replicas of e on n, R: all of e's), exactly 2**16 where N * c >= R.
+        cycles int64 [sum of the lengths], with cycle_start int64 [L] and cycle_len int64 [L] (>= 1): e's cycle is
+        cycles[start : start + len], each replica of a node with N * c > R in it as often as its weight N / R -
+        1 / c (in the smallest whole numbers, or rounded to 1024 entries, every replica kept, where those need
+        more), interleaved (entry j of a replica of weight w sorted at (j + 1/2) / w); all of e's replicas once
+        where no node has more than its share (no choice of e is then remote). Stored end to end, so that one
+        expert's long cycle pads no other's."""
+        cache = self._spread_cache
+        if device not in cache:
+            topo = self.topology
+            n_nodes, per_node = topo.num_nodes, topo.gpus_per_node * topo.slots_per_gpu
+            used = (self.phys_to_log >= 0).nonzero().flatten()
+            node_cnt = torch.bincount(self.phys_to_log[used] * n_nodes + used // per_node,
+                                      minlength=self.num_logical * n_nodes).view(self.num_logical, n_nodes)
+            reps = self.replica_count[:, None]
+            keep = torch.where(n_nodes * node_cnt >= reps, 1 << 16, (n_nodes * node_cnt << 16) // reps)
+            cycles: list[list[int]] = []
+            for row, slots in zip(node_cnt.tolist(), self.replicas, strict=True):
+                r = len(slots)
+                # each replica's weight in whole numbers: (N * c - R) / c over the nodes where it is positive
+                over = [n for n, c in enumerate(row) if n_nodes * c > r]
+                common = math.lcm(*(row[n] for n in over)) if over else 1
+                weight = {s: (n_nodes * row[s // per_node] - r) * common // row[s // per_node]
+                          for s in slots if s // per_node in over} or dict.fromkeys(slots, 1)
+                g = math.gcd(*weight.values())
+                weight = {s: w // g for s, w in weight.items()}
+                total = sum(weight.values())
+                if total > 1024:  # largest remainders, each replica kept at least once
+                    exact = {s: w * 1024 / total for s, w in weight.items()}
+                    weight = {s: max(1, int(x)) for s, x in exact.items()}
+                    short = max(0, 1024 - sum(weight.values()))
+                    for s in sorted(exact, key=lambda s: (int(exact[s]) - exact[s], s))[:short]:
+                        weight[s] += 1
+                cycles.append([s for _, s in sorted(((j + 0.5) / w, s) for s, w in weight.items() for j in range(w))])
+            length = torch.tensor([len(c) for c in cycles], dtype=torch.int64, device="cpu")
+            flat = np.fromiter((s for c in cycles for s in c), dtype=np.int64, count=int(length.sum()))
+            cache[device] = (keep.to(device), torch.from_numpy(flat).to(device),
+                             (torch.cumsum(length, 0) - length).to(device), length.to(device))
+        return cache[device]
 
     def _local_share(self, local_cap: float | None, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """(share float64 [S], remote float64 [L]): the fraction of its expert's choices that each slot receives
         from its own node when every GPU sends a similar mix, min(1 / (nodes * replicas of the expert on that
         node), local_cap / replicas); and per expert, the fraction left for remote fills (at least 1 / replicas)."""
         topo = self.topology
-        _, nrep, _, _, node_cnt, *_ = self._tables(device)
+        _, nrep, _, _, node_cnt = self._tables(device)
         p2l = self.phys_to_log.to(device)
         e = p2l.clamp(min=0)
         node = torch.arange(topo.num_slots, device=device) // topo.slots_per_gpu // topo.gpus_per_node
@@ -467,7 +479,7 @@ class Placement:
         _check(local_cap is None or (isinstance(local_cap, numbers.Real) and not isinstance(local_cap, bool)
                                      and 0 < local_cap < math.inf), "local_cap",
                f"must be a finite number > 0, or None for no cap, got {local_cap!r}")
-        table, nrep, on_gpu, node_list, node_cnt, *_ = self._tables(dev)
+        table, nrep, on_gpu, node_list, node_cnt = self._tables(dev)
         out = torch.full_like(topk_idx, -1)
         valid = topk_idx >= 0
         e = topk_idx.clamp(min=0)

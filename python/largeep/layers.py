@@ -319,8 +319,8 @@ class MoELayer(nn.Module):
         num_logical_experts: experts the default gate chooses from (default E, or a Placement's logical experts).
         placement: None, a callable logical topk_idx int64 [T, K] -> physical [T, K], or a
             ``largeep.placement.Placement`` (its ``route`` gets this rank as the source GPU; under
-            ``torch.compile`` or CUDA-graph capture its ``table_route``, which needs no host wait but does not
-            balance the remote replicas by load).
+            ``torch.compile`` or CUDA-graph capture its ``table_route``, which needs no host wait and spreads the
+            choices by a static cap and cycle instead of the batch's load). Every rank must hold the same one.
         shared_ffn_hidden: F of the shared experts (0: none), applied to every token.
         num_chunks: normal mode: split the batch into this many chunks pipelined as described in the module doc.
         num_worst_tokens: normal mode: > 0 uses fixed-size dispatch outputs (no host wait, static shapes).

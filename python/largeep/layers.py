@@ -562,9 +562,10 @@ class MoELayer(nn.Module):
             tp.begin_chunk()
         try:
             xc, idxc, wc = x.contiguous(), idx.contiguous(), w.contiguous()
-            if xc.is_cuda and xc.data_ptr() % 16:
+            if xc.is_cuda and not torch.compiler.is_compiling() and xc.data_ptr() % 16:
                 # a chunk's view starts mid-way through the batch: at rows whose bytes (H x element size) are not a
-                # multiple of 16 its start is not 16-byte aligned, which the kernels' row copies need
+                # multiple of 16 its start is not 16-byte aligned, which the kernels' row copies need (traced, no
+                # address is known: the custom op copies such an x when it runs)
                 xc = xc.clone()
             if ready is not None and (xc is not x or idxc is not idx or wc is not w):
                 # the copies were queued after `ready`: waiting for it alone would let the dispatch read them

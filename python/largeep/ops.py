@@ -1089,6 +1089,10 @@ def _dispatch_send_op(
     buffer_id: int, x: Tensor, topk_idx: Tensor, topk_weights: Tensor, num_worst_tokens: int
 ) -> Tensor:
     buf = buffer_of(buffer_id)
+    if x.is_cuda and x.data_ptr() % 16:
+        # (a compiled graph's chunk view of a batch whose rows are not a multiple of 16 bytes; the Buffer's row
+        # copies need a 16-byte aligned start. This op runs on the current stream: the copy is ordered before it)
+        x = x.clone()
     res = buf.dispatch(x, topk_idx, topk_weights, num_worst_tokens=num_worst_tokens)
     assert isinstance(res.x, Tensor) and res.topk_idx is not None and res.topk_weights is not None
     entry = _Entry(res.handle, num_worst_tokens, _valid_rows(res.topk_idx) if num_worst_tokens else None)

@@ -46,9 +46,10 @@ def normal_roundtrip(
     rank: int, world: int, backend: str, tokens: list[int], hidden: int, num_experts: int, num_topk: int,
     dtype_name: str, use_fp8: bool, alignment: int, seed: int, ranks_per_node: int | None = None,
     num_worst_tokens: int = 0, tokens_per_round: int | None = None, no_expert_rank: int | None = None,
+    num_sms: int | None = None,
 ) -> dict[str, Any]:
     """tokens_per_round: a Buffer that moves calls in rounds (of at most this many tokens per rank).
-    no_expert_rank: every id of that rank's tokens is -1."""
+    no_expert_rank: every id of that rank's tokens is -1. num_sms: the Buffer's (None: its default)."""
     dtype = getattr(torch, dtype_name)
     dev = device_for(backend)
     inputs = [make_inputs(seed, r, tokens[r], hidden, num_experts, num_topk, dtype) for r in range(world)]
@@ -59,7 +60,7 @@ def normal_roundtrip(
     buf = largeep.Buffer(
         None, hidden=hidden, num_experts=num_experts, num_topk=num_topk,
         max_tokens_per_rank=max(max(tokens), 1), backend=backend, ranks_per_node=ranks_per_node,
-        tokens_per_round=tokens_per_round,
+        tokens_per_round=tokens_per_round, num_sms=num_sms,
     )
     try:
         idx, w = mine.topk_idx.to(dev), mine.topk_weights.to(dev)

@@ -417,7 +417,6 @@ CASES: list[BadCase] = [
        "'num_topk'", "exceeds num_experts"),
     _n("create_max_tokens_zero", lambda e: make_buffer(e, max_tokens_per_rank=0), "'max_tokens_per_rank'", ">= 1"),
     _n("create_backend_unknown", lambda e: make_buffer(e, backend="mpi"), "'backend'", "'mpi'", "expected"),
-    _n("create_num_sms_odd", lambda e: make_buffer(e, num_sms=7), "'num_sms'", "even"),
     _n("create_nvshmem_without_gpus", lambda e: make_buffer(e, backend="nvshmem"),
        "'nvshmem'", "not available", error=RuntimeError, device="cpu"),
     _n("create_group_without_this_rank", buffer_on_group_without_me, "'group'", "rank"),

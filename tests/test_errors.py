@@ -782,11 +782,32 @@ def test_nvshmem_group_sizes(low_latency: bool, ranks: int, per_node: int, max_t
     from largeep.backends.nvshmem_backend import unsupported_reason, untested_reason
 
     ctx = types.SimpleNamespace(num_ranks=ranks, ranks_per_node=per_node, low_latency=low_latency, hidden=7168,
-                                num_topk=8, max_tokens_per_rank=max_tokens)
+                                num_topk=8, max_tokens_per_rank=max_tokens, num_experts=2 * ranks)
     reason = unsupported_reason(ctx)  # type: ignore[arg-type]
     assert (reason is None) if refused is None else (reason is not None and refused in reason), reason
     if reason is None:
         assert (untested_reason(ctx) is None) == auto  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("low_latency,ranks,per_node,experts,refused", [
+    (False, 8, 8, 12288 - 9, None),
+    (False, 8, 8, 12288 - 8, "num_experts + ranks + nodes = 12289 must be at most 12288"),
+    (False, 1, 1, 16384, "must be at most 12288"),
+    (False, 512, 8, 11712, None),  # 512 ranks, 64 nodes
+    (False, 512, 8, 11776, "must be at most 12288"),
+    (True, 8, 8, 16384, None),  # (low-latency mode has no layout kernel)
+])
+def test_nvshmem_expert_counts(low_latency: bool, ranks: int, per_node: int, experts: int, refused: str | None) -> None:
+    """The normal mode's layout kernel counts every expert, rank and node in 48 KiB of shared memory: more is
+    refused by unsupported_reason (backend='auto' takes the torch backend), not raised by every layout call."""
+    import types
+
+    from largeep.backends.nvshmem_backend import unsupported_reason
+
+    ctx = types.SimpleNamespace(num_ranks=ranks, ranks_per_node=per_node, low_latency=low_latency, hidden=7168,
+                                num_topk=8, max_tokens_per_rank=128, num_experts=experts)
+    reason = unsupported_reason(ctx)  # type: ignore[arg-type]
+    assert (reason is None) if refused is None else (reason is not None and refused in reason), reason
 
 
 def test_torch_backend_ranks_disagree(pools) -> None:

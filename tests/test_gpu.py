@@ -96,6 +96,19 @@ def test_normal_gpu_one_rank(pools, case: tuple) -> None:
 
 @pytest.mark.gpu(2)
 @needs_native
+@pytest.mark.parametrize("num_sms,ranks_per_node", [(1, None), (3, None), (5, 1)])
+def test_normal_gpu_odd_sms(pools, num_sms: int, ranks_per_node: int | None) -> None:
+    """An odd number of SMs per kernel (no kernel pairs its blocks), on one node (push + reduce or fused combine)
+    and on two nodes of one rank (the inter-node kernels)."""
+    hidden, experts, topk, dtype, fp8, align, worst = CASES[0]
+    pools(2, "nccl").run(
+        bodies.normal_roundtrip, "nvshmem", _tokens(2, 300), hidden, experts, topk, dtype, fp8, align, 23,
+        ranks_per_node, worst, None, None, num_sms,
+    )
+
+
+@pytest.mark.gpu(2)
+@needs_native
 @pytest.mark.parametrize("world", [2, 4])
 def test_normal_gpu_repeat_identical(pools, world: int) -> None:
     if world > __import__("conftest").gpu_count():

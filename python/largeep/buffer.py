@@ -156,7 +156,8 @@ class DispatchResult:
     topk_idx: int64 [R, K] local expert ids (-1 where the expert is not on this rank); None for a cached dispatch.
     topk_weights: float32 [R, K]; None for a cached dispatch.
     num_tokens_per_expert: rows naming each local expert, rounded up to expert_alignment (empty list when
-    num_worst_tokens > 0: no host sync happens then; use num_tokens_per_expert_tensor).
+    num_worst_tokens > 0: no host sync happens then; use num_tokens_per_expert_tensor; and for a cached dispatch,
+    whose rows are those of its handle's dispatch).
     num_tokens_per_expert_tensor: the same counts as int32 [E/N] on the device (empty for a cached dispatch).
 
     On the nvshmem backend inside one node the outputs may be views of the Buffer's receive slots (zero-copy, see
@@ -229,7 +230,8 @@ class Buffer:
         backend: "nvshmem", "torch" or "auto" (nvshmem when the native module and GPUs are there and the group's
             size has run on GPUs, else torch; on GPUs rank 0 logs a warning saying why it took torch).
         ranks_per_node: P (default: ranks sharing a host); may be set lower to emulate several nodes on one host.
-        num_sms: SMs the native kernels may use (default 24).
+        num_sms: SMs each normal-mode native kernel may use (default 24; any count >= 1). The low-latency
+            kernels size their grids from the device's SMs instead (docs/usage.md).
         low_latency: build the low-latency buffers (decoding) instead of the normal ones.
         tokens_per_round: normal mode: size the receive buffers for this many tokens per rank, and move every
             dispatch and combine in ceil(max_tokens_per_rank / tokens_per_round) rounds (default: one round of
@@ -299,8 +301,6 @@ class Buffer:
                     )
             if num_sms is not None:
                 checks.positive_int(op, "num_sms", num_sms)
-                if num_sms % 2:
-                    raise ArgumentError(f"{op}: argument 'num_sms' = {num_sms} must be even")
             # the LARGEEP_* variables, read now (a bad value on one rank refuses the Buffer on every rank)
             settings = _env.settings()
         except (ArgumentError, ValueError) as exc:  # (the settings raise ValueError)

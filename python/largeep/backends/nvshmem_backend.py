@@ -77,6 +77,7 @@ MAX_TOKENS_LOW_LATENCY = 1 << 20  # (low_latency.cu's ll_round_word: more than 2
 # test_normal_wide_nodes_shared_gpus: normal-mode nodes of 1, 2, 4, 8, 16 and 32 ranks and up to 40 nodes,
 # low-latency nodes of up to 34; every node size goes through the same code, a lane per rank of the node):
 # backend="auto" leaves larger groups to the torch backend, backend="nvshmem" takes them.
+MAX_LAYOUT_WORDS = 48 * 1024 // 4  # (layout.cu's and intranode.cu's shared-memory counters)
 TESTED_RANKS_NORMAL = 40
 TESTED_RANKS_LOW_LATENCY = 34
 
@@ -106,6 +107,13 @@ def unsupported_reason(ctx: GroupContext) -> str | None:
     elif ctx.ranks_per_node > MAX_RANKS_PER_NODE_NORMAL:
         return (f"the nvshmem normal-mode kernels support at most {MAX_RANKS_PER_NODE_NORMAL} ranks per node "
                 f"(got ranks_per_node={ctx.ranks_per_node})")
+    if not ctx.low_latency:
+        # the layout kernel keeps a count per expert, rank and node in 48 KiB of shared memory (layout.cu; the
+        # dispatch's prepare one per local expert, fewer)
+        words = ctx.num_experts + ctx.num_ranks + ctx.num_ranks // ctx.ranks_per_node
+        if words > MAX_LAYOUT_WORDS:
+            return (f"the nvshmem normal-mode layout kernel counts experts, ranks and nodes in 48 KiB of shared "
+                    f"memory: num_experts + ranks + nodes = {words} must be at most {MAX_LAYOUT_WORDS}")
     if ctx.hidden % 8:
         return f"hidden must be a multiple of 8 for the nvshmem backend (got {ctx.hidden})"
     if ctx.num_topk > 32:
@@ -530,10 +538,18 @@ class NvshmemBackend:
         node = ctx.rank // ctx.ranks_per_node
         mine = range(node * ctx.ranks_per_node, (node + 1) * ctx.ranks_per_node)
         peers = [int(self.C.peer_ptr(self.base, r)) if r in mine else 0 for r in range(n)]
-        unreachable = [r for r in mine if peers[r] == 0]
+        # (every rank's verdict first: a rank that alone found a peer unreachable and freed the heap would wait in
+        # free's rendezvous for peers that went on, and leave them a Buffer whose first call times out)
+        verdicts: list[Any] = [None] * n
+        dist.all_gather_object(verdicts, [r for r in mine if peers[r] == 0], group=ctx.group)
+        unreachable = {r: v for r, v in enumerate(verdicts) if v}
         if unreachable:
             self._collective("Buffer", self.C.free, self.base, settings.timeout_s)
-            raise RuntimeError(f"Buffer: ranks {unreachable} are not reachable over NVLink from rank {ctx.rank}")
+            raise RuntimeError(
+                "Buffer: ranks of one node are not reachable from each other over NVLink (NVSHMEM gave no peer "
+                "pointer): " + "; ".join(f"from rank {r}: ranks {v}" for r, v in unreachable.items())
+                + " (NVSHMEM_DISABLE_P2P or another P2P setting on some processes?)"
+            )
         dev = ctx.device
         self.peer_base = torch.tensor(peers, dtype=torch.int64, device=dev)
         self.seq = torch.zeros(5, dtype=torch.int64, device=dev)  # api.cuh SeqKind

@@ -142,6 +142,17 @@ class LowLatencyHandle:
     topk_idx_version: int | None = None
 
 
+def _refuse_unless_kept(op: str, arg: str, t: Any, kept: Any, version: int | None, why: str) -> None:
+    """A low-latency combine of a dispatch given topk_weights: ``t`` must be the tensor the dispatch kept
+    (``kept``; None: nothing kept, nothing to check), unchanged since (``version``)."""
+    if kept is not None and (t is not kept or _version_of(t) != version):
+        what = "another tensor" if t is not kept else "the same tensor, changed in place since"
+        raise ArgumentError(
+            f"Buffer.{op}: argument '{arg}' is {what}: the handle's low_latency_dispatch was given topk_weights, "
+            + why
+        )
+
+
 def _version_of(t: torch.Tensor) -> int | None:
     """t's version counter (bumped by every in-place change); None for an inference tensor, which has none."""
     try:
@@ -878,21 +889,16 @@ class Buffer:
             check_values=False,
         )
         checks.topk_weights(op, topk_weights, num_tokens=h.num_tokens, num_topk=c.num_topk, device=c.device)
-        if h.weights is not None and (topk_weights is not h.weights or _version_of(topk_weights) != h.weights_version):
-            what = "another tensor" if topk_weights is not h.weights else "the same tensor, changed in place since"
-            raise ArgumentError(
-                f"Buffer.{op}: argument 'topk_weights' is {what}: the handle's low_latency_dispatch was given "
-                "topk_weights, which its rows carry to the experts' ranks to be applied there; pass that tensor "
-                "unchanged, or dispatch without topk_weights"
-            )
-        if h.topk_idx is not None and (topk_idx is not h.topk_idx or _version_of(topk_idx) != h.topk_idx_version):
-            what = "another tensor" if topk_idx is not h.topk_idx else "the same tensor, changed in place since"
-            raise ArgumentError(
-                f"Buffer.{op}: argument 'topk_idx' is {what}: the handle's low_latency_dispatch was given "
-                "topk_weights, so the experts' ranks sum each token's outputs over the experts it named there, and "
-                "other ids cannot be applied to those sums; pass the dispatch's topk_idx unchanged, or dispatch "
-                "without topk_weights"
-            )
+        _refuse_unless_kept(
+            op, "topk_weights", topk_weights, h.weights, h.weights_version,
+            "which its rows carry to the experts' ranks to be applied there; pass that tensor unchanged, or dispatch "
+            "without topk_weights",
+        )
+        _refuse_unless_kept(
+            op, "topk_idx", topk_idx, h.topk_idx, h.topk_idx_version,
+            "so the experts' ranks sum each token's outputs over the experts it named there, and other ids cannot be "
+            "applied to those sums; pass the dispatch's topk_idx unchanged, or dispatch without topk_weights",
+        )
         if out is None:
             out = torch.empty(h.num_tokens, c.hidden, dtype=torch.bfloat16, device=c.device)
         else:

@@ -255,21 +255,27 @@ def _ll_case(
 def low_latency_roundtrip(
     rank: int, world: int, backend: str, tokens: list[int], max_tokens: int, hidden: int, num_experts: int,
     num_topk: int, use_fp8: bool, round_scale: bool, hook: bool, seed: int, ranks_per_node: int | None = None,
-    weighted: str = "none",
+    weighted: str = "none", scramble_ids: bool = False,
 ) -> None:
-    """weighted: which ranks give the dispatch their topk_weights ("none", "all", "some": even ranks)."""
+    """weighted: which ranks give the dispatch their topk_weights ("none", "all", "some": even ranks).
+    scramble_ids: a rank that sent weights sets its topk_idx to -1 in place after the dispatch (under inference
+    mode no version counter shows it to the Buffer's check): the combine must still sum over the experts the
+    dispatch named, on either backend."""
     dev = device_for(backend)
     inputs, buf = _ll_case(world, backend, tokens, max_tokens, hidden, num_experts, num_topk, seed, ranks_per_node)
     mine = inputs[rank]
     epr = num_experts // world
     try:
-        x, idx, w = mine.x.to(dev), mine.topk_idx.to(dev), mine.topk_weights.to(dev)
+        x, idx, w = mine.x.to(dev), mine.topk_idx.to(dev, copy=True), mine.topk_weights.to(dev)
         send_w = weighted == "all" or (weighted == "some" and rank % 2 == 0)
         res = buf.low_latency_dispatch(x, idx, use_fp8=use_fp8, round_scale=round_scale, return_recv_hook=hook,
                                        topk_weights=w if send_w else None)
         if hook:
             assert res.hook is not None
             res.hook()
+        if scramble_ids and send_w:
+            assert idx.is_inference(), "scramble_ids needs torch.inference_mode (else the Buffer refuses the change)"
+            idx.fill_(-1)
         ref = ref_low_latency(inputs, rank, num_experts)
         counts = res.num_tokens_per_expert.cpu().tolist()
         assert counts == [len(ref[e]) for e in range(epr)], f"counts {counts}"

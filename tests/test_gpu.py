@@ -186,6 +186,9 @@ def test_low_latency_weighted(pools, world: int, tune: str) -> None:
     pool.run(gpu_bodies.with_tune, tune, gpu_bodies.low_latency_graph, 20, 128, 7168, 288, 8, True)
     pool.run(gpu_bodies.with_tune, tune, bodies.low_latency_roundtrip_inference, "nvshmem", [64] * world, 64, 2048,
              32, 4, False, False, True, 19, None, "all")
+    # ids set to -1 in place after the dispatch, unseen (inference mode): the combine keeps the dispatch's
+    pool.run(gpu_bodies.with_tune, tune, bodies.low_latency_roundtrip_inference, "nvshmem", [64] * world, 64, 2048,
+             32, 4, False, False, True, 19, None, "all", True)
 
 
 @pytest.mark.gpu(2)

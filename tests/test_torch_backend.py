@@ -59,6 +59,13 @@ def test_low_latency_weighted(pools, weighted: str) -> None:
                  None, weighted)
 
 
+def test_low_latency_weighted_ids_kept(pools) -> None:
+    """After a dispatch given topk_weights, ids changed in place where the Buffer cannot see it (inference mode):
+    the combine sums over the experts the dispatch named, as the nvshmem backend does."""
+    pools(2).run(bodies.low_latency_roundtrip_inference, "torch", [8, 5], 8, 256, 12, 4, False, False, False, 21,
+                 None, "all", True)
+
+
 def test_low_latency_ops_weighted(pools) -> None:
     """The custom-op path (and torch.compile) of a low-latency dispatch given topk_weights."""
     pools(2).run(bodies.low_latency_ops_weighted, "torch", [8, 5], 8, 256, 12, 4, 19)

@@ -258,6 +258,10 @@ class _LowLatencyState:
     # bf16_partial_sums: a token's weighted sum over its experts on one rank is rounded to bf16 where it has two or
     # more there (the nvshmem backend sends that sum as one bf16 row)
     sum_one: bool = False
+    # with weights kept, the dispatch's topk_idx as it read them (a copy): the combine takes its ids from these, as
+    # the nvshmem backend takes them from the ids its send kept (the Buffer refuses another topk_idx then; a change
+    # it cannot see, in place under inference mode, then changes neither backend's result)
+    idx_kept: torch.Tensor | None = None
 
 
 def _bf16_partial_sums(rows: torch.Tensor, w: torch.Tensor, topk_idx: torch.Tensor, valid: torch.Tensor, epr: int,
@@ -807,7 +811,8 @@ class TorchBackend:
         back_slot = slot.view(t, k).gather(1, first).reshape(-1)
         kept = topk_weights.clone() if topk_weights is not None else None
         state = _LowLatencyState(back_slot, torch.empty(0, dtype=torch.int64, device=dev), t, kept,
-                                 bool(bf16_partial_sums and kept is not None))
+                                 bool(bf16_partial_sums and kept is not None),
+                                 topk_idx.clone() if kept is not None else None)
 
         def finish() -> None:
             self._wait(work, "low_latency_dispatch")
@@ -864,11 +869,12 @@ class TorchBackend:
             self._wait(work, "low_latency_combine")
             back = torch.cat([rows, torch.zeros(1, c.hidden, dtype=rows.dtype, device=dev)])[state.slot]
             given = state.weights_kept if state.weights_kept is not None else topk_weights
-            valid = (topk_idx >= 0) & (topk_idx < c.num_experts)
+            ids = state.idx_kept if state.idx_kept is not None else topk_idx
+            valid = (ids >= 0) & (ids < c.num_experts)
             w = torch.where(valid, given, 0.0)
             if state.sum_one:
                 rows3 = back.float().view(state.num_tokens, k, c.hidden)
-                out.copy_(_bf16_partial_sums(rows3, w, topk_idx, valid, c.experts_per_rank, n))
+                out.copy_(_bf16_partial_sums(rows3, w, ids, valid, c.experts_per_rank, n))
             else:
                 out.copy_((back.float() * w.reshape(-1, 1)).view(state.num_tokens, k, c.hidden).sum(1))
 

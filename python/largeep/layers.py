@@ -674,13 +674,15 @@ class MoELayer(nn.Module):
             yield
             due = None
             return self._ll_finish(st)
-        finally:
+        except (Exception, GeneratorExit):
             # closed (run_interleaved ends every generator when one raises) or failed between a send and its
             # receive: receive now, so the Buffer has no call left in flight; a receive that fails in turn (the
-            # Buffer failed) leaves the first error to propagate
+            # Buffer failed) leaves the first error to propagate. (Not on KeyboardInterrupt: a receive waits for
+            # the peers, up to LARGEEP_TIMEOUT_S.)
             if due is not None:
                 with contextlib.suppress(Exception):
                     due()
+            raise
 
 
 class MoEPipeline(nn.Module):
@@ -784,8 +786,14 @@ class MoEPipeline(nn.Module):
 
     def _merge_aux_losses(self) -> None:
         """Each layer's ``aux_loss`` after a forward: the mean of its chunks' losses weighted by their tokens (the
-        first layer's gate ran on the whole batch: its one loss)."""
+        first layer's gate ran on the whole batch: its one loss), over every place the layer appears in the stack."""
+        merged: dict[int, tuple[MoELayer, list[Tensor], list[int]]] = {}
         for layer, losses, rows in zip(self._stack, self.aux_losses, self._aux_rows, strict=True):
+            # (a layer that appears more than once: every occurrence's chunks)
+            _, all_losses, all_rows = merged.setdefault(id(layer), (layer, [], []))
+            all_losses += losses
+            all_rows += rows
+        for layer, losses, rows in merged.values():
             if len(losses) > 1:
                 total = sum(rows)
                 weights = [r / total for r in rows] if total else [1 / len(rows)] * len(rows)
@@ -941,12 +949,17 @@ def _check_slot_layout(module: nn.Module, state_dict: dict[str, Any], prefix: st
     and the same rank: each rank saves its own slots), and with expert TP the same shard of them, else each slot
     would get another expert's weights; refused (load_state_dict raises, strict or not). A state without
     ``slot_experts`` is read as slot s of rank r holding expert r * E_l + s (a layer without a placement), or by
-    the placement table it saved under ``slot_layout`` (earlier states)."""
+    the placement table it saved under ``slot_layout`` (earlier states); one without ``expert_shard`` (saved before
+    it was) is not checked for its shard. A state without this layer's expert weights (a partial load) is not
+    checked."""
     assert isinstance(module, MoELayer)
     key = prefix + _SLOT_EXPERTS
-    mine = torch.tensor(module._slot_experts(), dtype=torch.int64)
     saved = state_dict.pop(key, None)
     legacy = state_dict.pop(prefix + _SLOT_LAYOUT, None)
+    shard = state_dict.pop(prefix + _EXPERT_SHARD, None)
+    if not any(k.startswith(prefix + "experts.") for k in state_dict):
+        return  # (a partial load without this layer's expert weights: nothing lands in its slots)
+    mine = torch.tensor(module._slot_experts(), dtype=torch.int64)
     if saved is None and isinstance(legacy, Tensor) and legacy.dim() == 1:
         key = prefix + _SLOT_LAYOUT
         lo = module.rank * module.num_local_experts
@@ -962,11 +975,10 @@ def _check_slot_layout(module: nn.Module, state_dict: dict[str, Any], prefix: st
             "load_global_experts (its weights per logical expert), or build the layer with the saved placement, on "
             "the rank that saved them"
         )
-    shard = state_dict.pop(prefix + _EXPERT_SHARD, None)
     tp = module.expert_tp
     want = [tp.rank, tp.size] if tp is not None and tp.size > 1 else None
     got = shard.tolist() if isinstance(shard, Tensor) else shard
-    if got != want:
+    if shard is not None and got != want:
         error_msgs.append(
             f"{prefix + _EXPERT_SHARD}: the saved expert weights are "
             f"{'the whole experts' if got is None else f'shard {got[0]} of {got[1]} of each expert'}; this layer "
@@ -996,7 +1008,7 @@ def run_interleaved(steps: Sequence[Generator[None, None, Tensor]]) -> list[Tens
                 except StopIteration as stop:
                     out[i] = stop.value
                     active.remove(i)
-    except BaseException:
+    except Exception:  # (not KeyboardInterrupt: closing makes the others receive, a wait for the peers)
         for i in active:
             steps[i].close()
         raise

@@ -935,7 +935,7 @@ def symmetric_memory(eps: Sequence[int], gpus_per_node: int, normal: tuple[int, 
                      "low_latency_tokens": lt, "low_latency_gib": lb / gib,
                      "normal_supported": unsupported_reason(types.SimpleNamespace(  # type: ignore[arg-type]
                          low_latency=False, num_ranks=ep, ranks_per_node=p, hidden=h, num_topk=k,
-                         max_tokens_per_rank=t)) is None})
+                         max_tokens_per_rank=t, num_experts=-(-e // ep) * ep)) is None})
     return rows
 
 

@@ -616,15 +616,24 @@ def layer_unaligned_chunks_gpu(rank: int, world: int) -> None:
     buf = largeep.Buffer(None, hidden=hidden, num_experts=4 * world, num_topk=2, max_tokens_per_rank=16,
                          backend="torch")
     try:
-        outs = []
-        for chunks in (1, 3):
-            torch.manual_seed(5)
-            with torch.device("cuda"):
-                layer = layers.MoELayer(buf, ffn_hidden=8, num_chunks=chunks)
-            x = torch.randn(7 + rank, hidden, device="cuda", generator=_gen_cuda(80 + rank))
-            with torch.no_grad():
-                outs.append(layer(x))
-        close(outs[1], outs[0], f"rank {rank}: chunked layer with unaligned chunk views", rtol=1e-5)
+        for custom in (False, True):
+            got = []
+            for chunks in (1, 3):
+                torch.manual_seed(5)
+                with torch.device("cuda"):
+                    layer = layers.MoELayer(buf, ffn_hidden=8, num_chunks=chunks, use_custom_ops=custom)
+                x = torch.randn(7 + rank, hidden, device="cuda", generator=_gen_cuda(80 + rank))
+                with torch.no_grad():
+                    y0 = layer(x)
+                # the backward hands each chunk's combine a view of the output's gradient: unaligned too
+                xg = x.clone().requires_grad_()
+                y = layer(xg)
+                (y * y).sum().backward()
+                assert torch.equal(y.detach(), y0)
+                got.append((y0, xg.grad, layer.experts.w13.grad))
+            for i, (a, b) in enumerate(zip(got[1], got[0], strict=True)):
+                close(a, b, f"rank {rank}: chunked layer with unaligned chunk views (custom ops {custom}), "
+                            f"tensor {i}", rtol=1e-5)
     finally:
         buf.destroy()
 
@@ -1373,6 +1382,13 @@ def replicas_start_equal(rank: int, world: int) -> None:
                                 f"rank {rank}: {name} of slots {j} and {i} (experts {experts[j]}, {experts[i]}) "
                                 f"{'equal' if same else 'differ'}"
                             )
+            # built on the meta device, materialised and reset: the same weights
+            torch.manual_seed(11)
+            with torch.device("meta"):
+                meta = layers.MoELayer(buf, ffn_hidden=8, placement=placement)
+            meta.to_empty(device="cpu")
+            meta.experts.reset_parameters()
+            assert torch.equal(meta.experts.w13, layer.experts.w13) and torch.equal(meta.experts.w2, layer.experts.w2)
     finally:
         buf.destroy()
 

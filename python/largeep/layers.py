@@ -148,27 +148,41 @@ class GroupedExperts(nn.Module):
         self.w13 = nn.Parameter(w13)
         self.w2 = nn.Parameter(w2)
 
-    @torch.no_grad()
     def seeded_init_(self, experts: Sequence[int], seed: int, shard: int = 0, num_shards: int = 1) -> None:
-        """Draws slot i's weights from a generator of its own, seeded by (``seed``, ``experts[i]``, ``shard``):
-        slots holding one expert get the same weights, on whatever rank they are, and different experts differ.
+        """Draws slot i's weights from a generator of its own, seeded by (``seed``, ``experts[i]``, ``shard``), on
+        the weights' device: slots holding one expert get the same weights, on whatever rank they are (ranks whose
+        weights are on the same kind of device: CPU and CUDA generators differ), and different experts differ.
         ``experts``: the expert of each slot (< 0: an empty slot, zeroed). ``shard`` of ``num_shards``: this rank's
-        F columns of an expert split over a tensor-parallel group (the scales are the whole expert's)."""
+        F columns of an expert split over a tensor-parallel group (the scales are the whole expert's). The
+        arguments are kept: :meth:`reset_parameters` draws the same weights again (e.g. after a meta-device
+        module's ``to_empty``; on the meta device nothing is drawn)."""
         if len(experts) != self.num_experts:
             raise ArgumentError(f"GroupedExperts.seeded_init_: {len(experts)} experts for {self.num_experts} slots")
+        self._seeded: tuple[list[int], int, int, int] | None = ([int(e) for e in experts], seed, shard, num_shards)
         hidden, f = self.w13.shape[1], self.ffn_hidden
-        if self.w13.is_meta:  # (no memory to fill: a meta-device module is materialised later)
+        dev = self.w13.device
+        if dev.type == "meta":  # (no memory to fill: a meta-device module is materialised later)
             return
-        for i, e in enumerate(experts):
-            if e < 0:
-                self.w13[i].zero_()
-                self.w2[i].zero_()
-                continue
-            g = torch.Generator(device="cpu").manual_seed(_mix_seed(seed, int(e), shard, num_shards))
-            w13 = torch.randn(hidden, 2 * f, generator=g, device="cpu") * hidden**-0.5
-            w2 = torch.randn(f, hidden, generator=g, device="cpu") * (f * num_shards) ** -0.5
-            self.w13[i].copy_(w13)
-            self.w2[i].copy_(w2)
+        with torch.no_grad():
+            for i, e in enumerate(experts):
+                if e < 0:
+                    self.w13[i].zero_()
+                    self.w2[i].zero_()
+                    continue
+                g = torch.Generator(device=dev).manual_seed(_mix_seed(seed, int(e), shard, num_shards))
+                self.w13[i].copy_(torch.randn(hidden, 2 * f, generator=g, device=dev).mul_(hidden**-0.5))
+                self.w2[i].copy_(torch.randn(f, hidden, generator=g, device=dev).mul_((f * num_shards) ** -0.5))
+
+    def reset_parameters(self) -> None:
+        """Draws the weights again: as :meth:`seeded_init_` drew them last, else normal with std H^-0.5 (w13) and
+        F^-0.5 (w2)."""
+        seeded = getattr(self, "_seeded", None)
+        if seeded is not None:
+            self.seeded_init_(*seeded)
+            return
+        with torch.no_grad():
+            self.w13.normal_(std=self.w13.shape[1] ** -0.5)
+            self.w2.normal_(std=self.ffn_hidden**-0.5)
 
     @property
     def w1(self) -> Tensor:
@@ -372,6 +386,10 @@ class MoELayer(nn.Module):
     ) -> None:
         super().__init__()
         c = buffer.ctx
+        # every copy of an expert starts from the same weights, and different experts from different ones, on
+        # every rank whose torch generator was seeded alike: the seed is drawn from it first (before the default
+        # gate's initialisation, which draws nothing on the meta device)
+        seed = int(torch.randint(0, 2**62, (), dtype=torch.int64, device="cpu"))
         local_error: ArgumentError | None = None
         try:
             for arg, value, least in (("ffn_hidden", ffn_hidden, 1), ("shared_ffn_hidden", shared_ffn_hidden, 0),
@@ -452,9 +470,6 @@ class MoELayer(nn.Module):
         self._placement_keeps_distinct = placement is None or _is_placement(placement)
         self.ffn_hidden = ffn_hidden
         self.experts = GroupedExperts(self.num_local_experts, c.hidden, ffn_hidden // tp, dtype=dtype, init=False)
-        # every copy of an expert starts from the same weights, and different experts from different ones, on
-        # every rank whose torch generator was seeded alike (the seed is drawn from it)
-        seed = int(torch.randint(0, 2**62, (), dtype=torch.int64, device="cpu"))
         self.experts.seeded_init_(
             self._slot_experts(), seed, self.expert_tp.rank if self.expert_tp is not None else 0, tp
         )

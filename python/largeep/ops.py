@@ -1089,11 +1089,7 @@ def _dispatch_send_op(
     buffer_id: int, x: Tensor, topk_idx: Tensor, topk_weights: Tensor, num_worst_tokens: int
 ) -> Tensor:
     buf = buffer_of(buffer_id)
-    if x.is_cuda and x.data_ptr() % 16:
-        # (a compiled graph's chunk view of a batch whose rows are not a multiple of 16 bytes; the Buffer's row
-        # copies need a 16-byte aligned start. This op runs on the current stream: the copy is ordered before it)
-        x = x.clone()
-    res = buf.dispatch(x, topk_idx, topk_weights, num_worst_tokens=num_worst_tokens)
+    res = buf.dispatch(_row_aligned(x), topk_idx, topk_weights, num_worst_tokens=num_worst_tokens)
     assert isinstance(res.x, Tensor) and res.topk_idx is not None and res.topk_weights is not None
     entry = _Entry(res.handle, num_worst_tokens, _valid_rows(res.topk_idx) if num_worst_tokens else None)
     entry.pending = (res.x, res.topk_idx, res.topk_weights)
@@ -1148,7 +1144,9 @@ def _dispatch_cached_op(buffer_id: int, x: Tensor, ticket: Tensor, num_rows: int
     entry = _get(buffer_id, ticket, "dispatch_cached")
     assert isinstance(entry.handle, DispatchHandle)
     try:
-        out = buffer_of(buffer_id).dispatch(x, handle=entry.handle, num_worst_tokens=entry.num_worst_tokens).x
+        out = buffer_of(buffer_id).dispatch(
+            _row_aligned(x), handle=entry.handle, num_worst_tokens=entry.num_worst_tokens
+        ).x
     except ArgumentError:
         raise
     except BaseException:
@@ -1593,15 +1591,26 @@ class _CombineFn(torch.autograd.Function):
 # derivative through the weights does.
 
 
+def _row_aligned(t: Tensor) -> Tensor:
+    """``t`` contiguous, copied where it starts at an address not 16-byte aligned on CUDA (the Buffer's row copies
+    need that): a chunk's view of a batch whose rows are not a multiple of 16 bytes, or the gradient of one (the
+    backward of the chunks' concatenation hands each chunk a view). The copy is on the current stream, before the
+    call."""
+    t = t.contiguous()
+    if torch.compiler.is_compiling():  # (traced, no address is known: the custom ops copy when they run)
+        return t
+    return t.clone() if t.is_cuda and t.data_ptr() % 16 else t
+
+
 def _home(h: OpHandle, rows: Tensor, weights: Tensor | None) -> tuple[Tensor, Tensor | None]:
     w = torch.where(h.unchanged_recv_idx() >= 0, weights, 0.0).contiguous() if weights is not None else None
-    res = h.buffer.combine(rows.contiguous(), h.handle, topk_weights=w)
+    res = h.buffer.combine(_row_aligned(rows), h.handle, topk_weights=w)
     return res.x, (res.topk_weights if w is not None else None)
 
 
 def _away(h: OpHandle, x: Tensor, w: Tensor | None) -> tuple[Tensor, Tensor | None]:
     buf, worst = h.buffer, h.num_worst_tokens
-    rows = buf.dispatch(x.contiguous(), handle=h.handle, num_worst_tokens=worst).x
+    rows = buf.dispatch(_row_aligned(x), handle=h.handle, num_worst_tokens=worst).x
     assert isinstance(rows, Tensor)
     if worst:
         rows = _zero_tail(rows, _valid_rows(h.unchanged_recv_idx()))

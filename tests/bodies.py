@@ -374,6 +374,12 @@ def low_latency_ops_weighted(
             assert "topk_weights" in str(exc), str(exc)
         else:
             raise AssertionError("a combine given a copy of the dispatch's weights was accepted")
+        try:
+            ops.low_latency_combine(bid, expert(o.x), idx.clone(), w, o.handle)
+        except ArgumentError as exc:
+            assert "'topk_idx' is not the tensor given" in str(exc), str(exc)
+        else:
+            raise AssertionError("a combine given a copy of the weighted dispatch's ids was accepted")
         got = ops.low_latency_combine(bid, expert(o.x), idx, w, o.handle)[0]
         assert torch.equal(got, want), "the corrected combine after a refused one differs"
         o = ops.low_latency_dispatch(bid, x, idx, use_fp8=False, use_custom_ops=True, topk_weights=w)

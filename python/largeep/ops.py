@@ -1339,6 +1339,18 @@ def _(
     return q, s, counts, info, _ticket_like()
 
 
+def _same_storage(arg: str, t: Tensor, kept: Tensor, why: str) -> Tensor:
+    """``kept`` (the tensor a weighted low-latency dispatch kept), if ``t`` is at its memory with its strides (what
+    a compiled graph preserves of it); else ArgumentError naming ``arg``."""
+    if (t.data_ptr(), t.stride()) != (kept.data_ptr(), kept.stride()):
+        raise ArgumentError(
+            f"largeep.ops.low_latency_combine: argument '{arg}' is not the tensor given to the ticket's "
+            f"low_latency_dispatch (memory at {t.data_ptr():#x} with strides {tuple(t.stride())}, expected "
+            f"{kept.data_ptr():#x} with {tuple(kept.stride())}): {why}"
+        )
+    return kept
+
+
 @torch.library.custom_op(
     "largeep::low_latency_combine",
     mutates_args=(),
@@ -1361,31 +1373,18 @@ def _ll_combine_op(buffer_id: int, y: Tensor, topk_idx: Tensor, topk_weights: Te
             c = buf.ctx
             checks.topk_weights("low_latency_combine", w, num_tokens=h.num_tokens, num_topk=c.num_topk,
                                 device=c.device)
-            kept = h.weights
-            if (w.data_ptr(), w.stride()) != (kept.data_ptr(), kept.stride()):
-                raise ArgumentError(
-                    "largeep.ops.low_latency_combine: argument 'topk_weights' is not the tensor given to the "
-                    f"ticket's low_latency_dispatch (memory at {w.data_ptr():#x} with strides {tuple(w.stride())}, "
-                    f"expected {kept.data_ptr():#x} with {tuple(kept.stride())}): those weights travelled with the "
-                    "tokens and are applied on the experts' ranks; pass the same tensor, or dispatch without "
-                    "topk_weights"
-                )
-            w = kept
+            w = _same_storage("topk_weights", w, h.weights,
+                              "those weights travelled with the tokens and are applied on the experts' ranks; pass "
+                              "the same tensor, or dispatch without topk_weights")
             # and the ids likewise: the experts' ranks sum each token's outputs over the k the dispatch named (the
             # same best effort; the nvshmem combine then reads the ids its dispatch kept, not these)
-            kept_idx = h.topk_idx
-            assert kept_idx is not None
             checks.topk_idx("low_latency_combine", idx, num_tokens=h.num_tokens, num_topk=c.num_topk,
                             num_experts=c.num_experts, device=c.device, check_values=False)
-            if (idx.data_ptr(), idx.stride()) != (kept_idx.data_ptr(), kept_idx.stride()):
-                raise ArgumentError(
-                    "largeep.ops.low_latency_combine: argument 'topk_idx' is not the tensor given to the ticket's "
-                    f"low_latency_dispatch (memory at {idx.data_ptr():#x} with strides {tuple(idx.stride())}, "
-                    f"expected {kept_idx.data_ptr():#x} with {tuple(kept_idx.stride())}): that dispatch was given "
-                    "topk_weights, so the experts' ranks sum each token's outputs over the experts it named there; "
-                    "pass the same topk_idx, or dispatch without topk_weights"
-                )
-            idx = kept_idx
+            assert h.topk_idx is not None
+            idx = _same_storage("topk_idx", idx, h.topk_idx,
+                                "that dispatch was given topk_weights, so the experts' ranks sum each token's outputs "
+                                "over the experts it named there; pass the same topk_idx, or dispatch without "
+                                "topk_weights")
         out = buf.low_latency_combine(y, idx, w, h).x
     except ArgumentError:
         raise

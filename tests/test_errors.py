@@ -831,6 +831,8 @@ def test_dispatch_round_left_open_marks_the_buffer() -> None:
     from largeep.backends import nvshmem_backend as nb
 
     class Fake:
+        _mark_abandoned = nb.NvshmemBackend._mark_abandoned
+
         def __init__(self) -> None:
             self.status = [0] * 8
             self._round_open = False

@@ -467,10 +467,8 @@ def _closes_open_round(fn: Callable[..., _R]) -> Callable[..., _R]:
         try:
             return fn(self, *args, **kwargs)
         except BaseException as exc:
-            if self._round_open and int(self.status[_ERROR]) == 0:
-                self._abandoned = f"{type(exc).__name__}: {exc}"[:300]
-                self._abandoned_in = fn.__name__
-                self.status[_ERROR] = _OP_ABANDONED << 16
+            if self._round_open:
+                self._mark_abandoned(fn.__name__, exc)
             raise
 
     return wrapper
@@ -1036,6 +1034,14 @@ class NvshmemBackend:
     # a host-mapped word (as the layout's check), instead of a min/max, a device copy and a sync of the device
     checks_low_latency_ids = True
 
+    def _mark_abandoned(self, op: str, exc: BaseException) -> None:
+        """A round left open by ``op``'s error ``exc``: the Buffer is unusable from here (unless an error is already
+        reported, which names its rank), and its later calls raise naming ``exc``."""
+        if int(self.status[_ERROR]) == 0:
+            self._abandoned = f"{type(exc).__name__}: {exc}"[:300]
+            self._abandoned_in = op
+            self.status[_ERROR] = _OP_ABANDONED << 16
+
     def _ll_closes_round(self, op: str) -> Callable[[Callable[[], None]], Callable[[], None]]:
         """For a low-latency call's receive (``finish``, run at once or by its hook): if it raises, the send it
         follows has taken the round on every rank and this rank never frees its slots nor reads its rows, so the
@@ -1048,10 +1054,7 @@ class NvshmemBackend:
                 try:
                     finish()
                 except BaseException as exc:
-                    if int(self.status[_ERROR]) == 0:
-                        self._abandoned = f"{type(exc).__name__}: {exc}"[:300]
-                        self._abandoned_in = op
-                        self.status[_ERROR] = _OP_ABANDONED << 16
+                    self._mark_abandoned(op, exc)
                     raise
 
             return run

@@ -140,13 +140,11 @@ class GroupedExperts(nn.Module):
         super().__init__()
         self.num_experts = num_experts
         self.ffn_hidden = ffn_hidden
-        w13 = torch.empty(num_experts, hidden, 2 * ffn_hidden, dtype=dtype)
-        w2 = torch.empty(num_experts, ffn_hidden, hidden, dtype=dtype)
+        self.w13 = nn.Parameter(torch.empty(num_experts, hidden, 2 * ffn_hidden, dtype=dtype))
+        self.w2 = nn.Parameter(torch.empty(num_experts, ffn_hidden, hidden, dtype=dtype))
+        self._seeded: tuple[list[int], int, int, int] | None = None  # seeded_init_'s arguments, once it ran
         if init:
-            w13.normal_(std=hidden**-0.5)
-            w2.normal_(std=ffn_hidden**-0.5)
-        self.w13 = nn.Parameter(w13)
-        self.w2 = nn.Parameter(w2)
+            self.reset_parameters()
 
     def seeded_init_(self, experts: Sequence[int], seed: int, shard: int = 0, num_shards: int = 1) -> None:
         """Draws slot i's weights from a generator of its own, seeded by (``seed``, ``experts[i]``, ``shard``), on
@@ -158,7 +156,7 @@ class GroupedExperts(nn.Module):
         module's ``to_empty``; on the meta device nothing is drawn)."""
         if len(experts) != self.num_experts:
             raise ArgumentError(f"GroupedExperts.seeded_init_: {len(experts)} experts for {self.num_experts} slots")
-        self._seeded: tuple[list[int], int, int, int] | None = ([int(e) for e in experts], seed, shard, num_shards)
+        self._seeded = ([int(e) for e in experts], seed, shard, num_shards)
         hidden, f = self.w13.shape[1], self.ffn_hidden
         dev = self.w13.device
         if dev.type == "meta":  # (no memory to fill: a meta-device module is materialised later)
@@ -176,9 +174,8 @@ class GroupedExperts(nn.Module):
     def reset_parameters(self) -> None:
         """Draws the weights again: as :meth:`seeded_init_` drew them last, else normal with std H^-0.5 (w13) and
         F^-0.5 (w2)."""
-        seeded = getattr(self, "_seeded", None)
-        if seeded is not None:
-            self.seeded_init_(*seeded)
+        if self._seeded is not None:
+            self.seeded_init_(*self._seeded)
             return
         with torch.no_grad():
             self.w13.normal_(std=self.w13.shape[1] ** -0.5)
@@ -576,12 +573,9 @@ class MoELayer(nn.Module):
         if tp is not None:
             tp.begin_chunk()
         try:
-            xc, idxc, wc = x.contiguous(), idx.contiguous(), w.contiguous()
-            if xc.is_cuda and not torch.compiler.is_compiling() and xc.data_ptr() % 16:
-                # a chunk's view starts mid-way through the batch: at rows whose bytes (H x element size) are not a
-                # multiple of 16 its start is not 16-byte aligned, which the kernels' row copies need (traced, no
-                # address is known: the custom op copies such an x when it runs)
-                xc = xc.clone()
+            # (x copied too where it starts at an address not 16-byte aligned: a chunk's view of a batch whose rows
+            # are not a multiple of 16 bytes)
+            xc, idxc, wc = ops._row_aligned(x), idx.contiguous(), w.contiguous()
             if ready is not None and (xc is not x or idxc is not idx or wc is not w):
                 # the copies were queued after `ready`: waiting for it alone would let the dispatch read them
                 # unwritten
@@ -975,14 +969,13 @@ def _check_slot_layout(module: nn.Module, state_dict: dict[str, Any], prefix: st
     if not any(k.startswith(prefix + "experts.") for k in state_dict):
         return  # (a partial load without this layer's expert weights: nothing lands in its slots)
     mine = torch.tensor(module._slot_experts(), dtype=torch.int64)
+    lo, hi = module.rank * module.num_local_experts, (module.rank + 1) * module.num_local_experts
     if saved is None and isinstance(legacy, Tensor) and legacy.dim() == 1:
         key = prefix + _SLOT_LAYOUT
-        lo = module.rank * module.num_local_experts
-        saved = legacy.to("cpu", torch.int64)[lo : lo + module.num_local_experts]
+        saved = legacy.to("cpu", torch.int64)[lo:hi]
     if saved is None:
         key = f"{prefix + _SLOT_EXPERTS} (absent: slot s holds expert s)"
-        lo = module.rank * module.num_local_experts
-        saved = torch.arange(lo, lo + module.num_local_experts)
+        saved = torch.arange(lo, hi)
     if not (isinstance(saved, Tensor) and saved.shape == mine.shape and torch.equal(saved.to("cpu"), mine)):
         error_msgs.append(
             f"{key}: the saved expert weights are those of logical experts {_short(saved)} in this rank's slots, "

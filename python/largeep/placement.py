@@ -40,6 +40,7 @@ import math
 import numbers
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -289,9 +290,8 @@ class Placement:
             int64 [T, K], slots in [-1, num_slots).
         """
         topo = self.topology
-        _check(not isinstance(src_gpu, bool), "src_gpu", "must be an int or a 0-dim integer tensor, got a bool")
-        if isinstance(src_gpu, numbers.Integral):
-            src_gpu = int(src_gpu)  # (a numpy integer would turn the tensor arithmetic below into numpy's)
+        # (a numpy integer would turn the tensor arithmetic below into numpy's)
+        src_gpu = _one_source(src_gpu, "an int or a 0-dim integer tensor")
         _check(0 <= src_gpu < topo.num_gpus, "src_gpu", f"must be in [0, {topo.num_gpus}), got {src_gpu}")
         _, _, on_gpu, node_list, node_cnt = self._tables(topk_idx.device)
         keep, cycles, cycle_start, cycle_len = self._spread(topk_idx.device)
@@ -453,13 +453,10 @@ class Placement:
         _check_topk(topk_idx, self.num_logical)
         t_num = topk_idx.shape[0]
         dev = topk_idx.device
-        _check(not isinstance(src_gpu, bool), "src_gpu", f"must be an int or an int64 tensor [{t_num}], got a bool")
-        if isinstance(src_gpu, torch.Tensor) and src_gpu.dim() == 0 and src_gpu.dtype in _INT_DTYPES:
-            src_gpu = int(src_gpu)  # (one source for all tokens, as table_route takes it)
-        if isinstance(src_gpu, (int, numbers.Integral)):  # (a numpy integer too)
-            src = torch.full((t_num,), int(src_gpu), dtype=torch.int64, device=dev)
+        src = _one_source(src_gpu, f"an int or an int64 tensor [{t_num}]")
+        if isinstance(src, int):  # (one source for all tokens, as table_route takes it)
+            src = torch.full((t_num,), src, dtype=torch.int64, device=dev)
         else:
-            src = src_gpu
             _check(
                 isinstance(src, torch.Tensor) and src.dtype == torch.int64 and src.shape == (t_num,),
                 "src_gpu",
@@ -537,6 +534,17 @@ class Placement:
 
 
 _INT_DTYPES = (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64)
+
+
+def _one_source(src_gpu: Any, forms: str) -> Any:
+    """``src_gpu`` as a Python int where it names one GPU (a Python or numpy integer, or a 0-dim integer tensor),
+    else as given; a bool is refused (``forms``: what the argument may be, for the message)."""
+    _check(not isinstance(src_gpu, bool), "src_gpu", f"must be {forms}, got a bool")
+    if isinstance(src_gpu, torch.Tensor) and src_gpu.dim() == 0 and src_gpu.dtype in _INT_DTYPES:
+        return int(src_gpu)
+    if isinstance(src_gpu, numbers.Integral):
+        return int(src_gpu)
+    return src_gpu  # (route checks what else it takes)
 
 
 def _rank_within(key: torch.Tensor, num_keys: int) -> torch.Tensor:

@@ -359,13 +359,12 @@ class TopKGate(nn.Module):
         # the groups on the host: what reset_parameters writes back (a meta or to_empty gate's buffer holds none)
         self._host_groups = group_of_expert.detach().to("cpu", copy=True)
         self.weight = nn.Parameter(torch.empty(config.num_experts, config.hidden))
-        dev = self.weight.device
         self.register_buffer("expert_bias", torch.zeros(config.num_experts))
         self.register_buffer("expert_load", torch.zeros(config.num_experts))
         self.register_buffer("group_of_expert", torch.empty(config.num_experts, dtype=torch.int64))
-        table, sizes = group_tables(self._host_groups)
-        self.register_buffer("group_table", table.to(dev), persistent=False)
-        self.register_buffer("group_sizes", sizes.to(dev), persistent=False)
+        # (the member table and sizes: set by reset_parameters, from the groups on the host)
+        self.register_buffer("group_table", None, persistent=False)
+        self.register_buffer("group_sizes", None, persistent=False)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:

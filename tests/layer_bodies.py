@@ -115,11 +115,11 @@ def compiled_equals_eager(model: torch.nn.Module, x: torch.Tensor, what: str, ba
 
 def ops_returned_idx_changed(rank: int, world: int) -> dict[str, Any]:
     """A caller who changes the topk_idx a dispatch returned in place (here clamp_, as to index per-expert tensors)
-    gets the same gradients on the custom-op path (its backward keeps masks of its own; with and without
-    num_worst_tokens, whose rows past the received count get no gradient), and on the eager path a RuntimeError
-    saying so from the backward, which reads it then (an async_finish dispatch's outputs are not ready at its
-    return), instead of wrong gradients. And a raised max_live_handles stays when MoELayer or the ops register the
-    Buffer again."""
+    gets the same gradients on both paths (their backwards keep masks of their own, made by the dispatch; with and
+    without num_worst_tokens, whose rows past the received count get no gradient). A dispatch made without grad mode
+    keeps the returned tensor instead: a combine's backward through it (y needs a gradient of its own) reads it, and
+    raises a RuntimeError saying so if it was changed, instead of giving wrong gradients. And a raised
+    max_live_handles stays when MoELayer or the ops register the Buffer again."""
     hidden, experts, topk = 8, 2 * world, 2
     buf = largeep.Buffer(None, hidden=hidden, num_experts=experts, num_topk=topk, max_tokens_per_rank=4,
                          backend="torch")
@@ -140,18 +140,29 @@ def ops_returned_idx_changed(rank: int, world: int) -> dict[str, Any]:
                     rx = torch.nan_to_num(d.x)  # (rows past the received count are unspecified)
                     c = ops.combine(buf, rx * p, d.handle)
                     loss = c.x.square().sum() + (d.topk_weights * 3.0).sum()
-                    if change and not custom:
-                        try:
-                            loss.backward()
-                            raise AssertionError(f"worst={worst}: an eager backward took a changed topk_idx")
-                        except RuntimeError as exc:
-                            assert "changed in place" in str(exc), exc
-                        grads.append(grads[0])
-                        continue
                     loss.backward()
                     grads.append([x.grad, w.grad, p.grad])
                 for name, a, b in zip(("x", "topk_weights", "expert"), *grads, strict=True):
                     assert torch.equal(a, b), f"custom={custom} worst={worst}: {name} grad changed with topk_idx"
+        # eager, the dispatch without grad mode: the combine's backward reads the returned ids (rows past the
+        # received count, num_worst_tokens), unchanged or refused
+        for change in (False, True):
+            with torch.no_grad():
+                d = ops.dispatch(buf, x0, idx, w0, num_worst_tokens=16)
+            assert isinstance(d.handle, ops.OpHandle) and d.handle.recv_valid is None
+            if change:
+                d.topk_idx.clamp_(min=0)
+            p = torch.linspace(0.5, 1.5, hidden).requires_grad_()
+            c = ops.combine(buf, torch.nan_to_num(d.x) * p, d.handle)
+            if not change:
+                c.x.sum().backward()
+                assert p.grad is not None and torch.isfinite(p.grad).all()
+                continue
+            try:
+                c.x.sum().backward()
+                raise AssertionError("a backward through a no-grad dispatch took a changed topk_idx")
+            except RuntimeError as exc:
+                assert "changed in place" in str(exc), exc
         bid = ops.register_buffer(buf, max_live_handles=1000)
         layers.MoELayer(buf, ffn_hidden=4, dtype=torch.float32)
         assert ops.register_buffer(buf) == bid and ops._REG.limits[bid] == 1000, ops._REG.limits[bid]

@@ -350,3 +350,93 @@ def ops_partial_backward(rank: int, world: int) -> list[str]:
     finally:
         buf.destroy()
     return fails
+
+
+def ops_zero_copy_training(rank: int, world: int) -> list[str]:
+    """Eager ops under autograd on the nvshmem backend: four dispatches, each followed by its combine, whose graph
+    stays alive to one backward at the end (as the MoE layers of a training step). The backward keeps a mask of its
+    own, not the received topk_idx, so each dispatch's zero-copy slot is free once the caller drops the outputs:
+    every dispatch is zero-copy (with two slots, the third and fourth were copied while the backward held the ids).
+    Without and with ``async_finish`` (the mask made on the Buffer's stream, the event returned covering it); the
+    gradients equal those of the same step with every dispatch's outputs kept alive (copied outputs from the third
+    on), and x's gradient equals its closed form (every path of a token is scaled by its rank's factor)."""
+    import gc
+
+    fails: list[str] = []
+    hidden, tokens = 256, 40
+    buf = _buffer(world, max_tokens=64, hidden=hidden, backend="nvshmem")
+    try:
+        k, lo = buf._impl.kernels, buf._impl.zc_region[0]  # type: ignore[attr-defined]
+        hi = buf._impl.zc_region[1]  # type: ignore[attr-defined]
+        inputs = []
+        for i in range(4):
+            g = torch.Generator().manual_seed(100 * i + rank)
+            idx = torch.stack([torch.randperm(2 * world, generator=g)[:TOPK] for _ in range(tokens)])
+            idx[3, 1] = -1
+            x = torch.randn(tokens, hidden, generator=g).to(torch.bfloat16)
+            inputs.append((x.cuda(), idx.cuda(), (torch.rand(tokens, TOPK, generator=g) + 0.1).cuda()))
+        scale = torch.linspace(0.5, 1.5, hidden, device="cuda")
+        for async_finish in (False, True):
+            grads = []
+            for keep in (False, True):
+                held, loss, leaves = [], torch.zeros((), device="cuda"), []
+                for i, (x0, idx, w0) in enumerate(inputs):
+                    x, w = x0.clone().requires_grad_(), w0.clone().requires_grad_()
+                    leaves.append((x, w))
+                    d = ops.dispatch(buf, x, idx, w, async_finish=async_finish)
+                    ops.wait(d.event)
+                    zc = lo <= d.x.data_ptr() < hi and lo <= d.topk_idx.data_ptr() < hi
+                    _check(fails, zc == (not keep or i < 2),
+                           f"async={async_finish} keep={keep}: dispatch {i} zero-copy {zc}")
+                    y = (d.x.float() * scale * (rank + 1)).to(d.x.dtype)  # (the float copy is what mul saves)
+                    c = ops.combine(buf, y, d.handle, async_finish=async_finish)
+                    ops.wait(c.event)
+                    loss = loss + c.x.float().sum() + (d.topk_weights * (i + 1)).sum()
+                    if keep:
+                        held.append((d.x, d.topk_idx, d.topk_weights))
+                    del d, y, c
+                    gc.collect()
+                    if not keep:
+                        _check(fails, int(k.zc_busy()) == 0,
+                               f"async={async_finish}: {int(k.zc_busy())} slot(s) taken after dispatch {i}")
+                loss.backward()
+                grads.append([t.grad for pair in leaves for t in pair])
+                del held
+                gc.collect()
+            for j, (a, b) in enumerate(zip(*grads, strict=True)):
+                _check(fails, a is not None and b is not None and torch.equal(a, b),
+                       f"async={async_finish}: gradient {j} differs between zero-copy and copied outputs")
+            # x's gradient: each token's rows come back scaled by the factor (rank + 1) of every rank they reach
+            # (ones of the loss, through bf16 rows: the scale's products are exact in bf16 only roughly)
+            for i, (_, idx, _) in enumerate(inputs):
+                gx = grads[0][2 * i]
+                f = torch.zeros(tokens, device="cuda")
+                for r in range(world):
+                    f += (idx.div(2, rounding_mode="floor") == r).any(dim=1).float() * (r + 1)
+                want = (f.unsqueeze(1) * scale).to(torch.bfloat16).float()
+                _close(fails, gx.float(), want, f"async={async_finish}: dispatch {i}'s x gradient", rtol=1e-2)
+        # two MoE layers of three chunks each, trained: every one of the six dispatches zero-copy
+        from largeep import layers
+
+        seen: list[bool] = []
+        plain = ops.dispatch
+
+        def watched(*args: Any, **kwargs: Any) -> ops.DispatchOutput:
+            d = plain(*args, **kwargs)
+            seen.append(lo <= d.x.data_ptr() < hi)
+            return d
+
+        torch.manual_seed(7)
+        model = torch.nn.Sequential(*(layers.MoELayer(buf, ffn_hidden=64, dtype=torch.bfloat16, num_chunks=3)
+                                      for _ in range(2))).cuda()
+        ops.dispatch = watched  # type: ignore[assignment]
+        try:
+            out = model(inputs[0][0].clone().requires_grad_())
+        finally:
+            ops.dispatch = plain  # type: ignore[assignment]
+        out.float().square().sum().backward()
+        _check(fails, seen == [True] * 6, f"MoE layers' dispatches zero-copy: {seen}")
+        torch.distributed.barrier()
+    finally:
+        buf.destroy()
+    return fails

@@ -161,6 +161,17 @@ def test_second_derivative_and_checkpointed_gpu(pools, backend: str) -> None:
         _no_failures(pool.run(ops_bodies.ops_checkpointed, mode, chunks, backend))
 
 
+@pytest.mark.gpu(2)
+def test_zero_copy_training_gpu(pools) -> None:
+    """Eager ops under autograd keep a mask of the received ids, not the ids: every dispatch of a step stays
+    zero-copy while the graph lives, with and without async_finish, gradients as with copied outputs."""
+    from largeep import native
+
+    if native.unavailable_reason() is not None:
+        pytest.skip(str(native.unavailable_reason()))
+    _no_failures(pools(2, "nccl").run(ops_bodies.ops_zero_copy_training))
+
+
 def test_checkpoint_policy() -> None:
     """checkpoint_policy saves largeep's communication ops and dispatch_recv only; checkpoint_context_fn asks a
     policy of the caller's about every other op."""

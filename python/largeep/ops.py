@@ -86,7 +86,7 @@ from torch._subclasses.fake_tensor import is_fake
 from largeep import _inductor_order, checks
 from largeep._env import logger
 from largeep.backends.base import current_raw_stream
-from largeep.buffer import Buffer, DispatchHandle, EventOverlap, LowLatencyHandle
+from largeep.buffer import Buffer, DispatchHandle, EventOverlap, LowLatencyHandle, _record_stream
 from largeep.errors import ArgumentError
 
 __all__ = [
@@ -1091,7 +1091,7 @@ def _dispatch_send_op(
     buf = buffer_of(buffer_id)
     res = buf.dispatch(_row_aligned(x), topk_idx, topk_weights, num_worst_tokens=num_worst_tokens)
     assert isinstance(res.x, Tensor) and res.topk_idx is not None and res.topk_weights is not None
-    entry = _Entry(res.handle, num_worst_tokens, _valid_rows(res.topk_idx) if num_worst_tokens else None)
+    entry = _Entry(res.handle, num_worst_tokens, _valid_rows(res.topk_idx >= 0) if num_worst_tokens else None)
     entry.pending = (res.x, res.topk_idx, res.topk_weights)
     return _put(buffer_id, entry)
 
@@ -1202,10 +1202,11 @@ def _(
     return y.new_empty(num_tokens, y.shape[1]), w if w is not None else y.new_empty(0, dtype=torch.float32)
 
 
-def _valid_rows(recv_topk_idx: Tensor) -> Tensor:
-    """bool [R, 1]: the rows a ``num_worst_tokens`` dispatch received (a received row names one of this rank's
-    experts; the rows past the received count name none)."""
-    return (recv_topk_idx >= 0).any(dim=1, keepdim=True)
+def _valid_rows(recv_valid: Tensor) -> Tensor:
+    """bool [R, 1] from ``recv_valid`` (bool [R, K]: the received (row, k) that name an expert here): the rows a
+    ``num_worst_tokens`` dispatch received (a received row names one of this rank's experts; the rows past the
+    received count name none)."""
+    return recv_valid.any(dim=1, keepdim=True)
 
 
 def _zero_tail(x: Tensor, valid_rows: Tensor | None) -> Tensor:
@@ -1411,28 +1412,39 @@ for _name in ("dispatch_send", "dispatch_cached", "combine", "low_latency_dispat
 
 @dataclass
 class OpHandle:
-    """Handle of an eager :func:`dispatch`: the Buffer, its :class:`DispatchHandle`, the received topk_idx
-    (int64 [R, K], to mask the weights' gradient and to find the rows past the received count when
-    ``num_worst_tokens`` > 0; read by the backward, which refuses it changed in place since) and the source T."""
+    """Handle of an eager :func:`dispatch`: the Buffer, its :class:`DispatchHandle`, which received (row, k) name an
+    expert here (to mask the weights' gradient, and to find the rows past the received count when
+    ``num_worst_tokens`` > 0) and the source T.
+
+    Under autograd that is ``recv_valid``, a bool [R, K] tensor of the handle's own, made by the dispatch: the
+    received topk_idx may sit in a zero-copy receive slot, which stays taken while any output lives (holding it to
+    the backward would leave later dispatches of the step their copy-out), and the caller may change it in place.
+    Without grad mode (nothing records a backward then, and the handle dies with the caller's use of it) the
+    received topk_idx is kept instead, unread unless a backward comes after all, which refuses it changed in
+    place since."""
 
     buffer: Buffer
     handle: DispatchHandle
-    recv_topk_idx: Tensor
+    recv_valid: Tensor | None
+    recv_topk_idx: Tensor | None
     num_worst_tokens: int
     num_tokens: int
     recv_version: int = 0  # recv_topk_idx's version counter when the dispatch returned it (-1: an inference tensor)
 
-    def unchanged_recv_idx(self) -> Tensor:
-        """recv_topk_idx, for the backward; raises if it was changed in place (the backward would take wrong rows
-        and weights). (Read at backward time, on the backward's stream: the outputs of an ``async_finish`` dispatch
-        are not ready when it returns. An inference tensor has no version counter: nothing to check, and no
-        backward reads it.)"""
-        if self.recv_version >= 0 and self.recv_topk_idx._version != self.recv_version:
+    def received(self) -> Tensor:
+        """bool [R, K]: the received (row, k) that name an expert here. (Read at backward time, on the backward's
+        stream: the outputs of an ``async_finish`` dispatch are not ready when it returns.)"""
+        if self.recv_valid is not None:
+            return self.recv_valid
+        idx = self.recv_topk_idx
+        assert idx is not None
+        if self.recv_version >= 0 and idx._version != self.recv_version:
             raise RuntimeError(
-                "largeep.ops: the topk_idx that dispatch returned was changed in place before the backward, which "
-                "reads it to find the received rows and weights; change a clone of it instead"
+                "largeep.ops: the topk_idx that a dispatch made without grad mode returned was changed in place "
+                "before a backward through it, which reads it to find the received rows and weights; change a "
+                "clone of it instead"
             )
-        return self.recv_topk_idx
+        return idx >= 0
 
 
 class TicketHandle(NamedTuple):
@@ -1523,6 +1535,27 @@ def _buffer_dispatch(
     return res
 
 
+def _received_mask(
+    buffer: Buffer, recv_idx: Tensor, event: EventOverlap, async_finish: bool
+) -> tuple[Tensor, EventOverlap]:
+    """``recv_idx >= 0`` (bool [R, K], for the backward: see :class:`OpHandle`) where the dispatch's outputs are
+    ready, and the event that covers it. Without ``async_finish`` (the caller's stream is ordered after the
+    dispatch), on the caller's stream; with it, on the Buffer's stream behind the dispatch, with a new event
+    recorded after it for the caller (whose wait on the dispatch's event then orders it after the mask too)."""
+    stream = buffer._stream
+    if not async_finish or event.event is None or stream is None:
+        return recv_idx >= 0, event
+    caller = torch.cuda.current_stream(stream.device)
+    stream.wait_event(event.event)  # (the dispatch's own event is on this stream: nothing more to wait for)
+    with torch.cuda.stream(stream):
+        valid = recv_idx >= 0
+        after = torch.cuda.Event()
+        after.record(stream)
+    _record_stream(recv_idx, stream)  # (read here: a zero-copy slot it sits in waits for this stream too)
+    valid.record_stream(caller)
+    return valid, EventOverlap(after)
+
+
 class _DispatchFn(torch.autograd.Function):
     @staticmethod
     def forward(  # type: ignore[override]
@@ -1535,12 +1568,18 @@ class _DispatchFn(torch.autograd.Function):
         previous_event: EventOverlap | None,
         async_finish: bool,
         sink: list[Any],
+        grad: bool,
     ) -> tuple[Tensor, Tensor, Tensor]:
         res = _buffer_dispatch(buffer, x, topk_idx, topk_weights, num_worst_tokens, previous_event, async_finish)
         assert isinstance(res.x, Tensor) and res.topk_idx is not None and res.topk_weights is not None
-        handle = OpHandle(buffer, res.handle, res.topk_idx, num_worst_tokens, x.shape[0],
-                          -1 if res.topk_idx.is_inference() else res.topk_idx._version)
-        sink.append((handle, res))
+        event = res.event
+        if grad:
+            valid, event = _received_mask(buffer, res.topk_idx, event, async_finish)
+            handle = OpHandle(buffer, res.handle, valid, None, num_worst_tokens, x.shape[0])
+        else:
+            handle = OpHandle(buffer, res.handle, None, res.topk_idx, num_worst_tokens, x.shape[0],
+                              -1 if res.topk_idx.is_inference() else res.topk_idx._version)
+        sink.append((handle, res, event))
         ctx.handle = handle
         ctx.x_dtype = x.dtype
         ctx.mark_non_differentiable(res.topk_idx)
@@ -1550,11 +1589,10 @@ class _DispatchFn(torch.autograd.Function):
     def backward(ctx: Any, gx: Tensor | None, _gidx: Any, gw: Tensor | None) -> tuple[Any, ...]:
         h: OpHandle = ctx.handle
         if gx is None:
-            gx = torch.zeros(
-                h.handle.num_recv_tokens, h.buffer.ctx.hidden, dtype=ctx.x_dtype, device=h.recv_topk_idx.device
-            )
+            c = h.buffer.ctx
+            gx = torch.zeros(h.handle.num_recv_tokens, c.hidden, dtype=ctx.x_dtype, device=c.device)
         x, w = _recorded(_home, _away, h, gx, gw)
-        return x, None, w, None, None, None, None, None
+        return x, None, w, None, None, None, None, None, None
 
 
 class _CombineFn(torch.autograd.Function):
@@ -1602,7 +1640,7 @@ def _row_aligned(t: Tensor) -> Tensor:
 
 
 def _home(h: OpHandle, rows: Tensor, weights: Tensor | None) -> tuple[Tensor, Tensor | None]:
-    w = torch.where(h.unchanged_recv_idx() >= 0, weights, 0.0).contiguous() if weights is not None else None
+    w = torch.where(h.received(), weights, 0.0).contiguous() if weights is not None else None
     res = h.buffer.combine(_row_aligned(rows), h.handle, topk_weights=w)
     return res.x, (res.topk_weights if w is not None else None)
 
@@ -1612,7 +1650,7 @@ def _away(h: OpHandle, x: Tensor, w: Tensor | None) -> tuple[Tensor, Tensor | No
     rows = buf.dispatch(_row_aligned(x), handle=h.handle, num_worst_tokens=worst).x
     assert isinstance(rows, Tensor)
     if worst:
-        rows = _zero_tail(rows, _valid_rows(h.unchanged_recv_idx()))
+        rows = _zero_tail(rows, _valid_rows(h.received()))
     recv_w = None
     if w is not None:
         hidden, k = buf.ctx.hidden, w.shape[1]
@@ -1623,7 +1661,7 @@ def _away(h: OpHandle, x: Tensor, w: Tensor | None) -> tuple[Tensor, Tensor | No
                                 num_worst_tokens=worst).x
             assert isinstance(sent, Tensor)
             parts.append(sent[:, :part.shape[1]])
-        recv_w = torch.where(h.unchanged_recv_idx() >= 0, torch.cat(parts, dim=1), 0.0)
+        recv_w = torch.where(h.received(), torch.cat(parts, dim=1), 0.0)
     return rows, recv_w
 
 
@@ -1720,11 +1758,11 @@ def dispatch(
     buf = _buffer(buffer)
     sink: list[Any] = []
     rx, ridx, rw = _DispatchFn.apply(
-        x, topk_idx, topk_weights, buf, num_worst_tokens, previous_event, async_finish, sink
+        x, topk_idx, topk_weights, buf, num_worst_tokens, previous_event, async_finish, sink, torch.is_grad_enabled()
     )
-    handle, res = sink[0]
+    handle, res, event = sink[0]
     counts = res.num_tokens_per_expert if not num_worst_tokens else None
-    return DispatchOutput(rx, ridx, rw, handle, res.event, counts)
+    return DispatchOutput(rx, ridx, rw, handle, event, counts)
 
 
 def combine(

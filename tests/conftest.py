@@ -18,7 +18,11 @@ def gpu_count() -> int:
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line("markers", "gpu(n): needs n CUDA GPUs (skipped without them)")
+    config.addinivalue_line(
+        "markers",
+        "gpu(n, real=False): needs n CUDA GPUs (skipped without them); real=True: n distinct GPUs, which the "
+        "emulation (LARGEEP_TEST_EMULATE_GPUS) cannot stand in for (ranks placed on named devices, NCCL itself)",
+    )
 
 
 def _torch_on_nccl(item: pytest.Item) -> bool:
@@ -39,6 +43,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         need = m.args[0] if m.args else 1
         if have < need:
             item.add_marker(pytest.mark.skip(reason=f"needs {need} GPUs, {have} visible"))
+        elif emulated and m.kwargs.get("real", False):
+            item.add_marker(pytest.mark.skip(reason=f"needs {need} distinct GPUs, not emulation"))
         elif emulated and _torch_on_nccl(item):
             # NCCL refuses two ranks on one GPU, so the emulated groups are gloo groups, where the torch backend
             # runs on the CPU: its GPU tests need as many real GPUs as ranks

@@ -841,7 +841,7 @@ def _symm_mem_roundtrip_body(rank: int, world: int) -> str | None:
     return None
 
 
-@pytest.mark.gpu(2)
+@pytest.mark.gpu(2, real=True)
 def test_symm_mem_adapter_roundtrip(pools) -> None:  # noqa: ANN001 - conftest fixture
     reasons = pools(2, "nccl").run(_symm_mem_roundtrip_body)
     if any(reasons):

@@ -235,7 +235,7 @@ def test_nvshmem_refusal_words_of_many_ranks() -> None:
     assert info.value.buffer_usable is True
 
 
-@pytest.mark.gpu(2)
+@pytest.mark.gpu(2, real=True)
 def test_nvshmem_refuses_uneven_gpus(pools) -> None:
     """Ranks 0 and 2 on GPU 0, rank 1 on GPU 1: NVSHMEM's initialisation never returned with that placement (2x
     H200); every rank raises ArgumentError at once instead."""
@@ -398,7 +398,7 @@ def test_nvshmem_init_is_bounded(monkeypatch, outcome: str) -> None:
         release.set()
 
 
-@pytest.mark.gpu(2)
+@pytest.mark.gpu(2, real=True)
 def test_nvshmem_init_timeout_on_gpus() -> None:
     """The real timeout path: ranks on GPUs 0, 1, 0 with the placement check switched off, so that NVSHMEM's
     initialisation does not finish (as seen on 2x H200): every rank raises PeerTimeoutError after

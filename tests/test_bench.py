@@ -11,7 +11,7 @@ import sys
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
 import torch
@@ -1008,6 +1008,44 @@ def test_sweep_keeps_records_of_a_failed_backend(pools, tmp_path: Path) -> None:
 
     out = pools(1).run(bodies.sweep_keeps_records_of_a_failed_backend, str(tmp_path / "torch.json"))
     assert out[0]["in_memory"] > 0 and out[0]["in_file"] == out[0]["in_memory"], out
+
+
+def sweep_body(rank: int, world: int, modes: list[str], uses_sms: bool) -> dict[str, Any]:
+    """(A pool body.) A small CPU sweep of the torch backend, taken for one that sweeps SM counts when ``uses_sms``
+    (num_sms 8 and 16): its records and extras as dicts, the skipped entries and the progress count."""
+    from largeep.bench import adapters, sweep
+
+    def make(name: str) -> adapters.Adapter:
+        a = adapters.LargeepAdapter(name)
+        a.uses_sms = uses_sms
+        return a
+
+    real = sweep.make_adapter
+    sweep.make_adapter = make
+    try:
+        mp = sweep.ModePlan(tokens=[8], hidden=[128], topk=[2], experts=[4 * world], dtypes=["bf16"])
+        plan = sweep.Plan(preset="quick", backends=["torch"], modes=modes, normal=mp, low_latency=mp,
+                          num_sms=[8, 16], warmup=0, iters=2, plots=False)
+        s = sweep.Sweep(plan, torch.device("cpu"))
+        records, extras = s.run()
+    finally:
+        sweep.make_adapter = real
+    return {"records": [asdict(r) for r in records], "extras": [asdict(e) for e in extras], "skipped": s.skipped,
+            "total": s.log.total, "done": s.log.done}
+
+
+def test_low_latency_is_measured_once_whatever_the_sm_counts(pools) -> None:  # noqa: ANN001 - conftest fixture
+    """The low-latency kernels size their grids from the device (Buffer's num_sms is for normal mode; DeepEP's
+    low-latency kernels ignore set_num_sms): a backend that sweeps SM counts gets one low-latency measurement per
+    point, recorded with num_sms None, and the progress count says so (it counted one per SM count and op)."""
+    out = pools(1).run(sweep_body, ["normal", "low_latency"], True)[0]
+    normal = [r for r in out["records"] if r["mode"] == "normal"]
+    ll = [r for r in out["records"] if r["mode"] == "low_latency"]
+    assert {r["num_sms"] for r in normal} == {8, 16} and len(normal) == 2 * len({r["op"] for r in normal})
+    assert ll and {r["num_sms"] for r in ll} == {None}
+    keys = [(r["op"], x["phase_of"]) for r, x in zip(ll, out["extras"][len(normal):], strict=True)]
+    assert len(keys) == len(set(keys)), keys  # (one record per op and phase)
+    assert out["total"] == out["done"] == 2 + 1, out  # (normal: one point per SM count; low latency: one)
 
 
 def test_load_reads_the_runs_settings(tmp_path: Path) -> None:

@@ -45,7 +45,7 @@ class Adapter:
     """Base class. Subclasses set ``name``, ``uses_sms`` and ``has_hook`` and implement the calls."""
 
     name = "?"
-    uses_sms = False  # sweeps num_sms
+    uses_sms = False  # sweeps num_sms in normal mode (low-latency kernels take no SM count)
     has_hook = False  # low-latency receive hook (send/recv phases)
     sends_ll_weights = False  # ll_dispatch takes topk_weights (the combine then applies those); others ignore them
 

@@ -81,7 +81,8 @@ FP8_GROUP = 128
 @dataclass
 class Record:
     """One measurement, with exactly SPEC.md's keys. Times in microseconds; ``num_tokens`` is per rank;
-    ``num_sms`` is None for backends that take no SM count (torch, symm_mem)."""
+    ``num_sms`` is None for backends that take no SM count (torch, symm_mem) and for low-latency records (those
+    kernels size their grids from the device's SMs, whatever the SM count)."""
 
     backend: str
     mode: str

@@ -200,9 +200,7 @@ class Sweep:
             adapters.append(a)
             if p.ll_send_weights and "low_latency" in p.modes and not a.sends_ll_weights:
                 self.log.info(f"--ll-send-weights: not for {name} (it applies the weights at the combine either way)")
-        total = sum(
-            self._points(m) * (len(p.num_sms) if a.uses_sms else 1) for a in adapters for m in p.modes
-        )
+        total = sum(self._points(m) * len(self._sms_list(a, m)) for a in adapters for m in p.modes)
         self.log.start(total)
         for a in adapters:
             try:
@@ -223,10 +221,17 @@ class Sweep:
         self.skipped.append({"backend": backend, "reason": f"{where}: {reason}" if where else reason})
         self.log.info(f"skip {backend}{' ' + where if where else ''}: {reason}")
 
+    def _sms_list(self, a: Adapter, mode: str) -> list[int | None]:
+        """The SM counts one mode sweeps: the plan's for a backend that takes them in normal mode; else [None], one
+        measurement recorded with num_sms None. The low-latency kernels of every backend size their grids from the
+        device's SMs (largeep.Buffer's num_sms is for normal mode; DeepEP's low-latency kernels ignore set_num_sms):
+        a sweep over SM counts would time one configuration several times under different labels."""
+        return list(self.plan.num_sms) if a.uses_sms and mode == "normal" else [None]
+
     def _run_mode(self, a: Adapter, mode: str) -> None:
         p = self.plan
         mp = p.mode_plan(mode)
-        sms_list: list[int | None] = list(p.num_sms) if a.uses_sms else [None]
+        sms_list = self._sms_list(a, mode)
         for hidden, topk, experts in itertools.product(mp.hidden, mp.topk, mp.experts):
             sizes = f"{mode} H={hidden} K={topk} E={experts}"
             dtypes = _dtypes(mp, hidden)

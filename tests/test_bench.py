@@ -87,7 +87,13 @@ def test_cpu_quick_run_end_to_end(tmp_path: Path) -> None:
     assert all(k[7] == "bf16" for k in keys if "combine" in (k[1], k[2]))
     assert {r["dtype"] for r in recs if r["op"] == "dispatch"} == {"bf16", "fp8"}
     assert {("normal", o) for o in ("layout", "dispatch", "combine", "roundtrip")} <= ops
-    assert {("low_latency", o) for o in ("dispatch", "combine", "roundtrip", "send", "recv")} <= ops
+    assert {("low_latency", o) for o in ("dispatch", "combine", "roundtrip")} <= ops
+    # the torch backend's hook send returns before its transfer ends (an async all_to_all), and the ranks' alignment
+    # before the timed receive would finish the transfer untimed: no send/recv records, one skipped entry says why
+    assert not {("low_latency", o) for o in ("send", "recv")} & ops
+    why = [s["reason"] for s in run["skipped"] if s["backend"] == "torch"]
+    assert len(why) == 1 and why[0].startswith("low_latency send/recv: its send returns before its transfer ends")
+    assert "skip torch low_latency send/recv: its send returns" in proc.stdout
     assert (out / "latency.png").stat().st_size > 0
     assert (out / "bandwidth.png").stat().st_size > 0
     assert "logical GB/s" in proc.stdout and "bus GB/s" in proc.stdout

@@ -46,7 +46,9 @@ class Adapter:
 
     name = "?"
     uses_sms = False  # sweeps num_sms in normal mode (low-latency kernels take no SM count)
-    has_hook = False  # low-latency receive hook (send/recv phases)
+    has_hook = False  # low-latency receive hook, timed as send/recv phases
+    # why a backend with a receive hook gets no send/recv records (the sweep says so once, in "skipped")
+    hook_untimed: str | None = None
     sends_ll_weights = False  # ll_dispatch takes topk_weights (the combine then applies those); others ignore them
 
     def __init__(self) -> None:
@@ -121,12 +123,21 @@ class Adapter:
 class LargeepAdapter(Adapter):
     """largeep.Buffer with backend "nvshmem" or "torch"."""
 
-    has_hook = True
-
     def __init__(self, backend: str) -> None:
         super().__init__()
         self.name = backend
         self.backend = backend
+        # The sweep times a hook's send, then aligns the ranks (device synchronize, barrier) and times the receive.
+        # nvshmem's send makes its stores inside the timed call. The torch backend's send only queues an
+        # all_to_all_single(async_op=True), which runs on NCCL's own stream (gloo's threads on CPU) and ends after
+        # the call returns; the alignment would finish it untimed, so its send and receive would both leave the
+        # transfer out. Its dispatch, combine and roundtrip records time the transfer whole.
+        self.has_hook = backend == "nvshmem"
+        if backend == "torch":
+            self.hook_untimed = (
+                "its send returns before its transfer ends (an async all_to_all on NCCL's own stream, gloo's threads "
+                "on CPU), and the ranks' alignment before the timed receive would finish the transfer untimed: its "
+                "send/recv would not mean what nvshmem's do; its dispatch/combine/roundtrip time the transfer")
         # the nvshmem combine sums a token's outputs on the experts' ranks when the dispatch carried the weights;
         # the torch backend takes them too but applies them at the source either way (same traffic)
         self.sends_ll_weights = backend == "nvshmem"

@@ -9,8 +9,9 @@ What each op times (one call each, ranks aligned and L2 flushed before it):
   MoE layer pays;
 - low-latency ``dispatch`` and ``combine``: one call each, in pairs (dispatch, then combine of its handle);
 - low-latency ``roundtrip``: the two in one timed call (a dispatch, then the combine of its handle);
-- low-latency ``send``/``recv`` (backends with a receive hook): the call with ``return_recv_hook=True``, then, with
-  every rank's sends finished (synchronize + barrier), the hook; ``extras.phase_of`` says which call.
+- low-latency ``send``/``recv`` (backends with a receive hook whose send makes its transfer inside the call: not the
+  torch backend, see ``Adapter.hook_untimed``): the call with ``return_recv_hook=True``, then, with every rank's sends
+  finished (synchronize + barrier), the hook; ``extras.phase_of`` says which call.
 """
 
 from __future__ import annotations
@@ -200,6 +201,8 @@ class Sweep:
             adapters.append(a)
             if p.ll_send_weights and "low_latency" in p.modes and not a.sends_ll_weights:
                 self.log.info(f"--ll-send-weights: not for {name} (it applies the weights at the combine either way)")
+            if p.hook and "low_latency" in p.modes and a.hook_untimed:
+                self._skip(name, a.hook_untimed, "low_latency send/recv")
         total = sum(self._points(m) * len(self._sms_list(a, m)) for a in adapters for m in p.modes)
         self.log.start(total)
         for a in adapters:

@@ -924,6 +924,41 @@ def dispatch_id_check_paths(rank: int, world: int) -> dict[str, Any]:
     return {"asked": asked, "python_checks": len(calls)}
 
 
+def creation_missing_peer(rank: int, world: int, timeout_s: float) -> dict[str, float]:
+    """Rank 1 never creates its Buffer (a gloo group of its own): every other rank's Buffer creation raises
+    PeerTimeoutError within LARGEEP_TIMEOUT_S (not the process group's timeout). Afterwards rank 1 joins the
+    collective the others abandoned, so the group can be destroyed."""
+    import datetime
+    import time
+
+    sub = dist.new_group(list(range(world)), timeout=datetime.timedelta(seconds=timeout_s + 30))
+    before = os.environ.get("LARGEEP_TIMEOUT_S")
+    os.environ["LARGEEP_TIMEOUT_S"] = str(timeout_s)
+    elapsed = 0.0
+    try:
+        if rank != 1:
+            start = time.monotonic()
+            try:
+                largeep.Buffer(sub, hidden=32, num_experts=2 * world, num_topk=2, max_tokens_per_rank=4,
+                               backend="torch")
+            except largeep.PeerTimeoutError as exc:
+                elapsed = time.monotonic() - start
+                msg = str(exc)
+                assert "Buffer" in msg and "create its Buffer" in msg and "LARGEEP_TIMEOUT_S" in msg, msg
+            else:
+                raise AssertionError("a Buffer was made although rank 1 never made its own")
+    finally:
+        if before is None:
+            del os.environ["LARGEEP_TIMEOUT_S"]
+        else:
+            os.environ["LARGEEP_TIMEOUT_S"] = before
+        dist.barrier()  # the pool's own group
+        if rank == 1:
+            dist.all_reduce(torch.zeros(1), group=sub)  # the arrival the others gave up on
+        dist.destroy_process_group(sub)
+    return {"elapsed_s": elapsed}
+
+
 def torch_missing_peer(rank: int, world: int, timeout_s: float) -> dict[str, float]:
     """Torch backend on gloo: rank 1 never calls dispatch; every other rank raises PeerTimeoutError naming the call
     and the ranks waited on within LARGEEP_TIMEOUT_S (not the process group's 30 minutes), then refuses the next
@@ -974,7 +1009,8 @@ def torch_missing_peer(rank: int, world: int, timeout_s: float) -> dict[str, flo
 
 
 # -- one rank's ids refused, the others' good ------------------------------------------------------------------------
-REFUSAL_VARIANTS = ("bf16", "fp8", "nodes", "empty_peer", "twice", "worst_peer", "worst_all")
+REFUSAL_VARIANTS = ("bf16", "fp8", "nodes", "empty_peer", "twice", "worst_peer", "worst_all", "layout", "layout_fp8",
+                    "layout_tokens")
 
 
 def one_rank_refuses(rank: int, world: int, backend: str, variant: str) -> dict[str, Any]:
@@ -984,12 +1020,15 @@ def one_rank_refuses(rank: int, world: int, backend: str, variant: str) -> dict[
     naming the id, every other rank PeerRefusedError naming rank 0, at once (not after LARGEEP_TIMEOUT_S), with the
     caller's tensors unchanged; then a cached dispatch of an earlier handle and a fresh round are right on every rank
     (worst_peer: the peers' next call raises instead, their Buffers being unusable; worst_all: no rank raises in the
-    call, which has no host wait, and every rank's next call does, rank 0's naming the id). Returns {"failures",
-    "elapsed_s", "checks"}."""
+    call, which has no host wait, and every rank's next call does, rank 0's naming the id; layout, layout_fp8,
+    layout_tokens: every rank calls get_dispatch_layout before its dispatch, and rank 0's layout refuses the id, or
+    more tokens than max_tokens_per_rank, which voids the others' dispatch). Returns {"failures", "elapsed_s",
+    "checks"}."""
     import time
 
     chk = Checker(f"{variant} on rank {rank}")
-    use_fp8 = variant == "fp8"
+    use_fp8 = variant in ("fp8", "layout_fp8")
+    layout_first = variant.startswith("layout")
     rpn = {"nodes": 1, "half_nodes": max(1, world // 2)}.get(variant)  # half_nodes: 2 nodes (forwarders on 4)
     case = NormalCase(tuple(0 if variant == "empty_peer" and r == 1 else 5 + 2 * r for r in range(world)), HIDDEN,
                       EXPERTS, TOPK, 11, use_fp8=use_fp8, max_tokens=MAX_TOKENS, ranks_per_node=rpn)
@@ -1003,6 +1042,8 @@ def one_rank_refuses(rank: int, world: int, backend: str, variant: str) -> dict[
         prev = buf.dispatch(xs, idx, w)
         prev_x = [t.clone() for t in (prev.x if use_fp8 else (prev.x,))]
         bad = with_id(idx, EXPERTS + 3 if variant != "twice" else -4) if rank == 0 else idx.clone()
+        if variant == "layout_tokens" and rank == 0:  # good ids, one token too many
+            bad = idx.repeat(MAX_TOKENS // idx.shape[0] + 1, 1)[:MAX_TOKENS + 1].contiguous()
         worst = world * MAX_TOKENS if (variant == "worst_peer" and rank != 0) or variant == "worst_all" else 0
         for attempt in range(2 if variant == "twice" else 1):
             held = [bad, w] + list(xs if use_fp8 else (xs,))
@@ -1010,10 +1051,17 @@ def one_rank_refuses(rank: int, world: int, backend: str, variant: str) -> dict[
             dist.barrier()
             t0 = time.perf_counter()
             try:
+                if layout_first:
+                    buf.get_dispatch_layout(bad)
                 buf.dispatch(xs, bad, w, num_worst_tokens=worst)
             except ArgumentError as exc:
                 chk.expect(rank == 0 and variant != "worst_all", f"attempt {attempt}: ArgumentError: {exc}")
-                chk.expect(f"expert id {int(bad[0, 0])}" in str(exc) and "'topk_idx'" in str(exc), str(exc))
+                if variant == "layout_tokens":
+                    chk.expect("get_dispatch_layout" in str(exc) and "max_tokens_per_rank" in str(exc), str(exc))
+                else:
+                    chk.expect(f"expert id {int(bad[0, 0])}" in str(exc) and "'topk_idx'" in str(exc), str(exc))
+                if layout_first:
+                    chk.expect("get_dispatch_layout" in str(exc), f"not the layout's refusal: {exc}")
                 if variant == "worst_peer":  # the peers could not raise: the message says their Buffers are gone
                     chk.expect("num_worst_tokens" in str(exc) and "destroy the Buffer" in str(exc), str(exc))
             except largeep.PeerRefusedError as exc:

@@ -598,6 +598,13 @@ def test_torch_backend_missing_peer_times_out(pools) -> None:
             assert 2.0 <= res["elapsed_s"] < 10.0 and res["refused_s"] < 0.5, res
 
 
+def test_creation_missing_peer_times_out(pools) -> None:
+    # gloo: Buffer creation's first collective bounded by LARGEEP_TIMEOUT_S (2 s here)
+    for rank, res in enumerate(pools(WORLD).run(error_bodies.creation_missing_peer, 2.0)):
+        if rank != 1:
+            assert 2.0 <= res["elapsed_s"] < 10.0, res
+
+
 def test_dispatch_id_check_paths(pools) -> None:
     # the backend's own check, the layout's memo, the Python check, none for a cached dispatch
     for res in pools(WORLD).run(error_bodies.dispatch_id_check_paths):

@@ -86,6 +86,7 @@ def _flag(name: str, default: bool) -> bool:
 
 # the least timeout taken: torch's waits count whole milliseconds, and a bound of 0 ms is none
 _LEAST_TIMEOUT_S = 0.001
+DEFAULT_TIMEOUT_S = 100.0  # LARGEEP_TIMEOUT_S unset (also the bound where the variables could not be read)
 
 # (a slot number travels in a count row's word beside the refusal and kind bits, from bit 20: far above this)
 _MAX_ZERO_COPY_SLOTS = 64
@@ -115,7 +116,7 @@ def settings() -> Settings:
             return None
 
     values = {
-        "timeout_s": read(_float, "TIMEOUT_S", 100.0, _LEAST_TIMEOUT_S),
+        "timeout_s": read(_float, "TIMEOUT_S", DEFAULT_TIMEOUT_S, _LEAST_TIMEOUT_S),
         "init_timeout_s": read(_float, "INIT_TIMEOUT_S", 300.0, _LEAST_TIMEOUT_S),
         "check_values": read(_flag, "CHECK_VALUES", True),
         "heap_margin": read(_float, "NVSHMEM_HEAP_MARGIN", 1.25),

@@ -19,7 +19,7 @@ from typing import Any, Union
 import torch
 import torch.distributed as dist
 
-from largeep import _env, checks
+from largeep import _collective, _env, checks
 from largeep._env import logger
 from largeep.backends.base import RAW_STREAM, GroupContext, current_raw_stream
 from largeep.backends.rounds import RoundsBackend
@@ -89,9 +89,10 @@ class _FinishedCalls:
 
 
 class EventOverlap:
-    """An event on the Buffer's stream. ``event`` is None on CPU, and for a call without ``async_finish`` (and
-    without ``previous_event``): the caller's stream is then already ordered after the call, and the two methods
-    fall back to the Buffer's stream as it is when they are called (later work on it included)."""
+    """An event on the Buffer's stream. ``event`` is None on CPU, and on the nvshmem backend for a call without
+    ``async_finish`` (and without ``previous_event``): the caller's stream is then already ordered after the call,
+    and the two methods fall back to the Buffer's stream as it is when they are called (later work on it included).
+    The torch backend on CUDA records an event for every call."""
 
     def __init__(self, event: torch.cuda.Event | None = None, stream: torch.cuda.Stream | None = None) -> None:
         self.event = event
@@ -323,6 +324,7 @@ class Buffer:
             from largeep import native
 
             native_ok = native.unavailable_reason() is None
+        _all_arrive(group, op, rank, settings.timeout_s if local_error is None else _env.DEFAULT_TIMEOUT_S)
         every: list[Any] = [None] * n
         dist.all_gather_object(every, (socket.gethostname(), local_error, given, native_ok), group=group)
         without_native = [r for r, e in enumerate(every) if not e[3]]
@@ -559,7 +561,14 @@ class Buffer:
         self, topk_idx: torch.Tensor, *, previous_event: EventOverlap | None = None, async_finish: bool = False
     ) -> Layout:
         """topk_idx int64 [T, K] -> Layout (num_tokens_per_rank int32 [N], num_tokens_per_node int32 [nodes],
-        num_tokens_per_expert int32 [E], is_token_in_rank bool [T, N]). No host wait besides the id range check."""
+        num_tokens_per_expert int32 [E], is_token_in_rank bool [T, N]). No host wait besides the id range check.
+
+        An id out of range or more tokens than max_tokens_per_rank is refused (ArgumentError) as the dispatch
+        refuses it: where the backend's dispatch refuses a round on every rank (largeep's, outside a CUDA graph),
+        this rank first takes part in the other ranks' next fresh dispatch with a void round, so that they raise
+        PeerRefusedError naming this rank at once and every Buffer stays usable (the layout waits for that dispatch,
+        up to LARGEEP_TIMEOUT_S, and raises PeerTimeoutError if none comes). So on a normal-mode Buffer call the
+        layout where a fresh dispatch follows on every rank (SPEC.md's sequence)."""
         op = "get_dispatch_layout"
         self._check_alive(op)
         c = self.ctx
@@ -568,12 +577,23 @@ class Buffer:
             checks.needs_id_check(topk_idx, self._settings.check_values)
         idx = checks.topk_idx(
             op, topk_idx, num_tokens=None, num_topk=c.num_topk, num_experts=c.num_experts, device=c.device,
-            check_values=self._settings.check_values and not native_check, memo="remember",
+            check_values=False,
         )
-        checks.max_tokens(op, idx.shape[0], c.max_tokens_per_rank, arg="topk_idx")
-        kwargs = {"check": True} if native_check else {}
-        layout, event = self._run(lambda: self._impl.get_dispatch_layout(idx, **kwargs), previous_event,
-                                  async_finish, [idx])
+        # a refusal for the values (an id out of range, more tokens than max_tokens_per_rank) is the dispatch's
+        # that follows on the other ranks too: a void round tells them (_void_dispatch), as the dispatch itself does
+        try:
+            checks.max_tokens(op, idx.shape[0], c.max_tokens_per_rank, arg="topk_idx")
+            checks.topk_idx(
+                op, idx, num_tokens=None, num_topk=c.num_topk, num_experts=c.num_experts, device=c.device,
+                check_values=self._settings.check_values and not native_check, memo="remember",
+            )
+            kwargs = {"check": True} if native_check else {}
+            layout, event = self._run(lambda: self._impl.get_dispatch_layout(idx, **kwargs), previous_event,
+                                      async_finish, [idx])
+        except ArgumentError:
+            if not c.low_latency:  # (a PeerTimeoutError of the void round is raised instead, this one its context)
+                self._void_dispatch(torch.empty(0, c.hidden, dtype=torch.bfloat16, device=c.device), None, 1, 0)
+            raise
         if native_check:
             checks.remember_checked(idx, c.num_experts)
         layout.event = event
@@ -1030,6 +1050,21 @@ def _on_stream(stream: torch.cuda.Stream, current: torch.cuda.Stream) -> Iterato
         yield
     finally:
         torch.cuda.set_stream(current)
+
+
+def _all_arrive(group: dist.ProcessGroup, op: str, rank: int, timeout_s: float) -> None:
+    """Buffer creation's first collective, on a group with gloo for CPU tensors: every rank arrives within
+    ``timeout_s`` (LARGEEP_TIMEOUT_S), else PeerTimeoutError, instead of the gather after it waiting for the process
+    group's own timeout (30 minutes on gloo) for a rank that never creates its Buffer. On NCCL alone the group's own
+    timeout applies (a collective there is not bounded from the host)."""
+    if "gloo" not in str(dist.get_backend(group)).lower():
+        return
+    work = dist.all_reduce(torch.zeros(1), group=group, async_op=True)
+    _collective.wait_all(
+        [work], True, f"{op}: rank {rank} waited in vain for every rank of the group to create its Buffer",
+        ": a rank did not create the Buffer, or failed before it; the group is out of step now (destroy it, or "
+        "give the next Buffer a new group)",
+    )
 
 
 def _record_stream(t: torch.Tensor, stream: torch.cuda.Stream) -> None:

@@ -69,6 +69,7 @@ def test_cpu_quick_run_end_to_end(tmp_path: Path) -> None:
     assert ENV_KEYS <= set(run["env"]) and run["settings"]["device"] == "cpu"
     assert {s["backend"] for s in run["skipped"]} >= {"nvshmem"}
     assert len(run["extras"]) == len(recs)
+    assert all(x["semantics"] == "full" and x["semantics_note"] is None for x in run["extras"])  # (torch: a Buffer)
     assert f"in {out.resolve()}" in proc.stdout  # where they went, as an absolute path
     ops = set()
     for r in recs:
@@ -175,6 +176,12 @@ def test_x_best_and_table() -> None:
     extras = [rec.Extra(bus_gbps=0.5, floor_us=rec.floor_us(4.5e6, 450.0)), rec.Extra(bus_gbps=0.25)]
     rec.fill_x_best(recs, extras)
     assert [e.x_best for e in extras] == [1.0, 2.0]
+    # a faster record of calls that do less than a Buffer's (symm_mem's) takes no part in x_best
+    fast = rec.Record(backend="symm_mem", time_us_median=1.0, **base)
+    partial = rec.Extra(bus_gbps=1.0, semantics="partial", semantics_note="less work")
+    both = [replace(e, semantics="full") for e in extras] + [partial]
+    rec.fill_x_best([*recs, fast], both)
+    assert [e.x_best for e in both] == [1.0, 2.0, None]
     table = rec.format_table(recs, extras)
     assert "x best" in table and "2.00" in table
     # the floor: 4.5 MB over 450 GB/s is 10 us; none known for the second record
@@ -1016,14 +1023,16 @@ def test_sweep_keeps_records_of_a_failed_backend(pools, tmp_path: Path) -> None:
     assert out[0]["in_memory"] > 0 and out[0]["in_file"] == out[0]["in_memory"], out
 
 
-def sweep_body(rank: int, world: int, modes: list[str], uses_sms: bool) -> dict[str, Any]:
+def sweep_body(rank: int, world: int, modes: list[str], uses_sms: bool, partial: str | None = None) -> dict[str, Any]:
     """(A pool body.) A small CPU sweep of the torch backend, taken for one that sweeps SM counts when ``uses_sms``
-    (num_sms 8 and 16): its records and extras as dicts, the skipped entries and the progress count."""
+    (num_sms 8 and 16) and for one whose calls do less than a Buffer's when ``partial`` (the adapter's note): its
+    records and extras as dicts, the skipped entries and the progress count."""
     from largeep.bench import adapters, sweep
 
     def make(name: str) -> adapters.Adapter:
         a = adapters.LargeepAdapter(name)
         a.uses_sms = uses_sms
+        a.partial = partial
         return a
 
     real = sweep.make_adapter
@@ -1052,6 +1061,20 @@ def test_low_latency_is_measured_once_whatever_the_sm_counts(pools) -> None:  # 
     keys = [(r["op"], x["phase_of"]) for r, x in zip(ll, out["extras"][len(normal):], strict=True)]
     assert len(keys) == len(set(keys)), keys  # (one record per op and phase)
     assert out["total"] == out["done"] == 2 + 1, out  # (normal: one point per SM count; low latency: one)
+
+
+def test_sweep_marks_records_of_partial_semantics(pools) -> None:  # noqa: ANN001 - conftest fixture
+    """An adapter whose calls do less than a Buffer's (symm_mem's: the combine's input already in its pool, a
+    dispatch without ids, weights or per-expert counts) gets extras semantics "partial" with its note, and no
+    x_best; the others "full" and an x_best."""
+    from largeep.bench.adapters import SymmMemAdapter
+
+    assert SymmMemAdapter.partial and "x_best" in SymmMemAdapter.partial
+    out = pools(1).run(sweep_body, ["normal"], False, "less work")[0]
+    assert out["extras"] and all(x["semantics"] == "partial" and x["semantics_note"] == "less work"
+                                 and x["x_best"] is None for x in out["extras"])
+    full = pools(1).run(sweep_body, ["normal"], False)[0]
+    assert all(x["semantics"] == "full" and x["x_best"] == 1.0 for x in full["extras"])
 
 
 def test_load_reads_the_runs_settings(tmp_path: Path) -> None:

@@ -50,6 +50,9 @@ class Adapter:
     # why a backend with a receive hook gets no send/recv records (the sweep says so once, in "skipped")
     hook_untimed: str | None = None
     sends_ll_weights = False  # ll_dispatch takes topk_weights (the combine then applies those); others ignore them
+    # None: the calls do the work of largeep.Buffer's; else what they leave out (their records say semantics
+    # "partial" and this note in their extras, and stay out of x_best)
+    partial: str | None = None
 
     def __init__(self) -> None:
         self.group: dist.ProcessGroup | None = None
@@ -269,6 +272,10 @@ class SymmMemAdapter(Adapter):
     """
 
     name = "symm_mem"
+    partial = (
+        "not a Buffer's work: the combine's expert outputs already lie in the symmetric pool (no copy in), the "
+        "normal dispatch moves only the token rows (no topk_idx, no topk_weights, no per-expert counts), and no "
+        "call checks its arguments; left out of x_best")
 
     def __init__(self) -> None:
         super().__init__()

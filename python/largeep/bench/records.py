@@ -13,19 +13,22 @@ Files of one run (``python -m largeep.bench``; :func:`write_results`)::
                     "settings": {...},     # preset, warm-up, iterations, routing, timing method, device
                     "skipped": [{"backend": ..., "reason": ...}],
                     "extras": [{"bus_gbps": ..., "x_best": ..., "phase_of": ..., "floor_us": ...,
-                                "weights_sent": ..., "bf16_partial_sums": ...}, ...]}   # aligned with results.json
+                                "weights_sent": ..., "bf16_partial_sums": ..., "semantics": ...,
+                                "semantics_note": ...}, ...]}   # aligned with results.json
 
 A run that measures nothing writes neither file (the CLI says so and exits 1).
 ``env`` in run.json is :func:`environment` whole (host, python, largeep, gpu_count, deep_ep besides ENV_KEYS). The
 ``extras`` hold per-record values SPEC has no key for, at the index of their record: ``bus_gbps`` (bytes that
 crossed between GPUs / time), ``x_best`` (time over the fastest backend's time for the same configuration, 1.0 =
-fastest), ``phase_of`` ("dispatch"/"combine" for the low-latency "send"/"recv" records, which SPEC's keys cannot
-tell apart otherwise; None elsewhere) and ``floor_us``, the bytes-over-link floor: the fewest bytes the call must
-move off one GPU (the mean over ranks; a token once per destination rank, except the low-latency combine, whose
-copies carry different expert outputs and go back one by one, or with ``--ll-send-weights`` as one sum in two rows
-per token with two or more experts on a rank) over the link's bandwidth (``--link-gbps``, settings "link_gbps"; GPU
-runs only, None on CPU and for the layout); ``weights_sent`` (low-latency records: the dispatch carried the weights,
-see ``summed_rows_ll``; None for normal mode) and ``bf16_partial_sums``.
+fastest; None for records of semantics "partial", which take no part in it), ``phase_of`` ("dispatch"/"combine"
+for the low-latency "send"/"recv" records, which SPEC's keys cannot tell apart otherwise; None elsewhere) and
+``floor_us``, the bytes-over-link floor: the fewest bytes the call must move off one GPU (the mean over ranks; a
+token once per destination rank, except the low-latency combine, whose copies carry different expert outputs and go
+back one by one, or with ``--ll-send-weights`` as one sum in two rows per token with two or more experts on a rank)
+over the link's bandwidth (``--link-gbps``, settings "link_gbps"; GPU runs only, None on CPU and for the layout);
+``weights_sent`` (low-latency records: the dispatch carried the weights, see ``summed_rows_ll``; None for normal
+mode) and ``bf16_partial_sums``; ``semantics``: "full" where the backend's calls do what largeep.Buffer's do,
+"partial" where they do less (symm_mem; ``semantics_note`` says what they leave out).
 
 The scripts in ``bench/`` write their SPEC records the same way (:func:`write_records`): a list file, each record
 with SPEC's keys, the script's own per-record keys, ENV_KEYS and "command", and its run file beside it, named
@@ -121,6 +124,10 @@ class Extra:
     weights_sent: bool | None = None
     # with weights_sent: the sums came back as one bf16 row each (``--ll-bf16-partial-sums``); else None
     bf16_partial_sums: bool | None = None
+    # "full": the backend's calls do what largeep.Buffer's do; "partial": less (semantics_note says what), and the
+    # record has no x_best; None in files written before these keys
+    semantics: str | None = None
+    semantics_note: str | None = None
 
 
 # -- byte counts ------------------------------------------------------------------------------------------------
@@ -209,15 +216,19 @@ _CONFIG_KEYS = ("mode", "op", "ep", "ranks_per_node", "num_tokens", "hidden", "n
 
 def fill_x_best(records: Sequence[Record], extras: Sequence[Extra]) -> None:
     """Sets each extra's ``x_best``: the record's time over the fastest time for the same configuration (any
-    backend, any SM count; for send/recv also the same phase)."""
+    backend, any SM count; for send/recv also the same phase). Records of semantics "partial" (calls that do less
+    than a Buffer's, e.g. symm_mem's) are left out: their x_best is None and they set no best time."""
     best: dict[tuple[Any, ...], float] = {}
-    keys = []
+    keys: list[tuple[Any, ...] | None] = []
     for r, e in zip(records, extras, strict=False):
+        if e.semantics == "partial":
+            keys.append(None)
+            continue
         key = tuple(getattr(r, k) for k in _CONFIG_KEYS) + (e.phase_of,)
         keys.append(key)
         best[key] = min(best.get(key, float("inf")), r.time_us_median)
-    for r, e, key in zip(records, extras, keys, strict=False):
-        e.x_best = r.time_us_median / best[key] if best[key] > 0 else None
+    for r, e, k in zip(records, extras, keys, strict=False):
+        e.x_best = r.time_us_median / best[k] if k is not None and best[k] > 0 else None
 
 
 # -- environment ------------------------------------------------------------------------------------------------

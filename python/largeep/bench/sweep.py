@@ -412,7 +412,8 @@ class Sweep:
             logical_gbps=logical,
         ))
         self.extras.append(rec.Extra(bus_gbps=bus, phase_of=phase, floor_us=floor, weights_sent=weights_sent,
-                                     bf16_partial_sums=bf16_partial_sums))
+                                     bf16_partial_sums=bf16_partial_sums,
+                                     semantics="partial" if a.partial else "full", semantics_note=a.partial))
 
     def settings(self) -> dict[str, Any]:
         p = self.plan

@@ -16,10 +16,12 @@ from largeep import _env
 from largeep.errors import PeerTimeoutError
 
 
-def wait_all(works: list[Any], on_cpu: bool, head: str, tail: str) -> None:
-    """Waits for every work (None: nothing to wait for). On CPU a wait past LARGEEP_TIMEOUT_S raises
-    PeerTimeoutError(f"{head} (LARGEEP_TIMEOUT_S=... s; gloo: ...){tail}")."""
-    bound = timedelta(seconds=_env.settings().timeout_s) if on_cpu else None
+def wait_all(works: list[Any], on_cpu: bool, head: str, tail: str, timeout_s: float | None = None) -> None:
+    """Waits for every work (None: nothing to wait for). On CPU a wait past LARGEEP_TIMEOUT_S (or ``timeout_s``)
+    raises PeerTimeoutError(f"{head} (LARGEEP_TIMEOUT_S=... s; gloo: ...){tail}")."""
+    if on_cpu and timeout_s is None:
+        timeout_s = _env.settings().timeout_s
+    bound = timedelta(seconds=timeout_s) if on_cpu and timeout_s is not None else None
     for wk in works:
         if wk is None:
             continue

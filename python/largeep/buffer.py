@@ -1063,7 +1063,7 @@ def _all_arrive(group: dist.ProcessGroup, op: str, rank: int, timeout_s: float) 
     _collective.wait_all(
         [work], True, f"{op}: rank {rank} waited in vain for every rank of the group to create its Buffer",
         ": a rank did not create the Buffer, or failed before it; the group is out of step now (destroy it, or "
-        "give the next Buffer a new group)",
+        "give the next Buffer a new group)", timeout_s,
     )
 
 

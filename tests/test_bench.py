@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -187,6 +188,30 @@ def test_x_best_and_table() -> None:
     # the floor: 4.5 MB over 450 GB/s is 10 us; none known for the second record
     head, _, first, second = table.splitlines()[:4]
     assert head.split()[-1] == "floor(us)" and first.split()[-1] == "10.0" and second.split()[-1] == "-", table
+
+
+def test_command_line_under_torchrun() -> None:
+    """Under torchrun the recorded command reruns the same run: the launcher in front, with the nodes and processes
+    per node that torchrun set (it was recorded as `python -m largeep.bench ...`, which starts one process per GPU
+    of one host)."""
+    main = str(Path(rec.__file__).with_name("__main__.py"))
+    args = ["--preset", "quick", "--out", "a b"]
+    assert rec.command_line([main, *args], environ={}) == shlex.join([sys.executable, "-m", "largeep.bench", *args])
+    # what torchrun sets (RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, GROUP_WORLD_SIZE: the nodes)
+    two_nodes = {"RANK": "5", "WORLD_SIZE": "8", "LOCAL_WORLD_SIZE": "4", "GROUP_WORLD_SIZE": "2", "LOCAL_RANK": "1"}
+    assert rec.command_line([main, *args], environ=two_nodes) == (
+        "torchrun --nnodes 2 --nproc-per-node 4 -m largeep.bench --preset quick --out 'a b'")
+    # without GROUP_WORLD_SIZE: WORLD_SIZE / LOCAL_WORLD_SIZE nodes; without LOCAL_WORLD_SIZE: one node
+    assert rec.torchrun_launcher({"RANK": "0", "WORLD_SIZE": "16", "LOCAL_WORLD_SIZE": "8"}) == [
+        "torchrun", "--nnodes", "2", "--nproc-per-node", "8"]
+    assert rec.torchrun_launcher({"RANK": "0", "WORLD_SIZE": "4"}) == ["torchrun", "--nnodes", "1",
+                                                                       "--nproc-per-node", "4"]
+    assert rec.torchrun_launcher({"WORLD_SIZE": "4"}) is None
+    # the console script (the CLI called with argv) and a script path
+    assert rec.command_line(["largeep-bench", "--cpu"], environ=two_nodes) == (
+        "torchrun --nnodes 2 --nproc-per-node 4 --no-python largeep-bench --cpu")
+    assert rec.command_line(["run.py", "--cpu"], environ=two_nodes) == (
+        "torchrun --nnodes 2 --nproc-per-node 4 run.py --cpu")
 
 
 def test_stats() -> None:

@@ -15,7 +15,8 @@ is written).
 
 When it starts the processes itself, each backend runs in a fresh set of them (nvshmem, symm_mem and deepep each
 initialise NVSHMEM once per process), and the parent merges the results; a backend that crashes is reported and the
-others still run. Under torchrun every backend shares the same processes: pass ``--backends`` one at a time there.
+others still run. Under torchrun every backend shares the same processes: pass ``--backends`` one at a time there;
+the recorded command then starts with ``torchrun --nnodes N --nproc-per-node M`` (records.command_line).
 
 Calibration records for ``python -m largeep.bench.sim`` are kernel times: ``bench/kernel_times.py`` for the normal
 mode (e.g. ``--num-sms 8,16,24``) and ``bench/low_latency_times.py`` for the low-latency mode, each on 1, 2 and 4 GPUs.

@@ -66,7 +66,7 @@ import socket
 import subprocess
 import sys
 import warnings
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -302,11 +302,35 @@ def environment() -> dict[str, Any]:
     return env
 
 
-def command_line(argv: Sequence[str] | None = None) -> str:
-    """The command that started this process, as a shell line."""
+def torchrun_launcher(environ: Mapping[str, str] | None = None) -> list[str] | None:
+    """Under torchrun (RANK and WORLD_SIZE set, as the CLI reads them): ``torchrun --nnodes N --nproc-per-node M``
+    from what torchrun sets (M: LOCAL_WORLD_SIZE, else WORLD_SIZE; N: GROUP_WORLD_SIZE, else WORLD_SIZE / M); else
+    None. A run of several nodes also took rendezvous options, which its processes cannot see."""
+    env = os.environ if environ is None else environ
+    if "RANK" not in env or "WORLD_SIZE" not in env:
+        return None
+    world = int(env["WORLD_SIZE"])
+    local = int(env.get("LOCAL_WORLD_SIZE") or world)
+    nodes = int(env.get("GROUP_WORLD_SIZE") or max(1, world // max(1, local)))
+    return ["torchrun", "--nnodes", str(nodes), "--nproc-per-node", str(local)]
+
+
+def command_line(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> str:
+    """The command that started this process, as a shell line that reruns the same run: under torchrun
+    (:func:`torchrun_launcher`), with the launcher in front (``torchrun ... -m largeep.bench ARGS``; a console
+    script such as ``largeep-bench`` after ``--no-python``)."""
     args = list(sys.argv if argv is None else argv)
-    if args and args[0].endswith(("__main__.py", "cli.py")):
+    module = bool(args) and args[0].endswith(("__main__.py", "cli.py"))
+    if module:
         args = [sys.executable, "-m", "largeep.bench"] + args[1:]
+    launcher = torchrun_launcher(environ)
+    if launcher is not None and args:
+        if module:
+            args = [*launcher, *args[1:]]  # (torchrun starts its own python)
+        elif args[0].endswith(".py"):
+            args = [*launcher, *args]
+        else:
+            args = [*launcher, "--no-python", *args]
     return shlex.join(args)
 
 

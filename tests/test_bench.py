@@ -214,6 +214,29 @@ def test_command_line_under_torchrun() -> None:
         "torchrun --nnodes 2 --nproc-per-node 4 run.py --cpu")
 
 
+def test_bandwidth_plot_leaves_out_records_without_a_bandwidth(tmp_path: Path) -> None:
+    """The layout and the receive phases have no logical bandwidth (None): the bandwidth figure leaves them out (they
+    were drawn at 0 GB/s); the latency figure keeps them."""
+    from largeep.bench import plots
+
+    base = dict(backend="nvshmem", ep=2, ranks_per_node=2, hidden=128, num_topk=2, num_experts=4, dtype="bf16",
+                num_sms=None, time_us_median=2.0, time_us_p10=1.0, time_us_p90=3.0)
+    recs, extras = [], []
+    for mode, op, phase, gbps in (("normal", "layout", None, None), ("normal", "dispatch", None, 10.0),
+                                  ("low_latency", "send", "dispatch", 5.0), ("low_latency", "recv", "dispatch", None)):
+        for tokens in (8, 16):
+            recs.append(rec.Record(mode=mode, op=op, num_tokens=tokens, logical_gbps=gbps, **base))
+            extras.append(rec.Extra(bus_gbps=None, phase_of=phase))
+    ops = {metric: {key[1] for key in plots.panels_of(recs, extras, metric)} for metric in ("time", "gbps")}
+    assert ops == {"time": {"layout", "dispatch", "dispatch.send", "dispatch.recv"},
+                   "gbps": {"dispatch", "dispatch.send"}}
+    points = [p for lines in plots.panels_of(recs, extras, "gbps").values() for ps in lines.values() for p in ps]
+    assert len(points) == 4 and all(r.logical_gbps for r, _ in points)
+    assert [p.name for p in plots.plot_results(recs, extras, tmp_path)] == ["latency.png", "bandwidth.png"]
+    # nothing with a bandwidth: no bandwidth figure
+    assert [p.name for p in plots.plot_results(recs[:2], extras[:2], tmp_path / "none")] == ["latency.png"]
+
+
 def test_stats() -> None:
     s = Stats.of([float(v) for v in range(1, 12)])
     assert (s.median, s.p10, s.p90, s.n) == (6.0, 2.0, 10.0, 11)

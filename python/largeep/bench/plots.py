@@ -1,7 +1,8 @@
 """PNG plots of a sweep: latency and logical bandwidth against tokens per rank, one line per backend (and SM count).
 
 One panel per configuration (mode, op, dtype, hidden, top-k, experts, EP); ``latency.png`` shows the median with a
-p10-p90 band, ``bandwidth.png`` the logical bandwidth (layout has none and is left out there).
+p10-p90 band, ``bandwidth.png`` the logical bandwidth (records without one, the layout and the receive phases, are
+left out there, and so is a panel left with no point).
 """
 
 from __future__ import annotations
@@ -23,8 +24,26 @@ def _line_key(r: Record) -> str:
     return r.backend if r.num_sms is None else f"{r.backend} ({r.num_sms} SMs)"
 
 
+Panels = dict[tuple[str, ...], dict[str, list[tuple[Record, Extra]]]]
+
+
+def panels_of(records: Sequence[Record], extras: Sequence[Extra], metric: str) -> Panels:
+    """The points of one figure: panel -> line -> (record, extra) in tokens order. metric "time": every record;
+    "gbps": those with a logical bandwidth (not the layout, not a receive phase), panels without one left out."""
+    panels: Panels = defaultdict(lambda: defaultdict(list))
+    for r, e in zip(records, extras, strict=False):
+        if metric == "gbps" and r.logical_gbps is None:
+            continue
+        panels[_panel_key(r, e)][_line_key(r)].append((r, e))
+    for lines in panels.values():
+        for points in lines.values():
+            points.sort(key=lambda p: p[0].num_tokens)
+    return {k: dict(v) for k, v in panels.items()}
+
+
 def plot_results(records: Sequence[Record], extras: Sequence[Extra], out_dir: str | Path) -> list[Path]:
-    """Writes latency.png and bandwidth.png into ``out_dir``; returns their paths."""
+    """Writes latency.png and bandwidth.png (when a record has a bandwidth) into ``out_dir``; returns their
+    paths."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -32,15 +51,13 @@ def plot_results(records: Sequence[Record], extras: Sequence[Extra], out_dir: st
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    panels: dict[tuple[str, ...], dict[str, list[tuple[Record, Extra]]]] = defaultdict(lambda: defaultdict(list))
-    for r, e in zip(records, extras, strict=False):
-        panels[_panel_key(r, e)][_line_key(r)].append((r, e))
     labels = sorted({_line_key(r) for r in records})
     palette = plt.get_cmap("tab10")
     color = {label: palette(i % 10) for i, label in enumerate(labels)}  # one colour per line in every panel
     written = []
     for name, metric in (("latency.png", "time"), ("bandwidth.png", "gbps")):
-        keys = [k for k in panels if metric == "time" or k[1] != "layout"]
+        panels = panels_of(records, extras, metric)
+        keys = list(panels)
         if not keys:
             continue
         cols = min(3, len(keys))
@@ -48,7 +65,6 @@ def plot_results(records: Sequence[Record], extras: Sequence[Extra], out_dir: st
         fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 3.6 * rows), squeeze=False)
         for ax, key in zip(axes.flat, keys, strict=False):
             for label, points in sorted(panels[key].items()):
-                points.sort(key=lambda p: p[0].num_tokens)
                 xs = [p[0].num_tokens for p in points]
                 if metric == "time":
                     ys = [p[0].time_us_median for p in points]
@@ -56,7 +72,7 @@ def plot_results(records: Sequence[Record], extras: Sequence[Extra], out_dir: st
                     ax.fill_between(xs, [p[0].time_us_p10 for p in points], [p[0].time_us_p90 for p in points],
                                     color=color[label], alpha=0.2)
                 else:
-                    ys = [p[0].logical_gbps or 0.0 for p in points]
+                    ys = [g for p in points if (g := p[0].logical_gbps) is not None]  # (all: panels_of)
                     ax.plot(xs, ys, marker="o", label=label, color=color[label])
             ax.set_xscale("log", base=2)
             if metric == "time":

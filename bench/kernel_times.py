@@ -15,8 +15,8 @@ NVLink leg on the destination node), and combine counts combine_forward (partial
 legs_ep{N}_p{P}.json, gives each leg's kernel time and bytes, and the bytes that would cross between nodes if every
 rank sent to every rank directly. On one host the "RDMA" leg runs over NVLink: its time is no network figure.
 --node-limit L draws routings whose tokens reach at most L nodes (experts chosen among L random nodes).
-Each iteration: L2 flush, barrier, then layout, dispatch, barrier, combine. Per iteration the slowest rank counts;
-records give the median and p10/p90 over iterations.
+Each iteration: L2 flush, barrier, layout, L2 flush, dispatch, L2 flush, barrier, combine (SPEC "Measuring": L2
+flushed between calls). Per iteration the slowest rank counts; records give the median and p10/p90 over iterations.
 Writes OUT/kernel_times_{tag}.json, a JSON list of SPEC.md records, each also with "bus_gbps", "kernels" (the op
 whose kernels were summed), "tune" (LARGEEP_TUNE), "combine_eighths" (the fused combine's push share, 0: push +
 reduce), the environment (gpu, driver, cuda, torch, nccl, nvshmem, git) and "command"; kernel_times_{tag}.run.json
@@ -119,8 +119,11 @@ def _body(rank: int, world: int, args: argparse.Namespace, device: torch.device)
                     torch.cuda.synchronize()
                     dist.barrier()
                     buf.get_dispatch_layout(idx)
+                    flush.zero_()  # (the dispatch does not find topk_idx in L2 where the layout left it)
                     d = buf.dispatch(xin, idx, w)
                     y = d.x if dtype == "bf16" else torch.ones(d.x[0].shape, dtype=torch.bfloat16, device="cuda")
+                    # nor the combine its input where the dispatch (or torch.ones) wrote it
+                    flush.zero_()
                     # combine starts aligned too: otherwise one rank's later dispatch shows up as the other's
                     # reduction waiting for its rows
                     torch.cuda.synchronize()

@@ -12,6 +12,7 @@ the reason is printed once (pip shows it with -v only) and kept in the package (
 from __future__ import annotations
 
 import glob
+import importlib.util
 import json
 import os
 import re
@@ -77,6 +78,12 @@ def _nvshmem(cuda_major: int | None) -> tuple[dict[str, str] | None, str]:
         if (inc / "nvshmem.h").exists() and host and dev.exists():
             return {"include": str(inc), "host": host[0], "device": str(dev)}, ""
     want = f"nvidia-nvshmem-cu{cuda_major}" if cuda_major else "nvidia-nvshmem-cu12 or -cu13"
+    if os.environ.get("NVSHMEM_DIR"):
+        return None, (f"NVSHMEM not found under NVSHMEM_DIR={os.environ['NVSHMEM_DIR']} (no include/nvshmem.h, "
+                      "lib/libnvshmem_host.so* and lib/libnvshmem_device.a there)")
+    if importlib.util.find_spec("torch") is None:  # (an isolated build environment holds neither torch nor the wheel)
+        return None, (f"NVSHMEM not found: this build cannot see the installed packages (an isolated build?): "
+                      f"install with `pip install --no-build-isolation .` after `pip install {want}`")
     return None, f"NVSHMEM not found (set NVSHMEM_DIR or `pip install {want}`)"
 
 
@@ -139,7 +146,9 @@ class CMakeBuild(build_ext):
         """Builds _C into out_dir; returns the CUDA architectures it was built for."""
         nvcc, major = _nvcc()
         if nvcc is None:
-            raise RuntimeError("no CUDA toolkit (nvcc) found; set CUDA_HOME")
+            home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+            raise RuntimeError(f"no nvcc at {home}/bin/nvcc (CUDA_HOME or CUDA_PATH)" if home
+                               else "no CUDA toolkit (nvcc) found on PATH; set CUDA_HOME")
         shmem, why = _nvshmem(major)
         if shmem is None:
             raise RuntimeError(why)

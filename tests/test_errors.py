@@ -911,13 +911,17 @@ def test_settings_name_every_bad_variable(monkeypatch: pytest.MonkeyPatch) -> No
 @pytest.mark.parametrize("name,raw,message", [
     ("TIMEOUT_S", "0.0004", "expected a number >= 0.001"),  # (0 ms: torch's waits would have no bound)
     ("INIT_TIMEOUT_S", "1e-5", "expected a number >= 0.001"),
+    ("TIMEOUT_S", "2e10", "expected a number <= 1e+07"),  # (the native waits' nanoseconds would overflow)
+    ("INIT_TIMEOUT_S", "1e14", "expected a number <= 1e+07"),  # (a timedelta or Thread.join would overflow)
+    ("NVSHMEM_HEAP_MARGIN", "0.1", "expected a number >= 1"),  # (a heap smaller than the Buffer needs)
     ("ZERO_COPY_SLOTS", "\uff13", "expected a whole number >= 0"),  # (a fullwidth 3: str.isdigit took it)
     ("ZERO_COPY_SLOTS", "\u00b2", "expected a whole number >= 0"),  # (a superscript 2: int() failed, unnamed)
     ("TUNE", "threads=--512", "expected comma-separated key=int"),
     ("TUNE", "threads=\u0665\u0661\u0662", "expected comma-separated key=int"),  # (Arabic-Indic 512)
 ])
 def test_settings_refuse_odd_numbers(monkeypatch: pytest.MonkeyPatch, name: str, raw: str, message: str) -> None:
-    """Numbers in other scripts and timeouts below a millisecond are refused, naming the variable."""
+    """Numbers in other scripts, timeouts below a millisecond or above 1e7 s, and a heap margin below 1 are refused,
+    naming the variable."""
     monkeypatch.setenv("LARGEEP_" + name, raw)
     with pytest.raises(ValueError) as e:
         _env.settings()

@@ -2,12 +2,12 @@
 
 | variable | default | meaning |
 | --- | --- | --- |
-| LARGEEP_TIMEOUT_S | 100 | seconds any wait on a peer may take before it raises |
-| LARGEEP_INIT_TIMEOUT_S | 300 | seconds NVSHMEM's initialisation (a process's first nvshmem Buffer) may take |
+| LARGEEP_TIMEOUT_S | 100 | seconds any wait on a peer may take before it raises (0.001 to 1e7) |
+| LARGEEP_INIT_TIMEOUT_S | 300 | seconds NVSHMEM's initialisation (a process's first nvshmem Buffer) may take (0.001 to 1e7) |
 | LARGEEP_LOG_LEVEL | WARNING | level of the ``largeep`` logger |
 | LARGEEP_CHECK_VALUES | 1 | check expert ids for range before a layout or dispatch (one host wait per ids tensor); |
 | | | 1/true/yes/on, or 0/false/no/off (any case); empty: the default; anything else raises |
-| LARGEEP_NVSHMEM_HEAP_MARGIN | 1.25 | factor on the first Buffer's needs when largeep sets NVSHMEM_SYMMETRIC_SIZE |
+| LARGEEP_NVSHMEM_HEAP_MARGIN | 1.25 | factor (1 to 100) on the first Buffer's needs when largeep sets NVSHMEM_SYMMETRIC_SIZE |
 | LARGEEP_ZERO_COPY_SLOTS | 2 | nvshmem normal mode, one node: receive slots whose planes a dispatch returns as its |
 | | | outputs (no copy-out); each holds N * max_tokens_per_rank rows; 0: every dispatch copies; at most 64 |
 | LARGEEP_TUNE | threads=1024,unroll=8,ll_spread=1,ll_fuse=0,comb=3 | normal-mode copy kernels: |
@@ -54,9 +54,10 @@ class Settings:
         return HIGHEST_PRIORITY if self.high_priority else 0
 
 
-def _float(name: str, default: float, least: float | None = None) -> float:
+def _float(name: str, default: float, least: float | None = None, most: float | None = None) -> float:
     """A finite number > 0 (>= ``least`` when given: the timeouts, which torch's waits take in whole milliseconds,
-    where 0 means no bound at all)."""
+    where 0 means no bound at all; <= ``most`` when given: the timeouts again, which the native waits take in
+    nanoseconds of 64 bits and Python's in a timedelta)."""
     raw = os.environ.get(_PREFIX + name)
     if raw is None or raw == "":
         return default
@@ -67,7 +68,9 @@ def _float(name: str, default: float, least: float | None = None) -> float:
     if not math.isfinite(value) or value <= 0:
         raise ValueError(f"{_PREFIX}{name}={raw!r}: expected a positive number (finite)")
     if least is not None and value < least:
-        raise ValueError(f"{_PREFIX}{name}={raw!r}: expected a number >= {least:g} (seconds)")
+        raise ValueError(f"{_PREFIX}{name}={raw!r}: expected a number >= {least:g}")
+    if most is not None and value > most:
+        raise ValueError(f"{_PREFIX}{name}={raw!r}: expected a number <= {most:g}")
     return value
 
 
@@ -86,6 +89,7 @@ def _flag(name: str, default: bool) -> bool:
 
 # the least timeout taken: torch's waits count whole milliseconds, and a bound of 0 ms is none
 _LEAST_TIMEOUT_S = 0.001
+_MOST_TIMEOUT_S = 1e7  # (116 days: far inside the native waits' 64-bit nanoseconds and a timedelta)
 DEFAULT_TIMEOUT_S = 100.0  # LARGEEP_TIMEOUT_S unset (also the bound where the variables could not be read)
 
 # (a slot number travels in a count row's word beside the refusal and kind bits, from bit 20: far above this)
@@ -116,10 +120,10 @@ def settings() -> Settings:
             return None
 
     values = {
-        "timeout_s": read(_float, "TIMEOUT_S", DEFAULT_TIMEOUT_S, _LEAST_TIMEOUT_S),
-        "init_timeout_s": read(_float, "INIT_TIMEOUT_S", 300.0, _LEAST_TIMEOUT_S),
+        "timeout_s": read(_float, "TIMEOUT_S", DEFAULT_TIMEOUT_S, _LEAST_TIMEOUT_S, _MOST_TIMEOUT_S),
+        "init_timeout_s": read(_float, "INIT_TIMEOUT_S", 300.0, _LEAST_TIMEOUT_S, _MOST_TIMEOUT_S),
         "check_values": read(_flag, "CHECK_VALUES", True),
-        "heap_margin": read(_float, "NVSHMEM_HEAP_MARGIN", 1.25),
+        "heap_margin": read(_float, "NVSHMEM_HEAP_MARGIN", 1.25, 1.0, 100.0),
         "zero_copy_slots": read(_count, "ZERO_COPY_SLOTS", 2, _MAX_ZERO_COPY_SLOTS),
         "tune": read(lambda: _tune(os.environ.get(_PREFIX + "TUNE", ""))),
         "high_priority": read(lambda: _choice("STREAM_PRIORITY", ("high", "normal")) == "high"),

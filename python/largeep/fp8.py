@@ -3,6 +3,12 @@
 A token row x [H] becomes ``q`` e4m3 [H] and ``s`` float32 [H/128] with ``s = amax(|x| over 128 channels) / 448``
 and ``q = x / s``; ``x ~= q * s``. With ``round_scale`` the scale is rounded up to a power of two (UE8M0), which
 keeps ``q`` inside the e4m3 range.
+
+Two departures from that formula, the same in this module and in the low-latency kernels: the amax is taken at least
+1e-4, so a group whose values are all below 1e-4 in magnitude gets the scale 1e-4 / 448 (an all-zero group a finite
+scale, q 0, never a division by zero; values below about 4e-10 then become 0). And a NaN in a group is not defined:
+here it makes its whole group NaN, while the kernels leave it out of the amax and store a clamped value for it.
+Check inputs for NaN before quantising where that matters.
 """
 
 from __future__ import annotations

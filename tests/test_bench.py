@@ -170,6 +170,22 @@ def test_logical_bytes_against_hand_count() -> None:
     assert rec.summed_rows_ll(torch.tensor([[0, 1, 2, 3]]), 8, 4).tolist() == [2, 2, 0, 0]
 
 
+def test_floor_is_the_busiest_ranks_link() -> None:
+    """The floor counts the bytes of the busiest rank's link in one direction (times are the slowest rank's), not the
+    mean over ranks; a round trip sums its two legs per direction, the combine's rows going back."""
+    # [src, dst]: rank 0 sends 6 rows to rank 1, rank 1 one to rank 2, rank 2 two to rank 0 (local rows: no link)
+    m = torch.tensor([[3, 6, 0], [0, 5, 1], [2, 0, 4]])
+    tr = rec.Traffic.from_matrix(m)
+    assert tr.remote_out == (6, 1, 2) and tr.remote_in == (2, 6, 1) and tr.mean_remote_rows == 3
+    assert tr.reversed().remote_out == (2, 6, 1) and tr.reversed().remote_in == (6, 1, 2)
+    assert rec.link_bytes((tr, 10)) == 60  # (rank 0 out, rank 1 in; the mean said 30)
+    assert rec.link_bytes((tr.reversed(), 2)) == 12
+    # dispatch 10 bytes a row, combine 2 back: rank 0 sends 6 * 10 + 2 * 2 = 64; rank 1 receives 6 * 10 + 1 * 2 = 62
+    assert rec.link_bytes((tr, 10), (tr.reversed(), 2)) == 64
+    assert rec.link_bytes((rec.Traffic.from_matrix(torch.zeros(2, 2, dtype=torch.int64)), 10)) == 0
+    assert rec.floor_us(rec.link_bytes((tr, 750_000)), 450.0) == pytest.approx(10.0)  # (4.5 MB at 450 GB/s)
+
+
 def test_x_best_and_table() -> None:
     base = dict(mode="normal", op="dispatch", ep=2, ranks_per_node=2, num_tokens=8, hidden=128, num_topk=2,
                 num_experts=4, dtype="bf16", num_sms=None, time_us_p10=1.0, time_us_p90=3.0, logical_gbps=1.0)

@@ -22,10 +22,12 @@ A run that measures nothing writes neither file (the CLI says so and exits 1).
 crossed between GPUs / time), ``x_best`` (time over the fastest backend's time for the same configuration, 1.0 =
 fastest; None for records of semantics "partial", which take no part in it), ``phase_of`` ("dispatch"/"combine"
 for the low-latency "send"/"recv" records, which SPEC's keys cannot tell apart otherwise; None elsewhere) and
-``floor_us``, the bytes-over-link floor: the fewest bytes the call must move off one GPU (the mean over ranks; a
-token once per destination rank, except the low-latency combine, whose copies carry different expert outputs and go
-back one by one, or with ``--ll-send-weights`` as one sum in two rows per token with two or more experts on a rank)
-over the link's bandwidth (``--link-gbps``, settings "link_gbps"; GPU runs only, None on CPU and for the layout);
+``floor_us``, the bytes-over-link floor: the fewest bytes the busiest GPU's link must carry one way (the max over
+ranks of the bytes a rank sends to other ranks and of those it receives from them, a round trip's two legs summed per
+direction, as times are the slowest rank's; :func:`link_bytes`; a token once per destination rank, except the
+low-latency combine, whose copies carry different expert outputs and go back one by one, or with
+``--ll-send-weights`` as one sum in two rows per token with two or more experts on a rank) over the link's bandwidth
+(``--link-gbps``, settings "link_gbps"; GPU runs only, None on CPU and for the layout);
 ``weights_sent`` (low-latency records: the dispatch carried the weights, see ``summed_rows_ll``; None for normal
 mode) and ``bf16_partial_sums``; ``semantics``: "full" where the backend's calls do what largeep.Buffer's do,
 "partial" where they do less (symm_mem; ``semantics_note`` says what they leave out).
@@ -179,10 +181,13 @@ class Traffic:
     """Rows moved by one collective call, from the [src, dst] matrix of row counts of every rank.
 
     mean_rows: rows received per rank, averaged over ranks (local rows included);
-    mean_remote_rows: the same without the rows a rank sends to itself."""
+    mean_remote_rows: the same without the rows a rank sends to itself;
+    remote_out / remote_in: each rank's rows sent to / received from other ranks (the link's two directions)."""
 
     mean_rows: float
     mean_remote_rows: float
+    remote_out: tuple[float, ...] = ()
+    remote_in: tuple[float, ...] = ()
 
     @staticmethod
     def from_matrix(matrix: torch.Tensor) -> Traffic:
@@ -191,7 +196,12 @@ class Traffic:
         n = m.shape[0]
         total = float(m.sum())
         local = float(m.diagonal().sum())
-        return Traffic(total / n, (total - local) / n)
+        remote = m - torch.diag(m.diagonal())
+        return Traffic(total / n, (total - local) / n, tuple(remote.sum(1).tolist()), tuple(remote.sum(0).tolist()))
+
+    def reversed(self) -> Traffic:
+        """The same rows sent back (a combine's traffic from its dispatch's): out and in swapped."""
+        return Traffic(self.mean_rows, self.mean_remote_rows, self.remote_in, self.remote_out)
 
     def logical_bytes(self, bytes_per_row: int) -> float:
         return self.mean_rows * bytes_per_row
@@ -200,8 +210,21 @@ class Traffic:
         return self.mean_remote_rows * bytes_per_row
 
 
+def link_bytes(*legs: tuple[Traffic, int]) -> float:
+    """The bytes the busiest link direction carries in a call made of ``legs`` (each a Traffic and its bytes per
+    row; a round trip has two): the max over ranks of the bytes a rank sends to other ranks and of those it receives
+    from them, each summed over the legs. Times are the slowest rank's, so the floor is the busiest rank's bytes,
+    not the mean over ranks."""
+    if not legs:
+        return 0.0
+    n = len(legs[0][0].remote_out)
+    out = [sum(t.remote_out[r] * b for t, b in legs) for r in range(n)]
+    inn = [sum(t.remote_in[r] * b for t, b in legs) for r in range(n)]
+    return max(out + inn, default=0.0)
+
+
 def floor_us(num_bytes: float, link_gbps: float) -> float:
-    """The time ``num_bytes`` take over a link of ``link_gbps`` GB/s, in microseconds."""
+    """The time ``num_bytes`` take over a link of ``link_gbps`` GB/s (one way), in microseconds."""
     return num_bytes / (link_gbps * 1e3)
 
 

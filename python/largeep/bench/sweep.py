@@ -324,12 +324,14 @@ class Sweep:
         rb_d = rec.row_bytes(dtype, spec.hidden)
         rb_c = rec.row_bytes("bf16", spec.hidden)
         per_row = {"layout": None, "dispatch": rb_d, "combine": rb_c, "roundtrip": rb_d + rb_c}
+        # the floor: a token once per destination rank, and back in the combine (the busiest rank's link)
+        back = traffic.reversed()
+        floors = {"layout": None, "dispatch": rec.link_bytes((traffic, rb_d)), "combine": rec.link_bytes((back, rb_c)),
+                  "roundtrip": rec.link_bytes((traffic, rb_d), (back, rb_c))}
         for op in ("layout", "dispatch", "combine", "roundtrip"):
             if op in stats:
-                rb = per_row[op]
-                floor = None if rb is None else traffic.bus_bytes(rb)  # a token once per rank, both ways
                 self._add(a, spec, "normal", op, None, tokens, "bf16" if op == "combine" else dtype, stats[op],
-                          traffic, rb, floor)
+                          traffic, per_row[op], floors[op])
 
     # -- low-latency mode ---------------------------------------------------------------------------------------
     def _low_latency(self, a: Adapter, spec: BufferSpec, tokens: int, dtype: str, first: bool) -> None:
@@ -381,8 +383,9 @@ class Sweep:
                  ("roundtrip", "roundtrip", None, rb_d + rb_c),
                  ("dispatch.send", "send", "dispatch", rb_d), ("dispatch.recv", "recv", "dispatch", None),
                  ("combine.send", "send", "combine", rb_c), ("combine.recv", "recv", "combine", None)]
-        floors = {"dispatch": per_rank.bus_bytes(rb_d), "combine": (summed if sent else traffic).bus_bytes(rb_c)}
-        floors["roundtrip"] = floors["dispatch"] + floors["combine"]
+        back = (summed if sent else traffic).reversed()  # (the combine's rows go from the experts' ranks)
+        floors = {"dispatch": rec.link_bytes((per_rank, rb_d)), "combine": rec.link_bytes((back, rb_c)),
+                  "roundtrip": rec.link_bytes((per_rank, rb_d), (back, rb_c))}
         for name, op, phase, rb in names:
             if name in stats:
                 # (a receive moves nothing over the link in hook mode: its rows came with the send, so it has
@@ -398,7 +401,7 @@ class Sweep:
         st: Stats, traffic: rec.Traffic, bytes_per_row: int | None, floor_bytes: float | None = None,
         weights_sent: bool | None = None, bf16_partial_sums: bool | None = None,
     ) -> None:
-        """floor_bytes: the fewest bytes the call moves off one GPU (records.py, ``floor_us``)."""
+        """floor_bytes: the fewest bytes the busiest GPU's link carries one way (records.py, ``floor_us``)."""
         logical = bus = None
         if bytes_per_row is not None:
             logical = rec.gbps(traffic.logical_bytes(bytes_per_row), st.median)

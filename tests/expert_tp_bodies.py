@@ -232,10 +232,14 @@ def bad_configs(rank: int, world: int) -> None:
         _raises(("holds 2 of its ranks", "make_expert_tp_groups"), layers.MoELayer, world_buf, ffn_hidden=16,
                 expert_tp_group=tp)
         _raises(("normal mode only",), layers.MoELayer, ll_buf, ffn_hidden=16, expert_tp_group=tp)
-        # a group without this rank: only the ranks outside it make the call (it raises before any collective)
+        # a group without this rank: the ranks outside it tell their Buffers' groups, where rank 0 (a TP group of
+        # itself, alone in its Buffer's group at 2 ranks: a good layer there) learns of it
         first = dist.new_group([0])
         if rank != 0:
             _raises(("expert_tp_group", "does not contain this rank"), layers.MoELayer, ep_buf, ffn_hidden=16,
+                    expert_tp_group=first)
+        elif world > 2:
+            _raises(("refused on rank(s) [1] of the Buffer's group",), layers.MoELayer, ep_buf, ffn_hidden=16,
                     expert_tp_group=first)
         if world == 4:
             # TP groups {0, 3}, {1, 2} with EP groups {0, 1}, {2, 3}: the members of a TP group sit at slots 0 and 1
@@ -320,6 +324,41 @@ def one_sided_refusals(rank: int, world: int) -> None:
     finally:
         for b in bufs.values():
             b.destroy()
+    assert not failures, "\n".join(failures)
+
+
+def wrong_group_then_retry(rank: int, world: int, timeout_s: float) -> None:
+    """Every rank passes the group object of TP group {0, 1} (TP groups {0, 1}, {2, 3}; EP groups {0, 2},
+    {1, 3}): ranks 2 and 3, outside it, raise ArgumentError and tell their Buffers' groups, so ranks 0 and 1 raise
+    ArgumentError too, every rank well before LARGEEP_TIMEOUT_S, none left waiting; then the right groups make the
+    layer on every rank (no exchange of the refused check is left for the retry's to pair with), and its output
+    equals the dense reference's."""
+    import time
+
+    hidden, ffn, experts, topk, seed = 32, 16, 2 * world, 2, 37
+    tokens = [0 if r == 1 else 6 + 3 * r for r in range(world)]
+    groups = make_expert_tp_groups(2)
+    first_tp = dist.new_group([0, 1])  # (NON_GROUP_MEMBER on ranks 2 and 3)
+    m = make_global(seed, tokens, hidden, ffn, 0, experts)
+    ref = dense_reference(m, topk)
+    buf = largeep.Buffer(groups.ep_group, hidden=hidden, num_experts=experts, num_topk=topk,
+                         max_tokens_per_rank=max(tokens), backend="torch")
+    failures: list[str] = []
+    try:
+        with _timeout(timeout_s):
+            start = time.monotonic()
+            words = ("does not contain this rank",) if rank >= 2 else ("refused on rank(s) [1] of the Buffer's group",)
+            _expect(failures, f"rank {rank}, the wrong group", ArgumentError, words, layers.MoELayer, buf,
+                    ffn_hidden=ffn, expert_tp_group=first_tp)
+            took = time.monotonic() - start
+            if took > timeout_s / 3:
+                failures.append(f"rank {rank}: the refusal took {took:.1f} s (LARGEEP_TIMEOUT_S={timeout_s:g})")
+            layer = _build_layer(buf, m, ffn, 0, expert_tp_group=groups.tp_group)
+            with torch.no_grad():
+                out = layer(m.xs[rank].clone())
+            close(out, ref["outs"][rank], f"rank {rank}: the retry's output")
+    finally:
+        buf.destroy()
     assert not failures, "\n".join(failures)
 
 

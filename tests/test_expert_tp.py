@@ -62,6 +62,12 @@ def test_bad_configs(pools, world: int) -> None:
     pools(world).run(expert_tp_bodies.bad_configs)
 
 
+def test_wrong_group_everywhere_then_retry(pools) -> None:
+    # every rank passes TP group {0, 1}'s object: all raise at once (through their Buffers' groups), and the retry
+    # with the right groups works on every rank
+    pools(4).run(expert_tp_bodies.wrong_group_then_retry, 30.0)
+
+
 @pytest.mark.parametrize("world", [2, 4])
 def test_one_sided_refusals(pools, world: int) -> None:
     pools(world).run(expert_tp_bodies.one_sided_refusals)

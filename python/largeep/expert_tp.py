@@ -354,9 +354,25 @@ def _tp_verdict(op: str, mine: dict[str, int], rows: list[list[int]], size: int,
     return None
 
 
+def _outside(op: str, group: Any) -> str | None:
+    """ExpertTP.check's refusal of a ``group`` that is no process group or lacks this rank, or None."""
+    if group is dist.GroupMember.NON_GROUP_MEMBER or (isinstance(group, dist.ProcessGroup)
+                                                       and dist.get_rank(group) < 0):
+        # (NON_GROUP_MEMBER: what dist.new_group returns on the ranks outside it)
+        return f"{op}: argument 'expert_tp_group' does not contain this rank (global rank {dist.get_rank()})"
+    if not isinstance(group, dist.ProcessGroup):
+        return (f"{op}: argument 'expert_tp_group' must be a torch.distributed ProcessGroup or None, got "
+                f"{type(group).__name__}")
+    return None
+
+
 def _ep_verdict(op: str, rows: list[list[int]], ep_rank: int, tp_rank: int, size: int) -> str | None:
     """ExpertTP.check's refusal from the Buffer's group's ``rows`` ([refused, index in its TP group, TP size] of
-    every rank), or None."""
+    every rank; a refused rank's index and size mean nothing, so the refusal is read first), or None."""
+    turned = [r for r, row in enumerate(rows) if row[0]]
+    if turned:
+        return (f"{op}: the expert-TP configuration was refused on rank(s) {turned} of the Buffer's group (see the "
+                "error there), so no rank makes the layer")
     if len({row[2] for row in rows}) > 1:
         return (f"{op}: the ranks of the Buffer's group have 'expert_tp_group's of sizes {[row[2] for row in rows]} "
                 f"(this rank, rank {ep_rank} there: {size}); they must be equal")
@@ -368,10 +384,6 @@ def _ep_verdict(op: str, rows: list[list[int]], ep_rank: int, tp_rank: int, size
             "(allreduce_replica_grads over it would sum different shards): see "
             "largeep.expert_tp.make_expert_tp_groups"
         )
-    turned = [r for r, row in enumerate(rows) if row[0]]
-    if turned:
-        return (f"{op}: the expert-TP configuration was refused on rank(s) {turned} of the Buffer's group (see the "
-                "error there), so no rank makes the layer")
     return None
 
 
@@ -426,28 +438,26 @@ class ExpertTP:
     ) -> ExpertTP:
         """Validates ``group`` against the Buffer's context ``ep_ctx`` and returns the state.
 
-        Collective, once this rank is known to be in ``group``, so that a refusal anywhere raises on every rank of
-        the TP and EP groups instead of leaving some waiting (in this check, or in a later call of the layers that
-        the others made): an all-gather of the configuration over ``group``, one of each member's index in its TP
-        group over the Buffer's group, and one of the verdicts over ``group`` again (a refusal seen in one EP group
-        reaches every TP group through its members there, and from them every EP group). ``settings``: layer
-        options that every member must share (they fix the order of the collectives). ``local_error``: the
-        caller's own refusal of its arguments, raised after the exchanges (its values are not compared)."""
+        Collective, so that a refusal anywhere raises on every rank of the TP and EP groups instead of leaving some
+        waiting (in this check, or in a later call of the layers that the others made): an all-gather of the
+        configuration over ``group``, one of each member's index in its TP group over the Buffer's group, and one
+        of the verdicts over ``group`` again (a refusal seen in one EP group reaches every TP group through its
+        members there, and from them every EP group). A rank whose ``group`` is no process group or lacks it
+        joins the exchange over the Buffer's group only, with its refusal (it cannot reach its TP partners: they
+        must refuse alike, as when every rank passes one group object, or they wait for it in the first exchange
+        until their bound). ``settings``: layer options that every member must share (they fix the order of the
+        collectives). ``local_error``: the caller's own refusal of its arguments, raised after the exchanges (its
+        values are not compared)."""
         op = "MoELayer"
-        if group is dist.GroupMember.NON_GROUP_MEMBER:  # what dist.new_group returns on the ranks outside it
-            raise ArgumentError(
-                f"{op}: argument 'expert_tp_group' does not contain this rank (global rank {dist.get_rank()})"
-            )
-        if not isinstance(group, dist.ProcessGroup):
-            raise ArgumentError(
-                f"{op}: argument 'expert_tp_group' must be a torch.distributed ProcessGroup or None, got "
-                f"{type(group).__name__}"
-            )
+        outside = _outside(op, group)
+        if outside is not None:
+            # its TP partners cannot be reached (this rank does not know its TP group), but its Buffer's group can:
+            # the refusal goes into the exchange over it (step 2 below), which its EP peers are in or will be in,
+            # so they raise too (and tell their TP groups) and nothing is left pending for a retry to meet
+            if ep_ctx.num_ranks > 1:
+                _exchange_ints([1, -1, 0], ep_ctx.group, ep_ctx.device, "EP group")
+            raise ArgumentError(outside)
         rank = dist.get_rank(group)
-        if rank < 0:
-            raise ArgumentError(
-                f"{op}: argument 'expert_tp_group' does not contain this rank (global rank {dist.get_rank()})"
-            )
         size = dist.get_world_size(group)
         # ranks of the TP group inside this rank's Buffer group: must be this rank alone
         overlap = len(set(dist.get_process_group_ranks(ep_ctx.group)) & set(dist.get_process_group_ranks(group)))

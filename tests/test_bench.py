@@ -734,6 +734,23 @@ def test_predict_ep_sweep_and_cli(tmp_path: Path) -> None:
     assert asdict(sim.placeholder())["fitted"] == []
 
 
+def test_sim_says_which_holdout_value_matched_no_record(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A --holdout-* value that matches no record is named (it read "too few records to hold any out")."""
+    recs = _synthetic(TRUE, sim.Cluster())
+    assert sim.holdout_unmatched(recs, eps=[2, 16], sms=[8, 12], tokens=[512]) == [
+        "--holdout-ep 16 matched no record (their EPs: 1, 2, 4)",
+        "--holdout-sms 12 matched no record (their SM counts: 4, 8, 24, 64)"]
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps({"records": recs}))
+    assert sim.main(["--calibrate", str(path), "--holdout-ep", "16", "--eps", "8", "--out", str(tmp_path / "a")]) == 0
+    out = capsys.readouterr().out
+    assert "held-out check: --holdout-ep 16 matched no record (their EPs: 1, 2, 4)" in out and "too few" not in out
+    assert sim.main(["--calibrate", str(path), "--holdout-ep", "2", "--holdout-sms", "12", "--eps", "8", "--out",
+                     str(tmp_path / "b")]) == 0
+    out = capsys.readouterr().out
+    assert "held-out check: note: --holdout-sms 12 matched no record" in out and "51 records" in out
+
+
 def test_sim_rounds(tmp_path) -> None:
     """Normal-mode calls in rounds (Buffer(tokens_per_round=...)): the same bytes, plus the fitted latency per extra
     round and the merge of the received rows; low latency unchanged; the CLI names the rounds."""

@@ -102,6 +102,7 @@ def test_sweep_leaves_out_a_mode_that_cannot_exist() -> None:
         (["--eps", "256", "--max-nodes", "1", "--topk", "16"], "--max-nodes 1 at EP 256"),
         (["--eps", "64", "--max-nodes", "0"], "--max-nodes 0"),
         (["--eff-rdma", "0"], "--eff-rdma 0"),
+        (["--dispatch-dtypes", "fp8,bf8"], "argument --dispatch-dtypes: 'fp8,bf8': expected a comma list of bf16, fp8"),
     ],
 )
 def test_cli_refuses_what_cannot_exist(args: list[str], msg: str, tmp_path: Path,

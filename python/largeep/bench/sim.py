@@ -902,6 +902,23 @@ def split_holdout(
     return fit, held, "fit on 2/3 of the records, checked on every third"
 
 
+def holdout_unmatched(
+    records: Sequence[dict[str, Any]], *, eps: Sequence[int] = (), sms: Sequence[int] = (),
+    tokens: Sequence[int] = (),
+) -> list[str]:
+    """Each ``--holdout-*`` value that matches no record (as :func:`split_holdout` compares them), as
+    "--holdout-ep 16 matched no record (their EPs: 2, 4)"."""
+    out = []
+    for flag, values, key, what in (("--holdout-ep", eps, "ep", "EPs"), ("--holdout-sms", sms, "num_sms", "SM counts"),
+                                    ("--holdout-tokens", tokens, "num_tokens", "tokens per rank")):
+        have = {int(r[key]) for r in records if r.get(key) is not None}
+        for v in values:
+            if v not in have:
+                listed = ", ".join(map(str, sorted(have))) or "none"
+                out.append(f"{flag} {v} matched no record (their {what}: {listed})")
+    return out
+
+
 # -- the EP sweep -----------------------------------------------------------------------------------------------
 VARIANTS = (("hierarchical", True), ("hierarchical", False), ("flat", True), ("flat", False))
 
@@ -1194,6 +1211,17 @@ def _strs(text: str) -> list[str]:
     return [v for v in text.split(",") if v]
 
 
+def _dispatch_dtypes(text: str) -> list[str]:
+    """--dispatch-dtypes: a comma list of bf16, fp8 (an argparse error otherwise, not a traceback later)."""
+    from largeep.bench.records import DTYPES
+
+    got = _strs(text)
+    bad = [v for v in got if v not in DTYPES]
+    if bad or not got:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a comma list of {', '.join(DTYPES)}")
+    return got
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m largeep.bench.sim",
@@ -1247,7 +1275,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hidden", type=int, default=7168)
     p.add_argument("--topk", type=int, default=8)
     p.add_argument("--experts", type=int, default=256)
-    p.add_argument("--dispatch-dtypes", type=_strs, default=["fp8"], help="normal-mode dispatch dtypes to predict")
+    p.add_argument("--dispatch-dtypes", type=_dispatch_dtypes, default=["fp8"],
+                   help="normal-mode dispatch dtypes to predict (bf16, fp8)")
     p.add_argument("--max-nodes", type=int, help="node-limited routing: at most this many nodes per token")
     p.add_argument("--samples", type=int, default=0,
                    help="sample routing statistics (normal mode) on this many tokens (at least 4096; --max-nodes "
@@ -1349,9 +1378,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     kw: dict[str, Any] = {"cluster": measured_cluster, "hierarchical": hier, "overlap": ovl}
     holdout: dict[str, Any] | None = None
     holdout_alt: dict[str, Any] | None = None
+    unmatched: list[str] = []
+    no_holdout = "too few records to hold any out"
     if records:
         fit, held, how = split_holdout(records, eps=args.holdout_ep, sms=args.holdout_sms,
                                        tokens=args.holdout_tokens)
+        unmatched = holdout_unmatched(records, eps=args.holdout_ep, sms=args.holdout_sms, tokens=args.holdout_tokens)
+        if not held and unmatched:
+            no_holdout = "; ".join(unmatched)
+        elif not fit:
+            no_holdout = "every record was held out: none left to fit"
         if fit and held:
             p_fit = calibrate(fit, copy_phase=copy, **kw)
             holdout = _check_doc(check(p_fit, held, **kw), how, p_fit)
@@ -1389,13 +1425,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"in-sample fit: median |error| {100 * in_sample['median_abs_err']:.1f}%, "
               f"max {100 * in_sample['max_abs_err']:.1f}%")
     if holdout:
+        for line in unmatched:
+            print(f"held-out check: note: {line}")
         c = holdout["constants"]
         print(f"held-out constants: lat_us={ {k: round(v, 1) for k, v in c['lat_us'].items()} } "
               f"eff_nvlink={c['eff_nvlink']:.3f} sm_gbps={c['sm_gbps']:.2f} copy_gbps={c['copy_gbps'] or 0:.2f} "
               f"comb_gbps={c['comb_gbps'] or 0:.2f} reduce_gbps={c['reduce_gbps'] or 0:.2f}")
         _print_check("held-out check", holdout)
     elif records:
-        print("held-out check: too few records to hold any out")
+        print(f"held-out check: {no_holdout}")
     weighted_doc = None
 
     def weighted(files: Sequence[str]) -> list[dict[str, Any]]:

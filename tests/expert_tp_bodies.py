@@ -362,6 +362,19 @@ def wrong_group_then_retry(rank: int, world: int, timeout_s: float) -> None:
     assert not failures, "\n".join(failures)
 
 
+def gloo_bounds(rank: int, world: int) -> None:
+    """On a gloo group every collective's wait is bounded by LARGEEP_TIMEOUT_S, whatever the tensors' device
+    (the nvshmem backend runs on gloo groups with CUDA tensors): _collective.on_gloo says so for the default group
+    (None or its object), a new group and a TP group, for CPU and CUDA devices alike (no GPU needed: it only
+    decides)."""
+    from largeep import _collective
+
+    tp = make_expert_tp_groups(2 if world % 2 == 0 else 1).tp_group
+    for group in (None, dist.group.WORLD, dist.new_group(list(range(world))), tp):
+        for device in (torch.device("cpu"), torch.device("cuda", 0)):
+            assert _collective.on_gloo(group, device), f"rank {rank}: {group} {device}: not bounded on gloo"
+
+
 class _SpreadGate(torch.nn.Module):
     """Token t of a call -> experts (t + k) % E for k < K (distinct), weights softmax(x W^T) over them (W [K, H]:
     the gate has a gradient). ``bad_call``: the gate's call (counted from ``calls`` = 0) whose rows from

@@ -62,6 +62,31 @@ def test_bad_configs(pools, world: int) -> None:
     pools(world).run(expert_tp_bodies.bad_configs)
 
 
+def test_gloo_groups_are_bounded(pools) -> None:
+    pools(2).run(expert_tp_bodies.gloo_bounds)
+
+
+@pytest.mark.parametrize(
+    ("backend", "cpu", "cuda"),
+    [("gloo", True, True), ("nccl", False, False), ("cpu:gloo,cuda:nccl", True, False),
+     ("cuda:nccl,cpu:gloo", True, False), ("cpu:gloo,cuda:gloo", True, True), ("ucc", False, False)],
+)
+def test_bound_follows_the_backend(monkeypatch, backend: str, cpu: bool, cuda: bool) -> None:
+    # LARGEEP_TIMEOUT_S bounds the waits where gloo moves the tensors: by the group's backend for the tensors'
+    # device type, not by the device alone (a gloo group with CUDA tensors is bounded; a mixed group's CUDA
+    # tensors go through NCCL, whose waits are not)
+    import torch
+    import torch.distributed as dist
+    from largeep import _collective
+
+    seen = []
+    monkeypatch.setattr(dist, "get_backend", lambda group=None: seen.append(group) or backend)
+    group = object()
+    assert _collective.on_gloo(group, torch.device("cpu")) is cpu  # type: ignore[arg-type]
+    assert _collective.on_gloo(group, torch.device("cuda", 1)) is cuda  # type: ignore[arg-type]
+    assert seen == [group, group]
+
+
 def test_wrong_group_everywhere_then_retry(pools) -> None:
     # every rank passes TP group {0, 1}'s object: all raise at once (through their Buffers' groups), and the retry
     # with the right groups works on every rank

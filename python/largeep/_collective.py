@@ -1,8 +1,8 @@
 """Waits for process-group collectives that the library issues outside a Buffer (expert TP, the gate's load sum,
-the replicas' gradient sum), bounded by LARGEEP_TIMEOUT_S where the tensors are on the CPU (gloo): a rank that
-raised before the collective, or never makes the call, ends the others' wait in PeerTimeoutError instead of the
-process group's own timeout (30 minutes on gloo). On NCCL the group's own timeout applies (its waits are not
-bounded from the host)."""
+the replicas' gradient sum), bounded by LARGEEP_TIMEOUT_S where gloo moves the tensors (a gloo group, CPU or CUDA
+tensors; CPU tensors of a "cpu:gloo,cuda:nccl" group): a rank that raised before the collective, or never makes
+the call, ends the others' wait in PeerTimeoutError instead of the process group's own timeout (30 minutes on
+gloo). Where NCCL moves them the group's own timeout applies (its waits are not bounded from the host)."""
 
 from __future__ import annotations
 
@@ -16,12 +16,27 @@ from largeep import _env
 from largeep.errors import PeerTimeoutError
 
 
-def wait_all(works: list[Any], on_cpu: bool, head: str, tail: str, timeout_s: float | None = None) -> None:
-    """Waits for every work (None: nothing to wait for). On CPU a wait past LARGEEP_TIMEOUT_S (or ``timeout_s``)
-    raises PeerTimeoutError(f"{head} (LARGEEP_TIMEOUT_S=... s; gloo: ...){tail}")."""
-    if on_cpu and timeout_s is None:
+def on_gloo(group: dist.ProcessGroup | None, device: torch.device) -> bool:
+    """Whether gloo moves ``device``'s tensors in collectives over ``group`` (None: the default group), whose waits
+    ``wait_all`` then bounds: every tensor of a gloo group (CUDA ones too, as the nvshmem backend's on a gloo
+    group), only the tensors of the device types that a mixed group ("cpu:gloo,cuda:nccl") gives to gloo."""
+    name = str(dist.get_backend(group)).lower()
+    if ":" not in name:
+        return "gloo" in name
+    for part in name.split(","):
+        dev, _, backend = part.partition(":")
+        if dev.strip() == device.type:
+            return "gloo" in backend
+    return False
+
+
+def wait_all(works: list[Any], bounded: bool, head: str, tail: str, timeout_s: float | None = None) -> None:
+    """Waits for every work (None: nothing to wait for). ``bounded`` (the works are gloo's: ``on_gloo``): a wait
+    past LARGEEP_TIMEOUT_S (or ``timeout_s``) raises PeerTimeoutError(f"{head} (LARGEEP_TIMEOUT_S=... s; gloo:
+    ...){tail}"); otherwise the works are waited for without a bound (NCCL's: the group's own timeout)."""
+    if bounded and timeout_s is None:
         timeout_s = _env.settings().timeout_s
-    bound = timedelta(seconds=timeout_s) if on_cpu and timeout_s is not None else None
+    bound = timedelta(seconds=timeout_s) if bounded and timeout_s is not None else None
     for wk in works:
         if wk is None:
             continue
@@ -46,5 +61,5 @@ def all_reduce(t: torch.Tensor, group: dist.ProcessGroup | None, what: str) -> N
         dist.all_reduce(t, group=group)
         return
     work = dist.all_reduce(t, group=group, async_op=True)
-    wait_all([work], t.device.type == "cpu", f"{what}: rank {dist.get_rank(group)} waited for the group in vain",
+    wait_all([work], on_gloo(group, t.device), f"{what}: rank {dist.get_rank(group)} waited for the group in vain",
              ": a rank did not make the same call, or failed before it; the group is out of step now")

@@ -207,9 +207,10 @@ def _refuse_if_failed(group: dist.ProcessGroup, what: str) -> None:
 def _run(
     fn: Any, outs: list[Tensor], ts: tuple[Tensor, ...], group: dist.ProcessGroup, what: str = "TP group"
 ) -> list[Tensor]:
-    """Issues ``fn(out, t)`` for every pair, then waits for all (Dynamo traces only synchronous collectives). On
-    CPU (gloo) each wait is bounded by LARGEEP_TIMEOUT_S, as the torch backend's are (a member that raised before
-    the collective never joins it); on NCCL the group's own timeout applies. ``what`` names the group. Eagerly, a
+    """Issues ``fn(out, t)`` for every pair, then waits for all (Dynamo traces only synchronous collectives). Where
+    gloo moves the tensors (``_collective.on_gloo``: a gloo group, CPU or CUDA tensors) each wait is bounded by
+    LARGEEP_TIMEOUT_S, as the torch backend's are (a member that raised before the collective never joins it);
+    where NCCL does, the group's own timeout applies. ``what`` names the group. Eagerly, a
     group that failed earlier is refused first, and one whose collective raises here is marked failed."""
     if torch.compiler.is_compiling():  # (synchronous collectives, nothing to wait for here)
         for o, t in zip(outs, ts, strict=True):
@@ -219,7 +220,7 @@ def _run(
     try:
         works = [fn(o, t.contiguous(), group=group, async_op=True) for o, t in zip(outs, ts, strict=True)]
         _collective.wait_all(
-            works, bool(ts) and ts[0].device.type == "cpu",
+            works, bool(ts) and _collective.on_gloo(group, ts[0].device),
             f"expert TP: rank {dist.get_rank(group)} of its {what} waited for the others in vain",
             ": a member did not make the same call, or failed before it; the group is out of step now",
         )

@@ -2,12 +2,13 @@
 
 | variable | default | meaning |
 | --- | --- | --- |
-| LARGEEP_TIMEOUT_S | 100 | seconds any wait on a peer may take before it raises (0.001 to 1e7) |
-| LARGEEP_INIT_TIMEOUT_S | 300 | seconds NVSHMEM's initialisation (a process's first nvshmem Buffer) may take (0.001 to 1e7) |
+| LARGEEP_TIMEOUT_S | 100 | seconds (0.001 to 1e7) any wait on a peer may take before it raises |
+| LARGEEP_INIT_TIMEOUT_S | 300 | seconds (0.001 to 1e7) NVSHMEM's initialisation (a process's first Buffer) may take |
 | LARGEEP_LOG_LEVEL | WARNING | level of the ``largeep`` logger |
 | LARGEEP_CHECK_VALUES | 1 | check expert ids for range before a layout or dispatch (one host wait per ids tensor); |
 | | | 1/true/yes/on, or 0/false/no/off (any case); empty: the default; anything else raises |
-| LARGEEP_NVSHMEM_HEAP_MARGIN | 1.25 | factor (1 to 100) on the first Buffer's needs when largeep sets NVSHMEM_SYMMETRIC_SIZE |
+| LARGEEP_NVSHMEM_HEAP_MARGIN | 1.25 | factor (1 to 100) on the first Buffer's needs when largeep sets |
+| | | NVSHMEM_SYMMETRIC_SIZE |
 | LARGEEP_ZERO_COPY_SLOTS | 2 | nvshmem normal mode, one node: receive slots whose planes a dispatch returns as its |
 | | | outputs (no copy-out); each holds N * max_tokens_per_rank rows; 0: every dispatch copies; at most 64 |
 | LARGEEP_TUNE | threads=1024,unroll=8,ll_spread=1,ll_fuse=0,comb=3 | normal-mode copy kernels: |

@@ -22,7 +22,7 @@ echo "b rc=$? $(( $(date +%s) - t0 )) s"; grep -E "^(FAILED|ERROR)|passed|failed
 (unset LARGEEP_TEST_EMULATE_GPUS LARGEEP_TEST_SHARED_GPUS; timeout 90 python3 bench/kernel_times.py --nprocs 1 --tokens 128,4096 \
    --num-sms 24 --iters 10 --warmup 3 --out $R/kt1) > $R/c_kernel_times.log 2>&1
 echo "c rc=$? $(( $(date +%s) - t0 )) s"; tail -12 $R/c_kernel_times.log
-left=$(( 545 - ($(date +%s) - t0) ))
+left=$(( 470 - ($(date +%s) - t0) ))
 (cd tests && timeout -s INT -k 15 $left $P test_errors.py -k "not (one_rank_refuses or creation or bounded or missing_peer)") > $R/d_errors.log 2>&1
 echo "d rc=$? $(( $(date +%s) - t0 )) s"; grep -E "^(FAILED|ERROR)|passed|failed" $R/d_errors.log | tail -8
 echo "all $(( $(date +%s) - t0 )) s"

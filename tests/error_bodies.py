@@ -924,6 +924,29 @@ def dispatch_id_check_paths(rank: int, world: int) -> dict[str, Any]:
     return {"asked": asked, "python_checks": len(calls)}
 
 
+def other_group_first(rank: int, world: int) -> dict[str, Any]:
+    """Rank 0 starts NVSHMEM on a group of its own (a Buffer on [0]); then every rank makes a Buffer on the whole
+    group: every rank raises RuntimeError naming rank 0's process as serving another group, at once (rank 1, whose
+    NVSHMEM is not started, used to go on into the next collective and wait there for the process group's
+    timeout). A fresh pool: NVSHMEM must not be started in it yet."""
+    import time
+
+    chk = Checker(f"another group first, rank {rank}")
+    sub = dist.new_group([0])
+    if rank == 0:
+        largeep.Buffer(sub, hidden=128, num_experts=4, num_topk=2, max_tokens_per_rank=8, backend="nvshmem").destroy()
+    dist.barrier()
+    start = time.monotonic()
+    try:
+        largeep.Buffer(None, hidden=128, num_experts=2 * world, num_topk=2, max_tokens_per_rank=8, backend="nvshmem")
+        chk.expect(False, "a Buffer was made on a group that rank 0's NVSHMEM does not serve")
+    except RuntimeError as exc:
+        chk.expect("already serves another process group" in str(exc) and "rank(s) [0]" in str(exc), str(exc))
+    took = time.monotonic() - start
+    chk.expect(took < 10.0, f"refused after {took:.1f} s")
+    return {"failures": chk.failures}
+
+
 def creation_missing_peer(rank: int, world: int, timeout_s: float) -> dict[str, float]:
     """Rank 1 never creates its Buffer (a gloo group of its own): every other rank's Buffer creation raises
     PeerTimeoutError within LARGEEP_TIMEOUT_S (not the process group's timeout). Afterwards rank 1 joins the

@@ -342,6 +342,15 @@ def _fresh_pool_run(world: int, spec: str, body: Any, *args: Any, timeout_s: flo
 
 
 @pytest.mark.gpu(2)
+def test_nvshmem_other_group_first() -> None:
+    """Rank 0's process serves another group with NVSHMEM: a Buffer on the whole group is refused on every rank at
+    once. A pool of its own (NVSHMEM must not be running in it yet)."""
+    results = _fresh_pool_run(2, "nccl", error_bodies.other_group_first)
+    failures = [f for r in results for f in r["failures"]]
+    assert not failures, "\n".join(failures)
+
+
+@pytest.mark.gpu(2)
 def test_nvshmem_refuses_different_heap_sizes() -> None:
     """Rank 1 sets a larger NVSHMEM_SYMMETRIC_SIZE than rank 0: both raise ArgumentError before NVSHMEM starts
     (an allocation failing on one rank only would leave the other inside NVSHMEM's barrier); with the variable
@@ -349,6 +358,41 @@ def test_nvshmem_refuses_different_heap_sizes() -> None:
     results = _fresh_pool_run(2, "nccl", error_bodies.heap_sizes_refused)
     failures = [f for r in results for f in r["failures"]]
     assert not failures, "\n".join(failures)
+
+
+def test_nvshmem_join_judged_on_every_rank(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What each rank's process says of NVSHMEM (started, the group it serves, an earlier failure, the device) is
+    judged alike on every rank: a process that serves another group, failed earlier or has another device current
+    refuses the Buffer on every rank of the group, not on its own rank alone (the others would wait for it in the
+    collectives that follow)."""
+    import types
+
+    from largeep.backends import nvshmem_backend as nb
+
+    monkeypatch.setattr(nb.dist, "get_process_group_ranks", lambda group: [0, 1, 2])
+    monkeypatch.setattr(nb, "_world", {})
+    ctx = types.SimpleNamespace(rank=1, num_ranks=3, group=None)
+    fresh, mine = (False, (), None, True), (True, (0, 1, 2), None, True)
+    assert nb._join_reason(ctx, [fresh] * 3) is False  # type: ignore[arg-type]
+    assert nb._join_reason(ctx, [mine] * 3) is True  # type: ignore[arg-type]
+    cases = [
+        ([fresh, fresh, (True, (2,), None, True)], RuntimeError, r"already serves another process group \(global "
+         r"ranks \[2\]\) in the process\(es\) of rank\(s\) \[2\]"),
+        ([(False, (), "NVSHMEM's initialisation failed on rank 0 of 3", True), fresh, fresh], RuntimeError,
+         r"failed earlier in the process\(es\) of rank\(s\) \[0\]"),
+        ([mine, mine, (True, (0, 1, 2), None, False)], largeep.ArgumentError,
+         r"on rank\(s\) \[2\] the current CUDA device is not the one NVSHMEM runs on"),
+        ([mine, fresh, mine], RuntimeError, r"started on this group in the processes of rank\(s\) \[0, 2\] but not of "
+         r"rank\(s\) \[1\]"),
+    ]
+    for states, kind, match in cases:
+        with pytest.raises(kind, match=match):
+            nb._join_reason(ctx, states)  # type: ignore[arg-type]
+    # the failed process itself raises its own reason
+    monkeypatch.setattr(nb, "_world", {"init_failed": (largeep.PeerTimeoutError, "NVSHMEM's initialisation did not "
+                                                                                 "finish")})
+    with pytest.raises(largeep.PeerTimeoutError, match="an earlier Buffer's NVSHMEM's initialisation did not"):
+        nb._join_reason(ctx, [fresh, (False, (), "x", True), fresh])  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("outcome", ["hangs", "raises"])

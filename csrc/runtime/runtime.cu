@@ -148,20 +148,38 @@ bool initialized() { return g.initialized; }
 int rank() { return g.rank; }
 int num_ranks() { return g.num_ranks; }
 
+// The runtime's calls run on NVSHMEM's device, whatever device the caller has current (restored after).
+struct OnDevice {
+    int before = -1;
+    OnDevice() {
+        CUDA_CHECK(cudaGetDevice(&before));
+        if (before != g.device) CUDA_CHECK(cudaSetDevice(g.device));
+    }
+    ~OnDevice() {
+        if (before >= 0 && before != g.device) cudaSetDevice(before);
+    }
+    OnDevice(const OnDevice&) = delete;
+    OnDevice& operator=(const OnDevice&) = delete;
+};
+
 uintptr_t alloc(size_t bytes, double timeout_s) {
     HOST_ASSERT(g.initialized, "NVSHMEM is not initialised");
+    OnDevice on;
     rendezvous(timeout_s, "Buffer creation (symmetric allocation)");
     void* p = nvshmem_malloc(bytes);
     HOST_ASSERT(p != nullptr || bytes == 0, "nvshmem_malloc of " << bytes << " bytes failed: the symmetric heap is too small "
                 "(raise NVSHMEM_SYMMETRIC_SIZE before the first Buffer is created)");
     CUDA_CHECK(cudaMemset(p, 0, bytes));
     CUDA_CHECK(cudaDeviceSynchronize());
-    nvshmem_barrier_all();
+    // Every rank's memory is zeroed before any rank goes on to write into a peer's: a second bounded rendezvous,
+    // not NVSHMEM's barrier, which would wait forever for a rank that failed just above (and threw)
+    rendezvous(timeout_s, "Buffer creation (after the symmetric allocation)");
     return reinterpret_cast<uintptr_t>(p);
 }
 
 void free(uintptr_t ptr, double timeout_s) {
     HOST_ASSERT(g.initialized, "NVSHMEM is not initialised");
+    OnDevice on;
     CUDA_CHECK(cudaDeviceSynchronize());
     rendezvous(timeout_s, "Buffer.destroy (symmetric free)");
     nvshmem_barrier_all();
@@ -176,6 +194,7 @@ uintptr_t peer_ptr(uintptr_t ptr, int pe) {
 
 void barrier(double timeout_s) {
     HOST_ASSERT(g.initialized, "NVSHMEM is not initialised");
+    OnDevice on;
     CUDA_CHECK(cudaDeviceSynchronize());
     rendezvous(timeout_s, "barrier");
     nvshmem_barrier_all();
@@ -183,6 +202,7 @@ void barrier(double timeout_s) {
 
 void finalize() {
     if (!g.initialized) return;
+    OnDevice on;
     CUDA_CHECK(cudaDeviceSynchronize());
     nvshmem_finalize();
     g.initialized = false;

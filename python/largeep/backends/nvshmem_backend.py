@@ -320,12 +320,75 @@ def _join(ctx: GroupContext, heap_bytes: int, settings: Settings) -> Any:
             "NVSHMEM_SYMMETRIC_SIZE was not set: largeep sets it to %d bytes (%.1f GiB) from the first Buffer's "
             "needs; set it yourself if later Buffers need more", size, size / (1 << 30),
         )
-    uid = [C.unique_id() if ctx.rank == 0 else None]
+    # rank 0's id, or why it could not make one: every rank learns which (a rank 0 raising alone would leave the
+    # others in the broadcast)
+    uid: list[Any] = [None]
+    if ctx.rank == 0:
+        try:
+            uid[0] = (C.unique_id(), None)
+        except Exception as exc:  # noqa: BLE001 - sent to every rank, raised there
+            uid[0] = (None, f"{type(exc).__name__}: {exc}")
     dist.broadcast_object_list(uid, src=dist.get_global_rank(ctx.group, 0), group=ctx.group)
+    if uid[0][1] is not None:
+        if user_size is None:  # ours: the next Buffer sizes the heap again
+            os.environ.pop("NVSHMEM_SYMMETRIC_SIZE", None)
+        raise RuntimeError(f"Buffer: rank 0 could not make NVSHMEM's unique id ({uid[0][1]}); nothing was started")
     assert ctx.device.index is not None
-    _init_bounded(C, uid[0], ctx, settings.init_timeout_s)
+    _init_bounded(C, uid[0][0], ctx, settings.init_timeout_s)
     _world["ranks"] = ranks
+    _world["device"] = ctx.device.index
     return C
+
+
+def _process_state(C: Any, ctx: GroupContext) -> tuple[bool, tuple[int, ...], str | None, bool]:
+    """This process's NVSHMEM, as ``_join_reason`` reads it on every rank: started, the global ranks of the group it
+    serves, why an earlier initialisation failed (None: it did not), and whether ctx's device is the one it runs on
+    (or none yet)."""
+    failed = _world.get("init_failed")
+    return (bool(C.initialized()), tuple(_world.get("ranks") or ()), failed[1] if failed else None,
+            _world.get("device") in (None, ctx.device.index))
+
+
+def _join_reason(ctx: GroupContext, states: list[tuple[bool, tuple[int, ...], str | None, bool]]) -> bool:
+    """Raises, on every rank alike, where some rank's process cannot serve this group with NVSHMEM: its
+    initialisation failed earlier, it serves another group, its current device is not the one NVSHMEM runs on, or
+    some ranks started NVSHMEM on this group and others did not. Returns whether NVSHMEM is started (on every rank,
+    then)."""
+    ranks = tuple(dist.get_process_group_ranks(ctx.group))
+    me = ctx.rank
+    failed = [r for r, st in enumerate(states) if st[2] is not None]
+    if failed:
+        if me in failed:
+            kind, why = _world["init_failed"]
+            raise kind(f"Buffer: an earlier Buffer's {why}")
+        raise RuntimeError(
+            f"Buffer: NVSHMEM's initialisation failed earlier in the process(es) of rank(s) {failed} of this group "
+            f"(rank {failed[0]}: {states[failed[0]][2]}); no nvshmem Buffer can be made on this group: restart the "
+            "processes"
+        )
+    other = [r for r, st in enumerate(states) if st[0] and st[1] != ranks]
+    if other:
+        raise RuntimeError(
+            f"Buffer: NVSHMEM already serves another process group (global ranks {list(states[other[0]][1])}) in the "
+            f"process(es) of rank(s) {other} of this group (global ranks {list(ranks)}); a Buffer with backend "
+            "'nvshmem' on another group cannot share it. Use backend='torch' for the second group, or one group per "
+            "process."
+        )
+    moved = [r for r, st in enumerate(states) if not st[3]]
+    if moved:
+        raise ArgumentError(
+            f"Buffer: on rank(s) {moved} the current CUDA device is not the one NVSHMEM runs on in that process (it "
+            "was current when the first nvshmem Buffer was made); make every Buffer with that device current "
+            "(torch.cuda.set_device)"
+        )
+    on = [r for r, st in enumerate(states) if st[0]]
+    if on and len(on) < len(states):
+        off = [r for r, st in enumerate(states) if not st[0]]
+        raise RuntimeError(
+            f"Buffer: NVSHMEM is started on this group in the processes of rank(s) {on} but not of rank(s) {off} (an "
+            "earlier Buffer failed on some ranks only?); restart the processes"
+        )
+    return bool(on)
 
 
 def _ptr(t: torch.Tensor | None) -> int:
@@ -505,7 +568,10 @@ class NvshmemBackend:
         free = int(torch.cuda.mem_get_info(ctx.device)[0])
         gathered: list[Any] = [None] * n
         dist.all_gather_object(gathered, (config, settings.tune["threads"], (socket.gethostname(),
-                               _gpu_of(ctx.device), free)), group=ctx.group)
+                               _gpu_of(ctx.device), free), _process_state(C, ctx)), group=ctx.group)
+        # NVSHMEM's state in each rank's process, judged on every rank (a rank refusing alone would leave the
+        # others waiting in the collectives that follow)
+        started = _join_reason(ctx, [g[3] for g in gathered])
         every = [g[0] for g in gathered]
         if any(e != config for e in every):
             names = ("(ranks, experts, topk, hidden, max_tokens_per_rank, ranks_per_node, low_latency, "
@@ -524,8 +590,8 @@ class NvshmemBackend:
             lay = C.normal_layout(*sizes, ctx.ranks_per_node, self.zc_slots)
         # (the first Buffer only: later ones may reuse heap memory that NVSHMEM keeps mapped, which the free memory
         # does not count, and every rank of the group initialised NVSHMEM with the same first Buffer)
-        reason = None if C.initialized() else memory_reason(int(lay["total_bytes"]), [g[2] for g in gathered],
-                                                            ctx.max_tokens_per_rank, in_rounds)
+        reason = None if started else memory_reason(int(lay["total_bytes"]), [g[2] for g in gathered],
+                                                    ctx.max_tokens_per_rank, in_rounds)
         if reason is not None:
             raise ArgumentError(f"Buffer: {reason}")
         self.C = _join(ctx, int(lay["total_bytes"]), settings)

@@ -162,6 +162,16 @@ class CMakeBuild(build_ext):
             pass
         hint = ""
         wheels = _wheel_cuda_majors(shmem["host"])
+        try:
+            import torch
+
+            torch_major = int(torch.version.cuda.split(".")[0]) if torch.version.cuda else None
+        except ImportError:
+            torch_major = None
+        if torch_major is not None and wheels and torch_major not in wheels:
+            names = " and ".join(f"nvidia-nvshmem-cu{m}" for m in wheels)
+            _say(f"warning: NVSHMEM comes from {names} but torch is built for CUDA {torch_major}: install "
+                 f"nvidia-nvshmem-cu{torch_major} (and an nvcc of CUDA {torch_major}) to keep one CUDA major version")
         if major is not None and wheels and wheels != [major]:
             names = " and ".join(f"nvidia-nvshmem-cu{m}" for m in wheels)
             hint = (f"NVSHMEM comes from {names} but nvcc is CUDA {major}: keep only nvidia-nvshmem-cu{major} "

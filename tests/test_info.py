@@ -38,7 +38,8 @@ def test_advice_for_mismatched_cuda_and_cut_peers() -> None:
     r = {"environment": {"nvshmem": "nvidia-nvshmem-cu12 3.3.9", "cuda": "13.0"}, "settings_error": None,
          "native": "ok", "gpus": [{}, {}], "peer_access": [[True, False], [False, True]]}
     tips = info._advice(r)
-    assert any("is for CUDA 12 but torch is built for CUDA 13.0" in t and "nvidia-nvshmem-cu13" in t for t in tips)
+    assert any("is for CUDA 12 but torch is built for CUDA 13.0" in t and "keep only nvidia-nvshmem-cu13" in t
+               and "--force-reinstall nvidia-nvshmem-cu13" in t for t in tips)
     assert any("without peer access [(0, 1), (1, 0)]" in t for t in tips)
     r["environment"]["nvshmem"] = "nvidia-nvshmem-cu13 3.8.0"
     r["peer_access"] = [[True, True], [True, True]]

@@ -74,8 +74,10 @@ def _advice(r: dict[str, Any]) -> list[str]:
     nvshmem, torch_cuda = env.get("nvshmem"), env.get("cuda")
     wheel = re.search(r"cu(\d+)", nvshmem or "")
     if wheel and torch_cuda and int(wheel.group(1)) != _cuda_major(torch_cuda):
-        tips.append(f"{nvshmem} is for CUDA {wheel.group(1)} but torch is built for CUDA {torch_cuda}: install "
-                    f"nvidia-nvshmem-cu{_cuda_major(torch_cuda)} and rebuild largeep")
+        want = f"nvidia-nvshmem-cu{_cuda_major(torch_cuda)}"
+        tips.append(f"{nvshmem} is for CUDA {wheel.group(1)} but torch is built for CUDA {torch_cuda}: keep only "
+                    f"{want} (`pip uninstall` the other NVSHMEM wheel, which writes the same files, then `pip install "
+                    f"--force-reinstall {want}`) and rebuild largeep with an nvcc of CUDA {_cuda_major(torch_cuda)}")
     if r["native"] != "ok" and r["gpus"]:
         tips.append(f"the nvshmem backend is unavailable ({r['native']}); backend='auto' falls back to 'torch'")
     cut = [(i, j) for i, row in enumerate(r["peer_access"]) for j, ok in enumerate(row) if not ok]

@@ -975,7 +975,7 @@ def test_settings_refuse_odd_numbers(monkeypatch: pytest.MonkeyPatch, name: str,
 def test_settings_take_a_millisecond_timeout(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LARGEEP_TIMEOUT_S", "0.001")
     monkeypatch.setenv("LARGEEP_ZERO_COPY_SLOTS", " 3 ")
-    monkeypatch.setenv("LARGEEP_TUNE", "threads= 512")
+    monkeypatch.setenv("LARGEEP_TUNE", "threads =512")
     s = _env.settings()
     assert s.timeout_s == 0.001 and s.zero_copy_slots == 3 and s.tune["threads"] == 512
 

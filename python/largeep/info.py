@@ -2,7 +2,8 @@
 peer access between the GPUs, the ``LARGEEP_*`` and ``NVSHMEM_*`` settings -- and what to fix first.
 
 Never raises for a missing piece: every line says what it found. Exit status 1 when a ``LARGEEP_*`` variable has a
-value the library would refuse (Buffer creation would raise), else 0.
+value the library would refuse (Buffer creation would raise, or for LARGEEP_INDUCTOR_ORDER_FIX the first trace of a
+graph holding largeep's communication ops), else 0.
 """
 
 from __future__ import annotations

@@ -947,6 +947,72 @@ def other_group_first(rank: int, world: int) -> dict[str, Any]:
     return {"failures": chk.failures}
 
 
+def nvshmem_creation_fails_after_alloc(rank: int, world: int, fail_on: int) -> dict[str, Any]:
+    """The nvshmem backend's creation on CPU with a stand-in for the native module (NVSHMEM already started on this
+    group): after the symmetric allocation, rank ``fail_on``'s kernels fail to be made (-1: nobody's). Every rank
+    must raise (that rank its own error, the others naming it), free the symmetric memory once (collectively) and
+    its host-mapped words; with no failure every rank gets a live backend. Module names patched in the worker are
+    restored."""
+    import ctypes
+
+    from largeep import _env
+    from largeep.backends import nvshmem_backend as nb
+    from largeep.backends.base import GroupContext
+
+    log: dict[str, list[Any]] = {"free": [], "host_free": [], "kernels": []}
+    keep: list[Any] = []
+
+    class Kernels:
+        def __init__(self, *args: Any) -> None:
+            if rank == fail_on:
+                raise RuntimeError("injected: the kernels could not be made")
+            log["kernels"].append(args[0])
+
+    class Stand:
+        NormalKernels = Kernels
+
+        def initialized(self) -> bool:
+            return True
+
+        def normal_layout(self, *args: Any) -> dict[str, int]:
+            return {"total_bytes": 1 << 20, "off_zc": 0, "zc_slot_bytes": 0}
+
+        def alloc(self, nbytes: int, timeout_s: float) -> int:
+            return 1 << 32
+
+        def peer_ptr(self, base: int, r: int) -> int:
+            return base + (r << 24)
+
+        def host_alloc(self, nbytes: int) -> list[int]:
+            buf = (ctypes.c_int64 * (nbytes // 8))()
+            keep.append(buf)
+            return [ctypes.addressof(buf)] * 2
+
+        def host_free(self, ptr: int) -> None:
+            log["host_free"].append(ptr)
+
+        def free(self, base: int, timeout_s: float) -> None:
+            log["free"].append(base)
+
+    saved = (nb.native.module, nb.torch.cuda.mem_get_info, nb._gpu_of, nb._world)
+    nb.native.module = lambda: Stand()  # type: ignore[assignment]
+    nb.torch.cuda.mem_get_info = lambda device=None: (1 << 40, 1 << 40)  # type: ignore[assignment]
+    nb._gpu_of = lambda device: f"gpu {rank}"  # type: ignore[assignment]
+    nb._world = {"ranks": list(range(world)), "device": None}
+    out: dict[str, Any] = {"error": None}
+    try:
+        ctx = GroupContext(dist.group.WORLD, rank, world, world, torch.device("cpu"), 128, 2 * world, 2, 8, 24, False)
+        try:
+            backend = nb.NvshmemBackend(ctx, _env.settings())
+            out["alive"] = bool(backend.alive)
+        except RuntimeError as exc:
+            out["error"] = str(exc)
+    finally:
+        nb.native.module, nb.torch.cuda.mem_get_info, nb._gpu_of, nb._world = saved  # type: ignore[assignment]
+    out.update({k: len(v) for k, v in log.items()})
+    return out
+
+
 def creation_missing_peer(rank: int, world: int, timeout_s: float) -> dict[str, float]:
     """Rank 1 never creates its Buffer (a gloo group of its own): every other rank's Buffer creation raises
     PeerTimeoutError within LARGEEP_TIMEOUT_S (not the process group's timeout). Afterwards rank 1 joins the

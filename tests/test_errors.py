@@ -360,6 +360,23 @@ def test_nvshmem_refuses_different_heap_sizes() -> None:
     assert not failures, "\n".join(failures)
 
 
+@pytest.mark.parametrize("fail_on", [-1, 0, 1])
+def test_nvshmem_creation_fails_after_alloc(pools, fail_on: int) -> None:
+    """A rank that fails after the symmetric allocation (its kernels, say) makes every rank raise and free that
+    memory and its host-mapped words, instead of keeping it and leaving the others a Buffer whose first call times
+    out (CPU: a stand-in for the native module)."""
+    for rank, res in enumerate(pools(WORLD).run(error_bodies.nvshmem_creation_fails_after_alloc, fail_on)):
+        if fail_on < 0:
+            assert res["error"] is None and res["alive"] and res["free"] == 0 and res["host_free"] == 0, res
+            continue
+        assert res["free"] == 1 and res["host_free"] == 1, res
+        if rank == fail_on:
+            assert res["error"] == "injected: the kernels could not be made", res
+        else:
+            assert f"rank(s) [{fail_on}] could not make their part" in res["error"] and "injected" in res["error"], res
+            assert res["kernels"] == 1, res
+
+
 def test_nvshmem_join_judged_on_every_rank(monkeypatch: pytest.MonkeyPatch) -> None:
     """What each rank's process says of NVSHMEM (started, the group it serves, an earlier failure, the device) is
     judged alike on every rank: a process that serves another group, failed earlier or has another device current

@@ -602,18 +602,52 @@ class NvshmemBackend:
         node = ctx.rank // ctx.ranks_per_node
         mine = range(node * ctx.ranks_per_node, (node + 1) * ctx.ranks_per_node)
         peers = [int(self.C.peer_ptr(self.base, r)) if r in mine else 0 for r in range(n)]
-        # (every rank's verdict first: a rank that alone found a peer unreachable and freed the heap would wait in
-        # free's rendezvous for peers that went on, and leave them a Buffer whose first call times out)
+        # This rank's own part (small tensors, the host-mapped status words, the kernels) is made before every rank's
+        # verdict: a rank that alone failed there (out of memory, ...), or found a peer unreachable, and freed the
+        # heap would wait in free's rendezvous for peers that went on, and leave them a Buffer whose first call
+        # times out; with the verdicts every rank frees it and raises.
+        self.host_ptr = 0
+        failure: BaseException | None = None
+        try:
+            self._make_parts(ctx, settings, peers)
+        except BaseException as exc:  # noqa: BLE001 - told to every rank, raised below
+            failure = exc
         verdicts: list[Any] = [None] * n
-        dist.all_gather_object(verdicts, [r for r in mine if peers[r] == 0], group=ctx.group)
-        unreachable = {r: v for r, v in enumerate(verdicts) if v}
-        if unreachable:
+        said = None if failure is None else f"{type(failure).__name__}: {failure}"[:300]
+        dist.all_gather_object(verdicts, ([r for r in mine if peers[r] == 0], said), group=ctx.group)
+        unreachable = {r: v[0] for r, v in enumerate(verdicts) if v[0]}
+        broken = {r: v[1] for r, v in enumerate(verdicts) if v[1]}
+        if unreachable or broken:
+            self._drop_parts()
+            if failure is not None:
+                try:
+                    self._collective("Buffer", self.C.free, self.base, settings.timeout_s)
+                except Exception:  # noqa: BLE001 - this rank's own failure is the one to raise
+                    logger.debug("Buffer: freeing the symmetric memory after a failed creation failed too",
+                                 exc_info=True)
+                raise failure
             self._collective("Buffer", self.C.free, self.base, settings.timeout_s)
+            if unreachable:
+                raise RuntimeError(
+                    "Buffer: ranks of one node are not reachable from each other over NVLink (NVSHMEM gave no peer "
+                    "pointer): " + "; ".join(f"from rank {r}: ranks {v}" for r, v in unreachable.items())
+                    + " (NVSHMEM_DISABLE_P2P or another P2P setting on some processes?)"
+                )
+            r0 = min(broken)
             raise RuntimeError(
-                "Buffer: ranks of one node are not reachable from each other over NVLink (NVSHMEM gave no peer "
-                "pointer): " + "; ".join(f"from rank {r}: ranks {v}" for r, v in unreachable.items())
-                + " (NVSHMEM_DISABLE_P2P or another P2P setting on some processes?)"
+                f"Buffer: rank(s) {sorted(broken)} could not make their part of the Buffer after the symmetric "
+                f"allocation (rank {r0}: {broken[r0]}); it was freed on every rank"
             )
+        self.alive = True
+        if self.zc_slots:
+            first = self.base + int(lay["off_zc"])
+            self.zc_region = (first, first + self.zc_slots * int(lay["zc_slot_bytes"]))
+            _zc_register(self, True)
+
+    def _make_parts(self, ctx: GroupContext, settings: Settings, peers: list[int]) -> None:
+        """This rank's own part of the Buffer, after the symmetric allocation: the device words, the host-mapped
+        status words and the kernels bound to them (nothing collective)."""
+        n = ctx.num_ranks
         dev = ctx.device
         self.peer_base = torch.tensor(peers, dtype=torch.int64, device=dev)
         self.seq = torch.zeros(5, dtype=torch.int64, device=dev)  # api.cuh SeqKind
@@ -642,11 +676,15 @@ class NvshmemBackend:
                 *common, ctx.ranks_per_node, settings.tune["threads"], settings.tune["unroll"],
                 self.zc_slots, dev.index,
             )
-        self.alive = True
-        if self.zc_slots:
-            first = self.base + int(lay["off_zc"])
-            self.zc_region = (first, first + self.zc_slots * int(lay["zc_slot_bytes"]))
-            _zc_register(self, True)
+
+    def _drop_parts(self) -> None:
+        """Undoes what ``_make_parts`` made (after a failed creation, before the heap is freed)."""
+        for name in ("kernels", "ll", "status"):
+            if hasattr(self, name):
+                delattr(self, name)
+        if self.host_ptr:
+            self.C.host_free(self.host_ptr)
+            self.host_ptr = 0
 
     # -- lifetime and errors ------------------------------------------------------------------------------------
     def destroy(self) -> None:

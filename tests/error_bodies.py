@@ -1013,6 +1013,45 @@ def nvshmem_creation_fails_after_alloc(rank: int, world: int, fail_on: int) -> d
     return out
 
 
+def layout_refused_no_dispatch(rank: int, world: int, timeout_s: float) -> dict[str, Any]:
+    """Rank 0's layout refuses an expert id, but no fresh dispatch follows on the other ranks (a layout alone): its
+    void round times out after LARGEEP_TIMEOUT_S with a PeerTimeoutError that still names the bad id (the refusal
+    is not lost behind the timeout). A gloo group of its own (the abandoned collective stays in it)."""
+    import datetime
+    import time
+
+    sub = dist.new_group(list(range(world)), timeout=datetime.timedelta(seconds=timeout_s + 20))
+    before = os.environ.get("LARGEEP_TIMEOUT_S")
+    os.environ["LARGEEP_TIMEOUT_S"] = str(timeout_s)
+    try:
+        buf = largeep.Buffer(sub, hidden=32, num_experts=2 * world, num_topk=2, max_tokens_per_rank=4,
+                             backend="torch")
+    finally:
+        if before is None:
+            del os.environ["LARGEEP_TIMEOUT_S"]
+        else:
+            os.environ["LARGEEP_TIMEOUT_S"] = before
+    out: dict[str, Any] = {"elapsed_s": 0.0, "message": ""}
+    try:
+        idx = torch.tensor([[0, 1], [1, -1]], dtype=torch.int64)
+        if rank == 0:
+            idx[1, 0] = 2 * world + 5
+            start = time.monotonic()
+            try:
+                buf.get_dispatch_layout(idx)
+            except largeep.PeerTimeoutError as exc:
+                out["elapsed_s"] = time.monotonic() - start
+                out["message"] = str(exc)
+                out["cause"] = type(exc.__cause__).__name__
+        else:
+            buf.get_dispatch_layout(idx)
+    finally:
+        dist.barrier()  # the pool's own group
+        buf.destroy()
+        dist.destroy_process_group(sub)
+    return out
+
+
 def creation_missing_peer(rank: int, world: int, timeout_s: float) -> dict[str, float]:
     """Rank 1 never creates its Buffer (a gloo group of its own): every other rank's Buffer creation raises
     PeerTimeoutError within LARGEEP_TIMEOUT_S (not the process group's timeout). Afterwards rank 1 joins the

@@ -383,6 +383,9 @@ def ops_zero_copy_training(rank: int, world: int) -> list[str]:
                 for i, (x0, idx, w0) in enumerate(inputs):
                     x, w = x0.clone().requires_grad_(), w0.clone().requires_grad_()
                     leaves.append((x, w))
+                    if async_finish:  # the Buffer's stream late: a mask not ordered after the dispatch reads stale ids
+                        with torch.cuda.stream(buf._stream):
+                            torch.cuda._sleep(20_000_000)
                     d = ops.dispatch(buf, x, idx, w, async_finish=async_finish)
                     ops.wait(d.event)
                     zc = lo <= d.x.data_ptr() < hi and lo <= d.topk_idx.data_ptr() < hi

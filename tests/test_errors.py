@@ -659,6 +659,14 @@ def test_torch_backend_missing_peer_times_out(pools) -> None:
             assert 2.0 <= res["elapsed_s"] < 10.0 and res["refused_s"] < 0.5, res
 
 
+def test_layout_refused_without_a_dispatch(pools) -> None:
+    # gloo, LARGEEP_TIMEOUT_S 2 s: the layout's void round finds no dispatch; its timeout carries the refusal
+    res = pools(WORLD).run(error_bodies.layout_refused_no_dispatch, 2.0)[0]
+    assert 2.0 <= res["elapsed_s"] < 10.0, res
+    assert f"expert id {2 * WORLD + 5}" in res["message"] and "void round" in res["message"], res
+    assert res["cause"] == "ArgumentError", res
+
+
 def test_creation_missing_peer_times_out(pools) -> None:
     # gloo: Buffer creation's first collective bounded by LARGEEP_TIMEOUT_S (2 s here)
     for rank, res in enumerate(pools(WORLD).run(error_bodies.creation_missing_peer, 2.0)):

@@ -69,7 +69,8 @@ def test_gloo_groups_are_bounded(pools) -> None:
 @pytest.mark.parametrize(
     ("backend", "cpu", "cuda"),
     [("gloo", True, True), ("nccl", False, False), ("cpu:gloo,cuda:nccl", True, False),
-     ("cuda:nccl,cpu:gloo", True, False), ("cpu:gloo,cuda:gloo", True, True), ("ucc", False, False)],
+     ("cuda:nccl,cpu:gloo", True, False), ("cpu:gloo,cuda:gloo", True, True), ("ucc", False, False),
+     ("cpu:gloo", True, False)],
 )
 def test_bound_follows_the_backend(monkeypatch, backend: str, cpu: bool, cuda: bool) -> None:
     # LARGEEP_TIMEOUT_S bounds the waits where gloo moves the tensors: by the group's backend for the tensors'
@@ -79,8 +80,11 @@ def test_bound_follows_the_backend(monkeypatch, backend: str, cpu: bool, cuda: b
     import torch.distributed as dist
     from largeep import _collective
 
+    # (the backend's config: a group made without naming a backend is "undefined" by name, "cpu:gloo" or
+    # "cpu:gloo,cuda:nccl" by config)
     seen = []
-    monkeypatch.setattr(dist, "get_backend", lambda group=None: seen.append(group) or backend)
+    monkeypatch.setattr(dist, "get_backend_config", lambda group=None: seen.append(group) or backend)
+    monkeypatch.setattr(dist, "get_backend", lambda group=None: "undefined")
     group = object()
     assert _collective.on_gloo(group, torch.device("cpu")) is cpu  # type: ignore[arg-type]
     assert _collective.on_gloo(group, torch.device("cuda", 1)) is cuda  # type: ignore[arg-type]

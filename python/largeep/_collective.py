@@ -20,7 +20,10 @@ def on_gloo(group: dist.ProcessGroup | None, device: torch.device) -> bool:
     """Whether gloo moves ``device``'s tensors in collectives over ``group`` (None: the default group), whose waits
     ``wait_all`` then bounds: every tensor of a gloo group (CUDA ones too, as the nvshmem backend's on a gloo
     group), only the tensors of the device types that a mixed group ("cpu:gloo,cuda:nccl") gives to gloo."""
-    name = str(dist.get_backend(group)).lower()
+    # (the backend's config, e.g. "cpu:gloo,cuda:nccl": the backend's name alone is "undefined" for a group made
+    # without naming one, which maps the CPU to gloo all the same)
+    config = getattr(dist, "get_backend_config", None)
+    name = str(config(group) if config is not None else dist.get_backend(group)).lower()
     if ":" not in name:
         return "gloo" in name
     for part in name.split(","):

@@ -512,9 +512,7 @@ class Buffer:
         returns finished gets no event (None: the caller's stream is already ordered after it). finished=False:
         the call leaves work that reads its inputs for later (a receive hook), so they get ``record_stream`` on
         the Buffer's stream as on the general path."""
-        if previous_event is not None and not isinstance(previous_event, EventOverlap):
-            raise ArgumentError(f"argument 'previous_event' must be an EventOverlap (a call's .event) or None, got "
-                                f"{type(previous_event).__name__}")
+        _check_previous_event(previous_event)
         if self._stream is None:
             return fn(), EventOverlap(None)
         if finished and self._is_finished_call(previous_event, async_finish):
@@ -564,11 +562,13 @@ class Buffer:
         num_tokens_per_expert int32 [E], is_token_in_rank bool [T, N]). No host wait besides the id range check.
 
         An id out of range or more tokens than max_tokens_per_rank is refused (ArgumentError) as the dispatch
-        refuses it: where the backend's dispatch refuses a round on every rank (largeep's, outside a CUDA graph),
-        this rank first takes part in the other ranks' next fresh dispatch with a void round, so that they raise
-        PeerRefusedError naming this rank at once and every Buffer stays usable (the layout waits for that dispatch,
-        up to LARGEEP_TIMEOUT_S, and raises PeerTimeoutError if none comes). So on a normal-mode Buffer call the
-        layout where a fresh dispatch follows on every rank (SPEC.md's sequence)."""
+        refuses it: where the backend's dispatch refuses a round on every rank (largeep's, outside a CUDA graph; not
+        the torch backend on CUDA, see ``_void_after_layout``), this rank first takes part in the other ranks' next
+        fresh dispatch with a void round, so that they raise PeerRefusedError naming this rank at once and every
+        Buffer stays usable (the layout waits for that dispatch, up to LARGEEP_TIMEOUT_S, and raises
+        PeerTimeoutError carrying the refusal if none comes; a peer that dispatches with num_worst_tokens learns
+        it at its next call, its Buffer unusable, as with a dispatch's refusal). So on a normal-mode Buffer call
+        the layout where a fresh dispatch follows on every rank (SPEC.md's sequence)."""
         op = "get_dispatch_layout"
         self._check_alive(op)
         c = self.ctx
@@ -579,6 +579,7 @@ class Buffer:
             op, topk_idx, num_tokens=None, num_topk=c.num_topk, num_experts=c.num_experts, device=c.device,
             check_values=False,
         )
+        _check_previous_event(previous_event)
         # a refusal for the values (an id out of range, more tokens than max_tokens_per_rank) is the dispatch's
         # that follows on the other ranks too: a void round tells them (_void_dispatch), as the dispatch itself does
         try:
@@ -590,14 +591,30 @@ class Buffer:
             kwargs = {"check": True} if native_check else {}
             layout, event = self._run(lambda: self._impl.get_dispatch_layout(idx, **kwargs), previous_event,
                                       async_finish, [idx])
-        except ArgumentError:
-            if not c.low_latency:  # (a PeerTimeoutError of the void round is raised instead, this one its context)
-                self._void_dispatch(torch.empty(0, c.hidden, dtype=torch.bfloat16, device=c.device), None, 1, 0)
+        except ArgumentError as refusal:
+            self._void_after_layout(refusal)
             raise
         if native_check:
             checks.remember_checked(idx, c.num_experts)
         layout.event = event
         return layout  # type: ignore[no-any-return]
+
+    def _void_after_layout(self, refusal: ArgumentError) -> None:
+        """A layout's refusal (``refusal``) told to the other ranks through a void round in their next fresh dispatch
+        (``_void_dispatch``). Not where that round could meet a dispatch of another shape: the torch backend on CUDA,
+        whose fixed-size (``num_worst_tokens``) dispatch neither checks ids nor pairs its collectives with a void
+        round's (there the refusal stays this rank's); nor on a low-latency Buffer (no normal dispatch follows). A
+        void round that times out (no fresh dispatch came) raises PeerTimeoutError carrying the refusal."""
+        c = self.ctx
+        if c.low_latency or (c.device.type == "cuda" and not getattr(self._impl, "checks_ids_without_wait", False)):
+            return
+        try:
+            self._void_dispatch(torch.empty(0, c.hidden, dtype=torch.bfloat16, device=c.device), None, 1, 0)
+        except PeerTimeoutError as late:
+            raise PeerTimeoutError(
+                f"{refusal} -- and the void round that was to tell the other ranks (in their next fresh dispatch) "
+                f"timed out: {late}"
+            ) from refusal
 
     def dispatch(
         self,
@@ -1050,6 +1067,12 @@ def _on_stream(stream: torch.cuda.Stream, current: torch.cuda.Stream) -> Iterato
         yield
     finally:
         torch.cuda.set_stream(current)
+
+
+def _check_previous_event(previous_event: object) -> None:
+    if previous_event is not None and not isinstance(previous_event, EventOverlap):
+        raise ArgumentError(f"argument 'previous_event' must be an EventOverlap (a call's .event) or None, got "
+                            f"{type(previous_event).__name__}")
 
 
 def _all_arrive(group: dist.ProcessGroup, op: str, rank: int, timeout_s: float) -> None:

@@ -67,6 +67,9 @@ def _refusal_params() -> list:
             # and on CUDA a num_worst_tokens dispatch there has no host wait: nvshmem's case only
             if variant in ("worst_peer", "worst_all") and backend != "nvshmem":
                 continue
+            # a layout's refusal on the torch backend with CUDA tensors stays that rank's (Buffer._void_after_layout)
+            if variant.startswith("layout") and backend == "torch" and pg != "gloo":
+                continue
             out.append(pytest.param(backend, pg, variant, marks=marks, id=f"{backend}-{pg}-{variant}"))
     return out
 

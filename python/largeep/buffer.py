@@ -606,8 +606,8 @@ class Buffer:
         round's (there the refusal stays this rank's); nor on a low-latency Buffer (no normal dispatch follows). A
         void round that times out (no fresh dispatch came) raises PeerTimeoutError carrying the refusal."""
         c = self.ctx
-        if c.low_latency or (c.device.type == "cuda" and not getattr(self._impl, "checks_ids_without_wait", False)):
-            return
+        if c.low_latency or (c.device.type == "cuda" and isinstance(self._impl, TorchBackend)):
+            return  # (in rounds a Buffer refuses num_worst_tokens: its dispatches all pair with a void round)
         try:
             self._void_dispatch(torch.empty(0, c.hidden, dtype=torch.bfloat16, device=c.device), None, 1, 0)
         except PeerTimeoutError as late:

@@ -1013,12 +1013,11 @@ def nvshmem_creation_fails_after_alloc(rank: int, world: int, fail_on: int) -> d
     return out
 
 
-def layout_refused_no_dispatch(rank: int, world: int, timeout_s: float) -> dict[str, Any]:
-    """Rank 0's layout refuses an expert id, but no fresh dispatch follows on the other ranks (a layout alone): its
-    void round times out after LARGEEP_TIMEOUT_S with a PeerTimeoutError that still names the bad id (the refusal
-    is not lost behind the timeout). A gloo group of its own (the abandoned collective stays in it)."""
+def _torch_buffer_on_own_group(world: int, timeout_s: float) -> tuple[Any, largeep.Buffer]:
+    """A torch-backend Buffer (H 32, E 2N, K 2, M 4) on a gloo group of its own (its timeout 20 s past
+    ``timeout_s``), made with LARGEEP_TIMEOUT_S=``timeout_s``: a collective that ranks abandon stays in that group,
+    not in the pool's."""
     import datetime
-    import time
 
     sub = dist.new_group(list(range(world)), timeout=datetime.timedelta(seconds=timeout_s + 20))
     before = os.environ.get("LARGEEP_TIMEOUT_S")
@@ -1031,6 +1030,16 @@ def layout_refused_no_dispatch(rank: int, world: int, timeout_s: float) -> dict[
             del os.environ["LARGEEP_TIMEOUT_S"]
         else:
             os.environ["LARGEEP_TIMEOUT_S"] = before
+    return sub, buf
+
+
+def layout_refused_no_dispatch(rank: int, world: int, timeout_s: float) -> dict[str, Any]:
+    """Rank 0's layout refuses an expert id, but no fresh dispatch follows on the other ranks (a layout alone): its
+    void round times out after LARGEEP_TIMEOUT_S with a PeerTimeoutError that still names the bad id (the refusal
+    is not lost behind the timeout). A gloo group of its own (the abandoned collective stays in it)."""
+    import time
+
+    sub, buf = _torch_buffer_on_own_group(world, timeout_s)
     out: dict[str, Any] = {"elapsed_s": 0.0, "message": ""}
     try:
         idx = torch.tensor([[0, 1], [1, -1]], dtype=torch.int64)
@@ -1092,20 +1101,9 @@ def torch_missing_peer(rank: int, world: int, timeout_s: float) -> dict[str, flo
     and the ranks waited on within LARGEEP_TIMEOUT_S (not the process group's 30 minutes), then refuses the next
     call at once. The Buffer lives on a group of its own (short timeout, destroyed at the end): the collective the
     timed-out ranks abandoned stays in it."""
-    import datetime
     import time
 
-    sub = dist.new_group(list(range(world)), timeout=datetime.timedelta(seconds=timeout_s + 20))
-    before = os.environ.get("LARGEEP_TIMEOUT_S")
-    os.environ["LARGEEP_TIMEOUT_S"] = str(timeout_s)
-    try:
-        buf = largeep.Buffer(sub, hidden=32, num_experts=2 * world, num_topk=2, max_tokens_per_rank=4,
-                             backend="torch")
-    finally:
-        if before is None:
-            del os.environ["LARGEEP_TIMEOUT_S"]
-        else:
-            os.environ["LARGEEP_TIMEOUT_S"] = before
+    sub, buf = _torch_buffer_on_own_group(world, timeout_s)
     elapsed = refused = 0.0
     try:
         if rank != 1:

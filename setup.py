@@ -87,6 +87,15 @@ def _nvshmem(cuda_major: int | None) -> tuple[dict[str, str] | None, str]:
     return None, f"NVSHMEM not found (set NVSHMEM_DIR or `pip install {want}`)"
 
 
+def _torch_cuda() -> str | None:
+    """The CUDA version the installed torch was built with; None for a CPU build or without torch."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    return torch.version.cuda
+
+
 def _wheel_cuda_majors(host_lib: str) -> list[int]:
     """The CUDA majors of the nvidia-nvshmem-cuNN wheels that list ``host_lib`` (the -cu12 and -cu13 wheels write
     the same path, so both may), empty when none does or the metadata cannot be read (it only feeds a hint)."""
@@ -152,22 +161,12 @@ class CMakeBuild(build_ext):
         shmem, why = _nvshmem(major)
         if shmem is None:
             raise RuntimeError(why)
-        try:
-            import torch
-
-            torch_cuda = torch.version.cuda
-            if torch_cuda and major and int(torch_cuda.split(".")[0]) != major:
-                _say(f"warning: torch was built with CUDA {torch_cuda} but nvcc is CUDA {major}")
-        except ImportError:
-            pass
+        torch_cuda = _torch_cuda()
+        torch_major = int(torch_cuda.split(".")[0]) if torch_cuda else None
+        if torch_major is not None and major and torch_major != major:
+            _say(f"warning: torch was built with CUDA {torch_cuda} but nvcc is CUDA {major}")
         hint = ""
         wheels = _wheel_cuda_majors(shmem["host"])
-        try:
-            import torch
-
-            torch_major = int(torch.version.cuda.split(".")[0]) if torch.version.cuda else None
-        except ImportError:
-            torch_major = None
         if torch_major is not None and wheels and torch_major not in wheels:
             names = " and ".join(f"nvidia-nvshmem-cu{m}" for m in wheels)
             _say(f"warning: NVSHMEM comes from {names} but torch is built for CUDA {torch_major}: install "

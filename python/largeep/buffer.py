@@ -1076,11 +1076,11 @@ def _check_previous_event(previous_event: object) -> None:
 
 
 def _all_arrive(group: dist.ProcessGroup, op: str, rank: int, timeout_s: float) -> None:
-    """Buffer creation's first collective, on a group with gloo for CPU tensors: every rank arrives within
+    """Buffer creation's first collective, on a group where gloo moves CPU tensors: every rank arrives within
     ``timeout_s`` (LARGEEP_TIMEOUT_S), else PeerTimeoutError, instead of the gather after it waiting for the process
     group's own timeout (30 minutes on gloo) for a rank that never creates its Buffer. On NCCL alone the group's own
     timeout applies (a collective there is not bounded from the host)."""
-    if "gloo" not in str(dist.get_backend(group)).lower():
+    if not _collective.on_gloo(group, torch.device("cpu")):
         return
     work = dist.all_reduce(torch.zeros(1), group=group, async_op=True)
     _collective.wait_all(

@@ -286,15 +286,9 @@ def _join(ctx: GroupContext, heap_bytes: int, settings: Settings) -> Any:
         kind, why = _world["init_failed"]
         raise kind(f"Buffer: an earlier Buffer's {why}")
     C = native.module()
-    ranks = dist.get_process_group_ranks(ctx.group)
-    if C.initialized():
-        if _world.get("ranks") != ranks:
-            raise RuntimeError(
-                f"Buffer: NVSHMEM already serves the process group of global ranks {_world.get('ranks')} in this "
-                f"process; a Buffer with backend 'nvshmem' on another group ({ranks}) cannot share it. Use "
-                "backend='torch' for the second group, or one group per process."
-            )
+    if C.initialized():  # (on this group: _join_reason judged the group NVSHMEM serves on every rank first)
         return C
+    ranks = dist.get_process_group_ranks(ctx.group)
     user_size = os.environ.get("NVSHMEM_SYMMETRIC_SIZE")
     if user_size is None:
         gib = 1 << 30

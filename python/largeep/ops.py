@@ -1546,7 +1546,7 @@ def _received_mask(
     if not async_finish or event.event is None or stream is None:
         return recv_idx >= 0, event
     caller = torch.cuda.current_stream(stream.device)
-    stream.wait_event(event.event)  # (the dispatch's own event is on this stream: nothing more to wait for)
+    # (the dispatch's event was recorded on this stream, Buffer._run: work queued here now runs after it)
     with torch.cuda.stream(stream):
         valid = recv_idx >= 0
         after = torch.cuda.Event()

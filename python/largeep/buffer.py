@@ -381,27 +381,10 @@ class Buffer:
             num_sms=num_sms or 24, low_latency=low_latency,
         )
         self.backend_name = self._choose_backend(backend, without_native)
-        # in rounds (tokens_per_round): the backend is sized for one round and runs inside RoundsBackend
-        per_round = tokens_per_round or max_tokens_per_rank
-        self.num_rounds = -(-max_tokens_per_rank // per_round)
-        inner = dataclasses.replace(self.ctx, max_tokens_per_rank=per_round) if self.num_rounds > 1 else self.ctx
-        self._impl: Any
-        if self.backend_name == "nvshmem":
-            from largeep.backends.nvshmem_backend import NvshmemBackend
-
-            self._impl = NvshmemBackend(inner, self._settings, in_rounds=self.num_rounds > 1)
-        else:
-            self._impl = TorchBackend(inner, self._settings.timeout_s)
-        if self.num_rounds > 1:
-            self._impl = RoundsBackend(self._impl, self.ctx, self.num_rounds)
-        self._id = next(_buffer_ids)
-        self._alive = True
-        # low-latency calls per op issued outside graph capture, and those whose receive hook is still due: a call
-        # reuses the receive slots of the call two before it, which that call's hook frees (_check_in_flight)
-        self._ll_calls = {"low_latency_dispatch": 0, "low_latency_combine": 0}
-        self._ll_pending: dict[str, set[int]] = {"low_latency_dispatch": set(), "low_latency_combine": set()}
         # high priority (LARGEEP_STREAM_PRIORITY): a dispatch queued behind expert GEMMs on another stream gets SMs
-        # as they free up instead of after all the GEMMs' waiting blocks
+        # as they free up instead of after all the GEMMs' waiting blocks. Made before the backend, which is the
+        # last step: nothing that could fail on this rank alone comes after its collective allocation (a Buffer
+        # failing there would leave the memory allocated, and its peers holding Buffers that wait on it)
         self._stream = (
             torch.cuda.Stream(device, priority=self._settings.stream_priority) if device.type == "cuda" else None
         )
@@ -410,6 +393,31 @@ class Buffer:
             from largeep import native
 
             self._finished = _FinishedCalls(native.module(), self._stream)
+        # in rounds (tokens_per_round): the backend is sized for one round and runs inside RoundsBackend
+        per_round = tokens_per_round or max_tokens_per_rank
+        self.num_rounds = -(-max_tokens_per_rank // per_round)
+        inner = dataclasses.replace(self.ctx, max_tokens_per_rank=per_round) if self.num_rounds > 1 else self.ctx
+        self._impl: Any
+        try:
+            if self.backend_name == "nvshmem":
+                from largeep.backends.nvshmem_backend import NvshmemBackend
+
+                self._impl = NvshmemBackend(inner, self._settings, in_rounds=self.num_rounds > 1)
+            else:
+                self._impl = TorchBackend(inner, self._settings.timeout_s)
+        except BaseException:
+            if self._finished is not None:  # (its two events)
+                self._finished.close()
+                self._finished = None
+            raise
+        if self.num_rounds > 1:
+            self._impl = RoundsBackend(self._impl, self.ctx, self.num_rounds)
+        self._id = next(_buffer_ids)
+        self._alive = True
+        # low-latency calls per op issued outside graph capture, and those whose receive hook is still due: a call
+        # reuses the receive slots of the call two before it, which that call's hook frees (_check_in_flight)
+        self._ll_calls = {"low_latency_dispatch": 0, "low_latency_combine": 0}
+        self._ll_pending: dict[str, set[int]] = {"low_latency_dispatch": set(), "low_latency_combine": set()}
 
     # -- properties --------------------------------------------------------------------------------------------
     @property

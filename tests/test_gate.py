@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import itertools
 import math
 import os
@@ -537,6 +538,24 @@ def test_config_fields_after_construction():
     groups = gate.group_of_expert[out.topk_idx]
     assert all(len(set(g.tolist())) <= 2 for g in groups), "the node limit holds"
     torch.testing.assert_close(out.topk_weights.sum(1), torch.full((5,), 2.5))
+    # capacity_factor too: a refused value leaves the field and the ratio the gate uses as they were
+    cfg.capacity_factor = 0.5
+    ratio = cfg._capacity_ratio
+    for bad in (-1.0, float("nan"), "2", True):
+        with pytest.raises(ArgumentError, match="capacity_factor"):
+            cfg.capacity_factor = bad  # type: ignore[assignment]
+        assert cfg.capacity_factor == 0.5 and cfg._capacity_ratio == ratio
+    assert dataclasses.replace(cfg).capacity_factor == 0.5
+
+
+def test_aux_loss_of_no_tokens_has_grad():
+    """A rank with no tokens gets an aux loss of 0 that still backpropagates (to zero gradients), as SPEC allows
+    0 tokens on a rank and its training step calls backward like any other."""
+    gate = TopKGate(GateConfig(hidden=8, num_experts=4, topk=2, aux_loss_coef=0.01))
+    out = gate(torch.randn(0, 8))
+    assert out.aux_loss is not None and out.aux_loss.requires_grad and float(out.aux_loss.detach()) == 0.0
+    (grad,) = torch.autograd.grad(out.aux_loss, gate.weight)
+    assert torch.equal(grad, torch.zeros_like(gate.weight))
 
 
 def test_linear_router_in_autocast():

@@ -130,8 +130,13 @@ class GateConfig:
             ratio = None
             if value is not None:
                 real = isinstance(value, numbers.Real) and not isinstance(value, bool)
-                _check(real and math.isfinite(float(value)) and float(value) > 0,  # type: ignore[arg-type]
-                       "capacity_factor", f"must be None or a finite number > 0, got {value!r}")
+                try:
+                    _check(real and math.isfinite(float(value)) and float(value) > 0,  # type: ignore[arg-type]
+                           "capacity_factor", f"must be None or a finite number > 0, got {value!r}")
+                except ArgumentError:
+                    if built:
+                        object.__setattr__(self, name, old)  # (the config stays as it was)
+                    raise
                 ratio = capacity_ratio(float(value))  # type: ignore[arg-type]
             object.__setattr__(self, "_capacity_ratio", ratio)
 
@@ -322,7 +327,7 @@ def balance_loss(scores: torch.Tensor, topk_idx: torch.Tensor, num_experts: int)
     counts = _counts(topk_idx, num_experts).float()
     f = counts / counts.sum().clamp_min(1.0)
     probs = scores / scores.sum(dim=-1, keepdim=True).clamp_min(1e-20)
-    p = probs.mean(dim=0) if scores.shape[0] else torch.zeros_like(f)
+    p = probs.sum(dim=0) / max(scores.shape[0], 1)  # (0 tokens: zeros that keep the graph, so backward works)
     return num_experts * (f * p).sum()
 
 

@@ -433,9 +433,11 @@ class Placement:
         even totals: a replica alone on its node serves that node's tokens and gets fewer remote ones); exact ties
         are broken in an order rotated by the source GPU, so that sources do not all favour the same replica.
         With ``local_cap``, a source sends at most ceil(local_cap * nodes * c * its choices of the expert /
-        replicas) to the c replicas on its node, all of them together (earlier tokens first; this is those
-        replicas' fair share when every GPU sends a similar mix and each node's GPUs use their node's replicas),
-        and the rest to the least-loaded replicas, so that locality does not overload a replica: without the cap,
+        replicas) to the c replicas on its node by locality, all of them together (earlier tokens first; this is
+        those replicas' fair share when every GPU sends a similar mix and each node's GPUs use their node's
+        replicas), and water-fills the rest over all the replicas, those on its node included (so that its own
+        node may end up with more than that bound, where that is the least load), so that locality does not
+        overload a replica: without the cap,
         a node that holds fewer replicas of an expert than its share of the tokens would pile them on those.
         Deterministic.
 

@@ -1225,6 +1225,71 @@ def one_rank_refuses(rank: int, world: int, backend: str, variant: str) -> dict[
     return {"failures": chk.failures, "elapsed_s": max(elapsed), "checks": chk.checks}
 
 
+LL_REFUSAL_VARIANTS = ("id", "tokens", "hook", "fp8", "all", "twice")
+
+
+def ll_one_rank_refuses(rank: int, world: int, variant: str) -> dict[str, Any]:
+    """The torch backend on a CPU group: rank 0's low_latency_dispatch has an expert id out of range ("id", "hook":
+    the others ask for a receive hook, "fp8": FP8 rows, "twice": two such calls in a row) or one token more than
+    max_tokens_per_rank ("tokens"); "all": every rank's has a bad id. Rank 0 raises ArgumentError, every other rank
+    PeerRefusedError naming rank 0 in its call, at once, with the caller's tensors unchanged, nothing moved; then a
+    good round (with a hook, and FP8 rows) is right on every rank, and a call the others ask for with a hook is
+    refused for the hooks due only after two more. Returns {"failures", "elapsed_s"}."""
+    import time
+
+    chk = Checker(f"low-latency {variant} on rank {rank}")
+    case = LowLatencyCase(tokens_of(world), MAX_TOKENS, HIDDEN, EXPERTS, TOPK, 17, use_fp8=variant == "fp8",
+                          hook=True)
+    buf = largeep.Buffer(None, backend="torch", **case.buffer_kwargs())
+    elapsed: list[float] = []
+    try:
+        inp = make_inputs(case.seed, rank, case.tokens[rank], HIDDEN, EXPERTS, TOPK, torch.bfloat16)
+        x, idx = inp.x, inp.topk_idx
+        refuses = rank == 0 or variant == "all"
+        if refuses and variant == "tokens":
+            x, idx = x.repeat(MAX_TOKENS, 1)[:MAX_TOKENS + 1].contiguous(), idx.repeat(MAX_TOKENS, 1)[:MAX_TOKENS + 1]
+            idx = idx.contiguous()
+        elif refuses:
+            idx = with_id(idx, EXPERTS + 2)
+        for attempt in range(2 if variant == "twice" else 1):
+            before = [x.clone(), idx.clone()]
+            dist.barrier()
+            t0 = time.perf_counter()
+            try:
+                buf.low_latency_dispatch(x, idx, use_fp8=case.use_fp8, return_recv_hook=variant == "hook")
+            except ArgumentError as exc:
+                chk.expect(refuses, f"attempt {attempt}: ArgumentError on a good rank: {exc}")
+                want = "max_tokens_per_rank" if variant == "tokens" else f"expert id {EXPERTS + 2}"
+                chk.expect(want in str(exc) and "low_latency_dispatch" in str(exc), str(exc))
+            except largeep.PeerRefusedError as exc:
+                chk.expect(not refuses, f"attempt {attempt}: PeerRefusedError on a refusing rank: {exc}")
+                chk.expect("rank(s) [0]" in str(exc) and "stays usable" in str(exc) and exc.buffer_usable, str(exc))
+            else:
+                chk.expect(False, f"attempt {attempt}: the call was not refused")
+            elapsed.append(time.perf_counter() - t0)
+            chk.expect(same_bits(x, before[0]) and same_bits(idx, before[1]),
+                       "the refused call modified the caller's tensors")
+        # the refused calls took no place among those in flight: two dispatches with hooks due are accepted, a
+        # third is refused on every rank alike
+        good = make_inputs(case.seed + 1, rank, case.tokens[rank], HIDDEN, EXPERTS, TOPK, torch.bfloat16)
+        due = [buf.low_latency_dispatch(good.x, good.topk_idx, use_fp8=case.use_fp8, return_recv_hook=True)
+               for _ in range(2)]
+        try:
+            buf.low_latency_dispatch(good.x, good.topk_idx, use_fp8=case.use_fp8, return_recv_hook=True)
+        except ArgumentError as exc:
+            chk.expect("has not been called" in str(exc), str(exc))
+        else:
+            chk.expect(False, "a third dispatch with two hooks due was not refused")
+        for d in due:
+            assert d.hook is not None
+            d.hook()
+        chk.where = f"low-latency {variant} on rank {rank}, the good round after it"
+        LowLatencyRound(buf, case, chk).run()
+    finally:
+        buf.destroy()
+    return {"failures": chk.failures, "elapsed_s": max(elapsed)}
+
+
 def unchecked_out_of_range(rank: int, world: int, backend: str, low_latency: bool) -> dict[str, Any]:
     """With LARGEEP_CHECK_VALUES=0 nothing refuses an expert id >= E: every backend ignores it (the token does not
     go there, and combine adds nothing for it), exactly as if it were -1, instead of indexing out of range."""

@@ -85,6 +85,17 @@ def test_one_rank_refuses(pools, backend: str, pg: str, variant: str) -> None:
     assert all(r["elapsed_s"] < 5.0 for r in results), [r["elapsed_s"] for r in results]
 
 
+@pytest.mark.parametrize("variant", error_bodies.LL_REFUSAL_VARIANTS)
+def test_low_latency_one_rank_refuses(pools, variant: str) -> None:
+    """The torch backend on CPU groups carries a low-latency dispatch's refusal (a bad expert id, too many tokens)
+    with its counts: the refusing rank raises ArgumentError, the others PeerRefusedError at once, and every Buffer
+    works for the next calls (the nvshmem backend cannot: docs/usage.md)."""
+    results = pools(WORLD).run(error_bodies.ll_one_rank_refuses, variant)
+    failures = [f for r in results for f in r["failures"]]
+    assert not failures, "\n".join(failures)
+    assert all(r["elapsed_s"] < 5.0 for r in results), [r["elapsed_s"] for r in results]
+
+
 _SHARED = pytest.mark.skipif(os.environ.get("LARGEEP_TEST_SHARED_GPUS") != "1",
                              reason="LARGEEP_TEST_SHARED_GPUS=1 runs several ranks on one GPU")
 

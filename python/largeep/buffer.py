@@ -836,18 +836,26 @@ class Buffer:
         xs = checks.tensor(op, "x", x, dtypes=(torch.bfloat16,), ndim=2, device=c.device, shape=(None, c.hidden),
                            row_aligned=True)
         t = xs.shape[0]
-        checks.max_tokens(op, t, c.max_tokens_per_rank)
         if use_fp8 and c.hidden % 128:
             raise ArgumentError(
                 f"Buffer.{op}: argument 'use_fp8' = True needs hidden % 128 == 0, hidden is {c.hidden}"
             )
-        # a backend that checks the ids in a kernel of its own saves the min/max, its device copy and the device sync
-        native_check = getattr(self._impl, "checks_low_latency_ids", False) and isinstance(topk_idx, torch.Tensor) \
-            and checks.needs_id_check(topk_idx, self._settings.check_values)
-        checks.topk_idx(
+        idx = checks.topk_idx(
             op, topk_idx, num_tokens=t, num_topk=c.num_topk, num_experts=c.num_experts, device=c.device,
-            check_values=self._settings.check_values and not native_check,
+            check_values=False,
         )
+        # a backend that checks the ids in a kernel of its own saves the min/max, its device copy and the device sync
+        native_check = getattr(self._impl, "checks_low_latency_ids", False) and \
+            checks.needs_id_check(idx, self._settings.check_values)
+        # a refusal for the values (more tokens than max_tokens_per_rank, an id out of range) voids the call on the
+        # other ranks too where the backend can tell them (_void_low_latency)
+        try:
+            checks.max_tokens(op, t, c.max_tokens_per_rank)
+            if not native_check and checks.needs_id_check(idx, self._settings.check_values):
+                checks.id_values(op, idx, c.num_experts)
+        except ArgumentError as refusal:
+            self._void_low_latency(op, refusal)
+            raise
         ws = None
         if topk_weights is not None:
             ws = checks.topk_weights(op, topk_weights, num_tokens=t, num_topk=c.num_topk, device=c.device)
@@ -874,9 +882,9 @@ class Buffer:
         keep: list[torch.Tensor | None] = [xs, topk_idx, ws]
         try:
             out, event = self._run(run, None, async_finish, keep, finished=not return_recv_hook)
-        except (ArgumentError, PeerTimeoutError):
-            # refused or given up before anything was sent (the backend's id check, or its wait): the call takes no
-            # place among those in flight
+        except (ArgumentError, PeerRefusedError, PeerTimeoutError):
+            # refused or given up before anything was sent (the backend's id check, or its wait; a peer's refusal on
+            # the torch backend): the call takes no place among those in flight
             if call is not None:
                 self._ll_calls[op] = call
             raise
@@ -887,6 +895,24 @@ class Buffer:
         hook = self._wrap_hook(out.finish, op, call, handle) if return_recv_hook else None
         recv_x: Tokens = (out.x, out.x_scales) if out.x_scales is not None else out.x
         return LowLatencyDispatchResult(recv_x, out.num_tokens_per_expert, out.src_info, handle, event, hook)
+
+    def _void_low_latency(self, op: str, refusal: ArgumentError) -> None:
+        """A low-latency dispatch that this rank refuses for its values (``refusal``, raised next by the caller),
+        told to the other ranks, which may be in theirs already, where the backend can (``low_latency_refuse``:
+        the torch backend on CPU groups, whose count exchange carries it; the others raise PeerRefusedError naming
+        this rank, nothing moved, every Buffer usable). Elsewhere (the nvshmem backend, whose receive has no host
+        wait to raise from; the torch backend on GPUs) the refusal stays this rank's, and the others' call waits for
+        it until their timeout (docs/usage.md). Not inside a CUDA graph capture. A void round that times out raises
+        PeerTimeoutError carrying the refusal."""
+        refuse = getattr(self._impl, "low_latency_refuse", None)
+        if refuse is None or checks._capturing(self.ctx.device):
+            return
+        try:
+            self._run(lambda: refuse(op, str(refusal)), None, False, [])
+        except PeerTimeoutError as late:
+            raise PeerTimeoutError(
+                f"{refusal} -- and the void round that was to tell the other ranks timed out: {late}"
+            ) from refusal
 
     def low_latency_combine(
         self,

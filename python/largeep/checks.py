@@ -95,12 +95,17 @@ def topk_idx(
         return idx
     if memo == "use" and take_checked(idx, num_experts):
         return idx
-    lo_v, hi_v = _id_range(idx)
-    if lo_v < -1 or hi_v >= num_experts:
-        raise bad_expert_id(op, lo_v if lo_v < -1 else hi_v, num_experts)
+    id_values(op, idx, num_experts)
     if memo == "remember":
         remember_checked(idx, num_experts)
     return idx
+
+
+def id_values(op: str, idx: torch.Tensor, num_experts: int) -> None:
+    """ArgumentError naming the first id found outside [-1, E) (one device sync on a GPU)."""
+    lo_v, hi_v = _id_range(idx)
+    if lo_v < -1 or hi_v >= num_experts:
+        raise bad_expert_id(op, lo_v if lo_v < -1 else hi_v, num_experts)
 
 
 def needs_id_check(idx: torch.Tensor, check_values: bool) -> bool:

@@ -736,6 +736,31 @@ class TorchBackend:
     def _ll_cap(self) -> int:
         return self.ctx.max_tokens_per_rank * self.ctx.num_topk
 
+    def _ll_checks_peers(self) -> bool:
+        """Whether a low-latency dispatch's counts carry each rank's use_fp8 and refusal (CPU groups: there the
+        host reads the counts anyway; on GPUs that would cost a device sync, and a CUDA graph could not hold it)."""
+        return self.ctx.device.type == "cpu" and self.ctx.num_ranks > 1
+
+    def _ll_check_peers(self, recv_counts: torch.Tensor) -> None:
+        """PeerRefusedError naming the ranks whose counts say they refused this low-latency dispatch (their last
+        column): every rank then skips the rows' exchange, and every Buffer stays usable."""
+        refused = [r for r, v in enumerate(recv_counts[:, -1].tolist()) if v]
+        if refused:
+            raise checks.refused_round("low_latency_dispatch", self.ctx.rank, refused, None, self.ctx.num_experts)
+
+    @_out_of_step_on_error
+    def low_latency_refuse(self, op: str, refusal: str) -> None:
+        """This rank's part in the other ranks' low-latency dispatch that it refused (``refusal``: its reason; the
+        caller raises it): on CPU groups its counts say so, and every other rank raises PeerRefusedError naming it,
+        nothing moved, every Buffer usable. On GPUs (no such check, see _ll_checks_peers) it does nothing: the others'
+        call then waits for this rank until the process group's timeout."""
+        if not self._ll_checks_peers():
+            return
+        n = self.ctx.num_ranks
+        counts = torch.zeros(n, self.ctx.experts_per_rank + 2, dtype=torch.int64)
+        counts[:, -1] = 1
+        self._all_to_all(counts, n)
+
     @_out_of_step_on_error
     def low_latency_dispatch(
         self, x: torch.Tensor, topk_idx: torch.Tensor, use_fp8: bool, round_scale: bool, async_recv: bool,
@@ -786,14 +811,16 @@ class TorchBackend:
         send = torch.zeros(n * cap + 1, packed.shape[1], dtype=torch.uint8, device=dev)
         send[slot] = packed
         # On CPU groups each rank's use_fp8 travels with its counts: rows of another width would meet in the next
-        # collective, which gloo answers by aborting the process; every rank raises here instead.
-        check_kind = dev.type == "cpu" and n > 1
+        # collective, which gloo answers by aborting the process; every rank raises here instead. So does a rank's
+        # refusal of its call (low_latency_refuse).
+        check_kind = self._ll_checks_peers()
         if check_kind:
-            counts = torch.cat([counts, torch.full((n, 1), int(use_fp8), dtype=torch.int64)], dim=1)
+            counts = torch.cat([counts, torch.tensor([[int(use_fp8), 0]] * n, dtype=torch.int64)], dim=1)
         recv_counts, _ = self._all_to_all(counts, n)  # [N src, E/N]
         if check_kind:
-            kinds = [bool(v) for v in recv_counts[:, -1].tolist()]
-            recv_counts = recv_counts[:, :-1]
+            self._ll_check_peers(recv_counts)
+            kinds = [bool(v) for v in recv_counts[:, -2].tolist()]
+            recv_counts = recv_counts[:, :-2]
             if any(v != use_fp8 for v in kinds):
                 raise checks.calls_disagree("low_latency_dispatch", [f"use_fp8={v}" for v in kinds],
                                             "pass the same use_fp8")

@@ -56,7 +56,9 @@ _OP_LL_ROUND = 13  # kOpLowLatencyRound: a source's count word of another round 
 # the kinds of rows a fresh dispatch sends (api.cuh's kRowKind): dtype, FP8 scales or not
 _ROW_KINDS = {1: (torch.bfloat16, False), 2: (torch.float32, False), 4: (FP8_DTYPE, True)}
 _OP_ABANDONED = 16  # (host only) a call left its round open (_closes_open_round: a dispatch or a combine)
-# The host waits a little longer than the device, so that the device's report (which names the rank) comes first.
+# The host waits a little longer than the device, so that the device's report (which names the rank) comes first
+# (unless the work queued before the call delays its kernel by more than this: the host's bound counts from the
+# queueing, the device's from the kernel's start).
 _HOST_GRACE_S = 5.0
 # low-latency calls that ran as one kernel in this process (LARGEEP_TUNE ll_fuse=1), for tests and diagnostics
 FUSED_LAUNCHES = [0]
@@ -781,8 +783,10 @@ class NvshmemBackend:
                 "num_worst_tokens; nothing was copied and the Buffer is unusable now (destroy it; num_worst_tokens "
                 "must be at least the rows any rank can receive, e.g. num_ranks * max_tokens_per_rank)"
             )
-        whom = f"rank {rank}" if rank >= 0 else "a peer (the host gave up first: a peer did not make the call, or a " \
-            "kernel failed)"
+        whom = f"rank {rank}" if rank >= 0 else (
+            f"a peer (the host gave up first, {_HOST_GRACE_S:g} s past that bound after it queued the call: a peer "
+            "did not make the call, a kernel failed, or the work queued before the call on the Buffer's stream, an "
+            "earlier call's waits included, took that long)")
         raise PeerTimeoutError(
             f"{op}: {what} on rank {self.ctx.rank} waited more than LARGEEP_TIMEOUT_S={self.settings.timeout_s:g} s "
             f"for {whom}; the Buffer is unusable now (destroy it)"

@@ -616,8 +616,19 @@ def worst_refusal_without_exchange(rank: int, world: int, timeout_s: float) -> l
             took.append(time.monotonic() - start)
             gate.bad_call = -1
             start = time.monotonic()
+            sent = [0]
+            dispatch = buf.dispatch
+
+            def counted(*args: Any, **kwargs: Any) -> Any:
+                sent[0] += 1
+                return dispatch(*args, **kwargs)
+
+            buf.dispatch = counted  # type: ignore[method-assign]
             _expect(failures, f"rank {rank}, next call", RuntimeError, ("failed earlier", "num_worst_tokens"
                                                                         if rank == 0 else "collective"), layer, x)
+            buf.dispatch = dispatch  # type: ignore[method-assign]
+            if sent[0]:
+                failures.append(f"rank {rank}, next call: {sent[0]} dispatch(es) went out before the refusal")
             took.append(time.monotonic() - start)
     finally:
         expert_tp._exchanges_counts = plain  # type: ignore[assignment]

@@ -1253,10 +1253,16 @@ def layer_checks_placement_sizes(rank: int, world: int) -> None:
             (pl.greedy_placement(torch.tensor([5.0, 1.0]), pl.Topology(num_nodes=1, gpus_per_node=1, slots_per_gpu=2)),
              {}, ("'placement'", "2 physical experts", "4 physical experts")),
             (good, {"num_logical_experts": 4}, ("'num_logical_experts' = 4", "3 logical experts")),
+            # without a placement the logical experts are the physical ones: another count is refused (8 built a
+            # layer whose default router chose ids the Buffer refused at random; 0 was taken as 4)
+            (None, {"num_logical_experts": 8}, ("'num_logical_experts' = 8 without a placement", "4 physical")),
+            (None, {"num_logical_experts": 0}, ("'num_logical_experts'", ">= num_topk = 2", "got 0")),
+            (None, {"num_logical_experts": 1}, ("'num_logical_experts'", ">= num_topk = 2", "got 1")),
+            (good, {"num_logical_experts": 3.0}, ("'num_logical_experts'", "an int", "got 3.0")),
         ):
             try:
                 layers.MoELayer(buf, ffn_hidden=8, placement=bad, **kw)
-                raise AssertionError(f"MoELayer accepted {kw} with {bad.topology}")
+                raise AssertionError(f"MoELayer accepted {kw} with {getattr(bad, 'topology', None)}")
             except largeep.ArgumentError as exc:
                 assert all(w in str(exc) for w in words), exc
         from largeep.gate import GateConfig, TopKGate
@@ -1270,6 +1276,7 @@ def layer_checks_placement_sizes(rank: int, world: int) -> None:
         layer = layers.MoELayer(buf, ffn_hidden=8, placement=good, gate=layers.LinearTopKRouter(32, 3, 2))
         layer = layers.MoELayer(buf, ffn_hidden=8, placement=good)
         assert layer.num_logical_experts == 3
+        assert layers.MoELayer(buf, ffn_hidden=8, num_logical_experts=4).num_logical_experts == 4
         out = layer(torch.randn(5, 32))
         assert out.shape == (5, 32) and torch.isfinite(out).all()
     finally:
@@ -1400,6 +1407,20 @@ def replicas_start_equal(rank: int, world: int) -> None:
             meta.to_empty(device="cpu")
             meta.experts.reset_parameters()
             assert torch.equal(meta.experts.w13, layer.experts.w13) and torch.equal(meta.experts.w2, layer.experts.w2)
+            # every module with parameters can draw them again (the usual loop after to_empty): the router's and
+            # the shared experts' too, which held uninitialised memory before
+            with torch.device("meta"):
+                meta = layers.MoELayer(buf, ffn_hidden=8, placement=placement, shared_ffn_hidden=16)
+            meta.to_empty(device="cpu")
+            for m in meta.modules():
+                if any(True for _ in m.parameters(recurse=False)):
+                    assert hasattr(m, "reset_parameters"), f"{type(m).__name__} cannot draw its parameters again"
+                    m.reset_parameters()
+            for name, p in meta.named_parameters():
+                want = p.shape[-2] ** -0.5 if name.startswith("experts.") else p.shape[0 if "shared" in name else
+                                                                                       1] ** -0.5
+                got = float(p.detach().float().std())
+                assert 0.7 * want < got < 1.3 * want, f"{name}: std {got:.3g}, drawn with {want:.3g}"
     finally:
         buf.destroy()
 

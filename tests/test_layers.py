@@ -505,6 +505,22 @@ def test_grouped_experts_w13_views_and_old_state_dict() -> None:
     assert [n for n, _ in ex.named_parameters()] == ["w13", "w2"]
     with pytest.raises(largeep.ArgumentError, match="not a leaf"):
         layers.allreduce_replica_grads([ex.w1, ex.w3, ex.w2], torch.arange(3))
+    # a parameter of another row count is named (the message quoted params[0]'s rows)
+    with pytest.raises(largeep.ArgumentError, match=r"params\[1\] has 4 rows, params\[0\] 3"):
+        layers.allreduce_replica_grads([ex.w13, torch.nn.Parameter(torch.zeros(4, 2))], torch.arange(3))
+
+
+def test_linear_router_top1_warns() -> None:
+    """LinearTopKRouter with topk=1 and normalised weights warns as GateConfig does (every weight 1: the router
+    learns nothing from the task loss); not without normalisation."""
+    import warnings
+
+    with pytest.warns(UserWarning, match="no gradient"):
+        layers.LinearTopKRouter(8, 4, 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        layers.LinearTopKRouter(8, 4, 1, norm_topk_prob=False)
+        layers.LinearTopKRouter(8, 4, 2)
 
 
 def test_ops_zero_rows_backward(pools) -> None:

@@ -291,7 +291,8 @@ class _ReduceScatterRows(torch.autograd.Function):
 def all_gather_rows(group: dist.ProcessGroup, *ts: Tensor) -> tuple[Tensor, ...]:
     """Each [n, ...] tensor (n equal on every member of ``group``) -> [T*n, ...], member j's rows at [j*n, (j+1)*n).
     Differentiable: the backward reduce-scatters (sums) the grads. Integer tensors come back non-differentiable.
-    Collective over ``group``; on CUDA the current stream waits for it, the host does not."""
+    Collective over ``group``; on NCCL the current stream waits for it, the host does not; where gloo moves the
+    tensors (CPU tensors, or a gloo group) the host waits, bounded by LARGEEP_TIMEOUT_S."""
     return _AllGatherRows.apply(group, *ts)  # type: ignore[no-any-return]
 
 
@@ -501,9 +502,11 @@ class ExpertTP:
         return cls(group, size, rank, st.layers - 1, ep_ctx.device)
 
     def begin_chunk(self) -> None:
-        """Counts a chunk whose dispatch begins (every attempt, before anything can raise), for the exchange's
-        check. Eager only."""
+        """Counts a chunk whose dispatch begins (every attempt, before anything else can raise), for the
+        exchange's check; refuses it first where the group failed earlier, before its dispatch goes out. Eager
+        only."""
         if self.size > 1 and not torch.compiler.is_compiling():
+            _refuse_if_failed(self.group, "TP group")
             _state(self.group).chunks += 1
 
     def dispatch_failed(self, exc: BaseException, x: Any, fixed_rows: int) -> None:

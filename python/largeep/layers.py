@@ -45,6 +45,7 @@ Not done: FP8 in normal mode is not used by the layer (the low-latency path can 
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Callable, Generator, Iterable, Sequence
 from typing import Any
 
@@ -87,11 +88,20 @@ class LinearTopKRouter(nn.Module):
             raise ArgumentError(f"LinearTopKRouter: argument 'score_func' = {score_func!r}, expected softmax|sigmoid")
         if not 1 <= topk <= num_experts:
             raise ArgumentError(f"LinearTopKRouter: argument 'topk' = {topk} must be in [1, {num_experts}]")
+        if topk == 1 and norm_topk_prob and num_experts > 1:
+            warnings.warn("LinearTopKRouter: topk=1 with norm_topk_prob=True makes every weight 1, so the router's "
+                          "weight gets no gradient from the task loss (pass norm_topk_prob=False to train it)",
+                          UserWarning, stacklevel=2)
         self.topk = topk
         self.score_func = score_func
         self.norm_topk_prob = norm_topk_prob
         self.weight = nn.Parameter(torch.empty(num_experts, hidden))
-        nn.init.normal_(self.weight, std=hidden**-0.5)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Draws the weight again (normal, std H^-0.5): after ``to_empty`` of a router made on the meta device."""
+        with torch.no_grad():
+            nn.init.normal_(self.weight, std=self.weight.shape[1] ** -0.5)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         # float32 logits inside an autocast region too (bf16 logits flip near-tied choices)
@@ -109,9 +119,17 @@ class SwiGLU(nn.Module):
 
     def __init__(self, hidden: int, ffn_hidden: int, *, dtype: torch.dtype | None = None) -> None:
         super().__init__()
-        self.w1 = nn.Parameter(torch.randn(hidden, ffn_hidden, dtype=dtype) * hidden**-0.5)
-        self.w3 = nn.Parameter(torch.randn(hidden, ffn_hidden, dtype=dtype) * hidden**-0.5)
-        self.w2 = nn.Parameter(torch.randn(ffn_hidden, hidden, dtype=dtype) * ffn_hidden**-0.5)
+        self.w1 = nn.Parameter(torch.empty(hidden, ffn_hidden, dtype=dtype))
+        self.w3 = nn.Parameter(torch.empty(hidden, ffn_hidden, dtype=dtype))
+        self.w2 = nn.Parameter(torch.empty(ffn_hidden, hidden, dtype=dtype))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Draws the weights again (normal, std H^-0.5 for w1/w3, F^-0.5 for w2): after ``to_empty`` of a module
+        made on the meta device."""
+        with torch.no_grad():
+            for w in (self.w1, self.w3, self.w2):
+                nn.init.normal_(w, std=w.shape[0] ** -0.5)
 
     def forward(self, x: Tensor) -> Tensor:
         """x [T, H] -> [T, H] in x's dtype (computed in the weights' dtype)."""
@@ -533,7 +551,10 @@ class MoELayer(nn.Module):
     def _forward_normal(self, x: Tensor, idx: Tensor, w: Tensor) -> Tensor:
         n = self.num_chunks
         x = x.contiguous()  # (a strided x copied once, before the event the dispatches wait for)
-        xs, idxs, ws = x.tensor_split(n), idx.tensor_split(n), w.tensor_split(n)
+        # chunk views that start at an address not 16-byte aligned are copied now, before that event, not in
+        # send_chunk, whose copy would queue behind the previous chunk's experts on this stream
+        xs = [ops._row_aligned(v) for v in x.tensor_split(n)]
+        idxs, ws = idx.tensor_split(n), w.tensor_split(n)
         ready = ops.capture_event(x.device)  # the gate's outputs exist: dispatches wait for this only
         pending: list[ops.DispatchOutput | None] = [self.send_chunk(xs[0], idxs[0], ws[0], ready)]
         shared = self.shared_experts(x) if self.shared_experts is not None else None  # overlaps the first dispatch
@@ -575,10 +596,14 @@ class MoELayer(nn.Module):
         try:
             # (x copied too where it starts at an address not 16-byte aligned: a chunk's view of a batch whose rows
             # are not a multiple of 16 bytes)
+            copies = ops._needs_row_copy(x) or not idx.is_contiguous() or not w.is_contiguous()
+            if ready is not None and copies:
+                # the copies read x, idx and w, which exist after `ready` (made on another stream, in MoEPipeline):
+                # the current stream waits for it first; and the dispatch then waits for the copies, queued after
+                # `ready`
+                ops.wait(ready)
             xc, idxc, wc = ops._row_aligned(x), idx.contiguous(), w.contiguous()
-            if ready is not None and (xc is not x or idxc is not idx or wc is not w):
-                # the copies were queued after `ready`: waiting for it alone would let the dispatch read them
-                # unwritten
+            if ready is not None and copies:
                 ready = ops.capture_event(x.device)
             return ops.dispatch(
                 self.buffer_id, xc, idxc, wc,
@@ -903,6 +928,19 @@ class MoEPipeline(nn.Module):
 def _logical_experts(c: Any, placement: Any, num_logical_experts: int | None) -> int:
     """The layer's number of logical experts: the placement's (checked against the Buffer's ranks and physical
     experts, and against ``num_logical_experts`` where given), else ``num_logical_experts``, else the Buffer's."""
+    if num_logical_experts is not None:
+        if not isinstance(num_logical_experts, int) or isinstance(num_logical_experts, bool) \
+                or num_logical_experts < c.num_topk:
+            raise ArgumentError(
+                f"MoELayer: argument 'num_logical_experts' must be an int >= num_topk = {c.num_topk}, got "
+                f"{num_logical_experts!r}"
+            )
+        if placement is None and num_logical_experts != c.num_experts:
+            raise ArgumentError(
+                f"MoELayer: argument 'num_logical_experts' = {num_logical_experts} without a placement: the logical "
+                f"experts are then the Buffer's {c.num_experts} physical ones (pass a placement that maps "
+                f"{num_logical_experts} logical experts onto them)"
+            )
     topo = getattr(placement, "topology", None)
     if topo is not None and hasattr(placement, "num_logical"):  # a largeep.placement.Placement: its sizes
         if topo.num_gpus != c.num_ranks or topo.num_slots != c.num_experts:
@@ -925,7 +963,7 @@ def _logical_experts(c: Any, placement: Any, num_logical_experts: int | None) ->
                 f"{placement.num_logical} logical experts"
             )
         return int(placement.num_logical)
-    return num_logical_experts or c.num_experts
+    return num_logical_experts if num_logical_experts is not None else c.num_experts
 
 
 def _gate_experts(gate: Any) -> int | None:
@@ -1052,7 +1090,8 @@ def allreduce_replica_grads(
     Args:
         params: this rank's expert parameters, each [S, ...] with one row per local slot (e.g. ``w13`` and
             ``w2`` of :class:`GroupedExperts`); rank r holds the global slots [r*S, (r+1)*S). Params without a grad
-            count as zero.
+            count as zero; on a rank that holds a replicated slot they get a grad (zeros outside those slots), on
+            the others they keep None.
         phys_to_log: int64 [N*S], the logical expert of each slot (-1: empty), e.g. ``Placement.phys_to_log``.
         group: the expert-parallel group (default: the world).
 
@@ -1069,11 +1108,17 @@ def allreduce_replica_grads(
                 f"allreduce_replica_grads: params[{i}] is not a leaf tensor (a view such as GroupedExperts.w1 / w3, "
                 "whose .grad stays None); pass the parameters themselves, e.g. [experts.w13, experts.w2]"
             )
+    s = plist[0].shape[0]
+    for i, p in enumerate(plist):
+        if p.shape[0] != s:
+            raise ArgumentError(
+                f"allreduce_replica_grads: params[{i}] has {p.shape[0]} rows, params[0] {s} (every parameter has one "
+                "row per local expert slot)"
+            )
     n = dist.get_world_size(group)
     rank = dist.get_rank(group)
-    s = plist[0].shape[0]
     table = phys_to_log.cpu().to(torch.int64)
-    if table.numel() != n * s or any(p.shape[0] != s for p in plist):
+    if table.numel() != n * s:
         raise ArgumentError(
             f"allreduce_replica_grads: phys_to_log has {table.numel()} slots, params have {s} rows on each of {n} ranks"
         )
@@ -1097,6 +1142,8 @@ def allreduce_replica_grads(
     ]
     acc.index_add_(0, slot_q[local].to(dev), torch.cat(rows, dim=1))
     _collective.all_reduce(acc, group, "allreduce_replica_grads")
+    if local.numel() == 0:  # (no replicated slot here: this rank's gradients stay as they were, None included)
+        return q
     back = acc[slot_q[local].to(dev)].split(widths, dim=1)
     for p, b in zip(plist, back, strict=True):
         if p.grad is None:

@@ -1633,10 +1633,15 @@ def _row_aligned(t: Tensor) -> Tensor:
     need that): a chunk's view of a batch whose rows are not a multiple of 16 bytes, or the gradient of one (the
     backward of the chunks' concatenation hands each chunk a view). The copy is on the current stream, before the
     call."""
-    t = t.contiguous()
-    if torch.compiler.is_compiling():  # (traced, no address is known: the custom ops copy when they run)
-        return t
-    return t.clone() if t.is_cuda and t.data_ptr() % 16 else t
+    return t.clone(memory_format=torch.contiguous_format) if _needs_row_copy(t) else t
+
+
+def _needs_row_copy(t: Tensor) -> bool:
+    """Whether :func:`_row_aligned` copies ``t`` (strided, or starting at an address not 16-byte aligned on CUDA;
+    never while compiling, where no address is known: the custom ops copy when they run)."""
+    if not t.is_contiguous():
+        return True
+    return not torch.compiler.is_compiling() and t.is_cuda and t.data_ptr() % 16 != 0
 
 
 def _home(h: OpHandle, rows: Tensor, weights: Tensor | None) -> tuple[Tensor, Tensor | None]:

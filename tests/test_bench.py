@@ -348,7 +348,7 @@ def test_cli_refuses_counts_below_one(args: list[str], capsys: pytest.CaptureFix
     (["--nprocs", "3", "--modes", "normal"], "expert counts (normal 16) are not divisible by the 3 ranks"),
     (["--ranks-per-node", "3"], "--ranks-per-node 3 does not divide the 4 ranks"),
     (["--nprocs", "2", "--ranks-per-node", "4"], "--ranks-per-node 4 does not divide the 2 ranks"),
-    (["--num-sms", "8,9"], "expected even SM counts"),
+    (["--num-sms", "8,0"], "expected positive integers"),
     (["--iters", "0"], "expected a positive integer"),
     (["--warmup", "-1"], "expected a non-negative integer"),
     (["--link-gbps", "0"], "expected a positive number"),

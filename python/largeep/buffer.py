@@ -747,7 +747,8 @@ class Buffer:
         instead of waiting for it until their timeout, and every Buffer stays usable (as for a bad id: a rank that
         ran the round with num_worst_tokens cannot raise and its Buffer is unusable from then on). Elsewhere (a
         CUDA num_worst_tokens dispatch of a backend that checks ids only with a host wait, a graph capture) only
-        this rank raises, and the others' call ends in PeerTimeoutError."""
+        this rank raises; the others' call (without a host wait there) returns, and their next collectives wait for
+        this rank until their bound (the process group's timeout over NCCL)."""
         c = self.ctx
         if (not getattr(self._impl, "checks_dispatch_ids", False) or checks._capturing(c.device)
                 or not self._id_checks(num_worst_tokens)[1]):

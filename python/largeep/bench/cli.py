@@ -78,13 +78,6 @@ def _ints(text: str) -> list[int]:
     return vals
 
 
-def _even_ints(text: str) -> list[int]:
-    vals = _ints(text)
-    if any(v % 2 for v in vals):
-        raise argparse.ArgumentTypeError(f"expected even SM counts, got {text!r}")
-    return vals
-
-
 def _int_at_least(lo: int, what: str) -> Callable[[str], int]:
     def parse(text: str) -> int:
         try:
@@ -148,11 +141,11 @@ def build_parser() -> argparse.ArgumentParser:
                                                   "(default: the preset's)")
     p.add_argument("--dtypes", type=_choices(("bf16", "fp8")),
                    help="dispatch dtypes, comma list of bf16, fp8 (default: the preset's); combine is always bf16")
-    p.add_argument("--num-sms", type=_even_ints,
-                   help="normal-mode SM counts for backends that take one (nvshmem, deepep), comma list of even "
-                        "numbers (both refuse odd ones), e.g. 8,16,24 (default: the preset's, 24; full GPU preset "
-                        "8,16,24,32); low-latency mode is measured once, num_sms null (its kernels size their grids "
-                        "from the device)")
+    p.add_argument("--num-sms", type=_ints,
+                   help="normal-mode SM counts for backends that take one (nvshmem: any >= 1; deepep: even ones, an "
+                        "odd one is skipped with its reason), comma list, e.g. 8,16,24 (default: the preset's, 24; "
+                        "full GPU preset 8,16,24,32); low-latency mode is measured once, num_sms null (its kernels "
+                        "size their grids from the device)")
     p.add_argument("--ranks-per-node", type=_positive,
                    help="ranks per node; must divide the rank count and be at most the ranks on one host "
                         "(default: the ranks on one host)")

@@ -1290,47 +1290,6 @@ def ll_one_rank_refuses(rank: int, world: int, variant: str) -> dict[str, Any]:
     return {"failures": chk.failures, "elapsed_s": max(elapsed)}
 
 
-def ll_mixed_refusals(rank: int, world: int) -> dict[str, Any]:
-    """The torch backend on a CPU group: at one low-latency dispatch rank 0 is refused for a bad expert id (its
-    refusal joins a count exchange) while the others are refused for an argument of theirs (bf16_partial_sums
-    without weights: no exchange). The exchange then pairs rank 0's refused call with the others' next, good call:
-    the call numbers differ, so every rank raises RuntimeError there (rank 0's naming its refusal too) and every
-    Buffer refuses further calls, instead of each later call silently receiving the rows of the next. Returns
-    {"failures"}."""
-    chk = Checker(f"mixed low-latency refusals on rank {rank}")
-    case = LowLatencyCase(tokens_of(world), MAX_TOKENS, HIDDEN, EXPERTS, TOPK, 19, use_fp8=False)
-    buf = largeep.Buffer(None, backend="torch", **case.buffer_kwargs())
-    try:
-        inp = make_inputs(case.seed, rank, case.tokens[rank], HIDDEN, EXPERTS, TOPK, torch.bfloat16)
-        calls: list[tuple[Any, str]] = []
-        for attempt in range(3):
-            try:
-                if attempt == 0 and rank == 0:
-                    buf.low_latency_dispatch(inp.x, with_id(inp.topk_idx, EXPERTS + 1), use_fp8=False)
-                elif attempt == 0:
-                    buf.low_latency_dispatch(inp.x, inp.topk_idx, use_fp8=False, bf16_partial_sums=True)
-                else:
-                    buf.low_latency_dispatch(inp.x, inp.topk_idx, use_fp8=False)
-                calls.append((None, ""))
-            except Exception as exc:  # noqa: BLE001 - the types are checked below
-                calls.append((type(exc), str(exc)))
-        if rank == 0:
-            # its refusal's exchange met the others' second call: out of step, its own refusal named
-            chk.expect(calls[0][0] is RuntimeError and f"expert id {EXPERTS + 1}" in calls[0][1]
-                       and "out of step" in calls[0][1], f"call 0: {calls[0]}")
-            later = calls[1:]
-        else:
-            chk.expect(calls[0][0] is ArgumentError and "bf16_partial_sums" in calls[0][1], f"call 0: {calls[0]}")
-            chk.expect(calls[1][0] is RuntimeError and "out of step" in calls[1][1], f"call 1: {calls[1]}")
-            later = calls[2:]
-        for i, (kind, text) in enumerate(later):
-            chk.expect(kind is RuntimeError and "failed" in text and "out of step" in text, f"a later call {i}: "
-                       f"{kind.__name__ if kind else None}: {text}")
-    finally:
-        buf.destroy()
-    return {"failures": chk.failures}
-
-
 def unchecked_out_of_range(rank: int, world: int, backend: str, low_latency: bool) -> dict[str, Any]:
     """With LARGEEP_CHECK_VALUES=0 nothing refuses an expert id >= E: every backend ignores it (the token does not
     go there, and combine adds nothing for it), exactly as if it were -1, instead of indexing out of range."""

@@ -417,9 +417,6 @@ class Buffer:
         # low-latency calls per op issued outside graph capture, and those whose receive hook is still due: a call
         # reuses the receive slots of the call two before it, which that call's hook frees (_check_in_flight)
         self._ll_calls = {"low_latency_dispatch": 0, "low_latency_combine": 0}
-        # low-latency dispatches attempted (refused ones included): a backend that compares them across ranks
-        # (numbers_ll_calls) finds ranks whose calls no longer pair
-        self._ll_numbers = 0
         self._ll_pending: dict[str, set[int]] = {"low_latency_dispatch": set(), "low_latency_combine": set()}
 
     # -- properties --------------------------------------------------------------------------------------------
@@ -837,8 +834,6 @@ class Buffer:
         self._check_alive(op)
         self._check_mode(op, True)
         c = self.ctx
-        number = self._ll_numbers
-        self._ll_numbers += 1
         xs = checks.tensor(op, "x", x, dtypes=(torch.bfloat16,), ndim=2, device=c.device, shape=(None, c.hidden),
                            row_aligned=True)
         t = xs.shape[0]
@@ -860,7 +855,7 @@ class Buffer:
             if not native_check and checks.needs_id_check(idx, self._settings.check_values):
                 checks.id_values(op, idx, c.num_experts)
         except ArgumentError as refusal:
-            self._void_low_latency(op, refusal, number)
+            self._void_low_latency(op, refusal)
             raise
         ws = None
         if topk_weights is not None:
@@ -877,8 +872,6 @@ class Buffer:
         rounding = bool(round_scale or use_ue8m0)
         call = self._check_in_flight(op)
         extra: dict[str, Any] = {"check_ids": True} if native_check else {}
-        if getattr(self._impl, "numbers_ll_calls", False):
-            extra["number"] = number
         if ws is not None:
             extra["topk_weights"] = ws
         if bf16_partial_sums:
@@ -904,29 +897,23 @@ class Buffer:
         recv_x: Tokens = (out.x, out.x_scales) if out.x_scales is not None else out.x
         return LowLatencyDispatchResult(recv_x, out.num_tokens_per_expert, out.src_info, handle, event, hook)
 
-    def _void_low_latency(self, op: str, refusal: ArgumentError, number: int) -> None:
+    def _void_low_latency(self, op: str, refusal: ArgumentError) -> None:
         """A low-latency dispatch that this rank refuses for its values (``refusal``, raised next by the caller),
         told to the other ranks, which may be in theirs already, where the backend can (``low_latency_refuse``:
         the torch backend on CPU groups, whose count exchange carries it; the others raise PeerRefusedError naming
         this rank, nothing moved, every Buffer usable). Elsewhere (the nvshmem backend, whose receive has no host
         wait to raise from; the torch backend on GPUs) the refusal stays this rank's, and the others' call waits for
-        it until their timeout (docs/usage.md). Not inside a CUDA graph capture. ``number``: the call's among the
-        Buffer's low-latency dispatches, which the exchange compares (a rank that refused the same call without
-        one, for an argument's shape say, leaves the calls out of step: every rank raises RuntimeError there, its
-        Buffer failed, instead of pairing each later call with the next). A void round that times out raises
-        PeerTimeoutError, one that finds the calls out of step RuntimeError, each carrying the refusal."""
+        it until their timeout (docs/usage.md). Not inside a CUDA graph capture. A void round that times out raises
+        PeerTimeoutError carrying the refusal."""
         refuse = getattr(self._impl, "low_latency_refuse", None)
         if refuse is None or checks._capturing(self.ctx.device):
             return
         try:
-            self._run(lambda: refuse(op, str(refusal), number), None, False, [])
+            self._run(lambda: refuse(op, str(refusal)), None, False, [])
         except PeerTimeoutError as late:
             raise PeerTimeoutError(
                 f"{refusal} -- and the void round that was to tell the other ranks timed out: {late}"
             ) from refusal
-        except RuntimeError as broken:
-            raise RuntimeError(f"{refusal} -- and the void round that was to tell the other ranks: {broken}") \
-                from refusal
 
     def low_latency_combine(
         self,

@@ -287,10 +287,6 @@ def _bf16_partial_sums(rows: torch.Tensor, w: torch.Tensor, topk_idx: torch.Tens
 _R = TypeVar("_R")
 
 
-# the call a backend method is part of, where its name is not that call's (for messages)
-_OP_NAMES = {"low_latency_refuse": "low_latency_dispatch"}
-
-
 def _out_of_step_on_error(fn: Callable[..., _R]) -> Callable[..., _R]:
     """For TorchBackend's collective calls: refuses the call at once if the Buffer failed earlier; an exception
     raised after the call's first collective was issued (out of memory for an output, KeyboardInterrupt, a failed
@@ -305,7 +301,7 @@ def _out_of_step_on_error(fn: Callable[..., _R]) -> Callable[..., _R]:
 
     @functools.wraps(fn)
     def wrapper(self: TorchBackend, *args: Any, **kwargs: Any) -> _R:
-        self._begin(_OP_NAMES.get(fn.__name__, fn.__name__))
+        self._begin(fn.__name__)
         self._issued = False
         try:
             return fn(self, *args, **kwargs)
@@ -328,8 +324,6 @@ class TorchBackend:
     after a call's first collective makes the Buffer refuse further calls too (see _out_of_step_on_error)."""
 
     name = "torch"
-    # low_latency_dispatch and low_latency_refuse take the call's number among the Buffer's low-latency dispatches
-    numbers_ll_calls = True
     # dispatch(check_ids=True) sends its id check's verdict with the counts (see dispatch): no separate min/max sync,
     # and a refusal on one rank ends the call on every rank at once instead of leaving the others waiting
     checks_dispatch_ids = True
@@ -747,54 +741,31 @@ class TorchBackend:
         host reads the counts anyway; on GPUs that would cost a device sync, and a CUDA graph could not hold it)."""
         return self.ctx.device.type == "cpu" and self.ctx.num_ranks > 1
 
-    # a low-latency dispatch's counts on CPU groups end in three columns: use_fp8, refused, the call's number
-    _LL_EXTRA = 3
-
-    def _ll_check_peers(self, recv_counts: torch.Tensor, use_fp8: bool) -> None:
-        """From the three last columns of a low-latency dispatch's counts (CPU groups), on every rank alike:
-        RuntimeError, the Buffer failed, where the ranks' call numbers differ (a rank refused a call without an
-        exchange while another's refusal joined one: the exchange paired two calls, and every later one would pair
-        a call with the next); PeerRefusedError naming the ranks that refused the call (nothing moved, every
-        Buffer usable); ArgumentError where the ranks' use_fp8 differ."""
-        kinds, refusals, numbers = (recv_counts[:, -i].tolist() for i in (3, 2, 1))
-        if any(v != numbers[self.ctx.rank] for v in numbers):
-            self._failed = (
-                f"low_latency_dispatch calls out of step: ranks {list(range(len(numbers)))} exchanged the counts of "
-                f"their calls {numbers} (numbered from the Buffer's first; a rank whose call raised before any "
-                "exchange, e.g. for an argument's shape, while another rank's refusal joined one, leaves them so)"
-            )
-            self._failed_error = RuntimeError
-            raise RuntimeError(f"low_latency_dispatch: this Buffer failed ({self._failed}); destroy it on every rank")
-        refused = [r for r, v in enumerate(refusals) if v]
+    def _ll_check_peers(self, recv_counts: torch.Tensor) -> None:
+        """PeerRefusedError naming the ranks whose counts say they refused this low-latency dispatch (their last
+        column): every rank then skips the rows' exchange, and every Buffer stays usable."""
+        refused = [r for r, v in enumerate(recv_counts[:, -1].tolist()) if v]
         if refused:
             raise checks.refused_round("low_latency_dispatch", self.ctx.rank, refused, None, self.ctx.num_experts)
-        if any(bool(v) != use_fp8 for v in kinds):
-            raise checks.calls_disagree("low_latency_dispatch", [f"use_fp8={bool(v)}" for v in kinds],
-                                        "pass the same use_fp8")
 
     @_out_of_step_on_error
-    def low_latency_refuse(self, op: str, refusal: str, number: int) -> None:
+    def low_latency_refuse(self, op: str, refusal: str) -> None:
         """This rank's part in the other ranks' low-latency dispatch that it refused (``refusal``: its reason; the
-        caller raises it; ``number``: the call's, among the Buffer's low-latency dispatches): on CPU groups its
-        counts say so, and every other rank raises PeerRefusedError naming it, nothing moved, every Buffer usable.
-        On GPUs (no such check, see _ll_checks_peers) it does nothing: the others' call then waits for this rank
-        until the process group's timeout."""
+        caller raises it): on CPU groups its counts say so, and every other rank raises PeerRefusedError naming it,
+        nothing moved, every Buffer usable. On GPUs (no such check, see _ll_checks_peers) it does nothing: the others'
+        call then waits for this rank until the process group's timeout."""
         if not self._ll_checks_peers():
             return
         n = self.ctx.num_ranks
-        counts = torch.zeros(n, self.ctx.experts_per_rank + self._LL_EXTRA, dtype=torch.int64)
-        counts[:, -2:] = torch.tensor([1, number])
-        recv_counts, _ = self._all_to_all(counts, n)
-        numbers = recv_counts[:, -1].tolist()
-        if any(v != number for v in numbers):  # (the others raise there too, their Buffers failed alike)
-            self._ll_check_peers(recv_counts, False)
+        counts = torch.zeros(n, self.ctx.experts_per_rank + 2, dtype=torch.int64)
+        counts[:, -1] = 1
+        self._all_to_all(counts, n)
 
     @_out_of_step_on_error
     def low_latency_dispatch(
         self, x: torch.Tensor, topk_idx: torch.Tensor, use_fp8: bool, round_scale: bool, async_recv: bool,
-        topk_weights: torch.Tensor | None = None, bf16_partial_sums: bool = False, number: int = 0,
+        topk_weights: torch.Tensor | None = None, bf16_partial_sums: bool = False,
     ) -> LowLatencyDispatchOut:
-        # (number: the call's among the Buffer's low-latency dispatches, compared on CPU groups, see _ll_check_peers)
         # (topk_weights: the Buffer checked that the combine gets the same tensor; the combine here applies a copy
         # taken now at the source, which is the same sum as the nvshmem backend's on the experts' ranks)
         c = self.ctx
@@ -844,11 +815,15 @@ class TorchBackend:
         # refusal of its call (low_latency_refuse).
         check_kind = self._ll_checks_peers()
         if check_kind:
-            counts = torch.cat([counts, torch.tensor([[int(use_fp8), 0, number]] * n, dtype=torch.int64)], dim=1)
+            counts = torch.cat([counts, torch.tensor([[int(use_fp8), 0]] * n, dtype=torch.int64)], dim=1)
         recv_counts, _ = self._all_to_all(counts, n)  # [N src, E/N]
         if check_kind:
-            self._ll_check_peers(recv_counts, use_fp8)
-            recv_counts = recv_counts[:, :-self._LL_EXTRA]
+            self._ll_check_peers(recv_counts)
+            kinds = [bool(v) for v in recv_counts[:, -2].tolist()]
+            recv_counts = recv_counts[:, :-2]
+            if any(v != use_fp8 for v in kinds):
+                raise checks.calls_disagree("low_latency_dispatch", [f"use_fp8={v}" for v in kinds],
+                                            "pass the same use_fp8")
         rows, work = self._all_to_all(send[: n * cap], n * cap, async_op=async_recv)
         rows_per_expert = n * m
         x_out = torch.empty(epr, rows_per_expert, c.hidden, dtype=fp8.FP8_DTYPE if use_fp8 else x.dtype, device=dev)

@@ -1290,6 +1290,42 @@ def ll_one_rank_refuses(rank: int, world: int, variant: str) -> dict[str, Any]:
     return {"failures": chk.failures, "elapsed_s": max(elapsed)}
 
 
+def ll_mixed_refusals(rank: int, world: int) -> dict[str, Any]:
+    """The torch backend on a CPU group: at one low-latency dispatch rank 0 is refused for a bad expert id (its
+    refusal joins a count exchange) while the others are refused for an argument of theirs (bf16_partial_sums
+    without weights: no exchange). As docs/usage.md says of a refusal on some ranks only, the others' next call pairs
+    with the call rank 0 is still in: it raises PeerRefusedError naming rank 0, and rank 0's refusal ends then;
+    from there every exchange pairs rank 0's call k with the others' call k + 1, each call right on its own (every
+    rank's combine gives back its own tokens' sums). Returns {"failures"}."""
+    chk = Checker(f"mixed low-latency refusals on rank {rank}")
+    case = LowLatencyCase(tokens_of(world), MAX_TOKENS, HIDDEN, EXPERTS, TOPK, 19, use_fp8=False)
+    buf = largeep.Buffer(None, backend="torch", **case.buffer_kwargs())
+    try:
+        inp = make_inputs(case.seed, rank, case.tokens[rank], HIDDEN, EXPERTS, TOPK, torch.bfloat16)
+        try:
+            if rank == 0:
+                buf.low_latency_dispatch(inp.x, with_id(inp.topk_idx, EXPERTS + 1), use_fp8=False)
+            else:
+                buf.low_latency_dispatch(inp.x, inp.topk_idx, use_fp8=False, bf16_partial_sums=True)
+        except ArgumentError as exc:
+            want = f"expert id {EXPERTS + 1}" if rank == 0 else "bf16_partial_sums"
+            chk.expect(want in str(exc), str(exc))
+        else:
+            chk.expect(False, "the first call was not refused")
+        if rank != 0:  # its next call meets rank 0's refused one
+            try:
+                buf.low_latency_dispatch(inp.x, inp.topk_idx, use_fp8=False)
+            except largeep.PeerRefusedError as exc:
+                chk.expect("rank(s) [0]" in str(exc) and exc.buffer_usable, str(exc))
+            else:
+                chk.expect(False, "the call that met rank 0's refusal was not refused")
+        chk.where = f"mixed low-latency refusals on rank {rank}, a good round after them"
+        LowLatencyRound(buf, case, chk).run()
+    finally:
+        buf.destroy()
+    return {"failures": chk.failures}
+
+
 def unchecked_out_of_range(rank: int, world: int, backend: str, low_latency: bool) -> dict[str, Any]:
     """With LARGEEP_CHECK_VALUES=0 nothing refuses an expert id >= E: every backend ignores it (the token does not
     go there, and combine adds nothing for it), exactly as if it were -1, instead of indexing out of range."""

@@ -96,6 +96,15 @@ def test_low_latency_one_rank_refuses(pools, variant: str) -> None:
     assert all(r["elapsed_s"] < 5.0 for r in results), [r["elapsed_s"] for r in results]
 
 
+@pytest.mark.parametrize("world", [2, 4])
+def test_low_latency_mixed_refusals(pools, world: int) -> None:
+    """One rank refused for its values (an exchange), the others for an argument (none): their next call meets the
+    refused one (PeerRefusedError), and the calls after it pair and are right (docs/usage.md)."""
+    results = pools(world).run(error_bodies.ll_mixed_refusals)
+    failures = [f for r in results for f in r["failures"]]
+    assert not failures, "\n".join(failures)
+
+
 _SHARED = pytest.mark.skipif(os.environ.get("LARGEEP_TEST_SHARED_GPUS") != "1",
                              reason="LARGEEP_TEST_SHARED_GPUS=1 runs several ranks on one GPU")
 

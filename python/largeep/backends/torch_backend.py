@@ -287,6 +287,10 @@ def _bf16_partial_sums(rows: torch.Tensor, w: torch.Tensor, topk_idx: torch.Tens
 _R = TypeVar("_R")
 
 
+# the call a backend method is part of, where its name is not that call's (for messages)
+_OP_NAMES = {"low_latency_refuse": "low_latency_dispatch"}
+
+
 def _out_of_step_on_error(fn: Callable[..., _R]) -> Callable[..., _R]:
     """For TorchBackend's collective calls: refuses the call at once if the Buffer failed earlier; an exception
     raised after the call's first collective was issued (out of memory for an output, KeyboardInterrupt, a failed
@@ -301,7 +305,7 @@ def _out_of_step_on_error(fn: Callable[..., _R]) -> Callable[..., _R]:
 
     @functools.wraps(fn)
     def wrapper(self: TorchBackend, *args: Any, **kwargs: Any) -> _R:
-        self._begin(fn.__name__)
+        self._begin(_OP_NAMES.get(fn.__name__, fn.__name__))
         self._issued = False
         try:
             return fn(self, *args, **kwargs)

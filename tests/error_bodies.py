@@ -1290,6 +1290,43 @@ def ll_one_rank_refuses(rank: int, world: int, variant: str) -> dict[str, Any]:
     return {"failures": chk.failures, "elapsed_s": max(elapsed)}
 
 
+def ll_refused_alike(rank: int, world: int, how: str) -> dict[str, Any]:
+    """The torch backend on a CPU group: every rank's low-latency dispatch is refused for one reason checked without
+    an exchange ("weights": topk_weights of the wrong shape; "in_flight": two receive hooks still due), and rank 0's
+    also has a bad expert id. Every rank raises that same refusal and none joins an exchange (the id's refusal, which
+    would, comes after those checks), so the hooks and a good round after it pair and are right. Returns
+    {"failures"}."""
+    chk = Checker(f"low-latency calls refused alike ({how}) on rank {rank}")
+    case = LowLatencyCase(tokens_of(world), MAX_TOKENS, HIDDEN, EXPERTS, TOPK, 23, use_fp8=False)
+    buf = largeep.Buffer(None, backend="torch", **case.buffer_kwargs())
+    try:
+        inp = make_inputs(case.seed, rank, case.tokens[rank], HIDDEN, EXPERTS, TOPK, torch.bfloat16)
+        idx = with_id(inp.topk_idx, EXPERTS + 1) if rank == 0 else inp.topk_idx
+        due = []
+        kw: dict[str, Any] = {}
+        if how == "in_flight":
+            due = [buf.low_latency_dispatch(inp.x, inp.topk_idx, use_fp8=False, return_recv_hook=True)
+                   for _ in range(2)]
+            want = "has not been called"
+        else:
+            kw["topk_weights"] = inp.topk_weights[:, :1].contiguous()
+            want = "topk_weights"
+        try:
+            buf.low_latency_dispatch(inp.x, idx, use_fp8=False, **kw)
+        except ArgumentError as exc:
+            chk.expect(want in str(exc), f"refused for another reason: {exc}")
+        else:
+            chk.expect(False, "the call was not refused")
+        for d in due:
+            assert d.hook is not None
+            d.hook()
+        chk.where = f"low-latency calls refused alike ({how}) on rank {rank}, a good round after them"
+        LowLatencyRound(buf, case, chk).run()
+    finally:
+        buf.destroy()
+    return {"failures": chk.failures}
+
+
 def ll_mixed_refusals(rank: int, world: int) -> dict[str, Any]:
     """The torch backend on a CPU group: at one low-latency dispatch rank 0 is refused for a bad expert id (its
     refusal joins a count exchange) while the others are refused for an argument of theirs (bf16_partial_sums

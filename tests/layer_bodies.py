@@ -1255,9 +1255,9 @@ def layer_checks_placement_sizes(rank: int, world: int) -> None:
             (good, {"num_logical_experts": 4}, ("'num_logical_experts' = 4", "3 logical experts")),
             # without a placement the logical experts are the physical ones: another count is refused (8 built a
             # layer whose default router chose ids the Buffer refused at random; 0 was taken as 4)
-            (None, {"num_logical_experts": 8}, ("'num_logical_experts' = 8 without a placement", "4 physical")),
-            (None, {"num_logical_experts": 0}, ("'num_logical_experts'", ">= num_topk = 2", "got 0")),
-            (None, {"num_logical_experts": 1}, ("'num_logical_experts'", ">= num_topk = 2", "got 1")),
+            (None, {"num_logical_experts": 8}, ("'num_logical_experts' = 8 without a placement", "it has 4")),
+            (None, {"num_logical_experts": 0}, ("'num_logical_experts'", "an int >= 1", "got 0")),
+            (None, {"num_logical_experts": 1}, ("default router", "num_topk = 2", "1 logical experts")),
             (good, {"num_logical_experts": 3.0}, ("'num_logical_experts'", "an int", "got 3.0")),
         ):
             try:
@@ -1277,6 +1277,16 @@ def layer_checks_placement_sizes(rank: int, world: int) -> None:
         layer = layers.MoELayer(buf, ffn_hidden=8, placement=good)
         assert layer.num_logical_experts == 3
         assert layers.MoELayer(buf, ffn_hidden=8, num_logical_experts=4).num_logical_experts == 4
+        # fewer logical experts than physical ones without a placement (ids stay in range), a numpy integer, and
+        # one logical expert under top-2 with a gate of one's own: taken
+        assert layers.MoELayer(buf, ffn_hidden=8, num_logical_experts=3).num_logical_experts == 3
+        import numpy as np
+
+        assert layers.MoELayer(buf, ffn_hidden=8, num_logical_experts=np.int64(4)).num_logical_experts == 4
+        one = pl.greedy_placement(torch.tensor([1.0]), pl.Topology(num_nodes=1, gpus_per_node=1, slots_per_gpu=4))
+        assert layers.MoELayer(buf, ffn_hidden=8, placement=one, num_logical_experts=1,
+                               gate=lambda x: (torch.zeros(x.shape[0], 2, dtype=torch.int64),
+                                               torch.full((x.shape[0], 2), 0.5))).num_logical_experts == 1
         out = layer(torch.randn(5, 32))
         assert out.shape == (5, 32) and torch.isfinite(out).all()
     finally:

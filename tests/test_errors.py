@@ -96,6 +96,16 @@ def test_low_latency_one_rank_refuses(pools, variant: str) -> None:
     assert all(r["elapsed_s"] < 5.0 for r in results), [r["elapsed_s"] for r in results]
 
 
+@pytest.mark.parametrize("how", ["weights", "in_flight"])
+def test_low_latency_refused_alike(pools, how: str) -> None:
+    """Every rank refused for a reason checked without an exchange, rank 0 with a bad id too: every rank raises that
+    refusal, none joins an exchange, and the calls after it pair (a review found rank 0's void round meeting the
+    others' next call, and gloo aborting a process on a combine)."""
+    results = pools(WORLD).run(error_bodies.ll_refused_alike, how)
+    failures = [f for r in results for f in r["failures"]]
+    assert not failures, "\n".join(failures)
+
+
 @pytest.mark.parametrize("world", [2, 4])
 def test_low_latency_mixed_refusals(pools, world: int) -> None:
     """One rank refused for its values (an exchange), the others for an argument (none): their next call meets the

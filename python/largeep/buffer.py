@@ -848,15 +848,6 @@ class Buffer:
         # a backend that checks the ids in a kernel of its own saves the min/max, its device copy and the device sync
         native_check = getattr(self._impl, "checks_low_latency_ids", False) and \
             checks.needs_id_check(idx, self._settings.check_values)
-        # a refusal for the values (more tokens than max_tokens_per_rank, an id out of range) voids the call on the
-        # other ranks too where the backend can tell them (_void_low_latency)
-        try:
-            checks.max_tokens(op, t, c.max_tokens_per_rank)
-            if not native_check and checks.needs_id_check(idx, self._settings.check_values):
-                checks.id_values(op, idx, c.num_experts)
-        except ArgumentError as refusal:
-            self._void_low_latency(op, refusal)
-            raise
         ws = None
         if topk_weights is not None:
             ws = checks.topk_weights(op, topk_weights, num_tokens=t, num_topk=c.num_topk, device=c.device)
@@ -871,6 +862,18 @@ class Buffer:
             )
         rounding = bool(round_scale or use_ue8m0)
         call = self._check_in_flight(op)
+        # a refusal for the values (more tokens than max_tokens_per_rank, an id out of range) voids the call on the
+        # other ranks too where the backend can tell them (_void_low_latency); it comes after every check that a
+        # call refuses without an exchange, so that ranks refused alike for those stay out of any exchange together
+        try:
+            checks.max_tokens(op, t, c.max_tokens_per_rank)
+            if not native_check and checks.needs_id_check(idx, self._settings.check_values):
+                checks.id_values(op, idx, c.num_experts)
+        except ArgumentError as refusal:
+            if call is not None:  # (the call takes no place among those in flight)
+                self._ll_calls[op] = call
+            self._void_low_latency(op, refusal)
+            raise
         extra: dict[str, Any] = {"check_ids": True} if native_check else {}
         if ws is not None:
             extra["topk_weights"] = ws
@@ -906,13 +909,18 @@ class Buffer:
         it until their timeout (docs/usage.md). Not inside a CUDA graph capture. A void round that times out raises
         PeerTimeoutError carrying the refusal."""
         refuse = getattr(self._impl, "low_latency_refuse", None)
-        if refuse is None or checks._capturing(self.ctx.device):
+        reaches = getattr(self._impl, "low_latency_refusal_reaches_peers", None)
+        if refuse is None or reaches is None or not reaches() or checks._capturing(self.ctx.device):
             return
         try:
             self._run(lambda: refuse(op, str(refusal)), None, False, [])
         except PeerTimeoutError as late:
             raise PeerTimeoutError(
                 f"{refusal} -- and the void round that was to tell the other ranks timed out: {late}"
+            ) from refusal
+        except RuntimeError as failed:  # (the Buffer failed earlier, or the group's collective raised)
+            raise RuntimeError(
+                f"{refusal} -- and the void round that was to tell the other ranks failed: {failed}"
             ) from refusal
 
     def low_latency_combine(

@@ -131,8 +131,11 @@ class GateConfig:
             if value is not None:
                 real = isinstance(value, numbers.Real) and not isinstance(value, bool)
                 try:
-                    _check(real and math.isfinite(float(value)) and float(value) > 0,  # type: ignore[arg-type]
-                           "capacity_factor", f"must be None or a finite number > 0, got {value!r}")
+                    finite = math.isfinite(float(value)) and float(value) > 0  # type: ignore[arg-type]
+                except (OverflowError, ValueError, TypeError):  # (an int too large for a float, say)
+                    finite = False
+                try:
+                    _check(real and finite, "capacity_factor", f"must be None or a finite number > 0, got {value!r}")
                 except ArgumentError:
                     if built:
                         object.__setattr__(self, name, old)  # (the config stays as it was)

@@ -45,6 +45,7 @@ Not done: FP8 in normal mode is not used by the layer (the low-latency path can 
 from __future__ import annotations
 
 import contextlib
+import numbers
 import warnings
 from collections.abc import Callable, Generator, Iterable, Sequence
 from typing import Any
@@ -444,6 +445,12 @@ class MoELayer(nn.Module):
                     "experts (num_logical_experts, the placement's, else the Buffer's num_experts)"
                 )
             route = _wrap_placement(placement, c.rank, c.device)
+            if gate is None and num_logical < c.num_topk:
+                raise ArgumentError(
+                    f"MoELayer: the default router picks num_topk = {c.num_topk} distinct experts among the layer's "
+                    f"{num_logical} logical experts (num_logical_experts, or the placement's): pass a gate of your "
+                    "own, or more logical experts"
+                )
             router: nn.Module = gate or LinearTopKRouter(
                 c.hidden, num_logical, c.num_topk, score_func=router_score, norm_topk_prob=norm_topk_prob
             )
@@ -929,17 +936,17 @@ def _logical_experts(c: Any, placement: Any, num_logical_experts: int | None) ->
     """The layer's number of logical experts: the placement's (checked against the Buffer's ranks and physical
     experts, and against ``num_logical_experts`` where given), else ``num_logical_experts``, else the Buffer's."""
     if num_logical_experts is not None:
-        if not isinstance(num_logical_experts, int) or isinstance(num_logical_experts, bool) \
-                or num_logical_experts < c.num_topk:
+        if not isinstance(num_logical_experts, numbers.Integral) or isinstance(num_logical_experts, bool) \
+                or num_logical_experts < 1:
             raise ArgumentError(
-                f"MoELayer: argument 'num_logical_experts' must be an int >= num_topk = {c.num_topk}, got "
-                f"{num_logical_experts!r}"
+                f"MoELayer: argument 'num_logical_experts' must be an int >= 1, got {num_logical_experts!r}"
             )
-        if placement is None and num_logical_experts != c.num_experts:
+        num_logical_experts = int(num_logical_experts)
+        if placement is None and num_logical_experts > c.num_experts:
             raise ArgumentError(
-                f"MoELayer: argument 'num_logical_experts' = {num_logical_experts} without a placement: the logical "
-                f"experts are then the Buffer's {c.num_experts} physical ones (pass a placement that maps "
-                f"{num_logical_experts} logical experts onto them)"
+                f"MoELayer: argument 'num_logical_experts' = {num_logical_experts} without a placement: the ids "
+                f"are then the Buffer's physical experts, of which it has {c.num_experts} (pass a placement that "
+                f"maps {num_logical_experts} logical experts onto them)"
             )
     topo = getattr(placement, "topology", None)
     if topo is not None and hasattr(placement, "num_logical"):  # a largeep.placement.Placement: its sizes

@@ -752,6 +752,10 @@ class TorchBackend:
         if refused:
             raise checks.refused_round("low_latency_dispatch", self.ctx.rank, refused, None, self.ctx.num_experts)
 
+    def low_latency_refusal_reaches_peers(self) -> bool:
+        """Whether low_latency_refuse tells the other ranks (CPU groups), so that the Buffer calls it."""
+        return self._ll_checks_peers()
+
     @_out_of_step_on_error
     def low_latency_refuse(self, op: str, refusal: str) -> None:
         """This rank's part in the other ranks' low-latency dispatch that it refused (``refusal``: its reason; the

@@ -346,7 +346,9 @@ class MoELayer(nn.Module):
             all R*K entries (the GEMMs stop at the valid ones either way). It is trusted with no placement or a
             ``Placement`` (distinct experts land on distinct replicas), not through another callable, which may
             send two experts to one.
-        num_logical_experts: experts the default gate chooses from (default E, or a Placement's logical experts).
+        num_logical_experts: experts the default gate chooses from (default E, or a Placement's logical experts;
+            without a placement at most E, the ids being the Buffer's experts; at least num_topk for the default
+            gate).
         placement: None, a callable logical topk_idx int64 [T, K] -> physical [T, K], or a
             ``largeep.placement.Placement`` (its ``route`` gets this rank as the source GPU; under
             ``torch.compile`` or CUDA-graph capture its ``table_route``, which needs no host wait and spreads the

@@ -1225,6 +1225,16 @@ def one_rank_refuses(rank: int, world: int, backend: str, variant: str) -> dict[
     return {"failures": chk.failures, "elapsed_s": max(elapsed), "checks": chk.checks}
 
 
+def _hooks_then_good_round(buf: largeep.Buffer, case: LowLatencyCase, chk: Checker, due: list[Any],
+                           where: str) -> None:
+    """Calls the receive hooks still due of ``due`` (low-latency dispatch results), then a checked good round."""
+    for d in due:
+        assert d.hook is not None
+        d.hook()
+    chk.where = where
+    LowLatencyRound(buf, case, chk).run()
+
+
 LL_REFUSAL_VARIANTS = ("id", "tokens", "hook", "fp8", "all", "twice")
 
 
@@ -1280,11 +1290,7 @@ def ll_one_rank_refuses(rank: int, world: int, variant: str) -> dict[str, Any]:
             chk.expect("has not been called" in str(exc), str(exc))
         else:
             chk.expect(False, "a third dispatch with two hooks due was not refused")
-        for d in due:
-            assert d.hook is not None
-            d.hook()
-        chk.where = f"low-latency {variant} on rank {rank}, the good round after it"
-        LowLatencyRound(buf, case, chk).run()
+        _hooks_then_good_round(buf, case, chk, due, f"low-latency {variant} on rank {rank}, the good round after it")
     finally:
         buf.destroy()
     return {"failures": chk.failures, "elapsed_s": max(elapsed)}
@@ -1317,11 +1323,8 @@ def ll_refused_alike(rank: int, world: int, how: str) -> dict[str, Any]:
             chk.expect(want in str(exc), f"refused for another reason: {exc}")
         else:
             chk.expect(False, "the call was not refused")
-        for d in due:
-            assert d.hook is not None
-            d.hook()
-        chk.where = f"low-latency calls refused alike ({how}) on rank {rank}, a good round after them"
-        LowLatencyRound(buf, case, chk).run()
+        _hooks_then_good_round(buf, case, chk, due,
+                               f"low-latency calls refused alike ({how}) on rank {rank}, a good round after them")
     finally:
         buf.destroy()
     return {"failures": chk.failures}

@@ -114,6 +114,8 @@ class GateConfig:
             raise ArgumentError(f"GateConfig: argument {name!r} cannot change once the config exists (a gate "
                                 f"checked its groups against it); make a new GateConfig and gate instead")
         old = self.__dict__.get(name)
+        # (capacity_factor is checked before it is set, so that a refused value leaves the config as it was)
+        ratio = _capacity_ratio_of(value) if name == "capacity_factor" else None
         object.__setattr__(self, name, value)
         if built and name != "capacity_factor":
             try:
@@ -125,23 +127,22 @@ class GateConfig:
             if name == "norm_topk_prob" and value and not old:
                 self._warn_top1(stacklevel=3)
         if name == "capacity_factor":
-            # its exact fraction, made whenever the factor is set (outside any torch.compile trace: Fraction and
-            # str(float) do not trace, and a retrace after a change must not need them)
-            ratio = None
-            if value is not None:
-                real = isinstance(value, numbers.Real) and not isinstance(value, bool)
-                try:
-                    finite = math.isfinite(float(value)) and float(value) > 0  # type: ignore[arg-type]
-                except (OverflowError, ValueError, TypeError):  # (an int too large for a float, say)
-                    finite = False
-                try:
-                    _check(real and finite, "capacity_factor", f"must be None or a finite number > 0, got {value!r}")
-                except ArgumentError:
-                    if built:
-                        object.__setattr__(self, name, old)  # (the config stays as it was)
-                    raise
-                ratio = capacity_ratio(float(value))  # type: ignore[arg-type]
             object.__setattr__(self, "_capacity_ratio", ratio)
+
+
+def _capacity_ratio_of(value: object) -> tuple[int, int] | None:
+    """A capacity_factor's exact fraction (None for None), made whenever the factor is set (outside any
+    torch.compile trace: Fraction and str(float) do not trace, and a retrace after a change must not need them);
+    ArgumentError for anything but None or a finite number > 0."""
+    if value is None:
+        return None
+    real = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    try:
+        finite = math.isfinite(float(value)) and float(value) > 0  # type: ignore[arg-type]
+    except (OverflowError, ValueError, TypeError):  # (an int too large for a float, say)
+        finite = False
+    _check(real and finite, "capacity_factor", f"must be None or a finite number > 0, got {value!r}")
+    return capacity_ratio(float(value))  # type: ignore[arg-type]
 
 
 @dataclass(eq=False)

@@ -846,8 +846,8 @@ class Buffer:
             check_values=False,
         )
         # a backend that checks the ids in a kernel of its own saves the min/max, its device copy and the device sync
-        native_check = getattr(self._impl, "checks_low_latency_ids", False) and \
-            checks.needs_id_check(idx, self._settings.check_values)
+        check_ids = checks.needs_id_check(idx, self._settings.check_values)
+        native_check = check_ids and getattr(self._impl, "checks_low_latency_ids", False)
         ws = None
         if topk_weights is not None:
             ws = checks.topk_weights(op, topk_weights, num_tokens=t, num_topk=c.num_topk, device=c.device)
@@ -867,7 +867,7 @@ class Buffer:
         # call refuses without an exchange, so that ranks refused alike for those stay out of any exchange together
         try:
             checks.max_tokens(op, t, c.max_tokens_per_rank)
-            if not native_check and checks.needs_id_check(idx, self._settings.check_values):
+            if check_ids and not native_check:
                 checks.id_values(op, idx, c.num_experts)
         except ArgumentError as refusal:
             if call is not None:  # (the call takes no place among those in flight)

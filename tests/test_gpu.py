@@ -126,7 +126,7 @@ LL_CASES = [
     (128, 7168, 288, 8, True, False, False),
     (128, 7168, 288, 8, False, False, True),
     (64, 2048, 32, 3, True, True, True),
-    (16, 4096, 8, 1, True, False, False),
+    (16, 4096, 8, 1, True, "ue8m0", False),  # (scales rounded through use_ue8m0)
     # more tokens than the send's blocks (2 per SM), rows of more 16-byte vectors than a block loads ahead, more
     # than 64 scales per row
     (512, 16384, 16, 4, True, False, False),
@@ -550,12 +550,12 @@ def test_normal_tokens_per_round_torch_one_rank(pools) -> None:
 
 
 @pytest.mark.gpu(2)
-@needs_native
-def test_normal_tokens_per_round(pools) -> None:
-    """Buffer(tokens_per_round=...) on 2 GPUs (NCCL group), the nvshmem and torch backends against one round."""
-    for backend in ("nvshmem", "torch"):
-        pools(2).run(bodies.rounds_match_one_round, backend, [700, 0], 4096, 64, 8, "bfloat16", False, 256, 71)
-        pools(2).run(bodies.rounds_match_one_round, backend, [300, 517], 7168, 64, 8, "bfloat16", True, 200, 73)
+@pytest.mark.parametrize("backend", [pytest.param("nvshmem", marks=needs_native), "torch"])
+def test_normal_tokens_per_round(pools, backend: str) -> None:
+    """Buffer(tokens_per_round=...) on 2 GPUs (an NCCL group: the torch backend on CUDA tensors, each rank on its
+    own GPU), against one round."""
+    pools(2, "nccl").run(bodies.rounds_match_one_round, backend, [700, 0], 4096, 64, 8, "bfloat16", False, 256, 71)
+    pools(2, "nccl").run(bodies.rounds_match_one_round, backend, [300, 517], 7168, 64, 8, "bfloat16", True, 200, 73)
 
 
 def _normal_rounds_on_shared_gpus(world: int, empty: tuple[int, ...], per_nodes: tuple[int | None, ...],

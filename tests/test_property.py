@@ -19,6 +19,7 @@ import random_bodies
 from checked_calls import LowLatencyCase, NormalCase, adjoint_ok
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
+from largeep import native
 
 WORLDS = [1, 2, 3, 4]
 CASES_PER_EXAMPLE = 25
@@ -74,6 +75,7 @@ def low_latency_cases(draw: st.DrawFn, world: int) -> LowLatencyCase:
         seed=draw(st.integers(0, 2**20)),
         use_fp8=draw(st.booleans()),
         round_scale=draw(st.booleans()),
+        use_ue8m0=draw(st.booleans()),
         hook=draw(st.booleans()),
         minus_one=draw(st.sampled_from([0.0, 0.1, 0.5, 1.0])),
         ranks_per_node=draw(st.sampled_from(divisors(world))),
@@ -156,9 +158,11 @@ def test_single_received_row(pools, dtype: str, use_fp8: bool) -> None:
 
 
 # -- GPU: the same cases on the native backend, against the reference and the torch backend over NCCL ------------
+NEEDS_NATIVE = pytest.mark.skipif(native.unavailable_reason() is not None, reason=str(native.unavailable_reason()))
 GPU_SETTINGS = settings(SETTINGS, max_examples=10)
 
 
+@NEEDS_NATIVE
 @pytest.mark.parametrize(
     "world", [pytest.param(2, marks=pytest.mark.gpu(2)), pytest.param(4, marks=pytest.mark.gpu(4))]
 )
@@ -169,6 +173,7 @@ def test_random_cases_nvshmem_against_torch(pools, world: int, data: st.DataObje
     assert_results(world, cases, pools(world, "nccl").run(random_bodies.run_cases, "nvshmem", cases, "torch"))
 
 
+@NEEDS_NATIVE
 @pytest.mark.parametrize(
     "world", [pytest.param(2, marks=pytest.mark.gpu(2)), pytest.param(4, marks=pytest.mark.gpu(4))]
 )
@@ -183,6 +188,7 @@ ONE_GPU = pytest.mark.skipif(os.environ.get("LARGEEP_TEST_SHARED_GPUS") != "1",
 
 
 @pytest.mark.gpu(1)
+@NEEDS_NATIVE
 @ONE_GPU
 @pytest.mark.parametrize("world", [2, 3])
 def test_edge_cases_nvshmem_one_gpu(pools, world: int) -> None:
@@ -193,6 +199,7 @@ def test_edge_cases_nvshmem_one_gpu(pools, world: int) -> None:
 
 
 @pytest.mark.gpu(1)
+@NEEDS_NATIVE
 @ONE_GPU
 @settings(GPU_SETTINGS, max_examples=4)
 @given(data=st.data())

@@ -254,10 +254,11 @@ def _ll_case(
 
 def low_latency_roundtrip(
     rank: int, world: int, backend: str, tokens: list[int], max_tokens: int, hidden: int, num_experts: int,
-    num_topk: int, use_fp8: bool, round_scale: bool, hook: bool, seed: int, ranks_per_node: int | None = None,
+    num_topk: int, use_fp8: bool, round_scale: bool | str, hook: bool, seed: int, ranks_per_node: int | None = None,
     weighted: str = "none", scramble_ids: bool = False,
 ) -> None:
-    """weighted: which ranks give the dispatch their topk_weights ("none", "all", "some": even ranks).
+    """round_scale: True, False, or "ue8m0" (the scales rounded through use_ue8m0=True, round_scale=False).
+    weighted: which ranks give the dispatch their topk_weights ("none", "all", "some": even ranks).
     scramble_ids: a rank that sent weights sets its topk_idx to -1 in place after the dispatch (under inference
     mode no version counter shows it to the Buffer's check): the combine must still sum over the experts the
     dispatch named, on either backend."""
@@ -268,8 +269,9 @@ def low_latency_roundtrip(
     try:
         x, idx, w = mine.x.to(dev), mine.topk_idx.to(dev, copy=True), mine.topk_weights.to(dev)
         send_w = weighted == "all" or (weighted == "some" and rank % 2 == 0)
-        res = buf.low_latency_dispatch(x, idx, use_fp8=use_fp8, round_scale=round_scale, return_recv_hook=hook,
-                                       topk_weights=w if send_w else None)
+        ue8m0 = round_scale == "ue8m0"
+        res = buf.low_latency_dispatch(x, idx, use_fp8=use_fp8, round_scale=bool(round_scale) and not ue8m0,
+                                       use_ue8m0=ue8m0, return_recv_hook=hook, topk_weights=w if send_w else None)
         if hook:
             assert res.hook is not None
             res.hook()
@@ -292,7 +294,7 @@ def low_latency_roundtrip(
             assert srcs == sorted(srcs), f"expert {e}: rows not grouped by source rank"
             for j, key in enumerate(keys):
                 if use_fp8:  # the row's e4m3 values and scales against SPEC's quantisation of the token sent
-                    why = fp8_check(q[e, j], s[e, j], ref[e][key], round_scale)
+                    why = fp8_check(q[e, j], s[e, j], ref[e][key], bool(round_scale))
                     assert why is None, f"expert {e} row {j}: {why}"
                 else:
                     assert torch.equal(vals[e, j], ref[e][key].float()), f"expert {e} row {j}: values differ"

@@ -58,8 +58,8 @@ class Checker:
         if not self.expect(tuple(got.shape) == tuple(want.shape), f"{what}: shape {tuple(got.shape)} != "
                            f"{tuple(want.shape)}"):
             return False
-        if got.dtype != want.dtype:
-            got = got.to(want.dtype)
+        if not self.expect(got.dtype == want.dtype, f"{what}: dtype {got.dtype} != {want.dtype}"):
+            return False
         return self.expect(torch.equal(bits(got), bits(want)), f"{what}: values differ")
 
     def close(
@@ -183,6 +183,8 @@ class NormalRound:
         if self.case.use_fp8:
             self.chk.expect(isinstance(got, tuple) and len(got) == 2, f"{what}: expected an FP8 pair")
             q, s = got
+            self.chk.expect(q.dtype == torch.float8_e4m3fn and s.dtype == torch.float32,
+                            f"{what}: dtypes {q.dtype}, {s.dtype}, expected float8_e4m3fn, float32")
             self.chk.expect(q.shape[0] == rows and s.shape[0] == rows, f"{what}: {q.shape[0]} rows, expected {rows}")
             self.chk.equal(q[:r].view(torch.uint8), want[0].view(torch.uint8), f"{what} e4m3")
             assert want[1] is not None
@@ -202,8 +204,12 @@ class NormalRound:
         lay = self.buf.get_dispatch_layout(idx)
         p = c.ranks_per_node or self.world  # (the case's own: every rank of a test group is on this host)
         chk.expect(self.buf.ctx.ranks_per_node == p, f"the Buffer took ranks_per_node {self.buf.ctx.ranks_per_node}")
+        in_rank = lay.is_token_in_rank
+        chk.expect(in_rank.dtype == torch.bool, f"layout is_token_in_rank: dtype {in_rank.dtype}")
         for key, want in ref_layout(mine.topk_idx, self.world, c.num_experts, p).items():
-            chk.equal(getattr(lay, key).cpu().to(want.dtype), want, f"layout {key}")
+            got = getattr(lay, key)
+            chk.expect(got.device == idx.device, f"layout {key}: on {got.device}, expected {idx.device}")
+            chk.equal(got.cpu().to(want.dtype), want, f"layout {key}")  # (SPEC names no dtype for the counts)
 
         res = self.buf.dispatch(x_in, idx, w, expert_alignment=c.alignment, num_worst_tokens=self.num_worst)
         self.res = res
@@ -297,6 +303,7 @@ class LowLatencyCase:
     seed: int
     use_fp8: bool = True
     round_scale: bool = False
+    use_ue8m0: bool = False  # (rounds the scales as round_scale does)
     hook: bool = False
     minus_one: float = 0.1
     ranks_per_node: int | None = None
@@ -350,7 +357,8 @@ class LowLatencyRound:
         self.x, self.idx, self.w = mine.x.to(self.dev), mine.topk_idx.to(self.dev), mine.topk_weights.to(self.dev)
         self._snap = _snapshot(self.x, self.idx, self.w)
         self.res = self.buf.low_latency_dispatch(
-            self.x, self.idx, use_fp8=c.use_fp8, round_scale=c.round_scale, return_recv_hook=c.hook,
+            self.x, self.idx, use_fp8=c.use_fp8, round_scale=c.round_scale, use_ue8m0=c.use_ue8m0,
+            return_recv_hook=c.hook,
             topk_weights=self.w if c.weighted_on(self.rank) else None,
             bf16_partial_sums=c.bf16_sums and c.weighted_on(self.rank),
         )
@@ -364,17 +372,23 @@ class LowLatencyRound:
                 res.hook()
         _unchanged(chk, self._snap, "low_latency_dispatch")
         ref = ref_low_latency(self.inputs, self.rank, c.num_experts)
-        counts = res.num_tokens_per_expert.cpu().tolist()
+        nt = res.num_tokens_per_expert
+        chk.expect(nt.dtype == torch.int32 and nt.device == self.x.device,
+                   f"low-latency num_tokens_per_expert: {nt.dtype} on {nt.device}, expected int32 on {self.x.device}")
+        counts = nt.cpu().tolist()
         want_counts = [len(ref[e]) for e in range(self.epr)]
         if not chk.expect(counts == want_counts, f"low-latency counts {counts} != {want_counts}"):
             return
         rows = self.world * c.max_tokens
         if c.use_fp8:
             q, s = res.x
+            chk.expect(q.dtype == torch.float8_e4m3fn and s.dtype == torch.float32,
+                       f"low-latency x: dtypes {q.dtype}, {s.dtype}, expected float8_e4m3fn, float32")
             chk.expect(tuple(q.shape) == (self.epr, rows, c.hidden), f"low-latency x shape {tuple(q.shape)}")
             chk.expect(tuple(s.shape) == (self.epr, rows, c.hidden // 128), f"low-latency scales {tuple(s.shape)}")
         else:
             assert isinstance(res.x, torch.Tensor)
+            chk.expect(res.x.dtype == torch.bfloat16, f"low-latency x: dtype {res.x.dtype}, expected bfloat16")
             chk.expect(tuple(res.x.shape) == (self.epr, rows, c.hidden), f"low-latency x shape {tuple(res.x.shape)}")
         info = res.src_info.cpu()
         padded = torch.zeros(self.world, max(c.max_tokens, 1), c.hidden, dtype=torch.bfloat16)
@@ -393,7 +407,7 @@ class LowLatencyRound:
             if c.use_fp8:
                 q, s = res.x
                 # the rows' e4m3 values and scales against SPEC's quantisation of the tokens sent
-                why = fp8_check(q[e, :n].cpu(), s[e, :n].cpu(), want, c.round_scale)
+                why = fp8_check(q[e, :n].cpu(), s[e, :n].cpu(), want, c.round_scale or c.use_ue8m0)
                 chk.expect(why is None, f"expert {e}: FP8 rows: {why}")
             else:
                 assert isinstance(res.x, torch.Tensor)
@@ -413,14 +427,20 @@ class LowLatencyRound:
                 y[e, j] = self.y_of(self.rank * self.epr + e, s, t)
         y = y.to(self.dev)
         t = c.tokens[self.rank]
-        out = torch.full((t, c.hidden), float("nan"), dtype=torch.bfloat16, device=self.dev)
+        # half the cases give out= (NaN-filled: every row must be written), the others take the combine's own tensor
+        out = torch.full((t, c.hidden), float("nan"), dtype=torch.bfloat16, device=self.dev) if c.seed % 2 else None
         snap = _snapshot(y, self.idx, self.w)
         comb = self.buf.low_latency_combine(y, self.idx, self.w, res.handle, out=out, return_recv_hook=c.hook)
         if c.hook and chk.expect(comb.hook is not None, "low_latency_combine: hook missing"):
             assert comb.hook is not None
             comb.hook()
         _unchanged(chk, snap, "low_latency_combine")
-        chk.expect(comb.x.data_ptr() == out.data_ptr() or t == 0, "low_latency_combine: 'out' not used")
+        if out is not None:
+            chk.expect(comb.x.data_ptr() == out.data_ptr() or t == 0, "low_latency_combine: 'out' not used")
+        chk.expect(comb.x.dtype == torch.bfloat16 and comb.x.device == self.x.device
+                   and tuple(comb.x.shape) == (t, c.hidden),
+                   f"low-latency combine x: {comb.x.dtype} {tuple(comb.x.shape)} on {comb.x.device}, expected "
+                   f"bfloat16 ({t}, {c.hidden}) on {self.x.device}")
         mine = self.inputs[self.rank]
         want = ref_low_latency_combine(mine, self.rank, c.num_experts, self.world, self.y_of)
         mag = ref_low_latency_combine(

@@ -164,7 +164,7 @@ def _long_round(
         return LowLatencyCase(
             tuple(rng.randint(0, m) for _ in range(world)), m, LONG_LOW_LATENCY["hidden"], l_exp,
             LONG_LOW_LATENCY["num_topk"], seed * 11 + i * 2 + j, use_fp8=rng.random() < 0.7,
-            round_scale=rng.random() < 0.3, hook=rng.random() < 0.5, minus_one=minus,
+            round_scale=rng.random() < 0.3, use_ue8m0=rng.random() < 0.2, hook=rng.random() < 0.5, minus_one=minus,
             weighted=rng.choice(["none", "all", "some"]), bf16_sums=rng.random() < 0.5,
         )
 

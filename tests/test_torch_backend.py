@@ -83,8 +83,9 @@ def test_low_latency_bf16_partial_sums(pools, world: int, modes: str, distinct: 
 
 
 @pytest.mark.parametrize("world", WORLDS)
-@pytest.mark.parametrize("use_fp8,round_scale,hook", [(False, False, False), (True, False, False), (True, True, True)])
-def test_low_latency(pools, world: int, use_fp8: bool, round_scale: bool, hook: bool) -> None:
+@pytest.mark.parametrize("use_fp8,round_scale,hook", [(False, False, False), (True, False, False), (True, True, True),
+                                                      (True, "ue8m0", False)])
+def test_low_latency(pools, world: int, use_fp8: bool, round_scale: bool | str, hook: bool) -> None:
     experts = 6 * world
     tokens = [min(8, 3 + 2 * r) for r in range(world)]
     if world > 1:

@@ -152,6 +152,45 @@ def normal_roundtrip(
         buf.destroy()
 
 
+def normal_combine_exact(rank: int, world: int, backend: str, tokens: list[int], hidden: int,
+                         ranks_per_node: int | None = None) -> None:
+    """SPEC's float32 accumulation in the normal combine, bit for bit: every token goes to every rank (one expert of
+    each, 2 experts per rank), and rank r returns for the row of (s, t) in column c the BF16 value 256 where
+    r == (s + t + c) % world, else 1 (both negated where c % 7 == 3). Every element must be the exact sum,
+    +-(256 + world - 1), rounded to BF16 once; a BF16 accumulation gives other bits wherever the 256 comes before
+    the 1s (256 + 1 rounds back to 256), so the 256's position moving with s, t and c catches one whatever the
+    order of the sum."""
+    assert world >= 3, "at 2 ranks BF16 accumulation gives the same bits"
+    dev = device_for(backend)
+    e = 2 * world
+    buf = largeep.Buffer(None, hidden=hidden, num_experts=e, num_topk=world, max_tokens_per_rank=max(max(tokens), 1),
+                         backend=backend, ranks_per_node=ranks_per_node)
+    try:
+        t_me = tokens[rank]
+        idx = torch.tensor([[2 * r + t % 2 for r in range(world)] for t in range(t_me)], dtype=torch.int64)
+        idx = idx.reshape(t_me, world)
+        x = torch.randn(t_me, hidden, generator=torch.Generator().manual_seed(rank)).to(torch.bfloat16)
+        w = torch.ones(t_me, world)
+        res = buf.dispatch(x.to(dev), idx.to(dev), w.to(dev))
+        # rows: every (s, t), s ascending, then t
+        src = [(s, t) for s in range(world) for t in range(tokens[s])]
+        assert res.x.shape[0] == len(src), (res.x.shape, len(src))
+        col = torch.arange(hidden)
+        sign = torch.where(col % 7 == 3, -1.0, 1.0)
+        y = torch.stack([torch.where((s + t + col) % world == rank, 256.0, 1.0) * sign for s, t in src]) \
+            if src else torch.empty(0, hidden)
+        comb = buf.combine(y.to(torch.bfloat16).to(dev), res.handle)
+        want_row = (256.0 + (world - 1)) * sign  # (every rank's terms, the 256 from one of them)
+        want = want_row.expand(t_me, hidden).to(torch.bfloat16)
+        got = comb.x.cpu()
+        assert got.dtype == torch.bfloat16
+        assert torch.equal(got.view(torch.int16), want.view(torch.int16)), (
+            f"rank {rank}: combine sums not float32: got {got[:1, :8].tolist()}, want {want[:1, :8].tolist()}"
+        )
+    finally:
+        buf.destroy()
+
+
 def low_latency_partial_sums(
     rank: int, world: int, backend: str, tokens: list[int], max_tokens: int, hidden: int, num_experts: int,
     num_topk: int, seed: int, modes: list[str], hook: bool = False, ranks_per_node: int | None = None,

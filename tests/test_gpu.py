@@ -589,6 +589,24 @@ def _normal_rounds_on_shared_gpus(world: int, empty: tuple[int, ...], per_nodes:
 @pytest.mark.gpu(1)
 @needs_native
 @needs_shared
+@pytest.mark.parametrize("world,ranks_per_node", [(3, None), (4, None), (4, 2)])
+def test_normal_combine_float32_sums_shared_gpus(pools, world: int, ranks_per_node: int | None) -> None:
+    """The nvshmem combine's float32 accumulation, bit for bit, on 3 and 4 ranks sharing the GPUs (4 as 2 nodes of
+    2: the forwarder's partial sums and the reduce over nodes); values whose BF16 sums differ."""
+    pools(world, "gloo-cuda").run(bodies.normal_combine_exact, "nvshmem", [5, 0, 7, 3][:world], 2048, ranks_per_node)
+
+
+@pytest.mark.gpu(4)
+@pytest.mark.parametrize("backend", [pytest.param("nvshmem", marks=needs_native), "torch"])
+def test_normal_combine_float32_sums_four_gpus(pools, backend: str) -> None:
+    """The combine's float32 accumulation, bit for bit, on 4 GPUs (an NCCL group), one node and 2 x 2."""
+    for ranks_per_node in (None, 2):
+        pools(4, "nccl").run(bodies.normal_combine_exact, backend, [5, 0, 7, 3], 2048, ranks_per_node)
+
+
+@pytest.mark.gpu(1)
+@needs_native
+@needs_shared
 def test_normal_many_ranks_shared_gpus() -> None:
     """40 ranks, 0-19 on GPU 0 and 20-39 on GPU 1 (all on GPU 0 where only one is visible): more ranks than fit a
     32-bit mask, so every per-rank step of the normal kernels is by rank position or thread, not by bit. 5 nodes of

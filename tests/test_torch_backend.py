@@ -95,6 +95,13 @@ def test_low_latency(pools, world: int, use_fp8: bool, round_scale: bool | str, 
     )
 
 
+@pytest.mark.parametrize("world,ranks_per_node", [(3, None), (4, None), (4, 2)])
+def test_normal_combine_float32_sums(pools, world: int, ranks_per_node: int | None) -> None:
+    """The combine's float32 accumulation, bit for bit (values whose BF16 sums differ; 0 tokens on one rank)."""
+    tokens = [5, 0, 7, 3][:world]
+    pools(world).run(bodies.normal_combine_exact, "torch", tokens, 256, ranks_per_node)
+
+
 @pytest.mark.parametrize("world", WORLDS)
 @pytest.mark.parametrize("dtype,use_fp8,alignment,per_round", [("bfloat16", False, 1, 7), ("float32", False, 4, 1),
                                                                ("bfloat16", True, 1, 10)])

@@ -13,6 +13,7 @@ on a gloo group (where "nvshmem" cannot run).
 from __future__ import annotations
 
 import os
+import time
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -1364,6 +1365,49 @@ def ll_mixed_refusals(rank: int, world: int) -> dict[str, Any]:
     finally:
         buf.destroy()
     return {"failures": chk.failures}
+
+
+def ll_combine_refusal_meets_dispatch(rank: int, world: int) -> dict[str, Any]:
+    """The torch backend on a CPU group: rank 1's low-latency combine is refused for its y (no exchange) and rank 1
+    goes on to its next dispatch while the others are in that combine. The dispatch's count exchange meets the
+    combines' call marker: every rank raises ArgumentError naming each rank's call, nothing moves (gloo aborted the
+    processes on the rows' sizes before), and no Buffer fails; rank 1 then repeats its combine with the others, every
+    rank's combine is right, and a good round follows. Returns {"failures", "elapsed_s"}."""
+    chk = Checker(f"a low-latency combine refused on rank 1, seen from rank {rank}")
+    case = LowLatencyCase(tokens_of(world), MAX_TOKENS, HIDDEN, EXPERTS, TOPK, 23, use_fp8=False)
+    buf = largeep.Buffer(None, backend="torch", **case.buffer_kwargs())
+    t0 = time.monotonic()
+    try:
+        rnd = LowLatencyRound(buf, case, chk)
+        rnd.dispatch()
+        rnd.receive()
+        assert rnd.res is not None
+        try:
+            if rank == 1:
+                try:
+                    bad_y = torch.zeros(1, 1, HIDDEN, dtype=torch.bfloat16)
+                    buf.low_latency_combine(bad_y, rnd.idx, rnd.w, rnd.res.handle)
+                except ArgumentError as exc:
+                    chk.expect("'y'" in str(exc), str(exc))
+                else:
+                    chk.expect(False, "the combine of a wrong y was not refused")
+                buf.low_latency_dispatch(rnd.x, rnd.idx, use_fp8=False)
+            else:
+                rnd.combine()
+        except ArgumentError as exc:
+            chk.expect("disagree on the call" in str(exc) and "rank 1: low_latency_dispatch" in str(exc)
+                       and "rank 0: low_latency_combine" in str(exc), str(exc))
+        else:
+            chk.expect(False, "the calls that met were not refused")
+        chk.expect(time.monotonic() - t0 < 5.0, f"the refusal took {time.monotonic() - t0:.1f} s")
+        chk.where = f"the combine repeated after the refusals, rank {rank}"
+        rnd.combine()
+        chk.where = f"a good round after the refusals, rank {rank}"
+        LowLatencyRound(buf, LowLatencyCase(tokens_of(world), MAX_TOKENS, HIDDEN, EXPERTS, TOPK, 24, use_fp8=False),
+                        chk).run()
+    finally:
+        buf.destroy()
+    return {"failures": chk.failures, "elapsed_s": time.monotonic() - t0}
 
 
 def unchecked_out_of_range(rank: int, world: int, backend: str, low_latency: bool) -> dict[str, Any]:

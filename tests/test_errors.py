@@ -115,6 +115,15 @@ def test_low_latency_mixed_refusals(pools, world: int) -> None:
     assert not failures, "\n".join(failures)
 
 
+@pytest.mark.parametrize("world", [2, 4])
+def test_low_latency_combine_refusal_meets_dispatch(pools, world: int) -> None:
+    """A rank whose low-latency combine was refused goes on to its next dispatch while the others combine: every
+    rank raises ArgumentError naming the calls (gloo aborted the processes before), and they go on in step."""
+    results = pools(world).run(error_bodies.ll_combine_refusal_meets_dispatch)
+    failures = [f for r in results for f in r["failures"]]
+    assert not failures, "\n".join(failures)
+
+
 _SHARED = pytest.mark.skipif(os.environ.get("LARGEEP_TEST_SHARED_GPUS") != "1",
                              reason="LARGEEP_TEST_SHARED_GPUS=1 runs several ranks on one GPU")
 

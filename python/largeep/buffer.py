@@ -994,8 +994,14 @@ class Buffer:
 
         # (target too: the Buffer's stream writes it, and a caller that drops the result before waiting on its event
         # must not see its memory reused meanwhile)
-        finish, event = self._run(run, None, async_finish, [ys, topk_idx, topk_weights, target],
-                                  finished=not return_recv_hook)
+        try:
+            finish, event = self._run(run, None, async_finish, [ys, topk_idx, topk_weights, target],
+                                      finished=not return_recv_hook)
+        except (ArgumentError, PeerRefusedError, PeerTimeoutError):
+            # refused before anything was sent (on CPU groups, ranks in other calls): no place among those in flight
+            if call is not None:
+                self._ll_calls[op] = call
+            raise
         hook = self._wrap_hook(finish, op, call) if return_recv_hook else None
         return LowLatencyCombineResult(target, event, hook)
 

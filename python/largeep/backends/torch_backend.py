@@ -289,6 +289,14 @@ _R = TypeVar("_R")
 
 # the call a backend method is part of, where its name is not that call's (for messages)
 _OP_NAMES = {"low_latency_refuse": "low_latency_dispatch"}
+# On CPU groups each low-latency call starts with an exchange of [N, E/N + 2] int64 words whose last column says
+# which call it is: a dispatch (0), a dispatch this rank refused (1) or a combine (_LL_COMBINE). A rank that went on
+# after a refusal of its own (a combine refused for its arguments, then the next dispatch) meets the others' call
+# there, and every rank raises, instead of pairing rows of other sizes (gloo aborts the process on that).
+_LL_COMBINE = 2
+_LL_CALLS = {0: "low_latency_dispatch", 1: "low_latency_dispatch (refused)", _LL_COMBINE: "low_latency_combine"}
+_LL_SAME_CALL = ("make the same low-latency call (each dispatch followed by its combine on every rank; a call "
+                 "refused on one rank must be repeated there before that rank goes on)")
 
 
 def _out_of_step_on_error(fn: Callable[..., _R]) -> Callable[..., _R]:
@@ -389,14 +397,19 @@ class TorchBackend:
 
     def _finishing(self, op: str, finish: Callable[[], None]) -> Callable[[], None]:
         """``finish`` (the rest of a low-latency call, after its collectives were issued), marking the Buffer failed
-        if it raises."""
+        if it raises. Run once, it lets go of ``finish`` and what that holds (the received rows, the collective's
+        work and its send buffer), which the caller's hook would otherwise keep alive as long as the results."""
+        held: list[Callable[[], None] | None] = [finish]
 
         def run() -> None:
+            f = held[0]
+            assert f is not None, "a low-latency receive runs once"
             try:
-                finish()
+                f()
             except BaseException as exc:
                 self._fail(op, exc)
                 raise
+            held[0] = None
 
         return run
 
@@ -747,8 +760,12 @@ class TorchBackend:
 
     def _ll_check_peers(self, recv_counts: torch.Tensor) -> None:
         """PeerRefusedError naming the ranks whose counts say they refused this low-latency dispatch (their last
-        column): every rank then skips the rows' exchange, and every Buffer stays usable."""
-        refused = [r for r, v in enumerate(recv_counts[:, -1].tolist()) if v]
+        column), or ArgumentError where a rank is in a low-latency combine instead (its marker, _LL_COMBINE, came in
+        the same place): every rank then skips the rows' exchange, and every Buffer stays usable."""
+        calls = recv_counts[:, -1].tolist()
+        if _LL_COMBINE in calls:
+            raise checks.calls_disagree("low_latency_dispatch", [_LL_CALLS.get(v, "?") for v in calls], _LL_SAME_CALL)
+        refused = [r for r, v in enumerate(calls) if v]
         if refused:
             raise checks.refused_round("low_latency_dispatch", self.ctx.rank, refused, None, self.ctx.num_experts)
 
@@ -896,6 +913,13 @@ class TorchBackend:
         c = self.ctx
         dev = y.device
         n, k = c.num_ranks, c.num_topk
+        if self._ll_checks_peers():  # (which call each rank is in, see _LL_COMBINE)
+            marks = torch.zeros(n, c.experts_per_rank + 2, dtype=torch.int64)
+            marks[:, -1] = _LL_COMBINE
+            calls = self._all_to_all(marks, n)[0][:, -1].tolist()
+            if any(v != _LL_COMBINE for v in calls):
+                raise checks.calls_disagree("low_latency_combine", [_LL_CALLS.get(v, "?") for v in calls],
+                                            _LL_SAME_CALL)
         flat = y.reshape(-1, c.hidden)
         ext = torch.cat([flat, torch.zeros(1, c.hidden, dtype=y.dtype, device=dev)])
         rows, work = self._all_to_all(ext[state.out_index], n * self._ll_cap(), async_op=async_recv)

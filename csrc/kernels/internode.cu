@@ -131,7 +131,8 @@ __global__ void __launch_bounds__(kThreads) dispatch_forward_kernel(NormalCtx c,
             const int m = node_of_row(prefix, g), j = g - prefix[m];
             const uint8_t* row = c.base + c.off_rdma_recv + (static_cast<int64_t>(m) * c.max_tokens + j) * c.rdma_stride;
             const int* pos = reinterpret_cast<const int*>(row + c.rdma_off_pos);
-            if (lane < P) fwd_pos[(static_cast<int64_t>(m) * c.max_tokens + j) * P + lane] = pos[lane];
+            // (a cached dispatch leaves the handle's positions as its fresh dispatch wrote them)
+            if (lane < P && !cached) fwd_pos[(static_cast<int64_t>(m) * c.max_tokens + j) * P + lane] = pos[lane];
             // lane l < P: rank node * P + l of my node
             const int p = lane < P ? pos[lane] : -1;
             const int base = lane < P ? fwd_off[m * P + lane] : 0;

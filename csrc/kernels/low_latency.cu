@@ -291,6 +291,12 @@ __device__ __forceinline__ bool ll_send_tokens(const LowLatencyCtx& c, const __n
             if (r >= 0) j = atomicAdd(counter + r * epr + le, 1);
             if (r >= 0 && lane == first) row = atomicAdd(rows_to + r, 1);  // < T <= max_tokens
             row = __shfl_sync(0xffffffffu, row, first);
+            // (a row past max_tokens, a rank counter not cleared: broken, reported, and that rank's copies dropped
+            // rather than written past its block of the peer's slot)
+            if (r >= 0 && row >= c.max_tokens) {
+                if (lane == first) report_error(c.err, kOpLowLatencyCounter, r);
+                r = -1;
+            }
             // (j < T <= max_tokens, a token sending each expert once; bounded all the same: a copy past it would
             // be dropped, not corrupting)
             const bool keep = r >= 0 && j < c.max_tokens;

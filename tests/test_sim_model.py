@@ -1,10 +1,14 @@
-"""The cost model (largeep.bench.sim) on the CPU: its guards against groups and routings that cannot exist, and
-DeepEP's figures beside it in our byte count and at its configuration."""
+"""The cost model (largeep.bench.sim) on the CPU: its guards against groups and routings that cannot exist,
+DeepEP's figures beside it in our byte count and at its configuration, and its edge cases (calls that move nothing,
+tied backends, a fit that does not settle)."""
 
 from __future__ import annotations
 
 import json
+import math
+import re
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -138,7 +142,11 @@ def test_deepep_normal_figures_in_our_count() -> None:
     eight = got[(8, "dispatch")]
     assert eight["leg"] == "nvlink" and eight["logical_gbps"] == 153.0
     assert eight["our_count_gbps"] == pytest.approx(153.0 * 7 / 8)
-    assert eight["efficiency"] == pytest.approx(153.0 * 7 / 8 / sim.H800_NVLINK_GBPS)
+    # over the H800's theoretical 200 GB/s per direction (400 both ways), the basis of the model's 450 for the
+    # H200; it was over DeepEP's practical 160 GB/s (0.84)
+    assert sim.H800_NVLINK_GBPS == 200.0
+    assert eight["efficiency"] == pytest.approx(153.0 * 7 / 8 / 200.0)
+    assert got[(8, "combine")]["efficiency"] == pytest.approx(0.69125)
     assert got[(16, "combine")]["efficiency"] == pytest.approx(21.5 / 50.0)
 
 
@@ -197,12 +205,19 @@ def test_cli_compares_with_deepep_in_our_count(tmp_path: Path, capsys: pytest.Ca
     assert "DeepEP published (H800), in our byte count" in out
     assert "153 GB/s logical (133.9 NVLink)" in out and "21.5 GB/s RDMA (published 43)" in out
     assert "44.6 GB/s RDMA (published 51)" in out and "173 us (experts not stated)" in out
-    assert "77 us (model at 288 experts" in out
+    # DeepEP's published EP8 low latency ran over RDMA, the model's EP8 over NVLink: the line says so; EP16 has no
+    # such caveat (both cross the NIC there)
+    assert re.search(r"77 us \(model at 288 experts [0-9.]+; DeepEP over RDMA, the model over NVLink: not like for "
+                     r"like\)", out), out
+    assert re.search(r"118 us \(model at 288 experts [0-9.]+\)", out), out
     doc = json.loads((tmp_path / "a" / "sim.json").read_text())
     ours = {(d["ep"], d["op"]): d for d in doc["deepep_published"]["normal_in_our_count"]}
     assert ours[(16, "dispatch")]["our_count_gbps"] == pytest.approx(21.5)
     ll = {(d["ep"], d["op"]): d for d in doc["deepep_low_latency_comparison"]}
     assert ll[(8, "dispatch")]["experts"] == 288 and ll[(64, "dispatch")]["model_us"] is None
+    caveats = {(d["ep"], d["source"].split(",")[0]): d["caveat"] for d in doc["deepep_low_latency_comparison"]}
+    assert caveats[(8, "published")] == sim.LL_RDMA_CAVEAT
+    assert caveats[(16, "published")] == "" and caveats[(4, "measured on our H200s")] == ""
     assert (tmp_path / "a" / "sim.png").stat().st_size > 0
     assert doc["calibration"]["eff_rdma"] == pytest.approx(0.9)
     t09 = {(r["ep"], r["mode"], r["op"]): r["time_us"] for r in doc["predictions"] if sim._main_variant(r)}
@@ -212,3 +227,165 @@ def test_cli_compares_with_deepep_in_our_count(tmp_path: Path, capsys: pytest.Ca
     t75 = {(r["ep"], r["mode"], r["op"]): r["time_us"] for r in doc["predictions"] if sim._main_variant(r)}
     assert t75[(8, "normal", "dispatch")] == pytest.approx(t09[(8, "normal", "dispatch")])  # one node: no NIC
     assert t75[(64, "normal", "dispatch")] > t09[(64, "normal", "dispatch")]
+
+
+# -- one basis for efficiency, and the scaling efficiency --------------------------------------------------------
+def test_busiest_link_utilisation_and_scaling_efficiency() -> None:
+    """efficiency is the busier link's bytes over its theoretical per-direction peak (NVLink 450 GB/s at EP 8, the
+    NIC's 50 beyond) and says which link; throughput_vs_ep8 is EP 8's time over this EP's for the same call."""
+    params, cluster = sim.placeholder(), sim.Cluster()
+    rows = sim.sweep_ep(params, cluster, [4, 8, 16, 64], normal=(4096, 7168, 8, 256), ll=(128, 7168, 8, 256))
+    by = {(r["ep"], r["mode"], r["op"], r["layout"], r["overlap"]): r for r in rows}
+    for ep in (4, 8, 16, 64):
+        r = by[(ep, "normal", "dispatch", "hierarchical", True)]
+        w = sim.Workload("normal", "dispatch", 4096, 7168, 8, 256, "fp8")
+        tr = sim.traffic(w, ep, min(8, ep), sim.routing_stats(ep, min(8, ep), 256, 8))
+        nvl = tr.nvlink / r["time_us"] / 1e3 / 450.0
+        nic = tr.rdma / r["time_us"] / 1e3 / 50.0
+        assert r["efficiency"] == pytest.approx(max(nvl, nic))
+        assert r["busiest_link"] == ("nvlink" if ep <= 8 else "rdma")
+        t8 = by[(8, "normal", "dispatch", "hierarchical", True)]["time_us"]
+        assert r["throughput_vs_ep8"] == pytest.approx(t8 / r["time_us"])
+    assert by[(8, "low_latency", "combine", "flat", True)]["throughput_vs_ep8"] == pytest.approx(1.0)
+    assert by[(64, "normal", "combine", "hierarchical", True)]["throughput_vs_ep8"] < 1.0
+    no8 = sim.sweep_ep(params, cluster, [16], normal=(4096, 7168, 8, 256), ll=(128, 7168, 8, 256))
+    assert all(r["throughput_vs_ep8"] is None for r in no8)
+
+
+# -- which backend is fitted ------------------------------------------------------------------------------------
+def test_pick_backend_breaks_ties_by_name() -> None:
+    """`max(set(names), key=names.count)` chose among tied backends by hash order. Now: --backend, else nvshmem,
+    else the most records, a tie to the first name in sorted order with a warning naming --backend."""
+    tied = [{"backend": b} for b in ("torch", "nccl", "gloo", "torch", "nccl", "gloo")]
+    for recs in (tied, tied[::-1], tied[1:] + tied[:1]):
+        with pytest.warns(UserWarning, match="backends gloo, nccl, torch in equal numbers .*fitting 'gloo'.*--backend"):
+            assert sim._pick_backend(recs, None) == "gloo"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert sim._pick_backend(tied, "torch") == "torch"
+        assert sim._pick_backend([*tied, {"backend": "nvshmem"}], None) == "nvshmem"
+        assert sim._pick_backend([*tied, {"backend": "torch"}], None) == "torch"
+        assert sim._pick_backend([], None) is None
+
+
+# -- calls that move nothing ------------------------------------------------------------------------------------
+def _clamped() -> sim.Params:
+    """The placeholder with the low-latency latencies at 0, as calibrate clamps a negative latency."""
+    p = sim.placeholder()
+    return replace(p, lat_us={**p.lat_us, "low_latency.dispatch": 0.0, "low_latency.combine": 0.0})
+
+
+@pytest.mark.parametrize("tokens", [0, 128])
+def test_zero_time_has_zero_bandwidth(tokens: int) -> None:
+    """One GPU in low-latency mode moves nothing over a link; with its latency clamped to 0 the call takes 0 us,
+    and predict divided by that time (ZeroDivisionError). Its bandwidths are now 0, its bound "latency"."""
+    one = sim.Cluster(gpus_per_node=1)
+    for op, dtype in (("dispatch", "fp8"), ("combine", "bf16")):
+        pr = sim.predict(sim.Workload("low_latency", op, tokens, 7168, 8, 256, dtype), 1, _clamped(), one)
+        assert pr.time_us == 0.0
+        assert (pr.logical_gbps, pr.nvlink_gbps, pr.rdma_gbps, pr.efficiency) == (0.0, 0.0, 0.0, 0.0)
+        assert pr.bound == "latency" and pr.busiest_link == "none"
+    # the sweep takes such a group too
+    rows = sim.sweep_ep(_clamped(), sim.Cluster(), [1, 8], normal=(4096, 7168, 8, 256), ll=(tokens, 7168, 8, 256))
+    assert all(r["time_us"] == 0.0 and r["logical_gbps"] == 0.0 for r in rows
+               if r["ep"] == 1 and r["mode"] == "low_latency")
+    assert all(r["throughput_vs_ep8"] is None for r in rows if r["time_us"] == 0.0)
+
+
+@pytest.mark.parametrize("num_ranks,ranks_per_node", [(8, 8), (64, 8), (1, 1)])
+def test_sampled_stats_of_no_tokens(num_ranks: int, ranks_per_node: int) -> None:
+    """A routing of 0 tokens divided by T = 0; it now reaches no ranks and no nodes, and a call with it moves no
+    bytes: its time is the latency alone."""
+    empty = torch.empty(0, 8, dtype=torch.int64)
+    st = sim.sampled_stats(empty, num_ranks, ranks_per_node, 256)
+    assert (st.ranks_per_token, st.nodes_per_token, st.imbalance, st.summed_rows_per_token) == (0.0, 0.0, 1.0, 0.0)
+    params, cluster = sim.placeholder(), sim.Cluster(gpus_per_node=ranks_per_node)
+    for mode, op, dtype in (("normal", "dispatch", "fp8"), ("normal", "combine", "bf16"),
+                            ("low_latency", "dispatch", "fp8"), ("low_latency", "combine", "bf16")):
+        w = sim.Workload(mode, op, 0, 7168, 8, 256, dtype)
+        tr = sim.traffic(w, num_ranks, ranks_per_node, st)
+        assert (tr.logical, tr.nvlink, tr.rdma, tr.sm, tr.copy) == (0.0, 0.0, 0.0, 0.0, 0.0)
+        pr = sim.predict(w, num_ranks, params, cluster, stats=st)
+        assert pr.time_us == pytest.approx(params.lat_us[f"{mode}.{op}"])
+        assert pr.bound == "latency" and pr.logical_gbps == 0.0
+    # a few tokens still count as before: 3 tokens, top-2 of 256 experts on 8 ranks, by hand
+    idx = torch.tensor([[0, 1], [0, 32], [224, 255]])  # ranks {0}, {0, 1}, {7}
+    st = sim.sampled_stats(idx, 8, 8, 256)
+    assert st.ranks_per_token == pytest.approx(4 / 3) and st.nodes_per_token == pytest.approx(1.0)
+    assert st.imbalance == pytest.approx(2 / (4 / 8))  # rank 0 gets 2 of 4 rows, the mean 0.5
+
+
+def test_bound_of_a_call_that_moves_nothing() -> None:
+    """A call with no link bytes and no SM term was labelled "rdma". It is now the largest term in series: the
+    latency, or the summing pass where that is longer; calls that move bytes keep their link or SM bound."""
+    params = sim.placeholder()
+    one = sim.Cluster(gpus_per_node=1)
+    ll = sim.predict(sim.Workload("low_latency", "dispatch", 128, 7168, 8, 256, "fp8"), 1, params, one)
+    assert ll.bound == "latency" and ll.time_us == pytest.approx(params.lat_us["low_latency.dispatch"])
+    # the summing pass of a combine with the weights sent: 128 x 8 copies of 14336 bytes at 1000 GB/s = 14.7 us
+    summing = replace(params, sum_lat_us=10.0, sum_gbps=1000.0)
+    w = sim.Workload("low_latency", "combine", 128, 7168, 8, 256, "bf16", weights_sent=True)
+    pr = sim.predict(w, 1, summing, one)
+    assert pr.t_sum_us == pytest.approx(10.0 + 128 * 8 * 14336 / 1e6) and pr.bound == "summing"
+    assert sim.predict(replace(w, weights_sent=False), 1, summing, one).bound == "latency"
+    # moving bytes: unchanged
+    assert sim.predict(sim.Workload("low_latency", "dispatch", 128, 7168, 8, 256, "fp8"), 2, params,
+                       sim.Cluster(gpus_per_node=2)).bound == "nvlink"
+    assert sim.predict(sim.Workload("low_latency", "dispatch", 128, 7168, 8, 256, "fp8"), 64, params,
+                       sim.Cluster()).bound == "rdma"
+    assert sim.predict(sim.Workload("normal", "dispatch", 4096, 7168, 8, 256, "fp8"), 1, params, one).bound == "sm"
+
+
+# -- DeepEP's H200 points do not move with the sweep's options ---------------------------------------------------
+def test_deepep_h200_points_at_their_configuration(tmp_path: Path) -> None:
+    """The stars (DeepEP measured on our H200s) were times at the sweep's --tokens/--experts from GB/s measured at
+    4096 tokens and 256 experts. They are now at ANCHORS.md's configuration: by hand, 4096 x d_r rows at EP 4 over
+    the GB/s, within 1.5% of the times ANCHORS.md lists (428 / 809 / 590 us), whatever the options."""
+    d_r = 4 * (1 - math.comb(192, 8) / math.comb(256, 8))
+    rows = 4096 * d_r
+    fp8, bf16 = 7168 + 4 * 7168 // 128, 2 * 7168
+    want = {("dispatch", "fp8"): rows * fp8 / 254e3, ("dispatch", "bf16"): rows * bf16 / 261e3,
+            ("combine", "bf16"): rows * bf16 / 358e3}
+    anchors = {("dispatch", "fp8"): 428.0, ("dispatch", "bf16"): 809.0, ("combine", "bf16"): 590.0}
+    for (op, dtype), us in want.items():
+        got = sim._deepep_h200_us(4, op, dtype)
+        assert got == pytest.approx(us)
+        assert got == pytest.approx(anchors[(op, dtype)], rel=0.015)
+    assert sim.main(["--eps", "8", "--tokens", "1024", "--experts", "128", "--out", str(tmp_path)]) == 0
+    doc = json.loads((tmp_path / "sim.json").read_text())
+    stars = doc["deepep_measured_h200"]
+    assert stars["normal_shape"] == [4096, 7168, 8, 256]
+    assert stars["normal_us_fp8_bf16_combine"]["4"] == pytest.approx(list(want.values()))
+
+
+# -- a fit whose active terms do not settle ----------------------------------------------------------------------
+def _dispatch_records() -> list[dict]:
+    """Normal-mode dispatch records at 2 GPUs, SM-bound at 8 SMs and link-bound at 24 under these constants, while
+    the placeholder's slow SMs make every one SM-bound: the first solve's choice of terms cannot be the last."""
+    true = replace(sim.placeholder(), sm_gbps=47.0, eff_nvlink=0.7,
+                   lat_us={**sim.placeholder().lat_us, "normal.dispatch": 40.0})
+    cluster = sim.Cluster(gpus_per_node=2)
+    out = []
+    for tokens in (512, 2048, 8192):
+        for sms in (8, 16, 24):
+            for dtype in ("fp8", "bf16"):
+                w = sim.Workload("normal", "dispatch", tokens, 7168, 8, 256, dtype)
+                t = sim.predict(w, 2, true, cluster, num_sms=sms).time_us
+                out.append(dict(backend="synthetic", mode="normal", op="dispatch", ep=2, ranks_per_node=2,
+                                num_tokens=tokens, hidden=7168, num_topk=8, num_experts=256, dtype=dtype,
+                                num_sms=sms, time_us_median=t, combine_eighths=0))
+    return out
+
+
+def test_calibrate_warns_when_its_terms_do_not_settle() -> None:
+    """calibrate stopped after max_iter solves without a word even when the last solve's constants would choose
+    other deciding terms; it now warns (and says so in Params.warnings). A fit that settles does not."""
+    recs = _dispatch_records()
+    with pytest.warns(UserWarning, match="had not settled after max_iter=1"):
+        fit = sim.calibrate(recs, cluster=sim.Cluster(), copy_phase=False, max_iter=1)
+    assert any("had not settled" in m for m in fit.warnings)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fit = sim.calibrate(recs, cluster=sim.Cluster(), copy_phase=False)
+    assert not any("settled" in m for m in fit.warnings)
+    assert fit.sm_gbps == pytest.approx(47.0, rel=1e-6) and fit.eff_nvlink == pytest.approx(0.7, rel=1e-6)

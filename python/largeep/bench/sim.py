@@ -59,10 +59,13 @@ DeepEP's figures beside the model (ANCHORS.md), in our byte count, the bytes tha
 a token's RDMA bytes once for every node its experts are on, its own node included (d_n rows per token, where the
 model's NIC leg carries d_n (M-1)/M), and its intranode "NVL" bytes as every received row, local ones included
 (SPEC's logical bytes). So its published RDMA GB/s are shown x (M-1)/M (M = EP/8 of its nodes) beside the model's
-RDMA GB/s, its EP8 figure beside the model's logical GB/s, and both (EP8: x 7/8 on NVLink) over the link's peak
-beside the model's efficiency (:func:`deepep_normal_in_our_count`). Its low-latency figures are at 128 tokens, top-8
-of 288 experts (its test's count; 288 does not divide EP 64-256, where the published count is not stated): the model
-at that configuration is listed and plotted beside them (:func:`deepep_ll_comparison`).
+RDMA GB/s, its EP8 figure beside the model's logical GB/s, and both (EP8: x 7/8 on NVLink) over the link's
+theoretical per-direction peak (H800 NVLink 200 GB/s, NIC 50) beside the model's busiest-link utilisation on the
+same basis (H200 NVLink 450 GB/s, NIC 50; :func:`deepep_normal_in_our_count`). That utilisation is of NVLink inside
+one node and mostly of the NIC beyond, so it is no scaling efficiency: the sweep gives that as
+``throughput_vs_ep8``. Its low-latency figures are at 128 tokens, top-8 of 288 experts (its test's count; 288 does
+not divide EP 64-256, where the published count is not stated): the model at that configuration is listed and
+plotted beside them (:func:`deepep_ll_comparison`); its EP8 figure ran over RDMA, the model's EP8 over NVLink.
 
 Record files (:func:`load`, through :func:`largeep.bench.records.read_results_files`): the benchmark's results.json (a
 list of records, its run.json beside it with the settings and extras; or the older one object ``{"schema",
@@ -114,10 +117,16 @@ DEEPEP_LL = {  # EP: (dispatch, combine) us, 128 tokens, H 7168, top-8, FP8 disp
 }
 DEEPEP_GPUS_PER_NODE = 8  # the H800 nodes of DeepEP's published figures
 DEEPEP_LL_SHAPE = (128, 7168, 8, 288)  # DeepEP's low-latency test: tokens per rank, hidden, top-k, experts
-H800_NVLINK_GBPS = 160.0  # DeepEP's README: "H800 (~160 GB/s NVLink maximum bandwidth)"; H200: 450
+# Link peaks that every efficiency here divides by, one basis for DeepEP's figures and the model's: theoretical,
+# per direction, per GPU. H800 SXM: NVLink 400 GB/s both ways, 200 per direction (DeepEP's README quotes ~160 GB/s
+# as its practical maximum; that is not the basis of the H200's 450 GB/s, Cluster.nvlink_gbps). ConnectX-7 400 Gb/s:
+# 50 GB/s per GPU (Cluster.nic_gbps).
+H800_NVLINK_GBPS = 200.0
+CX7_NIC_GBPS = 50.0
 # DeepEP V1 measured on our 4x H200 machine with its own tests (ANCHORS.md "Measured"), 4096 tokens, 24 SMs: logical
 # GB/s (dispatch FP8, dispatch BF16, combine); low-latency (128 tokens, 288 experts) dispatch and combine in us.
 DEEPEP_H200_NORMAL = {2: (248.0, 341.0, 292.0), 4: (254.0, 261.0, 358.0)}
+DEEPEP_H200_NORMAL_SHAPE = (4096, 7168, 8, 256)  # its normal test there: tokens per rank, hidden, top-k, experts
 DEEPEP_H200_LL = {2: (28.9, 39.8), 4: (34.5, 55.5)}
 
 
@@ -132,14 +141,15 @@ def deepep_normal_in_our_count(ep: int, op: str) -> dict[str, Any]:
     at EP16); the intranode figure is our logical GB/s as it stands, and (P-1)/P of it on NVLink (P = 8).
     Returns ep, op, leg ("nvlink" or "rdma"), published_gbps, factor, our_count_gbps (link bytes per second),
     logical_gbps (EP8 only: the published figure; None beyond one node) and efficiency (our_count_gbps over the
-    H800's NVLink, :data:`H800_NVLINK_GBPS`, or the 50 GB/s NIC)."""
+    link's theoretical peak per direction, the basis of the model's efficiency: the H800's NVLink,
+    :data:`H800_NVLINK_GBPS`, or the NIC, :data:`CX7_NIC_GBPS`)."""
     published = DEEPEP_NORMAL[ep][OPS.index(op)]
     p = min(DEEPEP_GPUS_PER_NODE, ep)
     nodes = ep // p
     if nodes == 1:
         factor, leg, peak, logical = (p - 1) / p, "nvlink", H800_NVLINK_GBPS, published
     else:
-        factor, leg, peak, logical = (nodes - 1) / nodes, "rdma", 50.0, None
+        factor, leg, peak, logical = (nodes - 1) / nodes, "rdma", CX7_NIC_GBPS, None
     ours = published * factor
     return {"ep": ep, "op": op, "leg": leg, "published_gbps": published, "factor": factor, "our_count_gbps": ours,
             "logical_gbps": logical, "efficiency": ours / peak}
@@ -279,12 +289,14 @@ def sample_topk(
 
 
 def sampled_stats(topk_idx: torch.Tensor, num_ranks: int, ranks_per_node: int, num_experts: int) -> RoutingStats:
-    """The same statistics counted on a routing int64 [T, K] (-1 = none). Raises ValueError as
-    :func:`routing_stats` does."""
+    """The same statistics counted on a routing int64 [T, K] (-1 = none). A routing of no tokens (T = 0) moves
+    nothing: no ranks or nodes per token, imbalance 1. Raises ValueError as :func:`routing_stats` does."""
     check_routing(num_ranks, ranks_per_node, num_experts, max(1, topk_idx.shape[1]))
     ranks_per_node = min(ranks_per_node, num_ranks)
     per_rank = num_experts // num_ranks
     t = topk_idx.shape[0]
+    if t == 0:
+        return RoutingStats(0.0, 0.0, 1.0, 0.0)
     ranks = torch.where(topk_idx >= 0, topk_idx // per_rank, num_ranks)
     hit = torch.zeros(t, num_ranks + 1, dtype=torch.bool)
     hit.scatter_(1, ranks, True)
@@ -410,9 +422,14 @@ def placeholder() -> Params:
 # -- prediction -------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Prediction:
-    """time_us and its terms; bandwidths in GB/s (logical per SPEC.md; per link: bytes on it / time);
-    efficiency: the busiest link's bytes / (time * its bandwidth); bound: the overlapped term that decides the
-    time (the receive pass t_copy_us and the latency lat_us come on top)."""
+    """time_us and its terms; bandwidths in GB/s (logical per SPEC.md; per link: bytes on it / time; 0 where the
+    modelled time is 0: nothing moved and no latency); efficiency: the busiest link's utilisation, its bytes / (time
+    * its theoretical per-direction bandwidth), of the link named by ``busiest_link`` ("nvlink", "rdma" or "none"
+    when no bytes cross a link): NVLink inside one node, the NIC beyond, so it is not a scaling efficiency (it can
+    rise from EP 8 to 16 while every GB/s falls); bound: the overlapped term that decides the time ("nvlink",
+    "rdma" or "sm"; the receive pass t_copy_us and the latency lat_us come on top), or for a call with no link or
+    SM term (one GPU in low-latency mode, no tokens) the largest of the terms in series: "latency", "copy",
+    "summing" or "rounds"."""
 
     time_us: float
     t_nvlink_us: float
@@ -428,6 +445,7 @@ class Prediction:
     rounds: int = 1  # Buffer(tokens_per_round=...): the call in this many rounds
     t_rounds_us: float = 0.0  # what the rounds add: a latency per extra round, and the merge pass (in time_us)
     t_sum_us: float = 0.0  # the summing pass of a low-latency combine with the weights sent (in time_us)
+    busiest_link: str = "none"  # the link whose utilisation ``efficiency`` is
 
 
 # Rows a Buffer in rounds merges into SPEC's order (dispatch: a scatter of the received rows; combine: a gather of
@@ -522,18 +540,26 @@ def predict(
     t_copy = terms["copy"][0] / params.copy_gbps if "copy" in terms and params.copy_gbps else 0.0
     links = max(t_nvl, t_rdma) if overlap else t_nvl + t_rdma
     body = max(links, t_sm)
-    bound = "sm" if t_sm >= links and t_sm > 0 else ("rdma" if t_rdma >= t_nvl else "nvlink")
     lat = params.lat_us[f"{w.mode}.{w.op}"]
     rounds = rounds if w.mode == "normal" else 1
     # (the merge pass of the busiest rank: its received rows, tr.sm in normal mode)
     t_rounds = (rounds - 1) * lat + tr.sm / MERGE_BYTES_PER_US if rounds > 1 else 0.0
     t_sum = summing_us(w, params, stats.imbalance)
+    if body > 0:
+        bound = "sm" if t_sm >= links and t_sm > 0 else ("rdma" if t_rdma >= t_nvl else "nvlink")
+    else:  # nothing crosses a link and no SM term: what is left in series decides (ties: the first named)
+        serial = (("latency", lat), ("copy", t_copy), ("summing", t_sum), ("rounds", t_rounds))
+        bound = max(serial, key=lambda kv: kv[1])[0]
     time_us = lat + body + t_copy + t_rounds + t_sum
-    nvl_gbps = tr.nvlink / time_us / 1e3
-    rdma_gbps = tr.rdma / time_us / 1e3
-    eff = max(nvl_gbps / cluster.nvlink_gbps, rdma_gbps / cluster.nic_gbps)
-    return Prediction(time_us, t_nvl, t_rdma, t_sm, t_copy, lat, tr.logical / time_us / 1e3, nvl_gbps, rdma_gbps,
-                      eff, bound, rounds, t_rounds, t_sum)
+
+    def gbps(nbytes: float) -> float:
+        return nbytes / time_us / 1e3 if time_us > 0 else 0.0
+
+    nvl_gbps, rdma_gbps = gbps(tr.nvlink), gbps(tr.rdma)
+    use = {"nvlink": nvl_gbps / cluster.nvlink_gbps, "rdma": rdma_gbps / cluster.nic_gbps}
+    link = max(use, key=lambda k: use[k]) if tr.nvlink > 0 or tr.rdma > 0 else "none"
+    return Prediction(time_us, t_nvl, t_rdma, t_sm, t_copy, lat, gbps(tr.logical), nvl_gbps, rdma_gbps,
+                      use.get(link, 0.0), bound, rounds, t_rounds, t_sum, link)
 
 
 def _summed_bytes(w: Workload, imbalance: float) -> float:
@@ -721,7 +747,13 @@ def calibrate(
     as it was before largeep's push design, kept for comparison.
 
     Records taken with ``--ranks-per-node`` below the GPUs of one host emulate nodes: their "RDMA" leg ran over
-    NVLink, so fit them with a cluster whose ``nic_gbps`` is the NVLink figure, or leave them out."""
+    NVLink, so fit them with a cluster whose ``nic_gbps`` is the NVLink figure, or leave them out.
+
+    The choice of the term that decides each record is repeated at most ``max_iter`` times; if it has not settled
+    by then (the last solve's constants would choose differently), the fit warns (UserWarning, and in
+    ``Params.warnings``): its constants are then those of the last solve, not a consistent fit."""
+    import warnings
+
     import numpy as np
 
     cluster = cluster or Cluster()
@@ -743,8 +775,9 @@ def calibrate(
     active: list[tuple[str, ...]] | None = None
     used: set[int] = set()
     to_prior: set[int] = set()  # (of the last solve) efficiencies the records drove to <= 0, back at prior's value
-    for _ in range(max_iter):
-        # which term decides each record under the current constants
+
+    def choose() -> list[tuple[str, ...]]:
+        """Which terms decide each record under the current constants."""
         choice: list[tuple[str, ...]] = []
         for _lat, terms, _t in rows:
             vals = {k: c * theta[col[k]] + k0 for k, (c, k0) in terms.items()}
@@ -759,6 +792,10 @@ def calibrate(
             smk = max((k for k in ("sm", "comb", "reduce") if k in terms), key=lambda k: vals[k], default="sm")
             ch: tuple[str, ...] = (smk,) if vals.get(smk, -1.0) > link_val else links
             choice.append(ch + tuple(k for k in serial if k in terms))
+        return choice
+
+    for _ in range(max_iter):
+        choice = choose()
         if choice == active:
             break
         active = choice
@@ -794,6 +831,7 @@ def calibrate(
             free = [j for j in free if j not in bad]
             if not free:
                 break
+    settled = active is not None and choose() == active  # (the last solve's constants keep its choice)
     for key in ("comb", "reduce"):
         if col[key] not in used:  # no record bound there: the constant stays unknown (or the prior's)
             theta[col[key]] = prior.vector()[col[key]]
@@ -804,6 +842,12 @@ def calibrate(
         f"{names[j]}: the records gave it no positive value, so it stays the placeholder {getattr(params, names[j])}"
         for j in sorted(to_prior)
     ]
+    if not settled:
+        unsettled = (f"calibrate: the choice of each record's deciding term had not settled after max_iter={max_iter} "
+                     "iterations; the constants are those of the last solve, under which some records would choose "
+                     "another term")
+        params.warnings.append(unsettled)
+        warnings.warn(unsettled, stacklevel=2)
     return params
 
 
@@ -968,7 +1012,9 @@ def sweep_ep(
     ``params`` has a fitted summing pass, the low-latency combine with the weights sent too (rows with
     ``weights_sent`` True, two-row sums and ``bf16_partial_sums``). A mode that cannot exist at an EP
     (:func:`routing_problem`: its experts not divisible by the EP, the EP not whole nodes, ...) is left out there,
-    with a warning saying why (the CLI refuses such arguments before it gets here)."""
+    with a warning saying why (the CLI refuses such arguments before it gets here). Each row's
+    ``throughput_vs_ep8`` is the scaling efficiency: the same call's time at EP 8 over its time here, i.e. a GPU's
+    tokens per second relative to EP 8 (the same tokens per rank at every EP); None where EP 8 is not swept."""
     import warnings
 
     rounds = -(-normal[0] // tokens_per_round) if tokens_per_round else 1
@@ -1002,6 +1048,14 @@ def sweep_ep(
                     out.append({"ep": ep, "nodes": ep // p, "mode": mode, "op": op, "dtype": dtype, "tokens": t,
                                 "layout": layout, "overlap": overlap, "source": "modelled", "weights_sent": sent,
                                 "bf16_partial_sums": one, **asdict(pr)})
+
+    def same_call(r: dict[str, Any]) -> tuple[Any, ...]:
+        return tuple(r[k] for k in ("mode", "op", "dtype", "layout", "overlap", "weights_sent", "bf16_partial_sums"))
+
+    at8 = {same_call(r): r["time_us"] for r in out if r["ep"] == 8}
+    for r in out:
+        ref = at8.get(same_call(r))
+        r["throughput_vs_ep8"] = ref / r["time_us"] if ref is not None and r["time_us"] > 0 else None
     return out
 
 
@@ -1010,7 +1064,9 @@ def deepep_ll_comparison(params: Params, cluster: Cluster) -> list[dict[str, Any
     H 7168, top-8 of 288 experts; FP8 dispatch, BF16 combine), 8 GPUs per node, the cluster's links and latencies.
     One row per EP and op of :data:`DEEPEP_H200_LL` (DeepEP measured on our H200s) and :data:`DEEPEP_LL` (published,
     H800): ep, op, source, deepep_us, experts and model_us, these two None where 288 experts do not divide the EP
-    (64 to 256: DeepEP's count there is not known)."""
+    (64 to 256: DeepEP's count there is not known), and caveat: DeepEP's published low-latency kernels send over
+    RDMA even inside a node, so where the model's group is one node (EP 8) it runs over NVLink and the two are not
+    like for like ("" elsewhere)."""
     t, h, k, e = DEEPEP_LL_SHAPE
     c = replace(cluster, gpus_per_node=DEEPEP_GPUS_PER_NODE)
     out = []
@@ -1020,9 +1076,14 @@ def deepep_ll_comparison(params: Params, cluster: Cluster) -> list[dict[str, Any
             for i, op in enumerate(OPS):
                 w = Workload("low_latency", op, t, h, k, e, "fp8" if op == "dispatch" else "bf16")
                 model = predict(w, ep, params, c, hierarchical=False).time_us if ok else None
+                caveat = (LL_RDMA_CAVEAT if figures is DEEPEP_LL and ep <= c.gpus_per_node and model is not None
+                          else "")
                 out.append({"ep": ep, "op": op, "source": source, "deepep_us": figures[ep][i],
-                            "experts": e if ok else None, "model_us": model})
+                            "experts": e if ok else None, "model_us": model, "caveat": caveat})
     return out
+
+
+LL_RDMA_CAVEAT = "DeepEP over RDMA, the model over NVLink: not like for like"
 
 
 def _main_variant(row: dict[str, Any]) -> bool:
@@ -1032,9 +1093,11 @@ def _main_variant(row: dict[str, Any]) -> bool:
 _COLORS = {("dispatch", "fp8"): "tab:blue", ("dispatch", "bf16"): "tab:green", ("combine", "bf16"): "tab:orange"}
 
 
-def _deepep_h200_us(ep: int, op: str, dtype: str, normal: tuple[int, int, int, int]) -> float:
-    """DeepEP's time on our H200s from its logical GB/s (ANCHORS.md) and the byte count of uniform routing."""
-    t, h, k, e = normal
+def _deepep_h200_us(ep: int, op: str, dtype: str) -> float:
+    """DeepEP's normal-mode time on our H200s (ANCHORS.md "Measured") from its logical GB/s and the byte count of
+    uniform routing at the configuration it was measured in, :data:`DEEPEP_H200_NORMAL_SHAPE` (4096 tokens, H 7168,
+    top-8 of 256 experts), whatever the sweep's options: a measured point does not move with them."""
+    t, h, k, e = DEEPEP_H200_NORMAL_SHAPE
     gbps_ = DEEPEP_H200_NORMAL[ep][0 if (op, dtype) == ("dispatch", "fp8") else 1 if op == "dispatch" else 2]
     w = Workload("normal", op, t, h, k, e, dtype)
     logical = traffic(w, ep, ep, routing_stats(ep, ep, e, k)).logical
@@ -1044,13 +1107,14 @@ def _deepep_h200_us(ep: int, op: str, dtype: str, normal: tuple[int, int, int, i
 def plot_sweep(
     rows: Sequence[dict[str, Any]], measured: Sequence[dict[str, Any]], params: Params, path: Path, *,
     shown: Sequence[dict[str, Any]] = (), num_sms: int | None = 24, normal: tuple[int, int, int, int] | None = None,
-    ll_experts: int | None = None, deepep_ll: Sequence[dict[str, Any]] = (),
+    ll_experts: int | None = None, deepep_ll: Sequence[dict[str, Any]] = (), cluster: Cluster | None = None,
 ) -> Path:
     """Time, bandwidth and efficiency against EP. Lines: the model. Points: our fitted records (filled circles, at
     ``num_sms``), records shown but not fitted (open markers, by label), DeepEP measured on our H200s (stars) and
     DeepEP's published H800 figures (open triangles, bandwidths in our byte count: :func:`deepep_normal_in_our_count`),
     and the low-latency model at DeepEP's configuration (crosses, ``deepep_ll``: :func:`deepep_ll_comparison`);
-    ll_experts: the experts of the low-latency lines, for their labels."""
+    ll_experts: the experts of the low-latency lines, for their labels; cluster: the links of the predictions, for
+    the utilisation panel's label."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -1095,10 +1159,10 @@ def plot_sweep(
             if pts:
                 ax.plot([r["ep"] for r in pts], [r["time_us_median"] for r in pts], shown_marks[lab], color=c,
                         mfc="none", ms=7, label=f"{op} {dtype}: {lab} (not fitted)")
-        if normal is not None:
-            xs = sorted(DEEPEP_H200_NORMAL)
-            ax.plot(xs, [_deepep_h200_us(e, op, dtype, normal) for e in xs], "*", color=c, ms=9,
-                    label=f"DeepEP {op} {dtype}, measured on our H200")
+        xs = sorted(DEEPEP_H200_NORMAL)
+        ax.plot(xs, [_deepep_h200_us(e, op, dtype) for e in xs], "*", color=c, ms=9,
+                label=f"DeepEP {op} {dtype} on our H200 ({DEEPEP_H200_NORMAL_SHAPE[0]} tokens, "
+                      f"{DEEPEP_H200_NORMAL_SHAPE[3]} experts)")
     ax.set_title(f"normal mode, time per call ({num_sms} SMs; lines modelled, points measured)", fontsize=9)
     ax.set_ylabel("time per call (us)")
 
@@ -1143,7 +1207,7 @@ def plot_sweep(
                           f"{max(d['ep'] for d in at)})")
         i = OPS.index(op)
         ax.plot(list(DEEPEP_LL), [v[i] for v in DEEPEP_LL.values()], "^", color=c, mfc="none",
-                label=f"DeepEP {op} (published, H800; {dee} experts to EP32, count not stated beyond)")
+                label=f"DeepEP {op} (published, H800, RDMA even at EP8; {dee} experts to EP32, not stated beyond)")
         ax.plot(sorted(DEEPEP_H200_LL), [DEEPEP_H200_LL[e][i] for e in sorted(DEEPEP_H200_LL)], "*", color=c,
                 ms=9, label=f"DeepEP {op}, measured on our H200 ({dee} experts)")
         for lab in labels:
@@ -1159,8 +1223,8 @@ def plot_sweep(
             if _main_variant(r) and r["mode"] == "low_latency" and not r.get("weights_sent") and r["ep"] == d["ep"]
             and r["op"] == d["op"]]
     gap = f", {100 * max(gaps):.2f}% from the lines at most" if gaps else ""
-    ax.set_title(f"low-latency, {ll_tokens} tokens, time per call\nlines{lle}; crosses at DeepEP's {dee}{gap}",
-                 fontsize=8)
+    ax.set_title(f"low-latency, {ll_tokens} tokens, time per call\nlines{lle}; crosses at DeepEP's {dee}{gap}\n"
+                 "DeepEP's published EP8 ran over RDMA, the model's EP8 over NVLink: not like for like", fontsize=8)
     ax.set_ylabel("time per call (us)")
     ax.set_yscale("log")
 
@@ -1169,19 +1233,30 @@ def plot_sweep(
         for op, dtype in series_keys if mode == "normal" else (("dispatch", "fp8"), ("combine", "bf16")):
             layout = "hierarchical" if mode == "normal" else "flat"
             xs, ys = series(mode, op, dtype, layout, True, "efficiency")
-            ax.plot(xs, ys, style, color=_COLORS.get((op, dtype), "tab:gray"), label=f"{mode} {op} {dtype} model")
+            ax.plot(xs, ys, style, color=_COLORS.get((op, dtype), "tab:gray"),
+                    label=f"{mode} {op} {dtype} model: busiest-link utilisation")
+    for op, dtype in series_keys:  # the scaling efficiency, from EP 8 on
+        xs, ys = series("normal", op, dtype, "hierarchical", True, "throughput_vs_ep8")
+        scaled = [(x, y) for x, y in zip(xs, ys, strict=True) if x >= 8 and y is not None]
+        if scaled:
+            ax.plot([x for x, _ in scaled], [y for _, y in scaled], ":", color=_COLORS.get((op, dtype), "tab:gray"),
+                    marker=".", label=f"normal {op} {dtype} model: per-GPU throughput / EP8's")
     for op in OPS:
         c = _COLORS[(op, "fp8" if op == "dispatch" else "bf16")]
         ours = [deepep_normal_in_our_count(e, op) for e in sorted(DEEPEP_NORMAL)]
         one = [d for d in ours if d["leg"] == "nvlink"]
         ax.plot([d["ep"] for d in one], [d["efficiency"] for d in one], "s", color=c, mfc="none",
-                label=f"DeepEP {op} EP8: published x 7/8 (its local rows cross no link) / {H800_NVLINK_GBPS:g} "
-                      "(H800 NVLink)")
+                label=f"DeepEP {op} EP8: published x 7/8 (local rows cross no link) / {H800_NVLINK_GBPS:g} (H800 "
+                      "NVLink)")
         rdma = [d for d in ours if d["leg"] == "rdma"]
         ax.plot([d["ep"] for d in rdma], [d["efficiency"] for d in rdma], "^", color=c, mfc="none",
-                label=f"DeepEP {op}: published RDMA x (M-1)/M (its own node crosses no NIC) / 50")
-    ax.set_title("efficiency: busiest link's bytes / (time x its bandwidth); DeepEP's in our count", fontsize=9)
-    ax.set_ylabel("fraction of link peak")
+                label=f"DeepEP {op}: published RDMA x (M-1)/M (own node crosses no NIC) / {CX7_NIC_GBPS:g}")
+    links = cluster or Cluster()
+    ax.set_title(f"busiest-link utilisation: its bytes / (time x its theoretical per-direction peak): NVLink "
+                 f"{links.nvlink_gbps:g} GB/s (model),\n{H800_NVLINK_GBPS:g} (H800) to EP8, the {links.nic_gbps:g} "
+                 "GB/s NIC beyond, so it is no scaling efficiency;\ndotted: per-GPU throughput relative to EP8 (the "
+                 "scaling efficiency)", fontsize=8)
+    ax.set_ylabel("busiest-link utilisation; dotted: throughput / EP8's")
     ax.set_ylim(0, 1.1)
 
     for ax in axes.flat:
@@ -1320,12 +1395,25 @@ def check_args(args: argparse.Namespace) -> str | None:
 
 
 def _pick_backend(records: Sequence[dict[str, Any]], wanted: str | None) -> str | None:
+    """The backend whose records are fitted: ``wanted`` (--backend), else "nvshmem" where any record is of it, else
+    the one with the most records; a tie goes to the first name in sorted order, with a UserWarning naming the tied
+    backends and --backend. None without records."""
+    import warnings
+
     names = [r["backend"] for r in records]
     if wanted:
         return wanted
     if "nvshmem" in names:
         return "nvshmem"
-    return max(set(names), key=names.count) if names else None
+    if not names:
+        return None
+    counts = {n: names.count(n) for n in sorted(set(names))}
+    most = max(counts.values())
+    tied = [n for n, c in counts.items() if c == most]
+    if len(tied) > 1:
+        warnings.warn(f"records of backends {', '.join(tied)} in equal numbers ({most} each): fitting {tied[0]!r}, "
+                      "the first by name; pass --backend to choose", stacklevel=2)
+    return tied[0]
 
 
 def _check_doc(res: CheckResult, how: str, params: Params) -> dict[str, Any]:
@@ -1481,24 +1569,26 @@ def main(argv: Sequence[str] | None = None) -> int:
             d = ll_at[(r["ep"], r["op"])]
             at = f"model at {d['experts']} experts {d['model_us']:.1f}" if d["model_us"] is not None else \
                 "experts not stated"
-            pub = f"{d['deepep_us']:g} us ({at})"
+            pub = f"{d['deepep_us']:g} us ({at}{'; ' + d['caveat'] if d['caveat'] else ''})"
         tokens = f"{r['tokens']} ({r['rounds']} rounds)" if r["rounds"] > 1 else r["tokens"]
         op = r["op"] + ((" (bf16 partial sums)" if r["bf16_partial_sums"] else " (weights sent)")
                         if r.get("weights_sent") else "")
         if r.get("weights_sent"):
             pub = ""
+        use = f"{r['efficiency']:.2f} {r['busiest_link']}" if r["busiest_link"] != "none" else "-"
         table.append([r["ep"], r["nodes"], r["mode"], op, r["dtype"], tokens, f"{r['time_us']:.1f}",
-                      f"{r['logical_gbps']:.1f}", f"{r['nvlink_gbps']:.1f}", f"{r['rdma_gbps']:.1f}",
-                      f"{r['efficiency']:.2f}", r["bound"], "modelled", pub])
+                      f"{r['logical_gbps']:.1f}", f"{r['nvlink_gbps']:.1f}", f"{r['rdma_gbps']:.1f}", use,
+                      "" if r["throughput_vs_ep8"] is None else f"{r['throughput_vs_ep8']:.2f}", r["bound"],
+                      "modelled", pub])
     meas = [r for r in records + shown if r.get("num_sms") in (args.num_sms, None) or r["mode"] == "low_latency"]
     for r in sorted(meas, key=lambda r: (r["timing"], r["label"], r["mode"], int(r["ep"]), r["op"])):
         nodes = int(r["ep"]) // int(r["ranks_per_node"])
         src = (f"measured ({r['backend']}, {r['timing']}, {r['label']}, "
                f"{'fitted' if id(r) in fitted_ids else 'not fitted'})")
         table.append([r["ep"], nodes, r["mode"], r["op"], r["dtype"], r["num_tokens"], f"{r['time_us_median']:.1f}",
-                      f"{(r.get('logical_gbps') or 0):.1f}", "", "", "", "", src, ""])
+                      f"{(r.get('logical_gbps') or 0):.1f}", "", "", "", "", "", src, ""])
     print(tabulate(table, headers=["ep", "nodes", "mode", "op", "dtype", "tokens", "time(us)", "logical GB/s",
-                                   "NVLink GB/s", "RDMA GB/s", "efficiency", "bound", "source",
+                                   "NVLink GB/s", "RDMA GB/s", "busiest-link use", "vs EP8", "bound", "source",
                                    "DeepEP published (H800), in our byte count"],
                    tablefmt="simple", disable_numparse=True))
     print(f"modelled rows: hierarchical layout with overlap (normal), direct sends (low-latency), {args.num_sms} SMs; "
@@ -1508,12 +1598,19 @@ def main(argv: Sequence[str] | None = None) -> int:
           "for every node a token's experts are on, its own node included; ours only the nodes it leaves for, so "
           "its figures are shown x (M-1)/M (M = EP/8 of its nodes; published in brackets). Its EP8 NVL GB/s count "
           "every received row, local ones included, as our logical GB/s do (x 7/8 on NVLink, in brackets). "
-          "Low-latency: the model at DeepEP's configuration (128 tokens, H 7168, top-8, 288 experts) in brackets")
+          "Low-latency: the model at DeepEP's configuration (128 tokens, H 7168, top-8, 288 experts) in brackets; "
+          "DeepEP's published low-latency kernels send over RDMA even inside a node, so at EP 8 they are not like "
+          "for like with the model's NVLink figure")
+    print(f"busiest-link use: bytes on the busier link / (time x its theoretical per-direction peak: NVLink "
+          f"{cluster.nvlink_gbps:g} GB/s, NIC {cluster.nic_gbps:g}), the NVLink inside one node and mostly the NIC "
+          "beyond, so it can rise while every GB/s falls; vs EP8: the scaling efficiency, EP 8's time for the same "
+          "call over this EP's (a GPU's tokens per second relative to EP 8)")
     swept = {(r["ep"], r["op"]): r["time_us"] for r in rows
              if _main_variant(r) and r["mode"] == "low_latency" and not r.get("weights_sent")}
     ll_table = [[d["ep"], d["op"], d["source"], f"{d['deepep_us']:g}", d["experts"] or "not stated",
                  "" if d["model_us"] is None else f"{d['model_us']:.1f}",
-                 "" if d["model_us"] is None else f"{100 * (d['model_us'] / d['deepep_us'] - 1):+.0f}%",
+                 "" if d["model_us"] is None else f"{100 * (d['model_us'] / d['deepep_us'] - 1):+.0f}%"
+                 + (f" ({d['caveat']})" if d["caveat"] else ""),
                  f"{swept[(d['ep'], d['op'])]:.1f}" if (d["ep"], d["op"]) in swept else ""]
                 for d in deepep_ll]
     print(tabulate(ll_table, headers=["ep", "op", "DeepEP", "DeepEP us", "DeepEP experts", "model us there",
@@ -1557,13 +1654,22 @@ def main(argv: Sequence[str] | None = None) -> int:
                                                          for op in OPS],
                                  "normal_in_our_count_note": "the bytes that cross a link: RDMA x (M-1)/M, M = "
                                                              "EP/8 nodes; EP8 on NVLink x 7/8 (logical as "
-                                                             "published); efficiency over 160 GB/s (H800 NVLink) "
-                                                             "or 50 GB/s (NIC)"},
+                                                             "published); efficiency over the theoretical "
+                                                             f"per-direction peak, {H800_NVLINK_GBPS:g} GB/s "
+                                                             "(H800 NVLink) or "
+                                                             f"{CX7_NIC_GBPS:g} GB/s (NIC), as the model's"},
             "deepep_low_latency_comparison": deepep_ll,
             "deepep_measured_h200": {"normal_gbps_fp8_bf16_combine": DEEPEP_H200_NORMAL,
+                                     "normal_shape": DEEPEP_H200_NORMAL_SHAPE,
+                                     "normal_us_fp8_bf16_combine": {
+                                         e: [_deepep_h200_us(e, op, dt) for op, dt in
+                                             (("dispatch", "fp8"), ("dispatch", "bf16"), ("combine", "bf16"))]
+                                         for e in sorted(DEEPEP_H200_NORMAL)},
                                      "low_latency_us": DEEPEP_H200_LL,
                                      "note": "ANCHORS.md: DeepEP V1's own tests on our 4x H200, 24 SMs; EP4 "
-                                             "low-latency is the midpoint of 32-37 / 55-56 us"},
+                                             "low-latency is the midpoint of 32-37 / 55-56 us; the normal-mode "
+                                             "times are its GB/s at normal_shape (4096 tokens, 256 experts, "
+                                             "uniform byte count), whatever the sweep's options"},
             "notes": {
                 "modelled": "every row of 'predictions'; beyond 8 GPUs the RDMA leg uses eff_rdma and nic "
                             "latency placeholders: no RDMA leg has ever been measured (no InfiniBand here)",
@@ -1576,7 +1682,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         (out / "sim.json").write_text(json.dumps(doc, indent=1, default=str) + "\n")
         same = [r for r in shown if r["backend"] == backend]  # other backends stay in sim.json and the table
         png = plot_sweep(rows, records, params, out / "sim.png", shown=same, num_sms=args.num_sms, normal=normal,
-                         ll_experts=args.experts, deepep_ll=deepep_ll)
+                         ll_experts=args.experts, deepep_ll=deepep_ll, cluster=cluster)
         print(f"wrote {out / 'sim.json'}, {png}")
     return 0
 

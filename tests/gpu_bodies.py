@@ -10,6 +10,21 @@ import torch.distributed as dist
 from largeep import native
 
 
+def _ranks_reached(idx: torch.Tensor, experts: int, world: int) -> torch.Tensor:
+    """How many ranks each token goes to (float32 [T, 1]), from its expert ids alone (E/N experts per rank)."""
+    epr = experts // world
+    return torch.stack([((idx >= 0) & (idx // epr == r)).any(1) for r in range(world)], 1).sum(1, keepdim=True).float()
+
+
+def _check_identity_combine(got: torch.Tensor, x: torch.Tensor, idx: torch.Tensor, experts: int, world: int,
+                            what: str) -> None:
+    """A normal combine of the dispatched rows themselves: x[t] times the ranks t reached, one BF16 rounding of an
+    exact sum, element by element."""
+    want = x.float() * _ranks_reached(idx, experts, world)
+    err = (got.float() - want).abs()
+    assert bool((err <= 2.0**-8 * want.abs()).all()), f"{what}: combine off by up to {float(err.max()):.3g}"
+
+
 def _roundtrip_small(buf: largeep.Buffer, seed: int) -> None:
     c = buf.ctx
     g = torch.Generator(device="cuda").manual_seed(seed + c.rank)
@@ -18,11 +33,8 @@ def _roundtrip_small(buf: largeep.Buffer, seed: int) -> None:
     idx = torch.randint(0, c.num_experts, (t, c.num_topk), device="cuda", generator=g)
     w = torch.rand(t, c.num_topk, device="cuda", generator=g)
     d = buf.dispatch(x, idx, w)
-    y = torch.ones_like(d.x)
-    out = buf.combine(y, d.handle)
-    # each token's row is 1 per rank that received it
-    want = buf.get_dispatch_layout(idx).is_token_in_rank.sum(1, dtype=torch.float32)
-    assert torch.equal(out.x[:, 0].float(), want), "combine of ones must count the ranks each token reached"
+    out = buf.combine(d.x, d.handle)
+    _check_identity_combine(out.x, x, idx, c.num_experts, c.num_ranks, "a small round trip")
 
 
 def runtime_and_cycles(rank: int, world: int, cycles: int) -> dict[str, float]:
@@ -201,9 +213,11 @@ def low_latency_hook_capture(rank: int, world: int) -> None:
 def normal_worst_graph(rank: int, world: int, reps: int, tokens: int, hidden: int, experts: int, topk: int,
                        backend: str = "nvshmem") -> None:
     """A normal-mode dispatch with ``num_worst_tokens`` (no host wait) and its combine, captured in one CUDA graph
-    and replayed on fresh routing: every replay gives the eager call's outputs on the same inputs (the rows that
-    name an expert, ids, weights, and the combine bit for bit), and the combine is each token times the number of
-    ranks it went to (an expert that returns its input)."""
+    and replayed on fresh routing: every replay gives the reference's rows, ids and weights (and the eager call's
+    outputs on the same inputs, the combine bit for bit), and the combine is each token times the number of ranks
+    it went to (an expert that returns its input), element by element."""
+    from reference import RankInputs, ref_dispatch
+
     buf = largeep.Buffer(None, hidden=hidden, num_experts=experts, num_topk=topk, max_tokens_per_rank=tokens,
                          backend=backend)
     try:
@@ -245,6 +259,15 @@ def normal_worst_graph(rank: int, world: int, reps: int, tokens: int, hidden: in
             dist.all_gather(every, idx)
             n_rows = sum(int(((e >= rank * epr) & (e < (rank + 1) * epr)).any(1).sum()) for e in every)
             assert n_rows <= worst and got[0].shape[0] == worst
+            xs, ws = [torch.empty_like(x) for _ in range(world)], [torch.empty_like(w) for _ in range(world)]
+            dist.all_gather(xs, x)
+            dist.all_gather(ws, w)
+            ref = ref_dispatch([RankInputs(xs[r].cpu(), every[r].cpu(), ws[r].cpu()) for r in range(world)], rank,
+                               experts)
+            assert len(ref.src) == n_rows
+            assert torch.equal(got[0][:n_rows].cpu(), ref.x), f"replay {rep}: rows differ from the reference"
+            assert torch.equal(got[1][:n_rows].cpu(), ref.topk_idx), f"replay {rep}: ids differ from the reference"
+            assert torch.equal(got[2][:n_rows].cpu(), ref.topk_weights), f"replay {rep}: weights differ"
             assert (got[1][n_rows:] == -1).all(), f"replay {rep}: rows past the {n_rows} received name an expert"
             assert torch.equal(got[1], want[1]), f"replay {rep}: received ids differ from the eager call's"
             assert torch.equal(got[0][:n_rows], want[0][:n_rows]), f"replay {rep}: received rows differ"
@@ -253,9 +276,7 @@ def normal_worst_graph(rank: int, world: int, reps: int, tokens: int, hidden: in
             # independent reference: each token comes back once from every rank it went to
             valid = idx >= 0
             ranks = torch.stack([(valid & (idx // epr == r)).any(1) for r in range(world)], dim=1)
-            ref = x.float() * ranks.sum(1, keepdim=True)
-            err = (got[3].float() - ref).abs().max().item()
-            assert err <= 2.0**-7 * (ref.abs().max().item() + 1), f"replay {rep}: combine error {err}"
+            _check_identity_combine(got[3], x, idx, experts, world, f"replay {rep}")
             ref_w = torch.zeros(tokens, topk, device="cuda")
             for r in range(world):  # the weights come back summed over the ranks holding each token
                 ref_w += torch.where(ranks[:, r:r + 1], torch.where(valid & (idx // epr == r), w, 0.0), 0.0)
@@ -1086,6 +1107,135 @@ def low_latency_rounds(rank: int, world: int, rounds: int, tokens: int, hidden: 
         torch.cuda.synchronize()
         for i, (got, x, idx, w) in enumerate(outs):
             _check_scaled_combine(got, x, idx, w, f"round {i}")
+    finally:
+        buf.destroy()
+
+
+def previous_event_orders(rank: int, world: int, backend: str) -> None:
+    """SPEC's previous_event and async_finish, with events that matter: x (then y) is written on a side stream
+    after a spin of about 50 ms, and the event recorded after that write is all that orders the dispatch (then the
+    combine) after it (the caller's stream never waits for the side stream): the rows must be the new x, against
+    the reference, and the combine the new y's sums (an ignored previous_event reads the zeros there before).
+    The calls' own events (async_finish=True), waited on from another stream, order the reads of their outputs.
+    Then a low-latency dispatch and combine with async_finish=True, read from another stream after their events."""
+    from reference import RankInputs, ref_dispatch
+
+    experts, topk, t = 8 * world, 2, 48
+    kw: dict[str, Any] = dict(hidden=256, num_experts=experts, num_topk=topk, max_tokens_per_rank=t,
+                              backend=backend)
+    buf = largeep.Buffer(None, **kw)
+    ll = largeep.Buffer(None, **kw, low_latency=True)
+    side, reader = torch.cuda.Stream(), torch.cuda.Stream()
+    try:
+        g = torch.Generator(device="cuda").manual_seed(5 + rank)
+        x_new = torch.randn(t, 256, device="cuda", generator=g).to(torch.bfloat16)
+        idx = torch.rand(t, experts, device="cuda", generator=g).topk(topk, dim=1).indices
+        idx[::7, 1] = -1
+        w = torch.rand(t, topk, device="cuda", generator=g)
+        x = torch.zeros_like(x_new)
+        torch.cuda.synchronize()
+        dist.barrier()
+
+        def late_write(dst: torch.Tensor, src: torch.Tensor) -> largeep.EventOverlap:
+            with torch.cuda.stream(side):
+                torch.cuda._sleep(100_000_000)
+                dst.copy_(src)
+                ev = torch.cuda.Event()
+                ev.record(side)
+            return largeep.EventOverlap(ev)
+
+        d = buf.dispatch(x, idx, w, previous_event=late_write(x, x_new), async_finish=True)
+        every = [[torch.empty_like(v) for _ in range(world)] for v in (x_new, idx, w)]
+        for out, v in zip(every, (x_new, idx, w), strict=True):
+            dist.all_gather(out, v)
+        ref = ref_dispatch([RankInputs(*(e[r].cpu() for e in every)) for r in range(world)], rank, experts)
+        with torch.cuda.stream(reader):
+            d.event.current_stream_wait()
+            rows = d.x.clone()
+        reader.synchronize()
+        assert torch.equal(rows.cpu(), ref.x), "dispatch after previous_event: rows are not the x written before it"
+        y = torch.zeros_like(d.x)
+        comb = buf.combine(y, d.handle, previous_event=late_write(y, d.x), async_finish=True)
+        with torch.cuda.stream(reader):
+            comb.event.current_stream_wait()
+            got = comb.x.clone()
+        reader.synchronize()
+        _check_identity_combine(got, x_new, idx, experts, world, "combine after previous_event")
+
+        ld = ll.low_latency_dispatch(x_new, idx, use_fp8=False, async_finish=True)
+        assert isinstance(ld.x, torch.Tensor)
+        with torch.cuda.stream(reader):
+            ld.event.current_stream_wait()
+            lrows, counts = ld.x.clone(), ld.num_tokens_per_expert.clone()
+        reader.synchronize()
+        lo = rank * (experts // world)
+        for e in range(experts // world):
+            want_n = sum(int((v == lo + e).sum()) for v in every[1])
+            assert int(counts[e]) == want_n, f"low-latency expert {e}: {int(counts[e])} rows, expected {want_n}"
+        lc = ll.low_latency_combine(lrows, idx, w, ld.handle, async_finish=True)
+        with torch.cuda.stream(reader):
+            lc.event.current_stream_wait()
+            lgot = lc.x.clone()
+        reader.synchronize()
+        want = x_new.float() * torch.where(idx >= 0, w, 0.0).sum(1, keepdim=True)
+        err = (lgot.float() - want).abs()
+        mag = x_new.float().abs() * torch.where(idx >= 0, w, 0.0).sum(1, keepdim=True)
+        assert bool((err <= 2.0**-8 * want.abs() + 2.0**-18 * mag).all()), f"low-latency combine off by {err.max()}"
+    finally:
+        ll.destroy()
+        buf.destroy()
+
+
+def low_latency_send_holds_nothing(rank: int, world: int) -> dict[str, float]:
+    """SPEC's hook mode: the send returns and its kernels end without waiting for any peer (no SM held until the
+    hook). The other ranks start their dispatch (then their combine) 0.5 s late; rank 0's send, device synchronised,
+    must take well under that, and its hook then completes the receive: counts against the ids, the combine of
+    the scaled experts' rows element by element. Returns rank 0's send times in seconds (dispatch, combine)."""
+    import time
+
+    experts, topk, t = 8 * world, 4, 32
+    buf = largeep.Buffer(None, hidden=2048, num_experts=experts, num_topk=topk, max_tokens_per_rank=t,
+                         backend="nvshmem", low_latency=True)
+    try:
+        g = torch.Generator(device="cuda").manual_seed(17 + rank)
+        x = torch.randn(t, 2048, device="cuda", generator=g).to(torch.bfloat16)
+        idx = torch.rand(t, experts, device="cuda", generator=g).topk(topk, dim=1).indices
+        w = torch.rand(t, topk, device="cuda", generator=g)
+        warm = buf.low_latency_dispatch(x, idx, use_fp8=False)  # (first calls: allocations, module loads)
+        buf.low_latency_combine(warm.x, idx, w, warm.handle)  # type: ignore[arg-type]
+        torch.cuda.synchronize()
+        times = {}
+        dist.barrier()
+        if rank != 0:
+            time.sleep(0.5)
+        t0 = time.monotonic()
+        d = buf.low_latency_dispatch(x, idx, use_fp8=False, return_recv_hook=True)
+        torch.cuda.synchronize()
+        times["dispatch_send_s"] = time.monotonic() - t0
+        assert d.hook is not None
+        d.hook()
+        assert isinstance(d.x, torch.Tensor)
+        y = _scaled_experts(d.x, rank)
+        torch.cuda.synchronize()
+        if rank != 0:
+            time.sleep(0.5)
+        t0 = time.monotonic()
+        c = buf.low_latency_combine(y, idx, w, d.handle, return_recv_hook=True)
+        torch.cuda.synchronize()
+        times["combine_send_s"] = time.monotonic() - t0
+        assert c.hook is not None
+        c.hook()
+        every = [torch.empty_like(idx) for _ in range(world)]
+        dist.all_gather(every, idx)
+        lo = rank * (experts // world)
+        counts = d.num_tokens_per_expert.tolist()
+        assert counts == [sum(int((v == lo + e).sum()) for v in every) for e in range(experts // world)], counts
+        _check_scaled_combine(c.x, x, idx, w, "hook-mode combine")
+        if rank == 0:
+            assert times["dispatch_send_s"] < 0.2 and times["combine_send_s"] < 0.2, (
+                f"rank 0's send waited for the late ranks: {times}"
+            )
+        return times
     finally:
         buf.destroy()
 

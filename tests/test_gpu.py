@@ -330,6 +330,24 @@ def test_low_latency_hook_capture(pools) -> None:
 
 
 @pytest.mark.gpu(1)
+@pytest.mark.parametrize("backend,world", [pytest.param("nvshmem", 1, marks=needs_native),
+                                           pytest.param("nvshmem", 2, marks=(needs_native, pytest.mark.gpu(2))),
+                                           ("torch", 1), pytest.param("torch", 2, marks=pytest.mark.gpu(2))])
+def test_previous_event_orders(pools, backend: str, world: int) -> None:
+    """previous_event and async_finish on events that matter (a write on a side stream 50 ms late), both modes."""
+    pools(world, "nccl").run(gpu_bodies.previous_event_orders, backend)
+
+
+@pytest.mark.gpu(2)
+@needs_native
+def test_low_latency_send_holds_nothing(pools) -> None:
+    """Hook mode: rank 0's send ends (device synchronised) while the others start 0.5 s late; its hooks then
+    receive right."""
+    results = pools(2, "nccl").run(gpu_bodies.low_latency_send_holds_nothing)
+    assert results[0]["dispatch_send_s"] < 0.2 and results[0]["combine_send_s"] < 0.2, results
+
+
+@pytest.mark.gpu(1)
 @needs_native
 def test_normal_stream_edges(pools) -> None:
     """A fresh variable-size dispatch refused inside a capture; the layout's async event; a finished call's event

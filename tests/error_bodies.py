@@ -504,6 +504,12 @@ CASES: list[BadCase] = [
     # -- layout --------------------------------------------------------------------------------------------
     _n("layout_idx_dtype_float", lambda e: Call(e.buf.get_dispatch_layout, (e.idx.float(),)),
        "'topk_idx'", "dtype torch.float32", "expected torch.int64"),
+    _n("layout_idx_dtype_int32", lambda e: Call(e.buf.get_dispatch_layout, (e.idx.int(),)),
+       "'topk_idx'", "dtype torch.int32", "expected torch.int64"),
+    _n("layout_idx_1d", lambda e: Call(e.buf.get_dispatch_layout, (e.idx.reshape(-1),)),
+       "'topk_idx'", "1 dimensions", "expected 2"),
+    _n("layout_idx_wrong_topk", lambda e: Call(e.buf.get_dispatch_layout, (e.idx[:, :-1].contiguous(),)),
+       "'topk_idx'", "shape", *_K),
     _n("layout_idx_expert_too_large", lambda e: Call(e.buf.get_dispatch_layout, (with_id(e.idx, EXPERTS + 5),)),
        "'topk_idx'", f"expert id {EXPERTS + 5}"),
     _n("layout_idx_expert_below_minus_one", lambda e: Call(e.buf.get_dispatch_layout, (with_id(e.idx, -3),)),
@@ -525,6 +531,18 @@ CASES: list[BadCase] = [
     _n("combine_weights_wrong_rows", lambda e: Call(e.buf.combine, (e.y(), e.prev.handle),
                                                     {"topk_weights": torch.rand(e.rows + 2, TOPK, device=e.dev)}),
        "'topk_weights'", "shape", *_K),
+    _n("combine_weights_wrong_topk", lambda e: Call(e.buf.combine, (e.y(), e.prev.handle),
+                                                    {"topk_weights": torch.rand(e.rows, TOPK - 1, device=e.dev)}),
+       "'topk_weights'", "shape", *_K),
+    _n("combine_weights_1d", lambda e: Call(e.buf.combine, (e.y(), e.prev.handle),
+                                            {"topk_weights": torch.rand(e.rows * TOPK, device=e.dev)}),
+       "'topk_weights'", "1 dimensions", "expected 2"),
+    _n("combine_weights_dtype_float64", lambda e: Call(e.buf.combine, (e.y(), e.prev.handle), {
+        "topk_weights": torch.rand(e.rows, TOPK, dtype=torch.float64, device=e.dev)}),
+       "'topk_weights'", "dtype torch.float64", "expected torch.float32"),
+    _n("combine_weights_dtype_bfloat16", lambda e: Call(e.buf.combine, (e.y(), e.prev.handle), {
+        "topk_weights": torch.rand(e.rows, TOPK, device=e.dev).bfloat16()}),
+       "'topk_weights'", "dtype torch.bfloat16", "expected torch.float32"),
     _n("combine_handle_none", lambda e: Call(e.buf.combine, (e.y(), None)),
        "'handle'", "must be a DispatchHandle", "NoneType"),
     _n("combine_handle_low_latency", lambda e: Call(e.buf.combine, (e.y(), other_handle(e, False, True))),
@@ -580,6 +598,14 @@ CASES: list[BadCase] = [
         "'topk_idx'", "shape", *_K),
     _ll("ll_dispatch_idx_wrong_rows", lambda e: Call(e.buf.low_latency_dispatch, (e.x, e.idx[1:].contiguous())),
         "'topk_idx'", "shape", "dim 0"),
+    _ll("ll_dispatch_idx_1d", lambda e: Call(e.buf.low_latency_dispatch, (e.x, e.idx.reshape(-1))),
+        "'topk_idx'", "1 dimensions", "expected 2"),
+    _ll("ll_dispatch_idx_dtype_int32", lambda e: Call(e.buf.low_latency_dispatch, (e.x, e.idx.int())),
+        "'topk_idx'", "dtype torch.int32", "expected torch.int64"),
+    _ll("ll_dispatch_idx_dtype_float", lambda e: Call(e.buf.low_latency_dispatch, (e.x, e.idx.float())),
+        "'topk_idx'", "dtype torch.float32", "expected torch.int64"),
+    _ll("ll_dispatch_idx_non_contiguous", lambda e: Call(e.buf.low_latency_dispatch, (e.x, strided(e.idx))),
+        "'topk_idx'", "contiguous"),
     _ll("ll_dispatch_fp8_hidden_not_128", lambda e: Call(e.buf.low_latency_dispatch, (e.x, e.idx),
                                                          {"use_fp8": True}),
         "'use_fp8'", "needs hidden % 128 == 0", "hidden is 192", hidden=192),
@@ -602,6 +628,21 @@ CASES: list[BadCase] = [
     _ll("ll_combine_idx_wrong_rows", lambda e: Call(e.buf.low_latency_combine,
                                                     (e.ll_y(), e.idx[:-1].contiguous(), e.w, e.prev.handle)),
         "'topk_idx'", "shape", "dim 0"),
+    _ll("ll_combine_idx_wrong_topk", lambda e: Call(e.buf.low_latency_combine,
+                                                    (e.ll_y(), e.idx[:, :1].contiguous(), e.w, e.prev.handle)),
+        "'topk_idx'", "shape", *_K),
+    _ll("ll_combine_idx_1d", lambda e: Call(e.buf.low_latency_combine,
+                                            (e.ll_y(), e.idx.reshape(-1), e.w, e.prev.handle)),
+        "'topk_idx'", "1 dimensions", "expected 2"),
+    _ll("ll_combine_idx_dtype_int32", lambda e: Call(e.buf.low_latency_combine,
+                                                     (e.ll_y(), e.idx.int(), e.w, e.prev.handle)),
+        "'topk_idx'", "dtype torch.int32", "expected torch.int64"),
+    _ll("ll_combine_idx_dtype_float", lambda e: Call(e.buf.low_latency_combine,
+                                                     (e.ll_y(), e.idx.float(), e.w, e.prev.handle)),
+        "'topk_idx'", "dtype torch.float32", "expected torch.int64"),
+    # (no row for a combine id >= E: the combine's ids only mask the copies its dispatch sent, unchecked so that it
+    # has no host wait and is graph-capturable; an id outside [0, E) adds nothing, as -1: docs/usage.md,
+    # unchecked_out_of_range)
     _ll("ll_combine_weights_not_the_dispatchs", lambda e: ll_weights_differ(e, "copy"),
         "'topk_weights'", "another tensor", "low_latency_dispatch was given topk_weights"),
     _ll("ll_combine_weights_changed_since_dispatch", lambda e: ll_weights_differ(e, "in_place"),
@@ -676,8 +717,19 @@ CASES: list[BadCase] = [
        "'topk_idx'", "is on cpu", "expected cuda", device="cuda"),
     _n("combine_y_on_cpu", lambda e: Call(e.buf.combine, (e.y().cpu(), e.prev.handle)),
        "'y'", "is on cpu", "expected cuda", device="cuda"),
+    _n("combine_weights_on_cpu", lambda e: Call(e.buf.combine, (e.y(), e.prev.handle),
+                                                {"topk_weights": torch.rand(e.rows, TOPK)}),
+       "'topk_weights'", "is on cpu", "expected cuda", device="cuda"),
     _ll("ll_dispatch_x_on_cpu", lambda e: Call(e.buf.low_latency_dispatch, (e.x.cpu(), e.idx)),
         "'x'", "is on cpu", "expected cuda", device="cuda"),
+    _ll("ll_dispatch_idx_on_cpu", lambda e: Call(e.buf.low_latency_dispatch, (e.x, e.idx.cpu())),
+        "'topk_idx'", "is on cpu", "expected cuda", device="cuda"),
+    _ll("ll_dispatch_x_on_other_gpu", lambda e: Call(e.buf.low_latency_dispatch,
+                                                     (e.x.to(f"cuda:{1 - e.rank % 2}"), e.idx)),
+        "'x'", "expected cuda", device="cuda", gpus=2),
+    _ll("ll_combine_idx_on_cpu", lambda e: Call(e.buf.low_latency_combine,
+                                                (e.ll_y(), e.idx.cpu(), e.w, e.prev.handle)),
+        "'topk_idx'", "is on cpu", "expected cuda", device="cuda"),
     _ll("ll_combine_y_on_cpu", lambda e: Call(e.buf.low_latency_combine,
                                               (e.ll_y().cpu(), e.idx, e.w, e.prev.handle)),
         "'y'", "is on cpu", "expected cuda", device="cuda"),
@@ -1014,8 +1066,9 @@ def nvshmem_creation_fails_after_alloc(rank: int, world: int, fail_on: int) -> d
     return out
 
 
-def _torch_buffer_on_own_group(world: int, timeout_s: float) -> tuple[Any, largeep.Buffer]:
-    """A torch-backend Buffer (H 32, E 2N, K 2, M 4) on a gloo group of its own (its timeout 20 s past
+def _torch_buffer_on_own_group(world: int, timeout_s: float, low_latency: bool = False
+                               ) -> tuple[Any, largeep.Buffer]:
+    """A torch-backend Buffer (H 32, E 2N, K 2, M 4, ``low_latency``) on a gloo group of its own (its timeout 20 s past
     ``timeout_s``), made with LARGEEP_TIMEOUT_S=``timeout_s``: a collective that ranks abandon stays in that group,
     not in the pool's."""
     import datetime
@@ -1025,7 +1078,7 @@ def _torch_buffer_on_own_group(world: int, timeout_s: float) -> tuple[Any, large
     os.environ["LARGEEP_TIMEOUT_S"] = str(timeout_s)
     try:
         buf = largeep.Buffer(sub, hidden=32, num_experts=2 * world, num_topk=2, max_tokens_per_rank=4,
-                             backend="torch")
+                             backend="torch", low_latency=low_latency)
     finally:
         if before is None:
             del os.environ["LARGEEP_TIMEOUT_S"]
@@ -1097,42 +1150,67 @@ def creation_missing_peer(rank: int, world: int, timeout_s: float) -> dict[str, 
     return {"elapsed_s": elapsed}
 
 
-def torch_missing_peer(rank: int, world: int, timeout_s: float) -> dict[str, float]:
-    """Torch backend on gloo: rank 1 never calls dispatch; every other rank raises PeerTimeoutError naming the call
-    and the ranks waited on within LARGEEP_TIMEOUT_S (not the process group's 30 minutes), then refuses the next
-    call at once. The Buffer lives on a group of its own (short timeout, destroyed at the end): the collective the
-    timed-out ranks abandoned stays in it."""
+MISSING_PEER_OPS = ("dispatch", "combine", "low_latency_combine")
+
+
+def torch_missing_peer(rank: int, world: int, timeout_s: float, op: str = "dispatch") -> dict[str, Any]:
+    """Torch backend on gloo: rank 1 never calls ``op`` (for a combine: every rank dispatches first, then rank 1
+    leaves out the combine); every other rank raises PeerTimeoutError naming the call and the ranks waited on within
+    LARGEEP_TIMEOUT_S (not the process group's 30 minutes), then refuses the next call at once. The Buffer lives on
+    a group of its own (short timeout, destroyed at the end): the collective the timed-out ranks abandoned stays in
+    it. Returns the timed-out call's message."""
+    import re
     import time
 
-    sub, buf = _torch_buffer_on_own_group(world, timeout_s)
+    sub, buf = _torch_buffer_on_own_group(world, timeout_s, low_latency=op == "low_latency_combine")
     elapsed = refused = 0.0
+    msg = ""
     try:
+        x = torch.randn(4, 32).to(torch.bfloat16)
+        idx = torch.tensor([[0, 1], [1, -1], [2 * world - 1, 0], [-1, -1]], dtype=torch.int64)
+        w = torch.rand(4, 2)
+        call: Callable[[], Any]
+        if op == "dispatch":
+            def call() -> Any:
+                return buf.dispatch(x, idx, w)
+        elif op == "combine":
+            d = buf.dispatch(x, idx, w)  # (every rank)
+
+            def call() -> Any:
+                return buf.combine(d.x, d.handle)
+        else:
+            assert op == "low_latency_combine", op
+            ld = buf.low_latency_dispatch(x, idx, use_fp8=False)  # (every rank)
+            y = torch.zeros(ld.x.shape, dtype=torch.bfloat16)
+
+            def call() -> Any:
+                return buf.low_latency_combine(y, idx, w, ld.handle)
         if rank != 1:
-            x = torch.randn(4, 32)
-            idx = torch.tensor([[0, 1], [1, -1], [2 * world - 1, 0], [-1, -1]], dtype=torch.int64)
-            w = torch.rand(4, 2)
             start = time.monotonic()
             try:
-                buf.dispatch(x, idx, w)
+                call()
             except largeep.PeerTimeoutError as exc:
                 elapsed = time.monotonic() - start
                 msg = str(exc)
-                assert "dispatch" in msg and "LARGEEP_TIMEOUT_S" in msg and "1" in msg.split("for ranks")[1], msg
+                others = re.escape(str([r for r in range(world) if r != rank]))
+                want = (rf"{op}: rank {rank} waited for ranks {others} of its group in vain "
+                        rf"\(LARGEEP_TIMEOUT_S={timeout_s:g} s")
+                assert re.match(want, msg), (want, msg)
             else:
-                raise AssertionError("dispatch returned although rank 1 never called it")
+                raise AssertionError(f"{op} returned although rank 1 never called it")
             start = time.monotonic()
             try:
-                buf.dispatch(x, idx, w)
+                call()
             except largeep.PeerTimeoutError as exc:
                 refused = time.monotonic() - start
-                assert "failed earlier" in str(exc), str(exc)
+                assert re.match(rf"{op}: this Buffer failed earlier \({op} on rank {rank} failed", str(exc)), str(exc)
             else:
-                raise AssertionError("a failed Buffer accepted another dispatch")
+                raise AssertionError(f"a failed Buffer accepted another {op}")
     finally:
         dist.barrier()  # the pool's own group: rank 1 waits here until the others have given up
         buf.destroy()
         dist.destroy_process_group(sub)
-    return {"elapsed_s": elapsed, "refused_s": refused}
+    return {"elapsed_s": elapsed, "refused_s": refused, "message": msg}
 
 
 # -- one rank's ids refused, the others' good ------------------------------------------------------------------------

@@ -694,11 +694,15 @@ def test_id_check_runs_once_per_tensor_version(monkeypatch: pytest.MonkeyPatch) 
         assert len(calls) == n + 1
 
 
-def test_torch_backend_missing_peer_times_out(pools) -> None:
-    # gloo: bounded by LARGEEP_TIMEOUT_S (2 s here), not by the process group's own timeout
-    for rank, res in enumerate(pools(WORLD).run(error_bodies.torch_missing_peer, 2.0)):
+@pytest.mark.parametrize("op", error_bodies.MISSING_PEER_OPS)
+def test_torch_backend_missing_peer_times_out(pools, op: str) -> None:
+    # gloo: bounded by LARGEEP_TIMEOUT_S (2 s here), not by the process group's own timeout; the message names the
+    # call and exactly the ranks waited on (the body matches the whole head of the message)
+    for rank, res in enumerate(pools(WORLD).run(error_bodies.torch_missing_peer, 2.0, op)):
         if rank != 1:
             assert 2.0 <= res["elapsed_s"] < 10.0 and res["refused_s"] < 0.5, res
+            others = re.escape(str([r for r in range(WORLD) if r != rank]))
+            assert re.match(rf"{op}: rank {rank} waited for ranks? {others} ", res["message"]), res
 
 
 def test_layout_refused_without_a_dispatch(pools) -> None:

@@ -157,8 +157,8 @@ def normal_combine_exact(rank: int, world: int, backend: str, tokens: list[int],
     """SPEC's float32 accumulation in the normal combine, bit for bit: every token goes to every rank (one expert of
     each, 2 experts per rank), and rank r returns for the row of (s, t) in column c the BF16 value 256 where
     r == (s + t + c) % world, else 1 (both negated where c % 7 == 3). Every element must be the exact sum,
-    +-(256 + world - 1), rounded to BF16 once; a BF16 accumulation gives other bits wherever the 256 comes before
-    the 1s (256 + 1 rounds back to 256), so the 256's position moving with s, t and c catches one whatever the
+    +-(256 + world - 1), rounded to BF16 once; a BF16 accumulation gives other bits wherever the 256 is summed first
+    or second (256 + 1 rounds back to 256), so the 256's position moving with s, t and c catches one whatever the
     order of the sum."""
     assert world >= 3, "at 2 ranks BF16 accumulation gives the same bits"
     dev = device_for(backend)

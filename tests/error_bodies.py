@@ -1445,13 +1445,15 @@ def ll_mixed_refusals(rank: int, world: int) -> dict[str, Any]:
     return {"failures": chk.failures}
 
 
-def ll_combine_refusal_meets_dispatch(rank: int, world: int) -> dict[str, Any]:
+def ll_combine_refusal_meets_dispatch(rank: int, world: int, then: str = "dispatch") -> dict[str, Any]:
     """The torch backend on a CPU group: rank 1's low-latency combine is refused for its y (no exchange) and rank 1
-    goes on to its next dispatch while the others are in that combine. The dispatch's count exchange meets the
-    combines' call marker: every rank raises ArgumentError naming each rank's call, nothing moves (gloo aborted the
-    processes on the rows' sizes before), and no Buffer fails; rank 1 then repeats its combine with the others, every
-    rank's combine is right, and a good round follows. Returns {"failures", "elapsed_s"}."""
-    chk = Checker(f"a low-latency combine refused on rank 1, seen from rank {rank}")
+    goes on (``then``) to its next dispatch, or ("other_combine") to the combine of a second dispatch made before,
+    while the others are in the first combine. The call's first exchange meets the combines' marker (which names
+    the dispatch combined): every rank raises ArgumentError naming each rank's call, nothing moves (gloo aborted the
+    processes on the rows' sizes before; two combines of other dispatches summed each other's rows), and no Buffer
+    fails; rank 1 then repeats its combine with the others, every rank's combine is right, and a good round (or the
+    second dispatch's combine) follows. Returns {"failures", "elapsed_s"}."""
+    chk = Checker(f"a low-latency combine refused on rank 1, then a {then}, seen from rank {rank}")
     case = LowLatencyCase(tokens_of(world), MAX_TOKENS, HIDDEN, EXPERTS, TOPK, 23, use_fp8=False)
     buf = largeep.Buffer(None, backend="torch", **case.buffer_kwargs())
     t0 = time.monotonic()
@@ -1460,6 +1462,12 @@ def ll_combine_refusal_meets_dispatch(rank: int, world: int) -> dict[str, Any]:
         rnd.dispatch()
         rnd.receive()
         assert rnd.res is not None
+        second = None
+        if then == "other_combine":
+            second = LowLatencyRound(buf, LowLatencyCase(tokens_of(world), MAX_TOKENS, HIDDEN, EXPERTS, TOPK, 25,
+                                                         use_fp8=False), chk)
+            second.dispatch()
+            second.receive()
         try:
             if rank == 1:
                 try:
@@ -1469,17 +1477,27 @@ def ll_combine_refusal_meets_dispatch(rank: int, world: int) -> dict[str, Any]:
                     chk.expect("'y'" in str(exc), str(exc))
                 else:
                     chk.expect(False, "the combine of a wrong y was not refused")
-                buf.low_latency_dispatch(rnd.x, rnd.idx, use_fp8=False)
+                if second is not None:
+                    second.combine()
+                else:
+                    buf.low_latency_dispatch(rnd.x, rnd.idx, use_fp8=False)
             else:
                 rnd.combine()
         except ArgumentError as exc:
-            chk.expect("disagree on the call" in str(exc) and "rank 1: low_latency_dispatch" in str(exc)
-                       and "rank 0: low_latency_combine" in str(exc), str(exc))
+            if second is not None:
+                want = ("rank 0: the combine of low-latency dispatch 1" in str(exc)
+                        and "rank 1: the combine of low-latency dispatch 2" in str(exc))
+            else:
+                want = "rank 1: low_latency_dispatch" in str(exc) and "rank 0: the combine of" in str(exc)
+            chk.expect("disagree on the call" in str(exc) and want, str(exc))
         else:
             chk.expect(False, "the calls that met were not refused")
         chk.expect(time.monotonic() - t0 < 5.0, f"the refusal took {time.monotonic() - t0:.1f} s")
         chk.where = f"the combine repeated after the refusals, rank {rank}"
         rnd.combine()
+        if second is not None:
+            chk.where = f"the second dispatch's combine after the refusals, rank {rank}"
+            second.combine()
         chk.where = f"a good round after the refusals, rank {rank}"
         LowLatencyRound(buf, LowLatencyCase(tokens_of(world), MAX_TOKENS, HIDDEN, EXPERTS, TOPK, 24, use_fp8=False),
                         chk).run()

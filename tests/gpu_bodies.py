@@ -1137,6 +1137,7 @@ def previous_event_orders(rank: int, world: int, backend: str) -> None:
         dist.barrier()
 
         def late_write(dst: torch.Tensor, src: torch.Tensor) -> largeep.EventOverlap:
+            side.wait_stream(torch.cuda.current_stream())  # (dst was made on the caller's stream)
             with torch.cuda.stream(side):
                 torch.cuda._sleep(100_000_000)
                 dst.copy_(src)

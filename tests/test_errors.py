@@ -116,10 +116,12 @@ def test_low_latency_mixed_refusals(pools, world: int) -> None:
 
 
 @pytest.mark.parametrize("world", [2, 4])
-def test_low_latency_combine_refusal_meets_dispatch(pools, world: int) -> None:
-    """A rank whose low-latency combine was refused goes on to its next dispatch while the others combine: every
-    rank raises ArgumentError naming the calls (gloo aborted the processes before), and they go on in step."""
-    results = pools(world).run(error_bodies.ll_combine_refusal_meets_dispatch)
+@pytest.mark.parametrize("then", ["dispatch", "other_combine"])
+def test_low_latency_combine_refusal_meets_dispatch(pools, world: int, then: str) -> None:
+    """A rank whose low-latency combine was refused goes on to its next dispatch (or to the combine of another
+    dispatch) while the others combine: every rank raises ArgumentError naming the calls (gloo aborted the
+    processes before; the other combine summed the wrong rows), and they go on in step."""
+    results = pools(world).run(error_bodies.ll_combine_refusal_meets_dispatch, then)
     failures = [f for r in results for f in r["failures"]]
     assert not failures, "\n".join(failures)
 

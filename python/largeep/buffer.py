@@ -939,7 +939,9 @@ class Buffer:
         (int64 [T, K]) still names: a k the dispatch did not send adds nothing whatever topk_idx says there, and -1
         at a k that was sent leaves that k out. For a k that repeats an earlier k's expert, the row is that expert's.
         A dispatch given topk_weights needs this topk_idx to be its own tensor, unchanged (ArgumentError otherwise:
-        the experts' ranks sum over the k they got). No host wait; CUDA-graph capturable; topk_idx, topk_weights
+        the experts' ranks sum over the k they got). No host wait on GPUs (on CPU groups the torch backend's call,
+        its send with ``return_recv_hook`` too, first exchanges a marker that names the call, so it waits for every
+        rank to reach it, up to LARGEEP_TIMEOUT_S); CUDA-graph capturable; topk_idx, topk_weights
         (unless sent at dispatch) and ``out`` are read and written when the receive runs (with
         ``return_recv_hook``: when the hook runs)."""
         op = "low_latency_combine"

@@ -262,6 +262,9 @@ class _LowLatencyState:
     # the nvshmem backend takes them from the ids its send kept (the Buffer refuses another topk_idx then; a change
     # it cannot see, in place under inference mode, then changes neither backend's result)
     idx_kept: torch.Tensor | None = None
+    # on CPU groups, the dispatch's number among this Buffer's low-latency dispatches (past their refusals: the same
+    # on every rank), which its combine's marker carries (0 elsewhere)
+    number: int = 0
 
 
 def _bf16_partial_sums(rows: torch.Tensor, w: torch.Tensor, topk_idx: torch.Tensor, valid: torch.Tensor, epr: int,
@@ -290,11 +293,19 @@ _R = TypeVar("_R")
 # the call a backend method is part of, where its name is not that call's (for messages)
 _OP_NAMES = {"low_latency_refuse": "low_latency_dispatch"}
 # On CPU groups each low-latency call starts with an exchange of [N, E/N + 2] int64 words whose last column says
-# which call it is: a dispatch (0), a dispatch this rank refused (1) or a combine (_LL_COMBINE). A rank that went on
-# after a refusal of its own (a combine refused for its arguments, then the next dispatch) meets the others' call
-# there, and every rank raises, instead of pairing rows of other sizes (gloo aborts the process on that).
+# which call it is: a dispatch (0), a dispatch this rank refused (1) or a combine (_LL_COMBINE), whose column -2
+# holds the number of the dispatch it combines. A rank that went on after a refusal of its own (a combine refused
+# for its arguments, then the next dispatch, or the combine of another dispatch in flight) meets the others' call
+# there, and every rank raises, instead of pairing rows of other sizes (gloo aborts the process on that) or summing
+# another dispatch's rows.
 _LL_COMBINE = 2
 _LL_CALLS = {0: "low_latency_dispatch", 1: "low_latency_dispatch (refused)", _LL_COMBINE: "low_latency_combine"}
+def _ll_call_names(words: torch.Tensor) -> list[str]:
+    """Each rank's low-latency call, from the last two columns of what it sent in the call's first exchange."""
+    return [f"the combine of low-latency dispatch {k}" if v == _LL_COMBINE else _LL_CALLS.get(v, "?")
+            for k, v in words[:, -2:].tolist()]
+
+
 _LL_SAME_CALL = ("make the same low-latency call (each dispatch followed by its combine on every rank; a call "
                  "refused on one rank must be repeated there before that rank goes on)")
 
@@ -350,6 +361,7 @@ class TorchBackend:
         self._issued = False  # the call in progress has issued a collective (see _out_of_step_on_error)
         # fresh dispatches made so far, past their refusals (the ranks make them together: the same count on each)
         self._dispatches = 0
+        self._ll_dispatches = 0  # the same for low-latency dispatches, on CPU groups (see _LL_COMBINE)
         # A num_worst_tokens dispatch that receives more rows than num_worst_tokens: on CPU every rank refuses it
         # before the rows move (_check_worst); on CUDA, which has no host wait to raise from, _note_overflow marks it
         # in _overflow (int64 [1] on the device) and in _overflow_host (its pinned host copy, as numpy), which the
@@ -754,8 +766,9 @@ class TorchBackend:
         return self.ctx.max_tokens_per_rank * self.ctx.num_topk
 
     def _ll_checks_peers(self) -> bool:
-        """Whether a low-latency dispatch's counts carry each rank's use_fp8 and refusal (CPU groups: there the
-        host reads the counts anyway; on GPUs that would cost a device sync, and a CUDA graph could not hold it)."""
+        """Whether a low-latency dispatch's counts carry each rank's use_fp8 and refusal, and a combine starts with
+        its marker (_LL_COMBINE) (CPU groups: there the host reads the counts anyway; on GPUs that would cost a
+        device sync, and a CUDA graph could not hold it)."""
         return self.ctx.device.type == "cpu" and self.ctx.num_ranks > 1
 
     def _ll_check_peers(self, recv_counts: torch.Tensor) -> None:
@@ -764,7 +777,7 @@ class TorchBackend:
         the same place): every rank then skips the rows' exchange, and every Buffer stays usable."""
         calls = recv_counts[:, -1].tolist()
         if _LL_COMBINE in calls:
-            raise checks.calls_disagree("low_latency_dispatch", [_LL_CALLS.get(v, "?") for v in calls], _LL_SAME_CALL)
+            raise checks.calls_disagree("low_latency_dispatch", _ll_call_names(recv_counts), _LL_SAME_CALL)
         refused = [r for r, v in enumerate(calls) if v]
         if refused:
             raise checks.refused_round("low_latency_dispatch", self.ctx.rank, refused, None, self.ctx.num_experts)
@@ -849,6 +862,7 @@ class TorchBackend:
             if any(v != use_fp8 for v in kinds):
                 raise checks.calls_disagree("low_latency_dispatch", [f"use_fp8={v}" for v in kinds],
                                             "pass the same use_fp8")
+            self._ll_dispatches += 1
         rows, work = self._all_to_all(send[: n * cap], n * cap, async_op=async_recv)
         rows_per_expert = n * m
         x_out = torch.empty(epr, rows_per_expert, c.hidden, dtype=fp8.FP8_DTYPE if use_fp8 else x.dtype, device=dev)
@@ -864,7 +878,7 @@ class TorchBackend:
         kept = topk_weights.clone() if topk_weights is not None else None
         state = _LowLatencyState(back_slot, torch.empty(0, dtype=torch.int64, device=dev), t, kept,
                                  bool(bf16_partial_sums and kept is not None),
-                                 topk_idx.clone() if kept is not None else None)
+                                 topk_idx.clone() if kept is not None else None, self._ll_dispatches)
 
         def finish() -> None:
             self._wait(work, "low_latency_dispatch")
@@ -915,11 +929,10 @@ class TorchBackend:
         n, k = c.num_ranks, c.num_topk
         if self._ll_checks_peers():  # (which call each rank is in, see _LL_COMBINE)
             marks = torch.zeros(n, c.experts_per_rank + 2, dtype=torch.int64)
-            marks[:, -1] = _LL_COMBINE
-            calls = self._all_to_all(marks, n)[0][:, -1].tolist()
-            if any(v != _LL_COMBINE for v in calls):
-                raise checks.calls_disagree("low_latency_combine", [_LL_CALLS.get(v, "?") for v in calls],
-                                            _LL_SAME_CALL)
+            marks[:, -2], marks[:, -1] = state.number, _LL_COMBINE
+            got = self._all_to_all(marks, n)[0]
+            if any((v, k) != (_LL_COMBINE, state.number) for k, v in got[:, -2:].tolist()):
+                raise checks.calls_disagree("low_latency_combine", _ll_call_names(got), _LL_SAME_CALL)
         flat = y.reshape(-1, c.hidden)
         ext = torch.cat([flat, torch.zeros(1, c.hidden, dtype=y.dtype, device=dev)])
         rows, work = self._all_to_all(ext[state.out_index], n * self._ll_cap(), async_op=async_recv)

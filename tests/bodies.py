@@ -372,7 +372,8 @@ def low_latency_ops_weighted(
     rank: int, world: int, backend: str, tokens: list[int], max_tokens: int, hidden: int, num_experts: int,
     num_topk: int, seed: int,
 ) -> None:
-    """The custom-op path of a low-latency dispatch given topk_weights: ops.low_latency_dispatch/combine with
+    """The custom-op path of a low-latency dispatch given topk_weights (and once without them, eager and compiled:
+    the default call failed there): ops.low_latency_dispatch/combine with
     use_custom_ops, and both under torch.compile(fullgraph) with aot_eager and with Inductor, equal the eager Buffer
     calls bit for bit and the float64 reference within bf16 rounding (expert e returns its rows times 2^(e % 3),
     exact in bf16). A combine given another tensor of the same values is refused (ArgumentError naming
@@ -408,6 +409,18 @@ def low_latency_ops_weighted(
             return ops.low_latency_combine(bid, expert(o.x), ids, ws, o.handle)[0]
 
         assert torch.equal(step(x, idx, w), want), "custom-op path differs from the eager calls"
+        # without weights (SPEC's default call): the op's Python function takes the schema's defaults (the
+        # dispatcher drops trailing arguments equal to them), eager and compiled
+        d0 = buf.low_latency_dispatch(x, idx, use_fp8=False)
+        want0 = buf.low_latency_combine(expert(d0.x), idx, w, d0.handle).x
+
+        def plain(xs: torch.Tensor, ids: torch.Tensor, ws: torch.Tensor) -> torch.Tensor:
+            o = ops.low_latency_dispatch(bid, xs, ids, use_fp8=False, use_custom_ops=True)
+            return ops.low_latency_combine(bid, expert(o.x), ids, ws, o.handle)[0]
+
+        assert torch.equal(plain(x, idx, w), want0), "custom-op path without weights differs from the eager calls"
+        compiled0 = torch.compile(plain, backend="aot_eager", fullgraph=True)
+        assert torch.equal(compiled0(x, idx, w), want0), "compiled custom-op path without weights differs"
         o = ops.low_latency_dispatch(bid, x, idx, use_fp8=False, use_custom_ops=True, topk_weights=w)
         try:
             ops.low_latency_combine(bid, expert(o.x), idx, w.clone(), o.handle)

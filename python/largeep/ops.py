@@ -1293,6 +1293,8 @@ _dispatch_cached_op.register_autograd(_cached_backward, setup_context=_cached_se
 # ---------------------------------------------------------------------------------------------------------------
 # Low-latency mode: custom ops (no autograd)
 # ---------------------------------------------------------------------------------------------------------------
+# (the dispatcher drops trailing arguments equal to their schema defaults before it calls these: the Python
+# functions must give the same defaults)
 
 
 @torch.library.custom_op(
@@ -1304,8 +1306,8 @@ _dispatch_cached_op.register_autograd(_cached_backward, setup_context=_cached_se
     ),
 )
 def _ll_dispatch_op(
-    buffer_id: int, x: Tensor, topk_idx: Tensor, use_fp8: bool, round_scale: bool, topk_weights: Tensor | None,
-    bf16_partial_sums: bool = False,
+    buffer_id: int, x: Tensor, topk_idx: Tensor, use_fp8: bool, round_scale: bool,
+    topk_weights: Tensor | None = None, bf16_partial_sums: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     res = buffer_of(buffer_id).low_latency_dispatch(
         x, topk_idx, use_fp8=use_fp8, round_scale=round_scale, topk_weights=topk_weights,
@@ -1321,8 +1323,8 @@ def _ll_dispatch_op(
 
 @_ll_dispatch_op.register_fake
 def _(
-    buffer_id: int, x: Tensor, topk_idx: Tensor, use_fp8: bool, round_scale: bool, topk_weights: Tensor | None,
-    bf16_partial_sums: bool = False,
+    buffer_id: int, x: Tensor, topk_idx: Tensor, use_fp8: bool, round_scale: bool,
+    topk_weights: Tensor | None = None, bf16_partial_sums: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     _inductor_order.ensure()
     c = buffer_of(buffer_id).ctx

@@ -1447,7 +1447,8 @@ def ll_mixed_refusals(rank: int, world: int) -> dict[str, Any]:
 
 def ll_combine_refusal_meets_dispatch(rank: int, world: int, then: str = "dispatch") -> dict[str, Any]:
     """The torch backend on a CPU group: rank 1's low-latency combine is refused for its y (no exchange) and rank 1
-    goes on (``then``) to its next dispatch, or ("other_combine") to the combine of a second dispatch made before,
+    goes on (``then``) to its next dispatch (``"dispatch"``; ``"bad_dispatch"``: one refused for a bad id, whose
+    void round meets the combines), or (``"other_combine"``) to the combine of a second dispatch made before,
     while the others are in the first combine. The call's first exchange meets the combines' marker (which names
     the dispatch combined): every rank raises ArgumentError naming each rank's call, nothing moves (gloo aborted the
     processes on the rows' sizes before; two combines of other dispatches summed each other's rows), and no Buffer
@@ -1479,6 +1480,8 @@ def ll_combine_refusal_meets_dispatch(rank: int, world: int, then: str = "dispat
                     chk.expect(False, "the combine of a wrong y was not refused")
                 if second is not None:
                     second.combine()
+                elif then == "bad_dispatch":  # (refused for its values: its void round meets the combines)
+                    buf.low_latency_dispatch(rnd.x, with_id(rnd.idx, EXPERTS + 1), use_fp8=False)
                 else:
                     buf.low_latency_dispatch(rnd.x, rnd.idx, use_fp8=False)
             else:
@@ -1487,6 +1490,9 @@ def ll_combine_refusal_meets_dispatch(rank: int, world: int, then: str = "dispat
             if second is not None:
                 want = ("rank 0: the combine of low-latency dispatch 1" in str(exc)
                         and "rank 1: the combine of low-latency dispatch 2" in str(exc))
+            elif then == "bad_dispatch":
+                want = ("rank 1: low_latency_dispatch (refused)" in str(exc) and "rank 0: the combine of" in str(exc)
+                        and (rank != 1 or f"expert id {EXPERTS + 1}" in str(exc)))
             else:
                 want = "rank 1: low_latency_dispatch" in str(exc) and "rank 0: the combine of" in str(exc)
             chk.expect("disagree on the call" in str(exc) and want, str(exc))

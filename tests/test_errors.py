@@ -116,7 +116,7 @@ def test_low_latency_mixed_refusals(pools, world: int) -> None:
 
 
 @pytest.mark.parametrize("world", [2, 4])
-@pytest.mark.parametrize("then", ["dispatch", "other_combine"])
+@pytest.mark.parametrize("then", ["dispatch", "bad_dispatch", "other_combine"])
 def test_low_latency_combine_refusal_meets_dispatch(pools, world: int, then: str) -> None:
     """A rank whose low-latency combine was refused goes on to its next dispatch (or to the combine of another
     dispatch) while the others combine: every rank raises ArgumentError naming the calls (gloo aborted the

@@ -790,14 +790,19 @@ class TorchBackend:
     def low_latency_refuse(self, op: str, refusal: str) -> None:
         """This rank's part in the other ranks' low-latency dispatch that it refused (``refusal``: its reason; the
         caller raises it): on CPU groups its counts say so, and every other rank raises PeerRefusedError naming it,
-        nothing moved, every Buffer usable. On GPUs (no such check, see _ll_checks_peers) it does nothing: the others'
-        call then waits for this rank until the process group's timeout."""
+        nothing moved, every Buffer usable. Where another rank was in a low-latency combine instead (its marker came),
+        this rank's error says so too (ArgumentError: the refusal, then each rank's call), as the others' does. On
+        GPUs (no such check, see _ll_checks_peers) it does nothing: the others' call then waits for this rank until
+        the process group's timeout."""
         if not self._ll_checks_peers():
             return
         n = self.ctx.num_ranks
         counts = torch.zeros(n, self.ctx.experts_per_rank + 2, dtype=torch.int64)
         counts[:, -1] = 1
-        self._all_to_all(counts, n)
+        got = self._all_to_all(counts, n)[0]
+        if _LL_COMBINE in got[:, -1].tolist():
+            raise ArgumentError(f"{refusal} -- and the others were in another call: "
+                                f"{checks.calls_disagree(op, _ll_call_names(got), _LL_SAME_CALL)}")
 
     @_out_of_step_on_error
     def low_latency_dispatch(

@@ -389,3 +389,17 @@ def test_calibrate_warns_when_its_terms_do_not_settle() -> None:
         fit = sim.calibrate(recs, cluster=sim.Cluster(), copy_phase=False)
     assert not any("settled" in m for m in fit.warnings)
     assert fit.sm_gbps == pytest.approx(47.0, rel=1e-6) and fit.eff_nvlink == pytest.approx(0.7, rel=1e-6)
+
+
+def test_prediction_names_the_constants_its_fit_lacks() -> None:
+    """A one-GPU fused combine is all reduce: from a fit without a reduce rate its time leaves that term out, and the
+    prediction says so (``unknown``) instead of passing latency alone for a prediction."""
+    w = sim.Workload("normal", "combine", 4096, 7168, 8, 256)
+    cluster = sim.Cluster(gpus_per_node=8, num_sms=24, combine_eighths=3)
+    no_reduce = replace(sim.placeholder(), comb_gbps=20.0, reduce_gbps=None)
+    assert sim.predict(w, 1, no_reduce, cluster).unknown == ("reduce_gbps",)
+    assert sim.predict(w, 1, replace(no_reduce, reduce_gbps=15.0), cluster).unknown == ()
+    # two GPUs: without a push rate the fused term is not used (the two kernels' terms are); with one, the reduce
+    # rate is needed too
+    assert sim.predict(w, 2, replace(no_reduce, comb_gbps=None, reduce_gbps=15.0), cluster).unknown == ()
+    assert sim.predict(w, 2, no_reduce, cluster).unknown == ("reduce_gbps",)

@@ -446,6 +446,10 @@ class Prediction:
     t_rounds_us: float = 0.0  # what the rounds add: a latency per extra round, and the merge pass (in time_us)
     t_sum_us: float = 0.0  # the summing pass of a low-latency combine with the weights sent (in time_us)
     busiest_link: str = "none"  # the link whose utilisation ``efficiency`` is
+    # constants this call's time needs that the fit does not have (no record it was fitted on exercised them): the
+    # time leaves their terms out, so it is a lower bound, not a prediction (e.g. a one-GPU fused combine, all
+    # reduce, from a fit on 2-GPU records none of which the reduce blocks bounded)
+    unknown: tuple[str, ...] = ()
 
 
 # Rows a Buffer in rounds merges into SPEC's order (dispatch: a scatter of the received rows; combine: a gather of
@@ -537,6 +541,10 @@ def predict(
         t_sm = terms["comb"][0] / params.comb_gbps if params.comb_gbps else 0.0
         if params.reduce_gbps:
             t_sm = max(t_sm, terms["reduce"][0] / params.reduce_gbps)
+    unknown: tuple[str, ...] = ()
+    if fused:
+        unknown = tuple(name for name, term in (("comb_gbps", "comb"), ("reduce_gbps", "reduce"))
+                        if terms[term][0] > 0 and not getattr(params, name))
     t_copy = terms["copy"][0] / params.copy_gbps if "copy" in terms and params.copy_gbps else 0.0
     links = max(t_nvl, t_rdma) if overlap else t_nvl + t_rdma
     body = max(links, t_sm)
@@ -559,7 +567,7 @@ def predict(
     use = {"nvlink": nvl_gbps / cluster.nvlink_gbps, "rdma": rdma_gbps / cluster.nic_gbps}
     link = max(use, key=lambda k: use[k]) if tr.nvlink > 0 or tr.rdma > 0 else "none"
     return Prediction(time_us, t_nvl, t_rdma, t_sm, t_copy, lat, gbps(tr.logical), nvl_gbps, rdma_gbps,
-                      use.get(link, 0.0), bound, rounds, t_rounds, t_sum, link)
+                      use.get(link, 0.0), bound, rounds, t_rounds, t_sum, link, unknown)
 
 
 def _summed_bytes(w: Workload, imbalance: float) -> float:
@@ -911,7 +919,8 @@ def check(
         _, pred = _predict_record(r, params, cluster, hierarchical=hierarchical, overlap=overlap)
         meas = float(r["time_us_median"])
         rows.append({**{k: r[k] for k in ("backend", "mode", "op", "ep", "num_tokens", "dtype", "num_sms")},
-                     "measured_us": meas, "predicted_us": pred.time_us, "rel_err": pred.time_us / meas - 1})
+                     "measured_us": meas, "predicted_us": pred.time_us, "rel_err": pred.time_us / meas - 1,
+                     "unknown": list(pred.unknown)})
     errs = sorted(abs(x["rel_err"]) for x in rows)
     if not errs:
         return CheckResult(0, float("nan"), float("nan"), [])
@@ -1427,10 +1436,16 @@ def _print_check(title: str, doc: dict[str, Any]) -> None:
 
     print(f"{title} ({doc['how']}): {doc['n']} records, median |error| {100 * doc['median_abs_err']:.1f}%, "
           f"max {100 * doc['max_abs_err']:.1f}%, {doc['within_15pct']}/{doc['n']} within 15%")
+    lacking = sorted({u for r in doc["rows"] for u in r.get("unknown", [])})
+    if lacking:
+        n = sum(bool(r.get("unknown")) for r in doc["rows"])
+        print(f"  {n} of them need {', '.join(lacking)}, which no fitted record exercised: their times leave those "
+              "terms out (lower bounds, marked below)")
     table = [[r["ep"], r["mode"], r["op"], r["dtype"], r["num_sms"], r["num_tokens"], f"{r['measured_us']:.1f}",
-              f"{r['predicted_us']:.1f}", f"{100 * r['rel_err']:+.1f}%"] for r in doc["rows"]]
+              f"{r['predicted_us']:.1f}", f"{100 * r['rel_err']:+.1f}%",
+              f"no {', '.join(r['unknown'])}" if r.get("unknown") else ""] for r in doc["rows"]]
     print(tabulate(table, headers=["ep", "mode", "op", "dtype", "sms", "tokens", "measured us", "predicted us",
-                                   "error"], tablefmt="simple", disable_numparse=True))
+                                   "error", "note"], tablefmt="simple", disable_numparse=True))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

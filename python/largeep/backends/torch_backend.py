@@ -298,16 +298,17 @@ _OP_NAMES = {"low_latency_refuse": "low_latency_dispatch"}
 # for its arguments, then the next dispatch, or the combine of another dispatch in flight) meets the others' call
 # there, and every rank raises, instead of pairing rows of other sizes (gloo aborts the process on that) or summing
 # another dispatch's rows.
-_LL_COMBINE = 2
-_LL_CALLS = {0: "low_latency_dispatch", 1: "low_latency_dispatch (refused)", _LL_COMBINE: "low_latency_combine"}
+_LL_DISPATCH, _LL_REFUSED, _LL_COMBINE = 0, 1, 2
+_LL_CALLS = {_LL_DISPATCH: "low_latency_dispatch", _LL_REFUSED: "low_latency_dispatch (refused)",
+             _LL_COMBINE: "low_latency_combine"}
+_LL_SAME_CALL = ("make the same low-latency call (each dispatch followed by its combine on every rank; a call "
+                 "refused on one rank must be repeated there before that rank goes on)")
+
+
 def _ll_call_names(words: torch.Tensor) -> list[str]:
     """Each rank's low-latency call, from the last two columns of what it sent in the call's first exchange."""
     return [f"the combine of low-latency dispatch {k}" if v == _LL_COMBINE else _LL_CALLS.get(v, "?")
             for k, v in words[:, -2:].tolist()]
-
-
-_LL_SAME_CALL = ("make the same low-latency call (each dispatch followed by its combine on every rank; a call "
-                 "refused on one rank must be repeated there before that rank goes on)")
 
 
 def _out_of_step_on_error(fn: Callable[..., _R]) -> Callable[..., _R]:
@@ -782,6 +783,15 @@ class TorchBackend:
         if refused:
             raise checks.refused_round("low_latency_dispatch", self.ctx.rank, refused, None, self.ctx.num_experts)
 
+    def _ll_call_exchange(self, second: int, call: int) -> torch.Tensor:
+        """The first exchange of a low-latency call that moves no counts (a refused dispatch's void round, a
+        combine's marker): [N, E/N + 2] int64 words, zero but for the last two columns (``second``, ``call``), in the
+        dispatch's count exchange's shape; returns what every rank sent."""
+        n = self.ctx.num_ranks
+        words = torch.zeros(n, self.ctx.experts_per_rank + 2, dtype=torch.int64)
+        words[:, -2], words[:, -1] = second, call
+        return self._all_to_all(words, n)[0]
+
     def low_latency_refusal_reaches_peers(self) -> bool:
         """Whether low_latency_refuse tells the other ranks (CPU groups), so that the Buffer calls it."""
         return self._ll_checks_peers()
@@ -796,10 +806,7 @@ class TorchBackend:
         the process group's timeout."""
         if not self._ll_checks_peers():
             return
-        n = self.ctx.num_ranks
-        counts = torch.zeros(n, self.ctx.experts_per_rank + 2, dtype=torch.int64)
-        counts[:, -1] = 1
-        got = self._all_to_all(counts, n)[0]
+        got = self._ll_call_exchange(0, _LL_REFUSED)
         if _LL_COMBINE in got[:, -1].tolist():
             raise ArgumentError(f"{refusal} -- and the others were in another call: "
                                 f"{checks.calls_disagree(op, _ll_call_names(got), _LL_SAME_CALL)}")
@@ -858,7 +865,7 @@ class TorchBackend:
         # refusal of its call (low_latency_refuse).
         check_kind = self._ll_checks_peers()
         if check_kind:
-            counts = torch.cat([counts, torch.tensor([[int(use_fp8), 0]] * n, dtype=torch.int64)], dim=1)
+            counts = torch.cat([counts, torch.tensor([[int(use_fp8), _LL_DISPATCH]] * n, dtype=torch.int64)], dim=1)
         recv_counts, _ = self._all_to_all(counts, n)  # [N src, E/N]
         if check_kind:
             self._ll_check_peers(recv_counts)
@@ -933,9 +940,7 @@ class TorchBackend:
         dev = y.device
         n, k = c.num_ranks, c.num_topk
         if self._ll_checks_peers():  # (which call each rank is in, see _LL_COMBINE)
-            marks = torch.zeros(n, c.experts_per_rank + 2, dtype=torch.int64)
-            marks[:, -2], marks[:, -1] = state.number, _LL_COMBINE
-            got = self._all_to_all(marks, n)[0]
+            got = self._ll_call_exchange(state.number, _LL_COMBINE)
             if any((v, k) != (_LL_COMBINE, state.number) for k, v in got[:, -2:].tolist()):
                 raise checks.calls_disagree("low_latency_combine", _ll_call_names(got), _LL_SAME_CALL)
         flat = y.reshape(-1, c.hidden)

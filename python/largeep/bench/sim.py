@@ -88,6 +88,7 @@ import math
 import shlex
 import statistics
 import sys
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -162,7 +163,7 @@ class Cluster:
 
     gpus_per_node: int = 8
     nvlink_gbps: float = 450.0  # NVLink4 per direction per GPU (H100/H200)
-    nic_gbps: float = 50.0  # 400 Gb/s ConnectX-7 per GPU
+    nic_gbps: float = CX7_NIC_GBPS  # 400 Gb/s ConnectX-7 per GPU
     nvlink_latency_us: float = 1.0
     nic_latency_us: float = 3.0
     num_sms: int | None = 24
@@ -760,8 +761,6 @@ def calibrate(
     The choice of the term that decides each record is repeated at most ``max_iter`` times; if it has not settled
     by then (the last solve's constants would choose differently), the fit warns (UserWarning, and in
     ``Params.warnings``): its constants are then those of the last solve, not a consistent fit."""
-    import warnings
-
     import numpy as np
 
     cluster = cluster or Cluster()
@@ -1024,8 +1023,6 @@ def sweep_ep(
     with a warning saying why (the CLI refuses such arguments before it gets here). Each row's
     ``throughput_vs_ep8`` is the scaling efficiency: the same call's time at EP 8 over its time here, i.e. a GPU's
     tokens per second relative to EP 8 (the same tokens per rank at every EP); None where EP 8 is not swept."""
-    import warnings
-
     rounds = -(-normal[0] // tokens_per_round) if tokens_per_round else 1
     out = []
     for ep in eps:
@@ -1407,8 +1404,6 @@ def _pick_backend(records: Sequence[dict[str, Any]], wanted: str | None) -> str 
     """The backend whose records are fitted: ``wanted`` (--backend), else "nvshmem" where any record is of it, else
     the one with the most records; a tie goes to the first name in sorted order, with a UserWarning naming the tied
     backends and --backend. None without records."""
-    import warnings
-
     names = [r["backend"] for r in records]
     if wanted:
         return wanted

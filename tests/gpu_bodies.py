@@ -109,11 +109,12 @@ def _scaled_experts(rows: torch.Tensor, rank: int) -> torch.Tensor:
 
 
 def _check_scaled_combine(got: torch.Tensor, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, what: str,
-                          bf16_sums: bool = False) -> None:
+                          bf16_sums: bool = False, scaled: bool = True) -> None:
     """A low-latency combine of ``_scaled_experts``' rows against x[t] * sum over valid k of w[t, k] * 2 ** (id %
-    3), element by element: one BF16 rounding of a float32 sum (with ``bf16_sums``, also one per rank's partial
-    sum, bounded by the terms' magnitudes)."""
-    s = torch.where(idx >= 0, w * torch.exp2((idx.clamp_min(0) % 3).float()), 0.0)
+    3) (``scaled`` False: of the dispatched rows themselves, without the 2 ** (id % 3)), element by element: one
+    BF16 rounding of a float32 sum (with ``bf16_sums``, also one per rank's partial sum, bounded by the terms'
+    magnitudes)."""
+    s = torch.where(idx >= 0, w * torch.exp2((idx.clamp_min(0) % 3).float()) if scaled else w, 0.0)
     want = x.float() * s.sum(1, keepdim=True)
     mag = x.float().abs() * s.abs().sum(1, keepdim=True)
     bound = 2.0**-8 * want.abs() + (2.0**-8 if bf16_sums else 2.0**-18) * mag
@@ -1178,10 +1179,7 @@ def previous_event_orders(rank: int, world: int, backend: str) -> None:
             lc.event.current_stream_wait()
             lgot = lc.x.clone()
         reader.synchronize()
-        want = x_new.float() * torch.where(idx >= 0, w, 0.0).sum(1, keepdim=True)
-        err = (lgot.float() - want).abs()
-        mag = x_new.float().abs() * torch.where(idx >= 0, w, 0.0).sum(1, keepdim=True)
-        assert bool((err <= 2.0**-8 * want.abs() + 2.0**-18 * mag).all()), f"low-latency combine off by {err.max()}"
+        _check_scaled_combine(lgot, x_new, idx, w, "low-latency combine after its event", scaled=False)
     finally:
         ll.destroy()
         buf.destroy()

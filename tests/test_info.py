@@ -60,7 +60,7 @@ def test_bad_log_level(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFi
     name that logging maps to something else), the report says so and exits 1 (a Buffer would refuse it)."""
     from largeep import _env
 
-    for raw in ("loud", "basic_format"):
+    for raw in ("loud", "basic_format", "warn", "NOTSET"):  # (names logging knows that the README does not list)
         monkeypatch.setenv("LARGEEP_LOG_LEVEL", raw)
         assert _env.log_level() is None
         assert info.main([]) == 1

@@ -197,8 +197,8 @@ def log_level() -> int | None:
     raw = os.environ.get(_PREFIX + "LOG_LEVEL", "").strip().upper() or "WARNING"
     if re.fullmatch(r"[0-9]+", raw):
         return int(raw)
-    level = logging.getLevelName(raw)
-    return level if isinstance(level, int) else None
+    # the five names the README lists (logging also knows WARN, FATAL and NOTSET: refused, as documented)
+    return getattr(logging, raw) if raw in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL") else None
 
 
 def _checked_log_level() -> int:

@@ -192,7 +192,7 @@ class NormalKernels {
     NormalKernels(int rank, int num_ranks, int num_experts, int num_topk, int hidden, int max_tokens, uintptr_t base,
                   uintptr_t peer_base, uintptr_t seq, uintptr_t block_counter, uintptr_t status_dev,
                   uintptr_t error_dev, double timeout_s, int ranks_per_node, int threads, int unroll, int num_zc_slots,
-                  int device) {
+                  int device, uintptr_t prep_words) {
         HOST_ASSERT(threads % 32 == 0 && threads >= 64 && threads <= 1024, "threads must be a multiple of 32 in [64, 1024]");
         HOST_ASSERT(unroll == 4 || unroll == 8, "unroll must be 4 or 8");
         HOST_ASSERT(ranks_per_node > 0 && num_ranks % ranks_per_node == 0, "bad ranks_per_node " << ranks_per_node);
@@ -244,6 +244,8 @@ class NormalKernels {
         c_.pl_scales = l.pl_scales;
         c_.pl_x = l.pl_x;
         c_.num_zc_slots = l.num_zc_slots;
+        // (int64 [prep_scratch_words(E)], zeroed; 0: the prepare kernel runs one block per target)
+        c_.prep = prep_scratch(ptr<int64_t>(prep_words), num_experts);
         zc_ = std::make_shared<ZcSlots>(num_zc_slots, device);
     }
     ~NormalKernels() { zc_->close(); }
@@ -343,7 +345,7 @@ class NormalKernels {
                     "a group of several nodes needs fwd_off, fwd_count and fwd_pos");
         const cudaStream_t s = stream_of(stream);
         launch_dispatch_prepare(c_, ptr<const int64_t>(idx), num_tokens, ptr<int>(send_pos), ptr<int>(node_pos),
-                                ptr<int>(self_token), IdCheck{ptr<int64_t>(check_host), check_token}, s);
+                                ptr<int>(self_token), IdCheck{ptr<int64_t>(check_host), check_token}, num_sms, s);
         const int slot = want_slot ? zc_acquire(stream) : 0;
         launch_dispatch_notify(c_, ptr<int>(recv_off), ptr<int>(send_off), ptr<int64_t>(send_slot), ptr<int>(fwd_off),
                                ptr<int>(fwd_count), slot, report, ptr<int>(per_expert), alignment,
@@ -574,6 +576,7 @@ PYBIND11_MODULE(_C, m) {
         CUDA_CHECK(cudaStreamWaitEvent(stream_of(waiter), e, 0));
     });
 
+    m.def("prep_scratch_words", &prep_scratch_words);
     m.def("normal_layout", [](int n, int e, int k, int h, int t, int p, int zc_slots) {
         const NormalLayout l = normal_layout(n, e, k, h, t, p, zc_slots);
         py::dict d;
@@ -638,7 +641,7 @@ PYBIND11_MODULE(_C, m) {
 
     py::class_<NormalKernels>(m, "NormalKernels")
         .def(py::init<int, int, int, int, int, int, uintptr_t, uintptr_t, uintptr_t, uintptr_t, uintptr_t, uintptr_t,
-                      double, int, int, int, int, int>())
+                      double, int, int, int, int, int, uintptr_t>())
         .def("zc_acquire", &NormalKernels::zc_acquire)
         .def("zc_busy", &NormalKernels::zc_busy)
         .def("zc_give_back", &NormalKernels::zc_give_back)

@@ -115,10 +115,10 @@ def strided(t: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def with_id(idx: torch.Tensor, value: int) -> torch.Tensor:
-    """``idx`` with entry [0, 0] set to ``value`` (a fresh tensor)."""
+def with_id(idx: torch.Tensor, value: int, at: tuple[int, int] = (0, 0)) -> torch.Tensor:
+    """``idx`` with entry ``at`` (default [0, 0]) set to ``value`` (a fresh tensor)."""
     out = idx.clone()
-    out[0, 0] = value
+    out[at] = value
     return out
 
 
@@ -1215,7 +1215,8 @@ def torch_missing_peer(rank: int, world: int, timeout_s: float, op: str = "dispa
 
 # -- one rank's ids refused, the others' good ------------------------------------------------------------------------
 REFUSAL_VARIANTS = ("bf16", "fp8", "nodes", "empty_peer", "twice", "worst_peer", "worst_all", "layout", "layout_fp8",
-                    "layout_tokens")
+                    "layout_tokens", "late", "late_nodes", "late_worst")
+LATE_TOKENS = 3000  # the "late" variants' max_tokens_per_rank: calls of 2100+ tokens, the bad id near their end
 
 
 def one_rank_refuses(rank: int, world: int, backend: str, variant: str) -> dict[str, Any]:
@@ -1234,9 +1235,14 @@ def one_rank_refuses(rank: int, world: int, backend: str, variant: str) -> dict[
     chk = Checker(f"{variant} on rank {rank}")
     use_fp8 = variant in ("fp8", "layout_fp8")
     layout_first = variant.startswith("layout")
-    rpn = {"nodes": 1, "half_nodes": max(1, world // 2)}.get(variant)  # half_nodes: 2 nodes (forwarders on 4)
-    case = NormalCase(tuple(0 if variant == "empty_peer" and r == 1 else 5 + 2 * r for r in range(world)), HIDDEN,
-                      EXPERTS, TOPK, 11, use_fp8=use_fp8, max_tokens=MAX_TOKENS, ranks_per_node=rpn)
+    # half_nodes: 2 nodes (forwarders on 4); late*: more than 1024 tokens (the nvshmem prepare kernel runs several
+    # blocks per destination: the bad id is in the last one's chunk, its verdict gathered from the chunks)
+    rpn = {"nodes": 1, "half_nodes": max(1, world // 2), "late_nodes": 1}.get(variant)
+    late = variant.startswith("late")
+    counts = tuple(2100 + 301 * r if late else 0 if variant == "empty_peer" and r == 1 else 5 + 2 * r
+                   for r in range(world))
+    case = NormalCase(counts, HIDDEN, EXPERTS, TOPK, 11, use_fp8=use_fp8,
+                      max_tokens=LATE_TOKENS if late else MAX_TOKENS, ranks_per_node=rpn)
     buf = largeep.Buffer(None, backend=backend, **case.buffer_kwargs())
     dev = buf.ctx.device  # the group's device, or the current CUDA device for nvshmem on a gloo group
     elapsed: list[float] = []
@@ -1246,10 +1252,13 @@ def one_rank_refuses(rank: int, world: int, backend: str, variant: str) -> dict[
         xs: Any = tuple(t.to(dev) for t in fp8.quantize(inp.x.float())) if use_fp8 else x
         prev = buf.dispatch(xs, idx, w)
         prev_x = [t.clone() for t in (prev.x if use_fp8 else (prev.x,))]
-        bad = with_id(idx, EXPERTS + 3 if variant != "twice" else -4) if rank == 0 else idx.clone()
+        bad_id = EXPERTS + 3 if variant != "twice" else -4
+        at = (idx.shape[0] - 7, TOPK - 1) if late else (0, 0)
+        bad = with_id(idx, bad_id, at) if rank == 0 else idx.clone()
         if variant == "layout_tokens" and rank == 0:  # good ids, one token too many
             bad = idx.repeat(MAX_TOKENS // idx.shape[0] + 1, 1)[:MAX_TOKENS + 1].contiguous()
-        worst = world * MAX_TOKENS if (variant == "worst_peer" and rank != 0) or variant == "worst_all" else 0
+        no_wait = (variant == "worst_peer" and rank != 0) or variant in ("worst_all", "late_worst")
+        worst = world * case.buffer_max_tokens if no_wait else 0
         for attempt in range(2 if variant == "twice" else 1):
             held = [bad, w] + list(xs if use_fp8 else (xs,))
             before = [t.clone() for t in held]
@@ -1260,11 +1269,12 @@ def one_rank_refuses(rank: int, world: int, backend: str, variant: str) -> dict[
                     buf.get_dispatch_layout(bad)
                 buf.dispatch(xs, bad, w, num_worst_tokens=worst)
             except ArgumentError as exc:
-                chk.expect(rank == 0 and variant != "worst_all", f"attempt {attempt}: ArgumentError: {exc}")
+                chk.expect(rank == 0 and variant not in ("worst_all", "late_worst"),
+                           f"attempt {attempt}: ArgumentError: {exc}")
                 if variant == "layout_tokens":
                     chk.expect("get_dispatch_layout" in str(exc) and "max_tokens_per_rank" in str(exc), str(exc))
                 else:
-                    chk.expect(f"expert id {int(bad[0, 0])}" in str(exc) and "'topk_idx'" in str(exc), str(exc))
+                    chk.expect(f"expert id {bad_id}" in str(exc) and "'topk_idx'" in str(exc), str(exc))
                 if layout_first:
                     chk.expect("get_dispatch_layout" in str(exc), f"not the layout's refusal: {exc}")
                 if variant == "worst_peer":  # the peers could not raise: the message says their Buffers are gone
@@ -1273,12 +1283,12 @@ def one_rank_refuses(rank: int, world: int, backend: str, variant: str) -> dict[
                 chk.expect(rank != 0, f"attempt {attempt}: PeerRefusedError on the refusing rank: {exc}")
                 chk.expect("rank(s) [0]" in str(exc) and "stays usable" in str(exc) and exc.buffer_usable, str(exc))
             else:
-                chk.expect(worst > 0 and (rank != 0 or variant == "worst_all"),
+                chk.expect(worst > 0 and (rank != 0 or variant in ("worst_all", "late_worst")),
                            f"attempt {attempt}: the call was not refused")
             elapsed.append(time.perf_counter() - t0)
             chk.expect(all(same_bits(t, c) for t, c in zip(held, before, strict=True)),
                        "the refused call modified the caller's tensors")
-        if variant in ("worst_peer", "worst_all"):
+        if variant in ("worst_peer", "worst_all", "late_worst"):
             if worst:  # no host wait in that call: its next call reports the refusal, the Buffer unusable
                 try:
                     buf.dispatch(xs, idx, w)
@@ -1286,7 +1296,7 @@ def one_rank_refuses(rank: int, world: int, backend: str, variant: str) -> dict[
                     chk.expect("rank 0 refused" in str(exc) and "unusable" in str(exc) and not exc.buffer_usable,
                                str(exc))
                     if rank == 0:  # its own check's verdict, read at this call
-                        chk.expect(f"expert id {int(bad[0, 0])}," in str(exc), str(exc))
+                        chk.expect(f"expert id {bad_id}," in str(exc), str(exc))
                 else:
                     chk.expect(False, "the call after a refused num_worst_tokens round was not refused")
             return {"failures": chk.failures, "elapsed_s": max(elapsed), "checks": chk.checks}

@@ -65,7 +65,7 @@ def _refusal_params() -> list:
         for variant in error_bodies.REFUSAL_VARIANTS:
             # worst_peer: the torch backend on CPU checks a num_worst_tokens dispatch too (no device sync there),
             # and on CUDA a num_worst_tokens dispatch there has no host wait: nvshmem's case only
-            if variant in ("worst_peer", "worst_all") and backend != "nvshmem":
+            if variant in ("worst_peer", "worst_all", "late_worst") and backend != "nvshmem":
                 continue
             # a layout's refusal on the torch backend with CUDA tensors stays that rank's (Buffer._void_after_layout)
             if variant.startswith("layout") and backend == "torch" and pg != "gloo":
@@ -520,7 +520,8 @@ def test_nvshmem_init_timeout_on_gpus() -> None:
 @pytest.mark.skipif(os.environ.get("LARGEEP_TEST_SHARED_GPUS") != "1",
                     reason="LARGEEP_TEST_SHARED_GPUS=1 runs 2 ranks on one GPU (NVSHMEM's several PEs per GPU)")
 @pytest.mark.parametrize("world,variant", [(2, v) for v in error_bodies.REFUSAL_VARIANTS]
-                         + [(4, v) for v in ("bf16", "half_nodes", "nodes", "worst_peer", "worst_all")])
+                         + [(4, v) for v in ("bf16", "half_nodes", "nodes", "worst_peer", "worst_all", "late",
+                                             "late_nodes")])
 def test_one_rank_refuses_one_gpu(pools, world: int, variant: str) -> None:
     """The nvshmem backend's refusal with every rank on one GPU (a gloo group; for machines of one GPU); on 4
     ranks also 2 nodes of 2 (the forwarders' path) and 4 nodes of 1."""

@@ -109,6 +109,27 @@ def test_normal_gpu_odd_sms(pools, num_sms: int, ranks_per_node: int | None) -> 
 
 @pytest.mark.gpu(2)
 @needs_native
+@pytest.mark.parametrize("tokens,num_sms,ranks_per_node,fp8", [
+    ([3000, 1025], None, None, False),  # 3 and 2 prepare blocks per rank (24 SMs)
+    ([2049, 4000], 5, None, True),      # 2 (the SM budget), chunks of 1056 and 2016 tokens
+    ([4100, 0], 3, None, False),        # one block per rank (3 SMs for 2 ranks), 5 iterations
+    ([2500, 1800], None, 1, False),     # two nodes of one rank: rank and node targets, 3 and 2 blocks each
+    ([1024, 1023], 24, None, False),    # one block: kThreads tokens exactly, and one fewer
+])
+def test_normal_prepare_chunks(pools, tokens: list[int], num_sms: int | None, ranks_per_node: int | None,
+                               fp8: bool) -> None:
+    """Calls of more than 1024 tokens: the prepare kernel runs several blocks per destination (chunks of tokens
+    whose positions meet through a look-back), as many as the SM budget allows; positions, counts, the tokens a
+    rank keeps for itself and the node positions must equal the reference's (bodies.normal_roundtrip checks the
+    layout, every dispatched row and the combine)."""
+    pools(2, "nccl").run(
+        bodies.normal_roundtrip, "nvshmem", tokens, 2048, 64, 8, "bfloat16", fp8, 1, 41, ranks_per_node, 0, None,
+        None, num_sms,
+    )
+
+
+@pytest.mark.gpu(2)
+@needs_native
 @pytest.mark.parametrize("world", [2, 4])
 def test_normal_gpu_repeat_identical(pools, world: int) -> None:
     if world > __import__("conftest").gpu_count():

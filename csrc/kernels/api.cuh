@@ -114,6 +114,34 @@ constexpr int kNormalMaxRanks = 512;
 constexpr int kNormalMaxNodes = 64;
 constexpr int kNormalMaxLocal = 32;
 
+// Device scratch of the normal dispatch's prepare kernel when it runs several blocks per target (intranode.cu):
+// zero when the Buffer is made, and left so by every call (but gen, the last launch's number, which only grows).
+constexpr int kPrepMaxTargets = 128;  // ranks, plus nodes in groups of several nodes
+constexpr int kPrepMaxChunks = 32;    // blocks per target
+struct PrepScratch {
+    int64_t* gen;     // [1]
+    int64_t* bad;     // [2]: the id check's lowest id below -1 and highest id >= E over the chunks
+    int* ticket;      // [kPrepMaxTargets]: chunks taken
+    int64_t* agg;     // [kPrepMaxTargets][kPrepMaxChunks]: (launch number << 32) | the chunk's rows
+    int* hist;        // [N][kPrepMaxChunks][E/N]: each chunk's rows per expert
+};
+// The int64 words a PrepScratch needs (prep_scratch lays them out in this order).
+inline int64_t prep_scratch_words(int num_experts) {
+    return 1 + 2 + kPrepMaxTargets / 2 + static_cast<int64_t>(kPrepMaxTargets) * kPrepMaxChunks +
+           (static_cast<int64_t>(num_experts) * kPrepMaxChunks + 1) / 2;
+}
+inline PrepScratch prep_scratch(int64_t* words, int num_experts) {
+    (void)num_experts;
+    PrepScratch p{};
+    if (words == nullptr) return p;
+    p.gen = words;
+    p.bad = words + 1;
+    p.ticket = reinterpret_cast<int*>(words + 3);
+    p.agg = words + 3 + kPrepMaxTargets / 2;
+    p.hist = reinterpret_cast<int*>(p.agg + static_cast<int64_t>(kPrepMaxTargets) * kPrepMaxChunks);
+    return p;
+}
+
 struct NormalCtx {
     int rank, num_ranks, num_experts, num_topk, hidden, max_tokens, ranks_per_node;
     int first_local;  // the first rank of this rank's node (rank - rank % ranks_per_node)
@@ -137,6 +165,7 @@ struct NormalCtx {
     // Tuning (LARGEEP_TUNE): threads per block of the copy kernels and 16-byte loads in flight per lane (the kind
     // of load is each call site's: see warp_copy_rt).
     int threads, unroll;
+    PrepScratch prep;  // (gen nullptr: the prepare kernel runs one block per target)
 };
 
 // Region offsets and strides for a normal-mode buffer, and its total bytes.
@@ -179,8 +208,9 @@ struct IdCheck {
 // Prepare: send_pos int32 [T, N] (position of token t among the rows for rank r, -1 if none) and count rows; with
 // several nodes also node_pos int32 [T, M] (position among the tokens for node m).
 // With check.host (host-mapped int64 [3]): the expert-id range check, reported as the kernel's comment says.
+// num_sms: the dispatch's SM budget (long calls run several prepare blocks per target within it).
 void launch_dispatch_prepare(const NormalCtx& ctx, const int64_t* topk_idx, int num_tokens, int* send_pos,
-                             int* node_pos, int* self_token, IdCheck check, cudaStream_t stream);
+                             int* node_pos, int* self_token, IdCheck check, int num_sms, cudaStream_t stream);
 // Notify: count exchange, publishing my receive slot `my_slot` for this round (0: the copy slot); writes recv_off
 // int32 [N + 1], send_off int32 [N] and send_slot int64 [N] (byte offset of each receiver's slot); with several
 // nodes fwd_off int32 [M, P] and fwd_count int32 [M] (rows forwarded from each node's RDMA peer); with `report`,

@@ -668,9 +668,11 @@ class NvshmemBackend:
             self.ll_fuse = bool(settings.tune["ll_fuse"])  # 1: the fused launchers (see below; default 0)
             self.ll = self.C.LowLatencyKernels(*common, ctx.ranks_per_node, settings.tune["ll_spread"])
         else:
+            # the prepare kernel's scratch for long calls (several blocks per destination; zero, kept so)
+            self.prep_scratch = torch.zeros(self.C.prep_scratch_words(ctx.num_experts), dtype=torch.int64, device=dev)
             self.kernels = self.C.NormalKernels(
                 *common, ctx.ranks_per_node, settings.tune["threads"], settings.tune["unroll"],
-                self.zc_slots, dev.index,
+                self.zc_slots, dev.index, self.prep_scratch.data_ptr(),
             )
 
     def _drop_parts(self) -> None:

@@ -1239,7 +1239,7 @@ def one_rank_refuses(rank: int, world: int, backend: str, variant: str) -> dict[
     # blocks per destination: the bad id is in the last one's chunk, its verdict gathered from the chunks)
     rpn = {"nodes": 1, "half_nodes": max(1, world // 2), "late_nodes": 1}.get(variant)
     late = variant.startswith("late")
-    counts = tuple(2100 + 301 * r if late else 0 if variant == "empty_peer" and r == 1 else 5 + 2 * r
+    counts = tuple(2100 + 211 * r if late else 0 if variant == "empty_peer" and r == 1 else 5 + 2 * r
                    for r in range(world))
     case = NormalCase(counts, HIDDEN, EXPERTS, TOPK, 11, use_fp8=use_fp8,
                       max_tokens=LATE_TOKENS if late else MAX_TOKENS, ranks_per_node=rpn)

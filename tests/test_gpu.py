@@ -282,11 +282,13 @@ def test_low_latency_rounds_past_2_31(pools) -> None:
 @pytest.mark.gpu(2)
 @needs_native
 @pytest.mark.parametrize("world", [2, 4])
-def test_normal_worst_graph(pools, world: int) -> None:
-    """Normal mode with num_worst_tokens (no host wait): dispatch + combine captured in a CUDA graph, replayed."""
+@pytest.mark.parametrize("tokens", [96, 2500])
+def test_normal_worst_graph(pools, world: int, tokens: int) -> None:
+    """Normal mode with num_worst_tokens (no host wait): dispatch + combine captured in a CUDA graph, replayed
+    (2500 tokens: the prepare kernel's blocks per destination meet through their scratch on every replay)."""
     if world > __import__("conftest").gpu_count():
         pytest.skip("not enough GPUs")
-    pools(world, "nccl").run(gpu_bodies.normal_worst_graph, 20, 96, 2048, 32, 8)
+    pools(world, "nccl").run(gpu_bodies.normal_worst_graph, 20 if tokens < 1024 else 8, tokens, 2048, 32, 8)
 
 
 @pytest.mark.gpu(1)

@@ -1,10 +1,13 @@
 """Thin driver: finds nvcc and NVSHMEM, then lets CMake + Ninja build largeep._C.
 
 Without a CUDA toolkit or NVSHMEM the pure-Python package is installed (the torch backend works everywhere) and
-the reason is printed once (pip shows it with -v only) and kept in the package (largeep/_native_build.json), where
-``python -m largeep`` and the nvshmem backend's refusal find it. Environment:
-  LARGEEP_BUILD_NATIVE  auto (default) | 1 (a failed native build fails the install) | 0 (skip it)
-  LARGEEP_CUDA_ARCHS    CMake CUDA architectures (default 90)
+the reason is printed once (pip shows it with -v only) and kept in the package (largeep/_native_build.json, with the
+last lines of a failed build's output), where ``python -m largeep`` and the nvshmem backend's refusal find it. An
+editable install (``pip install --no-build-isolation -e .``) puts the module and that record into python/largeep,
+where the package is imported from. Environment:
+  LARGEEP_BUILD_NATIVE  auto (default, also when empty) | 1 (a failed native build fails the install) | 0 (skip it)
+  LARGEEP_CUDA_ARCHS    the GPUs' compute capabilities to build for, as numbers (major * 10 + minor, e.g. 90 or
+                        90;100a; default 90): the install records them and the nvshmem backend refuses other GPUs
   NVSHMEM_DIR           an NVSHMEM install (include/, lib/); else the nvidia-nvshmem-cu12/-cu13 wheel is used
   CUDA_HOME             the CUDA toolkit (else nvcc on PATH)
 """
@@ -19,12 +22,16 @@ import re
 import shutil
 import subprocess
 import sys
+from collections import deque
 from pathlib import Path
 
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
+from setuptools.errors import ExecError, SetupError
 
 ROOT = Path(__file__).resolve().parent
+NOTE = "_native_build.json"  # the record of the native build, next to the module
+LOG_LINES = 20  # the last lines of a failed build's output, kept in that record
 
 
 def _say(msg: str) -> None:
@@ -124,35 +131,120 @@ def _tool(module: str, attr: str, name: str) -> str:
     return shutil.which(name) or name
 
 
+def _build_mode() -> str:
+    """LARGEEP_BUILD_NATIVE: auto (also unset or empty, as for every LARGEEP_* variable), 1 or 0."""
+    raw = os.environ.get("LARGEEP_BUILD_NATIVE", "")
+    mode = raw.strip().lower() or "auto"
+    if mode not in ("auto", "0", "1"):
+        raise SetupError(f"LARGEEP_BUILD_NATIVE={raw!r}: expected auto (the default, also when empty), 1 (the "
+                         "native module or a failed install) or 0 (the pure-Python package)")
+    return mode
+
+
+def _cuda_archs() -> str:
+    """LARGEEP_CUDA_ARCHS as a CMake list: compute capabilities as numbers (major * 10 + minor), each with an
+    optional a or f suffix (and CMake's -real or -virtual), separated by ; , or spaces; default 90 (also when
+    empty). The install records them and the nvshmem backend refuses a GPU outside them, so CMake's native, all and
+    all-major, which name no numbers, are refused (native without a GPU would build for a default architecture)."""
+    raw = os.environ.get("LARGEEP_CUDA_ARCHS", "")
+    archs = [a for a in re.split(r"[;,\s]+", raw.strip()) if a]
+    if not archs:
+        return "90"
+    bad = [a for a in archs if not re.fullmatch(r"\d{2,3}[af]?(-real|-virtual)?", a)]
+    if bad:
+        what = "is not a compute capability" if len(bad) == 1 else "are not compute capabilities"
+        raise SetupError(
+            f"LARGEEP_CUDA_ARCHS={raw!r}: {', '.join(map(repr, bad))} {what}. Give numbers, major * 10 + minor, "
+            "separated by ; (e.g. 90 for H100/H200, 90;100 for H100 and B200, 90a for Hopper's arch-specific code; "
+            "`nvidia-smi --query-gpu=compute_cap --format=csv` shows your GPUs'). CMake's native, all and all-major "
+            "are not taken: the install records the numbers, and the nvshmem backend refuses a GPU outside them")
+    return ";".join(archs)
+
+
+def _fresh_cmake_dir(build_dir: Path, nvcc: str) -> None:
+    """Empties ``build_dir``'s CMake cache when it was configured with another nvcc (CUDA_HOME or PATH now name
+    another one) or another source tree. CMake would drop that cache itself and configure again without the -D values
+    given here (pybind11 then not found, and in auto mode the install silently pure-Python)."""
+    cache = build_dir / "CMakeCache.txt"
+    try:
+        text = cache.read_text(errors="replace")
+    except OSError:
+        return
+
+    def cached(name: str) -> str | None:
+        m = re.search(rf"^{name}:[A-Z]+=(.*)$", text, re.M)
+        return m.group(1).strip() if m else None
+
+    was_nvcc, was_root = cached("CMAKE_CUDA_COMPILER"), cached("CMAKE_HOME_DIRECTORY")
+    if was_nvcc not in (None, nvcc):
+        why = f"was configured with {was_nvcc}, this build uses {nvcc}"
+    elif was_root is not None and Path(was_root).resolve() != ROOT:
+        why = f"was configured for the source tree {was_root}, this one is {ROOT}"
+    else:
+        return
+    _say(f"the CMake build directory {build_dir} {why}: configuring it afresh")
+    cache.unlink()
+    shutil.rmtree(build_dir / "CMakeFiles", ignore_errors=True)
+
+
+class BuildStepFailed(RuntimeError):
+    """A build command that failed; ``log`` holds the last lines of its output."""
+
+    def __init__(self, message: str, log: list[str]) -> None:
+        super().__init__(message)
+        self.log = log
+
+
+def _run_logged(cmd: list[str], cwd: Path, what: str) -> None:
+    """Runs ``cmd``, passing its output on (pip shows it with -v) and keeping its last LOG_LINES lines that are not
+    blank, which a failure carries (BuildStepFailed.log) into the note: the compiler's or CMake's own error."""
+    tail: deque[str] = deque(maxlen=LOG_LINES)
+    with subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          errors="replace") as proc:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            sys.stdout.write(line)
+            sys.stdout.flush()
+            line = line.rstrip()
+            if line.strip():  # (a compile command is long; CMake's errors hold many blank lines)
+                tail.append(line if len(line) <= 400 else line[:400] + " [...]")
+    if proc.returncode != 0:
+        raise BuildStepFailed(f"{what} failed (exit status {proc.returncode})", list(tail))
+
+
 class CMakeBuild(build_ext):
     def build_extension(self, ext: Extension) -> None:
-        mode = os.environ.get("LARGEEP_BUILD_NATIVE", "auto").strip().lower()
-        if mode not in ("auto", "0", "1"):
-            raise RuntimeError(f"LARGEEP_BUILD_NATIVE={mode!r}: expected auto, 1 (the native module or a failed "
-                               "install) or 0 (the pure-Python package)")
+        mode = _build_mode()
         out_dir = Path(self.get_ext_fullpath(ext.name)).resolve().parent
         out_dir.mkdir(parents=True, exist_ok=True)
         for old in glob.glob(str(out_dir / "_C*.so")):  # an earlier build's module must not ship with this one
             os.remove(old)
-        note = out_dir / "_native_build.json"
+        note = out_dir / NOTE
         rev = _git_revision()
         if mode == "0":
             _say("LARGEEP_BUILD_NATIVE=0: installing the pure-Python package (torch backend only)")
             note.write_text(json.dumps({"built": False, "reason": "skipped at install (LARGEEP_BUILD_NATIVE=0)",
                                         "git": rev}))
             return
+        archs = _cuda_archs()  # (a bad value fails the install also in auto mode: it was asked for)
         try:
-            archs = self._build(ext, out_dir)
+            self._build(ext, out_dir, archs)
         except Exception as exc:  # noqa: BLE001 - reported, and fatal only when asked
-            note.write_text(json.dumps({"built": False, "reason": f"its build failed at install: {exc}", "git": rev}))
+            log = getattr(exc, "log", [])
+            record: dict[str, object] = {"built": False, "reason": f"its build failed at install: {exc}", "git": rev}
+            if log:
+                record["log"] = log
+            note.write_text(json.dumps(record))
             if mode == "1":
-                raise
-            _say(f"native module NOT built: {exc}. The torch backend works; the nvshmem backend needs largeep._C.")
+                raise ExecError(f"LARGEEP_BUILD_NATIVE=1 and the native module largeep._C was not built: {exc}"
+                                + (" (the build's output above says why)" if log else "")) from exc
+            _say(f"native module NOT built: {exc}. The torch backend works; the nvshmem backend needs largeep._C "
+                 "(`python -m largeep` shows why it was not built)")
             return
         note.write_text(json.dumps({"built": True, "cuda_archs": archs, "git": rev}))
 
-    def _build(self, ext: Extension, out_dir: Path) -> str:
-        """Builds _C into out_dir; returns the CUDA architectures it was built for."""
+    def _build(self, ext: Extension, out_dir: Path, archs: str) -> None:
+        """Builds _C into out_dir for the CUDA architectures ``archs`` (a CMake list)."""
         nvcc, major = _nvcc()
         if nvcc is None:
             home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
@@ -181,7 +273,7 @@ class CMakeBuild(build_ext):
 
         build_dir = Path(self.build_temp).resolve() / "cmake"
         build_dir.mkdir(parents=True, exist_ok=True)
-        archs = os.environ.get("LARGEEP_CUDA_ARCHS", "90")
+        _fresh_cmake_dir(build_dir, nvcc)
         cmake = _tool("cmake", "CMAKE_BIN_DIR", "cmake")
         cfg = [
             cmake, str(ROOT), "-G", "Ninja", f"-DCMAKE_MAKE_PROGRAM={_tool('ninja', 'BIN_DIR', 'ninja')}",
@@ -194,19 +286,47 @@ class CMakeBuild(build_ext):
             f"-DNVSHMEM_DEVICE_LIB={shmem['device']}",
             f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={out_dir}",
         ]
-        _say(f"building largeep._C with {nvcc} (CUDA {major}, sm_{archs}), NVSHMEM from {Path(shmem['host']).parent}")
+        sms = ", ".join(f"sm_{a}" for a in archs.split(";"))
+        _say(f"building largeep._C with {nvcc} (CUDA {major}, {sms}), NVSHMEM from {Path(shmem['host']).parent}")
         jobs = os.environ.get("CMAKE_BUILD_PARALLEL_LEVEL", str(os.cpu_count() or 2))
         try:
-            subprocess.run(cfg, cwd=build_dir, check=True)
-            subprocess.run([cmake, "--build", ".", "--parallel", jobs], cwd=build_dir, check=True)
-        except subprocess.CalledProcessError as exc:
+            _run_logged(cfg, build_dir, "CMake's configure step")
+            _run_logged([cmake, "--build", ".", "--parallel", jobs], build_dir, "the compile (cmake --build)")
+        except BuildStepFailed as exc:
             if hint:
-                raise RuntimeError(f"{exc} ({hint})") from exc
+                raise BuildStepFailed(f"{exc} ({hint})", exc.log) from exc
             raise
         built = glob.glob(str(out_dir / "_C*.so"))
         if not built:
             raise RuntimeError(f"the build produced no _C*.so in {out_dir}")
-        return archs
+
+    def _built_files(self) -> list[str]:
+        """What this build wrote into build_lib: the note, and the module where it was built. (setuptools would list
+        the module whether or not it is there, and an editable install would then fail copying it.)"""
+        ext_file = Path(self.build_lib) / self.get_ext_filename(self.get_ext_fullname("largeep._C"))
+        return [str(f) for f in (ext_file.with_name(NOTE), ext_file) if f.exists()]
+
+    def get_outputs(self) -> list[str]:
+        return self._built_files()
+
+    def get_output_mapping(self) -> dict[str, str]:
+        if not self.inplace:
+            return {}
+        pkg = self._package_dir()
+        return {f: str(pkg / Path(f).name) for f in self._built_files()}
+
+    def _package_dir(self) -> Path:
+        return ROOT / self.get_finalized_command("build_py").get_package_dir("largeep")
+
+    def copy_extensions_to_source(self) -> None:
+        """An in-place build (an editable install, or build_ext --inplace): the package is imported from the source
+        tree (python/largeep), so the note and the module go there; a module of an earlier in-place build that this
+        one did not replace is removed (it would load, with this build's note)."""
+        pkg = self._package_dir()
+        for old in pkg.glob("_C*.so"):
+            old.unlink()
+        for f in self._built_files():
+            self.copy_file(f, str(pkg / Path(f).name), level=self.verbose)
 
 
 setup(

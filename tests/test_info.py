@@ -23,6 +23,55 @@ def test_report_matches_the_machine(capsys: pytest.CaptureFixture[str]) -> None:
     assert r["settings_error"] is None and r["settings"]["timeout_s"] > 0
     if n == 0:
         assert r["native"] != "ok" and any("no CUDA GPU" in t for t in r["advice"])
+    assert r["native_built"] in (True, False, None) and isinstance(r["native_build_log"], list)
+    assert r["native_archs"] is None or all(isinstance(a, int) for a in r["native_archs"])
+
+
+@pytest.mark.parametrize("note,built,archs,log", [
+    ({}, None, None, []),
+    ({"built": True, "cuda_archs": "90;100a"}, True, [90, 100], []),
+    ({"built": False, "reason": "its build failed at install: the compile (cmake --build) failed (exit status 1)",
+      "log": ["rows.cu(3): error: identifier \"x\" is undefined", "ninja: build stopped: subcommand failed."]},
+     False, None, ["rows.cu(3): error: identifier \"x\" is undefined", "ninja: build stopped: subcommand failed."]),
+], ids=["no-record", "built", "failed"])
+def test_native_build_record(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+                             note: dict[str, object], built: bool | None, archs: list[int] | None,
+                             log: list[str]) -> None:
+    """The install's record of the native build, as fields of the JSON report (native_built, native_archs,
+    native_build_log) and in the text: the architectures built for, the end of a failed build's output."""
+    from largeep import native
+
+    monkeypatch.setattr(native, "build_note", lambda: note)
+    monkeypatch.setitem(sys.modules, "largeep._C", None)  # (as when the module is not there)
+    native._load.cache_clear()
+    try:
+        r = info.report()
+        assert (r["native_built"], r["native_archs"], r["native_build_log"]) == (built, archs, log)
+        assert r["native_archs_error"] is None
+        text = info._text(r)
+        assert ("(built for compute capability 90, 100)" in text) == (archs is not None)
+        assert ("  the end of the native build's output (at install):\n    | rows.cu(3): error: identifier \"x\" is "
+                "undefined\n    | ninja: build stopped" in text) == bool(log)
+        if log:
+            assert "(`python -m largeep` shows the end of the build's output)" in r["native"]
+    finally:
+        native._load.cache_clear()
+
+
+def test_native_build_without_numbers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An older install that recorded LARGEEP_CUDA_ARCHS=native (or all): no GPU is checked against the build, and
+    the report says so (setup.py now refuses these values)."""
+    from largeep import native
+
+    monkeypatch.setattr(native, "build_note", lambda: {"built": True, "cuda_archs": "native"})
+    native._load.cache_clear()
+    try:
+        r = info.report()
+    finally:
+        native._load.cache_clear()
+    assert r["native_built"] is True and r["native_archs"] is None
+    assert any("recorded no compute capabilities (cuda_archs='native')" in t and "LARGEEP_CUDA_ARCHS as numbers" in t
+               for t in r["advice"])
 
 
 def test_bad_variable_is_reported(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:

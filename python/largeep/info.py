@@ -45,6 +45,20 @@ def report() -> dict[str, Any]:
     except ValueError as exc:  # (a bad LARGEEP_SEGV_BACKTRACE, which the module's load reads; settings say it too)
         out["native"] = f"not loaded: {exc}"
     out["auto_backend"] = "nvshmem" if out["native"] == "ok" else "torch"
+    # the install's record of the native build: built (None: no record, as in a source tree), the compute
+    # capabilities it was built for (None: unrecorded), the last lines of a failed build's output
+    note = native.build_note()
+    built = note.get("built")
+    out["native_built"] = built if isinstance(built, bool) else None
+    archs = native.built_archs()
+    out["native_archs"] = sorted(archs) if archs is not None and built is True else None
+    out["native_build_log"] = native.build_log()
+    if built is True and archs is None:
+        out["native_archs_error"] = (
+            f"the native module's install recorded no compute capabilities (cuda_archs={note.get('cuda_archs')!r}), "
+            "so no GPU is checked against them: reinstall largeep with LARGEEP_CUDA_ARCHS as numbers (e.g. 90)")
+    else:
+        out["native_archs_error"] = None
     try:
         settings = _env.settings()
         out["settings"] = dict(vars(settings))
@@ -72,6 +86,8 @@ def _advice(r: dict[str, Any]) -> list[str]:
         tips.append(f"fix the environment variable: {r['settings_error']}")
     if r.get("log_level_error"):
         tips.append(r["log_level_error"])
+    if r.get("native_archs_error"):
+        tips.append(r["native_archs_error"])
     nvshmem, torch_cuda = env.get("nvshmem"), env.get("cuda")
     wheel = re.search(r"cu(\d+)", nvshmem or "")
     if wheel and torch_cuda and int(wheel.group(1)) != _cuda_major(torch_cuda):
@@ -106,7 +122,12 @@ def _text(r: dict[str, Any]) -> str:
                 f"{i}: " + "".join("y" if ok else "." for ok in row) for i, row in enumerate(r["peer_access"])))
     else:
         lines.append("  no CUDA GPU visible")
-    lines.append(f"  native module (nvshmem backend): {r['native']}")
+    archs = r.get("native_archs")
+    built_for = f" (built for compute capability {', '.join(map(str, archs))})" if archs else ""
+    lines.append(f"  native module (nvshmem backend): {r['native']}{built_for}")
+    if r.get("native_build_log"):
+        lines.append("  the end of the native build's output (at install):")
+        lines.extend(f"    | {line}" for line in r["native_build_log"])
     from largeep.backends import nvshmem_backend as nv
 
     lines.append(f"  backend='auto' picks: {r['auto_backend']} (for normal-mode groups of up to "

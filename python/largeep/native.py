@@ -29,12 +29,20 @@ ABI_VERSION = 10
 @functools.lru_cache(maxsize=1)
 def build_note() -> dict[str, object]:
     """What the install recorded about the native build (setup.py writes largeep/_native_build.json): ``built``,
-    and ``reason`` (why not) or ``cuda_archs``; empty when there is no record (a source tree, an older install)."""
+    and ``reason`` (why not, with ``log``: the last lines of a failed build's output) or ``cuda_archs`` (the CMake
+    list it was built for, e.g. "90;100a"); empty when there is no record (a source tree, an older install)."""
     try:
         note = json.loads((Path(__file__).with_name("_native_build.json")).read_text())
     except (OSError, ValueError):
         return {}
     return note if isinstance(note, dict) else {}
+
+
+def build_log() -> list[str]:
+    """The last lines of a failed native build's output (the compiler's or CMake's error), as the install recorded
+    them; empty when it recorded none."""
+    log = build_note().get("log")
+    return [str(line) for line in log] if isinstance(log, list) else []
 
 
 def built_archs() -> set[int] | None:
@@ -55,7 +63,8 @@ def _load() -> tuple[ModuleType | None, str | None]:
                           f"reinstall largeep (`pip install --no-build-isolation .`)")
         note = build_note()
         if note.get("built") is False:
-            return None, f"the native module largeep._C was not built: {note.get('reason')}; {_HOW}"
+            shown = " (`python -m largeep` shows the end of the build's output)" if build_log() else ""
+            return None, f"the native module largeep._C was not built: {note.get('reason')}{shown}; {_HOW}"
         return None, f"the native module largeep._C is not installed ({exc}); {_HOW}"
     have = getattr(_C, "abi_version", 1)
     if have != ABI_VERSION:

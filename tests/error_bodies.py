@@ -1030,6 +1030,9 @@ def nvshmem_creation_fails_after_alloc(rank: int, world: int, fail_on: int) -> d
         def normal_layout(self, *args: Any) -> dict[str, int]:
             return {"total_bytes": 1 << 20, "off_zc": 0, "zc_slot_bytes": 0}
 
+        def prep_scratch_words(self, num_experts: int) -> int:
+            return 8
+
         def alloc(self, nbytes: int, timeout_s: float) -> int:
             return 1 << 32
 
@@ -1215,7 +1218,7 @@ def torch_missing_peer(rank: int, world: int, timeout_s: float, op: str = "dispa
 
 # -- one rank's ids refused, the others' good ------------------------------------------------------------------------
 REFUSAL_VARIANTS = ("bf16", "fp8", "nodes", "empty_peer", "twice", "worst_peer", "worst_all", "layout", "layout_fp8",
-                    "layout_tokens", "late", "late_nodes", "late_worst")
+                    "layout_tokens", "late", "late_nodes", "late_worst", "late_first")
 LATE_TOKENS = 3000  # the "late" variants' max_tokens_per_rank: calls of 2100+ tokens, the bad id near their end
 
 
@@ -1253,7 +1256,9 @@ def one_rank_refuses(rank: int, world: int, backend: str, variant: str) -> dict[
         prev = buf.dispatch(xs, idx, w)
         prev_x = [t.clone() for t in (prev.x if use_fp8 else (prev.x,))]
         bad_id = EXPERTS + 3 if variant != "twice" else -4
-        at = (idx.shape[0] - 7, TOPK - 1) if late else (0, 0)
+        # (late_first: in the first chunk, so the verdict passes through the scratch that gathers the chunks', and
+        # the good round after it shows that scratch was left clear)
+        at = (idx.shape[0] - 7, TOPK - 1) if late and variant != "late_first" else (0, 0)
         bad = with_id(idx, bad_id, at) if rank == 0 else idx.clone()
         if variant == "layout_tokens" and rank == 0:  # good ids, one token too many
             bad = idx.repeat(MAX_TOKENS // idx.shape[0] + 1, 1)[:MAX_TOKENS + 1].contiguous()

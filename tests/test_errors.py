@@ -521,7 +521,7 @@ def test_nvshmem_init_timeout_on_gpus() -> None:
                     reason="LARGEEP_TEST_SHARED_GPUS=1 runs 2 ranks on one GPU (NVSHMEM's several PEs per GPU)")
 @pytest.mark.parametrize("world,variant", [(2, v) for v in error_bodies.REFUSAL_VARIANTS]
                          + [(4, v) for v in ("bf16", "half_nodes", "nodes", "worst_peer", "worst_all", "late",
-                                             "late_nodes")])
+                                             "late_nodes", "late_first")])
 def test_one_rank_refuses_one_gpu(pools, world: int, variant: str) -> None:
     """The nvshmem backend's refusal with every rank on one GPU (a gloo group; for machines of one GPU); on 4
     ranks also 2 nodes of 2 (the forwarders' path) and 4 nodes of 1."""
@@ -774,6 +774,24 @@ def test_nvshmem_low_latency_broken_state_messages() -> None:
         assert not isinstance(info.value, largeep.PeerTimeoutError) and "LARGEEP_TIMEOUT_S" not in msg, msg
         assert msg.startswith("low_latency_combine: an earlier low_latency_dispatch on rank 0"), msg
         assert all(w in msg for w in words), msg
+
+
+def test_nvshmem_prepare_out_of_step_message() -> None:
+    """The prepare kernel's report that its blocks did not meet (two dispatches of one Buffer at once, or a wait
+    past the timeout) raises RuntimeError saying so, not PeerTimeoutError naming this rank as a peer."""
+    import types
+
+    from largeep.backends import nvshmem_backend as nb
+
+    b = _bare_nvshmem(rank=1, num_ranks=4)
+    b.settings = types.SimpleNamespace(timeout_s=7.0)
+    b.status = [0, (nb._OP_PREPARE << 16) + 2]  # rank field: this rank
+    with pytest.raises(RuntimeError) as info:
+        b._raise_if_failed("dispatch")
+    msg = str(info.value)
+    assert not isinstance(info.value, largeep.PeerTimeoutError), msg
+    assert msg.startswith("dispatch: an earlier dispatch's prepare kernel on rank 1"), msg
+    assert "ran at once" in msg and "unusable" in msg, msg
 
 
 def test_nvshmem_low_latency_receive_raised_marks_the_buffer() -> None:

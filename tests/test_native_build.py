@@ -187,9 +187,10 @@ def test_editable_install_without_native(tmp_path: Path, env: dict[str, str], re
     pkg = tree / "python" / "largeep"
     (pkg / STALE).write_bytes(b"")
     prefix = tmp_path / "prefix"
-    run = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-build-isolation", "--no-deps",
-                          "--prefix", str(prefix), "-e", str(tree)], env=_env(**env), capture_output=True, text=True,
-                         timeout=300)
+    # (--ignore-installed: pip would otherwise uninstall this environment's largeep before installing into prefix)
+    cmd = [sys.executable, "-m", "pip", "install", "-q", "--no-build-isolation", "--no-deps", "--ignore-installed",
+           "--prefix", str(prefix), "-e", str(tree)]
+    run = subprocess.run(cmd, env=_env(**env), capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout + run.stderr
     assert not list(pkg.glob("_C*.so"))
     assert json.loads((pkg / "_native_build.json").read_text())["reason"] == reason

@@ -49,6 +49,8 @@ enum Op {
                                 // after the dispatch before it (rank field: the destination; not a timeout)
     kOpLowLatencyRound = 13,  // a low-latency dispatch receive found, under a source's rows word of this round, a
                               // count word of another round (rank field: that source; not a timeout)
+    kOpPrepare = 14,  // the blocks of one dispatch's prepare kernel did not meet: two dispatches of the Buffer ran at
+                      // once, or a block waited past the timeout for another (rank field: this rank)
 };
 
 // ---- flags: int64 words in the symmetric heap, [kind][rank] --------------------------------------------------
@@ -115,19 +117,22 @@ constexpr int kNormalMaxNodes = 64;
 constexpr int kNormalMaxLocal = 32;
 
 // Device scratch of the normal dispatch's prepare kernel when it runs several blocks per target (intranode.cu):
-// zero when the Buffer is made, and left so by every call (but gen, the last launch's number, which only grows).
+// zero when the Buffer is made; every call leaves ticket and bad zero (gen, the last launch's number, only grows;
+// agg, rows and hist keep the last launch's values, which a later launch's numbers tell apart).
 constexpr int kPrepMaxTargets = 128;  // ranks, plus nodes in groups of several nodes
 constexpr int kPrepMaxChunks = 32;    // blocks per target
 struct PrepScratch {
     int64_t* gen;     // [1]
     int64_t* bad;     // [2]: the id check's lowest id below -1 and highest id >= E over the chunks
     int* ticket;      // [kPrepMaxTargets]: chunks taken
-    int64_t* agg;     // [kPrepMaxTargets][kPrepMaxChunks]: (launch number << 32) | the chunk's rows
+    int64_t* agg;     // [kPrepMaxTargets][kPrepMaxChunks]: the launch whose chunk total is in rows (released)
+    int* rows;        // [kPrepMaxTargets][kPrepMaxChunks]: the chunk's rows
     int* hist;        // [N][kPrepMaxChunks][E/N]: each chunk's rows per expert
 };
 // The int64 words a PrepScratch needs (prep_scratch lays them out in this order).
 inline int64_t prep_scratch_words(int num_experts) {
     return 1 + 2 + kPrepMaxTargets / 2 + static_cast<int64_t>(kPrepMaxTargets) * kPrepMaxChunks +
+           static_cast<int64_t>(kPrepMaxTargets) * kPrepMaxChunks / 2 +
            (static_cast<int64_t>(num_experts) * kPrepMaxChunks + 1) / 2;
 }
 inline PrepScratch prep_scratch(int64_t* words, int num_experts) {
@@ -138,7 +143,8 @@ inline PrepScratch prep_scratch(int64_t* words, int num_experts) {
     p.bad = words + 1;
     p.ticket = reinterpret_cast<int*>(words + 3);
     p.agg = words + 3 + kPrepMaxTargets / 2;
-    p.hist = reinterpret_cast<int*>(p.agg + static_cast<int64_t>(kPrepMaxTargets) * kPrepMaxChunks);
+    p.rows = reinterpret_cast<int*>(p.agg + static_cast<int64_t>(kPrepMaxTargets) * kPrepMaxChunks);
+    p.hist = p.rows + static_cast<int64_t>(kPrepMaxTargets) * kPrepMaxChunks;
     return p;
 }
 

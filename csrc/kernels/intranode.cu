@@ -44,11 +44,12 @@ namespace {
 // `chunks` blocks per target (launch_dispatch_prepare: one, or several for long calls when the SM budget allows).
 // One block per target scans every token, kThreads at a time. With several, each block takes the next chunk of
 // consecutive tokens by ticket (so it only ever waits for chunks whose blocks have started), scans it locally,
-// publishes its total in prep.agg tagged with this launch's number, adds up the totals of the chunks before it, and
-// adds that prefix to its positions; the block of the last chunk sums the chunks' histograms (prep.hist) into the
-// count row, and for target 0 the chunks' bad ids (prep.bad) into the check. The grid's last block resets the
-// tickets and advances the launch number (session 31: 11.5 against 20.3 us at 4096 tokens, top-8, one or two
-// ranks; bench/micro/prepare_bench.cu).
+// publishes its total (prep.rows, then this launch's number in prep.agg), adds up the totals of the chunks before
+// it, and adds that prefix to its positions; the block of the last chunk sums the chunks' histograms (prep.hist)
+// into the count row, and for target 0 the chunks' bad ids (prep.bad) into the check. The grid's last block resets
+// the tickets and advances the launch number (session 31: 11.5 against 20.3 us at 4096 tokens, top-8, one or two
+// ranks; bench/micro/prepare_bench.cu). A ticket past the last chunk (two launches at once) or a wait past the
+// timeout reports kOpPrepare.
 __global__ void __launch_bounds__(kThreads) dispatch_prepare_kernel(NormalCtx c, const int64_t* idx, int T,
                                                                     int* send_pos, int* node_pos, int* self_token,
                                                                     IdCheck check, int chunks) {
@@ -76,8 +77,12 @@ __global__ void __launch_bounds__(kThreads) dispatch_prepare_kernel(NormalCtx c,
     __syncthreads();
     const int chunk = chunk_s;
     const int64_t tag = tag_s;
+    // A ticket past the last chunk: two launches of this kernel overlap (two dispatches of one Buffer at once, e.g.
+    // a CUDA graph replayed beside an eager call). Reported; this block then touches no scratch and no output.
+    const bool stray = chunk >= chunks;
+    if (stray && threadIdx.x == 0) report_error(c.err, kOpPrepare, c.rank);
     const int per = ((T + chunks - 1) / chunks + kWarp - 1) / kWarp * kWarp;  // tokens per chunk
-    const int t_lo = min(T, chunk * per), t_hi = min(T, t_lo + per);
+    const int t_lo = stray ? T : min(T, chunk * per), t_hi = stray ? T : min(T, t_lo + per);
     int* pos_of = node_block ? node_pos : send_pos;  // [T, width] column r
     const int width = node_block ? M : N;
     int base = 0;
@@ -116,7 +121,7 @@ __global__ void __launch_bounds__(kThreads) dispatch_prepare_kernel(NormalCtx c,
         base += total;
     }
     int prefix = 0;
-    if (many) {
+    if (many && !stray) {
         // my chunk's histogram and bad ids, then its total (released: they are visible to whoever reads it)
         if (!node_block)
             for (int i = threadIdx.x; i < epr; i += blockDim.x)
@@ -127,14 +132,16 @@ __global__ void __launch_bounds__(kThreads) dispatch_prepare_kernel(NormalCtx c,
                 if (bad[0] != 0) atomicMin(reinterpret_cast<long long*>(ps.bad), bad[0]);
                 if (bad[1] != 0) atomicMax(reinterpret_cast<long long*>(ps.bad) + 1, bad[1]);
             }
+            const int64_t at = static_cast<int64_t>(target) * kPrepMaxChunks + chunk;
+            ps.rows[at] = base;
             __threadfence();
-            st_release_sys(ps.agg + static_cast<int64_t>(target) * kPrepMaxChunks + chunk, (tag << 32) | base);
+            st_release_sys(ps.agg + at, tag);  // (the launch number alone: it only grows, int64)
         }
         // the totals of the chunks before mine (their blocks took earlier tickets: they have started)
         if (static_cast<int>(threadIdx.x) < chunk) {
-            const int64_t* w = ps.agg + static_cast<int64_t>(target) * kPrepMaxChunks + threadIdx.x;
-            if (wait_flag(w, tag << 32, c.timeout_ns, c.err, kOpDispatch, c.rank))
-                atomicAdd(&prefix_s, static_cast<int>(ld_acquire_sys(w) & 0xffffffff));
+            const int64_t at = static_cast<int64_t>(target) * kPrepMaxChunks + threadIdx.x;
+            if (wait_flag(ps.agg + at, tag, c.timeout_ns, c.err, kOpPrepare, c.rank))
+                atomicAdd(&prefix_s, *reinterpret_cast<volatile int*>(ps.rows + at));
         }
         __syncthreads();
         prefix = prefix_s;
@@ -942,8 +949,8 @@ void launch_dispatch_prepare(const NormalCtx& ctx, const int64_t* topk_idx, int 
     const int nodes = ctx.num_ranks / ctx.ranks_per_node;
     HOST_ASSERT(nodes == 1 || node_pos != nullptr || num_tokens == 0, "node_pos missing");
     const int targets = ctx.num_ranks + (nodes > 1 ? nodes : 0);
-    // Calls of more than kThreads tokens take several blocks per target (kThreads tokens each at least) where the
-    // dispatch's SM budget holds them all and the scratch has room.
+    // Calls of more than kThreads tokens take several blocks per target (at most ceil(T / kThreads) of them) where
+    // the dispatch's SM budget holds them all and the scratch has room.
     int chunks = 1;
     if (ctx.prep.gen != nullptr && targets <= kPrepMaxTargets)
         chunks = std::max(1, std::min({ceil_div(num_tokens, kThreads), num_sms / targets, kPrepMaxChunks}));

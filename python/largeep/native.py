@@ -22,8 +22,9 @@ _HOW = (
 # kernels' start, a fresh dispatch's launches in one call; 8: NormalKernels without the load kind, which every call
 # site chooses; 9: the dispatch copy-out's drain (num_rows -1), weighted_row_sum's src_rows, and one send for fresh
 # and cached dispatches; 10: the low-latency send keeps the ids it sent and the combine reads them, and the error
-# words of a low-latency row counter not cleared and of a count word of another round)
-ABI_VERSION = 10
+# words of a low-latency row counter not cleared and of a count word of another round; 11: NormalKernels takes the
+# prepare kernel's scratch, prep_scratch_words, and the error word kOpPrepare)
+ABI_VERSION = 11
 
 
 @functools.lru_cache(maxsize=1)

@@ -53,6 +53,7 @@ _OP_RANKS_DISAGREE = 10  # kOpRanksDisagree: the ranks sent rows of different ki
 _OP_LL_KINDS = 11  # kOpLowLatencyKinds: a low-latency dispatch got FP8 rows with use_fp8=False, or the reverse
 _OP_LL_COUNTER = 12  # kOpLowLatencyCounter: a low-latency dispatch's row counter was not cleared (not a timeout)
 _OP_LL_ROUND = 13  # kOpLowLatencyRound: a source's count word of another round under its rows word (not a timeout)
+_OP_PREPARE = 14  # kOpPrepare: a dispatch's prepare blocks did not meet (two dispatches at once, or a timeout)
 # the kinds of rows a fresh dispatch sends (api.cuh's kRowKind): dtype, FP8 scales or not
 _ROW_KINDS = {1: (torch.bfloat16, False), 2: (torch.float32, False), 4: (FP8_DTYPE, True)}
 _OP_ABANDONED = 16  # (host only) a call left its round open (_closes_open_round: a dispatch or a combine)
@@ -771,6 +772,13 @@ class NvshmemBackend:
                 "of its round, a per-expert count of another round: that rank's state is broken (its dispatch "
                 "stopped midway, or its memory was overwritten); nothing of it was read, the call's outputs are "
                 "undefined and the Buffer is unusable now (destroy it on every rank)"
+            )
+        if code // 65536 == _OP_PREPARE:
+            raise RuntimeError(
+                f"{op}: an earlier dispatch's prepare kernel on rank {self.ctx.rank} found its blocks out of step: two "
+                "dispatches of this Buffer ran at once (e.g. a CUDA graph replayed beside an eager call, or on two "
+                "streams), or one block waited more than LARGEEP_TIMEOUT_S for another; its positions are undefined "
+                "and the Buffer is unusable now (destroy it on every rank)"
             )
         if code // 65536 == _OP_ABANDONED:
             where = self._abandoned_in

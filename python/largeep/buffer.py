@@ -870,8 +870,7 @@ class Buffer:
             if check_ids and not native_check:
                 checks.id_values(op, idx, c.num_experts)
         except ArgumentError as refusal:
-            if call is not None:  # (the call takes no place among those in flight)
-                self._ll_calls[op] = call
+            self._uncount_call(op, call)
             self._void_low_latency(op, refusal)
             raise
         extra: dict[str, Any] = {"check_ids": True} if native_check else {}
@@ -888,9 +887,8 @@ class Buffer:
             out, event = self._run(run, None, async_finish, keep, finished=not return_recv_hook)
         except (ArgumentError, PeerRefusedError, PeerTimeoutError):
             # refused or given up before anything was sent (the backend's id check, or its wait; a peer's refusal on
-            # the torch backend): the call takes no place among those in flight
-            if call is not None:
-                self._ll_calls[op] = call
+            # the torch backend)
+            self._uncount_call(op, call)
             raise
         handle = LowLatencyHandle(self._id, t, out.state, received=not return_recv_hook, weights=ws,
                                   weights_version=_version_of(ws) if ws is not None else None,
@@ -1000,9 +998,8 @@ class Buffer:
             finish, event = self._run(run, None, async_finish, [ys, topk_idx, topk_weights, target],
                                       finished=not return_recv_hook)
         except (ArgumentError, PeerRefusedError, PeerTimeoutError):
-            # refused before anything was sent (on CPU groups, ranks in other calls): no place among those in flight
-            if call is not None:
-                self._ll_calls[op] = call
+            # refused before anything was sent (on CPU groups, ranks in other calls)
+            self._uncount_call(op, call)
             raise
         hook = self._wrap_hook(finish, op, call) if return_recv_hook else None
         return LowLatencyCombineResult(target, event, hook)
@@ -1023,6 +1020,12 @@ class Buffer:
             )
         self._ll_calls[op] = call + 1
         return call
+
+    def _uncount_call(self, op: str, call: int | None) -> None:
+        """A low-latency call that ``_check_in_flight`` numbered ``call`` was refused before anything was sent: it
+        takes no place among the calls in flight (the next call gets its number)."""
+        if call is not None:
+            self._ll_calls[op] = call
 
     def _wrap_hook(
         self, finish: Callable[[], None] | None, op: str, call: int | None, handle: LowLatencyHandle | None = None

@@ -245,7 +245,7 @@ class NormalKernels {
         c_.pl_x = l.pl_x;
         c_.num_zc_slots = l.num_zc_slots;
         // (int64 [prep_scratch_words(E)], zeroed; 0: the prepare kernel runs one block per target)
-        c_.prep = prep_scratch(ptr<int64_t>(prep_words), num_experts);
+        c_.prep = prep_scratch(ptr<int64_t>(prep_words));
         zc_ = std::make_shared<ZcSlots>(num_zc_slots, device);
     }
     ~NormalKernels() { zc_->close(); }

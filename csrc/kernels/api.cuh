@@ -135,8 +135,7 @@ inline int64_t prep_scratch_words(int num_experts) {
            static_cast<int64_t>(kPrepMaxTargets) * kPrepMaxChunks / 2 +
            (static_cast<int64_t>(num_experts) * kPrepMaxChunks + 1) / 2;
 }
-inline PrepScratch prep_scratch(int64_t* words, int num_experts) {
-    (void)num_experts;
+inline PrepScratch prep_scratch(int64_t* words) {
     PrepScratch p{};
     if (words == nullptr) return p;
     p.gen = words;

@@ -1,0 +1,396 @@
+// Microbenchmark of the normal combine's reduction (reduce_token in csrc/kernels/intranode.cu, the reduce blocks of
+// the fused combine inside one node): out[t] = sum over the ranks r of the node holding a row of token t (send_pos[t,
+// r] >= 0) of that row, in float32, rounded to bf16. Rank 0 is "me": its rows are read from y (row send_pos[t, 0]),
+// every other rank's from its combine slots (comb[r][send_pos[t, r]], rows comb_stride bytes apart), as the library
+// lays them out. No flags (the rows are all there before the launch): this times the reading and summing alone, the
+// part that the SM budget limits. Variants of the same output, each checked against a host reference, timed one
+// launch at a time (device events; L2 flushed before each launch).
+//
+//   nvcc -O3 -std=c++17 -arch=sm_90 -o /tmp/reduce_bench bench/micro/reduce_bench.cu && /tmp/reduce_bench
+//
+// v0: reduce_token's loop as of session 31: one warp per token, kUnroll x kSrc 16-byte volatile loads in flight per
+//     lane, 16 warps a block.
+// v0w: v0 with weak loads (ld.global.L1::no_allocate) instead of volatile ones.
+// v2<ring>: one block per SM, warp 0 fetches rows into a ring of `ring` row slots in shared memory with bulk async
+//     copies (cp.async.bulk, completion on an mbarrier per slot), the other 15 warps sum each token's slots and
+//     store the result; tokens strided over the blocks as in v0.
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <random>
+#include <vector>
+
+#define CK(x)                                                                                    \
+    do {                                                                                         \
+        cudaError_t e_ = (x);                                                                    \
+        if (e_ != cudaSuccess) {                                                                 \
+            std::printf("CUDA error %s at %s:%d\n", cudaGetErrorString(e_), __FILE__, __LINE__); \
+            std::exit(1);                                                                        \
+        }                                                                                        \
+    } while (0)
+
+constexpr int kWarp = 32;
+constexpr int kThreads = 512;
+
+struct Args {
+    const __nv_bfloat16* y;  // [rows, H]: my own rows
+    const uint8_t* comb;     // [P][T] slots of comb_stride bytes: the rows pushed back to me
+    const int* send_pos;     // [T, P]
+    __nv_bfloat16* out;      // [T, H]
+    int T, H, P;
+    int64_t comb_stride;
+};
+
+__device__ __forceinline__ int4 ld_volatile_v4(const int4* p) {
+    int4 v;
+    asm volatile("ld.volatile.global.v4.s32 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+                 : "l"(p));
+    return v;
+}
+__device__ __forceinline__ int4 ld_weak_v4(const int4* p) {
+    int4 v;
+    asm volatile("ld.global.L1::no_allocate.v4.s32 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+                 : "l"(p));
+    return v;
+}
+__device__ __forceinline__ void st_na_v4(int4* p, int4 v) {
+    asm volatile("st.global.L1::no_allocate.v4.s32 [%0], {%1,%2,%3,%4};" ::"l"(p), "r"(v.x), "r"(v.y), "r"(v.z),
+                 "r"(v.w));
+}
+__device__ __forceinline__ void add_bf16x8(float* acc, int4 v) {
+    const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&v);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        const float2 f = __bfloat1622float2(h[i]);
+        acc[2 * i] += f.x;
+        acc[2 * i + 1] += f.y;
+    }
+}
+__device__ __forceinline__ int4 pack_bf16x8(const float* acc) {
+    int4 r;
+    __nv_bfloat162* o = reinterpret_cast<__nv_bfloat162*>(&r);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) o[i] = __floats2bfloat162_rn(acc[2 * i], acc[2 * i + 1]);
+    return r;
+}
+__device__ __forceinline__ const int4* row_of(const Args& a, int r, int pr) {
+    return r == 0 ? reinterpret_cast<const int4*>(a.y + static_cast<int64_t>(pr) * a.H)
+                  : reinterpret_cast<const int4*>(a.comb + (static_cast<int64_t>(r) * a.T + pr) * a.comb_stride);
+}
+
+// ---- v0 / v0w ----
+template <int kSrc, int kUnroll, bool kVolatile>
+__global__ void __launch_bounds__(kThreads) reduce_v0(Args a) {
+    const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp, warps = blockDim.x / kWarp;
+    const int nvec = a.H / 8;
+    for (int t = blockIdx.x * warps + warp; t < a.T; t += gridDim.x * warps) {
+        const int p = lane < a.P ? a.send_pos[static_cast<int64_t>(t) * a.P + lane] : -1;
+        const unsigned present = __ballot_sync(0xffffffffu, p >= 0);
+        const int n_src = __popc(present);
+        const int4* rows[kSrc];
+        unsigned m = present;
+#pragma unroll
+        for (int j = 0; j < kSrc; ++j) {
+            rows[j] = nullptr;
+            if (m == 0) continue;
+            const int l = __ffs(m) - 1;
+            m &= m - 1;
+            rows[j] = row_of(a, l, __shfl_sync(0xffffffffu, p, l));
+        }
+        int4* dst = reinterpret_cast<int4*>(a.out + static_cast<int64_t>(t) * a.H);
+        for (int step = 0; step < nvec; step += kUnroll * kWarp) {
+            const int v0 = step + lane;
+            int4 buf[kUnroll][kSrc];
+#pragma unroll
+            for (int u = 0; u < kUnroll; ++u)
+#pragma unroll
+                for (int j = 0; j < kSrc; ++j)
+                    if (j < n_src && v0 + u * kWarp < nvec)
+                        buf[u][j] = kVolatile ? ld_volatile_v4(rows[j] + v0 + u * kWarp)
+                                              : ld_weak_v4(rows[j] + v0 + u * kWarp);
+#pragma unroll
+            for (int u = 0; u < kUnroll; ++u) {
+                float acc[8];
+#pragma unroll
+                for (int e = 0; e < 8; ++e) acc[e] = 0.f;
+#pragma unroll
+                for (int j = 0; j < kSrc; ++j)
+                    if (j < n_src && v0 + u * kWarp < nvec) add_bf16x8(acc, buf[u][j]);
+                if (v0 + u * kWarp < nvec) st_na_v4(dst + v0 + u * kWarp, pack_bf16x8(acc));
+            }
+        }
+    }
+}
+
+// ---- v2: bulk async copies into a ring of row slots ----
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+    return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+__device__ __forceinline__ void mbar_init(uint64_t* bar, int count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(smem_addr(bar)), "r"(count) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(uint64_t* bar) {
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(smem_addr(bar)) : "memory");
+}
+__device__ __forceinline__ void mbar_arrive_expect_tx(uint64_t* bar, uint32_t bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_addr(bar)), "r"(bytes)
+                 : "memory");
+}
+__device__ __forceinline__ bool mbar_try_wait(uint64_t* bar, uint32_t parity) {
+    uint32_t ok;
+    asm volatile(
+        "{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n selp.u32 %0, 1, 0, p;\n}"
+        : "=r"(ok)
+        : "r"(smem_addr(bar)), "r"(parity)
+        : "memory");
+    return ok != 0;
+}
+__device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
+    while (!mbar_try_wait(bar, parity)) {
+    }
+}
+__device__ __forceinline__ void bulk_load(void* dst_smem, const void* src, uint32_t bytes, uint64_t* bar) {
+    asm volatile(
+        "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(
+            smem_addr(dst_smem)),
+        "l"(src), "r"(bytes), "r"(smem_addr(bar))
+        : "memory");
+}
+
+// Shared memory: full[ring], empty[ring] (mbarriers), meta[ring] (token, rows of that token), then the row slots.
+__global__ void __launch_bounds__(kThreads) reduce_v2(Args a, int ring) {
+    extern __shared__ __align__(128) uint8_t smem[];
+    uint64_t* full = reinterpret_cast<uint64_t*>(smem);
+    uint64_t* empty = full + ring;
+    int2* meta = reinterpret_cast<int2*>(empty + ring);
+    const int head = (ring * 24 + 127) / 128 * 128;
+    uint8_t* slots = smem + head;
+    const uint32_t row_bytes = static_cast<uint32_t>(a.H) * 2;
+    const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
+    const int consumers = blockDim.x / kWarp - 1;
+    if (threadIdx.x == 0) {
+        for (int i = 0; i < ring; ++i) {
+            mbar_init(full + i, 1);
+            mbar_init(empty + i, consumers);
+        }
+        asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    }
+    __syncthreads();
+    const int stride = gridDim.x;
+    if (warp == 0) {
+        uint32_t seq = 0;  // slots taken so far
+        for (int base = blockIdx.x; base < a.T; base += stride * kWarp) {
+            // lane j: the positions of token base + j * stride (one load latency for 32 tokens)
+            const int tj = base + lane * stride;
+            int pos[8];
+#pragma unroll
+            for (int r = 0; r < 8; ++r) pos[r] = (tj < a.T && r < a.P) ? a.send_pos[static_cast<int64_t>(tj) * a.P + r] : -1;
+            for (int j = 0; j < kWarp; ++j) {
+                const int t = base + j * stride;
+                if (t >= a.T) break;
+                int pj[8];
+                int n = 0;
+#pragma unroll
+                for (int r = 0; r < 8; ++r) {
+                    pj[r] = __shfl_sync(0xffffffffu, pos[r], j);
+                    n += pj[r] >= 0;
+                }
+                if (lane == 0) {
+                    if (n == 0) {
+                        const int s = seq % ring;
+                        mbar_wait(empty + s, ((seq / ring) & 1) ^ 1);
+                        meta[s] = make_int2(t, 0);
+                        mbar_arrive(full + s);
+                        ++seq;
+                    }
+#pragma unroll
+                    for (int r = 0; r < 8; ++r) {
+                        if (pj[r] < 0) continue;
+                        const int s = seq % ring;
+                        mbar_wait(empty + s, ((seq / ring) & 1) ^ 1);
+                        meta[s] = make_int2(t, n);
+                        mbar_arrive_expect_tx(full + s, row_bytes);
+                        bulk_load(slots + static_cast<int64_t>(s) * row_bytes, row_of(a, r, pj[r]), row_bytes, full + s);
+                        ++seq;
+                    }
+                }
+            }
+        }
+    } else {
+        const int c = threadIdx.x - kWarp, nc = blockDim.x - kWarp, nvec = a.H / 8;
+        uint32_t seq = 0;
+        for (int t = blockIdx.x; t < a.T; t += stride) {
+            const int s0 = seq % ring;
+            mbar_wait(full + s0, (seq / ring) & 1);
+            const int n = meta[s0].y;
+            for (int k = 1; k < n; ++k) mbar_wait(full + (seq + k) % ring, ((seq + k) / ring) & 1);
+            int4* dst = reinterpret_cast<int4*>(a.out + static_cast<int64_t>(t) * a.H);
+            for (int v = c; v < nvec; v += nc) {
+                float acc[8];
+#pragma unroll
+                for (int e = 0; e < 8; ++e) acc[e] = 0.f;
+                for (int k = 0; k < n; ++k)
+                    add_bf16x8(acc, reinterpret_cast<const int4*>(slots + static_cast<int64_t>((seq + k) % ring) *
+                                                                              row_bytes)[v]);
+                st_na_v4(dst + v, pack_bf16x8(acc));
+            }
+            __syncwarp();
+            if (lane == 0)
+                for (int k = 0; k < (n > 0 ? n : 1); ++k) mbar_arrive(empty + (seq + k) % ring);
+            seq += n > 0 ? n : 1;
+        }
+    }
+}
+
+static uint16_t f2bf(float f) {  // round to nearest even
+    uint32_t u;
+    std::memcpy(&u, &f, 4);
+    u += 0x7fff + ((u >> 16) & 1);
+    return static_cast<uint16_t>(u >> 16);
+}
+static float bf2f(uint16_t b) {
+    uint32_t u = static_cast<uint32_t>(b) << 16;
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+}
+
+int main() {
+    const int T = 4096, H = 7168, K = 8, E = 256;
+    cudaDeviceProp prop;
+    CK(cudaGetDeviceProperties(&prop, 0));
+    std::printf("device %s, %d SMs\n", prop.name, prop.multiProcessorCount);
+    CK(cudaFuncSetAttribute(reduce_v2, cudaFuncAttributeMaxDynamicSharedMemorySize, 227 * 1024));
+    int* flush = nullptr;
+    const size_t flush_bytes = size_t(512) << 20;
+    CK(cudaMalloc(&flush, flush_bytes));
+    cudaEvent_t e0, e1;
+    CK(cudaEventCreate(&e0));
+    CK(cudaEventCreate(&e1));
+    std::mt19937 rng(7);
+    std::printf("%-3s %-6s %-14s %10s %10s %10s %9s %10s %s\n", "P", "blocks", "variant", "us_median", "us_p10",
+                "us_p90", "GB/s", "GB/s/SM", "check");
+    for (int P : {1, 2, 4}) {
+        // routing: top-K distinct experts of E, experts E/P a rank; send_pos[t, r] = t's position among r's tokens
+        std::vector<int> send_pos(static_cast<size_t>(T) * P, -1), cnt(P, 0);
+        for (int t = 0; t < T; ++t) {
+            std::vector<int> ex(E);
+            for (int e = 0; e < E; ++e) ex[e] = e;
+            std::vector<char> hit(P, 0);
+            for (int k = 0; k < K; ++k) {
+                std::swap(ex[k], ex[k + rng() % (E - k)]);
+                hit[ex[k] / (E / P)] = 1;
+            }
+            for (int r = 0; r < P; ++r)
+                if (hit[r]) send_pos[static_cast<size_t>(t) * P + r] = cnt[r]++;
+        }
+        const int64_t comb_stride = static_cast<int64_t>(H) * 4;
+        std::vector<uint16_t> y(static_cast<size_t>(std::max(cnt[0], 1)) * H);
+        std::vector<uint8_t> comb(static_cast<size_t>(P) * T * comb_stride, 0);
+        std::uniform_real_distribution<float> u(-1.f, 1.f);
+        for (auto& v : y) v = f2bf(u(rng));
+        for (int r = 1; r < P; ++r)
+            for (int i = 0; i < cnt[r]; ++i) {
+                uint16_t* row = reinterpret_cast<uint16_t*>(comb.data() + (static_cast<size_t>(r) * T + i) * comb_stride);
+                for (int h = 0; h < H; ++h) row[h] = f2bf(u(rng));
+            }
+        std::vector<uint16_t> ref(static_cast<size_t>(T) * H);
+        int64_t bytes = 0;
+        for (int t = 0; t < T; ++t) {
+            std::vector<float> acc(H, 0.f);
+            for (int r = 0; r < P; ++r) {
+                const int p = send_pos[static_cast<size_t>(t) * P + r];
+                if (p < 0) continue;
+                bytes += 2ll * H;
+                const uint16_t* row = r == 0 ? y.data() + static_cast<size_t>(p) * H
+                                             : reinterpret_cast<const uint16_t*>(
+                                                   comb.data() + (static_cast<size_t>(r) * T + p) * comb_stride);
+                for (int h = 0; h < H; ++h) acc[h] += bf2f(row[h]);
+            }
+            for (int h = 0; h < H; ++h) ref[static_cast<size_t>(t) * H + h] = f2bf(acc[h]);
+            bytes += 2ll * H;
+        }
+        Args a{};
+        __nv_bfloat16 *dy, *dout;
+        uint8_t* dcomb;
+        int* dpos;
+        CK(cudaMalloc(&dy, y.size() * 2));
+        CK(cudaMalloc(&dout, ref.size() * 2));
+        CK(cudaMalloc(&dcomb, comb.size()));
+        CK(cudaMalloc(&dpos, send_pos.size() * 4));
+        CK(cudaMemcpy(dy, y.data(), y.size() * 2, cudaMemcpyHostToDevice));
+        CK(cudaMemcpy(dcomb, comb.data(), comb.size(), cudaMemcpyHostToDevice));
+        CK(cudaMemcpy(dpos, send_pos.data(), send_pos.size() * 4, cudaMemcpyHostToDevice));
+        a.y = dy;
+        a.comb = dcomb;
+        a.send_pos = dpos;
+        a.out = dout;
+        a.T = T;
+        a.H = H;
+        a.P = P;
+        a.comb_stride = comb_stride;
+        struct V {
+            const char* name;
+            int ring;  // 0: v0 family
+            bool vol;
+        };
+        const int max_ring = (227 * 1024 - 1024) / (H * 2);
+        std::vector<V> vs = {{"v0", 0, true}, {"v0w", 0, false}, {"v2 ring 4", 4, false}, {"v2 ring 8", 8, false}};
+        vs.push_back({"v2 ring max", max_ring, false});
+        for (int blocks : {5, 10, 15}) {
+            for (const V& v : vs) {
+                auto launch = [&]() {
+                    if (v.ring == 0) {
+                        if (P <= 2) {
+                            if (v.vol) reduce_v0<2, 8, true><<<blocks, kThreads>>>(a);
+                            else reduce_v0<2, 8, false><<<blocks, kThreads>>>(a);
+                        } else {
+                            if (v.vol) reduce_v0<4, 4, true><<<blocks, kThreads>>>(a);
+                            else reduce_v0<4, 4, false><<<blocks, kThreads>>>(a);
+                        }
+                    } else {
+                        const int head = (v.ring * 24 + 127) / 128 * 128;
+                        reduce_v2<<<blocks, kThreads, head + static_cast<size_t>(v.ring) * H * 2>>>(a, v.ring);
+                    }
+                    CK(cudaGetLastError());
+                };
+                CK(cudaMemset(dout, 0xff, ref.size() * 2));
+                launch();
+                CK(cudaDeviceSynchronize());
+                std::vector<uint16_t> got(ref.size());
+                CK(cudaMemcpy(got.data(), dout, got.size() * 2, cudaMemcpyDeviceToHost));
+                size_t bad = 0;
+                for (size_t i = 0; i < got.size(); ++i) bad += got[i] != ref[i];
+                std::vector<float> ts;
+                for (int it = 0; it < 30; ++it) {
+                    CK(cudaMemsetAsync(flush, it, flush_bytes));
+                    CK(cudaEventRecord(e0));
+                    launch();
+                    CK(cudaEventRecord(e1));
+                    CK(cudaEventSynchronize(e1));
+                    float ms;
+                    CK(cudaEventElapsedTime(&ms, e0, e1));
+                    ts.push_back(ms * 1000.f);
+                }
+                std::sort(ts.begin(), ts.end());
+                const float med = ts[ts.size() / 2];
+                std::printf("%-3d %-6d %-14s %10.1f %10.1f %10.1f %9.0f %10.1f %s\n", P, blocks, v.name, med,
+                            ts[ts.size() / 10], ts[ts.size() * 9 / 10], bytes / med / 1e3, bytes / med / 1e3 / blocks,
+                            bad ? "MISMATCH" : "ok");
+                if (bad) std::printf("  %zu of %zu outputs differ from the host reference\n", bad, got.size());
+            }
+        }
+        CK(cudaFree(dy));
+        CK(cudaFree(dout));
+        CK(cudaFree(dcomb));
+        CK(cudaFree(dpos));
+    }
+    return 0;
+}

@@ -13,10 +13,13 @@
 #            and at F 256 (the balanced preset)
 #   longrun: build; 10,000 checked rounds of random sizes on 4 GPUs (issue 9)
 #   nodes:   build; normal-mode kernel and per-leg times with nodes emulated on one host (2 x 2 and 4 x 1)
+#   split:   build; the fused combine's push share (LARGEEP_TUNE comb, eighths of its blocks; default 3) at 8/16/24
+#            SMs, BF16: 3, 4, 5, 2 on 4 GPUs, then 3, 4 on 2 (the model fitted on 2 GPUs at comb 3 predicts 4 GPUs
+#            at comb 4 about 13% faster, 531 against 612 us at 24 SMs; session 5 measured comb 4 slower on 2 GPUs)
 # Every command runs under what is left of a 560 s budget (LARGEEP_PART_S), so that OUTDIR.tar.gz is written before
 # a 600 s device limit; the exit status is the worst of the commands'. DRY=1 prints the commands (on stderr).
 set -uo pipefail
-PART=${1:?usage: scripts/four_gpu.sh perf|calls|tests1|tests2|layer|longrun|nodes OUTDIR}
+PART=${1:?usage: scripts/four_gpu.sh perf|calls|tests1|tests2|layer|longrun|nodes|split OUTDIR}
 OUT=${2:?usage: scripts/four_gpu.sh PART OUTDIR}
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
 export LARGEEP_TIMEOUT_S=${LARGEEP_TIMEOUT_S:-20} LARGEEP_TEST_POOL_TIMEOUT_S=${LARGEEP_TEST_POOL_TIMEOUT_S:-120}
@@ -72,6 +75,15 @@ case $PART in
     tail -3 "$OUT/long_run_10000_ep4.log"
     ;;
   nodes) check internode ;;
+  split)
+    check
+    for nc in 4:3 4:4 4:5 4:2 2:3 2:4; do
+      n=${nc%:*} c=${nc#*:}
+      run 75 env CUDA_VISIBLE_DEVICES="$(seq -s, 0 $((n - 1)))" LARGEEP_TUNE="comb=$c" python3 bench/kernel_times.py \
+        --nprocs "$n" --num-sms 8,16,24 --dtypes bf16 --out "$OUT/split_comb$c" > "$OUT/split_comb${c}_ep$n.log" 2>&1
+      grep -hE " combine " "$OUT/split_comb${c}_ep$n.log" | sed "s/^/ep$n comb=$c: /"
+    done
+    ;;
   *) echo "unknown part $PART"; exit 2 ;;
 esac
 [ "${DRY:-0}" = 1 ] || tar czf "$OUT.tar.gz" -C "$(dirname "$OUT")" "$(basename "$OUT")"

@@ -7,6 +7,7 @@
 // launch at a time (device events; L2 flushed before each launch).
 //
 //   nvcc -O3 -std=c++17 -arch=sm_90 -o /tmp/reduce_bench bench/micro/reduce_bench.cu && /tmp/reduce_bench
+//   (COPY_ONLY=1 /tmp/reduce_bench: plain row copies instead, the per-SM ceiling; see copy_bench)
 //
 // v0: reduce_token's loop as of session 31: one warp per token, kUnroll x kSrc 16-byte volatile loads in flight per
 //     lane, 16 warps a block.
@@ -300,6 +301,158 @@ __global__ void __launch_bounds__(kThreads) reduce_v2(Args a, int ring, int piec
     }
 }
 
+// ---- copies: the per-SM ceiling of reading and writing rows (no sum) ----
+// c<kThr, kIn>: block b copies rows b, b + grid, ... (H bf16 each) from src to dst, kIn 16-byte loads in flight per
+// lane, a warp per row.
+template <int kThr, int kIn>
+__global__ void __launch_bounds__(kThr) copy_regs(const int4* src, int4* dst, int rows, int nvec) {
+    const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp, warps = kThr / kWarp;
+    for (int r = blockIdx.x * warps + warp; r < rows; r += gridDim.x * warps) {
+        const int4* s = src + static_cast<int64_t>(r) * nvec;
+        int4* d = dst + static_cast<int64_t>(r) * nvec;
+        for (int v0 = lane; v0 < nvec; v0 += kIn * kWarp) {
+            int4 buf[kIn];
+#pragma unroll
+            for (int u = 0; u < kIn; ++u)
+                if (v0 + u * kWarp < nvec) buf[u] = ld_weak_v4(s + v0 + u * kWarp);
+#pragma unroll
+            for (int u = 0; u < kIn; ++u)
+                if (v0 + u * kWarp < nvec) st_na_v4(d + v0 + u * kWarp, buf[u]);
+        }
+    }
+}
+
+// t: one thread per block moves rows through a ring of `ring` row slots in shared memory: a bulk load into the slot
+// (mbarrier completion), then a bulk store from it (bulk group); a slot is reloaded once its store has read it.
+__global__ void copy_tma(const uint8_t* src, uint8_t* dst, int rows, int row_bytes, int ring) {
+    extern __shared__ __align__(128) uint8_t smem[];
+    uint64_t* full = reinterpret_cast<uint64_t*>(smem);
+    uint8_t* slots = smem + 128 * ((ring * 8 + 127) / 128);
+    if (threadIdx.x != 0) return;
+    for (int i = 0; i < ring; ++i) mbar_init(full + i, 1);
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    int n = 0;  // rows of this block so far
+    for (int r = blockIdx.x; r < rows; r += gridDim.x, ++n) {
+        const int s = n % ring;
+        if (n >= ring) {
+            // the store that read slot s (ring rows ago) has finished reading it: at most ring - 1 newer pending
+            asm volatile("cp.async.bulk.wait_group.read %0;" ::"n"(0) : "memory");
+        }
+        mbar_arrive_expect_tx(full + s, row_bytes);
+        bulk_load(slots + static_cast<int64_t>(s) * row_bytes, src + static_cast<int64_t>(r) * row_bytes, row_bytes,
+                  full + s);
+        // store the row loaded (ring - 1) rows ago... simpler: wait for this one, then store it
+        mbar_wait(full + s, (n / ring) & 1);
+        asm volatile("cp.async.bulk.global.shared::cta.bulk_group [%0], [%1], %2;" ::"l"(
+                         dst + static_cast<int64_t>(r) * row_bytes),
+                     "r"(smem_addr(slots + static_cast<int64_t>(s) * row_bytes)), "r"(row_bytes)
+                     : "memory");
+        asm volatile("cp.async.bulk.commit_group;" ::: "memory");
+    }
+    asm volatile("cp.async.bulk.wait_group 0;" ::: "memory");
+}
+
+// t2: as t, but the loads run `ring - 1` rows ahead of the stores (a pipeline rather than load, wait, store).
+__global__ void copy_tma2(const uint8_t* src, uint8_t* dst, int rows, int row_bytes, int ring) {
+    extern __shared__ __align__(128) uint8_t smem[];
+    uint64_t* full = reinterpret_cast<uint64_t*>(smem);
+    uint8_t* slots = smem + 128 * ((ring * 8 + 127) / 128);
+    if (threadIdx.x != 0) return;
+    for (int i = 0; i < ring; ++i) mbar_init(full + i, 1);
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    const int mine = rows > static_cast<int>(blockIdx.x) ? (rows - 1 - blockIdx.x) / gridDim.x + 1 : 0;
+    const int ahead = ring - 1;
+    auto load = [&](int n) {
+        const int s = n % ring, r = blockIdx.x + n * gridDim.x;
+        mbar_arrive_expect_tx(full + s, row_bytes);
+        bulk_load(slots + static_cast<int64_t>(s) * row_bytes, src + static_cast<int64_t>(r) * row_bytes, row_bytes,
+                  full + s);
+    };
+    for (int n = 0; n < min(ahead, mine); ++n) load(n);
+    for (int n = 0; n < mine; ++n) {
+        const int s = n % ring, r = blockIdx.x + n * gridDim.x;
+        mbar_wait(full + s, (n / ring) & 1);
+        asm volatile("cp.async.bulk.global.shared::cta.bulk_group [%0], [%1], %2;" ::"l"(
+                         dst + static_cast<int64_t>(r) * row_bytes),
+                     "r"(smem_addr(slots + static_cast<int64_t>(s) * row_bytes)), "r"(row_bytes)
+                     : "memory");
+        asm volatile("cp.async.bulk.commit_group;" ::: "memory");
+        if (n + ahead < mine) {
+            // slot (n + ahead) % ring last held row n - 1, whose store is the newest but one: let it finish reading
+            asm volatile("cp.async.bulk.wait_group.read %0;" ::"n"(1) : "memory");
+            load(n + ahead);
+        }
+    }
+    asm volatile("cp.async.bulk.wait_group 0;" ::: "memory");
+}
+
+static void copy_bench(cudaEvent_t e0, cudaEvent_t e1, int* flush, size_t flush_bytes) {
+    const int rows = 8192, H = 7168, row_bytes = H * 2, nvec = row_bytes / 16;
+    uint8_t *src, *dst;
+    CK(cudaMalloc(&src, static_cast<size_t>(rows) * row_bytes));
+    CK(cudaMalloc(&dst, static_cast<size_t>(rows) * row_bytes));
+    std::vector<uint8_t> h(static_cast<size_t>(rows) * row_bytes);
+    for (size_t i = 0; i < h.size(); ++i) h[i] = static_cast<uint8_t>(i * 2654435761u >> 13);
+    CK(cudaMemcpy(src, h.data(), h.size(), cudaMemcpyHostToDevice));
+    for (auto f : {copy_tma, copy_tma2})
+        CK(cudaFuncSetAttribute(f, cudaFuncAttributeMaxDynamicSharedMemorySize, 227 * 1024));
+    const int max_ring = (227 * 1024 - 1024) / row_bytes;
+    std::printf("\ncopy of %d rows of %d bytes (read + write counted)\n", rows, row_bytes);
+    std::printf("%-6s %-22s %10s %10s %10s %9s %10s %s\n", "blocks", "variant", "us_median", "us_p10", "us_p90",
+                "GB/s", "GB/s/SM", "check");
+    struct C {
+        const char* name;
+        int kind;  // 0..3 registers, 4 tma, 5 tma2
+        int ring;
+    };
+    const std::vector<C> cs = {{"regs 512 thr x 8", 0, 0},   {"regs 512 thr x 16", 1, 0},
+                               {"regs 1024 thr x 8", 2, 0},  {"regs 256 thr x 16", 3, 0},
+                               {"tma ring max", 4, max_ring}, {"tma2 ring 4", 5, 4},
+                               {"tma2 ring 8", 5, 8},        {"tma2 ring max", 5, max_ring}};
+    for (int blocks : {1, 5, 15, 132}) {
+        for (const C& c : cs) {
+            auto launch = [&]() {
+                const size_t sm = 128 * ((c.ring * 8 + 127) / 128) + static_cast<size_t>(c.ring) * row_bytes;
+                const int4* s4 = reinterpret_cast<const int4*>(src);
+                int4* d4 = reinterpret_cast<int4*>(dst);
+                switch (c.kind) {
+                    case 0: copy_regs<512, 8><<<blocks, 512>>>(s4, d4, rows, nvec); break;
+                    case 1: copy_regs<512, 16><<<blocks, 512>>>(s4, d4, rows, nvec); break;
+                    case 2: copy_regs<1024, 8><<<blocks, 1024>>>(s4, d4, rows, nvec); break;
+                    case 3: copy_regs<256, 16><<<blocks, 256>>>(s4, d4, rows, nvec); break;
+                    case 4: copy_tma<<<blocks, 32, sm>>>(src, dst, rows, row_bytes, c.ring); break;
+                    default: copy_tma2<<<blocks, 32, sm>>>(src, dst, rows, row_bytes, c.ring); break;
+                }
+                CK(cudaGetLastError());
+            };
+            CK(cudaMemset(dst, 0, h.size()));
+            launch();
+            CK(cudaDeviceSynchronize());
+            std::vector<uint8_t> got(h.size());
+            CK(cudaMemcpy(got.data(), dst, got.size(), cudaMemcpyDeviceToHost));
+            const bool ok = got == h;
+            std::vector<float> ts;
+            for (int it = 0; it < (blocks == 1 ? 5 : 20); ++it) {
+                CK(cudaMemsetAsync(flush, it, flush_bytes));
+                CK(cudaEventRecord(e0));
+                launch();
+                CK(cudaEventRecord(e1));
+                CK(cudaEventSynchronize(e1));
+                float ms;
+                CK(cudaEventElapsedTime(&ms, e0, e1));
+                ts.push_back(ms * 1000.f);
+            }
+            std::sort(ts.begin(), ts.end());
+            const float med = ts[ts.size() / 2];
+            const double bytes = 2.0 * rows * row_bytes;
+            std::printf("%-6d %-22s %10.1f %10.1f %10.1f %9.0f %10.1f %s\n", blocks, c.name, med, ts[ts.size() / 10],
+                        ts[ts.size() * 9 / 10], bytes / med / 1e3, bytes / med / 1e3 / blocks, ok ? "ok" : "MISMATCH");
+        }
+    }
+    CK(cudaFree(src));
+    CK(cudaFree(dst));
+}
+
 static uint16_t f2bf(float f) {  // round to nearest even
     uint32_t u;
     std::memcpy(&u, &f, 4);
@@ -325,6 +478,10 @@ int main() {
     cudaEvent_t e0, e1;
     CK(cudaEventCreate(&e0));
     CK(cudaEventCreate(&e1));
+    if (std::getenv("COPY_ONLY") != nullptr) {
+        copy_bench(e0, e1, flush, flush_bytes);
+        return 0;
+    }
     std::mt19937 rng(7);
     std::printf("%-3s %-6s %-14s %10s %10s %10s %9s %10s %s\n", "P", "blocks", "variant", "us_median", "us_p10",
                 "us_p90", "GB/s", "GB/s/SM", "check");

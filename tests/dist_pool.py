@@ -138,12 +138,15 @@ class DistPool:
             raise AssertionError(f"{fn.__name__} failed:\n" + "\n".join(errors))
         return out
 
-    def close(self, force: bool = False) -> None:
+    def close(self, force: bool = False, grace_s: float = 30.0) -> None:
+        """Stops the workers: each leaves its loop and destroys its process group, within ``grace_s`` seconds in
+        all (then killed; at once with ``force``)."""
         if not force:
             for q in self.tasks:
                 q.put(None)
+            deadline = time.monotonic() + grace_s
             for p in self.procs:
-                p.join(timeout=30)
+                p.join(timeout=max(0.0, deadline - time.monotonic()))
         for p in self.procs:
             if p.is_alive():
                 p.kill()
@@ -176,6 +179,8 @@ class PoolCache:
         return self.pools[key]
 
     def close_all(self) -> None:
+        # (the session's end: a gloo group that still holds a collective abandoned by a refusal test can take its
+        # whole timeout to destroy, which a worker killed after a few seconds does not wait for)
         for p in self.pools.values():
-            p.close(force=p.broken)
+            p.close(force=p.broken, grace_s=2.0)
         self.pools.clear()

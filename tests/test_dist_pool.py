@@ -45,7 +45,7 @@ class FakePool:
         self.world, self.backend = world, backend
         self.broken = self.hung = self.closed = False
 
-    def close(self, force: bool = False) -> None:
+    def close(self, force: bool = False, grace_s: float = 30.0) -> None:
         self.closed = True
 
 

@@ -359,6 +359,15 @@ def test_zero_tokens_and_single_expert():
         (dict(bias_update_rate=-1.0), "bias_update_rate"),
         (dict(aux_loss_coef=-0.1), "aux_loss_coef"),
         (dict(hidden=0), "hidden"),
+        (dict(bias_update_rate=math.inf), "bias_update_rate"),
+        (dict(aux_loss_coef=math.nan), "aux_loss_coef"),
+        (dict(routed_scaling_factor=math.nan), "routed_scaling_factor"),
+        (dict(routed_scaling_factor=-1.0), "routed_scaling_factor"),
+        (dict(routed_scaling_factor=0.0), "routed_scaling_factor"),
+        (dict(hidden=8.5), "hidden"),
+        (dict(topk=True), "topk"),
+        (dict(num_groups=2.0), "num_groups"),
+        (dict(num_groups=4, topk_groups=1.0), "topk_groups"),
     ],
 )
 def test_invalid_arguments_name_the_argument(kwargs, arg):
@@ -380,6 +389,51 @@ def test_invalid_inputs_name_the_argument():
         TopKGate(GateConfig(hidden=8, num_experts=8, topk=2), group_of_expert=torch.zeros(7, dtype=torch.int64))
     with pytest.raises(ValueError, match="'capacity'"):
         apply_capacity(torch.zeros(2, 1, dtype=torch.int64), torch.zeros(2, 1), 2, -1)
+    with pytest.raises(ValueError, match="'bias'"):
+        select_topk(torch.randn(4, 8), 2, bias=torch.zeros(1))
+    with pytest.raises(ValueError, match="'topk_idx'"):
+        LoadMonitor(8, experts_per_gpu=2).update(torch.zeros(4, 2, dtype=torch.int32))
+
+
+def test_update_bias_refusals_leave_the_gate_as_it_was():
+    """update_bias refuses a rate that is not a finite number >= 0 before anything (no collective joined, counts
+    kept), and a given load holding a NaN or an infinity (its mean would move no expert)."""
+    gate = TopKGate(GateConfig(hidden=8, num_experts=4, topk=2))
+    gate.train()
+    gate(torch.randn(16, 8))
+    counts = gate.expert_load.clone()
+    for rate in (math.inf, math.nan, -1.0):
+        with pytest.raises(ArgumentError, match="'rate'"):
+            gate.update_bias(rate=rate, group=object())  # (refused before the group is used)
+    for bad in (math.nan, math.inf):
+        with pytest.raises(ArgumentError, match="'load'"):
+            gate.update_bias(load=torch.tensor([1.0, bad, 2.0, 3.0]))
+    assert torch.equal(gate.expert_load, counts) and not gate.expert_bias.any()
+
+
+def test_a_gate_keeps_its_fixed_fields_across_a_new_config():
+    """A gate's config may be replaced by one that differs in the fields that may change; one that changes the
+    sizes or the grouping the gate was built for is refused, the gate's config as it was."""
+    cfg = GateConfig(hidden=8, num_experts=8, topk=2, num_groups=4, topk_groups=1)
+    gate = TopKGate(cfg)
+    gate.config = dataclasses.replace(cfg, capacity_factor=2.0, routed_scaling_factor=2.5)
+    assert gate.config.capacity_factor == 2.0
+    for change in (dict(topk_groups=None), dict(topk=4), dict(num_groups=2, topk_groups=1)):
+        with pytest.raises(ArgumentError, match="'config' cannot change"):
+            gate.config = dataclasses.replace(cfg, **change)
+        assert gate.config.topk == 2 and gate.config.topk_groups == 1
+    with pytest.raises(ArgumentError, match="'config'"):
+        gate.config = dict(hidden=8)  # type: ignore[assignment]
+
+
+def test_gate_buffers_are_float32_under_another_default_dtype():
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        gate = TopKGate(GateConfig(hidden=8, num_experts=4, topk=2))
+    finally:
+        torch.set_default_dtype(before)
+    assert gate.expert_bias.dtype == torch.float32 and gate.expert_load.dtype == torch.float32
 
 
 def test_load_monitor_against_reference():

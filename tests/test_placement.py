@@ -637,6 +637,10 @@ def test_invalid_arguments_name_the_argument():
         simulate_links(trace, greedy_placement(trace.expert_load(), topo), hidden=0)
     with pytest.raises(ValueError, match="'num_physical'"):
         replica_counts(torch.ones(3), 2)
+    plan = greedy_placement(torch.ones(3), topo)
+    for ids in (torch.zeros(4, 2, dtype=torch.int32), torch.zeros(4, dtype=torch.int64)):
+        with pytest.raises(ValueError, match="'topk_idx'"):
+            plan.table_route(ids, 0)
     # a one-GPU plan holds everything and sends nothing
     one = Topology(1, 1, slots_per_gpu=3)
     trace = synthetic_trace(10, 3, 1, one)

@@ -40,6 +40,11 @@ def _check(cond: bool, arg: str, msg: str) -> None:
         raise ArgumentError(f"argument '{arg}' {msg}")
 
 
+def _finite(x: object) -> bool:
+    """A real number (not a bool) that is neither infinite nor NaN."""
+    return isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x)
+
+
 # GateConfig fields a gate depends on from its construction (its group checks, its weight's shape)
 _FIXED_GATE_FIELDS = frozenset({"hidden", "num_experts", "topk", "num_groups", "topk_groups"})
 
@@ -66,8 +71,9 @@ class GateConfig:
             choices, earlier tokens first; the others become -1 with weight 0.
 
     The sizes and the grouping (hidden, num_experts, topk, num_groups, topk_groups) are fixed once the config
-    exists (a gate checks its groups against them when it is made: make a new gate to change them); the other
-    fields may change between calls and are checked again when set.
+    exists (a gate checks its groups against them when it is made: make a new gate to change them; a gate's
+    ``config`` may be replaced by one that keeps them); the other fields may change between calls and are checked
+    again when set. Sizes are ints; rates, coefficients and ``routed_scaling_factor`` (> 0) finite numbers.
     """
 
     hidden: int
@@ -97,6 +103,13 @@ class GateConfig:
 
     def _validate(self) -> None:
         """Checks the fields (run again whenever one is set)."""
+        for name in ("hidden", "num_experts", "topk", "num_groups"):
+            value = getattr(self, name)
+            _check(isinstance(value, numbers.Integral) and not isinstance(value, bool), name,
+                   f"must be an int, got {value!r}")
+        _check(self.topk_groups is None or (isinstance(self.topk_groups, numbers.Integral)
+                                            and not isinstance(self.topk_groups, bool)),
+               "topk_groups", f"must be None or an int, got {self.topk_groups!r}")
         _check(self.hidden >= 1, "hidden", f"must be >= 1, got {self.hidden}")
         _check(self.num_experts >= 1, "num_experts", f"must be >= 1, got {self.num_experts}")
         _check(1 <= self.topk <= self.num_experts, "topk", f"must be in [1, num_experts], got {self.topk}")
@@ -105,8 +118,12 @@ class GateConfig:
         )
         _check(self.group_score in ("top2", "max"), "group_score", f"must be top2|max, got {self.group_score!r}")
         _check(self.num_groups >= 1, "num_groups", f"must be >= 1, got {self.num_groups}")
-        _check(self.bias_update_rate >= 0, "bias_update_rate", f"must be >= 0, got {self.bias_update_rate}")
-        _check(self.aux_loss_coef >= 0, "aux_loss_coef", f"must be >= 0, got {self.aux_loss_coef}")
+        _check(_finite(self.bias_update_rate) and self.bias_update_rate >= 0, "bias_update_rate",
+               f"must be a finite number >= 0, got {self.bias_update_rate!r}")
+        _check(_finite(self.aux_loss_coef) and self.aux_loss_coef >= 0, "aux_loss_coef",
+               f"must be a finite number >= 0, got {self.aux_loss_coef!r}")
+        _check(_finite(self.routed_scaling_factor) and self.routed_scaling_factor > 0, "routed_scaling_factor",
+               f"must be a finite number > 0, got {self.routed_scaling_factor!r}")
 
     def __setattr__(self, name: str, value: object) -> None:
         built = "_capacity_ratio" in self.__dict__  # (set at the end of construction, by capacity_factor's field)
@@ -246,6 +263,8 @@ def select_topk(
     _check(scores.dim() == 2, "scores", f"must be [T, E], got shape {tuple(scores.shape)}")
     num_experts = scores.shape[1]
     _check(1 <= topk <= num_experts, "topk", f"must be in [1, {num_experts}], got {topk}")
+    _check(bias is None or bias.shape == (num_experts,), "bias",
+           f"must have shape [{num_experts}], got {None if bias is None else tuple(bias.shape)}")
     scores = scores.float()
     choice = scores if bias is None else scores + bias.to(scores)
     if group_of_expert is not None and topk_groups is not None:
@@ -368,13 +387,24 @@ class TopKGate(nn.Module):
         # the groups on the host: what reset_parameters writes back (a meta or to_empty gate's buffer holds none)
         self._host_groups = group_of_expert.detach().to("cpu", copy=True)
         self.weight = nn.Parameter(torch.empty(config.num_experts, config.hidden))
-        self.register_buffer("expert_bias", torch.zeros(config.num_experts))
-        self.register_buffer("expert_load", torch.zeros(config.num_experts))
+        self.register_buffer("expert_bias", torch.zeros(config.num_experts, dtype=torch.float32))
+        self.register_buffer("expert_load", torch.zeros(config.num_experts, dtype=torch.float32))
         self.register_buffer("group_of_expert", torch.empty(config.num_experts, dtype=torch.int64))
         # (the member table and sizes: set by reset_parameters, from the groups on the host)
         self.register_buffer("group_table", None, persistent=False)
         self.register_buffer("group_sizes", None, persistent=False)
         self.reset_parameters()
+
+    def __setattr__(self, name: str, value: object) -> None:
+        # a new config keeps the fields the gate was built for (its groups were checked against them, its weight
+        # has their shape); the others may change, as they may on the config itself
+        if name == "config" and "config" in self.__dict__:
+            _check(isinstance(value, GateConfig), "config", f"must be a GateConfig, got {type(value).__name__}")
+            assert isinstance(value, GateConfig)
+            changed = sorted(f for f in _FIXED_GATE_FIELDS if getattr(value, f) != getattr(self.config, f))
+            _check(not changed, "config", f"cannot change {', '.join(changed)} of a built gate (it checked its "
+                   "groups against them and made its weight for them); make a new gate instead")
+        super().__setattr__(name, value)  # type: ignore[arg-type]  # (nn.Module takes any value)
 
     def reset_parameters(self) -> None:
         """Sets a fresh gate's values in place: weight normal with std hidden**-0.5, zero ``expert_bias`` and
@@ -504,21 +534,24 @@ class TopKGate(nn.Module):
                 the group must call this). None: local loads only. (Under DDP pass it ``broadcast_buffers=False``:
                 its buffer broadcast copies rank 0's counts over the others'. A checkpointed forward that is
                 recomputed counts twice.)
-            load: float [E] to use instead of the counts gathered by ``forward`` since the last update.
-            rate: overrides ``config.bias_update_rate``.
+            load: float [E] to use instead of the counts gathered by ``forward`` since the last update; finite
+                (checked: one host read of it).
+            rate: overrides ``config.bias_update_rate`` (a finite number >= 0; checked before the all_reduce).
 
         Returns:
             float32 [E], the (summed) load the step used. Waits on the host only through the all_reduce.
         """
         e = self.config.num_experts
+        step = self.config.bias_update_rate if rate is None else rate
+        _check(_finite(step) and step >= 0, "rate", f"must be a finite number >= 0, got {step!r}")
         used = self.expert_load.clone() if load is None else load.detach().float().to(self.expert_bias.device).clone()
         _check(used.shape == (e,), "load", f"must have shape [{e}], got {tuple(used.shape)}")
+        # (a given load is read once on the host: a NaN would make the mean NaN and move no expert's bias)
+        _check(load is None or bool(torch.isfinite(used).all()), "load", "must hold finite values")
         if group is not None:
             from largeep import _collective
 
             _collective.all_reduce(used, group, "TopKGate.update_bias")
-        step = self.config.bias_update_rate if rate is None else rate
-        _check(step >= 0, "rate", f"must be >= 0, got {step}")
         if self.config.bias_balancing:
             self.expert_bias += step * torch.sign(used.mean() - used)
         self.expert_load.zero_()
@@ -602,6 +635,8 @@ class LoadMonitor:
         the host: give ids in [-1, E)) or ``expert_counts`` float/int [E]."""
         _check((topk_idx is None) != (expert_counts is None), "topk_idx", "or expert_counts: give exactly one")
         if topk_idx is not None:
+            _check(topk_idx.dtype == torch.int64 and topk_idx.dim() == 2, "topk_idx",
+                   f"must be int64 [T, K], got {topk_idx.dtype} of shape {tuple(topk_idx.shape)}")
             load = _counts(topk_idx.to(self.share.device), self.num_experts).float()
         else:
             assert expert_counts is not None

@@ -293,6 +293,8 @@ class Placement:
         # (a numpy integer would turn the tensor arithmetic below into numpy's)
         src_gpu = _one_source(src_gpu, "an int or a 0-dim integer tensor")
         _check(0 <= src_gpu < topo.num_gpus, "src_gpu", f"must be in [0, {topo.num_gpus}), got {src_gpu}")
+        _check(topk_idx.dtype == torch.int64 and topk_idx.dim() == 2, "topk_idx",
+               f"must be int64 [T, K], got {topk_idx.dtype} of shape {tuple(topk_idx.shape)}")
         _, _, on_gpu, node_list, node_cnt = self._tables(topk_idx.device)
         keep, cycles, cycle_start, cycle_len = self._spread(topk_idx.device)
         t, k = topk_idx.shape

@@ -271,6 +271,17 @@ def bad_configs(rank: int, world: int) -> None:
             b.destroy()
 
 
+class _FailingGate(torch.nn.Module):
+    """A gate whose config cannot be read (MoELayer asks it how many experts it chooses among)."""
+
+    @property
+    def config(self) -> Any:
+        raise RuntimeError("the gate's config failed")
+
+    def forward(self, x: torch.Tensor) -> Any:
+        raise AssertionError("not called")
+
+
 def one_sided_refusals(rank: int, world: int) -> None:
     """An argument that only rank 0 gets wrong, refused before the collective check (overlap_sm_carveout,
     num_chunks, ffn_hidden, ll_use_fp8, num_worst_tokens with a Buffer in rounds, ll_bf16_partial_sums, the gate's
@@ -304,6 +315,11 @@ def one_sided_refusals(rank: int, world: int) -> None:
          ("num_logical_experts", "differs")),
         ("plain", {"placement": "round robin"}, ("placement", "callable")),
         ("plain", {"router_score": "tanh"}, ("score_func", "softmax|sigmoid")),
+        ("plain", {"overlap_sm_carveout": "4"}, ("overlap_sm_carveout", "int >= 0")),
+        ("plain", {"gate": 5}, ("gate", "module")),
+        ("plain", {"use_custom_ops": 1}, ("use_custom_ops", "bool")),
+        # an error that is no ArgumentError (here the gate's own) reaches the others all the same
+        ("plain", {"gate": _FailingGate()}, ("the gate's config failed",)),
     ]
     failures: list[str] = []
     try:
@@ -311,7 +327,8 @@ def one_sided_refusals(rank: int, world: int) -> None:
             for name, bad, words in cases:
                 kw: dict[str, Any] = {"ffn_hidden": 16, **(bad if rank == 0 else {})}
                 if rank == 0:
-                    _expect(failures, f"rank 0 {bad}", ArgumentError, words, layers.MoELayer, bufs[name],
+                    error = RuntimeError if isinstance(bad.get("gate"), _FailingGate) else ArgumentError
+                    _expect(failures, f"rank 0 {bad}", error, words, layers.MoELayer, bufs[name],
                             expert_tp_group=groups.tp_group, **kw)
                 else:
                     _expect(failures, f"rank {rank} (rank 0: {bad})", ArgumentError, ("refused", "makes the layer"),
@@ -649,6 +666,29 @@ def tp_top1_empty_rank(rank: int, world: int) -> None:
         y = layer(x)
         (y * y).sum().backward()
         assert x.grad is not None and x.grad.shape == x.shape and bool(torch.isfinite(x.grad).all())
+    finally:
+        buf.destroy()
+
+
+def deepcopy_of_a_tp_layer(rank: int, world: int) -> None:
+    """A deep copy of a model holding a layer with expert TP (an EMA copy, a frozen reference) shares the TP
+    state, as it shares the Buffer (a process group cannot be copied), and computes what the original does; the
+    copy's experts are its own."""
+    import copy
+
+    g = make_expert_tp_groups(2)
+    buf = largeep.Buffer(g.ep_group, hidden=32, num_experts=2 * (world // 2), num_topk=1, max_tokens_per_rank=8,
+                         backend="torch")
+    try:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(layers.MoELayer(buf, ffn_hidden=16, expert_tp_group=g.tp_group))
+        twin = copy.deepcopy(model)
+        assert twin[0].expert_tp is model[0].expert_tp and twin[0].buffer is buf
+        assert twin[0].experts.w13.data_ptr() != model[0].experts.w13.data_ptr()
+        x = torch.randn(5 + rank, 32, generator=_gen(3, rank))
+        with torch.no_grad():
+            want, got = model(x), twin(x)
+        assert torch.equal(want, got), (want - got).abs().max()
     finally:
         buf.destroy()
 

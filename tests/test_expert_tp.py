@@ -145,6 +145,10 @@ def test_tp_top1_with_an_empty_rank(pools) -> None:
     pools(2).run(expert_tp_bodies.tp_top1_empty_rank)
 
 
+def test_deepcopy_of_a_tp_layer(pools) -> None:
+    pools(2).run(expert_tp_bodies.deepcopy_of_a_tp_layer)
+
+
 @pytest.mark.parametrize("world", [2, 4])
 def test_tp_state_names_its_shard(pools, world: int) -> None:
     pools(world).run(expert_tp_bodies.tp_state_names_its_shard)

@@ -433,10 +433,15 @@ class ExpertTP:
         self.number = number
         self.device = device if device is not None else torch.device("cpu")
 
+    def __deepcopy__(self, memo: dict[int, Any]) -> ExpertTP:
+        # a deep copy of a model (an EMA copy, a frozen reference) shares the TP group and the layer's number, as
+        # it shares the Buffer (a process group cannot be copied)
+        return self
+
     @classmethod
     def check(
         cls, group: Any, ep_ctx: Any, ffn_hidden: int, settings: dict[str, int],
-        local_error: ArgumentError | None = None,
+        local_error: Exception | None = None,
     ) -> ExpertTP:
         """Validates ``group`` against the Buffer's context ``ep_ctx`` and returns the state.
 

@@ -408,7 +408,7 @@ class MoELayer(nn.Module):
         # every rank whose torch generator was seeded alike: the seed is drawn from it first (before the default
         # gate's initialisation, which draws nothing on the meta device)
         seed = int(torch.randint(0, 2**62, (), dtype=torch.int64, device="cpu"))
-        local_error: ArgumentError | None = None
+        local_error: Exception | None = None
         try:
             for arg, value, least in (("ffn_hidden", ffn_hidden, 1), ("shared_ffn_hidden", shared_ffn_hidden, 0),
                                       ("num_chunks", num_chunks, 1), ("num_worst_tokens", num_worst_tokens, 0)):
@@ -426,17 +426,21 @@ class MoELayer(nn.Module):
                     f"tokens_per_round (this one moves calls in {buffer.num_rounds} rounds, which need the host's "
                     "row counts)"
                 )
-            if overlap_sm_carveout is not None and overlap_sm_carveout < 0:
+            carveout = overlap_sm_carveout
+            if carveout is not None and (not isinstance(carveout, int) or isinstance(carveout, bool) or carveout < 0):
                 raise ArgumentError(
-                    f"MoELayer: argument 'overlap_sm_carveout' must be >= 0, got {overlap_sm_carveout}"
+                    f"MoELayer: argument 'overlap_sm_carveout' must be None or an int >= 0, got {overlap_sm_carveout!r}"
                 )
+            for arg, flag in (("ll_use_fp8", ll_use_fp8), ("ll_send_weights", ll_send_weights),
+                              ("ll_bf16_partial_sums", ll_bf16_partial_sums), ("use_custom_ops", use_custom_ops),
+                              ("norm_topk_prob", norm_topk_prob)):
+                if not isinstance(flag, bool):
+                    raise ArgumentError(f"MoELayer: argument '{arg}' must be a bool, got {type(flag).__name__}")
+            if gate is not None and not callable(gate):
+                raise ArgumentError(f"MoELayer: argument 'gate' must be a module x -> (topk_idx, topk_weights), got "
+                                    f"{type(gate).__name__}")
             if ll_use_fp8 and c.hidden % fp8.GROUP:
                 raise ArgumentError(f"MoELayer: ll_use_fp8 needs hidden % {fp8.GROUP} == 0, hidden is {c.hidden}")
-            if not isinstance(ll_bf16_partial_sums, bool):
-                raise ArgumentError(
-                    "MoELayer: argument 'll_bf16_partial_sums' must be a bool, got "
-                    f"{type(ll_bf16_partial_sums).__name__}"
-                )
             if ll_bf16_partial_sums and not ll_send_weights:
                 raise ArgumentError("MoELayer: argument 'll_bf16_partial_sums' = True needs ll_send_weights=True")
             num_logical = _logical_experts(c, placement, num_logical_experts)
@@ -456,7 +460,7 @@ class MoELayer(nn.Module):
             router: nn.Module = gate or LinearTopKRouter(
                 c.hidden, num_logical, c.num_topk, score_func=router_score, norm_topk_prob=norm_topk_prob
             )
-        except ArgumentError as exc:
+        except Exception as exc:  # noqa: BLE001 - with expert TP any refusal (a TypeError too) must reach the others
             if expert_tp_group is None:
                 raise
             # with expert TP the check below is collective: this refusal goes to the other members as a verdict

@@ -7,6 +7,7 @@ import json
 import math
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -71,6 +72,11 @@ def test_cpu_quick_run_end_to_end(tmp_path: Path) -> None:
     assert {s["backend"] for s in run["skipped"]} >= {"nvshmem"}
     assert len(run["extras"]) == len(recs)
     assert all(x["semantics"] == "full" and x["semantics_note"] is None for x in run["extras"])  # (torch: a Buffer)
+    # a low-latency point ran on a Buffer sized for its own calls (the torch backend pads every transfer to
+    # max_tokens_per_rank: a point must not depend on the sweep's other token counts); normal mode on one for all
+    normal_max = max(r["num_tokens"] for r in recs if r["mode"] == "normal")
+    assert all(x["max_tokens_per_rank"] == (r["num_tokens"] if r["mode"] == "low_latency" else normal_max)
+               for r, x in zip(recs, run["extras"], strict=True))
     assert f"in {out.resolve()}" in proc.stdout  # where they went, as an absolute path
     ops = set()
     for r in recs:
@@ -341,14 +347,76 @@ def test_cli_refuses_counts_below_one(args: list[str], capsys: pytest.CaptureFix
     assert e.value.code == 2 and "expected a positive integer" in capsys.readouterr().err
 
 
+def test_cli_lists_measure_each_value_once() -> None:
+    from largeep.bench import cli
+
+    args = cli.build_parser().parse_args(["--tokens", "32,8,32", "--backends", "torch,torch", "--dtypes", "fp8,fp8"])
+    assert args.tokens == [32, 8] and args.backends == ["torch"] and args.dtypes == ["fp8"]
+
+
+def test_table_shows_small_bandwidths() -> None:
+    assert rec._fmt_rate(0.0037) == "0.0037" and rec._fmt_rate(12.345) == "12.35" and rec._fmt_rate(None) == "-"
+    assert rec._fmt_rate(0.0) == "0.00"
+
+
+def _alive(pid: int) -> bool:
+    """Whether process pid runs (a zombie, dead but not yet reaped, does not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_sigterm_stops_the_ranks(tmp_path: Path) -> None:
+    """SIGTERM to the launcher (a scheduler's, `timeout`'s) stops its ranks and removes its temporary folder
+    (they ran on, re-parented, holding their GPUs); so does SIGKILL, through the ranks' parent-death signal."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        temp = tmp_path / f"tmp_{sig.name}"  # (the launcher's temporary folder goes here)
+        temp.mkdir()
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "largeep.bench", "--preset", "full", "--nprocs", "2", "--cpu", "--modes", "normal",
+             "--no-plots", "--out", str(tmp_path / sig.name)],
+            env={**_bench_env(), "TMPDIR": str(temp)}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        try:
+            assert proc.stdout is not None
+            for line in proc.stdout:  # the first point measured: the ranks run
+                if line.startswith("[1/"):
+                    break
+            children = [int(p) for p in subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True,
+                                                       text=True, check=False).stdout.split()]
+            ranks = [p for p in children if "spawn_main" in Path(f"/proc/{p}/cmdline").read_text()]
+            assert len(ranks) == 2, children
+            assert list(temp.glob("largeep-bench-*"))
+            proc.send_signal(sig)
+            proc.wait(timeout=30)
+            deadline = time.monotonic() + 20
+            while any(_alive(p) for p in ranks) and time.monotonic() < deadline:
+                time.sleep(0.2)
+            assert not any(_alive(p) for p in ranks), f"{sig.name}: ranks {ranks} still running"
+            if sig == signal.SIGTERM:
+                assert proc.returncode == 128 + signal.SIGTERM
+                assert not list(temp.glob("largeep-bench-*"))
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
 @pytest.mark.parametrize("args,msg", [
     (["--experts", "10"], "--experts 10: not divisible by the 4 ranks"),
     (["--topk", "40"], "top-k above the expert count: top-40 of 16"),
     (["--nprocs", "3"], "expert counts (normal 16, low_latency 16) are not divisible by the 3 ranks"),
     (["--nprocs", "3", "--modes", "normal"], "expert counts (normal 16) are not divisible by the 3 ranks"),
     (["--ranks-per-node", "3"], "--ranks-per-node 3 does not divide the 4 ranks"),
-    (["--nprocs", "2", "--ranks-per-node", "4"], "--ranks-per-node 4 does not divide the 2 ranks"),
+    (["--nprocs", "2", "--ranks-per-node", "4"], "--ranks-per-node 4 exceeds the 2 ranks"),
     (["--num-sms", "8,0"], "expected positive integers"),
+    (["--zipf-s", "nan"], "expected a finite number >= 0"),
+    (["--zipf-s", "-1"], "expected a finite number >= 0"),
+    (["--out", ""], "--out: an empty path"),
+    (["--out", __file__], "exists and is not a folder"),
     (["--iters", "0"], "expected a positive integer"),
     (["--warmup", "-1"], "expected a non-negative integer"),
     (["--link-gbps", "0"], "expected a positive number"),

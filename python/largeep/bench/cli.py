@@ -8,10 +8,12 @@ backends, per-record extras; see :mod:`largeep.bench.records`) and ``latency.png
 (default ``bench/results/<time>-<preset>-<gpu|cpu>/`` under the current directory), and prints that folder's
 absolute path.
 
-Options are checked before any process starts (argparse errors, exit status 2): sizes and counts positive, SM
-counts even, every expert count divisible by the rank count, top-k at most the expert count, ranks per node
-dividing the rank count. Exit status 1 when a backend failed or nothing at all was measured (then no results file
-is written).
+Options are checked before any process starts (argparse errors, exit status 2): sizes and counts positive (a value
+listed twice is measured once), every expert count divisible by the rank count, top-k at most the expert count,
+ranks per node dividing the rank count, ``--out`` a folder (or a path one can be made at), ``--zipf-s`` finite and
+>= 0. (An odd SM count is run by the nvshmem backend and skipped, with its reason, by deepep.) Exit status 1 when a
+backend failed or nothing at all was measured (then no results file is written). SIGTERM or Ctrl-C stops the ranks
+it started and removes its temporary folder; the ranks also die with it (Linux: their parent-death signal).
 
 When it starts the processes itself, each backend runs in a fresh set of them (nvshmem, symm_mem and deepep each
 initialise NVSHMEM once per process), and the parent merges the results; a backend that crashes is reported and the
@@ -29,6 +31,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
+import signal
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -47,10 +50,10 @@ PRESETS: dict[tuple[str, str], dict[str, Any]] = {
         "num_sms": [24], "warmup": 3, "iters": 10,
     },
     ("full", "gpu"): {
-        "normal": {"tokens": [256, 1024, 2048, 4096, 8192], "hidden": [7168], "topk": [8], "experts": [256],
-                   "dtypes": ["fp8", "bf16"]},
-        "low_latency": {"tokens": [16, 32, 64, 128, 256], "hidden": [7168], "topk": [8], "experts": [288],
-                        "dtypes": ["fp8", "bf16"]},
+        "normal": {"tokens": [128, 512, 1024, 2048, 4096, 8192], "hidden": [2048, 4096, 7168], "topk": [4, 8],
+                   "experts": [256], "dtypes": ["fp8", "bf16"]},
+        "low_latency": {"tokens": [1, 8, 32, 64, 128, 256], "hidden": [2048, 4096, 7168], "topk": [4, 8],
+                        "experts": [288], "dtypes": ["fp8", "bf16"]},
         "num_sms": [8, 16, 24, 32], "warmup": 5, "iters": 30,
     },
     ("quick", "cpu"): {
@@ -75,7 +78,7 @@ def _ints(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
     if not vals or any(v <= 0 for v in vals):
         raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
-    return vals
+    return list(dict.fromkeys(vals))  # (a value given twice is measured once)
 
 
 def _int_at_least(lo: int, what: str) -> Callable[[str], int]:
@@ -105,13 +108,23 @@ def _positive_float(text: str) -> float:
     return v
 
 
+def _non_negative_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        v = -1.0
+    if not 0 <= v < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
+    return v
+
+
 def _choices(allowed: Sequence[str]) -> Any:
     def parse(text: str) -> list[str]:
         vals = [v for v in text.replace(" ", "").split(",") if v]
         bad = [v for v in vals if v not in allowed]
         if bad or not vals:
             raise argparse.ArgumentTypeError(f"{text!r}: expected a comma-separated subset of {', '.join(allowed)}")
-        return vals
+        return list(dict.fromkeys(vals))
 
     return parse
 
@@ -157,7 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iters", type=_positive, help="timed calls per op (default: the preset's)")
     p.add_argument("--routing", choices=ROUTINGS, default="uniform",
                    help="expert choice per token (default: uniform)")
-    p.add_argument("--zipf-s", type=float, default=1.0, help="Zipf exponent for --routing zipf (default: 1.0)")
+    p.add_argument("--zipf-s", type=_non_negative_float, default=1.0,
+                   help="Zipf exponent for --routing zipf, a finite number >= 0 (default: 1.0)")
     p.add_argument("--seed", type=int, default=0, help="seed of the routings and inputs (default: 0)")
     p.add_argument("--no-hook", action="store_true", help="skip the low-latency send/recv (receive hook) phases")
     p.add_argument("--ll-send-weights", action="store_true",
@@ -211,10 +225,20 @@ def check_args(args: argparse.Namespace, device_kind: str, world: int, host_rank
                           f"{','.join(modes[mode]['dtypes'])}" for mode in args.modes)
         return ("FP8 needs hidden sizes that are multiples of 128, and every mode's hidden sizes and dtypes pair FP8 "
                 f"with another hidden size: {asked}")
+    if args.out is not None:
+        out = Path(args.out)
+        if not args.out.strip():
+            return "--out: an empty path (give a folder for the results)"
+        if out.exists() and not out.is_dir():
+            return f"--out {args.out}: exists and is not a folder"
+        parent = next((q for q in (out, *out.parents) if q.exists()), None)
+        if parent is not None and not os.access(parent, os.W_OK | os.X_OK):
+            return f"--out {args.out}: {parent} is not writable"
     rpn = args.ranks_per_node
     if rpn is not None:
         if world % rpn:
-            return f"--ranks-per-node {rpn} does not divide the {world} ranks"
+            return (f"--ranks-per-node {rpn} " + ("exceeds" if rpn > world else "does not divide")
+                    + f" the {world} ranks")
         if host_ranks is not None and rpn > host_ranks:
             return f"--ranks-per-node {rpn} exceeds the {host_ranks} ranks on this host"
     return None
@@ -269,6 +293,7 @@ def _run_rank(
 def _spawned(
     rank: int, world: int, rendezvous: str, device_kind: str, args: argparse.Namespace, command: str, part: str
 ) -> None:
+    _die_with_parent()
     _safe_env()
     import torch
     import torch.distributed as dist
@@ -341,6 +366,12 @@ def _launch(args: argparse.Namespace, kind: str, nprocs: int, command: str) -> i
 
     plan = make_plan(args, kind, command)
     device = torch.device("cuda", 0) if kind == "gpu" else torch.device("cpu")
+    # SIGTERM (a scheduler's, `timeout`'s) ends the launcher as Ctrl-C does: its ranks are stopped and its temporary
+    # folder removed, rather than left running on the GPUs
+    try:
+        old_term = signal.signal(signal.SIGTERM, _exit_on_signal)
+    except ValueError:  # (not the main thread: left as it is)
+        old_term = None
     parts_dir = Path(tempfile.mkdtemp(prefix="largeep-bench-"))
     records: list[rec.Record] = []
     extras: list[rec.Extra] = []
@@ -361,10 +392,7 @@ def _launch(args: argparse.Namespace, kind: str, nprocs: int, command: str) -> i
             # bind it)
             rendezvous = parts_dir / f"{backend}.rendezvous"
             try:
-                mp.start_processes(
-                    _spawned, args=(nprocs, str(rendezvous), kind, child, command, str(part)), nprocs=nprocs,
-                    join=True, start_method="spawn",
-                )
+                _run_ranks(mp, (nprocs, str(rendezvous), kind, child, command, str(part)), nprocs)
             except (mp.ProcessRaisedException, mp.ProcessExitedException) as exc:
                 print(f"largeep-bench: backend {backend} failed (its results so far are kept):\n{exc}",
                       file=sys.stderr, flush=True)
@@ -381,7 +409,46 @@ def _launch(args: argparse.Namespace, kind: str, nprocs: int, command: str) -> i
         finish(records, extras, skipped=skipped, settings=settings, plan=plan)
     finally:
         shutil.rmtree(parts_dir, ignore_errors=True)
+        if old_term is not None:
+            signal.signal(signal.SIGTERM, old_term)
     return 1 if failed or not records else 0
+
+
+def _exit_on_signal(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)
+
+
+def _run_ranks(mp: Any, args: tuple[Any, ...], nprocs: int) -> None:
+    """Starts the ranks and waits for them. A rank that fails makes torch stop the others and raise; anything else
+    that ends the wait (Ctrl-C, SIGTERM) stops them here (terminated, then killed after 10 s) before it goes on."""
+    ctx = mp.start_processes(_spawned, args=args, nprocs=nprocs, join=False, start_method="spawn")
+    try:
+        while not ctx.join():
+            pass
+    except BaseException:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.terminate()
+        deadline = time.monotonic() + 10.0
+        for p in ctx.processes:
+            p.join(timeout=max(0.0, deadline - time.monotonic()))
+            if p.is_alive():
+                p.kill()
+        raise
+
+
+def _die_with_parent() -> None:
+    """Linux: this process is killed when the launcher that started it dies (even by SIGKILL), so that no rank is
+    left running on a GPU without it."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 if __name__ == "__main__":

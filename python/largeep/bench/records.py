@@ -14,7 +14,7 @@ Files of one run (``python -m largeep.bench``; :func:`write_results`)::
                     "skipped": [{"backend": ..., "reason": ...}],
                     "extras": [{"bus_gbps": ..., "x_best": ..., "phase_of": ..., "floor_us": ...,
                                 "weights_sent": ..., "bf16_partial_sums": ..., "semantics": ...,
-                                "semantics_note": ...}, ...]}   # aligned with results.json
+                                "semantics_note": ..., "max_tokens_per_rank": ...}, ...]}   # aligned with results.json
 
 A run that measures nothing writes neither file (the CLI says so and exits 1).
 ``env`` in run.json is :func:`environment` whole (host, python, largeep, gpu_count, deep_ep besides ENV_KEYS). The
@@ -30,7 +30,9 @@ low-latency combine, whose copies carry different expert outputs and go back one
 (``--link-gbps``, settings "link_gbps"; GPU runs only, None on CPU and for the layout);
 ``weights_sent`` (low-latency records: the dispatch carried the weights, see ``summed_rows_ll``; None for normal
 mode) and ``bf16_partial_sums``; ``semantics``: "full" where the backend's calls do what largeep.Buffer's do,
-"partial" where they do less (symm_mem; ``semantics_note`` says what they leave out).
+"partial" where they do less (symm_mem; ``semantics_note`` says what they leave out); ``max_tokens_per_rank``: the
+Buffer's, sized for the largest token count of the sweep in normal mode and for each call's own in low-latency mode
+(its fixed receive slots, and the torch backend's padded transfers, go with it).
 
 The scripts in ``bench/`` write their SPEC records the same way (:func:`write_records`): a list file, each record
 with SPEC's keys, the script's own per-record keys, ENV_KEYS and "command", and its run file beside it, named
@@ -130,6 +132,9 @@ class Extra:
     # record has no x_best; None in files written before these keys
     semantics: str | None = None
     semantics_note: str | None = None
+    # the Buffer's max_tokens_per_rank the call ran with (normal mode: the sweep's largest token count; low
+    # latency: the call's own); None in files written before this key
+    max_tokens_per_rank: int | None = None
 
 
 # -- byte counts ------------------------------------------------------------------------------------------------
@@ -557,6 +562,11 @@ def _fmt(v: float | None, digits: int = 1) -> str:
     return "-" if v is None or v != v else f"{v:.{digits}f}"
 
 
+def _fmt_rate(v: float | None) -> str:
+    """A bandwidth: two decimals, or three significant digits below 1 (CPU runs: 0.0037, not 0.00)."""
+    return "-" if v is None or v != v else (f"{v:.2f}" if abs(v) >= 1 or v == 0 else f"{v:.3g}")
+
+
 def format_table(records: Sequence[Record], extras: Sequence[Extra]) -> str:
     """An nccl-tests-like table: one row per record, grouped by mode, op and dtype."""
     from tabulate import tabulate
@@ -582,7 +592,7 @@ def format_table(records: Sequence[Record], extras: Sequence[Extra]) -> str:
             r.backend, r.mode, label(i), r.dtype, r.ep, r.num_tokens, r.hidden, r.num_topk, r.num_experts,
             "-" if r.num_sms is None else r.num_sms,
             _fmt(r.time_us_median), _fmt(r.time_us_p10), _fmt(r.time_us_p90),
-            _fmt(r.logical_gbps, 2), _fmt(e.bus_gbps, 2), _fmt(e.x_best, 2), _fmt(e.floor_us),
+            _fmt_rate(r.logical_gbps), _fmt_rate(e.bus_gbps), _fmt(e.x_best, 2), _fmt(e.floor_us),
         ])
     headers = [
         "backend", "mode", "op", "dtype", "ep", "tokens", "hidden", "topk", "experts", "sms",

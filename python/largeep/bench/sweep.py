@@ -252,10 +252,14 @@ class Sweep:
                 self._skip(a.name, f"needs hidden % {rec.FP8_GROUP} == 0", f"{sizes} fp8")
             if not dtypes:  # (no Buffer to make for nothing)
                 continue
-            for sms in sms_list:
-                spec = BufferSpec(mode, hidden, experts, topk, max(mp.tokens), sms, self.rpn)
-                where = sizes + (f" sms={sms}" if sms else "")
-                what = f"{a.name} {where}"
+            # normal mode: one Buffer for every token count (its buffers are sized for the largest); low latency:
+            # one Buffer per token count, sized for it (max_tokens_per_rank = T), since its receive slots, and the
+            # torch backend's padded transfers, go with max_tokens_per_rank: a point must not depend on the others
+            groups = [list(mp.tokens)] if mode == "normal" else [[t] for t in mp.tokens]
+            for sms, group in itertools.product(sms_list, groups):
+                spec = BufferSpec(mode, hidden, experts, topk, max(group), sms, self.rpn)
+                where = sizes + (f" sms={sms}" if sms else "") + (f" T={group[0]}" if mode != "normal" else "")
+                what = f"{a.name} {sizes}" + (f" sms={sms}" if sms else "")
                 reason = _agree(a.config_reason(spec, self.n), self.group)
                 if reason is None:
                     err = None
@@ -266,10 +270,10 @@ class Sweep:
                     reason = _agree(err, self.group)
                 if reason:
                     self._skip(a.name, reason, where)
-                    self.log.done += len(mp.tokens) * len(dtypes)
+                    self.log.done += len(group) * len(dtypes)
                     continue
                 try:
-                    for tokens in mp.tokens:
+                    for tokens in group:
                         # the layout and the combine do not depend on the dispatch dtype: timed with the first
                         # dtype, recorded once (the combine as BF16, which it is)
                         for i, dtype in enumerate(dtypes):
@@ -416,7 +420,8 @@ class Sweep:
         ))
         self.extras.append(rec.Extra(bus_gbps=bus, phase_of=phase, floor_us=floor, weights_sent=weights_sent,
                                      bf16_partial_sums=bf16_partial_sums,
-                                     semantics="partial" if a.partial else "full", semantics_note=a.partial))
+                                     semantics="partial" if a.partial else "full", semantics_note=a.partial,
+                                     max_tokens_per_rank=spec.max_tokens))
 
     def settings(self) -> dict[str, Any]:
         p = self.plan

@@ -354,6 +354,16 @@ def test_cli_lists_measure_each_value_once() -> None:
     assert args.tokens == [32, 8] and args.backends == ["torch"] and args.dtypes == ["fp8"]
 
 
+def test_cli_says_which_options_it_ignores(capsys: pytest.CaptureFixture[str]) -> None:
+    from largeep.bench import cli
+
+    cli._say_ignored(cli.build_parser().parse_args(["--zipf-s", "2", "--link-gbps", "900"]), "cpu")
+    out = capsys.readouterr().out
+    assert "--zipf-s 2.0 is ignored without --routing zipf" in out and "--link-gbps 900.0 is ignored" in out
+    cli._say_ignored(cli.build_parser().parse_args(["--zipf-s", "2", "--routing", "zipf"]), "gpu")
+    assert capsys.readouterr().out == ""
+
+
 def test_table_shows_small_bandwidths() -> None:
     assert rec._fmt_rate(0.0037) == "0.0037" and rec._fmt_rate(12.345) == "12.35" and rec._fmt_rate(None) == "-"
     assert rec._fmt_rate(0.0) == "0.00"

@@ -331,6 +331,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         error = check_args(args, kind, int(os.environ["WORLD_SIZE"]), int(local) if local else None)
         if error:
             parser.error(error)
+        nvshmem_users = [b for b in args.backends if b in _NVSHMEM_USERS]
+        if kind == "gpu" and len(nvshmem_users) > 1:
+            parser.error(f"under torchrun every backend runs in the same processes, and {', '.join(nvshmem_users)} "
+                         "each initialise NVSHMEM in them: pass --backends with at most one of "
+                         f"{', '.join(_NVSHMEM_USERS)} (torch may go with it), one run each")
+        if args.nprocs is not None:
+            print(f"largeep-bench: --nprocs {args.nprocs} is ignored under torchrun (its ranks are the processes)",
+                  flush=True)
+        _say_ignored(args, kind)
         kwargs: dict[str, Any] = {}
         if kind == "gpu":
             torch.cuda.set_device(local_rank)
@@ -346,6 +355,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     error = check_args(args, kind, nprocs, nprocs)
     if error:
         parser.error(error)
+    _say_ignored(args, kind)
     print(f"largeep-bench: {nprocs} {'GPU' if gpus else 'CPU'} processes, preset {args.preset}", flush=True)
     return _launch(args, kind, nprocs, command)
 
@@ -412,6 +422,18 @@ def _launch(args: argparse.Namespace, kind: str, nprocs: int, command: str) -> i
         if old_term is not None:
             signal.signal(signal.SIGTERM, old_term)
     return 1 if failed or not records else 0
+
+
+_NVSHMEM_USERS = ("nvshmem", "symm_mem", "deepep")  # backends that initialise NVSHMEM in their process
+
+
+def _say_ignored(args: argparse.Namespace, kind: str) -> None:
+    """One line for each option given that this run does not use (they were ignored without a word)."""
+    if args.zipf_s != 1.0 and args.routing != "zipf":
+        print(f"largeep-bench: --zipf-s {args.zipf_s} is ignored without --routing zipf", flush=True)
+    if args.link_gbps != 450.0 and kind == "cpu":
+        print(f"largeep-bench: --link-gbps {args.link_gbps} is ignored on CPU processes (no floor column)",
+              flush=True)
 
 
 def _exit_on_signal(signum: int, frame: Any) -> None:

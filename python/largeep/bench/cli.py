@@ -17,7 +17,8 @@ it started and removes its temporary folder; the ranks also die with it (Linux: 
 
 When it starts the processes itself, each backend runs in a fresh set of them (nvshmem, symm_mem and deepep each
 initialise NVSHMEM once per process), and the parent merges the results; a backend that crashes is reported and the
-others still run. Under torchrun every backend shares the same processes: pass ``--backends`` one at a time there;
+others still run. Under torchrun every backend shares the same processes: on GPUs a run takes at most one of
+nvshmem, symm_mem and deepep (refused otherwise), so pass ``--backends`` there, one NVSHMEM user at a time;
 the recorded command then starts with ``torchrun --nnodes N --nproc-per-node M`` (records.command_line).
 
 Calibration records for ``python -m largeep.bench.sim`` are kernel times: ``bench/kernel_times.py`` for the normal

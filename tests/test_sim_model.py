@@ -107,6 +107,12 @@ def test_sweep_leaves_out_a_mode_that_cannot_exist() -> None:
         (["--eps", "64", "--max-nodes", "0"], "--max-nodes 0"),
         (["--eff-rdma", "0"], "--eff-rdma 0"),
         (["--dispatch-dtypes", "fp8,bf8"], "argument --dispatch-dtypes: 'fp8,bf8': expected a comma list of bf16, fp8"),
+        (["--hidden", "100"], "--hidden 100: must be a multiple of 128"),
+        (["--nic-gbps", "0"], "--nic-gbps 0.0: must be a positive number"),
+        (["--nvlink-latency-us", "-1"], "--nvlink-latency-us -1.0"),
+        (["--tokens-per-round", "-5"], "--tokens-per-round -5: must be positive"),
+        (["--combine-eighths", "8"], "--combine-eighths 8: must be in [0, 7]"),
+        (["--samples", "-5"], "--samples -5"),
     ],
 )
 def test_cli_refuses_what_cannot_exist(args: list[str], msg: str, tmp_path: Path,
@@ -399,7 +405,10 @@ def test_prediction_names_the_constants_its_fit_lacks() -> None:
     no_reduce = replace(sim.placeholder(), comb_gbps=20.0, reduce_gbps=None)
     assert sim.predict(w, 1, no_reduce, cluster).unknown == ("reduce_gbps",)
     assert sim.predict(w, 1, replace(no_reduce, reduce_gbps=15.0), cluster).unknown == ()
-    # two GPUs: without a push rate the fused term is not used (the two kernels' terms are); with one, the reduce
-    # rate is needed too
-    assert sim.predict(w, 2, replace(no_reduce, comb_gbps=None, reduce_gbps=15.0), cluster).unknown == ()
+    # two GPUs: the fused combine still (it is what runs); without a push rate its push term is left out and named
+    # (a lower bound: the reduce term alone), where the two kernels' terms were used before, unmarked
+    only_reduce = replace(no_reduce, comb_gbps=None, reduce_gbps=15.0)
+    pred = sim.predict(w, 2, only_reduce, cluster)
+    assert pred.unknown == ("comb_gbps",)
+    assert pred.time_us == pytest.approx(sim.predict(w, 2, replace(only_reduce, comb_gbps=1e9), cluster).time_us)
     assert sim.predict(w, 2, no_reduce, cluster).unknown == ("reduce_gbps",)

@@ -531,9 +531,10 @@ def predict(
         stats = routing_stats(num_ranks, p, w.num_experts, w.num_topk)
     sms = cluster.num_sms if num_sms == -1 else num_sms
     tr = traffic(w, num_ranks, p, stats, hierarchical=hierarchical)
-    # the fused term needs its push rate, unless nothing is pushed (one GPU: the reduce blocks do it all)
-    fused = _fused(w, num_ranks, p, sms, cluster.combine_eighths) and (
-        params.comb_gbps is not None or (tr.nvlink == 0 and params.reduce_gbps is not None))
+    # the fused combine where the cluster runs it (one node, comb > 0), whatever the fit knows: a rate no fitted
+    # record exercised leaves its term out and is named in ``unknown`` (a lower bound), rather than the time coming
+    # from the two-kernel model, which is not what runs (its push at the dispatch's rate, no reduction at all)
+    fused = _fused(w, num_ranks, p, sms, cluster.combine_eighths)
     terms = _terms(tr, w, cluster, sms, cluster.combine_eighths if fused else 0, num_ranks)
     t_nvl = terms["nvlink"][0] / params.eff_nvlink + terms["nvlink"][1]
     t_rdma = terms["rdma"][0] / params.eff_rdma + terms["rdma"][1]
@@ -1343,7 +1344,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="folder for sim.json and sim.png")
     p.add_argument("--eps", type=_ints, default=[8, 16, 32, 64, 128, 256])
     p.add_argument("--gpus-per-node", type=int, default=8)
-    p.add_argument("--nvlink-gbps", type=float, default=450.0, help="per GPU, per direction")
+    p.add_argument("--nvlink-gbps", type=float, default=450.0,
+                   help="per GPU, per direction (default 450: H200). It describes both the machine the --calibrate "
+                        "records came from and the one predicted: with --calibrate the fitted efficiency absorbs "
+                        "it, so a faster NVLink cannot be asked this way (its times stay the same)")
     p.add_argument("--nic-gbps", type=float, default=50.0, help="per GPU (400 Gb/s = 50)")
     p.add_argument("--nvlink-latency-us", type=float, default=1.0)
     p.add_argument("--nic-latency-us", type=float, default=3.0)
@@ -1368,6 +1372,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--flat", action="store_true", help="calibrate with the flat (non-hierarchical) layout")
     p.add_argument("--no-overlap", action="store_true", help="calibrate with legs in sequence")
     return p
+
+
+def _rate_txt(v: float | None) -> str:
+    """A fitted rate, or "none" where no record pinned it down (not a rate of 0)."""
+    return "none" if not v else f"{v:.2f}"
 
 
 def check_args(args: argparse.Namespace) -> str | None:
@@ -1397,6 +1406,24 @@ def check_args(args: argparse.Namespace) -> str | None:
                 return f"--max-nodes {args.max_nodes} at EP {ep}: {why}"
     if args.eff_rdma is not None and not 0 < args.eff_rdma <= 1:
         return f"--eff-rdma {args.eff_rdma}: must be in (0, 1]"
+    for name in ("nvlink_gbps", "nic_gbps"):
+        v = getattr(args, name)
+        if not 0 < v < math.inf:
+            return f"--{name.replace('_', '-')} {v}: must be a positive number"
+    for name in ("nvlink_latency_us", "nic_latency_us"):
+        v = getattr(args, name)
+        if not 0 <= v < math.inf:
+            return f"--{name.replace('_', '-')} {v}: must be a finite number >= 0"
+    if args.tokens_per_round is not None and args.tokens_per_round < 1:
+        return f"--tokens-per-round {args.tokens_per_round}: must be positive"
+    if not 0 <= args.combine_eighths <= 7:
+        return f"--combine-eighths {args.combine_eighths}: must be in [0, 7] (0: push + reduce kernels)"
+    if args.samples < 0:
+        return f"--samples {args.samples}: must be >= 0"
+    if args.hidden < 1 or args.tokens < 1 or args.ll_tokens < 1:
+        return "--hidden, --tokens and --ll-tokens must be positive"
+    if args.hidden % 128:
+        return f"--hidden {args.hidden}: must be a multiple of 128 (FP8 rows: the low-latency dispatch is FP8)"
     return None
 
 
@@ -1527,8 +1554,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"held-out check: note: {line}")
         c = holdout["constants"]
         print(f"held-out constants: lat_us={ {k: round(v, 1) for k, v in c['lat_us'].items()} } "
-              f"eff_nvlink={c['eff_nvlink']:.3f} sm_gbps={c['sm_gbps']:.2f} copy_gbps={c['copy_gbps'] or 0:.2f} "
-              f"comb_gbps={c['comb_gbps'] or 0:.2f} reduce_gbps={c['reduce_gbps'] or 0:.2f}")
+              f"eff_nvlink={c['eff_nvlink']:.3f} sm_gbps={c['sm_gbps']:.2f} copy_gbps={_rate_txt(c['copy_gbps'])} "
+              f"comb_gbps={_rate_txt(c['comb_gbps'])} reduce_gbps={_rate_txt(c['reduce_gbps'])}")
         _print_check("held-out check", holdout)
     elif records:
         print(f"held-out check: {no_holdout}")
@@ -1541,6 +1568,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if args.fit_weighted:
         frecs = weighted(args.fit_weighted)
+        if not frecs:
+            parser.error(f"--fit-weighted {' '.join(args.fit_weighted)}: no record with the weights sent "
+                         f"(weights_sent) of backend {backend} there")
         params = fit_summing(params, frecs, cluster=measured_cluster)
         params.source += f"; summing pass fitted on {len(frecs)} records of {', '.join(args.fit_weighted)}"
         print(f"summing pass of the low-latency combine with the weights sent: sum_lat_us={params.sum_lat_us:.2f} "

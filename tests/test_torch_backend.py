@@ -539,3 +539,55 @@ def test_sum_blocks_in_order(device: str) -> None:
             out = torch.zeros(tokens, hidden, device=device)
             _sum_blocks_in_order(out, index.to(device), rows.to(device), blocks)
             assert torch.equal(out.cpu(), want), f"{dtype}: {(out.cpu() != want).sum()} sums differ"
+
+
+def counts_and_ll_refusals(rank: int, world: int) -> list[str]:
+    """A cached dispatch returns its handle's dispatch's per-expert counts (list and tensor; they were empty), and a
+    num_worst_tokens dispatch on CPU fills the list. low_latency_combine refuses, before anything moves, an ``out``
+    it could not write in place (a leaf that requires grad: it failed after the exchange, the Buffer unusable) and,
+    on CPU, an id outside [-1, E) (it counted as -1); the same call with good arguments works after."""
+    chk = Checker(f"rank {rank}")
+    hidden, experts, topk, tokens = 64, 2 * world, 2, 6
+    me = make_inputs(7, rank, tokens, hidden, experts, topk, torch.bfloat16)
+    buf = largeep.Buffer(None, hidden=hidden, num_experts=experts, num_topk=topk, max_tokens_per_rank=tokens,
+                         backend="torch")
+    try:
+        d = buf.dispatch(me.x, me.topk_idx, me.topk_weights)
+        want = d.num_tokens_per_expert
+        chk.expect(len(want) == experts // world and want == d.num_tokens_per_expert_tensor.tolist(), f"fresh {want}")
+        c = buf.dispatch(me.x, handle=d.handle)
+        chk.expect(c.num_tokens_per_expert == want, f"cached: {c.num_tokens_per_expert} != {want}")
+        chk.expect(c.num_tokens_per_expert_tensor.tolist() == want,
+                   f"cached tensor: {c.num_tokens_per_expert_tensor.tolist()} != {want}")
+        w = buf.dispatch(me.x, me.topk_idx, me.topk_weights, num_worst_tokens=tokens * world)
+        chk.expect(w.num_tokens_per_expert == want, f"num_worst_tokens: {w.num_tokens_per_expert} != {want}")
+    finally:
+        buf.destroy()
+    ll = largeep.Buffer(None, hidden=hidden, num_experts=experts, num_topk=topk, max_tokens_per_rank=tokens,
+                        backend="torch", low_latency=True)
+    try:
+        r = ll.low_latency_dispatch(me.x, me.topk_idx, use_fp8=False)
+        y = r.x.float().mul(0.5).to(torch.bfloat16)
+        bad_out = torch.zeros(tokens, hidden, dtype=torch.bfloat16, requires_grad=True)
+        bad_idx = me.topk_idx.clone()
+        bad_idx[0, 0] = experts + 5
+        for what, kw, idx in (("out", {"out": bad_out}, me.topk_idx), ("topk_idx", {}, bad_idx)):
+            try:
+                ll.low_latency_combine(y, idx, me.topk_weights, r.handle, **kw)
+                chk.expect(False, f"{what}: not refused")
+            except largeep.ArgumentError as exc:
+                chk.expect(f"'{what}'" in str(exc), f"{what}: {exc}")
+        chk.expect(bool((bad_out == 0).all()), "the refused out was written")
+        good = torch.empty(tokens, hidden, dtype=torch.bfloat16)
+        comb = ll.low_latency_combine(y, me.topk_idx, me.topk_weights, r.handle, out=good)
+        chk.expect(comb.x.data_ptr() == good.data_ptr() and bool(torch.isfinite(good.float()).all()), "good combine")
+        ll.low_latency_dispatch(me.x, me.topk_idx, use_fp8=False)  # (every rank still in step)
+    finally:
+        ll.destroy()
+    return chk.failures
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_counts_and_ll_refusals(pools, world: int) -> None:
+    results = pools(world).run(counts_and_ll_refusals)
+    assert all(not r for r in results), results

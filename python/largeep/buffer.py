@@ -122,6 +122,10 @@ class DispatchHandle:
     num_recv_tokens: int  # rows of the dispatch output (R, or num_worst_tokens)
     state: Any = field(repr=False)
     num_worst_tokens: int = 0  # as given to the dispatch that made the handle (0: variable size)
+    # the dispatch's rows per local expert (its result's num_tokens_per_expert and the tensor): a cached dispatch
+    # moves the same rows and returns them too
+    counts: list[int] = field(default_factory=list, repr=False)
+    counts_tensor: torch.Tensor | None = field(default=None, repr=False)
 
 
 @dataclass
@@ -168,9 +172,9 @@ class DispatchResult:
     topk_idx: int64 [R, K] local expert ids (-1 where the expert is not on this rank); None for a cached dispatch.
     topk_weights: float32 [R, K]; None for a cached dispatch.
     num_tokens_per_expert: rows naming each local expert, rounded up to expert_alignment (empty list when
-    num_worst_tokens > 0: no host sync happens then; use num_tokens_per_expert_tensor; and for a cached dispatch,
-    whose rows are those of its handle's dispatch).
-    num_tokens_per_expert_tensor: the same counts as int32 [E/N] on the device (empty for a cached dispatch).
+    num_worst_tokens > 0 on GPUs: no host sync happens then; use num_tokens_per_expert_tensor). A cached dispatch
+    returns those of its handle's dispatch, whose rows it moves.
+    num_tokens_per_expert_tensor: the same counts as int32 [E/N] on the device.
 
     On the nvshmem backend inside one node the outputs may be views of the Buffer's receive slots (zero-copy, see
     docs/usage.md): use :meth:`record_stream` rather than ``Tensor.record_stream`` when they are used on a stream
@@ -719,14 +723,18 @@ class Buffer:
             )
 
         out, event = self._run(run, previous_event, async_finish, [xs, scales, topk_idx, topk_weights])
+        counts, counts_t = list(out.num_tokens_per_expert), out.num_tokens_per_expert_tensor
         if handle is None:
             num_recv = num_worst_tokens if num_worst_tokens else out.num_recv_tokens
-            handle = DispatchHandle(self._id, t, num_recv, out.state, num_worst_tokens)
+            if not counts and counts_t.numel() and counts_t.device.type == "cpu":
+                counts = [int(v) for v in counts_t.tolist()]  # (num_worst_tokens on CPU: no sync to avoid)
+            handle = DispatchHandle(self._id, t, num_recv, out.state, num_worst_tokens, list(counts), counts_t)
+        else:  # a cached dispatch: its handle's dispatch's rows
+            counts = list(handle.counts)
+            if handle.counts_tensor is not None:
+                counts_t = handle.counts_tensor.clone()
         recv_x: Tokens = (out.x, out.x_scales) if out.x_scales is not None else out.x
-        return DispatchResult(
-            recv_x, out.topk_idx, out.topk_weights, out.num_tokens_per_expert, handle, event,
-            out.num_tokens_per_expert_tensor,
-        )
+        return DispatchResult(recv_x, out.topk_idx, out.topk_weights, counts, handle, event, counts_t)
 
     def _id_checks(self, num_worst_tokens: int) -> tuple[bool, bool]:
         """Whether a fresh dispatch's ids can be checked with a host wait (none with num_worst_tokens on CUDA), and
@@ -935,7 +943,11 @@ class Buffer:
         """y bf16 [E/N, N*M, H] -> x bf16 [T, H] = sum_k topk_weights[t, k] * y[expert, row of t] (float32 sums),
         over the k whose copy the handle's dispatch sent (its topk_idx[t, k] named an expert) and that topk_idx
         (int64 [T, K]) still names: a k the dispatch did not send adds nothing whatever topk_idx says there, and -1
-        at a k that was sent leaves that k out. For a k that repeats an earlier k's expert, the row is that expert's.
+        at a k that was sent leaves that k out; a k that was sent takes the row of the expert the dispatch named
+        there (the only row it has). For a k that repeats an earlier k's expert, the row is that expert's. On CPU
+        groups topk_idx's values are checked (ArgumentError for one outside [-1, E)); on GPUs they are not (no host
+        wait), and such an id counts as -1. ``out`` must be writable in place (not a leaf that requires grad, not
+        an inference tensor outside inference mode).
         A dispatch given topk_weights needs this topk_idx to be its own tensor, unchanged (ArgumentError otherwise:
         the experts' ranks sum over the k they got). No host wait on GPUs (on CPU groups the torch backend's call,
         its send with ``return_recv_hook`` too, first exchanges a marker that names the call, so it waits for every
@@ -964,9 +976,11 @@ class Buffer:
             op, "y", y, dtypes=(torch.bfloat16,), ndim=3, device=c.device, shape=(c.experts_per_rank, rows, c.hidden),
             row_aligned=True,
         )
+        # the ids' values on CPU groups, where reading them costs no host wait (on GPUs an id outside [-1, E) counts
+        # as -1: the dispatch's ids were checked, and a combine has no host wait)
         checks.topk_idx(
             op, topk_idx, num_tokens=h.num_tokens, num_topk=c.num_topk, num_experts=c.num_experts, device=c.device,
-            check_values=False,
+            check_values=c.device.type == "cpu" and checks.needs_id_check(topk_idx, self._settings.check_values),
         )
         checks.topk_weights(op, topk_weights, num_tokens=h.num_tokens, num_topk=c.num_topk, device=c.device)
         _refuse_unless_kept(
@@ -986,6 +1000,7 @@ class Buffer:
                 op, "out", out, dtypes=(torch.bfloat16,), ndim=2, device=c.device, shape=(h.num_tokens, c.hidden),
                 row_aligned=True,
             )
+            checks.writable(op, "out", out)
         target = out
         call = self._check_in_flight(op)
 

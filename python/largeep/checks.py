@@ -21,6 +21,17 @@ def _where(op: str, arg: str) -> str:
     return f"{op}: argument '{arg}'"
 
 
+def writable(op: str, arg: str, t: torch.Tensor) -> None:
+    """Refuses an output tensor that an in-place write would fail on after the call's exchanges: a leaf that
+    requires grad (with grad enabled), an inference tensor outside inference mode."""
+    if t.is_leaf and t.requires_grad and torch.is_grad_enabled():
+        raise ArgumentError(f"{_where(op, arg)} is a leaf tensor that requires grad, which cannot be written in "
+                            "place (pass one without requires_grad, or call under torch.no_grad())")
+    if t.is_inference() and not torch.is_inference_mode_enabled():
+        raise ArgumentError(f"{_where(op, arg)} is an inference tensor, which cannot be written in place outside "
+                            "inference mode")
+
+
 def tensor(
     op: str,
     arg: str,

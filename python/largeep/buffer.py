@@ -174,7 +174,8 @@ class DispatchResult:
     num_tokens_per_expert: rows naming each local expert, rounded up to expert_alignment (empty list when
     num_worst_tokens > 0 on GPUs: no host sync happens then; use num_tokens_per_expert_tensor). A cached dispatch
     returns those of its handle's dispatch, whose rows it moves.
-    num_tokens_per_expert_tensor: the same counts as int32 [E/N] on the device.
+    num_tokens_per_expert_tensor: the same counts as int32 [E/N] on the device (for a cached dispatch, the tensor its
+    handle's dispatch returned).
 
     On the nvshmem backend inside one node the outputs may be views of the Buffer's receive slots (zero-copy, see
     docs/usage.md): use :meth:`record_stream` rather than ``Tensor.record_stream`` when they are used on a stream
@@ -729,10 +730,11 @@ class Buffer:
             if not counts and counts_t.numel() and counts_t.device.type == "cpu":
                 counts = [int(v) for v in counts_t.tolist()]  # (num_worst_tokens on CPU: no sync to avoid)
             handle = DispatchHandle(self._id, t, num_recv, out.state, num_worst_tokens, list(counts), counts_t)
-        else:  # a cached dispatch: its handle's dispatch's rows
+        else:  # a cached dispatch: its handle's dispatch's rows (the tensor itself: a copy made here, on the
+            # caller's stream, could read it before that dispatch's stream wrote it)
             counts = list(handle.counts)
             if handle.counts_tensor is not None:
-                counts_t = handle.counts_tensor.clone()
+                counts_t = handle.counts_tensor
         recv_x: Tokens = (out.x, out.x_scales) if out.x_scales is not None else out.x
         return DispatchResult(recv_x, out.topk_idx, out.topk_weights, counts, handle, event, counts_t)
 

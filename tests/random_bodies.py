@@ -39,7 +39,11 @@ def _compare_normal(a: NormalRound, b: NormalRound, chk: Checker) -> None:
     for name in ("topk_idx", "topk_weights"):
         u, v = getattr(a.res, name), getattr(b.res, name)
         chk.expect(same_bits(u[:r].cpu(), v[:r].cpu()), f"backends differ: dispatch {name}")
-    chk.expect(a.res.num_tokens_per_expert == b.res.num_tokens_per_expert, "backends differ: counts")
+    # (the counts as tensors; the lists too where both backends give them: with num_worst_tokens a GPU gives none)
+    ta, tb = a.res.num_tokens_per_expert_tensor.cpu().tolist(), b.res.num_tokens_per_expert_tensor.cpu().tolist()
+    chk.expect(ta == tb, f"backends differ: counts {ta} != {tb}")
+    la, lb = a.res.num_tokens_per_expert, b.res.num_tokens_per_expert
+    chk.expect(la == lb or not la or not lb, f"backends differ: counts {la} != {lb}")
     if a.combined is not None and b.combined is not None:
         chk.close(a.combined, b.combined.cpu(), a.combined.dtype, "backends differ: combine x")
 

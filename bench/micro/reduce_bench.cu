@@ -12,6 +12,8 @@
 // v0: reduce_token's loop as of session 31: one warp per token, kUnroll x kSrc 16-byte volatile loads in flight per
 //     lane, 16 warps a block.
 // v0w: v0 with weak loads (ld.global.L1::no_allocate) instead of volatile ones.
+// v1: v0w, each warp loading its next token's positions before it reads this token's rows ("unroll 12": 12 x 2 or
+//     6 x 4 loads in flight a lane).
 // v2<ring>: one block per SM, warp 0 fetches rows into a ring of `ring` row slots in shared memory with bulk async
 //     copies (cp.async.bulk, completion on an mbarrier per slot), the other 15 warps sum each token's slots and
 //     store the result; tokens strided over the blocks as in v0.
@@ -25,6 +27,14 @@
 #include <cstring>
 #include <random>
 #include <vector>
+
+#include "../../csrc/kernels/ptx.cuh"  // ld_volatile_v4, st_na_v4 (no NVSHMEM)
+#include "../../csrc/kernels/vec.cuh"  // pack_bf16x8, Vec (no NVSHMEM)
+
+using largeep::ld_volatile_v4;
+using largeep::pack_bf16x8;
+using largeep::st_na_v4;
+using largeep::Vec;
 
 #define CK(x)                                                                                    \
     do {                                                                                         \
@@ -47,13 +57,7 @@ struct Args {
     int64_t comb_stride;
 };
 
-__device__ __forceinline__ int4 ld_volatile_v4(const int4* p) {
-    int4 v;
-    asm volatile("ld.volatile.global.v4.s32 {%0,%1,%2,%3}, [%4];"
-                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-                 : "l"(p));
-    return v;
-}
+// weak 16-byte load without L1 allocation (the library's ld_v4<1>, whose header needs NVSHMEM)
 __device__ __forceinline__ int4 ld_weak_v4(const int4* p) {
     int4 v;
     asm volatile("ld.global.L1::no_allocate.v4.s32 {%0,%1,%2,%3}, [%4];"
@@ -61,38 +65,23 @@ __device__ __forceinline__ int4 ld_weak_v4(const int4* p) {
                  : "l"(p));
     return v;
 }
-__device__ __forceinline__ void st_na_v4(int4* p, int4 v) {
-    asm volatile("st.global.L1::no_allocate.v4.s32 [%0], {%1,%2,%3,%4};" ::"l"(p), "r"(v.x), "r"(v.y), "r"(v.z),
-                 "r"(v.w));
-}
-__device__ __forceinline__ void add_bf16x8(float* acc, int4 v) {
-    const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&v);
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-        const float2 f = __bfloat1622float2(h[i]);
-        acc[2 * i] += f.x;
-        acc[2 * i + 1] += f.y;
-    }
-}
-__device__ __forceinline__ int4 pack_bf16x8(const float* acc) {
-    int4 r;
-    __nv_bfloat162* o = reinterpret_cast<__nv_bfloat162*>(&r);
-#pragma unroll
-    for (int i = 0; i < 4; ++i) o[i] = __floats2bfloat162_rn(acc[2 * i], acc[2 * i + 1]);
-    return r;
-}
+__device__ __forceinline__ void add_bf16x8(float* acc, int4 v) { Vec<__nv_bfloat16>::add(acc, v); }
 __device__ __forceinline__ const int4* row_of(const Args& a, int r, int pr) {
     return r == 0 ? reinterpret_cast<const int4*>(a.y + static_cast<int64_t>(pr) * a.H)
                   : reinterpret_cast<const int4*>(a.comb + (static_cast<int64_t>(r) * a.T + pr) * a.comb_stride);
 }
 
-// ---- v0 / v0w ----
-template <int kSrc, int kUnroll, bool kVolatile>
+// ---- v0 / v0w / v1 (kPrefetch) ----
+template <int kSrc, int kUnroll, bool kVolatile, bool kPrefetch = false>
 __global__ void __launch_bounds__(kThreads) reduce_v0(Args a) {
     const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp, warps = blockDim.x / kWarp;
-    const int nvec = a.H / 8;
-    for (int t = blockIdx.x * warps + warp; t < a.T; t += gridDim.x * warps) {
-        const int p = lane < a.P ? a.send_pos[static_cast<int64_t>(t) * a.P + lane] : -1;
+    const int nvec = a.H / 8, stride = gridDim.x * warps;
+    auto positions = [&](int t) { return t < a.T && lane < a.P ? a.send_pos[static_cast<int64_t>(t) * a.P + lane] : -1; };
+    int p_next = kPrefetch ? positions(blockIdx.x * warps + warp) : -1;
+    for (int t = blockIdx.x * warps + warp; t < a.T; t += stride) {
+        int p = p_next;
+        if constexpr (kPrefetch) p_next = positions(t + stride);
+        else p = positions(t);
         const unsigned present = __ballot_sync(0xffffffffu, p >= 0);
         const int n_src = __popc(present);
         const int4* rows[kSrc];
@@ -127,53 +116,6 @@ __global__ void __launch_bounds__(kThreads) reduce_v0(Args a) {
                 if (v0 + u * kWarp < nvec) st_na_v4(dst + v0 + u * kWarp, pack_bf16x8(acc));
             }
         }
-    }
-}
-
-
-// ---- v1: v0w, and each warp loads its next token's positions before it reads this token's rows ----
-template <int kSrc, int kUnroll>
-__global__ void __launch_bounds__(kThreads) reduce_v1(Args a) {
-    const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp, warps = blockDim.x / kWarp;
-    const int nvec = a.H / 8, stride = gridDim.x * warps;
-    int t = blockIdx.x * warps + warp;
-    int p = t < a.T && lane < a.P ? a.send_pos[static_cast<int64_t>(t) * a.P + lane] : -1;
-    for (; t < a.T; t += stride) {
-        const int tn = t + stride;
-        const int p_next = tn < a.T && lane < a.P ? a.send_pos[static_cast<int64_t>(tn) * a.P + lane] : -1;
-        const unsigned present = __ballot_sync(0xffffffffu, p >= 0);
-        const int n_src = __popc(present);
-        const int4* rows[kSrc];
-        unsigned m = present;
-#pragma unroll
-        for (int j = 0; j < kSrc; ++j) {
-            rows[j] = nullptr;
-            if (m == 0) continue;
-            const int l = __ffs(m) - 1;
-            m &= m - 1;
-            rows[j] = row_of(a, l, __shfl_sync(0xffffffffu, p, l));
-        }
-        int4* dst = reinterpret_cast<int4*>(a.out + static_cast<int64_t>(t) * a.H);
-        for (int step = 0; step < nvec; step += kUnroll * kWarp) {
-            const int v0 = step + lane;
-            int4 buf[kUnroll][kSrc];
-#pragma unroll
-            for (int u = 0; u < kUnroll; ++u)
-#pragma unroll
-                for (int j = 0; j < kSrc; ++j)
-                    if (j < n_src && v0 + u * kWarp < nvec) buf[u][j] = ld_weak_v4(rows[j] + v0 + u * kWarp);
-#pragma unroll
-            for (int u = 0; u < kUnroll; ++u) {
-                float acc[8];
-#pragma unroll
-                for (int e = 0; e < 8; ++e) acc[e] = 0.f;
-#pragma unroll
-                for (int j = 0; j < kSrc; ++j)
-                    if (j < n_src && v0 + u * kWarp < nvec) add_bf16x8(acc, buf[u][j]);
-                if (v0 + u * kWarp < nvec) st_na_v4(dst + v0 + u * kWarp, pack_bf16x8(acc));
-            }
-        }
-        p = p_next;
     }
 }
 
@@ -386,6 +328,25 @@ __global__ void copy_tma2(const uint8_t* src, uint8_t* dst, int rows, int row_by
     asm volatile("cp.async.bulk.wait_group 0;" ::: "memory");
 }
 
+// `iters` launches, each alone and after an L2 flush, timed with events: their times in us, sorted.
+template <typename F>
+static std::vector<float> time_launches(F&& launch, int iters, cudaEvent_t e0, cudaEvent_t e1, int* flush,
+                                        size_t flush_bytes) {
+    std::vector<float> ts;
+    for (int it = 0; it < iters; ++it) {
+        CK(cudaMemsetAsync(flush, it, flush_bytes));
+        CK(cudaEventRecord(e0));
+        launch();
+        CK(cudaEventRecord(e1));
+        CK(cudaEventSynchronize(e1));
+        float ms;
+        CK(cudaEventElapsedTime(&ms, e0, e1));
+        ts.push_back(ms * 1000.f);
+    }
+    std::sort(ts.begin(), ts.end());
+    return ts;
+}
+
 static void copy_bench(cudaEvent_t e0, cudaEvent_t e1, int* flush, size_t flush_bytes) {
     const int rows = 8192, H = 7168, row_bytes = H * 2, nvec = row_bytes / 16;
     uint8_t *src, *dst;
@@ -431,18 +392,7 @@ static void copy_bench(cudaEvent_t e0, cudaEvent_t e1, int* flush, size_t flush_
             std::vector<uint8_t> got(h.size());
             CK(cudaMemcpy(got.data(), dst, got.size(), cudaMemcpyDeviceToHost));
             const bool ok = got == h;
-            std::vector<float> ts;
-            for (int it = 0; it < (blocks == 1 ? 5 : 20); ++it) {
-                CK(cudaMemsetAsync(flush, it, flush_bytes));
-                CK(cudaEventRecord(e0));
-                launch();
-                CK(cudaEventRecord(e1));
-                CK(cudaEventSynchronize(e1));
-                float ms;
-                CK(cudaEventElapsedTime(&ms, e0, e1));
-                ts.push_back(ms * 1000.f);
-            }
-            std::sort(ts.begin(), ts.end());
+            const std::vector<float> ts = time_launches(launch, blocks == 1 ? 5 : 20, e0, e1, flush, flush_bytes);
             const float med = ts[ts.size() / 2];
             const double bytes = 2.0 * rows * row_bytes;
             std::printf("%-6d %-22s %10.1f %10.1f %10.1f %9.0f %10.1f %s\n", blocks, c.name, med, ts[ts.size() / 10],
@@ -559,11 +509,11 @@ int main() {
             for (const V& v : vs) {
                 auto launch = [&]() {
                     if (v.ring == -1) {
-                        if (P <= 2) reduce_v1<2, 8><<<blocks, kThreads>>>(a);
-                        else reduce_v1<4, 4><<<blocks, kThreads>>>(a);
+                        if (P <= 2) reduce_v0<2, 8, false, true><<<blocks, kThreads>>>(a);
+                        else reduce_v0<4, 4, false, true><<<blocks, kThreads>>>(a);
                     } else if (v.ring == -2) {
-                        if (P <= 2) reduce_v1<2, 12><<<blocks, kThreads>>>(a);
-                        else reduce_v1<4, 6><<<blocks, kThreads>>>(a);
+                        if (P <= 2) reduce_v0<2, 12, false, true><<<blocks, kThreads>>>(a);
+                        else reduce_v0<4, 6, false, true><<<blocks, kThreads>>>(a);
                     } else if (v.ring == 0) {
                         if (P <= 2) {
                             if (v.vol) reduce_v0<2, 8, true><<<blocks, kThreads>>>(a);
@@ -586,18 +536,7 @@ int main() {
                 CK(cudaMemcpy(got.data(), dout, got.size() * 2, cudaMemcpyDeviceToHost));
                 size_t bad = 0;
                 for (size_t i = 0; i < got.size(); ++i) bad += got[i] != ref[i];
-                std::vector<float> ts;
-                for (int it = 0; it < 30; ++it) {
-                    CK(cudaMemsetAsync(flush, it, flush_bytes));
-                    CK(cudaEventRecord(e0));
-                    launch();
-                    CK(cudaEventRecord(e1));
-                    CK(cudaEventSynchronize(e1));
-                    float ms;
-                    CK(cudaEventElapsedTime(&ms, e0, e1));
-                    ts.push_back(ms * 1000.f);
-                }
-                std::sort(ts.begin(), ts.end());
+                const std::vector<float> ts = time_launches(launch, 30, e0, e1, flush, flush_bytes);
                 const float med = ts[ts.size() / 2];
                 std::printf("%-3d %-6d %-14s %10.1f %10.1f %10.1f %9.0f %10.1f %s\n", P, blocks, v.name, med,
                             ts[ts.size() / 10], ts[ts.size() * 9 / 10], bytes / med / 1e3, bytes / med / 1e3 / blocks,

@@ -665,7 +665,9 @@ def test_calibrate_recovers_the_receive_pass() -> None:
 
 def test_fused_combine_term() -> None:
     """Inside one node the fused combine is bound by its push blocks (comb/8 of the grid) or the link, with no
-    receive pass after; with several nodes, or comb_gbps unknown, a combine is push + reduce as before."""
+    receive pass after; with several nodes a combine is push + reduce as before. With comb_gbps unknown it is still
+    the fused combine (what runs), its push term left out and named: a lower bound (it fell back to push + reduce,
+    unmarked, before session 32)."""
     cluster = sim.Cluster(gpus_per_node=2)
     true = replace(TRUE, copy_gbps=40.0)
     w = sim.Workload("normal", "combine", 4096, 7168, 8, 256, "bf16")
@@ -677,7 +679,10 @@ def test_fused_combine_term() -> None:
     split = sim.predict(w, 2, true, replace(cluster, combine_eighths=0), num_sms=8)
     assert split.t_copy_us > 0 and split.t_sm_us != f8.t_sm_us
     unknown = sim.predict(w, 2, replace(true, comb_gbps=None), cluster, num_sms=8)
-    assert unknown.time_us == pytest.approx(split.time_us)
+    assert unknown.unknown == ("comb_gbps",) and unknown.t_copy_us == 0
+    no_push = sim.predict(w, 2, replace(true, comb_gbps=1e12), cluster, num_sms=8)
+    assert unknown.time_us == pytest.approx(no_push.time_us)
+    assert unknown.time_us < f8.time_us  # (a lower bound)
     two_nodes = sim.predict(w, 4, true, cluster, num_sms=8)
     assert two_nodes.t_copy_us > 0  # several nodes: push + forward + reduce
     # push blocks move the rows for the node's other ranks only; reduce blocks go with this rank's own tokens
@@ -700,7 +705,8 @@ def test_fused_combine_term() -> None:
     reduce_only = replace(true, comb_gbps=None)
     assert sim.predict(w, 1, reduce_only, sim.Cluster(gpus_per_node=1), num_sms=24).t_sm_us == pytest.approx(
         one.t_sm_us)
-    assert sim.predict(w, 2, reduce_only, cluster, num_sms=8).t_copy_us > 0  # pushes with no known rate: split
+    pushes = sim.predict(w, 2, reduce_only, cluster, num_sms=8)  # pushes with no known rate: marked, not split
+    assert pushes.t_copy_us == 0 and pushes.unknown == ("comb_gbps",)
     # a record's tune names its split; otherwise combine_eighths, else push + reduce
     assert sim.record_eighths({"tune": "threads=512,comb=5"}) == 5
     assert sim.record_eighths({"tune": "", "combine_eighths": 3}) == 3

@@ -15,7 +15,9 @@
 #   nodes:   build; normal-mode kernel and per-leg times with nodes emulated on one host (2 x 2 and 4 x 1)
 #   split:   build; the fused combine's push share (LARGEEP_TUNE comb, eighths of its blocks; default 3) at 8/16/24
 #            SMs, BF16: 3, 4, 5, 2 on 4 GPUs, then 3, 4 on 2 (the model fitted on 2 GPUs at comb 3 predicts 4 GPUs
-#            at comb 4 about 13% faster, 531 against 612 us at 24 SMs; session 5 measured comb 4 slower on 2 GPUs)
+#            at comb 4 about 13% faster, 531 against 612 us at 24 SMs; session 5 measured comb 4 slower on 2 GPUs).
+#            Kernel times only, the default in the same call; scripts/device_check.sh's `comb` stage adds the GPU
+#            tests at the extreme splits (longer than one call)
 # Every command runs under what is left of a 560 s budget (LARGEEP_PART_S), so that OUTDIR.tar.gz is written before
 # a 600 s device limit; the exit status is the worst of the commands'. DRY=1 prints the commands (on stderr).
 set -uo pipefail
@@ -81,7 +83,7 @@ case $PART in
       n=${nc%:*} c=${nc#*:}
       run 75 env CUDA_VISIBLE_DEVICES="$(seq -s, 0 $((n - 1)))" LARGEEP_TUNE="comb=$c" python3 bench/kernel_times.py \
         --nprocs "$n" --num-sms 8,16,24 --dtypes bf16 --out "$OUT/split_comb$c" > "$OUT/split_comb${c}_ep$n.log" 2>&1
-      grep -hE " combine " "$OUT/split_comb${c}_ep$n.log" | sed "s/^/ep$n comb=$c: /"
+      grep -hE "^combine " "$OUT/split_comb${c}_ep$n.log" | sed "s/^/ep$n comb=$c: /"
     done
     ;;
   *) echo "unknown part $PART"; exit 2 ;;

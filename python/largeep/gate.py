@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from largeep.errors import ArgumentError
+from largeep.placement import _check_topk
 
 if TYPE_CHECKING:
     import torch.distributed as dist
@@ -38,6 +39,11 @@ GroupScore = Literal["top2", "max"]
 def _check(cond: bool, arg: str, msg: str) -> None:
     if not cond:
         raise ArgumentError(f"argument '{arg}' {msg}")
+
+
+def _is_int(x: object) -> bool:
+    """An integer (Python or numpy), not a bool."""
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
 
 
 def _finite(x: object) -> bool:
@@ -105,11 +111,9 @@ class GateConfig:
         """Checks the fields (run again whenever one is set)."""
         for name in ("hidden", "num_experts", "topk", "num_groups"):
             value = getattr(self, name)
-            _check(isinstance(value, numbers.Integral) and not isinstance(value, bool), name,
-                   f"must be an int, got {value!r}")
-        _check(self.topk_groups is None or (isinstance(self.topk_groups, numbers.Integral)
-                                            and not isinstance(self.topk_groups, bool)),
-               "topk_groups", f"must be None or an int, got {self.topk_groups!r}")
+            _check(_is_int(value), name, f"must be an int, got {value!r}")
+        _check(self.topk_groups is None or _is_int(self.topk_groups), "topk_groups",
+               f"must be None or an int, got {self.topk_groups!r}")
         _check(self.hidden >= 1, "hidden", f"must be >= 1, got {self.hidden}")
         _check(self.num_experts >= 1, "num_experts", f"must be >= 1, got {self.num_experts}")
         _check(1 <= self.topk <= self.num_experts, "topk", f"must be in [1, num_experts], got {self.topk}")
@@ -635,8 +639,7 @@ class LoadMonitor:
         the host: give ids in [-1, E)) or ``expert_counts`` float/int [E]."""
         _check((topk_idx is None) != (expert_counts is None), "topk_idx", "or expert_counts: give exactly one")
         if topk_idx is not None:
-            _check(topk_idx.dtype == torch.int64 and topk_idx.dim() == 2, "topk_idx",
-                   f"must be int64 [T, K], got {topk_idx.dtype} of shape {tuple(topk_idx.shape)}")
+            _check_topk(topk_idx, self.num_experts, values=False)  # (ids not range-checked: no host wait)
             load = _counts(topk_idx.to(self.share.device), self.num_experts).float()
         else:
             assert expert_counts is not None

@@ -149,13 +149,14 @@ class RoutingTrace:
         return torch.bincount(flat[flat >= 0], minlength=self.num_experts).double()
 
 
-def _check_topk(topk_idx: torch.Tensor, num_experts: int, arg: str = "topk_idx") -> None:
+def _check_topk(topk_idx: torch.Tensor, num_experts: int, arg: str = "topk_idx", *, values: bool = True) -> None:
+    """int64 [T, K]; with ``values``, in [-1, num_experts) too (a host read of the ids)."""
     _check(
         isinstance(topk_idx, torch.Tensor) and topk_idx.dtype == torch.int64 and topk_idx.dim() == 2,
         arg,
         "must be an int64 tensor [T, K]",
     )
-    if topk_idx.numel():
+    if values and topk_idx.numel():
         lo, hi = int(topk_idx.min()), int(topk_idx.max())
         _check(lo >= -1 and hi < num_experts, arg, f"must be in [-1, {num_experts}), got [{lo}, {hi}]")
 
@@ -293,8 +294,7 @@ class Placement:
         # (a numpy integer would turn the tensor arithmetic below into numpy's)
         src_gpu = _one_source(src_gpu, "an int or a 0-dim integer tensor")
         _check(0 <= src_gpu < topo.num_gpus, "src_gpu", f"must be in [0, {topo.num_gpus}), got {src_gpu}")
-        _check(topk_idx.dtype == torch.int64 and topk_idx.dim() == 2, "topk_idx",
-               f"must be int64 [T, K], got {topk_idx.dtype} of shape {tuple(topk_idx.shape)}")
+        _check_topk(topk_idx, self.num_logical, values=False)  # (the values are not read: no host wait)
         _, _, on_gpu, node_list, node_cnt = self._tables(topk_idx.device)
         keep, cycles, cycle_start, cycle_len = self._spread(topk_idx.device)
         t, k = topk_idx.shape

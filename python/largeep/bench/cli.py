@@ -99,24 +99,22 @@ _positive = _int_at_least(1, "a positive integer")
 _non_negative = _int_at_least(0, "a non-negative integer")
 
 
-def _positive_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not 0 < v < float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
-    return v
+def _float_where(ok: Callable[[float], bool], what: str) -> Callable[[str], float]:
+    """A float parser that takes values for which ``ok`` holds (NaN never does), else says it expected ``what``."""
+    def parse(text: str) -> float:
+        try:
+            v = float(text)
+        except ValueError:
+            v = float("nan")
+        if not ok(v):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return v
+
+    return parse
 
 
-def _non_negative_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        v = -1.0
-    if not 0 <= v < float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
-    return v
+_positive_float = _float_where(lambda v: 0 < v < float("inf"), "a positive number")
+_non_negative_float = _float_where(lambda v: 0 <= v < float("inf"), "a finite number >= 0")
 
 
 def _choices(allowed: Sequence[str]) -> Any:
@@ -337,10 +335,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(f"under torchrun every backend runs in the same processes, and {', '.join(nvshmem_users)} "
                          "each initialise NVSHMEM in them: pass --backends with at most one of "
                          f"{', '.join(_NVSHMEM_USERS)} (torch may go with it), one run each")
-        if args.nprocs is not None:
-            print(f"largeep-bench: --nprocs {args.nprocs} is ignored under torchrun (its ranks are the processes)",
-                  flush=True)
-        _say_ignored(args, kind)
+        _say_ignored(args, kind, torchrun=True)
         kwargs: dict[str, Any] = {}
         if kind == "gpu":
             torch.cuda.set_device(local_rank)
@@ -428,8 +423,11 @@ def _launch(args: argparse.Namespace, kind: str, nprocs: int, command: str) -> i
 _NVSHMEM_USERS = ("nvshmem", "symm_mem", "deepep")  # backends that initialise NVSHMEM in their process
 
 
-def _say_ignored(args: argparse.Namespace, kind: str) -> None:
+def _say_ignored(args: argparse.Namespace, kind: str, torchrun: bool = False) -> None:
     """One line for each option given that this run does not use (they were ignored without a word)."""
+    if torchrun and args.nprocs is not None:
+        print(f"largeep-bench: --nprocs {args.nprocs} is ignored under torchrun (its ranks are the processes)",
+              flush=True)
     if args.zipf_s != 1.0 and args.routing != "zipf":
         print(f"largeep-bench: --zipf-s {args.zipf_s} is ignored without --routing zipf", flush=True)
     if args.link_gbps != 450.0 and kind == "cpu":

@@ -1532,12 +1532,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                          source=f"{params.source}; eff_rdma set to {args.eff_rdma:g} by --eff-rdma")
     print(f"calibration: {params.source}")
     print(f"  constants fitted: {', '.join(params.fitted) or 'none'}; the others are placeholders")
-    copy_txt = f"{params.copy_gbps:.2f}" if params.copy_gbps else "none"
-    comb_txt = f"{params.comb_gbps:.2f}" if params.comb_gbps else "none"
-    red_txt = f"{params.reduce_gbps:.2f}" if params.reduce_gbps else "none"
     print(f"  lat_us={ {k: round(v, 2) for k, v in params.lat_us.items()} } eff_nvlink={params.eff_nvlink:.3f} "
-          f"eff_rdma={params.eff_rdma:.3f} sm_gbps={params.sm_gbps:.2f} copy_gbps={copy_txt} comb_gbps={comb_txt} "
-          f"reduce_gbps={red_txt}")
+          f"eff_rdma={params.eff_rdma:.3f} sm_gbps={params.sm_gbps:.2f} copy_gbps={_rate_txt(params.copy_gbps)} "
+          f"comb_gbps={_rate_txt(params.comb_gbps)} reduce_gbps={_rate_txt(params.reduce_gbps)}")
     for warning in params.warnings:
         print(f"  WARNING: {warning}")
     if shown:

@@ -258,8 +258,9 @@ class Sweep:
             groups = [list(mp.tokens)] if mode == "normal" else [[t] for t in mp.tokens]
             for sms, group in itertools.product(sms_list, groups):
                 spec = BufferSpec(mode, hidden, experts, topk, max(group), sms, self.rpn)
-                where = sizes + (f" sms={sms}" if sms else "") + (f" T={group[0]}" if mode != "normal" else "")
-                what = f"{a.name} {sizes}" + (f" sms={sms}" if sms else "")
+                at = sizes + (f" sms={sms}" if sms else "")
+                what = f"{a.name} {at}"  # (progress lines add T and dtype)
+                where = at + (f" T={group[0]}" if mode != "normal" else "")
                 reason = _agree(a.config_reason(spec, self.n), self.group)
                 if reason is None:
                     err = None

@@ -18,14 +18,7 @@
 #include <random>
 #include <vector>
 
-#define CK(x)                                                                                    \
-    do {                                                                                         \
-        cudaError_t e_ = (x);                                                                    \
-        if (e_ != cudaSuccess) {                                                                 \
-            std::printf("CUDA error %s at %s:%d\n", cudaGetErrorString(e_), __FILE__, __LINE__); \
-            std::exit(1);                                                                        \
-        }                                                                                        \
-    } while (0)
+#include "micro.cuh"  // CK
 
 constexpr int kWarp = 32;
 constexpr int kThreads = 1024;

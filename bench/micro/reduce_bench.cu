@@ -36,14 +36,7 @@ using largeep::pack_bf16x8;
 using largeep::st_na_v4;
 using largeep::Vec;
 
-#define CK(x)                                                                                    \
-    do {                                                                                         \
-        cudaError_t e_ = (x);                                                                    \
-        if (e_ != cudaSuccess) {                                                                 \
-            std::printf("CUDA error %s at %s:%d\n", cudaGetErrorString(e_), __FILE__, __LINE__); \
-            std::exit(1);                                                                        \
-        }                                                                                        \
-    } while (0)
+#include "micro.cuh"  // CK
 
 constexpr int kWarp = 32;
 constexpr int kThreads = 512;
@@ -152,6 +145,26 @@ __device__ __forceinline__ void bulk_load(void* dst_smem, const void* src, uint3
             smem_addr(dst_smem)),
         "l"(src), "r"(bytes), "r"(smem_addr(bar))
         : "memory");
+}
+
+// Bytes before the first row slot of the copy kernels' shared memory (their mbarriers, 128-byte aligned).
+__host__ __device__ constexpr int copy_ring_head(int ring) { return 128 * ((ring * 8 + 127) / 128); }
+
+// A row store from shared memory into global memory, in the current bulk group, and the group's commit.
+__device__ __forceinline__ void bulk_store(void* dst, const void* src_smem, uint32_t bytes) {
+    asm volatile("cp.async.bulk.global.shared::cta.bulk_group [%0], [%1], %2;" ::"l"(dst), "r"(smem_addr(src_smem)),
+                 "r"(bytes)
+                 : "memory");
+}
+__device__ __forceinline__ void bulk_commit() { asm volatile("cp.async.bulk.commit_group;" ::: "memory"); }
+
+// The copy kernels' shared memory: `ring` mbarriers (one arrival each, initialised by the calling thread), then the
+// row slots, 128-byte aligned; returns the first slot.
+__device__ __forceinline__ uint8_t* copy_ring(uint8_t* smem, int ring) {
+    uint64_t* full = reinterpret_cast<uint64_t*>(smem);
+    for (int i = 0; i < ring; ++i) mbar_init(full + i, 1);
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    return smem + copy_ring_head(ring);
 }
 
 // Shared memory: full[ring], empty[ring] (mbarriers), meta[ring] (token, rows of that token), then the row slots.
@@ -269,10 +282,8 @@ __global__ void __launch_bounds__(kThr) copy_regs(const int4* src, int4* dst, in
 __global__ void copy_tma(const uint8_t* src, uint8_t* dst, int rows, int row_bytes, int ring) {
     extern __shared__ __align__(128) uint8_t smem[];
     uint64_t* full = reinterpret_cast<uint64_t*>(smem);
-    uint8_t* slots = smem + 128 * ((ring * 8 + 127) / 128);
     if (threadIdx.x != 0) return;
-    for (int i = 0; i < ring; ++i) mbar_init(full + i, 1);
-    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    uint8_t* slots = copy_ring(smem, ring);
     int n = 0;  // rows of this block so far
     for (int r = blockIdx.x; r < rows; r += gridDim.x, ++n) {
         const int s = n % ring;
@@ -283,13 +294,10 @@ __global__ void copy_tma(const uint8_t* src, uint8_t* dst, int rows, int row_byt
         mbar_arrive_expect_tx(full + s, row_bytes);
         bulk_load(slots + static_cast<int64_t>(s) * row_bytes, src + static_cast<int64_t>(r) * row_bytes, row_bytes,
                   full + s);
-        // store the row loaded (ring - 1) rows ago... simpler: wait for this one, then store it
+        // wait for this row, then store it
         mbar_wait(full + s, (n / ring) & 1);
-        asm volatile("cp.async.bulk.global.shared::cta.bulk_group [%0], [%1], %2;" ::"l"(
-                         dst + static_cast<int64_t>(r) * row_bytes),
-                     "r"(smem_addr(slots + static_cast<int64_t>(s) * row_bytes)), "r"(row_bytes)
-                     : "memory");
-        asm volatile("cp.async.bulk.commit_group;" ::: "memory");
+        bulk_store(dst + static_cast<int64_t>(r) * row_bytes, slots + static_cast<int64_t>(s) * row_bytes, row_bytes);
+        bulk_commit();
     }
     asm volatile("cp.async.bulk.wait_group 0;" ::: "memory");
 }
@@ -298,10 +306,8 @@ __global__ void copy_tma(const uint8_t* src, uint8_t* dst, int rows, int row_byt
 __global__ void copy_tma2(const uint8_t* src, uint8_t* dst, int rows, int row_bytes, int ring) {
     extern __shared__ __align__(128) uint8_t smem[];
     uint64_t* full = reinterpret_cast<uint64_t*>(smem);
-    uint8_t* slots = smem + 128 * ((ring * 8 + 127) / 128);
     if (threadIdx.x != 0) return;
-    for (int i = 0; i < ring; ++i) mbar_init(full + i, 1);
-    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    uint8_t* slots = copy_ring(smem, ring);
     const int mine = rows > static_cast<int>(blockIdx.x) ? (rows - 1 - blockIdx.x) / gridDim.x + 1 : 0;
     const int ahead = ring - 1;
     auto load = [&](int n) {
@@ -314,11 +320,8 @@ __global__ void copy_tma2(const uint8_t* src, uint8_t* dst, int rows, int row_by
     for (int n = 0; n < mine; ++n) {
         const int s = n % ring, r = blockIdx.x + n * gridDim.x;
         mbar_wait(full + s, (n / ring) & 1);
-        asm volatile("cp.async.bulk.global.shared::cta.bulk_group [%0], [%1], %2;" ::"l"(
-                         dst + static_cast<int64_t>(r) * row_bytes),
-                     "r"(smem_addr(slots + static_cast<int64_t>(s) * row_bytes)), "r"(row_bytes)
-                     : "memory");
-        asm volatile("cp.async.bulk.commit_group;" ::: "memory");
+        bulk_store(dst + static_cast<int64_t>(r) * row_bytes, slots + static_cast<int64_t>(s) * row_bytes, row_bytes);
+        bulk_commit();
         if (n + ahead < mine) {
             // slot (n + ahead) % ring last held row n - 1, whose store is the newest but one: let it finish reading
             asm volatile("cp.async.bulk.wait_group.read %0;" ::"n"(1) : "memory");
@@ -373,7 +376,7 @@ static void copy_bench(cudaEvent_t e0, cudaEvent_t e1, int* flush, size_t flush_
     for (int blocks : {1, 5, 15, 132}) {
         for (const C& c : cs) {
             auto launch = [&]() {
-                const size_t sm = 128 * ((c.ring * 8 + 127) / 128) + static_cast<size_t>(c.ring) * row_bytes;
+                const size_t sm = copy_ring_head(c.ring) + static_cast<size_t>(c.ring) * row_bytes;
                 const int4* s4 = reinterpret_cast<const int4*>(src);
                 int4* d4 = reinterpret_cast<int4*>(dst);
                 switch (c.kind) {

@@ -724,7 +724,7 @@ class Buffer:
             )
 
         out, event = self._run(run, previous_event, async_finish, [xs, scales, topk_idx, topk_weights])
-        counts, counts_t = list(out.num_tokens_per_expert), out.num_tokens_per_expert_tensor
+        counts, counts_t = out.num_tokens_per_expert, out.num_tokens_per_expert_tensor
         if handle is None:
             num_recv = num_worst_tokens if num_worst_tokens else out.num_recv_tokens
             if not counts and counts_t.numel() and counts_t.device.type == "cpu":

@@ -609,3 +609,48 @@ def sweep_keeps_records_of_a_failed_backend(rank: int, world: int, part: str) ->
     with open(part) as f:
         doc = json.load(f)
     return {"in_memory": len(s.records), "in_file": len(doc["records"])}
+
+
+def low_latency_fp8_not_finite(rank: int, world: int, backend: str, round_scale: bool) -> None:
+    """A low-latency FP8 dispatch of tokens holding NaN or an infinity: that group's scale is NaN (NaN) or infinite
+    (an infinity) and all its values dequantise to NaN, never to a finite number; the token's other groups and the
+    finite tokens (one of bf16 values far past 448) are SPEC's rows (fp8_check). Every rank sends the same 5 tokens
+    to experts 0 and E - 1."""
+    hidden, experts = 384, 2 * world
+    dev = device_for(backend)
+    buf = largeep.Buffer(None, hidden=hidden, num_experts=experts, num_topk=2, max_tokens_per_rank=8,
+                         backend=backend, low_latency=True)
+    try:
+        g = torch.Generator().manual_seed(7)
+        x = torch.randn(5, hidden, generator=g)
+        x[0, 5] = float("nan")  # group 0 of token 0
+        x[1, 200] = float("inf")  # group 1 of token 1
+        x[2, 300] = -float("inf")  # group 2 of token 2
+        x[3, 130] = 1e30  # token 3: finite, far past the e4m3 range
+        x = x.to(torch.bfloat16)
+        bad = {(0, 0): "nan", (1, 1): "inf", (2, 2): "inf"}
+        idx = torch.tensor([[0, experts - 1]] * 5)
+        res = buf.low_latency_dispatch(x.to(dev), idx.to(dev), use_fp8=True, round_scale=round_scale)
+        q, s = (t.cpu() for t in res.x)
+        counts = res.num_tokens_per_expert.cpu().tolist()
+        info = res.src_info.cpu()
+        mine = [e for e in (0, experts - 1) if e // 2 == rank]
+        for e in mine:
+            le = e % 2
+            assert counts[le] == 5 * world, f"expert {e}: counts {counts}"
+            for j in range(counts[le]):
+                t = int(info[le, j, 1])
+                for grp in range(hidden // 128):
+                    cols = slice(128 * grp, 128 * (grp + 1))
+                    sc = float(s[le, j, grp])
+                    deq = q[le, j, cols].float() * sc
+                    kind = bad.get((t, grp))
+                    if kind == "nan":
+                        assert sc != sc and bool(deq.isnan().all()), f"token {t} group {grp}: scale {sc}"
+                    elif kind == "inf":
+                        assert sc == float("inf") and bool(deq.isnan().all()), f"token {t} group {grp}: scale {sc}"
+                    else:
+                        why = fp8_check(q[le, j, cols], s[le, j, grp:grp + 1], x[t, cols], round_scale)
+                        assert why is None, f"token {t} group {grp}: {why}"
+    finally:
+        buf.destroy()

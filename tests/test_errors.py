@@ -953,6 +953,22 @@ def test_nvshmem_expert_counts(low_latency: bool, ranks: int, per_node: int, exp
     assert (reason is None) if refused is None else (reason is not None and refused in reason), reason
 
 
+@pytest.mark.parametrize("experts,max_tokens,refused", [
+    (2048, (1 << 20) - 1, None),  # 2**31 - 2048 output rows
+    (2048, 1 << 20, "num_experts x max_tokens_per_rank = 2147483648 must be below 2**31"),
+])
+def test_nvshmem_low_latency_output_rows(experts: int, max_tokens: int, refused: str | None) -> None:
+    """The low-latency kernels number a rank's output rows (E/N experts x N x max_tokens_per_rank) in 32 bits."""
+    import types
+
+    from largeep.backends.nvshmem_backend import unsupported_reason
+
+    ctx = types.SimpleNamespace(num_ranks=2, ranks_per_node=2, low_latency=True, hidden=128, num_topk=1,
+                                max_tokens_per_rank=max_tokens, num_experts=experts)
+    reason = unsupported_reason(ctx)  # type: ignore[arg-type]
+    assert (reason is None) if refused is None else (reason is not None and refused in reason), reason
+
+
 def test_torch_backend_ranks_disagree(pools) -> None:
     """Cached dispatches and combines whose kind differs between ranks, and ranks that make different calls, are
     refused on every rank (CPU groups)."""

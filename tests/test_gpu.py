@@ -348,6 +348,16 @@ def test_zero_copy_slots(pools) -> None:
 
 @pytest.mark.gpu(1)
 @needs_native
+@pytest.mark.parametrize("world", [1, pytest.param(2, marks=pytest.mark.gpu(2))])
+@pytest.mark.parametrize("round_scale", [False, True])
+def test_low_latency_fp8_not_finite(pools, world: int, round_scale: bool) -> None:
+    """The kernels' FP8 quantiser on NaN and infinities: as largeep.fp8 (the group NaN after dequantising; before,
+    a NaN became -448 times the scale and an infinity -inf)."""
+    pools(world, "nccl").run(bodies.low_latency_fp8_not_finite, "nvshmem", round_scale)
+
+
+@pytest.mark.gpu(1)
+@needs_native
 def test_low_latency_hook_capture(pools) -> None:
     pools(1, "nccl").run(gpu_bodies.low_latency_hook_capture)
 

@@ -95,6 +95,13 @@ def test_low_latency(pools, world: int, use_fp8: bool, round_scale: bool | str, 
     )
 
 
+@pytest.mark.parametrize("world", [1, 2])
+@pytest.mark.parametrize("round_scale", [False, True])
+def test_low_latency_fp8_not_finite(pools, world: int, round_scale: bool) -> None:
+    """NaN and infinities spoil their FP8 group (NaN values after dequantising), never give a finite value."""
+    pools(world).run(bodies.low_latency_fp8_not_finite, "torch", round_scale)
+
+
 @pytest.mark.parametrize("world,ranks_per_node", [(3, None), (4, None), (4, 2)])
 def test_normal_combine_float32_sums(pools, world: int, ranks_per_node: int | None) -> None:
     """The combine's float32 accumulation, bit for bit (values whose BF16 sums differ; 0 tokens on one rank)."""

@@ -111,9 +111,14 @@ __device__ __forceinline__ bool ll_block_wait(const LowLatencyCtx& c, int kind, 
     return all;
 }
 
+// The larger of a and b, NaN if either is (fmaxf drops a NaN): the group's amax carries a NaN to its scale.
+__device__ __forceinline__ float max_keep_nan(float a, float b) { return (a != a || b != b) ? a + b : fmaxf(a, b); }
+
 // FP8 e4m3 of the 8 bf16 values in `raw` (this lane's 16 bytes of a group of 128 channels held by its half-warp):
 // returns the 8 bytes and, in *scale, the group's scale (amax / 448 over the half-warp, rounded up to a power of
 // two with round_scale). Every lane of the warp calls it (shuffles); lanes with valid == false add 0 to the amax.
+// As largeep.fp8.quantize: a NaN in the group makes its scale and every value NaN; an infinity makes the scale
+// infinite (each value then dequantises to NaN); finite values past +-448 saturate.
 __device__ __forceinline__ uint2 quantize_e4m3x8(int4 raw, bool valid, int round_scale, float* scale) {
     float f[8];
     const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&raw);
@@ -125,10 +130,10 @@ __device__ __forceinline__ uint2 quantize_e4m3x8(int4 raw, bool valid, int round
     }
     float amax = 0.f;
 #pragma unroll
-    for (int i = 0; i < 8; ++i) amax = fmaxf(amax, fabsf(f[i]));
+    for (int i = 0; i < 8; ++i) amax = max_keep_nan(amax, fabsf(f[i]));
 #pragma unroll
-    for (int d = 8; d >= 1; d /= 2) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, d));
-    float s = fmaxf(amax, 1e-4f) / 448.f;
+    for (int d = 8; d >= 1; d /= 2) amax = max_keep_nan(amax, __shfl_xor_sync(0xffffffffu, amax, d));
+    float s = max_keep_nan(amax, 1e-4f) / 448.f;
     if (round_scale) s = exp2f(ceilf(log2f(s)));
     *scale = s;
     const float inv = 1.f / s;
@@ -138,8 +143,8 @@ __device__ __forceinline__ uint2 quantize_e4m3x8(int4 raw, bool valid, int round
         uint32_t word = 0;
 #pragma unroll
         for (int b = 0; b < 4; ++b) {
-            const float q = fminf(fmaxf(f[4 * i + b] * inv, -448.f), 448.f);
-            const __nv_fp8_storage_t s8 = __nv_cvt_float_to_fp8(q, __NV_SATFINITE, __NV_E4M3);
+            // (saturating: a finite value past +-448 becomes +-448, NaN stays NaN)
+            const __nv_fp8_storage_t s8 = __nv_cvt_float_to_fp8(f[4 * i + b] * inv, __NV_SATFINITE, __NV_E4M3);
             word |= static_cast<uint32_t>(s8) << (8 * b);
         }
         packed[i] = word;

@@ -6,9 +6,9 @@ keeps ``q`` inside the e4m3 range.
 
 Two departures from that formula, the same in this module and in the low-latency kernels: the amax is taken at least
 1e-4, so a group whose values are all below 1e-4 in magnitude gets the scale 1e-4 / 448 (an all-zero group a finite
-scale, q 0, never a division by zero; values below about 4e-10 then become 0). And a NaN in a group is not defined:
-here it makes its whole group NaN, while the kernels leave it out of the amax and store a clamped value for it.
-Check inputs for NaN before quantising where that matters.
+scale, q 0, never a division by zero; values below about 4e-10 then become 0). And values that are not finite
+spoil their group, alike here and in the kernels: a NaN makes the group's scale and every q NaN, and an infinity makes
+the scale infinite, so that every value of the group dequantises to NaN (never to a plausible finite value).
 """
 
 from __future__ import annotations

@@ -98,6 +98,11 @@ def unsupported_reason(ctx: GroupContext) -> str | None:
         if copies >= 1 << 31:
             return ("the nvshmem low-latency kernels number a rank's received copies (and rows times 32 lanes) with "
                     f"32-bit integers: ranks x max_tokens_per_rank x max(num_topk, 32) = {copies} must be below 2**31")
+        out_rows = ctx.num_experts * ctx.max_tokens_per_rank
+        if out_rows >= 1 << 31:
+            return ("the nvshmem low-latency kernels number a rank's output rows (its experts x ranks x "
+                    f"max_tokens_per_rank) with 32-bit integers: num_experts x max_tokens_per_rank = {out_rows} must "
+                    "be below 2**31")
     elif ctx.num_ranks * ctx.max_tokens_per_rank >= 1 << 31:
         return ("the nvshmem normal-mode kernels number a rank's received rows with 32-bit integers: ranks x "
                 f"max_tokens_per_rank = {ctx.num_ranks * ctx.max_tokens_per_rank} must be below 2**31")
@@ -1221,9 +1226,11 @@ class NvshmemBackend:
 
         @self._ll_closes_round(op)
         def finish() -> None:
+            # (the closure holds every tensor the receive writes: rowmap through state, for a caller that drops the
+            # state before it runs the receive)
             self.ll.dispatch_recv(
                 x_out.data_ptr(), s_out.data_ptr() if s_out is not None else 0, count.data_ptr(),
-                src_info.data_ptr(), meta.data_ptr(), lead, pairs, use_fp8, seq.data_ptr(), self._stream(),
+                src_info.data_ptr(), meta.data_ptr(), lead, pairs, use_fp8, state.seq.data_ptr(), self._stream(),
             )
 
         if async_recv:

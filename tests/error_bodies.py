@@ -1790,20 +1790,30 @@ def missing_collective_member(rank: int, world: int, which: str, timeout_s: floa
 def too_large_for_the_gpu(rank: int, world: int) -> dict[str, Any]:
     """The first nvshmem Buffer of these processes asks for more symmetric memory than their shared GPU has free
     (max_tokens_per_rank 2**20 at hidden 7168: about 170 GiB per rank): every rank raises ArgumentError naming the
-    memory, before NVSHMEM starts; then a Buffer of a fitting size works (a checked round)."""
+    memory, before NVSHMEM starts; then a Buffer of a fitting size works (a checked round). With NVSHMEM started
+    and that Buffer alive, the too-large one is refused the same way (before, only a process's first Buffer was
+    checked: a later one failed inside the collective allocation on the ranks short of memory alone), and the
+    fitting Buffer still works."""
     chk = Checker(f"too large on rank {rank}")
-    try:
-        largeep.Buffer(None, hidden=7168, num_experts=2 * world, num_topk=2, max_tokens_per_rank=1 << 20,
-                       backend="nvshmem")
-    except ArgumentError as exc:
-        chk.expect("GiB of symmetric memory per rank" in str(exc) and "GiB free" in str(exc)
-                   and "lower max_tokens_per_rank" in str(exc), f"ArgumentError: {exc}")
-    else:
-        chk.expect(False, "a Buffer larger than the GPU's free memory was made")
+
+    def too_large() -> None:
+        try:
+            largeep.Buffer(None, hidden=7168, num_experts=2 * world, num_topk=2, max_tokens_per_rank=1 << 20,
+                           backend="nvshmem")
+        except ArgumentError as exc:
+            chk.expect("GiB of symmetric memory per rank" in str(exc) and "GiB free" in str(exc)
+                       and "lower max_tokens_per_rank" in str(exc), f"ArgumentError: {exc}")
+        else:
+            chk.expect(False, "a Buffer larger than the GPU's free memory was made")
+
+    too_large()
     case = NormalCase(tuple(5 + 3 * r for r in range(world)), HIDDEN, EXPERTS, TOPK, 19, max_tokens=MAX_TOKENS)
     buf = largeep.Buffer(None, backend="nvshmem", **case.buffer_kwargs())
     try:
         chk.where += ", the fitting Buffer after it"
+        NormalRound(buf, case, chk).run()
+        chk.where += ", a too-large Buffer beside it"
+        too_large()
         NormalRound(buf, case, chk).run()
     finally:
         buf.destroy()

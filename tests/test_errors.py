@@ -255,6 +255,27 @@ def test_nvshmem_memory_reason() -> None:
     assert reason is not None and "lower tokens_per_round (about 972 or fewer would fit)" in reason, reason
     reason = memory_reason(10 * gib, [("a", "0", 1 << 20)], max_tokens=8)
     assert reason is not None and "lower max_tokens_per_rank or tokens_per_round" in reason, reason
+    # a later Buffer: only what the heap must grow by (the fourth entry) needs free memory
+    assert memory_reason(10 * gib, [("a", "0", 5 * gib, 2 * gib)] * 2) is None  # 2 x 2 GiB more of 5 GiB free
+    reason = memory_reason(10 * gib, [("a", "0", 5 * gib, 6 * gib)], max_tokens=1000)
+    assert reason is not None and "(of which NVSHMEM's heap holds 4.00 GiB already)" in reason, reason
+    assert "has 5.0 GiB free" in reason and "tokens_per_round=900 or fewer" in reason, reason  # (5 + 4) / 10
+
+
+def test_nvshmem_heap_growth(monkeypatch) -> None:
+    """How much a Buffer grows this process's symmetric heap: what its allocation needs past the most the live
+    Buffers have held at once (NVSHMEM keeps the memory it mapped for Buffers since destroyed)."""
+    from largeep.backends import nvshmem_backend as nb
+
+    monkeypatch.setattr(nb, "_heap", {"live": 0, "peak": 0})
+    assert nb._heap_growth(10) == 10  # the first Buffer
+    nb._heap_taken(10)
+    assert nb._heap_growth(4) == 4  # a second beside it
+    nb._heap_taken(4)
+    nb._heap["live"] -= 10  # the first destroyed: 4 live, 14 mapped
+    assert nb._heap_growth(10) == 0 and nb._heap_growth(12) == 2
+    nb._heap_taken(12)
+    assert nb._heap == {"live": 16, "peak": 16}
 
 
 def test_nvshmem_refusal_words_of_many_ranks() -> None:

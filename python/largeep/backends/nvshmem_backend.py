@@ -65,6 +65,20 @@ _HOST_GRACE_S = 5.0
 FUSED_LAUNCHES = [0]
 
 _world: dict[str, Any] = {}
+# This process's symmetric heap: bytes of the live Buffers' allocations, and the most they have held at once (what
+# NVSHMEM has mapped: it keeps the memory it mapped for freed allocations and hands it out again).
+_heap = {"live": 0, "peak": 0}
+
+
+def _heap_growth(need: int) -> int:
+    """About how many bytes NVSHMEM must map for an allocation of ``need`` more (0: the memory it mapped for
+    Buffers since destroyed covers it; its allocator's fragmentation is not counted)."""
+    return max(0, _heap["live"] + need - _heap["peak"])
+
+
+def _heap_taken(nbytes: int) -> None:
+    _heap["live"] += nbytes
+    _heap["peak"] = max(_heap["peak"], _heap["live"])
 
 
 # Group sizes the kernels support: normal mode (a thread per rank in the waits and the count exchange, a lane per
@@ -140,29 +154,39 @@ def threads_reason(num_ranks: int, threads: list[int]) -> str | None:
             "fits any normal-mode group)")
 
 
-def memory_reason(need: int, places: list[tuple[str, str, int]], max_tokens: int = 0, in_rounds: bool = False
+def memory_reason(need: int, places: list[tuple[Any, ...]], max_tokens: int = 0, in_rounds: bool = False
                   ) -> str | None:
     """None unless some GPU cannot hold the symmetric allocation of ``need`` bytes for each of its ranks;
-    ``places``: (host, GPU, free bytes as that rank saw them) of each rank, in rank order. NVSHMEM maps its heap's
-    memory as allocations ask for it, so an allocation that a GPU cannot hold fails there only, and the other ranks
-    would be left inside the collective allocation: refuse it on every rank first. ``max_tokens``: the tokens per
-    rank the buffers are sized for (max_tokens_per_rank, or tokens_per_round when ``in_rounds``), to suggest a
-    size that would fit (the memory grows about in proportion to it)."""
+    ``places``: (host, GPU, free bytes as that rank saw them[, the bytes its symmetric heap must grow by]) of each
+    rank, in rank order (without the fourth: ``need``). NVSHMEM maps its heap's memory as allocations ask for it
+    (and keeps what it mapped once, which the free memory does not count), so an allocation that a GPU cannot hold
+    fails there only, and the other ranks would be left inside the collective allocation: refuse it on every rank
+    first. ``max_tokens``: the tokens per rank the buffers are sized for (max_tokens_per_rank, or tokens_per_round
+    when ``in_rounds``), to suggest a size that would fit (the memory grows about in proportion to it)."""
     gpus: dict[tuple[str, str], list[int]] = {}
-    for rank, (host, gpu, _) in enumerate(places):
+    for rank, (host, gpu, *_) in enumerate(places):
         gpus.setdefault((host, gpu), []).append(rank)
+
+    def grow(r: int) -> int:
+        return int(places[r][3]) if len(places[r]) > 3 else need
+
     short = []
     fits = 1.0
     for (host, gpu), ranks in gpus.items():
         free = min(places[r][2] for r in ranks)
-        if need * len(ranks) > free:
+        more = sum(grow(r) for r in ranks)
+        if more > free:
             short.append(f"GPU {gpu} of host {host} ({len(ranks)} rank(s): {ranks}) has {free / 2**30:.1f} GiB free")
-            fits = min(fits, free / (need * len(ranks)))
+            # a smaller Buffer needs need' per rank, of which (need - grow) the heap holds already
+            kept = min(need - grow(r) for r in ranks)
+            fits = min(fits, (free / len(ranks) + kept) / need)
     if not short:
         return None
     size = int(max_tokens * fits)
-    head = (f"the Buffer needs {need / 2**30:.2f} GiB of symmetric memory per rank, more than " + "; ".join(short)
-            + ". ")
+    most = max(grow(r) for r in range(len(places)))
+    held = f" (of which NVSHMEM's heap holds {(need - most) / 2**30:.2f} GiB already)" if most < need else ""
+    head = (f"the Buffer needs {need / 2**30:.2f} GiB of symmetric memory per rank{held}, more than "
+            + "; ".join(short) + ". ")
     if in_rounds:
         return head + ("Its receive buffers hold num_ranks x tokens_per_round rows: lower tokens_per_round"
                        + (f" (about {size} or fewer would fit)" if size else "") + ", or free GPU memory first")
@@ -569,11 +593,15 @@ class NvshmemBackend:
         # (with each rank's LARGEEP_TUNE threads, and its GPU's free memory for the symmetric allocation below)
         free = int(torch.cuda.mem_get_info(ctx.device)[0])
         gathered: list[Any] = [None] * n
+        lay = (C.low_latency_layout(*sizes, ctx.ranks_per_node) if ctx.low_latency else
+               C.normal_layout(*sizes, ctx.ranks_per_node, self.zc_slots))
+        need = int(lay["total_bytes"])
         dist.all_gather_object(gathered, (config, settings.tune["threads"], (socket.gethostname(),
-                               _gpu_of(ctx.device), free), _process_state(C, ctx)), group=ctx.group)
+                               _gpu_of(ctx.device), free, _heap_growth(need)), _process_state(C, ctx)),
+                               group=ctx.group)
         # NVSHMEM's state in each rank's process, judged on every rank (a rank refusing alone would leave the
         # others waiting in the collectives that follow)
-        started = _join_reason(ctx, [g[3] for g in gathered])
+        _join_reason(ctx, [g[3] for g in gathered])
         every = [g[0] for g in gathered]
         if any(e != config for e in every):
             names = ("(ranks, experts, topk, hidden, max_tokens_per_rank, ranks_per_node, low_latency, "
@@ -583,22 +611,20 @@ class NvshmemBackend:
                 + "; ".join(f"rank {r}: {e}" for r, e in enumerate(every))
                 + " (LARGEEP_ZERO_COPY_SLOTS, and LARGEEP_TUNE's comb being 0 or not, must be the same on every rank)"
             )
-        if ctx.low_latency:
-            lay = C.low_latency_layout(*sizes, ctx.ranks_per_node)
-        else:
+        if not ctx.low_latency:
             reason = threads_reason(n, [g[1] for g in gathered])
             if reason is not None:
                 raise ArgumentError(f"Buffer: {reason}")
-            lay = C.normal_layout(*sizes, ctx.ranks_per_node, self.zc_slots)
-        # (the first Buffer only: later ones may reuse heap memory that NVSHMEM keeps mapped, which the free memory
-        # does not count, and every rank of the group initialised NVSHMEM with the same first Buffer)
-        reason = None if started else memory_reason(int(lay["total_bytes"]), [g[2] for g in gathered],
-                                                    ctx.max_tokens_per_rank, in_rounds)
+        # (every Buffer: a later one that grows the heap past what NVSHMEM mapped for earlier ones, on a GPU that
+        # cannot hold it, would fail inside the collective allocation on that rank alone)
+        reason = memory_reason(need, [g[2] for g in gathered], ctx.max_tokens_per_rank, in_rounds)
         if reason is not None:
             raise ArgumentError(f"Buffer: {reason}")
-        self.C = _join(ctx, int(lay["total_bytes"]), settings)
+        self.C = _join(ctx, need, settings)
         self.zc_region = (0, 0)  # [first, last) byte of the zero-copy slots, once allocated
-        self.base = int(self._collective("Buffer", self.C.alloc, int(lay["total_bytes"]), settings.timeout_s))
+        self.base = int(self._collective("Buffer", self.C.alloc, need, settings.timeout_s))
+        self.heap_bytes = need
+        _heap_taken(need)  # (given back where C.free returns)
         # Peers on this rank's node are written through NVLink; NVSHMEM's puts reach the others, so their peer
         # pointers are left 0 even where NVLink would reach them (several nodes emulated on one host).
         node = ctx.rank // ctx.ranks_per_node
@@ -624,11 +650,13 @@ class NvshmemBackend:
             if failure is not None:
                 try:
                     self._collective("Buffer", self.C.free, self.base, settings.timeout_s)
+                    _heap["live"] -= need
                 except Exception:  # noqa: BLE001 - this rank's own failure is the one to raise
                     logger.debug("Buffer: freeing the symmetric memory after a failed creation failed too",
                                  exc_info=True)
                 raise failure
             self._collective("Buffer", self.C.free, self.base, settings.timeout_s)
+            _heap["live"] -= need
             if unreachable:
                 raise RuntimeError(
                     "Buffer: ranks of one node are not reachable from each other over NVLink (NVSHMEM gave no peer "
@@ -709,6 +737,7 @@ class NvshmemBackend:
         try:
             # collective: a bounded rendezvous, then NVSHMEM's barrier, so no peer still reads this memory
             self._collective("destroy", self.C.free, self.base, self.settings.timeout_s)
+            _heap["live"] -= self.heap_bytes
         finally:
             self.C.host_free(self.host_ptr)
 

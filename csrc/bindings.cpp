@@ -535,7 +535,7 @@ PYBIND11_MODULE(_C, m) {
     // Bumped whenever a binding's signature, or the meaning of a status word the kernels share with the Python code,
     // changes; python/largeep/native.py refuses a module of another version (a stale build next to newer Python
     // code) with a message saying to rebuild, instead of a TypeError or a misread word later.
-    m.attr("abi_version") = 11;
+    m.attr("abi_version") = 12;
     m.def("install_fault_backtrace", [] {
         struct sigaction sa {};
         sa.sa_sigaction = segv_handler;
@@ -555,7 +555,8 @@ PYBIND11_MODULE(_C, m) {
     m.def("rank", &runtime::rank);
     m.def("num_ranks", &runtime::num_ranks);
     m.def("alloc", &runtime::alloc, py::call_guard<py::gil_scoped_release>());
-    m.def("free", &runtime::free, py::call_guard<py::gil_scoped_release>());
+    m.def("free", &runtime::free, py::arg("ptr"), py::arg("timeout_s"), py::arg("keep") = false,
+          py::call_guard<py::gil_scoped_release>());
     m.def("peer_ptr", &runtime::peer_ptr);
     m.def("barrier", &runtime::barrier, py::call_guard<py::gil_scoped_release>());
     m.def("finalize", &runtime::finalize, py::call_guard<py::gil_scoped_release>());

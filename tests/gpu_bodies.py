@@ -863,6 +863,64 @@ def zero_copy_slots(rank: int, world: int) -> None:
         buf.destroy()
 
 
+def destroy_keeps_held_outputs(rank: int, world: int) -> None:
+    """Buffer.destroy() while rank 0 still holds a zero-copy dispatch output (a view of the Buffer's symmetric
+    memory): every rank keeps the memory allocated (rank 0 votes to keep it in free's rendezvous) and logs why, so a
+    new Buffer's allocation does not reuse it: rank 0's output keeps its values through the new Buffer's dispatches
+    (before, the memory was freed under it and the next Buffer's slots and flags landed there)."""
+    import logging
+
+    from largeep.backends import nvshmem_backend as nb
+    from reference import make_inputs, ref_dispatch
+
+    hidden, experts, topk, m = 1024, 4 * world, 3, 64
+    tokens = [m - 5 * r for r in range(world)]
+    said: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            said.append(record.getMessage())
+
+    handler = Keep(logging.WARNING)
+    logging.getLogger("largeep").addHandler(handler)
+    try:
+        inputs = [make_inputs(800, r, tokens[r], hidden, experts, topk, torch.bfloat16) for r in range(world)]
+        ref = ref_dispatch(inputs, rank, experts)
+        buf = largeep.Buffer(None, hidden=hidden, num_experts=experts, num_topk=topk, max_tokens_per_rank=m,
+                             backend="nvshmem")
+        base, size = buf._impl.base, buf._impl.heap_bytes  # type: ignore[attr-defined]
+        live = nb._heap["live"]
+        mine = inputs[rank]
+        res = buf.dispatch(mine.x.cuda(), mine.topk_idx.cuda(), mine.topk_weights.cuda())
+        assert base <= res.x.data_ptr() < base + size, "the dispatch output is not a zero-copy view"
+        if rank != 0:
+            del res
+        torch.cuda.synchronize()
+        buf.destroy()
+        assert nb._heap["live"] == live, "the symmetric memory was freed under a live output"
+        want = "on this rank are still alive" if rank == 0 else "another rank's dispatch outputs are still alive"
+        assert any(want in m and "keeps its" in m for m in said), said
+        buf2 = largeep.Buffer(None, hidden=hidden, num_experts=experts, num_topk=topk, max_tokens_per_rank=m,
+                              backend="nvshmem")
+        try:
+            base2 = buf2._impl.base  # type: ignore[attr-defined]
+            assert base2 >= base + size or base2 + size <= base, "the new Buffer took the kept memory"
+            for i in range(3):
+                new = [make_inputs(900 + i, r, tokens[r], hidden, experts, topk, torch.bfloat16) for r in range(world)]
+                out = buf2.dispatch(new[rank].x.cuda(), new[rank].topk_idx.cuda(), new[rank].topk_weights.cuda())
+                combined = buf2.combine(out.x, out.handle)
+                del out, combined
+            torch.cuda.synchronize()
+            if rank == 0:
+                assert torch.equal(res.x.cpu(), ref.x), "the output held over destroy changed"
+                assert torch.equal(res.topk_idx.cpu(), ref.topk_idx), "the held ids changed"
+            dist.barrier()
+        finally:
+            buf2.destroy()
+    finally:
+        logging.getLogger("largeep").removeHandler(handler)
+
+
 def config_mismatch_refused(rank: int, world: int) -> None:
     """Ranks that would lay out their symmetric memory differently (LARGEEP_ZERO_COPY_SLOTS differs) or speak
     different combine protocols (LARGEEP_TUNE comb 0 on rank 0 only) are refused on every rank at Buffer creation,

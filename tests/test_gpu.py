@@ -356,6 +356,13 @@ def test_low_latency_fp8_not_finite(pools, world: int, round_scale: bool) -> Non
     pools(world, "nccl").run(bodies.low_latency_fp8_not_finite, "nvshmem", round_scale)
 
 
+@pytest.mark.gpu(2)
+@needs_native
+def test_destroy_keeps_held_outputs(pools) -> None:
+    """destroy() with a dispatch output alive on one rank keeps the memory on every rank (not reused under it)."""
+    pools(2, "nccl").run(gpu_bodies.destroy_keeps_held_outputs)
+
+
 @pytest.mark.gpu(1)
 @needs_native
 def test_low_latency_hook_capture(pools) -> None:

@@ -861,6 +861,8 @@ __global__ void __launch_bounds__(kReduceThreads) combine_fused_kernel(NormalCtx
 }  // namespace
 
 NormalLayout normal_layout(int N, int E, int K, int H, int T, int P, int num_zc_slots) {
+    HOST_ASSERT(N > 0 && P > 0 && N % P == 0 && E % N == 0, "bad normal layout sizes (ranks " << N << ", per node "
+                << P << ", experts " << E << ")");
     NormalLayout l{};
     const int64_t row = 3 + E / N;
     const int64_t M = N / P;

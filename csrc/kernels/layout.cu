@@ -101,8 +101,8 @@ __global__ void __launch_bounds__(kLayoutThreads) id_check_kernel(const int64_t*
 void launch_layout(const int64_t* topk_idx, int num_tokens, int num_topk, int num_ranks, int num_experts,
                    int ranks_per_node, int* per_rank, int* per_node, int* per_expert, bool* in_rank,
                    ErrorWord err, LayoutCheck check, cudaStream_t stream) {
-    HOST_ASSERT(num_ranks > 0 && num_experts % num_ranks == 0 && num_ranks % ranks_per_node == 0,
-                "bad layout sizes");
+    HOST_ASSERT(num_ranks > 0 && ranks_per_node > 0 && num_experts % num_ranks == 0 &&
+                num_ranks % ranks_per_node == 0, "bad layout sizes");
     HOST_ASSERT((check.scratch == nullptr) == (check.host == nullptr), "a layout check needs scratch and host words");
     HOST_ASSERT(check.scratch == nullptr || num_tokens > 0, "a layout check needs tokens (the host skips it)");
     const int nodes = num_ranks / ranks_per_node, blocks = ceil_div(num_tokens, kLayoutThreads);

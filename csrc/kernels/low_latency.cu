@@ -996,6 +996,8 @@ __global__ void __launch_bounds__(kLLThreads) ll_combine_fused_kernel(LowLatency
 }  // namespace
 
 LowLatencyLayout low_latency_layout(int N, int E, int K, int H, int M, int P) {
+    HOST_ASSERT(N > 0 && P > 0 && E % N == 0, "bad low-latency layout sizes (ranks " << N << ", per node " << P
+                << ", experts " << E << ")");
     LowLatencyLayout l{};
     int64_t off = 0;
     auto take = [&off](int64_t bytes) {

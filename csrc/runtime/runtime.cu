@@ -22,19 +22,23 @@ struct State {
     int device = -1;
     uint64_t* words = nullptr;        // symmetric [2 * num_ranks]: arrived[r], then verdict[r] (see rendezvous_kernel)
     uint64_t epoch = 0;               // rendezvous so far (every rank calls them in the same order)
-    int* result = nullptr;            // device int[2]: a rank that did not arrive (or -1), a rank that gave up (or -1)
+    int* result = nullptr;            // device int[3]: a rank that did not arrive (or -1), a rank that gave up (or -1),
+                                      // whether some rank voted (0/1)
     cudaStream_t stream = nullptr;
 };
 State g;
 
 // Two phases, thread r talking to rank r (NVSHMEM signals: any transport).
-// 1. arrived[me] := epoch on every rank; wait, bounded, until every rank's arrived word reaches epoch.
+// 1. arrived[me] := 2 * epoch + vote on every rank; wait, bounded, until every rank's arrived word reaches
+//    2 * epoch. (A peer cannot have gone on to the next epoch meanwhile, as it waits for this rank's verdict, so the
+//    word read is this epoch's and its low bit that rank's vote: result[2] says whether any rank voted.)
 // 2. verdict[me] := 2 * epoch if every rank arrived in phase 1, else 2 * epoch + 1 (I give up); then wait, bounded,
 //    for every rank's verdict of this epoch. Only if every verdict is "arrived" does this rank go on.
 // A one-phase rendezvous lets a rank give up while another, which saw everyone arrive, goes on into NVSHMEM's
 // barrier and waits there forever. Here a rank goes on only if every rank saw every rank arrive; the window left is
 // a rank dying between the phases, which the second bounded wait catches.
-__global__ void rendezvous_kernel(uint64_t* words, int me, int n, uint64_t epoch, uint64_t timeout_ns, int* result) {
+__global__ void rendezvous_kernel(uint64_t* words, int me, int n, uint64_t epoch, int vote, uint64_t timeout_ns,
+                                  int* result) {
     __shared__ int all_arrived;
     const int r = threadIdx.x;
     uint64_t* arrived = words;
@@ -42,15 +46,18 @@ __global__ void rendezvous_kernel(uint64_t* words, int me, int n, uint64_t epoch
     if (r == 0) all_arrived = 1;
     __syncthreads();
     if (r < n) {
-        nvshmemx_signal_op(arrived + me, epoch, NVSHMEM_SIGNAL_SET, r);
+        nvshmemx_signal_op(arrived + me, 2 * epoch + (vote ? 1 : 0), NVSHMEM_SIGNAL_SET, r);
         const uint64_t start = largeep::globaltimer_ns();
-        while (static_cast<uint64_t>(largeep::ld_acquire_sys(reinterpret_cast<const int64_t*>(arrived + r))) < epoch) {
+        uint64_t v;
+        while ((v = static_cast<uint64_t>(largeep::ld_acquire_sys(reinterpret_cast<const int64_t*>(arrived + r)))) <
+               2 * epoch) {
             if (largeep::globaltimer_ns() - start > timeout_ns) {
                 atomicCAS(result, -1, r);
                 atomicExch(&all_arrived, 0);
                 break;
             }
         }
+        if (v == 2 * epoch + 1) atomicExch(result + 2, 1);
     }
     __syncthreads();
     const bool go = all_arrived != 0;
@@ -71,18 +78,19 @@ __global__ void rendezvous_kernel(uint64_t* words, int me, int n, uint64_t epoch
 
 // Every rank must get here within timeout_s; throws naming a rank that did not (or that gave up), and poisons
 // NVSHMEM for this process (the collective that follows could never complete). Guards NVSHMEM's own barriers (in
-// malloc, free and barrier_all), which have no timeout.
-void rendezvous(double timeout_s, const char* what) {
+// malloc, free and barrier_all), which have no timeout. Returns whether any rank passed vote = true (every rank
+// returns the same).
+bool rendezvous(double timeout_s, const char* what, bool vote = false) {
     HOST_ASSERT(!g.poisoned, what << ": an earlier rendezvous of this process timed out (a peer was missing); NVSHMEM "
                 "cannot be used safely in this process any more");
     ++g.epoch;
-    const int init[2] = {-1, -1};
+    const int init[3] = {-1, -1, 0};
     CUDA_CHECK(cudaMemcpyAsync(g.result, init, sizeof(init), cudaMemcpyHostToDevice, g.stream));
     const int threads = (g.num_ranks + 31) / 32 * 32;
-    rendezvous_kernel<<<1, threads, 0, g.stream>>>(g.words, g.rank, g.num_ranks, g.epoch,
+    rendezvous_kernel<<<1, threads, 0, g.stream>>>(g.words, g.rank, g.num_ranks, g.epoch, vote ? 1 : 0,
                                                    static_cast<uint64_t>(timeout_s * 1e9), g.result);
     LAUNCH_CHECK();
-    int res[2] = {-1, -1};
+    int res[3] = {-1, -1, 0};
     CUDA_CHECK(cudaMemcpyAsync(res, g.result, sizeof(res), cudaMemcpyDeviceToHost, g.stream));
     CUDA_CHECK(cudaStreamSynchronize(g.stream));
     if (res[0] >= 0 || res[1] >= 0) {
@@ -94,6 +102,7 @@ void rendezvous(double timeout_s, const char* what) {
                     "process's symmetric memory of the operation stays allocated and NVSHMEM cannot be used in "
                     "this process any more");
     }
+    return res[2] != 0;
 }
 }  // namespace
 
@@ -115,6 +124,8 @@ void init(const std::string& uid, int rank, int num_ranks, int device) {
     nvshmemx_uniqueid_t id;
     HOST_ASSERT(uid.size() == sizeof(id), "bad NVSHMEM unique id size " << uid.size());
     std::memcpy(&id, uid.data(), sizeof(id));
+    HOST_ASSERT(num_ranks > 0 && num_ranks <= 1024 && rank >= 0 && rank < num_ranks,
+                "bad NVSHMEM rank " << rank << " of " << num_ranks << " (at most 1024 ranks)");
     CUDA_CHECK(cudaSetDevice(device));
     nvshmemx_init_attr_t attr = NVSHMEMX_INIT_ATTR_INITIALIZER;
     HOST_ASSERT(nvshmemx_set_attr_uniqueid_args(rank, num_ranks, &id, &attr) == 0,
@@ -133,12 +144,11 @@ void init(const std::string& uid, int rank, int num_ranks, int device) {
     g.rank = rank;
     g.num_ranks = num_ranks;
     g.device = device;
-    HOST_ASSERT(num_ranks <= 1024, "at most 1024 ranks");
     // Rendezvous words: every rank is present during initialisation, so NVSHMEM's own barrier is safe here.
     g.words = static_cast<uint64_t*>(nvshmem_malloc(sizeof(uint64_t) * 2 * num_ranks));
     HOST_ASSERT(g.words != nullptr, "nvshmem_malloc of the rendezvous words failed");
     CUDA_CHECK(cudaMemset(g.words, 0, sizeof(uint64_t) * 2 * num_ranks));
-    CUDA_CHECK(cudaMalloc(&g.result, 2 * sizeof(int)));
+    CUDA_CHECK(cudaMalloc(&g.result, 3 * sizeof(int)));
     CUDA_CHECK(cudaStreamCreateWithFlags(&g.stream, cudaStreamNonBlocking));
     CUDA_CHECK(cudaDeviceSynchronize());
     nvshmem_barrier_all();
@@ -177,13 +187,14 @@ uintptr_t alloc(size_t bytes, double timeout_s) {
     return reinterpret_cast<uintptr_t>(p);
 }
 
-void free(uintptr_t ptr, double timeout_s) {
+bool free(uintptr_t ptr, double timeout_s, bool keep) {
     HOST_ASSERT(g.initialized, "NVSHMEM is not initialised");
     OnDevice on;
     CUDA_CHECK(cudaDeviceSynchronize());
-    rendezvous(timeout_s, "Buffer.destroy (symmetric free)");
+    if (rendezvous(timeout_s, "Buffer.destroy (symmetric free)", keep)) return false;
     nvshmem_barrier_all();
     nvshmem_free(reinterpret_cast<void*>(ptr));
+    return true;
 }
 
 uintptr_t peer_ptr(uintptr_t ptr, int pe) {
@@ -214,7 +225,9 @@ std::vector<uintptr_t> host_alloc(size_t bytes) {
     CUDA_CHECK(cudaHostAlloc(&h, bytes, cudaHostAllocMapped));
     std::memset(h, 0, bytes);
     void* d = nullptr;
-    CUDA_CHECK(cudaHostGetDevicePointer(&d, h, 0));
+    const cudaError_t e = cudaHostGetDevicePointer(&d, h, 0);
+    if (e != cudaSuccess) cudaFreeHost(h);  // (not kept: the caller gets no pointer to free)
+    CUDA_CHECK(e);
     return {reinterpret_cast<uintptr_t>(h), reinterpret_cast<uintptr_t>(d)};
 }
 

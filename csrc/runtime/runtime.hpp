@@ -20,8 +20,10 @@ int num_ranks();
 // Every collective here first checks, bounded by timeout_s, that every rank has arrived (NVSHMEM's own barriers
 // have no timeout); a missing rank makes it throw, and NVSHMEM is then unusable in this process.
 uintptr_t alloc(size_t bytes, double timeout_s);
-// Collective: frees a symmetric allocation after a barrier (no peer may still be reading it).
-void free(uintptr_t ptr, double timeout_s);
+// Collective: frees a symmetric allocation after a barrier (no peer may still be reading it), unless some rank
+// passes keep = true (it still holds views of the memory): then every rank keeps it allocated (NVSHMEM frees it at
+// finalisation). Returns whether it was freed, the same on every rank.
+bool free(uintptr_t ptr, double timeout_s, bool keep);
 // The address of `ptr` on rank `pe` as seen from this GPU (NVLink), or 0 when `pe` is not reachable that way.
 uintptr_t peer_ptr(uintptr_t ptr, int pe);
 void barrier(double timeout_s);

@@ -312,6 +312,30 @@ def _init_bounded(C: Any, uid: Any, ctx: GroupContext, timeout_s: float) -> None
                                                    "processes")
 
 
+def _synchronize_bounded(device: torch.device, timeout_s: float, op: str) -> None:
+    """torch.cuda.synchronize(device), waited for at most timeout_s: a device whose queued work does not finish
+    raises PeerTimeoutError (the waiting thread is left behind, a daemon)."""
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            torch.cuda.synchronize(device)
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread
+            failure.append(exc)
+
+    worker = threading.Thread(target=run, name="largeep-synchronize", daemon=True)
+    worker.start()
+    worker.join(timeout_s)
+    if worker.is_alive():
+        raise PeerTimeoutError(
+            f"{op}: the work queued on {device} did not finish within {timeout_s:g} s (LARGEEP_TIMEOUT_S and a "
+            "grace); a kernel there waits for something that does not come (a collective of a peer that stopped?). "
+            "Nothing was freed"
+        )
+    if failure:
+        raise failure[0]
+
+
 def _join(ctx: GroupContext, heap_bytes: int, settings: Settings) -> Any:
     """Initialises NVSHMEM for this process on ctx's group (once), and returns largeep._C."""
     if "init_failed" in _world:
@@ -723,21 +747,30 @@ class NvshmemBackend:
         if not self.alive:
             return
         self.alive = False
-        torch.cuda.synchronize(self.ctx.device)
-        _zc_register(self, False)
-        if not self.ctx.low_latency:
-            held = int(self.kernels.zc_busy())
-            if held:
-                logger.warning(
-                    "Buffer.destroy() on rank %d: the outputs of %d dispatch(es) are still alive; they are views of "
-                    "this Buffer's memory, which is freed now (clone dispatch outputs that must outlive the Buffer)",
-                    self.ctx.rank, held,
-                )
-            self.kernels.zc_close()
+        c = self.ctx
         try:
-            # collective: a bounded rendezvous, then NVSHMEM's barrier, so no peer still reads this memory
-            self._collective("destroy", self.C.free, self.base, self.settings.timeout_s)
-            _heap["live"] -= self.heap_bytes
+            # (the device's work, which may read this memory, finishes first: waited for at most the timeout, so that
+            # a kernel that never ends (a user's collective stuck on a dead peer) cannot hang destroy)
+            _synchronize_bounded(c.device, self.settings.timeout_s + _HOST_GRACE_S, "Buffer.destroy")
+            _zc_register(self, False)
+            held = 0
+            if not c.low_latency:
+                held = int(self.kernels.zc_busy())
+                self.kernels.zc_close()
+            # collective: a bounded rendezvous, then NVSHMEM's barrier, so no peer still reads this memory. A rank
+            # whose dispatch outputs (views of this memory) are alive votes to keep it: freed, the next Buffer's
+            # allocation would reuse it under those tensors (its slots and flag words written through them).
+            freed = self._collective("destroy", self.C.free, self.base, self.settings.timeout_s, held > 0)
+            if freed:
+                _heap["live"] -= self.heap_bytes
+            else:
+                why = (f"the outputs of {held} dispatch(es) on this rank are still alive" if held else
+                       "another rank's dispatch outputs are still alive")
+                logger.warning(
+                    "Buffer.destroy() on rank %d: %s; they are views of this Buffer's symmetric memory, so every rank "
+                    "keeps its %.2f GiB allocated until the process ends (clone dispatch outputs that must outlive "
+                    "the Buffer, or drop them before destroy)", c.rank, why, self.heap_bytes / 2**30,
+                )
         finally:
             self.C.host_free(self.host_ptr)
 

@@ -449,10 +449,38 @@ def test_grouped_mm_refuses_caller_mistakes_without_turning_native_off() -> None
         ops.grouped_mm(a, b, good.long())
     with pytest.raises(ArgumentError, match="dtype"):
         ops.grouped_mm(a, b.double(), good)
+    with pytest.raises(ArgumentError, match=r"got a \(4, 8\), b \(2, 16, 4\)"):
+        ops.grouped_mm(a, torch.randn(2, 16, 4), good)  # K differs
+    with pytest.raises(ArgumentError, match="offs"):
+        ops.grouped_mm(a, b, torch.tensor([1, 2, 4], dtype=torch.int32))  # more groups than b has
     assert (("cpu", torch.float32)) not in ops._native_failed
     ops.reset_grouped_mm_stats()
     ops.grouped_mm(a, b, good)
     assert set(ops.grouped_mm_stats()) == {"native"}, ops.grouped_mm_stats()
+
+
+def test_grouped_mm_native_off_only_where_the_fallback_ran(monkeypatch) -> None:
+    """A native failure turns the native kernel off for the process only once the padded bmm has run the same
+    inputs: where the fallback fails too (inputs no kernel can run), the error is raised and native stays on."""
+    if not hasattr(torch, "_grouped_mm"):
+        pytest.skip("no torch._grouped_mm")
+    a, b = torch.randn(4, 8), torch.randn(2, 8, 4)
+    offs = torch.tensor([2, 4], dtype=torch.int32)
+    want = torch.cat([a[:2] @ b[0], a[2:] @ b[1]])
+    monkeypatch.setattr(ops, "_native_failed", {})
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("unsupported here")
+
+    monkeypatch.setattr(torch, "_grouped_mm", broken)
+    real_bmm = torch.bmm
+    monkeypatch.setattr(torch, "bmm", broken)
+    with pytest.raises(RuntimeError, match="unsupported here"):
+        ops.grouped_mm(a, b, offs)
+    assert ops._native_failed == {}
+    monkeypatch.setattr(torch, "bmm", real_bmm)
+    torch.testing.assert_close(ops.grouped_mm(a, b, offs), want)
+    assert ops._native_failed[("cpu", torch.float32)].startswith("torch._grouped_mm failed: unsupported here")
 
 
 # ---------------------------------------------------------------------------------------------------------------

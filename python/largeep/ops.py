@@ -505,18 +505,23 @@ def _padded(t: Tensor, grp: Tensor, pos: Tensor, groups: int, cap: int) -> Tenso
     return out
 
 
-def _try_native(fn: Any, a: Tensor) -> Tensor | None:
+def _try_native(fn: Any) -> tuple[Tensor | None, str | None]:
+    """The native kernel's output, or None and why it failed (the caller runs the fallback, then _native_off)."""
     try:
         out = fn()
     except torch.cuda.OutOfMemoryError:
         raise
-    except RuntimeError as exc:  # an unsupported combination: remember it and use the fallback from now on
-        why = f"torch._grouped_mm failed: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
-        _native_failed[(a.device.type, a.dtype)] = why
-        logger.warning("largeep: %s (%s %s); using the padded bmm from now on", why, a.device, a.dtype)
-        return None
+    except RuntimeError as exc:
+        return None, f"torch._grouped_mm failed: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
     _count("native")
-    return out  # type: ignore[no-any-return]
+    return out, None
+
+
+def _native_off(a: Tensor, why: str) -> None:
+    """The native kernel failed where the padded bmm then ran on the same inputs: an unsupported combination (not
+    a caller's mistake, which the fallback would have refused too), so the fallback serves it from now on."""
+    _native_failed[(a.device.type, a.dtype)] = why
+    logger.warning("largeep: %s (%s %s); using the padded bmm from now on", why, a.device, a.dtype)
 
 
 def _clear_tail(out: Tensor, offs: Tensor, used: int) -> Tensor:
@@ -555,11 +560,12 @@ def _direct(*tensors: Tensor) -> bool:
 
 def _grouped_mm_impl(a: Tensor, b: Tensor, offs: Tensor, used: int, clear_tail: bool = True) -> Tensor:
     why = _fallback_reason(a, b)
+    failed = None
     if why is None and offs.numel():
-        out = _try_native(lambda: torch._grouped_mm(a, b, offs=offs), a)
+        out, failed = _try_native(lambda: torch._grouped_mm(a, b, offs=offs))
         if out is not None:  # the kernel leaves rows past offs[-1] unwritten
             return _clear_tail(out, offs, used) if clear_tail else out
-        why = _fallback_reason(a, b)
+        why = failed
     _count(f"padded_bmm ({why or 'no groups'})")
     if used < 0:
         used = int(offs[-1]) if offs.numel() else 0  # the fallback waits on the host for the row counts
@@ -567,6 +573,8 @@ def _grouped_mm_impl(a: Tensor, b: Tensor, offs: Tensor, used: int, clear_tail: 
     res = torch.bmm(_padded(a, grp, pos, b.shape[0], cap), b)
     out = a.new_zeros(a.shape[0], b.shape[2])
     out[:used] = res[grp, pos]
+    if failed is not None:
+        _native_off(a, failed)
     return out
 
 
@@ -574,16 +582,20 @@ def _grouped_mm_wgrad_impl(a: Tensor, g: Tensor, offs: Tensor, used: int) -> Ten
     """a [P, K], g [P, N] -> [G, K, N] with ``out[e] = a[rows of e].T @ g[rows of e]`` (rows past offs[-1] unused)."""
     groups = offs.shape[0]
     why = _fallback_reason(a, g.unsqueeze(0))
+    failed = None
     if why is None and groups:
-        out = _try_native(lambda: torch._grouped_mm(a.t(), g, offs=offs), a)
+        out, failed = _try_native(lambda: torch._grouped_mm(a.t(), g, offs=offs))
         if out is not None:
             return out
-        why = _fallback_reason(a, g.unsqueeze(0))
+        why = failed
     _count(f"padded_bmm ({why or 'no groups'})")
     if used < 0:
         used = int(offs[-1]) if groups else 0
     grp, pos, cap = _group_rows(offs, used)
-    return torch.bmm(_padded(a, grp, pos, groups, cap).transpose(1, 2), _padded(g, grp, pos, groups, cap))
+    res = torch.bmm(_padded(a, grp, pos, groups, cap).transpose(1, 2), _padded(g, grp, pos, groups, cap))
+    if failed is not None:
+        _native_off(a, failed)
+    return res
 
 
 @torch.library.custom_op(
@@ -1048,6 +1060,12 @@ def grouped_mm(a: Tensor, b: Tensor, offs: Tensor, used: int | None = None, *, c
     if a.dtype != b.dtype or offs.dtype != torch.int32:
         raise ArgumentError(f"grouped_mm: a and b must share a dtype and offs be int32; got {a.dtype}, {b.dtype}, "
                             f"{offs.dtype}")
+    if a.shape[1] != b.shape[1] or offs.shape[0] != b.shape[0]:
+        raise ArgumentError(f"grouped_mm: expected a [P, K], b [G, K, N], offs [G]; got a {tuple(a.shape)}, b "
+                            f"{tuple(b.shape)}, offs {tuple(offs.shape)}")
+    if not a.device == b.device == offs.device:
+        raise ArgumentError(f"grouped_mm: a, b and offs must be on one device; got {a.device}, {b.device}, "
+                            f"{offs.device}")
     op = _grouped_mm_impl if _direct(a, b, offs) else _grouped_mm_op
     return op(a, b, offs, -1 if used is None else used, clear_tail)  # type: ignore[no-any-return]
 

@@ -557,16 +557,23 @@ def test_topology_aware_plan_cuts_the_bottleneck_link(nodes, spg, zipf_s, seed):
 
 
 def test_planner_speed_256_experts_256_gpus():
+    """The planner takes under a second of one core for 256 experts on 256 GPUs. Timed as this thread's CPU time
+    with torch on one thread: wall time on a busy 2-core machine (other tests' processes) measured the machine."""
     plan_placement(None, Topology(2, 2, slots_per_gpu=2), trace=synthetic_trace(64, 8, 2, Topology(2, 2)))  # warm-up
     topo = Topology(32, 8, slots_per_gpu=1)
     trace = synthetic_trace(128 * 256, 256, 8, topo, seed=0)
-    times = []
-    for _ in range(3):  # the best of three: a busy 2-core machine (other tests' processes) slowed single runs
-        t0 = time.perf_counter()
-        plan_placement(None, topo, trace=trace)
-        times.append(time.perf_counter() - t0)
-        if times[-1] < 1.0:
-            break
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        times = []
+        for _ in range(3):  # the best of three
+            t0 = time.thread_time()
+            plan_placement(None, topo, trace=trace)
+            times.append(time.thread_time() - t0)
+            if times[-1] < 1.0:
+                break
+    finally:
+        torch.set_num_threads(threads)
     assert min(times) < 1.0, times
 
 

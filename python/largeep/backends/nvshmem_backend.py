@@ -666,7 +666,15 @@ class NvshmemBackend:
             failure = exc
         verdicts: list[Any] = [None] * n
         said = None if failure is None else f"{type(failure).__name__}: {failure}"[:300]
-        dist.all_gather_object(verdicts, ([r for r in mine if peers[r] == 0], said), group=ctx.group)
+        try:
+            dist.all_gather_object(verdicts, ([r for r in mine if peers[r] == 0], said), group=ctx.group)
+        except BaseException:
+            # (the group failed or the caller interrupted: the peers' state is unknown, so the heap cannot be freed
+            # collectively; this rank's own part is undone, and its heap memory is lost to this process)
+            self._drop_parts()
+            logger.warning("Buffer: the verdicts' exchange after the symmetric allocation failed on rank %d; its "
+                           "%.2f GiB of symmetric memory stay allocated", ctx.rank, need / 2**30)
+            raise
         unreachable = {r: v[0] for r, v in enumerate(verdicts) if v[0]}
         broken = {r: v[1] for r, v in enumerate(verdicts) if v[1]}
         if unreachable or broken:

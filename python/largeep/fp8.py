@@ -44,8 +44,9 @@ def quantize(x: torch.Tensor, round_scale: bool = False) -> tuple[torch.Tensor, 
     scale = amax / FP8_MAX
     if round_scale:
         scale = torch.exp2(torch.ceil(torch.log2(scale)))
-    # (times the reciprocal, as the kernels compute it: x / s rounds differently at a few e4m3 boundaries)
-    q = (g * (1.0 / scale).unsqueeze(2)).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE).view(t, h)
+    # (SPEC's q = x / s; the kernels multiply by 1 / s, which rounds a few values in ten million to the
+    # neighbouring e4m3 code)
+    q = (g / scale.unsqueeze(2)).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE).view(t, h)
     return q, scale.contiguous()
 
 

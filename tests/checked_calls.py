@@ -237,6 +237,12 @@ class NormalRound:
         res2 = self.buf.dispatch(self._tokens_in(xs2[rank]), handle=res.handle, num_worst_tokens=self.num_worst)
         self._check_rows(res2.x, self._rows_of(xs2, ref), "cached dispatch x")
         chk.expect(res2.topk_idx is None, "cached dispatch: topk_idx must be None")
+        # (expert_alignment left out: the handle's dispatch's counts, aligned as it aligned them)
+        chk.expect(res2.num_tokens_per_expert == res.num_tokens_per_expert,
+                   f"cached dispatch: num_tokens_per_expert {res2.num_tokens_per_expert} != "
+                   f"{res.num_tokens_per_expert}")
+        counts2 = res2.num_tokens_per_expert_tensor.cpu().tolist()
+        chk.expect(counts2 == want_counts, f"cached dispatch: num_tokens_per_expert_tensor {counts2} != {want_counts}")
         _unchanged(chk, snap, "dispatch")
 
     def combine(self) -> None:

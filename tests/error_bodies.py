@@ -501,6 +501,13 @@ CASES: list[BadCase] = [
     _n("dispatch_handle_variable_with_worst",
        lambda e: Call(e.buf.dispatch, (e.x,), {"handle": e.prev.handle, "num_worst_tokens": max(e.rows, 1)}),
        "'num_worst_tokens'", "handle"),
+    # a cached dispatch returns its handle's dispatch's counts: another expert_alignment is refused, not ignored,
+    # before any collective (rank 0 alone: the others go on to the good round, which a collective of rank 0's would
+    # meet); 1, the default, means the handle's alignment (NormalRound checks a cached dispatch's counts)
+    _n("dispatch_handle_other_alignment",
+       lambda e: Call(e.buf.dispatch, (e.x,), {"handle": e.prev.handle, "expert_alignment": 4})
+       if e.rank == 0 else None,
+       "argument 'expert_alignment' = 4 differs from the handle's (1)"),
     # -- layout --------------------------------------------------------------------------------------------
     _n("layout_idx_dtype_float", lambda e: Call(e.buf.get_dispatch_layout, (e.idx.float(),)),
        "'topk_idx'", "dtype torch.float32", "expected torch.int64"),
@@ -1069,11 +1076,11 @@ def nvshmem_creation_fails_after_alloc(rank: int, world: int, fail_on: int) -> d
     return out
 
 
-def _torch_buffer_on_own_group(world: int, timeout_s: float, low_latency: bool = False
-                               ) -> tuple[Any, largeep.Buffer]:
-    """A torch-backend Buffer (H 32, E 2N, K 2, M 4, ``low_latency``) on a gloo group of its own (its timeout 20 s past
-    ``timeout_s``), made with LARGEEP_TIMEOUT_S=``timeout_s``: a collective that ranks abandon stays in that group,
-    not in the pool's."""
+def _torch_buffer_on_own_group(world: int, timeout_s: float, low_latency: bool = False,
+                               tokens_per_round: int | None = None) -> tuple[Any, largeep.Buffer]:
+    """A torch-backend Buffer (H 32, E 2N, K 2, M 4, ``low_latency``, ``tokens_per_round``) on a gloo group of its
+    own (its timeout 20 s past ``timeout_s``), made with LARGEEP_TIMEOUT_S=``timeout_s``: a collective that ranks
+    abandon stays in that group, not in the pool's."""
     import datetime
 
     sub = dist.new_group(list(range(world)), timeout=datetime.timedelta(seconds=timeout_s + 20))
@@ -1081,7 +1088,7 @@ def _torch_buffer_on_own_group(world: int, timeout_s: float, low_latency: bool =
     os.environ["LARGEEP_TIMEOUT_S"] = str(timeout_s)
     try:
         buf = largeep.Buffer(sub, hidden=32, num_experts=2 * world, num_topk=2, max_tokens_per_rank=4,
-                             backend="torch", low_latency=low_latency)
+                             backend="torch", low_latency=low_latency, tokens_per_round=tokens_per_round)
     finally:
         if before is None:
             del os.environ["LARGEEP_TIMEOUT_S"]
@@ -1090,26 +1097,33 @@ def _torch_buffer_on_own_group(world: int, timeout_s: float, low_latency: bool =
     return sub, buf
 
 
-def layout_refused_no_dispatch(rank: int, world: int, timeout_s: float) -> dict[str, Any]:
-    """Rank 0's layout refuses an expert id, but no fresh dispatch follows on the other ranks (a layout alone): its
-    void round times out after LARGEEP_TIMEOUT_S with a PeerTimeoutError that still names the bad id (the refusal
-    is not lost behind the timeout). A gloo group of its own (the abandoned collective stays in it)."""
+def refused_without_a_dispatch(rank: int, world: int, timeout_s: float, op: str = "layout",
+                               tokens_per_round: int | None = None) -> dict[str, Any]:
+    """Rank 0 refuses a call for its own values and no fresh dispatch follows on the other ranks to take its void
+    round: ``op`` "layout": its layout refuses an expert id (the others make a layout alone); "dispatch": its
+    dispatch has max_tokens_per_rank + 1 tokens (the others make no call). The void round times out after
+    LARGEEP_TIMEOUT_S with a PeerTimeoutError that still names the refusal (not lost behind the timeout), chained
+    from it; also in rounds (``tokens_per_round``). A gloo group of its own (the abandoned collective stays in it)."""
     import time
 
-    sub, buf = _torch_buffer_on_own_group(world, timeout_s)
+    sub, buf = _torch_buffer_on_own_group(world, timeout_s, tokens_per_round=tokens_per_round)
     out: dict[str, Any] = {"elapsed_s": 0.0, "message": ""}
     try:
         idx = torch.tensor([[0, 1], [1, -1]], dtype=torch.int64)
         if rank == 0:
             idx[1, 0] = 2 * world + 5
+            m = buf.ctx.max_tokens_per_rank
             start = time.monotonic()
             try:
-                buf.get_dispatch_layout(idx)
+                if op == "layout":
+                    buf.get_dispatch_layout(idx)
+                else:
+                    buf.dispatch(torch.randn(m + 1, 32), torch.zeros(m + 1, 2, dtype=torch.int64), torch.ones(m + 1, 2))
             except largeep.PeerTimeoutError as exc:
                 out["elapsed_s"] = time.monotonic() - start
                 out["message"] = str(exc)
                 out["cause"] = type(exc.__cause__).__name__
-        else:
+        elif op == "layout":
             buf.get_dispatch_layout(idx)
     finally:
         dist.barrier()  # the pool's own group
@@ -1218,7 +1232,9 @@ def torch_missing_peer(rank: int, world: int, timeout_s: float, op: str = "dispa
 
 # -- one rank's ids refused, the others' good ------------------------------------------------------------------------
 REFUSAL_VARIANTS = ("bf16", "fp8", "nodes", "empty_peer", "twice", "worst_peer", "worst_all", "layout", "layout_fp8",
-                    "layout_tokens", "late", "late_nodes", "late_worst", "late_first")
+                    "layout_tokens", "layout_rounds", "layout_fp8_rounds", "layout_tokens_rounds", "late", "late_nodes",
+                    "late_worst", "late_first")
+ROUNDS_TOKENS = 4  # the "_rounds" variants' tokens_per_round (MAX_TOKENS in 4 rounds)
 LATE_TOKENS = 3000  # the "late" variants' max_tokens_per_rank: calls of 2100+ tokens, the bad id near their end
 
 
@@ -1231,13 +1247,16 @@ def one_rank_refuses(rank: int, world: int, backend: str, variant: str) -> dict[
     (worst_peer: the peers' next call raises instead, their Buffers being unusable; worst_all: no rank raises in the
     call, which has no host wait, and every rank's next call does, rank 0's naming the id; layout, layout_fp8,
     layout_tokens: every rank calls get_dispatch_layout before its dispatch, and rank 0's layout refuses the id, or
-    more tokens than max_tokens_per_rank, which voids the others' dispatch). Returns {"failures", "elapsed_s",
-    "checks"}."""
+    more tokens than max_tokens_per_rank, which voids the others' dispatch; *_rounds: the same with calls in rounds
+    (tokens_per_round), where the layout's void round must meet the others' round 0: they raise PeerRefusedError
+    there, before any of their rounds moved rows, also when they dispatch FP8 rows and the void round's row is bf16).
+    Returns {"failures", "elapsed_s", "checks"}."""
     import time
 
     chk = Checker(f"{variant} on rank {rank}")
-    use_fp8 = variant in ("fp8", "layout_fp8")
+    use_fp8 = variant in ("fp8", "layout_fp8", "layout_fp8_rounds")
     layout_first = variant.startswith("layout")
+    in_rounds = variant.endswith("_rounds")
     # half_nodes: 2 nodes (forwarders on 4); late*: more than 1024 tokens (the nvshmem prepare kernel runs several
     # blocks per destination: the bad id is in the last one's chunk, its verdict gathered from the chunks)
     rpn = {"nodes": 1, "half_nodes": max(1, world // 2), "late_nodes": 1}.get(variant)
@@ -1246,7 +1265,8 @@ def one_rank_refuses(rank: int, world: int, backend: str, variant: str) -> dict[
                    for r in range(world))
     case = NormalCase(counts, HIDDEN, EXPERTS, TOPK, 11, use_fp8=use_fp8,
                       max_tokens=LATE_TOKENS if late else MAX_TOKENS, ranks_per_node=rpn)
-    buf = largeep.Buffer(None, backend=backend, **case.buffer_kwargs())
+    buf = largeep.Buffer(None, backend=backend, **case.buffer_kwargs(),
+                         tokens_per_round=ROUNDS_TOKENS if in_rounds else None)
     dev = buf.ctx.device  # the group's device, or the current CUDA device for nvshmem on a gloo group
     elapsed: list[float] = []
     try:
@@ -1260,7 +1280,7 @@ def one_rank_refuses(rank: int, world: int, backend: str, variant: str) -> dict[
         # the good round after it shows that scratch was left clear)
         at = (idx.shape[0] - 7, TOPK - 1) if late and variant != "late_first" else (0, 0)
         bad = with_id(idx, bad_id, at) if rank == 0 else idx.clone()
-        if variant == "layout_tokens" and rank == 0:  # good ids, one token too many
+        if variant.startswith("layout_tokens") and rank == 0:  # good ids, one token too many
             bad = idx.repeat(MAX_TOKENS // idx.shape[0] + 1, 1)[:MAX_TOKENS + 1].contiguous()
         no_wait = (variant == "worst_peer" and rank != 0) or variant in ("worst_all", "late_worst")
         worst = world * case.buffer_max_tokens if no_wait else 0
@@ -1276,7 +1296,7 @@ def one_rank_refuses(rank: int, world: int, backend: str, variant: str) -> dict[
             except ArgumentError as exc:
                 chk.expect(rank == 0 and variant not in ("worst_all", "late_worst"),
                            f"attempt {attempt}: ArgumentError: {exc}")
-                if variant == "layout_tokens":
+                if variant.startswith("layout_tokens"):
                     chk.expect("get_dispatch_layout" in str(exc) and "max_tokens_per_rank" in str(exc), str(exc))
                 else:
                     chk.expect(f"expert id {bad_id}" in str(exc) and "'topk_idx'" in str(exc), str(exc))
@@ -1287,6 +1307,9 @@ def one_rank_refuses(rank: int, world: int, backend: str, variant: str) -> dict[
             except largeep.PeerRefusedError as exc:
                 chk.expect(rank != 0, f"attempt {attempt}: PeerRefusedError on the refusing rank: {exc}")
                 chk.expect("rank(s) [0]" in str(exc) and "stays usable" in str(exc) and exc.buffer_usable, str(exc))
+                # (in rounds: refused in round 0, before any round moved rows; a later round's error names it)
+                chk.expect("sent and received nothing" in str(exc) and "(tokens_per_round)" not in str(exc),
+                           f"not refused in the first round: {exc}")
             else:
                 chk.expect(worst > 0 and (rank != 0 or variant in ("worst_all", "late_worst")),
                            f"attempt {attempt}: the call was not refused")
@@ -1641,6 +1664,10 @@ def too_many_tokens_on_some_ranks(rank: int, world: int, backend: str, over: lis
         except largeep.PeerRefusedError as exc:
             chk.expect(rank not in over and f"rank(s) {sorted(over)} refused" in str(exc) and exc.buffer_usable,
                        f"PeerRefusedError: {exc}")
+            # (in rounds the void round is the others' round 0: no round of theirs moved rows, and the error, which
+            # names a later round, does not)
+            chk.expect("sent and received nothing" in str(exc) and "(tokens_per_round)" not in str(exc),
+                       f"not refused in the first round: {exc}")
         else:
             chk.expect(not over, f"the call went through although ranks {over} sent too many tokens")
         elapsed = time.monotonic() - start

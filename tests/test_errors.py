@@ -729,11 +729,21 @@ def test_torch_backend_missing_peer_times_out(pools, op: str) -> None:
             assert re.match(rf"{op}: rank {rank} waited for ranks? {others} ", res["message"]), res
 
 
-def test_layout_refused_without_a_dispatch(pools) -> None:
-    # gloo, LARGEEP_TIMEOUT_S 2 s: the layout's void round finds no dispatch; its timeout carries the refusal
-    res = pools(WORLD).run(error_bodies.layout_refused_no_dispatch, 2.0)[0]
+@pytest.mark.parametrize("tokens_per_round", [None, 2], ids=["one_round", "rounds"])
+@pytest.mark.parametrize("op", ["layout", "dispatch"])
+def test_refused_without_a_dispatch(pools, op: str, tokens_per_round: int | None) -> None:
+    # gloo, LARGEEP_TIMEOUT_S 2 s: the void round of a layout's refusal, or of a dispatch's with too many tokens,
+    # finds no dispatch; its timeout carries the refusal (the argument and the value refused), chained from it
+    res = pools(WORLD).run(error_bodies.refused_without_a_dispatch, 2.0, op, tokens_per_round)[0]
     assert 2.0 <= res["elapsed_s"] < 10.0, res
-    assert f"expert id {2 * WORLD + 5}" in res["message"] and "void round" in res["message"], res
+    if op == "layout":
+        refusal = f"get_dispatch_layout: argument 'topk_idx' holds expert id {2 * WORLD + 5}"
+        where = "the void round that was to tell the other ranks (in their next fresh dispatch) timed out: "
+    else:
+        refusal = "dispatch: argument 'x' has 5 tokens, more than max_tokens_per_rank=4"
+        where = "the void round that was to tell the other ranks timed out: "
+    assert res["message"].startswith(refusal) and where in res["message"], res
+    assert "rank 0 waited for ranks [1] of its group in vain" in res["message"], res
     assert res["cause"] == "ArgumentError", res
 
 
@@ -1109,33 +1119,93 @@ def test_settings_take_a_millisecond_timeout(monkeypatch: pytest.MonkeyPatch) ->
     assert s.timeout_s == 0.001 and s.zero_copy_slots == 3 and s.tune["threads"] == 512
 
 
-def test_rounds_out_of_step_after_a_rank_alone_raised() -> None:
-    """Calls in rounds (tokens_per_round): a round that raises on this rank alone (out of memory: the nvshmem
-    dispatch drains that round, and the peers go on to the next) leaves the rank's rounds out of step with its
-    peers', so every later call of the Buffer raises at once naming it; a refusal (void on every rank) does not."""
+# where rank 0's call in 3 rounds raises (the inner backend's call, or around it), and what
+_ROUND_FAILURES = {
+    "dispatch": ("dispatch 1", torch.OutOfMemoryError("no memory for round 1's outputs")),
+    "offsets": ("offsets 1", torch.OutOfMemoryError("no memory for round 1's offsets")),
+    "gather": ("gather 1", torch.OutOfMemoryError("no memory for round 1's y")),
+    "interrupt": ("combine 2", KeyboardInterrupt("between the rounds")),
+    "void": ("dispatch 0", largeep.PeerTimeoutError("rank 1 never dispatched")),
+    "refusal": ("dispatch 1", largeep.PeerRefusedError("rank(s) [1] refused")),
+}
+
+
+@pytest.mark.parametrize("where", list(_ROUND_FAILURES))
+def test_rounds_out_of_step_after_a_rank_alone_raised(monkeypatch: pytest.MonkeyPatch, where: str) -> None:
+    """Calls in rounds (tokens_per_round): an exception on this rank alone after a call's round 0 has begun (out of
+    memory in a round's inner call, as the nvshmem dispatch drains that round and the peers go on to the next; or
+    around it: a dispatch's receive offsets, a combine's gather of round i's y while the peers are in round i's
+    combine; an interrupt) leaves the rank's rounds out of step with its peers', so every later call of the Buffer
+    raises at once naming it; a void round (run once, as round 0) that times out too. A refusal (void on every
+    rank) does not: the next dispatch is right."""
     import types
 
-    from largeep.backends.rounds import RoundsBackend
+    from largeep.backends import rounds
+    from largeep.backends.base import NormalDispatchOut
 
-    inner = types.SimpleNamespace(name="fake")
-    rb = RoundsBackend(inner, types.SimpleNamespace(low_latency=False), 3)
+    at, error = _ROUND_FAILURES[where]
+    made = {"dispatch": 0, "offsets": 0, "gather": 0, "combine": 0}
+    raised: list[str] = []
 
-    def refused() -> None:
-        raise largeep.PeerRefusedError("rank 0 refused")
+    def step(what: str) -> None:
+        i = made[what]
+        made[what] += 1
+        if f"{what} {i}" == at and not raised:
+            raised.append(at)
+            raise error
 
-    with pytest.raises(largeep.PeerRefusedError):
-        rb._round("dispatch", 1, refused)
-    rb._check_in_step("dispatch")  # (still usable)
+    class Inner:  # one rank: each round's rows are its own tokens
+        name = "fake"
 
-    def out_of_memory() -> None:
-        raise torch.OutOfMemoryError("no memory for the outputs")
+        def dispatch(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> NormalDispatchOut:
+            step("dispatch")
+            return NormalDispatchOut(x.clone(), None, None, None, [], torch.empty(0, dtype=torch.int32), x.shape[0],
+                                     x.shape[0])
 
-    with pytest.raises(torch.OutOfMemoryError):
-        rb._round("dispatch", 1, out_of_memory)
-    for call in (lambda: rb.dispatch(torch.zeros(4, 8), None, None, None, None, 1, 0),
-                 lambda: rb.combine(torch.zeros(4, 8), None, None),  # type: ignore[arg-type]
-                 lambda: rb.get_dispatch_layout(torch.zeros(4, 2, dtype=torch.int64))):
-        with pytest.raises(RuntimeError) as info:
+        def recv_offsets(self, state: int) -> list[int]:
+            step("offsets")
+            return [0, state]
+
+        def combine(self, y: torch.Tensor, state: Any, w: Any) -> tuple[torch.Tensor, None]:
+            step("combine")
+            return y.clone(), None
+
+    real = rounds.as_words
+
+    def as_words(t: torch.Tensor) -> torch.Tensor:
+        if t.shape[0] == 4:  # (the combine's y; the dispatch merges rows of 1 and 2)
+            step("gather")
+        return real(t)
+
+    monkeypatch.setattr(rounds, "as_words", as_words)
+    rb = rounds.RoundsBackend(Inner(), types.SimpleNamespace(low_latency=False), 3)
+    x = torch.randn(4, 8)
+    idx, w = torch.zeros(4, 2, dtype=torch.int64), torch.ones(4, 2)
+    state = rounds._RoundsState([0, 1, 2], [0, 1, 2, 4], [torch.tensor([0]), torch.tensor([1]), torch.tensor([2, 3])],
+                                4)
+    calls = {
+        "dispatch": lambda: rb.dispatch(x, None, idx, w, None, 1, 0),
+        "combine": lambda: rb.combine(x, state, None),
+        "void": lambda: rb.void_dispatch(x[:1], None, idx[:1], w[:1], None, 1, 0, check_ids=True),
+        "layout": lambda: rb.get_dispatch_layout(idx),
+    }
+    first = {"gather": "combine", "interrupt": "combine", "void": "void"}.get(where, "dispatch")
+    with pytest.raises(type(error)) as info:
+        calls[first]()
+    if where == "void":
+        assert made["dispatch"] == 1, made  # (the void round: the inner backend's dispatch, once)
+    if where == "refusal":  # every rank raised in round 1: in step, and the next dispatch is right
+        assert "[in round 1 of 3 (tokens_per_round): rounds 0..0 had moved their rows" in str(info.value)
+        rb._check_in_step("dispatch")
+        made.update(dispatch=0, offsets=0)
+        out = rb.dispatch(x, None, idx, w, None, 1, 0)
+        assert torch.equal(out.x, x) and out.num_recv_tokens == 4 and made["dispatch"] == 3, (out, made)
+        return
+    why = (f"an earlier {'combine' if first == 'combine' else 'dispatch'} in rounds (tokens_per_round) raised in "
+           f"round {at.split()[1]} of 3 ({type(error).__name__}: {error})")
+    for name, call in calls.items():
+        with pytest.raises(RuntimeError) as refused:
             call()
-        msg = str(info.value)
-        assert "round 1 of 3" in msg and "OutOfMemoryError: no memory" in msg and "unusable" in msg, msg
+        op = {"layout": "get_dispatch_layout", "void": "dispatch"}.get(name, name)
+        msg = str(refused.value)
+        assert msg.startswith(f"{op}: {why}; ") and "unusable" in msg, msg

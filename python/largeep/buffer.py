@@ -126,6 +126,7 @@ class DispatchHandle:
     # moves the same rows and returns them too
     counts: list[int] = field(default_factory=list, repr=False)
     counts_tensor: torch.Tensor | None = field(default=None, repr=False)
+    expert_alignment: int = 1  # the alignment of ``counts`` (the handle's dispatch's)
 
 
 @dataclass
@@ -173,7 +174,7 @@ class DispatchResult:
     topk_weights: float32 [R, K]; None for a cached dispatch.
     num_tokens_per_expert: rows naming each local expert, rounded up to expert_alignment (empty list when
     num_worst_tokens > 0 on GPUs: no host sync happens then; use num_tokens_per_expert_tensor). A cached dispatch
-    returns those of its handle's dispatch, whose rows it moves.
+    returns those of its handle's dispatch, whose rows it moves (aligned as that dispatch aligned them).
     num_tokens_per_expert_tensor: the same counts as int32 [E/N] on the device (for a cached dispatch, the tensor its
     handle's dispatch returned).
 
@@ -621,13 +622,8 @@ class Buffer:
         c = self.ctx
         if c.low_latency or (c.device.type == "cuda" and isinstance(self._impl, TorchBackend)):
             return  # (in rounds a Buffer refuses num_worst_tokens: its dispatches all pair with a void round)
-        try:
-            self._void_dispatch(torch.empty(0, c.hidden, dtype=torch.bfloat16, device=c.device), None, 1, 0)
-        except PeerTimeoutError as late:
-            raise PeerTimeoutError(
-                f"{refusal} -- and the void round that was to tell the other ranks (in their next fresh dispatch) "
-                f"timed out: {late}"
-            ) from refusal
+        self._void_dispatch(refusal, torch.empty(0, c.hidden, dtype=torch.bfloat16, device=c.device), None, 0,
+                            " (in their next fresh dispatch)")
 
     def dispatch(
         self,
@@ -645,6 +641,9 @@ class Buffer:
 
         x: [T, H] bf16/fp32, or (e4m3 [T, H], float32 [T, H/128]); topk_idx int64 [T, K]; topk_weights float32
         [T, K]. With ``handle`` (and topk_idx/topk_weights None) the routing of that earlier dispatch is reused.
+        ``expert_alignment``: the multiple that the per-expert counts are rounded up to. A cached dispatch returns
+        its handle's dispatch's counts, aligned as that dispatch aligned them: there 1 (the default) means "the
+        handle's", and another value that differs from the handle's is refused with ArgumentError.
         Waits on the host for the count exchange unless num_worst_tokens > 0 or a handle is given.
         """
         op = "dispatch"
@@ -661,9 +660,12 @@ class Buffer:
             )
         xs, scales = checks.tokens(op, "x", x, hidden=c.hidden, device=c.device, allow_fp8=True)
         t = xs.shape[0]
-        if t > c.max_tokens_per_rank and handle is None:
-            self._void_dispatch(xs, scales, expert_alignment, num_worst_tokens)
-        checks.max_tokens(op, t, c.max_tokens_per_rank)
+        try:
+            checks.max_tokens(op, t, c.max_tokens_per_rank)
+        except ArgumentError as refusal:
+            if handle is None:
+                self._void_dispatch(refusal, xs, scales, num_worst_tokens)
+            raise
         state = None
         native_check = False
         if handle is not None:
@@ -679,10 +681,20 @@ class Buffer:
                     f"Buffer.{op}: argument 'num_worst_tokens' = {num_worst_tokens} differs from the handle's "
                     f"({h.num_worst_tokens}; 0 means the handle's dispatch had a variable size)"
                 )
+            # (the call returns the handle's dispatch's counts, as that dispatch aligned them: another alignment
+            # would be silently ignored)
+            if expert_alignment not in (1, h.expert_alignment):
+                raise ArgumentError(
+                    f"Buffer.{op}: argument 'expert_alignment' = {expert_alignment} differs from the handle's "
+                    f"({h.expert_alignment}): a cached dispatch returns the counts of the handle's dispatch, aligned "
+                    "as that dispatch aligned them; pass that value, or leave it out (1)"
+                )
+            alignment = h.expert_alignment
             state = h.state
         else:
             if topk_idx is None or topk_weights is None:
                 raise ArgumentError(f"Buffer.{op}: 'topk_idx' and 'topk_weights' are required without a handle")
+            alignment = expert_alignment
             if num_worst_tokens == 0 and c.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
                 raise ArgumentError(
                     f"Buffer.{op}: inside a CUDA graph capture a fresh dispatch needs argument 'num_worst_tokens' "
@@ -719,7 +731,7 @@ class Buffer:
 
         def run() -> Any:
             return self._impl.dispatch(
-                xs, scales, topk_idx, topk_weights, state, expert_alignment, num_worst_tokens, caller_stream=caller,
+                xs, scales, topk_idx, topk_weights, state, alignment, num_worst_tokens, caller_stream=caller,
                 **extra,
             )
 
@@ -729,7 +741,8 @@ class Buffer:
             num_recv = num_worst_tokens if num_worst_tokens else out.num_recv_tokens
             if not counts and counts_t.numel() and counts_t.device.type == "cpu":
                 counts = [int(v) for v in counts_t.tolist()]  # (num_worst_tokens on CPU: no sync to avoid)
-            handle = DispatchHandle(self._id, t, num_recv, out.state, num_worst_tokens, list(counts), counts_t)
+            handle = DispatchHandle(self._id, t, num_recv, out.state, num_worst_tokens, list(counts), counts_t,
+                                    alignment)
         else:  # a cached dispatch: its handle's dispatch's rows (the tensor itself: a copy made here, on the
             # caller's stream, could read it before that dispatch's stream wrote it)
             counts = list(handle.counts)
@@ -745,17 +758,21 @@ class Buffer:
         host_ok = num_worst_tokens == 0 or self.ctx.device.type == "cpu"
         return host_ok, host_ok or bool(getattr(self._impl, "checks_ids_without_wait", False))
 
-    def _void_dispatch(self, xs: torch.Tensor, scales: torch.Tensor | None, expert_alignment: int,
-                       num_worst_tokens: int) -> None:
-        """Before this rank refuses a fresh dispatch for a reason of its own tokens (more of them than
-        max_tokens_per_rank; the caller raises that ArgumentError next): where the backend refuses a round on every
-        rank (its id check travels with the count exchange), a one-token round with an expert id this rank's check
-        refuses makes the call void on every rank, so the others raise PeerRefusedError naming this rank at once
+    def _void_dispatch(self, refusal: ArgumentError, xs: torch.Tensor, scales: torch.Tensor | None,
+                       num_worst_tokens: int, where: str = "") -> None:
+        """Before this rank refuses a fresh dispatch for a reason of its own tokens (``refusal``, which the caller
+        raises next: more of them than max_tokens_per_rank, or a layout's refusal): where the backend refuses a round
+        on every rank (its id check travels with the count exchange), a one-token round with an expert id this rank's
+        check refuses makes the call void on every rank, so the others raise PeerRefusedError naming this rank at once
         instead of waiting for it until their timeout, and every Buffer stays usable (as for a bad id: a rank that
         ran the round with num_worst_tokens cannot raise and its Buffer is unusable from then on). Elsewhere (a
         CUDA num_worst_tokens dispatch of a backend that checks ids only with a host wait, a graph capture) only
         this rank raises; the others' call (without a host wait there) returns, and their next collectives wait for
-        this rank until their bound (the process group's timeout over NCCL)."""
+        this rank until their bound (the process group's timeout over NCCL). A void round that times out (no peer
+        dispatched; ``where`` says where it was to meet them) raises PeerTimeoutError carrying the refusal.
+
+        In rounds (tokens_per_round) the void round is the others' round 0 (RoundsBackend.void_dispatch): they learn
+        of the refusal before any of their rounds moves rows, and whatever kind of rows they send."""
         c = self.ctx
         if (not getattr(self._impl, "checks_dispatch_ids", False) or checks._capturing(c.device)
                 or not self._id_checks(num_worst_tokens)[1]):
@@ -765,15 +782,19 @@ class Buffer:
         idx = torch.full((1, c.num_topk), c.num_experts, dtype=torch.int64, device=c.device)
         w = torch.zeros(1, c.num_topk, dtype=torch.float32, device=c.device)
         caller = current_raw_stream(c.device) if c.device.type == "cuda" else None
+        call = getattr(self._impl, "void_dispatch", self._impl.dispatch)
 
         def run() -> Any:
-            return self._impl.dispatch(x1, s1, idx, w, None, expert_alignment, num_worst_tokens,
-                                       caller_stream=caller, check_ids=True)
+            return call(x1, s1, idx, w, None, 1, num_worst_tokens, caller_stream=caller, check_ids=True)
 
         try:
             self._run(run, None, False, [x1, s1, idx, w])
         except (ArgumentError, PeerRefusedError):
             pass  # (this rank's refusal, and perhaps others': the caller raises this rank's own reason)
+        except PeerTimeoutError as late:
+            raise PeerTimeoutError(
+                f"{refusal} -- and the void round that was to tell the other ranks{where} timed out: {late}"
+            ) from refusal
 
     def combine(
         self,

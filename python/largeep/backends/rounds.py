@@ -103,28 +103,24 @@ class RoundsBackend:
         self.ctx = ctx
         self.num_rounds = num_rounds
         self.name = inner.name
-        self._out_of_step = ""  # why this rank's rounds no longer match its peers' (see _round)
+        self._out_of_step = ""  # why this rank's rounds no longer match its peers' (see _raised_in_round)
 
     def _check_in_step(self, op: str) -> None:
         if self._out_of_step:
             raise RuntimeError(f"{op}: {self._out_of_step}; this rank's rounds no longer match the other ranks', "
                                "so the Buffer is unusable now (destroy it on every rank)")
 
-    def _round(self, op: str, i: int, call: Any, *args: Any, **kwargs: Any) -> Any:
-        """Round ``i`` of a call: ``call(*args, **kwargs)`` on the inner backend. A round that raises on this rank
-        alone (out of memory, say: a dispatch drains its round and raises, and its peers go on to the next round)
-        leaves this rank's rounds out of step with its peers' (a retry's round 0 would pair with their round
+    def _raised_in_round(self, op: str, i: int, exc: BaseException) -> None:
+        """``exc`` was raised on this rank in round ``i`` of a call (in the inner backend's call, or around it: the
+        gather of a combine's input, a dispatch's receive offsets, an interrupt between two rounds). Raised on this
+        rank alone (out of memory, say: a dispatch drains its round and raises, and its peers go on to the next round)
+        it leaves this rank's rounds out of step with its peers' (a retry's round 0 would pair with their round i or
         i + 1), so the Buffer refuses every later call. A refusal (ArgumentError, PeerRefusedError) voids that round
         on every rank, all of which raise there: the Buffer stays usable."""
-        try:
-            return call(*args, **kwargs)
-        except (ArgumentError, PeerRefusedError):
-            raise
-        except BaseException as exc:
-            if not self._out_of_step:
-                self._out_of_step = (f"an earlier {op} in rounds (tokens_per_round) raised in round {i} of "
-                                     f"{self.num_rounds} ({type(exc).__name__}: {exc})"[:400])
-            raise
+        if isinstance(exc, (ArgumentError, PeerRefusedError)) or self._out_of_step:
+            return
+        self._out_of_step = (f"an earlier {op} in rounds (tokens_per_round) raised in round {i} of "
+                             f"{self.num_rounds} ({type(exc).__name__}: {exc})"[:400])
 
     @property
     def checks_layout_ids(self) -> bool:
@@ -142,6 +138,20 @@ class RoundsBackend:
         destroy = getattr(self.inner, "destroy", None)
         if destroy is not None:
             destroy()
+
+    def void_dispatch(self, *args: Any, **kwargs: Any) -> NormalDispatchOut:
+        """Buffer._void_dispatch's one-token round, refused by this rank's id check, run as round 0 of the others'
+        dispatch: the inner backend's dispatch, once. The refusal voids that round on every rank, which all raise
+        there, before any of their rounds has moved rows, and each backend reports a refusal before comparing the
+        ranks' kinds of rows (the void round's row is this rank's own kind, or bf16 after a layout's refusal).
+        Through ``dispatch`` the token would fall in the last round: rounds 0..R-2 would move rows first (or be
+        refused for their kind of rows, the refusal unseen)."""
+        self._check_in_step("dispatch")
+        try:
+            return self.inner.dispatch(*args, **kwargs)  # type: ignore[no-any-return]
+        except BaseException as exc:
+            self._raised_in_round("dispatch", 0, exc)
+            raise
 
     def get_dispatch_layout(self, topk_idx: torch.Tensor, **kwargs: Any) -> Layout:
         # (no per-rank buffer holds a layout's tokens: the whole call at once)
@@ -188,18 +198,24 @@ class RoundsBackend:
         t = x.shape[0]
         bounds = state.bounds if state is not None else round_bounds(t, self.num_rounds)
         offsets: list[Any] = []  # (each round's recv_offsets: device tensors, or host lists; see stack_offsets)
-        for i in range(self.num_rounds):
-            lo, hi = bounds[i], bounds[i + 1]
-            # (no local name holds a round's output: a traceback keeps this frame, and the caller's finally
-            # releases them, zero-copy slots among them, by clearing outs)
-            outs.append(self._round(
-                "dispatch", i, self.inner.dispatch, x[lo:hi], None if x_scales is None else x_scales[lo:hi],
-                None if topk_idx is None else topk_idx[lo:hi], None if topk_weights is None else topk_weights[lo:hi],
-                None if state is None else state.states[i], 1, 0,
-                **({"check_ids": True} if check_ids and hi > lo else {}),
-            ))
-            if state is None:
-                offsets.append(self.inner.recv_offsets(outs[-1].state))
+        i = 0
+        try:
+            for i in range(self.num_rounds):
+                lo, hi = bounds[i], bounds[i + 1]
+                # (no local name holds a round's output: a traceback keeps this frame, and the caller's finally
+                # releases them, zero-copy slots among them, by clearing outs)
+                outs.append(self.inner.dispatch(
+                    x[lo:hi], None if x_scales is None else x_scales[lo:hi],
+                    None if topk_idx is None else topk_idx[lo:hi],
+                    None if topk_weights is None else topk_weights[lo:hi],
+                    None if state is None else state.states[i], 1, 0,
+                    **({"check_ids": True} if check_ids and hi > lo else {}),
+                ))
+                if state is None:
+                    offsets.append(self.inner.recv_offsets(outs[-1].state))
+        except BaseException as exc:
+            self._raised_in_round("dispatch", i, exc)
+            raise
         if state is None:
             rows = [o.x.shape[0] for o in outs]
             total = sum(rows)
@@ -245,11 +261,16 @@ class RoundsBackend:
         ws: list[torch.Tensor] = []
         if y.numel() == 0:  # (an empty y may have any strides, as an empty gradient does; as_words needs rows)
             y = torch.empty(y.shape, dtype=y.dtype, device=y.device)
-        for i, d in enumerate(state.dest):
-            y_i = as_words(y).index_select(0, d).view(y.dtype).view(-1, y.shape[1])
-            w_i = None if topk_weights is None else topk_weights.index_select(0, d)
-            x_i, w_i = self._round("combine", i, self.inner.combine, y_i, state.states[i], w_i)
-            xs.append(x_i)
-            if w_i is not None:
-                ws.append(w_i)
+        i = 0
+        try:
+            for i, d in enumerate(state.dest):
+                y_i = as_words(y).index_select(0, d).view(y.dtype).view(-1, y.shape[1])
+                w_i = None if topk_weights is None else topk_weights.index_select(0, d)
+                x_i, w_i = self.inner.combine(y_i, state.states[i], w_i)
+                xs.append(x_i)
+                if w_i is not None:
+                    ws.append(w_i)
+        except BaseException as exc:  # (the gathers too: round i's peers are in its combine already)
+            self._raised_in_round("combine", i, exc)
+            raise
         return torch.cat(xs), (torch.cat(ws) if ws else None)

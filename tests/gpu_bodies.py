@@ -921,6 +921,48 @@ def destroy_keeps_held_outputs(rank: int, world: int) -> None:
         logging.getLogger("largeep").removeHandler(handler)
 
 
+def low_latency_raised_after_send(rank: int, world: int, op: str) -> None:
+    """An exception between a low-latency call's send and its receive (here: where the receive is wrapped, made to
+    raise) leaves the round taken on the device and never received: the Buffer is marked unusable, so its next call
+    raises naming that error, rather than pairing with the peers' next round (which would take this round's slots).
+    ``op``: "dispatch" or "combine"."""
+    buf = largeep.Buffer(None, hidden=256, num_experts=2 * world, num_topk=2, max_tokens_per_rank=8,
+                         backend="nvshmem", low_latency=True)
+    try:
+        g = torch.Generator(device="cuda").manual_seed(30 + rank)
+        x = torch.randn(8, 256, device="cuda", generator=g).to(torch.bfloat16)
+        idx = torch.rand(8, 2 * world, device="cuda", generator=g).topk(2, dim=1).indices
+        w = torch.rand(8, 2, device="cuda", generator=g)
+        d = buf.low_latency_dispatch(x, idx, use_fp8=False)
+
+        def boom(*args: Any, **kwargs: Any) -> None:
+            raise RuntimeError("raised between the send and its receive")
+
+        buf._impl._ll_closes_round = boom  # type: ignore[attr-defined]
+        try:
+            if op == "dispatch":
+                buf.low_latency_dispatch(x, idx, return_recv_hook=True)
+            else:
+                buf.low_latency_combine(d.x, idx, w, d.handle, return_recv_hook=True)
+        except RuntimeError as exc:
+            assert "raised between the send and its receive" in str(exc), str(exc)
+        else:
+            raise AssertionError(f"rank {rank}: the {op} did not raise")
+        finally:
+            del buf._impl._ll_closes_round  # type: ignore[attr-defined]
+        torch.cuda.synchronize()
+        try:
+            buf.low_latency_dispatch(x, idx)
+        except RuntimeError as exc:
+            msg = str(exc)
+        else:
+            raise AssertionError(f"rank {rank}: the call after an abandoned low_latency_{op} round did not raise")
+        assert f"an earlier low_latency_{op}" in msg and "after its send was queued and before its receive" in msg, msg
+        assert "raised between the send and its receive" in msg and "unusable" in msg, msg
+    finally:
+        buf.destroy()
+
+
 def config_mismatch_refused(rank: int, world: int) -> None:
     """Ranks that would lay out their symmetric memory differently (LARGEEP_ZERO_COPY_SLOTS differs) or speak
     different combine protocols (LARGEEP_TUNE comb 0 on rank 0 only) are refused on every rank at Buffer creation,

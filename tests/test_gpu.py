@@ -358,6 +358,14 @@ def test_low_latency_fp8_not_finite(pools, world: int, round_scale: bool) -> Non
 
 @pytest.mark.gpu(2)
 @needs_native
+@pytest.mark.parametrize("op", ["dispatch", "combine"])
+def test_low_latency_raised_after_send(pools, op: str) -> None:
+    """An exception between a low-latency send and its receive makes the Buffer refuse later calls, naming it."""
+    pools(2, "nccl").run(gpu_bodies.low_latency_raised_after_send, op)
+
+
+@pytest.mark.gpu(2)
+@needs_native
 def test_destroy_keeps_held_outputs(pools) -> None:
     """destroy() with a dispatch output alive on one rank keeps the memory on every rank (not reused under it)."""
     pools(2, "nccl").run(gpu_bodies.destroy_keeps_held_outputs)

@@ -179,8 +179,9 @@ uintptr_t alloc(size_t bytes, double timeout_s) {
     void* p = nvshmem_malloc(bytes);
     HOST_ASSERT(p != nullptr || bytes == 0, "nvshmem_malloc of " << bytes << " bytes failed: the symmetric heap is too small "
                 "(raise NVSHMEM_SYMMETRIC_SIZE before the first Buffer is created)");
-    CUDA_CHECK(cudaMemset(p, 0, bytes));
-    CUDA_CHECK(cudaDeviceSynchronize());
+    // (on the runtime's own stream, not the device: work of the caller's that never ends must not hang creation)
+    CUDA_CHECK(cudaMemsetAsync(p, 0, bytes, g.stream));
+    CUDA_CHECK(cudaStreamSynchronize(g.stream));
     // Every rank's memory is zeroed before any rank goes on to write into a peer's: a second bounded rendezvous,
     // not NVSHMEM's barrier, which would wait forever for a rank that failed just above (and threw)
     rendezvous(timeout_s, "Buffer creation (after the symmetric allocation)");

@@ -155,32 +155,37 @@ def normal_roundtrip(
 
 
 def normal_combine_exact(rank: int, world: int, backend: str, tokens: list[int], hidden: int,
-                         ranks_per_node: int | None = None) -> None:
+                         ranks_per_node: int | None = None, worst: bool = False) -> None:
     """SPEC's float32 accumulation in the normal combine, bit for bit: every token goes to every rank (one expert of
     each, 2 experts per rank), and rank r returns for the row of (s, t) in column c the BF16 value 256 where
     r == (s + t + c) % world, else 1 (both negated where c % 7 == 3). Every element must be the exact sum,
     +-(256 + world - 1), rounded to BF16 once; a BF16 accumulation gives other bits wherever the 256 is summed first
     or second (256 + 1 rounds back to 256), so the 256's position moving with s, t and c catches one whatever the
-    order of the sum."""
+    order of the sum. ``worst``: the dispatch with num_worst_tokens = world x max tokens (the fixed-size path), the
+    rows past the received ones NaN in y (not summed)."""
     assert world >= 3, "at 2 ranks BF16 accumulation gives the same bits"
     dev = device_for(backend)
     e = 2 * world
-    buf = largeep.Buffer(None, hidden=hidden, num_experts=e, num_topk=world, max_tokens_per_rank=max(max(tokens), 1),
+    m = max(max(tokens), 1)
+    buf = largeep.Buffer(None, hidden=hidden, num_experts=e, num_topk=world, max_tokens_per_rank=m,
                          backend=backend, ranks_per_node=ranks_per_node)
+    rows = world * m if worst else 0
     try:
         t_me = tokens[rank]
         idx = torch.tensor([[2 * r + t % 2 for r in range(world)] for t in range(t_me)], dtype=torch.int64)
         idx = idx.reshape(t_me, world)
         x = torch.randn(t_me, hidden, generator=torch.Generator().manual_seed(rank)).to(torch.bfloat16)
         w = torch.ones(t_me, world)
-        res = buf.dispatch(x.to(dev), idx.to(dev), w.to(dev))
+        res = buf.dispatch(x.to(dev), idx.to(dev), w.to(dev), num_worst_tokens=rows)
         # rows: every (s, t), s ascending, then t
         src = [(s, t) for s in range(world) for t in range(tokens[s])]
-        assert res.x.shape[0] == len(src), (res.x.shape, len(src))
+        assert res.x.shape[0] == (rows or len(src)), (res.x.shape, len(src))
         col = torch.arange(hidden)
         sign = torch.where(col % 7 == 3, -1.0, 1.0)
         y = torch.stack([torch.where((s + t + col) % world == rank, 256.0, 1.0) * sign for s, t in src]) \
             if src else torch.empty(0, hidden)
+        if rows:
+            y = torch.cat([y, torch.full((rows - len(src), hidden), float("nan"))])
         comb = buf.combine(y.to(torch.bfloat16).to(dev), res.handle)
         want_row = (256.0 + (world - 1)) * sign  # (every rank's terms, the 256 from one of them)
         want = want_row.expand(t_me, hidden).to(torch.bfloat16)
@@ -654,3 +659,45 @@ def low_latency_fp8_not_finite(rank: int, world: int, backend: str, round_scale:
                         assert why is None, f"token {t} group {grp}: {why}"
     finally:
         buf.destroy()
+
+
+def events_on_cpu(rank: int, world: int) -> None:
+    """async_finish and previous_event on CPU groups: every call returns an EventOverlap whose methods do nothing
+    there, and gives the same bits as the call without them (normal dispatch and combine, low-latency both)."""
+    hidden, experts, topk, m = 256, 4 * world, 2, 9
+    inputs = [make_inputs(61, r, m - 2 * r, hidden, experts, topk, torch.bfloat16) for r in range(world)]
+    me = inputs[rank]
+    buf = largeep.Buffer(None, hidden=hidden, num_experts=experts, num_topk=topk, max_tokens_per_rank=m,
+                         backend="torch")
+    try:
+        plain = buf.dispatch(me.x, me.topk_idx, me.topk_weights)
+        d = buf.dispatch(me.x, me.topk_idx, me.topk_weights, async_finish=True, previous_event=plain.event)
+        assert isinstance(d.event, largeep.EventOverlap) and isinstance(plain.event, largeep.EventOverlap)
+        d.event.current_stream_wait()
+        d.event.synchronize()
+        ref = ref_dispatch(inputs, rank, experts)
+        assert torch.equal(d.x, ref.x) and torch.equal(d.topk_idx, ref.topk_idx), "async dispatch rows"
+        c0 = buf.combine(d.x, d.handle, topk_weights=d.topk_weights)
+        c1 = buf.combine(d.x, d.handle, topk_weights=d.topk_weights, previous_event=d.event, async_finish=True)
+        c1.event.current_stream_wait()
+        assert torch.equal(c0.x, c1.x) and torch.equal(c0.topk_weights, c1.topk_weights), "async combine"
+    finally:
+        buf.destroy()
+    ll = largeep.Buffer(None, hidden=hidden, num_experts=experts, num_topk=topk, max_tokens_per_rank=m,
+                        backend="torch", low_latency=True)
+    try:
+        r0 = ll.low_latency_dispatch(me.x, me.topk_idx, use_fp8=False)
+        r1 = ll.low_latency_dispatch(me.x, me.topk_idx, use_fp8=False, async_finish=True)
+        assert isinstance(r1.event, largeep.EventOverlap)
+        r1.event.current_stream_wait()
+        counts = r0.num_tokens_per_expert.tolist()
+        assert counts == r1.num_tokens_per_expert.tolist()
+        for e, n in enumerate(counts):
+            assert torch.equal(r0.x[e, :n], r1.x[e, :n]) and torch.equal(r0.src_info[e, :n], r1.src_info[e, :n])
+        y = r1.x.clone()
+        o0 = ll.low_latency_combine(y, me.topk_idx, me.topk_weights, r0.handle)
+        o1 = ll.low_latency_combine(y, me.topk_idx, me.topk_weights, r1.handle, async_finish=True)
+        o1.event.current_stream_wait()
+        assert torch.equal(o0.x, o1.x), "async low-latency combine"
+    finally:
+        ll.destroy()

@@ -655,11 +655,14 @@ def _normal_rounds_on_shared_gpus(world: int, empty: tuple[int, ...], per_nodes:
 @pytest.mark.gpu(1)
 @needs_native
 @needs_shared
-@pytest.mark.parametrize("world,ranks_per_node", [(3, None), (4, None), (4, 2)])
-def test_normal_combine_float32_sums_shared_gpus(pools, world: int, ranks_per_node: int | None) -> None:
+@pytest.mark.parametrize("world,ranks_per_node,worst", [(3, None, False), (4, None, False), (4, 2, False),
+                                                         (3, None, True), (4, 2, True)])
+def test_normal_combine_float32_sums_shared_gpus(pools, world: int, ranks_per_node: int | None, worst: bool) -> None:
     """The nvshmem combine's float32 accumulation, bit for bit, on 3 and 4 ranks sharing the GPUs (4 as 2 nodes of
-    2: the forwarder's partial sums and the reduce over nodes); values whose BF16 sums differ."""
-    pools(world, "gloo-cuda").run(bodies.normal_combine_exact, "nvshmem", [5, 0, 7, 3][:world], 2048, ranks_per_node)
+    2: the forwarder's partial sums and the reduce over nodes); values whose BF16 sums differ; after a
+    num_worst_tokens dispatch too (its tail rows NaN in y)."""
+    pools(world, "gloo-cuda").run(bodies.normal_combine_exact, "nvshmem", [5, 0, 7, 3][:world], 2048, ranks_per_node,
+                                  worst)
 
 
 @pytest.mark.gpu(4)

@@ -567,12 +567,13 @@ _R = TypeVar("_R")
 
 
 def _closes_open_round(fn: Callable[..., _R]) -> Callable[..., _R]:
-    """For NvshmemBackend.dispatch and combine: a round the call leaves open marks the Buffer unusable. An exception
-    between queuing a dispatch's sends and its copy-out, or a combine's push and its reduce (``_round_open``: a
-    failed launch, KeyboardInterrupt; not out of memory for a fresh dispatch's outputs, whose round dispatch drains
-    itself) leaves this rank's sequence number and flags behind its peers', so a later call would take this round's
-    counts or rows as its own (a combine: the previous round's rows, summed without an error) and the peers' next
-    calls would wait for this rank until LARGEEP_TIMEOUT_S."""
+    """For NvshmemBackend.dispatch and combine, and the low-latency ones: a round the call leaves open marks the
+    Buffer unusable. An exception between queuing a dispatch's sends and its copy-out, or a combine's push and its
+    reduce, or a low-latency send and the setting up of its receive (``_round_open``: a failed launch,
+    KeyboardInterrupt; not out of memory for a fresh dispatch's outputs, whose round dispatch drains itself) leaves
+    this rank's sequence number and flags behind its peers', so a later call would take this round's counts or rows
+    as its own (a combine: the previous round's rows, summed without an error) and the peers' next calls would wait
+    for this rank until LARGEEP_TIMEOUT_S. (A low-latency receive run later by its hook: _ll_closes_round.)"""
 
     @functools.wraps(fn)
     def wrapper(self: NvshmemBackend, *args: Any, **kwargs: Any) -> _R:
@@ -1248,27 +1249,8 @@ class NvshmemBackend:
 
         return wrap
 
-    def _ll_guarded(self, op: str, call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        """A low-latency call: an exception once its send is being launched (``self._ll_sending`` set; a failed
-        launch, an interrupt before its receive) leaves the round taken on the device and never received here, so
-        the Buffer is marked unusable, as a receive that raises marks it (_ll_closes_round); before that (argument
-        and id checks) it stays usable."""
-        self._ll_sending = False
-        try:
-            return call(*args, **kwargs)
-        except BaseException as exc:
-            if self._ll_sending:
-                self._mark_abandoned(op, exc)
-            raise
-
-    def low_latency_dispatch(self, *args: Any, **kwargs: Any) -> LowLatencyDispatchOut:
-        return self._ll_guarded("low_latency_dispatch", self._low_latency_dispatch, *args,  # type: ignore[no-any-return]
-                                **kwargs)
-
-    def low_latency_combine(self, *args: Any, **kwargs: Any) -> Any:
-        return self._ll_guarded("low_latency_combine", self._low_latency_combine, *args, **kwargs)
-
-    def _low_latency_dispatch(
+    @_closes_open_round
+    def low_latency_dispatch(
         self, x: torch.Tensor, topk_idx: torch.Tensor, use_fp8: bool, round_scale: bool, async_recv: bool,
         check_ids: bool = False, topk_weights: torch.Tensor | None = None, bf16_partial_sums: bool = False,
     ) -> LowLatencyDispatchOut:
@@ -1303,7 +1285,7 @@ class NvshmemBackend:
         sent = torch.empty(t, c.num_topk, dtype=torch.int32, device=dev)
         sum_one = bool(bf16_partial_sums and topk_weights is not None)
         state = _LLState(seq, count, meta, rowmap, t, sent, kept, sum_one)
-        self._ll_sending = True
+        self._round_open = True
         # without a hook, send and unpack may run as one kernel (LARGEEP_TUNE ll_fuse=1)
         if not async_recv and self.ll_fuse and self._fused(self.ll.dispatch_fused(
             x.data_ptr(), topk_idx.data_ptr(), w_ptr, _ptr(kept), sent.data_ptr(), t, use_fp8, round_scale, sum_one,
@@ -1329,7 +1311,8 @@ class NvshmemBackend:
         finish()
         return LowLatencyDispatchOut(x_out, s_out, count, src_info, state, None)
 
-    def _low_latency_combine(
+    @_closes_open_round
+    def low_latency_combine(
         self,
         y: torch.Tensor,
         topk_idx: torch.Tensor,
@@ -1349,7 +1332,7 @@ class NvshmemBackend:
         w_ptr = w.data_ptr()
         # which copies come back is the dispatch's (state.ids_sent); topk_idx masks them (not read with weights sent)
         sent = state.ids_sent
-        self._ll_sending = True
+        self._round_open = True
         # without a hook, send and sum may run as one kernel (LARGEEP_TUNE ll_fuse=1)
         if not async_recv and self.ll_fuse and self._fused(self.ll.combine_fused(
             y.data_ptr(), state.count.data_ptr(), state.meta.data_ptr(), lead, pairs, seq.data_ptr(),

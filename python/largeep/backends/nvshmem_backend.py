@@ -270,39 +270,47 @@ def untested_reason(ctx: GroupContext) -> str | None:
     return None
 
 
+def _in_thread(fn: Callable[[], None], name: str, timeout_s: float) -> tuple[bool, BaseException | None]:
+    """fn() in a daemon thread, waited for at most timeout_s: whether it ended in time, and what it raised (a thread
+    still inside fn after the timeout is left behind)."""
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            fn()
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread
+            failure.append(exc)
+
+    worker = threading.Thread(target=run, name=name, daemon=True)
+    worker.start()
+    worker.join(timeout_s)
+    return not worker.is_alive(), (failure[0] if failure else None)
+
+
 def _init_bounded(C: Any, uid: Any, ctx: GroupContext, timeout_s: float) -> None:
     """C.init (collective over the group) in a helper thread, waited for at most timeout_s
     (LARGEEP_INIT_TIMEOUT_S): an initialisation that does not finish (a placement NVSHMEM cannot serve) raises
     PeerTimeoutError instead of hanging. Unless it returned, NVSHMEM is unusable in this process from then on (after
     a timeout its thread is still inside; after an error or an interrupt its state is unknown): every later Buffer
     raises at once instead of entering it again."""
-    failure: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            C.init(uid, ctx.rank, ctx.num_ranks, ctx.device.index)
-        except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread
-            failure.append(exc)
-
     where = f"on rank {ctx.rank} of {ctx.num_ranks}"
-    worker = threading.Thread(target=run, name="largeep-nvshmem-init", daemon=True)
     done = False
     try:
-        worker.start()
-        worker.join(timeout_s)
-        if worker.is_alive():
+        ended, failure = _in_thread(lambda: C.init(uid, ctx.rank, ctx.num_ranks, ctx.device.index),
+                                    "largeep-nvshmem-init", timeout_s)
+        if not ended:
             _world["init_failed"] = (PeerTimeoutError, (
                 f"NVSHMEM's initialisation did not finish within {timeout_s:g} s (LARGEEP_INIT_TIMEOUT_S) {where}: "
                 "a placement NVSHMEM cannot serve, or a rank that stopped during it (NVSHMEM_DEBUG=INFO says how far "
                 "it got). NVSHMEM cannot be used in this process any more; restart the processes"
             ))
             raise PeerTimeoutError(f"Buffer: {_world['init_failed'][1]}")
-        if failure:
+        if failure is not None:
             _world["init_failed"] = (RuntimeError, (
-                f"NVSHMEM's initialisation failed {where} ({failure[0]}). NVSHMEM cannot be used in this process any "
+                f"NVSHMEM's initialisation failed {where} ({failure}). NVSHMEM cannot be used in this process any "
                 "more; restart the processes"
             ))
-            raise failure[0]
+            raise failure
         # C.init made the device current in its thread (cudaSetDevice); the caller's thread has it too, as before
         torch.cuda.set_device(ctx.device)
         done = True
@@ -315,25 +323,15 @@ def _init_bounded(C: Any, uid: Any, ctx: GroupContext, timeout_s: float) -> None
 def _synchronize_bounded(device: torch.device, timeout_s: float, op: str) -> None:
     """torch.cuda.synchronize(device), waited for at most timeout_s: a device whose queued work does not finish
     raises PeerTimeoutError (the waiting thread is left behind, a daemon)."""
-    failure: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            torch.cuda.synchronize(device)
-        except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread
-            failure.append(exc)
-
-    worker = threading.Thread(target=run, name="largeep-synchronize", daemon=True)
-    worker.start()
-    worker.join(timeout_s)
-    if worker.is_alive():
+    ended, failure = _in_thread(lambda: torch.cuda.synchronize(device), "largeep-synchronize", timeout_s)
+    if not ended:
         raise PeerTimeoutError(
             f"{op}: the work queued on {device} did not finish within {timeout_s:g} s (LARGEEP_TIMEOUT_S and a "
             "grace); a kernel there waits for something that does not come (a collective of a peer that stopped?). "
             "Nothing was freed"
         )
-    if failure:
-        raise failure[0]
+    if failure is not None:
+        raise failure
 
 
 def _join(ctx: GroupContext, heap_bytes: int, settings: Settings) -> Any:

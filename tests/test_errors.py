@@ -748,10 +748,18 @@ def test_refused_without_a_dispatch(pools, op: str, tokens_per_round: int | None
 
 
 def test_creation_missing_peer_times_out(pools) -> None:
-    # gloo: Buffer creation's first collective bounded by LARGEEP_TIMEOUT_S (2 s here)
-    for rank, res in enumerate(pools(WORLD).run(error_bodies.creation_missing_peer, 2.0)):
+    # gloo: Buffer creation's arrival bounded by LARGEEP_TIMEOUT_S (2 s here), naming the rank that did not arrive;
+    # that rank, arriving late, fails at once naming the ranks that gave up on it
+    world = 3
+    for rank, res in enumerate(pools(world).run(error_bodies.creation_missing_peer, 2.0)):
+        msg = res["message"]
+        assert "LARGEEP_TIMEOUT_S" in msg and "out of step" in msg and msg.startswith("Buffer"), res
         if rank != 1:
             assert 2.0 <= res["elapsed_s"] < 10.0, res
+            assert f"rank {rank} waited in vain for ranks [1] of its group (of 3) to create their Buffer" in msg, res
+        else:
+            assert res["elapsed_s"] < 2.0, res
+            assert "rank 1 lost its connection to ranks [0, 2]" in msg, res
 
 
 def test_dispatch_id_check_paths(pools) -> None:

@@ -12,8 +12,10 @@ import itertools
 import logging
 import socket
 import sys
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any, Union
 
 import torch
@@ -1168,18 +1170,60 @@ def _check_previous_event(previous_event: object) -> None:
 
 
 def _all_arrive(group: dist.ProcessGroup, op: str, rank: int, timeout_s: float) -> None:
-    """Buffer creation's first collective, on a group where gloo moves CPU tensors: every rank arrives within
-    ``timeout_s`` (LARGEEP_TIMEOUT_S), else PeerTimeoutError, instead of the gather after it waiting for the process
-    group's own timeout (30 minutes on gloo) for a rank that never creates its Buffer. On NCCL alone the group's own
-    timeout applies (a collective there is not bounded from the host)."""
-    if not _collective.on_gloo(group, torch.device("cpu")):
+    """Buffer creation's first exchange, on a group where gloo moves CPU tensors: every rank arrives within
+    ``timeout_s`` (LARGEEP_TIMEOUT_S), else PeerTimeoutError naming the ranks that did not, instead of the gather
+    after it waiting for the process group's own timeout (30 minutes on gloo) for a rank that never creates its
+    Buffer. Each rank sends one number to every other and waits for theirs (point to point, so that a rank knows
+    whose did not come; a timed-out receive closes its gloo connection, so a late rank fails at once rather than
+    wait in the gather alone). On NCCL alone the group's own timeout applies (a collective there is not bounded
+    from the host)."""
+    n = dist.get_world_size(group)
+    if n == 1 or not _collective.on_gloo(group, torch.device("cpu")):
         return
-    work = dist.all_reduce(torch.zeros(1), group=group, async_op=True)
-    _collective.wait_all(
-        [work], True, f"{op}: rank {rank} waited in vain for every rank of the group to create its Buffer",
-        ": a rank did not create the Buffer, or failed before it; the group is out of step now (destroy it, or "
-        "give the next Buffer a new group)", timeout_s,
-    )
+    ranks = dist.get_process_group_ranks(group)
+    mine = torch.tensor([rank], dtype=torch.int32)
+    got = {p: torch.full((1,), -1, dtype=torch.int32) for p in range(n) if p != rank}
+    deadline = time.monotonic() + timeout_s
+    missing: list[int] = []
+    gone: dict[int, str] = {}  # the ranks whose connection failed (a rank that gave up on this one closed it)
+    recvs: dict[int, Any] = {}
+    sends: list[Any] = []
+    for p, t in got.items():  # (posting fails at once on a closed connection)
+        try:
+            recvs[p] = dist.irecv(t, src=ranks[p], group=group, tag=_ARRIVE_TAG)
+            sends.append(dist.isend(mine, dst=ranks[p], group=group, tag=_ARRIVE_TAG))
+        except RuntimeError as exc:
+            gone[p] = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    for p, work in recvs.items():
+        if p in gone:
+            continue
+        try:  # (at least 1 ms: torch's waits count whole milliseconds, and 0 ms is no bound)
+            work.wait(timeout=timedelta(seconds=max(deadline - time.monotonic(), 0.001)))
+        except RuntimeError as exc:
+            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            if "timed out" in first.lower():
+                missing.append(p)
+            else:
+                gone[p] = first
+    if missing or gone:
+        said = []
+        if missing:
+            said.append(f"waited in vain for ranks {missing} of its group (of {n}) to create their Buffer "
+                        f"(LARGEEP_TIMEOUT_S={timeout_s:g} s): a rank did not create the Buffer, or failed before it")
+        if gone:
+            p0 = min(gone)
+            said.append(f"lost its connection to ranks {sorted(gone)} (rank {p0}: {gone[p0][:200]}): a rank that "
+                        "crashed, or waited longer than its LARGEEP_TIMEOUT_S for this one and gave up, closes it")
+        raise PeerTimeoutError(f"{op}: rank {rank} " + "; it ".join(said)
+                               + "; the group is out of step now (destroy it, and give the next Buffer a new group)")
+    # (every rank's number came, so every rank has posted its receives: the sends complete)
+    _collective.wait_all(sends, True, f"{op}: rank {rank} could not send its arrival to every rank of the group",
+                         ": the group is out of step now (destroy it, and give the next Buffer a new group)",
+                         timeout_s)
+
+
+# the tag of Buffer creation's arrival messages (_all_arrive)
+_ARRIVE_TAG = 0x1AE9
 
 
 def _record_stream(t: torch.Tensor, stream: torch.cuda.Stream) -> None:

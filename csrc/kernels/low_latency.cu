@@ -117,7 +117,7 @@ __device__ __forceinline__ float max_keep_nan(float a, float b) { return (a != a
 // FP8 e4m3 of the 8 bf16 values in `raw` (this lane's 16 bytes of a group of 128 channels held by its half-warp):
 // returns the 8 bytes and, in *scale, the group's scale (amax / 448 over the half-warp, rounded up to a power of
 // two with round_scale). Every lane of the warp calls it (shuffles); lanes with valid == false add 0 to the amax.
-// As largeep.fp8.quantize: a NaN in the group makes its scale and every value NaN; an infinity makes the scale
+// Bit for bit as largeep.fp8.quantize: a NaN in the group makes its scale and every value NaN; an infinity makes the scale
 // infinite (each value then dequantises to NaN); finite values past +-448 saturate.
 __device__ __forceinline__ uint2 quantize_e4m3x8(int4 raw, bool valid, int round_scale, float* scale) {
     float f[8];
@@ -136,15 +136,16 @@ __device__ __forceinline__ uint2 quantize_e4m3x8(int4 raw, bool valid, int round
     float s = max_keep_nan(amax, 1e-4f) / 448.f;
     if (round_scale) s = exp2f(ceilf(log2f(s)));
     *scale = s;
-    const float inv = 1.f / s;
     uint32_t packed[2];
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
         uint32_t word = 0;
 #pragma unroll
         for (int b = 0; b < 4; ++b) {
-            // (saturating: a finite value past +-448 becomes +-448, NaN stays NaN)
-            const __nv_fp8_storage_t s8 = __nv_cvt_float_to_fp8(f[4 * i + b] * inv, __NV_SATFINITE, __NV_E4M3);
+            // (x / s correctly rounded, as SPEC and largeep.fp8 divide: the same e4m3 code for every value, where
+            // x * (1 / s) lands on the neighbouring one for a few values in ten million; saturating: a finite
+            // value past +-448 becomes +-448, NaN stays NaN)
+            const __nv_fp8_storage_t s8 = __nv_cvt_float_to_fp8(__fdiv_rn(f[4 * i + b], s), __NV_SATFINITE, __NV_E4M3);
             word |= static_cast<uint32_t>(s8) << (8 * b);
         }
         packed[i] = word;

@@ -44,8 +44,7 @@ def quantize(x: torch.Tensor, round_scale: bool = False) -> tuple[torch.Tensor, 
     scale = amax / FP8_MAX
     if round_scale:
         scale = torch.exp2(torch.ceil(torch.log2(scale)))
-    # (SPEC's q = x / s; the kernels multiply by 1 / s, which rounds a few values in ten million to the
-    # neighbouring e4m3 code)
+    # (SPEC's q = x / s, correctly rounded in float32, as the low-latency kernels' quantiser: the same bits)
     q = (g / scale.unsqueeze(2)).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE).view(t, h)
     return q, scale.contiguous()
 

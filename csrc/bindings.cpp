@@ -112,6 +112,7 @@ struct ZcSlots {
                  capturing == cudaStreamCaptureStatusNone &&
                  cudaEventRecord(released[i - 1][j], streams[j]) == cudaSuccess;
         }
+        if (!ok) (void)cudaGetLastError();  // (not left for the next launch check to report against its kernel)
         if (prev != device && prev >= 0) cudaSetDevice(prev);
         recorded[i - 1] = static_cast<int>(streams.size());
         if (ok) busy[i - 1].store(0, std::memory_order_release);  // else the slot stays busy, never unguarded
@@ -347,11 +348,23 @@ class NormalKernels {
         launch_dispatch_prepare(c_, ptr<const int64_t>(idx), num_tokens, ptr<int>(send_pos), ptr<int>(node_pos),
                                 ptr<int>(self_token), IdCheck{ptr<int64_t>(check_host), check_token}, num_sms, s);
         const int slot = want_slot ? zc_acquire(stream) : 0;
-        launch_dispatch_notify(c_, ptr<int>(recv_off), ptr<int>(send_off), ptr<int64_t>(send_slot), ptr<int>(fwd_off),
-                               ptr<int>(fwd_count), slot, report, ptr<int>(per_expert), alignment,
-                               kRowKind(x_elem, has_scales), s);
-        send(x, x_elem, scales, has_scales, idx, w, false, num_tokens, send_pos, node_pos, send_off, send_slot,
-             slot > 0, fwd_off, fwd_count, fwd_pos, num_sms, stream);
+        try {
+            launch_dispatch_notify(c_, ptr<int>(recv_off), ptr<int>(send_off), ptr<int64_t>(send_slot),
+                                   ptr<int>(fwd_off), ptr<int>(fwd_count), slot, report, ptr<int>(per_expert),
+                                   alignment, kRowKind(x_elem, has_scales), s);
+            send(x, x_elem, scales, has_scales, idx, w, false, num_tokens, send_pos, node_pos, send_off, send_slot,
+                 slot > 0, fwd_off, fwd_count, fwd_pos, num_sms, stream);
+        } catch (...) {
+            // (the caller never learns the slot: give it back here, after what is queued on the stream, rather
+            // than leave it taken for good, which would make destroy() keep the memory)
+            if (slot > 0) {
+                try {
+                    zc_give_back(slot, stream);
+                } catch (...) {  // (the launch's error is the one to report)
+                }
+            }
+            throw;
+        }
         return slot;
     }
     // A dispatch's sends, queued by fresh (start) and cached dispatches alike: the RDMA leg (groups of several
@@ -570,7 +583,9 @@ PYBIND11_MODULE(_C, m) {
         CUDA_CHECK(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
         return reinterpret_cast<uintptr_t>(e);
     });
-    m.def("event_destroy", [](uintptr_t e) { cudaEventDestroy(reinterpret_cast<cudaEvent_t>(e)); });
+    m.def("event_destroy", [](uintptr_t e) {
+        if (cudaEventDestroy(reinterpret_cast<cudaEvent_t>(e)) != cudaSuccess) (void)cudaGetLastError();
+    });
     m.def("stream_wait", [](uintptr_t waiter, uintptr_t signaler, uintptr_t event) {
         const cudaEvent_t e = reinterpret_cast<cudaEvent_t>(event);
         CUDA_CHECK(cudaEventRecord(e, stream_of(signaler)));

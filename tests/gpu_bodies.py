@@ -1503,3 +1503,61 @@ def low_latency_combine_mask(rank: int, world: int, tokens: list[int], max_token
         dist.barrier()
         tb.destroy()
         nv.destroy()
+
+
+def low_latency_layout_too_large(rank: int, world: int) -> None:
+    """A low-latency Buffer may have more experts than the nvshmem layout kernel counts in shared memory (a
+    normal-mode Buffer of these sizes is refused at creation): its get_dispatch_layout raises ArgumentError naming
+    the sizes before anything is queued, and the Buffer still works."""
+    experts = 12288
+    buf = largeep.Buffer(None, hidden=128, num_experts=experts, num_topk=1, max_tokens_per_rank=2,
+                         backend="nvshmem", low_latency=True)
+    try:
+        idx = torch.tensor([[rank], [experts - 1]], device="cuda")
+        try:
+            buf.get_dispatch_layout(idx)
+        except largeep.ArgumentError as exc:
+            want = f"num_experts + ranks + nodes = {experts + 2 * world} must be at most 12288"
+            assert "get_dispatch_layout" in str(exc) and want in str(exc), str(exc)
+        else:
+            raise AssertionError("a layout past the kernel's shared memory was not refused")
+        x = torch.randn(2, 128, device="cuda").to(torch.bfloat16)
+        d = buf.low_latency_dispatch(x, idx, use_fp8=False)
+        torch.cuda.synchronize()
+        counts = d.num_tokens_per_expert.cpu()
+        assert int(counts.sum()) == (world if rank == 0 else 0) + (world if rank == world - 1 else 0), counts
+    finally:
+        buf.destroy()
+
+
+def low_latency_fp8_bits(rank: int, world: int, tokens: int, hidden: int) -> dict[str, int]:
+    """The low-latency kernels' FP8 rows are largeep.fp8.quantize's bits exactly (both divide by the scale in
+    float32; a multiply by 1 / s lands on the neighbouring e4m3 code for a few values in ten million), with and
+    without round_scale, on values of a wide range of magnitudes. One expert per rank, each token sent to this
+    rank's expert only. Returns the values compared."""
+    from largeep import fp8
+
+    buf = largeep.Buffer(None, hidden=hidden, num_experts=world, num_topk=1, max_tokens_per_rank=tokens,
+                         backend="nvshmem", low_latency=True)
+    compared = 0
+    try:
+        g = torch.Generator(device="cuda").manual_seed(900 + rank)
+        for round_scale in (False, True):
+            mag = torch.exp2(torch.randint(-20, 20, (tokens, hidden // 128, 1), device="cuda", generator=g).float())
+            x = (torch.randn(tokens, hidden // 128, 128, device="cuda", generator=g) * mag).view(tokens, hidden)
+            x = x.to(torch.bfloat16)
+            idx = torch.full((tokens, 1), rank, device="cuda", dtype=torch.int64)
+            res = buf.low_latency_dispatch(x, idx, use_fp8=True, round_scale=round_scale)
+            q, s = res.x
+            n = int(res.num_tokens_per_expert[0])
+            assert n == tokens, n
+            order = res.src_info[0, :n, 1].long()
+            want_q, want_s = fp8.quantize(x[order], round_scale=round_scale)
+            got_q, got_s = q[0, :n], s[0, :n]
+            off = int((got_q.view(torch.uint8) != want_q.view(torch.uint8)).sum())
+            assert off == 0, f"round_scale={round_scale}: {off} e4m3 codes differ from largeep.fp8.quantize's"
+            assert torch.equal(got_s, want_s), f"round_scale={round_scale}: scales differ"
+            compared += n * hidden
+    finally:
+        buf.destroy()
+    return {"compared": compared}

@@ -138,9 +138,9 @@ def fp8_check(q: torch.Tensor, s: torch.Tensor, x: torch.Tensor, round_scale: bo
     """SPEC.md's FP8 rows, checked from first principles (no largeep code): ``q`` e4m3 [..., H] and ``s`` float32
     [..., H/128] of rows ``x`` [..., H]. Each group's scale is amax(|x| over its 128 channels) / 448 in float32 (an
     all-zero group: 1e-4 / 448), with ``round_scale`` the power of two at or above it; each q is x / s rounded to the
-    nearest e4m3 value (within half the e4m3 spacing at |x / s|, plus its float32 rounding), and exactly the e4m3 code of x / s divided in
-    float32 (every backend divides; a kernel that multiplied by 1 / s would land on the neighbouring code for a few
-    values in ten million). Returns what is wrong, or None."""
+    nearest e4m3 value (within half the e4m3 spacing at |x / s|, plus its float32 rounding), and exactly the e4m3
+    code of x / s divided in float32 (every backend divides; a kernel that multiplied by 1 / s would land on the
+    neighbouring code for a few values in ten million). Returns what is wrong, or None."""
     g = x.float().reshape(*x.shape[:-1], -1, 128)
     want = g.abs().amax(-1).clamp_min(1e-4) / 448.0
     got = s.float().reshape(want.shape)

@@ -356,6 +356,21 @@ def test_low_latency_fp8_not_finite(pools, world: int, round_scale: bool) -> Non
     pools(world, "nccl").run(bodies.low_latency_fp8_not_finite, "nvshmem", round_scale)
 
 
+@pytest.mark.gpu(1)
+@needs_native
+def test_low_latency_layout_too_large(pools) -> None:
+    """A layout on a low-latency Buffer whose experts the layout kernel cannot count is refused, naming the sizes."""
+    pools(1, "nccl").run(gpu_bodies.low_latency_layout_too_large)
+
+
+@pytest.mark.gpu(1)
+@needs_native
+def test_low_latency_fp8_bits(pools) -> None:
+    """The kernels' FP8 rows are largeep.fp8.quantize's bits exactly (2 x 7.3M values)."""
+    for res in pools(1, "nccl").run(gpu_bodies.low_latency_fp8_bits, 1024, 7168):
+        assert res["compared"] == 2 * 1024 * 7168, res
+
+
 @pytest.mark.gpu(2)
 @needs_native
 @pytest.mark.parametrize("op", ["dispatch", "combine"])

@@ -663,6 +663,8 @@ def test_gather_rows_rejects() -> None:
         ops.gather_rows(x, src, cnt, torch.zeros(3, 2, dtype=torch.int64))
     with pytest.raises(ArgumentError, match="num_blocks"):
         ops.gather_rows(x, src, cnt, num_blocks=0)
+    with pytest.raises(ArgumentError, match=r"num_blocks must be in \[1, 2\*\*31\)"):
+        ops.gather_rows(x, src, cnt, num_blocks=2**31)  # (the native kernel takes an int)
     with pytest.raises(ArgumentError, match="count must be an int32"):
         ops.weighted_row_sum(x, torch.zeros(2, 1, dtype=torch.int64), torch.ones(2, 1), None, cnt.float())
 

@@ -74,6 +74,7 @@ inline std::string where(const char* file, int line) {
     do {                                                                                              \
         cudaError_t e_ = (call);                                                                      \
         if (e_ != cudaSuccess) {                                                                      \
+            (void)cudaGetLastError(); /* (cleared: the next launch check must not report it again) */  \
             ::largeep::Msg os_;                                                                       \
             os_ << "largeep: CUDA error " << cudaGetErrorName(e_) << ": " << cudaGetErrorString(e_) \
                 << " in " #call << ::largeep::where(__FILE__, __LINE__);                              \

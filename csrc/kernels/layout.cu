@@ -102,10 +102,14 @@ void launch_layout(const int64_t* topk_idx, int num_tokens, int num_topk, int nu
                    int ranks_per_node, int* per_rank, int* per_node, int* per_expert, bool* in_rank,
                    ErrorWord err, LayoutCheck check, cudaStream_t stream) {
     HOST_ASSERT(num_ranks > 0 && ranks_per_node > 0 && num_experts % num_ranks == 0 &&
-                num_ranks % ranks_per_node == 0, "bad layout sizes");
+                num_ranks % ranks_per_node == 0, "bad layout sizes: num_experts " << num_experts << ", num_ranks "
+                << num_ranks << ", ranks_per_node " << ranks_per_node);
     HOST_ASSERT((check.scratch == nullptr) == (check.host == nullptr), "a layout check needs scratch and host words");
     HOST_ASSERT(check.scratch == nullptr || num_tokens > 0, "a layout check needs tokens (the host skips it)");
     const int nodes = num_ranks / ranks_per_node, blocks = ceil_div(num_tokens, kLayoutThreads);
+    const size_t smem = sizeof(int) * (num_experts + num_ranks + nodes);  // (checked before anything is queued)
+    HOST_ASSERT(smem <= 48 * 1024, "too many counters for the layout kernel's 48 KiB of shared memory: num_experts "
+                << num_experts << " + num_ranks " << num_ranks << " + nodes " << nodes);
     if (blocks != 1) {  // (one block stores every count itself)
         if (per_node == per_rank + num_ranks && per_expert == per_node + nodes) {  // one allocation, in this order
             CUDA_CHECK(cudaMemsetAsync(per_rank, 0, sizeof(int) * (num_ranks + nodes + num_experts), stream));
@@ -116,8 +120,6 @@ void launch_layout(const int64_t* topk_idx, int num_tokens, int num_topk, int nu
         }
     }
     if (num_tokens == 0) return;
-    const size_t smem = sizeof(int) * (num_experts + num_ranks + nodes);
-    HOST_ASSERT(smem <= 48 * 1024, "too many experts for the layout kernel: " << num_experts);
     layout_kernel<<<blocks, kLayoutThreads, smem, stream>>>(
         topk_idx, num_tokens, num_topk, num_ranks, num_experts, ranks_per_node, per_rank, per_node, per_expert,
         in_rank, err, check);

@@ -223,9 +223,10 @@ int64_t expert_order_chunks(int64_t entries) {
 
 void launch_expert_order(const int64_t* idx, int64_t rows, int num_topk, int num_experts, int* offs, int* work,
                          int64_t* pos, int64_t* src, int64_t src_len, int64_t pad, cudaStream_t stream) {
-    HOST_ASSERT(num_experts >= 1 && num_experts <= kExpertOrderMaxExperts, "expert_order: 1 <= experts <= 1024");
+    HOST_ASSERT(num_experts >= 1 && num_experts <= kExpertOrderMaxExperts,
+                "expert_order: 1 <= experts <= 1024, got " << num_experts);
     const int64_t n = rows * num_topk;
-    HOST_ASSERT(n <= INT32_MAX, "expert_order: at most 2^31 - 1 entries (positions are int32)");
+    HOST_ASSERT(n <= INT32_MAX, "expert_order: at most 2^31 - 1 entries (positions are int32), got " << n);
     const int64_t len = expert_order_chunk(n), chunks = expert_order_chunks(n);
     const size_t smem = static_cast<size_t>(kOrderWarps) * (num_experts + 1) * sizeof(int);
     const int64_t blocks = (chunks + kOrderWarps - 1) / kOrderWarps;

@@ -669,7 +669,8 @@ def _expert_order_impl(idx: Tensor, num_experts: int, num_pairs: int) -> tuple[T
     r, k = idx.shape
     e = num_experts
     src_len, pad = _order_sizes(r, k, num_pairs)
-    C = _native_rows() if idx.is_cuda and 1 <= e <= 1024 else None
+    # (the native sort numbers the pairs with int32: more than 2**31 - 1 take the torch ops)
+    C = _native_rows() if idx.is_cuda and 1 <= e <= 1024 and r * k < 2**31 else None
     if C is not None:
         # one native call (a stable counting sort, three small kernels) instead of some fifteen torch ops
         # (outputs of a custom op may not share storage: one allocation each)
@@ -1024,8 +1025,8 @@ def gather_rows(
                             or pos.device != x.device):
         raise ArgumentError(f"gather_rows: pos must be int64 [{x.shape[0]}, K] on {x.device} or None, got "
                             f"{pos.dtype} {tuple(pos.shape)} on {pos.device}")
-    if num_blocks is not None and num_blocks < 1:
-        raise ArgumentError(f"gather_rows: num_blocks must be >= 1 or None, got {num_blocks}")
+    if num_blocks is not None and not 1 <= num_blocks < 2**31:
+        raise ArgumentError(f"gather_rows: num_blocks must be in [1, 2**31) or None, got {num_blocks}")
     direct = _direct(x, src, count) if pos is None else _direct(x, src, count, pos)
     op = _gather_rows_impl if direct else _gather_rows_op
     return op(x, src, count, pos, num_blocks or 0)  # type: ignore[no-any-return]

@@ -902,6 +902,13 @@ class NvshmemBackend:
         op = "get_dispatch_layout"
         self._raise_if_failed(op)
         c = self.ctx
+        words = c.num_experts + c.num_ranks + c.num_nodes
+        if words > MAX_LAYOUT_WORDS:  # (a normal-mode Buffer is refused at creation for this)
+            raise ArgumentError(
+                f"{op}: this low-latency Buffer's sizes are too large for the nvshmem layout kernel, which counts "
+                f"experts, ranks and nodes in 48 KiB of shared memory: num_experts + ranks + nodes = {words} must be "
+                f"at most {MAX_LAYOUT_WORDS} (largeep.layout.compute_layout computes the same layout in torch)"
+            )
         dev = c.device
         t = topk_idx.shape[0]
         counts = torch.empty(c.num_ranks + c.num_nodes + c.num_experts, dtype=torch.int32, device=dev)

@@ -3,10 +3,9 @@ the same bf16 tokens (one rank, one expert); saves the tensors for a look off th
 import os
 import sys
 
+import largeep
 import torch
 import torch.distributed as dist
-
-import largeep
 from largeep import fp8
 
 out = sys.argv[1]

@@ -140,7 +140,9 @@ def fp8_check(q: torch.Tensor, s: torch.Tensor, x: torch.Tensor, round_scale: bo
     all-zero group: 1e-4 / 448), with ``round_scale`` the power of two at or above it; each q is x / s rounded to the
     nearest e4m3 value (within half the e4m3 spacing at |x / s|, plus its float32 rounding), and exactly the e4m3
     code of x / s divided in float32 (every backend divides; a kernel that multiplied by 1 / s would land on the
-    neighbouring code for a few values in ten million). Returns what is wrong, or None."""
+    neighbouring code for about one value in a thousand). Computed on the CPU, whose division by a number is
+    correctly rounded (torch on CUDA multiplies by its reciprocal). Returns what is wrong, or None."""
+    q, s, x = q.cpu(), s.cpu(), x.cpu()
     g = x.float().reshape(*x.shape[:-1], -1, 128)
     want = g.abs().amax(-1).clamp_min(1e-4) / 448.0
     got = s.float().reshape(want.shape)

@@ -41,7 +41,9 @@ def quantize(x: torch.Tensor, round_scale: bool = False) -> tuple[torch.Tensor, 
                             f"that is a multiple of {GROUP}")
     g = x.float().view(t, h // GROUP, GROUP)
     amax = g.abs().amax(dim=2).clamp_min(_MIN_AMAX)
-    scale = amax / FP8_MAX
+    # (divided by a tensor: torch on CUDA multiplies by the reciprocal of a Python number, which is not always the
+    # correctly rounded quotient that the CPU and the kernels give, and then about one e4m3 code in a thousand differs)
+    scale = amax / torch.full_like(amax, FP8_MAX)
     if round_scale:
         scale = torch.exp2(torch.ceil(torch.log2(scale)))
     # (SPEC's q = x / s, correctly rounded in float32, as the low-latency kernels' quantiser: the same bits)

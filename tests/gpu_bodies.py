@@ -1533,8 +1533,8 @@ def low_latency_layout_too_large(rank: int, world: int) -> None:
 def low_latency_fp8_bits(rank: int, world: int, tokens: int, hidden: int) -> dict[str, int]:
     """The low-latency kernels' FP8 rows are largeep.fp8.quantize's bits exactly (both divide by the scale in
     float32; a multiply by 1 / s lands on the neighbouring e4m3 code for about one value in a thousand), with and
-    without round_scale, on values of a wide range of magnitudes. One expert per rank, each token sent to this
-    rank's expert only. Returns the values compared."""
+    without round_scale, on values of a wide range of magnitudes and negative zeros. One expert per rank, each token
+    sent to this rank's expert only. Returns the values compared."""
     from largeep import fp8
 
     buf = largeep.Buffer(None, hidden=hidden, num_experts=world, num_topk=1, max_tokens_per_rank=tokens,
@@ -1546,6 +1546,8 @@ def low_latency_fp8_bits(rank: int, world: int, tokens: int, hidden: int) -> dic
             mag = torch.exp2(torch.randint(-20, 20, (tokens, hidden // 128, 1), device="cuda", generator=g).float())
             x = (torch.randn(tokens, hidden // 128, 128, device="cuda", generator=g) * mag).view(tokens, hidden)
             x = x.to(torch.bfloat16)
+            x[0, 5] = -0.0  # (negative zeros keep their sign: code 0x80)
+            x[1, 128:256] = -0.0  # (a group of them: amax 0, the scale 1e-4 / 448)
             idx = torch.full((tokens, 1), rank, device="cuda", dtype=torch.int64)
             res = buf.low_latency_dispatch(x, idx, use_fp8=True, round_scale=round_scale)
             q, s = res.x

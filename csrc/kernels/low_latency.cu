@@ -35,6 +35,7 @@
 #include <nvshmem.h>
 #include <nvshmemx.h>
 
+#include "fp8.cuh"
 #include "launch.cuh"
 
 namespace largeep {
@@ -111,24 +112,11 @@ __device__ __forceinline__ bool ll_block_wait(const LowLatencyCtx& c, int kind, 
     return all;
 }
 
-// The larger of a and b, NaN if either is (fmaxf drops a NaN): the group's amax carries a NaN to its scale.
-__device__ __forceinline__ float max_keep_nan(float a, float b) { return (a != a || b != b) ? a + b : fmaxf(a, b); }
-
-// x / s correctly rounded (__fdiv_rn's quotient, SPEC's and largeep.fp8's x / s) from the group's reciprocal
-// inv = 1 / s: the product, then one correction step of two fused multiply-adds, cheaper than a division per value.
-// bench/micro/fp8_div_check.cu checks it against __fdiv_rn for every bf16 x and every scale the quantiser makes
-// (with and without round_scale): the same quotient everywhere. Not for an infinite or NaN s, where the correction
-// would be NaN: there the product (x * 0, or NaN) is the quotient already.
-__device__ __forceinline__ float div_by_scale(float x, float s, float inv, bool finite_s) {
-    const float q = __fmul_rn(x, inv);
-    return finite_s ? fmaf(fmaf(-q, s, x), inv, q) : q;
-}
-
 // FP8 e4m3 of the 8 bf16 values in `raw` (this lane's 16 bytes of a group of 128 channels held by its half-warp):
 // returns the 8 bytes and, in *scale, the group's scale (amax / 448 over the half-warp, rounded up to a power of
 // two with round_scale). Every lane of the warp calls it (shuffles); lanes with valid == false add 0 to the amax.
-// Bit for bit as largeep.fp8.quantize: a NaN in the group makes its scale and every value NaN; an infinity makes the scale
-// infinite (each value then dequantises to NaN); finite values past +-448 saturate.
+// Bit for bit as largeep.fp8.quantize (fp8.cuh): a NaN in the group makes its scale and every value NaN; an infinity
+// makes the scale infinite (each value then dequantises to NaN); finite values past +-448 saturate.
 __device__ __forceinline__ uint2 quantize_e4m3x8(int4 raw, bool valid, int round_scale, float* scale) {
     float f[8];
     const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&raw);
@@ -143,8 +131,7 @@ __device__ __forceinline__ uint2 quantize_e4m3x8(int4 raw, bool valid, int round
     for (int i = 0; i < 8; ++i) amax = max_keep_nan(amax, fabsf(f[i]));
 #pragma unroll
     for (int d = 8; d >= 1; d /= 2) amax = max_keep_nan(amax, __shfl_xor_sync(0xffffffffu, amax, d));
-    float s = max_keep_nan(amax, 1e-4f) / 448.f;
-    if (round_scale) s = exp2f(ceilf(log2f(s)));
+    const float s = fp8_group_scale(amax, round_scale != 0);
     *scale = s;
     const float inv = 1.f / s;
     const bool finite_s = isfinite(s);
@@ -154,12 +141,9 @@ __device__ __forceinline__ uint2 quantize_e4m3x8(int4 raw, bool valid, int round
         uint32_t word = 0;
 #pragma unroll
         for (int b = 0; b < 4; ++b) {
-            // (x / s correctly rounded, as SPEC and largeep.fp8 divide: the same e4m3 code for every value, where
-            // x * (1 / s) lands on the neighbouring one for about one value in a thousand; saturating: a finite
-            // value past +-448 becomes +-448, NaN stays NaN)
-            const float v = div_by_scale(f[4 * i + b], s, inv, finite_s);
-            const __nv_fp8_storage_t s8 = __nv_cvt_float_to_fp8(v, __NV_SATFINITE, __NV_E4M3);
-            word |= static_cast<uint32_t>(s8) << (8 * b);
+            // (the e4m3 code of x / s correctly rounded, as SPEC and largeep.fp8 divide: x * (1 / s) alone lands on
+            // the neighbouring code for about one value in a thousand of bf16 inputs)
+            word |= static_cast<uint32_t>(fp8_e4m3_code(fp8_div_by_scale(f[4 * i + b], s, inv, finite_s))) << (8 * b);
         }
         packed[i] = word;
     }

@@ -220,6 +220,29 @@ def test_nvshmem_host_gave_up_message() -> None:
             b._raise_if_failed("dispatch")
 
 
+def test_nvshmem_rows_timeout_names_the_forwarder() -> None:
+    """A dispatch's copy-out that timed out waiting for the rows of a source on another node (op 15) names that
+    source and the rank of this node that forwards its rows (either may be missing); a source of this node alone."""
+    import types
+
+    import largeep
+
+    b = _bare_nvshmem(rank=1, num_ranks=4, ranks_per_node=2)
+    b.settings = types.SimpleNamespace(timeout_s=7.0)
+    b.status = [0, (15 << 16) + 3]  # rank field: source 2 (on the other node; its RDMA peer here is rank 0)
+    with pytest.raises(largeep.PeerTimeoutError, match=r"dispatch \(waiting for a peer's rows\) on rank 1 waited "
+                       r"more than LARGEEP_TIMEOUT_S=7 s for rank 2's rows, which reach this node through rank 0 "):
+        b._raise_if_failed("dispatch")
+    b.status = [0, (15 << 16) + 1]  # source 0, of this node
+    with pytest.raises(largeep.PeerTimeoutError, match=r"waited more than LARGEEP_TIMEOUT_S=7 s for rank 0; the"):
+        b._raise_if_failed("dispatch")
+    b = _bare_nvshmem(rank=0, num_ranks=4, ranks_per_node=2)  # rank 0 forwards source 2's rows itself
+    b.settings = types.SimpleNamespace(timeout_s=7.0)
+    b.status = [0, (15 << 16) + 3]
+    with pytest.raises(largeep.PeerTimeoutError, match=r"waited more than LARGEEP_TIMEOUT_S=7 s for rank 2; the"):
+        b._raise_if_failed("dispatch")
+
+
 def test_nvshmem_threads_for_many_ranks() -> None:
     """LARGEEP_TUNE threads must exceed the rank count of a normal-mode group (a thread per rank in the kernels'
     waits); the message names the ranks that set too few."""

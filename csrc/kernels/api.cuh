@@ -51,6 +51,8 @@ enum Op {
                               // count word of another round (rank field: that source; not a timeout)
     kOpPrepare = 14,  // the blocks of one dispatch's prepare kernel did not meet: two dispatches of the Buffer ran at
                       // once, or a block waited past the timeout for another (rank field: this rank)
+    kOpDispatchRows = 15,  // a dispatch's copy-out waited past the timeout for a source's rows (rank field: the
+                           // source; a source on another node sends them through its RDMA peer on this node)
 };
 
 // ---- flags: int64 words in the symmetric heap, [kind][rank] --------------------------------------------------
@@ -270,7 +272,8 @@ void launch_combine_fused(const NormalCtx& ctx, void* out, int out_elem_bytes, f
 
 // ---- internode.cu (normal mode, groups of several nodes: the legs between nodes) ----------------------------
 // RDMA leg of dispatch: each token, once per other node it goes to, put to my RDMA peer there. After notify.
-// cached: no ids or weights travel (a fresh dispatch of no tokens may have null ones as well).
+// cached: no ids or weights are staged (their bytes travel unread; a fresh dispatch of no tokens may have null
+// ones as well).
 void launch_dispatch_rdma_send(const NormalCtx& ctx, const void* x, int x_elem_bytes, const float* x_scales,
                                const int64_t* topk_idx, const float* topk_weights, int num_tokens,
                                const int* send_pos, const int* node_pos, bool cached, int num_sms,

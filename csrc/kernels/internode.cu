@@ -11,12 +11,12 @@
 // Combine: the reverse. Rows whose source is on another node go over NVLink to this node's forwarder for that
 // source (intranode.cu's combine push); the forwarder sums them per token in float32 and puts one float32 partial
 // row (with the summed weights) home (combine_forward), where intranode.cu's reduction adds the partials of every
-// node to the rows of its own node. Partials stay float32 so that the result is the float32 sum however the ranks
-// are split into nodes.
+// node to the rows of its own node. Partials stay float32: however the ranks are split into nodes, the result is
+// accumulated in float32 and rounded once (the order of its sums, and so its last bits, depend on the split).
 //
 // Every row is staged in symmetric memory before its put (a put's source must be symmetric for every transport);
-// each sending thread calls nvshmem_quiet, then the last block raises the round's signals (not once this Buffer
-// has reported an error, but in a void round: block_raises_data_flags).
+// every thread of a sending kernel calls nvshmem_quiet, then the last block raises the round's signals (not once
+// this Buffer has reported an error, but in a void round: block_raises_data_flags).
 #include "normal.cuh"
 
 namespace largeep {
@@ -47,8 +47,9 @@ __device__ __forceinline__ int node_of_row(const int* prefix, int g) {
 // ---- dispatch: RDMA leg -------------------------------------------------------------------------------------
 // One warp per token: for every other node m the token goes to (node_pos[t, m] >= 0), the row is staged at
 // rdma_send[m][node_pos] and put to rdma_recv[my node][node_pos] of my RDMA peer on node m (x, then the
-// metadata, as two puts so that no unused bytes travel). Lane l looks at node m0 + l: one pass of m0 = 0 for groups
-// of at most 32 nodes, passes of 32 nodes otherwise (kManyNodes).
+// metadata from the scales on, as two puts: the padding between them does not travel, the metadata block travels
+// whole, its scales and ids/weights too where the call has none). Lane l looks at node m0 + l: one pass of m0 = 0
+// for groups of at most 32 nodes, passes of 32 nodes otherwise (kManyNodes).
 template <bool kManyNodes>
 __global__ void __launch_bounds__(kThreads) dispatch_rdma_send_kernel(NormalCtx c, const uint8_t* x, int x_elem,
                                                                       const float* scales, const int64_t* idx,
@@ -111,8 +112,8 @@ __global__ void __launch_bounds__(kThreads) dispatch_rdma_send_kernel(NormalCtx 
 // ---- dispatch: forward over NVLink --------------------------------------------------------------------------
 // Waits for the rows of my RDMA peer on every other node, then one warp per row writes it into the copy slot of
 // every rank d of my node it names (row fwd_off[m][d] + pos; groups of several nodes never use zero-copy slots),
-// records the positions in fwd_pos [M, T, P] (the handle keeps them for the combine), and raises kFlagRows for that
-// peer on every rank of my node.
+// records the positions in fwd_pos [M, max_tokens, P] (the handle keeps them for the combine), and raises kFlagRows
+// for that peer on every rank of my node.
 __global__ void __launch_bounds__(kThreads) dispatch_forward_kernel(NormalCtx c, int x_elem, int has_scales,
                                                                     int cached, const int* fwd_off,
                                                                     const int* fwd_count, int* fwd_pos) {

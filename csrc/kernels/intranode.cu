@@ -468,7 +468,7 @@ __global__ void __launch_bounds__(kThreads) dispatch_copyout_kernel(NormalCtx c,
             copy_self_row(c, x, x_bytes, scales, idx, w, self_token[j], out_x, out_s, out_idx, out_w, recv_src,
                           off[me] + j, cached, lane);
     }
-    const bool ok = wait_all(c, kFlagRows, seq, kOpDispatch) && !failed && !drain;
+    const bool ok = wait_all(c, kFlagRows, seq, kOpDispatchRows) && !failed && !drain;
     if (!ok && !cached && out_idx != nullptr) {
         // A failed round (a timeout, a refusal that a num_worst_tokens call cannot raise, too many rows) leaves
         // rows that name no expert: the host's next call raises, and until then the ids are safe to index with.

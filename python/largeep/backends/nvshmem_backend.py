@@ -46,6 +46,7 @@ _OPS = {
     5: "combine (waiting for rows)",
     6: "low_latency_dispatch",
     7: "low_latency_combine",
+    15: "dispatch (waiting for a peer's rows)",  # kOpDispatchRows: the copy-out's wait
 }
 _OP_WORST_TOO_SMALL = 8  # kOpWorstTooSmall: not a timeout
 _OP_PEER_REFUSED = 9  # kOpPeerRefused: a rank refused a round this rank ran with num_worst_tokens (not a timeout)
@@ -867,7 +868,17 @@ class NvshmemBackend:
                 "num_worst_tokens; nothing was copied and the Buffer is unusable now (destroy it; num_worst_tokens "
                 "must be at least the rows any rank can receive, e.g. num_ranks * max_tokens_per_rank)"
             )
-        whom = f"rank {rank}" if rank >= 0 else (
+        c = self.ctx
+        # (the rows of a source on another node arrive through its RDMA peer on this node, which raises their flag)
+        p = c.ranks_per_node if code // 65536 == 15 and rank >= 0 else 0
+        fwd = c.rank // p * p + rank % p if p else -1
+        if p and rank // p != c.rank // p and fwd != c.rank:
+            whom = (f"rank {rank}'s rows, which reach this node through rank {fwd} (it forwards them; either rank may "
+                    "be the one that did not make the call)")
+        elif rank >= 0:
+            whom = f"rank {rank}"
+        else:
+            whom = (
             f"a peer (the host gave up first, {_HOST_GRACE_S:g} s past that bound after it queued the call: a peer "
             "did not make the call, a kernel failed, or the work queued before the call on the Buffer's stream, an "
             "earlier call's waits included, took that long)")

@@ -48,6 +48,7 @@ _OPS = {
     7: "low_latency_combine",
     15: "dispatch (waiting for a peer's rows)",  # kOpDispatchRows: the copy-out's wait
 }
+_OP_DISPATCH_ROWS = 15
 _OP_WORST_TOO_SMALL = 8  # kOpWorstTooSmall: not a timeout
 _OP_PEER_REFUSED = 9  # kOpPeerRefused: a rank refused a round this rank ran with num_worst_tokens (not a timeout)
 _OP_RANKS_DISAGREE = 10  # kOpRanksDisagree: the ranks sent rows of different kinds (not a timeout)
@@ -870,7 +871,7 @@ class NvshmemBackend:
             )
         c = self.ctx
         # (the rows of a source on another node arrive through its RDMA peer on this node, which raises their flag)
-        p = c.ranks_per_node if code // 65536 == 15 and rank >= 0 else 0
+        p = c.ranks_per_node if code // 65536 == _OP_DISPATCH_ROWS and rank >= 0 else 0
         fwd = c.rank // p * p + rank % p if p else -1
         if p and rank // p != c.rank // p and fwd != c.rank:
             whom = (f"rank {rank}'s rows, which reach this node through rank {fwd} (it forwards them; either rank may "

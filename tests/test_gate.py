@@ -100,6 +100,24 @@ def test_select_topk_uneven_groups_bruteforce():
     torch.testing.assert_close(w, ref_w)
 
 
+@pytest.mark.parametrize("group_score", ["top2", "max"])
+def test_select_topk_uneven_groups_negative_selection_scores(group_score):
+    """Uneven groups (the table pads the smaller ones) with a bias that makes selection scores negative: a group's
+    score is taken over its own members only (the padding never counts, and a group of one expert scores that
+    expert's score, however low), against the brute force over every set of groups."""
+    gen = torch.Generator().manual_seed(17)
+    groups = torch.tensor([2, 0, 1, 1, 0, 2, 2, 1, 0, 2, 3, 4, 4], dtype=torch.int64)  # sizes 3, 3, 4, 1, 2
+    e_num = groups.numel()
+    for topk_groups, topk in ((2, 3), (3, 2), (1, 1)):
+        scores = torch.rand(80, e_num, generator=gen)
+        bias = -0.5 - torch.rand(e_num, generator=gen)  # every selection score is < 0.5 and most are < 0
+        idx, w = select_topk(scores, topk, bias=bias, group_of_expert=groups, topk_groups=topk_groups,
+                             group_score=group_score, norm_topk_prob=False)
+        ref_idx, ref_w = _ref_select(scores, bias, groups, topk_groups, topk, group_score, False, 1.0)
+        assert torch.equal(idx, ref_idx), (topk_groups, topk)
+        torch.testing.assert_close(w, ref_w)
+
+
 @pytest.mark.parametrize(
     "e_num,nodes,max_nodes,topk,score_func",
     [(64, 8, 4, 8, "sigmoid"), (256, 8, 4, 8, "softmax"), (32, 4, 1, 4, "sigmoid"), (48, 6, 2, 6, "softmax")],
@@ -216,8 +234,11 @@ def _bias_worker(rank: int, world: int, path: str, result_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{path}", rank=rank, world_size=world)
     gate = TopKGate(GateConfig(hidden=4, num_experts=5, topk=1, bias_update_rate=0.1))
     load = torch.tensor([[5.0, 0, 0, 1, 0], [0.0, 0, 4, 1, 1]])[rank]
-    gate.update_bias(dist.group.WORLD, load=load)
-    torch.save(gate.expert_bias, os.path.join(result_dir, f"{rank}.pt"))
+    used = gate.update_bias(dist.group.WORLD, load=load)
+    # the counts gathered by forward, summed too (a second step, from each rank's own batch)
+    gate.expert_load.copy_(torch.tensor([[1.0, 2, 0, 0, 3], [2.0, 0, 0, 7, 0]])[rank])
+    used2 = gate.update_bias(dist.group.WORLD)
+    torch.save((gate.expert_bias, used, used2, gate.expert_load.clone()), os.path.join(result_dir, f"{rank}.pt"))
     dist.destroy_process_group()
 
 
@@ -226,11 +247,14 @@ def test_update_bias_sums_loads_over_the_group():
 
     with tempfile.TemporaryDirectory() as tmp:
         mp.spawn(_bias_worker, args=(2, os.path.join(tmp, "store"), tmp), nprocs=2, join=True)
-        biases = [torch.load(os.path.join(tmp, f"{r}.pt")) for r in range(2)]
-    total = torch.tensor([5.0, 0, 4, 2, 1])
-    expect = 0.1 * torch.sign(total.mean() - total)
-    for b in biases:
-        torch.testing.assert_close(b, expect)
+        results = [torch.load(os.path.join(tmp, f"{r}.pt")) for r in range(2)]
+    # the returned load is the group's sum, not the mean over ranks (the sign step alone cannot tell them apart)
+    total, total2 = torch.tensor([5.0, 0, 4, 2, 1]), torch.tensor([3.0, 2, 0, 7, 3])
+    expect = 0.1 * torch.sign(total.mean() - total) + 0.1 * torch.sign(total2.mean() - total2)
+    for bias, used, used2, counts in results:
+        torch.testing.assert_close(bias, expect)
+        assert torch.equal(used, total) and torch.equal(used2, total2), (used, used2)
+        assert not counts.any()  # the counts are reset after the step
 
 
 def test_aux_loss_matches_formula_and_has_grad():

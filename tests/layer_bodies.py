@@ -1608,3 +1608,35 @@ def deepcopy_of_a_model(rank: int, world: int) -> None:
             raise AssertionError("a Buffer was pickled")
     finally:
         buf.destroy()
+
+
+def replica_grads_with_empty_slots(rank: int, world: int) -> None:
+    """allreduce_replica_grads on a table with empty slots (-1) whose last logical expert (the highest id) is
+    replicated: each replicated expert's slots get the sum of all its copies' grads (float64 loop over every rank's
+    grads, drawn from shared seeds), and every other slot -- an empty one, a single copy -- keeps its own grad.
+    An empty slot must not be read as logical expert -1 (which Python indexing would take for the last one)."""
+    s = 4
+    # 4 slots per rank; logical 0 and 3 (the highest id) have two copies, 1 and 2 one; slots 1 and 6 are empty
+    table = torch.tensor([3, -1, 0, 1, 0, 3, -1, 2] + [2, 1, -1, -1] * (world - 2), dtype=torch.int64)
+    assert table.numel() == world * s
+    shapes = [(s, 2, 3), (s, 5)]
+    grads = [[torch.randn(*shape, generator=_gen(17, r, i)) for i, shape in enumerate(shapes)]
+             for r in range(world)]
+    params = [torch.nn.Parameter(torch.zeros(*shape)) for shape in shapes]
+    for p, g in zip(params, grads[rank], strict=True):
+        p.grad = g.clone()
+    counts = torch.bincount(table[table >= 0])
+    q = layers.allreduce_replica_grads(params, table)
+    assert q == int((counts > 1).sum()), q
+    for i, p in enumerate(params):
+        for local in range(s):
+            slot = rank * s + local
+            e = int(table[slot])
+            if e >= 0 and counts[e] > 1:
+                want = torch.zeros(shapes[i][1:], dtype=torch.float64)
+                for other in (table == e).nonzero().flatten().tolist():
+                    want += grads[other // s][i][other % s].double()
+            else:
+                want = grads[rank][i][local].double()
+            assert p.grad is not None
+            close(p.grad[local], want, f"rank {rank}: grad of param {i}, slot {slot} (expert {e})", rtol=1e-6)

@@ -83,6 +83,12 @@ def test_layer_replicas(pools, world: int) -> None:
     )
 
 
+@pytest.mark.parametrize("world", [2, 3])
+def test_replica_grads_with_empty_slots(pools, world: int) -> None:
+    # empty slots (-1) beside a replicated highest logical expert: summed per expert against a float64 loop
+    pools(world).run(layer_bodies.replica_grads_with_empty_slots)
+
+
 @pytest.mark.parametrize("world", [1, 2, 4])
 def test_low_latency_vs_normal(pools, world: int) -> None:
     tokens = [min(8, 4 + 2 * r) for r in range(world)]
@@ -558,3 +564,49 @@ def test_ops_registry_finalizer_never_waits_for_the_lock() -> None:
         assert bid not in ops._REG.forgotten
     finally:
         gc.enable()
+
+
+@pytest.mark.parametrize("num_shards", [1, 2, 4])
+def test_seeded_init_scales_of_a_sharded_expert(num_shards: int) -> None:
+    """seeded_init_ draws w13 with std H^-0.5 and w2 with std F^-0.5 of the whole expert (F = the shard's columns
+    times num_shards), on every shard of an expert split over a tensor-parallel group: the T shards together have
+    the scales of the unsharded expert (the layer's output scale does not depend on T)."""
+    hidden, ffn, experts = 64, 128, 4
+    f = ffn // num_shards
+    for shard in range(num_shards):
+        ex = layers.GroupedExperts(experts, hidden, f, init=False)
+        ex.seeded_init_(list(range(experts)), seed=5, shard=shard, num_shards=num_shards)
+        for name, p, want in (("w13", ex.w13, hidden**-0.5), ("w2", ex.w2, ffn**-0.5)):
+            got = float(p.detach().double().std())
+            assert abs(got / want - 1) < 0.05, f"shard {shard} of {num_shards}: {name} std {got:.4g}, want {want:.4g}"
+
+
+def _router_reference(x: torch.Tensor, weight: torch.Tensor, topk: int, score_func: str,
+                      norm: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The router in float64 from the input's values: logits x @ W.T, softmax or sigmoid scores, the top-k, weights
+    divided by their sum when normalised."""
+    logits = x.double() @ weight.detach().double().t()
+    scores = logits.softmax(dim=-1) if score_func == "softmax" else logits.sigmoid()
+    w, idx = scores.topk(topk, dim=-1)
+    return idx, (w / w.sum(dim=-1, keepdim=True) if norm else w)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("norm", [True, False])
+@pytest.mark.parametrize("score_func", ["softmax", "sigmoid"])
+def test_linear_router_vs_reference(score_func: str, norm: bool, dtype: torch.dtype) -> None:
+    """LinearTopKRouter against a float64 reference, for both score functions, with and without normalised
+    weights, on float32 and bf16 inputs (the logits are float32 for any input dtype: a bf16 input's choices and
+    weights are those of its values in float64, to float32 rounding)."""
+    torch.manual_seed(4)
+    hidden, experts, topk, tokens = 64, 16, 4, 96
+    router = layers.LinearTopKRouter(hidden, experts, topk, score_func=score_func, norm_topk_prob=norm)
+    x = torch.randn(tokens, hidden, generator=torch.Generator().manual_seed(8)).to(dtype)
+    idx, w = router(x)
+    want_idx, want_w = _router_reference(x, router.weight, topk, score_func, norm)
+    assert idx.dtype == torch.int64 and w.dtype == torch.float32 and idx.shape == w.shape == (tokens, topk)
+    # (no near-ties among these scores: float32 and float64 pick the same experts, in the same order)
+    assert torch.equal(idx, want_idx), (idx != want_idx).nonzero()[:4]
+    layer_bodies.close(w, want_w, f"{score_func} norm={norm} {dtype}: weights", rtol=1e-5)
+    if norm:
+        assert torch.allclose(w.sum(dim=-1), torch.ones(tokens), atol=1e-6)

@@ -742,3 +742,36 @@ def test_gather_rows_opcheck_gpu() -> None:
     x = torch.randn(50, 64, device="cuda", requires_grad=True)
     torch.library.opcheck(torch.ops.largeep.gather_rows.default, (x, src, offs[-1:], pos, 0))
     torch.library.opcheck(torch.ops.largeep.gather_rows.default, (x, src, offs[-1:], None, 0))
+
+
+def _within_one_rounding(got: torch.Tensor, ref: torch.Tensor, slack: torch.Tensor | float, what: str) -> None:
+    """bf16 ``got`` is ``ref`` (float64) rounded once to bf16: |got - ref| <= 2^-8 |ref| (half a bf16 ulp, relative)
+    plus ``slack`` (float32 rounding of the terms before that one rounding)."""
+    err = (got.double() - ref).abs()
+    bound = 2.0**-8 * ref.abs() + slack
+    assert bool((err <= bound).all()), f"{what}: {int((err > bound).sum())} values off by more than one bf16 rounding"
+
+
+@pytest.mark.parametrize("cut", ["pad", "count"])
+def test_weighted_row_sum_bf16_grads_in_float32(cut: str) -> None:
+    """bf16 rows, K = 8, H = 256: the weights' gradient is a float32 dot product of each bf16 row with the bf16
+    output gradient (not rounded to bf16: against float64 to float32 rounding), and each row's gradient w * grad
+    is rounded to bf16 once. Entries left out (pad, or at or past count) get zero gradients."""
+    r, k, h = 12, 8, 256
+    src, pos, w, padv = _wrs_case(21, r, k, h, torch.bfloat16, cut == "pad", "cpu")
+    count = None
+    if cut == "count":
+        count = torch.tensor([r * k * 2 // 3], dtype=torch.int32)
+    keep = pos != padv if padv is not None else pos < int(count)
+    gy = torch.randn(r, h, generator=torch.Generator().manual_seed(22)).to(torch.bfloat16)
+    s_in, w_in = src.clone().requires_grad_(), w.clone().requires_grad_()
+    y = ops.weighted_row_sum(s_in, pos, w_in, padv, count)
+    y.backward(gy)
+    gy64 = gy.double()
+    want_gw = torch.where(keep, (src.double()[pos.clamp(max=src.shape[0] - 1)] * gy64.unsqueeze(1)).sum(-1), 0.0)
+    layer_bodies.close(w_in.grad, want_gw, f"{cut}: grad of w (float32 dot products)", rtol=1e-5)
+    want_gs = torch.zeros(src.shape, dtype=torch.float64)
+    for i, j in keep.nonzero().tolist():
+        want_gs[pos[i, j]] += w[i, j].double() * gy64[i]
+    assert s_in.grad.dtype == torch.bfloat16
+    _within_one_rounding(s_in.grad, want_gs, 1e-30, f"{cut}: grad of src")

@@ -115,6 +115,24 @@ def strided(t: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def transposed(t: torch.Tensor) -> torch.Tensor:
+    """A column-major tensor equal to a 2-D ``t`` (same shape and dtype; strides (1, rows)): the transpose of a
+    contiguous one."""
+    out = t.t().contiguous().t()
+    assert not out.is_contiguous() and out.shape == t.shape
+    return out
+
+
+def row_pitch(t: torch.Tensor) -> torch.Tensor:
+    """A non-contiguous tensor equal to ``t`` whose last dimension is dense (stride 1) but whose rows are further
+    apart: the first columns of a wider one."""
+    wide = torch.zeros(*t.shape[:-1], t.shape[-1] + 128, dtype=t.dtype, device=t.device)
+    out = wide[..., :t.shape[-1]]
+    out.copy_(t)
+    assert not out.is_contiguous() and out.stride(-1) == 1
+    return out
+
+
 def with_id(idx: torch.Tensor, value: int, at: tuple[int, int] = (0, 0)) -> torch.Tensor:
     """``idx`` with entry ``at`` (default [0, 0]) set to ``value`` (a fresh tensor)."""
     out = idx.clone()
@@ -436,6 +454,10 @@ CASES: list[BadCase] = [
        "'x'", "shape", f"expected ('*', {HIDDEN})"),
     _n("dispatch_x_non_contiguous", lambda e: Call(e.buf.dispatch, (strided(e.x), e.idx, e.w)),
        "'x'", "contiguous"),
+    _n("dispatch_x_transposed", lambda e: Call(e.buf.dispatch, (transposed(e.x), e.idx, e.w)),
+       "'x'", "contiguous"),
+    _n("dispatch_x_row_pitch", lambda e: Call(e.buf.dispatch, (row_pitch(e.x), e.idx, e.w)),
+       "'x'", "contiguous"),
     _n("dispatch_x_too_many_tokens", lambda e: Call(e.buf.dispatch, more_tokens(e, MAX_TOKENS + 1)),
        "'x'", f"{MAX_TOKENS + 1} tokens", f"max_tokens_per_rank={MAX_TOKENS}"),
     _n("dispatch_fp8_scales_dtype", lambda e: Call(e.buf.dispatch, ((fp8_pair(e)[0], fp8_pair(e)[1].bfloat16()),
@@ -521,6 +543,11 @@ CASES: list[BadCase] = [
        "'topk_idx'", f"expert id {EXPERTS + 5}"),
     _n("layout_idx_expert_below_minus_one", lambda e: Call(e.buf.get_dispatch_layout, (with_id(e.idx, -3),)),
        "'topk_idx'", "expert id -3", f"[-1, {EXPERTS})"),
+    _n("layout_idx_expert_minus_two", lambda e: Call(e.buf.get_dispatch_layout, (with_id(e.idx, -2, (1, 1)),)),
+       "'topk_idx'", "expert id -2", f"[-1, {EXPERTS})"),
+    _n("layout_idx_expert_equal_to_num_experts",
+       lambda e: Call(e.buf.get_dispatch_layout, (with_id(e.idx, EXPERTS, (2, 0)),)),
+       "'topk_idx'", f"expert id {EXPERTS}", f"[-1, {EXPERTS})"),
     _n("layout_too_many_tokens", lambda e: Call(e.buf.get_dispatch_layout, (more_tokens(e, MAX_TOKENS + 3)[1],)),
        "'topk_idx'", f"{MAX_TOKENS + 3} tokens", f"max_tokens_per_rank={MAX_TOKENS}"),
     # -- normal combine ------------------------------------------------------------------------------------
@@ -599,6 +626,11 @@ CASES: list[BadCase] = [
     _ll("ll_dispatch_idx_expert_below_minus_one", lambda e: Call(e.buf.low_latency_dispatch,
                                                                  (e.x, with_id(e.idx, -7))),
         "'topk_idx'", "expert id -7"),
+    _ll("ll_dispatch_idx_expert_minus_two", lambda e: Call(e.buf.low_latency_dispatch,
+                                                           (e.x, with_id(e.idx, -2, (1, 2)))),
+        "'topk_idx'", "expert id -2", f"[-1, {EXPERTS})"),
+    _ll("ll_dispatch_x_transposed", lambda e: Call(e.buf.low_latency_dispatch, (transposed(e.x), e.idx)),
+        "'x'", "contiguous"),
     _ll("ll_dispatch_idx_expert_too_large_with_a_hook_due", ll_bad_id_with_a_hook_due,
         "'topk_idx'", f"expert id {EXPERTS}", f"[-1, {EXPERTS})"),
     _ll("ll_dispatch_idx_wrong_topk", lambda e: Call(e.buf.low_latency_dispatch, (e.x, e.idx[:, :1].contiguous())),

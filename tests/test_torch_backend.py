@@ -209,7 +209,96 @@ def test_fp8_quantize_matches_spec(round_scale: bool) -> None:
     assert torch.equal(fp8.dequantize(q.view(3, 3, 512), s.view(3, 3, 4)), want.view(3, 3, 512))  # leading dims
 
 
+def test_fp8_round_scale_at_a_power_of_two() -> None:
+    """round_scale: the scale is the smallest power of two at or above amax / 448 (Python's frexp on the float32
+    quotient): a group whose amax / 448 is exactly a power of two keeps it (not the next one up, which
+    reference.fp8_check's tolerance would let through), and ones in between round up."""
+    import math
+
+    from largeep import fp8
+
+    amaxes = []
+    for k in range(-12, 6):
+        exact = 448.0 * 2.0**k
+        amaxes += [exact, exact * 1.25, exact * 0.75]
+    x = torch.zeros(len(amaxes), 256)
+    x[:, 3] = torch.tensor(amaxes)
+    x[::2, 3] *= -1  # (the amax of a negative value)
+    x[:, 130] = x[:, 3].abs() / 3  # (the second group: amax a third of the first's)
+    q, s = fp8.quantize(x, round_scale=True)
+    for col, group in ((3, 0), (130, 1)):
+        for i in range(len(amaxes)):
+            unrounded = float(x[i, col].abs() / torch.tensor(448.0))  # (float32, as SPEC's amax / 448)
+            mant, exp = math.frexp(unrounded)
+            want = unrounded if mant == 0.5 else 2.0**exp
+            assert float(s[i, group]) == want, (i, col, float(x[i, col]), float(s[i, group]), want)
+    # a group at an exact power of two: its amax is e4m3's largest value times the scale, back exactly
+    exact_rows = list(range(0, len(amaxes), 3))
+    assert torch.equal(q[exact_rows, 3].float().abs(), torch.full((len(exact_rows),), 448.0))
+    assert torch.equal(fp8.dequantize(q, s)[exact_rows, 3], x[exact_rows, 3])
+
+
+@pytest.mark.parametrize("ranks,per_node", [(1, 1), (4, 2), (6, 3), (8, 2), (8, 4)])
+def test_compute_layout_against_a_loop(ranks: int, per_node: int) -> None:
+    """layout.compute_layout (the torch backend's get_dispatch_layout) against reference.ref_layout, a loop over
+    tokens: a token counts once for a rank, and once for a node (ranks [n*P, (n+1)*P)), however many of its experts
+    are there; once per expert however often it names it; -1 nowhere."""
+    from largeep.layout import compute_layout
+    from reference import ref_layout
+
+    g = torch.Generator().manual_seed(ranks * 10 + per_node)
+    experts, topk = 3 * ranks, 4
+    idx = torch.randint(-1, experts, (40, topk), generator=g)
+    idx[0] = torch.tensor([0, 1, 2, -1])  # three experts of rank 0
+    idx[1] = -1  # no expert at all
+    idx[2] = torch.tensor([experts - 1, -1, experts - 1, experts - 2])  # an expert named twice, on the last rank
+    idx[3] = torch.tensor([0, 3 % experts, 6 % experts, 9 % experts])  # ranks 0..3 (nodes 0 and 1 where P = 2)
+    lay = compute_layout(idx, ranks, experts, per_node)
+    want = ref_layout(idx, ranks, experts, per_node)
+    assert want["num_tokens_per_node"].shape == (ranks // per_node,)
+    for key, w in want.items():
+        got = getattr(lay, key)
+        assert got.shape == w.shape and torch.equal(got.to(w.dtype), w), f"{key}: {got} != {w}"
+
+
+@pytest.mark.parametrize("tokens", [[10, 7], [3, 0]])
+def test_rounds_take_specs_token_slices(pools, tokens: list[int]) -> None:
+    """A Buffer in rounds: round i of a call of T tokens dispatches exactly tokens [i*T // R, (i+1)*T // R) of the
+    rank's own (the module's rule; never more than tokens_per_round), fresh and cached."""
+    pools(2).run(rounds_token_slices, tokens)
+
+
 # -- bodies run on every rank of a pool (the workers import them from this module) ---------------------------------
+def rounds_token_slices(rank: int, world: int, tokens: list[int]) -> None:
+    """Records the tokens (row i of x holds the value i) that each inner dispatch of a Buffer in rounds is given."""
+    t, per_round, hidden, experts = tokens[rank], 3, 128, 2 * world
+    buf = largeep.Buffer(None, hidden=hidden, num_experts=experts, num_topk=2, max_tokens_per_rank=10,
+                         backend="torch", tokens_per_round=per_round)
+    try:
+        r = buf.num_rounds
+        assert r == 4, r
+        inner = buf._impl.inner
+        real, seen = inner.dispatch, []
+
+        def record(x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+            seen.append([int(v) for v in x[:, 0].tolist()])
+            return real(x, *args, **kwargs)
+
+        inner.dispatch = record
+        x = torch.arange(t, dtype=torch.float32).unsqueeze(1).repeat(1, hidden)
+        idx = torch.stack([torch.arange(t) % experts, torch.full((t,), -1)], dim=1)
+        w = torch.ones(t, 2)
+        want = [list(range(i * t // r, (i + 1) * t // r)) for i in range(r)]
+        d = buf.dispatch(x, idx, w)
+        assert seen == want and all(len(s) <= per_round for s in seen), (seen, want)
+        seen.clear()
+        buf.dispatch(x, handle=d.handle)
+        assert seen == want, ("cached", seen, want)
+        del inner.dispatch
+    finally:
+        buf.destroy()
+
+
 @contextlib.contextmanager
 def _own_group_buffer(world: int, timeout_s: float, **kwargs: Any) -> Iterator[largeep.Buffer]:
     """A torch-backend Buffer with LARGEEP_TIMEOUT_S = ``timeout_s`` on a group of its own (a collective that a test

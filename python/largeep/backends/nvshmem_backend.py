@@ -97,6 +97,11 @@ MAX_TOKENS_LOW_LATENCY = 1 << 20  # (low_latency.cu's ll_round_word: more than 2
 # low-latency nodes of up to 34; every node size goes through the same code, a lane per rank of the node):
 # backend="auto" leaves larger groups to the torch backend, backend="nvshmem" takes them.
 MAX_LAYOUT_WORDS = 48 * 1024 // 4  # (layout.cu's and intranode.cu's shared-memory counters)
+
+
+def layout_words(ctx: GroupContext) -> int:
+    """The layout kernel's shared-memory counters: one per expert, rank and node (at most MAX_LAYOUT_WORDS)."""
+    return ctx.num_experts + ctx.num_ranks + ctx.num_ranks // ctx.ranks_per_node
 TESTED_RANKS_NORMAL = 40
 TESTED_RANKS_LOW_LATENCY = 34
 
@@ -134,7 +139,7 @@ def unsupported_reason(ctx: GroupContext) -> str | None:
     if not ctx.low_latency:
         # the layout kernel keeps a count per expert, rank and node in 48 KiB of shared memory (layout.cu; the
         # dispatch's prepare one per local expert, fewer)
-        words = ctx.num_experts + ctx.num_ranks + ctx.num_ranks // ctx.ranks_per_node
+        words = layout_words(ctx)
         if words > MAX_LAYOUT_WORDS:
             return (f"the nvshmem normal-mode layout kernel counts experts, ranks and nodes in 48 KiB of shared "
                     f"memory: num_experts + ranks + nodes = {words} must be at most {MAX_LAYOUT_WORDS}")
@@ -870,10 +875,12 @@ class NvshmemBackend:
                 "must be at least the rows any rank can receive, e.g. num_ranks * max_tokens_per_rank)"
             )
         c = self.ctx
-        # (the rows of a source on another node arrive through its RDMA peer on this node, which raises their flag)
-        p = c.ranks_per_node if code // 65536 == _OP_DISPATCH_ROWS and rank >= 0 else 0
-        fwd = c.rank // p * p + rank % p if p else -1
-        if p and rank // p != c.rank // p and fwd != c.rank:
+        # (the rows of a source on another node arrive through its RDMA peer on this node, which raises their flag;
+        # a source of this node is its own: fwd == rank)
+        fwd = rank
+        if code // 65536 == _OP_DISPATCH_ROWS and rank >= 0:
+            fwd = c.rank - c.rank % c.ranks_per_node + rank % c.ranks_per_node
+        if fwd not in (rank, c.rank):
             whom = (f"rank {rank}'s rows, which reach this node through rank {fwd} (it forwards them; either rank may "
                     "be the one that did not make the call)")
         elif rank >= 0:
@@ -914,7 +921,7 @@ class NvshmemBackend:
         op = "get_dispatch_layout"
         self._raise_if_failed(op)
         c = self.ctx
-        words = c.num_experts + c.num_ranks + c.num_nodes
+        words = layout_words(c)
         if words > MAX_LAYOUT_WORDS:  # (a normal-mode Buffer is refused at creation for this)
             raise ArgumentError(
                 f"{op}: this low-latency Buffer's sizes are too large for the nvshmem layout kernel, which counts "

@@ -238,6 +238,37 @@ def test_fp8_round_scale_at_a_power_of_two() -> None:
     assert torch.equal(fp8.dequantize(q, s)[exact_rows, 3], x[exact_rows, 3])
 
 
+def test_fp8_round_scale_just_above_a_power_of_two() -> None:
+    """round_scale on float32 groups whose amax / 448 is 1 to 63 float32 steps above a power of two: the scale is the
+    next power of two (at or above amax / 448, so no value clamps at 448), never the power below, where log2 of the
+    quotient rounds to an integer. (bf16 rows never land there: 8 mantissa bits cannot make 448 * 2**k plus a few
+    float32 steps.) The power of two from Python's frexp, exactly; reference.fp8_check agrees."""
+    import math
+
+    from largeep import fp8
+    from reference import fp8_check
+
+    base = torch.tensor([448.0 * 2.0**k for k in range(-20, 20)], dtype=torch.float64)
+    steps = torch.arange(1, 64, dtype=torch.float64)
+    amax = (base[:, None] * (1 + steps[None] * 2.0**-23)).float().flatten()
+    x = torch.zeros(len(amax), 128)
+    x[:, 7] = amax
+    x[:, 8] = -amax / 2
+    q, s = fp8.quantize(x, round_scale=True)
+    unrounded = amax / torch.full_like(amax, 448.0)
+    below = 0
+    for i in range(len(amax)):
+        mant, exp = math.frexp(float(unrounded[i]))
+        want = float(unrounded[i]) if mant == 0.5 else 2.0**exp
+        assert float(s[i, 0]) == want, (i, float(amax[i]), float(s[i, 0]), want)
+        below += int(float(torch.exp2(torch.ceil(torch.log2(unrounded[i])))) < float(unrounded[i]))
+    assert below > 0  # (the old formula's cases are among these)
+    assert bool((q[:, 7].float() < 448.0).all())  # (the scale is above amax / 448: no value saturates)
+    assert fp8_check(q, s, x, True) is None
+    # the reference refuses a scale one power of two too low
+    assert fp8_check(q, s / 2, x, True) is not None
+
+
 @pytest.mark.parametrize("ranks,per_node", [(1, 1), (4, 2), (6, 3), (8, 2), (8, 4)])
 def test_compute_layout_against_a_loop(ranks: int, per_node: int) -> None:
     """layout.compute_layout (the torch backend's get_dispatch_layout) against reference.ref_layout, a loop over

@@ -14,9 +14,11 @@ __device__ __forceinline__ float max_keep_nan(float a, float b) { return (a != a
 
 // A group's scale from the maximum of its absolute values: amax / 448 (amax at least 1e-4, so an all-zero group has
 // a finite scale), the power of two at or above it with round_scale. NaN for a NaN amax, infinite for an infinite.
+// The rounding takes the exponent bits, as largeep.fp8.round_up_pow2: a scale with mantissa bits set goes to the next
+// exponent (exp2f(ceilf(log2f(s))) rounds down for an s a few float32 steps above a power of two).
 __device__ __forceinline__ float fp8_group_scale(float amax, bool round_scale) {
     float s = max_keep_nan(amax, 1e-4f) / 448.f;
-    if (round_scale) s = exp2f(ceilf(log2f(s)));
+    if (round_scale && s == s) s = __uint_as_float((__float_as_uint(s) + 0x7FFFFFu) & 0xFF800000u);
     return s;
 }
 

@@ -24,6 +24,16 @@ GROUP = 128
 _MIN_AMAX = 1e-4
 
 
+def round_up_pow2(scale: torch.Tensor) -> torch.Tensor:
+    """The smallest power of two at or above each positive float32 ``scale``, from its exponent bits: a scale with
+    mantissa bits set goes to the next exponent. (``exp2(ceil(log2(s)))`` rounds down for an s a few float32 steps
+    above a power of two, where log2 rounds to the integer; the scale would then be below amax / 448.) Exact powers of
+    two and infinities stay, NaN stays NaN. The low-latency kernels' fp8_group_scale does the same."""
+    bits = scale.view(torch.int32)
+    up = ((bits + 0x7FFFFF) & ~0x7FFFFF).view(torch.float32)  # (positive finite s below 2**127 and infinity)
+    return torch.where(torch.isnan(scale), scale, up)
+
+
 def quantize(x: torch.Tensor, round_scale: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """x [T, H] (bf16/fp32, H % 128 == 0) -> (e4m3 [T, H], float32 scales [T, H/128]). No host sync. A wrong ``x``
     raises :class:`largeep.ArgumentError`."""
@@ -45,7 +55,7 @@ def quantize(x: torch.Tensor, round_scale: bool = False) -> tuple[torch.Tensor, 
     # correctly rounded quotient that the CPU and the kernels give, and then about one e4m3 code in a thousand differs)
     scale = amax / torch.full_like(amax, FP8_MAX)
     if round_scale:
-        scale = torch.exp2(torch.ceil(torch.log2(scale)))
+        scale = round_up_pow2(scale)
     # (SPEC's q = x / s, correctly rounded in float32, as the low-latency kernels' quantiser: the same bits)
     q = (g / scale.unsqueeze(2)).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE).view(t, h)
     return q, scale.contiguous()

@@ -384,28 +384,32 @@ class NormalKernels {
                     "a cached dispatch sends no ids or weights, into the copy slots");
         const cudaStream_t s = stream_of(stream);
         if (nodes)
-            launch_dispatch_rdma_send(c_, ptr<const void>(x), x_elem, ptr<const float>(scales), ptr<const int64_t>(idx),
+            launch_dispatch_rdma_send(c_, ptr<const void>(x), x_elem, ptr<const float>(scales), has_scales,
+                                      ptr<const int64_t>(idx),
                                       ptr<const float>(w), num_tokens, ptr<const int>(send_pos),
                                       ptr<const int>(node_pos), cached, num_sms, s);
-        launch_dispatch_push(c_, ptr<const void>(x), x_elem, ptr<const float>(scales), ptr<const int64_t>(idx),
+        launch_dispatch_push(c_, ptr<const void>(x), x_elem, ptr<const float>(scales), has_scales,
+                             ptr<const int64_t>(idx),
                              ptr<const float>(w), num_tokens, ptr<const int>(send_pos), ptr<const int>(send_off),
                              ptr<const int64_t>(send_slot), include_self, num_sms, s);
         if (nodes)
             launch_dispatch_forward(c_, x_elem, has_scales, cached, ptr<const int>(fwd_off), ptr<const int>(fwd_count),
                                     ptr<int>(fwd_pos), num_sms, s);
     }
-    void copyout(uintptr_t out_x, int x_elem, uintptr_t out_s, uintptr_t out_idx, uintptr_t out_w,
+    // has_scales: whether this call's rows carry FP8 scales (out_s of no rows may be 0)
+    void copyout(uintptr_t out_x, int x_elem, uintptr_t out_s, bool has_scales, uintptr_t out_idx, uintptr_t out_w,
                  uintptr_t recv_src, uintptr_t recv_off, int num_rows, bool cached, uintptr_t x, uintptr_t scales,
                  uintptr_t idx, uintptr_t w, uintptr_t self_token, int my_slot, int num_sms, uintptr_t stream) {
-        launch_dispatch_copyout(c_, ptr<void>(out_x), x_elem, ptr<float>(out_s), ptr<int64_t>(out_idx),
+        launch_dispatch_copyout(c_, ptr<void>(out_x), x_elem, ptr<float>(out_s), has_scales, ptr<int64_t>(out_idx),
                                 ptr<float>(out_w), ptr<int>(recv_src), ptr<const int>(recv_off), num_rows, cached,
                                 ptr<const void>(x), ptr<const float>(scales), ptr<const int64_t>(idx),
                                 ptr<const float>(w), ptr<const int>(self_token), my_slot, num_sms, stream_of(stream));
     }
-    void combine_push(uintptr_t y, int y_elem, uintptr_t y_w, uintptr_t recv_src, uintptr_t recv_off, int num_rows,
-                      int num_sms, uintptr_t stream) {
-        launch_combine_push(c_, ptr<const void>(y), y_elem, ptr<const float>(y_w), ptr<const int>(recv_src),
-                            ptr<const int>(recv_off), num_rows, num_sms, stream_of(stream));
+    // with_weights: whether this call has topk_weights (y_w of no rows may be 0)
+    void combine_push(uintptr_t y, int y_elem, uintptr_t y_w, bool with_weights, uintptr_t recv_src,
+                      uintptr_t recv_off, int num_rows, int num_sms, uintptr_t stream) {
+        launch_combine_push(c_, ptr<const void>(y), y_elem, ptr<const float>(y_w), with_weights,
+                            ptr<const int>(recv_src), ptr<const int>(recv_off), num_rows, num_sms, stream_of(stream));
     }
     void combine_forward(int y_elem, bool with_weights, uintptr_t fwd_count, uintptr_t fwd_pos, int num_sms,
                          uintptr_t stream) {

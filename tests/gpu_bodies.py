@@ -698,6 +698,68 @@ def late_peer(rank: int, world: int, timeout_s: float, ranks_per_node: int | Non
     return times
 
 
+def calls_kinds_disagree(rank: int, world: int, variant: str, ranks_per_node: int | None) -> None:
+    """Ranks that pass different kinds of data where no count exchange compares them, on the nvshmem backend: a
+    cached dispatch (``fp8``: rank 0 the FP8 pair, the others bf16; ``dtype``: rank 0 float32) or a combine
+    (``y_dtype``: rank 0's y float32, the others bf16; ``weights``: topk_weights on rank 0 only), on a routing
+    where every rank gets rows from every rank. Each sender's data flag carries its kind, which the receivers
+    compare with their own: every rank's next call raises RuntimeError naming what differs and a rank that sent
+    the other kind (before, the rows were read as the receiver's kind: wrong rows, silently). First, a round of
+    one kind on every rank must pass unreported, rank 1 with no tokens (its FP8 scales and weights empty tensors,
+    whose pointers may be 0: the kind comes from the call): the FP8 rows are fp8.quantize's of the bf16 rows bit
+    for bit, and the float32 combine's sums and weights exact."""
+    from largeep import fp8
+
+    buf = _bounded_buffer(world, 10.0, ranks_per_node=ranks_per_node)
+    t, e = 64, 4 * world
+    try:
+        g = torch.Generator(device="cuda").manual_seed(70 + rank)
+        x = torch.randn(t, 1024, device="cuda", generator=g).to(torch.bfloat16)
+        idx = torch.arange(t * 2, device="cuda").view(t, 2) % e
+        w = torch.rand(t, 2, device="cuda", generator=g)
+        n = 0 if rank == 1 else t
+        d = buf.dispatch(x[:n], idx[:n], w[:n])
+        d8 = buf.dispatch(fp8.quantize(x[:n]), handle=d.handle)
+        want_q, want_s = fp8.quantize(d.x)
+        assert torch.equal(d8.x[0].view(torch.uint8), want_q.view(torch.uint8)), "cached FP8 rows"
+        assert torch.equal(d8.x[1], want_s), "cached FP8 scales"
+        c = buf.combine(d.x.float(), d.handle, topk_weights=d.topk_weights)
+        reached = ((idx[:n] // 4).unsqueeze(2) == torch.arange(world, device="cuda")).any(1).sum(1, keepdim=True)
+        assert torch.equal(c.x, x[:n].float() * reached), "float32 combine with weights"
+        assert torch.equal(c.topk_weights, w[:n]), "combined weights"
+        torch.cuda.synchronize()
+        # the mixed call, on a routing where every rank gets rows from every rank (the fused combine reads, and so
+        # checks, only the peers that send it rows)
+        both = (torch.arange(t, device="cuda").unsqueeze(1) + 4 * torch.arange(2, device="cuda")) % e
+        d = buf.dispatch(x, both, w)
+        if variant == "fp8":
+            buf.dispatch(fp8.quantize(x) if rank == 0 else x, handle=d.handle)
+            what = "dispatch"
+        elif variant == "dtype":
+            buf.dispatch(x.float() if rank == 0 else x, handle=d.handle)
+            what = "dispatch"
+        elif variant == "y_dtype":
+            buf.combine(d.x.float() if rank == 0 else d.x, d.handle)
+            what = "combine"
+        else:
+            buf.combine(d.x, d.handle, topk_weights=d.topk_weights if rank == 0 else None)
+            what = "combine"
+        torch.cuda.synchronize()
+        try:
+            buf.dispatch(x, both, w)
+        except RuntimeError as exc:
+            msg = str(exc)
+        else:
+            raise AssertionError(f"rank {rank}: the call after a {variant} mismatch did not raise")
+        assert f"an earlier {what} on rank {rank} received rows of another kind from rank " in msg, msg
+        assert "unusable" in msg, msg
+        sender = int(msg.split("from rank ")[1].split()[0])
+        assert (sender == 0) if rank != 0 else (sender != 0), msg
+    finally:
+        dist.barrier()
+        buf.destroy()
+
+
 def _progress(rank: int, what: str) -> None:
     """A timestamped line on stderr: where each rank was if a teardown test hangs (the pool dumps stacks too)."""
     import sys

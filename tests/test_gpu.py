@@ -486,6 +486,18 @@ def test_late_peer_gets_no_stale_sums(pools, tune: str, ranks_per_node: int | No
 
 @pytest.mark.gpu(2)
 @needs_native
+@pytest.mark.parametrize("variant", ["fp8", "dtype", "y_dtype", "weights"])
+@pytest.mark.parametrize(("tune", "ranks_per_node"), [("comb=0", None), ("comb=3", None), ("comb=0", 1)],
+                         ids=["push_reduce", "fused", "two_nodes"])
+def test_calls_kinds_disagree(pools, variant: str, tune: str, ranks_per_node: int | None) -> None:
+    """Ranks that differ in a cached dispatch's kind of rows or a combine's y dtype or weights: the receivers see
+    the sender's kind in its flag, leave the rows unread, and every rank's next call raises naming a sender; a round
+    of one kind (a rank with no tokens among them) passes."""
+    pools(2, "nccl").run(gpu_bodies.with_tune, tune, gpu_bodies.calls_kinds_disagree, variant, ranks_per_node)
+
+
+@pytest.mark.gpu(2)
+@needs_native
 def test_missing_peer_times_out_low_latency(pools) -> None:
     """The low-latency mode's bounded waits: a rank that never calls costs the others one LARGEEP_TIMEOUT_S, named
     at their next call."""

@@ -53,11 +53,19 @@ enum Op {
                       // once, or a block waited past the timeout for another (rank field: this rank)
     kOpDispatchRows = 15,  // a dispatch's copy-out waited past the timeout for a source's rows (rank field: the
                            // source; a source on another node sends them through its RDMA peer on this node)
+    // (16: the host's, for a call that left its round open)
+    kOpDispatchKinds = 17,  // a dispatch received rows of another kind (kRowKind) than this rank's: ranks that differ
+                            // in a cached dispatch, which has no count exchange (rank field: the sender, or for rows
+                            // from another node their forwarder on this node; not a timeout)
+    kOpCombineKinds = 18,   // a combine received rows of another kind (y's dtype, weights or not) than this rank's
+                            // (rank field: as kOpDispatchKinds; not a timeout)
 };
 
 // ---- flags: int64 words in the symmetric heap, [kind][rank] --------------------------------------------------
 enum FlagKind {
     kFlagCounts = 0,     // rank s -> me: its count rows for this dispatch round are in my in_counts / matrix
+    // (the data flags kFlagRows, kFlagCombReady, kFlagRdmaRows and kFlagCombRdma hold the round and the sender's
+    // kind of rows: normal.cuh's data_flag)
     kFlagRows = 1,       // [s] all rows of source s of round `seq` are in my receive buffer (set by s, or by the
                          //     rank of my node that forwards s's rows when s is on another node)
     kFlagRecvFree = 2,   // rank r -> me: r copied out round `seq`; its counts and receive buffers may be reused
@@ -236,8 +244,9 @@ void launch_dispatch_notify(const NormalCtx& ctx, int* recv_off, int* send_off, 
 // (this rank receives into a zero-copy slot) also into my own slot, else the copy-out copies my rows from the
 // inputs.
 void launch_dispatch_push(const NormalCtx& ctx, const void* x, int x_elem_bytes, const float* x_scales,
-                          const int64_t* topk_idx, const float* topk_weights, int num_tokens, const int* send_pos,
-                          const int* send_off, const int64_t* send_slot, bool include_self, int num_sms,
+                          bool has_scales, const int64_t* topk_idx, const float* topk_weights, int num_tokens,
+                          const int* send_pos, const int* send_off, const int64_t* send_slot, bool include_self,
+                          int num_sms,
                           cudaStream_t stream);
 // Copy-out: my rows for myself from the dispatch's inputs (x, x_scales, topk_idx, topk_weights; self_token from
 // prepare), the others from the copy slot -> outputs; recv_src int32 [rows, 2] (source rank, token) written
@@ -245,15 +254,16 @@ void launch_dispatch_push(const NormalCtx& ctx, const void* x, int x_elem_bytes,
 // waits for the rows and writes recv_src. num_rows < 0 drains the round (a void one, or one whose outputs could
 // not be made): waits for the rows, copies nothing; every copy-out then frees the round for every peer.
 void launch_dispatch_copyout(const NormalCtx& ctx, void* out_x, int x_elem_bytes, float* out_scales,
-                             int64_t* out_idx, float* out_w, int* recv_src, const int* recv_off, int num_rows,
-                             bool cached, const void* x, const float* x_scales, const int64_t* topk_idx,
+                             bool has_scales, int64_t* out_idx, float* out_w, int* recv_src, const int* recv_off,
+                             int num_rows, bool cached, const void* x, const float* x_scales, const int64_t* topk_idx,
                              const float* topk_weights, const int* self_token, int my_slot, int num_sms,
                              cudaStream_t stream);
 // Combine push: row i of y goes towards its source over NVLink (its `comb` buffer, or this node's forwarder for
 // it), except rows whose source is this rank; raises kFlagCombReady on every rank of this node (unless this
 // Buffer has reported an error: block_raises_data_flags).
 void launch_combine_push(const NormalCtx& ctx, const void* y, int y_elem_bytes, const float* y_w,
-                         const int* recv_src, const int* recv_off, int num_rows, int num_sms, cudaStream_t stream);
+                         bool with_weights, const int* recv_src, const int* recv_off, int num_rows, int num_sms,
+                         cudaStream_t stream);
 // Combine reduce: out[t] = sum over ranks r of this node with send_pos[t, r] >= 0 of comb[r][send_pos[t, r]] (for
 // r = this rank: row recv_off[rank] + send_pos[t, rank] of y, the combine's input, and of y_w), plus (node_pos
 // given) the partial of every other node the token went to, in float32. y has out's element type.
@@ -275,7 +285,7 @@ void launch_combine_fused(const NormalCtx& ctx, void* out, int out_elem_bytes, f
 // cached: no ids or weights are staged (their bytes travel unread; a fresh dispatch of no tokens may have null
 // ones as well).
 void launch_dispatch_rdma_send(const NormalCtx& ctx, const void* x, int x_elem_bytes, const float* x_scales,
-                               const int64_t* topk_idx, const float* topk_weights, int num_tokens,
+                               bool has_scales, const int64_t* topk_idx, const float* topk_weights, int num_tokens,
                                const int* send_pos, const int* node_pos, bool cached, int num_sms,
                                cudaStream_t stream);
 // Forward leg: rows from my RDMA peers into the receive buffers of my node's ranks; fwd_pos int32 [M, T, P] out.

@@ -54,7 +54,8 @@ template <bool kManyNodes>
 __global__ void __launch_bounds__(kThreads) dispatch_rdma_send_kernel(NormalCtx c, const uint8_t* x, int x_elem,
                                                                       const float* scales, const int64_t* idx,
                                                                       const float* w, int T, const int* send_pos,
-                                                                      const int* node_pos, int cached) {
+                                                                      const int* node_pos, int cached,
+                                                                      int has_scales) {
     const int N = c.num_ranks, P = c.ranks_per_node, M = N / P, node = c.rank / P, me_local = c.rank % P;
     const int K = c.num_topk, num_scales = c.hidden / 128;
     const int64_t seq = c.seq[kSeqDispatch] + 1;
@@ -105,7 +106,8 @@ __global__ void __launch_bounds__(kThreads) dispatch_rdma_send_kernel(NormalCtx 
     __threadfence_system();
     if (last_block(c.block_counter + 4) && block_raises_data_flags(c, void_round(c, !cached))) {
         if (static_cast<int>(threadIdx.x) < M && static_cast<int>(threadIdx.x) != node)
-            set_flag(c, threadIdx.x * P + me_local, kFlagRdmaRows, c.rank, seq);
+            set_flag(c, threadIdx.x * P + me_local, kFlagRdmaRows, c.rank,
+                     data_flag(seq, dispatch_kind(x_elem, has_scales != 0)));
     }
 }
 
@@ -120,7 +122,9 @@ __global__ void __launch_bounds__(kThreads) dispatch_forward_kernel(NormalCtx c,
     const int N = c.num_ranks, P = c.ranks_per_node, M = N / P, node = c.rank / P, me_local = c.rank % P;
     const int64_t seq = c.seq[kSeqDispatch] + 1;
     __shared__ int prefix[kMaxNodes + 1];
-    const bool ok = wait_rdma_peers(c, kFlagRdmaRows, seq, kOpDispatch);
+    // (a void round's kinds may differ; it moves no row)
+    const int kind = void_round(c, !cached) ? kAnyKind : dispatch_kind(x_elem, has_scales != 0);
+    const bool ok = wait_rdma_peers(c, kFlagRdmaRows, seq, kOpDispatch, kind);
     node_prefix(fwd_count, M, prefix);
     if (ok) {
         const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp, kWarps = blockDim.x / kWarp;
@@ -148,7 +152,9 @@ __global__ void __launch_bounds__(kThreads) dispatch_forward_kernel(NormalCtx c,
     if (last_block(c.block_counter + 5) && block_raises_data_flags(c, void_round(c, !cached))) {
         for (int i = threadIdx.x; i < P * M; i += blockDim.x) {
             const int l = i / M, m = i % M;
-            if (m != node) set_flag(c, node * P + l, kFlagRows, m * P + me_local, seq);
+            if (m != node)
+                set_flag(c, node * P + l, kFlagRows, m * P + me_local,
+                         data_flag(seq, dispatch_kind(x_elem, has_scales != 0)));
         }
     }
 }
@@ -166,7 +172,7 @@ __global__ void __launch_bounds__(kReduceThreads) combine_forward_kernel(NormalC
     const int K = c.num_topk;
     const int64_t seq = c.seq[kSeqCombine] + 1;
     __shared__ int prefix[kMaxNodes + 1];
-    const bool ok = wait_local(c, kFlagCombReady, seq, kOpCombine);
+    const bool ok = wait_local(c, kFlagCombReady, seq, kOpCombine, combine_kind(sizeof(T), with_weights != 0));
     node_prefix(fwd_count, M, prefix);
     if (ok) {
         const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
@@ -210,14 +216,15 @@ __global__ void __launch_bounds__(kReduceThreads) combine_forward_kernel(NormalC
     __threadfence_system();
     if (last_block(c.block_counter + 6) && block_raises_data_flags(c, false)) {
         if (static_cast<int>(threadIdx.x) < M && static_cast<int>(threadIdx.x) != node)
-            set_flag(c, threadIdx.x * P + me_local, kFlagCombRdma, c.rank, seq);
+            set_flag(c, threadIdx.x * P + me_local, kFlagCombRdma, c.rank,
+                     data_flag(seq, combine_kind(sizeof(T), with_weights != 0)));
     }
 }
 
 }  // namespace
 
 void launch_dispatch_rdma_send(const NormalCtx& ctx, const void* x, int x_elem_bytes, const float* x_scales,
-                               const int64_t* topk_idx, const float* topk_weights, int num_tokens,
+                               bool has_scales, const int64_t* topk_idx, const float* topk_weights, int num_tokens,
                                const int* send_pos, const int* node_pos, bool cached, int num_sms,
                                cudaStream_t stream) {
     HOST_ASSERT(ctx.ranks_per_node < ctx.num_ranks, "the RDMA leg is for groups of several nodes");
@@ -227,7 +234,7 @@ void launch_dispatch_rdma_send(const NormalCtx& ctx, const void* x, int x_elem_b
                                                              : dispatch_rdma_send_kernel<false>;
     kernel<<<std::max(1, num_sms), ctx.threads, 0, stream>>>(ctx, static_cast<const uint8_t*>(x), x_elem_bytes,
                                                             x_scales, topk_idx, topk_weights, num_tokens, send_pos,
-                                                            node_pos, cached ? 1 : 0);
+                                                            node_pos, cached ? 1 : 0, has_scales ? 1 : 0);
     LAUNCH_CHECK();
 }
 

@@ -329,7 +329,7 @@ __global__ void __launch_bounds__(kThreads) dispatch_push_kernel(NormalCtx c, co
                                                                  const float* scales, const int64_t* idx,
                                                                  const float* w, int T, const int* send_pos,
                                                                  const int* send_off, const int64_t* send_slot,
-                                                                 int include_self) {
+                                                                 int include_self, int has_scales) {
     const int N = c.num_ranks, me = c.rank, K = c.num_topk;
     const int64_t seq = c.seq[kSeqDispatch] + 1;
     const int P = c.ranks_per_node, r0 = first_local(c);
@@ -361,7 +361,8 @@ __global__ void __launch_bounds__(kThreads) dispatch_push_kernel(NormalCtx c, co
     __threadfence_system();  // this thread's remote stores before the flag
     if (last_block(c.block_counter + 0) &&
         block_raises_data_flags(c, void_round(c, send_slot != nullptr))) {
-        if (static_cast<int>(threadIdx.x) < P) set_flag(c, r0 + threadIdx.x, kFlagRows, me, seq);
+        if (static_cast<int>(threadIdx.x) < P)
+            set_flag(c, r0 + threadIdx.x, kFlagRows, me, data_flag(seq, dispatch_kind(x_elem, has_scales != 0)));
     }
 }
 
@@ -445,7 +446,7 @@ __global__ void __launch_bounds__(kThreads) dispatch_copyout_kernel(NormalCtx c,
                                                                     int num_rows, int cached, const uint8_t* x,
                                                                     const float* scales, const int64_t* idx,
                                                                     const float* w, const int* self_token,
-                                                                    int my_slot) {
+                                                                    int my_slot, int has_scales) {
     const int N = c.num_ranks, me = c.rank;
     const int64_t seq = c.seq[kSeqDispatch] + 1;
     __shared__ int off[kMaxRanks + 1];
@@ -468,7 +469,9 @@ __global__ void __launch_bounds__(kThreads) dispatch_copyout_kernel(NormalCtx c,
             copy_self_row(c, x, x_bytes, scales, idx, w, self_token[j], out_x, out_s, out_idx, out_w, recv_src,
                           off[me] + j, cached, lane);
     }
-    const bool ok = wait_all(c, kFlagRows, seq, kOpDispatchRows) && !failed && !drain;
+    // (the rows' kind is checked unless the round is void, where kinds may differ and no row moved, or drained)
+    const int kind = void_round(c, !cached) || drain ? kAnyKind : dispatch_kind(x_elem, has_scales != 0);
+    const bool ok = wait_all(c, kFlagRows, seq, kOpDispatchRows, kind) && !failed && !drain;
     if (!ok && !cached && out_idx != nullptr) {
         // A failed round (a timeout, a refusal that a num_worst_tokens call cannot raise, too many rows) leaves
         // rows that name no expert: the host's next call raises, and until then the ids are safe to index with.
@@ -531,7 +534,7 @@ __device__ __forceinline__ void push_combine_row(const NormalCtx& c, const uint8
 
 __global__ void __launch_bounds__(kThreads) combine_push_kernel(NormalCtx c, const uint8_t* y, int y_elem,
                                                                 const float* y_w, const int* recv_src,
-                                                                const int* recv_off, int num_rows) {
+                                                                const int* recv_off, int num_rows, int with_weights) {
     const int N = c.num_ranks, me = c.rank;
     const int64_t seq = c.seq[kSeqCombine] + 1;
     __shared__ int off[kMaxRanks + 1];
@@ -552,7 +555,8 @@ __global__ void __launch_bounds__(kThreads) combine_push_kernel(NormalCtx c, con
     __threadfence_system();  // this thread's remote stores before the flag
     if (last_block(c.block_counter + 1) && block_raises_data_flags(c, false)) {
         if (static_cast<int>(threadIdx.x) < c.ranks_per_node)
-            set_flag(c, first_local(c) + threadIdx.x, kFlagCombReady, me, seq);
+            set_flag(c, first_local(c) + threadIdx.x, kFlagCombReady, me,
+                     data_flag(seq, combine_kind(y_elem, with_weights != 0)));
     }
 }
 
@@ -665,7 +669,8 @@ __device__ __forceinline__ bool reduce_token_many(const NormalCtx& c, T* out, fl
 // kSrc >= ranks per node, or kMany: more ranks per node than kSrc, whose rows are read kSrc sources at a time (lane
 // j keeps the j-th source's row); kUnroll * kSrc 16-byte loads are in flight per lane (16: one kernel per node size
 // keeps the registers of one loop shape only). kChunked (the fused combine): each peer's row is read once the flag
-// of its chunk (chunk_flags[r][slot / kCombChunk], nchunks per rank) holds `seq`; false if a wait gave up.
+// of its chunk (chunk_flags[r][slot / kCombChunk], nchunks per rank) holds round `seq` (a data flag, of this call's
+// kind, else kOpCombineKinds is reported); false if a wait gave up or a kind differed.
 template <typename T, int kSrc, int kUnroll, bool kChunked, bool kMany>
 __device__ __forceinline__ bool reduce_token(const NormalCtx& c, T* out, float* out_w, const int* send_pos,
                                              const int* node_pos, const T* y, const float* y_w, int self_row0, int t,
@@ -686,9 +691,14 @@ __device__ __forceinline__ bool reduce_token(const NormalCtx& c, T* out, float* 
                            : (lane < c.ranks_per_node ? send_pos[static_cast<int64_t>(t) * N + r0 + lane] : -1);
     if constexpr (kChunked) {
         bool ok = true;
-        if (p >= 0 && lane != c.rank)
-            ok = wait_flag(chunk_flags + static_cast<int64_t>(lane) * nchunks + p / kCombChunk, seq, c.timeout_ns,
-                           c.err, kOpCombineReduce, lane);
+        if (p >= 0 && lane != c.rank) {
+            const int64_t* flag = chunk_flags + static_cast<int64_t>(lane) * nchunks + p / kCombChunk;
+            ok = wait_flag(flag, data_flag(seq, 0), c.timeout_ns, c.err, kOpCombineReduce, lane);
+            if (ok && ld_acquire_sys(flag) != data_flag(seq, combine_kind(sizeof(T), with_weights != 0))) {
+                report_error(c.err, kOpCombineKinds, lane);
+                ok = false;
+            }
+        }
         if (!__all_sync(0xffffffffu, ok)) return false;
         __syncwarp();  // lane r's acquire, then this barrier (memory ordering among the warp), then every lane's loads
     }
@@ -778,10 +788,11 @@ __global__ void __launch_bounds__(kReduceThreads) combine_reduce_kernel(NormalCt
                                                                         const float* y_w, const int* recv_off) {
     const int N = c.num_ranks;
     const int64_t seq = c.seq[kSeqCombine] + 1;
-    bool ok = wait_local(c, kFlagCombReady, seq, kOpCombineReduce);
+    const int kind = combine_kind(sizeof(T), with_weights != 0);
+    bool ok = wait_local(c, kFlagCombReady, seq, kOpCombineReduce, kind);
     // every RDMA peer's partials, even with no tokens here (node_pos may then be null): the round must be complete
     // before kFlagCombFree below lets anyone write into my buffers again
-    if (ok && c.ranks_per_node < N) ok = wait_rdma_peers(c, kFlagCombRdma, seq, kOpCombineReduce);
+    if (ok && c.ranks_per_node < N) ok = wait_rdma_peers(c, kFlagCombRdma, seq, kOpCombineReduce, kind);
     if (ok) {
         const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
         const int self_row0 = recv_off[c.rank];
@@ -836,7 +847,7 @@ __global__ void __launch_bounds__(kReduceThreads) combine_fused_kernel(NormalCtx
                 if (lane == 0)
                     st_release_sys(reinterpret_cast<int64_t*>(peer(c, s) + c.off_comb_flags) +
                                        static_cast<int64_t>(me) * nchunks + ch,
-                                   seq);
+                                   data_flag(seq, combine_kind(sizeof(T), with_weights != 0)));
             }
         }
     } else {
@@ -974,8 +985,9 @@ void launch_dispatch_notify(const NormalCtx& ctx, int* recv_off, int* send_off, 
 }
 
 void launch_dispatch_push(const NormalCtx& ctx, const void* x, int x_elem_bytes, const float* x_scales,
-                          const int64_t* topk_idx, const float* topk_weights, int num_tokens, const int* send_pos,
-                          const int* send_off, const int64_t* send_slot, bool include_self, int num_sms,
+                          bool has_scales, const int64_t* topk_idx, const float* topk_weights, int num_tokens,
+                          const int* send_pos, const int* send_off, const int64_t* send_slot, bool include_self,
+                          int num_sms,
                           cudaStream_t stream) {
     HOST_ASSERT((static_cast<int64_t>(ctx.hidden) * x_elem_bytes) % 16 == 0,
                 "hidden * element size must be a multiple of 16");
@@ -983,28 +995,30 @@ void launch_dispatch_push(const NormalCtx& ctx, const void* x, int x_elem_bytes,
                 "only a fresh dispatch of 1- or 2-byte rows fills a zero-copy slot");
     dispatch_push_kernel<<<std::max(1, num_sms), ctx.threads, 0, stream>>>(
         ctx, static_cast<const uint8_t*>(x), x_elem_bytes, x_scales, topk_idx, topk_weights, num_tokens, send_pos,
-        send_off, send_slot, include_self ? 1 : 0);
+        send_off, send_slot, include_self ? 1 : 0, has_scales ? 1 : 0);
     LAUNCH_CHECK();
 }
 
 void launch_dispatch_copyout(const NormalCtx& ctx, void* out_x, int x_elem_bytes, float* out_scales,
-                             int64_t* out_idx, float* out_w, int* recv_src, const int* recv_off, int num_rows,
-                             bool cached, const void* x, const float* x_scales, const int64_t* topk_idx,
+                             bool has_scales, int64_t* out_idx, float* out_w, int* recv_src, const int* recv_off,
+                             int num_rows, bool cached, const void* x, const float* x_scales, const int64_t* topk_idx,
                              const float* topk_weights, const int* self_token, int my_slot, int num_sms,
                              cudaStream_t stream) {
     HOST_ASSERT(my_slot == 0 || !cached, "a cached dispatch uses the copy slot");
     dispatch_copyout_kernel<<<std::max(1, num_sms), ctx.threads, 0, stream>>>(
         ctx, static_cast<uint8_t*>(out_x), x_elem_bytes, out_scales, out_idx, out_w, recv_src, recv_off, num_rows,
-        cached ? 1 : 0, static_cast<const uint8_t*>(x), x_scales, topk_idx, topk_weights, self_token, my_slot);
+        cached ? 1 : 0, static_cast<const uint8_t*>(x), x_scales, topk_idx, topk_weights, self_token, my_slot,
+        has_scales ? 1 : 0);
     LAUNCH_CHECK();
 }
 
 void launch_combine_push(const NormalCtx& ctx, const void* y, int y_elem_bytes, const float* y_w,
-                         const int* recv_src, const int* recv_off, int num_rows, int num_sms, cudaStream_t stream) {
+                         bool with_weights, const int* recv_src, const int* recv_off, int num_rows, int num_sms,
+                         cudaStream_t stream) {
     HOST_ASSERT((static_cast<int64_t>(ctx.hidden) * y_elem_bytes) % 16 == 0,
                 "hidden * element size must be a multiple of 16");
     combine_push_kernel<<<std::max(1, num_sms), ctx.threads, 0, stream>>>(
-        ctx, static_cast<const uint8_t*>(y), y_elem_bytes, y_w, recv_src, recv_off, num_rows);
+        ctx, static_cast<const uint8_t*>(y), y_elem_bytes, y_w, recv_src, recv_off, num_rows, with_weights ? 1 : 0);
     LAUNCH_CHECK();
 }
 

@@ -43,6 +43,24 @@ __device__ __forceinline__ bool is_local(const NormalCtx& c, int r) { return nod
 __device__ __forceinline__ int num_nodes(const NormalCtx& c) { return c.num_ranks / c.ranks_per_node; }
 // The first rank of this rank's node; ranks first_local(c) + l, l < P, are its node.
 __device__ __forceinline__ int first_local(const NormalCtx& c) { return c.first_local; }
+// A data flag (kFlagRows, kFlagRdmaRows, kFlagCombReady, kFlagCombRdma, the fused combine's chunk flags) holds the
+// round in its high bits and the sender's kind of rows in its low kKindBits: a receiver waits for the round, then
+// compares the kind with its own, so that ranks that pass different kinds of rows where no count exchange compares
+// them (a cached dispatch's x, a combine's y dtype and weights) are reported (kOpDispatchKinds, kOpCombineKinds)
+// rather than read as rows of this rank's kind. Rounds never pass 2**59.
+constexpr int kKindBits = 4;
+__device__ __forceinline__ int64_t data_flag(int64_t seq, int kind) { return seq << kKindBits | kind; }
+// A dispatch's kind of rows: api.cuh's kRowKind (x's element size, FP8 scales or not; 0..6)
+__device__ __forceinline__ int dispatch_kind(int x_elem, bool has_scales) { return kRowKind(x_elem, has_scales); }
+// A combine's: y float32 (bit 0; else bf16), weights (bit 1)
+__device__ __forceinline__ int combine_kind(int y_elem, bool with_weights) {
+    return (y_elem == 4 ? 1 : 0) | (with_weights ? 2 : 0);
+}
+// The call_kind of a wait (wait_ranks): a plain flag (a round number: kFlagCounts, kFlagRecvFree, kFlagCombFree), a
+// data flag of any kind (a void round's, whose kinds may differ), or a data flag of that kind (>= 0).
+constexpr int kPlainFlag = -2;
+constexpr int kAnyKind = -1;
+
 // Sets flag word [kind][index] of rank r to v: a release store over NVLink on this node, an NVSHMEM signal
 // elsewhere. Whatever this thread wrote to r before (stores after a system fence, or puts completed by
 // nvshmem_quiet) is visible first.
@@ -70,27 +88,36 @@ __device__ __forceinline__ bool block_raises_data_flags(const NormalCtx& c, bool
     return raise != 0;
 }
 
-// The block waits for flag words [kind][r] >= target of the ranks r = first + i * stride (i < count) but `skip`;
-// returns (to every thread) whether all arrived. With ranks of other nodes among them (`remote`), a system fence
-// after the wait also orders reads of data that an NVSHMEM transport (not an NVLink store) delivered.
+// The block waits for flag words [kind][r] of the ranks r = first + i * stride (i < count) but `skip` to reach
+// round `seq` (call_kind kPlainFlag: the word >= seq; else a data flag of round seq, of kind call_kind unless
+// kAnyKind: see data_flag); returns (to every thread) whether all arrived. With ranks of other nodes among them
+// (`remote`), a system fence after the wait also orders reads of data that an NVSHMEM transport (not an NVLink
+// store) delivered.
 __device__ __forceinline__ bool wait_ranks(const NormalCtx& c, int kind, int first, int count, int stride, int skip,
-                                           bool remote, int64_t target, int op) {
+                                           bool remote, int64_t seq, int op, int call_kind) {
+    const bool data = call_kind != kPlainFlag;
+    const int exact_op = kind == kFlagRows || kind == kFlagRdmaRows ? kOpDispatchKinds : kOpCombineKinds;
     const bool ok = block_wait_ranks(flags_of(c.base, c) + static_cast<int64_t>(kind) * c.num_ranks, first, count,
-                                     stride, skip, target, c.timeout_ns, c.err, op);
+                                     stride, skip, data ? data_flag(seq, 0) : seq, c.timeout_ns, c.err, op,
+                                     call_kind >= 0 ? data_flag(seq, call_kind) : -1, exact_op);
     if (ok && remote) __threadfence_system();
     return ok;
 }
 // ... of every rank of the group
-__device__ __forceinline__ bool wait_all(const NormalCtx& c, int kind, int64_t target, int op) {
-    return wait_ranks(c, kind, 0, c.num_ranks, 1, -1, c.ranks_per_node < c.num_ranks, target, op);
+__device__ __forceinline__ bool wait_all(const NormalCtx& c, int kind, int64_t seq, int op,
+                                         int call_kind = kPlainFlag) {
+    return wait_ranks(c, kind, 0, c.num_ranks, 1, -1, c.ranks_per_node < c.num_ranks, seq, op, call_kind);
 }
 // ... of the ranks of this rank's node
-__device__ __forceinline__ bool wait_local(const NormalCtx& c, int kind, int64_t target, int op) {
-    return wait_ranks(c, kind, first_local(c), c.ranks_per_node, 1, -1, false, target, op);
+__device__ __forceinline__ bool wait_local(const NormalCtx& c, int kind, int64_t seq, int op,
+                                           int call_kind = kPlainFlag) {
+    return wait_ranks(c, kind, first_local(c), c.ranks_per_node, 1, -1, false, seq, op, call_kind);
 }
 // ... of this rank's RDMA peers (the rank with its local index on every other node)
-__device__ __forceinline__ bool wait_rdma_peers(const NormalCtx& c, int kind, int64_t target, int op) {
-    return wait_ranks(c, kind, c.rank % c.ranks_per_node, num_nodes(c), c.ranks_per_node, c.rank, true, target, op);
+__device__ __forceinline__ bool wait_rdma_peers(const NormalCtx& c, int kind, int64_t seq, int op,
+                                                int call_kind = kPlainFlag) {
+    return wait_ranks(c, kind, c.rank % c.ranks_per_node, num_nodes(c), c.ranks_per_node, c.rank, true, seq, op,
+                      call_kind);
 }
 
 // The id of global expert e on rank r (-1 if e is not there, or is -1), as a dispatch row for r carries it.

@@ -59,6 +59,8 @@ _OP_PREPARE = 14  # kOpPrepare: a dispatch's prepare blocks did not meet (two di
 # the kinds of rows a fresh dispatch sends (api.cuh's kRowKind): dtype, FP8 scales or not
 _ROW_KINDS = {1: (torch.bfloat16, False), 2: (torch.float32, False), 4: (FP8_DTYPE, True)}
 _OP_ABANDONED = 16  # (host only) a call left its round open (_closes_open_round: a dispatch or a combine)
+_OP_DISPATCH_KINDS = 17  # kOpDispatchKinds: a dispatch received rows of another kind than this rank's (not a timeout)
+_OP_COMBINE_KINDS = 18  # kOpCombineKinds: a combine received rows of another kind than this rank's (not a timeout)
 # The host waits a little longer than the device, so that the device's report (which names the rank) comes first
 # (unless the work queued before the call delays its kernel by more than this: the host's bound counts from the
 # queueing, the device's from the kernel's start).
@@ -868,6 +870,8 @@ class NvshmemBackend:
                 f"({self._abandoned}); its round was left open, so the Buffer is unusable now (destroy it on every "
                 "rank: the other ranks' next calls wait for this rank until LARGEEP_TIMEOUT_S)"
             )
+        if code // 65536 in (_OP_DISPATCH_KINDS, _OP_COMBINE_KINDS):
+            raise RuntimeError(self._kinds_message(op, code // 65536 == _OP_DISPATCH_KINDS, rank))
         if code // 65536 == _OP_WORST_TOO_SMALL:
             raise RuntimeError(
                 f"{op}: an earlier dispatch with num_worst_tokens received more rows on rank {self.ctx.rank} than "
@@ -893,6 +897,21 @@ class NvshmemBackend:
         raise PeerTimeoutError(
             f"{op}: {what} on rank {self.ctx.rank} waited more than LARGEEP_TIMEOUT_S={self.settings.timeout_s:g} s "
             f"for {whom}; the Buffer is unusable now (destroy it)"
+        )
+
+    def _kinds_message(self, op: str, dispatch: bool, rank: int) -> str:
+        """The error of a dispatch or combine that received rows of another kind from ``rank`` than this rank's (the
+        kernels compare the kind in each sender's data flag with their own before reading its rows; a forwarder
+        raises a flag for its peers on other nodes only when their kind is its own)."""
+        if dispatch:
+            what, kinds = "dispatch", "x's dtype, or an FP8 pair against plain rows"
+        else:
+            what, kinds = "combine", "y's dtype (bf16 or float32), or topk_weights given against none"
+        return (
+            f"{op}: an earlier {what} on rank {self.ctx.rank} received rows of another kind from rank {rank} than its "
+            f"own ({kinds}; a cached dispatch and a combine have no count exchange that would compare them). They "
+            "were not read: that call's outputs are undefined, and the Buffer is unusable now (destroy it on every "
+            "rank; every rank must pass the same kind of data to one call)"
         )
 
     @staticmethod
@@ -1109,8 +1128,8 @@ class NvshmemBackend:
             self._round_open = True
             self._send_cached(x, x_scales, t, state, stream)
         k.copyout(
-            out_x.data_ptr(), elem, _ptr(out_s), _ptr(out_idx), _ptr(out_w), state.recv_src.data_ptr(),
-            state.recv_off, rows, cached, x.data_ptr(), _ptr(x_scales),
+            out_x.data_ptr(), elem, _ptr(out_s), x_scales is not None, _ptr(out_idx), _ptr(out_w),
+            state.recv_src.data_ptr(), state.recv_off, rows, cached, x.data_ptr(), _ptr(x_scales),
             _ptr(None if cached else topk_idx), _ptr(None if cached else topk_weights),
             state.self_token, slot, sms, stream,
         )
@@ -1164,7 +1183,7 @@ class NvshmemBackend:
         none), which frees it for every peer as any copy-out does; ``slot`` (non-zero: the zero-copy slot this call
         took) is given back unless planes of it are alive (it goes back when they die)."""
         k = self.kernels
-        k.copyout(0, x.element_size(), 0, 0, 0, 0, recv_off, -1, False, x.data_ptr(), 0, 0, 0, self_token, slot,
+        k.copyout(0, x.element_size(), 0, False, 0, 0, 0, recv_off, -1, False, x.data_ptr(), 0, 0, 0, self_token, slot,
                   self.ctx.num_sms, stream)
         if slot:
             k.zc_give_back(slot, stream)
@@ -1227,7 +1246,7 @@ class NvshmemBackend:
         # (push, forward and reduce: three launches; the round counts as this rank's only once the reduce is queued)
         self._round_open = True
         k.combine_push(
-            y.data_ptr(), y.element_size(), _ptr(topk_weights), state.recv_src.data_ptr(), state.recv_off,
+            y.data_ptr(), y.element_size(), _ptr(topk_weights), with_w, state.recv_src.data_ptr(), state.recv_off,
             state.num_rows, c.num_sms, stream,
         )
         if hier is not None:

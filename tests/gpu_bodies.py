@@ -704,7 +704,8 @@ def calls_kinds_disagree(rank: int, world: int, variant: str, ranks_per_node: in
     (``y_dtype``: rank 0's y float32, the others bf16; ``weights``: topk_weights on rank 0 only), on a routing
     where every rank gets rows from every rank. Each sender's data flag carries its kind, which the receivers
     compare with their own: every rank's next call raises RuntimeError naming what differs and a rank that sent
-    the other kind (before, the rows were read as the receiver's kind: wrong rows, silently). First, a round of
+    the other kind, or a forwarder that found it (before, the rows were read as the receiver's kind: wrong rows,
+    silently). First, a round of
     one kind on every rank must pass unreported, rank 1 with no tokens (its FP8 scales and weights empty tensors,
     whose pointers may be 0: the kind comes from the call): the FP8 rows are fp8.quantize's of the bf16 rows bit
     for bit, and the float32 combine's sums and weights exact."""
@@ -751,10 +752,13 @@ def calls_kinds_disagree(rank: int, world: int, variant: str, ranks_per_node: in
             msg = str(exc)
         else:
             raise AssertionError(f"rank {rank}: the call after a {variant} mismatch did not raise")
-        assert f"an earlier {what} on rank {rank} received rows of another kind from rank " in msg, msg
-        assert "unusable" in msg, msg
-        sender = int(msg.split("from rank ")[1].split()[0])
-        assert (sender == 0) if rank != 0 else (sender != 0), msg
+        assert f"in an earlier {what} on rank {rank}, " in msg and "another kind" in msg, msg
+        assert "No row of it was read" in msg and "unusable" in msg, msg
+        if "received rows of another kind from rank " in msg:  # (from the sender's own flag)
+            sender = int(msg.split("from rank ")[1].split()[0])
+            assert (sender == 0) if rank != 0 else (sender != 0), msg
+        else:  # (a forwarder's poisoned flag: only in groups of several nodes of several ranks)
+            assert ranks_per_node is not None and 1 < ranks_per_node < world, msg
     finally:
         dist.barrier()
         buf.destroy()

@@ -220,24 +220,29 @@ def test_nvshmem_host_gave_up_message() -> None:
             b._raise_if_failed("dispatch")
 
 
-@pytest.mark.parametrize(("op", "what", "kinds"), [(17, "dispatch", "x's dtype, or an FP8 pair"),
-                                                   (18, "combine", "y's dtype (bf16 or float32), or topk_weights")])
-def test_nvshmem_calls_kinds_message(op: int, what: str, kinds: str) -> None:
-    """A dispatch or combine whose receiver found another kind in a sender's data flag (ops 17 and 18, rank field:
-    the sender): this and every later call raise RuntimeError naming the call, this rank, the sender and what may
-    differ; not a timeout (its GPU test: test_calls_kinds_disagree)."""
+@pytest.mark.parametrize(("op", "what", "met", "kinds"), [
+    (17, "dispatch", "received rows of another kind from rank 2 than its own", "x's dtype, or an FP8 pair"),
+    (18, "combine", "received rows of another kind from rank 2 than its own", "y's dtype (bf16 or float32), or "
+     "topk_weights"),
+    (19, "dispatch", "rank 0, which forwards the rows of ranks on other nodes to this rank (rank 2's among them), "
+     "found rows of another kind than its own", "x's dtype"),
+    (20, "combine", "rank 2, which sums the rows of its node's ranks for this rank, found rows of another kind than "
+     "its own among them", "y's dtype")])
+def test_nvshmem_calls_kinds_message(op: int, what: str, met: str, kinds: str) -> None:
+    """A dispatch or combine that met another kind in a data flag (ops 17 and 18: the sender's; 19 and 20: a
+    forwarder's poisoned flag): this and every later call raise RuntimeError naming the call, this rank, the ranks
+    concerned and what may differ; not a timeout (its GPU test: test_calls_kinds_disagree)."""
     import largeep
 
     b = _bare_nvshmem(rank=1, num_ranks=4, ranks_per_node=2)
-    b.status = [0, (op << 16) + 3]  # rank field: 2
+    b.status = [0, (op << 16) + 3]  # rank field: 2 (on the other node; rank 1's RDMA peer there is rank 3)
     for _ in range(2):
         with pytest.raises(RuntimeError) as info:
             b._raise_if_failed("combine")
         assert not isinstance(info.value, largeep.PeerTimeoutError)
         msg = str(info.value)
-        assert msg.startswith(f"combine: an earlier {what} on rank 1 received rows of another kind from rank 2 "
-                              f"than its own ({kinds}"), msg
-        assert "not read" in msg and "unusable now" in msg, msg
+        assert msg.startswith(f"combine: in an earlier {what} on rank 1, {met} ({kinds}"), msg
+        assert "No row of it was read" in msg and "unusable now" in msg, msg
 
 
 def test_nvshmem_rows_timeout_names_the_forwarder() -> None:

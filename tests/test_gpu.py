@@ -565,6 +565,16 @@ def test_normal_four_ranks_shared_gpus(pools, ranks_per_node: int | None, case: 
     )
 
 
+@pytest.mark.gpu(2)
+@needs_native
+@needs_shared
+@pytest.mark.parametrize("variant", ["fp8", "y_dtype", "weights"])
+def test_calls_kinds_disagree_four_ranks_shared_gpus(pools, variant: str) -> None:
+    """test_calls_kinds_disagree on 2 nodes of 2 ranks (4 ranks on 2 GPUs): the forwarders that meet the other
+    kind raise their flags poisoned, so every rank's next call raises, none times out."""
+    pools(4, "gloo-cuda").run(gpu_bodies.calls_kinds_disagree, variant, 2)
+
+
 @pytest.mark.gpu(1)
 @needs_native
 @needs_shared

@@ -55,10 +55,14 @@ enum Op {
                            // source; a source on another node sends them through its RDMA peer on this node)
     // (16: the host's, for a call that left its round open)
     kOpDispatchKinds = 17,  // a dispatch received rows of another kind (kRowKind) than this rank's: ranks that differ
-                            // in a cached dispatch, which has no count exchange (rank field: the sender, or for rows
-                            // from another node their forwarder on this node; not a timeout)
+                            // in a cached dispatch, which has no count exchange (rank field: the sender, whose kind
+                            // a forwarder passes on only where it is its own; not a timeout)
     kOpCombineKinds = 18,   // a combine received rows of another kind (y's dtype, weights or not) than this rank's
-                            // (rank field: as kOpDispatchKinds; not a timeout)
+                            // (rank field: the sender; not a timeout)
+    kOpDispatchForwardKinds = 19,  // the rank of this node that forwards a source's rows found rows of another kind
+                                   // than its own in this dispatch (rank field: the source; not a timeout)
+    kOpCombineForwardKinds = 20,   // the rank of another node that sums its node's rows for this rank found rows of
+                                   // another kind there (rank field: that rank; not a timeout)
 };
 
 // ---- flags: int64 words in the symmetric heap, [kind][rank] --------------------------------------------------

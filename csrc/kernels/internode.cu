@@ -123,8 +123,9 @@ __global__ void __launch_bounds__(kThreads) dispatch_forward_kernel(NormalCtx c,
     const int64_t seq = c.seq[kSeqDispatch] + 1;
     __shared__ int prefix[kMaxNodes + 1];
     // (a void round's kinds may differ; it moves no row)
-    const int kind = void_round(c, !cached) ? kAnyKind : dispatch_kind(x_elem, has_scales != 0);
-    const bool ok = wait_rdma_peers(c, kFlagRdmaRows, seq, kOpDispatch, kind);
+    const bool is_void = void_round(c, !cached);
+    const int kind = dispatch_kind(x_elem, has_scales != 0);
+    const bool ok = wait_rdma_peers(c, kFlagRdmaRows, seq, kOpDispatch, is_void ? kAnyKind : kind);
     node_prefix(fwd_count, M, prefix);
     if (ok) {
         const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp, kWarps = blockDim.x / kWarp;
@@ -149,12 +150,11 @@ __global__ void __launch_bounds__(kThreads) dispatch_forward_kernel(NormalCtx c,
         }
     }
     __threadfence_system();  // this thread's NVLink stores before the flags
-    if (last_block(c.block_counter + 5) && block_raises_data_flags(c, void_round(c, !cached))) {
-        for (int i = threadIdx.x; i < P * M; i += blockDim.x) {
+    if (last_block(c.block_counter + 5)) {
+        const int fk = block_forward_kind(c, is_void, kind, kOpDispatchKinds);
+        for (int i = threadIdx.x; fk >= 0 && i < P * M; i += blockDim.x) {
             const int l = i / M, m = i % M;
-            if (m != node)
-                set_flag(c, node * P + l, kFlagRows, m * P + me_local,
-                         data_flag(seq, dispatch_kind(x_elem, has_scales != 0)));
+            if (m != node) set_flag(c, node * P + l, kFlagRows, m * P + me_local, data_flag(seq, fk));
         }
     }
 }
@@ -172,7 +172,8 @@ __global__ void __launch_bounds__(kReduceThreads) combine_forward_kernel(NormalC
     const int K = c.num_topk;
     const int64_t seq = c.seq[kSeqCombine] + 1;
     __shared__ int prefix[kMaxNodes + 1];
-    const bool ok = wait_local(c, kFlagCombReady, seq, kOpCombine, combine_kind(sizeof(T), with_weights != 0));
+    const int kind = combine_kind(sizeof(T), with_weights != 0);
+    const bool ok = wait_local(c, kFlagCombReady, seq, kOpCombine, kind);
     node_prefix(fwd_count, M, prefix);
     if (ok) {
         const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
@@ -214,10 +215,10 @@ __global__ void __launch_bounds__(kReduceThreads) combine_forward_kernel(NormalC
     }
     nvshmem_quiet();
     __threadfence_system();
-    if (last_block(c.block_counter + 6) && block_raises_data_flags(c, false)) {
-        if (static_cast<int>(threadIdx.x) < M && static_cast<int>(threadIdx.x) != node)
-            set_flag(c, threadIdx.x * P + me_local, kFlagCombRdma, c.rank,
-                     data_flag(seq, combine_kind(sizeof(T), with_weights != 0)));
+    if (last_block(c.block_counter + 6)) {
+        const int fk = block_forward_kind(c, false, kind, kOpCombineKinds);
+        if (fk >= 0 && static_cast<int>(threadIdx.x) < M && static_cast<int>(threadIdx.x) != node)
+            set_flag(c, threadIdx.x * P + me_local, kFlagCombRdma, c.rank, data_flag(seq, fk));
     }
 }
 

@@ -692,9 +692,10 @@ __device__ __forceinline__ bool reduce_token(const NormalCtx& c, T* out, float* 
     if constexpr (kChunked) {
         bool ok = true;
         if (p >= 0 && lane != c.rank) {
-            const int64_t* flag = chunk_flags + static_cast<int64_t>(lane) * nchunks + p / kCombChunk;
-            ok = wait_flag(flag, data_flag(seq, 0), c.timeout_ns, c.err, kOpCombineReduce, lane);
-            if (ok && ld_acquire_sys(flag) != data_flag(seq, combine_kind(sizeof(T), with_weights != 0))) {
+            int64_t seen = 0;
+            ok = wait_flag(chunk_flags + static_cast<int64_t>(lane) * nchunks + p / kCombChunk, data_flag(seq, 0),
+                           c.timeout_ns, c.err, kOpCombineReduce, lane, &seen);
+            if (ok && seen != data_flag(seq, combine_kind(sizeof(T), with_weights != 0))) {
                 report_error(c.err, kOpCombineKinds, lane);
                 ok = false;
             }

@@ -49,13 +49,22 @@ __device__ __forceinline__ void publish_id_check(int64_t* host_words, int64_t lo
     host[0] = token;
 }
 
-// Spins until *flag >= target. Gives up after timeout_ns, reports (op, rank) and returns false.
+// Spins until *flag >= target (the value it read into *seen, if given). Gives up after timeout_ns, reports (op,
+// rank) and returns false.
 __device__ __forceinline__ bool wait_flag(const int64_t* flag, int64_t target, uint64_t timeout_ns, ErrorWord err,
-                                          int op, int rank) {
-    if (ld_acquire_sys(flag) >= target) return true;
+                                          int op, int rank, int64_t* seen = nullptr) {
+    int64_t v = ld_acquire_sys(flag);
+    if (v >= target) {
+        if (seen != nullptr) *seen = v;
+        return true;
+    }
     const uint64_t start = globaltimer_ns();
     while (true) {
-        if (ld_acquire_sys(flag) >= target) return true;
+        v = ld_acquire_sys(flag);
+        if (v >= target) {
+            if (seen != nullptr) *seen = v;
+            return true;
+        }
         if (globaltimer_ns() - start > timeout_ns || has_error(err)) {
             report_error(err, op, rank);
             return false;
@@ -65,22 +74,19 @@ __device__ __forceinline__ bool wait_flag(const int64_t* flag, int64_t target, u
 
 // Thread i < count waits for flags[first + i * stride] >= target (the flag of rank first + i * stride), except the
 // flag of rank `skip` (-1: none); returns (to every thread) whether all arrived. count <= blockDim.x (one thread per
-// rank, no loop: the normal-mode kernels compiled with more spills around a loop here). With exact >= 0, a flag that
-// arrived at another value than `exact` reports (exact_op, its rank) and counts as not arrived.
+// rank, no loop: the normal-mode kernels compiled with more spills around a loop here). `accept(r, value)` judges
+// each flag that arrived (the value read; it reports what it refuses): a refused one counts as not arrived.
+template <typename Accept>
 __device__ __forceinline__ bool block_wait_ranks(const int64_t* flags, int first, int count, int stride, int skip,
                                                  int64_t target, uint64_t timeout_ns, ErrorWord err, int op,
-                                                 int64_t exact = -1, int exact_op = 0) {
+                                                 Accept accept) {
     __shared__ int ok_all;
     if (threadIdx.x == 0) ok_all = has_error(err) ? 0 : 1;
     __syncthreads();
     const int r = first + static_cast<int>(threadIdx.x) * stride;
     if (ok_all && static_cast<int>(threadIdx.x) < count && r != skip) {
-        if (!wait_flag(flags + r, target, timeout_ns, err, op, r)) {
-            atomicAnd(&ok_all, 0);
-        } else if (exact >= 0 && ld_acquire_sys(flags + r) != exact) {
-            report_error(err, exact_op, r);
-            atomicAnd(&ok_all, 0);
-        }
+        int64_t seen = 0;
+        if (!wait_flag(flags + r, target, timeout_ns, err, op, r, &seen) || !accept(r, seen)) atomicAnd(&ok_all, 0);
     }
     __syncthreads();
     const bool ok = ok_all != 0;

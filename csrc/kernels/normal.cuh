@@ -47,8 +47,11 @@ __device__ __forceinline__ int first_local(const NormalCtx& c) { return c.first_
 // round in its high bits and the sender's kind of rows in its low kKindBits: a receiver waits for the round, then
 // compares the kind with its own, so that ranks that pass different kinds of rows where no count exchange compares
 // them (a cached dispatch's x, a combine's y dtype and weights) are reported (kOpDispatchKinds, kOpCombineKinds)
-// rather than read as rows of this rank's kind. Rounds never pass 2**59.
+// rather than read as rows of this rank's kind. A forwarder that found another kind raises the flags it forwards
+// with kPoisonKind, which no call has: their receivers report it (kOp*ForwardKinds) at once rather than time out.
+// Rounds never pass 2**59.
 constexpr int kKindBits = 4;
+constexpr int kPoisonKind = 15;
 __device__ __forceinline__ int64_t data_flag(int64_t seq, int kind) { return seq << kKindBits | kind; }
 // A dispatch's kind of rows: api.cuh's kRowKind (x's element size, FP8 scales or not; 0..6)
 __device__ __forceinline__ int dispatch_kind(int x_elem, bool has_scales) { return kRowKind(x_elem, has_scales); }
@@ -73,6 +76,20 @@ __device__ __forceinline__ void set_flag(const NormalCtx& c, int r, int kind, in
 // kinds of rows differ): it moves no row. Only a fresh dispatch can be; a cached one has no count exchange.
 __device__ __forceinline__ bool void_round(const NormalCtx& c, bool fresh) { return fresh && c.seq[kRoundVoid] != 0; }
 
+// A forwarding kernel's last block (dispatch_forward, combine_forward): the kind its data flags carry, or -1 for none.
+// As block_raises_data_flags (this call's `kind`), except that where this Buffer's error is a kind mismatch (kind_op)
+// the flags go up poisoned (kPoisonKind): no receiver reads rows under them, and the ranks this one forwards for
+// report the mismatch at once instead of timing out. (Call it from every thread of the block.)
+__device__ __forceinline__ int block_forward_kind(const NormalCtx& c, bool is_void, int kind, int kind_op) {
+    __shared__ int out;
+    if (threadIdx.x == 0) {
+        const int64_t e = ld_volatile(c.err.dev);
+        out = is_void || e == 0 ? kind : e / 65536 == kind_op ? kPoisonKind : -1;
+    }
+    __syncthreads();
+    return out;
+}
+
 // Whether a sending kernel's last block raises the flags that tell peers its rows (or partial sums) are in place:
 // not once this Buffer has reported an error (a kernel that gave up skipped its rows, and the flag would hand a peer
 // that comes more than LARGEEP_TIMEOUT_S late whatever its slot held before), unless the round is void (it carries
@@ -95,11 +112,20 @@ __device__ __forceinline__ bool block_raises_data_flags(const NormalCtx& c, bool
 // store) delivered.
 __device__ __forceinline__ bool wait_ranks(const NormalCtx& c, int kind, int first, int count, int stride, int skip,
                                            bool remote, int64_t seq, int op, int call_kind) {
-    const bool data = call_kind != kPlainFlag;
-    const int exact_op = kind == kFlagRows || kind == kFlagRdmaRows ? kOpDispatchKinds : kOpCombineKinds;
+    const bool data = call_kind != kPlainFlag, dispatch = kind == kFlagRows || kind == kFlagRdmaRows;
+    const int64_t exact = data_flag(seq, call_kind);
     const bool ok = block_wait_ranks(flags_of(c.base, c) + static_cast<int64_t>(kind) * c.num_ranks, first, count,
                                      stride, skip, data ? data_flag(seq, 0) : seq, c.timeout_ns, c.err, op,
-                                     call_kind >= 0 ? data_flag(seq, call_kind) : -1, exact_op);
+                                     [&](int r, int64_t seen) {
+                                         if (call_kind < 0 || seen == exact) return true;
+                                         const bool poisoned = (seen & ((1 << kKindBits) - 1)) == kPoisonKind;
+                                         report_error(c.err,
+                                                      poisoned ? (dispatch ? kOpDispatchForwardKinds
+                                                                           : kOpCombineForwardKinds)
+                                                               : (dispatch ? kOpDispatchKinds : kOpCombineKinds),
+                                                      r);
+                                         return false;
+                                     });
     if (ok && remote) __threadfence_system();
     return ok;
 }

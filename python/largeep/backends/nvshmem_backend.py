@@ -61,6 +61,9 @@ _ROW_KINDS = {1: (torch.bfloat16, False), 2: (torch.float32, False), 4: (FP8_DTY
 _OP_ABANDONED = 16  # (host only) a call left its round open (_closes_open_round: a dispatch or a combine)
 _OP_DISPATCH_KINDS = 17  # kOpDispatchKinds: a dispatch received rows of another kind than this rank's (not a timeout)
 _OP_COMBINE_KINDS = 18  # kOpCombineKinds: a combine received rows of another kind than this rank's (not a timeout)
+_OP_DISPATCH_FORWARD_KINDS = 19  # kOpDispatchForwardKinds: this node's forwarder of a source found another kind
+_OP_COMBINE_FORWARD_KINDS = 20  # kOpCombineForwardKinds: a rank summing its node's rows for this one found another
+_KIND_OPS = (_OP_DISPATCH_KINDS, _OP_COMBINE_KINDS, _OP_DISPATCH_FORWARD_KINDS, _OP_COMBINE_FORWARD_KINDS)
 # The host waits a little longer than the device, so that the device's report (which names the rank) comes first
 # (unless the work queued before the call delays its kernel by more than this: the host's bound counts from the
 # queueing, the device's from the kernel's start).
@@ -870,8 +873,8 @@ class NvshmemBackend:
                 f"({self._abandoned}); its round was left open, so the Buffer is unusable now (destroy it on every "
                 "rank: the other ranks' next calls wait for this rank until LARGEEP_TIMEOUT_S)"
             )
-        if code // 65536 in (_OP_DISPATCH_KINDS, _OP_COMBINE_KINDS):
-            raise RuntimeError(self._kinds_message(op, code // 65536 == _OP_DISPATCH_KINDS, rank))
+        if code // 65536 in _KIND_OPS:
+            raise RuntimeError(self._kinds_message(op, code // 65536, rank))
         if code // 65536 == _OP_WORST_TOO_SMALL:
             raise RuntimeError(
                 f"{op}: an earlier dispatch with num_worst_tokens received more rows on rank {self.ctx.rank} than "
@@ -899,19 +902,29 @@ class NvshmemBackend:
             f"for {whom}; the Buffer is unusable now (destroy it)"
         )
 
-    def _kinds_message(self, op: str, dispatch: bool, rank: int) -> str:
-        """The error of a dispatch or combine that received rows of another kind from ``rank`` than this rank's (the
-        kernels compare the kind in each sender's data flag with their own before reading its rows; a forwarder
-        raises a flag for its peers on other nodes only when their kind is its own)."""
-        if dispatch:
-            what, kinds = "dispatch", "x's dtype, or an FP8 pair against plain rows"
+    def _kinds_message(self, op: str, kind_op: int, rank: int) -> str:
+        """The error of a dispatch or combine that met rows of another kind than this rank's (the kernels compare the
+        kind in each sender's data flag with their own before reading its rows): from ``rank`` (ops 17, 18), or
+        found by the rank that forwards them (19: rank is the source; 20: rank is that forwarder)."""
+        c = self.ctx
+        dispatch = kind_op in (_OP_DISPATCH_KINDS, _OP_DISPATCH_FORWARD_KINDS)
+        what = "dispatch" if dispatch else "combine"
+        kinds = ("x's dtype, or an FP8 pair against plain rows" if dispatch
+                 else "y's dtype (bf16 or float32), or topk_weights given against none")
+        if kind_op == _OP_DISPATCH_FORWARD_KINDS:
+            fwd = c.rank - c.rank % c.ranks_per_node + rank % c.ranks_per_node
+            met = (f"rank {fwd}, which forwards the rows of ranks on other nodes to this rank (rank {rank}'s among "
+                   "them), found rows of another kind than its own")
+        elif kind_op == _OP_COMBINE_FORWARD_KINDS:
+            met = (f"rank {rank}, which sums the rows of its node's ranks for this rank, found rows of another kind "
+                   "than its own among them")
         else:
-            what, kinds = "combine", "y's dtype (bf16 or float32), or topk_weights given against none"
+            met = f"received rows of another kind from rank {rank} than its own"
         return (
-            f"{op}: an earlier {what} on rank {self.ctx.rank} received rows of another kind from rank {rank} than its "
-            f"own ({kinds}; a cached dispatch and a combine have no count exchange that would compare them). They "
-            "were not read: that call's outputs are undefined, and the Buffer is unusable now (destroy it on every "
-            "rank; every rank must pass the same kind of data to one call)"
+            f"{op}: in an earlier {what} on rank {c.rank}, {met} ({kinds}; a cached dispatch and a combine have no "
+            "count exchange that would compare them). No row of it was read: that call's outputs are undefined, and "
+            "the Buffer is unusable now (destroy it on every rank; every rank must pass the same kind of data to one "
+            "call)"
         )
 
     @staticmethod

@@ -340,7 +340,7 @@ class NormalKernels {
               uintptr_t check_host, int64_t check_token, bool want_slot, uintptr_t recv_off, uintptr_t send_off,
               uintptr_t send_slot, uintptr_t fwd_off, uintptr_t fwd_count, uintptr_t fwd_pos, bool report,
               uintptr_t per_expert, int alignment, uintptr_t x, int x_elem, uintptr_t scales, bool has_scales,
-              uintptr_t w, int num_sms, uintptr_t stream) {
+              uintptr_t w, uintptr_t tag, int num_sms, uintptr_t stream) {
         const bool nodes = c_.ranks_per_node < c_.num_ranks;
         HOST_ASSERT(!nodes || (fwd_off != 0 && fwd_count != 0 && fwd_pos != 0),
                     "a group of several nodes needs fwd_off, fwd_count and fwd_pos");
@@ -351,9 +351,9 @@ class NormalKernels {
         try {
             launch_dispatch_notify(c_, ptr<int>(recv_off), ptr<int>(send_off), ptr<int64_t>(send_slot),
                                    ptr<int>(fwd_off), ptr<int>(fwd_count), slot, report, ptr<int>(per_expert),
-                                   alignment, kRowKind(x_elem, has_scales), s);
+                                   alignment, kRowKind(x_elem, has_scales), ptr<int>(tag), s);
             send(x, x_elem, scales, has_scales, idx, w, false, num_tokens, send_pos, node_pos, send_off, send_slot,
-                 slot > 0, fwd_off, fwd_count, fwd_pos, num_sms, stream);
+                 slot > 0, fwd_off, fwd_count, fwd_pos, tag, num_sms, stream);
         } catch (...) {
             // (the caller never learns the slot: give it back here, after what is queued on the stream, rather
             // than leave it taken for good, which would make destroy() keep the memory)
@@ -375,8 +375,8 @@ class NormalKernels {
     // this rank forwards for others have scales. (node_pos and the fwd_* arrays: 0 in groups of one node.)
     void send(uintptr_t x, int x_elem, uintptr_t scales, bool has_scales, uintptr_t idx, uintptr_t w, bool cached,
               int num_tokens, uintptr_t send_pos, uintptr_t node_pos, uintptr_t send_off, uintptr_t send_slot,
-              bool include_self, uintptr_t fwd_off, uintptr_t fwd_count, uintptr_t fwd_pos, int num_sms,
-              uintptr_t stream) {
+              bool include_self, uintptr_t fwd_off, uintptr_t fwd_count, uintptr_t fwd_pos, uintptr_t tag,
+              int num_sms, uintptr_t stream) {
         const bool nodes = c_.ranks_per_node < c_.num_ranks;
         HOST_ASSERT(!nodes || (fwd_off != 0 && fwd_count != 0 && fwd_pos != 0),
                     "a group of several nodes needs fwd_off, fwd_count and fwd_pos");
@@ -387,48 +387,53 @@ class NormalKernels {
             launch_dispatch_rdma_send(c_, ptr<const void>(x), x_elem, ptr<const float>(scales), has_scales,
                                       ptr<const int64_t>(idx),
                                       ptr<const float>(w), num_tokens, ptr<const int>(send_pos),
-                                      ptr<const int>(node_pos), cached, num_sms, s);
+                                      ptr<const int>(node_pos), cached, num_sms, ptr<const int>(tag), s);
         launch_dispatch_push(c_, ptr<const void>(x), x_elem, ptr<const float>(scales), has_scales,
                              ptr<const int64_t>(idx),
                              ptr<const float>(w), num_tokens, ptr<const int>(send_pos), ptr<const int>(send_off),
-                             ptr<const int64_t>(send_slot), include_self, num_sms, s);
+                             ptr<const int64_t>(send_slot), include_self, num_sms, ptr<const int>(tag), s);
         if (nodes)
             launch_dispatch_forward(c_, x_elem, has_scales, cached, ptr<const int>(fwd_off), ptr<const int>(fwd_count),
-                                    ptr<int>(fwd_pos), num_sms, s);
+                                    ptr<int>(fwd_pos), num_sms, ptr<const int>(tag), s);
     }
     // has_scales: whether this call's rows carry FP8 scales (out_s of no rows may be 0)
     void copyout(uintptr_t out_x, int x_elem, uintptr_t out_s, bool has_scales, uintptr_t out_idx, uintptr_t out_w,
                  uintptr_t recv_src, uintptr_t recv_off, int num_rows, bool cached, uintptr_t x, uintptr_t scales,
-                 uintptr_t idx, uintptr_t w, uintptr_t self_token, int my_slot, int num_sms, uintptr_t stream) {
+                 uintptr_t idx, uintptr_t w, uintptr_t self_token, int my_slot, uintptr_t tag, int num_sms,
+                 uintptr_t stream) {
         launch_dispatch_copyout(c_, ptr<void>(out_x), x_elem, ptr<float>(out_s), has_scales, ptr<int64_t>(out_idx),
                                 ptr<float>(out_w), ptr<int>(recv_src), ptr<const int>(recv_off), num_rows, cached,
                                 ptr<const void>(x), ptr<const float>(scales), ptr<const int64_t>(idx),
-                                ptr<const float>(w), ptr<const int>(self_token), my_slot, num_sms, stream_of(stream));
+                                ptr<const float>(w), ptr<const int>(self_token), my_slot, num_sms, ptr<const int>(tag),
+                                stream_of(stream));
     }
     // with_weights: whether this call has topk_weights (y_w of no rows may be 0)
     void combine_push(uintptr_t y, int y_elem, uintptr_t y_w, bool with_weights, uintptr_t recv_src,
-                      uintptr_t recv_off, int num_rows, int num_sms, uintptr_t stream) {
+                      uintptr_t recv_off, int num_rows, uintptr_t tag, int num_sms, uintptr_t stream) {
         launch_combine_push(c_, ptr<const void>(y), y_elem, ptr<const float>(y_w), with_weights,
-                            ptr<const int>(recv_src), ptr<const int>(recv_off), num_rows, num_sms, stream_of(stream));
+                            ptr<const int>(recv_src), ptr<const int>(recv_off), num_rows, num_sms, ptr<const int>(tag),
+                            stream_of(stream));
     }
-    void combine_forward(int y_elem, bool with_weights, uintptr_t fwd_count, uintptr_t fwd_pos, int num_sms,
-                         uintptr_t stream) {
+    void combine_forward(int y_elem, bool with_weights, uintptr_t fwd_count, uintptr_t fwd_pos, uintptr_t tag,
+                         int num_sms, uintptr_t stream) {
         launch_combine_forward(c_, y_elem, with_weights, ptr<const int>(fwd_count), ptr<const int>(fwd_pos), num_sms,
-                               stream_of(stream));
+                               ptr<const int>(tag), stream_of(stream));
     }
     void combine_fused(uintptr_t out, int out_elem, uintptr_t out_w, uintptr_t send_pos, int num_tokens,
                        bool with_weights, uintptr_t y, uintptr_t y_w, uintptr_t recv_src, uintptr_t recv_off,
-                       int num_rows, int num_sms, int push_eighths, uintptr_t stream) {
+                       int num_rows, uintptr_t tag, int num_sms, int push_eighths, uintptr_t stream) {
         launch_combine_fused(c_, ptr<void>(out), out_elem, ptr<float>(out_w), ptr<const int>(send_pos), num_tokens,
                              with_weights, ptr<const void>(y), ptr<const float>(y_w), ptr<const int>(recv_src),
-                             ptr<const int>(recv_off), num_rows, num_sms, push_eighths, stream_of(stream));
+                             ptr<const int>(recv_off), num_rows, num_sms, push_eighths, ptr<const int>(tag),
+                             stream_of(stream));
     }
     void combine_reduce(uintptr_t out, int out_elem, uintptr_t out_w, uintptr_t send_pos, uintptr_t node_pos,
-                        int num_tokens, bool with_weights, uintptr_t y, uintptr_t y_w, uintptr_t recv_off, int num_sms,
-                        uintptr_t stream) {
+                        int num_tokens, bool with_weights, uintptr_t y, uintptr_t y_w, uintptr_t recv_off,
+                        uintptr_t tag, int num_sms, uintptr_t stream) {
         launch_combine_reduce(c_, ptr<void>(out), out_elem, ptr<float>(out_w), ptr<const int>(send_pos),
                               ptr<const int>(node_pos), num_tokens, with_weights, ptr<const void>(y),
-                              ptr<const float>(y_w), ptr<const int>(recv_off), num_sms, stream_of(stream));
+                              ptr<const float>(y_w), ptr<const int>(recv_off), num_sms, ptr<const int>(tag),
+                              stream_of(stream));
     }
 
    private:

@@ -699,16 +699,16 @@ def late_peer(rank: int, world: int, timeout_s: float, ranks_per_node: int | Non
 
 
 def calls_kinds_disagree(rank: int, world: int, variant: str, ranks_per_node: int | None) -> None:
-    """Ranks that pass different kinds of data where no count exchange compares them, on the nvshmem backend: a
-    cached dispatch (``fp8``: rank 0 the FP8 pair, the others bf16; ``dtype``: rank 0 float32) or a combine
-    (``y_dtype``: rank 0's y float32, the others bf16; ``weights``: topk_weights on rank 0 only), on a routing
-    where every rank gets rows from every rank. Each sender's data flag carries its kind, which the receivers
-    compare with their own: every rank's next call raises RuntimeError naming what differs and a rank that sent
-    the other kind, or a forwarder that found it (before, the rows were read as the receiver's kind: wrong rows,
-    silently). First, a round of
-    one kind on every rank must pass unreported, rank 1 with no tokens (its FP8 scales and weights empty tensors,
-    whose pointers may be 0: the kind comes from the call): the FP8 rows are fp8.quantize's of the bf16 rows bit
-    for bit, and the float32 combine's sums and weights exact."""
+    """Ranks that pass different calls where no count exchange compares them, on the nvshmem backend: a cached
+    dispatch (``fp8``: rank 0 the FP8 pair, the others bf16; ``dtype``: rank 0 float32) or a combine (``y_dtype``:
+    rank 0's y float32, the others bf16; ``weights``: topk_weights on rank 0 only), or either with the handle of an
+    earlier dispatch of the same routing on rank 0 (``handle_dispatch``, ``handle_combine``), on a routing where
+    every rank gets rows from every rank. Each sender's data flag carries its kind of rows and its handle's tag,
+    which the receivers compare with theirs: every rank's next call raises RuntimeError naming what differs and a
+    rank that sent it, or a forwarder that found it (before, the rows were read as the receiver's: wrong rows,
+    silently). First, a round of one kind on every rank must pass unreported, rank 1 with no tokens (its FP8 scales
+    and weights empty tensors, whose pointers may be 0: the kind comes from the call): the FP8 rows are
+    fp8.quantize's of the bf16 rows bit for bit, and the float32 combine's sums and weights exact."""
     from largeep import fp8
 
     buf = _bounded_buffer(world, 10.0, ranks_per_node=ranks_per_node)
@@ -732,8 +732,15 @@ def calls_kinds_disagree(rank: int, world: int, variant: str, ranks_per_node: in
         # the mixed call, on a routing where every rank gets rows from every rank (the fused combine reads, and so
         # checks, only the peers that send it rows)
         both = (torch.arange(t, device="cuda").unsqueeze(1) + 4 * torch.arange(2, device="cuda")) % e
+        old = buf.dispatch(x, both, w)  # (the same routing, an earlier round: only the handles' tags tell them apart)
         d = buf.dispatch(x, both, w)
-        if variant == "fp8":
+        if variant == "handle_dispatch":
+            buf.dispatch(x, handle=old.handle if rank == 0 else d.handle)
+            what = "dispatch"
+        elif variant == "handle_combine":
+            buf.combine(old.x if rank == 0 else d.x, old.handle if rank == 0 else d.handle)
+            what = "combine"
+        elif variant == "fp8":
             buf.dispatch(fp8.quantize(x) if rank == 0 else x, handle=d.handle)
             what = "dispatch"
         elif variant == "dtype":
@@ -752,10 +759,13 @@ def calls_kinds_disagree(rank: int, world: int, variant: str, ranks_per_node: in
             msg = str(exc)
         else:
             raise AssertionError(f"rank {rank}: the call after a {variant} mismatch did not raise")
-        assert f"in an earlier {what} on rank {rank}, " in msg and "another kind" in msg, msg
+        assert f"in an earlier {what} on rank {rank}, " in msg, msg
         assert "No row of it was read" in msg and "unusable" in msg, msg
-        if "received rows of another kind from rank " in msg:  # (from the sender's own flag)
-            sender = int(msg.split("from rank ")[1].split()[0])
+        own = ("received rows of another kind from rank " if not variant.startswith("handle")
+               else "sent rows with the handle of another dispatch")
+        if own in msg:  # (from the sender's own flag)
+            sender = int(msg.split(", rank ")[1].split()[0] if variant.startswith("handle")
+                         else msg.split("from rank ")[1].split()[0])
             assert (sender == 0) if rank != 0 else (sender != 0), msg
         else:  # (a forwarder's poisoned flag: only in groups of several nodes of several ranks)
             assert ranks_per_node is not None and 1 < ranks_per_node < world, msg

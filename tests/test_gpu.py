@@ -486,7 +486,7 @@ def test_late_peer_gets_no_stale_sums(pools, tune: str, ranks_per_node: int | No
 
 @pytest.mark.gpu(2)
 @needs_native
-@pytest.mark.parametrize("variant", ["fp8", "dtype", "y_dtype", "weights"])
+@pytest.mark.parametrize("variant", ["fp8", "dtype", "y_dtype", "weights", "handle_dispatch", "handle_combine"])
 @pytest.mark.parametrize(("tune", "ranks_per_node"), [("comb=0", None), ("comb=3", None), ("comb=0", 1)],
                          ids=["push_reduce", "fused", "two_nodes"])
 def test_calls_kinds_disagree(pools, variant: str, tune: str, ranks_per_node: int | None) -> None:
@@ -568,7 +568,7 @@ def test_normal_four_ranks_shared_gpus(pools, ranks_per_node: int | None, case: 
 @pytest.mark.gpu(2)
 @needs_native
 @needs_shared
-@pytest.mark.parametrize("variant", ["fp8", "y_dtype", "weights"])
+@pytest.mark.parametrize("variant", ["fp8", "y_dtype", "weights", "handle_combine"])
 def test_calls_kinds_disagree_four_ranks_shared_gpus(pools, variant: str) -> None:
     """test_calls_kinds_disagree on 2 nodes of 2 ranks (4 ranks on 2 GPUs): the forwarders that meet the other
     kind raise their flags poisoned, so every rank's next call raises, none times out."""

@@ -59,10 +59,15 @@ enum Op {
                             // a forwarder passes on only where it is its own; not a timeout)
     kOpCombineKinds = 18,   // a combine received rows of another kind (y's dtype, weights or not) than this rank's
                             // (rank field: the sender; not a timeout)
-    kOpDispatchForwardKinds = 19,  // the rank of this node that forwards a source's rows found rows of another kind
-                                   // than its own in this dispatch (rank field: the source; not a timeout)
+    kOpDispatchForwardKinds = 19,  // the rank of this node that forwards a source's rows found rows of another kind,
+                                   // or another handle's, than its own in this dispatch (rank field: the source; not a
+                                   // timeout)
     kOpCombineForwardKinds = 20,   // the rank of another node that sums its node's rows for this rank found rows of
-                                   // another kind there (rank field: that rank; not a timeout)
+                                   // another kind, or another handle's, there (rank field: that rank; not a timeout)
+    kOpDispatchHandles = 21,  // a cached dispatch received rows sent with the handle of another dispatch than this
+                              // rank's (the handles' tags differ: see launch_dispatch_notify) (rank field: the
+                              // sender; not a timeout)
+    kOpCombineHandles = 22,   // ... a combine (rank field: the sender; not a timeout)
 };
 
 // ---- flags: int64 words in the symmetric heap, [kind][rank] --------------------------------------------------
@@ -239,10 +244,13 @@ void launch_dispatch_prepare(const NormalCtx& ctx, const int64_t* topk_idx, int 
 // seq[kRoundVoid]) is void on every rank: the counts are exchanged, every offset and count comes out 0, and
 // status[kRefused] names the refusing ranks (a notify without `report` reports kOpPeerRefused instead). So is a
 // round whose ranks send rows of different kinds (row_kind: kRowKind of this rank's; kRanksDisagree in
-// status[kRefused], or kOpRanksDisagree reported without `report`).
+// status[kRefused], or kOpRanksDisagree reported without `report`). `tag` (one int32 of the handle): the round's
+// number modulo 2**12, the handle's tag. Every later kernel of the round, and those of the cached dispatches and
+// combines that use the handle, take its tag and put it, with their kind of rows, into their data flags
+// (normal.cuh's call_sig), for the receivers to compare with theirs.
 void launch_dispatch_notify(const NormalCtx& ctx, int* recv_off, int* send_off, int64_t* send_slot, int* fwd_off,
                             int* fwd_count, int my_slot, bool report, int* per_expert, int alignment, int row_kind,
-                            cudaStream_t stream);
+                            int* tag, cudaStream_t stream);
 // Push: every token's row (and, when topk_idx is given, ids, weights, token index) into the receive slot of each
 // other receiver on this node (send_slot; nullptr: the copy slot, as cached dispatches use); with include_self
 // (this rank receives into a zero-copy slot) also into my own slot, else the copy-out copies my rows from the
@@ -251,7 +259,7 @@ void launch_dispatch_push(const NormalCtx& ctx, const void* x, int x_elem_bytes,
                           bool has_scales, const int64_t* topk_idx, const float* topk_weights, int num_tokens,
                           const int* send_pos, const int* send_off, const int64_t* send_slot, bool include_self,
                           int num_sms,
-                          cudaStream_t stream);
+                          const int* tag, cudaStream_t stream);
 // Copy-out: my rows for myself from the dispatch's inputs (x, x_scales, topk_idx, topk_weights; self_token from
 // prepare), the others from the copy slot -> outputs; recv_src int32 [rows, 2] (source rank, token) written
 // when not cached. my_slot >= 1 (zero-copy: the outputs are that slot's planes, every row already there): only
@@ -261,19 +269,19 @@ void launch_dispatch_copyout(const NormalCtx& ctx, void* out_x, int x_elem_bytes
                              bool has_scales, int64_t* out_idx, float* out_w, int* recv_src, const int* recv_off,
                              int num_rows, bool cached, const void* x, const float* x_scales, const int64_t* topk_idx,
                              const float* topk_weights, const int* self_token, int my_slot, int num_sms,
-                             cudaStream_t stream);
+                             const int* tag, cudaStream_t stream);
 // Combine push: row i of y goes towards its source over NVLink (its `comb` buffer, or this node's forwarder for
 // it), except rows whose source is this rank; raises kFlagCombReady on every rank of this node (unless this
 // Buffer has reported an error: block_raises_data_flags).
 void launch_combine_push(const NormalCtx& ctx, const void* y, int y_elem_bytes, const float* y_w,
                          bool with_weights, const int* recv_src, const int* recv_off, int num_rows, int num_sms,
-                         cudaStream_t stream);
+                         const int* tag, cudaStream_t stream);
 // Combine reduce: out[t] = sum over ranks r of this node with send_pos[t, r] >= 0 of comb[r][send_pos[t, r]] (for
 // r = this rank: row recv_off[rank] + send_pos[t, rank] of y, the combine's input, and of y_w), plus (node_pos
 // given) the partial of every other node the token went to, in float32. y has out's element type.
 void launch_combine_reduce(const NormalCtx& ctx, void* out, int out_elem_bytes, float* out_w, const int* send_pos,
                            const int* node_pos, int num_tokens, bool with_weights, const void* y, const float* y_w,
-                           const int* recv_off, int num_sms, cudaStream_t stream);
+                           const int* recv_off, int num_sms, const int* tag, cudaStream_t stream);
 
 // Combine in one kernel, for groups of one node: push blocks (push_eighths / 8 of max(2, num_sms) blocks, at
 // least one of each kind) write the rows back to their sources in chunks of kCombChunk rows, each chunk raising
@@ -282,7 +290,8 @@ void launch_combine_reduce(const NormalCtx& ctx, void* out, int out_elem_bytes, 
 constexpr int kCombChunk = 4;
 void launch_combine_fused(const NormalCtx& ctx, void* out, int out_elem_bytes, float* out_w, const int* send_pos,
                           int num_tokens, bool with_weights, const void* y, const float* y_w, const int* recv_src,
-                          const int* recv_off, int num_rows, int num_sms, int push_eighths, cudaStream_t stream);
+                          const int* recv_off, int num_rows, int num_sms, int push_eighths, const int* tag,
+                          cudaStream_t stream);
 
 // ---- internode.cu (normal mode, groups of several nodes: the legs between nodes) ----------------------------
 // RDMA leg of dispatch: each token, once per other node it goes to, put to my RDMA peer there. After notify.
@@ -291,14 +300,14 @@ void launch_combine_fused(const NormalCtx& ctx, void* out, int out_elem_bytes, f
 void launch_dispatch_rdma_send(const NormalCtx& ctx, const void* x, int x_elem_bytes, const float* x_scales,
                                bool has_scales, const int64_t* topk_idx, const float* topk_weights, int num_tokens,
                                const int* send_pos, const int* node_pos, bool cached, int num_sms,
-                               cudaStream_t stream);
+                               const int* tag, cudaStream_t stream);
 // Forward leg: rows from my RDMA peers into the receive buffers of my node's ranks; fwd_pos int32 [M, T, P] out.
 void launch_dispatch_forward(const NormalCtx& ctx, int x_elem_bytes, bool has_scales, bool cached,
                              const int* fwd_off, const int* fwd_count, int* fwd_pos, int num_sms,
-                             cudaStream_t stream);
+                             const int* tag, cudaStream_t stream);
 // Combine: partial sums of my node's rows for my RDMA peers' tokens, put home. Between push and reduce.
 void launch_combine_forward(const NormalCtx& ctx, int y_elem_bytes, bool with_weights, const int* fwd_count,
-                            const int* fwd_pos, int num_sms, cudaStream_t stream);
+                            const int* fwd_pos, int num_sms, const int* tag, cudaStream_t stream);
 
 // ---- rows.cu (expert side, no communication) ------------------------------------------------------------------
 // y [rows, hidden] = per row r, the sum over k < num_topk with pos[r, k] != pad, 0 <= pos[r, k] < src_rows and

@@ -55,7 +55,7 @@ __global__ void __launch_bounds__(kThreads) dispatch_rdma_send_kernel(NormalCtx 
                                                                       const float* scales, const int64_t* idx,
                                                                       const float* w, int T, const int* send_pos,
                                                                       const int* node_pos, int cached,
-                                                                      int has_scales) {
+                                                                      int has_scales, const int* tag) {
     const int N = c.num_ranks, P = c.ranks_per_node, M = N / P, node = c.rank / P, me_local = c.rank % P;
     const int K = c.num_topk, num_scales = c.hidden / 128;
     const int64_t seq = c.seq[kSeqDispatch] + 1;
@@ -107,7 +107,7 @@ __global__ void __launch_bounds__(kThreads) dispatch_rdma_send_kernel(NormalCtx 
     if (last_block(c.block_counter + 4) && block_raises_data_flags(c, void_round(c, !cached))) {
         if (static_cast<int>(threadIdx.x) < M && static_cast<int>(threadIdx.x) != node)
             set_flag(c, threadIdx.x * P + me_local, kFlagRdmaRows, c.rank,
-                     data_flag(seq, dispatch_kind(x_elem, has_scales != 0)));
+                     data_flag(seq, call_sig(dispatch_kind(x_elem, has_scales != 0), *tag)));
     }
 }
 
@@ -118,14 +118,15 @@ __global__ void __launch_bounds__(kThreads) dispatch_rdma_send_kernel(NormalCtx 
 // for that peer on every rank of my node.
 __global__ void __launch_bounds__(kThreads) dispatch_forward_kernel(NormalCtx c, int x_elem, int has_scales,
                                                                     int cached, const int* fwd_off,
-                                                                    const int* fwd_count, int* fwd_pos) {
+                                                                    const int* fwd_count, int* fwd_pos,
+                                                                    const int* tag) {
     const int N = c.num_ranks, P = c.ranks_per_node, M = N / P, node = c.rank / P, me_local = c.rank % P;
     const int64_t seq = c.seq[kSeqDispatch] + 1;
     __shared__ int prefix[kMaxNodes + 1];
     // (a void round's kinds may differ; it moves no row)
     const bool is_void = void_round(c, !cached);
-    const int kind = dispatch_kind(x_elem, has_scales != 0);
-    const bool ok = wait_rdma_peers(c, kFlagRdmaRows, seq, kOpDispatch, is_void ? kAnyKind : kind);
+    const int sig = call_sig(dispatch_kind(x_elem, has_scales != 0), *tag);
+    const bool ok = wait_rdma_peers(c, kFlagRdmaRows, seq, kOpDispatch, is_void ? kAnySig : sig);
     node_prefix(fwd_count, M, prefix);
     if (ok) {
         const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp, kWarps = blockDim.x / kWarp;
@@ -151,7 +152,7 @@ __global__ void __launch_bounds__(kThreads) dispatch_forward_kernel(NormalCtx c,
     }
     __threadfence_system();  // this thread's NVLink stores before the flags
     if (last_block(c.block_counter + 5)) {
-        const int fk = block_forward_kind(c, is_void, kind, kOpDispatchKinds);
+        const int fk = block_forward_sig(c, is_void, sig, true);
         for (int i = threadIdx.x; fk >= 0 && i < P * M; i += blockDim.x) {
             const int l = i / M, m = i % M;
             if (m != node) set_flag(c, node * P + l, kFlagRows, m * P + me_local, data_flag(seq, fk));
@@ -166,14 +167,15 @@ __global__ void __launch_bounds__(kThreads) dispatch_forward_kernel(NormalCtx c,
 // node m, which raised kFlagCombFree for the previous round before this round's combine push began.
 template <typename T>
 __global__ void __launch_bounds__(kReduceThreads) combine_forward_kernel(NormalCtx c, int with_weights,
-                                                                         const int* fwd_count, const int* fwd_pos) {
+                                                                         const int* fwd_count, const int* fwd_pos,
+                                                                         const int* tag) {
     constexpr int kPer = Vec<T>::kPer;
     const int N = c.num_ranks, P = c.ranks_per_node, M = N / P, node = c.rank / P, me_local = c.rank % P;
     const int K = c.num_topk;
     const int64_t seq = c.seq[kSeqCombine] + 1;
     __shared__ int prefix[kMaxNodes + 1];
-    const int kind = combine_kind(sizeof(T), with_weights != 0);
-    const bool ok = wait_local(c, kFlagCombReady, seq, kOpCombine, kind);
+    const int sig = call_sig(combine_kind(sizeof(T), with_weights != 0), *tag);
+    const bool ok = wait_local(c, kFlagCombReady, seq, kOpCombine, sig);
     node_prefix(fwd_count, M, prefix);
     if (ok) {
         const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
@@ -216,7 +218,7 @@ __global__ void __launch_bounds__(kReduceThreads) combine_forward_kernel(NormalC
     nvshmem_quiet();
     __threadfence_system();
     if (last_block(c.block_counter + 6)) {
-        const int fk = block_forward_kind(c, false, kind, kOpCombineKinds);
+        const int fk = block_forward_sig(c, false, sig, false);
         if (fk >= 0 && static_cast<int>(threadIdx.x) < M && static_cast<int>(threadIdx.x) != node)
             set_flag(c, threadIdx.x * P + me_local, kFlagCombRdma, c.rank, data_flag(seq, fk));
     }
@@ -227,7 +229,8 @@ __global__ void __launch_bounds__(kReduceThreads) combine_forward_kernel(NormalC
 void launch_dispatch_rdma_send(const NormalCtx& ctx, const void* x, int x_elem_bytes, const float* x_scales,
                                bool has_scales, const int64_t* topk_idx, const float* topk_weights, int num_tokens,
                                const int* send_pos, const int* node_pos, bool cached, int num_sms,
-                               cudaStream_t stream) {
+                               const int* tag, cudaStream_t stream) {
+    HOST_ASSERT(tag != nullptr, "the handle's tag word is missing");
     HOST_ASSERT(ctx.ranks_per_node < ctx.num_ranks, "the RDMA leg is for groups of several nodes");
     HOST_ASSERT((static_cast<int64_t>(ctx.hidden) * x_elem_bytes) % 16 == 0,
                 "hidden * element size must be a multiple of 16");
@@ -235,30 +238,32 @@ void launch_dispatch_rdma_send(const NormalCtx& ctx, const void* x, int x_elem_b
                                                              : dispatch_rdma_send_kernel<false>;
     kernel<<<std::max(1, num_sms), ctx.threads, 0, stream>>>(ctx, static_cast<const uint8_t*>(x), x_elem_bytes,
                                                             x_scales, topk_idx, topk_weights, num_tokens, send_pos,
-                                                            node_pos, cached ? 1 : 0, has_scales ? 1 : 0);
+                                                            node_pos, cached ? 1 : 0, has_scales ? 1 : 0, tag);
     LAUNCH_CHECK();
 }
 
 void launch_dispatch_forward(const NormalCtx& ctx, int x_elem_bytes, bool has_scales, bool cached,
                              const int* fwd_off, const int* fwd_count, int* fwd_pos, int num_sms,
-                             cudaStream_t stream) {
+                             const int* tag, cudaStream_t stream) {
+    HOST_ASSERT(tag != nullptr, "the handle's tag word is missing");
     HOST_ASSERT(ctx.ranks_per_node < ctx.num_ranks, "the forward leg is for groups of several nodes");
     dispatch_forward_kernel<<<std::max(1, num_sms), ctx.threads, 0, stream>>>(
-        ctx, x_elem_bytes, has_scales ? 1 : 0, cached ? 1 : 0, fwd_off, fwd_count, fwd_pos);
+        ctx, x_elem_bytes, has_scales ? 1 : 0, cached ? 1 : 0, fwd_off, fwd_count, fwd_pos, tag);
     LAUNCH_CHECK();
 }
 
 void launch_combine_forward(const NormalCtx& ctx, int y_elem_bytes, bool with_weights, const int* fwd_count,
-                            const int* fwd_pos, int num_sms, cudaStream_t stream) {
+                            const int* fwd_pos, int num_sms, const int* tag, cudaStream_t stream) {
+    HOST_ASSERT(tag != nullptr, "the handle's tag word is missing");
     HOST_ASSERT(ctx.ranks_per_node < ctx.num_ranks, "the forward leg is for groups of several nodes");
     const int grid = std::max(1, num_sms);
     if (y_elem_bytes == 2) {
         combine_forward_kernel<__nv_bfloat16><<<grid, kReduceThreads, 0, stream>>>(ctx, with_weights ? 1 : 0,
-                                                                                   fwd_count, fwd_pos);
+                                                                                   fwd_count, fwd_pos, tag);
     } else {
         HOST_ASSERT(y_elem_bytes == 4, "combine input must be bf16 or float32");
         combine_forward_kernel<float><<<grid, kReduceThreads, 0, stream>>>(ctx, with_weights ? 1 : 0, fwd_count,
-                                                                           fwd_pos);
+                                                                           fwd_pos, tag);
     }
     LAUNCH_CHECK();
 }

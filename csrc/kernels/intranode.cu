@@ -210,9 +210,10 @@ __global__ void __launch_bounds__(kThreads) dispatch_prepare_kernel(NormalCtx c,
 __global__ void __launch_bounds__(kThreads) dispatch_notify_kernel(NormalCtx c, int* recv_off, int* send_off,
                                                                    int64_t* send_slot, int* fwd_off, int* fwd_count,
                                                                    int my_slot, int report, int* per_expert,
-                                                                   int alignment, int row_kind) {
+                                                                   int alignment, int row_kind, int* tag) {
     const int N = c.num_ranks, epr = c.num_experts / N, me = c.rank, row = 3 + epr, P = c.ranks_per_node;
     const int64_t seq = c.seq[kSeqDispatch] + 1;
+    if (threadIdx.x == 0) *tag = static_cast<int>(seq & kTagMask);  // (the handle's: its fresh round)
     if (!wait_all(c, kFlagRecvFree, seq - 1, kOpDispatch)) return;
     int* out = reinterpret_cast<int*>(c.base + c.off_out_counts);
     int* my_matrix = reinterpret_cast<int*>(c.base + c.off_matrix);
@@ -329,7 +330,8 @@ __global__ void __launch_bounds__(kThreads) dispatch_push_kernel(NormalCtx c, co
                                                                  const float* scales, const int64_t* idx,
                                                                  const float* w, int T, const int* send_pos,
                                                                  const int* send_off, const int64_t* send_slot,
-                                                                 int include_self, int has_scales) {
+                                                                 int include_self, int has_scales,
+                                                                 const int* tag) {
     const int N = c.num_ranks, me = c.rank, K = c.num_topk;
     const int64_t seq = c.seq[kSeqDispatch] + 1;
     const int P = c.ranks_per_node, r0 = first_local(c);
@@ -362,7 +364,8 @@ __global__ void __launch_bounds__(kThreads) dispatch_push_kernel(NormalCtx c, co
     if (last_block(c.block_counter + 0) &&
         block_raises_data_flags(c, void_round(c, send_slot != nullptr))) {
         if (static_cast<int>(threadIdx.x) < P)
-            set_flag(c, r0 + threadIdx.x, kFlagRows, me, data_flag(seq, dispatch_kind(x_elem, has_scales != 0)));
+            set_flag(c, r0 + threadIdx.x, kFlagRows, me,
+                     data_flag(seq, call_sig(dispatch_kind(x_elem, has_scales != 0), *tag)));
     }
 }
 
@@ -446,7 +449,7 @@ __global__ void __launch_bounds__(kThreads) dispatch_copyout_kernel(NormalCtx c,
                                                                     int num_rows, int cached, const uint8_t* x,
                                                                     const float* scales, const int64_t* idx,
                                                                     const float* w, const int* self_token,
-                                                                    int my_slot, int has_scales) {
+                                                                    int my_slot, int has_scales, const int* tag) {
     const int N = c.num_ranks, me = c.rank;
     const int64_t seq = c.seq[kSeqDispatch] + 1;
     __shared__ int off[kMaxRanks + 1];
@@ -469,9 +472,10 @@ __global__ void __launch_bounds__(kThreads) dispatch_copyout_kernel(NormalCtx c,
             copy_self_row(c, x, x_bytes, scales, idx, w, self_token[j], out_x, out_s, out_idx, out_w, recv_src,
                           off[me] + j, cached, lane);
     }
-    // (the rows' kind is checked unless the round is void, where kinds may differ and no row moved, or drained)
-    const int kind = void_round(c, !cached) || drain ? kAnyKind : dispatch_kind(x_elem, has_scales != 0);
-    const bool ok = wait_all(c, kFlagRows, seq, kOpDispatchRows, kind) && !failed && !drain;
+    // (the rows' signature is checked unless the round is void, where kinds may differ and no row moved, or drained)
+    const int sig =
+        void_round(c, !cached) || drain ? kAnySig : call_sig(dispatch_kind(x_elem, has_scales != 0), *tag);
+    const bool ok = wait_all(c, kFlagRows, seq, kOpDispatchRows, sig) && !failed && !drain;
     if (!ok && !cached && out_idx != nullptr) {
         // A failed round (a timeout, a refusal that a num_worst_tokens call cannot raise, too many rows) leaves
         // rows that name no expert: the host's next call raises, and until then the ids are safe to index with.
@@ -534,7 +538,8 @@ __device__ __forceinline__ void push_combine_row(const NormalCtx& c, const uint8
 
 __global__ void __launch_bounds__(kThreads) combine_push_kernel(NormalCtx c, const uint8_t* y, int y_elem,
                                                                 const float* y_w, const int* recv_src,
-                                                                const int* recv_off, int num_rows, int with_weights) {
+                                                                const int* recv_off, int num_rows, int with_weights,
+                                                                const int* tag) {
     const int N = c.num_ranks, me = c.rank;
     const int64_t seq = c.seq[kSeqCombine] + 1;
     __shared__ int off[kMaxRanks + 1];
@@ -556,7 +561,7 @@ __global__ void __launch_bounds__(kThreads) combine_push_kernel(NormalCtx c, con
     if (last_block(c.block_counter + 1) && block_raises_data_flags(c, false)) {
         if (static_cast<int>(threadIdx.x) < c.ranks_per_node)
             set_flag(c, first_local(c) + threadIdx.x, kFlagCombReady, me,
-                     data_flag(seq, combine_kind(y_elem, with_weights != 0)));
+                     data_flag(seq, call_sig(combine_kind(y_elem, with_weights != 0), *tag)));
     }
 }
 
@@ -670,12 +675,12 @@ __device__ __forceinline__ bool reduce_token_many(const NormalCtx& c, T* out, fl
 // j keeps the j-th source's row); kUnroll * kSrc 16-byte loads are in flight per lane (16: one kernel per node size
 // keeps the registers of one loop shape only). kChunked (the fused combine): each peer's row is read once the flag
 // of its chunk (chunk_flags[r][slot / kCombChunk], nchunks per rank) holds round `seq` (a data flag, of this call's
-// kind, else kOpCombineKinds is reported); false if a wait gave up or a kind differed.
+// signature `sig`, else report_sig reports it); false if a wait gave up or a signature differed.
 template <typename T, int kSrc, int kUnroll, bool kChunked, bool kMany>
 __device__ __forceinline__ bool reduce_token(const NormalCtx& c, T* out, float* out_w, const int* send_pos,
                                              const int* node_pos, const T* y, const float* y_w, int self_row0, int t,
                                              int with_weights, int lane, const int64_t* chunk_flags = nullptr,
-                                             int nchunks = 0, int64_t seq = 0) {
+                                             int nchunks = 0, int64_t seq = 0, int sig = 0) {
     constexpr int kPer = Vec<T>::kPer;
     const int N = c.num_ranks, K = c.num_topk, M = num_nodes(c), node = node_of(c, c.rank), nvec = c.hidden / kPer;
     const int r0 = first_local(c);
@@ -695,8 +700,8 @@ __device__ __forceinline__ bool reduce_token(const NormalCtx& c, T* out, float* 
             int64_t seen = 0;
             ok = wait_flag(chunk_flags + static_cast<int64_t>(lane) * nchunks + p / kCombChunk, data_flag(seq, 0),
                            c.timeout_ns, c.err, kOpCombineReduce, lane, &seen);
-            if (ok && seen != data_flag(seq, combine_kind(sizeof(T), with_weights != 0))) {
-                report_error(c.err, kOpCombineKinds, lane);
+            if (ok && seen != data_flag(seq, sig)) {
+                report_sig(c, false, seen, sig, lane);
                 ok = false;
             }
         }
@@ -786,14 +791,15 @@ template <typename T, int kSrc, int kUnroll, bool kMany>
 __global__ void __launch_bounds__(kReduceThreads) combine_reduce_kernel(NormalCtx c, T* out, float* out_w,
                                                                         const int* send_pos, const int* node_pos,
                                                                         int num_tokens, int with_weights, const T* y,
-                                                                        const float* y_w, const int* recv_off) {
+                                                                        const float* y_w, const int* recv_off,
+                                                                        const int* tag) {
     const int N = c.num_ranks;
     const int64_t seq = c.seq[kSeqCombine] + 1;
-    const int kind = combine_kind(sizeof(T), with_weights != 0);
-    bool ok = wait_local(c, kFlagCombReady, seq, kOpCombineReduce, kind);
+    const int sig = call_sig(combine_kind(sizeof(T), with_weights != 0), *tag);
+    bool ok = wait_local(c, kFlagCombReady, seq, kOpCombineReduce, sig);
     // every RDMA peer's partials, even with no tokens here (node_pos may then be null): the round must be complete
     // before kFlagCombFree below lets anyone write into my buffers again
-    if (ok && c.ranks_per_node < N) ok = wait_rdma_peers(c, kFlagCombRdma, seq, kOpCombineReduce, kind);
+    if (ok && c.ranks_per_node < N) ok = wait_rdma_peers(c, kFlagCombRdma, seq, kOpCombineReduce, sig);
     if (ok) {
         const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
         const int self_row0 = recv_off[c.rank];
@@ -818,9 +824,11 @@ __global__ void __launch_bounds__(kReduceThreads) combine_fused_kernel(NormalCtx
                                                                        const int* send_pos, int num_tokens,
                                                                        int with_weights, const T* y, const float* y_w,
                                                                        const int* recv_src, const int* recv_off,
-                                                                       int num_rows, int push_blocks) {
+                                                                       int num_rows, int push_blocks,
+                                                                       const int* tag) {
     const int N = c.num_ranks, me = c.rank;
     const int64_t seq = c.seq[kSeqCombine] + 1;
+    const int sig = call_sig(combine_kind(sizeof(T), with_weights != 0), *tag);
     const int nchunks = (c.max_tokens + kCombChunk - 1) / kCombChunk;
     const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp, warps = blockDim.x / kWarp;
     if (static_cast<int>(blockIdx.x) < push_blocks) {
@@ -848,7 +856,7 @@ __global__ void __launch_bounds__(kReduceThreads) combine_fused_kernel(NormalCtx
                 if (lane == 0)
                     st_release_sys(reinterpret_cast<int64_t*>(peer(c, s) + c.off_comb_flags) +
                                        static_cast<int64_t>(me) * nchunks + ch,
-                                   data_flag(seq, combine_kind(sizeof(T), with_weights != 0)));
+                                   data_flag(seq, sig));
             }
         }
     } else {
@@ -860,7 +868,7 @@ __global__ void __launch_bounds__(kReduceThreads) combine_fused_kernel(NormalCtx
         const int rb = static_cast<int>(blockIdx.x) - push_blocks, nrb = static_cast<int>(gridDim.x) - push_blocks;
         for (int t = rb * warps + warp; !failed && t < num_tokens; t += nrb * warps)
             if (!reduce_token<T, kSrc, kUnroll, true, kMany>(c, out, out_w, send_pos, nullptr, y, y_w, self_row0, t,
-                                                      with_weights, lane, flags, nchunks, seq))
+                                                      with_weights, lane, flags, nchunks, seq, sig))
                 break;
     }
     // Every block has read its slots: each pusher may write into my buffers again.
@@ -975,13 +983,14 @@ void launch_dispatch_prepare(const NormalCtx& ctx, const int64_t* topk_idx, int 
 
 void launch_dispatch_notify(const NormalCtx& ctx, int* recv_off, int* send_off, int64_t* send_slot, int* fwd_off,
                             int* fwd_count, int my_slot, bool report, int* per_expert, int alignment, int row_kind,
-                            cudaStream_t stream) {
+                            int* tag, cudaStream_t stream) {
+    HOST_ASSERT(tag != nullptr, "the handle's tag word is missing");
     HOST_ASSERT(my_slot >= 0 && my_slot <= ctx.num_zc_slots, "bad receive slot " << my_slot);
     HOST_ASSERT(!report || (per_expert != nullptr && alignment >= 1), "a reporting notify needs per_expert");
     HOST_ASSERT(my_slot == 0 || ctx.ranks_per_node == ctx.num_ranks, "zero-copy slots are for one node only");
     HOST_ASSERT(row_kind >= 0 && row_kind < 8, "bad row kind " << row_kind);
     dispatch_notify_kernel<<<1, kThreads, 0, stream>>>(ctx, recv_off, send_off, send_slot, fwd_off, fwd_count,
-                                                       my_slot, report ? 1 : 0, per_expert, alignment, row_kind);
+                                                       my_slot, report ? 1 : 0, per_expert, alignment, row_kind, tag);
     LAUNCH_CHECK();
 }
 
@@ -989,14 +998,15 @@ void launch_dispatch_push(const NormalCtx& ctx, const void* x, int x_elem_bytes,
                           bool has_scales, const int64_t* topk_idx, const float* topk_weights, int num_tokens,
                           const int* send_pos, const int* send_off, const int64_t* send_slot, bool include_self,
                           int num_sms,
-                          cudaStream_t stream) {
+                          const int* tag, cudaStream_t stream) {
+    HOST_ASSERT(tag != nullptr, "the handle's tag word is missing");
     HOST_ASSERT((static_cast<int64_t>(ctx.hidden) * x_elem_bytes) % 16 == 0,
                 "hidden * element size must be a multiple of 16");
     HOST_ASSERT(!include_self || (send_slot != nullptr && x_elem_bytes <= 2),
                 "only a fresh dispatch of 1- or 2-byte rows fills a zero-copy slot");
     dispatch_push_kernel<<<std::max(1, num_sms), ctx.threads, 0, stream>>>(
         ctx, static_cast<const uint8_t*>(x), x_elem_bytes, x_scales, topk_idx, topk_weights, num_tokens, send_pos,
-        send_off, send_slot, include_self ? 1 : 0, has_scales ? 1 : 0);
+        send_off, send_slot, include_self ? 1 : 0, has_scales ? 1 : 0, tag);
     LAUNCH_CHECK();
 }
 
@@ -1004,28 +1014,32 @@ void launch_dispatch_copyout(const NormalCtx& ctx, void* out_x, int x_elem_bytes
                              bool has_scales, int64_t* out_idx, float* out_w, int* recv_src, const int* recv_off,
                              int num_rows, bool cached, const void* x, const float* x_scales, const int64_t* topk_idx,
                              const float* topk_weights, const int* self_token, int my_slot, int num_sms,
-                             cudaStream_t stream) {
+                             const int* tag, cudaStream_t stream) {
+    HOST_ASSERT(tag != nullptr, "the handle's tag word is missing");
     HOST_ASSERT(my_slot == 0 || !cached, "a cached dispatch uses the copy slot");
     dispatch_copyout_kernel<<<std::max(1, num_sms), ctx.threads, 0, stream>>>(
         ctx, static_cast<uint8_t*>(out_x), x_elem_bytes, out_scales, out_idx, out_w, recv_src, recv_off, num_rows,
         cached ? 1 : 0, static_cast<const uint8_t*>(x), x_scales, topk_idx, topk_weights, self_token, my_slot,
-        has_scales ? 1 : 0);
+        has_scales ? 1 : 0, tag);
     LAUNCH_CHECK();
 }
 
 void launch_combine_push(const NormalCtx& ctx, const void* y, int y_elem_bytes, const float* y_w,
                          bool with_weights, const int* recv_src, const int* recv_off, int num_rows, int num_sms,
-                         cudaStream_t stream) {
+                         const int* tag, cudaStream_t stream) {
+    HOST_ASSERT(tag != nullptr, "the handle's tag word is missing");
     HOST_ASSERT((static_cast<int64_t>(ctx.hidden) * y_elem_bytes) % 16 == 0,
                 "hidden * element size must be a multiple of 16");
     combine_push_kernel<<<std::max(1, num_sms), ctx.threads, 0, stream>>>(
-        ctx, static_cast<const uint8_t*>(y), y_elem_bytes, y_w, recv_src, recv_off, num_rows, with_weights ? 1 : 0);
+        ctx, static_cast<const uint8_t*>(y), y_elem_bytes, y_w, recv_src, recv_off, num_rows, with_weights ? 1 : 0,
+        tag);
     LAUNCH_CHECK();
 }
 
 void launch_combine_reduce(const NormalCtx& ctx, void* out, int out_elem_bytes, float* out_w, const int* send_pos,
                            const int* node_pos, int num_tokens, bool with_weights, const void* y, const float* y_w,
-                           const int* recv_off, int num_sms, cudaStream_t stream) {
+                           const int* recv_off, int num_sms, const int* tag, cudaStream_t stream) {
+    HOST_ASSERT(tag != nullptr, "the handle's tag word is missing");
     HOST_ASSERT(ctx.ranks_per_node == ctx.num_ranks || node_pos != nullptr || num_tokens == 0, "node_pos missing");
     const int wi = with_weights ? 1 : 0;
     with_reduce_shape(out_elem_bytes, ctx.ranks_per_node, ctx.num_ranks / ctx.ranks_per_node, [&](auto shape) {
@@ -1033,14 +1047,16 @@ void launch_combine_reduce(const NormalCtx& ctx, void* out, int out_elem_bytes, 
         using T = typename S::type;
         combine_reduce_kernel<T, S::kSrc, S::kUnroll, S::kMany><<<std::max(1, num_sms), kReduceThreads, 0, stream>>>(
             ctx, static_cast<T*>(out), out_w, send_pos, node_pos, num_tokens, wi, static_cast<const T*>(y), y_w,
-            recv_off);
+            recv_off, tag);
     });
     LAUNCH_CHECK();
 }
 
 void launch_combine_fused(const NormalCtx& ctx, void* out, int out_elem_bytes, float* out_w, const int* send_pos,
                           int num_tokens, bool with_weights, const void* y, const float* y_w, const int* recv_src,
-                          const int* recv_off, int num_rows, int num_sms, int push_eighths, cudaStream_t stream) {
+                          const int* recv_off, int num_rows, int num_sms, int push_eighths, const int* tag,
+                          cudaStream_t stream) {
+    HOST_ASSERT(tag != nullptr, "the handle's tag word is missing");
     HOST_ASSERT(ctx.ranks_per_node == ctx.num_ranks, "the fused combine is for groups of one node");
     HOST_ASSERT(push_eighths >= 1 && push_eighths <= 7, "push_eighths must be in [1, 7]");
     const int grid = std::max(2, num_sms);
@@ -1051,7 +1067,7 @@ void launch_combine_fused(const NormalCtx& ctx, void* out, int out_elem_bytes, f
         using T = typename S::type;
         combine_fused_kernel<T, S::kSrc, S::kUnroll, S::kMany><<<grid, kReduceThreads, 0, stream>>>(
             ctx, static_cast<T*>(out), out_w, send_pos, num_tokens, wi, static_cast<const T*>(y), y_w, recv_src,
-            recv_off, num_rows, push_blocks);
+            recv_off, num_rows, push_blocks, tag);
     });
     LAUNCH_CHECK();
 }

@@ -44,25 +44,39 @@ __device__ __forceinline__ int num_nodes(const NormalCtx& c) { return c.num_rank
 // The first rank of this rank's node; ranks first_local(c) + l, l < P, are its node.
 __device__ __forceinline__ int first_local(const NormalCtx& c) { return c.first_local; }
 // A data flag (kFlagRows, kFlagRdmaRows, kFlagCombReady, kFlagCombRdma, the fused combine's chunk flags) holds the
-// round in its high bits and the sender's kind of rows in its low kKindBits: a receiver waits for the round, then
-// compares the kind with its own, so that ranks that pass different kinds of rows where no count exchange compares
-// them (a cached dispatch's x, a combine's y dtype and weights) are reported (kOpDispatchKinds, kOpCombineKinds)
-// rather than read as rows of this rank's kind. A forwarder that found another kind raises the flags it forwards
-// with kPoisonKind, which no call has: their receivers report it (kOp*ForwardKinds) at once rather than time out.
-// Rounds never pass 2**59.
-constexpr int kKindBits = 4;
-constexpr int kPoisonKind = 15;
-__device__ __forceinline__ int64_t data_flag(int64_t seq, int kind) { return seq << kKindBits | kind; }
+// round in its high bits and the sender's call signature in its low kSigBits: the kind of rows it sends (low
+// kKindBits) and its handle's tag (the round of the fresh dispatch that made the handle, modulo 2**kTagBits). A
+// receiver waits for the round, then compares the signature with its own, so that ranks that pass different kinds
+// of rows where no count exchange compares them (a cached dispatch's x, a combine's y dtype and weights), or handles
+// of different dispatches, are reported (kOpDispatchKinds, kOpCombineKinds, kOpDispatchHandles, kOpCombineHandles)
+// rather than read as rows of this rank's call. A forwarder that found another signature raises the flags it
+// forwards with kPoisonKind, which no call has: their receivers report it (kOp*ForwardKinds) at once rather than
+// time out. Rounds never pass 2**47.
+constexpr int kKindBits = 4, kTagBits = 12, kSigBits = kKindBits + kTagBits;
+constexpr int kKindMask = (1 << kKindBits) - 1, kTagMask = (1 << kTagBits) - 1;
+constexpr int kPoisonKind = kKindMask;
+__device__ __forceinline__ int64_t data_flag(int64_t seq, int sig) { return seq << kSigBits | sig; }
+// A call's signature: its kind of rows and its handle's tag (the fresh dispatch's round, api.cuh's handle tag word)
+__device__ __forceinline__ int call_sig(int kind, int tag) { return (tag & kTagMask) << kKindBits | kind; }
 // A dispatch's kind of rows: api.cuh's kRowKind (x's element size, FP8 scales or not; 0..6)
 __device__ __forceinline__ int dispatch_kind(int x_elem, bool has_scales) { return kRowKind(x_elem, has_scales); }
 // A combine's: y float32 (bit 0; else bf16), weights (bit 1)
 __device__ __forceinline__ int combine_kind(int y_elem, bool with_weights) {
     return (y_elem == 4 ? 1 : 0) | (with_weights ? 2 : 0);
 }
-// The call_kind of a wait (wait_ranks): a plain flag (a round number: kFlagCounts, kFlagRecvFree, kFlagCombFree), a
-// data flag of any kind (a void round's, whose kinds may differ), or a data flag of that kind (>= 0).
+// The call_sig of a wait (wait_ranks): a plain flag (a round number: kFlagCounts, kFlagRecvFree, kFlagCombFree), a
+// data flag of any signature (a void round's, whose kinds may differ), or a data flag of that signature (>= 0).
 constexpr int kPlainFlag = -2;
-constexpr int kAnyKind = -1;
+constexpr int kAnySig = -1;
+// Reports a data flag of round seq whose signature `seen` is not this rank's `mine` (the flag of rank r; a dispatch's
+// or a combine's): a forwarder's poisoned flag, another kind of rows, or another handle.
+__device__ __forceinline__ void report_sig(const NormalCtx& c, bool dispatch, int64_t seen, int mine, int r) {
+    const int kind = static_cast<int>(seen & kKindMask);
+    const int op = kind == kPoisonKind           ? (dispatch ? kOpDispatchForwardKinds : kOpCombineForwardKinds)
+                   : kind != (mine & kKindMask) ? (dispatch ? kOpDispatchKinds : kOpCombineKinds)
+                                                : (dispatch ? kOpDispatchHandles : kOpCombineHandles);
+    report_error(c.err, op, r);
+}
 
 // Sets flag word [kind][index] of rank r to v: a release store over NVLink on this node, an NVSHMEM signal
 // elsewhere. Whatever this thread wrote to r before (stores after a system fence, or puts completed by
@@ -76,15 +90,18 @@ __device__ __forceinline__ void set_flag(const NormalCtx& c, int r, int kind, in
 // kinds of rows differ): it moves no row. Only a fresh dispatch can be; a cached one has no count exchange.
 __device__ __forceinline__ bool void_round(const NormalCtx& c, bool fresh) { return fresh && c.seq[kRoundVoid] != 0; }
 
-// A forwarding kernel's last block (dispatch_forward, combine_forward): the kind its data flags carry, or -1 for none.
-// As block_raises_data_flags (this call's `kind`), except that where this Buffer's error is a kind mismatch (kind_op)
-// the flags go up poisoned (kPoisonKind): no receiver reads rows under them, and the ranks this one forwards for
-// report the mismatch at once instead of timing out. (Call it from every thread of the block.)
-__device__ __forceinline__ int block_forward_kind(const NormalCtx& c, bool is_void, int kind, int kind_op) {
+// A forwarding kernel's last block (dispatch_forward, combine_forward): the signature its data flags carry, or -1 for
+// none. As block_raises_data_flags (this call's `sig`), except that where this Buffer's error is a signature
+// mismatch of this kind of call (a dispatch's or a combine's) the flags go up poisoned (kPoisonKind): no receiver
+// reads rows under them, and the ranks this one forwards for report the mismatch at once instead of timing out.
+// (Call it from every thread of the block.)
+__device__ __forceinline__ int block_forward_sig(const NormalCtx& c, bool is_void, int sig, bool dispatch) {
     __shared__ int out;
     if (threadIdx.x == 0) {
-        const int64_t e = ld_volatile(c.err.dev);
-        out = is_void || e == 0 ? kind : e / 65536 == kind_op ? kPoisonKind : -1;
+        const int64_t op = ld_volatile(c.err.dev) / 65536;
+        const bool mismatch = dispatch ? op == kOpDispatchKinds || op == kOpDispatchHandles
+                                       : op == kOpCombineKinds || op == kOpCombineHandles;
+        out = is_void || op == 0 ? sig : mismatch ? kPoisonKind : -1;
     }
     __syncthreads();
     return out;
@@ -106,24 +123,18 @@ __device__ __forceinline__ bool block_raises_data_flags(const NormalCtx& c, bool
 }
 
 // The block waits for flag words [kind][r] of the ranks r = first + i * stride (i < count) but `skip` to reach
-// round `seq` (call_kind kPlainFlag: the word >= seq; else a data flag of round seq, of kind call_kind unless
-// kAnyKind: see data_flag); returns (to every thread) whether all arrived. With ranks of other nodes among them
+// round `seq` (call_sig kPlainFlag: the word >= seq; else a data flag of round seq, of signature call_sig unless
+// kAnySig: see data_flag); returns (to every thread) whether all arrived. With ranks of other nodes among them
 // (`remote`), a system fence after the wait also orders reads of data that an NVSHMEM transport (not an NVLink
 // store) delivered.
 __device__ __forceinline__ bool wait_ranks(const NormalCtx& c, int kind, int first, int count, int stride, int skip,
-                                           bool remote, int64_t seq, int op, int call_kind) {
-    const bool data = call_kind != kPlainFlag, dispatch = kind == kFlagRows || kind == kFlagRdmaRows;
-    const int64_t exact = data_flag(seq, call_kind);
+                                           bool remote, int64_t seq, int op, int call_sig) {
+    const bool data = call_sig != kPlainFlag, dispatch = kind == kFlagRows || kind == kFlagRdmaRows;
     const bool ok = block_wait_ranks(flags_of(c.base, c) + static_cast<int64_t>(kind) * c.num_ranks, first, count,
                                      stride, skip, data ? data_flag(seq, 0) : seq, c.timeout_ns, c.err, op,
                                      [&](int r, int64_t seen) {
-                                         if (call_kind < 0 || seen == exact) return true;
-                                         const bool poisoned = (seen & ((1 << kKindBits) - 1)) == kPoisonKind;
-                                         report_error(c.err,
-                                                      poisoned ? (dispatch ? kOpDispatchForwardKinds
-                                                                           : kOpCombineForwardKinds)
-                                                               : (dispatch ? kOpDispatchKinds : kOpCombineKinds),
-                                                      r);
+                                         if (call_sig < 0 || seen == data_flag(seq, call_sig)) return true;
+                                         report_sig(c, dispatch, seen, call_sig, r);
                                          return false;
                                      });
     if (ok && remote) __threadfence_system();
@@ -131,19 +142,19 @@ __device__ __forceinline__ bool wait_ranks(const NormalCtx& c, int kind, int fir
 }
 // ... of every rank of the group
 __device__ __forceinline__ bool wait_all(const NormalCtx& c, int kind, int64_t seq, int op,
-                                         int call_kind = kPlainFlag) {
-    return wait_ranks(c, kind, 0, c.num_ranks, 1, -1, c.ranks_per_node < c.num_ranks, seq, op, call_kind);
+                                         int call_sig = kPlainFlag) {
+    return wait_ranks(c, kind, 0, c.num_ranks, 1, -1, c.ranks_per_node < c.num_ranks, seq, op, call_sig);
 }
 // ... of the ranks of this rank's node
 __device__ __forceinline__ bool wait_local(const NormalCtx& c, int kind, int64_t seq, int op,
-                                           int call_kind = kPlainFlag) {
-    return wait_ranks(c, kind, first_local(c), c.ranks_per_node, 1, -1, false, seq, op, call_kind);
+                                           int call_sig = kPlainFlag) {
+    return wait_ranks(c, kind, first_local(c), c.ranks_per_node, 1, -1, false, seq, op, call_sig);
 }
 // ... of this rank's RDMA peers (the rank with its local index on every other node)
 __device__ __forceinline__ bool wait_rdma_peers(const NormalCtx& c, int kind, int64_t seq, int op,
-                                                int call_kind = kPlainFlag) {
+                                                int call_sig = kPlainFlag) {
     return wait_ranks(c, kind, c.rank % c.ranks_per_node, num_nodes(c), c.ranks_per_node, c.rank, true, seq, op,
-                      call_kind);
+                      call_sig);
 }
 
 // The id of global expert e on rank r (-1 if e is not there, or is -1), as a dispatch row for r carries it.

@@ -63,7 +63,10 @@ _OP_DISPATCH_KINDS = 17  # kOpDispatchKinds: a dispatch received rows of another
 _OP_COMBINE_KINDS = 18  # kOpCombineKinds: a combine received rows of another kind than this rank's (not a timeout)
 _OP_DISPATCH_FORWARD_KINDS = 19  # kOpDispatchForwardKinds: this node's forwarder of a source found another kind
 _OP_COMBINE_FORWARD_KINDS = 20  # kOpCombineForwardKinds: a rank summing its node's rows for this one found another
-_KIND_OPS = (_OP_DISPATCH_KINDS, _OP_COMBINE_KINDS, _OP_DISPATCH_FORWARD_KINDS, _OP_COMBINE_FORWARD_KINDS)
+_OP_DISPATCH_HANDLES = 21  # kOpDispatchHandles: a cached dispatch got rows sent with another dispatch's handle
+_OP_COMBINE_HANDLES = 22  # kOpCombineHandles: a combine got rows sent with another dispatch's handle
+_KIND_OPS = (_OP_DISPATCH_KINDS, _OP_COMBINE_KINDS, _OP_DISPATCH_FORWARD_KINDS, _OP_COMBINE_FORWARD_KINDS,
+             _OP_DISPATCH_HANDLES, _OP_COMBINE_HANDLES)
 # The host waits a little longer than the device, so that the device's report (which names the rank) comes first
 # (unless the work queued before the call delays its kernel by more than this: the host's bound counts from the
 # queueing, the device's from the kernel's start).
@@ -489,7 +492,7 @@ class _NvState:
     hier: the inter-node parts (None inside one node). Each receiver's slot of the round (send_slot) is not kept: a
     cached dispatch sends to the copy slots.
 
-    send_pos, send_off, recv_off and self_token are device addresses inside ``ws`` (one int32 allocation, which
+    send_pos, send_off, recv_off, self_token and tag are device addresses inside ``ws`` (one int32 allocation, which
     this state keeps alive): only the kernels read them, and a view each would cost host time on every call."""
 
     ws: torch.Tensor
@@ -502,6 +505,9 @@ class _NvState:
     worst: bool
     self_token: int
     hier: _Hier | None = None
+    # the handle's tag: int32 in ws, the round of its dispatch modulo 2**12 (written by the notify kernel), which the
+    # kernels of its cached dispatches and combines put into their data flags beside their kind of rows
+    tag: int = 0
 
     # A copy shares the original: its addresses point into the original's ws (a copy of ws would leave them
     # pointing at memory freed with the original). The routing is never changed after the dispatch.
@@ -903,28 +909,32 @@ class NvshmemBackend:
         )
 
     def _kinds_message(self, op: str, kind_op: int, rank: int) -> str:
-        """The error of a dispatch or combine that met rows of another kind than this rank's (the kernels compare the
-        kind in each sender's data flag with their own before reading its rows): from ``rank`` (ops 17, 18), or
-        found by the rank that forwards them (19: rank is the source; 20: rank is that forwarder)."""
+        """The error of a dispatch or combine that met rows of another call than this rank's (the kernels compare the
+        signature in each sender's data flag, its kind of rows and its handle's tag, with their own before reading
+        its rows): another kind from ``rank`` (ops 17, 18), another handle from ``rank`` (21, 22), or either found by
+        the rank that forwards them (19: rank is the source; 20: rank is that forwarder)."""
         c = self.ctx
-        dispatch = kind_op in (_OP_DISPATCH_KINDS, _OP_DISPATCH_FORWARD_KINDS)
+        dispatch = kind_op in (_OP_DISPATCH_KINDS, _OP_DISPATCH_FORWARD_KINDS, _OP_DISPATCH_HANDLES)
         what = "dispatch" if dispatch else "combine"
         kinds = ("x's dtype, or an FP8 pair against plain rows" if dispatch
                  else "y's dtype (bf16 or float32), or topk_weights given against none")
+        handles = "the handle of another dispatch than this rank's (the ranks passed handles of different dispatches)"
+        either = f"rows of another kind ({kinds}) or sent with {handles}"
         if kind_op == _OP_DISPATCH_FORWARD_KINDS:
             fwd = c.rank - c.rank % c.ranks_per_node + rank % c.ranks_per_node
             met = (f"rank {fwd}, which forwards the rows of ranks on other nodes to this rank (rank {rank}'s among "
-                   "them), found rows of another kind than its own")
+                   f"them), found {either}")
         elif kind_op == _OP_COMBINE_FORWARD_KINDS:
-            met = (f"rank {rank}, which sums the rows of its node's ranks for this rank, found rows of another kind "
-                   "than its own among them")
+            met = f"rank {rank}, which sums the rows of its node's ranks for this rank, found {either}"
+        elif kind_op in (_OP_DISPATCH_HANDLES, _OP_COMBINE_HANDLES):
+            met = f"rank {rank} sent rows with {handles}"
         else:
-            met = f"received rows of another kind from rank {rank} than its own"
+            met = f"received rows of another kind from rank {rank} than its own ({kinds})"
         return (
-            f"{op}: in an earlier {what} on rank {c.rank}, {met} ({kinds}; a cached dispatch and a combine have no "
-            "count exchange that would compare them). No row of it was read: that call's outputs are undefined, and "
-            "the Buffer is unusable now (destroy it on every rank; every rank must pass the same kind of data to one "
-            "call)"
+            f"{op}: in an earlier {what} on rank {c.rank}, {met}; a cached dispatch and a combine have no count "
+            "exchange that would compare them. No row of it was read: that call's outputs are undefined, and the "
+            "Buffer is unusable now (destroy it on every rank; every rank must pass the same kind of data and the "
+            "handle of the same dispatch to one call)"
         )
 
     @staticmethod
@@ -1056,16 +1066,17 @@ class NvshmemBackend:
             report = not worst
             # one int32 allocation for every array of the call, addressed by offset (the kernels take addresses;
             # views would cost host time): send_slot int64 [N] first (8-byte aligned; this call's only, see
-            # _NvState), send_pos [T, N], recv_off [N + 1], send_off [N], self_token [max(T, 1)], and the reported
-            # per-expert counts last (the one part the caller gets as a tensor)
+            # _NvState), send_pos [T, N], recv_off [N + 1], send_off [N], the handle's tag [1], self_token
+            # [max(T, 1)], and the reported per-expert counts last (the one part the caller gets as a tensor)
             epr = c.experts_per_rank if report else 0
-            ws = torch.empty(2 * n + t * n + (n + 1) + n + max(t, 1) + epr, dtype=i32, device=dev)
+            ws = torch.empty(2 * n + t * n + (n + 1) + n + 1 + max(t, 1) + epr, dtype=i32, device=dev)
             send_slot = ws.data_ptr()
             assert send_slot % 8 == 0, "dispatch: an allocation not 8-byte aligned (send_slot is int64)"
             send_pos = send_slot + 8 * n
             recv_off = send_pos + 4 * t * n
             send_off = recv_off + 4 * (n + 1)
-            self_token = send_off + 4 * n
+            tag = send_off + 4 * n
+            self_token = tag + 4
             hier = None
             if nodes > 1:
                 hier = _Hier(
@@ -1089,7 +1100,7 @@ class NvshmemBackend:
                 self._layout_token, not worst and bool(self.zc_slots) and elem <= 2, recv_off, send_off, send_slot,
                 _ptr(hier.fwd_off if hier else None), _ptr(hier.fwd_count if hier else None),
                 _ptr(hier.fwd_pos if hier else None), report, _ptr(per_expert_t), expert_alignment, x.data_ptr(),
-                elem, _ptr(x_scales), x_scales is not None, topk_weights.data_ptr(), c.num_sms, stream))
+                elem, _ptr(x_scales), x_scales is not None, topk_weights.data_ptr(), tag, c.num_sms, stream))
             if report:
                 rc = self.C.wait_host_word(self.host_ptr, _READY, 1, _ERROR, self.settings.timeout_s + _HOST_GRACE_S)
                 self._raise_if_failed("dispatch")
@@ -1101,7 +1112,7 @@ class NvshmemBackend:
                         self.status[_ERROR] = 3 << 16
                     self._raise_if_failed("dispatch")
                 if int(self.status[_REFUSED]):
-                    self._end_round_without_outputs(x, recv_off, self_token, slot, stream)
+                    self._end_round_without_outputs(x, recv_off, self_token, tag, slot, stream)
                     self._round_open = False
                     self._raise_refused(
                         "dispatch", self.status[self._refusal_word:self._refusal_word + c.num_ranks], check_ids
@@ -1119,7 +1130,7 @@ class NvshmemBackend:
             try:
                 state = _NvState(
                     ws, send_pos, send_off, torch.empty(rows, 2, dtype=i32, device=dev), recv_off, rows, t, worst,
-                    self_token, hier,
+                    self_token, hier, tag,
                 )
                 if slot:
                     rel = caller_stream if caller_stream is not None else self._stream()
@@ -1130,7 +1141,7 @@ class NvshmemBackend:
                 # the frames that made a zero-copy slot's planes let go of them now (their slot goes back when they
                 # die; else _end_round_without_outputs gives it back)
                 traceback.clear_frames(exc.__traceback__)
-                self._end_round_without_outputs(x, recv_off, self_token, slot, stream)
+                self._end_round_without_outputs(x, recv_off, self_token, tag, slot, stream)
                 self._round_open = False
                 raise
         else:
@@ -1144,7 +1155,7 @@ class NvshmemBackend:
             out_x.data_ptr(), elem, _ptr(out_s), x_scales is not None, _ptr(out_idx), _ptr(out_w),
             state.recv_src.data_ptr(), state.recv_off, rows, cached, x.data_ptr(), _ptr(x_scales),
             _ptr(None if cached else topk_idx), _ptr(None if cached else topk_weights),
-            state.self_token, slot, sms, stream,
+            state.self_token, slot, state.tag, sms, stream,
         )
         self._round_open = False
         if per_expert_t is None:  # (a reporting notify wrote it) counted from the ids, or none for a cached call
@@ -1189,7 +1200,7 @@ class NvshmemBackend:
         out_w = torch.empty(rows, c.num_topk, dtype=torch.float32, device=dev)
         return out_x, out_s, out_idx, out_w
 
-    def _end_round_without_outputs(self, x: torch.Tensor, recv_off: int, self_token: int, slot: int,
+    def _end_round_without_outputs(self, x: torch.Tensor, recv_off: int, self_token: int, tag: int, slot: int,
                                    stream: int) -> None:
         """Ends a fresh dispatch round that has no outputs: a void one (a rank refused it; every count is 0), or
         one whose outputs could not be made. Its copy-out drains the round (num_rows -1: waits for the rows, copies
@@ -1197,7 +1208,7 @@ class NvshmemBackend:
         took) is given back unless planes of it are alive (it goes back when they die)."""
         k = self.kernels
         k.copyout(0, x.element_size(), 0, False, 0, 0, 0, recv_off, -1, False, x.data_ptr(), 0, 0, 0, self_token, slot,
-                  self.ctx.num_sms, stream)
+                  tag, self.ctx.num_sms, stream)
         if slot:
             k.zc_give_back(slot, stream)
 
@@ -1230,7 +1241,7 @@ class NvshmemBackend:
         self.kernels.send(
             x.data_ptr(), x.element_size(), _ptr(x_scales), x_scales is not None, 0, 0, True, t, state.send_pos,
             _ptr(h.node_pos if h else None), state.send_off, 0, False, _ptr(h.fwd_off if h else None),
-            _ptr(h.fwd_count if h else None), _ptr(h.fwd_pos if h else None), self.ctx.num_sms, stream,
+            _ptr(h.fwd_count if h else None), _ptr(h.fwd_pos if h else None), state.tag, self.ctx.num_sms, stream,
         )
 
     @_closes_open_round
@@ -1253,22 +1264,22 @@ class NvshmemBackend:
             k.combine_fused(
                 out.data_ptr(), out.element_size(), _ptr(out_w), state.send_pos, state.num_tokens, with_w,
                 y.data_ptr(), _ptr(topk_weights), state.recv_src.data_ptr(), state.recv_off,
-                state.num_rows, c.num_sms, self.fused_combine, stream,
+                state.num_rows, state.tag, c.num_sms, self.fused_combine, stream,
             )
             return out, out_w
         # (push, forward and reduce: three launches; the round counts as this rank's only once the reduce is queued)
         self._round_open = True
         k.combine_push(
             y.data_ptr(), y.element_size(), _ptr(topk_weights), with_w, state.recv_src.data_ptr(), state.recv_off,
-            state.num_rows, c.num_sms, stream,
+            state.num_rows, state.tag, c.num_sms, stream,
         )
         if hier is not None:
-            k.combine_forward(y.element_size(), with_w, hier.fwd_count.data_ptr(), hier.fwd_pos.data_ptr(), c.num_sms,
-                              stream)
+            k.combine_forward(y.element_size(), with_w, hier.fwd_count.data_ptr(), hier.fwd_pos.data_ptr(), state.tag,
+                              c.num_sms, stream)
         k.combine_reduce(
             out.data_ptr(), out.element_size(), _ptr(out_w), state.send_pos,
             _ptr(hier.node_pos if hier else None), state.num_tokens, with_w, y.data_ptr(), _ptr(topk_weights),
-            state.recv_off, c.num_sms, stream,
+            state.recv_off, state.tag, c.num_sms, stream,
         )
         self._round_open = False
         return out, out_w

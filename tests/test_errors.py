@@ -225,9 +225,9 @@ def test_nvshmem_host_gave_up_message() -> None:
     (18, "combine", "received rows of another kind from rank 2 than its own (y's dtype (bf16 or float32), or "
      "topk_weights"),
     (19, "dispatch", "rank 0, which forwards the rows of ranks on other nodes to this rank (rank 2's among them), "
-     "found rows of another kind (x's dtype"),
-    (20, "combine", "rank 2, which sums the rows of its node's ranks for this rank, found rows of another kind (y's "
-     "dtype"),
+     "found rows of another kind than its own (x's dtype"),
+    (20, "combine", "rank 2, which sums the rows of its node's ranks for this rank, found rows of another kind than "
+     "its own (y's dtype"),
     (21, "dispatch", "rank 2 sent rows with the handle of another dispatch than this rank's"),
     (22, "combine", "rank 2 sent rows with the handle of another dispatch than this rank's")])
 def test_nvshmem_calls_kinds_message(op: int, what: str, met: str) -> None:

@@ -919,7 +919,8 @@ class NvshmemBackend:
         kinds = ("x's dtype, or an FP8 pair against plain rows" if dispatch
                  else "y's dtype (bf16 or float32), or topk_weights given against none")
         handles = "the handle of another dispatch than this rank's (the ranks passed handles of different dispatches)"
-        either = f"rows of another kind ({kinds}) or sent with {handles}"
+        either = (f"rows of another kind than its own ({kinds}), or sent with the handle of another dispatch than "
+                  "its own")
         if kind_op == _OP_DISPATCH_FORWARD_KINDS:
             fwd = c.rank - c.rank % c.ranks_per_node + rank % c.ranks_per_node
             met = (f"rank {fwd}, which forwards the rows of ranks on other nodes to this rank (rank {rank}'s among "

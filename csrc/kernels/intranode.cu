@@ -833,8 +833,11 @@ __global__ void __launch_bounds__(kReduceThreads) combine_fused_kernel(NormalCtx
     const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp, warps = blockDim.x / kWarp;
     if (static_cast<int>(blockIdx.x) < push_blocks) {
         __shared__ int off[kMaxLocal + 1];  // (one node)
-        // every rank must have finished reducing the previous round before its buffers are overwritten
-        const bool ok = wait_all(c, kFlagCombFree, seq - 1, kOpCombine);
+        // every rank must have finished reducing the previous round before its buffers are overwritten. (An error
+        // of this call's signature check, reported meanwhile by this kernel's reduce blocks, does not stop the
+        // pushes: the peers check these rows' signature themselves, and without them they would time out.)
+        const bool ok = wait_all(c, kFlagCombFree, seq - 1, kOpCombine, kPlainFlag,
+                                 (1u << kOpCombineKinds) | (1u << kOpCombineHandles));
         if (threadIdx.x <= static_cast<unsigned>(N)) off[threadIdx.x] = recv_off[threadIdx.x];
         __syncthreads();
         if (ok && N > 1) {

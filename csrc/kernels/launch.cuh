@@ -30,6 +30,11 @@ __device__ __forceinline__ void report_error(ErrorWord err, int op, int rank) {
 // True once any kernel of this Buffer reported an error: later kernels then skip their work so that a stuck
 // peer costs one timeout, not one per kernel. Reads device memory only.
 __device__ __forceinline__ bool has_error(ErrorWord err) { return ld_volatile(err.dev) != 0; }
+// ... other than one of the op codes with their bit set in `tolerated` (bit op; op codes below 32)
+__device__ __forceinline__ bool has_error_except(ErrorWord err, unsigned tolerated) {
+    const int64_t v = ld_volatile(err.dev);
+    return v != 0 && ((tolerated >> ((v / 65536) & 31)) & 1u) == 0;
+}
 
 // An expert id outside [-1, E) goes into lo_hi (shared or global memory, by atomics): [0] the lowest id below -1,
 // [1] the highest id >= E (both start at 0: none).
@@ -50,9 +55,10 @@ __device__ __forceinline__ void publish_id_check(int64_t* host_words, int64_t lo
 }
 
 // Spins until *flag >= target (the value it read into *seen, if given). Gives up after timeout_ns, reports (op,
-// rank) and returns false.
+// rank) and returns false; gives up at once once this Buffer reported an error (but those of the ops in
+// `tolerated`, see has_error_except).
 __device__ __forceinline__ bool wait_flag(const int64_t* flag, int64_t target, uint64_t timeout_ns, ErrorWord err,
-                                          int op, int rank, int64_t* seen = nullptr) {
+                                          int op, int rank, int64_t* seen = nullptr, unsigned tolerated = 0) {
     int64_t v = ld_acquire_sys(flag);
     if (v >= target) {
         if (seen != nullptr) *seen = v;
@@ -65,7 +71,7 @@ __device__ __forceinline__ bool wait_flag(const int64_t* flag, int64_t target, u
             if (seen != nullptr) *seen = v;
             return true;
         }
-        if (globaltimer_ns() - start > timeout_ns || has_error(err)) {
+        if (globaltimer_ns() - start > timeout_ns || has_error_except(err, tolerated)) {
             report_error(err, op, rank);
             return false;
         }
@@ -76,17 +82,19 @@ __device__ __forceinline__ bool wait_flag(const int64_t* flag, int64_t target, u
 // flag of rank `skip` (-1: none); returns (to every thread) whether all arrived. count <= blockDim.x (one thread per
 // rank, no loop: the normal-mode kernels compiled with more spills around a loop here). `accept(r, value)` judges
 // each flag that arrived (the value read; it reports what it refuses): a refused one counts as not arrived.
+// `tolerated`: as wait_flag's.
 template <typename Accept>
 __device__ __forceinline__ bool block_wait_ranks(const int64_t* flags, int first, int count, int stride, int skip,
                                                  int64_t target, uint64_t timeout_ns, ErrorWord err, int op,
-                                                 Accept accept) {
+                                                 Accept accept, unsigned tolerated = 0) {
     __shared__ int ok_all;
-    if (threadIdx.x == 0) ok_all = has_error(err) ? 0 : 1;
+    if (threadIdx.x == 0) ok_all = has_error_except(err, tolerated) ? 0 : 1;
     __syncthreads();
     const int r = first + static_cast<int>(threadIdx.x) * stride;
     if (ok_all && static_cast<int>(threadIdx.x) < count && r != skip) {
         int64_t seen = 0;
-        if (!wait_flag(flags + r, target, timeout_ns, err, op, r, &seen) || !accept(r, seen)) atomicAnd(&ok_all, 0);
+        if (!wait_flag(flags + r, target, timeout_ns, err, op, r, &seen, tolerated) || !accept(r, seen))
+            atomicAnd(&ok_all, 0);
     }
     __syncthreads();
     const bool ok = ok_all != 0;

@@ -55,6 +55,7 @@ __device__ __forceinline__ int first_local(const NormalCtx& c) { return c.first_
 constexpr int kKindBits = 4, kTagBits = 12, kSigBits = kKindBits + kTagBits;
 constexpr int kKindMask = (1 << kKindBits) - 1, kTagMask = (1 << kTagBits) - 1;
 constexpr int kPoisonKind = kKindMask;
+static_assert(kOpCombineHandles < 32, "op codes fit has_error_except's tolerated mask");
 __device__ __forceinline__ int64_t data_flag(int64_t seq, int sig) { return seq << kSigBits | sig; }
 // A call's signature: its kind of rows and its handle's tag (the fresh dispatch's round, api.cuh's handle tag word)
 __device__ __forceinline__ int call_sig(int kind, int tag) { return (tag & kTagMask) << kKindBits | kind; }
@@ -128,7 +129,7 @@ __device__ __forceinline__ bool block_raises_data_flags(const NormalCtx& c, bool
 // (`remote`), a system fence after the wait also orders reads of data that an NVSHMEM transport (not an NVLink
 // store) delivered.
 __device__ __forceinline__ bool wait_ranks(const NormalCtx& c, int kind, int first, int count, int stride, int skip,
-                                           bool remote, int64_t seq, int op, int call_sig) {
+                                           bool remote, int64_t seq, int op, int call_sig, unsigned tolerated = 0) {
     const bool data = call_sig != kPlainFlag, dispatch = kind == kFlagRows || kind == kFlagRdmaRows;
     const bool ok = block_wait_ranks(flags_of(c.base, c) + static_cast<int64_t>(kind) * c.num_ranks, first, count,
                                      stride, skip, data ? data_flag(seq, 0) : seq, c.timeout_ns, c.err, op,
@@ -136,14 +137,16 @@ __device__ __forceinline__ bool wait_ranks(const NormalCtx& c, int kind, int fir
                                          if (call_sig < 0 || seen == data_flag(seq, call_sig)) return true;
                                          report_sig(c, dispatch, seen, call_sig, r);
                                          return false;
-                                     });
+                                     },
+                                     tolerated);
     if (ok && remote) __threadfence_system();
     return ok;
 }
 // ... of every rank of the group
 __device__ __forceinline__ bool wait_all(const NormalCtx& c, int kind, int64_t seq, int op,
-                                         int call_sig = kPlainFlag) {
-    return wait_ranks(c, kind, 0, c.num_ranks, 1, -1, c.ranks_per_node < c.num_ranks, seq, op, call_sig);
+                                         int call_sig = kPlainFlag, unsigned tolerated = 0) {
+    return wait_ranks(c, kind, 0, c.num_ranks, 1, -1, c.ranks_per_node < c.num_ranks, seq, op, call_sig,
+                      tolerated);
 }
 // ... of the ranks of this rank's node
 __device__ __forceinline__ bool wait_local(const NormalCtx& c, int kind, int64_t seq, int op,

@@ -258,8 +258,7 @@ void launch_dispatch_notify(const NormalCtx& ctx, int* recv_off, int* send_off, 
 void launch_dispatch_push(const NormalCtx& ctx, const void* x, int x_elem_bytes, const float* x_scales,
                           bool has_scales, const int64_t* topk_idx, const float* topk_weights, int num_tokens,
                           const int* send_pos, const int* send_off, const int64_t* send_slot, bool include_self,
-                          int num_sms,
-                          const int* tag, cudaStream_t stream);
+                          int num_sms, const int* tag, cudaStream_t stream);
 // Copy-out: my rows for myself from the dispatch's inputs (x, x_scales, topk_idx, topk_weights; self_token from
 // prepare), the others from the copy slot -> outputs; recv_src int32 [rows, 2] (source rank, token) written
 // when not cached. my_slot >= 1 (zero-copy: the outputs are that slot's planes, every row already there): only

@@ -1000,8 +1000,7 @@ void launch_dispatch_notify(const NormalCtx& ctx, int* recv_off, int* send_off, 
 void launch_dispatch_push(const NormalCtx& ctx, const void* x, int x_elem_bytes, const float* x_scales,
                           bool has_scales, const int64_t* topk_idx, const float* topk_weights, int num_tokens,
                           const int* send_pos, const int* send_off, const int64_t* send_slot, bool include_self,
-                          int num_sms,
-                          const int* tag, cudaStream_t stream) {
+                          int num_sms, const int* tag, cudaStream_t stream) {
     HOST_ASSERT(tag != nullptr, "the handle's tag word is missing");
     HOST_ASSERT((static_cast<int64_t>(ctx.hidden) * x_elem_bytes) % 16 == 0,
                 "hidden * element size must be a multiple of 16");

@@ -674,15 +674,13 @@ __device__ __forceinline__ bool reduce_token_many(const NormalCtx& c, T* out, fl
 // kSrc >= ranks per node, or kMany: more ranks per node than kSrc, whose rows are read kSrc sources at a time (lane
 // j keeps the j-th source's row); kUnroll * kSrc 16-byte loads are in flight per lane (16: one kernel per node size
 // keeps the registers of one loop shape only). kChunked (the fused combine): each peer's row is read once the flag
-// of its chunk (chunk_flags[r][slot / kCombChunk], nchunks per rank) holds `want` (data_flag of this round and this
-// call's signature; a flag of the round with another signature is reported by report_sig); false if a wait gave up
-// or a signature differed. (One int64 for both: a separate signature argument cost the reduction 2 us at 4096
-// tokens on one rank, session 35 r3.)
+// of its chunk (chunk_flags[r][slot / kCombChunk], nchunks per rank) holds round `seq` (a data flag, of this call's
+// signature `sig`, else report_sig reports it); false if a wait gave up or a signature differed.
 template <typename T, int kSrc, int kUnroll, bool kChunked, bool kMany>
 __device__ __forceinline__ bool reduce_token(const NormalCtx& c, T* out, float* out_w, const int* send_pos,
                                              const int* node_pos, const T* y, const float* y_w, int self_row0, int t,
                                              int with_weights, int lane, const int64_t* chunk_flags = nullptr,
-                                             int nchunks = 0, int64_t want = 0) {
+                                             int nchunks = 0, int64_t seq = 0, int sig = 0) {
     constexpr int kPer = Vec<T>::kPer;
     const int N = c.num_ranks, K = c.num_topk, M = num_nodes(c), node = node_of(c, c.rank), nvec = c.hidden / kPer;
     const int r0 = first_local(c);
@@ -700,11 +698,10 @@ __device__ __forceinline__ bool reduce_token(const NormalCtx& c, T* out, float* 
         bool ok = true;
         if (p >= 0 && lane != c.rank) {
             int64_t seen = 0;
-            ok = wait_flag(chunk_flags + static_cast<int64_t>(lane) * nchunks + p / kCombChunk,
-                           want & ~static_cast<int64_t>((1 << kSigBits) - 1), c.timeout_ns, c.err, kOpCombineReduce,
-                           lane, &seen);
-            if (ok && seen != want) {
-                report_sig(c, false, seen, static_cast<int>(want & ((1 << kSigBits) - 1)), lane);
+            ok = wait_flag(chunk_flags + static_cast<int64_t>(lane) * nchunks + p / kCombChunk, data_flag(seq, 0),
+                           c.timeout_ns, c.err, kOpCombineReduce, lane, &seen);
+            if (ok && seen != data_flag(seq, sig)) {
+                report_sig(c, false, seen, sig, lane);
                 ok = false;
             }
         }
@@ -874,7 +871,7 @@ __global__ void __launch_bounds__(kReduceThreads) combine_fused_kernel(NormalCtx
         const int rb = static_cast<int>(blockIdx.x) - push_blocks, nrb = static_cast<int>(gridDim.x) - push_blocks;
         for (int t = rb * warps + warp; !failed && t < num_tokens; t += nrb * warps)
             if (!reduce_token<T, kSrc, kUnroll, true, kMany>(c, out, out_w, send_pos, nullptr, y, y_w, self_row0, t,
-                                                      with_weights, lane, flags, nchunks, data_flag(seq, sig)))
+                                                      with_weights, lane, flags, nchunks, seq, sig))
                 break;
     }
     // Every block has read its slots: each pusher may write into my buffers again.

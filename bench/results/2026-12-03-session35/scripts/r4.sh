@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Session 35, r4 (one GPU, one rank: the kernels' own cost, no link). As r3, after the fused reduction takes its flag
-# value as one int64 (r3: +2 us at 4096 tokens with a separate signature argument). Baseline fad91cc (unpacked into
+# Session 35, r4 (one GPU, one rank: the kernels' own cost, no link). NOT RUN in session 35 (no device time left):
+# prepared for a tree with proposed/fused_want_int64.patch applied (`git apply`), where the fused reduction takes
+# its flag's expected value as one int64 (r3: +2 us at 4096 tokens with the signature as a separate argument; the
+# cause is a guess until this runs). As r3 otherwise. Baseline fad91cc (unpacked into
 # old_tree/ by `git archive fad91cc | tar -x -C old_tree`, not committed) and
 # after (this tree), in the same run, alternating twice: BF16 dispatch and combine at 4096 tokens; first the fused
 # combine's mismatch tests again (test ranks sharing the GPU).

@@ -385,13 +385,13 @@ class NormalKernels {
         const cudaStream_t s = stream_of(stream);
         if (nodes)
             launch_dispatch_rdma_send(c_, ptr<const void>(x), x_elem, ptr<const float>(scales), has_scales,
-                                      ptr<const int64_t>(idx),
-                                      ptr<const float>(w), num_tokens, ptr<const int>(send_pos),
-                                      ptr<const int>(node_pos), cached, num_sms, ptr<const int>(tag), s);
+                                      ptr<const int64_t>(idx), ptr<const float>(w), num_tokens,
+                                      ptr<const int>(send_pos), ptr<const int>(node_pos), cached, num_sms,
+                                      ptr<const int>(tag), s);
         launch_dispatch_push(c_, ptr<const void>(x), x_elem, ptr<const float>(scales), has_scales,
-                             ptr<const int64_t>(idx),
-                             ptr<const float>(w), num_tokens, ptr<const int>(send_pos), ptr<const int>(send_off),
-                             ptr<const int64_t>(send_slot), include_self, num_sms, ptr<const int>(tag), s);
+                             ptr<const int64_t>(idx), ptr<const float>(w), num_tokens, ptr<const int>(send_pos),
+                             ptr<const int>(send_off), ptr<const int64_t>(send_slot), include_self, num_sms,
+                             ptr<const int>(tag), s);
         if (nodes)
             launch_dispatch_forward(c_, x_elem, has_scales, cached, ptr<const int>(fwd_off), ptr<const int>(fwd_count),
                                     ptr<int>(fwd_pos), num_sms, ptr<const int>(tag), s);

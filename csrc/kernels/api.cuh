@@ -74,7 +74,7 @@ enum Op {
 enum FlagKind {
     kFlagCounts = 0,     // rank s -> me: its count rows for this dispatch round are in my in_counts / matrix
     // (the data flags kFlagRows, kFlagCombReady, kFlagRdmaRows and kFlagCombRdma hold the round and the sender's
-    // kind of rows: normal.cuh's data_flag)
+    // call signature, its kind of rows and its handle's tag: normal.cuh's data_flag)
     kFlagRows = 1,       // [s] all rows of source s of round `seq` are in my receive buffer (set by s, or by the
                          //     rank of my node that forwards s's rows when s is on another node)
     kFlagRecvFree = 2,   // rank r -> me: r copied out round `seq`; its counts and receive buffers may be reused

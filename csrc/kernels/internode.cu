@@ -107,7 +107,7 @@ __global__ void __launch_bounds__(kThreads) dispatch_rdma_send_kernel(NormalCtx 
     if (last_block(c.block_counter + 4) && block_raises_data_flags(c, void_round(c, !cached))) {
         if (static_cast<int>(threadIdx.x) < M && static_cast<int>(threadIdx.x) != node)
             set_flag(c, threadIdx.x * P + me_local, kFlagRdmaRows, c.rank,
-                     data_flag(seq, call_sig(dispatch_kind(x_elem, has_scales != 0), *tag)));
+                     data_flag(seq, dispatch_sig(x_elem, has_scales != 0, tag)));
     }
 }
 
@@ -125,7 +125,7 @@ __global__ void __launch_bounds__(kThreads) dispatch_forward_kernel(NormalCtx c,
     __shared__ int prefix[kMaxNodes + 1];
     // (a void round's kinds may differ; it moves no row)
     const bool is_void = void_round(c, !cached);
-    const int sig = call_sig(dispatch_kind(x_elem, has_scales != 0), *tag);
+    const int sig = dispatch_sig(x_elem, has_scales != 0, tag);
     const bool ok = wait_rdma_peers(c, kFlagRdmaRows, seq, kOpDispatch, is_void ? kAnySig : sig);
     node_prefix(fwd_count, M, prefix);
     if (ok) {
@@ -174,7 +174,7 @@ __global__ void __launch_bounds__(kReduceThreads) combine_forward_kernel(NormalC
     const int K = c.num_topk;
     const int64_t seq = c.seq[kSeqCombine] + 1;
     __shared__ int prefix[kMaxNodes + 1];
-    const int sig = call_sig(combine_kind(sizeof(T), with_weights != 0), *tag);
+    const int sig = combine_sig(sizeof(T), with_weights != 0, tag);
     const bool ok = wait_local(c, kFlagCombReady, seq, kOpCombine, sig);
     node_prefix(fwd_count, M, prefix);
     if (ok) {

@@ -365,7 +365,7 @@ __global__ void __launch_bounds__(kThreads) dispatch_push_kernel(NormalCtx c, co
         block_raises_data_flags(c, void_round(c, send_slot != nullptr))) {
         if (static_cast<int>(threadIdx.x) < P)
             set_flag(c, r0 + threadIdx.x, kFlagRows, me,
-                     data_flag(seq, call_sig(dispatch_kind(x_elem, has_scales != 0), *tag)));
+                     data_flag(seq, dispatch_sig(x_elem, has_scales != 0, tag)));
     }
 }
 
@@ -473,8 +473,7 @@ __global__ void __launch_bounds__(kThreads) dispatch_copyout_kernel(NormalCtx c,
                           off[me] + j, cached, lane);
     }
     // (the rows' signature is checked unless the round is void, where kinds may differ and no row moved, or drained)
-    const int sig =
-        void_round(c, !cached) || drain ? kAnySig : call_sig(dispatch_kind(x_elem, has_scales != 0), *tag);
+    const int sig = void_round(c, !cached) || drain ? kAnySig : dispatch_sig(x_elem, has_scales != 0, tag);
     const bool ok = wait_all(c, kFlagRows, seq, kOpDispatchRows, sig) && !failed && !drain;
     if (!ok && !cached && out_idx != nullptr) {
         // A failed round (a timeout, a refusal that a num_worst_tokens call cannot raise, too many rows) leaves
@@ -561,7 +560,7 @@ __global__ void __launch_bounds__(kThreads) combine_push_kernel(NormalCtx c, con
     if (last_block(c.block_counter + 1) && block_raises_data_flags(c, false)) {
         if (static_cast<int>(threadIdx.x) < c.ranks_per_node)
             set_flag(c, first_local(c) + threadIdx.x, kFlagCombReady, me,
-                     data_flag(seq, call_sig(combine_kind(y_elem, with_weights != 0), *tag)));
+                     data_flag(seq, combine_sig(y_elem, with_weights != 0, tag)));
     }
 }
 
@@ -675,7 +674,7 @@ __device__ __forceinline__ bool reduce_token_many(const NormalCtx& c, T* out, fl
 // j keeps the j-th source's row); kUnroll * kSrc 16-byte loads are in flight per lane (16: one kernel per node size
 // keeps the registers of one loop shape only). kChunked (the fused combine): each peer's row is read once the flag
 // of its chunk (chunk_flags[r][slot / kCombChunk], nchunks per rank) holds round `seq` (a data flag, of this call's
-// signature `sig`, else report_sig reports it); false if a wait gave up or a signature differed.
+// signature `sig`, else sig_matches reports it); false if a wait gave up or a signature differed.
 template <typename T, int kSrc, int kUnroll, bool kChunked, bool kMany>
 __device__ __forceinline__ bool reduce_token(const NormalCtx& c, T* out, float* out_w, const int* send_pos,
                                              const int* node_pos, const T* y, const float* y_w, int self_row0, int t,
@@ -700,10 +699,7 @@ __device__ __forceinline__ bool reduce_token(const NormalCtx& c, T* out, float* 
             int64_t seen = 0;
             ok = wait_flag(chunk_flags + static_cast<int64_t>(lane) * nchunks + p / kCombChunk, data_flag(seq, 0),
                            c.timeout_ns, c.err, kOpCombineReduce, lane, &seen);
-            if (ok && seen != data_flag(seq, sig)) {
-                report_sig(c, false, seen, sig, lane);
-                ok = false;
-            }
+            if (ok && seen != data_flag(seq, sig)) ok = sig_matches(c, false, seen, seq, sig, lane);
         }
         if (!__all_sync(0xffffffffu, ok)) return false;
         __syncwarp();  // lane r's acquire, then this barrier (memory ordering among the warp), then every lane's loads
@@ -795,7 +791,7 @@ __global__ void __launch_bounds__(kReduceThreads) combine_reduce_kernel(NormalCt
                                                                         const int* tag) {
     const int N = c.num_ranks;
     const int64_t seq = c.seq[kSeqCombine] + 1;
-    const int sig = call_sig(combine_kind(sizeof(T), with_weights != 0), *tag);
+    const int sig = combine_sig(sizeof(T), with_weights != 0, tag);
     bool ok = wait_local(c, kFlagCombReady, seq, kOpCombineReduce, sig);
     // every RDMA peer's partials, even with no tokens here (node_pos may then be null): the round must be complete
     // before kFlagCombFree below lets anyone write into my buffers again
@@ -828,7 +824,7 @@ __global__ void __launch_bounds__(kReduceThreads) combine_fused_kernel(NormalCtx
                                                                        const int* tag) {
     const int N = c.num_ranks, me = c.rank;
     const int64_t seq = c.seq[kSeqCombine] + 1;
-    const int sig = call_sig(combine_kind(sizeof(T), with_weights != 0), *tag);
+    const int sig = combine_sig(sizeof(T), with_weights != 0, tag);
     const int nchunks = (c.max_tokens + kCombChunk - 1) / kCombChunk;
     const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp, warps = blockDim.x / kWarp;
     if (static_cast<int>(blockIdx.x) < push_blocks) {

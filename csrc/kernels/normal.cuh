@@ -57,26 +57,32 @@ constexpr int kKindMask = (1 << kKindBits) - 1, kTagMask = (1 << kTagBits) - 1;
 constexpr int kPoisonKind = kKindMask;
 static_assert(kOpCombineHandles < 32, "op codes fit has_error_except's tolerated mask");
 __device__ __forceinline__ int64_t data_flag(int64_t seq, int sig) { return seq << kSigBits | sig; }
-// A call's signature: its kind of rows and its handle's tag (the fresh dispatch's round, api.cuh's handle tag word)
-__device__ __forceinline__ int call_sig(int kind, int tag) { return (tag & kTagMask) << kKindBits | kind; }
-// A dispatch's kind of rows: api.cuh's kRowKind (x's element size, FP8 scales or not; 0..6)
-__device__ __forceinline__ int dispatch_kind(int x_elem, bool has_scales) { return kRowKind(x_elem, has_scales); }
-// A combine's: y float32 (bit 0; else bf16), weights (bit 1)
-__device__ __forceinline__ int combine_kind(int y_elem, bool with_weights) {
-    return (y_elem == 4 ? 1 : 0) | (with_weights ? 2 : 0);
+// A call's signature: its kind of rows and its handle's tag (*tag: the fresh dispatch's round, written by notify)
+__device__ __forceinline__ int call_sig(int kind, const int* tag) { return (*tag & kTagMask) << kKindBits | kind; }
+// ... of a dispatch: its kind of rows is api.cuh's kRowKind (x's element size, FP8 scales or not; 0..6)
+__device__ __forceinline__ int dispatch_sig(int x_elem, bool has_scales, const int* tag) {
+    return call_sig(kRowKind(x_elem, has_scales), tag);
+}
+// ... of a combine: y float32 (kind bit 0; else bf16), weights (bit 1)
+__device__ __forceinline__ int combine_sig(int y_elem, bool with_weights, const int* tag) {
+    return call_sig((y_elem == 4 ? 1 : 0) | (with_weights ? 2 : 0), tag);
 }
 // The call_sig of a wait (wait_ranks): a plain flag (a round number: kFlagCounts, kFlagRecvFree, kFlagCombFree), a
 // data flag of any signature (a void round's, whose kinds may differ), or a data flag of that signature (>= 0).
 constexpr int kPlainFlag = -2;
 constexpr int kAnySig = -1;
-// Reports a data flag of round seq whose signature `seen` is not this rank's `mine` (the flag of rank r; a dispatch's
-// or a combine's): a forwarder's poisoned flag, another kind of rows, or another handle.
-__device__ __forceinline__ void report_sig(const NormalCtx& c, bool dispatch, int64_t seen, int mine, int r) {
+// Whether data flag value `seen` (of rank r, round seq, at least data_flag(seq, 0)) carries this rank's signature
+// `mine` (a dispatch's or a combine's; kAnySig takes any); if not, reports what differs: a forwarder's poisoned flag,
+// another kind of rows, or another handle.
+__device__ __forceinline__ bool sig_matches(const NormalCtx& c, bool dispatch, int64_t seen, int64_t seq, int mine,
+                                            int r) {
+    if (mine < 0 || seen == data_flag(seq, mine)) return true;
     const int kind = static_cast<int>(seen & kKindMask);
     const int op = kind == kPoisonKind           ? (dispatch ? kOpDispatchForwardKinds : kOpCombineForwardKinds)
                    : kind != (mine & kKindMask) ? (dispatch ? kOpDispatchKinds : kOpCombineKinds)
                                                 : (dispatch ? kOpDispatchHandles : kOpCombineHandles);
     report_error(c.err, op, r);
+    return false;
 }
 
 // Sets flag word [kind][index] of rank r to v: a release store over NVLink on this node, an NVSHMEM signal
@@ -134,9 +140,7 @@ __device__ __forceinline__ bool wait_ranks(const NormalCtx& c, int kind, int fir
     const bool ok = block_wait_ranks(flags_of(c.base, c) + static_cast<int64_t>(kind) * c.num_ranks, first, count,
                                      stride, skip, data ? data_flag(seq, 0) : seq, c.timeout_ns, c.err, op,
                                      [&](int r, int64_t seen) {
-                                         if (call_sig < 0 || seen == data_flag(seq, call_sig)) return true;
-                                         report_sig(c, dispatch, seen, call_sig, r);
-                                         return false;
+                                         return sig_matches(c, dispatch, seen, seq, call_sig, r);
                                      },
                                      tolerated);
     if (ok && remote) __threadfence_system();

@@ -104,14 +104,14 @@ MAX_TOKENS_LOW_LATENCY = 1 << 20  # (low_latency.cu's ll_round_word: more than 2
 # test_normal_wide_nodes_shared_gpus: normal-mode nodes of 1, 2, 4, 8, 16 and 32 ranks and up to 40 nodes,
 # low-latency nodes of up to 34; every node size goes through the same code, a lane per rank of the node):
 # backend="auto" leaves larger groups to the torch backend, backend="nvshmem" takes them.
+TESTED_RANKS_NORMAL = 40
+TESTED_RANKS_LOW_LATENCY = 34
 MAX_LAYOUT_WORDS = 48 * 1024 // 4  # (layout.cu's and intranode.cu's shared-memory counters)
 
 
 def layout_words(ctx: GroupContext) -> int:
     """The layout kernel's shared-memory counters: one per expert, rank and node (at most MAX_LAYOUT_WORDS)."""
     return ctx.num_experts + ctx.num_ranks + ctx.num_ranks // ctx.ranks_per_node
-TESTED_RANKS_NORMAL = 40
-TESTED_RANKS_LOW_LATENCY = 34
 
 
 def unsupported_reason(ctx: GroupContext) -> str | None:
@@ -892,7 +892,7 @@ class NvshmemBackend:
         # a source of this node is its own: fwd == rank)
         fwd = rank
         if code // 65536 == _OP_DISPATCH_ROWS and rank >= 0:
-            fwd = c.rank - c.rank % c.ranks_per_node + rank % c.ranks_per_node
+            fwd = self._forwarder_of(rank)
         if fwd not in (rank, c.rank):
             whom = (f"rank {rank}'s rows, which reach this node through rank {fwd} (it forwards them; either rank may "
                     "be the one that did not make the call)")
@@ -908,6 +908,12 @@ class NvshmemBackend:
             f"for {whom}; the Buffer is unusable now (destroy it)"
         )
 
+    def _forwarder_of(self, source: int) -> int:
+        """The rank of this node that forwards the dispatch rows of ``source`` (its RDMA peer here, the rank with
+        its local index; a source of this node is its own)."""
+        p = self.ctx.ranks_per_node
+        return self.ctx.rank - self.ctx.rank % p + source % p
+
     def _kinds_message(self, op: str, kind_op: int, rank: int) -> str:
         """The error of a dispatch or combine that met rows of another call than this rank's (the kernels compare the
         signature in each sender's data flag, its kind of rows and its handle's tag, with their own before reading
@@ -922,9 +928,8 @@ class NvshmemBackend:
         either = (f"rows of another kind than its own ({kinds}), or sent with the handle of another dispatch than "
                   "its own")
         if kind_op == _OP_DISPATCH_FORWARD_KINDS:
-            fwd = c.rank - c.rank % c.ranks_per_node + rank % c.ranks_per_node
-            met = (f"rank {fwd}, which forwards the rows of ranks on other nodes to this rank (rank {rank}'s among "
-                   f"them), found {either}")
+            met = (f"rank {self._forwarder_of(rank)}, which forwards the rows of ranks on other nodes to this rank "
+                   f"(rank {rank}'s among them), found {either}")
         elif kind_op == _OP_COMBINE_FORWARD_KINDS:
             met = f"rank {rank}, which sums the rows of its node's ranks for this rank, found {either}"
         elif kind_op in (_OP_DISPATCH_HANDLES, _OP_COMBINE_HANDLES):

@@ -699,6 +699,7 @@ __device__ __forceinline__ bool reduce_token(const NormalCtx& c, T* out, float* 
             int64_t seen = 0;
             ok = wait_flag(chunk_flags + static_cast<int64_t>(lane) * nchunks + p / kCombChunk, data_flag(seq, 0),
                            c.timeout_ns, c.err, kOpCombineReduce, lane, &seen);
+            // (the equality tested here first, then again in sig_matches: so the hot loop's code stays as measured)
             if (ok && seen != data_flag(seq, sig)) ok = sig_matches(c, false, seen, seq, sig, lane);
         }
         if (!__all_sync(0xffffffffu, ok)) return false;

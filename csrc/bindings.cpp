@@ -557,7 +557,7 @@ PYBIND11_MODULE(_C, m) {
     // Bumped whenever a binding's signature, or the meaning of a status word the kernels share with the Python code,
     // changes; python/largeep/native.py refuses a module of another version (a stale build next to newer Python
     // code) with a message saying to rebuild, instead of a TypeError or a misread word later.
-    m.attr("abi_version") = 13;
+    m.attr("abi_version") = 14;
     m.def("install_fault_backtrace", [] {
         struct sigaction sa {};
         sa.sa_sigaction = segv_handler;
@@ -635,6 +635,15 @@ PYBIND11_MODULE(_C, m) {
                                  int64_t rows, int k, int h, int64_t pad, uintptr_t count, uintptr_t stream) {
         launch_weighted_row_sum(ptr<const void>(src), src_rows, elem, ptr<const int64_t>(pos), ptr<const float>(w),
                                 ptr<void>(y), rows, k, h, pad, ptr<const int>(count), stream_of(stream));
+    });
+    m.def("fp8_quantize", [](uintptr_t x, int elem, uintptr_t q, uintptr_t s, int64_t groups, bool round_scale,
+                             uintptr_t stream) {
+        launch_fp8_quantize(ptr<const void>(x), elem, ptr<uint8_t>(q), ptr<float>(s), groups, round_scale,
+                            stream_of(stream));
+    });
+    m.def("fp8_dequantize", [](uintptr_t q, uintptr_t s, uintptr_t y, int elem, int64_t groups, uintptr_t stream) {
+        launch_fp8_dequantize(ptr<const uint8_t>(q), ptr<const float>(s), ptr<void>(y), elem, groups,
+                              stream_of(stream));
     });
     m.def("gather_rows_default_blocks", &gather_rows_default_blocks);
     m.def("gather_rows", [](uintptr_t x, int64_t x_rows, int64_t row_bytes, uintptr_t src, uintptr_t count,

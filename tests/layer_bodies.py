@@ -6,7 +6,7 @@ dense reference (every expert, every rank's tokens, float64) without talking to 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import largeep
@@ -174,11 +174,14 @@ def ops_returned_idx_changed(rank: int, world: int) -> dict[str, Any]:
 
 def ops_autograd(
     rank: int, world: int, tokens: list[int], hidden: int, num_experts: int, num_topk: int, num_worst: int,
-    use_custom_ops: bool, seed: int,
+    use_custom_ops: bool, seed: int, use_fp8: bool = False, dtype: torch.dtype = torch.float32,
 ) -> dict[str, Any]:
-    """Grads of dispatch (x, topk_weights) and combine (y) against the loop reference, float32."""
-    inputs = [make_inputs(seed, r, tokens[r], hidden, num_experts, num_topk, torch.float32) for r in range(world)]
-    refs = [ref_dispatch(inputs, r, num_experts) for r in range(world)]
+    """Grads of dispatch (x, topk_weights) and combine (y) against the loop reference, float32 (or ``dtype``).
+    ``use_fp8``: the received x must be each row's FP8 round trip (the plain-torch reference), bit for bit, and the
+    grads as without FP8 (the quantisation passes the gradient straight through)."""
+    inputs = [make_inputs(seed, r, tokens[r], hidden, num_experts, num_topk, dtype) for r in range(world)]
+    sent = [replace(i, x=fp8_round_trip(i.x)) for i in inputs] if use_fp8 else inputs
+    refs = [ref_dispatch(sent, r, num_experts) for r in range(world)]
     rows = [len(d.src) for d in refs]
     # cotangents of each rank's received x and weights, and of each rank's combined output
     ax = [torch.randn(rows[r], hidden, generator=_gen(seed, 1, r)) for r in range(world)]
@@ -193,10 +196,21 @@ def ops_autograd(
         bid = ops.register_buffer(buf)
         x = mine.x.clone().requires_grad_()
         w = mine.topk_weights.clone().requires_grad_()
-        d = ops.dispatch(bid, x, mine.topk_idx, w, num_worst_tokens=num_worst, use_custom_ops=use_custom_ops)
+        sent_kinds: list[Any] = []  # what reached the Buffer: an FP8 pair with use_fp8, never rows quantised back
+        plain = buf.dispatch
+
+        def spy(x: Any, *args: Any, **kwargs: Any) -> Any:
+            sent_kinds.append(tuple(t.dtype for t in x) if isinstance(x, tuple) else x.dtype)
+            return plain(x, *args, **kwargs)
+
+        buf.dispatch = spy  # type: ignore[method-assign]
+        d = ops.dispatch(bid, x, mine.topk_idx, w, num_worst_tokens=num_worst, use_custom_ops=use_custom_ops,
+                         use_fp8=use_fp8)
+        assert sent_kinds == [(torch.float8_e4m3fn, torch.float32) if use_fp8 else dtype], sent_kinds
         r_rows = rows[rank]
         out_rows = num_worst or r_rows
         assert d.x.shape == (out_rows, hidden) and d.topk_weights.shape == (out_rows, num_topk)
+        assert d.x.dtype == dtype, d.x.dtype
         assert torch.equal(d.x[:r_rows].detach(), refs[rank].x)
         assert torch.equal(d.topk_idx[:r_rows], refs[rank].topk_idx)
         # the tail of a worst-size dispatch gets a poisoned (NaN) cotangent: it must not reach x or the weights
@@ -205,7 +219,7 @@ def ops_autograd(
         ax_mine = torch.cat([ax[rank], tail_x]) if num_worst else ax[rank]
         aw_mine = torch.cat([aw[rank], tail_w]) if num_worst else aw[rank]
         # combine of an independent y through the same handle; one backward for both (either may run first)
-        y = torch.randn(out_rows, hidden, generator=_gen(seed, 4, rank)).requires_grad_()
+        y = torch.randn(out_rows, hidden, generator=_gen(seed, 4, rank)).to(dtype).requires_grad_()
         c = ops.combine(bid, y, d.handle)
         assert c.x.shape == (tokens[rank], hidden)
         loss = (d.x * ax_mine).sum() + (d.topk_weights * aw_mine).sum() + (c.x * gc[rank]).sum()
@@ -217,14 +231,15 @@ def ops_autograd(
                 if s == rank:
                     want_gx[t] += ax[r][row].double()
                     want_gw[t] += torch.where(ref.topk_idx[row] >= 0, aw[r][row].double(), 0.0)
-        close(x.grad, want_gx, "dispatch: grad of x")
+        tol = 1e-5 if dtype == torch.float32 else 2e-2  # (bf16: the cotangents rounded, the sums in bf16)
+        close(x.grad, want_gx, "dispatch: grad of x", tol)
         close(w.grad, want_gw, "dispatch: grad of topk_weights")
         # combine backward: grad of y row (s, t) = cotangent of token t on s
         assert y.grad is not None
         want_gy = torch.zeros(out_rows, hidden)
         for row, (s, t) in enumerate(refs[rank].src):
             want_gy[row] = gc[s][t]
-        close(y.grad, want_gy, "combine: grad of y")
+        close(y.grad, want_gy, "combine: grad of y", tol)
         if num_worst:
             assert (y.grad[r_rows:] == 0).all(), "combine: rows past the received count must get a zero grad"
         if use_custom_ops:
@@ -295,18 +310,20 @@ def make_global(seed: int, tokens: list[int], hidden: int, ffn: int, shared_ffn:
     return GlobalModel(gate, w1, w3, w2, shared, xs, gs)
 
 
-def _dense_moe(x: torch.Tensor, p: dict[str, torch.Tensor], topk: int) -> torch.Tensor:
+def _dense_moe(x: torch.Tensor, p: dict[str, torch.Tensor], topk: int, fp8: bool = False) -> torch.Tensor:
     """One dense MoE layer, one expert at a time (float64 params ``p``) on x float64 [T, H]; routing chosen from
-    float32 logits exactly as the built-in router does (so near-ties pick the same experts)."""
+    float32 logits exactly as the built-in router does (so near-ties pick the same experts). ``fp8``: the routed
+    experts see each token's FP8 round trip (of its float32 value), the gradient passing through as the identity."""
     idx = F.linear(x.detach().float(), p["gate"].detach().float()).softmax(dim=-1).topk(topk, dim=-1).indices
     probs = (x @ p["gate"].t()).softmax(dim=-1).gather(1, idx)
     wts = probs / probs.sum(dim=-1, keepdim=True)
     out = torch.zeros_like(x)
+    routed = x + (fp8_round_trip(x.detach().float()).double() - x.detach()) if fp8 else x
     for e in range(p["gate"].shape[0]):
         tok, k = (idx == e).nonzero(as_tuple=True)
         if tok.numel() == 0:
             continue
-        xe = x[tok]
+        xe = routed[tok]
         ye = (F.silu(xe @ p["w1"][e]) * (xe @ p["w3"][e])) @ p["w2"][e]
         out = out.index_add(0, tok, ye * wts[tok, k].unsqueeze(1))
     if "s1" in p:
@@ -314,9 +331,10 @@ def _dense_moe(x: torch.Tensor, p: dict[str, torch.Tensor], topk: int) -> torch.
     return out
 
 
-def dense_reference(m: GlobalModel, topk: int) -> dict[str, Any]:
+def dense_reference(m: GlobalModel, topk: int, fp8: bool = False) -> dict[str, Any]:
     """Every rank's output and every grad, float64, one expert at a time. Routing is chosen from float32 logits
-    exactly as the built-in router does (so near-ties pick the same experts); the weights are float64."""
+    exactly as the built-in router does (so near-ties pick the same experts); the weights are float64. ``fp8``: as
+    _dense_moe's."""
     p = {
         "gate": m.gate.double().requires_grad_(),
         "w1": m.w1.double().requires_grad_(),
@@ -330,7 +348,7 @@ def dense_reference(m: GlobalModel, topk: int) -> dict[str, Any]:
     outs = []
     loss = torch.zeros((), dtype=torch.float64)
     for x, g in zip(xs, m.gs, strict=True):
-        out = _dense_moe(x, p, topk)  # x float64 rounds back to the float32 input exactly, so routing is the same
+        out = _dense_moe(x, p, topk, fp8)  # x float64 rounds back to the float32 input exactly, so routing is the same
         outs.append(out)
         loss = loss + (out * g.double()).sum()
     loss.backward()
@@ -394,9 +412,11 @@ def _build_layer(
 def layer_vs_reference(
     rank: int, world: int, tokens: list[int], hidden: int, ffn: int, shared_ffn: int, num_experts: int,
     topk: int, seed: int, variants: list[dict[str, Any]], replicas: int = 0, tokens_per_round: int | None = None,
+    fp8: bool = False,
 ) -> dict[str, Any]:
     """Forward and grads (x, gate, experts, shared experts) of the layer against the dense reference, float32.
-    ``tokens_per_round``: the Buffer's (calls in rounds).
+    ``tokens_per_round``: the Buffer's (calls in rounds). ``fp8``: the variants dispatch FP8 (``use_fp8``), the
+    reference's routed experts see the tokens' FP8 round trips.
 
     ``variants``: MoELayer options to run (e.g. num_chunks, num_worst_tokens, use_custom_ops); all must agree
     with the reference, and with each other to float32 rounding. ``replicas`` > 0: E physical slots hold
@@ -404,7 +424,7 @@ def layer_vs_reference(
     """
     num_logical, phys_to_log = random_placement(num_experts, replicas, seed)
     m = make_global(seed, tokens, hidden, ffn, shared_ffn, num_logical)
-    ref = dense_reference(m, topk)
+    ref = dense_reference(m, topk, fp8)
     epr = num_experts // world
     buf = largeep.Buffer(
         None, hidden=hidden, num_experts=num_experts, num_topk=topk, max_tokens_per_rank=max(max(tokens), 1),
@@ -546,17 +566,18 @@ def low_latency_vs_normal(
 
 
 def compiled_two_layers(rank: int, world: int, tokens: list[int], num_worst: int, num_chunks: int, seed: int,
-                        backend: str = "aot_eager") -> None:
+                        backend: str = "aot_eager", use_fp8: bool = False) -> None:
     """torch.compile(fullgraph=True, backend) of two MoE layers (sharing one Buffer) equals eager in the
     output and every grad; with num_worst_tokens nothing breaks the graph even without fullgraph, in inference and
-    in training (the backward's shapes are static too: weighted_row_sum's backward once split the frame)."""
-    hidden, ffn, experts, topk = 32, 16, 4 * world, 3
+    in training (the backward's shapes are static too: weighted_row_sum's backward once split the frame).
+    ``use_fp8``: the layers dispatch FP8 (hidden 128)."""
+    hidden, ffn, experts, topk = 128 if use_fp8 else 32, 16, 4 * world, 3
     torch._dynamo.reset()
     buf = largeep.Buffer(None, hidden=hidden, num_experts=experts, num_topk=topk, max_tokens_per_rank=max(tokens),
                          backend="torch")
     try:
         torch.manual_seed(seed)  # the same weights on every rank: the gate and shared experts are replicated
-        kw: dict[str, Any] = dict(ffn_hidden=ffn, num_worst_tokens=num_worst, num_chunks=num_chunks)
+        kw: dict[str, Any] = dict(ffn_hidden=ffn, num_worst_tokens=num_worst, num_chunks=num_chunks, use_fp8=use_fp8)
         first = layers.MoELayer(buf, shared_ffn_hidden=8, **kw)
         model = torch.nn.Sequential(first, layers.MoELayer(buf, **kw))
         x = torch.randn(tokens[rank], hidden, generator=_gen(seed, rank)).requires_grad_()
@@ -578,10 +599,12 @@ def compiled_two_layers(rank: int, world: int, tokens: list[int], num_worst: int
         buf.destroy()
 
 
-def layer_chunked_gpu(rank: int, world: int, backend: str, tokens: list[int]) -> dict[str, Any]:
+def layer_chunked_gpu(rank: int, world: int, backend: str, tokens: list[int], use_fp8: bool = False) -> dict[str, Any]:
     """On CUDA, bf16: the chunked schedule (dispatches issued from ops' side stream, expert GEMMs under the SM
     carveout) gives the unchunked output and grads up to bf16 rounding, and the grouped GEMM ran natively on
-    sm90/sm100."""
+    sm90/sm100. ``use_fp8``: the layer dispatches FP8 (its exact values are test_layer_fp8_dispatch's and
+    test_dispatch_fp8_gpu's); here the chunks agree, and the output is that of the bf16 layer up to FP8's
+    rounding, not equal to it."""
     hidden, ffn, experts, topk = 1024, 256, 16 * world, 4
     buf = largeep.Buffer(
         None, hidden=hidden, num_experts=experts, num_topk=topk, max_tokens_per_rank=max(tokens), backend=backend
@@ -589,7 +612,7 @@ def layer_chunked_gpu(rank: int, world: int, backend: str, tokens: list[int]) ->
     try:
         torch.manual_seed(5)  # the same gate on every rank
         with torch.device("cuda"):
-            layer = layers.MoELayer(buf, ffn_hidden=ffn, dtype=torch.bfloat16)
+            layer = layers.MoELayer(buf, ffn_hidden=ffn, dtype=torch.bfloat16, use_fp8=use_fp8)
         g = torch.Generator(device="cuda").manual_seed(50 + rank)
         x = torch.randn(tokens[rank], hidden, device="cuda", generator=g).to(torch.bfloat16)
         cot = torch.randn(tokens[rank], hidden, device="cuda", generator=g)
@@ -611,6 +634,14 @@ def layer_chunked_gpu(rank: int, world: int, backend: str, tokens: list[int]) ->
                 scale = a.float().abs().max().clamp(min=1e-30)
                 diff = float((a.float() - b.float()).abs().max() / scale)
                 assert diff <= 2e-2, f"rank {rank}: num_chunks={chunks}, tensor {i}: relative difference {diff:.3g}"
+        if use_fp8:  # (on every rank: a collective call)
+            layer.num_chunks, layer.use_fp8 = 1, False
+            with torch.no_grad():
+                plain = layer(x).float()
+            layer.use_fp8 = True
+            if tokens[rank]:
+                diff = float((results[0][0] - plain).abs().max() / plain.abs().max().clamp(min=1e-30))
+                assert 1e-3 <= diff <= 0.1, f"rank {rank}: the FP8 layer's output differs from bf16's by {diff:.3g}"
         ran = ops.grouped_mm_stats()
         if torch.cuda.get_device_capability()[0] in (9, 10):
             assert set(ran) == {"native"}, ran
@@ -1500,8 +1531,28 @@ def layer_size_checks(rank: int, world: int) -> None:
                 assert f"argument '{arg}' must be an int" in str(exc), str(exc)
             else:
                 raise AssertionError(f"MoELayer accepted {kw}")
+        # FP8 dispatch: a bool, a hidden size of whole 128-channel groups (16 is not), normal mode only
+        for kw, want in (({"use_fp8": 1}, "argument 'use_fp8' must be a bool"),
+                         ({"use_fp8": True}, "use_fp8 needs hidden % 128 == 0, hidden is 16")):
+            try:
+                layers.MoELayer(buf, ffn_hidden=8, **kw)  # type: ignore[arg-type]
+            except largeep.ArgumentError as exc:
+                assert want in str(exc), str(exc)
+            else:
+                raise AssertionError(f"MoELayer accepted {kw}")
     finally:
         buf.destroy()
+    ll = largeep.Buffer(None, hidden=128, num_experts=4 * world, num_topk=2, max_tokens_per_rank=8, backend="torch",
+                        low_latency=True)
+    try:
+        try:
+            layers.MoELayer(ll, ffn_hidden=8, use_fp8=True)
+        except largeep.ArgumentError as exc:
+            assert "'use_fp8' applies to normal mode; a low-latency Buffer takes ll_use_fp8" in str(exc), str(exc)
+        else:
+            raise AssertionError("a low-latency MoELayer accepted use_fp8")
+    finally:
+        ll.destroy()
 
 
 def repeated_expert_gate(rank: int, world: int) -> None:

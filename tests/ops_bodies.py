@@ -443,3 +443,68 @@ def ops_zero_copy_training(rank: int, world: int) -> list[str]:
     finally:
         buf.destroy()
     return fails
+
+
+def ops_fp8_gpu(rank: int, world: int, backend: str) -> list[str]:
+    """On CUDA, bf16 x: ``ops.dispatch(use_fp8=True)`` receives each row's FP8 round trip (the plain-torch reference,
+    on the CPU) bit for bit: in order, with ``async_finish`` (the dequantisation must come before the returned
+    event), after a ``previous_event`` whose x the caller's stream writes late (a quantisation not ordered after
+    that event reads stale rows), and with ``num_worst_tokens``. The gradients of x and topk_weights equal those of
+    the same dispatch without FP8 under the same cotangents, bit for bit (the quantisation is passed through)."""
+    from reference import RankInputs, fp8_round_trip, ref_dispatch
+
+    fails: list[str] = []
+    hidden, max_tokens = 512, 48
+    tokens = [40 if r != 1 else 0 for r in range(world)]
+    ins = []
+    for r in range(world):
+        g = torch.Generator().manual_seed(500 + r)
+        idx = torch.zeros(tokens[r], TOPK, dtype=torch.int64)
+        for t in range(tokens[r]):
+            idx[t] = torch.randperm(2 * world, generator=g)[:TOPK]
+        if tokens[r] > 1:
+            idx[1, 0] = -1
+        x = (torch.randn(tokens[r], hidden, generator=g) * 3).to(torch.bfloat16)
+        ins.append(RankInputs(x, idx, torch.rand(tokens[r], TOPK, generator=g) + 0.1))
+    ref = ref_dispatch([RankInputs(fp8_round_trip(i.x), i.topk_idx, i.topk_weights) for i in ins], rank, 2 * world)
+    rows = len(ref.src)
+    mine = ins[rank]
+    buf = _buffer(world, max_tokens=max_tokens, hidden=hidden, backend=backend)
+    try:
+        for variant in ("in_order", "async", "late_x", "worst"):
+            worst = world * max_tokens if variant == "worst" else 0
+            g = torch.Generator().manual_seed(900 + rank)
+            cot_x = torch.randn(worst or rows, hidden, generator=g).cuda()
+            cot_w = torch.randn(worst or rows, TOPK, generator=g).cuda()
+            grads = []
+            for use_fp8 in (True, False):
+                ev = None
+                if variant == "late_x":
+                    x = torch.zeros(tokens[rank], hidden, dtype=torch.bfloat16, device="cuda")
+                    torch.cuda._sleep(50_000_000)  # the caller's stream late: x written only after this
+                    x.copy_(mine.x.cuda())
+                    ev = ops.capture_event(x.device)
+                else:
+                    x = mine.x.cuda()
+                x.requires_grad_()
+                w = mine.topk_weights.cuda().requires_grad_()
+                d = _attempt(fails, f"{variant} fp8={use_fp8}: dispatch", ops.dispatch, buf, x, mine.topk_idx.cuda(), w,
+                             num_worst_tokens=worst, previous_event=ev, async_finish=variant in ("async", "late_x"),
+                             use_fp8=use_fp8)
+                if d is None:
+                    return fails
+                ops.wait(d.event)
+                if use_fp8:
+                    _check(fails, d.x.dtype == torch.bfloat16 and d.x.shape == (worst or rows, hidden),
+                           f"{variant}: received x {d.x.dtype} {tuple(d.x.shape)}")
+                    got = d.x[:rows].cpu()
+                    _check(fails, torch.equal(got, ref.x),
+                           f"{variant}: {int((got != ref.x).sum())} received values are not the FP8 round trip's")
+                ((d.x.float() * cot_x).sum() + (d.topk_weights * cot_w).sum()).backward()
+                grads.append((x.grad, w.grad))
+            for name, a, b in zip(("x", "topk_weights"), grads[0], grads[1], strict=True):
+                _check(fails, a is not None and b is not None and torch.equal(a, b),
+                       f"{variant}: the gradient of {name} differs from the dispatch's without FP8")
+        return fails
+    finally:
+        buf.destroy()

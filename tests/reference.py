@@ -175,7 +175,7 @@ def fp8_check(q: torch.Tensor, s: torch.Tensor, x: torch.Tensor, round_scale: bo
 def fp8_round_trip(x: torch.Tensor) -> torch.Tensor:
     """x [..., H] through SPEC's FP8 rows and back, in plain torch: per 128 channels s = amax / 448 (an all-zero
     group 1e-4 / 448), q = x / s rounded to the nearest e4m3, then q * s in x's dtype."""
-    g = x.float().reshape(*x.shape[:-1], -1, 128)
+    g = x.float().reshape(*x.shape[:-1], x.shape[-1] // 128, 128)
     s = g.abs().amax(-1, keepdim=True).clamp_min(1e-4) / 448.0
     q = (g / s).clamp(-448.0, 448.0).to(torch.float8_e4m3fn).float()
     return (q * s).reshape(x.shape).to(x.dtype)

@@ -758,3 +758,69 @@ def test_low_latency_four_ranks_shared_gpus(pools, case: tuple) -> None:
     pools(4, "gloo-cuda").run(
         bodies.low_latency_roundtrip, "nvshmem", tokens, m, hidden, experts, topk, fp8, round_scale, hook, 41
     )
+
+
+def _fp8_rows(dtype: torch.dtype, rows: int, hidden: int) -> torch.Tensor:
+    """Rows of 128-channel groups spread over many magnitudes (1e-12 to 1e12), with groups that test the edges: all
+    zero, all below 1e-4, a NaN, +-inf, -0.0, an amax a few float32 steps above 448 * 2^k (round_scale's edge)."""
+    g = torch.Generator().manual_seed(77)
+    x = torch.randn(rows, hidden, generator=g, dtype=torch.float64)
+    mag = 10.0 ** (torch.rand(rows, hidden // 128, 1, generator=g, dtype=torch.float64) * 24 - 12)
+    x = (x.view(rows, hidden // 128, 128) * mag).view(rows, hidden)
+    if rows >= 8 and hidden >= 256:
+        x[0, :128] = 0.0
+        x[1, :128] *= 1e-9
+        x[2, 5] = float("nan")
+        x[3, 130] = float("inf")
+        x[4, 7] = float("-inf")
+        x[5, :128] = -0.0
+        x[6, :128] = 1.0
+        x[6, 9] = 448.0 * 2.0**-3 * (1 + 3 * 2.0**-23)
+        x[7, 128:256] = -(448.0 * 2.0**5) * (1 + 2.0**-23)
+    return x.to(dtype)
+
+
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> int:
+    """How many values of a and b (same dtype) differ: both NaN counts as equal, else the bits must be."""
+    fa, fb = a.float(), b.float()
+    both_nan = torch.isnan(fa) & torch.isnan(fb)
+    ia = a.view(torch.uint8) if a.element_size() == 1 else a.view(torch.int16 if a.element_size() == 2 else torch.int32)
+    ib = b.view(ia.dtype)
+    return int(((ia != ib) & ~both_nan).sum())
+
+
+@pytest.mark.gpu(1)
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("round_scale", [False, True])
+@pytest.mark.parametrize("shape", [(0, 128), (1, 128), (37, 7168), (300, 256)])
+def test_fp8_native_kernels(dtype: torch.dtype, round_scale: bool, shape: tuple[int, int]) -> None:
+    """fp8.quantize and fp8.dequantize on CUDA (one native kernel each) give the CPU's bits (torch ops there),
+    NaN for NaN; the finite groups' codes are also checked from first principles (reference.fp8_check). A strided
+    or misaligned x takes torch ops on CUDA and gives the same bits."""
+    from largeep import fp8
+    from reference import fp8_check
+
+    x = _fp8_rows(dtype, *shape)
+    want_q, want_s = fp8.quantize(x, round_scale=round_scale)
+    got_q, got_s = fp8.quantize(x.cuda(), round_scale=round_scale)
+    assert _same_bits(got_q.cpu(), want_q) == 0 and _same_bits(got_s.cpu(), want_s) == 0
+    finite = torch.isfinite(x.float()).view(shape[0], -1, 128).all(-1).all(-1)
+    if bool(finite.any()):
+        assert fp8_check(got_q.cpu()[finite], got_s.cpu()[finite], x[finite], round_scale) is None
+    # strided (a column slice) and misaligned (starting 8 bytes into its storage) x: the torch ops, the same bits
+    wide = torch.cat([x, x], dim=1).cuda()
+    flat = torch.zeros(x.numel() + 8 // x.element_size(), dtype=dtype, device="cuda")
+    off = flat[8 // x.element_size():].view(shape)
+    off.copy_(x)
+    assert off.data_ptr() % 16 != 0
+    for other in (wide[:, : shape[1]], off):
+        q2, s2 = fp8.quantize(other, round_scale=round_scale)
+        assert _same_bits(q2.cpu(), want_q) == 0 and _same_bits(s2.cpu(), want_s) == 0
+    for out in (torch.bfloat16, torch.float32):
+        want = fp8.dequantize(want_q, want_s, out)
+        got = fp8.dequantize(got_q, got_s, out)
+        assert got.dtype == out and got.shape == x.shape
+        assert _same_bits(got.cpu(), want) == 0, f"dequantize to {out}"
+    # the default output dtype stays float32
+    assert fp8.dequantize(got_q, got_s).dtype == torch.float32

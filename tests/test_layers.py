@@ -30,6 +30,19 @@ def test_layer_forward_backward(pools, world: int) -> None:
     pools(world).run(layer_bodies.layer_vs_reference, _tokens(world), 32, 24, 12, 4 * world, 3, 10 + world, variants)
 
 
+@pytest.mark.parametrize("world", [1, 2, 4])
+def test_layer_fp8_dispatch(pools, world: int) -> None:
+    """use_fp8: the routed experts compute on the tokens' FP8 round trips (dense reference, float32), the gradients
+    pass through the quantisation; chunked, worst-size and custom-op variants agree."""
+    variants = [
+        {"use_fp8": True},
+        {"use_fp8": True, "num_chunks": 3},
+        {"use_fp8": True, "use_custom_ops": True, "num_worst_tokens": 2 * 13 * world + 40, "num_chunks": 2},
+    ]
+    pools(world).run(layer_bodies.layer_vs_reference, _tokens(world), 128, 24, 12, 4 * world, 3, 20 + world, variants,
+                     0, None, True)
+
+
 @pytest.mark.parametrize("world", [1, 3])
 def test_layer_buffer_in_rounds(pools, world: int) -> None:
     # a Buffer that moves calls in rounds (tokens_per_round): forward and grads as without, chunked too
@@ -103,6 +116,12 @@ def test_low_latency_fp8(pools) -> None:
 @pytest.mark.parametrize("num_worst,num_chunks", [(0, 1), (64, 2)])
 def test_compile_two_layers(pools, world: int, num_worst: int, num_chunks: int) -> None:
     pools(world).run(layer_bodies.compiled_two_layers, [12 + 3 * r for r in range(world)], num_worst, num_chunks, 7)
+
+
+@pytest.mark.parametrize("num_worst,num_chunks", [(0, 1), (64, 2)])
+def test_compile_two_layers_fp8(pools, num_worst: int, num_chunks: int) -> None:
+    """The FP8 dispatch compiles as the bf16 one: the same graph checks, use_fp8 on both layers."""
+    pools(2).run(layer_bodies.compiled_two_layers, [12, 15], num_worst, num_chunks, 8, "aot_eager", True)
 
 
 def test_placement_compiled(pools) -> None:
@@ -406,12 +425,13 @@ def test_forward_rows_unknown_pairs_cuda_graph() -> None:
 
 @pytest.mark.gpu(2)
 @pytest.mark.parametrize("backend", ["nvshmem", "torch"])
-def test_layer_chunked_gpu(pools, backend: str) -> None:
+@pytest.mark.parametrize("use_fp8", [False, True])
+def test_layer_chunked_gpu(pools, backend: str, use_fp8: bool) -> None:
     from largeep import native
 
     if backend == "nvshmem" and native.unavailable_reason() is not None:
         pytest.skip(str(native.unavailable_reason()))
-    pools(2, "nccl").run(layer_bodies.layer_chunked_gpu, backend, [700, 0])
+    pools(2, "nccl").run(layer_bodies.layer_chunked_gpu, backend, [700, 0], use_fp8)
 
 
 @pytest.mark.gpu(1)

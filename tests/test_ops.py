@@ -105,6 +105,19 @@ def test_dispatch_combine_autograd(pools, world: int, use_custom_ops: bool, num_
     )
 
 
+@pytest.mark.parametrize("world", [1, 2])
+@pytest.mark.parametrize("use_custom_ops", [False, True])
+@pytest.mark.parametrize("num_worst", [0, 64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dispatch_fp8_autograd(pools, world: int, use_custom_ops: bool, num_worst: int, dtype: torch.dtype) -> None:
+    """ops.dispatch(use_fp8=True): the received x is each row's FP8 round trip in x's dtype, bit for bit; the grads
+    of x and topk_weights (and of a combine through the handle) are those of the plain dispatch."""
+    pools(world).run(
+        layer_bodies.ops_autograd, _tokens(world), 256, 4 * world, 3, num_worst, use_custom_ops, 7 + world, True,
+        dtype,
+    )
+
+
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
 @pytest.mark.parametrize("num_worst", [0, 40])
 def test_two_batches_compiled(pools, num_worst: int, backend: str) -> None:
@@ -159,6 +172,18 @@ def test_second_derivative_and_checkpointed_gpu(pools, backend: str) -> None:
         _no_failures(pool.run(ops_bodies.ops_second_derivative, [6, 3], num_worst, custom, backend))
     for mode, chunks in (("eager", 0), ("eager", 2), ("aot_eager", 2)):
         _no_failures(pool.run(ops_bodies.ops_checkpointed, mode, chunks, backend))
+
+
+@pytest.mark.gpu(2)
+@pytest.mark.parametrize("backend", ["nvshmem", "torch"])
+def test_dispatch_fp8_gpu(pools, backend: str) -> None:
+    """ops.dispatch(use_fp8=True) on CUDA: FP8 round trips bit for bit in order, with async_finish, after a late
+    previous_event and with num_worst_tokens; gradients those of the bf16 dispatch."""
+    from largeep import native
+
+    if backend == "nvshmem" and native.unavailable_reason() is not None:
+        pytest.skip(str(native.unavailable_reason()))
+    _no_failures(pools(2, "nccl").run(ops_bodies.ops_fp8_gpu, backend))
 
 
 @pytest.mark.gpu(2)
@@ -432,8 +457,16 @@ def test_ops_dispatch_refuses_what_it_cannot_differentiate() -> None:
     from largeep import ArgumentError
 
     x, idx, w = torch.zeros(2, 8), torch.zeros(2, 1, dtype=torch.int64), torch.ones(2, 1)
-    with pytest.raises(ArgumentError, match="'x'.*FP8 pair"):
+    with pytest.raises(ArgumentError, match="'x'.*use_fp8=True"):
         ops.dispatch(0, (x, x), idx, w)  # type: ignore[arg-type]
+    # use_fp8: a bool, and an x that quantises (bf16/fp32, H a multiple of 128), on either path
+    with pytest.raises(ArgumentError, match="'use_fp8' must be a bool"):
+        ops.dispatch(0, x, idx, w, use_fp8=1)  # type: ignore[arg-type]
+    for custom in (False, True):
+        with pytest.raises(ArgumentError, match=r"use_fp8=True.*'x'.*multiple of 128.*\(2, 8\)"):
+            ops.dispatch(0, x, idx, w, use_fp8=True, use_custom_ops=custom)
+        with pytest.raises(ArgumentError, match="use_fp8=True.*'x'.*torch.float16"):
+            ops.dispatch(0, torch.zeros(2, 128, dtype=torch.float16), idx, w, use_fp8=True, use_custom_ops=custom)
     with pytest.raises(ArgumentError, match="'topk_weights'"):
         ops.dispatch(0, x, idx, None)  # type: ignore[arg-type]
     with pytest.raises(ArgumentError, match="'topk_weights'"):

@@ -323,6 +323,14 @@ void launch_weighted_row_sum(const void* src, int64_t src_rows, int elem_bytes, 
 int gather_rows_default_blocks(int num_sms);
 void launch_gather_rows(const void* x, int64_t x_rows, int64_t row_bytes, const int64_t* src, const int* count,
                         void* out, int64_t rows, int num_blocks, cudaStream_t stream);
+// FP8 rows as largeep.fp8 makes them, bit for bit, over `groups` groups of 128 consecutive values (a [T, H] tensor
+// with H % 128 == 0 is T * H / 128 of them): quantize x (bf16: elem_bytes 2, or float32: 4) into e4m3 codes q and
+// one float32 scale per group s (the power of two at or above with round_scale); dequantize q * s into y (bf16 or
+// float32). x, y and q 16-byte aligned. No sync.
+void launch_fp8_quantize(const void* x, int elem_bytes, uint8_t* q, float* s, int64_t groups, bool round_scale,
+                         cudaStream_t stream);
+void launch_fp8_dequantize(const uint8_t* q, const float* s, void* y, int elem_bytes, int64_t groups,
+                           cudaStream_t stream);
 // The (row, k) entries of idx int64 [rows, num_topk] (local expert ids; an id outside [0, num_experts) names none)
 // in a stable order by expert, entries naming none last -- what a stable argsort of the keys gives: offs int32
 // [num_experts] inclusive end of each expert's entries; pos int64 [rows * num_topk] each entry's position, or pad

@@ -1,11 +1,14 @@
 // Expert-side row kernels (no communication): the weighted sum of each dispatched row's expert outputs, the expert
-// order of a dispatch's (row, k) entries, and the gather of the rows in that order.
+// order of a dispatch's (row, k) entries, the gather of the rows in that order, and FP8 rows' quantisation and
+// dequantisation.
 #include <cuda_bf16.h>
+#include <cuda_fp16.h>
 
 #include <algorithm>
 
 #include "api.cuh"
 #include "exception.cuh"
+#include "fp8.cuh"
 #include "vec.cuh"
 
 namespace largeep {
@@ -267,6 +270,112 @@ void launch_gather_rows(const void* x, int64_t x_rows, int64_t row_bytes, const 
     if (blocks == 0 || row_bytes == 0) return;
     gather_rows_kernel<<<blocks, kGatherThreads, 0, stream>>>(static_cast<const int4*>(x), x_rows, src, count,
                                                               static_cast<int4*>(out), rows, row_bytes / 16);
+    LAUNCH_CHECK();
+}
+
+namespace {
+
+// ---- FP8 rows (largeep.fp8): one warp per 128-channel group, four consecutive values per lane -----------------
+constexpr int kFp8Threads = 256;
+constexpr int kFp8Warps = kFp8Threads / 32;
+
+__device__ __forceinline__ void load4(const __nv_bfloat16* p, float* v) {
+    const uint2 raw = *reinterpret_cast<const uint2*>(p);
+    const auto* h = reinterpret_cast<const __nv_bfloat16*>(&raw);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) v[i] = __bfloat162float(h[i]);
+}
+__device__ __forceinline__ void load4(const float* p, float* v) {
+    const float4 raw = *reinterpret_cast<const float4*>(p);
+    v[0] = raw.x, v[1] = raw.y, v[2] = raw.z, v[3] = raw.w;
+}
+__device__ __forceinline__ void store4(__nv_bfloat16* p, const float* v) {
+    uint2 raw;
+    auto* h = reinterpret_cast<__nv_bfloat16*>(&raw);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) h[i] = __float2bfloat16_rn(v[i]);
+    *reinterpret_cast<uint2*>(p) = raw;
+}
+__device__ __forceinline__ void store4(float* p, const float* v) {
+    *reinterpret_cast<float4*>(p) = make_float4(v[0], v[1], v[2], v[3]);
+}
+
+// q, s of x [groups * 128] as largeep.fp8.quantize makes them, bit for bit: the group's scale (fp8_group_scale of
+// its amax, NaN kept), then each x / s divided correctly rounded (__fdiv_rn, as torch's division) and saturated to
+// e4m3 (the clamp to +-448, NaN kept).
+template <typename T>
+__global__ void __launch_bounds__(kFp8Threads) fp8_quantize_kernel(const T* x, uint8_t* q, float* s, int64_t groups,
+                                                                  bool round_scale) {
+    const int lane = threadIdx.x % 32;
+    for (int64_t g = static_cast<int64_t>(blockIdx.x) * kFp8Warps + threadIdx.x / 32; g < groups;
+         g += static_cast<int64_t>(gridDim.x) * kFp8Warps) {
+        float v[4];
+        load4(x + g * 128 + lane * 4, v);
+        float amax = max_keep_nan(max_keep_nan(fabsf(v[0]), fabsf(v[1])), max_keep_nan(fabsf(v[2]), fabsf(v[3])));
+#pragma unroll
+        for (int o = 16; o > 0; o /= 2) amax = max_keep_nan(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+        const float scale = fp8_group_scale(amax, round_scale);
+        uint32_t packed = 0;
+#pragma unroll
+        for (int i = 0; i < 4; ++i) packed |= static_cast<uint32_t>(fp8_e4m3_code(__fdiv_rn(v[i], scale))) << (8 * i);
+        reinterpret_cast<uint32_t*>(q + g * 128)[lane] = packed;
+        if (lane == 0) s[g] = scale;
+    }
+}
+
+// y [groups * 128] = q * s in float32 (one rounding), then rounded to T: largeep.fp8.dequantize's bits.
+template <typename T>
+__global__ void __launch_bounds__(kFp8Threads) fp8_dequantize_kernel(const uint8_t* q, const float* s, T* y,
+                                                                    int64_t groups) {
+    const int lane = threadIdx.x % 32;
+    for (int64_t g = static_cast<int64_t>(blockIdx.x) * kFp8Warps + threadIdx.x / 32; g < groups;
+         g += static_cast<int64_t>(gridDim.x) * kFp8Warps) {
+        const uint32_t packed = reinterpret_cast<const uint32_t*>(q + g * 128)[lane];
+        const float scale = s[g];
+        float v[4];
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            const __half h(__nv_cvt_fp8_to_halfraw(static_cast<__nv_fp8_storage_t>(packed >> (8 * i)), __NV_E4M3));
+            v[i] = __fmul_rn(__half2float(h), scale);
+        }
+        store4(y + g * 128 + lane * 4, v);
+    }
+}
+
+int64_t fp8_blocks(int64_t groups) { return std::min<int64_t>((groups + kFp8Warps - 1) / kFp8Warps, 1 << 20); }
+
+}  // namespace
+
+void launch_fp8_quantize(const void* x, int elem_bytes, uint8_t* q, float* s, int64_t groups, bool round_scale,
+                         cudaStream_t stream) {
+    HOST_ASSERT(elem_bytes == 2 || elem_bytes == 4, "fp8_quantize: x must be bf16 or float32");
+    HOST_ASSERT(groups >= 0, "fp8_quantize: groups must be >= 0");
+    HOST_ASSERT(reinterpret_cast<uintptr_t>(x) % 16 == 0 && reinterpret_cast<uintptr_t>(q) % 16 == 0 &&
+                    reinterpret_cast<uintptr_t>(s) % 4 == 0,
+                "fp8_quantize: x and q must be 16-byte aligned, s 4-byte");
+    if (groups == 0) return;
+    if (elem_bytes == 2)
+        fp8_quantize_kernel<<<fp8_blocks(groups), kFp8Threads, 0, stream>>>(static_cast<const __nv_bfloat16*>(x), q,
+                                                                             s, groups, round_scale);
+    else
+        fp8_quantize_kernel<<<fp8_blocks(groups), kFp8Threads, 0, stream>>>(static_cast<const float*>(x), q, s,
+                                                                             groups, round_scale);
+    LAUNCH_CHECK();
+}
+
+void launch_fp8_dequantize(const uint8_t* q, const float* s, void* y, int elem_bytes, int64_t groups,
+                           cudaStream_t stream) {
+    HOST_ASSERT(elem_bytes == 2 || elem_bytes == 4, "fp8_dequantize: y must be bf16 or float32");
+    HOST_ASSERT(groups >= 0, "fp8_dequantize: groups must be >= 0");
+    HOST_ASSERT(reinterpret_cast<uintptr_t>(y) % 16 == 0 && reinterpret_cast<uintptr_t>(q) % 16 == 0 &&
+                    reinterpret_cast<uintptr_t>(s) % 4 == 0,
+                "fp8_dequantize: y and q must be 16-byte aligned, s 4-byte");
+    if (groups == 0) return;
+    if (elem_bytes == 2)
+        fp8_dequantize_kernel<<<fp8_blocks(groups), kFp8Threads, 0, stream>>>(q, s, static_cast<__nv_bfloat16*>(y),
+                                                                               groups);
+    else
+        fp8_dequantize_kernel<<<fp8_blocks(groups), kFp8Threads, 0, stream>>>(q, s, static_cast<float*>(y), groups);
     LAUNCH_CHECK();
 }
 

@@ -13,6 +13,8 @@ the scale infinite, so that every value of the group dequantises to NaN (never t
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from largeep.errors import ArgumentError
@@ -34,9 +36,32 @@ def round_up_pow2(scale: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isnan(scale), scale, up)
 
 
+def _native_for(t: torch.Tensor) -> Any:
+    """The native module where its FP8 kernels can take ``t``'s work (a CUDA tensor, not while torch.compile
+    traces, the module built for this machine), else None: the torch ops below then do it, to the same bits."""
+    if not t.is_cuda or torch.compiler.is_compiling():
+        return None
+    from largeep import native
+
+    return native.module() if native.unavailable_reason() is None else None
+
+
+def _stream_of(t: torch.Tensor) -> Any:
+    from largeep.backends.base import current_raw_stream
+
+    return current_raw_stream(t.device)
+
+
+def _device_of(t: torch.Tensor) -> Any:
+    """The native kernels launch on the current device: ``t``'s for the call."""
+    return torch.cuda.device(t.device)
+
+
 def quantize(x: torch.Tensor, round_scale: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """x [T, H] (bf16/fp32, H % 128 == 0) -> (e4m3 [T, H], float32 scales [T, H/128]). No host sync. A wrong ``x``
-    raises :class:`largeep.ArgumentError`."""
+    raises :class:`largeep.ArgumentError`. On CUDA one native kernel (one pass over x; torch ops where the native
+    module is not built, x is not contiguous or not 16-byte aligned, or while torch.compile traces), the same bits
+    either way."""
     if not isinstance(x, torch.Tensor):
         raise ArgumentError(f"fp8.quantize: argument 'x' must be a torch.Tensor, got {type(x).__name__}")
     if x.dim() != 2:
@@ -49,6 +74,15 @@ def quantize(x: torch.Tensor, round_scale: bool = False) -> tuple[torch.Tensor, 
     if h % GROUP:
         raise ArgumentError(f"fp8.quantize: argument 'x' has shape {tuple(x.shape)}, expected a hidden size (dim 1) "
                             f"that is a multiple of {GROUP}")
+    C = _native_for(x)
+    if (C is not None and x.dtype in (torch.bfloat16, torch.float32) and x.is_contiguous()
+            and x.data_ptr() % 16 == 0):
+        q = torch.empty(t, h, dtype=FP8_DTYPE, device=x.device)
+        s = torch.empty(t, h // GROUP, dtype=torch.float32, device=x.device)
+        with _device_of(x):
+            C.fp8_quantize(x.data_ptr(), x.element_size(), q.data_ptr(), s.data_ptr(), t * (h // GROUP),
+                           bool(round_scale), _stream_of(x))
+        return q, s
     g = x.float().view(t, h // GROUP, GROUP)
     amax = g.abs().amax(dim=2).clamp_min(_MIN_AMAX)
     # (divided by a tensor: torch on CUDA multiplies by the reciprocal of a Python number, which is not always the
@@ -61,8 +95,19 @@ def quantize(x: torch.Tensor, round_scale: bool = False) -> tuple[torch.Tensor, 
     return q, scale.contiguous()
 
 
-def dequantize(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """(e4m3 [..., H], float32 [..., H/128]) -> float32 [..., H]."""
+def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(e4m3 [..., H], float32 [..., H/128]) -> [..., H] in ``dtype``: q * scale in float32, rounded once to
+    ``dtype``. On CUDA with ``dtype`` bf16 or float32, one native kernel where the native module is built and q
+    and scale are contiguous (q 16-byte aligned; not while torch.compile traces), else torch ops: the same bits."""
     h = q.shape[-1]
+    C = _native_for(q)
+    if (C is not None and dtype in (torch.bfloat16, torch.float32) and q.dtype == FP8_DTYPE and h % GROUP == 0
+            and scale.dtype == torch.float32 and tuple(scale.shape) == (*q.shape[:-1], h // GROUP)
+            and q.is_contiguous() and scale.is_contiguous() and q.data_ptr() % 16 == 0 and scale.device == q.device):
+        y = torch.empty(q.shape, dtype=dtype, device=q.device)
+        with _device_of(q):
+            C.fp8_dequantize(q.data_ptr(), scale.data_ptr(), y.data_ptr(), y.element_size(), q.numel() // GROUP,
+                             _stream_of(q))
+        return y
     g = q.float().view(*q.shape[:-1], h // GROUP, GROUP)
-    return (g * scale.unsqueeze(-1)).view(*q.shape)
+    return (g * scale.unsqueeze(-1)).view(*q.shape).to(dtype)

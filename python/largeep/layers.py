@@ -39,7 +39,10 @@ a TP group (F/T columns of w1/w3, F/T rows of w2), the Buffer lives on an EP gro
 the received rows are all-gathered over the TP group before the experts and their partial outputs reduce-scattered
 after; :mod:`largeep.expert_tp` has the groups, the data flow and its communication cost.
 
-Not done: FP8 in normal mode is not used by the layer (the low-latency path can dispatch FP8 with ``ll_use_fp8``).
+FP8. ``use_fp8`` (normal mode) dispatches the tokens as FP8 (``ops.dispatch(use_fp8=True)``: e4m3 with one scale
+per 128 channels, about half the bytes of bf16) and the experts compute on the dequantised rows; the combine and
+every gradient stay in the activations' dtype (the quantisation passes the gradient straight through).
+``ll_use_fp8`` does the same in low-latency mode.
 """
 
 from __future__ import annotations
@@ -359,6 +362,8 @@ class MoELayer(nn.Module):
         overlap_sm_carveout: with ``num_chunks`` > 1 on CUDA, SMs the expert GEMMs leave free for the
             communication kernels that run beside them (``ops.sm_carveout``); default (None): the Buffer's
             ``num_sms``; 0: none.
+        use_fp8: normal mode: dispatch FP8 (needs H % 128 == 0; ``ops.dispatch(use_fp8=True)``): the experts see
+            the dequantized values; the combine and the gradients stay in the activations' dtype.
         ll_use_fp8: low-latency mode: dispatch FP8 (needs H % 128 == 0); the experts see the dequantized values.
         ll_send_weights: low-latency mode: the dispatch carries the gate weights, so that the combine
             sums each token's outputs on the experts' ranks (``Buffer.low_latency_dispatch(topk_weights=)``: fewer
@@ -393,6 +398,7 @@ class MoELayer(nn.Module):
         num_chunks: int = 1,
         num_worst_tokens: int = 0,
         overlap_sm_carveout: int | None = None,
+        use_fp8: bool = False,
         ll_use_fp8: bool = False,
         ll_send_weights: bool = True,
         ll_bf16_partial_sums: bool = False,
@@ -431,7 +437,7 @@ class MoELayer(nn.Module):
                 raise ArgumentError(
                     f"MoELayer: argument 'overlap_sm_carveout' must be None or an int >= 0, got {overlap_sm_carveout!r}"
                 )
-            for arg, flag in (("ll_use_fp8", ll_use_fp8), ("ll_send_weights", ll_send_weights),
+            for arg, flag in (("use_fp8", use_fp8), ("ll_use_fp8", ll_use_fp8), ("ll_send_weights", ll_send_weights),
                               ("ll_bf16_partial_sums", ll_bf16_partial_sums), ("use_custom_ops", use_custom_ops),
                               ("norm_topk_prob", norm_topk_prob)):
                 if not isinstance(flag, bool):
@@ -439,8 +445,12 @@ class MoELayer(nn.Module):
             if gate is not None and not callable(gate):
                 raise ArgumentError(f"MoELayer: argument 'gate' must be a module x -> (topk_idx, topk_weights), got "
                                     f"{type(gate).__name__}")
-            if ll_use_fp8 and c.hidden % fp8.GROUP:
-                raise ArgumentError(f"MoELayer: ll_use_fp8 needs hidden % {fp8.GROUP} == 0, hidden is {c.hidden}")
+            if use_fp8 and c.low_latency:
+                raise ArgumentError("MoELayer: argument 'use_fp8' applies to normal mode; a low-latency Buffer takes "
+                                    "ll_use_fp8")
+            for arg, flag in (("use_fp8", use_fp8), ("ll_use_fp8", ll_use_fp8)):
+                if flag and c.hidden % fp8.GROUP:
+                    raise ArgumentError(f"MoELayer: {arg} needs hidden % {fp8.GROUP} == 0, hidden is {c.hidden}")
             if ll_bf16_partial_sums and not ll_send_weights:
                 raise ArgumentError("MoELayer: argument 'll_bf16_partial_sums' = True needs ll_send_weights=True")
             num_logical = _logical_experts(c, placement, num_logical_experts)
@@ -484,6 +494,7 @@ class MoELayer(nn.Module):
         self.num_chunks = num_chunks
         self.num_worst_tokens = num_worst_tokens
         self.overlap_sm_carveout = overlap_sm_carveout
+        self.use_fp8 = use_fp8
         self.ll_use_fp8 = ll_use_fp8
         self.ll_send_weights = ll_send_weights
         self.ll_bf16_partial_sums = ll_bf16_partial_sums
@@ -621,7 +632,7 @@ class MoELayer(nn.Module):
             return ops.dispatch(
                 self.buffer_id, xc, idxc, wc,
                 num_worst_tokens=self.num_worst_tokens, previous_event=ready, async_finish=True,
-                use_custom_ops=self.use_custom_ops,
+                use_custom_ops=self.use_custom_ops, use_fp8=self.use_fp8,
             )
         except BaseException as exc:
             if tp is not None:

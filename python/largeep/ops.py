@@ -83,7 +83,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch._subclasses.fake_tensor import is_fake
 
-from largeep import _inductor_order, checks
+from largeep import _inductor_order, checks, fp8
 from largeep._env import logger
 from largeep.backends.base import current_raw_stream
 from largeep.buffer import Buffer, DispatchHandle, EventOverlap, LowLatencyHandle, _record_stream
@@ -1102,21 +1102,27 @@ def _max_rows(buffer_id: int) -> int:
 @torch.library.custom_op(
     "largeep::dispatch_send",
     mutates_args=(),
-    schema="(int buffer_id, Tensor x, Tensor topk_idx, Tensor topk_weights, int num_worst_tokens) -> Tensor",
+    schema=(
+        "(int buffer_id, Tensor x, Tensor topk_idx, Tensor topk_weights, int num_worst_tokens, bool use_fp8=False) "
+        "-> Tensor"
+    ),
 )
 def _dispatch_send_op(
-    buffer_id: int, x: Tensor, topk_idx: Tensor, topk_weights: Tensor, num_worst_tokens: int
+    buffer_id: int, x: Tensor, topk_idx: Tensor, topk_weights: Tensor, num_worst_tokens: int, use_fp8: bool = False
 ) -> Tensor:
     buf = buffer_of(buffer_id)
-    res = buf.dispatch(_row_aligned(x), topk_idx, topk_weights, num_worst_tokens=num_worst_tokens)
-    assert isinstance(res.x, Tensor) and res.topk_idx is not None and res.topk_weights is not None
+    send = _fp8_pair(x) if use_fp8 else _row_aligned(x)
+    res = buf.dispatch(send, topk_idx, topk_weights, num_worst_tokens=num_worst_tokens)
+    assert res.topk_idx is not None and res.topk_weights is not None
     entry = _Entry(res.handle, num_worst_tokens, _valid_rows(res.topk_idx >= 0) if num_worst_tokens else None)
-    entry.pending = (res.x, res.topk_idx, res.topk_weights)
+    entry.pending = (_received_x(res.x, x.dtype if use_fp8 else None), res.topk_idx, res.topk_weights)
     return _put(buffer_id, entry)
 
 
 @_dispatch_send_op.register_fake
-def _(buffer_id: int, x: Tensor, topk_idx: Tensor, topk_weights: Tensor, num_worst_tokens: int) -> Tensor:
+def _(
+    buffer_id: int, x: Tensor, topk_idx: Tensor, topk_weights: Tensor, num_worst_tokens: int, use_fp8: bool = False
+) -> Tensor:
     _inductor_order.ensure()
     return _ticket_like()
 
@@ -1516,10 +1522,11 @@ def _side_stream(purpose: str, device: torch.device, priority: int) -> torch.cud
 
 
 def _buffer_dispatch(
-    buffer: Buffer, x: Tensor, topk_idx: Tensor, topk_weights: Tensor, num_worst_tokens: int,
+    buffer: Buffer, x: Tensor | tuple[Tensor, Tensor], topk_idx: Tensor, topk_weights: Tensor, num_worst_tokens: int,
     previous_event: EventOverlap | None, async_finish: bool,
 ) -> Any:
-    """``buffer.dispatch``, issued from an idle side stream when it is to wait for ``previous_event`` only.
+    """``buffer.dispatch`` (x: rows, or an FP8 pair), issued from an idle side stream when it is to wait for
+    ``previous_event`` only.
 
     A dispatch without ``num_worst_tokens`` waits on the host: the Buffer's expert-id check (a Python min/max where
     the backend does not check the ids itself, as largeep's backends do) syncs the *current* stream,
@@ -1534,16 +1541,17 @@ def _buffer_dispatch(
     only; the side stream would only cost host time (a stream switch, an event and a ``record_stream`` per output,
     tens of microseconds per chunk on a host-bound schedule)."""
     ev = previous_event.event if previous_event is not None else None
+    rows = x if isinstance(x, Tensor) else x[0]
     if (
-        ev is None or num_worst_tokens or not x.is_cuda or getattr(buffer._impl, "checks_dispatch_ids", False)
+        ev is None or num_worst_tokens or not rows.is_cuda or getattr(buffer._impl, "checks_dispatch_ids", False)
         or torch.cuda.is_current_stream_capturing()
     ):
         return buffer.dispatch(
             x, topk_idx, topk_weights, num_worst_tokens=num_worst_tokens, previous_event=previous_event,
             async_finish=async_finish,
         )
-    caller = torch.cuda.current_stream(x.device)
-    side = _side_stream("dispatch", x.device, buffer._settings.stream_priority)  # the Buffer's own stream priority
+    caller = torch.cuda.current_stream(rows.device)
+    side = _side_stream("dispatch", rows.device, buffer._settings.stream_priority)  # the Buffer's own stream priority
     side.wait_event(ev)
     with torch.cuda.stream(side):
         res = buffer.dispatch(
@@ -1556,25 +1564,77 @@ def _buffer_dispatch(
     return res
 
 
-def _received_mask(
-    buffer: Buffer, recv_idx: Tensor, event: EventOverlap, async_finish: bool
-) -> tuple[Tensor, EventOverlap]:
-    """``recv_idx >= 0`` (bool [R, K], for the backward: see :class:`OpHandle`) where the dispatch's outputs are
-    ready, and the event that covers it. Without ``async_finish`` (the caller's stream is ordered after the
-    dispatch), on the caller's stream; with it, on the Buffer's stream behind the dispatch, with a new event
-    recorded after it for the caller (whose wait on the dispatch's event then orders it after the mask too)."""
+def _fp8_pair(x: Tensor) -> tuple[Tensor, Tensor]:
+    """``x`` as the FP8 pair that a dispatch with ``use_fp8`` sends (:func:`largeep.fp8.quantize`), after
+    :func:`_check_fp8`."""
+    _check_fp8(x)
+    return fp8.quantize(x)
+
+
+def _check_fp8(x: Tensor) -> None:
+    """ArgumentError naming ``x`` where a dispatch with ``use_fp8`` cannot send it as an FP8 pair."""
+    if x.dtype not in (torch.bfloat16, torch.float32) or x.dim() != 2 or x.shape[1] % fp8.GROUP:
+        raise ArgumentError(
+            f"ops.dispatch: use_fp8=True sends x quantised to FP8, one scale per {fp8.GROUP} channels: argument 'x' "
+            f"must be a bf16/fp32 tensor [T, H] with H a multiple of {fp8.GROUP}, got {x.dtype} {tuple(x.shape)}"
+        )
+
+
+def _received_x(x: Tensor | tuple[Tensor, Tensor], dtype: torch.dtype | None) -> Tensor:
+    """A dispatch's received x for the caller: the rows as they came, or (``dtype`` given: a ``use_fp8``
+    dispatch) the received FP8 pair dequantised to ``dtype``."""
+    if dtype is None:
+        assert isinstance(x, Tensor)
+        return x
+    assert isinstance(x, tuple)
+    return fp8.dequantize(*x, dtype=dtype)
+
+
+def _send_fp8(
+    buffer: Buffer, x: Tensor, previous_event: EventOverlap | None
+) -> tuple[tuple[Tensor, Tensor], EventOverlap | None]:
+    """``x`` quantised (:func:`_fp8_pair`) where the dispatch will find it, and the ``previous_event`` to give the
+    dispatch: on the caller's stream, which a dispatch without ``previous_event`` waits for; with one, the dispatch
+    waits for that event only, so the quantisation runs on the Buffer's stream after it, in order before the
+    dispatch there (no other stream: the same under CUDA-graph capture)."""
+    stream = buffer._stream
+    if previous_event is None or previous_event.event is None or stream is None or not x.is_cuda:
+        return _fp8_pair(x), previous_event
+    _check_fp8(x)  # (before the stream waits)
+    stream.wait_event(previous_event.event)
+    with torch.cuda.stream(stream):
+        pair = fp8.quantize(x)
+    _record_stream(x, stream)  # (read there)
+    return pair, previous_event
+
+
+def _received(
+    buffer: Buffer, rx: Tensor | tuple[Tensor, Tensor], recv_idx: Tensor, dtype: torch.dtype | None, mask: bool,
+    event: EventOverlap, async_finish: bool,
+) -> tuple[Tensor, Tensor | None, EventOverlap]:
+    """The dispatch's received x for the caller (:func:`_received_x`: ``dtype`` given, the FP8 pair dequantised),
+    with ``mask`` ``recv_idx >= 0`` (bool [R, K], for the backward: see :class:`OpHandle`), made where the
+    dispatch's outputs are ready, and the event that covers them. Without ``async_finish`` (the caller's stream is
+    ordered after the dispatch), on the caller's stream; with it, on the Buffer's stream behind the dispatch, with a
+    new event recorded after it for the caller (whose wait on the dispatch's event then orders it after these
+    too)."""
     stream = buffer._stream
     if not async_finish or event.event is None or stream is None:
-        return recv_idx >= 0, event
+        return _received_x(rx, dtype), (recv_idx >= 0 if mask else None), event
     caller = torch.cuda.current_stream(stream.device)
     # (the dispatch's event was recorded on this stream, Buffer._run: work queued here now runs after it)
     with torch.cuda.stream(stream):
-        valid = recv_idx >= 0
+        x = _received_x(rx, dtype)
+        valid = recv_idx >= 0 if mask else None
         after = torch.cuda.Event()
         after.record(stream)
-    _record_stream(recv_idx, stream)  # (read here: a zero-copy slot it sits in waits for this stream too)
-    valid.record_stream(caller)
-    return valid, EventOverlap(after)
+    # (read here: a zero-copy slot they sit in waits for this stream too)
+    for t in (recv_idx, *(rx if isinstance(rx, tuple) else ())):
+        _record_stream(t, stream)
+    for t in (x, valid):
+        if t is not None and t is not rx:
+            t.record_stream(caller)
+    return x, valid, EventOverlap(after)
 
 
 class _DispatchFn(torch.autograd.Function):
@@ -1590,12 +1650,17 @@ class _DispatchFn(torch.autograd.Function):
         async_finish: bool,
         sink: list[Any],
         grad: bool,
+        use_fp8: bool,
     ) -> tuple[Tensor, Tensor, Tensor]:
-        res = _buffer_dispatch(buffer, x, topk_idx, topk_weights, num_worst_tokens, previous_event, async_finish)
-        assert isinstance(res.x, Tensor) and res.topk_idx is not None and res.topk_weights is not None
-        event = res.event
+        send: Tensor | tuple[Tensor, Tensor] = x
+        if use_fp8:
+            send, previous_event = _send_fp8(buffer, x, previous_event)
+        res = _buffer_dispatch(buffer, send, topk_idx, topk_weights, num_worst_tokens, previous_event, async_finish)
+        assert res.topk_idx is not None and res.topk_weights is not None
+        rx, valid, event = _received(buffer, res.x, res.topk_idx, x.dtype if use_fp8 else None, grad, res.event,
+                                     async_finish)
         if grad:
-            valid, event = _received_mask(buffer, res.topk_idx, event, async_finish)
+            assert valid is not None
             handle = OpHandle(buffer, res.handle, valid, None, num_worst_tokens, x.shape[0])
         else:
             handle = OpHandle(buffer, res.handle, None, res.topk_idx, num_worst_tokens, x.shape[0],
@@ -1604,7 +1669,7 @@ class _DispatchFn(torch.autograd.Function):
         ctx.handle = handle
         ctx.x_dtype = x.dtype
         ctx.mark_non_differentiable(res.topk_idx)
-        return res.x, res.topk_idx, res.topk_weights
+        return rx, res.topk_idx, res.topk_weights
 
     @staticmethod
     def backward(ctx: Any, gx: Tensor | None, _gidx: Any, gw: Tensor | None) -> tuple[Any, ...]:
@@ -1613,7 +1678,7 @@ class _DispatchFn(torch.autograd.Function):
             c = h.buffer.ctx
             gx = torch.zeros(h.handle.num_recv_tokens, c.hidden, dtype=ctx.x_dtype, device=c.device)
         x, w = _recorded(_home, _away, h, gx, gw)
-        return x, None, w, None, None, None, None, None, None
+        return x, None, w, None, None, None, None, None, None, None
 
 
 class _CombineFn(torch.autograd.Function):
@@ -1753,6 +1818,7 @@ def dispatch(
     previous_event: EventOverlap | None = None,
     async_finish: bool = False,
     use_custom_ops: bool = False,
+    use_fp8: bool = False,
 ) -> DispatchOutput:
     """Differentiable normal-mode dispatch (SPEC.md): grads flow to ``x`` and ``topk_weights``.
 
@@ -1763,28 +1829,41 @@ def dispatch(
         previous_event, async_finish: as ``Buffer.dispatch`` (eager path only; ignored on the custom-op path,
             which always finishes in order).
         use_custom_ops: take the custom-op path in eager mode too (it is always taken while compiling).
+        use_fp8: send x as FP8 (:func:`largeep.fp8.quantize`: e4m3, one float32 scale per 128 channels; H must be
+            a multiple of 128): the rows travel in about half the bytes of bf16. The returned x is the received
+            pair dequantised to x's dtype. The backward treats the quantisation as the identity (straight-through):
+            x's gradient is the combine of the received rows' gradient in x's dtype, as without FP8 (no FP8 on the
+            way back). The quantisation runs where the dispatch starts (after ``previous_event`` when one is
+            given), the dequantisation where its outputs are ready (with ``async_finish``, before the returned
+            event).
 
     Waits on the host for the count exchange unless ``num_worst_tokens`` > 0.
     """
     # what the differentiable path cannot take, refused before anything is sent (the Buffer checks the rest)
     if not isinstance(x, Tensor):
         raise ArgumentError(
-            f"ops.dispatch: argument 'x' must be a tensor [T, H] (bf16/fp32), got {type(x).__name__} (an FP8 pair "
-            "has no gradient path: use Buffer.dispatch for FP8)"
+            f"ops.dispatch: argument 'x' must be a tensor [T, H] (bf16/fp32), got {type(x).__name__} (to send FP8 "
+            "rows with a gradient, pass x and use_fp8=True; Buffer.dispatch takes a quantised pair)"
         )
     if not isinstance(topk_weights, Tensor):
         raise ArgumentError(f"ops.dispatch: argument 'topk_weights' must be a float32 tensor [T, K], got "
                             f"{type(topk_weights).__name__}")
+    if not isinstance(use_fp8, bool):
+        raise ArgumentError(f"ops.dispatch: argument 'use_fp8' must be a bool, got {type(use_fp8).__name__}")
+    if use_fp8:
+        _check_fp8(x)
     if _use_ops(use_custom_ops):
         bid = _buffer_id(buffer, "dispatch")
-        ticket = torch.ops.largeep.dispatch_send(bid, x.detach(), topk_idx, topk_weights.detach(), num_worst_tokens)
+        ticket = torch.ops.largeep.dispatch_send(bid, x.detach(), topk_idx, topk_weights.detach(), num_worst_tokens,
+                                                 use_fp8)
         hold = torch.is_grad_enabled() and (x.requires_grad or topk_weights.requires_grad)
         rx, ridx, rw = torch.ops.largeep.dispatch_recv(bid, ticket, x, topk_weights, num_worst_tokens, hold)
         return DispatchOutput(rx, ridx, rw, TicketHandle(ticket, x.shape[0]), None, None)
     buf = _buffer(buffer)
     sink: list[Any] = []
     rx, ridx, rw = _DispatchFn.apply(
-        x, topk_idx, topk_weights, buf, num_worst_tokens, previous_event, async_finish, sink, torch.is_grad_enabled()
+        x, topk_idx, topk_weights, buf, num_worst_tokens, previous_event, async_finish, sink, torch.is_grad_enabled(),
+        use_fp8,
     )
     handle, res, event = sink[0]
     counts = res.num_tokens_per_expert if not num_worst_tokens else None

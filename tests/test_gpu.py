@@ -813,7 +813,7 @@ def test_fp8_native_kernels(dtype: torch.dtype, round_scale: bool, shape: tuple[
     flat = torch.zeros(x.numel() + 8 // x.element_size(), dtype=dtype, device="cuda")
     off = flat[8 // x.element_size():].view(shape)
     off.copy_(x)
-    assert off.data_ptr() % 16 != 0
+    assert off.numel() == 0 or off.data_ptr() % 16 != 0  # (an empty tensor's pointer may be 0)
     for other in (wide[:, : shape[1]], off):
         q2, s2 = fp8.quantize(other, round_scale=round_scale)
         assert _same_bits(q2.cpu(), want_q) == 0 and _same_bits(s2.cpu(), want_s) == 0

@@ -179,7 +179,8 @@ def two_batch_forward(layer: Any, x: torch.Tensor) -> torch.Tensor:
         return idx, w, ops.capture_event(xm.device)  # this micro-batch's gate is done; its dispatch waits for it
 
     def send(xm: torch.Tensor, r: tuple[torch.Tensor, torch.Tensor, ops.EventOverlap | None]) -> ops.DispatchOutput:
-        return ops.dispatch(bid, xm.contiguous(), r[0], r[1], previous_event=r[2], async_finish=True)
+        return ops.dispatch(bid, xm.contiguous(), r[0], r[1], previous_event=r[2], async_finish=True,
+                            use_fp8=layer.use_fp8)
 
     def experts(d: ops.DispatchOutput) -> torch.Tensor:
         ops.wait(d.event)
@@ -217,7 +218,8 @@ def _measure(rank: int, world: int, args: argparse.Namespace, dev: torch.device)
     torch.manual_seed(1234)  # the same gate on every rank; expert weights are per rank anyway
     with dev:
         layer = MoELayer(
-            buf, ffn_hidden=args.ffn, shared_ffn_hidden=args.shared_ffn, overlap_sm_carveout=args.carveout, dtype=bf16
+            buf, ffn_hidden=args.ffn, shared_ffn_hidden=args.shared_ffn, overlap_sm_carveout=args.carveout, dtype=bf16,
+            use_fp8=args.fp8,
         )
     bid = layer.buffer_id
 
@@ -243,7 +245,7 @@ def _measure(rank: int, world: int, args: argparse.Namespace, dev: torch.device)
     # the parts' fixed inputs: the layer's routing of x, and the rows one dispatch of it delivers
     with torch.no_grad():
         idx, w = layer.route(x)
-        d0 = ops.dispatch(bid, x, idx, w)
+        d0 = ops.dispatch(bid, x, idx, w, use_fp8=args.fp8)
         pairs0 = sum(d0.num_tokens_per_expert) if d0.num_tokens_per_expert is not None else None
         rows = d0.x.detach().clone()
         rows_idx, rows_w = d0.topk_idx.detach(), d0.topk_weights.detach()
@@ -318,7 +320,7 @@ def _measure(rank: int, world: int, args: argparse.Namespace, dev: torch.device)
         finish(layer.route(xin)[1], grad_w)
 
     def comm_only() -> None:
-        d = ops.dispatch(bid, xin, idx, w)
+        d = ops.dispatch(bid, xin, idx, w, use_fp8=args.fp8)
         finish(ops.combine(bid, d.x, d.handle).x, grad_out)
 
     def experts_only() -> None:
@@ -343,7 +345,7 @@ def _measure(rank: int, world: int, args: argparse.Namespace, dev: torch.device)
         # for what was queued before the experts)
         ready = ops.capture_event(dev)
         y = carved_experts()
-        d = ops.dispatch(bid, xin, idx, w, previous_event=ready, async_finish=True)
+        d = ops.dispatch(bid, xin, idx, w, previous_event=ready, async_finish=True, use_fp8=args.fp8)
         c = ops.combine(bid, d.x, d.handle, previous_event=d.event, async_finish=True)
         ops.wait(c.event)
         finish(y, grad_rows)
@@ -483,7 +485,8 @@ def build_records(args: argparse.Namespace, world: int, res: dict[str, Any]) -> 
         out.append({
             "backend": res["backend"], "mode": "layer", "op": "roundtrip", "ep": world,
             "ranks_per_node": res["ranks_per_node"], "num_tokens": args.tokens, "hidden": args.hidden,
-            "num_topk": args.topk, "num_experts": args.experts, "dtype": "bf16", "num_sms": res["num_sms"],
+            "num_topk": args.topk, "num_experts": args.experts, "dtype": "fp8" if args.fp8 else "bf16",
+            "num_sms": res["num_sms"],
             "time_us_median": med, "time_us_p10": p10, "time_us_p90": p90, "logical_gbps": None,
             "variant": name,
             "speedup": (base / med if name in LAYER_VARIANTS and base and med > 0
@@ -537,6 +540,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--nprocs", type=int, default=None, help="ranks (default: visible GPUs; --cpu: 2)")
     p.add_argument("--backend", choices=("nvshmem", "torch"), default=None, help="default nvshmem (--cpu: torch)")
     p.add_argument("--backward", action="store_true", help="time forward + backward")
+    p.add_argument("--fp8", action="store_true", help="the layer dispatches FP8 (MoELayer(use_fp8=True): quantised "
+                   "before, dequantised after; the combine and the backward stay bf16); records' dtype \"fp8\"")
     p.add_argument("--preset", choices=tuple(PRESETS), default="prefill",
                    help="GPU sizes: prefill (SPEC.md's), balanced (F 256) or few_experts (16 experts, F 384); the "
                         "summary says whether communication ~ experts")
@@ -587,8 +592,11 @@ def main(argv: list[str] | None = None) -> None:
         p.error("--backward keeps a dispatch handle per (layer, chunk) alive: at most 256 (largeep.ops' default)")
     if args.carveout is not None and args.carveout < 0:
         p.error("--carveout must be >= 0")
+    if args.fp8 and args.hidden % 128:
+        p.error(f"--fp8 needs a hidden size that is a multiple of 128, got {args.hidden}")
 
     print(f"layer_times: {world} ranks, backend {args.backend}, {'forward+backward' if args.backward else 'forward'}"
+          f"{', FP8 dispatch' if args.fp8 else ''}"
           f", tokens {args.tokens}/rank, H {args.hidden}, E {args.experts}, K {args.topk}, F {args.ffn}"
           f"{'' if args.cpu else f' (preset {args.preset})'}", flush=True)
     res = run_ranks(_measure, world, args, backend="gloo" if args.cpu else "nccl", timeout_s=args.timeout)
@@ -631,6 +639,7 @@ def main(argv: list[str] | None = None) -> None:
             "ffn_hidden": args.ffn, "shared_ffn_hidden": args.shared_ffn, "warmup": args.warmup,
             "iters": args.iters, "pass": "forward_backward" if args.backward else "forward", "cpu": args.cpu,
             "stack_layers": args.stack_layers, "stack_chunks": args.stack_chunks,
+            "dispatch_dtype": "fp8 (quantised before, dequantised to bf16 after)" if args.fp8 else "bf16",
             "routing": "LinearTopKRouter (softmax, same weights on every rank) of randn inputs",
             "recv_rows_per_rank": res["recv_rows_per_rank"], "recv_pairs_per_rank": res["recv_pairs_per_rank"],
             "timing": "largeep.bench.timing.Timer: L2 flush, barrier, device events; slowest rank per iteration",
@@ -643,7 +652,7 @@ def main(argv: list[str] | None = None) -> None:
     size = (f"_e{args.experts}" if args.experts != base["experts"] else "") + (
         f"_f{args.ffn}" if args.ffn != base["ffn"] else "") + (
         f"_stack{stack[0]}x{stack[1]}" if stack != STACK_DEFAULTS else "")
-    name = (f"layer_times_{args.backend}_ep{world}{size}{'_bwd' if args.backward else ''}"
+    name = (f"layer_times_{args.backend}_ep{world}{size}{'_fp8' if args.fp8 else ''}{'_bwd' if args.backward else ''}"
             f"{'_cpu' if args.cpu else ''}.json")
     written = rec.write_records(os.path.join(args.out, name), recs, env=rec.environment(), command=command,
                                 cpu=args.cpu, **run)

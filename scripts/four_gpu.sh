@@ -10,6 +10,7 @@
 #   tests1:  build; the GPU tests but the layers' and the property tests, on 4 GPUs (the 4-rank cases skipped on 2)
 #   tests2:  build; the layers' and the property tests on 4 GPUs
 #   layer:   build; the prefill layer without overlap, chunked and two-batch (issue 7's 1.3x) on 4 GPUs, at F 2048
+#   layer_fp8: build; the same layer dispatching FP8 (prefill: the layer variants and parts; balanced: all)
 #            and at F 256 (the balanced preset)
 #   longrun: build; 10,000 checked rounds of random sizes on 4 GPUs (issue 9)
 #   nodes:   build; normal-mode kernel and per-leg times with nodes emulated on one host (2 x 2 and 4 x 1)
@@ -21,7 +22,7 @@
 # Every command runs under what is left of a 560 s budget (LARGEEP_PART_S), so that OUTDIR.tar.gz is written before
 # a 600 s device limit; the exit status is the worst of the commands'. DRY=1 prints the commands (on stderr).
 set -uo pipefail
-PART=${1:?usage: scripts/four_gpu.sh perf|calls|tests1|tests2|layer|longrun|nodes|split OUTDIR}
+PART=${1:?usage: scripts/four_gpu.sh perf|calls|tests1|tests2|layer|layer_fp8|longrun|nodes|split OUTDIR}
 OUT=${2:?usage: scripts/four_gpu.sh PART OUTDIR}
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
 export LARGEEP_TIMEOUT_S=${LARGEEP_TIMEOUT_S:-20} LARGEEP_TEST_POOL_TIMEOUT_S=${LARGEEP_TEST_POOL_TIMEOUT_S:-120}
@@ -69,6 +70,16 @@ case $PART in
     # F 256: communication nearer the experts' time, where overlap can pay
     run 250 python3 bench/layer_times.py --preset balanced --out "$OUT/layer_balanced" > "$OUT/layer_balanced.log" 2>&1
     tail -20 "$OUT/layer_balanced.log"
+    ;;
+  layer_fp8)
+    check
+    # the same layer dispatching FP8 (MoELayer(use_fp8=True)): against `layer`'s bf16 records of the same machine
+    run 250 python3 bench/layer_times.py --fp8 --variants no_overlap,chunked_2,two_batch,comm_only,experts_only \
+      --out "$OUT/layer_fp8" > "$OUT/layer_fp8.log" 2>&1
+    tail -20 "$OUT/layer_fp8.log"
+    run 250 python3 bench/layer_times.py --fp8 --preset balanced --out "$OUT/layer_fp8_balanced" \
+      > "$OUT/layer_fp8_balanced.log" 2>&1
+    tail -20 "$OUT/layer_fp8_balanced.log"
     ;;
   longrun)
     check

@@ -63,3 +63,24 @@ def test_layer_times_cpu(tmp_path: Path) -> None:
     # the pipelined stack computes what the layer called L times does
     assert s["max_rel_diff_stack_pipeline_vs_sequential"] <= 2e-2
     assert s["best_variant"] in LAYER and doc["settings"]["stack_chunks"] == 2
+
+
+def test_layer_times_cpu_fp8(tmp_path: Path) -> None:
+    """--fp8: the layer and the communication parts dispatch FP8; records say dtype "fp8", the file name "_fp8",
+    the settings the dispatch's dtype; the overlapped schedules still compute the plain layer's output."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT / "python"), env.get("PYTHONPATH")) if p)
+    cmd = [sys.executable, str(ROOT / "bench" / "layer_times.py"), "--cpu", "--nprocs", "2", "--warmup", "1",
+           "--iters", "2", "--fp8", "--variants", "no_overlap,chunked_2,two_batch,comm_only", "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "FP8 dispatch" in proc.stdout
+    recs = json.loads((tmp_path / "layer_times_torch_ep2_fp8_cpu.json").read_text())
+    doc = json.loads((tmp_path / "layer_times_torch_ep2_fp8_cpu.run.json").read_text())
+    assert {r["variant"] for r in recs} == {"no_overlap", "chunked_2", "two_batch", "comm_only"}
+    assert all(r["dtype"] == "fp8" for r in recs)
+    assert doc["settings"]["dispatch_dtype"].startswith("fp8")
+    assert all(v <= 2e-2 for v in doc["summary"]["max_rel_diff_vs_no_overlap"].values())
+    bad = subprocess.run(cmd[:-2] + ["--hidden", "96", "--out", str(tmp_path)], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=60, check=False)
+    assert bad.returncode != 0 and "--fp8 needs a hidden size that is a multiple of 128, got 96" in bad.stderr

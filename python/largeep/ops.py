@@ -22,7 +22,8 @@ holding its key. :func:`dispatch` and :func:`combine` pick this path by themselv
 ``torch.compiler.is_compiling()`` (or with ``use_custom_ops=True``). The ops:
 
 ==============================  =====================================================================================
-``dispatch_send``               all communication of a dispatch; returns the ticket. Effectful (ordered).
+``dispatch_send``               all communication of a dispatch; returns the ticket. Effectful (ordered). With
+                                ``use_fp8`` it quantises x first and dequantises what arrives.
 ``dispatch_recv``               the received x [R, H], topk_idx [R, K], topk_weights [R, K] of a ticket; no
                                 communication. R is ``num_worst_tokens``, or else an unbacked SymInt (the fake
                                 implementation calls ``new_dynamic_size``, bounded by N * max_tokens_per_rank).

@@ -777,6 +777,10 @@ def _fp8_rows(dtype: torch.dtype, rows: int, hidden: int) -> torch.Tensor:
         x[6, :128] = 1.0
         x[6, 9] = 448.0 * 2.0**-3 * (1 + 3 * 2.0**-23)
         x[7, 128:256] = -(448.0 * 2.0**5) * (1 + 2.0**-23)
+    if rows >= 10 and hidden >= 256:
+        x[2, 6] = -float("nan")
+        x[8, :128] = torch.linspace(-1e-40, 1e-40, 128, dtype=torch.float64)  # float32 subnormals (bf16: 0 or tiny)
+        x[9, 3] = 3.0e38  # near the largest float32 (and bf16)
     return x.to(dtype)
 
 
@@ -793,17 +797,30 @@ def _same_bits(a: torch.Tensor, b: torch.Tensor) -> int:
 @needs_native
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("round_scale", [False, True])
-@pytest.mark.parametrize("shape", [(0, 128), (1, 128), (37, 7168), (300, 256)])
-def test_fp8_native_kernels(dtype: torch.dtype, round_scale: bool, shape: tuple[int, int]) -> None:
-    """fp8.quantize and fp8.dequantize on CUDA (one native kernel each) give the CPU's bits (torch ops there),
-    NaN for NaN; the finite groups' codes are also checked from first principles (reference.fp8_check). A strided
-    or misaligned x takes torch ops on CUDA and gives the same bits."""
+@pytest.mark.parametrize("shape", [(0, 128), (1, 128), (1, 896), (3, 384), (37, 7168), (300, 256)])
+def test_fp8_native_kernels(monkeypatch, dtype: torch.dtype, round_scale: bool, shape: tuple[int, int]) -> None:
+    """fp8.quantize and fp8.dequantize on CUDA (one native kernel each: counted) give the CPU's bits (torch ops
+    there), NaN for NaN; the finite groups' codes are also checked from first principles (reference.fp8_check).
+    Group counts of 1, 7 and 9 leave a warp step part full. A strided or misaligned x, an x that needs a gradient
+    and a float16 output take torch ops on CUDA (not the kernels) and give the same bits; 3-D rows dequantise as 2-D
+    ones."""
     from largeep import fp8
     from reference import fp8_check
 
+    C = native.module()
+    calls = {"fp8_quantize": 0, "fp8_dequantize": 0}
+    for name in calls:
+        kernel = getattr(C, name)
+
+        def counted(*args, _kernel=kernel, _name=name):  # type: ignore[no-untyped-def]
+            calls[_name] += 1
+            return _kernel(*args)
+
+        monkeypatch.setattr(C, name, counted)
     x = _fp8_rows(dtype, *shape)
     want_q, want_s = fp8.quantize(x, round_scale=round_scale)
     got_q, got_s = fp8.quantize(x.cuda(), round_scale=round_scale)
+    assert calls["fp8_quantize"] == 1, calls
     assert _same_bits(got_q.cpu(), want_q) == 0 and _same_bits(got_s.cpu(), want_s) == 0
     finite = torch.isfinite(x.float()).view(shape[0], shape[1] // 128, 128).all(-1).all(-1)
     if bool(finite.any()):
@@ -814,13 +831,21 @@ def test_fp8_native_kernels(dtype: torch.dtype, round_scale: bool, shape: tuple[
     off = flat[8 // x.element_size():].view(shape)
     off.copy_(x)
     assert off.numel() == 0 or off.data_ptr() % 16 != 0  # (an empty tensor's pointer may be 0)
-    for other in (wide[:, : shape[1]], off):
+    grad_x = x.cuda().requires_grad_()
+    for other in (wide[:, : shape[1]], off, grad_x):
         q2, s2 = fp8.quantize(other, round_scale=round_scale)
         assert _same_bits(q2.cpu(), want_q) == 0 and _same_bits(s2.cpu(), want_s) == 0
-    for out in (torch.bfloat16, torch.float32):
+    assert calls["fp8_quantize"] == 1, calls  # (those three took the torch ops)
+    assert shape[0] == 0 or s2.grad_fn is not None  # (x's gradient reaches the scales, as on the CPU)
+    for out in (torch.bfloat16, torch.float32, torch.float16):
         want = fp8.dequantize(want_q, want_s, out)
         got = fp8.dequantize(got_q, got_s, out)
         assert got.dtype == out and got.shape == x.shape
         assert _same_bits(got.cpu(), want) == 0, f"dequantize to {out}"
+        if shape[0] % 2 == 0 and shape[0]:
+            q3 = got_q.view(2, shape[0] // 2, shape[1])
+            got3 = fp8.dequantize(q3, got_s.view(2, shape[0] // 2, -1), out)
+            assert _same_bits(got3.cpu().view(shape), want) == 0, f"3-D dequantize to {out}"
+    assert calls["fp8_dequantize"] == (4 if shape[0] % 2 == 0 and shape[0] else 2), calls
     # the default output dtype stays float32
     assert fp8.dequantize(got_q, got_s).dtype == torch.float32

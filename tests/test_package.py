@@ -101,3 +101,30 @@ def test_fp8_quantize_argument_errors() -> None:
         assert q.shape == (t, 256) and q.dtype == fp8.FP8_DTYPE and s.shape == (t, 2) and s.dtype == torch.float32
         back = fp8.dequantize(q, s)
         assert torch.allclose(back, x.float(), rtol=0.07, atol=1e-3)
+
+
+def test_fp8_dequantize_argument_errors() -> None:
+    """fp8.dequantize refuses what it would read wrong (a uint8 view of the codes read as integers, an integer or
+    8-bit output, scales of another shape) with largeep.ArgumentError naming the argument; float16 and float64 work,
+    and gradients flow to the scales (the torch ops)."""
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(3, 256, generator=g)
+    q, s = fp8.quantize(x)
+    cases = [
+        ((q.view(torch.uint8), s), {}, r"argument 'q' must be a torch.float8_e4m3fn tensor, got torch.uint8"),
+        (([1.0], s), {}, r"argument 'q' must be a torch.float8_e4m3fn tensor, got list"),
+        ((q, s), {"dtype": torch.int32}, r"argument 'dtype' must be a floating-point dtype of 2 bytes or more"),
+        ((q, s), {"dtype": fp8.FP8_DTYPE}, r"argument 'dtype' must be a floating-point dtype of 2 bytes or more"),
+        ((q, s[:, :1]), {}, r"scale float32 \[\.\.\., H/128\], got q \(3, 256\) and scale \(torch.float32, \(3, 1\)\)"),
+        ((q, s.double()), {}, r"got q \(3, 256\) and scale \(torch.float64, \(3, 2\)\)"),
+        ((q[:, :200], s), {}, r"H a multiple of 128"),
+    ]
+    for args, kw, msg in cases:
+        with pytest.raises(ArgumentError, match=r"fp8.dequantize: .*" + msg):
+            fp8.dequantize(*args, **kw)  # type: ignore[arg-type]
+    want = fp8.dequantize(q, s)
+    for dt in (torch.float16, torch.float64, torch.bfloat16):
+        assert torch.equal(fp8.dequantize(q, s, dt), want.to(dt))
+    sg = s.clone().requires_grad_()
+    fp8.dequantize(q, sg, torch.bfloat16).float().sum().backward()
+    assert sg.grad is not None and torch.equal(sg.grad, q.float().view(3, 2, 128).sum(-1))

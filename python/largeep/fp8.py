@@ -9,6 +9,10 @@ Two departures from that formula, the same in this module and in the low-latency
 scale, q 0, never a division by zero; values below about 4e-10 then become 0). And values that are not finite
 spoil their group, alike here and in the kernels: a NaN makes the group's scale and every q NaN, and an infinity makes
 the scale infinite, so that every value of the group dequantises to NaN (never to a plausible finite value).
+
+On CUDA :func:`quantize` and :func:`dequantize` run one native kernel each where they can (the first such call
+loads largeep's native module, and with it NVSHMEM's host library); elsewhere, and where the kernels cannot take
+the tensors (see each function), torch ops that give the same bits.
 """
 
 from __future__ import annotations
@@ -36,14 +40,22 @@ def round_up_pow2(scale: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isnan(scale), scale, up)
 
 
-def _native_for(t: torch.Tensor) -> Any:
-    """The native module where its FP8 kernels can take ``t``'s work (a CUDA tensor, not while torch.compile
-    traces, the module built for this machine), else None: the torch ops below then do it, to the same bits."""
-    if not t.is_cuda or torch.compiler.is_compiling():
+def _native_for(*ts: torch.Tensor) -> Any:
+    """The native module where its FP8 kernels can take the work on ``ts`` (plain CUDA tensors with storage, none
+    needing a gradient, not while torch.compile traces, the module built for their GPU), else None: the torch ops
+    below then do it, to the same bits (and with autograd, and for tensor subclasses, fake or functorch-wrapped
+    tensors, which have no memory to hand a kernel)."""
+    t = ts[0]
+    if not t.is_cuda or torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(u.requires_grad for u in ts)):
+        return None
+    wrapped = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", None)
+    if any(type(u) is not torch.Tensor or (wrapped is not None and wrapped(u)) for u in ts):
         return None
     from largeep import native
 
-    return native.module() if native.unavailable_reason() is None else None
+    if native.unavailable_reason() is not None or native._arch_reason(t.device.index) is not None:
+        return None
+    return native.module()
 
 
 def _stream_of(t: torch.Tensor) -> Any:
@@ -74,9 +86,8 @@ def quantize(x: torch.Tensor, round_scale: bool = False) -> tuple[torch.Tensor, 
     if h % GROUP:
         raise ArgumentError(f"fp8.quantize: argument 'x' has shape {tuple(x.shape)}, expected a hidden size (dim 1) "
                             f"that is a multiple of {GROUP}")
-    C = _native_for(x)
-    if (C is not None and x.dtype in (torch.bfloat16, torch.float32) and x.is_contiguous()
-            and x.data_ptr() % 16 == 0):
+    C = _native_for(x) if x.dtype in (torch.bfloat16, torch.float32) else None
+    if C is not None and x.is_contiguous() and x.data_ptr() % 16 == 0:
         q = torch.empty(t, h, dtype=FP8_DTYPE, device=x.device)
         s = torch.empty(t, h // GROUP, dtype=torch.float32, device=x.device)
         with _device_of(x):
@@ -96,14 +107,28 @@ def quantize(x: torch.Tensor, round_scale: bool = False) -> tuple[torch.Tensor, 
 
 
 def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """(e4m3 [..., H], float32 [..., H/128]) -> [..., H] in ``dtype``: q * scale in float32, rounded once to
-    ``dtype``. On CUDA with ``dtype`` bf16 or float32, one native kernel where the native module is built and q
-    and scale are contiguous (q 16-byte aligned; not while torch.compile traces), else torch ops: the same bits."""
-    h = q.shape[-1]
-    C = _native_for(q)
-    if (C is not None and dtype in (torch.bfloat16, torch.float32) and q.dtype == FP8_DTYPE and h % GROUP == 0
-            and scale.dtype == torch.float32 and tuple(scale.shape) == (*q.shape[:-1], h // GROUP)
-            and q.is_contiguous() and scale.is_contiguous() and q.data_ptr() % 16 == 0 and scale.device == q.device):
+    """(e4m3 [..., H], float32 [..., H/128]) -> [..., H] in ``dtype`` (a floating-point dtype of 2 bytes or more):
+    q * scale in float32, rounded once to ``dtype``. On CUDA with ``dtype`` bf16 or float32, one native kernel where
+    the native module is built and q and scale are contiguous (q 16-byte aligned; not while torch.compile traces,
+    nor for a scale that needs a gradient), else torch ops: the same bits. A wrong argument raises
+    :class:`largeep.ArgumentError`."""
+    if not isinstance(q, torch.Tensor) or q.dtype != FP8_DTYPE:
+        raise ArgumentError(f"fp8.dequantize: argument 'q' must be a {FP8_DTYPE} tensor, got "
+                            f"{q.dtype if isinstance(q, torch.Tensor) else type(q).__name__}")
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point or dtype.itemsize < 2:
+        raise ArgumentError(f"fp8.dequantize: argument 'dtype' must be a floating-point dtype of 2 bytes or more "
+                            f"(bf16, float16, float32, float64), got {dtype}")
+    h = q.shape[-1] if q.dim() else 0
+    if q.dim() == 0 or h % GROUP or not isinstance(scale, torch.Tensor) or scale.dtype != torch.float32 \
+            or tuple(scale.shape) != (*q.shape[:-1], h // GROUP):
+        raise ArgumentError(
+            f"fp8.dequantize: expected q [..., H] with H a multiple of {GROUP} and scale float32 [..., H/{GROUP}], "
+            f"got q {tuple(q.shape)} and scale "
+            f"{(scale.dtype, tuple(scale.shape)) if isinstance(scale, torch.Tensor) else type(scale).__name__}"
+        )
+    C = _native_for(q, scale) if dtype in (torch.bfloat16, torch.float32) else None
+    if (C is not None and q.is_contiguous() and scale.is_contiguous() and q.data_ptr() % 16 == 0
+            and scale.device == q.device):
         y = torch.empty(q.shape, dtype=dtype, device=q.device)
         with _device_of(q):
             C.fp8_dequantize(q.data_ptr(), scale.data_ptr(), y.data_ptr(), y.element_size(), q.numel() // GROUP,

@@ -10,8 +10,8 @@
 #   tests1:  build; the GPU tests but the layers' and the property tests, on 4 GPUs (the 4-rank cases skipped on 2)
 #   tests2:  build; the layers' and the property tests on 4 GPUs
 #   layer:   build; the prefill layer without overlap, chunked and two-batch (issue 7's 1.3x) on 4 GPUs, at F 2048
-#   layer_fp8: build; the same layer dispatching FP8 (prefill: the layer variants and parts; balanced: all)
 #            and at F 256 (the balanced preset)
+#   layer_fp8: build; the same layer dispatching FP8 (prefill: the layer variants and parts; balanced: all)
 #   longrun: build; 10,000 checked rounds of random sizes on 4 GPUs (issue 9)
 #   nodes:   build; normal-mode kernel and per-leg times with nodes emulated on one host (2 x 2 and 4 x 1)
 #   split:   build; the fused combine's push share (LARGEEP_TUNE comb, eighths of its blocks; default 3) at 8/16/24

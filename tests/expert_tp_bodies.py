@@ -70,15 +70,16 @@ def collectives(rank: int, world: int, rows: int) -> None:
 
 def layer_tp_vs_reference(
     rank: int, world: int, tp: int, tokens: list[int], hidden: int, ffn: int, shared_ffn: int, num_experts: int,
-    topk: int, seed: int, variants: list[dict[str, Any]], replicas: int = 0,
+    topk: int, seed: int, variants: list[dict[str, Any]], replicas: int = 0, fp8: bool = False,
 ) -> dict[str, Any]:
     """The layer with TP groups of ``tp`` ranks (Buffer on the EP group of world/tp ranks): output and grads of x,
     the gate, the shared experts and the expert shards (all-gathered over the TP group to full [E_l, H, F] and
-    [E_l, F, H] matrices) against the dense reference; the variants agree with each other to float32 rounding."""
+    [E_l, F, H] matrices) against the dense reference; the variants agree with each other to float32 rounding.
+    ``fp8``: the variants dispatch FP8, the reference's routed experts see FP8 round trips."""
     groups = make_expert_tp_groups(tp)
     num_logical, phys_to_log = random_placement(num_experts, replicas, seed)
     m = make_global(seed, tokens, hidden, ffn, shared_ffn, num_logical)
-    ref = dense_reference(m, topk)
+    ref = dense_reference(m, topk, fp8)
     epr = num_experts // (world // tp)
     buf = largeep.Buffer(
         groups.ep_group, hidden=hidden, num_experts=num_experts, num_topk=topk,
@@ -228,6 +229,14 @@ def bad_configs(rank: int, world: int) -> None:
                 expert_tp_group=tp)
         _raises(("disagree", "num_chunks"), layers.MoELayer, ep_buf, ffn_hidden=16, num_chunks=1 + groups.tp_rank,
                 expert_tp_group=tp)
+        # one member dispatches FP8, the other bf16 (on a Buffer of a hidden size FP8 takes)
+        fp8_buf = largeep.Buffer(groups.ep_group, hidden=128, num_experts=experts, num_topk=topk,
+                                 max_tokens_per_rank=8, backend="torch")
+        try:
+            _raises(("disagree", "use_fp8"), layers.MoELayer, fp8_buf, ffn_hidden=16, use_fp8=groups.tp_rank == 1,
+                    expert_tp_group=tp)
+        finally:
+            fp8_buf.destroy()
         # the Buffer on the whole world holds both members of the TP group
         _raises(("holds 2 of its ranks", "make_expert_tp_groups"), layers.MoELayer, world_buf, ffn_hidden=16,
                 expert_tp_group=tp)

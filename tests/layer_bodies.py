@@ -837,7 +837,7 @@ def pipeline_vs_sequential(
     for x64, g in zip(x64s, gs, strict=True):
         h = x64
         for j in range(num_layers):
-            y = _dense_moe(h, ps[j], topk)
+            y = _dense_moe(h, ps[j], topk, layer_kw.get("use_fp8", False))
             h = _rms(h, y, n64[j]) if j < num_between else y
         want_out.append(h.detach())
         loss = loss + (h * g.double()).sum()

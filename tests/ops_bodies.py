@@ -446,65 +446,119 @@ def ops_zero_copy_training(rank: int, world: int) -> list[str]:
 
 
 def ops_fp8_gpu(rank: int, world: int, backend: str) -> list[str]:
-    """On CUDA, bf16 x: ``ops.dispatch(use_fp8=True)`` receives each row's FP8 round trip (the plain-torch reference,
-    on the CPU) bit for bit: in order, with ``async_finish`` (the dequantisation must come before the returned
-    event), after a ``previous_event`` whose x the caller's stream writes late (a quantisation not ordered after
-    that event reads stale rows), and with ``num_worst_tokens``. The gradients of x and topk_weights equal those of
-    the same dispatch without FP8 under the same cotangents, bit for bit (the quantisation is passed through)."""
+    """On CUDA: ``ops.dispatch(use_fp8=True)`` receives each row's FP8 round trip (the plain-torch reference, on the
+    CPU) bit for bit, for bf16 and float32 x: in order; with ``async_finish`` (the dequantisation must come before
+    the returned event), with and without grad mode; after a ``previous_event`` whose x the caller's stream writes
+    late (a quantisation not ordered after that event reads stale rows); with the caller's stream busy after that
+    event, with and without ``async_finish`` (a quantisation queued on the caller's stream, which the dispatch does
+    not wait for, would not have run when the dispatch reads its output); and with ``num_worst_tokens``. Under grad
+    mode the gradients of x and topk_weights equal those of the same dispatch without FP8 under the same
+    cotangents, bit for bit (the quantisation is passed through)."""
     from reference import RankInputs, fp8_round_trip, ref_dispatch
 
     fails: list[str] = []
     hidden, max_tokens = 512, 48
     tokens = [40 if r != 1 else 0 for r in range(world)]
-    ins = []
-    for r in range(world):
-        g = torch.Generator().manual_seed(500 + r)
-        idx = torch.zeros(tokens[r], TOPK, dtype=torch.int64)
-        for t in range(tokens[r]):
-            idx[t] = torch.randperm(2 * world, generator=g)[:TOPK]
-        if tokens[r] > 1:
-            idx[1, 0] = -1
-        x = (torch.randn(tokens[r], hidden, generator=g) * 3).to(torch.bfloat16)
-        ins.append(RankInputs(x, idx, torch.rand(tokens[r], TOPK, generator=g) + 0.1))
-    ref = ref_dispatch([RankInputs(fp8_round_trip(i.x), i.topk_idx, i.topk_weights) for i in ins], rank, 2 * world)
-    rows = len(ref.src)
-    mine = ins[rank]
     buf = _buffer(world, max_tokens=max_tokens, hidden=hidden, backend=backend)
+    # name: (x dtype, async_finish, how x is made ready, num_worst_tokens, grad mode)
+    variants = {
+        "in_order": (torch.bfloat16, False, None, 0, True),
+        "async": (torch.bfloat16, True, None, 0, True),
+        "async_no_grad": (torch.bfloat16, True, None, 0, False),
+        "late_x": (torch.bfloat16, True, "late_x", 0, True),
+        "busy_after": (torch.bfloat16, True, "busy_after", 0, True),
+        "busy_after_in_order": (torch.bfloat16, False, "busy_after", 0, False),
+        "worst": (torch.bfloat16, False, None, world * max_tokens, True),
+        "float32": (torch.float32, True, "busy_after", 0, True),
+    }
     try:
-        for variant in ("in_order", "async", "late_x", "worst"):
-            worst = world * max_tokens if variant == "worst" else 0
+        for variant, (dtype, async_finish, ready, worst, grad) in variants.items():
+            ins = []
+            for r in range(world):
+                g = torch.Generator().manual_seed(500 + r)
+                idx = torch.zeros(tokens[r], TOPK, dtype=torch.int64)
+                for t in range(tokens[r]):
+                    idx[t] = torch.randperm(2 * world, generator=g)[:TOPK]
+                if tokens[r] > 1:
+                    idx[1, 0] = -1
+                x = (torch.randn(tokens[r], hidden, generator=g) * 3).to(dtype)
+                ins.append(RankInputs(x, idx, torch.rand(tokens[r], TOPK, generator=g) + 0.1))
+            ref = ref_dispatch([RankInputs(fp8_round_trip(i.x), i.topk_idx, i.topk_weights) for i in ins], rank,
+                               2 * world)
+            rows = len(ref.src)
+            mine = ins[rank]
             g = torch.Generator().manual_seed(900 + rank)
             cot_x = torch.randn(worst or rows, hidden, generator=g).cuda()
             cot_w = torch.randn(worst or rows, TOPK, generator=g).cuda()
             grads = []
-            for use_fp8 in (True, False):
+            for use_fp8 in (True, False) if grad else (True,):
                 ev = None
-                if variant == "late_x":
-                    x = torch.zeros(tokens[rank], hidden, dtype=torch.bfloat16, device="cuda")
+                if ready == "late_x":
+                    x = torch.zeros(tokens[rank], hidden, dtype=dtype, device="cuda")
                     torch.cuda._sleep(50_000_000)  # the caller's stream late: x written only after this
                     x.copy_(mine.x.cuda())
                     ev = ops.capture_event(x.device)
                 else:
                     x = mine.x.cuda()
-                x.requires_grad_()
-                w = mine.topk_weights.cuda().requires_grad_()
-                d = _attempt(fails, f"{variant} fp8={use_fp8}: dispatch", ops.dispatch, buf, x, mine.topk_idx.cuda(), w,
-                             num_worst_tokens=worst, previous_event=ev, async_finish=variant in ("async", "late_x"),
-                             use_fp8=use_fp8)
+                    if ready == "busy_after":
+                        ev = ops.capture_event(x.device)
+                        torch.cuda._sleep(50_000_000)  # the caller's stream busy after the event (experts i)
+                w = mine.topk_weights.cuda()
+                with torch.set_grad_enabled(grad):
+                    if grad:
+                        x.requires_grad_()
+                        w.requires_grad_()
+                    d = _attempt(fails, f"{variant} fp8={use_fp8}: dispatch", ops.dispatch, buf, x,
+                                 mine.topk_idx.cuda(), w, num_worst_tokens=worst, previous_event=ev,
+                                 async_finish=async_finish, use_fp8=use_fp8)
                 if d is None:
                     return fails
                 ops.wait(d.event)
                 if use_fp8:
-                    _check(fails, d.x.dtype == torch.bfloat16 and d.x.shape == (worst or rows, hidden),
+                    _check(fails, d.x.dtype == dtype and d.x.shape == (worst or rows, hidden),
                            f"{variant}: received x {d.x.dtype} {tuple(d.x.shape)}")
-                    got = d.x[:rows].cpu()
+                    got = d.x[:rows].detach().cpu()
                     _check(fails, torch.equal(got, ref.x),
                            f"{variant}: {int((got != ref.x).sum())} received values are not the FP8 round trip's")
-                ((d.x.float() * cot_x).sum() + (d.topk_weights * cot_w).sum()).backward()
-                grads.append((x.grad, w.grad))
-            for name, a, b in zip(("x", "topk_weights"), grads[0], grads[1], strict=True):
-                _check(fails, a is not None and b is not None and torch.equal(a, b),
-                       f"{variant}: the gradient of {name} differs from the dispatch's without FP8")
+                if grad:
+                    ((d.x.float() * cot_x).sum() + (d.topk_weights * cot_w).sum()).backward()
+                    grads.append((x.grad, w.grad))
+                else:
+                    with torch.no_grad():
+                        ops.combine(buf, d.x, d.handle)
+            if grad:
+                for name, a, b in zip(("x", "topk_weights"), grads[0], grads[1], strict=True):
+                    _check(fails, a is not None and b is not None and torch.equal(a, b),
+                           f"{variant}: the gradient of {name} differs from the dispatch's without FP8")
+        return fails
+    finally:
+        buf.destroy()
+
+
+def ops_fp8_strided(rank: int, world: int) -> list[str]:
+    """ops.dispatch(use_fp8=True) of a transposed x (strides (1, T)) and of a view that does not start its storage:
+    the same received rows as a contiguous copy's, on the eager and the custom-op path (a plain dispatch copies
+    such an x; the FP8 one once sent the quantiser's strided output, which the Buffer refused naming 'x[0]')."""
+    fails: list[str] = []
+    hidden, tokens = 256, 6
+    buf = _buffer(world, max_tokens=tokens + 2, hidden=hidden)
+    try:
+        g = torch.Generator().manual_seed(40 + rank)
+        idx = torch.stack([torch.randperm(2 * world, generator=g)[:TOPK] for _ in range(tokens)]).to(torch.int64)
+        w = torch.rand(tokens, TOPK, generator=g) + 0.1
+        base = torch.randn(hidden, tokens, generator=g)
+        views = {"transposed": base.t(), "offset": torch.randn(tokens + 1, hidden, generator=g)[1:]}
+        for name, x in views.items():
+            for custom in (False, True):
+                with torch.no_grad():
+                    want = ops.dispatch(buf, x.contiguous(), idx, w, use_fp8=True, use_custom_ops=custom)
+                    ops.combine(buf, want.x, want.handle)
+                    got = _attempt(fails, f"{name} custom={custom}", ops.dispatch, buf, x, idx, w, use_fp8=True,
+                                   use_custom_ops=custom)
+                    if got is None:
+                        return fails
+                    ops.combine(buf, got.x, got.handle)
+                _check(fails, torch.equal(got.x, want.x), f"{name} custom={custom}: received rows differ")
         return fails
     finally:
         buf.destroy()

@@ -19,6 +19,13 @@ def test_collectives(pools, world: int, rows: int) -> None:
     pools(world).run(expert_tp_bodies.collectives, rows)
 
 
+def test_layer_tp_fp8(pools) -> None:
+    """Expert TP with FP8 dispatch (4 ranks, TP 2): the layer against the dense reference with FP8 round-tripped
+    expert inputs, chunked too (test_bad_configs: members that disagree on use_fp8 are refused)."""
+    variants = [{"use_fp8": True}, {"use_fp8": True, "num_chunks": 2}]
+    pools(4).run(expert_tp_bodies.layer_tp_vs_reference, 2, [9, 0, 14, 6], 128, 24, 0, 8, 3, 65, variants, 0, True)
+
+
 @pytest.mark.parametrize("world", [2, 4])
 def test_layer_tp_vs_reference(pools, world: int) -> None:
     # EP group of world/2 ranks; F = 24 split 12 + 12; every variant of the plain layer's test

@@ -488,6 +488,13 @@ def test_pipeline_gpu(pools, backend: str, custom: bool) -> None:
     )
 
 
+def test_pipeline_fp8(pools) -> None:
+    """Layers that dispatch FP8 in a pipeline: against the sequential layers and the dense reference whose routed
+    experts see FP8 round trips (hidden 128)."""
+    pools(2).run(layer_bodies.pipeline_vs_sequential, [13, 5], 128, 16, 8, 8, 2, 63, [2, 3], {"use_fp8": True},
+                 False)
+
+
 def test_pipeline_options(pools) -> None:
     # worst-size dispatch on the custom-op path, no shared experts, a between after the last layer too
     kw = {"use_custom_ops": True, "num_worst_tokens": 2 * 13 * 2 + 40}

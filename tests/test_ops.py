@@ -118,6 +118,10 @@ def test_dispatch_fp8_autograd(pools, world: int, use_custom_ops: bool, num_wors
     )
 
 
+def test_dispatch_fp8_strided(pools) -> None:
+    _no_failures(pools(2).run(ops_bodies.ops_fp8_strided))
+
+
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
 @pytest.mark.parametrize("num_worst", [0, 40])
 def test_two_batches_compiled(pools, num_worst: int, backend: str) -> None:

@@ -94,7 +94,7 @@ def quantize(x: torch.Tensor, round_scale: bool = False) -> tuple[torch.Tensor, 
             C.fp8_quantize(x.data_ptr(), x.element_size(), q.data_ptr(), s.data_ptr(), t * (h // GROUP),
                            bool(round_scale), _stream_of(x))
         return q, s
-    g = x.float().view(t, h // GROUP, GROUP)
+    g = x.float().contiguous().view(t, h // GROUP, GROUP)  # (q and s contiguous whatever x's strides)
     amax = g.abs().amax(dim=2).clamp_min(_MIN_AMAX)
     # (divided by a tensor: torch on CUDA multiplies by the reciprocal of a Python number, which is not always the
     # correctly rounded quotient that the CPU and the kernels give, and then about one e4m3 code in a thousand differs)

@@ -41,8 +41,9 @@ after; :mod:`largeep.expert_tp` has the groups, the data flow and its communicat
 
 FP8. ``use_fp8`` (normal mode) dispatches the tokens as FP8 (``ops.dispatch(use_fp8=True)``: e4m3 with one scale
 per 128 channels, about half the bytes of bf16) and the experts compute on the dequantised rows; the combine and
-every gradient stay in the activations' dtype (the quantisation passes the gradient straight through).
-``ll_use_fp8`` does the same in low-latency mode.
+every gradient stay in the activations' dtype (the quantisation passes the gradient straight through). With
+``num_chunks`` > 1 a chunk's dequantisation runs on the Buffer's stream after its dispatch, where the next combine
+queues behind it. ``ll_use_fp8`` sends FP8 in low-latency mode (no gradient there; the tokens go as bf16 first).
 """
 
 from __future__ import annotations
@@ -479,7 +480,8 @@ class MoELayer(nn.Module):
         self.expert_tp: ExpertTP | None = None
         if expert_tp_group is not None:
             self.expert_tp = ExpertTP.check(
-                expert_tp_group, c, ffn_hidden, {"num_chunks": num_chunks, "num_worst_tokens": num_worst_tokens},
+                expert_tp_group, c, ffn_hidden,
+                {"num_chunks": num_chunks, "num_worst_tokens": num_worst_tokens, "use_fp8": int(use_fp8)},
                 local_error,
             )
         tp = self.expert_tp.size if self.expert_tp is not None else 1
@@ -611,7 +613,8 @@ class MoELayer(nn.Module):
         exchange unless ``num_worst_tokens`` > 0; the ids are checked with it (largeep's backends send each
         rank's verdict with the counts, so a bad id on one rank voids the dispatch on every rank at once). A
         strided x, idx or w is copied first, on the current stream (so is an x that starts at an address not 16-byte
-        aligned, as chunk views of a batch can on CUDA), and the dispatch then waits for the copies.
+        aligned, as chunk views of a batch can on CUDA), and the dispatch then waits for the copies. With
+        ``use_fp8`` the chunk travels as FP8 and its rows come back dequantised (``ops.dispatch(use_fp8=True)``).
         With expert TP a dispatch that raises is joined to the chunk's TP count exchange as a void row first, so
         that the TP partners (in other EP groups) raise too (:meth:`largeep.expert_tp.ExpertTP.dispatch_failed`)."""
         tp = self.expert_tp if self.expert_tp is not None and self.expert_tp.size > 1 else None

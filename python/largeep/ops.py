@@ -1112,6 +1112,8 @@ def _dispatch_send_op(
     buffer_id: int, x: Tensor, topk_idx: Tensor, topk_weights: Tensor, num_worst_tokens: int, use_fp8: bool = False
 ) -> Tensor:
     buf = buffer_of(buffer_id)
+    if use_fp8:
+        _check_fp8_device(buf, x)
     send = _fp8_pair(x) if use_fp8 else _row_aligned(x)
     res = buf.dispatch(send, topk_idx, topk_weights, num_worst_tokens=num_worst_tokens)
     assert res.topk_idx is not None and res.topk_weights is not None
@@ -1566,10 +1568,10 @@ def _buffer_dispatch(
 
 
 def _fp8_pair(x: Tensor) -> tuple[Tensor, Tensor]:
-    """``x`` as the FP8 pair that a dispatch with ``use_fp8`` sends (:func:`largeep.fp8.quantize`), after
-    :func:`_check_fp8`."""
+    """``x`` as the FP8 pair that a dispatch with ``use_fp8`` sends (:func:`largeep.fp8.quantize` of x, copied
+    first where strided or misaligned, as a plain dispatch copies it), after :func:`_check_fp8`."""
     _check_fp8(x)
-    return fp8.quantize(x)
+    return fp8.quantize(_row_aligned(x))
 
 
 def _check_fp8(x: Tensor) -> None:
@@ -1579,6 +1581,14 @@ def _check_fp8(x: Tensor) -> None:
             f"ops.dispatch: use_fp8=True sends x quantised to FP8, one scale per {fp8.GROUP} channels: argument 'x' "
             f"must be a bf16/fp32 tensor [T, H] with H a multiple of {fp8.GROUP}, got {x.dtype} {tuple(x.shape)}"
         )
+
+
+def _check_fp8_device(buffer: Buffer, x: Tensor) -> None:
+    """ArgumentError naming ``x`` where it is not on the Buffer's device (the quantisation would run on x's, and
+    the Buffer then refuse the pair naming its parts)."""
+    dev = buffer.ctx.device
+    if x.device.type != dev.type or (dev.index is not None and x.device.index != dev.index):
+        raise ArgumentError(f"ops.dispatch: argument 'x' is on {x.device}, expected the Buffer's device {dev}")
 
 
 def _received_x(x: Tensor | tuple[Tensor, Tensor], dtype: torch.dtype | None) -> Tensor:
@@ -1599,12 +1609,13 @@ def _send_fp8(
     waits for that event only, so the quantisation runs on the Buffer's stream after it, in order before the
     dispatch there (no other stream: the same under CUDA-graph capture)."""
     stream = buffer._stream
+    _check_fp8_device(buffer, x)
     if previous_event is None or previous_event.event is None or stream is None or not x.is_cuda:
         return _fp8_pair(x), previous_event
     _check_fp8(x)  # (before the stream waits)
     stream.wait_event(previous_event.event)
     with torch.cuda.stream(stream):
-        pair = fp8.quantize(x)
+        pair = _fp8_pair(x)
     _record_stream(x, stream)  # (read there)
     return pair, previous_event
 
@@ -1620,6 +1631,9 @@ def _received(
     new event recorded after it for the caller (whose wait on the dispatch's event then orders it after these
     too)."""
     stream = buffer._stream
+    if dtype is None and not mask:  # (nothing to make: the plain dispatch's outputs and event as they are)
+        assert isinstance(rx, Tensor)
+        return rx, None, event
     if not async_finish or event.event is None or stream is None:
         return _received_x(rx, dtype), (recv_idx >= 0 if mask else None), event
     caller = torch.cuda.current_stream(stream.device)
@@ -1835,8 +1849,9 @@ def dispatch(
             pair dequantised to x's dtype. The backward treats the quantisation as the identity (straight-through):
             x's gradient is the combine of the received rows' gradient in x's dtype, as without FP8 (no FP8 on the
             way back). The quantisation runs where the dispatch starts (after ``previous_event`` when one is
-            given), the dequantisation where its outputs are ready (with ``async_finish``, before the returned
-            event).
+            given), the dequantisation where its outputs are ready (with ``async_finish``, on the Buffer's stream
+            before the returned event). A NaN or infinity in x spoils its whole 128-channel group (every value of
+            it arrives NaN: :mod:`largeep.fp8`).
 
     Waits on the host for the count exchange unless ``num_worst_tokens`` > 0.
     """

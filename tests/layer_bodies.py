@@ -730,9 +730,10 @@ def layer_strided_input_gpu(rank: int, world: int, backend: str, tokens: list[in
 
 
 def decode_step_cuda_graph(rank: int, world: int, tokens: int, replays: int,
-                           with_placement: bool = False) -> dict[str, Any]:
-    """The low-latency decode step of a MoE layer (gate, FP8 dispatch, grouped expert GEMMs, combine, shared
-    experts) captured once in a CUDA graph on the nvshmem backend and replayed on fresh inputs: every replay equals
+                           with_placement: bool = False, use_fp8: bool = True) -> dict[str, Any]:
+    """The low-latency decode step of a MoE layer (gate, dispatch -- FP8 with ``use_fp8``, its valid rows
+    dequantised by the native kernel after they are gathered --, grouped expert GEMMs, combine, shared experts)
+    captured once in a CUDA graph on the nvshmem backend and replayed on fresh inputs: every replay equals
     the eager layer on the same input exactly, and the expert slots stay consistent across replays (the Buffer's
     round counters live on the device). ``with_placement``: the layer holds replicas of hot experts (a Placement,
     the same logical weights in every replica); the graph routes with table_route, eager with route, so a replay
@@ -752,7 +753,8 @@ def decode_step_cuda_graph(rank: int, world: int, tokens: int, replays: int,
             topo = pl.Topology(num_nodes=1, gpus_per_node=world, slots_per_gpu=experts // world)
             kw = {"num_logical_experts": logical, "placement": pl.greedy_placement(load, topo)}
         with torch.device("cuda"):
-            layer = layers.MoELayer(buf, ffn_hidden=ffn, shared_ffn_hidden=64, dtype=torch.bfloat16, **kw)
+            layer = layers.MoELayer(buf, ffn_hidden=ffn, shared_ffn_hidden=64, dtype=torch.bfloat16,
+                                    ll_use_fp8=use_fp8, **kw)
         if with_placement:
             g0, n_log = torch.Generator().manual_seed(8), kw["num_logical_experts"]
             w13 = [torch.randn(n_log, hidden, ffn, generator=g0) * hidden**-0.5 for _ in range(2)]

@@ -451,14 +451,15 @@ def test_layer_strided_input_gpu(pools, backend: str) -> None:
 
 @pytest.mark.gpu(2)
 @pytest.mark.parametrize("with_placement", [False, True], ids=["plain", "placement"])
-def test_decode_step_cuda_graph(pools, with_placement: bool) -> None:
+@pytest.mark.parametrize("use_fp8", [True, False], ids=["fp8", "bf16"])
+def test_decode_step_cuda_graph(pools, with_placement: bool, use_fp8: bool) -> None:
     """The low-latency MoE decode step captured in a CUDA graph and replayed 20 times on fresh inputs equals eager
-    (with a placement: its table route in the graph, to bf16 rounding)."""
+    (with a placement: its table route in the graph, to bf16 rounding), dispatching FP8 or bf16."""
     from largeep import native
 
     if native.unavailable_reason() is not None:
         pytest.skip(str(native.unavailable_reason()))
-    res = pools(2, "nccl").run(layer_bodies.decode_step_cuda_graph, 16, 20, with_placement)
+    res = pools(2, "nccl").run(layer_bodies.decode_step_cuda_graph, 16, 20, with_placement, use_fp8)
     assert all(r["replays"] == 20 and r["mismatches"] == 0 for r in res), res
 
 

@@ -275,12 +275,16 @@ class GroupedExperts(nn.Module):
         out = self.forward(xs, offs, clear_tail=False)
         return ops.weighted_row_sum(out, pos, w, None, count).to(x.dtype)
 
-    def forward_slots(self, x: Tensor, counts: Tensor, capacity: int | None = None) -> Tensor:
+    def forward_slots(
+        self, x: Tensor, counts: Tensor, capacity: int | None = None, scales: Tensor | None = None
+    ) -> Tensor:
         """Slots of a low-latency dispatch -> expert outputs (unweighted).
 
         Args:
             x: [E_l, S, H]; rows [0, counts[e]) of expert e are valid. counts: int32 [E_l].
             capacity: the most valid rows in all (fixed; default E_l * S). Only valid rows are computed.
+            scales: with FP8 slots (x e4m3), their scales [E_l, S, H/128]: the rows taken are dequantised to the
+                weights' dtype after they are gathered (at most ``capacity`` of them, not every slot).
 
         Returns:
             [E_l, S, H] in the weights' dtype; invalid rows are zero. No host wait outside the GEMM op.
@@ -293,7 +297,10 @@ class GroupedExperts(nn.Module):
         if capacity is not None and capacity < e * s:
             order = order[:capacity]
         offs = torch.cumsum(counts.to(torch.int64), 0).to(torch.int32)
-        out = self.forward(x.reshape(e * s, h)[order], offs)
+        rows = x.reshape(e * s, h)[order]
+        if scales is not None:
+            rows = fp8.dequantize(rows, scales.reshape(e * s, -1)[order], self.w13.dtype)
+        out = self.forward(rows, offs)
         y = torch.zeros(e * s, h, dtype=out.dtype, device=x.device).index_copy(0, order, out)
         return y.view(e, s, h)
 
@@ -701,8 +708,8 @@ class MoELayer(nn.Module):
         d: ops.LowLatencyDispatchOutput = st["d"]
         if st["hooks"]:
             d.hook()
-        xe = fp8.dequantize(d.x, d.scales) if d.scales is not None else d.x
-        y = self.experts.forward_slots(xe, d.num_tokens_per_expert, self.ll_capacity)
+        # (FP8 slots: only the rows the experts take are dequantised, not every slot of the fixed-size buffer)
+        y = self.experts.forward_slots(d.x, d.num_tokens_per_expert, self.ll_capacity, d.scales)
         st["out"], st["hook"] = ops.low_latency_combine(
             self.buffer_id, y.to(torch.bfloat16), st["idx"], st["w"], d.handle, return_recv_hook=st["hooks"]
         )

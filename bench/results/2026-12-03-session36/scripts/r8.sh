@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# Session 36, r8 (one GPU). The FP8 quantise kernel for bf16 x dividing as the low-latency quantiser does (a product
+# Session 36, r8 (one GPU). NOT RUN in session 36 (too little device time left to start a machine): for a tree
+# with proposed/fp8_quantize_bf16_div.patch applied (`git apply`), and old_tree/ unpacked from the tree before it.
+# The FP8 quantise kernel for bf16 x dividing as the low-latency quantiser does (a product
 # and one correction: bench/micro/fp8_div_check.cu's exhaustive check) and converting two values at a time, against
-# a9cf47a (__fdiv_rn per value, one conversion per value; unpacked into old_tree/ by `git archive a9cf47a | tar -x
-# -C old_tree`, not committed), alternating twice (scripts/fp8_cast.py); then the casts' bits (test_fp8_native_kernels)
+# the tree without the patch (__fdiv_rn per value, one conversion per value; unpacked into old_tree/ by `git archive
+# HEAD | tar -x -C old_tree` before applying, not committed), alternating twice (scripts/fp8_cast.py); then the casts' bits (test_fp8_native_kernels)
 # and the low-latency kernels' FP8 against fp8.quantize.
 # usage: bash bench/results/2026-12-03-session36/scripts/r8.sh $OUT [name]
 set -uo pipefail

@@ -905,7 +905,9 @@ class NvshmemBackend:
             "earlier call's waits included, took that long)")
         raise PeerTimeoutError(
             f"{op}: {what} on rank {self.ctx.rank} waited more than LARGEEP_TIMEOUT_S={self.settings.timeout_s:g} s "
-            f"for {whom}; the Buffer is unusable now (destroy it)"
+            f"for {whom}; the Buffer is unusable now (destroy it). A rank waited for does not answer when it stopped "
+            "calling the Buffer, failed, or made another call than this one (every rank makes the same calls in the "
+            "same order: a fresh dispatch, a cached one, a combine, a low-latency call)"
         )
 
     def _forwarder_of(self, source: int) -> int:

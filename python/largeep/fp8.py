@@ -72,8 +72,8 @@ def _device_of(t: torch.Tensor) -> Any:
 def quantize(x: torch.Tensor, round_scale: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """x [T, H] (bf16/fp32, H % 128 == 0) -> (e4m3 [T, H], float32 scales [T, H/128]). No host sync. A wrong ``x``
     raises :class:`largeep.ArgumentError`. On CUDA one native kernel (one pass over x; torch ops where the native
-    module is not built, x is not contiguous or not 16-byte aligned, or while torch.compile traces), the same bits
-    either way."""
+    module is not built or not built for x's GPU, x is not contiguous or not 16-byte aligned, x needs a gradient
+    or is a tensor subclass, or while torch.compile traces), the same bits either way."""
     if not isinstance(x, torch.Tensor):
         raise ArgumentError(f"fp8.quantize: argument 'x' must be a torch.Tensor, got {type(x).__name__}")
     if x.dim() != 2:

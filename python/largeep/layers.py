@@ -283,8 +283,9 @@ class GroupedExperts(nn.Module):
         Args:
             x: [E_l, S, H]; rows [0, counts[e]) of expert e are valid. counts: int32 [E_l].
             capacity: the most valid rows in all (fixed; default E_l * S). Only valid rows are computed.
-            scales: with FP8 slots (x e4m3), their scales [E_l, S, H/128]: the rows taken are dequantised to the
-                weights' dtype after they are gathered (at most ``capacity`` of them, not every slot).
+            scales: with FP8 slots (x e4m3), their scales [E_l, S, H/128]: the rows are dequantised to the
+                weights' dtype after they are gathered (``capacity`` of them, the valid ones first, not every slot
+                when ``capacity`` < E_l * S).
 
         Returns:
             [E_l, S, H] in the weights' dtype; invalid rows are zero. No host wait outside the GEMM op.
@@ -708,7 +709,7 @@ class MoELayer(nn.Module):
         d: ops.LowLatencyDispatchOutput = st["d"]
         if st["hooks"]:
             d.hook()
-        # (FP8 slots: only the rows the experts take are dequantised, not every slot of the fixed-size buffer)
+        # (FP8 slots: the layer's capacity of gathered rows is dequantised, not every slot of the fixed-size buffer)
         y = self.experts.forward_slots(d.x, d.num_tokens_per_expert, self.ll_capacity, d.scales)
         st["out"], st["hook"] = ops.low_latency_combine(
             self.buffer_id, y.to(torch.bfloat16), st["idx"], st["w"], d.handle, return_recv_hook=st["hooks"]

@@ -4,6 +4,8 @@
 #   source scripts/session_lib.sh OUT NAME [emulate]   # emulate: 2 ranks share each GPU (results checked, no link
 #                                                      # timed); without it the tests see the real GPUs
 #   build                                              # pip install of this tree (LARGEEP_BUILD_NATIVE=1)
+#   build_tree DIR TARGET                              # pip install --target TARGET of the tree unpacked in DIR
+#                                                      # (a baseline: run it with PYTHONPATH=TARGET)
 #   tests LOG SECONDS pytest-args...                   # GPU tests (-m gpu) from tests/, cut with SIGINT so that
 #                                                      # pytest prints its summary; prints its failures and counts
 #   run_for LOG SECONDS command...                     # any command, its log and exit status
@@ -25,6 +27,14 @@ build() {
   python3 -m pip install --no-build-isolation --no-deps . > "$SESSION_DIR/build.log" 2>&1 \
     || { tail -40 "$SESSION_DIR/build.log"; finish; exit 1; }
   echo "build $(elapsed) s"
+}
+
+build_tree() {
+  local dir=$1 target=$2 log
+  log="$SESSION_DIR/build_$(basename "$dir").log"
+  (cd "$dir" && python3 -m pip install --no-build-isolation --no-deps --target "$target" . > "$log" 2>&1) \
+    || { tail -30 "$log"; finish; exit 1; }
+  echo "$dir build $(elapsed) s"
 }
 
 tests() {

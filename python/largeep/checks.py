@@ -21,6 +21,14 @@ def _where(op: str, arg: str) -> str:
     return f"{op}: argument '{arg}'"
 
 
+def on(op: str, arg: str, t: torch.Tensor, device: torch.device) -> None:
+    """ArgumentError naming ``arg`` unless tensor ``t`` is on ``device`` (a device without an index takes any of its
+    type)."""
+    where = t.device
+    if where != device and (where.type != device.type or (device.index is not None and where.index != device.index)):
+        raise ArgumentError(f"{_where(op, arg)} is on {where}, expected {device}")
+
+
 def writable(op: str, arg: str, t: torch.Tensor) -> None:
     """Refuses an output tensor that an in-place write would fail on after the call's exchanges: a leaf that
     requires grad (with grad enabled), an inference tensor outside inference mode."""
@@ -59,9 +67,8 @@ def tensor(
             if want is not None and have != want:
                 exp = tuple("*" if s is None else s for s in shape)
                 raise ArgumentError(f"{_where(op, arg)} has shape {tuple(have_shape)}, expected {exp} (dim {i})")
+    on(op, arg, t, device)
     where = t.device
-    if where != device and (where.type != device.type or (device.index is not None and where.index != device.index)):
-        raise ArgumentError(f"{_where(op, arg)} is on {where}, expected {device}")
     if not t.is_contiguous():
         raise ArgumentError(f"{_where(op, arg)} must be contiguous (strides {t.stride()})")
     if row_aligned and where.type == "cuda" and t.data_ptr() % 16:

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from largeep.backends.base import current_raw_stream, on_device
 from largeep.errors import ArgumentError
 
 FP8_DTYPE = torch.float8_e4m3fn
@@ -58,17 +59,6 @@ def _native_for(*ts: torch.Tensor) -> Any:
     return native.module()
 
 
-def _stream_of(t: torch.Tensor) -> Any:
-    from largeep.backends.base import current_raw_stream
-
-    return current_raw_stream(t.device)
-
-
-def _device_of(t: torch.Tensor) -> Any:
-    """The native kernels launch on the current device: ``t``'s for the call."""
-    return torch.cuda.device(t.device)
-
-
 def quantize(x: torch.Tensor, round_scale: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """x [T, H] (bf16/fp32, H % 128 == 0) -> (e4m3 [T, H], float32 scales [T, H/128]). No host sync. A wrong ``x``
     raises :class:`largeep.ArgumentError`. On CUDA one native kernel (one pass over x; torch ops where the native
@@ -90,9 +80,9 @@ def quantize(x: torch.Tensor, round_scale: bool = False) -> tuple[torch.Tensor, 
     if C is not None and x.is_contiguous() and x.data_ptr() % 16 == 0:
         q = torch.empty(t, h, dtype=FP8_DTYPE, device=x.device)
         s = torch.empty(t, h // GROUP, dtype=torch.float32, device=x.device)
-        with _device_of(x):
+        with on_device(x.device):
             C.fp8_quantize(x.data_ptr(), x.element_size(), q.data_ptr(), s.data_ptr(), t * (h // GROUP),
-                           bool(round_scale), _stream_of(x))
+                           bool(round_scale), current_raw_stream(x.device))
         return q, s
     g = x.float().contiguous().view(t, h // GROUP, GROUP)  # (q and s contiguous whatever x's strides)
     amax = g.abs().amax(dim=2).clamp_min(_MIN_AMAX)
@@ -130,9 +120,9 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.
     if (C is not None and q.is_contiguous() and scale.is_contiguous() and q.data_ptr() % 16 == 0
             and scale.device == q.device):
         y = torch.empty(q.shape, dtype=dtype, device=q.device)
-        with _device_of(q):
+        with on_device(q.device):
             C.fp8_dequantize(q.data_ptr(), scale.data_ptr(), y.data_ptr(), y.element_size(), q.numel() // GROUP,
-                             _stream_of(q))
+                             current_raw_stream(q.device))
         return y
     g = q.float().view(*q.shape[:-1], h // GROUP, GROUP)
     return (g * scale.unsqueeze(-1)).view(*q.shape).to(dtype)

@@ -86,7 +86,7 @@ from torch._subclasses.fake_tensor import is_fake
 
 from largeep import _inductor_order, checks, fp8
 from largeep._env import logger
-from largeep.backends.base import current_raw_stream
+from largeep.backends.base import current_raw_stream, on_device
 from largeep.buffer import Buffer, DispatchHandle, EventOverlap, LowLatencyHandle, _record_stream
 from largeep.errors import ArgumentError
 
@@ -681,7 +681,7 @@ def _expert_order_impl(idx: Tensor, num_experts: int, num_pairs: int) -> tuple[T
         src = torch.empty(src_len, dtype=torch.int64, device=dev)
         offs = torch.empty(e, dtype=torch.int32, device=dev)
         work = torch.empty(C.expert_order_work(r * k, e), dtype=torch.int32, device=dev)
-        with _on_device(dev):
+        with on_device(dev):
             C.expert_order(idx.data_ptr(), r, k, e, offs.data_ptr(), work.data_ptr(), pos.data_ptr(),
                            src.data_ptr(), src_len, pad, current_raw_stream(dev))
         return offs, src, pos
@@ -746,13 +746,6 @@ def expert_order(
     return offs, src, pos, pad if pad >= 0 else None
 
 
-def _on_device(dev: torch.device) -> Any:
-    """The native row kernels launch on the current device: make it ``dev`` for the call (no-op when it is)."""
-    if dev.index is None or dev.index == torch.cuda.current_device():
-        return contextlib.nullcontext()
-    return torch.cuda.device(dev)
-
-
 def _native_rows() -> Any:
     from largeep import native
 
@@ -802,7 +795,7 @@ def _weighted_row_sum_impl(src: Tensor, pos: Tensor, w: Tensor, pad: int, count:
         return F.embedding_bag(pos, src, mode="sum", per_sample_weights=w_src, padding_idx=pad if pad >= 0 else None)
     src, pos, w = src.contiguous(), pos.contiguous(), w.contiguous().float()
     y = src.new_empty(r, src.shape[1])
-    with _on_device(src.device):
+    with on_device(src.device):
         C.weighted_row_sum(src.data_ptr(), src.shape[0], src.element_size(), pos.data_ptr(), w.data_ptr(),
                            y.data_ptr(), r, k, src.shape[1], pad, count.data_ptr() if count is not None else 0,
                            current_raw_stream(src.device))
@@ -933,7 +926,7 @@ def _gather_rows_impl(x: Tensor, src: Tensor, count: Tensor, pos: Tensor | None 
 def _gather_rows_into(C: Any, out: Tensor, x: Tensor, src: Tensor, count: Tensor, num_blocks: int) -> None:
     """The native gather into ``out`` [P, H] (its rows at or past count left as they are)."""
     dev = x.device
-    with _on_device(dev):
+    with on_device(dev):
         blocks = num_blocks if num_blocks > 0 else C.gather_rows_default_blocks(_props(dev).multi_processor_count)
         C.gather_rows(x.data_ptr(), x.shape[0], x.shape[1] * x.element_size(), src.data_ptr(), count.data_ptr(),
                       out.data_ptr(), src.shape[0], blocks, current_raw_stream(dev))
@@ -1112,8 +1105,8 @@ def _dispatch_send_op(
     buffer_id: int, x: Tensor, topk_idx: Tensor, topk_weights: Tensor, num_worst_tokens: int, use_fp8: bool = False
 ) -> Tensor:
     buf = buffer_of(buffer_id)
-    if use_fp8:
-        _check_fp8_device(buf, x)
+    if use_fp8:  # (the quantisation would run on x's device, and the Buffer then refuse the pair naming its parts)
+        checks.on("ops.dispatch", "x", x, buf.ctx.device)
     send = _fp8_pair(x) if use_fp8 else _row_aligned(x)
     res = buf.dispatch(send, topk_idx, topk_weights, num_worst_tokens=num_worst_tokens)
     assert res.topk_idx is not None and res.topk_weights is not None
@@ -1583,14 +1576,6 @@ def _check_fp8(x: Tensor) -> None:
         )
 
 
-def _check_fp8_device(buffer: Buffer, x: Tensor) -> None:
-    """ArgumentError naming ``x`` where it is not on the Buffer's device (the quantisation would run on x's, and
-    the Buffer then refuse the pair naming its parts)."""
-    dev = buffer.ctx.device
-    if x.device.type != dev.type or (dev.index is not None and x.device.index != dev.index):
-        raise ArgumentError(f"ops.dispatch: argument 'x' is on {x.device}, expected the Buffer's device {dev}")
-
-
 def _received_x(x: Tensor | tuple[Tensor, Tensor], dtype: torch.dtype | None) -> Tensor:
     """A dispatch's received x for the caller: the rows as they came, or (``dtype`` given: a ``use_fp8``
     dispatch) the received FP8 pair dequantised to ``dtype``."""
@@ -1601,23 +1586,21 @@ def _received_x(x: Tensor | tuple[Tensor, Tensor], dtype: torch.dtype | None) ->
     return fp8.dequantize(*x, dtype=dtype)
 
 
-def _send_fp8(
-    buffer: Buffer, x: Tensor, previous_event: EventOverlap | None
-) -> tuple[tuple[Tensor, Tensor], EventOverlap | None]:
-    """``x`` quantised (:func:`_fp8_pair`) where the dispatch will find it, and the ``previous_event`` to give the
-    dispatch: on the caller's stream, which a dispatch without ``previous_event`` waits for; with one, the dispatch
-    waits for that event only, so the quantisation runs on the Buffer's stream after it, in order before the
-    dispatch there (no other stream: the same under CUDA-graph capture)."""
+def _send_fp8(buffer: Buffer, x: Tensor, previous_event: EventOverlap | None) -> tuple[Tensor, Tensor]:
+    """``x`` quantised (:func:`_fp8_pair`) where the dispatch will find it: on the caller's stream, which a dispatch
+    without ``previous_event`` waits for; with one, the dispatch waits for that event only, so the quantisation
+    runs on the Buffer's stream after it, in order before the dispatch there (no other stream: the same under
+    CUDA-graph capture). x on another device than the Buffer's is refused first (the quantisation would run on
+    x's, and the Buffer then refuse the pair naming its parts)."""
     stream = buffer._stream
-    _check_fp8_device(buffer, x)
+    checks.on("ops.dispatch", "x", x, buffer.ctx.device)
     if previous_event is None or previous_event.event is None or stream is None or not x.is_cuda:
-        return _fp8_pair(x), previous_event
-    _check_fp8(x)  # (before the stream waits)
+        return _fp8_pair(x)
     stream.wait_event(previous_event.event)
     with torch.cuda.stream(stream):
         pair = _fp8_pair(x)
     _record_stream(x, stream)  # (read there)
-    return pair, previous_event
+    return pair
 
 
 def _received(
@@ -1669,7 +1652,7 @@ class _DispatchFn(torch.autograd.Function):
     ) -> tuple[Tensor, Tensor, Tensor]:
         send: Tensor | tuple[Tensor, Tensor] = x
         if use_fp8:
-            send, previous_event = _send_fp8(buffer, x, previous_event)
+            send = _send_fp8(buffer, x, previous_event)
         res = _buffer_dispatch(buffer, send, topk_idx, topk_weights, num_worst_tokens, previous_event, async_finish)
         assert res.topk_idx is not None and res.topk_weights is not None
         rx, valid, event = _received(buffer, res.x, res.topk_idx, x.dtype if use_fp8 else None, grad, res.event,

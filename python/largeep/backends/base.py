@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, overload
@@ -19,6 +20,13 @@ def current_raw_stream(device: torch.device) -> int:
     if RAW_STREAM is not None and device.index is not None:
         return int(RAW_STREAM(device.index))
     return int(torch.cuda.current_stream(device).cuda_stream)
+
+
+def on_device(dev: torch.device) -> Any:
+    """Native kernels launch on the current device: make it the CUDA ``dev`` for the call (no-op when it is)."""
+    if dev.index is None or dev.index == torch.cuda.current_device():
+        return contextlib.nullcontext()
+    return torch.cuda.device(dev)
 
 
 @overload

@@ -10,9 +10,7 @@
 set -uo pipefail
 source scripts/session_lib.sh "$1" "${2:-r8}"
 build
-(cd old_tree && python3 -m pip install --no-build-isolation --no-deps --target /tmp/old_lp . > "$SESSION_DIR/build_old.log" 2>&1) \
-  || { tail -30 "$SESSION_DIR/build_old.log"; finish; exit 1; }
-echo "old build $(elapsed) s"
+build_tree old_tree /tmp/old_lp
 tests fp8.log 100 test_gpu.py -k "fp8_native_kernels or low_latency_fp8_bits"
 cast=bench/results/2026-12-03-session36/scripts/fp8_cast.py
 for i in 1 2; do

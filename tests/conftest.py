@@ -37,13 +37,14 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     have = gpu_count()
     emulated = bool(os.environ.get("LARGEEP_TEST_EMULATE_GPUS")) and have > 0
     for item in items:
-        m = item.get_closest_marker("gpu")
-        if m is None:
+        marks = list(item.iter_markers("gpu"))
+        if not marks:
             continue
-        need = m.args[0] if m.args else 1
+        # (the largest need: a parameter's gpu(2) beside its function's gpu(1) is the parameter's case)
+        need = max(m.args[0] if m.args else 1 for m in marks)
         if have < need:
             item.add_marker(pytest.mark.skip(reason=f"needs {need} GPUs, {have} visible"))
-        elif emulated and m.kwargs.get("real", False):
+        elif emulated and any(m.kwargs.get("real", False) for m in marks):
             item.add_marker(pytest.mark.skip(reason=f"needs {need} distinct GPUs, not emulation"))
         elif emulated and _torch_on_nccl(item):
             # NCCL refuses two ranks on one GPU, so the emulated groups are gloo groups, where the torch backend

@@ -5,6 +5,7 @@
 #include <cuda_fp16.h>
 
 #include <algorithm>
+#include <type_traits>
 
 #include "api.cuh"
 #include "exception.cuh"
@@ -305,8 +306,10 @@ __device__ __forceinline__ void store4(float* p, const float* v) {
 constexpr int kFp8Unroll = 4;
 
 // q, s of x [groups * 128] as largeep.fp8.quantize makes them, bit for bit: the group's scale (fp8_group_scale of
-// its amax, NaN kept), then each x / s divided correctly rounded (__fdiv_rn, as torch's division) and saturated to
-// e4m3 (the clamp to +-448, NaN kept).
+// its amax, NaN kept), then each x / s correctly rounded, as torch's division, and saturated to e4m3 (the clamp to
+// +-448, NaN kept), two values per conversion. A bf16 x divides as the low-latency quantiser does
+// (fp8_div_by_scale: a product and one correction, whose e4m3 code is __fdiv_rn's for every bf16 value and every
+// scale of a bf16 group, bench/micro/fp8_div_check.cu); a float32 x, which that check does not cover, by __fdiv_rn.
 template <typename T>
 __global__ void __launch_bounds__(kFp8Threads) fp8_quantize_kernel(const T* x, uint8_t* q, float* s, int64_t groups,
                                                                   bool round_scale) {
@@ -326,11 +329,17 @@ __global__ void __launch_bounds__(kFp8Threads) fp8_quantize_kernel(const T* x, u
 #pragma unroll
             for (int o = 16; o > 0; o /= 2) amax = max_keep_nan(amax, __shfl_xor_sync(0xffffffffu, amax, o));
             const float scale = fp8_group_scale(amax, round_scale);
-            uint32_t packed = 0;
+            const float inv = 1.f / scale;
+            const bool finite_s = isfinite(scale);
+            float d[4];
 #pragma unroll
             for (int i = 0; i < 4; ++i)
-                packed |= static_cast<uint32_t>(fp8_e4m3_code(__fdiv_rn(v[u][i], scale))) << (8 * i);
-            reinterpret_cast<uint32_t*>(q + (g0 + u) * 128)[lane] = packed;
+                d[i] = std::is_same_v<T, __nv_bfloat16> ? fp8_div_by_scale(v[u][i], scale, inv, finite_s)
+                                                        : __fdiv_rn(v[u][i], scale);
+            // (x.x goes to the low byte: codes in x's order)
+            const uint32_t lo = __nv_cvt_float2_to_fp8x2(make_float2(d[0], d[1]), __NV_SATFINITE, __NV_E4M3);
+            const uint32_t hi = __nv_cvt_float2_to_fp8x2(make_float2(d[2], d[3]), __NV_SATFINITE, __NV_E4M3);
+            reinterpret_cast<uint32_t*>(q + (g0 + u) * 128)[lane] = lo | (hi << 16);
             if (lane == 0) s[g0 + u] = scale;
         }
     }

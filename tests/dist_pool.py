@@ -29,8 +29,8 @@ def _worker(rank: int, world: int, init_file: str, backend: str, tasks: Any, res
 
     torch.set_num_threads(1)
     faulthandler.enable()  # a crash (SIGSEGV, SIGABRT) prints this worker's Python stack on stderr
-    if backend == "nccl" and world > 1 and os.environ.get("LARGEEP_TEST_EMULATE_GPUS"):
-        backend = "gloo-cuda0"  # (conftest.gpu_count; one rank needs no second GPU and keeps NCCL)
+    if backend == "nccl" and world > torch.cuda.device_count() and os.environ.get("LARGEEP_TEST_EMULATE_GPUS"):
+        backend = "gloo-cuda0"  # (conftest.gpu_count: more ranks than GPUs, where the emulation stands in for them)
     if backend == "nccl":
         torch.cuda.set_device(rank)
         kwargs: dict[str, Any] = {"device_id": torch.device("cuda", rank)}

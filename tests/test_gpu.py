@@ -17,16 +17,18 @@ from largeep import native
 needs_native = pytest.mark.skipif(native.unavailable_reason() is not None, reason=str(native.unavailable_reason()))
 
 
+# the 4-rank case of a test parametrized by world (its gpu(4) mark: conftest skips it where fewer GPUs are seen)
+FOUR = pytest.param(4, marks=pytest.mark.gpu(4), id="4")
+
+
 def _tokens(world: int, base: int) -> list[int]:
     return [0 if (r == 1 and world > 1) else base + 37 * r for r in range(world)]
 
 
 @pytest.mark.gpu(2)
 @needs_native
-@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("world", [2, FOUR])
 def test_runtime_cycles(pools, world: int) -> None:
-    if world > __import__("conftest").gpu_count():
-        pytest.skip("not enough GPUs")
     pools(world, "nccl").run(gpu_bodies.runtime_and_cycles, 20)
 
 
@@ -64,8 +66,6 @@ CASE_IDS = [f"h{c[0]}-e{c[1]}-k{c[2]}-{c[3]}-fp8{int(c[4])}-w{c[6]}" for c in CA
 
 def _normal_case(pools, world: int, backend: str, case: tuple, seed: int, ranks_per_node: int | None) -> None:
     """bodies.normal_roundtrip of one CASES entry (rank 1 holds no tokens)."""
-    if world > __import__("conftest").gpu_count():
-        pytest.skip("not enough GPUs")
     hidden, experts, topk, dtype, fp8, align, worst = case
     if experts % world:
         pytest.skip("experts not divisible")
@@ -78,7 +78,7 @@ def _normal_case(pools, world: int, backend: str, case: tuple, seed: int, ranks_
 
 @pytest.mark.gpu(2)
 @needs_native
-@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("world", [2, FOUR])
 @pytest.mark.parametrize("backend", ["nvshmem", "torch"])
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 def test_normal_gpu(pools, world: int, backend: str, case: tuple) -> None:
@@ -130,10 +130,8 @@ def test_normal_prepare_chunks(pools, tokens: list[int], num_sms: int | None, ra
 
 @pytest.mark.gpu(2)
 @needs_native
-@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("world", [2, FOUR])
 def test_normal_gpu_repeat_identical(pools, world: int) -> None:
-    if world > __import__("conftest").gpu_count():
-        pytest.skip("not enough GPUs")
     for seed in range(3):  # each seed twice: the combine bit for bit the same (float32 sums in a fixed order)
         runs = [pools(world, "nccl").run(
             bodies.normal_roundtrip, "nvshmem", _tokens(world, 4096 - 37 * world), 7168, 256, 8, "bfloat16",
@@ -157,12 +155,10 @@ LL_CASES = [
 
 @pytest.mark.gpu(2)
 @needs_native
-@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("world", [2, FOUR])
 @pytest.mark.parametrize("case", LL_CASES, ids=[f"m{c[0]}-h{c[1]}-e{c[2]}-k{c[3]}-fp8{int(c[4])}-hook{int(c[6])}"
                                                 for c in LL_CASES])
 def test_low_latency_gpu(pools, world: int, case: tuple) -> None:
-    if world > __import__("conftest").gpu_count():
-        pytest.skip("not enough GPUs")
     m, hidden, experts, topk, fp8, round_scale, hook = case
     if experts % world:
         pytest.skip("experts not divisible")
@@ -184,14 +180,12 @@ def test_low_latency_ops_weighted(pools) -> None:
 @pytest.mark.gpu(2)
 @needs_native
 @pytest.mark.parametrize("tune", ["", "ll_fuse=1", "ll_spread=0"])
-@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("world", [2, FOUR])
 def test_low_latency_weighted(pools, world: int, tune: str) -> None:
     """low_latency_dispatch given topk_weights: the combine sums each token's rows on the experts' ranks (float32,
     sent as two bf16 rows where a token has two or more experts on a rank) and equals the reference, with every
     rank or only some giving weights, FP8 and BF16, hooks, repeated experts (the property tests), the put path and
     a CUDA graph whose replays change the weights in place; under each LARGEEP_TUNE low-latency path."""
-    if world > __import__("conftest").gpu_count():
-        pytest.skip("not enough GPUs")
     pool = pools(world, "nccl")
     for i, (m, hidden, experts, topk, fp8, round_scale, hook) in enumerate(LL_CASES[:4]):
         tokens = [max(1, m - 3 * r) if r != 1 else min(m, 40) for r in range(world)]
@@ -215,14 +209,12 @@ def test_low_latency_weighted(pools, world: int, tune: str) -> None:
 @pytest.mark.gpu(2)
 @needs_native
 @pytest.mark.parametrize("tune", ["", "ll_fuse=1", "ll_spread=0"])
-@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("world", [2, FOUR])
 def test_low_latency_bf16_partial_sums(pools, world: int, tune: str) -> None:
     """bf16_partial_sums on the nvshmem kernels: bit for bit against the float64 reference of exact values (each
     rank's sum of a token's experts rounded to bf16 where it has two or more there), at SPEC's low-latency size with
     a hook, FP8; with ranks in the three modes mixed, repeated experts, and over the put path (2 nodes emulated);
     a CUDA graph replayed on fresh weights; under each LARGEEP_TUNE low-latency path."""
-    if world > __import__("conftest").gpu_count():
-        pytest.skip("not enough GPUs")
     pool = pools(world, "nccl")
     hook = tune != "ll_fuse=1"
     mixed = ["bf16", "split", "none", "bf16"][:world]
@@ -255,10 +247,8 @@ def test_low_latency_combine_ids_mask(pools, tune: str, ranks_per_node: int | No
 
 @pytest.mark.gpu(2)
 @needs_native
-@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("world", [2, FOUR])
 def test_low_latency_graph_and_double_buffer(pools, world: int) -> None:
-    if world > __import__("conftest").gpu_count():
-        pytest.skip("not enough GPUs")
     pools(world, "nccl").run(gpu_bodies.low_latency_two_in_flight, 128, 7168, 288, 8)
     pools(world, "nccl").run(gpu_bodies.low_latency_graph, 100, 128, 7168, 288, 8)
 
@@ -281,13 +271,11 @@ def test_low_latency_rounds_past_2_31(pools) -> None:
 
 @pytest.mark.gpu(2)
 @needs_native
-@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("world", [2, FOUR])
 @pytest.mark.parametrize("tokens", [96, 2500])
 def test_normal_worst_graph(pools, world: int, tokens: int) -> None:
     """Normal mode with num_worst_tokens (no host wait): dispatch + combine captured in a CUDA graph, replayed
     (2500 tokens: the prepare kernel's blocks per destination meet through their scratch on every replay)."""
-    if world > __import__("conftest").gpu_count():
-        pytest.skip("not enough GPUs")
     pools(world, "nccl").run(gpu_bodies.normal_worst_graph, 20 if tokens < 1024 else 8, tokens, 2048, 32, 8)
 
 
@@ -301,15 +289,13 @@ def test_normal_worst_graph_torch_one_rank(pools) -> None:
 @pytest.mark.gpu(2)
 @needs_native
 @pytest.mark.parametrize("tune", ["ll_fuse=1", "ll_fuse=0", "ll_spread=0"])
-@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("world", [2, FOUR])
 def test_low_latency_tune(pools, world: int, tune: str) -> None:
     """The low-latency paths that LARGEEP_TUNE picks. ll_fuse=1: a dispatch or combine without a hook runs as one
     kernel (the tests check that it did); ll_fuse=0 (the default): as two (send, then receive; the tests check that
     no fused kernel ran); ll_spread=0: the dispatch receive and the combine send with one block per local expert.
     The reference cases above without hooks, 20 rounds without host syncs with the ranks out of step, 100 graph
     replays on fresh data, and the put path (2 nodes emulated)."""
-    if world > __import__("conftest").gpu_count():
-        pytest.skip("not enough GPUs")
     pool = pools(world, "nccl")
 
     def run(*args: object) -> None:
@@ -427,10 +413,8 @@ def test_worst_tokens_too_small(pools) -> None:
 
 @pytest.mark.gpu(2)
 @needs_native
-@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("world", [2, FOUR])
 def test_missing_peer_times_out(pools, world: int) -> None:
-    if world > __import__("conftest").gpu_count():
-        pytest.skip("not enough GPUs")
     times = pools(world, "nccl").run(gpu_bodies.missing_peer, 5.0)
     assert all(t["elapsed_s"] > 4.0 for r, t in enumerate(times) if r != 1), times
 
@@ -522,12 +506,11 @@ def test_destroy_without_peer() -> None:
 
 @pytest.mark.gpu(2)
 @needs_native
-@pytest.mark.parametrize("world,ranks_per_node,m", [(2, 1, 128), (4, 2, 128), (4, 1, 128), (2, 1, 320)])
+@pytest.mark.parametrize("world,ranks_per_node,m", [(2, 1, 128), pytest.param(4, 2, 128, marks=pytest.mark.gpu(4)),
+                                                    pytest.param(4, 1, 128, marks=pytest.mark.gpu(4)), (2, 1, 320)])
 def test_low_latency_put_path(pools, world: int, ranks_per_node: int, m: int) -> None:
     """Peers on another (emulated) node are reached with NVSHMEM puts and signals instead of NVLink stores (m 320:
     more tokens than the send's blocks, so a block sends several)."""
-    if world > __import__("conftest").gpu_count():
-        pytest.skip("not enough GPUs")
     tokens = [m - 5 * r for r in range(world)]
     pools(world, "nccl").run(
         gpu_bodies.low_latency_put_path, ranks_per_node, "nvshmem", tokens, m, 7168, 288, 8, True, False, True, 9
@@ -536,7 +519,9 @@ def test_low_latency_put_path(pools, world: int, ranks_per_node: int, m: int) ->
 
 @pytest.mark.gpu(2)
 @needs_native
-@pytest.mark.parametrize("world,ranks_per_node", [(2, 1), (4, 2), (4, 1)], ids=["2x1", "2x2", "4x1"])
+@pytest.mark.parametrize("world,ranks_per_node", [pytest.param(2, 1, id="2x1"),
+                                                 pytest.param(4, 2, marks=pytest.mark.gpu(4), id="2x2"),
+                                                 pytest.param(4, 1, marks=pytest.mark.gpu(4), id="4x1")])
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 def test_normal_internode(pools, world: int, ranks_per_node: int, case: tuple) -> None:
     """One host split into nodes (ranks_per_node below the host size): rows for other nodes take the RDMA leg

@@ -28,6 +28,13 @@ def test_report_matches_the_machine(capsys: pytest.CaptureFixture[str]) -> None:
     assert r["native_archs"] is None or all(isinstance(a, int) for a in r["native_archs"])
 
 
+@pytest.mark.gpu(1)
+def test_report_matches_the_machine_gpu(capsys: pytest.CaptureFixture[str]) -> None:
+    """The same on a GPU machine, where the GPU tests' selection (-m gpu) takes it: its GPUs, peer access, and the
+    native module loading exactly when the auto backend is nvshmem."""
+    test_report_matches_the_machine(capsys)
+
+
 @pytest.mark.parametrize("note,built,archs,log", [
     ({}, None, None, []),
     ({"built": True, "cuda_archs": "90;100a"}, True, [90, 100], []),

@@ -1,4 +1,5 @@
-"""Session 36 (session 37: the torch-ops path stubs _native_for of any arity, which now takes q and scale): the cost of the FP8 casts that ops.dispatch(use_fp8=True) adds (one GPU, no link): fp8.quantize of
+"""Session 36 (session 37: the torch-ops path stubs _native_for of any arity, which now takes q and scale): the
+cost of the FP8 casts that ops.dispatch(use_fp8=True) adds (one GPU, no link): fp8.quantize of
 the tokens [T, H] bf16 before the dispatch, fp8.dequantize of the received rows [R, H] to bf16 after it, each by
 the native kernel and by the torch ops (the path without the native module), CUDA events, median of 50 after 5
 warm-ups. Bytes over time: the native kernels read and write each value once.

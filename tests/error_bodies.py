@@ -1260,11 +1260,54 @@ def torch_missing_peer(rank: int, world: int, timeout_s: float, op: str = "dispa
                 assert re.match(rf"{op}: this Buffer failed earlier \({op} on rank {rank} failed", str(exc)), str(exc)
             else:
                 raise AssertionError(f"a failed Buffer accepted another {op}")
+        if op == "dispatch":
+            again = _new_buffer_on_out_of_step_group(rank, world, sub, buf, timeout_s)
     finally:
         dist.barrier()  # the pool's own group: rank 1 waits here until the others have given up
         buf.destroy()
         dist.destroy_process_group(sub)
-    return {"elapsed_s": elapsed, "refused_s": refused, "message": msg}
+    out = {"elapsed_s": elapsed, "refused_s": refused, "message": msg}
+    if op == "dispatch" and world == 2:
+        out["again"] = again
+        # a Buffer on a new group works on every rank
+        fresh, good = _torch_buffer_on_own_group(world, timeout_s)
+        try:
+            x = torch.randn(3, 32).to(torch.bfloat16)
+            # (2 experts per rank: each token reaches ranks 0 and 1, and the unweighted combine sums its 2 rows)
+            d = good.dispatch(x, torch.tensor([[0, 2], [1, 3], [3, 0]], dtype=torch.int64), torch.ones(3, 2))
+            c = good.combine(d.x, d.handle)
+            assert torch.equal(c.x, x * 2), (c.x, x)
+        finally:
+            good.destroy()
+            dist.destroy_process_group(fresh)
+    return out
+
+
+def _new_buffer_on_out_of_step_group(rank: int, world: int, sub: Any, buf: largeep.Buffer,
+                                     timeout_s: float) -> dict[str, Any]:
+    """After torch_missing_peer's dispatch: every rank destroys its Buffer and makes a new one on the same group.
+    The ranks that timed out refuse at once (ArgumentError naming 'group' and the call that failed), without
+    joining; rank 1, which never made the call, raises PeerTimeoutError naming them: it waited for their arrival
+    in vain, or found its connections to them closed (their timed-out waits close them). Before, the ranks waited
+    in the creation's gather for the process group's timeout, or failed there with gloo's RuntimeError."""
+    import time
+
+    buf.destroy()
+    dist.barrier()  # the pool's own group: rank 1 starts once the others' calls have timed out (else its own wait
+    # could time out first and close the connections theirs wait on)
+    before = os.environ.get("LARGEEP_TIMEOUT_S")
+    os.environ["LARGEEP_TIMEOUT_S"] = str(timeout_s)
+    start = time.monotonic()
+    try:
+        largeep.Buffer(sub, hidden=32, num_experts=2 * world, num_topk=2, max_tokens_per_rank=4, backend="torch")
+    except (largeep.ArgumentError, largeep.PeerTimeoutError) as exc:
+        return {"error": type(exc).__name__, "message": str(exc), "elapsed_s": time.monotonic() - start}
+    finally:
+        if before is None:
+            del os.environ["LARGEEP_TIMEOUT_S"]
+        else:
+            os.environ["LARGEEP_TIMEOUT_S"] = before
+    raise AssertionError(f"rank {rank} made a Buffer on a group whose collectives are out of step")
 
 
 # -- one rank's ids refused, the others' good ------------------------------------------------------------------------
@@ -1828,6 +1871,12 @@ def missing_collective_member(rank: int, world: int, which: str, timeout_s: floa
 
             def call() -> None:
                 gate.update_bias(group, load=torch.full((4,), float(rank + 1)))
+        elif which == "gather":  # (Buffer creation's gather of every rank's arguments)
+            from largeep import _collective
+
+            def call() -> None:
+                got = _collective.all_gather_object({"rank": rank, "pad": "x" * rank}, group, "Buffer", timeout_s)
+                assert got == [{"rank": r, "pad": "x" * r} for r in range(world)], got
         else:
             w = torch.nn.Parameter(torch.zeros(2, 3))
             w.grad = torch.full((2, 3), float(rank + 1))
@@ -1836,7 +1885,7 @@ def missing_collective_member(rank: int, world: int, which: str, timeout_s: floa
             def call() -> None:
                 layers.allreduce_replica_grads([w], table, group)
         call()  # every rank: the sum over the group arrives
-        if which != "gate":
+        if which == "replicas":
             expect = float(sum(range(1, world + 1)))
             assert torch.equal(w.grad, torch.full((2, 3), expect)), w.grad
         if rank != 0:
@@ -1845,7 +1894,15 @@ def missing_collective_member(rank: int, world: int, which: str, timeout_s: floa
         try:
             call()
         except largeep.PeerTimeoutError as exc:
-            return {"raised": str(exc), "took": time.monotonic() - start}
+            out: dict[str, Any] = {"raised": str(exc), "took": time.monotonic() - start}
+            if which == "gather":  # the group is out of step now: a Buffer on it is refused at once
+                start = time.monotonic()
+                try:
+                    largeep.Buffer(group, hidden=32, num_experts=2 * world, num_topk=2, max_tokens_per_rank=4,
+                                   backend="torch")
+                except largeep.ArgumentError as again:
+                    out.update(refused=str(again), refused_s=time.monotonic() - start)
+            return out
         return {"raised": None, "took": time.monotonic() - start}
     finally:
         del os.environ["LARGEEP_TIMEOUT_S"]

@@ -1555,6 +1555,20 @@ def layer_size_checks(rank: int, world: int) -> None:
             raise AssertionError("a low-latency MoELayer accepted use_fp8")
     finally:
         ll.destroy()
+    # the low-latency settings on a normal-mode Buffer, which would be ignored there
+    nb = largeep.Buffer(None, hidden=128, num_experts=4 * world, num_topk=2, max_tokens_per_rank=8, backend="torch")
+    try:
+        for kw, want in (({"ll_use_fp8": True}, "'ll_use_fp8' applies to low-latency mode; a normal-mode Buffer takes "
+                          "use_fp8"),
+                         ({"ll_bf16_partial_sums": True}, "'ll_bf16_partial_sums' applies to low-latency mode")):
+            try:
+                layers.MoELayer(nb, ffn_hidden=8, **kw)  # type: ignore[arg-type]
+            except largeep.ArgumentError as exc:
+                assert want in str(exc), str(exc)
+            else:
+                raise AssertionError(f"a normal-mode MoELayer accepted {kw}")
+    finally:
+        nb.destroy()
 
 
 def repeated_expert_gate(rank: int, world: int) -> None:

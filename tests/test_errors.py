@@ -780,6 +780,18 @@ def test_torch_backend_missing_peer_times_out(pools, op: str) -> None:
             assert 2.0 <= res["elapsed_s"] < 10.0 and res["refused_s"] < 0.5, res
             others = re.escape(str([r for r in range(WORLD) if r != rank]))
             assert re.match(rf"{op}: rank {rank} waited for ranks? {others} ", res["message"]), res
+            assert "its process group is out of step (give the next Buffer a new group)" in res["message"], res
+        if op == "dispatch":  # a new Buffer on the same group: refused at once where the call timed out, and
+            again = res["again"]  # rank 1 (which never made it) times out waiting for those ranks' arrival
+            if rank != 1:
+                assert again["error"] == "ArgumentError" and again["elapsed_s"] < 1.0, again
+                assert again["message"].startswith(f"Buffer: argument 'group' is out of step on rank {rank}: an "
+                                                   f"earlier call on it failed (dispatch on rank {rank} failed"), again
+            else:
+                assert again["error"] == "PeerTimeoutError" and again["elapsed_s"] < 10.0, again
+                others = [r for r in range(WORLD) if r != 1]
+                assert (f"waited in vain for ranks {others} of its group" in again["message"]
+                        or f"lost its connection to ranks {others}" in again["message"]), again
 
 
 @pytest.mark.parametrize("tokens_per_round", [None, 2], ids=["one_round", "rounds"])
@@ -960,10 +972,13 @@ def test_nvshmem_refusal_messages(me: int, refusals: list[int], raises: str, wor
             b._raise_refused("dispatch", refusals, checked=True)
 
 
-@pytest.mark.parametrize("which,name", [("gate", "TopKGate.update_bias"), ("replicas", "allreduce_replica_grads")])
+@pytest.mark.parametrize("which,name", [("gate", "TopKGate.update_bias"), ("replicas", "allreduce_replica_grads"),
+                                        ("gather", "Buffer: rank 0 waited for the group's gather in vain")])
 def test_missing_member_of_a_library_collective_is_bounded(which: str, name: str) -> None:
-    """The gate's load sum and the replicas' gradient sum, made by rank 0 alone, raise PeerTimeoutError naming the
-    call after LARGEEP_TIMEOUT_S on gloo. A pool of its own: the abandoned collective stays pending in it."""
+    """The gate's load sum, the replicas' gradient sum and Buffer creation's gather of the ranks' arguments, made by
+    rank 0 alone, raise PeerTimeoutError naming the call after LARGEEP_TIMEOUT_S on gloo; after the gather a Buffer
+    on that group is refused at once (ArgumentError naming 'group'). A pool of its own: the abandoned collective
+    stays pending in it."""
     pool = DistPool(2, "gloo", timeout_s=120)
     try:
         r0 = pool.run(error_bodies.missing_collective_member, which, 2.0)[0]
@@ -971,6 +986,9 @@ def test_missing_member_of_a_library_collective_is_bounded(which: str, name: str
         pool.close(force=True)
     assert r0["raised"] is not None and name in r0["raised"] and "LARGEEP_TIMEOUT_S=2" in r0["raised"], r0
     assert 2.0 <= r0["took"] < 30.0, r0
+    if which == "gather":
+        assert r0["refused"].startswith("Buffer: argument 'group' is out of step on rank 0: an earlier call on it "
+                                        f"failed ({name}") and r0["refused_s"] < 1.0, r0
 
 
 @pytest.mark.parametrize("low_latency,ranks,per_node,max_tokens,refused,auto", [

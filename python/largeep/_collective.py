@@ -6,6 +6,8 @@ gloo). Where NCCL moves them the group's own timeout applies (its waits are not 
 
 from __future__ import annotations
 
+import pickle
+import weakref
 from datetime import timedelta
 from typing import Any
 
@@ -14,6 +16,30 @@ import torch.distributed as dist
 
 from largeep import _env
 from largeep.errors import PeerTimeoutError
+
+# The groups whose collectives, on this rank, no longer pair with the other ranks' (a collective's wait timed out on
+# gloo, which also closes the connections it waited on): why, by group. Buffer creation on one of them raises at
+# once; the entry goes with the group object.
+_OUT_OF_STEP: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
+
+
+def mark_out_of_step(group: dist.ProcessGroup | None, why: str) -> None:
+    """Remembers that ``group`` (None: the default group) is out of step on this rank, and why (the first reason
+    stays)."""
+    g = group if group is not None else dist.group.WORLD
+    try:
+        _OUT_OF_STEP.setdefault(g, why)
+    except TypeError:  # (an object that takes no weak reference: not remembered)
+        pass
+
+
+def out_of_step(group: dist.ProcessGroup | None) -> str | None:
+    """Why ``group`` is out of step on this rank (``mark_out_of_step``), or None."""
+    g = group if group is not None else dist.group.WORLD
+    try:
+        return _OUT_OF_STEP.get(g)
+    except TypeError:
+        return None
 
 
 def on_gloo(group: dist.ProcessGroup | None, device: torch.device) -> bool:
@@ -64,5 +90,38 @@ def all_reduce(t: torch.Tensor, group: dist.ProcessGroup | None, what: str) -> N
         dist.all_reduce(t, group=group)
         return
     work = dist.all_reduce(t, group=group, async_op=True)
-    wait_all([work], on_gloo(group, t.device), f"{what}: rank {dist.get_rank(group)} waited for the group in vain",
-             ": a rank did not make the same call, or failed before it; the group is out of step now")
+    try:
+        wait_all([work], on_gloo(group, t.device), f"{what}: rank {dist.get_rank(group)} waited for the group in vain",
+                 ": a rank did not make the same call, or failed before it; the group is out of step now")
+    except PeerTimeoutError as exc:
+        mark_out_of_step(group, str(exc).splitlines()[0][:300])
+        raise
+
+
+def all_gather_object(obj: Any, group: dist.ProcessGroup, what: str, timeout_s: float) -> list[Any]:
+    """dist.all_gather_object of ``obj`` over ``group``, each rank's object in rank order; on a group where gloo
+    moves CPU tensors, as two gathers (the pickled sizes, then the padded bytes) whose waits are bounded by
+    ``timeout_s``: PeerTimeoutError naming ``what`` (and the group then out of step, ``mark_out_of_step``) instead of
+    the process group's own timeout (30 minutes on gloo) on a group whose ranks' collectives no longer pair. On NCCL
+    the group's own timeout applies."""
+    n = dist.get_world_size(group)
+    if n == 1 or not on_gloo(group, torch.device("cpu")):
+        every: list[Any] = [None] * n
+        dist.all_gather_object(every, obj, group=group)
+        return every
+    data = torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8)
+    head = f"{what}: rank {dist.get_rank(group)} waited for the group's gather in vain"
+    tail = ": a rank did not make the same call, or failed before it; the group is out of step now"
+    sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(n)]
+    try:
+        wait_all([dist.all_gather(sizes, torch.tensor([data.numel()]), group=group, async_op=True)], True, head, tail,
+                 timeout_s)
+        width = int(max(int(t.item()) for t in sizes))
+        got = [torch.empty(width, dtype=torch.uint8) for _ in range(n)]
+        padded = torch.zeros(width, dtype=torch.uint8)
+        padded[: data.numel()] = data
+        wait_all([dist.all_gather(got, padded, group=group, async_op=True)], True, head, tail, timeout_s)
+    except PeerTimeoutError as exc:
+        mark_out_of_step(group, str(exc).splitlines()[0][:300])
+        raise
+    return [pickle.loads(t[: int(sz.item())].numpy().tobytes()) for t, sz in zip(got, sizes, strict=True)]

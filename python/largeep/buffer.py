@@ -285,6 +285,15 @@ class Buffer:
                 f"{op}: argument 'group' does not contain this rank (global rank {dist.get_rank()}); create the "
                 "Buffer only on the group's ranks"
             )
+        stale = _collective.out_of_step(group)
+        if stale is not None:
+            # (the other ranks' next collective on it is still that call's: the gather below would wait forever;
+            # they time out waiting for this rank's arrival instead, naming it)
+            raise ArgumentError(
+                f"{op}: argument 'group' is out of step on rank {rank}: an earlier call on it failed ({stale[:300]}); "
+                "its collectives no longer pair with the other ranks', so no Buffer can be made on it: destroy its "
+                "Buffers and give the next Buffer a new group"
+            )
         # Each rank checks its own arguments, then every rank learns every rank's verdict, host and arguments in
         # one gather: a refusal on one rank is a refusal on all (no rank goes on into a collective the others never
         # join), and ranks that disagree on the Buffer's arguments are refused too.
@@ -333,8 +342,8 @@ class Buffer:
 
             native_ok = native.unavailable_reason() is None
         _all_arrive(group, op, rank, settings.timeout_s if local_error is None else _env.DEFAULT_TIMEOUT_S)
-        every: list[Any] = [None] * n
-        dist.all_gather_object(every, (socket.gethostname(), local_error, given, native_ok), group=group)
+        every = _collective.all_gather_object((socket.gethostname(), local_error, given, native_ok), group, op,
+                                              settings.timeout_s if local_error is None else _env.DEFAULT_TIMEOUT_S)
         without_native = [r for r, e in enumerate(every) if not e[3]]
         if local_error is not None:
             raise ArgumentError(local_error)
@@ -506,7 +515,10 @@ class Buffer:
     def _check_mode(self, op: str, low_latency: bool) -> None:
         if self.ctx.low_latency != low_latency:
             want = "low_latency=True" if low_latency else "low_latency=False"
-            raise ArgumentError(f"Buffer.{op}: needs a Buffer created with {want}")
+            calls = ("get_dispatch_layout, dispatch and combine (largeep.ops.dispatch / combine)" if low_latency else
+                     "low_latency_dispatch and low_latency_combine (largeep.ops.low_latency_dispatch / "
+                     "low_latency_combine)")
+            raise ArgumentError(f"Buffer.{op}: needs a Buffer created with {want}; this Buffer's calls are {calls}")
 
     def _check_handle(self, op: str, handle: object, cls: type) -> Any:
         if not isinstance(handle, cls):
@@ -1214,8 +1226,10 @@ def _all_arrive(group: dist.ProcessGroup, op: str, rank: int, timeout_s: float) 
             p0 = min(gone)
             said.append(f"lost its connection to ranks {sorted(gone)} (rank {p0}: {gone[p0][:200]}): a rank that "
                         "crashed, or waited longer than its LARGEEP_TIMEOUT_S for this one and gave up, closes it")
-        raise PeerTimeoutError(f"{op}: rank {rank} " + "; it ".join(said)
-                               + "; the group is out of step now (destroy it, and give the next Buffer a new group)")
+        msg = f"{op}: rank {rank} " + "; it ".join(said)
+        _collective.mark_out_of_step(group, msg[:300])
+        raise PeerTimeoutError(msg + "; the group is out of step now (destroy it, and give the next Buffer a new "
+                               "group)")
     # (every rank's number came, so every rank has posted its receives: the sends complete)
     _collective.wait_all(sends, True, f"{op}: rank {rank} could not send its arrival to every rank of the group",
                          ": the group is out of step now (destroy it, and give the next Buffer a new group)",

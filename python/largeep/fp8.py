@@ -6,7 +6,8 @@ keeps ``q`` inside the e4m3 range.
 
 Two departures from that formula, the same in this module and in the low-latency kernels: the amax is taken at least
 1e-4, so a group whose values are all below 1e-4 in magnitude gets the scale 1e-4 / 448 (an all-zero group a finite
-scale, q 0, never a division by zero; values below about 4e-10 then become 0). And values that are not finite
+scale, q 0, never a division by zero; values below about 2.2e-10, half e4m3's smallest step times that scale, then
+become 0). And values that are not finite
 spoil their group, alike here and in the kernels: a NaN makes the group's scale and every q NaN, and an infinity makes
 the scale infinite, so that every value of the group dequantises to NaN (never to a plausible finite value).
 
@@ -60,18 +61,19 @@ def _native_for(*ts: torch.Tensor) -> Any:
 
 
 def quantize(x: torch.Tensor, round_scale: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [T, H] (bf16/fp32, H % 128 == 0) -> (e4m3 [T, H], float32 scales [T, H/128]). No host sync. A wrong ``x``
-    raises :class:`largeep.ArgumentError`. On CUDA one native kernel (one pass over x; torch ops where the native
-    module is not built or not built for x's GPU, x is not contiguous or not 16-byte aligned, x needs a gradient
-    or is a tensor subclass, or while torch.compile traces), the same bits either way."""
+    """x [T, H] (bf16/fp32, H % 128 == 0; fp16 and fp64 too, always by torch ops) -> (e4m3 [T, H], float32 scales
+    [T, H/128]). No host sync. A wrong ``x`` (an FP8 one among them) raises :class:`largeep.ArgumentError`. On CUDA
+    one native kernel (one pass over x; torch ops where the native module is not built or not built for x's GPU,
+    x is not contiguous or not 16-byte aligned, x needs a gradient or is a tensor subclass, or while torch.compile
+    traces), the same bits either way."""
     if not isinstance(x, torch.Tensor):
         raise ArgumentError(f"fp8.quantize: argument 'x' must be a torch.Tensor, got {type(x).__name__}")
     if x.dim() != 2:
         raise ArgumentError(f"fp8.quantize: argument 'x' has {x.dim()} dimensions {tuple(x.shape)}, expected 2 "
                             "(tokens, hidden)")
-    if not x.is_floating_point():
-        raise ArgumentError(f"fp8.quantize: argument 'x' has dtype {x.dtype}, expected a floating-point dtype "
-                            "(bf16 or fp32)")
+    if not x.is_floating_point() or x.element_size() < 2:  # (an FP8 x would be its codes quantised again)
+        raise ArgumentError(f"fp8.quantize: argument 'x' has dtype {x.dtype}, expected a floating-point dtype of 2 "
+                            "bytes or more (bf16 or fp32; fp16 and fp64 through torch ops)")
     t, h = x.shape
     if h % GROUP:
         raise ArgumentError(f"fp8.quantize: argument 'x' has shape {tuple(x.shape)}, expected a hidden size (dim 1) "
@@ -115,6 +117,11 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.
             f"fp8.dequantize: expected q [..., H] with H a multiple of {GROUP} and scale float32 [..., H/{GROUP}], "
             f"got q {tuple(q.shape)} and scale "
             f"{(scale.dtype, tuple(scale.shape)) if isinstance(scale, torch.Tensor) else type(scale).__name__}"
+            + (f": argument 'q' has H = {h}, not a multiple of {GROUP}" if q.dim() and h % GROUP else
+               ": argument 'scale' is not a float32 tensor" if not isinstance(scale, torch.Tensor)
+               or scale.dtype != torch.float32 else
+               f": argument 'scale' must have shape {(*q.shape[:-1], h // GROUP)}" if q.dim() else
+               ": argument 'q' has no dimensions")
         )
     C = _native_for(q, scale) if dtype in (torch.bfloat16, torch.float32) else None
     if (C is not None and q.is_contiguous() and scale.is_contiguous() and q.data_ptr() % 16 == 0

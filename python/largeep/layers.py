@@ -462,6 +462,12 @@ class MoELayer(nn.Module):
                     raise ArgumentError(f"MoELayer: {arg} needs hidden % {fp8.GROUP} == 0, hidden is {c.hidden}")
             if ll_bf16_partial_sums and not ll_send_weights:
                 raise ArgumentError("MoELayer: argument 'll_bf16_partial_sums' = True needs ll_send_weights=True")
+            if not c.low_latency and ll_use_fp8:  # (it would be ignored: say where FP8 goes in normal mode)
+                raise ArgumentError("MoELayer: argument 'll_use_fp8' applies to low-latency mode; a normal-mode Buffer "
+                                    "takes use_fp8")
+            if not c.low_latency and ll_bf16_partial_sums:
+                raise ArgumentError("MoELayer: argument 'll_bf16_partial_sums' applies to low-latency mode (a "
+                                    "normal-mode combine sums in float32)")
             num_logical = _logical_experts(c, placement, num_logical_experts)
             known = _gate_experts(gate)
             if known is not None and known != num_logical:

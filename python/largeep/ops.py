@@ -354,8 +354,9 @@ def _get(buffer_id: int, ticket: Tensor, op: str, refs: int = 0) -> _Entry:
             )
         raise RuntimeError(
             f"largeep.ops.{op}: handle #{tid} of Buffer id {buffer_id} was released (by the combine or backward "
-            "call that was its last, or by release_handles); a second backward through the same graph is not "
-            "supported on the custom-op path"
+            "call that was its last use, or by release_handles); on the custom-op path a handle takes no call after "
+            "its last use: not a second backward through the same graph, nor a combine after the backward of a "
+            "dispatch that no combine had used (the eager path allows both)"
         )
     return entry
 

@@ -46,7 +46,7 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 
-from largeep import checks, fp8
+from largeep import _collective, checks, fp8
 from largeep.backends.base import GroupContext, LowLatencyDispatchOut, NormalDispatchOut, align_up
 from largeep.errors import ArgumentError, PeerRefusedError, PeerTimeoutError
 from largeep.layout import Layout, compute_layout, one_hot_mask
@@ -453,13 +453,15 @@ class TorchBackend:
             first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             self._failed = f"{what} on rank {c.rank} failed: {first}"
             self._failed_error = PeerTimeoutError
+            _collective.mark_out_of_step(c.group, self._failed)
             if "timed out" not in str(exc).lower():
                 raise
             others = [r for r in range(c.num_ranks) if r != c.rank]
             raise PeerTimeoutError(
                 f"{what}: rank {c.rank} waited for ranks {others} of its group in vain (LARGEEP_TIMEOUT_S="
                 f"{self.timeout_s:g} s, or the process group's own timeout if shorter; gloo: {first}): a peer did not "
-                "make the same call, or failed before it; this Buffer refuses further calls"
+                "make the same call, or failed before it; this Buffer refuses further calls, and its process group is "
+                "out of step (give the next Buffer a new group)"
             ) from None
 
     def _note_overflow(self, over: torch.Tensor, num_recv: torch.Tensor, num_worst_tokens: int) -> None:

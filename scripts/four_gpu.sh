@@ -41,7 +41,9 @@ run() {
   local want=$1; shift
   local left=$(( DEADLINE - $(date +%s) ))
   (( want < left )) || want=$left
-  if [ "${DRY:-0}" = 1 ]; then echo "timeout -s INT -k 30 $want $*" >&3; return 0; fi
+  if [ "${DRY:-0}" = 1 ]; then
+    echo "${LARGEEP_GPU_TESTS:+LARGEEP_GPU_TESTS=\"$LARGEEP_GPU_TESTS\" }timeout -s INT -k 30 $want $*" >&3; return 0
+  fi
   if (( want <= 0 )); then echo "out of time: $*" | tee -a "$OUT/summary.txt" >&3; RC=1; return 1; fi
   local rc=0
   timeout -s INT -k 30 "$want" "$@" || rc=$?
@@ -91,13 +93,15 @@ case $PART in
     tail -20 "$OUT/layer_fp8_balanced.log"
     ;;
   longrun)
-    if [ "${DRY:-0}" != 1 ] && [ "$(nvidia-smi -L | wc -l)" -lt 4 ]; then
+    if [ "${DRY:-0}" != 1 ] && [ "$(nvidia-smi -L | grep -c '^GPU ')" -lt 4 ]; then
       echo "longrun needs 4 GPUs" | tee -a "$OUT/summary.txt"; RC=1
+    else
+      check
+      (cd tests && LARGEEP_TEST_ROUNDS=10000 LARGEEP_TEST_REQUIRE_NATIVE=1 LARGEEP_TEST_REQUIRE_GPUS=4 \
+        run 480 python3 -m pytest -q -ra -p no:cacheprovider "test_long_run.py::test_long_run[4-nvshmem-nccl]") \
+        > "$OUT/long_run_10000_ep4.log" 2>&1 || RC=1
+      tail -3 "$OUT/long_run_10000_ep4.log"
     fi
-    check
-    (cd tests && LARGEEP_TEST_ROUNDS=10000 run 480 python3 -m pytest -q -ra -p no:cacheprovider \
-      "test_long_run.py::test_long_run[4-nvshmem-nccl]") > "$OUT/long_run_10000_ep4.log" 2>&1 || RC=1
-    tail -3 "$OUT/long_run_10000_ep4.log"
     ;;
   nodes) check internode ;;
   split)

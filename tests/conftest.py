@@ -54,22 +54,21 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         need = _gpu_need(marks)
         emulated = need > real  # (and have >= need: LARGEEP_TEST_EMULATE_GPUS stands in for the rest)
         if have < need:
-            item.add_marker(pytest.mark.skip(reason=f"needs {need} GPUs, {have} visible"))
+            item.add_marker(pytest.mark.skip(reason=f"needs {need} GPU{'s' if need > 1 else ''}, {have} visible"))
         elif emulated and any(m.kwargs.get("real", False) for m in marks):
             item.add_marker(pytest.mark.skip(reason=f"needs {need} distinct GPUs, not emulation"))
         elif emulated and _torch_on_nccl(item):
             # NCCL refuses two ranks on one GPU, so the emulated groups are gloo groups, where the torch backend
             # runs on the CPU: its GPU tests need as many real GPUs as ranks
             item.add_marker(pytest.mark.skip(reason="the torch backend on NCCL needs one GPU per rank, not emulation"))
-    _require(items)
 
 
-def _require(items: list[pytest.Item]) -> None:
+def pytest_collection_finish(session: pytest.Session) -> None:
     """On a GPU machine's scripted run, a missing native module or fewer GPUs than expected ends the run at once
     (exit status 3) instead of skipping the GPU tests quietly: LARGEEP_TEST_REQUIRE_GPUS=N (at least N GPUs
     visible) and LARGEEP_TEST_REQUIRE_NATIVE=1 (largeep's native module loads), checked when GPU tests are
-    selected."""
-    if not any(item.get_closest_marker("gpu") for item in items):
+    selected (after -m and -k)."""
+    if not any(item.get_closest_marker("gpu") for item in session.items):
         return
     want = os.environ.get("LARGEEP_TEST_REQUIRE_GPUS", "").strip()
     if want and real_gpu_count() < int(want):

@@ -22,6 +22,14 @@ from typing import Any
 SAFE_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 
 
+def pool_backend(backend: str, world: int, visible_gpus: int) -> str:
+    """The process group a pool of ``world`` ranks makes for ``backend``: "nccl" becomes "gloo-cuda0" (every rank on
+    GPU 0) where the ranks are more than the visible GPUs and LARGEEP_TEST_EMULATE_GPUS is set (conftest.gpu_count:
+    the emulation stands in for the missing GPUs); otherwise ``backend`` itself."""
+    emulate = os.environ.get("LARGEEP_TEST_EMULATE_GPUS", "").strip() not in ("", "0")
+    return "gloo-cuda0" if backend == "nccl" and world > visible_gpus and emulate else backend
+
+
 def _worker(rank: int, world: int, init_file: str, backend: str, tasks: Any, results: Any, timeout_s: float) -> None:
     os.environ.update(SAFE_ENV)
     import torch
@@ -29,8 +37,7 @@ def _worker(rank: int, world: int, init_file: str, backend: str, tasks: Any, res
 
     torch.set_num_threads(1)
     faulthandler.enable()  # a crash (SIGSEGV, SIGABRT) prints this worker's Python stack on stderr
-    if backend == "nccl" and world > torch.cuda.device_count() and os.environ.get("LARGEEP_TEST_EMULATE_GPUS"):
-        backend = "gloo-cuda0"  # (conftest.gpu_count: more ranks than GPUs, where the emulation stands in for them)
+    backend = pool_backend(backend, world, torch.cuda.device_count())
     if backend == "nccl":
         torch.cuda.set_device(rank)
         kwargs: dict[str, Any] = {"device_id": torch.device("cuda", rank)}

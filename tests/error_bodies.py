@@ -444,6 +444,8 @@ CASES: list[BadCase] = [
        "'x'", "dtype torch.int32", "expected torch.bfloat16, torch.float32"),
     _n("dispatch_x_dtype_float16", lambda e: Call(e.buf.dispatch, (e.x.half(), e.idx, e.w)),
        "'x'", "dtype torch.float16", "expected"),
+    _n("dispatch_x_fp8_without_scales", lambda e: Call(e.buf.dispatch, (e.x.to(fp8.FP8_DTYPE), e.idx, e.w)),
+       "'x'", "dtype torch.float8_e4m3fn without its scales", "fp8.quantize", "use_fp8=True"),
     _n("dispatch_x_not_a_tensor", lambda e: Call(e.buf.dispatch, (e.x.float().cpu().numpy(), e.idx, e.w)),
        "'x'", "must be a torch.Tensor", "ndarray"),
     _n("dispatch_x_list_of_rows", lambda e: Call(e.buf.dispatch, (list(e.x), e.idx, e.w)),
@@ -587,12 +589,12 @@ CASES: list[BadCase] = [
        "'handle'", "destroyed"),
     # -- the wrong mode ------------------------------------------------------------------------------------
     _n("low_latency_dispatch_on_normal", lambda e: Call(e.buf.low_latency_dispatch, (e.x, e.idx)),
-       "low_latency_dispatch", "low_latency=True"),
+       "low_latency_dispatch", "low_latency=True", "this Buffer's calls are get_dispatch_layout, dispatch and combine"),
     _n("low_latency_combine_on_normal", lambda e: Call(e.buf.low_latency_combine,
                                                        (e.ll_y(), e.idx, e.w, other_handle(e, False, True))),
        "low_latency_combine", "low_latency=True"),
     _ll("dispatch_on_low_latency", lambda e: Call(e.buf.dispatch, (e.x, e.idx, e.w)),
-        "dispatch", "low_latency=False"),
+        "dispatch", "low_latency=False", "this Buffer's calls are low_latency_dispatch and low_latency_combine"),
     _ll("combine_on_low_latency", lambda e: Call(e.buf.combine, (e.y(4), other_handle(e, False, False))),
         "combine", "low_latency=False"),
     # -- after destroy -------------------------------------------------------------------------------------
@@ -1194,6 +1196,13 @@ def creation_missing_peer(rank: int, world: int, timeout_s: float) -> dict[str, 
         dist.barrier()  # the pool's own group: the others have given up
         if rank == 1:
             create()
+        dist.barrier()
+        # the group is out of step on every rank now: a Buffer on it is refused at once, everywhere
+        start = time.monotonic()
+        try:
+            largeep.Buffer(sub, hidden=32, num_experts=2 * world, num_topk=2, max_tokens_per_rank=4, backend="torch")
+        except largeep.ArgumentError as exc:
+            out.update(again=str(exc), again_s=time.monotonic() - start)
     finally:
         if before is None:
             del os.environ["LARGEEP_TIMEOUT_S"]
@@ -1267,8 +1276,9 @@ def torch_missing_peer(rank: int, world: int, timeout_s: float, op: str = "dispa
         buf.destroy()
         dist.destroy_process_group(sub)
     out = {"elapsed_s": elapsed, "refused_s": refused, "message": msg}
-    if op == "dispatch" and world == 2:
+    if op == "dispatch":
         out["again"] = again
+    if op == "dispatch" and world == 2:
         # a Buffer on a new group works on every rank
         fresh, good = _torch_buffer_on_own_group(world, timeout_s)
         try:
@@ -2033,3 +2043,26 @@ def ll_use_fp8_disagree(rank: int, world: int) -> str:
     finally:
         buf.destroy()
     return msg
+
+
+def out_of_step_keys(rank: int, world: int) -> None:
+    """The out-of-step mark of a process group: None and dist.group.WORLD are one group, the first reason stays, and
+    a Buffer on the marked group is refused at once naming it. The mark is taken off afterwards (the pool's group
+    serves later tests)."""
+    from largeep import _collective
+
+    try:
+        _collective.mark_out_of_step(None, "a test's mark")
+        assert _collective.out_of_step(dist.group.WORLD) == "a test's mark"
+        _collective.mark_out_of_step(dist.group.WORLD, "a second mark")
+        assert _collective.out_of_step(None) == "a test's mark"
+        try:
+            largeep.Buffer(None, hidden=32, num_experts=2 * world, num_topk=2, max_tokens_per_rank=4, backend="torch")
+        except largeep.ArgumentError as exc:
+            assert f"argument 'group' is out of step on rank {rank}: an earlier call on it failed (a test's mark)" \
+                in str(exc), str(exc)
+        else:
+            raise AssertionError("a Buffer was made on a group marked out of step")
+    finally:
+        _collective._OUT_OF_STEP.pop(dist.group.WORLD, None)
+    largeep.Buffer(None, hidden=32, num_experts=2 * world, num_topk=2, max_tokens_per_rank=4, backend="torch").destroy()

@@ -12,10 +12,12 @@ import torch
 _N = int(os.environ["LARGEEP_FAKE_GPUS"])
 torch.cuda.is_available = lambda: _N > 0
 torch.cuda.device_count = lambda: _N
-if os.environ.get("LARGEEP_FAKE_NATIVE") == "1":
-    from largeep import native
+from largeep import native  # noqa: E402
 
+if os.environ.get("LARGEEP_FAKE_NATIVE") == "1":
     native.unavailable_reason = lambda *a, **k: None
+else:
+    native.unavailable_reason = lambda *a, **k: "fake_gpus.py: the native module made unavailable"
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:

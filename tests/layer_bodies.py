@@ -1553,6 +1553,12 @@ def layer_size_checks(rank: int, world: int) -> None:
             assert "'use_fp8' applies to normal mode; a low-latency Buffer takes ll_use_fp8" in str(exc), str(exc)
         else:
             raise AssertionError("a low-latency MoELayer accepted use_fp8")
+        try:
+            layers.MoELayer(ll, ffn_hidden=8, ll_bf16_partial_sums=True, ll_send_weights=False)
+        except largeep.ArgumentError as exc:
+            assert "'ll_bf16_partial_sums' = True needs ll_send_weights=True" in str(exc), str(exc)
+        else:
+            raise AssertionError("a low-latency MoELayer accepted bf16 partial sums without weights")
     finally:
         ll.destroy()
     # the low-latency settings on a normal-mode Buffer, which would be ignored there
@@ -1560,7 +1566,8 @@ def layer_size_checks(rank: int, world: int) -> None:
     try:
         for kw, want in (({"ll_use_fp8": True}, "'ll_use_fp8' applies to low-latency mode; a normal-mode Buffer takes "
                           "use_fp8"),
-                         ({"ll_bf16_partial_sums": True}, "'ll_bf16_partial_sums' applies to low-latency mode")):
+                         ({"ll_bf16_partial_sums": True}, "'ll_bf16_partial_sums' = True applies to low-latency mode"),
+                         ({"ll_send_weights": False}, "'ll_send_weights' = False applies to low-latency mode")):
             try:
                 layers.MoELayer(nb, ffn_hidden=8, **kw)  # type: ignore[arg-type]
             except largeep.ArgumentError as exc:

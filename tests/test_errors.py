@@ -812,6 +812,10 @@ def test_refused_without_a_dispatch(pools, op: str, tokens_per_round: int | None
     assert res["cause"] == "ArgumentError", res
 
 
+def test_out_of_step_keys(pools) -> None:
+    pools(1).run(error_bodies.out_of_step_keys)
+
+
 def test_creation_missing_peer_times_out(pools) -> None:
     # gloo: Buffer creation's arrival bounded by LARGEEP_TIMEOUT_S (2 s here), naming the rank that did not arrive;
     # that rank, arriving late, fails at once naming the ranks that gave up on it
@@ -825,6 +829,9 @@ def test_creation_missing_peer_times_out(pools) -> None:
         else:
             assert res["elapsed_s"] < 2.0, res
             assert "rank 1 lost its connection to ranks [0, 2]" in msg, res
+        # then the group is out of step on every rank: a Buffer made on it again is refused at once
+        assert res["again"].startswith(f"Buffer: argument 'group' is out of step on rank {rank}: an earlier call "
+                                       f"on it failed (Buffer: rank {rank} ") and res["again_s"] < 1.0, res
 
 
 def test_dispatch_id_check_paths(pools) -> None:

@@ -90,6 +90,9 @@ def test_fp8_quantize_argument_errors() -> None:
         (torch.randn(256, generator=g), r"argument 'x' has 1 dimensions \(256,\), expected 2"),
         (torch.randint(0, 9, (3, 128), generator=g), r"argument 'x' has dtype torch.int64, expected a floating-point"),
         ([[0.5] * 128], r"argument 'x' must be a torch.Tensor, got list"),
+        # an FP8 x: its codes would be quantised again
+        (fp8.quantize(torch.randn(2, 128, generator=g))[0],
+         r"argument 'x' has dtype torch.float8_e4m3fn, expected a floating-point dtype of 2 bytes or more"),
     ]
     for x, msg in cases:
         with pytest.raises(ArgumentError, match=r"fp8.quantize: " + msg):
@@ -117,7 +120,10 @@ def test_fp8_dequantize_argument_errors() -> None:
         ((q, s), {"dtype": fp8.FP8_DTYPE}, r"argument 'dtype' must be a floating-point dtype of 2 bytes or more"),
         ((q, s[:, :1]), {}, r"scale float32 \[\.\.\., H/128\], got q \(3, 256\) and scale \(torch.float32, \(3, 1\)\)"),
         ((q, s.double()), {}, r"got q \(3, 256\) and scale \(torch.float64, \(3, 2\)\)"),
-        ((q[:, :200], s), {}, r"H a multiple of 128"),
+        ((q[:, :200], s), {}, r"H a multiple of 128.*: argument 'q' has H = 200, not a multiple of 128"),
+        ((q, s[:, :1]), {}, r": argument 'scale' must have shape \(3, 2\)"),
+        ((q, s.double()), {}, r": argument 'scale' is not a float32 tensor"),
+        ((q[0, 0], s), {}, r": argument 'q' has no dimensions"),
     ]
     for args, kw, msg in cases:
         with pytest.raises(ArgumentError, match=r"fp8.dequantize: .*" + msg):

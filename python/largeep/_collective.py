@@ -17,9 +17,10 @@ import torch.distributed as dist
 from largeep import _env
 from largeep.errors import PeerTimeoutError
 
-# The groups whose collectives, on this rank, no longer pair with the other ranks' (a collective's wait timed out on
-# gloo, which also closes the connections it waited on): why, by group. Buffer creation on one of them raises at
-# once; the entry goes with the group object.
+# The groups whose collectives, on this rank, no longer pair with the other ranks': a Buffer's call or creation failed
+# in a wait on this rank (timed out, or a peer's connection closed), and its peers' next collectives on the group
+# belong to that call or to the Buffer they made, not to this rank's next one. Why, by group. Buffer creation on
+# one of them raises at once; the entry goes with the group object.
 _OUT_OF_STEP: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
 
 
@@ -90,12 +91,10 @@ def all_reduce(t: torch.Tensor, group: dist.ProcessGroup | None, what: str) -> N
         dist.all_reduce(t, group=group)
         return
     work = dist.all_reduce(t, group=group, async_op=True)
-    try:
-        wait_all([work], on_gloo(group, t.device), f"{what}: rank {dist.get_rank(group)} waited for the group in vain",
-                 ": a rank did not make the same call, or failed before it; the group is out of step now")
-    except PeerTimeoutError as exc:
-        mark_out_of_step(group, str(exc).splitlines()[0][:300])
-        raise
+    # (not marked out of step on a timeout: a late peer can still complete this one collective, and then the
+    # group's next ones pair again)
+    wait_all([work], on_gloo(group, t.device), f"{what}: rank {dist.get_rank(group)} waited for the group in vain",
+             ": a rank did not make the same call, or failed before it; the group may be out of step now")
 
 
 def all_gather_object(obj: Any, group: dist.ProcessGroup, what: str, timeout_s: float) -> list[Any]:
@@ -121,7 +120,7 @@ def all_gather_object(obj: Any, group: dist.ProcessGroup, what: str, timeout_s: 
         padded = torch.zeros(width, dtype=torch.uint8)
         padded[: data.numel()] = data
         wait_all([dist.all_gather(got, padded, group=group, async_op=True)], True, head, tail, timeout_s)
-    except PeerTimeoutError as exc:
-        mark_out_of_step(group, str(exc).splitlines()[0][:300])
+    except RuntimeError as exc:  # (PeerTimeoutError, or gloo's own error: a peer's connection closed)
+        mark_out_of_step(group, (str(exc).splitlines() or [type(exc).__name__])[0][:300])
         raise
     return [pickle.loads(t[: int(sz.item())].numpy().tobytes()) for t, sz in zip(got, sizes, strict=True)]

@@ -1231,9 +1231,13 @@ def _all_arrive(group: dist.ProcessGroup, op: str, rank: int, timeout_s: float) 
         raise PeerTimeoutError(msg + "; the group is out of step now (destroy it, and give the next Buffer a new "
                                "group)")
     # (every rank's number came, so every rank has posted its receives: the sends complete)
-    _collective.wait_all(sends, True, f"{op}: rank {rank} could not send its arrival to every rank of the group",
-                         ": the group is out of step now (destroy it, and give the next Buffer a new group)",
-                         timeout_s)
+    try:
+        _collective.wait_all(sends, True, f"{op}: rank {rank} could not send its arrival to every rank of the group",
+                             ": the group is out of step now (destroy it, and give the next Buffer a new group)",
+                             timeout_s)
+    except RuntimeError as exc:
+        _collective.mark_out_of_step(group, (str(exc).splitlines() or [type(exc).__name__])[0][:300])
+        raise
 
 
 # the tag of Buffer creation's arrival messages (_all_arrive)

@@ -95,10 +95,10 @@ def tokens(
             shape=(q.shape[0], hidden // GROUP),
         )
         return q, s
-    if isinstance(x, torch.Tensor) and x.dtype == FP8_DTYPE:  # (codes alone carry no scales)
-        how = ("pass the pair (q, s) that largeep.fp8.quantize makes (Buffer.dispatch), or a bf16/fp32 x with "
-               "use_fp8=True (largeep.ops.dispatch)" if allow_fp8 else "pass a bf16/fp32 tensor")
-        raise ArgumentError(f"{_where(op, arg)} has dtype {x.dtype} without its scales: {how}")
+    if isinstance(x, torch.Tensor) and x.dtype == FP8_DTYPE and allow_fp8:  # (codes alone carry no scales)
+        raise ArgumentError(f"{_where(op, arg)} has dtype {x.dtype} without its scales: pass the pair (q, s) that "
+                            "largeep.fp8.quantize makes (Buffer.dispatch), or a bf16/fp32 x with use_fp8=True "
+                            "(largeep.ops.dispatch)")
     t = tensor(op, arg, x, dtypes=FLOAT_DTYPES, ndim=2, device=device, shape=(rows, hidden), row_aligned=True)
     return t, None
 

@@ -117,11 +117,11 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.
             f"fp8.dequantize: expected q [..., H] with H a multiple of {GROUP} and scale float32 [..., H/{GROUP}], "
             f"got q {tuple(q.shape)} and scale "
             f"{(scale.dtype, tuple(scale.shape)) if isinstance(scale, torch.Tensor) else type(scale).__name__}"
-            + (f": argument 'q' has H = {h}, not a multiple of {GROUP}" if q.dim() and h % GROUP else
+            + (": argument 'q' has no dimensions" if not q.dim() else
+               f": argument 'q' has H = {h}, not a multiple of {GROUP}" if h % GROUP else
                ": argument 'scale' is not a float32 tensor" if not isinstance(scale, torch.Tensor)
                or scale.dtype != torch.float32 else
-               f": argument 'scale' must have shape {(*q.shape[:-1], h // GROUP)}" if q.dim() else
-               ": argument 'q' has no dimensions")
+               f": argument 'scale' must have shape {(*q.shape[:-1], h // GROUP)}")
         )
     C = _native_for(q, scale) if dtype in (torch.bfloat16, torch.float32) else None
     if (C is not None and q.is_contiguous() and scale.is_contiguous() and q.data_ptr() % 16 == 0

@@ -457,17 +457,20 @@ class MoELayer(nn.Module):
             if use_fp8 and c.low_latency:
                 raise ArgumentError("MoELayer: argument 'use_fp8' applies to normal mode; a low-latency Buffer takes "
                                     "ll_use_fp8")
+            # (the low-latency settings a normal-mode Buffer would ignore, each away from its default)
+            if not c.low_latency and ll_use_fp8:
+                raise ArgumentError("MoELayer: argument 'll_use_fp8' applies to low-latency mode; a normal-mode Buffer "
+                                    "takes use_fp8")
+            for arg, flag, default in (("ll_send_weights", ll_send_weights, True),
+                                       ("ll_bf16_partial_sums", ll_bf16_partial_sums, False)):
+                if not c.low_latency and flag != default:
+                    raise ArgumentError(f"MoELayer: argument '{arg}' = {flag} applies to low-latency mode (a "
+                                        "normal-mode combine sums each token's rows in float32)")
             for arg, flag in (("use_fp8", use_fp8), ("ll_use_fp8", ll_use_fp8)):
                 if flag and c.hidden % fp8.GROUP:
                     raise ArgumentError(f"MoELayer: {arg} needs hidden % {fp8.GROUP} == 0, hidden is {c.hidden}")
             if ll_bf16_partial_sums and not ll_send_weights:
                 raise ArgumentError("MoELayer: argument 'll_bf16_partial_sums' = True needs ll_send_weights=True")
-            if not c.low_latency and ll_use_fp8:  # (it would be ignored: say where FP8 goes in normal mode)
-                raise ArgumentError("MoELayer: argument 'll_use_fp8' applies to low-latency mode; a normal-mode Buffer "
-                                    "takes use_fp8")
-            if not c.low_latency and ll_bf16_partial_sums:
-                raise ArgumentError("MoELayer: argument 'll_bf16_partial_sums' applies to low-latency mode (a "
-                                    "normal-mode combine sums in float32)")
             num_logical = _logical_experts(c, placement, num_logical_experts)
             known = _gate_experts(gate)
             if known is not None and known != num_logical:

@@ -1519,61 +1519,49 @@ def inference_mode_matches_no_grad(rank: int, world: int, tokens: list[int]) -> 
         buf.destroy()
 
 
+def _layer_refused(buf: largeep.Buffer, want: str, **kw: Any) -> None:
+    """MoELayer(buf, **kw) raises ArgumentError whose message holds ``want``."""
+    try:
+        layers.MoELayer(buf, **kw)
+    except largeep.ArgumentError as exc:
+        assert want in str(exc), str(exc)
+    else:
+        raise AssertionError(f"MoELayer accepted {kw} on a {'low-latency' if buf.ctx.low_latency else 'normal'} "
+                             "Buffer")
+
+
 def layer_size_checks(rank: int, world: int) -> None:
     """MoELayer's sizes are ints of their range, refused naming the argument (they failed later: a negative
-    dimension, a division by zero, tensor_split's TypeError)."""
+    dimension, a division by zero, tensor_split's TypeError); the FP8 and low-latency settings where they do not
+    apply."""
     buf = largeep.Buffer(None, hidden=16, num_experts=4 * world, num_topk=2, max_tokens_per_rank=8, backend="torch")
     try:
         for arg, value in (("ffn_hidden", 0), ("ffn_hidden", -8), ("ffn_hidden", 8.0), ("num_chunks", 2.5),
                            ("shared_ffn_hidden", -1), ("num_worst_tokens", True)):
-            kw = {"ffn_hidden": 8, arg: value}
-            try:
-                layers.MoELayer(buf, **kw)  # type: ignore[arg-type]
-            except largeep.ArgumentError as exc:
-                assert f"argument '{arg}' must be an int" in str(exc), str(exc)
-            else:
-                raise AssertionError(f"MoELayer accepted {kw}")
+            _layer_refused(buf, f"argument '{arg}' must be an int", **{"ffn_hidden": 8, arg: value})
         # FP8 dispatch: a bool, a hidden size of whole 128-channel groups (16 is not), normal mode only
-        for kw, want in (({"use_fp8": 1}, "argument 'use_fp8' must be a bool"),
-                         ({"use_fp8": True}, "use_fp8 needs hidden % 128 == 0, hidden is 16")):
-            try:
-                layers.MoELayer(buf, ffn_hidden=8, **kw)  # type: ignore[arg-type]
-            except largeep.ArgumentError as exc:
-                assert want in str(exc), str(exc)
-            else:
-                raise AssertionError(f"MoELayer accepted {kw}")
+        _layer_refused(buf, "argument 'use_fp8' must be a bool", ffn_hidden=8, use_fp8=1)
+        _layer_refused(buf, "use_fp8 needs hidden % 128 == 0, hidden is 16", ffn_hidden=8, use_fp8=True)
     finally:
         buf.destroy()
     ll = largeep.Buffer(None, hidden=128, num_experts=4 * world, num_topk=2, max_tokens_per_rank=8, backend="torch",
                         low_latency=True)
     try:
-        try:
-            layers.MoELayer(ll, ffn_hidden=8, use_fp8=True)
-        except largeep.ArgumentError as exc:
-            assert "'use_fp8' applies to normal mode; a low-latency Buffer takes ll_use_fp8" in str(exc), str(exc)
-        else:
-            raise AssertionError("a low-latency MoELayer accepted use_fp8")
-        try:
-            layers.MoELayer(ll, ffn_hidden=8, ll_bf16_partial_sums=True, ll_send_weights=False)
-        except largeep.ArgumentError as exc:
-            assert "'ll_bf16_partial_sums' = True needs ll_send_weights=True" in str(exc), str(exc)
-        else:
-            raise AssertionError("a low-latency MoELayer accepted bf16 partial sums without weights")
+        _layer_refused(ll, "'use_fp8' applies to normal mode; a low-latency Buffer takes ll_use_fp8", ffn_hidden=8,
+                       use_fp8=True)
+        _layer_refused(ll, "'ll_bf16_partial_sums' = True needs ll_send_weights=True", ffn_hidden=8,
+                       ll_bf16_partial_sums=True, ll_send_weights=False)
     finally:
         ll.destroy()
     # the low-latency settings on a normal-mode Buffer, which would be ignored there
     nb = largeep.Buffer(None, hidden=128, num_experts=4 * world, num_topk=2, max_tokens_per_rank=8, backend="torch")
     try:
-        for kw, want in (({"ll_use_fp8": True}, "'ll_use_fp8' applies to low-latency mode; a normal-mode Buffer takes "
-                          "use_fp8"),
-                         ({"ll_bf16_partial_sums": True}, "'ll_bf16_partial_sums' = True applies to low-latency mode"),
-                         ({"ll_send_weights": False}, "'ll_send_weights' = False applies to low-latency mode")):
-            try:
-                layers.MoELayer(nb, ffn_hidden=8, **kw)  # type: ignore[arg-type]
-            except largeep.ArgumentError as exc:
-                assert want in str(exc), str(exc)
-            else:
-                raise AssertionError(f"a normal-mode MoELayer accepted {kw}")
+        _layer_refused(nb, "'ll_use_fp8' applies to low-latency mode; a normal-mode Buffer takes use_fp8",
+                       ffn_hidden=8, ll_use_fp8=True)
+        _layer_refused(nb, "'ll_bf16_partial_sums' = True applies to low-latency mode", ffn_hidden=8,
+                       ll_bf16_partial_sums=True)
+        _layer_refused(nb, "'ll_send_weights' = False applies to low-latency mode", ffn_hidden=8,
+                       ll_send_weights=False)
     finally:
         nb.destroy()
 

@@ -6,8 +6,10 @@ gloo). Where NCCL moves them the group's own timeout applies (its waits are not 
 
 from __future__ import annotations
 
+import contextlib
 import pickle
 import weakref
+from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
 
@@ -32,6 +34,22 @@ def mark_out_of_step(group: dist.ProcessGroup | None, why: str) -> None:
         _OUT_OF_STEP.setdefault(g, why)
     except TypeError:  # (an object that takes no weak reference: not remembered)
         pass
+
+
+@contextlib.contextmanager
+def marks_out_of_step(group: dist.ProcessGroup | None) -> Iterator[None]:
+    """Marks ``group`` out of step (``mark_out_of_step``, with the error's first line) when the block's waits fail
+    (a RuntimeError: PeerTimeoutError, or gloo's own, a peer's connection closed), and lets the error go on."""
+    try:
+        yield
+    except RuntimeError as exc:
+        mark_out_of_step(group, first_line(exc)[:300])
+        raise
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of ``exc``'s message, or its type's name where the message is empty."""
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
 
 
 def out_of_step(group: dist.ProcessGroup | None) -> str | None:
@@ -100,9 +118,8 @@ def all_reduce(t: torch.Tensor, group: dist.ProcessGroup | None, what: str) -> N
 def all_gather_object(obj: Any, group: dist.ProcessGroup, what: str, timeout_s: float) -> list[Any]:
     """dist.all_gather_object of ``obj`` over ``group``, each rank's object in rank order; on a group where gloo
     moves CPU tensors, as two gathers (the pickled sizes, then the padded bytes) whose waits are bounded by
-    ``timeout_s``: PeerTimeoutError naming ``what`` (and the group then out of step, ``mark_out_of_step``) instead of
-    the process group's own timeout (30 minutes on gloo) on a group whose ranks' collectives no longer pair. On NCCL
-    the group's own timeout applies."""
+    ``timeout_s``: PeerTimeoutError naming ``what`` instead of the process group's own timeout (30 minutes on gloo)
+    on a group whose ranks' collectives no longer pair. On NCCL the group's own timeout applies."""
     n = dist.get_world_size(group)
     if n == 1 or not on_gloo(group, torch.device("cpu")):
         every: list[Any] = [None] * n
@@ -112,15 +129,11 @@ def all_gather_object(obj: Any, group: dist.ProcessGroup, what: str, timeout_s: 
     head = f"{what}: rank {dist.get_rank(group)} waited for the group's gather in vain"
     tail = ": a rank did not make the same call, or failed before it; the group is out of step now"
     sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(n)]
-    try:
-        wait_all([dist.all_gather(sizes, torch.tensor([data.numel()]), group=group, async_op=True)], True, head, tail,
-                 timeout_s)
-        width = int(max(int(t.item()) for t in sizes))
-        got = [torch.empty(width, dtype=torch.uint8) for _ in range(n)]
-        padded = torch.zeros(width, dtype=torch.uint8)
-        padded[: data.numel()] = data
-        wait_all([dist.all_gather(got, padded, group=group, async_op=True)], True, head, tail, timeout_s)
-    except RuntimeError as exc:  # (PeerTimeoutError, or gloo's own error: a peer's connection closed)
-        mark_out_of_step(group, (str(exc).splitlines() or [type(exc).__name__])[0][:300])
-        raise
+    wait_all([dist.all_gather(sizes, torch.tensor([data.numel()]), group=group, async_op=True)], True, head, tail,
+             timeout_s)
+    width = int(max(int(t.item()) for t in sizes))
+    got = [torch.empty(width, dtype=torch.uint8) for _ in range(n)]
+    padded = torch.zeros(width, dtype=torch.uint8)
+    padded[: data.numel()] = data
+    wait_all([dist.all_gather(got, padded, group=group, async_op=True)], True, head, tail, timeout_s)
     return [pickle.loads(t[: int(sz.item())].numpy().tobytes()) for t, sz in zip(got, sizes, strict=True)]

@@ -341,9 +341,12 @@ class Buffer:
             from largeep import native
 
             native_ok = native.unavailable_reason() is None
-        _all_arrive(group, op, rank, settings.timeout_s if local_error is None else _env.DEFAULT_TIMEOUT_S)
-        every = _collective.all_gather_object((socket.gethostname(), local_error, given, native_ok), group, op,
-                                              settings.timeout_s if local_error is None else _env.DEFAULT_TIMEOUT_S)
+        wait_s = settings.timeout_s if local_error is None else _env.DEFAULT_TIMEOUT_S
+        # (a wait that fails here leaves the group out of step: a later Buffer on it is refused at once)
+        with _collective.marks_out_of_step(group):
+            _all_arrive(group, op, rank, wait_s)
+            every = _collective.all_gather_object((socket.gethostname(), local_error, given, native_ok), group, op,
+                                                  wait_s)
         without_native = [r for r, e in enumerate(every) if not e[3]]
         if local_error is not None:
             raise ArgumentError(local_error)
@@ -1205,14 +1208,14 @@ def _all_arrive(group: dist.ProcessGroup, op: str, rank: int, timeout_s: float) 
             recvs[p] = dist.irecv(t, src=ranks[p], group=group, tag=_ARRIVE_TAG)
             sends.append(dist.isend(mine, dst=ranks[p], group=group, tag=_ARRIVE_TAG))
         except RuntimeError as exc:
-            gone[p] = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            gone[p] = _collective.first_line(exc)
     for p, work in recvs.items():
         if p in gone:
             continue
         try:  # (at least 1 ms: torch's waits count whole milliseconds, and 0 ms is no bound)
             work.wait(timeout=timedelta(seconds=max(deadline - time.monotonic(), 0.001)))
         except RuntimeError as exc:
-            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            first = _collective.first_line(exc)
             if "timed out" in first.lower():
                 missing.append(p)
             else:
@@ -1226,18 +1229,12 @@ def _all_arrive(group: dist.ProcessGroup, op: str, rank: int, timeout_s: float) 
             p0 = min(gone)
             said.append(f"lost its connection to ranks {sorted(gone)} (rank {p0}: {gone[p0][:200]}): a rank that "
                         "crashed, or waited longer than its LARGEEP_TIMEOUT_S for this one and gave up, closes it")
-        msg = f"{op}: rank {rank} " + "; it ".join(said)
-        _collective.mark_out_of_step(group, msg[:300])
-        raise PeerTimeoutError(msg + "; the group is out of step now (destroy it, and give the next Buffer a new "
-                               "group)")
+        raise PeerTimeoutError(f"{op}: rank {rank} " + "; it ".join(said)
+                               + "; the group is out of step now (destroy it, and give the next Buffer a new group)")
     # (every rank's number came, so every rank has posted its receives: the sends complete)
-    try:
-        _collective.wait_all(sends, True, f"{op}: rank {rank} could not send its arrival to every rank of the group",
-                             ": the group is out of step now (destroy it, and give the next Buffer a new group)",
-                             timeout_s)
-    except RuntimeError as exc:
-        _collective.mark_out_of_step(group, (str(exc).splitlines() or [type(exc).__name__])[0][:300])
-        raise
+    _collective.wait_all(sends, True, f"{op}: rank {rank} could not send its arrival to every rank of the group",
+                         ": the group is out of step now (destroy it, and give the next Buffer a new group)",
+                         timeout_s)
 
 
 # the tag of Buffer creation's arrival messages (_all_arrive)

@@ -84,7 +84,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch._subclasses.fake_tensor import is_fake
 
-from largeep import _inductor_order, checks, fp8
+from largeep import _collective, _inductor_order, checks, fp8
 from largeep._env import logger
 from largeep.backends.base import current_raw_stream, on_device
 from largeep.buffer import Buffer, DispatchHandle, EventOverlap, LowLatencyHandle, _record_stream
@@ -514,7 +514,7 @@ def _try_native(fn: Any) -> tuple[Tensor | None, str | None]:
     except torch.cuda.OutOfMemoryError:
         raise
     except RuntimeError as exc:
-        return None, f"torch._grouped_mm failed: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+        return None, f"torch._grouped_mm failed: {_collective.first_line(exc)}"
     _count("native")
     return out, None
 

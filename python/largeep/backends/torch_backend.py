@@ -450,7 +450,7 @@ class TorchBackend:
             # any failure of a collective leaves the group out of step (a peer gone, a late peer matching the
             # abandoned call): the Buffer refuses further calls either way
             c, what = self.ctx, op or self._op
-            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            first = _collective.first_line(exc)
             self._failed = f"{what} on rank {c.rank} failed: {first}"
             self._failed_error = PeerTimeoutError
             _collective.mark_out_of_step(c.group, self._failed)

@@ -435,6 +435,8 @@ CASES: list[BadCase] = [
     _n("create_num_topk_above_experts", lambda e: make_buffer(e, num_topk=EXPERTS + 1),
        "'num_topk'", "exceeds num_experts"),
     _n("create_max_tokens_zero", lambda e: make_buffer(e, max_tokens_per_rank=0), "'max_tokens_per_rank'", ">= 1"),
+    _n("create_num_sms_zero", lambda e: make_buffer(e, num_sms=0), "'num_sms'", ">= 1"),
+    _n("create_num_sms_above_the_gpus", lambda e: make_buffer(e, num_sms=2000), "'num_sms' = 2000", "is more than"),
     _n("create_backend_unknown", lambda e: make_buffer(e, backend="mpi"), "'backend'", "'mpi'", "expected"),
     _n("create_nvshmem_without_gpus", lambda e: make_buffer(e, backend="nvshmem"),
        "'nvshmem'", "not available", error=RuntimeError, device="cpu"),
@@ -509,6 +511,9 @@ CASES: list[BadCase] = [
        "'topk_idx' and 'topk_weights' are required"),
     _n("dispatch_alignment_zero", lambda e: Call(e.buf.dispatch, (e.x, e.idx, e.w), {"expert_alignment": 0}),
        "'expert_alignment'", ">= 1"),
+    _n("dispatch_worst_above_every_row",
+       lambda e: Call(e.buf.dispatch, (e.x, e.idx, e.w), {"num_worst_tokens": e.world * MAX_TOKENS + 1}),
+       "'num_worst_tokens'", "more rows than a rank can receive", "pass at most"),
     _n("dispatch_worst_negative", lambda e: Call(e.buf.dispatch, (e.x, e.idx, e.w), {"num_worst_tokens": -1}),
        "'num_worst_tokens'", ">= 0"),
     # -- normal dispatch with a handle ----------------------------------------------------------------------

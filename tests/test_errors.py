@@ -1025,13 +1025,15 @@ def test_missing_member_of_a_library_collective_is_bounded(which: str, name: str
     (True, 256, 16, 128, None, False),
     (True, 1024, 8, 128, None, False),
     (True, 2048, 8, 128, "low-latency kernels support at most 1024 ranks", False),
-    (True, 1024, 8, 1 << 18, "must be below 2**31", False),  # 1024 x 2**18 x 8 copies
-    (True, 1024, 8, 1 << 16, "must be below 2**31", False),  # 1024 x 2**16 rows x 32 lanes
-    (True, 1024, 8, (1 << 16) - 1, None, False),
+    (True, 1024, 8, 1 << 18, "must be at most 2**31 - 2**20", False),  # 1024 x 2**18 x 8 copies
+    (True, 1024, 8, 1 << 16, "must be at most 2**31 - 2**20", False),  # 1024 x 2**16 rows x 32 lanes
+    (True, 1024, 8, (1 << 16) - 31, "must be at most 2**31 - 2**20", False),  # a grid's stride below 2**31
+    (True, 1024, 8, (1 << 16) - 32, None, False),  # 2**31 - 2**20 rows x 32 lanes
     (True, 2, 2, 1 << 20, None, True),
     (True, 2, 2, (1 << 20) + 1, "at most 2**20", False),  # a round's count words
-    (False, 256, 8, 1 << 23, "must be below 2**31", False),  # 2**31 received rows
-    (False, 256, 8, (1 << 23) - 1, None, False),
+    (False, 256, 8, 1 << 23, "must be at most 2**31 - 2**20", False),  # 2**31 received rows
+    (False, 256, 8, (1 << 23) - 4095, "must be at most 2**31 - 2**20", False),
+    (False, 256, 8, (1 << 23) - 4096, None, False),  # 2**31 - 2**20 received rows
 ])
 def test_nvshmem_group_sizes(low_latency: bool, ranks: int, per_node: int, max_tokens: int, refused: str | None,
                              auto: bool) -> None:
@@ -1055,6 +1057,9 @@ def test_nvshmem_group_sizes(low_latency: bool, ranks: int, per_node: int, max_t
     (False, 1, 1, 16384, "must be at most 12288"),
     (False, 512, 8, 11712, None),  # 512 ranks, 64 nodes
     (False, 512, 8, 11776, "must be at most 12288"),
+    (False, 1, 1, 12224, None),  # one rank: the dispatch's prepare kernel counts its 12224 experts
+    (False, 1, 1, 12225, "num_experts / ranks = 12225 must be at most 12224"),
+    (False, 2, 2, 12282, None),
     (True, 8, 8, 16384, None),  # (low-latency mode has no layout kernel)
 ])
 def test_nvshmem_expert_counts(low_latency: bool, ranks: int, per_node: int, experts: int, refused: str | None) -> None:
@@ -1071,8 +1076,9 @@ def test_nvshmem_expert_counts(low_latency: bool, ranks: int, per_node: int, exp
 
 
 @pytest.mark.parametrize("experts,max_tokens,refused", [
-    (2048, (1 << 20) - 1, None),  # 2**31 - 2048 output rows
-    (2048, 1 << 20, "num_experts x max_tokens_per_rank = 2147483648 must be below 2**31"),
+    (2048, (1 << 20) - 512, None),  # 2**31 - 2**20 output rows
+    (2048, (1 << 20) - 511, "num_experts x max_tokens_per_rank = 2146437120 must be at most 2**31 - 2**20"),
+    (2048, 1 << 20, "num_experts x max_tokens_per_rank = 2147483648 must be at most 2**31 - 2**20"),
 ])
 def test_nvshmem_low_latency_output_rows(experts: int, max_tokens: int, refused: str | None) -> None:
     """The low-latency kernels number a rank's output rows (E/N experts x N x max_tokens_per_rank) in 32 bits."""

@@ -250,7 +250,7 @@ class Buffer:
         backend: "nvshmem", "torch" or "auto" (nvshmem when the native module and GPUs are there and the group's
             size has run on GPUs, else torch; on GPUs rank 0 logs a warning saying why it took torch).
         ranks_per_node: P (default: ranks sharing a host); may be set lower to emulate several nodes on one host.
-        num_sms: SMs each normal-mode native kernel may use (default 24; any count >= 1). The low-latency
+        num_sms: SMs each normal-mode native kernel may use (default 24; at most the GPU's SMs). The low-latency
             kernels size their grids from the device's SMs instead (docs/usage.md).
         low_latency: build the low-latency buffers (decoding) instead of the normal ones.
         tokens_per_round: normal mode: size the receive buffers for this many tokens per rank, and move every
@@ -330,6 +330,14 @@ class Buffer:
                     )
             if num_sms is not None:
                 checks.positive_int(op, "num_sms", num_sms)
+                # (more blocks than SMs would queue a kernel's blocks behind blocks that wait for them)
+                cap = (torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+                       if torch.cuda.is_available() else MAX_SMS_WITHOUT_GPU)
+                if num_sms > cap:
+                    raise ArgumentError(
+                        f"{op}: argument 'num_sms' = {num_sms} is more than "
+                        + (f"the GPU's {cap} SMs" if torch.cuda.is_available() else f"{cap} (no GPU here)")
+                    )
             # the LARGEEP_* variables, read now (a bad value on one rank refuses the Buffer on every rank)
             settings = _env.settings()
         except (ArgumentError, ValueError) as exc:  # (the settings raise ValueError)
@@ -669,6 +677,12 @@ class Buffer:
         c = self.ctx
         checks.positive_int(op, "expert_alignment", expert_alignment, maximum=1 << 20)
         checks.positive_int(op, "num_worst_tokens", num_worst_tokens, minimum=0)
+        if num_worst_tokens > c.num_ranks * c.max_tokens_per_rank:
+            raise ArgumentError(
+                f"Buffer.{op}: argument 'num_worst_tokens' = {num_worst_tokens} is more rows than a rank can receive "
+                f"(ranks x max_tokens_per_rank = {c.num_ranks} x {c.max_tokens_per_rank}); pass at most "
+                f"{c.num_ranks * c.max_tokens_per_rank}"
+            )
         if num_worst_tokens and self.num_rounds > 1:
             raise ArgumentError(
                 f"Buffer.{op}: argument 'num_worst_tokens' is not available in a Buffer with tokens_per_round (its "
@@ -1239,6 +1253,8 @@ def _all_arrive(group: dist.ProcessGroup, op: str, rank: int, timeout_s: float) 
 
 # the tag of Buffer creation's arrival messages (_all_arrive)
 _ARRIVE_TAG = 0x1AE9
+# num_sms's bound where no GPU is visible (the torch backend on CPU ignores it; no GPU has more SMs)
+MAX_SMS_WITHOUT_GPU = 1024
 
 
 def _record_stream(t: torch.Tensor, stream: torch.cuda.Stream) -> None:

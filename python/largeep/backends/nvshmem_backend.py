@@ -107,6 +107,12 @@ MAX_TOKENS_LOW_LATENCY = 1 << 20  # (low_latency.cu's ll_round_word: more than 2
 TESTED_RANKS_NORMAL = 40
 TESTED_RANKS_LOW_LATENCY = 34
 MAX_LAYOUT_WORDS = 48 * 1024 // 4  # (layout.cu's and intranode.cu's shared-memory counters)
+# the dispatch's prepare kernel (intranode.cu) counts each local expert in the same 48 KiB, beside its own 176 bytes
+# of static shared memory (ptxas -v); this keeps 256 bytes for them
+MAX_LOCAL_EXPERTS_NORMAL = MAX_LAYOUT_WORDS - 64
+# The kernels number rows in 32-bit ints and walk them in grid-stride loops: a count must stay a grid's stride
+# (at most a few hundred thousand threads) below 2**31, or the last step's index wraps negative
+INT32_ROWS = (1 << 31) - (1 << 20)
 
 
 def layout_words(ctx: GroupContext) -> int:
@@ -124,17 +130,18 @@ def unsupported_reason(ctx: GroupContext) -> str | None:
             return ("the nvshmem low-latency kernels keep a round's number beside its row counts in one 64-bit word: "
                     f"max_tokens_per_rank must be at most 2**20 (got {ctx.max_tokens_per_rank})")
         copies = ctx.num_ranks * ctx.max_tokens_per_rank * max(ctx.num_topk, 32)
-        if copies >= 1 << 31:
+        if copies > INT32_ROWS:
             return ("the nvshmem low-latency kernels number a rank's received copies (and rows times 32 lanes) with "
-                    f"32-bit integers: ranks x max_tokens_per_rank x max(num_topk, 32) = {copies} must be below 2**31")
+                    f"32-bit integers: ranks x max_tokens_per_rank x max(num_topk, 32) = {copies} must be at most "
+                    "2**31 - 2**20")
         out_rows = ctx.num_experts * ctx.max_tokens_per_rank
-        if out_rows >= 1 << 31:
+        if out_rows > INT32_ROWS:
             return ("the nvshmem low-latency kernels number a rank's output rows (its experts x ranks x "
                     f"max_tokens_per_rank) with 32-bit integers: num_experts x max_tokens_per_rank = {out_rows} must "
-                    "be below 2**31")
-    elif ctx.num_ranks * ctx.max_tokens_per_rank >= 1 << 31:
+                    "be at most 2**31 - 2**20")
+    elif ctx.num_ranks * ctx.max_tokens_per_rank > INT32_ROWS:
         return ("the nvshmem normal-mode kernels number a rank's received rows with 32-bit integers: ranks x "
-                f"max_tokens_per_rank = {ctx.num_ranks * ctx.max_tokens_per_rank} must be below 2**31")
+                f"max_tokens_per_rank = {ctx.num_ranks * ctx.max_tokens_per_rank} must be at most 2**31 - 2**20")
     elif ctx.num_ranks > MAX_RANKS_NORMAL:
         return (f"the nvshmem normal-mode kernels support at most {MAX_RANKS_NORMAL} ranks (got {ctx.num_ranks}; "
                 f"low-latency Buffers take up to {MAX_RANKS_LOW_LATENCY})")
@@ -151,6 +158,10 @@ def unsupported_reason(ctx: GroupContext) -> str | None:
         if words > MAX_LAYOUT_WORDS:
             return (f"the nvshmem normal-mode layout kernel counts experts, ranks and nodes in 48 KiB of shared "
                     f"memory: num_experts + ranks + nodes = {words} must be at most {MAX_LAYOUT_WORDS}")
+        local = ctx.num_experts // ctx.num_ranks
+        if local > MAX_LOCAL_EXPERTS_NORMAL:
+            return (f"the nvshmem normal-mode dispatch counts a rank's experts in 48 KiB of shared memory: "
+                    f"num_experts / ranks = {local} must be at most {MAX_LOCAL_EXPERTS_NORMAL}")
     if ctx.hidden % 8:
         return f"hidden must be a multiple of 8 for the nvshmem backend (got {ctx.hidden})"
     if ctx.num_topk > 32:

@@ -511,9 +511,9 @@ CASES: list[BadCase] = [
        "'topk_idx' and 'topk_weights' are required"),
     _n("dispatch_alignment_zero", lambda e: Call(e.buf.dispatch, (e.x, e.idx, e.w), {"expert_alignment": 0}),
        "'expert_alignment'", ">= 1"),
-    _n("dispatch_worst_above_every_row",
-       lambda e: Call(e.buf.dispatch, (e.x, e.idx, e.w), {"num_worst_tokens": e.world * MAX_TOKENS + 1}),
-       "'num_worst_tokens'", "more rows than a rank can receive", "pass at most"),
+    _n("dispatch_worst_above_32_bit_rows",
+       lambda e: Call(e.buf.dispatch, (e.x, e.idx, e.w), {"num_worst_tokens": (1 << 31) - (1 << 20) + 1}),
+       "'num_worst_tokens'", f"<= {(1 << 31) - (1 << 20)}"),
     _n("dispatch_worst_negative", lambda e: Call(e.buf.dispatch, (e.x, e.idx, e.w), {"num_worst_tokens": -1}),
        "'num_worst_tokens'", ">= 0"),
     # -- normal dispatch with a handle ----------------------------------------------------------------------

@@ -676,13 +676,9 @@ class Buffer:
         self._check_mode(op, False)
         c = self.ctx
         checks.positive_int(op, "expert_alignment", expert_alignment, maximum=1 << 20)
-        checks.positive_int(op, "num_worst_tokens", num_worst_tokens, minimum=0)
-        if num_worst_tokens > c.num_ranks * c.max_tokens_per_rank:
-            raise ArgumentError(
-                f"Buffer.{op}: argument 'num_worst_tokens' = {num_worst_tokens} is more rows than a rank can receive "
-                f"(ranks x max_tokens_per_rank = {c.num_ranks} x {c.max_tokens_per_rank}); pass at most "
-                f"{c.num_ranks * c.max_tokens_per_rank}"
-            )
+        # (the kernels number rows in 32 bits, within a grid's stride of 2**31: more rows than any rank can receive
+        # are allowed, as fixed shapes, up to that)
+        checks.positive_int(op, "num_worst_tokens", num_worst_tokens, minimum=0, maximum=checks.MAX_ROWS)
         if num_worst_tokens and self.num_rounds > 1:
             raise ArgumentError(
                 f"Buffer.{op}: argument 'num_worst_tokens' is not available in a Buffer with tokens_per_round (its "

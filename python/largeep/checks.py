@@ -219,6 +219,11 @@ def topk_weights(op: str, t: object, *, num_tokens: int, num_topk: int, device: 
     )
 
 
+# The most rows the native kernels number (32-bit ints walked in grid-stride loops: a grid's stride, at most a few
+# hundred thousand threads, must fit below 2**31)
+MAX_ROWS = (1 << 31) - (1 << 20)
+
+
 def positive_int(op: str, arg: str, v: object, *, minimum: int = 1, maximum: int = 2**31 - 1) -> int:
     """An int in [minimum, maximum] (default maximum: what the kernels' int32 counts hold)."""
     if isinstance(v, bool) or not isinstance(v, int):

@@ -110,9 +110,6 @@ MAX_LAYOUT_WORDS = 48 * 1024 // 4  # (layout.cu's and intranode.cu's shared-memo
 # the dispatch's prepare kernel (intranode.cu) counts each local expert in the same 48 KiB, beside its own 176 bytes
 # of static shared memory (ptxas -v); this keeps 256 bytes for them
 MAX_LOCAL_EXPERTS_NORMAL = MAX_LAYOUT_WORDS - 64
-# The kernels number rows in 32-bit ints and walk them in grid-stride loops: a count must stay a grid's stride
-# (at most a few hundred thousand threads) below 2**31, or the last step's index wraps negative
-INT32_ROWS = (1 << 31) - (1 << 20)
 
 
 def layout_words(ctx: GroupContext) -> int:
@@ -130,16 +127,16 @@ def unsupported_reason(ctx: GroupContext) -> str | None:
             return ("the nvshmem low-latency kernels keep a round's number beside its row counts in one 64-bit word: "
                     f"max_tokens_per_rank must be at most 2**20 (got {ctx.max_tokens_per_rank})")
         copies = ctx.num_ranks * ctx.max_tokens_per_rank * max(ctx.num_topk, 32)
-        if copies > INT32_ROWS:
+        if copies > checks.MAX_ROWS:
             return ("the nvshmem low-latency kernels number a rank's received copies (and rows times 32 lanes) with "
                     f"32-bit integers: ranks x max_tokens_per_rank x max(num_topk, 32) = {copies} must be at most "
                     "2**31 - 2**20")
         out_rows = ctx.num_experts * ctx.max_tokens_per_rank
-        if out_rows > INT32_ROWS:
+        if out_rows > checks.MAX_ROWS:
             return ("the nvshmem low-latency kernels number a rank's output rows (its experts x ranks x "
                     f"max_tokens_per_rank) with 32-bit integers: num_experts x max_tokens_per_rank = {out_rows} must "
                     "be at most 2**31 - 2**20")
-    elif ctx.num_ranks * ctx.max_tokens_per_rank > INT32_ROWS:
+    elif ctx.num_ranks * ctx.max_tokens_per_rank > checks.MAX_ROWS:
         return ("the nvshmem normal-mode kernels number a rank's received rows with 32-bit integers: ranks x "
                 f"max_tokens_per_rank = {ctx.num_ranks * ctx.max_tokens_per_rank} must be at most 2**31 - 2**20")
     elif ctx.num_ranks > MAX_RANKS_NORMAL:

@@ -10,6 +10,7 @@ the caller set them.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue
@@ -55,10 +56,19 @@ def _entry(body: Body, rank: int, world: int, args: Any, init_file: str, backend
 
 def run_ranks(body: Body, world: int, args: Any, *, backend: str = "nccl", timeout_s: float = 1200.0) -> Any:
     """Runs ``body`` on ``world`` new processes (NCCL, one GPU each; or gloo) and returns rank 0's value. Raises
-    with the failing rank's traceback, or when no result came within ``timeout_s``."""
+    with the failing rank's traceback, or when no result came within ``timeout_s``. The rendezvous file is removed
+    when it returns or raises."""
     fd, init_file = tempfile.mkstemp(prefix="largeep-bench-")
     os.close(fd)
     os.unlink(init_file)
+    try:
+        return _run(body, world, args, backend, timeout_s, init_file)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(init_file)
+
+
+def _run(body: Body, world: int, args: Any, backend: str, timeout_s: float, init_file: str) -> Any:
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     procs = [ctx.Process(target=_entry, args=(body, r, world, args, init_file, backend, results))

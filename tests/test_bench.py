@@ -364,6 +364,192 @@ def test_cli_says_which_options_it_ignores(capsys: pytest.CaptureFixture[str]) -
     assert capsys.readouterr().out == ""
 
 
+def test_cli_says_which_other_options_it_ignores(capsys: pytest.CaptureFixture[str]) -> None:
+    """--num-sms with no backend run that takes it (or no normal mode, or CPU processes, where the backends that take
+    it cannot run); --ll-send-weights and --no-hook without the low_latency mode."""
+    from largeep.bench import cli
+
+    parser = cli.build_parser()
+    for args, kind, said in (
+        (["--num-sms", "8,16", "--backends", "torch,symm_mem"], "gpu",
+         "--num-sms 8,16 is ignored by the backends run (torch, symm_mem): none takes an SM count"),
+        (["--num-sms", "8", "--modes", "low_latency"], "gpu",
+         "--num-sms 8 is ignored without the normal mode (the low-latency kernels take no SM count)"),
+        (["--num-sms", "8"], "cpu", "--num-sms 8 is ignored on CPU processes (the backends that take it, nvshmem, "
+                                    "deepep, need GPUs)"),
+        (["--ll-send-weights", "--modes", "normal"], "gpu",
+         "--ll-send-weights is ignored without the low_latency mode"),
+        (["--no-hook", "--modes", "normal"], "gpu", "--no-hook is ignored without the low_latency mode"),
+    ):
+        cli._say_ignored(parser.parse_args(args), kind)
+        assert capsys.readouterr().out == f"largeep-bench: {said}\n", args
+    for args in (["--num-sms", "8"], ["--num-sms", "8", "--backends", "deepep"], ["--ll-send-weights", "--no-hook"]):
+        cli._say_ignored(parser.parse_args(args), "gpu")
+        assert capsys.readouterr().out == "", args
+
+
+def test_cli_warns_of_more_cpu_processes_than_cpus(monkeypatch: pytest.MonkeyPatch,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """CPU processes asked for beyond the CPUs take turns on them: a warning says the times will be inflated (the
+    run goes on)."""
+    from largeep.bench import cli
+
+    monkeypatch.setattr(cli, "_launch", lambda *args: 0)
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    assert cli.main(["--cpu", "--nprocs", "4"]) == 0
+    assert "warning: 4 processes on 2 CPUs" in capsys.readouterr().err
+    assert cli.main(["--cpu", "--nprocs", "2"]) == 0
+    assert "warning" not in capsys.readouterr().err
+    assert cli.main(["--cpu"]) == 0  # (the default, 4: not asked for)
+    assert "warning" not in capsys.readouterr().err
+
+
+def test_progress_lines_count_the_whole_run(capsys: pytest.CaptureFixture[str]) -> None:
+    """Each backend runs in fresh processes: its lines show its own count and, when other backends run too, the
+    position in the whole run (they restarted at 1 with each backend)."""
+    from largeep.bench.sweep import _Log
+
+    log = _Log(0)
+    log.start(2, 10, 16)
+    log.step("torch normal T=8 bf16")
+    log.done += 1  # (a skipped point)
+    log.step("torch normal T=32 bf16")
+    lines = capsys.readouterr().out.splitlines()
+    where = [ln.split("]")[0].rsplit(" ", 1)[0].rstrip() for ln in lines]
+    assert where == ["[1/2, 11/16 overall", "[3/2, 13/16 overall"], lines
+    assert lines[0].endswith("] torch normal T=8 bf16")
+    log = _Log(0)
+    log.start(2)  # (the whole run)
+    log.step("torch normal T=8 bf16")
+    out = capsys.readouterr().out
+    assert out.startswith("[1/2 ") and "overall" not in out
+
+
+def test_launcher_writes_each_backend_as_it_ends(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """The launcher writes the records so far to --out as each backend's processes end (they waited in a temporary
+    folder until the end): a run stopped part-way keeps the finished backends and says so on stderr; a run that
+    ends writes what it wrote before (x_best filled). Each backend's processes are told where their points lie in
+    the whole run's progress count. (The processes are stood in for by a function writing one record.)"""
+    from largeep.bench import adapters, cli
+
+    monkeypatch.setattr(adapters.LargeepAdapter, "unavailable_reason", lambda self, device: None)
+    out = tmp_path / "out"
+    calls: list[tuple[str, tuple[int, int]]] = []
+    stop_at = 2
+
+    def ranks(mp: Any, args: tuple[Any, ...], nprocs: int) -> None:
+        child, part, progress = args[3], args[5], args[6]
+        calls.append((child.backends[0], progress))
+        if len(calls) == stop_at:  # the second backend: the first one's records are on disk already
+            assert [r["backend"] for r in json.loads((out / "results.json").read_text())] == ["nvshmem"]
+            raise SystemExit(128 + signal.SIGTERM)  # (what the launcher's SIGTERM handler raises)
+        r = rec.Record(backend=child.backends[0], mode="normal", op="dispatch", ep=2, ranks_per_node=2,
+                       num_tokens=32, hidden=256, num_topk=4, num_experts=16, dtype="bf16", num_sms=None,
+                       time_us_median=2.0 * len(calls), time_us_p10=1.0, time_us_p90=9.0, logical_gbps=1.0)
+        rec.write_part(part, [r], [rec.Extra(0.5)], settings={"device": "cpu", "backends": child.backends})
+
+    monkeypatch.setattr(cli, "_run_ranks", ranks)
+    argv = ["--cpu", "--nprocs", "2", "--backends", "nvshmem,torch", "--num-sms", "8,16", "--no-plots", "--out",
+            str(out)]
+    with pytest.raises(SystemExit) as e:
+        cli.main(argv)
+    assert e.value.code == 128 + signal.SIGTERM
+    assert f"largeep-bench: stopped; the records of nvshmem are in {out.resolve()}" in capsys.readouterr().err
+    recs = json.loads((out / "results.json").read_text())
+    run = json.loads((out / "run.json").read_text())
+    assert [r["backend"] for r in recs] == ["nvshmem"] and len(run["extras"]) == 1
+    assert run["settings"]["backends"] == ["nvshmem", "torch"]
+    # the CPU quick preset: normal 2 token counts x 2 dtypes (x 2 SM counts for nvshmem), low latency 2 x FP8
+    assert calls == [("nvshmem", (0, 16)), ("torch", (10, 16))]
+    calls.clear()
+    stop_at = 0
+    assert cli.main(argv) == 0
+    recs = json.loads((out / "results.json").read_text())
+    run = json.loads((out / "run.json").read_text())
+    assert [r["backend"] for r in recs] == ["nvshmem", "torch"] and [x["x_best"] for x in run["extras"]] == [1.0, 2.0]
+    assert "wrote results.json, run.json in" in capsys.readouterr().out
+
+
+def test_cli_out_must_take_a_file(tmp_path: Path) -> None:
+    """--out is checked by making (and removing) a file there, or in the nearest existing folder above it:
+    os.access says yes as root where a write fails (/proc)."""
+    assert rec.folder_problem(tmp_path) is None and not list(tmp_path.iterdir())
+    assert rec.folder_problem(tmp_path / "a" / "b") is None and not list(tmp_path.iterdir())  # (nothing made)
+    (tmp_path / "f").write_text("x")
+    assert rec.folder_problem(tmp_path / "f") == "exists and is not a folder"
+    if sys.platform.startswith("linux"):
+        assert (rec.folder_problem("/proc/largeep-out") or "").startswith("cannot create a file in /proc (")
+        from largeep.bench import cli
+
+        msg = cli.check_args(cli.build_parser().parse_args(["--out", "/proc/x"]), "cpu", 4, 4)
+        assert (msg or "").startswith("--out /proc/x: cannot create a file in /proc"), msg
+
+
+def test_no_plots_warns_of_the_plots_of_an_earlier_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--no-plots into a folder holding an earlier run's plots: a warning names them (they are kept)."""
+    from largeep.bench import sweep
+
+    mp = sweep.ModePlan(tokens=[8], hidden=[128], topk=[2], experts=[4], dtypes=["bf16"])
+    plan = sweep.Plan(preset="quick", backends=["torch"], modes=["normal"], normal=mp, low_latency=mp, num_sms=[24],
+                      warmup=0, iters=1, plots=False, out=str(tmp_path))
+    r = rec.Record(backend="torch", mode="normal", op="dispatch", ep=2, ranks_per_node=2, num_tokens=8, hidden=128,
+                   num_topk=2, num_experts=4, dtype="bf16", num_sms=None, time_us_median=2.0, time_us_p10=1.0,
+                   time_us_p90=3.0, logical_gbps=1.0)
+    env = {"gpu": None}
+    sweep.finish([r], [rec.Extra(None)], skipped=[], settings={"device": "cpu"}, plan=plan, env=env)
+    assert "warning" not in capsys.readouterr().err
+    for name in ("latency.png", "bandwidth.png"):
+        (tmp_path / name).write_bytes(b"old")
+    sweep.finish([r], [rec.Extra(None)], skipped=[], settings={"device": "cpu"}, plan=plan, env=env)
+    assert (f"largeep-bench: warning: latency.png, bandwidth.png in {tmp_path.resolve()} are from an earlier run"
+            in capsys.readouterr().err)
+    assert (tmp_path / "latency.png").read_bytes() == b"old"
+
+
+def test_launch_removes_its_rendezvous_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """bench/_launch.py's rendezvous file goes when run_ranks returns or raises (the ranks stood in for by a
+    function that writes it, as the file store does)."""
+    import tempfile
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "bench"))
+    import _launch
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+
+    def ranks(body: Any, world: int, args: Any, backend: str, timeout_s: float, init_file: str) -> Any:
+        Path(init_file).write_text("store")
+        if args == "fail":
+            raise RuntimeError("rank 0: failed")
+        return 7
+
+    monkeypatch.setattr(_launch, "_run", ranks)
+    assert _launch.run_ranks(print, 1, "ok", backend="gloo") == 7
+    assert not list(tmp_path.iterdir())
+    with pytest.raises(RuntimeError, match="rank 0"):
+        _launch.run_ranks(print, 1, "fail", backend="gloo")
+    assert not list(tmp_path.iterdir())
+
+
+def test_table_sorts_op_before_dtype_and_shows_the_size() -> None:
+    """Low-latency rows: the op, then the dtype (the FP8 dispatch came after the BF16 combine, sorted by dtype); the
+    size column is the bytes each op moves per rank, the count behind logical GB/s (none for a receive phase)."""
+    base = dict(backend="torch", mode="low_latency", ep=2, ranks_per_node=2, num_tokens=8, hidden=128, num_topk=2,
+                num_experts=4, num_sms=None, time_us_p10=1.0, time_us_p90=9.0)
+    recs = [rec.Record(op="combine", dtype="bf16", time_us_median=4.0, logical_gbps=rec.gbps(8192, 4.0), **base),
+            rec.Record(op="recv", dtype="fp8", time_us_median=1.0, logical_gbps=None, **base),
+            rec.Record(op="dispatch", dtype="fp8", time_us_median=3.0, logical_gbps=rec.gbps(4224, 3.0), **base),
+            rec.Record(op="dispatch", dtype="bf16", time_us_median=5.0, logical_gbps=rec.gbps(8192, 5.0), **base)]
+    extras = [rec.Extra(None), rec.Extra(None, phase_of="dispatch"), rec.Extra(None), rec.Extra(None)]
+    head, _, *rows = rec.format_table(recs, extras).splitlines()
+    cols = head.split()
+    assert cols[9:12] == ["sms", "size(B)", "time(us)"] and cols[-1] == "floor(us)", head
+    got = [(r.split()[2], r.split()[3], r.split()[10]) for r in rows]
+    assert got == [("dispatch", "bf16", "8192"), ("dispatch", "fp8", "4224"), ("combine", "bf16", "8192"),
+                   ("dispatch.recv", "fp8", "-")], got
+    assert rec.op_bytes(recs[2]) == pytest.approx(4224)
+
+
 def test_table_shows_small_bandwidths() -> None:
     assert rec._fmt_rate(0.0037) == "0.0037" and rec._fmt_rate(12.345) == "12.35" and rec._fmt_rate(None) == "-"
     assert rec._fmt_rate(0.0) == "0.00"
@@ -402,6 +588,7 @@ def test_sigterm_stops_the_ranks(tmp_path: Path) -> None:
             assert list(temp.glob("largeep-bench-*"))
             proc.send_signal(sig)
             proc.wait(timeout=30)
+            rest = proc.stdout.read()
             deadline = time.monotonic() + 20
             while any(_alive(p) for p in ranks) and time.monotonic() < deadline:
                 time.sleep(0.2)
@@ -409,6 +596,8 @@ def test_sigterm_stops_the_ranks(tmp_path: Path) -> None:
             if sig == signal.SIGTERM:
                 assert proc.returncode == 128 + signal.SIGTERM
                 assert not list(temp.glob("largeep-bench-*"))
+                # (stopped before its one backend finished: nothing to keep, and it says so)
+                assert "largeep-bench: stopped; no backend had finished: no results written" in rest, rest
         finally:
             if proc.poll() is None:
                 proc.kill()
@@ -833,6 +1022,43 @@ def test_sim_says_which_holdout_value_matched_no_record(tmp_path: Path, capsys: 
                      str(tmp_path / "b")]) == 0
     out = capsys.readouterr().out
     assert "held-out check: note: --holdout-sms 12 matched no record" in out and "51 records" in out
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["--calibrate", "/nonexistent.json"], "--calibrate /nonexistent.json: no such file"),
+    (["--show", "mine=/nonexistent.json"], "--show /nonexistent.json: no such file"),
+    (["--out", "FILE"], "--out FILE: exists and is not a folder"),
+    (["--calibrate", "FILE"], "--calibrate: "),
+    (["--backend", "foo"], "--backend foo: it picks the records to fit, and no --calibrate file was given"),
+    (["--backend", "foo", "--calibrate", "RESULTS"], "--backend foo: no record of that backend in the files given "
+                                                     "(expected one of synthetic)"),
+    (["--eps", "abc"], "argument --eps: expected a comma list of integers, got 'abc'"),
+])
+def test_sim_refuses_mistakes_before_any_work(tmp_path: Path, args: list[str], msg: str,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    """A missing or unreadable input file, an --out that is a file, a --backend of no record, a list that is not of
+    integers: argparse's error naming the option, exit status 2, nothing computed (they gave tracebacks, one after
+    all the work, or went on with placeholder constants)."""
+    (tmp_path / "file").write_text("not json")
+    results = tmp_path / "results.json"
+    results.write_text(json.dumps({"records": _synthetic(TRUE, sim.Cluster())[:4]}))
+    argv = [{"FILE": str(tmp_path / "file"), "RESULTS": str(results)}.get(a, a) for a in args]
+    with pytest.raises(SystemExit) as e:
+        sim.main(argv)
+    err = capsys.readouterr()
+    msg = msg.replace("FILE", str(tmp_path / "file"))
+    assert e.value.code == 2 and "largeep.bench.sim: error: " + msg in err.err, err.err
+    assert err.out == ""
+
+
+def test_sim_help_describes_every_option() -> None:
+    text = " ".join(sim.build_parser().format_help().split())
+    options = text[text.index("options:"):]
+    for opt in ("--eps", "--gpus-per-node", "--num-sms", "--hidden", "--topk", "--experts", "--nvlink-latency-us",
+                "--nic-latency-us"):
+        after = options[options.index(f" {opt} ") + len(opt) + 2:]
+        words = after[:after.index(" --")].split()
+        assert len(words) > 3 and not words[1].startswith("(default"), f"{opt} has no help: {' '.join(words)}"
 
 
 def test_sim_rounds(tmp_path) -> None:

@@ -13,7 +13,9 @@ listed twice is measured once), every expert count divisible by the rank count, 
 ranks per node dividing the rank count, ``--out`` a folder (or a path one can be made at), ``--zipf-s`` finite and
 >= 0. (An odd SM count is run by the nvshmem backend and skipped, with its reason, by deepep.) Exit status 1 when a
 backend failed or nothing at all was measured (then no results file is written). SIGTERM or Ctrl-C stops the ranks
-it started and removes its temporary folder; the ranks also die with it (Linux: their parent-death signal).
+it started and removes its temporary folder; the ranks also die with it (Linux: their parent-death signal). The
+records so far are written to results.json and run.json as each backend ends, so a run stopped part-way keeps the
+backends it finished (without x_best, the table and the plots) and says so on stderr.
 
 When it starts the processes itself, each backend runs in a fresh set of them (nvshmem, symm_mem and deepep each
 initialise NVSHMEM once per process), and the parent merges the results; a backend that crashes is reported and the
@@ -225,14 +227,13 @@ def check_args(args: argparse.Namespace, device_kind: str, world: int, host_rank
         return ("FP8 needs hidden sizes that are multiples of 128, and every mode's hidden sizes and dtypes pair FP8 "
                 f"with another hidden size: {asked}")
     if args.out is not None:
-        out = Path(args.out)
+        from largeep.bench.records import folder_problem
+
         if not args.out.strip():
             return "--out: an empty path (give a folder for the results)"
-        if out.exists() and not out.is_dir():
-            return f"--out {args.out}: exists and is not a folder"
-        parent = next((q for q in (out, *out.parents) if q.exists()), None)
-        if parent is not None and not os.access(parent, os.W_OK | os.X_OK):
-            return f"--out {args.out}: {parent} is not writable"
+        problem = folder_problem(args.out)
+        if problem:
+            return f"--out {args.out}: {problem}"
     rpn = args.ranks_per_node
     if rpn is not None:
         if world % rpn:
@@ -271,9 +272,11 @@ def _safe_env() -> None:
 
 
 def _run_rank(
-    args: argparse.Namespace, command: str, device_kind: str, local_rank: int, part: str | None = None
+    args: argparse.Namespace, command: str, device_kind: str, local_rank: int, part: str | None = None,
+    progress: tuple[int, int] | None = None,
 ) -> int:
-    """Body of one process after torch.distributed is initialised; returns how many records it measured."""
+    """Body of one process after torch.distributed is initialised; returns how many records it measured. ``part``
+    and ``progress``: Plan's, from the launcher."""
     import torch
     import torch.distributed as dist
 
@@ -282,6 +285,7 @@ def _run_rank(
     device = torch.device("cuda", local_rank) if device_kind == "gpu" else torch.device("cpu")
     plan = make_plan(args, device_kind, command)
     plan.part = part
+    plan.progress = progress
     records, _ = Sweep(plan, device).run()
     # no collective on the error path: a failed rank exits at once and the launcher ends the others
     dist.barrier()
@@ -290,7 +294,8 @@ def _run_rank(
 
 
 def _spawned(
-    rank: int, world: int, rendezvous: str, device_kind: str, args: argparse.Namespace, command: str, part: str
+    rank: int, world: int, rendezvous: str, device_kind: str, args: argparse.Namespace, command: str, part: str,
+    progress: tuple[int, int],
 ) -> None:
     _die_with_parent()
     _safe_env()
@@ -307,7 +312,7 @@ def _spawned(
         "nccl" if device_kind == "gpu" else "gloo", init_method=f"file://{rendezvous}", rank=rank,
         world_size=world, timeout=datetime.timedelta(seconds=600), **kwargs,
     )
-    _run_rank(args, command, device_kind, rank, part)
+    _run_rank(args, command, device_kind, rank, part, progress)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -352,6 +357,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if error:
         parser.error(error)
     _say_ignored(args, kind)
+    cpus = os.cpu_count() or 1
+    if kind == "cpu" and args.nprocs is not None and nprocs > cpus:  # (the default's 4 is for a small sweep)
+        print(f"largeep-bench: warning: {nprocs} processes on {cpus} CPUs: the ranks take turns on them, so the "
+              "times will be inflated", file=sys.stderr, flush=True)
     print(f"largeep-bench: {nprocs} {'GPU' if gpus else 'CPU'} processes, preset {args.preset}", flush=True)
     return _launch(args, kind, nprocs, command)
 
@@ -359,7 +368,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _launch(args: argparse.Namespace, kind: str, nprocs: int, command: str) -> int:
     """Runs each backend in a fresh set of processes (the NVSHMEM users, nvshmem, symm_mem and deepep, each
     initialise NVSHMEM once per process and must not meet), then merges, prints and writes the results. A backend
-    whose processes fail is reported and the others still run."""
+    whose processes fail is reported and the others still run. The records so far are written to --out's
+    results.json and run.json as each backend ends (without x_best, the table and the plots, which come at the end),
+    so a run stopped part-way keeps the backends it finished and says so on stderr."""
     import shutil
     import tempfile
 
@@ -368,7 +379,7 @@ def _launch(args: argparse.Namespace, kind: str, nprocs: int, command: str) -> i
 
     from largeep.bench import records as rec
     from largeep.bench.adapters import make_adapter
-    from largeep.bench.sweep import finish
+    from largeep.bench.sweep import finish, points
 
     plan = make_plan(args, kind, command)
     device = torch.device("cuda", 0) if kind == "gpu" else torch.device("cpu")
@@ -378,6 +389,11 @@ def _launch(args: argparse.Namespace, kind: str, nprocs: int, command: str) -> i
         old_term = signal.signal(signal.SIGTERM, _exit_on_signal)
     except ValueError:  # (not the main thread: left as it is)
         old_term = None
+    reasons = {b: make_adapter(b).unavailable_reason(device) for b in plan.backends}
+    # the progress lines count the points of the whole run (each backend's processes start at its offset)
+    counts = {b: points(plan, make_adapter(b)) for b in plan.backends if not reasons[b]}
+    offset = 0
+    env = rec.environment()
     parts_dir = Path(tempfile.mkdtemp(prefix="largeep-bench-"))
     records: list[rec.Record] = []
     extras: list[rec.Extra] = []
@@ -386,7 +402,7 @@ def _launch(args: argparse.Namespace, kind: str, nprocs: int, command: str) -> i
     failed: list[str] = []
     try:
         for backend in plan.backends:
-            reason = make_adapter(backend).unavailable_reason(device)
+            reason = reasons[backend]
             if reason:
                 print(f"skip {backend}: {reason}", flush=True)  # (the sweep's form: skip BACKEND [where]: why)
                 skipped.append({"backend": backend, "reason": reason})
@@ -397,8 +413,10 @@ def _launch(args: argparse.Namespace, kind: str, nprocs: int, command: str) -> i
             # a file rendezvous, new for each backend (a free TCP port found here could be taken before the ranks
             # bind it)
             rendezvous = parts_dir / f"{backend}.rendezvous"
+            progress = (offset, sum(counts.values()))
+            offset += counts[backend]
             try:
-                _run_ranks(mp, (nprocs, str(rendezvous), kind, child, command, str(part)), nprocs)
+                _run_ranks(mp, (nprocs, str(rendezvous), kind, child, command, str(part), progress), nprocs)
             except (mp.ProcessRaisedException, mp.ProcessExitedException) as exc:
                 print(f"largeep-bench: backend {backend} failed (its results so far are kept):\n{exc}",
                       file=sys.stderr, flush=True)
@@ -409,10 +427,17 @@ def _launch(args: argparse.Namespace, kind: str, nprocs: int, command: str) -> i
                 records += part_records
                 extras += part_extras
                 skipped += part_skipped
-                settings = settings or part_settings
-        if settings:
-            settings = {**settings, "backends": plan.backends}  # (each part ran one of them)
-        finish(records, extras, skipped=skipped, settings=settings, plan=plan)
+                settings = settings or {**part_settings, "backends": plan.backends}  # (each part ran one of them)
+            if records and plan.out:  # (the results so far, in case the run stops before the end)
+                rec.write_results(Path(plan.out) / "results.json", records, extras, env=env, command=command,
+                                  settings=settings, skipped=skipped)
+        finish(records, extras, skipped=skipped, settings=settings, plan=plan, env=env)
+    except (KeyboardInterrupt, SystemExit):
+        kept = ", ".join(dict.fromkeys(r.backend for r in records))
+        print("largeep-bench: stopped; " + (f"the records of {kept} are in {Path(plan.out or '.').resolve()}"
+                                            if records else "no backend had finished: no results written"),
+              file=sys.stderr, flush=True)
+        raise
     finally:
         shutil.rmtree(parts_dir, ignore_errors=True)
         if old_term is not None:
@@ -433,6 +458,19 @@ def _say_ignored(args: argparse.Namespace, kind: str, torchrun: bool = False) ->
     if args.link_gbps != 450.0 and kind == "cpu":
         print(f"largeep-bench: --link-gbps {args.link_gbps} is ignored on CPU processes (no floor column)",
               flush=True)
+    if args.num_sms is not None:
+        from largeep.bench.adapters import make_adapter
+
+        users = [b for b in args.backends if make_adapter(b).uses_sms]
+        why = ("without the normal mode (the low-latency kernels take no SM count)" if "normal" not in args.modes
+               else f"by the backends run ({', '.join(args.backends)}): none takes an SM count" if not users
+               else f"on CPU processes (the backends that take it, {', '.join(users)}, need GPUs)" if kind == "cpu"
+               else None)
+        if why:
+            print(f"largeep-bench: --num-sms {','.join(map(str, args.num_sms))} is ignored {why}", flush=True)
+    for flag, given in (("--ll-send-weights", args.ll_send_weights), ("--no-hook", args.no_hook)):
+        if given and "low_latency" not in args.modes:
+            print(f"largeep-bench: {flag} is ignored without the low_latency mode", flush=True)
 
 
 def _exit_on_signal(signum: int, frame: Any) -> None:

@@ -69,6 +69,7 @@ import shlex
 import socket
 import subprocess
 import sys
+import tempfile
 import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
@@ -377,6 +378,23 @@ def _write_json(path: Path, obj: Any) -> None:
     tmp.replace(path)
 
 
+def folder_problem(path: str | os.PathLike[str]) -> str | None:
+    """Why no file can be written in folder ``path`` (or, where it does not exist yet, in its nearest existing
+    parent, where it would be made), or None. It creates and removes a probe file there: os.access answers yes as
+    root where a write still fails (under /proc, a read-only mount)."""
+    target = Path(path)
+    if target.exists() and not target.is_dir():
+        return "exists and is not a folder"
+    here = next((q for q in (target, *target.parents) if q.exists()), Path("."))
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".largeep-probe-", dir=here)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        return f"cannot create a file in {here} ({exc.strerror or exc})"
+    return None
+
+
 def flat_record(record: dict[str, Any], env: dict[str, Any], command: str) -> dict[str, Any]:
     """A record as a list file holds it: its keys, then ENV_KEYS from ``env``, then "command"."""
     return {**record, **{k: env.get(k) for k in ENV_KEYS}, "command": command}
@@ -567,8 +585,17 @@ def _fmt_rate(v: float | None) -> str:
     return "-" if v is None or v != v else (f"{v:.2f}" if abs(v) >= 1 or v == 0 else f"{v:.3g}")
 
 
+def op_bytes(record: Record) -> float | None:
+    """The bytes a record's op moves per rank, the count behind its ``logical_gbps`` (module docstring), or None
+    where it has none (layout, a receive phase)."""
+    if record.logical_gbps is None or record.logical_gbps != record.logical_gbps:
+        return None
+    return record.logical_gbps * record.time_us_median * 1e3  # (gbps(): bytes / (us * 1e3))
+
+
 def format_table(records: Sequence[Record], extras: Sequence[Extra]) -> str:
-    """An nccl-tests-like table: one row per record, grouped by mode, op and dtype."""
+    """An nccl-tests-like table: one row per record, grouped by mode and sizes, then op, then dtype; ``size(B)``
+    is :func:`op_bytes`."""
     from tabulate import tabulate
 
     op_order = ("layout", "dispatch", "combine", "roundtrip", "dispatch.send", "dispatch.recv", "combine.send",
@@ -581,7 +608,7 @@ def format_table(records: Sequence[Record], extras: Sequence[Extra]) -> str:
         r = records[i]
         return (
             MODES.index(r.mode) if r.mode in MODES else 9, r.hidden, r.num_experts, r.num_topk, r.num_tokens,
-            r.dtype, op_order.index(label(i)) if label(i) in op_order else 9, r.backend, r.num_sms or 0,
+            op_order.index(label(i)) if label(i) in op_order else 9, r.dtype, r.backend, r.num_sms or 0,
         )
 
     order = sorted(range(len(records)), key=key)
@@ -590,13 +617,13 @@ def format_table(records: Sequence[Record], extras: Sequence[Extra]) -> str:
         r, e = records[i], extras[i]
         rows.append([
             r.backend, r.mode, label(i), r.dtype, r.ep, r.num_tokens, r.hidden, r.num_topk, r.num_experts,
-            "-" if r.num_sms is None else r.num_sms,
+            "-" if r.num_sms is None else r.num_sms, _fmt(op_bytes(r), 0),
             _fmt(r.time_us_median), _fmt(r.time_us_p10), _fmt(r.time_us_p90),
             _fmt_rate(r.logical_gbps), _fmt_rate(e.bus_gbps), _fmt(e.x_best, 2), _fmt(e.floor_us),
         ])
     headers = [
-        "backend", "mode", "op", "dtype", "ep", "tokens", "hidden", "topk", "experts", "sms",
+        "backend", "mode", "op", "dtype", "ep", "tokens", "hidden", "topk", "experts", "sms", "size(B)",
         "time(us)", "p10", "p90", "logical GB/s", "bus GB/s", "x best", "floor(us)",
     ]
     return tabulate(rows, headers=headers, tablefmt="simple", disable_numparse=True,
-                    colalign=("left", "left", "left", "left") + ("right",) * 13)
+                    colalign=("left", "left", "left", "left") + ("right",) * 14)

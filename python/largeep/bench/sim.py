@@ -1286,7 +1286,10 @@ def plot_sweep(
 
 # -- CLI --------------------------------------------------------------------------------------------------------
 def _ints(text: str) -> list[int]:
-    return [int(v) for v in text.split(",") if v]
+    try:
+        return [int(v) for v in text.split(",") if v]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a comma list of integers, got {text!r}") from None
 
 
 def _strs(text: str) -> list[str]:
@@ -1342,24 +1345,31 @@ def build_parser() -> argparse.ArgumentParser:
                         "(sum_lat_us, sum_gbps; the other constants as fitted without them); --check-weighted then "
                         "checks it, and the predictions list the combine with the weights sent")
     p.add_argument("--out", help="folder for sim.json and sim.png")
-    p.add_argument("--eps", type=_ints, default=[8, 16, 32, 64, 128, 256])
-    p.add_argument("--gpus-per-node", type=int, default=8)
+    p.add_argument("--eps", type=_ints, default=[8, 16, 32, 64, 128, 256],
+                   help="EP sizes (GPUs in the group) to predict, comma list; each must divide --experts")
+    p.add_argument("--gpus-per-node", type=int, default=8,
+                   help="GPUs per node (one NVLink domain); a larger EP spans whole nodes, joined by the NICs")
     p.add_argument("--nvlink-gbps", type=float, default=450.0,
                    help="per GPU, per direction (default 450: H200). It describes both the machine the --calibrate "
                         "records came from and the one predicted: with --calibrate the fitted efficiency absorbs "
                         "it, so a faster NVLink cannot be asked this way (its times stay the same)")
     p.add_argument("--nic-gbps", type=float, default=50.0, help="per GPU (400 Gb/s = 50)")
-    p.add_argument("--nvlink-latency-us", type=float, default=1.0)
-    p.add_argument("--nic-latency-us", type=float, default=3.0)
-    p.add_argument("--num-sms", type=int, default=24)
+    p.add_argument("--nvlink-latency-us", type=float, default=1.0,
+                   help="latency added to a call whose NVLink leg carries bytes, in us")
+    p.add_argument("--nic-latency-us", type=float, default=3.0,
+                   help="latency added to a call whose RDMA (NIC) leg carries bytes, in us (a placeholder: no RDMA "
+                        "leg has been measured)")
+    p.add_argument("--num-sms", type=int, default=24,
+                   help="SMs of the normal-mode kernels in the predictions; the measured normal-mode rows listed are "
+                        "those of this SM count")
     p.add_argument("--tokens", type=int, default=4096, help="normal mode tokens per rank")
     p.add_argument("--tokens-per-round", type=int, default=None,
                    help="normal mode in rounds (Buffer(tokens_per_round=...)): memory for this many tokens per rank, "
                         "and each call in ceil(tokens / this) rounds")
     p.add_argument("--ll-tokens", type=int, default=128, help="low-latency tokens per rank")
-    p.add_argument("--hidden", type=int, default=7168)
-    p.add_argument("--topk", type=int, default=8)
-    p.add_argument("--experts", type=int, default=256)
+    p.add_argument("--hidden", type=int, default=7168, help="hidden size of a token row, a multiple of 128")
+    p.add_argument("--topk", type=int, default=8, help="experts per token, at most --experts")
+    p.add_argument("--experts", type=int, default=256, help="experts in the group, divisible by every EP of --eps")
     p.add_argument("--dispatch-dtypes", type=_dispatch_dtypes, default=["fp8"],
                    help="normal-mode dispatch dtypes to predict (bf16, fp8)")
     p.add_argument("--max-nodes", type=int, help="node-limited routing: at most this many nodes per token")
@@ -1427,6 +1437,44 @@ def check_args(args: argparse.Namespace) -> str | None:
     return None
 
 
+def _show_file(arg: str) -> tuple[str, str]:
+    """A --show argument -> (label or "", path): LABEL=JSON, or a path (one that exists, even with a "=")."""
+    label, _, path = arg.partition("=") if "=" in arg and not Path(arg).exists() else ("", "", arg)
+    return label, path
+
+
+def check_inputs(args: argparse.Namespace) -> str | None:
+    """Why the files named cannot serve (argparse's error message, naming the option), or None, before any work:
+    each file of --calibrate, --show, --fit-weighted and --check-weighted exists and reads as records; --backend is
+    the backend of a record of the files it picks from (--calibrate, --fit-weighted, --check-weighted); --out is a
+    folder that can be written in (or made)."""
+    from largeep.bench.records import folder_problem
+
+    backends: set[str] = set()
+    for flag, files in (("--calibrate", args.calibrate), ("--show", [_show_file(a)[1] for a in args.show]),
+                        ("--fit-weighted", args.fit_weighted), ("--check-weighted", args.check_weighted)):
+        for f in files:
+            if not Path(f).is_file():
+                return f"{flag} {f}: no such file (expected a results file of the benchmark or bench/*.py)"
+        try:
+            recs = load(files) if files else []
+        except (OSError, ValueError) as exc:
+            return f"{flag}: {exc}"
+        if flag != "--show":
+            backends |= {str(r.get("backend")) for r in recs}
+    if args.backend is not None:
+        if not (args.calibrate or args.fit_weighted or args.check_weighted):
+            return f"--backend {args.backend}: it picks the records to fit, and no --calibrate file was given"
+        if args.backend not in backends:
+            return (f"--backend {args.backend}: no record of that backend in the files given (expected one of "
+                    f"{', '.join(sorted(backends)) or 'none: they hold no record'})")
+    if args.out is not None:
+        problem = folder_problem(args.out) if args.out.strip() else "an empty path (give a folder)"
+        if problem:
+            return f"--out {args.out}: {problem}"
+    return None
+
+
 def _pick_backend(records: Sequence[dict[str, Any]], wanted: str | None) -> str | None:
     """The backend whose records are fitted: ``wanted`` (--backend), else "nvshmem" where any record is of it, else
     the one with the most records; a tie goes to the first name in sorted order, with a UserWarning naming the tied
@@ -1475,7 +1523,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     parser = build_parser()
     args = parser.parse_args(argv)
-    problem = check_args(args)
+    problem = check_args(args) or check_inputs(args)
     if problem:
         parser.error(problem)
     if not args.allow_cpu:
@@ -1498,7 +1546,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     fitted_ids = {id(r) for r in records}
     shown = [r for r in usable if id(r) not in fitted_ids]
     for arg in args.show:
-        label, _, path = arg.partition("=") if "=" in arg and not Path(arg).exists() else ("", "", arg)
+        label, path = _show_file(arg)
         shown += skew_free([r for r in load(path, label=label or None) if _usable(r)])
     kw: dict[str, Any] = {"cluster": measured_cluster, "hierarchical": hier, "overlap": ovl}
     holdout: dict[str, Any] | None = None

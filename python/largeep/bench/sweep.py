@@ -73,6 +73,9 @@ class Plan:
     # set by the launcher that starts one set of processes per backend: rank 0 writes its records here and the
     # launcher prints and writes the merged results
     part: str | None = None
+    # set by that launcher too: (progress points of the backends run before these processes, the whole run's), so
+    # that the progress lines count the whole run rather than restart with each backend
+    progress: tuple[int, int] | None = None
     command: str = ""
     extra_settings: dict[str, Any] = field(default_factory=dict)
 
@@ -87,18 +90,24 @@ class _Log:
         self.rank = rank
         self.total = 0
         self.done = 0
+        self.offset = 0
+        self.overall = 0
         self.t0 = time.perf_counter()
         self.bar: Any = None
 
-    def start(self, total: int) -> None:
-        """Begins the progress count (a tqdm bar on a terminal when tqdm is installed, else plain lines)."""
+    def start(self, total: int, offset: int = 0, overall: int | None = None) -> None:
+        """Begins the progress count of ``total`` points (a tqdm bar on a terminal when tqdm is installed, else plain
+        lines); ``offset`` and ``overall``: where they lie in a whole run of ``overall`` points (the launcher's, one
+        set of processes per backend), which the lines then show too."""
         self.total = total
+        self.offset = offset
+        self.overall = total if overall is None else overall
         self.t0 = time.perf_counter()
         if self.rank == 0 and sys.stderr.isatty():
             try:
                 from tqdm import tqdm
 
-                self.bar = tqdm(total=total, unit="pt", dynamic_ncols=True)
+                self.bar = tqdm(total=self.overall, initial=offset, unit="pt", dynamic_ncols=True)
             except ImportError:
                 self.bar = None
 
@@ -118,7 +127,10 @@ class _Log:
             self.bar.set_description(what)
             self.bar.update(1)
         else:
-            print(f"[{self.done}/{self.total} {time.perf_counter() - self.t0:6.1f}s] {what}", flush=True)
+            where = f"{self.done}/{self.total}"
+            if self.overall != self.total:
+                where += f", {self.offset + self.done}/{self.overall} overall"
+            print(f"[{where} {time.perf_counter() - self.t0:6.1f}s] {what}", flush=True)
 
     def close(self) -> None:
         if self.bar is not None:
@@ -185,10 +197,6 @@ class Sweep:
             )
 
     # -- driver -------------------------------------------------------------------------------------------------
-    def _points(self, mode: str) -> int:
-        mp = self.plan.mode_plan(mode)
-        return len(mp.tokens) * sum(len(_dtypes(mp, h)) for h in mp.hidden) * len(mp.topk) * len(mp.experts)
-
     def run(self) -> tuple[list[rec.Record], list[rec.Extra]]:
         p = self.plan
         adapters: list[Adapter] = []
@@ -203,8 +211,7 @@ class Sweep:
                 self.log.info(f"--ll-send-weights: not for {name} (it applies the weights at the combine either way)")
             if p.hook and "low_latency" in p.modes and a.hook_untimed:
                 self._skip(name, a.hook_untimed, "low_latency send/recv")
-        total = sum(self._points(m) * len(self._sms_list(a, m)) for a in adapters for m in p.modes)
-        self.log.start(total)
+        self.log.start(sum(points(p, a) for a in adapters), *(p.progress or (0, None)))
         for a in adapters:
             try:
                 for mode in p.modes:
@@ -224,17 +231,10 @@ class Sweep:
         self.skipped.append({"backend": backend, "reason": f"{where}: {reason}" if where else reason})
         self.log.info(f"skip {backend}{' ' + where if where else ''}: {reason}")
 
-    def _sms_list(self, a: Adapter, mode: str) -> list[int | None]:
-        """The SM counts one mode sweeps: the plan's for a backend that takes them in normal mode; else [None], one
-        measurement recorded with num_sms None. The low-latency kernels of every backend size their grids from the
-        device's SMs (largeep.Buffer's num_sms is for normal mode; DeepEP's low-latency kernels ignore set_num_sms):
-        a sweep over SM counts would time one configuration several times under different labels."""
-        return list(self.plan.num_sms) if a.uses_sms and mode == "normal" else [None]
-
     def _run_mode(self, a: Adapter, mode: str) -> None:
         p = self.plan
         mp = p.mode_plan(mode)
-        sms_list = self._sms_list(a, mode)
+        sms_list = _sms_list(p, a, mode)
         for hidden, topk, experts in itertools.product(mp.hidden, mp.topk, mp.experts):
             sizes = f"{mode} H={hidden} K={topk} E={experts}"
             dtypes = _dtypes(mp, hidden)
@@ -471,8 +471,9 @@ def finish(
     plan: Plan, env: dict[str, Any] | None = None,
 ) -> list[Path]:
     """Fills ``x_best``, prints the table, writes results.json, run.json and the plots under ``plan.out`` and
-    prints their folder's absolute path. With no record it prints one line to stderr and writes nothing: a
-    results file would look like a run (the caller exits non-zero)."""
+    prints their folder's absolute path (without ``plan.plots``, and a warning naming the plots an earlier run left
+    there). With no record it prints one line to stderr and writes nothing: a results file would look like a run
+    (the caller exits non-zero)."""
     if not records:
         print("largeep-bench: nothing measured: every backend and configuration was skipped (see the skip lines); "
               "no results written", file=sys.stderr, flush=True)
@@ -489,7 +490,30 @@ def finish(
 
         written += plot_results(records, extras, out)
     print(f"wrote {', '.join(w.name for w in written)} in {out}", flush=True)
+    stale = [name for name in ("latency.png", "bandwidth.png") if not plan.plots and (out / name).exists()]
+    if stale:
+        print(f"largeep-bench: warning: {', '.join(stale)} in {out} {'is' if len(stale) == 1 else 'are'} from an "
+              "earlier run (--no-plots drew none)", file=sys.stderr, flush=True)
     return written
+
+
+def _sms_list(plan: Plan, a: Adapter, mode: str) -> list[int | None]:
+    """The SM counts one mode sweeps: the plan's for a backend that takes them in normal mode; else [None], one
+    measurement recorded with num_sms None. The low-latency kernels of every backend size their grids from the
+    device's SMs (largeep.Buffer's num_sms is for normal mode; DeepEP's low-latency kernels ignore set_num_sms): a
+    sweep over SM counts would time one configuration several times under different labels."""
+    return list(plan.num_sms) if a.uses_sms and mode == "normal" else [None]
+
+
+def points(plan: Plan, a: Adapter) -> int:
+    """The progress count of one backend's sweep: per mode, its token counts x runnable (hidden, dtype) pairs x
+    top-k values x expert counts x SM counts."""
+    total = 0
+    for mode in plan.modes:
+        mp = plan.mode_plan(mode)
+        per_sms = len(mp.tokens) * sum(len(_dtypes(mp, h)) for h in mp.hidden) * len(mp.topk) * len(mp.experts)
+        total += per_sms * len(_sms_list(plan, a, mode))
+    return total
 
 
 def _dtypes(mp: ModePlan, hidden: int) -> list[str]:

@@ -661,6 +661,36 @@ def low_latency_fp8_not_finite(rank: int, world: int, backend: str, round_scale:
         buf.destroy()
 
 
+def low_latency_skipped_not_finite(rank: int, world: int, backend: str) -> None:
+    """A low-latency combine leaves out the k it skips, whatever their values: a k the combine masks to -1 whose
+    expert's output row is inf, and a k the dispatch left at -1 that the combine names with an inf weight, add
+    nothing (never 0 x inf = NaN); a repeated expert's second k adds its weight times the first's row. Every rank
+    sends 3 tokens to experts 0 and E - 1 (token 2 to expert 0 twice); expert 0's output rows are inf for token 0 of
+    every source, 2 otherwise; expert E - 1's are 1."""
+    hidden, experts = 128, 2 * world
+    dev = device_for(backend)
+    buf = largeep.Buffer(None, hidden=hidden, num_experts=experts, num_topk=2, max_tokens_per_rank=4,
+                         backend=backend, low_latency=True)
+    try:
+        last = experts - 1
+        idx = torch.tensor([[0, last], [-1, last], [0, 0]])
+        x = torch.ones(3, hidden, dtype=torch.bfloat16)
+        res = buf.low_latency_dispatch(x.to(dev), idx.to(dev), use_fp8=False)
+        y = torch.ones_like(res.x)
+        if rank == 0:  # expert 0 (local 0)
+            tok = res.src_info[0, :, 1]
+            y[0] = torch.where((tok == 0).unsqueeze(1), float("inf"), 2.0).to(y.dtype)
+        # the combine masks token 0's expert 0 (its inf row) and names expert 0 with an inf weight at token 1's k=0,
+        # which the dispatch left at -1
+        idx_c = torch.tensor([[-1, last], [0, last], [0, 0]])
+        w_c = torch.tensor([[0.5, 0.25], [float("inf"), 0.25], [0.5, 0.125]])
+        out = buf.low_latency_combine(y, idx_c.to(dev), w_c.to(dev), res.handle).x.float().cpu()
+        want = torch.tensor([0.25, 0.25, 2.0 * (0.5 + 0.125)])
+        assert torch.equal(out, want.unsqueeze(1).expand(3, hidden)), (out[:, :4], want)
+    finally:
+        buf.destroy()
+
+
 def events_on_cpu(rank: int, world: int) -> None:
     """async_finish and previous_event on CPU groups: every call returns an EventOverlap whose methods do nothing
     there, and gives the same bits as the call without them (normal dispatch and combine, low-latency both)."""

@@ -335,6 +335,15 @@ def test_zero_copy_slots(pools) -> None:
 @pytest.mark.gpu(1)
 @needs_native
 @pytest.mark.parametrize("world", [1, pytest.param(2, marks=pytest.mark.gpu(2))])
+def test_low_latency_skipped_not_finite(pools, world: int) -> None:
+    """The kernels leave out the k a combine skips (masked, or not sent), inf there or not, as the torch backend
+    does."""
+    pools(world, "nccl").run(bodies.low_latency_skipped_not_finite, "nvshmem")
+
+
+@pytest.mark.gpu(1)
+@needs_native
+@pytest.mark.parametrize("world", [1, pytest.param(2, marks=pytest.mark.gpu(2))])
 @pytest.mark.parametrize("round_scale", [False, True])
 def test_low_latency_fp8_not_finite(pools, world: int, round_scale: bool) -> None:
     """The kernels' FP8 quantiser on NaN and infinities: as largeep.fp8 (the group NaN after dequantising; before,

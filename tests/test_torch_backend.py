@@ -97,6 +97,12 @@ def test_low_latency(pools, world: int, use_fp8: bool, round_scale: bool | str, 
 
 
 @pytest.mark.parametrize("world", [1, 2])
+def test_low_latency_skipped_not_finite(pools, world: int) -> None:
+    """A combine leaves out the k it skips (masked, or not sent), inf there or not."""
+    pools(world).run(bodies.low_latency_skipped_not_finite, "torch")
+
+
+@pytest.mark.parametrize("world", [1, 2])
 @pytest.mark.parametrize("round_scale", [False, True])
 def test_low_latency_fp8_not_finite(pools, world: int, round_scale: bool) -> None:
     """NaN and infinities spoil their FP8 group (NaN values after dequantising), never give a finite value."""

@@ -960,7 +960,11 @@ class TorchBackend:
                 rows3 = back.float().view(state.num_tokens, k, c.hidden)
                 out.copy_(_bf16_partial_sums(rows3, w, ids, valid, c.experts_per_rank, n))
             else:
-                out.copy_((back.float() * w.reshape(-1, 1)).view(state.num_tokens, k, c.hidden).sum(1))
+                # a k adds only where the dispatch sent a row for it and the combine names an expert there: the
+                # others are left out, not multiplied by 0 (an inf or NaN there would spoil the token's sum)
+                adds = (valid & (state.slot.view(state.num_tokens, k) < n * self._ll_cap())).reshape(-1, 1)
+                terms = torch.where(adds, back.float() * w.reshape(-1, 1), 0.0)
+                out.copy_(terms.view(state.num_tokens, k, c.hidden).sum(1))
 
         if not async_recv:
             finish()

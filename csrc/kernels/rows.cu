@@ -276,71 +276,98 @@ void launch_gather_rows(const void* x, int64_t x_rows, int64_t row_bytes, const 
 
 namespace {
 
-// ---- FP8 rows (largeep.fp8): one warp per 128-channel group, four consecutive values per lane -----------------
+// ---- FP8 rows (largeep.fp8): one half-warp per 128-channel group, eight consecutive values per lane ----------
+// (16-byte loads of bf16 x and 16-byte stores of bf16 y; four lanes per group held a single 8-byte load in flight per
+// lane and group, session 37: quantise 2.4 TB/s at 32768 x 7168.)
 constexpr int kFp8Threads = 256;
 constexpr int kFp8Warps = kFp8Threads / 32;
 
-__device__ __forceinline__ void load4(const __nv_bfloat16* p, float* v) {
-    const uint2 raw = *reinterpret_cast<const uint2*>(p);
-    const auto* h = reinterpret_cast<const __nv_bfloat16*>(&raw);
+__device__ __forceinline__ void load8(const __nv_bfloat16* p, float* v) {
+    const uint4 raw = *reinterpret_cast<const uint4*>(p);
+    const auto* h = reinterpret_cast<const __nv_bfloat162*>(&raw);
 #pragma unroll
-    for (int i = 0; i < 4; ++i) v[i] = __bfloat162float(h[i]);
+    for (int i = 0; i < 4; ++i) {
+        const float2 f = __bfloat1622float2(h[i]);
+        v[2 * i] = f.x, v[2 * i + 1] = f.y;
+    }
 }
-__device__ __forceinline__ void load4(const float* p, float* v) {
-    const float4 raw = *reinterpret_cast<const float4*>(p);
-    v[0] = raw.x, v[1] = raw.y, v[2] = raw.z, v[3] = raw.w;
+__device__ __forceinline__ void load8(const float* p, float* v) {
+    const float4 a = reinterpret_cast<const float4*>(p)[0], b = reinterpret_cast<const float4*>(p)[1];
+    v[0] = a.x, v[1] = a.y, v[2] = a.z, v[3] = a.w, v[4] = b.x, v[5] = b.y, v[6] = b.z, v[7] = b.w;
 }
-__device__ __forceinline__ void store4(__nv_bfloat16* p, const float* v) {
-    uint2 raw;
-    auto* h = reinterpret_cast<__nv_bfloat16*>(&raw);
+__device__ __forceinline__ void store8(__nv_bfloat16* p, const float* v) {
+    uint4 raw;
+    auto* h = reinterpret_cast<__nv_bfloat162*>(&raw);
 #pragma unroll
-    for (int i = 0; i < 4; ++i) h[i] = __float2bfloat16_rn(v[i]);
-    *reinterpret_cast<uint2*>(p) = raw;
+    for (int i = 0; i < 4; ++i) h[i] = __floats2bfloat162_rn(v[2 * i], v[2 * i + 1]);
+    *reinterpret_cast<uint4*>(p) = raw;
 }
-__device__ __forceinline__ void store4(float* p, const float* v) {
-    *reinterpret_cast<float4*>(p) = make_float4(v[0], v[1], v[2], v[3]);
+__device__ __forceinline__ void store8(float* p, const float* v) {
+    reinterpret_cast<float4*>(p)[0] = make_float4(v[0], v[1], v[2], v[3]);
+    reinterpret_cast<float4*>(p)[1] = make_float4(v[4], v[5], v[6], v[7]);
 }
 
-// Each warp takes kFp8Unroll consecutive groups per step, their loads issued before any is used (one group per step
-// left a single 8-byte load per lane in flight: half the bandwidth at 4096 x 7168).
+// Each warp takes kFp8Unroll consecutive pairs of groups per step (the lower half-warp the pair's first group, the
+// upper its second), their loads issued before any is used.
 constexpr int kFp8Unroll = 4;
+constexpr int kFp8GroupsPerWarpStep = 2 * kFp8Unroll;
 
 // q, s of x [groups * 128] as largeep.fp8.quantize makes them, bit for bit: the group's scale (fp8_group_scale of
 // its amax, NaN kept), then each x / s correctly rounded, as torch's division, and saturated to e4m3 (the clamp to
 // +-448, NaN kept), two values per conversion. A bf16 x divides as the low-latency quantiser does
 // (fp8_div_by_scale: a product and one correction, whose e4m3 code is __fdiv_rn's for every bf16 value and every
 // scale of a bf16 group, bench/micro/fp8_div_check.cu); a float32 x, which that check does not cover, by __fdiv_rn.
+// A half-warp whose group is past the end (the last pair's second, for an odd count) takes part in the shuffles,
+// which stay inside each half-warp, and stores nothing.
 template <typename T>
 __global__ void __launch_bounds__(kFp8Threads) fp8_quantize_kernel(const T* x, uint8_t* q, float* s, int64_t groups,
                                                                   bool round_scale) {
-    const int lane = threadIdx.x % 32;
+    const int lane = threadIdx.x % 32, half = lane / 16, hl = lane % 16;
     const int64_t warps = static_cast<int64_t>(gridDim.x) * kFp8Warps;
-    for (int64_t g0 = (static_cast<int64_t>(blockIdx.x) * kFp8Warps + threadIdx.x / 32) * kFp8Unroll; g0 < groups;
-         g0 += warps * kFp8Unroll) {
-        float v[kFp8Unroll][4];
-#pragma unroll
-        for (int u = 0; u < kFp8Unroll; ++u)
-            if (g0 + u < groups) load4(x + (g0 + u) * 128 + lane * 4, v[u]);
+    for (int64_t g0 = (static_cast<int64_t>(blockIdx.x) * kFp8Warps + threadIdx.x / 32) * kFp8GroupsPerWarpStep;
+         g0 < groups; g0 += warps * kFp8GroupsPerWarpStep) {
+        float v[kFp8Unroll][8];
 #pragma unroll
         for (int u = 0; u < kFp8Unroll; ++u) {
-            if (g0 + u >= groups) break;  // (uniform over the warp)
-            float amax = max_keep_nan(max_keep_nan(fabsf(v[u][0]), fabsf(v[u][1])),
-                                      max_keep_nan(fabsf(v[u][2]), fabsf(v[u][3])));
+            const int64_t g = g0 + 2 * u + half;
+            if (g < groups) {
+                load8(x + g * 128 + hl * 8, v[u]);
+            } else {
 #pragma unroll
-            for (int o = 16; o > 0; o /= 2) amax = max_keep_nan(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+                for (int i = 0; i < 8; ++i) v[u][i] = 0.f;
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < kFp8Unroll; ++u) {
+            if (g0 + 2 * u >= groups) break;  // (uniform over the warp: neither half has a group)
+            const int64_t g = g0 + 2 * u + half;
+            float amax = fabsf(v[u][0]);
+#pragma unroll
+            for (int i = 1; i < 8; ++i) amax = max_keep_nan(amax, fabsf(v[u][i]));
+#pragma unroll
+            for (int o = 8; o > 0; o /= 2) amax = max_keep_nan(amax, __shfl_xor_sync(0xffffffffu, amax, o));
             const float scale = fp8_group_scale(amax, round_scale);
             const float inv = 1.f / scale;
             const bool finite_s = isfinite(scale);
-            float d[4];
+            float d[8];
 #pragma unroll
-            for (int i = 0; i < 4; ++i)
+            for (int i = 0; i < 8; ++i)
                 d[i] = std::is_same_v<T, __nv_bfloat16> ? fp8_div_by_scale(v[u][i], scale, inv, finite_s)
                                                         : __fdiv_rn(v[u][i], scale);
-            // (x.x goes to the low byte: codes in x's order)
-            const uint32_t lo = __nv_cvt_float2_to_fp8x2(make_float2(d[0], d[1]), __NV_SATFINITE, __NV_E4M3);
-            const uint32_t hi = __nv_cvt_float2_to_fp8x2(make_float2(d[2], d[3]), __NV_SATFINITE, __NV_E4M3);
-            reinterpret_cast<uint32_t*>(q + (g0 + u) * 128)[lane] = lo | (hi << 16);
-            if (lane == 0) s[g0 + u] = scale;
+            uint32_t word[2];
+#pragma unroll
+            for (int w = 0; w < 2; ++w) {
+                // (x.x goes to the low byte: codes in x's order)
+                const uint32_t lo =
+                    __nv_cvt_float2_to_fp8x2(make_float2(d[4 * w], d[4 * w + 1]), __NV_SATFINITE, __NV_E4M3);
+                const uint32_t hi =
+                    __nv_cvt_float2_to_fp8x2(make_float2(d[4 * w + 2], d[4 * w + 3]), __NV_SATFINITE, __NV_E4M3);
+                word[w] = lo | (hi << 16);
+            }
+            if (g < groups) {
+                *reinterpret_cast<uint2*>(q + g * 128 + hl * 8) = make_uint2(word[0], word[1]);
+                if (hl == 0) s[g] = scale;
+            }
         }
     }
 }
@@ -349,36 +376,41 @@ __global__ void __launch_bounds__(kFp8Threads) fp8_quantize_kernel(const T* x, u
 template <typename T>
 __global__ void __launch_bounds__(kFp8Threads) fp8_dequantize_kernel(const uint8_t* q, const float* s, T* y,
                                                                     int64_t groups) {
-    const int lane = threadIdx.x % 32;
+    const int lane = threadIdx.x % 32, half = lane / 16, hl = lane % 16;
     const int64_t warps = static_cast<int64_t>(gridDim.x) * kFp8Warps;
-    for (int64_t g0 = (static_cast<int64_t>(blockIdx.x) * kFp8Warps + threadIdx.x / 32) * kFp8Unroll; g0 < groups;
-         g0 += warps * kFp8Unroll) {
-        uint32_t packed[kFp8Unroll];
+    for (int64_t g0 = (static_cast<int64_t>(blockIdx.x) * kFp8Warps + threadIdx.x / 32) * kFp8GroupsPerWarpStep;
+         g0 < groups; g0 += warps * kFp8GroupsPerWarpStep) {
+        uint2 packed[kFp8Unroll];
         float scale[kFp8Unroll];
 #pragma unroll
         for (int u = 0; u < kFp8Unroll; ++u) {
-            if (g0 + u < groups) {
-                packed[u] = reinterpret_cast<const uint32_t*>(q + (g0 + u) * 128)[lane];
-                scale[u] = s[g0 + u];
+            const int64_t g = g0 + 2 * u + half;
+            if (g < groups) {
+                packed[u] = *reinterpret_cast<const uint2*>(q + g * 128 + hl * 8);
+                scale[u] = s[g];
             }
         }
 #pragma unroll
         for (int u = 0; u < kFp8Unroll; ++u) {
-            if (g0 + u >= groups) break;
-            float v[4];
+            const int64_t g = g0 + 2 * u + half;
+            if (g >= groups) break;  // (no shuffles here: each half-warp on its own)
+            float v[8];
 #pragma unroll
             for (int i = 0; i < 4; ++i) {
-                const __half h(
-                    __nv_cvt_fp8_to_halfraw(static_cast<__nv_fp8_storage_t>(packed[u] >> (8 * i)), __NV_E4M3));
-                v[i] = __fmul_rn(__half2float(h), scale[u]);
+                const uint32_t word = i < 2 ? packed[u].x : packed[u].y;
+                const __half2 h(__nv_cvt_fp8x2_to_halfraw2(
+                    static_cast<__nv_fp8x2_storage_t>(word >> (16 * (i % 2))), __NV_E4M3));
+                const float2 f = __half22float2(h);
+                v[2 * i] = __fmul_rn(f.x, scale[u]), v[2 * i + 1] = __fmul_rn(f.y, scale[u]);
             }
-            store4(y + (g0 + u) * 128 + lane * 4, v);
+            store8(y + g * 128 + hl * 8, v);
         }
     }
 }
 
 int64_t fp8_blocks(int64_t groups) {
-    return std::min<int64_t>((groups + kFp8Warps * kFp8Unroll - 1) / (kFp8Warps * kFp8Unroll), 1 << 20);
+    constexpr int64_t per_block = static_cast<int64_t>(kFp8Warps) * kFp8GroupsPerWarpStep;
+    return std::min<int64_t>((groups + per_block - 1) / per_block, 1 << 20);
 }
 
 }  // namespace

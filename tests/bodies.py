@@ -661,12 +661,15 @@ def low_latency_fp8_not_finite(rank: int, world: int, backend: str, round_scale:
         buf.destroy()
 
 
-def low_latency_skipped_not_finite(rank: int, world: int, backend: str) -> None:
-    """A low-latency combine leaves out the k it skips, whatever their values: a k the combine masks to -1 whose
-    expert's output row is inf, and a k the dispatch left at -1 that the combine names with an inf weight, add
-    nothing (never 0 x inf = NaN); a repeated expert's second k adds its weight times the first's row. Every rank
-    sends 3 tokens to experts 0 and E - 1 (token 2 to expert 0 twice); expert 0's output rows are inf for token 0 of
-    every source, 2 otherwise; expert E - 1's are 1."""
+def low_latency_skipped_not_finite(rank: int, world: int, backend: str, mode: str = "plain") -> None:
+    """A low-latency combine leaves out the k it skips, whatever their values. Every rank sends 3 tokens to experts 0
+    and E - 1 (token 2 to expert 0 twice); expert E - 1's output rows are 1.
+    mode "plain": expert 0's rows are inf for token 0 of every source, 2 otherwise. The combine masks token 0's
+    expert 0 (its inf row) and names expert 0 with an inf weight at token 1's k=0, which the dispatch left at -1:
+    neither adds anything (never 0 x inf = NaN); token 2's repeated expert adds each weight times its row.
+    mode "weights" / "partial" (the dispatch sends the weights; "partial": bf16_partial_sums): expert 0's rows are
+    inf for token 2, 2 otherwise; token 2's sum is inf (the torch backend: exactly inf; the kernels, which may split
+    a sum in two bf16 rows: not finite), the others finite and exact."""
     hidden, experts = 128, 2 * world
     dev = device_for(backend)
     buf = largeep.Buffer(None, hidden=hidden, num_experts=experts, num_topk=2, max_tokens_per_rank=4,
@@ -674,14 +677,21 @@ def low_latency_skipped_not_finite(rank: int, world: int, backend: str) -> None:
     try:
         last = experts - 1
         idx = torch.tensor([[0, last], [-1, last], [0, 0]])
+        w = torch.tensor([[0.5, 0.25], [0.5, 0.25], [0.5, 0.125]])
         x = torch.ones(3, hidden, dtype=torch.bfloat16)
-        res = buf.low_latency_dispatch(x.to(dev), idx.to(dev), use_fp8=False)
+        sent = mode != "plain"
+        res = buf.low_latency_dispatch(x.to(dev), idx.to(dev), use_fp8=False, topk_weights=w.to(dev) if sent else None,
+                                       bf16_partial_sums=mode == "partial")
         y = torch.ones_like(res.x)
         if rank == 0:  # expert 0 (local 0)
             tok = res.src_info[0, :, 1]
-            y[0] = torch.where((tok == 0).unsqueeze(1), float("inf"), 2.0).to(y.dtype)
-        # the combine masks token 0's expert 0 (its inf row) and names expert 0 with an inf weight at token 1's k=0,
-        # which the dispatch left at -1
+            y[0] = torch.where((tok == (2 if sent else 0)).unsqueeze(1), float("inf"), 2.0).to(y.dtype)
+        if sent:
+            out = buf.low_latency_combine(y, idx.to(dev), w.to(dev), res.handle).x.float().cpu()
+            assert torch.equal(out[:2], torch.tensor([[2.0 * 0.5 + 0.25], [0.25]]).expand(2, hidden)), out[:, :4]
+            bad = out[2]
+            assert bool((bad == float("inf")).all() if backend == "torch" else (~bad.isfinite()).all()), bad[:4]
+            return
         idx_c = torch.tensor([[-1, last], [0, last], [0, 0]])
         w_c = torch.tensor([[0.5, 0.25], [float("inf"), 0.25], [0.5, 0.125]])
         out = buf.low_latency_combine(y, idx_c.to(dev), w_c.to(dev), res.handle).x.float().cpu()

@@ -436,7 +436,6 @@ CASES: list[BadCase] = [
        "'num_topk'", "exceeds num_experts"),
     _n("create_max_tokens_zero", lambda e: make_buffer(e, max_tokens_per_rank=0), "'max_tokens_per_rank'", ">= 1"),
     _n("create_num_sms_zero", lambda e: make_buffer(e, num_sms=0), "'num_sms'", ">= 1"),
-    _n("create_num_sms_above_the_gpus", lambda e: make_buffer(e, num_sms=2000), "'num_sms' = 2000", "is more than"),
     _n("create_backend_unknown", lambda e: make_buffer(e, backend="mpi"), "'backend'", "'mpi'", "expected"),
     _n("create_nvshmem_without_gpus", lambda e: make_buffer(e, backend="nvshmem"),
        "'nvshmem'", "not available", error=RuntimeError, device="cpu"),
@@ -1955,6 +1954,43 @@ def too_large_for_the_gpu(rank: int, world: int) -> dict[str, Any]:
     finally:
         buf.destroy()
     return {"failures": chk.failures}
+
+
+def num_sms_bounds(rank: int, world: int) -> list[str]:
+    """Buffer(num_sms=...) on a CPU group, with largeep.buffer._gpu_sms made to report a GPU of 16 SMs (or to fail as
+    CUDA's start can): above 16 is refused where the native normal-mode kernels could take it (backend "auto" or
+    "nvshmem", normal mode) on every rank, 16 is taken, and the torch backend and the low-latency mode take any
+    count (they ignore it). A failing SM lookup on one rank is every rank's ArgumentError, not the others' timeout.
+    Returns the messages, in that order."""
+    import largeep.buffer as buffer_mod
+
+    kw: dict[str, Any] = dict(hidden=128, num_experts=2 * world, num_topk=1, max_tokens_per_rank=4)
+    msgs = []
+
+    def refused(**over: Any) -> str:
+        try:
+            largeep.Buffer(None, **{**kw, **over}).destroy()
+        except ArgumentError as exc:
+            return str(exc)
+        raise AssertionError(f"Buffer({over}) was accepted")
+
+    real = buffer_mod._gpu_sms
+    try:
+        buffer_mod._gpu_sms = lambda: 16
+        msgs.append(refused(num_sms=17))
+        largeep.Buffer(None, **kw, num_sms=16, backend="torch").destroy()  # (auto takes torch on CPU)
+        for over in (dict(backend="torch"), dict(low_latency=True, backend="torch")):
+            largeep.Buffer(None, **kw, num_sms=2000, **over).destroy()
+
+        def fails() -> int:
+            raise RuntimeError("Cannot re-initialize CUDA in forked subprocess\nmore")
+
+        if rank == world - 1:
+            buffer_mod._gpu_sms = fails
+        msgs.append(refused(num_sms=8))
+    finally:
+        buffer_mod._gpu_sms = real
+    return msgs
 
 
 def ranks_disagree(rank: int, world: int) -> list[str]:

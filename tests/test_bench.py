@@ -395,7 +395,7 @@ def test_cli_warns_of_more_cpu_processes_than_cpus(monkeypatch: pytest.MonkeyPat
     from largeep.bench import cli
 
     monkeypatch.setattr(cli, "_launch", lambda *args: 0)
-    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
     assert cli.main(["--cpu", "--nprocs", "4"]) == 0
     assert "warning: 4 processes on 2 CPUs" in capsys.readouterr().err
     assert cli.main(["--cpu", "--nprocs", "2"]) == 0
@@ -1033,6 +1033,7 @@ def test_sim_says_which_holdout_value_matched_no_record(tmp_path: Path, capsys: 
     (["--backend", "foo", "--calibrate", "RESULTS"], "--backend foo: no record of that backend in the files given "
                                                      "(expected one of synthetic)"),
     (["--eps", "abc"], "argument --eps: expected a comma list of integers, got 'abc'"),
+    (["--num-sms", "0"], "--num-sms 0: must be positive"),
 ])
 def test_sim_refuses_mistakes_before_any_work(tmp_path: Path, args: list[str], msg: str,
                                               capsys: pytest.CaptureFixture[str]) -> None:
@@ -1524,3 +1525,24 @@ def test_git_revision_of_the_checkout() -> None:
     if (Path(rec.__file__).resolve().parents[1] != root / "python" / "largeep") or not head:
         pytest.skip("largeep is not imported from this checkout")
     assert (rec.git_revision() or "").split("-")[0] == head
+
+
+def test_results_so_far_are_written_with_stops_held(monkeypatch: pytest.MonkeyPatch,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """The launcher's write of the results so far holds SIGINT and SIGTERM (its two files are replaced one after the
+    other) and lets them through after; a write that fails is a warning, and the run goes on."""
+    import signal
+
+    from largeep.bench import cli
+
+    seen = []
+    cli._save_so_far(lambda: seen.append(signal.pthread_sigmask(signal.SIG_BLOCK, set())))
+    assert {signal.SIGINT, signal.SIGTERM} <= set(seen[0])
+    assert signal.SIGTERM not in signal.pthread_sigmask(signal.SIG_BLOCK, set())
+
+    def full() -> None:
+        raise OSError(28, "No space left on device")
+
+    cli._save_so_far(full)
+    assert "could not be written" in capsys.readouterr().err
+    assert signal.SIGINT not in signal.pthread_sigmask(signal.SIG_BLOCK, set())

@@ -1092,6 +1092,17 @@ def test_nvshmem_low_latency_output_rows(experts: int, max_tokens: int, refused:
     assert (reason is None) if refused is None else (reason is not None and refused in reason), reason
 
 
+def test_num_sms_bounds(pools) -> None:
+    """num_sms above the GPU's SMs is refused where the native normal-mode kernels could take it, on every rank; a
+    failing SM lookup on one rank too (CPU groups, a 16-SM GPU feigned)."""
+    last = WORLD - 1
+    for msgs in pools(WORLD).run(error_bodies.num_sms_bounds):
+        assert "argument 'num_sms' = 17 is more than the GPU's 16 SMs" in msgs[0], msgs
+        assert "the GPU's SM count could not be read for 'num_sms': Cannot re-initialize CUDA" in msgs[1], msgs
+        assert f"rank(s) [{last}]" in msgs[1] or msgs[1].startswith("Buffer: the GPU's"), msgs
+        assert "more" not in msgs[1].split("Cannot re-initialize")[1], msgs
+
+
 def test_torch_backend_ranks_disagree(pools) -> None:
     """Cached dispatches and combines whose kind differs between ranks, and ranks that make different calls, are
     refused on every rank (CPU groups)."""

@@ -335,10 +335,11 @@ def test_zero_copy_slots(pools) -> None:
 @pytest.mark.gpu(1)
 @needs_native
 @pytest.mark.parametrize("world", [1, pytest.param(2, marks=pytest.mark.gpu(2))])
-def test_low_latency_skipped_not_finite(pools, world: int) -> None:
+@pytest.mark.parametrize("mode", ["plain", "weights", "partial"])
+def test_low_latency_skipped_not_finite(pools, world: int, mode: str) -> None:
     """The kernels leave out the k a combine skips (masked, or not sent), inf there or not, as the torch backend
     does."""
-    pools(world, "nccl").run(bodies.low_latency_skipped_not_finite, "nvshmem")
+    pools(world, "nccl").run(bodies.low_latency_skipped_not_finite, "nvshmem", mode)
 
 
 @pytest.mark.gpu(1)

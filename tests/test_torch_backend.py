@@ -97,9 +97,10 @@ def test_low_latency(pools, world: int, use_fp8: bool, round_scale: bool | str, 
 
 
 @pytest.mark.parametrize("world", [1, 2])
-def test_low_latency_skipped_not_finite(pools, world: int) -> None:
+@pytest.mark.parametrize("mode", ["plain", "weights", "partial"])
+def test_low_latency_skipped_not_finite(pools, world: int, mode: str) -> None:
     """A combine leaves out the k it skips (masked, or not sent), inf there or not."""
-    pools(world).run(bodies.low_latency_skipped_not_finite, "torch")
+    pools(world).run(bodies.low_latency_skipped_not_finite, "torch", mode)
 
 
 @pytest.mark.parametrize("world", [1, 2])

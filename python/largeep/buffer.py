@@ -250,8 +250,8 @@ class Buffer:
         backend: "nvshmem", "torch" or "auto" (nvshmem when the native module and GPUs are there and the group's
             size has run on GPUs, else torch; on GPUs rank 0 logs a warning saying why it took torch).
         ranks_per_node: P (default: ranks sharing a host); may be set lower to emulate several nodes on one host.
-        num_sms: SMs each normal-mode native kernel may use (default 24; at most the GPU's SMs). The low-latency
-            kernels size their grids from the device's SMs instead (docs/usage.md).
+        num_sms: SMs each normal-mode native kernel may use (default 24, or the GPU's SMs if fewer; at most those).
+            The low-latency kernels size their grids from the device's SMs instead (docs/usage.md).
         low_latency: build the low-latency buffers (decoding) instead of the normal ones.
         tokens_per_round: normal mode: size the receive buffers for this many tokens per rank, and move every
             dispatch and combine in ceil(max_tokens_per_rank / tokens_per_round) rounds (default: one round of
@@ -330,18 +330,17 @@ class Buffer:
                     )
             if num_sms is not None:
                 checks.positive_int(op, "num_sms", num_sms)
-                # (more blocks than SMs would queue a kernel's blocks behind blocks that wait for them)
-                cap = (torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
-                       if torch.cuda.is_available() else MAX_SMS_WITHOUT_GPU)
-                if num_sms > cap:
-                    raise ArgumentError(
-                        f"{op}: argument 'num_sms' = {num_sms} is more than "
-                        + (f"the GPU's {cap} SMs" if torch.cuda.is_available() else f"{cap} (no GPU here)")
-                    )
+                # where the normal-mode kernels may take it: more blocks than SMs would queue a kernel's blocks
+                # behind blocks that wait for them (the torch backend and the low-latency kernels ignore it)
+                sms = _gpu_sms() if backend != "torch" and not low_latency else None
+                if sms is not None and num_sms > sms:
+                    raise ArgumentError(f"{op}: argument 'num_sms' = {num_sms} is more than the GPU's {sms} SMs")
             # the LARGEEP_* variables, read now (a bad value on one rank refuses the Buffer on every rank)
             settings = _env.settings()
         except (ArgumentError, ValueError) as exc:  # (the settings raise ValueError)
             local_error = str(exc)
+        except RuntimeError as exc:  # (CUDA's start in _gpu_sms: every rank hears it, none waits for this one)
+            local_error = f"{op}: the GPU's SM count could not be read for 'num_sms': {_collective.first_line(exc)}"
         # whether this rank could run the native module: "auto" picks the same backend on every rank, and
         # "nvshmem" is refused on every rank when one rank cannot
         native_ok = True
@@ -406,7 +405,7 @@ class Buffer:
         self.ctx = GroupContext(
             group=group, rank=rank, num_ranks=n, ranks_per_node=ranks_per_node, device=device, hidden=hidden,
             num_experts=num_experts, num_topk=num_topk, max_tokens_per_rank=max_tokens_per_rank,
-            num_sms=num_sms or 24, low_latency=low_latency,
+            num_sms=num_sms or _default_sms(device), low_latency=low_latency,
         )
         self.backend_name = self._choose_backend(backend, without_native)
         # high priority (LARGEEP_STREAM_PRIORITY): a dispatch queued behind expert GEMMs on another stream gets SMs
@@ -1249,8 +1248,20 @@ def _all_arrive(group: dist.ProcessGroup, op: str, rank: int, timeout_s: float) 
 
 # the tag of Buffer creation's arrival messages (_all_arrive)
 _ARRIVE_TAG = 0x1AE9
-# num_sms's bound where no GPU is visible (the torch backend on CPU ignores it; no GPU has more SMs)
-MAX_SMS_WITHOUT_GPU = 1024
+# num_sms's default (fewer where the GPU has fewer SMs)
+DEFAULT_SMS = 24
+
+
+def _default_sms(device: torch.device) -> int:
+    return min(DEFAULT_SMS, torch.cuda.get_device_properties(device).multi_processor_count) if device.type == "cuda" \
+        else DEFAULT_SMS
+
+
+def _gpu_sms() -> int | None:
+    """The current CUDA device's SM count, None without CUDA."""
+    if not torch.cuda.is_available():
+        return None
+    return int(torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count)
 
 
 def _record_stream(t: torch.Tensor, stream: torch.cuda.Stream) -> None:

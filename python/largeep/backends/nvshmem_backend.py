@@ -107,8 +107,8 @@ MAX_TOKENS_LOW_LATENCY = 1 << 20  # (low_latency.cu's ll_round_word: more than 2
 TESTED_RANKS_NORMAL = 40
 TESTED_RANKS_LOW_LATENCY = 34
 MAX_LAYOUT_WORDS = 48 * 1024 // 4  # (layout.cu's and intranode.cu's shared-memory counters)
-# the dispatch's prepare kernel (intranode.cu) counts each local expert in the same 48 KiB, beside its own 176 bytes
-# of static shared memory (ptxas -v); this keeps 256 bytes for them
+# the dispatch's prepare kernel (intranode.cu) counts each local expert in the same 48 KiB, beside its own static
+# shared memory (a scan's per-warp sums and a few flags, under 200 bytes); this keeps 256 bytes for them
 MAX_LOCAL_EXPERTS_NORMAL = MAX_LAYOUT_WORDS - 64
 
 

@@ -282,7 +282,9 @@ def _bf16_partial_sums(rows: torch.Tensor, w: torch.Tensor, topk_idx: torch.Tens
     experts_on = torch.zeros(t, n + 1, dtype=torch.int64, device=rows.device).scatter_add_(
         1, rank, (valid & own).long())
     part = torch.zeros(t, n + 1, h, dtype=torch.float32, device=rows.device)
-    part.scatter_add_(1, rank.unsqueeze(-1).expand(t, k, h), rows * w_own.unsqueeze(-1))
+    # (only a valid k's own row adds: a repeated expert's other k carry its row too, left out rather than times 0)
+    terms = torch.where((valid & own).unsqueeze(-1), rows * w_own.unsqueeze(-1), 0.0)
+    part.scatter_add_(1, rank.unsqueeze(-1).expand(t, k, h), terms)
     part = torch.where((experts_on >= 2).unsqueeze(-1), part.to(torch.bfloat16).float(), part)
     return part[:, :n].sum(1)
 

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import os
 import signal
 import sys
@@ -357,7 +358,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if error:
         parser.error(error)
     _say_ignored(args, kind)
-    cpus = os.cpu_count() or 1
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     if kind == "cpu" and args.nprocs is not None and nprocs > cpus:  # (the default's 4 is for a small sweep)
         print(f"largeep-bench: warning: {nprocs} processes on {cpus} CPUs: the ranks take turns on them, so the "
               "times will be inflated", file=sys.stderr, flush=True)
@@ -429,8 +430,8 @@ def _launch(args: argparse.Namespace, kind: str, nprocs: int, command: str) -> i
                 skipped += part_skipped
                 settings = settings or {**part_settings, "backends": plan.backends}  # (each part ran one of them)
             if records and plan.out:  # (the results so far, in case the run stops before the end)
-                rec.write_results(Path(plan.out) / "results.json", records, extras, env=env, command=command,
-                                  settings=settings, skipped=skipped)
+                _save_so_far(functools.partial(rec.write_results, Path(plan.out) / "results.json", records, extras,
+                                               env=env, command=command, settings=settings, skipped=skipped))
         finish(records, extras, skipped=skipped, settings=settings, plan=plan, env=env)
     except (KeyboardInterrupt, SystemExit):
         kept = ", ".join(dict.fromkeys(r.backend for r in records))
@@ -471,6 +472,21 @@ def _say_ignored(args: argparse.Namespace, kind: str, torchrun: bool = False) ->
     for flag, given in (("--ll-send-weights", args.ll_send_weights), ("--no-hook", args.no_hook)):
         if given and "low_latency" not in args.modes:
             print(f"largeep-bench: {flag} is ignored without the low_latency mode", flush=True)
+
+
+def _save_so_far(write: Callable[[], Any]) -> None:
+    """The results so far, written with SIGINT and SIGTERM held (results.json and run.json are replaced one after
+    the other: a stop between them would pair one run's records with another's settings); a write that fails is
+    reported and the run goes on (the final write says so again if it fails too)."""
+    held = {signal.SIGINT, signal.SIGTERM}
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        write()
+    except OSError as exc:
+        print(f"largeep-bench: warning: the results so far could not be written ({exc}); the run goes on",
+              file=sys.stderr, flush=True)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def _exit_on_signal(signum: int, frame: Any) -> None:

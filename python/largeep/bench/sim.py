@@ -1396,6 +1396,8 @@ def check_args(args: argparse.Namespace) -> str | None:
     experts."""
     if args.gpus_per_node < 1:
         return f"--gpus-per-node {args.gpus_per_node}: must be positive"
+    if args.num_sms < 1:
+        return f"--num-sms {args.num_sms}: must be positive"
     if not args.eps or any(ep < 1 for ep in args.eps):
         return f"--eps {','.join(map(str, args.eps))}: every EP must be positive"
     if args.topk < 1 or args.topk > args.experts:
@@ -1460,7 +1462,7 @@ def check_inputs(args: argparse.Namespace) -> str | None:
             recs = load(files) if files else []
         except (OSError, ValueError) as exc:
             return f"{flag}: {exc}"
-        if flag != "--show":
+        if flag == "--calibrate" or (flag != "--show" and not args.calibrate):  # (the records fitted)
             backends |= {str(r.get("backend")) for r in recs}
     if args.backend is not None:
         if not (args.calibrate or args.fit_weighted or args.check_weighted):

@@ -7,7 +7,8 @@
 # then their times, alternating twice (session 37's fp8_cast2.py: per call and back to back).
 # Prediction: A and B quantise at 32768 x 7168 in 200-210 us back to back (r1: 218-221), dequantise unchanged.
 # Then the new test of a low-latency combine that leaves out the k it skips (inf there), on 1 rank and on 2 ranks
-# sharing the GPU.
+# sharing the GPU, and Buffer creation after dd494b1 (num_sms's bound and default): the error table's creation rows
+# and the normal-mode tests, two ranks sharing the GPU.
 # usage: bash bench/results/2026-12-03-session38/scripts/r2.sh $OUT [name]
 set -uo pipefail
 source scripts/session_lib.sh "$1" "${2:-r2}"
@@ -30,5 +31,7 @@ for i in 1 2; do
 done
 export LARGEEP_TEST_EMULATE_GPUS=2 LARGEEP_TEST_SHARED_GPUS=1
 tests skipped2.log 100 test_gpu.py -k "skipped_not_finite"
+tests create.log 120 test_errors.py -k "create or num_sms or worst"
+tests normal.log "$(left 540)" test_gpu.py -k "test_normal and not four and not many"
 echo "all $(elapsed) s"
 finish

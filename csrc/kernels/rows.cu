@@ -282,15 +282,6 @@ namespace {
 constexpr int kFp8Threads = 256;
 constexpr int kFp8Warps = kFp8Threads / 32;
 
-__device__ __forceinline__ void load8(const __nv_bfloat16* p, float* v) {
-    const uint4 raw = *reinterpret_cast<const uint4*>(p);
-    const auto* h = reinterpret_cast<const __nv_bfloat162*>(&raw);
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-        const float2 f = __bfloat1622float2(h[i]);
-        v[2 * i] = f.x, v[2 * i + 1] = f.y;
-    }
-}
 __device__ __forceinline__ void load8(const float* p, float* v) {
     const float4 a = reinterpret_cast<const float4*>(p)[0], b = reinterpret_cast<const float4*>(p)[1];
     v[0] = a.x, v[1] = a.y, v[2] = a.z, v[3] = a.w, v[4] = b.x, v[5] = b.y, v[6] = b.z, v[7] = b.w;
@@ -306,6 +297,52 @@ __device__ __forceinline__ void store8(float* p, const float* v) {
     reinterpret_cast<float4*>(p)[0] = make_float4(v[0], v[1], v[2], v[3]);
     reinterpret_cast<float4*>(p)[1] = make_float4(v[4], v[5], v[6], v[7]);
 }
+
+// A lane's eight values of its group as loaded: bf16 stays packed for the group's maximum (two values per
+// instruction: the maximum of bf16 values is one of them, so it is the same taken in bf16 or in float32; NaN if any
+// is), float32 as it is.
+template <typename T>
+struct Fp8Lane;
+template <>
+struct Fp8Lane<__nv_bfloat16> {
+    uint4 raw;
+    __device__ __forceinline__ void load(const __nv_bfloat16* p) { raw = *reinterpret_cast<const uint4*>(p); }
+    __device__ __forceinline__ void zero() { raw = make_uint4(0, 0, 0, 0); }
+    __device__ __forceinline__ float amax() const {
+        const auto* h = reinterpret_cast<const __nv_bfloat162*>(&raw);
+        __nv_bfloat162 m = __habs2(h[0]);
+#pragma unroll
+        for (int i = 1; i < 4; ++i) m = __hmax2_nan(m, __habs2(h[i]));
+        return __bfloat162float(__hmax_nan(__low2bfloat16(m), __high2bfloat16(m)));
+    }
+    __device__ __forceinline__ void values(float* v) const {
+        const auto* h = reinterpret_cast<const __nv_bfloat162*>(&raw);
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            const float2 f = __bfloat1622float2(h[i]);
+            v[2 * i] = f.x, v[2 * i + 1] = f.y;
+        }
+    }
+};
+template <>
+struct Fp8Lane<float> {
+    float v8[8];
+    __device__ __forceinline__ void load(const float* p) { load8(p, v8); }
+    __device__ __forceinline__ void zero() {
+#pragma unroll
+        for (int i = 0; i < 8; ++i) v8[i] = 0.f;
+    }
+    __device__ __forceinline__ float amax() const {
+        float a = fabsf(v8[0]);
+#pragma unroll
+        for (int i = 1; i < 8; ++i) a = max_keep_nan(a, fabsf(v8[i]));
+        return a;
+    }
+    __device__ __forceinline__ void values(float* v) const {
+#pragma unroll
+        for (int i = 0; i < 8; ++i) v[i] = v8[i];
+    }
+};
 
 // Each warp takes kFp8Unroll consecutive pairs of groups per step (the lower half-warp the pair's first group, the
 // upper its second), their loads issued before any is used.
@@ -326,24 +363,23 @@ __global__ void __launch_bounds__(kFp8Threads) fp8_quantize_kernel(const T* x, u
     const int64_t warps = static_cast<int64_t>(gridDim.x) * kFp8Warps;
     for (int64_t g0 = (static_cast<int64_t>(blockIdx.x) * kFp8Warps + threadIdx.x / 32) * kFp8GroupsPerWarpStep;
          g0 < groups; g0 += warps * kFp8GroupsPerWarpStep) {
-        float v[kFp8Unroll][8];
+        Fp8Lane<T> in[kFp8Unroll];
 #pragma unroll
         for (int u = 0; u < kFp8Unroll; ++u) {
             const int64_t g = g0 + 2 * u + half;
             if (g < groups) {
-                load8(x + g * 128 + hl * 8, v[u]);
+                in[u].load(x + g * 128 + hl * 8);
             } else {
-#pragma unroll
-                for (int i = 0; i < 8; ++i) v[u][i] = 0.f;
+                in[u].zero();
             }
         }
 #pragma unroll
         for (int u = 0; u < kFp8Unroll; ++u) {
-            if (g0 + 2 * u >= groups) break;  // (uniform over the warp: neither half has a group)
+            // (a pair past the end computes on zeros and stores nothing: no branch around the shuffles)
             const int64_t g = g0 + 2 * u + half;
-            float amax = fabsf(v[u][0]);
-#pragma unroll
-            for (int i = 1; i < 8; ++i) amax = max_keep_nan(amax, fabsf(v[u][i]));
+            float amax = in[u].amax();
+            float v[8];
+            in[u].values(v);
 #pragma unroll
             for (int o = 8; o > 0; o /= 2) amax = max_keep_nan(amax, __shfl_xor_sync(0xffffffffu, amax, o));
             const float scale = fp8_group_scale(amax, round_scale);
@@ -352,8 +388,8 @@ __global__ void __launch_bounds__(kFp8Threads) fp8_quantize_kernel(const T* x, u
             float d[8];
 #pragma unroll
             for (int i = 0; i < 8; ++i)
-                d[i] = std::is_same_v<T, __nv_bfloat16> ? fp8_div_by_scale(v[u][i], scale, inv, finite_s)
-                                                        : __fdiv_rn(v[u][i], scale);
+                d[i] = std::is_same_v<T, __nv_bfloat16> ? fp8_div_by_scale(v[i], scale, inv, finite_s)
+                                                        : __fdiv_rn(v[i], scale);
             uint32_t word[2];
 #pragma unroll
             for (int w = 0; w < 2; ++w) {

@@ -680,15 +680,15 @@ def low_latency_skipped_not_finite(rank: int, world: int, backend: str, mode: st
         w = torch.tensor([[0.5, 0.25], [0.5, 0.25], [0.5, 0.125]])
         x = torch.ones(3, hidden, dtype=torch.bfloat16)
         sent = mode != "plain"
-        wd = w.to(dev)  # (a combine after a dispatch given weights takes that very tensor)
-        res = buf.low_latency_dispatch(x.to(dev), idx.to(dev), use_fp8=False, topk_weights=wd if sent else None,
+        idxd, wd = idx.to(dev), w.to(dev)  # (a combine after a dispatch given weights takes those very tensors)
+        res = buf.low_latency_dispatch(x.to(dev), idxd, use_fp8=False, topk_weights=wd if sent else None,
                                        bf16_partial_sums=mode == "partial")
         y = torch.ones_like(res.x)
         if rank == 0:  # expert 0 (local 0)
             tok = res.src_info[0, :, 1]
             y[0] = torch.where((tok == (2 if sent else 0)).unsqueeze(1), float("inf"), 2.0).to(y.dtype)
         if sent:
-            out = buf.low_latency_combine(y, idx.to(dev), wd, res.handle).x.float().cpu()
+            out = buf.low_latency_combine(y, idxd, wd, res.handle).x.float().cpu()
             assert torch.equal(out[:2], torch.tensor([[2.0 * 0.5 + 0.25], [0.25]]).expand(2, hidden)), out[:, :4]
             bad = out[2]
             assert bool((bad == float("inf")).all() if backend == "torch" else (~bad.isfinite()).all()), bad[:4]

@@ -1566,6 +1566,49 @@ def layer_size_checks(rank: int, world: int) -> None:
         nb.destroy()
 
 
+def _raises(want: str, fn: Any, *args: Any) -> None:
+    try:
+        fn(*args)
+    except largeep.ArgumentError as exc:
+        assert want in str(exc), str(exc)
+    else:
+        raise AssertionError(f"accepted, where '{want}' was expected")
+
+
+def layer_input_checks(rank: int, world: int) -> None:
+    """Inputs the layer cannot take are refused naming them, in either mode (the low-latency layer took any dtype,
+    integers included, and handed back x's dtype; a wrong H met the router's matmul), by load_global_experts on every
+    rank (a rank whose slots lay below a short L loaded silently where the others raised IndexError; a longer L took
+    its first rows) and by MoEPipeline's num_chunks (a float or a bool failed in the first forward)."""
+    h, f, e = 16, 8, 4 * world
+    nb = largeep.Buffer(None, hidden=h, num_experts=e, num_topk=2, max_tokens_per_rank=8, backend="torch")
+    lb = largeep.Buffer(None, hidden=h, num_experts=e, num_topk=2, max_tokens_per_rank=8, backend="torch",
+                        low_latency=True)
+    try:
+        torch.manual_seed(0)
+        for layer in (layers.MoELayer(nb, ffn_hidden=f), layers.MoELayer(lb, ffn_hidden=f)):
+            for dtype in (torch.int64, torch.float16, torch.float64):
+                _raises(f"argument 'x' has dtype {dtype}, expected torch.bfloat16, torch.float32", layer,
+                        torch.ones(3, h, dtype=dtype))
+            _raises(f"argument 'x' has shape (3, {h + 1}), expected (T, {h})", layer, torch.randn(3, h + 1))
+            _raises(f"argument 'x' has shape ({h},), expected (T, {h})", layer, torch.randn(h))
+            _raises("argument 'x' must be a torch.Tensor, got list", layer, [[0.0] * h])
+            assert layer(torch.randn(3, h)).shape == (3, h)  # (and the layer still works)
+        layer = layers.MoELayer(nb, ffn_hidden=f)
+        for el, ff in ((e - 1, f), (2 * e, f), (e, f + 1)):
+            w1, w3, w2 = torch.randn(el, h, ff), torch.randn(el, h, ff), torch.randn(el, ff, h)
+            _raises("MoELayer.load_global_experts: argument 'w1' has shape", layer.load_global_experts, w1, w3, w2)
+        _raises(f"argument 'w2' has shape ({e}, {h}, {f}), expected (L, {f}, {h}) with L = {e}",
+                layer.load_global_experts, torch.randn(e, h, f), torch.randn(e, h, f), torch.randn(e, h, f))
+        layer.load_global_experts(torch.randn(e, h, f), torch.randn(e, h, f), torch.randn(e, f, h))
+        for chunks in (2.5, True, "2", 0):
+            _raises("MoEPipeline: argument 'num_chunks' must be an int >= 1", layers.MoEPipeline, [layer],
+                    None, chunks)
+    finally:
+        nb.destroy()
+        lb.destroy()
+
+
 def repeated_expert_gate(rank: int, world: int) -> None:
     """A gate that names one expert at several k (no distinct_experts attribute): every (token, k) is computed and
     weighted, with variable and fixed (num_worst_tokens) outputs, against a per-token loop over the experts (the

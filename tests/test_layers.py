@@ -150,6 +150,13 @@ def test_layer_size_checks(pools) -> None:
     pools(1).run(layer_bodies.layer_size_checks)
 
 
+@pytest.mark.parametrize("world", [1, 2])
+def test_layer_input_checks(pools, world: int) -> None:
+    """x of a dtype or shape the layer cannot take, global expert weights of the wrong shape, MoEPipeline's
+    num_chunks not an int: ArgumentError naming them, on every rank, in either mode."""
+    pools(world).run(layer_bodies.layer_input_checks)
+
+
 def test_deepcopy_of_a_model(pools) -> None:
     pools(1).run(layer_bodies.deepcopy_of_a_model)
 

@@ -551,6 +551,20 @@ class MoELayer(nn.Module):
         Empty slots (-1) are zeroed. With expert TP, member j of the TP group copies its shard: columns
         [j*F/T, (j+1)*F/T) of w1/w3, the same rows of w2."""
         table = phys_to_log if phys_to_log is not None else self.phys_to_log
+        # every rank checks the same shapes (a rank whose slots all lie below a short L would load silently)
+        # L: at least the table's largest logical expert + 1 (the identity: E), at most the layer's logical experts
+        least = int(table.max()) + 1 if table is not None and table.numel() else self.num_experts
+        most = max(least, self.num_logical_experts)
+        h, f = self.hidden, self.ffn_hidden
+        for arg, t, want in (("w1", w1, (h, f)), ("w3", w3, (h, f)), ("w2", w2, (f, h))):
+            if not isinstance(t, Tensor) or t.dim() != 3 or tuple(t.shape[1:]) != want or \
+                    not least <= t.shape[0] <= most:
+                got = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
+                span = f"L = {least}" if least == most else f"{least} <= L <= {most}"
+                raise ArgumentError(
+                    f"MoELayer.load_global_experts: argument '{arg}' has shape {got}, expected (L, {want[0]}, "
+                    f"{want[1]}) with {span} logical experts"
+                )
         lo = self.rank * self.num_local_experts
         slots = torch.arange(lo, lo + self.num_local_experts, device="cpu")
         logical = table.cpu()[slots] if table is not None else slots
@@ -566,7 +580,14 @@ class MoELayer(nn.Module):
 
     # -- routing ----------------------------------------------------------------------------------------------
     def route(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """x [T, H] -> (physical topk_idx int64 [T, K], topk_weights float32 [T, K]); stores the gate's aux loss."""
+        """x [T, H] -> (physical topk_idx int64 [T, K], topk_weights float32 [T, K]); stores the gate's aux loss.
+        x is checked first (either mode: the low-latency dispatch sends bf16 of any float input)."""
+        if not isinstance(x, Tensor):
+            raise ArgumentError(f"MoELayer: argument 'x' must be a torch.Tensor, got {type(x).__name__}")
+        if x.dtype not in (torch.bfloat16, torch.float32):
+            raise ArgumentError(f"MoELayer: argument 'x' has dtype {x.dtype}, expected torch.bfloat16, torch.float32")
+        if x.dim() != 2 or x.shape[1] != self.hidden:
+            raise ArgumentError(f"MoELayer: argument 'x' has shape {tuple(x.shape)}, expected (T, {self.hidden})")
         out = self.gate(x)
         if isinstance(out, (tuple, list)):
             idx, w = out[0], out[1]
@@ -833,8 +854,8 @@ class MoEPipeline(nn.Module):
         if len(devices) > 1:
             names = sorted(map(str, devices))
             raise ArgumentError(f"MoEPipeline: the layers' parameters are on different devices {names}")
-        if num_chunks < 1:
-            raise ArgumentError(f"MoEPipeline: argument 'num_chunks' must be >= 1, got {num_chunks}")
+        if not isinstance(num_chunks, int) or isinstance(num_chunks, bool) or num_chunks < 1:
+            raise ArgumentError(f"MoEPipeline: argument 'num_chunks' must be an int >= 1, got {num_chunks!r}")
         fns = list(between) if between is not None else []
         if between is not None and len(fns) not in (len(stack) - 1, len(stack)):
             raise ArgumentError(

@@ -24,6 +24,7 @@ from layer_bodies import (
     _allsum,
     _build_layer,
     _gen,
+    _raises,
     close,
     compare_variants,
     compiled_equals_eager,
@@ -158,16 +159,6 @@ def compiled_tp_layer(rank: int, world: int, tp: int, tokens: list[int], num_wor
     finally:
         torch._dynamo.reset()
         buf.destroy()
-
-
-def _raises(words: tuple[str, ...], fn: Any, *args: Any, **kwargs: Any) -> None:
-    try:
-        fn(*args, **kwargs)
-    except ArgumentError as exc:
-        msg = str(exc)
-        assert all(w in msg for w in words), f"message {msg!r} lacks {words}"
-    else:
-        raise AssertionError(f"no ArgumentError (expected one saying {words})")
 
 
 @contextlib.contextmanager

@@ -1566,13 +1566,15 @@ def layer_size_checks(rank: int, world: int) -> None:
         nb.destroy()
 
 
-def _raises(want: str, fn: Any, *args: Any) -> None:
+def _raises(words: tuple[str, ...], fn: Any, *args: Any, **kwargs: Any) -> None:
+    """fn(*args, **kwargs) raises ArgumentError whose message holds each of ``words``."""
     try:
-        fn(*args)
+        fn(*args, **kwargs)
     except largeep.ArgumentError as exc:
-        assert want in str(exc), str(exc)
+        msg = str(exc)
+        assert all(w in msg for w in words), f"message {msg!r} lacks {words}"
     else:
-        raise AssertionError(f"accepted, where '{want}' was expected")
+        raise AssertionError(f"no ArgumentError (expected one saying {words})")
 
 
 def layer_input_checks(rank: int, world: int) -> None:
@@ -1588,21 +1590,22 @@ def layer_input_checks(rank: int, world: int) -> None:
         torch.manual_seed(0)
         for layer in (layers.MoELayer(nb, ffn_hidden=f), layers.MoELayer(lb, ffn_hidden=f)):
             for dtype in (torch.int64, torch.float16, torch.float64):
-                _raises(f"argument 'x' has dtype {dtype}, expected torch.bfloat16, torch.float32", layer,
-                        torch.ones(3, h, dtype=dtype))
-            _raises(f"argument 'x' has shape (3, {h + 1}), expected (T, {h})", layer, torch.randn(3, h + 1))
-            _raises(f"argument 'x' has shape ({h},), expected (T, {h})", layer, torch.randn(h))
-            _raises("argument 'x' must be a torch.Tensor, got list", layer, [[0.0] * h])
+                _raises((f"MoELayer: argument 'x' has dtype {dtype}, expected torch.bfloat16, torch.float32",),
+                        layer, torch.ones(3, h, dtype=dtype))
+            _raises((f"MoELayer: argument 'x' has shape (3, {h + 1}), expected ('*', {h}) (dim 1)",), layer,
+                    torch.randn(3, h + 1))
+            _raises((f"MoELayer: argument 'x' has 1 dimensions ({h},), expected 2",), layer, torch.randn(h))
+            _raises(("MoELayer: argument 'x' must be a torch.Tensor, got list",), layer, [[0.0] * h])
             assert layer(torch.randn(3, h)).shape == (3, h)  # (and the layer still works)
         layer = layers.MoELayer(nb, ffn_hidden=f)
         for el, ff in ((e - 1, f), (2 * e, f), (e, f + 1)):
             w1, w3, w2 = torch.randn(el, h, ff), torch.randn(el, h, ff), torch.randn(el, ff, h)
-            _raises("MoELayer.load_global_experts: argument 'w1' has shape", layer.load_global_experts, w1, w3, w2)
-        _raises(f"argument 'w2' has shape ({e}, {h}, {f}), expected (L, {f}, {h}) with L = {e}",
+            _raises(("MoELayer.load_global_experts: argument 'w1' has shape",), layer.load_global_experts, w1, w3, w2)
+        _raises((f"argument 'w2' has shape ({e}, {h}, {f}), expected (L, {f}, {h}) with L = {e}",),
                 layer.load_global_experts, torch.randn(e, h, f), torch.randn(e, h, f), torch.randn(e, h, f))
         layer.load_global_experts(torch.randn(e, h, f), torch.randn(e, h, f), torch.randn(e, f, h))
         for chunks in (2.5, True, "2", 0):
-            _raises("MoEPipeline: argument 'num_chunks' must be an int >= 1", layers.MoEPipeline, [layer],
+            _raises(("MoEPipeline: argument 'num_chunks' must be an int >= 1",), layers.MoEPipeline, [layer],
                     None, chunks)
     finally:
         nb.destroy()

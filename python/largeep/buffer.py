@@ -405,7 +405,7 @@ class Buffer:
         self.ctx = GroupContext(
             group=group, rank=rank, num_ranks=n, ranks_per_node=ranks_per_node, device=device, hidden=hidden,
             num_experts=num_experts, num_topk=num_topk, max_tokens_per_rank=max_tokens_per_rank,
-            num_sms=num_sms or _default_sms(device), low_latency=low_latency,
+            num_sms=num_sms or min(DEFAULT_SMS, _gpu_sms(device) or DEFAULT_SMS), low_latency=low_latency,
         )
         self.backend_name = self._choose_backend(backend, without_native)
         # high priority (LARGEEP_STREAM_PRIORITY): a dispatch queued behind expert GEMMs on another stream gets SMs
@@ -1252,16 +1252,13 @@ _ARRIVE_TAG = 0x1AE9
 DEFAULT_SMS = 24
 
 
-def _default_sms(device: torch.device) -> int:
-    return min(DEFAULT_SMS, torch.cuda.get_device_properties(device).multi_processor_count) if device.type == "cuda" \
-        else DEFAULT_SMS
-
-
-def _gpu_sms() -> int | None:
-    """The current CUDA device's SM count, None without CUDA."""
-    if not torch.cuda.is_available():
+def _gpu_sms(device: torch.device | None = None) -> int | None:
+    """The SM count of CUDA ``device`` (None: the current CUDA device), None for another device or without CUDA."""
+    if device is None and torch.cuda.is_available():
+        device = torch.device("cuda", torch.cuda.current_device())
+    if device is None or device.type != "cuda":
         return None
-    return int(torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count)
+    return int(torch.cuda.get_device_properties(device).multi_processor_count)
 
 
 def _record_stream(t: torch.Tensor, stream: torch.cuda.Stream) -> None:

@@ -47,11 +47,13 @@ def tensor(
     *,
     dtypes: Sequence[torch.dtype],
     ndim: int,
-    device: torch.device,
+    device: torch.device | None,
     shape: Sequence[int | None] | None = None,
     row_aligned: bool = False,
+    contiguous: bool = True,
 ) -> torch.Tensor:
-    """Checks that ``t`` is a contiguous tensor of one of ``dtypes`` on ``device`` with ``shape`` (None = any).
+    """Checks that ``t`` is a contiguous tensor of one of ``dtypes`` on ``device`` with ``shape`` (None = any; a
+    device None: any device; ``contiguous`` False: any strides).
     ``row_aligned``: token rows the kernels read or write 16 bytes at a time: on CUDA, its data must be 16-byte
     aligned (a view starting mid-row of a larger tensor is not)."""
     if not isinstance(t, torch.Tensor):
@@ -67,9 +69,10 @@ def tensor(
             if want is not None and have != want:
                 exp = tuple("*" if s is None else s for s in shape)
                 raise ArgumentError(f"{_where(op, arg)} has shape {tuple(have_shape)}, expected {exp} (dim {i})")
-    on(op, arg, t, device)
+    if device is not None:
+        on(op, arg, t, device)
     where = t.device
-    if not t.is_contiguous():
+    if contiguous and not t.is_contiguous():
         raise ArgumentError(f"{_where(op, arg)} must be contiguous (strides {t.stride()})")
     if row_aligned and where.type == "cuda" and t.data_ptr() % 16:
         raise ArgumentError(f"{_where(op, arg)} must start at a 16-byte aligned address (data_ptr % 16 = "

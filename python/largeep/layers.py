@@ -59,7 +59,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from largeep import _collective, fp8, ops
+from largeep import _collective, checks, fp8, ops
 from largeep.buffer import Buffer
 from largeep.errors import ArgumentError
 from largeep.expert_tp import ExpertTP
@@ -582,12 +582,8 @@ class MoELayer(nn.Module):
     def route(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """x [T, H] -> (physical topk_idx int64 [T, K], topk_weights float32 [T, K]); stores the gate's aux loss.
         x is checked first (either mode: the low-latency dispatch sends bf16 of any float input)."""
-        if not isinstance(x, Tensor):
-            raise ArgumentError(f"MoELayer: argument 'x' must be a torch.Tensor, got {type(x).__name__}")
-        if x.dtype not in (torch.bfloat16, torch.float32):
-            raise ArgumentError(f"MoELayer: argument 'x' has dtype {x.dtype}, expected torch.bfloat16, torch.float32")
-        if x.dim() != 2 or x.shape[1] != self.hidden:
-            raise ArgumentError(f"MoELayer: argument 'x' has shape {tuple(x.shape)}, expected (T, {self.hidden})")
+        checks.tensor("MoELayer", "x", x, dtypes=checks.FLOAT_DTYPES, ndim=2, device=None, shape=(None, self.hidden),
+                      contiguous=False)
         out = self.gate(x)
         if isinstance(out, (tuple, list)):
             idx, w = out[0], out[1]

@@ -279,11 +279,10 @@ def _bf16_partial_sums(rows: torch.Tensor, w: torch.Tensor, topk_idx: torch.Tens
     # as the kernels: a repeated expert's row once, with the sum of its weights
     w_own = torch.zeros_like(w).scatter_add_(1, first, w)
     rank = torch.where(valid, topk_idx // epr, n)  # [T, K], n = none
-    experts_on = torch.zeros(t, n + 1, dtype=torch.int64, device=rows.device).scatter_add_(
-        1, rank, (valid & own).long())
+    adds = valid & own  # (a repeated expert's other k carry its row too: left out, rather than times 0)
+    experts_on = torch.zeros(t, n + 1, dtype=torch.int64, device=rows.device).scatter_add_(1, rank, adds.long())
     part = torch.zeros(t, n + 1, h, dtype=torch.float32, device=rows.device)
-    # (only a valid k's own row adds: a repeated expert's other k carry its row too, left out rather than times 0)
-    terms = torch.where((valid & own).unsqueeze(-1), rows * w_own.unsqueeze(-1), 0.0)
+    terms = torch.where(adds.unsqueeze(-1), rows * w_own.unsqueeze(-1), 0.0)
     part.scatter_add_(1, rank.unsqueeze(-1).expand(t, k, h), terms)
     part = torch.where((experts_on >= 2).unsqueeze(-1), part.to(torch.bfloat16).float(), part)
     return part[:, :n].sum(1)

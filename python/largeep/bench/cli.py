@@ -390,9 +390,10 @@ def _launch(args: argparse.Namespace, kind: str, nprocs: int, command: str) -> i
         old_term = signal.signal(signal.SIGTERM, _exit_on_signal)
     except ValueError:  # (not the main thread: left as it is)
         old_term = None
-    reasons = {b: make_adapter(b).unavailable_reason(device) for b in plan.backends}
+    adapters = {b: make_adapter(b) for b in plan.backends}
+    reasons = {b: a.unavailable_reason(device) for b, a in adapters.items()}
     # the progress lines count the points of the whole run (each backend's processes start at its offset)
-    counts = {b: points(plan, make_adapter(b)) for b in plan.backends if not reasons[b]}
+    counts = {b: points(plan, a) for b, a in adapters.items() if not reasons[b]}
     offset = 0
     env = rec.environment()
     parts_dir = Path(tempfile.mkdtemp(prefix="largeep-bench-"))

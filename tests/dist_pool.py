@@ -103,7 +103,10 @@ class DistPool:
         self.broken = False
         self.hung = False  # a body ran past timeout_s with every worker alive (not a crash, not a failure)
 
-    def run(self, fn: Callable[..., Any], *args: Any) -> list[Any]:
+    def run(self, fn: Callable[..., Any], *args: Any, exits: frozenset[int] = frozenset()) -> list[Any]:
+        """``fn``'s result on each rank. ``exits``: ranks whose body ends their process (a peer that exits, for
+        the others to detect): their result is ``("exited", exit code)``, and the pool is closed after the run
+        (its group lost them)."""
         if self.broken:
             raise RuntimeError("the process pool broke in an earlier test")
         for q in self.tasks:
@@ -111,13 +114,21 @@ class DistPool:
         out: list[Any] = [None] * self.world
         errors = []
         answered: set[int] = set()
-        for _ in range(self.world):
+        if exits:
+            self.broken = True  # (whatever happens: its group lost a member)
+        while len(answered) < self.world:
             deadline = time.monotonic() + self.timeout_s
             got = None
             while got is None:
                 try:
                     got = self.results.get(timeout=min(1.0, max(0.0, deadline - time.monotonic())))
                 except queue.Empty:
+                    for r in exits - answered:
+                        if not self.procs[r].is_alive():
+                            answered.add(r)
+                            out[r] = ("exited", self.procs[r].exitcode)
+                    if len(answered) == self.world:
+                        break
                     # a worker that died (a crash, an abort, exit() inside a library) never answers and prints no
                     # stack: say so at once, with its exit code, and end the pool
                     dead = [f"rank {r} exited with code {p.exitcode}" for r, p in enumerate(self.procs)
@@ -131,6 +142,8 @@ class DistPool:
                                                   f"a rank did not finish within {self.timeout_s} s (every worker "
                                                   "process was still alive)")
                         ) from None
+            if got is None:
+                break
             rank, ok, value = got
             answered.add(rank)
             if ok:
@@ -141,6 +154,8 @@ class DistPool:
                 self.broken = True
                 self.close(force=True)
                 break
+        if exits:
+            self.close(force=True)
         if errors:
             raise AssertionError(f"{fn.__name__} failed:\n" + "\n".join(errors))
         return out

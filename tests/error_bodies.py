@@ -1297,6 +1297,74 @@ def torch_missing_peer(rank: int, world: int, timeout_s: float, op: str = "dispa
     return out
 
 
+PEER_EXITS_OPS = ("dispatch", "combine", "low_latency_combine", "low_latency_hook", "gate")
+
+
+def peer_exits(rank: int, world: int, op: str, timeout_s: float) -> dict[str, Any]:
+    """Rank 1 exits (os._exit(3)) where the others call ``op`` (for a combine: after every rank's dispatch;
+    "low_latency_hook": the others' dispatch returns a receive hook, whose wait meets the loss; "gate": the gate's
+    load sum, a collective of the library's outside a Buffer) with LARGEEP_TIMEOUT_S = ``timeout_s``: every other
+    rank raises PeerTimeoutError naming the call and the ranks waited on at once, not after the timeout; a Buffer
+    then refuses its next call at once, and its destroy returns. Torch backend on the pool's gloo group (which
+    the exit breaks: run with ``exits={1}``). Returns the message and the times on the other ranks."""
+    from largeep.gate import GateConfig, TopKGate
+
+    os.environ["LARGEEP_TIMEOUT_S"] = str(timeout_s)
+    ll = op.startswith("low_latency")
+    buf = largeep.Buffer(None, hidden=32, num_experts=2 * world, num_topk=2, max_tokens_per_rank=4, backend="torch",
+                         low_latency=ll)
+    x = torch.randn(4, 32).to(torch.bfloat16)
+    idx = torch.tensor([[0, 1], [1, -1], [2 * world - 1, 0], [-1, -1]], dtype=torch.int64)
+    w = torch.rand(4, 2)
+    gate = TopKGate(GateConfig(hidden=8, num_experts=4, topk=2))
+    call: Callable[[], Any]
+    if op == "dispatch":
+        def call() -> Any:
+            return buf.dispatch(x, idx, w)
+    elif op == "combine":
+        d = buf.dispatch(x, idx, w)  # (every rank)
+
+        def call() -> Any:
+            return buf.combine(d.x, d.handle)
+    elif op == "low_latency_combine":
+        ld = buf.low_latency_dispatch(x, idx, use_fp8=False)  # (every rank)
+        y = torch.zeros(ld.x.shape, dtype=torch.bfloat16)
+
+        def call() -> Any:
+            return buf.low_latency_combine(y, idx, w, ld.handle)
+    elif op == "low_latency_hook":
+        def call() -> Any:
+            r = buf.low_latency_dispatch(x, idx, use_fp8=False, return_recv_hook=True)
+            r.hook()
+    else:
+        assert op == "gate", op
+
+        def call() -> Any:
+            gate.update_bias(dist.group.WORLD, load=torch.full((4,), float(rank + 1)))
+    if rank == 1:
+        os._exit(3)
+    out: dict[str, Any] = {}
+    start = time.monotonic()
+    try:
+        call()
+    except largeep.PeerTimeoutError as exc:
+        out.update(message=str(exc), elapsed_s=time.monotonic() - start)
+    else:
+        raise AssertionError(f"{op} returned although rank 1 exited")
+    if op != "gate":
+        start = time.monotonic()
+        try:
+            call()
+        except largeep.PeerTimeoutError as exc:
+            out.update(again=str(exc), again_s=time.monotonic() - start)
+        else:
+            raise AssertionError(f"a failed Buffer accepted another {op}")
+    start = time.monotonic()
+    buf.destroy()
+    out["destroy_s"] = time.monotonic() - start
+    return out
+
+
 def _new_buffer_on_out_of_step_group(rank: int, world: int, sub: Any, buf: largeep.Buffer,
                                      timeout_s: float) -> dict[str, Any]:
     """After torch_missing_peer's dispatch: every rank destroys its Buffer and makes a new one on the same group.

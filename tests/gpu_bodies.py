@@ -821,6 +821,87 @@ def destroy_without_peer(rank: int, world: int, timeout_s: float) -> dict[str, f
         del os.environ["LARGEEP_TIMEOUT_S"]
 
 
+def num_sms_of_the_gpu(rank: int, world: int) -> dict[str, Any]:
+    """On the real GPU (normal mode, nvshmem): num_sms one above its SM count is refused with ArgumentError naming
+    both on every rank, before NVSHMEM memory is taken; num_sms equal to it runs a checked round (the default
+    is 24 where the GPU has more). Returns the message and the SM count."""
+    from checked_calls import Checker, NormalCase, NormalRound
+
+    sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+    kw: dict[str, Any] = dict(hidden=1024, num_experts=4 * world, num_topk=3, max_tokens_per_rank=64,
+                              backend="nvshmem")
+    try:
+        largeep.Buffer(None, **kw, num_sms=sms + 1).destroy()
+    except largeep.ArgumentError as exc:
+        msg = str(exc)
+    else:
+        raise AssertionError(f"num_sms={sms + 1} was taken on a GPU of {sms} SMs")
+    chk = Checker(f"num_sms={sms} on rank {rank}")
+    buf = largeep.Buffer(None, **kw, num_sms=sms)
+    try:
+        NormalRound(buf, NormalCase(tuple(40 + 7 * r for r in range(world)), 1024, 4 * world, 3, 5), chk).run()
+    finally:
+        buf.destroy()
+    return {"message": msg, "sms": sms, "failures": chk.failures}
+
+
+def peer_exits(rank: int, world: int, timeout_s: float, low_latency: bool = False) -> dict[str, Any]:
+    """After a good round on every rank, rank 1's process exits (os._exit(3)) where the others dispatch (normal
+    mode: the count exchange's host wait; low-latency: the receive kernel, which gives up after the bound, named at
+    the next call). Every other rank raises PeerTimeoutError naming the call and rank 1 within the bound, its
+    Buffer then refuses the next call at once, and its destroy() ends within the bound too (PeerTimeoutError
+    naming destroy, or returning) instead of hanging on the dead process. Run in a pool of its own with
+    ``exits={1}``: NVSHMEM is unusable in these processes afterwards. Returns the times and messages."""
+    import os
+    import time
+
+    buf = _bounded_buffer(world, timeout_s, low_latency=low_latency)
+    op = "low_latency_dispatch" if low_latency else "dispatch"
+    x = torch.randn(64, 1024, device="cuda").to(torch.bfloat16)
+    idx = torch.arange(64 * 2, device="cuda").view(64, 2) % (4 * world)
+    w = torch.rand(64, 2, device="cuda")
+
+    def call() -> None:
+        if low_latency:
+            buf.low_latency_dispatch(x, idx, use_fp8=False)
+        else:
+            buf.dispatch(x, idx, w)
+
+    call()  # (every rank: a good round first)
+    torch.cuda.synchronize()
+    dist.barrier()
+    if rank == 1:
+        _progress(rank, "exiting")
+        os._exit(3)
+    out: dict[str, Any] = {}
+    start = time.monotonic()
+    try:
+        call()
+        if low_latency:
+            torch.cuda.synchronize()  # (the receive kernel waits for rank 1's rows until it gives up)
+            call()
+    except largeep.PeerTimeoutError as exc:
+        out.update(elapsed_s=time.monotonic() - start, message=str(exc))
+    else:
+        raise AssertionError(f"{op} returned although rank 1 exited")
+    _progress(rank, f"{op} raised after {out['elapsed_s']:.1f} s")
+    start = time.monotonic()
+    try:
+        call()
+    except largeep.PeerTimeoutError as exc:
+        out.update(again_s=time.monotonic() - start, again=str(exc))
+    else:
+        raise AssertionError(f"a failed Buffer accepted another {op}")
+    start = time.monotonic()
+    try:
+        buf.destroy()
+    except largeep.PeerTimeoutError as exc:
+        out["destroy"] = str(exc)
+    out["destroy_s"] = time.monotonic() - start
+    _progress(rank, f"destroy ended after {out['destroy_s']:.1f} s")
+    return out
+
+
 def low_latency_put_path(rank: int, world: int, ranks_per_node: int, *args: object) -> None:
     """bodies.low_latency_roundtrip with one host split into nodes, so peers on other nodes take the put path."""
     import bodies

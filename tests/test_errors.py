@@ -794,6 +794,32 @@ def test_torch_backend_missing_peer_times_out(pools, op: str) -> None:
                         or f"lost its connection to ranks {others}" in again["message"]), again
 
 
+@pytest.mark.parametrize("op", error_bodies.PEER_EXITS_OPS)
+def test_peer_exits(op: str) -> None:
+    """gloo, 3 ranks: rank 1's process exits where the others call ``op``; each raises PeerTimeoutError naming the
+    call and the ranks it waited for at once (LARGEEP_TIMEOUT_S is 30 s here), the Buffer refuses its next call at
+    once and destroys without waiting. A pool of its own (its group loses rank 1)."""
+    pool = DistPool(3, "gloo", timeout_s=120)
+    try:
+        res = pool.run(error_bodies.peer_exits, op, 30.0, exits=frozenset({1}))
+    finally:
+        pool.close(force=True)
+    assert res[1] == ("exited", 3), res
+    for rank in (0, 2):
+        r = res[rank]
+        assert r["elapsed_s"] < 10.0 and r["destroy_s"] < 5.0, r
+        others = [p for p in range(3) if p != rank]
+        if op == "gate":
+            assert r["message"].startswith(f"TopKGate.update_bias: rank {rank} waited for the group in vain (gloo "
+                                           "lost a connection: "), r
+            continue
+        name = "low_latency_dispatch" if op == "low_latency_hook" else op
+        assert r["message"].startswith(f"{name}: rank {rank} lost its connection to its group while it waited for "
+                                       f"ranks {others} (gloo: "), r
+        assert "a peer exited or crashed" in r["message"] and "GLHF" not in r["message"], r
+        assert r["again"].startswith(f"{name}: this Buffer failed earlier") and r["again_s"] < 1.0, r
+
+
 @pytest.mark.parametrize("tokens_per_round", [None, 2], ids=["one_round", "rounds"])
 @pytest.mark.parametrize("op", ["layout", "dispatch"])
 def test_refused_without_a_dispatch(pools, op: str, tokens_per_round: int | None) -> None:

@@ -514,6 +514,38 @@ def test_destroy_without_peer() -> None:
     assert times[0]["elapsed_s"] > 4.0, times
 
 
+@pytest.mark.gpu(1)
+@needs_native
+@pytest.mark.parametrize("world", [1, pytest.param(2, marks=pytest.mark.gpu(2))])
+def test_num_sms_of_the_gpu(pools, world: int) -> None:
+    """num_sms above the real GPU's SM count is refused on every rank; the count itself runs a checked round."""
+    for r in pools(world, "nccl").run(gpu_bodies.num_sms_of_the_gpu):
+        assert f"argument 'num_sms' = {r['sms'] + 1} is more than the GPU's {r['sms']} SMs" in r["message"], r
+        assert not r["failures"], r["failures"]
+
+
+@pytest.mark.gpu(2)
+@needs_native
+@pytest.mark.parametrize("low_latency", [False, True], ids=["normal", "low_latency"])
+def test_peer_exits(low_latency: bool) -> None:
+    """A rank whose process exits before a dispatch: the others raise PeerTimeoutError naming the call and that
+    rank within LARGEEP_TIMEOUT_S (5 s), refuse the next call at once, and destroy within the bound (a pool of its
+    own: its group and NVSHMEM lose that rank)."""
+    from dist_pool import DistPool
+
+    pool = DistPool(2, "nccl", timeout_s=120)
+    try:
+        res = pool.run(gpu_bodies.peer_exits, 5.0, low_latency, exits=frozenset({1}))
+    finally:
+        pool.close(force=True)
+    assert res[1] == ("exited", 3), res
+    op = "low_latency_dispatch" if low_latency else "dispatch"
+    r = res[0]
+    assert r["elapsed_s"] < 15.0 and r["again_s"] < 1.0 and r["destroy_s"] < 15.0, r
+    assert op in r["message"] and "rank 1" in r["message"], r
+    assert "destroy" not in r or ("destroy" in r["destroy"] and "rank 1" in r["destroy"]), r
+
+
 @pytest.mark.gpu(2)
 @needs_native
 @pytest.mark.parametrize("world,ranks_per_node,m", [(2, 1, 128), pytest.param(4, 2, 128, marks=pytest.mark.gpu(4)),

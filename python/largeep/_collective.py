@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import pickle
+import re
 import weakref
 from collections.abc import Iterator
 from datetime import timedelta
@@ -78,10 +79,30 @@ def on_gloo(group: dist.ProcessGroup | None, device: torch.device) -> bool:
     return False
 
 
+# gloo's words for a connection to a peer that is gone: the peer exited or crashed, or closed it on giving up
+# (its own timeout); a wait on that peer then fails at once
+_LOST_WORDS = ("closed by peer", "reset by peer", "pair closure", "broken pipe")
+
+
+def lost_connection(exc: BaseException) -> bool:
+    """Whether ``exc`` (a failed gloo wait) says that a connection to a peer is gone."""
+    msg = str(exc).lower()
+    return any(w in msg for w in _LOST_WORDS)
+
+
+def gloo_words(exc: BaseException) -> str:
+    """``exc``'s first line without gloo's source location and advice (at most 300 characters): "Read error
+    [127.0.0.1]:1935: Connection reset by peer." """
+    line = re.sub(r"^\[[^\]]*\.(?:cc|cpp|h):\d+\]\s*", "", first_line(exc))
+    return line.split(" This is typically")[0][:300]
+
+
 def wait_all(works: list[Any], bounded: bool, head: str, tail: str, timeout_s: float | None = None) -> None:
     """Waits for every work (None: nothing to wait for). ``bounded`` (the works are gloo's: ``on_gloo``): a wait
     past LARGEEP_TIMEOUT_S (or ``timeout_s``) raises PeerTimeoutError(f"{head} (LARGEEP_TIMEOUT_S=... s; gloo:
-    ...){tail}"); otherwise the works are waited for without a bound (NCCL's: the group's own timeout)."""
+    ...){tail}"), and so does a wait whose connection to a peer is gone (``lost_connection``: "(gloo lost a
+    connection: ...)"), at once; otherwise the works are waited for without a bound (NCCL's: the group's own
+    timeout)."""
     if bounded and timeout_s is None:
         timeout_s = _env.settings().timeout_s
     bound = timedelta(seconds=timeout_s) if bounded and timeout_s is not None else None
@@ -94,9 +115,11 @@ def wait_all(works: list[Any], bounded: bool, head: str, tail: str, timeout_s: f
         try:
             wk.wait(timeout=bound)
         except RuntimeError as exc:
+            if lost_connection(exc):
+                raise PeerTimeoutError(f"{head} (gloo lost a connection: {gloo_words(exc)}){tail}") from None
             if "timed out" not in str(exc).lower():
                 raise
-            first = str(exc).splitlines()[0]
+            first = first_line(exc)
             raise PeerTimeoutError(
                 f"{head} (LARGEEP_TIMEOUT_S={bound.total_seconds():g} s; gloo: {first}){tail}"
             ) from None

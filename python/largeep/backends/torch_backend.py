@@ -455,9 +455,16 @@ class TorchBackend:
             self._failed = f"{what} on rank {c.rank} failed: {first}"
             self._failed_error = PeerTimeoutError
             _collective.mark_out_of_step(c.group, self._failed)
+            others = [r for r in range(c.num_ranks) if r != c.rank]
+            if _collective.lost_connection(exc):
+                raise PeerTimeoutError(
+                    f"{what}: rank {c.rank} lost its connection to its group while it waited for ranks {others} "
+                    f"(gloo: {_collective.gloo_words(exc)}): a peer exited or crashed, or gave up waiting for this "
+                    "rank; this Buffer refuses further calls, and its process group is out of step (give the next "
+                    "Buffer a new group)"
+                ) from None
             if "timed out" not in str(exc).lower():
                 raise
-            others = [r for r in range(c.num_ranks) if r != c.rank]
             raise PeerTimeoutError(
                 f"{what}: rank {c.rank} waited for ranks {others} of its group in vain (LARGEEP_TIMEOUT_S="
                 f"{self.timeout_s:g} s, or the process group's own timeout if shorter; gloo: {first}): a peer did not "

@@ -420,18 +420,18 @@ def test_nvshmem_join_gathers_heap_sizes(monkeypatch, peer_size: str) -> None:
         def unique_id(self) -> bytes:
             return b"uid"
 
-    def gather(out: list, mine: tuple, group: object = None) -> None:
-        out[0] = mine
-        out[1] = (mine[0], "gpu-1", mine[2], True) if peer_size == "same" else (mine[0], "gpu-1", peer_size, False)
+    def gather(ctx: object, mine: tuple, timeout_s: float) -> list:
+        if len(mine) == 2:  # (rank 0's unique id, or why it has none; the peer sends None)
+            return [mine, None]
+        peer = (mine[0], "gpu-1", mine[2], True) if peer_size == "same" else (mine[0], "gpu-1", peer_size, False)
+        return [mine, peer]
 
     monkeypatch.setenv("NVSHMEM_SYMMETRIC_SIZE", "0")  # (restored to what it was after the test, as _join sets it)
     monkeypatch.delenv("NVSHMEM_SYMMETRIC_SIZE")
     monkeypatch.setattr(nb, "_world", {})
     monkeypatch.setattr(nb.native, "module", lambda: Stand())
     monkeypatch.setattr(nb.dist, "get_process_group_ranks", lambda group: [0, 1])
-    monkeypatch.setattr(nb.dist, "all_gather_object", gather)
-    monkeypatch.setattr(nb.dist, "broadcast_object_list", lambda objs, src, group: None)
-    monkeypatch.setattr(nb.dist, "get_global_rank", lambda group, r: r)
+    monkeypatch.setattr(nb, "_gather", gather)
     monkeypatch.setattr(nb, "_gpu_of", lambda device: "gpu-0")
     monkeypatch.setattr(nb, "_init_bounded", lambda C, uid, ctx, timeout_s: inits.append(uid))
     ctx = types.SimpleNamespace(rank=0, num_ranks=2, device=types.SimpleNamespace(index=0), group=None)
@@ -444,7 +444,7 @@ def test_nvshmem_join_gathers_heap_sizes(monkeypatch, peer_size: str) -> None:
             nb._join(ctx, 3 << 30, settings())  # type: ignore[arg-type]
         assert inits == [] and "NVSHMEM_SYMMETRIC_SIZE" not in os.environ
         # a gather that fails (a peer gone) takes the variable back too
-        monkeypatch.setattr(nb.dist, "all_gather_object", lambda out, mine, group=None: 1 / 0)
+        monkeypatch.setattr(nb, "_gather", lambda ctx, mine, timeout_s: 1 / 0)
         with pytest.raises(ZeroDivisionError):
             nb._join(ctx, 3 << 30, settings())  # type: ignore[arg-type]
         assert "NVSHMEM_SYMMETRIC_SIZE" not in os.environ

@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 
-from largeep import checks, native
+from largeep import _collective, checks, native
 from largeep._env import Settings, logger
 from largeep.backends.base import (
     GroupContext,
@@ -357,6 +357,14 @@ def _synchronize_bounded(device: torch.device, timeout_s: float, op: str) -> Non
         raise failure
 
 
+def _gather(ctx: GroupContext, obj: Any, timeout_s: float) -> list[Any]:
+    """Every rank's ``obj``, in rank order, over the Buffer's group: bounded by ``timeout_s`` where gloo carries it
+    (a rank lost or stalled ends in PeerTimeoutError naming Buffer creation, not the process group's own 30
+    minutes), and the group marked out of step when it fails."""
+    with _collective.marks_out_of_step(ctx.group):
+        return _collective.all_gather_object(obj, ctx.group, "Buffer", timeout_s)
+
+
 def _join(ctx: GroupContext, heap_bytes: int, settings: Settings) -> Any:
     """Initialises NVSHMEM for this process on ctx's group (once), and returns largeep._C."""
     if "init_failed" in _world:
@@ -373,10 +381,9 @@ def _join(ctx: GroupContext, heap_bytes: int, settings: Settings) -> Any:
         os.environ["NVSHMEM_SYMMETRIC_SIZE"] = str(size)
     # Refuse, on every rank, a placement whose initialisation would not finish and heaps of different sizes (before
     # NVSHMEM sees them).
-    places: list[Any] = [None] * ctx.num_ranks
     try:
         mine = (socket.gethostname(), _gpu_of(ctx.device), os.environ["NVSHMEM_SYMMETRIC_SIZE"], user_size is None)
-        dist.all_gather_object(places, mine, group=ctx.group)
+        places = _gather(ctx, mine, settings.timeout_s)
         reason = uneven_gpus_reason([(host, gpu) for host, gpu, _, _ in places]) or heap_size_reason(
             [size for _, _, size, _ in places], [chosen for _, _, _, chosen in places])
         if reason is not None:
@@ -399,7 +406,7 @@ def _join(ctx: GroupContext, heap_bytes: int, settings: Settings) -> Any:
             uid[0] = (C.unique_id(), None)
         except Exception as exc:  # noqa: BLE001 - sent to every rank, raised there
             uid[0] = (None, f"{type(exc).__name__}: {exc}")
-    dist.broadcast_object_list(uid, src=dist.get_global_rank(ctx.group, 0), group=ctx.group)
+    uid = _gather(ctx, uid[0], settings.timeout_s)[:1]  # (rank 0's; the others send None)
     if uid[0][1] is not None:
         if user_size is None:  # ours: the next Buffer sizes the heap again
             os.environ.pop("NVSHMEM_SYMMETRIC_SIZE", None)
@@ -641,13 +648,12 @@ class NvshmemBackend:
         config = (*sizes, ctx.ranks_per_node, ctx.low_latency, self.zc_slots, self.fused_combine > 0)
         # (with each rank's LARGEEP_TUNE threads, and its GPU's free memory for the symmetric allocation below)
         free = int(torch.cuda.mem_get_info(ctx.device)[0])
-        gathered: list[Any] = [None] * n
         lay = (C.low_latency_layout(*sizes, ctx.ranks_per_node) if ctx.low_latency else
                C.normal_layout(*sizes, ctx.ranks_per_node, self.zc_slots))
         need = int(lay["total_bytes"])
-        dist.all_gather_object(gathered, (config, settings.tune["threads"], (socket.gethostname(),
-                               _gpu_of(ctx.device), free, _heap_growth(need)), _process_state(C, ctx)),
-                               group=ctx.group)
+        gathered = _gather(ctx, (config, settings.tune["threads"], (socket.gethostname(), _gpu_of(ctx.device), free,
+                                                                    _heap_growth(need)), _process_state(C, ctx)),
+                           settings.timeout_s)
         # NVSHMEM's state in each rank's process, judged on every rank (a rank refusing alone would leave the
         # others waiting in the collectives that follow)
         _join_reason(ctx, [g[3] for g in gathered])
@@ -689,10 +695,9 @@ class NvshmemBackend:
             self._make_parts(ctx, settings, peers)
         except BaseException as exc:  # noqa: BLE001 - told to every rank, raised below
             failure = exc
-        verdicts: list[Any] = [None] * n
         said = None if failure is None else f"{type(failure).__name__}: {failure}"[:300]
         try:
-            dist.all_gather_object(verdicts, ([r for r in mine if peers[r] == 0], said), group=ctx.group)
+            verdicts = _gather(ctx, ([r for r in mine if peers[r] == 0], said), settings.timeout_s)
         except BaseException:
             # (the group failed or the caller interrupted: the peers' state is unknown, so the heap cannot be freed
             # collectively; this rank's own part is undone, and its heap memory is lost to this process)

@@ -140,7 +140,8 @@ class DistPool:
                         raise TimeoutError(
                             f"{fn.__name__}: " + ("; ".join(dead) if dead else
                                                   f"a rank did not finish within {self.timeout_s} s (every worker "
-                                                  "process was still alive)")
+                                                  "process was still alive"
+                                                  + (", but for those allowed to exit" if exits else "") + ")")
                         ) from None
             if got is None:
                 break

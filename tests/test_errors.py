@@ -818,6 +818,31 @@ def test_peer_exits(op: str) -> None:
                                        f"ranks {others} (gloo: "), r
         assert "a peer exited or crashed" in r["message"] and "GLHF" not in r["message"], r
         assert r["again"].startswith(f"{name}: this Buffer failed earlier") and r["again_s"] < 1.0, r
+        assert "GLHF" not in r["again"] and "pair.cc" not in r["again"], r
+
+
+def test_gloo_lost_connection_words() -> None:
+    """gloo's lost-connection errors (as torch 2.x words them): the cause named, gloo's source location and advice
+    left out; a timeout or another error is no lost connection."""
+    from largeep import _collective
+
+    def err(line: str) -> RuntimeError:
+        return RuntimeError(line + " This is typically caused by a remote worker crashing. Check the logs of the "
+                            "remote worker before reporting an error. GLHF! \U0001f3d6\ufe0f\nmore")
+
+    closed = err("[/src/third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:6062.")
+    reset = err("[/src/gloo/transport/tcp/pair.cc:537] Read error [127.0.0.1]:1228: Connection reset by peer.")
+    own = err("[/src/gloo/transport/tcp/pair.cc:592] Application timeout caused pair closure")
+    assert _collective.gloo_words(closed) == "Connection closed by peer [127.0.0.1]:6062."
+    assert _collective.gloo_words(reset) == "Read error [127.0.0.1]:1228: Connection reset by peer."
+    assert _collective.lost_connection(closed) == _collective.lost_connection(reset) == (
+        "a peer exited or crashed, or gave up waiting for this rank")
+    assert "an earlier wait of this rank" in str(_collective.lost_connection(own))
+    timeout = RuntimeError("[/src/gloo/transport/tcp/unbound_buffer.cc:81] Timed out waiting 2000ms for recv "
+                           "operation to complete")
+    assert _collective.lost_connection(timeout) is None and _collective.lost_connection(ValueError("x")) is None
+    assert _collective.gloo_words(timeout).startswith("Timed out waiting 2000ms")
+    assert _collective.gloo_words(RuntimeError("")) == "RuntimeError"
 
 
 @pytest.mark.parametrize("tokens_per_round", [None, 2], ids=["one_round", "rounds"])

@@ -80,14 +80,22 @@ def on_gloo(group: dist.ProcessGroup | None, device: torch.device) -> bool:
 
 
 # gloo's words for a connection to a peer that is gone: the peer exited or crashed, or closed it on giving up
-# (its own timeout); a wait on that peer then fails at once
-_LOST_WORDS = ("closed by peer", "reset by peer", "pair closure", "broken pipe")
+# (its own timeout); a wait on that peer then fails at once. ("pair closure" is this rank's own doing: see
+# lost_connection.)
+_LOST_WORDS = ("closed by peer", "reset by peer", "broken pipe")
 
 
-def lost_connection(exc: BaseException) -> bool:
-    """Whether ``exc`` (a failed gloo wait) says that a connection to a peer is gone."""
+def lost_connection(exc: BaseException) -> str | None:
+    """Why the connections of a failed gloo wait are gone, where ``exc`` says they are (else None): a peer's
+    doing, or this rank's own earlier wait that ran past gloo's own timeout (gloo then closes every connection of
+    the group on this rank, and later waits there fail with "pair closure")."""
     msg = str(exc).lower()
-    return any(w in msg for w in _LOST_WORDS)
+    if "pair closure" in msg:
+        return ("an earlier wait of this rank on the group ran past the process group's own timeout, which closed "
+                "its connections")
+    if any(w in msg for w in _LOST_WORDS):
+        return "a peer exited or crashed, or gave up waiting for this rank"
+    return None
 
 
 def gloo_words(exc: BaseException) -> str:
@@ -100,8 +108,8 @@ def gloo_words(exc: BaseException) -> str:
 def wait_all(works: list[Any], bounded: bool, head: str, tail: str, timeout_s: float | None = None) -> None:
     """Waits for every work (None: nothing to wait for). ``bounded`` (the works are gloo's: ``on_gloo``): a wait
     past LARGEEP_TIMEOUT_S (or ``timeout_s``) raises PeerTimeoutError(f"{head} (LARGEEP_TIMEOUT_S=... s; gloo:
-    ...){tail}"), and so does a wait whose connection to a peer is gone (``lost_connection``: "(gloo lost a
-    connection: ...)"), at once; otherwise the works are waited for without a bound (NCCL's: the group's own
+    ...){tail}"), and so does a wait whose connections are gone (``lost_connection``: "(gloo lost a
+    connection: ...; why)"), at once; otherwise the works are waited for without a bound (NCCL's: the group's own
     timeout)."""
     if bounded and timeout_s is None:
         timeout_s = _env.settings().timeout_s
@@ -115,13 +123,13 @@ def wait_all(works: list[Any], bounded: bool, head: str, tail: str, timeout_s: f
         try:
             wk.wait(timeout=bound)
         except RuntimeError as exc:
-            if lost_connection(exc):
-                raise PeerTimeoutError(f"{head} (gloo lost a connection: {gloo_words(exc)}){tail}") from None
+            why = lost_connection(exc)
+            if why is not None:
+                raise PeerTimeoutError(f"{head} (gloo lost a connection: {gloo_words(exc)}; {why}){tail}") from None
             if "timed out" not in str(exc).lower():
                 raise
-            first = first_line(exc)
             raise PeerTimeoutError(
-                f"{head} (LARGEEP_TIMEOUT_S={bound.total_seconds():g} s; gloo: {first}){tail}"
+                f"{head} (LARGEEP_TIMEOUT_S={bound.total_seconds():g} s; gloo: {gloo_words(exc)}){tail}"
             ) from None
 
 

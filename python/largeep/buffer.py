@@ -1217,18 +1217,17 @@ def _all_arrive(group: dist.ProcessGroup, op: str, rank: int, timeout_s: float) 
             recvs[p] = dist.irecv(t, src=ranks[p], group=group, tag=_ARRIVE_TAG)
             sends.append(dist.isend(mine, dst=ranks[p], group=group, tag=_ARRIVE_TAG))
         except RuntimeError as exc:
-            gone[p] = _collective.first_line(exc)
+            gone[p] = _collective.gloo_words(exc)
     for p, work in recvs.items():
         if p in gone:
             continue
         try:  # (at least 1 ms: torch's waits count whole milliseconds, and 0 ms is no bound)
             work.wait(timeout=timedelta(seconds=max(deadline - time.monotonic(), 0.001)))
         except RuntimeError as exc:
-            first = _collective.first_line(exc)
-            if "timed out" in first.lower():
+            if "timed out" in _collective.first_line(exc).lower():
                 missing.append(p)
             else:
-                gone[p] = first
+                gone[p] = _collective.gloo_words(exc)
     if missing or gone:
         said = []
         if missing:

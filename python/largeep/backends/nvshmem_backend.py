@@ -406,7 +406,12 @@ def _join(ctx: GroupContext, heap_bytes: int, settings: Settings) -> Any:
             uid[0] = (C.unique_id(), None)
         except Exception as exc:  # noqa: BLE001 - sent to every rank, raised there
             uid[0] = (None, f"{type(exc).__name__}: {exc}")
-    uid = _gather(ctx, uid[0], settings.timeout_s)[:1]  # (rank 0's; the others send None)
+    try:
+        uid = _gather(ctx, uid[0], settings.timeout_s)[:1]  # (rank 0's; the others send None)
+    except BaseException:
+        if user_size is None:
+            os.environ.pop("NVSHMEM_SYMMETRIC_SIZE", None)
+        raise
     if uid[0][1] is not None:
         if user_size is None:  # ours: the next Buffer sizes the heap again
             os.environ.pop("NVSHMEM_SYMMETRIC_SIZE", None)

@@ -451,17 +451,17 @@ class TorchBackend:
             # any failure of a collective leaves the group out of step (a peer gone, a late peer matching the
             # abandoned call): the Buffer refuses further calls either way
             c, what = self.ctx, op or self._op
-            first = _collective.first_line(exc)
+            first = _collective.gloo_words(exc)
             self._failed = f"{what} on rank {c.rank} failed: {first}"
             self._failed_error = PeerTimeoutError
             _collective.mark_out_of_step(c.group, self._failed)
             others = [r for r in range(c.num_ranks) if r != c.rank]
-            if _collective.lost_connection(exc):
+            why = _collective.lost_connection(exc)
+            if why is not None:
                 raise PeerTimeoutError(
                     f"{what}: rank {c.rank} lost its connection to its group while it waited for ranks {others} "
-                    f"(gloo: {_collective.gloo_words(exc)}): a peer exited or crashed, or gave up waiting for this "
-                    "rank; this Buffer refuses further calls, and its process group is out of step (give the next "
-                    "Buffer a new group)"
+                    f"(gloo: {first}): {why}; this Buffer refuses further calls, and its process group is out of step "
+                    "(give the next Buffer a new group)"
                 ) from None
             if "timed out" not in str(exc).lower():
                 raise

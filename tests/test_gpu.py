@@ -543,6 +543,7 @@ def test_peer_exits(low_latency: bool) -> None:
     assert res[1] == ("exited", 3), res
     op = "low_latency_dispatch" if low_latency else "dispatch"
     r = res[0]
+    print(f"peer exits ({op}): rank 0 {r}")  # (for a run's log: pytest -s prints it)
     assert r["elapsed_s"] < 15.0 and r["again_s"] < 1.0 and r["destroy_s"] < 15.0, r
     assert op in r["message"] and "rank 1" in r["message"], r
     assert "destroy" not in r or ("destroy" in r["destroy"] and "rank 1" in r["destroy"]), r

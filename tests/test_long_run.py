@@ -59,6 +59,9 @@ def test_long_run(pools, world: int, backend: str, pg: str) -> None:
         ok, msg = adjoint_ok([a for a, _, _ in per_round], dtype, use_fp8)
         assert ok, f"normal round {i}: {msg}"
     assert_flat([r["samples"] for r in results], f"{ROUNDS} rounds")
+    # (the counts, for a run's log: pytest -s prints them)
+    print(f"long run {world}-{backend}-{pg}: {ROUNDS} rounds {kinds}, {sum(r['checks'] for r in results)} checks, "
+          f"0 failed; memory (after warm-up -> end) per rank: {[(r['samples'][0], r['samples'][-1]) for r in results]}")
 
 
 @pytest.mark.parametrize("world,backend,pg", runs(2))

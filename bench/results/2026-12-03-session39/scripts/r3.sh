@@ -8,6 +8,6 @@ source scripts/session_lib.sh "$1" "${2:-r3}" emulate
 build
 tests exits.log 120 test_gpu.py -s -k "peer_exits"
 export LARGEEP_TEST_ROUNDS=10000
-tests long_run_10000.log "$(left 560)" -s "test_long_run.py::test_long_run[2-nvshmem-nccl]"
+tests long_run_10000.log "$(left 580)" -s "test_long_run.py::test_long_run[2-nvshmem-nccl]"
 echo "all $(elapsed) s"
 finish

@@ -1217,6 +1217,32 @@ def creation_missing_peer(rank: int, world: int, timeout_s: float) -> dict[str, 
     return out
 
 
+def _peer_call(op: str, buf: largeep.Buffer, rank: int, world: int) -> Callable[[], Any]:
+    """The call ``op`` of the missing-peer tests on ``buf`` (a torch-backend Buffer of H 32, E 2N, K 2, M 4; low
+    latency for the "low_latency_" ops), made on every rank: "dispatch"; "combine" (after a dispatch, made here);
+    "low_latency_combine" (after a low-latency dispatch, made here); "low_latency_hook" (a low-latency dispatch
+    and its receive hook); "gate" (the gate's load sum over the default group)."""
+    from largeep.gate import GateConfig, TopKGate
+
+    x = torch.randn(4, 32).to(torch.bfloat16)
+    idx = torch.tensor([[0, 1], [1, -1], [2 * world - 1, 0], [-1, -1]], dtype=torch.int64)
+    w = torch.rand(4, 2)
+    if op == "dispatch":
+        return lambda: buf.dispatch(x, idx, w)
+    if op == "combine":
+        d = buf.dispatch(x, idx, w)
+        return lambda: buf.combine(d.x, d.handle)
+    if op == "low_latency_combine":
+        ld = buf.low_latency_dispatch(x, idx, use_fp8=False)
+        y = torch.zeros(ld.x.shape, dtype=torch.bfloat16)
+        return lambda: buf.low_latency_combine(y, idx, w, ld.handle)
+    if op == "low_latency_hook":
+        return lambda: buf.low_latency_dispatch(x, idx, use_fp8=False, return_recv_hook=True).hook()
+    assert op == "gate", op
+    gate = TopKGate(GateConfig(hidden=8, num_experts=4, topk=2))
+    return lambda: gate.update_bias(dist.group.WORLD, load=torch.full((4,), float(rank + 1)))
+
+
 MISSING_PEER_OPS = ("dispatch", "combine", "low_latency_combine")
 
 
@@ -1233,25 +1259,7 @@ def torch_missing_peer(rank: int, world: int, timeout_s: float, op: str = "dispa
     elapsed = refused = 0.0
     msg = ""
     try:
-        x = torch.randn(4, 32).to(torch.bfloat16)
-        idx = torch.tensor([[0, 1], [1, -1], [2 * world - 1, 0], [-1, -1]], dtype=torch.int64)
-        w = torch.rand(4, 2)
-        call: Callable[[], Any]
-        if op == "dispatch":
-            def call() -> Any:
-                return buf.dispatch(x, idx, w)
-        elif op == "combine":
-            d = buf.dispatch(x, idx, w)  # (every rank)
-
-            def call() -> Any:
-                return buf.combine(d.x, d.handle)
-        else:
-            assert op == "low_latency_combine", op
-            ld = buf.low_latency_dispatch(x, idx, use_fp8=False)  # (every rank)
-            y = torch.zeros(ld.x.shape, dtype=torch.bfloat16)
-
-            def call() -> Any:
-                return buf.low_latency_combine(y, idx, w, ld.handle)
+        call = _peer_call(op, buf, rank, world)
         if rank != 1:
             start = time.monotonic()
             try:
@@ -1307,40 +1315,10 @@ def peer_exits(rank: int, world: int, op: str, timeout_s: float) -> dict[str, An
     rank raises PeerTimeoutError naming the call and the ranks waited on at once, not after the timeout; a Buffer
     then refuses its next call at once, and its destroy returns. Torch backend on the pool's gloo group (which
     the exit breaks: run with ``exits={1}``). Returns the message and the times on the other ranks."""
-    from largeep.gate import GateConfig, TopKGate
-
     os.environ["LARGEEP_TIMEOUT_S"] = str(timeout_s)
-    ll = op.startswith("low_latency")
     buf = largeep.Buffer(None, hidden=32, num_experts=2 * world, num_topk=2, max_tokens_per_rank=4, backend="torch",
-                         low_latency=ll)
-    x = torch.randn(4, 32).to(torch.bfloat16)
-    idx = torch.tensor([[0, 1], [1, -1], [2 * world - 1, 0], [-1, -1]], dtype=torch.int64)
-    w = torch.rand(4, 2)
-    gate = TopKGate(GateConfig(hidden=8, num_experts=4, topk=2))
-    call: Callable[[], Any]
-    if op == "dispatch":
-        def call() -> Any:
-            return buf.dispatch(x, idx, w)
-    elif op == "combine":
-        d = buf.dispatch(x, idx, w)  # (every rank)
-
-        def call() -> Any:
-            return buf.combine(d.x, d.handle)
-    elif op == "low_latency_combine":
-        ld = buf.low_latency_dispatch(x, idx, use_fp8=False)  # (every rank)
-        y = torch.zeros(ld.x.shape, dtype=torch.bfloat16)
-
-        def call() -> Any:
-            return buf.low_latency_combine(y, idx, w, ld.handle)
-    elif op == "low_latency_hook":
-        def call() -> Any:
-            r = buf.low_latency_dispatch(x, idx, use_fp8=False, return_recv_hook=True)
-            r.hook()
-    else:
-        assert op == "gate", op
-
-        def call() -> Any:
-            gate.update_bias(dist.group.WORLD, load=torch.full((4,), float(rank + 1)))
+                         low_latency=op.startswith("low_latency"))
+    call = _peer_call(op, buf, rank, world)
     if rank == 1:
         os._exit(3)
     out: dict[str, Any] = {}

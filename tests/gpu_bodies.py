@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import largeep
@@ -356,6 +357,16 @@ def _bounded_buffer(world: int, timeout_s: float, **kwargs: Any) -> largeep.Buff
         del os.environ["LARGEEP_TIMEOUT_S"]
 
 
+def _bounded_dispatch(buf: largeep.Buffer, world: int, low_latency: bool) -> Callable[[], None]:
+    """A dispatch of 64 tokens on a ``_bounded_buffer`` (low-latency: BF16, without weights)."""
+    x = torch.randn(64, 1024, device="cuda").to(torch.bfloat16)
+    idx = torch.arange(64 * 2, device="cuda").view(64, 2) % (4 * world)
+    w = torch.rand(64, 2, device="cuda")
+    if low_latency:
+        return lambda: buf.low_latency_dispatch(x, idx, use_fp8=False)
+    return lambda: buf.dispatch(x, idx, w)
+
+
 def missing_peer(rank: int, world: int, timeout_s: float, low_latency: bool = False) -> dict[str, float]:
     """Rank 1 never calls dispatch: every other rank must raise PeerTimeoutError naming rank 1 within the bound.
     low_latency: low_latency_dispatch, which has no host wait: the others' receive kernels give up after the bound,
@@ -367,16 +378,7 @@ def missing_peer(rank: int, world: int, timeout_s: float, low_latency: bool = Fa
     elapsed = 0.0
     try:
         if rank != 1:
-            x = torch.randn(64, 1024, device="cuda").to(torch.bfloat16)
-            idx = torch.arange(64 * 2, device="cuda").view(64, 2) % (4 * world)
-            w = torch.rand(64, 2, device="cuda")
-
-            def call() -> None:
-                if low_latency:
-                    buf.low_latency_dispatch(x, idx, use_fp8=False)
-                else:
-                    buf.dispatch(x, idx, w)
-
+            call = _bounded_dispatch(buf, world, low_latency)
             start = time.monotonic()
             if low_latency:
                 call()
@@ -857,16 +859,7 @@ def peer_exits(rank: int, world: int, timeout_s: float, low_latency: bool = Fals
 
     buf = _bounded_buffer(world, timeout_s, low_latency=low_latency)
     op = "low_latency_dispatch" if low_latency else "dispatch"
-    x = torch.randn(64, 1024, device="cuda").to(torch.bfloat16)
-    idx = torch.arange(64 * 2, device="cuda").view(64, 2) % (4 * world)
-    w = torch.rand(64, 2, device="cuda")
-
-    def call() -> None:
-        if low_latency:
-            buf.low_latency_dispatch(x, idx, use_fp8=False)
-        else:
-            buf.dispatch(x, idx, w)
-
+    call = _bounded_dispatch(buf, world, low_latency)
     call()  # (every rank: a good round first)
     torch.cuda.synchronize()
     dist.barrier()

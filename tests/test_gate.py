@@ -419,6 +419,34 @@ def test_invalid_inputs_name_the_argument():
         LoadMonitor(8, experts_per_gpu=2).update(torch.zeros(4, 2, dtype=torch.int32))
 
 
+def test_capacity_beyond_every_choice():
+    """A capacity factor or capacity above every choice keeps every choice (a huge factor, as for "no cap", failed
+    with OverflowError in the comparison); capacity_for is at most T * K."""
+    x = torch.randn(12, 8)
+    plain = TopKGate(GateConfig(hidden=8, num_experts=8, topk=2))
+    for factor in (1e20, 1e300, 8.0):
+        gate = TopKGate(GateConfig(hidden=8, num_experts=8, topk=2, capacity_factor=factor))
+        gate.load_state_dict(plain.state_dict())
+        assert torch.equal(gate(x).topk_idx, plain(x).topk_idx), factor
+        assert capacity_for(12, 2, 8, factor) == 24
+    idx = torch.tensor([[0, 1], [1, 0]])
+    got, _ = apply_capacity(idx, torch.ones(2, 2), 2, 10**30)
+    assert torch.equal(got, idx)
+
+
+def test_monitor_and_config_refusals():
+    """Wrong types are refused naming the argument (they raised TypeError or AttributeError), and topk_groups < 1 when
+    the config is made (it was refused only when a gate was built from it)."""
+    with pytest.raises(ArgumentError, match="'experts_per_gpu' must be an int, got 2.0"):
+        LoadMonitor(4, experts_per_gpu=2.0)  # type: ignore[arg-type]
+    with pytest.raises(ArgumentError, match="'expert_counts' must be a tensor"):
+        LoadMonitor(4).update(expert_counts=[1, 2, 3, 4])  # type: ignore[arg-type]
+    with pytest.raises(ArgumentError, match="'load' must be None or a tensor"):
+        TopKGate(GateConfig(hidden=8, num_experts=4, topk=2)).update_bias(load=[1.0, 2.0, 3.0, 4.0])  # type: ignore
+    with pytest.raises(ArgumentError, match="'topk_groups' must be None or >= 1, got 0"):
+        GateConfig(hidden=8, num_experts=8, topk=2, num_groups=4, topk_groups=0)
+
+
 def test_update_bias_refusals_leave_the_gate_as_it_was():
     """update_bias refuses a rate that is not a finite number >= 0 before anything (no collective joined, counts
     kept), and a given load holding a NaN or an infinity (its mean would move no expert)."""

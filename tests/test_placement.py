@@ -939,6 +939,11 @@ def test_route_takes_any_integer_source_gpu():
             p.route(idx, bad)
     with pytest.raises(ValueError, match="'src_gpu'"):
         p.route(idx, np.int64(4))
+    # table_route takes one source GPU only: other scalars and per-token tensors are refused naming the argument
+    # (they raised IndexError or "Boolean value of Tensor ... is ambiguous")
+    for bad in (torch.tensor(3.0), np.float64(3.0), 3.0, torch.tensor([3]), torch.full((37,), 3)):
+        with pytest.raises(ValueError, match="argument 'src_gpu' must be an int or a 0-dim integer tensor"):
+            p.table_route(idx, bad)
 
 
 def test_placement_pickles_without_its_tables():

@@ -114,6 +114,8 @@ class GateConfig:
             _check(_is_int(value), name, f"must be an int, got {value!r}")
         _check(self.topk_groups is None or _is_int(self.topk_groups), "topk_groups",
                f"must be None or an int, got {self.topk_groups!r}")
+        _check(self.topk_groups is None or self.topk_groups >= 1, "topk_groups",
+               f"must be None or >= 1, got {self.topk_groups}")
         _check(self.hidden >= 1, "hidden", f"must be >= 1, got {self.hidden}")
         _check(self.num_experts >= 1, "num_experts", f"must be >= 1, got {self.num_experts}")
         _check(1 <= self.topk <= self.num_experts, "topk", f"must be in [1, num_experts], got {self.topk}")
@@ -314,6 +316,7 @@ def apply_capacity(
     else:
         _check(capacity >= 0, "capacity", f"must be >= 0, got {capacity}")
     flat = topk_idx.reshape(-1)
+    capacity = torch.sym_min(capacity, flat.numel())  # (the same choices kept; a huge cap fits an int64 then)
     key = torch.where(flat >= 0, flat, torch.full_like(flat, num_experts))  # -1 goes to an extra bucket
     order = torch.argsort(key, stable=True)
     counts = _counts(key, num_experts + 1)
@@ -333,11 +336,12 @@ def capacity_ratio(capacity_factor: float) -> tuple[int, int]:
 
 
 def capacity_for(num_tokens: int, topk: int, num_experts: int, capacity_factor: float | tuple[int, int]) -> int:
-    """Choices kept per expert: ceil(capacity_factor * T * K / E), exact for a factor given in decimal (1.1 * 100 * 8 /
-    8 is 110, not float rounding's 111). The factor may be given as ``capacity_ratio``'s (num, den); integer
-    arithmetic only, so a traced T (torch.compile) works."""
+    """Choices kept per expert: ceil(capacity_factor * T * K / E), at most T * K, exact for a factor given in
+    decimal (1.1 * 100 * 8 / 8 is 110, not float rounding's 111). The factor may be given as ``capacity_ratio``'s
+    (num, den); integer arithmetic only, so a traced T (torch.compile) works."""
     num, den = capacity_ratio(capacity_factor) if not isinstance(capacity_factor, tuple) else capacity_factor
-    return -((-num * num_tokens * topk) // (den * num_experts))
+    # (at most every choice: a larger cap keeps the same, and a huge factor's would not fit an int64 comparison)
+    return torch.sym_min(-((-num * num_tokens * topk) // (den * num_experts)), num_tokens * topk)
 
 
 def balance_loss(scores: torch.Tensor, topk_idx: torch.Tensor, num_experts: int) -> torch.Tensor:
@@ -548,6 +552,8 @@ class TopKGate(nn.Module):
         e = self.config.num_experts
         step = self.config.bias_update_rate if rate is None else rate
         _check(_finite(step) and step >= 0, "rate", f"must be a finite number >= 0, got {step!r}")
+        _check(load is None or isinstance(load, torch.Tensor), "load",
+               f"must be None or a tensor [{e}], got {type(load).__name__}")
         used = self.expert_load.clone() if load is None else load.detach().float().to(self.expert_bias.device).clone()
         _check(used.shape == (e,), "load", f"must have shape [{e}], got {tuple(used.shape)}")
         # (a given load is read once on the host: a NaN would make the mean NaN and move no expert's bias)
@@ -624,6 +630,7 @@ class LoadMonitor:
             self.share = placement.gpu_share().to(dev)  # [E, G]: fraction of e's load that each GPU serves
         else:
             per = 1 if experts_per_gpu is None else experts_per_gpu
+            _check(_is_int(per), "experts_per_gpu", f"must be an int, got {per!r}")
             _check(per >= 1 and num_experts % per == 0, "experts_per_gpu", f"must divide {num_experts}, got {per}")
             gpu = torch.arange(num_experts, device=dev) // per
             self.share = F.one_hot(gpu, num_experts // per).float()
@@ -643,6 +650,8 @@ class LoadMonitor:
             load = _counts(topk_idx.to(self.share.device), self.num_experts).float()
         else:
             assert expert_counts is not None
+            _check(isinstance(expert_counts, torch.Tensor), "expert_counts",
+                   f"must be a tensor [{self.num_experts}], got {type(expert_counts).__name__}")
             load = expert_counts.to(self.share.device).float()
         _check(load.shape == (self.num_experts,), "expert_counts", f"must have {self.num_experts} entries")
         gpu = load @ self.share

@@ -292,7 +292,11 @@ class Placement:
         """
         topo = self.topology
         # (a numpy integer would turn the tensor arithmetic below into numpy's)
-        src_gpu = _one_source(src_gpu, "an int or a 0-dim integer tensor")
+        forms = "an int or a 0-dim integer tensor"
+        src_gpu = _one_source(src_gpu, forms)
+        got = (f"a {src_gpu.dtype} tensor of shape {tuple(src_gpu.shape)}" if isinstance(src_gpu, torch.Tensor)
+               else f"{type(src_gpu).__name__} {src_gpu!r}")
+        _check(isinstance(src_gpu, int), "src_gpu", f"must be {forms} (one source GPU for every token), got {got}")
         _check(0 <= src_gpu < topo.num_gpus, "src_gpu", f"must be in [0, {topo.num_gpus}), got {src_gpu}")
         _check_topk(topk_idx, self.num_logical, values=False)  # (the values are not read: no host wait)
         _, _, on_gpu, node_list, node_cnt = self._tables(topk_idx.device)
@@ -432,8 +436,10 @@ class Placement:
         GPU-dependent one); else the least-loaded replica: the source's remaining choices of each expert fill the
         replicas by water-filling over the load the source has put on them so far, plus ``slot_load``, plus the
         source's part of the load each replica gets from its own node (so that the fills of all sources add up to
-        even totals: a replica alone on its node serves that node's tokens and gets fewer remote ones); exact ties
-        are broken in an order rotated by the source GPU, so that sources do not all favour the same replica.
+        even totals: a replica alone on its node serves that node's tokens and gets fewer remote ones). Each replica
+        gets the floor of its share of the fill or one more, the extra units going in an order rotated by the
+        source GPU (so that sources do not all favour the same replica): the busiest replica ends within one
+        choice of the lightest split.
         With ``local_cap``, a source sends at most ceil(local_cap * nodes * c * its choices of the expert /
         replicas) to the c replicas on its node by locality, all of them together (earlier tokens first; this is
         those replicas' fair share when every GPU sends a similar mix and each node's GPUs use their node's
@@ -563,7 +569,9 @@ def _rank_within(key: torch.Tensor, num_keys: int) -> torch.Tensor:
 def _water_fill(
     load: torch.Tensor, table: torch.Tensor, n: torch.Tensor, rot: torch.Tensor, nrep: torch.Tensor
 ) -> torch.Tensor:
-    """Splits n[r] new units over the replicas of row r so that the most loaded replica is as light as possible.
+    """Splits n[r] new units over the replicas of row r so that the most loaded replica is as light as possible,
+    to within one unit: each replica gets the floor of its share at the water level, or one more, the left-over
+    units going in the order ``rot`` gives (not to the largest fractions).
 
     Args:
         load: float64 [rows, R], load on each replica so far (ignored on padding).

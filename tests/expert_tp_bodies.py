@@ -67,6 +67,35 @@ def collectives(rank: int, world: int, rows: int) -> None:
     close(out, torch.stack([t[rank * rows : (rank + 1) * rows] for t in ys]).sum(0), "reduce_scatter_rows")
     (out * cs[rank]).sum().backward()
     close(y.grad, torch.cat(cs), "reduce_scatter_rows: grad")
+    # second derivatives (a gradient penalty, create_graph=True) against the same maps on one process: the
+    # backwards are recorded (each the other collective), not constants
+    rx = [t.clone().requires_grad_() for t in xs]
+    loss = sum(((torch.cat(rx) ** 3) * g).sum() for g in gs)
+    grads = torch.autograd.grad(loss, rx, create_graph=True)
+    want = torch.autograd.grad(sum((g ** 2).sum() for g in grads), rx)[rank]
+    x = xs[rank].clone().requires_grad_()
+    (xa,) = all_gather_rows(group, x)
+    (gx,) = torch.autograd.grad(((xa ** 3) * gs[rank]).sum(), x, create_graph=True)
+    close(gx, grads[rank], "all_gather_rows: grad with create_graph")
+    close(torch.autograd.grad((gx ** 2).sum(), x)[0], want, "all_gather_rows: second derivative")
+    ry = [t.clone().requires_grad_() for t in ys]
+    outs = [torch.stack([t[r * rows : (r + 1) * rows] for t in ry]).sum(0) for r in range(world)]
+    grads = torch.autograd.grad(sum(((o ** 3) * c).sum() for o, c in zip(outs, cs, strict=True)), ry,
+                                create_graph=True)
+    want = torch.autograd.grad(sum((g ** 2).sum() for g in grads), ry)[rank]
+    y = ys[rank].clone().requires_grad_()
+    (out,) = reduce_scatter_rows(group, y)
+    (gy,) = torch.autograd.grad(((out ** 3) * cs[rank]).sum(), y, create_graph=True)
+    close(torch.autograd.grad((gy ** 2).sum(), y)[0], want, "reduce_scatter_rows: second derivative")
+    # rows that are not a multiple of the group's size: refused before any collective, the group still usable
+    try:
+        reduce_scatter_rows(group, torch.zeros(world * rows + 1, 2))
+    except ArgumentError as exc:
+        assert "needs tensors of T * n rows" in str(exc), str(exc)
+    else:
+        raise AssertionError("reduce_scatter_rows took rows that are not a multiple of the group's size")
+    (out,) = reduce_scatter_rows(group, torch.ones(world * rows, 2))
+    assert torch.equal(out, torch.full((rows, 2), float(world)))
 
 
 def layer_tp_vs_reference(

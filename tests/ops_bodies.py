@@ -87,15 +87,25 @@ def ops_refused_call_keeps_handle(rank: int, world: int) -> list[str]:
     """On the custom-op path a combine, or a combine's backward (dispatch_cached), refused for its arguments leaves
     the handle's count as it was: a corrected inference combine still finds the handle (and frees it), and a
     training step whose combine, or whose cached dispatch, was first refused ends with a backward that gives the
-    right grad and releases the handle."""
+    right grad and releases the handle. A combine through another Buffer than the dispatch's, or with something
+    else than a dispatch's handle, is refused naming the argument on both paths (the eager path combined through
+    the handle's own Buffer; the custom-op path said the handle was released)."""
     fails: list[str] = []
-    buf = _buffer(world)
+    buf, other = _buffer(world), _buffer(world)
     try:
-        bid = ops.register_buffer(buf)
+        bid, other_id = ops.register_buffer(buf), ops.register_buffer(other)
         x, idx, w = _inputs(rank, world, 5, seed=1)
         want = x * _ranks_reached(idx, world)
         with torch.no_grad():
+            d = ops.dispatch(buf, x, idx, w)
+            _refused(fails, "eager combine through another Buffer", ops.combine, other, d.x, d.handle)
+            for bad in (None, d.handle.handle):
+                _refused(fails, f"eager combine with a {type(bad).__name__} handle", ops.combine, buf, d.x, bad)
+            c = _attempt(fails, "eager combine after the refusals", ops.combine, buf, d.x, d.handle)
+            _check(fails, c is None or torch.allclose(c.x, want, rtol=1e-6), "eager combine's value")
             d = ops.dispatch(bid, x, idx, w, use_custom_ops=True)
+            _refused(fails, "custom-op combine through another Buffer", ops.combine, other_id, d.x, d.handle)
+            _refused(fails, "custom-op combine with the bare ticket", ops.combine, bid, d.x, d.handle.ticket)
             _refused(fails, "inference combine of float64 rows", ops.combine, bid, d.x.double(), d.handle)
             c = _attempt(fails, "corrected inference combine", ops.combine, bid, d.x, d.handle)
             _check(fails, c is None or torch.allclose(c.x, want, rtol=1e-6), "corrected inference combine's value")
@@ -118,6 +128,7 @@ def ops_refused_call_keeps_handle(rank: int, world: int) -> list[str]:
                    f"after a refused {refused} and the backward: {ops.live_handles(bid)} live handles, want 0")
     finally:
         buf.destroy()
+        other.destroy()
     return fails
 
 

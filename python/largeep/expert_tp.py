@@ -237,6 +237,10 @@ def _gather(ts: tuple[Tensor, ...], group: dist.ProcessGroup, what: str = "TP gr
 
 def _scatter(ts: tuple[Tensor, ...], group: dist.ProcessGroup) -> list[Tensor]:
     n = dist.get_world_size(group)
+    for t in ts:  # (refused before any collective: the group stays usable)
+        if t.dim() == 0 or t.shape[0] % n:
+            raise ArgumentError(f"expert TP: reduce_scatter_rows needs tensors of T * n rows (T = {n}, the TP group's "
+                                f"size), got shape {tuple(t.shape)}")
     return _run(_reduce_scatter_single, [t.new_empty(t.shape[0] // n, *t.shape[1:]) for t in ts], ts, group)
 
 
@@ -275,7 +279,10 @@ class _AllGatherRows(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, *gs: Tensor | None) -> tuple[Tensor | None, ...]:
-        return _place(ctx, _scatter(tuple(_grads_or_zeros(ctx, gs, ctx.out_like)), ctx.group))
+        send = tuple(_grads_or_zeros(ctx, gs, ctx.out_like))
+        # (recorded, as the adjoint's own Function, when this backward is: create_graph=True, a second derivative)
+        got = _ReduceScatterRows.apply(ctx.group, *send) if torch.is_grad_enabled() else _scatter(send, ctx.group)
+        return _place(ctx, list(got))
 
 
 class _ReduceScatterRows(torch.autograd.Function):
@@ -285,7 +292,9 @@ class _ReduceScatterRows(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, *gs: Tensor | None) -> tuple[Tensor | None, ...]:
-        return _place(ctx, _gather(tuple(_grads_or_zeros(ctx, gs, ctx.out_like)), ctx.group))
+        send = tuple(_grads_or_zeros(ctx, gs, ctx.out_like))
+        got = _AllGatherRows.apply(ctx.group, *send) if torch.is_grad_enabled() else _gather(send, ctx.group)
+        return _place(ctx, list(got))
 
 
 def all_gather_rows(group: dist.ProcessGroup, *ts: Tensor) -> tuple[Tensor, ...]:

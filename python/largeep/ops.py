@@ -342,6 +342,10 @@ def _get(buffer_id: int, ticket: Tensor, op: str, refs: int = 0) -> _Entry:
             entry.refs += refs
             entry.unclaimed += max(refs, 0)
         evicted = tid in _REG.evicted.get(buffer_id, ())
+        owner = None if entry is not None else next((b for b, es in _REG.entries.items() if tid in es), None)
+    if owner is not None:  # (tickets are numbered across Buffers)
+        raise ArgumentError(f"largeep.ops.{op}: handle #{tid} comes from a dispatch on Buffer id {owner}, not on "
+                            f"Buffer id {buffer_id} (argument 'buffer')")
     if entry is None:
         limit = _REG.limits.get(buffer_id, DEFAULT_MAX_LIVE_HANDLES)
         if evicted:
@@ -1880,12 +1884,18 @@ def combine(
 ) -> CombineOutput:
     """Differentiable normal-mode combine: x [T, H] = per-token sum of the rows y [R, H] sent home (no weights).
 
-    ``handle`` comes from :func:`dispatch`; the path follows it. Does not wait on the host."""
+    ``handle`` comes from :func:`dispatch` on ``buffer``; the path follows it. Does not wait on the host."""
+    if not isinstance(handle, (OpHandle, TicketHandle)):
+        raise ArgumentError("ops.combine: argument 'handle' must be the handle of an ops.dispatch (its output's "
+                            f".handle), got {type(handle).__name__}")
     if isinstance(handle, TicketHandle):
         bid = _buffer_id(buffer, "combine")
         hold = int(torch.is_grad_enabled() and y.requires_grad)
         x, _ = torch.ops.largeep.combine(bid, y, handle.ticket, handle.num_tokens, None, hold)
         return CombineOutput(x, None)
+    if handle.buffer is not _buffer(buffer):
+        raise ArgumentError("ops.combine: argument 'handle' comes from a dispatch on another Buffer than argument "
+                            "'buffer'")
     sink: list[Any] = []
     x = _CombineFn.apply(y, handle, previous_event, async_finish, sink)
     return CombineOutput(x, sink[0].event)

@@ -69,6 +69,7 @@ def normal_roundtrip(
         lay = buf.get_dispatch_layout(idx)
         p = ranks_per_node or world  # (the test's own: every rank of a test group is on this host)
         assert buf.ctx.ranks_per_node == p, f"the Buffer took ranks_per_node {buf.ctx.ranks_per_node}, asked {p}"
+        assert lay.is_token_in_rank.is_contiguous(), lay.is_token_in_rank.stride()  # (a view before, on torch)
         rl = ref_layout(mine.topk_idx, world, num_experts, p)
         for key, want in rl.items():
             got = getattr(lay, key).cpu()

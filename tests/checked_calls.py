@@ -206,6 +206,7 @@ class NormalRound:
         chk.expect(self.buf.ctx.ranks_per_node == p, f"the Buffer took ranks_per_node {self.buf.ctx.ranks_per_node}")
         in_rank = lay.is_token_in_rank
         chk.expect(in_rank.dtype == torch.bool, f"layout is_token_in_rank: dtype {in_rank.dtype}")
+        chk.expect(in_rank.is_contiguous(), f"layout is_token_in_rank: strides {in_rank.stride()}")  # (both backends)
         for key, want in ref_layout(mine.topk_idx, self.world, c.num_experts, p).items():
             got = getattr(lay, key)
             chk.expect(got.device == idx.device, f"layout {key}: on {got.device}, expected {idx.device}")

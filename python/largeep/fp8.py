@@ -33,7 +33,8 @@ _MIN_AMAX = 1e-4
 
 
 def round_up_pow2(scale: torch.Tensor) -> torch.Tensor:
-    """The smallest power of two at or above each positive float32 ``scale``, from its exponent bits: a scale with
+    """The smallest power of two at or above each positive normal float32 ``scale`` (a subnormal one goes to
+    2**-126; quantize's scales are never subnormal: see the amax floor), from its exponent bits: a scale with
     mantissa bits set goes to the next exponent. (``exp2(ceil(log2(s)))`` rounds down for an s a few float32 steps
     above a power of two, where log2 rounds to the integer; the scale would then be below amax / 448.) Exact powers of
     two and infinities stay, NaN stays NaN. The low-latency kernels' fp8_group_scale does the same."""
@@ -61,8 +62,9 @@ def _native_for(*ts: torch.Tensor) -> Any:
 
 
 def quantize(x: torch.Tensor, round_scale: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [T, H] (bf16/fp32, H % 128 == 0; fp16 and fp64 too, always by torch ops) -> (e4m3 [T, H], float32 scales
-    [T, H/128]). No host sync. A wrong ``x`` (an FP8 one among them) raises :class:`largeep.ArgumentError`. On CUDA
+    """x [T, H] (bf16/fp32, H % 128 == 0; fp16 and fp64 too, always by torch ops, rounded to float32 first: an fp64
+    value beyond float32's range becomes infinite and spoils its group) -> (e4m3 [T, H], float32 scales [T, H/128]).
+    No host sync. A wrong ``x`` (an FP8 one among them) raises :class:`largeep.ArgumentError`. On CUDA
     one native kernel (one pass over x; torch ops where the native module is not built or not built for x's GPU,
     x is not contiguous or not 16-byte aligned, x needs a gradient or is a tensor subclass, or while torch.compile
     traces), the same bits either way."""

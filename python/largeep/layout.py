@@ -28,8 +28,9 @@ class Layout:
 
 
 def one_hot_mask(ids: torch.Tensor, width: int) -> torch.Tensor:
-    """ids int64 [T, K] -> bool [T, width]: column c set if any id == c. Ids outside [0, width) set nothing (-1:
-    none; an id out of range, which only unchecked calls let through, is ignored as the kernels ignore it)."""
+    """ids int64 [T, K] -> bool [T, width] (a view, not contiguous): column c set if any id == c. Ids outside
+    [0, width) set nothing (-1: none; an id out of range, which only unchecked calls let through, is ignored as the
+    kernels ignore it)."""
     t = ids.shape[0]
     mask = torch.zeros(t, width + 1, dtype=torch.bool, device=ids.device)
     mask.scatter_(1, torch.where((ids >= 0) & (ids < width), ids, width), True)
@@ -48,5 +49,5 @@ def compute_layout(topk_idx: torch.Tensor, num_ranks: int, num_experts: int, ran
         num_tokens_per_rank=in_rank.sum(0, dtype=torch.int32),
         num_tokens_per_node=in_node.sum(0, dtype=torch.int32),
         num_tokens_per_expert=in_expert.sum(0, dtype=torch.int32),
-        is_token_in_rank=in_rank,
+        is_token_in_rank=in_rank.contiguous(),  # (one_hot_mask's is a view; the nvshmem backend's is contiguous)
     )

@@ -175,6 +175,18 @@ class DistPool:
                 p.kill()
 
 
+def run_in_own_pool(world: int, backend: str, fn: Callable[..., Any], *args: Any, timeout_s: float = 120,
+                    exits: frozenset[int] = frozenset()) -> list[Any]:
+    """``fn``'s results on a pool of its own (a fresh process group, NVSHMEM not started in its processes), killed
+    afterwards: for bodies that leave a collective abandoned, a group short of a rank (``exits``: see
+    :meth:`DistPool.run`) or NVSHMEM unusable in their processes."""
+    pool = DistPool(world, backend, timeout_s=timeout_s)
+    try:
+        return pool.run(fn, *args, exits=exits)
+    finally:
+        pool.close(force=True)
+
+
 class PoolCache:
     """The pools of a test session, one per (world, process-group backend), started on first use and again after
     one broke. Within one test (``test``: its id, set before each test), a pool whose bodies hung ``max_hangs``

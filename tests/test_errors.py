@@ -16,7 +16,7 @@ import error_bodies
 import largeep
 import pytest
 import torch
-from dist_pool import DistPool
+from dist_pool import run_in_own_pool
 from error_bodies import CASES
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -450,20 +450,11 @@ def test_nvshmem_join_gathers_heap_sizes(monkeypatch, peer_size: str) -> None:
         assert "NVSHMEM_SYMMETRIC_SIZE" not in os.environ
 
 
-def _fresh_pool_run(world: int, spec: str, body: Any, *args: Any, timeout_s: float = 120) -> list[Any]:
-    """``body``'s results on a pool of its own (NVSHMEM not started in it yet), closed afterwards."""
-    pool = DistPool(world, spec, timeout_s=timeout_s)
-    try:
-        return pool.run(body, *args)
-    finally:
-        pool.close(force=True)
-
-
 @pytest.mark.gpu(2)
 def test_nvshmem_other_group_first() -> None:
     """Rank 0's process serves another group with NVSHMEM: a Buffer on the whole group is refused on every rank at
     once. A pool of its own (NVSHMEM must not be running in it yet)."""
-    results = _fresh_pool_run(2, "nccl", error_bodies.other_group_first)
+    results = run_in_own_pool(2, "nccl", error_bodies.other_group_first)
     failures = [f for r in results for f in r["failures"]]
     assert not failures, "\n".join(failures)
 
@@ -473,7 +464,7 @@ def test_nvshmem_refuses_different_heap_sizes() -> None:
     """Rank 1 sets a larger NVSHMEM_SYMMETRIC_SIZE than rank 0: both raise ArgumentError before NVSHMEM starts
     (an allocation failing on one rank only would leave the other inside NVSHMEM's barrier); with the variable
     unset again, a Buffer is made. A pool of its own (NVSHMEM must not be running in it yet)."""
-    results = _fresh_pool_run(2, "nccl", error_bodies.heap_sizes_refused)
+    results = run_in_own_pool(2, "nccl", error_bodies.heap_sizes_refused)
     failures = [f for r in results for f in r["failures"]]
     assert not failures, "\n".join(failures)
 
@@ -583,7 +574,7 @@ def test_nvshmem_init_timeout_on_gpus() -> None:
     initialisation does not finish (as seen on 2x H200): every rank raises PeerTimeoutError after
     LARGEEP_INIT_TIMEOUT_S (10 s) and at once for a second Buffer. A pool of its own, killed afterwards (its
     processes keep a thread inside NVSHMEM)."""
-    results = _fresh_pool_run(3, "gloo-cuda:0,1,0", error_bodies.init_times_out, 10.0)
+    results = run_in_own_pool(3, "gloo-cuda:0,1,0", error_bodies.init_times_out, 10.0)
     if any(r["created"] for r in results):
         pytest.skip("NVSHMEM initialised the uneven placement here: its initialisation has nothing to time out")
     failures = [f for r in results for f in r["failures"]]
@@ -621,7 +612,7 @@ def test_unchecked_out_of_range_ids_are_ignored_one_gpu(pools, low_latency: bool
 def test_buffer_too_large_for_the_gpu_one_gpu() -> None:
     """A first Buffer that the GPU cannot hold is refused on every rank before NVSHMEM starts, which leaves the
     processes able to make a Buffer that fits. A pool of its own: NVSHMEM must not have started in it."""
-    results = _fresh_pool_run(2, "gloo-cuda0", error_bodies.too_large_for_the_gpu, timeout_s=300)
+    results = run_in_own_pool(2, "gloo-cuda0", error_bodies.too_large_for_the_gpu, timeout_s=300)
     failures = [f for r in results for f in r["failures"]]
     assert not failures, "\n".join(failures)
 
@@ -799,11 +790,7 @@ def test_peer_exits(op: str) -> None:
     """gloo, 3 ranks: rank 1's process exits where the others call ``op``; each raises PeerTimeoutError naming the
     call and the ranks it waited for at once (LARGEEP_TIMEOUT_S is 30 s here), the Buffer refuses its next call at
     once and destroys without waiting. A pool of its own (its group loses rank 1)."""
-    pool = DistPool(3, "gloo", timeout_s=120)
-    try:
-        res = pool.run(error_bodies.peer_exits, op, 30.0, exits=frozenset({1}))
-    finally:
-        pool.close(force=True)
+    res = run_in_own_pool(3, "gloo", error_bodies.peer_exits, op, 30.0, exits=frozenset({1}))
     assert res[1] == ("exited", 3), res
     for rank in (0, 2):
         r = res[rank]
@@ -1037,11 +1024,7 @@ def test_missing_member_of_a_library_collective_is_bounded(which: str, name: str
     rank 0 alone, raise PeerTimeoutError naming the call after LARGEEP_TIMEOUT_S on gloo; after the gather a Buffer
     on that group is refused at once (ArgumentError naming 'group'). A pool of its own: the abandoned collective
     stays pending in it."""
-    pool = DistPool(2, "gloo", timeout_s=120)
-    try:
-        r0 = pool.run(error_bodies.missing_collective_member, which, 2.0)[0]
-    finally:
-        pool.close(force=True)
+    r0 = run_in_own_pool(2, "gloo", error_bodies.missing_collective_member, which, 2.0)[0]
     assert r0["raised"] is not None and name in r0["raised"] and "LARGEEP_TIMEOUT_S=2" in r0["raised"], r0
     assert 2.0 <= r0["took"] < 30.0, r0
     if which == "gather":

@@ -137,13 +137,9 @@ def test_failed_dispatch_joins(pools) -> None:
 
 def test_worst_refusal_without_exchange() -> None:
     # a pool of its own: rank 1's abandoned gather stays pending in its process, which is killed afterwards
-    from dist_pool import DistPool
+    from dist_pool import run_in_own_pool
 
-    pool = DistPool(2, "gloo", timeout_s=120)
-    try:
-        took = pool.run(expert_tp_bodies.worst_refusal_without_exchange, 2.0)
-    finally:
-        pool.close(force=True)
+    took = run_in_own_pool(2, "gloo", expert_tp_bodies.worst_refusal_without_exchange, 2.0)
     assert took[0][0] < 2.0 and 2.0 <= took[1][0] < 30.0, took  # rank 0 at once, rank 1 after its bound
     assert took[0][1] < 2.0 and took[1][1] < 2.0, took  # the next call: refused at once on both
 
@@ -163,12 +159,8 @@ def test_tp_state_names_its_shard(pools, world: int) -> None:
 
 def test_missing_tp_member_is_bounded() -> None:
     # a pool of its own: the abandoned gather stays pending in its processes, which are killed afterwards
-    from dist_pool import DistPool
+    from dist_pool import run_in_own_pool
 
-    pool = DistPool(2, "gloo", timeout_s=120)
-    try:
-        r0 = pool.run(expert_tp_bodies.missing_tp_member, 2.0)[0]
-    finally:
-        pool.close(force=True)
+    r0 = run_in_own_pool(2, "gloo", expert_tp_bodies.missing_tp_member, 2.0)[0]
     assert r0["raised"] is not None and "expert TP" in r0["raised"] and "LARGEEP_TIMEOUT_S=2" in r0["raised"], r0
     assert 2.0 <= r0["took"] < 30.0, r0

@@ -506,13 +506,9 @@ def test_missing_peer_times_out_low_latency(pools) -> None:
 def test_destroy_without_peer() -> None:
     """A rank that never destroys its Buffer costs the others one bounded wait, not a hang (a pool of its own:
     NVSHMEM is unusable in these processes afterwards)."""
-    from dist_pool import DistPool
+    from dist_pool import run_in_own_pool
 
-    pool = DistPool(2, "nccl", timeout_s=120)
-    try:
-        times = pool.run(gpu_bodies.destroy_without_peer, 5.0)
-    finally:
-        pool.close(force=True)
+    times = run_in_own_pool(2, "nccl", gpu_bodies.destroy_without_peer, 5.0)
     assert times[0]["elapsed_s"] > 4.0, times
 
 
@@ -533,13 +529,9 @@ def test_peer_exits(low_latency: bool) -> None:
     """A rank whose process exits before a dispatch: the others raise PeerTimeoutError naming the call and that
     rank within LARGEEP_TIMEOUT_S (5 s), refuse the next call at once, and destroy within the bound (a pool of its
     own: its group and NVSHMEM lose that rank)."""
-    from dist_pool import DistPool
+    from dist_pool import run_in_own_pool
 
-    pool = DistPool(2, "nccl", timeout_s=120)
-    try:
-        res = pool.run(gpu_bodies.peer_exits, 5.0, low_latency, exits=frozenset({1}))
-    finally:
-        pool.close(force=True)
+    res = run_in_own_pool(2, "nccl", gpu_bodies.peer_exits, 5.0, low_latency, exits=frozenset({1}))
     assert res[1] == ("exited", 3), res
     op = "low_latency_dispatch" if low_latency else "dispatch"
     r = res[0]

@@ -436,6 +436,8 @@ CASES: list[BadCase] = [
        "'num_topk'", "exceeds num_experts"),
     _n("create_max_tokens_zero", lambda e: make_buffer(e, max_tokens_per_rank=0), "'max_tokens_per_rank'", ">= 1"),
     _n("create_num_sms_zero", lambda e: make_buffer(e, num_sms=0), "'num_sms'", ">= 1"),
+    _n("create_low_latency_not_bool", lambda e: make_buffer(e, low_latency="no"),
+       "'low_latency'", "must be a bool", "str 'no'"),
     _n("create_backend_unknown", lambda e: make_buffer(e, backend="mpi"), "'backend'", "'mpi'", "expected"),
     _n("create_nvshmem_without_gpus", lambda e: make_buffer(e, backend="nvshmem"),
        "'nvshmem'", "not available", error=RuntimeError, device="cpu"),
@@ -557,6 +559,13 @@ CASES: list[BadCase] = [
     _n("layout_too_many_tokens", lambda e: Call(e.buf.get_dispatch_layout, (more_tokens(e, MAX_TOKENS + 3)[1],)),
        "'topk_idx'", f"{MAX_TOKENS + 3} tokens", f"max_tokens_per_rank={MAX_TOKENS}"),
     # -- normal combine ------------------------------------------------------------------------------------
+    _n("dispatch_async_finish_not_bool", lambda e: Call(e.buf.dispatch, (e.x, e.idx, e.w), {"async_finish": 1}),
+       "'async_finish'", "must be a bool", "int 1"),
+    _n("layout_async_finish_not_bool", lambda e: Call(e.buf.get_dispatch_layout, (e.idx,),
+                                                      {"async_finish": "yes"}),
+       "'async_finish'", "must be a bool", "str"),
+    _n("combine_async_finish_not_bool", lambda e: Call(e.buf.combine, (e.y(), e.prev.handle), {"async_finish": None}),
+       "'async_finish'", "must be a bool", "NoneType"),
     _n("combine_rows_more_than_handle", lambda e: Call(e.buf.combine, (e.y(e.rows + 1), e.prev.handle)),
        "'y'", "shape", "dim 0"),
     _n("combine_rows_fewer_than_handle", lambda e: Call(e.buf.combine, (e.y(max(e.rows - 1, 0) if e.rows else 3),
@@ -707,6 +716,14 @@ CASES: list[BadCase] = [
     _ll("ll_dispatch_bf16_partial_sums_not_bool", lambda e: Call(e.buf.low_latency_dispatch, (e.x, e.idx),
                                                                  {"topk_weights": e.w, "bf16_partial_sums": 1}),
         "'bf16_partial_sums'", "must be a bool", "int"),
+    _ll("ll_dispatch_use_fp8_not_bool", lambda e: Call(e.buf.low_latency_dispatch, (e.x, e.idx), {"use_fp8": "no"}),
+        "'use_fp8'", "must be a bool", "str 'no'"),
+    _ll("ll_dispatch_hook_not_bool", lambda e: Call(e.buf.low_latency_dispatch, (e.x, e.idx),
+                                                    {"return_recv_hook": 0}),
+        "'return_recv_hook'", "must be a bool", "int 0"),
+    _ll("ll_combine_hook_not_bool", lambda e: Call(e.buf.low_latency_combine, (e.ll_y(), e.idx, e.w, e.prev.handle),
+                                                   {"return_recv_hook": 1}),
+        "'return_recv_hook'", "must be a bool", "int 1"),
     _ll("ll_combine_weights_dtype", lambda e: Call(e.buf.low_latency_combine,
                                                    (e.ll_y(), e.idx, e.w.double(), e.prev.handle)),
         "'topk_weights'", "dtype torch.float64", "expected torch.float32"),
@@ -2150,3 +2167,25 @@ def out_of_step_keys(rank: int, world: int) -> None:
     finally:
         _collective._OUT_OF_STEP.pop(dist.group.WORLD, None)
     largeep.Buffer(None, hidden=32, num_experts=2 * world, num_topk=2, max_tokens_per_rank=4, backend="torch").destroy()
+
+
+def all_reduce_bad_setting(rank: int, world: int) -> dict[str, Any]:
+    """Every rank's LARGEEP_LOG_LEVEL is bad when the library's own all-reduce (the gate's load sum, the replicas'
+    gradient sum, expert TP) is called: it raises ValueError naming the variable before the collective starts, so
+    the tensor stays as it was, and the group's next collective pairs as before."""
+    from largeep import _collective
+
+    t = torch.full((4,), float(rank + 1))
+    os.environ["LARGEEP_LOG_LEVEL"] = "verbose"
+    try:
+        _collective.all_reduce(t, None, "the test's sum")
+        raised = ""
+    except ValueError as exc:
+        raised = str(exc)
+    finally:
+        del os.environ["LARGEEP_LOG_LEVEL"]
+    time.sleep(0.5)  # (a collective issued all the same would have completed by now)
+    dist.barrier()
+    unchanged = t.tolist()
+    _collective.all_reduce(t, None, "the test's sum")
+    return {"raised": raised, "unchanged": unchanged, "sum": t.tolist()}

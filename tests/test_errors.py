@@ -190,6 +190,34 @@ def _bare_nvshmem(**ctx: Any) -> Any:
     return b
 
 
+def test_nvshmem_destroy_keeps_status_words_of_busy_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    """destroy() whose device work does not finish within the bound raises PeerTimeoutError and leaves the
+    host-mapped status words the kernels write allocated (freeing them would wait for that work, or let it write into
+    released memory); with the device idle they are freed."""
+    import types
+
+    from largeep.backends import nvshmem_backend
+
+    freed: list[int] = []
+
+    def busy(device: Any, timeout_s: float, op: str) -> None:
+        raise largeep.PeerTimeoutError(f"{op}: the work queued did not finish")
+
+    b = _bare_nvshmem(device="cpu", low_latency=True, rank=0)
+    b.alive, b.host_ptr, b.heap_bytes, b.base = True, 1234, 0, 0
+    b.settings = types.SimpleNamespace(timeout_s=1.0)
+    b.C = types.SimpleNamespace(host_free=freed.append, free=lambda *a: True)
+    monkeypatch.setattr(nvshmem_backend, "_synchronize_bounded", busy)
+    with pytest.raises(largeep.PeerTimeoutError, match="did not finish"):
+        b.destroy()
+    assert freed == [] and not b.alive
+    b.alive = True
+    monkeypatch.setattr(nvshmem_backend, "_synchronize_bounded", lambda *a: None)
+    monkeypatch.setattr(nvshmem_backend, "_zc_register", lambda *a: None)
+    b.destroy()
+    assert freed == [1234]
+
+
 def test_nvshmem_kinds_disagree_message() -> None:
     """A void round whose ranks sent different kinds of rows (the kind in bits 2-4 of each rank's refusal word):
     ArgumentError naming each rank's kind as the torch backend names it, and the rank that ran it without a host
@@ -258,9 +286,13 @@ def test_nvshmem_rows_timeout_names_the_forwarder() -> None:
     b = _bare_nvshmem(rank=1, num_ranks=4, ranks_per_node=2)
     b.settings = types.SimpleNamespace(timeout_s=7.0)
     b.status = [0, (15 << 16) + 3]  # rank field: source 2 (on the other node; its RDMA peer here is rank 0)
-    with pytest.raises(largeep.PeerTimeoutError, match=r"dispatch \(waiting for a peer's rows\) on rank 1 waited "
-                       r"more than LARGEEP_TIMEOUT_S=7 s for rank 2's rows, which reach this node through rank 0 "):
+    with pytest.raises(largeep.PeerTimeoutError, match=r"^dispatch: an earlier dispatch \(waiting for a peer's rows\) "
+                       r"on rank 1 waited more than LARGEEP_TIMEOUT_S=7 s for rank 2's rows, which reach this node "
+                       r"through rank 0 "):
         b._raise_if_failed("dispatch")
+    # (right after the call's own host wait: this call's)
+    with pytest.raises(largeep.PeerTimeoutError, match=r"^dispatch: dispatch \(waiting for a peer's rows\) on rank 1 "):
+        b._raise_if_failed("dispatch", earlier=False)
     b.status = [0, (15 << 16) + 1]  # source 0, of this node
     with pytest.raises(largeep.PeerTimeoutError, match=r"waited more than LARGEEP_TIMEOUT_S=7 s for rank 0; the.*"
                        r"stopped calling the Buffer, failed, or made another call than this one \(every rank makes "
@@ -1346,3 +1378,14 @@ def test_rounds_out_of_step_after_a_rank_alone_raised(monkeypatch: pytest.Monkey
         op = {"layout": "get_dispatch_layout", "void": "dispatch"}.get(name, name)
         msg = str(refused.value)
         assert msg.startswith(f"{op}: {why}; ") and "unusable" in msg, msg
+
+
+def test_all_reduce_reads_settings_first(pools) -> None:
+    """The library's own all-reduce reads LARGEEP_* before it issues the collective: a bad value raises ValueError
+    naming the variable on every rank with the tensor unchanged (no sum lands after the error), and the group's
+    next all-reduce sums right."""
+    results = pools(WORLD).run(error_bodies.all_reduce_bad_setting)
+    total = float(sum(range(1, WORLD + 1)))
+    for rank, r in enumerate(results):
+        assert "LARGEEP_LOG_LEVEL" in r["raised"], r
+        assert r["unchanged"] == [float(rank + 1)] * 4 and r["sum"] == [total] * 4, r

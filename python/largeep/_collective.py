@@ -40,10 +40,11 @@ def mark_out_of_step(group: dist.ProcessGroup | None, why: str) -> None:
 @contextlib.contextmanager
 def marks_out_of_step(group: dist.ProcessGroup | None) -> Iterator[None]:
     """Marks ``group`` out of step (``mark_out_of_step``, with the error's first line) when the block's waits fail
-    (a RuntimeError: PeerTimeoutError, or gloo's own, a peer's connection closed), and lets the error go on."""
+    (a RuntimeError: PeerTimeoutError, or gloo's own, a peer's connection closed) or are interrupted (Ctrl-C), and
+    lets the error go on."""
     try:
         yield
-    except RuntimeError as exc:
+    except (RuntimeError, KeyboardInterrupt) as exc:
         mark_out_of_step(group, first_line(exc)[:300])
         raise
 
@@ -105,15 +106,19 @@ def gloo_words(exc: BaseException) -> str:
     return line.split(" This is typically")[0][:300]
 
 
-def wait_all(works: list[Any], bounded: bool, head: str, tail: str, timeout_s: float | None = None) -> None:
-    """Waits for every work (None: nothing to wait for). ``bounded`` (the works are gloo's: ``on_gloo``): a wait
-    past LARGEEP_TIMEOUT_S (or ``timeout_s``) raises PeerTimeoutError(f"{head} (LARGEEP_TIMEOUT_S=... s; gloo:
-    ...){tail}"), and so does a wait whose connections are gone (``lost_connection``: "(gloo lost a
-    connection: ...; why)"), at once; otherwise the works are waited for without a bound (NCCL's: the group's own
-    timeout)."""
-    if bounded and timeout_s is None:
-        timeout_s = _env.settings().timeout_s
-    bound = timedelta(seconds=timeout_s) if bounded and timeout_s is not None else None
+def bound_s(group: dist.ProcessGroup | None, device: torch.device) -> float | None:
+    """LARGEEP_TIMEOUT_S where gloo moves ``device``'s tensors over ``group`` (``on_gloo``), else None (NCCL's
+    waits: the group's own timeout). Read before a collective is issued, so that a bad setting refuses the call
+    before it starts rather than leaving it to complete without this rank's wait."""
+    return _env.settings().timeout_s if on_gloo(group, device) else None
+
+
+def wait_all(works: list[Any], timeout_s: float | None, head: str, tail: str) -> None:
+    """Waits for every work (None: nothing to wait for). With ``timeout_s`` (the works are gloo's: ``bound_s``): a
+    wait past it raises PeerTimeoutError(f"{head} (LARGEEP_TIMEOUT_S=... s; gloo: ...){tail}"), and so does a wait
+    whose connections are gone (``lost_connection``: "(gloo lost a connection: ...; why)"), at once; None: the
+    works are waited for without a bound (NCCL's: the group's own timeout)."""
+    bound = timedelta(seconds=timeout_s) if timeout_s is not None else None
     for wk in works:
         if wk is None:
             continue
@@ -139,10 +144,11 @@ def all_reduce(t: torch.Tensor, group: dist.ProcessGroup | None, what: str) -> N
     if torch.compiler.is_compiling():
         dist.all_reduce(t, group=group)
         return
+    timeout_s = bound_s(group, t.device)
     work = dist.all_reduce(t, group=group, async_op=True)
     # (not marked out of step on a timeout: a late peer can still complete this one collective, and then the
     # group's next ones pair again)
-    wait_all([work], on_gloo(group, t.device), f"{what}: rank {dist.get_rank(group)} waited for the group in vain",
+    wait_all([work], timeout_s, f"{what}: rank {dist.get_rank(group)} waited for the group in vain",
              ": a rank did not make the same call, or failed before it; the group may be out of step now")
 
 
@@ -160,11 +166,11 @@ def all_gather_object(obj: Any, group: dist.ProcessGroup, what: str, timeout_s: 
     head = f"{what}: rank {dist.get_rank(group)} waited for the group's gather in vain"
     tail = ": a rank did not make the same call, or failed before it; the group is out of step now"
     sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(n)]
-    wait_all([dist.all_gather(sizes, torch.tensor([data.numel()]), group=group, async_op=True)], True, head, tail,
-             timeout_s)
+    wait_all([dist.all_gather(sizes, torch.tensor([data.numel()]), group=group, async_op=True)], timeout_s, head,
+             tail)
     width = int(max(int(t.item()) for t in sizes))
     got = [torch.empty(width, dtype=torch.uint8) for _ in range(n)]
     padded = torch.zeros(width, dtype=torch.uint8)
     padded[: data.numel()] = data
-    wait_all([dist.all_gather(got, padded, group=group, async_op=True)], True, head, tail, timeout_s)
+    wait_all([dist.all_gather(got, padded, group=group, async_op=True)], timeout_s, head, tail)
     return [pickle.loads(t[: int(sz.item())].numpy().tobytes()) for t, sz in zip(got, sizes, strict=True)]

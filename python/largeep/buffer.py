@@ -305,6 +305,7 @@ class Buffer:
             checks.positive_int(op, "num_experts", num_experts)
             checks.positive_int(op, "num_topk", num_topk)
             checks.positive_int(op, "max_tokens_per_rank", max_tokens_per_rank)
+            checks.flags(op, low_latency=low_latency)
             if num_experts % n:
                 raise ArgumentError(
                     f"{op}: argument 'num_experts' = {num_experts} is not divisible by the group size {n}"
@@ -555,11 +556,7 @@ class Buffer:
             return fn(), EventOverlap(None)
         if finished and self._is_finished_call(previous_event, async_finish):
             assert self._finished is not None
-            zc = sys.modules.get("largeep.backends.nvshmem_backend")
-            if zc is not None:  # a zero-copy dispatch output read here: its slot waits for this stream too
-                for t in inputs:
-                    if t is not None:
-                        zc.record_zero_copy(t, self._finished.raw)
+            _zero_copy_read(inputs, self._finished.raw)
             return self._finished.run(fn), EventOverlap(None, self._stream)
         compute = torch.cuda.current_stream(self._stream.device)
         if previous_event is not None and previous_event.event is not None:
@@ -569,13 +566,15 @@ class Buffer:
             other = previous_event._stream if previous_event is not None else None
             if other is not None and other != self._stream:  # another Buffer's finished call: its stream as it is
                 self._stream.wait_stream(other)
+        # (before the launch: a zero-copy output's slot that waits for as many streams as it can refuses one more)
+        _zero_copy_read(inputs, int(self._stream.cuda_stream))
         try:
             with _on_stream(self._stream, compute):
                 result = fn()
         finally:  # (also when fn raised after launching work that reads them, e.g. a refused dispatch's prepare)
             for t in inputs:
                 if t is not None:
-                    _record_stream(t, self._stream)  # also a zero-copy dispatch output (of any Buffer) read here
+                    t.record_stream(self._stream)
         for t in _tensors_of(result):
             t.record_stream(compute)
         event = torch.cuda.Event()
@@ -609,6 +608,7 @@ class Buffer:
         the layout where a fresh dispatch follows on every rank (SPEC.md's sequence)."""
         op = "get_dispatch_layout"
         self._check_alive(op)
+        checks.flags(op, async_finish=async_finish)
         c = self.ctx
         # a backend that checks the ids in its layout kernel saves the separate min/max and its device copy
         native_check = getattr(self._impl, "checks_layout_ids", False) and isinstance(topk_idx, torch.Tensor) and \
@@ -673,6 +673,7 @@ class Buffer:
         op = "dispatch"
         self._check_alive(op)
         self._check_mode(op, False)
+        checks.flags(op, async_finish=async_finish)
         c = self.ctx
         checks.positive_int(op, "expert_alignment", expert_alignment, maximum=1 << 20)
         # (the kernels number rows in 32 bits, within a grid's stride of 2**31: more rows than any rank can receive
@@ -836,6 +837,7 @@ class Buffer:
         op = "combine"
         self._check_alive(op)
         self._check_mode(op, False)
+        checks.flags(op, async_finish=async_finish)
         c = self.ctx
         h = self._check_handle(op, handle, DispatchHandle)
         ys = checks.tensor(
@@ -890,6 +892,8 @@ class Buffer:
         op = "low_latency_dispatch"
         self._check_alive(op)
         self._check_mode(op, True)
+        checks.flags(op, use_fp8=use_fp8, round_scale=round_scale, use_ue8m0=use_ue8m0, async_finish=async_finish,
+                     return_recv_hook=return_recv_hook, bf16_partial_sums=bf16_partial_sums)
         c = self.ctx
         xs = checks.tensor(op, "x", x, dtypes=(torch.bfloat16,), ndim=2, device=c.device, shape=(None, c.hidden),
                            row_aligned=True)
@@ -908,10 +912,6 @@ class Buffer:
         ws = None
         if topk_weights is not None:
             ws = checks.topk_weights(op, topk_weights, num_tokens=t, num_topk=c.num_topk, device=c.device)
-        if not isinstance(bf16_partial_sums, bool):
-            raise ArgumentError(
-                f"Buffer.{op}: argument 'bf16_partial_sums' must be a bool, got {type(bf16_partial_sums).__name__}"
-            )
         if bf16_partial_sums and ws is None:
             raise ArgumentError(
                 f"Buffer.{op}: argument 'bf16_partial_sums' = True needs 'topk_weights' (the sums it rounds are made "
@@ -1006,6 +1006,7 @@ class Buffer:
         op = "low_latency_combine"
         self._check_alive(op)
         self._check_mode(op, True)
+        checks.flags(op, async_finish=async_finish, return_recv_hook=return_recv_hook)
         c = self.ctx
         h = self._check_handle(op, handle, LowLatencyHandle)
         if h.hook_error is not None:
@@ -1240,9 +1241,8 @@ def _all_arrive(group: dist.ProcessGroup, op: str, rank: int, timeout_s: float) 
         raise PeerTimeoutError(f"{op}: rank {rank} " + "; it ".join(said)
                                + "; the group is out of step now (destroy it, and give the next Buffer a new group)")
     # (every rank's number came, so every rank has posted its receives: the sends complete)
-    _collective.wait_all(sends, True, f"{op}: rank {rank} could not send its arrival to every rank of the group",
-                         ": the group is out of step now (destroy it, and give the next Buffer a new group)",
-                         timeout_s)
+    _collective.wait_all(sends, timeout_s, f"{op}: rank {rank} could not send its arrival to every rank of the group",
+                         ": the group is out of step now (destroy it, and give the next Buffer a new group)")
 
 
 # the tag of Buffer creation's arrival messages (_all_arrive)
@@ -1262,11 +1262,19 @@ def _gpu_sms(device: torch.device | None = None) -> int | None:
 
 def _record_stream(t: torch.Tensor, stream: torch.cuda.Stream) -> None:
     """``t.record_stream(stream)``, and the same for a zero-copy dispatch output of any nvshmem Buffer, whose receive
-    slot torch's allocator does not manage (the backend module is only looked at once something imported it)."""
+    slot torch's allocator does not manage."""
     t.record_stream(stream)
+    _zero_copy_read([t], int(stream.cuda_stream))
+
+
+def _zero_copy_read(ts: list[torch.Tensor | None], stream: int) -> None:
+    """The slot of each zero-copy dispatch output among ``ts`` (of any nvshmem Buffer) waits for ``stream`` too
+    before its release (the backend module is only looked at once something imported it)."""
     zc = sys.modules.get("largeep.backends.nvshmem_backend")
     if zc is not None:
-        zc.record_zero_copy(t, int(stream.cuda_stream))
+        for t in ts:
+            if t is not None:
+                zc.record_zero_copy(t, stream)
 
 
 def _tensors_of(result: Any) -> list[torch.Tensor]:

@@ -227,6 +227,14 @@ def topk_weights(op: str, t: object, *, num_tokens: int, num_topk: int, device: 
 MAX_ROWS = (1 << 31) - (1 << 20)
 
 
+def flags(op: str, **named: object) -> None:
+    """ArgumentError naming the first of ``named`` that is not a bool (a string such as "no" or an int is refused:
+    its truth is not what it says)."""
+    for arg, v in named.items():
+        if not isinstance(v, bool):
+            raise ArgumentError(f"{_where(op, arg)} must be a bool (True or False), got {type(v).__name__} {v!r:.40}")
+
+
 def positive_int(op: str, arg: str, v: object, *, minimum: int = 1, maximum: int = 2**31 - 1) -> int:
     """An int in [minimum, maximum] (default maximum: what the kernels' int32 counts hold)."""
     if isinstance(v, bool) or not isinstance(v, int):

@@ -217,10 +217,11 @@ def _run(
             fn(o, t.contiguous(), group=group, async_op=False)
         return outs
     _refuse_if_failed(group, what)
+    timeout_s = _collective.bound_s(group, ts[0].device) if ts else None
     try:
         works = [fn(o, t.contiguous(), group=group, async_op=True) for o, t in zip(outs, ts, strict=True)]
         _collective.wait_all(
-            works, bool(ts) and _collective.on_gloo(group, ts[0].device),
+            works, timeout_s,
             f"expert TP: rank {dist.get_rank(group)} of its {what} waited for the others in vain",
             ": a member did not make the same call, or failed before it; the group is out of step now",
         )

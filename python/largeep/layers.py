@@ -446,11 +446,9 @@ class MoELayer(nn.Module):
                 raise ArgumentError(
                     f"MoELayer: argument 'overlap_sm_carveout' must be None or an int >= 0, got {overlap_sm_carveout!r}"
                 )
-            for arg, flag in (("use_fp8", use_fp8), ("ll_use_fp8", ll_use_fp8), ("ll_send_weights", ll_send_weights),
-                              ("ll_bf16_partial_sums", ll_bf16_partial_sums), ("use_custom_ops", use_custom_ops),
-                              ("norm_topk_prob", norm_topk_prob)):
-                if not isinstance(flag, bool):
-                    raise ArgumentError(f"MoELayer: argument '{arg}' must be a bool, got {type(flag).__name__}")
+            checks.flags("MoELayer", use_fp8=use_fp8, ll_use_fp8=ll_use_fp8, ll_send_weights=ll_send_weights,
+                         ll_bf16_partial_sums=ll_bf16_partial_sums, use_custom_ops=use_custom_ops,
+                         norm_topk_prob=norm_topk_prob)
             if gate is not None and not callable(gate):
                 raise ArgumentError(f"MoELayer: argument 'gate' must be a module x -> (topk_idx, topk_weights), got "
                                     f"{type(gate).__name__}")

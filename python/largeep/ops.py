@@ -1852,8 +1852,7 @@ def dispatch(
     if not isinstance(topk_weights, Tensor):
         raise ArgumentError(f"ops.dispatch: argument 'topk_weights' must be a float32 tensor [T, K], got "
                             f"{type(topk_weights).__name__}")
-    if not isinstance(use_fp8, bool):
-        raise ArgumentError(f"ops.dispatch: argument 'use_fp8' must be a bool, got {type(use_fp8).__name__}")
+    checks.flags("ops.dispatch", use_fp8=use_fp8, async_finish=async_finish, use_custom_ops=use_custom_ops)
     if use_fp8:
         _check_fp8(x)
     if _use_ops(use_custom_ops):
@@ -1885,6 +1884,7 @@ def combine(
     """Differentiable normal-mode combine: x [T, H] = per-token sum of the rows y [R, H] sent home (no weights).
 
     ``handle`` comes from :func:`dispatch` on ``buffer``; the path follows it. Does not wait on the host."""
+    checks.flags("ops.combine", async_finish=async_finish)
     if not isinstance(handle, (OpHandle, TicketHandle)):
         raise ArgumentError("ops.combine: argument 'handle' must be the handle of an ops.dispatch (its output's "
                             f".handle), got {type(handle).__name__}")
@@ -1933,6 +1933,8 @@ def low_latency_dispatch(
     buffer to both ops, not the same object). That check is best effort under Inductor, which may place another
     tensor in that memory once this dispatch has read it; the combine applies the weights as this dispatch read
     them, on every backend. No host wait."""
+    checks.flags("ops.low_latency_dispatch", use_fp8=use_fp8, round_scale=round_scale,
+                 return_recv_hook=return_recv_hook, use_custom_ops=use_custom_ops, bf16_partial_sums=bf16_partial_sums)
     if _use_ops(use_custom_ops):
         if return_recv_hook:
             raise ArgumentError("largeep.ops.low_latency_dispatch: return_recv_hook is eager-only")
@@ -1959,6 +1961,7 @@ def low_latency_combine(
     return_recv_hook: bool = False,
 ) -> tuple[Tensor, Any]:
     """Low-latency combine: y bf16 [E/N, N*M, H] -> (x bf16 [T, H] weighted by topk_weights, hook or None)."""
+    checks.flags("ops.low_latency_combine", return_recv_hook=return_recv_hook)
     if isinstance(handle, Tensor):
         if return_recv_hook:
             raise ArgumentError("largeep.ops.low_latency_combine: return_recv_hook is eager-only")

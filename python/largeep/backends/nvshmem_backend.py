@@ -791,10 +791,12 @@ class NvshmemBackend:
             return
         self.alive = False
         c = self.ctx
+        idle = False
         try:
             # (the device's work, which may read this memory, finishes first: waited for at most the timeout, so that
             # a kernel that never ends (a user's collective stuck on a dead peer) cannot hang destroy)
             _synchronize_bounded(c.device, self.settings.timeout_s + _HOST_GRACE_S, "Buffer.destroy")
+            idle = True
             _zc_register(self, False)
             held = 0
             if not c.low_latency:
@@ -815,7 +817,11 @@ class NvshmemBackend:
                     "the Buffer, or drop them before destroy)", c.rank, why, self.heap_bytes / 2**30,
                 )
         finally:
-            self.C.host_free(self.host_ptr)
+            # the host-mapped status words that kernels write: freed once the device is idle; while work is still
+            # queued or running they stay allocated (a few bytes for the process's life): cudaFreeHost would wait
+            # for that work without a bound, and freed, the kernels would write into released memory
+            if idle:
+                self.C.host_free(self.host_ptr)
 
     @staticmethod
     def _collective(op: str, fn: Any, *args: Any) -> Any:
@@ -833,7 +839,9 @@ class NvshmemBackend:
             return False
         return bool(self.kernels.zc_add_stream(addr, stream))
 
-    def _raise_if_failed(self, op: str) -> None:
+    def _raise_if_failed(self, op: str, *, earlier: bool = True) -> None:
+        """Raises for a failure the device (or a host wait) reported in the status word: ``earlier`` (at the start
+        of a call) that of an earlier call, False right after this call's own host wait."""
         code = int(self.status[_ERROR])
         if code == 0:
             return
@@ -922,7 +930,8 @@ class NvshmemBackend:
             "did not make the call, a kernel failed, or the work queued before the call on the Buffer's stream, an "
             "earlier call's waits included, took that long)")
         raise PeerTimeoutError(
-            f"{op}: {what} on rank {self.ctx.rank} waited more than LARGEEP_TIMEOUT_S={self.settings.timeout_s:g} s "
+            f"{op}: {'an earlier ' if earlier else ''}{what} on rank {self.ctx.rank} waited more than "
+            f"LARGEEP_TIMEOUT_S={self.settings.timeout_s:g} s "
             f"for {whom}; the Buffer is unusable now (destroy it). A rank waited for does not answer when it stopped "
             "calling the Buffer, failed, or made another call than this one (every rank makes the same calls in the "
             "same order: a fresh dispatch, a cached one, a combine, a low-latency call)"
@@ -1027,7 +1036,7 @@ class NvshmemBackend:
         rc = self.C.wait_host_word(
             self.host_ptr, lw, self._layout_token, _ERROR, self.settings.timeout_s + _HOST_GRACE_S
         )
-        self._raise_if_failed(op)
+        self._raise_if_failed(op, earlier=False)
         if rc == 2:
             raise PeerTimeoutError(
                 f"{op}: the expert-id check of rank {c.rank} did not finish within "
@@ -1129,14 +1138,14 @@ class NvshmemBackend:
                 elem, _ptr(x_scales), x_scales is not None, topk_weights.data_ptr(), tag, c.num_sms, stream))
             if report:
                 rc = self.C.wait_host_word(self.host_ptr, _READY, 1, _ERROR, self.settings.timeout_s + _HOST_GRACE_S)
-                self._raise_if_failed("dispatch")
+                self._raise_if_failed("dispatch", earlier=False)
                 if rc == 2:
                     # the abandoned round's kernels may still finish later and write this round's counts: the next
                     # call must not read them as its own, so the Buffer is unusable from here (as after a device
                     # report; op 3, no rank known)
                     if int(self.status[_ERROR]) == 0:  # (a device report that came meanwhile names the rank)
                         self.status[_ERROR] = 3 << 16
-                    self._raise_if_failed("dispatch")
+                    self._raise_if_failed("dispatch", earlier=False)
                 if int(self.status[_REFUSED]):
                     self._end_round_without_outputs(x, recv_off, self_token, tag, slot, stream)
                     self._round_open = False

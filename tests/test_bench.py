@@ -49,7 +49,9 @@ def test_cpu_quick_run_end_to_end(tmp_path: Path) -> None:
     out = tmp_path / "quick"
     t0 = time.perf_counter()
     proc = subprocess.run(
-        [sys.executable, "-m", "largeep.bench", "--preset", "quick", "--nprocs", "2", "--cpu", "--out", str(out)],
+        # (FP8 first: the layout, which moves no rows, is labelled bf16 whatever the order of the dtypes)
+        [sys.executable, "-m", "largeep.bench", "--preset", "quick", "--nprocs", "2", "--cpu", "--dtypes", "fp8,bf16",
+         "--out", str(out)],
         env=_bench_env(), capture_output=True, text=True, timeout=120, check=False,
     )
     elapsed = time.perf_counter() - t0
@@ -92,7 +94,7 @@ def test_cpu_quick_run_end_to_end(tmp_path: Path) -> None:
     keys = [(r["mode"], r["op"], x["phase_of"], r["num_tokens"], r["hidden"], r["num_topk"], r["num_experts"],
              r["dtype"], r["num_sms"]) for r, x in zip(recs, run["extras"], strict=True)]
     assert len(set(keys)) == len(keys)
-    assert all(k[7] == "bf16" for k in keys if "combine" in (k[1], k[2]))
+    assert all(k[7] == "bf16" for k in keys if "combine" in (k[1], k[2]) or k[1] == "layout")
     assert {r["dtype"] for r in recs if r["op"] == "dispatch"} == {"bf16", "fp8"}
     assert {("normal", o) for o in ("layout", "dispatch", "combine", "roundtrip")} <= ops
     assert {("low_latency", o) for o in ("dispatch", "combine", "roundtrip")} <= ops
@@ -484,6 +486,16 @@ def test_cli_out_must_take_a_file(tmp_path: Path) -> None:
 
         msg = cli.check_args(cli.build_parser().parse_args(["--out", "/proc/x"]), "cpu", 4, 4)
         assert (msg or "").startswith("--out /proc/x: cannot create a file in /proc"), msg
+        # without --out, the default folder under the current directory (checked before any process starts)
+        cwd = os.getcwd()
+        try:
+            os.chdir("/proc")
+            msg = cli.check_args(cli.build_parser().parse_args([]), "cpu", 4, 4)
+        finally:
+            os.chdir(cwd)
+        assert (msg or "").startswith("the default output folder bench/results/ under the current directory (/proc): "
+                                      "cannot create a file in /proc"), msg
+        assert cli.check_args(cli.build_parser().parse_args([]), "cpu", 4, 4) is None
 
 
 def test_no_plots_warns_of_the_plots_of_an_earlier_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -1525,6 +1537,24 @@ def test_git_revision_of_the_checkout() -> None:
     if (Path(rec.__file__).resolve().parents[1] != root / "python" / "largeep") or not head:
         pytest.skip("largeep is not imported from this checkout")
     assert (rec.git_revision() or "").split("-")[0] == head
+
+
+def test_git_revision_of_a_checkout_git_refuses(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A checkout whose git does not answer (git missing, or a checkout of another user: "dubious ownership") has no
+    known revision: None, not the commit of an earlier editable install's build record left in its tree."""
+    import shutil
+
+    checkout = tmp_path / "largeep"
+    (checkout / ".git").mkdir(parents=True)
+    shutil.copytree(Path(rec.__file__).resolve().parents[1], checkout / "python" / "largeep",
+                    ignore=shutil.ignore_patterns("_C*.so", "_native_build.json", "__pycache__"))
+    (checkout / "python" / "largeep" / "_native_build.json").write_text(json.dumps({"git": "0" * 40}))
+    out = subprocess.run(
+        [sys.executable, "-c", "from largeep.bench.records import git_revision; print(git_revision())"],
+        cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(checkout / "python"), "PATH": "/nonexistent"},
+        capture_output=True, text=True, check=True,
+    ).stdout.strip()
+    assert out == "None"
 
 
 def test_results_so_far_are_written_with_stops_held(monkeypatch: pytest.MonkeyPatch,

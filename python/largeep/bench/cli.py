@@ -227,14 +227,19 @@ def check_args(args: argparse.Namespace, device_kind: str, world: int, host_rank
                           f"{','.join(modes[mode]['dtypes'])}" for mode in args.modes)
         return ("FP8 needs hidden sizes that are multiples of 128, and every mode's hidden sizes and dtypes pair FP8 "
                 f"with another hidden size: {asked}")
-    if args.out is not None:
-        from largeep.bench.records import folder_problem
+    from largeep.bench.records import folder_problem
 
+    if args.out is not None:
         if not args.out.strip():
             return "--out: an empty path (give a folder for the results)"
         problem = folder_problem(args.out)
         if problem:
             return f"--out {args.out}: {problem}"
+    else:
+        problem = folder_problem(Path.cwd() / "bench" / "results")
+        if problem:
+            return (f"the default output folder bench/results/ under the current directory ({Path.cwd()}): {problem}; "
+                    "give --out a folder, or run from another directory")
     rpn = args.ranks_per_node
     if rpn is not None:
         if world % rpn:

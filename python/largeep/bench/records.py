@@ -293,6 +293,10 @@ def git_revision() -> str | None:
         if rev is not None:
             dirty = _run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here)
             return rev + ("-dirty" if dirty else "")
+    if pkg.parent.name == "python" and (pkg.parent.parent / ".git").exists():
+        # a checkout whose git did not answer (not installed, or "dubious ownership" of a checkout of another user):
+        # a build record here is an earlier editable install's, of whatever commit was checked out then
+        return None
     from largeep import native
 
     recorded = native.build_note().get("git")

@@ -276,7 +276,8 @@ class Sweep:
                 try:
                     for tokens in group:
                         # the layout and the combine do not depend on the dispatch dtype: timed with the first
-                        # dtype, recorded once (the combine as BF16, which it is)
+                        # dtype, recorded once, as BF16 (the combine's rows are; the layout moves none, and takes
+                        # one label whatever the order of --dtypes)
                         for i, dtype in enumerate(dtypes):
                             run = self._normal if mode == "normal" else self._low_latency
                             run(a, spec, tokens, dtype, i == 0)
@@ -335,8 +336,8 @@ class Sweep:
                   "roundtrip": rec.link_bytes((traffic, rb_d), (back, rb_c))}
         for op in ("layout", "dispatch", "combine", "roundtrip"):
             if op in stats:
-                self._add(a, spec, "normal", op, None, tokens, "bf16" if op == "combine" else dtype, stats[op],
-                          traffic, per_row[op], floors[op])
+                label = "bf16" if op in ("layout", "combine") else dtype
+                self._add(a, spec, "normal", op, None, tokens, label, stats[op], traffic, per_row[op], floors[op])
 
     # -- low-latency mode ---------------------------------------------------------------------------------------
     def _low_latency(self, a: Adapter, spec: BufferSpec, tokens: int, dtype: str, first: bool) -> None:
@@ -391,6 +392,10 @@ class Sweep:
         back = (summed if sent else traffic).reversed()  # (the combine's rows go from the experts' ranks)
         floors = {"dispatch": rec.link_bytes((per_rank, rb_d)), "combine": rec.link_bytes((back, rb_c)),
                   "roundtrip": rec.link_bytes((per_rank, rb_d), (back, rb_c))}
+        # what crosses the links (bus bandwidth): with the weights sent, the combine's summed rows, not a row per copy
+        moved: dict[str, tuple[tuple[rec.Traffic, int], ...]] = {
+            "dispatch": ((traffic, rb_d),), "combine": ((summed if sent else traffic, rb_c),)}
+        moved["roundtrip"] = moved["dispatch"] + moved["combine"]
         for name, op, phase, rb in names:
             if name in stats:
                 # (a receive moves nothing over the link in hook mode: its rows came with the send, so it has
@@ -398,19 +403,23 @@ class Sweep:
                 self._add(a, spec, "low_latency", op, phase, tokens, "bf16" if (phase or op) == "combine" else dtype,
                           stats[name], traffic, rb,
                           None if op == "recv" else floors[phase or op], weights_sent=sent,
-                          bf16_partial_sums=one if sent else None)
+                          bf16_partial_sums=one if sent else None, moved=moved[phase or op])
 
     # -- records ------------------------------------------------------------------------------------------------
     def _add(
         self, a: Adapter, spec: BufferSpec, mode: str, op: str, phase: str | None, tokens: int, dtype: str,
         st: Stats, traffic: rec.Traffic, bytes_per_row: int | None, floor_bytes: float | None = None,
         weights_sent: bool | None = None, bf16_partial_sums: bool | None = None,
+        moved: tuple[tuple[rec.Traffic, int], ...] | None = None,
     ) -> None:
-        """floor_bytes: the fewest bytes the busiest GPU's link carries one way (records.py, ``floor_us``)."""
+        """floor_bytes: the fewest bytes the busiest GPU's link carries one way (records.py, ``floor_us``).
+        ``moved``: the (rows, bytes per row) that cross the links, where they are not ``traffic``'s rows of
+        ``bytes_per_row`` (the bus bandwidth's bytes; the logical bandwidth counts ``traffic``'s)."""
         logical = bus = None
         if bytes_per_row is not None:
             logical = rec.gbps(traffic.logical_bytes(bytes_per_row), st.median)
-            bus = rec.gbps(traffic.bus_bytes(bytes_per_row), st.median)
+            parts = moved if moved is not None else ((traffic, bytes_per_row),)
+            bus = rec.gbps(sum(tr.bus_bytes(rb) for tr, rb in parts), st.median)
         floor = (rec.floor_us(floor_bytes, self.plan.link_gbps)
                  if floor_bytes is not None and self.device.type == "cuda" else None)
         self.records.append(rec.Record(

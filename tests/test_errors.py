@@ -715,6 +715,7 @@ def test_nvshmem_missing_on_one_rank(pools) -> None:
     ("ll_fuse=-1", "ll_fuse=-1"),
     ("comb=8", "comb=8, expected 0 (push, then reduce) or 1..7"),
     ("speed=1", "expected comma-separated key=int"),
+    ("comb=3,threads=512,comb=0", "comb given twice"),
 ])
 def test_tune_rejects(monkeypatch: pytest.MonkeyPatch, raw: str, words: str) -> None:
     monkeypatch.setenv("LARGEEP_TUNE", raw)

@@ -178,11 +178,15 @@ _TUNE_RANGES = {
 
 def _tune(raw: str) -> dict[str, int]:
     out = dict(_TUNE_DEFAULTS)
+    given: set[str] = set()
     for item in filter(None, (p.strip() for p in raw.split(","))):
         key, _, value = item.partition("=")
         key = key.strip()  # (spaces around "=" are taken, as around the items)
         if key not in out or not re.fullmatch(r"-?[0-9]+", value.strip()):
             raise ValueError(f"{_PREFIX}TUNE={raw!r}: expected comma-separated key=int with keys {sorted(out)}")
+        if key in given:
+            raise ValueError(f"{_PREFIX}TUNE={raw!r}: {key} given twice")
+        given.add(key)
         out[key] = int(value)
         allowed, what = _TUNE_RANGES[key]
         if out[key] not in allowed:

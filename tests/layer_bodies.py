@@ -1748,3 +1748,36 @@ def replica_grads_with_empty_slots(rank: int, world: int) -> None:
                 want = grads[rank][i][local].double()
             assert p.grad is not None
             close(p.grad[local], want, f"rank {rank}: grad of param {i}, slot {slot} (expert {e})", rtol=1e-6)
+
+
+def gate_output_checks(rank: int, world: int) -> None:
+    """A gate whose output is not (topk_idx, topk_weights), or whose ids are not integers, is refused naming the
+    gate (it failed with AttributeError or IndexError, and float ids were truncated to other experts); so are a
+    phys_to_log of allreduce_replica_grads that is not an integer tensor or holds ids below -1 (a list failed with
+    AttributeError; -2 counted as an empty slot)."""
+    h, e = 16, 4 * world
+    buf = largeep.Buffer(None, hidden=h, num_experts=e, num_topk=2, max_tokens_per_rank=8, backend="torch")
+    try:
+        x = torch.randn(4, h)
+        idx = torch.tensor([[0, 1]] * 4)
+        w = torch.full((4, 2), 0.5)
+        for out, words in (
+            (idx, ("returned a torch.int64 tensor of shape (4, 2)", "expected (topk_idx, topk_weights)")),
+            ((idx,), ("returned a tuple",)),
+            ((idx.float() + 0.9, w), ("topk_idx as a torch.float32 tensor", "expected an integer tensor")),
+            ((idx, idx), ("topk_weights as a torch.int64 tensor", "expected a float tensor")),
+            ((idx.tolist(), w), ("topk_idx as a list",)),
+        ):
+            layer = layers.MoELayer(buf, ffn_hidden=8, gate=lambda _x, out=out: out)
+            _raises(("argument 'gate'", *words), layer, x)
+        layer = layers.MoELayer(buf, ffn_hidden=8, gate=lambda _x: (idx.int(), w.double()))  # (other widths: fine)
+        assert layer(x).shape == (4, h)
+        params = [layer.experts.w13, layer.experts.w2]
+        n_slots = world * layer.experts.w13.shape[0]
+        _raises(("argument 'phys_to_log'", "integer tensor", "list"), layers.allreduce_replica_grads, params,
+                list(range(n_slots)))
+        bad = torch.arange(n_slots)
+        bad[0] = -2
+        _raises(("argument 'phys_to_log'", "holds -2"), layers.allreduce_replica_grads, params, bad)
+    finally:
+        buf.destroy()

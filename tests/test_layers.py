@@ -645,3 +645,7 @@ def test_linear_router_vs_reference(score_func: str, norm: bool, dtype: torch.dt
     layer_bodies.close(w, want_w, f"{score_func} norm={norm} {dtype}: weights", rtol=1e-5)
     if norm:
         assert torch.allclose(w.sum(dim=-1), torch.ones(tokens), atol=1e-6)
+
+
+def test_gate_output_checks(pools) -> None:
+    pools(1).run(layer_bodies.gate_output_checks)

@@ -343,6 +343,16 @@ def _wrap_placement(placement: Any, rank: int, device: torch.device) -> Callable
     raise ArgumentError("MoELayer: argument 'placement' must be a callable or a largeep.placement.Placement")
 
 
+def _integer_tensor(v: object) -> bool:
+    """Whether ``v`` is a tensor of integers (not bool)."""
+    return isinstance(v, Tensor) and not (v.dtype.is_floating_point or v.dtype.is_complex or v.dtype == torch.bool)
+
+
+def _kind(v: object) -> str:
+    """What ``v`` is, for an error: a tensor's dtype and shape, else its type."""
+    return f"a {v.dtype} tensor of shape {tuple(v.shape)}" if isinstance(v, Tensor) else f"a {type(v).__name__}"
+
+
 class MoELayer(nn.Module):
     """gate -> (placement) -> dispatch -> local grouped SwiGLU experts -> combine, plus optional shared experts.
 
@@ -583,11 +593,20 @@ class MoELayer(nn.Module):
         checks.tensor("MoELayer", "x", x, dtypes=checks.FLOAT_DTYPES, ndim=2, device=None, shape=(None, self.hidden),
                       contiguous=False)
         out = self.gate(x)
-        if isinstance(out, (tuple, list)):
+        if isinstance(out, (tuple, list)) and len(out) >= 2:
             idx, w = out[0], out[1]
-        else:
+        elif hasattr(out, "topk_idx") and hasattr(out, "topk_weights"):
             idx, w = out.topk_idx, out.topk_weights
             self.aux_loss = getattr(out, "aux_loss", None)
+        else:
+            raise ArgumentError(f"MoELayer: argument 'gate' returned {_kind(out)}, expected (topk_idx, topk_weights) "
+                                "or an object with those attributes")
+        if not _integer_tensor(idx):
+            raise ArgumentError(f"MoELayer: argument 'gate' returned topk_idx as {_kind(idx)}, expected an integer "
+                                "tensor (int64)")
+        if not isinstance(w, Tensor) or not w.dtype.is_floating_point:
+            raise ArgumentError(f"MoELayer: argument 'gate' returned topk_weights as {_kind(w)}, expected a float "
+                                "tensor")
         if self.placement is not None:
             idx = self.placement(idx)
         return idx.to(torch.int64).contiguous(), w.float().contiguous()
@@ -1176,11 +1195,17 @@ def allreduce_replica_grads(
             )
     n = dist.get_world_size(group)
     rank = dist.get_rank(group)
+    if not _integer_tensor(phys_to_log):
+        raise ArgumentError(f"allreduce_replica_grads: argument 'phys_to_log' must be an integer tensor (int64 [N*S]), "
+                            f"got {_kind(phys_to_log)}")
     table = phys_to_log.cpu().to(torch.int64)
     if table.numel() != n * s:
         raise ArgumentError(
             f"allreduce_replica_grads: phys_to_log has {table.numel()} slots, params have {s} rows on each of {n} ranks"
         )
+    if table.numel() and int(table.min()) < -1:
+        raise ArgumentError(f"allreduce_replica_grads: argument 'phys_to_log' holds {int(table.min())}, expected "
+                            "logical expert ids >= 0, or -1 for an empty slot")
     used = table >= 0
     num_logical = int(table.max()) + 1 if bool(used.any()) else 0
     counts = torch.bincount(table[used], minlength=num_logical)

@@ -5,7 +5,8 @@ Model (per GPU, per call; T tokens per rank, N ranks, P GPUs per node, M = N/P n
 Routing statistics (:class:`RoutingStats`): for top-K distinct experts out of E, with experts contiguous per rank,
 the expected distinct ranks a token needs ``d_r = N * (1 - C(E - E/N, K) / C(E, K))`` and distinct nodes
 ``d_n = M * (1 - C(E - E/M, K) / C(E, K))`` (exact, hypergeometric), or the same counted on sampled routings (any
-distribution, e.g. node-limited or skewed; ``imbalance`` = busiest rank over the mean). Only groups and routings
+distribution, e.g. node-limited or skewed; ``imbalance`` = busiest rank over the mean, ``node_imbalance`` = busiest
+node over the mean). Only groups and routings
 that can exist are modelled (:func:`routing_problem`): E divisible by N (SPEC.md), a group of more than P ranks made
 of whole nodes, K <= E, node-limited routing that leaves K experts; so d_r <= min(K, N) and d_n <= min(K, M).
 :func:`routing_stats`, :func:`sampled_stats` and :func:`traffic` raise ValueError otherwise, :func:`sweep_ep` leaves
@@ -24,24 +25,30 @@ RDMA ``T * d_r * (N-P)/N`` (no per-node hop). Combine returns every copy (its ro
 
 Time: ``lat[mode, op] + max(t_nvl, t_rdma, t_sm) + t_copy`` with overlap, ``lat + max(t_nvl + t_rdma, t_sm) +
 t_copy`` without, where ``t_leg = link latency + bytes * imbalance / (eff_leg * link bandwidth)`` (0 for a leg that
-carries nothing), ``t_sm = R * b * imbalance / (num_sms * sm_gbps)`` (normal mode only: the SM-driven send kernels'
-throughput cap; it overlaps the links because the same SMs drive them) and ``t_copy = R * 2H * imbalance / (num_sms *
-copy_gbps)`` (normal mode only: the receive-side pass that runs after the transfer, in series with it: largeep's
-copy-out of pushed rows in dispatch and the top-k reduction in combine; counted in BF16 row bytes whatever the
-dispatch dtype, because that pass is bound per row more than per byte; ``copy_gbps`` None = no such pass, as in
-designs that receive in place). Records without an SM count have neither SM term.
+carries nothing; the hierarchical NIC leg with ``node_imbalance``, since a row lands on the same-index GPU of its
+destination node and a GPU's NIC load follows its node's), ``t_sm = R * b * imbalance / (num_sms * sm_gbps)`` (normal
+mode only: the SM-driven send kernels' throughput cap; it overlaps the links because the same SMs drive them) and
+``t_copy = R * 2H * imbalance / (num_sms * copy_gbps)`` (normal mode only: the receive-side pass that runs after the
+transfer, in series with it: largeep's copy-out of pushed rows in dispatch and the top-k reduction in combine;
+counted in BF16 row bytes whatever the dispatch dtype, because that pass is bound per row more than per byte;
+``copy_gbps`` None = no such pass, as in designs that receive in place). Records without an SM count have neither SM
+term.
 
-The fused combine (largeep inside one node since session 5: ``comb``/8 of max(2, num_sms) blocks push while the
-rest reduce as rows arrive): ``t_sm = max(16 * c_push * 4 * b / comb_gbps, 16 * c_red * 2H / reduce_gbps)`` in
-place of the SM and receive terms (the reduction overlaps the pushes), where c_push = ceil((N-1) * ceil(r / 4) /
-(16 * push_blocks)) is the busiest push warp's count of 4-row chunks (r: rows for each other rank of the node, ``T
-d_r / N`` times the imbalance) and c_red = ceil(T / (16 * reduce_blocks)) the busiest reduce warp's tokens: the
-kernel deals chunks and tokens to its warps (16 per block) in a fixed stride and each warp works through its own
-one after another, so the busiest warp, not the mean, sets the time (:func:`fused_units`); comb_gbps and
-reduce_gbps stay rates per block. push_blocks = min(S - 1, max(1, round(S * comb / 8))) of S = max(2, num_sms)
-blocks, reduce_blocks the rest. It applies to a normal-mode combine on one node when ``comb_gbps`` is known and the
-record (``combine_eighths``, or ``comb=`` in its ``tune``) or the cluster (``combine_eighths``) says the fused
-kernel ran; groups of several nodes keep push + reduce.
+The fused combine (largeep inside one node since session 5: ``comb``/8 of max(2, num_sms) blocks push while the rest
+reduce as rows arrive): ``t_sm = max(16 * c_push * 4 * b / comb_gbps, 16 * c_red * 2H / reduce_gbps)`` in place of
+the SM and receive terms (the reduction overlaps the pushes), where c_push = ceil((N-1) * ceil(r / 4) / (16 *
+push_blocks)) is the busiest push warp's count of 4-row chunks (r: rows for each other rank of the node, ``T d_r /
+N`` times the imbalance) and c_red = ceil(T / (16 * reduce_blocks)) the busiest reduce warp's tokens: the kernel
+deals chunks and tokens to its warps (16 per block) in a fixed stride and each warp works through its own one after
+another, so the busiest warp, not the mean, sets the time (:func:`fused_units`); comb_gbps and reduce_gbps stay rates
+per block. push_blocks = min(S - 1, max(1, round(S * comb / 8))) of S = max(2, num_sms) blocks, reduce_blocks the
+rest. It applies to a normal-mode combine on one node when ``comb_gbps`` is known and the record
+(``combine_eighths``, or ``comb=`` in its ``tune``) or the cluster (``combine_eighths``) says the fused kernel ran;
+groups of several nodes keep push + reduce. In push + reduce, the reduction is in series: ``t_copy`` at ``copy_gbps``
+where the model has a receive pass (``Params.receive_pass``), else the reduce kernel, one warp per token on all
+num_sms blocks at ``reduce_gbps`` per block, ``16 * ceil(T / (16 * num_sms)) * 2H / reduce_gbps`` (counted per token
+as the fused combine's reduce blocks, whose time goes with the tokens more than their rows; named in
+``Prediction.unknown`` where the rate it needs is not known).
 
 A low-latency combine whose dispatch carried the weights (``weights_sent``) adds a summing pass in series: the
 experts' rank reads the T * K BF16 copies it holds and sums each token's before it sends them, ``sum_lat_us + T * K
@@ -51,9 +58,11 @@ until fitted).
 Constants fitted by :func:`calibrate` (least squares on relative error; the active term of each record is chosen by
 the current fit and the fit repeated until that choice settles): ``lat`` per (mode, op), ``eff_nvlink``,
 ``eff_rdma``, ``sm_gbps``, ``copy_gbps``, ``comb_gbps``, ``reduce_gbps``. A constant that no record exercises keeps
-its placeholder value and is reported as such. :func:`placeholder` gives the constants ANCHORS.md's measured link
-ceilings suggest, for use before GPU records exist. Everything the CLI prints says which numbers are measured and
-which modelled.
+its placeholder value and is reported as such; one the records drive to no term is reported as that
+(``Params.no_term``). Records of emulated nodes (fewer ranks per node than ranks, on one host: the "RDMA" leg ran
+over NVLink) are refused unless asked for (``--emulated-nodes``). :func:`placeholder` gives the constants
+ANCHORS.md's measured link ceilings suggest, for use before GPU records exist. Everything the CLI prints says which
+numbers are measured and which modelled.
 
 DeepEP's figures beside the model (ANCHORS.md), in our byte count, the bytes that cross a link: DeepEP's tests count
 a token's RDMA bytes once for every node its experts are on, its own node included (d_n rows per token, where the
@@ -144,6 +153,11 @@ def deepep_normal_in_our_count(ep: int, op: str) -> dict[str, Any]:
     logical_gbps (EP8 only: the published figure; None beyond one node) and efficiency (our_count_gbps over the
     link's theoretical peak per direction, the basis of the model's efficiency: the H800's NVLink,
     :data:`H800_NVLINK_GBPS`, or the NIC, :data:`CX7_NIC_GBPS`)."""
+    if ep not in DEEPEP_NORMAL:
+        raise ValueError(f"deepep_normal_in_our_count: ep {ep}, expected one of DeepEP's published EPs "
+                         f"{', '.join(map(str, sorted(DEEPEP_NORMAL)))}")
+    if op not in OPS:
+        raise ValueError(f"deepep_normal_in_our_count: op {op!r}, expected one of {', '.join(OPS)}")
     published = DEEPEP_NORMAL[ep][OPS.index(op)]
     p = min(DEEPEP_GPUS_PER_NODE, ep)
     nodes = ep // p
@@ -169,6 +183,24 @@ class Cluster:
     num_sms: int | None = 24
     combine_eighths: int = 3  # the fused combine's push share inside one node (LARGEEP_TUNE comb); 0 = two kernels
 
+    def __post_init__(self) -> None:
+        """Raise ValueError naming the field that no machine can have."""
+        if self.gpus_per_node < 1:
+            raise ValueError(f"Cluster: gpus_per_node {self.gpus_per_node}, expected >= 1")
+        for name in ("nvlink_gbps", "nic_gbps"):
+            v = getattr(self, name)
+            if not 0 < v < math.inf:
+                raise ValueError(f"Cluster: {name} {v}, expected a positive finite bandwidth (GB/s)")
+        for name in ("nvlink_latency_us", "nic_latency_us"):
+            v = getattr(self, name)
+            if not 0 <= v < math.inf:
+                raise ValueError(f"Cluster: {name} {v}, expected a finite latency >= 0 (us)")
+        if self.num_sms is not None and self.num_sms < 1:
+            raise ValueError(f"Cluster: num_sms {self.num_sms}, expected >= 1 (or None: no SM cap)")
+        if not 0 <= self.combine_eighths <= 7:
+            raise ValueError(f"Cluster: combine_eighths {self.combine_eighths}, expected 0 to 7 (0: push + reduce "
+                             "kernels)")
+
 
 @dataclass(frozen=True)
 class Workload:
@@ -186,6 +218,22 @@ class Workload:
     weights_sent: bool = False
     bf16_partial_sums: bool = False
 
+    def __post_init__(self) -> None:
+        """Raise ValueError naming the field that no call can have."""
+        from largeep.bench.records import DTYPES
+
+        if self.mode not in MODES:
+            raise ValueError(f"Workload: mode {self.mode!r}, expected one of {', '.join(MODES)}")
+        if self.op not in OPS:
+            raise ValueError(f"Workload: op {self.op!r}, expected one of {', '.join(OPS)}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"Workload: dtype {self.dtype!r}, expected one of {', '.join(DTYPES)}")
+        if self.num_tokens < 0:
+            raise ValueError(f"Workload: num_tokens {self.num_tokens}, expected >= 0")
+        for name in ("hidden", "num_topk", "num_experts"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"Workload: {name} {getattr(self, name)}, expected >= 1")
+
     def bytes_per_row(self) -> int:
         from largeep.bench.records import row_bytes
 
@@ -197,12 +245,31 @@ class RoutingStats:
     """ranks_per_token: E[distinct ranks a token needs]; nodes_per_token: E[distinct nodes]; imbalance: rows the
     busiest rank receives over the mean (1 for uniform routing); summed_rows_per_token: E[sum over ranks of
     min(distinct experts of the token there, 2)], the rows a low-latency combine returns per token when the dispatch
-    carried the weights (a rank sums two or more of a token's experts into two rows; 0: not computed)."""
+    carried the weights (a rank sums two or more of a token's experts into two rows; 0: not computed);
+    node_imbalance: tokens the busiest node is needed by over the mean node's, which sets a GPU's NIC load in the
+    hierarchical layout (a row lands on the same-index GPU of its destination node, so every GPU of a node takes
+    its node's share). None: not given, which :func:`traffic` takes as uniform routing's 1 where ``imbalance`` is 1
+    and refuses for the hierarchical NIC leg of a skewed routing across nodes (:func:`sampled_stats` counts both;
+    :func:`routing_stats` gives 1). Raises ValueError for values no routing can have (negative counts, a busiest
+    share below 1)."""
 
     ranks_per_token: float
     nodes_per_token: float
     imbalance: float = 1.0
     summed_rows_per_token: float = 0.0
+    node_imbalance: float | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("ranks_per_token", "nodes_per_token", "summed_rows_per_token"):
+            v = getattr(self, name)
+            if not 0 <= v < math.inf:
+                raise ValueError(f"RoutingStats: {name} {v}, expected a finite count >= 0")
+        if not 1 <= self.imbalance < math.inf:
+            raise ValueError(f"RoutingStats: imbalance {self.imbalance}, expected the busiest rank's rows over the "
+                             "mean's, >= 1 (1: uniform)")
+        if self.node_imbalance is not None and not 1 <= self.node_imbalance < math.inf:
+            raise ValueError(f"RoutingStats: node_imbalance {self.node_imbalance}, expected the busiest node's share "
+                             "over the mean's, >= 1 (1: uniform)")
 
 
 def routing_problem(num_ranks: int, ranks_per_node: int, num_experts: int, num_topk: int, *,
@@ -262,7 +329,7 @@ def routing_stats(num_ranks: int, ranks_per_node: int, num_experts: int, num_top
     # P(exactly one of the token's K distinct experts is on a given rank of h experts)
     p1 = h * math.comb(num_experts - h, num_topk - 1) / math.comb(num_experts, num_topk)
     summed = num_ranks * ((1.0 - p0) + max(0.0, 1.0 - p0 - p1))
-    return RoutingStats(d_r, d_n, 1.0, summed)
+    return RoutingStats(d_r, d_n, 1.0, summed, 1.0)
 
 
 def sample_topk(
@@ -290,26 +357,37 @@ def sample_topk(
 
 
 def sampled_stats(topk_idx: torch.Tensor, num_ranks: int, ranks_per_node: int, num_experts: int) -> RoutingStats:
-    """The same statistics counted on a routing int64 [T, K] (-1 = none). A routing of no tokens (T = 0) moves
-    nothing: no ranks or nodes per token, imbalance 1. Raises ValueError as :func:`routing_stats` does."""
+    """The same statistics counted on a routing int64 [T, K] (-1 = none), with the busiest rank's and the busiest
+    node's shares (``imbalance``, ``node_imbalance``). A routing of no tokens (T = 0) moves nothing: no ranks or
+    nodes per token, imbalances 1. Raises ValueError as :func:`routing_stats` does, and for a ``topk_idx`` that is
+    not [T, K] of integers or holds ids outside [-1, num_experts)."""
+    if topk_idx.dim() != 2 or topk_idx.dtype.is_floating_point or topk_idx.dtype == torch.bool:
+        raise ValueError(f"sampled_stats: topk_idx of shape {tuple(topk_idx.shape)} and dtype {topk_idx.dtype}, "
+                         "expected integer expert ids [T, K]")
     check_routing(num_ranks, ranks_per_node, num_experts, max(1, topk_idx.shape[1]))
+    bad = topk_idx[(topk_idx < -1) | (topk_idx >= num_experts)]
+    if bad.numel():
+        raise ValueError(f"sampled_stats: topk_idx holds {bad.numel()} ids outside [-1, {num_experts}) (expert ids "
+                         f"of {num_experts} experts, -1 = none), e.g. {', '.join(map(str, bad[:3].tolist()))}")
     ranks_per_node = min(ranks_per_node, num_ranks)
     per_rank = num_experts // num_ranks
     t = topk_idx.shape[0]
     if t == 0:
-        return RoutingStats(0.0, 0.0, 1.0, 0.0)
+        return RoutingStats(0.0, 0.0, 1.0, 0.0, 1.0)
     ranks = torch.where(topk_idx >= 0, topk_idx // per_rank, num_ranks)
     hit = torch.zeros(t, num_ranks + 1, dtype=torch.bool)
     hit.scatter_(1, ranks, True)
     hit = hit[:, :num_ranks]
     nodes = hit.view(t, num_ranks // ranks_per_node, ranks_per_node).any(dim=2)
     per = hit.sum(0).double()
+    per_node = nodes.sum(0).double()
     d_r = float(hit.sum()) / t
     # the rows of a weighted low-latency combine: the benchmark's own count (its floor)
     from largeep.bench.records import summed_rows_ll
 
     summed = float(summed_rows_ll(topk_idx, num_experts, num_ranks).sum()) / t
-    return RoutingStats(d_r, float(nodes.sum()) / t, float(per.max() / per.mean()) if per.sum() > 0 else 1.0, summed)
+    return RoutingStats(d_r, float(nodes.sum()) / t, float(per.max() / per.mean()) if per.sum() > 0 else 1.0, summed,
+                        float(per_node.max() / per_node.mean()) if per_node.sum() > 0 else 1.0)
 
 
 # -- traffic ----------------------------------------------------------------------------------------------------
@@ -329,25 +407,42 @@ class Traffic:
 def traffic(
     w: Workload, num_ranks: int, ranks_per_node: int, stats: RoutingStats, *, hierarchical: bool = True
 ) -> Traffic:
-    """Per-GPU bytes of one call (module docstring). The link, SM and copy terms are scaled by ``stats.imbalance``
-    (the busiest rank decides); ``logical`` is not (SPEC.md's logical bytes: the mean rank's received rows).
-    Raises ValueError for a group or routing that cannot exist (:func:`routing_problem`)."""
+    """Per-GPU bytes of one call (module docstring). The link, SM and copy terms are scaled by the busiest
+    receiver's share: ``stats.imbalance`` (the busiest rank) for NVLink, the SMs, the receive pass and the flat
+    layout's NIC leg; ``stats.node_imbalance`` (the busiest node) for the hierarchical layout's NIC leg, whose rows
+    land on the same-index GPU of each destination node. ``logical`` is not scaled (SPEC.md's logical bytes: the
+    mean rank's received rows). Raises ValueError for a group or routing that cannot exist
+    (:func:`routing_problem`), or statistics this group cannot have (more ranks or nodes per token than top-K, the
+    ranks or the nodes)."""
     check_routing(num_ranks, ranks_per_node, w.num_experts, w.num_topk)
     n, p = num_ranks, min(ranks_per_node, num_ranks)
     m = max(1, n // p)
+    for name, v, most in (("ranks_per_token", stats.ranks_per_token, min(w.num_topk, n)),
+                          ("nodes_per_token", stats.nodes_per_token, min(w.num_topk, m))):
+        if v > most * (1 + 1e-9):
+            raise ValueError(f"traffic: stats.{name} {v:g}, expected at most {most} (top-{w.num_topk} on {n} ranks, "
+                             f"{m} node(s))")
     b = w.bytes_per_row() * stats.imbalance
     b16 = 2 * w.hidden * stats.imbalance
     t = w.num_tokens
     if w.mode == "normal":
         rows = t * stats.ranks_per_token
         if hierarchical and m > 1:
-            rdma = t * stats.nodes_per_token * (m - 1) / m
-            nvl = rows * (p - 1) / p
+            # a GPU's NIC takes the rows for its node (the busiest node's share), NVLink the fan-out to its rank
+            node_share = stats.node_imbalance
+            if node_share is None:
+                if stats.imbalance != 1:
+                    raise ValueError(f"traffic: stats.imbalance {stats.imbalance:g} without stats.node_imbalance: the "
+                                     f"hierarchical NIC leg of {n} ranks on {m} nodes takes the busiest node's share, "
+                                     "which a skewed routing must give (sampled_stats counts it)")
+                node_share = 1.0  # (uniform routing: every node alike)
+            rdma = t * stats.nodes_per_token * (m - 1) / m * w.bytes_per_row() * node_share
+            nvl = rows * (p - 1) / p * b
         else:
-            rdma = rows * (n - p) / n
-            nvl = rows * (p - 1) / n
+            rdma = rows * (n - p) / n * b
+            nvl = rows * (p - 1) / n * b
         # every rank sums its own T tokens whatever the routing's imbalance
-        return Traffic(rows * w.bytes_per_row(), nvl * b, rdma * b, rows * b, rows * b16, t * 2 * w.hidden)
+        return Traffic(rows * w.bytes_per_row(), nvl, rdma, rows * b, rows * b16, t * 2 * w.hidden)
     copies = t * w.num_topk
     # low latency: dispatch crosses a link once per (token, destination rank), combine once per copy (with the
     # weights sent: once per (token, rank) with one expert there, twice with more; with bf16 partial sums once)
@@ -370,7 +465,10 @@ class Params:
     ranks, counted at the busiest warp times 16; None = not known: combines are modelled as push + reduce);
     reduce_gbps: per reduce block of the fused combine (GB/s of this rank's own tokens in BF16, counted at the
     busiest warp times 16: one warp sums a token; None = never the bound);
-    source: where the numbers come from; fitted: which constants the data determined (the rest are placeholders)."""
+    source: where the numbers come from; fitted: which constants the data determined (the rest are the prior's:
+    :func:`calibrate`); no_term: those of ``fitted`` that the records drove to no term at all (a rate's inverse to 0:
+    its rate is then None, but known, not missing). Raises ValueError for constants no fit can give (an efficiency
+    or rate <= 0, a negative latency, the latencies of other calls than "mode.op")."""
 
     lat_us: dict[str, float]
     eff_nvlink: float
@@ -386,6 +484,31 @@ class Params:
     # copies before it sends them (fit_summing); in series with the rest. None = no such term (not fitted)
     sum_lat_us: float | None = None
     sum_gbps: float | None = None  # per GPU, GB/s of the BF16 copies read
+    no_term: list[str] = field(default_factory=list)
+    # the model has the serial receive pass (copy_gbps; calibrate(copy_phase=True)). False: none (zero-copy, or the
+    # model before the push design), and a two-kernel combine's reduction is its reduce kernel at reduce_gbps
+    receive_pass: bool = True
+
+    def __post_init__(self) -> None:
+        if set(self.lat_us) != set(_LAT_KEYS):
+            raise ValueError(f"Params: lat_us keys {sorted(self.lat_us)}, expected {', '.join(_LAT_KEYS)}")
+        for key, v in self.lat_us.items():
+            if not 0 <= v < math.inf:
+                raise ValueError(f"Params: lat_us[{key!r}] {v}, expected a finite latency >= 0 (us)")
+        for name in ("eff_nvlink", "eff_rdma", "sm_gbps"):
+            v = getattr(self, name)
+            if not 0 < v < math.inf:
+                raise ValueError(f"Params: {name} {v}, expected a positive finite number")
+        for name in ("copy_gbps", "comb_gbps", "reduce_gbps", "sum_gbps"):
+            v = getattr(self, name)
+            if v is not None and not 0 < v < math.inf:
+                raise ValueError(f"Params: {name} {v}, expected a positive finite rate (or None: no such term)")
+        if self.sum_lat_us is not None and not 0 <= self.sum_lat_us < math.inf:
+            raise ValueError(f"Params: sum_lat_us {self.sum_lat_us}, expected a finite latency >= 0 (or None)")
+
+    def rate_known(self, name: str) -> bool:
+        """Whether the rate ``name`` (copy_gbps, comb_gbps, reduce_gbps) is known: a value, or fitted to no term."""
+        return bool(getattr(self, name)) or name in self.no_term
 
     def vector(self) -> list[float]:
         inv_copy = 1 / self.copy_gbps if self.copy_gbps else 0.0
@@ -395,14 +518,14 @@ class Params:
                                                       inv_copy, inv_comb, inv_red]
 
     @staticmethod
-    def from_vector(v: Sequence[float], source: str, fitted: list[str]) -> Params:
+    def from_vector(v: Sequence[float], source: str, fitted: list[str], no_term: Sequence[str] = ()) -> Params:
         lat = {k: float(v[i]) for i, k in enumerate(_LAT_KEYS)}
         j = len(_LAT_KEYS)
         copy = 1 / float(v[j + 3]) if v[j + 3] > 1e-12 else None
         comb = 1 / float(v[j + 4]) if v[j + 4] > 1e-12 else None
         red = 1 / float(v[j + 5]) if v[j + 5] > 1e-12 else None
         return Params(lat, 1 / float(v[j]), 1 / float(v[j + 1]), 1 / float(v[j + 2]), copy, source, list(fitted),
-                      comb_gbps=comb, reduce_gbps=red)
+                      comb_gbps=comb, reduce_gbps=red, no_term=list(no_term))
 
 
 def placeholder() -> Params:
@@ -460,7 +583,12 @@ MERGE_BYTES_PER_US = 29.4e6 / 19.5
 
 
 def push_blocks(num_sms: int, eighths: int) -> int:
-    """Blocks of the fused combine that push (launch_combine_fused): the rest reduce."""
+    """Blocks of the fused combine that push (launch_combine_fused): the rest reduce. Raises ValueError for
+    ``num_sms`` < 1 or ``eighths`` outside 1 to 7 (no fused combine runs so)."""
+    if num_sms < 1:
+        raise ValueError(f"push_blocks: num_sms {num_sms}, expected >= 1")
+    if not 1 <= eighths <= 7:
+        raise ValueError(f"push_blocks: eighths {eighths}, expected 1 to 7 (the fused combine's push share)")
     grid = max(2, num_sms)
     return min(grid - 1, max(1, (grid * eighths + 4) // 8))
 
@@ -515,6 +643,12 @@ def _terms(tr: Traffic, w: Workload, cluster: Cluster, num_sms: int | None,
     elif w.mode == "normal" and num_sms:
         out["sm"] = (tr.sm / (num_sms * 1e3), 0.0)
         out["copy"] = (tr.copy / (num_sms * 1e3), 0.0)
+        if w.op == "combine":
+            # the two-kernel combine (several nodes, or comb 0): the reduce kernel after the pushes, one warp per
+            # token on all num_sms blocks, at the fused combine's reduce rate per block (counted at the busiest warp
+            # times 16); the term the receive pass stands for where a fit has none (copy_gbps None)
+            tokens = _ceil(w.num_tokens / (num_sms * FUSED_WARPS))
+            out["reduce_pass"] = (FUSED_WARPS * tokens * tr.reduced / max(1, w.num_tokens) / 1e3, 0.0)
     return out
 
 
@@ -525,7 +659,15 @@ def predict(
     """Time and bandwidths of one call on ``num_ranks`` GPUs (``cluster.gpus_per_node`` per node).
     num_sms: -1 = the cluster's; None = no SM cap. rounds > 1 (normal mode, a Buffer with tokens_per_round): the
     same bytes in that many calls, each with its latency, plus the merge of the received rows
-    (MERGE_BYTES_PER_US)."""
+    (MERGE_BYTES_PER_US). A normal-mode combine of push + reduce kernels (several nodes, or
+    ``cluster.combine_eighths`` 0) has its reduction in series: the receive pass at ``copy_gbps`` where the model
+    has one (``params.receive_pass``), else the reduce kernel at ``reduce_gbps``; a rate it needs that is not known
+    is named in ``unknown``. Raises
+    ValueError for ``num_sms`` other than -1, None or >= 1, or ``rounds`` < 1."""
+    if num_sms is not None and num_sms != -1 and num_sms < 1:
+        raise ValueError(f"predict: num_sms {num_sms}, expected >= 1 (-1: the cluster's; None: no SM cap)")
+    if rounds < 1:
+        raise ValueError(f"predict: rounds {rounds}, expected >= 1")
     p = min(cluster.gpus_per_node, num_ranks)
     if stats is None:
         stats = routing_stats(num_ranks, p, w.num_experts, w.num_topk)
@@ -546,8 +688,18 @@ def predict(
     unknown: tuple[str, ...] = ()
     if fused:
         unknown = tuple(name for name, term in (("comb_gbps", "comb"), ("reduce_gbps", "reduce"))
-                        if terms[term][0] > 0 and not getattr(params, name))
-    t_copy = terms["copy"][0] / params.copy_gbps if "copy" in terms and params.copy_gbps else 0.0
+                        if terms[term][0] > 0 and not params.rate_known(name))
+    t_copy = 0.0
+    if params.receive_pass:  # the two-kernel combine's reduction is the receive pass
+        if "copy" in terms and params.copy_gbps:
+            t_copy = terms["copy"][0] / params.copy_gbps
+        elif "reduce_pass" in terms and terms["reduce_pass"][0] > 0 and not params.rate_known("copy_gbps"):
+            unknown = ("copy_gbps",)
+    elif "reduce_pass" in terms:  # no receive pass: the combine still reduces, in its own kernel after the pushes
+        if params.reduce_gbps:
+            t_copy = terms["reduce_pass"][0] / params.reduce_gbps
+        elif terms["reduce_pass"][0] > 0 and not params.rate_known("reduce_gbps"):
+            unknown = ("reduce_gbps",)
     links = max(t_nvl, t_rdma) if overlap else t_nvl + t_rdma
     body = max(links, t_sm)
     lat = params.lat_us[f"{w.mode}.{w.op}"]
@@ -630,8 +782,8 @@ def load(paths: str | Path | Sequence[str | Path], *, label: str | None = None,
     ("kernel": profiler kernel times; "events": device events around whole calls, host overhead included),
     ``file`` and ``label`` (``label``, else the file's folder name); the benchmark's per-record ``extras``
     (``bus_gbps``, ``phase_of``, ...) are merged in, and a kernel-time record's ``kernels`` kept; ``gpu`` (None:
-    CPU processes) where the file says. fused_combine: the ``combine_eighths`` of records that do not say (files
-    written before kernel_times.py recorded it)."""
+    CPU processes) where the file says; ``emulated_nodes`` (:func:`emulates_nodes`). fused_combine: the
+    ``combine_eighths`` of records that do not say (files written before kernel_times.py recorded it)."""
     from largeep.bench.records import read_results_files
 
     out: list[dict[str, Any]] = []
@@ -654,6 +806,11 @@ def load(paths: str | Path | Sequence[str | Path], *, label: str | None = None,
             if "comb" in tune and r.get("backend") == "nvshmem" and r["mode"] == "normal" and one_node:
                 row.setdefault("combine_eighths", int(tune["comb"]))  # (the benchmark's runs record LARGEEP_TUNE)
             row.setdefault("combine_eighths", fused_combine)
+            # fewer ranks per node than ranks on a host with a GPU for every rank: nodes emulated on one host
+            # (bench/kernel_times.py --ranks-per-node)
+            gpus = f.env.get("gpu_count")
+            row.setdefault("emulated_nodes", int(r.get("ranks_per_node") or r["ep"]) < int(r["ep"])
+                           and isinstance(gpus, int) and gpus >= int(r["ep"]))
             row["file"] = str(path)
             row["label"] = label or path.parent.name
             out.append(row)
@@ -745,19 +902,43 @@ def _record_rows(
     return rows
 
 
+def emulates_nodes(r: dict[str, Any]) -> bool:
+    """A record whose nodes were emulated on one host, so that its "RDMA" leg ran over NVLink: its
+    ``emulated_nodes``, which :func:`load` sets where a record has fewer ranks per node than ranks and its file's
+    environment shows a host with a GPU for every rank (``gpu_count``; bench/kernel_times.py --ranks-per-node).
+    Records made otherwise (the model's own, in tests) say it themselves or are not."""
+    return bool(r.get("emulated_nodes"))
+
+
+def _files_of(recs: Sequence[dict[str, Any]]) -> str:
+    """"FILE (n records, EP 2 with 1 rank per node), ..." of ``recs``, for messages naming them."""
+    by: dict[str, list[dict[str, Any]]] = {}
+    for r in recs:
+        by.setdefault(str(r.get("file", "?")), []).append(r)
+    return "; ".join(f"{f} ({len(rs)} records: " + ", ".join(
+        f"EP {ep} with {rpn} per node" for ep, rpn in sorted({(int(r["ep"]), int(r["ranks_per_node"])) for r in rs}))
+        + ")" for f, rs in by.items())
+
+
 def calibrate(
     measurements: Iterable[dict[str, Any]], *, cluster: Cluster | None = None, prior: Params | None = None,
     hierarchical: bool = True, overlap: bool = True, max_iter: int = 100, copy_phase: bool = True,
+    emulated_nodes: bool = False,
 ) -> Params:
     """Least-squares fit of the constants to benchmark records (dicts with the record keys; only "dispatch" and
     "combine" of modes "normal" and "low_latency" are used). The cluster must describe the machine the records
     came from (its ``gpus_per_node`` is ignored: each record's ``ranks_per_node`` is used). Minimises the relative
-    error of each record's median time. Constants no record exercises keep ``prior``'s values. copy_phase=False
-    leaves the receive pass out of the fit (``copy_gbps`` stays ``prior``'s, None for the placeholder): the model
-    as it was before largeep's push design, kept for comparison.
+    error of each record's median time. A constant that no record exercises under the settled choice of terms is
+    not in ``fitted`` and has ``prior``'s value (also where an earlier iteration's solve had moved it); one the
+    records drive to no term (a rate's inverse to 0) is in ``fitted`` and ``no_term``. copy_phase=False leaves the
+    receive pass out of the fit (``copy_gbps`` stays ``prior``'s, None for the placeholder): the model as it was
+    before largeep's push design, kept for comparison; a two-kernel combine then has its reduce kernel in series
+    at ``reduce_gbps`` (:func:`predict`).
 
-    Records taken with ``--ranks-per-node`` below the GPUs of one host emulate nodes: their "RDMA" leg ran over
-    NVLink, so fit them with a cluster whose ``nic_gbps`` is the NVLink figure, or leave them out.
+    Records of fewer ranks per node than ranks (:func:`emulates_nodes`) emulate nodes on one host: their "RDMA" leg
+    ran over NVLink, so they would fit ``eff_rdma`` as if it were a NIC's. They are refused (ValueError naming
+    their files) unless ``emulated_nodes`` is True; then a fitted ``eff_rdma`` carries a warning saying it
+    describes NVLink (fit them with a cluster whose ``nic_gbps`` is the NVLink figure to read it as such).
 
     The choice of the term that decides each record is repeated at most ``max_iter`` times; if it has not settled
     by then (the last solve's constants would choose differently), the fit warns (UserWarning, and in
@@ -769,20 +950,31 @@ def calibrate(
     recs = [r for r in measurements if _usable(r)]
     if not recs:
         raise ValueError("calibrate: no dispatch/combine records with a positive time")
+    emulated = [r for r in recs if emulates_nodes(r)]
+    if emulated and not emulated_nodes:
+        raise ValueError(f"calibrate: {len(emulated)} records emulate nodes on one host (ranks_per_node < ep: their "
+                         f"'RDMA' leg ran over NVLink), which would fit eff_rdma as a NIC figure: "
+                         f"{_files_of(emulated)}; leave them out, or pass emulated_nodes=True (CLI: --emulated-nodes) "
+                         "to fit them knowingly")
     rows = _record_rows(recs, cluster, hierarchical)
-    theta = np.array(prior.vector(), dtype=np.float64)
+    prior_vec = prior.vector()
+    theta = np.array(prior_vec, dtype=np.float64)
     nlat = len(_LAT_KEYS)
     col = {"nvlink": nlat, "rdma": nlat + 1, "sm": nlat + 2, "copy": nlat + 3, "comb": nlat + 4,
-           "reduce": nlat + 5}
+           "reduce": nlat + 5, "reduce_pass": nlat + 5}
     # unknown: start the choice of active terms from a push block as fast as an SM and a reduce block half that
     # (every fused record starts reduce-bound; starting the reduction faster can leave it never chosen, unfitted)
+    seeded = set()  # (unknown rates: between solves they keep their last value, so that they can be chosen again)
     for key, scale in (("comb", 1.0), ("reduce", 2.0)):
         if theta[col[key]] == 0:
             theta[col[key]] = scale * theta[col["sm"]]
-    serial = ("copy",) if copy_phase else ()
+            seeded.add(col[key])
+    # the receive pass, or without one the two-kernel combine's reduce kernel (predict)
+    serial = ("copy",) if copy_phase else ("reduce_pass",)
     active: list[tuple[str, ...]] | None = None
     used: set[int] = set()
     to_prior: set[int] = set()  # (of the last solve) efficiencies the records drove to <= 0, back at prior's value
+    zeroed: set[int] = set()  # (of the last solve) latencies and rate inverses the records drove to <= 0: now 0
 
     def choose() -> list[tuple[str, ...]]:
         """Which terms decide each record under the current constants."""
@@ -819,8 +1011,14 @@ def calibrate(
             a[i] /= t  # relative error
             b[i] /= t
         used = {j for j in range(len(theta)) if np.any(a[:, j] != 0)}
+        # a constant this choice does not use goes back to the prior's value, not where an earlier solve left it,
+        # so that the next choice is made with what will be reported (an unknown rate is reported as no term, which
+        # can change no choice: it keeps its value until the end)
+        unused = [j for j in range(len(theta)) if j not in used and j not in seeded]
+        theta[unused] = np.array(prior_vec)[unused]
         free = sorted(used)
         to_prior = set()
+        zeroed = set()
         for _attempt in range(len(theta)):
             fixed = [j for j in range(len(theta)) if j not in free]
             rhs = b - a[:, fixed] @ theta[fixed] if fixed else b
@@ -833,23 +1031,35 @@ def calibrate(
             # efficiency its prior) and refit
             for j in bad:
                 zero = j < nlat or j in (col["copy"], col["comb"], col["reduce"])
-                theta[j] = 0.0 if zero else prior.vector()[j]
-                if not zero:
-                    to_prior.add(j)
+                theta[j] = 0.0 if zero else prior_vec[j]
+                (zeroed if zero else to_prior).add(j)
             free = [j for j in free if j not in bad]
             if not free:
                 break
     settled = active is not None and choose() == active  # (the last solve's constants keep its choice)
-    for key in ("comb", "reduce"):
-        if col[key] not in used:  # no record bound there: the constant stays unknown (or the prior's)
-            theta[col[key]] = prior.vector()[col[key]]
+    for j in range(len(theta)):
+        if j not in used:  # no record bound there: the constant is the prior's (a seeded rate: unknown again)
+            theta[j] = prior_vec[j]
     names = [k.replace("inv_", "") for k in PARAM_KEYS]
     fitted = [names[j] for j in sorted(used - to_prior)]
-    params = Params.from_vector(theta.tolist(), f"fit of {len(recs)} records", fitted)
+    no_term = [names[j] for j in sorted(zeroed) if j >= nlat]
+    params = Params.from_vector(theta.tolist(), f"fit of {len(recs)} records", fitted, no_term)
+    params.receive_pass = copy_phase
+    for name in names:  # the others are the prior's, exactly (not through their inverses)
+        if name not in fitted:
+            if name in prior.lat_us:
+                params.lat_us[name] = prior.lat_us[name]
+            else:
+                setattr(params, name, getattr(prior, name))
     params.warnings = _fit_warnings(recs, params) + [
         f"{names[j]}: the records gave it no positive value, so it stays the placeholder {getattr(params, names[j])}"
         for j in sorted(to_prior)
     ]
+    if emulated and "eff_rdma" in fitted:
+        params.warnings.append(
+            f"eff_rdma = {params.eff_rdma:.3f} is fitted on {len(emulated)} records whose nodes were emulated on one "
+            "host: their 'RDMA' leg ran over NVLink, so it describes NVLink, not a NIC, and every prediction "
+            "beyond one node uses it")
     if not settled:
         unsettled = (f"calibrate: the choice of each record's deciding term had not settled after max_iter={max_iter} "
                      "iterations; the constants are those of the last solve, under which some records would choose "
@@ -927,13 +1137,24 @@ def check(
     return CheckResult(len(errs), statistics.median(errs), errs[-1], rows)
 
 
+def same_call(r: dict[str, Any]) -> tuple[Any, ...]:
+    """What makes records the same call, whichever pass or file timed it: backend, mode, op, group, SMs, sizes,
+    fused-combine split, low-latency weight options, and the dtype of the rows moved (a combine moves BF16 rows
+    whatever the dispatch dtype its record is labelled with)."""
+    dtype = r["dtype"] if r["op"] == "dispatch" else "bf16"
+    return (r.get("backend"), r["mode"], r["op"], int(r["ep"]), int(r["ranks_per_node"]), r.get("num_sms"),
+            int(r["num_tokens"]), int(r["hidden"]), int(r["num_topk"]), int(r["num_experts"]), dtype,
+            record_eighths(r), bool(r.get("weights_sent")), bool(r.get("bf16_partial_sums")))
+
+
 def split_holdout(
     records: Sequence[dict[str, Any]], *, eps: Sequence[int] = (), sms: Sequence[int] = (),
     tokens: Sequence[int] = (),
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], str]:
     """(fit, held out, how). With ``eps``, ``sms`` or ``tokens``: hold out every record at one of those EPs, SM
-    counts or tokens per rank. Otherwise: hold out the largest EP when there are several, else every third
-    record."""
+    counts or tokens per rank. Otherwise: hold out the largest EP when there are several, else every third call
+    (:func:`same_call`: the records of one call, e.g. the same BF16 combine timed in a BF16 and an FP8 pass, are
+    held out or fitted together)."""
     if eps or sms or tokens:
         def is_held(r: dict[str, Any]) -> bool:
             return int(r["ep"]) in eps or r.get("num_sms") in sms or r.get("num_tokens") in tokens
@@ -950,9 +1171,11 @@ def split_holdout(
         top = all_eps[-1]
         return ([r for r in records if int(r["ep"]) != top], [r for r in records if int(r["ep"]) == top],
                 f"fit on EP {all_eps[:-1]}, checked on EP {top}")
-    fit = [r for i, r in enumerate(records) if i % 3 != 2]
-    held = [r for i, r in enumerate(records) if i % 3 == 2]
-    return fit, held, "fit on 2/3 of the records, checked on every third"
+    calls = list(dict.fromkeys(same_call(r) for r in records))  # (in the order of their first record)
+    held_calls = {c for i, c in enumerate(calls) if i % 3 == 2}
+    fit = [r for r in records if same_call(r) not in held_calls]
+    held = [r for r in records if same_call(r) in held_calls]
+    return fit, held, "fit on 2/3 of the calls, checked on every third (a call's records together)"
 
 
 def holdout_unmatched(
@@ -1024,6 +1247,8 @@ def sweep_ep(
     with a warning saying why (the CLI refuses such arguments before it gets here). Each row's
     ``throughput_vs_ep8`` is the scaling efficiency: the same call's time at EP 8 over its time here, i.e. a GPU's
     tokens per second relative to EP 8 (the same tokens per rank at every EP); None where EP 8 is not swept."""
+    if tokens_per_round is not None and tokens_per_round < 1:
+        raise ValueError(f"sweep_ep: tokens_per_round {tokens_per_round}, expected >= 1 (or None: one round)")
     rounds = -(-normal[0] // tokens_per_round) if tokens_per_round else 1
     out = []
     for ep in eps:
@@ -1039,8 +1264,8 @@ def sweep_ep(
                 # The sample's busiest rank over the mean is sampling noise, not skew: its routing treats every
                 # rank alike, and a few thousand tokens over hundreds of ranks gave 7-26% (EP 64-256) where a
                 # whole batch of N * T tokens gives about 1%. So the rows per token come from the sample, and the
-                # imbalance stays 1 as for the exact formulas.
-                stats = replace(sampled_stats(idx, ep, p, e), imbalance=1.0)
+                # imbalance stays 1 as for the exact formulas (the node's too).
+                stats = replace(sampled_stats(idx, ep, p, e), imbalance=1.0, node_imbalance=1.0)
             ops = [("dispatch", d, False, False) for d in (dispatch_dtypes if mode == "normal" else ("fp8",))]
             ops.append(("combine", "bf16", False, False))
             if mode == "low_latency" and params.sum_gbps:
@@ -1111,6 +1336,12 @@ def _deepep_h200_us(ep: int, op: str, dtype: str) -> float:
     return logical / gbps_ / 1e3
 
 
+def _timing_txt(recs: Sequence[dict[str, Any]]) -> str:
+    """How ``recs`` were timed, for a label: "kernel time", "event time (whole calls)" or both."""
+    what = {"kernel": "kernel time", "events": "event time (whole calls)"}
+    return " and ".join(what.get(t, f"{t} time") for t in sorted({str(r["timing"]) for r in recs}))
+
+
 def plot_sweep(
     rows: Sequence[dict[str, Any]], measured: Sequence[dict[str, Any]], params: Params, path: Path, *,
     shown: Sequence[dict[str, Any]] = (), num_sms: int | None = 24, normal: tuple[int, int, int, int] | None = None,
@@ -1121,12 +1352,15 @@ def plot_sweep(
     DeepEP's published H800 figures (open triangles, bandwidths in our byte count: :func:`deepep_normal_in_our_count`),
     and the low-latency model at DeepEP's configuration (crosses, ``deepep_ll``: :func:`deepep_ll_comparison`);
     ll_experts: the experts of the low-latency lines, for their labels; cluster: the links of the predictions, for
-    the utilisation panel's label."""
+    the utilisation panel's label, and its GPUs per node, for the x axis and the one-node shading. Fitted records
+    are labelled with how they were timed (kernel or event times)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    links = cluster or Cluster()
+    g = links.gpus_per_node
     fig, axes = plt.subplots(2, 2, figsize=(19, 11))
     series_keys = sorted({(r["op"], r["dtype"]) for r in rows if r["mode"] == "normal"},
                          key=lambda k: (k[0] != "dispatch", k[1] != "fp8"))
@@ -1160,7 +1394,7 @@ def plot_sweep(
         pts = points(measured, "normal", op, dtype)
         if pts:
             ax.plot([r["ep"] for r in pts], [r["time_us_median"] for r in pts], "o", color=c, ms=6,
-                    label=f"{op} {dtype} measured, kernel time (fitted)")
+                    label=f"{op} {dtype} measured, {_timing_txt(pts)} (fitted)")
         for lab in labels:
             pts = points([r for r in shown if r.get("label") == lab], "normal", op, dtype)
             if pts:
@@ -1258,7 +1492,6 @@ def plot_sweep(
         rdma = [d for d in ours if d["leg"] == "rdma"]
         ax.plot([d["ep"] for d in rdma], [d["efficiency"] for d in rdma], "^", color=c, mfc="none",
                 label=f"DeepEP {op}: published RDMA x (M-1)/M (own node crosses no NIC) / {CX7_NIC_GBPS:g}")
-    links = cluster or Cluster()
     ax.set_title(f"busiest-link utilisation: its bytes / (time x its theoretical per-direction peak): NVLink "
                  f"{links.nvlink_gbps:g} GB/s (model),\n{H800_NVLINK_GBPS:g} (H800) to EP8, the {links.nic_gbps:g} "
                  "GB/s NIC beyond, so it is no scaling efficiency;\ndotted: per-GPU throughput relative to EP8 (the "
@@ -1268,12 +1501,12 @@ def plot_sweep(
 
     for ax in axes.flat:
         ax.set_xscale("log", base=2)
-        ax.set_xlabel("EP (GPUs); 8 per node beyond 8")
+        ax.set_xlabel(f"EP (GPUs); {g} per node beyond {g}")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=6.5, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
-        lo = min(min((r["ep"] for r in rows), default=8), 8) / 1.3
+        lo = min(min((r["ep"] for r in rows), default=g), g) / 1.3
         ax.set_xlim(lo, max((r["ep"] for r in rows), default=256) * 1.3)
-        ax.axvspan(lo, 8.5, color="tab:gray", alpha=0.06)
+        ax.axvspan(lo, g + 0.5, color="tab:gray", alpha=0.06)
     axes[0, 0].set_yscale("log")
     src = params.source if len(params.source) < 150 else params.source[:147] + "..."
     fig.suptitle(f"largeep EP model (shaded: one node, NVLink only; beyond: modelled, RDMA never measured)\n"
@@ -1335,6 +1568,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fused-combine", type=int, default=0, metavar="EIGHTHS",
                    help="records that do not say which combine ran were taken with the fused combine pushing on "
                         "EIGHTHS/8 of its blocks (largeep's default since session 5: 3); 0 = push + reduce kernels")
+    p.add_argument("--emulated-nodes", action="store_true",
+                   help="fit records of fewer ranks per node than ranks (nodes emulated on one host: their 'RDMA' "
+                        "leg ran over NVLink, so eff_rdma then describes NVLink); refused otherwise")
     p.add_argument("--combine-eighths", type=int, default=3,
                    help="the fused combine's push share in the predictions (one node; 0 = push + reduce)")
     p.add_argument("--check-weighted", nargs="*", default=[], metavar="JSON",
@@ -1384,8 +1620,11 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _rate_txt(v: float | None) -> str:
-    """A fitted rate, or "none" where no record pinned it down (not a rate of 0)."""
+def _rate_txt(v: float | None, name: str = "", no_term: Sequence[str] = ()) -> str:
+    """A fitted rate; "no term (fitted)" where the records drove its term to nothing (``Params.no_term``); "none"
+    where no record pinned it down (not a rate of 0)."""
+    if name in no_term:
+        return "no term (fitted: the records leave it no time)"
     return "none" if not v else f"{v:.2f}"
 
 
@@ -1430,6 +1669,8 @@ def check_args(args: argparse.Namespace) -> str | None:
         return f"--tokens-per-round {args.tokens_per_round}: must be positive"
     if not 0 <= args.combine_eighths <= 7:
         return f"--combine-eighths {args.combine_eighths}: must be in [0, 7] (0: push + reduce kernels)"
+    if not 0 <= args.fused_combine <= 7:
+        return f"--fused-combine {args.fused_combine}: must be in [0, 7] (0: push + reduce kernels)"
     if args.samples < 0:
         return f"--samples {args.samples}: must be >= 0"
     if args.hidden < 1 or args.tokens < 1 or args.ll_tokens < 1:
@@ -1545,12 +1786,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     if timing == "auto":
         timing = "kernel" if any(r["timing"] == "kernel" for r in pool) else "any"
     records = [r for r in pool if timing == "any" or r["timing"] == timing]
+    emulated = [r for r in records if emulates_nodes(r)]
+    if emulated and not args.emulated_nodes:
+        parser.error(f"--calibrate: {len(emulated)} records emulate nodes on one host (ranks_per_node < ep: their "
+                     f"'RDMA' leg ran over NVLink), which would fit eff_rdma as a NIC figure: {_files_of(emulated)}; "
+                     "leave them out, or pass --emulated-nodes to fit them knowingly (eff_rdma then describes NVLink)")
     fitted_ids = {id(r) for r in records}
     shown = [r for r in usable if id(r) not in fitted_ids]
     for arg in args.show:
         label, path = _show_file(arg)
         shown += skew_free([r for r in load(path, label=label or None) if _usable(r)])
     kw: dict[str, Any] = {"cluster": measured_cluster, "hierarchical": hier, "overlap": ovl}
+    fit_kw: dict[str, Any] = {**kw, "emulated_nodes": args.emulated_nodes}
     holdout: dict[str, Any] | None = None
     holdout_alt: dict[str, Any] | None = None
     unmatched: list[str] = []
@@ -1564,27 +1811,35 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif not fit:
             no_holdout = "every record was held out: none left to fit"
         if fit and held:
-            p_fit = calibrate(fit, copy_phase=copy, **kw)
+            p_fit = calibrate(fit, copy_phase=copy, **fit_kw)
             holdout = _check_doc(check(p_fit, held, **kw), how, p_fit)
             if any(r.get("num_sms") for r in fit):  # the other model variant, for comparison
-                p_alt = calibrate(fit, copy_phase=not copy, **kw)
+                p_alt = calibrate(fit, copy_phase=not copy, **fit_kw)
                 holdout_alt = _check_doc(check(p_alt, held, **kw), how, p_alt)
                 holdout_alt["variant"] = "without the receive pass" if copy else "with the receive pass"
-        params = calibrate(records, copy_phase=copy, **kw)
+        params = calibrate(records, copy_phase=copy, **fit_kw)
         params.source = (f"fit of {len(records)} '{backend}' {timing}-timed records from "
                          f"{', '.join(sorted({r['file'] for r in records}))}")
     else:
         params = placeholder()
-        if args.calibrate:
-            params.source += f" (no usable '{backend}' dispatch/combine records in {', '.join(args.calibrate)})"
+        if args.calibrate and pool:  # (--timing left none of them)
+            have = ", ".join(f"{sum(r['timing'] == t for r in pool)} {t}-timed" for t in sorted({r["timing"]
+                                                                                                 for r in pool}))
+            params.source += (f" (no {timing}-timed '{backend}' dispatch/combine records in "
+                              f"{', '.join(args.calibrate)}: its {len(pool)} usable ones are {have}; --timing "
+                              "chooses which are fitted)")
+        elif args.calibrate:
+            params.source += f" (no usable dispatch/combine records in {', '.join(args.calibrate)})"
     if args.eff_rdma is not None:
         params = replace(params, eff_rdma=args.eff_rdma, fitted=[k for k in params.fitted if k != "eff_rdma"],
                          source=f"{params.source}; eff_rdma set to {args.eff_rdma:g} by --eff-rdma")
     print(f"calibration: {params.source}")
     print(f"  constants fitted: {', '.join(params.fitted) or 'none'}; the others are placeholders")
     print(f"  lat_us={ {k: round(v, 2) for k, v in params.lat_us.items()} } eff_nvlink={params.eff_nvlink:.3f} "
-          f"eff_rdma={params.eff_rdma:.3f} sm_gbps={params.sm_gbps:.2f} copy_gbps={_rate_txt(params.copy_gbps)} "
-          f"comb_gbps={_rate_txt(params.comb_gbps)} reduce_gbps={_rate_txt(params.reduce_gbps)}")
+          f"eff_rdma={params.eff_rdma:.3f} sm_gbps={params.sm_gbps:.2f} "
+          f"copy_gbps={_rate_txt(params.copy_gbps, 'copy_gbps', params.no_term)} "
+          f"comb_gbps={_rate_txt(params.comb_gbps, 'comb_gbps', params.no_term)} "
+          f"reduce_gbps={_rate_txt(params.reduce_gbps, 'reduce_gbps', params.no_term)}")
     for warning in params.warnings:
         print(f"  WARNING: {warning}")
     if shown:
@@ -1601,8 +1856,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"held-out check: note: {line}")
         c = holdout["constants"]
         print(f"held-out constants: lat_us={ {k: round(v, 1) for k, v in c['lat_us'].items()} } "
-              f"eff_nvlink={c['eff_nvlink']:.3f} sm_gbps={c['sm_gbps']:.2f} copy_gbps={_rate_txt(c['copy_gbps'])} "
-              f"comb_gbps={_rate_txt(c['comb_gbps'])} reduce_gbps={_rate_txt(c['reduce_gbps'])}")
+              f"eff_nvlink={c['eff_nvlink']:.3f} sm_gbps={c['sm_gbps']:.2f} "
+              f"copy_gbps={_rate_txt(c['copy_gbps'], 'copy_gbps', c['no_term'])} "
+              f"comb_gbps={_rate_txt(c['comb_gbps'], 'comb_gbps', c['no_term'])} "
+              f"reduce_gbps={_rate_txt(c['reduce_gbps'], 'reduce_gbps', c['no_term'])}")
         _print_check("held-out check", holdout)
     elif records:
         print(f"held-out check: {no_holdout}")
@@ -1665,7 +1922,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         use = f"{r['efficiency']:.2f} {r['busiest_link']}" if r["busiest_link"] != "none" else "-"
         table.append([r["ep"], r["nodes"], r["mode"], op, r["dtype"], tokens, f"{r['time_us']:.1f}",
                       f"{r['logical_gbps']:.1f}", f"{r['nvlink_gbps']:.1f}", f"{r['rdma_gbps']:.1f}", use,
-                      "" if r["throughput_vs_ep8"] is None else f"{r['throughput_vs_ep8']:.2f}", r["bound"],
+                      "" if r["throughput_vs_ep8"] is None else f"{r['throughput_vs_ep8']:.2f}",
+                      r["bound"] + (f" (lower bound: no {', '.join(r['unknown'])})" if r["unknown"] else ""),
                       "modelled", pub])
     meas = [r for r in records + shown if r.get("num_sms") in (args.num_sms, None) or r["mode"] == "low_latency"]
     for r in sorted(meas, key=lambda r: (r["timing"], r["label"], r["mode"], int(r["ep"]), r["op"])):
@@ -1758,8 +2016,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                                              "times are its GB/s at normal_shape (4096 tokens, 256 experts, "
                                              "uniform byte count), whatever the sweep's options"},
             "notes": {
-                "modelled": "every row of 'predictions'; beyond 8 GPUs the RDMA leg uses eff_rdma and nic "
-                            "latency placeholders: no RDMA leg has ever been measured (no InfiniBand here)",
+                "modelled": f"every row of 'predictions'; beyond {args.gpus_per_node} GPUs the RDMA leg uses "
+                            + ("eff_rdma fitted on records whose nodes were emulated on one host (an NVLink figure, "
+                               "not a NIC's)" if "eff_rdma" in params.fitted else
+                               f"eff_rdma {params.eff_rdma:g} as given by --eff-rdma" if args.eff_rdma is not None
+                               else "the eff_rdma placeholder")
+                            + " and the nic latency placeholder: no RDMA leg has ever been measured (no InfiniBand "
+                            "here)",
                 "measured": "'measured' (fitted) and 'shown_not_fitted' records; 'timing' says kernel-timed "
                             "(profiler) or events (whole Python calls incl. host overhead)",
             },

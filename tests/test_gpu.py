@@ -542,6 +542,8 @@ def test_peer_exits(low_latency: bool) -> None:
     # next call reports as an earlier call's (as the normal mode's next call does)
     assert ("an earlier" in r["message"]) == low_latency and "an earlier" in r["again"], r
     assert "destroy" not in r or ("destroy" in r["destroy"] and "rank 1" in r["destroy"]), r
+    # (told in words: no "[false]" of an assert, the source named from csrc/ on)
+    assert "destroy" not in r or ("[false]" not in r["destroy"] and "(csrc/runtime/" in r["destroy"]), r
 
 
 @pytest.mark.gpu(2)

@@ -13,10 +13,10 @@ def test_native_errors_are_python_exceptions() -> None:
         C = native.module()
     except RuntimeError as exc:
         pytest.skip(str(exc))
-    with pytest.raises(RuntimeError, match=r"NVSHMEM is not initialised .*runtime\.cu:\d+\)$"):
+    with pytest.raises(RuntimeError, match=r"NVSHMEM is not initialised .* \(csrc/runtime/runtime\.cu:\d+\)$"):
         C.free(0, 1.0)
     with pytest.raises(RuntimeError, match=r"bad layout sizes: num_experts 8, num_ranks 0, ranks_per_node 1 "
-                       r"\[num_ranks > 0 .*layout\.cu:\d+\)$"):
+                       r"\[num_ranks > 0 .* \(csrc/kernels/layout\.cu:\d+\)$"):
         C.layout(0, 1, 1, 0, 8, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0)
 
 

@@ -55,8 +55,12 @@ class Msg {
     std::string s_;
 };
 
+// " (csrc/dir/file.cu:line)": the source's path from the project's csrc/ on, not the build machine's whole path
 inline std::string where(const char* file, int line) {
-    return std::string(" (") + file + ":" + std::to_string(line) + ")";
+    std::string f(file);
+    const std::size_t at = f.rfind("csrc/");
+    if (at != std::string::npos) f.erase(0, at);
+    return " (" + f + ":" + std::to_string(line) + ")";
 }
 
 }  // namespace largeep
@@ -68,6 +72,14 @@ inline std::string where(const char* file, int line) {
             os_ << "largeep: " << msg << " [" #cond "]" << ::largeep::where(__FILE__, __LINE__); \
             throw ::largeep::Error(os_.str());                                              \
         }                                                                                   \
+    } while (0)
+
+// A failure the caller is told about in words alone (no condition to show): a peer that did not come, and the like.
+#define HOST_FAIL(msg)                                                          \
+    do {                                                                        \
+        ::largeep::Msg os_;                                                     \
+        os_ << "largeep: " << msg << ::largeep::where(__FILE__, __LINE__);      \
+        throw ::largeep::Error(os_.str());                                      \
     } while (0)
 
 #define CUDA_CHECK(call)                                                                              \

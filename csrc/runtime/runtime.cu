@@ -96,7 +96,7 @@ bool rendezvous(double timeout_s, const char* what, bool vote = false) {
     if (res[0] >= 0 || res[1] >= 0) {
         g.poisoned = true;
         const int missing = res[0] >= 0 ? res[0] : res[1];
-        HOST_ASSERT(false, what << ": rank " << missing
+        HOST_FAIL(what << ": rank " << missing
                     << (res[0] >= 0 ? " did not arrive within " : " gave up waiting for another rank within ")
                     << timeout_s << " s (LARGEEP_TIMEOUT_S); NVSHMEM's collective was not entered, so this "
                     "process's symmetric memory of the operation stays allocated and NVSHMEM cannot be used in "

@@ -11,8 +11,9 @@
 #            (the 4-rank cases skipped on 2)
 #   tests2:  build; the layers' and the property tests on 4 GPUs
 #   tests3:  build; the refusal tests (test_errors.py) on 4 GPUs, the torch backend on NCCL among them
-#   shared:  build; the tests written for several ranks per GPU (LARGEEP_TEST_SHARED_GPUS=1: 4 ranks on 2 GPUs,
-#            2-40 ranks on GPU 0 or on GPUs 0 and 1), which the parts above skip
+#   shared:  build; the tests written for several ranks per GPU (LARGEEP_TEST_SHARED_GPUS=1), on GPUs 0 and 1 only
+#            (CUDA_VISIBLE_DEVICES=0,1: 4 ranks on 2 GPUs; 2-40 ranks on GPU 0 or on GPUs 0 and 1), which the parts
+#            above skip
 #   layer:   build; the prefill layer without overlap, chunked and two-batch (issue 7's 1.3x) on 4 GPUs, at F 2048
 #            and at F 256 (the balanced preset)
 #   layer_fp8: build; the same layer dispatching FP8 (prefill: the layer variants and parts; balanced: all)
@@ -24,8 +25,10 @@
 #            Kernel times only, the default in the same call; scripts/device_check.sh's `comb` stage adds the GPU
 #            tests at the extreme splits (longer than one call)
 # Every command runs under what is left of a 560 s budget (LARGEEP_PART_S), so that OUTDIR.tar.gz is written before
-# a 600 s device limit (a command cut there gets SIGINT first, so that pytest prints its summary); the exit status
-# is the worst of the commands'. DRY=1 prints the commands (on stderr). The GPU tests end at once where the native
+# a 600 s device limit (a command cut there gets SIGINT first, so that pytest prints its summary), and OUTDIR is
+# removed once packed (the device machine hands back only a few files: run it as `four_gpu.sh PART $OUT/PART`); the
+# exit status is 1 where a command failed or was cut (their codes in summary.txt), else 0. DRY=1 prints the commands
+# (on stderr). The GPU tests end at once where the native
 # module does not load (scripts/device_check.sh), and LARGEEP_TEST_EMULATE_GPUS is cleared: the real GPUs only.
 set -uo pipefail
 PART=${1:?usage: scripts/four_gpu.sh perf|calls|tests1|tests2|tests3|shared|layer|layer_fp8|longrun|nodes|split OUTDIR}
@@ -42,7 +45,9 @@ run() {
   local left=$(( DEADLINE - $(date +%s) ))
   (( want < left )) || want=$left
   if [ "${DRY:-0}" = 1 ]; then
-    echo "${LARGEEP_GPU_TESTS:+LARGEEP_GPU_TESTS=\"$LARGEEP_GPU_TESTS\" }timeout -s INT -k 30 $want $*" >&3; return 0
+    echo "${CUDA_VISIBLE_DEVICES:+CUDA_VISIBLE_DEVICES=$CUDA_VISIBLE_DEVICES }${LARGEEP_DEADLINE:+LARGEEP_DEADLINE=+$((
+      LARGEEP_DEADLINE - $(date +%s))) s }${LARGEEP_GPU_TESTS:+LARGEEP_GPU_TESTS=\"$LARGEEP_GPU_TESTS\" }timeout -s INT -k 30 $want $*" >&3
+    return 0
   fi
   if (( want <= 0 )); then echo "out of time: $*" | tee -a "$OUT/summary.txt" >&3; RC=1; return 1; fi
   local rc=0
@@ -50,8 +55,14 @@ run() {
   if (( rc != 0 )); then echo "rc $rc from: $*" | tee -a "$OUT/summary.txt" >&3; RC=1; fi
   return $rc
 }
-check() { run 530 bash scripts/device_check.sh "$OUT" build "$@"; }  # (30 s for the kill after SIGINT)
-mkdir -p "$OUT"
+# (30 s for the kill after SIGINT; LARGEEP_DEADLINE: when this limit cuts it, so that device_check.sh's commands
+# get their own SIGINT first, and pytest only one)
+check() {
+  local left=$(( DEADLINE - $(date +%s) )) want=530
+  (( want < left )) || want=$left
+  LARGEEP_DEADLINE=$(( $(date +%s) + want )) run 530 bash scripts/device_check.sh "$OUT" build "$@"
+}
+mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)  # (absolute: commands below run from other folders)
 case $PART in
   perf)
     run 430 bash scripts/device_check.sh "$OUT" build perf  # (leaves the weighted run below its time)
@@ -73,7 +84,7 @@ case $PART in
   tests1) LARGEEP_GPU_TESTS="-m gpu --ignore=test_layers.py --ignore=test_property.py --ignore=test_errors.py ." check tests ;;
   tests2) LARGEEP_GPU_TESTS="-m gpu test_layers.py test_property.py" check tests ;;
   tests3) LARGEEP_GPU_TESTS="-m gpu test_errors.py" check tests ;;
-  shared) check shared ;;
+  shared) CUDA_VISIBLE_DEVICES=0,1 check shared ;;  # (2 GPUs: the 4-rank pools put 2 ranks on each)
   layer)
     check
     run 250 python3 bench/layer_times.py --out "$OUT/layer" > "$OUT/layer.log" 2>&1
@@ -115,5 +126,6 @@ case $PART in
     ;;
   *) echo "unknown part $PART"; exit 2 ;;
 esac
-[ "${DRY:-0}" = 1 ] || tar czf "$OUT.tar.gz" -C "$(dirname "$OUT")" "$(basename "$OUT")"
+# (the folder goes once packed: the device machine hands back only a few files from $OUT)
+[ "${DRY:-0}" = 1 ] || { tar czf "$OUT.tar.gz" -C "$(dirname "$OUT")" "$(basename "$OUT")" && rm -rf "$OUT"; }
 exit $RC

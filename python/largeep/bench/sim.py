@@ -485,6 +485,9 @@ class Params:
     sum_lat_us: float | None = None
     sum_gbps: float | None = None  # per GPU, GB/s of the BF16 copies read
     no_term: list[str] = field(default_factory=list)
+    # of the others: those an earlier solve of the fit moved and no record binds at the end (kept: the fit's final
+    # choice of terms was made with them; a rate there is a bound the records leave, not a measurement)
+    unbound: list[str] = field(default_factory=list)
     # the model has the serial receive pass (copy_gbps; calibrate(copy_phase=True)). False: none (zero-copy, or the
     # model before the push design), and a two-kernel combine's reduction is its reduce kernel at reduce_gbps
     receive_pass: bool = True
@@ -539,7 +542,7 @@ def placeholder() -> Params:
                 "low_latency.combine": 18.0},
         eff_nvlink=300.0 / 450.0, eff_rdma=0.9, sm_gbps=11.0,
         source="PLACEHOLDER: ANCHORS.md link ceilings and DeepEP SM scaling (no largeep GPU records fitted)",
-        fitted=[],
+        fitted=[], receive_pass=False,
     )
 
 
@@ -964,11 +967,9 @@ def calibrate(
            "reduce": nlat + 5, "reduce_pass": nlat + 5}
     # unknown: start the choice of active terms from a push block as fast as an SM and a reduce block half that
     # (every fused record starts reduce-bound; starting the reduction faster can leave it never chosen, unfitted)
-    seeded = set()  # (unknown rates: between solves they keep their last value, so that they can be chosen again)
     for key, scale in (("comb", 1.0), ("reduce", 2.0)):
         if theta[col[key]] == 0:
             theta[col[key]] = scale * theta[col["sm"]]
-            seeded.add(col[key])
     # the receive pass, or without one the two-kernel combine's reduce kernel (predict)
     serial = ("copy",) if copy_phase else ("reduce_pass",)
     active: list[tuple[str, ...]] | None = None
@@ -1011,11 +1012,8 @@ def calibrate(
             a[i] /= t  # relative error
             b[i] /= t
         used = {j for j in range(len(theta)) if np.any(a[:, j] != 0)}
-        # a constant this choice does not use goes back to the prior's value, not where an earlier solve left it,
-        # so that the next choice is made with what will be reported (an unknown rate is reported as no term, which
-        # can change no choice: it keeps its value until the end)
-        unused = [j for j in range(len(theta)) if j not in used and j not in seeded]
-        theta[unused] = np.array(prior_vec)[unused]
+        # (a constant this choice does not use keeps the value an earlier solve gave it: put back to the prior's,
+        # a rate the prior makes binding binds again and the choice never settles; it is reported as unbound)
         free = sorted(used)
         to_prior = set()
         zeroed = set()
@@ -1037,16 +1035,20 @@ def calibrate(
             if not free:
                 break
     settled = active is not None and choose() == active  # (the last solve's constants keep its choice)
-    for j in range(len(theta)):
-        if j not in used:  # no record bound there: the constant is the prior's (a seeded rate: unknown again)
-            theta[j] = prior_vec[j]
+    for key in ("comb", "reduce"):
+        if col[key] not in used:  # no record bound there: the rate stays unknown (or the prior's)
+            theta[col[key]] = prior_vec[col[key]]
     names = [k.replace("inv_", "") for k in PARAM_KEYS]
+    # constants no record binds under the settled choice that an earlier solve moved: kept (the settled choice was
+    # made with them), reported as such rather than as the prior's
+    unbound = [names[j] for j in range(len(theta)) if j not in used and theta[j] != prior_vec[j]]
     fitted = [names[j] for j in sorted(used - to_prior)]
     no_term = [names[j] for j in sorted(zeroed) if j >= nlat]
     params = Params.from_vector(theta.tolist(), f"fit of {len(recs)} records", fitted, no_term)
     params.receive_pass = copy_phase
+    params.unbound = unbound
     for name in names:  # the others are the prior's, exactly (not through their inverses)
-        if name not in fitted:
+        if name not in fitted and name not in unbound:
             if name in prior.lat_us:
                 params.lat_us[name] = prior.lat_us[name]
             else:
@@ -1152,9 +1154,9 @@ def split_holdout(
     tokens: Sequence[int] = (),
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], str]:
     """(fit, held out, how). With ``eps``, ``sms`` or ``tokens``: hold out every record at one of those EPs, SM
-    counts or tokens per rank. Otherwise: hold out the largest EP when there are several, else every third call
-    (:func:`same_call`: the records of one call, e.g. the same BF16 combine timed in a BF16 and an FP8 pass, are
-    held out or fitted together)."""
+    counts or tokens per rank. Otherwise: hold out the largest EP when there are several, else one call of each
+    three, its place rotating (:func:`same_call`: the records of one call, e.g. the same BF16 combine timed in a
+    BF16 and an FP8 pass, are held out or fitted together)."""
     if eps or sms or tokens:
         def is_held(r: dict[str, Any]) -> bool:
             return int(r["ep"]) in eps or r.get("num_sms") in sms or r.get("num_tokens") in tokens
@@ -1172,10 +1174,13 @@ def split_holdout(
         return ([r for r in records if int(r["ep"]) != top], [r for r in records if int(r["ep"]) == top],
                 f"fit on EP {all_eps[:-1]}, checked on EP {top}")
     calls = list(dict.fromkeys(same_call(r) for r in records))  # (in the order of their first record)
-    held_calls = {c for i, c in enumerate(calls) if i % 3 == 2}
+    # one call of each three, its place in the three rotating (a file times its ops in a fixed order for each SM
+    # count: a fixed place would hold out the same op, e.g. every FP8 dispatch, and fit it nowhere)
+    held_calls = {c for i, c in enumerate(calls) if i % 3 == (i // 3) % 3}
     fit = [r for r in records if same_call(r) not in held_calls]
     held = [r for r in records if same_call(r) in held_calls]
-    return fit, held, "fit on 2/3 of the calls, checked on every third (a call's records together)"
+    return fit, held, ("fit on 2/3 of the calls, checked on one of each three, its place rotating (a call's records "
+                       "together)")
 
 
 def holdout_unmatched(
@@ -1834,7 +1839,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         params = replace(params, eff_rdma=args.eff_rdma, fitted=[k for k in params.fitted if k != "eff_rdma"],
                          source=f"{params.source}; eff_rdma set to {args.eff_rdma:g} by --eff-rdma")
     print(f"calibration: {params.source}")
-    print(f"  constants fitted: {', '.join(params.fitted) or 'none'}; the others are placeholders")
+    left = [n for n in params.unbound if n not in params.fitted]
+    print(f"  constants fitted: {', '.join(params.fitted) or 'none'}; "
+          + (f"left where an earlier solve put them, binding no record: {', '.join(left)}; " if left else "")
+          + "the others are placeholders")
     print(f"  lat_us={ {k: round(v, 2) for k, v in params.lat_us.items()} } eff_nvlink={params.eff_nvlink:.3f} "
           f"eff_rdma={params.eff_rdma:.3f} sm_gbps={params.sm_gbps:.2f} "
           f"copy_gbps={_rate_txt(params.copy_gbps, 'copy_gbps', params.no_term)} "

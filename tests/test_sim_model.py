@@ -447,7 +447,6 @@ def test_calibrate_leaves_every_unfitted_constant_at_the_prior(path: str, kw: di
     assert unfitted and unfitted == {k: prior[k] for k in unfitted}, (fit.fitted, unfitted)
     assert all(_constants(fit)[k] != prior[k] for k in fit.unbound), fit.unbound
     if "session3" in path:
-        assert fit.unbound == ["sm_gbps"] and fit.sm_gbps == pytest.approx(13.62, abs=0.01), fit
         assert fit.eff_rdma != 0.9 and "eff_rdma" in fit.fitted
         assert any("describes NVLink" in w for w in fit.warnings), fit.warnings
 
@@ -465,6 +464,8 @@ def test_calibrate_settles_where_it_did(path: str, kw: dict[str, Any]) -> None:
         fit = sim.calibrate(recs, **kw)
     res = sim.check(fit, recs)
     assert res.median_abs_err < 0.10, res
+    if "comb0" in path:  # (an earlier solve moved sm_gbps; no record binds it at the end: kept, reported)
+        assert fit.unbound == ["sm_gbps"] and fit.sm_gbps != 11.0 and "sm_gbps" not in fit.fitted, fit
 
 
 def _busiest_nic_rows(topk: list[list[int]], n: int, p: int, e: int) -> tuple[int, int]:
@@ -690,3 +691,19 @@ def test_a_rate_fitted_to_no_term_is_printed_as_such(capsys: pytest.CaptureFixtu
     assert sim.main(["--calibrate", str(path), "--fused-combine", "3", "--eps", "8"]) == 0
     out = capsys.readouterr().out
     assert "copy_gbps=no term (fitted" in out.splitlines()[2]
+
+
+@pytest.mark.parametrize("n,p", [(16, 8), (64, 8), (4, 2)])
+def test_hierarchical_combine_crosses_the_network_in_float32(n: int, p: int) -> None:
+    """Between nodes the normal combine's kernels send each node's partial sum of a token as a float32 row with K
+    float32 weights (docs/design.md: comb_send, comb_rdma), 4 (H + K) bytes, not the BF16 row the model counted
+    (half the NIC bytes); the dispatch's rows cross as they are, and NVLink carries BF16 either way."""
+    h, k, e, t = 7168, 8, 256, 4096
+    stats = sim.routing_stats(n, p, e, k)
+    m = n // p
+    per_token_nodes = t * stats.nodes_per_token * (m - 1) / m  # rows into a GPU's NIC (uniform routing)
+    comb = sim.traffic(sim.Workload("normal", "combine", t, h, k, e, "bf16"), n, p, stats)
+    disp = sim.traffic(sim.Workload("normal", "dispatch", t, h, k, e, "bf16"), n, p, stats)
+    assert comb.rdma == pytest.approx(per_token_nodes * 4 * (h + k), rel=1e-12)
+    assert disp.rdma == pytest.approx(per_token_nodes * 2 * h, rel=1e-12)
+    assert comb.nvlink == pytest.approx(disp.nvlink, rel=1e-12)  # (BF16 rows on NVLink both ways)

@@ -17,7 +17,9 @@ Rows per leg, normal mode (a token goes to a rank once):
 - flat: NVLink ``T * d_r * (P-1)/N``, RDMA ``T * d_r * (N-P)/N`` (every remote (token, rank) pair crosses the NIC);
 - hierarchical: RDMA ``T * d_n * (M-1)/M`` (a token crosses the network once per remote node, landing on the GPU
   with the same index), NVLink ``T * d_r * (P-1)/P`` (local pairs plus the fan-out of landed rows).
-Normal-mode combine moves the same rows back in BF16.
+Normal-mode combine moves the same rows back in BF16, but for the hierarchical RDMA leg: the node's partial sums,
+in float32 with K float32 weights, ``4 (H + K)`` bytes a row (the kernels' comb_send / comb_rdma rows; before
+session 40's review the model counted them in BF16, half the bytes).
 Low-latency mode: the logical bytes are every (token, expert) copy, ``C = T * K`` rows. Dispatch sends a token once
 per destination rank and the receiver fans the row out to its experts' output rows: NVLink ``T * d_r * (P-1)/N``,
 RDMA ``T * d_r * (N-P)/N`` (no per-node hop). Combine returns every copy (its rows carry different weights): NVLink
@@ -436,7 +438,10 @@ def traffic(
                                      f"hierarchical NIC leg of {n} ranks on {m} nodes takes the busiest node's share, "
                                      "which a skewed routing must give (sampled_stats counts it)")
                 node_share = 1.0  # (uniform routing: every node alike)
-            rdma = t * stats.nodes_per_token * (m - 1) / m * w.bytes_per_row() * node_share
+            # (a combine's rows cross the network as the kernels' float32 partial sums of the node, with K float32
+            # weights: docs/design.md, comb_send / comb_rdma; a dispatch's as its rows)
+            nic_row = 4 * (w.hidden + w.num_topk) if w.op == "combine" else w.bytes_per_row()
+            rdma = t * stats.nodes_per_token * (m - 1) / m * nic_row * node_share
             nvl = rows * (p - 1) / p * b
         else:
             rdma = rows * (n - p) / n * b

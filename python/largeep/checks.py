@@ -227,6 +227,12 @@ def topk_weights(op: str, t: object, *, num_tokens: int, num_topk: int, device: 
 MAX_ROWS = (1 << 31) - (1 << 20)
 
 
+def integer_tensor(v: object) -> bool:
+    """Whether ``v`` is a tensor of integers (not bool): what expert ids may be held in."""
+    return isinstance(v, torch.Tensor) and not (v.dtype.is_floating_point or v.dtype.is_complex
+                                                or v.dtype == torch.bool)
+
+
 def flags(op: str, **named: object) -> None:
     """ArgumentError naming the first of ``named`` that is not a bool (a string such as "no" or an int is refused:
     its truth is not what it says)."""

@@ -343,11 +343,6 @@ def _wrap_placement(placement: Any, rank: int, device: torch.device) -> Callable
     raise ArgumentError("MoELayer: argument 'placement' must be a callable or a largeep.placement.Placement")
 
 
-def _integer_tensor(v: object) -> bool:
-    """Whether ``v`` is a tensor of integers (not bool)."""
-    return isinstance(v, Tensor) and not (v.dtype.is_floating_point or v.dtype.is_complex or v.dtype == torch.bool)
-
-
 def _kind(v: object) -> str:
     """What ``v`` is, for an error: a tensor's dtype and shape, else its type."""
     return f"a {v.dtype} tensor of shape {tuple(v.shape)}" if isinstance(v, Tensor) else f"a {type(v).__name__}"
@@ -601,7 +596,7 @@ class MoELayer(nn.Module):
         else:
             raise ArgumentError(f"MoELayer: argument 'gate' returned {_kind(out)}, expected (topk_idx, topk_weights) "
                                 "or an object with those attributes")
-        if not _integer_tensor(idx):
+        if not checks.integer_tensor(idx):
             raise ArgumentError(f"MoELayer: argument 'gate' returned topk_idx as {_kind(idx)}, expected an integer "
                                 "tensor (int64)")
         if not isinstance(w, Tensor) or not w.dtype.is_floating_point:
@@ -1195,7 +1190,7 @@ def allreduce_replica_grads(
             )
     n = dist.get_world_size(group)
     rank = dist.get_rank(group)
-    if not _integer_tensor(phys_to_log):
+    if not checks.integer_tensor(phys_to_log):
         raise ArgumentError(f"allreduce_replica_grads: argument 'phys_to_log' must be an integer tensor (int64 [N*S]), "
                             f"got {_kind(phys_to_log)}")
     table = phys_to_log.cpu().to(torch.int64)

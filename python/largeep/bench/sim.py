@@ -363,7 +363,9 @@ def sampled_stats(topk_idx: torch.Tensor, num_ranks: int, ranks_per_node: int, n
     node's shares (``imbalance``, ``node_imbalance``). A routing of no tokens (T = 0) moves nothing: no ranks or
     nodes per token, imbalances 1. Raises ValueError as :func:`routing_stats` does, and for a ``topk_idx`` that is
     not [T, K] of integers or holds ids outside [-1, num_experts)."""
-    if topk_idx.dim() != 2 or topk_idx.dtype.is_floating_point or topk_idx.dtype == torch.bool:
+    from largeep.checks import integer_tensor
+
+    if not integer_tensor(topk_idx) or topk_idx.dim() != 2:
         raise ValueError(f"sampled_stats: topk_idx of shape {tuple(topk_idx.shape)} and dtype {topk_idx.dtype}, "
                          "expected integer expert ids [T, K]")
     check_routing(num_ranks, ranks_per_node, num_experts, max(1, topk_idx.shape[1]))

@@ -100,7 +100,7 @@ import shlex
 import statistics
 import sys
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -930,6 +930,13 @@ def _files_of(recs: Sequence[dict[str, Any]]) -> str:
         + ")" for f, rs in by.items())
 
 
+def _emulated_refusal(emulated: Sequence[dict[str, Any]], allow: str) -> str:
+    """Why the records of emulated nodes are not fitted, naming their files, and what ``allow``s it."""
+    return (f"{len(emulated)} records emulate nodes on one host (ranks_per_node < ep: their 'RDMA' leg ran over "
+            f"NVLink), which would fit eff_rdma as a NIC figure: {_files_of(emulated)}; leave them out, or pass "
+            f"{allow} to fit them knowingly (eff_rdma then describes NVLink)")
+
+
 def calibrate(
     measurements: Iterable[dict[str, Any]], *, cluster: Cluster | None = None, prior: Params | None = None,
     hierarchical: bool = True, overlap: bool = True, max_iter: int = 100, copy_phase: bool = True,
@@ -962,10 +969,7 @@ def calibrate(
         raise ValueError("calibrate: no dispatch/combine records with a positive time")
     emulated = [r for r in recs if emulates_nodes(r)]
     if emulated and not emulated_nodes:
-        raise ValueError(f"calibrate: {len(emulated)} records emulate nodes on one host (ranks_per_node < ep: their "
-                         f"'RDMA' leg ran over NVLink), which would fit eff_rdma as a NIC figure: "
-                         f"{_files_of(emulated)}; leave them out, or pass emulated_nodes=True (CLI: --emulated-nodes) "
-                         "to fit them knowingly")
+        raise ValueError("calibrate: " + _emulated_refusal(emulated, "emulated_nodes=True (CLI: --emulated-nodes)"))
     rows = _record_rows(recs, cluster, hierarchical)
     prior_vec = prior.vector()
     theta = np.array(prior_vec, dtype=np.float64)
@@ -1640,6 +1644,12 @@ def _rate_txt(v: float | None, name: str = "", no_term: Sequence[str] = ()) -> s
     return "none" if not v else f"{v:.2f}"
 
 
+def _rates_txt(value: Callable[[str], float | None], no_term: Sequence[str]) -> str:
+    """ "copy_gbps=... comb_gbps=... reduce_gbps=..." (:func:`_rate_txt`), each rate read by ``value``."""
+    return " ".join(f"{name}={_rate_txt(value(name), name, no_term)}"
+                    for name in ("copy_gbps", "comb_gbps", "reduce_gbps"))
+
+
 def check_args(args: argparse.Namespace) -> str | None:
     """Why the sweep's arguments describe groups or routings that cannot exist (argparse's error message, naming the
     arguments), or None. SPEC.md: --experts divisible by every EP of --eps; a group of more GPUs than a node's holds
@@ -1800,9 +1810,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     records = [r for r in pool if timing == "any" or r["timing"] == timing]
     emulated = [r for r in records if emulates_nodes(r)]
     if emulated and not args.emulated_nodes:
-        parser.error(f"--calibrate: {len(emulated)} records emulate nodes on one host (ranks_per_node < ep: their "
-                     f"'RDMA' leg ran over NVLink), which would fit eff_rdma as a NIC figure: {_files_of(emulated)}; "
-                     "leave them out, or pass --emulated-nodes to fit them knowingly (eff_rdma then describes NVLink)")
+        parser.error("--calibrate: " + _emulated_refusal(emulated, "--emulated-nodes"))
     fitted_ids = {id(r) for r in records}
     shown = [r for r in usable if id(r) not in fitted_ids]
     for arg in args.show:
@@ -1846,15 +1854,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         params = replace(params, eff_rdma=args.eff_rdma, fitted=[k for k in params.fitted if k != "eff_rdma"],
                          source=f"{params.source}; eff_rdma set to {args.eff_rdma:g} by --eff-rdma")
     print(f"calibration: {params.source}")
-    left = [n for n in params.unbound if n not in params.fitted]
     print(f"  constants fitted: {', '.join(params.fitted) or 'none'}; "
-          + (f"left where an earlier solve put them, binding no record: {', '.join(left)}; " if left else "")
+          + (f"left where an earlier solve put them, binding no record: {', '.join(params.unbound)}; "
+             if params.unbound else "")
           + "the others are placeholders")
     print(f"  lat_us={ {k: round(v, 2) for k, v in params.lat_us.items()} } eff_nvlink={params.eff_nvlink:.3f} "
           f"eff_rdma={params.eff_rdma:.3f} sm_gbps={params.sm_gbps:.2f} "
-          f"copy_gbps={_rate_txt(params.copy_gbps, 'copy_gbps', params.no_term)} "
-          f"comb_gbps={_rate_txt(params.comb_gbps, 'comb_gbps', params.no_term)} "
-          f"reduce_gbps={_rate_txt(params.reduce_gbps, 'reduce_gbps', params.no_term)}")
+          + _rates_txt(lambda name: getattr(params, name), params.no_term))
     for warning in params.warnings:
         print(f"  WARNING: {warning}")
     if shown:
@@ -1871,10 +1877,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"held-out check: note: {line}")
         c = holdout["constants"]
         print(f"held-out constants: lat_us={ {k: round(v, 1) for k, v in c['lat_us'].items()} } "
-              f"eff_nvlink={c['eff_nvlink']:.3f} sm_gbps={c['sm_gbps']:.2f} "
-              f"copy_gbps={_rate_txt(c['copy_gbps'], 'copy_gbps', c['no_term'])} "
-              f"comb_gbps={_rate_txt(c['comb_gbps'], 'comb_gbps', c['no_term'])} "
-              f"reduce_gbps={_rate_txt(c['reduce_gbps'], 'reduce_gbps', c['no_term'])}")
+              f"eff_nvlink={c['eff_nvlink']:.3f} sm_gbps={c['sm_gbps']:.2f} " + _rates_txt(c.get, c["no_term"]))
         _print_check("held-out check", holdout)
     elif records:
         print(f"held-out check: {no_holdout}")

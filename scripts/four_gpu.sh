@@ -38,30 +38,25 @@ export LARGEEP_TIMEOUT_S=${LARGEEP_TIMEOUT_S:-20} LARGEEP_TEST_POOL_TIMEOUT_S=${
 unset LARGEEP_TEST_EMULATE_GPUS
 DEADLINE=$(( $(date +%s) + ${LARGEEP_PART_S:-560} ))
 RC=0
-# run SECONDS CMD...: CMD under the smaller of SECONDS and what is left of the budget
+# run SECONDS CMD...: CMD under the smaller of SECONDS and what is left of the budget, told when that limit cuts it
+# (LARGEEP_DEADLINE, epoch seconds: scripts/device_check.sh ends its own commands before it, so that pytest gets one
+# SIGINT, its own command's, and prints its summary)
 exec 3>&2  # (DRY's commands go here: the commands' own output may be redirected to a log)
 run() {
   local want=$1; shift
   local left=$(( DEADLINE - $(date +%s) ))
   (( want < left )) || want=$left
   if [ "${DRY:-0}" = 1 ]; then
-    echo "${CUDA_VISIBLE_DEVICES:+CUDA_VISIBLE_DEVICES=$CUDA_VISIBLE_DEVICES }${LARGEEP_DEADLINE:+LARGEEP_DEADLINE=+$((
-      LARGEEP_DEADLINE - $(date +%s))) s }${LARGEEP_GPU_TESTS:+LARGEEP_GPU_TESTS=\"$LARGEEP_GPU_TESTS\" }timeout -s INT -k 30 $want $*" >&3
+    echo "${CUDA_VISIBLE_DEVICES:+CUDA_VISIBLE_DEVICES=$CUDA_VISIBLE_DEVICES }${LARGEEP_GPU_TESTS:+LARGEEP_GPU_TESTS=\"$LARGEEP_GPU_TESTS\" }timeout -s INT -k 30 $want $*" >&3
     return 0
   fi
   if (( want <= 0 )); then echo "out of time: $*" | tee -a "$OUT/summary.txt" >&3; RC=1; return 1; fi
   local rc=0
-  timeout -s INT -k 30 "$want" "$@" || rc=$?
+  LARGEEP_DEADLINE=$(( $(date +%s) + want )) timeout -s INT -k 30 "$want" "$@" || rc=$?
   if (( rc != 0 )); then echo "rc $rc from: $*" | tee -a "$OUT/summary.txt" >&3; RC=1; fi
   return $rc
 }
-# (30 s for the kill after SIGINT; LARGEEP_DEADLINE: when this limit cuts it, so that device_check.sh's commands
-# get their own SIGINT first, and pytest only one)
-check() {
-  local left=$(( DEADLINE - $(date +%s) )) want=530
-  (( want < left )) || want=$left
-  LARGEEP_DEADLINE=$(( $(date +%s) + want )) run 530 bash scripts/device_check.sh "$OUT" build "$@"
-}
+check() { run 530 bash scripts/device_check.sh "$OUT" build "$@"; }  # (30 s for the kill after SIGINT)
 mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)  # (absolute: commands below run from other folders)
 case $PART in
   perf)

@@ -408,16 +408,17 @@ class NormalKernels {
                                 stream_of(stream));
     }
     // with_weights: whether this call has topk_weights (y_w of no rows may be 0)
-    void combine_push(uintptr_t y, int y_elem, uintptr_t y_w, bool with_weights, uintptr_t recv_src,
+    // part_bf16: partial sums between nodes as bf16 (bf16 y; the push, forward and reduce of a call agree on it)
+    void combine_push(uintptr_t y, int y_elem, uintptr_t y_w, bool with_weights, bool part_bf16, uintptr_t recv_src,
                       uintptr_t recv_off, int num_rows, uintptr_t tag, int num_sms, uintptr_t stream) {
-        launch_combine_push(c_, ptr<const void>(y), y_elem, ptr<const float>(y_w), with_weights,
+        launch_combine_push(c_, ptr<const void>(y), y_elem, ptr<const float>(y_w), with_weights, part_bf16,
                             ptr<const int>(recv_src), ptr<const int>(recv_off), num_rows, num_sms, ptr<const int>(tag),
                             stream_of(stream));
     }
-    void combine_forward(int y_elem, bool with_weights, uintptr_t fwd_count, uintptr_t fwd_pos, uintptr_t tag,
-                         int num_sms, uintptr_t stream) {
-        launch_combine_forward(c_, y_elem, with_weights, ptr<const int>(fwd_count), ptr<const int>(fwd_pos), num_sms,
-                               ptr<const int>(tag), stream_of(stream));
+    void combine_forward(int y_elem, bool with_weights, bool part_bf16, uintptr_t fwd_count, uintptr_t fwd_pos,
+                         uintptr_t tag, int num_sms, uintptr_t stream) {
+        launch_combine_forward(c_, y_elem, with_weights, part_bf16, ptr<const int>(fwd_count), ptr<const int>(fwd_pos),
+                               num_sms, ptr<const int>(tag), stream_of(stream));
     }
     void combine_fused(uintptr_t out, int out_elem, uintptr_t out_w, uintptr_t send_pos, int num_tokens,
                        bool with_weights, uintptr_t y, uintptr_t y_w, uintptr_t recv_src, uintptr_t recv_off,
@@ -428,10 +429,10 @@ class NormalKernels {
                              stream_of(stream));
     }
     void combine_reduce(uintptr_t out, int out_elem, uintptr_t out_w, uintptr_t send_pos, uintptr_t node_pos,
-                        int num_tokens, bool with_weights, uintptr_t y, uintptr_t y_w, uintptr_t recv_off,
-                        uintptr_t tag, int num_sms, uintptr_t stream) {
+                        int num_tokens, bool with_weights, bool part_bf16, uintptr_t y, uintptr_t y_w,
+                        uintptr_t recv_off, uintptr_t tag, int num_sms, uintptr_t stream) {
         launch_combine_reduce(c_, ptr<void>(out), out_elem, ptr<float>(out_w), ptr<const int>(send_pos),
-                              ptr<const int>(node_pos), num_tokens, with_weights, ptr<const void>(y),
+                              ptr<const int>(node_pos), num_tokens, with_weights, part_bf16, ptr<const void>(y),
                               ptr<const float>(y_w), ptr<const int>(recv_off), num_sms, ptr<const int>(tag),
                               stream_of(stream));
     }

@@ -199,6 +199,83 @@ def normal_combine_exact(rank: int, world: int, backend: str, tokens: list[int],
         buf.destroy()
 
 
+def normal_combine_bf16_partials(rank: int, world: int, backend: str, tokens: list[int], hidden: int,
+                                 ranks_per_node: int | None, worst: bool = False,
+                                 tokens_per_round: int | None = None) -> None:
+    """Buffer.combine(bf16_partial_sums=True), bit for bit: each other node's sum of a token's rows is rounded to
+    bf16 before it is added to the rows of the token's own node, the whole rounded to bf16 once; without the flag
+    (and within one node, with it) one float32 sum rounded once. Integers of at most 7 significant bits (exact in
+    bf16) times 1, 2 or 4, of mixed signs, below 2**9: every float32 sum here is exact in any order, while sums of
+    rows from several ranks need more bits than bf16 has, and cancel (so that the final rounding is finer than a
+    partial's); dyadic weights. Random routing (-1 entries, tokens that reach some nodes only, 0 tokens on a rank;
+    token 0 of each rank reaches every rank); the reference is computed here from the routing alone. The two
+    roundings must differ somewhere in nodes of several ranks (else the test could not tell them apart), and
+    nowhere in nodes of one rank (a node's partial is then one bf16 row: the flag only halves the bytes)."""
+    dev = device_for(backend)
+    p = ranks_per_node or world
+    e, k = 2 * world, max(3, world)
+    m = max(max(tokens), 1)
+    buf = largeep.Buffer(None, hidden=hidden, num_experts=e, num_topk=k, max_tokens_per_rank=m, backend=backend,
+                         ranks_per_node=ranks_per_node, tokens_per_round=tokens_per_round)
+    try:
+        idxs, ws = [], []
+        for s in range(world):  # (every rank's routing, from seeds all ranks know; token 0 goes to every rank)
+            g = torch.Generator().manual_seed(500 + s)
+            idxs.append(torch.randint(-1, e, (tokens[s], k), generator=g))
+            idxs[s][:1, :world] = 2 * torch.arange(world) + s % 2
+            ws.append(torch.randint(0, 9, (tokens[s], k), generator=g).float() / 8)
+        reach = [[sorted({v // 2 for v in idxs[s][t].tolist() if v >= 0}) for t in range(tokens[s])]
+                 for s in range(world)]
+        x = torch.randn(tokens[rank], hidden, generator=torch.Generator().manual_seed(rank)).to(torch.bfloat16)
+        rows = world * m if worst else 0
+        res = buf.dispatch(x.to(dev), idxs[rank].to(dev), ws[rank].to(dev), num_worst_tokens=rows)
+        src = [(s, t) for s in range(world) for t in range(tokens[s]) if rank in reach[s][t]]
+        col = torch.arange(hidden, dtype=torch.float64)
+
+        def value(r: int, s: int, t: int) -> torch.Tensor:  # rank r's output row for token (s, t)
+            v = ((r * 7 + s * 13 + t * 5 + col * 3) % 97 + 1) * 2.0 ** ((r + col) % 3)
+            return torch.where((col + r) % 3 == 0, -v, v)  # (signs mixed across ranks: sums that cancel)
+
+        y = torch.stack([value(rank, s, t) for s, t in src]) if src else torch.empty(0, hidden, dtype=torch.float64)
+        if rows:
+            y = torch.cat([y, torch.full((rows - len(src), hidden), float("nan"), dtype=torch.float64)])
+        assert torch.equal(y[: len(src)], y[: len(src)].to(torch.bfloat16).double()), "values exact in bf16"
+        y = y.to(torch.bfloat16)
+        yw = res.topk_weights
+        plain = buf.combine(y.to(dev), res.handle, topk_weights=yw)
+        part = buf.combine(y.to(dev), res.handle, topk_weights=yw, bf16_partial_sums=True)
+        want_plain = torch.zeros(tokens[rank], hidden, dtype=torch.float64)
+        want_part = torch.zeros(tokens[rank], hidden, dtype=torch.float64)
+        want_w = torch.zeros(tokens[rank], k, dtype=torch.float64)
+        for t in range(tokens[rank]):
+            for node in range(world // p):
+                ranks = [r for r in reach[rank][t] if r // p == node]
+                if not ranks:
+                    continue
+                total = sum((value(r, rank, t) for r in ranks), torch.zeros(hidden, dtype=torch.float64))
+                want_plain[t] += total
+                want_part[t] += total if node == rank // p else total.to(torch.bfloat16).double()
+                for r in ranks:  # (the weights of every expert of t on r)
+                    want_w[t] += torch.where(idxs[rank][t] // 2 == r, ws[rank][t].double(), 0.0)
+        got_plain, got_part = plain.x.cpu(), part.x.cpu()
+        assert got_part.dtype == torch.bfloat16 and got_part.shape == (tokens[rank], hidden)
+        for got, want, what in ((got_plain, want_plain, "plain"), (got_part, want_part, "bf16 partials")):
+            want16 = want.to(torch.bfloat16)
+            bad = (got.view(torch.int16) != want16.view(torch.int16)).nonzero()[:4].tolist()
+            assert not bad, (f"rank {rank}: combine ({what}) differs at {bad}: got "
+                             f"{[got[i, j].item() for i, j in bad]}, want {[want16[i, j].item() for i, j in bad]}")
+        for got_w in (plain.topk_weights.cpu(), part.topk_weights.cpu()):
+            assert torch.equal(got_w.double(), want_w), f"rank {rank}: summed weights"
+        differs = torch.tensor([int(not torch.equal(want_plain.to(torch.bfloat16), want_part.to(torch.bfloat16)))])
+        if dist.get_backend() == "nccl":
+            differs = differs.to(dev)
+        dist.all_reduce(differs)
+        assert (int(differs.item()) > 0) == (1 < p < world), (
+            "the two roundings differ" if p == 1 or p == world else "the test's values do not tell them apart")
+    finally:
+        buf.destroy()
+
+
 def low_latency_partial_sums(
     rank: int, world: int, backend: str, tokens: list[int], max_tokens: int, hidden: int, num_experts: int,
     num_topk: int, seed: int, modes: list[str], hook: bool = False, ranks_per_node: int | None = None,

@@ -747,3 +747,15 @@ def counts_and_ll_refusals(rank: int, world: int) -> list[str]:
 def test_counts_and_ll_refusals(pools, world: int) -> None:
     results = pools(world).run(counts_and_ll_refusals)
     assert all(not r for r in results), results
+
+
+@pytest.mark.parametrize("world,ranks_per_node,worst,per_round", [(2, 1, False, None), (4, 2, False, None),
+                                                                  (4, 1, True, None), (4, 2, False, 3),
+                                                                  (3, None, False, None)])
+def test_normal_combine_bf16_partials(pools, world: int, ranks_per_node: int | None, worst: bool,
+                                      per_round: int | None) -> None:
+    """Buffer.combine(bf16_partial_sums=True), bit for bit against a reference of its own: each other node's partial
+    sum rounded to bf16, the token's own node's rows in float32; the same as without it within one node. Also
+    after a num_worst_tokens dispatch and in rounds."""
+    tokens = [6, 0, 9, 4][:world]
+    pools(world).run(bodies.normal_combine_bf16_partials, "torch", tokens, 256, ranks_per_node, worst, per_round)

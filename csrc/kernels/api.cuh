@@ -124,8 +124,10 @@ enum SeqKind { kSeqDispatch = 0, kSeqCombine = 1, kSeqLowLatency = 2, kRoundVoid
 //   rdma_recv  bytes [M][max_tokens][rdma_stride]  rows from my RDMA peer on node m, to forward
 //   fwd_comb   bytes [P][M][max_tokens][pcomb_stride]  combine rows of my node's rank l for tokens of my RDMA peer on
 //                                              node m: row (y dtype) | weights float [K] at comb_stride
-//   comb_send  bytes [M][max_tokens][pcomb_stride]  staged float32 partial sums for my RDMA peer on node m
-//   comb_rdma  bytes [M][max_tokens][pcomb_stride]  float32 partial sums from my RDMA peer on node m
+//   comb_send  bytes [M][max_tokens][pcomb_stride]  staged partial sums for my RDMA peer on node m: float32 row |
+//                                              weights at comb_stride, or (bf16 partials) bf16 row | weights
+//                                              right after it (normal.cuh's part_w_off)
+//   comb_rdma  bytes [M][max_tokens][pcomb_stride]  partial sums from my RDMA peer on node m, as in comb_send
 // Normal-mode group sizes (MAX_RANKS_NORMAL, MAX_NODES_NORMAL, MAX_RANKS_PER_NODE_NORMAL in the Python backend):
 // a thread per rank in the waits and the count exchange (so a copy kernel's NormalCtx::threads must exceed the
 // rank count; the reductions have 512, the notify 1024), a lane per node in the per-token loops over nodes (groups
@@ -271,16 +273,18 @@ void launch_dispatch_copyout(const NormalCtx& ctx, void* out_x, int x_elem_bytes
                              const int* tag, cudaStream_t stream);
 // Combine push: row i of y goes towards its source over NVLink (its `comb` buffer, or this node's forwarder for
 // it), except rows whose source is this rank; raises kFlagCombReady on every rank of this node (unless this
-// Buffer has reported an error: block_raises_data_flags).
+// Buffer has reported an error: block_raises_data_flags). part_bf16 (bf16 y, several nodes): the forwarders send
+// their partial sums home as bf16 (part of the call's signature, so every kernel of the combine takes it).
 void launch_combine_push(const NormalCtx& ctx, const void* y, int y_elem_bytes, const float* y_w,
-                         bool with_weights, const int* recv_src, const int* recv_off, int num_rows, int num_sms,
-                         const int* tag, cudaStream_t stream);
+                         bool with_weights, bool part_bf16, const int* recv_src, const int* recv_off, int num_rows,
+                         int num_sms, const int* tag, cudaStream_t stream);
 // Combine reduce: out[t] = sum over ranks r of this node with send_pos[t, r] >= 0 of comb[r][send_pos[t, r]] (for
 // r = this rank: row recv_off[rank] + send_pos[t, rank] of y, the combine's input, and of y_w), plus (node_pos
-// given) the partial of every other node the token went to, in float32. y has out's element type.
+// given) the partial of every other node the token went to (float32, or bf16 with part_bf16), in float32. y has
+// out's element type.
 void launch_combine_reduce(const NormalCtx& ctx, void* out, int out_elem_bytes, float* out_w, const int* send_pos,
-                           const int* node_pos, int num_tokens, bool with_weights, const void* y, const float* y_w,
-                           const int* recv_off, int num_sms, const int* tag, cudaStream_t stream);
+                           const int* node_pos, int num_tokens, bool with_weights, bool part_bf16, const void* y,
+                           const float* y_w, const int* recv_off, int num_sms, const int* tag, cudaStream_t stream);
 
 // Combine in one kernel, for groups of one node: push blocks (push_eighths / 8 of max(2, num_sms) blocks, at
 // least one of each kind) write the rows back to their sources in chunks of kCombChunk rows, each chunk raising
@@ -304,9 +308,11 @@ void launch_dispatch_rdma_send(const NormalCtx& ctx, const void* x, int x_elem_b
 void launch_dispatch_forward(const NormalCtx& ctx, int x_elem_bytes, bool has_scales, bool cached,
                              const int* fwd_off, const int* fwd_count, int* fwd_pos, int num_sms,
                              const int* tag, cudaStream_t stream);
-// Combine: partial sums of my node's rows for my RDMA peers' tokens, put home. Between push and reduce.
-void launch_combine_forward(const NormalCtx& ctx, int y_elem_bytes, bool with_weights, const int* fwd_count,
-                            const int* fwd_pos, int num_sms, const int* tag, cudaStream_t stream);
+// Combine: partial sums of my node's rows for my RDMA peers' tokens, put home (float32, or bf16 with part_bf16).
+// Between push and reduce.
+void launch_combine_forward(const NormalCtx& ctx, int y_elem_bytes, bool with_weights, bool part_bf16,
+                            const int* fwd_count, const int* fwd_pos, int num_sms, const int* tag,
+                            cudaStream_t stream);
 
 // ---- rows.cu (expert side, no communication) ------------------------------------------------------------------
 // y [rows, hidden] = per row r, the sum over k < num_topk with pos[r, k] != pad, 0 <= pos[r, k] < src_rows and

@@ -11,8 +11,10 @@
 // Combine: the reverse. Rows whose source is on another node go over NVLink to this node's forwarder for that
 // source (intranode.cu's combine push); the forwarder sums them per token in float32 and puts one float32 partial
 // row (with the summed weights) home (combine_forward), where intranode.cu's reduction adds the partials of every
-// node to the rows of its own node. Partials stay float32: however the ranks are split into nodes, the result is
-// accumulated in float32 and rounded once (the order of its sums, and so its last bits, depend on the split).
+// node to the rows of its own node. Partials stay float32 by default: however the ranks are split into nodes, the
+// result is accumulated in float32 and rounded once (the order of its sums, and so its last bits, depend on the
+// split). A bf16 combine may ask for bf16 partials instead (part_bf16): half the bytes between nodes, one more
+// bf16 rounding of each other node's partial sum; the summed weights stay float32 either way.
 //
 // Every row is staged in symmetric memory before its put (a put's source must be symmetric for every transport);
 // every thread of a sending kernel calls nvshmem_quiet, then the last block raises the round's signals (not once
@@ -164,8 +166,9 @@ __global__ void __launch_bounds__(kThreads) dispatch_forward_kernel(NormalCtx c,
 // Waits for every rank of my node to have pushed its combine rows, then one warp per forwarded row (j of node m)
 // sums the rows of my node's ranks for that token (fwd_comb[l][m][fwd_pos[m][j][l]]) in float32, stages the
 // partial (and the summed weights) at comb_send[m][j] and puts it to comb_rdma[my node][j] of my RDMA peer on
-// node m, which raised kFlagCombFree for the previous round before this round's combine push began.
-template <typename T>
+// node m, which raised kFlagCombFree for the previous round before this round's combine push began. kPartBf16
+// (bf16 rows only): the partial is staged and put as bf16, its weights right after it (part_w_off).
+template <typename T, bool kPartBf16>
 __global__ void __launch_bounds__(kReduceThreads) combine_forward_kernel(NormalCtx c, int with_weights,
                                                                          const int* fwd_count, const int* fwd_pos,
                                                                          const int* tag) {
@@ -174,7 +177,8 @@ __global__ void __launch_bounds__(kReduceThreads) combine_forward_kernel(NormalC
     const int K = c.num_topk;
     const int64_t seq = c.seq[kSeqCombine] + 1;
     __shared__ int prefix[kMaxNodes + 1];
-    const int sig = combine_sig(sizeof(T), with_weights != 0, tag);
+    const int sig = combine_sig(sizeof(T), with_weights != 0, kPartBf16, tag);
+    const int64_t pw = part_w_off(c, kPartBf16);  // (where the staged partial keeps its summed weights)
     const bool ok = wait_local(c, kFlagCombReady, seq, kOpCombine, sig);
     node_prefix(fwd_count, M, prefix);
     if (ok) {
@@ -198,20 +202,25 @@ __global__ void __launch_bounds__(kReduceThreads) combine_forward_kernel(NormalC
 #pragma unroll
                 for (int e = 0; e < kPer; ++e) acc[e] = 0.f;
                 for (int i = 0; i < n; ++i) Vec<T>::add(acc, ld_v4<1>(reinterpret_cast<const int4*>(rows[i]) + v));
-                int4* out = reinterpret_cast<int4*>(staged) + v * (kPer / 4);
+                if constexpr (kPartBf16) {
+                    static_assert(kPer == 8, "bf16 partials of bf16 rows");
+                    reinterpret_cast<int4*>(staged)[v] = pack_bf16x8(acc);
+                } else {
+                    int4* out = reinterpret_cast<int4*>(staged) + v * (kPer / 4);
 #pragma unroll
-                for (int i = 0; i < kPer / 4; ++i) out[i] = Vec<float>::pack(acc + 4 * i);
+                    for (int i = 0; i < kPer / 4; ++i) out[i] = Vec<float>::pack(acc + 4 * i);
+                }
             }
             if (with_weights && lane < K) {
                 float sum = 0.f;
                 for (int i = 0; i < n; ++i) sum += reinterpret_cast<const float*>(rows[i] + c.comb_stride)[lane];
-                reinterpret_cast<float*>(staged + c.comb_stride)[lane] = sum;
+                reinterpret_cast<float*>(staged + pw)[lane] = sum;
             }
             __threadfence();  // the staged partial is complete before the transport reads it
             __syncwarp();
             const int64_t dst = c.off_comb_rdma + (static_cast<int64_t>(node) * c.max_tokens + j) * c.pcomb_stride;
             nvshmemx_putmem_nbi_warp(c.base + dst, staged,
-                                     with_weights ? c.pcomb_stride : static_cast<int64_t>(c.hidden) * 4,
+                                     with_weights ? pw + 4ll * K : static_cast<int64_t>(c.hidden) * (kPartBf16 ? 2 : 4),
                                      m * P + me_local);
         }
     }
@@ -252,18 +261,23 @@ void launch_dispatch_forward(const NormalCtx& ctx, int x_elem_bytes, bool has_sc
     LAUNCH_CHECK();
 }
 
-void launch_combine_forward(const NormalCtx& ctx, int y_elem_bytes, bool with_weights, const int* fwd_count,
-                            const int* fwd_pos, int num_sms, const int* tag, cudaStream_t stream) {
+void launch_combine_forward(const NormalCtx& ctx, int y_elem_bytes, bool with_weights, bool part_bf16,
+                            const int* fwd_count, const int* fwd_pos, int num_sms, const int* tag,
+                            cudaStream_t stream) {
     HOST_ASSERT(tag != nullptr, "the handle's tag word is missing");
     HOST_ASSERT(ctx.ranks_per_node < ctx.num_ranks, "the forward leg is for groups of several nodes");
+    HOST_ASSERT(!part_bf16 || y_elem_bytes == 2, "bf16 partial sums are for bf16 combines");
     const int grid = std::max(1, num_sms);
-    if (y_elem_bytes == 2) {
-        combine_forward_kernel<__nv_bfloat16><<<grid, kReduceThreads, 0, stream>>>(ctx, with_weights ? 1 : 0,
-                                                                                   fwd_count, fwd_pos, tag);
+    const int wi = with_weights ? 1 : 0;
+    if (y_elem_bytes == 2 && part_bf16) {
+        combine_forward_kernel<__nv_bfloat16, true><<<grid, kReduceThreads, 0, stream>>>(ctx, wi, fwd_count, fwd_pos,
+                                                                                         tag);
+    } else if (y_elem_bytes == 2) {
+        combine_forward_kernel<__nv_bfloat16, false><<<grid, kReduceThreads, 0, stream>>>(ctx, wi, fwd_count,
+                                                                                          fwd_pos, tag);
     } else {
         HOST_ASSERT(y_elem_bytes == 4, "combine input must be bf16 or float32");
-        combine_forward_kernel<float><<<grid, kReduceThreads, 0, stream>>>(ctx, with_weights ? 1 : 0, fwd_count,
-                                                                           fwd_pos, tag);
+        combine_forward_kernel<float, false><<<grid, kReduceThreads, 0, stream>>>(ctx, wi, fwd_count, fwd_pos, tag);
     }
     LAUNCH_CHECK();
 }

@@ -538,7 +538,7 @@ __device__ __forceinline__ void push_combine_row(const NormalCtx& c, const uint8
 __global__ void __launch_bounds__(kThreads) combine_push_kernel(NormalCtx c, const uint8_t* y, int y_elem,
                                                                 const float* y_w, const int* recv_src,
                                                                 const int* recv_off, int num_rows, int with_weights,
-                                                                const int* tag) {
+                                                                int part_bf16, const int* tag) {
     const int N = c.num_ranks, me = c.rank;
     const int64_t seq = c.seq[kSeqCombine] + 1;
     __shared__ int off[kMaxRanks + 1];
@@ -560,7 +560,7 @@ __global__ void __launch_bounds__(kThreads) combine_push_kernel(NormalCtx c, con
     if (last_block(c.block_counter + 1) && block_raises_data_flags(c, false)) {
         if (static_cast<int>(threadIdx.x) < c.ranks_per_node)
             set_flag(c, first_local(c) + threadIdx.x, kFlagCombReady, me,
-                     data_flag(seq, combine_sig(y_elem, with_weights != 0, tag)));
+                     data_flag(seq, combine_sig(y_elem, with_weights != 0, part_bf16 != 0, tag)));
     }
 }
 
@@ -578,11 +578,13 @@ __device__ __forceinline__ V* shfl_ptr(V* v, int src) {
 template <typename T, int kSrc, int kUnroll, bool kChunked>
 __device__ __forceinline__ bool reduce_token_many(const NormalCtx& c, T* out, float* out_w, const int* node_pos,
                                                   const T* y, const float* y_w, int self_row0, int t,
-                                                  int with_weights, int lane, int p, unsigned present) {
+                                                  int with_weights, int part_bf16, int lane, int p,
+                                                  unsigned present) {
     constexpr int kPer = Vec<T>::kPer;
     const int K = c.num_topk, nvec = c.hidden / kPer, n_src = __popc(present);
     const int M = num_nodes(c), node = node_of(c, c.rank);
     const uint8_t* partials = c.base + c.off_comb_rdma;
+    const int64_t pw = part_w_off(c, part_bf16 != 0);  // (the partials' summed weights)
     int qs[kNodeChunks];
     unsigned remote[kNodeChunks];
 #pragma unroll
@@ -642,7 +644,7 @@ __device__ __forceinline__ bool reduce_token_many(const NormalCtx& c, T* out, fl
                     const int n = __ffs(rm) - 1;  // node ch * kWarp + n
                     const int qr = __shfl_sync(0xffffffffu, qs[ch], n);
                     const int64_t at = (static_cast<int64_t>(ch * kWarp + n) * c.max_tokens + qr) * c.pcomb_stride;
-                    if (valid) add_f32<kPer>(acc[u], partials + at, v0 + u * kWarp);
+                    if (valid) add_partial<T>(acc[u], partials + at, v0 + u * kWarp, part_bf16 != 0);
                 }
             if (valid) st_na_v4(dst + v0 + u * kWarp, Vec<T>::pack(acc[u]));
         }
@@ -659,7 +661,7 @@ __device__ __forceinline__ bool reduce_token_many(const NormalCtx& c, T* out, fl
                 const int n = __ffs(rm) - 1;
                 const int qr = __shfl_sync(0xffffffffu, qs[ch], n);
                 const int64_t at = (static_cast<int64_t>(ch * kWarp + n) * c.max_tokens + qr) * c.pcomb_stride;
-                if (lane < K) sum += reinterpret_cast<const float*>(partials + at + c.comb_stride)[lane];
+                if (lane < K) sum += reinterpret_cast<const float*>(partials + at + pw)[lane];
             }
         if (lane < K) out_w[static_cast<int64_t>(t) * K + lane] = sum;
     }
@@ -678,8 +680,9 @@ __device__ __forceinline__ bool reduce_token_many(const NormalCtx& c, T* out, fl
 template <typename T, int kSrc, int kUnroll, bool kChunked, bool kMany>
 __device__ __forceinline__ bool reduce_token(const NormalCtx& c, T* out, float* out_w, const int* send_pos,
                                              const int* node_pos, const T* y, const float* y_w, int self_row0, int t,
-                                             int with_weights, int lane, const int64_t* chunk_flags = nullptr,
-                                             int nchunks = 0, int64_t seq = 0, int sig = 0) {
+                                             int with_weights, int part_bf16, int lane,
+                                             const int64_t* chunk_flags = nullptr, int nchunks = 0, int64_t seq = 0,
+                                             int sig = 0) {
     constexpr int kPer = Vec<T>::kPer;
     const int N = c.num_ranks, K = c.num_topk, M = num_nodes(c), node = node_of(c, c.rank), nvec = c.hidden / kPer;
     const int r0 = first_local(c);
@@ -707,7 +710,8 @@ __device__ __forceinline__ bool reduce_token(const NormalCtx& c, T* out, float* 
     }
     const unsigned present = __ballot_sync(0xffffffffu, p >= 0);
     if constexpr (kMany) return reduce_token_many<T, kSrc, kUnroll, kChunked>(c, out, out_w, node_pos, y, y_w,
-                                                                          self_row0, t, with_weights, lane, p, present);
+                                                                          self_row0, t, with_weights, part_bf16, lane,
+                                                                          p, present);
     const int n_src = __popc(present);
     const int q = node_pos != nullptr && lane < M && lane != node ? node_pos[static_cast<int64_t>(t) * M + lane] : -1;
     const unsigned remote = __ballot_sync(0xffffffffu, q >= 0);
@@ -736,6 +740,7 @@ __device__ __forceinline__ bool reduce_token(const NormalCtx& c, T* out, float* 
         }
     }
     const uint8_t* partials = c.base + c.off_comb_rdma;
+    const int64_t pw = part_w_off(c, part_bf16 != 0);  // (the partials' summed weights)
     int4* dst = reinterpret_cast<int4*>(out + static_cast<int64_t>(t) * c.hidden);
     // Every lane runs every iteration (the shuffles below need the whole warp); loads and stores are guarded.
     for (int step = 0; step < nvec; step += kUnroll * kWarp) {
@@ -759,8 +764,8 @@ __device__ __forceinline__ bool reduce_token(const NormalCtx& c, T* out, float* 
                 const int src_node = __ffs(rm) - 1;
                 const int qr = __shfl_sync(0xffffffffu, q, src_node);
                 if (valid)
-                    add_f32<kPer>(acc, partials + (static_cast<int64_t>(src_node) * c.max_tokens + qr) * c.pcomb_stride,
-                                  v0 + u * kWarp);
+                    add_partial<T>(acc, partials + (static_cast<int64_t>(src_node) * c.max_tokens + qr) * c.pcomb_stride,
+                                   v0 + u * kWarp, part_bf16 != 0);
             }
             if (valid) st_na_v4(dst + v0 + u * kWarp, Vec<T>::pack(acc));
         }
@@ -776,7 +781,7 @@ __device__ __forceinline__ bool reduce_token(const NormalCtx& c, T* out, float* 
             const int qr = __shfl_sync(0xffffffffu, q, src_node);
             if (lane < K)
                 sum += reinterpret_cast<const float*>(partials + (static_cast<int64_t>(src_node) * c.max_tokens + qr) *
-                                                                     c.pcomb_stride + c.comb_stride)[lane];
+                                                                     c.pcomb_stride + pw)[lane];
         }
         if (lane < K) out_w[static_cast<int64_t>(t) * K + lane] = sum;
     }
@@ -787,12 +792,12 @@ __device__ __forceinline__ bool reduce_token(const NormalCtx& c, T* out, float* 
 template <typename T, int kSrc, int kUnroll, bool kMany>
 __global__ void __launch_bounds__(kReduceThreads) combine_reduce_kernel(NormalCtx c, T* out, float* out_w,
                                                                         const int* send_pos, const int* node_pos,
-                                                                        int num_tokens, int with_weights, const T* y,
-                                                                        const float* y_w, const int* recv_off,
-                                                                        const int* tag) {
+                                                                        int num_tokens, int with_weights, int part_bf16,
+                                                                        const T* y, const float* y_w,
+                                                                        const int* recv_off, const int* tag) {
     const int N = c.num_ranks;
     const int64_t seq = c.seq[kSeqCombine] + 1;
-    const int sig = combine_sig(sizeof(T), with_weights != 0, tag);
+    const int sig = combine_sig(sizeof(T), with_weights != 0, part_bf16 != 0, tag);
     bool ok = wait_local(c, kFlagCombReady, seq, kOpCombineReduce, sig);
     // every RDMA peer's partials, even with no tokens here (node_pos may then be null): the round must be complete
     // before kFlagCombFree below lets anyone write into my buffers again
@@ -801,8 +806,8 @@ __global__ void __launch_bounds__(kReduceThreads) combine_reduce_kernel(NormalCt
         const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
         const int self_row0 = recv_off[c.rank];
         for (int t = blockIdx.x * kReduceWarps + warp; t < num_tokens; t += gridDim.x * kReduceWarps)
-            reduce_token<T, kSrc, kUnroll, false, kMany>(c, out, out_w, send_pos, node_pos, y, y_w, self_row0, t, with_weights,
-                                                  lane);
+            reduce_token<T, kSrc, kUnroll, false, kMany>(c, out, out_w, send_pos, node_pos, y, y_w, self_row0, t,
+                                                         with_weights, part_bf16, lane);
     }
     // Every block has read its slots: each pusher may write into my buffers again.
     if (last_block(c.block_counter + 2)) {
@@ -825,7 +830,7 @@ __global__ void __launch_bounds__(kReduceThreads) combine_fused_kernel(NormalCtx
                                                                        const int* tag) {
     const int N = c.num_ranks, me = c.rank;
     const int64_t seq = c.seq[kSeqCombine] + 1;
-    const int sig = combine_sig(sizeof(T), with_weights != 0, tag);
+    const int sig = combine_sig(sizeof(T), with_weights != 0, false, tag);  // (one node: no partial sums)
     const int nchunks = (c.max_tokens + kCombChunk - 1) / kCombChunk;
     const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp, warps = blockDim.x / kWarp;
     if (static_cast<int>(blockIdx.x) < push_blocks) {
@@ -868,7 +873,7 @@ __global__ void __launch_bounds__(kReduceThreads) combine_fused_kernel(NormalCtx
         const int rb = static_cast<int>(blockIdx.x) - push_blocks, nrb = static_cast<int>(gridDim.x) - push_blocks;
         for (int t = rb * warps + warp; !failed && t < num_tokens; t += nrb * warps)
             if (!reduce_token<T, kSrc, kUnroll, true, kMany>(c, out, out_w, send_pos, nullptr, y, y_w, self_row0, t,
-                                                      with_weights, lane, flags, nchunks, seq, sig))
+                                                             with_weights, 0, lane, flags, nchunks, seq, sig))
                 break;
     }
     // Every block has read its slots: each pusher may write into my buffers again.
@@ -1024,29 +1029,31 @@ void launch_dispatch_copyout(const NormalCtx& ctx, void* out_x, int x_elem_bytes
 }
 
 void launch_combine_push(const NormalCtx& ctx, const void* y, int y_elem_bytes, const float* y_w,
-                         bool with_weights, const int* recv_src, const int* recv_off, int num_rows, int num_sms,
-                         const int* tag, cudaStream_t stream) {
+                         bool with_weights, bool part_bf16, const int* recv_src, const int* recv_off, int num_rows,
+                         int num_sms, const int* tag, cudaStream_t stream) {
     HOST_ASSERT(tag != nullptr, "the handle's tag word is missing");
     HOST_ASSERT((static_cast<int64_t>(ctx.hidden) * y_elem_bytes) % 16 == 0,
                 "hidden * element size must be a multiple of 16");
+    HOST_ASSERT(!part_bf16 || y_elem_bytes == 2, "bf16 partial sums are for bf16 combines");
     combine_push_kernel<<<std::max(1, num_sms), ctx.threads, 0, stream>>>(
         ctx, static_cast<const uint8_t*>(y), y_elem_bytes, y_w, recv_src, recv_off, num_rows, with_weights ? 1 : 0,
-        tag);
+        part_bf16 ? 1 : 0, tag);
     LAUNCH_CHECK();
 }
 
 void launch_combine_reduce(const NormalCtx& ctx, void* out, int out_elem_bytes, float* out_w, const int* send_pos,
-                           const int* node_pos, int num_tokens, bool with_weights, const void* y, const float* y_w,
-                           const int* recv_off, int num_sms, const int* tag, cudaStream_t stream) {
+                           const int* node_pos, int num_tokens, bool with_weights, bool part_bf16, const void* y,
+                           const float* y_w, const int* recv_off, int num_sms, const int* tag, cudaStream_t stream) {
     HOST_ASSERT(tag != nullptr, "the handle's tag word is missing");
+    HOST_ASSERT(!part_bf16 || out_elem_bytes == 2, "bf16 partial sums are for bf16 combines");
     HOST_ASSERT(ctx.ranks_per_node == ctx.num_ranks || node_pos != nullptr || num_tokens == 0, "node_pos missing");
     const int wi = with_weights ? 1 : 0;
     with_reduce_shape(out_elem_bytes, ctx.ranks_per_node, ctx.num_ranks / ctx.ranks_per_node, [&](auto shape) {
         using S = decltype(shape);
         using T = typename S::type;
         combine_reduce_kernel<T, S::kSrc, S::kUnroll, S::kMany><<<std::max(1, num_sms), kReduceThreads, 0, stream>>>(
-            ctx, static_cast<T*>(out), out_w, send_pos, node_pos, num_tokens, wi, static_cast<const T*>(y), y_w,
-            recv_off, tag);
+            ctx, static_cast<T*>(out), out_w, send_pos, node_pos, num_tokens, wi, part_bf16 ? 1 : 0,
+            static_cast<const T*>(y), y_w, recv_off, tag);
     });
     LAUNCH_CHECK();
 }

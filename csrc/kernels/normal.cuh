@@ -63,9 +63,15 @@ __device__ __forceinline__ int call_sig(int kind, const int* tag) { return (*tag
 __device__ __forceinline__ int dispatch_sig(int x_elem, bool has_scales, const int* tag) {
     return call_sig(kRowKind(x_elem, has_scales), tag);
 }
-// ... of a combine: y float32 (kind bit 0; else bf16), weights (bit 1)
-__device__ __forceinline__ int combine_sig(int y_elem, bool with_weights, const int* tag) {
-    return call_sig((y_elem == 4 ? 1 : 0) | (with_weights ? 2 : 0), tag);
+// ... of a combine: y float32 (kind bit 0; else bf16), weights (bit 1), partial sums between nodes sent as bf16
+// (bit 2; bf16 y only)
+__device__ __forceinline__ int combine_sig(int y_elem, bool with_weights, bool part_bf16, const int* tag) {
+    return call_sig((y_elem == 4 ? 1 : 0) | (with_weights ? 2 : 0) | (part_bf16 ? 4 : 0), tag);
+}
+// Where a partial-sum row (comb_send, comb_rdma) keeps its summed weights: after its float32 values (comb_stride),
+// or right after its bf16 values (part_bf16), so that one put moves the row and its weights either way.
+__device__ __forceinline__ int64_t part_w_off(const NormalCtx& c, bool part_bf16) {
+    return part_bf16 ? (static_cast<int64_t>(c.hidden) * 2 + 15) / 16 * 16 : c.comb_stride;
 }
 // The call_sig of a wait (wait_ranks): a plain flag (a round number: kFlagCounts, kFlagRecvFree, kFlagCombFree), a
 // data flag of any signature (a void round's, whose kinds may differ), or a data flag of that signature (>= 0).
@@ -250,6 +256,20 @@ __device__ __forceinline__ void add_f32(float* acc, const uint8_t* row, int v) {
 #pragma unroll
         for (int e = 0; e < 4; ++e) acc[4 * i + e] += f[e];
     }
+}
+
+// acc[0, kPer) += vector v of a partial-sum row: kPer float32 values, or (part_bf16, bf16 rows only: kPer == 8)
+// kPer bf16 values, one 16-byte load.
+template <typename T>
+__device__ __forceinline__ void add_partial(float* acc, const uint8_t* row, int v, bool part_bf16) {
+    constexpr int kPer = Vec<T>::kPer;
+    if constexpr (kPer == 8) {
+        if (part_bf16) {
+            Vec<__nv_bfloat16>::add(acc, ld_v4<1>(reinterpret_cast<const int4*>(row) + v));
+            return;
+        }
+    }
+    add_f32<kPer>(acc, row, v);
 }
 
 }  // namespace normal

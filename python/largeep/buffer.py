@@ -831,24 +831,40 @@ class Buffer:
         topk_weights: torch.Tensor | None = None,
         previous_event: EventOverlap | None = None,
         async_finish: bool = False,
+        bf16_partial_sums: bool = False,
     ) -> CombineResult:
         """y [R, H] bf16/fp32 (rows as the dispatch gave them) -> x [T, H], each token's rows summed in float32.
-        topk_weights float32 [R, K], if given, are summed the same way. Does not wait on the host."""
+        topk_weights float32 [R, K], if given, are summed the same way. Does not wait on the host.
+
+        ``bf16_partial_sums`` (bf16 y only; an extension of SPEC.md): in a group of several nodes, the sum of a
+        token's rows on each other node (made there in float32) comes home as one bf16 row instead of float32: half
+        the bytes between nodes, and the output carries, besides its own rounding, up to half a bf16 unit of each
+        other node's partial sum. The rows of the token's own node are summed in float32 as without it; the summed
+        ``topk_weights`` stay float32. Within one node it changes nothing. Every rank must pass the same value: the
+        nvshmem backend's receivers leave partials of the other kind unread and the next call raises RuntimeError
+        naming the sender; the torch backend refuses the call on CPU groups (each rank rounds as it asked on GPUs)."""
         op = "combine"
         self._check_alive(op)
         self._check_mode(op, False)
-        checks.flags(op, async_finish=async_finish)
+        checks.flags(op, async_finish=async_finish, bf16_partial_sums=bf16_partial_sums)
         c = self.ctx
         h = self._check_handle(op, handle, DispatchHandle)
         ys = checks.tensor(
             op, "y", y, dtypes=checks.FLOAT_DTYPES, ndim=2, device=c.device, shape=(h.num_recv_tokens, c.hidden),
             row_aligned=True,
         )
+        if bf16_partial_sums and ys.dtype != torch.bfloat16:
+            raise ArgumentError(
+                f"Buffer.{op}: argument 'bf16_partial_sums' = True needs y in bfloat16, y is {ys.dtype} (a float32 "
+                "combine keeps its partial sums in float32)"
+            )
         if topk_weights is not None:
             checks.topk_weights(op, topk_weights, num_tokens=h.num_recv_tokens, num_topk=c.num_topk, device=c.device)
+        # (only where they exist: several nodes; every backend takes the keyword)
+        part_bf16 = bf16_partial_sums and c.ranks_per_node < c.num_ranks
 
         def run() -> Any:
-            return self._impl.combine(ys, h.state, topk_weights)
+            return self._impl.combine(ys, h.state, topk_weights, part_bf16)
 
         (x, w), event = self._run(run, previous_event, async_finish, [ys, topk_weights])
         return CombineResult(x, w, event)

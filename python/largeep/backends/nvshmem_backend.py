@@ -1281,8 +1281,10 @@ class NvshmemBackend:
 
     @_closes_open_round
     def combine(
-        self, y: torch.Tensor, state: _NvState, topk_weights: torch.Tensor | None
+        self, y: torch.Tensor, state: _NvState, topk_weights: torch.Tensor | None, part_bf16: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """part_bf16 (bf16 y, several nodes): the forwarders' partial sums come home as bf16 (Buffer.combine's
+        bf16_partial_sums)."""
         self._raise_if_failed("combine")
         c = self.ctx
         dev = c.device
@@ -1304,17 +1306,18 @@ class NvshmemBackend:
             return out, out_w
         # (push, forward and reduce: three launches; the round counts as this rank's only once the reduce is queued)
         self._round_open = True
+        part_bf16 = part_bf16 and hier is not None
         k.combine_push(
-            y.data_ptr(), y.element_size(), _ptr(topk_weights), with_w, state.recv_src.data_ptr(), state.recv_off,
-            state.num_rows, state.tag, c.num_sms, stream,
+            y.data_ptr(), y.element_size(), _ptr(topk_weights), with_w, part_bf16, state.recv_src.data_ptr(),
+            state.recv_off, state.num_rows, state.tag, c.num_sms, stream,
         )
         if hier is not None:
-            k.combine_forward(y.element_size(), with_w, hier.fwd_count.data_ptr(), hier.fwd_pos.data_ptr(), state.tag,
-                              c.num_sms, stream)
+            k.combine_forward(y.element_size(), with_w, part_bf16, hier.fwd_count.data_ptr(), hier.fwd_pos.data_ptr(),
+                              state.tag, c.num_sms, stream)
         k.combine_reduce(
             out.data_ptr(), out.element_size(), _ptr(out_w), state.send_pos,
-            _ptr(hier.node_pos if hier else None), state.num_tokens, with_w, y.data_ptr(), _ptr(topk_weights),
-            state.recv_off, state.tag, c.num_sms, stream,
+            _ptr(hier.node_pos if hier else None), state.num_tokens, with_w, part_bf16, y.data_ptr(),
+            _ptr(topk_weights), state.recv_off, state.tag, c.num_sms, stream,
         )
         self._round_open = False
         return out, out_w

@@ -254,7 +254,7 @@ class RoundsBackend:
         return NormalDispatchOut(out_x, out_s, out_idx, out_w, per_expert_list, per_expert_t, total, state)
 
     def combine(
-        self, y: torch.Tensor, state: _RoundsState, topk_weights: torch.Tensor | None
+        self, y: torch.Tensor, state: _RoundsState, topk_weights: torch.Tensor | None, part_bf16: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         self._check_in_step("combine")
         xs: list[torch.Tensor] = []
@@ -266,7 +266,7 @@ class RoundsBackend:
             for i, d in enumerate(state.dest):
                 y_i = as_words(y).index_select(0, d).view(y.dtype).view(-1, y.shape[1])
                 w_i = None if topk_weights is None else topk_weights.index_select(0, d)
-                x_i, w_i = self.inner.combine(y_i, state.states[i], w_i)
+                x_i, w_i = self.inner.combine(y_i, state.states[i], w_i, part_bf16)
                 xs.append(x_i)
                 if w_i is not None:
                     ws.append(w_i)

@@ -105,6 +105,29 @@ def _sum_blocks_in_order(out: torch.Tensor, index: torch.Tensor, rows: torch.Ten
         start += size
 
 
+def _round_other_nodes(per_node: torch.Tensor, home: int) -> torch.Tensor:
+    """per_node float32 [T, M, H] (a token's rows summed per node) -> [T, H]: their sum, each node's but ``home``'s
+    rounded to bf16 first (bf16 partial sums: what the other nodes send home)."""
+    rounded = per_node.to(torch.bfloat16).float()
+    rounded[:, home] = per_node[:, home]
+    return rounded.sum(1)
+
+
+def _sum_by_node(index: torch.Tensor, rows: torch.Tensor, blocks: Sequence[int], num_tokens: int,
+                 ranks_per_node: int, rank: int) -> torch.Tensor:
+    """A variable-size combine's sum (as _sum_blocks_in_order: blocks[r] rows from rank r, at out[index[p]]) with
+    bf16 partial sums: each node's blocks summed apart in float32, then _round_other_nodes."""
+    nodes = len(blocks) // ranks_per_node
+    per_node = torch.zeros(num_tokens, nodes, rows.shape[1], dtype=torch.float32, device=rows.device)
+    start = 0
+    for r, size in enumerate(blocks):
+        if size:
+            block = rows[start : start + size].float()
+            per_node[:, r // ranks_per_node].index_add_(0, index[start : start + size], block)
+        start += size
+    return _round_other_nodes(per_node, rank // ranks_per_node)
+
+
 # A normal-mode call's signature: the call (_FRESH dispatch, _CACHED dispatch, _COMBINE), num_worst_tokens (of the
 # handle's dispatch in a cached dispatch or a combine: 0 for a variable-size one), the dtype of its rows, and FP8
 # scales (a dispatch) or topk_weights (a combine) given or not; then a fresh dispatch's id check verdict (the lowest id
@@ -137,7 +160,8 @@ def _describe_call(row: tuple[int, ...]) -> str:
     # (no parentheses or semicolons: calls_disagree lists the ranks' calls in parentheses, separated by them)
     handle = f"the handle of dispatch {row[6]}, {f'num_worst_tokens={worst}' if worst else 'variable size'}"
     if call == _COMBINE:
-        return f"combine, y {dtype}, topk_weights {'given' if flag else 'None'}, {handle}"
+        part = ", bf16_partial_sums" if flag & 2 else ""
+        return f"combine, y {dtype}, topk_weights {'given' if flag & 1 else 'None'}{part}, {handle}"
     rows = checks.rows_kind(dtype, bool(flag))
     return f"cached dispatch, {rows}, {handle}" if call == _CACHED else f"num_worst_tokens={worst}, {rows}"
 
@@ -146,7 +170,7 @@ def _describe_call(row: tuple[int, ...]) -> str:
 _SAME_CALL = {
     _FRESH: "dispatch the same kind of rows with the same num_worst_tokens",
     _CACHED: "send the same kind of rows in a cached dispatch",
-    _COMBINE: "combine the same dtype of y, and pass topk_weights or not alike",
+    _COMBINE: "combine the same dtype of y, and pass topk_weights or not alike, and bf16_partial_sums alike",
 }
 
 
@@ -191,9 +215,10 @@ def _check_signatures(sig: torch.Tensor, rank: int, num_experts: int) -> None:
     _raise_if_calls_differ(rows, rank)
 
 
-def _agree(backend: TorchBackend, call: int, dtype: torch.dtype, flag: bool, state: _VarState | _FixedState) -> None:
+def _agree(backend: TorchBackend, call: int, dtype: torch.dtype, flag: int, state: _VarState | _FixedState) -> None:
     """On a CPU group, a cached dispatch's or a combine's first collective: its signature (``call``, the handle's
-    num_worst_tokens and dispatch number, the dtype of its rows, FP8 scales or topk_weights given) at the width of a
+    num_worst_tokens and dispatch number, the dtype of its rows, ``flag``: FP8 scales given (a dispatch), or
+    topk_weights given (a combine, bit 0) and bf16 partial sums (bit 1)) at the width of a
     fresh dispatch's counts, so that it pairs with whatever call the other ranks made; every rank raises
     ArgumentError naming each rank's call when they differ, before any row moves. Not on CUDA, where comparing
     would wait on the host."""
@@ -735,12 +760,15 @@ class TorchBackend:
 
     @_out_of_step_on_error
     def combine(
-        self, y: torch.Tensor, state: _VarState | _FixedState, topk_weights: torch.Tensor | None
+        self, y: torch.Tensor, state: _VarState | _FixedState, topk_weights: torch.Tensor | None,
+        part_bf16: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """part_bf16 (bf16 y, several nodes): the rows from each other node are summed first and that sum rounded
+        to bf16, as the nvshmem backend's forwarders send it (Buffer.combine's bf16_partial_sums)."""
         c = self.ctx
         dev = y.device
         if dev.type == "cpu":
-            _agree(self, _COMBINE, y.dtype, topk_weights is not None, state)
+            _agree(self, _COMBINE, y.dtype, (topk_weights is not None) | (part_bf16 << 1), state)
         parts = [y] + ([topk_weights] if topk_weights is not None else [])
         specs: list[tuple[torch.dtype, tuple[int, ...]]] = [(y.dtype, (c.hidden,))]
         if topk_weights is not None:
@@ -750,8 +778,11 @@ class TorchBackend:
             pairs = int(sum(state.send_splits))
             back = torch.empty(pairs, c.hidden, dtype=y.dtype, device=dev)
             self._all_to_all_into(back, y, state.recv_splits, state.send_splits)
-            x = torch.zeros(t, c.hidden, dtype=torch.float32, device=dev)
-            _sum_blocks_in_order(x, state.t_idx, back, state.send_splits)
+            if part_bf16:
+                x = _sum_by_node(state.t_idx, back, state.send_splits, t, c.ranks_per_node, c.rank)
+            else:
+                x = torch.zeros(t, c.hidden, dtype=torch.float32, device=dev)
+                _sum_blocks_in_order(x, state.t_idx, back, state.send_splits)
             w = None
             if topk_weights is not None:
                 w_back = torch.empty(pairs, c.num_topk, dtype=torch.float32, device=dev)
@@ -768,7 +799,12 @@ class TorchBackend:
         rows, _ = self._all_to_all(ext[state.dest], n * cap)
         rows = torch.cat([rows, torch.zeros(1, rows.shape[1], dtype=torch.uint8, device=dev)])
         fields = _unpack(rows[state.slot.reshape(-1)], specs)  # [T*N, ...], (token, rank) pairs
-        x = fields[0].float().view(t, n, c.hidden).sum(1)
+        x = fields[0].float().view(t, n, c.hidden)
+        if part_bf16:
+            p = c.ranks_per_node
+            x = _round_other_nodes(x.view(t, n // p, p, c.hidden).sum(2), c.rank // p)
+        else:
+            x = x.sum(1)
         w = fields[1].view(t, n, c.num_topk).sum(1) if topk_weights is not None else None
         return x.to(y.dtype), w
 

@@ -566,6 +566,12 @@ CASES: list[BadCase] = [
        "'async_finish'", "must be a bool", "str"),
     _n("combine_async_finish_not_bool", lambda e: Call(e.buf.combine, (e.y(), e.prev.handle), {"async_finish": None}),
        "'async_finish'", "must be a bool", "NoneType"),
+    _n("combine_bf16_partial_sums_not_bool", lambda e: Call(e.buf.combine, (e.y(), e.prev.handle),
+                                                            {"bf16_partial_sums": 1}),
+       "'bf16_partial_sums'", "must be a bool", "int 1"),
+    _n("combine_bf16_partial_sums_float32_y", lambda e: Call(e.buf.combine, (e.y(dtype=torch.float32), e.prev.handle),
+                                                             {"bf16_partial_sums": True}),
+       "'bf16_partial_sums'", "needs y in bfloat16", "torch.float32"),
     _n("combine_rows_more_than_handle", lambda e: Call(e.buf.combine, (e.y(e.rows + 1), e.prev.handle)),
        "'y'", "shape", "dim 0"),
     _n("combine_rows_fewer_than_handle", lambda e: Call(e.buf.combine, (e.y(max(e.rows - 1, 0) if e.rows else 3),
@@ -2053,7 +2059,8 @@ def num_sms_bounds(rank: int, world: int) -> list[str]:
 
 
 def ranks_disagree(rank: int, world: int) -> list[str]:
-    """Ranks that disagree on a combine (topk_weights on rank 0 only; y float32 on rank 0 only), on a cached
+    """Ranks that disagree on a combine (topk_weights on rank 0 only; y float32 on rank 0 only; bf16_partial_sums
+    on rank 0 only, the ranks being nodes of one rank), on a cached
     dispatch (FP8 rows on rank 0 only), or on the call itself (a cached dispatch on rank 0, a combine or a fresh
     dispatch elsewhere), with variable and fixed (num_worst_tokens) outputs: on CPU groups every rank raises
     ArgumentError naming each rank's call (gloo aborted the process where the calls' first collectives differed in
@@ -2061,7 +2068,8 @@ def ranks_disagree(rank: int, world: int) -> list[str]:
     next good round trip is right."""
     torch.manual_seed(rank)
     e = 4 * world
-    buf = largeep.Buffer(None, hidden=128, num_experts=e, num_topk=2, max_tokens_per_rank=8, backend="torch")
+    buf = largeep.Buffer(None, hidden=128, num_experts=e, num_topk=2, max_tokens_per_rank=8, backend="torch",
+                         ranks_per_node=1)
     x = torch.randn(6, 128).to(torch.bfloat16)
     idx = torch.stack([torch.randperm(e)[:2] for _ in range(6)])
     w = torch.rand(6, 2)
@@ -2074,6 +2082,8 @@ def ranks_disagree(rank: int, world: int) -> list[str]:
             cases = [(lambda d=d: buf.combine(d.x, d.handle, topk_weights=d.topk_weights if rank == 0 else None),
                       "topk_weights given", "topk_weights None"),
                      (lambda d=d, y=y: buf.combine(y, d.handle), "y torch.float32", "y torch.bfloat16"),
+                     (lambda d=d: buf.combine(d.x, d.handle, bf16_partial_sums=rank == 0),
+                      "topk_weights None, bf16_partial_sums", "topk_weights None, the handle"),
                      (lambda d=d: buf.dispatch(fp8.quantize(x) if rank == 0 else x, handle=d.handle),
                       "x torch.float8_e4m3fn, FP8 scales", "x torch.bfloat16"),
                      (lambda d=d: buf.dispatch(x, handle=d.handle) if rank == 0 else buf.combine(d.x, d.handle),

@@ -703,7 +703,8 @@ def late_peer(rank: int, world: int, timeout_s: float, ranks_per_node: int | Non
 def calls_kinds_disagree(rank: int, world: int, variant: str, ranks_per_node: int | None) -> None:
     """Ranks that pass different calls where no count exchange compares them, on the nvshmem backend: a cached
     dispatch (``fp8``: rank 0 the FP8 pair, the others bf16; ``dtype``: rank 0 float32) or a combine (``y_dtype``:
-    rank 0's y float32, the others bf16; ``weights``: topk_weights on rank 0 only), or either with the handle of an
+    rank 0's y float32, the others bf16; ``weights``: topk_weights on rank 0 only; ``partials``: bf16_partial_sums
+    on rank 0 only, in groups of several nodes), or either with the handle of an
     earlier dispatch of the same routing on rank 0 (``handle_dispatch``, ``handle_combine``), on a routing where
     every rank gets rows from every rank. Each sender's data flag carries its kind of rows and its handle's tag,
     which the receivers compare with theirs: every rank's next call raises RuntimeError naming what differs and a
@@ -750,6 +751,10 @@ def calls_kinds_disagree(rank: int, world: int, variant: str, ranks_per_node: in
             what = "dispatch"
         elif variant == "y_dtype":
             buf.combine(d.x.float() if rank == 0 else d.x, d.handle)
+            what = "combine"
+        elif variant == "partials":
+            assert ranks_per_node is not None and ranks_per_node < world, "bf16 partial sums need several nodes"
+            buf.combine(d.x, d.handle, bf16_partial_sums=rank == 0)
             what = "combine"
         else:
             buf.combine(d.x, d.handle, topk_weights=d.topk_weights if rank == 0 else None)

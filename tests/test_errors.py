@@ -1174,7 +1174,7 @@ def test_torch_backend_ranks_disagree(pools) -> None:
     """Cached dispatches and combines whose kind differs between ranks, and ranks that make different calls, are
     refused on every rank (CPU groups)."""
     for msgs in pools(WORLD).run(error_bodies.ranks_disagree):
-        assert len(msgs) == 10 and all("disagree on the call" in m for m in msgs), msgs
+        assert len(msgs) == 12 and all("disagree on the call" in m for m in msgs), msgs
         assert sum("make the same call" in m for m in msgs) == 4, msgs
 
 

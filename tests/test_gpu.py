@@ -494,6 +494,23 @@ def test_calls_kinds_disagree(pools, variant: str, tune: str, ranks_per_node: in
 
 @pytest.mark.gpu(2)
 @needs_native
+def test_calls_kinds_disagree_bf16_partials(pools) -> None:
+    """Ranks of two nodes that differ in the combine's bf16_partial_sums: each reads the other's partial sums only
+    if its signature says they are of its own kind, else the next call raises naming the sender."""
+    pools(2, "nccl").run(gpu_bodies.with_tune, "comb=0", gpu_bodies.calls_kinds_disagree, "partials", 1)
+
+
+@pytest.mark.gpu(2)
+@needs_native
+@pytest.mark.parametrize("worst", [False, True])
+def test_normal_combine_bf16_partials(pools, worst: bool) -> None:
+    """bodies.normal_combine_bf16_partials on the nvshmem backend, 2 nodes of one rank: bf16 partials that are one
+    row each, so the same bits as without the flag (and as the reference), with half the bytes put."""
+    pools(2, "nccl").run(bodies.normal_combine_bf16_partials, "nvshmem", [6, 0], 2048, 1, worst)
+
+
+@pytest.mark.gpu(2)
+@needs_native
 def test_missing_peer_times_out_low_latency(pools) -> None:
     """The low-latency mode's bounded waits: a rank that never calls costs the others one LARGEEP_TIMEOUT_S, named
     at their next call."""
@@ -595,7 +612,7 @@ def test_normal_four_ranks_shared_gpus(pools, ranks_per_node: int | None, case: 
 @pytest.mark.gpu(2)
 @needs_native
 @needs_shared
-@pytest.mark.parametrize("variant", ["fp8", "y_dtype", "weights", "handle_combine"])
+@pytest.mark.parametrize("variant", ["fp8", "y_dtype", "weights", "handle_combine", "partials"])
 def test_calls_kinds_disagree_four_ranks_shared_gpus(pools, variant: str) -> None:
     """test_calls_kinds_disagree on 2 nodes of 2 ranks (4 ranks on 2 GPUs): the forwarders that meet the other
     kind raise their flags poisoned, so every rank's next call raises, none times out."""
@@ -727,6 +744,27 @@ def test_normal_combine_float32_sums_shared_gpus(pools, world: int, ranks_per_no
     num_worst_tokens dispatch too (its tail rows NaN in y)."""
     pools(world, "gloo-cuda").run(bodies.normal_combine_exact, "nvshmem", [5, 0, 7, 3][:world], 2048, ranks_per_node,
                                   worst)
+
+
+@pytest.mark.gpu(2)
+@needs_native
+@needs_shared
+@pytest.mark.parametrize("ranks_per_node,worst,per_round", [(2, False, None), (2, True, None), (1, False, None),
+                                                            (2, False, 3)])
+def test_normal_combine_bf16_partials_shared_gpus(pools, ranks_per_node: int, worst: bool,
+                                                  per_round: int | None) -> None:
+    """bodies.normal_combine_bf16_partials on the nvshmem backend, 4 ranks sharing the GPUs: 2 nodes of 2 (the
+    forwarders' bf16 partials, bit for bit against the reference, which differs there from float32 partials), 4
+    nodes of 1, after a num_worst_tokens dispatch, and in rounds."""
+    pools(4, "gloo-cuda").run(bodies.normal_combine_bf16_partials, "nvshmem", [6, 0, 9, 4], 2048, ranks_per_node,
+                              worst, per_round)
+
+
+@pytest.mark.gpu(4)
+@needs_native
+def test_normal_combine_bf16_partials_four_gpus(pools) -> None:
+    """The same on 4 GPUs (an NCCL group), 2 nodes of 2."""
+    pools(4, "nccl").run(bodies.normal_combine_bf16_partials, "nvshmem", [6, 0, 9, 4], 2048, 2)
 
 
 @pytest.mark.gpu(4)

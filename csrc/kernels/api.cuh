@@ -57,7 +57,8 @@ enum Op {
     kOpDispatchKinds = 17,  // a dispatch received rows of another kind (kRowKind) than this rank's: ranks that differ
                             // in a cached dispatch, which has no count exchange (rank field: the sender, whose kind
                             // a forwarder passes on only where it is its own; not a timeout)
-    kOpCombineKinds = 18,   // a combine received rows of another kind (y's dtype, weights or not) than this rank's
+    kOpCombineKinds = 18,   // a combine received rows of another kind (y's dtype, weights or not, bf16 partials or
+                            // not) than this rank's
                             // (rank field: the sender; not a timeout)
     kOpDispatchForwardKinds = 19,  // the rank of this node that forwards a source's rows found rows of another kind,
                                    // or another handle's, than its own in this dispatch (rank field: the source; not a

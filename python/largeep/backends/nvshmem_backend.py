@@ -952,7 +952,8 @@ class NvshmemBackend:
         dispatch = kind_op in (_OP_DISPATCH_KINDS, _OP_DISPATCH_FORWARD_KINDS, _OP_DISPATCH_HANDLES)
         what = "dispatch" if dispatch else "combine"
         kinds = ("x's dtype, or an FP8 pair against plain rows" if dispatch
-                 else "y's dtype (bf16 or float32), or topk_weights given against none")
+                 else "y's dtype (bf16 or float32), topk_weights given against none, or bf16_partial_sums against "
+                 "not")
         handles = "the handle of another dispatch than this rank's (the ranks passed handles of different dispatches)"
         either = (f"rows of another kind than its own ({kinds}), or sent with the handle of another dispatch than "
                   "its own")

@@ -575,16 +575,15 @@ __device__ __forceinline__ V* shfl_ptr(V* v, int src) {
 // first_local + l, or rank l of the fused combine's one node), and each vector step reads the sources kSrc at a
 // time, their rows shuffled from those lanes; lane l keeps node ch * 32 + l's position of t (qs[ch]) for the other
 // nodes' partials, 32 nodes a chunk.
-template <typename T, int kSrc, int kUnroll, bool kChunked>
+template <typename T, int kSrc, int kUnroll, bool kChunked, bool kPartBf16>
 __device__ __forceinline__ bool reduce_token_many(const NormalCtx& c, T* out, float* out_w, const int* node_pos,
                                                   const T* y, const float* y_w, int self_row0, int t,
-                                                  int with_weights, int part_bf16, int lane, int p,
-                                                  unsigned present) {
+                                                  int with_weights, int lane, int p, unsigned present) {
     constexpr int kPer = Vec<T>::kPer;
     const int K = c.num_topk, nvec = c.hidden / kPer, n_src = __popc(present);
     const int M = num_nodes(c), node = node_of(c, c.rank);
     const uint8_t* partials = c.base + c.off_comb_rdma;
-    const int64_t pw = part_w_off(c, part_bf16 != 0);  // (the partials' summed weights)
+    const int64_t pw = part_w_off(c, kPartBf16);  // (the partials' summed weights)
     int qs[kNodeChunks];
     unsigned remote[kNodeChunks];
 #pragma unroll
@@ -644,7 +643,7 @@ __device__ __forceinline__ bool reduce_token_many(const NormalCtx& c, T* out, fl
                     const int n = __ffs(rm) - 1;  // node ch * kWarp + n
                     const int qr = __shfl_sync(0xffffffffu, qs[ch], n);
                     const int64_t at = (static_cast<int64_t>(ch * kWarp + n) * c.max_tokens + qr) * c.pcomb_stride;
-                    if (valid) add_partial<T>(acc[u], partials + at, v0 + u * kWarp, part_bf16 != 0);
+                    if (valid) add_partial<T, kPartBf16>(acc[u], partials + at, v0 + u * kWarp);
                 }
             if (valid) st_na_v4(dst + v0 + u * kWarp, Vec<T>::pack(acc[u]));
         }
@@ -677,10 +676,10 @@ __device__ __forceinline__ bool reduce_token_many(const NormalCtx& c, T* out, fl
 // keeps the registers of one loop shape only). kChunked (the fused combine): each peer's row is read once the flag
 // of its chunk (chunk_flags[r][slot / kCombChunk], nchunks per rank) holds round `seq` (a data flag, of this call's
 // signature `sig`, else sig_matches reports it); false if a wait gave up or a signature differed.
-template <typename T, int kSrc, int kUnroll, bool kChunked, bool kMany>
+template <typename T, int kSrc, int kUnroll, bool kChunked, bool kMany, bool kPartBf16 = false>
 __device__ __forceinline__ bool reduce_token(const NormalCtx& c, T* out, float* out_w, const int* send_pos,
                                              const int* node_pos, const T* y, const float* y_w, int self_row0, int t,
-                                             int with_weights, int part_bf16, int lane,
+                                             int with_weights, int lane,
                                              const int64_t* chunk_flags = nullptr, int nchunks = 0, int64_t seq = 0,
                                              int sig = 0) {
     constexpr int kPer = Vec<T>::kPer;
@@ -709,9 +708,9 @@ __device__ __forceinline__ bool reduce_token(const NormalCtx& c, T* out, float* 
         __syncwarp();  // lane r's acquire, then this barrier (memory ordering among the warp), then every lane's loads
     }
     const unsigned present = __ballot_sync(0xffffffffu, p >= 0);
-    if constexpr (kMany) return reduce_token_many<T, kSrc, kUnroll, kChunked>(c, out, out_w, node_pos, y, y_w,
-                                                                          self_row0, t, with_weights, part_bf16, lane,
-                                                                          p, present);
+    if constexpr (kMany)
+        return reduce_token_many<T, kSrc, kUnroll, kChunked, kPartBf16>(c, out, out_w, node_pos, y, y_w, self_row0, t,
+                                                                        with_weights, lane, p, present);
     const int n_src = __popc(present);
     const int q = node_pos != nullptr && lane < M && lane != node ? node_pos[static_cast<int64_t>(t) * M + lane] : -1;
     const unsigned remote = __ballot_sync(0xffffffffu, q >= 0);
@@ -740,7 +739,7 @@ __device__ __forceinline__ bool reduce_token(const NormalCtx& c, T* out, float* 
         }
     }
     const uint8_t* partials = c.base + c.off_comb_rdma;
-    const int64_t pw = part_w_off(c, part_bf16 != 0);  // (the partials' summed weights)
+    const int64_t pw = part_w_off(c, kPartBf16);  // (the partials' summed weights)
     int4* dst = reinterpret_cast<int4*>(out + static_cast<int64_t>(t) * c.hidden);
     // Every lane runs every iteration (the shuffles below need the whole warp); loads and stores are guarded.
     for (int step = 0; step < nvec; step += kUnroll * kWarp) {
@@ -763,9 +762,8 @@ __device__ __forceinline__ bool reduce_token(const NormalCtx& c, T* out, float* 
             for (unsigned rm = remote; rm; rm &= rm - 1) {
                 const int src_node = __ffs(rm) - 1;
                 const int qr = __shfl_sync(0xffffffffu, q, src_node);
-                if (valid)
-                    add_partial<T>(acc, partials + (static_cast<int64_t>(src_node) * c.max_tokens + qr) * c.pcomb_stride,
-                                   v0 + u * kWarp, part_bf16 != 0);
+                const int64_t at = (static_cast<int64_t>(src_node) * c.max_tokens + qr) * c.pcomb_stride;
+                if (valid) add_partial<T, kPartBf16>(acc, partials + at, v0 + u * kWarp);
             }
             if (valid) st_na_v4(dst + v0 + u * kWarp, Vec<T>::pack(acc));
         }
@@ -789,15 +787,17 @@ __device__ __forceinline__ bool reduce_token(const NormalCtx& c, T* out, float* 
 }
 
 
-template <typename T, int kSrc, int kUnroll, bool kMany>
+// kPartBf16: the other nodes' partial sums are bf16 (bf16 rows only; a template argument, so that the kernels
+// without them keep their code: a runtime flag cost the one-node reduce 2 us of 91 at 4096 tokens, session 41 r1).
+template <typename T, int kSrc, int kUnroll, bool kMany, bool kPartBf16>
 __global__ void __launch_bounds__(kReduceThreads) combine_reduce_kernel(NormalCtx c, T* out, float* out_w,
                                                                         const int* send_pos, const int* node_pos,
-                                                                        int num_tokens, int with_weights, int part_bf16,
+                                                                        int num_tokens, int with_weights,
                                                                         const T* y, const float* y_w,
                                                                         const int* recv_off, const int* tag) {
     const int N = c.num_ranks;
     const int64_t seq = c.seq[kSeqCombine] + 1;
-    const int sig = combine_sig(sizeof(T), with_weights != 0, part_bf16 != 0, tag);
+    const int sig = combine_sig(sizeof(T), with_weights != 0, kPartBf16, tag);
     bool ok = wait_local(c, kFlagCombReady, seq, kOpCombineReduce, sig);
     // every RDMA peer's partials, even with no tokens here (node_pos may then be null): the round must be complete
     // before kFlagCombFree below lets anyone write into my buffers again
@@ -806,8 +806,8 @@ __global__ void __launch_bounds__(kReduceThreads) combine_reduce_kernel(NormalCt
         const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
         const int self_row0 = recv_off[c.rank];
         for (int t = blockIdx.x * kReduceWarps + warp; t < num_tokens; t += gridDim.x * kReduceWarps)
-            reduce_token<T, kSrc, kUnroll, false, kMany>(c, out, out_w, send_pos, node_pos, y, y_w, self_row0, t,
-                                                         with_weights, part_bf16, lane);
+            reduce_token<T, kSrc, kUnroll, false, kMany, kPartBf16>(c, out, out_w, send_pos, node_pos, y, y_w,
+                                                                    self_row0, t, with_weights, lane);
     }
     // Every block has read its slots: each pusher may write into my buffers again.
     if (last_block(c.block_counter + 2)) {
@@ -873,7 +873,7 @@ __global__ void __launch_bounds__(kReduceThreads) combine_fused_kernel(NormalCtx
         const int rb = static_cast<int>(blockIdx.x) - push_blocks, nrb = static_cast<int>(gridDim.x) - push_blocks;
         for (int t = rb * warps + warp; !failed && t < num_tokens; t += nrb * warps)
             if (!reduce_token<T, kSrc, kUnroll, true, kMany>(c, out, out_w, send_pos, nullptr, y, y_w, self_row0, t,
-                                                             with_weights, 0, lane, flags, nchunks, seq, sig))
+                                                             with_weights, lane, flags, nchunks, seq, sig))
                 break;
     }
     // Every block has read its slots: each pusher may write into my buffers again.
@@ -1051,9 +1051,18 @@ void launch_combine_reduce(const NormalCtx& ctx, void* out, int out_elem_bytes, 
     with_reduce_shape(out_elem_bytes, ctx.ranks_per_node, ctx.num_ranks / ctx.ranks_per_node, [&](auto shape) {
         using S = decltype(shape);
         using T = typename S::type;
-        combine_reduce_kernel<T, S::kSrc, S::kUnroll, S::kMany><<<std::max(1, num_sms), kReduceThreads, 0, stream>>>(
-            ctx, static_cast<T*>(out), out_w, send_pos, node_pos, num_tokens, wi, part_bf16 ? 1 : 0,
-            static_cast<const T*>(y), y_w, recv_off, tag);
+        const dim3 grid(std::max(1, num_sms));
+        if constexpr (sizeof(T) == 2) {
+            if (part_bf16) {
+                combine_reduce_kernel<T, S::kSrc, S::kUnroll, S::kMany, true><<<grid, kReduceThreads, 0, stream>>>(
+                    ctx, static_cast<T*>(out), out_w, send_pos, node_pos, num_tokens, wi, static_cast<const T*>(y),
+                    y_w, recv_off, tag);
+                return;
+            }
+        }
+        combine_reduce_kernel<T, S::kSrc, S::kUnroll, S::kMany, false><<<grid, kReduceThreads, 0, stream>>>(
+            ctx, static_cast<T*>(out), out_w, send_pos, node_pos, num_tokens, wi, static_cast<const T*>(y), y_w,
+            recv_off, tag);
     });
     LAUNCH_CHECK();
 }

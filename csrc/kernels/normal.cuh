@@ -258,18 +258,17 @@ __device__ __forceinline__ void add_f32(float* acc, const uint8_t* row, int v) {
     }
 }
 
-// acc[0, kPer) += vector v of a partial-sum row: kPer float32 values, or (part_bf16, bf16 rows only: kPer == 8)
+// acc[0, kPer) += vector v of a partial-sum row: kPer float32 values, or (kPartBf16, bf16 rows only: kPer == 8)
 // kPer bf16 values, one 16-byte load.
-template <typename T>
-__device__ __forceinline__ void add_partial(float* acc, const uint8_t* row, int v, bool part_bf16) {
+template <typename T, bool kPartBf16>
+__device__ __forceinline__ void add_partial(float* acc, const uint8_t* row, int v) {
     constexpr int kPer = Vec<T>::kPer;
-    if constexpr (kPer == 8) {
-        if (part_bf16) {
-            Vec<__nv_bfloat16>::add(acc, ld_v4<1>(reinterpret_cast<const int4*>(row) + v));
-            return;
-        }
+    if constexpr (kPartBf16) {
+        static_assert(kPer == 8, "bf16 partials of bf16 rows");
+        Vec<__nv_bfloat16>::add(acc, ld_v4<1>(reinterpret_cast<const int4*>(row) + v));
+    } else {
+        add_f32<kPer>(acc, row, v);
     }
-    add_f32<kPer>(acc, row, v);
 }
 
 }  // namespace normal

@@ -242,7 +242,13 @@ def test_busiest_link_utilisation_and_scaling_efficiency() -> None:
     NIC's 50 beyond) and says which link; throughput_vs_ep8 is EP 8's time over this EP's for the same call."""
     params, cluster = sim.placeholder(), sim.Cluster()
     rows = sim.sweep_ep(params, cluster, [4, 8, 16, 64], normal=(4096, 7168, 8, 256), ll=(128, 7168, 8, 256))
-    by = {(r["ep"], r["mode"], r["op"], r["layout"], r["overlap"]): r for r in rows}
+    by = {(r["ep"], r["mode"], r["op"], r["layout"], r["overlap"]): r for r in rows if not r["bf16_partial_sums"]}
+    part = {r["ep"]: r for r in rows if r["bf16_partial_sums"] and r["mode"] == "normal" and sim._main_variant(r)}
+    assert sorted(part) == [16, 64], "bf16 partials between nodes: at the EPs of several nodes only"
+    for ep, r in part.items():  # (against EP 8's combine, one node, where the flag changes nothing)
+        t8 = by[(8, "normal", "combine", "hierarchical", True)]["time_us"]
+        assert r["throughput_vs_ep8"] == pytest.approx(t8 / r["time_us"])
+        assert r["time_us"] < by[(ep, "normal", "combine", "hierarchical", True)]["time_us"]
     for ep in (4, 8, 16, 64):
         r = by[(ep, "normal", "dispatch", "hierarchical", True)]
         w = sim.Workload("normal", "dispatch", 4096, 7168, 8, 256, "fp8")
@@ -707,3 +713,9 @@ def test_hierarchical_combine_crosses_the_network_in_float32(n: int, p: int) -> 
     assert comb.rdma == pytest.approx(per_token_nodes * 4 * (h + k), rel=1e-12)
     assert disp.rdma == pytest.approx(per_token_nodes * 2 * h, rel=1e-12)
     assert comb.nvlink == pytest.approx(disp.nvlink, rel=1e-12)  # (BF16 rows on NVLink both ways)
+    # Buffer.combine(bf16_partial_sums=True): the partial in BF16, the weights still float32 (2 H + 4 K bytes)
+    part = sim.traffic(sim.Workload("normal", "combine", t, h, k, e, "bf16", bf16_partial_sums=True), n, p, stats)
+    assert part.rdma == pytest.approx(per_token_nodes * (2 * h + 4 * k), rel=1e-12)
+    assert part.nvlink == pytest.approx(comb.nvlink, rel=1e-12) and part.logical == comb.logical
+    with pytest.raises(ValueError, match="bf16_partial_sums is the combine's"):
+        sim.Workload("normal", "dispatch", t, h, k, e, "bf16", bf16_partial_sums=True)

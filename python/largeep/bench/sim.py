@@ -19,7 +19,8 @@ Rows per leg, normal mode (a token goes to a rank once):
   with the same index), NVLink ``T * d_r * (P-1)/P`` (local pairs plus the fan-out of landed rows).
 Normal-mode combine moves the same rows back in BF16, but for the hierarchical RDMA leg: the node's partial sums,
 in float32 with K float32 weights, ``4 (H + K)`` bytes a row (the kernels' comb_send / comb_rdma rows; before
-session 40's review the model counted them in BF16, half the bytes).
+session 40's review the model counted them in BF16, half the bytes); with ``bf16_partial_sums``
+(``Buffer.combine(bf16_partial_sums=True)``, since session 41) in BF16, ``2 H + 4 K`` bytes a row.
 Low-latency mode: the logical bytes are every (token, expert) copy, ``C = T * K`` rows. Dispatch sends a token once
 per destination rank and the receiver fans the row out to its experts' output rows: NVLink ``T * d_r * (P-1)/N``,
 RDMA ``T * d_r * (N-P)/N`` (no per-node hop). Combine returns every copy (its rows carry different weights): NVLink
@@ -216,7 +217,8 @@ class Workload:
     num_experts: int
     dtype: str = "bf16"
     # low-latency: the dispatch carried topk_weights, so the combine returns summed rows (RoutingStats); with
-    # bf16_partial_sums one row per (token, rank) it names (ranks_per_token), as the dispatch sends
+    # bf16_partial_sums one row per (token, rank) it names (ranks_per_token), as the dispatch sends. Normal mode:
+    # bf16_partial_sums is the combine's (its partial sums between nodes in BF16; weights_sent has no meaning there)
     weights_sent: bool = False
     bf16_partial_sums: bool = False
 
@@ -235,6 +237,10 @@ class Workload:
         for name in ("hidden", "num_topk", "num_experts"):
             if getattr(self, name) < 1:
                 raise ValueError(f"Workload: {name} {getattr(self, name)}, expected >= 1")
+        if self.mode == "normal" and self.weights_sent:
+            raise ValueError("Workload: weights_sent is a low-latency dispatch's option, the mode is normal")
+        if self.mode == "normal" and self.bf16_partial_sums and self.op != "combine":
+            raise ValueError("Workload: a normal-mode bf16_partial_sums is the combine's, the op is a dispatch")
 
     def bytes_per_row(self) -> int:
         from largeep.bench.records import row_bytes
@@ -440,9 +446,11 @@ def traffic(
                                      f"hierarchical NIC leg of {n} ranks on {m} nodes takes the busiest node's share, "
                                      "which a skewed routing must give (sampled_stats counts it)")
                 node_share = 1.0  # (uniform routing: every node alike)
-            # (a combine's rows cross the network as the kernels' float32 partial sums of the node, with K float32
-            # weights: docs/design.md, comb_send / comb_rdma; a dispatch's as its rows)
-            nic_row = 4 * (w.hidden + w.num_topk) if w.op == "combine" else w.bytes_per_row()
+            # (a combine's rows cross the network as the kernels' partial sums of the node, float32 or with
+            # bf16_partial_sums BF16, with K float32 weights: docs/design.md, comb_send / comb_rdma; a dispatch's as
+            # its rows)
+            part = 2 if w.bf16_partial_sums else 4
+            nic_row = part * w.hidden + 4 * w.num_topk if w.op == "combine" else w.bytes_per_row()
             rdma = t * stats.nodes_per_token * (m - 1) / m * nic_row * node_share
             nvl = rows * (p - 1) / p * b
         else:
@@ -1258,7 +1266,9 @@ def sweep_ep(
     dispatch_dtypes: the normal-mode dispatch dtypes (low-latency dispatch is FP8); combine is BF16.
     tokens_per_round: normal-mode calls in rounds of that many tokens (Buffer(tokens_per_round=...)). Where
     ``params`` has a fitted summing pass, the low-latency combine with the weights sent too (rows with
-    ``weights_sent`` True, two-row sums and ``bf16_partial_sums``). A mode that cannot exist at an EP
+    ``weights_sent`` True, two-row sums and ``bf16_partial_sums``); at EPs of several nodes the normal combine with
+    its partial sums between nodes in BF16 too (``bf16_partial_sums`` True, ``weights_sent`` False). A mode that
+    cannot exist at an EP
     (:func:`routing_problem`: its experts not divisible by the EP, the EP not whole nodes, ...) is left out there,
     with a warning saying why (the CLI refuses such arguments before it gets here). Each row's
     ``throughput_vs_ep8`` is the scaling efficiency: the same call's time at EP 8 over its time here, i.e. a GPU's
@@ -1284,6 +1294,8 @@ def sweep_ep(
                 stats = replace(sampled_stats(idx, ep, p, e), imbalance=1.0, node_imbalance=1.0)
             ops = [("dispatch", d, False, False) for d in (dispatch_dtypes if mode == "normal" else ("fp8",))]
             ops.append(("combine", "bf16", False, False))
+            if mode == "normal" and ep > p:  # (bf16 partial sums between nodes: only where there are several)
+                ops.append(("combine", "bf16", False, True))
             if mode == "low_latency" and params.sum_gbps:
                 ops += [("combine", "bf16", True, False), ("combine", "bf16", True, True)]
             for op, dtype, sent, one in ops:
@@ -1302,7 +1314,8 @@ def sweep_ep(
 
     at8 = {same_call(r): r["time_us"] for r in out if r["ep"] == 8}
     for r in out:
-        ref = at8.get(same_call(r))
+        # (a normal combine with bf16 partials between nodes against EP 8's, one node, where the flag changes nothing)
+        ref = at8.get(same_call({**r, "bf16_partial_sums": False} if r["mode"] == "normal" else r))
         r["throughput_vs_ep8"] = ref / r["time_us"] if ref is not None and r["time_us"] > 0 else None
     return out
 
@@ -1336,6 +1349,11 @@ LL_RDMA_CAVEAT = "DeepEP over RDMA, the model over NVLink: not like for like"
 
 def _main_variant(row: dict[str, Any]) -> bool:
     return row["overlap"] and (row["layout"] == "hierarchical" or row["mode"] == "low_latency")
+
+
+def _plain(row: dict[str, Any]) -> bool:
+    """A sweep row of a call as SPEC.md has it: no weights sent with a low-latency dispatch, no bf16 partial sums."""
+    return not row.get("weights_sent") and not row.get("bf16_partial_sums")
 
 
 _COLORS = {("dispatch", "fp8"): "tab:blue", ("dispatch", "bf16"): "tab:green", ("combine", "bf16"): "tab:orange"}
@@ -1385,7 +1403,7 @@ def plot_sweep(
 
     def series(mode: str, op: str, dtype: str | None, layout: str, overlap: bool, key: str):  # noqa: ANN202
         sel = [r for r in rows if r["mode"] == mode and r["op"] == op and r["layout"] == layout
-               and r["overlap"] == overlap and (dtype is None or r["dtype"] == dtype) and not r.get("weights_sent")]
+               and r["overlap"] == overlap and (dtype is None or r["dtype"] == dtype) and _plain(r)]
         return [r["ep"] for r in sel], [r[key] for r in sel]
 
     def points(recs: Sequence[dict[str, Any]], mode: str, op: str, dtype: str | None) -> list[dict[str, Any]]:
@@ -1420,6 +1438,11 @@ def plot_sweep(
         ax.plot(xs, [_deepep_h200_us(e, op, dtype) for e in xs], "*", color=c, ms=9,
                 label=f"DeepEP {op} {dtype} on our H200 ({DEEPEP_H200_NORMAL_SHAPE[0]} tokens, "
                       f"{DEEPEP_H200_NORMAL_SHAPE[3]} experts)")
+    part = [r for r in rows if r["mode"] == "normal" and r["op"] == "combine" and r.get("bf16_partial_sums")
+            and _main_variant(r)]
+    if part:
+        ax.plot([r["ep"] for r in part], [r["time_us"] for r in part], "-.", color=_COLORS[("combine", "bf16")],
+                lw=1.2, label="combine bf16 model, hierarchical, bf16 partial sums between nodes")
     ax.set_title(f"normal mode, time per call ({num_sms} SMs; lines modelled, points measured)", fontsize=9)
     ax.set_ylabel("time per call (us)")
 
@@ -1477,7 +1500,7 @@ def plot_sweep(
             ax.plot([r["ep"] for r in pts], [r["time_us_median"] for r in pts], "o", color=c,
                     label=f"{op} measured (fitted)")
     gaps = [abs(d["model_us"] / r["time_us"] - 1) for d in deepep_ll if d["model_us"] is not None for r in rows
-            if _main_variant(r) and r["mode"] == "low_latency" and not r.get("weights_sent") and r["ep"] == d["ep"]
+            if _main_variant(r) and r["mode"] == "low_latency" and _plain(r) and r["ep"] == d["ep"]
             and r["op"] == d["op"]]
     gap = f", {100 * max(gaps):.2f}% from the lines at most" if gaps else ""
     ax.set_title(f"low-latency, {ll_tokens} tokens, time per call\nlines{lle}; crosses at DeepEP's {dee}{gap}\n"
@@ -1934,8 +1957,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             pub = f"{d['deepep_us']:g} us ({at}{'; ' + d['caveat'] if d['caveat'] else ''})"
         tokens = f"{r['tokens']} ({r['rounds']} rounds)" if r["rounds"] > 1 else r["tokens"]
         op = r["op"] + ((" (bf16 partial sums)" if r["bf16_partial_sums"] else " (weights sent)")
-                        if r.get("weights_sent") else "")
-        if r.get("weights_sent"):
+                        if r.get("weights_sent") else " (bf16 partials between nodes)" if r["bf16_partial_sums"]
+                        else "")
+        if not _plain(r):
             pub = ""
         use = f"{r['efficiency']:.2f} {r['busiest_link']}" if r["busiest_link"] != "none" else "-"
         table.append([r["ep"], r["nodes"], r["mode"], op, r["dtype"], tokens, f"{r['time_us']:.1f}",
@@ -1969,7 +1993,7 @@ def main(argv: Sequence[str] | None = None) -> int:
           "beyond, so it can rise while every GB/s falls; vs EP8: the scaling efficiency, EP 8's time for the same "
           "call over this EP's (a GPU's tokens per second relative to EP 8)")
     swept = {(r["ep"], r["op"]): r["time_us"] for r in rows
-             if _main_variant(r) and r["mode"] == "low_latency" and not r.get("weights_sent")}
+             if _main_variant(r) and r["mode"] == "low_latency" and _plain(r)}
     ll_table = [[d["ep"], d["op"], d["source"], f"{d['deepep_us']:g}", d["experts"] or "not stated",
                  "" if d["model_us"] is None else f"{d['model_us']:.1f}",
                  "" if d["model_us"] is None else f"{100 * (d['model_us'] / d['deepep_us'] - 1):+.0f}%"

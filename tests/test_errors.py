@@ -250,8 +250,8 @@ def test_nvshmem_host_gave_up_message() -> None:
 
 @pytest.mark.parametrize(("op", "what", "met"), [
     (17, "dispatch", "received rows of another kind from rank 2 than its own (x's dtype, or an FP8 pair"),
-    (18, "combine", "received rows of another kind from rank 2 than its own (y's dtype (bf16 or float32), or "
-     "topk_weights"),
+    (18, "combine", "received rows of another kind from rank 2 than its own (y's dtype (bf16 or float32), "
+     "topk_weights given against none, or bf16_partial_sums against not)"),
     (19, "dispatch", "rank 0, which forwards the rows of ranks on other nodes to this rank (rank 2's among them), "
      "found rows of another kind than its own (x's dtype"),
     (20, "combine", "rank 2, which sums the rows of its node's ranks for this rank, found rows of another kind than "

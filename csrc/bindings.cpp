@@ -581,10 +581,9 @@ PYBIND11_MODULE(_C, m) {
     m.def("free", &runtime::free, py::arg("ptr"), py::arg("timeout_s"), py::arg("keep") = false,
           py::call_guard<py::gil_scoped_release>());
     m.def("peer_ptr", &runtime::peer_ptr);
-    m.def("barrier", &runtime::barrier, py::call_guard<py::gil_scoped_release>());
-    m.def("finalize", &runtime::finalize, py::call_guard<py::gil_scoped_release>());
     m.def("host_alloc", &runtime::host_alloc);
-    m.def("host_free", &runtime::host_free);
+    // (GIL released: cudaFreeHost waits for the device, which other Python threads must not wait behind)
+    m.def("host_free", &runtime::host_free, py::call_guard<py::gil_scoped_release>());
     m.def("wait_host_word", &runtime::wait_host_word, py::call_guard<py::gil_scoped_release>());
     // Stream ordering without torch's Event objects (a Buffer's call orders its stream after the caller's and back):
     // an event of the current device, and "waiter waits for what is queued on signaler now" through that event.

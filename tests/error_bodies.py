@@ -1068,12 +1068,13 @@ def other_group_first(rank: int, world: int) -> dict[str, Any]:
     return {"failures": chk.failures}
 
 
-def nvshmem_creation_fails_after_alloc(rank: int, world: int, fail_on: int) -> dict[str, Any]:
+def nvshmem_creation_fails_after_alloc(rank: int, world: int, fail_on: int, busy_on: int = -1) -> dict[str, Any]:
     """The nvshmem backend's creation on CPU with a stand-in for the native module (NVSHMEM already started on this
     group): after the symmetric allocation, rank ``fail_on``'s kernels fail to be made (-1: nobody's). Every rank
     must raise (that rank its own error, the others naming it), free the symmetric memory once (collectively) and
-    its host-mapped words; with no failure every rank gets a live backend. Module names patched in the worker are
-    restored."""
+    its host-mapped words, each after a bounded wait for its device ("order": the sync comes first); with no failure
+    every rank gets a live backend. Rank ``busy_on``'s device does not become idle within the bound (its
+    _synchronize_bounded raises): that rank frees nothing. Module names patched in the worker are restored."""
     import ctypes
 
     from largeep import _env
@@ -1081,7 +1082,13 @@ def nvshmem_creation_fails_after_alloc(rank: int, world: int, fail_on: int) -> d
     from largeep.backends.base import GroupContext
 
     log: dict[str, list[Any]] = {"free": [], "host_free": [], "kernels": []}
+    order: list[str] = []
     keep: list[Any] = []
+
+    def synchronize(device: Any, timeout_s: float, op: str) -> None:
+        order.append("sync")
+        if rank == busy_on:
+            raise largeep.PeerTimeoutError(f"{op}: injected: the work queued did not finish")
 
     class Kernels:
         def __init__(self, *args: Any) -> None:
@@ -1114,12 +1121,15 @@ def nvshmem_creation_fails_after_alloc(rank: int, world: int, fail_on: int) -> d
 
         def host_free(self, ptr: int) -> None:
             log["host_free"].append(ptr)
+            order.append("host_free")
 
         def free(self, base: int, timeout_s: float) -> None:
             log["free"].append(base)
+            order.append("free")
 
-    saved = (nb.native.module, nb.torch.cuda.mem_get_info, nb._gpu_of, nb._world)
+    saved = (nb.native.module, nb.torch.cuda.mem_get_info, nb._gpu_of, nb._world, nb._synchronize_bounded)
     nb.native.module = lambda: Stand()  # type: ignore[assignment]
+    nb._synchronize_bounded = synchronize  # type: ignore[assignment]
     nb.torch.cuda.mem_get_info = lambda device=None: (1 << 40, 1 << 40)  # type: ignore[assignment]
     nb._gpu_of = lambda device: f"gpu {rank}"  # type: ignore[assignment]
     nb._world = {"ranks": list(range(world)), "device": None}
@@ -1132,8 +1142,10 @@ def nvshmem_creation_fails_after_alloc(rank: int, world: int, fail_on: int) -> d
         except RuntimeError as exc:
             out["error"] = str(exc)
     finally:
-        nb.native.module, nb.torch.cuda.mem_get_info, nb._gpu_of, nb._world = saved  # type: ignore[assignment]
+        (nb.native.module, nb.torch.cuda.mem_get_info, nb._gpu_of, nb._world,  # type: ignore[assignment]
+         nb._synchronize_bounded) = saved
     out.update({k: len(v) for k, v in log.items()})
+    out["order"] = order
     return out
 
 

@@ -50,7 +50,6 @@ def runtime_and_cycles(rank: int, world: int, cycles: int) -> dict[str, float]:
         peers = [C.peer_ptr(impl.base, r) for r in range(world)]
         assert all(p != 0 for p in peers), f"peer pointers {peers}"
         assert peers[rank] == impl.base
-        C.barrier(30.0)
         _roundtrip_small(buf, i)
         buf.destroy()
         torch.cuda.synchronize()

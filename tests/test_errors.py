@@ -501,16 +501,27 @@ def test_nvshmem_refuses_different_heap_sizes() -> None:
     assert not failures, "\n".join(failures)
 
 
-@pytest.mark.parametrize("fail_on", [-1, 0, 1])
-def test_nvshmem_creation_fails_after_alloc(pools, fail_on: int) -> None:
+@pytest.mark.parametrize(("fail_on", "busy_on"), [(-1, -1), (0, -1), (1, -1), (0, 0), (0, 1)])
+def test_nvshmem_creation_fails_after_alloc(pools, fail_on: int, busy_on: int) -> None:
     """A rank that fails after the symmetric allocation (its kernels, say) makes every rank raise and free that
     memory and its host-mapped words, instead of keeping it and leaving the others a Buffer whose first call times
-    out (CPU: a stand-in for the native module)."""
-    for rank, res in enumerate(pools(WORLD).run(error_bodies.nvshmem_creation_fails_after_alloc, fail_on)):
+    out; each rank first waits for its device, bounded (cudaFreeHost and the free's device synchronisation have no
+    bound), and a rank whose device stays busy (``busy_on``) frees nothing (CPU: a stand-in for the native
+    module)."""
+    for rank, res in enumerate(pools(WORLD).run(error_bodies.nvshmem_creation_fails_after_alloc, fail_on, busy_on)):
         if fail_on < 0:
             assert res["error"] is None and res["alive"] and res["free"] == 0 and res["host_free"] == 0, res
+            assert res["order"] == [], res
+            continue
+        if rank == busy_on:
+            assert res["free"] == 0 and res["host_free"] == 0 and res["order"] == ["sync"], res
+            if rank != fail_on:
+                assert "did not finish" in res["error"] and "could not be freed" in res["error"], res
+            else:
+                assert res["error"] == "injected: the kernels could not be made", res
             continue
         assert res["free"] == 1 and res["host_free"] == 1, res
+        assert res["order"] == ["sync", "host_free", "free"], res
         if rank == fail_on:
             assert res["error"] == "injected: the kernels could not be made", res
         else:

@@ -15,7 +15,6 @@ namespace largeep::runtime {
 namespace {
 struct State {
     bool initialized = false;
-    bool finalized = false;
     bool poisoned = false;            // a rendezvous timed out: a peer may be gone, NVSHMEM is no longer safe to use
     int rank = -1;
     int num_ranks = 0;
@@ -113,7 +112,6 @@ std::string unique_id() {
 }
 
 void init(const std::string& uid, int rank, int num_ranks, int device) {
-    HOST_ASSERT(!g.finalized, "NVSHMEM was finalised in this process and cannot be initialised again");
     if (g.initialized) {
         HOST_ASSERT(g.rank == rank && g.num_ranks == num_ranks && g.device == device,
                     "NVSHMEM is already initialised in this process as rank " << g.rank << " of " << g.num_ranks
@@ -191,6 +189,8 @@ uintptr_t alloc(size_t bytes, double timeout_s) {
 bool free(uintptr_t ptr, double timeout_s, bool keep) {
     HOST_ASSERT(g.initialized, "NVSHMEM is not initialised");
     OnDevice on;
+    // (unbounded: every caller first waits for the device with a bound (Python's _synchronize_bounded), so this
+    // waits only for work queued since, by another thread)
     CUDA_CHECK(cudaDeviceSynchronize());
     if (rendezvous(timeout_s, "Buffer.destroy (symmetric free)", keep)) return false;
     nvshmem_barrier_all();
@@ -202,23 +202,6 @@ uintptr_t peer_ptr(uintptr_t ptr, int pe) {
     HOST_ASSERT(g.initialized, "NVSHMEM is not initialised");
     HOST_ASSERT(pe >= 0 && pe < g.num_ranks, "bad rank " << pe);
     return reinterpret_cast<uintptr_t>(nvshmem_ptr(reinterpret_cast<void*>(ptr), pe));
-}
-
-void barrier(double timeout_s) {
-    HOST_ASSERT(g.initialized, "NVSHMEM is not initialised");
-    OnDevice on;
-    CUDA_CHECK(cudaDeviceSynchronize());
-    rendezvous(timeout_s, "barrier");
-    nvshmem_barrier_all();
-}
-
-void finalize() {
-    if (!g.initialized) return;
-    OnDevice on;
-    CUDA_CHECK(cudaDeviceSynchronize());
-    nvshmem_finalize();
-    g.initialized = false;
-    g.finalized = true;
 }
 
 std::vector<uintptr_t> host_alloc(size_t bytes) {

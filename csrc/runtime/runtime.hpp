@@ -23,15 +23,16 @@ uintptr_t alloc(size_t bytes, double timeout_s);
 // Collective: frees a symmetric allocation after a barrier (no peer may still be reading it), unless some rank
 // passes keep = true (it still holds views of the memory): then every rank keeps it allocated (NVSHMEM frees it at
 // finalisation). Returns whether it was freed, the same on every rank.
+// The caller waits for the device first, bounded (free's own device synchronisation has no bound).
 bool free(uintptr_t ptr, double timeout_s, bool keep);
 // The address of `ptr` on rank `pe` as seen from this GPU (NVLink), or 0 when `pe` is not reachable that way.
 uintptr_t peer_ptr(uintptr_t ptr, int pe);
-void barrier(double timeout_s);
-// Collective teardown of NVSHMEM. After it, init may not be called again in this process.
-void finalize();
+// (No barrier or finalize: nothing called them, and both waited for the device without a bound. NVSHMEM is left
+// running until the process ends.)
 
 // Pinned host memory mapped into the device address space: {host pointer, device pointer}.
 std::vector<uintptr_t> host_alloc(size_t bytes);
+// cudaFreeHost: waits, without a bound, for the device's work (the caller makes sure it is idle first).
 void host_free(uintptr_t host_ptr);
 // Spins (GIL released by the caller) until words[index] >= target or words[error_index] != 0 or timeout.
 // Returns 0 when the target was reached, 1 on a device-reported error, 2 on timeout.

@@ -706,22 +706,31 @@ class NvshmemBackend:
         except BaseException:
             # (the group failed or the caller interrupted: the peers' state is unknown, so the heap cannot be freed
             # collectively; this rank's own part is undone, and its heap memory is lost to this process)
-            self._drop_parts()
+            self._drop_parts(self._idle_after_failed_creation(ctx, settings))
             logger.warning("Buffer: the verdicts' exchange after the symmetric allocation failed on rank %d; its "
                            "%.2f GiB of symmetric memory stay allocated", ctx.rank, need / 2**30)
             raise
         unreachable = {r: v[0] for r, v in enumerate(verdicts) if v[0]}
         broken = {r: v[1] for r, v in enumerate(verdicts) if v[1]}
         if unreachable or broken:
-            self._drop_parts()
+            idle = self._idle_after_failed_creation(ctx, settings)
+            self._drop_parts(idle)
             if failure is not None:
                 try:
-                    self._collective("Buffer", self.C.free, self.base, settings.timeout_s)
-                    _heap["live"] -= need
+                    if idle:
+                        self._collective("Buffer", self.C.free, self.base, settings.timeout_s)
+                        _heap["live"] -= need
                 except Exception:  # noqa: BLE001 - this rank's own failure is the one to raise
                     logger.debug("Buffer: freeing the symmetric memory after a failed creation failed too",
                                  exc_info=True)
                 raise failure
+            if not idle:
+                raise PeerTimeoutError(
+                    "Buffer: creation failed after the symmetric allocation (on another rank, or ranks unreachable "
+                    f"over NVLink), and the work queued on rank {ctx.rank}'s device {ctx.device} did not finish "
+                    f"within {settings.timeout_s + _HOST_GRACE_S:g} s (LARGEEP_TIMEOUT_S and a grace), so its "
+                    "symmetric memory could not be freed; the other ranks' free times out waiting for this rank"
+                )
             self._collective("Buffer", self.C.free, self.base, settings.timeout_s)
             _heap["live"] -= need
             if unreachable:
@@ -776,12 +785,27 @@ class NvshmemBackend:
                 self.zc_slots, dev.index, self.prep_scratch.data_ptr(),
             )
 
-    def _drop_parts(self) -> None:
-        """Undoes what ``_make_parts`` made (after a failed creation, before the heap is freed)."""
+    def _idle_after_failed_creation(self, ctx: GroupContext, settings: Settings) -> bool:
+        """Waits, bounded, for the device before a failed creation frees anything: cudaFreeHost (the host-mapped
+        words) and C.free (the heap) wait for the device without a bound, and work of the caller's that never ends
+        (a collective stuck on a dead peer) would hang creation there. False (logged) when it did not become idle:
+        nothing may be freed then."""
+        try:
+            _synchronize_bounded(ctx.device, settings.timeout_s + _HOST_GRACE_S, "Buffer")
+        except Exception:  # noqa: BLE001 - the creation's own failure is the one to raise
+            logger.warning("Buffer: rank %d's device did not become idle after its creation failed; this rank's "
+                           "host-mapped words and %.2f GiB of symmetric memory stay allocated", ctx.rank,
+                           self.heap_bytes / 2**30, exc_info=True)
+            return False
+        return True
+
+    def _drop_parts(self, idle: bool) -> None:
+        """Undoes what ``_make_parts`` made (after a failed creation, before the heap is freed); the host-mapped
+        words only when the device is ``idle`` (else they stay allocated: see _idle_after_failed_creation)."""
         for name in ("kernels", "ll", "status"):
             if hasattr(self, name):
                 delattr(self, name)
-        if self.host_ptr:
+        if self.host_ptr and idle:
             self.C.host_free(self.host_ptr)
             self.host_ptr = 0
 

@@ -15,6 +15,7 @@ namespace largeep::runtime {
 namespace {
 struct State {
     bool initialized = false;
+    bool init_failed = false;         // init failed after NVSHMEM started: it cannot be started again here
     bool poisoned = false;            // a rendezvous timed out: a peer may be gone, NVSHMEM is no longer safe to use
     int rank = -1;
     int num_ranks = 0;
@@ -112,6 +113,8 @@ std::string unique_id() {
 }
 
 void init(const std::string& uid, int rank, int num_ranks, int device) {
+    HOST_ASSERT(!g.init_failed, "an earlier initialisation of NVSHMEM in this process failed after NVSHMEM started; "
+                "it cannot be initialised again in this process");
     if (g.initialized) {
         HOST_ASSERT(g.rank == rank && g.num_ranks == num_ranks && g.device == device,
                     "NVSHMEM is already initialised in this process as rank " << g.rank << " of " << g.num_ranks
@@ -128,6 +131,9 @@ void init(const std::string& uid, int rank, int num_ranks, int device) {
     nvshmemx_init_attr_t attr = NVSHMEMX_INIT_ATTR_INITIALIZER;
     HOST_ASSERT(nvshmemx_set_attr_uniqueid_args(rank, num_ranks, &id, &attr) == 0,
                 "nvshmemx_set_attr_uniqueid_args failed");
+    // From here NVSHMEM may be running: a failure below leaves this process unable to use it (init_failed), never
+    // half initialised (initialized is set last: alloc and free never see a state without its words and stream).
+    g.init_failed = true;
     // nvshmemx_init_attr() would exit() on failure; call the function it wraps and check its status.
     int provided = 0;
     nvshmemi_version_t version = {NVSHMEM_VENDOR_MAJOR_VERSION, NVSHMEM_VENDOR_MINOR_VERSION,
@@ -138,18 +144,31 @@ void init(const std::string& uid, int rank, int num_ranks, int device) {
                 << " (set NVSHMEM_DEBUG=INFO for details)");
     HOST_ASSERT(nvshmem_my_pe() == rank && nvshmem_n_pes() == num_ranks,
                 "NVSHMEM rank mismatch: got " << nvshmem_my_pe() << "/" << nvshmem_n_pes());
-    g.initialized = true;
     g.rank = rank;
     g.num_ranks = num_ranks;
     g.device = device;
-    // Rendezvous words: every rank is present during initialisation, so NVSHMEM's own barrier is safe here.
-    g.words = static_cast<uint64_t*>(nvshmem_malloc(sizeof(uint64_t) * 2 * num_ranks));
-    HOST_ASSERT(g.words != nullptr, "nvshmem_malloc of the rendezvous words failed");
-    CUDA_CHECK(cudaMemset(g.words, 0, sizeof(uint64_t) * 2 * num_ranks));
-    CUDA_CHECK(cudaMalloc(&g.result, 3 * sizeof(int)));
-    CUDA_CHECK(cudaStreamCreateWithFlags(&g.stream, cudaStreamNonBlocking));
-    CUDA_CHECK(cudaDeviceSynchronize());
+    try {
+        // Rendezvous words: every rank is present during initialisation, so NVSHMEM's own barrier is safe here.
+        g.words = static_cast<uint64_t*>(nvshmem_malloc(sizeof(uint64_t) * 2 * num_ranks));
+        HOST_ASSERT(g.words != nullptr, "nvshmem_malloc of the rendezvous words failed");
+        CUDA_CHECK(cudaMemset(g.words, 0, sizeof(uint64_t) * 2 * num_ranks));
+        CUDA_CHECK(cudaMalloc(&g.result, 3 * sizeof(int)));
+        CUDA_CHECK(cudaStreamCreateWithFlags(&g.stream, cudaStreamNonBlocking));
+        CUDA_CHECK(cudaDeviceSynchronize());
+    } catch (...) {
+        // The local allocations go back; the rendezvous words stay: nvshmem_free is collective (a barrier), and
+        // the peers, which did not fail here, are in the barrier below, not in a free.
+        if (g.stream != nullptr) (void)cudaStreamDestroy(g.stream);
+        if (g.result != nullptr) (void)cudaFree(g.result);
+        (void)cudaGetLastError();  // (not left for a later launch check to report against its kernel)
+        g.stream = nullptr;
+        g.result = nullptr;
+        g.words = nullptr;
+        throw;
+    }
     nvshmem_barrier_all();
+    g.init_failed = false;
+    g.initialized = true;
 }
 
 bool initialized() { return g.initialized; }

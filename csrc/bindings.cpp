@@ -585,6 +585,7 @@ PYBIND11_MODULE(_C, m) {
     // (GIL released: cudaFreeHost waits for the device, which other Python threads must not wait behind)
     m.def("host_free", &runtime::host_free, py::call_guard<py::gil_scoped_release>());
     m.def("wait_host_word", &runtime::wait_host_word, py::call_guard<py::gil_scoped_release>());
+    m.def("cuda_error_name", &runtime::cuda_error_name);
     // Stream ordering without torch's Event objects (a Buffer's call orders its stream after the caller's and back):
     // an event of the current device, and "waiter waits for what is queued on signaler now" through that event.
     m.def("event_create", []() {

@@ -414,6 +414,38 @@ def missing_peer(rank: int, world: int, timeout_s: float, low_latency: bool = Fa
     return {"elapsed_s": elapsed}
 
 
+def host_wait_sees_cuda_fault(rank: int, world: int, timeout_s: float) -> dict[str, float]:
+    """A kernel queued before a fresh dispatch's count exchange faults (a device-side assert on the caller's stream,
+    after ~50 ms of sleep, so the dispatch is queued behind it and its host already waits): the host wait sees the
+    CUDA error (it asks the stream once a millisecond) and raises RuntimeError naming it, within about a second, not
+    PeerTimeoutError blaming a peer after LARGEEP_TIMEOUT_S and the grace. One rank; the process's CUDA context is
+    unusable afterwards (a pool of its own; no destroy)."""
+    import time
+
+    buf = _bounded_buffer(world, timeout_s)
+    x = torch.randn(64, 1024, device="cuda").to(torch.bfloat16)
+    idx = torch.arange(64 * 2, device="cuda").view(64, 2) % (4 * world)
+    w = torch.rand(64, 2, device="cuda")
+    small = torch.zeros(4, device="cuda")
+    outside = torch.full((1,), 1000, dtype=torch.int64, device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda._sleep(100_000_000)  # ~50 ms
+    _ = small[outside]  # (torch's index kernel asserts on the device: cudaErrorAssert, sticky)
+    start = time.monotonic()
+    try:
+        buf.dispatch(x, idx, w)
+    except largeep.PeerTimeoutError as exc:
+        raise AssertionError(f"a CUDA fault was reported as a peer timeout: {exc}") from None
+    except RuntimeError as exc:
+        elapsed = time.monotonic() - start
+        msg = str(exc)
+        assert "host waited for the count exchange" in msg and "cudaErrorAssert" in msg, msg
+    else:
+        raise AssertionError("dispatch returned although a kernel before it faulted")
+    assert elapsed < 2.0, f"the fault was reported after {elapsed:.2f} s"
+    return {"elapsed_s": elapsed}
+
+
 def outputs_out_of_memory(rank: int, world: int, where: str) -> None:
     """Rank 1's dispatch runs out of memory after its sends are queued and before its copy-out (an error injected
     where its outputs are made): ``planes``, the zero-copy slot's planes (the slot taken and its planes made);

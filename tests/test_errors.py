@@ -218,6 +218,25 @@ def test_nvshmem_destroy_keeps_status_words_of_busy_device(monkeypatch: pytest.M
     assert freed == [1234]
 
 
+def test_nvshmem_host_wait_cuda_fault_message() -> None:
+    """A host wait that ended on a CUDA error (wait_host_word returned minus the cudaError_t) raises RuntimeError
+    naming the error, the wait and this rank's device, not PeerTimeoutError blaming a peer (its GPU test:
+    test_host_wait_sees_cuda_fault); a wait that ended otherwise raises nothing here."""
+    import types
+
+    b = _bare_nvshmem(rank=1, device="cuda:1")
+    b.C = types.SimpleNamespace(cuda_error_name={710: "cudaErrorAssert (device-side assert triggered)"}.__getitem__)
+    for rc in (0, 1, 2):
+        b._raise_if_cuda_fault("dispatch", rc, "the count exchange")
+    with pytest.raises(RuntimeError) as info:
+        b._raise_if_cuda_fault("dispatch", -710, "the count exchange")
+    assert not isinstance(info.value, largeep.PeerTimeoutError)
+    msg = str(info.value)
+    assert msg.startswith("dispatch: while rank 1's host waited for the count exchange, its device cuda:1 reported "
+                          "a CUDA error: cudaErrorAssert (device-side assert triggered)"), msg
+    assert "not a peer" in msg and "unusable" in msg, msg
+
+
 def test_nvshmem_kinds_disagree_message() -> None:
     """A void round whose ranks sent different kinds of rows (the kind in bits 2-4 of each rank's refusal word):
     ArgumentError naming each rank's kind as the torch backend names it, and the rank that ran it without a host

@@ -12,6 +12,7 @@ import bodies
 import gpu_bodies
 import pytest
 import torch
+from dist_pool import run_in_own_pool
 from largeep import native
 
 needs_native = pytest.mark.skipif(native.unavailable_reason() is not None, reason=str(native.unavailable_reason()))
@@ -429,6 +430,15 @@ def test_worst_tokens_too_small(pools) -> None:
 def test_missing_peer_times_out(pools, world: int) -> None:
     times = pools(world, "nccl").run(gpu_bodies.missing_peer, 5.0)
     assert all(t["elapsed_s"] > 4.0 for r, t in enumerate(times) if r != 1), times
+
+
+@pytest.mark.gpu(1)
+@needs_native
+def test_host_wait_sees_cuda_fault() -> None:
+    """A CUDA fault before a dispatch's count exchange reaches the caller as RuntimeError naming the CUDA error at
+    once, not as PeerTimeoutError after the bound (a pool of its own: the fault leaves its CUDA context unusable)."""
+    results = run_in_own_pool(1, "nccl", gpu_bodies.host_wait_sees_cuda_fault, 5.0)
+    assert results[0]["elapsed_s"] < 2.0, results
 
 
 @pytest.mark.gpu(2)

@@ -236,9 +236,35 @@ std::vector<uintptr_t> host_alloc(size_t bytes) {
 
 void host_free(uintptr_t host_ptr) { CUDA_CHECK(cudaFreeHost(reinterpret_cast<void*>(host_ptr))); }
 
-int wait_host_word(uintptr_t host_ptr, int index, int64_t target, int error_index, double timeout_s) {
+namespace {
+// The CUDA error a kernel on `stream` (or queued before it) met, as a positive cudaError_t; 0 while it runs or
+// after it ended well. `capturing` caches whether the stream captures a CUDA graph (-1: not asked yet): a query then
+// would invalidate the capture, so none is made (nothing captured runs while the host waits anyway).
+int stream_fault(cudaStream_t stream, int& capturing) {
+    if (capturing < 0) {
+        cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+        const cudaError_t e = cudaStreamIsCapturing(stream, &status);
+        if (e != cudaSuccess) {
+            (void)cudaGetLastError();  // (a non-sticky error is not left for the next launch check)
+            return static_cast<int>(e);
+        }
+        capturing = status != cudaStreamCaptureStatusNone ? 1 : 0;
+    }
+    if (capturing) return 0;
+    const cudaError_t e = cudaStreamQuery(stream);
+    if (e == cudaSuccess || e == cudaErrorNotReady) return 0;
+    (void)cudaGetLastError();
+    return static_cast<int>(e);
+}
+}  // namespace
+
+int wait_host_word(uintptr_t host_ptr, int index, int64_t target, int error_index, double timeout_s,
+                   uintptr_t stream) {
     volatile int64_t* w = reinterpret_cast<volatile int64_t*>(host_ptr);
+    const cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
     const auto start = std::chrono::steady_clock::now();
+    double queried = 0.0;  // when the stream was last queried, in seconds since start
+    int capturing = -1;
     for (uint64_t spin = 0;; ++spin) {
         // (acquire: what the GPU wrote before the word, e.g. a check's result words, is read after it, on hosts
         // whose loads may be reordered as well as on x86)
@@ -254,9 +280,23 @@ int wait_host_word(uintptr_t host_ptr, int index, int64_t target, int error_inde
             const double waited =
                 std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
             if (waited > timeout_s) return 2;
-            if (waited > 1e-3) std::this_thread::yield();
+            if (waited > 1e-3) {
+                // A kernel that faulted never writes the word: the stream is asked once a millisecond, only past
+                // the first (the common wait is microseconds and makes no CUDA call).
+                if (waited - queried >= 1e-3) {
+                    queried = waited;
+                    const int fault = stream_fault(s, capturing);
+                    if (fault != 0) return -fault;
+                }
+                std::this_thread::yield();
+            }
         }
     }
+}
+
+std::string cuda_error_name(int error) {
+    const cudaError_t e = static_cast<cudaError_t>(error);
+    return std::string(cudaGetErrorName(e)) + " (" + cudaGetErrorString(e) + ")";
 }
 
 }  // namespace largeep::runtime

@@ -34,8 +34,14 @@ uintptr_t peer_ptr(uintptr_t ptr, int pe);
 std::vector<uintptr_t> host_alloc(size_t bytes);
 // cudaFreeHost: waits, without a bound, for the device's work (the caller makes sure it is idle first).
 void host_free(uintptr_t host_ptr);
-// Spins (GIL released by the caller) until words[index] >= target or words[error_index] != 0 or timeout.
-// Returns 0 when the target was reached, 1 on a device-reported error, 2 on timeout.
-int wait_host_word(uintptr_t host_ptr, int index, int64_t target, int error_index, double timeout_s);
+// Spins (GIL released by the caller) until words[index] >= target or words[error_index] != 0 or timeout, or
+// `stream` (the cudaStream_t of the kernel that writes the word) reports a CUDA error (asked once a millisecond
+// after the first: a faulted kernel never writes the word).
+// Returns 0 when the target was reached, 1 on a device-reported error, 2 on timeout, and minus the cudaError_t on
+// a CUDA error (cuda_error_name names it).
+int wait_host_word(uintptr_t host_ptr, int index, int64_t target, int error_index, double timeout_s,
+                   uintptr_t stream);
+// "cudaErrorName (its description)" of a cudaError_t.
+std::string cuda_error_name(int error);
 
 }  // namespace largeep::runtime

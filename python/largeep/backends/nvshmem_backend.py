@@ -1056,12 +1056,14 @@ class NvshmemBackend:
         return self.status_dev + 8 * self._layout_word
 
     def _wait_id_check(self, op: str) -> None:
-        """Waits for the id check of the kernel just launched (its token in the layout word), raises on a bad id."""
+        """Waits for the id check of the kernel just launched on the current stream (its token in the layout
+        word), raises on a bad id."""
         c, lw = self.ctx, self._layout_word
         rc = self.C.wait_host_word(
-            self.host_ptr, lw, self._layout_token, _ERROR, self.settings.timeout_s + _HOST_GRACE_S
+            self.host_ptr, lw, self._layout_token, _ERROR, self.settings.timeout_s + _HOST_GRACE_S, self._stream()
         )
         self._raise_if_failed(op, earlier=False)
+        self._raise_if_cuda_fault(op, rc, "the expert-id check")
         if rc == 2:
             raise PeerTimeoutError(
                 f"{op}: the expert-id check of rank {c.rank} did not finish within "
@@ -1070,6 +1072,18 @@ class NvshmemBackend:
         bad = self._reported_bad_id()
         if bad is not None:
             raise checks.bad_expert_id(op, bad, c.num_experts)
+
+    def _raise_if_cuda_fault(self, op: str, rc: int, waited_for: str) -> None:
+        """A host wait that ended on a CUDA error (``rc`` < 0: minus the cudaError_t): a kernel on the stream, or
+        before it, failed and never writes the word waited for. RuntimeError naming the error, not a
+        PeerTimeoutError blaming a peer after the bound."""
+        if rc < 0:
+            raise RuntimeError(
+                f"{op}: while rank {self.ctx.rank}'s host waited for {waited_for}, its device {self.ctx.device} "
+                f"reported a CUDA error: {self.C.cuda_error_name(-rc)}. A kernel on the Buffer's stream, or queued "
+                "before it, failed (this process's GPU, not a peer); the Buffer is unusable now, and most CUDA "
+                "errors leave the process's CUDA context unusable too (restart the processes)"
+            )
 
     def _reported_bad_id(self) -> int | None:
         """The id check's report (the host-mapped words after its token): the lowest id below -1, else the highest
@@ -1162,8 +1176,10 @@ class NvshmemBackend:
                 _ptr(hier.fwd_pos if hier else None), report, _ptr(per_expert_t), expert_alignment, x.data_ptr(),
                 elem, _ptr(x_scales), x_scales is not None, topk_weights.data_ptr(), tag, c.num_sms, stream))
             if report:
-                rc = self.C.wait_host_word(self.host_ptr, _READY, 1, _ERROR, self.settings.timeout_s + _HOST_GRACE_S)
+                rc = self.C.wait_host_word(self.host_ptr, _READY, 1, _ERROR, self.settings.timeout_s + _HOST_GRACE_S,
+                                           stream)
                 self._raise_if_failed("dispatch", earlier=False)
+                self._raise_if_cuda_fault("dispatch", rc, "the count exchange")
                 if rc == 2:
                     # the abandoned round's kernels may still finish later and write this round's counts: the next
                     # call must not read them as its own, so the Buffer is unusable from here (as after a device

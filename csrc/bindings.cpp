@@ -344,6 +344,10 @@ class NormalKernels {
         const bool nodes = c_.ranks_per_node < c_.num_ranks;
         HOST_ASSERT(!nodes || (fwd_off != 0 && fwd_count != 0 && fwd_pos != 0),
                     "a group of several nodes needs fwd_off, fwd_count and fwd_pos");
+        // (the slots and send_pos are sized for max_tokens rows per rank; checked before anything is launched)
+        HOST_ASSERT(num_tokens >= 0 && num_tokens <= c_.max_tokens,
+                    "dispatch start: num_tokens = " << num_tokens << " outside [0, max_tokens = " << c_.max_tokens
+                                                    << "]");
         const cudaStream_t s = stream_of(stream);
         launch_dispatch_prepare(c_, ptr<const int64_t>(idx), num_tokens, ptr<int>(send_pos), ptr<int>(node_pos),
                                 ptr<int>(self_token), IdCheck{ptr<int64_t>(check_host), check_token}, num_sms, s);
@@ -382,6 +386,9 @@ class NormalKernels {
                     "a group of several nodes needs fwd_off, fwd_count and fwd_pos");
         HOST_ASSERT(!cached || (idx == 0 && w == 0 && send_slot == 0 && !include_self),
                     "a cached dispatch sends no ids or weights, into the copy slots");
+        HOST_ASSERT(num_tokens >= 0 && num_tokens <= c_.max_tokens,
+                    "dispatch send: num_tokens = " << num_tokens << " outside [0, max_tokens = " << c_.max_tokens
+                                                   << "]");
         const cudaStream_t s = stream_of(stream);
         if (nodes)
             launch_dispatch_rdma_send(c_, ptr<const void>(x), x_elem, ptr<const float>(scales), has_scales,
@@ -401,6 +408,10 @@ class NormalKernels {
                  uintptr_t recv_src, uintptr_t recv_off, int num_rows, bool cached, uintptr_t x, uintptr_t scales,
                  uintptr_t idx, uintptr_t w, uintptr_t self_token, int my_slot, uintptr_t tag, int num_sms,
                  uintptr_t stream) {
+        // (my_slot picks the zero-copy slot this rank's own rows were pushed into: an address in this Buffer)
+        HOST_ASSERT(my_slot >= 0 && my_slot <= zc_->count,
+                    "dispatch copyout: my_slot = " << my_slot << " outside [0, num_zc_slots = " << zc_->count
+                                                   << "]");
         launch_dispatch_copyout(c_, ptr<void>(out_x), x_elem, ptr<float>(out_s), has_scales, ptr<int64_t>(out_idx),
                                 ptr<float>(out_w), ptr<int>(recv_src), ptr<const int>(recv_off), num_rows, cached,
                                 ptr<const void>(x), ptr<const float>(scales), ptr<const int64_t>(idx),

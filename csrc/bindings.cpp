@@ -300,9 +300,19 @@ class NormalKernels {
         }
         return true;
     }
+    // The slots taken (by outputs alive, or by a dispatch that has not given its slot back).
     int zc_busy() const {
         int n = 0;
         for (int i = 0; i < zc_->count; ++i) n += zc_->busy[i].load() != 0;
+        return n;
+    }
+    // The slots whose outputs (planes) are alive: views of this Buffer's memory, which destroy must not free under
+    // them. A slot still taken without outputs (a dispatch that failed before making them, a release that could not
+    // record its events) holds no views and is not counted.
+    int zc_held() const {
+        std::lock_guard<std::mutex> g(zc_->mu);
+        int n = 0;
+        for (int i = 0; i < zc_->count; ++i) n += !zc_->current[i].expired();
         return n;
     }
     // DLPack capsules over slot `slot`'s planes for `rows` rows: x as uint8 [rows, x_row_bytes], then (when asked)
@@ -690,6 +700,7 @@ PYBIND11_MODULE(_C, m) {
                       double, int, int, int, int, int, uintptr_t>())
         .def("zc_acquire", &NormalKernels::zc_acquire)
         .def("zc_busy", &NormalKernels::zc_busy)
+        .def("zc_held", &NormalKernels::zc_held)
         .def("zc_give_back", &NormalKernels::zc_give_back)
         .def("zc_add_stream", &NormalKernels::zc_add_stream)
         .def("zc_outputs", &NormalKernels::zc_outputs)

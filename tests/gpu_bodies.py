@@ -414,6 +414,36 @@ def missing_peer(rank: int, world: int, timeout_s: float, low_latency: bool = Fa
     return {"elapsed_s": elapsed}
 
 
+def failed_count_wait_frees_memory(rank: int, world: int, timeout_s: float) -> dict[str, float]:
+    """Rank 1 never calls dispatch: rank 0's fresh dispatch, which took a zero-copy slot, fails at its count wait
+    (PeerTimeoutError). It gives the slot back (no outputs hold it: zc_busy and zc_held 0), so destroy frees the
+    symmetric memory on every rank (no rank votes to keep it; the heap accounting drops by the Buffer's bytes)
+    instead of keeping it with a warning that outputs are alive."""
+    from largeep.backends import nvshmem_backend as nb
+
+    buf = _bounded_buffer(world, timeout_s)
+    impl = buf._impl  # type: ignore[attr-defined]
+    assert impl.zc_slots > 0, "needs zero-copy slots (LARGEEP_ZERO_COPY_SLOTS)"
+    live = nb._heap["live"]
+    try:
+        if rank == 0:
+            try:
+                _bounded_dispatch(buf, world, False)()
+            except largeep.PeerTimeoutError as exc:
+                assert "rank 1" in str(exc), str(exc)
+            else:
+                raise AssertionError("dispatch returned although rank 1 never called it")
+            busy, held = int(impl.kernels.zc_busy()), int(impl.kernels.zc_held())
+            assert busy == 0 and held == 0, f"after the failed count wait: {busy} slot(s) taken, {held} held"
+    finally:
+        _progress(rank, "before the teardown barrier")
+        dist.barrier()
+        buf.destroy()
+    after = nb._heap["live"]
+    assert after == live - impl.heap_bytes, f"destroy kept the memory: heap live {live} -> {after}"
+    return {"freed": float(live - after)}
+
+
 def host_wait_sees_cuda_fault(rank: int, world: int, timeout_s: float) -> dict[str, float]:
     """A kernel queued before a fresh dispatch's count exchange faults (a device-side assert on the caller's stream,
     after ~50 ms of sleep, so the dispatch is queued behind it and its host already waits): the host wait sees the

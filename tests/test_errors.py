@@ -237,6 +237,76 @@ def test_nvshmem_host_wait_cuda_fault_message() -> None:
     assert "not a peer" in msg and "unusable" in msg, msg
 
 
+def _count_wait_backend(rc: int, report: int, slot: int) -> tuple[Any, list[tuple[int, int]]]:
+    """An NvshmemBackend on CPU whose fresh dispatch gets zero-copy slot ``slot`` from its native start and whose
+    count wait returns ``rc`` after the device wrote ``report`` into the error word; and the slots given back."""
+    import types
+
+    from largeep.backends.nvshmem_backend import _ERROR
+
+    given: list[tuple[int, int]] = []
+    b = _bare_nvshmem(rank=0, num_ranks=2, ranks_per_node=2, num_nodes=1, num_experts=8, experts_per_rank=4,
+                      num_topk=2, hidden=128, max_tokens_per_rank=8, num_sms=4, device=torch.device("cpu"))
+    b.settings = types.SimpleNamespace(timeout_s=1.0)
+    b.status = [0] * 16
+    b.host_ptr, b.zc_slots, b._layout_token, b._round_open = 1, 2, 0, False
+    b._stream = lambda: 77
+
+    def wait(*args: Any) -> int:
+        b.status[_ERROR] = report
+        return rc
+
+    b.C = types.SimpleNamespace(wait_host_word=wait, cuda_error_name=lambda e: f"cudaError {e}")
+    b.kernels = types.SimpleNamespace(start=lambda *a: slot, zc_give_back=lambda s, st: given.append((s, st)))
+    return b, given
+
+
+@pytest.mark.parametrize(("rc", "report", "kind"), [
+    (2, 0, largeep.PeerTimeoutError),  # the host gave up first
+    (1, (15 << 16) + 2, largeep.PeerTimeoutError),  # the device reported a peer it waited for
+    (-710, 0, RuntimeError),  # a CUDA fault
+])
+@pytest.mark.parametrize("slot", [0, 1])
+def test_nvshmem_failed_count_wait_gives_slot_back(rc: int, report: int, kind: type, slot: int) -> None:
+    """A fresh dispatch that took a zero-copy slot and fails at its count wait (timeout, device report, CUDA fault)
+    gives the slot back (after its stream's work) before raising: no outputs were made, and a slot left taken would
+    make destroy keep the Buffer's whole symmetric memory on every rank (its GPU test:
+    test_failed_count_wait_frees_memory). Without a slot nothing is given back."""
+    b, given = _count_wait_backend(rc, report, slot)
+    x = torch.randn(3, 128).to(torch.bfloat16)
+    idx = torch.tensor([[0, 5], [1, -1], [7, 2]])
+    with pytest.raises(kind) as info:
+        b.dispatch(x, None, idx, torch.rand(3, 2), None, 1, 0)
+    assert kind is not RuntimeError or not isinstance(info.value, largeep.PeerTimeoutError)
+    assert given == ([(1, 77)] if slot else []), given
+    assert int(b.status[1]) != 0, "the Buffer must be unusable after a failed count wait"
+
+
+@pytest.mark.parametrize("held", [0, 1])
+def test_nvshmem_destroy_counts_only_live_outputs(monkeypatch: pytest.MonkeyPatch, held: int) -> None:
+    """destroy() votes to keep the symmetric memory only for slots whose outputs are alive (zc_held), not for
+    slots merely taken (zc_busy: e.g. by a dispatch that failed before making outputs)."""
+    import types
+
+    from largeep.backends import nvshmem_backend
+
+    votes: list[bool] = []
+
+    def free(base: int, timeout_s: float, keep: bool) -> bool:
+        votes.append(keep)
+        return not keep
+
+    b = _bare_nvshmem(device="cpu", low_latency=False, rank=0)
+    b.alive, b.host_ptr, b.heap_bytes, b.base = True, 1234, 0, 0
+    b.settings = types.SimpleNamespace(timeout_s=1.0)
+    b.C = types.SimpleNamespace(host_free=lambda p: None, free=free)
+    b.kernels = types.SimpleNamespace(zc_held=lambda: held, zc_busy=lambda: 2, zc_close=lambda: None)
+    monkeypatch.setattr(nvshmem_backend, "_synchronize_bounded", lambda *a: None)
+    monkeypatch.setattr(nvshmem_backend, "_zc_register", lambda *a: None)
+    b.destroy()
+    assert votes == [bool(held)], votes
+
+
 def test_nvshmem_kinds_disagree_message() -> None:
     """A void round whose ranks sent different kinds of rows (the kind in bits 2-4 of each rank's refusal word):
     ArgumentError naming each rank's kind as the torch backend names it, and the rank that ran it without a host

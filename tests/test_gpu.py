@@ -432,6 +432,15 @@ def test_missing_peer_times_out(pools, world: int) -> None:
     assert all(t["elapsed_s"] > 4.0 for r, t in enumerate(times) if r != 1), times
 
 
+@pytest.mark.gpu(2)
+@needs_native
+def test_failed_count_wait_frees_memory(pools) -> None:
+    """A fresh dispatch that took a zero-copy slot and failed at its count wait (a peer missing) gives the slot
+    back, and destroy frees the symmetric memory on every rank instead of keeping it for outputs that do not exist."""
+    results = pools(2, "nccl").run(gpu_bodies.failed_count_wait_frees_memory, 5.0)
+    assert all(r["freed"] > 0 for r in results), results
+
+
 @pytest.mark.gpu(1)
 @needs_native
 def test_host_wait_sees_cuda_fault() -> None:

@@ -824,7 +824,8 @@ class NvshmemBackend:
             _zc_register(self, False)
             held = 0
             if not c.low_latency:
-                held = int(self.kernels.zc_busy())
+                # (slots with live outputs only: a slot a failed dispatch still holds without outputs is no view)
+                held = int(self.kernels.zc_held())
                 self.kernels.zc_close()
             # collective: a bounded rendezvous, then NVSHMEM's barrier, so no peer still reads this memory. A rank
             # whose dispatch outputs (views of this memory) are alive votes to keep it: freed, the next Buffer's
@@ -1131,8 +1132,7 @@ class NvshmemBackend:
         out_w: torch.Tensor | None
         # A fresh dispatch of bf16/e4m3 rows that waits on the host receives into a free zero-copy slot when there
         # is one (its outputs are then that slot's planes, no copy-out); slot 0 is the copy slot. A round that ends
-        # without outputs (a refusal, or outputs that could not be made) gives its slot back; a slot stays taken
-        # only if the call fails at its count wait (the Buffer is unusable then anyway).
+        # without outputs (a refusal, outputs that could not be made, a failed count wait) gives its slot back.
         slot = 0
         if state is None:
             assert topk_idx is not None and topk_weights is not None
@@ -1178,15 +1178,22 @@ class NvshmemBackend:
             if report:
                 rc = self.C.wait_host_word(self.host_ptr, _READY, 1, _ERROR, self.settings.timeout_s + _HOST_GRACE_S,
                                            stream)
-                self._raise_if_failed("dispatch", earlier=False)
-                self._raise_if_cuda_fault("dispatch", rc, "the count exchange")
-                if rc == 2:
-                    # the abandoned round's kernels may still finish later and write this round's counts: the next
-                    # call must not read them as its own, so the Buffer is unusable from here (as after a device
-                    # report; op 3, no rank known)
-                    if int(self.status[_ERROR]) == 0:  # (a device report that came meanwhile names the rank)
-                        self.status[_ERROR] = 3 << 16
+                try:
                     self._raise_if_failed("dispatch", earlier=False)
+                    self._raise_if_cuda_fault("dispatch", rc, "the count exchange")
+                    if rc == 2:
+                        # the abandoned round's kernels may still finish later and write this round's counts: the
+                        # next call must not read them as its own, so the Buffer is unusable from here (as after a
+                        # device report; op 3, no rank known)
+                        if int(self.status[_ERROR]) == 0:  # (a device report that came meanwhile names the rank)
+                            self.status[_ERROR] = 3 << 16
+                        self._raise_if_failed("dispatch", earlier=False)
+                except BaseException:
+                    # No outputs were made: the slot goes back (after what is queued on the stream; no later call
+                    # takes it, the Buffer being unusable now), rather than stay taken, as if outputs held it
+                    if slot:
+                        self._give_back_quietly(slot, stream)
+                    raise
                 if int(self.status[_REFUSED]):
                     self._end_round_without_outputs(x, recv_off, self_token, tag, slot, stream)
                     self._round_open = False
@@ -1287,6 +1294,14 @@ class NvshmemBackend:
                   tag, self.ctx.num_sms, stream)
         if slot:
             k.zc_give_back(slot, stream)
+
+    def _give_back_quietly(self, slot: int, stream: int) -> None:
+        """zc_give_back on an error path: its own failure is logged, the call's error is the one to raise."""
+        try:
+            self.kernels.zc_give_back(slot, stream)
+        except Exception:  # noqa: BLE001 - the caller re-raises the call's error
+            logger.debug("dispatch: giving zero-copy slot %d back after a failed count wait failed", slot,
+                         exc_info=True)
 
     def _raise_refused(self, op: str, words: Sequence[int], checked: bool) -> None:
         """Raises for a void round (``words``: each rank's part in it, bit 0 for a rank that refused it, bit 1 for

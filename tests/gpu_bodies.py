@@ -414,6 +414,31 @@ def missing_peer(rank: int, world: int, timeout_s: float, low_latency: bool = Fa
     return {"elapsed_s": elapsed}
 
 
+def parts_on_buffer_stream(rank: int, world: int, low_latency: bool) -> None:
+    """The tensors a Buffer's kernels keep using (peer_base, seq, counters, error_word, layout_scratch, and
+    prep_scratch in normal mode) are allocated on the Buffer's stream, not the caller's: a Buffer dropped without
+    destroy() gives their blocks back to the pool of the stream its kernels run on. Read from torch's allocator
+    snapshot (each segment's stream)."""
+    buf = largeep.Buffer(None, hidden=256, num_experts=4 * world, num_topk=2, max_tokens_per_rank=64,
+                         backend="nvshmem", low_latency=low_latency)
+    try:
+        assert buf.stream is not None
+        want = int(buf.stream.cuda_stream)
+        assert want != int(torch.cuda.current_stream().cuda_stream)
+        impl = buf._impl  # type: ignore[attr-defined]
+        names = ["peer_base", "seq", "counters", "error_word", "layout_scratch"] + ([] if low_latency else
+                                                                                    ["prep_scratch"])
+        segments = torch.cuda.memory_snapshot()
+        for name in names:
+            ptr = getattr(impl, name).data_ptr()
+            seg = next((g for g in segments if g["address"] <= ptr < g["address"] + g["total_size"]), None)
+            assert seg is not None, f"{name}: no allocator segment holds it"
+            assert int(seg["stream"]) == want, f"{name} was allocated on stream {seg['stream']}, not the Buffer's"
+        dist.barrier()
+    finally:
+        buf.destroy()
+
+
 def failed_count_wait_frees_memory(rank: int, world: int, timeout_s: float) -> dict[str, float]:
     """Rank 1 never calls dispatch: rank 0's fresh dispatch, which took a zero-copy slot, fails at its count wait
     (PeerTimeoutError). It gives the slot back (no outputs hold it: zc_busy and zc_held 0), so destroy frees the

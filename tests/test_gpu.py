@@ -432,6 +432,15 @@ def test_missing_peer_times_out(pools, world: int) -> None:
     assert all(t["elapsed_s"] > 4.0 for r, t in enumerate(times) if r != 1), times
 
 
+@pytest.mark.gpu(1)
+@needs_native
+@pytest.mark.parametrize("low_latency", [False, True])
+def test_parts_on_buffer_stream(pools, low_latency: bool) -> None:
+    """The tensors a Buffer's kernels keep using are allocated on the Buffer's stream (a Buffer dropped without
+    destroy() cannot hand them to the caller's stream while its kernels still use them)."""
+    pools(1, "nccl").run(gpu_bodies.parts_on_buffer_stream, low_latency)
+
+
 @pytest.mark.gpu(2)
 @needs_native
 def test_failed_count_wait_frees_memory(pools) -> None:

@@ -430,7 +430,8 @@ class Buffer:
             if self.backend_name == "nvshmem":
                 from largeep.backends.nvshmem_backend import NvshmemBackend
 
-                self._impl = NvshmemBackend(inner, self._settings, in_rounds=self.num_rounds > 1)
+                self._impl = NvshmemBackend(inner, self._settings, in_rounds=self.num_rounds > 1,
+                                            stream=self._stream)
             else:
                 self._impl = TorchBackend(inner, self._settings.timeout_s)
         except BaseException:

@@ -7,6 +7,7 @@ for the life of the process; each Buffer allocates its own region of the symmetr
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import math
@@ -627,9 +628,11 @@ def _closes_open_round(fn: Callable[..., _R]) -> Callable[..., _R]:
 class NvshmemBackend:
     name = "nvshmem"
 
-    def __init__(self, ctx: GroupContext, settings: Settings, in_rounds: bool = False) -> None:
+    def __init__(self, ctx: GroupContext, settings: Settings, in_rounds: bool = False,
+                 stream: torch.cuda.Stream | None = None) -> None:
         """``in_rounds``: ``ctx`` sizes the buffers for tokens_per_round tokens per rank (RoundsBackend runs
-        this backend's calls), which the memory refusal names."""
+        this backend's calls), which the memory refusal names. ``stream``: the Buffer's stream, where every call's
+        kernels run (the tensors the kernels keep using are allocated on it; None: the current stream)."""
         reason = unsupported_reason(ctx)
         if reason is not None:
             raise RuntimeError(f"Buffer: backend 'nvshmem': {reason}")
@@ -697,7 +700,11 @@ class NvshmemBackend:
         self.host_ptr = 0
         failure: BaseException | None = None
         try:
-            self._make_parts(ctx, settings, peers)
+            # On the Buffer's stream: its kernels read and write these tensors, so their blocks must go back to that
+            # stream's pool. Made on the caller's stream, a Buffer dropped without destroy() would hand them to the
+            # caller's next allocations while its kernels, queued on its own stream, may still use them.
+            with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+                self._make_parts(ctx, settings, peers)
         except BaseException as exc:  # noqa: BLE001 - told to every rank, raised below
             failure = exc
         said = None if failure is None else f"{type(failure).__name__}: {failure}"[:300]
@@ -752,7 +759,8 @@ class NvshmemBackend:
 
     def _make_parts(self, ctx: GroupContext, settings: Settings, peers: list[int]) -> None:
         """This rank's own part of the Buffer, after the symmetric allocation: the device words, the host-mapped
-        status words and the kernels bound to them (nothing collective)."""
+        status words and the kernels bound to them (nothing collective). Its tensors are allocated on the current
+        stream, the Buffer's (see __init__)."""
         n = ctx.num_ranks
         dev = ctx.device
         self.peer_base = torch.tensor(peers, dtype=torch.int64, device=dev)

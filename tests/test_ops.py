@@ -316,6 +316,40 @@ def test_weighted_row_sum_opcheck() -> None:
     torch.library.opcheck(torch.ops.largeep.weighted_row_sum.default, (src.requires_grad_(), pos, w, padv))
 
 
+class _OnCuda:
+    """A CPU tensor that says it is on CUDA, for _native_rows_ok's routing decision on CPU."""
+
+    def __init__(self, t: torch.Tensor) -> None:
+        self.t = t
+        self.is_cuda = True
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.t, name)
+
+
+@pytest.mark.parametrize("requires_grad", [False, True])
+def test_weighted_row_sum_no_entries(monkeypatch: pytest.MonkeyPatch, requires_grad: bool) -> None:
+    """K = 0 (no top-k entries): zeros [R, H] in src's dtype, without largeep's kernel (which takes 1 <= K <= 16),
+    even where the kernel would otherwise be taken (routing faked on CPU); the gradient of src is zero."""
+    src = torch.randn(5, 32)
+    pos = torch.zeros(4, 0, dtype=torch.int64)
+    assert not ops._native_rows_ok(_OnCuda(src), _OnCuda(pos))  # type: ignore[arg-type]
+    assert ops._native_rows_ok(_OnCuda(src), _OnCuda(torch.zeros(4, 1, dtype=torch.int64)))  # type: ignore[arg-type]
+
+    class NoKernel:
+        def weighted_row_sum(self, *args: object) -> None:
+            raise AssertionError("largeep's kernel was called with K = 0")
+
+    monkeypatch.setattr(ops, "_native_rows_ok", lambda *a: True)
+    monkeypatch.setattr(ops, "_native_rows", lambda: NoKernel())
+    src.requires_grad_(requires_grad)
+    y = ops.weighted_row_sum(src, pos, torch.zeros(4, 0), pad=None)
+    assert y.shape == (4, 32) and y.dtype == src.dtype and not bool(y.any())
+    if requires_grad:
+        y.sum().backward()
+        assert src.grad is not None and not bool(src.grad.any())
+
+
 def test_weighted_row_sum_rejects() -> None:
     from largeep.errors import ArgumentError
 

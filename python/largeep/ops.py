@@ -779,6 +779,8 @@ def _summed(pos: Tensor, pad: int, count: Tensor | None, rows: int) -> Tensor:
 
 def _weighted_row_sum_impl(src: Tensor, pos: Tensor, w: Tensor, pad: int, count: Tensor | None = None) -> Tensor:
     r, k = pos.shape
+    if k == 0:  # (no entries: every row sums nothing; largeep's kernel takes 1 <= K <= 16)
+        return src.new_zeros(r, src.shape[1])
     C = _native_rows() if _native_rows_ok(src, pos) and (count is None or count.is_cuda) else None
     if C is None:
         # embedding_bag: the same sum (its CUDA kernel is several times slower than largeep's on large rows). It
@@ -808,10 +810,11 @@ def _weighted_row_sum_impl(src: Tensor, pos: Tensor, w: Tensor, pad: int, count:
 
 
 def _native_rows_ok(src: Tensor, pos: Tensor) -> bool:
-    """Whether largeep's kernel takes these: CUDA bf16/fp32 rows of 16-byte multiples, 16-byte aligned, K <= 16."""
+    """Whether largeep's kernel takes these: CUDA bf16/fp32 rows of 16-byte multiples, 16-byte aligned,
+    1 <= K <= 16."""
     return (
         src.is_cuda and src.dtype in (torch.bfloat16, torch.float32) and src.dim() == 2
-        and (src.shape[1] * src.element_size()) % 16 == 0 and pos.shape[1] <= 16 and pos.is_cuda
+        and (src.shape[1] * src.element_size()) % 16 == 0 and 1 <= pos.shape[1] <= 16 and pos.is_cuda
         and (not src.numel() or (src.is_contiguous() and src.data_ptr() % 16 == 0))
     )
 

@@ -252,9 +252,9 @@ int stream_fault(cudaStream_t stream, int& capturing) {
     }
     if (capturing) return 0;
     const cudaError_t e = cudaStreamQuery(stream);
-    if (e == cudaSuccess || e == cudaErrorNotReady) return 0;
-    (void)cudaGetLastError();
-    return static_cast<int>(e);
+    if (e == cudaSuccess) return 0;
+    (void)cudaGetLastError();  // (cudaErrorNotReady too: not left for the next launch check to report)
+    return e == cudaErrorNotReady ? 0 : static_cast<int>(e);
 }
 }  // namespace
 

@@ -70,9 +70,17 @@ class _FinishedCalls:
         _SET_STREAM(stream_id=self.stream_id, device_index=self.index, device_type=self.device_type)
         try:
             result = fn()
-        finally:
+        except BaseException:
             _SET_STREAM(stream_id=stream_id, device_index=device_index, device_type=device_type)
-            self.C.stream_wait(caller_raw, self.raw, self.ev_out)
+            try:
+                self.C.stream_wait(caller_raw, self.raw, self.ev_out)
+            except Exception:  # noqa: BLE001 - the call's own error is the one to raise
+                # (a CUDA fault that ended the call fails this event record too: it must not hide the call's error,
+                # which names the fault and where it was met)
+                logger.debug("ordering the caller's stream after a failed call failed too", exc_info=True)
+            raise
+        _SET_STREAM(stream_id=stream_id, device_index=device_index, device_type=device_type)
+        self.C.stream_wait(caller_raw, self.raw, self.ev_out)
         outputs = _tensors_of(result)
         if outputs:
             key = (stream_id, device_type)

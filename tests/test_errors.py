@@ -1436,7 +1436,7 @@ def test_rounds_out_of_step_after_a_rank_alone_raised(monkeypatch: pytest.Monkey
             step("offsets")
             return [0, state]
 
-        def combine(self, y: torch.Tensor, state: Any, w: Any) -> tuple[torch.Tensor, None]:
+        def combine(self, y: torch.Tensor, state: Any, w: Any, part_bf16: bool = False) -> tuple[torch.Tensor, None]:
             step("combine")
             return y.clone(), None
 

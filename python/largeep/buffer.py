@@ -678,87 +678,53 @@ class Buffer:
         its handle's dispatch's counts, aligned as that dispatch aligned them: there 1 (the default) means "the
         handle's", and another value that differs from the handle's is refused with ArgumentError.
         Waits on the host for the count exchange unless num_worst_tokens > 0 or a handle is given.
+
+        A refusal (ArgumentError) of this rank's arguments reaches the other ranks, which may be in this call
+        already, so that they raise PeerRefusedError naming this rank instead of pairing their call with this
+        rank's next one: a fresh dispatch joins their round with a void one (``_void_dispatch``; this rank waits for
+        it, up to LARGEEP_TIMEOUT_S), a cached one tells their first exchange (``_tell_refusal``: the torch backend
+        on CPU groups). Not where no void round can pair: num_worst_tokens itself refused (the others' kind of
+        round is unknown), a num_worst_tokens dispatch of the torch backend on CUDA, inside a CUDA graph capture, a
+        cached dispatch on GPUs; there the refusal is this rank's alone (docs/usage.md, "Refusals on one rank").
         """
         op = "dispatch"
         self._check_alive(op)
         self._check_mode(op, False)
-        checks.flags(op, async_finish=async_finish)
         c = self.ctx
-        checks.positive_int(op, "expert_alignment", expert_alignment, maximum=1 << 20)
-        # (the kernels number rows in 32 bits, within a grid's stride of 2**31: more rows than any rank can receive
-        # are allowed, as fixed shapes, up to that)
-        checks.positive_int(op, "num_worst_tokens", num_worst_tokens, minimum=0, maximum=checks.MAX_ROWS)
-        if num_worst_tokens and self.num_rounds > 1:
-            raise ArgumentError(
-                f"Buffer.{op}: argument 'num_worst_tokens' is not available in a Buffer with tokens_per_round (its "
-                f"{self.num_rounds} rounds are merged by their row counts, which only the host waits of a "
-                "variable-size dispatch give); pass 0"
-            )
-        xs, scales = checks.tokens(op, "x", x, hidden=c.hidden, device=c.device, allow_fp8=True)
-        t = xs.shape[0]
+        # Every refusal below comes from this rank's arguments. The other ranks may be in this call already: a fresh
+        # dispatch's refusal voids their round (_void_dispatch: they raise PeerRefusedError naming this rank), a
+        # cached one's is told to their first exchange where the backend can (_tell_refusal); so a rank that catches
+        # its refusal and goes on does not pair its next call with the others' pending one.
+        xs: torch.Tensor | None = None
+        scales: torch.Tensor | None = None
         try:
+            checks.flags(op, async_finish=async_finish)
+            checks.positive_int(op, "expert_alignment", expert_alignment, maximum=1 << 20)
+            # (the kernels number rows in 32 bits, within a grid's stride of 2**31: more rows than any rank can
+            # receive are allowed, as fixed shapes, up to that)
+            checks.positive_int(op, "num_worst_tokens", num_worst_tokens, minimum=0, maximum=checks.MAX_ROWS)
+            if num_worst_tokens and self.num_rounds > 1:
+                raise ArgumentError(
+                    f"Buffer.{op}: argument 'num_worst_tokens' is not available in a Buffer with tokens_per_round (its "
+                    f"{self.num_rounds} rounds are merged by their row counts, which only the host waits of a "
+                    "variable-size dispatch give); pass 0"
+                )
+            xs, scales = checks.tokens(op, "x", x, hidden=c.hidden, device=c.device, allow_fp8=True)
+            t = xs.shape[0]
             checks.max_tokens(op, t, c.max_tokens_per_rank)
+            state, alignment, native_check = self._dispatch_checks(
+                op, t, topk_idx, topk_weights, handle, expert_alignment, num_worst_tokens)
+            _check_previous_event(previous_event)
         except ArgumentError as refusal:
             if handle is None:
-                self._void_dispatch(refusal, xs, scales, num_worst_tokens)
+                if self._worst_known(num_worst_tokens):  # (else the kind of the others' round is unknown)
+                    if xs is None:  # (x itself refused: a bf16 row, as after a layout's refusal)
+                        xs, scales = torch.empty(0, c.hidden, dtype=torch.bfloat16, device=c.device), None
+                    self._void_dispatch(refusal, xs, scales, num_worst_tokens)
+            else:
+                self._tell_refusal(op, refusal)
             raise
-        state = None
-        native_check = False
-        if handle is not None:
-            h = self._check_handle(op, handle, DispatchHandle)
-            if topk_idx is not None or topk_weights is not None:
-                raise ArgumentError(f"Buffer.{op}: with 'handle', 'topk_idx' and 'topk_weights' must be None")
-            if t != h.num_tokens:
-                raise ArgumentError(
-                    f"Buffer.{op}: argument 'x' has {t} tokens but the handle was made for {h.num_tokens}"
-                )
-            if num_worst_tokens and num_worst_tokens != h.num_worst_tokens:
-                raise ArgumentError(
-                    f"Buffer.{op}: argument 'num_worst_tokens' = {num_worst_tokens} differs from the handle's "
-                    f"({h.num_worst_tokens}; 0 means the handle's dispatch had a variable size)"
-                )
-            # (the call returns the handle's dispatch's counts, as that dispatch aligned them: another alignment
-            # would be silently ignored)
-            if expert_alignment not in (1, h.expert_alignment):
-                raise ArgumentError(
-                    f"Buffer.{op}: argument 'expert_alignment' = {expert_alignment} differs from the handle's "
-                    f"({h.expert_alignment}): a cached dispatch returns the counts of the handle's dispatch, aligned "
-                    "as that dispatch aligned them; pass that value, or leave it out (1)"
-                )
-            alignment = h.expert_alignment
-            state = h.state
-        else:
-            if topk_idx is None or topk_weights is None:
-                raise ArgumentError(f"Buffer.{op}: 'topk_idx' and 'topk_weights' are required without a handle")
-            alignment = expert_alignment
-            if num_worst_tokens == 0 and c.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-                raise ArgumentError(
-                    f"Buffer.{op}: inside a CUDA graph capture a fresh dispatch needs argument 'num_worst_tokens' "
-                    "> 0 (without it the row count comes from the host's wait for the count exchange, which a "
-                    "capture cannot make); or pass the handle of an earlier dispatch"
-                )
-            # with num_worst_tokens a CUDA dispatch does not wait on the host: only a backend that checks the ids
-            # in its kernels without a host wait checks them then (a refusal surfaces at the next call); on CPU the
-            # check costs no device sync
-            host_ok, in_call = self._id_checks(num_worst_tokens)
-            want = self._settings.check_values and in_call
-            idx = checks.topk_idx(
-                op, topk_idx, num_tokens=t, num_topk=c.num_topk, num_experts=c.num_experts, device=c.device,
-                check_values=False,
-            )
-            # ids a layout just checked are not checked again (one use of its memo); else a backend that checks
-            # them itself saves the separate min/max, its device copy and the sync: its verdict travels with the
-            # count exchange, so that a refusal on one rank voids the call on every rank at once (this rank raises
-            # ArgumentError, the others PeerRefusedError) before any row moves
-            if want and not checks.take_checked(idx, c.num_experts):
-                if getattr(self._impl, "checks_dispatch_ids", False) and checks.needs_id_check(idx, True):
-                    native_check = True
-                elif host_ok:
-                    checks.topk_idx(
-                        op, idx, num_tokens=t, num_topk=c.num_topk, num_experts=c.num_experts, device=c.device,
-                        check_values=True,
-                    )
-            checks.topk_weights(op, topk_weights, num_tokens=t, num_topk=c.num_topk, device=c.device)
+        assert xs is not None
 
         # the caller's stream, on which zero-copy outputs record their release
         caller = current_raw_stream(c.device) if c.device.type == "cuda" else None
@@ -787,6 +753,76 @@ class Buffer:
         recv_x: Tokens = (out.x, out.x_scales) if out.x_scales is not None else out.x
         return DispatchResult(recv_x, out.topk_idx, out.topk_weights, counts, handle, event, counts_t)
 
+    def _dispatch_checks(
+        self, op: str, t: int, topk_idx: torch.Tensor | None, topk_weights: torch.Tensor | None,
+        handle: DispatchHandle | None, expert_alignment: int, num_worst_tokens: int,
+    ) -> tuple[Any, int, bool]:
+        """A dispatch's checks of its routing (the handle's, or topk_idx and topk_weights of ``t`` tokens): returns
+        the handle's backend state (None: a fresh dispatch), the alignment of its counts, and whether the backend
+        checks the ids in its call (check_ids). ArgumentError for a refusal."""
+        c = self.ctx
+        state = None
+        native_check = False
+        if handle is not None:
+            h = self._check_handle(op, handle, DispatchHandle)
+            if topk_idx is not None or topk_weights is not None:
+                raise ArgumentError(f"Buffer.{op}: with 'handle', 'topk_idx' and 'topk_weights' must be None")
+            if t != h.num_tokens:
+                raise ArgumentError(
+                    f"Buffer.{op}: argument 'x' has {t} tokens but the handle was made for {h.num_tokens}"
+                )
+            if num_worst_tokens and num_worst_tokens != h.num_worst_tokens:
+                raise ArgumentError(
+                    f"Buffer.{op}: argument 'num_worst_tokens' = {num_worst_tokens} differs from the handle's "
+                    f"({h.num_worst_tokens}; 0 means the handle's dispatch had a variable size)"
+                )
+            # (the call returns the handle's dispatch's counts, as that dispatch aligned them: another alignment
+            # would be silently ignored)
+            if expert_alignment not in (1, h.expert_alignment):
+                raise ArgumentError(
+                    f"Buffer.{op}: argument 'expert_alignment' = {expert_alignment} differs from the handle's "
+                    f"({h.expert_alignment}): a cached dispatch returns the counts of the handle's dispatch, aligned "
+                    "as that dispatch aligned them; pass that value, or leave it out (1)"
+                )
+            return h.state, h.expert_alignment, False
+        if topk_idx is None or topk_weights is None:
+            raise ArgumentError(f"Buffer.{op}: 'topk_idx' and 'topk_weights' are required without a handle")
+        if num_worst_tokens == 0 and c.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise ArgumentError(
+                f"Buffer.{op}: inside a CUDA graph capture a fresh dispatch needs argument 'num_worst_tokens' "
+                "> 0 (without it the row count comes from the host's wait for the count exchange, which a "
+                "capture cannot make); or pass the handle of an earlier dispatch"
+            )
+        # with num_worst_tokens a CUDA dispatch does not wait on the host: only a backend that checks the ids
+        # in its kernels without a host wait checks them then (a refusal surfaces at the next call); on CPU the
+        # check costs no device sync
+        host_ok, in_call = self._id_checks(num_worst_tokens)
+        want = self._settings.check_values and in_call
+        idx = checks.topk_idx(
+            op, topk_idx, num_tokens=t, num_topk=c.num_topk, num_experts=c.num_experts, device=c.device,
+            check_values=False,
+        )
+        # ids a layout just checked are not checked again (one use of its memo); else a backend that checks
+        # them itself saves the separate min/max, its device copy and the sync: its verdict travels with the
+        # count exchange, so that a refusal on one rank voids the call on every rank at once (this rank raises
+        # ArgumentError, the others PeerRefusedError) before any row moves
+        if want and not checks.take_checked(idx, c.num_experts):
+            if getattr(self._impl, "checks_dispatch_ids", False) and checks.needs_id_check(idx, True):
+                native_check = True
+            elif host_ok:
+                checks.topk_idx(
+                    op, idx, num_tokens=t, num_topk=c.num_topk, num_experts=c.num_experts, device=c.device,
+                    check_values=True,
+                )
+        checks.topk_weights(op, topk_weights, num_tokens=t, num_topk=c.num_topk, device=c.device)
+        return state, expert_alignment, native_check
+
+    def _worst_known(self, num_worst_tokens: object) -> bool:
+        """Whether a fresh dispatch's ``num_worst_tokens`` passes its checks, so that the kind of round the other
+        ranks run is known and a void round can pair with it (_void_dispatch)."""
+        return (isinstance(num_worst_tokens, int) and not isinstance(num_worst_tokens, bool)
+                and 0 <= num_worst_tokens <= checks.MAX_ROWS and not (num_worst_tokens and self.num_rounds > 1))
+
     def _id_checks(self, num_worst_tokens: int) -> tuple[bool, bool]:
         """Whether a fresh dispatch's ids can be checked with a host wait (none with num_worst_tokens on CUDA), and
         whether they can be checked in the call at all (there, or by a backend that checks them in its kernels
@@ -796,8 +832,9 @@ class Buffer:
 
     def _void_dispatch(self, refusal: ArgumentError, xs: torch.Tensor, scales: torch.Tensor | None,
                        num_worst_tokens: int, where: str = "") -> None:
-        """Before this rank refuses a fresh dispatch for a reason of its own tokens (``refusal``, which the caller
-        raises next: more of them than max_tokens_per_rank, or a layout's refusal): where the backend refuses a round
+        """Before this rank refuses a fresh dispatch for its own arguments (``refusal``, which the caller raises next:
+        more tokens than max_tokens_per_rank, a dtype, shape or device, topk_weights, expert_alignment, a layout's
+        refusal; ``xs``: its x, or an empty bf16 one where x itself was refused): where the backend refuses a round
         on every rank (its id check travels with the count exchange), a one-token round with an expert id this rank's
         check refuses makes the call void on every rank, so the others raise PeerRefusedError naming this rank at once
         instead of waiting for it until their timeout, and every Buffer stays usable (as for a bad id: a rank that
@@ -832,6 +869,33 @@ class Buffer:
                 f"{refusal} -- and the void round that was to tell the other ranks{where} timed out: {late}"
             ) from refusal
 
+    def _tell_refusal(self, op: str, refusal: ArgumentError) -> None:
+        """A cached dispatch's or a combine's refusal of this rank's arguments (``refusal``, which the caller raises
+        next), told to the other ranks, which may be in that call already, where the backend can
+        (``refusal_reaches_peers``: the torch backend on CPU groups, whose such calls start with an exchange of each
+        rank's call; there the others raise PeerRefusedError naming this rank, nothing moved, every Buffer usable).
+        Elsewhere (the torch backend on GPUs, with no host wait to raise from; the nvshmem backend, whose rows carry
+        their handle's tag in their flags, see docs/usage.md) it stays this rank's. A wait that times out (no peer
+        made a call) raises PeerTimeoutError carrying the refusal."""
+        reaches = getattr(self._impl, "refusal_reaches_peers", None)
+        if reaches is None or not reaches() or checks._capturing(self.ctx.device):
+            return
+        self._refusal_round(lambda: self._impl.refuse(op, str(refusal)), refusal)
+
+    def _refusal_round(self, fn: Callable[[], None], refusal: ArgumentError) -> None:
+        """Runs a backend's refusal round ``fn`` (it tells the other ranks of ``refusal``); a round that fails
+        raises its error carrying the refusal."""
+        try:
+            self._run(fn, None, False, [])
+        except PeerTimeoutError as late:
+            raise PeerTimeoutError(
+                f"{refusal} -- and the void round that was to tell the other ranks timed out: {late}"
+            ) from refusal
+        except RuntimeError as failed:  # (the Buffer failed earlier, or the group's collective raised)
+            raise RuntimeError(
+                f"{refusal} -- and the void round that was to tell the other ranks failed: {failed}"
+            ) from refusal
+
     def combine(
         self,
         y: torch.Tensor,
@@ -851,24 +915,35 @@ class Buffer:
         other node's partial sum. The rows of the token's own node are summed in float32 as without it; the summed
         ``topk_weights`` stay float32. Within one node it changes nothing. Every rank must pass the same value: the
         nvshmem backend's receivers leave partials of the other kind unread and the next call raises RuntimeError
-        naming the sender; the torch backend refuses the call on CPU groups (each rank rounds as it asked on GPUs)."""
+        naming the sender; the torch backend refuses the call on CPU groups (each rank rounds as it asked on GPUs).
+
+        A refusal of this rank's arguments (ArgumentError) reaches the other ranks on CPU groups of the torch backend
+        (they raise PeerRefusedError naming this rank, nothing moved, every Buffer usable); elsewhere it stays this
+        rank's: repeat the call with good arguments there (it pairs with the others' pending combine) or stop every
+        rank (docs/usage.md, "Refusals on one rank")."""
         op = "combine"
         self._check_alive(op)
         self._check_mode(op, False)
-        checks.flags(op, async_finish=async_finish, bf16_partial_sums=bf16_partial_sums)
         c = self.ctx
-        h = self._check_handle(op, handle, DispatchHandle)
-        ys = checks.tensor(
-            op, "y", y, dtypes=checks.FLOAT_DTYPES, ndim=2, device=c.device, shape=(h.num_recv_tokens, c.hidden),
-            row_aligned=True,
-        )
-        if bf16_partial_sums and ys.dtype != torch.bfloat16:
-            raise ArgumentError(
-                f"Buffer.{op}: argument 'bf16_partial_sums' = True needs y in bfloat16, y is {ys.dtype} (a float32 "
-                "combine keeps its partial sums in float32)"
+        try:  # (a refusal reaches the other ranks where the backend can: _tell_refusal)
+            checks.flags(op, async_finish=async_finish, bf16_partial_sums=bf16_partial_sums)
+            h = self._check_handle(op, handle, DispatchHandle)
+            ys = checks.tensor(
+                op, "y", y, dtypes=checks.FLOAT_DTYPES, ndim=2, device=c.device, shape=(h.num_recv_tokens, c.hidden),
+                row_aligned=True,
             )
-        if topk_weights is not None:
-            checks.topk_weights(op, topk_weights, num_tokens=h.num_recv_tokens, num_topk=c.num_topk, device=c.device)
+            if bf16_partial_sums and ys.dtype != torch.bfloat16:
+                raise ArgumentError(
+                    f"Buffer.{op}: argument 'bf16_partial_sums' = True needs y in bfloat16, y is {ys.dtype} (a "
+                    "float32 combine keeps its partial sums in float32)"
+                )
+            if topk_weights is not None:
+                checks.topk_weights(op, topk_weights, num_tokens=h.num_recv_tokens, num_topk=c.num_topk,
+                                    device=c.device)
+            _check_previous_event(previous_event)
+        except ArgumentError as refusal:
+            self._tell_refusal(op, refusal)
+            raise
         # (only where they exist: several nodes; every backend takes the keyword)
         part_bf16 = bf16_partial_sums and c.ranks_per_node < c.num_ranks
 
@@ -917,37 +992,38 @@ class Buffer:
         op = "low_latency_dispatch"
         self._check_alive(op)
         self._check_mode(op, True)
-        checks.flags(op, use_fp8=use_fp8, round_scale=round_scale, use_ue8m0=use_ue8m0, async_finish=async_finish,
-                     return_recv_hook=return_recv_hook, bf16_partial_sums=bf16_partial_sums)
         c = self.ctx
-        xs = checks.tensor(op, "x", x, dtypes=(torch.bfloat16,), ndim=2, device=c.device, shape=(None, c.hidden),
-                           row_aligned=True)
-        t = xs.shape[0]
-        if use_fp8 and c.hidden % 128:
-            raise ArgumentError(
-                f"Buffer.{op}: argument 'use_fp8' = True needs hidden % 128 == 0, hidden is {c.hidden}"
-            )
-        idx = checks.topk_idx(
-            op, topk_idx, num_tokens=t, num_topk=c.num_topk, num_experts=c.num_experts, device=c.device,
-            check_values=False,
-        )
-        # a backend that checks the ids in a kernel of its own saves the min/max, its device copy and the device sync
-        check_ids = checks.needs_id_check(idx, self._settings.check_values)
-        native_check = check_ids and getattr(self._impl, "checks_low_latency_ids", False)
-        ws = None
-        if topk_weights is not None:
-            ws = checks.topk_weights(op, topk_weights, num_tokens=t, num_topk=c.num_topk, device=c.device)
-        if bf16_partial_sums and ws is None:
-            raise ArgumentError(
-                f"Buffer.{op}: argument 'bf16_partial_sums' = True needs 'topk_weights' (the sums it rounds are made "
-                "on the experts' ranks, with the weights sent with the tokens)"
-            )
-        rounding = bool(round_scale or use_ue8m0)
-        call = self._check_in_flight(op)
-        # a refusal for the values (more tokens than max_tokens_per_rank, an id out of range) voids the call on the
-        # other ranks too where the backend can tell them (_void_low_latency); it comes after every check that a
-        # call refuses without an exchange, so that ranks refused alike for those stay out of any exchange together
+        # Every refusal of this rank's arguments voids the call on the other ranks too where the backend can tell
+        # them (_void_low_latency); ranks refused alike meet in that void round, and all raise their own refusal.
+        call: int | None = None
         try:
+            checks.flags(op, use_fp8=use_fp8, round_scale=round_scale, use_ue8m0=use_ue8m0, async_finish=async_finish,
+                         return_recv_hook=return_recv_hook, bf16_partial_sums=bf16_partial_sums)
+            xs = checks.tensor(op, "x", x, dtypes=(torch.bfloat16,), ndim=2, device=c.device, shape=(None, c.hidden),
+                               row_aligned=True)
+            t = xs.shape[0]
+            if use_fp8 and c.hidden % 128:
+                raise ArgumentError(
+                    f"Buffer.{op}: argument 'use_fp8' = True needs hidden % 128 == 0, hidden is {c.hidden}"
+                )
+            idx = checks.topk_idx(
+                op, topk_idx, num_tokens=t, num_topk=c.num_topk, num_experts=c.num_experts, device=c.device,
+                check_values=False,
+            )
+            # a backend that checks the ids in a kernel of its own saves the min/max, its device copy and the device
+            # sync
+            check_ids = checks.needs_id_check(idx, self._settings.check_values)
+            native_check = check_ids and getattr(self._impl, "checks_low_latency_ids", False)
+            ws = None
+            if topk_weights is not None:
+                ws = checks.topk_weights(op, topk_weights, num_tokens=t, num_topk=c.num_topk, device=c.device)
+            if bf16_partial_sums and ws is None:
+                raise ArgumentError(
+                    f"Buffer.{op}: argument 'bf16_partial_sums' = True needs 'topk_weights' (the sums it rounds are "
+                    "made on the experts' ranks, with the weights sent with the tokens)"
+                )
+            rounding = bool(round_scale or use_ue8m0)
+            call = self._check_in_flight(op)
             checks.max_tokens(op, t, c.max_tokens_per_rank)
             if check_ids and not native_check:
                 checks.id_values(op, idx, c.num_experts)
@@ -981,27 +1057,19 @@ class Buffer:
         return LowLatencyDispatchResult(recv_x, out.num_tokens_per_expert, out.src_info, handle, event, hook)
 
     def _void_low_latency(self, op: str, refusal: ArgumentError) -> None:
-        """A low-latency dispatch that this rank refuses for its values (``refusal``, raised next by the caller),
-        told to the other ranks, which may be in theirs already, where the backend can (``low_latency_refuse``:
-        the torch backend on CPU groups, whose count exchange carries it; the others raise PeerRefusedError naming
-        this rank, nothing moved, every Buffer usable). Elsewhere (the nvshmem backend, whose receive has no host
-        wait to raise from; the torch backend on GPUs) the refusal stays this rank's, and the others' call waits for
-        it until their timeout (docs/usage.md). Not inside a CUDA graph capture. A void round that times out raises
+        """A low-latency call (``op``: a dispatch or a combine) that this rank refuses for its arguments (``refusal``,
+        raised next by the caller), told to the other ranks, which may be in theirs already, where the backend can
+        (``low_latency_refuse``: the torch backend on CPU groups, whose call's first exchange carries it; the others
+        raise PeerRefusedError naming this rank, nothing moved, every Buffer usable). Elsewhere (the nvshmem backend,
+        whose receive has no host wait to raise from; the torch backend on GPUs) the refusal stays this rank's, and
+        the others' call waits for it until their timeout, or pairs with this rank's next call (docs/usage.md,
+        "Refusals on one rank"). Not inside a CUDA graph capture. A void round that times out raises
         PeerTimeoutError carrying the refusal."""
         refuse = getattr(self._impl, "low_latency_refuse", None)
         reaches = getattr(self._impl, "low_latency_refusal_reaches_peers", None)
         if refuse is None or reaches is None or not reaches() or checks._capturing(self.ctx.device):
             return
-        try:
-            self._run(lambda: refuse(op, str(refusal)), None, False, [])
-        except PeerTimeoutError as late:
-            raise PeerTimeoutError(
-                f"{refusal} -- and the void round that was to tell the other ranks timed out: {late}"
-            ) from refusal
-        except RuntimeError as failed:  # (the Buffer failed earlier, or the group's collective raised)
-            raise RuntimeError(
-                f"{refusal} -- and the void round that was to tell the other ranks failed: {failed}"
-            ) from refusal
+        self._refusal_round(lambda: refuse(op, str(refusal)), refusal)
 
     def low_latency_combine(
         self,
@@ -1031,53 +1099,60 @@ class Buffer:
         op = "low_latency_combine"
         self._check_alive(op)
         self._check_mode(op, True)
-        checks.flags(op, async_finish=async_finish, return_recv_hook=return_recv_hook)
         c = self.ctx
-        h = self._check_handle(op, handle, LowLatencyHandle)
-        if h.hook_error is not None:
-            raise RuntimeError(
-                f"Buffer.{op}: argument 'handle' comes from a low_latency_dispatch whose receive hook raised: this "
-                f"Buffer failed earlier (low_latency_dispatch on rank {self.rank} raised {h.hook_error} in its "
-                "receive hook); that dispatch's rows were not received and the Buffer is unusable now (destroy it on "
-                "every rank)"
+        call: int | None = None
+        try:  # (a refusal reaches the other ranks where the backend can: _void_low_latency)
+            checks.flags(op, async_finish=async_finish, return_recv_hook=return_recv_hook)
+            h = self._check_handle(op, handle, LowLatencyHandle)
+            if h.hook_error is not None:
+                raise RuntimeError(
+                    f"Buffer.{op}: argument 'handle' comes from a low_latency_dispatch whose receive hook raised: "
+                    f"this Buffer failed earlier (low_latency_dispatch on rank {self.rank} raised {h.hook_error} in "
+                    "its receive hook); that dispatch's rows were not received and the Buffer is unusable now "
+                    "(destroy it on every rank)"
+                )
+            if not h.received:
+                raise ArgumentError(
+                    f"Buffer.{op}: argument 'handle' comes from a low_latency_dispatch whose receive hook has not "
+                    "been called (call it first: until then the dispatch's rows have not been received)"
+                )
+            rows = c.num_ranks * c.max_tokens_per_rank
+            ys = checks.tensor(
+                op, "y", y, dtypes=(torch.bfloat16,), ndim=3, device=c.device,
+                shape=(c.experts_per_rank, rows, c.hidden), row_aligned=True,
             )
-        if not h.received:
-            raise ArgumentError(
-                f"Buffer.{op}: argument 'handle' comes from a low_latency_dispatch whose receive hook has not been "
-                "called (call it first: until then the dispatch's rows have not been received)"
+            # the ids' values on CPU groups, where reading them costs no host wait (on GPUs an id outside [-1, E)
+            # counts as -1: the dispatch's ids were checked, and a combine has no host wait)
+            checks.topk_idx(
+                op, topk_idx, num_tokens=h.num_tokens, num_topk=c.num_topk, num_experts=c.num_experts,
+                device=c.device,
+                check_values=c.device.type == "cpu" and checks.needs_id_check(topk_idx, self._settings.check_values),
             )
-        rows = c.num_ranks * c.max_tokens_per_rank
-        ys = checks.tensor(
-            op, "y", y, dtypes=(torch.bfloat16,), ndim=3, device=c.device, shape=(c.experts_per_rank, rows, c.hidden),
-            row_aligned=True,
-        )
-        # the ids' values on CPU groups, where reading them costs no host wait (on GPUs an id outside [-1, E) counts
-        # as -1: the dispatch's ids were checked, and a combine has no host wait)
-        checks.topk_idx(
-            op, topk_idx, num_tokens=h.num_tokens, num_topk=c.num_topk, num_experts=c.num_experts, device=c.device,
-            check_values=c.device.type == "cpu" and checks.needs_id_check(topk_idx, self._settings.check_values),
-        )
-        checks.topk_weights(op, topk_weights, num_tokens=h.num_tokens, num_topk=c.num_topk, device=c.device)
-        _refuse_unless_kept(
-            op, "topk_weights", topk_weights, h.weights, h.weights_version,
-            "which its rows carry to the experts' ranks to be applied there; pass that tensor unchanged, or dispatch "
-            "without topk_weights",
-        )
-        _refuse_unless_kept(
-            op, "topk_idx", topk_idx, h.topk_idx, h.topk_idx_version,
-            "so the experts' ranks sum each token's outputs over the experts it named there, and other ids cannot be "
-            "applied to those sums; pass the dispatch's topk_idx unchanged, or dispatch without topk_weights",
-        )
-        if out is None:
-            out = torch.empty(h.num_tokens, c.hidden, dtype=torch.bfloat16, device=c.device)
-        else:
-            checks.tensor(
-                op, "out", out, dtypes=(torch.bfloat16,), ndim=2, device=c.device, shape=(h.num_tokens, c.hidden),
-                row_aligned=True,
+            checks.topk_weights(op, topk_weights, num_tokens=h.num_tokens, num_topk=c.num_topk, device=c.device)
+            _refuse_unless_kept(
+                op, "topk_weights", topk_weights, h.weights, h.weights_version,
+                "which its rows carry to the experts' ranks to be applied there; pass that tensor unchanged, or "
+                "dispatch without topk_weights",
             )
-            checks.writable(op, "out", out)
+            _refuse_unless_kept(
+                op, "topk_idx", topk_idx, h.topk_idx, h.topk_idx_version,
+                "so the experts' ranks sum each token's outputs over the experts it named there, and other ids cannot "
+                "be applied to those sums; pass the dispatch's topk_idx unchanged, or dispatch without topk_weights",
+            )
+            if out is None:
+                out = torch.empty(h.num_tokens, c.hidden, dtype=torch.bfloat16, device=c.device)
+            else:
+                checks.tensor(
+                    op, "out", out, dtypes=(torch.bfloat16,), ndim=2, device=c.device,
+                    shape=(h.num_tokens, c.hidden), row_aligned=True,
+                )
+                checks.writable(op, "out", out)
+            call = self._check_in_flight(op)
+        except ArgumentError as refusal:
+            self._uncount_call(op, call)
+            self._void_low_latency(op, refusal)
+            raise
         target = out
-        call = self._check_in_flight(op)
 
         def run() -> Any:
             return self._impl.low_latency_combine(ys, topk_idx, topk_weights, h.state, target, return_recv_hook)

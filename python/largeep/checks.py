@@ -155,9 +155,19 @@ def refused_round(
         return ArgumentError(f"{bad_expert_id(op, bad, num_experts)} (nothing was sent by any rank{after})")
     return PeerRefusedError(
         f"{op}: rank(s) {refused} refused this dispatch (an expert id outside [-1, num_experts) in their "
-        f"topk_idx, or more tokens than max_tokens_per_rank), so the round was void on every rank: rank {rank} "
-        f"sent and received nothing{after}",
+        f"topk_idx, more tokens than max_tokens_per_rank, or another of their arguments), so the round was void on "
+        f"every rank: rank {rank} sent and received nothing{after}",
         buffer_usable=not no_wait,
+    )
+
+
+def refused_call(op: str, rank: int, refused: list[int], what: str) -> PeerRefusedError:
+    """What ``rank`` raises where the ranks ``refused`` (sorted) refused their part of its call ``op`` for their
+    arguments and told the others in the call's first exchange (``what``: the call they refused), before any row
+    moved: the call is void on every rank, and the Buffer usable."""
+    return PeerRefusedError(
+        f"{op}: rank(s) {refused} refused their call ({what}) for its arguments, so the call was void on every rank: "
+        f"rank {rank} sent and received nothing, and the Buffer stays usable for the next call"
     )
 
 

@@ -134,6 +134,16 @@ class RoundsBackend:
         # tensors are untouched.
         return bool(getattr(self.inner, "checks_dispatch_ids", False))
 
+    def refusal_reaches_peers(self) -> bool:
+        reaches = getattr(self.inner, "refusal_reaches_peers", None)
+        return bool(reaches is not None and reaches())
+
+    def refuse(self, op: str, refusal: str) -> None:
+        """A cached dispatch's or a combine's refusal (Buffer._tell_refusal), told in the others' round 0: the inner
+        backend's refuse, once (their call starts with its round 0's first exchange)."""
+        self._check_in_step(op)
+        self.inner.refuse(op, refusal)
+
     def destroy(self) -> None:
         destroy = getattr(self.inner, "destroy", None)
         if destroy is not None:

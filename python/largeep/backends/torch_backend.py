@@ -136,9 +136,13 @@ def _sum_by_node(index: torch.Tensor, rows: torch.Tensor, blocks: Sequence[int],
 # handles of one dispatch carry one number on every rank. A fresh dispatch sends it with its counts, the last _SIG
 # columns of its first collective. On CPU groups every normal-mode call's first collective carries it at that one
 # width (_agree), so ranks that make different calls, or pass handles of different dispatches, pair in it and raise
-# instead of meeting collectives of different sizes, which gloo answers by aborting the process.
+# instead of meeting collectives of different sizes, which gloo answers by aborting the process. A rank that refuses
+# its cached dispatch or combine for its arguments sends _REFUSED there (its second column: the call it refused,
+# TorchBackend.refuse), so that the others' pending call raises PeerRefusedError naming it instead of pairing with
+# that rank's next call.
 _SIG = 7
-_FRESH, _CACHED, _COMBINE = 0, 1, 2
+_FRESH, _CACHED, _COMBINE, _REFUSED = 0, 1, 2, 3
+_CALL_NAMES = {_FRESH: "fresh dispatch", _CACHED: "cached dispatch", _COMBINE: "combine"}
 _DTYPE_CODE = {torch.bfloat16: 0, torch.float32: 1, fp8.FP8_DTYPE: 2}
 _DTYPE_OF = {v: k for k, v in _DTYPE_CODE.items()}
 
@@ -156,6 +160,8 @@ def _call_signature(num_worst_tokens: int, x: torch.Tensor, x_scales: torch.Tens
 
 def _describe_call(row: tuple[int, ...]) -> str:
     call, worst, code, flag = row[:4]
+    if call == _REFUSED:
+        return f"{_CALL_NAMES.get(worst, '?')} refused for its arguments"
     dtype = _DTYPE_OF.get(code, "?")
     # (no parentheses or semicolons: calls_disagree lists the ranks' calls in parentheses, separated by them)
     handle = f"the handle of dispatch {row[6]}, {f'num_worst_tokens={worst}' if worst else 'variable size'}"
@@ -177,7 +183,11 @@ _SAME_CALL = {
 def _raise_if_calls_differ(rows: Sequence[tuple[int, ...]], rank: int) -> None:
     """ArgumentError on every rank (each sees every rank's signature) when the ranks' calls differ: another call
     (a fresh or cached dispatch, a combine), a handle of another dispatch, or another kind of rows. Ignores the id
-    verdicts."""
+    verdicts. PeerRefusedError naming the ranks that refused their call (_REFUSED) where there are any."""
+    refused = [r for r, row in enumerate(rows) if row[0] == _REFUSED]
+    if refused:
+        what = _describe_call(rows[refused[0]]).removesuffix(" refused for its arguments")
+        raise checks.refused_call("combine" if rows[rank][0] == _COMBINE else "dispatch", rank, refused, what)
     kinds = [r[:4] + r[6:7] for r in rows]
     mine = kinds[rank]
     if all(k == mine for k in kinds):
@@ -316,17 +326,19 @@ def _bf16_partial_sums(rows: torch.Tensor, w: torch.Tensor, topk_idx: torch.Tens
 _R = TypeVar("_R")
 
 
-# the call a backend method is part of, where its name is not that call's (for messages)
-_OP_NAMES = {"low_latency_refuse": "low_latency_dispatch"}
+# the call a backend method is part of, where its name is not that call's (for messages; the method sets the
+# call it was given once it runs)
+_OP_NAMES = {"low_latency_refuse": "low_latency_dispatch", "refuse": "dispatch"}
 # On CPU groups each low-latency call starts with an exchange of [N, E/N + 2] int64 words whose last column says
-# which call it is: a dispatch (0), a dispatch this rank refused (1) or a combine (_LL_COMBINE), whose column -2
-# holds the number of the dispatch it combines. A rank that went on after a refusal of its own (a combine refused
-# for its arguments, then the next dispatch, or the combine of another dispatch in flight) meets the others' call
-# there, and every rank raises, instead of pairing rows of other sizes (gloo aborts the process on that) or summing
-# another dispatch's rows.
-_LL_DISPATCH, _LL_REFUSED, _LL_COMBINE = 0, 1, 2
+# which call it is: a dispatch (0), a dispatch this rank refused (1), a combine (_LL_COMBINE), whose column -2
+# holds the number of the dispatch it combines, or a combine this rank refused (_LL_COMBINE_REFUSED). A refusal of
+# this rank's arguments is told there (low_latency_refuse): the others' call of that kind raises PeerRefusedError
+# naming this rank. A rank whose calls differ from the others' (a combine meeting a dispatch, or the combine of
+# another dispatch in flight) meets the others' call there too, and every rank raises, instead of pairing rows of
+# other sizes (gloo aborts the process on that) or summing another dispatch's rows.
+_LL_DISPATCH, _LL_REFUSED, _LL_COMBINE, _LL_COMBINE_REFUSED = 0, 1, 2, 3
 _LL_CALLS = {_LL_DISPATCH: "low_latency_dispatch", _LL_REFUSED: "low_latency_dispatch (refused)",
-             _LL_COMBINE: "low_latency_combine"}
+             _LL_COMBINE: "low_latency_combine", _LL_COMBINE_REFUSED: "low_latency_combine (refused)"}
 _LL_SAME_CALL = ("make the same low-latency call (each dispatch followed by its combine on every rank; a call "
                  "refused on one rank must be repeated there before that rank goes on)")
 
@@ -823,7 +835,7 @@ class TorchBackend:
         column), or ArgumentError where a rank is in a low-latency combine instead (its marker, _LL_COMBINE, came in
         the same place): every rank then skips the rows' exchange, and every Buffer stays usable."""
         calls = recv_counts[:, -1].tolist()
-        if _LL_COMBINE in calls:
+        if _LL_COMBINE in calls or _LL_COMBINE_REFUSED in calls:
             raise checks.calls_disagree("low_latency_dispatch", _ll_call_names(recv_counts), _LL_SAME_CALL)
         refused = [r for r, v in enumerate(calls) if v]
         if refused:
@@ -844,18 +856,50 @@ class TorchBackend:
 
     @_out_of_step_on_error
     def low_latency_refuse(self, op: str, refusal: str) -> None:
-        """This rank's part in the other ranks' low-latency dispatch that it refused (``refusal``: its reason; the
-        caller raises it): on CPU groups its counts say so, and every other rank raises PeerRefusedError naming it,
-        nothing moved, every Buffer usable. Where another rank was in a low-latency combine instead (its marker came),
-        this rank's error says so too (ArgumentError: the refusal, then each rank's call), as the others' does. On
-        GPUs (no such check, see _ll_checks_peers) it does nothing: the others' call then waits for this rank until
-        the process group's timeout."""
+        """This rank's part in the other ranks' low-latency call ``op`` (a dispatch or a combine) that it refused
+        (``refusal``: its reason; the caller raises it): on CPU groups the call's first exchange says so, and every
+        other rank raises PeerRefusedError naming it, nothing moved, every Buffer usable. Where another rank was in
+        the other kind of call instead, this rank's error says so too (ArgumentError: the refusal, then each rank's
+        call), as the others' does. On GPUs (no such check, see _ll_checks_peers) it does nothing: the others' call
+        then waits for this rank until the process group's timeout, or pairs with this rank's next call."""
         if not self._ll_checks_peers():
             return
-        got = self._ll_call_exchange(0, _LL_REFUSED)
-        if _LL_COMBINE in got[:, -1].tolist():
+        self._op = op
+        combine = op == "low_latency_combine"
+        got = self._ll_call_exchange(0, _LL_COMBINE_REFUSED if combine else _LL_REFUSED)
+        other = (_LL_DISPATCH, _LL_REFUSED) if combine else (_LL_COMBINE, _LL_COMBINE_REFUSED)
+        if any(v in other for v in got[:, -1].tolist()):
             raise ArgumentError(f"{refusal} -- and the others were in another call: "
                                 f"{checks.calls_disagree(op, _ll_call_names(got), _LL_SAME_CALL)}")
+
+    def refusal_reaches_peers(self) -> bool:
+        """Whether ``refuse`` tells the other ranks (CPU groups, where a cached dispatch and a combine start with
+        _agree), so that the Buffer calls it."""
+        return self.ctx.device.type == "cpu" and self.ctx.num_ranks > 1
+
+    @_out_of_step_on_error
+    def refuse(self, op: str, refusal: str) -> None:
+        """This rank's part in the other ranks' cached dispatch or combine (``op``) that it refused for its arguments
+        (``refusal``: its reason; the caller raises it), on CPU groups: _REFUSED in the exchange that starts the
+        others' call (_agree), where they raise PeerRefusedError naming this rank before any row moves, every Buffer
+        usable (a fresh dispatch meeting it raises the same). Where another rank was in another kind of call, this
+        rank's error says so too (ArgumentError: the refusal, then each rank's call). On GPUs it does nothing (those
+        calls have no host wait there): the others' call pairs with this rank's next one."""
+        if not self.refusal_reaches_peers():
+            return
+        self._op = op
+        c = self.ctx
+        n = c.num_ranks
+        call = _COMBINE if op == "combine" else _CACHED
+        mine = torch.zeros(n, 1 + c.experts_per_rank + _SIG, dtype=torch.int64)
+        mine[:, -_SIG] = _REFUSED
+        mine[:, -_SIG + 1] = call
+        got, _ = self._all_to_all(mine, n)
+        rows = [tuple(int(v) for v in r) for r in got[:, -_SIG:].tolist()]
+        if any(r[0] not in (_REFUSED, call) for r in rows):
+            rule = "make the same call (a fresh dispatch, a cached dispatch or a combine)"
+            raise ArgumentError(f"{refusal} -- and the others were in another call: "
+                                f"{checks.calls_disagree(op, [_describe_call(r) for r in rows], rule)}")
 
     @_out_of_step_on_error
     def low_latency_dispatch(
@@ -987,6 +1031,9 @@ class TorchBackend:
         n, k = c.num_ranks, c.num_topk
         if self._ll_checks_peers():  # (which call each rank is in, see _LL_COMBINE)
             got = self._ll_call_exchange(state.number, _LL_COMBINE)
+            refused = [r for r, v in enumerate(got[:, -1].tolist()) if v == _LL_COMBINE_REFUSED]
+            if refused:
+                raise checks.refused_call("low_latency_combine", c.rank, refused, "low_latency_combine")
             if any((v, k) != (_LL_COMBINE, state.number) for k, v in got[:, -2:].tolist()):
                 raise checks.calls_disagree("low_latency_combine", _ll_call_names(got), _LL_SAME_CALL)
         flat = y.reshape(-1, c.hidden)

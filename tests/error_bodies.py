@@ -31,7 +31,7 @@ from checked_calls import (
     same_bits,
 )
 from largeep import ArgumentError, BufferDestroyedError, fp8
-from reference import make_inputs
+from reference import make_inputs, ref_combine, ref_dispatch, ref_low_latency, ref_low_latency_combine
 
 HIDDEN, EXPERTS, TOPK, MAX_TOKENS = 256, 8, 3, 16
 
@@ -532,11 +532,10 @@ CASES: list[BadCase] = [
        lambda e: Call(e.buf.dispatch, (e.x,), {"handle": e.prev.handle, "num_worst_tokens": max(e.rows, 1)}),
        "'num_worst_tokens'", "handle"),
     # a cached dispatch returns its handle's dispatch's counts: another expert_alignment is refused, not ignored,
-    # before any collective (rank 0 alone: the others go on to the good round, which a collective of rank 0's would
-    # meet); 1, the default, means the handle's alignment (NormalRound checks a cached dispatch's counts)
+    # before any row moves (on every rank: a refusal on one rank alone is told to the others' call, see
+    # lone_refusal); 1, the default, means the handle's alignment (NormalRound checks a cached dispatch's counts)
     _n("dispatch_handle_other_alignment",
-       lambda e: Call(e.buf.dispatch, (e.x,), {"handle": e.prev.handle, "expert_alignment": 4})
-       if e.rank == 0 else None,
+       lambda e: Call(e.buf.dispatch, (e.x,), {"handle": e.prev.handle, "expert_alignment": 4}),
        "argument 'expert_alignment' = 4 differs from the handle's (1)"),
     # -- layout --------------------------------------------------------------------------------------------
     _n("layout_idx_dtype_float", lambda e: Call(e.buf.get_dispatch_layout, (e.idx.float(),)),
@@ -1587,8 +1586,8 @@ def ll_one_rank_refuses(rank: int, world: int, variant: str) -> dict[str, Any]:
 def ll_refused_alike(rank: int, world: int, how: str) -> dict[str, Any]:
     """The torch backend on a CPU group: every rank's low-latency dispatch is refused for one reason checked without
     an exchange ("weights": topk_weights of the wrong shape; "in_flight": two receive hooks still due), and rank 0's
-    also has a bad expert id. Every rank raises that same refusal and none joins an exchange (the id's refusal, which
-    would, comes after those checks), so the hooks and a good round after it pair and are right. Returns
+    also has a bad expert id. Every rank raises that same refusal (their void rounds meet each other; the id's
+    refusal comes after those checks), so the hooks and a good round after it pair and are right. Returns
     {"failures"}."""
     chk = Checker(f"low-latency calls refused alike ({how}) on rank {rank}")
     case = LowLatencyCase(tokens_of(world), MAX_TOKENS, HIDDEN, EXPERTS, TOPK, 23, use_fp8=False)
@@ -1619,12 +1618,11 @@ def ll_refused_alike(rank: int, world: int, how: str) -> dict[str, Any]:
 
 
 def ll_mixed_refusals(rank: int, world: int) -> dict[str, Any]:
-    """The torch backend on a CPU group: at one low-latency dispatch rank 0 is refused for a bad expert id (its
-    refusal joins a count exchange) while the others are refused for an argument of theirs (bf16_partial_sums
-    without weights: no exchange). As docs/usage.md says of a refusal on some ranks only, the others' next call pairs
-    with the call rank 0 is still in: it raises PeerRefusedError naming rank 0, and rank 0's refusal ends then;
-    from there every exchange pairs rank 0's call k with the others' call k + 1, each call right on its own (every
-    rank's combine gives back its own tokens' sums). Returns {"failures"}."""
+    """The torch backend on a CPU group: at one low-latency dispatch rank 0 is refused for a bad expert id while the
+    others are refused for an argument of theirs (bf16_partial_sums without weights). Every refusal is told in one
+    void round (a review found the argument refusals told to nobody, so that the others' next call paired with the
+    call rank 0 was still in, a call apart from then on): every rank raises its own refusal, and a good round after
+    it is right on every rank. Returns {"failures"}."""
     chk = Checker(f"mixed low-latency refusals on rank {rank}")
     case = LowLatencyCase(tokens_of(world), MAX_TOKENS, HIDDEN, EXPERTS, TOPK, 19, use_fp8=False)
     buf = largeep.Buffer(None, backend="torch", **case.buffer_kwargs())
@@ -1640,13 +1638,6 @@ def ll_mixed_refusals(rank: int, world: int) -> dict[str, Any]:
             chk.expect(want in str(exc), str(exc))
         else:
             chk.expect(False, "the first call was not refused")
-        if rank != 0:  # its next call meets rank 0's refused one
-            try:
-                buf.low_latency_dispatch(inp.x, inp.topk_idx, use_fp8=False)
-            except largeep.PeerRefusedError as exc:
-                chk.expect("rank(s) [0]" in str(exc) and exc.buffer_usable, str(exc))
-            else:
-                chk.expect(False, "the call that met rank 0's refusal was not refused")
         chk.where = f"mixed low-latency refusals on rank {rank}, a good round after them"
         LowLatencyRound(buf, case, chk).run()
     finally:
@@ -1655,14 +1646,15 @@ def ll_mixed_refusals(rank: int, world: int) -> dict[str, Any]:
 
 
 def ll_combine_refusal_meets_dispatch(rank: int, world: int, then: str = "dispatch") -> dict[str, Any]:
-    """The torch backend on a CPU group: rank 1's low-latency combine is refused for its y (no exchange) and rank 1
-    goes on (``then``) to its next dispatch (``"dispatch"``; ``"bad_dispatch"``: one refused for a bad id, whose
-    void round meets the combines), or (``"other_combine"``) to the combine of a second dispatch made before,
-    while the others are in the first combine. The call's first exchange meets the combines' marker (which names
-    the dispatch combined): every rank raises ArgumentError naming each rank's call, nothing moves (gloo aborted the
-    processes on the rows' sizes before; two combines of other dispatches summed each other's rows), and no Buffer
-    fails; rank 1 then repeats its combine with the others, every rank's combine is right, and a good round (or the
-    second dispatch's combine) follows. Returns {"failures", "elapsed_s"}."""
+    """The torch backend on a CPU group: rank 1's low-latency combine is refused for its y, which ends the others'
+    combine at once (PeerRefusedError naming rank 1); then rank 1 goes on (``then``) to its next dispatch
+    (``"dispatch"``; ``"bad_dispatch"``: one refused for a bad id, whose void round meets the combines), or
+    (``"other_combine"``) to the combine of a second dispatch made before, while the others repeat the first
+    combine. The call's first exchange meets the combines' marker (which names the dispatch combined): every rank
+    raises ArgumentError naming each rank's call, nothing moves (gloo aborted the processes on the rows' sizes
+    before; two combines of other dispatches summed each other's rows), and no Buffer fails; rank 1 then repeats its
+    combine with the others, every rank's combine is right, and a good round (or the second dispatch's combine)
+    follows. Returns {"failures", "elapsed_s"}."""
     chk = Checker(f"a low-latency combine refused on rank 1, then a {then}, seen from rank {rank}")
     case = LowLatencyCase(tokens_of(world), MAX_TOKENS, HIDDEN, EXPERTS, TOPK, 23, use_fp8=False)
     buf = largeep.Buffer(None, backend="torch", **case.buffer_kwargs())
@@ -1678,15 +1670,23 @@ def ll_combine_refusal_meets_dispatch(rank: int, world: int, then: str = "dispat
                                                          use_fp8=False), chk)
             second.dispatch()
             second.receive()
+        if rank == 1:
+            try:
+                bad_y = torch.zeros(1, 1, HIDDEN, dtype=torch.bfloat16)
+                buf.low_latency_combine(bad_y, rnd.idx, rnd.w, rnd.res.handle)
+            except ArgumentError as exc:
+                chk.expect("'y'" in str(exc), str(exc))
+            else:
+                chk.expect(False, "the combine of a wrong y was not refused")
+        else:  # (rank 1's refusal reaches this combine)
+            try:
+                rnd.combine()
+            except largeep.PeerRefusedError as exc:
+                chk.expect("rank(s) [1]" in str(exc) and exc.buffer_usable, str(exc))
+            else:
+                chk.expect(False, "rank 1's refusal did not reach this combine")
         try:
             if rank == 1:
-                try:
-                    bad_y = torch.zeros(1, 1, HIDDEN, dtype=torch.bfloat16)
-                    buf.low_latency_combine(bad_y, rnd.idx, rnd.w, rnd.res.handle)
-                except ArgumentError as exc:
-                    chk.expect("'y'" in str(exc), str(exc))
-                else:
-                    chk.expect(False, "the combine of a wrong y was not refused")
                 if second is not None:
                     second.combine()
                 elif then == "bad_dispatch":  # (refused for its values: its void round meets the combines)
@@ -2211,3 +2211,196 @@ def all_reduce_bad_setting(rank: int, world: int) -> dict[str, Any]:
     unchanged = t.tolist()
     _collective.all_reduce(t, None, "the test's sum")
     return {"raised": raised, "unchanged": unchanged, "sum": t.tolist()}
+
+
+# -- one rank's call refused for an argument, the others' good ------------------------------------------------------
+# (call, case) -> (rank 0's wrong call, the words its ArgumentError must hold). ``g`` holds rank 0's good arguments
+# of the call (x, idx, w; for a cached dispatch or a combine the earlier dispatch ``d``; for a low-latency combine
+# its dispatch ``d``, y and ``out``).
+LONE_REFUSALS: dict[str, dict[str, tuple[Callable[[Any], Any], tuple[str, ...]]]] = {
+    "dispatch": {
+        "weights_float64": (lambda g: g.buf.dispatch(g.x, g.idx, g.w.double()), ("'topk_weights'", "float64")),
+        "x_float16": (lambda g: g.buf.dispatch(g.x.half(), g.idx, g.w), ("'x'", "float16")),
+        "x_hidden": (lambda g: g.buf.dispatch(g.x[:, :128].contiguous(), g.idx, g.w), ("'x'", "shape")),
+        "idx_int32": (lambda g: g.buf.dispatch(g.x, g.idx.int(), g.w), ("'topk_idx'", "int32")),
+        "weights_missing": (lambda g: g.buf.dispatch(g.x, g.idx, None), ("'topk_weights' are required",)),
+        "alignment_zero": (lambda g: g.buf.dispatch(g.x, g.idx, g.w, expert_alignment=0),
+                           ("'expert_alignment'", ">= 1")),
+        "alignment_too_large": (lambda g: g.buf.dispatch(g.x, g.idx, g.w, expert_alignment=1 << 21),
+                                ("'expert_alignment'", "<= 1048576")),
+        "async_not_bool": (lambda g: g.buf.dispatch(g.x, g.idx, g.w, async_finish="yes"), ("'async_finish'",)),
+    },
+    "cached_dispatch": {
+        "x_tokens": (lambda g: g.buf.dispatch(g.x[:-1].contiguous(), handle=g.d.handle),
+                     ("'x'", "the handle was made for")),
+        "x_float16": (lambda g: g.buf.dispatch(g.x.half(), handle=g.d.handle), ("'x'", "float16")),
+        "alignment_other": (lambda g: g.buf.dispatch(g.x, handle=g.d.handle, expert_alignment=4),
+                            ("'expert_alignment' = 4",)),
+    },
+    "combine": {
+        "y_rows": (lambda g: g.buf.combine(torch.cat([g.y, g.y[:1]]), g.d.handle), ("'y'", "shape")),
+        "y_float16": (lambda g: g.buf.combine(g.y.half(), g.d.handle), ("'y'", "float16")),
+        "weights_float64": (lambda g: g.buf.combine(g.y, g.d.handle, topk_weights=g.d.topk_weights.double()),
+                            ("'topk_weights'", "float64")),
+    },
+    "low_latency_dispatch": {
+        "x_float32": (lambda g: g.buf.low_latency_dispatch(g.x.float(), g.idx, use_fp8=False), ("'x'", "float32")),
+        "idx_int32": (lambda g: g.buf.low_latency_dispatch(g.x, g.idx.int(), use_fp8=False), ("'topk_idx'", "int32")),
+        "weights_shape": (lambda g: g.buf.low_latency_dispatch(g.x, g.idx, use_fp8=False,
+                                                               topk_weights=g.w[:, :1].contiguous()),
+                          ("'topk_weights'", "shape")),
+        "partial_sums_without_weights": (lambda g: g.buf.low_latency_dispatch(g.x, g.idx, use_fp8=False,
+                                                                              bf16_partial_sums=True),
+                                         ("'bf16_partial_sums'", "needs 'topk_weights'")),
+    },
+    "low_latency_combine": {
+        "y_rows": (lambda g: g.buf.low_latency_combine(g.y[:, :-1], g.idx, g.w, g.d.handle), ("'y'", "shape")),
+        "weights_float64": (lambda g: g.buf.low_latency_combine(g.y, g.idx, g.w.double(), g.d.handle),
+                            ("'topk_weights'", "float64")),
+        "out_float32": (lambda g: g.buf.low_latency_combine(g.y, g.idx, g.w, g.d.handle,
+                                                            out=torch.empty(g.x.shape, device=g.x.device)),
+                        ("'out'", "float32")),
+    },
+}
+LONE_REFUSAL_CASES = [(call, name) for call, cases in LONE_REFUSALS.items() for name in cases]
+
+
+def lone_refusal_told(backend: str, call: str) -> bool:
+    """Whether a refusal of ``call`` on one rank reaches the others' pending call (they raise PeerRefusedError):
+    on CPU groups (the torch backend) every call; on the nvshmem backend a fresh dispatch (its void round). Else the
+    others' call pairs with the refusing rank's next one, which repeats the call with good arguments."""
+    return backend == "torch" or call == "dispatch"
+
+
+@dataclass
+class _Lone:
+    buf: largeep.Buffer
+    x: torch.Tensor
+    idx: torch.Tensor
+    w: torch.Tensor
+    d: Any = None
+    y: Any = None
+
+
+def _ll_y(res: Any, seed: int, rank: int, world: int) -> tuple[torch.Tensor, Callable[[int, int, int], torch.Tensor]]:
+    """A low-latency combine's y [E/N, N*M, H] bf16 for dispatch result ``res`` on ``rank``: each valid row is
+    y_of(global expert, source rank, source token), a function every rank can evaluate; the others 0."""
+    epr = EXPERTS // world
+
+    def y_of(ge: int, s: int, t: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(seed * 100_003 + ge * 1009 + s * 101 + t)
+        return torch.randn(HIDDEN, generator=g).to(torch.bfloat16)
+
+    info = res.src_info.cpu()
+    counts = res.num_tokens_per_expert.cpu().tolist()
+    y = torch.zeros(epr, world * MAX_TOKENS, HIDDEN, dtype=torch.bfloat16)
+    for le in range(epr):
+        for j in range(counts[le]):
+            s, t = info[le, j].tolist()
+            y[le, j] = y_of(rank * epr + le, s, t)
+    return y.to(res.src_info.device), y_of
+
+
+def _check_ll_rows(chk: Checker, res: Any, want: dict[int, dict[tuple[int, int], torch.Tensor]], what: str) -> None:
+    """A bf16 low-latency dispatch's receive against ref_low_latency (rows in any order within an expert)."""
+    counts = res.num_tokens_per_expert.cpu().tolist()
+    info, x = res.src_info.cpu(), res.x.cpu()
+    for le, rows in want.items():
+        if not chk.expect(counts[le] == len(rows), f"{what}: expert {le} got {counts[le]} rows, expected {len(rows)}"):
+            continue
+        got = {tuple(info[le, j].tolist()): x[le, j] for j in range(counts[le])}
+        chk.expect(set(got) == set(rows), f"{what}: expert {le} got rows of {sorted(got)}, expected {sorted(rows)}")
+        chk.expect(all(k in got and same_bits(got[k], v) for k, v in rows.items()), f"{what}: expert {le}: values")
+
+
+def lone_refusal(rank: int, world: int, backend: str, call: str, name: str) -> dict[str, Any]:
+    """Rank 0's ``call`` is refused for an argument (LONE_REFUSALS[call][name]), every other rank makes the good
+    call. Rank 0 raises ArgumentError naming the argument, at once. Where the refusal reaches the others
+    (lone_refusal_told) they raise PeerRefusedError naming rank 0, at once, their Buffer usable, and then every rank
+    makes the good call; elsewhere their call returns and rank 0 repeats it with good arguments, which pairs with it.
+    Either way the good call is right on every rank (against reference.py), and so is a good round trip after it.
+    Returns {"failures", "elapsed_s"}."""
+    chk = Checker(f"{call} {name} refused on rank 0, seen from rank {rank} ({backend})")
+    low_latency = call.startswith("low_latency")
+    seed = 40 + zlib.crc32(f"{call}/{name}".encode()) % 1000
+    tokens = tokens_of(world)
+    buf = largeep.Buffer(None, hidden=HIDDEN, num_experts=EXPERTS, num_topk=TOPK, max_tokens_per_rank=MAX_TOKENS,
+                         backend=backend, low_latency=low_latency)
+    dev = buf.ctx.device
+    told = lone_refusal_told(backend, call)
+    elapsed = 0.0
+    try:
+        inputs = [make_inputs(seed, r, tokens[r], HIDDEN, EXPERTS, TOPK, torch.bfloat16) for r in range(world)]
+        mine = inputs[rank]
+        g = _Lone(buf, mine.x.to(dev), mine.topk_idx.to(dev), mine.topk_weights.to(dev))
+        refs = [ref_dispatch(inputs, r, EXPERTS) for r in range(world)]
+        ys = [torch.randn(len(d.src), HIDDEN, generator=torch.Generator().manual_seed(seed * 7 + r)).to(torch.bfloat16)
+              for r, d in enumerate(refs)]
+        y_of = None
+        if call in ("cached_dispatch", "combine"):
+            g.d = buf.dispatch(g.x, g.idx, g.w)
+            g.y = ys[rank].to(dev)
+        elif call == "low_latency_combine":
+            g.d = buf.low_latency_dispatch(g.x, g.idx, use_fp8=False)
+            g.y, y_of = _ll_y(g.d, seed, rank, world)
+
+        def good() -> Any:
+            if call == "dispatch":
+                return buf.dispatch(g.x, g.idx, g.w)
+            if call == "cached_dispatch":
+                return buf.dispatch(g.x, handle=g.d.handle)
+            if call == "combine":
+                return buf.combine(g.y, g.d.handle)
+            if call == "low_latency_dispatch":
+                return buf.low_latency_dispatch(g.x, g.idx, use_fp8=False)
+            return buf.low_latency_combine(g.y, g.idx, g.w, g.d.handle)
+
+        def check(res: Any, what: str) -> None:
+            if call in ("dispatch", "cached_dispatch"):
+                ref = refs[rank]
+                want = (torch.stack([inputs[s].x[t] for s, t in ref.src]) if ref.src
+                        else torch.empty(0, HIDDEN, dtype=torch.bfloat16))
+                chk.equal(res.x, want, f"{what}: x")
+            elif call == "combine":
+                chk.close(res.x, ref_combine(ys, refs, rank, tokens[rank]), torch.bfloat16, f"{what}: x")
+            elif call == "low_latency_dispatch":
+                _check_ll_rows(chk, res, ref_low_latency(inputs, rank, EXPERTS), what)
+            else:
+                assert y_of is not None
+                chk.close(res.x, ref_low_latency_combine(mine, rank, EXPERTS, world, y_of), torch.bfloat16,
+                          f"{what}: x")
+
+        bad, words = LONE_REFUSALS[call][name]
+        held = [t for t in (g.x, g.idx, g.w, g.y) if isinstance(t, torch.Tensor)]
+        before = [t.clone() for t in held]
+        pending = None
+        dist.barrier()
+        t0 = time.monotonic()
+        try:
+            pending = bad(g) if rank == 0 else good()
+        except ArgumentError as exc:
+            chk.expect(rank == 0, f"ArgumentError on a good rank: {exc}")
+            missing = [w for w in words if w not in str(exc)]
+            chk.expect(not missing, f"the refusal lacks {missing}: {exc}")
+        except largeep.PeerRefusedError as exc:
+            chk.expect(rank != 0 and told, f"PeerRefusedError: {exc}")
+            chk.expect("rank(s) [0]" in str(exc) and "stays usable" in str(exc) and exc.buffer_usable, str(exc))
+        else:
+            chk.expect(rank != 0 and not told, "the call was not refused")
+        elapsed = time.monotonic() - t0
+        chk.expect(all(same_bits(t, b) for t, b in zip(held, before, strict=True)),
+                   "the refused call modified the caller's tensors")
+        chk.where = f"{call} {name}: the good call after the refusal, rank {rank} ({backend})"
+        if told or rank == 0:
+            check(good(), "the good call")
+        if pending is not None:  # (the call that rank 0's repeated call paired with)
+            check(pending, "the call pending at the refusal")
+        chk.where = f"{call} {name}: a good round trip after it, rank {rank} ({backend})"
+        if low_latency:
+            LowLatencyRound(buf, LowLatencyCase(tokens, MAX_TOKENS, HIDDEN, EXPERTS, TOPK, seed + 1, use_fp8=False),
+                            chk).run()
+        else:
+            NormalRound(buf, NormalCase(tokens, HIDDEN, EXPERTS, TOPK, seed + 1, max_tokens=MAX_TOKENS), chk).run()
+    finally:
+        buf.destroy()
+    return {"failures": chk.failures, "elapsed_s": elapsed}

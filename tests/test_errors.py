@@ -98,9 +98,9 @@ def test_low_latency_one_rank_refuses(pools, variant: str) -> None:
 
 @pytest.mark.parametrize("how", ["weights", "in_flight"])
 def test_low_latency_refused_alike(pools, how: str) -> None:
-    """Every rank refused for a reason checked without an exchange, rank 0 with a bad id too: every rank raises that
-    refusal, none joins an exchange, and the calls after it pair (a review found rank 0's void round meeting the
-    others' next call, and gloo aborting a process on a combine)."""
+    """Every rank refused for a reason of its arguments, rank 0 with a bad id too: every rank raises that refusal
+    (their void rounds meet), and the calls after it pair (a review found rank 0's void round meeting the others'
+    next call, and gloo aborting a process on a combine)."""
     results = pools(WORLD).run(error_bodies.ll_refused_alike, how)
     failures = [f for r in results for f in r["failures"]]
     assert not failures, "\n".join(failures)
@@ -108,8 +108,8 @@ def test_low_latency_refused_alike(pools, how: str) -> None:
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_low_latency_mixed_refusals(pools, world: int) -> None:
-    """One rank refused for its values (an exchange), the others for an argument (none): their next call meets the
-    refused one (PeerRefusedError), and the calls after it pair and are right (docs/usage.md)."""
+    """One rank refused for its values, the others for an argument: their void rounds meet, every rank raises its
+    own refusal, and the calls after it pair and are right (docs/usage.md)."""
     results = pools(world).run(error_bodies.ll_mixed_refusals)
     failures = [f for r in results for f in r["failures"]]
     assert not failures, "\n".join(failures)
@@ -118,12 +118,27 @@ def test_low_latency_mixed_refusals(pools, world: int) -> None:
 @pytest.mark.parametrize("world", [2, 4])
 @pytest.mark.parametrize("then", ["dispatch", "bad_dispatch", "other_combine"])
 def test_low_latency_combine_refusal_meets_dispatch(pools, world: int, then: str) -> None:
-    """A rank whose low-latency combine was refused goes on to its next dispatch (or to the combine of another
-    dispatch) while the others combine: every rank raises ArgumentError naming the calls (gloo aborted the
-    processes before; the other combine summed the wrong rows), and they go on in step."""
+    """A rank whose low-latency combine was refused (the others' combine raising PeerRefusedError) goes on to its
+    next dispatch (or to the combine of another dispatch) while the others repeat the combine: every rank raises
+    ArgumentError naming the calls (gloo aborted the processes before; the other combine summed the wrong rows), and
+    they go on in step."""
     results = pools(world).run(error_bodies.ll_combine_refusal_meets_dispatch, then)
     failures = [f for r in results for f in r["failures"]]
     assert not failures, "\n".join(failures)
+
+
+@pytest.mark.parametrize("call,name", error_bodies.LONE_REFUSAL_CASES,
+                         ids=[f"{c}-{n}" for c, n in error_bodies.LONE_REFUSAL_CASES])
+def test_lone_refusal(pools, call: str, name: str) -> None:
+    """Rank 0's call is refused for an argument (a fresh, cached or low-latency dispatch, a combine, a low-latency
+    combine), rank 1 makes the good call: rank 0 raises ArgumentError naming the argument and rank 1
+    PeerRefusedError naming rank 0, both at once, instead of rank 1's call pairing with rank 0's next one (a review
+    found rank 1's dispatch returning the rows of rank 0's next dispatch); then the good call and a good round trip
+    are right on both ranks."""
+    results = pools(WORLD).run(error_bodies.lone_refusal, "torch", call, name)
+    failures = [f for r in results for f in r["failures"]]
+    assert not failures, "\n".join(failures)
+    assert all(r["elapsed_s"] < 5.0 for r in results), [r["elapsed_s"] for r in results]
 
 
 _SHARED = pytest.mark.skipif(os.environ.get("LARGEEP_TEST_SHARED_GPUS") != "1",

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 
 import bodies
+import error_bodies
 import gpu_bodies
 import pytest
 import torch
@@ -43,6 +44,20 @@ def test_layout_id_check(pools) -> None:
 @needs_native
 def test_finished_calls_on_streams(pools) -> None:
     pools(2, "nccl").run(gpu_bodies.finished_calls_on_streams, 12)
+
+
+@pytest.mark.gpu(2)
+@needs_native
+@pytest.mark.parametrize("call,name", error_bodies.LONE_REFUSAL_CASES,
+                         ids=[f"{c}-{n}" for c, n in error_bodies.LONE_REFUSAL_CASES])
+def test_lone_refusal_nvshmem(pools, call: str, name: str) -> None:
+    """test_errors.test_lone_refusal on the nvshmem backend: rank 0's call refused for an argument, rank 1's good.
+    A fresh dispatch's refusal voids the round (rank 1: PeerRefusedError naming rank 0); the other calls carry no
+    host wait to raise from, so rank 1's call returns and rank 0 repeats it with good arguments, which pairs with it
+    (error_bodies.lone_refusal_told): every result is right against the reference, and so is a round trip after."""
+    results = pools(2, "nccl").run(error_bodies.lone_refusal, "nvshmem", call, name)
+    failures = [f for r in results for f in r["failures"]]
+    assert not failures, "\n".join(failures)
 
 
 @pytest.mark.gpu(2)

@@ -378,7 +378,6 @@ def test_zero_tokens_and_single_expert():
         (dict(group_score="sum"), "group_score"),
         (dict(num_groups=3), "num_groups"),
         (dict(num_groups=4, topk_groups=1, topk=3), "topk_groups"),
-        (dict(num_groups=4, topk_groups=5), "topk_groups"),
         (dict(capacity_factor=0.0), "capacity_factor"),
         (dict(bias_update_rate=-1.0), "bias_update_rate"),
         (dict(aux_loss_coef=-0.1), "aux_loss_coef"),
@@ -564,10 +563,11 @@ def test_gate_audit_edges():
 
     # capacity in exact decimal: 1.1 * 100 * 8 / 8 = 110 (float rounding gave 111)
     assert capacity_for(100, 8, 8, 1.1) == 110 and capacity_for(100, 8, 8, 1.0) == 100
-    # select_topk refuses group arguments that cannot hold top-k, or more groups than there are
+    # select_topk refuses group arguments that cannot hold top-k, or fewer than one group (more groups than there
+    # are is no limit: test_a_limit_of_every_group_or_more_is_no_limit)
     scores = torch.rand(4, 8)
     groups = contiguous_groups(8, 4)
-    for k, kg in ((3, 1), (2, 0), (2, 5)):
+    for k, kg in ((3, 1), (2, 0)):
         with pytest.raises(ArgumentError):
             select_topk(scores, k, group_of_expert=groups, topk_groups=kg)
     cfg = GateConfig(hidden=16, num_experts=8, topk=2, num_groups=4, topk_groups=2)
@@ -747,3 +747,31 @@ def test_gate_made_on_meta_then_to_empty(groups):
     assert torch.equal(gate.group_of_expert, other) and gate.group_table.tolist() == [[3, 7], [2, 6], [1, 5], [0, 4]]
     with pytest.raises(ArgumentError, match="group_of_expert"):
         TopKGate(cfg, group_of_expert=torch.empty(8, dtype=torch.int64, device="meta"))
+
+
+def test_a_limit_of_every_group_or_more_is_no_limit():
+    """Found by review: a node limit equal to the node count was refused where some node is no expert's home
+    (groups = Placement.home_node() number only the home nodes). A limit >= the groups is no limit: the gate picks
+    the plain top-k, as with topk_groups=None."""
+    p = greedy_placement(torch.tensor([10.0, 1.0, 1.0]), Topology(4, 1))  # 3 experts on 4 nodes: one no home
+    home = p.home_node()
+    assert int(home.max()) + 1 == 3
+    torch.manual_seed(0)
+    logits = torch.randn(50, 3)
+    plain = TopKGate(GateConfig(hidden=4, num_experts=3, topk=2, bias_balancing=False), group_of_expert=home)
+    for limit in (3, 4, 9):
+        gate = TopKGate(GateConfig(hidden=4, num_experts=3, topk=2, topk_groups=limit, bias_balancing=False),
+                        group_of_expert=home)
+        assert gate.topk_groups == 3
+        assert torch.equal(gate.route_logits(logits).topk_idx, plain.route_logits(logits).topk_idx), limit
+        assert torch.equal(gate.route_logits(logits).topk_idx, logits.topk(2, dim=-1).indices), limit
+    # contiguous groups and select_topk alike; a limit below 1 or one whose groups cannot hold top-k still raises
+    gate = TopKGate(GateConfig(hidden=8, num_experts=8, topk=2, num_groups=4, topk_groups=5))
+    assert gate.topk_groups == 4
+    scores = torch.rand(20, 8)
+    idx, _ = select_topk(scores, 2, group_of_expert=contiguous_groups(8, 4), topk_groups=7)
+    assert torch.equal(idx, scores.topk(2, dim=-1).indices)
+    with pytest.raises(ArgumentError, match="'topk_groups'"):
+        select_topk(scores, 2, group_of_expert=contiguous_groups(8, 4), topk_groups=0)
+    with pytest.raises(ArgumentError, match="'topk_groups'"):
+        TopKGate(GateConfig(hidden=8, num_experts=8, topk=3, num_groups=4, topk_groups=1))

@@ -67,7 +67,7 @@ class GateConfig:
         norm_topk_prob: divide the K chosen scores by their sum.
         routed_scaling_factor: multiplies the final weights.
         num_groups: G contiguous equal groups (E % G == 0); ignored when the gate is given ``group_of_expert``.
-        topk_groups: groups a token may use (None: all, i.e. no limit).
+        topk_groups: groups a token may use (None, or G or more: all, i.e. no limit).
         group_score: "top2" (sum of the two best expert scores of the group) or "max".
         bias_balancing: aux-loss-free balancing: a per-expert bias added to the scores for selection only,
             moved by ``update_bias`` (which evens the load per logical expert, not per replica: see there).
@@ -217,9 +217,11 @@ def group_tables(group_of_expert: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     return table, torch.tensor([len(m) for m in members], dtype=torch.int64, device="cpu")
 
 
-def check_groups(group_of_expert: torch.Tensor, num_experts: int, topk: int, topk_groups: int) -> None:
+def check_groups(group_of_expert: torch.Tensor, num_experts: int, topk: int, topk_groups: int) -> int:
     """Raises ArgumentError unless ``group_of_expert`` (int64 [E], groups 0..G-1, none empty) admits top-k in
-    any ``topk_groups`` of its groups."""
+    any ``topk_groups`` (>= 1) of its groups. Returns the groups kept per token, min(topk_groups, G): a limit of G
+    or more is no limit (a placement whose home nodes are fewer than its nodes, say, takes a limit of the node
+    count)."""
     _check(
         isinstance(group_of_expert, torch.Tensor) and group_of_expert.dtype == torch.int64,
         "group_of_expert",
@@ -230,10 +232,11 @@ def check_groups(group_of_expert: torch.Tensor, num_experts: int, topk: int, top
     _check(bool((group_of_expert >= 0).all()), "group_of_expert", "must be >= 0")
     sizes = torch.bincount(group_of_expert)
     _check(bool((sizes > 0).all()), "group_of_expert", "must use every group id 0..G-1 (no empty group)")
-    num_groups = sizes.numel()
-    _check(1 <= topk_groups <= num_groups, "topk_groups", f"must be in [1, {num_groups}], got {topk_groups}")
-    smallest = int(torch.sort(sizes).values[:topk_groups].sum().item())
+    _check(topk_groups >= 1, "topk_groups", f"must be >= 1, got {topk_groups}")
+    kept = min(topk_groups, sizes.numel())
+    smallest = int(torch.sort(sizes).values[:kept].sum().item())
     _check(topk <= smallest, "topk_groups", f"={topk_groups} groups may hold only {smallest} < topk={topk} experts")
+    return kept
 
 
 def select_topk(
@@ -255,7 +258,7 @@ def select_topk(
         topk: K.
         bias: float32 [E] or None; added to ``scores`` for the choice of groups and experts only.
         group_of_expert: int64 [E] (group ids 0..G-1) or None (no groups).
-        topk_groups: groups kept per token (None: all).
+        topk_groups: groups kept per token (None, or G or more: all).
         group_score: "top2" or "max" (see the module docstring).
         norm_topk_prob: weights divided by their sum over the K choices.
         routed_scaling_factor: weights multiplied by it.
@@ -450,8 +453,7 @@ class TopKGate(nn.Module):
         cfg = self.config
         _check(group_of_expert.device.type != "meta", "group_of_expert", "must hold values (not a meta tensor)")
         topk_groups = cfg.topk_groups if cfg.topk_groups is not None else int(group_of_expert.max()) + 1
-        check_groups(group_of_expert, cfg.num_experts, cfg.topk, topk_groups)
-        return topk_groups
+        return check_groups(group_of_expert, cfg.num_experts, cfg.topk, topk_groups)
 
     def _use_groups(self, group_of_expert: torch.Tensor) -> None:
         """Takes checkable groups as the gate's: its host copy, topk_groups and member table (the buffer

@@ -512,7 +512,7 @@ def test_table_route_remote_cycle():
     (N / R - 1 / c): 1 of node 1's 3 replicas, 3 of node 2's 4 in a cycle of 15, interleaved; a cycle whose
     exact weights need more than 1024 entries is rounded to 1024, every replica kept."""
     p = Placement(Topology(3, 4), 5, torch.tensor([0, 1, 2, 3, 0, 0, 0, 4, 0, 0, 0, 0]))
-    keep, cycles, start, length = p._spread(torch.device("cpu"))
+    keep, cycles, start, length, _ = p._spread(torch.device("cpu"))
     assert keep.tolist() == [[3 * 65536 // 8, 65536, 65536]] + [[65536, 0, 0]] * 3 + [[0, 65536, 0]]
     assert length.tolist() == [15, 1, 1, 1, 1] and start.tolist() == [0, 15, 16, 17, 18]
     assert cycles[15:].tolist() == [1, 2, 3, 7]
@@ -523,7 +523,7 @@ def test_table_route_remote_cycle():
     topo = Topology(3, 13)
     p2l = torch.tensor([0] * 11 + [1, 2] + [0] * 13 + [3] * 1 + list(range(4, 16)))
     q = Placement(topo, 16, p2l)
-    _, cycles, start, length = q._spread(torch.device("cpu"))
+    _, cycles, start, length, _ = q._spread(torch.device("cpu"))
     assert int(start[0]) == 0 and int(length[0]) == 1024 and length[1:].tolist() == [1] * 15
     cycle = cycles[:1024]
     counts = torch.bincount(cycle, minlength=39)[q.replicas[0]].double()
@@ -978,3 +978,111 @@ def test_planner_rounds_replicas_to_node_multiples():
     assert p.replica_count.tolist() == [3, 3] and int((p.phys_to_log < 0).sum()) == 6
     assert int(greedy_placement(trace.expert_load(), topo, num_replicas=5).replica_count.sum()) == 7
     assert torch.equal(plan_placement(None, topo, trace=trace, num_replicas=5).phys_to_log, p.phys_to_log)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Node-limited routing with replicas
+
+
+def _home_nodes_bruteforce(p: Placement) -> list[int]:
+    """The node of each logical expert's lowest slot, from phys_to_log alone."""
+    per_node = p.topology.gpus_per_node * p.topology.slots_per_gpu
+    slots = p.phys_to_log.tolist()
+    return [min(s for s, e in enumerate(slots) if e == want) // per_node for want in range(p.num_logical)]
+
+
+def _check_node_limit(p: Placement, logical: torch.Tensor, src: torch.Tensor, phys: torch.Tensor, limit: int) -> None:
+    """The gate's contract, token by token: its experts' home nodes are at most ``limit`` (the gate's groups), and
+    the nodes it reaches are its own and those home nodes only, so at most ``limit`` besides its own (and each
+    choice lands on a slot holding its expert)."""
+    home = _home_nodes_bruteforce(p)
+    per_node = p.topology.gpus_per_node * p.topology.slots_per_gpu
+    slots = p.phys_to_log.tolist()
+    for row, lrow, s in zip(phys.tolist(), logical.tolist(), src.tolist(), strict=True):
+        own = s // p.topology.gpus_per_node
+        homes = {home[e] for e in lrow if e >= 0}
+        assert len(homes) <= limit, (lrow, homes)
+        reached = {slot // per_node for slot in row if slot >= 0}
+        assert reached <= homes | {own}, (s, lrow, row)
+        assert len(reached - {own}) <= limit
+        assert [slots[x] if x >= 0 else -1 for x in row] == lrow
+
+
+@pytest.mark.parametrize("local_cap", [1.0, None, 0.5])
+@pytest.mark.parametrize("kind", ["greedy", "plan"])
+@pytest.mark.parametrize(
+    "nodes,gpn,spg,num_logical,topk,limit",
+    [(4, 8, 2, 48, 8, 2), (4, 2, 1, 4, 2, 1), (4, 4, 4, 40, 4, 2), (3, 2, 3, 12, 3, 1), (5, 2, 2, 11, 4, 3)],
+)
+def test_node_limited_route_keeps_the_gate_limit(nodes, gpn, spg, num_logical, topk, limit, kind, local_cap):
+    """Found by review: with replicas, route and table_route served choices from replicas on nodes the gate had not
+    counted (a token of a gate limited to M home nodes reached up to M + 1 other nodes: 12.7% of tokens over the
+    limit with greedy placements, 49.7% with planned ones). With node_limited every token keeps the contract
+    (_check_node_limit), on zipf traces, greedy and planned placements, with and without a local cap; without it
+    some tokens break it (the case stays covered)."""
+    from largeep.gate import GateConfig, TopKGate
+
+    topo = Topology(nodes, gpn, slots_per_gpu=spg)
+    trace = synthetic_trace(1024, num_logical, topk, topo, seed=3, zipf_s=1.2)
+    p = greedy_placement(trace.expert_load(), topo) if kind == "greedy" else plan_placement(None, topo, trace=trace)
+    assert int((p.replica_count > 1).sum()) > 0
+    home = p.home_node()
+    sizes = sorted(torch.bincount(home).tolist())
+    while sum(sizes[:limit]) < topk:  # (the smallest limit from the given one whose groups hold top-k)
+        limit += 1
+    gate = TopKGate(GateConfig(hidden=16, num_experts=num_logical, topk=topk, topk_groups=limit),
+                    group_of_expert=home).eval()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        gate.expert_bias.copy_(torch.randn(num_logical) * 0.05)
+        logical = gate(torch.randn(1024, 16)).topk_idx
+    logical[7] = -1  # (tokens without some choices)
+    logical[9, 0] = -1
+    src = torch.randint(0, topo.num_gpus, (1024,), generator=torch.Generator().manual_seed(1))
+    routed = p.route(logical, src, local_cap=local_cap, node_limited=True)
+    _check_node_limit(p, logical, src, routed, limit)
+    # the load on each slot matches the unlimited route's within the allowed nodes' freedom: the totals per
+    # expert are the same
+    plain = p.route(logical, src, local_cap=local_cap)
+    assert torch.equal(torch.bincount(p.phys_to_log[routed[routed >= 0]], minlength=num_logical),
+                       torch.bincount(p.phys_to_log[plain[plain >= 0]], minlength=num_logical))
+    if local_cap == 1.0:  # (table_route's static cap is route's default one)
+        tabled = torch.empty_like(logical)
+        for g in range(topo.num_gpus):
+            mine = src == g
+            tabled[mine] = p.table_route(logical[mine], g, node_limited=True)
+        _check_node_limit(p, logical, src, tabled, limit)
+        if (nodes, kind) == (4, "plan"):  # (the reviewer's case: the plain routes break the limit)
+            per_node = topo.gpus_per_node * topo.slots_per_gpu
+            far = [len({x // per_node for x in row if x >= 0} - {int(s) // gpn}) for row, s in
+                   zip(plain.tolist(), src.tolist(), strict=True)]
+            assert max(far) > limit
+
+
+def test_node_limited_route_balances_within_the_allowed_nodes():
+    """Expert 0 has one replica on each of nodes 1, 2 and 3 (home: node 1). From node 0, tokens whose other expert
+    lives on node 1 may use only node 1's replica; those whose other expert lives on node 2 may use nodes 1 and 2.
+    The more constrained set is filled first, the other around it: 10 + 30 choices end 20 / 20 on nodes 1 and 2,
+    none on node 3 (the unlimited route spreads them over all three)."""
+    topo = Topology(4, 1, slots_per_gpu=2)
+    p = Placement(topo, 4, torch.tensor([1, -1, 0, 2, 0, 3, 0, -1]))  # expert 0 on slots 2, 4, 6
+    idx = torch.tensor([[0, 2]] * 10 + [[0, 3]] * 30)
+    out = p.route(idx, 0, node_limited=True)
+    assert (out[:10, 0] == 2).all() and torch.bincount(out[:, 0], minlength=8)[[2, 4, 6]].tolist() == [20, 20, 0]
+    assert torch.bincount(p.route(idx, 0)[:, 0], minlength=8)[[2, 4, 6]].tolist() == [14, 13, 13]
+    # table_route: its cycle entries on node 3 go to the allowed replicas instead, the home one always allowed
+    tab = p.table_route(idx, 0, node_limited=True)
+    assert (tab[:10, 0] == 2).all() and set(tab[10:, 0].tolist()) == {2, 4}
+    # with one replica per expert, or every node holding its share, the limit changes nothing and the two agree
+    one = contiguous_placement(8, topo)
+    rnd = torch.stack([torch.randperm(8)[:3] for _ in range(50)])
+    for g in range(4):
+        assert torch.equal(one.table_route(rnd, g, node_limited=True), one.route(rnd, g, node_limited=True))
+        assert torch.equal(one.route(rnd, g, node_limited=True), one.route(rnd, g))
+    even = Placement(Topology(2, 2), 3, torch.tensor([0, 1, 0, 2]))  # expert 0 on both nodes
+    ids = torch.tensor([[0, 1], [0, 2], [2, 0]] * 5)
+    for g in range(4):
+        assert torch.equal(even.table_route(ids, g, node_limited=True), even.route(ids, g, node_limited=True))
+        assert torch.equal(even.route(ids, g, node_limited=True), even.route(ids, g))
+    compiled = torch.compile(lambda i: p.table_route(i, 0, node_limited=True), backend="aot_eager", fullgraph=True)
+    assert torch.equal(compiled(idx), tab)

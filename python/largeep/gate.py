@@ -9,7 +9,8 @@ Group-limited routing (DeepSeek-V3 style): experts are split into G groups; each
 expert scores (``group_score="top2"``; a group of one expert uses that expert's score) or its best expert score
 (``group_score="max"``), computed on the selection scores (scores + balancing bias). With the groups equal to the
 nodes of the placement and one replica per expert, a token reaches at most ``topk_groups`` nodes; with replicas,
-``Placement.route`` may serve a choice from another node's replica (see ``Placement.home_node``).
+``Placement.route(..., node_limited=True)`` (``MoELayer``'s under a limited gate) keeps it to at most
+``topk_groups`` nodes besides its own (see ``Placement.home_node``).
 """
 
 from __future__ import annotations

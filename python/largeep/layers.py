@@ -322,7 +322,15 @@ def _is_placement(placement: Any) -> bool:
     return hasattr(placement, "route") and hasattr(placement, "phys_to_log")
 
 
-def _wrap_placement(placement: Any, rank: int, device: torch.device) -> Callable[[Tensor], Tensor] | None:
+def _node_limited(gate: Any) -> bool:
+    """Whether a gate limits each token's groups (a ``TopKGate`` with ``topk_groups`` below its group count): its
+    groups are then taken as the placement's home nodes (``Placement.home_node``), which ``route`` keeps tokens
+    on."""
+    limit, sizes = getattr(gate, "topk_groups", None), getattr(gate, "group_sizes", None)
+    return isinstance(limit, int) and isinstance(sizes, Tensor) and limit < sizes.shape[0]
+
+
+def _wrap_placement(placement: Any, rank: int, device: torch.device) -> Callable[..., Tensor] | None:
     if placement is None:
         return None
     if _is_placement(placement):
@@ -330,12 +338,13 @@ def _wrap_placement(placement: Any, rank: int, device: torch.device) -> Callable
         if tabled:
             placement.prepare(device)  # (its tables built now, eagerly: a trace then only reads them)
 
-        def route(idx: Tensor) -> Tensor:
+        def route(idx: Tensor, node_limited: bool = False) -> Tensor:
             # route water-fills by load and waits on the host; traced or captured, the table route instead
             traced = torch.compiler.is_compiling() or (idx.is_cuda and torch.cuda.is_current_stream_capturing())
+            limited = {"node_limited": True} if node_limited else {}  # (a placement shaped like one may lack it)
             if traced and tabled:
-                return placement.table_route(idx, rank)  # type: ignore[no-any-return]
-            return placement.route(idx, rank)  # type: ignore[no-any-return]
+                return placement.table_route(idx, rank, **limited)  # type: ignore[no-any-return]
+            return placement.route(idx, rank, **limited)  # type: ignore[no-any-return]
 
         return route
     if callable(placement):
@@ -370,6 +379,9 @@ class MoELayer(nn.Module):
             ``largeep.placement.Placement`` (its ``route`` gets this rank as the source GPU; under
             ``torch.compile`` or CUDA-graph capture its ``table_route``, which needs no host wait and spreads the
             choices by a static cap and cycle instead of the batch's load). Every rank must hold the same one.
+            Where the gate limits groups (a ``TopKGate`` with ``topk_groups`` below its group count, its groups
+            the placement's ``home_node()``), both route with ``node_limited=True``: a token reaches no node but its
+            own and its experts' home nodes.
         shared_ffn_hidden: F of the shared experts (0: none), applied to every token.
         num_chunks: normal mode: split the batch into this many chunks pipelined as described in the module doc.
         num_worst_tokens: normal mode: > 0 uses fixed-size dispatch outputs (no host wait, static shapes).
@@ -529,6 +541,7 @@ class MoELayer(nn.Module):
         self.placement = route
         # whether a token's distinct logical experts stay distinct physical ones (see experts_chunk)
         self._placement_keeps_distinct = placement is None or _is_placement(placement)
+        self._by_replicas = _is_placement(placement)  # (self.placement is route's wrapper, which takes node_limited)
         self.ffn_hidden = ffn_hidden
         self.experts = GroupedExperts(self.num_local_experts, c.hidden, ffn_hidden // tp, dtype=dtype, init=False)
         self.experts.seeded_init_(
@@ -603,7 +616,8 @@ class MoELayer(nn.Module):
             raise ArgumentError(f"MoELayer: argument 'gate' returned topk_weights as {_kind(w)}, expected a float "
                                 "tensor")
         if self.placement is not None:
-            idx = self.placement(idx)
+            # a Placement keeps each token on its own node and its experts' home nodes where the gate limits groups
+            idx = self.placement(idx, _node_limited(self.gate)) if self._by_replicas else self.placement(idx)
         return idx.to(torch.int64).contiguous(), w.float().contiguous()
 
     # -- forward ----------------------------------------------------------------------------------------------

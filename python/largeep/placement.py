@@ -5,7 +5,8 @@ GPU g owns slots [g * slots_per_gpu, (g + 1) * slots_per_gpu), so the slots are 
 (E = num_gpus * slots_per_gpu). A :class:`Placement` says which logical expert each slot holds (``phys_to_log``,
 -1 for an empty slot); a logical expert held by several slots has *replicas*. ``Placement.route`` turns a batch's
 logical ``topk_idx`` into the physical ``topk_idx`` that ``Buffer.dispatch`` takes (same GPU, then same node, then
-the least-loaded replica; each rank routes its own tokens, and the model routes a trace the same way).
+the least-loaded replica, with ``node_limited`` only on the token's own node and its experts' home nodes; each rank
+routes its own tokens, and the model routes a trace the same way).
 
 Link model (``simulate_links``). Each GPU has one NIC (``nic_bw`` bytes/s each way) and one NVLink port
 (``nvlink_bw`` bytes/s each way). A token goes to a GPU once however many of its experts live there.
@@ -253,13 +254,14 @@ class Placement:
         """int64 [L]: the group of each logical expert for node-limited gating (``TopKGate(group_of_expert=...)``):
         the node of its first replica, numbered 0..G-1 over the nodes that are some expert's home (a node that is
         no expert's home, possible when experts are fewer than nodes, gets no number, since the gate refuses empty
-        groups). The limit holds for the experts' home nodes: ``route`` may serve a choice from a replica on
-        another node (its own GPU's or node's first), so with replicas a token can reach more nodes than
-        ``topk_groups``."""
+        groups). The limit holds for the experts' home nodes; with replicas, ``route`` and ``table_route`` keep a
+        token on them and its own node with ``node_limited=True`` (as ``MoELayer`` does under such a gate), so it
+        reaches at most ``topk_groups`` nodes besides its own. Without it they may serve a choice from a replica
+        on any node."""
         node = self.replica_table[:, 0] // self.topology.slots_per_gpu // self.topology.gpus_per_node
         return torch.unique(node, return_inverse=True)[1]
 
-    def table_route(self, topk_idx: torch.Tensor, src_gpu: int) -> torch.Tensor:
+    def table_route(self, topk_idx: torch.Tensor, src_gpu: int, *, node_limited: bool = False) -> torch.Tensor:
         """A traceable ``route`` for the tokens of one source GPU: no host wait and no data-dependent shape, so
         ``torch.compile(fullgraph=True)`` and CUDA-graph capture take it (``MoELayer`` uses it there).
 
@@ -280,12 +282,16 @@ class Placement:
         numbers of choices of an expert is balanced less well), and it does not check the ids (``route`` does; an
         id >= L indexes out of range). Where every expert has one replica the two agree; where every node holds an
         expert's replicas in proportion (N * c = R) every choice of it stays on its node, as with ``route``.
-        Deterministic.
+        With ``node_limited`` (as ``route``'s), a remote choice whose cycle entry is on a node the token may not
+        reach (neither its own nor a home node of one of its experts) goes instead to e's replicas on its allowed
+        nodes that are in e's cycle (else to all of e's replicas there; its home replica is always one), in turn
+        by t + k + src_gpu. Deterministic.
 
         Args:
             topk_idx: int64 [T, K], logical experts in [-1, L); -1 passes through.
             src_gpu: the source GPU of every token, in [0, num_gpus): an integer (Python, numpy) or a 0-dim integer
                 tensor.
+            node_limited: keep each token on its own node and its experts' home nodes (``route``'s).
 
         Returns:
             int64 [T, K], slots in [-1, num_slots).
@@ -299,8 +305,8 @@ class Placement:
         _check(isinstance(src_gpu, int), "src_gpu", f"must be {forms} (one source GPU for every token), got {got}")
         _check(0 <= src_gpu < topo.num_gpus, "src_gpu", f"must be in [0, {topo.num_gpus}), got {src_gpu}")
         _check_topk(topk_idx, self.num_logical, values=False)  # (the values are not read: no host wait)
-        _, _, on_gpu, node_list, node_cnt = self._tables(topk_idx.device)
-        keep, cycles, cycle_start, cycle_len = self._spread(topk_idx.device)
+        table, _, on_gpu, node_list, node_cnt = self._tables(topk_idx.device)
+        keep, cycles, cycle_start, cycle_len, in_cycle = self._spread(topk_idx.device)
         t, k = topk_idx.shape
         dev = topk_idx.device
         t_idx, k_idx = torch.arange(t, device=dev)[:, None], torch.arange(k, device=dev)[None, :]
@@ -317,6 +323,16 @@ class Placement:
         # u / 2**16 = t / phi + k * (sqrt(2) - 1) + src * (sqrt(3) - 1) mod 1, in 16-bit fixed point (whole
         # numbers: no overflow, the same on every device); choice (t, k) stays on its node iff u < keep
         u = (t_idx * 40503 + k_idx * 27146 + src_gpu * 47976) & 0xFFFF
+        if node_limited:
+            per_node = topo.gpus_per_node * topo.slots_per_gpu
+            reach = self._allowed_nodes(topk_idx, src_gpu, table)  # [T, N]
+            cand = table[e]  # [T, K, R]
+            ok = (cand >= 0) & reach.gather(1, (cand.clamp(min=0) // per_node).view(t, -1)).view(cand.shape)
+            pick = ok & in_cycle[e]
+            pick = torch.where(pick.any(dim=-1, keepdim=True), pick, ok)
+            j = turn % pick.sum(dim=-1).clamp(min=1)
+            alt = cand.gather(-1, (pick & (pick.long().cumsum(-1) == j[..., None] + 1)).long().argmax(-1, keepdim=True))
+            far = torch.where(reach.gather(1, (far // per_node).view(t, -1)).view(t, k), far, alt.squeeze(-1))
         out = torch.where(u < keep[e, node], torch.where(mine >= 0, mine, near), far)
         return torch.where(topk_idx >= 0, out, torch.full_like(out, -1))
 
@@ -369,7 +385,8 @@ class Placement:
         1 / c (in the smallest whole numbers, or rounded to 1024 entries, every replica kept, where those need
         more), interleaved (entry j of a replica of weight w sorted at (j + 1/2) / w); all of e's replicas once
         where no node has more than its share (no choice of e is then remote). Stored end to end, so that one
-        expert's long cycle pads no other's."""
+        expert's long cycle pads no other's.
+        in_cycle bool [L, R]: whether each replica (``replica_table``'s order) is in e's cycle."""
         cache = self._spread_cache
         if device not in cache:
             topo = self.topology
@@ -399,9 +416,25 @@ class Placement:
                 cycles.append([s for _, s in sorted(((j + 0.5) / w, s) for s, w in weight.items() for j in range(w))])
             length = torch.tensor([len(c) for c in cycles], dtype=torch.int64, device="cpu")
             flat = np.fromiter((s for c in cycles for s in c), dtype=np.int64, count=int(length.sum()))
+            members = [set(c) for c in cycles]
+            in_cycle = torch.tensor([[slot in m for slot in row] for row, m in
+                                     zip(self.replica_table.tolist(), members, strict=True)],
+                                    dtype=torch.bool, device="cpu").view(self.replica_table.shape)
             cache[device] = (keep.to(device), torch.from_numpy(flat).to(device),
-                             (torch.cumsum(length, 0) - length).to(device), length.to(device))
+                             (torch.cumsum(length, 0) - length).to(device), length.to(device), in_cycle.to(device))
         return cache[device]
+
+    def _allowed_nodes(self, topk_idx: torch.Tensor, src: torch.Tensor | int, table: torch.Tensor) -> torch.Tensor:
+        """bool [T, N]: each token's allowed nodes under a node limit: its source GPU's node (src int64 [T] or one
+        GPU for all) and the home nodes of its valid choices (topk_idx int64 [T, K]; table: ``_tables``' first)."""
+        topo = self.topology
+        t = topk_idx.shape[0]
+        per_node = topo.gpus_per_node * topo.slots_per_gpu
+        src_node = torch.as_tensor(src, device=topk_idx.device) // topo.gpus_per_node
+        src_node = src_node.expand(t)[:, None]
+        home = table[topk_idx.clamp(min=0), 0] // per_node  # [T, K]
+        nodes = torch.cat([src_node, torch.where(topk_idx >= 0, home, src_node)], 1)
+        return torch.zeros(t, topo.num_nodes, dtype=torch.bool, device=topk_idx.device).scatter_(1, nodes, True)
 
     def _local_share(self, local_cap: float | None, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """(share float64 [S], remote float64 [L]): the fraction of its expert's choices that each slot receives
@@ -426,6 +459,7 @@ class Placement:
         *,
         slot_load: torch.Tensor | None = None,
         local_cap: float | None = 1.0,
+        node_limited: bool = False,
     ) -> torch.Tensor:
         """Maps logical experts to physical slots (vectorised; no loop over tokens; waits on the host only to
         size intermediate tensors).
@@ -447,6 +481,12 @@ class Placement:
         node may end up with more than that bound, where that is the least load), so that locality does not
         overload a replica: without the cap,
         a node that holds fewer replicas of an expert than its share of the tokens would pile them on those.
+        With ``node_limited``, a choice goes only to a replica on the token's *allowed nodes*: its source GPU's
+        node and the home nodes (``home_node``) of its experts (its K choices'). The steps above are the same, the
+        water-filling among the allowed replicas only: a source's choices of an expert are filled in sets of equal
+        allowed replicas, the sets with fewer first, each over the load the earlier ones left. A token then reaches
+        no node but its own and its experts' home nodes, so with a gate limited to M home nodes
+        (``TopKGate(group_of_expert=home_node(), topk_groups=M)``) at most M nodes besides its own.
         Deterministic.
 
         Args:
@@ -455,6 +495,7 @@ class Placement:
                 0-dim integer tensor.
             slot_load: float [num_slots] or None, load already on each slot.
             local_cap: > 0, or None for no cap (see above).
+            node_limited: keep each token on its allowed nodes (see above); False: any replica.
 
         Returns:
             int64 [T, K], slots in [-1, num_slots).
@@ -519,25 +560,53 @@ class Placement:
             # Load each source has put on each slot: its single-replica and local choices, plus slot_load.
             st, sk = single.nonzero(as_tuple=True)
             placed = torch.cat([src[st] * n_slots + out[st, sk], sm[near] * n_slots + chosen[near]])
-            keys, row = torch.unique(src_key[far], return_inverse=True)  # one row per (source, expert) to fill
-            rs, re = keys // n_log, keys % n_log
-            rows_table = table[re]  # [rows, R]
+            # which of its expert's replicas each remote choice may take (all of them, or those on its allowed
+            # nodes); one row to fill per (source, expert, allowed replicas)
+            cand = table[em[far]]  # [M, R]
+            allowed = cand >= 0
+            if node_limited:
+                reach = self._allowed_nodes(topk_idx, src, table)  # [T, N]
+                per_node = topo.gpus_per_node * topo.slots_per_gpu
+                allowed &= reach[t_idx[far][:, None], cand.clamp(min=0) // per_node]
+            keys, row = torch.unique(torch.cat([src_key[far][:, None], allowed.long()], 1), dim=0,
+                                     return_inverse=True)
+            rs, re = keys[:, 0] // n_log, keys[:, 0] % n_log
+            # each row's allowed replicas first (ascending), -1 after them
+            ok = keys[:, 1:].bool()
+            width = table.shape[1]
+            order = torch.argsort((~ok).long() * width + torch.arange(width, device=dev), dim=1)
+            rows_table = torch.where(ok, table[re], -1).gather(1, order)  # [rows, R]
+            n_ok = ok.sum(dim=1)
             used = torch.bincount(placed, minlength=topo.num_gpus * n_slots).double()
-            a_load = used[(rs[:, None] * n_slots + rows_table.clamp(min=0))]
             if slot_load is not None:
-                a_load = a_load + slot_load.to(device=dev, dtype=torch.float64)[rows_table.clamp(min=0)]
-            n_row = torch.bincount(row, minlength=keys.numel()).double()
+                used = used + slot_load.to(device=dev, dtype=torch.float64).repeat(topo.num_gpus)
+            n_row = torch.bincount(row, minlength=keys.shape[0]).double()
             # The inflow every replica gets from its own node (the GPUs there use it first): with each source
             # weighing it in, the remote fills of all sources add up to even totals (see _local_share).
             share, remote = self._local_share(local_cap, dev)
-            a_load = a_load + n_row[:, None] * share[rows_table.clamp(min=0)] / remote[re][:, None]
-            quota = _water_fill(a_load, rows_table, n_row, rs % nrep[re], nrep[re])  # [rows, R]
-            width = table.shape[1]
+            # A source's rows of one expert are filled one after another, those with fewer allowed replicas first,
+            # each over the load the earlier ones put there (rows of one (source, expert) are consecutive in keys)
+            first = torch.ones_like(rs, dtype=torch.bool)
+            first[1:] = keys[1:, 0] != keys[:-1, 0]
+            group = torch.cumsum(first.long(), 0) - 1
+            by_size = torch.argsort(n_ok, stable=True)
+            by_size = by_size[torch.argsort(group[by_size], stable=True)]
+            step = torch.empty_like(group)
+            step[by_size] = _rank_within(group[by_size], int(group[-1]) + 1)
+            quota = torch.zeros_like(rows_table)
+            for i in range(int(step.max()) + 1):
+                sel = (step == i).nonzero().flatten()
+                tab = rows_table[sel]
+                flat = rs[sel, None] * n_slots + tab.clamp(min=0)
+                a_load = used[flat] + n_row[sel, None] * share[tab.clamp(min=0)] / remote[re[sel]][:, None]
+                q = _water_fill(a_load, tab, n_row[sel], rs[sel] % n_ok[sel], n_ok[sel])
+                quota[sel] = q
+                used.index_add_(0, flat.flatten(), q.flatten().double())
             # Row r's cumulative quotas, offset by r so one sorted search serves every row.
             big = int(topk_idx.numel()) + 1
-            cum = torch.cumsum(quota, dim=1) + torch.arange(keys.numel(), device=dev)[:, None] * big
-            r = torch.searchsorted(cum.flatten(), row * big + _rank_within(row, keys.numel()), right=True)
-            r = torch.minimum(r - row * width, nrep[re[row]] - 1)
+            cum = torch.cumsum(quota, dim=1) + torch.arange(keys.shape[0], device=dev)[:, None] * big
+            r = torch.searchsorted(cum.flatten(), row * big + _rank_within(row, keys.shape[0]), right=True)
+            r = torch.minimum(r - row * width, n_ok[row] - 1)
             chosen[far] = rows_table[row, r]
         out[t_idx, k_idx] = chosen
         return out

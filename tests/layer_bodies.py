@@ -1781,3 +1781,41 @@ def gate_output_checks(rank: int, world: int) -> None:
         _raises(("argument 'phys_to_log'", "holds -2"), layers.allreduce_replica_grads, params, bad)
     finally:
         buf.destroy()
+
+
+def layer_node_limited_replicas(rank: int, world: int, tokens: list[int], seed: int) -> None:
+    """Found by review: with replicas, a node-limited gate's tokens reached more nodes than its limit, and its
+    capacity counted a replicated expert as one slot. 3 nodes of 1 rank, expert 3 held on nodes 1 (its home) and
+    2, tokens steered to experts 2 and 3 (both homed on node 1) under a limit of 1 node: the layer routes with
+    node_limited (each token reaches only its node and its experts' home nodes; plain route sends some of node 0's
+    to node 2), and the gate's capacity takes the placement's replica counts."""
+    from largeep import placement as pl
+    from largeep.gate import GateConfig, TopKGate
+
+    assert world == 3
+    hidden = 16
+    p = pl.Placement(pl.Topology(3, 1, slots_per_gpu=3), 6, torch.tensor([0, 1, -1, 2, 3, -1, 4, 5, 3]))
+    torch.manual_seed(seed)
+    gate = TopKGate(GateConfig(hidden=hidden, num_experts=6, topk=2, topk_groups=1, bias_balancing=False,
+                               capacity_factor=4.0), group_of_expert=p.home_node()).eval()
+    with torch.no_grad():
+        gate.weight[2:4] += 3.0  # (x below has a positive mean: experts 2 and 3 come first)
+    buf = largeep.Buffer(None, hidden=hidden, num_experts=9, num_topk=2, max_tokens_per_rank=max(tokens),
+                         backend="torch", ranks_per_node=1)
+    try:
+        layer = layers.MoELayer(buf, ffn_hidden=8, placement=p, gate=gate)
+        assert torch.equal(gate.expert_replicas, p.replica_count), gate.expert_replicas
+        x = torch.randn(tokens[rank], hidden, generator=_gen(seed, rank)) + 1.0
+        with torch.no_grad():
+            idx, _ = layer.route(x)
+            logical = gate(x).topk_idx
+        assert torch.equal(idx, p.route(logical, rank, node_limited=True))
+        home = p.home_node()  # (its numbers are the nodes here: every node is a home)
+        for row, lrow in zip(idx.tolist(), logical.tolist(), strict=True):
+            allowed = {rank} | {int(home[e]) for e in lrow if e >= 0}
+            assert {s // 3 for s in row if s >= 0} <= allowed, (rank, row, lrow)
+        if rank == 0:  # (the case the limit changes: plain route sends some of expert 3's choices to node 2)
+            plain = p.route(logical, 0)
+            assert (plain == 8).any() and not (idx == 8).any(), plain
+    finally:
+        buf.destroy()

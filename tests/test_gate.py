@@ -775,3 +775,92 @@ def test_a_limit_of_every_group_or_more_is_no_limit():
         select_topk(scores, 2, group_of_expert=contiguous_groups(8, 4), topk_groups=0)
     with pytest.raises(ArgumentError, match="'topk_groups'"):
         TopKGate(GateConfig(hidden=8, num_experts=8, topk=3, num_groups=4, topk_groups=1))
+
+
+def _ref_capacity_keep(idx: torch.Tensor, caps: list[int]) -> torch.Tensor:
+    """Keeps choice (t, k) while its expert has kept fewer than caps[e], token by token, then k (-1 elsewhere)."""
+    out = idx.clone()
+    seen = [0] * len(caps)
+    for t in range(idx.shape[0]):
+        for k in range(idx.shape[1]):
+            e = int(idx[t, k])
+            if e < 0:
+                continue
+            if seen[e] < caps[e]:
+                seen[e] += 1
+            else:
+                out[t, k] = -1
+    return out
+
+
+@pytest.mark.parametrize("factor", [1.25, 0.3, 1.1, 1e20])
+@pytest.mark.parametrize("t_num", [0, 1, 37, 256])
+def test_capacity_counts_replicas(factor, t_num):
+    """Found by review: the capacity was per logical expert whatever its replicas, so a hot expert with 7 of 16
+    slots kept as few choices as one with 1 (31.5% of the choices dropped at factor 1.25). With set_replicas the
+    capacity of expert e is ceil(factor * T * K * r_e / S), S = the slots in use (independent reference: Fraction
+    arithmetic, choice by choice); equal counts keep today's ceil(factor * T * K / E) exactly; the counts survive a
+    state dict round trip, and a state saved without them keeps the gate's own."""
+    from fractions import Fraction
+
+    e_num, k = 8, 3
+    reps = [7, 1, 2, 1, 3, 1, 1, 1]
+    cfg = dict(hidden=16, num_experts=e_num, topk=k, bias_balancing=False, capacity_factor=factor)
+    torch.manual_seed(t_num)
+    gate = TopKGate(GateConfig(**cfg)).eval()
+    logits = torch.randn(t_num, e_num)
+    logits[:, 0] += 2.0  # (expert 0 is hot)
+    free = TopKGate(GateConfig(**{**cfg, "capacity_factor": None})).eval()
+    chosen = free.route_logits(logits).topk_idx
+    plain = gate.route_logits(logits)
+    even = -(-Fraction(str(factor)) * t_num * k // e_num)
+    assert torch.equal(plain.topk_idx, _ref_capacity_keep(chosen, [min(even, t_num * k)] * e_num))
+    gate.set_replicas(torch.tensor(reps, dtype=torch.int32))
+    assert gate.expert_replicas.tolist() == reps and gate.expert_replicas.dtype == torch.int64
+    caps = [min(-(-Fraction(str(factor)) * t_num * k * r // sum(reps)), t_num * k) for r in reps]
+    got = gate.route_logits(logits)
+    want = _ref_capacity_keep(chosen, caps)
+    assert torch.equal(got.topk_idx, want)
+    assert torch.equal(got.topk_weights == 0, want < 0)
+    assert got.tokens_per_expert.tolist() == torch.bincount(want[want >= 0], minlength=e_num).tolist()
+    # equal counts (2 each: S = 2E) keep the default's capacity
+    gate.set_replicas(torch.full((e_num,), 2))
+    assert torch.equal(gate.route_logits(logits).topk_idx, plain.topk_idx)
+    # state dict round trip; reset_parameters writes back the counts last given
+    gate.set_replicas(torch.tensor(reps))
+    other = TopKGate(GateConfig(**cfg)).eval()
+    other.load_state_dict(gate.state_dict())
+    assert other.expert_replicas.tolist() == reps and torch.equal(other.route_logits(logits).topk_idx, want)
+    other.expert_replicas.fill_(-5)
+    other.reset_parameters()
+    assert other.expert_replicas.tolist() == reps
+    old = {name: v for name, v in gate.state_dict().items() if name != "expert_replicas"}
+    kept = TopKGate(GateConfig(**cfg)).eval()
+    kept.set_replicas(torch.tensor(reps))
+    kept.load_state_dict(old)  # (strict: an earlier state without the counts)
+    assert kept.expert_replicas.tolist() == reps and torch.equal(kept.route_logits(logits).topk_idx, want)
+
+
+def test_set_replicas_refusals_and_compile():
+    """set_replicas refuses anything but integer counts [E] >= 1 (the gate unchanged), a state dict with such counts
+    is refused before anything loads; the per-replica capacity traces (torch.compile, fullgraph)."""
+    gate = TopKGate(GateConfig(hidden=8, num_experts=4, topk=2, capacity_factor=1.0, bias_balancing=False)).eval()
+    gate.set_replicas(torch.tensor([3, 1, 1, 1]))
+    for bad in (torch.tensor([1, 1, 1]), torch.tensor([1.0, 1.0, 1.0, 1.0]), torch.tensor([0, 1, 1, 1]),
+                torch.tensor([True] * 4), [1, 1, 1, 1]):
+        with pytest.raises(ArgumentError, match="'replica_count'"):
+            gate.set_replicas(bad)  # type: ignore[arg-type]
+        assert gate.expert_replicas.tolist() == [3, 1, 1, 1]
+    sd = gate.state_dict()
+    sd["expert_replicas"] = torch.tensor([0, 1, 1, 1])
+    before = gate.weight.clone()
+    sd["weight"] = torch.zeros_like(sd["weight"])
+    with pytest.raises(ArgumentError, match="'replica_count'"):
+        gate.load_state_dict(sd)
+    assert torch.equal(gate.weight, before) and gate.expert_replicas.tolist() == [3, 1, 1, 1]
+    logits = torch.randn(30, 4)
+    want = gate.route_logits(logits).topk_idx
+    compiled = torch.compile(lambda x: gate.route_logits(x).topk_idx, backend="aot_eager", fullgraph=True)
+    assert torch.equal(compiled(logits), want)
+    with pytest.raises(ArgumentError, match="'capacity'"):
+        apply_capacity(torch.zeros(2, 1, dtype=torch.int64), torch.zeros(2, 1), 2, torch.ones(3, dtype=torch.int64))

@@ -649,3 +649,7 @@ def test_linear_router_vs_reference(score_func: str, norm: bool, dtype: torch.dt
 
 def test_gate_output_checks(pools) -> None:
     pools(1).run(layer_bodies.gate_output_checks)
+
+
+def test_layer_node_limited_replicas(pools) -> None:
+    pools(3).run(layer_bodies.layer_node_limited_replicas, [40, 33, 0], 4)

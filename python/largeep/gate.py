@@ -75,7 +75,8 @@ class GateConfig:
         bias_update_rate: step of the bias update (``bias += rate * sign(mean load - load)``).
         aux_loss_coef: > 0 returns the Switch/GShard balance loss ``coef * E * sum_e f_e * P_e``.
         capacity_factor: None, or > 0: each expert keeps at most ceil(factor * T * K / E) of the (token, k)
-            choices, earlier tokens first; the others become -1 with weight 0.
+            choices, earlier tokens first; the others become -1 with weight 0. With replicas
+            (``TopKGate.set_replicas``): ceil(factor * T * K * r_e / S), S = sum of r, e's share of the slots.
 
     The sizes and the grouping (hidden, num_experts, topk, num_groups, topk_groups) are fixed once the config
     exists (a gate checks its groups against them when it is made: make a new gate to change them; a gate's
@@ -302,7 +303,7 @@ def select_topk(
 
 
 def apply_capacity(
-    topk_idx: torch.Tensor, topk_weights: torch.Tensor, num_experts: int, capacity: int
+    topk_idx: torch.Tensor, topk_weights: torch.Tensor, num_experts: int, capacity: int | torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Keeps at most ``capacity`` choices per expert; earlier tokens (then lower k) keep their slot.
 
@@ -310,24 +311,33 @@ def apply_capacity(
         topk_idx: int64 [T, K] in [-1, E).
         topk_weights: float32 [T, K].
         num_experts: E.
-        capacity: choices kept per expert (>= 0).
+        capacity: choices kept per expert (>= 0): one for every expert, or an int64 tensor [E] of each expert's
+            (values >= 0, not checked: no host read).
 
     Returns:
         New (topk_idx int64 [T, K], topk_weights float32 [T, K]) with dropped choices set to -1 / 0.
     """
-    if torch.compiler.is_compiling():  # (a traced size: branching on it, or formatting it into a message, would
+    flat = topk_idx.reshape(-1)
+    if isinstance(capacity, torch.Tensor):
+        _check(capacity.shape == (num_experts,) and not capacity.dtype.is_floating_point, "capacity",
+               f"must be an int or an integer tensor [{num_experts}], got {capacity.dtype} {tuple(capacity.shape)}")
+    elif torch.compiler.is_compiling():  # (a traced size: branching on it, or formatting it into a message, would
         torch._check(capacity >= 0)   # make it a constant, a graph per batch size)
     else:
         _check(capacity >= 0, "capacity", f"must be >= 0, got {capacity}")
-    flat = topk_idx.reshape(-1)
-    capacity = torch.sym_min(capacity, flat.numel())  # (the same choices kept; a huge cap fits an int64 then)
     key = torch.where(flat >= 0, flat, torch.full_like(flat, num_experts))  # -1 goes to an extra bucket
     order = torch.argsort(key, stable=True)
     counts = _counts(key, num_experts + 1)
     starts = torch.cumsum(counts, 0) - counts
     rank_sorted = torch.arange(flat.numel(), device=flat.device) - starts[key[order]]
     rank = torch.empty_like(rank_sorted).scatter_(0, order, rank_sorted)
-    drop = ((rank >= capacity) & (flat >= 0)).view_as(topk_idx)
+    if isinstance(capacity, torch.Tensor):
+        cap = capacity.to(device=flat.device, dtype=torch.int64)
+        drop = (rank >= torch.cat([cap, cap.new_zeros(1)])[key]) & (flat >= 0)
+    else:
+        capacity = torch.sym_min(capacity, flat.numel())  # (the same choices kept; a huge cap fits an int64 then)
+        drop = (rank >= capacity) & (flat >= 0)
+    drop = drop.view_as(topk_idx)
     return topk_idx.masked_fill(drop, -1), topk_weights.masked_fill(drop, 0.0)
 
 
@@ -372,7 +382,8 @@ class TopKGate(nn.Module):
 
     Buffers: ``expert_bias`` float32 [E] (selection only), ``expert_load`` float32 [E] (choices counted since the
     last ``update_bias``; counted in training mode when ``bias_balancing`` is on), ``group_of_expert`` int64 [E]
-    (and its member table, not saved). ``forward`` never waits on the host.
+    (and its member table, not saved), ``expert_replicas`` int64 [E] (``set_replicas``; 1 each by default).
+    ``forward`` never waits on the host.
 
     Made on the meta device (``with torch.device("meta")``, e.g. for FSDP2), the gate holds no values; after
     ``to_empty(device=...)`` its tensors hold whatever memory they got, and ``reset_parameters()`` (a fresh gate's
@@ -386,6 +397,8 @@ class TopKGate(nn.Module):
     group_of_expert: torch.Tensor
     group_table: torch.Tensor
     group_sizes: torch.Tensor
+    expert_replicas: torch.Tensor
+    replica_class: torch.Tensor
 
     def __init__(self, config: GateConfig, *, group_of_expert: torch.Tensor | None = None) -> None:
         """``group_of_expert``: int64 [E] holding values (on any device but meta), the group of each expert (e.g.
@@ -402,6 +415,10 @@ class TopKGate(nn.Module):
         self.register_buffer("expert_bias", torch.zeros(config.num_experts, dtype=torch.float32))
         self.register_buffer("expert_load", torch.zeros(config.num_experts, dtype=torch.float32))
         self.register_buffer("group_of_expert", torch.empty(config.num_experts, dtype=torch.int64))
+        # replicas of each expert, for the capacity (set_replicas); the host copy as for the groups
+        self._host_replicas = torch.ones(config.num_experts, dtype=torch.int64, device="cpu")
+        self.register_buffer("expert_replicas", torch.empty(config.num_experts, dtype=torch.int64))
+        self.register_buffer("replica_class", None, persistent=False)  # (index of each expert's count, see there)
         # (the member table and sizes: set by reset_parameters, from the groups on the host)
         self.register_buffer("group_table", None, persistent=False)
         self.register_buffer("group_sizes", None, persistent=False)
@@ -422,13 +439,15 @@ class TopKGate(nn.Module):
         """Sets a fresh gate's values in place: weight normal with std hidden**-0.5, zero ``expert_bias`` and
         ``expert_load``, and the groups last given (at construction, by ``set_groups`` or by a state dict) with
         their table, on the gate's device. After ``to_empty(device=...)`` of a gate made on the meta device this
-        makes it a working gate."""
+        makes it a working gate (with the replica counts last given, by ``set_replicas`` or a state dict)."""
         with torch.no_grad():
             nn.init.normal_(self.weight, std=self.config.hidden**-0.5)
             self.expert_bias.zero_()
             self.expert_load.zero_()
             self.group_of_expert.copy_(self._host_groups)
+            self.expert_replicas.copy_(self._host_replicas)
         self._use_groups(self._host_groups)
+        self._use_replicas(self._host_replicas)
 
     def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
         # a module-wide cast (gate.to(torch.bfloat16), .half()) must not round the balancing state: a bias step of
@@ -446,8 +465,15 @@ class TopKGate(nn.Module):
         groups = state_dict.get(prefix + "group_of_expert")
         if isinstance(groups, torch.Tensor) and groups.device.type != "meta":  # refused before anything is loaded
             self._check_groups(groups)  # (not a gate half loaded)
+        replicas = state_dict.get(prefix + "expert_replicas")
+        if replicas is None:  # a state saved before gates had replica counts: the gate keeps its own
+            state_dict[prefix + "expert_replicas"] = self._host_replicas.clone()
+        elif isinstance(replicas, torch.Tensor) and replicas.device.type != "meta":
+            self._check_replicas(replicas)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self._refresh_groups()
+        if self.expert_replicas.device.type != "meta":
+            self._use_replicas(self.expert_replicas)
 
     def _check_groups(self, group_of_expert: torch.Tensor) -> int:
         """Refuses groups that cannot hold top-k; returns the groups kept per token (config's, default all)."""
@@ -477,6 +503,43 @@ class TopKGate(nn.Module):
         with torch.no_grad():
             self.group_of_expert.copy_(group_of_expert.to(self.group_of_expert.device))
         self._use_groups(group_of_expert)
+
+    def _check_replicas(self, replica_count: object) -> torch.Tensor:
+        """Refuses anything but an integer tensor [E] of values >= 1 holding values (one host read); returns it as
+        int64 on the CPU."""
+        e = self.config.num_experts
+        ok = (isinstance(replica_count, torch.Tensor) and replica_count.shape == (e,)
+              and not replica_count.dtype.is_floating_point and replica_count.dtype != torch.bool
+              and not replica_count.is_complex() and replica_count.device.type != "meta")
+        _check(ok, "replica_count", f"must be an integer tensor [{e}] holding values, got "
+               f"{replica_count.dtype} {tuple(replica_count.shape)}" if isinstance(replica_count, torch.Tensor)
+               else f"must be an integer tensor [{e}], got {type(replica_count).__name__}")
+        assert isinstance(replica_count, torch.Tensor)
+        host = replica_count.detach().to("cpu", torch.int64, copy=True)
+        _check(bool((host >= 1).all()), "replica_count", f"must be >= 1, got min {int(host.min())}")
+        return host
+
+    def _use_replicas(self, replica_count: torch.Tensor) -> None:
+        """Takes checked replica counts as the gate's: the host copy, the distinct counts (``_replica_values``) and
+        the index of each expert's among them (``replica_class``, on the gate's device), which the capacity uses
+        with one computation per distinct count (the buffer ``expert_replicas`` is the caller's to write)."""
+        host = self._check_replicas(replica_count)
+        self._host_replicas = host
+        self._replica_values = sorted(set(host.tolist()))
+        self._replica_total = int(host.sum())
+        cls = torch.tensor([self._replica_values.index(r) for r in host.tolist()], dtype=torch.int64, device="cpu")
+        self.replica_class = cls.to(self.expert_replicas.device)
+
+    def set_replicas(self, replica_count: torch.Tensor) -> None:
+        """Sets each expert's replica count (e.g. ``Placement.replica_count``; ``MoELayer`` sets its placement's),
+        integer [E], values >= 1 (one host read): the capacity (``capacity_factor``) of expert e becomes
+        ceil(factor * T * K * r_e / S), S = sum of r (the slots in use), so that a replicated expert keeps as many
+        choices as its slots serve. Equal counts (the default: 1 each) keep ceil(factor * T * K / E) for every
+        expert. Saved in the state dict (``expert_replicas``)."""
+        host = self._check_replicas(replica_count)  # before anything changes
+        with torch.no_grad():
+            self.expert_replicas.copy_(host.to(self.expert_replicas.device))
+        self._use_replicas(host)
 
     def scores(self, logits: torch.Tensor) -> torch.Tensor:
         """Routing probabilities float32 [T, E] from logits [T, E]."""
@@ -517,7 +580,14 @@ class TopKGate(nn.Module):
         aux = balance_loss(scores, topk_idx, cfg.num_experts) * cfg.aux_loss_coef if cfg.aux_loss_coef > 0 else None
         ratio = getattr(cfg, "_capacity_ratio", None)  # (None without a capacity factor)
         if ratio is not None:
-            cap = capacity_for(logits.shape[0], cfg.topk, cfg.num_experts, ratio)
+            t = logits.shape[0]
+            if len(self._replica_values) == 1:  # (equal counts: one capacity, ceil(factor * T * K / E))
+                cap: int | torch.Tensor = capacity_for(t, cfg.topk, cfg.num_experts, ratio)
+            else:  # ceil(factor * T * K * r / S) per distinct count r, exact in Python ints (T may be traced)
+                cap = torch.zeros_like(self.replica_class)
+                for i, r in enumerate(self._replica_values):
+                    each = torch.sym_min(capacity_for(t * r, cfg.topk, self._replica_total, ratio), t * cfg.topk)
+                    cap = cap.masked_fill(self.replica_class == i, each)
             topk_idx, topk_weights = apply_capacity(topk_idx, topk_weights, cfg.num_experts, cap)
         tokens_per_expert = _counts(topk_idx, cfg.num_experts)
         return GateOutput(topk_idx, topk_weights, scores, tokens_per_expert, aux)

@@ -381,7 +381,8 @@ class MoELayer(nn.Module):
             choices by a static cap and cycle instead of the batch's load). Every rank must hold the same one.
             Where the gate limits groups (a ``TopKGate`` with ``topk_groups`` below its group count, its groups
             the placement's ``home_node()``), both route with ``node_limited=True``: a token reaches no node but its
-            own and its experts' home nodes.
+            own and its experts' home nodes. A ``TopKGate``'s capacity counts replicas (``set_replicas``, called
+            here from the placement's ``replica_count``).
         shared_ffn_hidden: F of the shared experts (0: none), applied to every token.
         num_chunks: normal mode: split the batch into this many chunks pipelined as described in the module doc.
         num_worst_tokens: normal mode: > 0 uses fixed-size dispatch outputs (no host wait, static shapes).
@@ -503,6 +504,9 @@ class MoELayer(nn.Module):
             router: nn.Module = gate or LinearTopKRouter(
                 c.hidden, num_logical, c.num_topk, score_func=router_score, norm_topk_prob=norm_topk_prob
             )
+            set_replicas = getattr(router, "set_replicas", None)
+            if hasattr(placement, "replica_count") and callable(set_replicas):
+                set_replicas(placement.replica_count)  # (a TopKGate's capacity by the slots of each expert)
         except Exception as exc:  # noqa: BLE001 - with expert TP any refusal (a TypeError too) must reach the others
             if expert_tp_group is None:
                 raise

@@ -217,8 +217,10 @@ def test_update_bias_rule_and_counts():
     torch.testing.assert_close(gate.expert_bias, expect)
     assert float(gate.expert_load.abs().sum()) == 0.0  # counts reset
     load = torch.tensor([1.0, 2, 3, 4, 5, 6])
-    gate.update_bias(load=load, rate=0.5)
+    used = gate.update_bias(load=load, rate=0.5)
     torch.testing.assert_close(gate.expert_bias, expect + 0.5 * torch.sign(load.mean() - load))
+    used.add_(1)  # (the returned load is the gate's own: the caller's tensor is neither returned nor changed)
+    assert torch.equal(load, torch.tensor([1.0, 2, 3, 4, 5, 6]))
     gate.eval()
     gate(x)
     assert float(gate.expert_load.sum()) == 0.0  # eval mode does not count
@@ -234,7 +236,9 @@ def _bias_worker(rank: int, world: int, path: str, result_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{path}", rank=rank, world_size=world)
     gate = TopKGate(GateConfig(hidden=4, num_experts=5, topk=1, bias_update_rate=0.1))
     load = torch.tensor([[5.0, 0, 0, 1, 0], [0.0, 0, 4, 1, 1]])[rank]
+    orig = load.clone()
     used = gate.update_bias(dist.group.WORLD, load=load)
+    assert torch.equal(load, orig), f"rank {rank}: the group's sum was written into the caller's load: {load}"
     # the counts gathered by forward, summed too (a second step, from each rank's own batch)
     gate.expert_load.copy_(torch.tensor([[1.0, 2, 0, 0, 3], [2.0, 0, 0, 7, 0]])[rank])
     used2 = gate.update_bias(dist.group.WORLD)

@@ -251,7 +251,12 @@ int stream_fault(cudaStream_t stream, int& capturing) {
         capturing = status != cudaStreamCaptureStatusNone ? 1 : 0;
     }
     if (capturing) return 0;
+    // (relaxed for this thread: where another thread captures a graph in the global mode, torch.cuda.graph's
+    // default, a query in this thread's default mode would be refused and invalidate that capture)
+    cudaStreamCaptureMode mode = cudaStreamCaptureModeRelaxed;
+    (void)cudaThreadExchangeStreamCaptureMode(&mode);
     const cudaError_t e = cudaStreamQuery(stream);
+    (void)cudaThreadExchangeStreamCaptureMode(&mode);
     if (e == cudaSuccess) return 0;
     (void)cudaGetLastError();  // (cudaErrorNotReady too: not left for the next launch check to report)
     return e == cudaErrorNotReady ? 0 : static_cast<int>(e);

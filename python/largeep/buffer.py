@@ -685,7 +685,9 @@ class Buffer:
         it, up to LARGEEP_TIMEOUT_S), a cached one tells their first exchange (``_tell_refusal``: the torch backend
         on CPU groups). Not where no void round can pair: num_worst_tokens itself refused (the others' kind of
         round is unknown), a num_worst_tokens dispatch of the torch backend on CUDA, inside a CUDA graph capture, a
-        cached dispatch on GPUs; there the refusal is this rank's alone (docs/usage.md, "Refusals on one rank").
+        cached dispatch on GPUs, and a num_worst_tokens dispatch on GPUs for any refusal but its token count (its
+        void round, with no host wait, would leave every Buffer unusable); there the refusal is this rank's alone
+        (docs/usage.md, "Refusals on one rank").
         """
         op = "dispatch"
         self._check_alive(op)
@@ -697,6 +699,7 @@ class Buffer:
         # its refusal and goes on does not pair its next call with the others' pending one.
         xs: torch.Tensor | None = None
         scales: torch.Tensor | None = None
+        too_many = False
         try:
             checks.flags(op, async_finish=async_finish)
             checks.positive_int(op, "expert_alignment", expert_alignment, maximum=1 << 20)
@@ -711,13 +714,17 @@ class Buffer:
                 )
             xs, scales = checks.tokens(op, "x", x, hidden=c.hidden, device=c.device, allow_fp8=True)
             t = xs.shape[0]
+            too_many = t > c.max_tokens_per_rank
             checks.max_tokens(op, t, c.max_tokens_per_rank)
             state, alignment, native_check = self._dispatch_checks(
                 op, t, topk_idx, topk_weights, handle, expert_alignment, num_worst_tokens)
             _check_previous_event(previous_event)
         except ArgumentError as refusal:
             if handle is None:
-                if self._worst_known(num_worst_tokens):  # (else the kind of the others' round is unknown)
+                # (else the kind of the others' round is unknown; and where the round has no host wait (a CUDA
+                # num_worst_tokens dispatch) a void round leaves every rank's Buffer unusable, which only too many
+                # tokens, a refusal that can differ from rank to rank, is worth: the others refusals stay local)
+                if self._worst_known(num_worst_tokens) and (too_many or self._id_checks(num_worst_tokens)[0]):
                     if xs is None:  # (x itself refused: a bf16 row, as after a layout's refusal)
                         xs, scales = torch.empty(0, c.hidden, dtype=torch.bfloat16, device=c.device), None
                     self._void_dispatch(refusal, xs, scales, num_worst_tokens)

@@ -535,7 +535,9 @@ class TopKGate(nn.Module):
         integer [E], values >= 1 (one host read): the capacity (``capacity_factor``) of expert e becomes
         ceil(factor * T * K * r_e / S), S = sum of r (the slots in use), so that a replicated expert keeps as many
         choices as its slots serve. Equal counts (the default: 1 each) keep ceil(factor * T * K / E) for every
-        expert. Saved in the state dict (``expert_replicas``)."""
+        expert. Saved in the state dict (``expert_replicas``), as the groups are: both describe the placement the
+        gate was saved under, so after loading a checkpoint made under another placement (a re-plan, another EP
+        size) call ``set_groups`` and ``set_replicas`` again from the current one."""
         host = self._check_replicas(replica_count)  # before anything changes
         with torch.no_grad():
             self.expert_replicas.copy_(host.to(self.expert_replicas.device))

@@ -322,12 +322,16 @@ def _is_placement(placement: Any) -> bool:
     return hasattr(placement, "route") and hasattr(placement, "phys_to_log")
 
 
-def _node_limited(gate: Any) -> bool:
-    """Whether a gate limits each token's groups (a ``TopKGate`` with ``topk_groups`` below its group count): its
-    groups are then taken as the placement's home nodes (``Placement.home_node``), which ``route`` keeps tokens
-    on."""
+def _node_limited(gate: Any, placement: Any) -> bool:
+    """Whether a gate limits each token's nodes: a ``TopKGate`` with ``topk_groups`` below its group count whose
+    groups are ``placement``'s home nodes (``Placement.home_node``), which ``route`` then keeps tokens on. Groups
+    of another kind (contiguous blocks of experts, say) limit no node: routing is left free to balance."""
     limit, sizes = getattr(gate, "topk_groups", None), getattr(gate, "group_sizes", None)
-    return isinstance(limit, int) and isinstance(sizes, Tensor) and limit < sizes.shape[0]
+    groups = getattr(gate, "_host_groups", None)
+    if not (isinstance(limit, int) and isinstance(sizes, Tensor) and limit < sizes.shape[0]):
+        return False
+    home = placement.home_node() if hasattr(placement, "home_node") else None
+    return isinstance(groups, Tensor) and isinstance(home, Tensor) and torch.equal(groups, home.cpu())
 
 
 def _wrap_placement(placement: Any, rank: int, device: torch.device) -> Callable[..., Tensor] | None:
@@ -546,6 +550,10 @@ class MoELayer(nn.Module):
         # whether a token's distinct logical experts stay distinct physical ones (see experts_chunk)
         self._placement_keeps_distinct = placement is None or _is_placement(placement)
         self._by_replicas = _is_placement(placement)  # (self.placement is route's wrapper, which takes node_limited)
+        self._placement_obj = placement if self._by_replicas else None
+        self._groups_seen: Any = None  # (the gate's groups node_limited was decided for: see _limits_nodes)
+        self._limited = False
+        self._limits_nodes()  # (decided now, eagerly: a compiled forward then only tests the groups' identity)
         self.ffn_hidden = ffn_hidden
         self.experts = GroupedExperts(self.num_local_experts, c.hidden, ffn_hidden // tp, dtype=dtype, init=False)
         self.experts.seeded_init_(
@@ -621,8 +629,17 @@ class MoELayer(nn.Module):
                                 "tensor")
         if self.placement is not None:
             # a Placement keeps each token on its own node and its experts' home nodes where the gate limits groups
-            idx = self.placement(idx, _node_limited(self.gate)) if self._by_replicas else self.placement(idx)
+            idx = self.placement(idx, self._limits_nodes()) if self._by_replicas else self.placement(idx)
         return idx.to(torch.int64).contiguous(), w.float().contiguous()
+
+    def _limits_nodes(self) -> bool:
+        """_node_limited for the gate's current groups (decided again when ``set_groups`` or a state dict replaced
+        them: the gate then holds a new host copy; a Python identity test, nothing traced)."""
+        groups = getattr(self.gate, "_host_groups", None)
+        if groups is not self._groups_seen:
+            self._groups_seen = groups
+            self._limited = _node_limited(self.gate, self._placement_obj)
+        return self._limited
 
     # -- forward ----------------------------------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:

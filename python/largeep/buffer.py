@@ -877,23 +877,24 @@ class Buffer:
             ) from refusal
 
     def _tell_refusal(self, op: str, refusal: ArgumentError) -> None:
-        """A cached dispatch's or a combine's refusal of this rank's arguments (``refusal``, which the caller raises
-        next), told to the other ranks, which may be in that call already, where the backend can
-        (``refusal_reaches_peers``: the torch backend on CPU groups, whose such calls start with an exchange of each
-        rank's call; there the others raise PeerRefusedError naming this rank, nothing moved, every Buffer usable).
-        Elsewhere (the torch backend on GPUs, with no host wait to raise from; the nvshmem backend, whose rows carry
-        their handle's tag in their flags, see docs/usage.md) it stays this rank's. A wait that times out (no peer
-        made a call) raises PeerTimeoutError carrying the refusal."""
-        reaches = getattr(self._impl, "refusal_reaches_peers", None)
-        if reaches is None or not reaches() or checks._capturing(self.ctx.device):
+        """A call that this rank refuses for its arguments (``refusal``, which the caller raises next), told to the
+        other ranks, which may be in that call already, where the backend can: ``refuse`` (a cached dispatch or a
+        combine) or ``low_latency_refuse`` (a low-latency call), as the Buffer's mode has it, where its
+        ``refusal_reaches_peers`` / ``low_latency_refusal_reaches_peers`` says they tell the others (the torch
+        backend on CPU groups, whose such calls start with an exchange of each rank's call; there the others raise
+        PeerRefusedError naming this rank, nothing moved, every Buffer usable). Elsewhere (the torch backend on GPUs,
+        with no host wait to raise from; the nvshmem backend, whose normal rows carry their handle's tag in their
+        flags and whose low-latency receive has no host wait) it stays this rank's: the others' call waits for it
+        until their timeout, or pairs with this rank's next call (docs/usage.md, "Refusals on one rank"). Not inside
+        a CUDA graph capture. A round that times out (no peer made a call) raises PeerTimeoutError carrying the
+        refusal; one that fails, RuntimeError carrying it."""
+        ll = self.ctx.low_latency
+        refuse = getattr(self._impl, "low_latency_refuse" if ll else "refuse", None)
+        reaches = getattr(self._impl, "low_latency_refusal_reaches_peers" if ll else "refusal_reaches_peers", None)
+        if refuse is None or reaches is None or not reaches() or checks._capturing(self.ctx.device):
             return
-        self._refusal_round(lambda: self._impl.refuse(op, str(refusal)), refusal)
-
-    def _refusal_round(self, fn: Callable[[], None], refusal: ArgumentError) -> None:
-        """Runs a backend's refusal round ``fn`` (it tells the other ranks of ``refusal``); a round that fails
-        raises its error carrying the refusal."""
         try:
-            self._run(fn, None, False, [])
+            self._run(lambda: refuse(op, str(refusal)), None, False, [])
         except PeerTimeoutError as late:
             raise PeerTimeoutError(
                 f"{refusal} -- and the void round that was to tell the other ranks timed out: {late}"
@@ -1001,7 +1002,7 @@ class Buffer:
         self._check_mode(op, True)
         c = self.ctx
         # Every refusal of this rank's arguments voids the call on the other ranks too where the backend can tell
-        # them (_void_low_latency); ranks refused alike meet in that void round, and all raise their own refusal.
+        # them (_tell_refusal); ranks refused alike meet in that void round, and all raise their own refusal.
         call: int | None = None
         try:
             checks.flags(op, use_fp8=use_fp8, round_scale=round_scale, use_ue8m0=use_ue8m0, async_finish=async_finish,
@@ -1036,7 +1037,7 @@ class Buffer:
                 checks.id_values(op, idx, c.num_experts)
         except ArgumentError as refusal:
             self._uncount_call(op, call)
-            self._void_low_latency(op, refusal)
+            self._tell_refusal(op, refusal)
             raise
         extra: dict[str, Any] = {"check_ids": True} if native_check else {}
         if ws is not None:
@@ -1062,21 +1063,6 @@ class Buffer:
         hook = self._wrap_hook(out.finish, op, call, handle) if return_recv_hook else None
         recv_x: Tokens = (out.x, out.x_scales) if out.x_scales is not None else out.x
         return LowLatencyDispatchResult(recv_x, out.num_tokens_per_expert, out.src_info, handle, event, hook)
-
-    def _void_low_latency(self, op: str, refusal: ArgumentError) -> None:
-        """A low-latency call (``op``: a dispatch or a combine) that this rank refuses for its arguments (``refusal``,
-        raised next by the caller), told to the other ranks, which may be in theirs already, where the backend can
-        (``low_latency_refuse``: the torch backend on CPU groups, whose call's first exchange carries it; the others
-        raise PeerRefusedError naming this rank, nothing moved, every Buffer usable). Elsewhere (the nvshmem backend,
-        whose receive has no host wait to raise from; the torch backend on GPUs) the refusal stays this rank's, and
-        the others' call waits for it until their timeout, or pairs with this rank's next call (docs/usage.md,
-        "Refusals on one rank"). Not inside a CUDA graph capture. A void round that times out raises
-        PeerTimeoutError carrying the refusal."""
-        refuse = getattr(self._impl, "low_latency_refuse", None)
-        reaches = getattr(self._impl, "low_latency_refusal_reaches_peers", None)
-        if refuse is None or reaches is None or not reaches() or checks._capturing(self.ctx.device):
-            return
-        self._refusal_round(lambda: refuse(op, str(refusal)), refusal)
 
     def low_latency_combine(
         self,
@@ -1108,7 +1094,7 @@ class Buffer:
         self._check_mode(op, True)
         c = self.ctx
         call: int | None = None
-        try:  # (a refusal reaches the other ranks where the backend can: _void_low_latency)
+        try:  # (a refusal reaches the other ranks where the backend can: _tell_refusal)
             checks.flags(op, async_finish=async_finish, return_recv_hook=return_recv_hook)
             h = self._check_handle(op, handle, LowLatencyHandle)
             if h.hook_error is not None:
@@ -1157,7 +1143,7 @@ class Buffer:
             call = self._check_in_flight(op)
         except ArgumentError as refusal:
             self._uncount_call(op, call)
-            self._void_low_latency(op, refusal)
+            self._tell_refusal(op, refusal)
             raise
         target = out
 

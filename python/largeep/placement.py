@@ -106,6 +106,11 @@ class Topology:
     def num_slots(self) -> int:
         return self.num_gpus * self.slots_per_gpu
 
+    @property
+    def slots_per_node(self) -> int:
+        """Slots of one node: slot s is on node s // slots_per_node."""
+        return self.gpus_per_node * self.slots_per_gpu
+
 
 @dataclass(eq=False)
 class RoutingTrace:
@@ -258,7 +263,7 @@ class Placement:
         token on them and its own node with ``node_limited=True`` (as ``MoELayer`` does under such a gate), so it
         reaches at most ``topk_groups`` nodes besides its own. Without it they may serve a choice from a replica
         on any node."""
-        node = self.replica_table[:, 0] // self.topology.slots_per_gpu // self.topology.gpus_per_node
+        node = self.replica_table[:, 0] // self.topology.slots_per_node
         return torch.unique(node, return_inverse=True)[1]
 
     def table_route(self, topk_idx: torch.Tensor, src_gpu: int, *, node_limited: bool = False) -> torch.Tensor:
@@ -324,7 +329,7 @@ class Placement:
         # numbers: no overflow, the same on every device); choice (t, k) stays on its node iff u < keep
         u = (t_idx * 40503 + k_idx * 27146 + src_gpu * 47976) & 0xFFFF
         if node_limited:
-            per_node = topo.gpus_per_node * topo.slots_per_gpu
+            per_node = topo.slots_per_node
             reach = self._allowed_nodes(topk_idx, src_gpu, table)  # [T, N]
             cand = table[e]  # [T, K, R]
             ok = (cand >= 0) & reach.gather(1, (cand.clamp(min=0) // per_node).view(t, -1)).view(cand.shape)
@@ -390,7 +395,7 @@ class Placement:
         cache = self._spread_cache
         if device not in cache:
             topo = self.topology
-            n_nodes, per_node = topo.num_nodes, topo.gpus_per_node * topo.slots_per_gpu
+            n_nodes, per_node = topo.num_nodes, topo.slots_per_node
             used = (self.phys_to_log >= 0).nonzero().flatten()
             node_cnt = torch.bincount(self.phys_to_log[used] * n_nodes + used // per_node,
                                       minlength=self.num_logical * n_nodes).view(self.num_logical, n_nodes)
@@ -429,10 +434,9 @@ class Placement:
         GPU for all) and the home nodes of its valid choices (topk_idx int64 [T, K]; table: ``_tables``' first)."""
         topo = self.topology
         t = topk_idx.shape[0]
-        per_node = topo.gpus_per_node * topo.slots_per_gpu
         src_node = torch.as_tensor(src, device=topk_idx.device) // topo.gpus_per_node
         src_node = src_node.expand(t)[:, None]
-        home = table[topk_idx.clamp(min=0), 0] // per_node  # [T, K]
+        home = table[topk_idx.clamp(min=0), 0] // topo.slots_per_node  # [T, K]
         nodes = torch.cat([src_node, torch.where(topk_idx >= 0, home, src_node)], 1)
         return torch.zeros(t, topo.num_nodes, dtype=torch.bool, device=topk_idx.device).scatter_(1, nodes, True)
 
@@ -566,8 +570,7 @@ class Placement:
             allowed = cand >= 0
             if node_limited:
                 reach = self._allowed_nodes(topk_idx, src, table)  # [T, N]
-                per_node = topo.gpus_per_node * topo.slots_per_gpu
-                allowed &= reach[t_idx[far][:, None], cand.clamp(min=0) // per_node]
+                allowed &= reach[t_idx[far][:, None], cand.clamp(min=0) // topo.slots_per_node]
             keys, row = torch.unique(torch.cat([src_key[far][:, None], allowed.long()], 1), dim=0,
                                      return_inverse=True)
             rs, re = keys[:, 0] // n_log, keys[:, 0] % n_log

@@ -8,6 +8,7 @@ from __future__ import annotations
 import weakref
 from collections import OrderedDict
 from collections.abc import Sequence
+from typing import TypeGuard
 
 import torch
 
@@ -237,7 +238,7 @@ def topk_weights(op: str, t: object, *, num_tokens: int, num_topk: int, device: 
 MAX_ROWS = (1 << 31) - (1 << 20)
 
 
-def integer_tensor(v: object) -> bool:
+def integer_tensor(v: object) -> TypeGuard[torch.Tensor]:
     """Whether ``v`` is a tensor of integers (not bool): what expert ids may be held in."""
     return isinstance(v, torch.Tensor) and not (v.dtype.is_floating_point or v.dtype.is_complex
                                                 or v.dtype == torch.bool)

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from largeep.checks import integer_tensor
 from largeep.errors import ArgumentError
 from largeep.placement import _check_topk
 
@@ -508,9 +509,7 @@ class TopKGate(nn.Module):
         """Refuses anything but an integer tensor [E] of values >= 1 holding values (one host read); returns it as
         int64 on the CPU."""
         e = self.config.num_experts
-        ok = (isinstance(replica_count, torch.Tensor) and replica_count.shape == (e,)
-              and not replica_count.dtype.is_floating_point and replica_count.dtype != torch.bool
-              and not replica_count.is_complex() and replica_count.device.type != "meta")
+        ok = integer_tensor(replica_count) and replica_count.shape == (e,) and replica_count.device.type != "meta"
         _check(ok, "replica_count", f"must be an integer tensor [{e}] holding values, got "
                f"{replica_count.dtype} {tuple(replica_count.shape)}" if isinstance(replica_count, torch.Tensor)
                else f"must be an integer tensor [{e}], got {type(replica_count).__name__}")

@@ -7,7 +7,9 @@
 set -uo pipefail
 source scripts/session_lib.sh "$1" "${2:-r1}" emulate
 build
-LARGEEP_TEST_ROUNDS=10000 tests long_run_10000.log 300 -s "test_long_run.py::test_long_run[2-nvshmem-nccl]"
+export LARGEEP_TEST_ROUNDS=10000
+tests long_run_10000.log 300 -s "test_long_run.py::test_long_run[2-nvshmem-nccl]"
+unset LARGEEP_TEST_ROUNDS
 tests gpu.log "$(left 560)" test_gpu.py -k "not peer_exits and not long_run and not many and not wide"
 echo "all $(elapsed) s"
 finish

@@ -868,3 +868,12 @@ def test_set_replicas_refusals_and_compile():
     assert torch.equal(compiled(logits), want)
     with pytest.raises(ArgumentError, match="'capacity'"):
         apply_capacity(torch.zeros(2, 1, dtype=torch.int64), torch.zeros(2, 1), 2, torch.ones(3, dtype=torch.int64))
+
+
+@pytest.mark.parametrize("capacity", [torch.ones(2, dtype=torch.bool), torch.ones(2, dtype=torch.complex64), True,
+                                      1.5, "2"], ids=["bool-tensor", "complex-tensor", "bool", "float", "str"])
+def test_apply_capacity_refuses_non_integers(capacity: object) -> None:
+    """A capacity that is not an integer (a bool tensor would read as 0/1 per expert) is refused by name."""
+    idx = torch.tensor([[0, 1], [1, 0]])
+    with pytest.raises(ArgumentError, match="'capacity'"):
+        apply_capacity(idx, torch.ones(2, 2), 2, capacity)  # type: ignore[arg-type]

@@ -320,11 +320,13 @@ def apply_capacity(
     """
     flat = topk_idx.reshape(-1)
     if isinstance(capacity, torch.Tensor):
-        _check(capacity.shape == (num_experts,) and not capacity.dtype.is_floating_point, "capacity",
+        _check(capacity.shape == (num_experts,) and integer_tensor(capacity), "capacity",
                f"must be an int or an integer tensor [{num_experts}], got {capacity.dtype} {tuple(capacity.shape)}")
     elif torch.compiler.is_compiling():  # (a traced size: branching on it, or formatting it into a message, would
         torch._check(capacity >= 0)   # make it a constant, a graph per batch size)
     else:
+        _check(isinstance(capacity, numbers.Integral) and not isinstance(capacity, bool), "capacity",
+               f"must be an int or an integer tensor [{num_experts}], got {type(capacity).__name__} {capacity!r:.40}")
         _check(capacity >= 0, "capacity", f"must be >= 0, got {capacity}")
     key = torch.where(flat >= 0, flat, torch.full_like(flat, num_experts))  # -1 goes to an extra bucket
     order = torch.argsort(key, stable=True)

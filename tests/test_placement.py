@@ -1059,6 +1059,29 @@ def test_node_limited_route_keeps_the_gate_limit(nodes, gpn, spg, num_logical, t
             assert max(far) > limit
 
 
+def test_plan_placement_node_limited_judges_node_limited_routes():
+    """plan_placement(node_limited=True) judges plans on the trace as a node-limited layer routes it: its plan's
+    node-limited bottleneck is at most the greedy plan's, and simulate_links(node_limited=True) is
+    simulate_links of route(node_limited=True)'s slots."""
+    topo = Topology(4, 4, slots_per_gpu=2)
+    trace = synthetic_trace(2048, 24, 4, topo, seed=5, zipf_s=1.2)
+    greedy = plan_placement(trace.expert_load(), topo)  # (no trace: the greedy plan)
+    plan = plan_placement(None, topo, trace=trace, node_limited=True)
+    assert torch.equal(plan.replica_table, plan_placement(None, topo, trace=trace, node_limited=True).replica_table)
+    for p in (greedy, plan):
+        routed = p.route(trace.topk_idx, trace.src_gpu, node_limited=True)
+        got = simulate_links(trace, p, node_limited=True)
+        want = simulate_links(trace, p, physical_idx=routed)
+        assert torch.equal(got.nic_in, want.nic_in) and torch.equal(got.compute, want.compute)
+        assert got.max_link_time_s == want.max_link_time_s
+    # (here the search wins, and beats the plan judged on unlimited routes when both are routed node-limited)
+    unlimited = plan_placement(None, topo, trace=trace)
+    times = [simulate_links(trace, p, node_limited=True).max_link_time_s for p in (plan, unlimited, greedy)]
+    assert times[0] < times[1] < times[2], times
+    with pytest.raises(ValueError, match="'node_limited'"):  # (ArgumentError)
+        simulate_links(trace, plan, physical_idx=routed, node_limited=True)
+
+
 def test_node_limited_route_balances_within_the_allowed_nodes():
     """Expert 0 has one replica on each of nodes 1, 2 and 3 (home: node 1). From node 0, tokens whose other expert
     lives on node 1 may use only node 1's replica; those whose other expert lives on node 2 may use nodes 1 and 2.

@@ -1076,6 +1076,7 @@ def plan_placement(
     hierarchical: bool = True,
     max_rounds: int = 200,
     time_budget_s: float | None = None,
+    node_limited: bool = False,
 ) -> Placement:
     """Topology-aware placement from measured load and, when given, a routing trace.
 
@@ -1101,6 +1102,9 @@ def plan_placement(
             pairs); both phases normally stop earlier, when no swap improves (the result is then deterministic).
         time_budget_s: optional wall-clock limit of the searches (the result then depends on the machine's speed
             and load: never plan on every rank independently with it, since the ranks may get different plans).
+        node_limited: evaluate (and search) with the trace routed as ``Placement.route(node_limited=True)`` routes
+            it: what a :class:`~largeep.layers.MoELayer` does when its gate limits each token to groups that are
+            the placement's home nodes. Without it the plan is judged on routing that ignores the node limit.
 
     Returns:
         The plan with the lower bottleneck link time on the trace (the greedy plan when the search does not win).
@@ -1132,7 +1136,7 @@ def plan_placement(
     greedy = _to_placement(unit_expert, unit_at, load.numel(), topology)
     if trace is None or topology.num_nodes == 1 or trace.topk_idx.numel() == 0:
         return greedy
-    ref = simulate_links(trace, greedy, hierarchical=hierarchical)
+    ref = simulate_links(trace, greedy, hierarchical=hierarchical, node_limited=node_limited)
     limit = ref.compute_imbalance * (1.0 + imbalance_tolerance) + 1e-12
     # Estimated loads (a replica's even share of its expert's choices, in the trace's units) drive the search,
     # under greedy's largest routed GPU load * (1 + tolerance / 2).
@@ -1148,11 +1152,11 @@ def plan_placement(
         state = _SwapState(unit_expert, start, w * unit_scale, topology)
         _pair_search(state, pairs, src, trace.topk_idx.shape[1], bound, max_rounds, t0 + 0.6 * budget)
         mid = _to_placement(unit_expert, state.unit_at, load.numel(), topology)
-        bind = mid.route(trace.topk_idx[sub], trace.src_gpu[sub])
+        bind = mid.route(trace.topk_idx[sub], trace.src_gpu[sub], node_limited=node_limited)
         bind = torch.where(bind >= 0, torch.from_numpy(state.unit_at)[bind.clamp(min=0)], bind)  # slot -> unit
         _demand_search(state, bind.numpy(), src_node, bound, max_rounds, t0 + budget)
         topo = _to_placement(unit_expert, state.unit_at, load.numel(), topology)
-        new = simulate_links(trace, topo, hierarchical=hierarchical)
+        new = simulate_links(trace, topo, hierarchical=hierarchical, node_limited=node_limited)
         if new.compute_imbalance <= limit:
             return topo if new.max_link_time_s < ref.max_link_time_s else greedy
         bound *= 0.99 * limit / new.compute_imbalance
@@ -1206,6 +1210,7 @@ def simulate_links(
     bytes_per_elem: int = 2,
     hierarchical: bool = True,
     physical_idx: torch.Tensor | None = None,
+    node_limited: bool = False,
 ) -> LinkLoad:
     """Per-link bytes of dispatching ``trace`` (combine sends the same bytes back the other way).
 
@@ -1215,6 +1220,7 @@ def simulate_links(
         hidden, bytes_per_elem: bytes per token = hidden * bytes_per_elem.
         hierarchical: model hierarchical (True) or flat (False) dispatch (see the module docstring).
         physical_idx: int64 [T, K] slots, if already routed.
+        node_limited: route with ``placement.route(node_limited=True)`` (not with ``physical_idx``).
 
     Returns:
         :class:`LinkLoad`.
@@ -1225,8 +1231,9 @@ def simulate_links(
     topo = placement.topology
     g_num, gpn = topo.num_gpus, topo.gpus_per_node
     if physical_idx is None:
-        physical_idx = placement.route(trace.topk_idx, trace.src_gpu)
+        physical_idx = placement.route(trace.topk_idx, trace.src_gpu, node_limited=node_limited)
     else:
+        _check(not node_limited, "node_limited", "routes the trace: give it or physical_idx, not both")
         _check_topk(physical_idx, topo.num_slots, "physical_idx")
         _check(physical_idx.shape == trace.topk_idx.shape, "physical_idx", "must have the trace's shape")
         physical_idx = physical_idx.cpu()

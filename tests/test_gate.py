@@ -230,6 +230,26 @@ def test_update_bias_rule_and_counts():
     assert float(off.expert_bias.abs().sum()) == 0.0
 
 
+def test_update_bias_per_replica_uses_the_gates_replica_counts():
+    """per_replica divides the load by set_replicas' counts before the sign step: an expert with 3 replicas and 3x
+    the mean load per replica is left alone, where the plain step pushes it down."""
+    gate = TopKGate(GateConfig(hidden=4, num_experts=4, topk=2, bias_update_rate=0.5))
+    gate.set_replicas(torch.tensor([3, 1, 1, 1]))
+    load = torch.tensor([9.0, 3, 2, 4])
+    used = gate.update_bias(load=load, per_replica=True)
+    want = load / torch.tensor([3.0, 1, 1, 1])
+    assert torch.equal(used, want)
+    torch.testing.assert_close(gate.expert_bias, 0.5 * torch.sign(want.mean() - want))
+    assert float(gate.expert_bias[0]) == 0.0  # (3 per replica is the mean per replica: no push)
+    plain = TopKGate(GateConfig(hidden=4, num_experts=4, topk=2, bias_update_rate=0.5))
+    plain.set_replicas(torch.tensor([3, 1, 1, 1]))
+    plain.update_bias(load=load)
+    assert float(plain.expert_bias[0]) == -0.5  # (the plain step pushes the replicated expert down)
+    assert torch.equal(load, torch.tensor([9.0, 3, 2, 4]))
+    with pytest.raises(ArgumentError, match="'per_replica'"):
+        gate.update_bias(load=load, per_replica=1)  # type: ignore[arg-type]
+
+
 def _bias_worker(rank: int, world: int, path: str, result_dir: str) -> None:
     import torch.distributed as dist
 

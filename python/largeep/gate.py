@@ -602,6 +602,7 @@ class TopKGate(nn.Module):
         *,
         load: torch.Tensor | None = None,
         rate: float | None = None,
+        per_replica: bool = False,
     ) -> torch.Tensor:
         """One aux-loss-free balancing step: ``bias += rate * sign(mean(load) - load)``, then resets the counts.
 
@@ -610,8 +611,9 @@ class TopKGate(nn.Module):
         the bias pushes the replicated expert down toward the mean load of one expert, so its replicas' GPUs serve
         less than the plan gave them (underloaded) and the GPUs of the experts it moves the load to more, until a
         re-plan from the new loads. To even the load per replica instead, pass ``load`` = the counts divided by each
-        expert's replica count (``Placement.replica_count``); a re-plan from loads balanced that way sees loads in
-        proportion to the current replica counts, so it keeps them.
+        expert's replica count (``Placement.replica_count``), or ``per_replica=True`` to use the counts of
+        :meth:`set_replicas` (which :class:`largeep.layers.MoELayer` sets from its placement); a re-plan from loads
+        balanced that way sees loads in proportion to the current replica counts, so it keeps them.
 
         Args:
             group: when given, the loads are summed over it (one all_reduce of E float32 numbers; every rank of
@@ -621,13 +623,17 @@ class TopKGate(nn.Module):
             load: float [E] to use instead of the counts gathered by ``forward`` since the last update; finite
                 (checked: one host read of it).
             rate: overrides ``config.bias_update_rate`` (a finite number >= 0; checked before the all_reduce).
+            per_replica: even the load per replica: the (summed) load is divided by ``expert_replicas`` (the
+                counts of :meth:`set_replicas`; 1 each by default) before the step.
 
         Returns:
-            float32 [E], the (summed) load the step used. Waits on the host only through the all_reduce.
+            float32 [E], the (summed; with ``per_replica``, divided) load the step used. Waits on the host only
+            through the all_reduce.
         """
         e = self.config.num_experts
         step = self.config.bias_update_rate if rate is None else rate
         _check(_finite(step) and step >= 0, "rate", f"must be a finite number >= 0, got {step!r}")
+        _check(isinstance(per_replica, bool), "per_replica", f"must be a bool, got {type(per_replica).__name__}")
         _check(load is None or isinstance(load, torch.Tensor), "load",
                f"must be None or a tensor [{e}], got {type(load).__name__}")
         used = self.expert_load.clone() if load is None else load.detach().float().to(self.expert_bias.device).clone()
@@ -638,6 +644,8 @@ class TopKGate(nn.Module):
             from largeep import _collective
 
             _collective.all_reduce(used, group, "TopKGate.update_bias")
+        if per_replica:
+            used /= self.expert_replicas.to(used)
         if self.config.bias_balancing:
             self.expert_bias += step * torch.sign(used.mean() - used)
         self.expert_load.zero_()

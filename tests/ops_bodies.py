@@ -573,3 +573,99 @@ def ops_fp8_strided(rank: int, world: int) -> list[str]:
         return fails
     finally:
         buf.destroy()
+
+
+def node_partials_reference(buf: largeep.Buffer, handle: Any, rows: torch.Tensor
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(plain, partials): what a combine of bf16 ``rows`` [R, H] through the Buffer handle ``handle`` gives without
+    and with ``bf16_partial_sums``, bf16 [T, H] on the CPU. Each node's float32 partial sum of a token's rows is a
+    float32 combine of the rows with those of the other nodes' ranks zeroed (every rank calls one per node); plain
+    rounds the sum of the partials to bf16 once, partials first rounds the partial of every node but this rank's to
+    bf16 (the sums in float64)."""
+    c = buf.ctx
+    p, me = c.ranks_per_node, c.rank // c.ranks_per_node
+    plain = part = None
+    for node in range(c.num_ranks // p):
+        keep = float(node == me)
+        out = buf.combine(rows.float() * keep, handle).x.double().cpu()
+        plain = out if plain is None else plain + out
+        out = out if node == me else out.to(torch.bfloat16).double()
+        part = out if part is None else part + out
+    assert plain is not None and part is not None
+    return plain.to(torch.bfloat16), part.to(torch.bfloat16)
+
+
+def _bits_equal(fails: list[str], got: torch.Tensor, want: torch.Tensor, what: str) -> None:
+    got = got.detach().cpu()
+    if got.dtype != want.dtype or got.shape != want.shape:
+        fails.append(f"{what}: {got.dtype} {tuple(got.shape)}, want {want.dtype} {tuple(want.shape)}")
+        return
+    bad = (got.view(torch.int16) != want.view(torch.int16)).nonzero()[:4].tolist()
+    if bad:
+        fails.append(f"{what}: differs at {bad}: got {[got[i, j].item() for i, j in bad]}, want "
+                     f"{[want[i, j].item() for i, j in bad]}")
+
+
+def _differ_anywhere(differs: bool) -> bool:
+    """Whether ``differs`` holds on some rank (collective)."""
+    t = torch.tensor([int(differs)])
+    torch.distributed.all_reduce(t)
+    return int(t.item()) > 0
+
+
+def ops_bf16_partial_sums(rank: int, world: int, ranks_per_node: int | None, custom: bool) -> list[str]:
+    """ops.combine(bf16_partial_sums=) and ops.dispatch(bf16_partial_sums=) (whose backward is that combine of the
+    received rows' gradient), bit for bit against node_partials_reference, on the eager or the custom-op path.
+    The rows (and gradients) are integers of at most 7 significant bits times 1, 2 or 4, of mixed signs: every
+    float32 sum here is exact, and a node's partial of two rows needs more bits than bf16 has. The two roundings
+    must differ somewhere in nodes of several ranks, and nowhere with one node; the summed weights' gradient is the
+    same with the flag as without."""
+    fails: list[str] = []
+    hidden, e = 16, 2 * world
+    k = min(3, e)
+    tokens = [6, 0, 9, 4][rank % 4]
+    buf = largeep.Buffer(None, hidden=hidden, num_experts=e, num_topk=k, max_tokens_per_rank=9, backend="torch",
+                         ranks_per_node=ranks_per_node)
+    b: Any = ops.register_buffer(buf) if custom else buf
+    try:
+        g = torch.Generator().manual_seed(70 + rank)
+        idx = torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(tokens)] or [torch.empty(0, k)])
+        idx = idx.to(torch.int64).reshape(-1, k)
+        if tokens > 1:
+            idx[1, 0] = -1
+        x = torch.randn(tokens, hidden, generator=g).to(torch.bfloat16)
+        w = torch.rand(tokens, k, generator=g) + 0.1
+        ref = buf.dispatch(x, idx, w)  # (the same routing: the same received rows, in the same order)
+        r = ref.x.shape[0]
+
+        def ints(*shape: int) -> torch.Tensor:
+            v = torch.randint(-127, 128, shape, generator=g) * 2 ** torch.randint(0, 3, shape, generator=g)
+            return v.to(torch.bfloat16)
+
+        rows, grad_rows, grad_w = ints(r, hidden), ints(r, hidden), torch.rand(r, k, generator=g)
+        want = node_partials_reference(buf, ref.handle, rows)
+        want_g = node_partials_reference(buf, ref.handle, grad_rows)
+        wgrads = []
+        for flag in (False, True):
+            with torch.no_grad():
+                d = ops.dispatch(b, x, idx, w, use_custom_ops=custom)
+                got = _attempt(fails, f"combine, flag {flag}", ops.combine, b, rows, d.handle, bf16_partial_sums=flag)
+                if got is not None:
+                    _bits_equal(fails, got.x, want[flag], f"combine, bf16_partial_sums={flag}")
+            xg, wg = x.clone().requires_grad_(), w.clone().requires_grad_()
+            d = ops.dispatch(b, xg, idx, wg, use_custom_ops=custom, bf16_partial_sums=flag)
+            ((d.x * grad_rows).sum() + (d.topk_weights * grad_w).sum()).backward()
+            _bits_equal(fails, xg.grad, want_g[flag], f"dispatch backward, bf16_partial_sums={flag}")
+            wgrads.append(wg.grad)
+        _check(fails, all(wgr is not None for wgr in wgrads) and torch.equal(wgrads[0], wgrads[1]),
+               "the weights' gradient changed with bf16_partial_sums")
+        p = ranks_per_node or world
+        for what, (plain, part) in (("combine", want), ("gradient", want_g)):
+            differs = _differ_anywhere(not torch.equal(plain, part))
+            _check(fails, differs == (1 < p < world), f"{what}: the two roundings differ: {differs}, with "
+                   f"{world // p} nodes of {p} ranks")
+        if custom:
+            _check(fails, ops.live_handles(b) == 0, f"{ops.live_handles(b)} live handles after, want 0")
+    finally:
+        buf.destroy()
+    return fails

@@ -152,6 +152,15 @@ def test_second_derivative(pools, tokens: list[int], num_worst: int, use_custom_
     _no_failures(pools(2).run(ops_bodies.ops_second_derivative, tokens, num_worst, use_custom_ops))
 
 
+@pytest.mark.parametrize("world,ranks_per_node,use_custom_ops", [(4, 2, False), (4, 2, True), (2, None, False),
+                                                                 (2, None, True)])
+def test_bf16_partial_sums(pools, world: int, ranks_per_node: int | None, use_custom_ops: bool) -> None:
+    """ops.combine(bf16_partial_sums=True), and the backward of ops.dispatch(bf16_partial_sums=True), bit for bit
+    against float32 node partials rounded to bf16: 2 nodes of 2 ranks (where that rounding differs from float32
+    partials), and one node (the same bits as without the flag)."""
+    _no_failures(pools(world).run(ops_bodies.ops_bf16_partial_sums, ranks_per_node, use_custom_ops))
+
+
 @pytest.mark.parametrize(
     "backend,num_chunks", [("eager", 0), ("eager", 2), ("aot_eager", 0), ("aot_eager", 1), ("aot_eager", 2),
                            ("inductor", 0)],
@@ -505,6 +514,14 @@ def test_ops_dispatch_refuses_what_it_cannot_differentiate() -> None:
             ops.dispatch(0, x, idx, w, use_fp8=True, use_custom_ops=custom)
         with pytest.raises(ArgumentError, match="use_fp8=True.*'x'.*torch.float16"):
             ops.dispatch(0, torch.zeros(2, 128, dtype=torch.float16), idx, w, use_fp8=True, use_custom_ops=custom)
+    # bf16_partial_sums: a bool, and bf16 x (the backward's combine of its gradient rows, in x's dtype), either path
+    with pytest.raises(ArgumentError, match="'bf16_partial_sums' must be a bool"):
+        ops.dispatch(0, x.bfloat16(), idx, w, bf16_partial_sums=1)  # type: ignore[arg-type]
+    with pytest.raises(ArgumentError, match="ops.combine: argument 'bf16_partial_sums' must be a bool"):
+        ops.combine(0, x.bfloat16(), None, bf16_partial_sums="yes")  # type: ignore[arg-type]
+    for custom in (False, True):
+        with pytest.raises(ArgumentError, match=r"'bf16_partial_sums' = True needs x in bfloat16.*torch.float32"):
+            ops.dispatch(0, x, idx, w, bf16_partial_sums=True, use_custom_ops=custom)
     with pytest.raises(ArgumentError, match="'topk_weights'"):
         ops.dispatch(0, x, idx, None)  # type: ignore[arg-type]
     with pytest.raises(ArgumentError, match="'topk_weights'"):

@@ -8,7 +8,8 @@ communication with compute. Each is the other's backward (SPEC.md: combine is th
 
 - dispatch backward: ``combine`` of the grad of the received rows through the same handle; the grad of the
   received ``topk_weights`` (masked to entries whose expert is on the receiving rank) is summed home by the same
-  call, which gives the grad of the caller's ``topk_weights``.
+  call, which gives the grad of the caller's ``topk_weights``. A dispatch with ``bf16_partial_sums`` (bf16 x) makes
+  that combine with ``bf16_partial_sums`` (each other node's partial sum of the gradient rows sent home as bf16).
 - combine backward: a cached ``dispatch`` (handle given, no layout, no count exchange) of the grad of the output.
   With ``num_worst_tokens`` the rows past the received count get a zero grad (they never reach the output).
 
@@ -1135,13 +1136,15 @@ def _(
     "largeep::dispatch_recv",
     mutates_args=(),
     schema=(
-        "(int buffer_id, Tensor ticket, Tensor x, Tensor topk_weights, int num_worst_tokens, bool hold) "
-        "-> (Tensor, Tensor, Tensor)"
+        "(int buffer_id, Tensor ticket, Tensor x, Tensor topk_weights, int num_worst_tokens, bool hold, "
+        "bool bf16_partial_sums=False) -> (Tensor, Tensor, Tensor)"
     ),
 )
 def _dispatch_recv_op(
-    buffer_id: int, ticket: Tensor, x: Tensor, topk_weights: Tensor, num_worst_tokens: int, hold: bool
+    buffer_id: int, ticket: Tensor, x: Tensor, topk_weights: Tensor, num_worst_tokens: int, hold: bool,
+    bf16_partial_sums: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
+    """bf16_partial_sums: for the backward only (its combine of the received rows' gradient, bf16 as x is)."""
     entry = _get(buffer_id, ticket, "dispatch_recv", refs=int(hold))
     if entry.pending is None:
         raise RuntimeError("largeep.ops.dispatch_recv: the outputs of this dispatch were already taken")
@@ -1152,7 +1155,8 @@ def _dispatch_recv_op(
 
 @_dispatch_recv_op.register_fake
 def _(
-    buffer_id: int, ticket: Tensor, x: Tensor, topk_weights: Tensor, num_worst_tokens: int, hold: bool
+    buffer_id: int, ticket: Tensor, x: Tensor, topk_weights: Tensor, num_worst_tokens: int, hold: bool,
+    bf16_partial_sums: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
     rows = num_worst_tokens or torch.library.get_ctx().new_dynamic_size(max=_max_rows(buffer_id))
     k = topk_weights.shape[1]
@@ -1196,12 +1200,13 @@ def _(buffer_id: int, x: Tensor, ticket: Tensor, num_rows: int) -> Tensor:
     "largeep::combine",
     mutates_args=(),
     schema=(
-        "(int buffer_id, Tensor y, Tensor ticket, SymInt num_tokens, Tensor? topk_weights, int refs) "
-        "-> (Tensor, Tensor)"
+        "(int buffer_id, Tensor y, Tensor ticket, SymInt num_tokens, Tensor? topk_weights, int refs, "
+        "bool bf16_partial_sums=False) -> (Tensor, Tensor)"
     ),
 )
 def _combine_op(
-    buffer_id: int, y: Tensor, ticket: Tensor, num_tokens: int, topk_weights: Tensor | None, refs: int
+    buffer_id: int, y: Tensor, ticket: Tensor, num_tokens: int, topk_weights: Tensor | None, refs: int,
+    bf16_partial_sums: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """refs: +1 for a forward whose y needs grad (its backward will come), 0 for one without, -1 as the backward
     of dispatch_recv. The count changes once the Buffer has accepted the arguments: a combine refused for them
@@ -1210,7 +1215,8 @@ def _combine_op(
     entry = _get(buffer_id, ticket, "combine")
     assert isinstance(entry.handle, DispatchHandle)
     try:
-        res = buffer_of(buffer_id).combine(y, entry.handle, topk_weights=topk_weights)
+        res = buffer_of(buffer_id).combine(y, entry.handle, topk_weights=topk_weights,
+                                           bf16_partial_sums=bf16_partial_sums)
     except ArgumentError:
         raise
     except BaseException:
@@ -1224,7 +1230,8 @@ def _combine_op(
 
 @_combine_op.register_fake
 def _(
-    buffer_id: int, y: Tensor, ticket: Tensor, num_tokens: int, topk_weights: Tensor | None, refs: int
+    buffer_id: int, y: Tensor, ticket: Tensor, num_tokens: int, topk_weights: Tensor | None, refs: int,
+    bf16_partial_sums: bool = False,
 ) -> tuple[Tensor, Tensor]:
     _inductor_order.ensure()
     w = topk_weights.new_empty(num_tokens, topk_weights.shape[1]) if topk_weights is not None else None
@@ -1246,8 +1253,9 @@ def _zero_tail(x: Tensor, valid_rows: Tensor | None) -> Tensor:
 
 
 def _recv_setup(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor, Tensor]) -> None:
-    buffer_id, ticket, x, topk_weights, _, hold = inputs
+    buffer_id, ticket, x, topk_weights, _, hold = inputs[:6]
     ctx.buffer_id = buffer_id
+    ctx.bf16_partial_sums = bool(inputs[6]) if len(inputs) > 6 else False
     ctx.num_tokens = x.shape[0]
     ctx.x_dtype = x.dtype
     ctx.hidden = x.shape[1]
@@ -1269,15 +1277,15 @@ def _recv_backward(ctx: Any, gx: Tensor | None, _gidx: Any, gw: Tensor | None) -
         gx = torch.zeros(recv_valid.shape[0], ctx.hidden, dtype=ctx.x_dtype, device=recv_valid.device)
     # (the backends take empty tensors of any strides, as an empty gradient may have)
     w = torch.where(recv_valid, gw, 0.0).contiguous() if gw is not None else None
-    x, wsum = _combine_op(ctx.buffer_id, gx.contiguous(), ticket, ctx.num_tokens, w, -1)
-    return None, None, x, (wsum if w is not None else None), None, None
+    x, wsum = _combine_op(ctx.buffer_id, gx.contiguous(), ticket, ctx.num_tokens, w, -1, ctx.bf16_partial_sums)
+    return None, None, x, (wsum if w is not None else None), None, None, None
 
 
 _dispatch_recv_op.register_autograd(_recv_backward, setup_context=_recv_setup)
 
 
 def _combine_setup(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, Tensor]) -> None:
-    buffer_id, y, ticket, _, _, refs = inputs
+    buffer_id, y, ticket, _, _, refs = inputs[:6]
     ctx.buffer_id = buffer_id
     ctx.num_rows = y.shape[0]
     ctx.in_backward = refs < 0  # dispatch_recv's backward, recorded by a backward with create_graph=True
@@ -1297,12 +1305,12 @@ def _combine_backward(ctx: Any, gx: Tensor | None, _gw: Any) -> tuple[Any, ...]:
     if ctx.in_backward:
         raise RuntimeError(_NO_DOUBLE_BACKWARD)
     if gx is None:
-        return None, None, None, None, None, None
+        return None, None, None, None, None, None, None
     (ticket,) = ctx.saved_tensors
     if ctx.hold is not None:
         ticket = ctx.hold.take()
     gy = _dispatch_cached_op(ctx.buffer_id, gx.contiguous(), ticket, ctx.num_rows)
-    return None, gy, None, None, None, None
+    return None, gy, None, None, None, None, None
 
 
 _combine_op.register_autograd(_combine_backward, setup_context=_combine_setup)
@@ -1657,6 +1665,7 @@ class _DispatchFn(torch.autograd.Function):
         sink: list[Any],
         grad: bool,
         use_fp8: bool,
+        bf16_partial_sums: bool,
     ) -> tuple[Tensor, Tensor, Tensor]:
         send: Tensor | tuple[Tensor, Tensor] = x
         if use_fp8:
@@ -1674,6 +1683,7 @@ class _DispatchFn(torch.autograd.Function):
         sink.append((handle, res, event))
         ctx.handle = handle
         ctx.x_dtype = x.dtype
+        ctx.home = _home_bf16_partials if bf16_partial_sums else _home
         ctx.mark_non_differentiable(res.topk_idx)
         return rx, res.topk_idx, res.topk_weights
 
@@ -1683,8 +1693,8 @@ class _DispatchFn(torch.autograd.Function):
         if gx is None:
             c = h.buffer.ctx
             gx = torch.zeros(h.handle.num_recv_tokens, c.hidden, dtype=ctx.x_dtype, device=c.device)
-        x, w = _recorded(_home, _away, h, gx, gw)
-        return x, None, w, None, None, None, None, None, None, None
+        x, w = _recorded(ctx.home, _away, h, gx, gw)
+        return x, None, w, None, None, None, None, None, None, None, None
 
 
 class _CombineFn(torch.autograd.Function):
@@ -1696,8 +1706,10 @@ class _CombineFn(torch.autograd.Function):
         previous_event: EventOverlap | None,
         async_finish: bool,
         sink: list[Any],
+        bf16_partial_sums: bool,
     ) -> Tensor:
-        res = handle.buffer.combine(y, handle.handle, previous_event=previous_event, async_finish=async_finish)
+        res = handle.buffer.combine(y, handle.handle, previous_event=previous_event, async_finish=async_finish,
+                                    bf16_partial_sums=bf16_partial_sums)
         sink.append(res)
         ctx.handle = handle
         return res.x
@@ -1705,7 +1717,7 @@ class _CombineFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, gx: Tensor) -> tuple[Any, ...]:
         gy, _ = _recorded(_away, _home, ctx.handle, gx, None)
-        return gy, None, None, None, None
+        return gy, None, None, None, None, None
 
 
 # The backwards above are themselves differentiable (a second derivative, e.g. a gradient penalty taken with
@@ -1717,7 +1729,8 @@ class _CombineFn(torch.autograd.Function):
 #         count zero; the weights [R, K] it receives, zero where topk_idx names no expert here).
 # The first derivative costs what it did without this (one combine, one cached dispatch); the weights' part of
 # "away" (a cached dispatch carries no weights) sends them as rows of H float32 values, which only a second
-# derivative through the weights does.
+# derivative through the weights does. A dispatch with bf16_partial_sums records _home_bf16_partials for home (each
+# other node's partial sum rounded to bf16: linear up to that rounding), in its own backward and any derivative above.
 
 
 def _row_aligned(t: Tensor) -> Tensor:
@@ -1736,10 +1749,17 @@ def _needs_row_copy(t: Tensor) -> bool:
     return not torch.compiler.is_compiling() and t.is_cuda and t.data_ptr() % 16 != 0
 
 
-def _home(h: OpHandle, rows: Tensor, weights: Tensor | None) -> tuple[Tensor, Tensor | None]:
+def _home(
+    h: OpHandle, rows: Tensor, weights: Tensor | None, bf16_partial_sums: bool = False
+) -> tuple[Tensor, Tensor | None]:
     w = torch.where(h.received(), weights, 0.0).contiguous() if weights is not None else None
-    res = h.buffer.combine(_row_aligned(rows), h.handle, topk_weights=w)
+    res = h.buffer.combine(_row_aligned(rows), h.handle, topk_weights=w, bf16_partial_sums=bf16_partial_sums)
     return res.x, (res.topk_weights if w is not None else None)
+
+
+def _home_bf16_partials(h: OpHandle, rows: Tensor, weights: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """_home with ``bf16_partial_sums``: the backward of a dispatch that asked for it (bf16 rows)."""
+    return _home(h, rows, weights, True)
 
 
 def _away(h: OpHandle, x: Tensor, w: Tensor | None) -> tuple[Tensor, Tensor | None]:
@@ -1825,6 +1845,7 @@ def dispatch(
     async_finish: bool = False,
     use_custom_ops: bool = False,
     use_fp8: bool = False,
+    bf16_partial_sums: bool = False,
 ) -> DispatchOutput:
     """Differentiable normal-mode dispatch (SPEC.md): grads flow to ``x`` and ``topk_weights``.
 
@@ -1843,6 +1864,11 @@ def dispatch(
             given), the dequantisation where its outputs are ready (with ``async_finish``, on the Buffer's stream
             before the returned event). A NaN or infinity in x spoils its whole 128-channel group (every value of
             it arrives NaN: :mod:`largeep.fp8`).
+        bf16_partial_sums: for the backward (bf16 x only: x's gradient is the combine of the received rows'
+            gradient, in x's dtype): that combine takes ``Buffer.combine(bf16_partial_sums=True)``, each other
+            node's partial sum of a token's gradient rows coming home as bf16 (half the bytes between nodes, one
+            more bf16 rounding; the summed weights' gradient stays float32). Within one node it changes nothing.
+            The forward is as without it. Every rank must pass the same value.
 
     Waits on the host for the count exchange unless ``num_worst_tokens`` > 0.
     """
@@ -1855,21 +1881,28 @@ def dispatch(
     if not isinstance(topk_weights, Tensor):
         raise ArgumentError(f"ops.dispatch: argument 'topk_weights' must be a float32 tensor [T, K], got "
                             f"{type(topk_weights).__name__}")
-    checks.flags("ops.dispatch", use_fp8=use_fp8, async_finish=async_finish, use_custom_ops=use_custom_ops)
+    checks.flags("ops.dispatch", use_fp8=use_fp8, async_finish=async_finish, use_custom_ops=use_custom_ops,
+                 bf16_partial_sums=bf16_partial_sums)
     if use_fp8:
         _check_fp8(x)
+    if bf16_partial_sums and x.dtype != torch.bfloat16:
+        raise ArgumentError(
+            f"ops.dispatch: argument 'bf16_partial_sums' = True needs x in bfloat16 (its backward combines the "
+            f"received rows' gradient, in x's dtype, with bf16 partial sums), x is {x.dtype}"
+        )
     if _use_ops(use_custom_ops):
         bid = _buffer_id(buffer, "dispatch")
         ticket = torch.ops.largeep.dispatch_send(bid, x.detach(), topk_idx, topk_weights.detach(), num_worst_tokens,
                                                  use_fp8)
         hold = torch.is_grad_enabled() and (x.requires_grad or topk_weights.requires_grad)
-        rx, ridx, rw = torch.ops.largeep.dispatch_recv(bid, ticket, x, topk_weights, num_worst_tokens, hold)
+        rx, ridx, rw = torch.ops.largeep.dispatch_recv(bid, ticket, x, topk_weights, num_worst_tokens, hold,
+                                                       bf16_partial_sums)
         return DispatchOutput(rx, ridx, rw, TicketHandle(ticket, x.shape[0]), None, None)
     buf = _buffer(buffer)
     sink: list[Any] = []
     rx, ridx, rw = _DispatchFn.apply(
         x, topk_idx, topk_weights, buf, num_worst_tokens, previous_event, async_finish, sink, torch.is_grad_enabled(),
-        use_fp8,
+        use_fp8, bf16_partial_sums,
     )
     handle, res, event = sink[0]
     counts = res.num_tokens_per_expert if not num_worst_tokens else None
@@ -1883,24 +1916,28 @@ def combine(
     *,
     previous_event: EventOverlap | None = None,
     async_finish: bool = False,
+    bf16_partial_sums: bool = False,
 ) -> CombineOutput:
     """Differentiable normal-mode combine: x [T, H] = per-token sum of the rows y [R, H] sent home (no weights).
 
-    ``handle`` comes from :func:`dispatch` on ``buffer``; the path follows it. Does not wait on the host."""
-    checks.flags("ops.combine", async_finish=async_finish)
+    ``handle`` comes from :func:`dispatch` on ``buffer``; the path follows it. Does not wait on the host.
+    ``bf16_partial_sums`` (bf16 y only): ``Buffer.combine(bf16_partial_sums=True)``, each other node's partial sum
+    of a token's rows sent home as bf16 (within one node nothing changes), on either path. The backward (a cached
+    dispatch of the output's gradient) is as without it."""
+    checks.flags("ops.combine", async_finish=async_finish, bf16_partial_sums=bf16_partial_sums)
     if not isinstance(handle, (OpHandle, TicketHandle)):
         raise ArgumentError("ops.combine: argument 'handle' must be the handle of an ops.dispatch (its output's "
                             f".handle), got {type(handle).__name__}")
     if isinstance(handle, TicketHandle):
         bid = _buffer_id(buffer, "combine")
         hold = int(torch.is_grad_enabled() and y.requires_grad)
-        x, _ = torch.ops.largeep.combine(bid, y, handle.ticket, handle.num_tokens, None, hold)
+        x, _ = torch.ops.largeep.combine(bid, y, handle.ticket, handle.num_tokens, None, hold, bf16_partial_sums)
         return CombineOutput(x, None)
     if handle.buffer is not _buffer(buffer):
         raise ArgumentError("ops.combine: argument 'handle' comes from a dispatch on another Buffer than argument "
                             "'buffer'")
     sink: list[Any] = []
-    x = _CombineFn.apply(y, handle, previous_event, async_finish, sink)
+    x = _CombineFn.apply(y, handle, previous_event, async_finish, sink, bf16_partial_sums)
     return CombineOutput(x, sink[0].event)
 
 

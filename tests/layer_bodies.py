@@ -1543,6 +1543,7 @@ def layer_size_checks(rank: int, world: int) -> None:
         # FP8 dispatch: a bool, a hidden size of whole 128-channel groups (16 is not), normal mode only
         _layer_refused(buf, "argument 'use_fp8' must be a bool", ffn_hidden=8, use_fp8=1)
         _layer_refused(buf, "use_fp8 needs hidden % 128 == 0, hidden is 16", ffn_hidden=8, use_fp8=True)
+        _layer_refused(buf, "argument 'bf16_partial_sums' must be a bool", ffn_hidden=8, bf16_partial_sums="yes")
     finally:
         buf.destroy()
     ll = largeep.Buffer(None, hidden=128, num_experts=4 * world, num_topk=2, max_tokens_per_rank=8, backend="torch",
@@ -1552,6 +1553,8 @@ def layer_size_checks(rank: int, world: int) -> None:
                        use_fp8=True)
         _layer_refused(ll, "'ll_bf16_partial_sums' = True needs ll_send_weights=True", ffn_hidden=8,
                        ll_bf16_partial_sums=True, ll_send_weights=False)
+        _layer_refused(ll, "'bf16_partial_sums' applies to normal mode; a low-latency Buffer takes "
+                       "ll_bf16_partial_sums", ffn_hidden=8, bf16_partial_sums=True)
     finally:
         ll.destroy()
     # the low-latency settings on a normal-mode Buffer, which would be ignored there
@@ -1598,6 +1601,12 @@ def layer_input_checks(rank: int, world: int) -> None:
             _raises((f"MoELayer: argument 'x' has 1 dimensions ({h},), expected 2",), layer, torch.randn(h))
             _raises(("MoELayer: argument 'x' must be a torch.Tensor, got list",), layer, [[0.0] * h])
             assert layer(torch.randn(3, h)).shape == (3, h)  # (and the layer still works)
+        # bf16_partial_sums: bf16 x only (the expert rows the combines sum are in x's dtype), refused before any
+        # dispatch, and the layer still works
+        part = layers.MoELayer(nb, ffn_hidden=f, bf16_partial_sums=True, dtype=torch.bfloat16)
+        _raises(("MoELayer: argument 'bf16_partial_sums' = True needs x in bfloat16", "torch.float32"), part,
+                torch.randn(3, h))
+        assert part(torch.randn(3, h).bfloat16()).dtype == torch.bfloat16
         layer = layers.MoELayer(nb, ffn_hidden=f)
         for el, ff in ((e - 1, f), (2 * e, f), (e, f + 1)):
             w1, w3, w2 = torch.randn(el, h, ff), torch.randn(el, h, ff), torch.randn(el, ff, h)
@@ -1819,4 +1828,106 @@ def layer_node_limited_replicas(rank: int, world: int, tokens: list[int], seed: 
             plain = p.route(logical, 0)
             assert (plain == 8).any() and not (idx == 8).any(), plain
     finally:
+        buf.destroy()
+
+
+def layer_bf16_partial_sums(rank: int, world: int, ranks_per_node: int | None, seed: int) -> None:
+    """MoELayer(bf16_partial_sums=True), bf16 layer: every combine it runs (whole batch, 2 chunks, the layers of a
+    MoEPipeline) gives, bit for bit, the combine of its expert rows with each other node's float32 partial sum
+    rounded to bf16 (ops_bodies.node_partials_reference), and x's gradient (a fixed gate, no shared experts: the
+    dispatch's backward alone) the same of its gradient rows; without the flag, the float32 partials. The two
+    layers' outputs and x grads differ exactly where those references do, which is somewhere with 2 nodes of 2
+    ranks and nowhere with one node. The custom-op path and torch.compile(fullgraph, aot_eager) of the flagged
+    layer give the eager bits."""
+    from ops_bodies import node_partials_reference
+
+    hidden, ffn, e, k = 32, 16, 2 * world, 3
+    tokens = [13, 0, 18, 11]
+    buf = largeep.Buffer(None, hidden=hidden, num_experts=e, num_topk=k, max_tokens_per_rank=max(tokens),
+                         backend="torch", ranks_per_node=ranks_per_node)
+    p = ranks_per_node or world
+    x = torch.randn(tokens[rank], hidden, generator=_gen(seed, rank)).to(torch.bfloat16)
+    cot = torch.randn(tokens[rank], hidden, generator=_gen(seed, rank, 1))
+
+    def build(flag: bool, routed: Any = None, **kw: Any) -> layers.MoELayer:
+        torch.manual_seed(seed)  # (the same weights in every layer built here, on every rank)
+        layer = layers.MoELayer(buf, ffn_hidden=ffn, dtype=torch.bfloat16, bf16_partial_sums=flag, **kw)
+        assert layer.bf16_partial_sums is flag
+        if routed is not None:
+            layer.gate = _FixedGate(routed)
+        return layer
+
+    def checked(layer: layers.MoELayer, grads: list[Any]) -> None:
+        """Wraps the layer's combine_chunk: each combine's output against the reference of its rows, and the
+        gradient rows of its dispatch kept (with the handle) for the reference of x's gradient."""
+        orig = layer.combine_chunk
+
+        def combine_chunk(y: torch.Tensor, d: ops.DispatchOutput) -> ops.CombineOutput:
+            res = orig(y, d)
+            ops.wait(res.event)
+            assert isinstance(d.handle, ops.OpHandle)
+            want = node_partials_reference(buf, d.handle.handle, y.detach())[int(layer.bf16_partial_sums)]
+            assert torch.equal(res.x.detach().view(torch.int16), want.view(torch.int16)), (
+                f"rank {rank}: combine with bf16_partial_sums={layer.bf16_partial_sums} differs from the reference")
+            if d.x.requires_grad:
+                slot: list[Any] = [d.handle.handle]
+                grads.append(slot)
+                d.x.register_hook(slot.append)
+            return res
+
+        layer.combine_chunk = combine_chunk  # type: ignore[method-assign]
+
+    try:
+        with torch.no_grad():
+            routed = build(False).route(x)
+        for chunks in (1, 2):
+            outs, xgrads = [], []
+            for flag in (False, True):
+                layer = build(flag, routed, num_chunks=chunks)
+                grads: list[Any] = []
+                checked(layer, grads)
+                xg = x.clone().requires_grad_()
+                out = layer(xg)
+                (out.float() * cot).sum().backward()
+                assert xg.grad is not None and len(grads) == chunks
+                # x's gradient: the dispatch's backward of each chunk, a combine of the chunk's gradient rows
+                want = [node_partials_reference(buf, h, g)[int(flag)] for h, g in grads]
+                assert torch.equal(xg.grad.view(torch.int16), torch.cat(want).view(torch.int16)), (
+                    f"rank {rank}: x's gradient with bf16_partial_sums={flag} ({chunks} chunks) differs from the "
+                    "reference")
+                outs.append(out.detach())
+                xgrads.append(xg.grad)
+                assert ops.live_handles(layer.buffer_id) == 0
+            # (the same expert rows and gradient rows in both layers: they differ by the roundings alone)
+            for what, a, b in (("output", outs[0], outs[1]), ("x grad", xgrads[0], xgrads[1])):
+                differs = a.view(torch.int16) != b.view(torch.int16)
+                assert not differs.any() or 1 < p < world, f"rank {rank}: {what} changed within one node"
+                found = torch.tensor([int(differs.any())])
+                dist.all_reduce(found)
+                assert (int(found.item()) > 0) == (1 < p < world), (
+                    f"{what}: the flag changed {'nothing' if not found.item() else 'something'} with "
+                    f"{world // p} nodes of {p} ranks")
+        # the cross-layer pipeline: each of its combines (2 layers, 2 chunks) checked as above
+        stack = [build(True, routed), build(True)]
+        grads = []
+        for layer in stack:
+            checked(layer, grads)
+        layers.MoEPipeline(stack, num_chunks=2)(x)
+        # the custom-op path and a compiled layer: the eager flagged layer's bits
+        want_out, want_grad = outs[1], xgrads[1]
+        for how in ("custom", "aot_eager"):
+            layer = build(True, routed, num_chunks=2, use_custom_ops=how == "custom")
+            fn: Any = layer
+            if how != "custom":
+                torch._dynamo.reset()
+                fn = torch.compile(layer, backend=how, fullgraph=True)
+            for _ in range(2 if how != "custom" else 1):
+                xg = x.clone().requires_grad_()
+                out = fn(xg)
+                (out.float() * cot).sum().backward()
+                assert torch.equal(out.view(torch.int16), want_out.view(torch.int16)), f"rank {rank}: {how} output"
+                assert xg.grad is not None and torch.equal(xg.grad, want_grad), f"rank {rank}: {how} x grad"
+            assert ops.live_handles(layer.buffer_id) == 0
+    finally:
+        torch._dynamo.reset()
         buf.destroy()

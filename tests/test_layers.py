@@ -51,6 +51,14 @@ def test_layer_buffer_in_rounds(pools, world: int) -> None:
                      0, 5)
 
 
+@pytest.mark.parametrize("world,ranks_per_node", [(4, 2), (2, None)])
+def test_layer_bf16_partial_sums(pools, world: int, ranks_per_node: int | None) -> None:
+    """MoELayer(bf16_partial_sums=True): each combine, forward (one chunk, two, a pipeline) and in the backward,
+    bit for bit against float32 node partials rounded to bf16; 2 nodes of 2 (where that differs from the plain
+    layer) and one node (the same bits); the custom-op path and torch.compile give the eager bits."""
+    pools(world).run(layer_bodies.layer_bf16_partial_sums, ranks_per_node, 61)
+
+
 def test_layer_checks_placement_sizes(pools) -> None:
     pools(1).run(layer_bodies.layer_checks_placement_sizes)
 

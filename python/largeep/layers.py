@@ -395,6 +395,11 @@ class MoELayer(nn.Module):
             ``num_sms``; 0: none.
         use_fp8: normal mode: dispatch FP8 (needs H % 128 == 0; ``ops.dispatch(use_fp8=True)``): the experts see
             the dequantized values; the combine and the gradients stay in the activations' dtype.
+        bf16_partial_sums: normal mode, bf16 activations (x in another dtype is refused at the call): every combine
+            of the layer's (the experts' rows home, and in the backward x's gradient rows, ``ops.dispatch`` /
+            ``ops.combine(bf16_partial_sums=True)``) sends each other node's partial sum of a token's rows as bf16
+            instead of float32: half the bytes between nodes, one more bf16 rounding of each such partial sum.
+            Within one node it changes nothing. Default False (a low-latency layer takes ``ll_bf16_partial_sums``).
         ll_use_fp8: low-latency mode: dispatch FP8 (needs H % 128 == 0); the experts see the dequantized values.
         ll_send_weights: low-latency mode: the dispatch carries the gate weights, so that the combine
             sums each token's outputs on the experts' ranks (``Buffer.low_latency_dispatch(topk_weights=)``: fewer
@@ -430,6 +435,7 @@ class MoELayer(nn.Module):
         num_worst_tokens: int = 0,
         overlap_sm_carveout: int | None = None,
         use_fp8: bool = False,
+        bf16_partial_sums: bool = False,
         ll_use_fp8: bool = False,
         ll_send_weights: bool = True,
         ll_bf16_partial_sums: bool = False,
@@ -468,7 +474,8 @@ class MoELayer(nn.Module):
                 raise ArgumentError(
                     f"MoELayer: argument 'overlap_sm_carveout' must be None or an int >= 0, got {overlap_sm_carveout!r}"
                 )
-            checks.flags("MoELayer", use_fp8=use_fp8, ll_use_fp8=ll_use_fp8, ll_send_weights=ll_send_weights,
+            checks.flags("MoELayer", use_fp8=use_fp8, bf16_partial_sums=bf16_partial_sums, ll_use_fp8=ll_use_fp8,
+                         ll_send_weights=ll_send_weights,
                          ll_bf16_partial_sums=ll_bf16_partial_sums, use_custom_ops=use_custom_ops,
                          norm_topk_prob=norm_topk_prob)
             if gate is not None and not callable(gate):
@@ -477,6 +484,9 @@ class MoELayer(nn.Module):
             if use_fp8 and c.low_latency:
                 raise ArgumentError("MoELayer: argument 'use_fp8' applies to normal mode; a low-latency Buffer takes "
                                     "ll_use_fp8")
+            if bf16_partial_sums and c.low_latency:
+                raise ArgumentError("MoELayer: argument 'bf16_partial_sums' applies to normal mode; a low-latency "
+                                    "Buffer takes ll_bf16_partial_sums (with ll_send_weights)")
             # (the low-latency settings a normal-mode Buffer would ignore, each away from its default)
             if not c.low_latency and ll_use_fp8:
                 raise ArgumentError("MoELayer: argument 'll_use_fp8' applies to low-latency mode; a normal-mode Buffer "
@@ -537,6 +547,7 @@ class MoELayer(nn.Module):
         self.num_worst_tokens = num_worst_tokens
         self.overlap_sm_carveout = overlap_sm_carveout
         self.use_fp8 = use_fp8
+        self.bf16_partial_sums = bf16_partial_sums
         self.ll_use_fp8 = ll_use_fp8
         self.ll_send_weights = ll_send_weights
         self.ll_bf16_partial_sums = ll_bf16_partial_sums
@@ -696,7 +707,9 @@ class MoELayer(nn.Module):
         strided x, idx or w is copied first, on the current stream (so is an x that starts at an address not 16-byte
         aligned, as chunk views of a batch can on CUDA), and the dispatch then waits for the copies. With
         ``use_fp8`` the chunk travels as FP8 and its rows come back dequantised (``ops.dispatch(use_fp8=True)``).
-        With expert TP a dispatch that raises is joined to the chunk's TP count exchange as a void row first, so
+        With ``bf16_partial_sums`` x must be bf16 (ArgumentError otherwise, before anything is sent); the dispatch's
+        backward then combines x's gradient rows with bf16 partial sums. With expert TP a dispatch that raises is
+        joined to the chunk's TP count exchange as a void row first, so
         that the TP partners (in other EP groups) raise too (:meth:`largeep.expert_tp.ExpertTP.dispatch_failed`)."""
         tp = self.expert_tp if self.expert_tp is not None and self.expert_tp.size > 1 else None
         if tp is not None:
@@ -704,6 +717,11 @@ class MoELayer(nn.Module):
         try:
             # (x copied too where it starts at an address not 16-byte aligned: a chunk's view of a batch whose rows
             # are not a multiple of 16 bytes)
+            if self.bf16_partial_sums and x.dtype != torch.bfloat16:
+                raise ArgumentError(
+                    f"MoELayer: argument 'bf16_partial_sums' = True needs x in bfloat16 (the expert rows that its "
+                    f"combines sum are in x's dtype), x is {x.dtype}"
+                )
             copies = ops._needs_row_copy(x) or not idx.is_contiguous() or not w.is_contiguous()
             if ready is not None and copies:
                 # the copies read x, idx and w, which exist after `ready` (made on another stream, in MoEPipeline):
@@ -716,7 +734,7 @@ class MoELayer(nn.Module):
             return ops.dispatch(
                 self.buffer_id, xc, idxc, wc,
                 num_worst_tokens=self.num_worst_tokens, previous_event=ready, async_finish=True,
-                use_custom_ops=self.use_custom_ops, use_fp8=self.use_fp8,
+                use_custom_ops=self.use_custom_ops, use_fp8=self.use_fp8, bf16_partial_sums=self.bf16_partial_sums,
             )
         except BaseException as exc:
             if tp is not None:
@@ -749,8 +767,9 @@ class MoELayer(nn.Module):
 
     def combine_chunk(self, y: Tensor, d: ops.DispatchOutput) -> ops.CombineOutput:
         """Combines a chunk's expert rows y [R, H] home on the Buffer's stream (``async_finish``): wait on the
-        result's event (``ops.wait``) before using its x [t, H]. The shared experts are not added. No host wait."""
-        return ops.combine(self.buffer_id, y, d.handle, async_finish=True)
+        result's event (``ops.wait``) before using its x [t, H]. The shared experts are not added. No host wait.
+        With ``bf16_partial_sums``, each other node's partial sum comes home as bf16 (``ops.combine``)."""
+        return ops.combine(self.buffer_id, y, d.handle, async_finish=True, bf16_partial_sums=self.bf16_partial_sums)
 
     def overlap_carveout(self, x: Tensor) -> int:
         """SMs the expert GEMMs of an overlapped schedule leave to the communication kernels running beside them

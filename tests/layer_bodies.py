@@ -1915,7 +1915,7 @@ def layer_bf16_partial_sums(rank: int, world: int, ranks_per_node: int | None, s
         layers.MoEPipeline(stack, num_chunks=2)(x)
         # the custom-op path and a compiled layer: the eager flagged layer's bits
         want_out, want_grad = outs[1], xgrads[1]
-        for how in ("custom", "aot_eager"):
+        for how in ("custom", "aot_eager") if 1 < p < world else ("custom",):  # (compiled: where the flag acts)
             layer = build(True, routed, num_chunks=2, use_custom_ops=how == "custom")
             fn: Any = layer
             if how != "custom":

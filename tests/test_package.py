@@ -124,6 +124,9 @@ def test_fp8_dequantize_argument_errors() -> None:
         ((q, s[:, :1]), {}, r": argument 'scale' must have shape \(3, 2\)"),
         ((q, s.double()), {}, r": argument 'scale' is not a float32 tensor"),
         ((q[0, 0], s), {}, r": argument 'q' has no dimensions"),
+        # scales on another device than the codes (torch's own error named neither argument)
+        ((q, s.to("meta")), {}, r"argument 'scale' is on meta, expected q's device cpu"),
+        ((q.to("meta"), s), {}, r"argument 'scale' is on cpu, expected q's device meta"),
     ]
     for args, kw, msg in cases:
         with pytest.raises(ArgumentError, match=r"fp8.dequantize: .*" + msg):

@@ -125,9 +125,10 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.
                or scale.dtype != torch.float32 else
                f": argument 'scale' must have shape {(*q.shape[:-1], h // GROUP)}")
         )
+    if scale.device != q.device:
+        raise ArgumentError(f"fp8.dequantize: argument 'scale' is on {scale.device}, expected q's device {q.device}")
     C = _native_for(q, scale) if dtype in (torch.bfloat16, torch.float32) else None
-    if (C is not None and q.is_contiguous() and scale.is_contiguous() and q.data_ptr() % 16 == 0
-            and scale.device == q.device):
+    if C is not None and q.is_contiguous() and scale.is_contiguous() and q.data_ptr() % 16 == 0:
         y = torch.empty(q.shape, dtype=dtype, device=q.device)
         with on_device(q.device):
             C.fp8_dequantize(q.data_ptr(), scale.data_ptr(), y.data_ptr(), y.element_size(), q.numel() // GROUP,

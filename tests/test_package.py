@@ -98,6 +98,11 @@ def test_fp8_quantize_argument_errors() -> None:
         with pytest.raises(ArgumentError, match=r"fp8.quantize: " + msg):
             fp8.quantize(x)  # type: ignore[arg-type]
         assert issubclass(ArgumentError, ValueError)
+    x = torch.randn(2, 128, generator=g)
+    for flag in ("no", 0, None):  # (each is refused, not read as its truth: "no" would round the scales)
+        with pytest.raises(ArgumentError, match=r"fp8.quantize: argument 'round_scale' must be a bool \(True or "
+                                                 rf"False\), got {type(flag).__name__}"):
+            fp8.quantize(x, round_scale=flag)  # type: ignore[arg-type]
     for t in (0, 3):
         x = torch.randn(t, 256, generator=g).to(torch.bfloat16)
         q, s = fp8.quantize(x)

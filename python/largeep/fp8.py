@@ -64,7 +64,8 @@ def _native_for(*ts: torch.Tensor) -> Any:
 def quantize(x: torch.Tensor, round_scale: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """x [T, H] (bf16/fp32, H % 128 == 0; fp16 and fp64 too, always by torch ops, rounded to float32 first: an fp64
     value beyond float32's range becomes infinite and spoils its group) -> (e4m3 [T, H], float32 scales [T, H/128]).
-    No host sync. A wrong ``x`` (an FP8 one among them) raises :class:`largeep.ArgumentError`. On CUDA
+    No host sync. A wrong ``x`` (an FP8 one among them), or a ``round_scale`` that is not a bool, raises
+    :class:`largeep.ArgumentError`. On CUDA
     one native kernel (one pass over x; torch ops where the native module is not built or not built for x's GPU,
     x is not contiguous or not 16-byte aligned, x needs a gradient or is a tensor subclass, or while torch.compile
     traces), the same bits either way."""
@@ -76,6 +77,9 @@ def quantize(x: torch.Tensor, round_scale: bool = False) -> tuple[torch.Tensor, 
     if not x.is_floating_point() or x.element_size() < 2:  # (an FP8 x would be its codes quantised again)
         raise ArgumentError(f"fp8.quantize: argument 'x' has dtype {x.dtype}, expected a floating-point dtype of 2 "
                             "bytes or more (bf16 or fp32; fp16 and fp64 through torch ops)")
+    if not isinstance(round_scale, bool):  # (a string such as "no" is true: it would round)
+        raise ArgumentError(f"fp8.quantize: argument 'round_scale' must be a bool (True or False), got "
+                            f"{type(round_scale).__name__} {round_scale!r:.40}")
     t, h = x.shape
     if h % GROUP:
         raise ArgumentError(f"fp8.quantize: argument 'x' has shape {tuple(x.shape)}, expected a hidden size (dim 1) "

@@ -613,18 +613,22 @@ def _differ_anywhere(differs: bool) -> bool:
     return int(t.item()) > 0
 
 
-def ops_bf16_partial_sums(rank: int, world: int, ranks_per_node: int | None, custom: bool) -> list[str]:
+def ops_bf16_partial_sums(rank: int, world: int, ranks_per_node: int | None, custom: bool,
+                          backend: str = "torch") -> list[str]:
     """ops.combine(bf16_partial_sums=) and ops.dispatch(bf16_partial_sums=) (whose backward is that combine of the
     received rows' gradient), bit for bit against node_partials_reference, on the eager or the custom-op path.
     The rows (and gradients) are integers of at most 7 significant bits times 1, 2 or 4, of mixed signs: every
     float32 sum here is exact, and a node's partial of two rows needs more bits than bf16 has. The two roundings
     must differ somewhere in nodes of several ranks, and nowhere with one node; the summed weights' gradient is the
-    same with the flag as without."""
+    same with the flag as without. ``backend`` nvshmem: ranks sharing GPUs (gloo-cuda)."""
+    from bodies import device_for
+
     fails: list[str] = []
+    dev = device_for(backend)
     hidden, e = 16, 2 * world
     k = min(3, e)
     tokens = [6, 0, 9, 4][rank % 4]
-    buf = largeep.Buffer(None, hidden=hidden, num_experts=e, num_topk=k, max_tokens_per_rank=9, backend="torch",
+    buf = largeep.Buffer(None, hidden=hidden, num_experts=e, num_topk=k, max_tokens_per_rank=9, backend=backend,
                          ranks_per_node=ranks_per_node)
     b: Any = ops.register_buffer(buf) if custom else buf
     try:
@@ -635,6 +639,7 @@ def ops_bf16_partial_sums(rank: int, world: int, ranks_per_node: int | None, cus
             idx[1, 0] = -1
         x = torch.randn(tokens, hidden, generator=g).to(torch.bfloat16)
         w = torch.rand(tokens, k, generator=g) + 0.1
+        x, idx, w = x.to(dev), idx.to(dev), w.to(dev)
         ref = buf.dispatch(x, idx, w)  # (the same routing: the same received rows, in the same order)
         r = ref.x.shape[0]
 
@@ -642,7 +647,7 @@ def ops_bf16_partial_sums(rank: int, world: int, ranks_per_node: int | None, cus
             v = torch.randint(-127, 128, shape, generator=g) * 2 ** torch.randint(0, 3, shape, generator=g)
             return v.to(torch.bfloat16)
 
-        rows, grad_rows, grad_w = ints(r, hidden), ints(r, hidden), torch.rand(r, k, generator=g)
+        rows, grad_rows, grad_w = (t.to(dev) for t in (ints(r, hidden), ints(r, hidden), torch.rand(r, k, generator=g)))
         want = node_partials_reference(buf, ref.handle, rows)
         want_g = node_partials_reference(buf, ref.handle, grad_rows)
         wgrads = []

@@ -11,6 +11,7 @@ import os
 import bodies
 import error_bodies
 import gpu_bodies
+import ops_bodies
 import pytest
 import torch
 from dist_pool import run_in_own_pool
@@ -801,6 +802,18 @@ def test_normal_combine_bf16_partials_shared_gpus(pools, ranks_per_node: int, wo
     nodes of 1, after a num_worst_tokens dispatch, and in rounds."""
     pools(4, "gloo-cuda").run(bodies.normal_combine_bf16_partials, "nvshmem", [6, 0, 9, 4], 2048, ranks_per_node,
                               worst, per_round)
+
+
+@pytest.mark.gpu(2)
+@needs_native
+@needs_shared
+@pytest.mark.parametrize("custom", [False, True])
+def test_ops_bf16_partial_sums_shared_gpus(pools, custom: bool) -> None:
+    """ops.combine(bf16_partial_sums=True) and the backward of ops.dispatch(bf16_partial_sums=True) on the nvshmem
+    backend, 4 ranks as 2 nodes of 2 sharing the GPUs, eager and custom-op paths: bit for bit against the node
+    partials of float32 combines (ops_bodies.ops_bf16_partial_sums)."""
+    fails = pools(4, "gloo-cuda").run(ops_bodies.ops_bf16_partial_sums, 2, custom, "nvshmem")
+    assert not any(fails), "\n".join(f for r in fails for f in r)
 
 
 @pytest.mark.gpu(4)

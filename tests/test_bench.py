@@ -632,6 +632,8 @@ def test_sigterm_stops_the_ranks(tmp_path: Path) -> None:
     (["--warmup", "-1"], "expected a non-negative integer"),
     (["--link-gbps", "0"], "expected a positive number"),
     (["--hidden", "0"], "expected positive integers"),
+    (["--seed", str(1 << 64), "--routing", "zipf"], "expected an integer from -2**63 to 2**64 - 1"),
+    (["--seed", "1.5"], "expected an integer, got '1.5'"),
 ])
 def test_cli_refuses_mistakes_before_starting(args: list[str], msg: str, capsys: pytest.CaptureFixture[str]) -> None:
     """Mistakes found before any process starts (they were found by 4 processes, which skipped every backend and

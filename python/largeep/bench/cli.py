@@ -102,6 +102,17 @@ _positive = _int_at_least(1, "a positive integer")
 _non_negative = _int_at_least(0, "a non-negative integer")
 
 
+def _seed(text: str) -> int:
+    """An integer torch's generators take as a seed (the Zipf routing seeds one with it as given)."""
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if not -(1 << 63) <= v < 1 << 64:
+        raise argparse.ArgumentTypeError(f"expected an integer from -2**63 to 2**64 - 1, got {text!r}")
+    return v
+
+
 def _float_where(ok: Callable[[float], bool], what: str) -> Callable[[str], float]:
     """A float parser that takes values for which ``ok`` holds (NaN never does), else says it expected ``what``."""
     def parse(text: str) -> float:
@@ -174,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="expert choice per token (default: uniform)")
     p.add_argument("--zipf-s", type=_non_negative_float, default=1.0,
                    help="Zipf exponent for --routing zipf, a finite number >= 0 (default: 1.0)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the routings and inputs (default: 0)")
+    p.add_argument("--seed", type=_seed, default=0, help="seed of the routings and inputs (default: 0)")
     p.add_argument("--no-hook", action="store_true", help="skip the low-latency send/recv (receive hook) phases")
     p.add_argument("--ll-send-weights", action="store_true",
                    help="low-latency, nvshmem backend: the dispatch carries topk_weights and the combine sums each "

@@ -716,6 +716,23 @@ def test_cli_nothing_measured_exits_non_zero(tmp_path: Path, capsys: pytest.Capt
     assert not (tmp_path / "none").exists()
 
 
+def test_nothing_measured_names_the_backends_that_failed(capsys: pytest.CaptureFixture[str]) -> None:
+    """No record because a backend's processes failed: the last line names it rather than calling it skipped."""
+    from largeep.bench import sweep
+
+    mp = sweep.ModePlan(tokens=[8], hidden=[128], topk=[2], experts=[4], dtypes=["bf16"])
+    plan = sweep.Plan(preset="quick", backends=["torch"], modes=["normal"], normal=mp, low_latency=mp, num_sms=[24],
+                      warmup=0, iters=1, plots=False, out=None)
+    skipped = [{"backend": "nvshmem", "reason": "no CUDA device is visible"},
+               {"backend": "torch", "reason": "failed: ValueError: boom"}]
+    assert sweep.finish([], [], skipped=skipped, settings={}, plan=plan) == []
+    assert capsys.readouterr().err.strip() == (
+        "largeep-bench: nothing measured: torch failed (see above), every other backend and configuration was "
+        "skipped; no results written")
+    assert sweep.finish([], [], skipped=skipped[:1], settings={}, plan=plan) == []
+    assert "every backend and configuration was skipped (see the skip lines)" in capsys.readouterr().err
+
+
 def test_cli_help_says_each_default_once() -> None:
     from largeep.bench import cli
 

@@ -484,8 +484,11 @@ def finish(
     there). With no record it prints one line to stderr and writes nothing: a results file would look like a run
     (the caller exits non-zero)."""
     if not records:
-        print("largeep-bench: nothing measured: every backend and configuration was skipped (see the skip lines); "
-              "no results written", file=sys.stderr, flush=True)
+        # (the launcher keeps a backend whose processes failed as skipped, its reason "failed: ...")
+        failed = [s["backend"] for s in skipped if str(s.get("reason", "")).startswith("failed:")]
+        why = (f"{', '.join(failed)} failed (see above), every other backend and configuration was skipped"
+               if failed else "every backend and configuration was skipped (see the skip lines)")
+        print(f"largeep-bench: nothing measured: {why}; no results written", file=sys.stderr, flush=True)
         return []
     rec.fill_x_best(records, extras)
     print(rec.format_table(records, extras), flush=True)

@@ -118,6 +118,31 @@ def test_import_survives_a_bad_variable() -> None:
     assert "LARGEEP_TIMEOUT_S='abc': expected a number" in run.stdout
 
 
+def test_overlong_numbers_name_their_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A whole-number variable of more digits than int() reads (4300 by default) is refused naming the variable,
+    and LARGEEP_LOG_LEVEL's does not make ``import largeep`` raise (int()'s own ValueError named neither)."""
+    from largeep import _env
+
+    long = "9" * 5000
+    for name, value, want in (("ZERO_COPY_SLOTS", long, "expected a whole number >= 0 and <= 64"),
+                              ("TUNE", f"threads={long}", "expected comma-separated key=int"),
+                              ("LOG_LEVEL", long, "expected DEBUG, INFO, WARNING, ERROR, CRITICAL")):
+        monkeypatch.setenv(f"LARGEEP_{name}", value)
+        with pytest.raises(ValueError) as exc:
+            _env.settings()
+        assert str(exc.value).startswith(f"LARGEEP_{name}=") and want in str(exc.value), str(exc.value)[-200:]
+        monkeypatch.delenv(f"LARGEEP_{name}")
+    env = dict(os.environ, LARGEEP_LOG_LEVEL=long)
+    run = subprocess.run([sys.executable, "-c", "import logging, largeep; "
+                          "print(logging.getLogger('largeep').level)"], env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 0 and run.stdout.strip() == "30", run.stderr[-500:]
+    monkeypatch.setenv("LARGEEP_TUNE", " threads = 512 , unroll=4")
+    monkeypatch.setenv("LARGEEP_ZERO_COPY_SLOTS", " 7 ")
+    s = _env.settings()
+    assert (s.tune["threads"], s.tune["unroll"], s.zero_copy_slots) == (512, 4, 7)
+
+
 def test_bad_log_level(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     """A LARGEEP_LOG_LEVEL that names no level: the library logs at WARNING (import does not fail, even for a
     name that logging maps to something else), the report says so and exits 1 (a Buffer would refuse it)."""

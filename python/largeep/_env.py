@@ -97,15 +97,29 @@ DEFAULT_TIMEOUT_S = 100.0  # LARGEEP_TIMEOUT_S unset (also the bound where the v
 _MAX_ZERO_COPY_SLOTS = 64
 
 
+def _int(text: str) -> int | None:
+    """``text`` (blanks around it ignored) as an int when it is ASCII digits, an optional leading minus, and few
+    enough digits for int() (Python refuses more than 4300 by default, with a message that names no variable);
+    else None. (ASCII only: str.isdigit takes other scripts' digits and superscripts, which int() refuses or
+    reads.)"""
+    text = text.strip()
+    if not re.fullmatch(r"-?[0-9]+", text):
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        return None
+
+
 def _count(name: str, default: int, most: int | None = None) -> int:
     raw = os.environ.get(_PREFIX + name)
     if raw is None or raw == "":
         return default
-    # (ASCII digits only: str.isdigit takes other scripts' digits and superscripts, which int() refuses or reads)
-    if not re.fullmatch(r"[0-9]+", raw.strip()) or (most is not None and int(raw) > most):
+    value = _int(raw)
+    if value is None or value < 0 or (most is not None and value > most):
         limit = f" and <= {most}" if most is not None else ""
         raise ValueError(f"{_PREFIX}{name}={raw!r}: expected a whole number >= 0{limit}")
-    return int(raw)
+    return value
 
 
 def settings() -> Settings:
@@ -182,12 +196,13 @@ def _tune(raw: str) -> dict[str, int]:
     for item in filter(None, (p.strip() for p in raw.split(","))):
         key, _, value = item.partition("=")
         key = key.strip()  # (spaces around "=" are taken, as around the items)
-        if key not in out or not re.fullmatch(r"-?[0-9]+", value.strip()):
+        number = _int(value)
+        if key not in out or number is None:
             raise ValueError(f"{_PREFIX}TUNE={raw!r}: expected comma-separated key=int with keys {sorted(out)}")
         if key in given:
             raise ValueError(f"{_PREFIX}TUNE={raw!r}: {key} given twice")
         given.add(key)
-        out[key] = int(value)
+        out[key] = number
         allowed, what = _TUNE_RANGES[key]
         if out[key] not in allowed:
             raise ValueError(f"{_PREFIX}TUNE={raw!r}: {key}={out[key]}, expected {what}")
@@ -200,7 +215,7 @@ def log_level() -> int | None:
     the next Buffer, which reads every variable, raises ValueError naming it)."""
     raw = os.environ.get(_PREFIX + "LOG_LEVEL", "").strip().upper() or "WARNING"
     if re.fullmatch(r"[0-9]+", raw):
-        return int(raw)
+        return _int(raw)  # (None for more digits than int() reads: ``import largeep`` must not raise)
     # the five names the README lists (logging also knows WARN, FATAL and NOTSET: refused, as documented)
     return getattr(logging, raw) if raw in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL") else None
 

@@ -82,6 +82,7 @@ def test_install_record(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
     """setup.py's record of the native build (largeep/_native_build.json): why it was not built reaches the
     refusal (pip hides the build's own message without -v); the architectures it was built for are compared with
     the GPU's; no record (a source tree) keeps the generic message and no architecture check."""
+    import importlib.machinery
     import json
     import sys
 
@@ -110,10 +111,20 @@ def test_install_record(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
         note.write_text(json.dumps({"built": True, "cuda_archs": "90;100a"}))
         clear()
         assert native.built_archs() == {90, 100}
-        (tmp_path / "_C.cpython-311-x86_64-linux-gnu.so").write_bytes(b"")
+        mine = "_C" + importlib.machinery.EXTENSION_SUFFIXES[0]  # (the name this Python loads)
+        (tmp_path / mine).write_bytes(b"")
         clear()
         reason = native.unavailable_reason() or ""
         assert "installed but does not load" in reason, reason
+        # a module built for another Python, which this one does not load: said so, not a missing library
+        (tmp_path / mine).unlink()
+        other = "_C.cpython-39-x86_64-linux-gnu.so"
+        (tmp_path / other).write_bytes(b"")
+        clear()
+        reason = native.unavailable_reason() or ""
+        here = f"{sys.version_info.major}.{sys.version_info.minor}"
+        assert f"installed for another Python ({other}), this is Python {here}" in reason, reason
+        assert "libnvshmem" not in reason
         # a module that loads, on a GPU it was not built for
         fake = type(sys)("largeep._C")
         fake.abi_version = native.ABI_VERSION  # type: ignore[attr-defined]

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import functools
+import importlib.machinery
 import json
 import re
+import sys
 from pathlib import Path
 from types import ModuleType
 
@@ -61,7 +63,15 @@ def _load() -> tuple[ModuleType | None, str | None]:
     try:
         from largeep import _C  # type: ignore[attr-defined]
     except ImportError as exc:
-        if list(Path(__file__).parent.glob("_C*.so")):
+        found = sorted(p.name for p in Path(__file__).parent.glob("_C*.so"))
+        mine = [n for n in found if n[len("_C"):] in importlib.machinery.EXTENSION_SUFFIXES]
+        if found and not mine:
+            # (a module of another Python's ABI: this interpreter does not even look at it)
+            return None, (f"the native module largeep._C is installed for another Python ({', '.join(found)}), this "
+                          f"is Python {sys.version_info.major}.{sys.version_info.minor} (which loads _C"
+                          f"{importlib.machinery.EXTENSION_SUFFIXES[0]}); reinstall largeep with this Python "
+                          "(`python -m pip install --no-build-isolation .`)")
+        if found:
             return None, (f"the native module largeep._C is installed but does not load ({exc}): a library it needs "
                           "(libnvshmem_host from the NVSHMEM wheel it was built with) moved or was removed; "
                           f"reinstall largeep (`pip install --no-build-isolation .`)")

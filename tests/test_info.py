@@ -206,3 +206,48 @@ def test_bad_segv_backtrace_is_reported(monkeypatch: pytest.MonkeyPatch, capsys:
     monkeypatch.setenv("LARGEEP_SEGV_BACKTRACE", "TRUE")
     assert info.main([]) == 0
     assert "native module (nvshmem backend): stand-in" in capsys.readouterr().out
+
+
+def test_native_module_older_than_the_checkout(tmp_path: Path) -> None:
+    """A checkout whose native sources changed after the install built the module (same bindings version, so the
+    load takes it): the report names the commit and the files that differ, uncommitted changes included; nothing
+    when they match, outside a checkout, or without a record of the commit."""
+    import shutil
+
+    if shutil.which("git") is None:
+        pytest.skip("no git")
+    root = tmp_path / "repo"
+    pkg = root / "python" / "largeep"
+    pkg.mkdir(parents=True)
+    (root / "csrc").mkdir()
+    (root / "csrc" / "a.cu").write_text("1\n")
+    (root / "README.md").write_text("x\n")
+
+    def git(*args: str) -> str:
+        env = dict(os.environ, GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t",
+                   GIT_COMMITTER_EMAIL="t@t")
+        return subprocess.run(["git", *args], cwd=root, env=env, check=True, capture_output=True,
+                              text=True).stdout.strip()
+
+    git("init", "-q")
+    git("add", ".")
+    git("commit", "-qm", "one")
+    rev = git("rev-parse", "HEAD")
+    note = {"built": True, "cuda_archs": "90", "git": rev}
+    assert info.native_staleness(note, pkg) is None
+    (root / "README.md").write_text("y\n")  # (not a source of the module)
+    assert info.native_staleness(note, pkg) is None
+    (root / "csrc" / "a.cu").write_text("2\n")  # uncommitted, then committed
+    want = (f"the native module was built from commit {rev[:12]}, and 1 of its source files differ from that commit "
+            "in this checkout (csrc/a.cu): it may run older kernels; rebuild it")
+    assert (info.native_staleness(note, pkg) or "").startswith(want)
+    git("commit", "-qam", "two")
+    assert (info.native_staleness(note, pkg) or "").startswith(want)
+    assert "with uncommitted changes, and 1" in (info.native_staleness({**note, "git": rev + "-dirty"}, pkg) or "")
+    unknown = info.native_staleness({**note, "git": "0" * 40}, pkg) or ""
+    assert unknown.startswith("the native module was built from commit 000000000000, which this checkout"), unknown
+    assert info.native_staleness({**note, "built": False}, pkg) is None
+    assert info.native_staleness({"built": True, "cuda_archs": "90"}, pkg) is None
+    assert info.native_staleness(note, tmp_path / "site-packages" / "largeep") is None
+    r = {**info.report(), "native_stale": info.native_staleness(note, pkg)}
+    assert any(t.startswith(want) for t in info._advice(r))

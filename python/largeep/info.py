@@ -22,6 +22,54 @@ def _cuda_major(version: str | None) -> int | None:
     return int(m.group(1)) if m else None
 
 
+# the files the native module is built from (relative to a checkout's root)
+NATIVE_SOURCES = ("csrc", "CMakeLists.txt")
+
+
+def native_staleness(note: dict[str, object], package_dir: str | os.PathLike[str]) -> str | None:
+    """Where largeep runs from a git checkout (``package_dir`` is its python/largeep) and the install recorded the
+    commit it built the native module from (setup.py's note, "git"): why that module may not match the checkout's
+    sources (the files of NATIVE_SOURCES that differ from that commit, uncommitted changes included), else None. A
+    module whose bindings changed is refused by its version (native.ABI_VERSION); one whose kernels alone changed
+    loads and runs the old kernels, which only this tells."""
+    import subprocess
+    from pathlib import Path
+
+    rev = note.get("git")
+    if note.get("built") is not True or not isinstance(rev, str) or not rev:
+        return None
+    pkg = Path(package_dir).resolve()
+    root = pkg.parent.parent
+    if pkg.parent.name != "python" or not (root / ".git").exists():
+        return None  # (an install outside a checkout: its module and sources were installed together)
+    dirty = rev.endswith("-dirty")
+    commit = rev.removesuffix("-dirty")
+
+    def git(*args: str) -> str | None:
+        try:
+            run = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=30, check=False)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return run.stdout if run.returncode == 0 else None
+
+    if git("rev-parse", "--verify", "--quiet", f"{commit}^{{commit}}") is None:
+        if git("rev-parse", "HEAD") is None:
+            return None  # (git does not answer here: not installed, or a checkout of another user)
+        return (f"the native module was built from commit {commit[:12]}, which this checkout ({root}) does not "
+                "have: its kernels may not be this checkout's; rebuild it (`pip install --no-build-isolation -e .`)")
+    diff = git("diff", "--name-only", commit, "--", *NATIVE_SOURCES)
+    if diff is None:
+        return None
+    changed = diff.split()
+    if not changed:
+        return None
+    shown = ", ".join(changed[:5]) + (f" and {len(changed) - 5} more" if len(changed) > 5 else "")
+    return (f"the native module was built from commit {commit[:12]}"
+            + (" with uncommitted changes" if dirty else "")
+            + f", and {len(changed)} of its source files differ from that commit in this checkout ({shown}): it "
+            "may run older kernels; rebuild it (`pip install --no-build-isolation -e .`)")
+
+
 def report() -> dict[str, Any]:
     """Everything the text report shows, as plain values."""
     import torch
@@ -59,6 +107,7 @@ def report() -> dict[str, Any]:
             "so no GPU is checked against them: reinstall largeep with LARGEEP_CUDA_ARCHS as numbers (e.g. 90)")
     else:
         out["native_archs_error"] = None
+    out["native_stale"] = native_staleness(note, os.path.dirname(native.__file__))
     try:
         settings = _env.settings()
         out["settings"] = dict(vars(settings))
@@ -88,6 +137,8 @@ def _advice(r: dict[str, Any]) -> list[str]:
         tips.append(r["log_level_error"])
     if r.get("native_archs_error"):
         tips.append(r["native_archs_error"])
+    if r.get("native_stale"):
+        tips.append(r["native_stale"])
     nvshmem, torch_cuda = env.get("nvshmem"), env.get("cuda")
     wheel = re.search(r"cu(\d+)", nvshmem or "")
     if wheel and torch_cuda and int(wheel.group(1)) != _cuda_major(torch_cuda):

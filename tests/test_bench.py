@@ -1065,6 +1065,9 @@ def test_sim_says_which_holdout_value_matched_no_record(tmp_path: Path, capsys: 
                                                      "(expected one of synthetic)"),
     (["--eps", "abc"], "argument --eps: expected a comma list of integers, got 'abc'"),
     (["--num-sms", "0"], "--num-sms 0: must be positive"),
+    (["--holdout-ep", "16,32"], "--holdout-ep 16,32: it holds records of --calibrate out of the check fit, and no "
+                                "--calibrate file was given"),
+    (["--holdout-tokens", "128", "--show", "RESULTS"], "--holdout-tokens 128: it holds records of --calibrate out"),
 ])
 def test_sim_refuses_mistakes_before_any_work(tmp_path: Path, args: list[str], msg: str,
                                               capsys: pytest.CaptureFixture[str]) -> None:

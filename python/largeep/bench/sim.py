@@ -1733,9 +1733,9 @@ def _show_file(arg: str) -> tuple[str, str]:
 
 def check_inputs(args: argparse.Namespace) -> str | None:
     """Why the files named cannot serve (argparse's error message, naming the option), or None, before any work:
-    each file of --calibrate, --show, --fit-weighted and --check-weighted exists and reads as records; --backend is
-    the backend of a record of the files it picks from (--calibrate, --fit-weighted, --check-weighted); --out is a
-    folder that can be written in (or made)."""
+    each file of --calibrate, --show, --fit-weighted and --check-weighted exists and reads as records; --holdout-*
+    come with --calibrate; --backend is the backend of a record of the files it picks from (--calibrate,
+    --fit-weighted, --check-weighted); --out is a folder that can be written in (or made)."""
     from largeep.bench.records import folder_problem
 
     backends: set[str] = set()
@@ -1750,6 +1750,11 @@ def check_inputs(args: argparse.Namespace) -> str | None:
             return f"{flag}: {exc}"
         if flag == "--calibrate" or (flag != "--show" and not args.calibrate):  # (the records fitted)
             backends |= {str(r.get("backend")) for r in recs}
+    for flag, values in (("--holdout-ep", args.holdout_ep), ("--holdout-sms", args.holdout_sms),
+                         ("--holdout-tokens", args.holdout_tokens)):
+        if values and not args.calibrate:
+            return (f"{flag} {','.join(map(str, values))}: it holds records of --calibrate out of the check fit, and "
+                    "no --calibrate file was given")
     if args.backend is not None:
         if not (args.calibrate or args.fit_weighted or args.check_weighted):
             return f"--backend {args.backend}: it picks the records to fit, and no --calibrate file was given"

@@ -1598,3 +1598,28 @@ def test_results_so_far_are_written_with_stops_held(monkeypatch: pytest.MonkeyPa
     cli._save_so_far(full)
     assert "could not be written" in capsys.readouterr().err
     assert signal.SIGINT not in signal.pthread_sigmask(signal.SIG_BLOCK, set())
+
+
+def test_environment_names_the_nvshmem_the_module_runs_with(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The records' NVSHMEM is the library the native module runs with: the wheel where that library is the
+    wheel's, else its version and folder (a module built with NVSHMEM_DIR beside an installed wheel was recorded
+    with the wheel's version)."""
+    import re
+
+    used = rec.nvshmem_in_use()
+    if used is None:
+        pytest.skip("the native module does not load here")
+    version, folder = used
+    header = Path(folder).parent / "include" / "non_abi" / "nvshmem_version.h"
+    if header.exists():  # (the library's answer against its own headers)
+        text = header.read_text()
+        want = ".".join(re.search(rf"NVSHMEM_VENDOR_{k}_VERSION (\d+)", text).group(1)  # type: ignore[union-attr]
+                        for k in ("MAJOR", "MINOR", "PATCH"))
+        assert version == want
+    wheel = rec._dist_version("nvidia-nvshmem-cu13", "nvidia-nvshmem-cu12", "nvidia-nvshmem")
+    if Path(folder).parts[-3:] == ("nvidia", "nvshmem", "lib") and wheel:
+        assert rec.environment()["nvshmem"] == wheel
+    monkeypatch.setattr(rec, "nvshmem_in_use", lambda: ("3.2.5", "/opt/nvshmem-3.2.5/lib"))
+    assert rec.environment()["nvshmem"] == "NVSHMEM 3.2.5 (/opt/nvshmem-3.2.5/lib)"
+    monkeypatch.setattr(rec, "nvshmem_in_use", lambda: None)
+    assert rec.environment()["nvshmem"] == wheel

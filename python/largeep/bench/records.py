@@ -303,6 +303,47 @@ def git_revision() -> str | None:
     return recorded if isinstance(recorded, str) and recorded else None
 
 
+def nvshmem_in_use() -> tuple[str, str] | None:
+    """(version, folder) of the NVSHMEM host library the native module runs with, as this process mapped it
+    (Linux) and as that library reports its version; None where the module does not load or the library cannot
+    be found or asked. The installed NVSHMEM wheel need not be it: a module built with NVSHMEM_DIR links another."""
+    import ctypes
+
+    try:
+        from largeep import native
+
+        mod, _ = native._load()
+        if mod is None:
+            return None
+        maps = Path("/proc/self/maps").read_text()
+    except Exception:  # noqa: BLE001 - the environment never raises
+        return None
+    paths = sorted({cols[5].strip() for cols in (line.split(None, 5) for line in maps.splitlines())
+                    if len(cols) == 6 and Path(cols[5].strip()).name.startswith("libnvshmem_host")})
+    if not paths:
+        return None
+    try:
+        lib = ctypes.CDLL(paths[0])  # (loaded already: the same library)
+        parts = [ctypes.c_int() for _ in range(3)]
+        lib.nvshmemx_vendor_get_version_info(*(ctypes.byref(p) for p in parts))
+    except (OSError, AttributeError):
+        return None
+    return ".".join(str(p.value) for p in parts), str(Path(paths[0]).parent)
+
+
+def _nvshmem_version() -> str | None:
+    """The NVSHMEM wheel ("nvidia-nvshmem-cu13 3.8.0") where the native module runs with that wheel's library or
+    does not load; "NVSHMEM 3.2.5 (/opt/nvshmem/lib)" where it runs with another."""
+    wheel = _dist_version("nvidia-nvshmem-cu13", "nvidia-nvshmem-cu12", "nvidia-nvshmem")
+    used = nvshmem_in_use()
+    if used is None:
+        return wheel
+    version, folder = used
+    if wheel is not None and Path(folder).parts[-3:] == ("nvidia", "nvshmem", "lib"):  # (the wheel's files)
+        return wheel
+    return f"NVSHMEM {version} ({folder})"
+
+
 def environment() -> dict[str, Any]:
     """GPU, driver, CUDA, torch, NCCL and NVSHMEM versions, git revision, host. Never raises."""
     import largeep
@@ -318,7 +359,7 @@ def environment() -> dict[str, Any]:
         "gpu_count": 0,
         "driver": None,
         "nccl": None,
-        "nvshmem": _dist_version("nvidia-nvshmem-cu13", "nvidia-nvshmem-cu12", "nvidia-nvshmem"),
+        "nvshmem": _nvshmem_version(),
         "deep_ep": _dist_version("deep_ep", "deep-ep"),
     }
     if torch.cuda.is_available():

@@ -167,10 +167,11 @@ def inductor_order_fix() -> bool:
 
 def _choice(name: str, values: tuple[str, ...]) -> str:
     """One of ``values`` (the first is the default)."""
-    raw = os.environ.get(_PREFIX + name, "").strip().lower() or values[0]
-    if raw not in values:
+    raw = os.environ.get(_PREFIX + name, "")
+    word = raw.strip().lower() or values[0]
+    if word not in values:  # (the value as set, not as compared)
         raise ValueError(f"{_PREFIX}{name}={raw!r}: expected one of {', '.join(values)}")
-    return raw
+    return word
 
 
 # torch maps a priority below its range to the highest it has (a lower number is a higher priority)

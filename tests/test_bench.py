@@ -427,6 +427,29 @@ def test_progress_lines_count_the_whole_run(capsys: pytest.CaptureFixture[str]) 
     assert out.startswith("[1/2 ") and "overall" not in out
 
 
+def test_progress_bar_counts_skipped_points() -> None:
+    """Points skipped (sizes the ranks cannot split, a configuration a backend refuses) move the progress bar too:
+    it stopped short of its total by them."""
+    from largeep.bench.sweep import _Log
+
+    class Bar:
+        n = 0
+
+        def update(self, k: int) -> None:
+            self.n += k
+
+        def set_description(self, what: str) -> None:
+            pass
+
+    log = _Log(0)
+    log.start(5)
+    log.bar = Bar()
+    log.step("torch normal T=8 bf16")
+    log.skip(3)
+    log.step("torch normal T=32 bf16")
+    assert (log.done, log.bar.n) == (5, 5)
+
+
 def test_launcher_writes_each_backend_as_it_ends(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                  capsys: pytest.CaptureFixture[str]) -> None:
     """The launcher writes the records so far to --out as each backend's processes end (they waited in a temporary

@@ -132,6 +132,13 @@ class _Log:
                 where += f", {self.offset + self.done}/{self.overall} overall"
             print(f"[{where} {time.perf_counter() - self.t0:6.1f}s] {what}", flush=True)
 
+    def skip(self, n: int) -> None:
+        """``n`` points that will not run (their sizes or configuration skipped, said why): counted as done, so
+        that the count, and the bar, reach the total."""
+        self.done += n
+        if self.rank == 0 and self.bar is not None:
+            self.bar.update(n)
+
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
@@ -246,7 +253,7 @@ class Sweep:
                 why = f"top-{topk} exceeds {experts} experts"
             if why:
                 self._skip(a.name, why, sizes)
-                self.log.done += npoints
+                self.log.skip(npoints)
                 continue
             if len(dtypes) < len(mp.dtypes):  # (left out of the progress count too)
                 self._skip(a.name, f"needs hidden % {rec.FP8_GROUP} == 0", f"{sizes} fp8")
@@ -271,7 +278,7 @@ class Sweep:
                     reason = _agree(err, self.group)
                 if reason:
                     self._skip(a.name, reason, where)
-                    self.log.done += len(group) * len(dtypes)
+                    self.log.skip(len(group) * len(dtypes))
                     continue
                 try:
                     for tokens in group:

@@ -496,6 +496,40 @@ def test_launcher_writes_each_backend_as_it_ends(tmp_path: Path, monkeypatch: py
     assert "wrote results.json, run.json in" in capsys.readouterr().out
 
 
+def test_default_out_never_shared(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """Runs given no --out that start in the same second write into folders of their own (<time>-quick-cpu, then
+    <time>-quick-cpu-2): they wrote into one, the later run's files replacing the earlier one's. A run that
+    measures nothing leaves no folder. (The processes are stood in for by a function writing one record.)"""
+    from largeep.bench import cli
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(time, "strftime", lambda fmt, *a: "20260101-000000")
+    seen: list[str] = []
+
+    def ranks(mp: Any, args: tuple[Any, ...], nprocs: int) -> None:
+        child, part = args[3], args[5]
+        seen.append(child.out)
+        r = rec.Record(backend="torch", mode="normal", op="dispatch", ep=2, ranks_per_node=2, num_tokens=32,
+                       hidden=256, num_topk=4, num_experts=16, dtype="bf16", num_sms=None,
+                       time_us_median=float(len(seen)), time_us_p10=1.0, time_us_p90=9.0, logical_gbps=1.0)
+        rec.write_part(part, [r], [rec.Extra(0.5)], settings={"device": "cpu", "backends": child.backends})
+
+    monkeypatch.setattr(cli, "_run_ranks", ranks)
+    argv = ["--cpu", "--nprocs", "2", "--backends", "torch", "--no-plots"]
+    assert cli.main(argv) == 0 and cli.main(argv) == 0
+    results = tmp_path / "bench" / "results"
+    assert seen == [str(Path("bench/results/20260101-000000-quick-cpu")),
+                    str(Path("bench/results/20260101-000000-quick-cpu-2"))]
+    for i, name in enumerate(("20260101-000000-quick-cpu", "20260101-000000-quick-cpu-2")):
+        assert json.loads((results / name / "results.json").read_text())[0]["time_us_median"] == i + 1
+    if not _nvshmem_runs_here():
+        assert cli.main(["--cpu", "--backends", "nvshmem"]) == 1
+        assert sorted(p.name for p in results.iterdir()) == ["20260101-000000-quick-cpu",
+                                                             "20260101-000000-quick-cpu-2"]
+    capsys.readouterr()
+
+
 def test_cli_out_must_take_a_file(tmp_path: Path) -> None:
     """--out is checked by making (and removing) a file there, or in the nearest existing folder above it:
     os.access says yes as root where a write fails (/proc)."""

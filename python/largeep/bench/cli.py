@@ -5,8 +5,8 @@ starts ``--nprocs`` CPU processes (gloo, default 4) and sweeps small sizes with 
 starts gets NCCL_NVLS_ENABLE=0, TORCH_SYMM_MEM_DISABLE_MULTICAST=1 and NVSHMEM_DISABLE_NVLS=1 unless the user set
 them. Prints a table, writes ``results.json`` (a list of SPEC.md's records), ``run.json`` (settings, skipped
 backends, per-record extras; see :mod:`largeep.bench.records`) and ``latency.png``/``bandwidth.png`` under ``--out``
-(default ``bench/results/<time>-<preset>-<gpu|cpu>/`` under the current directory), and prints that folder's
-absolute path.
+(default ``bench/results/<time>-<preset>-<gpu|cpu>/`` under the current directory, a new folder: ``-2``, ``-3``, ...
+after the name where a run started in the same second has it), and prints that folder's absolute path.
 
 Options are checked before any process starts (argparse errors, exit status 2): sizes and counts positive (a value
 listed twice is measured once), every expert count divisible by the rank count, top-k at most the expert count,
@@ -177,8 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: the ranks on one host)")
     p.add_argument("--nprocs", type=_positive, help="processes to start (default: every visible GPU, or 4 on CPU)")
     p.add_argument("--cpu", action="store_true", help="run CPU processes (gloo) even when GPUs are visible")
-    p.add_argument("--out", help="output folder (default: bench/results/<time>-<preset>-<gpu|cpu> under the current "
-                                 "directory)")
+    p.add_argument("--out", help="output folder (default: a new folder bench/results/<time>-<preset>-<gpu|cpu> under "
+                                 "the current directory)")
     p.add_argument("--warmup", type=_non_negative, help="untimed calls before the timed ones (default: the preset's)")
     p.add_argument("--iters", type=_positive, help="timed calls per op (default: the preset's)")
     p.add_argument("--routing", choices=ROUTINGS, default="uniform",
@@ -259,6 +259,32 @@ def check_args(args: argparse.Namespace, device_kind: str, world: int, host_rank
         if host_ranks is not None and rpn > host_ranks:
             return f"--ranks-per-node {rpn} exceeds the {host_ranks} ranks on this host"
     return None
+
+
+def default_out(preset: str, device_kind: str, stamp: str | None = None) -> Path:
+    """A new folder for a run given no --out, made now: bench/results/<time>-<preset>-<gpu|cpu> under the current
+    directory, with -2, -3, ... after it where a run started in the same second (another process) has that name
+    (mkdir makes it or fails, atomically, so two runs never share one and the later one's files never replace the
+    earlier one's)."""
+    base = Path("bench") / "results"
+    base.mkdir(parents=True, exist_ok=True)
+    name = f"{stamp or time.strftime('%Y%m%d-%H%M%S')}-{preset}-{device_kind}"
+    i = 1
+    while True:
+        path = base / (name if i == 1 else f"{name}-{i}")
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            i += 1
+
+
+def _drop_if_empty(path: Path) -> None:
+    """Removes the folder :func:`default_out` made when the run wrote nothing into it."""
+    try:
+        path.rmdir()  # (only an empty folder)
+    except OSError:
+        pass
 
 
 def make_plan(args: argparse.Namespace, device_kind: str, command: str) -> Any:
@@ -362,8 +388,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         if kind == "gpu":
             torch.cuda.set_device(local_rank)
             kwargs["device_id"] = torch.device("cuda", local_rank)
-        dist.init_process_group("nccl" if kind == "gpu" else "gloo", **kwargs)
-        return 0 if _run_rank(args, command, kind, local_rank) else 1
+        claimed = None
+        if args.out is None and os.environ["RANK"] == "0":  # (the rank that writes the results)
+            claimed = default_out(args.preset, kind)
+            args.out = str(claimed)
+        try:
+            dist.init_process_group("nccl" if kind == "gpu" else "gloo", **kwargs)
+            return 0 if _run_rank(args, command, kind, local_rank) else 1
+        finally:
+            if claimed is not None:
+                _drop_if_empty(claimed)
 
     gpus = torch.cuda.device_count() if torch.cuda.is_available() and not args.cpu else 0
     kind = "gpu" if gpus else "cpu"
@@ -379,7 +413,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"largeep-bench: warning: {nprocs} processes on {cpus} CPUs: the ranks take turns on them, so the "
               "times will be inflated", file=sys.stderr, flush=True)
     print(f"largeep-bench: {nprocs} {'GPU' if gpus else 'CPU'} processes, preset {args.preset}", flush=True)
-    return _launch(args, kind, nprocs, command)
+    claimed = None
+    if args.out is None:  # (claimed here: the backends' processes take it from args)
+        claimed = default_out(args.preset, kind)
+        args.out = str(claimed)
+    try:
+        return _launch(args, kind, nprocs, command)
+    finally:
+        if claimed is not None:
+            _drop_if_empty(claimed)
 
 
 def _launch(args: argparse.Namespace, kind: str, nprocs: int, command: str) -> int:

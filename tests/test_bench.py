@@ -1680,3 +1680,14 @@ def test_environment_names_the_nvshmem_the_module_runs_with(monkeypatch: pytest.
     assert rec.environment()["nvshmem"] == "NVSHMEM 3.2.5 (/opt/nvshmem-3.2.5/lib)"
     monkeypatch.setattr(rec, "nvshmem_in_use", lambda: None)
     assert rec.environment()["nvshmem"] == wheel
+
+
+def test_readme_names_every_extra() -> None:
+    """README's account of run.json's extras names each key an extra has (semantics_note was missing)."""
+    from dataclasses import fields
+
+    readme = Path(__file__).resolve().parents[1] / "README.md"
+    if not readme.exists():
+        pytest.skip("needs the source tree (README.md)")
+    text = readme.read_text()
+    assert [f.name for f in fields(rec.Extra) if f"`{f.name}`" not in text] == []

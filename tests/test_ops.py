@@ -82,6 +82,34 @@ def test_grouped_mm_stride_rule(make, ok: bool) -> None:
     assert ops._strides_ok(make()) is ok
 
 
+@pytest.mark.parametrize("k,n", [(32, 16), (30, 18)])  # native, padded bmm
+@pytest.mark.parametrize("clear_tail", [True, False])
+def test_grouped_mm_second_derivative(k: int, n: int, clear_tail: bool) -> None:
+    """A penalty on the gradients of a and b (create_graph=True, e.g. a gradient-norm penalty over the expert
+    weights) differentiates the weight gradient too: against the float64 loop, rows past offs[-1] poisoned."""
+    g = torch.Generator().manual_seed(k + n)
+    counts = [3, 0, 5, 2]
+    rows, used = sum(counts) + 2, sum(counts)
+    offs = torch.tensor(counts).cumsum(0).to(torch.int32)
+    a0 = torch.randn(rows, k, generator=g)
+    a0[used:] = float("nan")
+    b0 = torch.randn(len(counts), k, n, generator=g)
+    cot = torch.randn(rows, n, generator=g)
+    u, v = torch.randn(rows, k, generator=g), torch.randn(len(counts), k, n, generator=g)
+    got, want = [], []
+    for fn, dt, out in ((lambda a, b: ops.grouped_mm(a, b, offs, clear_tail=clear_tail), torch.float32, got),
+                        (lambda a, b: _loop_grouped_mm_autograd(a, b, offs), torch.float64, want)):
+        a, b = a0.to(dt).requires_grad_(), b0.to(dt).requires_grad_()
+        y = fn(a, b)[:used]
+        ga, gb = torch.autograd.grad((y * cot[:used].to(dt)).sum() + (y**3).sum(), (a, b), create_graph=True)
+        pen = (ga[:used] ** 2 * u[:used].to(dt)).sum() + (gb**2 * v.to(dt)).sum()
+        out.extend(torch.autograd.grad(pen, (a, b)))
+    if clear_tail:  # (else a's gradient past offs[-1] is unspecified, as grouped_mm says)
+        assert (got[0][used:] == 0).all()
+    for name, x, y in (("a", got[0][:used], want[0][:used]), ("b", got[1], want[1])):
+        layer_bodies.close(x, y, f"grouped_mm second derivative in {name}", rtol=1e-4)
+
+
 def test_grouped_mm_opcheck() -> None:
     g = torch.Generator().manual_seed(3)
     a = torch.randn(12, 16, generator=g, requires_grad=True)
@@ -90,6 +118,8 @@ def test_grouped_mm_opcheck() -> None:
     torch.library.opcheck(torch.ops.largeep.grouped_mm.default, (a, b, offs))
     torch.library.opcheck(torch.ops.largeep.grouped_mm.default, (a, b, offs, 10))
     torch.library.opcheck(torch.ops.largeep.grouped_mm_wgrad.default, (a.detach(), torch.randn(12, 8), offs))
+    # (with grads: its autograd formula, a second derivative through grouped_mm's weight gradient)
+    torch.library.opcheck(torch.ops.largeep.grouped_mm_wgrad.default, (a, torch.randn(12, 8, requires_grad=True), offs))
 
 
 def _tokens(world: int) -> list[int]:

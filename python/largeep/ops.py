@@ -651,6 +651,27 @@ def _gmm_backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None,
 _grouped_mm_op.register_autograd(_gmm_backward, setup_context=_gmm_setup)
 
 
+def _wgrad_setup(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
+    a, g, offs, used = inputs
+    ctx.used = used
+    ctx.save_for_backward(a, g, offs)
+
+
+def _wgrad_backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None, None]:
+    """The weight gradient's own gradients (a second derivative through the expert weights, e.g. a penalty on
+    their gradient): from ``out[e] = a[rows of e].T @ g[rows of e]``, ``ga = g @ grad[e].T`` and
+    ``gg = a @ grad[e]`` per group, both grouped GEMMs (differentiable in turn), their rows past offs[-1] zero (the
+    forward read none of them)."""
+    a, g, offs = ctx.saved_tensors
+    grad = grad.contiguous()
+    ga = _grouped_mm_op(g, grad.transpose(1, 2), offs, ctx.used, True) if ctx.needs_input_grad[0] else None
+    gg = _grouped_mm_op(a, grad, offs, ctx.used, True) if ctx.needs_input_grad[1] else None
+    return ga, gg, None, None
+
+
+_grouped_mm_wgrad_op.register_autograd(_wgrad_backward, setup_context=_wgrad_setup)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The order of a dispatch's (row, k) entries by local expert (the expert GEMMs' input order)
 # ---------------------------------------------------------------------------------------------------------------

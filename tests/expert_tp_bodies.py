@@ -96,6 +96,18 @@ def collectives(rank: int, world: int, rows: int) -> None:
         raise AssertionError("reduce_scatter_rows took rows that are not a multiple of the group's size")
     (out,) = reduce_scatter_rows(group, torch.ones(world * rows, 2))
     assert torch.equal(out, torch.full((rows, 2), float(world)))
+    # a 0-d tensor (no rows to move), or no tensor at all: refused naming it, before any collective, either way
+    for fn in (all_gather_rows, reduce_scatter_rows):
+        for args, says in (((torch.ones(world), torch.tensor(1.0)), "tensor argument 1 must have a dim 0 of rows"),
+                           ((), "needs at least one tensor")):
+            try:
+                fn(group, *args)
+            except ArgumentError as exc:
+                assert says in str(exc), str(exc)
+            else:
+                raise AssertionError(f"{fn.__name__} took {args}")
+    (out,) = all_gather_rows(group, torch.ones(rows, 2))
+    assert torch.equal(out, torch.ones(world * rows, 2))
 
 
 def layer_tp_vs_reference(

@@ -231,17 +231,30 @@ def _run(
     return outs
 
 
+def _check_rows(op: str, ts: tuple[Tensor, ...]) -> None:
+    """ArgumentError (before any collective: the group stays usable) naming the first of ``ts`` that has no rows to
+    move along dim 0 (not a tensor, or 0-d), or saying that none was given."""
+    if not ts:
+        raise ArgumentError(f"expert TP: {op} needs at least one tensor")
+    for i, t in enumerate(ts):
+        if not isinstance(t, Tensor) or t.dim() == 0:
+            what = "a 0-d tensor" if isinstance(t, Tensor) else type(t).__name__
+            raise ArgumentError(f"expert TP: {op}: tensor argument {i} must have a dim 0 of rows, got {what}")
+
+
 def _gather(ts: tuple[Tensor, ...], group: dist.ProcessGroup, what: str = "TP group") -> list[Tensor]:
+    _check_rows("all_gather_rows", ts)
     n = dist.get_world_size(group)
     return _run(_all_gather_single, [t.new_empty(n * t.shape[0], *t.shape[1:]) for t in ts], ts, group, what)
 
 
 def _scatter(ts: tuple[Tensor, ...], group: dist.ProcessGroup) -> list[Tensor]:
+    _check_rows("reduce_scatter_rows", ts)
     n = dist.get_world_size(group)
-    for t in ts:  # (refused before any collective: the group stays usable)
-        if t.dim() == 0 or t.shape[0] % n:
+    for i, t in enumerate(ts):  # (refused before any collective: the group stays usable)
+        if t.shape[0] % n:
             raise ArgumentError(f"expert TP: reduce_scatter_rows needs tensors of T * n rows (T = {n}, the TP group's "
-                                f"size), got shape {tuple(t.shape)}")
+                                f"size), got shape {tuple(t.shape)} (tensor argument {i})")
     return _run(_reduce_scatter_single, [t.new_empty(t.shape[0] // n, *t.shape[1:]) for t in ts], ts, group)
 
 

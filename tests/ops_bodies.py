@@ -87,7 +87,8 @@ def ops_refused_call_keeps_handle(rank: int, world: int) -> list[str]:
     """On the custom-op path a combine, or a combine's backward (dispatch_cached), refused for its arguments leaves
     the handle's count as it was: a corrected inference combine still finds the handle (and frees it), and a
     training step whose combine, or whose cached dispatch, was first refused ends with a backward that gives the
-    right grad and releases the handle. A combine through another Buffer than the dispatch's, or with something
+    right grad and releases the handle. A second dispatch_recv of one ticket raises without adding to its count.
+    A combine through another Buffer than the dispatch's, or with something
     else than a dispatch's handle, is refused naming the argument on both paths (the eager path combined through
     the handle's own Buffer; the custom-op path said the handle was released)."""
     fails: list[str] = []
@@ -110,6 +111,20 @@ def ops_refused_call_keeps_handle(rank: int, world: int) -> list[str]:
             c = _attempt(fails, "corrected inference combine", ops.combine, bid, d.x, d.handle)
             _check(fails, c is None or torch.allclose(c.x, want, rtol=1e-6), "corrected inference combine's value")
             _check(fails, ops.live_handles(bid) == 0, f"inference: {ops.live_handles(bid)} live handles, want 0")
+        # a second dispatch_recv of a ticket (its outputs are given out once) raises without adding a hold: the
+        # inference combine that follows still frees the handle
+        t = torch.ops.largeep.dispatch_send(bid, x, idx, w, 0)
+        rx, _, _ = torch.ops.largeep.dispatch_recv(bid, t, x, w, 0, False)
+        try:
+            torch.ops.largeep.dispatch_recv(bid, t, x, w, 0, True)
+            fails.append("a second dispatch_recv of one ticket: not refused")
+        except RuntimeError as exc:
+            _check(fails, "already taken" in str(exc), f"a second dispatch_recv: {exc}")
+        c = _attempt(fails, "combine after a second dispatch_recv", ops.combine, bid, rx,
+                     ops.TicketHandle(t, x.shape[0]))
+        _check(fails, c is None or torch.allclose(c.x, want, rtol=1e-6), "combine after a second dispatch_recv")
+        _check(fails, ops.live_handles(bid) == 0,
+               f"after a second dispatch_recv and the combine: {ops.live_handles(bid)} live handles, want 0")
         for refused in ("combine", "dispatch_cached"):  # (one at a time: the two miscounts would cancel out)
             xg, wg = x.clone().requires_grad_(), w.clone().requires_grad_()
             d = ops.dispatch(bid, xg, idx, wg, use_custom_ops=True)

@@ -332,16 +332,12 @@ def _put(buffer_id: int, entry: _Entry) -> Tensor:
     return torch.tensor([tid], dtype=torch.int64, device="cpu")
 
 
-def _get(buffer_id: int, ticket: Tensor, op: str, refs: int = 0) -> _Entry:
-    """The entry of ``ticket``; adds ``refs`` to its count, as holds an autograd node may claim (never frees it:
-    see :func:`_settle`)."""
+def _get(buffer_id: int, ticket: Tensor, op: str) -> _Entry:
+    """The entry of ``ticket`` (its count unchanged: see :func:`_settle`)."""
     tid = int(ticket.reshape(-1)[0])
     with _locked():
         entries = _REG.entries.get(buffer_id)
         entry = entries.get(tid) if entries is not None else None
-        if entry is not None:
-            entry.refs += refs
-            entry.unclaimed += max(refs, 0)
         evicted = tid in _REG.evicted.get(buffer_id, ())
         owner = None if entry is not None else next((b for b, es in _REG.entries.items() if tid in es), None)
     if owner is not None:  # (tickets are numbered across Buffers)
@@ -1166,10 +1162,14 @@ def _dispatch_recv_op(
     bf16_partial_sums: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """bf16_partial_sums: for the backward only (its combine of the received rows' gradient, bf16 as x is)."""
-    entry = _get(buffer_id, ticket, "dispatch_recv", refs=int(hold))
-    if entry.pending is None:
+    entry = _get(buffer_id, ticket, "dispatch_recv")
+    with _locked():  # (the hold is added only with the outputs: a refused call leaves the count as it was)
+        out, entry.pending = entry.pending, None
+        if out is not None and hold:
+            entry.refs += 1
+            entry.unclaimed += 1
+    if out is None:
         raise RuntimeError("largeep.ops.dispatch_recv: the outputs of this dispatch were already taken")
-    out, entry.pending = entry.pending, None
     rx, ridx, rw = _fresh(out, (ticket, x, topk_weights))
     return rx, ridx, rw
 

@@ -1081,6 +1081,10 @@ def grouped_mm(a: Tensor, b: Tensor, offs: Tensor, used: int | None = None, *, c
     if a.dtype != b.dtype or offs.dtype != torch.int32:
         raise ArgumentError(f"grouped_mm: a and b must share a dtype and offs be int32; got {a.dtype}, {b.dtype}, "
                             f"{offs.dtype}")
+    if not a.is_floating_point() or a.element_size() < 2:
+        raise ArgumentError(f"grouped_mm: arguments 'a' and 'b' must be bf16/fp16/fp32 (or float64) tensors, got "
+                            f"{a.dtype} (an FP8 operand has no grouped GEMM here: dequantise it first, "
+                            "largeep.fp8.dequantize)")
     if a.shape[1] != b.shape[1] or offs.shape[0] != b.shape[0]:
         raise ArgumentError(f"grouped_mm: expected a [P, K], b [G, K, N], offs [G]; got a {tuple(a.shape)}, b "
                             f"{tuple(b.shape)}, offs {tuple(offs.shape)}")

@@ -558,6 +558,31 @@ def test_ops_dispatch_refuses_what_it_cannot_differentiate() -> None:
         ops.dispatch(0, x, idx, None, use_custom_ops=True)  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize("bad", [None, True, "buf"])
+def test_ops_refuse_what_is_no_buffer(bad: object) -> None:
+    """Neither a Buffer nor an int id (True among them, which would name Buffer id 1): refused naming 'buffer', on
+    either path, before anything is looked up or sent."""
+    from largeep import ArgumentError
+
+    x, idx, w = torch.zeros(2, 8), torch.zeros(2, 1, dtype=torch.int64), torch.ones(2, 1)
+    ll = torch.zeros(2, 8, dtype=torch.bfloat16)
+    calls = [
+        lambda custom: ops.dispatch(bad, x, idx, w, use_custom_ops=custom),  # type: ignore[arg-type]
+        lambda custom: ops.low_latency_dispatch(bad, ll, idx, use_custom_ops=custom),  # type: ignore[arg-type]
+    ]
+    says = f"argument 'buffer' must be a largeep.Buffer.*{type(bad).__name__}"
+    for call in calls:
+        for custom in (False, True):
+            with pytest.raises(ArgumentError, match=says):
+                call(custom)
+    for handle in (ops.TicketHandle(torch.zeros(1, dtype=torch.int64), 2), torch.zeros(1, dtype=torch.int64)):
+        with pytest.raises(ArgumentError, match="argument 'buffer' must be a largeep.Buffer"):
+            if isinstance(handle, ops.TicketHandle):
+                ops.combine(bad, x, handle)  # type: ignore[arg-type]
+            else:
+                ops.low_latency_combine(bad, ll, idx, w, handle)  # type: ignore[arg-type]
+
+
 def test_grouped_mm_refuses_caller_mistakes_without_turning_native_off() -> None:
     from largeep import ArgumentError
 

@@ -1845,7 +1845,16 @@ def _use_ops(force: bool) -> bool:
     return force or torch.compiler.is_compiling()
 
 
+def _check_buffer_arg(buffer: Any, op: str) -> None:
+    """ArgumentError naming ``buffer`` unless it is a Buffer or an int id (a bool is neither: True would name
+    Buffer id 1)."""
+    if isinstance(buffer, bool) or not isinstance(buffer, (Buffer, int)):
+        raise ArgumentError(f"largeep.ops.{op}: argument 'buffer' must be a largeep.Buffer or its int id from "
+                            f"register_buffer, got {type(buffer).__name__}")
+
+
 def _buffer_id(buffer: Buffer | int, op: str) -> int:
+    _check_buffer_arg(buffer, op)
     if isinstance(buffer, int):
         return buffer
     if torch.compiler.is_compiling():
@@ -1855,7 +1864,8 @@ def _buffer_id(buffer: Buffer | int, op: str) -> int:
     return register_buffer(buffer)
 
 
-def _buffer(buffer: Buffer | int) -> Buffer:
+def _buffer(buffer: Buffer | int, op: str) -> Buffer:
+    _check_buffer_arg(buffer, op)
     return buffer if isinstance(buffer, Buffer) else buffer_of(buffer)
 
 
@@ -1923,7 +1933,7 @@ def dispatch(
         rx, ridx, rw = torch.ops.largeep.dispatch_recv(bid, ticket, x, topk_weights, num_worst_tokens, hold,
                                                        bf16_partial_sums)
         return DispatchOutput(rx, ridx, rw, TicketHandle(ticket, x.shape[0]), None, None)
-    buf = _buffer(buffer)
+    buf = _buffer(buffer, "dispatch")
     sink: list[Any] = []
     rx, ridx, rw = _DispatchFn.apply(
         x, topk_idx, topk_weights, buf, num_worst_tokens, previous_event, async_finish, sink, torch.is_grad_enabled(),
@@ -1958,7 +1968,7 @@ def combine(
         hold = int(torch.is_grad_enabled() and y.requires_grad)
         x, _ = torch.ops.largeep.combine(bid, y, handle.ticket, handle.num_tokens, None, hold, bf16_partial_sums)
         return CombineOutput(x, None)
-    if handle.buffer is not _buffer(buffer):
+    if handle.buffer is not _buffer(buffer, "combine"):
         raise ArgumentError("ops.combine: argument 'handle' comes from a dispatch on another Buffer than argument "
                             "'buffer'")
     sink: list[Any] = []
@@ -2008,7 +2018,7 @@ def low_latency_dispatch(
             bid, x, topk_idx, use_fp8, round_scale, topk_weights, bf16_partial_sums
         )
         return LowLatencyDispatchOutput(q, s if use_fp8 else None, counts, info, ticket, None)
-    res = _buffer(buffer).low_latency_dispatch(
+    res = _buffer(buffer, "low_latency_dispatch").low_latency_dispatch(
         x, topk_idx, use_fp8=use_fp8, round_scale=round_scale, return_recv_hook=return_recv_hook,
         topk_weights=topk_weights, bf16_partial_sums=bf16_partial_sums,
     )
@@ -2032,7 +2042,9 @@ def low_latency_combine(
             raise ArgumentError("largeep.ops.low_latency_combine: return_recv_hook is eager-only")
         bid = _buffer_id(buffer, "low_latency_combine")
         return torch.ops.largeep.low_latency_combine(bid, y, topk_idx, topk_weights, handle), None
-    res = _buffer(buffer).low_latency_combine(y, topk_idx, topk_weights, handle, return_recv_hook=return_recv_hook)
+    res = _buffer(buffer, "low_latency_combine").low_latency_combine(
+        y, topk_idx, topk_weights, handle, return_recv_hook=return_recv_hook
+    )
     return res.x, res.hook
 
 

@@ -157,6 +157,34 @@ def layer_tp_vs_reference(
         buf.destroy()
 
 
+def weight_grad_penalty(rank: int, world: int) -> None:
+    """A penalty on the expert weights' gradients (create_graph=True, then its gradient in x): with the experts
+    split over TP groups of ``world`` ranks as with whole experts (TP = 1), from the same global weights and gate.
+    Summed over the ranks the penalty is the same (the shards partition the weights), and so is each rank's part of
+    its gradient in x."""
+    hidden, ffn, experts, topk = 16, 8, 4, 2
+    got = []
+    for tp in (1, world):
+        groups = make_expert_tp_groups(tp)
+        buf = largeep.Buffer(groups.ep_group, hidden=hidden, num_experts=experts, num_topk=topk,
+                             max_tokens_per_rank=6, backend="torch")
+        try:
+            layer = layers.MoELayer(buf, ffn_hidden=ffn, expert_tp_group=groups.tp_group if tp > 1 else None)
+            g = _gen(1, 0)
+            w1, w3 = torch.randn(experts, hidden, ffn, generator=g), torch.randn(experts, hidden, ffn, generator=g)
+            layer.load_global_experts(w1, w3, torch.randn(experts, ffn, hidden, generator=g) / 3)
+            with torch.no_grad():
+                layer.gate.weight.copy_(torch.randn(layer.gate.weight.shape, generator=g))
+            x = torch.randn(5, hidden, generator=_gen(2, rank)).requires_grad_()
+            y = layer(x)
+            grads = torch.autograd.grad((y**2).sum(), [layer.experts.w13, layer.experts.w2], create_graph=True)
+            (gx,) = torch.autograd.grad(sum((t**2).sum() for t in grads), [x])
+            got.append(gx)
+        finally:
+            buf.destroy()
+    close(got[1], got[0], f"rank {rank}: grad in x of the weight-gradient penalty, TP {world} vs TP 1")
+
+
 def tp1_equals_plain(rank: int, world: int, tokens: list[int], seed: int, variants: list[dict[str, Any]]) -> None:
     """A TP group of one rank gives the plain layer's output and grads bit for bit."""
     hidden, ffn, shared_ffn, experts, topk = 32, 24, 8, 4 * world, 3

@@ -59,6 +59,12 @@ def test_compiled_tp_layer(pools, num_worst: int, backend: str) -> None:
     pools(2).run(expert_tp_bodies.compiled_tp_layer, 2, [12, 7], num_worst, 9, backend)
 
 
+def test_weight_grad_penalty(pools) -> None:
+    """A second derivative through the expert weights' gradients (the grouped GEMM's weight gradient) through a
+    TP layer equals the whole-expert layer's."""
+    pools(2).run(expert_tp_bodies.weight_grad_penalty)
+
+
 @pytest.mark.parametrize("world", [2, 4])
 def test_tp1_equals_plain(pools, world: int) -> None:
     pools(world).run(expert_tp_bodies.tp1_equals_plain, _tokens(world), 80 + world, [{}, {"num_chunks": 2}])

@@ -897,3 +897,27 @@ def test_apply_capacity_refuses_non_integers(capacity: object) -> None:
     idx = torch.tensor([[0, 1], [1, 0]])
     with pytest.raises(ArgumentError, match="'capacity'"):
         apply_capacity(idx, torch.ones(2, 2), 2, capacity)  # type: ignore[arg-type]
+
+
+def test_apply_capacity_takes_a_traced_size() -> None:
+    """A capacity computed from a traced batch size (a SymInt under make_fx's symbolic tracing, outside
+    torch.compile) is taken, as TopKGate's capacity_factor makes it: one graph that keeps, for every batch size,
+    what the eager call keeps."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    gate = TopKGate(GateConfig(hidden=4, num_experts=4, topk=2, capacity_factor=1.0)).eval()
+    state = {**dict(gate.named_parameters()), **dict(gate.named_buffers())}
+
+    def routed(state: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        return torch.func.functional_call(gate, state, (x,)).topk_idx
+
+    x = torch.randn(9, 4, generator=torch.Generator().manual_seed(3))
+    traced = make_fx(routed, tracing_mode="symbolic")(state, x)
+    for t in (9, 6, 3):
+        want = gate(x[:t]).topk_idx
+        assert (want < 0).any() or t == 3  # (the capacity drops choices)
+        assert torch.equal(traced(state, x[:t]), want)
+    traced = make_fx(lambda i, w: apply_capacity(i, w, 4, i.shape[0] // 2), tracing_mode="symbolic")(
+        torch.zeros(6, 2, dtype=torch.int64), torch.ones(6, 2))
+    idx = torch.tensor([[0, 1], [0, 1], [0, 2], [1, 2]])
+    assert torch.equal(traced(idx, torch.ones(4, 2))[0], apply_capacity(idx, torch.ones(4, 2), 4, 2)[0])

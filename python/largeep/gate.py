@@ -312,8 +312,8 @@ def apply_capacity(
         topk_idx: int64 [T, K] in [-1, E).
         topk_weights: float32 [T, K].
         num_experts: E.
-        capacity: choices kept per expert (>= 0): one for every expert, or an int64 tensor [E] of each expert's
-            (values >= 0, not checked: no host read).
+        capacity: choices kept per expert (>= 0): one for every expert (an int, or a traced size's SymInt), or an
+            int64 tensor [E] of each expert's (values >= 0, not checked: no host read).
 
     Returns:
         New (topk_idx int64 [T, K], topk_weights float32 [T, K]) with dropped choices set to -1 / 0.
@@ -322,8 +322,10 @@ def apply_capacity(
     if isinstance(capacity, torch.Tensor):
         _check(capacity.shape == (num_experts,) and integer_tensor(capacity), "capacity",
                f"must be an int or an integer tensor [{num_experts}], got {capacity.dtype} {tuple(capacity.shape)}")
-    elif torch.compiler.is_compiling():  # (a traced size: branching on it, or formatting it into a message, would
-        torch._check(capacity >= 0)   # make it a constant, a graph per batch size)
+    elif torch.compiler.is_compiling() or isinstance(capacity, torch.SymInt):
+        # (a traced size, under torch.compile or make_fx: branching on it, or formatting it into a message, would
+        # make it a constant, a graph per batch size)
+        torch._check(capacity >= 0)
     else:
         _check(isinstance(capacity, numbers.Integral) and not isinstance(capacity, bool), "capacity",
                f"must be an int or an integer tensor [{num_experts}], got {type(capacity).__name__} {capacity!r:.40}")

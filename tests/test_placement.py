@@ -1082,6 +1082,30 @@ def test_plan_placement_node_limited_judges_node_limited_routes():
         simulate_links(trace, plan, physical_idx=routed, node_limited=True)
 
 
+@pytest.mark.parametrize("experts,topk,zipf_s,seed",
+                         [(24, 4, 1.2, 0), (24, 4, 1.0, 1), (16, 2, 1.5, 1), (24, 4, 1.5, 0)])
+def test_plan_placement_node_limited_keeps_the_unlimited_plan_where_it_wins(experts, topk, zipf_s, seed):
+    """Judged on node-limited routes, plan_placement(node_limited=True) is within its compute limit (greedy's
+    imbalance on those routes * 1.05) and no slower than the greedy plan, nor than the plan searched on unlimited
+    routes wherever that plan is within the same limit (in the first three cases it is, and the search on
+    node-limited routes alone ended at the slower greedy plan or a slower one of its own)."""
+    topo = Topology(4, 4, slots_per_gpu=2)
+    trace = synthetic_trace(1024, experts, topk, topo, seed=seed, zipf_s=zipf_s)
+
+    def judged(p: Placement) -> tuple[float, float]:
+        links = simulate_links(trace, p, node_limited=True)
+        return links.max_link_time_s, links.compute_imbalance
+
+    greedy_time, greedy_imbalance = judged(plan_placement(trace.expert_load(), topo))  # (no trace: greedy)
+    limit = greedy_imbalance * 1.05 + 1e-12
+    plan_time, plan_imbalance = judged(plan_placement(None, topo, trace=trace, node_limited=True))
+    plain_time, plain_imbalance = judged(plan_placement(None, topo, trace=trace))
+    assert plan_imbalance <= limit and plan_time <= greedy_time
+    if plain_imbalance <= limit:
+        assert plan_time <= plain_time, (plan_time, plain_time)
+    assert (plain_imbalance <= limit) == (zipf_s != 1.5 or experts == 16)
+
+
 def test_node_limited_route_balances_within_the_allowed_nodes():
     """Expert 0 has one replica on each of nodes 1, 2 and 3 (home: node 1). From node 0, tokens whose other expert
     lives on node 1 may use only node 1's replica; those whose other expert lives on node 2 may use nodes 1 and 2.

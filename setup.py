@@ -8,6 +8,7 @@ where the package is imported from. Environment:
   LARGEEP_BUILD_NATIVE  auto (default, also when empty) | 1 (a failed native build fails the install) | 0 (skip it)
   LARGEEP_CUDA_ARCHS    the GPUs' compute capabilities to build for, as numbers (major * 10 + minor, e.g. 90 or
                         90;100a; default 90): the install records them and the nvshmem backend refuses other GPUs
+                        (a family target, 100f, counts for its family's later ones, 103)
   NVSHMEM_DIR           an NVSHMEM install (include/, lib/); else the nvidia-nvshmem-cu12/-cu13 wheel is used
   CUDA_HOME             the CUDA toolkit (else nvcc on PATH)
 """

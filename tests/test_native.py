@@ -141,5 +141,13 @@ def test_install_record(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
         clear()
         assert native.unavailable_reason() is None
+        # an arch-specific target (100a) runs on its GPU alone; a family target (100f) on its family's later ones
+        for archs, cc, runs in (("90;100a", (10, 3), False), ("90;100f", (10, 3), True), ("100f", (10, 0), True),
+                                ("100f", (9, 0), False), ("103f", (10, 0), False), ("100f", (11, 0), False),
+                                ("90-virtual", (10, 0), False)):
+            note.write_text(json.dumps({"built": True, "cuda_archs": archs}))
+            monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a, cc=cc: cc)
+            clear()
+            assert (native.unavailable_reason() is None) == runs, (archs, cc, native.unavailable_reason())
     finally:
         clear()

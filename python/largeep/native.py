@@ -58,6 +58,19 @@ def built_archs() -> set[int] | None:
     return archs or None
 
 
+def built_for(capability: int) -> bool | None:
+    """Whether the recorded build runs on a GPU of compute capability ``capability`` (major * 10 + minor): one of
+    its numbers exactly, or within the family of an ``f`` target (100f: 100 and 103, the same major and a minor no
+    lower); None when unrecorded. PTX targets are not counted as running elsewhere: their JIT on another GPU is
+    untested (and slow at the first call)."""
+    raw = str(build_note().get("cuda_archs") or "")
+    found = re.findall(r"(\d+)([af]?)", raw)
+    if not found:
+        return None
+    return any(int(n) == capability or (suffix == "f" and int(n) // 10 == capability // 10 and capability > int(n))
+               for n, suffix in found)
+
+
 @functools.lru_cache(maxsize=1)
 def _load() -> tuple[ModuleType | None, str | None]:
     try:
@@ -122,7 +135,7 @@ def _arch_reason(device: int) -> str | None:
 
     archs = built_archs()
     major, minor = torch.cuda.get_device_capability(device)
-    if archs is not None and major * 10 + minor not in archs:
+    if archs is not None and not built_for(major * 10 + minor):
         return (f"the native module was built for compute capability {sorted(archs)} (LARGEEP_CUDA_ARCHS), this "
                 f"GPU is {major * 10 + minor}; reinstall with LARGEEP_CUDA_ARCHS={major * 10 + minor} (the kernels "
                 "are written for Hopper: other GPUs are untested)")

@@ -137,6 +137,11 @@ def test_overlong_numbers_name_their_variable(monkeypatch: pytest.MonkeyPatch) -
                           "print(logging.getLogger('largeep').level)"], env=env, capture_output=True, text=True,
                          timeout=120)
     assert run.returncode == 0 and run.stdout.strip() == "30", run.stderr[-500:]
+    # 0 (logging's NOTSET, which would defer to the root logger's WARNING) logs every message
+    run = subprocess.run([sys.executable, "-c", "import logging, largeep; "
+                          "print(logging.getLogger('largeep').getEffectiveLevel())"],
+                         env=dict(os.environ, LARGEEP_LOG_LEVEL="0"), capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0 and run.stdout.strip() == "1", run.stderr[-500:]
     monkeypatch.setenv("LARGEEP_TUNE", " threads = 512 , unroll=4")
     monkeypatch.setenv("LARGEEP_ZERO_COPY_SLOTS", " 7 ")
     s = _env.settings()

@@ -237,4 +237,7 @@ if not logger.handlers:
     logger.propagate = False
 # (only the log level at import: a bad value of another variable is an error of the Buffer that reads it, not of
 # ``import largeep``)
-logger.setLevel(log_level() or logging.WARNING)
+_level = log_level()
+# (0 is logging's NOTSET, which would defer to the root logger's level, WARNING by default: here it means every
+# message, as the number's order says)
+logger.setLevel(logging.WARNING if _level is None else max(_level, 1))

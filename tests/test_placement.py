@@ -1154,3 +1154,21 @@ def test_layer_limits_nodes_only_under_home_node_groups():
     assert _node_limited(blocks, p)
     unlimited = TopKGate(GateConfig(hidden=8, num_experts=4, topk=2), group_of_expert=home)  # (all groups kept)
     assert not _node_limited(unlimited, p) and not _node_limited(homed, None)
+
+
+def test_flags_must_be_bools():
+    """node_limited and hierarchical are refused by name when not a bool (a string such as "no" is true)."""
+    topo = Topology(2, 2)
+    trace = synthetic_trace(64, 4, 2, topo, seed=0)
+    p = plan_placement(trace.expert_load(), topo)
+    calls = [
+        ("Placement.route", "node_limited", lambda: p.route(trace.topk_idx, trace.src_gpu, node_limited="no")),
+        ("Placement.table_route", "node_limited", lambda: p.table_route(trace.topk_idx, 0, node_limited=1)),
+        ("plan_placement", "hierarchical", lambda: plan_placement(None, topo, trace=trace, hierarchical="no")),
+        ("plan_placement", "node_limited", lambda: plan_placement(None, topo, trace=trace, node_limited=None)),
+        ("simulate_links", "hierarchical", lambda: simulate_links(trace, p, hierarchical=0)),
+        ("simulate_links", "node_limited", lambda: simulate_links(trace, p, node_limited="yes")),
+    ]
+    for op, arg, call in calls:
+        with pytest.raises(ValueError, match=f"{op}: argument '{arg}' must be a bool"):  # (ArgumentError)
+            call()

@@ -46,6 +46,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from largeep.checks import flags
 from largeep.errors import ArgumentError
 
 __all__ = [
@@ -67,7 +68,6 @@ __all__ = [
 def _check(cond: bool, arg: str, msg: str) -> None:
     if not cond:
         raise ArgumentError(f"argument '{arg}' {msg}")
-
 
 def _check_int(value: object, arg: str, minimum: int) -> None:
     _check(isinstance(value, numbers.Integral) and not isinstance(value, bool) and int(value) >= minimum, arg,
@@ -302,6 +302,7 @@ class Placement:
             int64 [T, K], slots in [-1, num_slots).
         """
         topo = self.topology
+        flags("Placement.table_route", node_limited=node_limited)
         # (a numpy integer would turn the tensor arithmetic below into numpy's)
         forms = "an int or a 0-dim integer tensor"
         src_gpu = _one_source(src_gpu, forms)
@@ -505,6 +506,7 @@ class Placement:
             int64 [T, K], slots in [-1, num_slots).
         """
         topo = self.topology
+        flags("Placement.route", node_limited=node_limited)
         _check_topk(topk_idx, self.num_logical)
         t_num = topk_idx.shape[0]
         dev = topk_idx.device
@@ -1121,6 +1123,7 @@ def plan_placement(
         assert trace is not None
         load = trace.expert_load()
     load = _check_load(load)
+    flags("plan_placement", hierarchical=hierarchical, node_limited=node_limited)
     _check(imbalance_tolerance >= 0, "imbalance_tolerance", f"must be >= 0, got {imbalance_tolerance}")
     _check_int(max_rounds, "max_rounds", 0)
     _check(time_budget_s is None or time_budget_s >= 0, "time_budget_s", f"must be None or >= 0, got {time_budget_s}")
@@ -1244,6 +1247,7 @@ def simulate_links(
     """
     _check(hidden >= 1, "hidden", f"must be >= 1, got {hidden}")
     _check(bytes_per_elem >= 1, "bytes_per_elem", f"must be >= 1, got {bytes_per_elem}")
+    flags("simulate_links", hierarchical=hierarchical, node_limited=node_limited)
     _check(trace.num_experts == placement.num_logical, "trace", "and placement differ in logical experts")
     topo = placement.topology
     g_num, gpn = topo.num_gpus, topo.gpus_per_node

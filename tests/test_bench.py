@@ -331,6 +331,117 @@ def test_weighted_low_latency_combine_traffic() -> None:
         assert (rec.summed_rows_ll(idx, 288, n) >= rows).all()
 
 
+def normal_bf16_partials_body(rank: int, world: int, argv: list[str]) -> dict[str, Any]:
+    """(A pool body.) The CLI's plan of ``argv`` (its quick CPU preset with the options) swept on this pool's ranks,
+    with the torch backend's combine spied on: the bf16_partial_sums each Buffer.combine call got, and the part_bf16
+    each reached the backend with, the records and extras as dicts, and the run's settings."""
+    from largeep import Buffer
+    from largeep.backends.torch_backend import TorchBackend
+    from largeep.bench import cli, sweep
+
+    asked: list[bool] = []
+    reached: list[bool] = []
+    real_buffer, real_backend = Buffer.combine, TorchBackend.combine
+
+    def buffer_combine(self: Any, *args: Any, **kwargs: Any) -> Any:
+        asked.append(kwargs.get("bf16_partial_sums", False))
+        return real_buffer(self, *args, **kwargs)
+
+    def backend_combine(self: Any, y: Any, state: Any, w: Any, part_bf16: bool = False) -> Any:
+        reached.append(part_bf16)
+        return real_backend(self, y, state, w, part_bf16)
+
+    plan = cli.make_plan(cli.build_parser().parse_args(argv), "cpu", "largeep-bench")
+    plan.out, plan.plots = None, False
+    Buffer.combine, TorchBackend.combine = buffer_combine, backend_combine  # type: ignore[method-assign]
+    try:
+        s = sweep.Sweep(plan, torch.device("cpu"))
+        records, extras = s.run()
+    finally:
+        Buffer.combine, TorchBackend.combine = real_buffer, real_backend  # type: ignore[method-assign]
+    return {"asked": asked, "reached": reached, "records": [asdict(r) for r in records],
+            "extras": [asdict(e) for e in extras], "settings": s.settings()}
+
+
+def test_normal_bf16_partial_sums_reach_every_timed_combine(pools) -> None:  # noqa: ANN001 - conftest fixture
+    """--bf16-partial-sums on 2 ranks of one rank per node (2 nodes emulated): every combine the sweep makes, the
+    timed combines and round trips included, asks Buffer.combine for bf16 partial sums and the torch backend gets
+    them; the combine and round-trip records say so in their extras (the dispatch and layout ones None), and the
+    settings too. Without the flag, or on one node, the same records say False."""
+    argv = ["--cpu", "--backends", "torch", "--modes", "normal", "--tokens", "8", "--hidden", "128", "--topk", "2",
+            "--experts", "4", "--dtypes", "bf16", "--warmup", "1", "--iters", "2", "--no-plots"]
+    iters, warmup = 2, 1
+    runs = {
+        "on": pools(2).run(normal_bf16_partials_body, [*argv, "--ranks-per-node", "1", "--bf16-partial-sums"]),
+        "off": pools(2).run(normal_bf16_partials_body, [*argv, "--ranks-per-node", "1"]),
+        "one node": pools(2).run(normal_bf16_partials_body, [*argv, "--bf16-partial-sums"]),
+    }
+    for name, out in runs.items():
+        want = name == "on"
+        flag = name != "off"
+        for o in out:  # (every rank)
+            # an untimed fresh dispatch's handle is combined (warm-up + timed) times, and each round trip combines once
+            assert o["asked"] == [flag] * (2 * (warmup + iters)), (name, o["asked"])
+            assert o["reached"] == [want] * (2 * (warmup + iters)), (name, o["reached"])
+            assert o["settings"]["bf16_partial_sums"] is flag
+        recs, extras = out[0]["records"], out[0]["extras"]
+        assert {r["op"] for r in recs} == {"layout", "dispatch", "combine", "roundtrip"}
+        for r, e in zip(recs, extras, strict=True):
+            assert r["ranks_per_node"] == (1 if name != "one node" else 2)
+            assert e["bf16_partial_sums"] is (want if r["op"] in ("combine", "roundtrip") else None), (name, r, e)
+            assert e["weights_sent"] is None
+
+    def sizes(out: list[dict[str, Any]]) -> dict[str, float]:
+        return {r["op"]: rec.op_bytes(rec.Record(**r)) for r in out[0]["records"] if r["op"] != "layout"}
+
+    # SPEC's bytes are the rows' (2 H bytes each in the combine), not the partial sums': the same either way
+    assert sizes(runs["on"]) == pytest.approx(sizes(runs["off"]), rel=1e-9)
+
+
+def test_cpu_normal_bf16_partial_sums_run(tmp_path: Path) -> None:
+    """--bf16-partial-sums through the launcher, 2 CPU processes of one rank per node: run.json's settings say
+    bf16_partial_sums and the extras of the torch backend's combine and round-trip records True (the others
+    None)."""
+    out = tmp_path / "partials"
+    proc = subprocess.run(
+        [sys.executable, "-m", "largeep.bench", "--nprocs", "2", "--cpu", "--backends", "torch", "--modes", "normal",
+         "--ranks-per-node", "1", "--bf16-partial-sums", "--tokens", "8", "--dtypes", "bf16", "--warmup", "0",
+         "--iters", "2", "--no-plots", "--out", str(out)],
+        env=_bench_env(), capture_output=True, text=True, timeout=120, check=False,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    recs = json.loads((out / "results.json").read_text())
+    run = json.loads((out / "run.json").read_text())
+    assert run["settings"]["bf16_partial_sums"] is True and run["settings"]["ranks_per_node"] == 1
+    assert recs and all(set(r) == FILE_KEYS and r["ranks_per_node"] == 1 and r["ep"] == 2 for r in recs)
+    for r, e in zip(recs, run["extras"], strict=True):
+        assert e["bf16_partial_sums"] is (True if r["op"] in ("combine", "roundtrip") else None), (r, e)
+
+
+def test_cli_refuses_bf16_partial_sums_where_it_cannot_apply(capsys: pytest.CaptureFixture[str]) -> None:
+    """--bf16-partial-sums is refused before any process starts (exit status 2, a message naming it) without the
+    normal mode, without a backend whose combine takes it, and on one node, where it would change nothing."""
+    from largeep.bench import cli
+
+    for argv, says in (
+        (["--modes", "low_latency"], "needs the normal mode"),
+        (["--backends", "symm_mem,deepep"], "none of the backends run (symm_mem, deepep) takes it"),
+        (["--nprocs", "2"], "the 2 ranks are one node (2 ranks per node)"),
+        (["--nprocs", "2", "--ranks-per-node", "2"], "the 2 ranks are one node"),
+    ):
+        with pytest.raises(SystemExit) as e:
+            cli.main(["--cpu", "--bf16-partial-sums", *argv])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and "--bf16-partial-sums" in err and says in err, (argv, err)
+    parser = cli.build_parser()
+    # several nodes (emulated, or under torchrun whose local ranks are fewer), or not known here: no refusal
+    assert cli.check_args(parser.parse_args(["--bf16-partial-sums", "--ranks-per-node", "1"]), "cpu", 2, 2) is None
+    assert cli.check_args(parser.parse_args(["--bf16-partial-sums"]), "gpu", 16, 8) is None
+    assert cli.check_args(parser.parse_args(["--bf16-partial-sums"]), "gpu", 16, None) is None
+    msg = cli.check_args(parser.parse_args(["--bf16-partial-sums"]), "gpu", 8, 8)
+    assert msg is not None and "one node" in msg
+
+
 def test_bf16_partial_sums_needs_weights() -> None:
     from largeep.bench import cli
 

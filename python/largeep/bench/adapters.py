@@ -50,6 +50,9 @@ class Adapter:
     # why a backend with a receive hook gets no send/recv records (the sweep says so once, in "skipped")
     hook_untimed: str | None = None
     sends_ll_weights = False  # ll_dispatch takes topk_weights (the combine then applies those); others ignore them
+    # the normal combine takes Buffer.combine's bf16_partial_sums (its partial sums between nodes sent as bf16);
+    # others ignore it
+    takes_bf16_partial_sums = False
     # None: the calls do the work of largeep.Buffer's; else what they leave out (their records say semantics
     # "partial" and this note in their extras, and stay out of x_best)
     partial: str | None = None
@@ -94,7 +97,8 @@ class Adapter:
         assert self.spec is not None
         return torch.randn(rows, self.spec.hidden, dtype=torch.bfloat16, device=self.device)
 
-    def combine(self, y: torch.Tensor, handle: Any) -> Any:
+    def combine(self, y: torch.Tensor, handle: Any, bf16_partial_sums: bool = False) -> Any:
+        """bf16_partial_sums: Buffer.combine's option, where ``takes_bf16_partial_sums`` (ignored elsewhere)."""
         raise NotImplementedError
 
     # low-latency mode
@@ -144,6 +148,7 @@ class LargeepAdapter(Adapter):
         # the nvshmem combine sums a token's outputs on the experts' ranks when the dispatch carried the weights;
         # the torch backend takes them too but applies them at the source either way (same traffic)
         self.sends_ll_weights = backend == "nvshmem"
+        self.takes_bf16_partial_sums = True  # (both backends' normal combines: Buffer.combine's option)
         self.uses_sms = backend == "nvshmem"
         self.buf: Any = None
 
@@ -182,8 +187,8 @@ class LargeepAdapter(Adapter):
     def dispatch_cached(self, x: Tokens, handle: Any) -> Any:
         return self.buf.dispatch(x, handle=handle)
 
-    def combine(self, y: torch.Tensor, handle: Any) -> Any:
-        return self.buf.combine(y, handle)
+    def combine(self, y: torch.Tensor, handle: Any, bf16_partial_sums: bool = False) -> Any:
+        return self.buf.combine(y, handle, bf16_partial_sums=bf16_partial_sums)
 
     def ll_dispatch(
         self, x: torch.Tensor, topk_idx: torch.Tensor, use_fp8: bool, hook: bool,
@@ -421,7 +426,7 @@ class SymmMemAdapter(Adapter):
         y.normal_()
         return y
 
-    def combine(self, y: torch.Tensor, handle: Any) -> Any:
+    def combine(self, y: torch.Tensor, handle: Any, bf16_partial_sums: bool = False) -> Any:
         h: _SymmNormalHandle = handle
         hdim = y.shape[1]
         self._begin("combine")
@@ -601,7 +606,7 @@ class DeepEPAdapter(Adapter):
     def dispatch_cached(self, x: Tokens, handle: Any) -> Any:
         return self.buf.dispatch(x, handle=handle)
 
-    def combine(self, y: torch.Tensor, handle: Any) -> Any:
+    def combine(self, y: torch.Tensor, handle: Any, bf16_partial_sums: bool = False) -> Any:
         return self.buf.combine(y, handle)
 
     def ll_dispatch(

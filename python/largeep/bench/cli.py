@@ -9,13 +9,14 @@ backends, per-record extras; see :mod:`largeep.bench.records`) and ``latency.png
 after the name where a run started in the same second has it), and prints that folder's absolute path.
 
 Options are checked before any process starts (argparse errors, exit status 2): sizes and counts positive (a value
-listed twice is measured once), every expert count divisible by the rank count, top-k at most the expert count,
-ranks per node dividing the rank count, ``--out`` a folder (or a path one can be made at), ``--zipf-s`` finite and
->= 0. (An odd SM count is run by the nvshmem backend and skipped, with its reason, by deepep.) Exit status 1 when a
-backend failed or nothing at all was measured (then no results file is written). SIGTERM or Ctrl-C stops the ranks
-it started and removes its temporary folder; the ranks also die with it (Linux: their parent-death signal). The
-records so far are written to results.json and run.json as each backend ends, so a run stopped part-way keeps the
-backends it finished (without x_best, the table and the plots) and says so on stderr.
+listed twice is measured once), every expert count divisible by the rank count, top-k at most the expert count, ranks
+per node dividing the rank count, ``--out`` a folder (or a path one can be made at), ``--zipf-s`` finite and >= 0,
+``--ll-bf16-partial-sums`` with ``--ll-send-weights``, ``--bf16-partial-sums`` with the normal mode, a backend that
+takes it (nvshmem, torch) and several nodes. (An odd SM count is run by the nvshmem backend and skipped, with its
+reason, by deepep.) Exit status 1 when a backend failed or nothing at all was measured (then no results file is
+written). SIGTERM or Ctrl-C stops the ranks it started and removes its temporary folder; the ranks also die with it
+(Linux: their parent-death signal). The records so far are written to results.json and run.json as each backend ends, so
+a run stopped part-way keeps the backends it finished (without x_best, the table and the plots) and says so on stderr.
 
 When it starts the processes itself, each backend runs in a fresh set of them (nvshmem, symm_mem and deepep each
 initialise NVSHMEM once per process), and the parent merges the results; a backend that crashes is reported and the
@@ -193,6 +194,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ll-bf16-partial-sums", action="store_true",
                    help="with --ll-send-weights: those sums come back as one bf16 row each (one more bf16 rounding "
                         "of each rank's partial sum, fewer bytes)")
+    p.add_argument("--bf16-partial-sums", action="store_true",
+                   help="normal mode, nvshmem and torch backends: every combine (combine and roundtrip ops) passes "
+                        "Buffer.combine's bf16_partial_sums, so in a group of several nodes (--ranks-per-node below "
+                        "the rank count) each node's partial sum goes home as bf16 rather than float32 (fewer bytes "
+                        "between nodes, one more bf16 rounding); other backends run as without it")
     p.add_argument("--link-gbps", type=_positive_float, default=450.0,
                    help="one GPU's link bandwidth one way in GB/s, for the floor column (default: 450, NVLink4 on "
                         "H100/H200)")
@@ -217,7 +223,8 @@ def check_args(args: argparse.Namespace, device_kind: str, world: int, host_rank
     """What would make the sweep skip every size of a mode or fail once its processes run, found before they start:
     an expert count not divisible by the ``world`` ranks, a top-k above an expert count, modes whose every hidden
     size and dtype pair FP8 with a hidden size that is not a multiple of 128, ranks per node that do not divide the
-    ranks or exceed ``host_ranks`` (None: not known here). Returns the first such message, or None."""
+    ranks or exceed ``host_ranks`` (None: not known here), ``--bf16-partial-sums`` on one node (where it changes
+    nothing). Returns the first such message, or None."""
     modes = _mode_plans(args, device_kind)
     bad = {mode: ",".join(str(e) for e in modes[mode]["experts"] if e % world) for mode in args.modes}
     bad = {mode: v for mode, v in bad.items() if v}
@@ -258,6 +265,11 @@ def check_args(args: argparse.Namespace, device_kind: str, world: int, host_rank
                     + f" the {world} ranks")
         if host_ranks is not None and rpn > host_ranks:
             return f"--ranks-per-node {rpn} exceeds the {host_ranks} ranks on this host"
+    nodes_of = rpn or host_ranks  # (the ranks per node the sweep takes; None under torchrun when not known here)
+    if args.bf16_partial_sums and nodes_of is not None and nodes_of >= world:
+        return (f"--bf16-partial-sums: the {world} ranks are one node ({nodes_of} ranks per node), whose combine "
+                "has no partial sums between nodes: it would change nothing; pass --ranks-per-node below the rank "
+                "count (nodes emulated on one host) or run on several nodes")
     return None
 
 
@@ -304,7 +316,8 @@ def make_plan(args: argparse.Namespace, device_kind: str, command: str) -> Any:
         iters=base["iters"] if args.iters is None else args.iters,
         ranks_per_node=args.ranks_per_node, routing=args.routing, zipf_s=args.zipf_s, seed=args.seed,
         hook=not args.no_hook, ll_send_weights=args.ll_send_weights,
-        ll_bf16_partial_sums=args.ll_bf16_partial_sums, link_gbps=args.link_gbps,
+        ll_bf16_partial_sums=args.ll_bf16_partial_sums, bf16_partial_sums=args.bf16_partial_sums,
+        link_gbps=args.link_gbps,
         plots=not args.no_plots, out=out, command=command,
     )
 
@@ -365,6 +378,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.ll_bf16_partial_sums and not args.ll_send_weights:
         parser.error("--ll-bf16-partial-sums needs --ll-send-weights")
+    if args.bf16_partial_sums and "normal" not in args.modes:
+        parser.error("--bf16-partial-sums is the normal-mode combine's: it needs the normal mode in --modes (the "
+                     "low-latency counterpart is --ll-bf16-partial-sums)")
+    takers = [b for b in args.backends if b in _BF16_PARTIAL_SUMS_USERS]
+    if args.bf16_partial_sums and not takers:
+        parser.error(f"--bf16-partial-sums: none of the backends run ({', '.join(args.backends)}) takes it (it is "
+                     f"largeep's Buffer.combine option: {', '.join(_BF16_PARTIAL_SUMS_USERS)})")
     from largeep.bench.records import command_line
 
     command = command_line(None if argv is None else ["largeep-bench", *argv])
@@ -506,6 +526,7 @@ def _launch(args: argparse.Namespace, kind: str, nprocs: int, command: str) -> i
 
 
 _NVSHMEM_USERS = ("nvshmem", "symm_mem", "deepep")  # backends that initialise NVSHMEM in their process
+_BF16_PARTIAL_SUMS_USERS = ("nvshmem", "torch")  # backends whose normal combine takes --bf16-partial-sums
 
 
 def _say_ignored(args: argparse.Namespace, kind: str, torchrun: bool = False) -> None:

@@ -18,21 +18,24 @@ Files of one run (``python -m largeep.bench``; :func:`write_results`)::
 
 A run that measures nothing writes neither file (the CLI says so and exits 1).
 ``env`` in run.json is :func:`environment` whole (host, python, largeep, gpu_count, deep_ep besides ENV_KEYS). The
-``extras`` hold per-record values SPEC has no key for, at the index of their record: ``bus_gbps`` (bytes that
-crossed between GPUs / time), ``x_best`` (time over the fastest backend's time for the same configuration, 1.0 =
-fastest; None for records of semantics "partial", which take no part in it), ``phase_of`` ("dispatch"/"combine"
-for the low-latency "send"/"recv" records, which SPEC's keys cannot tell apart otherwise; None elsewhere) and
-``floor_us``, the bytes-over-link floor: the fewest bytes the busiest GPU's link must carry one way (the max over
-ranks of the bytes a rank sends to other ranks and of those it receives from them, a round trip's two legs summed per
-direction, as times are the slowest rank's; :func:`link_bytes`; a token once per destination rank, except the
-low-latency combine, whose copies carry different expert outputs and go back one by one, or with
-``--ll-send-weights`` as one sum in two rows per token with two or more experts on a rank) over the link's bandwidth
-(``--link-gbps``, settings "link_gbps"; GPU runs only, None on CPU and for the layout);
-``weights_sent`` (low-latency records: the dispatch carried the weights, see ``summed_rows_ll``; None for normal
-mode) and ``bf16_partial_sums``; ``semantics``: "full" where the backend's calls do what largeep.Buffer's do,
-"partial" where they do less (symm_mem; ``semantics_note`` says what they leave out); ``max_tokens_per_rank``: the
-Buffer's, sized for the largest token count of the sweep in normal mode and for each call's own in low-latency mode
-(its fixed receive slots, and the torch backend's padded transfers, go with it).
+``extras`` hold per-record values SPEC has no key for, at the index of their record: ``bus_gbps`` (bytes that crossed
+between GPUs / time), ``x_best`` (time over the fastest backend's time for the same configuration, 1.0 = fastest; None
+for records of semantics "partial", which take no part in it), ``phase_of`` ("dispatch"/"combine" for the low-latency
+"send"/"recv" records, which SPEC's keys cannot tell apart otherwise; None elsewhere) and ``floor_us``, the
+bytes-over-link floor: the fewest bytes the busiest GPU's link must carry one way (the max over ranks of the bytes a
+rank sends to other ranks and of those it receives from them, a round trip's two legs summed per direction, as times are
+the slowest rank's; :func:`link_bytes`; a token once per destination rank, except the low-latency combine, whose copies
+carry different expert outputs and go back one by one, or with ``--ll-send-weights`` as one sum in two rows per token
+with two or more experts on a rank) over the link's bandwidth (``--link-gbps``, settings "link_gbps"; GPU runs only,
+None on CPU and for the layout); ``weights_sent`` (low-latency records: the dispatch carried the weights, see
+``summed_rows_ll``; None for normal mode) and ``bf16_partial_sums`` (low latency: with the weights sent, the sums came
+back as one bf16 row; normal combine and round-trip records of the backends whose combine takes it, nvshmem and torch:
+True where their partial sums between nodes went home as bf16, ``--bf16-partial-sums`` on several nodes, False where in
+float32 or on one node; None elsewhere; the normal combine's floor, logical and bus bytes count its rank-to-rank rows of
+``2*H`` bytes either way, not the forwarders' partial sums); ``semantics``: "full" where the backend's calls do what
+largeep.Buffer's do, "partial" where they do less (symm_mem; ``semantics_note`` says what they leave out);
+``max_tokens_per_rank``: the Buffer's, sized for the largest token count of the sweep in normal mode and for each call's
+own in low-latency mode (its fixed receive slots, and the torch backend's padded transfers, go with it).
 
 The scripts in ``bench/`` write their SPEC records the same way (:func:`write_records`): a list file, each record
 with SPEC's keys, the script's own per-record keys, ENV_KEYS and "command", and its run file beside it, named
@@ -127,7 +130,9 @@ class Extra:
     # low-latency records: the dispatch carried topk_weights (``--ll-send-weights``), so the combine summed each
     # token's outputs on the experts' ranks; None for normal mode
     weights_sent: bool | None = None
-    # with weights_sent: the sums came back as one bf16 row each (``--ll-bf16-partial-sums``); else None
+    # low latency, with weights_sent: the sums came back as one bf16 row each (``--ll-bf16-partial-sums``); normal
+    # combine and round trip of a backend that takes ``--bf16-partial-sums``: whether its partial sums between nodes
+    # went home as bf16 (False: float32, or one node); else None
     bf16_partial_sums: bool | None = None
     # "full": the backend's calls do what largeep.Buffer's do; "partial": less (semantics_note says what), and the
     # record has no x_best; None in files written before these keys

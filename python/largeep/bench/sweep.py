@@ -4,7 +4,8 @@ What each op times (one call each, ranks aligned and L2 flushed before it):
 - normal ``layout``: the backend's dispatch layout (which ranks, nodes and experts each token needs);
 - normal ``dispatch``: a dispatch with the handle of an earlier dispatch of the same routing (no layout, no count
   exchange: pure data movement, the way DeepEP's tests tune dispatch, so ANCHORS.md's figures compare);
-- normal ``combine``: combine with that handle, bf16 expert outputs;
+- normal ``combine``: combine with that handle, bf16 expert outputs (with ``Plan.bf16_partial_sums``, Buffer.combine's
+  option: its partial sums between nodes in bf16; the round trip's combine too);
 - normal ``roundtrip``: a fresh dispatch (layout, count exchange and its host wait included) and a combine: what an
   MoE layer pays;
 - low-latency ``dispatch`` and ``combine``: one call each, in pairs (dispatch, then combine of its handle);
@@ -67,6 +68,9 @@ class Plan:
     ll_send_weights: bool = False
     # with ll_send_weights: those sums come back as one bf16 row (bf16_partial_sums)
     ll_bf16_partial_sums: bool = False
+    # normal mode: the combines (combine and round trip) pass Buffer.combine's bf16_partial_sums where the backend
+    # takes it: in a group of several nodes, each node's partial sum goes home as bf16 rather than float32
+    bf16_partial_sums: bool = False
     link_gbps: float = 450.0  # one GPU's link, one way: NVLink4 on H100/H200 (the floor column)
     plots: bool = True
     out: str | None = None
@@ -216,6 +220,12 @@ class Sweep:
             adapters.append(a)
             if p.ll_send_weights and "low_latency" in p.modes and not a.sends_ll_weights:
                 self.log.info(f"--ll-send-weights: not for {name} (it applies the weights at the combine either way)")
+            if p.bf16_partial_sums and "normal" in p.modes:
+                if not a.takes_bf16_partial_sums:
+                    self.log.info(f"--bf16-partial-sums: not for {name} (its combine has no such option)")
+                elif self.rpn == self.n:
+                    self.log.info(f"--bf16-partial-sums: the {self.n} ranks are one node, where it changes nothing "
+                                  f"for {name}")
             if p.hook and "low_latency" in p.modes and a.hook_untimed:
                 self._skip(name, a.hook_untimed, "low_latency send/recv")
         self.log.start(sum(points(p, a) for a in adapters), *(p.progress or (0, None)))
@@ -318,10 +328,13 @@ class Sweep:
         if rows is None:
             rows = int(matrix[:, self.rank].sum())
         y = a.combine_input(rows)
+        # Buffer.combine's bf16_partial_sums, passed to every combine of the backends that take it (it applies in
+        # a group of several nodes; the records say whether it did)
+        part = self.plan.bf16_partial_sums and a.takes_bf16_partial_sums
 
         def roundtrip() -> None:
             h, _ = a.dispatch(xd, idx, w)
-            a.combine(y, h)
+            a.combine(y, h, bf16_partial_sums=part)
 
         t = self.timer
         for i in range(self.plan.warmup + self.plan.iters):
@@ -331,20 +344,26 @@ class Sweep:
             t.time("dispatch", lambda: a.dispatch_cached(xd, handle), record=keep)
             # (every dtype combines here, recorded for the first: the round trip's dispatch then follows a combine,
             # so no adapter pays the fence of two dispatches in a row inside the timed round trip; symm_mem's)
-            t.time("combine", lambda: a.combine(y, handle), record=keep and first)
+            t.time("combine", lambda: a.combine(y, handle, bf16_partial_sums=part), record=keep and first)
             t.time("roundtrip", roundtrip, record=keep)
         stats = reduce_over_ranks(t.take(), self.group, self.device)
         rb_d = rec.row_bytes(dtype, spec.hidden)
         rb_c = rec.row_bytes("bf16", spec.hidden)
         per_row = {"layout": None, "dispatch": rb_d, "combine": rb_c, "roundtrip": rb_d + rb_c}
-        # the floor: a token once per destination rank, and back in the combine (the busiest rank's link)
+        # the floor: a token once per destination rank, and back in the combine (the busiest rank's link); the
+        # combine's as rank-to-rank rows of 2 H bytes, with or without bf16 partial sums (the forwarders' sums between
+        # nodes, float32 or bf16, are not modelled: the logical and bus bandwidths count the same rows)
         back = traffic.reversed()
         floors = {"layout": None, "dispatch": rec.link_bytes((traffic, rb_d)), "combine": rec.link_bytes((back, rb_c)),
                   "roundtrip": rec.link_bytes((traffic, rb_d), (back, rb_c))}
+        # which combine ran (records of the combine and the round trip of backends that take the option): True, its
+        # partial sums between nodes in bf16; False, in float32 (or one node, where there are none)
+        applied = part and self.rpn < self.n if a.takes_bf16_partial_sums else None
         for op in ("layout", "dispatch", "combine", "roundtrip"):
             if op in stats:
                 label = "bf16" if op in ("layout", "combine") else dtype
-                self._add(a, spec, "normal", op, None, tokens, label, stats[op], traffic, per_row[op], floors[op])
+                self._add(a, spec, "normal", op, None, tokens, label, stats[op], traffic, per_row[op], floors[op],
+                          bf16_partial_sums=applied if op in ("combine", "roundtrip") else None)
 
     # -- low-latency mode ---------------------------------------------------------------------------------------
     def _low_latency(self, a: Adapter, spec: BufferSpec, tokens: int, dtype: str, first: bool) -> None:
@@ -460,6 +479,7 @@ class Sweep:
             "link_gbps": p.link_gbps,
             "ll_send_weights": p.ll_send_weights,
             "ll_bf16_partial_sums": p.ll_bf16_partial_sums,
+            "bf16_partial_sums": p.bf16_partial_sums,
             # the nvshmem kernels' settings (LARGEEP_TUNE): comb says which combine one node ran (0 push + reduce,
             # 1..7 fused), which the model needs to read a combine record
             "tune": _tune_now(),

@@ -1035,6 +1035,27 @@ def test_calibrate_recovers_known_constants() -> None:
     assert fit.copy_gbps is None  # TRUE has no receive pass and the fit finds none
 
 
+def test_calibrate_reads_bf16_partial_sums_of_normal_combines() -> None:
+    """Normal combine records of several nodes timed with bf16 partial sums (the benchmark's --bf16-partial-sums:
+    extras bf16_partial_sums True, merged into the rows) move fewer bytes between nodes than the float32 ones: the fit
+    counts them so, and recovers the constants they were made from (they were fitted as float32 combines, which
+    moved the network's efficiency)."""
+    cluster = sim.Cluster(nvlink_gbps=450.0, nic_gbps=50.0)
+    recs = _synthetic(TRUE, cluster)
+    for r in [r for r in recs if r["mode"] == "normal" and r["op"] == "combine" and r["ranks_per_node"] < r["ep"]]:
+        w = sim.Workload("normal", "combine", r["num_tokens"], 7168, 8, 256, "bf16", bf16_partial_sums=True)
+        c = replace(cluster, gpus_per_node=r["ranks_per_node"])
+        t = sim.predict(w, r["ep"], TRUE, c, num_sms=r["num_sms"]).time_us
+        assert t <= r["time_us_median"]  # (the RDMA leg halves; at 4 SMs the SMs bind either way)
+        recs.append({**r, "time_us_median": t, "time_us_p10": t, "time_us_p90": t, "bf16_partial_sums": True})
+    fit = sim.calibrate(recs, cluster=cluster)
+    for key, v in TRUE.lat_us.items():
+        assert fit.lat_us[key] == pytest.approx(v, rel=1e-6, abs=1e-6)
+    assert fit.eff_rdma == pytest.approx(TRUE.eff_rdma, rel=1e-6)
+    assert fit.eff_nvlink == pytest.approx(TRUE.eff_nvlink, rel=1e-6)
+    assert sim.check(fit, recs, cluster=cluster).max_abs_err < 1e-6
+
+
 def test_calibrate_recovers_the_receive_pass() -> None:
     cluster = sim.Cluster()
     true = replace(TRUE, copy_gbps=40.0)

@@ -906,8 +906,10 @@ def _record_rows(
 ) -> list[tuple[int, dict[str, tuple[float, float]], float]]:
     rows = []
     for r in records:
+        # (a normal combine timed with bf16 partial sums, the benchmark's --bf16-partial-sums, moves BF16 partials
+        # between nodes: counted as such, not as the float32 ones; records with the weights sent are not fitted)
         w = Workload(r["mode"], r["op"], int(r["num_tokens"]), int(r["hidden"]), int(r["num_topk"]),
-                     int(r["num_experts"]), r["dtype"])
+                     int(r["num_experts"]), r["dtype"], bool(r.get("weights_sent")), bool(r.get("bf16_partial_sums")))
         n, p = int(r["ep"]), int(r["ranks_per_node"])
         stats = routing_stats(n, p, w.num_experts, w.num_topk)
         tr = traffic(w, n, p, stats, hierarchical=hierarchical)

@@ -1931,3 +1931,67 @@ def layer_bf16_partial_sums(rank: int, world: int, ranks_per_node: int | None, s
     finally:
         torch._dynamo.reset()
         buf.destroy()
+
+
+def error_frees_custom_op_handles(rank: int, world: int) -> None:
+    """A forward on the custom-op path that raises after a dispatch (chunk 1's ids refused after chunk 0 went; a
+    pipeline's between function failing) frees the registry entries of its dispatches, which no combine or backward
+    will use now: none is left, and the next call gives the eager path's output."""
+    e, k, h, f = 2 * world, 2, 16, 8
+    buf = largeep.Buffer(None, hidden=h, num_experts=e, num_topk=k, max_tokens_per_rank=8, backend="torch")
+
+    class LateBadGate(torch.nn.Module):
+        distinct_experts = True
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.bad = True
+
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            t = torch.arange(x.shape[0])
+            idx = torch.stack([t % e, (t + 1) % e], dim=1)
+            if self.bad:
+                idx[-1, 0] = e + 5  # in the last chunk only
+            return idx, torch.linspace(0.2, 0.8, x.shape[0] * k).view(-1, k)
+
+    try:
+        x = torch.randn(6, h, generator=_gen(rank, 8))
+        for grad in (False, True):
+            gate = LateBadGate()
+            torch.manual_seed(9)
+            layer = layers.MoELayer(buf, ffn_hidden=f, gate=gate, num_chunks=2, use_custom_ops=True)
+            torch.manual_seed(9)
+            eager = layers.MoELayer(buf, ffn_hidden=f, gate=gate, num_chunks=2)
+            xi = x.clone().requires_grad_(grad)
+            for _ in range(3):
+                try:
+                    layer(xi)
+                    raise AssertionError("expert id refused: no error")
+                except largeep.ArgumentError as exc:
+                    assert "expert id" in str(exc), exc
+            assert ops.live_handles(layer.buffer_id) == 0, ops.live_handles(layer.buffer_id)
+            gate.bad = False
+            close(layer(xi), eager(xi), f"custom-op layer after errors (grad {grad})", rtol=1e-6)
+
+        def between(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+            calls[0] += 1
+            if calls[0] == 2:
+                raise ValueError("between failed")
+            return a + b
+
+        torch.manual_seed(10)
+        stack = [layers.MoELayer(buf, ffn_hidden=f, use_custom_ops=True) for _ in range(2)]
+        pipe = layers.MoEPipeline(stack, [between], num_chunks=3)
+        xg = x.clone().requires_grad_()
+        calls = [0]
+        try:
+            pipe(xg)
+            raise AssertionError("between raised: no error")
+        except ValueError:
+            pass
+        assert ops.live_handles(buf_id := stack[0].buffer_id) == 0, ops.live_handles(buf_id)
+        calls[0] = -100
+        want = stack[1](stack[0](x) + x)
+        close(pipe(x), want, "custom-op pipeline after an error", rtol=1e-5)
+    finally:
+        buf.destroy()

@@ -77,6 +77,11 @@ def test_interleaved_refusals(pools, world: int) -> None:
     pools(world).run(layer_bodies.interleaved_refusals)
 
 
+@pytest.mark.parametrize("world", [1, 2])
+def test_error_frees_custom_op_handles(pools, world: int) -> None:
+    pools(world).run(layer_bodies.error_frees_custom_op_handles)
+
+
 @pytest.mark.parametrize("world", [2, 3])
 def test_replicas_start_equal(pools, world: int) -> None:
     pools(world).run(layer_bodies.replicas_start_equal)

@@ -361,6 +361,15 @@ def _kind(v: object) -> str:
     return f"a {v.dtype} tensor of shape {tuple(v.shape)}" if isinstance(v, Tensor) else f"a {type(v).__name__}"
 
 
+def _release_dispatches(buffer_id: int, sent: Sequence[ops.DispatchOutput]) -> None:
+    """After a forward that raised: frees the registry entries of its custom-op dispatches (``TicketHandle``), which
+    only their combine or backward would have freed, and neither will now run (the forward's outputs and autograd
+    graph are lost with the error). Eager handles are objects that go with their last reference."""
+    for d in sent:
+        if isinstance(d.handle, ops.TicketHandle):
+            ops._drop(buffer_id, d.handle.ticket)
+
+
 class MoELayer(nn.Module):
     """gate -> (placement) -> dispatch -> local grouped SwiGLU experts -> combine, plus optional shared experts.
 
@@ -667,6 +676,17 @@ class MoELayer(nn.Module):
         return self._forward_normal(x, idx, w)
 
     def _forward_normal(self, x: Tensor, idx: Tensor, w: Tensor) -> Tensor:
+        if torch.compiler.is_compiling():
+            return self._forward_chunks(x, idx, w, [])
+        sent: list[ops.DispatchOutput] = []
+        try:
+            return self._forward_chunks(x, idx, w, sent)
+        except BaseException:
+            _release_dispatches(self.buffer_id, sent)
+            raise
+
+    def _forward_chunks(self, x: Tensor, idx: Tensor, w: Tensor, sent: list[ops.DispatchOutput]) -> Tensor:
+        """The chunked schedule; ``sent`` collects its dispatches (for :func:`_release_dispatches` on an error)."""
         n = self.num_chunks
         x = x.contiguous()  # (a strided x copied once, before the event the dispatches wait for)
         # chunk views that start at an address not 16-byte aligned are copied now, before that event, not in
@@ -675,6 +695,7 @@ class MoELayer(nn.Module):
         idxs, ws = idx.tensor_split(n), w.tensor_split(n)
         ready = ops.capture_event(x.device)  # the gate's outputs exist: dispatches wait for this only
         pending: list[ops.DispatchOutput | None] = [self.send_chunk(xs[0], idxs[0], ws[0], ready)]
+        sent.append(pending[0])  # type: ignore[arg-type]
         shared = self.shared_experts(x) if self.shared_experts is not None else None  # overlaps the first dispatch
         carveout = self.overlap_carveout(x) if n > 1 else 0
         combined: list[ops.CombineOutput] = []
@@ -688,6 +709,7 @@ class MoELayer(nn.Module):
             # experts i first: the backend checks the ids with the count exchange, on the Buffer's stream.
             if i + 1 < n:
                 pending.append(self.send_chunk(xs[i + 1], idxs[i + 1], ws[i + 1], ready))
+                sent.append(pending[-1])  # type: ignore[arg-type]
             combined.append(self.combine_chunk(y, d))
             # (without autograd nothing else holds the chunk's received rows: a zero-copy receive slot they sit in
             # is free for the next dispatch once its kernels are done, instead of at the end of the forward)
@@ -964,6 +986,18 @@ class MoEPipeline(nn.Module):
         """x [T, H] (bf16/fp32; every chunk T/C <= each Buffer's max_tokens_per_rank) -> [T, H] in x's dtype.
         Waits on the host for each (layer, chunk)'s count exchange unless that layer has ``num_worst_tokens`` > 0.
         Collective: every rank of the Buffers' groups must call it with the same ``num_chunks``."""
+        if torch.compiler.is_compiling():
+            return self._forward(x, [])
+        sent: list[tuple[int, ops.DispatchOutput]] = []
+        try:
+            return self._forward(x, sent)
+        except BaseException:
+            for bid, d in sent:
+                _release_dispatches(bid, [d])
+            raise
+
+    def _forward(self, x: Tensor, sent: list[tuple[int, ops.DispatchOutput]]) -> Tensor:
+        """The wavefront schedule; ``sent`` collects its dispatches (for :func:`_release_dispatches` on an error)."""
         num_layers, n = len(self._stack), self.num_chunks
         self.aux_losses = [[] for _ in range(num_layers)]
         self._aux_rows = [[] for _ in range(num_layers)]
@@ -986,6 +1020,7 @@ class MoEPipeline(nn.Module):
         def send(u: tuple[int, int]) -> None:
             layer, s = self._stack[u[0]], st[u]
             s["d"] = layer.send_chunk(s["x"], s["idx"], s["w"], s["ready"])
+            sent.append((layer.buffer_id, s["d"]))
             if side is None or u[0] == 0:  # (with a side stream, a later layer's shared experts ran there in finish)
                 s["shared"] = layer.shared_experts(s["x"]) if layer.shared_experts is not None else None
 

@@ -1544,6 +1544,14 @@ def layer_size_checks(rank: int, world: int) -> None:
         _layer_refused(buf, "argument 'use_fp8' must be a bool", ffn_hidden=8, use_fp8=1)
         _layer_refused(buf, "use_fp8 needs hidden % 128 == 0, hidden is 16", ffn_hidden=8, use_fp8=True)
         _layer_refused(buf, "argument 'bf16_partial_sums' must be a bool", ffn_hidden=8, bf16_partial_sums="yes")
+        # the weights' dtype: a floating-point torch.dtype (an int dtype met the parameters' requires_grad, a string
+        # torch.empty), and the Buffer itself (it met an AttributeError on .ctx); TwoBatchOverlap's layer likewise
+        for dtype in (torch.int32, "float32", torch.bool):
+            _layer_refused(buf, "argument 'dtype' must be None or a floating-point torch.dtype", ffn_hidden=8,
+                           dtype=dtype)
+        _raises(("MoELayer: argument 'buffer' must be a largeep.Buffer, got str",), layers.MoELayer, "buf",
+                ffn_hidden=8)
+        _raises(("TwoBatchOverlap: argument 'layer' must be a MoELayer, got NoneType",), layers.TwoBatchOverlap, None)
     finally:
         buf.destroy()
     ll = largeep.Buffer(None, hidden=128, num_experts=4 * world, num_topk=2, max_tokens_per_rank=8, backend="torch",

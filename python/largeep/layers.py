@@ -455,6 +455,8 @@ class MoELayer(nn.Module):
         expert_tp_group: dist.ProcessGroup | None = None,
     ) -> None:
         super().__init__()
+        if not isinstance(buffer, Buffer):
+            raise ArgumentError(f"MoELayer: argument 'buffer' must be a largeep.Buffer, got {type(buffer).__name__}")
         c = buffer.ctx
         # every copy of an expert starts from the same weights, and different experts from different ones, on
         # every rank whose torch generator was seeded alike: the seed is drawn from it first (before the default
@@ -487,6 +489,9 @@ class MoELayer(nn.Module):
                          ll_send_weights=ll_send_weights,
                          ll_bf16_partial_sums=ll_bf16_partial_sums, use_custom_ops=use_custom_ops,
                          norm_topk_prob=norm_topk_prob)
+            if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+                raise ArgumentError(f"MoELayer: argument 'dtype' must be None or a floating-point torch.dtype (of the "
+                                    f"expert weights), got {dtype!r}")
             if gate is not None and not callable(gate):
                 raise ArgumentError(f"MoELayer: argument 'gate' must be a module x -> (topk_idx, topk_weights), got "
                                     f"{type(gate).__name__}")
@@ -1233,6 +1238,8 @@ class TwoBatchOverlap:
     leaves the others' calls unanswered (they end in ``PeerTimeoutError``)."""
 
     def __init__(self, layer: MoELayer) -> None:
+        if not isinstance(layer, MoELayer):
+            raise ArgumentError(f"TwoBatchOverlap: argument 'layer' must be a MoELayer, got {type(layer).__name__}")
         if not layer.low_latency:
             raise ArgumentError("TwoBatchOverlap: the layer's Buffer must be low_latency=True")
         self.layer = layer

@@ -1622,6 +1622,14 @@ def layer_input_checks(rank: int, world: int) -> None:
         _raises((f"argument 'w2' has shape ({e}, {h}, {f}), expected (L, {f}, {h}) with L = {e}",),
                 layer.load_global_experts, torch.randn(e, h, f), torch.randn(e, h, f), torch.randn(e, h, f))
         layer.load_global_experts(torch.randn(e, h, f), torch.randn(e, h, f), torch.randn(e, f, h))
+        # its phys_to_log: one int per physical slot, -1 the least (a short one met an IndexError, a float one
+        # indexed the weights with floats)
+        for table, got in ((torch.tensor([0]), "torch.int64 tensor of shape (1,)"),
+                           (torch.arange(e).float(), "torch.float32 tensor"), (torch.full((e,), -2), "a value -2")):
+            _raises(("MoELayer.load_global_experts: argument 'phys_to_log' must be an integer tensor", got),
+                    layer.load_global_experts, torch.randn(e, h, f), torch.randn(e, h, f), torch.randn(e, f, h), table)
+        _raises(("GroupedExperts.seeded_init_: argument 'experts' has 1 entries, expected one per slot (2)",),
+                layers.GroupedExperts(2, h, f).seeded_init_, [0], 1)
         for chunks in (2.5, True, "2", 0):
             _raises(("MoEPipeline: argument 'num_chunks' must be an int >= 1",), layers.MoEPipeline, [layer],
                     None, chunks)

@@ -178,7 +178,8 @@ class GroupedExperts(nn.Module):
         arguments are kept: :meth:`reset_parameters` draws the same weights again (e.g. after a meta-device
         module's ``to_empty``; on the meta device nothing is drawn)."""
         if len(experts) != self.num_experts:
-            raise ArgumentError(f"GroupedExperts.seeded_init_: {len(experts)} experts for {self.num_experts} slots")
+            raise ArgumentError(f"GroupedExperts.seeded_init_: argument 'experts' has {len(experts)} entries, expected "
+                                f"one per slot ({self.num_experts})")
         self._seeded = ([int(e) for e in experts], seed, shard, num_shards)
         hidden, f = self.w13.shape[1], self.ffn_hidden
         dev = self.w13.device
@@ -603,6 +604,15 @@ class MoELayer(nn.Module):
         slot s holds logical ``phys_to_log[s]`` (default: this layer's placement's table, else the identity).
         Empty slots (-1) are zeroed. With expert TP, member j of the TP group copies its shard: columns
         [j*F/T, (j+1)*F/T) of w1/w3, the same rows of w2."""
+        if phys_to_log is not None:
+            sized = checks.integer_tensor(phys_to_log) and tuple(phys_to_log.shape) == (self.num_experts,)
+            least_id = int(phys_to_log.min()) if sized and phys_to_log.numel() else -1
+            if not sized or least_id < -1:
+                raise ArgumentError(
+                    f"MoELayer.load_global_experts: argument 'phys_to_log' must be an integer tensor "
+                    f"[{self.num_experts}] (the logical expert of each physical slot, -1: empty), got "
+                    f"{_kind(phys_to_log) if not sized else f'a value {least_id}'}"
+                )
         table = phys_to_log if phys_to_log is not None else self.phys_to_log
         # every rank checks the same shapes (a rank whose slots all lie below a short L would load silently)
         # L: at least the table's largest logical expert + 1 (the identity: E), at most the layer's logical experts

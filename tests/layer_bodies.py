@@ -1796,6 +1796,17 @@ def gate_output_checks(rank: int, world: int) -> None:
         ):
             layer = layers.MoELayer(buf, ffn_hidden=8, gate=lambda _x, out=out: out)
             _raises(("argument 'gate'", *words), layer, x)
+        # shapes other than [T, K] (they were refused as the dispatch's own arguments)
+        for out, words in (((idx[:, :1], w[:, :1]), ("topk_idx of shape (4, 1), expected (4, 2)",)),
+                           ((idx, w[:3]), ("topk_weights of shape (3, 2), expected (4, 2)",))):
+            layer = layers.MoELayer(buf, ffn_hidden=8, gate=lambda _x, out=out: out)
+            _raises(("argument 'gate'", *words), layer, x)
+        # a placement callable's output: integer ids of the choices' shape (float ids were truncated to other
+        # physical experts, silently)
+        for place, words in ((lambda i: i.float() + 0.9, ("returned a torch.float32 tensor of shape (4, 2)",)),
+                             (lambda i: i[:, :1], ("returned a torch.int64 tensor of shape (4, 1)",))):
+            layer = layers.MoELayer(buf, ffn_hidden=8, gate=lambda _x: (idx, w), placement=place)
+            _raises(("argument 'placement'", *words, "expected an integer tensor (int64) of shape (4, 2)"), layer, x)
         layer = layers.MoELayer(buf, ffn_hidden=8, gate=lambda _x: (idx.int(), w.double()))  # (other widths: fine)
         assert layer(x).shape == (4, h)
         params = [layer.experts.w13, layer.experts.w2]

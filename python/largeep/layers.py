@@ -662,9 +662,18 @@ class MoELayer(nn.Module):
         if not isinstance(w, Tensor) or not w.dtype.is_floating_point:
             raise ArgumentError(f"MoELayer: argument 'gate' returned topk_weights as {_kind(w)}, expected a float "
                                 "tensor")
+        want = (x.shape[0], self.topk)
+        if not torch.compiler.is_compiling():  # (the dispatch checks them too, naming its own arguments)
+            for name, t in (("topk_idx", idx), ("topk_weights", w)):
+                if tuple(t.shape) != want:
+                    raise ArgumentError(f"MoELayer: argument 'gate' returned {name} of shape {tuple(t.shape)}, "
+                                        f"expected {want} (x's tokens, the Buffer's num_topk)")
         if self.placement is not None:
             # a Placement keeps each token on its own node and its experts' home nodes where the gate limits groups
             idx = self.placement(idx, self._limits_nodes()) if self._by_replicas else self.placement(idx)
+            if not checks.integer_tensor(idx) or (not torch.compiler.is_compiling() and tuple(idx.shape) != want):
+                raise ArgumentError(f"MoELayer: argument 'placement' returned {_kind(idx)}, expected an integer "
+                                    f"tensor (int64) of shape {want}: the physical expert of each choice")
         return idx.to(torch.int64).contiguous(), w.float().contiguous()
 
     def _limits_nodes(self) -> bool:

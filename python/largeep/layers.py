@@ -237,10 +237,13 @@ class GroupedExperts(nn.Module):
 
         Args:
             x: [R, H]; topk_idx: int64 [R, K] local expert ids (-1: not here); topk_weights: float32 [R, K].
-            num_pairs: the number of (row, k) entries >= 0 when known on the host (then only those rows, plus one
-                zero row, go through the GEMMs), else None: all R*K entries go through the sort, and the gather,
-                the GEMMs and the weighted sum stop at the valid ones (offs[-1], read on the device). A row must not
-                name one expert twice.
+            num_pairs: the number of (row, k) entries naming a local expert (ids in [0, E_l)) when known on the
+                host: then the gather takes those entries' rows plus, where some entry names none, one pad row (x's
+                row 0, at position num_pairs, past offs[-1]: the GEMMs and the weighted sum skip it). It must be
+                exact (``ops.expert_order``); a dispatch's rows per expert sum to it only where no row names one
+                expert twice (a row that does is fine here, counted once per entry). None: all R*K entries go
+                through the sort, and the gather, the GEMMs and the weighted sum stop at the valid ones (offs[-1],
+                read on the device).
 
         Returns:
             y [R, H] in x's dtype: ``y[r] = sum_k w[r, k] * expert_{idx[r, k]}(x[r])``, summed in float32 (weights

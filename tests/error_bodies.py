@@ -2128,14 +2128,20 @@ def event_arguments(rank: int, world: int) -> None:
         idx = torch.zeros(3, 2, dtype=torch.int64)
         layout = buf.get_dispatch_layout(idx, async_finish=True)
         assert isinstance(layout.event, largeep.EventOverlap), layout
-        for call in (lambda: buf.get_dispatch_layout(idx, previous_event=object()),
-                     lambda: buf.dispatch(torch.zeros(3, 128), idx, torch.ones(3, 2), previous_event=1)):
+        d = buf.dispatch(torch.zeros(3, 128), idx, torch.ones(3, 2))
+        for name, call in (
+            ("get_dispatch_layout", lambda: buf.get_dispatch_layout(idx, previous_event=object())),
+            ("dispatch", lambda: buf.dispatch(torch.zeros(3, 128), idx, torch.ones(3, 2), previous_event=1)),
+            ("combine", lambda: buf.combine(d.x, d.handle, previous_event="event")),
+        ):
             try:
                 call()
             except ArgumentError as exc:
-                assert "'previous_event' must be an EventOverlap" in str(exc), str(exc)
+                assert f"Buffer.{name}: argument 'previous_event' must be an EventOverlap" in str(exc), str(exc)
             else:
-                raise AssertionError("a previous_event of the wrong type was taken")
+                raise AssertionError(f"{name}: a previous_event of the wrong type was taken")
+        c = buf.combine(d.x, d.handle)  # the refusals left the Buffer usable
+        assert torch.equal(c.x, d.x.new_zeros(3, 128)), "a good combine after the refusals"
     finally:
         buf.destroy()
 

@@ -626,7 +626,7 @@ class Buffer:
             op, topk_idx, num_tokens=None, num_topk=c.num_topk, num_experts=c.num_experts, device=c.device,
             check_values=False,
         )
-        _check_previous_event(previous_event)
+        _check_previous_event(previous_event, op)
         # a refusal for the values (an id out of range, more tokens than max_tokens_per_rank) is the dispatch's
         # that follows on the other ranks too: a void round tells them (_void_dispatch), as the dispatch itself does
         try:
@@ -718,7 +718,7 @@ class Buffer:
             checks.max_tokens(op, t, c.max_tokens_per_rank)
             state, alignment, native_check = self._dispatch_checks(
                 op, t, topk_idx, topk_weights, handle, expert_alignment, num_worst_tokens)
-            _check_previous_event(previous_event)
+            _check_previous_event(previous_event, op)
         except ArgumentError as refusal:
             if handle is None:
                 # (else the kind of the others' round is unknown; and where the round has no host wait (a CUDA
@@ -948,7 +948,7 @@ class Buffer:
             if topk_weights is not None:
                 checks.topk_weights(op, topk_weights, num_tokens=h.num_recv_tokens, num_topk=c.num_topk,
                                     device=c.device)
-            _check_previous_event(previous_event)
+            _check_previous_event(previous_event, op)
         except ArgumentError as refusal:
             self._tell_refusal(op, refusal)
             raise
@@ -1281,10 +1281,11 @@ def _on_stream(stream: torch.cuda.Stream, current: torch.cuda.Stream) -> Iterato
         torch.cuda.set_stream(current)
 
 
-def _check_previous_event(previous_event: object) -> None:
+def _check_previous_event(previous_event: object, op: str | None = None) -> None:
+    """``op``: the call, which the refusal names (None: a call that checked it already)."""
     if previous_event is not None and not isinstance(previous_event, EventOverlap):
-        raise ArgumentError(f"argument 'previous_event' must be an EventOverlap (a call's .event) or None, got "
-                            f"{type(previous_event).__name__}")
+        raise ArgumentError(f"Buffer.{op or 'call'}: argument 'previous_event' must be an EventOverlap (a call's "
+                            f".event) or None, got {type(previous_event).__name__}")
 
 
 def _all_arrive(group: dist.ProcessGroup, op: str, rank: int, timeout_s: float) -> None:

@@ -2146,6 +2146,37 @@ def event_arguments(rank: int, world: int) -> None:
         buf.destroy()
 
 
+def handle_owners(rank: int, world: int) -> None:
+    """A handle given to a Buffer other than the one that made it is refused, saying whether its own Buffer is
+    alive (another Buffer) or was destroyed; the Buffer refusing it stays usable."""
+    kw = {"hidden": 128, "num_experts": 4 * world, "num_topk": 2, "max_tokens_per_rank": 8, "backend": "torch"}
+    idx = torch.tensor([[0, 1], [1, -1], [2, 3]], dtype=torch.int64)
+    x, w = torch.randn(3, 128), torch.rand(3, 2)
+    a = largeep.Buffer(None, **kw)
+    b = largeep.Buffer(None, **kw)
+    try:
+        da = a.dispatch(x, idx, w)
+        for destroyed in (False, True):
+            if destroyed:
+                a.destroy()
+            try:
+                b.combine(da.x, da.handle)
+            except ArgumentError as exc:
+                msg = str(exc)
+                assert "Buffer.combine: argument 'handle'" in msg, msg
+                if destroyed:
+                    assert "a Buffer that was destroyed" in msg and "another Buffer" not in msg, msg
+                else:
+                    assert "another Buffer" in msg and "destroyed" not in msg, msg
+            else:
+                raise AssertionError("a handle of another Buffer was taken")
+        db = b.dispatch(x, idx, w)
+        assert torch.equal(b.combine(db.x, db.handle).x, x * (idx >= 0).any(1, keepdim=True)), "b after refusals"
+    finally:
+        a.destroy()
+        b.destroy()
+
+
 def ll_use_fp8_disagree(rank: int, world: int) -> str:
     """A low-latency dispatch with use_fp8 on rank 0 only, on a CPU group: every rank raises ArgumentError naming
     each rank's use_fp8 (the packed rows of different widths aborted the process in gloo), and the next good round

@@ -1351,6 +1351,10 @@ def test_event_arguments(pools) -> None:
     pools(1).run(error_bodies.event_arguments)
 
 
+def test_handle_owners(pools) -> None:
+    pools(1).run(error_bodies.handle_owners)
+
+
 @pytest.mark.parametrize("raw,on", [(None, True), ("1", True), ("TRUE", True), (" on ", True), ("0", False),
                                     ("False", False), ("OFF", False), ("", True), ("no", False)])
 def test_check_values_accepts(monkeypatch: pytest.MonkeyPatch, raw: str | None, on: bool) -> None:

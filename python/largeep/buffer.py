@@ -31,6 +31,8 @@ from largeep.layout import Layout
 
 Tokens = Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]  # noqa: UP007 - a runtime alias (Python 3.10)
 _buffer_ids = itertools.count(1)
+# the ids of the Buffers destroyed in this process, so that a handle of one is refused saying so (an int each)
+_destroyed_ids: set[int] = set()
 
 # torch's own calls under torch.cuda.current_stream / set_stream, which take and give plain ints (no Stream objects,
 # no device lookups): the finished-call path below uses them; a torch without them takes the general path.
@@ -520,6 +522,7 @@ class Buffer:
         if not self._alive:
             return
         self._alive = False
+        _destroyed_ids.add(self._id)
         if self._finished is not None:
             self._finished.close()
             self._finished = None
@@ -543,8 +546,11 @@ class Buffer:
     def _check_handle(self, op: str, handle: object, cls: type) -> Any:
         if not isinstance(handle, cls):
             raise ArgumentError(f"Buffer.{op}: argument 'handle' must be a {cls.__name__}, got {type(handle).__name__}")
-        if handle.buffer_id != self._id:  # type: ignore[attr-defined]
-            raise ArgumentError(f"Buffer.{op}: argument 'handle' belongs to another (or a destroyed) Buffer")
+        owner = handle.buffer_id  # type: ignore[attr-defined]
+        if owner != self._id:
+            whose = "a Buffer that was destroyed" if owner in _destroyed_ids else "another Buffer"
+            raise ArgumentError(f"Buffer.{op}: argument 'handle' belongs to {whose}; a handle is taken only by the "
+                                "Buffer whose call made it")
         return handle
 
     # -- streams ------------------------------------------------------------------------------------------------

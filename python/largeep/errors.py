@@ -12,7 +12,8 @@ class PeerTimeoutError(RuntimeError):
 
 
 class BufferDestroyedError(RuntimeError):
-    """A Buffer (or a handle of one) was used after ``destroy()``."""
+    """A Buffer was used after ``destroy()`` (a call, or the receive hook of one of its calls). A handle of a
+    destroyed Buffer given to another Buffer is an :class:`ArgumentError` that says so."""
 
 
 class PeerRefusedError(RuntimeError):

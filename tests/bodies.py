@@ -779,6 +779,48 @@ def low_latency_skipped_not_finite(rank: int, world: int, backend: str, mode: st
         buf.destroy()
 
 
+def no_autograd(rank: int, world: int, hook: bool) -> None:
+    """Buffer calls record no autograd on any backend (largeep.ops holds it): given inputs that require grad, every
+    output has none, an ``out`` given to low_latency_combine stays a leaf, and the results are the bits of the same
+    calls on detached inputs. ``hook``: the low-latency calls complete through their receive hooks."""
+    hidden, experts, topk, m = 128, 4 * world, 3, 6
+    inputs = [make_inputs(71, r, m - r, hidden, experts, topk, torch.bfloat16, distinct=False) for r in range(world)]
+    me = inputs[rank]
+    x, w = me.x.clone().requires_grad_(True), me.topk_weights.clone().requires_grad_(True)
+    ll = largeep.Buffer(None, hidden=hidden, num_experts=experts, num_topk=topk, max_tokens_per_rank=m,
+                        backend="torch", low_latency=True)
+    try:
+        got = []
+        for grad in (True, False):
+            xs, ws = (x, w) if grad else (x.detach(), w.detach())
+            for sent in (None, ws):  # the weights sent with the dispatch, or given to the combine only
+                d = ll.low_latency_dispatch(xs, me.topk_idx, use_fp8=False, return_recv_hook=hook, topk_weights=sent)
+                if hook:
+                    d.hook()
+                assert not d.x.requires_grad and d.x.grad_fn is None, "low_latency_dispatch x has autograd"
+                y = (d.x.float() * 1.5).to(torch.bfloat16).requires_grad_(grad)
+                out = torch.full((me.x.shape[0], hidden), float("nan"), dtype=torch.bfloat16)
+                c = ll.low_latency_combine(y, me.topk_idx, ws, d.handle, out=out, return_recv_hook=hook)
+                if hook:
+                    c.hook()
+                assert c.x is out and out.is_leaf and out.grad_fn is None and not out.requires_grad, \
+                    f"low_latency_combine (weights sent: {sent is not None}): out={out.grad_fn}, {out.requires_grad}"
+                got.append(out)
+        for a, b in zip(got[:2], got[2:], strict=True):
+            assert torch.equal(a, b), "low_latency_combine: other bits with inputs that require grad"
+    finally:
+        ll.destroy()
+    buf = largeep.Buffer(None, hidden=hidden, num_experts=experts, num_topk=topk, max_tokens_per_rank=m,
+                         backend="torch")
+    try:
+        d = buf.dispatch(x, me.topk_idx, w)
+        c = buf.combine(d.x.detach().requires_grad_(True), d.handle, topk_weights=d.topk_weights.requires_grad_(True))
+        for name, t in (("dispatch x", d.x), ("combine x", c.x), ("combine topk_weights", c.topk_weights)):
+            assert t is not None and t.grad_fn is None, f"{name} has autograd ({t.grad_fn})"
+    finally:
+        buf.destroy()
+
+
 def events_on_cpu(rank: int, world: int) -> None:
     """async_finish and previous_event on CPU groups: every call returns an EventOverlap whose methods do nothing
     there, and gives the same bits as the call without them (normal dispatch and combine, low-latency both)."""

@@ -124,6 +124,12 @@ def test_events_on_cpu(pools) -> None:
     pools(2).run(bodies.events_on_cpu)
 
 
+@pytest.mark.parametrize("hook", [False, True])
+def test_no_autograd(pools, hook: bool) -> None:
+    """Inputs that require grad: the Buffer's outputs carry no autograd (as the native kernels'), same bits."""
+    pools(2).run(bodies.no_autograd, hook)
+
+
 @pytest.mark.parametrize("worst", [0, 60])
 def test_normal_repeat_identical(pools, worst: int) -> None:
     """The same inputs twice give the same bits: dispatch counts and the combine (SPEC: repeated runs identical)."""

@@ -366,7 +366,8 @@ def _out_of_step_on_error(fn: Callable[..., _R]) -> Callable[..., _R]:
         self._begin(_OP_NAMES.get(fn.__name__, fn.__name__))
         self._issued = False
         try:
-            return fn(self, *args, **kwargs)
+            with torch.no_grad():  # (no autograd: see TorchBackend)
+                return fn(self, *args, **kwargs)
         except (ArgumentError, PeerRefusedError):
             raise
         except BaseException as exc:
@@ -383,7 +384,12 @@ class TorchBackend:
     on; after that, or any other failure of a collective, the Buffer refuses further calls (the group still holds
     the abandoned collective; a receive hook already handed out still waits, bounded). On CUDA (NCCL) the process
     group's own timeout and watchdog apply. None: no bound of our own anywhere. Any other exception on this rank
-    after a call's first collective makes the Buffer refuse further calls too (see _out_of_step_on_error)."""
+    after a call's first collective makes the Buffer refuse further calls too (see _out_of_step_on_error).
+
+    Every call (and receive hook) runs under torch.no_grad(), as the native kernels record no autograd either: its
+    outputs carry no graph, whatever of its inputs require grad (a low-latency combine would otherwise connect its
+    output to topk_weights but not to y, and turn an ``out`` given to it into a non-leaf); largeep.ops holds the
+    autograd of dispatch and combine."""
 
     name = "torch"
     # dispatch(check_ids=True) sends its id check's verdict with the counts (see dispatch): no separate min/max sync,
@@ -456,7 +462,8 @@ class TorchBackend:
             f = held[0]
             assert f is not None, "a low-latency receive runs once"
             try:
-                f()
+                with torch.no_grad():  # (no autograd: see TorchBackend)
+                    f()
             except BaseException as exc:
                 self._fail(op, exc)
                 raise

@@ -287,7 +287,10 @@ class Buffer:
         if not dist.is_initialized():
             raise ArgumentError(f"{op}: torch.distributed is not initialised; call init_process_group first")
         group = group if group is not None else dist.group.WORLD
-        assert group is not None
+        # (dist.new_group gives the ranks outside the group a sentinel, refused below naming this rank)
+        if not isinstance(group, dist.ProcessGroup) and group is not dist.GroupMember.NON_GROUP_MEMBER:
+            raise ArgumentError(f"{op}: argument 'group' must be a torch.distributed.ProcessGroup (or None: the "
+                                f"default group), got {type(group).__name__}")
         n = dist.get_world_size(group)
         rank = dist.get_rank(group)
         if rank < 0:

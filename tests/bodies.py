@@ -821,6 +821,37 @@ def no_autograd(rank: int, world: int, hook: bool) -> None:
         buf.destroy()
 
 
+def hooks_across_inference_mode(rank: int, world: int) -> None:
+    """A low-latency call made under torch.inference_mode whose receive hook is called outside it, and the reverse:
+    the hook completes the receive (as the native one does, whatever the mode) with the bits of the same calls
+    without hooks, and the Buffer stays usable."""
+    hidden, experts, topk, m = 128, 4 * world, 2, 6
+    me = make_inputs(83, rank, m - rank, hidden, experts, topk, torch.bfloat16)
+    ll = largeep.Buffer(None, hidden=hidden, num_experts=experts, num_topk=topk, max_tokens_per_rank=m,
+                        backend="torch", low_latency=True)
+    try:
+        d0 = ll.low_latency_dispatch(me.x, me.topk_idx, use_fp8=False)
+        y = (d0.x.float() * 0.75).to(torch.bfloat16)
+        c0 = ll.low_latency_combine(y, me.topk_idx, me.topk_weights, d0.handle)
+        for call_in in (True, False):
+            with torch.inference_mode(call_in):
+                d = ll.low_latency_dispatch(me.x, me.topk_idx, use_fp8=False, return_recv_hook=True)
+            with torch.inference_mode(not call_in):
+                d.hook()
+            counts = d.num_tokens_per_expert.tolist()
+            assert counts == d0.num_tokens_per_expert.tolist(), f"counts (call in inference mode: {call_in})"
+            for e, n in enumerate(counts):
+                assert torch.equal(d.x[e, :n], d0.x[e, :n]) and torch.equal(d.src_info[e, :n], d0.src_info[e, :n]), \
+                    f"expert {e}: rows (call in inference mode: {call_in})"
+            with torch.inference_mode(call_in):
+                c = ll.low_latency_combine(y, me.topk_idx, me.topk_weights, d.handle, return_recv_hook=True)
+            with torch.inference_mode(not call_in):
+                c.hook()
+            assert torch.equal(c.x, c0.x), f"combine (call in inference mode: {call_in})"
+    finally:
+        ll.destroy()
+
+
 def events_on_cpu(rank: int, world: int) -> None:
     """async_finish and previous_event on CPU groups: every call returns an EventOverlap whose methods do nothing
     there, and gives the same bits as the call without them (normal dispatch and combine, low-latency both)."""

@@ -130,6 +130,11 @@ def test_no_autograd(pools, hook: bool) -> None:
     pools(2).run(bodies.no_autograd, hook)
 
 
+def test_hooks_across_inference_mode(pools) -> None:
+    """Receive hooks called outside the inference mode of their call, and the reverse: the same bits as without."""
+    pools(2).run(bodies.hooks_across_inference_mode)
+
+
 @pytest.mark.parametrize("worst", [0, 60])
 def test_normal_repeat_identical(pools, worst: int) -> None:
     """The same inputs twice give the same bits: dispatch counts and the combine (SPEC: repeated runs identical)."""

@@ -455,14 +455,18 @@ class TorchBackend:
     def _finishing(self, op: str, finish: Callable[[], None]) -> Callable[[], None]:
         """``finish`` (the rest of a low-latency call, after its collectives were issued), marking the Buffer failed
         if it raises. Run once, it lets go of ``finish`` and what that holds (the received rows, the collective's
-        work and its send buffer), which the caller's hook would otherwise keep alive as long as the results."""
+        work and its send buffer), which the caller's hook would otherwise keep alive as long as the results.
+        ``finish`` runs in the inference mode of the call (on or off), wherever the hook is called: it writes the
+        outputs the call made (inference tensors when it was made under torch.inference_mode), as the native
+        receive writes them whatever the mode."""
         held: list[Callable[[], None] | None] = [finish]
+        inference = torch.is_inference_mode_enabled()
 
         def run() -> None:
             f = held[0]
             assert f is not None, "a low-latency receive runs once"
             try:
-                with torch.no_grad():  # (no autograd: see TorchBackend)
+                with torch.inference_mode(inference), torch.no_grad():  # (no autograd: see TorchBackend)
                     f()
             except BaseException as exc:
                 self._fail(op, exc)

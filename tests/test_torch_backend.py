@@ -124,6 +124,27 @@ def test_events_on_cpu(pools) -> None:
     pools(2).run(bodies.events_on_cpu)
 
 
+def test_event_overlap_waits_on_its_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    """current_stream_wait orders the current stream of the event's device (the Buffer's), not that of whichever
+    device is current: an EventOverlap made for cuda:1 while cuda:0 is current waits on cuda:1's stream."""
+    asked: list[Any] = []
+
+    class FakeStream:
+        def __init__(self, device: Any) -> None:
+            self.device = device
+
+        def wait_event(self, event: Any) -> None:
+            asked.append(("wait_event", self.device, event))
+
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: FakeStream(device))
+    ev = object()
+    largeep.EventOverlap(ev, device=torch.device("cuda", 1)).current_stream_wait()  # type: ignore[arg-type]
+    largeep.EventOverlap(ev, FakeStream(torch.device("cuda", 2))).current_stream_wait()  # type: ignore[arg-type]
+    largeep.EventOverlap(ev).current_stream_wait()  # type: ignore[arg-type]
+    assert asked == [("wait_event", torch.device("cuda", 1), ev), ("wait_event", torch.device("cuda", 2), ev),
+                     ("wait_event", None, ev)], asked
+
+
 @pytest.mark.parametrize("hook", [False, True])
 def test_no_autograd(pools, hook: bool) -> None:
     """Inputs that require grad: the Buffer's outputs carry no autograd (as the native kernels'), same bits."""

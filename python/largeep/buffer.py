@@ -104,16 +104,24 @@ class EventOverlap:
     """An event on the Buffer's stream. ``event`` is None on CPU, and on the nvshmem backend for a call without
     ``async_finish`` (and without ``previous_event``): the caller's stream is then already ordered after the call,
     and the two methods fall back to the Buffer's stream as it is when they are called (later work on it included).
-    The torch backend on CUDA records an event for every call."""
+    The torch backend on CUDA records an event for every call. The caller's stream is the current stream of the
+    event's device (the Buffer's), whichever device is current when the methods are called."""
 
-    def __init__(self, event: torch.cuda.Event | None = None, stream: torch.cuda.Stream | None = None) -> None:
+    def __init__(
+        self,
+        event: torch.cuda.Event | None = None,
+        stream: torch.cuda.Stream | None = None,
+        *,
+        device: torch.device | None = None,
+    ) -> None:
         self.event = event
         self._stream = stream
+        self._device = device if device is not None or stream is None else stream.device
 
     def current_stream_wait(self) -> None:
-        """Orders the caller's current stream after the event. Does not block the host."""
+        """Orders the caller's current stream (on the event's device) after the event. Does not block the host."""
         if self.event is not None:
-            torch.cuda.current_stream().wait_event(self.event)
+            torch.cuda.current_stream(self._device).wait_event(self.event)
         elif self._stream is not None:
             torch.cuda.current_stream(self._stream.device).wait_stream(self._stream)
 
@@ -599,7 +607,7 @@ class Buffer:
         event.record(self._stream)
         if not async_finish:
             compute.wait_event(event)
-        return result, EventOverlap(event)
+        return result, EventOverlap(event, device=self._stream.device)
 
     def _is_finished_call(self, previous_event: EventOverlap | None, async_finish: bool) -> bool:
         return (

@@ -1673,7 +1673,7 @@ def _received(
     for t in (x, valid):
         if t is not None and t is not rx:
             t.record_stream(caller)
-    return x, valid, EventOverlap(after)
+    return x, valid, EventOverlap(after, device=stream.device)
 
 
 class _DispatchFn(torch.autograd.Function):
@@ -2096,7 +2096,7 @@ def capture_event(device: torch.device) -> EventOverlap | None:
         return None
     ev = torch.cuda.Event()
     ev.record(torch.cuda.current_stream(device))
-    return EventOverlap(ev)
+    return EventOverlap(ev, device=device)
 
 
 def wait(event: EventOverlap | None) -> None:

@@ -579,7 +579,7 @@ PYBIND11_MODULE(_C, m) {
     // Bumped whenever a binding's signature, or the meaning of a status word the kernels share with the Python code,
     // changes; python/largeep/native.py refuses a module of another version (a stale build next to newer Python
     // code) with a message saying to rebuild, instead of a TypeError or a misread word later.
-    m.attr("abi_version") = 16;
+    m.attr("abi_version") = 17;
     m.def("install_fault_backtrace", [] {
         struct sigaction sa {};
         sa.sa_sigaction = segv_handler;
@@ -635,12 +635,9 @@ PYBIND11_MODULE(_C, m) {
         return d;
     });
     m.def("layout", [](uintptr_t idx, int t, int k, int n, int e, int p, uintptr_t per_rank, uintptr_t per_node,
-                       uintptr_t per_expert, uintptr_t in_rank, uintptr_t status, uintptr_t error,
-                       uintptr_t check_scratch, uintptr_t check_host, int64_t check_token, uintptr_t stream) {
+                       uintptr_t per_expert, uintptr_t in_rank, uintptr_t check_scratch, uintptr_t check_host, int64_t check_token, uintptr_t stream) {
         launch_layout(ptr<const int64_t>(idx), t, k, n, e, p, ptr<int>(per_rank), ptr<int>(per_node),
-                      ptr<int>(per_expert), ptr<bool>(in_rank),
-                      ErrorWord{ptr<int64_t>(error), ptr<int64_t>(status)},
-                      LayoutCheck{ptr<int64_t>(check_scratch), ptr<int64_t>(check_host), check_token},
+                      ptr<int>(per_expert), ptr<bool>(in_rank), LayoutCheck{ptr<int64_t>(check_scratch), ptr<int64_t>(check_host), check_token},
                       stream_of(stream));
     });
 

@@ -31,7 +31,7 @@ from checked_calls import (
     same_bits,
 )
 from largeep import ArgumentError, BufferDestroyedError, fp8
-from reference import make_inputs, ref_combine, ref_dispatch, ref_low_latency, ref_low_latency_combine
+from reference import make_inputs, ref_combine, ref_dispatch, ref_layout, ref_low_latency, ref_low_latency_combine
 
 HIDDEN, EXPERTS, TOPK, MAX_TOKENS = 256, 8, 3, 16
 
@@ -1726,9 +1726,10 @@ def ll_combine_refusal_meets_dispatch(rank: int, world: int, then: str = "dispat
 
 
 def unchecked_out_of_range(rank: int, world: int, backend: str, low_latency: bool) -> dict[str, Any]:
-    """With LARGEEP_CHECK_VALUES=0 nothing refuses an expert id >= E: every backend ignores it (the token does not
-    go there, and combine adds nothing for it), exactly as if it were -1, instead of indexing out of range."""
-    chk = Checker(f"unchecked ids >= E on rank {rank} ({'low latency' if low_latency else 'normal'})")
+    """With LARGEEP_CHECK_VALUES=0 nothing refuses an expert id >= E or < -1: every backend ignores it (the layout
+    counts it nowhere, the token does not go there, and combine adds nothing for it), exactly as if it were -1,
+    instead of indexing out of range or failing; the Buffer stays usable."""
+    chk = Checker(f"unchecked ids out of range on rank {rank} ({'low latency' if low_latency else 'normal'})")
     old = os.environ.get("LARGEEP_CHECK_VALUES")
     os.environ["LARGEEP_CHECK_VALUES"] = "0"
     try:
@@ -1744,10 +1745,19 @@ def unchecked_out_of_range(rank: int, world: int, backend: str, low_latency: boo
         inp = make_inputs(13, rank, tokens_of(world)[rank], HIDDEN, EXPERTS, TOPK, torch.bfloat16)
         x, idx, w = inp.x.to(dev), inp.topk_idx.to(dev), inp.topk_weights.to(dev)
         bad = idx.clone()
-        bad[0, 0], bad[1, 1] = EXPERTS, EXPERTS + 7
-        masked = torch.where(bad >= EXPERTS, -1, bad)
+        bad[0, 0], bad[1, 1], bad[2, 0] = EXPERTS, EXPERTS + 7, -5
+        masked = torch.where((bad >= EXPERTS) | (bad < -1), -1, bad)
         outs = []
         for ids in (bad, masked):
+            if not low_latency:  # (the layout of its own, as a caller's get_dispatch_layout)
+                lay = buf.get_dispatch_layout(ids)
+                layout = [lay.num_tokens_per_rank, lay.num_tokens_per_node, lay.num_tokens_per_expert,
+                          lay.is_token_in_rank]
+                ref = ref_layout(masked.cpu(), world, EXPERTS, world)
+                for name, got in zip(("num_tokens_per_rank", "num_tokens_per_node", "num_tokens_per_expert",
+                                      "is_token_in_rank"), layout, strict=True):
+                    want = ref[name].to(got.dtype)
+                    chk.expect(torch.equal(got.cpu(), want), f"layout {name}: {got.tolist()} != {want.tolist()}")
             if low_latency:
                 d = buf.low_latency_dispatch(x, ids, use_fp8=False)
                 counts = d.num_tokens_per_expert.clone()

@@ -31,7 +31,7 @@ __host__ __device__ constexpr int kRefusedRanks(int experts_per_rank) {
     return kPerExpert + experts_per_rank + kLayoutCheckWords;
 }
 enum Op {
-    kOpLayout = 1,
+    kOpLayout = 1,  // (no longer reported: an unchecked layout counts an id out of range nowhere)
     kOpDispatch = 2,
     kOpDispatchNotify = 3,
     kOpCombine = 4,
@@ -210,8 +210,8 @@ NormalLayout normal_layout(int num_ranks, int num_experts, int num_topk, int hid
 
 // ---- layout.cu -------------------------------------------------------------------------------------------------
 // topk_idx int64 [T, K] -> per_rank int32 [N], per_node int32 [N/P], per_expert int32 [E], in_rank bool [T, N].
-// Ids outside [-1, E) are counted nowhere and reported through `err` (op kOpLayout, rank field 0), unless `check`
-// is given: then host[1] gets the lowest id below -1 (else 0), host[2] the highest id >= E (else 0), and host[0]
+// Ids outside [-1, E) are counted nowhere (as -1, which is what the dispatch kernels and the torch backend do with
+// them), and with `check` also reported: host[1] gets the lowest id below -1 (else 0), host[2] the highest id >= E (else 0), and host[0]
 // is set to `token` when the kernel is done (num_tokens > 0). Tokens increase from call to call, so a host waiting
 // for its own token never takes an earlier call's words (one that timed out on the host and finished later).
 // scratch: device int64 [3], zero before the first call (each checked call leaves it zero).
@@ -222,7 +222,7 @@ struct LayoutCheck {
 };
 void launch_layout(const int64_t* topk_idx, int num_tokens, int num_topk, int num_ranks, int num_experts,
                    int ranks_per_node, int* per_rank, int* per_node, int* per_expert, bool* in_rank,
-                   ErrorWord err, LayoutCheck check, cudaStream_t stream);
+                   LayoutCheck check, cudaStream_t stream);
 // The id range check alone (the low-latency dispatch's): ids int64 [n], n > 0; reports as the layout's check.
 void launch_id_check(const int64_t* ids, int64_t n, int num_experts, LayoutCheck check, cudaStream_t stream);
 // The dispatch's id check (in its prepare kernel, one block: no scratch): host as LayoutCheck's; nullptr: none.

@@ -34,8 +34,7 @@ __device__ __forceinline__ void finish_id_check(const LayoutCheck& check) {
 
 __global__ void __launch_bounds__(kLayoutThreads) layout_kernel(const int64_t* topk_idx, int T, int K, int N, int E,
                                                                 int P, int* per_rank, int* per_node,
-                                                                int* per_expert, bool* in_rank, ErrorWord err,
-                                                                LayoutCheck check) {
+                                                                int* per_expert, bool* in_rank, LayoutCheck check) {
     extern __shared__ int hist[];  // [E] experts | [N] ranks | [N/P] nodes
     int* h_rank = hist + E;
     int* h_node = h_rank + N;
@@ -50,14 +49,11 @@ __global__ void __launch_bounds__(kLayoutThreads) layout_kernel(const int64_t* t
     const int t = blockIdx.x * blockDim.x + threadIdx.x;
     if (t < T) {
         const int64_t* row = topk_idx + static_cast<int64_t>(t) * K;
-        bool bad = false;
         for (int k = 0; k < K; ++k) {
             const int64_t e = row[k];
-            if (e < -1 || e >= E) {
-                bad = true;
-                if (check.scratch != nullptr) note_bad_id(reinterpret_cast<long long*>(check.scratch), e, E);
-            }
-            if (e < 0 || e >= E) continue;
+            if (check.scratch != nullptr && (e < -1 || e >= E))
+                note_bad_id(reinterpret_cast<long long*>(check.scratch), e, E);
+            if (e < 0 || e >= E) continue;  // (unchecked: an id out of range counts nowhere, as -1, like dispatch)
             // count an expert, a rank, a node once per token however many of its choices land there
             bool seen_e = false, seen_r = false, seen_n = false;
             const int r = static_cast<int>(e) / epr, n = r / P;
@@ -75,7 +71,6 @@ __global__ void __launch_bounds__(kLayoutThreads) layout_kernel(const int64_t* t
             }
             if (!seen_n) atomicAdd(&h_node[n], 1);
         }
-        if (bad && check.scratch == nullptr) report_error(err, kOpLayout, -1);
     }
     __syncthreads();
     const bool alone = gridDim.x == 1;  // (the counts were not zeroed: every bin is stored, zeros too)
@@ -100,7 +95,7 @@ __global__ void __launch_bounds__(kLayoutThreads) id_check_kernel(const int64_t*
 
 void launch_layout(const int64_t* topk_idx, int num_tokens, int num_topk, int num_ranks, int num_experts,
                    int ranks_per_node, int* per_rank, int* per_node, int* per_expert, bool* in_rank,
-                   ErrorWord err, LayoutCheck check, cudaStream_t stream) {
+                   LayoutCheck check, cudaStream_t stream) {
     HOST_ASSERT(num_ranks > 0 && ranks_per_node > 0 && num_experts % num_ranks == 0 &&
                 num_ranks % ranks_per_node == 0, "bad layout sizes: num_experts " << num_experts << ", num_ranks "
                 << num_ranks << ", ranks_per_node " << ranks_per_node);
@@ -122,7 +117,7 @@ void launch_layout(const int64_t* topk_idx, int num_tokens, int num_topk, int nu
     if (num_tokens == 0) return;
     layout_kernel<<<blocks, kLayoutThreads, smem, stream>>>(
         topk_idx, num_tokens, num_topk, num_ranks, num_experts, ranks_per_node, per_rank, per_node, per_expert,
-        in_rank, err, check);
+        in_rank, check);
     LAUNCH_CHECK();
 }
 

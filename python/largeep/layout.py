@@ -29,9 +29,8 @@ class Layout:
 
 def one_hot_mask(ids: torch.Tensor, width: int) -> torch.Tensor:
     """ids int64 [T, K] -> bool [T, width] (a view, not contiguous): column c set if any id == c. Ids outside
-    [0, width) set nothing (-1: none; an id out of range, which only unchecked calls let through, is ignored here,
-    as the dispatch kernels ignore it; the nvshmem backend's layout kernel reports it instead, its Buffer then
-    unusable)."""
+    [0, width) set nothing (-1: none; an id out of range, which only unchecked calls let through, is ignored, as
+    every backend's layout and dispatch ignore it)."""
     t = ids.shape[0]
     mask = torch.zeros(t, width + 1, dtype=torch.bool, device=ids.device)
     mask.scatter_(1, torch.where((ids >= 0) & (ids < width), ids, width), True)

@@ -28,8 +28,9 @@ _HOW = (
 # prepare kernel's scratch, prep_scratch_words, and the error word kOpPrepare; 12: free's keep vote; 13: the normal
 # kernels take has_scales / with_weights and the handle's tag word, and report calls of other signatures, ops 17-22;
 # 14: fp8_quantize / fp8_dequantize; 15: the normal combine's push, forward and reduce take part_bf16; 16:
-# wait_host_word takes the stream, cuda_error_name, NormalKernels.zc_held, no barrier / finalize)
-ABI_VERSION = 16
+# wait_host_word takes the stream, cuda_error_name, NormalKernels.zc_held, no barrier / finalize; 17: layout takes
+# no status or error words: an unchecked layout counts an id out of range nowhere instead of reporting it)
+ABI_VERSION = 17
 
 
 @functools.lru_cache(maxsize=1)

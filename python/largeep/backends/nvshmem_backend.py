@@ -40,7 +40,6 @@ from largeep.layout import Layout, one_hot_mask
 # Words of the host-mapped status area (csrc/kernels/api.cuh, StatusWord).
 _READY, _ERROR, _NUM_RECV, _REFUSED, _PER_EXPERT = 0, 1, 2, 3, 4
 _OPS = {
-    1: "get_dispatch_layout",
     2: "dispatch (waiting for a peer's rows, or for receivers to free the previous round's)",
     3: "dispatch (count exchange)",
     4: "combine (waiting for a peer's rows, or for sources to free the previous round's)",
@@ -879,12 +878,6 @@ class NvshmemBackend:
         if code == 0:
             return
         what, rank = _OPS.get(code // 65536, f"op {code // 65536}"), code % 65536 - 1
-        if code // 65536 == 1:
-            raise RuntimeError(
-                f"{op}: an unchecked get_dispatch_layout (LARGEEP_CHECK_VALUES=0, or inside a CUDA graph) on rank "
-                f"{self.ctx.rank} found an expert id outside [-1, num_experts); the Buffer is unusable now (destroy it "
-                "on every rank)"
-            )
         if code // 65536 == _OP_PEER_REFUSED:
             bad = self._reported_bad_id() if rank == self.ctx.rank else None  # (this rank's own check, if it ran)
             which = f"expert id {bad}, outside" if bad is not None else "an expert id outside"
@@ -1047,7 +1040,7 @@ class NvshmemBackend:
         words = self._id_check_words(check, t)
         self.C.layout(
             topk_idx.data_ptr(), t, c.num_topk, c.num_ranks, c.num_experts, c.ranks_per_node, per_rank.data_ptr(),
-            per_node.data_ptr(), per_expert.data_ptr(), in_rank.data_ptr(), self.status_dev, self.error_word.data_ptr(),
+            per_node.data_ptr(), per_expert.data_ptr(), in_rank.data_ptr(),
             self.layout_scratch.data_ptr() if check else 0, words, self._layout_token, self._stream(),
         )
         if check:

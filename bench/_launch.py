@@ -57,7 +57,10 @@ def _entry(body: Body, rank: int, world: int, args: Any, init_file: str, backend
 def run_ranks(body: Body, world: int, args: Any, *, backend: str = "nccl", timeout_s: float = 1200.0) -> Any:
     """Runs ``body`` on ``world`` new processes (NCCL, one GPU each; or gloo) and returns rank 0's value. Raises
     with the failing rank's traceback, or when no result came within ``timeout_s``. The rendezvous file is removed
-    when it returns or raises."""
+    when it returns or raises. Raises ValueError at once for fewer than one rank (e.g. no GPU visible): no process
+    would ever answer."""
+    if world < 1:
+        raise ValueError(f"run_ranks: {world} ranks to start (no GPU visible?)")
     fd, init_file = tempfile.mkstemp(prefix="largeep-bench-")
     os.close(fd)
     os.unlink(init_file)

@@ -8,7 +8,9 @@ launches). Decoding runs these ops inside CUDA graphs, so this script reports wh
            "dispatch_hook"/"combine_hook"): a receive's own time, without waiting for the slower rank's sends;
            op "dispatch"/"combine" of them = send + receive (what the cost model fits: no rank skew in it);
   graph:   one CUDA graph holding dispatch + combine, replay time measured with events (op "roundtrip"), once
-           per barrier ("graph") and averaged over --graph-reps replays back to back ("graph_back_to_back").
+           per barrier ("graph") and averaged over --graph-reps replays back to back ("graph_back_to_back"); a
+           short sleep queued before the start event keeps the host's launch of the graph out of the time (as
+           largeep.bench.timing's).
 Per iteration the slowest rank counts; records give median and p10/p90. Before each iteration L2 is flushed and
 the ranks are aligned by a barrier. Every record's dtype is the dispatch's (a combine always sends BF16 rows; its
 logical_gbps counts BF16 rows), so a run's dispatch and combine records share their shape keys.
@@ -67,6 +69,30 @@ def _kernel_times(prof: Any) -> dict[str, list[float]]:
         if hit:
             per_kernel[next(k for k in _KERNELS if re.fullmatch(k, hit.group(0)))].append(e.time_range.elapsed_us())
     return per_kernel
+
+
+def _graph_times(replay: Any, flush: Any, iters: int, reps: int) -> tuple[list[float], list[float]]:
+    """This rank's times (us) of ``iters`` replays of a captured graph, each alone, and of ``iters`` batches of
+    ``reps`` replays back to back, per replay (the launch skew paid once per batch). Each as every largeep timing
+    (largeep.bench.timing.Timer): L2 flushed, the ranks aligned, and a short sleep queued before the start event, so
+    the time is the GPU's from when the replay could start, not the host's launch of it; no flush between the
+    replays of a batch (those after the first may find warm lines)."""
+    from largeep.bench.timing import Timer
+
+    timer = Timer(None, torch.device("cuda"), flush=False)  # (flush.zero_() queued first: align waits for it)
+
+    def batch() -> None:
+        for _ in range(reps):
+            replay()
+
+    for _ in range(iters):
+        flush.zero_()
+        timer.time("alone", replay)
+    for _ in range(iters):
+        flush.zero_()
+        timer.time("batch", batch)
+    times = timer.take()
+    return times["alone"], [t / reps for t in times["batch"]]
 
 
 def _body(rank: int, world: int, args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]]:
@@ -154,31 +180,10 @@ def _body(rank: int, world: int, args: argparse.Namespace, device: torch.device)
         for _ in range(args.warmup):
             graph.replay()
         torch.cuda.synchronize()
-        replay = []
-        for _ in range(args.iters):
-            flush.zero_()
-            dist.barrier()
-            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            s.record()
-            graph.replay()
-            e.record()
-            e.synchronize()
-            replay.append(s.elapsed_time(e) * 1000.0)
-        ops[("graph", "roundtrip")] = replay
-        # the same graph replayed back to back: the ranks' launch skew after the barrier is paid once per
-        # `graph_reps` replays instead of once per replay (decoding replays its step graph back to back too)
-        b2b = []
-        for _ in range(args.iters):
-            flush.zero_()  # (once per batch of replays: the replays after the first may find warm lines)
-            dist.barrier()
-            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            s.record()
-            for _ in range(args.graph_reps):
-                graph.replay()
-            e.record()
-            e.synchronize()
-            b2b.append(s.elapsed_time(e) * 1000.0 / args.graph_reps)
-        ops[("graph_back_to_back", "roundtrip")] = b2b
+        # also back to back: the ranks' launch skew after the barrier is paid once per `graph_reps` replays instead of
+        # once per replay (decoding replays its step graph back to back too)
+        ops[("graph", "roundtrip")], ops[("graph_back_to_back", "roundtrip")] = _graph_times(
+            graph.replay, flush, args.iters, args.graph_reps)
         for (kind, op), times in ops.items():
             med, p10, p90 = _stats(_gather(times[: args.iters], world))
             nbytes = mean_copies * (row if kind.startswith("dispatch") else rec.row_bytes("bf16", args.hidden))

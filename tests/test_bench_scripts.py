@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -27,3 +25,60 @@ def test_run_ranks_refuses_no_ranks_at_once(bench_dir: Path) -> None:
     with pytest.raises(ValueError, match="0 ranks"):
         _launch.run_ranks(print, 0, None, backend="gloo", timeout_s=30.0)
     assert time.monotonic() - t0 < 5.0
+
+
+class _FakeGPU:
+    """One stream's timeline (us): the host's clock, and when the queued GPU work ends. A launch costs the host
+    ``host_us`` and runs ``gpu_us`` on the GPU once the host has issued it and the work before it ended; an event
+    marks where the queue stands when the host records it (the host's time if the GPU is idle)."""
+
+    def __init__(self) -> None:
+        self.host = 0.0
+        self.free = 0.0
+
+    def launch(self, host_us: float, gpu_us: float) -> None:
+        self.host += host_us
+        self.free = max(self.free, self.host) + gpu_us
+
+    def sync(self, *args: object, **kwargs: object) -> None:
+        self.host = max(self.host, self.free)
+
+    def event(self) -> object:
+        gpu = self
+
+        class Event:
+            def __init__(self, enable_timing: bool = False) -> None:
+                self.at = float("nan")
+
+            def record(self) -> None:
+                gpu.free = self.at = max(gpu.free, gpu.host)
+
+            def synchronize(self) -> None:
+                gpu.host = max(gpu.host, self.at)
+
+            def elapsed_time(self, end: Event) -> float:
+                return (end.at - self.at) / 1e3  # ms, as torch.cuda.Event's
+
+        return Event
+
+
+def test_low_latency_graph_times_leave_out_the_host_launch(bench_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """low_latency_times.py's CUDA-graph times are the GPU's: a replay whose launch costs the host 12 us and whose
+    kernels run 40 us times 40 us, alone and back to back (the start event must not fire on an idle GPU before the
+    host has launched the graph)."""
+    import low_latency_times as llt
+    import torch
+    import torch.distributed as dist
+
+    gpu = _FakeGPU()
+    monkeypatch.setattr(torch.cuda, "Event", gpu.event())
+    monkeypatch.setattr(torch.cuda, "synchronize", gpu.sync)
+    monkeypatch.setattr(torch.cuda, "_sleep", lambda cycles: gpu.launch(2.0, cycles / 1800))
+    monkeypatch.setattr(dist, "barrier", gpu.sync)  # (NCCL's barrier waits for the stream's work)
+
+    class Flush:
+        def zero_(self) -> None:
+            gpu.launch(3.0, 150.0)
+
+    alone, b2b = llt._graph_times(lambda: gpu.launch(12.0, 40.0), Flush(), 5, 4)
+    assert alone == pytest.approx([40.0] * 5) and b2b == pytest.approx([40.0] * 5)

@@ -581,6 +581,13 @@ def main(argv: list[str] | None = None) -> None:
     known = set(LAYER_VARIANTS + PART_VARIANTS + STACK_VARIANTS)
     if args.variants and not set(args.variants) <= known:
         p.error(f"--variants: unknown {sorted(set(args.variants) - known)}")
+    # (checked before the timing: the profiles come after it, and a failure there would lose every figure)
+    if args.profile and args.cpu:
+        p.error("--profile (and --trace, --sync-debug) profiles the GPU: not with --cpu")
+    if args.profile and not set(args.profile) <= set(args.variants or known):
+        p.error(f"--profile: {sorted(set(args.profile) - set(args.variants or known))} not among the variants timed")
+    if (args.trace or args.sync_debug) and not args.profile:
+        p.error("--trace and --sync-debug take the variants of --profile")
     world = args.nprocs or (2 if args.cpu else torch.cuda.device_count())
     if world < 1:
         p.error("no GPUs visible (use --cpu for the CPU smoke test)")

@@ -82,3 +82,22 @@ def test_low_latency_graph_times_leave_out_the_host_launch(bench_dir: Path, monk
 
     alone, b2b = llt._graph_times(lambda: gpu.launch(12.0, 40.0), Flush(), 5, 4)
     assert alone == pytest.approx([40.0] * 5) and b2b == pytest.approx([40.0] * 5)
+
+
+
+@pytest.mark.parametrize(("argv", "says"), [
+    (["--cpu", "--variants", "gate_only", "--profile", "gate_only"], "not with --cpu"),
+    (["--profile", "gate_onyl"], "['gate_onyl'] not among the variants timed"),
+    (["--variants", "gate_only", "--profile", "comm_only"], "['comm_only'] not among the variants timed"),
+    (["--variants", "gate_only", "--sync-debug"], "take the variants of --profile"),
+])
+def test_layer_times_refuses_profiles_it_cannot_take(bench_dir: Path, capsys: pytest.CaptureFixture[str],
+                                                     argv: list[str], says: str) -> None:
+    """layer_times.py profiles after timing every variant: a profile that cannot run (the CPU has no CUDA profiler)
+    or names no timed variant is refused before any rank starts, not after the timing (which crashed and wrote no
+    file) or not at all (nothing profiled, nothing said)."""
+    import layer_times
+
+    with pytest.raises(SystemExit) as exc:
+        layer_times.main([*argv, "--nprocs", "2", "--iters", "1", "--warmup", "0", "--out", "/nonexistent"])
+    assert exc.value.code == 2 and says in capsys.readouterr().err

@@ -581,6 +581,12 @@ def main(argv: list[str] | None = None) -> None:
     known = set(LAYER_VARIANTS + PART_VARIANTS + STACK_VARIANTS)
     if args.variants and not set(args.variants) <= known:
         p.error(f"--variants: unknown {sorted(set(args.variants) - known)}")
+    # (the graphs: GPU and forward only; comm_beside_experts: forward only)
+    cannot = {name: "--cpu" for name in GRAPH_VARIANTS if args.cpu}
+    if args.backward:
+        cannot.update({name: "--backward" for name in (*GRAPH_VARIANTS, "comm_beside_experts") if name not in cannot})
+    if args.variants and set(args.variants) & set(cannot):
+        p.error("--variants: " + ", ".join(f"{v} does not run with {cannot[v]}" for v in args.variants if v in cannot))
     # (checked before the timing: the profiles come after it, and a failure there would lose every figure)
     if args.profile and args.cpu:
         p.error("--profile (and --trace, --sync-debug) profiles the GPU: not with --cpu")

@@ -101,3 +101,21 @@ def test_layer_times_refuses_profiles_it_cannot_take(bench_dir: Path, capsys: py
     with pytest.raises(SystemExit) as exc:
         layer_times.main([*argv, "--nprocs", "2", "--iters", "1", "--warmup", "0", "--out", "/nonexistent"])
     assert exc.value.code == 2 and says in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("argv", "says"), [
+    (["--cpu", "--variants", "stack_pipeline_graph"], "stack_pipeline_graph does not run with --cpu"),
+    (["--cpu", "--backward", "--variants", "no_overlap,comm_beside_experts"],
+     "comm_beside_experts does not run with --backward"),
+    (["--backward", "--variants", "stack_sequential_graph"], "stack_sequential_graph does not run with --backward"),
+])
+def test_layer_times_refuses_variants_it_would_skip(bench_dir: Path, capsys: pytest.CaptureFixture[str],
+                                                    argv: list[str], says: str) -> None:
+    """A variant named in --variants that the run cannot time (the graphs on the CPU or with --backward,
+    comm_beside_experts with --backward) is refused, not left out of the file without a word (a file of no
+    records)."""
+    import layer_times
+
+    with pytest.raises(SystemExit) as exc:
+        layer_times.main([*argv, "--nprocs", "2", "--iters", "1", "--warmup", "0", "--out", "/nonexistent"])
+    assert exc.value.code == 2 and says in capsys.readouterr().err

@@ -235,7 +235,14 @@ def main() -> None:
     args.tokens = [int(v) for v in args.tokens.split(",")]
     args.num_sms = [int(v) for v in args.num_sms.split(",")]
     args.dtypes = args.dtypes.split(",")
+    if not set(args.dtypes) <= {"bf16", "fp8"}:
+        p.error(f"--dtypes: {sorted(set(args.dtypes) - {'bf16', 'fp8'})}, expected bf16 and/or fp8")
     world = args.nprocs or torch.cuda.device_count()
+    rpn = args.ranks_per_node or world
+    if world >= 1 and (rpn < 1 or world % rpn):
+        p.error(f"--ranks-per-node {rpn} does not divide {world} ranks")
+    if args.node_limit is not None and world >= 1 and not 1 <= args.node_limit <= world // rpn:
+        p.error(f"--node-limit {args.node_limit}: between 1 and the {world // rpn} nodes")
     res = run_ranks(_body, world, args)
     recs, legs = res["records"], res["legs"]
     from tabulate import tabulate
@@ -246,7 +253,6 @@ def main() -> None:
           f"{r['logical_gbps']:.1f}" if r["logical_gbps"] else "-"] for r in recs],
         headers=["op", "dtype", "ep", "tokens", "sms", "kernel us", "p10", "p90", "logical GB/s"],
     ))
-    rpn = args.ranks_per_node or world
     tag = (f"ep{world}" if rpn == world else f"ep{world}_p{rpn}") + (f"_nl{args.node_limit}" if args.node_limit else "")
     write_records(args.out, f"kernel_times_{tag}.json",
               "profiler kernel times of largeep's own kernels (see bench/kernel_times.py)", recs)

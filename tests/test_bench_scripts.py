@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 
@@ -118,4 +119,23 @@ def test_layer_times_refuses_variants_it_would_skip(bench_dir: Path, capsys: pyt
 
     with pytest.raises(SystemExit) as exc:
         layer_times.main([*argv, "--nprocs", "2", "--iters", "1", "--warmup", "0", "--out", "/nonexistent"])
+    assert exc.value.code == 2 and says in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("argv", "says"), [
+    (["--dtypes", "bf16,BF16"], "--dtypes: ['BF16']"),
+    (["--ranks-per-node", "3"], "--ranks-per-node 3 does not divide 4 ranks"),
+    (["--ranks-per-node", "2", "--node-limit", "3"], "--node-limit 3: between 1 and the 2 nodes"),
+    (["--ranks-per-node", "1", "--node-limit", "0"], "--node-limit 0: between 1 and the 4 nodes"),
+])
+def test_kernel_times_refuses_impossible_options(bench_dir: Path, capsys: pytest.CaptureFixture[str],
+                                                 monkeypatch: pytest.MonkeyPatch, argv: list[str], says: str) -> None:
+    """kernel_times.py refuses what its ranks cannot run, or would record under a name that is not what ran (a
+    dtype other than bf16/fp8 reached the ranks as a BF16 dispatch and a combine of 1-D rows; --node-limit 0
+    routed every token anywhere and tagged the file as unlimited), before any rank starts."""
+    import kernel_times
+
+    monkeypatch.setattr(sys, "argv", ["kernel_times.py", *argv, "--nprocs", "4", "--out", "/nonexistent"])
+    with pytest.raises(SystemExit) as exc:
+        kernel_times.main()
     assert exc.value.code == 2 and says in capsys.readouterr().err

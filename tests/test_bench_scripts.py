@@ -139,3 +139,40 @@ def test_kernel_times_refuses_impossible_options(bench_dir: Path, capsys: pytest
     with pytest.raises(SystemExit) as exc:
         kernel_times.main()
     assert exc.value.code == 2 and says in capsys.readouterr().err
+
+
+def test_kernel_times_legs_take_the_slowest_rank_per_iteration(bench_dir: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """kernel_times.py's per-leg times follow its records: per iteration the slowest rank, then the median over
+    iterations (two ranks whose slow iterations alternate: 30 us, where the larger of the ranks' own medians is 10);
+    bytes are summed over ranks."""
+    import argparse
+
+    import kernel_times
+    import torch
+    import torch.distributed as dist
+
+    args = argparse.Namespace(experts=4, topk=1, hidden=128, node_limit=None)
+    idx = [torch.tensor([[0], [1], [3]]), torch.tensor([[2], [2], [0]])]  # ranks 0, 1; experts 2 per rank
+    push = [[10.0, 30.0, 10.0], [30.0, 10.0, 10.0]]
+    copyout = [[5.0, 6.0, 7.0], [8.0, 2.0, 1.0]]
+    sent: dict[int, torch.Tensor] = {}
+
+    def gather(out: torch.Tensor, mine: torch.Tensor) -> None:
+        sent[len(sent)] = mine.clone()
+        rows = out.view(2, -1)
+        rows[len(sent) - 1] = mine
+        if 0 in sent and len(sent) == 2:
+            rows[0] = sent[0]
+
+    monkeypatch.setattr(dist, "all_gather_into_tensor", gather)
+    for rank in (0, 1):  # (rank 1's call sees both ranks' values)
+        per_kernel = {"dispatch_push_kernel": push[rank], "dispatch_copyout_kernel": copyout[rank]}
+        leg = kernel_times._legs(idx[rank], args, 2, 1, rank, 3, 24, "bf16", per_kernel)
+    # per iteration max: push 30, 30, 10 -> 30; copyout 8, 6, 7 -> 7
+    assert leg["push_us"] == 30.0 and leg["copyout_us"] == 7.0 and leg["rdma_us"] == 0.0
+    # one node per rank: every row to the other rank crosses nodes; rank 0 sends 1 token to rank 1, rank 1 sends 1
+    # to rank 0 (2 of its tokens' experts on rank 1 itself)
+    row = 2 * 128
+    assert leg["rdma_bytes"] == 2 * row and leg["direct_cross_node_bytes"] == 2 * row
+    assert leg["nvlink_push_bytes"] == 4 * row

@@ -719,3 +719,55 @@ def test_hierarchical_combine_crosses_the_network_in_float32(n: int, p: int) -> 
     assert part.nvlink == pytest.approx(comb.nvlink, rel=1e-12) and part.logical == comb.logical
     with pytest.raises(ValueError, match="bf16_partial_sums is the combine's"):
         sim.Workload("normal", "dispatch", t, h, k, e, "bf16", bf16_partial_sums=True)
+
+
+# -- a check's records that rest on constants no fitted record determined ----------------------------------------
+def _record(ep: int, rpn: int, mode: str, op: str, tokens: int, us: float, **kw: Any) -> dict[str, Any]:
+    return {"backend": "nvshmem", "mode": mode, "op": op, "ep": ep, "ranks_per_node": rpn, "num_tokens": tokens,
+            "hidden": 7168, "num_topk": 8, "num_experts": 256, "dtype": "bf16", "num_sms": None,
+            "time_us_median": us, **kw}
+
+
+def test_check_names_the_placeholder_constants_a_record_rests_on() -> None:
+    """The placeholder constants fit nothing, so a check of them names, for each record, the call's latency and the
+    rate of the term that decides it: at EP 2 on one node without an SM cap, 4096 BF16 rows per rank move only over
+    NVLink (eff_nvlink); without overlap, 2 nodes of 2 move over both links; one GPU moves over none."""
+    ph = sim.placeholder()
+    recs = [_record(2, 2, "normal", "dispatch", 4096, 100.0), _record(1, 1, "low_latency", "combine", 128, 20.0)]
+    rows = sim.check(ph, recs).rows
+    assert rows[0]["placeholders"] == ["lat_us[normal.dispatch]", "eff_nvlink"]
+    assert rows[1]["placeholders"] == ["lat_us[low_latency.combine]"]
+    rows = sim.check(ph, [_record(4, 2, "normal", "dispatch", 4096, 100.0)], overlap=False).rows
+    assert rows[0]["placeholders"] == ["lat_us[normal.dispatch]", "eff_nvlink", "eff_rdma"]
+    # a fit that determined them: nothing to name
+    fitted = replace(ph, fitted=["normal.dispatch", "eff_nvlink"])
+    assert sim.check(fitted, recs[:1]).rows[0]["placeholders"] == []
+
+
+def test_holdout_by_gpu_count_says_which_records_test_placeholders(capsys: pytest.CaptureFixture[str]) -> None:
+    """Fitted on 1 GPU (session 6's normal-mode kernel times) and checked on 2 (session 16's normal and low-latency
+    ones): no 1-GPU record moves a row over NVLink or times a low-latency call, so eff_nvlink and the low-latency
+    latencies stay placeholders, and every low-latency record of the check rests on them. The check says so and
+    gives its figures over the records that do not."""
+    ep1 = [r for r in sim.load(RESULTS / "2026-11-30-session6/run2/ep1/kernel_times_ep1.json") if sim._usable(r)]
+    ll2 = [r for r in sim.skew_free(sim.load(RESULTS / "2026-11-30-session16/r9/perf/low_latency_times_ep2.json"))
+           if sim._usable(r)]
+    fit = sim.calibrate(ep1, copy_phase=False)
+    assert "eff_nvlink" not in fit.fitted and not any(k.startswith("low_latency.") for k in fit.fitted)
+    res = sim.check(fit, ep1 + ll2)
+    assert {r["mode"] for r in res.rows} == {"normal", "low_latency"}
+    for r in res.rows:
+        if r["mode"] == "low_latency":
+            assert f"lat_us[low_latency.{r['op']}]" in r["placeholders"], r
+        else:  # (one GPU: nothing crosses a link, and its own terms are fitted)
+            assert r["placeholders"] == [], r
+    doc = sim._check_doc(res, "test", fit)
+    errs = sorted(abs(r["rel_err"]) for r in res.rows if r["mode"] == "normal")
+    assert doc["of_fitted"]["n"] == len(errs) == len(ep1)
+    assert doc["of_fitted"]["median_abs_err"] == pytest.approx((errs[len(errs) // 2 - 1] + errs[len(errs) // 2]) / 2
+                                                              if len(errs) % 2 == 0 else errs[len(errs) // 2])
+    assert doc["of_fitted"]["max_abs_err"] == pytest.approx(errs[-1])
+    sim._print_check("held-out check", doc)
+    out = capsys.readouterr().out
+    assert f"{len(ll2)} of them rest on" in out and "lat_us[low_latency.dispatch]" in out
+    assert f"the other {len(ep1)}:" in out

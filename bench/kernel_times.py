@@ -19,9 +19,9 @@ Each iteration: L2 flush, barrier, layout, L2 flush, dispatch, L2 flush, barrier
 flushed between calls). Per iteration the slowest rank counts; records give the median and p10/p90 over iterations.
 Writes OUT/kernel_times_{tag}.json, a JSON list of SPEC.md records, each also with "bus_gbps", "kernels" (the op
 whose kernels were summed), "tune" (LARGEEP_TUNE), "combine_eighths" (the fused combine's push share, 0: push +
-reduce), the environment (gpu, driver, cuda, torch, nccl, nvshmem, git) and "command"; kernel_times_{tag}.run.json
-beside it says what the times are (largeep.bench.records); legs_{tag}.json is one object {command, env, what,
-records}.
+reduce), "routing" ("uniform", or "node_limited_L" with --node-limit), the environment (gpu, driver, cuda, torch,
+nccl, nvshmem, git) and "command"; kernel_times_{tag}.run.json beside it says what the times are
+(largeep.bench.records); legs_{tag}.json is one object {command, env, what, records}.
 
 usage: python bench/kernel_times.py --out bench/results/DIR [--tokens 4096] [--num-sms 8,16,24] [--dtypes bf16,fp8]
                                   [--ranks-per-node P] [--node-limit L]
@@ -176,6 +176,8 @@ def _body(rank: int, world: int, args: argparse.Namespace, device: torch.device)
                         "kernels": op, "tune": os.environ.get("LARGEEP_TUNE", ""),
                         # the fused combine's push share (LARGEEP_TUNE comb), 0 where push + reduce ran
                         "combine_eighths": (buf._impl.fused_combine if "combine_fused_kernel" in per_kernel else 0),
+                        # (the model's fit warns about records of routings other than uniform)
+                        "routing": f"node_limited_{args.node_limit}" if args.node_limit else "uniform",
                     })
             buf.destroy()
     return {"records": out, "legs": legs}

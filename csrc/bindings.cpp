@@ -518,26 +518,30 @@ class LowLatencyKernels {
                                 ptr<int>(meta), ptr<int>(lead), ptr<int>(rowmap), use_fp8, ptr<const int64_t>(hseq),
                                 stream_of(stream));
     }
+    // dseq: the handle's dispatch's round (its seq tensor), whose tag the combine's done flags carry, so that
+    // ranks combining handles of different dispatches are told (kOpLowLatencyHandles).
     void combine_send(uintptr_t y, uintptr_t count, uintptr_t meta, uintptr_t lead, uintptr_t rowmap, uintptr_t hseq,
-                      uintptr_t stream) {
+                      uintptr_t dseq, uintptr_t stream) {
         launch_ll_combine_send(c_, ptr<const void>(y), ptr<const int>(count), ptr<const int>(meta),
-                               ptr<const int>(lead), ptr<const int>(rowmap), ptr<int64_t>(hseq), stream_of(stream));
+                               ptr<const int>(lead), ptr<const int>(rowmap), ptr<int64_t>(hseq),
+                               ptr<const int64_t>(dseq), stream_of(stream));
     }
     // Send and weighted sum in one kernel where that can run (LARGEEP_TUNE ll_fuse=1); false: nothing launched.
     // sent: the handle's dispatch's ids_keep; merged: 0, or the handle's dispatch sent its weights: 1 (sums as two
     // bf16 rows), 2 (as one: sum_one).
     bool combine_fused(uintptr_t y, uintptr_t count, uintptr_t meta, uintptr_t lead, uintptr_t rowmap, uintptr_t hseq,
-                       uintptr_t sent, uintptr_t idx, uintptr_t w, uintptr_t out, int num_tokens, int merged,
-                       uintptr_t stream) {
+                       uintptr_t dseq, uintptr_t sent, uintptr_t idx, uintptr_t w, uintptr_t out, int num_tokens,
+                       int merged, uintptr_t stream) {
         return launch_ll_combine_fused(c_, ptr<const void>(y), ptr<const int>(count), ptr<const int>(meta),
                                        ptr<const int>(lead), ptr<const int>(rowmap), ptr<int64_t>(hseq),
-                                       ptr<const int>(sent), ptr<const int64_t>(idx), ptr<const float>(w),
+                                       ptr<const int64_t>(dseq), ptr<const int>(sent), ptr<const int64_t>(idx), ptr<const float>(w),
                                        ptr<void>(out), num_tokens, merged, stream_of(stream));
     }
     void combine_recv(uintptr_t sent, uintptr_t idx, uintptr_t w, uintptr_t out, int num_tokens, int merged,
-                      uintptr_t hseq, uintptr_t stream) {
+                      uintptr_t hseq, uintptr_t dseq, uintptr_t stream) {
         launch_ll_combine_recv(c_, ptr<const int>(sent), ptr<const int64_t>(idx), ptr<const float>(w), ptr<void>(out),
-                               num_tokens, merged, ptr<const int64_t>(hseq), stream_of(stream));
+                               num_tokens, merged, ptr<const int64_t>(hseq), ptr<const int64_t>(dseq),
+                               stream_of(stream));
     }
 
    private:
@@ -579,7 +583,7 @@ PYBIND11_MODULE(_C, m) {
     // Bumped whenever a binding's signature, or the meaning of a status word the kernels share with the Python code,
     // changes; python/largeep/native.py refuses a module of another version (a stale build next to newer Python
     // code) with a message saying to rebuild, instead of a TypeError or a misread word later.
-    m.attr("abi_version") = 17;
+    m.attr("abi_version") = 18;
     m.def("install_fault_backtrace", [] {
         struct sigaction sa {};
         sa.sa_sigaction = segv_handler;

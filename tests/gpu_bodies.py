@@ -867,6 +867,53 @@ def calls_kinds_disagree(rank: int, world: int, variant: str, ranks_per_node: in
         buf.destroy()
 
 
+def low_latency_handles_disagree(rank: int, world: int, mode: str, ranks_per_node: int | None) -> None:
+    """Two low-latency dispatches in flight, then a combine where rank 0 passes the first's handle and the others
+    the second's (two micro-batches combined in another order on one rank), on the nvshmem backend: each rank's
+    done flags carry its handle's tag, so every rank leaves the others' rows unread and its next call raises
+    RuntimeError naming a sender (before, each summed the other dispatch's rows as its own, silently). ``mode``:
+    "plain", "hook" (return_recv_hook=True) or "fused" (run under LARGEEP_TUNE ll_fuse=1). First, the same two
+    dispatches combined in one order on every rank must pass unreported and be right."""
+    buf = _bounded_buffer(world, 10.0, low_latency=True, ranks_per_node=ranks_per_node)
+    t, e = 64, 4 * world
+    try:
+        g = torch.Generator(device="cuda").manual_seed(90 + rank)
+        xs = [torch.randn(t, 1024, device="cuda", generator=g).to(torch.bfloat16) for _ in range(2)]
+        idx = torch.arange(t * 2, device="cuda").view(t, 2) % e  # (every rank gets rows from every rank)
+        w = torch.rand(t, 2, device="cuda", generator=g)
+
+        def combine(d: Any) -> torch.Tensor:
+            c = buf.low_latency_combine(d.x, idx, w, d.handle, return_recv_hook=mode == "hook")
+            if mode == "hook":
+                c.hook()
+            return c.x
+
+        ds = [buf.low_latency_dispatch(x, idx, use_fp8=False) for x in xs]
+        for x, d in zip(xs, ds, strict=True):  # (the experts' output: the rows themselves)
+            want = (x.float() * w.sum(1, keepdim=True)).to(torch.bfloat16).float()
+            got = combine(d).float()
+            assert torch.allclose(got, want, rtol=1 / 64, atol=1e-2), f"rank {rank}: {(got - want).abs().max()}"
+        torch.cuda.synchronize()
+        ds = [buf.low_latency_dispatch(x, idx, use_fp8=False) for x in xs]
+        combine(ds[0] if rank == 0 else ds[1])
+        torch.cuda.synchronize()
+        try:
+            buf.low_latency_dispatch(xs[0], idx, use_fp8=False)
+        except largeep.PeerTimeoutError as exc:
+            raise AssertionError(f"rank {rank}: a timeout, not the handles' tags: {exc}") from None
+        except RuntimeError as exc:
+            msg = str(exc)
+        else:
+            raise AssertionError(f"rank {rank}: the call after combines of different dispatches did not raise")
+        assert f"in an earlier low_latency_combine on rank {rank}, rank " in msg, msg
+        assert "handle of another low_latency_dispatch" in msg and "No row of it was read" in msg, msg
+        sender = int(msg.split(f"on rank {rank}, rank ")[1].split()[0])
+        assert (sender == 0) if rank != 0 else (sender != 0), msg
+    finally:
+        dist.barrier()
+        buf.destroy()
+
+
 def _progress(rank: int, what: str) -> None:
     """A timestamped line on stderr: where each rank was if a teardown test hangs (the pool dumps stacks too)."""
     import sys

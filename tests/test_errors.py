@@ -352,6 +352,24 @@ def test_nvshmem_host_gave_up_message() -> None:
             b._raise_if_failed("dispatch")
 
 
+def test_nvshmem_low_latency_handles_message() -> None:
+    """A low-latency combine whose peer's done flag carried another dispatch's handle tag (op 23): this and every
+    later call raise RuntimeError naming this rank and the sender; not a timeout (its GPU test:
+    test_low_latency_handles_disagree)."""
+    import largeep
+
+    b = _bare_nvshmem(rank=1, num_ranks=4)
+    b.status = [0, (23 << 16) + 3]  # rank field: 2
+    for _ in range(2):
+        with pytest.raises(RuntimeError) as info:
+            b._raise_if_failed("low_latency_dispatch")
+        assert not isinstance(info.value, largeep.PeerTimeoutError)
+        msg = str(info.value)
+        assert msg.startswith("low_latency_dispatch: in an earlier low_latency_combine on rank 1, rank 2 sent rows "
+                              "with the handle of another low_latency_dispatch than this rank's"), msg
+        assert "No row of it was read" in msg and "unusable now" in msg, msg
+
+
 @pytest.mark.parametrize(("op", "what", "met"), [
     (17, "dispatch", "received rows of another kind from rank 2 than its own (x's dtype, or an FP8 pair"),
     (18, "combine", "received rows of another kind from rank 2 than its own (y's dtype (bf16 or float32), "

@@ -538,6 +538,21 @@ def test_calls_kinds_disagree(pools, variant: str, tune: str, ranks_per_node: in
 
 @pytest.mark.gpu(2)
 @needs_native
+@pytest.mark.parametrize("mode", ["plain", "hook", "fused"])
+@pytest.mark.parametrize("ranks_per_node", [None, 1], ids=["one_node", "two_nodes"])
+def test_low_latency_handles_disagree(pools, mode: str, ranks_per_node: int | None) -> None:
+    """Ranks that combine handles of different low-latency dispatches: every rank's next call raises naming a
+    sender (the done flags carry the handle's tag), on the NVLink and the put paths; the same combines in one order
+    pass and are right."""
+    tune = "ll_fuse=1" if mode == "fused" else "ll_fuse=0"
+    results = pools(2, "nccl").run(gpu_bodies.with_tune, tune, gpu_bodies.low_latency_handles_disagree, mode,
+                                   ranks_per_node)
+    if mode == "fused":
+        assert all(r["fused"] > 0 for r in results), results
+
+
+@pytest.mark.gpu(2)
+@needs_native
 def test_calls_kinds_disagree_bf16_partials(pools) -> None:
     """Ranks of two nodes that differ in the combine's bf16_partial_sums: each reads the other's partial sums only
     if its signature says they are of its own kind, else the next call raises naming the sender."""

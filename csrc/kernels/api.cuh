@@ -69,6 +69,9 @@ enum Op {
                               // rank's (the handles' tags differ: see launch_dispatch_notify) (rank field: the
                               // sender; not a timeout)
     kOpCombineHandles = 22,   // ... a combine (rank field: the sender; not a timeout)
+    kOpLowLatencyHandles = 23,  // a low-latency combine got rows a peer sent with the handle of another dispatch than
+                                // this rank's (the done flag's tag: low_latency.cu) (rank field: the sender; not a
+                                // timeout)
 };
 
 // ---- flags: int64 words in the symmetric heap, [kind][rank] --------------------------------------------------
@@ -406,12 +409,15 @@ bool launch_ll_dispatch_fused(const LowLatencyCtx& c, const void* x, const int64
 void launch_ll_dispatch_recv(const LowLatencyCtx& c, void* out_x, float* out_scales, int* out_count, int* src_info,
                              int* meta, int* lead, int* rowmap, bool use_fp8, const int64_t* handle_seq,
                              cudaStream_t stream);
+// dispatch_seq: the handle's dispatch's round (its send kernel's handle_seq), whose tag the done flags carry.
 void launch_ll_combine_send(const LowLatencyCtx& c, const void* y, const int* count, const int* meta,
-                            const int* lead, const int* rowmap, int64_t* handle_seq, cudaStream_t stream);
+                            const int* lead, const int* rowmap, int64_t* handle_seq, const int64_t* dispatch_seq,
+                            cudaStream_t stream);
 // Send and weighted sum in one kernel (LARGEEP_TUNE ll_fuse=1, decided by the caller) where that can run: the
 // spread send, the grid resident at once; returns false, launching nothing, otherwise.
 bool launch_ll_combine_fused(const LowLatencyCtx& c, const void* y, const int* count, const int* meta,
-                             const int* lead, const int* rowmap, int64_t* handle_seq, const int* ids_sent,
+                             const int* lead, const int* rowmap, int64_t* handle_seq, const int64_t* dispatch_seq,
+                             const int* ids_sent,
                              const int64_t* topk_idx, const float* topk_weights, void* out, int num_tokens,
                              int merged, cudaStream_t stream);
 // Weighted sum: ids_sent int32 [T, K] is the handle's dispatch's ids_kept (which copies came back, and from which k's
@@ -421,6 +427,6 @@ bool launch_ll_combine_fused(const LowLatencyCtx& c, const void* y, const int* c
 // (the dispatch's sum_one).
 void launch_ll_combine_recv(const LowLatencyCtx& c, const int* ids_sent, const int64_t* topk_idx,
                             const float* topk_weights, void* out, int num_tokens, int merged,
-                            const int64_t* handle_seq, cudaStream_t stream);
+                            const int64_t* handle_seq, const int64_t* dispatch_seq, cudaStream_t stream);
 
 }  // namespace largeep

@@ -63,6 +63,14 @@ __device__ __forceinline__ int64_t ll_flag_index(const LowLatencyCtx& c, int kin
 }
 enum LLFlag { kLLCounts = 0, kLLDispatchFree = 1, kLLCombineDone = 2, kLLCombineFree = 3, kLLRows = 4 };
 constexpr int kLLFlagKinds = 5;
+// A combine's done flag: its round times kLLTagSpan plus the tag of the handle whose rows the sender sent (the round
+// of that handle's dispatch modulo kLLTagSpan), so that a rank that combines another dispatch's handle than its
+// peers is told (kOpLowLatencyHandles) instead of summing rows of another dispatch's tokens as its own. Handles of
+// dispatches a multiple of kLLTagSpan rounds apart are not told apart. (Rounds below 2^51 fit.)
+constexpr int64_t kLLTagSpan = 4096;
+__device__ __forceinline__ int64_t ll_handle_tag(const int64_t* dispatch_seq) {
+    return *dispatch_seq & (kLLTagSpan - 1);
+}
 
 __device__ __forceinline__ bool same_node(const LowLatencyCtx& c, int r) {
     return r / c.ranks_per_node == c.rank / c.ranks_per_node;
@@ -97,16 +105,24 @@ __device__ __forceinline__ uint8_t* ll_recv_row(uint8_t* base, const LowLatencyC
 // ... (any number of ranks); returns to every thread whether all arrived. The last thread also reads the error word
 // (with fewer ranks than threads it has no flag, so that load is in flight with the flag loads): once the Buffer
 // reported an error (or a word of this wait gave up) the call goes no further, and a wait for a flag that has not
-// come ends at its first look at the error word. Each waiting thread's acquire load orders its later reads after its
+// come ends at its first look at the error word. tag >= 0: each word must also hold it (word % kLLTagSpan, a
+// combine's done flags), else the wait reports kOpLowLatencyHandles naming the sender and fails. Each waiting thread's acquire load orders its later reads after its
 // flags, and the barrier (one that also ANDs the threads' results) the block's; with puts in use, a system fence also
 // covers words that an NVSHMEM transport (not an NVLink store) delivered. (The normal mode's block_wait_ranks gives
 // each of at most 512 ranks a thread of its own; written as this loop, its kernels compiled with more spills, so the
 // two stay apart.)
-__device__ __forceinline__ bool ll_block_wait(const LowLatencyCtx& c, int kind, int slot, int64_t target, int op) {
+__device__ __forceinline__ bool ll_block_wait(const LowLatencyCtx& c, int kind, int slot, int64_t target, int op,
+                                              int64_t tag = -1) {
     bool ok = !(threadIdx.x == blockDim.x - 1 && has_error(c.err));
     const int64_t* flags = ll_flags(c.base, c) + ll_flag_index(c, kind, slot, 0);
-    for (int r = threadIdx.x; r < c.num_ranks; r += blockDim.x)
-        if (ok && !wait_flag(flags + r, target, c.timeout_ns, c.err, op, r)) ok = false;
+    for (int r = threadIdx.x; r < c.num_ranks; r += blockDim.x) {
+        int64_t seen = 0;
+        if (ok && !wait_flag(flags + r, target, c.timeout_ns, c.err, op, r, &seen)) ok = false;
+        if (ok && tag >= 0 && seen % kLLTagSpan != tag) {
+            report_error(c.err, kOpLowLatencyHandles, r);
+            ok = false;
+        }
+    }
     const bool all = __syncthreads_and(ok) != 0;
     if (all && c.ranks_per_node < c.num_ranks) __threadfence_system();
     return all;
@@ -804,7 +820,7 @@ __device__ __forceinline__ void ll_combine_row(const LowLatencyCtx& c, const __n
 // (the body, for round seq: the send kernel, or the fused combine before its sums; pref: dynamic shared memory)
 __device__ __forceinline__ void ll_combine_send_body(const LowLatencyCtx& c, const __nv_bfloat16* y, const int* count,
                                                      const int* meta, const LLRowMap& map, int64_t* handle_seq,
-                                                     int64_t seq, int* pref) {
+                                                     const int64_t* dispatch_seq, int64_t seq, int* pref) {
     const int N = c.num_ranks, me = c.rank, epr = c.num_experts / N, nvec = c.hidden / 8;
     const int rows = N * c.max_tokens;  // an expert's output rows
     const int slot_buf = static_cast<int>(seq & 1);
@@ -846,8 +862,9 @@ __device__ __forceinline__ void ll_combine_send_body(const LowLatencyCtx& c, con
         __shared__ int s_done;
         if (threadIdx.x == 0) s_done = !has_error(c.err);
         __syncthreads();
+        const int64_t done = seq * kLLTagSpan + ll_handle_tag(dispatch_seq);
         for (int r = threadIdx.x; r < N && s_done; r += blockDim.x)
-            ll_set_flag(c, r, ll_flag_index(c, kLLCombineDone, slot_buf, me), seq);
+            ll_set_flag(c, r, ll_flag_index(c, kLLCombineDone, slot_buf, me), done);
         if (threadIdx.x == 0) {
             c.seq[kSeqLowLatency + 1] = seq;
             *handle_seq = seq;
@@ -859,9 +876,9 @@ __device__ __forceinline__ void ll_combine_send_body(const LowLatencyCtx& c, con
 
 __global__ void __launch_bounds__(kLLThreads) ll_combine_send_kernel(LowLatencyCtx c, const __nv_bfloat16* y,
                                                                      const int* count, const int* meta, LLRowMap map,
-                                                                     int64_t* handle_seq) {
+                                                                     int64_t* handle_seq, const int64_t* dispatch_seq) {
     extern __shared__ int pref[];
-    ll_combine_send_body(c, y, count, meta, map, handle_seq, c.seq[kSeqLowLatency + 1] + 1, pref);
+    ll_combine_send_body(c, y, count, meta, map, handle_seq, dispatch_seq, c.seq[kSeqLowLatency + 1] + 1, pref);
 }
 
 // One warp per token: out[t] = sum_k w[t, k] * comb[t][k'] over the k that the dispatch sent (ids_sent [T, K], the ids
@@ -877,11 +894,12 @@ __global__ void __launch_bounds__(kLLThreads) ll_combine_send_kernel(LowLatencyC
 // flight when there are few tokens. (The body, for round seq: the receive kernel, or the fused combine.)
 template <int kMerged>
 __device__ __forceinline__ void ll_combine_sum(const LowLatencyCtx& c, const int* ids_sent, const int64_t* idx,
-                                               const float* w, __nv_bfloat16* out, int T, int slices, int64_t seq) {
+                                               const float* w, __nv_bfloat16* out, int T, int slices, int64_t seq,
+                                               int64_t tag) {
     const int N = c.num_ranks, me = c.rank, H = c.hidden, M = c.max_tokens, K = c.num_topk;
     const int slot_buf = static_cast<int>(seq & 1);
     trace_mark(0);
-    const bool ok_all = ll_block_wait(c, kLLCombineDone, slot_buf, seq, kOpLowLatencyCombine);
+    const bool ok_all = ll_block_wait(c, kLLCombineDone, slot_buf, seq * kLLTagSpan, kOpLowLatencyCombine, tag);
     trace_mark(1);
     if (ok_all) {
         const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
@@ -971,8 +989,9 @@ template <int kMerged>
 __global__ void __launch_bounds__(kLLThreads) ll_combine_recv_kernel(LowLatencyCtx c, const int* ids_sent,
                                                                      const int64_t* idx, const float* w,
                                                                      __nv_bfloat16* out, int T, int slices,
-                                                                     const int64_t* handle_seq) {
-    ll_combine_sum<kMerged>(c, ids_sent, idx, w, out, T, slices, *handle_seq);
+                                                                     const int64_t* handle_seq,
+                                                                     const int64_t* dispatch_seq) {
+    ll_combine_sum<kMerged>(c, ids_sent, idx, w, out, T, slices, *handle_seq, ll_handle_tag(dispatch_seq));
 }
 
 // Combine without a receive hook in one kernel (LARGEEP_TUNE ll_fuse=1; spread send only): every block sends as the
@@ -982,13 +1001,14 @@ template <int kMerged>
 __global__ void __launch_bounds__(kLLThreads) ll_combine_fused_kernel(LowLatencyCtx c, const __nv_bfloat16* y,
                                                                       const int* count, const int* meta,
                                                                       LLRowMap map, int64_t* handle_seq,
+                                                                      const int64_t* dispatch_seq,
                                                                       const int* ids_sent, const int64_t* idx,
                                                                       const float* w, __nv_bfloat16* out, int T,
                                                                       int slices) {
     extern __shared__ int pref[];
     const int64_t seq = c.seq[kSeqLowLatency + 1] + 1;  // read by every block before the last one advances it
-    ll_combine_send_body(c, y, count, meta, map, handle_seq, seq, pref);
-    ll_combine_sum<kMerged>(c, ids_sent, idx, w, out, T, slices, seq);
+    ll_combine_send_body(c, y, count, meta, map, handle_seq, dispatch_seq, seq, pref);
+    ll_combine_sum<kMerged>(c, ids_sent, idx, w, out, T, slices, seq, ll_handle_tag(dispatch_seq));
 }
 
 }  // namespace
@@ -1135,7 +1155,8 @@ void launch_ll_dispatch_recv(const LowLatencyCtx& c, void* out_x, float* out_sca
 }
 
 void launch_ll_combine_send(const LowLatencyCtx& c, const void* y, const int* count, const int* meta,
-                            const int* lead, const int* rowmap, int64_t* handle_seq, cudaStream_t stream) {
+                            const int* lead, const int* rowmap, int64_t* handle_seq, const int64_t* dispatch_seq,
+                            cudaStream_t stream) {
     check_rowmap(rowmap);
     // spread while the per-expert counts fit in shared memory; packed: one block per expert
     LowLatencyCtx k = c;
@@ -1143,12 +1164,13 @@ void launch_ll_combine_send(const LowLatencyCtx& c, const void* y, const int* co
     ll_combine_send_kernel<<<k.spread ? spread_blocks(c) : ll_epr(c), kLLThreads,
                              k.spread ? combine_send_smem(c) : 0, stream>>>(
         k, static_cast<const __nv_bfloat16*>(y), count, meta,
-        LLRowMap{const_cast<int*>(lead), const_cast<int*>(rowmap)}, handle_seq);
+        LLRowMap{const_cast<int*>(lead), const_cast<int*>(rowmap)}, handle_seq, dispatch_seq);
     LAUNCH_CHECK();
 }
 
 bool launch_ll_combine_fused(const LowLatencyCtx& c, const void* y, const int* count, const int* meta,
-                             const int* lead, const int* rowmap, int64_t* handle_seq, const int* ids_sent,
+                             const int* lead, const int* rowmap, int64_t* handle_seq, const int64_t* dispatch_seq,
+                             const int* ids_sent,
                              const int64_t* topk_idx, const float* topk_weights, void* out, int num_tokens,
                              int merged, cudaStream_t stream) {
     check_rowmap(rowmap);
@@ -1160,19 +1182,21 @@ bool launch_ll_combine_fused(const LowLatencyCtx& c, const void* y, const int* c
                    : merged == 1 ? ll_combine_fused_kernel<1> : ll_combine_fused_kernel<0>;
     return launch_resident(kernel, std::max(spread_blocks(c), sum_blocks(c, num_tokens, slices)), c.device_sms, smem,
                            stream, c, static_cast<const __nv_bfloat16*>(y), count, meta,
-                           LLRowMap{const_cast<int*>(lead), const_cast<int*>(rowmap)}, handle_seq, ids_sent,
+                           LLRowMap{const_cast<int*>(lead), const_cast<int*>(rowmap)}, handle_seq, dispatch_seq,
+                           ids_sent,
                            topk_idx, topk_weights, static_cast<__nv_bfloat16*>(out), num_tokens, slices);
 }
 
 void launch_ll_combine_recv(const LowLatencyCtx& c, const int* ids_sent, const int64_t* topk_idx,
                             const float* topk_weights, void* out, int num_tokens, int merged,
-                            const int64_t* handle_seq, cudaStream_t stream) {
+                            const int64_t* handle_seq, const int64_t* dispatch_seq, cudaStream_t stream) {
     HOST_ASSERT(num_tokens == 0 || ids_sent != nullptr, "the combine needs the ids its dispatch sent");
     const int slices = combine_slices(c, num_tokens);
     auto* kernel = merged == 2 ? ll_combine_recv_kernel<2>
                    : merged == 1 ? ll_combine_recv_kernel<1> : ll_combine_recv_kernel<0>;
     kernel<<<sum_blocks(c, num_tokens, slices), kLLThreads, 0, stream>>>(
-        c, ids_sent, topk_idx, topk_weights, static_cast<__nv_bfloat16*>(out), num_tokens, slices, handle_seq);
+        c, ids_sent, topk_idx, topk_weights, static_cast<__nv_bfloat16*>(out), num_tokens, slices, handle_seq,
+        dispatch_seq);
     LAUNCH_CHECK();
 }
 

@@ -29,8 +29,9 @@ _HOW = (
 # kernels take has_scales / with_weights and the handle's tag word, and report calls of other signatures, ops 17-22;
 # 14: fp8_quantize / fp8_dequantize; 15: the normal combine's push, forward and reduce take part_bf16; 16:
 # wait_host_word takes the stream, cuda_error_name, NormalKernels.zc_held, no barrier / finalize; 17: layout takes
-# no status or error words: an unchecked layout counts an id out of range nowhere instead of reporting it)
-ABI_VERSION = 17
+# no status or error words: an unchecked layout counts an id out of range nowhere instead of reporting it; 18: the
+# low-latency combine kernels take the handle's dispatch round, whose tag their done flags carry, op 23)
+ABI_VERSION = 18
 
 
 @functools.lru_cache(maxsize=1)

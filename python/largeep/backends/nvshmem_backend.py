@@ -65,6 +65,7 @@ _OP_DISPATCH_FORWARD_KINDS = 19  # kOpDispatchForwardKinds: this node's forwarde
 _OP_COMBINE_FORWARD_KINDS = 20  # kOpCombineForwardKinds: a rank summing its node's rows for this one found another
 _OP_DISPATCH_HANDLES = 21  # kOpDispatchHandles: a cached dispatch got rows sent with another dispatch's handle
 _OP_COMBINE_HANDLES = 22  # kOpCombineHandles: a combine got rows sent with another dispatch's handle
+_OP_LL_HANDLES = 23  # kOpLowLatencyHandles: a low-latency combine got rows sent with another dispatch's handle
 _KIND_OPS = (_OP_DISPATCH_KINDS, _OP_COMBINE_KINDS, _OP_DISPATCH_FORWARD_KINDS, _OP_COMBINE_FORWARD_KINDS,
              _OP_DISPATCH_HANDLES, _OP_COMBINE_HANDLES)
 # The host waits a little longer than the device, so that the device's report (which names the rank) comes first
@@ -910,6 +911,15 @@ class NvshmemBackend:
                 "beside an eager call); the copies past it were not sent and the Buffer is unusable now (destroy it "
                 "on every rank)"
             )
+        if code // 65536 == _OP_LL_HANDLES:
+            raise RuntimeError(
+                f"{op}: in an earlier low_latency_combine on rank {self.ctx.rank}, rank {rank} sent rows with the "
+                "handle of another low_latency_dispatch than this rank's (the ranks passed handles of different "
+                "dispatches, e.g. two micro-batches combined in another order on some ranks). No row of it was read: "
+                "that call's output is undefined, and the Buffer is unusable now (destroy it on every rank; every "
+                "rank must combine the handle of the same dispatch in one call; handles of dispatches a multiple of "
+                "4096 rounds apart are not told apart)"
+            )
         if code // 65536 == _OP_LL_ROUND:
             raise RuntimeError(
                 f"{op}: an earlier low_latency_dispatch on rank {self.ctx.rank} found, beside rank {rank}'s row count "
@@ -1494,23 +1504,25 @@ class NvshmemBackend:
         w_ptr = w.data_ptr()
         # which copies come back is the dispatch's (state.ids_sent); topk_idx masks them (not read with weights sent)
         sent = state.ids_sent
+        # the round of the handle's dispatch: its tag goes with this rank's rows, and the peers' must match it
+        dseq = state.seq
         self._round_open = True
         # without a hook, send and sum may run as one kernel (LARGEEP_TUNE ll_fuse=1)
         if not async_recv and self.ll_fuse and self._fused(self.ll.combine_fused(
             y.data_ptr(), state.count.data_ptr(), state.meta.data_ptr(), lead, pairs, seq.data_ptr(),
-            sent.data_ptr(), topk_idx.data_ptr(), w_ptr, out.data_ptr(), state.num_tokens, state.merged,
-            self._stream(),
+            dseq.data_ptr(), sent.data_ptr(), topk_idx.data_ptr(), w_ptr, out.data_ptr(), state.num_tokens,
+            state.merged, self._stream(),
         )):
             return None
         self.ll.combine_send(y.data_ptr(), state.count.data_ptr(), state.meta.data_ptr(), lead, pairs,
-                             seq.data_ptr(), self._stream())
+                             seq.data_ptr(), dseq.data_ptr(), self._stream())
 
         @self._ll_closes_round(op)
         def finish() -> None:
             # (the closure holds every tensor the receive reads, the weights too: a caller's temporary freed before
             # the hook runs would otherwise be reused meanwhile)
             self.ll.combine_recv(sent.data_ptr(), topk_idx.data_ptr(), w.data_ptr(), out.data_ptr(), state.num_tokens,
-                                 state.merged, seq.data_ptr(), self._stream())
+                                 state.merged, seq.data_ptr(), dseq.data_ptr(), self._stream())
 
         if async_recv:
             return finish

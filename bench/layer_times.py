@@ -590,8 +590,10 @@ def main(argv: list[str] | None = None) -> None:
     # (checked before the timing: the profiles come after it, and a failure there would lose every figure)
     if args.profile and args.cpu:
         p.error("--profile (and --trace, --sync-debug) profiles the GPU: not with --cpu")
-    if args.profile and not set(args.profile) <= set(args.variants or known):
-        p.error(f"--profile: {sorted(set(args.profile) - set(args.variants or known))} not among the variants timed")
+    timed = set(args.variants or known) - set(cannot)
+    if args.profile and not set(args.profile) <= timed:
+        why = "".join(f" ({v} does not run with {cannot[v]})" for v in args.profile if v in cannot)
+        p.error(f"--profile: {sorted(set(args.profile) - timed)} not among the variants timed{why}")
     if (args.trace or args.sync_debug) and not args.profile:
         p.error("--trace and --sync-debug take the variants of --profile")
     world = args.nprocs or (2 if args.cpu else torch.cuda.device_count())

@@ -91,6 +91,9 @@ def test_low_latency_graph_times_leave_out_the_host_launch(bench_dir: Path, monk
     (["--profile", "gate_onyl"], "['gate_onyl'] not among the variants timed"),
     (["--variants", "gate_only", "--profile", "comm_only"], "['comm_only'] not among the variants timed"),
     (["--variants", "gate_only", "--sync-debug"], "take the variants of --profile"),
+    (["--backward", "--profile", "comm_beside_experts"],
+     "['comm_beside_experts'] not among the variants timed (comm_beside_experts does not run with --backward)"),
+    (["--backward", "--profile", "no_overlap,stack_pipeline_graph"], "['stack_pipeline_graph'] not among"),
 ])
 def test_layer_times_refuses_profiles_it_cannot_take(bench_dir: Path, capsys: pytest.CaptureFixture[str],
                                                      argv: list[str], says: str) -> None:

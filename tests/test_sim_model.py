@@ -739,6 +739,16 @@ def test_check_names_the_placeholder_constants_a_record_rests_on() -> None:
     assert rows[1]["placeholders"] == ["lat_us[low_latency.combine]"]
     rows = sim.check(ph, [_record(4, 2, "normal", "dispatch", 4096, 100.0)], overlap=False).rows
     assert rows[0]["placeholders"] == ["lat_us[normal.dispatch]", "eff_nvlink", "eff_rdma"]
+    # without overlap too, the send kernels' SMs decide where their term exceeds the links' sum: at 8 SMs the
+    # placeholder's 11 GB/s per SM moves an EP 2 dispatch's rows far slower than NVLink does
+    sm_bound = _record(2, 2, "normal", "dispatch", 4096, 300.0, num_sms=8)
+    for overlap in (True, False):
+        w, pred = sim._predict_record(sm_bound, ph, sim.Cluster(), hierarchical=True, overlap=overlap)
+        assert pred.t_sm_us > pred.t_nvlink_us + pred.t_rdma_us > 0
+        assert sim.check(ph, [sm_bound], overlap=overlap).rows[0]["placeholders"] == [
+            "lat_us[normal.dispatch]", "sm_gbps"]
+        assert sim.check(replace(ph, fitted=["normal.dispatch", "sm_gbps"]), [sm_bound],
+                         overlap=overlap).rows[0]["placeholders"] == []
     # a fit that determined them: nothing to name
     fitted = replace(ph, fitted=["normal.dispatch", "eff_nvlink"])
     assert sim.check(fitted, recs[:1]).rows[0]["placeholders"] == []

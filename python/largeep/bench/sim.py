@@ -1142,18 +1142,16 @@ def _predict_record(
 def _placeholders(r: dict[str, Any], w: Workload, pred: Prediction, params: Params, overlap: bool) -> list[str]:
     """The constants a record's predicted time rests on that no fitted record determined (neither in
     ``params.fitted`` nor in ``params.unbound``): the call's latency ``lat_us[mode.op]``, and the rate of the term
-    that decides it (the link efficiency of the bound link, of both links that carry bytes without overlap; sm_gbps
-    where the send kernels' SMs bind). Such a record's error tests the placeholder, not the fit (e.g. low-latency
-    records checked against a fit of normal-mode records only). The fused combine's rates are left to
-    ``Prediction.unknown``."""
+    that decides it (the link efficiency of the bound link, of both links that carry bytes where the links bind
+    without overlap; sm_gbps where the send kernels' SMs bind, with or without overlap). Such a record's error tests
+    the placeholder, not the fit (e.g. low-latency records checked against a fit of normal-mode records only). The
+    fused combine's rates are left to ``Prediction.unknown``."""
     known = set(params.fitted) | set(params.unbound)
     key = f"{w.mode}.{w.op}"
     out = [] if key in known else [f"lat_us[{key}]"]
     links = [("eff_nvlink", pred.t_nvlink_us), ("eff_rdma", pred.t_rdma_us)]
-    if not overlap:
-        used = [name for name, t in links if t > 0]
-    elif pred.bound in ("nvlink", "rdma"):
-        used = [f"eff_{pred.bound}"]
+    if pred.bound in ("nvlink", "rdma"):  # (without overlap the links' sum decides: both links that carry bytes)
+        used = [name for name, t in links if t > 0] if not overlap else [f"eff_{pred.bound}"]
     elif pred.bound == "sm" and not _fused(w, int(r["ep"]), min(int(r["ranks_per_node"]), int(r["ep"])),
                                            r.get("num_sms"), record_eighths(r)):
         used = ["sm_gbps"]

@@ -106,24 +106,29 @@ __device__ __forceinline__ uint8_t* ll_recv_row(uint8_t* base, const LowLatencyC
 // (with fewer ranks than threads it has no flag, so that load is in flight with the flag loads): once the Buffer
 // reported an error (or a word of this wait gave up) the call goes no further, and a wait for a flag that has not
 // come ends at its first look at the error word. tag >= 0: each word must also hold it (word % kLLTagSpan, a
-// combine's done flags), else the wait reports kOpLowLatencyHandles naming the sender and fails. Each waiting thread's acquire load orders its later reads after its
-// flags, and the barrier (one that also ANDs the threads' results) the block's; with puts in use, a system fence also
-// covers words that an NVSHMEM transport (not an NVLink store) delivered. (The normal mode's block_wait_ranks gives
+// combine's done flags), else the wait reports kOpLowLatencyHandles naming the sender and fails; only once every
+// word has come, this rank's own among them, so that a fused combine's blocks never keep its last block from
+// raising this rank's flags (a peer waiting for them would time out instead of finding the tags differ). Each
+// waiting thread's acquire load orders its later reads after its flags, and the barrier (one that also ANDs the
+// threads' results) the block's; with puts in use, a system fence also covers words that an NVSHMEM transport (not
+// an NVLink store) delivered. (The normal mode's block_wait_ranks gives
 // each of at most 512 ranks a thread of its own; written as this loop, its kernels compiled with more spills, so the
 // two stay apart.)
 __device__ __forceinline__ bool ll_block_wait(const LowLatencyCtx& c, int kind, int slot, int64_t target, int op,
                                               int64_t tag = -1) {
     bool ok = !(threadIdx.x == blockDim.x - 1 && has_error(c.err));
     const int64_t* flags = ll_flags(c.base, c) + ll_flag_index(c, kind, slot, 0);
+    int other = -1;  // a rank whose word holds another tag
     for (int r = threadIdx.x; r < c.num_ranks; r += blockDim.x) {
         int64_t seen = 0;
         if (ok && !wait_flag(flags + r, target, c.timeout_ns, c.err, op, r, &seen)) ok = false;
-        if (ok && tag >= 0 && seen % kLLTagSpan != tag) {
-            report_error(c.err, kOpLowLatencyHandles, r);
-            ok = false;
-        }
+        if (ok && tag >= 0 && other < 0 && seen % kLLTagSpan != tag) other = r;
     }
-    const bool all = __syncthreads_and(ok) != 0;
+    bool all = __syncthreads_and(ok) != 0;
+    if (all && tag >= 0) {  // (block-uniform)
+        if (other >= 0) report_error(c.err, kOpLowLatencyHandles, other);
+        all = __syncthreads_and(other < 0) != 0;
+    }
     if (all && c.ranks_per_node < c.num_ranks) __threadfence_system();
     return all;
 }

@@ -17,7 +17,7 @@ def test_native_errors_are_python_exceptions() -> None:
         C.free(0, 1.0)
     with pytest.raises(RuntimeError, match=r"bad layout sizes: num_experts 8, num_ranks 0, ranks_per_node 1 "
                        r"\[num_ranks > 0 .* \(csrc/kernels/layout\.cu:\d+\)$"):
-        C.layout(0, 1, 1, 0, 8, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0)
+        C.layout(0, 1, 1, 0, 8, 1, 0, 0, 0, 0, 0, 0, 0, 0)
 
 
 def test_native_module_of_another_build_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -13,7 +13,9 @@ launches). Decoding runs these ops inside CUDA graphs, so this script reports wh
            largeep.bench.timing's).
 Per iteration the slowest rank counts; records give median and p10/p90. Before each iteration L2 is flushed and
 the ranks are aligned by a barrier. Every record's dtype is the dispatch's (a combine always sends BF16 rows; its
-logical_gbps counts BF16 rows), so a run's dispatch and combine records share their shape keys.
+logical_gbps counts BF16 rows), so a run's dispatch and combine records share their shape keys. logical_gbps: every
+(token, expert) copy (SPEC) over the time, for the send phases too (largeep.bench.records' convention); None for a
+receive phase and the graph's round trip.
 
 --weighted gives low_latency_dispatch the weights (topk_weights=): the combine then sums each token's rows on the
 experts' rank (record key "weights_sent"); logical_gbps stays the per-copy bytes of SPEC's combine.
@@ -192,7 +194,9 @@ def _body(rank: int, world: int, args: argparse.Namespace, device: torch.device)
                 "ranks_per_node": world, "num_tokens": tokens, "hidden": args.hidden, "num_topk": args.topk,
                 "num_experts": args.experts, "dtype": "fp8" if args.fp8 else "bf16", "num_sms": None,
                 "time_us_median": med, "time_us_p10": p10, "time_us_p90": p90,
-                "logical_gbps": rec.gbps(nbytes, med) if op in ("dispatch", "combine") else None,
+                # (a send phase carries the copies too, as largeep.bench.records counts; a receive and the graph's
+                # round trip of both ops have none of their own)
+                "logical_gbps": rec.gbps(nbytes, med) if op in ("dispatch", "combine", "send") else None,
                 "tune": os.environ.get("LARGEEP_TUNE", ""), "weights_sent": bool(args.weighted),
                 "bf16_partial_sums": bool(args.bf16_partial_sums),
             })

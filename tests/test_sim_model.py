@@ -687,6 +687,22 @@ def test_timing_filter_says_what_is_missing(capsys: pytest.CaptureFixture[str]) 
     assert "no events-timed 'nvshmem' dispatch/combine records" in out and "12 usable ones are 12 kernel-timed" in out
 
 
+def test_fused_combine_flag_applies_to_largeep_records_only(tmp_path: Path) -> None:
+    """--fused-combine (load's fused_combine) is the share of largeep's fused combine kernel in records that do not
+    say: another backend's combine record (DeepEP's) kept 0, the push + reduce shape, instead of being modelled as
+    largeep's fused kernel."""
+    import json
+
+    base = dict(mode="normal", op="combine", dtype="bf16", ep=2, ranks_per_node=2, num_sms=24, num_tokens=4096,
+                hidden=7168, num_topk=8, num_experts=256, time_us_median=300.0, time_us_p10=290.0,
+                time_us_p90=310.0, logical_gbps=100.0)
+    path = tmp_path / "records.json"
+    path.write_text(json.dumps([dict(base, backend="nvshmem"), dict(base, backend="deepep"),
+                                dict(base, backend="nvshmem", combine_eighths=5)]))
+    got = {(r["backend"], r["combine_eighths"]) for r in sim.load(path, fused_combine=3)}
+    assert got == {("nvshmem", 3), ("deepep", 0), ("nvshmem", 5)}, got
+
+
 def test_a_rate_fitted_to_no_term_is_printed_as_such(capsys: pytest.CaptureFixture[str]) -> None:
     """copy_gbps driven to zero was listed as fitted and printed "none", which means no record pinned it down."""
     path = RESULTS / "2026-11-30-session5/run1/perf/kernel_times_ep2.json"

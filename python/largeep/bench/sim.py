@@ -801,7 +801,8 @@ def load(paths: str | Path | Sequence[str | Path], *, label: str | None = None,
     ``file`` and ``label`` (``label``, else the file's folder name); the benchmark's per-record ``extras``
     (``bus_gbps``, ``phase_of``, ...) are merged in, and a kernel-time record's ``kernels`` kept; ``gpu`` (None:
     CPU processes) where the file says; ``emulated_nodes`` (:func:`emulates_nodes`). fused_combine: the
-    ``combine_eighths`` of records that do not say (files written before kernel_times.py recorded it)."""
+    ``combine_eighths`` of nvshmem records that do not say (files written before kernel_times.py recorded it); other
+    backends' records get 0."""
     from largeep.bench.records import read_results_files
 
     out: list[dict[str, Any]] = []
@@ -823,7 +824,8 @@ def load(paths: str | Path | Sequence[str | Path], *, label: str | None = None,
             one_node = r.get("ranks_per_node") in (None, r["ep"])
             if "comb" in tune and r.get("backend") == "nvshmem" and r["mode"] == "normal" and one_node:
                 row.setdefault("combine_eighths", int(tune["comb"]))  # (the benchmark's runs record LARGEEP_TUNE)
-            row.setdefault("combine_eighths", fused_combine)
+            # (largeep's own kernels only: another backend's combine is not the fused kernel whatever the flag says)
+            row.setdefault("combine_eighths", fused_combine if r.get("backend") == "nvshmem" else 0)
             # fewer ranks per node than ranks on a host with a GPU for every rank: nodes emulated on one host
             # (bench/kernel_times.py --ranks-per-node)
             gpus = f.env.get("gpu_count")

@@ -534,8 +534,8 @@ class LowLatencyKernels {
                        int merged, uintptr_t stream) {
         return launch_ll_combine_fused(c_, ptr<const void>(y), ptr<const int>(count), ptr<const int>(meta),
                                        ptr<const int>(lead), ptr<const int>(rowmap), ptr<int64_t>(hseq),
-                                       ptr<const int64_t>(dseq), ptr<const int>(sent), ptr<const int64_t>(idx), ptr<const float>(w),
-                                       ptr<void>(out), num_tokens, merged, stream_of(stream));
+                                       ptr<const int64_t>(dseq), ptr<const int>(sent), ptr<const int64_t>(idx),
+                                       ptr<const float>(w), ptr<void>(out), num_tokens, merged, stream_of(stream));
     }
     void combine_recv(uintptr_t sent, uintptr_t idx, uintptr_t w, uintptr_t out, int num_tokens, int merged,
                       uintptr_t hseq, uintptr_t dseq, uintptr_t stream) {
@@ -639,9 +639,11 @@ PYBIND11_MODULE(_C, m) {
         return d;
     });
     m.def("layout", [](uintptr_t idx, int t, int k, int n, int e, int p, uintptr_t per_rank, uintptr_t per_node,
-                       uintptr_t per_expert, uintptr_t in_rank, uintptr_t check_scratch, uintptr_t check_host, int64_t check_token, uintptr_t stream) {
+                       uintptr_t per_expert, uintptr_t in_rank, uintptr_t check_scratch, uintptr_t check_host,
+                       int64_t check_token, uintptr_t stream) {
         launch_layout(ptr<const int64_t>(idx), t, k, n, e, p, ptr<int>(per_rank), ptr<int>(per_node),
-                      ptr<int>(per_expert), ptr<bool>(in_rank), LayoutCheck{ptr<int64_t>(check_scratch), ptr<int64_t>(check_host), check_token},
+                      ptr<int>(per_expert), ptr<bool>(in_rank),
+                      LayoutCheck{ptr<int64_t>(check_scratch), ptr<int64_t>(check_host), check_token},
                       stream_of(stream));
     });
 

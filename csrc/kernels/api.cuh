@@ -214,8 +214,8 @@ NormalLayout normal_layout(int num_ranks, int num_experts, int num_topk, int hid
 // ---- layout.cu -------------------------------------------------------------------------------------------------
 // topk_idx int64 [T, K] -> per_rank int32 [N], per_node int32 [N/P], per_expert int32 [E], in_rank bool [T, N].
 // Ids outside [-1, E) are counted nowhere (as -1, which is what the dispatch kernels and the torch backend do with
-// them), and with `check` also reported: host[1] gets the lowest id below -1 (else 0), host[2] the highest id >= E (else 0), and host[0]
-// is set to `token` when the kernel is done (num_tokens > 0). Tokens increase from call to call, so a host waiting
+// them), and with `check` also reported: host[1] gets the lowest id below -1 (else 0), host[2] the highest id >= E
+// (else 0), and host[0] is set to `token` when the kernel is done (num_tokens > 0). Tokens increase from call to call, so a host waiting
 // for its own token never takes an earlier call's words (one that timed out on the host and finished later).
 // scratch: device int64 [3], zero before the first call (each checked call leaves it zero).
 struct LayoutCheck {
@@ -417,9 +417,8 @@ void launch_ll_combine_send(const LowLatencyCtx& c, const void* y, const int* co
 // spread send, the grid resident at once; returns false, launching nothing, otherwise.
 bool launch_ll_combine_fused(const LowLatencyCtx& c, const void* y, const int* count, const int* meta,
                              const int* lead, const int* rowmap, int64_t* handle_seq, const int64_t* dispatch_seq,
-                             const int* ids_sent,
-                             const int64_t* topk_idx, const float* topk_weights, void* out, int num_tokens,
-                             int merged, cudaStream_t stream);
+                             const int* ids_sent, const int64_t* topk_idx, const float* topk_weights, void* out,
+                             int num_tokens, int merged, cudaStream_t stream);
 // Weighted sum: ids_sent int32 [T, K] is the handle's dispatch's ids_kept (which copies came back, and from which k's
 // slot); topk_idx [T, K] (the combine's) masks them: k adds where both name an expert. merged: 0, or this rank's
 // dispatch of the handle sent its weights (the experts' ranks summed the rows; topk_weights is then that dispatch's

@@ -111,9 +111,8 @@ __device__ __forceinline__ uint8_t* ll_recv_row(uint8_t* base, const LowLatencyC
 // raising this rank's flags (a peer waiting for them would time out instead of finding the tags differ). Each
 // waiting thread's acquire load orders its later reads after its flags, and the barrier (one that also ANDs the
 // threads' results) the block's; with puts in use, a system fence also covers words that an NVSHMEM transport (not
-// an NVLink store) delivered. (The normal mode's block_wait_ranks gives
-// each of at most 512 ranks a thread of its own; written as this loop, its kernels compiled with more spills, so the
-// two stay apart.)
+// an NVLink store) delivered. (The normal mode's block_wait_ranks gives each of at most 512 ranks a thread of its
+// own; written as this loop, its kernels compiled with more spills, so the two stay apart.)
 __device__ __forceinline__ bool ll_block_wait(const LowLatencyCtx& c, int kind, int slot, int64_t target, int op,
                                               int64_t tag = -1) {
     bool ok = !(threadIdx.x == blockDim.x - 1 && has_error(c.err));
@@ -1175,9 +1174,8 @@ void launch_ll_combine_send(const LowLatencyCtx& c, const void* y, const int* co
 
 bool launch_ll_combine_fused(const LowLatencyCtx& c, const void* y, const int* count, const int* meta,
                              const int* lead, const int* rowmap, int64_t* handle_seq, const int64_t* dispatch_seq,
-                             const int* ids_sent,
-                             const int64_t* topk_idx, const float* topk_weights, void* out, int num_tokens,
-                             int merged, cudaStream_t stream) {
+                             const int* ids_sent, const int64_t* topk_idx, const float* topk_weights, void* out,
+                             int num_tokens, int merged, cudaStream_t stream) {
     check_rowmap(rowmap);
     HOST_ASSERT(num_tokens == 0 || ids_sent != nullptr, "the combine needs the ids its dispatch sent");
     const size_t smem = combine_send_smem(c);
@@ -1188,8 +1186,7 @@ bool launch_ll_combine_fused(const LowLatencyCtx& c, const void* y, const int* c
     return launch_resident(kernel, std::max(spread_blocks(c), sum_blocks(c, num_tokens, slices)), c.device_sms, smem,
                            stream, c, static_cast<const __nv_bfloat16*>(y), count, meta,
                            LLRowMap{const_cast<int*>(lead), const_cast<int*>(rowmap)}, handle_seq, dispatch_seq,
-                           ids_sent,
-                           topk_idx, topk_weights, static_cast<__nv_bfloat16*>(out), num_tokens, slices);
+                           ids_sent, topk_idx, topk_weights, static_cast<__nv_bfloat16*>(out), num_tokens, slices);
 }
 
 void launch_ll_combine_recv(const LowLatencyCtx& c, const int* ids_sent, const int64_t* topk_idx,

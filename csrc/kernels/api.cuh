@@ -215,8 +215,9 @@ NormalLayout normal_layout(int num_ranks, int num_experts, int num_topk, int hid
 // topk_idx int64 [T, K] -> per_rank int32 [N], per_node int32 [N/P], per_expert int32 [E], in_rank bool [T, N].
 // Ids outside [-1, E) are counted nowhere (as -1, which is what the dispatch kernels and the torch backend do with
 // them), and with `check` also reported: host[1] gets the lowest id below -1 (else 0), host[2] the highest id >= E
-// (else 0), and host[0] is set to `token` when the kernel is done (num_tokens > 0). Tokens increase from call to call, so a host waiting
-// for its own token never takes an earlier call's words (one that timed out on the host and finished later).
+// (else 0), and host[0] is set to `token` when the kernel is done (num_tokens > 0). Tokens increase from call to
+// call, so a host waiting for its own token never takes an earlier call's words (one that timed out on the host and
+// finished later).
 // scratch: device int64 [3], zero before the first call (each checked call leaves it zero).
 struct LayoutCheck {
     int64_t* scratch;

@@ -7,6 +7,9 @@ trip), then the same under cProfile with the functions that took most time (cumu
 ``--no-layout`` the round trip is a dispatch (which then checks the expert ids itself) and a combine.
 
     python bench/host_profile.py --nprocs 2 --tokens 128 --out OUT
+
+Writes OUT/host_profile_ep{ranks}_t{tokens}[_nolayout].json: the figures printed, with "settings" (the run's
+arguments and rank count) and "command", so that runs of other settings in one folder keep their own files.
 """
 
 from __future__ import annotations
@@ -177,7 +180,8 @@ def main() -> None:
     p.add_argument("--nprocs", type=int, default=None)
     p.add_argument("--out", required=True)
     args = p.parse_args()
-    res = run_ranks(_body, args.nprocs or torch.cuda.device_count(), args)
+    ranks = args.nprocs or torch.cuda.device_count()
+    res = run_ranks(_body, ranks, args)
     print("host time per call (us, median, rank 0):", res["host_us_median"])
     print("native calls (us, median, rank 0):", {k: round(v, 1) for k, v in res["native_call_us_median"].items()})
     print("native calls (us, mean and p90, rank 0):", res["native_call_us_mean_p90"])
@@ -187,7 +191,10 @@ def main() -> None:
     print("the same under cProfile:", res["host_us_median_profiled"])
     print(res["profile"])
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, f"host_profile_t{args.tokens}.json"), "w") as f:
+    res["settings"] = {**{k: v for k, v in vars(args).items() if k != "out"}, "ranks": ranks}
+    res["command"] = " ".join([sys.executable, *sys.argv])
+    name = f"host_profile_ep{ranks}_t{args.tokens}{'' if args.layout else '_nolayout'}.json"
+    with open(os.path.join(args.out, name), "w") as f:
         json.dump(res, f, indent=1)
 
 

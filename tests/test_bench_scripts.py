@@ -179,3 +179,27 @@ def test_kernel_times_legs_take_the_slowest_rank_per_iteration(bench_dir: Path,
     row = 2 * 128
     assert leg["rdma_bytes"] == 2 * row and leg["direct_cross_node_bytes"] == 2 * row
     assert leg["nvlink_push_bytes"] == 4 * row
+
+
+def test_host_profile_files_say_their_settings(bench_dir: Path, tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """host_profile.py wrote host_profile_t{T}.json whatever --layout, the rank count and the sizes were, with no
+    settings inside: a --no-layout run in the folder of a --layout one overwrote it. Each run now has its own file,
+    which names its settings."""
+    import json
+
+    import host_profile
+
+    monkeypatch.setattr(host_profile, "run_ranks", lambda body, ranks, args: {
+        "host_us_median": {}, "native_call_us_median": {}, "native_call_us_mean_p90": {},
+        "python_pieces_us_median_mean_calls": {}, "host_us_median_profiled": {}, "profile": ""})
+    for extra in ([], ["--no-layout"], ["--nprocs", "4"]):
+        monkeypatch.setattr(sys, "argv", ["host_profile.py", "--nprocs", "2", "--tokens", "64", "--out",
+                                          str(tmp_path), *extra])
+        host_profile.main()
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["host_profile_ep2_t64.json", "host_profile_ep2_t64_nolayout.json",
+                     "host_profile_ep4_t64.json"], names
+    got = json.loads((tmp_path / "host_profile_ep2_t64_nolayout.json").read_text())
+    assert got["settings"]["layout"] is False and got["settings"]["ranks"] == 2 and got["settings"]["tokens"] == 64
+    assert "--no-layout" in got["command"]

@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _launch import run_ranks  # noqa: E402
+from _launch import _command, run_ranks  # noqa: E402
 
 
 class _Timed:
@@ -192,7 +192,7 @@ def main() -> None:
     print(res["profile"])
     os.makedirs(args.out, exist_ok=True)
     res["settings"] = {**{k: v for k, v in vars(args).items() if k != "out"}, "ranks": ranks}
-    res["command"] = " ".join([sys.executable, *sys.argv])
+    res["command"] = _command()
     name = f"host_profile_ep{ranks}_t{args.tokens}{'' if args.layout else '_nolayout'}.json"
     with open(os.path.join(args.out, name), "w") as f:
         json.dump(res, f, indent=1)

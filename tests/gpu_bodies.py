@@ -786,6 +786,18 @@ def late_peer(rank: int, world: int, timeout_s: float, ranks_per_node: int | Non
     return times
 
 
+def _raised_not_timeout(call: Callable[[], Any], rank: int, after: str) -> str:
+    """The message of the RuntimeError that ``call`` (the call after ``after``) must raise: not a timeout (the
+    kernels found what differs), and not nothing."""
+    try:
+        call()
+    except largeep.PeerTimeoutError as exc:
+        raise AssertionError(f"rank {rank}: the call after {after} timed out instead: {exc}") from None
+    except RuntimeError as exc:
+        return str(exc)
+    raise AssertionError(f"rank {rank}: the call after {after} did not raise")
+
+
 def calls_kinds_disagree(rank: int, world: int, variant: str, ranks_per_node: int | None) -> None:
     """Ranks that pass different calls where no count exchange compares them, on the nvshmem backend: a cached
     dispatch (``fp8``: rank 0 the FP8 pair, the others bf16; ``dtype``: rank 0 float32) or a combine (``y_dtype``:
@@ -846,12 +858,7 @@ def calls_kinds_disagree(rank: int, world: int, variant: str, ranks_per_node: in
             buf.combine(d.x, d.handle, topk_weights=d.topk_weights if rank == 0 else None)
             what = "combine"
         torch.cuda.synchronize()
-        try:
-            buf.dispatch(x, both, w)
-        except RuntimeError as exc:
-            msg = str(exc)
-        else:
-            raise AssertionError(f"rank {rank}: the call after a {variant} mismatch did not raise")
+        msg = _raised_not_timeout(lambda: buf.dispatch(x, both, w), rank, f"a {variant} mismatch")
         assert f"in an earlier {what} on rank {rank}, " in msg, msg
         assert "No row of it was read" in msg and "unusable" in msg, msg
         own = ("received rows of another kind from rank " if not variant.startswith("handle")
@@ -897,14 +904,8 @@ def low_latency_handles_disagree(rank: int, world: int, mode: str, ranks_per_nod
         ds = [buf.low_latency_dispatch(x, idx, use_fp8=False) for x in xs]
         combine(ds[0] if rank == 0 else ds[1])
         torch.cuda.synchronize()
-        try:
-            buf.low_latency_dispatch(xs[0], idx, use_fp8=False)
-        except largeep.PeerTimeoutError as exc:
-            raise AssertionError(f"rank {rank}: a timeout, not the handles' tags: {exc}") from None
-        except RuntimeError as exc:
-            msg = str(exc)
-        else:
-            raise AssertionError(f"rank {rank}: the call after combines of different dispatches did not raise")
+        msg = _raised_not_timeout(lambda: buf.low_latency_dispatch(xs[0], idx, use_fp8=False), rank,
+                                  "combines of different dispatches")
         assert f"in an earlier low_latency_combine on rank {rank}, rank " in msg, msg
         assert "handle of another low_latency_dispatch" in msg and "No row of it was read" in msg, msg
         sender = int(msg.split(f"on rank {rank}, rank ")[1].split()[0])

@@ -8,7 +8,9 @@ for each op, as DeepEP's figures are measured:
   dispatch = dispatch_prepare + dispatch_push + dispatch_copyout (the count exchange, `dispatch_notify`, is
              reported apart as op "send": it includes waiting for the slowest rank to arrive)
   combine  = combine_fused (one node, the default) or combine_push + combine_reduce (LARGEEP_TUNE comb=0, or
-             several nodes)
+             several nodes); with comb=8, combine_ce_prologue + combine_fused (its blocks only reduce, while the
+             copy engines move the rows on other streams: the reduction waits for the last rows that come in, and
+             a rank's own copies out end before its peers' reductions, so the slowest rank's time covers them)
 With --ranks-per-node below the number of ranks (nodes emulated on one host), dispatch also counts
 dispatch_rdma_send (the leg between nodes: NVSHMEM puts, once per destination node) and dispatch_forward (the
 NVLink leg on the destination node), and combine counts combine_forward (partial sums put home); a second file,
@@ -50,6 +52,7 @@ _KERNELS = {
     "combine_forward_kernel": "combine",
     "combine_reduce_kernel": "combine",
     "combine_fused_kernel": "combine",
+    "combine_ce_prologue_kernel": "combine",
 }
 
 
@@ -175,7 +178,8 @@ def _body(rank: int, world: int, args: argparse.Namespace, device: torch.device)
                         "bus_gbps": rec.gbps(traffic.bus_bytes(row), med) if logical else None,
                         "kernels": op, "tune": os.environ.get("LARGEEP_TUNE", ""),
                         # the fused combine's push share (LARGEEP_TUNE comb), 0 where push + reduce ran
-                        "combine_eighths": (buf._impl.fused_combine if "combine_fused_kernel" in per_kernel else 0),
+                        "combine_eighths": (8 if buf._impl.ce_combine else buf._impl.fused_combine
+                                            if "combine_fused_kernel" in per_kernel else 0),
                         # (the model's fit warns about records of routings other than uniform)
                         "routing": f"node_limited_{args.node_limit}" if args.node_limit else "uniform",
                     })

@@ -249,7 +249,42 @@ class NormalKernels {
         c_.prep = prep_scratch(ptr<int64_t>(prep_words));
         zc_ = std::make_shared<ZcSlots>(num_zc_slots, device);
     }
-    ~NormalKernels() { zc_->close(); }
+    ~NormalKernels() {
+        zc_->close();
+        free_copy_lanes();
+    }
+    // The copy-engine combine's streams and events (LARGEEP_TUNE comb=8; one node): made once, with every rank's
+    // allocation as mapped here (peers, N addresses). The current device must be the Buffer's.
+    void copy_engines(std::vector<uint64_t> peers) {
+        HOST_ASSERT(static_cast<int>(peers.size()) == c_.num_ranks && c_.ranks_per_node == c_.num_ranks,
+                    "copy engines need every rank's address, in a group of one node");
+        HOST_ASSERT(lane_streams_.empty(), "the copy engines are set up already");
+        CUDA_CHECK(cudaGetDevice(&lane_device_));
+        peers_ = std::move(peers);
+        CUDA_CHECK(cudaEventCreateWithFlags(&lane_fork_, cudaEventDisableTiming));
+        for (int i = 0; i + 1 < c_.num_ranks; ++i) {
+            cudaStream_t st = nullptr;
+            CUDA_CHECK(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
+            lane_streams_.push_back(st);
+            cudaEvent_t ev = nullptr;
+            CUDA_CHECK(cudaEventCreateWithFlags(&ev, cudaEventDisableTiming));
+            lane_joins_.push_back(ev);
+        }
+    }
+    // recv_counts: the rows from each source (the handle's, from the dispatch's count exchange); ce_flags: device
+    // int64 [2 * ceil(max_tokens / kCombChunk)], this Buffer's (api.cuh's launch_combine_ce)
+    void combine_ce(uintptr_t out, int out_elem, uintptr_t out_w, uintptr_t send_pos, int num_tokens,
+                    bool with_weights, uintptr_t y, uintptr_t y_w, uintptr_t recv_off, std::vector<int> recv_counts,
+                    uintptr_t ce_flags, uintptr_t tag, int num_sms, uintptr_t stream) {
+        HOST_ASSERT(static_cast<int>(recv_counts.size()) == c_.num_ranks, "one row count per rank expected");
+        HOST_ASSERT(lane_fork_ != nullptr, "the copy engines are not set up (copy_engines)");
+        const CopyLanes lanes{lane_streams_.data(), lane_fork_, lane_joins_.data(),
+                              static_cast<int>(lane_streams_.size())};
+        launch_combine_ce(c_, lanes, peers_.data(), ptr<int64_t>(ce_flags), ptr<void>(out), out_elem,
+                          ptr<float>(out_w), ptr<const int>(send_pos), num_tokens, with_weights, ptr<const void>(y),
+                          ptr<const float>(y_w), ptr<const int>(recv_off), recv_counts.data(), num_sms,
+                          ptr<const int>(tag), stream_of(stream));
+    }
     // The Buffer is being destroyed: later releases of outputs still alive touch nothing.
     void close() { zc_->close(); }
 
@@ -459,8 +494,32 @@ class NormalKernels {
     }
 
    private:
+    // (a destructor's: errors are not raised; the streams finish their copies first)
+    void free_copy_lanes() {
+        if (lane_fork_ == nullptr) return;
+        int prev = -1;
+        cudaGetDevice(&prev);
+        if (prev != lane_device_) cudaSetDevice(lane_device_);
+        for (cudaStream_t st : lane_streams_) {
+            cudaStreamSynchronize(st);
+            cudaStreamDestroy(st);
+        }
+        for (cudaEvent_t ev : lane_joins_) cudaEventDestroy(ev);
+        cudaEventDestroy(lane_fork_);
+        (void)cudaGetLastError();
+        if (prev != lane_device_ && prev >= 0) cudaSetDevice(prev);
+        lane_streams_.clear();
+        lane_joins_.clear();
+        lane_fork_ = nullptr;
+    }
+
     NormalCtx c_{};
     std::shared_ptr<ZcSlots> zc_;
+    std::vector<uint64_t> peers_;
+    std::vector<cudaStream_t> lane_streams_;
+    std::vector<cudaEvent_t> lane_joins_;
+    cudaEvent_t lane_fork_ = nullptr;
+    int lane_device_ = -1;
 };
 
 // Low-latency kernels bound to one Buffer's memory.
@@ -583,7 +642,8 @@ PYBIND11_MODULE(_C, m) {
     // Bumped whenever a binding's signature, or the meaning of a status word the kernels share with the Python code,
     // changes; python/largeep/native.py refuses a module of another version (a stale build next to newer Python
     // code) with a message saying to rebuild, instead of a TypeError or a misread word later.
-    m.attr("abi_version") = 18;
+    m.attr("abi_version") = 19;
+    m.attr("comb_chunk") = kCombChunk;  // rows per combine chunk flag (the copy-engine combine's flag words)
     m.def("install_fault_backtrace", [] {
         struct sigaction sa {};
         sa.sa_sigaction = segv_handler;
@@ -714,5 +774,7 @@ PYBIND11_MODULE(_C, m) {
         .def("combine_push", &NormalKernels::combine_push)
         .def("combine_reduce", &NormalKernels::combine_reduce)
         .def("combine_fused", &NormalKernels::combine_fused)
+        .def("copy_engines", &NormalKernels::copy_engines)
+        .def("combine_ce", &NormalKernels::combine_ce)
         .def("combine_forward", &NormalKernels::combine_forward);
 }

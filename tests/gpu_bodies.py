@@ -1400,17 +1400,19 @@ def finished_calls_on_streams(rank: int, world: int, rounds: int) -> None:
 
 def with_tune(rank: int, world: int, tune: str, fn: Any, *args: Any) -> dict[str, Any]:
     """fn(rank, world, *args) with ``tune`` added to LARGEEP_TUNE for the Buffers it makes (read when a Buffer is
-    made) -> {"result": fn's result, "fused": low-latency calls that ran as one kernel meanwhile}."""
+    made) -> {"result": fn's result, "fused": low-latency calls that ran as one kernel meanwhile, "ce": normal
+    combines whose rows the copy engines moved meanwhile}."""
     import os
 
     from largeep.backends import nvshmem_backend
 
     old = os.environ.get("LARGEEP_TUNE")
     os.environ["LARGEEP_TUNE"] = f"{old},{tune}" if old else tune
-    before = nvshmem_backend.FUSED_LAUNCHES[0]
+    before, before_ce = nvshmem_backend.FUSED_LAUNCHES[0], nvshmem_backend.CE_LAUNCHES[0]
     try:
         result = fn(rank, world, *args)
-        return {"result": result, "fused": nvshmem_backend.FUSED_LAUNCHES[0] - before}
+        return {"result": result, "fused": nvshmem_backend.FUSED_LAUNCHES[0] - before,
+                "ce": nvshmem_backend.CE_LAUNCHES[0] - before_ce}
     finally:
         if old is None:
             del os.environ["LARGEEP_TUNE"]

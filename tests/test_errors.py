@@ -846,7 +846,7 @@ def test_nvshmem_missing_on_one_rank(pools) -> None:
     ("unroll=6", "unroll=6, expected 4 or 8"),
     ("ll_spread=2", "ll_spread=2"),
     ("ll_fuse=-1", "ll_fuse=-1"),
-    ("comb=8", "comb=8, expected 0 (push, then reduce) or 1..7"),
+    ("comb=9", "comb=9, expected 0 (push, then reduce), 1..7 (fused: eighths of the blocks that push) or 8"),
     ("speed=1", "expected comma-separated key=int"),
     ("comb=3,threads=512,comb=0", "comb given twice"),
 ])
@@ -856,9 +856,10 @@ def test_tune_rejects(monkeypatch: pytest.MonkeyPatch, raw: str, words: str) -> 
         _env.settings()
 
 
-def test_tune_accepts(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("LARGEEP_TUNE", "threads=512,unroll=4,ll_spread=0,ll_fuse=1,comb=0")
-    assert _env.settings().tune == {"threads": 512, "unroll": 4, "ll_spread": 0, "ll_fuse": 1, "comb": 0}
+@pytest.mark.parametrize("comb", [0, 8])
+def test_tune_accepts(monkeypatch: pytest.MonkeyPatch, comb: int) -> None:
+    monkeypatch.setenv("LARGEEP_TUNE", f"threads=512,unroll=4,ll_spread=0,ll_fuse=1,comb={comb}")
+    assert _env.settings().tune == {"threads": 512, "unroll": 4, "ll_spread": 0, "ll_fuse": 1, "comb": comb}
 
 
 # -- LARGEEP_STREAM_PRIORITY ---------------------------------------------------------------------------------------

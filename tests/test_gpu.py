@@ -102,6 +102,26 @@ def test_normal_gpu(pools, world: int, backend: str, case: tuple) -> None:
     _normal_case(pools, world, backend, case, 11 + world, None)
 
 
+@pytest.mark.gpu(2)
+@needs_native
+@pytest.mark.parametrize("world", [2, FOUR])
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_normal_gpu_copy_engines(pools, world: int, case: tuple) -> None:
+    """LARGEEP_TUNE comb=8: every case of test_normal_gpu on the nvshmem backend, checked as there (rank 1 holds no
+    tokens). The combines of variable-size dispatches move their rows with the copy engines (counted on every
+    rank, the one without tokens too); those of num_worst_tokens dispatches take the fused kernel."""
+    hidden, experts, topk, dtype, fp8, align, worst = case
+    if experts % world:
+        pytest.skip("experts not divisible")
+    tokens = _tokens(world, 700) if not worst else _tokens(world, 300)
+    results = pools(world, "nccl").run(
+        gpu_bodies.with_tune, "comb=8", bodies.normal_roundtrip, "nvshmem", tokens, hidden, experts, topk, dtype,
+        fp8, align, 17 + world, None, worst,
+    )
+    counts = [r["ce"] for r in results]
+    assert all(n == 0 for n in counts) if worst else all(n > 0 for n in counts), counts
+
+
 @pytest.mark.gpu(1)
 @needs_native
 @pytest.mark.parametrize("backend", ["nvshmem", "torch"])
@@ -515,8 +535,9 @@ def test_kinds_disagree(pools, variant: str) -> None:
 
 @pytest.mark.gpu(2)
 @needs_native
-@pytest.mark.parametrize(("tune", "ranks_per_node"), [("comb=0", None), ("comb=3", None), ("comb=3", 1)],
-                         ids=["push_reduce", "fused", "two_nodes"])
+@pytest.mark.parametrize(("tune", "ranks_per_node"),
+                         [("comb=0", None), ("comb=3", None), ("comb=8", None), ("comb=3", 1)],
+                         ids=["push_reduce", "fused", "copy_engines", "two_nodes"])
 def test_late_peer_gets_no_stale_sums(pools, tune: str, ranks_per_node: int | None) -> None:
     """A peer more than LARGEEP_TIMEOUT_S late meets a timeout, not the sums of the round before: a kernel queued
     after one that gave up raises no flag that says its rows or partial sums are in place."""
@@ -527,8 +548,9 @@ def test_late_peer_gets_no_stale_sums(pools, tune: str, ranks_per_node: int | No
 @pytest.mark.gpu(2)
 @needs_native
 @pytest.mark.parametrize("variant", ["fp8", "dtype", "y_dtype", "weights", "handle_dispatch", "handle_combine"])
-@pytest.mark.parametrize(("tune", "ranks_per_node"), [("comb=0", None), ("comb=3", None), ("comb=0", 1)],
-                         ids=["push_reduce", "fused", "two_nodes"])
+@pytest.mark.parametrize(("tune", "ranks_per_node"),
+                         [("comb=0", None), ("comb=3", None), ("comb=8", None), ("comb=0", 1)],
+                         ids=["push_reduce", "fused", "copy_engines", "two_nodes"])
 def test_calls_kinds_disagree(pools, variant: str, tune: str, ranks_per_node: int | None) -> None:
     """Ranks that differ in a cached dispatch's kind of rows or a combine's y dtype or weights: the receivers see
     the sender's kind in its flag, leave the rows unread, and every rank's next call raises naming a sender; a round

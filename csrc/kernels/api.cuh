@@ -19,6 +19,7 @@ namespace largeep {
 // [kRefusedRanks(E/N) + r], r < N: written for every rank r in a void round, before [0]: bit 0 set if r refused it,
 //     bit 1 if r ran it without a host wait (num_worst_tokens), so that r's Buffer is unusable now; bits 2-4 the
 //     kind of rows r sent (kRowKind)
+// [kRecvCounts(E/N, N) + s], s < N: rows from source s this round (a reporting notify, before [0])
 enum StatusWord { kReadySeq = 0, kError = 1, kNumRecv = 2, kRefused = 3, kPerExpert = 4 };
 constexpr int kRanksDisagree = 1 << 20;
 // The kind of rows a fresh normal dispatch sends, which every rank must share: bits 0-1 the element size (0: 1
@@ -29,6 +30,11 @@ __host__ __device__ constexpr int kRowKind(int x_elem_bytes, bool has_scales) {
 constexpr int kLayoutCheckWords = 3;
 __host__ __device__ constexpr int kRefusedRanks(int experts_per_rank) {
     return kPerExpert + experts_per_rank + kLayoutCheckWords;
+}
+// [kRecvCounts(E/N, N) + s], s < N: rows this rank receives from source s (a reporting notify, before [0]), which
+// the copy-engine combine sizes its copies with
+__host__ __device__ constexpr int kRecvCounts(int experts_per_rank, int num_ranks) {
+    return kRefusedRanks(experts_per_rank) + num_ranks;
 }
 enum Op {
     kOpLayout = 1,  // (no longer reported: an unchecked layout counts an id out of range nowhere)
@@ -300,6 +306,28 @@ void launch_combine_fused(const NormalCtx& ctx, void* out, int out_elem_bytes, f
                           int num_tokens, bool with_weights, const void* y, const float* y_w, const int* recv_src,
                           const int* recv_off, int num_rows, int num_sms, int push_eighths, const int* tag,
                           cudaStream_t stream);
+
+// Combine with the copy engines, for groups of one node and handles of variable-size dispatches (LARGEEP_TUNE
+// comb=8). This rank's rows for source s are rows recv_off[s] .. recv_off[s + 1] of y, in the order of s's list, and
+// they go to slots [my index][0 .. count) of s's comb buffer: one strided copy per source moves them (and one the
+// weights) with the GPU's copy engines, holding no SM, in pieces of whole kCombChunk chunks, each followed by a copy
+// of its chunk flags. Every block of a max(1, num_sms)-block reduction (the fused kernel's, without push blocks)
+// sums the tokens as their chunks arrive. recv_counts: host int [N], the rows from each source (the dispatch's
+// count exchange). peers: host [N], every rank's allocation as mapped here. lanes: N - 1 streams (one per peer,
+// made to wait for the prologue), a fork event and N - 1 join events: the call's stream waits for every copy before
+// it goes on, so y may be reused after the call as after any other. ce_flags: device int64 [2 * nchunks], nchunks =
+// ceil(max_tokens / kCombChunk) (written by the prologue kernel: zeros, then this round's flag value, or zeros
+// where it cannot raise flags).
+struct CopyLanes {
+    const cudaStream_t* streams;
+    cudaEvent_t fork;
+    const cudaEvent_t* joins;
+    int count;
+};
+void launch_combine_ce(const NormalCtx& ctx, const CopyLanes& lanes, const uint64_t* peers, int64_t* ce_flags,
+                       void* out, int out_elem_bytes, float* out_w, const int* send_pos, int num_tokens,
+                       bool with_weights, const void* y, const float* y_w, const int* recv_off,
+                       const int* recv_counts, int num_sms, const int* tag, cudaStream_t stream);
 
 // ---- internode.cu (normal mode, groups of several nodes: the legs between nodes) ----------------------------
 // RDMA leg of dispatch: each token, once per other node it goes to, put to my RDMA peer there. After notify.

@@ -313,6 +313,7 @@ __global__ void __launch_bounds__(kThreads) dispatch_notify_kernel(NormalCtx c, 
         st[kRefused] = num_refusers + (first_other_kind < N ? kRanksDisagree : 0);
     }
     if (!live && r_mine < N) st[kRefusedRanks(epr) + r_mine] = refusal;
+    if (r_mine < N) st[kRecvCounts(epr, N) + r_mine] = live * in[r_mine * row];
     __threadfence_system();
     __syncthreads();
     if (threadIdx.x == 0) st[kReadySeq] = seq;
@@ -883,6 +884,26 @@ __global__ void __launch_bounds__(kReduceThreads) combine_fused_kernel(NormalCtx
     }
 }
 
+// The copy-engine combine's prologue (one block): waits, as the push blocks do, for every rank to have finished
+// reducing the previous round, then writes the flag words the copy streams copy after each piece of rows:
+// ce_flags[0, nchunks) zeros (copied over a source's chunk flags before any row, so that no reduction still
+// reading the previous round's rows, more than LARGEEP_TIMEOUT_S late, takes the rows copied next as those), then
+// [nchunks, 2 nchunks) this round's data flag, or zeros where this rank cannot raise flags (the wait gave up, or the
+// Buffer has reported an error: as block_raises_data_flags; its peers then time out naming it). The copies are
+// queued by the host whatever the wait found, so this kernel decides only what the flags say.
+__global__ void __launch_bounds__(kReduceThreads) combine_ce_prologue_kernel(NormalCtx c, int64_t* ce_flags,
+                                                                             int nchunks, int y_elem,
+                                                                             int with_weights, const int* tag) {
+    const int64_t seq = c.seq[kSeqCombine] + 1;
+    const bool ok = wait_all(c, kFlagCombFree, seq - 1, kOpCombine);
+    const bool raise = block_raises_data_flags(c, false) && ok;
+    const int64_t v = raise ? data_flag(seq, combine_sig(y_elem, with_weights != 0, false, tag)) : 0;
+    for (int i = threadIdx.x; i < nchunks; i += blockDim.x) {
+        ce_flags[i] = 0;
+        ce_flags[nchunks + i] = v;
+    }
+}
+
 }  // namespace
 
 NormalLayout normal_layout(int N, int E, int K, int H, int T, int P, int num_zc_slots) {
@@ -1067,15 +1088,11 @@ void launch_combine_reduce(const NormalCtx& ctx, void* out, int out_elem_bytes, 
     LAUNCH_CHECK();
 }
 
-void launch_combine_fused(const NormalCtx& ctx, void* out, int out_elem_bytes, float* out_w, const int* send_pos,
-                          int num_tokens, bool with_weights, const void* y, const float* y_w, const int* recv_src,
-                          const int* recv_off, int num_rows, int num_sms, int push_eighths, const int* tag,
-                          cudaStream_t stream) {
-    HOST_ASSERT(tag != nullptr, "the handle's tag word is missing");
-    HOST_ASSERT(ctx.ranks_per_node == ctx.num_ranks, "the fused combine is for groups of one node");
-    HOST_ASSERT(push_eighths >= 1 && push_eighths <= 7, "push_eighths must be in [1, 7]");
-    const int grid = std::max(2, num_sms);
-    const int push_blocks = std::min(grid - 1, std::max(1, (grid * push_eighths + 4) / 8));
+namespace {
+// The fused kernel with push_blocks of its grid blocks pushing (0: none, the rows come by the copy engines).
+void fused_grid(const NormalCtx& ctx, void* out, int out_elem_bytes, float* out_w, const int* send_pos,
+                int num_tokens, bool with_weights, const void* y, const float* y_w, const int* recv_src,
+                const int* recv_off, int num_rows, int grid, int push_blocks, const int* tag, cudaStream_t stream) {
     const int wi = with_weights ? 1 : 0;
     with_reduce_shape(out_elem_bytes, ctx.ranks_per_node, 1, [&](auto shape) {
         using S = decltype(shape);
@@ -1085,6 +1102,86 @@ void launch_combine_fused(const NormalCtx& ctx, void* out, int out_elem_bytes, f
             recv_off, num_rows, push_blocks, tag);
     });
     LAUNCH_CHECK();
+}
+}  // namespace
+
+void launch_combine_fused(const NormalCtx& ctx, void* out, int out_elem_bytes, float* out_w, const int* send_pos,
+                          int num_tokens, bool with_weights, const void* y, const float* y_w, const int* recv_src,
+                          const int* recv_off, int num_rows, int num_sms, int push_eighths, const int* tag,
+                          cudaStream_t stream) {
+    HOST_ASSERT(tag != nullptr, "the handle's tag word is missing");
+    HOST_ASSERT(ctx.ranks_per_node == ctx.num_ranks, "the fused combine is for groups of one node");
+    HOST_ASSERT(push_eighths >= 1 && push_eighths <= 7, "push_eighths must be in [1, 7]");
+    const int grid = std::max(2, num_sms);
+    const int push_blocks = std::min(grid - 1, std::max(1, (grid * push_eighths + 4) / 8));
+    fused_grid(ctx, out, out_elem_bytes, out_w, send_pos, num_tokens, with_weights, y, y_w, recv_src, recv_off,
+               num_rows, grid, push_blocks, tag, stream);
+}
+
+void launch_combine_ce(const NormalCtx& ctx, const CopyLanes& lanes, const uint64_t* peers, int64_t* ce_flags,
+                       void* out, int out_elem_bytes, float* out_w, const int* send_pos, int num_tokens,
+                       bool with_weights, const void* y, const float* y_w, const int* recv_off,
+                       const int* recv_counts, int num_sms, const int* tag, cudaStream_t stream) {
+    const int N = ctx.num_ranks, me = ctx.rank, K = ctx.num_topk;
+    HOST_ASSERT(tag != nullptr, "the handle's tag word is missing");
+    HOST_ASSERT(ctx.ranks_per_node == N, "the copy-engine combine is for groups of one node");
+    HOST_ASSERT(lanes.count >= N - 1 && ce_flags != nullptr, "the copy-engine combine's streams are not set up");
+    HOST_ASSERT(out_elem_bytes == 2 || out_elem_bytes == 4, "combine output must be bf16 or float32");
+    const int nchunks = (ctx.max_tokens + kCombChunk - 1) / kCombChunk;
+    int64_t first[kMaxLocal + 1];
+    first[0] = 0;
+    for (int s = 0; s < N; ++s) {
+        HOST_ASSERT(recv_counts[s] >= 0 && recv_counts[s] <= ctx.max_tokens, "bad row count " << recv_counts[s]
+                    << " from rank " << s);
+        first[s + 1] = first[s] + recv_counts[s];
+    }
+    HOST_ASSERT(!with_weights || first[N] == 0 || y_w != nullptr, "the combine's weights are missing");
+    combine_ce_prologue_kernel<<<1, kReduceThreads, 0, stream>>>(ctx, ce_flags, nchunks, out_elem_bytes,
+                                                                   with_weights ? 1 : 0, tag);
+    LAUNCH_CHECK();
+    CUDA_CHECK(cudaEventRecord(lanes.fork, stream));
+    const int64_t y_bytes = static_cast<int64_t>(ctx.hidden) * out_elem_bytes;
+    const uint8_t* y8 = static_cast<const uint8_t*>(y);
+    bool joined[kMaxLocal] = {};
+    // Each source's rows in about kCePieces pieces of whole chunks: a piece's flags follow it, so the reduction
+    // starts after the first piece rather than after every row; each piece (and its flag copy) costs the copy
+    // engine a few microseconds to start.
+    constexpr int kCePieces = 8, kCeMinRows = 64;
+    for (int k = 1; k < N; ++k) {
+        const int s = (me + k) % N;  // (every rank starts with another source)
+        const int count = recv_counts[s];
+        if (count == 0) continue;  // (s's reduction waits for no chunk of mine)
+        const cudaStream_t cs = lanes.streams[k - 1];
+        CUDA_CHECK(cudaStreamWaitEvent(cs, lanes.fork, 0));
+        uint8_t* base = reinterpret_cast<uint8_t*>(peers[s]);
+        HOST_ASSERT(base != nullptr, "rank " << s << " is not mapped here");
+        const int64_t slot0 = static_cast<int64_t>(me - ctx.first_local) * ctx.max_tokens;
+        int64_t* flags = reinterpret_cast<int64_t*>(base + ctx.off_comb_flags) + static_cast<int64_t>(me) * nchunks;
+        const int used = (count + kCombChunk - 1) / kCombChunk;
+        CUDA_CHECK(cudaMemcpyAsync(flags, ce_flags, 8ll * used, cudaMemcpyDeviceToDevice, cs));
+        int piece = std::max(kCeMinRows, (count + kCePieces - 1) / kCePieces);
+        piece = (piece + kCombChunk - 1) / kCombChunk * kCombChunk;
+        for (int p = 0; p < count; p += piece) {
+            const int rows = std::min(piece, count - p);
+            const int64_t row0 = first[s] + p;
+            CUDA_CHECK(cudaMemcpy2DAsync(base + ctx.off_comb + (slot0 + p) * ctx.comb_stride, ctx.comb_stride,
+                                         y8 + row0 * y_bytes, y_bytes, y_bytes, rows, cudaMemcpyDeviceToDevice, cs));
+            if (with_weights)
+                CUDA_CHECK(cudaMemcpyAsync(base + ctx.off_comb_w + (slot0 + p) * K * 4, y_w + row0 * K, 4ll * rows * K,
+                                           cudaMemcpyDeviceToDevice, cs));
+            // (a copy starts once the one before it on its stream has completed, its writes visible to every GPU,
+            // as for a peer that waits on an event recorded after it: the flags land after their rows)
+            const int c0 = p / kCombChunk, c1 = (p + rows + kCombChunk - 1) / kCombChunk;
+            CUDA_CHECK(cudaMemcpyAsync(flags + c0, ce_flags + nchunks + c0, 8ll * (c1 - c0), cudaMemcpyDeviceToDevice,
+                                       cs));
+        }
+        CUDA_CHECK(cudaEventRecord(lanes.joins[k - 1], cs));
+        joined[k - 1] = true;
+    }
+    fused_grid(ctx, out, out_elem_bytes, out_w, send_pos, num_tokens, with_weights, y, y_w, nullptr, recv_off, 0,
+               std::max(1, num_sms), 0, tag, stream);
+    for (int k = 1; k < N; ++k)
+        if (joined[k - 1]) CUDA_CHECK(cudaStreamWaitEvent(stream, lanes.joins[k - 1], 0));
 }
 
 }  // namespace largeep

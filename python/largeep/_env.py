@@ -17,7 +17,9 @@
 | | | grid, 0 per expert; ll_fuse=1 a low-latency call without a hook runs send and receive in one cooperative |
 | | | kernel (needs every SM free at once: see README), 0 in two; |
 | | | combine inside one node: 1..7 one kernel with comb/8 of its blocks pushing while the rest reduce, 0 a |
-| | | push kernel then a reduce kernel (groups of several nodes always take the latter); the same on every rank |
+| | | push kernel then a reduce kernel (groups of several nodes always take the latter); 8: the copy engines |
+| | | push (no SM) while every block reduces, for handles of variable-size dispatches (comb=3 for the others; |
+| | | docs/usage.md); the same on every rank |
 | LARGEEP_STREAM_PRIORITY | high | the priority of each Buffer's stream (and of the side stream a layer's dispatch is |
 | | | issued from): ``high``, the highest torch gives, so that a communication kernel queued behind compute |
 | | | gets SMs as they free up, before the compute kernels' waiting blocks; ``normal``: the default priority |
@@ -187,7 +189,8 @@ _TUNE_RANGES = {
     "unroll": ((4, 8), "4 or 8"),
     "ll_spread": ((0, 1), "0 or 1"),
     "ll_fuse": ((0, 1), "0 or 1"),
-    "comb": (tuple(range(8)), "0 (push, then reduce) or 1..7 (fused: eighths of the blocks that push)"),
+    "comb": (tuple(range(9)), "0 (push, then reduce), 1..7 (fused: eighths of the blocks that push) or 8 (the "
+             "copy engines push)"),
 }
 
 

@@ -30,8 +30,9 @@ _HOW = (
 # 14: fp8_quantize / fp8_dequantize; 15: the normal combine's push, forward and reduce take part_bf16; 16:
 # wait_host_word takes the stream, cuda_error_name, NormalKernels.zc_held, no barrier / finalize; 17: layout takes
 # no status or error words: an unchecked layout counts an id out of range nowhere instead of reporting it; 18: the
-# low-latency combine kernels take the handle's dispatch round, whose tag their done flags carry, op 23)
-ABI_VERSION = 18
+# low-latency combine kernels take the handle's dispatch round, whose tag their done flags carry, op 23; 19:
+# NormalKernels.copy_engines / combine_ce, and a reporting notify's rows per source in the status words)
+ABI_VERSION = 19
 
 
 @functools.lru_cache(maxsize=1)

@@ -74,6 +74,8 @@ _KIND_OPS = (_OP_DISPATCH_KINDS, _OP_COMBINE_KINDS, _OP_DISPATCH_FORWARD_KINDS, 
 _HOST_GRACE_S = 5.0
 # low-latency calls that ran as one kernel in this process (LARGEEP_TUNE ll_fuse=1), for tests and diagnostics
 FUSED_LAUNCHES = [0]
+# normal combines whose rows went by the copy engines (LARGEEP_TUNE comb=8): how tests see that the path ran
+CE_LAUNCHES = [0]
 
 _world: dict[str, Any] = {}
 # This process's symmetric heap: bytes of the live Buffers' allocations, and the most they have held at once (what
@@ -529,6 +531,9 @@ class _NvState:
     # the handle's tag: int32 in ws, the round of its dispatch modulo 2**12 (written by the notify kernel), which the
     # kernels of its cached dispatches and combines put into their data flags beside their kind of rows
     tag: int = 0
+    # rows from each source (a variable-size dispatch's count exchange, read on the host), where the copy engines
+    # combine (LARGEEP_TUNE comb=8); else None
+    recv_counts: list[int] | None = None
 
     # A copy shares the original: its addresses point into the original's ws (a copy of ws would leave them
     # pointing at memory freed with the original). The routing is never changed after the dispatch.
@@ -644,9 +649,13 @@ class NvshmemBackend:
         # zero-copy receive slots: normal mode inside one node (groups of several nodes receive through the
         # forwarders into the copy slot)
         self.zc_slots = settings.zero_copy_slots if not ctx.low_latency and ctx.ranks_per_node == n else 0
-        # the fused combine (LARGEEP_TUNE comb >= 1, one node) and push + reduce speak different flag protocols
-        comb = settings.tune["comb"]  # (0..7: LARGEEP_TUNE's values are checked when the settings are read)
-        self.fused_combine = comb if not ctx.low_latency and ctx.ranks_per_node == n else 0
+        # the fused combine (LARGEEP_TUNE comb >= 1, one node) and push + reduce speak different flag protocols; the
+        # copy engines' combine (comb=8: handles of variable-size dispatches; the others take the fused kernel at
+        # comb=3) speaks the fused kernel's
+        comb = settings.tune["comb"]  # (0..8: LARGEEP_TUNE's values are checked when the settings are read)
+        one_node = not ctx.low_latency and ctx.ranks_per_node == n
+        self.ce_combine = one_node and comb == 8 and n > 1
+        self.fused_combine = (3 if comb == 8 else comb) if one_node else 0
         # a round a dispatch or combine has half queued (_closes_open_round), and what ended one there and in which
         self._round_open = False
         self._abandoned, self._abandoned_in = "", "dispatch"
@@ -771,7 +780,8 @@ class NvshmemBackend:
         self._layout_word = _PER_EXPERT + ctx.experts_per_rank
         self._layout_token = 0
         self._refusal_word = self._layout_word + 3
-        words = self._refusal_word + n
+        self._recv_counts_word = self._refusal_word + n  # (rows from each source: a reporting notify's)
+        words = self._recv_counts_word + n
         self.host_ptr, self.status_dev = (int(v) for v in self.C.host_alloc(8 * words))
         # The kernels poll this device word for errors (reading the host-mapped status costs a PCIe round trip).
         self.error_word = torch.zeros(1, dtype=torch.int64, device=dev)
@@ -792,6 +802,11 @@ class NvshmemBackend:
                 *common, ctx.ranks_per_node, settings.tune["threads"], settings.tune["unroll"],
                 self.zc_slots, dev.index, self.prep_scratch.data_ptr(),
             )
+            if self.ce_combine:
+                self.kernels.copy_engines(peers)
+                # the flag words the copy engines copy (csrc/kernels/intranode.cu's combine_ce_prologue_kernel)
+                chunks = -(-ctx.max_tokens_per_rank // self.C.comb_chunk)
+                self.ce_flags = torch.zeros(2 * chunks, dtype=torch.int64, device=dev)
 
     def _idle_after_failed_creation(self, ctx: GroupContext, settings: Settings) -> bool:
         """Waits, bounded, for the device before a failed creation frees anything: cudaFreeHost (the host-mapped
@@ -1213,10 +1228,13 @@ class NvshmemBackend:
                     )
                 rows = int(self.status[_NUM_RECV])
                 raw = self.status[_PER_EXPERT:_PER_EXPERT + c.experts_per_rank]  # ctypes slice: a list of ints
+                w = self._recv_counts_word
+                recv_counts = self.status[w:w + c.num_ranks] if self.ce_combine else None
                 a = expert_alignment
                 per_expert_list = raw if a == 1 else [align_up(v, a) for v in raw]
             else:
                 rows = num_worst_tokens
+                recv_counts = None
             # Out of memory for the outputs (or any error making them) drains the round: its copy-out waits for the
             # rows, copies none and frees the round for every peer, whose calls complete; this call raises and every
             # Buffer stays in step for the next dispatch (this rank has no handle: the peers must not combine the
@@ -1224,7 +1242,7 @@ class NvshmemBackend:
             try:
                 state = _NvState(
                     ws, send_pos, send_off, torch.empty(rows, 2, dtype=i32, device=dev), recv_off, rows, t, worst,
-                    self_token, hier, tag,
+                    self_token, hier, tag, recv_counts,
                 )
                 if slot:
                     rel = caller_stream if caller_stream is not None else self._stream()
@@ -1364,6 +1382,18 @@ class NvshmemBackend:
         )
         with_w = topk_weights is not None
         k, hier = self.kernels, state.hier
+        if state.recv_counts is not None:  # (self.ce_combine: one node)
+            # (a prologue, the copies on the copy streams and the reduction: several calls, so the round is open
+            # until they are all queued)
+            self._round_open = True
+            k.combine_ce(
+                out.data_ptr(), out.element_size(), _ptr(out_w), state.send_pos, state.num_tokens, with_w,
+                y.data_ptr(), _ptr(topk_weights), state.recv_off, state.recv_counts, self.ce_flags.data_ptr(),
+                state.tag, c.num_sms, stream,
+            )
+            self._round_open = False
+            CE_LAUNCHES[0] += 1
+            return out, out_w
         if self.fused_combine:
             k.combine_fused(
                 out.data_ptr(), out.element_size(), _ptr(out_w), state.send_pos, state.num_tokens, with_w,

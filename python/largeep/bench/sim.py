@@ -887,15 +887,21 @@ def skew_free(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 def _usable(r: dict[str, Any], *, weighted: bool = False) -> bool:
     """A dispatch/combine record with a time. Records of low-latency calls whose dispatch carried the weights
     (``weights_sent``) are not fitted (``weighted`` False): their combine moves the summed rows, which the model
-    predicts from the constants of the per-copy combine; ``check`` takes them (``--check-weighted``)."""
+    predicts from the constants of the per-copy combine; ``check`` takes them (``--check-weighted``). Nor are
+    combines whose rows the copy engines moved (``comb=8``, :data:`COPY_ENGINES`): the model has no term for them."""
     return (r.get("mode") in MODES and r.get("op") in OPS and float(r.get("time_us_median") or 0) > 0
-            and (weighted or not r.get("weights_sent")))
+            and (weighted or not r.get("weights_sent"))
+            and not (r.get("op") == "combine" and record_eighths(r) == COPY_ENGINES))
+
+
+# LARGEEP_TUNE's comb value of the copy-engine combine (not a push share)
+COPY_ENGINES = 8
 
 
 def record_eighths(r: dict[str, Any]) -> int:
-    """The fused combine's push share a record ran with (0: push + reduce kernels): ``comb=`` in its ``tune``, else
-    its ``combine_eighths`` (bench/kernel_times.py writes it; load(..., fused_combine=...) sets it for older
-    files), else 0."""
+    """The fused combine's push share a record ran with (0: push + reduce kernels; :data:`COPY_ENGINES`: the copy
+    engines pushed): ``comb=`` in its ``tune``, else its ``combine_eighths`` (bench/kernel_times.py writes it;
+    load(..., fused_combine=...) sets it for older files), else 0."""
     for item in str(r.get("tune") or "").split(","):
         key, _, value = item.strip().partition("=")
         if key == "comb" and value.isdigit():

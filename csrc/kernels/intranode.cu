@@ -1140,48 +1140,65 @@ void launch_combine_ce(const NormalCtx& ctx, const CopyLanes& lanes, const uint6
                                                                    with_weights ? 1 : 0, tag);
     LAUNCH_CHECK();
     CUDA_CHECK(cudaEventRecord(lanes.fork, stream));
+    // The reduction first: it sums each token once its pieces have come, beside the copies, which start as the
+    // host queues them (the host takes a few microseconds per copy).
+    fused_grid(ctx, out, out_elem_bytes, out_w, send_pos, num_tokens, with_weights, y, y_w, nullptr, recv_off, 0,
+               std::max(1, num_sms), 0, tag, stream);
     const int64_t y_bytes = static_cast<int64_t>(ctx.hidden) * out_elem_bytes;
     const uint8_t* y8 = static_cast<const uint8_t*>(y);
-    bool joined[kMaxLocal] = {};
+    bool started[kMaxLocal] = {};
+    // The call's stream waits for every copy stream it started, also when queueing failed half way (y must not be
+    // reused while a copy still reads it); errors here are the first one's to report.
+    auto join = [&](bool checked) {
+        for (int k = 1; k < N; ++k) {
+            if (!started[k - 1]) continue;
+            const cudaError_t e1 = cudaEventRecord(lanes.joins[k - 1], lanes.streams[k - 1]);
+            const cudaError_t e2 = e1 == cudaSuccess ? cudaStreamWaitEvent(stream, lanes.joins[k - 1], 0) : e1;
+            if (checked) CUDA_CHECK(e2);
+        }
+    };
     // Each source's rows in about kCePieces pieces of whole chunks: a piece's flags follow it, so the reduction
     // starts after the first piece rather than after every row; each piece (and its flag copy) costs the copy
     // engine a few microseconds to start.
     constexpr int kCePieces = 8, kCeMinRows = 64;
-    for (int k = 1; k < N; ++k) {
-        const int s = (me + k) % N;  // (every rank starts with another source)
-        const int count = recv_counts[s];
-        if (count == 0) continue;  // (s's reduction waits for no chunk of mine)
-        const cudaStream_t cs = lanes.streams[k - 1];
-        CUDA_CHECK(cudaStreamWaitEvent(cs, lanes.fork, 0));
-        uint8_t* base = reinterpret_cast<uint8_t*>(peers[s]);
-        HOST_ASSERT(base != nullptr, "rank " << s << " is not mapped here");
-        const int64_t slot0 = static_cast<int64_t>(me - ctx.first_local) * ctx.max_tokens;
-        int64_t* flags = reinterpret_cast<int64_t*>(base + ctx.off_comb_flags) + static_cast<int64_t>(me) * nchunks;
-        const int used = (count + kCombChunk - 1) / kCombChunk;
-        CUDA_CHECK(cudaMemcpyAsync(flags, ce_flags, 8ll * used, cudaMemcpyDeviceToDevice, cs));
-        int piece = std::max(kCeMinRows, (count + kCePieces - 1) / kCePieces);
-        piece = (piece + kCombChunk - 1) / kCombChunk * kCombChunk;
-        for (int p = 0; p < count; p += piece) {
-            const int rows = std::min(piece, count - p);
-            const int64_t row0 = first[s] + p;
-            CUDA_CHECK(cudaMemcpy2DAsync(base + ctx.off_comb + (slot0 + p) * ctx.comb_stride, ctx.comb_stride,
-                                         y8 + row0 * y_bytes, y_bytes, y_bytes, rows, cudaMemcpyDeviceToDevice, cs));
-            if (with_weights)
-                CUDA_CHECK(cudaMemcpyAsync(base + ctx.off_comb_w + (slot0 + p) * K * 4, y_w + row0 * K, 4ll * rows * K,
+    try {
+        for (int k = 1; k < N; ++k) {
+            const int s = (me + k) % N;  // (every rank starts with another source)
+            const int count = recv_counts[s];
+            if (count == 0) continue;  // (s's reduction waits for no chunk of mine)
+            uint8_t* base = reinterpret_cast<uint8_t*>(peers[s]);
+            HOST_ASSERT(base != nullptr, "rank " << s << " is not mapped here");
+            const cudaStream_t cs = lanes.streams[k - 1];
+            CUDA_CHECK(cudaStreamWaitEvent(cs, lanes.fork, 0));
+            started[k - 1] = true;
+            const int64_t slot0 = static_cast<int64_t>(me - ctx.first_local) * ctx.max_tokens;
+            int64_t* flags =
+                reinterpret_cast<int64_t*>(base + ctx.off_comb_flags) + static_cast<int64_t>(me) * nchunks;
+            const int used = (count + kCombChunk - 1) / kCombChunk;
+            CUDA_CHECK(cudaMemcpyAsync(flags, ce_flags, 8ll * used, cudaMemcpyDeviceToDevice, cs));
+            int piece = std::max(kCeMinRows, (count + kCePieces - 1) / kCePieces);
+            piece = (piece + kCombChunk - 1) / kCombChunk * kCombChunk;
+            for (int p = 0; p < count; p += piece) {
+                const int rows = std::min(piece, count - p);
+                const int64_t row0 = first[s] + p;
+                CUDA_CHECK(cudaMemcpy2DAsync(base + ctx.off_comb + (slot0 + p) * ctx.comb_stride, ctx.comb_stride,
+                                             y8 + row0 * y_bytes, y_bytes, y_bytes, rows, cudaMemcpyDeviceToDevice,
+                                             cs));
+                if (with_weights)
+                    CUDA_CHECK(cudaMemcpyAsync(base + ctx.off_comb_w + (slot0 + p) * K * 4, y_w + row0 * K,
+                                               4ll * rows * K, cudaMemcpyDeviceToDevice, cs));
+                // (a copy starts once the one before it on its stream has completed, its writes visible to every
+                // GPU, as for a peer that waits on an event recorded after it: the flags land after their rows)
+                const int c0 = p / kCombChunk, c1 = (p + rows + kCombChunk - 1) / kCombChunk;
+                CUDA_CHECK(cudaMemcpyAsync(flags + c0, ce_flags + nchunks + c0, 8ll * (c1 - c0),
                                            cudaMemcpyDeviceToDevice, cs));
-            // (a copy starts once the one before it on its stream has completed, its writes visible to every GPU,
-            // as for a peer that waits on an event recorded after it: the flags land after their rows)
-            const int c0 = p / kCombChunk, c1 = (p + rows + kCombChunk - 1) / kCombChunk;
-            CUDA_CHECK(cudaMemcpyAsync(flags + c0, ce_flags + nchunks + c0, 8ll * (c1 - c0), cudaMemcpyDeviceToDevice,
-                                       cs));
+            }
         }
-        CUDA_CHECK(cudaEventRecord(lanes.joins[k - 1], cs));
-        joined[k - 1] = true;
+    } catch (...) {
+        join(false);
+        throw;
     }
-    fused_grid(ctx, out, out_elem_bytes, out_w, send_pos, num_tokens, with_weights, y, y_w, nullptr, recv_off, 0,
-               std::max(1, num_sms), 0, tag, stream);
-    for (int k = 1; k < N; ++k)
-        if (joined[k - 1]) CUDA_CHECK(cudaStreamWaitEvent(stream, lanes.joins[k - 1], 0));
+    join(true);
 }
 
 }  // namespace largeep

@@ -24,6 +24,9 @@
 #            at comb 4 about 13% faster, 531 against 612 us at 24 SMs; session 5 measured comb 4 slower on 2 GPUs).
 #            Kernel times only, the default in the same call; scripts/device_check.sh's `comb` stage adds the GPU
 #            tests at the extreme splits (longer than one call)
+#   ce:      build; the copy engines' transfers between GPUs (bench/micro/ce_copy_bench.cu: strided copies in
+#            pieces to 1 and 3 peers at once), then the combine's kernel times with the copy engines pushing
+#            (LARGEEP_TUNE comb=8) and the fused default (comb=3) alternated, at 8/16/24 SMs, BF16, on 4 then 2 GPUs
 # Every command runs under what is left of a 560 s budget (LARGEEP_PART_S), so that OUTDIR.tar.gz is written before
 # a 600 s device limit (a command cut there gets SIGINT first, so that pytest prints its summary), and OUTDIR is
 # removed once packed (the device machine hands back only a few files: run it as `four_gpu.sh PART $OUT/PART`); the
@@ -31,7 +34,7 @@
 # (on stderr). The GPU tests end at once where the native
 # module does not load (scripts/device_check.sh), and LARGEEP_TEST_EMULATE_GPUS is cleared: the real GPUs only.
 set -uo pipefail
-PART=${1:?usage: scripts/four_gpu.sh perf|calls|tests1|tests2|tests3|shared|layer|layer_fp8|longrun|nodes|split OUTDIR}
+PART=${1:?usage: scripts/four_gpu.sh perf|calls|tests1|tests2|tests3|shared|layer|layer_fp8|longrun|nodes|split|ce OUTDIR}
 OUT=${2:?usage: scripts/four_gpu.sh PART OUTDIR}
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
 export LARGEEP_TIMEOUT_S=${LARGEEP_TIMEOUT_S:-20} LARGEEP_TEST_POOL_TIMEOUT_S=${LARGEEP_TEST_POOL_TIMEOUT_S:-120}
@@ -117,6 +120,18 @@ case $PART in
       run 75 env CUDA_VISIBLE_DEVICES="$(seq -s, 0 $((n - 1)))" LARGEEP_TUNE="comb=$c" python3 bench/kernel_times.py \
         --nprocs "$n" --num-sms 8,16,24 --dtypes bf16 --out "$OUT/split_comb$c" > "$OUT/split_comb${c}_ep$n.log" 2>&1
       grep -hE "^combine " "$OUT/split_comb${c}_ep$n.log" | sed "s/^/ep$n comb=$c: /"
+    done
+    ;;
+  ce)
+    check
+    run 60 nvcc -O3 -std=c++17 -arch=sm_90 -o /tmp/ce_copy_bench bench/micro/ce_copy_bench.cu \
+      && run 120 /tmp/ce_copy_bench > "$OUT/ce_copy_bench.log" 2>&1
+    grep -E "^peer|^dest" "$OUT/ce_copy_bench.log"
+    for nc in 4:8 4:3 2:8 2:3; do
+      n=${nc%:*} c=${nc#*:}
+      run 75 env CUDA_VISIBLE_DEVICES="$(seq -s, 0 $((n - 1)))" LARGEEP_TUNE="comb=$c" python3 bench/kernel_times.py \
+        --nprocs "$n" --num-sms 8,16,24 --dtypes bf16 --out "$OUT/ce_comb$c" > "$OUT/ce_comb${c}_ep$n.log" 2>&1
+      grep -hE "^combine " "$OUT/ce_comb${c}_ep$n.log" | sed "s/^/ep$n comb=$c: /"
     done
     ;;
   *) echo "unknown part $PART"; exit 2 ;;

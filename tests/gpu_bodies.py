@@ -1420,6 +1420,11 @@ def with_tune(rank: int, world: int, tune: str, fn: Any, *args: Any) -> dict[str
             os.environ["LARGEEP_TUNE"] = old
 
 
+def with_tunes(rank: int, world: int, tunes: list[str], fn: Any, *args: Any) -> dict[str, Any]:
+    """with_tune of this rank's entry of ``tunes`` (ranks whose settings differ)."""
+    return with_tune(rank, world, tunes[rank], fn, *args)
+
+
 def _start_low_latency_at(buf: largeep.Buffer, world: int, experts: int, last_round: int) -> None:
     """Makes a fresh low-latency nvshmem Buffer continue as if ``last_round`` rounds had run (every rank calls it
     before its first call): its round counters (dispatch and combine), and its slot-free flags (the peers freed

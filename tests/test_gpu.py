@@ -122,6 +122,22 @@ def test_normal_gpu_copy_engines(pools, world: int, case: tuple) -> None:
     assert all(n == 0 for n in counts) if worst else all(n > 0 for n in counts), counts
 
 
+@pytest.mark.gpu(2)
+@needs_native
+@pytest.mark.parametrize("world", [2, FOUR])
+@pytest.mark.parametrize("case", [CASES[0], CASES[3]], ids=[CASE_IDS[0], CASE_IDS[3]])
+def test_normal_gpu_copy_engines_mixed(pools, world: int, case: tuple) -> None:
+    """Rank 0 combines with the copy engines (comb=8), the others with the fused kernel (comb=3, comb=5): the rows
+    and flags land alike, so the results are those of test_normal_gpu."""
+    hidden, experts, topk, dtype, fp8, align, worst = case
+    tunes = ["comb=8", "comb=3", "comb=5", "comb=3"][:world]
+    results = pools(world, "nccl").run(
+        gpu_bodies.with_tunes, tunes, bodies.normal_roundtrip, "nvshmem", _tokens(world, 700), hidden, experts,
+        topk, dtype, fp8, align, 29 + world, None, worst,
+    )
+    assert results[0]["ce"] > 0 and all(r["ce"] == 0 for r in results[1:]), [r["ce"] for r in results]
+
+
 @pytest.mark.gpu(1)
 @needs_native
 @pytest.mark.parametrize("backend", ["nvshmem", "torch"])

@@ -1158,9 +1158,10 @@ void launch_combine_ce(const NormalCtx& ctx, const CopyLanes& lanes, const uint6
         }
     };
     // Each source's rows in about kCePieces pieces of whole chunks: a piece's flags follow it, so the reduction
-    // starts after the first piece rather than after every row; each piece (and its flag copy) costs the copy
-    // engine a few microseconds to start.
-    constexpr int kCePieces = 8, kCeMinRows = 64;
+    // starts after the first piece rather than after every row. A piece costs the host about 12 us to queue (two
+    // copies; three with weights) and the copy engine about 4 us to start (bench/micro/ce_copy_bench.cu, session
+    // 44: 8 pieces of 4096 rows were host-bound), so the pieces are few and at least kCeMinRows rows.
+    constexpr int kCePieces = 4, kCeMinRows = 256;
     try {
         for (int k = 1; k < N; ++k) {
             const int s = (me + k) % N;  // (every rank starts with another source)

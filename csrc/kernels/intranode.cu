@@ -1163,35 +1163,46 @@ void launch_combine_ce(const NormalCtx& ctx, const CopyLanes& lanes, const uint6
     // 44: 8 pieces of 4096 rows were host-bound), so the pieces are few and at least kCeMinRows rows.
     constexpr int kCePieces = 4, kCeMinRows = 256;
     try {
+        // Every peer's zero flags first, then the pieces in turn over the peers (piece 0 to each, then piece 1, ...),
+        // so that every copy stream has work as soon as the host has queued a few copies, not one after another.
+        uint8_t* base[kMaxLocal] = {};
+        int64_t* flags[kMaxLocal] = {};
+        int piece[kMaxLocal] = {};
+        const int64_t slot0 = static_cast<int64_t>(me - ctx.first_local) * ctx.max_tokens;
         for (int k = 1; k < N; ++k) {
             const int s = (me + k) % N;  // (every rank starts with another source)
             const int count = recv_counts[s];
             if (count == 0) continue;  // (s's reduction waits for no chunk of mine)
-            uint8_t* base = reinterpret_cast<uint8_t*>(peers[s]);
-            HOST_ASSERT(base != nullptr, "rank " << s << " is not mapped here");
+            base[k - 1] = reinterpret_cast<uint8_t*>(peers[s]);
+            HOST_ASSERT(base[k - 1] != nullptr, "rank " << s << " is not mapped here");
             const cudaStream_t cs = lanes.streams[k - 1];
             CUDA_CHECK(cudaStreamWaitEvent(cs, lanes.fork, 0));
             started[k - 1] = true;
-            const int64_t slot0 = static_cast<int64_t>(me - ctx.first_local) * ctx.max_tokens;
-            int64_t* flags =
-                reinterpret_cast<int64_t*>(base + ctx.off_comb_flags) + static_cast<int64_t>(me) * nchunks;
+            flags[k - 1] = reinterpret_cast<int64_t*>(base[k - 1] + ctx.off_comb_flags) +
+                           static_cast<int64_t>(me) * nchunks;
             const int used = (count + kCombChunk - 1) / kCombChunk;
-            CUDA_CHECK(cudaMemcpyAsync(flags, ce_flags, 8ll * used, cudaMemcpyDeviceToDevice, cs));
-            int piece = std::max(kCeMinRows, (count + kCePieces - 1) / kCePieces);
-            piece = (piece + kCombChunk - 1) / kCombChunk * kCombChunk;
-            for (int p = 0; p < count; p += piece) {
-                const int rows = std::min(piece, count - p);
+            CUDA_CHECK(cudaMemcpyAsync(flags[k - 1], ce_flags, 8ll * used, cudaMemcpyDeviceToDevice, cs));
+            const int rows = std::max(kCeMinRows, (count + kCePieces - 1) / kCePieces);
+            piece[k - 1] = (rows + kCombChunk - 1) / kCombChunk * kCombChunk;  // (ceil(count / piece) <= kCePieces)
+        }
+        for (int i = 0; i < kCePieces; ++i) {
+            for (int k = 1; k < N; ++k) {
+                const int s = (me + k) % N, count = recv_counts[s];
+                const int p = i * piece[k - 1];
+                if (!started[k - 1] || p >= count) continue;
+                const cudaStream_t cs = lanes.streams[k - 1];
+                const int rows = std::min(piece[k - 1], count - p);
                 const int64_t row0 = first[s] + p;
-                CUDA_CHECK(cudaMemcpy2DAsync(base + ctx.off_comb + (slot0 + p) * ctx.comb_stride, ctx.comb_stride,
-                                             y8 + row0 * y_bytes, y_bytes, y_bytes, rows, cudaMemcpyDeviceToDevice,
-                                             cs));
+                CUDA_CHECK(cudaMemcpy2DAsync(base[k - 1] + ctx.off_comb + (slot0 + p) * ctx.comb_stride,
+                                             ctx.comb_stride, y8 + row0 * y_bytes, y_bytes, y_bytes, rows,
+                                             cudaMemcpyDeviceToDevice, cs));
                 if (with_weights)
-                    CUDA_CHECK(cudaMemcpyAsync(base + ctx.off_comb_w + (slot0 + p) * K * 4, y_w + row0 * K,
+                    CUDA_CHECK(cudaMemcpyAsync(base[k - 1] + ctx.off_comb_w + (slot0 + p) * K * 4, y_w + row0 * K,
                                                4ll * rows * K, cudaMemcpyDeviceToDevice, cs));
                 // (a copy starts once the one before it on its stream has completed, its writes visible to every
                 // GPU, as for a peer that waits on an event recorded after it: the flags land after their rows)
                 const int c0 = p / kCombChunk, c1 = (p + rows + kCombChunk - 1) / kCombChunk;
-                CUDA_CHECK(cudaMemcpyAsync(flags + c0, ce_flags + nchunks + c0, 8ll * (c1 - c0),
+                CUDA_CHECK(cudaMemcpyAsync(flags[k - 1] + c0, ce_flags + nchunks + c0, 8ll * (c1 - c0),
                                            cudaMemcpyDeviceToDevice, cs));
             }
         }

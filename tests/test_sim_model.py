@@ -797,3 +797,17 @@ def test_holdout_by_gpu_count_says_which_records_test_placeholders(capsys: pytes
     out = capsys.readouterr().out
     assert f"{len(ll2)} of them rest on" in out and "lat_us[low_latency.dispatch]" in out
     assert f"the other {len(ep1)}:" in out
+
+
+def test_copy_engine_runs_check_their_dispatches_and_multi_node_combines() -> None:
+    """A kernel-time file of LARGEEP_TUNE=comb=8 (scripts/four_gpu.sh ce) records dispatches too, and, on groups of
+    several nodes, the push + reduce combine: those are predicted as any other (as comb=0 records are), while the
+    one-node combines, whose rows the copy engines moved, stay out of fits and checks."""
+    ph = sim.placeholder()
+    plain = [_record(2, 2, "normal", "dispatch", 4096, 100.0), _record(4, 2, "normal", "combine", 4096, 300.0)]
+    ce = [{**r, "tune": "comb=8"} for r in plain]
+    assert [r["predicted_us"] for r in sim.check(ph, ce).rows] == \
+        [r["predicted_us"] for r in sim.check(ph, [{**r, "tune": "comb=0"} for r in plain]).rows]
+    one_node = {**_record(2, 2, "normal", "combine", 4096, 250.0), "tune": "comb=8"}
+    assert not sim._usable(one_node) and not sim._usable(one_node, weighted=True)
+    assert sim.check(ph, [*ce, one_node]).n == 2

@@ -888,10 +888,17 @@ def _usable(r: dict[str, Any], *, weighted: bool = False) -> bool:
     """A dispatch/combine record with a time. Records of low-latency calls whose dispatch carried the weights
     (``weights_sent``) are not fitted (``weighted`` False): their combine moves the summed rows, which the model
     predicts from the constants of the per-copy combine; ``check`` takes them (``--check-weighted``). Nor are
-    combines whose rows the copy engines moved (``comb=8``, :data:`COPY_ENGINES`): the model has no term for them."""
+    combines whose rows the copy engines moved (``comb=8`` on one node, :data:`COPY_ENGINES`): the model has no term
+    for them."""
     return (r.get("mode") in MODES and r.get("op") in OPS and float(r.get("time_us_median") or 0) > 0
             and (weighted or not r.get("weights_sent"))
-            and not (r.get("op") == "combine" and record_eighths(r) == COPY_ENGINES))
+            and not (r.get("op") == "combine" and record_eighths(r) == COPY_ENGINES and _one_node(r)))
+
+
+def _one_node(r: dict[str, Any]) -> bool:
+    """Whether a record's group is one node (the fused and copy-engine combines run only there)."""
+    ep = int(r.get("ep") or 1)
+    return int(r.get("ranks_per_node") or ep) >= ep
 
 
 # LARGEEP_TUNE's comb value of the copy-engine combine (not a push share)
@@ -1142,7 +1149,11 @@ def _predict_record(
     record's group (its ranks per node and fused-combine split)."""
     w = Workload(r["mode"], r["op"], int(r["num_tokens"]), int(r["hidden"]), int(r["num_topk"]),
                  int(r["num_experts"]), r["dtype"], bool(r.get("weights_sent")), bool(r.get("bf16_partial_sums")))
-    c = replace(cluster, gpus_per_node=int(r["ranks_per_node"]), combine_eighths=record_eighths(r))
+    # (comb=8 records that reach here ran no copy-engine combine: its dispatches, and the push + reduce combines of
+    # several nodes; the model's split is 0 to 7)
+    eighths = record_eighths(r)
+    c = replace(cluster, gpus_per_node=int(r["ranks_per_node"]),
+                combine_eighths=0 if eighths == COPY_ENGINES else eighths)
     return w, predict(w, int(r["ep"]), params, c, hierarchical=hierarchical, overlap=overlap,
                       num_sms=r.get("num_sms"))
 

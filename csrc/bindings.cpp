@@ -494,16 +494,17 @@ class NormalKernels {
     }
 
    private:
-    // (a destructor's: errors are not raised; the streams finish their copies first)
+    // (a destructor's: errors are not raised, and nothing is waited for: a stream or event destroyed with work
+    // still queued is released once that work completes, and a copy stream can wait without a bound, behind a
+    // prologue queued after a caller's kernel that never ends; what the copies read or write outlives them: y and
+    // the flag words are ordered on the Buffer's stream, which waits for every copy, and the heap is freed only
+    // once the device is idle)
     void free_copy_lanes() {
         if (lane_fork_ == nullptr) return;
         int prev = -1;
         cudaGetDevice(&prev);
         if (prev != lane_device_) cudaSetDevice(lane_device_);
-        for (cudaStream_t st : lane_streams_) {
-            cudaStreamSynchronize(st);
-            cudaStreamDestroy(st);
-        }
+        for (cudaStream_t st : lane_streams_) cudaStreamDestroy(st);
         for (cudaEvent_t ev : lane_joins_) cudaEventDestroy(ev);
         cudaEventDestroy(lane_fork_);
         (void)cudaGetLastError();

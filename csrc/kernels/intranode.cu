@@ -1149,13 +1149,16 @@ void launch_combine_ce(const NormalCtx& ctx, const CopyLanes& lanes, const uint6
     bool started[kMaxLocal] = {};
     // The call's stream waits for every copy stream it started, also when queueing failed half way (y must not be
     // reused while a copy still reads it); errors here are the first one's to report.
+    // (every started stream is joined before an error of the join itself is raised)
     auto join = [&](bool checked) {
+        cudaError_t first_error = cudaSuccess;
         for (int k = 1; k < N; ++k) {
             if (!started[k - 1]) continue;
             const cudaError_t e1 = cudaEventRecord(lanes.joins[k - 1], lanes.streams[k - 1]);
             const cudaError_t e2 = e1 == cudaSuccess ? cudaStreamWaitEvent(stream, lanes.joins[k - 1], 0) : e1;
-            if (checked) CUDA_CHECK(e2);
+            if (first_error == cudaSuccess) first_error = e2;
         }
+        if (checked) CUDA_CHECK(first_error);
     };
     // Each source's rows in about kCePieces pieces of whole chunks: a piece's flags follow it, so the reduction
     // starts after the first piece rather than after every row. A piece costs the host about 12 us to queue (two

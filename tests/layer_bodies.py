@@ -1156,6 +1156,40 @@ def ops_zero_rows_backward(rank: int, world: int) -> None:
     assert ops.live_handles(bid) == 0
 
 
+def compiled_dynamic_chunked(rank: int, world: int, tokens: list[list[int]]) -> None:
+    """A training user's varying batch: torch.compile(dynamic=True, fullgraph=True) of a MoELayer in 2 chunks, forward
+    and backward at each step's token counts (0 and 1 among them, different on each rank), equals eager in the output
+    and every grad, in at most 3 graphs (counts >= 4, 0, 1). The chunks were cut with tensor_split, whose sizes of a
+    dynamic T made Dynamo guard on T % 2: a graph per remainder (with more chunks, the recompile limit of 8
+    raised)."""
+    torch._dynamo.reset()
+    buf = largeep.Buffer(None, hidden=32, num_experts=2 * world, num_topk=2, max_tokens_per_rank=12, backend="torch")
+    try:
+        torch.manual_seed(3)
+        layer = layers.MoELayer(buf, ffn_hidden=8, num_chunks=2)
+        compiled = torch.compile(layer, backend="aot_eager", dynamic=True, fullgraph=True)
+        counters = torch._dynamo.utils.counters
+        counters.clear()
+
+        def run(fn: Any, x: torch.Tensor) -> list[torch.Tensor]:
+            x = x.clone().requires_grad_()
+            layer.zero_grad()
+            y = fn(x)
+            (y * y).sum().backward()
+            return [y.detach(), x.grad] + [p.grad for p in layer.parameters()]
+
+        for step, counts in enumerate(tokens):
+            x = torch.randn(counts[rank], 32, generator=_gen(step, rank))
+            for i, (a, b) in enumerate(zip(run(compiled, x), run(layer, x), strict=True)):
+                close(a, b, f"{counts[rank]} tokens: compiled vs eager, tensor {i}")
+        graphs = counters["stats"]["unique_graphs"]
+        assert graphs <= 3, f"{graphs} graphs for the token counts {[c[rank] for c in tokens]}"
+        assert ops.live_handles(layer.buffer_id) == 0
+    finally:
+        torch._dynamo.reset()
+        buf.destroy()
+
+
 def placement_compiled(rank: int, world: int, tokens: list[int], seed: int) -> None:
     """A layer with a largeep.placement.Placement (replicas of hot experts) under torch.compile(fullgraph=True),
     aot_eager and Inductor: the trace routes with Placement.table_route (no host wait) where eager routes with

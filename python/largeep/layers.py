@@ -374,6 +374,17 @@ def _release_dispatches(buffer_id: int, sent: Sequence[ops.DispatchOutput]) -> N
             ops._drop(buffer_id, d.handle.ticket)
 
 
+def _split_rows(t: Tensor, n: int) -> tuple[Tensor, ...]:
+    """``t.tensor_split(n)`` (chunk i has ceil((T - i) / n) rows). While compiling the same chunks come from their
+    sizes as expressions of T: ``tensor_split`` of a dynamic T makes Dynamo guard on T % n, so each remainder (and
+    each small T) compiled a graph of its own and a training run with varying token counts hit torch's recompile
+    limit (an error with ``fullgraph=True``)."""
+    if n == 1 or not torch.compiler.is_compiling():
+        return t.tensor_split(n)
+    rows = t.shape[0]
+    return tuple(torch.split(t, [(rows - i + n - 1) // n for i in range(n)]))
+
+
 class MoELayer(nn.Module):
     """gate -> (placement) -> dispatch -> local grouped SwiGLU experts -> combine, plus optional shared experts.
 
@@ -718,8 +729,8 @@ class MoELayer(nn.Module):
         x = x.contiguous()  # (a strided x copied once, before the event the dispatches wait for)
         # chunk views that start at an address not 16-byte aligned are copied now, before that event, not in
         # send_chunk, whose copy would queue behind the previous chunk's experts on this stream
-        xs = [ops._row_aligned(v) for v in x.tensor_split(n)]
-        idxs, ws = idx.tensor_split(n), w.tensor_split(n)
+        xs = [ops._row_aligned(v) for v in _split_rows(x, n)]
+        idxs, ws = _split_rows(idx, n), _split_rows(w, n)
         ready = ops.capture_event(x.device)  # the gate's outputs exist: dispatches wait for this only
         pending: list[ops.DispatchOutput | None] = [self.send_chunk(xs[0], idxs[0], ws[0], ready)]
         sent.append(pending[0])  # type: ignore[arg-type]
@@ -771,13 +782,18 @@ class MoELayer(nn.Module):
                     f"MoELayer: argument 'bf16_partial_sums' = True needs x in bfloat16 (the expert rows that its "
                     f"combines sum are in x's dtype), x is {x.dtype}"
                 )
-            copies = ops._needs_row_copy(x) or not idx.is_contiguous() or not w.is_contiguous()
+            # (while compiling no copy is made here: the custom ops copy a strided or misaligned x when they run, and
+            # a contiguity test of a chunk would make Dynamo guard on the chunk's size)
+            copies = not torch.compiler.is_compiling() and (
+                ops._needs_row_copy(x) or not idx.is_contiguous() or not w.is_contiguous()
+            )
             if ready is not None and copies:
                 # the copies read x, idx and w, which exist after `ready` (made on another stream, in MoEPipeline):
                 # the current stream waits for it first; and the dispatch then waits for the copies, queued after
                 # `ready`
                 ops.wait(ready)
-            xc, idxc, wc = ops._row_aligned(x), idx.contiguous(), w.contiguous()
+            xc, idxc, wc = (x, idx, w) if torch.compiler.is_compiling() else \
+                (ops._row_aligned(x), idx.contiguous(), w.contiguous())
             if ready is not None and copies:
                 ready = ops.capture_event(x.device)
             return ops.dispatch(
@@ -1039,8 +1055,8 @@ class MoEPipeline(nn.Module):
         # per (layer, chunk): x (input rows), idx / w / ready (its gate), d (dispatch), shared, c (combine)
         st: dict[tuple[int, int], dict[str, Any]] = {}
         first = self._route(0, x)  # the first layer's gate on the whole batch, as MoELayer does
-        parts = [first[k].tensor_split(n) for k in ("idx", "w")]
-        for i, xi in enumerate(x.tensor_split(n)):
+        parts = [_split_rows(first[k], n) for k in ("idx", "w")]
+        for i, xi in enumerate(_split_rows(x, n)):
             st[(0, i)] = {"x": xi, "idx": parts[0][i], "w": parts[1][i], "ready": first["ready"]}
         outs: list[Tensor | None] = [None] * n
 

@@ -1138,7 +1138,8 @@ def _dispatch_send_op(
     if use_fp8:  # (the quantisation would run on x's device, and the Buffer then refuse the pair naming its parts)
         checks.on("ops.dispatch", "x", x, buf.ctx.device)
     send = _fp8_pair(x) if use_fp8 else _row_aligned(x)
-    res = buf.dispatch(send, topk_idx, topk_weights, num_worst_tokens=num_worst_tokens)
+    # (idx and w contiguous here: a compiled caller's chunks are not copied before the op, see _needs_row_copy)
+    res = buf.dispatch(send, topk_idx.contiguous(), topk_weights.contiguous(), num_worst_tokens=num_worst_tokens)
     assert res.topk_idx is not None and res.topk_weights is not None
     entry = _Entry(res.handle, num_worst_tokens, _valid_rows(res.topk_idx >= 0) if num_worst_tokens else None)
     entry.pending = (_received_x(res.x, x.dtype if use_fp8 else None), res.topk_idx, res.topk_weights)
@@ -1768,10 +1769,11 @@ def _row_aligned(t: Tensor) -> Tensor:
 
 def _needs_row_copy(t: Tensor) -> bool:
     """Whether :func:`_row_aligned` copies ``t`` (strided, or starting at an address not 16-byte aligned on CUDA;
-    never while compiling, where no address is known: the custom ops copy when they run)."""
-    if not t.is_contiguous():
-        return True
-    return not torch.compiler.is_compiling() and t.is_cuda and t.data_ptr() % 16 != 0
+    never while compiling, where no layout is known for sure: the custom ops copy when they run, and a contiguity
+    test of a chunk of a dynamic batch would make Dynamo guard on, and recompile for, the chunk's size)."""
+    if torch.compiler.is_compiling():
+        return False
+    return not t.is_contiguous() or (t.is_cuda and t.data_ptr() % 16 != 0)
 
 
 def _home(

@@ -137,6 +137,12 @@ def test_compile_two_layers_fp8(pools, num_worst: int, num_chunks: int) -> None:
     pools(2).run(layer_bodies.compiled_two_layers, [12, 15], num_worst, num_chunks, 8, "aot_eager", True)
 
 
+@pytest.mark.parametrize("custom", [False, True])
+def test_chunks_freed_in_forward(pools, custom: bool) -> None:
+    """A chunked forward under autograd drops each chunk's received outputs before the chunk two later is sent."""
+    pools(2).run(layer_bodies.chunks_freed_in_forward, custom)
+
+
 def test_compile_dynamic_chunked(pools) -> None:
     """torch.compile(dynamic=True) of a chunked layer over 7 batch sizes: equal to eager, at most 3 graphs."""
     counts = [[4, 7], [5, 0], [6, 9], [7, 1], [0, 4], [9, 12], [1, 5]]

@@ -365,13 +365,21 @@ def _kind(v: object) -> str:
     return f"a {v.dtype} tensor of shape {tuple(v.shape)}" if isinstance(v, Tensor) else f"a {type(v).__name__}"
 
 
-def _release_dispatches(buffer_id: int, sent: Sequence[ops.DispatchOutput]) -> None:
-    """After a forward that raised: frees the registry entries of its custom-op dispatches (``TicketHandle``), which
-    only their combine or backward would have freed, and neither will now run (the forward's outputs and autograd
-    graph are lost with the error). Eager handles are objects that go with their last reference."""
-    for d in sent:
-        if isinstance(d.handle, ops.TicketHandle):
-            ops._drop(buffer_id, d.handle.ticket)
+def _sent(sent: list[tuple[int, Tensor]], buffer_id: int, d: ops.DispatchOutput) -> None:
+    """Notes a custom-op dispatch's ticket in ``sent`` (for :func:`_release_dispatches`). Only the ticket: holding
+    the DispatchOutput would keep its received rows (a zero-copy receive slot) alive to the end of the forward, so a
+    third chunk's dispatch found both slots taken and copied its rows."""
+    if isinstance(d.handle, ops.TicketHandle):
+        sent.append((buffer_id, d.handle.ticket))
+
+
+def _release_dispatches(sent: Sequence[tuple[int, Tensor]]) -> None:
+    """After a forward that raised: frees the registry entries of its custom-op dispatches ((buffer id, ticket) from
+    :func:`_sent`), which only their combine or backward would have freed, and neither will now run (the forward's
+    outputs and autograd graph are lost with the error). Eager handles are objects that go with their last
+    reference."""
+    for buffer_id, ticket in sent:
+        ops._drop(buffer_id, ticket)
 
 
 def _split_rows(t: Tensor, n: int) -> tuple[Tensor, ...]:
@@ -716,15 +724,16 @@ class MoELayer(nn.Module):
     def _forward_normal(self, x: Tensor, idx: Tensor, w: Tensor) -> Tensor:
         if torch.compiler.is_compiling():
             return self._forward_chunks(x, idx, w, [])
-        sent: list[ops.DispatchOutput] = []
+        sent: list[tuple[int, Tensor]] = []
         try:
             return self._forward_chunks(x, idx, w, sent)
         except BaseException:
-            _release_dispatches(self.buffer_id, sent)
+            _release_dispatches(sent)
             raise
 
-    def _forward_chunks(self, x: Tensor, idx: Tensor, w: Tensor, sent: list[ops.DispatchOutput]) -> Tensor:
-        """The chunked schedule; ``sent`` collects its dispatches (for :func:`_release_dispatches` on an error)."""
+    def _forward_chunks(self, x: Tensor, idx: Tensor, w: Tensor, sent: list[tuple[int, Tensor]]) -> Tensor:
+        """The chunked schedule; ``sent`` collects its custom-op dispatches' tickets (for
+        :func:`_release_dispatches` on an error)."""
         n = self.num_chunks
         x = x.contiguous()  # (a strided x copied once, before the event the dispatches wait for)
         # chunk views that start at an address not 16-byte aligned are copied now, before that event, not in
@@ -733,7 +742,7 @@ class MoELayer(nn.Module):
         idxs, ws = _split_rows(idx, n), _split_rows(w, n)
         ready = ops.capture_event(x.device)  # the gate's outputs exist: dispatches wait for this only
         pending: list[ops.DispatchOutput | None] = [self.send_chunk(xs[0], idxs[0], ws[0], ready)]
-        sent.append(pending[0])  # type: ignore[arg-type]
+        _sent(sent, self.buffer_id, pending[0])  # type: ignore[arg-type]
         shared = self.shared_experts(x) if self.shared_experts is not None else None  # overlaps the first dispatch
         carveout = self.overlap_carveout(x) if n > 1 else 0
         combined: list[ops.CombineOutput] = []
@@ -747,7 +756,7 @@ class MoELayer(nn.Module):
             # experts i first: the backend checks the ids with the count exchange, on the Buffer's stream.
             if i + 1 < n:
                 pending.append(self.send_chunk(xs[i + 1], idxs[i + 1], ws[i + 1], ready))
-                sent.append(pending[-1])  # type: ignore[arg-type]
+                _sent(sent, self.buffer_id, pending[-1])  # type: ignore[arg-type]
             combined.append(self.combine_chunk(y, d))
             # (without autograd nothing else holds the chunk's received rows: a zero-copy receive slot they sit in
             # is free for the next dispatch once its kernels are done, instead of at the end of the forward)
@@ -1031,16 +1040,16 @@ class MoEPipeline(nn.Module):
         Collective: every rank of the Buffers' groups must call it with the same ``num_chunks``."""
         if torch.compiler.is_compiling():
             return self._forward(x, [])
-        sent: list[tuple[int, ops.DispatchOutput]] = []
+        sent: list[tuple[int, Tensor]] = []
         try:
             return self._forward(x, sent)
         except BaseException:
-            for bid, d in sent:
-                _release_dispatches(bid, [d])
+            _release_dispatches(sent)
             raise
 
-    def _forward(self, x: Tensor, sent: list[tuple[int, ops.DispatchOutput]]) -> Tensor:
-        """The wavefront schedule; ``sent`` collects its dispatches (for :func:`_release_dispatches` on an error)."""
+    def _forward(self, x: Tensor, sent: list[tuple[int, Tensor]]) -> Tensor:
+        """The wavefront schedule; ``sent`` collects its custom-op dispatches' tickets (for
+        :func:`_release_dispatches` on an error)."""
         num_layers, n = len(self._stack), self.num_chunks
         self.aux_losses = [[] for _ in range(num_layers)]
         self._aux_rows = [[] for _ in range(num_layers)]
@@ -1063,7 +1072,7 @@ class MoEPipeline(nn.Module):
         def send(u: tuple[int, int]) -> None:
             layer, s = self._stack[u[0]], st[u]
             s["d"] = layer.send_chunk(s["x"], s["idx"], s["w"], s["ready"])
-            sent.append((layer.buffer_id, s["d"]))
+            _sent(sent, layer.buffer_id, s["d"])
             if side is None or u[0] == 0:  # (with a side stream, a later layer's shared experts ran there in finish)
                 s["shared"] = layer.shared_experts(s["x"]) if layer.shared_experts is not None else None
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One round of GPU checks on the GPU machine: build, GPU tests, benchmarks. Logs and JSON go to OUTDIR.
-# usage: scripts/device_check.sh OUTDIR [stage ...]   stages: build tests bench perf internode layer longrun tune comb shared
-#   (default: build tests bench)
+# usage: scripts/device_check.sh OUTDIR [stage ...]
+#   stages: build tests bench perf internode layer longrun tune comb shared primitives (default: build tests bench)
 #   bench: python -m largeep.bench (whole-call event times, every backend; LARGEEP_BENCH_ARGS overrides the preset)
 #   perf:  kernel times (normal) and kernel + CUDA-graph times (low-latency) of the nvshmem backend, on all GPUs,
 #          on GPUs 0,1 and (normal only) on GPU 0 (LARGEEP_PERF_SMS: the normal mode's SM counts, default 8,16,24)

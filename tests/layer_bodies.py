@@ -1190,6 +1190,111 @@ def chunks_freed_in_forward(rank: int, world: int, use_custom_ops: bool) -> None
         buf.destroy()
 
 
+class _Received:
+    """Watches ``ops.<name>`` (a dispatch) while in use: each call first notes which earlier calls' received tensors
+    (``fields`` of their outputs) are still alive, then keeps weak references to its own; ``note`` (optional: another
+    ops function, e.g. a combine) notes the same at each of its calls, in ``alive_at`` too, marked by its name."""
+
+    def __init__(self, name: str, fields: tuple[str, ...], note: str | None = None) -> None:
+        import weakref
+
+        self.name, self.fields, self.note = name, fields, note
+        self.refs: list[list[weakref.ref[torch.Tensor]]] = []
+        self.alive_at: list[Any] = []
+        self.plain = {n: getattr(ops, n) for n in (name, note) if n is not None}
+
+    def _alive(self) -> list[bool]:
+        return [any(r() is not None for r in rs) for rs in self.refs]
+
+    def __enter__(self) -> _Received:
+        import weakref
+
+        def watched(*args: Any, **kwargs: Any) -> Any:
+            self.alive_at.append(self._alive())
+            d = self.plain[self.name](*args, **kwargs)
+            self.refs.append([weakref.ref(getattr(d, f)) for f in self.fields])
+            return d
+
+        def noted(*args: Any, **kwargs: Any) -> Any:
+            self.alive_at.append((self.note, self._alive()))
+            return self.plain[self.note](*args, **kwargs)  # type: ignore[index]
+
+        setattr(ops, self.name, watched)
+        if self.note is not None:
+            setattr(ops, self.note, noted)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for n, fn in self.plain.items():
+            setattr(ops, n, fn)
+
+
+def _only_last(count: int) -> list[list[bool]]:
+    """The live set a chunked schedule allows at each of ``count`` dispatches: the outputs of the one before it
+    (whose experts were just queued, its combine not yet), none older."""
+    return [[i == k - 1 for i in range(k)] for k in range(count)]
+
+
+def pipeline_chunks_freed(rank: int, world: int, use_custom_ops: bool, one_buffer: bool) -> None:
+    """MoEPipeline of 2 layers (shared experts, a residual add and norm between) in 3 chunks under autograd, on one
+    Buffer or one each: at every dispatch of the wavefront only the previous (layer, chunk)'s received rows, ids
+    and weights are alive (its experts queued, its combine not yet), so two zero-copy receive slots always suffice;
+    the output and x's gradient equal the layers run one after another."""
+    hidden, experts = 32, 2 * world
+    kw = dict(hidden=hidden, num_experts=experts, num_topk=2, max_tokens_per_rank=32, backend="torch")
+    bufs = [largeep.Buffer(None, **kw) for _ in range(1 if one_buffer else 2)]  # type: ignore[arg-type]
+    try:
+        torch.manual_seed(6)
+        stack = [layers.MoELayer(bufs[j % len(bufs)], ffn_hidden=8, shared_ffn_hidden=8, use_custom_ops=use_custom_ops)
+                 for j in range(2)]
+        between = [lambda a, b: F.layer_norm(a + b, (hidden,))]
+        x0 = torch.randn(24, hidden, generator=_gen(11, rank))
+        x = x0.clone().requires_grad_()
+        with _Received("dispatch", ("x", "topk_idx", "topk_weights")) as watch:
+            out = layers.MoEPipeline(stack, between, num_chunks=3)(x)
+        assert watch.alive_at == _only_last(6), f"earlier outputs alive at each dispatch: {watch.alive_at}"
+        out.square().sum().backward()
+        ref_x = x0.clone().requires_grad_()
+        ref = stack[1](between[0](ref_x, stack[0](ref_x)))
+        ref.square().sum().backward()
+        close(out, ref, f"rank {rank}: pipeline vs the layers one after another")
+        close(x.grad, ref_x.grad, f"rank {rank}: grad of x, pipeline vs the layers one after another")
+        assert all(ops.live_handles(ops.register_buffer(b)) == 0 for b in bufs)
+    finally:
+        for b in bufs:
+            b.destroy()
+
+
+def layer_chunks_freed(rank: int, world: int, use_custom_ops: bool, tp: int) -> None:
+    """A MoELayer with shared experts in 3 chunks under autograd, with the experts split over a TP group of ``tp``
+    ranks (the received rows all-gathered over it) or whole: when chunk i + 1 is dispatched only chunk i's received
+    outputs are alive; the output and x's gradient equal the same layer in one chunk."""
+    from largeep.expert_tp import make_expert_tp_groups
+
+    groups = make_expert_tp_groups(tp)
+    buf = largeep.Buffer(groups.ep_group, hidden=32, num_experts=4, num_topk=2, max_tokens_per_rank=32,
+                         backend="torch")
+    try:
+        torch.manual_seed(8)
+        layer = layers.MoELayer(buf, ffn_hidden=8, shared_ffn_hidden=8, num_chunks=3, use_custom_ops=use_custom_ops,
+                                expert_tp_group=groups.tp_group if tp > 1 else None)
+        x0 = torch.randn(20 + rank, 32, generator=_gen(12, rank))
+        x = x0.clone().requires_grad_()
+        with _Received("dispatch", ("x", "topk_idx", "topk_weights")) as watch:
+            out = layer(x)
+        assert watch.alive_at == _only_last(3), f"earlier chunks' outputs alive at each dispatch: {watch.alive_at}"
+        out.square().sum().backward()
+        layer.num_chunks = 1
+        ref_x = x0.clone().requires_grad_()
+        ref = layer(ref_x)
+        ref.square().sum().backward()
+        close(out, ref, f"rank {rank}: 3 chunks vs 1")
+        close(x.grad, ref_x.grad, f"rank {rank}: grad of x, 3 chunks vs 1")
+        assert ops.live_handles(layer.buffer_id) == 0
+    finally:
+        buf.destroy()
+
+
 def compiled_dynamic_chunked(rank: int, world: int, tokens: list[list[int]]) -> None:
     """A training user's varying batch: torch.compile(dynamic=True, fullgraph=True) of a MoELayer in 2 chunks, forward
     and backward at each step's token counts (0 and 1 among them, different on each rank), equals eager in the output

@@ -143,6 +143,19 @@ def test_chunks_freed_in_forward(pools, custom: bool) -> None:
     pools(2).run(layer_bodies.chunks_freed_in_forward, custom)
 
 
+@pytest.mark.parametrize("custom", [False, True])
+@pytest.mark.parametrize("one_buffer", [False, True])
+def test_pipeline_chunks_freed(pools, custom: bool, one_buffer: bool) -> None:
+    """MoEPipeline, 2 layers x 3 chunks under autograd: at each dispatch only the previous unit's outputs live."""
+    pools(2).run(layer_bodies.pipeline_chunks_freed, custom, one_buffer)
+
+
+@pytest.mark.parametrize(("custom", "tp"), [(False, 1), (True, 1), (False, 2), (True, 2)])
+def test_layer_chunks_freed(pools, custom: bool, tp: int) -> None:
+    """A chunked layer with shared experts, whole or expert TP: at each dispatch only the previous chunk's live."""
+    pools(2).run(layer_bodies.layer_chunks_freed, custom, tp)
+
+
 def test_compile_dynamic_chunked(pools) -> None:
     """torch.compile(dynamic=True) of a chunked layer over 7 batch sizes: equal to eager, at most 3 graphs."""
     counts = [[4, 7], [5, 0], [6, 9], [7, 1], [0, 4], [9, 12], [1, 5]]

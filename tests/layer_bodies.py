@@ -1295,6 +1295,28 @@ def layer_chunks_freed(rank: int, world: int, use_custom_ops: bool, tp: int) -> 
         buf.destroy()
 
 
+def two_batch_freed(rank: int, world: int) -> None:
+    """TwoBatchOverlap: when micro-batch B's combine is sent (B's experts done), A's received rows are gone -- A's
+    experts ran and its combine was sent before B's experts -- so the two micro-batches' received rows
+    ([E/N, N*M, H] each) are not both held through B's experts; both results equal separate calls."""
+    buf = largeep.Buffer(None, hidden=32, num_experts=2 * world, num_topk=2, max_tokens_per_rank=8, backend="torch",
+                         low_latency=True)
+    try:
+        torch.manual_seed(9)
+        layer = layers.MoELayer(buf, ffn_hidden=8, shared_ffn_hidden=8)
+        x = torch.randn(11, 32, generator=_gen(13, rank))
+        xa, xb = x[:5], x[5:]
+        with _Received("low_latency_dispatch", ("x",), note="low_latency_combine") as watch:
+            ya, yb = layers.TwoBatchOverlap(layer)(xa, xb)
+        assert watch.alive_at == [[], [True], ("low_latency_combine", [True, True]),
+                                  ("low_latency_combine", [False, True])], \
+            f"received rows alive at each dispatch and combine: {watch.alive_at}"
+        with torch.no_grad():
+            assert torch.equal(ya, layer(xa)) and torch.equal(yb, layer(xb)), "two-batch overlap differs"
+    finally:
+        buf.destroy()
+
+
 def compiled_dynamic_chunked(rank: int, world: int, tokens: list[list[int]]) -> None:
     """A training user's varying batch: torch.compile(dynamic=True, fullgraph=True) of a MoELayer in 2 chunks, forward
     and backward at each step's token counts (0 and 1 among them, different on each rank), equals eager in the output

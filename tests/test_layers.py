@@ -156,6 +156,11 @@ def test_layer_chunks_freed(pools, custom: bool, tp: int) -> None:
     pools(2).run(layer_bodies.layer_chunks_freed, custom, tp)
 
 
+def test_two_batch_freed(pools) -> None:
+    """TwoBatchOverlap drops A's received rows once A's combine is sent, before B's experts."""
+    pools(2).run(layer_bodies.two_batch_freed)
+
+
 def test_compile_dynamic_chunked(pools) -> None:
     """torch.compile(dynamic=True) of a chunked layer over 7 batch sizes: equal to eager, at most 3 graphs."""
     counts = [[4, 7], [5, 0], [6, 9], [7, 1], [0, 4], [9, 12], [1, 5]]

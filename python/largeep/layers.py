@@ -872,7 +872,9 @@ class MoELayer(nn.Module):
 
     @torch.no_grad()  # low-latency mode has no autograd: no partial gradients (the gate's alone) either
     def _ll_experts(self, st: dict[str, Any]) -> None:
-        d: ops.LowLatencyDispatchOutput = st["d"]
+        # (taken out of the state: the received rows [E/N, N*M, H] go once the combine is sent, not when the call
+        # ends -- in TwoBatchOverlap that is after the other micro-batch's experts, beside which they took memory)
+        d: ops.LowLatencyDispatchOutput = st.pop("d")
         if st["hooks"]:
             d.hook()
         # (FP8 slots: the layer's capacity of gathered rows is dequantised, not every slot of the fixed-size buffer)

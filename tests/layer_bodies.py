@@ -1192,27 +1192,27 @@ def chunks_freed_in_forward(rank: int, world: int, use_custom_ops: bool) -> None
 
 class _Received:
     """Watches ``ops.<name>`` (a dispatch) while in use: each call first notes which earlier calls' received tensors
-    (``fields`` of their outputs) are still alive, then keeps weak references to its own; ``note`` (optional: another
-    ops function, e.g. a combine) notes the same at each of its calls, in ``alive_at`` too, marked by its name."""
+    (``fields`` of their outputs) still have their memory alive -- their storages, which any view or detached alias
+    keeps, as any such tensor keeps a zero-copy receive slot -- then keeps weak references to its own; ``note``
+    (optional: another ops function, e.g. a combine) notes the same at each of its calls, in ``alive_at`` too,
+    marked by its name."""
 
     def __init__(self, name: str, fields: tuple[str, ...], note: str | None = None) -> None:
-        import weakref
-
         self.name, self.fields, self.note = name, fields, note
-        self.refs: list[list[weakref.ref[torch.Tensor]]] = []
+        self.refs: list[list[Any]] = []
         self.alive_at: list[Any] = []
         self.plain = {n: getattr(ops, n) for n in (name, note) if n is not None}
 
     def _alive(self) -> list[bool]:
-        return [any(r() is not None for r in rs) for rs in self.refs]
+        return [any(not r.expired() for r in rs) for rs in self.refs]
 
     def __enter__(self) -> _Received:
-        import weakref
+        from torch.multiprocessing.reductions import StorageWeakRef
 
         def watched(*args: Any, **kwargs: Any) -> Any:
             self.alive_at.append(self._alive())
             d = self.plain[self.name](*args, **kwargs)
-            self.refs.append([weakref.ref(getattr(d, f)) for f in self.fields])
+            self.refs.append([StorageWeakRef(getattr(d, f).untyped_storage()) for f in self.fields])
             return d
 
         def noted(*args: Any, **kwargs: Any) -> Any:
@@ -1265,20 +1265,21 @@ def pipeline_chunks_freed(rank: int, world: int, use_custom_ops: bool, one_buffe
             b.destroy()
 
 
-def layer_chunks_freed(rank: int, world: int, use_custom_ops: bool, tp: int) -> None:
+def layer_chunks_freed(rank: int, world: int, use_custom_ops: bool, tp: int, use_fp8: bool) -> None:
     """A MoELayer with shared experts in 3 chunks under autograd, with the experts split over a TP group of ``tp``
-    ranks (the received rows all-gathered over it) or whole: when chunk i + 1 is dispatched only chunk i's received
-    outputs are alive; the output and x's gradient equal the same layer in one chunk."""
+    ranks (the received rows all-gathered over it) or whole, the rows sent as FP8 or not: when chunk i + 1 is
+    dispatched only chunk i's received outputs are alive; the output and x's gradient equal the same layer in one
+    chunk."""
     from largeep.expert_tp import make_expert_tp_groups
 
     groups = make_expert_tp_groups(tp)
-    buf = largeep.Buffer(groups.ep_group, hidden=32, num_experts=4, num_topk=2, max_tokens_per_rank=32,
+    buf = largeep.Buffer(groups.ep_group, hidden=128, num_experts=4, num_topk=2, max_tokens_per_rank=32,
                          backend="torch")
     try:
         torch.manual_seed(8)
         layer = layers.MoELayer(buf, ffn_hidden=8, shared_ffn_hidden=8, num_chunks=3, use_custom_ops=use_custom_ops,
-                                expert_tp_group=groups.tp_group if tp > 1 else None)
-        x0 = torch.randn(20 + rank, 32, generator=_gen(12, rank))
+                                use_fp8=use_fp8, expert_tp_group=groups.tp_group if tp > 1 else None)
+        x0 = torch.randn(20 + rank, 128, generator=_gen(12, rank))
         x = x0.clone().requires_grad_()
         with _Received("dispatch", ("x", "topk_idx", "topk_weights")) as watch:
             out = layer(x)

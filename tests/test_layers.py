@@ -150,10 +150,12 @@ def test_pipeline_chunks_freed(pools, custom: bool, one_buffer: bool) -> None:
     pools(2).run(layer_bodies.pipeline_chunks_freed, custom, one_buffer)
 
 
-@pytest.mark.parametrize(("custom", "tp"), [(False, 1), (True, 1), (False, 2), (True, 2)])
-def test_layer_chunks_freed(pools, custom: bool, tp: int) -> None:
-    """A chunked layer with shared experts, whole or expert TP: at each dispatch only the previous chunk's live."""
-    pools(2).run(layer_bodies.layer_chunks_freed, custom, tp)
+@pytest.mark.parametrize(("custom", "tp", "fp8"), [(c, tp, fp8) for c in (False, True) for tp, fp8 in
+                                                   ((1, False), (2, False), (1, True))])
+def test_layer_chunks_freed(pools, custom: bool, tp: int, fp8: bool) -> None:
+    """A chunked layer with shared experts, whole or expert TP, FP8 or not: at each dispatch only the previous
+    chunk's received outputs live."""
+    pools(2).run(layer_bodies.layer_chunks_freed, custom, tp, fp8)
 
 
 def test_two_batch_freed(pools) -> None:

@@ -185,6 +185,41 @@ def weight_grad_penalty(rank: int, world: int) -> None:
     close(got[1], got[0], f"rank {rank}: grad in x of the weight-gradient penalty, TP {world} vs TP 1")
 
 
+def checkpointed_tp_layer(rank: int, world: int, use_custom_ops: bool, keep_comm: bool) -> None:
+    """``torch.utils.checkpoint.checkpoint(layer, x)`` of an expert-TP layer (TP group of ``world``, EP groups of
+    one rank), plainly or with ``context_fn=ops.checkpoint_context_fn``, over two steps: the recomputation in the
+    backward ends once it has the tensors asked for -- torch raises to stop it, here inside the experts (the eager
+    path's last saved tensor) -- and that is not a failure of the TP group, which takes the next step; output and
+    grads equal the same layer without checkpointing."""
+    from torch.utils.checkpoint import checkpoint
+
+    groups = make_expert_tp_groups(world)
+    buf = largeep.Buffer(groups.ep_group, hidden=32, num_experts=2, num_topk=2, max_tokens_per_rank=16,
+                         backend="torch")
+    try:
+        torch.manual_seed(15)
+        layer = layers.MoELayer(buf, ffn_hidden=16, shared_ffn_hidden=8, num_chunks=2, use_custom_ops=use_custom_ops,
+                                expert_tp_group=groups.tp_group)
+        kw = {"context_fn": ops.checkpoint_context_fn} if keep_comm else {}
+
+        def run(x0: torch.Tensor, keep: bool) -> list[torch.Tensor]:
+            layer.zero_grad()
+            x = x0.clone().requires_grad_()
+            out = checkpoint(layer, x, use_reentrant=False, **kw) if keep else layer(x)
+            out.square().sum().backward()
+            assert ops.live_handles(layer.buffer_id) == 0
+            return [out.detach(), x.grad] + [p.grad for p in layer.parameters()]
+
+        for step in range(2):
+            x0 = torch.randn(9 + rank + step, 32, generator=_gen(16, rank, step))
+            want = run(x0, False)
+            got = run(x0, True)
+            for i, (a, b) in enumerate(zip(got, want, strict=True)):
+                close(a, b, f"rank {rank} step {step}: checkpointed vs plain, tensor {i}")
+    finally:
+        buf.destroy()
+
+
 def tp1_equals_plain(rank: int, world: int, tokens: list[int], seed: int, variants: list[dict[str, Any]]) -> None:
     """A TP group of one rank gives the plain layer's output and grads bit for bit."""
     hidden, ffn, shared_ffn, experts, topk = 32, 24, 8, 4 * world, 3

@@ -1296,6 +1296,50 @@ def layer_chunks_freed(rank: int, world: int, use_custom_ops: bool, tp: int, use
         buf.destroy()
 
 
+def checkpointed_chunks_held(rank: int, world: int, pipeline: bool) -> None:
+    """Custom-op path under ``ops.checkpoint_context_fn``, the checkpointed function being a MoELayer in 3 chunks or
+    a MoEPipeline of 2 layers in 3 chunks itself (so the recomputation stops inside its forward: torch ends it, by
+    an exception, once it has the tensors the backward asked for; the forward must neither release the saved
+    dispatches' handles then -- they are the forward's own -- nor fail). The policy saves each dispatch_recv's
+    outputs, so every dispatch's received memory stays until the backward (docs/usage.md, zero-copy: with two
+    zero-copy slots the third dispatch's rows are copied) and goes with it; output and grads equal the same
+    without checkpointing."""
+    from torch.utils.checkpoint import checkpoint
+
+    buf = largeep.Buffer(None, hidden=32, num_experts=2 * world, num_topk=2, max_tokens_per_rank=16, backend="torch")
+    try:
+        torch.manual_seed(10)
+        stack = [layers.MoELayer(buf, ffn_hidden=8, num_chunks=3, use_custom_ops=True) for _ in range(2)]
+        fn: Any = layers.MoEPipeline(stack, [lambda a, b: a + b], num_chunks=3) if pipeline else stack[0]
+        x0 = torch.randn(24, 32, generator=_gen(14, rank))
+        count = 6 if pipeline else 3
+
+        def run(keep: bool) -> list[torch.Tensor]:
+            for layer in stack:
+                layer.zero_grad()
+            x = x0.clone().requires_grad_()
+            with _Received("dispatch", ("x", "topk_idx", "topk_weights")) as watch:
+                out = checkpoint(fn, x, use_reentrant=False, context_fn=ops.checkpoint_context_fn) if keep else fn(x)
+            if keep:
+                assert watch.alive_at == [[True] * k for k in range(count)], f"saved outputs: {watch.alive_at}"
+            else:
+                assert watch.alive_at == _only_last(count), f"outputs alive at each dispatch: {watch.alive_at}"
+            out.square().sum().backward()
+            assert watch._alive() == [False] * count, "received outputs outlived the backward"
+            assert ops.live_handles(ops.register_buffer(buf)) == 0
+            grads = [p.grad for layer in stack for p in layer.parameters() if p.grad is not None]
+            return [out.detach(), x.grad, *grads]
+
+        want = run(False)
+        for step in range(2):  # (the second: nothing was left behind by the first)
+            got = run(True)
+            assert len(got) == len(want)
+            for i, (a, b) in enumerate(zip(got, want, strict=True)):
+                close(a, b, f"rank {rank} pipeline={pipeline} step {step}: checkpointed vs plain, tensor {i}")
+    finally:
+        buf.destroy()
+
+
 def two_batch_freed(rank: int, world: int) -> None:
     """TwoBatchOverlap: when micro-batch B's combine is sent (B's experts done), A's received rows are gone -- A's
     experts ran and its combine was sent before B's experts -- so the two micro-batches' received rows

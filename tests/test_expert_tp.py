@@ -65,6 +65,13 @@ def test_weight_grad_penalty(pools) -> None:
     pools(2).run(expert_tp_bodies.weight_grad_penalty)
 
 
+@pytest.mark.parametrize(("custom", "keep_comm"), [(False, False), (False, True), (True, True)])
+def test_checkpointed_tp_layer(pools, custom: bool, keep_comm: bool) -> None:
+    """An expert-TP layer under activation checkpointing (plain, or with ops.checkpoint_context_fn) over two
+    steps: the recomputation's early stop leaves the TP group usable; equal to the layer without checkpointing."""
+    pools(2).run(expert_tp_bodies.checkpointed_tp_layer, custom, keep_comm)
+
+
 @pytest.mark.parametrize("world", [2, 4])
 def test_tp1_equals_plain(pools, world: int) -> None:
     pools(world).run(expert_tp_bodies.tp1_equals_plain, _tokens(world), 80 + world, [{}, {"num_chunks": 2}])

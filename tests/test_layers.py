@@ -158,6 +158,13 @@ def test_layer_chunks_freed(pools, custom: bool, tp: int, fp8: bool) -> None:
     pools(2).run(layer_bodies.layer_chunks_freed, custom, tp, fp8)
 
 
+@pytest.mark.parametrize("pipeline", [False, True])
+def test_checkpointed_chunks_held(pools, pipeline: bool) -> None:
+    """checkpoint(layer or pipeline, context_fn=ops.checkpoint_context_fn) on the custom-op path: the recomputation
+    stopping inside the forward releases nothing; each dispatch's received memory is saved until the backward."""
+    pools(2).run(layer_bodies.checkpointed_chunks_held, pipeline)
+
+
 def test_two_batch_freed(pools) -> None:
     """TwoBatchOverlap drops A's received rows once A's combine is sent, before B's experts."""
     pools(2).run(layer_bodies.two_batch_freed)

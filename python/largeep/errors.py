@@ -25,3 +25,16 @@ class PeerRefusedError(RuntimeError):
     def __init__(self, message: str, *, buffer_usable: bool = True) -> None:
         super().__init__(message)
         self.buffer_usable = buffer_usable
+
+
+def _recomputation_stopped(exc: BaseException) -> bool:
+    """Whether ``exc`` is non-reentrant activation checkpointing ending a recomputation early: torch raises it from
+    the hook that saves a tensor, once the recomputation has every tensor the backward asked for, so it passes
+    through the code of the checkpointed region (a layer's forward) -- not an error of it. Where it passes, nothing
+    is to be undone: the dispatches a recomputation under ``ops.checkpoint_context_fn`` went through are the
+    forward's own, saved, whose backward is still to come; every rank stops at the same place, so collective
+    groups stay in step."""
+    from torch.utils import checkpoint
+
+    stop = getattr(checkpoint, "_StopRecomputationError", None)
+    return stop is not None and isinstance(exc, stop)

@@ -72,7 +72,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from largeep import _collective
-from largeep.errors import ArgumentError, PeerRefusedError
+from largeep.errors import ArgumentError, PeerRefusedError, _recomputation_stopped
 
 __all__ = [
     "ExpertTP",
@@ -674,8 +674,10 @@ class ExpertTP:
             return self._rows_through(experts, x, topk_idx, topk_weights, cap, pairs)
         except BaseException as exc:
             # the others went on into the rows' collectives after the exchange: this rank's next ones would pair
-            # with theirs (a failed wait has marked the group with its own reason already)
-            _fail(self.group, f"a chunk's forward raised {_raised(exc)} after its count exchange")
+            # with theirs (a failed wait has marked the group with its own reason already). Not where activation
+            # checkpointing ended its recomputation in the experts: every member stopped there alike
+            if not _recomputation_stopped(exc):
+                _fail(self.group, f"a chunk's forward raised {_raised(exc)} after its count exchange")
             raise
 
     def _rows_through(

@@ -61,7 +61,7 @@ from torch import Tensor, nn
 
 from largeep import _collective, checks, fp8, ops
 from largeep.buffer import Buffer
-from largeep.errors import ArgumentError
+from largeep.errors import ArgumentError, _recomputation_stopped
 from largeep.expert_tp import ExpertTP
 
 __all__ = [
@@ -727,8 +727,9 @@ class MoELayer(nn.Module):
         sent: list[tuple[int, Tensor]] = []
         try:
             return self._forward_chunks(x, idx, w, sent)
-        except BaseException:
-            _release_dispatches(sent)
+        except BaseException as exc:
+            if not _recomputation_stopped(exc):
+                _release_dispatches(sent)
             raise
 
     def _forward_chunks(self, x: Tensor, idx: Tensor, w: Tensor, sent: list[tuple[int, Tensor]]) -> Tensor:
@@ -811,7 +812,7 @@ class MoELayer(nn.Module):
                 use_custom_ops=self.use_custom_ops, use_fp8=self.use_fp8, bf16_partial_sums=self.bf16_partial_sums,
             )
         except BaseException as exc:
-            if tp is not None:
+            if tp is not None and not _recomputation_stopped(exc):
                 # a refusal in this rank's EP group: the TP partners, in other EP groups, dispatched theirs and wait
                 # in this chunk's count exchange; this rank joins it with a void row, so that every member raises
                 # there and the TP group stays in step (expert_tp.ExpertTP.dispatch_failed)
@@ -1045,8 +1046,9 @@ class MoEPipeline(nn.Module):
         sent: list[tuple[int, Tensor]] = []
         try:
             return self._forward(x, sent)
-        except BaseException:
-            _release_dispatches(sent)
+        except BaseException as exc:
+            if not _recomputation_stopped(exc):
+                _release_dispatches(sent)
             raise
 
     def _forward(self, x: Tensor, sent: list[tuple[int, Tensor]]) -> Tensor:

@@ -1156,40 +1156,6 @@ def ops_zero_rows_backward(rank: int, world: int) -> None:
     assert ops.live_handles(bid) == 0
 
 
-def chunks_freed_in_forward(rank: int, world: int, use_custom_ops: bool) -> None:
-    """A MoELayer in 3 chunks under autograd, eager and custom-op paths: when chunk i + 2 is dispatched, chunk i's
-    received rows, ids and weights are gone (its experts ran and its combine was queued): on the nvshmem backend
-    they sit in one of two zero-copy receive slots, and a forward that kept them to its end (its list of dispatches
-    for releasing tickets after an error held the outputs) made every third chunk's dispatch copy its rows."""
-    import weakref
-
-    buf = largeep.Buffer(None, hidden=32, num_experts=2 * world, num_topk=2, max_tokens_per_rank=16, backend="torch")
-    plain = ops.dispatch
-    refs: list[list[weakref.ref[torch.Tensor]]] = []
-    alive_at: list[list[bool]] = []
-
-    def watched(*args: Any, **kwargs: Any) -> ops.DispatchOutput:
-        alive_at.append([any(r() is not None for r in rs) for rs in refs])
-        d = plain(*args, **kwargs)
-        refs.append([weakref.ref(t) for t in (d.x, d.topk_idx, d.topk_weights)])
-        return d
-
-    try:
-        torch.manual_seed(5)
-        layer = layers.MoELayer(buf, ffn_hidden=8, num_chunks=3, use_custom_ops=use_custom_ops)
-        x = torch.randn(24, 32, generator=_gen(9, rank)).requires_grad_()
-        ops.dispatch = watched  # type: ignore[assignment]
-        try:
-            out = layer(x)
-        finally:
-            ops.dispatch = plain  # type: ignore[assignment]
-        assert alive_at == [[], [True], [False, True]], f"earlier chunks' outputs alive at each dispatch: {alive_at}"
-        out.square().sum().backward()
-        assert x.grad is not None and ops.live_handles(layer.buffer_id) == 0
-    finally:
-        buf.destroy()
-
-
 class _Received:
     """Watches ``ops.<name>`` (a dispatch) while in use: each call first notes which earlier calls' received tensors
     (``fields`` of their outputs) still have their memory alive -- their storages, which any view or detached alias
@@ -1227,6 +1193,26 @@ class _Received:
     def __exit__(self, *exc: Any) -> None:
         for n, fn in self.plain.items():
             setattr(ops, n, fn)
+
+
+def chunks_freed_in_forward(rank: int, world: int, use_custom_ops: bool) -> None:
+    """A MoELayer in 3 chunks under autograd, eager and custom-op paths: when chunk i + 2 is dispatched, chunk i's
+    received rows, ids and weights are gone (its experts ran and its combine was queued): on the nvshmem backend
+    they sit in one of two zero-copy receive slots, and a forward that kept them to its end (its list of dispatches
+    for releasing tickets after an error held the outputs) made every third chunk's dispatch copy its rows."""
+    buf = largeep.Buffer(None, hidden=32, num_experts=2 * world, num_topk=2, max_tokens_per_rank=16, backend="torch")
+    try:
+        torch.manual_seed(5)
+        layer = layers.MoELayer(buf, ffn_hidden=8, num_chunks=3, use_custom_ops=use_custom_ops)
+        x = torch.randn(24, 32, generator=_gen(9, rank)).requires_grad_()
+        with _Received("dispatch", ("x", "topk_idx", "topk_weights")) as watch:
+            out = layer(x)
+        alive_at = watch.alive_at
+        assert alive_at == [[], [True], [False, True]], f"earlier chunks' outputs alive at each dispatch: {alive_at}"
+        out.square().sum().backward()
+        assert x.grad is not None and ops.live_handles(layer.buffer_id) == 0
+    finally:
+        buf.destroy()
 
 
 def _only_last(count: int) -> list[list[bool]]:

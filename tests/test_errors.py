@@ -862,6 +862,17 @@ def test_tune_accepts(monkeypatch: pytest.MonkeyPatch, comb: int) -> None:
     assert _env.settings().tune == {"threads": 512, "unroll": 4, "ll_spread": 0, "ll_fuse": 1, "comb": comb}
 
 
+@pytest.mark.parametrize("raw,comb", [(None, 3), ("", 3), (" comb = 8 ", 8), ("comb=0", 0)])
+def test_tune_defaults(monkeypatch: pytest.MonkeyPatch, raw: str | None, comb: int) -> None:
+    """Unset (or empty) LARGEEP_TUNE gives README's defaults, threads=1024,unroll=8,ll_spread=1,ll_fuse=0,comb=3 (the
+    fused combine, not the copy engines' comb=8); a value given for one key leaves the others at theirs."""
+    if raw is None:
+        monkeypatch.delenv("LARGEEP_TUNE", raising=False)
+    else:
+        monkeypatch.setenv("LARGEEP_TUNE", raw)
+    assert _env.settings().tune == {"threads": 1024, "unroll": 8, "ll_spread": 1, "ll_fuse": 0, "comb": comb}
+
+
 # -- LARGEEP_STREAM_PRIORITY ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize("raw,high", [(None, True), ("", True), ("high", True), (" HIGH ", True), ("normal", False)])
 def test_stream_priority_accepts(monkeypatch: pytest.MonkeyPatch, raw: str | None, high: bool) -> None:

@@ -703,6 +703,28 @@ def test_fused_combine_flag_applies_to_largeep_records_only(tmp_path: Path) -> N
     assert got == {("nvshmem", 3), ("deepep", 0), ("nvshmem", 5)}, got
 
 
+def test_run_tune_comb_applies_to_largeep_one_node_records_only(tmp_path: Path) -> None:
+    """A benchmark run's settings record LARGEEP_TUNE (its comb: which combine one node ran): load gives that
+    share to largeep's one-node normal-mode records only; DeepEP's combine, timed in the same run, is not largeep's
+    fused kernel (0), and groups of several nodes always ran push + reduce (0); so DeepEP's one-node combine of a
+    comb=8 run still counts as a usable record, while largeep's (moved by the copy engines) does not."""
+    import json
+
+    base = dict(mode="normal", op="combine", dtype="bf16", ep=2, ranks_per_node=2, num_sms=24, num_tokens=4096,
+                hidden=7168, num_topk=8, num_experts=256, time_us_median=300.0, time_us_p10=290.0,
+                time_us_p90=310.0, logical_gbps=100.0)
+    recs = [dict(base, backend="nvshmem"), dict(base, backend="deepep"),
+            dict(base, backend="nvshmem", ep=4, ranks_per_node=2)]
+    for comb in (5, 8):
+        path = tmp_path / f"results_{comb}.json"
+        path.write_text(json.dumps({"records": recs, "settings": {"tune": {"comb": comb}}}))
+        got = [(r["backend"], r["ep"], r["combine_eighths"]) for r in sim.load(path)]
+        assert got == [("nvshmem", 2, comb), ("deepep", 2, 0), ("nvshmem", 4, 0)], got
+        usable = [(r["backend"], r["ep"]) for r in sim.load(path) if sim._usable(r)]
+        assert usable == ([("deepep", 2), ("nvshmem", 4)] if comb == 8 else
+                          [("nvshmem", 2), ("deepep", 2), ("nvshmem", 4)]), usable
+
+
 def test_a_rate_fitted_to_no_term_is_printed_as_such(capsys: pytest.CaptureFixture[str]) -> None:
     """copy_gbps driven to zero was listed as fitted and printed "none", which means no record pinned it down."""
     path = RESULTS / "2026-11-30-session5/run1/perf/kernel_times_ep2.json"

@@ -2187,11 +2187,13 @@ def layer_bf16_partial_sums(rank: int, world: int, ranks_per_node: int | None, s
 
 
 def error_frees_custom_op_handles(rank: int, world: int) -> None:
-    """A forward on the custom-op path that raises after a dispatch (chunk 1's ids refused after chunk 0 went; a
-    pipeline's between function failing) frees the registry entries of its dispatches, which no combine or backward
-    will use now: none is left, and the next call gives the eager path's output."""
+    """A forward on the custom-op path that raises after a dispatch (the last chunk's ids refused after the chunks
+    before it went: 2 chunks, and 3, whose middle chunk is dispatched in the loop over chunks; a pipeline's between
+    function failing) frees the registry entries of its dispatches, which no combine or backward will use now: none
+    is left, and the next call gives the eager path's output."""
     e, k, h, f = 2 * world, 2, 16, 8
     buf = largeep.Buffer(None, hidden=h, num_experts=e, num_topk=k, max_tokens_per_rank=8, backend="torch")
+    other = largeep.Buffer(None, hidden=h, num_experts=e, num_topk=k, max_tokens_per_rank=8, backend="torch")
 
     class LateBadGate(torch.nn.Module):
         distinct_experts = True
@@ -2209,12 +2211,12 @@ def error_frees_custom_op_handles(rank: int, world: int) -> None:
 
     try:
         x = torch.randn(6, h, generator=_gen(rank, 8))
-        for grad in (False, True):
+        for grad, chunks in ((False, 2), (True, 2), (False, 3), (True, 3)):
             gate = LateBadGate()
             torch.manual_seed(9)
-            layer = layers.MoELayer(buf, ffn_hidden=f, gate=gate, num_chunks=2, use_custom_ops=True)
+            layer = layers.MoELayer(buf, ffn_hidden=f, gate=gate, num_chunks=chunks, use_custom_ops=True)
             torch.manual_seed(9)
-            eager = layers.MoELayer(buf, ffn_hidden=f, gate=gate, num_chunks=2)
+            eager = layers.MoELayer(buf, ffn_hidden=f, gate=gate, num_chunks=chunks)
             xi = x.clone().requires_grad_(grad)
             for _ in range(3):
                 try:
@@ -2232,8 +2234,9 @@ def error_frees_custom_op_handles(rank: int, world: int) -> None:
                 raise ValueError("between failed")
             return a + b
 
+        # (the pipeline's second layer on a Buffer of its own: its dispatches' entries are that Buffer's)
         torch.manual_seed(10)
-        stack = [layers.MoELayer(buf, ffn_hidden=f, use_custom_ops=True) for _ in range(2)]
+        stack = [layers.MoELayer(b, ffn_hidden=f, use_custom_ops=True) for b in (buf, other)]
         pipe = layers.MoEPipeline(stack, [between], num_chunks=3)
         xg = x.clone().requires_grad_()
         calls = [0]
@@ -2242,9 +2245,11 @@ def error_frees_custom_op_handles(rank: int, world: int) -> None:
             raise AssertionError("between raised: no error")
         except ValueError:
             pass
-        assert ops.live_handles(buf_id := stack[0].buffer_id) == 0, ops.live_handles(buf_id)
+        for layer in stack:
+            assert ops.live_handles(layer.buffer_id) == 0, (layer.buffer_id, ops.live_handles(layer.buffer_id))
         calls[0] = -100
         want = stack[1](stack[0](x) + x)
         close(pipe(x), want, "custom-op pipeline after an error", rtol=1e-5)
     finally:
+        other.destroy()
         buf.destroy()

@@ -689,3 +689,48 @@ def ops_bf16_partial_sums(rank: int, world: int, ranks_per_node: int | None, cus
     finally:
         buf.destroy()
     return fails
+
+
+def ops_strided_inputs(rank: int, world: int) -> list[str]:
+    """The custom-op dispatch (eager with use_custom_ops, and compiled with fullgraph, where it is always taken) of
+    a strided x (transposed, or every other row of a larger tensor), topk_idx (columns of a wider tensor) or
+    topk_weights (every other column): the received x, ids and weights equal those of contiguous copies, and a
+    combine of the received rows gives each token's x times the ranks it reached. The op copies them before the
+    Buffer, which refuses strided tensors; a compiled caller's layer chunks are not copied before the op."""
+    fails: list[str] = []
+    tokens = 6
+    buf = _buffer(world, max_tokens=tokens)
+    try:
+        bid = ops.register_buffer(buf)
+        x, idx, w = _inputs(rank, world, tokens, 77)
+        reached = _ranks_reached(idx, world)
+        cases = {
+            "x transposed": (x.t().contiguous().t(), idx, w),
+            "x every other row": (torch.stack([x, torch.zeros_like(x)], 1).flatten(0, 1)[::2], idx, w),
+            "topk_idx columns": (x, torch.cat([idx, torch.zeros_like(idx)], 1)[:, :TOPK], w),
+            "topk_weights strided": (x, idx, torch.stack([w, torch.zeros_like(w)], 2).flatten(1)[:, ::2]),
+        }
+
+        def call(xa: torch.Tensor, ia: torch.Tensor, wa: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            d = ops.dispatch(bid, xa, ia, wa, use_custom_ops=True)
+            return d.x, d.topk_idx, d.topk_weights, ops.combine(bid, d.x, d.handle).x
+
+        compiled = torch.compile(call, backend="aot_eager", fullgraph=True)
+        torch._dynamo.reset()
+        with torch.no_grad():
+            want = call(x, idx, w)
+            _check(fails, torch.allclose(want[3], x * reached, rtol=1e-6), "contiguous inputs: combine != x * ranks")
+            for name, args in cases.items():
+                ok = args[0].is_contiguous() and args[1].is_contiguous() and args[2].is_contiguous()
+                _check(fails, not ok, f"{name}: the case's inputs are all contiguous")
+                for how, fn in (("eager custom-op", call), ("compiled", compiled)):
+                    got = _attempt(fails, f"{name}, {how}", fn, *args)
+                    if got is None:
+                        continue
+                    for part, a, b in zip(("x", "topk_idx", "topk_weights", "combine"), got, want, strict=True):
+                        _check(fails, torch.equal(a, b), f"{name}, {how}: received {part} differs")
+        torch._dynamo.reset()
+        _check(fails, ops.live_handles(bid) == 0, f"{ops.live_handles(bid)} live handles after, want 0")
+    finally:
+        buf.destroy()
+    return fails

@@ -152,6 +152,10 @@ def test_dispatch_fp8_strided(pools) -> None:
     _no_failures(pools(2).run(ops_bodies.ops_fp8_strided))
 
 
+def test_dispatch_strided_inputs_custom_ops(pools) -> None:
+    _no_failures(pools(2).run(ops_bodies.ops_strided_inputs))
+
+
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
 @pytest.mark.parametrize("num_worst", [0, 40])
 def test_two_batches_compiled(pools, num_worst: int, backend: str) -> None:

@@ -787,9 +787,21 @@ def test_check_names_the_placeholder_constants_a_record_rests_on() -> None:
             "lat_us[normal.dispatch]", "sm_gbps"]
         assert sim.check(replace(ph, fitted=["normal.dispatch", "sm_gbps"]), [sm_bound],
                          overlap=overlap).rows[0]["placeholders"] == []
-    # a fit that determined them: nothing to name
+    # one node without overlap: only NVLink carries bytes, so eff_rdma decides nothing
+    rows = sim.check(ph, recs[:1], overlap=False).rows
+    assert rows[0]["placeholders"] == ["lat_us[normal.dispatch]", "eff_nvlink"]
+    # a fit that determined them: nothing to name; nor a rate the fit left unbound (where an earlier solve put it)
     fitted = replace(ph, fitted=["normal.dispatch", "eff_nvlink"])
     assert sim.check(fitted, recs[:1]).rows[0]["placeholders"] == []
+    assert sim.check(replace(ph, fitted=["normal.dispatch"], unbound=["eff_nvlink"]),
+                     recs[:1]).rows[0]["placeholders"] == []
+    # of_fitted: the figures over the rows that rest on no placeholder, None where every row does or none does
+    assert sim._check_doc(sim.check(fitted, recs[:1]), "t", fitted)["of_fitted"] is None
+    assert sim._check_doc(sim.check(ph, recs), "t", ph)["of_fitted"] is None
+    doc = sim._check_doc(sim.check(fitted, recs), "t", fitted)
+    assert doc["of_fitted"] == {"n": 1, "median_abs_err": abs(doc["rows"][0]["rel_err"]),
+                                "max_abs_err": abs(doc["rows"][0]["rel_err"]),
+                                "within_15pct": int(abs(doc["rows"][0]["rel_err"]) <= 0.15)}
 
 
 def test_holdout_by_gpu_count_says_which_records_test_placeholders(capsys: pytest.CaptureFixture[str]) -> None:

@@ -797,15 +797,15 @@ class MoELayer(nn.Module):
             copies = not torch.compiler.is_compiling() and (
                 ops._needs_row_copy(x) or not idx.is_contiguous() or not w.is_contiguous()
             )
-            if ready is not None and copies:
+            xc, idxc, wc = x, idx, w
+            if copies:
                 # the copies read x, idx and w, which exist after `ready` (made on another stream, in MoEPipeline):
                 # the current stream waits for it first; and the dispatch then waits for the copies, queued after
                 # `ready`
                 ops.wait(ready)
-            xc, idxc, wc = (x, idx, w) if torch.compiler.is_compiling() else \
-                (ops._row_aligned(x), idx.contiguous(), w.contiguous())
-            if ready is not None and copies:
-                ready = ops.capture_event(x.device)
+                xc, idxc, wc = ops._row_aligned(x), idx.contiguous(), w.contiguous()
+                if ready is not None:
+                    ready = ops.capture_event(x.device)
             return ops.dispatch(
                 self.buffer_id, xc, idxc, wc,
                 num_worst_tokens=self.num_worst_tokens, previous_event=ready, async_finish=True,

@@ -734,3 +734,112 @@ def ops_strided_inputs(rank: int, world: int) -> list[str]:
     finally:
         buf.destroy()
     return fails
+
+
+def ops_strided_eager(rank: int, world: int, backend: str, device: str) -> list[str]:
+    """The plain eager ``ops.dispatch`` (no custom ops) of a strided x (transposed, every other row of a larger
+    tensor, or on CUDA a contiguous one that starts 4 bytes into its storage), topk_idx (columns of a wider tensor),
+    topk_weights (every other column), or all three: the received x, ids and weights, the combine of the received
+    rows, and the gradients of x's and the weights' storage equal those of contiguous copies, bit for bit; the
+    caller's tensors are unchanged. On CUDA also with ``previous_event`` (the Buffer's stream copies them after it):
+    x written on the caller's stream only just before the event, then the caller's stream kept busy after it (a
+    copy queued there, which the dispatch does not wait for, would not have run), with and without
+    ``async_finish``. The Buffer itself refuses strided tensors; the copies are ops.dispatch's."""
+    fails: list[str] = []
+    tokens = 6
+    dev = torch.device(device)
+    buf = _buffer(world, max_tokens=tokens, backend=backend)
+    try:
+        x0, idx0, w0 = (t.to(dev) for t in _inputs(rank, world, tokens, 91))
+        g = torch.Generator().manual_seed(300 + rank)
+        cot = torch.randn(world * tokens, HIDDEN, generator=g).to(dev)
+        cot_w = torch.randn(world * tokens, TOPK, generator=g).to(dev)
+
+        def strided(name: str, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            """(the storage's leaf, the view of it holding t's values)"""
+            if name == "transposed":
+                base = t.t().contiguous().detach().requires_grad_(t.is_floating_point())
+                return base, base.t()
+            if name == "rows":
+                base = torch.stack([t, torch.zeros_like(t)], 1).flatten(0, 1).detach()
+                return base.requires_grad_(t.is_floating_point()), base[::2]
+            if name == "columns":
+                base = torch.stack([t, torch.zeros_like(t)], 2).flatten(1).detach()
+                return base.requires_grad_(t.is_floating_point()), base[:, ::2]
+            assert name == "offset"
+            base = torch.cat([t.new_zeros(1), t.flatten()]).detach().requires_grad_(t.is_floating_point())
+            return base, base[1:].view(t.shape)
+
+        cases = {
+            "x transposed": ("transposed", None, None),
+            "x every other row": ("rows", None, None),
+            "topk_idx columns": (None, "columns", None),
+            "topk_weights every other column": (None, None, "columns"),
+            "all three": ("rows", "columns", "columns"),
+        }
+        if dev.type == "cuda":
+            cases["x 4 bytes into its storage"] = ("offset", None, None)
+
+        def run(args: list[tuple[torch.Tensor, torch.Tensor]], ready: str | None, async_finish: bool) -> Any:
+            (xb, xa), (_, ia), (wb, wa) = args
+            ev = None
+            if ready is not None:
+                torch.cuda._sleep(20_000_000)  # x's values written late on the caller's stream
+                with torch.no_grad():
+                    keep = xa.detach().clone()
+                    xb.detach().zero_()
+                    torch.cuda._sleep(20_000_000)
+                    xa.detach().copy_(keep)
+                ev = ops.capture_event(dev)
+                if ready == "busy_after":
+                    torch.cuda._sleep(50_000_000)
+            d = ops.dispatch(buf, xa, ia, wa, previous_event=ev, async_finish=async_finish)
+            ops.wait(d.event)
+            rows = d.x.shape[0]
+            with torch.no_grad():
+                back = ops.combine(buf, d.x, d.handle).x
+            ((d.x * cot[:rows]).sum() + (d.topk_weights * cot_w[:rows]).sum()).backward()
+            return (d.x.detach(), d.topk_idx, d.topk_weights.detach(), back, xb.grad, wb.grad)
+
+        def plain() -> list[tuple[torch.Tensor, torch.Tensor]]:
+            out = []
+            for t in (x0, idx0, w0):
+                leaf = t.clone().requires_grad_(t.is_floating_point())
+                out.append((leaf, leaf))
+            return out
+
+        want = run(plain(), None, False)
+        names = ("x", "topk_idx", "topk_weights", "combine", "x's gradient", "topk_weights' gradient")
+        readies: list[tuple[str | None, bool]] = [(None, False)]
+        if dev.type == "cuda":
+            readies += [("late", True), ("busy_after", True), ("busy_after", False)]
+        for case, kinds in cases.items():
+            for ready, async_finish in readies:
+                what = f"{case}, previous_event {ready}, async_finish={async_finish}"
+                args = [strided(k, t) if k else (t.clone().requires_grad_(t.is_floating_point()),) * 2
+                        for k, t in zip(kinds, (x0, idx0, w0), strict=True)]
+                views = [a[1].detach().clone() for a in args]
+                _check(fails, any(not a[1].is_contiguous() or a[1].data_ptr() % 16 for a in args),
+                       f"{what}: the case's inputs are all contiguous and aligned")
+                got = _attempt(fails, what, run, args, ready, async_finish)
+                if got is None:
+                    continue
+                if dev.type == "cuda":
+                    torch.cuda.synchronize(dev)
+                for part, a, b, kind in zip(names, got, want, (*kinds, None, kinds[0], kinds[2]), strict=True):
+                    if part.endswith("gradient") and kind is not None:
+                        if kind == "transposed":
+                            a = a.t()
+                        elif kind == "offset":
+                            a = a[1:].view(b.shape)
+                        elif kind == "rows":
+                            a = a[::2]
+                        else:
+                            a = a[:, ::2]
+                    _check(fails, a is not None and b is not None and torch.equal(a, b),
+                           f"{what}: {part} differs from the contiguous inputs'")
+                for (_, v), before in zip(args, views, strict=True):
+                    _check(fails, torch.equal(v.detach(), before), f"{what}: an input changed")
+    finally:
+        buf.destroy()
+    return fails

@@ -156,6 +156,23 @@ def test_dispatch_strided_inputs_custom_ops(pools) -> None:
     _no_failures(pools(2).run(ops_bodies.ops_strided_inputs))
 
 
+def test_dispatch_strided_inputs_eager(pools) -> None:
+    """The plain eager ops.dispatch copies strided inputs as the custom-op path does (the Buffer refuses them)."""
+    _no_failures(pools(2).run(ops_bodies.ops_strided_eager, "torch", "cpu"))
+
+
+@pytest.mark.gpu(2)
+@pytest.mark.parametrize("backend", ["nvshmem", "torch"])
+def test_dispatch_strided_inputs_eager_gpu(pools, backend: str) -> None:
+    """ops.dispatch of strided and misaligned inputs on CUDA, also after a previous_event whose x is written late
+    and with the caller's stream busy after it (the copies must run after the event, before the dispatch)."""
+    from largeep import native
+
+    if backend == "nvshmem" and native.unavailable_reason() is not None:
+        pytest.skip(str(native.unavailable_reason()))
+    _no_failures(pools(2, "nccl").run(ops_bodies.ops_strided_eager, backend, "cuda"))
+
+
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
 @pytest.mark.parametrize("num_worst", [0, 40])
 def test_two_batches_compiled(pools, num_worst: int, backend: str) -> None:

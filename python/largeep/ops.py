@@ -1628,21 +1628,47 @@ def _received_x(x: Tensor | tuple[Tensor, Tensor], dtype: torch.dtype | None) ->
     return fp8.dequantize(*x, dtype=dtype)
 
 
-def _send_fp8(buffer: Buffer, x: Tensor, previous_event: EventOverlap | None) -> tuple[Tensor, Tensor]:
-    """``x`` quantised (:func:`_fp8_pair`) where the dispatch will find it: on the caller's stream, which a dispatch
-    without ``previous_event`` waits for; with one, the dispatch waits for that event only, so the quantisation
-    runs on the Buffer's stream after it, in order before the dispatch there (no other stream: the same under
-    CUDA-graph capture). x on another device than the Buffer's is refused first (the quantisation would run on
-    x's, and the Buffer then refuse the pair naming its parts)."""
+def _sendable(
+    buffer: Buffer, x: Tensor, topk_idx: Tensor, topk_weights: Tensor, use_fp8: bool,
+    previous_event: EventOverlap | None,
+) -> tuple[Tensor | tuple[Tensor, Tensor], Tensor, Tensor, EventOverlap | None]:
+    """What an eager dispatch hands the Buffer: x (``use_fp8``: its FP8 pair, :func:`_fp8_pair`), topk_idx and
+    topk_weights, each copied where the Buffer would refuse its layout (strided; x also where it starts at an
+    address not 16-byte aligned on CUDA), as the custom-op path copies them; and the event the dispatch is to wait
+    for. The copies (and the quantisation) run where the dispatch would find them: on the caller's stream, which a
+    dispatch without ``previous_event`` waits for; with one, on the Buffer's stream after that event (no other
+    stream: the same under CUDA-graph capture), and an event recorded there after them replaces it. A tensor on
+    another device than the Buffer's is passed as it is, for the Buffer to refuse naming it (``use_fp8``: x is
+    refused here, the quantisation would run on x's device and the Buffer then name the pair's parts)."""
+    device = buffer.ctx.device
+    if use_fp8:
+        checks.on("ops.dispatch", "x", x, device)
+
+    def here(t: Any) -> bool:
+        return isinstance(t, Tensor) and t.device == device
+
+    copy_x = here(x) and _needs_row_copy(x)
+    copy_iw = [here(t) and not t.is_contiguous() for t in (topk_idx, topk_weights)]
+    if not (use_fp8 or copy_x or any(copy_iw)):
+        return x, topk_idx, topk_weights, previous_event
+
+    def make() -> tuple[Tensor | tuple[Tensor, Tensor], Tensor, Tensor]:
+        send = _fp8_pair(x) if use_fp8 else _row_aligned(x)
+        idx, w = (t.contiguous() if c else t for t, c in zip((topk_idx, topk_weights), copy_iw, strict=True))
+        return send, idx, w
+
     stream = buffer._stream
-    checks.on("ops.dispatch", "x", x, buffer.ctx.device)
     if previous_event is None or previous_event.event is None or stream is None or not x.is_cuda:
-        return _fp8_pair(x)
+        return (*make(), previous_event)
     stream.wait_event(previous_event.event)
     with torch.cuda.stream(stream):
-        pair = _fp8_pair(x)
-    _record_stream(x, stream)  # (read there)
-    return pair
+        send, idx, w = make()
+        after = torch.cuda.Event()
+        after.record(stream)
+    for t, copied in zip((x, topk_idx, topk_weights), (use_fp8 or copy_x, *copy_iw), strict=True):
+        if copied:  # (read there)
+            _record_stream(t, stream)
+    return send, idx, w, EventOverlap(after, device=stream.device)
 
 
 def _received(
@@ -1693,10 +1719,8 @@ class _DispatchFn(torch.autograd.Function):
         use_fp8: bool,
         bf16_partial_sums: bool,
     ) -> tuple[Tensor, Tensor, Tensor]:
-        send: Tensor | tuple[Tensor, Tensor] = x
-        if use_fp8:
-            send = _send_fp8(buffer, x, previous_event)
-        res = _buffer_dispatch(buffer, send, topk_idx, topk_weights, num_worst_tokens, previous_event, async_finish)
+        send, idx, w, ready = _sendable(buffer, x, topk_idx, topk_weights, use_fp8, previous_event)
+        res = _buffer_dispatch(buffer, send, idx, w, num_worst_tokens, ready, async_finish)
         assert res.topk_idx is not None and res.topk_weights is not None
         rx, valid, event = _received(buffer, res.x, res.topk_idx, x.dtype if use_fp8 else None, grad, res.event,
                                      async_finish)
@@ -1889,6 +1913,8 @@ def dispatch(
     Args:
         buffer: a normal-mode Buffer, or its id from :func:`register_buffer` (required inside ``torch.compile``).
         x: [T, H] bf16/fp32. topk_idx: int64 [T, K] physical expert ids in [-1, E). topk_weights: float32 [T, K].
+            Strided ones (and an x that starts at an address not 16-byte aligned on CUDA), which the Buffer
+            refuses, are copied first on every path (with ``previous_event``, on the Buffer's stream after it).
         num_worst_tokens: > 0 gives [num_worst_tokens, ...] outputs and no host wait (Buffer semantics).
         previous_event, async_finish: as ``Buffer.dispatch`` (eager path only; ignored on the custom-op path,
             which always finishes in order).

@@ -165,11 +165,18 @@ class DistPool:
         """Stops the workers: each leaves its loop and destroys its process group, within ``grace_s`` seconds in
         all (then killed; at once with ``force``)."""
         if not force:
-            for q in self.tasks:
-                q.put(None)
-            deadline = time.monotonic() + grace_s
-            for p in self.procs:
-                p.join(timeout=max(0.0, deadline - time.monotonic()))
+            self.stop()
+        self.reap(time.monotonic() + (0.0 if force else grace_s))
+
+    def stop(self) -> None:
+        """Tells each worker to leave its loop (:meth:`reap` waits for them)."""
+        for q in self.tasks:
+            q.put(None)
+
+    def reap(self, deadline: float) -> None:
+        """Waits until ``deadline`` (time.monotonic) for the workers to end, then kills those still alive."""
+        for p in self.procs:
+            p.join(timeout=max(0.0, deadline - time.monotonic()))
         for p in self.procs:
             if p.is_alive():
                 p.kill()
@@ -216,6 +223,11 @@ class PoolCache:
     def close_all(self) -> None:
         # (the session's end: a gloo group that still holds a collective abandoned by a refusal test can take its
         # whole timeout to destroy, which a worker killed after a few seconds does not wait for)
+        # All pools are told at once and share the 2 s, rather than 2 s each.
         for p in self.pools.values():
-            p.close(force=p.broken, grace_s=2.0)
+            if not p.broken:
+                p.stop()
+        deadline = time.monotonic() + 2.0
+        for p in self.pools.values():
+            p.reap(deadline if not p.broken else 0.0)
         self.pools.clear()

@@ -43,10 +43,14 @@ def test_hang_and_crash_are_told_apart() -> None:
 class FakePool:
     def __init__(self, world: int, backend: str) -> None:
         self.world, self.backend = world, backend
-        self.broken = self.hung = self.closed = False
+        self.broken = self.hung = self.stopped = False
+        self.deadline: float | None = None
 
-    def close(self, force: bool = False, grace_s: float = 30.0) -> None:
-        self.closed = True
+    def stop(self) -> None:
+        self.stopped = True
+
+    def reap(self, deadline: float) -> None:
+        self.deadline = deadline
 
 
 def test_cache_stops_restarting_a_pool_that_keeps_hanging() -> None:
@@ -75,5 +79,13 @@ def test_cache_stops_restarting_a_pool_that_keeps_hanging() -> None:
     cache.test = "the next test"  # which starts it again
     d = cache.get(2, "gloo")
     assert d is made[-1] and len(made) == 5 and cache.hangs == {("", 2, "gloo"): 2}
+    before = time.monotonic()
     cache.close_all()
-    assert all(p.closed for p in made[-2:]) and cache.pools == {}
+    # every pool told first, then one 2 s deadline shared by all (a broken one killed at once)
+    assert made[-2].stopped and made[-1].stopped and cache.pools == {}
+    assert made[-2].deadline == made[-1].deadline and before + 2.0 <= made[-1].deadline <= time.monotonic() + 2.0
+
+    e = cache.get(4, "gloo")
+    e.broken = True
+    cache.close_all()
+    assert not e.stopped and e.deadline == 0.0

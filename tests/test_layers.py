@@ -707,3 +707,10 @@ def test_gate_output_checks(pools) -> None:
 
 def test_layer_node_limited_replicas(pools) -> None:
     pools(3).run(layer_bodies.layer_node_limited_replicas, [40, 33, 0], 4)
+
+
+def test_ddp_over_replicated_params_matches_dense_steps(pools) -> None:
+    """DDP over the gate, shared experts and dense layers (ddp_ignore_experts) + expert parallelism: two SGD steps
+    with update_bias equal the dense single-process steps on all ranks' tokens (one chunk and two); DDP over the
+    experts too is refused."""
+    pools(4).run(layer_bodies.ddp_training_steps, [5, 7, 0, 6], 71)

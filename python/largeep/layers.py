@@ -51,6 +51,7 @@ from __future__ import annotations
 import contextlib
 import numbers
 import warnings
+import weakref
 from collections.abc import Callable, Generator, Iterable, Sequence
 from typing import Any
 
@@ -72,6 +73,7 @@ __all__ = [
     "SwiGLU",
     "TwoBatchOverlap",
     "allreduce_replica_grads",
+    "ddp_ignore_experts",
     "run_interleaved",
 ]
 
@@ -609,6 +611,7 @@ class MoELayer(nn.Module):
         )
         self.shared_experts = SwiGLU(c.hidden, shared_ffn_hidden, dtype=dtype) if shared_ffn_hidden > 0 else None
         self.aux_loss: Tensor | None = None
+        self._ddp_seen: weakref.ref[nn.Module] | None = None  # (the DDP _check_ddp last let through)
         self.register_state_dict_post_hook(_save_slot_layout)
         self.register_load_state_dict_pre_hook(_check_slot_layout)
 
@@ -714,12 +717,40 @@ class MoELayer(nn.Module):
         low-latency mode has no count exchange, but an eager call waits for its dispatch's expert-id check (not
         inside a CUDA graph), and a placement's ``route`` waits on the host (its ``table_route``, taken under
         capture and compile, does not)."""
+        self._check_ddp()
         if self.low_latency:
             state = self._ll_send(x, hooks=False)
             self._ll_experts(state)
             return self._ll_finish(state)
         idx, w = self.route(x)
         return self._forward_normal(x, idx, w)
+
+    def _check_ddp(self) -> None:
+        """Refuses a forward inside a ``DistributedDataParallel`` that reduces this layer's expert weights over
+        ranks that hold other experts (or other shards of them): DDP's construction copied rank 0's experts over
+        every rank's, and its backward would average different experts' grads. A DDP over ranks that hold the
+        same slots (data-parallel copies of the expert-parallel group) is fine. Eager only; checked once per DDP."""
+        if torch.compiler.is_compiling():
+            return
+        ddp = getattr(nn.parallel.DistributedDataParallel, "_active_ddp_module", None)
+        if ddp is None or (self._ddp_seen is not None and self._ddp_seen() is ddp):
+            return
+        mine = {id(p) for p in self.experts.parameters()}
+        if any(id(p) in mine for p in getattr(ddp, "_module_parameters", ())):
+            ddp_ranks = set(dist.get_process_group_ranks(ddp.process_group))
+            groups = [self.buffer.ctx.group] + ([self.expert_tp.group] if self.expert_tp is not None else [])
+            for g in groups:
+                shared = ddp_ranks & set(dist.get_process_group_ranks(g))
+                if len(shared) > 1:
+                    raise ArgumentError(
+                        "MoELayer: this layer runs inside a DistributedDataParallel whose process group holds ranks "
+                        f"{sorted(shared)[:8]} of the layer's expert-parallel (or expert-TP) group, and that DDP "
+                        "reduces the layer's expert weights: its construction copied rank 0's experts over every "
+                        "rank's, and its backward would average the grads of different experts. Call "
+                        "largeep.layers.ddp_ignore_experts(model) before DistributedDataParallel(model), or keep "
+                        "the experts out of the DDP module (docs/usage.md, \"Gradients the layer leaves to you\")"
+                    )
+        self._ddp_seen = weakref.ref(ddp)
 
     def _forward_normal(self, x: Tensor, idx: Tensor, w: Tensor) -> Tensor:
         if torch.compiler.is_compiling():
@@ -1041,6 +1072,8 @@ class MoEPipeline(nn.Module):
         """x [T, H] (bf16/fp32; every chunk T/C <= each Buffer's max_tokens_per_rank) -> [T, H] in x's dtype.
         Waits on the host for each (layer, chunk)'s count exchange unless that layer has ``num_worst_tokens`` > 0.
         Collective: every rank of the Buffers' groups must call it with the same ``num_chunks``."""
+        for layer in self._stack:
+            layer._check_ddp()
         if torch.compiler.is_compiling():
             return self._forward(x, [])
         sent: list[tuple[int, Tensor]] = []
@@ -1302,6 +1335,38 @@ class TwoBatchOverlap:
 
 
 @torch.no_grad()
+def ddp_ignore_experts(model: nn.Module) -> list[str]:
+    """Makes ``DistributedDataParallel(model)`` leave every :class:`MoELayer`'s routed experts in ``model`` alone,
+    and every :class:`largeep.gate.TopKGate`'s load counts: call it before wrapping ``model`` in DDP.
+
+    The experts of each rank are its own (rank r holds slots [r*E/N, (r+1)*E/N)): DDP would copy rank 0's over
+    every rank's at its construction and average different experts' grads in the backward. The gates' counts
+    (``expert_load``) are each rank's own until ``update_bias(group)`` sums them: DDP's buffer broadcast would copy
+    rank 0's over the others' before each forward. Everything else (the gates' weights and biases, the shared
+    experts, the rest of the model) stays DDP's, replicated as usual.
+
+    Adds the names to those ``model`` already had DDP ignore (``_ddp_params_and_buffers_to_ignore``) and returns
+    the names it added. DDP's average and the experts' grads differ by a factor: see docs/usage.md, "Gradients the
+    layer leaves to you" (with each rank's loss the mean over its own tokens, divide the expert grads by the
+    Buffer's group size). With expert replicas over data-parallel copies of the Buffer's group, reduce the expert
+    grads over the ranks that hold the same slots yourself (or with a DDP of their own over that group)."""
+    from largeep.gate import TopKGate
+
+    if not isinstance(model, nn.Module):
+        raise ArgumentError(f"ddp_ignore_experts: argument 'model' must be a torch.nn.Module, got {_kind(model)}")
+    names: list[str] = []
+    for prefix, mod in model.named_modules():
+        dot = prefix + "." if prefix else ""
+        if isinstance(mod, MoELayer):
+            names += [f"{dot}experts.{n}" for n, _ in mod.experts.named_parameters()]
+        elif isinstance(mod, TopKGate):
+            names.append(f"{dot}expert_load")
+    before = list(getattr(model, "_ddp_params_and_buffers_to_ignore", ()))
+    added = [n for n in names if n not in before]
+    nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, before + added)
+    return added
+
+
 def allreduce_replica_grads(
     params: Iterable[Tensor], phys_to_log: Tensor, group: dist.ProcessGroup | None = None
 ) -> int:

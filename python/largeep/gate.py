@@ -619,9 +619,10 @@ class TopKGate(nn.Module):
 
         Args:
             group: when given, the loads are summed over it (one all_reduce of E float32 numbers; every rank of
-                the group must call this). None: local loads only. (Under DDP pass it ``broadcast_buffers=False``:
-                its buffer broadcast copies rank 0's counts over the others'. A checkpointed forward that is
-                recomputed counts twice.)
+                the group must call this). None: local loads only (a gate replicated over the group then drifts
+                apart from its copies). (Under DDP call ``largeep.layers.ddp_ignore_experts(model)`` before
+                wrapping, or pass DDP ``broadcast_buffers=False``: its buffer broadcast copies rank 0's counts over
+                the others'. A checkpointed forward that is recomputed counts twice.)
             load: float [E] to use instead of the counts gathered by ``forward`` since the last update; finite
                 (checked: one host read of it).
             rate: overrides ``config.bias_update_rate`` (a finite number >= 0; checked before the all_reduce).

@@ -149,9 +149,12 @@ def ops_refused_call_keeps_handle(rank: int, world: int) -> list[str]:
 
 def ops_second_derivative(rank: int, world: int, tokens: list[int], num_worst: int, custom: bool,
                           backend: str = "torch") -> list[str]:
-    """A gradient penalty through dispatch and combine: f = sum(a * rx^3) + sum(b * rw^3) + sum(e * c^2) on each
-    rank, with rx, rw the received rows and weights and c = combine(rx^2 * q), plus a local term sum(x^3 / 2 + w^3)
-    (so that a second derivative losing largeep's part would still have a graph); the first derivatives
+    """A gradient penalty through dispatch and combine: f = sum(a * rx^3) + sum(b * rw^3) + sum(e * c^2) +
+    sum(rw * rowsum(rx * m)) on each rank, with rx, rw the received rows and weights and c = combine(rx^2 * q), plus
+    a local term sum(x^3 / 2 + w^3) (so that a second derivative losing largeep's part would still have a graph).
+    The last term takes the received weights as they come, also where the received topk_idx is -1 (dispatch gives 0
+    there): their cotangent there depends on rx, so a second derivative that carried the weights' gradient of
+    another rank's expert into those places would show in x's; the first derivatives
     (g_x, g_w) = grad(f, (x, w), create_graph=True), then the grads of P = sum(u * g_x^2) + sum(v * g_w^2). Against
     the same functions of every rank's inputs in one process (float64, index ops, torch's autograd), where the
     distributed gradients are those of the sums over ranks of f and of P. The eager path gives both derivatives;
@@ -170,6 +173,7 @@ def ops_second_derivative(rank: int, world: int, tokens: list[int], num_worst: i
     a = [_draw(1, r, rows[r], h) for r in range(world)]
     b = [_draw(2, r, rows[r], TOPK) for r in range(world)]
     q = [_draw(3, r, rows[r], h) for r in range(world)]
+    m = [_draw(9, r, rows[r], h) for r in range(world)]
     e = [_draw(4, r, tokens[r], h) for r in range(world)]
     u = [_draw(5, r, tokens[r], h) for r in range(world)]
     v = [_draw(6, r, tokens[r], TOPK) for r in range(world)]
@@ -183,7 +187,7 @@ def ops_second_derivative(rank: int, world: int, tokens: list[int], num_worst: i
         rx = torch.stack([xs[s][t] for s, t in d.src]) if d.src else torch.zeros(0, h, dtype=torch.float64)
         rw = torch.stack([ws[s][t] for s, t in d.src]) if d.src else torch.zeros(0, TOPK, dtype=torch.float64)
         rw = torch.where(d.topk_idx >= 0, rw, 0.0)
-        f_all = f_all + (a[r] * rx**3).sum() + (b[r] * rw**3).sum()
+        f_all = f_all + (a[r] * rx**3).sum() + (b[r] * rw**3).sum() + (rw * (rx * m[r]).sum(1, keepdim=True)).sum()
         y = rx * rx * q[r]
         for s in range(world):
             mine = [(row, t) for row, (src, t) in enumerate(d.src) if src == s]
@@ -210,8 +214,10 @@ def ops_second_derivative(rank: int, world: int, tokens: list[int], num_worst: i
         # rows past the received count (num_worst_tokens) are unspecified: masked out, as a caller would
         rx = torch.where((d.topk_idx >= 0).any(dim=1, keepdim=True), d.x, 0.0)
         rw = torch.where(d.topk_idx >= 0, d.topk_weights, 0.0)
+        rw_all = torch.where((d.topk_idx >= 0).any(dim=1, keepdim=True), d.topk_weights, 0.0)  # (tail rows only)
         c = ops.combine(buf, rx * rx * pad(q[rank]), d.handle).x
         f = (pad(a[rank]) * rx**3).sum() + (pad(b[rank]) * rw**3).sum() + (e[rank].to(dev) * c * c).sum()
+        f = f + (rw_all * (rx * pad(m[rank])).sum(1, keepdim=True)).sum()
         f = f + (x**3 / 2).sum() + (w**3).sum()
         gx, gw = torch.autograd.grad(f, (x, w), create_graph=True)
         _close(fails, gx, first[rank], "first derivative, x")

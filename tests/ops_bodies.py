@@ -849,3 +849,92 @@ def ops_strided_eager(rank: int, world: int, backend: str, device: str) -> list[
     finally:
         buf.destroy()
     return fails
+
+
+def ops_eager_cotangents(rank: int, world: int, num_worst: int) -> list[str]:
+    """The plain eager ``ops.dispatch`` / ``ops.combine`` (CPU, torch backend, H 128) against the loop reference:
+    - num_tokens_per_expert: each local expert's received rows without ``num_worst_tokens``, None with it;
+    - cotangents the Buffer would refuse as they come, which the backward must copy: the gradient of a plain sum
+      of the received rows, weights and combined rows (expanded, strides (0, 0)) and a transposed one (the
+      received x's gradient checked strided by a hook, so that the case is one); the grads of x, the weights and y;
+    - a backward through the received weights alone (autograd hands the received x's backward zero rows in x's
+      dtype), bf16 x with and without ``bf16_partial_sums`` (which combines bf16 rows only): x's grad zero in bf16,
+      the weights' that of each token's expert's row;
+    - ``use_fp8`` with x on another device (meta): refused naming x before anything is quantised or sent."""
+    from reference import make_inputs, ref_dispatch
+
+    fails: list[str] = []
+    hidden, experts = 128, 2 * world
+    tokens = [7, 4, 5, 0][:world]
+    inputs = [make_inputs(17, r, tokens[r], hidden, experts, TOPK, torch.float32) for r in range(world)]
+    refs = [ref_dispatch(inputs, r, experts) for r in range(world)]
+    rows = [len(d.src) for d in refs]
+    out_rows = [num_worst or n for n in rows]
+    mine = inputs[rank]
+    buf = _buffer(world, max_tokens=max(tokens), hidden=hidden)
+
+    def each_row_of_mine() -> list[tuple[int, int, int]]:
+        """(rank r, row on r, token t here) of every row that a token of this rank reaches"""
+        return [(r, row, t) for r in range(world) for row, (s, t) in enumerate(refs[r].src) if s == rank]
+
+    try:
+        # the counts, and cotangents of plain sums (expanded)
+        x = mine.x.clone().requires_grad_()
+        w = mine.topk_weights.clone().requires_grad_()
+        d = ops.dispatch(buf, x, mine.topk_idx, w, num_worst_tokens=num_worst)
+        want_counts = None if num_worst else refs[rank].per_expert
+        _check(fails, d.num_tokens_per_expert == want_counts,
+               f"num_tokens_per_expert {d.num_tokens_per_expert}, want {want_counts}")
+        seen: list[bool] = []
+        d.x.register_hook(lambda g: seen.append(g.is_contiguous()))
+        y = torch.randn(out_rows[rank], hidden).requires_grad_()
+        c = ops.combine(buf, y, d.handle)
+        _attempt(fails, "backward of plain sums", (d.x.sum() + d.topk_weights.sum() + c.x.sum()).backward)
+        _check(fails, seen == [False], f"a plain sum's cotangent of the received x: contiguous {seen}")
+        _close(fails, x.grad, _ranks_reached(mine.topk_idx, world).expand(-1, hidden), "plain sums: grad of x")
+        _close(fails, w.grad, (mine.topk_idx >= 0).float(), "plain sums: grad of topk_weights")
+        want_gy = torch.zeros(out_rows[rank], hidden)
+        want_gy[:rows[rank]] = 1.0
+        _close(fails, y.grad, want_gy, "plain sums: grad of y")
+
+        # a transposed cotangent of the received x
+        cots = [_draw(7, r, hidden, out_rows[r]).t() for r in range(world)]
+        x = mine.x.clone().requires_grad_()
+        d = ops.dispatch(buf, x, mine.topk_idx, mine.topk_weights, num_worst_tokens=num_worst)
+        seen.clear()
+        d.x.register_hook(lambda g: seen.append(g.is_contiguous()))
+        _attempt(fails, "backward of a transposed cotangent", (d.x * cots[rank]).sum().backward)
+        _check(fails, seen == [False], f"the transposed cotangent: contiguous {seen}")
+        want_gx = torch.zeros(tokens[rank], hidden, dtype=torch.float64)
+        for r, row, t in each_row_of_mine():
+            want_gx[t] += cots[r][row].double()
+        _close(fails, x.grad, want_gx, "transposed cotangent: grad of x")
+
+        # through the received weights alone (bf16 x)
+        cw = [_draw(8, r, out_rows[r], TOPK) for r in range(world)]
+        want_gw = torch.zeros(tokens[rank], TOPK)
+        for r, row, t in each_row_of_mine():
+            for k in range(TOPK):
+                if refs[r].topk_idx[row, k] >= 0:
+                    want_gw[t, k] = cw[r][row, k]
+        for partials in (False, True):
+            what = f"weights alone, bf16 x, bf16_partial_sums={partials}"
+            x = mine.x.to(torch.bfloat16).requires_grad_()
+            w = mine.topk_weights.clone().requires_grad_()
+            d = ops.dispatch(buf, x, mine.topk_idx, w, num_worst_tokens=num_worst, bf16_partial_sums=partials)
+            _attempt(fails, what, (d.topk_weights * cw[rank]).sum().backward)
+            _check(fails, x.grad is not None and x.grad.dtype == torch.bfloat16 and not x.grad.any(),
+                   f"{what}: grad of x {None if x.grad is None else (x.grad.dtype, x.grad.abs().max().item())}")
+            _close(fails, w.grad, want_gw, f"{what}: grad of topk_weights", rtol=0.0)
+
+        # use_fp8 with x elsewhere: refused naming x (the same call on every rank: nothing is sent)
+        try:
+            ops.dispatch(buf, mine.x.to("meta"), mine.topk_idx, mine.topk_weights, use_fp8=True)
+            fails.append("use_fp8 with x on the meta device: not refused")
+        except largeep.ArgumentError as exc:
+            _check(fails, "argument 'x'" in str(exc) and "meta" in str(exc), f"use_fp8, x on meta: {exc}")
+        except Exception as exc:  # noqa: BLE001
+            fails.append(f"use_fp8 with x on the meta device: {type(exc).__name__} instead of ArgumentError: {exc}")
+    finally:
+        buf.destroy()
+    return fails

@@ -161,6 +161,14 @@ def test_dispatch_strided_inputs_eager(pools) -> None:
     _no_failures(pools(2).run(ops_bodies.ops_strided_eager, "torch", "cpu"))
 
 
+@pytest.mark.parametrize("num_worst", [0, 16])
+def test_eager_cotangents_and_counts(pools, num_worst: int) -> None:
+    """The plain eager path: num_tokens_per_expert; strided cotangents (a plain sum's, a transposed one) copied for
+    the backward's combine and cached dispatch; a backward through the weights alone (bf16, with and without
+    bf16_partial_sums); use_fp8 with x on another device refused naming x."""
+    _no_failures(pools(2).run(ops_bodies.ops_eager_cotangents, num_worst))
+
+
 @pytest.mark.gpu(2)
 @pytest.mark.parametrize("backend", ["nvshmem", "torch"])
 def test_dispatch_strided_inputs_eager_gpu(pools, backend: str) -> None:

@@ -938,3 +938,43 @@ def ops_eager_cotangents(rank: int, world: int, num_worst: int) -> list[str]:
     finally:
         buf.destroy()
     return fails
+
+
+def ops_low_latency_eager_fp8(rank: int, world: int) -> list[str]:
+    """The eager ``ops.low_latency_dispatch`` (no custom ops) with ``use_fp8``, with and without ``round_scale``:
+    the counts and rows per local expert those of the reference, each row SPEC's FP8 quantisation of the token
+    sent (``reference.fp8_check``: scales amax / 448, or with ``round_scale`` the power of two at or above it);
+    then an ``ops.low_latency_combine`` of zero rows (zero output)."""
+    from bodies import _ll_case
+    from reference import fp8_check, ref_low_latency
+
+    fails: list[str] = []
+    experts, hidden = 2 * world, 256
+    tokens = [5, 3, 4, 6][:world]
+    inputs, buf = _ll_case(world, "torch", tokens, max(tokens), hidden, experts, TOPK, 23)
+    try:
+        mine = inputs[rank]
+        ref = ref_low_latency(inputs, rank, experts)
+        for round_scale in (False, True):
+            what = f"round_scale={round_scale}"
+            o = ops.low_latency_dispatch(buf, mine.x, mine.topk_idx, use_fp8=True, round_scale=round_scale)
+            counts = o.num_tokens_per_expert.tolist()
+            _check(fails, counts == [len(ref[e]) for e in range(len(ref))], f"{what}: counts {counts}")
+            _check(fails, o.scales is not None, f"{what}: no scales")
+            for e in range(min(len(counts), len(ref))):
+                keys = [tuple(v) for v in o.src_info[e, :counts[e]].tolist()]
+                if sorted(keys) != sorted(ref[e]):
+                    fails.append(f"{what}: expert {e} received {sorted(keys)}, want {sorted(ref[e])}")
+                    continue
+                for j, key in enumerate(keys):
+                    why = fp8_check(o.x[e, j], o.scales[e, j], ref[e][key], round_scale) if o.scales is not None \
+                        else "no scales"
+                    if why is not None:
+                        fails.append(f"{what}: expert {e} row {j}: {why}")
+                        break
+            y = torch.zeros(o.x.shape, dtype=torch.bfloat16)
+            out, hook = ops.low_latency_combine(buf, y, mine.topk_idx, mine.topk_weights, o.handle)
+            _check(fails, hook is None and out.shape == mine.x.shape and not out.any(), f"{what}: combine of zeros")
+    finally:
+        buf.destroy()
+    return fails

@@ -169,6 +169,11 @@ def test_eager_cotangents_and_counts(pools, num_worst: int) -> None:
     _no_failures(pools(2).run(ops_bodies.ops_eager_cotangents, num_worst))
 
 
+def test_low_latency_eager_fp8(pools) -> None:
+    """The eager ops.low_latency_dispatch with use_fp8, with and without round_scale: SPEC's FP8 rows."""
+    _no_failures(pools(2).run(ops_bodies.ops_low_latency_eager_fp8))
+
+
 @pytest.mark.gpu(2)
 @pytest.mark.parametrize("backend", ["nvshmem", "torch"])
 def test_dispatch_strided_inputs_eager_gpu(pools, backend: str) -> None:

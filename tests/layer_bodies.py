@@ -2262,14 +2262,16 @@ def error_frees_custom_op_handles(rank: int, world: int) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def ddp_training_steps(rank: int, world: int, tokens: list[int], seed: int) -> dict[str, Any]:
+def ddp_training_steps(rank: int, world: int, tokens: list[int], seed: int, backend: str = "torch",
+                       device: str = "cpu") -> dict[str, Any]:
     """docs/usage.md's recipe, "Gradients the layer leaves to you": a block (Linear, LayerNorm, MoELayer with a
     TopKGate and shared experts, residual) under ``DistributedDataParallel`` after ``layers.ddp_ignore_experts``
     (DDP's default buffer broadcast), each rank's loss its share of the mean over all ranks' tokens times the world
     size (DDP averages), the expert grads divided by it, SGD, then ``update_bias`` over the group: two steps equal
     the dense single-process model's on the union of the tokens (every expert in one process), every parameter and
     the gate's bias, with one chunk and two. A DDP over the whole model without ``ddp_ignore_experts`` (its
-    construction copied rank 0's experts everywhere) is refused at the forward, on every rank."""
+    construction copied rank 0's experts everywhere) is refused at the forward, on every rank. On CUDA (``device``)
+    DDP's all-reduces in the backward run beside the Buffer's backward dispatches and combines."""
     from largeep.gate import GateConfig, TopKGate
     from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -2279,7 +2281,9 @@ def ddp_training_steps(rank: int, world: int, tokens: list[int], seed: int) -> d
     g = _gen(seed, 1)
     w1, w3 = (torch.randn(e, h, f, generator=g) * h**-0.5 for _ in range(2))
     w2 = torch.randn(e, f, h, generator=g) * f**-0.5
-    data = [(torch.randn(total, h, generator=g), torch.randn(total, h, generator=g)) for _ in range(steps)]
+    w1, w3, w2 = (w.to(device) for w in (w1, w3, w2))
+    data = [(torch.randn(total, h, generator=g).to(device), torch.randn(total, h, generator=g).to(device))
+            for _ in range(steps)]
 
     class Block(torch.nn.Module):
         def __init__(self, moe: torch.nn.Module | None) -> None:
@@ -2295,17 +2299,17 @@ def ddp_training_steps(rank: int, world: int, tokens: list[int], seed: int) -> d
         return TopKGate(GateConfig(hidden=h, num_experts=e, topk=k, bias_update_rate=0.05))
 
     buf = largeep.Buffer(None, hidden=h, num_experts=e, num_topk=k, max_tokens_per_rank=max(max(tokens), 1),
-                         backend="torch")
+                         backend=backend)
     try:
         for chunks in (1, 2):
             torch.manual_seed(seed)  # the same replicated weights on every rank
             moe = layers.MoELayer(buf, ffn_hidden=f, gate=make_gate(), shared_ffn_hidden=fs, num_chunks=chunks)
-            model = Block(moe)
+            model = Block(moe).to(device)
             moe.load_global_experts(w1, w3, w2)
             # the dense reference: the same replicated weights, every expert
-            ref = Block(None)
+            ref = Block(None).to(device)
             ref.load_state_dict({n: v for n, v in model.state_dict().items() if not n.startswith("moe.")})
-            rgate, rshared = make_gate(), layers.SwiGLU(h, fs)
+            rgate, rshared = make_gate().to(device), layers.SwiGLU(h, fs).to(device)
             rgate.load_state_dict(moe.gate.state_dict())
             rshared.load_state_dict(moe.shared_experts.state_dict())  # type: ignore[union-attr]
             rw = [torch.nn.Parameter(w.clone()) for w in (w1, w3, w2)]
@@ -2357,11 +2361,11 @@ def ddp_training_steps(rank: int, world: int, tokens: list[int], seed: int) -> d
                     ("experts w2", moe.experts.w2, rw[2][rank * 2 : rank * 2 + 2]),
                 ):
                     close(got, want, f"{what}: {name} after the step")
-            assert not torch.equal(moe.gate.expert_bias, torch.zeros(e)), "the bias never moved"
+            assert not torch.equal(moe.gate.expert_bias, torch.zeros(e, device=device)), "the bias never moved"
             assert ops.live_handles(moe.buffer_id) == 0
         # the mistake: the whole model in DDP, experts included
         torch.manual_seed(seed)
-        model = Block(layers.MoELayer(buf, ffn_hidden=f, gate=make_gate(), shared_ffn_hidden=fs))
+        model = Block(layers.MoELayer(buf, ffn_hidden=f, gate=make_gate(), shared_ffn_hidden=fs)).to(device)
         try:
             DDP(model)(data[0][0][lo : lo + tokens[rank]])
         except largeep.ArgumentError as exc:

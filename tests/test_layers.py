@@ -714,3 +714,13 @@ def test_ddp_over_replicated_params_matches_dense_steps(pools) -> None:
     with update_bias equal the dense single-process steps on all ranks' tokens (one chunk and two); DDP over the
     experts too is refused."""
     pools(4).run(layer_bodies.ddp_training_steps, [5, 7, 0, 6], 71)
+
+
+@pytest.mark.gpu(2)
+def test_ddp_over_replicated_params_matches_dense_steps_gpu(pools) -> None:
+    """The same on CUDA with the nvshmem backend: DDP's backward all-reduces beside the Buffer's calls."""
+    from largeep import native
+
+    if native.unavailable_reason() is not None:
+        pytest.skip(str(native.unavailable_reason()))
+    pools(2, "nccl").run(layer_bodies.ddp_training_steps, [5, 0], 71, "nvshmem", "cuda")

@@ -2375,3 +2375,92 @@ def ddp_training_steps(rank: int, world: int, tokens: list[int], seed: int, back
         return {"steps": steps}
     finally:
         buf.destroy()
+
+
+def layer_global_experts(rank: int, world: int) -> None:
+    """MoELayer.gather_global_experts is load_global_experts' inverse: global weights loaded (a placement with a
+    replicated expert and an empty slot, every rank) come back exactly, indexed by logical expert; other per-slot
+    tensors (an optimizer's state) gather alike and local_experts cuts them back into the slots; replicas that
+    differ are refused on every rank naming the expert. A checkpoint of the gathered experts (and the replicated
+    gate and shared experts' state dict) loads into a layer on one rank (another EP size): its outputs equal the
+    original layer's on every rank's tokens. With expert TP (TP 2) the members' shards are joined along F."""
+    from largeep import placement as pl
+    from largeep.errors import ArgumentError
+    from largeep.expert_tp import make_expert_tp_groups
+    from largeep.gate import GateConfig, TopKGate
+
+    hidden, ffn, per_rank, topk = 16, 8, 3, 2
+    slots = per_rank * world
+    logical = slots - 2
+    table = torch.arange(slots) % logical  # expert 0 on the first and the second-to-last slot...
+    table[-1] = -1  # ...and the last slot empty
+    g = _gen(71)
+    w1, w3 = (torch.randn(logical, hidden, ffn, generator=g) for _ in range(2))
+    w2 = torch.randn(logical, ffn, hidden, generator=g)
+    want = [w1, w3, w2]
+    topo = pl.Topology(num_nodes=1, gpus_per_node=world, slots_per_gpu=per_rank)
+    buf = largeep.Buffer(None, hidden=hidden, num_experts=slots, num_topk=topk, max_tokens_per_rank=32,
+                         backend="torch")
+    own = [dist.new_group([r]) for r in range(world)]  # (collective: every rank makes every one-rank group)
+    try:
+        torch.manual_seed(rank)  # per-rank seeds: the replicas start different
+        layer = layers.MoELayer(buf, ffn_hidden=ffn, placement=pl.Placement(topo, logical, table.clone()),
+                                shared_ffn_hidden=4)
+        if world > 1:
+            try:
+                layer.gather_global_experts()
+            except ArgumentError as exc:
+                assert "replicas of logical expert 0 differ" in str(exc), exc
+            else:
+                raise AssertionError(f"rank {rank}: replicas that differ were gathered")
+        layer.load_global_experts(w1, w3, w2)
+        got = layer.gather_global_experts()
+        for name, a, b in zip(("w1", "w3", "w2"), got, want, strict=True):
+            assert a.shape == b.shape and torch.equal(a, b), f"rank {rank}: gathered {name}"
+        # other per-slot tensors (as an optimizer's moments): gathered the same way, cut back by local_experts
+        m13, m2 = layer.experts.w13 * 3, layer.experts.w2 * 3
+        g1, g3, g2 = layer.gather_global_experts(m13, m2)
+        assert torch.equal(g1, want[0] * 3) and torch.equal(g3, want[1] * 3) and torch.equal(g2, want[2] * 3)
+        c13, c2 = layer.local_experts(g1, g3, g2)
+        assert torch.equal(c13, m13) and torch.equal(c2, m2), f"rank {rank}: local_experts"
+        try:
+            layer.gather_global_experts(m13[:1], m2)
+        except ArgumentError as exc:
+            assert "argument 'w13' has shape" in str(exc), exc
+        else:
+            raise AssertionError("a w13 of other shape was gathered")
+        # resharding: the whole checkpoint into a layer on one rank (all slots), the same outputs
+        ck = {k: v for k, v in layer.state_dict().items() if not k.startswith("experts.") and k != "slot_experts"}
+        x = torch.randn(5 + rank, hidden, generator=_gen(72, rank))
+        with torch.no_grad():
+            out = layer(x)
+        one = largeep.Buffer(own[rank], hidden=hidden, num_experts=slots, num_topk=topk, max_tokens_per_rank=32,
+                             backend="torch")
+        try:
+            solo = layers.MoELayer(one, ffn_hidden=ffn, shared_ffn_hidden=4, placement=pl.Placement(
+                pl.Topology(num_nodes=1, gpus_per_node=1, slots_per_gpu=slots), logical, table.clone()))
+            solo.load_state_dict(ck, strict=False)
+            solo.load_global_experts(*got)
+            with torch.no_grad():
+                torch.testing.assert_close(solo(x), out, rtol=0, atol=1e-5 * float(out.abs().max()))  # (float32 sums)
+        finally:
+            one.destroy()
+    finally:
+        buf.destroy()
+    if world != 2:
+        return
+    # expert TP 2: each member holds F/2 of every expert; the gather joins them (a TopKGate, every expert held)
+    groups = make_expert_tp_groups(2)
+    ep = largeep.Buffer(groups.ep_group, hidden=hidden, num_experts=4, num_topk=topk, max_tokens_per_rank=32,
+                        backend="torch")
+    try:
+        gate = TopKGate(GateConfig(hidden=hidden, num_experts=4, topk=topk))
+        tp = layers.MoELayer(ep, ffn_hidden=ffn, gate=gate, expert_tp_group=groups.tp_group)
+        tp.load_global_experts(w1[:4], w3[:4], w2[:4])
+        assert tp.experts.w13.shape[2] == ffn  # (2 * F/2 columns)
+        for name, a, b in zip(("w1", "w3", "w2"), tp.gather_global_experts(), (w1[:4], w3[:4], w2[:4]), strict=True):
+            assert torch.equal(a, b), f"rank {rank}: expert TP gathered {name}"
+        c13, c2 = tp.local_experts(w1[:4], w3[:4], w2[:4])
+        assert torch.equal(c13, tp.experts.w13) and torch.equal(c2, tp.experts.w2)
+    finally:
+        ep.destroy()

@@ -92,6 +92,11 @@ def test_layer_saves_slot_layout(pools, world: int) -> None:
     pools(world).run(layer_bodies.layer_saves_slot_layout)
 
 
+@pytest.mark.parametrize("world", [2, 4])
+def test_layer_global_experts(pools, world: int) -> None:
+    pools(world).run(layer_bodies.layer_global_experts)
+
+
 def test_layer_refuses_num_worst_tokens_with_rounds(pools) -> None:
     pools(1).run(layer_bodies.layer_refuses_worst_with_rounds)
 

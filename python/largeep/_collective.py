@@ -152,6 +152,18 @@ def all_reduce(t: torch.Tensor, group: dist.ProcessGroup | None, what: str) -> N
              ": a rank did not make the same call, or failed before it; the group may be out of step now")
 
 
+def all_gather(t: torch.Tensor, group: dist.ProcessGroup | None, what: str) -> list[torch.Tensor]:
+    """dist.all_gather of ``t`` (the same shape and dtype on every rank) over ``group``: every rank's tensor in rank
+    order, waited for as ``wait_all`` does; ``what`` names the call in the error."""
+    n = dist.get_world_size(group)
+    timeout_s = bound_s(group, t.device)
+    out = [torch.empty_like(t) for _ in range(n)]
+    work = dist.all_gather(out, t.contiguous(), group=group, async_op=True)
+    wait_all([work], timeout_s, f"{what}: rank {dist.get_rank(group)} waited for the group's gather in vain",
+             ": a rank did not make the same call, or failed before it; the group may be out of step now")
+    return out
+
+
 def all_gather_object(obj: Any, group: dist.ProcessGroup, what: str, timeout_s: float) -> list[Any]:
     """dist.all_gather_object of ``obj`` over ``group``, each rank's object in rank order; on a group where gloo
     moves CPU tensors, as two gathers (the pickled sizes, then the padded bytes) whose waits are bounded by

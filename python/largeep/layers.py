@@ -666,6 +666,99 @@ class MoELayer(nn.Module):
             src = full[logical.clamp(min=0).to(full.device)].to(device=mine.device, dtype=mine.dtype)
             mine.copy_(torch.where(ok.to(mine.device).view(-1, 1, 1), src, 0))
 
+    @torch.no_grad()
+    def gather_global_experts(
+        self, w13: Tensor | None = None, w2: Tensor | None = None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """The inverse of :meth:`load_global_experts`: every rank's expert weights as global ones indexed by logical
+        expert, (w1 [L, H, F], w3 [L, H, F], w2 [L, F, H]) on every rank (on the weights' device and dtype), for
+        a checkpoint that loads at another expert-parallel size or placement (``load_global_experts`` of the new
+        layer takes them as they are). Collective: every rank of the Buffer's group (and with expert TP of the
+        TP group, whose members' shards are joined along F) must call it.
+
+        L: the layer's logical experts (at least the table's largest id + 1); without a placement the Buffer's
+        num_experts (slot s holds expert s). A logical expert held by no slot comes back as zeros (it has no
+        weights, as ``load_global_experts`` zeroes an empty slot). An expert held by several slots (replicas)
+        comes back once; its copies must be equal (``allreduce_replica_grads`` keeps them so in training), else
+        ``ArgumentError`` names the expert and the slots that differ, on every rank.
+
+        ``w13`` / ``w2``: other per-slot tensors of the experts' shapes ([E_l, H, 2F/T] and [E_l, F/T, H]) to
+        gather instead of the weights, e.g. the optimizer's state of ``experts.w13`` and ``experts.w2`` (Adam's
+        ``exp_avg``, ``exp_avg_sq``); :meth:`local_experts` cuts such global tensors back into a layer's slots.
+        """
+        mine13 = self.experts.w13 if w13 is None else w13
+        mine2 = self.experts.w2 if w2 is None else w2
+        for arg, t, ref in (("w13", mine13, self.experts.w13), ("w2", mine2, self.experts.w2)):
+            if not isinstance(t, Tensor) or tuple(t.shape) != tuple(ref.shape):
+                got = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
+                raise ArgumentError(f"MoELayer.gather_global_experts: argument '{arg}' has shape {got}, expected "
+                                    f"{tuple(ref.shape)} (experts.{arg}'s: one row per local slot)")
+        e_l, f = self.num_local_experts, self.experts.ffn_hidden
+        what = "MoELayer.gather_global_experts"
+        group = self.buffer.ctx.group
+        every13 = torch.cat(_collective.all_gather(mine13.detach(), group, what)) if self.buffer.ctx.num_ranks > 1 \
+            else mine13.detach()
+        every2 = torch.cat(_collective.all_gather(mine2.detach(), group, what)) if self.buffer.ctx.num_ranks > 1 \
+            else mine2.detach()
+        tp = self.expert_tp
+        if tp is not None and tp.size > 1:  # every member's columns of every slot, joined along F
+            parts13 = _collective.all_gather(every13, tp.group, what)
+            parts2 = _collective.all_gather(every2, tp.group, what)
+            w1s = torch.cat([p[:, :, :f] for p in parts13], dim=2)
+            w3s = torch.cat([p[:, :, f:] for p in parts13], dim=2)
+            w2s = torch.cat(parts2, dim=1)
+        else:
+            w1s, w3s, w2s = every13[:, :, :f], every13[:, :, f:], every2
+        n_slots = self.num_experts
+        table = self.phys_to_log.cpu().to(torch.int64) if self.phys_to_log is not None else torch.arange(n_slots)
+        num = max(self.num_logical_experts, int(table.max()) + 1) if self.phys_to_log is not None else n_slots
+        outs = []
+        for t in (w1s, w3s, w2s):
+            g = t.new_zeros((num,) + tuple(t.shape[1:]))
+            for slot in reversed(range(n_slots)):  # (so the lowest-numbered slot of an expert is written last)
+                if table[slot] >= 0:
+                    g[int(table[slot])] = t[slot]
+            outs.append(g)
+        # replicas: every copy must equal the one returned (the same check on every rank: the same gathered data)
+        for slot in range(n_slots):
+            e = int(table[slot])
+            if e >= 0 and not all(torch.equal(g[e], t[slot]) for g, t in zip(outs, (w1s, w3s, w2s), strict=True)):
+                first = int((table == e).nonzero()[0])
+                raise ArgumentError(
+                    f"{what}: the replicas of logical expert {e} differ (slots {first} and {slot}, of ranks "
+                    f"{first // e_l} and {slot // e_l}), so it has no one global value: keep them equal "
+                    "(allreduce_replica_grads after each backward, load_global_experts after loading)"
+                )
+        return outs[0], outs[1], outs[2]
+
+    def local_experts(self, w1: Tensor, w3: Tensor, w2: Tensor) -> tuple[Tensor, Tensor]:
+        """This rank's slots of global per-expert tensors (w1/w3 [L, H, F], w2 [L, F, H], e.g. from
+        :meth:`gather_global_experts`) as (w13 [E_l, H, 2F/T], w2 [E_l, F/T, H]): what :meth:`load_global_experts`
+        copies into the weights, for other per-slot tensors such as the optimizer's state of ``experts.w13`` and
+        ``experts.w2`` (empty slots zero). Not collective; the shapes are checked as there."""
+        table = self.phys_to_log if self.phys_to_log is not None else None
+        least = int(table.max()) + 1 if table is not None and table.numel() else self.num_experts
+        most = max(least, self.num_logical_experts)
+        h, f = self.hidden, self.ffn_hidden
+        for arg, t, want in (("w1", w1, (h, f)), ("w3", w3, (h, f)), ("w2", w2, (f, h))):
+            if not isinstance(t, Tensor) or t.dim() != 3 or tuple(t.shape[1:]) != want or \
+                    not least <= t.shape[0] <= most:
+                got = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
+                span = f"L = {least}" if least == most else f"{least} <= L <= {most}"
+                raise ArgumentError(
+                    f"MoELayer.local_experts: argument '{arg}' has shape {got}, expected (L, {want[0]}, {want[1]}) "
+                    f"with {span} logical experts"
+                )
+        logical = torch.tensor(self._slot_experts(), dtype=torch.int64)
+        ok = (logical >= 0).to(w1.device).view(-1, 1, 1)
+        idx = logical.clamp(min=0).to(w1.device)
+        if self.expert_tp is not None and self.expert_tp.size > 1:
+            fs = self.ffn_hidden // self.expert_tp.size
+            cols = slice(self.expert_tp.rank * fs, (self.expert_tp.rank + 1) * fs)
+            w1, w3, w2 = w1[:, :, cols], w3[:, :, cols], w2[:, cols, :]
+        w13 = torch.cat([w1[idx], w3[idx]], dim=2)
+        return torch.where(ok, w13, 0), torch.where(ok.to(w2.device), w2[idx.to(w2.device)], 0)
+
     # -- routing ----------------------------------------------------------------------------------------------
     def route(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """x [T, H] -> (physical topk_idx int64 [T, K], topk_weights float32 [T, K]); stores the gate's aux loss.

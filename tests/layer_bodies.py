@@ -2415,8 +2415,12 @@ def layer_global_experts(rank: int, world: int) -> None:
                 raise AssertionError(f"rank {rank}: replicas that differ were gathered")
         layer.load_global_experts(w1, w3, w2)
         got = layer.gather_global_experts()
-        for name, a, b in zip(("w1", "w3", "w2"), got, want, strict=True):
+        every: list[Any] = [None] * world
+        dist.all_gather_object(every, layer.state_dict())  # (every rank's file, as a checkpoint would hold them)
+        offline = layers.global_experts_from_states([{"moe." + k: v for k, v in st.items()} for st in every], "moe.")
+        for name, a, b, c in zip(("w1", "w3", "w2"), got, want, offline, strict=True):
             assert a.shape == b.shape and torch.equal(a, b), f"rank {rank}: gathered {name}"
+            assert torch.equal(c, b), f"rank {rank}: {name} from the states"
         # other per-slot tensors (as an optimizer's moments): gathered the same way, cut back by local_experts
         m13, m2 = layer.experts.w13 * 3, layer.experts.w2 * 3
         g1, g3, g2 = layer.gather_global_experts(m13, m2)

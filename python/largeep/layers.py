@@ -74,6 +74,7 @@ __all__ = [
     "TwoBatchOverlap",
     "allreduce_replica_grads",
     "ddp_ignore_experts",
+    "global_experts_from_states",
     "run_interleaved",
 ]
 
@@ -1362,8 +1363,9 @@ def _check_slot_layout(module: nn.Module, state_dict: dict[str, Any], prefix: st
         error_msgs.append(
             f"{key}: the saved expert weights are those of logical experts {_short(saved)} in this rank's slots, "
             f"this layer's slots hold {_short(mine)} (its placement, rank {module.rank}): load them through "
-            "load_global_experts (its weights per logical expert), or build the layer with the saved placement, on "
-            "the rank that saved them"
+            "load_global_experts (its weights per logical expert: layers.global_experts_from_states of every rank's "
+            "state, or MoELayer.gather_global_experts), or build the layer with the saved placement, on the rank "
+            "that saved them"
         )
     tp = module.expert_tp
     want = [tp.rank, tp.size] if tp is not None and tp.size > 1 else None
@@ -1374,6 +1376,55 @@ def _check_slot_layout(module: nn.Module, state_dict: dict[str, Any], prefix: st
             f"{'the whole experts' if got is None else f'shard {got[0]} of {got[1]} of each expert'}; this layer "
             f"holds {'the whole experts' if want is None else f'shard {want[0]} of {want[1]}'} (expert_tp_group)"
         )
+
+
+def global_experts_from_states(states: Sequence[dict[str, Any]], prefix: str = "") -> tuple[Tensor, Tensor, Tensor]:
+    """The global expert weights (w1 [L, H, F], w3 [L, H, F], w2 [L, F, H], L = the largest expert id + 1) from the
+    state dicts of one ``MoELayer`` saved on every rank of its group, in rank order (``prefix``: the layer's in a
+    model's state dict, e.g. ``"layers.3.moe."``), read by the ``slot_experts`` each holds: for a checkpoint of
+    per-rank files loaded at another expert-parallel size or placement through ``load_global_experts``, without the
+    old group (:meth:`MoELayer.gather_global_experts` does the same collectively). Not collective; an expert held by
+    no slot comes back as zeros, replicas must be equal (``ArgumentError`` names the expert). States of expert-TP
+    shards (``expert_shard``) are refused: gather them with ``gather_global_experts``."""
+    what = "global_experts_from_states"
+    if not states:
+        raise ArgumentError(f"{what}: argument 'states' is empty, expected every rank's state dict")
+    w13s, w2s, tables = [], [], []
+    for r, st in enumerate(states):
+        k13, k2 = prefix + "experts.w13", prefix + "experts.w2"
+        if not isinstance(st, dict) or k13 not in st or k2 not in st:
+            raise ArgumentError(f"{what}: argument 'states[{r}]' holds no '{k13}' and '{k2}' (a MoELayer's state dict "
+                                f"under prefix {prefix!r})")
+        if prefix + _EXPERT_SHARD in st:
+            raise ArgumentError(f"{what}: argument 'states[{r}]' is one expert-TP member's shard "
+                                f"('{prefix + _EXPERT_SHARD}'): gather those with MoELayer.gather_global_experts")
+        e_l = st[k13].shape[0]
+        table = st.get(prefix + _SLOT_EXPERTS)
+        if table is None:
+            legacy = st.get(prefix + _SLOT_LAYOUT)
+            table = legacy[r * e_l : (r + 1) * e_l] if isinstance(legacy, Tensor) else torch.arange(r * e_l,
+                                                                                                  (r + 1) * e_l)
+        w13s.append(st[k13])
+        w2s.append(st[k2])
+        tables.append(table.to("cpu", torch.int64))
+    table = torch.cat(tables)
+    w13, w2 = torch.cat(w13s), torch.cat(w2s)
+    f = w2.shape[1]
+    num = int(table.max()) + 1 if table.numel() and int(table.max()) >= 0 else 0
+    outs = []
+    for t in (w13[:, :, :f], w13[:, :, f:], w2):
+        g = t.new_zeros((num,) + tuple(t.shape[1:]))
+        for slot in reversed(range(table.numel())):
+            if table[slot] >= 0:
+                g[int(table[slot])] = t[slot]
+        outs.append(g)
+    for slot in range(table.numel()):
+        e = int(table[slot])
+        if e >= 0 and not all(torch.equal(g[e], t[slot]) for g, t in zip(outs, (w13[:, :, :f], w13[:, :, f:], w2),
+                                                                         strict=True)):
+            raise ArgumentError(f"{what}: the replicas of logical expert {e} differ (slot {slot} and slot "
+                                f"{int((table == e).nonzero()[0])}), so it has no one global value")
+    return outs[0], outs[1], outs[2]
 
 
 def _short(t: Any) -> str:

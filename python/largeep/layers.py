@@ -33,6 +33,10 @@ w2 [E/N, F, H]).
 A logical expert with several slots (replicas) has one copy of its weights per slot; after backward
 :func:`allreduce_replica_grads` sums the grads of the copies (one all-reduce over the group of the replicated
 experts' grads only), so every copy takes the same optimizer step.
+Checkpoints: a rank's state dict holds its own slots (``slot_experts`` says which experts; loading into other
+slots is refused); :meth:`MoELayer.gather_global_experts` (collective) or :func:`global_experts_from_states` (from
+every rank's saved states) give the weights per logical expert, which ``load_global_experts`` reshards onto another
+expert-parallel size or placement (docs/usage.md, "Checkpoints").
 
 Expert tensor parallelism (``expert_tp_group``, normal mode): each slot's expert MLPs are split over the T ranks of
 a TP group (F/T columns of w1/w3, F/T rows of w2), the Buffer lives on an EP group of one rank per TP group, and

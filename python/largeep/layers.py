@@ -644,6 +644,16 @@ class MoELayer(nn.Module):
                     f"{_kind(phys_to_log) if not sized else f'a value {least_id}'}"
                 )
         table = phys_to_log if phys_to_log is not None else self.phys_to_log
+        parts = self._slots_of("load_global_experts", w1, w3, w2, table)
+        for mine, part in zip((self.experts.w1, self.experts.w3, self.experts.w2), parts, strict=True):
+            mine.copy_(part.to(device=mine.device, dtype=mine.dtype))
+
+    def _slots_of(
+        self, op: str, w1: Tensor, w3: Tensor, w2: Tensor, table: Tensor | None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """This rank's slots (by ``table``, the physical slots' logical experts; None: the identity) of global
+        per-expert tensors w1/w3 [L, H, F], w2 [L, F, H], on their device, empty slots zero; with expert TP this
+        member's shard (columns [j*F/T, (j+1)*F/T) of w1/w3, the same rows of w2). Shapes checked for ``op``."""
         # every rank checks the same shapes (a rank whose slots all lie below a short L would load silently)
         # L: at least the table's largest logical expert + 1 (the identity: E), at most the layer's logical experts
         least = int(table.max()) + 1 if table is not None and table.numel() else self.num_experts
@@ -655,8 +665,8 @@ class MoELayer(nn.Module):
                 got = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
                 span = f"L = {least}" if least == most else f"{least} <= L <= {most}"
                 raise ArgumentError(
-                    f"MoELayer.load_global_experts: argument '{arg}' has shape {got}, expected (L, {want[0]}, "
-                    f"{want[1]}) with {span} logical experts"
+                    f"MoELayer.{op}: argument '{arg}' has shape {got}, expected (L, {want[0]}, {want[1]}) with "
+                    f"{span} logical experts"
                 )
         lo = self.rank * self.num_local_experts
         slots = torch.arange(lo, lo + self.num_local_experts, device="cpu")
@@ -666,10 +676,11 @@ class MoELayer(nn.Module):
             f = self.ffn_hidden // self.expert_tp.size
             cols = slice(self.expert_tp.rank * f, (self.expert_tp.rank + 1) * f)
             w1, w3, w2 = w1[:, :, cols], w3[:, :, cols], w2[:, cols, :]
-        for mine, full in ((self.experts.w1, w1), (self.experts.w3, w3), (self.experts.w2, w2)):
-            # (only this rank's experts move, whatever device the global weights are on)
-            src = full[logical.clamp(min=0).to(full.device)].to(device=mine.device, dtype=mine.dtype)
-            mine.copy_(torch.where(ok.to(mine.device).view(-1, 1, 1), src, 0))
+        # (only this rank's experts move, whatever device the global weights are on)
+        return tuple(  # type: ignore[return-value]
+            torch.where(ok.to(full.device).view(-1, 1, 1), full[logical.clamp(min=0).to(full.device)], 0)
+            for full in (w1, w3, w2)
+        )
 
     @torch.no_grad()
     def gather_global_experts(
@@ -717,23 +728,8 @@ class MoELayer(nn.Module):
         n_slots = self.num_experts
         table = self.phys_to_log.cpu().to(torch.int64) if self.phys_to_log is not None else torch.arange(n_slots)
         num = max(self.num_logical_experts, int(table.max()) + 1) if self.phys_to_log is not None else n_slots
-        outs = []
-        for t in (w1s, w3s, w2s):
-            g = t.new_zeros((num,) + tuple(t.shape[1:]))
-            for slot in reversed(range(n_slots)):  # (so the lowest-numbered slot of an expert is written last)
-                if table[slot] >= 0:
-                    g[int(table[slot])] = t[slot]
-            outs.append(g)
-        # replicas: every copy must equal the one returned (the same check on every rank: the same gathered data)
-        for slot in range(n_slots):
-            e = int(table[slot])
-            if e >= 0 and not all(torch.equal(g[e], t[slot]) for g, t in zip(outs, (w1s, w3s, w2s), strict=True)):
-                first = int((table == e).nonzero()[0])
-                raise ArgumentError(
-                    f"{what}: the replicas of logical expert {e} differ (slots {first} and {slot}, of ranks "
-                    f"{first // e_l} and {slot // e_l}), so it has no one global value: keep them equal "
-                    "(allreduce_replica_grads after each backward, load_global_experts after loading)"
-                )
+        # (every rank checks the replicas alike: the same gathered data)
+        outs = _by_logical(what, table, (w1s, w3s, w2s), num, e_l)
         return outs[0], outs[1], outs[2]
 
     def local_experts(self, w1: Tensor, w3: Tensor, w2: Tensor) -> tuple[Tensor, Tensor]:
@@ -741,28 +737,8 @@ class MoELayer(nn.Module):
         :meth:`gather_global_experts`) as (w13 [E_l, H, 2F/T], w2 [E_l, F/T, H]): what :meth:`load_global_experts`
         copies into the weights, for other per-slot tensors such as the optimizer's state of ``experts.w13`` and
         ``experts.w2`` (empty slots zero). Not collective; the shapes are checked as there."""
-        table = self.phys_to_log if self.phys_to_log is not None else None
-        least = int(table.max()) + 1 if table is not None and table.numel() else self.num_experts
-        most = max(least, self.num_logical_experts)
-        h, f = self.hidden, self.ffn_hidden
-        for arg, t, want in (("w1", w1, (h, f)), ("w3", w3, (h, f)), ("w2", w2, (f, h))):
-            if not isinstance(t, Tensor) or t.dim() != 3 or tuple(t.shape[1:]) != want or \
-                    not least <= t.shape[0] <= most:
-                got = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
-                span = f"L = {least}" if least == most else f"{least} <= L <= {most}"
-                raise ArgumentError(
-                    f"MoELayer.local_experts: argument '{arg}' has shape {got}, expected (L, {want[0]}, {want[1]}) "
-                    f"with {span} logical experts"
-                )
-        logical = torch.tensor(self._slot_experts(), dtype=torch.int64)
-        ok = (logical >= 0).to(w1.device).view(-1, 1, 1)
-        idx = logical.clamp(min=0).to(w1.device)
-        if self.expert_tp is not None and self.expert_tp.size > 1:
-            fs = self.ffn_hidden // self.expert_tp.size
-            cols = slice(self.expert_tp.rank * fs, (self.expert_tp.rank + 1) * fs)
-            w1, w3, w2 = w1[:, :, cols], w3[:, :, cols], w2[:, cols, :]
-        w13 = torch.cat([w1[idx], w3[idx]], dim=2)
-        return torch.where(ok, w13, 0), torch.where(ok.to(w2.device), w2[idx.to(w2.device)], 0)
+        p1, p3, p2 = self._slots_of("local_experts", w1, w3, w2, self.phys_to_log)
+        return torch.cat([p1, p3], dim=2), p2
 
     # -- routing ----------------------------------------------------------------------------------------------
     def route(self, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -1403,6 +1379,10 @@ def global_experts_from_states(states: Sequence[dict[str, Any]], prefix: str = "
             raise ArgumentError(f"{what}: argument 'states[{r}]' is one expert-TP member's shard "
                                 f"('{prefix + _EXPERT_SHARD}'): gather those with MoELayer.gather_global_experts")
         e_l = st[k13].shape[0]
+        if st[k13].shape[0] != states[0][k13].shape[0] or st[k2].shape != states[0][k2].shape:
+            raise ArgumentError(f"{what}: argument 'states[{r}]' holds experts of shapes {tuple(st[k13].shape)} and "
+                                f"{tuple(st[k2].shape)}, states[0] {tuple(states[0][k13].shape)} and "
+                                f"{tuple(states[0][k2].shape)}: expected one layer's states of every rank")
         table = st.get(prefix + _SLOT_EXPERTS)
         if table is None:
             legacy = st.get(prefix + _SLOT_LAYOUT)
@@ -1415,20 +1395,38 @@ def global_experts_from_states(states: Sequence[dict[str, Any]], prefix: str = "
     w13, w2 = torch.cat(w13s), torch.cat(w2s)
     f = w2.shape[1]
     num = int(table.max()) + 1 if table.numel() and int(table.max()) >= 0 else 0
-    outs = []
-    for t in (w13[:, :, :f], w13[:, :, f:], w2):
-        g = t.new_zeros((num,) + tuple(t.shape[1:]))
-        for slot in reversed(range(table.numel())):
-            if table[slot] >= 0:
-                g[int(table[slot])] = t[slot]
-        outs.append(g)
-    for slot in range(table.numel()):
-        e = int(table[slot])
-        if e >= 0 and not all(torch.equal(g[e], t[slot]) for g, t in zip(outs, (w13[:, :, :f], w13[:, :, f:], w2),
-                                                                         strict=True)):
-            raise ArgumentError(f"{what}: the replicas of logical expert {e} differ (slot {slot} and slot "
-                                f"{int((table == e).nonzero()[0])}), so it has no one global value")
+    outs = _by_logical(what, table, (w13[:, :, :f], w13[:, :, f:], w2), num, e_l)
     return outs[0], outs[1], outs[2]
+
+
+def _by_logical(
+    what: str, table: Tensor, parts: tuple[Tensor, ...], num: int, e_l: int
+) -> tuple[Tensor, ...]:
+    """Per-slot tensors ``parts`` ([slots, ...], slot s holding logical expert ``table[s]``, -1: none) as
+    [num, ...] by logical expert: each expert's lowest slot's values, zeros for an expert no slot holds. Every
+    other slot of an expert (a replica) must hold the same values, else ``ArgumentError`` names the expert, the
+    slots and their ranks (``e_l`` slots a rank)."""
+    slots = (table >= 0).nonzero().flatten()
+    ids = table[slots]
+    first: dict[int, int] = {}
+    for slot, e in zip(slots.tolist(), ids.tolist(), strict=True):
+        first.setdefault(e, slot)
+    es = torch.tensor(list(first), dtype=torch.int64)
+    ss = torch.tensor(list(first.values()), dtype=torch.int64)
+    outs = []
+    for t in parts:
+        g = t.new_zeros((num, *t.shape[1:]))
+        g[es.to(t.device)] = t[ss.to(t.device)]
+        outs.append(g)
+    for slot, e in zip(slots.tolist(), ids.tolist(), strict=True):
+        if slot != first[e] and not all(torch.equal(g[e], t[slot]) for g, t in zip(outs, parts, strict=True)):
+            one = first[e]
+            raise ArgumentError(
+                f"{what}: the replicas of logical expert {e} differ (slots {one} and {slot}, of ranks {one // e_l} "
+                f"and {slot // e_l}), so it has no one global value: keep them equal (allreduce_replica_grads after "
+                "each backward, load_global_experts after loading)"
+            )
+    return tuple(outs)
 
 
 def _short(t: Any) -> str:

@@ -2468,3 +2468,142 @@ def layer_global_experts(rank: int, world: int) -> None:
         assert torch.equal(c13, tp.experts.w13) and torch.equal(c2, tp.experts.w2)
     finally:
         ep.destroy()
+
+
+def _serve_dense(x: torch.Tensor, w: dict[str, Any], topk: int, bf16_io: bool) -> torch.Tensor:
+    """One MoE layer with every expert here, float32, routed as a TopKGate without groups or capacity does
+    (softmax scores, + bias for the choice only, the chosen scores normalised), one (token, k) at a time.
+    ``bf16_io``: the routed experts see the token rounded to bf16, and each expert's output and the weighted sum
+    are rounded to bf16 (where the low-latency mode's transfers round); the shared experts see x as it is."""
+    scores = F.linear(x.float(), w["gate"]).softmax(-1)
+    idx = (scores + w["bias"]).topk(topk, dim=-1).indices
+    wt = scores.gather(1, idx)
+    wt = wt / wt.sum(-1, keepdim=True)
+    xin = x.to(torch.bfloat16).float() if bf16_io else x
+    out = torch.zeros_like(x)
+    for t in range(x.shape[0]):
+        for k in range(topk):
+            e = int(idx[t, k])
+            y = (F.silu(xin[t] @ w["w1"][e]) * (xin[t] @ w["w3"][e])) @ w["w2"][e]
+            out[t] += wt[t, k] * (y.to(torch.bfloat16).float() if bf16_io else y)
+    if bf16_io:
+        out = out.to(torch.bfloat16).float()
+    if w["shared"] is not None:
+        s1, s3, s2 = w["shared"]
+        out = out + (F.silu(x @ s1) * (x @ s3)) @ s2
+    return out
+
+
+def serve_prefill_decode(rank: int, world: int) -> None:
+    """Serving one model (two MoE layers, TopKGate with a learnt bias, shared experts on the first) in both modes:
+    prefill through normal-mode layers in chunks, decode through ``for_buffer`` twins on a low-latency Buffer that
+    share the weights (no copy, no draw from torch's generator). In eval mode, under no_grad and inference_mode,
+    against a dense single-process float32 reference of the same weights: the prefill to float32 accuracy, decode
+    steps (ranks with 0 to max_tokens_per_rank tokens) to the reference with the low-latency mode's bf16 roundings
+    (and not to the plain float32 one: the transfers are bf16). One token too many on one rank is refused on every
+    rank, the next step goes on; TwoBatchOverlap equals plain calls; eval mode counts no load, training mode counts
+    both layers' choices in the shared gate; for_buffer refuses another Buffer's sizes and non-mode options."""
+    from largeep.gate import GateConfig, TopKGate
+
+    h, f, fs, e, k, chunk, m = 32, 16, 8, 4 * world, 3, 8, 5
+    g = _gen(77, 1)
+    ws = [dict(gate=torch.randn(e, h, generator=g) * h**-0.5, bias=torch.randn(e, generator=g) * 0.05,
+               w1=torch.randn(e, h, f, generator=g) * h**-0.5, w3=torch.randn(e, h, f, generator=g) * h**-0.5,
+               w2=torch.randn(e, f, h, generator=g) * f**-0.5,
+               shared=tuple(torch.randn(a, b, generator=g) * a**-0.5 for a, b in ((h, fs), (h, fs), (fs, h)))
+               if j == 0 else None) for j in range(2)]
+    nbuf = largeep.Buffer(None, hidden=h, num_experts=e, num_topk=k, max_tokens_per_rank=chunk, backend="torch")
+    lbuf = largeep.Buffer(None, hidden=h, num_experts=e, num_topk=k, max_tokens_per_rank=m, low_latency=True,
+                          backend="torch")
+    other = largeep.Buffer(None, hidden=h + 8, num_experts=e, num_topk=k, max_tokens_per_rank=m, low_latency=True,
+                           backend="torch")
+    try:
+        prefill = []
+        for w in ws:
+            layer = layers.MoELayer(nbuf, ffn_hidden=f, gate=TopKGate(GateConfig(hidden=h, num_experts=e, topk=k)),
+                                    shared_ffn_hidden=fs if w["shared"] is not None else 0, num_chunks=3)
+            with torch.no_grad():
+                layer.gate.weight.copy_(w["gate"])
+                layer.gate.expert_bias.copy_(w["bias"])
+                if layer.shared_experts is not None:
+                    for mine, full in zip((layer.shared_experts.w1, layer.shared_experts.w3,
+                                           layer.shared_experts.w2), w["shared"], strict=True):
+                        mine.copy_(full)
+            layer.load_global_experts(w["w1"], w["w3"], w["w2"])
+            prefill.append(layer)
+        rng = torch.get_rng_state()
+        decode = [p.for_buffer(lbuf) for p in prefill]
+        assert torch.equal(torch.get_rng_state(), rng), "for_buffer drew from torch's generator"
+        for p, d in zip(prefill, decode, strict=True):
+            assert d.low_latency and d.gate is p.gate and d.experts is p.experts
+            assert d.shared_experts is p.shared_experts
+            assert [t.data_ptr() for t in d.parameters()] == [t.data_ptr() for t in p.parameters()]
+        model_p, model_d = torch.nn.Sequential(*prefill).eval(), torch.nn.Sequential(*decode).eval()
+
+        def ref(x: torch.Tensor, bf16_io: bool) -> torch.Tensor:
+            for w in ws:
+                x = _serve_dense(x, w, k, bf16_io)
+            return x
+
+        xp = torch.randn([3 * chunk, 0, 17, 5][rank % 4], h, generator=_gen(77, 2, rank))
+        for grad_off in (torch.no_grad, torch.inference_mode):
+            with grad_off():
+                close(model_p(xp), ref(xp, False), f"prefill under {grad_off.__name__}")
+        far = 0.0
+        for step, plan in enumerate(([1, 0, 3, m], [0, 0, 0, 2], [m] * 4, [0] * 4, [2, m, 0, 1])):
+            x = torch.randn(plan[rank % 4], h, generator=_gen(77, 3, step, rank))
+            with torch.inference_mode():
+                got = model_d(x)
+            with torch.no_grad():
+                assert torch.equal(model_d(x), got), f"decode step {step}: no_grad differs from inference_mode"
+            close(got, ref(x, True), f"decode step {step} vs the dense reference with bf16 transfers", rtol=2.0**-9)
+            if x.shape[0]:
+                want = ref(x, False)
+                far = max(far, ((got - want).abs().max() / want.abs().max()).item())
+        farthest = torch.tensor([far])
+        dist.all_reduce(farthest, op=dist.ReduceOp.MAX)
+        assert farthest.item() > 2.0**-9, "the decode outputs carried no bf16 rounding"
+        # one token more than max_tokens_per_rank on the last rank: refused on every rank, nothing left pending
+        x = torch.randn(m + 1 if rank == world - 1 else 2, h, generator=_gen(77, 4, rank))
+        try:
+            with torch.inference_mode():
+                model_d(x)
+        except largeep.ArgumentError as exc:
+            assert rank == world - 1 and f"more than max_tokens_per_rank={m}" in str(exc), str(exc)
+        except largeep.PeerRefusedError as exc:
+            assert rank != world - 1 and f"rank(s) [{world - 1}]" in str(exc), str(exc)
+        else:
+            raise AssertionError("a decode step of max_tokens_per_rank + 1 tokens was not refused")
+        x = x[:2]
+        with torch.inference_mode():
+            close(model_d(x), ref(x, True), "the decode step after the refusal", rtol=2.0**-9)
+            xa, xb = (torch.randn(t, h, generator=_gen(77, 5, i, rank)) for i, t in enumerate((rank % 3, m - rank)))
+            ya, yb = layers.TwoBatchOverlap(decode[0])(xa, xb)
+            assert torch.equal(ya, decode[0](xa)) and torch.equal(yb, decode[0](xb)), "two-batch overlap differs"
+        for p, w in zip(prefill, ws, strict=True):
+            assert not p.gate.expert_load.any(), "eval mode counted loads"
+            assert torch.equal(p.gate.expert_bias, w["bias"])
+        # training mode: the shared gate counts the choices of both layers' calls
+        prefill[0].gate.train()
+        xd = xp[:2]
+        with torch.no_grad():
+            prefill[0](xp)
+            decode[0](xd)
+        chosen = torch.cat([(F.linear(t, ws[0]["gate"]).softmax(-1) + ws[0]["bias"]).topk(k, dim=-1).indices.flatten()
+                            for t in (xp, xd)])
+        assert torch.equal(prefill[0].gate.expert_load, torch.bincount(chosen, minlength=e).float())
+        prefill[0].gate.eval()
+        for buf, kw, want in ((other, {}, "argument 'buffer' has hidden = 40, this layer's Buffer 32"),
+                              (lbuf, {"ffn_hidden": 8}, "argument 'ffn_hidden' is not a mode setting"),
+                              (lbuf, {"num_chunks": 2}, "argument 'num_chunks' = 2 applies to normal mode")):
+            try:
+                prefill[0].for_buffer(buf, **kw)
+            except largeep.ArgumentError as exc:
+                assert want in str(exc), str(exc)
+            else:
+                raise AssertionError(f"for_buffer took {kw}")
+        assert ops.live_handles(decode[0].buffer_id) == 0
+    finally:
+        nbuf.destroy()
+        lbuf.destroy()
+        other.destroy()

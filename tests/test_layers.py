@@ -729,3 +729,10 @@ def test_ddp_over_replicated_params_matches_dense_steps_gpu(pools) -> None:
     if native.unavailable_reason() is not None:
         pytest.skip(str(native.unavailable_reason()))
     pools(2, "nccl").run(layer_bodies.ddp_training_steps, [5, 0], 71, "nvshmem", "cuda")
+
+
+@pytest.mark.parametrize("world", [1, 4])
+def test_serve_prefill_decode(pools, world: int) -> None:
+    """One model's weights for prefill (normal mode, chunks) and decode (MoELayer.for_buffer on a low-latency
+    Buffer), in eval mode, against a dense float32 reference; refusals, two-batch overlap, the gate's counts."""
+    pools(world).run(layer_bodies.serve_prefill_decode)

@@ -483,7 +483,10 @@ class MoELayer(nn.Module):
         norm_topk_prob: bool = True,
         dtype: torch.dtype | None = None,
         expert_tp_group: dist.ProcessGroup | None = None,
+        _weights_of: MoELayer | None = None,
     ) -> None:
+        """(``_weights_of``: :meth:`for_buffer`'s: the experts and shared experts are that layer's modules, not
+        made here, and nothing is drawn from torch's generator.)"""
         super().__init__()
         if not isinstance(buffer, Buffer):
             raise ArgumentError(f"MoELayer: argument 'buffer' must be a largeep.Buffer, got {type(buffer).__name__}")
@@ -491,7 +494,7 @@ class MoELayer(nn.Module):
         # every copy of an expert starts from the same weights, and different experts from different ones, on
         # every rank whose torch generator was seeded alike: the seed is drawn from it first (before the default
         # gate's initialisation, which draws nothing on the meta device)
-        seed = int(torch.randint(0, 2**62, (), dtype=torch.int64, device="cpu"))
+        seed = int(torch.randint(0, 2**62, (), dtype=torch.int64, device="cpu")) if _weights_of is None else 0
         local_error: Exception | None = None
         try:
             for arg, value, least in (("ffn_hidden", ffn_hidden, 1), ("shared_ffn_hidden", shared_ffn_hidden, 0),
@@ -602,6 +605,7 @@ class MoELayer(nn.Module):
         self.gate = router
         self.phys_to_log: Tensor | None = getattr(placement, "phys_to_log", None)
         self.placement = route
+        self._placement_arg = placement  # (as given: for_buffer passes it on)
         # whether a token's distinct logical experts stay distinct physical ones (see experts_chunk)
         self._placement_keeps_distinct = placement is None or _is_placement(placement)
         self._by_replicas = _is_placement(placement)  # (self.placement is route's wrapper, which takes node_limited)
@@ -610,17 +614,69 @@ class MoELayer(nn.Module):
         self._limited = False
         self._limits_nodes()  # (decided now, eagerly: a compiled forward then only tests the groups' identity)
         self.ffn_hidden = ffn_hidden
-        self.experts = GroupedExperts(self.num_local_experts, c.hidden, ffn_hidden // tp, dtype=dtype, init=False)
-        self.experts.seeded_init_(
-            self._slot_experts(), seed, self.expert_tp.rank if self.expert_tp is not None else 0, tp
-        )
-        self.shared_experts = SwiGLU(c.hidden, shared_ffn_hidden, dtype=dtype) if shared_ffn_hidden > 0 else None
+        self.experts: GroupedExperts
+        self.shared_experts: SwiGLU | None
+        if _weights_of is not None:
+            self.experts, self.shared_experts = _weights_of.experts, _weights_of.shared_experts
+        else:
+            self.experts = GroupedExperts(self.num_local_experts, c.hidden, ffn_hidden // tp, dtype=dtype, init=False)
+            self.experts.seeded_init_(
+                self._slot_experts(), seed, self.expert_tp.rank if self.expert_tp is not None else 0, tp
+            )
+            self.shared_experts = SwiGLU(c.hidden, shared_ffn_hidden, dtype=dtype) if shared_ffn_hidden > 0 else None
         self.aux_loss: Tensor | None = None
         self._ddp_seen: weakref.ref[nn.Module] | None = None  # (the DDP _check_ddp last let through)
         self.register_state_dict_post_hook(_save_slot_layout)
         self.register_load_state_dict_pre_hook(_check_slot_layout)
 
     # -- weights ----------------------------------------------------------------------------------------------
+    _FOR_BUFFER_OPTIONS = frozenset({
+        "num_chunks", "num_worst_tokens", "overlap_sm_carveout", "use_fp8", "bf16_partial_sums", "ll_use_fp8",
+        "ll_send_weights", "ll_bf16_partial_sums", "use_custom_ops",
+    })
+
+    def for_buffer(self, buffer: Buffer, **options: Any) -> MoELayer:
+        """A layer on another Buffer that computes with this layer's weights: the same gate, placement, routed
+        experts and shared experts (the modules themselves, no copy: a change to either layer's weights is the
+        other's too). For serving one model in both modes: prefill through a normal-mode layer, decode through
+        ``prefill_layer.for_buffer(ll_buffer)`` (docs/usage.md, "Serving: prefill and decode").
+
+        ``buffer`` must have this layer's Buffer's hidden, num_experts, num_topk, ranks and this rank's place among
+        them (so that each rank holds the same slots), else ArgumentError naming what differs. ``options``: the
+        new layer's mode settings (``num_chunks``, ``num_worst_tokens``, ``overlap_sm_carveout``, ``use_fp8``,
+        ``bf16_partial_sums``, ``ll_use_fp8``, ``ll_send_weights``, ``ll_bf16_partial_sums``, ``use_custom_ops``;
+        MoELayer's defaults where left out, not this layer's values), checked as MoELayer checks them. A layer
+        with expert tensor parallelism is refused (its slots hold shards; a low-latency layer needs whole
+        experts). The gate is shared, so in training mode its ``expert_load`` counts the choices of both layers'
+        calls (in eval mode neither counts). Draws nothing from torch's generator and allocates no weights."""
+        other = sorted(set(options) - self._FOR_BUFFER_OPTIONS)
+        if other:
+            raise ArgumentError(
+                f"MoELayer.for_buffer: argument {other[0]!r} is not a mode setting (the weights, gate and placement "
+                f"are this layer's); expected some of {sorted(self._FOR_BUFFER_OPTIONS)}"
+            )
+        if not isinstance(buffer, Buffer):
+            raise ArgumentError(f"MoELayer.for_buffer: argument 'buffer' must be a largeep.Buffer, got "
+                                f"{type(buffer).__name__}")
+        mine, theirs = self.buffer.ctx, buffer.ctx
+        for name in ("hidden", "num_experts", "num_topk", "num_ranks", "rank"):
+            if getattr(theirs, name) != getattr(mine, name):
+                raise ArgumentError(
+                    f"MoELayer.for_buffer: argument 'buffer' has {name} = {getattr(theirs, name)}, this layer's Buffer "
+                    f"{getattr(mine, name)}: the new layer must hold the same slots of the same experts on each rank"
+                )
+        if self.expert_tp is not None and self.expert_tp.size > 1:
+            raise ArgumentError(
+                f"MoELayer.for_buffer: this layer splits its experts over an expert-TP group of "
+                f"{self.expert_tp.size} ranks (each slot holds a shard): load whole experts into a layer without "
+                "expert TP instead (load_global_experts)"
+            )
+        shared = self.shared_experts.w1.shape[1] if self.shared_experts is not None else 0
+        return MoELayer(
+            buffer, ffn_hidden=self.ffn_hidden, gate=self.gate, num_logical_experts=self.num_logical_experts,
+            placement=self._placement_arg, shared_ffn_hidden=shared, _weights_of=self, **options,
+        )
+
     def _slot_experts(self) -> list[int]:
         """The logical expert of each local slot (-1: empty): the placement's table, else slot s holds expert s."""
         lo = self.rank * self.num_local_experts

@@ -846,7 +846,9 @@ class MoELayer(nn.Module):
         x's dtype. Normal mode waits on the host for each chunk's count exchange unless ``num_worst_tokens`` > 0;
         low-latency mode has no count exchange, but an eager call waits for its dispatch's expert-id check (not
         inside a CUDA graph), and a placement's ``route`` waits on the host (its ``table_route``, taken under
-        capture and compile, does not)."""
+        capture and compile, does not). Low-latency mode sends the tokens and the experts' outputs as bf16 and
+        combines into bf16 whatever x's dtype (the shared experts compute in x's dtype): a float32 layer's decode
+        output carries those roundings (docs/usage.md, "Serving: prefill and decode")."""
         self._check_ddp()
         if self.low_latency:
             state = self._ll_send(x, hooks=False)

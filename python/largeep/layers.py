@@ -230,12 +230,18 @@ class GroupedExperts(nn.Module):
 
     def forward(self, x: Tensor, offs: Tensor, used: int | None = None, *, clear_tail: bool = True) -> Tensor:
         """x [P, H] sorted by expert; offs int32 [E_l] inclusive end row of each expert -> [P, H] in the weights'
-        dtype, zero past ``offs[-1]``. ``used``: ``offs[-1]`` when known on the host (see ``ops.grouped_mm``).
+        dtype (inside a ``torch.autocast`` region of x's device: x and the weights cast to its dtype, the GEMMs and
+        the output in it, as ``nn.Linear`` there; the weights' grads stay in their dtype), zero past ``offs[-1]``.
+        ``used``: ``offs[-1]`` when known on the host (see ``ops.grouped_mm``).
         ``clear_tail`` False: the rows past ``offs[-1]`` of the output, and of x's gradient, are unspecified
         (NaN possible; see ``ops.grouped_mm``), for a caller that reads neither."""
         f = self.ffn_hidden
-        h13 = ops.grouped_mm(x.to(self.w13.dtype), self.w13, offs, used, clear_tail=clear_tail)
-        return ops.grouped_mm(F.silu(h13[:, :f]) * h13[:, f:], self.w2, offs, used, clear_tail=clear_tail)
+        w13, w2 = self.w13, self.w2
+        if torch.is_autocast_enabled(x.device.type):  # as nn.Linear: the GEMMs in autocast's dtype
+            dt = torch.get_autocast_dtype(x.device.type)
+            w13, w2 = w13.to(dt), w2.to(dt)
+        h13 = ops.grouped_mm(x.to(w13.dtype), w13, offs, used, clear_tail=clear_tail)
+        return ops.grouped_mm(F.silu(h13[:, :f]) * h13[:, f:], w2, offs, used, clear_tail=clear_tail)
 
     def forward_rows(
         self, x: Tensor, topk_idx: Tensor, topk_weights: Tensor, num_pairs: int | None = None

@@ -236,7 +236,8 @@ class GroupedExperts(nn.Module):
         ``clear_tail`` False: the rows past ``offs[-1]`` of the output, and of x's gradient, are unspecified
         (NaN possible; see ``ops.grouped_mm``), for a caller that reads neither."""
         f = self.ffn_hidden
-        w13, w2 = self.w13, self.w2
+        w13: Tensor = self.w13
+        w2: Tensor = self.w2
         if torch.is_autocast_enabled(x.device.type):  # as nn.Linear: the GEMMs in autocast's dtype
             dt = torch.get_autocast_dtype(x.device.type)
             w13, w2 = w13.to(dt), w2.to(dt)

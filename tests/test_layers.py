@@ -738,34 +738,35 @@ def test_serve_prefill_decode(pools, world: int) -> None:
     pools(world).run(layer_bodies.serve_prefill_decode)
 
 
-def test_grouped_experts_under_autocast() -> None:
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu(1))])
+def test_grouped_experts_under_autocast(device: str) -> None:
     """Inside torch.autocast the routed experts' GEMMs run in autocast's dtype, as nn.Linear's (they once ran in the
     float32 weights' dtype while the shared experts' ran in bf16): the output equals the same GEMMs on bf16 copies
     of x and the weights, bit for bit, in bf16; the float32 weights get float32 grads equal to those copies' grads;
     outside the region nothing changes. forward_rows under autocast returns x's dtype, from bf16 GEMMs."""
     torch.manual_seed(5)
-    ex = layers.GroupedExperts(3, 16, 8)
-    x = torch.randn(10, 16)
-    offs = torch.tensor([3, 3, 9], dtype=torch.int32)  # an empty expert; row 9 past the last group
+    ex = layers.GroupedExperts(3, 16, 8).to(device)
+    x = torch.randn(10, 16, device=device)
+    offs = torch.tensor([3, 3, 9], dtype=torch.int32, device=device)  # an empty expert; row 9 past the last group
     plain = ex(x, offs)
     assert plain.dtype == torch.float32
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(device, dtype=torch.bfloat16):
         got = ex(x, offs)
     w13, w2 = (w.detach().bfloat16().requires_grad_() for w in (ex.w13, ex.w2))
     h13 = ops.grouped_mm(x.bfloat16(), w13, offs)
     want = ops.grouped_mm(F.silu(h13[:, :8]) * h13[:, 8:], w2, offs)
     assert got.dtype == torch.bfloat16 and torch.equal(got, want)
     assert not torch.equal(got.float(), plain), "the autocast region changed nothing"
-    cot = torch.randn(10, 16).bfloat16()
+    cot = torch.randn(10, 16, device=device).bfloat16()
     (got * cot).sum().backward()
     (want * cot).sum().backward()
     assert ex.w13.grad is not None and ex.w13.grad.dtype == torch.float32
     assert torch.equal(ex.w13.grad, w13.grad.float()) and torch.equal(ex.w2.grad, w2.grad.float())  # type: ignore[union-attr]
     assert torch.equal(ex(x, offs), plain)  # outside the region: float32 again
-    idx = torch.tensor([[0, 2], [1, -1], [2, 0], [-1, -1]])
-    w = torch.rand(4, 2)
-    rows = torch.randn(4, 16)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    idx = torch.tensor([[0, 2], [1, -1], [2, 0], [-1, -1]], device=device)
+    w = torch.rand(4, 2, device=device)
+    rows = torch.randn(4, 16, device=device)
+    with torch.autocast(device, dtype=torch.bfloat16):
         y = ex.forward_rows(rows, idx, w)
     assert y.dtype == torch.float32
     close_to = ex.forward_rows(rows, idx, w)

@@ -524,6 +524,8 @@ CASES: list[BadCase] = [
     # -- normal dispatch with a handle ----------------------------------------------------------------------
     _n("dispatch_handle_and_idx", lambda e: Call(e.buf.dispatch, (e.x, e.idx, e.w), {"handle": e.prev.handle}),
        "'handle'", "'topk_idx' and 'topk_weights' must be None"),
+    _n("dispatch_handle_positional", lambda e: Call(e.buf.dispatch, (e.x, e.prev.handle)),
+       "'topk_idx' is a DispatchHandle", "dispatch(x, handle=h)"),
     _n("dispatch_handle_wrong_tokens", lambda e: Call(e.buf.dispatch, (e.x[:-1].contiguous(),),
                                                       {"handle": e.prev.handle}),
        "'x'", "but the handle was made for"),
@@ -619,6 +621,8 @@ CASES: list[BadCase] = [
         "dispatch", "low_latency=False", "this Buffer's calls are low_latency_dispatch and low_latency_combine"),
     _ll("combine_on_low_latency", lambda e: Call(e.buf.combine, (e.y(4), other_handle(e, False, False))),
         "combine", "low_latency=False"),
+    _ll("layout_on_low_latency", lambda e: Call(e.buf.get_dispatch_layout, (e.idx,)),
+        "get_dispatch_layout", "low_latency=False"),
     # -- after destroy -------------------------------------------------------------------------------------
     _n("destroyed_dispatch", lambda e: _destroyed(e, lambda e: Call(e.buf.dispatch, (e.x, e.idx, e.w))),
        "dispatch", "destroyed", error=BufferDestroyedError),

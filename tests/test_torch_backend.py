@@ -143,6 +143,16 @@ def test_event_overlap_waits_on_its_device(monkeypatch: pytest.MonkeyPatch) -> N
     largeep.EventOverlap(ev).current_stream_wait()  # type: ignore[arg-type]
     assert asked == [("wait_event", torch.device("cuda", 1), ev), ("wait_event", torch.device("cuda", 2), ev),
                      ("wait_event", None, ev)], asked
+    # `with event:` (DeepEP's form): the block runs first, the wait comes at its end, also when the block raises
+    asked.clear()
+    with largeep.EventOverlap(ev, device=torch.device("cuda", 1)) as e:  # type: ignore[arg-type]
+        assert isinstance(e, largeep.EventOverlap) and asked == []
+    assert asked == [("wait_event", torch.device("cuda", 1), ev)], asked
+    with pytest.raises(KeyError), largeep.EventOverlap(ev, device=torch.device("cuda", 0)):  # type: ignore[arg-type]
+        raise KeyError("inside")
+    assert asked[-1] == ("wait_event", torch.device("cuda", 0), ev), asked
+    with largeep.EventOverlap(None):  # CPU: nothing to wait for
+        pass
 
 
 @pytest.mark.parametrize("hook", [False, True])

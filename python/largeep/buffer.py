@@ -125,6 +125,14 @@ class EventOverlap:
         elif self._stream is not None:
             torch.cuda.current_stream(self._stream.device).wait_stream(self._stream)
 
+    def __enter__(self) -> EventOverlap:
+        """``with event:`` runs its block, then orders the caller's current stream after the event
+        (:meth:`current_stream_wait`): the block is the work that overlaps the call."""
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.current_stream_wait()
+
     def synchronize(self) -> None:
         """Blocks the host until the event has happened."""
         if self.event is not None:
@@ -634,6 +642,7 @@ class Buffer:
         the layout where a fresh dispatch follows on every rank (SPEC.md's sequence)."""
         op = "get_dispatch_layout"
         self._check_alive(op)
+        self._check_mode(op, False)
         checks.flags(op, async_finish=async_finish)
         c = self.ctx
         # a backend that checks the ids in its layout kernel saves the separate min/max and its device copy
@@ -809,6 +818,11 @@ class Buffer:
                     "as that dispatch aligned them; pass that value, or leave it out (1)"
                 )
             return h.state, h.expert_alignment, False
+        if isinstance(topk_idx, DispatchHandle):
+            raise ArgumentError(
+                f"Buffer.{op}: argument 'topk_idx' is a DispatchHandle: pass a handle by name, dispatch(x, handle=h) "
+                "(the second positional argument is topk_idx)"
+            )
         if topk_idx is None or topk_weights is None:
             raise ArgumentError(f"Buffer.{op}: 'topk_idx' and 'topk_weights' are required without a handle")
         if num_worst_tokens == 0 and c.device.type == "cuda" and torch.cuda.is_current_stream_capturing():

@@ -621,8 +621,6 @@ CASES: list[BadCase] = [
         "dispatch", "low_latency=False", "this Buffer's calls are low_latency_dispatch and low_latency_combine"),
     _ll("combine_on_low_latency", lambda e: Call(e.buf.combine, (e.y(4), other_handle(e, False, False))),
         "combine", "low_latency=False"),
-    _ll("layout_on_low_latency", lambda e: Call(e.buf.get_dispatch_layout, (e.idx,)),
-        "get_dispatch_layout", "low_latency=False"),
     # -- after destroy -------------------------------------------------------------------------------------
     _n("destroyed_dispatch", lambda e: _destroyed(e, lambda e: Call(e.buf.dispatch, (e.x, e.idx, e.w))),
        "dispatch", "destroyed", error=BufferDestroyedError),

@@ -631,6 +631,7 @@ class Buffer:
     ) -> Layout:
         """topk_idx int64 [T, K] -> Layout (num_tokens_per_rank int32 [N], num_tokens_per_node int32 [nodes],
         num_tokens_per_expert int32 [E], is_token_in_rank bool [T, N]). No host wait besides the id range check.
+        Either mode's Buffer computes it (on a low-latency Buffer: the same counts, for statistics).
 
         An id out of range or more tokens than max_tokens_per_rank is refused (ArgumentError) as the dispatch
         refuses it: where the backend's dispatch refuses a round on every rank (largeep's, outside a CUDA graph; not
@@ -642,7 +643,6 @@ class Buffer:
         the layout where a fresh dispatch follows on every rank (SPEC.md's sequence)."""
         op = "get_dispatch_layout"
         self._check_alive(op)
-        self._check_mode(op, False)
         checks.flags(op, async_finish=async_finish)
         c = self.ctx
         # a backend that checks the ids in its layout kernel saves the separate min/max and its device copy

@@ -2607,3 +2607,35 @@ def serve_prefill_decode(rank: int, world: int) -> None:
         nbuf.destroy()
         lbuf.destroy()
         other.destroy()
+
+
+def serve_for_buffer_gpu(rank: int, world: int, backend: str, device: str = "cuda") -> None:
+    """MoELayer.for_buffer on CUDA: a normal-mode layer (prefill) and its low-latency twin (decode), each Buffer on
+    a group of its own, compute with the same weights: the twin's outputs equal the prefill layer's on the same
+    tokens to the low-latency mode's bf16 roundings, and a change to the prefill layer's expert weights (w2 doubled
+    in place) doubles the twin's routed output at once (no copy). Ranks with 0 and 5 tokens."""
+    h, f, e, k, m = 128, 64, 4 * world, 2, 8
+    dev = torch.device("cuda", torch.cuda.current_device()) if device == "cuda" else torch.device(device)
+    pg, dg = dist.new_group(), dist.new_group()
+    nbuf = largeep.Buffer(pg, hidden=h, num_experts=e, num_topk=k, max_tokens_per_rank=m, backend=backend)
+    lbuf = largeep.Buffer(dg, hidden=h, num_experts=e, num_topk=k, max_tokens_per_rank=m, low_latency=True,
+                          backend=backend)
+    try:
+        torch.manual_seed(11)
+        prefill = layers.MoELayer(nbuf, ffn_hidden=f).to(dev).eval()
+        decode = prefill.for_buffer(lbuf, ll_use_fp8=False)
+        assert decode.low_latency and decode.experts is prefill.experts and decode.gate is prefill.gate
+        x = torch.randn([5, 0][rank % 2], h, generator=_gen(11, rank)).to(dev).bfloat16()
+        with torch.inference_mode():
+            want = prefill(x)
+            got = decode(x)
+            assert got.dtype == want.dtype == torch.bfloat16 and got.shape == want.shape
+            close(got.float(), want.float(), "decode twin vs prefill layer", rtol=2.0**-7)
+            with torch.no_grad():
+                prefill.experts.w2.mul_(2.0)
+            doubled = decode(x)
+            close(doubled.float(), 2.0 * got.float(), "decode twin after the prefill layer's w2 doubled", rtol=2.0**-7)
+        assert ops.live_handles(decode.buffer_id) == 0
+    finally:
+        nbuf.destroy()
+        lbuf.destroy()

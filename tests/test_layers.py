@@ -772,3 +772,13 @@ def test_grouped_experts_under_autocast(device: str) -> None:
     close_to = ex.forward_rows(rows, idx, w)
     err = (y - close_to).abs().max() / close_to.abs().max()
     assert 0 < err < 2e-2, err
+
+
+@pytest.mark.gpu(2)
+def test_serve_for_buffer_gpu(pools) -> None:
+    """A prefill layer and its low-latency twin (MoELayer.for_buffer) on the nvshmem backend share their weights."""
+    from largeep import native
+
+    if native.unavailable_reason() is not None:
+        pytest.skip(str(native.unavailable_reason()))
+    pools(2, "nccl").run(layer_bodies.serve_for_buffer_gpu, "nvshmem")

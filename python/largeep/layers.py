@@ -1405,9 +1405,10 @@ def _check_slot_layout(module: nn.Module, state_dict: dict[str, Any], prefix: st
         key = f"{prefix + _SLOT_EXPERTS} (absent: slot s holds expert s)"
         saved = torch.arange(lo, hi)
     if not (isinstance(saved, Tensor) and saved.shape == mine.shape and torch.equal(saved.to("cpu"), mine)):
+        how = "its placement" if module.phys_to_log is not None else "no placement"
         error_msgs.append(
             f"{key}: the saved expert weights are those of logical experts {_short(saved)} in this rank's slots, "
-            f"this layer's slots hold {_short(mine)} (its placement, rank {module.rank}): load them through "
+            f"this layer's slots hold {_short(mine)} ({how}, rank {module.rank}): load them through "
             "load_global_experts (its weights per logical expert: layers.global_experts_from_states of every rank's "
             "state, or MoELayer.gather_global_experts), or build the layer with the saved placement, on the rank "
             "that saved them"

@@ -2470,6 +2470,91 @@ def layer_global_experts(rank: int, world: int) -> None:
         ep.destroy()
 
 
+def layer_replace_experts(rank: int, world: int) -> None:
+    """Moving a training layer to a new placement (docs/usage.md, "Moving experts to a new placement during
+    training"): a step of AdamW under a placement planned from made-up loads, a new plan from the gate's measured
+    loads (other replicas), the weights and AdamW's moments moved by gather_global_experts / local_experts into a
+    layer built with it, the gate's state carried over (set_replicas); the next step's outputs, every logical
+    expert's weights and the gate equal those of a layer that never moved (same data), and the replicas stay
+    equal. A rank holding another placement than the others is refused by the gather on every rank."""
+    from largeep import placement as pl
+    from largeep.errors import ArgumentError
+    from largeep.gate import GateConfig, TopKGate
+
+    h, f, k, logical, per_rank, t = 16, 8, 2, 6, 2, 12
+    topo = pl.Topology(num_nodes=1, gpus_per_node=world, slots_per_gpu=per_rank)
+    buf = largeep.Buffer(None, hidden=h, num_experts=world * per_rank, num_topk=k, max_tokens_per_rank=t,
+                         backend="torch")
+
+    def build(plan: Any) -> tuple[Any, Any]:
+        torch.manual_seed(5)  # (alike everywhere: both layers, every rank, start from the same weights)
+        layer = layers.MoELayer(buf, ffn_hidden=f, gate=TopKGate(GateConfig(hidden=h, num_experts=logical, topk=k)),
+                                placement=plan, shared_ffn_hidden=4)
+        return layer, torch.optim.AdamW(layer.parameters(), lr=1e-2)
+
+    def step(layer: Any, opt: Any, plan: Any, j: int) -> tuple[torch.Tensor, torch.Tensor]:
+        g = _gen(91, j, rank)
+        x, target = torch.randn(t, h, generator=g), torch.randn(t, h, generator=g)
+        opt.zero_grad()
+        out = layer(x)
+        (((out - target) ** 2).sum() / (t * world)).backward()
+        for p in [*layer.gate.parameters(), *layer.shared_experts.parameters()]:  # (replicated: summed)
+            dist.all_reduce(p.grad)
+        layers.allreduce_replica_grads([layer.experts.w13, layer.experts.w2], plan.phys_to_log)
+        opt.step()
+        return out.detach(), layer.gate.update_bias(buf.ctx.group)
+
+    try:
+        old_plan = pl.plan_placement(torch.tensor([9.0, 7, 1, 1, 1, 1]), topo)  # experts 0 and 1 replicated
+        ref, ref_opt = build(old_plan)
+        layer, opt = build(old_plan)
+        step(ref, ref_opt, old_plan, 0)
+        _, load = step(layer, opt, old_plan, 0)
+        shared: list[Any] = [pl.plan_placement(load, topo) if rank == 0 else None]
+        dist.broadcast_object_list(shared, src=0)
+        new_plan = shared[0]
+        assert not torch.equal(new_plan.phys_to_log, old_plan.phys_to_log), "the measured loads gave the old plan"
+        # the move, as docs/usage.md shows it
+        i13, i2 = [i for i, p in enumerate(layer.parameters()) if p is layer.experts.w13 or p is layer.experts.w2]
+        st = opt.state_dict()
+        weights = layer.gather_global_experts()
+        moments = {m: layer.gather_global_experts(st["state"][i13][m], st["state"][i2][m])
+                   for m in ("exp_avg", "exp_avg_sq")}
+        rest = {n: v for n, v in layer.state_dict().items() if not n.startswith("experts.") and n != "slot_experts"}
+        moved, moved_opt = build(new_plan)
+        moved.load_state_dict(rest, strict=False)
+        assert torch.equal(moved.gate.expert_replicas, old_plan.replica_count)  # (the state's, not the new plan's)
+        moved.gate.set_replicas(new_plan.replica_count)
+        moved.load_global_experts(*weights)
+        for m, glob in moments.items():
+            st["state"][i13][m], st["state"][i2][m] = moved.local_experts(*glob)
+        moved_opt.load_state_dict(st)
+        # the next step: as the layer that never moved
+        want, want_load = step(ref, ref_opt, old_plan, 1)
+        got, got_load = step(moved, moved_opt, new_plan, 1)
+        close(got, want, f"rank {rank}: output of the step after the move")
+        assert torch.equal(got_load, want_load), f"rank {rank}: loads {got_load} != {want_load}"
+        for name, a, b in zip(("w1", "w3", "w2"), moved.gather_global_experts(), ref.gather_global_experts(),
+                              strict=True):  # (the gather also checks that the replicas are equal)
+            close(a, b, f"rank {rank}: expert {name} after the step")
+        for name, p in moved.state_dict().items():
+            if not name.startswith("experts.") and name != "slot_experts":
+                close(p.float(), ref.state_dict()[name].float(), f"rank {rank}: {name} after the step")
+        # a rank with another placement: refused on every rank, naming it
+        table = new_plan.phys_to_log.clone()
+        if rank == 1:
+            table[[0, 1]] = table[[1, 0]]
+        odd, _ = build(pl.Placement(topo, logical, table))
+        try:
+            odd.gather_global_experts()
+        except ArgumentError as exc:
+            assert "different placements: rank 1's slot 0" in str(exc), exc
+        else:
+            raise AssertionError(f"rank {rank}: layers with different placements were gathered")
+    finally:
+        buf.destroy()
+
+
 def _serve_dense(x: torch.Tensor, w: dict[str, Any], topk: int, bf16_io: bool) -> torch.Tensor:
     """One MoE layer with every expert here, float32, routed as a TopKGate without groups or capacity does
     (softmax scores, + bias for the choice only, the chosen scores normalised), one (token, k) at a time.

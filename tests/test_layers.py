@@ -97,6 +97,11 @@ def test_layer_global_experts(pools, world: int) -> None:
     pools(world).run(layer_bodies.layer_global_experts)
 
 
+def test_layer_replace_experts(pools) -> None:
+    """The step after moving to a plan from measured loads (weights, AdamW moments, gate) equals the unmoved layer's."""
+    pools(4).run(layer_bodies.layer_replace_experts)
+
+
 def test_layer_refuses_num_worst_tokens_with_rounds(pools) -> None:
     pools(1).run(layer_bodies.layer_refuses_worst_with_rounds)
 

@@ -759,7 +759,9 @@ class MoELayer(nn.Module):
         num_experts (slot s holds expert s). A logical expert held by no slot comes back as zeros (it has no
         weights, as ``load_global_experts`` zeroes an empty slot). An expert held by several slots (replicas)
         comes back once; its copies must be equal (``allreduce_replica_grads`` keeps them so in training), else
-        ``ArgumentError`` names the expert and the slots that differ, on every rank.
+        ``ArgumentError`` names the expert and the slots that differ, on every rank. Ranks whose layers hold
+        different placements (``phys_to_log``) are refused likewise, naming the first rank and slot that differ
+        (each rank would cut the slots by its own table).
 
         ``w13`` / ``w2``: other per-slot tensors of the experts' shapes ([E_l, H, 2F/T] and [E_l, F/T, H]) to
         gather instead of the weights, e.g. the optimizer's state of ``experts.w13`` and ``experts.w2`` (Adam's
@@ -775,6 +777,10 @@ class MoELayer(nn.Module):
         e_l, f = self.num_local_experts, self.experts.ffn_hidden
         what = "MoELayer.gather_global_experts"
         group = self.buffer.ctx.group
+        n_slots = self.num_experts
+        table = self.phys_to_log.cpu().to(torch.int64) if self.phys_to_log is not None else torch.arange(n_slots)
+        if self.buffer.ctx.num_ranks > 1:  # every rank's table: each cuts the gathered slots by its own
+            _same_tables(what, _collective.all_gather(table.to(mine13.device), group, what))
         every13 = torch.cat(_collective.all_gather(mine13.detach(), group, what)) if self.buffer.ctx.num_ranks > 1 \
             else mine13.detach()
         every2 = torch.cat(_collective.all_gather(mine2.detach(), group, what)) if self.buffer.ctx.num_ranks > 1 \
@@ -788,8 +794,6 @@ class MoELayer(nn.Module):
             w2s = torch.cat(parts2, dim=1)
         else:
             w1s, w3s, w2s = every13[:, :, :f], every13[:, :, f:], every2
-        n_slots = self.num_experts
-        table = self.phys_to_log.cpu().to(torch.int64) if self.phys_to_log is not None else torch.arange(n_slots)
         num = max(self.num_logical_experts, int(table.max()) + 1) if self.phys_to_log is not None else n_slots
         # (every rank checks the replicas alike: the same gathered data)
         outs = _by_logical(what, table, (w1s, w3s, w2s), num, e_l)
@@ -1463,6 +1467,21 @@ def global_experts_from_states(states: Sequence[dict[str, Any]], prefix: str = "
     num = int(table.max()) + 1 if table.numel() and int(table.max()) >= 0 else 0
     outs = _by_logical(what, table, (w13[:, :, :f], w13[:, :, f:], w2), num, e_l)
     return outs[0], outs[1], outs[2]
+
+
+def _same_tables(what: str, tables: Sequence[Tensor]) -> None:
+    """Refuses, on every rank alike, ranks whose layers hold different placements (``tables``: every rank's
+    ``phys_to_log``, the identity without a placement, in rank order)."""
+    for r, t in enumerate(tables):
+        diff = (t.cpu() != tables[0].cpu()).nonzero().flatten()
+        if diff.numel():
+            s = int(diff[0])
+            raise ArgumentError(
+                f"{what}: the ranks' layers hold different placements: rank {r}'s slot {s} holds logical expert "
+                f"{int(t[s])}, rank 0's {int(tables[0][s])} (-1: empty), so tokens reach other experts than their "
+                "senders meant: every rank must hold the same Placement (plan on one rank and share it, e.g. "
+                "torch.distributed.broadcast_object_list([placement], src=0))"
+            )
 
 
 def _by_logical(

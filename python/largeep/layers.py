@@ -761,7 +761,9 @@ class MoELayer(nn.Module):
         comes back once; its copies must be equal (``allreduce_replica_grads`` keeps them so in training), else
         ``ArgumentError`` names the expert and the slots that differ, on every rank. Ranks whose layers hold
         different placements (``phys_to_log``) are refused likewise, naming the first rank and slot that differ
-        (each rank would cut the slots by its own table).
+        (each rank would cut the slots by its own table). Every rank receives every slot of the group (the
+        group's expert weights, on the weights' device): for a large model gather one layer at a time, or assemble
+        per-rank checkpoint files offline with :func:`global_experts_from_states`.
 
         ``w13`` / ``w2``: other per-slot tensors of the experts' shapes ([E_l, H, 2F/T] and [E_l, F/T, H]) to
         gather instead of the weights, e.g. the optimizer's state of ``experts.w13`` and ``experts.w2`` (Adam's

@@ -2724,3 +2724,69 @@ def serve_for_buffer_gpu(rank: int, world: int, backend: str, device: str = "cud
     finally:
         nbuf.destroy()
         lbuf.destroy()
+
+
+def clip_grad_norm_ep(rank: int, world: int) -> None:
+    """layers.clip_grad_norm_ under expert parallelism: a block (Linear, then an MoELayer whose placement has a
+    replicated expert and an empty slot, with shared experts), after a backward, the replicated grads summed and
+    allreduce_replica_grads: the norm (2 and inf) is that of the whole model's gradient with every logical expert
+    once -- the reference takes the experts' grads per logical expert from gather_global_experts and the rest as
+    held -- the same on every rank, and every grad is scaled by max_norm / norm. torch's own clip_grad_norm_ on a
+    rank's parameters finds another norm on some rank (what this function exists for)."""
+    from largeep import placement as pl
+
+    h, f, k, t = 16, 8, 2, 10
+    per_rank = 4 if world == 1 else 3
+    slots = per_rank * world
+    logical = slots - 2
+    table = torch.arange(slots) % logical  # expert 0 on two slots
+    table[-1] = -1  # the last slot empty
+    topo = pl.Topology(num_nodes=1, gpus_per_node=world, slots_per_gpu=per_rank)
+    buf = largeep.Buffer(None, hidden=h, num_experts=slots, num_topk=k, max_tokens_per_rank=t, backend="torch")
+    try:
+        for norm_type in (2.0, float("inf")):
+            torch.manual_seed(3)
+            moe = layers.MoELayer(buf, ffn_hidden=f, placement=pl.Placement(topo, logical, table.clone()),
+                                  shared_ffn_hidden=4)
+            model = torch.nn.Sequential(torch.nn.Linear(h, h), moe)
+            x = torch.randn(t, h, generator=_gen(5, rank))
+            (model(x) ** 2).sum().backward()
+            rest = [p for n, p in model.named_parameters() if ".experts." not in n]
+            for p in rest:
+                dist.all_reduce(p.grad)
+            layers.allreduce_replica_grads([moe.experts.w13, moe.experts.w2], table)
+            g1, g3, g2 = moe.gather_global_experts(moe.experts.w13.grad, moe.experts.w2.grad)
+            flat = torch.cat([p.grad.flatten() for p in rest] + [g.flatten() for g in (g1, g3, g2)])
+            want = torch.linalg.vector_norm(flat.double(), norm_type).item()
+            local = torch.linalg.vector_norm(torch.cat([p.grad.flatten() for p in model.parameters()]).double(),
+                                             norm_type).item()
+            locals_ = [None] * world
+            dist.all_gather_object(locals_, local)
+            if norm_type == 2.0 and world > 1:  # (inf: a max may lie in what every rank holds)
+                assert any(abs(v - want) > 1e-3 * want for v in locals_), "every rank's own norm was the model's"
+            before = [p.grad.clone() for p in model.parameters()]
+            max_norm = want / 3
+            got = layers.clip_grad_norm_(model, max_norm, norm_type)
+            assert abs(got.item() - want) <= 1e-5 * want, (norm_type, got.item(), want)
+            every = [None] * world
+            dist.all_gather_object(every, got.item())
+            assert len(set(every)) == 1, every
+            coef = max_norm / (got.item() + 1e-6)
+            for p, b in zip(model.parameters(), before, strict=True):
+                close(p.grad, b * coef, f"norm {norm_type}: a grad after clipping", rtol=1e-6)
+            # under max_norm nothing changes
+            again = [p.grad.clone() for p in model.parameters()]
+            layers.clip_grad_norm_(model, 10 * want, norm_type)
+            for p, b in zip(model.parameters(), again, strict=True):
+                assert torch.equal(p.grad, b), f"norm {norm_type}: a grad changed below max_norm"
+        for bad, arg in (({"max_norm": -1.0}, "max_norm"), ({"max_norm": float("nan")}, "max_norm"),
+                         ({"norm_type": 0}, "norm_type"), ({"max_norm": True}, "max_norm")):
+            kw = {"max_norm": 1.0, "norm_type": 2.0, **bad}
+            try:
+                layers.clip_grad_norm_(model, **kw)
+            except largeep.ArgumentError as exc:
+                assert f"'{arg}'" in str(exc), str(exc)
+            else:
+                raise AssertionError(f"clip_grad_norm_ took {bad}")
+    finally:
+        buf.destroy()

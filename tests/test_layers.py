@@ -787,3 +787,10 @@ def test_serve_for_buffer_gpu(pools) -> None:
     if native.unavailable_reason() is not None:
         pytest.skip(str(native.unavailable_reason()))
     pools(2, "nccl").run(layer_bodies.serve_for_buffer_gpu, "nvshmem")
+
+
+@pytest.mark.parametrize("world", [1, 4])
+def test_clip_grad_norm_ep(pools, world: int) -> None:
+    """layers.clip_grad_norm_: the whole model's gradient norm (2 and inf) with every logical expert once, the same
+    on every rank, against a reference built from gather_global_experts; grads scaled by max_norm / norm."""
+    pools(world).run(layer_bodies.clip_grad_norm_ep)

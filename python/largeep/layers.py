@@ -77,6 +77,7 @@ __all__ = [
     "SwiGLU",
     "TwoBatchOverlap",
     "allreduce_replica_grads",
+    "clip_grad_norm_",
     "ddp_ignore_experts",
     "global_experts_from_states",
     "run_interleaved",
@@ -1598,6 +1599,90 @@ def ddp_ignore_experts(model: nn.Module) -> list[str]:
     added = [n for n in names if n not in before]
     nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, before + added)
     return added
+
+
+@torch.no_grad()
+def clip_grad_norm_(model: nn.Module, max_norm: float, norm_type: float = 2.0) -> Tensor:
+    """``torch.nn.utils.clip_grad_norm_`` for a model that holds :class:`MoELayer` s under expert parallelism: the
+    norm of the whole model's gradient, every logical expert counted once, the same on every rank, and every grad
+    (experts' included) scaled by ``min(1, max_norm / (norm + 1e-6))``. Returns the norm (float32 scalar).
+
+    torch's own function over ``model.parameters()`` takes each rank's experts only, so each rank finds another
+    norm and clips by another factor: the replicated parameters (gate, shared experts, the rest of the model) then
+    drift apart between ranks. Here each layer's expert grads are summed over its Buffer's group (and its expert-TP
+    group, whose members hold different shards), a replicated expert's slots each counted 1 / its replicas; the
+    other parameters are counted once, as this rank holds them. Call it where torch's would go: after the backward,
+    after the replicated parameters' grads are reduced (DDP's backward, or your all-reduce) and
+    :func:`allreduce_replica_grads`, before the step. Collective: every rank of the layers' groups must call it
+    (one small all-reduce per distinct group; ``norm_type`` inf: a gather). ``norm_type``: a number > 0, or inf.
+    """
+    what = "clip_grad_norm_"
+    if not isinstance(model, nn.Module):
+        raise ArgumentError(f"{what}: argument 'model' must be a torch.nn.Module, got {_kind(model)}")
+    for arg, v, ok in (("max_norm", max_norm, lambda v: v >= 0 and v < float("inf")),
+                       ("norm_type", norm_type, lambda v: v > 0)):
+        real = isinstance(v, numbers.Real) and not isinstance(v, bool) and v == v
+        if not real or not ok(float(v)):
+            raise ArgumentError(f"{what}: argument '{arg}' must be a number "
+                                f"{'>= 0 and finite' if arg == 'max_norm' else '> 0, or inf'}, got {v!r}")
+    p_ = float(norm_type)
+    inf = p_ == float("inf")
+
+    def part(g: Tensor, weight: Tensor | None = None) -> Tensor:
+        """|g|^p summed (inf: max |g|) in float32, over the rows of g weighted by ``weight`` [rows] if given."""
+        a = g.detach().float().abs().flatten(1) if weight is not None else g.detach().float().abs().flatten()
+        if inf:
+            return a.max() if a.numel() else a.new_zeros(())
+        v = a.pow(p_) if p_ != 1.0 else a
+        return (v.sum(1) * weight).sum() if weight is not None else v.sum()
+
+    expert_ids: set[int] = set()
+    experts: list[Tensor] = []
+    by_group: dict[tuple[int, int], tuple[list[Any], list[Tensor]]] = {}
+    seen: set[int] = set()
+    for m in model.modules():
+        if not isinstance(m, MoELayer) or id(m.experts) in seen:  # (for_buffer twins share their experts)
+            continue
+        seen.add(id(m.experts))
+        table = m.phys_to_log.cpu().to(torch.int64) if m.phys_to_log is not None else None
+        mine = torch.tensor(m._slot_experts(), dtype=torch.int64)
+        if table is not None:
+            used = table[table >= 0]
+            counts = torch.bincount(used, minlength=int(used.max()) + 1 if used.numel() else 0)
+            reps = torch.where(mine >= 0, counts[mine.clamp(min=0)].clamp(min=1), 1).float()
+        else:
+            reps = torch.ones(mine.numel())
+        weight = torch.where(mine >= 0, 1.0 / reps, 0.0)
+        groups = [m.buffer.ctx.group] + ([m.expert_tp.group] if m.expert_tp is not None and m.expert_tp.size > 1
+                                         else [])
+        key = (id(groups[0]), id(groups[1]) if len(groups) > 1 else 0)
+        entry = by_group.setdefault(key, (groups, []))
+        for prm in m.experts.parameters():
+            expert_ids.add(id(prm))
+            if prm.grad is not None:
+                entry[1].append(part(prm.grad, weight.to(prm.grad.device)))
+                experts.append(prm.grad)
+    others = [prm.grad for prm in model.parameters() if id(prm) not in expert_ids and prm.grad is not None]
+    dev = (experts or others or [torch.zeros(())])[0].device
+    combine = torch.maximum if inf else torch.add
+    total = torch.zeros((), dtype=torch.float32, device=dev)
+    for g in others:
+        total = combine(total, part(g).to(dev))
+    for groups, parts in by_group.values():
+        t = torch.zeros(1, dtype=torch.float32, device=dev)
+        for q in parts:
+            t = combine(t, q.to(dev).reshape(1))
+        for grp in groups:
+            if inf:
+                t = torch.stack(_collective.all_gather(t, grp, what)).max().reshape(1)
+            else:
+                _collective.all_reduce(t, grp, what)
+        total = combine(total, t[0])
+    norm = total if inf else total.pow(1.0 / p_)
+    coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+    for g in others + experts:
+        g.mul_(coef.to(g.device))
+    return norm
 
 
 def allreduce_replica_grads(

@@ -2726,7 +2726,7 @@ def serve_for_buffer_gpu(rank: int, world: int, backend: str, device: str = "cud
         lbuf.destroy()
 
 
-def clip_grad_norm_ep(rank: int, world: int) -> None:
+def clip_grad_norm_ep(rank: int, world: int, backend: str = "torch", device: str = "cpu") -> None:
     """layers.clip_grad_norm_ under expert parallelism: a block (Linear, then an MoELayer whose placement has a
     replicated expert and an empty slot, with shared experts), after a backward, the replicated grads summed and
     allreduce_replica_grads: the norm (2 and inf) is that of the whole model's gradient with every logical expert
@@ -2742,14 +2742,14 @@ def clip_grad_norm_ep(rank: int, world: int) -> None:
     table = torch.arange(slots) % logical  # expert 0 on two slots
     table[-1] = -1  # the last slot empty
     topo = pl.Topology(num_nodes=1, gpus_per_node=world, slots_per_gpu=per_rank)
-    buf = largeep.Buffer(None, hidden=h, num_experts=slots, num_topk=k, max_tokens_per_rank=t, backend="torch")
+    buf = largeep.Buffer(None, hidden=h, num_experts=slots, num_topk=k, max_tokens_per_rank=t, backend=backend)
     try:
         for norm_type in (2.0, float("inf")):
             torch.manual_seed(3)
             moe = layers.MoELayer(buf, ffn_hidden=f, placement=pl.Placement(topo, logical, table.clone()),
                                   shared_ffn_hidden=4)
-            model = torch.nn.Sequential(torch.nn.Linear(h, h), moe)
-            x = torch.randn(t, h, generator=_gen(5, rank))
+            model = torch.nn.Sequential(torch.nn.Linear(h, h), moe).to(device)
+            x = torch.randn(t, h, generator=_gen(5, rank)).to(device)
             (model(x) ** 2).sum().backward()
             rest = [p for n, p in model.named_parameters() if ".experts." not in n]
             for p in rest:

@@ -794,3 +794,13 @@ def test_clip_grad_norm_ep(pools, world: int) -> None:
     """layers.clip_grad_norm_: the whole model's gradient norm (2 and inf) with every logical expert once, the same
     on every rank, against a reference built from gather_global_experts; grads scaled by max_norm / norm."""
     pools(world).run(layer_bodies.clip_grad_norm_ep)
+
+
+@pytest.mark.gpu(2)
+def test_clip_grad_norm_ep_gpu(pools) -> None:
+    """The same on CUDA with the nvshmem backend (2 ranks)."""
+    from largeep import native
+
+    if native.unavailable_reason() is not None:
+        pytest.skip(str(native.unavailable_reason()))
+    pools(2, "nccl").run(layer_bodies.clip_grad_norm_ep, "nvshmem", "cuda")

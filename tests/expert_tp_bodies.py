@@ -798,7 +798,8 @@ def deepcopy_of_a_tp_layer(rank: int, world: int) -> None:
 
 def tp_state_names_its_shard(rank: int, world: int) -> None:
     """A TP member's state dict says which shard of each expert it holds: it loads into the layer of the same
-    member, and is refused by the layer of the other member (same shapes, other columns)."""
+    member, and is refused by the layer of the other member (same shapes, other columns). Such a layer has no
+    for_buffer twin (refused, naming the TP group)."""
     g = make_expert_tp_groups(2)
     buf = largeep.Buffer(g.ep_group, hidden=32, num_experts=2 * (world // 2), num_topk=1, max_tokens_per_rank=8,
                          backend="torch")
@@ -821,6 +822,13 @@ def tp_state_names_its_shard(rank: int, world: int) -> None:
         layers.MoELayer(buf, ffn_hidden=16, expert_tp_group=g.tp_group).load_state_dict(
             {k: v for k, v in states[member].items() if k != "expert_shard"}
         )
+        # no twin on another Buffer for a layer whose slots hold shards (MoELayer.for_buffer)
+        try:
+            layer.for_buffer(buf)
+        except largeep.ArgumentError as exc:
+            assert "expert-TP group of 2 ranks" in str(exc), exc
+        else:
+            raise AssertionError(f"rank {rank}: for_buffer made a twin of an expert-TP layer")
     finally:
         buf.destroy()
 

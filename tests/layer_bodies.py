@@ -2377,6 +2377,120 @@ def ddp_training_steps(rank: int, world: int, tokens: list[int], seed: int, back
         buf.destroy()
 
 
+def fsdp_training_steps(rank: int, world: int, tokens: list[int], seed: int) -> dict[str, Any]:
+    """docs/usage.md's FSDP2 recipe, "Gradients the layer leaves to you": a block (Linear, LayerNorm, MoELayer with
+    a TopKGate and shared experts, residual) whose replicated parameters ``fully_shard`` shards over the world
+    (gloo, CPU) while the routed experts stay each rank's own: ``fully_shard(model, ignored_params=<the experts'
+    parameters>)`` (one chunk and two), or ``fully_shard`` on the Linear, the LayerNorm, the gate and the shared
+    experts each (two chunks). Each rank's loss is its share of the mean over all ranks' tokens times
+    the world size (FSDP averages), the expert grads divided by it, SGD, then ``update_bias`` over the group: two
+    steps equal the dense single-process model's on the union of the tokens (every expert in one process), every
+    parameter (the sharded ones gathered) and the gate's bias."""
+    from largeep.gate import GateConfig, TopKGate
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+
+    h, e, k, f, fs, steps, lr = 16, 2 * world, 2, 12, 8, 2, 0.05
+    total = sum(tokens)
+    lo = sum(tokens[:rank])
+    g = _gen(seed, 1)
+    w1, w3 = (torch.randn(e, h, f, generator=g) * h**-0.5 for _ in range(2))
+    w2 = torch.randn(e, f, h, generator=g) * f**-0.5
+    data = [(torch.randn(total, h, generator=g), torch.randn(total, h, generator=g)) for _ in range(steps)]
+
+    class Block(torch.nn.Module):
+        def __init__(self, moe: torch.nn.Module | None) -> None:
+            super().__init__()
+            self.pre, self.norm = torch.nn.Linear(h, h), torch.nn.LayerNorm(h)
+            self.moe = moe
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            z = self.norm(self.pre(x))
+            return z + self.moe(z)  # type: ignore[misc]
+
+    def make_gate() -> TopKGate:
+        return TopKGate(GateConfig(hidden=h, num_experts=e, topk=k, bias_update_rate=0.05))
+
+    def full(p: torch.Tensor) -> torch.Tensor:
+        return p.full_tensor() if isinstance(p, DTensor) else p
+
+    mesh = init_device_mesh("cpu", (world,))
+    buf = largeep.Buffer(None, hidden=h, num_experts=e, num_topk=k, max_tokens_per_rank=max(max(tokens), 1),
+                         backend="torch")
+    try:
+        for how, chunks in (("ignored", 1), ("ignored", 2), ("submodules", 2)):
+            torch.manual_seed(seed)  # the same replicated weights on every rank
+            moe = layers.MoELayer(buf, ffn_hidden=f, gate=make_gate(), shared_ffn_hidden=fs, num_chunks=chunks)
+            model = Block(moe)
+            moe.load_global_experts(w1, w3, w2)
+            # the dense reference: the same replicated weights, every expert
+            ref = Block(None)
+            ref.load_state_dict({n: v for n, v in model.state_dict().items() if not n.startswith("moe.")})
+            rgate, rshared = make_gate(), layers.SwiGLU(h, fs)
+            rgate.load_state_dict(moe.gate.state_dict())
+            rshared.load_state_dict(moe.shared_experts.state_dict())  # type: ignore[union-attr]
+            rw = [torch.nn.Parameter(w.clone()) for w in (w1, w3, w2)]
+
+            def dense(z: torch.Tensor, rgate: TopKGate = rgate, rshared: torch.nn.Module = rshared,
+                      rw: list[torch.nn.Parameter] = rw) -> torch.Tensor:
+                out = rgate(z)
+                y = rshared(z)
+                for j in range(k):
+                    ids = out.topk_idx[:, j]
+                    a, b = (torch.einsum("th,thf->tf", z, w[ids]) for w in rw[:2])
+                    y = y + out.topk_weights[:, j : j + 1] * torch.einsum("tf,tfh->th", F.silu(a) * b, rw[2][ids])
+                return y
+
+            ref.moe = dense  # type: ignore[assignment]
+            ref_params = list(ref.parameters()) + list(rgate.parameters()) + list(rshared.parameters()) + rw
+            if how == "ignored":
+                fully_shard(model, mesh=mesh, ignored_params=set(moe.experts.parameters()))
+            else:
+                for m in (model.pre, model.norm, moe.gate, moe.shared_experts):
+                    fully_shard(m, mesh=mesh)  # type: ignore[arg-type]
+            sharded = sorted(n for n, p in model.named_parameters() if isinstance(p, DTensor))
+            assert sharded == ["moe.gate.weight", "moe.shared_experts.w1", "moe.shared_experts.w2",
+                               "moe.shared_experts.w3", "norm.bias", "norm.weight", "pre.bias", "pre.weight"], sharded
+            opt = torch.optim.SGD(model.parameters(), lr=lr)
+            ref_opt = torch.optim.SGD(ref_params, lr=lr)
+            for step, (x, t) in enumerate(data):
+                what = f"rank {rank}, {how}, {chunks} chunk(s), step {step}"
+                mine = slice(lo, lo + tokens[rank])
+                out = model(x[mine])
+                loss = ((out - t[mine]) ** 2).sum() / total * world  # (FSDP divides by world)
+                opt.zero_grad()
+                loss.backward()
+                for p in moe.experts.parameters():
+                    p.grad /= world  # type: ignore[operator]
+                opt.step()
+                load = moe.gate.update_bias(dist.group.WORLD)
+                rout = ref(x)
+                ref_opt.zero_grad()
+                (((rout - t) ** 2).sum() / total).backward()
+                ref_opt.step()
+                close(out, rout[mine], f"{what}: output")
+                assert torch.equal(load, rgate.update_bias()), f"{what}: the gate's load"
+                for name, got, want in (
+                    ("pre.weight", model.pre.weight, ref.pre.weight), ("pre.bias", model.pre.bias, ref.pre.bias),
+                    ("norm.weight", model.norm.weight, ref.norm.weight), ("norm.bias", model.norm.bias, ref.norm.bias),
+                    ("gate.weight", moe.gate.weight, rgate.weight), ("gate bias", moe.gate.expert_bias,
+                                                                     rgate.expert_bias),
+                    ("shared w1", moe.shared_experts.w1, rshared.w1),  # type: ignore[union-attr]
+                    ("shared w3", moe.shared_experts.w3, rshared.w3),  # type: ignore[union-attr]
+                    ("shared w2", moe.shared_experts.w2, rshared.w2),  # type: ignore[union-attr]
+                    ("experts w1", moe.experts.w1, rw[0][rank * 2 : rank * 2 + 2]),
+                    ("experts w3", moe.experts.w3, rw[1][rank * 2 : rank * 2 + 2]),
+                    ("experts w2", moe.experts.w2, rw[2][rank * 2 : rank * 2 + 2]),
+                ):
+                    close(full(got), want, f"{what}: {name} after the step")
+            assert not torch.equal(moe.gate.expert_bias, torch.zeros(e)), "the bias never moved"
+            assert ops.live_handles(moe.buffer_id) == 0
+        return {"steps": steps}
+    finally:
+        buf.destroy()
+
+
 def layer_global_experts(rank: int, world: int) -> None:
     """MoELayer.gather_global_experts is load_global_experts' inverse: global weights loaded (a placement with a
     replicated expert and an empty slot, every rank) come back exactly, indexed by logical expert; other per-slot

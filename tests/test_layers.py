@@ -736,6 +736,13 @@ def test_ddp_over_replicated_params_matches_dense_steps_gpu(pools) -> None:
     pools(2, "nccl").run(layer_bodies.ddp_training_steps, [5, 0], 71, "nvshmem", "cuda")
 
 
+def test_fsdp2_over_replicated_params_matches_dense_steps(pools) -> None:
+    """FSDP2 (fully_shard, gloo) over the gate, shared experts and dense layers, the routed experts left out
+    (ignored_params, or fully_shard on the replicated submodules only) + expert parallelism: two SGD steps with
+    update_bias equal the dense single-process steps on all ranks' tokens (one chunk and two)."""
+    pools(4).run(layer_bodies.fsdp_training_steps, [5, 7, 0, 6], 71)
+
+
 @pytest.mark.parametrize("world", [1, 4])
 def test_serve_prefill_decode(pools, world: int) -> None:
     """One model's weights for prefill (normal mode, chunks) and decode (MoELayer.for_buffer on a low-latency

@@ -2385,7 +2385,8 @@ def fsdp_training_steps(rank: int, world: int, tokens: list[int], seed: int) -> 
     experts each (two chunks). Each rank's loss is its share of the mean over all ranks' tokens times
     the world size (FSDP averages), the expert grads divided by it, SGD, then ``update_bias`` over the group: two
     steps equal the dense single-process model's on the union of the tokens (every expert in one process), every
-    parameter (the sharded ones gathered) and the gate's bias."""
+    parameter (the sharded ones gathered) and the gate's bias. layers.clip_grad_norm_ refuses the sharded grads,
+    and with the whole model sharded (experts included) it and allreduce_replica_grads refuse the experts'."""
     from largeep.gate import GateConfig, TopKGate
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
@@ -2486,6 +2487,25 @@ def fsdp_training_steps(rank: int, world: int, tokens: list[int], seed: int) -> 
                     close(full(got), want, f"{what}: {name} after the step")
             assert not torch.equal(moe.gate.expert_bias, torch.zeros(e)), "the bias never moved"
             assert ops.live_handles(moe.buffer_id) == 0
+        # layers.clip_grad_norm_ refuses FSDP2's sharded grads, naming them (the last model: the recipe's)
+        refusals = [(lambda: layers.clip_grad_norm_(model, 1.0), "sharded by FSDP2 (DTensors)")]
+        # the whole model sharded, experts included (silently wrong in the forward): refused where the experts'
+        # grads are handled after the backward
+        torch.manual_seed(seed)
+        moe = layers.MoELayer(buf, ffn_hidden=f, gate=make_gate(), shared_ffn_hidden=fs)
+        whole = Block(moe)
+        fully_shard(whole, mesh=mesh)
+        whole(data[0][0][lo : lo + tokens[rank]]).sum().backward()
+        refusals += [(lambda: layers.clip_grad_norm_(whole, 1.0), "routed experts' parameters are sharded by FSDP2"),
+                     (lambda: layers.allreduce_replica_grads([moe.experts.w13], torch.arange(e)),
+                      "params[0] is a DTensor")]
+        for call, want in refusals:
+            try:
+                call()
+            except largeep.ArgumentError as exc:
+                assert want in str(exc), str(exc)
+            else:
+                raise AssertionError(f"not refused: {want}")
         return {"steps": steps}
     finally:
         buf.destroy()

@@ -1601,6 +1601,20 @@ def ddp_ignore_experts(model: nn.Module) -> list[str]:
     return added
 
 
+def _sharded(t: Any) -> bool:
+    """Whether ``t`` is a DTensor (a parameter or grad that FSDP2's ``fully_shard`` sharded), without importing
+    torch.distributed.tensor."""
+    return any(k.__name__ == "DTensor" for k in type(t).__mro__)
+
+
+_SHARDED_EXPERTS = (
+    "the routed experts' parameters are sharded by FSDP2 (fully_shard over a module holding an MoELayer): each "
+    "rank's slots hold other experts, so FSDP computed with a mix of ranks' experts; leave them out, "
+    "fully_shard(model, ignored_params=<the experts' parameters>) (docs/usage.md, \"Gradients the layer leaves to "
+    "you\")"
+)
+
+
 @torch.no_grad()
 def clip_grad_norm_(model: nn.Module, max_norm: float, norm_type: float = 2.0) -> Tensor:
     """``torch.nn.utils.clip_grad_norm_`` for a model that holds :class:`MoELayer` s under expert parallelism: the
@@ -1636,6 +1650,8 @@ def clip_grad_norm_(model: nn.Module, max_norm: float, norm_type: float = 2.0) -
         v = a.pow(p_) if p_ != 1.0 else a
         return (v.sum(1) * weight).sum() if weight is not None else v.sum()
 
+    if any(_sharded(prm) for m in model.modules() if isinstance(m, MoELayer) for prm in m.experts.parameters()):
+        raise ArgumentError(f"{what}: {_SHARDED_EXPERTS}")
     expert_ids: set[int] = set()
     experts: list[Tensor] = []
     by_group: dict[tuple[int, int], tuple[list[Any], list[Tensor]]] = {}
@@ -1663,6 +1679,11 @@ def clip_grad_norm_(model: nn.Module, max_norm: float, norm_type: float = 2.0) -
                 entry[1].append(part(prm.grad, weight.to(prm.grad.device)))
                 experts.append(prm.grad)
     others = [prm.grad for prm in model.parameters() if id(prm) not in expert_ids and prm.grad is not None]
+    if any(_sharded(g) for g in others):
+        raise ArgumentError(
+            f"{what}: the model's grads are sharded by FSDP2 (DTensors), which this function does not take: their "
+            "norm needs each shard's part summed over the mesh as well (use FSDP's own tools for those parameters)"
+        )
     dev = (experts or others or [torch.zeros(())])[0].device
     combine = torch.maximum if inf else torch.add
     total = torch.zeros((), dtype=torch.float32, device=dev)
@@ -1706,6 +1727,8 @@ def allreduce_replica_grads(
     if not plist:
         return 0
     for i, p in enumerate(plist):
+        if _sharded(p):
+            raise ArgumentError(f"allreduce_replica_grads: params[{i}] is a DTensor: {_SHARDED_EXPERTS}")
         if not p.is_leaf:
             raise ArgumentError(
                 f"allreduce_replica_grads: params[{i}] is not a leaf tensor (a view such as GroupedExperts.w1 / w3, "

@@ -6,6 +6,7 @@ dense reference (every expert, every rank's tokens, float64) without talking to 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -2262,6 +2263,116 @@ def error_frees_custom_op_handles(rank: int, world: int) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 
 
+class _Block(torch.nn.Module):
+    """Linear, LayerNorm, then ``moe`` (an MoELayer, or the dense reference's function) with a residual."""
+
+    def __init__(self, h: int, moe: Any) -> None:
+        super().__init__()
+        self.pre, self.norm = torch.nn.Linear(h, h), torch.nn.LayerNorm(h)
+        self.moe = moe
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.norm(self.pre(x))
+        return z + self.moe(z)  # type: ignore[no-any-return]
+
+
+class _DataParallelSteps:
+    """The setting of docs/usage.md's data-parallel recipes ("Gradients the layer leaves to you"): a _Block whose
+    MoELayer has a TopKGate and shared experts, global expert weights and each step's tokens (the union of every
+    rank's) drawn alike on every rank; :meth:`check` trains it under a data-parallel wrapper and holds it to a dense
+    single-process model of the same weights."""
+
+    h, k, f, fs, steps, lr = 16, 2, 12, 8, 2, 0.05
+
+    def __init__(self, rank: int, world: int, tokens: list[int], seed: int, device: str) -> None:
+        self.rank, self.world, self.tokens, self.seed, self.device = rank, world, tokens, seed, device
+        self.e = 2 * world
+        h, e, f = self.h, self.e, self.f
+        self.total = sum(tokens)
+        self.mine = slice(sum(tokens[:rank]), sum(tokens[: rank + 1]))
+        g = _gen(seed, 1)
+        w1, w3 = (torch.randn(e, h, f, generator=g) * h**-0.5 for _ in range(2))
+        w2 = torch.randn(e, f, h, generator=g) * f**-0.5
+        self.w = [w.to(device) for w in (w1, w3, w2)]
+        self.data = [(torch.randn(self.total, h, generator=g).to(device),
+                      torch.randn(self.total, h, generator=g).to(device)) for _ in range(self.steps)]
+
+    def gate(self) -> Any:
+        from largeep.gate import GateConfig, TopKGate
+
+        return TopKGate(GateConfig(hidden=self.h, num_experts=self.e, topk=self.k, bias_update_rate=0.05))
+
+    def layer(self, buf: largeep.Buffer, chunks: int = 1) -> layers.MoELayer:
+        torch.manual_seed(self.seed)  # the same replicated weights on every rank
+        return layers.MoELayer(buf, ffn_hidden=self.f, gate=self.gate(), shared_ffn_hidden=self.fs, num_chunks=chunks)
+
+    def check(self, buf: largeep.Buffer, chunks: int, wrap: Callable[[_Block, Any], Any], how: str,
+              full: Callable[[torch.Tensor], torch.Tensor] = lambda p: p) -> _Block:
+        """``wrap(model, moe)`` gives what the forward goes through (DDP's module, or the model FSDP sharded in
+        place). Each rank's loss is its share of the mean over all ranks' tokens times the world size (the
+        wrapper averages), the expert grads divided by it, SGD, then ``update_bias`` over the group: two steps
+        equal the dense model's on the union of the tokens (every expert in one process): the output, the gate's
+        load, every parameter (``full`` gathers a sharded one) and the gate's bias. Returns the model."""
+        rank, world, k, dev = self.rank, self.world, self.k, self.device
+        moe = self.layer(buf, chunks)
+        model = _Block(self.h, moe).to(dev)
+        moe.load_global_experts(*self.w)
+        # the dense reference: the same replicated weights, every expert
+        ref = _Block(self.h, None).to(dev)
+        ref.load_state_dict({n: v for n, v in model.state_dict().items() if not n.startswith("moe.")})
+        rgate, rshared = self.gate().to(dev), layers.SwiGLU(self.h, self.fs).to(dev)
+        rgate.load_state_dict(moe.gate.state_dict())
+        rshared.load_state_dict(moe.shared_experts.state_dict())  # type: ignore[union-attr]
+        rw = [torch.nn.Parameter(w.clone()) for w in self.w]
+
+        def dense(z: torch.Tensor) -> torch.Tensor:
+            out = rgate(z)
+            y = rshared(z)
+            for j in range(k):
+                ids = out.topk_idx[:, j]
+                a, b = (torch.einsum("th,thf->tf", z, w[ids]) for w in rw[:2])
+                y = y + out.topk_weights[:, j : j + 1] * torch.einsum("tf,tfh->th", F.silu(a) * b, rw[2][ids])
+            return y
+
+        ref.moe = dense
+        ref_params = list(ref.parameters()) + list(rgate.parameters()) + list(rshared.parameters()) + rw
+        forward = wrap(model, moe)
+        opt = torch.optim.SGD(model.parameters(), lr=self.lr)
+        ref_opt = torch.optim.SGD(ref_params, lr=self.lr)
+        for step, (x, t) in enumerate(self.data):
+            what = f"rank {rank}, {how}, {chunks} chunk(s), step {step}"
+            out = forward(x[self.mine])
+            loss = ((out - t[self.mine]) ** 2).sum() / self.total * world  # (the wrapper divides by world)
+            opt.zero_grad()
+            loss.backward()
+            for p in moe.experts.parameters():
+                p.grad /= world  # type: ignore[operator]
+            opt.step()
+            load = moe.gate.update_bias(dist.group.WORLD)
+            rout = ref(x)
+            ref_opt.zero_grad()
+            (((rout - t) ** 2).sum() / self.total).backward()
+            ref_opt.step()
+            close(out, rout[self.mine], f"{what}: output")
+            assert torch.equal(load, rgate.update_bias()), f"{what}: the gate's load"
+            slots = slice(rank * 2, rank * 2 + 2)
+            for name, got, want in (
+                ("pre.weight", model.pre.weight, ref.pre.weight), ("pre.bias", model.pre.bias, ref.pre.bias),
+                ("norm.weight", model.norm.weight, ref.norm.weight), ("norm.bias", model.norm.bias, ref.norm.bias),
+                ("gate.weight", moe.gate.weight, rgate.weight), ("gate bias", moe.gate.expert_bias, rgate.expert_bias),
+                ("shared w1", moe.shared_experts.w1, rshared.w1),  # type: ignore[union-attr]
+                ("shared w3", moe.shared_experts.w3, rshared.w3),  # type: ignore[union-attr]
+                ("shared w2", moe.shared_experts.w2, rshared.w2),  # type: ignore[union-attr]
+                ("experts w1", moe.experts.w1, rw[0][slots]),
+                ("experts w3", moe.experts.w3, rw[1][slots]),
+                ("experts w2", moe.experts.w2, rw[2][slots]),
+            ):
+                close(full(got), want, f"{what}: {name} after the step")
+        assert not torch.equal(moe.gate.expert_bias, torch.zeros(self.e, device=dev)), "the bias never moved"
+        assert ops.live_handles(moe.buffer_id) == 0
+        return model
+
+
 def ddp_training_steps(rank: int, world: int, tokens: list[int], seed: int, backend: str = "torch",
                        device: str = "cpu") -> dict[str, Any]:
     """docs/usage.md's recipe, "Gradients the layer leaves to you": a block (Linear, LayerNorm, MoELayer with a
@@ -2269,110 +2380,33 @@ def ddp_training_steps(rank: int, world: int, tokens: list[int], seed: int, back
     (DDP's default buffer broadcast), each rank's loss its share of the mean over all ranks' tokens times the world
     size (DDP averages), the expert grads divided by it, SGD, then ``update_bias`` over the group: two steps equal
     the dense single-process model's on the union of the tokens (every expert in one process), every parameter and
-    the gate's bias, with one chunk and two. A DDP over the whole model without ``ddp_ignore_experts`` (its
-    construction copied rank 0's experts everywhere) is refused at the forward, on every rank. On CUDA (``device``)
-    DDP's all-reduces in the backward run beside the Buffer's backward dispatches and combines."""
-    from largeep.gate import GateConfig, TopKGate
+    the gate's bias, with one chunk and two (:class:`_DataParallelSteps`). A DDP over the whole model without
+    ``ddp_ignore_experts`` (its construction copied rank 0's experts everywhere) is refused at the forward, on every
+    rank. On CUDA (``device``) DDP's all-reduces in the backward run beside the Buffer's backward dispatches and
+    combines."""
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    h, e, k, f, fs, steps, lr = 16, 2 * world, 2, 12, 8, 2, 0.05
-    total = sum(tokens)
-    lo = sum(tokens[:rank])
-    g = _gen(seed, 1)
-    w1, w3 = (torch.randn(e, h, f, generator=g) * h**-0.5 for _ in range(2))
-    w2 = torch.randn(e, f, h, generator=g) * f**-0.5
-    w1, w3, w2 = (w.to(device) for w in (w1, w3, w2))
-    data = [(torch.randn(total, h, generator=g).to(device), torch.randn(total, h, generator=g).to(device))
-            for _ in range(steps)]
+    case = _DataParallelSteps(rank, world, tokens, seed, device)
 
-    class Block(torch.nn.Module):
-        def __init__(self, moe: torch.nn.Module | None) -> None:
-            super().__init__()
-            self.pre, self.norm = torch.nn.Linear(h, h), torch.nn.LayerNorm(h)
-            self.moe = moe
+    def wrap(model: _Block, moe: Any) -> Any:
+        assert sorted(layers.ddp_ignore_experts(model)) == ["moe.experts.w13", "moe.experts.w2",
+                                                              "moe.gate.expert_load"]
+        return DDP(model)
 
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            z = self.norm(self.pre(x))
-            return z + self.moe(z)  # type: ignore[misc]
-
-    def make_gate() -> TopKGate:
-        return TopKGate(GateConfig(hidden=h, num_experts=e, topk=k, bias_update_rate=0.05))
-
-    buf = largeep.Buffer(None, hidden=h, num_experts=e, num_topk=k, max_tokens_per_rank=max(max(tokens), 1),
-                         backend=backend)
+    buf = largeep.Buffer(None, hidden=case.h, num_experts=case.e, num_topk=case.k,
+                         max_tokens_per_rank=max(max(tokens), 1), backend=backend)
     try:
         for chunks in (1, 2):
-            torch.manual_seed(seed)  # the same replicated weights on every rank
-            moe = layers.MoELayer(buf, ffn_hidden=f, gate=make_gate(), shared_ffn_hidden=fs, num_chunks=chunks)
-            model = Block(moe).to(device)
-            moe.load_global_experts(w1, w3, w2)
-            # the dense reference: the same replicated weights, every expert
-            ref = Block(None).to(device)
-            ref.load_state_dict({n: v for n, v in model.state_dict().items() if not n.startswith("moe.")})
-            rgate, rshared = make_gate().to(device), layers.SwiGLU(h, fs).to(device)
-            rgate.load_state_dict(moe.gate.state_dict())
-            rshared.load_state_dict(moe.shared_experts.state_dict())  # type: ignore[union-attr]
-            rw = [torch.nn.Parameter(w.clone()) for w in (w1, w3, w2)]
-
-            def dense(z: torch.Tensor, rgate: TopKGate = rgate, rshared: torch.nn.Module = rshared,
-                      rw: list[torch.nn.Parameter] = rw) -> torch.Tensor:
-                out = rgate(z)
-                y = rshared(z)
-                for j in range(k):
-                    ids = out.topk_idx[:, j]
-                    a, b = (torch.einsum("th,thf->tf", z, w[ids]) for w in rw[:2])
-                    y = y + out.topk_weights[:, j : j + 1] * torch.einsum("tf,tfh->th", F.silu(a) * b, rw[2][ids])
-                return y
-
-            ref.moe = dense  # type: ignore[assignment]
-            ref_params = list(ref.parameters()) + list(rgate.parameters()) + list(rshared.parameters()) + rw
-            assert sorted(layers.ddp_ignore_experts(model)) == ["moe.experts.w13", "moe.experts.w2",
-                                                                  "moe.gate.expert_load"]
-            ddp = DDP(model)
-            opt = torch.optim.SGD(model.parameters(), lr=lr)
-            ref_opt = torch.optim.SGD(ref_params, lr=lr)
-            for step, (x, t) in enumerate(data):
-                what = f"rank {rank}, {chunks} chunk(s), step {step}"
-                mine = slice(lo, lo + tokens[rank])
-                out = ddp(x[mine])
-                loss = ((out - t[mine]) ** 2).sum() / total * world  # (DDP divides by world)
-                opt.zero_grad()
-                loss.backward()
-                for p in moe.experts.parameters():
-                    p.grad /= world  # type: ignore[operator]
-                opt.step()
-                load = moe.gate.update_bias(dist.group.WORLD)
-                rout = ref(x)
-                ref_opt.zero_grad()
-                (((rout - t) ** 2).sum() / total).backward()
-                ref_opt.step()
-                close(out, rout[mine], f"{what}: output")
-                assert torch.equal(load, rgate.update_bias()), f"{what}: the gate's load"
-                for name, got, want in (
-                    ("pre.weight", model.pre.weight, ref.pre.weight), ("pre.bias", model.pre.bias, ref.pre.bias),
-                    ("norm.weight", model.norm.weight, ref.norm.weight), ("norm.bias", model.norm.bias, ref.norm.bias),
-                    ("gate.weight", moe.gate.weight, rgate.weight), ("gate bias", moe.gate.expert_bias,
-                                                                     rgate.expert_bias),
-                    ("shared w1", moe.shared_experts.w1, rshared.w1),  # type: ignore[union-attr]
-                    ("shared w3", moe.shared_experts.w3, rshared.w3),  # type: ignore[union-attr]
-                    ("shared w2", moe.shared_experts.w2, rshared.w2),  # type: ignore[union-attr]
-                    ("experts w1", moe.experts.w1, rw[0][rank * 2 : rank * 2 + 2]),
-                    ("experts w3", moe.experts.w3, rw[1][rank * 2 : rank * 2 + 2]),
-                    ("experts w2", moe.experts.w2, rw[2][rank * 2 : rank * 2 + 2]),
-                ):
-                    close(got, want, f"{what}: {name} after the step")
-            assert not torch.equal(moe.gate.expert_bias, torch.zeros(e, device=device)), "the bias never moved"
-            assert ops.live_handles(moe.buffer_id) == 0
+            case.check(buf, chunks, wrap, "DDP")
         # the mistake: the whole model in DDP, experts included
-        torch.manual_seed(seed)
-        model = Block(layers.MoELayer(buf, ffn_hidden=f, gate=make_gate(), shared_ffn_hidden=fs)).to(device)
+        model = _Block(case.h, case.layer(buf)).to(device)
         try:
-            DDP(model)(data[0][0][lo : lo + tokens[rank]])
+            DDP(model)(case.data[0][0][case.mine])
         except largeep.ArgumentError as exc:
             assert "layers.ddp_ignore_experts(model)" in str(exc), str(exc)
         else:
             raise AssertionError("a DDP that averages the experts was not refused")
-        return {"steps": steps}
+        return {"steps": case.steps}
     finally:
         buf.destroy()
 
@@ -2385,119 +2419,48 @@ def fsdp_training_steps(rank: int, world: int, tokens: list[int], seed: int) -> 
     experts each (two chunks). Each rank's loss is its share of the mean over all ranks' tokens times
     the world size (FSDP averages), the expert grads divided by it, SGD, then ``update_bias`` over the group: two
     steps equal the dense single-process model's on the union of the tokens (every expert in one process), every
-    parameter (the sharded ones gathered) and the gate's bias. layers.clip_grad_norm_ refuses the sharded grads,
-    and with the whole model sharded (experts included) it and allreduce_replica_grads refuse the experts'."""
-    from largeep.gate import GateConfig, TopKGate
+    parameter (the sharded ones gathered) and the gate's bias (:class:`_DataParallelSteps`). layers.clip_grad_norm_
+    refuses the sharded grads, and with the whole model sharded (experts included) it and allreduce_replica_grads
+    refuse the experts'."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor
 
-    h, e, k, f, fs, steps, lr = 16, 2 * world, 2, 12, 8, 2, 0.05
-    total = sum(tokens)
-    lo = sum(tokens[:rank])
-    g = _gen(seed, 1)
-    w1, w3 = (torch.randn(e, h, f, generator=g) * h**-0.5 for _ in range(2))
-    w2 = torch.randn(e, f, h, generator=g) * f**-0.5
-    data = [(torch.randn(total, h, generator=g), torch.randn(total, h, generator=g)) for _ in range(steps)]
-
-    class Block(torch.nn.Module):
-        def __init__(self, moe: torch.nn.Module | None) -> None:
-            super().__init__()
-            self.pre, self.norm = torch.nn.Linear(h, h), torch.nn.LayerNorm(h)
-            self.moe = moe
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            z = self.norm(self.pre(x))
-            return z + self.moe(z)  # type: ignore[misc]
-
-    def make_gate() -> TopKGate:
-        return TopKGate(GateConfig(hidden=h, num_experts=e, topk=k, bias_update_rate=0.05))
-
-    def full(p: torch.Tensor) -> torch.Tensor:
-        return p.full_tensor() if isinstance(p, DTensor) else p
-
+    case = _DataParallelSteps(rank, world, tokens, seed, "cpu")
     mesh = init_device_mesh("cpu", (world,))
-    buf = largeep.Buffer(None, hidden=h, num_experts=e, num_topk=k, max_tokens_per_rank=max(max(tokens), 1),
-                         backend="torch")
-    try:
-        for how, chunks in (("ignored", 1), ("ignored", 2), ("submodules", 2)):
-            torch.manual_seed(seed)  # the same replicated weights on every rank
-            moe = layers.MoELayer(buf, ffn_hidden=f, gate=make_gate(), shared_ffn_hidden=fs, num_chunks=chunks)
-            model = Block(moe)
-            moe.load_global_experts(w1, w3, w2)
-            # the dense reference: the same replicated weights, every expert
-            ref = Block(None)
-            ref.load_state_dict({n: v for n, v in model.state_dict().items() if not n.startswith("moe.")})
-            rgate, rshared = make_gate(), layers.SwiGLU(h, fs)
-            rgate.load_state_dict(moe.gate.state_dict())
-            rshared.load_state_dict(moe.shared_experts.state_dict())  # type: ignore[union-attr]
-            rw = [torch.nn.Parameter(w.clone()) for w in (w1, w3, w2)]
 
-            def dense(z: torch.Tensor, rgate: TopKGate = rgate, rshared: torch.nn.Module = rshared,
-                      rw: list[torch.nn.Parameter] = rw) -> torch.Tensor:
-                out = rgate(z)
-                y = rshared(z)
-                for j in range(k):
-                    ids = out.topk_idx[:, j]
-                    a, b = (torch.einsum("th,thf->tf", z, w[ids]) for w in rw[:2])
-                    y = y + out.topk_weights[:, j : j + 1] * torch.einsum("tf,tfh->th", F.silu(a) * b, rw[2][ids])
-                return y
-
-            ref.moe = dense  # type: ignore[assignment]
-            ref_params = list(ref.parameters()) + list(rgate.parameters()) + list(rshared.parameters()) + rw
+    def wrap(how: str) -> Callable[[_Block, Any], Any]:
+        def shard(model: _Block, moe: Any) -> Any:
             if how == "ignored":
                 fully_shard(model, mesh=mesh, ignored_params=set(moe.experts.parameters()))
             else:
                 for m in (model.pre, model.norm, moe.gate, moe.shared_experts):
-                    fully_shard(m, mesh=mesh)  # type: ignore[arg-type]
+                    fully_shard(m, mesh=mesh)
             sharded = sorted(n for n, p in model.named_parameters() if isinstance(p, DTensor))
             assert sharded == ["moe.gate.weight", "moe.shared_experts.w1", "moe.shared_experts.w2",
                                "moe.shared_experts.w3", "norm.bias", "norm.weight", "pre.bias", "pre.weight"], sharded
-            opt = torch.optim.SGD(model.parameters(), lr=lr)
-            ref_opt = torch.optim.SGD(ref_params, lr=lr)
-            for step, (x, t) in enumerate(data):
-                what = f"rank {rank}, {how}, {chunks} chunk(s), step {step}"
-                mine = slice(lo, lo + tokens[rank])
-                out = model(x[mine])
-                loss = ((out - t[mine]) ** 2).sum() / total * world  # (FSDP divides by world)
-                opt.zero_grad()
-                loss.backward()
-                for p in moe.experts.parameters():
-                    p.grad /= world  # type: ignore[operator]
-                opt.step()
-                load = moe.gate.update_bias(dist.group.WORLD)
-                rout = ref(x)
-                ref_opt.zero_grad()
-                (((rout - t) ** 2).sum() / total).backward()
-                ref_opt.step()
-                close(out, rout[mine], f"{what}: output")
-                assert torch.equal(load, rgate.update_bias()), f"{what}: the gate's load"
-                for name, got, want in (
-                    ("pre.weight", model.pre.weight, ref.pre.weight), ("pre.bias", model.pre.bias, ref.pre.bias),
-                    ("norm.weight", model.norm.weight, ref.norm.weight), ("norm.bias", model.norm.bias, ref.norm.bias),
-                    ("gate.weight", moe.gate.weight, rgate.weight), ("gate bias", moe.gate.expert_bias,
-                                                                     rgate.expert_bias),
-                    ("shared w1", moe.shared_experts.w1, rshared.w1),  # type: ignore[union-attr]
-                    ("shared w3", moe.shared_experts.w3, rshared.w3),  # type: ignore[union-attr]
-                    ("shared w2", moe.shared_experts.w2, rshared.w2),  # type: ignore[union-attr]
-                    ("experts w1", moe.experts.w1, rw[0][rank * 2 : rank * 2 + 2]),
-                    ("experts w3", moe.experts.w3, rw[1][rank * 2 : rank * 2 + 2]),
-                    ("experts w2", moe.experts.w2, rw[2][rank * 2 : rank * 2 + 2]),
-                ):
-                    close(full(got), want, f"{what}: {name} after the step")
-            assert not torch.equal(moe.gate.expert_bias, torch.zeros(e)), "the bias never moved"
-            assert ops.live_handles(moe.buffer_id) == 0
+            return model
+
+        return shard
+
+    def full(p: torch.Tensor) -> torch.Tensor:
+        return p.full_tensor() if isinstance(p, DTensor) else p
+
+    buf = largeep.Buffer(None, hidden=case.h, num_experts=case.e, num_topk=case.k,
+                         max_tokens_per_rank=max(max(tokens), 1), backend="torch")
+    try:
+        for how, chunks in (("ignored", 1), ("ignored", 2), ("submodules", 2)):
+            model = case.check(buf, chunks, wrap(how), how, full)
         # layers.clip_grad_norm_ refuses FSDP2's sharded grads, naming them (the last model: the recipe's)
         refusals = [(lambda: layers.clip_grad_norm_(model, 1.0), "sharded by FSDP2 (DTensors)")]
         # the whole model sharded, experts included (silently wrong in the forward): refused where the experts'
         # grads are handled after the backward
-        torch.manual_seed(seed)
-        moe = layers.MoELayer(buf, ffn_hidden=f, gate=make_gate(), shared_ffn_hidden=fs)
-        whole = Block(moe)
+        moe = case.layer(buf)
+        whole = _Block(case.h, moe)
         fully_shard(whole, mesh=mesh)
-        whole(data[0][0][lo : lo + tokens[rank]]).sum().backward()
+        whole(case.data[0][0][case.mine]).sum().backward()
         refusals += [(lambda: layers.clip_grad_norm_(whole, 1.0), "routed experts' parameters are sharded by FSDP2"),
-                     (lambda: layers.allreduce_replica_grads([moe.experts.w13], torch.arange(e)),
+                     (lambda: layers.allreduce_replica_grads([moe.experts.w13], torch.arange(case.e)),
                       "params[0] is a DTensor")]
         for call, want in refusals:
             try:
@@ -2506,7 +2469,7 @@ def fsdp_training_steps(rank: int, world: int, tokens: list[int], seed: int) -> 
                 assert want in str(exc), str(exc)
             else:
                 raise AssertionError(f"not refused: {want}")
-        return {"steps": steps}
+        return {"steps": case.steps}
     finally:
         buf.destroy()
 

@@ -1650,8 +1650,6 @@ def clip_grad_norm_(model: nn.Module, max_norm: float, norm_type: float = 2.0) -
         v = a.pow(p_) if p_ != 1.0 else a
         return (v.sum(1) * weight).sum() if weight is not None else v.sum()
 
-    if any(_sharded(prm) for m in model.modules() if isinstance(m, MoELayer) for prm in m.experts.parameters()):
-        raise ArgumentError(f"{what}: {_SHARDED_EXPERTS}")
     expert_ids: set[int] = set()
     experts: list[Tensor] = []
     by_group: dict[tuple[int, int], tuple[list[Any], list[Tensor]]] = {}
@@ -1674,6 +1672,8 @@ def clip_grad_norm_(model: nn.Module, max_norm: float, norm_type: float = 2.0) -
         key = (id(groups[0]), id(groups[1]) if len(groups) > 1 else 0)
         entry = by_group.setdefault(key, (groups, []))
         for prm in m.experts.parameters():
+            if _sharded(prm):  # (before any collective: every rank refuses alike)
+                raise ArgumentError(f"{what}: {_SHARDED_EXPERTS}")
             expert_ids.add(id(prm))
             if prm.grad is not None:
                 entry[1].append(part(prm.grad, weight.to(prm.grad.device)))

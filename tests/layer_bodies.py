@@ -2420,8 +2420,8 @@ def fsdp_training_steps(rank: int, world: int, tokens: list[int], seed: int) -> 
     the world size (FSDP averages), the expert grads divided by it, SGD, then ``update_bias`` over the group: two
     steps equal the dense single-process model's on the union of the tokens (every expert in one process), every
     parameter (the sharded ones gathered) and the gate's bias (:class:`_DataParallelSteps`). layers.clip_grad_norm_
-    refuses the sharded grads, and with the whole model sharded (experts included) it and allreduce_replica_grads
-    refuse the experts'."""
+    refuses the sharded grads. The whole model sharded (experts included) is refused at the forward on every rank,
+    and, past that check, clip_grad_norm_ and allreduce_replica_grads refuse the sharded experts."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor
@@ -2453,12 +2453,27 @@ def fsdp_training_steps(rank: int, world: int, tokens: list[int], seed: int) -> 
             model = case.check(buf, chunks, wrap(how), how, full)
         # layers.clip_grad_norm_ refuses FSDP2's sharded grads, naming them (the last model: the recipe's)
         refusals = [(lambda: layers.clip_grad_norm_(model, 1.0), "sharded by FSDP2 (DTensors)")]
-        # the whole model sharded, experts included (silently wrong in the forward): refused where the experts'
-        # grads are handled after the backward
+        # the whole model sharded, experts included (FSDP would gather a mix of the ranks' experts): refused at
+        # the forward, on every rank
         moe = case.layer(buf)
         whole = _Block(case.h, moe)
         fully_shard(whole, mesh=mesh)
-        whole(case.data[0][0][case.mine]).sum().backward()
+        x0 = case.data[0][0][case.mine]
+        try:
+            whole(x0)
+        except largeep.ArgumentError as exc:
+            assert "FSDP2 (fully_shard over a module holding this layer) manages experts.w13 over a mesh holding " \
+                   f"ranks {list(range(world))}" in str(exc), str(exc)
+        else:
+            raise AssertionError("a fully_shard over the experts was not refused at the forward")
+        # and, where the forward cannot see it (a torch without the registry the check reads), where the experts'
+        # grads are handled after the backward
+        seen = layers._fsdp_managers
+        layers._fsdp_managers = lambda: None  # type: ignore[assignment]
+        try:
+            whole(x0).sum().backward()
+        finally:
+            layers._fsdp_managers = seen  # type: ignore[assignment]
         refusals += [(lambda: layers.clip_grad_norm_(whole, 1.0), "routed experts' parameters are sharded by FSDP2"),
                      (lambda: layers.allreduce_replica_grads([moe.experts.w13], torch.arange(case.e)),
                       "params[0] is a DTensor")]
@@ -2470,6 +2485,56 @@ def fsdp_training_steps(rank: int, world: int, tokens: list[int], seed: int) -> 
             else:
                 raise AssertionError(f"not refused: {want}")
         return {"steps": case.steps}
+    finally:
+        buf.destroy()
+
+
+def fsdp_experts_over_ep_copies(rank: int, world: int) -> None:
+    """fully_shard of the routed experts over ranks that hold the same slots (data-parallel copies of the
+    expert-parallel group: EP groups {0, 1} and {2, 3}, experts sharded over {0, 2} and {1, 3}) is not refused
+    at the forward and computes with the same experts: the output equals an unsharded layer's on the same tokens,
+    and the expert grads after the backward are the mean over the copies (FSDP's average) of the unsharded
+    layer's grads. A mesh over one EP group ({0, 1}) is refused, on both of its ranks."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+
+    assert world == 4
+    h, f, e, k = 16, 8, 4, 2
+    groups = [dist.new_group([0, 1]), dist.new_group([2, 3])]
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "ep"))  # dp pairs {0, 2} and {1, 3}
+    buf = largeep.Buffer(groups[rank // 2], hidden=h, num_experts=e, num_topk=k, max_tokens_per_rank=8,
+                         backend="torch")
+    try:
+        x = torch.randn(6, h, generator=_gen(5, rank))
+
+        def layer() -> layers.MoELayer:
+            torch.manual_seed(3)  # the same experts in both EP groups
+            return layers.MoELayer(buf, ffn_hidden=f)
+
+        plain, sharded = layer(), layer()
+        want = plain(x)
+        want.square().sum().backward()
+        fully_shard(sharded, mesh=mesh["dp"])  # (the layer: FSDP unshards in its module's forward)
+        assert isinstance(sharded.experts.w13, DTensor)
+        got = sharded(x)
+        close(got, want, f"rank {rank}: experts sharded over the EP copies")
+        got.square().sum().backward()
+        # the copies' own grads: every rank's (gathered by EP rank over the dp pair) to average
+        mine = [p.grad for p in plain.experts.parameters()]
+        pair = [r for r in range(world) if r % 2 == rank % 2]
+        for name, p, g in zip(("w13", "w2"), sharded.experts.parameters(), mine, strict=True):
+            every = [torch.empty_like(g) for _ in range(world)]
+            dist.all_gather(every, g)
+            close(p.grad.full_tensor(), sum(every[r] for r in pair) / 2, f"rank {rank}: {name}'s grad")
+        wrong = layer()
+        fully_shard(wrong, mesh=mesh["ep"])  # over the EP group itself
+        try:
+            wrong(x)
+        except largeep.ArgumentError as exc:
+            assert f"over a mesh holding ranks {[rank // 2 * 2, rank // 2 * 2 + 1]}" in str(exc), str(exc)
+        else:
+            raise AssertionError("experts sharded over their own EP group were not refused")
     finally:
         buf.destroy()
 

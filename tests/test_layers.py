@@ -743,6 +743,12 @@ def test_fsdp2_over_replicated_params_matches_dense_steps(pools) -> None:
     pools(4).run(layer_bodies.fsdp_training_steps, [5, 7, 0, 6], 71)
 
 
+def test_fsdp2_experts_over_ep_copies(pools) -> None:
+    """fully_shard of the experts over ranks holding the same slots (copies of the EP group) works and equals an
+    unsharded layer; over the EP group itself it is refused at the forward."""
+    pools(4).run(layer_bodies.fsdp_experts_over_ep_copies)
+
+
 @pytest.mark.parametrize("world", [1, 4])
 def test_serve_prefill_decode(pools, world: int) -> None:
     """One model's weights for prefill (normal mode, chunks) and decode (MoELayer.for_buffer on a low-latency

@@ -634,6 +634,7 @@ class MoELayer(nn.Module):
             self.shared_experts = SwiGLU(c.hidden, shared_ffn_hidden, dtype=dtype) if shared_ffn_hidden > 0 else None
         self.aux_loss: Tensor | None = None
         self._ddp_seen: weakref.ref[nn.Module] | None = None  # (the DDP _check_ddp last let through)
+        self._fsdp_seen = -1  # (how many composable states _check_fsdp last saw)
         self.register_state_dict_post_hook(_save_slot_layout)
         self.register_load_state_dict_pre_hook(_check_slot_layout)
 
@@ -864,6 +865,7 @@ class MoELayer(nn.Module):
         combines into bf16 whatever x's dtype (the shared experts compute in x's dtype): a float32 layer's decode
         output carries those roundings (docs/usage.md, "Serving: prefill and decode")."""
         self._check_ddp()
+        self._check_fsdp()
         if self.low_latency:
             state = self._ll_send(x, hooks=False)
             self._ll_experts(state)
@@ -897,6 +899,35 @@ class MoELayer(nn.Module):
                         "the experts out of the DDP module (docs/usage.md, \"Gradients the layer leaves to you\")"
                     )
         self._ddp_seen = weakref.ref(ddp)
+
+    def _check_fsdp(self) -> None:
+        """Refuses a forward of a layer whose routed experts an FSDP2 ``fully_shard`` manages over a mesh that holds
+        several ranks of the layer's expert-parallel (or expert-TP) group: it cut each rank's own expert tensor and
+        gathers the slices of different ranks' experts, so the layer would compute with a mix of them (and FSDP
+        would average different experts' grads). The forward sees plain tensors there, so the check asks torch's
+        registry of composable states which FSDP parameters live on this layer's experts. Eager only; checked again
+        only when fully_shard (or another composable API) has been applied since; a no-op on a torch without
+        that registry."""
+        if torch.compiler.is_compiling():
+            return
+        managers = _fsdp_managers()
+        if managers is None or len(managers) == self._fsdp_seen:
+            return
+        mine = {id(m) for m in self.experts.modules()}
+        groups = [self.buffer.ctx.group] + ([self.expert_tp.group] if self.expert_tp is not None else [])
+        for mesh_ranks, name in _fsdp_params_on(managers, mine):
+            for g in groups:
+                shared = set(mesh_ranks) & set(dist.get_process_group_ranks(g))
+                if len(shared) > 1:
+                    raise ArgumentError(
+                        f"MoELayer: FSDP2 (fully_shard over a module holding this layer) manages experts.{name} over "
+                        f"a mesh holding ranks {sorted(shared)[:8]} of the layer's expert-parallel (or expert-TP) "
+                        "group: each of those ranks' slots hold other experts, so FSDP would gather a mix of them "
+                        "into the layer and average different experts' grads; leave them out, fully_shard(model, "
+                        "ignored_params=<the experts' parameters>) (docs/usage.md, \"Gradients the layer leaves to "
+                        "you\")"
+                    )
+        self._fsdp_seen = len(managers)
 
     def _forward_normal(self, x: Tensor, idx: Tensor, w: Tensor) -> Tensor:
         if torch.compiler.is_compiling():
@@ -1220,6 +1251,7 @@ class MoEPipeline(nn.Module):
         Collective: every rank of the Buffers' groups must call it with the same ``num_chunks``."""
         for layer in self._stack:
             layer._check_ddp()
+            layer._check_fsdp()
         if torch.compiler.is_compiling():
             return self._forward(x, [])
         sent: list[tuple[int, Tensor]] = []
@@ -1599,6 +1631,38 @@ def ddp_ignore_experts(model: nn.Module) -> list[str]:
     added = [n for n in names if n not in before]
     nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, before + added)
     return added
+
+
+def _fsdp_managers() -> Any:
+    """torch's registry of composable states (module -> weak reference to its FSDP2 state, among others), or None
+    where this torch has none."""
+    try:
+        from torch.distributed._composable_state import _module_state_mapping
+    except ImportError:
+        return None
+    return _module_state_mapping
+
+
+def _fsdp_params_on(managers: Any, modules: set[int]) -> list[tuple[list[int], str]]:
+    """(the mesh's global ranks, the parameter's name) of every FSDP2 parameter held by one of ``modules`` (ids),
+    read from the FSDP states in ``managers``; states of another shape (other composable APIs, other torch
+    versions) are passed over."""
+    found = []
+    for ref in list(managers.values()):
+        state = ref()
+        groups = getattr(state, "_fsdp_param_groups", None)
+        if groups is None:  # (torch before 2.10 keeps one group per state)
+            one = getattr(state, "_fsdp_param_group", None)
+            groups = [one] if one is not None else []
+        for group in groups:
+            mesh = getattr(getattr(group, "mesh_info", None), "mesh", None)
+            for fp in getattr(group, "fsdp_params", ()):
+                info = getattr(fp, "_module_info", None)
+                holders = [getattr(info, "module", None)] + list(getattr(info, "shared_modules", ()) or ())
+                if mesh is not None and any(id(m) in modules for m in holders):
+                    ranks = [int(r) for r in mesh.mesh.flatten().tolist()]
+                    found.append((ranks, str(getattr(info, "param_name", "?"))))
+    return found
 
 
 def _sharded(t: Any) -> bool:

@@ -79,6 +79,7 @@ __all__ = [
     "allreduce_replica_grads",
     "clip_grad_norm_",
     "ddp_ignore_experts",
+    "experts_from_linear",
     "global_experts_from_states",
     "run_interleaved",
 ]
@@ -128,26 +129,127 @@ class LinearTopKRouter(nn.Module):
 
 
 class SwiGLU(nn.Module):
-    """Dense SwiGLU MLP ``(silu(x W1) * (x W3)) W2`` (shared experts): w1/w3 [H, F], w2 [F, H]."""
+    """Dense SwiGLU MLP ``(silu(x W1) * (x W3)) W2`` (shared experts): w1/w3 [H, F], w2 [F, H] (``nn.Linear``'s
+    weights transposed: :meth:`load_linear` copies from those).
 
-    def __init__(self, hidden: int, ffn_hidden: int, *, dtype: torch.dtype | None = None) -> None:
+    ``sigmoid_gate``: the output is multiplied by ``sigmoid(x wg)`` per token, wg [H, 1] (Qwen2-MoE's
+    ``shared_expert_gate``; ``MoELayer(shared_expert_gate=True)``).
+    """
+
+    wg: nn.Parameter | None
+
+    def __init__(
+        self, hidden: int, ffn_hidden: int, *, dtype: torch.dtype | None = None, sigmoid_gate: bool = False
+    ) -> None:
         super().__init__()
+        checks.flags("SwiGLU", sigmoid_gate=sigmoid_gate)
         self.w1 = nn.Parameter(torch.empty(hidden, ffn_hidden, dtype=dtype))
         self.w3 = nn.Parameter(torch.empty(hidden, ffn_hidden, dtype=dtype))
         self.w2 = nn.Parameter(torch.empty(ffn_hidden, hidden, dtype=dtype))
+        self.wg = nn.Parameter(torch.empty(hidden, 1, dtype=dtype)) if sigmoid_gate else None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Draws the weights again (normal, std H^-0.5 for w1/w3, F^-0.5 for w2): after ``to_empty`` of a module
-        made on the meta device."""
+        """Draws the weights again (normal, std H^-0.5 for w1/w3 and wg, F^-0.5 for w2): after ``to_empty`` of a
+        module made on the meta device."""
         with torch.no_grad():
-            for w in (self.w1, self.w3, self.w2):
-                nn.init.normal_(w, std=w.shape[0] ** -0.5)
+            for w in (self.w1, self.w3, self.w2, self.wg):
+                if w is not None:
+                    nn.init.normal_(w, std=w.shape[0] ** -0.5)
+
+    @torch.no_grad()
+    def load_linear(
+        self, gate_proj: nn.Linear | Tensor, up_proj: nn.Linear | Tensor, down_proj: nn.Linear | Tensor,
+        sigmoid_gate: nn.Linear | Tensor | None = None,
+    ) -> None:
+        """Copies the weights of a SwiGLU MLP made of ``nn.Linear`` modules (or their weights), in their layout
+        [out, in]: ``gate_proj`` [F, H] into w1, ``up_proj`` [F, H] into w3, ``down_proj`` [H, F] into w2 (each
+        transposed), and ``sigmoid_gate`` [1, H] into wg (given exactly when this module has one). Modules with a
+        bias are refused (this MLP has none). ArgumentError, before anything is copied, on a wrong shape."""
+        if (sigmoid_gate is None) != (self.wg is None):
+            raise ArgumentError(
+                "SwiGLU.load_linear: argument 'sigmoid_gate' " + ("is missing: this module has one (wg [H, 1])"
+                                                                   if sigmoid_gate is None else
+                                                                   "given, but this module has none (made without "
+                                                                   "sigmoid_gate)"))
+        w1, w3, w2 = experts_from_linear([gate_proj], [up_proj], [down_proj], op="SwiGLU.load_linear")
+        h, f = self.w1.shape
+        if (w1.shape[2], w1.shape[1]) != (f, h):
+            raise ArgumentError(f"SwiGLU.load_linear: argument 'gate_proj' has shape {(w1.shape[2], w1.shape[1])}, "
+                                f"expected ({f}, {h}) (F, H: [out, in], nn.Linear's layout)")
+        wg = None
+        if sigmoid_gate is not None:
+            wg = _linear_weight("SwiGLU.load_linear", "sigmoid_gate", sigmoid_gate, (1, h), "(1, H)")
+        for mine, src in ((self.w1, w1[0]), (self.w3, w3[0]), (self.w2, w2[0]), (self.wg, wg)):
+            if mine is not None and src is not None:
+                mine.copy_(src.t() if mine is self.wg else src)
 
     def forward(self, x: Tensor) -> Tensor:
         """x [T, H] -> [T, H] in x's dtype (computed in the weights' dtype)."""
         xw = x.to(self.w1.dtype)
-        return ((F.silu(xw @ self.w1) * (xw @ self.w3)) @ self.w2).to(x.dtype)
+        y = (F.silu(xw @ self.w1) * (xw @ self.w3)) @ self.w2
+        if self.wg is not None:
+            y = torch.sigmoid(xw @ self.wg) * y
+        return y.to(x.dtype)
+
+
+def _linear_weight(op: str, arg: str, m: object, shape: tuple[int, ...] | None, what: str) -> Tensor:
+    """The weight [out, in] of an ``nn.Linear`` without a bias, or a 2-D tensor taken as one; ArgumentError naming
+    ``arg`` otherwise, or when its shape is not ``shape`` (None: any 2-D one)."""
+    if isinstance(m, nn.Linear):
+        if m.bias is not None:
+            raise ArgumentError(f"{op}: argument '{arg}' is an nn.Linear with a bias; the experts' SwiGLU has none "
+                                "(a bias would be dropped)")
+        w = m.weight
+    elif isinstance(m, Tensor):
+        w = m
+    else:
+        raise ArgumentError(f"{op}: argument '{arg}' must be an nn.Linear or its weight tensor [out, in], got "
+                            f"{type(m).__name__}")
+    if w.dim() != 2 or (shape is not None and tuple(w.shape) != shape):
+        raise ArgumentError(f"{op}: argument '{arg}' has shape {tuple(w.shape)}, expected {what} ([out, in], "
+                            "nn.Linear's layout)")
+    return w.detach()
+
+
+def experts_from_linear(
+    gate_proj: Sequence[nn.Linear | Tensor], up_proj: Sequence[nn.Linear | Tensor],
+    down_proj: Sequence[nn.Linear | Tensor], *, op: str = "experts_from_linear",
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-expert SwiGLU weights in ``nn.Linear``'s layout -> the global expert tensors that
+    :meth:`MoELayer.load_global_experts` takes (and :meth:`MoELayer.gather_global_experts` returns).
+
+    Args:
+        gate_proj: L modules (or weights) of ``silu(x W1)``, each an ``nn.Linear(H, F, bias=False)`` (weight [F, H];
+            Mixtral's ``w1``, Qwen's and DeepSeek's ``gate_proj``).
+        up_proj: L of ``x W3`` [F, H] (Mixtral's ``w3``, ``up_proj``).
+        down_proj: L of the output projection, ``nn.Linear(F, H, bias=False)`` [H, F] (Mixtral's ``w2``,
+            ``down_proj``).
+        op: the name errors give (for callers that wrap it).
+
+    Returns:
+        (w1 [L, H, F], w3 [L, H, F], w2 [L, F, H]): each weight transposed to largeep's [in, out] and stacked in
+        expert order, new tensors on the weights' device and in their dtype, without grad. Modules with a bias
+        (the experts have none), lists of different lengths or empty, and shapes that differ between experts or
+        do not fit together raise ArgumentError naming the argument and the expert. Not collective, no host wait.
+    """
+    lists = {"gate_proj": gate_proj, "up_proj": up_proj, "down_proj": down_proj}
+    for arg, items in lists.items():
+        if isinstance(items, (Tensor, nn.Linear)) or not isinstance(items, (Sequence, nn.ModuleList)) or not items:
+            raise ArgumentError(f"{op}: argument '{arg}' must be a non-empty sequence with one nn.Linear (or weight "
+                                f"[out, in]) per expert, got {_kind(items)}")
+    n = len(gate_proj)
+    for arg, items in lists.items():
+        if len(items) != n:
+            raise ArgumentError(f"{op}: argument '{arg}' has {len(items)} experts, 'gate_proj' {n}")
+    first = _linear_weight(op, "gate_proj[0]", gate_proj[0], None, "(F, H)")
+    f, h = first.shape
+    out = []
+    for arg, items, shape, what in (("gate_proj", gate_proj, (f, h), "(F, H)"), ("up_proj", up_proj, (f, h), "(F, H)"),
+                                    ("down_proj", down_proj, (h, f), "(H, F)")):
+        ws = [_linear_weight(op, f"{arg}[{i}]", m, shape, f"{what} = {shape}") for i, m in enumerate(items)]
+        out.append(torch.stack([w.t() for w in ws]))
+    return out[0], out[1], out[2]
 
 
 class GroupedExperts(nn.Module):
@@ -435,6 +537,8 @@ class MoELayer(nn.Module):
             own and its experts' home nodes. A ``TopKGate``'s capacity counts replicas (``set_replicas``, called
             here from the placement's ``replica_count``).
         shared_ffn_hidden: F of the shared experts (0: none), applied to every token.
+        shared_expert_gate: the shared experts' output is scaled per token by ``sigmoid(x wg)``, wg [H, 1]
+            (Qwen2-MoE's ``shared_expert_gate``; :class:`SwiGLU` ``sigmoid_gate``); needs ``shared_ffn_hidden`` > 0.
         num_chunks: normal mode: split the batch into this many chunks pipelined as described in the module doc.
         num_worst_tokens: normal mode: > 0 uses fixed-size dispatch outputs (no host wait, static shapes).
         overlap_sm_carveout: with ``num_chunks`` > 1 on CUDA, SMs the expert GEMMs leave free for the
@@ -478,6 +582,7 @@ class MoELayer(nn.Module):
         num_logical_experts: int | None = None,
         placement: Any = None,
         shared_ffn_hidden: int = 0,
+        shared_expert_gate: bool = False,
         num_chunks: int = 1,
         num_worst_tokens: int = 0,
         overlap_sm_carveout: int | None = None,
@@ -529,7 +634,10 @@ class MoELayer(nn.Module):
             checks.flags("MoELayer", use_fp8=use_fp8, bf16_partial_sums=bf16_partial_sums, ll_use_fp8=ll_use_fp8,
                          ll_send_weights=ll_send_weights,
                          ll_bf16_partial_sums=ll_bf16_partial_sums, use_custom_ops=use_custom_ops,
-                         norm_topk_prob=norm_topk_prob)
+                         norm_topk_prob=norm_topk_prob, shared_expert_gate=shared_expert_gate)
+            if shared_expert_gate and shared_ffn_hidden == 0:
+                raise ArgumentError("MoELayer: argument 'shared_expert_gate' = True needs shared experts "
+                                    "(shared_ffn_hidden > 0)")
             if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
                 raise ArgumentError(f"MoELayer: argument 'dtype' must be None or a floating-point torch.dtype (of the "
                                     f"expert weights), got {dtype!r}")
@@ -631,7 +739,8 @@ class MoELayer(nn.Module):
             self.experts.seeded_init_(
                 self._slot_experts(), seed, self.expert_tp.rank if self.expert_tp is not None else 0, tp
             )
-            self.shared_experts = SwiGLU(c.hidden, shared_ffn_hidden, dtype=dtype) if shared_ffn_hidden > 0 else None
+            self.shared_experts = SwiGLU(c.hidden, shared_ffn_hidden, dtype=dtype, sigmoid_gate=shared_expert_gate) \
+                if shared_ffn_hidden > 0 else None
         self.aux_loss: Tensor | None = None
         self._ddp_seen: weakref.ref[nn.Module] | None = None  # (the DDP _check_ddp last let through)
         self._fsdp_seen = -1  # (how many composable states _check_fsdp last saw)
@@ -681,9 +790,11 @@ class MoELayer(nn.Module):
                 "expert TP instead (load_global_experts)"
             )
         shared = self.shared_experts.w1.shape[1] if self.shared_experts is not None else 0
+        gated = self.shared_experts is not None and self.shared_experts.wg is not None
         return MoELayer(
             buffer, ffn_hidden=self.ffn_hidden, gate=self.gate, num_logical_experts=self.num_logical_experts,
-            placement=self._placement_arg, shared_ffn_hidden=shared, _weights_of=self, **options,
+            placement=self._placement_arg, shared_ffn_hidden=shared, shared_expert_gate=gated, _weights_of=self,
+            **options,
         )
 
     def _slot_experts(self) -> list[int]:
@@ -695,7 +806,9 @@ class MoELayer(nn.Module):
 
     @torch.no_grad()
     def load_global_experts(self, w1: Tensor, w3: Tensor, w2: Tensor, phys_to_log: Tensor | None = None) -> None:
-        """Copies this rank's slots from global weights: w1/w3 [L, H, F], w2 [L, F, H] indexed by logical expert;
+        """Copies this rank's slots from global weights: w1/w3 [L, H, F], w2 [L, F, H] indexed by logical expert
+        (the transposes of ``nn.Linear`` weights, [in, out]: :func:`experts_from_linear` stacks per-expert
+        ``nn.Linear`` modules so; with H == F the shapes cannot tell a forgotten transpose);
         slot s holds logical ``phys_to_log[s]`` (default: this layer's placement's table, else the identity).
         Empty slots (-1) are zeroed. With expert TP, member j of the TP group copies its shard: columns
         [j*F/T, (j+1)*F/T) of w1/w3, the same rows of w2."""
@@ -729,9 +842,13 @@ class MoELayer(nn.Module):
                     not least <= t.shape[0] <= most:
                 got = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
                 span = f"L = {least}" if least == most else f"{least} <= L <= {most}"
+                # (the commonest mistake: per-expert nn.Linear weights stacked as they are, [out, in])
+                swapped = isinstance(t, Tensor) and t.dim() == 3 and tuple(t.shape[1:]) == want[::-1]
+                hint = (" (nn.Linear's [out, in] layout? largeep's is [in, out]: transpose each expert's weight, or "
+                        "use largeep.layers.experts_from_linear)") if swapped else ""
                 raise ArgumentError(
                     f"MoELayer.{op}: argument '{arg}' has shape {got}, expected (L, {want[0]}, {want[1]}) with "
-                    f"{span} logical experts"
+                    f"{span} logical experts{hint}"
                 )
         lo = self.rank * self.num_local_experts
         slots = torch.arange(lo, lo + self.num_local_experts, device="cpu")

@@ -1,0 +1,97 @@
+"""The conversion helpers for weights in nn.Linear's layout: layers.experts_from_linear, SwiGLU.load_linear and
+its sigmoid gate."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from largeep import ArgumentError, layers
+from torch import nn
+
+
+def test_experts_from_linear_values() -> None:
+    """x @ w1[e] is the e-th gate_proj's nn.Linear output (likewise up, down), for modules and for bare weights."""
+    torch.manual_seed(0)
+    h, f, n = 12, 20, 3
+    gate = [nn.Linear(h, f, bias=False) for _ in range(n)]
+    up = [nn.Linear(h, f, bias=False) for _ in range(n)]
+    down = [nn.Linear(f, h, bias=False) for _ in range(n)]
+    w1, w3, w2 = layers.experts_from_linear(nn.ModuleList(gate), up, [m.weight for m in down])
+    assert w1.shape == w3.shape == (n, h, f) and w2.shape == (n, f, h)
+    assert not (w1.requires_grad or w2.requires_grad)
+    x, y = torch.randn(5, h), torch.randn(5, f)
+    for e in range(n):
+        torch.testing.assert_close(x @ w1[e], gate[e](x))
+        torch.testing.assert_close(x @ w3[e], up[e](x))
+        torch.testing.assert_close(y @ w2[e], down[e](y))
+    with torch.no_grad():
+        gate[0].weight.add_(1.0)
+    assert not torch.equal(x @ w1[0], gate[0](x)), "the result must be a copy, not a view"
+
+
+@pytest.mark.parametrize("case,arg", [
+    ("bias", "gate_proj[1]"), ("lengths", "down_proj"), ("shape", "up_proj[2]"), ("down_shape", "down_proj[0]"),
+    ("single", "gate_proj"), ("empty", "gate_proj"), ("type", "up_proj[0]"), ("generator", "up_proj"),
+])
+def test_experts_from_linear_refusals(case: str, arg: str) -> None:
+    h, f, n = 6, 10, 3
+    gate: list = [nn.Linear(h, f, bias=False) for _ in range(n)]
+    up: list = [nn.Linear(h, f, bias=False) for _ in range(n)]
+    down: list = [nn.Linear(f, h, bias=False) for _ in range(n)]
+    args: list = [gate, up, down]
+    if case == "bias":
+        gate[1] = nn.Linear(h, f)
+    elif case == "lengths":
+        args[2] = down[:2]
+    elif case == "shape":
+        up[2] = nn.Linear(h, f + 1, bias=False)
+    elif case == "down_shape":
+        args[2] = [nn.Linear(h, f, bias=False) for _ in range(n)]  # down given as another gate_proj
+    elif case == "single":
+        args[0] = gate[0]
+    elif case == "empty":
+        args = [[], [], []]
+    elif case == "type":
+        up[0] = "w3"
+    elif case == "generator":
+        args[1] = (m for m in up)
+    with pytest.raises(ArgumentError, match=rf"argument '{arg}'".replace("[", r"\[").replace("]", r"\]")):
+        layers.experts_from_linear(*args)
+
+
+def test_swiglu_load_linear_and_sigmoid_gate() -> None:
+    """SwiGLU(sigmoid_gate=True) loaded from nn.Linear modules computes sigmoid(g(x)) * down(silu(gate(x)) *
+    up(x)); without the gate, the plain MLP; its state holds wg; the wrong modules are refused."""
+    torch.manual_seed(1)
+    h, f = 16, 40
+    gp, upp, dp, g = (nn.Linear(h, f, bias=False), nn.Linear(h, f, bias=False), nn.Linear(f, h, bias=False),
+                      nn.Linear(h, 1, bias=False))
+    x = torch.randn(9, h)
+    mlp = dp(F.silu(gp(x)) * upp(x))
+    s = layers.SwiGLU(h, f, sigmoid_gate=True)
+    assert "wg" in s.state_dict() and s.wg is not None and s.wg.shape == (h, 1)
+    s.load_linear(gp, upp, dp, g)
+    torch.testing.assert_close(s(x), torch.sigmoid(g(x)) * mlp)
+    plain = layers.SwiGLU(h, f)
+    assert plain.wg is None and "wg" not in plain.state_dict()
+    plain.load_linear(gp.weight, upp.weight, dp.weight)
+    torch.testing.assert_close(plain(x), mlp)
+    with pytest.raises(ArgumentError, match="'sigmoid_gate' is missing"):
+        s.load_linear(gp, upp, dp)
+    with pytest.raises(ArgumentError, match="'sigmoid_gate' given"):
+        plain.load_linear(gp, upp, dp, g)
+    with pytest.raises(ArgumentError, match="'gate_proj' has shape"):
+        plain.load_linear(nn.Linear(h, f + 2, bias=False), nn.Linear(h, f + 2, bias=False),
+                          nn.Linear(f + 2, h, bias=False))
+    with pytest.raises(ArgumentError, match="'sigmoid_gate' has shape"):
+        s.load_linear(gp, upp, dp, nn.Linear(h, 2, bias=False))
+    with pytest.raises(ArgumentError, match="'up_proj\\[0\\]' is an nn.Linear with a bias"):
+        plain.load_linear(gp, nn.Linear(h, f), dp)
+    with pytest.raises(ArgumentError, match="'sigmoid_gate' must be a bool"):
+        layers.SwiGLU(h, f, sigmoid_gate="yes")  # type: ignore[arg-type]
+    with torch.device("meta"):
+        m = layers.SwiGLU(h, f, sigmoid_gate=True)
+    m = m.to_empty(device="cpu")
+    m.reset_parameters()
+    assert m.wg is not None and torch.isfinite(m.wg).all() and 0.05 < float(m.wg.detach().std()) < 1.0

@@ -1,13 +1,39 @@
-"""The conversion helpers for weights in nn.Linear's layout: layers.experts_from_linear, SwiGLU.load_linear and
-its sigmoid gate."""
+"""Porting Hugging-Face-style MoE blocks (Mixtral, Qwen2-MoE / Qwen3-MoE, DeepSeek-V3) to MoELayer with the
+functions of docs/usage.md ("Porting a Hugging Face MoE block"), on 1 and 4 ranks over gloo; the conversion helpers
+(layers.experts_from_linear, SwiGLU.load_linear and its sigmoid gate) on their own."""
 
 from __future__ import annotations
 
+import hf_port_bodies as hp
 import pytest
 import torch
 import torch.nn.functional as F
 from largeep import ArgumentError, layers
 from torch import nn
+
+
+@pytest.mark.parametrize("world", [1, 4])
+def test_ported_blocks_match(pools, world: int) -> None:
+    tokens = [13] if world == 1 else [13, 0, 21, 8]
+    pools(world).run(hp.ported_blocks_match, tokens, 5 + world)
+
+
+def test_layer_layout_checks(pools) -> None:
+    pools(1).run(hp.layer_layout_checks)
+
+
+def test_deepseek_case_uses_bias_and_groups() -> None:
+    """The DeepSeek-V3 case is not vacuous: its bias and its group limit each change some tokens' experts."""
+    block = hp._block("deepseek_v3", 7)
+    r = block.gate
+    x = torch.randn(64, hp.H, generator=torch.Generator().manual_seed(3))
+    idx = set(map(tuple, r(x)[0].sort(-1).values.tolist()))
+    saved = r.e_score_correction_bias.clone()
+    r.e_score_correction_bias.zero_()
+    assert idx != set(map(tuple, r(x)[0].sort(-1).values.tolist())), "the bias changed no choice"
+    r.e_score_correction_bias.copy_(saved)
+    r.topk_group = r.n_group
+    assert idx != set(map(tuple, r(x)[0].sort(-1).values.tolist())), "the group limit changed no choice"
 
 
 def test_experts_from_linear_values() -> None:

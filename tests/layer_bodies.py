@@ -2632,6 +2632,122 @@ def layer_global_experts(rank: int, world: int) -> None:
         ep.destroy()
 
 
+def layer_global_experts_lean(rank: int, world: int, device: str = "cpu") -> None:
+    """MoELayer.gather_global_experts(dst=, device=): the result of the default gather (every rank, all at once),
+    bit for bit, on rank dst only (None on the others: dst 0 and the last rank) or on every rank, assembled on the
+    weights' device or on the CPU; the optimizer-moments variant (w13=/w2=) alike. Refused on every rank alike:
+    replicas that differ (the receiver's verdict sent to all), ranks that give other dsts, dtypes or placements,
+    a dst outside the group, a device that is none. With expert TP (4 ranks: TP 2 x EP 2; a replicated expert)
+    the receiver is TP member 0 of EP rank dst, the shards are joined along F, and a replica's shard that differs
+    on another member, or a dst that differs between the TP members, is refused on every rank. ``device``: where
+    the weights live ("cuda": an NCCL group, the transfers over CUDA tensors)."""
+    from largeep import placement as pl
+    from largeep.errors import ArgumentError
+    from largeep.expert_tp import make_expert_tp_groups
+
+    hidden, ffn, topk = 16, 8, 2
+    per_rank = 4 if world == 1 else 3
+    slots = per_rank * world
+    logical = slots - 2
+    table = torch.arange(slots) % logical  # expert 0 on the first and the second-to-last slot...
+    table[-1] = -1  # ...and the last slot empty
+    g = _gen(73)
+    w1, w3 = (torch.randn(logical, hidden, ffn, generator=g) for _ in range(2))
+    w2 = torch.randn(logical, ffn, hidden, generator=g)
+    topo = pl.Topology(num_nodes=1, gpus_per_node=world, slots_per_gpu=per_rank)
+    wdev = torch.device(device, torch.cuda.current_device()) if device == "cuda" else torch.device("cpu")
+
+    def refused(words: str, *args: Any, on: Any = None, **kwargs: Any) -> None:
+        try:
+            (on or layer).gather_global_experts(*args, **kwargs)
+        except ArgumentError as exc:
+            assert words in str(exc), f"rank {rank}: {exc}"
+        else:
+            raise AssertionError(f"rank {rank}: not refused ({words}) with {kwargs}")
+
+    def same(got: Any, want: Any, where: torch.device, what: str) -> None:
+        assert got is not None, f"rank {rank}: {what}: None"
+        for name, a, b in zip(("w1", "w3", "w2"), got, want, strict=True):
+            ok = a.device == where and a.dtype == b.dtype and torch.equal(a.cpu(), b.cpu())
+            assert ok, f"rank {rank}: {what} {name}"
+
+    buf = largeep.Buffer(None, hidden=hidden, num_experts=slots, num_topk=topk, max_tokens_per_rank=8,
+                         backend="torch")
+    try:
+        layer = layers.MoELayer(buf, ffn_hidden=ffn, placement=pl.Placement(topo, logical, table.clone()))
+        layer.to(wdev)
+        with torch.no_grad():  # expert 0's replica (the second-to-last slot, on the last rank) differs
+            if rank == world - 1:
+                layer.experts.w13[per_rank - 2, 0, 0] += 1
+        for kw in ({"dst": 0}, {"dst": world - 1, "device": "cpu"}, {"device": "cpu"}):
+            refused("replicas of logical expert 0 differ (slots 0 and", **kw)
+        layer.load_global_experts(w1, w3, w2)
+        full = layer.gather_global_experts()
+        same(full, (w1, w3, w2), wdev, "the default gather")
+        cpu = torch.device("cpu")
+        for dst in sorted({0, world - 1}):
+            for dev in (None, "cpu"):
+                got = layer.gather_global_experts(dst=dst, device=dev)
+                if rank == dst:
+                    same(got, full, wdev if dev is None else cpu, f"dst={dst}, device={dev}")
+                else:
+                    assert got is None, f"rank {rank}: dst={dst} returned {type(got).__name__}"
+        same(layer.gather_global_experts(device="cpu"), full, cpu, "every rank, device=cpu")
+        # the optimizer's moments: other per-slot tensors, gathered alike
+        m13, m2 = layer.experts.w13.detach() * 3, layer.experts.w2.detach() * 3
+        moments = layer.gather_global_experts(m13, m2)
+        got = layer.gather_global_experts(m13, m2, dst=world - 1, device="cpu")
+        if rank == world - 1:
+            same(got, moments, cpu, "the moments")
+        else:
+            assert got is None
+        # refusals, on every rank alike
+        refused("argument 'dst' must be None or a rank of the Buffer's group", dst=world)
+        refused("argument 'device' must be None or a torch.device", dst=0, device="nowhere")
+        if world > 1:
+            refused("the ranks gave different 'dst'", dst=rank % 2)
+            refused("argument 'w13' is torch.float64 on rank 1, torch.float32 on rank 0",
+                    m13.double() if rank == 1 else m13, m2, dst=0)
+            odd = table.clone()
+            if rank == 1:
+                odd[[0, 1]] = odd[[1, 0]]
+            other = layers.MoELayer(buf, ffn_hidden=ffn, placement=pl.Placement(topo, logical, odd)).to(wdev)
+            refused("different placements: rank 1's slot 0", on=other, dst=world - 1, device="cpu")
+        # the layer is still in step: a last gather after the refusals
+        same(layer.gather_global_experts(device="cpu"), full, cpu, "after the refusals")
+    finally:
+        buf.destroy()
+    if world != 4:
+        return
+    # expert TP 2 x EP 2: 6 slots, 5 logical experts (expert 0 on slots 0 and 5, on both EP ranks)
+    groups = make_expert_tp_groups(2)
+    ep = largeep.Buffer(groups.ep_group, hidden=hidden, num_experts=6, num_topk=topk, max_tokens_per_rank=8,
+                        backend="torch")
+    try:
+        tp_table = torch.tensor([0, 1, 2, 3, 4, 0])
+        place = pl.Placement(pl.Topology(num_nodes=1, gpus_per_node=2, slots_per_gpu=3), 5, tp_table)
+        layer = layers.MoELayer(ep, ffn_hidden=ffn, placement=place, expert_tp_group=groups.tp_group).to(wdev)
+        want = (w1[:5], w3[:5], w2[:5])
+        layer.load_global_experts(*want)
+        assert layer.experts.w13.shape[2] == ffn  # (2 * F/2 columns)
+        full = layer.gather_global_experts()
+        same(full, want, wdev, "expert TP, the default gather")
+        for dst in (0, 1):
+            got = layer.gather_global_experts(dst=dst, device="cpu")
+            if groups.ep_rank == dst and groups.tp_rank == 0:
+                same(got, full, torch.device("cpu"), f"expert TP, dst={dst}")
+            else:
+                assert got is None, f"rank {rank}: expert TP, dst={dst} returned {type(got).__name__}"
+        refused("the TP group's members gave different 'dst'", dst=groups.tp_rank)
+        with torch.no_grad():  # member 1 of EP rank 1: its shard of slot 5 (expert 0's replica) differs
+            if groups.ep_rank == 1 and groups.tp_rank == 1:
+                layer.experts.w2[2] += 1
+        refused("replicas of logical expert 0 differ (slots 0 and 5, of ranks 0 and 1)", dst=0)
+        refused("replicas of logical expert 0 differ (slots 0 and 5, of ranks 0 and 1)", device="cpu")
+    finally:
+        ep.destroy()
+
+
 def layer_replace_experts(rank: int, world: int) -> None:
     """Moving a training layer to a new placement (docs/usage.md, "Moving experts to a new placement during
     training"): a step of AdamW under a placement planned from made-up loads, a new plan from the gate's measured

@@ -97,6 +97,13 @@ def test_layer_global_experts(pools, world: int) -> None:
     pools(world).run(layer_bodies.layer_global_experts)
 
 
+@pytest.mark.parametrize("world", [1, 4])
+def test_layer_global_experts_lean(pools, world: int) -> None:
+    """gather_global_experts(dst=, device=): the default gather's tensors on dst only / on the CPU, refusals on
+    every rank; expert TP on 4 ranks."""
+    pools(world).run(layer_bodies.layer_global_experts_lean)
+
+
 def test_layer_replace_experts(pools) -> None:
     """The step after moving to a plan from measured loads (weights, AdamW moments, gate) equals the unmoved layer's."""
     pools(4).run(layer_bodies.layer_replace_experts)

@@ -186,3 +186,44 @@ def all_gather_object(obj: Any, group: dist.ProcessGroup, what: str, timeout_s: 
     padded[: data.numel()] = data
     wait_all([dist.all_gather(got, padded, group=group, async_op=True)], timeout_s, head, tail)
     return [pickle.loads(t[: int(sz.item())].numpy().tobytes()) for t, sz in zip(got, sizes, strict=True)]
+
+
+_TAIL = ": a rank did not make the same call, or failed before it; the group may be out of step now"
+
+
+def broadcast(t: torch.Tensor, src: int, group: dist.ProcessGroup, what: str) -> None:
+    """dist.broadcast of ``t`` in place from ``src`` (a rank of ``group``, in the group's numbering) to every rank
+    of ``group``, waited for as ``wait_all`` does; ``what`` names the call in the error."""
+    timeout_s = bound_s(group, t.device)
+    work = dist.broadcast(t, src=dist.get_global_rank(group, src), group=group, async_op=True)
+    wait_all([work], timeout_s, f"{what}: rank {dist.get_rank(group)} waited for rank {src}'s broadcast in vain",
+             _TAIL)
+
+
+def gather(t: torch.Tensor, dst: int, group: dist.ProcessGroup, what: str) -> list[torch.Tensor] | None:
+    """dist.gather of ``t`` (the same shape and dtype on every rank) to ``dst`` (a rank of ``group``, in the
+    group's numbering): every rank's tensor in rank order there, None on the others; waited for as ``wait_all``
+    does; ``what`` names the call in the error."""
+    me = dist.get_rank(group)
+    timeout_s = bound_s(group, t.device)
+    out = [torch.empty_like(t) for _ in range(dist.get_world_size(group))] if me == dst else None
+    work = dist.gather(t.contiguous(), out, dst=dist.get_global_rank(group, dst), group=group, async_op=True)
+    wait_all([work], timeout_s, f"{what}: rank {me} waited for the group's gather to rank {dst} in vain", _TAIL)
+    return out
+
+
+def send_recv(t: torch.Tensor, src: int, dst: int, group: dist.ProcessGroup, what: str) -> None:
+    """Moves ``t`` from rank ``src`` to rank ``dst`` of ``group`` (the group's numbering): ``src`` sends its ``t``
+    (contiguous), ``dst`` receives into its ``t`` (contiguous, of the same shape and dtype), the other ranks do
+    nothing, nor does ``src == dst``; waited for as ``wait_all`` does; ``what`` names the call in the error."""
+    me = dist.get_rank(group)
+    if src == dst or me not in (src, dst):
+        return
+    timeout_s = bound_s(group, t.device)
+    if me == src:
+        work = dist.isend(t, dst=dist.get_global_rank(group, dst), group=group)
+        head = f"{what}: rank {me} waited in vain for rank {dst} to receive"
+    else:
+        work = dist.irecv(t, src=dist.get_global_rank(group, src), group=group)
+        head = f"{what}: rank {me} waited in vain for rank {src}'s send"
+    wait_all([work], timeout_s, head, _TAIL)

@@ -57,7 +57,7 @@ import numbers
 import warnings
 import weakref
 from collections.abc import Callable, Generator, Iterable, Sequence
-from typing import Any
+from typing import Any, overload
 
 import torch
 import torch.distributed as dist
@@ -66,7 +66,7 @@ from torch import Tensor, nn
 
 from largeep import _collective, checks, fp8, ops
 from largeep.buffer import Buffer
-from largeep.errors import ArgumentError, _recomputation_stopped
+from largeep.errors import ArgumentError, PeerRefusedError, _recomputation_stopped
 from largeep.expert_tp import ExpertTP
 
 __all__ = [
@@ -864,15 +864,29 @@ class MoELayer(nn.Module):
             for full in (w1, w3, w2)
         )
 
+    @overload
+    def gather_global_experts(
+        self, w13: Tensor | None = None, w2: Tensor | None = None, *, dst: None = None,
+        device: torch.device | str | None = None,
+    ) -> tuple[Tensor, Tensor, Tensor]: ...
+
+    @overload
+    def gather_global_experts(
+        self, w13: Tensor | None = None, w2: Tensor | None = None, *, dst: int,
+        device: torch.device | str | None = None,
+    ) -> tuple[Tensor, Tensor, Tensor] | None: ...
+
     @torch.no_grad()
     def gather_global_experts(
-        self, w13: Tensor | None = None, w2: Tensor | None = None
-    ) -> tuple[Tensor, Tensor, Tensor]:
+        self, w13: Tensor | None = None, w2: Tensor | None = None, *, dst: int | None = None,
+        device: torch.device | str | None = None,
+    ) -> tuple[Tensor, Tensor, Tensor] | None:
         """The inverse of :meth:`load_global_experts`: every rank's expert weights as global ones indexed by logical
-        expert, (w1 [L, H, F], w3 [L, H, F], w2 [L, F, H]) on every rank (on the weights' device and dtype), for
-        a checkpoint that loads at another expert-parallel size or placement (``load_global_experts`` of the new
-        layer takes them as they are). Collective: every rank of the Buffer's group (and with expert TP of the
-        TP group, whose members' shards are joined along F) must call it.
+        expert, (w1 [L, H, F], w3 [L, H, F], w2 [L, F, H]) in the weights' dtype, on every rank (default) or on
+        rank ``dst`` only, for a checkpoint that loads at another expert-parallel size or placement
+        (``load_global_experts`` of the new layer takes them as they are). Collective: every rank of the Buffer's
+        group (and with expert TP of the TP group, whose members' shards are joined along F) must call it, with
+        the same ``dst``.
 
         L: the layer's logical experts (at least the table's largest id + 1); without a placement the Buffer's
         num_experts (slot s holds expert s). A logical expert held by no slot comes back as zeros (it has no
@@ -880,13 +894,30 @@ class MoELayer(nn.Module):
         comes back once; its copies must be equal (``allreduce_replica_grads`` keeps them so in training), else
         ``ArgumentError`` names the expert and the slots that differ, on every rank. Ranks whose layers hold
         different placements (``phys_to_log``) are refused likewise, naming the first rank and slot that differ
-        (each rank would cut the slots by its own table). Every rank receives every slot of the group (the
-        group's expert weights, on the weights' device): for a large model gather one layer at a time, or assemble
-        per-rank checkpoint files offline with :func:`global_experts_from_states`.
+        (each rank would cut the slots by its own table).
 
         ``w13`` / ``w2``: other per-slot tensors of the experts' shapes ([E_l, H, 2F/T] and [E_l, F/T, H]) to
         gather instead of the weights, e.g. the optimizer's state of ``experts.w13`` and ``experts.w2`` (Adam's
         ``exp_avg``, ``exp_avg_sq``); :meth:`local_experts` cuts such global tensors back into a layer's slots.
+
+        Memory. By default every rank receives every slot of the group at once (all-gathers), on the weights'
+        device: the whole layer's experts on every GPU. For a large model pass ``dst`` and/or ``device``:
+
+        - ``dst``: a rank of the Buffer's group (its numbering); only that rank receives the result, every other
+          rank returns None (so the return type is ``tuple | None`` with ``dst``). With expert TP the receiver is
+          the rank of EP rank ``dst`` that is member 0 of its TP group (``expert_tp_group`` rank 0); the others
+          of its TP group return None too. The ranks must give the same ``dst`` (refused on every rank otherwise).
+        - ``device``: where the result is assembled (e.g. ``"cpu"``; default: the weights' device).
+
+        With either, the slots travel one rank's at a time (point to point to ``dst``, or a broadcast from each
+        rank when every rank receives; then the TP group's shards of them) and each piece is moved to ``device``
+        before the next: beyond the result itself, the weights' device of a receiving rank holds at most
+        (T + 1) x one rank's ``w13`` and ``w2`` at a time (T: the expert-TP size, 1 without), whatever the
+        group's size; a rank that only sends holds nothing extra. The errors are the same and raised on every rank
+        alike: the placements' and ``dst``'s agreement is checked before anything moves, the replicas' equality
+        on the receiver, whose verdict is then sent to every rank. The default call (neither given) is the
+        all-gather above, unchanged. Per-rank checkpoint files can also be assembled offline with
+        :func:`global_experts_from_states`.
         """
         mine13 = self.experts.w13 if w13 is None else w13
         mine2 = self.experts.w2 if w2 is None else w2
@@ -895,8 +926,10 @@ class MoELayer(nn.Module):
                 got = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
                 raise ArgumentError(f"MoELayer.gather_global_experts: argument '{arg}' has shape {got}, expected "
                                     f"{tuple(ref.shape)} (experts.{arg}'s: one row per local slot)")
-        e_l, f = self.num_local_experts, self.experts.ffn_hidden
         what = "MoELayer.gather_global_experts"
+        if dst is not None or device is not None:
+            return self._gather_piecewise(what, mine13, mine2, dst, device)
+        e_l, f = self.num_local_experts, self.experts.ffn_hidden
         group = self.buffer.ctx.group
         n_slots = self.num_experts
         table = self.phys_to_log.cpu().to(torch.int64) if self.phys_to_log is not None else torch.arange(n_slots)
@@ -919,6 +952,167 @@ class MoELayer(nn.Module):
         # (every rank checks the replicas alike: the same gathered data)
         outs = _by_logical(what, table, (w1s, w3s, w2s), num, e_l)
         return outs[0], outs[1], outs[2]
+
+    def _gather_piecewise(
+        self, what: str, mine13: Tensor, mine2: Tensor, dst: int | None, device: torch.device | str | None
+    ) -> tuple[Tensor, Tensor, Tensor] | None:
+        """gather_global_experts with ``dst`` or ``device``: one rank's slots at a time to the receiving ranks (all
+        with ``dst`` None), each piece moved to ``device`` (the weights' by default) before the next."""
+        c = self.buffer.ctx
+        group, n, me = c.group, c.num_ranks, c.rank
+        if dst is not None and (not isinstance(dst, int) or isinstance(dst, bool) or not 0 <= dst < n):
+            raise ArgumentError(f"{what}: argument 'dst' must be None or a rank of the Buffer's group (an int in "
+                                f"[0, {n})), got {dst!r}")
+        try:
+            out_dev = torch.device(device) if device is not None else mine13.device
+        except (RuntimeError, TypeError) as exc:
+            raise ArgumentError(f"{what}: argument 'device' must be None or a torch.device (or its name, e.g. "
+                                f"\"cpu\"), got {device!r} ({_collective.first_line(exc)})") from None
+        tp = self.expert_tp if self.expert_tp is not None and self.expert_tp.size > 1 else None
+        e_l, h, n_slots = self.num_local_experts, self.hidden, self.num_experts
+        table = self.phys_to_log.cpu().to(torch.int64) if self.phys_to_log is not None else torch.arange(n_slots)
+        num = max(self.num_logical_experts, int(table.max()) + 1) if self.phys_to_log is not None else n_slots
+        # the receiving ranks: every rank, or EP rank dst (with expert TP, its TP group's member 0)
+        receives = dst is None or (me == dst and (tp is None or tp.rank == 0))
+        outs: tuple[Tensor, Tensor, Tensor] | None = None
+        alloc_error: BaseException | None = None
+        if receives:  # (before anything moves: a result that does not fit refuses the call on every rank)
+            try:
+                outs = (torch.zeros(num, h, self.ffn_hidden, dtype=mine13.dtype, device=out_dev),
+                        torch.zeros(num, h, self.ffn_hidden, dtype=mine13.dtype, device=out_dev),
+                        torch.zeros(num, self.ffn_hidden, h, dtype=mine2.dtype, device=out_dev))
+            except RuntimeError as exc:  # (torch.OutOfMemoryError too)
+                alloc_error = exc
+        self._gather_agree(what, table, dst, alloc_error, out_dev, mine13, mine2, tp)
+        first: dict[int, int] = {}  # each logical expert's lowest slot: its value; the others are replicas
+        for slot, e in enumerate(table.tolist()):
+            if e >= 0:
+                first.setdefault(e, slot)
+        bad: tuple[int, int, int] | None = None  # the first replica that differs: (expert, its first slot, slot)
+        for s in range(n):
+            piece = self._gather_piece(what, s, mine13, mine2, dst, out_dev, tp)
+            if piece is None or outs is None:
+                continue
+            for k in range(e_l):
+                slot, e = s * e_l + k, int(table[s * e_l + k])
+                if e < 0:
+                    continue
+                if first[e] == slot:
+                    for o, p in zip(outs, piece, strict=True):
+                        o[e].copy_(p[k])
+                elif bad is None and not all(torch.equal(o[e], p[k]) for o, p in zip(outs, piece, strict=True)):
+                    bad = (e, first[e], slot)
+            del piece  # (freed before the next piece arrives)
+        if dst is not None:  # the receiver's verdict to every rank (every rank saw the same data without dst)
+            verdict = torch.tensor([1, *bad] if bad is not None else [0, 0, 0, 0], dtype=torch.int64)
+            verdict = verdict.to(mine13.device)
+            if n > 1:  # (EP group 0's ranks; then each TP group, which has one member there)
+                _collective.all_reduce(verdict, group, what)
+            if tp is not None:
+                _collective.all_reduce(verdict, tp.group, what)
+            got = [int(v) for v in verdict.cpu().tolist()]
+            bad = (got[1], got[2], got[3]) if got[0] else None
+        if bad is not None:
+            raise _replicas_differ(what, *bad, e_l)
+        return outs if receives else None
+
+    def _gather_agree(
+        self, what: str, table: Tensor, dst: int | None, alloc_error: BaseException | None, out_dev: torch.device,
+        mine13: Tensor, mine2: Tensor, tp: ExpertTP | None,
+    ) -> None:
+        """Before _gather_piecewise moves anything: every rank of the Buffer's group holds the same placement,
+        gives the same ``dst`` and the tensors' dtypes, and the receiver made its result (``alloc_error``: why
+        not); refused on every rank alike (with expert TP: a refusal in one EP group reaches every TP group
+        through its member there, and from it every EP group)."""
+        c = self.buffer.ctx
+        n = c.num_ranks
+        dtypes = list(_DTYPE_CODES)
+        codes = [dtypes.index(t.dtype) if t.dtype in dtypes else -2 for t in (mine13, mine2)]
+        mine = torch.cat([table, torch.tensor([-1 if dst is None else dst, int(alloc_error is not None), *codes])])
+        every = [t.cpu() for t in _collective.all_gather(mine.to(mine13.device), c.group, what)] if n > 1 \
+            else [mine]
+        # (every rank of the EP group reads the same gathered rows: the same verdict)
+        k = table.numel()
+        dsts = [int(t[k]) for t in every]
+        why, code = None, 0
+        try:
+            _same_tables(what, [t[:k] for t in every])
+        except ArgumentError as exc:
+            why, code = str(exc), 1
+        if code == 0 and dsts != [dsts[0]] * n:
+            r = next(r for r, d in enumerate(dsts) if d != dsts[0])
+            why, code = (f"{what}: the ranks gave different 'dst': rank {r} {_dst_name(dsts[r])}, rank 0 "
+                         f"{_dst_name(dsts[0])}: every rank must give the same"), 2
+        for i, arg in enumerate(("w13", "w2")):
+            kinds = [int(t[k + 2 + i]) for t in every]
+            if code == 0 and kinds != [kinds[0]] * n:
+                r = next(r for r, d in enumerate(kinds) if d != kinds[0])
+                why, code = (f"{what}: argument '{arg}' is {_dtype_name(kinds[r])} on rank {r}, "
+                             f"{_dtype_name(kinds[0])} on rank 0: every rank must give the same dtype"), 3
+        refused = [r for r, t in enumerate(every) if int(t[k + 1])]
+        if code == 0 and refused:
+            code = 4
+            why = (f"{what}: the receiving rank {refused[0]} could not make the result on its device "
+                   f"({_collective.first_line(alloc_error)[:300]})" if alloc_error is not None else
+                   f"{what}: the receiving rank {refused[0]} could not make the result on its device {out_dev} "
+                   "(see its error); nothing was moved")
+        if tp is not None:  # every TP group has a member in the EP group that refused
+            verdicts = _collective.all_gather(torch.tensor([code, dsts[0]]).to(mine13.device), tp.group, what)
+            verdicts = [v.cpu() for v in verdicts]
+            if code == 0 and any(int(v[0]) for v in verdicts):
+                j = next(j for j, v in enumerate(verdicts) if int(v[0]))
+                code, why = int(verdicts[j][0]), (
+                    f"{what}: refused in the EP group of TP member {j} ({_GATHER_REFUSALS[int(verdicts[j][0])]}); "
+                    "see the error on its ranks")
+            elif code == 0 and any(int(v[1]) != dsts[0] for v in verdicts):
+                j = next(j for j, v in enumerate(verdicts) if int(v[1]) != dsts[0])
+                code, why = 2, (f"{what}: the TP group's members gave different 'dst': member {j} "
+                                f"{_dst_name(int(verdicts[j][1]))}, member {tp.rank} {_dst_name(dsts[0])}: every "
+                                "rank must give the same")
+        if code == 0:
+            return
+        if code == 4 and alloc_error is not None:
+            raise alloc_error
+        assert why is not None
+        raise (PeerRefusedError if code == 4 else ArgumentError)(why)
+
+    def _gather_piece(
+        self, what: str, s: int, mine13: Tensor, mine2: Tensor, dst: int | None, out_dev: torch.device,
+        tp: ExpertTP | None,
+    ) -> tuple[Tensor, Tensor, Tensor] | None:
+        """EP rank ``s``'s slots, (w1, w3, w2) at the full F on ``out_dev``, on the receiving ranks (None on the
+        others): sent to ``dst`` (broadcast to every rank with ``dst`` None), then the TP group's shards joined."""
+        c = self.buffer.ctx
+        me, f = c.rank, self.experts.ffn_hidden
+        if dst is not None and me != dst and me != s:
+            return None  # (neither sends nor receives this piece)
+        pieces: list[Tensor] = []
+        for mine in (mine13, mine2):
+            if me == s:
+                piece = mine.detach().contiguous()
+            else:
+                piece = torch.empty_like(mine, memory_format=torch.contiguous_format)
+            if dst is None and c.num_ranks > 1:
+                _collective.broadcast(piece, s, c.group, what)
+            elif dst is not None:
+                _collective.send_recv(piece, s, dst, c.group, what)
+            pieces.append(piece)
+        if dst is not None and me != dst:
+            return None  # (sent)
+        if tp is None:
+            p13, p2 = (p.to(out_dev) for p in pieces)
+            return p13[:, :, :f], p13[:, :, f:], p2
+        joined: list[list[Tensor]] = []
+        for piece in pieces:  # every member's columns of the piece (to member 0 only, with dst)
+            parts = _collective.all_gather(piece, tp.group, what) if dst is None else \
+                _collective.gather(piece, 0, tp.group, what)
+            joined.append([p.to(out_dev) for p in parts] if parts is not None else [])
+            del parts
+        pieces.clear()
+        if not joined[0]:
+            return None
+        return (torch.cat([p[:, :, :f] for p in joined[0]], dim=2), torch.cat([p[:, :, f:] for p in joined[0]], dim=2),
+                torch.cat(joined[1], dim=1))
 
     def local_experts(self, w1: Tensor, w3: Tensor, w2: Tensor) -> tuple[Tensor, Tensor]:
         """This rank's slots of global per-expert tensors (w1/w3 [L, H, F], w2 [L, F, H], e.g. from
@@ -1657,13 +1851,33 @@ def _by_logical(
         outs.append(g)
     for slot, e in zip(slots.tolist(), ids.tolist(), strict=True):
         if slot != first[e] and not all(torch.equal(g[e], t[slot]) for g, t in zip(outs, parts, strict=True)):
-            one = first[e]
-            raise ArgumentError(
-                f"{what}: the replicas of logical expert {e} differ (slots {one} and {slot}, of ranks {one // e_l} "
-                f"and {slot // e_l}), so it has no one global value: keep them equal (allreduce_replica_grads after "
-                "each backward, load_global_experts after loading)"
-            )
+            raise _replicas_differ(what, e, first[e], slot, e_l)
     return tuple(outs)
+
+
+def _replicas_differ(what: str, e: int, one: int, slot: int, e_l: int) -> ArgumentError:
+    """The refusal of logical expert ``e``'s replicas in slots ``one`` and ``slot`` that differ (``e_l`` slots a
+    rank)."""
+    return ArgumentError(
+        f"{what}: the replicas of logical expert {e} differ (slots {one} and {slot}, of ranks {one // e_l} "
+        f"and {slot // e_l}), so it has no one global value: keep them equal (allreduce_replica_grads after "
+        "each backward, load_global_experts after loading)"
+    )
+
+
+# the dtypes whose agreement MoELayer.gather_global_experts(dst= / device=) checks by index (others: -2, "another")
+_DTYPE_CODES = (torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.float8_e4m3fn, torch.float8_e5m2)
+# why an EP group refused the piecewise gather, by the code sent to its TP groups
+_GATHER_REFUSALS = {1: "different placements", 2: "different 'dst'", 3: "different dtypes",
+                    4: "the receiving rank could not make the result"}
+
+
+def _dtype_name(code: int) -> str:
+    return str(_DTYPE_CODES[code]) if 0 <= code < len(_DTYPE_CODES) else "another dtype"
+
+
+def _dst_name(d: int) -> str:
+    return "None" if d < 0 else str(d)
 
 
 def _short(t: Any) -> str:

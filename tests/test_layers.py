@@ -104,6 +104,14 @@ def test_layer_global_experts_lean(pools, world: int) -> None:
     pools(world).run(layer_bodies.layer_global_experts_lean)
 
 
+@pytest.mark.gpu(2, real=True)
+@pytest.mark.parametrize("world", [2, pytest.param(4, marks=pytest.mark.gpu(4, real=True))])
+def test_layer_global_experts_lean_gpu(pools, world: int) -> None:
+    """The same with CUDA weights on an NCCL group (point to point, broadcasts and TP gathers of CUDA tensors,
+    assembled on the weights' GPU or copied to the CPU): one GPU per rank; 4 GPUs add expert TP 2 x EP 2."""
+    pools(world, "nccl").run(layer_bodies.layer_global_experts_lean, "cuda")
+
+
 def test_layer_replace_experts(pools) -> None:
     """The step after moving to a plan from measured loads (weights, AdamW moments, gate) equals the unmoved layer's."""
     pools(4).run(layer_bodies.layer_replace_experts)

@@ -194,10 +194,12 @@ _TAIL = ": a rank did not make the same call, or failed before it; the group may
 def broadcast(t: torch.Tensor, src: int, group: dist.ProcessGroup, what: str) -> None:
     """dist.broadcast of ``t`` in place from ``src`` (a rank of ``group``, in the group's numbering) to every rank
     of ``group``, waited for as ``wait_all`` does; ``what`` names the call in the error."""
+    me = dist.get_rank(group)
     timeout_s = bound_s(group, t.device)
     work = dist.broadcast(t, src=dist.get_global_rank(group, src), group=group, async_op=True)
-    wait_all([work], timeout_s, f"{what}: rank {dist.get_rank(group)} waited for rank {src}'s broadcast in vain",
-             _TAIL)
+    head = f"rank {me} waited in vain for the group to receive its broadcast" if me == src else \
+        f"rank {me} waited for rank {src}'s broadcast in vain"
+    wait_all([work], timeout_s, f"{what}: {head}", _TAIL)
 
 
 def gather(t: torch.Tensor, dst: int, group: dist.ProcessGroup, what: str) -> list[torch.Tensor] | None:

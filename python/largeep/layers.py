@@ -989,20 +989,26 @@ class MoELayer(nn.Module):
             if e >= 0:
                 first.setdefault(e, slot)
         bad: tuple[int, int, int] | None = None  # the first replica that differs: (expert, its first slot, slot)
+        f = self.experts.ffn_hidden  # (F/T: each member's columns)
         for s in range(n):
-            piece = self._gather_piece(what, s, mine13, mine2, dst, out_dev, tp)
-            if piece is None or outs is None:
+            parts = self._gather_piece(what, s, mine13, mine2, dst, out_dev, tp)
+            if parts is None or outs is None:
                 continue
             for k in range(e_l):
                 slot, e = s * e_l + k, int(table[s * e_l + k])
                 if e < 0:
                     continue
+                # expert e's values by the member whose columns hold them: (result's view, received view)
+                views = [v for j, (p13, p2) in enumerate(parts) for v in (
+                    (outs[0][e][:, j * f : (j + 1) * f], p13[k][:, :f]),
+                    (outs[1][e][:, j * f : (j + 1) * f], p13[k][:, f:]),
+                    (outs[2][e][j * f : (j + 1) * f], p2[k]))]
                 if first[e] == slot:
-                    for o, p in zip(outs, piece, strict=True):
-                        o[e].copy_(p[k])
-                elif bad is None and not all(torch.equal(o[e], p[k]) for o, p in zip(outs, piece, strict=True)):
+                    for o, p in views:
+                        o.copy_(p)
+                elif bad is None and not all(torch.equal(o, p) for o, p in views):
                     bad = (e, first[e], slot)
-            del piece  # (freed before the next piece arrives)
+            del parts  # (freed before the next piece arrives)
         if dst is not None:  # the receiver's verdict to every rank (every rank saw the same data without dst)
             verdict = torch.tensor([1, *bad] if bad is not None else [0, 0, 0, 0], dtype=torch.int64)
             verdict = verdict.to(mine13.device)
@@ -1079,40 +1085,37 @@ class MoELayer(nn.Module):
     def _gather_piece(
         self, what: str, s: int, mine13: Tensor, mine2: Tensor, dst: int | None, out_dev: torch.device,
         tp: ExpertTP | None,
-    ) -> tuple[Tensor, Tensor, Tensor] | None:
-        """EP rank ``s``'s slots, (w1, w3, w2) at the full F on ``out_dev``, on the receiving ranks (None on the
-        others): sent to ``dst`` (broadcast to every rank with ``dst`` None), then the TP group's shards joined."""
+    ) -> list[tuple[Tensor, Tensor]] | None:
+        """EP rank ``s``'s slots of w13 and w2 on ``out_dev``, as each TP member holds them ([(w13, w2)] without
+        expert TP), on the receiving ranks (None on the others): sent to ``dst`` (broadcast to every rank with
+        ``dst`` None), then the TP group's shards gathered (to member 0 with ``dst``). One tensor at a time, each
+        moved to ``out_dev`` before the next arrives."""
         c = self.buffer.ctx
-        me, f = c.rank, self.experts.ffn_hidden
+        me = c.rank
         if dst is not None and me != dst and me != s:
             return None  # (neither sends nor receives this piece)
-        pieces: list[Tensor] = []
+        moved: list[list[Tensor]] = []
         for mine in (mine13, mine2):
-            if me == s:
-                piece = mine.detach().contiguous()
-            else:
-                piece = torch.empty_like(mine, memory_format=torch.contiguous_format)
+            piece = mine.detach().contiguous() if me == s else torch.empty_like(
+                mine, memory_format=torch.contiguous_format)
             if dst is None and c.num_ranks > 1:
                 _collective.broadcast(piece, s, c.group, what)
             elif dst is not None:
                 _collective.send_recv(piece, s, dst, c.group, what)
-            pieces.append(piece)
-        if dst is not None and me != dst:
-            return None  # (sent)
-        if tp is None:
-            p13, p2 = (p.to(out_dev) for p in pieces)
-            return p13[:, :, :f], p13[:, :, f:], p2
-        joined: list[list[Tensor]] = []
-        for piece in pieces:  # every member's columns of the piece (to member 0 only, with dst)
+            if dst is not None and me != dst:
+                continue  # (sent)
+            if tp is None:
+                moved.append([piece.to(out_dev)])
+                continue
+            # every member's columns of the piece (to member 0 only, with dst)
             parts = _collective.all_gather(piece, tp.group, what) if dst is None else \
                 _collective.gather(piece, 0, tp.group, what)
-            joined.append([p.to(out_dev) for p in parts] if parts is not None else [])
+            del piece
+            moved.append([p.to(out_dev) for p in parts] if parts is not None else [])
             del parts
-        pieces.clear()
-        if not joined[0]:
+        if len(moved) < 2 or not moved[0]:
             return None
-        return (torch.cat([p[:, :, :f] for p in joined[0]], dim=2), torch.cat([p[:, :, f:] for p in joined[0]], dim=2),
-                torch.cat(joined[1], dim=1))
+        return list(zip(moved[0], moved[1], strict=True))
 
     def local_experts(self, w1: Tensor, w3: Tensor, w2: Tensor) -> tuple[Tensor, Tensor]:
         """This rank's slots of global per-expert tensors (w1/w3 [L, H, F], w2 [L, F, H], e.g. from

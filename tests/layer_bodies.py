@@ -2632,6 +2632,99 @@ def layer_global_experts(rank: int, world: int) -> None:
         ep.destroy()
 
 
+def checkpoint_at_another_ep_size(rank: int, world: int) -> None:
+    """docs/usage.md "Checkpoints", as the docs give it: EP 4 (a TopKGate, shared experts) takes a step of AdamW,
+    rank 0 gathers the experts and AdamW's moments on its CPU (dst=0, device="cpu") and saves them with the rest
+    of the layer and the optimizer's state; a job at EP 2 (ranks 0 and 1; each takes the tokens of two EP-4
+    ranks) loads that file on every rank. Its second step (outputs, then the outputs after that step's update)
+    equals EP 4's own second step (float32 rounding): the experts and their moments came back in the right slots.
+    Each job's loss is the sum over all tokens (replicated grads summed over its group)."""
+    import os
+    import tempfile
+
+    from largeep.gate import GateConfig, TopKGate
+
+    assert world == 4
+    h, f, e, k, t = 16, 8, 8, 2, 6
+    two = dist.new_group([0, 1])  # (collective: every rank makes it)
+
+    def build(buf: largeep.Buffer) -> tuple[Any, Any]:
+        torch.manual_seed(7)  # (the same gate and shared experts in both jobs; the experts are loaded)
+        layer = layers.MoELayer(buf, ffn_hidden=f, gate=TopKGate(GateConfig(hidden=h, num_experts=e, topk=k,
+                                                                            bias_balancing=False)),
+                                shared_ffn_hidden=4)
+        return layer, torch.optim.AdamW(layer.parameters(), lr=1e-2)
+
+    def data(j: int, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+        g = _gen(97, j, r)
+        return torch.randn(t + r, h, generator=g), torch.randn(t + r, h, generator=g)
+
+    def step(layer: Any, opt: Any, x: torch.Tensor, target: torch.Tensor, group: Any) -> torch.Tensor:
+        opt.zero_grad()
+        out = layer(x)
+        ((out - target) ** 2).sum().backward()
+        for p in [*layer.gate.parameters(), *layer.shared_experts.parameters()]:  # (replicated: summed)
+            dist.all_reduce(p.grad, group=group)
+        opt.step()
+        return out.detach()
+
+    path = [os.path.join(tempfile.mkdtemp(), "ck.pt") if rank == 0 else None]
+    dist.broadcast_object_list(path, src=0)
+    g1, g3 = (torch.randn(e, h, f, generator=_gen(98, i)) for i in range(2))
+    g2 = torch.randn(e, f, h, generator=_gen(98, 2))
+    four = largeep.Buffer(None, hidden=h, num_experts=e, num_topk=k, max_tokens_per_rank=2 * t + 4, backend="torch")
+    try:
+        layer, opt = build(four)
+        layer.load_global_experts(g1, g3, g2)
+        step(layer, opt, *data(0, rank), dist.group.WORLD)
+        # the docs' save, word for word
+        i13, i2 = [i for i, p in enumerate(layer.parameters()) if p is layer.experts.w13 or p is layer.experts.w2]
+        st = opt.state_dict()
+        lean = {"dst": 0, "device": "cpu"}
+        experts = layer.gather_global_experts(**lean)
+        moments = {m: layer.gather_global_experts(st["state"][i13][m], st["state"][i2][m], **lean)
+                   for m in ("exp_avg", "exp_avg_sq")}
+        assert (experts is not None) == (rank == 0) and all((v is not None) == (rank == 0) for v in moments.values())
+        if experts is not None:
+            assert all(w.device.type == "cpu" for w in experts)
+            rest = {n: v for n, v in layer.state_dict().items() if not n.startswith("experts.") and n != "slot_experts"}
+            torch.save({"rest": rest, "experts": experts, "opt": st, "moments": moments}, path[0])
+        # EP 4's own second step, and the outputs after it, on every rank's tokens
+        x2, t2 = data(1, rank)
+        want = step(layer, opt, x2, t2, dist.group.WORLD)
+        with torch.no_grad():
+            after = layer(x2)
+    finally:
+        four.destroy()
+    wants: list[Any] = [None] * world
+    dist.all_gather_object(wants, (want, after))  # (EP 2's rank r takes EP 4's ranks r and r + 2)
+    if rank >= 2:
+        dist.barrier()
+        return
+    buf = largeep.Buffer(two, hidden=h, num_experts=e, num_topk=k, max_tokens_per_rank=2 * t + 4, backend="torch")
+    try:
+        layer, opt = build(buf)
+        # the docs' load, word for word
+        i13, i2 = [i for i, p in enumerate(layer.parameters()) if p is layer.experts.w13 or p is layer.experts.w2]
+        ck = torch.load(path[0], map_location="cpu")
+        layer.load_state_dict(ck["rest"], strict=False)
+        layer.load_global_experts(*ck["experts"])
+        for m, glob in ck["moments"].items():
+            ck["opt"]["state"][i13][m], ck["opt"]["state"][i2][m] = layer.local_experts(*glob)
+        opt.load_state_dict(ck["opt"])
+        (xa, ta), (xb, tb) = data(1, rank), data(1, rank + 2)
+        got = step(layer, opt, torch.cat([xa, xb]), torch.cat([ta, tb]), two)
+        with torch.no_grad():
+            got_after = layer(torch.cat([xa, xb]))
+        close(got, torch.cat([wants[rank][0], wants[rank + 2][0]]), f"rank {rank}: EP 2's second step")
+        close(got_after, torch.cat([wants[rank][1], wants[rank + 2][1]]), f"rank {rank}: after EP 2's second step")
+    finally:
+        buf.destroy()
+    dist.barrier()
+    if rank == 0:
+        os.remove(path[0])
+
+
 def layer_global_experts_lean(rank: int, world: int, device: str = "cpu") -> None:
     """MoELayer.gather_global_experts(dst=, device=): the result of the default gather (every rank, all at once),
     bit for bit, on rank dst only (None on the others: dst 0 and the last rank) or on every rank, assembled on the

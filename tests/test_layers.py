@@ -97,6 +97,12 @@ def test_layer_global_experts(pools, world: int) -> None:
     pools(world).run(layer_bodies.layer_global_experts)
 
 
+def test_checkpoint_at_another_ep_size(pools) -> None:
+    """docs/usage.md's checkpoint example: EP 4 saved after an AdamW step (rank 0, CPU), EP 2 loads it and its
+    second step equals EP 4's."""
+    pools(4).run(layer_bodies.checkpoint_at_another_ep_size)
+
+
 @pytest.mark.parametrize("world", [1, 4])
 def test_layer_global_experts_lean(pools, world: int) -> None:
     """gather_global_experts(dst=, device=): the default gather's tensors on dst only / on the CPU, refusals on

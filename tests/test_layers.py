@@ -110,11 +110,12 @@ def test_layer_global_experts_lean(pools, world: int) -> None:
     pools(world).run(layer_bodies.layer_global_experts_lean)
 
 
-@pytest.mark.gpu(2, real=True)
+@pytest.mark.gpu(2)
 @pytest.mark.parametrize("world", [2, pytest.param(4, marks=pytest.mark.gpu(4, real=True))])
 def test_layer_global_experts_lean_gpu(pools, world: int) -> None:
     """The same with CUDA weights on an NCCL group (point to point, broadcasts and TP gathers of CUDA tensors,
-    assembled on the weights' GPU or copied to the CPU): one GPU per rank; 4 GPUs add expert TP 2 x EP 2."""
+    assembled on the weights' GPU or copied to the CPU): one GPU per rank; 4 GPUs add expert TP 2 x EP 2. Two
+    ranks sharing a GPU (emulation) run it on a gloo group, with CUDA tensors."""
     pools(world, "nccl").run(layer_bodies.layer_global_experts_lean, "cuda")
 
 

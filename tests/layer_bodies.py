@@ -3161,3 +3161,165 @@ def clip_grad_norm_ep(rank: int, world: int, backend: str = "torch", device: str
                 raise AssertionError(f"clip_grad_norm_ took {bad}")
     finally:
         buf.destroy()
+
+
+def layer_set_placement(rank: int, world: int, backend: str = "torch") -> None:
+    """MoELayer.set_placement (docs/usage.md, "Moving experts to a new placement during training"): 8 slots, 6
+    logical experts. A layer under a placement with experts 0 and 1 replicated takes an AdamW step, moves in place
+    to a plan where experts leave their ranks, one is held twice on one rank and others stay; a second layer (two
+    chunks, a twin made by for_buffer) starts without a placement, moves to a plan and back. After each move: the
+    same Parameter objects (the optimizer's too), every logical expert's weights and AdamW moments exactly those of
+    a layer that never moved, the gate's replica counts the plan's, the twin's routing the new table; the next
+    step's outputs, weights, gate and loads equal the unmoved layer's. Refusals leave every rank's layer as it was:
+    different plans on ranks, sizes wrong on every rank or on one, unequal replicas, non-zero grads, a callable."""
+    from largeep import placement as pl
+    from largeep.errors import ArgumentError
+    from largeep.gate import GateConfig, TopKGate
+
+    h, f, k, logical, slots, t = 16, 8, 2, 6, 8, 12
+    per_rank = slots // world
+    device = device_for(backend)
+    topo = pl.Topology(num_nodes=1, gpus_per_node=world, slots_per_gpu=per_rank)
+    old_plan = pl.Placement(topo, logical, torch.tensor([0, 1, 0, 2, 1, 3, 4, 5]))  # 0 and 1 replicated
+    new_plan = pl.Placement(topo, logical, torch.tensor([2, 0, 5, 5, 3, 1, 0, 4]))  # 5 twice on one rank
+    buf = largeep.Buffer(None, hidden=h, num_experts=slots, num_topk=k, max_tokens_per_rank=t, backend=backend)
+    twin_buf = largeep.Buffer(None, hidden=h, num_experts=slots, num_topk=k, max_tokens_per_rank=t, backend=backend)
+
+    def build(plan: Any, chunks: int = 1) -> tuple[Any, Any]:
+        torch.manual_seed(5)  # (alike everywhere: every layer, every rank, starts from the same weights)
+        layer = layers.MoELayer(buf, ffn_hidden=f, gate=TopKGate(GateConfig(hidden=h, num_experts=logical, topk=k)),
+                                placement=plan, num_logical_experts=logical, shared_ffn_hidden=4,
+                                num_chunks=chunks).to(device)
+        return layer, torch.optim.AdamW(layer.parameters(), lr=1e-2)
+
+    def step(layer: Any, opt: Any, j: int) -> tuple[torch.Tensor, torch.Tensor]:
+        g = _gen(93, j, rank)
+        x, target = torch.randn(t, h, generator=g).to(device), torch.randn(t, h, generator=g).to(device)
+        opt.zero_grad()
+        out = layer(x)
+        (((out - target) ** 2).sum() / (t * world)).backward()
+        for p in [*layer.gate.parameters(), *layer.shared_experts.parameters()]:  # (replicated: summed)
+            dist.all_reduce(p.grad)
+        table = layer.phys_to_log if layer.phys_to_log is not None else torch.arange(slots)
+        layers.allreduce_replica_grads([layer.experts.w13, layer.experts.w2], table)
+        opt.step()
+        opt.zero_grad()
+        return out.detach(), layer.gate.update_bias(buf.ctx.group)
+
+    def moments(layer: Any, opt: Any) -> list[torch.Tensor]:
+        st = [opt.state[layer.experts.w13], opt.state[layer.experts.w2]]
+        return [g for m in ("exp_avg", "exp_avg_sq") for g in layer.gather_global_experts(st[0][m], st[1][m])]
+
+    def same(moved: Any, moved_opt: Any, ref: Any, ref_opt: Any, what: str, exact: bool) -> None:
+        pairs = [*zip(moved.gather_global_experts(), ref.gather_global_experts(), strict=True),
+                 *zip(moments(moved, moved_opt), moments(ref, ref_opt), strict=True)]
+        for i, (a, b) in enumerate(pairs):  # (the gather also checks that the replicas are equal)
+            a, b = a[:logical], b[:logical]  # (without a placement slots 6 and 7 hold experts the gate never picks)
+            if exact:
+                assert torch.equal(a, b), f"rank {rank}: {what}: expert tensor {i}"
+            else:
+                close(a, b, f"rank {rank}: {what}: expert tensor {i}")
+        theirs = ref.state_dict()
+        for name, p in moved.state_dict().items():
+            if not name.startswith("experts.") and name not in ("slot_experts", "gate.expert_replicas"):
+                close(p.float(), theirs[name].float(), f"rank {rank}: {what}: {name}")
+
+    def moved_to(layer: Any, opt: Any, plan: Any, what: str) -> None:
+        ids = [id(layer.experts.w13), id(layer.experts.w2)]
+        in_opt = [id(p) for g in opt.param_groups for p in g["params"]]
+        layer.set_placement(plan, optimizer=opt)
+        assert [id(layer.experts.w13), id(layer.experts.w2)] == ids, f"{what}: new Parameter objects"
+        assert [id(p) for g in opt.param_groups for p in g["params"]] == in_opt, f"{what}: optimizer's params"
+        want = plan.phys_to_log if plan is not None else torch.arange(slots)
+        got = layer.phys_to_log if layer.phys_to_log is not None else torch.arange(slots)
+        assert torch.equal(got, want) and (layer.phys_to_log is None) == (plan is None), what
+        assert layer.state_dict()["slot_experts"].tolist() == want[rank * per_rank:(rank + 1) * per_rank].tolist()
+        counts = plan.replica_count if plan is not None else torch.ones(logical, dtype=torch.int64)
+        assert torch.equal(layer.gate.expert_replicas.cpu(), counts), f"{what}: the gate's replica counts"
+
+    try:
+        # 1. old plan -> new plan (one chunk), against a layer that stays on the old plan
+        ref, ref_opt = build(old_plan)
+        layer, opt = build(old_plan)
+        step(ref, ref_opt, 0)
+        step(layer, opt, 0)
+        moved_to(layer, opt, new_plan, "to the new plan")
+        same(layer, opt, ref, ref_opt, "right after the move", exact=True)
+        want, want_load = step(ref, ref_opt, 1)
+        got, got_load = step(layer, opt, 1)
+        close(got, want, f"rank {rank}: output of the step after the move")
+        assert torch.equal(got_load, want_load), f"rank {rank}: loads {got_load} != {want_load}"
+        same(layer, opt, ref, ref_opt, "after the step", exact=False)
+
+        # 2. refusals: on every rank, before anything moves
+        before = [p.detach().clone() for p in (layer.experts.w13, layer.experts.w2)]
+        mom = [v.clone() for v in opt.state[layer.experts.w13].values()]
+
+        def refused(plan: Any, want: str, optimizer: Any = None) -> None:
+            try:
+                layer.set_placement(plan, optimizer=optimizer if optimizer is not None else opt)
+            except ArgumentError as exc:
+                assert want in str(exc), f"rank {rank}: {exc}"
+            else:
+                raise AssertionError(f"rank {rank}: not refused: {want}")
+            assert torch.equal(layer.phys_to_log, new_plan.phys_to_log), f"rank {rank}: {want}: the table moved"
+            for a, b in zip((layer.experts.w13, layer.experts.w2), before, strict=True):
+                assert torch.equal(a, b), f"rank {rank}: {want}: weights moved"
+            for a, b in zip(opt.state[layer.experts.w13].values(), mom, strict=True):
+                assert torch.equal(a, b), f"rank {rank}: {want}: optimizer state moved"
+
+        table = old_plan.phys_to_log.clone()
+        if rank == 1:
+            table[[0, 1]] = table[[1, 0]]
+        refused(pl.Placement(topo, logical, table), "argument 'placement': the ranks' layers hold different "
+                "placements: rank 1's slot 0")
+        wide = pl.Topology(num_nodes=1, gpus_per_node=world, slots_per_gpu=per_rank + 1)
+        refused(pl.Placement(wide, logical, torch.arange(slots + world) % logical),
+                f"argument 'placement' has {world} GPUs of {per_rank + 1} slots")
+        refused(pl.Placement(topo, logical + 1, torch.arange(slots) % (logical + 1)),
+                f"argument 'placement' has {logical + 1} logical experts; this layer has {logical}")
+        odd = old_plan if rank != world - 1 else pl.Placement(topo, logical + 1, torch.arange(slots) % (logical + 1))
+        refused(odd, f"rank(s) [{world - 1}] refused" if rank != world - 1 else "logical experts; this layer has")
+        refused(lambda idx: idx, "argument 'placement' must be None or a largeep.placement.Placement")
+        refused(old_plan, "argument 'optimizer' does not optimize this layer's experts.w13",
+                torch.optim.SGD(layer.shared_experts.parameters(), lr=1.0))
+        layer.experts.w13.grad = torch.zeros_like(layer.experts.w13)
+        if rank == 0:
+            layer.experts.w13.grad[0, 0, 0] = 1.0
+        refused(old_plan, "rank(s) [0] refused" if rank != 0 else "experts.w13 holds a non-zero .grad")
+        layer.experts.w13.grad = None
+        # rank 0's second slot holds expert 0, whose other replica is on rank 3 (compared on rank 0)
+        kept = opt.state[layer.experts.w2]["exp_avg"].clone()
+        if rank == 0:
+            opt.state[layer.experts.w2]["exp_avg"][1, 0, 0] += 1.0
+            mom_w2 = opt.state[layer.experts.w2]["exp_avg"].clone()
+        refused(old_plan, "the replicas of logical expert 0 differ in optimizer state 'exp_avg' of experts.w2 "
+                "(slots 1 and 6, of ranks 0 and 3)")
+        if rank == 0:
+            assert torch.equal(opt.state[layer.experts.w2]["exp_avg"], mom_w2), "the unequal moments moved"
+            opt.state[layer.experts.w2]["exp_avg"].copy_(kept)
+
+        # 3. no placement -> a plan -> no placement, two chunks, a twin sharing the experts (for_buffer)
+        ref, ref_opt = build(None, 2)
+        layer, opt = build(None, 2)
+        twin = layer.for_buffer(twin_buf, num_chunks=2)
+        step(ref, ref_opt, 2)
+        step(layer, opt, 2)
+        for j, plan in enumerate((old_plan, None)):
+            moved_to(layer, opt, plan, f"2 chunks, move {j}")
+            assert (twin.phys_to_log is None) == (plan is None) and (plan is None or torch.equal(
+                twin.phys_to_log, plan.phys_to_log)), f"rank {rank}: the twin's table"
+            same(layer, opt, ref, ref_opt, f"2 chunks, right after move {j}", exact=j == 0)
+            x = torch.randn(t, h, generator=_gen(94, j, rank)).to(device)
+            layer.eval()
+            with torch.no_grad():
+                close(twin(x), layer(x), f"rank {rank}: the twin's output after move {j}")
+            layer.train()
+            want, want_load = step(ref, ref_opt, 3 + j)
+            got, got_load = step(layer, opt, 3 + j)
+            close(got, want, f"rank {rank}: 2 chunks, output of the step after move {j}")
+            assert torch.equal(got_load, want_load), f"rank {rank}: loads {got_load} != {want_load}"
+            same(layer, opt, ref, ref_opt, f"2 chunks, after the step after move {j}", exact=False)
+    finally:
+        twin_buf.destroy()
+        buf.destroy()

@@ -124,6 +124,22 @@ def test_layer_replace_experts(pools) -> None:
     pools(4).run(layer_bodies.layer_replace_experts)
 
 
+def test_layer_set_placement(pools) -> None:
+    """MoELayer.set_placement moves the experts (and AdamW's moments) in place: the step after it (one chunk and
+    two, to a plan, from and back to no placement) equals the unmoved layer's; refusals on every rank."""
+    pools(4).run(layer_bodies.layer_set_placement)
+
+
+@pytest.mark.gpu(2)
+def test_layer_set_placement_gpu(pools) -> None:
+    """The same on CUDA with the nvshmem backend (2 ranks: the all-to-all of slots over NCCL)."""
+    from largeep import native
+
+    if native.unavailable_reason() is not None:
+        pytest.skip(str(native.unavailable_reason()))
+    pools(2, "nccl").run(layer_bodies.layer_set_placement, "nvshmem")
+
+
 def test_layer_refuses_num_worst_tokens_with_rounds(pools) -> None:
     pools(1).run(layer_bodies.layer_refuses_worst_with_rounds)
 

@@ -152,6 +152,17 @@ def all_reduce(t: torch.Tensor, group: dist.ProcessGroup | None, what: str) -> N
              ": a rank did not make the same call, or failed before it; the group may be out of step now")
 
 
+def all_to_all_rows(out: torch.Tensor, inp: torch.Tensor, out_rows: list[int], in_rows: list[int],
+                    group: dist.ProcessGroup | None, what: str) -> None:
+    """dist.all_to_all_single along dim 0 over ``group``: ``in_rows[p]`` rows of ``inp`` (consecutive, in rank
+    order) go to rank p, and ``out`` receives ``out_rows[p]`` rows from rank p, in rank order; waited for as
+    ``wait_all`` does; ``what`` names the call in the error. Every rank must make the call with matching counts."""
+    timeout_s = bound_s(group, inp.device)
+    work = dist.all_to_all_single(out, inp.contiguous(), out_rows, in_rows, group=group, async_op=True)
+    wait_all([work], timeout_s, f"{what}: rank {dist.get_rank(group)} waited for the group's all-to-all in vain",
+             ": a rank did not make the same call, or failed before it; the group may be out of step now")
+
+
 def all_gather(t: torch.Tensor, group: dist.ProcessGroup | None, what: str) -> list[torch.Tensor]:
     """dist.all_gather of ``t`` (the same shape and dtype on every rank) over ``group``: every rank's tensor in rank
     order, waited for as ``wait_all`` does; ``what`` names the call in the error."""

@@ -64,7 +64,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from largeep import _collective, checks, fp8, ops
+from largeep import _collective, _env, checks, fp8, ops
 from largeep.buffer import Buffer
 from largeep.errors import ArgumentError, PeerRefusedError, _recomputation_stopped
 from largeep.expert_tp import ExpertTP
@@ -719,16 +719,13 @@ class MoELayer(nn.Module):
         self.ll_capacity = c.num_ranks * c.max_tokens_per_rank * min(c.num_topk, c.experts_per_rank)
         self.num_logical_experts = num_logical
         self.gate = router
-        self.phys_to_log: Tensor | None = getattr(placement, "phys_to_log", None)
-        self.placement = route
-        self._placement_arg = placement  # (as given: for_buffer passes it on)
-        # whether a token's distinct logical experts stay distinct physical ones (see experts_chunk)
-        self._placement_keeps_distinct = placement is None or _is_placement(placement)
-        self._by_replicas = _is_placement(placement)  # (self.placement is route's wrapper, which takes node_limited)
-        self._placement_obj = placement if self._by_replicas else None
-        self._groups_seen: Any = None  # (the gate's groups node_limited was decided for: see _limits_nodes)
-        self._limited = False
-        self._limits_nodes()  # (decided now, eagerly: a compiled forward then only tests the groups' identity)
+        self._use_placement(placement, route)
+        # the layers that share this one's experts (itself, and for_buffer's twins, which share its family):
+        # set_placement re-routes them all
+        self._family: list[weakref.ref[MoELayer]] = (
+            _weights_of._family if _weights_of is not None else []
+        )
+        self._family.append(weakref.ref(self))
         self.ffn_hidden = ffn_hidden
         self.experts: GroupedExperts
         self.shared_experts: SwiGLU | None
@@ -746,6 +743,20 @@ class MoELayer(nn.Module):
         self._fsdp_seen = -1  # (how many composable states _check_fsdp last saw)
         self.register_state_dict_post_hook(_save_slot_layout)
         self.register_load_state_dict_pre_hook(_check_slot_layout)
+
+    def _use_placement(self, placement: Any, route: Callable[..., Tensor] | None) -> None:
+        """Takes ``placement`` (checked; ``route``: its ``_wrap_placement``) as the layer's routing: everything that
+        depends on it but the gate's replica counts and the expert weights (the constructor and set_placement)."""
+        self.phys_to_log: Tensor | None = getattr(placement, "phys_to_log", None)
+        self.placement = route
+        self._placement_arg = placement  # (as given: for_buffer passes it on)
+        # whether a token's distinct logical experts stay distinct physical ones (see experts_chunk)
+        self._placement_keeps_distinct = placement is None or _is_placement(placement)
+        self._by_replicas = _is_placement(placement)  # (self.placement is route's wrapper, which takes node_limited)
+        self._placement_obj = placement if self._by_replicas else None
+        self._groups_seen: Any = None  # (the gate's groups node_limited was decided for: see _limits_nodes)
+        self._limited = False
+        self._limits_nodes()  # (decided now, eagerly: a compiled forward then only tests the groups' identity)
 
     # -- weights ----------------------------------------------------------------------------------------------
     _FOR_BUFFER_OPTIONS = frozenset({
@@ -1124,6 +1135,281 @@ class MoELayer(nn.Module):
         ``experts.w2`` (empty slots zero). Not collective; the shapes are checked as there."""
         p1, p3, p2 = self._slots_of("local_experts", w1, w3, w2, self.phys_to_log)
         return torch.cat([p1, p3], dim=2), p2
+
+    # -- re-placement -----------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def set_placement(self, placement: Any, *, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Moves the layer's experts to ``placement`` in place, on the same ranks: a re-plan during training
+        (docs/usage.md, "Moving experts to a new placement during training"). Collective: every rank of the
+        Buffer's group (and with expert TP of the TP group) must call it, with the same placement. Waits on the
+        host.
+
+        ``placement``: a ``largeep.placement.Placement`` (or one shaped like it) with this layer's logical experts
+        and the Buffer's slots (its topology's GPUs, slots and GPUs per node as the constructor checks them), or
+        None: slot s holds expert s, as a layer built without a placement (its slots beyond the logical experts
+        come back zero). A layer that routes by another callable cannot move (its slots' experts are not known),
+        nor can one move to such a callable.
+
+        Each slot's weights (``experts.w13``, ``experts.w2``) are copied into the same Parameter objects
+        (``param.data``), from a slot that held the slot's new expert: on the same rank where it held one (no
+        transfer), else from one of its replicas' ranks through an all-to-all over the Buffer's group (each
+        expert sent once to each rank that needs it, the sends spread over its replicas' ranks); a slot whose
+        expert had no slot comes back zero. ``optimizer``: every per-parameter state tensor it holds for those two
+        parameters whose shape is the parameter's (Adam's ``exp_avg``/``exp_avg_sq``, SGD's ``momentum_buffer``)
+        moves alike; other state (``step``) is left as it is, and the optimizer keeps working without a rebuild.
+        Memory: per moved tensor a rank holds at most the rows it sends, the rows it receives (one per expert it
+        gains, at most its slots) and its local copies besides its own tensor; no rank gathers the group's experts.
+
+        Then everything that depends on the placement follows it, as the constructor sets it: ``phys_to_log`` (so
+        ``slot_experts`` of the state dict), the routing (the placement's tables prepared on the Buffer's device),
+        the gate's replica counts (``set_replicas`` of the placement's ``replica_count``; all ones for None) and,
+        where the gate limited tokens to the old placement's home nodes (node-limited routing), its groups
+        (``set_groups`` of the new ``home_node()``; moving to None leaves the groups as they are, no longer
+        nodes). Layers made by :meth:`for_buffer` (from this layer or from the layer it was made from) share the
+        experts and the gate, and are re-routed with it. A compiled forward recompiles; a captured CUDA graph
+        must be captured again (it holds the old tables).
+
+        Refused with ``ArgumentError`` on every rank before anything moves (the refusing rank's own error names
+        the argument; the others name that rank): a placement of other sizes; ranks (or expert-TP members) whose
+        placements differ, new or current (``_same_tables``' message, naming the first rank and slot); replicas of
+        an expert that differ in any tensor that moves (compared bit for bit on the rank of its first replica,
+        an all-to-all of the other replicas: ``allreduce_replica_grads`` keeps them equal); an optimizer that does
+        not hold the experts' parameters, or whose per-slot state differs between ranks (other keys, dtypes or
+        devices); a state tensor on another device than the weights. Gradients: refused where ``experts.w13`` or
+        ``experts.w2`` holds a non-zero ``.grad`` (None or all zeros is fine, and stays so): a grad means a slot's
+        share before ``allreduce_replica_grads`` and its expert's sum after it, so a move would be right for one
+        and double-count the other; move between steps (after ``optimizer.step()`` and ``zero_grad()``).
+        """
+        what = "MoELayer.set_placement"
+        c = self.buffer.ctx
+        e_l, n = self.num_local_experts, c.num_ranks
+        weights = {"experts.w13": self.experts.w13, "experts.w2": self.experts.w2}
+        error: str | None = None
+        new: list[int] = []
+        moving: list[tuple[str, Tensor]] = []  # what moves, in the same order on every rank
+        regroup: Tensor | None = None
+        try:
+            new, regroup = self._check_new_placement(what, placement)
+            moving = self._moving_tensors(what, weights, optimizer)
+        except ArgumentError as exc:
+            error = str(exc)
+        old = self._slot_table()
+        signature = [(name, str(t.dtype), t.device.type) for name, t in moving]
+        rows = (_collective.all_gather_object((error, old, new, signature), c.group, what, _env.settings().timeout_s)
+                if n > 1 else [(error, old, new, signature)])
+        verdict = error if error is not None else _set_placement_verdict(what, rows)
+        verdict = self._agreed(what, verdict, (old, new))
+        if error is not None:
+            raise ArgumentError(error)
+        if verdict is not None:
+            raise ArgumentError(verdict)
+        old_t, new_t = torch.tensor(old, dtype=torch.int64), torch.tensor(new, dtype=torch.int64)
+        # replicas must be equal in everything that moves (each new slot copies one of them)
+        differ = self._differing_replicas(what, old_t, moving)
+        verdict = self._agreed(what, differ, None, gather=n > 1)
+        if verdict is not None:
+            raise ArgumentError(verdict)
+        # (from here on nothing is refused: every rank moves)
+        sources, plan = _slot_moves(old_t, new_t, e_l, n, self.rank)
+        for _, t in moving:
+            self._move_slots(what, t, sources, plan)
+        set_replicas = getattr(self.gate, "set_replicas", None)
+        if callable(set_replicas):
+            counts = getattr(placement, "replica_count", None) if placement is not None else \
+                torch.ones(self.num_logical_experts, dtype=torch.int64)
+            if counts is not None:
+                set_replicas(counts)
+        if regroup is not None:
+            self.gate.set_groups(regroup)  # type: ignore[operator]
+        for layer in self._shares_experts():
+            lc = layer.buffer.ctx
+            layer._use_placement(placement, _wrap_placement(placement, lc.rank, lc.device))
+
+    def _shares_experts(self) -> list[MoELayer]:
+        """This layer and the live layers of its family (``for_buffer``) that compute with its experts (a deep
+        copy of the model holds the family's references but its own experts: not the copy's)."""
+        family = [ref() for ref in self._family]
+        return [self] + [m for m in family if m is not None and m is not self and m.experts is self.experts]
+
+    def _slot_table(self) -> list[int]:
+        """The logical expert of every slot of the group (-1: empty): the placement's table, else the identity."""
+        if self.phys_to_log is None:
+            return list(range(self.num_experts))
+        return [int(e) for e in self.phys_to_log.cpu().tolist()]
+
+    def _check_new_placement(self, what: str, placement: Any) -> tuple[list[int], Tensor | None]:
+        """set_placement's local checks of ``placement`` -> (its table, the gate's new groups or None)."""
+        c = self.buffer.ctx
+        if self._placement_arg is not None and not _is_placement(self._placement_arg):
+            raise ArgumentError(
+                f"{what}: this layer routes by a callable placement, whose slots' experts are not known, so they "
+                "cannot move: build a layer with the new placement and load_global_experts into it"
+            )
+        if placement is None:
+            return list(range(self.num_experts)), None
+        if not _is_placement(placement):
+            raise ArgumentError(
+                f"{what}: argument 'placement' must be None or a largeep.placement.Placement (a table of the slots' "
+                f"experts, which the weights follow), got {type(placement).__name__}"
+            )
+        try:
+            num = _logical_experts(c, placement, None)
+        except ArgumentError as exc:
+            raise ArgumentError(str(exc).replace("MoELayer:", f"{what}:", 1)) from None
+        if num != self.num_logical_experts:
+            raise ArgumentError(
+                f"{what}: argument 'placement' has {num} logical experts; this layer has {self.num_logical_experts} "
+                "(its gate chooses among them)"
+            )
+        table = placement.phys_to_log
+        if not (checks.integer_tensor(table) and tuple(table.shape) == (self.num_experts,)):
+            raise ArgumentError(
+                f"{what}: argument 'placement' has phys_to_log {_kind(table)}, expected an integer tensor "
+                f"[{self.num_experts}] (the Buffer's physical experts: the logical expert of each slot, -1 empty)"
+            )
+        host = table.detach().to("cpu", torch.int64)
+        if host.numel() and (int(host.min()) < -1 or int(host.max()) >= num):
+            raise ArgumentError(f"{what}: argument 'placement' has phys_to_log values outside [-1, {num})")
+        gate = self.gate
+        counts = getattr(placement, "replica_count", None)
+        check_replicas = getattr(gate, "_check_replicas", None)
+        if counts is not None and callable(check_replicas):
+            try:
+                check_replicas(counts)
+            except ArgumentError as exc:
+                raise ArgumentError(f"{what}: argument 'placement': its replica_count is refused by the gate: "
+                                    f"{exc}") from None
+        regroup = None
+        if self._limits_nodes() and hasattr(placement, "home_node") and callable(getattr(gate, "set_groups", None)):
+            # (the gate's groups were the old placement's home nodes: they become the new one's)
+            regroup = placement.home_node()
+            check_groups = getattr(gate, "_check_groups", None)
+            if callable(check_groups):
+                try:
+                    check_groups(regroup)
+                except ArgumentError as exc:
+                    raise ArgumentError(
+                        f"{what}: argument 'placement': the gate limits tokens to its home nodes (node-limited "
+                        f"routing), and its home_node() gives groups the gate refuses: {exc}"
+                    ) from None
+        return [int(e) for e in host.tolist()], regroup
+
+    def _moving_tensors(
+        self, what: str, weights: dict[str, nn.Parameter], optimizer: torch.optim.Optimizer | None
+    ) -> list[tuple[str, Tensor]]:
+        """set_placement's tensors to move (name, tensor): the weights' data, then the optimizer's per-slot state
+        of each, by key; refuses non-zero grads, a foreign optimizer, state on another device."""
+        out: list[tuple[str, Tensor]] = []
+        for name, p in weights.items():
+            if p.grad is not None and bool(p.grad.any()):
+                raise ArgumentError(
+                    f"{what}: {name} holds a non-zero .grad: move between steps (after optimizer.step() and "
+                    "zero_grad()): a grad before allreduce_replica_grads is a slot's share, after it the expert's "
+                    "sum, and moved to other replicas it would be counted again"
+                )
+            out.append((name, p.data))
+        if optimizer is None:
+            return out
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise ArgumentError(f"{what}: argument 'optimizer' must be None or a torch.optim.Optimizer, got "
+                                f"{type(optimizer).__name__}")
+        held = {id(q) for group in optimizer.param_groups for q in group["params"]}
+        for name, p in weights.items():
+            if id(p) not in held:
+                raise ArgumentError(f"{what}: argument 'optimizer' does not optimize this layer's {name}, so its "
+                                    "state cannot follow the weights: pass the optimizer that holds them")
+            for key, v in sorted(optimizer.state.get(p, {}).items(), key=lambda kv: str(kv[0])):
+                if not isinstance(v, Tensor) or tuple(v.shape) != tuple(p.shape):
+                    continue  # (step and other scalars stay)
+                if v.device != p.device:
+                    raise ArgumentError(
+                        f"{what}: argument 'optimizer' holds {name}'s state {key!r} on {v.device}, the weights are on "
+                        f"{p.device}: the state moves with the weights, over the same group"
+                    )
+                out.append((f"optimizer state {key!r} of {name}", v))
+        return out
+
+    def _agreed(self, what: str, verdict: str | None, tables: tuple[list[int], list[int]] | None,
+                gather: bool = False) -> str | None:
+        """A verdict every rank of the Buffer's group and of the expert-TP group shares. ``verdict``: this rank's
+        (already shared over the Buffer's group, unless ``gather``: then it is gathered there first). With expert
+        TP, the members' verdicts and ``tables`` (current, new) go over the TP group, and the result over the
+        Buffer's group again (a refusal in one EP group reaches every TP group through its members, and from
+        them every EP group)."""
+        c = self.buffer.ctx
+        timeout = _env.settings().timeout_s
+        if gather:
+            every = _collective.all_gather_object(verdict, c.group, what, timeout)
+            refused = [r for r, v in enumerate(every) if v is not None]
+            if verdict is None and refused:
+                verdict = every[refused[0]]
+        tp = self.expert_tp
+        if tp is None or tp.size == 1:
+            return verdict
+        members = _collective.all_gather_object((verdict, tables), tp.group, what, timeout)
+        if verdict is None:
+            for j, (v, t) in enumerate(members):
+                if v is not None:
+                    verdict = f"{what}: member {j} of the expert-TP group refused: {v}"
+                    break
+                if t != tables:
+                    verdict = (f"{what}: member {j} of the expert-TP group holds (or moves to) another placement "
+                               f"than member {tp.rank}: every member must hold and move to the same one")
+                    break
+        if c.num_ranks > 1:
+            every = _collective.all_gather_object(verdict, c.group, what, timeout)
+            refused = [r for r, v in enumerate(every) if v is not None]
+            if verdict is None and refused:
+                verdict = every[refused[0]]
+        return verdict
+
+    def _differing_replicas(self, what: str, old: Tensor, moving: list[tuple[str, Tensor]]) -> str | None:
+        """Compares every replica of an expert (slots of ``old`` holding it) with its first, bit for bit, in each
+        tensor of ``moving``, on the first's rank (the others' rows sent there by one all-to-all per tensor);
+        -> this rank's refusal naming the first difference found, or None."""
+        e_l, n, rank = self.num_local_experts, self.buffer.ctx.num_ranks, self.rank
+        first: dict[int, int] = {}
+        pairs: list[tuple[int, int]] = []  # (first slot, other slot) of each replica, in slot order
+        for s, e in enumerate(old.tolist()):
+            if e < 0:
+                continue
+            if e in first:
+                pairs.append((first[e], s))
+            else:
+                first[e] = s
+        if not pairs:
+            return None
+        sends = [(s // e_l, s % e_l, f // e_l) for f, s in pairs]  # (source rank, its slot, destination rank)
+        differ: str | None = None
+        for name, t in moving:  # (every tensor's exchange, whatever is found: the others make them all)
+            got = _send_rows(what, t, sends, rank, n, self.buffer.ctx.group)
+            for i, (f, s) in enumerate(pairs):
+                if differ is not None or f // e_l != rank:
+                    continue
+                other = t[s % e_l] if s // e_l == rank else got[i]
+                if not torch.equal(t[f % e_l], other):
+                    differ = (f"{what}: the replicas of logical expert {int(old[f])} differ in {name} (slots {f} and "
+                              f"{s}, of ranks {f // e_l} and {s // e_l}), so there is no one value to move: keep them "
+                              "equal (allreduce_replica_grads after each backward, load_global_experts after "
+                              "loading)")
+        return differ
+
+    def _move_slots(self, what: str, t: Tensor, sources: list[tuple[str, int]], plan: list[tuple[int, int, int]]
+                    ) -> None:
+        """Rewrites this rank's slots of ``t`` [E_l, ...] in place: ``sources[j]`` says where new slot j's rows come
+        from ("local", an old slot of this rank), ("recv", an index into ``plan``) or ("zero", -1); ``plan``: the
+        group's transfers (source rank, its slot, destination rank), the same on every rank."""
+        got = _send_rows(what, t, plan, self.rank, self.buffer.ctx.num_ranks, self.buffer.ctx.group)
+        local = [(j, s) for j, (kind, s) in enumerate(sources) if kind == "local"]
+        kept = t[[s for _, s in local]] if local else None  # (copies: read before any slot is written)
+        for j, (kind, i) in enumerate(sources):
+            if kind == "zero":
+                t[j].zero_()
+            elif kind == "recv":
+                t[j].copy_(got[i])
+        if kept is not None:
+            for row, (j, _) in enumerate(local):
+                t[j].copy_(kept[row])
 
     # -- routing ----------------------------------------------------------------------------------------------
     def route(self, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -1888,6 +2174,83 @@ def _short(t: Any) -> str:
         return repr(t)
     vals = t.flatten().tolist()
     return str(vals[:16])[:-1] + (", ...]" if len(vals) > 16 else "]")
+
+
+def _set_placement_verdict(what: str, rows: Sequence[tuple[Any, ...]]) -> str | None:
+    """MoELayer.set_placement's refusal (a message) from every rank's (own refusal, current table, new table,
+    the tensors it moves), in rank order, or None: the same on every rank."""
+    refused = {r: row[0] for r, row in enumerate(rows) if row[0] is not None}
+    if refused:
+        r0 = min(refused)
+        return (f"{what}: rank(s) {sorted(refused)} refused their arguments, so no rank moves its experts (rank {r0}: "
+                f"{refused[r0]})")
+    for i, whose in ((1, f"{what} (the layers' current placements)"), (2, f"{what}: argument 'placement'")):
+        try:
+            _same_tables(whose, [torch.tensor(row[i], dtype=torch.int64) for row in rows])
+        except ArgumentError as exc:
+            return str(exc)
+    for r, row in enumerate(rows):
+        if row[3] != rows[0][3]:
+            return (f"{what}: rank {r} would move {[m[0] for m in row[3]]} ({[m[1:] for m in row[3]]}), rank 0 "
+                    f"{[m[0] for m in rows[0][3]]} ({[m[1:] for m in rows[0][3]]}): every rank's optimizer must hold "
+                    "the same state of the experts (argument 'optimizer': the same kind, stepped alike)")
+    return None
+
+
+def _slot_moves(old: Tensor, new: Tensor, e_l: int, n: int, rank: int
+                ) -> tuple[list[tuple[str, int]], list[tuple[int, int, int]]]:
+    """The transfers that take the group's slots from table ``old`` to table ``new`` (int64 [n * e_l], the logical
+    expert of each slot, -1 empty), the same on every rank: (``rank``'s source of each of its new slots:
+    ("local", an old slot of its own that held the expert), ("recv", an index into the transfers) or ("zero", -1)
+    for an empty slot or an expert no old slot held; the transfers (source rank, its slot, destination rank)).
+    A rank that held the expert copies it locally; else it receives it once (for all its slots of it), from the
+    replica rank with the fewest sends so far (the lowest on a tie), from that rank's first slot of it."""
+    holders: dict[int, list[int]] = {}
+    for s, e in enumerate(old.tolist()):
+        if e >= 0:
+            holders.setdefault(e, []).append(s)
+    sends = [0] * n
+    plan: list[tuple[int, int, int]] = []
+    mine: list[tuple[str, int]] = []
+    new_l = new.tolist()
+    for d in range(n):
+        got: dict[int, int] = {}  # expert -> its transfer to d
+        for j in range(e_l):
+            e = new_l[d * e_l + j]
+            src: tuple[str, int]
+            if e < 0 or e not in holders:
+                src = ("zero", -1)
+            else:
+                here = [s for s in holders[e] if s // e_l == d]
+                if here:
+                    src = ("local", here[0] - d * e_l)
+                else:
+                    if e not in got:
+                        pick = min({s // e_l for s in holders[e]}, key=lambda p: (sends[p], p))
+                        sends[pick] += 1
+                        got[e] = len(plan)
+                        plan.append((pick, min(s for s in holders[e] if s // e_l == pick) - pick * e_l, d))
+                    src = ("recv", got[e])
+            if d == rank:
+                mine.append(src)
+    return mine, plan
+
+
+def _send_rows(what: str, t: Tensor, plan: Sequence[tuple[int, int, int]], rank: int, n: int,
+               group: dist.ProcessGroup | None) -> dict[int, Tensor]:
+    """Carries out the transfers ``plan`` (source rank, its row of ``t``, destination rank; the same list on every
+    rank) for this rank's ``t`` [rows, ...]: one all-to-all over ``group`` (none when no transfer crosses ranks;
+    a transfer to the same rank is not made). -> the rows this rank received, by their index in ``plan``."""
+    cross = [(i, m) for i, m in enumerate(plan) if m[0] != m[2]]
+    if not cross or n == 1:
+        return {}
+    out_idx = [[i for i, m in cross if m[0] == p and m[2] == rank] for p in range(n)]
+    in_rows = [[m[1] for _, m in cross if m[0] == rank and m[2] == p] for p in range(n)]
+    send = t[[r for rows in in_rows for r in rows]]  # (a copy: index lists give one even when empty)
+    recv = t.new_empty((sum(len(x) for x in out_idx), *t.shape[1:]))
+    _collective.all_to_all_rows(recv, send, [len(x) for x in out_idx], [len(x) for x in in_rows], group, what)
+    order = [i for idx in out_idx for i in idx]
+    return {i: recv[k] for k, i in enumerate(order)}
 
 
 def run_interleaved(steps: Sequence[Generator[None, None, Tensor]]) -> list[Tensor]:

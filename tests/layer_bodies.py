@@ -3323,3 +3323,64 @@ def layer_set_placement(rank: int, world: int, backend: str = "torch") -> None:
     finally:
         twin_buf.destroy()
         buf.destroy()
+    if backend != "torch":
+        return
+    # 4. node-limited routing (2 nodes, a gate limited to 1 node: its groups the placement's home nodes): the moved
+    # layer is the layer built with the new plan (groups: the new home nodes), in outputs and state
+    nodes = pl.Topology(num_nodes=2, gpus_per_node=world // 2, slots_per_gpu=per_rank)
+    old_plan, new_plan = (pl.Placement(nodes, logical, p.phys_to_log) for p in (old_plan, new_plan))
+    assert not torch.equal(old_plan.home_node(), new_plan.home_node())
+    buf = largeep.Buffer(None, hidden=h, num_experts=slots, num_topk=k, max_tokens_per_rank=t, backend=backend,
+                         ranks_per_node=world // 2)
+    try:
+        def limited(plan: Any) -> Any:
+            torch.manual_seed(6)
+            gate = TopKGate(GateConfig(hidden=h, num_experts=logical, topk=k, topk_groups=1),
+                            group_of_expert=plan.home_node())
+            return layers.MoELayer(buf, ffn_hidden=f, gate=gate, placement=plan, shared_ffn_hidden=4).eval()
+
+        layer, fresh = limited(old_plan), limited(new_plan)
+        assert layer._limits_nodes() and fresh._limits_nodes()
+        layer.set_placement(new_plan)
+        assert layer._limits_nodes(), "the moved layer no longer limits nodes"
+        x = torch.randn(t, h, generator=_gen(95, rank))
+        with torch.no_grad():
+            close(layer(x), fresh(x), f"rank {rank}: node-limited, the moved layer against one built so")
+        mine, theirs = layer.state_dict(), fresh.state_dict()
+        assert mine.keys() == theirs.keys()
+        for name, v in mine.items():
+            assert torch.equal(v, theirs[name]), f"rank {rank}: node-limited, {name}"
+    finally:
+        buf.destroy()
+    if world != 4:
+        return
+    # 5. expert TP 2 (EP groups of 2 ranks): each member moves its shard of every slot; a plan that differs
+    # between the members of a TP group (alike within each EP group) is refused on every rank
+    from largeep.expert_tp import make_expert_tp_groups
+
+    groups = make_expert_tp_groups(2)
+    ep = largeep.Buffer(groups.ep_group, hidden=h, num_experts=4, num_topk=k, max_tokens_per_rank=t, backend=backend)
+    try:
+        small = pl.Topology(num_nodes=1, gpus_per_node=2, slots_per_gpu=2)
+        g = _gen(96)
+        w1, w3 = (torch.randn(3, h, f, generator=g) for _ in range(2))
+        w2 = torch.randn(3, f, h, generator=g)
+        tp = layers.MoELayer(ep, ffn_hidden=f, gate=TopKGate(GateConfig(hidden=h, num_experts=3, topk=k)),
+                             placement=pl.Placement(small, 3, torch.tensor([0, 1, 0, 2])),
+                             expert_tp_group=groups.tp_group)
+        tp.load_global_experts(w1, w3, w2)
+        member = tp.expert_tp.rank
+        try:
+            tp.set_placement(pl.Placement(small, 3, torch.tensor([2, 0, 1, 1] if member == 0 else [1, 0, 2, 2])))
+        except ArgumentError as exc:
+            assert "expert-TP group holds (or moves to) another placement" in str(exc), f"rank {rank}: {exc}"
+        else:
+            raise AssertionError(f"rank {rank}: TP members moved to different plans")
+        assert tp.phys_to_log.tolist() == [0, 1, 0, 2], f"rank {rank}: the refused plan was taken"
+        tp.set_placement(pl.Placement(small, 3, torch.tensor([2, 0, 1, 1])))
+        for name, a, b in zip(("w1", "w3", "w2"), tp.gather_global_experts(), (w1, w3, w2), strict=True):
+            assert torch.equal(a, b), f"rank {rank}: expert TP, {name} after the move"
+        c13, c2 = tp.local_experts(w1, w3, w2)
+        assert torch.equal(tp.experts.w13, c13) and torch.equal(tp.experts.w2, c2), f"rank {rank}: TP shard"
+    finally:
+        ep.destroy()

@@ -2842,7 +2842,8 @@ def layer_global_experts_lean(rank: int, world: int, device: str = "cpu") -> Non
 
 
 def layer_replace_experts(rank: int, world: int) -> None:
-    """Moving a training layer to a new placement (docs/usage.md, "Moving experts to a new placement during
+    """Moving a training layer to a new placement by building a new layer (the checkpoint path, in memory, which
+    MoELayer.set_placement replaces on the same ranks: docs/usage.md, "Moving experts to a new placement during
     training"): a step of AdamW under a placement planned from made-up loads, a new plan from the gate's measured
     loads (other replicas), the weights and AdamW's moments moved by gather_global_experts / local_experts into a
     layer built with it, the gate's state carried over (set_replicas); the next step's outputs, every logical
@@ -2885,7 +2886,7 @@ def layer_replace_experts(rank: int, world: int) -> None:
         dist.broadcast_object_list(shared, src=0)
         new_plan = shared[0]
         assert not torch.equal(new_plan.phys_to_log, old_plan.phys_to_log), "the measured loads gave the old plan"
-        # the move, as docs/usage.md shows it
+        # the move through a new layer (as docs/usage.md's checkpoints show it)
         i13, i2 = [i for i, p in enumerate(layer.parameters()) if p is layer.experts.w13 or p is layer.experts.w2]
         st = opt.state_dict()
         weights = layer.gather_global_experts()

@@ -1185,22 +1185,23 @@ class MoELayer(nn.Module):
         e_l, n = self.num_local_experts, c.num_ranks
         weights = {"experts.w13": self.experts.w13, "experts.w2": self.experts.w2}
         error: str | None = None
+        local: Exception | None = None
         new: list[int] = []
         moving: list[tuple[str, Tensor]] = []  # what moves, in the same order on every rank
         regroup: Tensor | None = None
         try:
             new, regroup = self._check_new_placement(what, placement)
             moving = self._moving_tensors(what, weights, optimizer)
-        except ArgumentError as exc:
-            error = str(exc)
+        except Exception as exc:  # noqa: BLE001 - any refusal (a TypeError of an odd placement too) reaches the others
+            local, error = exc, str(exc) or type(exc).__name__
         old = self._slot_table()
         signature = [(name, str(t.dtype), t.device.type) for name, t in moving]
         rows = (_collective.all_gather_object((error, old, new, signature), c.group, what, _env.settings().timeout_s)
                 if n > 1 else [(error, old, new, signature)])
         verdict = error if error is not None else _set_placement_verdict(what, rows)
         verdict = self._agreed(what, verdict, (old, new))
-        if error is not None:
-            raise ArgumentError(error)
+        if local is not None:
+            raise local
         if verdict is not None:
             raise ArgumentError(verdict)
         old_t, new_t = torch.tensor(old, dtype=torch.int64), torch.tensor(new, dtype=torch.int64)

@@ -845,3 +845,89 @@ def test_copy_engine_runs_check_their_dispatches_and_multi_node_combines() -> No
     one_node = {**_record(2, 2, "normal", "combine", 4096, 250.0), "tune": "comb=8"}
     assert not sim._usable(one_node) and not sim._usable(one_node, weighted=True)
     assert sim.check(ph, [*ce, one_node]).n == 2
+
+
+# -- a cluster of the user's own: the committed fit, other links, the layout the table shows ---------------------
+CURRENT_FIT = Path(__file__).resolve().parents[1] / "bench/results/2026-12-03-session41/model/sim.json"
+SESSION16_EP2 = Path(__file__).resolve().parents[1] / "bench/results/2026-11-30-session16/r9/perf/kernel_times_ep2.json"
+
+
+def _rows(doc: dict[str, Any]) -> dict[tuple[Any, ...], dict[str, Any]]:
+    return {(r["ep"], r["mode"], r["op"], r["dtype"], r["layout"], r["overlap"], r["bf16_partial_sums"],
+             r["weights_sent"]): r for r in doc["predictions"]}
+
+
+def test_params_from_an_earlier_sim_json_predict_what_that_run_did(tmp_path: Path) -> None:
+    """--params takes the committed fit's constants as they are: the predictions equal those the committed run
+    wrote (the same cluster), without the fit's command."""
+    committed = json.loads(CURRENT_FIT.read_text())
+    p = sim.load_params(CURRENT_FIT)
+    assert p.eff_nvlink == committed["calibration"]["eff_nvlink"] and p.comb_gbps is not None
+    assert sim.main(["--params", str(CURRENT_FIT), "--eps", "8,64", "--dispatch-dtypes", "fp8,bf16",
+                     "--out", str(tmp_path)]) == 0
+    doc = json.loads((tmp_path / "sim.json").read_text())
+    ours, theirs = _rows(doc), _rows(committed)
+    assert len(ours) >= 40
+    for key, row in ours.items():
+        assert row["time_us"] == pytest.approx(theirs[key]["time_us"], rel=1e-9), key
+    assert doc["calibrated_on"]["params_file"] == str(CURRENT_FIT)
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["--calibrate", str(SESSION16_EP2)], "give one or the other"),
+    (["--params", "/nonexistent/sim.json"], "cannot read it as JSON"),
+])
+def test_params_refusals(argv: list[str], match: str, capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["--params", str(CURRENT_FIT), *argv] if argv[0] == "--calibrate" else argv
+    with pytest.raises(SystemExit):
+        sim.main([*args, "--eps", "8"])
+    assert match in capsys.readouterr().err
+
+
+def test_load_params_refuses_other_json(tmp_path: Path) -> None:
+    bad = tmp_path / "x.json"
+    bad.write_text(json.dumps({"calibration": {"eff_nvlink": 0.5}}))
+    with pytest.raises(ValueError, match="no \"calibration\" with the model's constants"):
+        sim.load_params(bad)
+    bad.write_text(json.dumps({"calibration": {**json.loads(CURRENT_FIT.read_text())["calibration"], "x": 1}}))
+    with pytest.raises(ValueError, match="constants x that this model does not have"):
+        sim.load_params(bad)
+
+
+def test_nvlink_of_the_predicted_cluster_is_not_the_records(tmp_path: Path) -> None:
+    """--calibrate with --nvlink-gbps 200: the fit stays on the records' H200 links (450 GB/s), and the one-node
+    dispatch, NVLink-bound, moves its NVLink bytes at the fitted efficiency of 200 GB/s: bytes over bandwidth,
+    counted here from the hypergeometric rows, never above the link's peak. Before, --nvlink-gbps described the
+    records' machine too, so the times stayed those of 450 GB/s and the busiest-link use read 1.5."""
+    docs = {}
+    for nv in ("450", "200"):
+        out = tmp_path / nv
+        assert sim.main(["--calibrate", str(SESSION16_EP2), "--no-copy-phase", "--eps", "8",
+                         "--dispatch-dtypes", "bf16", "--nvlink-gbps", nv, "--out", str(out)]) == 0
+        docs[nv] = json.loads((out / "sim.json").read_text())
+    assert docs["450"]["calibration"] == docs["200"]["calibration"]  # the same fit
+    eff = docs["200"]["calibration"]["eff_nvlink"]
+    t, h, k, e, n = 4096, 7168, 8, 256, 8
+    d_r = n * (1 - math.comb(e - e // n, k) / math.comb(e, k))
+    nvl_bytes = t * d_r * (n - 1) / n * 2 * h
+    for nv, doc in docs.items():
+        row = _rows(doc)[(8, "normal", "dispatch", "bf16", "hierarchical", True, False, False)]
+        assert row["t_nvlink_us"] == pytest.approx(1.0 + nvl_bytes / (eff * float(nv) * 1e3), rel=1e-6)
+        assert row["efficiency"] <= 1.0
+    assert docs["200"]["calibrated_on"]["records_nvlink_gbps"] == 450.0
+
+
+def test_flat_selects_the_tables_layout(capsys: pytest.CaptureFixture[str]) -> None:
+    """--flat lists the flat layout's normal-mode rows (before, it changed only the fit, which on one-node records
+    it cannot change, and the table stayed hierarchical): at EP 64 every remote (token, rank) pair crosses the
+    NIC, T d_r (N-P)/N rows, at eff_rdma 0.9 of 50 GB/s; and the routing is named."""
+    assert sim.main(["--params", str(CURRENT_FIT), "--eps", "64", "--dispatch-dtypes", "bf16", "--flat"]) == 0
+    out = capsys.readouterr().out
+    t, h, k, e, n, p = 4096, 7168, 8, 256, 64, 8
+    d_r = n * (1 - math.comb(e - e // n, k) / math.comb(e, k))
+    lat = json.loads(CURRENT_FIT.read_text())["calibration"]["lat_us"]["normal.dispatch"]
+    want = lat + 3.0 + t * d_r * (n - p) / n * 2 * h / (0.9 * 50e3)
+    row = next(line for line in out.splitlines() if re.match(r"64 +8 +normal +dispatch +bf16", line))
+    assert float(row.split()[6]) == pytest.approx(want, abs=0.1)
+    assert "modelled rows: flat layout" in out and "routing: uniform top-8 of 256 experts (exact)" in out
+    assert "bf16 partials between nodes" not in out  # (flat: no partial sums between nodes)

@@ -561,6 +561,32 @@ def placeholder() -> Params:
     )
 
 
+def load_params(path: str | Path) -> Params:
+    """The constants of an earlier fit, from the ``sim.json`` that ``python -m largeep.bench.sim --out DIR`` wrote
+    (its "calibration"), e.g. the current fit's, ``bench/results/2026-12-03-session41/model/sim.json``: the fit's
+    efficiencies apply to whatever links the :class:`Cluster` of a prediction has. Raises ValueError naming the
+    file for a file that is not such a sim.json or holds constants no fit can give (:class:`Params`)."""
+    try:
+        doc = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"load_params: {path}: cannot read it as JSON ({exc})") from exc
+    cal = doc.get("calibration") if isinstance(doc, dict) else None
+    names = {f.name for f in Params.__dataclass_fields__.values()}
+    if not isinstance(cal, dict) or not {"lat_us", "eff_nvlink", "eff_rdma", "sm_gbps"} <= set(cal):
+        raise ValueError(f"load_params: {path} has no \"calibration\" with the model's constants (expected the "
+                         "sim.json of `python -m largeep.bench.sim --out DIR`)")
+    unknown = sorted(set(cal) - names)
+    if unknown:
+        raise ValueError(f"load_params: {path}: constants {', '.join(unknown)} that this model does not have "
+                         "(a sim.json of another version)")
+    try:
+        params = Params(**cal)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"load_params: {path}: {exc}") from exc
+    params.source = f"constants of {path} ({params.source})"
+    return params
+
+
 # -- prediction -------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Prediction:
@@ -1391,8 +1417,21 @@ def deepep_ll_comparison(params: Params, cluster: Cluster) -> list[dict[str, Any
 LL_RDMA_CAVEAT = "DeepEP over RDMA, the model over NVLink: not like for like"
 
 
-def _main_variant(row: dict[str, Any]) -> bool:
-    return row["overlap"] and (row["layout"] == "hierarchical" or row["mode"] == "low_latency")
+def _main_variant(row: dict[str, Any], hierarchical: bool = True, overlap: bool = True) -> bool:
+    """A row of the variant the CLI's table lists: the normal mode in this layout, either mode with this overlap
+    (the low-latency mode has one layout, direct sends)."""
+    return row["overlap"] == overlap and (row["layout"] == ("hierarchical" if hierarchical else "flat")
+                                          or row["mode"] == "low_latency")
+
+
+def _routing_txt(args: argparse.Namespace) -> str:
+    """The routing the CLI's normal-mode rows assume, in words (the low-latency rows keep uniform routing)."""
+    if args.max_nodes is not None:
+        return (f"node-limited to {args.max_nodes} nodes per token, uniform within them, counted on "
+                f"{max(args.samples, 4096)} sampled tokens (normal mode; low-latency mode uniform)")
+    if args.samples:
+        return f"uniform top-{args.topk}, counted on {args.samples} sampled tokens (normal mode)"
+    return f"uniform top-{args.topk} of {args.experts} experts (exact), experts contiguous per rank, no replicas"
 
 
 def _plain(row: dict[str, Any]) -> bool:
@@ -1632,6 +1671,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calibrate", nargs="*", default=[], metavar="JSON",
                    help="result files of `python -m largeep.bench` or bench/kernel_times.py (none: placeholder "
                         "constants)")
+    p.add_argument("--params", metavar="SIM_JSON",
+                   help="predict with the constants of an earlier run's sim.json instead of fitting (the current "
+                        "fit: bench/results/2026-12-03-session41/model/sim.json); not with --calibrate")
     p.add_argument("--allow-cpu", action="store_true",
                    help="fit records of CPU processes too (refused otherwise: their times are gloo's, not GPU links')")
     p.add_argument("--show", nargs="*", default=[], metavar="[LABEL=]JSON",
@@ -1669,10 +1711,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpus-per-node", type=int, default=8,
                    help="GPUs per node (one NVLink domain); a larger EP spans whole nodes, joined by the NICs")
     p.add_argument("--nvlink-gbps", type=float, default=450.0,
-                   help="per GPU, per direction (default 450: H200). It describes both the machine the --calibrate "
-                        "records came from and the one predicted: with --calibrate the fitted efficiency absorbs "
-                        "it, so a faster NVLink cannot be asked this way (its times stay the same)")
-    p.add_argument("--nic-gbps", type=float, default=50.0, help="per GPU (400 Gb/s = 50)")
+                   help="NVLink of the predicted cluster, GB/s (bytes) per GPU per direction (default 450: H100 and "
+                        "H200 SXM, whose spec sheets say 900 GB/s, both directions together); the fitted "
+                        "efficiency is applied to it (the machine the records came from is --records-nvlink-gbps)")
+    p.add_argument("--records-nvlink-gbps", type=float, default=450.0,
+                   help="NVLink of the machine the --calibrate records came from, GB/s per GPU per direction "
+                        "(default 450: the H200s every committed record ran on); the fit's efficiency is over it")
+    p.add_argument("--nic-gbps", type=float, default=50.0,
+                   help="NIC of the predicted cluster, GB/s (bytes, not bits) per GPU per direction: a 400 Gb/s NIC "
+                        "per GPU is 50, 200 Gb/s is 25")
     p.add_argument("--nvlink-latency-us", type=float, default=1.0,
                    help="latency added to a call whose NVLink leg carries bytes, in us")
     p.add_argument("--nic-latency-us", type=float, default=3.0,
@@ -1698,8 +1745,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eff-rdma", type=float, default=None,
                    help="set the NIC efficiency of the predictions to this (a what-if: no RDMA leg has been "
                         "measured; default: the fit's, else the placeholder 0.9)")
-    p.add_argument("--flat", action="store_true", help="calibrate with the flat (non-hierarchical) layout")
-    p.add_argument("--no-overlap", action="store_true", help="calibrate with legs in sequence")
+    p.add_argument("--flat", action="store_true",
+                   help="the flat layout (every remote (token, rank) pair crosses the NIC) instead of the hierarchical "
+                        "one, for the fit and the table's normal-mode rows (sim.json has both either way)")
+    p.add_argument("--no-overlap", action="store_true",
+                   help="legs in sequence instead of overlapped, for the fit and the table (sim.json has both)")
     return p
 
 
@@ -1746,7 +1796,7 @@ def check_args(args: argparse.Namespace) -> str | None:
                 return f"--max-nodes {args.max_nodes} at EP {ep}: {why}"
     if args.eff_rdma is not None and not 0 < args.eff_rdma <= 1:
         return f"--eff-rdma {args.eff_rdma}: must be in (0, 1]"
-    for name in ("nvlink_gbps", "nic_gbps"):
+    for name in ("nvlink_gbps", "records_nvlink_gbps", "nic_gbps"):
         v = getattr(args, name)
         if not 0 < v < math.inf:
             return f"--{name.replace('_', '-')} {v}: must be a positive number"
@@ -1794,6 +1844,14 @@ def check_inputs(args: argparse.Namespace) -> str | None:
             return f"{flag}: {exc}"
         if flag == "--calibrate" or (flag != "--show" and not args.calibrate):  # (the records fitted)
             backends |= {str(r.get("backend")) for r in recs}
+    if args.params is not None:
+        if args.calibrate or args.fit_weighted:
+            return (f"--params {args.params}: it gives the constants, which --calibrate / --fit-weighted would fit; "
+                    "give one or the other")
+        try:
+            load_params(args.params)
+        except ValueError as exc:
+            return f"--params: {exc}"
     for flag, values in (("--holdout-ep", args.holdout_ep), ("--holdout-sms", args.holdout_sms),
                          ("--holdout-tokens", args.holdout_tokens)):
         if values and not args.calibrate:
@@ -1889,7 +1947,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             if cpu:
                 parser.error(f"{flag}: {', '.join(cpu)} hold records of CPU processes (no GPU in their environment): "
                              "their times are gloo's, not GPU links'; pass --allow-cpu to fit them anyway")
-    measured_cluster = Cluster(nvlink_gbps=args.nvlink_gbps, nic_gbps=args.nic_gbps,
+    # the machine the records came from (the fit's efficiencies are over its links); the prediction's is `cluster`
+    measured_cluster = Cluster(nvlink_gbps=args.records_nvlink_gbps, nic_gbps=args.nic_gbps,
                                nvlink_latency_us=args.nvlink_latency_us, nic_latency_us=args.nic_latency_us)
     hier, ovl, copy = not args.flat, not args.no_overlap, not args.no_copy_phase
     usable = skew_free([r for r in load(args.calibrate, fused_combine=args.fused_combine) if _usable(r)]) \
@@ -1932,6 +1991,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         params = calibrate(records, copy_phase=copy, **fit_kw)
         params.source = (f"fit of {len(records)} '{backend}' {timing}-timed records from "
                          f"{', '.join(sorted({r['file'] for r in records}))}")
+    elif args.params is not None:
+        params = load_params(args.params)
     else:
         params = placeholder()
         if args.calibrate and pool:  # (--timing left none of them)
@@ -2010,8 +2071,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ll_at = {(d["ep"], d["op"]): d for d in deepep_ll if d["source"].startswith("published")}
     table = []
     for r in rows:
-        if not _main_variant(r):
-            continue
+        if not _main_variant(r, hier, ovl) or (not hier and r["mode"] == "normal" and r["bf16_partial_sums"]):
+            continue  # (flat: no partial sums between nodes, the same rows as the plain combine)
         pub = ""
         if r["mode"] == "normal" and r["ep"] in DEEPEP_NORMAL and (r["op"], r["dtype"]) != ("dispatch", "bf16"):
             d = deepep_normal_in_our_count(r["ep"], r["op"])
@@ -2047,9 +2108,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                                    "NVLink GB/s", "RDMA GB/s", "busiest-link use", "vs EP8", "bound", "source",
                                    "DeepEP published (H800), in our byte count"],
                    tablefmt="simple", disable_numparse=True))
-    print(f"modelled rows: hierarchical layout with overlap (normal), direct sends (low-latency), {args.num_sms} SMs; "
-          "sim.json has every variant (flat, no overlap). Measured rows: one host, NVLink only; no RDMA leg has "
-          "ever been measured")
+    print(f"modelled rows: {'flat' if args.flat else 'hierarchical'} layout (normal), direct sends (low-latency), "
+          f"legs {'in sequence' if args.no_overlap else 'overlapped'} (--flat, --no-overlap), {args.num_sms} SMs; "
+          f"routing: {_routing_txt(args)}; sim.json has every variant (hierarchical and flat, with and without "
+          "overlap). Measured rows: one host, NVLink only; no RDMA leg has ever been measured")
     print("DeepEP published, in our byte count (the bytes that cross a link): its internode RDMA GB/s count a row "
           "for every node a token's experts are on, its own node included; ours only the nodes it leaves for, so "
           "its figures are shown x (M-1)/M (M = EP/8 of its nodes; published in brackets). Its EP8 NVL GB/s count "
@@ -2062,7 +2124,7 @@ def main(argv: Sequence[str] | None = None) -> int:
           "beyond, so it can rise while every GB/s falls; vs EP8: the scaling efficiency, EP 8's time for the same "
           "call over this EP's (a GPU's tokens per second relative to EP 8)")
     swept = {(r["ep"], r["op"]): r["time_us"] for r in rows
-             if _main_variant(r) and r["mode"] == "low_latency" and _plain(r)}
+             if _main_variant(r, hier, ovl) and r["mode"] == "low_latency" and _plain(r)}
     ll_table = [[d["ep"], d["op"], d["source"], f"{d['deepep_us']:g}", d["experts"] or "not stated",
                  "" if d["model_us"] is None else f"{d['model_us']:.1f}",
                  "" if d["model_us"] is None else f"{100 * (d['model_us'] / d['deepep_us'] - 1):+.0f}%"
@@ -2100,7 +2162,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             "calibration": asdict(params), "holdout_check": holdout, "holdout_check_other_variant": holdout_alt,
             "in_sample": in_sample, "weighted_check": weighted_doc, "cluster": asdict(cluster),
             "calibrated_on": {"files": args.calibrate, "backend": backend, "timing": timing, "records": len(records),
-                              "hierarchical": hier, "overlap": ovl, "copy_phase": copy},
+                              "hierarchical": hier, "overlap": ovl, "copy_phase": copy,
+                              "records_nvlink_gbps": args.records_nvlink_gbps, "params_file": args.params},
+            "routing": _routing_txt(args),
             "predictions": rows, "measured": records, "shown_not_fitted": shown, "symmetric_memory": memory,
             "deepep_published": {"normal_gbps": DEEPEP_NORMAL, "low_latency_us": DEEPEP_LL,
                                  "note": "H800 + CX7 400 Gb/s, as published: EP8 NVL (logical, local rows "

@@ -931,3 +931,41 @@ def test_flat_selects_the_tables_layout(capsys: pytest.CaptureFixture[str]) -> N
     assert float(row.split()[6]) == pytest.approx(want, abs=0.1)
     assert "modelled rows: flat layout" in out and "routing: uniform top-8 of 256 experts (exact)" in out
     assert "bf16 partials between nodes" not in out  # (flat: no partial sums between nodes)
+
+
+def test_sampled_stats_with_sources_count_the_nic_rows_of_local_replicas() -> None:
+    """With each token's source rank, the NIC rows are counted, not taken as d_n (M-1)/M: for a placement whose
+    router prefers replicas on the token's own GPU and node (Placement.route), the hierarchical NIC leg's busiest
+    GPU carries what largeep.placement.simulate_links, an independent per-link count, gives for its busiest NIC
+    (in or out); without the sources the model overcounts it."""
+    from largeep import placement as pl
+
+    topo = pl.Topology(num_nodes=4, gpus_per_node=4, slots_per_gpu=3)  # 16 GPUs, 48 slots for 32 experts
+    n, p, h, k, experts = 16, 4, 256, 4, 32
+    trace = pl.synthetic_trace(16 * 512, experts, k, topo, zipf_s=1.2, source_affinity=0.5, seed=3)
+    plan = pl.greedy_placement(torch.bincount(trace.topk_idx.flatten(), minlength=experts).double(), topo)
+    phys = plan.route(trace.topk_idx, trace.src_gpu)
+    links = pl.simulate_links(trace, plan, hidden=h, bytes_per_elem=2, physical_idx=phys)
+    with_src = sim.sampled_stats(phys, n, p, 48, src_rank=trace.src_gpu)
+    without = sim.sampled_stats(phys, n, p, 48)
+    tokens_per_rank = trace.topk_idx.shape[0] // n
+    w = sim.Workload("normal", "dispatch", tokens_per_rank, h, k, 48, dtype="bf16")
+    busiest_nic = max(float(links.nic_in.max()), float(links.nic_out.max()))
+    # the model's GPU carries its node's share: the busiest node's rows spread over its p GPUs
+    node_rows = [float(links.nic_in.view(4, p).sum(1).max()), float(links.nic_out.view(4, p).sum(1).max())]
+    assert sim.traffic(w, n, p, with_src).rdma == pytest.approx(max(node_rows) / p, rel=1e-9)
+    assert busiest_nic >= max(node_rows) / p
+    assert sim.traffic(w, n, p, without).rdma > sim.traffic(w, n, p, with_src).rdma * 1.02
+    # the flat layout: every (token, rank on another node) pair crosses the NIC, the busiest rank's share
+    flat = pl.simulate_links(trace, plan, hidden=h, bytes_per_elem=2, physical_idx=phys, hierarchical=False)
+    assert sim.traffic(w, n, p, with_src, hierarchical=False).rdma == pytest.approx(
+        float(flat.nic_in.sum()) / n * with_src.imbalance, rel=1e-9)
+    # uniform routing from every source: the counts agree with the formula's (M-1)/M
+    uni = sim.sample_topk(16 * 512, experts, k, seed=1)
+    src = torch.arange(16 * 512) // 512
+    a, b = sim.sampled_stats(uni, n, p, experts, src_rank=src), sim.sampled_stats(uni, n, p, experts)
+    assert a.remote_nodes_per_token == pytest.approx(b.nodes_per_token * 3 / 4, rel=0.02)
+    with pytest.raises(ValueError, match="src_rank of shape"):
+        sim.sampled_stats(uni, n, p, experts, src_rank=src[:5])
+    with pytest.raises(ValueError, match="remote_nodes_per_token 3, expected a count in"):
+        sim.RoutingStats(2.0, 2.0, remote_nodes_per_token=3.0)

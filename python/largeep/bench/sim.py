@@ -258,7 +258,12 @@ class RoutingStats:
     hierarchical layout (a row lands on the same-index GPU of its destination node, so every GPU of a node takes
     its node's share). None: not given, which :func:`traffic` takes as uniform routing's 1 where ``imbalance`` is 1
     and refuses for the hierarchical NIC leg of a skewed routing across nodes (:func:`sampled_stats` counts both;
-    :func:`routing_stats` gives 1). Raises ValueError for values no routing can have (negative counts, a busiest
+    :func:`routing_stats` gives 1); remote_nodes_per_token, remote_ranks_per_token: E[nodes other than the token's
+    own] and E[ranks on other nodes than its own] that it needs, the rows a token sends over the NIC in the
+    hierarchical and the flat layout, counted by :func:`sampled_stats` when given each token's source rank. None:
+    ``nodes_per_token * (M-1)/M`` and ``ranks_per_token * (N-P)/N``, exact for a routing that treats every node
+    alike (uniform, node-limited), not for one that prefers the token's own node (``Placement.route``'s replicas
+    on the same GPU or node). Raises ValueError for values no routing can have (negative counts, a busiest
     share below 1)."""
 
     ranks_per_token: float
@@ -266,6 +271,8 @@ class RoutingStats:
     imbalance: float = 1.0
     summed_rows_per_token: float = 0.0
     node_imbalance: float | None = None
+    remote_nodes_per_token: float | None = None
+    remote_ranks_per_token: float | None = None
 
     def __post_init__(self) -> None:
         for name in ("ranks_per_token", "nodes_per_token", "summed_rows_per_token"):
@@ -275,6 +282,12 @@ class RoutingStats:
         if not 1 <= self.imbalance < math.inf:
             raise ValueError(f"RoutingStats: imbalance {self.imbalance}, expected the busiest rank's rows over the "
                              "mean's, >= 1 (1: uniform)")
+        for name, most in (("remote_nodes_per_token", self.nodes_per_token),
+                           ("remote_ranks_per_token", self.ranks_per_token)):
+            v = getattr(self, name)
+            if v is not None and not 0 <= v <= most * (1 + 1e-9):
+                raise ValueError(f"RoutingStats: {name} {v:g}, expected a count in [0, {most:g}] (at most the "
+                                 f"{name.split('_')[1]}_per_token, own node included)")
         if self.node_imbalance is not None and not 1 <= self.node_imbalance < math.inf:
             raise ValueError(f"RoutingStats: node_imbalance {self.node_imbalance}, expected the busiest node's share "
                              "over the mean's, >= 1 (1: uniform)")
@@ -364,11 +377,21 @@ def sample_topk(
     return scores.topk(num_topk, dim=1).indices
 
 
-def sampled_stats(topk_idx: torch.Tensor, num_ranks: int, ranks_per_node: int, num_experts: int) -> RoutingStats:
+def sampled_stats(topk_idx: torch.Tensor, num_ranks: int, ranks_per_node: int, num_experts: int, *,
+                  src_rank: torch.Tensor | None = None) -> RoutingStats:
     """The same statistics counted on a routing int64 [T, K] (-1 = none), with the busiest rank's and the busiest
     node's shares (``imbalance``, ``node_imbalance``). A routing of no tokens (T = 0) moves nothing: no ranks or
-    nodes per token, imbalances 1. Raises ValueError as :func:`routing_stats` does, and for a ``topk_idx`` that is
-    not [T, K] of integers or holds ids outside [-1, num_experts)."""
+    nodes per token, imbalances 1. ``num_experts`` are the ids dispatch sees: with a placement of replicas, its
+    slots (``Placement.route``'s physical ids), not the gate's logical experts.
+
+    src_rank: int64 [T], the rank each token comes from (e.g. ``RoutingTrace.src_gpu``). Given, the NIC legs are
+    counted on it: ``remote_nodes_per_token`` / ``remote_ranks_per_token`` (the nodes / ranks other than the
+    token's own node that it needs) and ``node_imbalance`` as the busiest node's remote rows, in or out, over the
+    mean (every GPU of a node sends and receives its node's share). Without it a token's own node is taken to be
+    among its nodes as often as any other, which overcounts the NIC rows of a routing that prefers local replicas.
+
+    Raises ValueError as :func:`routing_stats` does, and for a ``topk_idx`` that is not [T, K] of integers or holds
+    ids outside [-1, num_experts), or a ``src_rank`` that is not [T] of ranks in [0, num_ranks)."""
     from largeep.checks import integer_tensor
 
     if not integer_tensor(topk_idx) or topk_idx.dim() != 2:
@@ -379,11 +402,15 @@ def sampled_stats(topk_idx: torch.Tensor, num_ranks: int, ranks_per_node: int, n
     if bad.numel():
         raise ValueError(f"sampled_stats: topk_idx holds {bad.numel()} ids outside [-1, {num_experts}) (expert ids "
                          f"of {num_experts} experts, -1 = none), e.g. {', '.join(map(str, bad[:3].tolist()))}")
+    if src_rank is not None and (not integer_tensor(src_rank) or tuple(src_rank.shape) != (topk_idx.shape[0],)
+                                 or bool(((src_rank < 0) | (src_rank >= num_ranks)).any())):
+        raise ValueError(f"sampled_stats: src_rank of shape {tuple(src_rank.shape)} and dtype {src_rank.dtype}, "
+                         f"expected the source rank of each of the {topk_idx.shape[0]} tokens, in [0, {num_ranks})")
     ranks_per_node = min(ranks_per_node, num_ranks)
     per_rank = num_experts // num_ranks
     t = topk_idx.shape[0]
     if t == 0:
-        return RoutingStats(0.0, 0.0, 1.0, 0.0, 1.0)
+        return RoutingStats(0.0, 0.0, 1.0, 0.0, 1.0, *((0.0, 0.0) if src_rank is not None else ()))
     ranks = torch.where(topk_idx >= 0, topk_idx // per_rank, num_ranks)
     hit = torch.zeros(t, num_ranks + 1, dtype=torch.bool)
     hit.scatter_(1, ranks, True)
@@ -396,8 +423,22 @@ def sampled_stats(topk_idx: torch.Tensor, num_ranks: int, ranks_per_node: int, n
     from largeep.bench.records import summed_rows_ll
 
     summed = float(summed_rows_ll(topk_idx, num_experts, num_ranks).sum()) / t
-    return RoutingStats(d_r, float(nodes.sum()) / t, float(per.max() / per.mean()) if per.sum() > 0 else 1.0, summed,
-                        float(per_node.max() / per_node.mean()) if per_node.sum() > 0 else 1.0)
+    imbalance = float(per.max() / per.mean()) if per.sum() > 0 else 1.0
+    if src_rank is None:
+        return RoutingStats(d_r, float(nodes.sum()) / t, imbalance, summed,
+                            float(per_node.max() / per_node.mean()) if per_node.sum() > 0 else 1.0)
+    m = num_ranks // ranks_per_node
+    own = (src_rank // ranks_per_node).long()
+    remote = nodes.clone()
+    remote[torch.arange(t), own] = False
+    per_token = remote.sum(1).double()
+    node_in = remote.sum(0).double()
+    node_out = torch.zeros(m, dtype=torch.float64).index_add_(0, own, per_token)
+    total = float(per_token.sum())
+    node_share = max(float(node_in.max()), float(node_out.max())) / (total / m) if total > 0 else 1.0
+    other_ranks = (hit.view(t, m, ranks_per_node).sum(2) * remote).sum(1).double()
+    return RoutingStats(d_r, float(nodes.sum()) / t, imbalance, summed, node_share, total / t,
+                        float(other_ranks.sum()) / t)
 
 
 # -- traffic ----------------------------------------------------------------------------------------------------
@@ -451,10 +492,14 @@ def traffic(
             # its rows)
             part = 2 if w.bf16_partial_sums else 4
             nic_row = part * w.hidden + 4 * w.num_topk if w.op == "combine" else w.bytes_per_row()
-            rdma = t * stats.nodes_per_token * (m - 1) / m * nic_row * node_share
+            remote = stats.nodes_per_token * (m - 1) / m if stats.remote_nodes_per_token is None \
+                else stats.remote_nodes_per_token
+            rdma = t * remote * nic_row * node_share
             nvl = rows * (p - 1) / p * b
         else:
-            rdma = rows * (n - p) / n * b
+            remote = stats.ranks_per_token * (n - p) / n if stats.remote_ranks_per_token is None \
+                else stats.remote_ranks_per_token
+            rdma = t * remote * b
             nvl = rows * (p - 1) / n * b
         # every rank sums its own T tokens whatever the routing's imbalance
         return Traffic(rows * w.bytes_per_row(), nvl, rdma, rows * b, rows * b16, t * 2 * w.hidden)

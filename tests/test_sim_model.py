@@ -99,7 +99,8 @@ def test_sweep_leaves_out_a_mode_that_cannot_exist() -> None:
     [
         (["--experts", "16", "--eps", "256"], "--experts 16 is not divisible by --eps 256"),
         (["--experts", "16", "--eps", "256", "--max-nodes", "4"], "--experts 16 is not divisible by --eps 256"),
-        (["--eps", "8,16,512"], "--experts 256 is not divisible by --eps 512"),
+        (["--eps", "8,16,512"], "--experts 256 is not divisible by --eps 512 (SPEC.md: every rank holds the same "
+                                 "number of experts; for more GPUs than experts, place replicas"),
         (["--gpus-per-node", "6", "--eps", "16"], "--gpus-per-node 6 does not divide --eps 16"),
         (["--gpus-per-node", "0"], "--gpus-per-node 0"),
         (["--topk", "300"], "--topk 300"),

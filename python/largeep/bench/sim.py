@@ -1828,7 +1828,8 @@ def check_args(args: argparse.Namespace) -> str | None:
     bad = [ep for ep in args.eps if args.experts % ep]
     if bad:
         return (f"--experts {args.experts} is not divisible by --eps {', '.join(map(str, bad))} (SPEC.md: every rank "
-                "holds the same number of experts)")
+                "holds the same number of experts; for more GPUs than experts, place replicas: docs/scaling.md, "
+                "\"Planning a cluster with the model\")")
     g = args.gpus_per_node
     bad = [ep for ep in args.eps if ep > g and ep % g]
     if bad:

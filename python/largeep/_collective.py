@@ -219,10 +219,12 @@ def gather(t: torch.Tensor, dst: int, group: dist.ProcessGroup, what: str) -> li
     does; ``what`` names the call in the error."""
     me = dist.get_rank(group)
     timeout_s = bound_s(group, t.device)
-    out = [torch.empty_like(t) for _ in range(dist.get_world_size(group))] if me == dst else None
-    work = dist.gather(t.contiguous(), out, dst=dist.get_global_rank(group, dst), group=group, async_op=True)
+    staged = _host_staged(group, t)
+    sent = t.cpu() if staged else t.contiguous()
+    out = [torch.empty_like(sent) for _ in range(dist.get_world_size(group))] if me == dst else None
+    work = dist.gather(sent, out, dst=dist.get_global_rank(group, dst), group=group, async_op=True)
     wait_all([work], timeout_s, f"{what}: rank {me} waited for the group's gather to rank {dst} in vain", _TAIL)
-    return out
+    return [o.to(t.device) for o in out] if staged and out is not None else out
 
 
 def send_recv(t: torch.Tensor, src: int, dst: int, group: dist.ProcessGroup, what: str) -> None:
@@ -233,10 +235,20 @@ def send_recv(t: torch.Tensor, src: int, dst: int, group: dist.ProcessGroup, wha
     if src == dst or me not in (src, dst):
         return
     timeout_s = bound_s(group, t.device)
+    staged = _host_staged(group, t)
+    moved = t.cpu() if staged else t
     if me == src:
-        work = dist.isend(t, dst=dist.get_global_rank(group, dst), group=group)
+        work = dist.isend(moved, dst=dist.get_global_rank(group, dst), group=group)
         head = f"{what}: rank {me} waited in vain for rank {dst} to receive"
     else:
-        work = dist.irecv(t, src=dist.get_global_rank(group, src), group=group)
+        work = dist.irecv(moved, src=dist.get_global_rank(group, src), group=group)
         head = f"{what}: rank {me} waited in vain for rank {src}'s send"
     wait_all([work], timeout_s, head, _TAIL)
+    if staged and me == dst:
+        t.copy_(moved)
+
+
+def _host_staged(group: dist.ProcessGroup | None, t: torch.Tensor) -> bool:
+    """Whether ``t`` travels through a host copy: a CUDA tensor on a group where gloo moves it, whose point-to-point
+    and gather calls take host memory only (handed a device pointer, gloo aborts the process)."""
+    return t.is_cuda and on_gloo(group, t.device)

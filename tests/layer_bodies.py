@@ -3289,13 +3289,13 @@ def layer_set_placement(rank: int, world: int, backend: str = "torch") -> None:
             layer.experts.w13.grad[0, 0, 0] = 1.0
         refused(old_plan, "rank(s) [0] refused" if rank != 0 else "experts.w13 holds a non-zero .grad")
         layer.experts.w13.grad = None
-        # rank 0's second slot holds expert 0, whose other replica is on rank 3 (compared on rank 0)
+        # rank 0's second slot holds expert 0, whose other replica is in slot 6 (rank 3 of 4, rank 1 of 2)
         kept = opt.state[layer.experts.w2]["exp_avg"].clone()
         if rank == 0:
             opt.state[layer.experts.w2]["exp_avg"][1, 0, 0] += 1.0
             mom_w2 = opt.state[layer.experts.w2]["exp_avg"].clone()
         refused(old_plan, "the replicas of logical expert 0 differ in optimizer state 'exp_avg' of experts.w2 "
-                "(slots 1 and 6, of ranks 0 and 3)")
+                f"(slots 1 and 6, of ranks 0 and {6 // per_rank})")
         if rank == 0:
             assert torch.equal(opt.state[layer.experts.w2]["exp_avg"], mom_w2), "the unequal moments moved"
             opt.state[layer.experts.w2]["exp_avg"].copy_(kept)

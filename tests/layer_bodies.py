@@ -3385,3 +3385,80 @@ def layer_set_placement(rank: int, world: int, backend: str = "torch") -> None:
         assert torch.equal(tp.experts.w13, c13) and torch.equal(tp.experts.w2, c2), f"rank {rank}: TP shard"
     finally:
         ep.destroy()
+
+
+def layer_set_placement_state(rank: int, world: int) -> None:
+    """MoELayer.set_placement with optimizer state that is per slot without the parameter's shape, and after it:
+    (1) Adafactor's factored moments (row_var [E_l, H, 1], col_var [E_l, 1, 2F] of w13, alike of w2) follow the
+    slots: by logical expert exactly those of a layer that did not move (plan without replicas: Adafactor's
+    whole-tensor step sizes would make replicas differ); (2) a state tensor neither scalar nor per slot is refused,
+    on every rank, before anything moves; (3) experts.reset_parameters() after a move draws each slot's new expert
+    (the weights a layer built with the new plan draws), not the old slot's."""
+    from largeep import placement as pl
+    from largeep.errors import ArgumentError
+
+    h, f, k, slots, t = 16, 8, 2, 8, 12
+    per_rank = slots // world
+    topo = pl.Topology(num_nodes=1, gpus_per_node=world, slots_per_gpu=per_rank)
+    buf = largeep.Buffer(None, hidden=h, num_experts=slots, num_topk=k, max_tokens_per_rank=t, backend="torch")
+    old_plan = pl.Placement(topo, slots, torch.arange(slots))
+    # (2 ranks: rank 0 swaps two of its own experts and takes two of rank 1's; rank 1 the mirror)
+    new_plan = pl.Placement(topo, slots, torch.tensor([1, 0, 6, 7, 4, 5, 2, 3]))
+
+    def build(plan: Any) -> Any:
+        torch.manual_seed(5)
+        return layers.MoELayer(buf, ffn_hidden=f, placement=plan, num_logical_experts=slots)
+
+    def factored(layer: Any, opt: Any) -> list[torch.Tensor]:
+        """Each Adafactor moment of w13 and w2 by logical expert (broadcast to the weights' shapes to gather)."""
+        ex = layer.experts
+        s13, s2 = opt.state[ex.w13], opt.state[ex.w2]
+        out = []
+        for key in ("row_var", "col_var"):
+            got = layer.gather_global_experts(s13[key].expand_as(ex.w13).contiguous(),
+                                              s2[key].expand_as(ex.w2).contiguous())
+            out += list(got)
+        return out
+
+    try:
+        ref, layer = build(old_plan), build(old_plan)
+        opts = [torch.optim.Adafactor(m.experts.parameters(), lr=1e-2) for m in (ref, layer)]
+        x = torch.randn(t, h, generator=_gen(97, rank))
+        for m, opt in zip((ref, layer), opts, strict=True):
+            m(x).square().sum().backward()
+            opt.step()
+            opt.zero_grad()
+        assert tuple(opts[1].state[layer.experts.w13]["row_var"].shape) == (per_rank, h, 1)
+        layer.set_placement(new_plan, optimizer=opts[1])
+        for i, (a, b) in enumerate(zip(factored(layer, opts[1]), factored(ref, opts[0]), strict=True)):
+            assert torch.equal(a, b), f"rank {rank}: Adafactor moment {i} by logical expert after the move"
+
+        # 2. a state neither scalar nor per slot (on rank 0): refused everywhere, nothing moved
+        adam = torch.optim.AdamW(layer.experts.parameters(), lr=1e-2)
+        layer(x).square().sum().backward()
+        adam.step()
+        adam.zero_grad()
+        if rank == 0:
+            adam.state[layer.experts.w2]["odd"] = torch.zeros(3)
+        before = [layer.experts.w13.clone(), adam.state[layer.experts.w13]["exp_avg"].clone()]
+        try:
+            layer.set_placement(old_plan, optimizer=adam)
+        except ArgumentError as exc:
+            want = ("holds experts.w2's state 'odd' of shape (3,), neither a scalar nor per slot" if rank == 0 else
+                    "rank(s) [0] refused")
+            assert want in str(exc), f"rank {rank}: {exc}"
+        else:
+            raise AssertionError(f"rank {rank}: a state of shape (3,) was not refused")
+        assert torch.equal(layer.phys_to_log, new_plan.phys_to_log), f"rank {rank}: the refused plan was taken"
+        assert torch.equal(layer.experts.w13, before[0]), f"rank {rank}: the weights moved"
+        assert torch.equal(adam.state[layer.experts.w13]["exp_avg"], before[1]), f"rank {rank}: the state moved"
+
+        # 3. reset_parameters after the move: the new plan's initial weights
+        layer.experts.reset_parameters()
+        fresh = build(new_plan)
+        for name in ("w13", "w2"):
+            assert torch.equal(getattr(layer.experts, name), getattr(fresh.experts, name)), \
+                f"rank {rank}: experts.{name} drawn again after the move"
+    finally:
+        buf.destroy()
+

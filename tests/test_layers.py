@@ -130,6 +130,12 @@ def test_layer_set_placement(pools) -> None:
     pools(4).run(layer_bodies.layer_set_placement)
 
 
+def test_layer_set_placement_state(pools) -> None:
+    """set_placement moves Adafactor's per-slot factored moments, refuses state neither scalar nor per slot, and
+    experts.reset_parameters() after it draws the new plan's weights."""
+    pools(2).run(layer_bodies.layer_set_placement_state)
+
+
 @pytest.mark.gpu(2)
 def test_layer_set_placement_gpu(pools) -> None:
     """The same on CUDA with the nvshmem backend (2 ranks: the all-to-all of slots over NCCL)."""

@@ -1155,8 +1155,10 @@ class MoELayer(nn.Module):
         transfer), else from one of its replicas' ranks through an all-to-all over the Buffer's group (each
         expert sent once to each rank that needs it, the sends spread over its replicas' ranks); a slot whose
         expert had no slot comes back zero. ``optimizer``: every per-parameter state tensor it holds for those two
-        parameters whose shape is the parameter's (Adam's ``exp_avg``/``exp_avg_sq``, SGD's ``momentum_buffer``)
-        moves alike; other state (``step``) is left as it is, and the optimizer keeps working without a rebuild.
+        parameters with one row per slot moves alike: the parameter's shape (Adam's ``exp_avg``/``exp_avg_sq``,
+        SGD's ``momentum_buffer``) or that shape with sizes after the first reduced to 1 (Adafactor's ``row_var``
+        / ``col_var``); scalars (``step``) are left as they are, and the optimizer keeps working without a rebuild.
+        A state tensor of another shape is refused (it cannot follow the slots).
         Memory: per moved tensor a rank holds at most the rows it sends, the rows it receives (one per expert it
         gains, at most its slots) and its local copies besides its own tensor; no rank gathers the group's experts.
 
@@ -1165,7 +1167,8 @@ class MoELayer(nn.Module):
         the gate's replica counts (``set_replicas`` of the placement's ``replica_count``; all ones for None) and,
         where the gate limited tokens to the old placement's home nodes (node-limited routing), its groups
         (``set_groups`` of the new ``home_node()``; moving to None leaves the groups as they are, no longer
-        nodes). Layers made by :meth:`for_buffer` (from this layer or from the layer it was made from) share the
+        nodes), and the experts' seeded initialisation (``experts.reset_parameters()`` draws each slot's new
+        expert). Layers made by :meth:`for_buffer` (from this layer or from the layer it was made from) share the
         experts and the gate, and are re-routed with it. A compiled forward recompiles; a captured CUDA graph
         must be captured again (it holds the old tables).
 
@@ -1175,10 +1178,11 @@ class MoELayer(nn.Module):
         an expert that differ in any tensor that moves (compared bit for bit on the rank of its first replica,
         an all-to-all of the other replicas: ``allreduce_replica_grads`` keeps them equal); an optimizer that does
         not hold the experts' parameters, or whose per-slot state differs between ranks (other keys, dtypes or
-        devices); a state tensor on another device than the weights. Gradients: refused where ``experts.w13`` or
-        ``experts.w2`` holds a non-zero ``.grad`` (None or all zeros is fine, and stays so): a grad means a slot's
-        share before ``allreduce_replica_grads`` and its expert's sum after it, so a move would be right for one
-        and double-count the other; move between steps (after ``optimizer.step()`` and ``zero_grad()``).
+        devices); a state tensor on another device than the weights, or of a shape that is neither scalar nor per
+        slot. Gradients: refused where ``experts.w13`` or ``experts.w2`` holds a non-zero ``.grad`` (None or all
+        zeros is fine, and stays so): a grad means a slot's share before ``allreduce_replica_grads`` and its
+        expert's sum after it, so a move would be right for one and double-count the other; move between steps
+        (after ``optimizer.step()`` and ``zero_grad()``).
         """
         what = "MoELayer.set_placement"
         c = self.buffer.ctx
@@ -1225,6 +1229,9 @@ class MoELayer(nn.Module):
         for layer in self._shares_experts():
             lc = layer.buffer.ctx
             layer._use_placement(placement, _wrap_placement(placement, lc.rank, lc.device))
+        seeded = self.experts._seeded
+        if seeded is not None:  # (reset_parameters draws each slot's new expert, as a layer built so would)
+            self.experts._seeded = (self._slot_experts(), seeded[1], seeded[2], seeded[3])
 
     def _shares_experts(self) -> list[MoELayer]:
         """This layer and the live layers of its family (``for_buffer``) that compute with its experts (a deep
@@ -1320,8 +1327,17 @@ class MoELayer(nn.Module):
                 raise ArgumentError(f"{what}: argument 'optimizer' does not optimize this layer's {name}, so its "
                                     "state cannot follow the weights: pass the optimizer that holds them")
             for key, v in sorted(optimizer.state.get(p, {}).items(), key=lambda kv: str(kv[0])):
-                if not isinstance(v, Tensor) or tuple(v.shape) != tuple(p.shape):
+                if not isinstance(v, Tensor) or v.dim() == 0 or (v.numel() == 1 and v.dim() != p.dim()):
                     continue  # (step and other scalars stay)
+                # per slot: the parameter's shape (Adam's moments), or one row of each slot in its layout whose
+                # other sizes are reduced (Adafactor's row_var [E_l, H, 1] and col_var [E_l, 1, 2F])
+                if v.dim() != p.dim() or v.shape[0] != p.shape[0] or any(
+                        a not in (b, 1) for a, b in zip(v.shape[1:], p.shape[1:], strict=True)):
+                    raise ArgumentError(
+                        f"{what}: argument 'optimizer' holds {name}'s state {key!r} of shape {tuple(v.shape)}, neither "
+                        f"a scalar nor per slot ({tuple(p.shape)}, or that with sizes after the first reduced to 1), "
+                        "so it cannot follow the slots; move a layer whose optimizer keeps no such state"
+                    )
                 if v.device != p.device:
                     raise ArgumentError(
                         f"{what}: argument 'optimizer' holds {name}'s state {key!r} on {v.device}, the weights are on "

@@ -3462,3 +3462,36 @@ def layer_set_placement_state(rank: int, world: int) -> None:
     finally:
         buf.destroy()
 
+
+def fsdp_registry_reuse(rank: int, world: int) -> None:
+    """MoELayer's FSDP2 check sees a fully_shard over its EP group applied after a forward even where torch's
+    registry of composable states has as many entries as the forward before saw (another fully_shard module was
+    collected in between): refused at the next forward, on every rank."""
+    import gc
+
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    h, f, e, k = 16, 8, 2 * world, 2
+    mesh = init_device_mesh("cpu", (world,))
+    buf = largeep.Buffer(None, hidden=h, num_experts=e, num_topk=k, max_tokens_per_rank=8, backend="torch")
+    try:
+        torch.manual_seed(3)
+        layer = layers.MoELayer(buf, ffn_hidden=f)
+        other = torch.nn.Linear(4, 4)
+        fully_shard(other, mesh=mesh)
+        x = torch.randn(6, h, generator=_gen(98, rank))
+        layer(x)  # (checked: nothing of the layer's is sharded)
+        seen = len(layers._fsdp_managers())
+        del other
+        gc.collect()
+        fully_shard(layer, mesh=mesh)  # over the EP group itself
+        assert len(layers._fsdp_managers()) == seen, "the registry's size differs: the test proves nothing"
+        try:
+            layer(x)
+        except largeep.ArgumentError as exc:
+            assert f"over a mesh holding ranks {list(range(world))}" in str(exc), str(exc)
+        else:
+            raise AssertionError(f"rank {rank}: experts sharded over their own EP group were not refused")
+    finally:
+        buf.destroy()

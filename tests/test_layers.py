@@ -793,6 +793,12 @@ def test_fsdp2_experts_over_ep_copies(pools) -> None:
     pools(4).run(layer_bodies.fsdp_experts_over_ep_copies)
 
 
+def test_fsdp2_refused_after_registry_reuse(pools) -> None:
+    """A fully_shard over the EP group applied after a forward is refused even where the registry of FSDP states
+    kept its size (another sharded module was collected in between)."""
+    pools(2).run(layer_bodies.fsdp_registry_reuse)
+
+
 @pytest.mark.parametrize("world", [1, 4])
 def test_serve_prefill_decode(pools, world: int) -> None:
     """One model's weights for prefill (normal mode, chunks) and decode (MoELayer.for_buffer on a low-latency

@@ -740,7 +740,7 @@ class MoELayer(nn.Module):
                 if shared_ffn_hidden > 0 else None
         self.aux_loss: Tensor | None = None
         self._ddp_seen: weakref.ref[nn.Module] | None = None  # (the DDP _check_ddp last let through)
-        self._fsdp_seen = -1  # (how many composable states _check_fsdp last saw)
+        self._fsdp_seen: tuple[int, Any] | None = None  # (the registry of composable states _check_fsdp last saw)
         self.register_state_dict_post_hook(_save_slot_layout)
         self.register_load_state_dict_pre_hook(_check_slot_layout)
 
@@ -1523,12 +1523,17 @@ class MoELayer(nn.Module):
         gathers the slices of different ranks' experts, so the layer would compute with a mix of them (and FSDP
         would average different experts' grads). The forward sees plain tensors there, so the check asks torch's
         registry of composable states which FSDP parameters live on this layer's experts. Eager only; checked again
-        only when fully_shard (or another composable API) has been applied since; a no-op on a torch without
-        that registry."""
+        only when fully_shard (or another composable API) has been applied since (the registry's size or its newest
+        entry changed: a module sharded after one was collected keeps the size); a no-op on a torch without that
+        registry."""
         if torch.compiler.is_compiling():
             return
         managers = _fsdp_managers()
-        if managers is None or len(managers) == self._fsdp_seen:
+        if managers is None:
+            return
+        key = _registry_key(managers)
+        seen = self._fsdp_seen
+        if seen is not None and key[0] == seen[0] and key[1] is seen[1]:
             return
         mine = {id(m) for m in self.experts.modules()}
         groups = [self.buffer.ctx.group] + ([self.expert_tp.group] if self.expert_tp is not None else [])
@@ -1544,7 +1549,7 @@ class MoELayer(nn.Module):
                         "ignored_params=<the experts' parameters>) (docs/usage.md, \"Gradients the layer leaves to "
                         "you\")"
                     )
-        self._fsdp_seen = len(managers)
+        self._fsdp_seen = key
 
     def _forward_normal(self, x: Tensor, idx: Tensor, w: Tensor) -> Tensor:
         if torch.compiler.is_compiling():
@@ -2355,6 +2360,18 @@ def _fsdp_managers() -> Any:
     except ImportError:
         return None
     return _module_state_mapping
+
+
+def _registry_key(managers: Any) -> tuple[int, Any]:
+    """What _check_fsdp compares to see whether ``managers`` (``_fsdp_managers()``) gained an entry: its size and
+    the weak reference to its newest module (held, so that a later entry cannot reuse its id; compared by
+    identity). The size alone stays put where a sharded module was collected and another sharded. O(1): the
+    WeakKeyDictionary's dict keeps insertion order (another mapping: its key references listed)."""
+    data = getattr(managers, "data", None)
+    if isinstance(data, dict):
+        return len(data), next(reversed(data)) if data else None
+    refs = list(managers.keyrefs()) if hasattr(managers, "keyrefs") else list(managers)
+    return len(refs), refs[-1] if refs else None
 
 
 def _fsdp_params_on(managers: Any, modules: set[int]) -> list[tuple[list[int], str]]:

@@ -130,8 +130,8 @@ start, loads = 0, [torch.zeros(args.experts) for _ in moes]  # loads summed sinc
 if ck is not None:
     model.load_state_dict(ck["rest"], strict=False)  # the replicated part: no experts, no slot_experts
     st = ck["opt"]
-    for moe, plan, experts, moments in zip(moes, plans, ck["experts"], ck["moments"], strict=True):
-        moe.gate.set_replicas(plan.replica_count)  # (the state held the saved placement's counts)
+    # (each layer's gate takes its own placement's replica counts again after the load above: MoELayer does that)
+    for moe, experts, moments in zip(moes, ck["experts"], ck["moments"], strict=True):
         moe.load_global_experts(*experts)  # this rank's slots, under this run's placement
         for m, glob in moments.items():
             st["state"][index[id(moe.experts.w13)]][m], st["state"][index[id(moe.experts.w2)]][m] = \

@@ -2894,9 +2894,12 @@ def layer_replace_experts(rank: int, world: int) -> None:
                    for m in ("exp_avg", "exp_avg_sq")}
         rest = {n: v for n, v in layer.state_dict().items() if not n.startswith("experts.") and n != "slot_experts"}
         moved, moved_opt = build(new_plan)
-        moved.load_state_dict(rest, strict=False)
-        assert torch.equal(moved.gate.expert_replicas, old_plan.replica_count)  # (the state's, not the new plan's)
-        moved.gate.set_replicas(new_plan.replica_count)
+        assert int(new_plan.replica_count.max()) > 1
+        # (a state saved under another placement: counts of its own, here none replicated)
+        moved.load_state_dict({**rest, "gate.expert_replicas": torch.ones_like(rest["gate.expert_replicas"])},
+                              strict=False)
+        # the layer's placement's counts, not the state's: the layer sets them again after a load
+        assert torch.equal(moved.gate.expert_replicas.cpu(), new_plan.replica_count)
         moved.load_global_experts(*weights)
         for m, glob in moments.items():
             st["state"][i13][m], st["state"][i2][m] = moved.local_experts(*glob)

@@ -743,6 +743,7 @@ class MoELayer(nn.Module):
         self._fsdp_seen: tuple[int, Any] | None = None  # (the registry of composable states _check_fsdp last saw)
         self.register_state_dict_post_hook(_save_slot_layout)
         self.register_load_state_dict_pre_hook(_check_slot_layout)
+        self.register_load_state_dict_post_hook(_replicas_after_load)
 
     def _use_placement(self, placement: Any, route: Callable[..., Tensor] | None) -> None:
         """Takes ``placement`` (checked; ``route``: its ``_wrap_placement``) as the layer's routing: everything that
@@ -2038,6 +2039,18 @@ def _save_slot_layout(module: nn.Module, state_dict: dict[str, Any], prefix: str
     tp = module.expert_tp
     if tp is not None and tp.size > 1:
         state_dict[prefix + _EXPERT_SHARD] = torch.tensor([tp.rank, tp.size], dtype=torch.int64)
+
+
+def _replicas_after_load(module: nn.Module, incompatible: Any) -> None:
+    """After a state dict loaded into a MoELayer with a placement, its gate's replica counts are the placement's
+    again (``set_replicas`` of its ``replica_count``, as the constructor sets them): the gate's state holds the
+    counts of the placement it was saved under, and loading the replicated part of a layer saved under another
+    placement (``strict=False``, without the experts) would otherwise leave the capacity counting other replicas."""
+    assert isinstance(module, MoELayer)
+    counts = getattr(module._placement_obj, "replica_count", None)
+    set_replicas = getattr(module.gate, "set_replicas", None)
+    if counts is not None and callable(set_replicas):
+        set_replicas(counts)
 
 
 def _check_slot_layout(module: nn.Module, state_dict: dict[str, Any], prefix: str, local_metadata: Any,

@@ -111,7 +111,7 @@ def batch(step: int) -> torch.Tensor:
     return torch.cat([half, half], dim=1).to(dev)
 
 
-# every rank the same seed: the replicated weights start equal, and every replica of an expert too ("Checkpoints")
+# every rank the same seed: the replicated weights start equal, and every replica of an expert too ("Initial weights")
 torch.manual_seed(args.seed)
 ck = torch.load(args.resume, map_location="cpu") if args.resume else None
 # the first placement: the checkpoint's where it has as many slots, else the experts spread evenly, the spare slots
@@ -171,7 +171,7 @@ for step in range(start, args.steps):
     layers.clip_grad_norm_(model, 1.0)  # not torch's: each rank holds other experts ("Clipping")
     opt.step()
     opt.zero_grad()
-    # aux-loss-free balancing: counts summed over every rank holding the gate ("TopKGate's balancing")
+    # aux-loss-free balancing: counts summed over every rank holding the gate ("Routing and balancing")
     for i, moe in enumerate(moes):
         loads[i] += moe.gate.update_bias(dist.group.WORLD).cpu()
     mean = loss.detach().clone()

@@ -62,6 +62,13 @@ arguments (``ArgumentError``, raised before anything is sent) leaves the handle 
 corrected call; any other failure counts as the call made. So a low-latency handle is freed by its combine, also by
 a combine that fails, except one refused for its arguments.
 
+For an MoE layer of your own around :func:`dispatch` and :func:`combine` (your router, your experts), the steps
+between them are here too, each differentiable and compilable without a host wait: :func:`expert_order` sorts the
+received (row, k) entries by local expert (offsets per expert, each entry's position, each position's row),
+:func:`gather_rows` or plain indexing gathers the rows in that order, :func:`grouped_mm` runs one GEMM per expert,
+and :func:`weighted_row_sum` sums each received row's outputs with its received weights (the expert side applies
+the weights: the combine is an unweighted sum). docs/usage.md, "Your own MoE layer on largeep.ops", has the recipe.
+
 The grouped GEMM uses ``torch._grouped_mm`` (there in torch 2.13: on CPU it runs float32, bfloat16 and
 float16, with every non-unit stride a multiple of 16 bytes; its meta function accepts only bfloat16, hence the
 custom op). Where the native kernel cannot run (strides, dtype, device) a padded ``torch.bmm`` over
@@ -103,6 +110,8 @@ __all__ = [
     "checkpoint_policy",
     "combine",
     "dispatch",
+    "expert_order",
+    "gather_rows",
     "grouped_mm",
     "grouped_mm_backend",
     "grouped_mm_stats",
@@ -114,6 +123,7 @@ __all__ = [
     "reset_grouped_mm_stats",
     "sm_carveout",
     "wait",
+    "weighted_row_sum",
 ]
 
 DEFAULT_MAX_LIVE_HANDLES = 256
@@ -1523,10 +1533,18 @@ Handle = OpHandle | TicketHandle
 
 
 class DispatchOutput(NamedTuple):
-    """x: [R, H] in x's dtype; topk_idx: int64 [R, K] local expert ids (-1 elsewhere); topk_weights: float32
-    [R, K]. With ``num_worst_tokens`` R is that number and rows past the received count name no expert (their x
-    is unspecified). num_tokens_per_expert: rows per local expert (host ints) where known without a device sync,
-    else None. event: wait on it (:func:`wait`) before using the tensors when ``async_finish`` was set."""
+    """x: [R, H] in x's dtype: each token that picked an expert of this rank, once (source rank ascending, then
+    token), however many of this rank's experts it picked. topk_idx: int64 [R, K], the token's K choices with ids
+    made local (``id - rank * E/N`` for the experts of this rank, in [0, E/N); -1 for those elsewhere and for the
+    caller's -1), so a row may name several local experts. topk_weights: float32 [R, K], the caller's weights as
+    sent (0 where topk_idx is -1); the combine sums rows unweighted, so the experts' side applies them, and the
+    gradient of what it computes from them reaches the caller's topk_weights (the router). With
+    ``num_worst_tokens`` R is that number and rows past the received count name no expert (their x is
+    unspecified). num_tokens_per_expert: the rows naming each local expert, rounded up to ``expert_alignment``
+    (host ints; a row naming two local experts counts for each, so they can add up to more than R), where known
+    without a device sync, else None (count topk_idx on the device instead: :func:`expert_order`'s offsets).
+    event: wait on it (:func:`wait`) before using the tensors when ``async_finish`` was set. docs/usage.md, "Your
+    own MoE layer on largeep.ops", puts this together."""
 
     x: Tensor
     topk_idx: Tensor
@@ -1561,7 +1579,7 @@ def _side_stream(purpose: str, device: torch.device, priority: int) -> torch.cud
 
 def _buffer_dispatch(
     buffer: Buffer, x: Tensor | tuple[Tensor, Tensor], topk_idx: Tensor, topk_weights: Tensor, num_worst_tokens: int,
-    previous_event: EventOverlap | None, async_finish: bool,
+    previous_event: EventOverlap | None, async_finish: bool, expert_alignment: int = 1,
 ) -> Any:
     """``buffer.dispatch`` (x: rows, or an FP8 pair), issued from an idle side stream when it is to wait for
     ``previous_event`` only.
@@ -1585,16 +1603,16 @@ def _buffer_dispatch(
         or torch.cuda.is_current_stream_capturing()
     ):
         return buffer.dispatch(
-            x, topk_idx, topk_weights, num_worst_tokens=num_worst_tokens, previous_event=previous_event,
-            async_finish=async_finish,
+            x, topk_idx, topk_weights, num_worst_tokens=num_worst_tokens, expert_alignment=expert_alignment,
+            previous_event=previous_event, async_finish=async_finish,
         )
     caller = torch.cuda.current_stream(rows.device)
     side = _side_stream("dispatch", rows.device, buffer._settings.stream_priority)  # the Buffer's own stream priority
     side.wait_event(ev)
     with torch.cuda.stream(side):
         res = buffer.dispatch(
-            x, topk_idx, topk_weights, num_worst_tokens=num_worst_tokens, previous_event=previous_event,
-            async_finish=True,
+            x, topk_idx, topk_weights, num_worst_tokens=num_worst_tokens, expert_alignment=expert_alignment,
+            previous_event=previous_event, async_finish=True,
         )
     res.record_stream(caller)  # also guards a zero-copy receive slot, which Tensor.record_stream does not
     if not async_finish and res.event is not None and res.event.event is not None:
@@ -1718,9 +1736,10 @@ class _DispatchFn(torch.autograd.Function):
         grad: bool,
         use_fp8: bool,
         bf16_partial_sums: bool,
+        expert_alignment: int,
     ) -> tuple[Tensor, Tensor, Tensor]:
         send, idx, w, ready = _sendable(buffer, x, topk_idx, topk_weights, use_fp8, previous_event)
-        res = _buffer_dispatch(buffer, send, idx, w, num_worst_tokens, ready, async_finish)
+        res = _buffer_dispatch(buffer, send, idx, w, num_worst_tokens, ready, async_finish, expert_alignment)
         assert res.topk_idx is not None and res.topk_weights is not None
         rx, valid, event = _received(buffer, res.x, res.topk_idx, x.dtype if use_fp8 else None, grad, res.event,
                                      async_finish)
@@ -1744,7 +1763,7 @@ class _DispatchFn(torch.autograd.Function):
             c = h.buffer.ctx
             gx = torch.zeros(h.handle.num_recv_tokens, c.hidden, dtype=ctx.x_dtype, device=c.device)
         x, w = _recorded(ctx.home, _away, h, gx, gw)
-        return x, None, w, None, None, None, None, None, None, None, None
+        return x, None, w, None, None, None, None, None, None, None, None, None
 
 
 class _CombineFn(torch.autograd.Function):
@@ -1902,6 +1921,7 @@ def dispatch(
     topk_weights: Tensor,
     *,
     num_worst_tokens: int = 0,
+    expert_alignment: int = 1,
     previous_event: EventOverlap | None = None,
     async_finish: bool = False,
     use_custom_ops: bool = False,
@@ -1916,6 +1936,11 @@ def dispatch(
             Strided ones (and an x that starts at an address not 16-byte aligned on CUDA), which the Buffer
             refuses, are copied first on every path (with ``previous_event``, on the Buffer's stream after it).
         num_worst_tokens: > 0 gives [num_worst_tokens, ...] outputs and no host wait (Buffer semantics).
+        expert_alignment: the multiple that the returned ``num_tokens_per_expert`` are rounded up to, as
+            ``Buffer.dispatch``'s (the rows themselves are not padded: a grouped GEMM that needs aligned groups
+            lays them out itself, docs/usage.md "Your own MoE layer on largeep.ops"). It changes only those host
+            counts, which only the eager path without ``num_worst_tokens`` returns (elsewhere they are None: count
+            ``topk_idx`` on the device, e.g. with :func:`expert_order`).
         previous_event, async_finish: as ``Buffer.dispatch`` (eager path only; ignored on the custom-op path,
             which always finishes in order).
         use_custom_ops: take the custom-op path in eager mode too (it is always taken while compiling).
@@ -1954,6 +1979,8 @@ def dispatch(
             f"received rows' gradient, in x's dtype, with bf16 partial sums), x is {x.dtype}"
         )
     if _use_ops(use_custom_ops):
+        # (the counts it rounds are not returned on this path; eagerly the Buffer checks it, telling the other ranks)
+        checks.positive_int("ops.dispatch", "expert_alignment", expert_alignment, maximum=1 << 20)
         bid = _buffer_id(buffer, "dispatch")
         ticket = torch.ops.largeep.dispatch_send(bid, x.detach(), topk_idx, topk_weights.detach(), num_worst_tokens,
                                                  use_fp8)
@@ -1965,7 +1992,7 @@ def dispatch(
     sink: list[Any] = []
     rx, ridx, rw = _DispatchFn.apply(
         x, topk_idx, topk_weights, buf, num_worst_tokens, previous_event, async_finish, sink, torch.is_grad_enabled(),
-        use_fp8, bf16_partial_sums,
+        use_fp8, bf16_partial_sums, expert_alignment,
     )
     handle, res, event = sink[0]
     counts = res.num_tokens_per_expert if not num_worst_tokens else None

@@ -978,3 +978,158 @@ def ops_low_latency_eager_fp8(rank: int, world: int) -> list[str]:
     finally:
         buf.destroy()
     return fails
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# docs/usage.md, "Your own MoE layer on largeep.ops": its recipe, run as the docs write it
+# ---------------------------------------------------------------------------------------------------------------
+
+OWN_H, OWN_F, OWN_E, OWN_K, OWN_T = 128, 32, 8, 3, 12  # H: a multiple of 128 (FP8)
+OWN_CAPACITY = 5  # choices an expert keeps per rank: with T*K/E = 4.5 on average, some are dropped (-1)
+
+
+def own_layer_recipe() -> dict[str, Any]:
+    """The namespace of the usage.md section's code block (the first ```python block after its heading)."""
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "usage.md").read_text()
+    section = text.split("\n# Your own MoE layer on largeep.ops\n", 1)[1]
+    code = section.split("```python\n", 1)[1].split("\n```", 1)[0]
+    ns: dict[str, Any] = {"__name__": "usage_recipe"}
+    exec(compile(code, "docs/usage.md (Your own MoE layer)", "exec"), ns)  # noqa: S102 - the docs' own code
+    return ns
+
+
+class _OwnRouter(torch.nn.Module):
+    """A user's router: softmax top-k over a linear map, each expert keeping its first OWN_CAPACITY choices on this
+    rank (the rest -1, weights left as they are)."""
+
+    def __init__(self, w: torch.Tensor) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(w)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        probs = (x.float() @ self.w).softmax(-1)
+        weights, idx = probs.topk(OWN_K, dim=-1)
+        return _own_capacity(idx), weights
+
+
+def _own_capacity(idx: torch.Tensor) -> torch.Tensor:
+    onehot = torch.nn.functional.one_hot(idx, OWN_E).reshape(-1, OWN_E)  # entries in token order
+    seen = onehot.cumsum(0).reshape(*idx.shape, OWN_E).gather(2, idx.unsqueeze(-1)).squeeze(-1)
+    return torch.where(seen > OWN_CAPACITY, -1, idx)
+
+
+def _own_dense(x: torch.Tensor, xe: torch.Tensor, idx: torch.Tensor, wr: torch.Tensor, w1: torch.Tensor,
+               w2: torch.Tensor) -> torch.Tensor:
+    """The layer over every rank's tokens in one process: sum_k p[t, idx[t, k]] * mlp_{idx[t, k]}(xe[t]) over the
+    kept choices (xe: the experts' input, x or its FP8 round trip with x's gradient)."""
+    probs = (x @ wr).softmax(-1)
+    kept = idx >= 0
+    sel = idx.clamp(min=0)
+    wts = probs.gather(1, sel) * kept
+    out = torch.zeros_like(xe)
+    for k in range(OWN_K):
+        h = torch.nn.functional.gelu(torch.einsum("th,thf->tf", xe, w1[sel[:, k]]))
+        out = out + wts[:, k : k + 1] * torch.einsum("tf,tfh->th", h, w2[sel[:, k]])
+    return out
+
+
+def ops_own_layer(rank: int, world: int, case: str) -> list[str]:
+    """The usage.md recipe (router, dispatch, MyExperts, combine) in one of its variants: its output and the
+    gradients of the input, the router and the experts against _own_dense in float64 over all ranks' tokens."""
+    from largeep import fp8
+
+    fails: list[str] = []
+    ns = own_layer_recipe()
+    g = torch.Generator().manual_seed(7)  # the same weights on every rank
+    wr = torch.randn(OWN_H, OWN_E, generator=g) * 0.1
+    w1 = torch.randn(OWN_E, OWN_H, OWN_F, generator=g) * 0.1
+    w2 = torch.randn(OWN_E, OWN_F, OWN_H, generator=g) * 0.1
+    per = OWN_E // world
+    align = 4 if case in ("aligned", "compiled") else 1
+    router = _OwnRouter(wr.clone())
+    experts = ns["MyExperts"](w1[rank * per : (rank + 1) * per].clone(), w2[rank * per : (rank + 1) * per].clone(),
+                              align=align)
+    dtype = torch.bfloat16 if case == "bf16" else torch.float32
+    tokens = OWN_T if rank != 1 else OWN_T - 5  # ranks with different token counts (as `counts` below)
+    gx = torch.Generator().manual_seed(100 + rank)
+    x = torch.randn(tokens, OWN_H, generator=gx).to(dtype).requires_grad_()
+    cot = torch.randn(tokens, OWN_H, generator=gx).to(dtype)
+    buf = largeep.Buffer(None, hidden=OWN_H, num_experts=OWN_E, num_topk=OWN_K, max_tokens_per_rank=OWN_T,
+                         backend="torch")
+    kwargs: dict[str, Any] = {}
+    if case == "fp8":
+        kwargs["use_fp8"] = True
+    if case == "worst":
+        kwargs["num_worst_tokens"] = world * OWN_T
+    if case == "compiled":
+        fn = torch.compile(ns["my_moe"], fullgraph=True, backend="aot_eager")
+        out = fn(ops.register_buffer(buf), router, experts, x)
+    elif case == "async":  # the overlap pattern of the docs (on CPU the calls return finished)
+        idx, w = router(x)
+        d = ops.dispatch(buf, x, idx, w, async_finish=True)
+        ops.wait(d.event)
+        y = experts(d.x, d.topk_idx, d.topk_weights)
+        c = ops.combine(buf, y, d.handle, async_finish=True)
+        ops.wait(c.event)
+        out = c.x
+    else:
+        out = ns["my_moe"](buf, router, experts, x, **kwargs)
+    _check(fails, out.dtype == dtype and out.shape == x.shape, f"{case}: output {out.dtype} {tuple(out.shape)}")
+    (out.float() * cot.float()).sum().backward()
+
+    if case == "aligned":
+        # the host counts of ops.dispatch(expert_alignment=...) are the aligned groups' sizes of the recipe
+        idx, w = router(x.detach())
+        d = ops.dispatch(buf, x.detach(), idx, w, expert_alignment=align)
+        offs, _, pos, _ = ops.expert_order(d.topk_idx, per)
+        ends, _ = ns["aligned"](offs, pos, align)
+        sizes = torch.diff(ends, prepend=ends.new_zeros(1)).tolist()
+        _check(fails, d.num_tokens_per_expert == sizes and all(s % align == 0 for s in sizes),
+               f"aligned counts {d.num_tokens_per_expert} != the recipe's groups {sizes}")
+        ops.combine(buf, d.x, d.handle)
+        for custom in (False, True):  # refused on every rank alike, naming the argument, on either path
+            try:
+                ops.dispatch(buf, x.detach(), idx, w, expert_alignment=0, use_custom_ops=custom)
+                fails.append(f"expert_alignment=0 (use_custom_ops={custom}) not refused")
+            except largeep.ArgumentError as exc:
+                _check(fails, "expert_alignment" in str(exc), f"expert_alignment=0 refused with: {exc}")
+
+    counts = [OWN_T if r != 1 else OWN_T - 5 for r in range(world)]
+
+    def gather(t: torch.Tensor) -> torch.Tensor:
+        """Every rank's rows of t, in rank order (each rank's count is known: counts)."""
+        full = [t.new_zeros(OWN_T, *t.shape[1:]) for _ in range(world)]
+        torch.distributed.all_gather(full, torch.cat([t, t.new_zeros(OWN_T - t.shape[0], *t.shape[1:])]))
+        return torch.cat([f[:c] for f, c in zip(full, counts, strict=True)])
+
+    xs = gather(x.detach().float()).double().requires_grad_()
+    idx_all = gather(router(x.detach())[0])  # each rank's choices, its capacity drops included
+    ref_w = [t.double().requires_grad_() for t in (wr, w1, w2)]
+    xe = xs
+    if case == "fp8":
+        q, s = fp8.quantize(xs.detach().float())
+        xe = xs + (fp8.dequantize(q, s).double() - xs).detach()  # straight through, as the dispatch
+    ref = _own_dense(xs, xe, idx_all, *ref_w)
+    start = sum(counts[:rank])
+    (ref * gather(cot.float()).double()).sum().backward()
+    grad_router = router.w.grad.clone()
+    torch.distributed.all_reduce(grad_router)  # the replicated router: its grads summed over the ranks
+    tol = 3e-2 if dtype == torch.bfloat16 else 1e-4
+
+    def close(what: str, got: torch.Tensor | None, want: torch.Tensor) -> None:
+        if got is None:
+            fails.append(f"{case}: {what}: no gradient")
+            return
+        err = float((got.double() - want).abs().max() / want.abs().max().clamp(min=1e-12))
+        _check(fails, err <= tol, f"{case}: {what} rel err {err:.2e} > {tol}")
+
+    close("output", out.detach(), ref.detach()[start : start + tokens])
+    close("grad x", x.grad, xs.grad[start : start + tokens])
+    close("grad router", grad_router, ref_w[0].grad)
+    close("grad w1", experts.w1.grad, ref_w[1].grad[rank * per : (rank + 1) * per])
+    close("grad w2", experts.w2.grad, ref_w[2].grad[rank * per : (rank + 1) * per])
+    _check(fails, int((router(x.detach())[0] < 0).sum()) > 0 or rank == 1, f"{case}: the router dropped nothing")
+    buf.destroy()
+    return fails

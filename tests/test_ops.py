@@ -955,3 +955,14 @@ def test_weighted_row_sum_bf16_grads_in_float32(cut: str) -> None:
         want_gs[pos[i, j]] += w[i, j].double() * gy64[i]
     assert s_in.grad.dtype == torch.bfloat16
     _within_one_rounding(s_in.grad, want_gs, 1e-30, f"{cut}: grad of src")
+
+
+@pytest.mark.parametrize("case", ["fp32", "bf16", "aligned", "fp8", "worst", "async", "compiled"])
+def test_own_layer_recipe(pools, case: str) -> None:
+    """docs/usage.md, "Your own MoE layer on largeep.ops": the code block as written, on 4 ranks, against a dense
+    single-process float64 computation of the output and the gradients of input, router and experts."""
+    import pathlib
+
+    if not (pathlib.Path(__file__).resolve().parents[1] / "docs" / "usage.md").exists():
+        pytest.skip("needs the source tree (docs/usage.md)")
+    _no_failures(pools(4).run(ops_bodies.ops_own_layer, case))

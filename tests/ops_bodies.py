@@ -1035,10 +1035,14 @@ def _own_dense(x: torch.Tensor, xe: torch.Tensor, idx: torch.Tensor, wr: torch.T
     return out
 
 
-def ops_own_layer(rank: int, world: int, case: str) -> list[str]:
+def ops_own_layer(rank: int, world: int, case: str, backend: str = "torch") -> list[str]:
     """The usage.md recipe (router, dispatch, MyExperts, combine) in one of its variants: its output and the
-    gradients of the input, the router and the experts against _own_dense in float64 over all ranks' tokens."""
+    gradients of the input, the router and the experts against _own_dense in float64 over all ranks' tokens (on
+    the CPU; the layer on ``backend``'s device)."""
+    from bodies import device_for
     from largeep import fp8
+
+    dev = device_for(backend)
 
     fails: list[str] = []
     ns = own_layer_recipe()
@@ -1048,16 +1052,16 @@ def ops_own_layer(rank: int, world: int, case: str) -> list[str]:
     w2 = torch.randn(OWN_E, OWN_F, OWN_H, generator=g) * 0.1
     per = OWN_E // world
     align = 4 if case in ("aligned", "compiled") else 1
-    router = _OwnRouter(wr.clone())
+    router = _OwnRouter(wr.clone()).to(dev)
     experts = ns["MyExperts"](w1[rank * per : (rank + 1) * per].clone(), w2[rank * per : (rank + 1) * per].clone(),
-                              align=align)
+                              align=align).to(dev)
     dtype = torch.bfloat16 if case == "bf16" else torch.float32
     tokens = OWN_T if rank != 1 else OWN_T - 5  # ranks with different token counts (as `counts` below)
     gx = torch.Generator().manual_seed(100 + rank)
-    x = torch.randn(tokens, OWN_H, generator=gx).to(dtype).requires_grad_()
-    cot = torch.randn(tokens, OWN_H, generator=gx).to(dtype)
+    x = torch.randn(tokens, OWN_H, generator=gx).to(dev, dtype).requires_grad_()
+    cot = torch.randn(tokens, OWN_H, generator=gx).to(dev, dtype)
     buf = largeep.Buffer(None, hidden=OWN_H, num_experts=OWN_E, num_topk=OWN_K, max_tokens_per_rank=OWN_T,
-                         backend="torch")
+                         backend=backend)
     kwargs: dict[str, Any] = {}
     if case == "fp8":
         kwargs["use_fp8"] = True
@@ -1102,7 +1106,7 @@ def ops_own_layer(rank: int, world: int, case: str) -> list[str]:
         """Every rank's rows of t, in rank order (each rank's count is known: counts)."""
         full = [t.new_zeros(OWN_T, *t.shape[1:]) for _ in range(world)]
         torch.distributed.all_gather(full, torch.cat([t, t.new_zeros(OWN_T - t.shape[0], *t.shape[1:])]))
-        return torch.cat([f[:c] for f, c in zip(full, counts, strict=True)])
+        return torch.cat([f[:c] for f, c in zip(full, counts, strict=True)]).cpu()
 
     xs = gather(x.detach().float()).double().requires_grad_()
     idx_all = gather(router(x.detach())[0])  # each rank's choices, its capacity drops included
@@ -1122,7 +1126,7 @@ def ops_own_layer(rank: int, world: int, case: str) -> list[str]:
         if got is None:
             fails.append(f"{case}: {what}: no gradient")
             return
-        err = float((got.double() - want).abs().max() / want.abs().max().clamp(min=1e-12))
+        err = float((got.double().cpu() - want).abs().max() / want.abs().max().clamp(min=1e-12))
         _check(fails, err <= tol, f"{case}: {what} rel err {err:.2e} > {tol}")
 
     close("output", out.detach(), ref.detach()[start : start + tokens])

@@ -966,3 +966,19 @@ def test_own_layer_recipe(pools, case: str) -> None:
     if not (pathlib.Path(__file__).resolve().parents[1] / "docs" / "usage.md").exists():
         pytest.skip("needs the source tree (docs/usage.md)")
     _no_failures(pools(4).run(ops_bodies.ops_own_layer, case))
+
+
+@pytest.mark.gpu(2)
+@pytest.mark.parametrize("case", ["fp32", "bf16", "aligned", "fp8", "worst", "async", "compiled"])
+def test_own_layer_recipe_gpu(pools, case: str) -> None:
+    """The same recipe on CUDA with the nvshmem backend (2 ranks): expert_order, weighted_row_sum and the grouped
+    GEMM on the GPU, async_finish overlapping for real."""
+    import pathlib
+
+    from largeep import native
+
+    if native.unavailable_reason() is not None:
+        pytest.skip(str(native.unavailable_reason()))
+    if not (pathlib.Path(__file__).resolve().parents[1] / "docs" / "usage.md").exists():
+        pytest.skip("needs the source tree (docs/usage.md)")
+    _no_failures(pools(2, "nccl").run(ops_bodies.ops_own_layer, case, "nvshmem"))

@@ -995,9 +995,14 @@ def own_layer_recipe() -> dict[str, Any]:
     text = (Path(__file__).resolve().parents[1] / "docs" / "usage.md").read_text()
     section = text.split("\n# Your own MoE layer on largeep.ops\n", 1)[1]
     code = section.split("```python\n", 1)[1].split("\n```", 1)[0]
-    ns: dict[str, Any] = {"__name__": "usage_recipe"}
-    exec(compile(code, "docs/usage.md (Your own MoE layer)", "exec"), ns)  # noqa: S102 - the docs' own code
-    return ns
+    import sys
+    import types
+
+    # a module of its own, importable by name (torch 2.11's Dynamo imports the module of a function it inlines)
+    mod = sys.modules.get("usage_recipe") or types.ModuleType("usage_recipe")
+    sys.modules["usage_recipe"] = mod
+    exec(compile(code, "docs/usage.md (Your own MoE layer)", "exec"), mod.__dict__)  # noqa: S102 - the docs' code
+    return mod.__dict__
 
 
 class _OwnRouter(torch.nn.Module):

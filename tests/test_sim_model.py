@@ -211,13 +211,16 @@ def test_cli_compares_with_deepep_in_our_count(tmp_path: Path, capsys: pytest.Ca
     assert sim.main(["--eps", "8,16,64", "--out", str(tmp_path / "a")]) == 0
     out = capsys.readouterr().out
     assert "DeepEP published (H800), in our byte count" in out
-    assert "153 GB/s logical (133.9 NVLink)" in out and "21.5 GB/s RDMA (published 43)" in out
-    assert "44.6 GB/s RDMA (published 51)" in out and "173 us (experts not stated)" in out
+    assert "153 GB/s logical (133.9 NVLink; H800, NVLink 200 GB/s)" in out
+    assert "21.5 GB/s RDMA (published 43; H800, 400 Gb/s NIC)" in out
+    assert "44.6 GB/s RDMA (published 51; H800, 400 Gb/s NIC)" in out
+    assert "173 us (experts not stated; H800, 400 Gb/s NIC)" in out
+    assert "left out" not in out  # (DeepEP's NIC and GPUs per node: every figure shown)
     # DeepEP's published EP8 low latency ran over RDMA, the model's EP8 over NVLink: the line says so; EP16 has no
     # such caveat (both cross the NIC there)
     assert re.search(r"77 us \(model at 288 experts [0-9.]+; DeepEP over RDMA, the model over NVLink: not like for "
-                     r"like\)", out), out
-    assert re.search(r"118 us \(model at 288 experts [0-9.]+\)", out), out
+                     r"like; H800, 400 Gb/s NIC\)", out), out
+    assert re.search(r"118 us \(model at 288 experts [0-9.]+; H800, 400 Gb/s NIC\)", out), out
     doc = json.loads((tmp_path / "a" / "sim.json").read_text())
     ours = {(d["ep"], d["op"]): d for d in doc["deepep_published"]["normal_in_our_count"]}
     assert ours[(16, "dispatch")]["our_count_gbps"] == pytest.approx(21.5)
@@ -240,15 +243,24 @@ def test_cli_compares_with_deepep_in_our_count(tmp_path: Path, capsys: pytest.Ca
 # -- one basis for efficiency, and the scaling efficiency --------------------------------------------------------
 def test_busiest_link_utilisation_and_scaling_efficiency() -> None:
     """efficiency is the busier link's bytes over its theoretical per-direction peak (NVLink 450 GB/s at EP 8, the
-    NIC's 50 beyond) and says which link; throughput_vs_ep8 is EP 8's time over this EP's for the same call."""
+    NIC's 50 beyond) and says which link; throughput_vs_ref is the sweep's smallest EP's time (ref_ep) over this
+    EP's for the same call."""
     params, cluster = sim.placeholder(), sim.Cluster()
-    rows = sim.sweep_ep(params, cluster, [4, 8, 16, 64], normal=(4096, 7168, 8, 256), ll=(128, 7168, 8, 256))
+    rows = sim.sweep_ep(params, cluster, [8, 4, 16, 64], normal=(4096, 7168, 8, 256), ll=(128, 7168, 8, 256))
+    assert {r["ref_ep"] for r in rows} == {4}
+    from8 = sim.sweep_ep(params, cluster, [8, 16, 64], normal=(4096, 7168, 8, 256), ll=(128, 7168, 8, 256))
+    assert {r["ref_ep"] for r in from8} == {8}
+    by8 = {(r["ep"], r["mode"], r["op"], r["layout"], r["overlap"], r["bf16_partial_sums"]): r for r in from8
+           if r["dtype"] != "bf16" or r["op"] == "combine"}
     by = {(r["ep"], r["mode"], r["op"], r["layout"], r["overlap"]): r for r in rows if not r["bf16_partial_sums"]}
     part = {r["ep"]: r for r in rows if r["bf16_partial_sums"] and r["mode"] == "normal" and sim._main_variant(r)}
     assert sorted(part) == [16, 64], "bf16 partials between nodes: at the EPs of several nodes only"
-    for ep, r in part.items():  # (against EP 8's combine, one node, where the flag changes nothing)
+    for ep, r in part.items():  # (against EP 4's combine, one node, where the flag changes nothing)
+        t4 = by[(4, "normal", "combine", "hierarchical", True)]["time_us"]
+        assert r["throughput_vs_ref"] == pytest.approx(t4 / r["time_us"])
         t8 = by[(8, "normal", "combine", "hierarchical", True)]["time_us"]
-        assert r["throughput_vs_ep8"] == pytest.approx(t8 / r["time_us"])
+        assert by8[(ep, "normal", "combine", "hierarchical", True, True)]["throughput_vs_ref"] == \
+            pytest.approx(t8 / r["time_us"])
         assert r["time_us"] < by[(ep, "normal", "combine", "hierarchical", True)]["time_us"]
     for ep in (4, 8, 16, 64):
         r = by[(ep, "normal", "dispatch", "hierarchical", True)]
@@ -258,12 +270,21 @@ def test_busiest_link_utilisation_and_scaling_efficiency() -> None:
         nic = tr.rdma / r["time_us"] / 1e3 / 50.0
         assert r["efficiency"] == pytest.approx(max(nvl, nic))
         assert r["busiest_link"] == ("nvlink" if ep <= 8 else "rdma")
-        t8 = by[(8, "normal", "dispatch", "hierarchical", True)]["time_us"]
-        assert r["throughput_vs_ep8"] == pytest.approx(t8 / r["time_us"])
-    assert by[(8, "low_latency", "combine", "flat", True)]["throughput_vs_ep8"] == pytest.approx(1.0)
-    assert by[(64, "normal", "combine", "hierarchical", True)]["throughput_vs_ep8"] < 1.0
-    no8 = sim.sweep_ep(params, cluster, [16], normal=(4096, 7168, 8, 256), ll=(128, 7168, 8, 256))
-    assert all(r["throughput_vs_ep8"] is None for r in no8)
+        t4 = by[(4, "normal", "dispatch", "hierarchical", True)]["time_us"]
+        assert r["throughput_vs_ref"] == pytest.approx(t4 / r["time_us"])
+        if ep >= 8:
+            t8 = by[(8, "normal", "dispatch", "hierarchical", True)]["time_us"]
+            assert by8[(ep, "normal", "dispatch", "hierarchical", True, False)]["throughput_vs_ref"] == \
+                pytest.approx(t8 / r["time_us"])
+    assert by[(4, "low_latency", "combine", "flat", True)]["throughput_vs_ref"] == pytest.approx(1.0)
+    assert by[(64, "normal", "combine", "hierarchical", True)]["throughput_vs_ref"] < 1.0
+    # a sweep without EP 8 has a reference all the same: its smallest EP (the CLI's column was blank before)
+    no8 = sim.sweep_ep(params, cluster, [32, 16], normal=(4096, 7168, 8, 256), ll=(128, 7168, 8, 256))
+    t16 = {(r["mode"], r["op"], r["dtype"], r["layout"], r["overlap"], r["weights_sent"], r["bf16_partial_sums"]):
+           r["time_us"] for r in no8 if r["ep"] == 16}
+    for r in no8:
+        key = (r["mode"], r["op"], r["dtype"], r["layout"], r["overlap"], r["weights_sent"], r["bf16_partial_sums"])
+        assert r["ref_ep"] == 16 and r["throughput_vs_ref"] == pytest.approx(t16[key] / r["time_us"])
 
 
 # -- which backend is fitted ------------------------------------------------------------------------------------
@@ -303,7 +324,7 @@ def test_zero_time_has_zero_bandwidth(tokens: int) -> None:
     rows = sim.sweep_ep(_clamped(), sim.Cluster(), [1, 8], normal=(4096, 7168, 8, 256), ll=(tokens, 7168, 8, 256))
     assert all(r["time_us"] == 0.0 and r["logical_gbps"] == 0.0 for r in rows
                if r["ep"] == 1 and r["mode"] == "low_latency")
-    assert all(r["throughput_vs_ep8"] is None for r in rows if r["time_us"] == 0.0)
+    assert all(r["throughput_vs_ref"] is None for r in rows if r["time_us"] == 0.0)
 
 
 @pytest.mark.parametrize("num_ranks,ranks_per_node", [(8, 8), (64, 8), (1, 1)])
@@ -869,8 +890,11 @@ def test_params_from_an_earlier_sim_json_predict_what_that_run_did(tmp_path: Pat
     doc = json.loads((tmp_path / "sim.json").read_text())
     ours, theirs = _rows(doc), _rows(committed)
     assert len(ours) >= 40
+    # (the committed run predates the low-latency dispatch following --dispatch-dtypes: its BF16 rows are new)
+    assert {k for k in ours if k not in theirs} == {k for k in ours if k[1:4] == ("low_latency", "dispatch", "bf16")}
     for key, row in ours.items():
-        assert row["time_us"] == pytest.approx(theirs[key]["time_us"], rel=1e-9), key
+        if key in theirs:
+            assert row["time_us"] == pytest.approx(theirs[key]["time_us"], rel=1e-9), key
     assert doc["calibrated_on"]["params_file"] == str(CURRENT_FIT)
 
 
@@ -970,3 +994,204 @@ def test_sampled_stats_with_sources_count_the_nic_rows_of_local_replicas() -> No
         sim.sampled_stats(uni, n, p, experts, src_rank=src[:5])
     with pytest.raises(ValueError, match="remote_nodes_per_token 3, expected a count in"):
         sim.RoutingStats(2.0, 2.0, remote_nodes_per_token=3.0)
+
+
+# -- the CLI: a load per expert and placements, the modes, the scaling reference, DeepEP's hardware --------------
+def _zipf(e: int, seed: int = 1) -> torch.Tensor:
+    return (torch.randperm(e, generator=torch.Generator().manual_seed(seed)) + 1.0) ** -1.0
+
+
+def test_read_load_takes_json_and_text(tmp_path: Path) -> None:
+    """--load: a JSON list of numbers, or a text file of numbers (commas or white space, # comments); anything else
+    is refused naming the file."""
+    (tmp_path / "a.json").write_text("[1, 2.5, 0, 4]")
+    (tmp_path / "b.txt").write_text("# loads\n1 2.5\n0,4  # last\n")
+    for name in ("a.json", "b.txt"):
+        assert sim.read_load(tmp_path / name).tolist() == [1.0, 2.5, 0.0, 4.0]
+    for text, match in (('{"load": [1, 2]}', "a JSON dict, expected a JSON list of numbers"),
+                        ("1 two 3", "not a JSON list and not a text file of numbers"),
+                        ("[1, -2]", "expected a finite load >= 0 per expert"), ("[0, 0]", "not all 0"),
+                        ("", "0 loads")):
+        (tmp_path / "bad").write_text(text)
+        with pytest.raises(ValueError, match=re.escape(match)):
+            sim.read_load(tmp_path / "bad")
+
+
+def test_load_topk_draws_distinct_experts_by_load() -> None:
+    """One call's tokens, T per rank in rank order, each with K distinct experts; experts of no load are never
+    drawn; with K = 1 an expert is drawn in proportion to its load; drawn in chunks, the same draws."""
+    load = torch.tensor([4.0, 0.0, 2.0, 1.0, 1.0, 0.0, 0.5, 0.5])
+    idx, src = sim.load_topk(load, 4, 5000, 3, seed=2)
+    assert idx.shape == (20000, 3) and src.tolist() == [r for r in range(4) for _ in range(5000)]
+    assert all(len(set(row)) == 3 for row in idx.tolist())
+    assert not bool(((idx == 1) | (idx == 5)).any())
+    assert torch.equal(idx, sim.load_topk(load, 4, 5000, 3, seed=2, chunk=777)[0])
+    one, _ = sim.load_topk(load, 1, 40000, 1, seed=3)
+    freq = torch.bincount(one[:, 0], minlength=8).double() / 40000
+    assert freq.tolist() == pytest.approx((load / load.sum()).tolist(), abs=0.01)
+    with pytest.raises(ValueError, match="6 experts of positive load, expected at least top-7"):
+        sim.load_topk(load, 1, 8, 7)
+
+
+@pytest.mark.parametrize("placement", ["contiguous", "greedy", "planned"])
+def test_placed_stats_is_the_documented_recipe(placement: str) -> None:
+    """placed_stats is docs/scaling.md's Python recipe step by step: the draw, the placement (greedy_placement or
+    plan_placement with every 8th token as the trace), Placement.route and sampled_stats with the source ranks."""
+    from largeep import placement as pl
+
+    n, p, t, k, e = 16, 8, 256, 4, 32
+    load = _zipf(e)
+    spg = None if placement == "contiguous" else 3
+    got = sim.placed_stats(load, placement, n, p, t, k, slots_per_gpu=spg, seed=0)
+    gumbel = -torch.log(-torch.log(torch.rand(n * t, e, generator=torch.Generator().manual_seed(0),
+                                              dtype=torch.float64)))
+    idx = torch.topk(load.double().log() + gumbel, k, dim=1).indices
+    src = torch.arange(n * t) // t
+    if placement == "contiguous":
+        want, slots = sim.sampled_stats(idx, n, p, e, src_rank=src), e
+    else:
+        topo = pl.Topology(num_nodes=2, gpus_per_node=8, slots_per_gpu=3)
+        plan = pl.greedy_placement(load, topo) if placement == "greedy" else \
+            pl.plan_placement(load, topo, trace=pl.RoutingTrace(idx[::8], src[::8], e))
+        want, slots = sim.sampled_stats(plan.route(idx, src), n, p, 48, src_rank=src), 48
+        assert got.replicas == 48 - e - int((plan.phys_to_log < 0).sum())
+    assert got.stats == want and got.num_slots == slots and got.tokens == n * t
+    assert got.describe() == ("contiguous, 2 experts per GPU" if placement == "contiguous" else
+                              f"{placement}, 3 slots per GPU, {got.replicas} replicas")
+    with pytest.raises(ValueError, match="slots_per_gpu 1 on 16 GPUs, expected at least 2"):
+        sim.placed_stats(load, "greedy", n, p, t, k, slots_per_gpu=1)
+
+
+def test_cli_load_and_placements_by_bytes_over_bandwidth(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--load with --placement contiguous,greedy,planned: one set of normal rows per placement, each naming its
+    load and placement in the table and sim.json, each time the bytes of its routing over the links, by hand: the
+    NIC leg T x remote nodes per token x 2H bytes x the busiest node's share over eff_rdma x 50 GB/s plus 3 us, the
+    NVLink leg T x d_r x 7/8 x 2H x the busiest rank's share over eff_nvlink x 450 plus 1 us, the SMs' R 2H x that
+    share over 24 x sm_gbps; the call is the fitted latency plus the longest."""
+    from largeep import placement as pl
+
+    (tmp_path / "load.json").write_text(json.dumps(_zipf(32).tolist()))
+    n, t, h, k = 16, 256, 1024, 4
+    assert sim.main(["--params", str(CURRENT_FIT), "--eps", str(n), "--tokens", str(t), "--hidden", str(h), "--topk",
+                     str(k), "--load", str(tmp_path / "load.json"), "--placement", "contiguous,greedy,planned",
+                     "--slots-per-gpu", "3", "--dispatch-dtypes", "bf16", "--modes", "normal", "--out",
+                     str(tmp_path / "o")]) == 0
+    out = capsys.readouterr().out
+    assert "busiest rank / node share" in out and "drawn from the load of" in out
+    doc = json.loads((tmp_path / "o" / "sim.json").read_text())
+    assert {r["mode"] for r in doc["predictions"]} == {"normal"}
+    assert doc["load"] == str(tmp_path / "load.json") and doc["placements"] == ["contiguous", "greedy", "planned"]
+    params = sim.load_params(CURRENT_FIT)
+    load = _zipf(32).double()
+    idx, src = sim.load_topk(load, n, t, k)
+    topo = pl.Topology(num_nodes=2, gpus_per_node=8, slots_per_gpu=3)
+    routed = {"contiguous": (idx, 32), "greedy": (pl.greedy_placement(load, topo).route(idx, src), 48),
+              "planned": (pl.plan_placement(load, topo, trace=pl.RoutingTrace(idx[::8], src[::8], 32)).route(idx, src),
+                          48)}
+    times = {}
+    for name, (ids, slots) in routed.items():
+        st = sim.sampled_stats(ids, n, 8, slots, src_rank=src)
+        rows = [r for r in doc["predictions"] if r["placement"].startswith(name) and r["op"] == "dispatch"
+                and r["layout"] == "hierarchical" and r["overlap"]]
+        assert len(rows) == 1 and rows[0]["load"] == str(tmp_path / "load.json") and rows[0]["slots"] == slots
+        r = rows[0]
+        assert f"{r['time_us']:.1f}" in out and r["placement"] in out
+        assert r["busiest_rank_share"] == pytest.approx(st.imbalance)
+        nic = t * st.remote_nodes_per_token * 2 * h * st.node_imbalance / (params.eff_rdma * 50e3) + 3.0
+        nvl = t * st.ranks_per_token * 7 / 8 * 2 * h * st.imbalance / (params.eff_nvlink * 450e3) + 1.0
+        sms = t * st.ranks_per_token * 2 * h * st.imbalance / (24 * params.sm_gbps * 1e3)
+        assert r["time_us"] == pytest.approx(params.lat_us["normal.dispatch"] + max(nic, nvl, sms), rel=1e-9)
+        times[name] = r["time_us"]
+    assert times["planned"] < times["contiguous"] and times["greedy"] < times["contiguous"]
+
+
+def test_cli_replicas_beyond_one_expert_per_gpu(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """EP 512 with 256 experts: refused with the experts contiguous, predicted with a greedy placement of one slot
+    per GPU (256 replicas) and the normal mode alone."""
+    with pytest.raises(SystemExit):
+        sim.main(["--eps", "512", "--placement", "greedy", "--tokens", "16"])
+    assert "--modes normal" in capsys.readouterr().err
+    assert sim.main(["--eps", "512", "--placement", "greedy", "--modes", "normal", "--tokens", "16"]) == 0
+    out = capsys.readouterr().out
+    assert "greedy, 1 slots per GPU, 256 replicas" in out and "uniform" in out
+
+
+def test_cli_modes_and_low_latency_dtypes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--modes normal leaves the low-latency rows and their DeepEP table out; the low-latency dispatch follows
+    --dispatch-dtypes (BF16: 2H bytes a row, the NIC leg of EP 16 by hand) and says the fits are FP8's."""
+    assert sim.main(["--eps", "8,16", "--modes", "normal", "--out", str(tmp_path / "n")]) == 0
+    out = capsys.readouterr().out
+    assert not re.search(r"^\d+\s+\d+\s+low_latency", out, re.M) and "model us there" not in out
+    assert {r["mode"] for r in json.loads((tmp_path / "n" / "sim.json").read_text())["predictions"]} == {"normal"}
+    assert sim.main(["--eps", "8,16", "--modes", "low_latency", "--dispatch-dtypes", "bf16,fp8", "--out",
+                     str(tmp_path / "l")]) == 0
+    out = capsys.readouterr().out
+    assert "the committed fits' low-latency records are FP8 dispatches only" in out
+    rows = json.loads((tmp_path / "l" / "sim.json").read_text())["predictions"]
+    assert {r["mode"] for r in rows} == {"low_latency"}
+    disp = {r["dtype"]: r for r in rows if r["ep"] == 16 and r["op"] == "dispatch" and r["overlap"]}
+    params = sim.placeholder()
+    d_r = sim.routing_stats(16, 8, 256, 8).ranks_per_token
+    for dtype, row_bytes in (("bf16", 2 * 7168), ("fp8", 7168 + 7168 // 32)):
+        nic = 128 * d_r * 8 / 16 * row_bytes / (params.eff_rdma * 50e3) + 3.0
+        nvl = 128 * d_r * 7 / 16 * row_bytes / (params.eff_nvlink * 450e3) + 1.0
+        assert disp[dtype]["time_us"] == pytest.approx(params.lat_us["low_latency.dispatch"] + max(nic, nvl))
+    assert disp["bf16"]["time_us"] > disp["fp8"]["time_us"]
+
+
+def test_cli_scaling_reference_is_the_smallest_ep(capsys: pytest.CaptureFixture[str]) -> None:
+    """Without EP 8 in --eps the column was blank: it is now against the smallest EP, named in its header."""
+    assert sim.main(["--eps", "32,16", "--modes", "normal"]) == 0
+    out = capsys.readouterr().out
+    header = next(line for line in out.splitlines() if line.startswith("ep "))
+    assert "vs EP16" in header and "vs EP8" not in header
+    rows = [line.split() for line in out.splitlines() if re.match(r"(16|32)\s+\d\s+normal\s+dispatch\s", line)]
+    col = header.split().index("vs") - 3  # (three "... GB/s" headers of two words, and "busiest-link use")
+    by_ep = {row[0]: row[col] for row in rows}
+    assert by_ep["16"] == "1.00" and 0 < float(by_ep["32"]) < 1.0
+
+
+@pytest.mark.parametrize("args,left", [([], ""), (["--nic-gbps", "25"], "rdma"), (["--gpus-per-node", "4"], "both")])
+def test_cli_deepep_beside_other_hardware(args: list[str], left: str, tmp_path: Path,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """DeepEP's published figures ran on H800s, 400 Gb/s NICs, 8 GPUs per node: shown labelled with that hardware
+    beside a run of the same NIC and node size; its RDMA and low-latency figures left out beside another NIC, and its
+    EP8 figure too beside another node size, each saying which constant differs."""
+    assert sim.main(["--eps", "8,16", *args, "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert ("GB/s RDMA (published 43; H800, 400 Gb/s NIC)" in out) == (left == "")
+    assert ("118 us (model at 288 experts" in out) == (left == "")
+    assert ("published, H800" in out) == (left == "")
+    assert ("GB/s logical (133.9 NVLink; H800, NVLink 200 GB/s)" in out) == (left != "both")
+    if left:
+        assert "DeepEP published RDMA and low-latency figures left out: they ran on H800s with 400 Gb/s NICs" in out
+        assert ("25 GB/s per GPU (--nic-gbps)" in out) == (left == "rdma")
+    assert ("EP8 (one node) figures left out" in out) == (left == "both")
+    doc = json.loads((tmp_path / "sim.json").read_text())
+    assert bool(doc["deepep_published"]["left_out_of_table_and_plot"]["rdma"]) == bool(left)
+    assert (tmp_path / "sim.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["--slots-per-gpu", "2"], "--slots-per-gpu 2: the greedy and planned placements'"),
+    (["--placement", "greedy", "--slots-per-gpu", "1", "--eps", "8,64"], "256 experts need at least 32 slots per GPU"),
+    (["--placement", "greedy", "--max-nodes", "4"], "--max-nodes: the uniform routing's option"),
+    (["--placement", "planned", "--samples", "8192"], "--samples: the uniform routing's option"),
+    (["--placement", "nearest"], "argument --placement: 'nearest': expected a comma list of contiguous, greedy"),
+    (["--modes", "fast"], "argument --modes: 'fast': expected a comma list of normal, low_latency"),
+    (["--load", "LOAD", "--experts", "128"], "--experts 128: --load LOAD gives 256 loads"),
+    (["--load", "FEW", "--topk", "8"], "3 experts of positive load, fewer than --topk 8"),
+    (["--load", "/nonexistent/load.json"], "--load: [Errno 2]"),
+])
+def test_cli_refuses_loads_and_placements(args: list[str], msg: str, tmp_path: Path,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "load.json").write_text(json.dumps(_zipf(256).tolist()))
+    (tmp_path / "few.txt").write_text("1 0 2 0 3 0 0 0 0 0 0 0 0 0 0 0")
+    args = [str(tmp_path / "load.json") if a == "LOAD" else str(tmp_path / "few.txt") if a == "FEW" else a
+            for a in args]
+    msg = msg.replace("LOAD", str(tmp_path / "load.json"))
+    with pytest.raises(SystemExit) as e:
+        sim.main([*args, "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and msg in err, err
+    assert not (tmp_path / "out").exists()

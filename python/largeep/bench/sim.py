@@ -75,7 +75,9 @@ RDMA GB/s, its EP8 figure beside the model's logical GB/s, and both (EP8: x 7/8 
 theoretical per-direction peak (H800 NVLink 200 GB/s, NIC 50) beside the model's busiest-link utilisation on the
 same basis (H200 NVLink 450 GB/s, NIC 50; :func:`deepep_normal_in_our_count`). That utilisation is of NVLink inside
 one node and mostly of the NIC beyond, so it is no scaling efficiency: the sweep gives that as
-``throughput_vs_ep8``. Its low-latency figures are at 128 tokens, top-8 of 288 experts (its test's count; 288 does
+``throughput_vs_ref`` (against ``ref_ep``, its smallest EP; ``throughput_vs_ep8`` before). Beside a cluster whose
+NIC or GPUs per node differ from DeepEP's, its RDMA and low-latency figures are left out (:func:`deepep_left_out`).
+Its low-latency figures are at 128 tokens, top-8 of 288 experts (its test's count; 288 does
 not divide EP 64-256, where the published count is not stated): the model at that configuration is listed and
 plotted beside them (:func:`deepep_ll_comparison`); its EP8 figure ran over RDMA, the model's EP8 over NVLink.
 
@@ -439,6 +441,125 @@ def sampled_stats(topk_idx: torch.Tensor, num_ranks: int, ranks_per_node: int, n
     other_ranks = (hit.view(t, m, ranks_per_node).sum(2) * remote).sum(1).double()
     return RoutingStats(d_r, float(nodes.sum()) / t, imbalance, summed, node_share, total / t,
                         float(other_ranks.sum()) / t)
+
+
+# -- a load per expert, through a placement ---------------------------------------------------------------------
+PLACEMENTS = ("contiguous", "greedy", "planned")
+
+
+def read_load(path: str | Path) -> torch.Tensor:
+    """float64 [E]: a load per expert from ``path``, a JSON list of numbers or a text file of numbers (separated by
+    white space or commas; ``#`` starts a comment). Raises ValueError naming the file for one that does not read as
+    that, or for loads that are negative, not finite or all 0."""
+    text = Path(path).read_text()
+    try:
+        doc = json.loads(text)
+    except ValueError:
+        doc = None
+    if doc is not None:
+        if not isinstance(doc, list) or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                 for v in doc):
+            raise ValueError(f"{path}: a JSON {type(doc).__name__}, expected a JSON list of numbers (a load per "
+                             "expert)")
+        values = [float(v) for v in doc]
+    else:
+        words = " ".join(line.split("#", 1)[0] for line in text.splitlines()).replace(",", " ").split()
+        try:
+            values = [float(v) for v in words]
+        except ValueError:
+            raise ValueError(f"{path}: not a JSON list and not a text file of numbers (a load per expert)") from None
+    load = torch.tensor(values, dtype=torch.float64)
+    if not load.numel() or not bool(torch.isfinite(load).all()) or bool((load < 0).any()) or not bool(load.sum() > 0):
+        raise ValueError(f"{path}: {load.numel()} loads, expected a finite load >= 0 per expert, not all 0")
+    return load
+
+
+def load_topk(load: torch.Tensor, num_ranks: int, num_tokens: int, num_topk: int, *, seed: int = 0,
+              chunk: int = 1 << 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """One call's routing drawn from a load per expert: ``num_ranks * num_tokens`` tokens, token i from rank
+    ``i // num_tokens`` (the second tensor, int64), each picking ``num_topk`` distinct experts (int64 [T, K]) in
+    proportion to ``load`` without replacement (the Gumbel top-k draw: the top K of log(load) + Gumbel noise).
+    Drawn ``chunk`` tokens at a time from one generator, the same draws as in one piece. Raises ValueError for a
+    load with fewer than ``num_topk`` experts of positive load."""
+    load = load.detach().double().cpu()
+    if int((load > 0).sum()) < num_topk:
+        raise ValueError(f"load_topk: {int((load > 0).sum())} experts of positive load, expected at least "
+                         f"top-{num_topk}")
+    n = num_ranks * num_tokens
+    gen = torch.Generator().manual_seed(seed)
+    logs = load.log()
+    parts = []
+    for start in range(0, n, chunk):
+        u = torch.rand(min(chunk, n - start), load.numel(), generator=gen, dtype=torch.float64)
+        parts.append(torch.topk(logs - torch.log(-torch.log(u)), num_topk, dim=1).indices)
+    idx = torch.cat(parts) if parts else torch.empty(0, num_topk, dtype=torch.int64)
+    return idx, torch.arange(n) // num_tokens
+
+
+@dataclass(frozen=True)
+class PlacedRouting:
+    """Routing statistics of a load through a placement (:func:`placed_stats`): ``stats`` counted on the physical
+    ids with each token's source rank, ``num_slots`` the ids dispatch sees (``Workload.num_experts``),
+    ``slots_per_gpu``, ``replicas`` (slots that hold a copy beyond each expert's first), ``tokens`` drawn."""
+
+    placement: str
+    stats: RoutingStats
+    num_slots: int
+    slots_per_gpu: int
+    replicas: int
+    tokens: int
+
+    def describe(self) -> str:
+        """The placement in words, e.g. "greedy, 5 slots per GPU, 64 replicas"."""
+        if self.placement == "contiguous":
+            return f"contiguous, {self.slots_per_gpu} experts per GPU"
+        return f"{self.placement}, {self.slots_per_gpu} slots per GPU, {self.replicas} replicas"
+
+
+def placed_stats(load: torch.Tensor, placement: str, num_ranks: int, ranks_per_node: int, num_tokens: int,
+                 num_topk: int, *, slots_per_gpu: int | None = None, seed: int = 0, nvlink_gbps: float = 450.0,
+                 nic_gbps: float = CX7_NIC_GBPS, trace_every: int = 8) -> PlacedRouting:
+    """The statistics of one call's routing drawn from ``load`` (:func:`load_topk`: ``num_tokens`` tokens per rank)
+    and routed through ``placement``: "contiguous" (expert e on rank e // (E / N), SPEC.md's layout, the ids as
+    drawn), "greedy" (:func:`largeep.placement.greedy_placement`, EPLB-style) or "planned"
+    (:func:`largeep.placement.plan_placement` with every ``trace_every``-th token as its trace). The last two fill
+    ``slots_per_gpu`` slots on every GPU (default: the fewest that hold the E experts, ceil(E / N)) with the
+    experts and replicas of the busiest, and route with ``Placement.route``; the statistics are
+    :func:`sampled_stats` of the physical ids with each token's source rank. ``nvlink_gbps``, ``nic_gbps``: the
+    links the planner weighs (GB/s per GPU). Raises ValueError for a placement not in :data:`PLACEMENTS`, a
+    contiguous placement whose experts do not divide among the ranks, or slots that cannot hold the experts."""
+    from largeep import placement as pl
+
+    if placement not in PLACEMENTS:
+        raise ValueError(f"placed_stats: placement {placement!r}, expected one of {', '.join(PLACEMENTS)}")
+    e = load.numel()
+    p = min(ranks_per_node, num_ranks)
+    if placement == "contiguous":
+        if slots_per_gpu is not None:
+            raise ValueError("placed_stats: slots_per_gpu is a greedy or planned placement's (contiguous puts E / N "
+                             "experts on each rank)")
+        check_routing(num_ranks, p, e, num_topk)
+    else:
+        if num_ranks % p:
+            raise ValueError(f"placed_stats: {p} ranks per node do not divide {num_ranks} ranks (a group holds "
+                             "whole nodes)")
+        slots_per_gpu = -(-e // num_ranks) if slots_per_gpu is None else slots_per_gpu
+        if slots_per_gpu < 1 or slots_per_gpu * num_ranks < e:
+            raise ValueError(f"placed_stats: slots_per_gpu {slots_per_gpu} on {num_ranks} GPUs, expected at least "
+                             f"{-(-e // num_ranks)} (slots for the {e} experts)")
+    idx, src = load_topk(load, num_ranks, num_tokens, num_topk, seed=seed)
+    if placement == "contiguous" or slots_per_gpu is None:
+        return PlacedRouting(placement, sampled_stats(idx, num_ranks, p, e, src_rank=src), e, e // num_ranks, 0,
+                             idx.shape[0])
+    topo = pl.Topology(num_nodes=num_ranks // p, gpus_per_node=p, nvlink_bw=nvlink_gbps * 1e9,
+                       nic_bw=nic_gbps * 1e9, slots_per_gpu=slots_per_gpu)
+    if placement == "greedy":
+        plan = pl.greedy_placement(load, topo)
+    else:
+        plan = pl.plan_placement(load, topo, trace=pl.RoutingTrace(idx[::trace_every], src[::trace_every], e))
+    stats = sampled_stats(plan.route(idx, src), num_ranks, p, topo.num_slots, src_rank=src)
+    return PlacedRouting(placement, stats, topo.num_slots, slots_per_gpu, int((plan.phys_to_log >= 0).sum()) - e,
+                         idx.shape[0])
 
 
 # -- traffic ----------------------------------------------------------------------------------------------------
@@ -1374,64 +1495,124 @@ def symmetric_memory(eps: Sequence[int], gpus_per_node: int, normal: tuple[int, 
 def sweep_ep(
     params: Params, cluster: Cluster, eps: Sequence[int], *, normal: tuple[int, int, int, int],
     ll: tuple[int, int, int, int], max_nodes: int | None = None, samples: int = 0, seed: int = 0,
-    dispatch_dtypes: Sequence[str] = ("fp8",), tokens_per_round: int | None = None,
+    dispatch_dtypes: Sequence[str] = ("fp8",), tokens_per_round: int | None = None, modes: Sequence[str] = MODES,
+    load: torch.Tensor | None = None, load_name: str = "", placements: Sequence[str] = (),
+    slots_per_gpu: int | None = None,
 ) -> list[dict[str, Any]]:
-    """Predictions for every EP, op and variant. normal/ll: (tokens, hidden, topk, experts). samples > 0 counts
-    routing statistics on that many sampled tokens (needed for ``max_nodes``) instead of the exact formulas.
-    dispatch_dtypes: the normal-mode dispatch dtypes (low-latency dispatch is FP8); combine is BF16.
-    tokens_per_round: normal-mode calls in rounds of that many tokens (Buffer(tokens_per_round=...)). Where
+    """Predictions for every EP, mode of ``modes``, op and variant. normal/ll: (tokens, hidden, topk, experts).
+    samples > 0 counts routing statistics on that many sampled tokens (needed for ``max_nodes``) instead of the
+    exact formulas. dispatch_dtypes: the dispatch dtypes of both modes (the low-latency ``use_fp8``); combine is
+    BF16. tokens_per_round: normal-mode calls in rounds of that many tokens (Buffer(tokens_per_round=...)). Where
     ``params`` has a fitted summing pass, the low-latency combine with the weights sent too (rows with
     ``weights_sent`` True, two-row sums and ``bf16_partial_sums``); at EPs of several nodes the normal combine with
-    its partial sums between nodes in BF16 too (``bf16_partial_sums`` True, ``weights_sent`` False). A mode that
-    cannot exist at an EP
-    (:func:`routing_problem`: its experts not divisible by the EP, the EP not whole nodes, ...) is left out there,
-    with a warning saying why (the CLI refuses such arguments before it gets here). Each row's
-    ``throughput_vs_ep8`` is the scaling efficiency: the same call's time at EP 8 over its time here, i.e. a GPU's
-    tokens per second relative to EP 8 (the same tokens per rank at every EP); None where EP 8 is not swept."""
+    its partial sums between nodes in BF16 too (``bf16_partial_sums`` True, ``weights_sent`` False).
+
+    load (float [E], E = ``normal``'s experts; ``load_name`` names it in the rows) or placements (of
+    :data:`PLACEMENTS`; default "contiguous" where a load is given): the normal mode's routing is one call's
+    tokens drawn from that load (a uniform one where only placements are given) and routed through each placement
+    (:func:`placed_stats`, with ``slots_per_gpu``), its statistics counted with each token's source rank and the
+    busiest rank's and node's shares as drawn; one set of normal-mode rows per placement. The low-latency rows keep
+    uniform routing over contiguous experts. Every row says its routing: ``load`` ("uniform" or ``load_name``),
+    ``placement`` (:meth:`PlacedRouting.describe`, or "contiguous"), ``slots`` (the ids dispatch sees) and the
+    busiest rank's and node's shares (``busiest_rank_share``, ``busiest_node_share``; None: not counted, 1 for
+    uniform routing).
+
+    A mode that cannot exist at an EP (:func:`routing_problem`: its experts not divisible by the EP, the EP not
+    whole nodes, ...) is left out there, with a warning saying why (the CLI refuses such arguments before it gets
+    here). Each row's ``throughput_vs_ref`` is the scaling efficiency against ``ref_ep``, the sweep's smallest EP:
+    the same call's time there over its time here, i.e. a GPU's tokens per second relative to that EP (the same
+    tokens per rank at every EP); None where the call has no row at ``ref_ep``."""
     if tokens_per_round is not None and tokens_per_round < 1:
         raise ValueError(f"sweep_ep: tokens_per_round {tokens_per_round}, expected >= 1 (or None: one round)")
+    bad = [m for m in modes if m not in MODES]
+    if bad or not modes:
+        raise ValueError(f"sweep_ep: modes {', '.join(modes) or 'none'}, expected some of {', '.join(MODES)}")
+    bad = [pl_ for pl_ in placements if pl_ not in PLACEMENTS]
+    if bad:
+        raise ValueError(f"sweep_ep: placements {', '.join(bad)}, expected some of {', '.join(PLACEMENTS)}")
+    if load is not None and load.numel() != normal[3]:
+        raise ValueError(f"sweep_ep: load of {load.numel()} experts, expected normal's {normal[3]}")
+    if (load is not None or placements) and (max_nodes or samples):
+        raise ValueError("sweep_ep: a load or placements draw one call's routing; max_nodes and samples are the "
+                         "uniform routing's")
+    placed = load is not None or bool(placements)
+    if placed:
+        placements = list(placements) or ["contiguous"]
     rounds = -(-normal[0] // tokens_per_round) if tokens_per_round else 1
     out = []
     for ep in eps:
         p = min(cluster.gpus_per_node, ep)
         for mode, (t, h, k, e) in (("normal", normal), ("low_latency", ll)):
-            why = routing_problem(ep, p, e, k, max_nodes=max_nodes if mode == "normal" else None)
-            if why:
-                warnings.warn(f"sweep_ep: no {mode} predictions at EP {ep}: {why}", stacklevel=2)
+            if mode not in modes:
                 continue
-            stats = None
-            if mode == "normal" and (samples or max_nodes):
-                idx = sample_topk(max(samples, 4096), e, k, seed=seed, num_nodes=ep // p, max_nodes=max_nodes)
-                # The sample's busiest rank over the mean is sampling noise, not skew: its routing treats every
-                # rank alike, and a few thousand tokens over hundreds of ranks gave 7-26% (EP 64-256) where a
-                # whole batch of N * T tokens gives about 1%. So the rows per token come from the sample, and the
-                # imbalance stays 1 as for the exact formulas (the node's too).
-                stats = replace(sampled_stats(idx, ep, p, e), imbalance=1.0, node_imbalance=1.0)
-            ops = [("dispatch", d, False, False) for d in (dispatch_dtypes if mode == "normal" else ("fp8",))]
+            routings: list[tuple[RoutingStats | None, int, str, str]] = []  # (stats, slots, load, placement)
+            if mode == "normal" and placed:
+                drawn = load if load is not None else torch.ones(e, dtype=torch.float64)
+                for name in placements:
+                    spg = slots_per_gpu if name != "contiguous" else None
+                    why = routing_problem(ep, p, e, k) if name == "contiguous" else (
+                        f"{spg} slots per GPU hold {spg * ep} experts, fewer than {e}"
+                        if spg is not None and spg * ep < e else None)
+                    if why:
+                        warnings.warn(f"sweep_ep: no normal predictions with the {name} placement at EP {ep}: {why}",
+                                      stacklevel=2)
+                        continue
+                    pr_ = placed_stats(drawn, name, ep, p, t, k, slots_per_gpu=spg, seed=seed,
+                                       nvlink_gbps=cluster.nvlink_gbps, nic_gbps=cluster.nic_gbps)
+                    routings.append((pr_.stats, pr_.num_slots, load_name if load is not None else "uniform",
+                                     pr_.describe()))
+            else:
+                why = routing_problem(ep, p, e, k, max_nodes=max_nodes if mode == "normal" else None)
+                if why:
+                    warnings.warn(f"sweep_ep: no {mode} predictions at EP {ep}: {why}", stacklevel=2)
+                    continue
+                stats = None
+                if mode == "normal" and (samples or max_nodes):
+                    idx = sample_topk(max(samples, 4096), e, k, seed=seed, num_nodes=ep // p, max_nodes=max_nodes)
+                    # The sample's busiest rank over the mean is sampling noise, not skew: its routing treats every
+                    # rank alike, and a few thousand tokens over hundreds of ranks gave 7-26% (EP 64-256) where a
+                    # whole batch of N * T tokens gives about 1%. So the rows per token come from the sample, and
+                    # the imbalance stays 1 as for the exact formulas (the node's too).
+                    stats = replace(sampled_stats(idx, ep, p, e), imbalance=1.0, node_imbalance=1.0)
+                routings.append((stats, e, "uniform", "contiguous"))
+            ops = [("dispatch", d, False, False) for d in dispatch_dtypes]
             ops.append(("combine", "bf16", False, False))
             if mode == "normal" and ep > p:  # (bf16 partial sums between nodes: only where there are several)
                 ops.append(("combine", "bf16", False, True))
             if mode == "low_latency" and params.sum_gbps:
                 ops += [("combine", "bf16", True, False), ("combine", "bf16", True, True)]
-            for op, dtype, sent, one in ops:
-                w = Workload(mode, op, t, h, k, e, dtype, sent, one)
-                for layout, overlap in VARIANTS:
-                    if mode == "low_latency" and layout == "hierarchical":
-                        continue  # low-latency sends straight to every rank (no per-node hop)
-                    pr = predict(w, ep, params, cluster, stats=stats, hierarchical=layout == "hierarchical",
-                                 overlap=overlap, rounds=rounds)
-                    out.append({"ep": ep, "nodes": ep // p, "mode": mode, "op": op, "dtype": dtype, "tokens": t,
-                                "layout": layout, "overlap": overlap, "source": "modelled", "weights_sent": sent,
-                                "bf16_partial_sums": one, **asdict(pr)})
+            for stats, slots, load_txt, where in routings:
+                shares = (1.0, 1.0) if stats is None else (stats.imbalance, stats.node_imbalance)
+                for op, dtype, sent, one in ops:
+                    w = Workload(mode, op, t, h, k, slots, dtype, sent, one)
+                    for layout, overlap in VARIANTS:
+                        if mode == "low_latency" and layout == "hierarchical":
+                            continue  # low-latency sends straight to every rank (no per-node hop)
+                        pr = predict(w, ep, params, cluster, stats=stats, hierarchical=layout == "hierarchical",
+                                     overlap=overlap, rounds=rounds)
+                        out.append({"ep": ep, "nodes": ep // p, "mode": mode, "op": op, "dtype": dtype, "tokens": t,
+                                    "layout": layout, "overlap": overlap, "source": "modelled", "weights_sent": sent,
+                                    "bf16_partial_sums": one, "load": load_txt, "placement": where, "slots": slots,
+                                    "busiest_rank_share": shares[0], "busiest_node_share": shares[1], **asdict(pr)})
 
     def same_call(r: dict[str, Any]) -> tuple[Any, ...]:
-        return tuple(r[k] for k in ("mode", "op", "dtype", "layout", "overlap", "weights_sent", "bf16_partial_sums"))
+        return tuple(r[k] for k in ("mode", "op", "dtype", "layout", "overlap", "weights_sent", "bf16_partial_sums",
+                                    "load", "placement_kind"))
 
-    at8 = {same_call(r): r["time_us"] for r in out if r["ep"] == 8}
     for r in out:
-        # (a normal combine with bf16 partials between nodes against EP 8's, one node, where the flag changes nothing)
-        ref = at8.get(same_call({**r, "bf16_partial_sums": False} if r["mode"] == "normal" else r))
-        r["throughput_vs_ep8"] = ref / r["time_us"] if ref is not None and r["time_us"] > 0 else None
+        r["placement_kind"] = r["placement"].split(",")[0]
+    ref_ep = min(eps) if eps else None
+    at_ref = {same_call(r): r["time_us"] for r in out if r["ep"] == ref_ep}
+    for r in out:
+        # (a normal combine with bf16 partials between nodes against the plain combine where the reference EP is
+        # one node, where the flag changes nothing)
+        ref = at_ref.get(same_call(r))
+        if ref is None and r["mode"] == "normal" and r["bf16_partial_sums"]:
+            ref = at_ref.get(same_call({**r, "bf16_partial_sums": False}))
+        r["ref_ep"] = ref_ep
+        r["throughput_vs_ref"] = ref / r["time_us"] if ref is not None and r["time_us"] > 0 else None
+    for r in out:
+        del r["placement_kind"]
     return out
 
 
@@ -1462,6 +1643,24 @@ def deepep_ll_comparison(params: Params, cluster: Cluster) -> list[dict[str, Any
 LL_RDMA_CAVEAT = "DeepEP over RDMA, the model over NVLink: not like for like"
 
 
+def deepep_left_out(cluster: Cluster) -> dict[str, str]:
+    """Which of DeepEP's published figures a table or plot of a run on ``cluster`` leaves out, and why ("": shown,
+    labelled with DeepEP's hardware). "nvl": its EP8 figure, one node of 8 H800s (NVLink 200 GB/s per direction),
+    left out where a node has other than 8 GPUs (EP 8 is then not one node). "rdma": its internode normal-mode
+    figures (EP16 and beyond) and its low-latency ones (which send over RDMA even inside a node), on 400 Gb/s NICs
+    (50 GB/s per GPU) and 8 GPUs per node, left out where the cluster's NIC or GPUs per node differ: the NIC sets
+    those times, so beside other links they compare hardware, not designs."""
+    p = f"{DEEPEP_GPUS_PER_NODE} GPUs per node"
+    nvl = "" if cluster.gpus_per_node == DEEPEP_GPUS_PER_NODE else \
+        f"they ran on one node of {p} (H800), this run has {cluster.gpus_per_node} (--gpus-per-node)"
+    differ = [f"{cluster.nic_gbps:g} GB/s per GPU (--nic-gbps)" if cluster.nic_gbps != CX7_NIC_GBPS else "",
+              f"{cluster.gpus_per_node} GPUs per node (--gpus-per-node)" if cluster.gpus_per_node !=
+              DEEPEP_GPUS_PER_NODE else ""]
+    rdma = "" if not any(differ) else (f"they ran on H800s with {8 * CX7_NIC_GBPS:g} Gb/s NICs ({CX7_NIC_GBPS:g} GB/s "
+                                       f"per GPU), {p}; this run has {' and '.join(d for d in differ if d)}")
+    return {"nvl": nvl, "rdma": rdma}
+
+
 def _main_variant(row: dict[str, Any], hierarchical: bool = True, overlap: bool = True) -> bool:
     """A row of the variant the CLI's table lists: the normal mode in this layout, either mode with this overlap
     (the low-latency mode has one layout, direct sends)."""
@@ -1471,6 +1670,12 @@ def _main_variant(row: dict[str, Any], hierarchical: bool = True, overlap: bool 
 
 def _routing_txt(args: argparse.Namespace) -> str:
     """The routing the CLI's normal-mode rows assume, in words (the low-latency rows keep uniform routing)."""
+    if args.load is not None or args.placement:
+        return (f"top-{args.topk} of {args.experts} experts drawn from "
+                + (f"the load of {args.load}" if args.load is not None else "a uniform load")
+                + f", EP x {args.tokens} tokens (one call's) at each EP, counted with each token's source rank; "
+                "the busiest rank's and node's shares as drawn; placement in the 'placement' column (normal mode"
+                + ("; low-latency mode uniform, experts contiguous)" if "low_latency" in args.modes else ")"))
     if args.max_nodes is not None:
         return (f"node-limited to {args.max_nodes} nodes per token, uniform within them, counted on "
                 f"{max(args.samples, 4096)} sampled tokens (normal mode; low-latency mode uniform)")
@@ -1523,6 +1728,14 @@ def plot_sweep(
 
     links = cluster or Cluster()
     g = links.gpus_per_node
+    left_out = deepep_left_out(links)
+    # (one placement's lines per mode: the first of the rows; the table and sim.json have every placement)
+    kinds: dict[str, str] = {}
+    for r in rows:
+        kinds.setdefault(r["mode"], r.get("placement", "contiguous").split(",")[0])
+    ll_keys = sorted({(r["op"], r["dtype"]) for r in rows if r["mode"] == "low_latency"},
+                     key=lambda k: (k[0] != "dispatch", k[1] != "fp8"))
+    ref_ep = next((r["ref_ep"] for r in rows if r.get("ref_ep") is not None), None)
     fig, axes = plt.subplots(2, 2, figsize=(19, 11))
     series_keys = sorted({(r["op"], r["dtype"]) for r in rows if r["mode"] == "normal"},
                          key=lambda k: (k[0] != "dispatch", k[1] != "fp8"))
@@ -1531,7 +1744,8 @@ def plot_sweep(
 
     def series(mode: str, op: str, dtype: str | None, layout: str, overlap: bool, key: str):  # noqa: ANN202
         sel = [r for r in rows if r["mode"] == mode and r["op"] == op and r["layout"] == layout
-               and r["overlap"] == overlap and (dtype is None or r["dtype"] == dtype) and _plain(r)]
+               and r["overlap"] == overlap and (dtype is None or r["dtype"] == dtype) and _plain(r)
+               and r.get("placement", "").split(",")[0] == kinds.get(mode)]
         return [r["ep"] for r in sel], [r[key] for r in sel]
 
     def points(recs: Sequence[dict[str, Any]], mode: str, op: str, dtype: str | None) -> list[dict[str, Any]]:
@@ -1567,7 +1781,7 @@ def plot_sweep(
                 label=f"DeepEP {op} {dtype} on our H200 ({DEEPEP_H200_NORMAL_SHAPE[0]} tokens, "
                       f"{DEEPEP_H200_NORMAL_SHAPE[3]} experts)")
     part = [r for r in rows if r["mode"] == "normal" and r["op"] == "combine" and r.get("bf16_partial_sums")
-            and _main_variant(r)]
+            and _main_variant(r) and r.get("placement", "").split(",")[0] == kinds.get("normal")]
     if part:
         ax.plot([r["ep"] for r in part], [r["time_us"] for r in part], "-.", color=_COLORS[("combine", "bf16")],
                 lw=1.2, label="combine bf16 model, hierarchical, bf16 partial sums between nodes")
@@ -1587,12 +1801,16 @@ def plot_sweep(
                     label=f"{op} {dtype} measured logical GB/s")
         if dtype == "fp8" or op == "combine":
             ours = [deepep_normal_in_our_count(e, op) for e in sorted(DEEPEP_NORMAL)]
+            ours = [d for d in ours if not left_out["nvl" if d["leg"] == "nvlink" else "rdma"]]
             one = [d for d in ours if d["leg"] == "nvlink"]
-            ax.plot([d["ep"] for d in one], [d["logical_gbps"] for d in one], "s", color=c, mfc="none",
-                    label=f"DeepEP {op} EP8, H800: its NVL GB/s = logical (as the solid lines)")
+            if one:
+                ax.plot([d["ep"] for d in one], [d["logical_gbps"] for d in one], "s", color=c, mfc="none",
+                        label=f"DeepEP {op} EP8, H800: its NVL GB/s = logical (as the solid lines)")
             rdma = [d for d in ours if d["leg"] == "rdma"]
-            ax.plot([d["ep"] for d in rdma], [d["our_count_gbps"] for d in rdma], "^", color=c, mfc="none",
-                    label=f"DeepEP {op} RDMA, H800: published x (M-1)/M = NIC bytes as the dashed lines count")
+            if rdma:
+                ax.plot([d["ep"] for d in rdma], [d["our_count_gbps"] for d in rdma], "^", color=c, mfc="none",
+                        label=f"DeepEP {op} RDMA, H800, {8 * CX7_NIC_GBPS:g} Gb/s NICs: published x (M-1)/M = NIC "
+                              "bytes as the dashed lines count")
         j = 0 if (op, dtype) == ("dispatch", "fp8") else 1 if op == "dispatch" else 2
         ax.plot(sorted(DEEPEP_H200_NORMAL), [DEEPEP_H200_NORMAL[e][j] for e in sorted(DEEPEP_H200_NORMAL)], "*",
                 color=c, ms=9, label=f"DeepEP {op} {dtype} on our H200")
@@ -1603,19 +1821,22 @@ def plot_sweep(
     ax = axes[1, 0]
     lle = f", {ll_experts} experts" if ll_experts else ""
     dee = DEEPEP_LL_SHAPE[3]
+    for op, dtype in ll_keys:
+        xs, ys = series("low_latency", op, dtype, "flat", True, "time_us")
+        ax.plot(xs, ys, "-", color=_COLORS.get((op, dtype), "tab:gray"), label=f"{op} {dtype} model{lle} ({ll_src})")
     for op in OPS:
         dtype = "fp8" if op == "dispatch" else "bf16"
         c = _COLORS[(op, dtype)]
-        xs, ys = series("low_latency", op, None, "flat", True, "time_us")
-        ax.plot(xs, ys, "-", color=c, label=f"{op} model{lle} ({ll_src})")
         at = [d for d in deepep_ll if d["op"] == op and d["model_us"] is not None]
         if at:
             ax.plot([d["ep"] for d in at], [d["model_us"] for d in at], "x", color=c, ms=7,
                     label=f"{op} model at DeepEP's configuration ({dee} experts, EP {min(d['ep'] for d in at)}-"
                           f"{max(d['ep'] for d in at)})")
         i = OPS.index(op)
-        ax.plot(list(DEEPEP_LL), [v[i] for v in DEEPEP_LL.values()], "^", color=c, mfc="none",
-                label=f"DeepEP {op} (published, H800, RDMA even at EP8; {dee} experts to EP32, not stated beyond)")
+        if not left_out["rdma"]:
+            ax.plot(list(DEEPEP_LL), [v[i] for v in DEEPEP_LL.values()], "^", color=c, mfc="none",
+                    label=f"DeepEP {op} (published, H800, {8 * CX7_NIC_GBPS:g} Gb/s NICs, RDMA even at EP8; {dee} "
+                          "experts to EP32, not stated beyond)")
         ax.plot(sorted(DEEPEP_H200_LL), [DEEPEP_H200_LL[e][i] for e in sorted(DEEPEP_H200_LL)], "*", color=c,
                 ms=9, label=f"DeepEP {op}, measured on our H200 ({dee} experts)")
         for lab in labels:
@@ -1629,7 +1850,7 @@ def plot_sweep(
                     label=f"{op} measured (fitted)")
     gaps = [abs(d["model_us"] / r["time_us"] - 1) for d in deepep_ll if d["model_us"] is not None for r in rows
             if _main_variant(r) and r["mode"] == "low_latency" and _plain(r) and r["ep"] == d["ep"]
-            and r["op"] == d["op"]]
+            and r["op"] == d["op"] and (r["op"], r["dtype"]) != ("dispatch", "bf16")]
     gap = f", {100 * max(gaps):.2f}% from the lines at most" if gaps else ""
     ax.set_title(f"low-latency, {ll_tokens} tokens, time per call\nlines{lle}; crosses at DeepEP's {dee}{gap}\n"
                  "DeepEP's published EP8 ran over RDMA, the model's EP8 over NVLink: not like for like", fontsize=8)
@@ -1638,46 +1859,55 @@ def plot_sweep(
 
     ax = axes[1, 1]
     for mode, style in (("normal", "-"), ("low_latency", "--")):
-        for op, dtype in series_keys if mode == "normal" else (("dispatch", "fp8"), ("combine", "bf16")):
+        for op, dtype in series_keys if mode == "normal" else ll_keys:
             layout = "hierarchical" if mode == "normal" else "flat"
             xs, ys = series(mode, op, dtype, layout, True, "efficiency")
             ax.plot(xs, ys, style, color=_COLORS.get((op, dtype), "tab:gray"),
                     label=f"{mode} {op} {dtype} model: busiest-link utilisation")
-    for op, dtype in series_keys:  # the scaling efficiency, from EP 8 on
-        xs, ys = series("normal", op, dtype, "hierarchical", True, "throughput_vs_ep8")
-        scaled = [(x, y) for x, y in zip(xs, ys, strict=True) if x >= 8 and y is not None]
+    for op, dtype in series_keys:  # the scaling efficiency, against the sweep's smallest EP
+        xs, ys = series("normal", op, dtype, "hierarchical", True, "throughput_vs_ref")
+        scaled = [(x, y) for x, y in zip(xs, ys, strict=True) if y is not None]
         if scaled:
             ax.plot([x for x, _ in scaled], [y for _, y in scaled], ":", color=_COLORS.get((op, dtype), "tab:gray"),
-                    marker=".", label=f"normal {op} {dtype} model: per-GPU throughput / EP8's")
+                    marker=".", label=f"normal {op} {dtype} model: per-GPU throughput / EP{ref_ep}'s")
     for op in OPS:
         c = _COLORS[(op, "fp8" if op == "dispatch" else "bf16")]
         ours = [deepep_normal_in_our_count(e, op) for e in sorted(DEEPEP_NORMAL)]
+        ours = [d for d in ours if not left_out["nvl" if d["leg"] == "nvlink" else "rdma"]]
         one = [d for d in ours if d["leg"] == "nvlink"]
-        ax.plot([d["ep"] for d in one], [d["efficiency"] for d in one], "s", color=c, mfc="none",
-                label=f"DeepEP {op} EP8: published x 7/8 (local rows cross no link) / {H800_NVLINK_GBPS:g} (H800 "
-                      "NVLink)")
+        if one:
+            ax.plot([d["ep"] for d in one], [d["efficiency"] for d in one], "s", color=c, mfc="none",
+                    label=f"DeepEP {op} EP8: published x 7/8 (local rows cross no link) / {H800_NVLINK_GBPS:g} "
+                          "(H800 NVLink)")
         rdma = [d for d in ours if d["leg"] == "rdma"]
-        ax.plot([d["ep"] for d in rdma], [d["efficiency"] for d in rdma], "^", color=c, mfc="none",
-                label=f"DeepEP {op}: published RDMA x (M-1)/M (own node crosses no NIC) / {CX7_NIC_GBPS:g}")
+        if rdma:
+            ax.plot([d["ep"] for d in rdma], [d["efficiency"] for d in rdma], "^", color=c, mfc="none",
+                    label=f"DeepEP {op}: published RDMA x (M-1)/M (own node crosses no NIC) / {CX7_NIC_GBPS:g} (H800, "
+                          f"{8 * CX7_NIC_GBPS:g} Gb/s NICs)")
     ax.set_title(f"busiest-link utilisation: its bytes / (time x its theoretical per-direction peak): NVLink "
                  f"{links.nvlink_gbps:g} GB/s (model),\n{H800_NVLINK_GBPS:g} (H800) to EP8, the {links.nic_gbps:g} "
-                 "GB/s NIC beyond, so it is no scaling efficiency;\ndotted: per-GPU throughput relative to EP8 (the "
-                 "scaling efficiency)", fontsize=8)
-    ax.set_ylabel("busiest-link utilisation; dotted: throughput / EP8's")
+                 f"GB/s NIC beyond, so it is no scaling efficiency;\ndotted: per-GPU throughput relative to EP{ref_ep} "
+                 "(the scaling efficiency)", fontsize=8)
+    ax.set_ylabel("busiest-link utilisation; dotted: throughput / the smallest EP's")
     ax.set_ylim(0, 1.1)
 
     for ax in axes.flat:
         ax.set_xscale("log", base=2)
         ax.set_xlabel(f"EP (GPUs); {g} per node beyond {g}")
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=6.5, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
+        if ax.get_legend_handles_labels()[0]:  # (a panel of a mode left out by --modes may have no lines)
+            ax.legend(fontsize=6.5, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
         lo = min(min((r["ep"] for r in rows), default=g), g) / 1.3
         ax.set_xlim(lo, max((r["ep"] for r in rows), default=256) * 1.3)
         ax.axvspan(lo, g + 0.5, color="tab:gray", alpha=0.06)
     axes[0, 0].set_yscale("log")
     src = params.source if len(params.source) < 150 else params.source[:147] + "..."
+    gone = "; ".join(f"DeepEP's published {'EP8' if k == 'nvl' else 'RDMA and low-latency'} figures left out: {why}"
+                     for k, why in left_out.items() if why)
+    where = "; ".join(f"{m} lines: {r['load']} load, {r['placement']}" for m in kinds
+                      for r in [next(r for r in rows if r["mode"] == m)] if "load" in r)
     fig.suptitle(f"largeep EP model (shaded: one node, NVLink only; beyond: modelled, RDMA never measured)\n"
-                 f"calibration: {src}", fontsize=9)
+                 f"calibration: {src}" + (f"\n{where}" if where else "") + (f"\n{gone}" if gone else ""), fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -1705,6 +1935,18 @@ def _dispatch_dtypes(text: str) -> list[str]:
     if bad or not got:
         raise argparse.ArgumentTypeError(f"{text!r}: expected a comma list of {', '.join(DTYPES)}")
     return got
+
+
+def _choices(name: str, allowed: Sequence[str]) -> Callable[[str], list[str]]:
+    """An argparse type: a comma list of ``allowed`` (an argparse error naming them otherwise)."""
+    def parse(text: str) -> list[str]:
+        got = _strs(text)
+        bad = [v for v in got if v not in allowed]
+        if bad or not got:
+            raise argparse.ArgumentTypeError(f"{text!r}: expected a comma list of {', '.join(allowed)}")
+        return list(dict.fromkeys(got))
+    parse.__name__ = name  # (argparse names the type in its messages)
+    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -1780,9 +2022,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ll-tokens", type=int, default=128, help="low-latency tokens per rank")
     p.add_argument("--hidden", type=int, default=7168, help="hidden size of a token row, a multiple of 128")
     p.add_argument("--topk", type=int, default=8, help="experts per token, at most --experts")
-    p.add_argument("--experts", type=int, default=256, help="experts in the group, divisible by every EP of --eps")
+    p.add_argument("--experts", type=int, default=None,
+                   help="experts in the group, divisible by every EP of --eps (with replicas: --placement); default "
+                        "256, or the count of --load")
     p.add_argument("--dispatch-dtypes", type=_dispatch_dtypes, default=["fp8"],
-                   help="normal-mode dispatch dtypes to predict (bf16, fp8)")
+                   help="dispatch dtypes to predict (bf16, fp8), both modes (the low-latency use_fp8)")
+    p.add_argument("--modes", type=_choices("modes", MODES), default=list(MODES),
+                   help="modes to predict, comma list of normal, low_latency")
+    p.add_argument("--load", metavar="FILE",
+                   help="a load per expert (a JSON list of numbers, or a text file of numbers): the normal mode's "
+                        "routing is one call's tokens (EP x --tokens) drawn from it, each token's top-k distinct "
+                        "experts in proportion to their loads; --experts is its length")
+    p.add_argument("--placement", type=_choices("placement", PLACEMENTS), default=[],
+                   help="normal-mode placements of the experts, comma list: contiguous (expert e on GPU e // (E / "
+                        "EP), SPEC.md's), greedy (largeep.placement.greedy_placement, EPLB-style), planned "
+                        "(plan_placement, topology-aware); rows for each. Default with --load: contiguous. Without "
+                        "--load, the tokens are drawn from a uniform load")
+    p.add_argument("--slots-per-gpu", type=int, default=None,
+                   help="expert slots per GPU of the greedy and planned placements; those beyond the experts hold "
+                        "replicas of the busiest (default: the fewest that hold the experts, ceil(E / EP))")
     p.add_argument("--max-nodes", type=int, help="node-limited routing: at most this many nodes per token")
     p.add_argument("--samples", type=int, default=0,
                    help="sample routing statistics (normal mode) on this many tokens (at least 4096; --max-nodes "
@@ -1816,7 +2074,24 @@ def check_args(args: argparse.Namespace) -> str | None:
     """Why the sweep's arguments describe groups or routings that cannot exist (argparse's error message, naming the
     arguments), or None. SPEC.md: --experts divisible by every EP of --eps; a group of more GPUs than a node's holds
     whole nodes (--gpus-per-node divides it); --topk at most --experts; --max-nodes at least 1 and leaving --topk
-    experts."""
+    experts; --load a file of loads, --experts (if given) its length; --placement and --slots-per-gpu slots for the
+    experts. Reads --load into ``args.load_values`` (float64 [E], None without) and sets ``args.experts`` where it
+    was left out (256, or the load's length)."""
+    args.load_values = None
+    if args.load is not None:
+        try:
+            args.load_values = read_load(args.load)
+        except (OSError, ValueError) as exc:
+            return f"--load: {exc}"
+        e = args.load_values.numel()
+        if args.experts is not None and args.experts != e:
+            return f"--experts {args.experts}: --load {args.load} gives {e} loads, one per expert"
+        args.experts = e
+    elif args.experts is None:
+        args.experts = 256
+    if args.load_values is not None and int((args.load_values > 0).sum()) < args.topk:
+        return (f"--load {args.load}: {int((args.load_values > 0).sum())} experts of positive load, fewer than "
+                f"--topk {args.topk} (a token picks distinct experts)")
     if args.gpus_per_node < 1:
         return f"--gpus-per-node {args.gpus_per_node}: must be positive"
     if args.num_sms < 1:
@@ -1825,11 +2100,30 @@ def check_args(args: argparse.Namespace) -> str | None:
         return f"--eps {','.join(map(str, args.eps))}: every EP must be positive"
     if args.topk < 1 or args.topk > args.experts:
         return f"--topk {args.topk}: must be between 1 and --experts {args.experts}"
-    bad = [ep for ep in args.eps if args.experts % ep]
+    placed = args.load is not None or bool(args.placement)
+    if placed and (args.max_nodes is not None or args.samples):
+        return (f"--{'max-nodes' if args.max_nodes is not None else 'samples'}: the uniform routing's option; with "
+                "--load or --placement the normal mode's routing is one call's tokens drawn from the load")
+    placements = args.placement or (["contiguous"] if placed else [])
+    slotted = [v for v in placements if v != "contiguous"]
+    if args.slots_per_gpu is not None:
+        if not slotted:
+            return (f"--slots-per-gpu {args.slots_per_gpu}: the greedy and planned placements' (--placement "
+                    f"{','.join(placements) or 'not given'}; contiguous puts E / EP experts on each GPU)")
+        few = [ep for ep in args.eps if args.slots_per_gpu * ep < args.experts]
+        if args.slots_per_gpu < 1 or few:
+            return (f"--slots-per-gpu {args.slots_per_gpu}: {args.experts} experts need at least "
+                    f"{-(-args.experts // min(args.eps))} slots per GPU at EP {min(args.eps)}")
+    # (the experts are placed contiguously, SPEC.md's layout, in the low-latency mode and the contiguous placement)
+    contiguous = "low_latency" in args.modes or "contiguous" in placements or not placed
+    bad = [ep for ep in args.eps if args.experts % ep] if contiguous else []
     if bad:
+        uses = [what for what, on in (("--modes low_latency", "low_latency" in args.modes),
+                                      ("--placement contiguous", "contiguous" in placements),
+                                      ("the normal mode's contiguous experts", not placed)) if on]
         return (f"--experts {args.experts} is not divisible by --eps {', '.join(map(str, bad))} (SPEC.md: every rank "
-                "holds the same number of experts; for more GPUs than experts, place replicas: docs/scaling.md, "
-                "\"Planning a cluster with the model\")")
+                "holds the same number of experts; for more GPUs than experts, place replicas: --placement greedy or "
+                f"planned, with --modes normal; here {' and '.join(uses)} place the experts contiguously)")
     g = args.gpus_per_node
     bad = [ep for ep in args.eps if ep > g and ep % g]
     if bad:
@@ -2112,35 +2406,46 @@ def main(argv: Sequence[str] | None = None) -> int:
     normal = (args.tokens, args.hidden, args.topk, args.experts)
     rows = sweep_ep(params, cluster, args.eps, normal=normal, ll=(args.ll_tokens, args.hidden, args.topk,
                     args.experts), max_nodes=args.max_nodes, samples=args.samples,
-                    dispatch_dtypes=args.dispatch_dtypes, tokens_per_round=args.tokens_per_round)
+                    dispatch_dtypes=args.dispatch_dtypes, tokens_per_round=args.tokens_per_round, modes=args.modes,
+                    load=args.load_values, load_name=args.load or "", placements=args.placement,
+                    slots_per_gpu=args.slots_per_gpu)
     deepep_ll = deepep_ll_comparison(params, cluster)
+    left_out = deepep_left_out(cluster)
     ll_at = {(d["ep"], d["op"]): d for d in deepep_ll if d["source"].startswith("published")}
+    placed = args.load is not None or bool(args.placement)
+    ref_ep = min(args.eps)
     table = []
     for r in rows:
         if not _main_variant(r, hier, ovl) or (not hier and r["mode"] == "normal" and r["bf16_partial_sums"]):
             continue  # (flat: no partial sums between nodes, the same rows as the plain combine)
         pub = ""
-        if r["mode"] == "normal" and r["ep"] in DEEPEP_NORMAL and (r["op"], r["dtype"]) != ("dispatch", "bf16"):
+        # (DeepEP's figures: FP8 dispatch, BF16 combine, uniform or node-limited routing over contiguous experts)
+        like = _plain(r) and r["load"] == "uniform" and r["placement"] == "contiguous" and \
+            (r["op"], r["dtype"]) != ("dispatch", "bf16")
+        if like and r["mode"] == "normal" and r["ep"] in DEEPEP_NORMAL:
             d = deepep_normal_in_our_count(r["ep"], r["op"])
-            if d["leg"] == "nvlink":
-                pub = f"{d['logical_gbps']:g} GB/s logical ({d['our_count_gbps']:.1f} NVLink)"
-            else:
-                pub = f"{d['our_count_gbps']:.1f} GB/s RDMA (published {d['published_gbps']:g})"
-        if r["mode"] == "low_latency" and (r["ep"], r["op"]) in ll_at:
+            if d["leg"] == "nvlink" and not left_out["nvl"]:
+                pub = (f"{d['logical_gbps']:g} GB/s logical ({d['our_count_gbps']:.1f} NVLink; H800, NVLink "
+                       f"{H800_NVLINK_GBPS:g} GB/s)")
+            elif d["leg"] == "rdma" and not left_out["rdma"]:
+                pub = (f"{d['our_count_gbps']:.1f} GB/s RDMA (published {d['published_gbps']:g}; H800, "
+                       f"{8 * CX7_NIC_GBPS:g} Gb/s NIC)")
+        if like and r["mode"] == "low_latency" and (r["ep"], r["op"]) in ll_at and not left_out["rdma"]:
             d = ll_at[(r["ep"], r["op"])]
             at = f"model at {d['experts']} experts {d['model_us']:.1f}" if d["model_us"] is not None else \
                 "experts not stated"
-            pub = f"{d['deepep_us']:g} us ({at}{'; ' + d['caveat'] if d['caveat'] else ''})"
+            pub = (f"{d['deepep_us']:g} us ({at}{'; ' + d['caveat'] if d['caveat'] else ''}; H800, "
+                   f"{8 * CX7_NIC_GBPS:g} Gb/s NIC)")
         tokens = f"{r['tokens']} ({r['rounds']} rounds)" if r["rounds"] > 1 else r["tokens"]
         op = r["op"] + ((" (bf16 partial sums)" if r["bf16_partial_sums"] else " (weights sent)")
                         if r.get("weights_sent") else " (bf16 partials between nodes)" if r["bf16_partial_sums"]
                         else "")
-        if not _plain(r):
-            pub = ""
         use = f"{r['efficiency']:.2f} {r['busiest_link']}" if r["busiest_link"] != "none" else "-"
-        table.append([r["ep"], r["nodes"], r["mode"], op, r["dtype"], tokens, f"{r['time_us']:.1f}",
+        where = [r["load"], r["placement"], f"{r['busiest_rank_share']:.2f} / {r['busiest_node_share']:.2f}"] \
+            if placed else []
+        table.append([r["ep"], r["nodes"], r["mode"], op, r["dtype"], tokens, *where, f"{r['time_us']:.1f}",
                       f"{r['logical_gbps']:.1f}", f"{r['nvlink_gbps']:.1f}", f"{r['rdma_gbps']:.1f}", use,
-                      "" if r["throughput_vs_ep8"] is None else f"{r['throughput_vs_ep8']:.2f}",
+                      "" if r["throughput_vs_ref"] is None else f"{r['throughput_vs_ref']:.2f}",
                       r["bound"] + (f" (lower bound: no {', '.join(r['unknown'])})" if r["unknown"] else ""),
                       "modelled", pub])
     meas = [r for r in records + shown if r.get("num_sms") in (args.num_sms, None) or r["mode"] == "low_latency"]
@@ -2148,42 +2453,57 @@ def main(argv: Sequence[str] | None = None) -> int:
         nodes = int(r["ep"]) // int(r["ranks_per_node"])
         src = (f"measured ({r['backend']}, {r['timing']}, {r['label']}, "
                f"{'fitted' if id(r) in fitted_ids else 'not fitted'})")
-        table.append([r["ep"], nodes, r["mode"], r["op"], r["dtype"], r["num_tokens"], f"{r['time_us_median']:.1f}",
+        table.append([r["ep"], nodes, r["mode"], r["op"], r["dtype"], r["num_tokens"],
+                      *(["uniform", "contiguous", ""] if placed else []), f"{r['time_us_median']:.1f}",
                       f"{(r.get('logical_gbps') or 0):.1f}", "", "", "", "", "", src, ""])
-    print(tabulate(table, headers=["ep", "nodes", "mode", "op", "dtype", "tokens", "time(us)", "logical GB/s",
-                                   "NVLink GB/s", "RDMA GB/s", "busiest-link use", "vs EP8", "bound", "source",
-                                   "DeepEP published (H800), in our byte count"],
+    print(tabulate(table, headers=["ep", "nodes", "mode", "op", "dtype", "tokens",
+                                   *(["load", "placement", "busiest rank / node share"] if placed else []),
+                                   "time(us)", "logical GB/s", "NVLink GB/s", "RDMA GB/s", "busiest-link use",
+                                   f"vs EP{ref_ep}", "bound", "source", "DeepEP published (H800), in our byte count"],
                    tablefmt="simple", disable_numparse=True))
     print(f"modelled rows: {'flat' if args.flat else 'hierarchical'} layout (normal), direct sends (low-latency), "
           f"legs {'in sequence' if args.no_overlap else 'overlapped'} (--flat, --no-overlap), {args.num_sms} SMs; "
           f"routing: {_routing_txt(args)}; sim.json has every variant (hierarchical and flat, with and without "
           "overlap). Measured rows: one host, NVLink only; no RDMA leg has ever been measured")
-    print("DeepEP published, in our byte count (the bytes that cross a link): its internode RDMA GB/s count a row "
-          "for every node a token's experts are on, its own node included; ours only the nodes it leaves for, so "
-          "its figures are shown x (M-1)/M (M = EP/8 of its nodes; published in brackets). Its EP8 NVL GB/s count "
-          "every received row, local ones included, as our logical GB/s do (x 7/8 on NVLink, in brackets). "
-          "Low-latency: the model at DeepEP's configuration (128 tokens, H 7168, top-8, 288 experts) in brackets; "
-          "DeepEP's published low-latency kernels send over RDMA even inside a node, so at EP 8 they are not like "
-          "for like with the model's NVLink figure")
+    for key, why in left_out.items():
+        if why:
+            print(f"DeepEP published {'EP8 (one node)' if key == 'nvl' else 'RDMA and low-latency'} figures left "
+                  f"out: {why}")
+    if "bf16" in args.dispatch_dtypes and "low_latency" in args.modes:
+        print("low-latency bf16 dispatch (use_fp8=False): modelled from its bytes, 2H a row against FP8's H + H/32; "
+              "the committed fits' low-latency records are FP8 dispatches only")
+    if any(row[-1] for row in table):
+        print("DeepEP published, in our byte count (the bytes that cross a link): its internode RDMA GB/s count a row "
+              "for every node a token's experts are on, its own node included; ours only the nodes it leaves for, so "
+              "its figures are shown x (M-1)/M (M = EP/8 of its nodes; published in brackets). Its EP8 NVL GB/s count "
+              "every received row, local ones included, as our logical GB/s do (x 7/8 on NVLink, in brackets). "
+              "Low-latency: the model at DeepEP's configuration (128 tokens, H 7168, top-8, 288 experts) in brackets; "
+              "DeepEP's published low-latency kernels send over RDMA even inside a node, so at EP 8 they are not like "
+              "for like with the model's NVLink figure")
     print(f"busiest-link use: bytes on the busier link / (time x its theoretical per-direction peak: NVLink "
           f"{cluster.nvlink_gbps:g} GB/s, NIC {cluster.nic_gbps:g}), the NVLink inside one node and mostly the NIC "
-          "beyond, so it can rise while every GB/s falls; vs EP8: the scaling efficiency, EP 8's time for the same "
-          "call over this EP's (a GPU's tokens per second relative to EP 8)")
-    swept = {(r["ep"], r["op"]): r["time_us"] for r in rows
-             if _main_variant(r, hier, ovl) and r["mode"] == "low_latency" and _plain(r)}
+          "beyond, so it can rise while every GB/s falls; "
+          f"vs EP{ref_ep}: the scaling efficiency against the sweep's smallest EP, EP {ref_ep}'s time for the same "
+          f"call over this EP's (a GPU's tokens per second relative to EP {ref_ep})")
+    swept = {(r["ep"], r["op"]): r["time_us"] for r in rows  # (DeepEP's low-latency dispatch is FP8)
+             if _main_variant(r, hier, ovl) and r["mode"] == "low_latency" and _plain(r)
+             and (r["op"], r["dtype"]) != ("dispatch", "bf16")}
     ll_table = [[d["ep"], d["op"], d["source"], f"{d['deepep_us']:g}", d["experts"] or "not stated",
                  "" if d["model_us"] is None else f"{d['model_us']:.1f}",
                  "" if d["model_us"] is None else f"{100 * (d['model_us'] / d['deepep_us'] - 1):+.0f}%"
                  + (f" ({d['caveat']})" if d["caveat"] else ""),
                  f"{swept[(d['ep'], d['op'])]:.1f}" if (d["ep"], d["op"]) in swept else ""]
-                for d in deepep_ll]
-    print(tabulate(ll_table, headers=["ep", "op", "DeepEP", "DeepEP us", "DeepEP experts", "model us there",
-                                      "model vs DeepEP", f"model us, the sweep's {args.experts} experts"],
-                   tablefmt="simple", disable_numparse=True))
-    print(f"low-latency beside DeepEP, at its configuration ({DEEPEP_LL_SHAPE[0]} tokens, H {DEEPEP_LL_SHAPE[1]}, "
-          f"top-{DEEPEP_LL_SHAPE[2]}, {DEEPEP_LL_SHAPE[3]} experts, FP8 dispatch, 8 GPUs per node) on this cluster's "
-          f"links (modelled); {DEEPEP_LL_SHAPE[3]} experts do not divide EP 64-256, so DeepEP's published figures "
-          "there used a count it does not state; the last column is the sweep's own configuration")
+                for d in deepep_ll if not (left_out["rdma"] and d["source"].startswith("published"))]
+    if "low_latency" in args.modes:
+        print(tabulate(ll_table, headers=["ep", "op", "DeepEP", "DeepEP us", "DeepEP experts", "model us there",
+                                          "model vs DeepEP", f"model us, the sweep's {args.experts} experts"],
+                       tablefmt="simple", disable_numparse=True))
+        print(f"low-latency beside DeepEP, at its configuration ({DEEPEP_LL_SHAPE[0]} tokens, H "
+              f"{DEEPEP_LL_SHAPE[1]}, top-{DEEPEP_LL_SHAPE[2]}, {DEEPEP_LL_SHAPE[3]} experts, FP8 dispatch, 8 GPUs per "
+              f"node) on this cluster's links (modelled); {DEEPEP_LL_SHAPE[3]} experts do not divide EP 64-256, so "
+              "DeepEP's published figures there used a count it does not state; the last column is the sweep's own "
+              "configuration (FP8 dispatch)" + ("; DeepEP's published rows left out (above)" if left_out["rdma"]
+                                                else ""))
     if args.tokens_per_round:
         print(f"normal mode in rounds of {args.tokens_per_round} tokens per rank: each extra round adds the call's "
               "fitted latency, and the rows are merged at about "
@@ -2210,9 +2530,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             "calibrated_on": {"files": args.calibrate, "backend": backend, "timing": timing, "records": len(records),
                               "hierarchical": hier, "overlap": ovl, "copy_phase": copy,
                               "records_nvlink_gbps": args.records_nvlink_gbps, "params_file": args.params},
-            "routing": _routing_txt(args),
+            "routing": _routing_txt(args), "load": args.load, "placements": args.placement,
+            "slots_per_gpu": args.slots_per_gpu, "modes": args.modes, "scaling_ref_ep": ref_ep,
             "predictions": rows, "measured": records, "shown_not_fitted": shown, "symmetric_memory": memory,
             "deepep_published": {"normal_gbps": DEEPEP_NORMAL, "low_latency_us": DEEPEP_LL,
+                                 "left_out_of_table_and_plot": left_out,
                                  "note": "H800 + CX7 400 Gb/s, as published: EP8 NVL (logical, local rows "
                                          "included), EP16+ RDMA counting every node a token reaches, its own "
                                          "included",

@@ -413,34 +413,45 @@ def sampled_stats(topk_idx: torch.Tensor, num_ranks: int, ranks_per_node: int, n
     t = topk_idx.shape[0]
     if t == 0:
         return RoutingStats(0.0, 0.0, 1.0, 0.0, 1.0, *((0.0, 0.0) if src_rank is not None else ()))
-    ranks = torch.where(topk_idx >= 0, topk_idx // per_rank, num_ranks)
-    hit = torch.zeros(t, num_ranks + 1, dtype=torch.bool)
-    hit.scatter_(1, ranks, True)
-    hit = hit[:, :num_ranks]
-    nodes = hit.view(t, num_ranks // ranks_per_node, ranks_per_node).any(dim=2)
-    per = hit.sum(0).double()
-    per_node = nodes.sum(0).double()
-    d_r = float(hit.sum()) / t
-    # the rows of a weighted low-latency combine: the benchmark's own count (its floor)
     from largeep.bench.records import summed_rows_ll
 
-    summed = float(summed_rows_ll(topk_idx, num_experts, num_ranks).sum()) / t
+    m = num_ranks // ranks_per_node
+    # Counted in pieces of tokens and added (integer counts, so the same sums): one call's 2M tokens at EP 512 took
+    # 12 GB at once
+    per = torch.zeros(num_ranks, dtype=torch.float64)
+    per_node = torch.zeros(m, dtype=torch.float64)
+    node_in = torch.zeros(m, dtype=torch.float64)
+    node_out = torch.zeros(m, dtype=torch.float64)
+    pairs = node_pairs = summed = total = other_ranks = 0.0
+    for start in range(0, t, 1 << 16):
+        idx = topk_idx[start:start + (1 << 16)]
+        n = idx.shape[0]
+        hit = torch.zeros(n, num_ranks + 1, dtype=torch.bool)
+        hit.scatter_(1, torch.where(idx >= 0, idx // per_rank, num_ranks), True)
+        hit = hit[:, :num_ranks]
+        nodes = hit.view(n, m, ranks_per_node).any(dim=2)
+        per += hit.sum(0).double()
+        per_node += nodes.sum(0).double()
+        pairs += float(hit.sum())
+        node_pairs += float(nodes.sum())
+        # the rows of a weighted low-latency combine: the benchmark's own count (its floor)
+        summed += float(summed_rows_ll(idx, num_experts, num_ranks).sum())
+        if src_rank is not None:
+            own = (src_rank[start:start + n] // ranks_per_node).long()
+            remote = nodes.clone()
+            remote[torch.arange(n), own] = False
+            per_token = remote.sum(1).double()
+            node_in += remote.sum(0).double()
+            node_out.index_add_(0, own, per_token)
+            total += float(per_token.sum())
+            other_ranks += float((hit.view(n, m, ranks_per_node).sum(2) * remote).sum())
+    d_r, summed = pairs / t, summed / t
     imbalance = float(per.max() / per.mean()) if per.sum() > 0 else 1.0
     if src_rank is None:
-        return RoutingStats(d_r, float(nodes.sum()) / t, imbalance, summed,
+        return RoutingStats(d_r, node_pairs / t, imbalance, summed,
                             float(per_node.max() / per_node.mean()) if per_node.sum() > 0 else 1.0)
-    m = num_ranks // ranks_per_node
-    own = (src_rank // ranks_per_node).long()
-    remote = nodes.clone()
-    remote[torch.arange(t), own] = False
-    per_token = remote.sum(1).double()
-    node_in = remote.sum(0).double()
-    node_out = torch.zeros(m, dtype=torch.float64).index_add_(0, own, per_token)
-    total = float(per_token.sum())
     node_share = max(float(node_in.max()), float(node_out.max())) / (total / m) if total > 0 else 1.0
-    other_ranks = (hit.view(t, m, ranks_per_node).sum(2) * remote).sum(1).double()
-    return RoutingStats(d_r, float(nodes.sum()) / t, imbalance, summed, node_share, total / t,
-                        float(other_ranks.sum()) / t)
+    return RoutingStats(d_r, node_pairs / t, imbalance, summed, node_share, total / t, other_ranks / t)
 
 
 # -- a load per expert, through a placement ---------------------------------------------------------------------
@@ -511,9 +522,10 @@ class PlacedRouting:
 
     def describe(self) -> str:
         """The placement in words, e.g. "greedy, 5 slots per GPU, 64 replicas"."""
+        n = self.slots_per_gpu
         if self.placement == "contiguous":
-            return f"contiguous, {self.slots_per_gpu} experts per GPU"
-        return f"{self.placement}, {self.slots_per_gpu} slots per GPU, {self.replicas} replicas"
+            return f"contiguous, {n} expert{'s' * (n != 1)} per GPU"
+        return f"{self.placement}, {n} slot{'s' * (n != 1)} per GPU, {self.replicas} replicas"
 
 
 def placed_stats(load: torch.Tensor, placement: str, num_ranks: int, ranks_per_node: int, num_tokens: int,
@@ -557,7 +569,11 @@ def placed_stats(load: torch.Tensor, placement: str, num_ranks: int, ranks_per_n
         plan = pl.greedy_placement(load, topo)
     else:
         plan = pl.plan_placement(load, topo, trace=pl.RoutingTrace(idx[::trace_every], src[::trace_every], e))
-    stats = sampled_stats(plan.route(idx, src), num_ranks, p, topo.num_slots, src_rank=src)
+    # (Placement.route routes each source's tokens as that source alone would, so routing whole sources at a time is
+    # the same; at once, one call's 2M tokens at EP 512 took 7 GB)
+    step = max(1, (1 << 18) // max(1, num_tokens)) * num_tokens
+    routed = torch.cat([plan.route(idx[i:i + step], src[i:i + step]) for i in range(0, idx.shape[0], step)])
+    stats = sampled_stats(routed, num_ranks, p, topo.num_slots, src_rank=src)
     return PlacedRouting(placement, stats, topo.num_slots, slots_per_gpu, int((plan.phys_to_log >= 0).sum()) - e,
                          idx.shape[0])
 

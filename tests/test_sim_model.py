@@ -909,6 +909,29 @@ def test_params_refusals(argv: list[str], match: str, capsys: pytest.CaptureFixt
     assert match in capsys.readouterr().err
 
 
+def test_load_params_of_a_sim_json_before_receive_pass(tmp_path: Path) -> None:
+    """A sim.json written before Params had receive_pass takes the fit's copy_phase from calibrated_on. Session
+    30's fit (--no-copy-phase) has the current fit's constants: its EP16 combine is the same prediction, with the
+    reduce kernel's term, not a lower bound naming copy_gbps (the dataclass default True gave 2633.5 us "lower
+    bound: no copy_gbps" against the current fit's 2707.1). Session 3's fit had the receive pass."""
+    old = RESULTS / "2026-12-02-session30/model/sim.json"
+    assert "receive_pass" not in json.loads(old.read_text())["calibration"]
+    p30, p41 = sim.load_params(old), sim.load_params(CURRENT_FIT)
+    assert p30.receive_pass is False and p41.receive_pass is False
+    assert sim.load_params(RESULTS / "2026-11-29-session3/model/sim.json").receive_pass is True
+    for one in (False, True):
+        w = sim.Workload("normal", "combine", 4096, 7168, 8, 256, "bf16", False, one)
+        a, b = sim.predict(w, 16, p30, sim.Cluster()), sim.predict(w, 16, p41, sim.Cluster())
+        assert a.unknown == () and a.t_copy_us > 0
+        assert a.time_us == pytest.approx(b.time_us, rel=1e-12)
+    doc = json.loads(old.read_text())
+    del doc["calibrated_on"]
+    bad = tmp_path / "sim.json"
+    bad.write_text(json.dumps(doc))
+    with pytest.raises(ValueError, match="no receive_pass and its \"calibrated_on\" no copy_phase"):
+        sim.load_params(bad)
+
+
 def test_load_params_refuses_other_json(tmp_path: Path) -> None:
     bad = tmp_path / "x.json"
     bad.write_text(json.dumps({"calibration": {"eff_nvlink": 0.5}}))

@@ -761,6 +761,15 @@ def load_params(path: str | Path) -> Params:
     if unknown:
         raise ValueError(f"load_params: {path}: constants {', '.join(unknown)} that this model does not have "
                          "(a sim.json of another version)")
+    if "receive_pass" not in cal:
+        # (written before Params had receive_pass: a fit's is its calibrate(copy_phase=...), which the run recorded
+        # in calibrated_on; a run without records used the placeholder constants, which have none. Left to the
+        # dataclass default (True), a --no-copy-phase fit's multi-node combine lost its reduce kernel's term)
+        on = doc.get("calibrated_on")
+        if not isinstance(on, dict) or not isinstance(on.get("copy_phase"), bool):
+            raise ValueError(f"load_params: {path}: its \"calibration\" has no receive_pass and its \"calibrated_on\" "
+                             "no copy_phase, so whether the fit had the serial receive pass is not known")
+        cal = {**cal, "receive_pass": on["copy_phase"] and bool(on.get("records"))}
     try:
         params = Params(**cal)
     except (TypeError, ValueError) as exc:

@@ -1250,3 +1250,17 @@ def test_sampled_stats_in_pieces_count_every_token() -> None:
     assert st.remote_nodes_per_token == pytest.approx(remote_nodes / t, rel=1e-12)
     assert st.remote_ranks_per_token == pytest.approx(other_ranks / t, rel=1e-12)
     assert st.node_imbalance == pytest.approx(max(*node_in, *node_out) / (remote_nodes / (n // p)), rel=1e-12)
+
+
+def test_cli_deepep_figures_beside_a_drawn_uniform_routing(capsys: pytest.CaptureFixture[str]) -> None:
+    """--placement contiguous without --load draws a uniform routing over contiguous experts, DeepEP's kind: its
+    figures stay beside those rows (the rows' placement reads "contiguous, 32 experts per GPU", and only the bare
+    "contiguous" counted), and stay out beside a greedy placement's."""
+    assert sim.main(["--eps", "8", "--modes", "normal", "--placement", "contiguous,greedy", "--tokens", "64"]) == 0
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if re.match(r"8\s+1\s+normal\s+dispatch\s", line)]
+    assert len(rows) == 2
+    contiguous, greedy = sorted(rows, key=lambda line: "greedy" in line)
+    assert "contiguous, 32 experts per GPU" in contiguous
+    assert "153 GB/s logical (133.9 NVLink; H800, NVLink 200 GB/s)" in contiguous
+    assert "greedy" in greedy and "H800" not in greedy

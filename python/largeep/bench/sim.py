@@ -2445,7 +2445,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             continue  # (flat: no partial sums between nodes, the same rows as the plain combine)
         pub = ""
         # (DeepEP's figures: FP8 dispatch, BF16 combine, uniform or node-limited routing over contiguous experts)
-        like = _plain(r) and r["load"] == "uniform" and r["placement"] == "contiguous" and \
+        # ("contiguous, 32 experts per GPU": --placement contiguous without --load, a uniform routing drawn)
+        like = _plain(r) and r["load"] == "uniform" and r["placement"].split(",")[0] == "contiguous" and \
             (r["op"], r["dtype"]) != ("dispatch", "bf16")
         if like and r["mode"] == "normal" and r["ep"] in DEEPEP_NORMAL:
             d = deepep_normal_in_our_count(r["ep"], r["op"])

@@ -1205,6 +1205,10 @@ def test_cli_deepep_beside_other_hardware(args: list[str], left: str, tmp_path: 
     (["--load", "LOAD", "--experts", "128"], "--experts 128: --load LOAD gives 256 loads"),
     (["--load", "FEW", "--topk", "8"], "3 experts of positive load, fewer than --topk 8"),
     (["--load", "/nonexistent/load.json"], "--load: [Errno 2]"),
+    # (the low-latency mode keeps uniform routing over contiguous experts: a load or placement was ignored)
+    (["--load", "LOAD", "--modes", "low_latency"], "--load: the normal mode's routing, and --modes low_latency"),
+    (["--placement", "greedy", "--slots-per-gpu", "40", "--modes", "low_latency"],
+     "--placement: the normal mode's routing, and --modes low_latency has no normal mode"),
 ])
 def test_cli_refuses_loads_and_placements(args: list[str], msg: str, tmp_path: Path,
                                           capsys: pytest.CaptureFixture[str]) -> None:

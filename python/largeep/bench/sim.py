@@ -2129,6 +2129,10 @@ def check_args(args: argparse.Namespace) -> str | None:
     if placed and (args.max_nodes is not None or args.samples):
         return (f"--{'max-nodes' if args.max_nodes is not None else 'samples'}: the uniform routing's option; with "
                 "--load or --placement the normal mode's routing is one call's tokens drawn from the load")
+    if placed and "normal" not in args.modes:
+        return (f"--{'load' if args.load is not None else 'placement'}: the normal mode's routing, and --modes "
+                f"{','.join(args.modes)} has no normal mode (the low-latency mode keeps uniform routing over "
+                "contiguous experts)")
     placements = args.placement or (["contiguous"] if placed else [])
     slotted = [v for v in placements if v != "contiguous"]
     if args.slots_per_gpu is not None:

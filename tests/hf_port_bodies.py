@@ -269,3 +269,84 @@ def layer_layout_checks(rank: int, world: int) -> None:
     finally:
         ll.destroy()
         buf.destroy()
+
+
+def _rounded_reference(name: str, seed: int) -> nn.Module:
+    """The block of ``_block(name, seed)`` with its parameters rounded to bf16 and kept in float32 (buffers -- the
+    DeepSeek-V3 bias -- unrounded, as the ported gate keeps expert_bias float32): the function a bf16 port computes,
+    without its roundings."""
+    block = _block(name, seed)
+    with torch.no_grad():
+        for p in block.parameters():
+            p.copy_(p.bfloat16().float())
+    return block
+
+
+def ported_blocks_serve(rank: int, world: int, tokens: list[int], plans: list[list[int]], seed: int) -> list[float]:
+    """Serving the ported blocks (docs/usage.md, "Serving: prefill and decode"): each port on a normal-mode Buffer
+    cast to bf16 and in eval mode, its decode twin from ``for_buffer`` on a low-latency Buffer, bf16 tokens under
+    inference_mode. Prefill (chunks from the group's longest prompt; a rank with 0 tokens), decode steps of the
+    ``plans``' sizes (0 included) and two-micro-batch decode against the block with the same bf16-rounded weights
+    computed in float32, to bf16 tolerance (2^-6 of the output's largest value); decode against the prefill layer
+    on the same tokens likewise (with bf16 x both modes round, at other steps); TwoBatchOverlap equal to two plain
+    calls; a checkpoint of another block loaded into the prefill layer is what the twin computes. Returns the
+    largest decode errors against the reference (the caller checks they are not 0: the roundings are real)."""
+    from largeep import layers
+
+    ports = doc_ports()
+    chunk, m = 16, max(max(p) for p in plans)
+    pbuf = largeep.Buffer(None, hidden=H, num_experts=E, num_topk=K, max_tokens_per_rank=chunk)
+    dbuf = largeep.Buffer(None, hidden=H, num_experts=E, num_topk=K, max_tokens_per_rank=m, low_latency=True)
+    worst = []
+
+    def close(got: torch.Tensor, want: torch.Tensor, what: str, tol: float = 2.0**-6) -> float:
+        assert got.dtype == torch.bfloat16 and got.shape == want.shape, (what, got.dtype, got.shape)
+        scale = float(want.abs().max()) if want.numel() else 1.0
+        err = float((got.float() - want.float()).abs().max()) / scale if want.numel() else 0.0
+        assert err <= tol, f"{what}: max error {err:.3g} of the largest value, tolerance {tol:.3g}"
+        return err
+
+    try:
+        for i, name in enumerate(("mixtral", "qwen2", "deepseek_v3")):
+            prefill = ports[CASES[name][1]](_block(name, seed + i), pbuf).to(torch.bfloat16).eval()
+            decode = prefill.for_buffer(dbuf)
+            assert decode.low_latency and decode.experts is prefill.experts and decode.gate is prefill.gate
+            assert decode.shared_experts is prefill.shared_experts, name
+            if name == "qwen2":  # the twin keeps the shared expert's sigmoid gate
+                assert decode.shared_experts is not None and decode.shared_experts.wg is not None
+            assert prefill.gate.expert_bias.dtype == torch.float32, "the cast rounded the DeepSeek-V3 bias"
+            ref = _rounded_reference(name, seed + i)
+            gen = torch.Generator().manual_seed(1000 * seed + 10 * i + rank)
+
+            def tok(n: int, g: torch.Generator = gen) -> torch.Tensor:
+                return torch.randn(n, H, generator=g).bfloat16()
+
+            far = 0.0
+            with torch.inference_mode():
+                x = tok(tokens[rank])
+                longest = torch.tensor(x.shape[0])
+                if world > 1:
+                    dist.all_reduce(longest, op=dist.ReduceOp.MAX)
+                prefill.num_chunks = max(1, -(-int(longest) // chunk))
+                close(prefill(x), ref(x.float()), f"{name} prefill")
+                for step, plan in enumerate(plans):  # a generation loop: other sizes each step
+                    xs = tok(plan[rank])
+                    got = decode(xs)
+                    far = max(far, close(got, ref(xs.float()), f"{name} decode step {step}"))
+                    close(got, prefill(xs), f"{name} decode step {step} against prefill")
+                xa, xb = tok(plans[0][rank]), tok(plans[-1][rank])
+                ya, yb = layers.TwoBatchOverlap(decode)(xa, xb)
+                assert torch.equal(ya, decode(xa)) and torch.equal(yb, decode(xb)), f"{name} two-batch overlap"
+                far = max(far, close(yb, ref(xb.float()), f"{name} two-batch decode"))
+            worst.append(far)
+            # a new checkpoint (another block's port) loaded into the prefill layer: the twin computes it
+            other = ports[CASES[name][1]](_block(name, seed + 50 + i), pbuf)
+            prefill.load_state_dict(other.state_dict())
+            ref = _rounded_reference(name, seed + 50 + i)
+            with torch.inference_mode():
+                xs = tok(plans[0][rank])
+                close(decode(xs), ref(xs.float()), f"{name} decode after a load into the prefill layer")
+    finally:
+        dbuf.destroy()
+        pbuf.destroy()
+    return worst

@@ -121,3 +121,16 @@ def test_swiglu_load_linear_and_sigmoid_gate() -> None:
     m = m.to_empty(device="cpu")
     m.reset_parameters()
     assert m.wg is not None and torch.isfinite(m.wg).all() and 0.05 < float(m.wg.detach().std()) < 1.0
+
+
+@pytest.mark.parametrize("world", [1, 4])
+def test_ported_blocks_serve(pools, world: int) -> None:
+    """The ported Mixtral, Qwen2-MoE (shared expert with its sigmoid gate) and DeepSeek-V3 blocks served in bf16:
+    prefill in normal mode, decode through for_buffer twins (plain and two micro-batches), steps of other sizes
+    with ranks of 0 tokens, a load into the prefill layer seen by the twin."""
+    if world == 1:
+        tokens, plans = [21], [[3], [0], [6]]
+    else:
+        tokens, plans = [21, 0, 30, 5], [[3, 0, 6, 1], [0, 0, 2, 6], [6, 4, 0, 0]]
+    worst = pools(world).run(hp.ported_blocks_serve, tokens, plans, 11 + world)
+    assert max(max(w) for w in worst) > 0, "the decode outputs carried no bf16 rounding"

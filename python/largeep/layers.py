@@ -1480,8 +1480,8 @@ class MoELayer(nn.Module):
         low-latency mode has no count exchange, but an eager call waits for its dispatch's expert-id check (not
         inside a CUDA graph), and a placement's ``route`` waits on the host (its ``table_route``, taken under
         capture and compile, does not). Low-latency mode sends the tokens and the experts' outputs as bf16 and
-        combines into bf16 whatever x's dtype (the shared experts compute in x's dtype): a float32 layer's decode
-        output carries those roundings (docs/usage.md, "Serving: prefill and decode")."""
+        combines into bf16 whatever x's dtype (the shared experts compute in their weights' dtype and are added in
+        x's): a float32 layer's decode output carries those roundings (docs/usage.md, "Serving: prefill and decode")."""
         self._check_ddp()
         self._check_fsdp()
         if self.low_latency:

@@ -16,6 +16,7 @@ import torch._dynamo
 import torch.distributed as dist
 import torch.nn.functional as F
 from bodies import device_for
+from checked_calls import same_bits
 from largeep import layers, ops
 from reference import fp8_round_trip, make_inputs, ref_dispatch
 
@@ -3498,3 +3499,225 @@ def fsdp_registry_reuse(rank: int, world: int) -> None:
             raise AssertionError(f"rank {rank}: experts sharded over their own EP group were not refused")
     finally:
         buf.destroy()
+
+
+# -- randomised re-placement: set_placement chains and gather_global_experts against global per-slot tensors --------
+def random_table(rng: Any, world: int, per_rank: int, logical: int, prev: list[int] | None = None) -> list[int]:
+    """A random valid table (the logical expert of each of ``world * per_rank`` slots, -1 empty; every expert of
+    ``logical`` held at least once): fresh (replicas, empty slots, several replicas on one rank) or, from ``prev``,
+    its ranks rotated (every expert leaves its rank), its slots shuffled within each rank (nothing crosses ranks)
+    or ``prev`` itself."""
+    slots = world * per_rank
+    how = rng.choice(["fresh", "fresh", "fresh", "rotate", "shuffle", "same"]) if prev is not None else "fresh"
+    if how == "rotate" and world > 1:
+        r = rng.randrange(1, world)
+        return prev[-r * per_rank:] + prev[:-r * per_rank]  # type: ignore[index]
+    if how == "shuffle":
+        out = []
+        for g in range(world):
+            part = prev[g * per_rank:(g + 1) * per_rank]  # type: ignore[index]
+            rng.shuffle(part)
+            out += part
+        return out
+    if how == "same":
+        return list(prev)  # type: ignore[arg-type]
+    table = [-1] * slots
+    experts = list(range(logical))
+    rng.shuffle(experts)
+    for s, e in zip(rng.sample(range(slots), logical), experts, strict=True):
+        table[s] = e
+    empty_share = rng.choice([0.0, 0.3, 0.7])
+    for s in range(slots):
+        if table[s] != -1 or rng.random() < empty_share:
+            continue
+        mine = [e for e in table[s // per_rank * per_rank:(s // per_rank + 1) * per_rank] if e >= 0]
+        # a replica: of an expert this rank holds already (several on one rank), or of any
+        table[s] = rng.choice(mine) if mine and rng.random() < 0.5 else rng.randrange(logical)
+    return table
+
+
+def _by_slot(old: list[int], new: list[int], t: torch.Tensor) -> torch.Tensor:
+    """The reference move: per-slot tensor ``t`` [slots, ...] under table ``old`` -> under ``new``: each slot the
+    rows of the first old slot holding its expert, zeros for an empty slot or an expert no old slot held."""
+    out = torch.zeros_like(t)
+    for s, e in enumerate(new):
+        if e >= 0 and e in old:
+            out[s] = t[old.index(e)]
+    return out
+
+
+def layer_set_placement_random(rank: int, world: int, seeds: list[int], tp_size: int = 1) -> dict[str, Any]:
+    """MoELayer.set_placement and gather_global_experts on random placements (``random_table``; None, the identity,
+    among them, whose slots beyond the logical experts hold experts no placement has), one case per seed, drawn
+    alike on every rank: a layer with AdamW state takes random per-slot weights and moments (equal over
+    replicas, garbage in empty slots) and moves old -> a -> b -> old. After each move every rank's slots hold
+    bit for bit the rows of the group's per-slot tensors moved by ``_by_slot`` (weights, exp_avg, exp_avg_sq;
+    each TP member its shard; some cases without state, or with no optimizer), the Parameters and state
+    tensors are the same objects, zero grads stay zero, the table and the gate's
+    replica counts the plan's; back at the start each non-empty slot whose expert every step held is bit-equal to
+    its start. After one of the moves gather_global_experts (default) equals the reference by logical expert, and
+    with a random ``dst`` (None: every rank, then on the CPU) and device None / "cpu" the default gather on the
+    receiver, None elsewhere; an AdamW moment's (``w13=``/``w2=``) likewise the reference.
+    ``tp_size`` 2: expert TP (EP groups of world / 2). -> counts of what ran and the failures (checks do not
+    raise, so every rank makes every collective call)."""
+    import random
+
+    from largeep import placement as pl
+    from largeep.gate import GateConfig, TopKGate
+
+    h, f, k = 8, 4, 1
+    failures: list[str] = []
+    counts = {"cases": 0, "moves": 0, "gathers": 0}
+    group = None
+    member, tp_group = 0, None
+    if tp_size > 1:
+        from largeep.expert_tp import make_expert_tp_groups
+
+        groups = make_expert_tp_groups(tp_size)
+        group, tp_group, member = groups.ep_group, groups.tp_group, dist.get_rank(groups.tp_group)
+    ep_world = world // tp_size
+    ep_rank = dist.get_rank(group) if group is not None else rank
+    fs = f // tp_size
+    bufs: dict[int, Any] = {}
+
+    def expect(ok: bool, what: str) -> None:
+        if not ok and len(failures) < 20:  # (the first ones: one bug fails many checks)
+            failures.append(f"rank {rank}: {what}")
+
+    try:
+        for seed in seeds:
+            rng = random.Random(seed)
+            per_rank = rng.choice([1, 2, 3, 4])
+            slots = ep_world * per_rank
+            logical = rng.choice([1, max(1, slots // 2), max(1, slots - 1), slots, rng.randint(1, slots)])
+            nodes = rng.choice([1, 2]) if ep_world == 4 else 1
+            dtype = rng.choice([torch.float32, torch.float32, torch.bfloat16])
+            if (per_rank, nodes) not in bufs:
+                bufs[(per_rank, nodes)] = largeep.Buffer(group, hidden=h, num_experts=slots, num_topk=k,
+                                                         max_tokens_per_rank=4, backend="torch",
+                                                         ranks_per_node=ep_world // nodes)
+            topo = pl.Topology(num_nodes=nodes, gpus_per_node=ep_world // nodes, slots_per_gpu=per_rank)
+
+            def plan(table: list[int] | None, topo: Any = topo, logical: int = logical) -> Any:
+                return None if table is None else pl.Placement(topo, logical, torch.tensor(table))
+
+            # old -> a -> b -> old; None (the identity) may stand for any of them
+            chain: list[list[int] | None] = []
+            for _ in range(3):
+                prev = next((t for t in reversed(chain) if t is not None), None)
+                chain.append(None if rng.random() < 0.15 else random_table(rng, ep_world, per_rank, logical, prev))
+            chain.append(chain[0])
+            tables = [t if t is not None else list(range(slots)) for t in chain]
+            name = f"seed {seed} ({ep_world} EP ranks of {per_rank} slots, {nodes} node(s), {logical} experts, " \
+                   f"{dtype}, TP {tp_size}): " \
+                   f"{' -> '.join(str(t) for t in chain)}"
+            # the group's per-slot tensors, every TP member's shard: the values of expert e (ids up to slots: the
+            # identity's extra slots), replicas equal; empty slots garbage
+            g = _gen(101, seed)
+            shapes = {"w13": (h, 2 * fs), "w2": (fs, h)}
+            keys = [(p, m) for p in ("w13", "w2") for m in ("param", "exp_avg", "exp_avg_sq")]
+            values = {(j, p, m): torch.randn(slots, *shapes[p], generator=g).to(dtype) for j in range(tp_size)
+                      for p, m in keys}
+            full: dict[tuple[int, str, str], torch.Tensor] = {}
+            for key, v in values.items():
+                garbage = torch.randn(slots, *v.shape[1:], generator=g).to(dtype)
+                full[key] = torch.stack([v[e] if e >= 0 else garbage[s] for s, e in enumerate(tables[0])])
+
+            torch.manual_seed(seed)
+            gate = TopKGate(GateConfig(hidden=h, num_experts=logical, topk=k))
+            layer = layers.MoELayer(bufs[(per_rank, nodes)], ffn_hidden=f, gate=gate, placement=plan(chain[0]),
+                                    num_logical_experts=logical, expert_tp_group=tp_group)
+            ex = layer.experts.to(dtype)
+            params = {"w13": ex.w13, "w2": ex.w2}
+            opt = torch.optim.AdamW(ex.parameters(), lr=1e-3)
+            # mostly an optimizer with state, grads None or zeros after it (not refused, and they stay zero);
+            # else one never stepped (no state), given or not
+            stepped = rng.random() < 0.8
+            if stepped:
+                for p in params.values():
+                    p.grad = torch.ones_like(p)
+                opt.step()
+                opt.zero_grad(set_to_none=rng.random() < 0.7)
+            else:
+                keys = [(p, "param") for p in params]
+            given = opt if stepped or rng.random() < 0.5 else None
+            mine = slice(ep_rank * per_rank, (ep_rank + 1) * per_rank)
+
+            def tensor_of(p: str, m: str, params: Any = params, opt: Any = opt) -> torch.Tensor:
+                return params[p].data if m == "param" else opt.state[params[p]][m]
+
+            with torch.no_grad():
+                for p, m in keys:
+                    tensor_of(p, m).copy_(full[(member, p, m)][mine])
+            start = {key: t.clone() for key, t in full.items()}
+            # (the weights' storage, the state's tensor objects: all written in place)
+            ids = {key: tensor_of(*key).data_ptr() if key[1] == "param" else id(tensor_of(*key)) for key in keys}
+            param_ids = [id(ex.w13), id(ex.w2)]
+            opt_ids = [id(q) for grp in opt.param_groups for q in grp["params"]]
+            survived = set(tables[0])
+            gather_at = rng.randrange(1, 4)  # (the move after which the gathers run: all of them cost too much)
+            for step in range(1, 4):
+                old, new = tables[step - 1], tables[step]
+                what = f"{name}, move {step}"
+                layer.set_placement(plan(chain[step]), optimizer=given)
+                counts["moves"] += 1
+                full = {key: _by_slot(old, new, t) for key, t in full.items()}
+                survived &= set(new)
+                expect([id(ex.w13), id(ex.w2)] == param_ids and layer.experts is ex, f"{what}: new Parameters")
+                expect([id(q) for grp in opt.param_groups for q in grp["params"]] == opt_ids and
+                       all((params[p] in opt.state) == stepped for p in params), f"{what}: the optimizer's parameters")
+                expect(all(q.grad is None or not q.grad.any() for q in params.values()), f"{what}: grads")
+                for p, m in keys:
+                    got = tensor_of(p, m)
+                    expect((got.data_ptr() if m == "param" else id(got)) == ids[(p, m)], f"{what}: {p} {m} replaced")
+                    expect(same_bits(got, full[(member, p, m)][mine]), f"{what}: {p} {m} of rank {ep_rank}'s slots")
+                want_table = None if chain[step] is None else torch.tensor(new)
+                expect((layer.phys_to_log is None and want_table is None) or (
+                    layer.phys_to_log is not None and want_table is not None and
+                    torch.equal(layer.phys_to_log.cpu(), want_table)), f"{what}: phys_to_log")
+                want_counts = torch.ones(logical, dtype=torch.int64) if chain[step] is None else \
+                    torch.bincount(torch.tensor([e for e in new if e >= 0]), minlength=logical)
+                expect(torch.equal(layer.gate.expert_replicas.cpu(), want_counts), f"{what}: the gate's replicas")
+                if step != gather_at:
+                    continue
+                # gather_global_experts: the weights by the default gather against the reference by logical expert,
+                # then with a dst (None: every rank) and device against the default; a moment's with another
+                num = slots if chain[step] is None else logical
+                for i, m in enumerate(("param", rng.choice(["exp_avg", "exp_avg_sq"]) if stepped else "param")):
+                    ref = []
+                    for p, part in (("w13", slice(0, fs)), ("w13", slice(fs, 2 * fs)), ("w2", None)):
+                        rows = []
+                        for e in range(num):
+                            shards = [full[(j, p, m)][new.index(e)] if e in new else
+                                      torch.zeros(shapes[p], dtype=dtype) for j in range(tp_size)]
+                            rows.append(torch.cat([s[:, part] for s in shards], dim=1) if part is not None else
+                                        torch.cat(shards, dim=0))
+                        ref.append(torch.stack(rows))
+                    args = () if m == "param" else (tensor_of("w13", m), tensor_of("w2", m))
+                    if i == 0:
+                        every = layer.gather_global_experts()
+                        counts["gathers"] += 1
+                        for i, (a, b) in enumerate(zip(every, ref, strict=True)):
+                            expect(same_bits(a, b), f"{what}: gather_global_experts() [{i}] against the reference")
+                        ref = list(every)
+                    elif m == "param":
+                        ref = list(every)
+                    dst = rng.choice([None, *range(ep_world)])
+                    device = "cpu" if dst is None else rng.choice([None, "cpu"])
+                    got = layer.gather_global_experts(*args, dst=dst, device=device)
+                    counts["gathers"] += 1
+                    if dst is None or (ep_rank == dst and member == 0):
+                        expect(got is not None and all(same_bits(a, b) for a, b in zip(got, ref, strict=True)),
+                               f"{what}: gather_global_experts({m}, dst={dst}, device={device})")
+                    else:
+                        expect(got is None, f"{what}: gather_global_experts({m}, dst={dst}) off the receiver")
+            # back at the start: each slot whose expert every table held, bit for bit; the others zero
+            for p, m in keys:
+                want = torch.stack([start[(member, p, m)][s] if e >= 0 and e in survived else
+                                    torch.zeros(shapes[p], dtype=dtype) for s, e in enumerate(tables[0])])
+                expect(same_bits(tensor_of(p, m), want[mine]), f"{name}: {p} {m} after the round trip")
+            counts["cases"] += 1
+    finally:
+        for b in bufs.values():
+            b.destroy()
+    return {**counts, "failures": failures}

@@ -4,6 +4,7 @@ forward and grads, chunked overlap, replicas, low-latency mode, two-micro-batch 
 from __future__ import annotations
 
 import importlib.util
+import os
 
 import largeep
 import layer_bodies
@@ -134,6 +135,25 @@ def test_layer_set_placement_state(pools) -> None:
     """set_placement moves Adafactor's per-slot factored moments, refuses state neither scalar nor per slot, and
     experts.reset_parameters() after it draws the new plan's weights."""
     pools(2).run(layer_bodies.layer_set_placement_state)
+
+
+# LARGEEP_TEST_ROUNDS (tests/test_long_run.py's convention) widens the random sweep: that many seeds per world
+RANDOM_PLACEMENTS = int(os.environ.get("LARGEEP_TEST_ROUNDS", "0")) or None
+
+
+@pytest.mark.parametrize("world,tp_size,seeds", [(2, 1, 30), (4, 1, 20), (4, 2, 10)])
+def test_layer_set_placement_random(pools, world: int, tp_size: int, seeds: int) -> None:
+    """set_placement (AdamW state) and gather_global_experts (random dst, device None / "cpu") on random placements
+    (layer_bodies.random_table: replicas, empty slots, several replicas on one rank, ranks rotated, the identity),
+    chains old -> a -> b -> old against the group's per-slot tensors moved slot by slot; expert TP 2 on 4 ranks.
+    A fixed list of seeds (every rank draws the same cases from each); LARGEEP_TEST_ROUNDS=N runs N per world."""
+    n = RANDOM_PLACEMENTS or seeds
+    first = 1000 * world + 100 * tp_size
+    results = pools(world).run(layer_bodies.layer_set_placement_random, list(range(first, first + n)), tp_size)
+    for rank, res in enumerate(results):
+        assert not res["failures"], "\n".join(res["failures"])
+        assert (res["cases"], res["moves"]) == (n, 3 * n), f"rank {rank}: {res}"
+        assert res["gathers"] == 3 * n, f"rank {rank}: {res}"
 
 
 @pytest.mark.gpu(2)

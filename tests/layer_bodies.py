@@ -3557,7 +3557,8 @@ def layer_set_placement_random(rank: int, world: int, seeds: list[int], tp_size:
     replica counts the plan's; back at the start each non-empty slot whose expert every step held is bit-equal to
     its start. After one of the moves gather_global_experts (default) equals the reference by logical expert, and
     with a random ``dst`` (None: every rank, then on the CPU) and device None / "cpu" the default gather on the
-    receiver, None elsewhere; an AdamW moment's (``w13=``/``w2=``) likewise the reference.
+    receiver, None elsewhere; an AdamW moment's (``w13=``/``w2=``) likewise the reference; a forward (float32
+    cases) gives the bits of a layer built with the plan that loaded the gathered weights.
     ``tp_size`` 2: expert TP (EP groups of world / 2). -> counts of what ran and the failures (checks do not
     raise, so every rank makes every collective call)."""
     import random
@@ -3567,7 +3568,7 @@ def layer_set_placement_random(rank: int, world: int, seeds: list[int], tp_size:
 
     h, f, k = 8, 4, 1
     failures: list[str] = []
-    counts = {"cases": 0, "moves": 0, "gathers": 0}
+    counts = {"cases": 0, "moves": 0, "gathers": 0, "forwards": 0}
     group = None
     member, tp_group = 0, None
     if tp_size > 1:
@@ -3711,6 +3712,16 @@ def layer_set_placement_random(rank: int, world: int, seeds: list[int], tp_size:
                                f"{what}: gather_global_experts({m}, dst={dst}, device={device})")
                     else:
                         expect(got is None, f"{what}: gather_global_experts({m}, dst={dst}) off the receiver")
+                if dtype == torch.float32:  # the moved layer routes as one built with the plan and its weights
+                    fresh = layers.MoELayer(bufs[(per_rank, nodes)], ffn_hidden=f, gate=TopKGate(GateConfig(
+                        hidden=h, num_experts=logical, topk=k)), placement=plan(chain[step]),
+                        num_logical_experts=logical, expert_tp_group=tp_group)
+                    fresh.gate.load_state_dict(layer.gate.state_dict())
+                    fresh.load_global_experts(*every)
+                    x = torch.randn(4, h, generator=_gen(102, seed, ep_rank))
+                    with torch.no_grad():
+                        expect(same_bits(layer(x), fresh(x)), f"{what}: the output against a layer built so")
+                    counts["forwards"] += 1
             # back at the start: each slot whose expert every table held, bit for bit; the others zero
             for p, m in keys:
                 want = torch.stack([start[(member, p, m)][s] if e >= 0 and e in survived else

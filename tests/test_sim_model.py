@@ -901,9 +901,11 @@ def test_params_from_an_earlier_sim_json_predict_what_that_run_did(tmp_path: Pat
 @pytest.mark.parametrize("argv,match", [
     (["--calibrate", str(SESSION16_EP2)], "give one or the other"),
     (["--params", "/nonexistent/sim.json"], "cannot read it as JSON"),
+    (["--no-copy-phase"], "with --no-copy-phase: those choose how --calibrate fits records"),
+    (["--fused-combine", "3", "--timing", "kernel"], "with --fused-combine, --timing: those choose how"),
 ])
 def test_params_refusals(argv: list[str], match: str, capsys: pytest.CaptureFixture[str]) -> None:
-    args = ["--params", str(CURRENT_FIT), *argv] if argv[0] == "--calibrate" else argv
+    args = argv if argv[0] == "--params" else ["--params", str(CURRENT_FIT), *argv]
     with pytest.raises(SystemExit):
         sim.main([*args, "--eps", "8"])
     assert match in capsys.readouterr().err

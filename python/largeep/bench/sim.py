@@ -2221,6 +2221,12 @@ def check_inputs(args: argparse.Namespace) -> str | None:
             load_params(args.params)
         except ValueError as exc:
             return f"--params: {exc}"
+        fitting = [flag for flag, given in (("--no-copy-phase", args.no_copy_phase),
+                                            ("--fused-combine", args.fused_combine != 0),
+                                            ("--timing", args.timing != "auto")) if given]
+        if fitting:
+            return (f"--params {args.params} with {', '.join(fitting)}: those choose how --calibrate fits records, "
+                    "and --params takes a fit's constants as they are (its receive pass as that fit had it)")
     for flag, values in (("--holdout-ep", args.holdout_ep), ("--holdout-sms", args.holdout_sms),
                          ("--holdout-tokens", args.holdout_tokens)):
         if values and not args.calibrate:

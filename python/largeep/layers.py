@@ -2346,8 +2346,9 @@ def ddp_ignore_experts(model: nn.Module) -> list[str]:
     Adds the names to those ``model`` already had DDP ignore (``_ddp_params_and_buffers_to_ignore``) and returns
     the names it added. DDP's average and the experts' grads differ by a factor: see docs/usage.md, "Gradients the
     layer leaves to you" (with each rank's loss the mean over its own tokens, divide the expert grads by the
-    Buffer's group size). With expert replicas over data-parallel copies of the Buffer's group, reduce the expert
-    grads over the ranks that hold the same slots yourself (or with a DDP of their own over that group)."""
+    Buffer's group size, times the expert-TP size with expert TP). With data-parallel copies of the Buffer's group,
+    reduce the expert grads over the ranks that hold the same slots yourself (or with a DDP of their own over that
+    group)."""
     from largeep.gate import TopKGate
 
     if not isinstance(model, nn.Module):

@@ -2927,6 +2927,13 @@ def layer_replace_experts(rank: int, world: int) -> None:
             assert "different placements: rank 1's slot 0" in str(exc), exc
         else:
             raise AssertionError(f"rank {rank}: layers with different placements were gathered")
+        # a layer without a placement loading that state (the old plan's counts, experts 0 and 1 replicated): its
+        # gate's counts are all ones again, as set_placement(None) leaves them
+        assert int(rest["gate.expert_replicas"].max()) > 1
+        plain = layers.MoELayer(buf, ffn_hidden=f, gate=TopKGate(GateConfig(hidden=h, num_experts=logical, topk=k)),
+                                num_logical_experts=logical, shared_ffn_hidden=4)
+        plain.load_state_dict(rest, strict=False)
+        assert torch.equal(plain.gate.expert_replicas.cpu(), torch.ones(logical, dtype=torch.int64))
     finally:
         buf.destroy()
 

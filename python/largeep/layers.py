@@ -535,7 +535,7 @@ class MoELayer(nn.Module):
             Where the gate limits groups (a ``TopKGate`` with ``topk_groups`` below its group count, its groups
             the placement's ``home_node()``), both route with ``node_limited=True``: a token reaches no node but its
             own and its experts' home nodes. A ``TopKGate``'s capacity counts replicas (``set_replicas``, called
-            here from the placement's ``replica_count``).
+            here from the placement's ``replica_count``, and again after each ``load_state_dict``).
         shared_ffn_hidden: F of the shared experts (0: none), applied to every token.
         shared_expert_gate: the shared experts' output is scaled per token by ``sigmoid(x wg)``, wg [H, 1]
             (Qwen2-MoE's ``shared_expert_gate``; :class:`SwiGLU` ``sigmoid_gate``); needs ``shared_ffn_hidden`` > 0.
@@ -2043,11 +2043,14 @@ def _save_slot_layout(module: nn.Module, state_dict: dict[str, Any], prefix: str
 
 def _replicas_after_load(module: nn.Module, incompatible: Any) -> None:
     """After a state dict loaded into a MoELayer with a placement, its gate's replica counts are the placement's
-    again (``set_replicas`` of its ``replica_count``, as the constructor sets them): the gate's state holds the
+    again (``set_replicas`` of its ``replica_count``, as the constructor sets them; without a placement all ones,
+    as ``set_placement(None)`` leaves them; a placement callable's are left as loaded): the gate's state holds the
     counts of the placement it was saved under, and loading the replicated part of a layer saved under another
     placement (``strict=False``, without the experts) would otherwise leave the capacity counting other replicas."""
     assert isinstance(module, MoELayer)
     counts = getattr(module._placement_obj, "replica_count", None)
+    if module._placement_arg is None:  # (no placement: one slot per expert, as set_placement(None) leaves them)
+        counts = torch.ones(module.num_logical_experts, dtype=torch.int64)
     set_replicas = getattr(module.gate, "set_replicas", None)
     if counts is not None and callable(set_replicas):
         set_replicas(counts)
@@ -2417,10 +2420,10 @@ def _sharded(t: Any) -> bool:
 
 
 _SHARDED_EXPERTS = (
-    "the routed experts' parameters are sharded by FSDP2 (fully_shard over a module holding an MoELayer): each "
-    "rank's slots hold other experts, so FSDP computed with a mix of ranks' experts; leave them out, "
-    "fully_shard(model, ignored_params=<the experts' parameters>) (docs/usage.md, \"Gradients the layer leaves to "
-    "you\")"
+    "the routed experts' parameters are sharded by FSDP2 (fully_shard over a module holding an MoELayer), and this "
+    "call takes each rank's own expert tensors, not shards of them (over ranks of the layer's group FSDP also "
+    "computes with a mix of the ranks' experts); leave them out, fully_shard(model, ignored_params=<the experts' "
+    "parameters>) (docs/usage.md, \"Gradients the layer leaves to you\")"
 )
 
 

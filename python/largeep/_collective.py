@@ -138,6 +138,10 @@ def wait_all(works: list[Any], timeout_s: float | None, head: str, tail: str) ->
             ) from None
 
 
+# how the waits of the collectives below end their timeout message
+_TAIL = ": a rank did not make the same call, or failed before it; the group may be out of step now"
+
+
 def all_reduce(t: torch.Tensor, group: dist.ProcessGroup | None, what: str) -> None:
     """dist.all_reduce (sum) of ``t`` in place over ``group``, waited for as ``wait_all`` does; ``what`` names the
     call in the error. Synchronous while torch.compile traces (Dynamo traces only synchronous collectives)."""
@@ -149,7 +153,7 @@ def all_reduce(t: torch.Tensor, group: dist.ProcessGroup | None, what: str) -> N
     # (not marked out of step on a timeout: a late peer can still complete this one collective, and then the
     # group's next ones pair again)
     wait_all([work], timeout_s, f"{what}: rank {dist.get_rank(group)} waited for the group in vain",
-             ": a rank did not make the same call, or failed before it; the group may be out of step now")
+             _TAIL)
 
 
 def all_to_all_rows(out: torch.Tensor, inp: torch.Tensor, out_rows: list[int], in_rows: list[int],
@@ -160,7 +164,7 @@ def all_to_all_rows(out: torch.Tensor, inp: torch.Tensor, out_rows: list[int], i
     timeout_s = bound_s(group, inp.device)
     work = dist.all_to_all_single(out, inp.contiguous(), out_rows, in_rows, group=group, async_op=True)
     wait_all([work], timeout_s, f"{what}: rank {dist.get_rank(group)} waited for the group's all-to-all in vain",
-             ": a rank did not make the same call, or failed before it; the group may be out of step now")
+             _TAIL)
 
 
 def all_gather(t: torch.Tensor, group: dist.ProcessGroup | None, what: str) -> list[torch.Tensor]:
@@ -171,7 +175,7 @@ def all_gather(t: torch.Tensor, group: dist.ProcessGroup | None, what: str) -> l
     out = [torch.empty_like(t) for _ in range(n)]
     work = dist.all_gather(out, t.contiguous(), group=group, async_op=True)
     wait_all([work], timeout_s, f"{what}: rank {dist.get_rank(group)} waited for the group's gather in vain",
-             ": a rank did not make the same call, or failed before it; the group may be out of step now")
+             _TAIL)
     return out
 
 
@@ -197,9 +201,6 @@ def all_gather_object(obj: Any, group: dist.ProcessGroup, what: str, timeout_s: 
     padded[: data.numel()] = data
     wait_all([dist.all_gather(got, padded, group=group, async_op=True)], timeout_s, head, tail)
     return [pickle.loads(t[: int(sz.item())].numpy().tobytes()) for t, sz in zip(got, sizes, strict=True)]
-
-
-_TAIL = ": a rank did not make the same call, or failed before it; the group may be out of step now"
 
 
 def broadcast(t: torch.Tensor, src: int, group: dist.ProcessGroup, what: str) -> None:

@@ -541,7 +541,7 @@ class TopKGate(nn.Module):
         expert. Saved in the state dict (``expert_replicas``), as the groups are: both describe the placement the
         gate was saved under, so after loading a checkpoint made under another placement (a re-plan, another EP
         size) call ``set_groups`` and ``set_replicas`` again from the current one (a :class:`largeep.layers.MoELayer`
-        with a placement sets its placement's replica counts again itself after ``load_state_dict``)."""
+        sets its own placement's replica counts, all ones without one, again itself after ``load_state_dict``)."""
         host = self._check_replicas(replica_count)  # before anything changes
         with torch.no_grad():
             self.expert_replicas.copy_(host.to(self.expert_replicas.device))

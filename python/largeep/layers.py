@@ -812,9 +812,7 @@ class MoELayer(nn.Module):
     def _slot_experts(self) -> list[int]:
         """The logical expert of each local slot (-1: empty): the placement's table, else slot s holds expert s."""
         lo = self.rank * self.num_local_experts
-        if self.phys_to_log is None:
-            return list(range(lo, lo + self.num_local_experts))
-        return [int(e) for e in self.phys_to_log.cpu()[lo : lo + self.num_local_experts].tolist()]
+        return self._slot_table()[lo : lo + self.num_local_experts]
 
     @torch.no_grad()
     def load_global_experts(self, w1: Tensor, w3: Tensor, w2: Tensor, phys_to_log: Tensor | None = None) -> None:
@@ -943,8 +941,7 @@ class MoELayer(nn.Module):
             return self._gather_piecewise(what, mine13, mine2, dst, device)
         e_l, f = self.num_local_experts, self.experts.ffn_hidden
         group = self.buffer.ctx.group
-        n_slots = self.num_experts
-        table = self.phys_to_log.cpu().to(torch.int64) if self.phys_to_log is not None else torch.arange(n_slots)
+        table, num = self._gather_table()
         if self.buffer.ctx.num_ranks > 1:  # every rank's table: each cuts the gathered slots by its own
             _same_tables(what, _collective.all_gather(table.to(mine13.device), group, what))
         every13 = torch.cat(_collective.all_gather(mine13.detach(), group, what)) if self.buffer.ctx.num_ranks > 1 \
@@ -960,10 +957,16 @@ class MoELayer(nn.Module):
             w2s = torch.cat(parts2, dim=1)
         else:
             w1s, w3s, w2s = every13[:, :, :f], every13[:, :, f:], every2
-        num = max(self.num_logical_experts, int(table.max()) + 1) if self.phys_to_log is not None else n_slots
         # (every rank checks the replicas alike: the same gathered data)
         outs = _by_logical(what, table, (w1s, w3s, w2s), num, e_l)
         return outs[0], outs[1], outs[2]
+
+    def _gather_table(self) -> tuple[Tensor, int]:
+        """gather_global_experts' slot table (int64 [E] on the host, :meth:`_slot_table`) and its number L of
+        logical experts (at least the table's largest id + 1; without a placement the Buffer's num_experts)."""
+        table = torch.tensor(self._slot_table(), dtype=torch.int64)
+        num = max(self.num_logical_experts, int(table.max()) + 1) if self.phys_to_log is not None else self.num_experts
+        return table, num
 
     def _gather_piecewise(
         self, what: str, mine13: Tensor, mine2: Tensor, dst: int | None, device: torch.device | str | None
@@ -981,9 +984,8 @@ class MoELayer(nn.Module):
             raise ArgumentError(f"{what}: argument 'device' must be None or a torch.device (or its name, e.g. "
                                 f"\"cpu\"), got {device!r} ({_collective.first_line(exc)})") from None
         tp = self.expert_tp if self.expert_tp is not None and self.expert_tp.size > 1 else None
-        e_l, h, n_slots = self.num_local_experts, self.hidden, self.num_experts
-        table = self.phys_to_log.cpu().to(torch.int64) if self.phys_to_log is not None else torch.arange(n_slots)
-        num = max(self.num_logical_experts, int(table.max()) + 1) if self.phys_to_log is not None else n_slots
+        e_l, h = self.num_local_experts, self.hidden
+        table, num = self._gather_table()
         # the receiving ranks: every rank, or EP rank dst (with expert TP, its TP group's member 0)
         receives = dst is None or (me == dst and (tp is None or tp.rank == 0))
         outs: tuple[Tensor, Tensor, Tensor] | None = None
@@ -1503,19 +1505,16 @@ class MoELayer(nn.Module):
             return
         mine = {id(p) for p in self.experts.parameters()}
         if any(id(p) in mine for p in getattr(ddp, "_module_parameters", ())):
-            ddp_ranks = set(dist.get_process_group_ranks(ddp.process_group))
-            groups = [self.buffer.ctx.group] + ([self.expert_tp.group] if self.expert_tp is not None else [])
-            for g in groups:
-                shared = ddp_ranks & set(dist.get_process_group_ranks(g))
-                if len(shared) > 1:
-                    raise ArgumentError(
-                        "MoELayer: this layer runs inside a DistributedDataParallel whose process group holds ranks "
-                        f"{sorted(shared)[:8]} of the layer's expert-parallel (or expert-TP) group, and that DDP "
-                        "reduces the layer's expert weights: its construction copied rank 0's experts over every "
-                        "rank's, and its backward would average the grads of different experts. Call "
-                        "largeep.layers.ddp_ignore_experts(model) before DistributedDataParallel(model), or keep "
-                        "the experts out of the DDP module (docs/usage.md, \"Gradients the layer leaves to you\")"
-                    )
+            shared = self._ranks_of_my_groups(dist.get_process_group_ranks(ddp.process_group))
+            if shared:
+                raise ArgumentError(
+                    "MoELayer: this layer runs inside a DistributedDataParallel whose process group holds ranks "
+                    f"{shared[:8]} of the layer's expert-parallel (or expert-TP) group, and that DDP "
+                    "reduces the layer's expert weights: its construction copied rank 0's experts over every "
+                    "rank's, and its backward would average the grads of different experts. Call "
+                    "largeep.layers.ddp_ignore_experts(model) before DistributedDataParallel(model), or keep "
+                    "the experts out of the DDP module (docs/usage.md, \"Gradients the layer leaves to you\")"
+                )
         self._ddp_seen = weakref.ref(ddp)
 
     def _check_fsdp(self) -> None:
@@ -1537,20 +1536,30 @@ class MoELayer(nn.Module):
         if seen is not None and key[0] == seen[0] and key[1] is seen[1]:
             return
         mine = {id(m) for m in self.experts.modules()}
-        groups = [self.buffer.ctx.group] + ([self.expert_tp.group] if self.expert_tp is not None else [])
         for mesh_ranks, name in _fsdp_params_on(managers, mine):
-            for g in groups:
-                shared = set(mesh_ranks) & set(dist.get_process_group_ranks(g))
-                if len(shared) > 1:
-                    raise ArgumentError(
-                        f"MoELayer: FSDP2 (fully_shard over a module holding this layer) manages experts.{name} over "
-                        f"a mesh holding ranks {sorted(shared)[:8]} of the layer's expert-parallel (or expert-TP) "
-                        "group: each of those ranks' slots hold other experts, so FSDP would gather a mix of them "
-                        "into the layer and average different experts' grads; leave them out, fully_shard(model, "
-                        "ignored_params=<the experts' parameters>) (docs/usage.md, \"Gradients the layer leaves to "
-                        "you\")"
-                    )
+            shared = self._ranks_of_my_groups(mesh_ranks)
+            if shared:
+                raise ArgumentError(
+                    f"MoELayer: FSDP2 (fully_shard over a module holding this layer) manages experts.{name} over "
+                    f"a mesh holding ranks {shared[:8]} of the layer's expert-parallel (or expert-TP) "
+                    "group: each of those ranks' slots hold other experts, so FSDP would gather a mix of them "
+                    "into the layer and average different experts' grads; leave them out, fully_shard(model, "
+                    "ignored_params=<the experts' parameters>) (docs/usage.md, \"Gradients the layer leaves to "
+                    "you\")"
+                )
         self._fsdp_seen = key
+
+    def _ranks_of_my_groups(self, ranks: Iterable[int]) -> list[int]:
+        """The global ``ranks`` (a DDP's group, an FSDP mesh) that share this layer's expert-parallel group, or its
+        expert-TP group, with at least one other of them (sorted; the first such group's): ranks that hold other
+        experts, or other shards of them. Empty when each of the layer's groups holds at most one of them."""
+        ranks = set(ranks)
+        groups = [self.buffer.ctx.group] + ([self.expert_tp.group] if self.expert_tp is not None else [])
+        for g in groups:
+            shared = ranks & set(dist.get_process_group_ranks(g))
+            if len(shared) > 1:
+                return sorted(shared)
+        return []
 
     def _forward_normal(self, x: Tensor, idx: Tensor, w: Tensor) -> Tensor:
         if torch.compiler.is_compiling():

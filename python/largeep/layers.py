@@ -53,10 +53,12 @@ queues behind it. ``ll_use_fp8`` sends FP8 in low-latency mode (no gradient ther
 from __future__ import annotations
 
 import contextlib
+import math
 import numbers
 import warnings
 import weakref
 from collections.abc import Callable, Generator, Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any, overload
 
 import torch
@@ -70,6 +72,7 @@ from largeep.errors import ArgumentError, PeerRefusedError, _recomputation_stopp
 from largeep.expert_tp import ExpertTP
 
 __all__ = [
+    "ClampedSwiGLU",
     "GroupedExperts",
     "LinearTopKRouter",
     "MoELayer",
@@ -252,6 +255,63 @@ def experts_from_linear(
     return out[0], out[1], out[2]
 
 
+@dataclass(frozen=True)
+class ClampedSwiGLU:
+    """GPT-OSS's expert activation, for ``GroupedExperts(activation=...)`` / ``MoELayer(expert_activation=...)``:
+    on the gate and up projections g, u (each [rows, F], biases added)
+    ``(clamp(u, -limit, limit) + 1) * g' * sigmoid(alpha * g')`` with ``g' = min(g, limit)``. GPT-OSS uses the
+    defaults (alpha 1.702, limit 7.0)."""
+
+    alpha: float = 1.702
+    limit: float = 7.0
+
+    def __post_init__(self) -> None:
+        for arg in ("alpha", "limit"):
+            v = getattr(self, arg)
+            if not isinstance(v, numbers.Real) or isinstance(v, bool) or not math.isfinite(float(v)) or \
+                    (arg == "limit" and float(v) <= 0):
+                raise ArgumentError(f"ClampedSwiGLU: argument '{arg}' must be a finite number"
+                                    f"{' > 0' if arg == 'limit' else ''}, got {v!r}")
+
+
+Activation = str | ClampedSwiGLU  # "silu" (SwiGLU) or ClampedSwiGLU(...)
+
+
+def _check_activation(op: str, arg: str, activation: Any) -> None:
+    if not ((isinstance(activation, str) and activation == "silu") or isinstance(activation, ClampedSwiGLU)):
+        raise ArgumentError(f"{op}: argument '{arg}' must be \"silu\" (SwiGLU: silu(x W1) * (x W3)) or a "
+                            f"largeep.layers.ClampedSwiGLU (GPT-OSS's), got {activation!r}")
+
+
+def _activation_code(activation: Any) -> int:
+    """An int that tells activations apart (0: "silu"; a ClampedSwiGLU's from its constants; -1: neither)."""
+    if isinstance(activation, ClampedSwiGLU):
+        return 1 + (hash((float(activation.alpha), float(activation.limit))) & (2**40 - 1))
+    return 0 if isinstance(activation, str) and activation == "silu" else -1
+
+
+def _activate(h13: Tensor, f: int, activation: Activation) -> Tensor:
+    """The experts' activation of the gate and up projections h13 [rows, 2F] (gate in [0, F)) -> [rows, F]."""
+    g, u = h13[:, :f], h13[:, f:]
+    if isinstance(activation, ClampedSwiGLU):
+        g = g.clamp(max=activation.limit)
+        return (u.clamp(-activation.limit, activation.limit) + 1) * (g * torch.sigmoid(g * activation.alpha))
+    return F.silu(g) * u
+
+
+def _add_row_bias(out: Tensor, bias: Tensor, offs: Tensor, value_elsewhere: bool = False) -> Tensor:
+    """out [P, N] sorted by group (offs: inclusive ends) plus its group's row of ``bias`` [G, N]; rows past offs[-1]
+    get nothing (they stay zero where they were). ``value_elsewhere``: the bias adds 0 here but takes its whole
+    gradient (``bias - bias.detach()``: an expert-TP member whose b2 another member adds).
+    The rows are picked by index (exact); the gradient of a row of the bias sums its group's rows (an index_put
+    with accumulation), the rows past offs[-1] going into a row that is dropped (they may hold NaN there)."""
+    ids = torch.searchsorted(offs, torch.arange(out.shape[0], device=out.device, dtype=offs.dtype), right=True)
+    b = bias.to(out.dtype)
+    if value_elsewhere:
+        b = b - b.detach()
+    return out + torch.cat([b, b.new_zeros(1, b.shape[1])])[ids]
+
+
 class GroupedExperts(nn.Module):
     """The E_l local experts of a rank, SwiGLU: two grouped GEMMs over all of them (gate and up, then down).
 
@@ -264,17 +324,34 @@ class GroupedExperts(nn.Module):
     ``load_state_dict``; optimizer states and checkpoint readers that bypass it (``torch.distributed.checkpoint``)
     are not converted. :func:`largeep.ops.grouped_mm` runs ``torch._grouped_mm`` where it can, else a padded bmm
     (never a Python loop over experts).
+
+    ``bias`` True (GPT-OSS's experts): also b13 [E_l, 2F] (the gate and up projections' biases, b1 and b3 as
+    views of its halves) and b2 [E_l, H], added to each row of the GEMMs' outputs (in their dtype), zero at the
+    start. ``activation``: ``"silu"`` (``silu(g) * u`` of the gate and up projections g, u) or a
+    :class:`ClampedSwiGLU` (GPT-OSS's). The expert computes ``act(x W13 + b13) W2 + b2``.
     """
 
+    b13: nn.Parameter | None
+    b2: nn.Parameter | None
+
     def __init__(
-        self, num_experts: int, hidden: int, ffn_hidden: int, *, dtype: torch.dtype | None = None, init: bool = True
+        self, num_experts: int, hidden: int, ffn_hidden: int, *, dtype: torch.dtype | None = None, init: bool = True,
+        bias: bool = False, activation: Activation = "silu",
     ) -> None:
         """``init`` False: the weights are left uninitialised (for :meth:`seeded_init_` or a load)."""
         super().__init__()
+        checks.flags("GroupedExperts", bias=bias)
+        _check_activation("GroupedExperts", "activation", activation)
         self.num_experts = num_experts
         self.ffn_hidden = ffn_hidden
+        self.activation = activation
         self.w13 = nn.Parameter(torch.empty(num_experts, hidden, 2 * ffn_hidden, dtype=dtype))
         self.w2 = nn.Parameter(torch.empty(num_experts, ffn_hidden, hidden, dtype=dtype))
+        self.b13 = nn.Parameter(torch.empty(num_experts, 2 * ffn_hidden, dtype=dtype)) if bias else None
+        self.b2 = nn.Parameter(torch.empty(num_experts, hidden, dtype=dtype)) if bias else None
+        # expert TP: a member other than the first adds no b2 (the members' partial outputs are summed, so the
+        # first adds it for all), yet takes its whole gradient, the same as the first's: the copies stay equal
+        self.b2_added_elsewhere = False
         self._seeded: tuple[list[int], int, int, int] | None = None  # seeded_init_'s arguments, once it ran
         if init:
             self.reset_parameters()
@@ -284,9 +361,9 @@ class GroupedExperts(nn.Module):
         the weights' device: slots holding one expert get the same weights, on whatever rank they are (ranks whose
         weights are on the same kind of device: CPU and CUDA generators differ), and different experts differ.
         ``experts``: the expert of each slot (< 0: an empty slot, zeroed). ``shard`` of ``num_shards``: this rank's
-        F columns of an expert split over a tensor-parallel group (the scales are the whole expert's). The
-        arguments are kept: :meth:`reset_parameters` draws the same weights again (e.g. after a meta-device
-        module's ``to_empty``; on the meta device nothing is drawn)."""
+        F columns of an expert split over a tensor-parallel group (the scales are the whole expert's). The biases
+        (``bias``) are zeroed. The arguments are kept: :meth:`reset_parameters` draws the same weights again (e.g.
+        after a meta-device module's ``to_empty``; on the meta device nothing is drawn)."""
         if len(experts) != self.num_experts:
             raise ArgumentError(f"GroupedExperts.seeded_init_: argument 'experts' has {len(experts)} entries, expected "
                                 f"one per slot ({self.num_experts})")
@@ -296,6 +373,9 @@ class GroupedExperts(nn.Module):
         if dev.type == "meta":  # (no memory to fill: a meta-device module is materialised later)
             return
         with torch.no_grad():
+            for b in (self.b13, self.b2):
+                if b is not None:
+                    b.zero_()
             for i, e in enumerate(experts):
                 if e < 0:
                     self.w13[i].zero_()
@@ -307,13 +387,16 @@ class GroupedExperts(nn.Module):
 
     def reset_parameters(self) -> None:
         """Draws the weights again: as :meth:`seeded_init_` drew them last, else normal with std H^-0.5 (w13) and
-        F^-0.5 (w2)."""
+        F^-0.5 (w2); the biases zero."""
         if self._seeded is not None:
             self.seeded_init_(*self._seeded)
             return
         with torch.no_grad():
             self.w13.normal_(std=self.w13.shape[1] ** -0.5)
             self.w2.normal_(std=self.ffn_hidden**-0.5)
+            for b in (self.b13, self.b2):
+                if b is not None:
+                    b.zero_()
 
     @property
     def w1(self) -> Tensor:
@@ -324,6 +407,16 @@ class GroupedExperts(nn.Module):
     def w3(self) -> Tensor:
         """The up projection [E_l, H, F]: a view of w13's last F columns."""
         return self.w13[:, :, self.ffn_hidden :]
+
+    @property
+    def b1(self) -> Tensor | None:
+        """The gate projection's bias [E_l, F] (a view of b13's first F columns), None without biases."""
+        return self.b13[:, : self.ffn_hidden] if self.b13 is not None else None
+
+    @property
+    def b3(self) -> Tensor | None:
+        """The up projection's bias [E_l, F] (a view of b13's last F columns), None without biases."""
+        return self.b13[:, self.ffn_hidden :] if self.b13 is not None else None
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
         k1, k3 = prefix + "w1", prefix + "w3"
@@ -345,7 +438,12 @@ class GroupedExperts(nn.Module):
             dt = torch.get_autocast_dtype(x.device.type)
             w13, w2 = w13.to(dt), w2.to(dt)
         h13 = ops.grouped_mm(x.to(w13.dtype), w13, offs, used, clear_tail=clear_tail)
-        return ops.grouped_mm(F.silu(h13[:, :f]) * h13[:, f:], w2, offs, used, clear_tail=clear_tail)
+        if self.b13 is not None:
+            h13 = _add_row_bias(h13, self.b13, offs)
+        out = ops.grouped_mm(_activate(h13, f, self.activation), w2, offs, used, clear_tail=clear_tail)
+        if self.b2 is not None:
+            out = _add_row_bias(out, self.b2, offs, self.b2_added_elsewhere)
+        return out
 
     def forward_rows(
         self, x: Tensor, topk_idx: Tensor, topk_weights: Tensor, num_pairs: int | None = None
@@ -596,6 +694,8 @@ class MoELayer(nn.Module):
         norm_topk_prob: bool = True,
         dtype: torch.dtype | None = None,
         expert_tp_group: dist.ProcessGroup | None = None,
+        expert_mlp_bias: bool = False,
+        expert_activation: Activation = "silu",
         _weights_of: MoELayer | None = None,
     ) -> None:
         """(``_weights_of``: :meth:`for_buffer`'s: the experts and shared experts are that layer's modules, not
@@ -634,7 +734,9 @@ class MoELayer(nn.Module):
             checks.flags("MoELayer", use_fp8=use_fp8, bf16_partial_sums=bf16_partial_sums, ll_use_fp8=ll_use_fp8,
                          ll_send_weights=ll_send_weights,
                          ll_bf16_partial_sums=ll_bf16_partial_sums, use_custom_ops=use_custom_ops,
-                         norm_topk_prob=norm_topk_prob, shared_expert_gate=shared_expert_gate)
+                         norm_topk_prob=norm_topk_prob, shared_expert_gate=shared_expert_gate,
+                         expert_mlp_bias=expert_mlp_bias)
+            _check_activation("MoELayer", "expert_activation", expert_activation)
             if shared_expert_gate and shared_ffn_hidden == 0:
                 raise ArgumentError("MoELayer: argument 'shared_expert_gate' = True needs shared experts "
                                     "(shared_ffn_hidden > 0)")
@@ -694,7 +796,9 @@ class MoELayer(nn.Module):
         if expert_tp_group is not None:
             self.expert_tp = ExpertTP.check(
                 expert_tp_group, c, ffn_hidden,
-                {"num_chunks": num_chunks, "num_worst_tokens": num_worst_tokens, "use_fp8": int(use_fp8)},
+                {"num_chunks": num_chunks, "num_worst_tokens": num_worst_tokens, "use_fp8": int(use_fp8),
+                 "expert_mlp_bias": int(expert_mlp_bias is True),
+                 "expert_activation": _activation_code(expert_activation)},
                 local_error,
             )
         tp = self.expert_tp.size if self.expert_tp is not None else 1
@@ -732,7 +836,10 @@ class MoELayer(nn.Module):
         if _weights_of is not None:
             self.experts, self.shared_experts = _weights_of.experts, _weights_of.shared_experts
         else:
-            self.experts = GroupedExperts(self.num_local_experts, c.hidden, ffn_hidden // tp, dtype=dtype, init=False)
+            self.experts = GroupedExperts(self.num_local_experts, c.hidden, ffn_hidden // tp, dtype=dtype, init=False,
+                                          bias=expert_mlp_bias, activation=expert_activation)
+            # (expert TP: the first member adds b2, the others take its gradient only; see GroupedExperts)
+            self.experts.b2_added_elsewhere = self.expert_tp is not None and self.expert_tp.rank > 0
             self.experts.seeded_init_(
                 self._slot_experts(), seed, self.expert_tp.rank if self.expert_tp is not None else 0, tp
             )
@@ -805,7 +912,8 @@ class MoELayer(nn.Module):
         gated = self.shared_experts is not None and self.shared_experts.wg is not None
         return MoELayer(
             buffer, ffn_hidden=self.ffn_hidden, gate=self.gate, num_logical_experts=self.num_logical_experts,
-            placement=self._placement_arg, shared_ffn_hidden=shared, shared_expert_gate=gated, _weights_of=self,
+            placement=self._placement_arg, shared_ffn_hidden=shared, shared_expert_gate=gated,
+            expert_mlp_bias=self.experts.b13 is not None, expert_activation=self.experts.activation, _weights_of=self,
             **options,
         )
 
@@ -815,13 +923,19 @@ class MoELayer(nn.Module):
         return self._slot_table()[lo : lo + self.num_local_experts]
 
     @torch.no_grad()
-    def load_global_experts(self, w1: Tensor, w3: Tensor, w2: Tensor, phys_to_log: Tensor | None = None) -> None:
+    def load_global_experts(
+        self, w1: Tensor, w3: Tensor, w2: Tensor, phys_to_log: Tensor | None = None, *, b1: Tensor | None = None,
+        b3: Tensor | None = None, b2: Tensor | None = None,
+    ) -> None:
         """Copies this rank's slots from global weights: w1/w3 [L, H, F], w2 [L, F, H] indexed by logical expert
         (the transposes of ``nn.Linear`` weights, [in, out]: :func:`experts_from_linear` stacks per-expert
         ``nn.Linear`` modules so; with H == F the shapes cannot tell a forgotten transpose);
         slot s holds logical ``phys_to_log[s]`` (default: this layer's placement's table, else the identity).
         Empty slots (-1) are zeroed. With expert TP, member j of the TP group copies its shard: columns
-        [j*F/T, (j+1)*F/T) of w1/w3, the same rows of w2."""
+        [j*F/T, (j+1)*F/T) of w1/w3, the same rows of w2.
+
+        ``b1`` / ``b3`` [L, F], ``b2`` [L, H]: the biases of a layer made with ``expert_mlp_bias=True`` (given
+        exactly then, all three); with expert TP each member copies its columns of b1 / b3 and the whole b2."""
         if phys_to_log is not None:
             sized = checks.integer_tensor(phys_to_log) and tuple(phys_to_log.shape) == (self.num_experts,)
             least_id = int(phys_to_log.min()) if sized and phys_to_log.numel() else -1
@@ -832,16 +946,21 @@ class MoELayer(nn.Module):
                     f"{_kind(phys_to_log) if not sized else f'a value {least_id}'}"
                 )
         table = phys_to_log if phys_to_log is not None else self.phys_to_log
-        parts = self._slots_of("load_global_experts", w1, w3, w2, table)
-        for mine, part in zip((self.experts.w1, self.experts.w3, self.experts.w2), parts, strict=True):
+        parts = self._slots_of("load_global_experts", w1, w3, w2, table, (b1, b3, b2))
+        ex = self.experts
+        for mine, part in zip((ex.w1, ex.w3, ex.w2, ex.b1, ex.b3, ex.b2), parts, strict=False):
+            assert mine is not None
             mine.copy_(part.to(device=mine.device, dtype=mine.dtype))
 
     def _slots_of(
-        self, op: str, w1: Tensor, w3: Tensor, w2: Tensor, table: Tensor | None
-    ) -> tuple[Tensor, Tensor, Tensor]:
+        self, op: str, w1: Tensor, w3: Tensor, w2: Tensor, table: Tensor | None,
+        biases: tuple[Tensor | None, Tensor | None, Tensor | None] = (None, None, None),
+    ) -> tuple[Tensor, ...]:
         """This rank's slots (by ``table``, the physical slots' logical experts; None: the identity) of global
-        per-expert tensors w1/w3 [L, H, F], w2 [L, F, H], on their device, empty slots zero; with expert TP this
-        member's shard (columns [j*F/T, (j+1)*F/T) of w1/w3, the same rows of w2). Shapes checked for ``op``."""
+        per-expert tensors w1/w3 [L, H, F], w2 [L, F, H] (and ``biases`` b1/b3 [L, F], b2 [L, H] where the experts
+        have biases: given exactly then), on their device, empty slots zero; with expert TP this member's shard
+        (columns [j*F/T, (j+1)*F/T) of w1/w3 and b1/b3, the same rows of w2, all of b2). Shapes checked for
+        ``op``. Returns (w1, w3, w2) or (w1, w3, w2, b1, b3, b2)."""
         # every rank checks the same shapes (a rank whose slots all lie below a short L would load silently)
         # L: at least the table's largest logical expert + 1 (the identity: E), at most the layer's logical experts
         least = int(table.max()) + 1 if table is not None and table.numel() else self.num_experts
@@ -860,43 +979,61 @@ class MoELayer(nn.Module):
                     f"MoELayer.{op}: argument '{arg}' has shape {got}, expected (L, {want[0]}, {want[1]}) with "
                     f"{span} logical experts{hint}"
                 )
+        has_bias = self.experts.b13 is not None
+        for arg, bt, size in (("b1", biases[0], f), ("b3", biases[1], f), ("b2", biases[2], h)):
+            if not has_bias and bt is not None:
+                raise ArgumentError(f"MoELayer.{op}: argument '{arg}' given, but this layer's experts have no biases "
+                                    "(made without expert_mlp_bias=True)")
+            if has_bias and (not isinstance(bt, Tensor) or tuple(bt.shape) != (w1.shape[0], size)):
+                got_b = tuple(bt.shape) if isinstance(bt, Tensor) else type(bt).__name__
+                raise ArgumentError(
+                    f"MoELayer.{op}: argument '{arg}' " + ("is missing: this layer's experts have biases "
+                                                           "(expert_mlp_bias=True), so b1, b3 and b2 are needed"
+                                                           if bt is None else
+                                                           f"has shape {got_b}, expected ({w1.shape[0]}, {size}) "
+                                                           "(L as w1's: one row per logical expert)"))
         lo = self.rank * self.num_local_experts
         slots = torch.arange(lo, lo + self.num_local_experts, device="cpu")
         logical = table.cpu()[slots] if table is not None else slots
         ok = logical >= 0
+        full = [w1, w3, w2] + ([t for t in biases if t is not None] if has_bias else [])
         if self.expert_tp is not None and self.expert_tp.size > 1:
             f = self.ffn_hidden // self.expert_tp.size
             cols = slice(self.expert_tp.rank * f, (self.expert_tp.rank + 1) * f)
-            w1, w3, w2 = w1[:, :, cols], w3[:, :, cols], w2[:, cols, :]
+            full[:3] = [w1[:, :, cols], w3[:, :, cols], w2[:, cols, :]]
+            if has_bias:
+                full[3:5] = [full[3][:, cols], full[4][:, cols]]
         # (only this rank's experts move, whatever device the global weights are on)
-        return tuple(  # type: ignore[return-value]
-            torch.where(ok.to(full.device).view(-1, 1, 1), full[logical.clamp(min=0).to(full.device)], 0)
-            for full in (w1, w3, w2)
+        return tuple(
+            torch.where(ok.to(t.device).view(-1, *([1] * (t.dim() - 1))), t[logical.clamp(min=0).to(t.device)], 0)
+            for t in full
         )
 
     @overload
     def gather_global_experts(
-        self, w13: Tensor | None = None, w2: Tensor | None = None, *, dst: None = None,
-        device: torch.device | str | None = None,
-    ) -> tuple[Tensor, Tensor, Tensor]: ...
+        self, w13: Tensor | None = None, w2: Tensor | None = None, *, b13: Tensor | None = None,
+        b2: Tensor | None = None, dst: None = None, device: torch.device | str | None = None,
+    ) -> tuple[Tensor, ...]: ...
 
     @overload
     def gather_global_experts(
-        self, w13: Tensor | None = None, w2: Tensor | None = None, *, dst: int,
-        device: torch.device | str | None = None,
-    ) -> tuple[Tensor, Tensor, Tensor] | None: ...
+        self, w13: Tensor | None = None, w2: Tensor | None = None, *, b13: Tensor | None = None,
+        b2: Tensor | None = None, dst: int, device: torch.device | str | None = None,
+    ) -> tuple[Tensor, ...] | None: ...
 
     @torch.no_grad()
     def gather_global_experts(
-        self, w13: Tensor | None = None, w2: Tensor | None = None, *, dst: int | None = None,
-        device: torch.device | str | None = None,
-    ) -> tuple[Tensor, Tensor, Tensor] | None:
+        self, w13: Tensor | None = None, w2: Tensor | None = None, *, b13: Tensor | None = None,
+        b2: Tensor | None = None, dst: int | None = None, device: torch.device | str | None = None,
+    ) -> tuple[Tensor, ...] | None:
         """The inverse of :meth:`load_global_experts`: every rank's expert weights as global ones indexed by logical
         expert, (w1 [L, H, F], w3 [L, H, F], w2 [L, F, H]) in the weights' dtype, on every rank (default) or on
         rank ``dst`` only, for a checkpoint that loads at another expert-parallel size or placement
         (``load_global_experts`` of the new layer takes them as they are). Collective: every rank of the Buffer's
         group (and with expert TP of the TP group, whose members' shards are joined along F) must call it, with
-        the same ``dst``.
+        the same ``dst``. Experts with biases (``expert_mlp_bias``) give (w1, w3, w2, b1 [L, F], b3 [L, F],
+        b2 [L, H]) (``load_global_experts(w1, w3, w2, b1=b1, b3=b3, b2=b2)`` takes them; with expert TP b2 is the
+        first member's, the members' copies being equal).
 
         L: the layer's logical experts (at least the table's largest id + 1); without a placement the Buffer's
         num_experts (slot s holds expert s). A logical expert held by no slot comes back as zeros (it has no
@@ -909,6 +1046,7 @@ class MoELayer(nn.Module):
         ``w13`` / ``w2``: other per-slot tensors of the experts' shapes ([E_l, H, 2F/T] and [E_l, F/T, H]) to
         gather instead of the weights, e.g. the optimizer's state of ``experts.w13`` and ``experts.w2`` (Adam's
         ``exp_avg``, ``exp_avg_sq``); :meth:`local_experts` cuts such global tensors back into a layer's slots.
+        With biases, ``b13`` [E_l, 2F/T] and ``b2`` [E_l, H] likewise, and then all four are given or none.
 
         Memory. By default every rank receives every slot of the group at once (all-gathers), on the weights'
         device: the whole layer's experts on every GPU. For a large model pass ``dst`` and/or ``device``:
@@ -922,44 +1060,66 @@ class MoELayer(nn.Module):
         With either, the slots travel one rank's at a time (point to point to ``dst``, or a broadcast from each
         rank when every rank receives; then the TP group's shards of them) and each piece is moved to ``device``
         before the next: beyond the result itself, the weights' device of a receiving rank holds at most
-        (T + 1) x one rank's ``w13`` and ``w2`` at a time (T: the expert-TP size, 1 without), whatever the
-        group's size; a rank that only sends holds nothing extra. The errors are the same and raised on every rank
-        alike: the placements' and ``dst``'s agreement is checked before anything moves, the replicas' equality
-        on the receiver, whose verdict is then sent to every rank. The default call (neither given) is the
-        all-gather above, unchanged. Per-rank checkpoint files can also be assembled offline with
+        (T + 1) x one rank's ``w13`` and ``w2`` (and biases) at a time (T: the expert-TP size, 1 without),
+        whatever the group's size; a rank that only sends holds nothing extra. The errors are the same and raised
+        on every rank alike: the placements' and ``dst``'s agreement is checked before anything moves, the
+        replicas' equality on the receiver, whose verdict is then sent to every rank. The default call (neither
+        given) is the all-gather above, unchanged. Per-rank checkpoint files can also be assembled offline with
         :func:`global_experts_from_states`.
         """
-        mine13 = self.experts.w13 if w13 is None else w13
-        mine2 = self.experts.w2 if w2 is None else w2
-        for arg, t, ref in (("w13", mine13, self.experts.w13), ("w2", mine2, self.experts.w2)):
-            if not isinstance(t, Tensor) or tuple(t.shape) != tuple(ref.shape):
-                got = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
-                raise ArgumentError(f"MoELayer.gather_global_experts: argument '{arg}' has shape {got}, expected "
-                                    f"{tuple(ref.shape)} (experts.{arg}'s: one row per local slot)")
         what = "MoELayer.gather_global_experts"
+        ex = self.experts
+        refs: list[tuple[str, Tensor | None, Tensor | None]] = [("w13", w13, ex.w13), ("w2", w2, ex.w2),
+                                                                 ("b13", b13, ex.b13), ("b2", b2, ex.b2)]
+        if ex.b13 is None:
+            for arg, t, _ in refs[2:]:
+                if t is not None:
+                    raise ArgumentError(f"{what}: argument '{arg}' given, but this layer's experts have no biases "
+                                        "(made without expert_mlp_bias=True)")
+            refs = refs[:2]
+        elif any(t is not None for _, t, _ in refs) and any(t is None for _, t, _ in refs):
+            missing = [arg for arg, t, _ in refs if t is None]
+            raise ArgumentError(f"{what}: argument '{missing[0]}' is missing: this layer's experts have biases, so "
+                                "w13, w2, b13 and b2 are given together (other per-slot tensors) or none (the "
+                                "weights)")
+        stored: list[Tensor] = []
+        for arg, t, ref in refs:
+            assert ref is not None
+            mine = ref if t is None else t
+            if not isinstance(mine, Tensor) or tuple(mine.shape) != tuple(ref.shape):
+                got = tuple(mine.shape) if isinstance(mine, Tensor) else type(mine).__name__
+                raise ArgumentError(f"{what}: argument '{arg}' has shape {got}, expected "
+                                    f"{tuple(ref.shape)} (experts.{arg}'s: one row per local slot)")
+            stored.append(mine)
         if dst is not None or device is not None:
-            return self._gather_piecewise(what, mine13, mine2, dst, device)
-        e_l, f = self.num_local_experts, self.experts.ffn_hidden
+            return self._gather_piecewise(what, stored, dst, device)
+        e_l = self.num_local_experts
         group = self.buffer.ctx.group
         table, num = self._gather_table()
-        if self.buffer.ctx.num_ranks > 1:  # every rank's table: each cuts the gathered slots by its own
-            _same_tables(what, _collective.all_gather(table.to(mine13.device), group, what))
-        every13 = torch.cat(_collective.all_gather(mine13.detach(), group, what)) if self.buffer.ctx.num_ranks > 1 \
-            else mine13.detach()
-        every2 = torch.cat(_collective.all_gather(mine2.detach(), group, what)) if self.buffer.ctx.num_ranks > 1 \
-            else mine2.detach()
+        many = self.buffer.ctx.num_ranks > 1
+        if many:  # every rank's table: each cuts the gathered slots by its own
+            _same_tables(what, _collective.all_gather(table.to(stored[0].device), group, what))
+        every = [torch.cat(_collective.all_gather(t.detach(), group, what)) if many else t.detach() for t in stored]
         tp = self.expert_tp
-        if tp is not None and tp.size > 1:  # every member's columns of every slot, joined along F
-            parts13 = _collective.all_gather(every13, tp.group, what)
-            parts2 = _collective.all_gather(every2, tp.group, what)
-            w1s = torch.cat([p[:, :, :f] for p in parts13], dim=2)
-            w3s = torch.cat([p[:, :, f:] for p in parts13], dim=2)
-            w2s = torch.cat(parts2, dim=1)
-        else:
-            w1s, w3s, w2s = every13[:, :, :f], every13[:, :, f:], every2
+        members = [_collective.all_gather(t, tp.group, what) if tp is not None and tp.size > 1 else [t]
+                   for t in every]
+        joined = []
+        for i, half, dim in self._gather_fields(len(stored)):  # every member's columns of every slot, joined along F
+            ps = [p if half is None else p[..., half] for p in members[i]]
+            joined.append(torch.cat(ps, dim=dim) if dim is not None else ps[0])
         # (every rank checks the replicas alike: the same gathered data)
-        outs = _by_logical(what, table, (w1s, w3s, w2s), num, e_l)
-        return outs[0], outs[1], outs[2]
+        return _by_logical(what, table, tuple(joined), num, e_l)
+
+    def _gather_fields(self, num_stored: int) -> list[tuple[int, slice | None, int | None]]:
+        """The global tensors gather_global_experts builds from the per-slot ones it moves (w13, w2[, b13, b2]): for
+        each (the index of the tensor it comes from, the columns it takes of that one's last dim or None: all, the
+        dim along which the expert-TP members' parts join or None: the first member's whole)."""
+        f = self.experts.ffn_hidden  # (F/T: each member's columns)
+        lo, hi = slice(0, f), slice(f, 2 * f)
+        fields: list[tuple[int, slice | None, int | None]] = [(0, lo, 2), (0, hi, 2), (1, None, 1)]
+        if num_stored > 2:
+            fields += [(2, lo, 1), (2, hi, 1), (3, None, None)]
+        return fields
 
     def _gather_table(self) -> tuple[Tensor, int]:
         """gather_global_experts' slot table (int64 [E] on the host, :meth:`_slot_table`) and its number L of
@@ -969,35 +1129,37 @@ class MoELayer(nn.Module):
         return table, num
 
     def _gather_piecewise(
-        self, what: str, mine13: Tensor, mine2: Tensor, dst: int | None, device: torch.device | str | None
-    ) -> tuple[Tensor, Tensor, Tensor] | None:
+        self, what: str, stored: list[Tensor], dst: int | None, device: torch.device | str | None
+    ) -> tuple[Tensor, ...] | None:
         """gather_global_experts with ``dst`` or ``device``: one rank's slots at a time to the receiving ranks (all
-        with ``dst`` None), each piece moved to ``device`` (the weights' by default) before the next."""
+        with ``dst`` None), each piece moved to ``device`` (the weights' by default) before the next. ``stored``:
+        the per-slot tensors to gather (w13, w2[, b13, b2])."""
         c = self.buffer.ctx
         group, n, me = c.group, c.num_ranks, c.rank
         if dst is not None and (not isinstance(dst, int) or isinstance(dst, bool) or not 0 <= dst < n):
             raise ArgumentError(f"{what}: argument 'dst' must be None or a rank of the Buffer's group (an int in "
                                 f"[0, {n})), got {dst!r}")
         try:
-            out_dev = torch.device(device) if device is not None else mine13.device
+            out_dev = torch.device(device) if device is not None else stored[0].device
         except (RuntimeError, TypeError) as exc:
             raise ArgumentError(f"{what}: argument 'device' must be None or a torch.device (or its name, e.g. "
                                 f"\"cpu\"), got {device!r} ({_collective.first_line(exc)})") from None
         tp = self.expert_tp if self.expert_tp is not None and self.expert_tp.size > 1 else None
-        e_l, h = self.num_local_experts, self.hidden
+        e_l, h, big_f = self.num_local_experts, self.hidden, self.ffn_hidden
         table, num = self._gather_table()
+        fields = self._gather_fields(len(stored))
+        shapes = [(num, h, big_f), (num, h, big_f), (num, big_f, h), (num, big_f), (num, big_f), (num, h)]
         # the receiving ranks: every rank, or EP rank dst (with expert TP, its TP group's member 0)
         receives = dst is None or (me == dst and (tp is None or tp.rank == 0))
-        outs: tuple[Tensor, Tensor, Tensor] | None = None
+        outs: tuple[Tensor, ...] | None = None
         alloc_error: BaseException | None = None
         if receives:  # (before anything moves: a result that does not fit refuses the call on every rank)
             try:
-                outs = (torch.zeros(num, h, self.ffn_hidden, dtype=mine13.dtype, device=out_dev),
-                        torch.zeros(num, h, self.ffn_hidden, dtype=mine13.dtype, device=out_dev),
-                        torch.zeros(num, self.ffn_hidden, h, dtype=mine2.dtype, device=out_dev))
+                outs = tuple(torch.zeros(shape, dtype=stored[i].dtype, device=out_dev)
+                             for shape, (i, _, _) in zip(shapes, fields, strict=False))
             except RuntimeError as exc:  # (torch.OutOfMemoryError too)
                 alloc_error = exc
-        self._gather_agree(what, table, dst, alloc_error, out_dev, mine13, mine2, tp)
+        self._gather_agree(what, table, dst, alloc_error, out_dev, stored, tp)
         first: dict[int, int] = {}  # each logical expert's lowest slot: its value; the others are replicas
         for slot, e in enumerate(table.tolist()):
             if e >= 0:
@@ -1005,7 +1167,7 @@ class MoELayer(nn.Module):
         bad: tuple[int, int, int] | None = None  # the first replica that differs: (expert, its first slot, slot)
         f = self.experts.ffn_hidden  # (F/T: each member's columns)
         for s in range(n):
-            parts = self._gather_piece(what, s, mine13, mine2, dst, out_dev, tp)
+            parts = self._gather_piece(what, s, stored, dst, out_dev, tp)
             if parts is None or outs is None:
                 continue
             for k in range(e_l):
@@ -1013,10 +1175,13 @@ class MoELayer(nn.Module):
                 if e < 0:
                     continue
                 # expert e's values by the member whose columns hold them: (result's view, received view)
-                views = [v for j, (p13, p2) in enumerate(parts) for v in (
-                    (outs[0][e][:, j * f : (j + 1) * f], p13[k][:, :f]),
-                    (outs[1][e][:, j * f : (j + 1) * f], p13[k][:, f:]),
-                    (outs[2][e][j * f : (j + 1) * f], p2[k]))]
+                views = []
+                for j, member in enumerate(parts):
+                    for out, (i, half, dim) in zip(outs, fields, strict=True):
+                        if dim is None and j > 0:
+                            continue  # (the first member's whole)
+                        src = member[i][k] if half is None else member[i][k][..., half]
+                        views.append((out[e] if dim is None else out[e].narrow(dim - 1, j * f, f), src))
                 if first[e] == slot:
                     for o, p in views:
                         o.copy_(p)
@@ -1025,7 +1190,7 @@ class MoELayer(nn.Module):
             del parts  # (freed before the next piece arrives)
         if dst is not None:  # the receiver's verdict to every rank (every rank saw the same data without dst)
             verdict = torch.tensor([1, *bad] if bad is not None else [0, 0, 0, 0], dtype=torch.int64)
-            verdict = verdict.to(mine13.device)
+            verdict = verdict.to(stored[0].device)
             if n > 1:  # (EP group 0's ranks; then each TP group, which has one member there)
                 _collective.all_reduce(verdict, group, what)
             if tp is not None:
@@ -1038,7 +1203,7 @@ class MoELayer(nn.Module):
 
     def _gather_agree(
         self, what: str, table: Tensor, dst: int | None, alloc_error: BaseException | None, out_dev: torch.device,
-        mine13: Tensor, mine2: Tensor, tp: ExpertTP | None,
+        stored: list[Tensor], tp: ExpertTP | None,
     ) -> None:
         """Before _gather_piecewise moves anything: every rank of the Buffer's group holds the same placement,
         gives the same ``dst`` and the tensors' dtypes, and the receiver made its result (``alloc_error``: why
@@ -1046,10 +1211,11 @@ class MoELayer(nn.Module):
         through its member there, and from it every EP group)."""
         c = self.buffer.ctx
         n = c.num_ranks
+        dev = stored[0].device
         dtypes = list(_DTYPE_CODES)
-        codes = [dtypes.index(t.dtype) if t.dtype in dtypes else -2 for t in (mine13, mine2)]
+        codes = [dtypes.index(t.dtype) if t.dtype in dtypes else -2 for t in stored]
         mine = torch.cat([table, torch.tensor([-1 if dst is None else dst, int(alloc_error is not None), *codes])])
-        every = [t.cpu() for t in _collective.all_gather(mine.to(mine13.device), c.group, what)] if n > 1 \
+        every = [t.cpu() for t in _collective.all_gather(mine.to(dev), c.group, what)] if n > 1 \
             else [mine]
         # (every rank of the EP group reads the same gathered rows: the same verdict)
         k = table.numel()
@@ -1063,7 +1229,7 @@ class MoELayer(nn.Module):
             r = next(r for r, d in enumerate(dsts) if d != dsts[0])
             why, code = (f"{what}: the ranks gave different 'dst': rank {r} {_dst_name(dsts[r])}, rank 0 "
                          f"{_dst_name(dsts[0])}: every rank must give the same"), 2
-        for i, arg in enumerate(("w13", "w2")):
+        for i, arg in enumerate(("w13", "w2", "b13", "b2")[: len(stored)]):
             kinds = [int(t[k + 2 + i]) for t in every]
             if code == 0 and kinds != [kinds[0]] * n:
                 r = next(r for r, d in enumerate(kinds) if d != kinds[0])
@@ -1077,7 +1243,7 @@ class MoELayer(nn.Module):
                    f"{what}: the receiving rank {refused[0]} could not make the result on its device {out_dev} "
                    "(see its error); nothing was moved")
         if tp is not None:  # every TP group has a member in the EP group that refused
-            verdicts = _collective.all_gather(torch.tensor([code, dsts[0]]).to(mine13.device), tp.group, what)
+            verdicts = _collective.all_gather(torch.tensor([code, dsts[0]]).to(dev), tp.group, what)
             verdicts = [v.cpu() for v in verdicts]
             if code == 0 and any(int(v[0]) for v in verdicts):
                 j = next(j for j, v in enumerate(verdicts) if int(v[0]))
@@ -1097,19 +1263,18 @@ class MoELayer(nn.Module):
         raise (PeerRefusedError if code == 4 else ArgumentError)(why)
 
     def _gather_piece(
-        self, what: str, s: int, mine13: Tensor, mine2: Tensor, dst: int | None, out_dev: torch.device,
-        tp: ExpertTP | None,
-    ) -> list[tuple[Tensor, Tensor]] | None:
-        """EP rank ``s``'s slots of w13 and w2 on ``out_dev``, as each TP member holds them ([(w13, w2)] without
-        expert TP), on the receiving ranks (None on the others): sent to ``dst`` (broadcast to every rank with
-        ``dst`` None), then the TP group's shards gathered (to member 0 with ``dst``). One tensor at a time, each
-        moved to ``out_dev`` before the next arrives."""
+        self, what: str, s: int, stored: list[Tensor], dst: int | None, out_dev: torch.device, tp: ExpertTP | None,
+    ) -> list[tuple[Tensor, ...]] | None:
+        """EP rank ``s``'s slots of the ``stored`` tensors (w13, w2[, b13, b2]) on ``out_dev``, as each TP member
+        holds them ([(w13, w2, ...)] without expert TP), on the receiving ranks (None on the others): sent to
+        ``dst`` (broadcast to every rank with ``dst`` None), then the TP group's shards gathered (to member 0 with
+        ``dst``). One tensor at a time, each moved to ``out_dev`` before the next arrives."""
         c = self.buffer.ctx
         me = c.rank
         if dst is not None and me != dst and me != s:
             return None  # (neither sends nor receives this piece)
         moved: list[list[Tensor]] = []
-        for mine in (mine13, mine2):
+        for mine in stored:
             piece = mine.detach().contiguous() if me == s else torch.empty_like(
                 mine, memory_format=torch.contiguous_format)
             if dst is None and c.num_ranks > 1:
@@ -1127,17 +1292,23 @@ class MoELayer(nn.Module):
             del piece
             moved.append([p.to(out_dev) for p in parts] if parts is not None else [])
             del parts
-        if len(moved) < 2 or not moved[0]:
+        if len(moved) < len(stored) or not moved[0]:
             return None
-        return list(zip(moved[0], moved[1], strict=True))
+        return list(zip(*moved, strict=True))
 
-    def local_experts(self, w1: Tensor, w3: Tensor, w2: Tensor) -> tuple[Tensor, Tensor]:
+    def local_experts(
+        self, w1: Tensor, w3: Tensor, w2: Tensor, b1: Tensor | None = None, b3: Tensor | None = None,
+        b2: Tensor | None = None,
+    ) -> tuple[Tensor, ...]:
         """This rank's slots of global per-expert tensors (w1/w3 [L, H, F], w2 [L, F, H], e.g. from
         :meth:`gather_global_experts`) as (w13 [E_l, H, 2F/T], w2 [E_l, F/T, H]): what :meth:`load_global_experts`
         copies into the weights, for other per-slot tensors such as the optimizer's state of ``experts.w13`` and
-        ``experts.w2`` (empty slots zero). Not collective; the shapes are checked as there."""
-        p1, p3, p2 = self._slots_of("local_experts", w1, w3, w2, self.phys_to_log)
-        return torch.cat([p1, p3], dim=2), p2
+        ``experts.w2`` (empty slots zero). Experts with biases (``expert_mlp_bias``) take b1/b3 [L, F] and b2
+        [L, H] too and give (w13, w2, b13 [E_l, 2F/T], b2 [E_l, H]). Not collective; the shapes are checked as
+        there."""
+        p = self._slots_of("local_experts", w1, w3, w2, self.phys_to_log, (b1, b3, b2))
+        mine = (torch.cat([p[0], p[1]], dim=2), p[2])
+        return mine if len(p) == 3 else (*mine, torch.cat([p[3], p[4]], dim=1), p[5])
 
     # -- re-placement -----------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -1153,7 +1324,8 @@ class MoELayer(nn.Module):
         come back zero). A layer that routes by another callable cannot move (its slots' experts are not known),
         nor can one move to such a callable.
 
-        Each slot's weights (``experts.w13``, ``experts.w2``) are copied into the same Parameter objects
+        Each slot's weights (``experts.w13``, ``experts.w2``, and ``b13``, ``b2`` with biases) are copied into the
+        same Parameter objects
         (``param.data``), from a slot that held the slot's new expert: on the same rank where it held one (no
         transfer), else from one of its replicas' ranks through an all-to-all over the Buffer's group (each
         expert sent once to each rank that needs it, the sends spread over its replicas' ranks); a slot whose
@@ -1190,7 +1362,7 @@ class MoELayer(nn.Module):
         what = "MoELayer.set_placement"
         c = self.buffer.ctx
         e_l, n = self.num_local_experts, c.num_ranks
-        weights = {"experts.w13": self.experts.w13, "experts.w2": self.experts.w2}
+        weights = {f"experts.{name}": prm for name, prm in self.experts.named_parameters()}  # (w13, w2[, b13, b2])
         error: str | None = None
         local: Exception | None = None
         new: list[int] = []
@@ -2110,45 +2282,59 @@ def _check_slot_layout(module: nn.Module, state_dict: dict[str, Any], prefix: st
         )
 
 
-def global_experts_from_states(states: Sequence[dict[str, Any]], prefix: str = "") -> tuple[Tensor, Tensor, Tensor]:
+def global_experts_from_states(states: Sequence[dict[str, Any]], prefix: str = "") -> tuple[Tensor, ...]:
     """The global expert weights (w1 [L, H, F], w3 [L, H, F], w2 [L, F, H], L = the largest expert id + 1) from the
     state dicts of one ``MoELayer`` saved on every rank of its group, in rank order (``prefix``: the layer's in a
     model's state dict, e.g. ``"layers.3.moe."``), read by the ``slot_experts`` each holds: for a checkpoint of
     per-rank files loaded at another expert-parallel size or placement through ``load_global_experts``, without the
-    old group (:meth:`MoELayer.gather_global_experts` does the same collectively). Not collective; an expert held by
-    no slot comes back as zeros, replicas must be equal (``ArgumentError`` names the expert). States of expert-TP
-    shards (``expert_shard``) are refused: gather them with ``gather_global_experts``."""
+    old group (:meth:`MoELayer.gather_global_experts` does the same collectively). Experts with biases (the states
+    hold ``experts.b13`` and ``experts.b2``) give (w1, w3, w2, b1 [L, F], b3 [L, F], b2 [L, H]). Not collective;
+    an expert held by no slot comes back as zeros, replicas must be equal (``ArgumentError`` names the expert).
+    States of expert-TP shards (``expert_shard``) are refused: gather them with ``gather_global_experts``."""
     what = "global_experts_from_states"
     if not states:
         raise ArgumentError(f"{what}: argument 'states' is empty, expected every rank's state dict")
-    w13s, w2s, tables = [], [], []
+    keys = [prefix + "experts." + k for k in ("w13", "w2", "b13", "b2")]
+    first = states[0]
+    biased = isinstance(first, dict) and keys[2] in first
+    if not biased:
+        keys = keys[:2]
+    stacks: list[list[Tensor]] = [[] for _ in keys]
+    tables = []
     for r, st in enumerate(states):
-        k13, k2 = prefix + "experts.w13", prefix + "experts.w2"
+        k13, k2 = keys[0], keys[1]
         if not isinstance(st, dict) or k13 not in st or k2 not in st:
             raise ArgumentError(f"{what}: argument 'states[{r}]' holds no '{k13}' and '{k2}' (a MoELayer's state dict "
                                 f"under prefix {prefix!r})")
+        if (prefix + "experts.b13" in st) != biased or (prefix + "experts.b2" in st) != biased:
+            raise ArgumentError(f"{what}: argument 'states[{r}]' " + ("lacks" if biased else "holds") + " the "
+                                f"experts' biases ('{prefix}experts.b13', '{prefix}experts.b2'), states[0] "
+                                + ("holds them" if biased else "does not") + ": expected one layer's states of every "
+                                "rank")
         if prefix + _EXPERT_SHARD in st:
             raise ArgumentError(f"{what}: argument 'states[{r}]' is one expert-TP member's shard "
                                 f"('{prefix + _EXPERT_SHARD}'): gather those with MoELayer.gather_global_experts")
         e_l = st[k13].shape[0]
-        if st[k13].shape[0] != states[0][k13].shape[0] or st[k2].shape != states[0][k2].shape:
-            raise ArgumentError(f"{what}: argument 'states[{r}]' holds experts of shapes {tuple(st[k13].shape)} and "
-                                f"{tuple(st[k2].shape)}, states[0] {tuple(states[0][k13].shape)} and "
-                                f"{tuple(states[0][k2].shape)}: expected one layer's states of every rank")
+        if any(st[k].shape != first[k].shape for k in keys):
+            shapes = [tuple(st[k].shape) for k in keys]
+            raise ArgumentError(f"{what}: argument 'states[{r}]' holds experts of shapes {shapes}, states[0] "
+                                f"{[tuple(first[k].shape) for k in keys]}: expected one layer's states of every rank")
         table = st.get(prefix + _SLOT_EXPERTS)
         if table is None:
             legacy = st.get(prefix + _SLOT_LAYOUT)
             table = legacy[r * e_l : (r + 1) * e_l] if isinstance(legacy, Tensor) else torch.arange(r * e_l,
                                                                                                   (r + 1) * e_l)
-        w13s.append(st[k13])
-        w2s.append(st[k2])
+        for stack, k in zip(stacks, keys, strict=True):
+            stack.append(st[k])
         tables.append(table.to("cpu", torch.int64))
     table = torch.cat(tables)
-    w13, w2 = torch.cat(w13s), torch.cat(w2s)
-    f = w2.shape[1]
+    full = [torch.cat(stack) for stack in stacks]
+    f = full[1].shape[1]
     num = int(table.max()) + 1 if table.numel() and int(table.max()) >= 0 else 0
-    outs = _by_logical(what, table, (w13[:, :, :f], w13[:, :, f:], w2), num, e_l)
-    return outs[0], outs[1], outs[2]
+    parts = [full[0][:, :, :f], full[0][:, :, f:], full[1]]
+    if biased:
+        parts += [full[2][:, :f], full[2][:, f:], full[3]]
+    return _by_logical(what, table, tuple(parts), num, e_l)
 
 
 def _same_tables(what: str, tables: Sequence[Tensor]) -> None:
@@ -2497,7 +2683,9 @@ def clip_grad_norm_(model: nn.Module, max_norm: float, norm_type: float = 2.0) -
                 raise ArgumentError(f"{what}: {_SHARDED_EXPERTS}")
             expert_ids.add(id(prm))
             if prm.grad is not None:
-                entry[1].append(part(prm.grad, weight.to(prm.grad.device)))
+                # (expert TP: every member holds the whole b2 with the same grad; the first member's counts)
+                if not (prm is m.experts.b2 and m.experts.b2_added_elsewhere):
+                    entry[1].append(part(prm.grad, weight.to(prm.grad.device)))
                 experts.append(prm.grad)
     others = [prm.grad for prm in model.parameters() if id(prm) not in expert_ids and prm.grad is not None]
     if any(_sharded(g) for g in others):

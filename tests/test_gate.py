@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from largeep.errors import ArgumentError
 from largeep.gate import (
     GateConfig,
+    GateOutput,
     LoadMonitor,
     TopKGate,
     apply_capacity,
@@ -921,3 +922,167 @@ def test_apply_capacity_takes_a_traced_size() -> None:
         torch.zeros(6, 2, dtype=torch.int64), torch.ones(6, 2))
     idx = torch.tensor([[0, 1], [0, 1], [0, 2], [1, 2]])
     assert torch.equal(traced(idx, torch.ones(4, 2))[0], apply_capacity(idx, torch.ones(4, 2), 4, 2)[0])
+
+
+# ---- a trainable bias on the router's logits (GateConfig.router_bias, LinearTopKRouter(bias=True)) ----
+
+# the state dict keys of a gate without a router bias (unchanged by the option's existence)
+_GATE_KEYS = {"weight", "expert_bias", "expert_load", "group_of_expert", "expert_replicas"}
+
+
+def _biased_router(kind: str, hidden: int, num_experts: int, topk: int) -> tuple[torch.nn.Module, str]:
+    """A TopKGate with router_bias, or a LinearTopKRouter with bias, routing softmax top-k with normalised weights
+    (GPT-OSS's router); returns it and the name of its bias parameter."""
+    from largeep.layers import LinearTopKRouter
+
+    if kind == "gate":
+        cfg = GateConfig(hidden=hidden, num_experts=num_experts, topk=topk, score_func="softmax",
+                         norm_topk_prob=True, bias_balancing=False, router_bias=True)
+        return TopKGate(cfg), "router_bias"
+    return LinearTopKRouter(hidden, num_experts, topk, score_func="softmax", norm_topk_prob=True, bias=True), "bias"
+
+
+def _route(module: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    out = module(x)
+    return (out.topk_idx, out.topk_weights) if isinstance(out, GateOutput) else out
+
+
+def _ref_biased_route(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, topk: int
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """float64 reference of an nn.Linear(H, E, bias=True) router: logits = x @ W.T + b, the top-k logits, a softmax
+    over the k chosen."""
+    logits = x.double() @ w.double().T + b.double()
+    top, idx = logits.topk(topk, dim=-1)
+    return idx, top.softmax(dim=-1)
+
+
+@pytest.mark.parametrize("kind", ["gate", "linear"])
+def test_router_bias_matches_a_biased_linear_router(kind: str) -> None:
+    """Indices, weights and the gradients of the weight, the bias and x equal a float64 biased-Linear router's
+    (top-k of the logits, softmax over the chosen), to float32 rounding; the bias does change the choices."""
+    gen = torch.Generator().manual_seed(11)
+    t_num, hidden, e_num, topk = 96, 24, 12, 4
+    module, bias_name = _biased_router(kind, hidden, e_num, topk)
+    bias = getattr(module, bias_name)
+    assert isinstance(bias, torch.nn.Parameter) and bias.dtype == torch.float32 and bias.shape == (e_num,)
+    with torch.no_grad():
+        module.weight.copy_(torch.randn(e_num, hidden, generator=gen) * hidden**-0.5)
+        bias.copy_(torch.randn(e_num, generator=gen))
+    x = torch.randn(t_num, hidden, generator=gen)
+    c = torch.randn(t_num, topk, generator=gen)  # a loss sum(c * weights) of the weights
+
+    x32 = x.clone().requires_grad_(True)
+    idx, w = _route(module, x32)
+    (w * c).sum().backward()
+
+    w64 = module.weight.detach().double().requires_grad_(True)
+    b64 = bias.detach().double().requires_grad_(True)
+    x64 = x.double().requires_grad_(True)
+    ref_idx, ref_w = _ref_biased_route(x64, w64, b64, topk)
+    (ref_w * c.double()).sum().backward()
+
+    # the choices are clear of near-ties (so float32 and float64 must pick alike), and the bias moves them
+    logits = x.double() @ module.weight.detach().double().T + bias.detach().double()
+    sorted_logits = logits.sort(dim=-1, descending=True).values
+    assert float((sorted_logits[:, topk - 1] - sorted_logits[:, topk]).min()) > 1e-4
+    unbiased = (x.double() @ module.weight.detach().double().T).topk(topk, dim=-1).indices
+    assert not torch.equal(unbiased.sort(dim=-1).values, ref_idx.sort(dim=-1).values)
+
+    assert idx.dtype == torch.int64 and w.dtype == torch.float32
+    assert torch.equal(idx, ref_idx)
+    torch.testing.assert_close(w.double(), ref_w.detach(), rtol=1e-6, atol=1e-7)
+    for got, want in ((module.weight.grad, w64.grad), (bias.grad, b64.grad), (x32.grad, x64.grad)):
+        assert got is not None and want is not None and got.dtype == torch.float32
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
+    assert float(bias.grad.abs().max()) > 1e-3  # (the bias does get a gradient)
+
+    # float32 logits inside an autocast region too: the same choices and weights
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        a_idx, a_w = _route(module, x)
+    assert torch.equal(a_idx, idx) and a_w.dtype == torch.float32
+    torch.testing.assert_close(a_w, w.detach())
+
+
+def test_router_bias_is_not_the_balancing_bias() -> None:
+    """router_bias enters the logits: TopKGate's scores are the softmax of x @ W.T + b; route_logits takes its
+    logits as given (no router bias added); expert_bias still moves the choice alone."""
+    gen = torch.Generator().manual_seed(5)
+    cfg = GateConfig(hidden=8, num_experts=6, topk=2, norm_topk_prob=False, router_bias=True)
+    gate = TopKGate(cfg)
+    with torch.no_grad():
+        gate.router_bias.copy_(torch.randn(6, generator=gen))  # type: ignore[union-attr]
+    x = torch.randn(20, 8, generator=gen)
+    out = gate(x)
+    want = (x.double() @ gate.weight.detach().double().T + gate.router_bias.detach().double()).softmax(-1)
+    torch.testing.assert_close(out.scores.double(), want, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(out.topk_weights, out.scores.gather(1, out.topk_idx))
+    logits = torch.randn(20, 6, generator=gen)
+    plain = TopKGate(dataclasses.replace(cfg, router_bias=False))
+    got, ref = gate.route_logits(logits), plain.route_logits(logits)
+    assert torch.equal(got.topk_idx, ref.topk_idx) and torch.equal(got.scores, ref.scores)
+
+
+def test_router_bias_off_by_default_and_reset() -> None:
+    """Without the option a gate or router has no bias (None) and the state dict keys it always had; with it the
+    bias is a zero float32 parameter [E] in the state dict, and reset_parameters zeroes it again."""
+    from largeep.layers import LinearTopKRouter
+
+    assert GateConfig(hidden=8, num_experts=4, topk=2).router_bias is False
+    gate = TopKGate(GateConfig(hidden=8, num_experts=4, topk=2))
+    assert gate.router_bias is None and set(gate.state_dict()) == _GATE_KEYS
+    assert [n for n, _ in gate.named_parameters()] == ["weight"]
+    router = LinearTopKRouter(8, 4, 2)
+    assert router.bias is None and set(router.state_dict()) == {"weight"}
+
+    for module, name, keys in ((TopKGate(GateConfig(hidden=8, num_experts=4, topk=2, router_bias=True)),
+                                "router_bias", _GATE_KEYS | {"router_bias"}),
+                               (LinearTopKRouter(8, 4, 2, bias=True), "bias", {"weight", "bias"})):
+        bias = getattr(module, name)
+        assert set(module.state_dict()) == keys
+        assert torch.equal(bias, torch.zeros(4)) and bias.dtype == torch.float32 and bias.requires_grad
+        with torch.no_grad():
+            bias.fill_(3.0)
+        module.reset_parameters()
+        assert torch.equal(getattr(module, name), torch.zeros(4))
+
+
+@pytest.mark.parametrize("kind", ["gate", "linear"])
+def test_router_bias_made_on_meta_then_to_empty(kind: str) -> None:
+    """Made under torch.device("meta") with a bias, then to_empty and reset_parameters: the bias is zero, the
+    module routes as one made on the CPU from the same seed."""
+    torch.manual_seed(3)
+    ref, name = _biased_router(kind, 16, 8, 2)
+    with torch.device("meta"):
+        meta, _ = _biased_router(kind, 16, 8, 2)
+    assert getattr(meta, name).is_meta
+    module = meta.to_empty(device="cpu")
+    with torch.no_grad():
+        getattr(module, name).fill_(math.nan)  # (poisoned: to_empty gives no values)
+    torch.manual_seed(3)
+    module.reset_parameters()
+    assert torch.equal(getattr(module, name), torch.zeros(8))
+    for key, want in ref.state_dict().items():
+        assert torch.equal(module.state_dict()[key], want), key
+    x = torch.randn(10, 16)
+    (idx, w), (ref_idx, ref_w) = _route(module, x), _route(ref, x)
+    assert torch.equal(idx, ref_idx) and torch.equal(w, ref_w)
+
+
+def test_router_bias_refusals() -> None:
+    """A router_bias / bias that is not a bool is refused by name; router_bias is fixed once the config exists
+    (the gate made its parameters for it), on the config and through a gate's new config alike."""
+    from largeep.layers import LinearTopKRouter
+
+    for bad in ("yes", 1, None):
+        with pytest.raises(ArgumentError, match="'router_bias' must be a bool"):
+            GateConfig(hidden=8, num_experts=4, topk=2, router_bias=bad)  # type: ignore[arg-type]
+        with pytest.raises(ArgumentError, match="'bias'"):
+            LinearTopKRouter(8, 4, 2, bias=bad)  # type: ignore[arg-type]
+    cfg = GateConfig(hidden=8, num_experts=4, topk=2)
+    gate = TopKGate(cfg)
+    with pytest.raises(ArgumentError, match="'router_bias' cannot change"):
+        cfg.router_bias = True
+    assert cfg.router_bias is False
+    with pytest.raises(ArgumentError, match="'config' cannot change router_bias"):
+        gate.config = dataclasses.replace(cfg, router_bias=True)
+    assert gate.config is cfg and gate.router_bias is None

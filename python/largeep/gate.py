@@ -53,8 +53,9 @@ def _finite(x: object) -> bool:
     return isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x)
 
 
-# GateConfig fields a gate depends on from its construction (its group checks, its weight's shape)
-_FIXED_GATE_FIELDS = frozenset({"hidden", "num_experts", "topk", "num_groups", "topk_groups"})
+# GateConfig fields a gate depends on from its construction (its group checks, its weight's shape, whether it has a
+# router bias)
+_FIXED_GATE_FIELDS = frozenset({"hidden", "num_experts", "topk", "num_groups", "topk_groups", "router_bias"})
 
 
 @dataclass
@@ -78,11 +79,16 @@ class GateConfig:
         capacity_factor: None, or > 0: each expert keeps at most ceil(factor * T * K / E) of the (token, k)
             choices, earlier tokens first; the others become -1 with weight 0. With replicas
             (``TopKGate.set_replicas``): ceil(factor * T * K * r_e / S), S = sum of r, e's share of the slots.
+        router_bias: a bool; True gives the gate a trainable bias on its logits (``TopKGate.router_bias`` [E], zero
+            at first): ``logits = x @ weight.T + router_bias`` (an ``nn.Linear(H, E, bias=True)`` router, e.g.
+            GPT-OSS's). Unlike the balancing ``expert_bias`` it enters the logits, so the scores, the weights and
+            their gradients too.
 
-    The sizes and the grouping (hidden, num_experts, topk, num_groups, topk_groups) are fixed once the config
-    exists (a gate checks its groups against them when it is made: make a new gate to change them; a gate's
-    ``config`` may be replaced by one that keeps them); the other fields may change between calls and are checked
-    again when set. Sizes are ints; rates, coefficients and ``routed_scaling_factor`` (> 0) finite numbers.
+    The sizes, the grouping and the router's form (hidden, num_experts, topk, num_groups, topk_groups,
+    router_bias) are fixed once the config exists (a gate checks its groups against them and makes its parameters
+    for them when it is made: make a new gate to change them; a gate's ``config`` may be replaced by one that keeps
+    them); the other fields may change between calls and are checked again when set. Sizes are ints; rates,
+    coefficients and ``routed_scaling_factor`` (> 0) finite numbers.
     """
 
     hidden: int
@@ -97,7 +103,8 @@ class GateConfig:
     bias_balancing: bool = True
     bias_update_rate: float = 1e-3
     aux_loss_coef: float = 0.0
-    capacity_factor: float | None = None
+    router_bias: bool = False
+    capacity_factor: float | None = None  # (the last field: its setting marks the end of construction, __setattr__)
 
     def __post_init__(self) -> None:
         self._validate()
@@ -133,12 +140,13 @@ class GateConfig:
                f"must be a finite number >= 0, got {self.aux_loss_coef!r}")
         _check(_finite(self.routed_scaling_factor) and self.routed_scaling_factor > 0, "routed_scaling_factor",
                f"must be a finite number > 0, got {self.routed_scaling_factor!r}")
+        _check(isinstance(self.router_bias, bool), "router_bias", f"must be a bool, got {self.router_bias!r}")
 
     def __setattr__(self, name: str, value: object) -> None:
         built = "_capacity_ratio" in self.__dict__  # (set at the end of construction, by capacity_factor's field)
         if built and name in _FIXED_GATE_FIELDS:
             raise ArgumentError(f"GateConfig: argument {name!r} cannot change once the config exists (a gate "
-                                f"checked its groups against it); make a new GateConfig and gate instead")
+                                f"was built for it); make a new GateConfig and gate instead")
         old = self.__dict__.get(name)
         # (capacity_factor is checked before it is set, so that a refused value leaves the config as it was)
         ratio = _capacity_ratio_of(value) if name == "capacity_factor" else None
@@ -177,8 +185,10 @@ class GateOutput:
 
     Attributes:
         topk_idx: int64 [T, K], expert ids in [-1, E) (-1 only where the capacity dropped a choice).
-        topk_weights: float32 [T, K], combine weights (0 where topk_idx is -1); never contain the bias.
-        scores: float32 [T, E], routing probabilities (softmax or sigmoid of the logits, no bias).
+        topk_weights: float32 [T, K], combine weights (0 where topk_idx is -1); never contain the balancing bias
+            (``expert_bias``).
+        scores: float32 [T, E], routing probabilities (softmax or sigmoid of the logits, which hold the gate's
+            ``router_bias`` if it has one; never the balancing ``expert_bias``).
         tokens_per_expert: int64 [E], choices kept per expert (after the capacity).
         aux_loss: float32 scalar with grad when ``aux_loss_coef`` > 0, else None.
     """
@@ -382,8 +392,13 @@ def balance_loss(scores: torch.Tensor, topk_idx: torch.Tensor, num_experts: int)
 
 
 class TopKGate(nn.Module):
-    """Linear router ``logits = x @ weight.T`` followed by :func:`select_topk`, with optional bias balancing,
-    auxiliary loss and capacity.
+    """Linear router ``logits = x @ weight.T`` (``+ router_bias`` with ``GateConfig.router_bias``) followed by
+    :func:`select_topk`, with optional bias balancing, auxiliary loss and capacity.
+
+    Parameters: ``weight`` [E, H]; ``router_bias`` [E] with ``config.router_bias`` (zero at first; an
+    ``nn.Linear(H, E, bias=True)`` router's bias goes there), else None (not in the state dict). The router bias
+    enters the logits, hence the scores, the weights and their gradients; the balancing ``expert_bias`` below only
+    moves the choice of experts.
 
     Buffers: ``expert_bias`` float32 [E] (selection only), ``expert_load`` float32 [E] (choices counted since the
     last ``update_bias``; counted in training mode when ``bias_balancing`` is on), ``group_of_expert`` int64 [E]
@@ -392,11 +407,13 @@ class TopKGate(nn.Module):
 
     Made on the meta device (``with torch.device("meta")``, e.g. for FSDP2), the gate holds no values; after
     ``to_empty(device=...)`` its tensors hold whatever memory they got, and ``reset_parameters()`` (a fresh gate's
-    values: weight, zero bias and load, the groups and their table) or ``load_state_dict`` (the groups saved with
-    the gate; the table is rebuilt from them) make it usable. The gate keeps its groups on the host too, for that.
+    values: weight, zero router bias, balancing bias and load, the groups and their table) or ``load_state_dict``
+    (the groups saved with the gate; the table is rebuilt from them) make it usable. The gate keeps its groups on
+    the host too, for that.
     """
 
     distinct_experts = True  # a token's K choices are distinct experts (MoELayer.experts_chunk counts on it)
+    router_bias: nn.Parameter | None
     expert_bias: torch.Tensor
     expert_load: torch.Tensor
     group_of_expert: torch.Tensor
@@ -417,6 +434,9 @@ class TopKGate(nn.Module):
         # the groups on the host: what reset_parameters writes back (a meta or to_empty gate's buffer holds none)
         self._host_groups = group_of_expert.detach().to("cpu", copy=True)
         self.weight = nn.Parameter(torch.empty(config.num_experts, config.hidden))
+        # (made as the weight is; None without router_bias: the gate's parameters and state dict as before)
+        self.register_parameter("router_bias", nn.Parameter(torch.zeros(config.num_experts))
+                                if config.router_bias else None)
         self.register_buffer("expert_bias", torch.zeros(config.num_experts, dtype=torch.float32))
         self.register_buffer("expert_load", torch.zeros(config.num_experts, dtype=torch.float32))
         self.register_buffer("group_of_expert", torch.empty(config.num_experts, dtype=torch.int64))
@@ -437,16 +457,19 @@ class TopKGate(nn.Module):
             assert isinstance(value, GateConfig)
             changed = sorted(f for f in _FIXED_GATE_FIELDS if getattr(value, f) != getattr(self.config, f))
             _check(not changed, "config", f"cannot change {', '.join(changed)} of a built gate (it checked its "
-                   "groups against them and made its weight for them); make a new gate instead")
+                   "groups against them and made its weight and router bias for them); make a new gate instead")
         super().__setattr__(name, value)  # type: ignore[arg-type]  # (nn.Module takes any value)
 
     def reset_parameters(self) -> None:
-        """Sets a fresh gate's values in place: weight normal with std hidden**-0.5, zero ``expert_bias`` and
-        ``expert_load``, and the groups last given (at construction, by ``set_groups`` or by a state dict) with
-        their table, on the gate's device. After ``to_empty(device=...)`` of a gate made on the meta device this
-        makes it a working gate (with the replica counts last given, by ``set_replicas`` or a state dict)."""
+        """Sets a fresh gate's values in place: weight normal with std hidden**-0.5, zero ``router_bias`` (if any),
+        ``expert_bias`` and ``expert_load``, and the groups last given (at construction, by ``set_groups`` or by a
+        state dict) with their table, on the gate's device. After ``to_empty(device=...)`` of a gate made on the meta
+        device this makes it a working gate (with the replica counts last given, by ``set_replicas`` or a state
+        dict)."""
         with torch.no_grad():
             nn.init.normal_(self.weight, std=self.config.hidden**-0.5)
+            if self.router_bias is not None:
+                self.router_bias.zero_()
             self.expert_bias.zero_()
             self.expert_load.zero_()
             self.group_of_expert.copy_(self._host_groups)
@@ -557,12 +580,14 @@ class TopKGate(nn.Module):
         cfg = self.config
         _check(x.dim() == 2 and x.shape[1] == cfg.hidden, "x", f"must be [T, {cfg.hidden}], got {tuple(x.shape)}")
         # float32 logits whatever the module's dtype or an autocast region: bf16 logits flip near-tied choices
+        bias = None if self.router_bias is None else self.router_bias.float()
         with torch.autocast(x.device.type, enabled=False):
-            logits = F.linear(x.float(), self.weight.float())
+            logits = F.linear(x.float(), self.weight.float(), bias)
         return self.route_logits(logits)
 
     def route_logits(self, logits: torch.Tensor) -> GateOutput:
-        """Routes from given logits float [T, E] (the gate's weight is not used)."""
+        """Routes from given logits float [T, E] (the gate's weight and ``router_bias`` are not used: the logits
+        are taken as they are)."""
         cfg = self.config
         _check(
             logits.dim() == 2 and logits.shape[1] == cfg.num_experts,

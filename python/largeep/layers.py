@@ -89,22 +89,28 @@ __all__ = [
 
 
 class LinearTopKRouter(nn.Module):
-    """``logits = x @ weight.T`` (float32), scores by softmax or sigmoid, top-k.
+    """``logits = x @ weight.T`` (``+ bias`` with ``bias=True``; float32), scores by softmax or sigmoid, top-k.
 
     forward(x [T, H] any float dtype) -> (topk_idx int64 [T, K], topk_weights float32 [T, K]); with
-    ``norm_topk_prob`` the K weights of a token sum to 1. No host wait.
+    ``norm_topk_prob`` the K weights of a token sum to 1. No host wait. ``bias=True`` gives the router a trainable
+    bias [E] on its logits (zero at first; an ``nn.Linear(H, E, bias=True)`` router's bias goes there), which
+    moves the scores, the weights and their gradients; without it ``self.bias`` is None (not in the state dict).
     """
 
     distinct_experts = True  # a token's K choices are distinct experts (MoELayer.experts_chunk counts on it)
+    bias: nn.Parameter | None
 
     def __init__(
-        self, hidden: int, num_experts: int, topk: int, *, score_func: str = "softmax", norm_topk_prob: bool = True
+        self, hidden: int, num_experts: int, topk: int, *, score_func: str = "softmax", norm_topk_prob: bool = True,
+        bias: bool = False,
     ) -> None:
         super().__init__()
         if score_func not in ("softmax", "sigmoid"):
             raise ArgumentError(f"LinearTopKRouter: argument 'score_func' = {score_func!r}, expected softmax|sigmoid")
         if not 1 <= topk <= num_experts:
             raise ArgumentError(f"LinearTopKRouter: argument 'topk' = {topk} must be in [1, {num_experts}]")
+        if not isinstance(bias, bool):
+            raise ArgumentError(f"LinearTopKRouter: argument 'bias' = {bias!r}, expected a bool")
         if topk == 1 and norm_topk_prob and num_experts > 1:
             warnings.warn("LinearTopKRouter: topk=1 with norm_topk_prob=True makes every weight 1, so the router's "
                           "weight gets no gradient from the task loss (pass norm_topk_prob=False to train it)",
@@ -113,17 +119,22 @@ class LinearTopKRouter(nn.Module):
         self.score_func = score_func
         self.norm_topk_prob = norm_topk_prob
         self.weight = nn.Parameter(torch.empty(num_experts, hidden))
+        self.register_parameter("bias", nn.Parameter(torch.zeros(num_experts)) if bias else None)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Draws the weight again (normal, std H^-0.5): after ``to_empty`` of a router made on the meta device."""
+        """Draws the weight again (normal, std H^-0.5) and zeroes the bias (if any): after ``to_empty`` of a router
+        made on the meta device."""
         with torch.no_grad():
             nn.init.normal_(self.weight, std=self.weight.shape[1] ** -0.5)
+            if self.bias is not None:
+                self.bias.zero_()
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         # float32 logits inside an autocast region too (bf16 logits flip near-tied choices)
+        bias = None if self.bias is None else self.bias.float()
         with torch.autocast(x.device.type, enabled=False):
-            logits = F.linear(x.float(), self.weight.float())
+            logits = F.linear(x.float(), self.weight.float(), bias)
         scores = logits.softmax(dim=-1) if self.score_func == "softmax" else logits.sigmoid()
         w, idx = scores.topk(self.topk, dim=-1)
         if self.norm_topk_prob:

@@ -113,14 +113,17 @@ def collectives(rank: int, world: int, rows: int) -> None:
 def layer_tp_vs_reference(
     rank: int, world: int, tp: int, tokens: list[int], hidden: int, ffn: int, shared_ffn: int, num_experts: int,
     topk: int, seed: int, variants: list[dict[str, Any]], replicas: int = 0, fp8: bool = False,
+    gpt_oss: bool = False,
 ) -> dict[str, Any]:
     """The layer with TP groups of ``tp`` ranks (Buffer on the EP group of world/tp ranks): output and grads of x,
     the gate, the shared experts and the expert shards (all-gathered over the TP group to full [E_l, H, F] and
     [E_l, F, H] matrices) against the dense reference; the variants agree with each other to float32 rounding.
-    ``fp8``: the variants dispatch FP8, the reference's routed experts see FP8 round trips."""
+    ``fp8``: the variants dispatch FP8, the reference's routed experts see FP8 round trips. ``gpt_oss``: experts
+    with biases and the clamped activation: b1/b3 gathered like w1/w3, and every member's whole b2 (added by the
+    first member only) takes the reference's whole grad, so the members' copies stay equal."""
     groups = make_expert_tp_groups(tp)
     num_logical, phys_to_log = random_placement(num_experts, replicas, seed)
-    m = make_global(seed, tokens, hidden, ffn, shared_ffn, num_logical)
+    m = make_global(seed, tokens, hidden, ffn, shared_ffn, num_logical, gpt_oss)
     ref = dense_reference(m, topk, fp8)
     epr = num_experts // (world // tp)
     buf = largeep.Buffer(
@@ -144,12 +147,17 @@ def layer_tp_vs_reference(
             close(_allsum(layer.gate.weight.grad), ref["grads"]["gate"], f"{what}: grad of the gate")
             if phys_to_log is not None:
                 assert layers.allreduce_replica_grads(
-                    [ex.w13, ex.w2], phys_to_log, group=groups.ep_group
+                    list(ex.parameters()), phys_to_log, group=groups.ep_group
                 ) == replicas
             logical = local_logical_experts(phys_to_log, groups.ep_rank, epr)
-            for name, dim in (("w1", 2), ("w3", 2), ("w2", 1)):
+            for name, dim in (("w1", 2), ("w3", 2), ("w2", 1)) + ((("b1", 1), ("b3", 1)) if gpt_oss else ()):
                 full = _gather_shards(expert_grad(ex, name), dim, groups.tp_group)
                 close(full, ref["grads"][name][logical], f"{what}: grad of {name} (gathered)")
+            if gpt_oss:
+                assert ex.b2_added_elsewhere == (groups.tp_rank > 0)
+                close(ex.b2.grad, ref["grads"]["b2"][logical], f"{what}: grad of b2 (every member's whole)")
+                every = _gather_shards(ex.b2.grad.unsqueeze(0), 0, groups.tp_group)
+                assert all(torch.equal(g, every[0]) for g in every), f"{what}: the members' b2 grads differ"
             finish_variant(results, layer, out, x, ref, what)
         compare_variants(variants, results)
         return {"variants": len(results)}

@@ -58,14 +58,14 @@ def check_shared_grads(layer: Any, ref: dict[str, Any], what: str) -> None:
 
 
 def expert_grad(ex: Any, name: str) -> torch.Tensor | None:
-    """The grad of GroupedExperts' w1, w3 (halves of w13's grad) or w2."""
-    if name == "w2":
-        return ex.w2.grad  # type: ignore[no-any-return]
-    g = ex.w13.grad
+    """The grad of GroupedExperts' w1, w3 (halves of w13's grad) or w2; b1, b3 (halves of b13's) or b2."""
+    if name in ("w2", "b2"):
+        return getattr(ex, name).grad  # type: ignore[no-any-return]
+    g = ex.w13.grad if name[0] == "w" else ex.b13.grad
     if g is None:
         return None
     f = ex.ffn_hidden
-    return g[:, :, :f] if name == "w1" else g[:, :, f:]  # type: ignore[no-any-return]
+    return g[..., :f] if name[1] == "1" else g[..., f:]  # type: ignore[no-any-return]
 
 
 def local_logical_experts(phys_to_log: torch.Tensor | None, ep_rank: int, epr: int) -> torch.Tensor:
@@ -294,9 +294,28 @@ class GlobalModel:
     shared: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None  # [H, Fs], [H, Fs], [Fs, H]
     xs: list[torch.Tensor]  # per rank [T_r, H]
     gs: list[torch.Tensor]  # per rank cotangent of the output [T_r, H]
+    biases: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # the experts' b1, b3 [L, F], b2 [L, H]
+    activation: Any = "silu"  # the experts' (MoELayer's expert_activation)
 
 
-def make_global(seed: int, tokens: list[int], hidden: int, ffn: int, shared_ffn: int, num_logical: int) -> GlobalModel:
+# GPT-OSS-style experts in the tests: biases and the clamped activation, with a limit low enough that the clamps
+# bite on a good share of the (unit-scale) projections
+GPT_OSS_TEST_ACTIVATION = layers.ClampedSwiGLU(alpha=1.702, limit=0.9)
+
+
+def _act(h1: torch.Tensor, h3: torch.Tensor, activation: Any) -> torch.Tensor:
+    """The experts' activation, written out (the reference's; ``activation``: "silu" or a ClampedSwiGLU)."""
+    if activation == "silu":
+        return F.silu(h1) * h3
+    g = torch.minimum(h1, torch.full_like(h1, activation.limit))
+    u = torch.maximum(torch.minimum(h3, torch.full_like(h3, activation.limit)), torch.full_like(h3, -activation.limit))
+    return (u + 1.0) * g / (1.0 + torch.exp(-activation.alpha * g))
+
+
+def make_global(seed: int, tokens: list[int], hidden: int, ffn: int, shared_ffn: int, num_logical: int,
+                gpt_oss: bool = False) -> GlobalModel:
+    """``gpt_oss``: experts with biases (drawn after everything else, so the rest is the same) and
+    GPT_OSS_TEST_ACTIVATION."""
     g = _gen(seed, 99)
     h, f = hidden, ffn
     gate = torch.randn(num_logical, h, generator=g) * h**-0.5
@@ -312,10 +331,16 @@ def make_global(seed: int, tokens: list[int], hidden: int, ffn: int, shared_ffn:
         )
     xs = [torch.randn(t, h, generator=_gen(seed, 5, r)) for r, t in enumerate(tokens)]
     gs = [torch.randn(t, h, generator=_gen(seed, 6, r)) for r, t in enumerate(tokens)]
-    return GlobalModel(gate, w1, w3, w2, shared, xs, gs)
+    if not gpt_oss:
+        return GlobalModel(gate, w1, w3, w2, shared, xs, gs)
+    b = _gen(seed, 98)
+    biases = (torch.randn(num_logical, f, generator=b) * 0.5, torch.randn(num_logical, f, generator=b) * 0.5,
+              torch.randn(num_logical, h, generator=b) * 0.5)
+    return GlobalModel(gate, w1, w3, w2, shared, xs, gs, biases, GPT_OSS_TEST_ACTIVATION)
 
 
-def _dense_moe(x: torch.Tensor, p: dict[str, torch.Tensor], topk: int, fp8: bool = False) -> torch.Tensor:
+def _dense_moe(x: torch.Tensor, p: dict[str, torch.Tensor], topk: int, fp8: bool = False,
+               activation: Any = "silu") -> torch.Tensor:
     """One dense MoE layer, one expert at a time (float64 params ``p``) on x float64 [T, H]; routing chosen from
     float32 logits exactly as the built-in router does (so near-ties pick the same experts). ``fp8``: the routed
     experts see each token's FP8 round trip (of its float32 value), the gradient passing through as the identity."""
@@ -329,7 +354,10 @@ def _dense_moe(x: torch.Tensor, p: dict[str, torch.Tensor], topk: int, fp8: bool
         if tok.numel() == 0:
             continue
         xe = routed[tok]
-        ye = (F.silu(xe @ p["w1"][e]) * (xe @ p["w3"][e])) @ p["w2"][e]
+        if "b1" in p:  # (experts with biases)
+            ye = _act(xe @ p["w1"][e] + p["b1"][e], xe @ p["w3"][e] + p["b3"][e], activation) @ p["w2"][e] + p["b2"][e]
+        else:
+            ye = _act(xe @ p["w1"][e], xe @ p["w3"][e], activation) @ p["w2"][e]
         out = out.index_add(0, tok, ye * wts[tok, k].unsqueeze(1))
     if "s1" in p:
         out = out + (F.silu(x @ p["s1"]) * (x @ p["s3"])) @ p["s2"]
@@ -349,11 +377,15 @@ def dense_reference(m: GlobalModel, topk: int, fp8: bool = False) -> dict[str, A
     if m.shared is not None:
         for name, t in zip(("s1", "s3", "s2"), m.shared, strict=True):
             p[name] = t.double().requires_grad_()
+    if m.biases is not None:
+        for name, t in zip(("b1", "b3", "b2"), m.biases, strict=True):
+            p[name] = t.double().requires_grad_()
     xs = [x.double().requires_grad_() for x in m.xs]
     outs = []
     loss = torch.zeros((), dtype=torch.float64)
     for x, g in zip(xs, m.gs, strict=True):
-        out = _dense_moe(x, p, topk, fp8)  # x float64 rounds back to the float32 input exactly, so routing is the same
+        out = _dense_moe(x, p, topk, fp8, m.activation)  # (x float64 rounds back to the float32 input exactly: the
+        # routing is the same)
         outs.append(out)
         loss = loss + (out * g.double()).sum()
     loss.backward()
@@ -398,6 +430,8 @@ class RoundRobinReplicas:
 def _build_layer(
     buf: largeep.Buffer, m: GlobalModel, ffn: int, shared_ffn: int, placement: Any = None, **kw: Any
 ) -> layers.MoELayer:
+    if m.biases is not None:
+        kw = {"expert_mlp_bias": True, "expert_activation": m.activation, **kw}
     layer = layers.MoELayer(
         buf, ffn_hidden=ffn, shared_ffn_hidden=shared_ffn, num_logical_experts=m.gate.shape[0], placement=placement,
         **kw,
@@ -410,25 +444,29 @@ def _build_layer(
             se = layer.shared_experts
             for mine, full in zip((se.w1, se.w3, se.w2), m.shared, strict=True):
                 mine.copy_(full)
-    layer.load_global_experts(m.w1, m.w3, m.w2)
+    if m.biases is not None:
+        layer.load_global_experts(m.w1, m.w3, m.w2, b1=m.biases[0], b3=m.biases[1], b2=m.biases[2])
+    else:
+        layer.load_global_experts(m.w1, m.w3, m.w2)
     return layer
 
 
 def layer_vs_reference(
     rank: int, world: int, tokens: list[int], hidden: int, ffn: int, shared_ffn: int, num_experts: int,
     topk: int, seed: int, variants: list[dict[str, Any]], replicas: int = 0, tokens_per_round: int | None = None,
-    fp8: bool = False,
+    fp8: bool = False, gpt_oss: bool = False,
 ) -> dict[str, Any]:
     """Forward and grads (x, gate, experts, shared experts) of the layer against the dense reference, float32.
     ``tokens_per_round``: the Buffer's (calls in rounds). ``fp8``: the variants dispatch FP8 (``use_fp8``), the
-    reference's routed experts see the tokens' FP8 round trips.
+    reference's routed experts see the tokens' FP8 round trips. ``gpt_oss``: experts with biases and the clamped
+    activation (make_global's), the biases' grads checked too.
 
     ``variants``: MoELayer options to run (e.g. num_chunks, num_worst_tokens, use_custom_ops); all must agree
     with the reference, and with each other to float32 rounding. ``replicas`` > 0: E physical slots hold
     E - replicas logical experts, the first ``replicas`` of them twice; grads go through allreduce_replica_grads.
     """
     num_logical, phys_to_log = random_placement(num_experts, replicas, seed)
-    m = make_global(seed, tokens, hidden, ffn, shared_ffn, num_logical)
+    m = make_global(seed, tokens, hidden, ffn, shared_ffn, num_logical, gpt_oss)
     ref = dense_reference(m, topk, fp8)
     epr = num_experts // world
     buf = largeep.Buffer(
@@ -449,9 +487,9 @@ def layer_vs_reference(
             close(_allsum(layer.gate.weight.grad), ref["grads"]["gate"], f"{what}: grad of the gate")
             ex = layer.experts
             if phys_to_log is not None:
-                assert layers.allreduce_replica_grads([ex.w13, ex.w2], phys_to_log) == replicas
+                assert layers.allreduce_replica_grads(list(ex.parameters()), phys_to_log) == replicas
             logical = local_logical_experts(phys_to_log, rank, epr)
-            for name in ("w1", "w3", "w2"):
+            for name in ("w1", "w3", "w2") + (("b1", "b3", "b2") if gpt_oss else ()):
                 close(expert_grad(ex, name), ref["grads"][name][logical], f"{what}: grad of {name}")
             finish_variant(results, layer, out, x, ref, what)
         compare_variants(variants, results)
@@ -507,11 +545,11 @@ class _FixedGate(torch.nn.Module):
 
 def low_latency_vs_normal(
     rank: int, world: int, tokens: list[int], hidden: int, ffn: int, shared_ffn: int, num_experts: int, topk: int,
-    seed: int, use_fp8: bool,
+    seed: int, use_fp8: bool, gpt_oss: bool = False,
 ) -> None:
     """Low-latency forward (bf16 transfer, or FP8) equals the normal forward; the two-micro-batch overlap and the
-    custom-op path equal plain calls exactly."""
-    m = make_global(seed, tokens, hidden, ffn, shared_ffn, num_experts)
+    custom-op path equal plain calls exactly. ``gpt_oss``: experts with biases and the clamped activation."""
+    m = make_global(seed, tokens, hidden, ffn, shared_ffn, num_experts, gpt_oss)
     max_t = max(max(tokens), 1)
     common = dict(hidden=hidden, num_experts=num_experts, num_topk=topk, max_tokens_per_rank=max_t, backend="torch")
     nbuf = largeep.Buffer(None, **common)  # type: ignore[arg-type]
@@ -571,11 +609,12 @@ def low_latency_vs_normal(
 
 
 def compiled_two_layers(rank: int, world: int, tokens: list[int], num_worst: int, num_chunks: int, seed: int,
-                        backend: str = "aot_eager", use_fp8: bool = False) -> None:
+                        backend: str = "aot_eager", use_fp8: bool = False, gpt_oss: bool = False) -> None:
     """torch.compile(fullgraph=True, backend) of two MoE layers (sharing one Buffer) equals eager in the
     output and every grad; with num_worst_tokens nothing breaks the graph even without fullgraph, in inference and
     in training (the backward's shapes are static too: weighted_row_sum's backward once split the frame).
-    ``use_fp8``: the layers dispatch FP8 (hidden 128)."""
+    ``use_fp8``: the layers dispatch FP8 (hidden 128). ``gpt_oss``: experts with (random) biases and the clamped
+    activation."""
     hidden, ffn, experts, topk = 128 if use_fp8 else 32, 16, 4 * world, 3
     torch._dynamo.reset()
     buf = largeep.Buffer(None, hidden=hidden, num_experts=experts, num_topk=topk, max_tokens_per_rank=max(tokens),
@@ -583,8 +622,15 @@ def compiled_two_layers(rank: int, world: int, tokens: list[int], num_worst: int
     try:
         torch.manual_seed(seed)  # the same weights on every rank: the gate and shared experts are replicated
         kw: dict[str, Any] = dict(ffn_hidden=ffn, num_worst_tokens=num_worst, num_chunks=num_chunks, use_fp8=use_fp8)
+        if gpt_oss:
+            kw.update(expert_mlp_bias=True, expert_activation=GPT_OSS_TEST_ACTIVATION)
         first = layers.MoELayer(buf, shared_ffn_hidden=8, **kw)
         model = torch.nn.Sequential(first, layers.MoELayer(buf, **kw))
+        if gpt_oss:
+            with torch.no_grad():
+                for layer in model:
+                    for b in (layer.experts.b13, layer.experts.b2):
+                        b.normal_()
         x = torch.randn(tokens[rank], hidden, generator=_gen(seed, rank)).requires_grad_()
         compiled_equals_eager(model, x, "", backend)
         if num_worst:
@@ -3739,3 +3785,128 @@ def layer_set_placement_random(rank: int, world: int, seeds: list[int], tp_size:
         for b in bufs.values():
             b.destroy()
     return {**counts, "failures": failures}
+
+
+def gpt_oss_slot_paths(rank: int, world: int) -> None:
+    """Experts with biases (and the clamped activation) through every per-slot path: load_global_experts (the
+    biases needed exactly then), gather_global_experts (all at once and to one rank; six tensors, other per-slot
+    tensors given all four or none), global_experts_from_states, local_experts; set_placement with AdamW moves the
+    biases and their moments (gathered before and after: equal; the outputs too); with expert TP 2 the gathers join
+    b1/b3 and take b2 whole, and clip_grad_norm_ counts b2 once (against the norm of the gathered grads)."""
+    from largeep import placement as pl
+    from largeep.expert_tp import make_expert_tp_groups
+    from largeep.gate import GateConfig, TopKGate
+
+    h, f, per_rank, k = 16, 8, 3, 2
+    slots = per_rank * world
+    logical = slots - 2
+    table = torch.arange(slots) % logical  # expert 0 on two slots, the last slot empty
+    table[-1] = -1
+    g = _gen(73)
+    want = [torch.randn(logical, h, f, generator=g), torch.randn(logical, h, f, generator=g),
+            torch.randn(logical, f, h, generator=g), torch.randn(logical, f, generator=g),
+            torch.randn(logical, f, generator=g), torch.randn(logical, h, generator=g)]
+    names = ("w1", "w3", "w2", "b1", "b3", "b2")
+    topo = pl.Topology(num_nodes=1, gpus_per_node=world, slots_per_gpu=per_rank)
+    buf = largeep.Buffer(None, hidden=h, num_experts=slots, num_topk=k, max_tokens_per_rank=32, backend="torch")
+
+    def same(got: Any, what: str, scale: float = 1.0) -> None:
+        assert got is not None and len(got) == 6, f"rank {rank}: {what}: {None if got is None else len(got)} tensors"
+        for name, a, b in zip(names, got, want, strict=True):
+            assert torch.equal(a, b * scale), f"rank {rank}: {what}: {name}"
+
+    try:
+        plan = pl.Placement(topo, logical, table.clone())
+        layer = layers.MoELayer(
+            buf, ffn_hidden=f, gate=TopKGate(GateConfig(hidden=h, num_experts=logical, topk=k, router_bias=True)),
+            placement=plan, expert_mlp_bias=True, expert_activation=GPT_OSS_TEST_ACTIVATION)
+        ex = layer.experts
+        assert ex.b13 is not None and ex.b2 is not None and not bool(ex.b13.any()) and not bool(ex.b2.any())
+        _raises(("argument 'b1' is missing",), layer.load_global_experts, *want[:3])
+        _raises(("argument 'b2' has shape",), layer.load_global_experts, *want[:3], b1=want[3], b3=want[4],
+                b2=want[5][:, :4])
+        layer.load_global_experts(*want[:3], b1=want[3], b3=want[4], b2=want[5])
+        same(layer.gather_global_experts(), "gather")
+        lean = layer.gather_global_experts(dst=world - 1, device="cpu")
+        if rank == world - 1:
+            same(lean, "gather to one rank")
+        else:
+            assert lean is None
+        every: list[Any] = [None] * world
+        dist.all_gather_object(every, layer.state_dict())
+        same(layers.global_experts_from_states(every), "global_experts_from_states")
+        mine = layer.local_experts(*want)
+        assert len(mine) == 4 and all(torch.equal(a, b) for a, b in zip(mine, (ex.w13, ex.w2, ex.b13, ex.b2),
+                                                                          strict=True)), "local_experts"
+        _raises(("argument 'b13' is missing",), layer.gather_global_experts, ex.w13 * 2, ex.w2 * 2)
+        same(layer.gather_global_experts(ex.w13 * 2, ex.w2 * 2, b13=ex.b13 * 2, b2=ex.b2 * 2), "gather of others", 2)
+        # a step of AdamW, then a move: weights, biases and moments follow their experts
+        opt = torch.optim.AdamW(layer.parameters(), lr=1e-2)
+        x = torch.randn(10 + rank, h, generator=_gen(74, rank))
+        (layer(x) ** 2).sum().backward()
+        layers.allreduce_replica_grads(list(ex.parameters()), plan.phys_to_log)
+        opt.step()
+        opt.zero_grad()
+        params = list(ex.parameters())
+
+        def moments() -> tuple[torch.Tensor, ...]:
+            st = [opt.state[p]["exp_avg"] for p in params]
+            return layer.gather_global_experts(st[0], st[1], b13=st[2], b2=st[3])
+
+        before, m_before = layer.gather_global_experts(), moments()
+        with torch.no_grad():
+            y0 = layer(x)
+        moved = table[torch.randperm(slots, generator=_gen(75))]
+        layer.set_placement(pl.Placement(topo, logical, moved), optimizer=opt)
+        assert torch.equal(layer.phys_to_log.cpu(), moved)
+        for a, b, name in zip(layer.gather_global_experts() + moments(), before + m_before, names * 2, strict=True):
+            assert torch.equal(a, b), f"rank {rank}: {name} after set_placement"
+        with torch.no_grad():
+            close(layer(x), y0, f"rank {rank}: output after set_placement")
+        # a layer without biases refuses them
+        plain = layers.MoELayer(buf, ffn_hidden=f, num_logical_experts=slots)
+        _raises(("argument 'b1' given, but this layer's experts have no biases",), plain.load_global_experts,
+                *(t[:1].expand(slots, *t.shape[1:]) for t in want[:3]), b1=want[3])
+        _raises(("argument 'b13' given",), plain.gather_global_experts, b13=ex.b13)
+    finally:
+        buf.destroy()
+    if world % 2:
+        return
+    # expert TP 2
+    groups = make_expert_tp_groups(2)
+    e = 2 * (world // 2)
+    ep = largeep.Buffer(groups.ep_group, hidden=h, num_experts=e, num_topk=k, max_tokens_per_rank=32,
+                        backend="torch")
+    try:
+        gate = TopKGate(GateConfig(hidden=h, num_experts=e, topk=k, router_bias=True))
+        tp = layers.MoELayer(ep, ffn_hidden=f, gate=gate, expert_tp_group=groups.tp_group, expert_mlp_bias=True,
+                             expert_activation=GPT_OSS_TEST_ACTIVATION)
+        full = [t[:e] for t in want]
+        tp.load_global_experts(*full[:3], b1=full[3], b3=full[4], b2=full[5])
+        te = tp.experts
+        assert te.b13 is not None and te.b13.shape == (e // (world // 2), f) and te.b2_added_elsewhere == (
+            groups.tp_rank > 0)
+        got = tp.gather_global_experts()
+        lean = tp.gather_global_experts(dst=0, device="cpu")
+        for name, a, b in zip(names, got, full, strict=True):
+            assert torch.equal(a, b), f"rank {rank}: expert TP gathered {name}"
+        if lean is not None:
+            assert groups.ep_rank == 0 and groups.tp_rank == 0
+            assert all(torch.equal(a, b) for a, b in zip(lean, full, strict=True)), "expert TP, gather to one rank"
+        cut = tp.local_experts(*full)
+        assert all(torch.equal(a, b) for a, b in zip(cut, (te.w13, te.w2, te.b13, te.b2), strict=True))
+        # clip_grad_norm_: each logical expert once, b2 once (every member holds its whole grad)
+        xt = torch.randn(9 + rank, h, generator=_gen(76, rank))
+        (tp(xt) * torch.randn(9 + rank, h, generator=_gen(77, rank))).sum().backward()
+        grads = [p.grad for p in te.parameters()]
+        assert all(gr is not None for gr in grads)
+        every_b2 = [torch.empty_like(grads[3]) for _ in range(2)]
+        dist.all_gather(every_b2, grads[3], group=groups.tp_group)
+        assert torch.equal(every_b2[0], every_b2[1]), f"rank {rank}: the members' b2 grads differ"
+        glob = tp.gather_global_experts(grads[0], grads[1], b13=grads[2], b2=grads[3])
+        own = [p.grad for p in gate.parameters() if p.grad is not None]
+        want_norm = (sum(float((t.double() ** 2).sum()) for t in list(glob) + own)) ** 0.5
+        norm = layers.clip_grad_norm_(tp, max_norm=1e9)
+        assert abs(float(norm) - want_norm) <= 1e-5 * want_norm, f"rank {rank}: clip norm {float(norm)} != {want_norm}"
+    finally:
+        ep.destroy()

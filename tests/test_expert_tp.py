@@ -42,6 +42,15 @@ def test_layer_tp_vs_reference(pools, world: int) -> None:
     )
 
 
+@pytest.mark.parametrize("world,replicas", [(2, 0), (4, 2)])
+def test_layer_tp_gpt_oss_experts(pools, world: int, replicas: int) -> None:
+    """Expert TP with biases and the clamped activation: b1/b3 shard with w1/w3; b2 is added by the first member
+    only, and every member's b2 takes the whole (equal) grad."""
+    variants = [{}, {"num_chunks": 2}, {"use_custom_ops": True}]
+    pools(world).run(expert_tp_bodies.layer_tp_vs_reference, 2, _tokens(world), 32, 24, 12, 4 * world, 3, 80 + world,
+                     variants, replicas, False, True)
+
+
 def test_layer_tp_padded_bmm_replicas(pools) -> None:
     # strides that are not multiples of 16 bytes (padded-bmm grouped GEMM: H 30, F/T 9), and two replicated
     # logical experts whose shard grads are summed over the EP group

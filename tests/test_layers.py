@@ -44,6 +44,24 @@ def test_layer_fp8_dispatch(pools, world: int) -> None:
                      0, None, True)
 
 
+@pytest.mark.parametrize("world,replicas", [(1, 0), (4, 0), (2, 2)])
+def test_layer_gpt_oss_experts(pools, world: int, replicas: int) -> None:
+    """Experts with biases and the clamped activation (expert_mlp_bias, expert_activation=ClampedSwiGLU): output and
+    every grad (the biases' too, replicas' summed) against the dense reference written out; chunked, worst-size,
+    custom-op and padded-bmm (H 30) variants agree."""
+    worst = 2 * 13 * world + 40
+    variants = [{}, {"num_chunks": 3}, {"use_custom_ops": True, "num_worst_tokens": worst, "num_chunks": 2}]
+    pools(world).run(layer_bodies.layer_vs_reference, _tokens(world), 32, 24, 12, 4 * world, 3, 40 + world, variants,
+                     replicas, None, False, True)
+    if world == 2:
+        pools(2).run(layer_bodies.layer_vs_reference, [9, 14], 30, 18, 0, 6, 2, 5, [{}], 0, None, False, True)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_gpt_oss_slot_paths(pools, world: int) -> None:
+    pools(world).run(layer_bodies.gpt_oss_slot_paths)
+
+
 @pytest.mark.parametrize("world", [1, 3])
 def test_layer_buffer_in_rounds(pools, world: int) -> None:
     # a Buffer that moves calls in rounds (tokens_per_round): forward and grads as without, chunked too
@@ -199,6 +217,13 @@ def test_low_latency_fp8(pools) -> None:
     pools(2).run(layer_bodies.low_latency_vs_normal, [6, 5], 256, 32, 0, 8, 2, 41, True)
 
 
+@pytest.mark.parametrize("use_fp8", [False, True])
+def test_low_latency_gpt_oss_experts(pools, use_fp8: bool) -> None:
+    # experts with biases and the clamped activation in the decode path (slots' rows, invalid ones zero); with FP8
+    # no shared experts (the reference feeds the FP8 round trip to the whole normal layer)
+    pools(2).run(layer_bodies.low_latency_vs_normal, [6, 5], 128, 16, 0 if use_fp8 else 8, 8, 3, 43, use_fp8, True)
+
+
 @pytest.mark.parametrize("world", [1, 2])
 @pytest.mark.parametrize("num_worst,num_chunks", [(0, 1), (64, 2)])
 def test_compile_two_layers(pools, world: int, num_worst: int, num_chunks: int) -> None:
@@ -260,6 +285,12 @@ def test_compile_two_layers_inductor(pools) -> None:
     count exchange (received sizes known only at run time; test_pipeline_compiled compiles num_worst_tokens layers
     with Inductor)."""
     pools(2).run(layer_bodies.compiled_two_layers, [12, 15], 0, 2, 7, "inductor")
+
+
+@pytest.mark.parametrize("backend,num_worst", [("aot_eager", 40), ("inductor", 0)])
+def test_compiled_gpt_oss_experts(pools, backend: str, num_worst: int) -> None:
+    # experts with biases and the clamped activation compile (no graph break with num_worst_tokens) and equal eager
+    pools(2).run(layer_bodies.compiled_two_layers, [12, 15], num_worst, 2, 9, backend, False, True)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("largeep.gate") is None, reason="largeep.gate is not there")

@@ -8,7 +8,7 @@ Data flow of :class:`MoELayer` (x [T, H] on each rank of the Buffer's group):
    ``route`` is called with this rank as the source GPU).
 3. dispatch (:mod:`largeep.ops`, differentiable), 4. the rank's local experts (:class:`GroupedExperts`: SwiGLU,
    grouped GEMMs over all local experts -- gate and up projections in one, then the down projection -- rows
-   weighted by topk_weights on the expert side),
+   weighted by topk_weights on the expert side; optionally with biases and GPT-OSS's clamped activation),
    5. combine, plus optional shared experts computed on the whole batch.
 
 Normal mode (training, prefill) supports autograd and ``torch.compile`` (see :mod:`largeep.ops` for the custom ops
@@ -680,6 +680,13 @@ class MoELayer(nn.Module):
             over the group and the Buffer's group (a check of the configuration, which refuses an argument wrong on
             any rank on every rank: every rank of both groups must then give ``expert_tp_group``); T = 1 is the
             layer without TP. ``allreduce_replica_grads`` then takes ``group=buffer.ctx.group``.
+        expert_mlp_bias: the routed experts have biases (:class:`GroupedExperts` ``bias``: b13 [E_l, 2F], b2
+            [E_l, H], zero at first; GPT-OSS's experts). ``load_global_experts`` then takes b1/b3/b2 and
+            ``gather_global_experts`` gives them. With expert TP each member holds its F/T columns of b13 and the
+            whole b2, which the first member adds and every member's copy takes the whole gradient of (so the
+            copies stay equal; ``clip_grad_norm_`` counts it once).
+        expert_activation: of the routed experts: ``"silu"`` (SwiGLU, the default) or a :class:`ClampedSwiGLU`
+            (GPT-OSS's clamped SwiGLU, ``ClampedSwiGLU()`` with its constants).
     """
 
     def __init__(

@@ -3910,3 +3910,64 @@ def gpt_oss_slot_paths(rank: int, world: int) -> None:
         assert abs(float(norm) - want_norm) <= 1e-5 * want_norm, f"rank {rank}: clip norm {float(norm)} != {want_norm}"
     finally:
         ep.destroy()
+
+
+def gpt_oss_layer_gpu(rank: int, world: int, backend: str) -> dict[str, Any]:
+    """On CUDA: experts with biases and the clamped activation, float32, against the dense float64 reference
+    (output and every grad, the biases' too; the padded-bmm GEMMs), chunked too; then with bf16 experts (the native
+    grouped GEMM on sm90/sm100) within bf16 rounding of it, and twice bit for bit (the biases' grads are index_put
+    sums: a rank's copies of one expert, e.g. expert-TP members' b2, must not drift apart)."""
+    tokens = [37, 0, 21, 12][:world] if world > 1 else [37]
+    hidden, ffn, experts, topk = 128, 64, 4 * world, 3
+    m = make_global(31, tokens, hidden, ffn, 16, experts, gpt_oss=True)
+    ref = dense_reference(m, topk)
+    buf = largeep.Buffer(None, hidden=hidden, num_experts=experts, num_topk=topk, max_tokens_per_rank=64,
+                         backend=backend)
+    try:
+        with torch.device("cuda"):
+            layer = _build_layer(buf, m, ffn, 16)
+        ex = layer.experts
+        logical = local_logical_experts(None, rank, experts // world)
+        x = m.xs[rank].cuda()
+        for chunks in (1, 2):
+            layer.num_chunks = chunks
+            layer.zero_grad()
+            xi = x.clone().requires_grad_()
+            out = layer(xi)
+            (out * m.gs[rank].cuda()).sum().backward()
+            what = f"rank {rank} {backend} float32 chunks {chunks}"
+            close(out, ref["outs"][rank], f"{what}: output")
+            close(xi.grad, ref["x_grads"][rank], f"{what}: grad of x")
+            for name in ("w1", "w3", "w2", "b1", "b3", "b2"):
+                close(expert_grad(ex, name), ref["grads"][name][logical], f"{what}: grad of {name}")
+        # bf16: GPT-OSS's own limit (7), which these unit-scale projections do not reach: a bf16 rounding next to a
+        # limit switches that element's derivative on or off, which the elementwise bound below cannot take (the
+        # clamps in bf16 are test_hf_port.py's serving test's)
+        layer.num_chunks = 1
+        ex.to(torch.bfloat16)
+        ex.activation = layers.ClampedSwiGLU()
+        ref = dense_reference(replace(m, activation=ex.activation), topk)
+        ops.reset_grouped_mm_stats()
+        runs = []
+        for _ in range(2):
+            layer.zero_grad()
+            xi = x.clone().requires_grad_()
+            out = layer(xi)
+            (out.float() * m.gs[rank].cuda()).sum().backward()
+            torch.cuda.synchronize()
+            runs.append([out.detach(), xi.grad] + [p.grad for p in ex.parameters()])
+        what = f"rank {rank} {backend} bf16"
+        close(runs[0][0], ref["outs"][rank], f"{what}: output", rtol=2.0**-6)
+        for name, i in (("w13", 2), ("w2", 3), ("b13", 4), ("b2", 5)):
+            want = ref["grads"]
+            full = torch.cat([want[name[0] + "1"], want[name[0] + "3"]], dim=-1) if name.endswith("13") else \
+                want[name]
+            close(runs[0][i], full[logical], f"{what}: grad of {name}", rtol=2.0**-5)
+        for i, (a, b) in enumerate(zip(*runs, strict=True)):
+            assert torch.equal(a, b), f"{what}: tensor {i} differs between two identical runs"
+        ran = ops.grouped_mm_stats()
+        if torch.cuda.get_device_capability()[0] in (9, 10):
+            assert set(ran) == {"native"}, ran
+        return {"grouped_mm": ran}
+    finally:
+        buf.destroy()

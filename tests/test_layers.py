@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from typing import Any
 
 import largeep
 import layer_bodies
@@ -343,14 +344,20 @@ def _rows_case(case: str, rows: int, topk: int, experts: int, g: torch.Generator
 
 
 def _dense_rows64(x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor,
-                  w2: torch.Tensor) -> torch.Tensor:
+                  w2: torch.Tensor, biases: tuple[torch.Tensor, ...] | None = None, activation: Any = "silu",
+                  ) -> torch.Tensor:
     """The dense reference in float64 (inputs float64 on the CPU): ``y[r] = sum_k w[r, k] * expert_{idx[r, k]}(x[r])``
-    over the entries >= 0, one entry at a time; differentiable in every input."""
+    over the entries >= 0, one entry at a time; differentiable in every input. ``biases``: (b1, b3, b2) of experts
+    with biases, ``activation`` theirs (layer_bodies._act)."""
     y = torch.zeros(x.shape, dtype=torch.float64)
     for i, k in (idx >= 0).nonzero().tolist():
         e = int(idx[i, k])
-        h = F.silu(x[i] @ w1[e]) * (x[i] @ w3[e])
-        y = y.index_add(0, torch.tensor([i]), (w[i, k] * (h @ w2[e])).unsqueeze(0))
+        if biases is None:
+            out = layer_bodies._act(x[i] @ w1[e], x[i] @ w3[e], activation) @ w2[e]
+        else:
+            out = layer_bodies._act(x[i] @ w1[e] + biases[0][e], x[i] @ w3[e] + biases[1][e], activation) @ w2[e] \
+                + biases[2][e]
+        y = y.index_add(0, torch.tensor([i]), (w[i, k] * out).unsqueeze(0))
     return y
 
 
@@ -428,13 +435,19 @@ def _poison_tails(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def _unknown_vs_known_pairs(device: str, dtype: torch.dtype, hidden: int, ffn: int, rows: int, topk: int,
-                            experts: int, seed: int, case: str = "mixed") -> str:
+                            experts: int, seed: int, case: str = "mixed", gpt_oss: bool = False) -> str:
     """forward_rows with num_pairs=None against the same call with the right num_pairs and against a float64 loop:
-    output, grads of x, of the weights and of w13 / w2. NaN in the rows of x and the weights that no valid entry
-    names. Returns the grouped GEMM backends that ran."""
+    output, grads of x, of the weights and of w13 / w2 (and b13 / b2: ``gpt_oss``, experts with random biases and
+    the clamped activation). NaN in the rows of x and the weights that no valid entry names. Returns the grouped
+    GEMM backends that ran."""
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
-    ex = layers.GroupedExperts(experts, hidden, ffn, dtype=dtype).to(device)
+    act = layer_bodies.GPT_OSS_TEST_ACTIVATION if gpt_oss else "silu"
+    ex = layers.GroupedExperts(experts, hidden, ffn, dtype=dtype, bias=gpt_oss, activation=act).to(device)
+    if gpt_oss:
+        with torch.no_grad():
+            for b in (ex.b13, ex.b2):
+                b.copy_(torch.randn(b.shape, generator=g) * 0.5)
     idx = _rows_case(case, rows, topk, experts, g)
     r = idx.shape[0]
     none_here = (idx < 0).all(dim=1)
@@ -454,6 +467,8 @@ def _unknown_vs_known_pairs(device: str, dtype: torch.dtype, hidden: int, ffn: i
         (y.float() * cot.to(device).float()).sum().backward()
         got[known] = {"y": y.detach(), "grad of x": xg.grad, "grad of topk_weights": wg.grad,
                       "grad of w13": ex.w13.grad, "grad of w2": ex.w2.grad}
+        if gpt_oss:
+            got[known].update({"grad of b13": ex.b13.grad, "grad of b2": ex.b2.grad})
     rtol = 1e-5 if dtype == torch.float32 else 2.0**-6
     for name, t in got[False].items():
         assert torch.isfinite(t).all(), f"{name}: non-finite values with num_pairs=None"
@@ -466,7 +481,8 @@ def _unknown_vs_known_pairs(device: str, dtype: torch.dtype, hidden: int, ffn: i
     x64 = x_ref.double().requires_grad_()
     w64 = w_ref.double().requires_grad_()
     w1, w3, w2 = (p.detach().double().cpu().requires_grad_() for p in (ex.w1, ex.w3, ex.w2))
-    y64 = _dense_rows64(x64, idx, w64, w1, w3, w2).requires_grad_(True)
+    b64 = tuple(p.detach().double().cpu().requires_grad_() for p in (ex.b1, ex.b3, ex.b2)) if gpt_oss else None
+    y64 = _dense_rows64(x64, idx, w64, w1, w3, w2, b64, act).requires_grad_(True)
     (y64 * cot.double()).sum().backward()
     layer_bodies.close(got[False]["y"], y64, "y against the dense reference", rtol=rtol)
     if pairs:
@@ -476,19 +492,27 @@ def _unknown_vs_known_pairs(device: str, dtype: torch.dtype, hidden: int, ffn: i
         g13 = torch.cat([w1.grad, w3.grad], dim=2)
         layer_bodies.close(got[False]["grad of w13"], g13, "grad of w13 against the reference", rtol=4 * rtol)
         layer_bodies.close(got[False]["grad of w2"], w2.grad, "grad of w2 against the reference", rtol=4 * rtol)
+        if b64 is not None:
+            gb13 = torch.cat([b64[0].grad, b64[1].grad], dim=1)
+            layer_bodies.close(got[False]["grad of b13"], gb13, "grad of b13 against the reference", rtol=4 * rtol)
+            layer_bodies.close(got[False]["grad of b2"], b64[2].grad, "grad of b2 against the reference",
+                               rtol=4 * rtol)
     return " ".join(sorted({name.split(" ")[0] for name in ops.grouped_mm_stats()}))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("case", ["mixed", "all_valid", "none_valid", "empty"])
 @pytest.mark.parametrize("poison", [False, True])
-def test_forward_rows_unknown_pairs(one_thread, monkeypatch, dtype: torch.dtype, case: str, poison: bool) -> None:
+@pytest.mark.parametrize("gpt_oss", [False, True])
+def test_forward_rows_unknown_pairs(one_thread, monkeypatch, dtype: torch.dtype, case: str, poison: bool,
+                                    gpt_oss: bool) -> None:
     """CPU: num_pairs=None (gather, GEMMs and weighted sum stopping at offs[-1], no tail cleared) equals the
     host-known count and the dense reference, forward and backward, also with NaN planted in every GEMM output's
-    and the gather's rows past offs[-1] (what the native kernels may leave there)."""
+    and the gather's rows past offs[-1] (what the native kernels may leave there); experts with biases and the
+    clamped activation too (the biases' rows past offs[-1] take nothing, and their grads no NaN)."""
     if poison:
         _poison_tails(monkeypatch)
-    ran = _unknown_vs_known_pairs("cpu", dtype, 32, 16, 11, 3, 5, 3 + len(case), case)
+    ran = _unknown_vs_known_pairs("cpu", dtype, 32, 16, 11, 3, 5, 3 + len(case), case, gpt_oss)
     assert ran in ("native", "native padded_bmm", "padded_bmm"), ran
 
 
@@ -531,7 +555,8 @@ def test_forward_rows_known_pairs_without_x_grad(one_thread, monkeypatch, dtype:
 @pytest.mark.gpu(1)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("poison", [False, True])
-def test_forward_rows_unknown_pairs_gpu(monkeypatch, dtype: torch.dtype, poison: bool) -> None:
+@pytest.mark.parametrize("gpt_oss", [False, True])
+def test_forward_rows_unknown_pairs_gpu(monkeypatch, dtype: torch.dtype, poison: bool, gpt_oss: bool) -> None:
     """CUDA (native order, gather and weighted sum; torch._grouped_mm for bf16 on sm90/sm100, the padded bmm for
     float32): num_pairs=None equals the known count and the dense reference, forward and backward, with NaN in the
     rows of x and the weights that name no local expert and (poison) in the GEMM outputs' and the gather's rows
@@ -542,7 +567,7 @@ def test_forward_rows_unknown_pairs_gpu(monkeypatch, dtype: torch.dtype, poison:
         pytest.skip(str(native.unavailable_reason()))
     if poison:
         _poison_tails(monkeypatch)
-    ran = _unknown_vs_known_pairs("cuda", dtype, 128, 64, 70, 4, 6, 11)
+    ran = _unknown_vs_known_pairs("cuda", dtype, 128, 64, 70, 4, 6, 11, "mixed", gpt_oss)
     if dtype == torch.bfloat16 and torch.cuda.get_device_capability()[0] in (9, 10):
         assert ran == "native", ran
 
@@ -586,6 +611,17 @@ def test_forward_rows_unknown_pairs_cuda_graph() -> None:
             torch.cuda.synchronize()
             assert torch.isfinite(y_static).all()
             assert torch.equal(y_static, want), seed
+
+
+@pytest.mark.parametrize("world", [pytest.param(1, marks=pytest.mark.gpu(1)),
+                                   pytest.param(2, marks=pytest.mark.gpu(2))])
+@pytest.mark.parametrize("backend", ["nvshmem", "torch"])
+def test_gpt_oss_layer_gpu(pools, world: int, backend: str) -> None:
+    from largeep import native
+
+    if backend == "nvshmem" and native.unavailable_reason() is not None:
+        pytest.skip(str(native.unavailable_reason()))
+    pools(world, "nccl").run(layer_bodies.gpt_oss_layer_gpu, backend)
 
 
 @pytest.mark.gpu(2)

@@ -1,4 +1,4 @@
-"""Porting Hugging-Face-style MoE blocks (Mixtral, Qwen2-MoE / Qwen3-MoE, DeepSeek-V3) to MoELayer with the
+"""Porting Hugging-Face-style MoE blocks (Mixtral, Qwen2-MoE / Qwen3-MoE, DeepSeek-V3, GPT-OSS) to MoELayer with the
 functions of docs/usage.md ("Porting a Hugging Face MoE block"), on 1 and 4 ranks over gloo; the conversion helpers
 (layers.experts_from_linear, SwiGLU.load_linear and its sigmoid gate) on their own."""
 
@@ -34,6 +34,35 @@ def test_deepseek_case_uses_bias_and_groups() -> None:
     r.e_score_correction_bias.copy_(saved)
     r.topk_group = r.n_group
     assert idx != set(map(tuple, r(x)[0].sort(-1).values.tolist())), "the group limit changed no choice"
+
+
+def test_gpt_oss_case_uses_biases_and_clamps() -> None:
+    """The GPT-OSS case is not vacuous: its router bias changes some tokens' experts, both clamps change some of the
+    routed values (gate above the limit; up above it and below -limit), and each expert bias changes the output."""
+    block = hp._block("gpt_oss", 7)
+    r, ex = block.router, block.experts
+    x = torch.randn(64, hp.H, generator=torch.Generator().manual_seed(3))
+    top = r(x).topk(hp.K, dim=-1).indices
+    idx = set(map(tuple, top.sort(-1).values.tolist()))
+    assert idx != set(map(tuple, (x @ r.weight.t()).topk(hp.K, dim=-1).indices.sort(-1).values.tolist())), \
+        "the router bias changed no choice"
+    with torch.no_grad():
+        gu = [ex.gate_up(x[t : t + 1], int(e)) for t in range(x.shape[0]) for e in top[t]]
+        gate, up = torch.cat([g for g, _ in gu]), torch.cat([u for _, u in gu])
+        for what, share in (("gate > limit", (gate > ex.limit).float().mean()),
+                            ("up > limit", (up > ex.limit).float().mean()),
+                            ("up < -limit", (up < -ex.limit).float().mean())):
+            assert 0.01 < float(share) < 0.5, f"{what}: share {float(share):.3f} of the routed values"
+        want = block(x)
+        for arg in ("limit", "gate_up_proj_bias", "down_proj_bias"):
+            saved = getattr(ex, arg)
+            if arg == "limit":
+                ex.limit = float("inf")
+            else:
+                setattr(ex, arg, nn.Parameter(torch.zeros_like(saved)))
+            assert (block(x) - want).abs().max() > 0.05 * want.abs().max(), f"{arg} changed the output too little"
+            setattr(ex, arg, saved)
+        assert torch.equal(block(x), want)
 
 
 def test_experts_from_linear_values() -> None:
@@ -125,9 +154,9 @@ def test_swiglu_load_linear_and_sigmoid_gate() -> None:
 
 @pytest.mark.parametrize("world", [1, 4])
 def test_ported_blocks_serve(pools, world: int) -> None:
-    """The ported Mixtral, Qwen2-MoE (shared expert with its sigmoid gate) and DeepSeek-V3 blocks served in bf16:
-    prefill in normal mode, decode through for_buffer twins (plain and two micro-batches), steps of other sizes
-    with ranks of 0 tokens, a load into the prefill layer seen by the twin."""
+    """The ported Mixtral, Qwen2-MoE (shared expert with its sigmoid gate), DeepSeek-V3 and GPT-OSS (biases, clamped
+    SwiGLU) blocks served in bf16: prefill in normal mode, decode through for_buffer twins (plain and two
+    micro-batches), steps of other sizes with ranks of 0 tokens, a load into the prefill layer seen by the twin."""
     if world == 1:
         tokens, plans = [21], [[3], [0], [6]]
     else:

@@ -10,7 +10,7 @@ tests shared.log 150 test_layers.py -k "gpt_oss or unknown_pairs"
 (unset LARGEEP_TEST_EMULATE_GPUS LARGEEP_TEST_SHARED_GPUS; tests one.log 150 test_layers.py -k "gpt_oss or unknown_pairs")
 CPU=(python3 -m pytest -q -p no:cacheprovider -m "not gpu" tests/test_layers.py tests/test_expert_tp.py tests/test_hf_port.py
      tests/test_gate.py -k "gpt_oss or router_bias or router or ported or hf or unknown_pairs")
-run_for cpu.log 240 "${CPU[@]}"
+(unset LARGEEP_TEST_EMULATE_GPUS LARGEEP_TEST_SHARED_GPUS; run_for cpu.log 240 "${CPU[@]}")
 run_for cost_prefill.log 120 python3 bench/expert_mlp_cost.py --rows 32768 --experts 64 --hidden 7168 --ffn 2048 \
   --out "$SESSION_DIR/cost_prefill.json"
 run_for cost_gpt_oss.log 120 python3 bench/expert_mlp_cost.py --rows 16384 --experts 32 --hidden 2880 --ffn 2880 \

@@ -142,13 +142,31 @@ def wait_all(works: list[Any], timeout_s: float | None, head: str, tail: str) ->
 _TAIL = ": a rank did not make the same call, or failed before it; the group may be out of step now"
 
 
-def all_reduce(t: torch.Tensor, group: dist.ProcessGroup | None, what: str) -> None:
+def all_reduce(t: torch.Tensor, group: dist.ProcessGroup | None, what: str, direct: bool = False) -> None:
     """dist.all_reduce (sum) of ``t`` in place over ``group``, waited for as ``wait_all`` does; ``what`` names the
-    call in the error. Synchronous while torch.compile traces (Dynamo traces only synchronous collectives)."""
+    call in the error. Synchronous while torch.compile traces (Dynamo traces only synchronous collectives).
+
+    ``direct`` (for small tensors, such as the gate's loads): where gloo moves ``t`` (``bound_s``), every rank sends
+    its ``t`` to every other rank (one all-to-all of n copies of it) and adds the n tensors it holds then in rank
+    order (the same sum on every rank, bit for bit), instead of gloo's ring all-reduce. Each rank then waits on
+    every peer directly, so a peer that exits ends every other rank's wait at once. In the ring a rank waits on
+    one neighbour at a time: when the other neighbour, having lost its own connection to the exited peer, raised
+    and left the collective first, that wait ends only at LARGEEP_TIMEOUT_S."""
     if torch.compiler.is_compiling():
         dist.all_reduce(t, group=group)
         return
     timeout_s = bound_s(group, t.device)
+    n = dist.get_world_size(group)
+    if direct and timeout_s is not None and n > 1:
+        mine = t.detach().reshape(1, -1)
+        every = torch.empty((n, mine.shape[1]), dtype=t.dtype, device=t.device)
+        work = dist.all_to_all_single(every, mine.expand(n, -1).contiguous(), group=group, async_op=True)
+        wait_all([work], timeout_s, f"{what}: rank {dist.get_rank(group)} waited for the group in vain", _TAIL)
+        total = every[0].clone()
+        for p in range(1, n):
+            total += every[p]
+        t.copy_(total.view_as(t))
+        return
     work = dist.all_reduce(t, group=group, async_op=True)
     # (not marked out of step on a timeout: a late peer can still complete this one collective, and then the
     # group's next ones pair again)

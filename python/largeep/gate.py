@@ -644,11 +644,13 @@ class TopKGate(nn.Module):
         balanced that way sees loads in proportion to the current replica counts, so it keeps them.
 
         Args:
-            group: when given, the loads are summed over it (one all_reduce of E float32 numbers; every rank of
-                the group must call this). None: local loads only (a gate replicated over the group then drifts
-                apart from its copies). (Under DDP call ``largeep.layers.ddp_ignore_experts(model)`` before
-                wrapping, or pass DDP ``broadcast_buffers=False``: its buffer broadcast copies rank 0's counts over
-                the others'. A checkpointed forward that is recomputed counts twice.)
+            group: when given, the loads are summed over it (one all_reduce of E float32 numbers; over gloo an
+                all-to-all of them that each rank sums in rank order, so that a peer that exits ends every rank's
+                wait at once; every rank of the group must call this). None: local loads only (a gate replicated
+                over the group then drifts apart from its copies). (Under DDP call
+                ``largeep.layers.ddp_ignore_experts(model)`` before wrapping, or pass DDP ``broadcast_buffers=False``:
+                its buffer broadcast copies rank 0's counts over the others'. A checkpointed forward that is
+                recomputed counts twice.)
             load: float [E] to use instead of the counts gathered by ``forward`` since the last update; finite
                 (checked: one host read of it).
             rate: overrides ``config.bias_update_rate`` (a finite number >= 0; checked before the all_reduce).
@@ -672,7 +674,7 @@ class TopKGate(nn.Module):
         if group is not None:
             from largeep import _collective
 
-            _collective.all_reduce(used, group, "TopKGate.update_bias")
+            _collective.all_reduce(used, group, "TopKGate.update_bias", direct=True)
         if per_replica:
             used /= self.expert_replicas.to(used)
         if self.config.bias_balancing:

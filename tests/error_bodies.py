@@ -1379,6 +1379,65 @@ def peer_exits(rank: int, world: int, op: str, timeout_s: float) -> dict[str, An
     return out
 
 
+
+def _tcp_connections() -> dict[int, tuple[str, str]]:
+    """This process's established TCP connections: file descriptor -> (local, remote) address, as /proc/net/tcp and
+    tcp6 write them (hex "address:port"; Linux)."""
+    inodes = {}
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            link = os.readlink(f"/proc/self/fd/{name}")
+        except OSError:  # (closed meanwhile)
+            continue
+        if link.startswith("socket:["):
+            inodes[link[len("socket:["):-1]] = int(name)
+    out = {}
+    for table in ("/proc/self/net/tcp", "/proc/self/net/tcp6"):
+        if not os.path.exists(table):
+            continue
+        with open(table) as f:
+            for line in f.read().splitlines()[1:]:
+                cols = line.split()
+                if cols[3] == "01" and cols[9] in inodes:  # (state 01: established)
+                    out[inodes[cols[9]]] = (cols[1], cols[2])
+    return out
+
+
+def peer_exits_after_neighbour(rank: int, world: int, timeout_s: float) -> dict[str, Any]:
+    """3 ranks, the gate's load sum over the pool's gloo group, LARGEEP_TIMEOUT_S = ``timeout_s``: rank 1's
+    connections to rank 2 close first (rank 1 shuts them down), its connections to rank 0 only when its process
+    exits, 0.5 s later. Rank 0 calls update_bias at once; rank 2 calls it 0.2 s later, having seen its connection
+    to rank 1 close, and raises at once. So rank 0 is in the collective before either loss and learns of rank 1's
+    exit only through its own connection to it. (In gloo's ring all-reduce rank 0 then waited for its send to rank
+    2, which had left the collective, until LARGEEP_TIMEOUT_S: the race behind a rare failure of
+    test_peer_exits[gate], where rank 0's connection to rank 1 was seen closed late.) Every other rank must raise
+    PeerTimeoutError naming the call at once. Returns the message and the time on ranks 0 and 2."""
+    from largeep.gate import GateConfig, TopKGate
+
+    os.environ["LARGEEP_TIMEOUT_S"] = str(timeout_s)
+    gate = TopKGate(GateConfig(hidden=8, num_experts=4, topk=2))
+    every: list[Any] = [None] * world
+    dist.all_gather_object(every, set(_tcp_connections().values()))
+    if rank == 1:
+        import socket
+
+        to_two = [fd for fd, (here, there) in _tcp_connections().items() if (there, here) in every[2]]
+        assert to_two, "rank 1 found no connection to rank 2"
+        for fd in to_two:
+            s = socket.socket(fileno=os.dup(fd))  # (the connection itself is shut down; the dup is closed)
+            s.shutdown(socket.SHUT_RDWR)
+            s.close()
+        time.sleep(0.5)
+        os._exit(3)
+    if rank == 2:
+        time.sleep(0.2)
+    start = time.monotonic()
+    try:
+        gate.update_bias(dist.group.WORLD, load=torch.full((4,), float(rank + 1)))
+    except largeep.PeerTimeoutError as exc:
+        return {"message": str(exc), "elapsed_s": time.monotonic() - start}
+    raise AssertionError("update_bias returned although rank 1 exited")
+
 def _new_buffer_on_out_of_step_group(rank: int, world: int, sub: Any, buf: largeep.Buffer,
                                      timeout_s: float) -> dict[str, Any]:
     """After torch_missing_peer's dispatch: every rank destroys its Buffer and makes a new one on the same group.

@@ -986,6 +986,22 @@ def test_peer_exits(op: str) -> None:
         assert "GLHF" not in r["again"] and "pair.cc" not in r["again"], r
 
 
+
+def test_peer_exits_gate_after_its_other_neighbour_raised() -> None:
+    """The gate's load sum, 3 ranks on gloo: rank 1's connections to rank 2 close first and rank 2 raises at once,
+    while rank 0, already in the collective, learns of rank 1's exit only through its own connection to it, 0.5 s
+    later. Rank 0 raises then too, naming the call, not after LARGEEP_TIMEOUT_S (30 s here): over gloo's ring
+    all-reduce it waited that long for rank 2, which had left the collective (test_peer_exits[gate]'s rare
+    failure, made certain)."""
+    res = run_in_own_pool(3, "gloo", error_bodies.peer_exits_after_neighbour, 30.0, exits=frozenset({1}))
+    assert res[1] == ("exited", 3), res
+    for rank in (0, 2):
+        r = res[rank]
+        assert r["message"].startswith(f"TopKGate.update_bias: rank {rank} waited for the group in vain (gloo lost a "
+                                       "connection: "), r
+        assert "a peer exited or crashed" in r["message"] and r["elapsed_s"] < 10.0, r
+    assert res[2]["elapsed_s"] < 1.0, res  # (rank 2 had seen its connection to rank 1 closed)
+
 def test_gloo_lost_connection_words() -> None:
     """gloo's lost-connection errors (as torch 2.x words them): the cause named, gloo's source location and advice
     left out; a timeout or another error is no lost connection."""

@@ -71,7 +71,8 @@ def main() -> None:
     x = torch.randn(rows, h, device=dev, dtype=torch.bfloat16)
     grad = torch.randn(rows, h, device=dev, dtype=torch.bfloat16)
     busy = torch.randn(4096, 4096, device=dev, dtype=torch.bfloat16)
-    base = GroupedExperts(e, h, f, dtype=torch.bfloat16).to(dev)
+    with torch.device(dev):  # (drawn on the GPU: GBs of weights)
+        base = GroupedExperts(e, h, f, dtype=torch.bfloat16)
     variants: list[tuple[str, dict[str, Any]]] = [
         ("swiglu", {}), ("swiglu+bias", {"bias": True}),
         ("clamped+bias", {"bias": True, "activation": ClampedSwiGLU()}),
@@ -79,7 +80,8 @@ def main() -> None:
     env = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "cuda": torch.version.cuda}
     records = []
     for name, kw in variants:
-        ex = GroupedExperts(e, h, f, dtype=torch.bfloat16, init=False, **kw).to(dev)
+        with torch.device(dev):
+            ex = GroupedExperts(e, h, f, dtype=torch.bfloat16, init=False, **kw)
         with torch.no_grad():
             ex.w13.copy_(base.w13)
             ex.w2.copy_(base.w2)

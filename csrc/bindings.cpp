@@ -722,6 +722,19 @@ PYBIND11_MODULE(_C, m) {
         launch_weighted_row_sum(ptr<const void>(src), src_rows, elem, ptr<const int64_t>(pos), ptr<const float>(w),
                                 ptr<void>(y), rows, k, h, pad, ptr<const int>(count), stream_of(stream));
     });
+    // bias: 0 (none) or the address of [num_experts, 2 * ffn] rows of h's dtype; offs int32 [num_experts]
+    m.def("expert_act", [](uintptr_t h, uintptr_t bias, uintptr_t offs, int experts, uintptr_t a, int64_t rows,
+                           int ffn, int elem, int kind, float alpha, float limit, uintptr_t stream) {
+        launch_expert_act(ptr<const void>(h), ptr<const void>(bias), ptr<const int>(offs), experts, ptr<void>(a), rows,
+                          ffn, elem, kind, alpha, limit, stream_of(stream));
+    });
+    m.def("expert_act_backward", [](uintptr_t da, uintptr_t h, uintptr_t bias, uintptr_t offs, int experts,
+                                    uintptr_t dh, int64_t rows, int ffn, int elem, int kind, float alpha, float limit,
+                                    uintptr_t stream) {
+        launch_expert_act_backward(ptr<const void>(da), ptr<const void>(h), ptr<const void>(bias),
+                                   ptr<const int>(offs), experts, ptr<void>(dh), rows, ffn, elem, kind, alpha, limit,
+                                   stream_of(stream));
+    });
     m.def("fp8_quantize", [](uintptr_t x, int elem, uintptr_t q, uintptr_t s, int64_t groups, bool round_scale,
                              uintptr_t stream) {
         launch_fp8_quantize(ptr<const void>(x), elem, ptr<uint8_t>(q), ptr<float>(s), groups, round_scale,

@@ -355,6 +355,17 @@ void launch_combine_forward(const NormalCtx& ctx, int y_elem_bytes, bool with_we
 void launch_weighted_row_sum(const void* src, int64_t src_rows, int elem_bytes, const int64_t* pos, const float* w,
                              void* y, int64_t rows, int num_topk, int hidden, int64_t pad, const int* count,
                              cudaStream_t stream);
+// The experts' gated activation: a [rows, ffn] = act(h[:, :ffn] + bias[e], h[:, ffn:] + bias'[e]) of h [rows,
+// 2 * ffn] whose rows are sorted by expert (offs int32 [num_experts], inclusive ends, on the device; e: the row's
+// expert; bias [num_experts, 2 * ffn] or null); rows at or past offs[num_experts - 1] are zeros and their h unread.
+// kind 0: silu(g) * u; 1: (clamp(u, -limit, limit) + 1) * g' * sigmoid(alpha * g'), g' = min(g, limit). bf16
+// (elem_bytes 2) or float32 (4), float32 math; pointers 16-byte aligned, ffn * elem_bytes a multiple of 16. The
+// backward writes dh [rows, 2 * ffn] from da [rows, ffn] (zeros at or past the end row). No sync.
+void launch_expert_act(const void* h, const void* bias, const int* offs, int num_experts, void* a, int64_t rows,
+                       int ffn, int elem_bytes, int kind, float alpha, float limit, cudaStream_t stream);
+void launch_expert_act_backward(const void* da, const void* h, const void* bias, const int* offs, int num_experts,
+                                void* dh, int64_t rows, int ffn, int elem_bytes, int kind, float alpha, float limit,
+                                cudaStream_t stream);
 // out [rows][row_bytes] = x [x_rows][row_bytes] at src[i] for the rows i < min(*count, rows) (count: int32 on the
 // device, e.g. an expert order's offs[-1]; the host never reads it); rows at or past it are not written and their
 // src entries not read. row_bytes a multiple of 16, x and out 16-byte aligned; a src entry outside [0, x_rows) traps.

@@ -55,6 +55,131 @@ __global__ void __launch_bounds__(kRowThreads) weighted_row_sum_kernel(const T* 
     }
 }
 
+// ---- the experts' gated activation: bias add and act(gate, up) of the grouped GEMM's output ------------------
+// h [P, 2F] holds each row's gate projection in columns [0, F) and its up projection in [F, 2F); the rows are
+// sorted by expert, offs int32 [E] the inclusive end row of each expert; bias [E, 2F] or null is added to each row
+// (its expert's). One warp per row: a row at or past offs[E-1] is written as zeros (its h is not read); the others
+// find their expert by a binary search of offs. Float32 math, one rounding to T per output value. kind 0:
+// silu(g) * u; kind 1 (GPT-OSS's): (clamp(u, -limit, limit) + 1) * g' * sigmoid(alpha * g'), g' = min(g, limit).
+// The clamps keep NaN (as torch.clamp), and their gradient passes where the value lies within them (limits
+// included), as torch.clamp's.
+constexpr int kActThreads = 256;
+constexpr int kActWarps = kActThreads / 32;
+
+struct ActParams {
+    int kind;
+    float alpha, limit;
+};
+
+__device__ __forceinline__ int row_expert(const int* offs, int E, int64_t r) {
+    int lo = 0, hi = E - 1;  // (the caller made sure offs[E - 1] > r)
+    while (lo < hi) {
+        const int mid = (lo + hi) / 2;
+        if (static_cast<int64_t>(offs[mid]) > r) hi = mid;
+        else lo = mid + 1;
+    }
+    return lo;
+}
+
+__device__ __forceinline__ float sigmoidf(float x) { return 1.f / (1.f + expf(-x)); }
+
+__device__ __forceinline__ float act_value(float g, float u, const ActParams& p) {
+    if (p.kind == 0) return g * sigmoidf(g) * u;
+    g = g > p.limit ? p.limit : g;
+    u = u > p.limit ? p.limit : (u < -p.limit ? -p.limit : u);
+    return (u + 1.f) * g * sigmoidf(p.alpha * g);
+}
+
+__device__ __forceinline__ void act_grad(float g, float u, float da, const ActParams& p, float* dg, float* du) {
+    if (p.kind == 0) {
+        const float s = sigmoidf(g);
+        *dg = da * u * s * (1.f + g * (1.f - s));
+        *du = da * g * s;
+        return;
+    }
+    const bool g_in = g <= p.limit, u_in = u >= -p.limit && u <= p.limit;
+    const float gc = g > p.limit ? p.limit : g;
+    const float uc = u > p.limit ? p.limit : (u < -p.limit ? -p.limit : u);
+    const float s = sigmoidf(p.alpha * gc);
+    *dg = g_in ? da * (uc + 1.f) * (s + gc * p.alpha * s * (1.f - s)) : 0.f;
+    *du = u_in ? da * gc * s : 0.f;
+}
+
+template <typename T>
+__device__ __forceinline__ void load_floats(const T* src, float* out) {
+    using V = Vec<T>;
+#pragma unroll
+    for (int i = 0; i < V::kPer; ++i) out[i] = 0.f;
+    V::add(out, *reinterpret_cast<const int4*>(src));
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kActThreads) expert_act_kernel(const T* h, const T* bias, const int* offs, int E,
+                                                                 T* a, int64_t P, int F, ActParams p) {
+    using V = Vec<T>;
+    const int lane = threadIdx.x % 32;
+    const int64_t used = E > 0 ? static_cast<int64_t>(offs[E - 1]) : 0;
+    for (int64_t r = static_cast<int64_t>(blockIdx.x) * kActWarps + threadIdx.x / 32; r < P;
+         r += static_cast<int64_t>(gridDim.x) * kActWarps) {
+        T* out = a + r * F;
+        if (r >= used) {
+            for (int c = lane * V::kPer; c < F; c += 32 * V::kPer)
+                *reinterpret_cast<int4*>(out + c) = make_int4(0, 0, 0, 0);
+            continue;
+        }
+        const T* row = h + r * 2 * static_cast<int64_t>(F);
+        const T* b = bias != nullptr ? bias + static_cast<int64_t>(row_expert(offs, E, r)) * 2 * F : nullptr;
+        for (int c = lane * V::kPer; c < F; c += 32 * V::kPer) {
+            float g[V::kPer], u[V::kPer], res[V::kPer];
+            load_floats(row + c, g);
+            load_floats(row + F + c, u);
+            if (b != nullptr) {
+                V::add(g, *reinterpret_cast<const int4*>(b + c));
+                V::add(u, *reinterpret_cast<const int4*>(b + F + c));
+            }
+#pragma unroll
+            for (int i = 0; i < V::kPer; ++i) res[i] = act_value(g[i], u[i], p);
+            V::store(out + c, res);
+        }
+    }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kActThreads) expert_act_backward_kernel(const T* da, const T* h, const T* bias,
+                                                                          const int* offs, int E, T* dh, int64_t P,
+                                                                          int F, ActParams p) {
+    using V = Vec<T>;
+    const int lane = threadIdx.x % 32;
+    const int64_t used = E > 0 ? static_cast<int64_t>(offs[E - 1]) : 0;
+    for (int64_t r = static_cast<int64_t>(blockIdx.x) * kActWarps + threadIdx.x / 32; r < P;
+         r += static_cast<int64_t>(gridDim.x) * kActWarps) {
+        T* out = dh + r * 2 * static_cast<int64_t>(F);
+        if (r >= used) {
+            for (int c = lane * V::kPer; c < 2 * F; c += 32 * V::kPer)
+                *reinterpret_cast<int4*>(out + c) = make_int4(0, 0, 0, 0);
+            continue;
+        }
+        const T* row = h + r * 2 * static_cast<int64_t>(F);
+        const T* b = bias != nullptr ? bias + static_cast<int64_t>(row_expert(offs, E, r)) * 2 * F : nullptr;
+        for (int c = lane * V::kPer; c < F; c += 32 * V::kPer) {
+            float g[V::kPer], u[V::kPer], d[V::kPer], dg[V::kPer], du[V::kPer];
+            load_floats(row + c, g);
+            load_floats(row + F + c, u);
+            load_floats(da + r * F + c, d);
+            if (b != nullptr) {
+                V::add(g, *reinterpret_cast<const int4*>(b + c));
+                V::add(u, *reinterpret_cast<const int4*>(b + F + c));
+            }
+#pragma unroll
+            for (int i = 0; i < V::kPer; ++i) act_grad(g[i], u[i], d[i], p, dg + i, du + i);
+            V::store(out + c, dg);
+            V::store(out + F + c, du);
+        }
+    }
+}
+
+int64_t act_blocks(int64_t rows) { return std::min<int64_t>((rows + kActWarps - 1) / kActWarps, 65535); }
+
 template <typename T>
 void launch_typed(const void* src, int64_t src_rows, const int64_t* pos, const float* w, void* y, int64_t R, int K,
                   int H, int64_t pad, const int* count, cudaStream_t stream) {
@@ -481,6 +606,56 @@ void launch_fp8_dequantize(const uint8_t* q, const float* s, void* y, int elem_b
                                                                                groups);
     else
         fp8_dequantize_kernel<<<fp8_blocks(groups), kFp8Threads, 0, stream>>>(q, s, static_cast<float*>(y), groups);
+    LAUNCH_CHECK();
+}
+
+
+void launch_expert_act(const void* h, const void* bias, const int* offs, int num_experts, void* a, int64_t rows,
+                       int ffn, int elem_bytes, int kind, float alpha, float limit, cudaStream_t stream) {
+    HOST_ASSERT(elem_bytes == 2 || elem_bytes == 4, "expert_act: rows must be bf16 or float32");
+    HOST_ASSERT(kind == 0 || kind == 1, "expert_act: kind must be 0 (silu) or 1 (clamped)");
+    HOST_ASSERT(rows >= 0 && num_experts >= 0 && ffn >= 0, "expert_act: sizes must be >= 0");
+    HOST_ASSERT((static_cast<int64_t>(ffn) * elem_bytes) % 16 == 0,
+                "expert_act: F * element size must be a multiple of 16");
+    HOST_ASSERT(reinterpret_cast<uintptr_t>(h) % 16 == 0 && reinterpret_cast<uintptr_t>(a) % 16 == 0 &&
+                    reinterpret_cast<uintptr_t>(bias) % 16 == 0,
+                "expert_act: h, a and bias must be 16-byte aligned");
+    const int64_t blocks = act_blocks(rows);
+    if (blocks == 0 || ffn == 0) return;
+    const ActParams p{kind, alpha, limit};
+    if (elem_bytes == 2)
+        expert_act_kernel<<<blocks, kActThreads, 0, stream>>>(
+            static_cast<const __nv_bfloat16*>(h), static_cast<const __nv_bfloat16*>(bias), offs, num_experts,
+            static_cast<__nv_bfloat16*>(a), rows, ffn, p);
+    else
+        expert_act_kernel<<<blocks, kActThreads, 0, stream>>>(static_cast<const float*>(h),
+                                                              static_cast<const float*>(bias), offs, num_experts,
+                                                              static_cast<float*>(a), rows, ffn, p);
+    LAUNCH_CHECK();
+}
+
+void launch_expert_act_backward(const void* da, const void* h, const void* bias, const int* offs, int num_experts,
+                                void* dh, int64_t rows, int ffn, int elem_bytes, int kind, float alpha, float limit,
+                                cudaStream_t stream) {
+    HOST_ASSERT(elem_bytes == 2 || elem_bytes == 4, "expert_act_backward: rows must be bf16 or float32");
+    HOST_ASSERT(kind == 0 || kind == 1, "expert_act_backward: kind must be 0 (silu) or 1 (clamped)");
+    HOST_ASSERT(rows >= 0 && num_experts >= 0 && ffn >= 0, "expert_act_backward: sizes must be >= 0");
+    HOST_ASSERT((static_cast<int64_t>(ffn) * elem_bytes) % 16 == 0,
+                "expert_act_backward: F * element size must be a multiple of 16");
+    HOST_ASSERT(reinterpret_cast<uintptr_t>(h) % 16 == 0 && reinterpret_cast<uintptr_t>(da) % 16 == 0 &&
+                    reinterpret_cast<uintptr_t>(dh) % 16 == 0 && reinterpret_cast<uintptr_t>(bias) % 16 == 0,
+                "expert_act_backward: da, h, dh and bias must be 16-byte aligned");
+    const int64_t blocks = act_blocks(rows);
+    if (blocks == 0 || ffn == 0) return;
+    const ActParams p{kind, alpha, limit};
+    if (elem_bytes == 2)
+        expert_act_backward_kernel<<<blocks, kActThreads, 0, stream>>>(
+            static_cast<const __nv_bfloat16*>(da), static_cast<const __nv_bfloat16*>(h),
+            static_cast<const __nv_bfloat16*>(bias), offs, num_experts, static_cast<__nv_bfloat16*>(dh), rows, ffn, p);
+    else
+        expert_act_backward_kernel<<<blocks, kActThreads, 0, stream>>>(
+            static_cast<const float*>(da), static_cast<const float*>(h), static_cast<const float*>(bias), offs,
+            num_experts, static_cast<float*>(dh), rows, ffn, p);
     LAUNCH_CHECK();
 }
 

@@ -301,13 +301,11 @@ def _activation_code(activation: Any) -> int:
     return 0 if isinstance(activation, str) and activation == "silu" else -1
 
 
-def _activate(h13: Tensor, f: int, activation: Activation) -> Tensor:
-    """The experts' activation of the gate and up projections h13 [rows, 2F] (gate in [0, F)) -> [rows, F]."""
-    g, u = h13[:, :f], h13[:, f:]
+def _act_args(activation: Activation) -> tuple[int, float, float]:
+    """(kind, alpha, limit) of ``ops.expert_activation`` for an activation."""
     if isinstance(activation, ClampedSwiGLU):
-        g = g.clamp(max=activation.limit)
-        return (u.clamp(-activation.limit, activation.limit) + 1) * (g * torch.sigmoid(g * activation.alpha))
-    return F.silu(g) * u
+        return ops.ACT_CLAMPED, float(activation.alpha), float(activation.limit)
+    return ops.ACT_SILU, 1.702, 7.0
 
 
 def _add_row_bias(out: Tensor, bias: Tensor, offs: Tensor, value_elsewhere: bool = False) -> Tensor:
@@ -442,16 +440,16 @@ class GroupedExperts(nn.Module):
         ``used``: ``offs[-1]`` when known on the host (see ``ops.grouped_mm``).
         ``clear_tail`` False: the rows past ``offs[-1]`` of the output, and of x's gradient, are unspecified
         (NaN possible; see ``ops.grouped_mm``), for a caller that reads neither."""
-        f = self.ffn_hidden
         w13: Tensor = self.w13
         w2: Tensor = self.w2
         if torch.is_autocast_enabled(x.device.type):  # as nn.Linear: the GEMMs in autocast's dtype
             dt = torch.get_autocast_dtype(x.device.type)
             w13, w2 = w13.to(dt), w2.to(dt)
         h13 = ops.grouped_mm(x.to(w13.dtype), w13, offs, used, clear_tail=clear_tail)
-        if self.b13 is not None:
-            h13 = _add_row_bias(h13, self.b13, offs)
-        out = ops.grouped_mm(_activate(h13, f, self.activation), w2, offs, used, clear_tail=clear_tail)
+        # the gate and up projections' biases and the activation: one kernel on CUDA (ops.expert_activation)
+        b13 = self.b13.to(h13.dtype) if self.b13 is not None else None
+        act = ops.expert_activation(h13, offs, b13, *_act_args(self.activation))
+        out = ops.grouped_mm(act, w2, offs, used, clear_tail=clear_tail)
         if self.b2 is not None:
             out = _add_row_bias(out, self.b2, offs, self.b2_added_elsewhere)
         return out

@@ -110,6 +110,7 @@ __all__ = [
     "checkpoint_policy",
     "combine",
     "dispatch",
+    "expert_activation",
     "expert_order",
     "gather_rows",
     "grouped_mm",
@@ -783,6 +784,159 @@ def _native_rows() -> Any:
     from largeep import native
 
     return native.module() if native.unavailable_reason() is None else None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The experts' gated activation: bias add and act(gate, up) of the first grouped GEMM's output
+# ---------------------------------------------------------------------------------------------------------------
+
+ACT_SILU, ACT_CLAMPED = 0, 1  # expert_activation's kinds
+
+
+def _row_experts(h: Tensor, offs: Tensor) -> Tensor:
+    """The expert of each row of h (sorted by expert, offs: inclusive ends); len(offs) for rows past offs[-1]."""
+    return torch.searchsorted(offs, torch.arange(h.shape[0], device=h.device, dtype=offs.dtype), right=True)
+
+
+def _biased(h: Tensor, bias: Tensor | None, offs: Tensor) -> Tensor:
+    """h plus each row's expert's bias row (rows past offs[-1]: nothing), in h's dtype."""
+    if bias is None:
+        return h
+    return h + torch.cat([bias, bias.new_zeros(1, bias.shape[1])])[_row_experts(h, offs)]
+
+
+def _expert_act_torch(h: Tensor, bias: Tensor | None, offs: Tensor, kind: int, alpha: float, limit: float) -> Tensor:
+    f = h.shape[1] // 2
+    h = _biased(h, bias, offs)
+    g, u = h[:, :f], h[:, f:]
+    if kind == ACT_SILU:
+        return F.silu(g) * u
+    g = g.clamp(max=limit)
+    return (u.clamp(-limit, limit) + 1) * (g * torch.sigmoid(g * alpha))
+
+
+def _expert_act_grad_torch(grad: Tensor, h: Tensor, bias: Tensor | None, offs: Tensor, kind: int, alpha: float,
+                           limit: float) -> Tensor:
+    """The gradient of _expert_act_torch's output with respect to h ([P, 2F], in h's dtype), in torch ops at least
+    float32 (differentiable: the path of a backward with create_graph)."""
+    f = h.shape[1] // 2
+    wide = torch.promote_types(h.dtype, torch.float32)
+    hb = _biased(h, bias, offs).to(wide)
+    g, u, d = hb[:, :f], hb[:, f:], grad.to(wide)
+    if kind == ACT_SILU:
+        s = torch.sigmoid(g)
+        dg, du = d * u * s * (1 + g * (1 - s)), d * g * s
+    else:
+        gc, uc = g.clamp(max=limit), u.clamp(-limit, limit)
+        s = torch.sigmoid(gc * alpha)
+        dg = torch.where(g <= limit, d * (uc + 1) * (s + gc * alpha * s * (1 - s)), 0.0)
+        du = torch.where((u >= -limit) & (u <= limit), d * gc * s, 0.0)
+    return torch.cat([dg, du], dim=1).to(h.dtype)
+
+
+def _native_act_ok(h: Tensor, bias: Tensor | None, offs: Tensor, *more: Tensor) -> bool:
+    """Whether largeep's kernels take these: CUDA bf16/fp32, contiguous, 16-byte aligned, F of 16-byte multiples,
+    offs int32 on the device."""
+    if not (h.is_cuda and h.dtype in (torch.bfloat16, torch.float32) and h.dim() == 2 and h.shape[1] % 2 == 0):
+        return False
+    if (h.shape[1] // 2 * h.element_size()) % 16 or not (offs.is_cuda and offs.dtype == torch.int32):
+        return False
+    for t in (h, bias, *more):
+        if t is not None and (t.dtype != h.dtype or not t.is_contiguous() or (t.numel() and t.data_ptr() % 16)):
+            return False
+    return bias is None or tuple(bias.shape) == (offs.shape[0], h.shape[1])
+
+
+@torch.library.custom_op(
+    "largeep::expert_act", mutates_args=(),
+    schema="(Tensor h, Tensor? bias, Tensor offs, int kind, float alpha, float limit) -> Tensor",
+)
+def _expert_act_op(h: Tensor, bias: Tensor | None, offs: Tensor, kind: int, alpha: float, limit: float) -> Tensor:
+    return _expert_act_impl(h, bias, offs, kind, alpha, limit)
+
+
+def _expert_act_impl(h: Tensor, bias: Tensor | None, offs: Tensor, kind: int, alpha: float, limit: float) -> Tensor:
+    C = _native_rows() if _native_act_ok(h, bias, offs) else None
+    if C is None:
+        return _expert_act_torch(h, bias, offs, kind, alpha, limit)
+    f = h.shape[1] // 2
+    offs = offs.contiguous()
+    a = h.new_empty(h.shape[0], f)
+    with on_device(h.device):
+        C.expert_act(h.data_ptr(), bias.data_ptr() if bias is not None else 0, offs.data_ptr(), offs.shape[0],
+                     a.data_ptr(), h.shape[0], f, h.element_size(), kind, alpha, limit, current_raw_stream(h.device))
+    return a
+
+
+@_expert_act_op.register_fake
+def _(h: Tensor, bias: Tensor | None, offs: Tensor, kind: int, alpha: float, limit: float) -> Tensor:
+    return h.new_empty(h.shape[0], h.shape[1] // 2)
+
+
+@torch.library.custom_op(
+    "largeep::expert_act_backward", mutates_args=(),
+    schema="(Tensor grad, Tensor h, Tensor? bias, Tensor offs, int kind, float alpha, float limit) -> Tensor",
+)
+def _expert_act_backward_op(grad: Tensor, h: Tensor, bias: Tensor | None, offs: Tensor, kind: int, alpha: float,
+                            limit: float) -> Tensor:
+    grad = grad.contiguous()
+    C = _native_rows() if _native_act_ok(h, bias, offs, grad) else None
+    if C is None:
+        return _expert_act_grad_torch(grad, h, bias, offs, kind, alpha, limit)
+    dh = torch.empty_like(h)
+    with on_device(h.device):
+        C.expert_act_backward(grad.data_ptr(), h.data_ptr(), bias.data_ptr() if bias is not None else 0,
+                              offs.contiguous().data_ptr(), offs.shape[0], dh.data_ptr(), h.shape[0],
+                              h.shape[1] // 2, h.element_size(), kind, alpha, limit, current_raw_stream(h.device))
+    return dh
+
+
+@_expert_act_backward_op.register_fake
+def _(grad: Tensor, h: Tensor, bias: Tensor | None, offs: Tensor, kind: int, alpha: float, limit: float) -> Tensor:
+    return torch.empty_like(h)
+
+
+def _ea_setup(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
+    h, bias, offs, kind, alpha, limit = inputs
+    ctx.args = (kind, alpha, limit)
+    ctx.save_for_backward(h, bias, offs)
+
+
+def _ea_backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None, None, None, None]:
+    """dh by largeep's kernel (zero rows past offs[-1]), or in torch ops where a backward records a graph
+    (create_graph: second derivatives) or the kernel does not take the tensors; the bias's gradient sums each
+    expert's rows of dh (an index_put with accumulation; rows past offs[-1] go to a row that is dropped)."""
+    h, bias, offs = ctx.saved_tensors
+    kind, alpha, limit = ctx.args
+    if torch.is_grad_enabled():
+        dh = _expert_act_grad_torch(grad, h, bias, offs, kind, alpha, limit)
+    else:
+        dh = _expert_act_backward_op(grad, h, bias, offs, kind, alpha, limit)
+    db = None
+    if bias is not None and ctx.needs_input_grad[1]:
+        db = dh.new_zeros(bias.shape[0] + 1, bias.shape[1]).index_put((_row_experts(h, offs),), dh, accumulate=True)
+        db = db[:-1]
+    return (dh if ctx.needs_input_grad[0] else None), db, None, None, None, None
+
+
+_expert_act_op.register_autograd(_ea_backward, setup_context=_ea_setup)
+
+
+def expert_activation(
+    h13: Tensor, offs: Tensor, bias: Tensor | None = None, kind: int = ACT_SILU, alpha: float = 1.702,
+    limit: float = 7.0,
+) -> Tensor:
+    """The experts' gated activation of the first grouped GEMM's output h13 [P, 2F] (gate projection in columns
+    [0, F), up projection in [F, 2F); rows sorted by expert, ``offs`` int32 [E] their inclusive end rows), plus each
+    row's expert's ``bias`` [E, 2F] (in h13's dtype) when given -> [P, F] in h13's dtype; differentiable in h13 and
+    bias. ``kind``: ``ACT_SILU`` (``silu(g) * u``) or ``ACT_CLAMPED`` (GPT-OSS's: ``(clamp(u, -limit, limit) + 1) *
+    g' * sigmoid(alpha * g')``, ``g' = min(g, limit)``). On CUDA with the native module (bf16/fp32, F of a multiple
+    of 16 bytes): one kernel, one read of h13 and one write of the result, float32 math (the bias added before any
+    rounding), rows past offs[-1] written as zeros; its backward one kernel too (and the bias's gradient an
+    index_put sum). Elsewhere torch ops (rows past offs[-1] then follow their h13 rows)."""
+    op = _expert_act_impl if (_direct(h13, bias, offs) if bias is not None else _direct(h13, offs)) else \
+        _expert_act_op
+    return op(h13, bias, offs, kind, float(alpha), float(limit))  # type: ignore[no-any-return]
 
 
 # ---------------------------------------------------------------------------------------------------------------

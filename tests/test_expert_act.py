@@ -1,0 +1,125 @@
+"""largeep.ops.expert_activation (the experts' bias add and gated activation of the first grouped GEMM's output)
+against a float64 loop over rows: values and gradients of h13 and the bias, both activations, rows past offs[-1]
+(NaN planted there reaches nothing), second derivatives; on CUDA largeep's kernels against the same loop and the
+torch ops they replace."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from largeep import ops
+
+ALPHA, LIMIT = 1.702, 0.9  # (a low limit: the clamps bite on unit-scale values)
+
+
+def _loop64(h: torch.Tensor, bias: torch.Tensor | None, offs: list[int], kind: int) -> torch.Tensor:
+    """Row by row in float64 (differentiable in h and bias): rows past offs[-1] are zero."""
+    f = h.shape[1] // 2
+    rows = []
+    start = 0
+    for e, end in enumerate(offs):
+        for r in range(start, end):
+            v = h[r] + bias[e] if bias is not None else h[r]
+            g, u = v[:f], v[f:]
+            if kind == ops.ACT_SILU:
+                rows.append(F.silu(g) * u)
+            else:
+                gc = torch.minimum(g, torch.full_like(g, LIMIT))
+                uc = torch.clamp(u, -LIMIT, LIMIT)
+                rows.append((uc + 1) * gc * torch.sigmoid(ALPHA * gc))
+        start = end
+    rows += [h.new_zeros(f)] * (h.shape[0] - offs[-1])
+    return torch.stack(rows)
+
+
+def _case(seed: int, dtype: torch.dtype, device: str, with_bias: bool, f: int = 16, experts: int = 4,
+          rows: int = 23) -> tuple[torch.Tensor, torch.Tensor | None, list[int], torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    ends = sorted(torch.randint(0, rows - 3, (experts,), generator=g).tolist())  # (some empty, a tail past the end)
+    h = torch.randn(rows, 2 * f, generator=g)
+    h[ends[-1]:] = float("nan")  # what an unwritten GEMM tail may hold
+    bias = torch.randn(experts, 2 * f, generator=g) * 0.5 if with_bias else None
+    grad = torch.randn(rows, f, generator=g)
+    return (h.to(device, dtype), bias.to(device, dtype) if bias is not None else None, ends,
+            grad.to(device, dtype))
+
+
+def _check(device: str, dtype: torch.dtype, kind: int, with_bias: bool, seed: int) -> None:
+    h, bias, ends, grad = _case(seed, dtype, device, with_bias)
+    offs = torch.tensor(ends, dtype=torch.int32, device=device)
+    hh = h.clone().requires_grad_()
+    bb = bias.clone().requires_grad_() if bias is not None else None
+    a = ops.expert_activation(hh, offs, bb, kind, ALPHA, LIMIT)
+    used = ends[-1]
+    (a[:used].float() * grad[:used].float()).sum().backward()
+    h64 = h.double().cpu().nan_to_num(0.0).requires_grad_()
+    b64 = bias.double().cpu().requires_grad_() if bias is not None else None
+    want = _loop64(h64, b64, ends, kind)
+    (want[:used] * grad[:used].double().cpu()).sum().backward()
+    tol = 1e-5 if dtype == torch.float32 else 2.0**-7
+    scale = float(want.detach().abs().max()) + 1e-30
+    torch.testing.assert_close(a[:used].double().cpu(), want[:used].detach(), rtol=tol, atol=tol * scale)
+    assert hh.grad is not None and torch.isfinite(hh.grad[:used]).all()
+    torch.testing.assert_close(hh.grad[:used].double().cpu(), h64.grad[:used], rtol=tol,
+                               atol=tol * float(h64.grad.abs().max()))
+    if bb is not None:
+        assert bb.grad is not None and torch.isfinite(bb.grad).all(), "NaN past offs[-1] reached the bias's grad"
+        torch.testing.assert_close(bb.grad.double().cpu(), b64.grad, rtol=tol, atol=tol * float(b64.grad.abs().max()))
+
+
+@pytest.mark.parametrize("kind", [ops.ACT_SILU, ops.ACT_CLAMPED])
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_expert_activation_cpu(kind: int, with_bias: bool, dtype: torch.dtype) -> None:
+    for seed in range(3):
+        _check("cpu", dtype, kind, with_bias, seed)
+
+
+def _penalty(fn, h: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The gradient of a gradient penalty of fn(h, bias) ** 3 (create_graph)."""
+    y = fn(h, bias)
+    gh, gb = torch.autograd.grad((y**3).sum(), (h, bias), create_graph=True)
+    return torch.autograd.grad((gh**2).sum() + (gb**2).sum(), (h, bias))
+
+
+@pytest.mark.parametrize("kind", [ops.ACT_SILU, ops.ACT_CLAMPED])
+def test_expert_activation_second_derivative(kind: int) -> None:
+    """create_graph: the backward is recorded (torch ops), so a gradient penalty differentiates it again."""
+    h, bias, ends, _ = _case(5, torch.float64, "cpu", True)
+    assert bias is not None
+    h = h.nan_to_num(0.0).requires_grad_()
+    bias = bias.requires_grad_()
+    offs = torch.tensor(ends, dtype=torch.int32)
+    got = _penalty(lambda x, b: ops.expert_activation(x, offs, b, kind, ALPHA, LIMIT), h, bias)
+    want = _penalty(lambda x, b: _loop64(x, b, ends, kind), h, bias)
+    for a, w in zip(got, want, strict=True):
+        torch.testing.assert_close(a, w, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.gpu(1)
+@pytest.mark.parametrize("kind", [ops.ACT_SILU, ops.ACT_CLAMPED])
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_expert_activation_gpu(kind: int, with_bias: bool, dtype: torch.dtype) -> None:
+    """largeep's kernels (forward and backward) against the float64 loop, rows past offs[-1] zero in both; and
+    against the torch ops they replace (float32: to rounding)."""
+    from largeep import native
+
+    if native.unavailable_reason() is not None:
+        pytest.skip(str(native.unavailable_reason()))
+    for seed in range(3):
+        _check("cuda", dtype, kind, with_bias, seed)
+    h, bias, ends, grad = _case(7, dtype, "cuda", with_bias, f=64, experts=8, rows=300)
+    offs = torch.tensor(ends, dtype=torch.int32, device="cuda")
+    assert ops._native_act_ok(h, bias, offs)
+    a = ops._expert_act_impl(h, bias, offs, kind, ALPHA, LIMIT)
+    assert (a[ends[-1]:] == 0).all(), "rows past offs[-1] must be zero"
+    dh = ops._expert_act_backward_op(grad, h, bias, offs, kind, ALPHA, LIMIT)
+    assert (dh[ends[-1]:] == 0).all()
+    if dtype == torch.float32:
+        used = ends[-1]
+        want = ops._expert_act_torch(h, bias, offs, kind, ALPHA, LIMIT)
+        torch.testing.assert_close(a[:used], want[:used], rtol=1e-5, atol=1e-6)
+        want_dh = ops._expert_act_grad_torch(grad, h, bias, offs, kind, ALPHA, LIMIT)
+        torch.testing.assert_close(dh[:used], want_dh[:used], rtol=1e-5, atol=1e-6)

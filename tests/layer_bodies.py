@@ -3835,6 +3835,15 @@ def gpt_oss_slot_paths(rank: int, world: int) -> None:
         every: list[Any] = [None] * world
         dist.all_gather_object(every, layer.state_dict())
         same(layers.global_experts_from_states(every), "global_experts_from_states")
+        # the six the gathers give load as they are, positionally (w1, w3, w2, b1, b3, b2), as the three do without
+        # biases (docs/usage.md's checkpoint code: load_global_experts(*ck["experts"])); five are refused
+        fresh = layers.MoELayer(
+            buf, ffn_hidden=f, gate=TopKGate(GateConfig(hidden=h, num_experts=logical, topk=k, router_bias=True)),
+            placement=plan, expert_mlp_bias=True, expert_activation=GPT_OSS_TEST_ACTIVATION)
+        fresh.load_global_experts(*layers.global_experts_from_states(every))
+        same(fresh.gather_global_experts(), "load_global_experts of the six, positionally")
+        _raises(("load_global_experts", "5 tensors", "b1, b3, b2"), fresh.load_global_experts, *want[:5])
+        _raises(("load_global_experts", "'b1' given twice"), fresh.load_global_experts, *want, b1=want[3])
         mine = layer.local_experts(*want)
         assert len(mine) == 4 and all(torch.equal(a, b) for a, b in zip(mine, (ex.w13, ex.w2, ex.b13, ex.b2),
                                                                           strict=True)), "local_experts"

@@ -940,8 +940,8 @@ class MoELayer(nn.Module):
 
     @torch.no_grad()
     def load_global_experts(
-        self, w1: Tensor, w3: Tensor, w2: Tensor, phys_to_log: Tensor | None = None, *, b1: Tensor | None = None,
-        b3: Tensor | None = None, b2: Tensor | None = None,
+        self, w1: Tensor, w3: Tensor, w2: Tensor, phys_to_log: Tensor | None = None, *more: Tensor,
+        b1: Tensor | None = None, b3: Tensor | None = None, b2: Tensor | None = None,
     ) -> None:
         """Copies this rank's slots from global weights: w1/w3 [L, H, F], w2 [L, F, H] indexed by logical expert
         (the transposes of ``nn.Linear`` weights, [in, out]: :func:`experts_from_linear` stacks per-expert
@@ -951,7 +951,20 @@ class MoELayer(nn.Module):
         [j*F/T, (j+1)*F/T) of w1/w3, the same rows of w2.
 
         ``b1`` / ``b3`` [L, F], ``b2`` [L, H]: the biases of a layer made with ``expert_mlp_bias=True`` (given
-        exactly then, all three); with expert TP each member copies its columns of b1 / b3 and the whole b2."""
+        exactly then, all three); with expert TP each member copies its columns of b1 / b3 and the whole b2. Six
+        tensors given positionally are (w1, w3, w2, b1, b3, b2), as :meth:`gather_global_experts` and
+        :func:`global_experts_from_states` give them (``phys_to_log`` then by name); four are (w1, w3, w2,
+        phys_to_log)."""
+        if more:  # (w1, w3, w2, b1, b3, b2) positionally: the six the gathers give
+            what = "MoELayer.load_global_experts"
+            if len(more) != 2:
+                raise ArgumentError(f"{what}: got {4 + len(more)} tensors positionally, expected w1, w3, w2 and "
+                                    "either phys_to_log or the biases b1, b3, b2 (those given by name otherwise)")
+            for arg, t in (("b1", b1), ("b3", b3), ("b2", b2)):
+                if t is not None:
+                    raise ArgumentError(f"{what}: argument '{arg}' given twice, positionally (w1, w3, w2, b1, b3, "
+                                        "b2) and by name")
+            (b1, b3, b2), phys_to_log = (phys_to_log, *more), None
         if phys_to_log is not None:
             sized = checks.integer_tensor(phys_to_log) and tuple(phys_to_log.shape) == (self.num_experts,)
             least_id = int(phys_to_log.min()) if sized and phys_to_log.numel() else -1
@@ -1048,8 +1061,8 @@ class MoELayer(nn.Module):
         (``load_global_experts`` of the new layer takes them as they are). Collective: every rank of the Buffer's
         group (and with expert TP of the TP group, whose members' shards are joined along F) must call it, with
         the same ``dst``. Experts with biases (``expert_mlp_bias``) give (w1, w3, w2, b1 [L, F], b3 [L, F],
-        b2 [L, H]) (``load_global_experts(w1, w3, w2, b1=b1, b3=b3, b2=b2)`` takes them; with expert TP b2 is the
-        first member's, the members' copies being equal).
+        b2 [L, H]) (``load_global_experts`` takes the six as they are, positionally or b1/b3/b2 by name; with expert
+        TP b2 is the first member's, the members' copies being equal).
 
         L: the layer's logical experts (at least the table's largest id + 1); without a placement the Buffer's
         num_experts (slot s holds expert s). A logical expert held by no slot comes back as zeros (it has no

@@ -18,7 +18,9 @@ One chunk on member j of a TP group (:meth:`ExpertTP.forward_rows`):
 3. all-gather of the rows (x [R_j, H], topk_weights and topk_idx [R_j, K]) padded to C = max_j R_j rows (padding
    names no expert): every member holds the same T*C rows.
 4. the sharded SwiGLU on all T*C rows: ``silu(x W1_j) * (x W3_j)`` is elementwise in F, so ``(...) W2_j``,
-   weighted by topk_weights and summed over k, is a partial [T*C, H] whose sum over j is the full output.
+   weighted by topk_weights and summed over k, is a partial [T*C, H] whose sum over j is the full output. With
+   biases (``expert_mlp_bias``) b13's columns shard with w13's (the clamped activation is elementwise in F too)
+   and each member holds the whole b2, which member 0 alone adds (every member's copy takes the whole gradient).
 5. reduce-scatter (sum) over the TP group: member j gets its own C rows, sliced to R_j.
 6. combine in its EP group.
 

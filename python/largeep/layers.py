@@ -29,7 +29,7 @@ functions (residual add + norm): chunk i is dispatched into layer l+1 while chun
 travel, the other computes.
 
 Experts and replicas. Rank r holds the physical slots [r*E/N, (r+1)*E/N) (w13 [E/N, H, 2F] holding w1 and w3,
-w2 [E/N, F, H]).
+w2 [E/N, F, H]; with ``expert_mlp_bias`` also b13 [E/N, 2F] and b2 [E/N, H]).
 A logical expert with several slots (replicas) has one copy of its weights per slot; after backward
 :func:`allreduce_replica_grads` sums the grads of the copies (one all-reduce over the group of the replicated
 experts' grads only), so every copy takes the same optimizer step.
@@ -212,8 +212,10 @@ def _linear_weight(op: str, arg: str, m: object, shape: tuple[int, ...] | None, 
     ``arg`` otherwise, or when its shape is not ``shape`` (None: any 2-D one)."""
     if isinstance(m, nn.Linear):
         if m.bias is not None:
-            raise ArgumentError(f"{op}: argument '{arg}' is an nn.Linear with a bias; the experts' SwiGLU has none "
-                                "(a bias would be dropped)")
+            raise ArgumentError(f"{op}: argument '{arg}' is an nn.Linear with a bias, which this takes no part of "
+                                "(it would be dropped): for routed experts with biases "
+                                "(MoELayer(expert_mlp_bias=True)) pass the weights and the biases to "
+                                "load_global_experts yourself; shared experts have none")
         w = m.weight
     elif isinstance(m, Tensor):
         w = m
@@ -243,9 +245,11 @@ def experts_from_linear(
 
     Returns:
         (w1 [L, H, F], w3 [L, H, F], w2 [L, F, H]): each weight transposed to largeep's [in, out] and stacked in
-        expert order, new tensors on the weights' device and in their dtype, without grad. Modules with a bias
-        (the experts have none), lists of different lengths or empty, and shapes that differ between experts or
-        do not fit together raise ArgumentError naming the argument and the expert. Not collective, no host wait.
+        expert order, new tensors on the weights' device and in their dtype, without grad. Modules with a bias,
+        lists of different lengths or empty, and shapes that differ between experts or do not fit together raise
+        ArgumentError naming the argument and the expert (for experts with biases,
+        ``MoELayer(expert_mlp_bias=True)``, pass the weights and biases to ``load_global_experts`` yourself). Not
+        collective, no host wait.
     """
     lists = {"gate_proj": gate_proj, "up_proj": up_proj, "down_proj": down_proj}
     for arg, items in lists.items():
@@ -322,7 +326,8 @@ def _add_row_bias(out: Tensor, bias: Tensor, offs: Tensor, value_elsewhere: bool
 
 
 class GroupedExperts(nn.Module):
-    """The E_l local experts of a rank, SwiGLU: two grouped GEMMs over all of them (gate and up, then down).
+    """The E_l local experts of a rank, SwiGLU (or GPT-OSS's clamped SwiGLU with biases, below): two grouped GEMMs
+    over all of them (gate and up, then down).
 
     Parameters: w13 [E_l, H, 2F], the gate projection w1 in columns [0, F) and the up projection w3 in [F, 2F)
     (one GEMM of N = 2F instead of two of F: on H200 with 8 experts, H 7168, F 384 and 32768 rows, 463 us
@@ -618,7 +623,8 @@ def _split_rows(t: Tensor, n: int) -> tuple[Tensor, ...]:
 
 
 class MoELayer(nn.Module):
-    """gate -> (placement) -> dispatch -> local grouped SwiGLU experts -> combine, plus optional shared experts.
+    """gate -> (placement) -> dispatch -> local grouped SwiGLU experts (optionally with biases and GPT-OSS's clamped
+    activation: ``expert_mlp_bias``, ``expert_activation``) -> combine, plus optional shared experts.
 
     Args:
         buffer: the Buffer (normal mode: training/prefill, with autograd; low-latency mode: decoding, no
@@ -1358,7 +1364,7 @@ class MoELayer(nn.Module):
         (``param.data``), from a slot that held the slot's new expert: on the same rank where it held one (no
         transfer), else from one of its replicas' ranks through an all-to-all over the Buffer's group (each
         expert sent once to each rank that needs it, the sends spread over its replicas' ranks); a slot whose
-        expert had no slot comes back zero. ``optimizer``: every per-parameter state tensor it holds for those two
+        expert had no slot comes back zero. ``optimizer``: every per-parameter state tensor it holds for those
         parameters with one row per slot moves alike: the parameter's shape (Adam's ``exp_avg``/``exp_avg_sq``,
         SGD's ``momentum_buffer``) or that shape with sizes after the first reduced to 1 (Adafactor's ``row_var``
         / ``col_var``); scalars (``step``) are left as they are, and the optimizer keeps working without a rebuild.
@@ -1383,7 +1389,7 @@ class MoELayer(nn.Module):
         an all-to-all of the other replicas: ``allreduce_replica_grads`` keeps them equal); an optimizer that does
         not hold the experts' parameters, or whose per-slot state differs between ranks (other keys, dtypes or
         devices); a state tensor on another device than the weights, or of a shape that is neither scalar nor per
-        slot. Gradients: refused where ``experts.w13`` or ``experts.w2`` holds a non-zero ``.grad`` (None or all
+        slot. Gradients: refused where one of those parameters holds a non-zero ``.grad`` (None or all
         zeros is fine, and stays so): a grad means a slot's share before ``allreduce_replica_grads`` and its
         expert's sum after it, so a move would be right for one and double-count the other; move between steps
         (after ``optimizer.step()`` and ``zero_grad()``).
@@ -2750,10 +2756,11 @@ def allreduce_replica_grads(
     """Sums the grads of every replica of each logical expert, so all copies take the same step.
 
     Args:
-        params: this rank's expert parameters, each [S, ...] with one row per local slot (e.g. ``w13`` and
-            ``w2`` of :class:`GroupedExperts`); rank r holds the global slots [r*S, (r+1)*S). Params without a grad
-            count as zero; on a rank that holds a replicated slot they get a grad (zeros outside those slots), on
-            the others they keep None.
+        params: this rank's expert parameters, each [S, ...] with one row per local slot (every parameter of
+            :class:`GroupedExperts`, ``list(experts.parameters())``: ``w13`` and ``w2``, and ``b13`` and ``b2``
+            with biases, whose replicas otherwise drift apart); rank r holds the global slots [r*S, (r+1)*S).
+            Params without a grad count as zero; on a rank that holds a replicated slot they get a grad (zeros
+            outside those slots), on the others they keep None.
         phys_to_log: int64 [N*S], the logical expert of each slot (-1: empty), e.g. ``Placement.phys_to_log``.
         group: the expert-parallel group (default: the world).
 
@@ -2770,7 +2777,7 @@ def allreduce_replica_grads(
         if not p.is_leaf:
             raise ArgumentError(
                 f"allreduce_replica_grads: params[{i}] is not a leaf tensor (a view such as GroupedExperts.w1 / w3, "
-                "whose .grad stays None); pass the parameters themselves, e.g. [experts.w13, experts.w2]"
+                "whose .grad stays None); pass the parameters themselves, e.g. list(experts.parameters())"
             )
     s = plist[0].shape[0]
     for i, p in enumerate(plist):

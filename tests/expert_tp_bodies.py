@@ -332,6 +332,13 @@ def bad_configs(rank: int, world: int) -> None:
                 expert_tp_group=tp)
         _raises(("disagree", "num_chunks"), layers.MoELayer, ep_buf, ffn_hidden=16, num_chunks=1 + groups.tp_rank,
                 expert_tp_group=tp)
+        # the experts' form: biases on one member only; another activation (its constants) on one member
+        _raises(("disagree", "expert_mlp_bias"), layers.MoELayer, ep_buf, ffn_hidden=16,
+                expert_mlp_bias=groups.tp_rank == 0, expert_tp_group=tp)
+        for other in ("silu", layers.ClampedSwiGLU(limit=6.0)):
+            _raises(("disagree", "expert_activation", '0: "silu"', "ClampedSwiGLU"), layers.MoELayer, ep_buf,
+                    ffn_hidden=16, expert_activation=layers.ClampedSwiGLU() if groups.tp_rank == 0 else other,
+                    expert_tp_group=tp)
         # one member dispatches FP8, the other bf16 (on a Buffer of a hidden size FP8 takes)
         fp8_buf = largeep.Buffer(groups.ep_group, hidden=128, num_experts=experts, num_topk=topk,
                                  max_tokens_per_rank=8, backend="torch")

@@ -820,7 +820,9 @@ class MoELayer(nn.Module):
                 expert_tp_group, c, ffn_hidden,
                 {"num_chunks": num_chunks, "num_worst_tokens": num_worst_tokens, "use_fp8": int(use_fp8),
                  "expert_mlp_bias": int(expert_mlp_bias is True),
-                 "expert_activation": _activation_code(expert_activation)},
+                 # (the name is the refusal's legend: the codes of two ClampedSwiGLU are not readable)
+                 'expert_activation (codes: 0: "silu", others: a ClampedSwiGLU\'s of its alpha and limit)':
+                     _activation_code(expert_activation)},
                 local_error,
             )
         tp = self.expert_tp.size if self.expert_tp is not None else 1

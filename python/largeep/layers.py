@@ -2668,7 +2668,8 @@ def clip_grad_norm_(model: nn.Module, max_norm: float, norm_type: float = 2.0) -
     torch's own function over ``model.parameters()`` takes each rank's experts only, so each rank finds another
     norm and clips by another factor: the replicated parameters (gate, shared experts, the rest of the model) then
     drift apart between ranks. Here each layer's expert grads are summed over its Buffer's group (and its expert-TP
-    group, whose members hold different shards), a replicated expert's slots each counted 1 / its replicas; the
+    group, whose members hold different shards; the whole b2 of experts with biases, which every member holds, is
+    counted on the first member only), a replicated expert's slots each counted 1 / its replicas; the
     other parameters are counted once, as this rank holds them. Call it where torch's would go: after the backward,
     after the replicated parameters' grads are reduced (DDP's backward, or your all-reduce) and
     :func:`allreduce_replica_grads`, before the step. Collective: every rank of the layers' groups must call it

@@ -961,8 +961,8 @@ class MoELayer(nn.Module):
         ``b1`` / ``b3`` [L, F], ``b2`` [L, H]: the biases of a layer made with ``expert_mlp_bias=True`` (given
         exactly then, all three); with expert TP each member copies its columns of b1 / b3 and the whole b2. Six
         tensors given positionally are (w1, w3, w2, b1, b3, b2), as :meth:`gather_global_experts` and
-        :func:`global_experts_from_states` give them (``phys_to_log`` then by name); four are (w1, w3, w2,
-        phys_to_log)."""
+        :func:`global_experts_from_states` give them (with the layer's own table: for another ``phys_to_log`` give
+        the biases by name); four are (w1, w3, w2, phys_to_log)."""
         if more:  # (w1, w3, w2, b1, b3, b2) positionally: the six the gathers give
             what = "MoELayer.load_global_experts"
             if len(more) != 2:

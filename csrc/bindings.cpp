@@ -728,6 +728,11 @@ PYBIND11_MODULE(_C, m) {
         launch_expert_act(ptr<const void>(h), ptr<const void>(bias), ptr<const int>(offs), experts, ptr<void>(a), rows,
                           ffn, elem, kind, alpha, limit, stream_of(stream));
     });
+    m.def("row_bias_add", [](uintptr_t x, uintptr_t bias, uintptr_t offs, int experts, uintptr_t y, int64_t rows,
+                             int cols, int elem, uintptr_t stream) {
+        launch_row_bias_add(ptr<const void>(x), ptr<const void>(bias), ptr<const int>(offs), experts, ptr<void>(y),
+                            rows, cols, elem, stream_of(stream));
+    });
     m.def("expert_act_backward", [](uintptr_t da, uintptr_t h, uintptr_t bias, uintptr_t offs, int experts,
                                     uintptr_t dh, int64_t rows, int ffn, int elem, int kind, float alpha, float limit,
                                     uintptr_t stream) {

@@ -123,3 +123,36 @@ def test_expert_activation_gpu(kind: int, with_bias: bool, dtype: torch.dtype) -
         torch.testing.assert_close(a[:used], want[:used], rtol=1e-5, atol=1e-6)
         want_dh = ops._expert_act_grad_torch(grad, h, bias, offs, kind, ALPHA, LIMIT)
         torch.testing.assert_close(dh[:used], want_dh[:used], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu(1))])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_row_bias_add(device: str, dtype: torch.dtype) -> None:
+    """ops._row_bias_add: each row plus its expert's bias row (largeep's kernel on CUDA: rows past offs[-1] zero),
+    the bias's gradient each expert's rows summed (NaN past offs[-1] reaching nothing); x's gradient passes."""
+    if device == "cuda":
+        from largeep import native
+
+        if native.unavailable_reason() is not None:
+            pytest.skip(str(native.unavailable_reason()))
+    for seed in range(3):
+        h, bias, ends, grad = _case(seed, dtype, device, True, f=32, experts=5, rows=40)
+        assert bias is not None
+        x, b = h[:, :32].contiguous().requires_grad_(), bias[:, :32].contiguous().requires_grad_()
+        offs = torch.tensor(ends, dtype=torch.int32, device=device)
+        if device == "cuda":
+            assert ops._native_bias_ok(x, b, offs)
+        y = ops._row_bias_add(x, b, offs)
+        used = ends[-1]
+        (y[:used].float() * grad[:used].float()).sum().backward()
+        starts = [0] + ends[:-1]
+        want = torch.cat([x[s:e].detach().double() + b[i].detach().double() for i, (s, e) in
+                          enumerate(zip(starts, ends, strict=True))])
+        tol = 1e-6 if dtype == torch.float32 else 2.0**-8
+        torch.testing.assert_close(y[:used].double(), want, rtol=tol, atol=tol)
+        if device == "cuda":
+            assert (y[used:] == 0).all()
+        want_db = torch.stack([grad[s:e].double().sum(0) for s, e in zip(starts, ends, strict=True)])
+        assert b.grad is not None and torch.isfinite(b.grad).all()
+        torch.testing.assert_close(b.grad.double(), want_db, rtol=tol * 4, atol=tol * 4 * float(want_db.abs().max()))
+        assert x.grad is not None and torch.equal(x.grad[:used], grad[:used].to(x.grad.dtype))

@@ -11,7 +11,6 @@ import largeep
 import layer_bodies
 import pytest
 import torch
-import torch.nn.functional as F
 from largeep import layers, ops
 
 

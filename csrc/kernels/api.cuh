@@ -361,6 +361,10 @@ void launch_weighted_row_sum(const void* src, int64_t src_rows, int elem_bytes, 
 // kind 0: silu(g) * u; 1: (clamp(u, -limit, limit) + 1) * g' * sigmoid(alpha * g'), g' = min(g, limit). bf16
 // (elem_bytes 2) or float32 (4), float32 math; pointers 16-byte aligned, ffn * elem_bytes a multiple of 16. The
 // backward writes dh [rows, 2 * ffn] from da [rows, ffn] (zeros at or past the end row). No sync.
+// y [rows, cols] = x + bias[e] for each row of expert e (rows sorted by expert as above; bias [num_experts, cols]);
+// rows at or past offs[num_experts - 1] written as zeros (x's not read). bf16 or float32, 16-byte aligned.
+void launch_row_bias_add(const void* x, const void* bias, const int* offs, int num_experts, void* y, int64_t rows,
+                         int cols, int elem_bytes, cudaStream_t stream);
 void launch_expert_act(const void* h, const void* bias, const int* offs, int num_experts, void* a, int64_t rows,
                        int ffn, int elem_bytes, int kind, float alpha, float limit, cudaStream_t stream);
 void launch_expert_act_backward(const void* da, const void* h, const void* bias, const int* offs, int num_experts,

@@ -178,6 +178,33 @@ __global__ void __launch_bounds__(kActThreads) expert_act_backward_kernel(const 
     }
 }
 
+// y [P, N] = x + bias[e] for the rows of expert e (rows sorted by expert, offs int32 [E] inclusive ends); rows at
+// or past offs[E-1] are written as zeros (x's not read). One warp per row, float32 add, one rounding.
+template <typename T>
+__global__ void __launch_bounds__(kActThreads) row_bias_add_kernel(const T* x, const T* bias, const int* offs, int E,
+                                                                   T* y, int64_t P, int N) {
+    using V = Vec<T>;
+    const int lane = threadIdx.x % 32;
+    const int64_t used = E > 0 ? static_cast<int64_t>(offs[E - 1]) : 0;
+    for (int64_t r = static_cast<int64_t>(blockIdx.x) * kActWarps + threadIdx.x / 32; r < P;
+         r += static_cast<int64_t>(gridDim.x) * kActWarps) {
+        T* out = y + r * N;
+        if (r >= used) {
+            for (int c = lane * V::kPer; c < N; c += 32 * V::kPer)
+                *reinterpret_cast<int4*>(out + c) = make_int4(0, 0, 0, 0);
+            continue;
+        }
+        const T* row = x + r * N;
+        const T* b = bias + static_cast<int64_t>(row_expert(offs, E, r)) * N;
+        for (int c = lane * V::kPer; c < N; c += 32 * V::kPer) {
+            float acc[V::kPer];
+            load_floats(row + c, acc);
+            V::add(acc, *reinterpret_cast<const int4*>(b + c));
+            V::store(out + c, acc);
+        }
+    }
+}
+
 int64_t act_blocks(int64_t rows) { return std::min<int64_t>((rows + kActWarps - 1) / kActWarps, 65535); }
 
 template <typename T>
@@ -656,6 +683,29 @@ void launch_expert_act_backward(const void* da, const void* h, const void* bias,
         expert_act_backward_kernel<<<blocks, kActThreads, 0, stream>>>(
             static_cast<const float*>(da), static_cast<const float*>(h), static_cast<const float*>(bias), offs,
             num_experts, static_cast<float*>(dh), rows, ffn, p);
+    LAUNCH_CHECK();
+}
+
+
+void launch_row_bias_add(const void* x, const void* bias, const int* offs, int num_experts, void* y, int64_t rows,
+                         int cols, int elem_bytes, cudaStream_t stream) {
+    HOST_ASSERT(elem_bytes == 2 || elem_bytes == 4, "row_bias_add: rows must be bf16 or float32");
+    HOST_ASSERT(rows >= 0 && num_experts >= 0 && cols >= 0, "row_bias_add: sizes must be >= 0");
+    HOST_ASSERT((static_cast<int64_t>(cols) * elem_bytes) % 16 == 0,
+                "row_bias_add: columns * element size must be a multiple of 16");
+    HOST_ASSERT(reinterpret_cast<uintptr_t>(x) % 16 == 0 && reinterpret_cast<uintptr_t>(y) % 16 == 0 &&
+                    reinterpret_cast<uintptr_t>(bias) % 16 == 0,
+                "row_bias_add: x, y and bias must be 16-byte aligned");
+    const int64_t blocks = act_blocks(rows);
+    if (blocks == 0 || cols == 0) return;
+    if (elem_bytes == 2)
+        row_bias_add_kernel<<<blocks, kActThreads, 0, stream>>>(
+            static_cast<const __nv_bfloat16*>(x), static_cast<const __nv_bfloat16*>(bias), offs, num_experts,
+            static_cast<__nv_bfloat16*>(y), rows, cols);
+    else
+        row_bias_add_kernel<<<blocks, kActThreads, 0, stream>>>(static_cast<const float*>(x),
+                                                                static_cast<const float*>(bias), offs, num_experts,
+                                                                static_cast<float*>(y), rows, cols);
     LAUNCH_CHECK();
 }
 

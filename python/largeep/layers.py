@@ -313,16 +313,14 @@ def _act_args(activation: Activation) -> tuple[int, float, float]:
 
 
 def _add_row_bias(out: Tensor, bias: Tensor, offs: Tensor, value_elsewhere: bool = False) -> Tensor:
-    """out [P, N] sorted by group (offs: inclusive ends) plus its group's row of ``bias`` [G, N]; rows past offs[-1]
-    get nothing (they stay zero where they were). ``value_elsewhere``: the bias adds 0 here but takes its whole
-    gradient (``bias - bias.detach()``: an expert-TP member whose b2 another member adds).
-    The rows are picked by index (exact); the gradient of a row of the bias sums its group's rows (an index_put
-    with accumulation), the rows past offs[-1] going into a row that is dropped (they may hold NaN there)."""
-    ids = torch.searchsorted(offs, torch.arange(out.shape[0], device=out.device, dtype=offs.dtype), right=True)
+    """out [P, N] sorted by group (offs: inclusive ends) plus its group's row of ``bias`` [G, N] in out's dtype
+    (``ops._row_bias_add``: one kernel on CUDA; rows past offs[-1] get nothing, or zeros there). ``value_elsewhere``:
+    the bias adds 0 here but takes its whole gradient (``bias - bias.detach()``: an expert-TP member whose b2 another
+    member adds). The gradient of a row of the bias sums its group's rows of out's."""
     b = bias.to(out.dtype)
     if value_elsewhere:
         b = b - b.detach()
-    return out + torch.cat([b, b.new_zeros(1, b.shape[1])])[ids]
+    return ops._row_bias_add(out, b, offs)
 
 
 class GroupedExperts(nn.Module):

@@ -922,6 +922,70 @@ def _ea_backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, 
 _expert_act_op.register_autograd(_ea_backward, setup_context=_ea_setup)
 
 
+@torch.library.custom_op(
+    "largeep::row_bias_add", mutates_args=(), schema="(Tensor x, Tensor bias, Tensor offs) -> Tensor",
+)
+def _row_bias_add_op(x: Tensor, bias: Tensor, offs: Tensor) -> Tensor:
+    return _row_bias_add_impl(x, bias, offs)
+
+
+def _row_bias_add_impl(x: Tensor, bias: Tensor, offs: Tensor) -> Tensor:
+    C = _native_rows() if _native_bias_ok(x, bias, offs) else None
+    if C is None:
+        return _biased(x, bias, offs)
+    y = torch.empty_like(x)
+    with on_device(x.device):
+        C.row_bias_add(x.data_ptr(), bias.data_ptr(), offs.contiguous().data_ptr(), offs.shape[0], y.data_ptr(),
+                       x.shape[0], x.shape[1], x.element_size(), current_raw_stream(x.device))
+    return y
+
+
+def _native_bias_ok(x: Tensor, bias: Tensor, offs: Tensor) -> bool:
+    """Whether largeep's row_bias_add kernel takes these (CUDA bf16/fp32 rows of 16-byte multiples, contiguous,
+    aligned; bias [len(offs), N] of x's dtype; offs int32 on the device)."""
+    if not (x.is_cuda and x.dtype in (torch.bfloat16, torch.float32) and x.dim() == 2 and offs.is_cuda
+            and offs.dtype == torch.int32 and (x.shape[1] * x.element_size()) % 16 == 0):
+        return False
+    if tuple(bias.shape) != (offs.shape[0], x.shape[1]) or bias.dtype != x.dtype:
+        return False
+    return all(t.is_contiguous() and (not t.numel() or t.data_ptr() % 16 == 0) for t in (x, bias))
+
+
+@_row_bias_add_op.register_fake
+def _(x: Tensor, bias: Tensor, offs: Tensor) -> Tensor:
+    return torch.empty_like(x)
+
+
+def _rba_setup(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
+    _, bias, offs = inputs
+    ctx.num_experts = bias.shape[0]
+    ctx.save_for_backward(offs)
+
+
+def _rba_backward(ctx: Any, grad: Tensor) -> tuple[Tensor, Tensor | None, None]:
+    """x's gradient is the output's as it is (also on the rows past offs[-1], which the kernel zeroes: the grouped
+    GEMM that made x drops those rows' gradients); the bias's sums each expert's rows (index_put with accumulation;
+    the rows past offs[-1] go to a row that is dropped)."""
+    (offs,) = ctx.saved_tensors
+    db = None
+    if ctx.needs_input_grad[1]:
+        db = grad.new_zeros(ctx.num_experts + 1, grad.shape[1]).index_put((_row_experts(grad, offs),), grad,
+                                                                           accumulate=True)[:-1]
+    return grad, db, None
+
+
+_row_bias_add_op.register_autograd(_rba_backward, setup_context=_rba_setup)
+
+
+def _row_bias_add(x: Tensor, bias: Tensor, offs: Tensor) -> Tensor:
+    """x [P, N] (rows sorted by expert, offs int32 [E] their inclusive ends) plus each row's expert's row of ``bias``
+    [E, N] (x's dtype). On CUDA with the native module one kernel (float32 add, one rounding; rows past offs[-1]
+    zero), elsewhere torch ops (those rows as x's); differentiable in x and bias (x's gradient passes as it is, on
+    every row: for a grouped GEMM's output, whose rows past offs[-1] nothing reads)."""
+    op = _row_bias_add_impl if _direct(x, bias, offs) else _row_bias_add_op
+    return op(x, bias, offs)  # type: ignore[no-any-return]
+
+
 def expert_activation(
     h13: Tensor, offs: Tensor, bias: Tensor | None = None, kind: int = ACT_SILU, alpha: float = 1.702,
     limit: float = 7.0,

@@ -733,6 +733,11 @@ PYBIND11_MODULE(_C, m) {
         launch_row_bias_add(ptr<const void>(x), ptr<const void>(bias), ptr<const int>(offs), experts, ptr<void>(y),
                             rows, cols, elem, stream_of(stream));
     });
+    m.def("segment_row_sum", [](uintptr_t g, uintptr_t offs, int experts, uintptr_t out, int cols, int elem,
+                                uintptr_t stream) {
+        launch_segment_row_sum(ptr<const void>(g), ptr<const int>(offs), experts, ptr<void>(out), cols, elem,
+                               stream_of(stream));
+    });
     m.def("expert_act_backward", [](uintptr_t da, uintptr_t h, uintptr_t bias, uintptr_t offs, int experts,
                                     uintptr_t dh, int64_t rows, int ffn, int elem, int kind, float alpha, float limit,
                                     uintptr_t stream) {

@@ -365,6 +365,10 @@ void launch_weighted_row_sum(const void* src, int64_t src_rows, int elem_bytes, 
 // rows at or past offs[num_experts - 1] written as zeros (x's not read). bf16 or float32, 16-byte aligned.
 void launch_row_bias_add(const void* x, const void* bias, const int* offs, int num_experts, void* y, int64_t rows,
                          int cols, int elem_bytes, cudaStream_t stream);
+// out [num_experts, cols] = per expert, the float32 sum (one rounding) of its rows of g [*, cols] (sorted by expert as
+// above; rows past offs[num_experts - 1] not read), the same bits on every call. bf16 or float32, 16-byte aligned.
+void launch_segment_row_sum(const void* g, const int* offs, int num_experts, void* out, int cols, int elem_bytes,
+                            cudaStream_t stream);
 void launch_expert_act(const void* h, const void* bias, const int* offs, int num_experts, void* a, int64_t rows,
                        int ffn, int elem_bytes, int kind, float alpha, float limit, cudaStream_t stream);
 void launch_expert_act_backward(const void* da, const void* h, const void* bias, const int* offs, int num_experts,

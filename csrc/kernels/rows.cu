@@ -205,6 +205,34 @@ __global__ void __launch_bounds__(kActThreads) row_bias_add_kernel(const T* x, c
     }
 }
 
+// out [E, N] = per expert e, the sum of g's rows [offs[e-1], offs[e]) (offs int32 [E] inclusive ends, offs[-1] = 0
+// before the first): a bias's gradient from its rows'. Block (column chunk, expert): each of its warps adds every
+// kSumWarps-th row of the expert in float32, then warp 0 adds the warps' sums in their order and rounds once:
+// the same bits on every call (no atomics), and no row outside the experts' is read.
+constexpr int kSumWarps = 8;
+
+template <typename T>
+__global__ void __launch_bounds__(kSumWarps * 32) segment_row_sum_kernel(const T* g, const int* offs, T* out, int N) {
+    using V = Vec<T>;
+    __shared__ float part[kSumWarps][32 * V::kPer];
+    const int e = blockIdx.y, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int c = (blockIdx.x * 32 + lane) * V::kPer;
+    const int64_t start = e > 0 ? static_cast<int64_t>(offs[e - 1]) : 0, end = offs[e];
+    float acc[V::kPer] = {};
+    if (c < N)
+        for (int64_t r = start + warp; r < end; r += kSumWarps)
+            V::add(acc, *reinterpret_cast<const int4*>(g + r * N + c));
+#pragma unroll
+    for (int i = 0; i < V::kPer; ++i) part[warp][lane * V::kPer + i] = acc[i];
+    __syncthreads();
+    if (warp != 0 || c >= N) return;
+    float sum[V::kPer] = {};
+    for (int w = 0; w < kSumWarps; ++w)
+#pragma unroll
+        for (int i = 0; i < V::kPer; ++i) sum[i] += part[w][lane * V::kPer + i];
+    V::store(out + static_cast<int64_t>(e) * N + c, sum);
+}
+
 int64_t act_blocks(int64_t rows) { return std::min<int64_t>((rows + kActWarps - 1) / kActWarps, 65535); }
 
 template <typename T>
@@ -706,6 +734,27 @@ void launch_row_bias_add(const void* x, const void* bias, const int* offs, int n
         row_bias_add_kernel<<<blocks, kActThreads, 0, stream>>>(static_cast<const float*>(x),
                                                                 static_cast<const float*>(bias), offs, num_experts,
                                                                 static_cast<float*>(y), rows, cols);
+    LAUNCH_CHECK();
+}
+
+
+void launch_segment_row_sum(const void* g, const int* offs, int num_experts, void* out, int cols, int elem_bytes,
+                            cudaStream_t stream) {
+    HOST_ASSERT(elem_bytes == 2 || elem_bytes == 4, "segment_row_sum: rows must be bf16 or float32");
+    HOST_ASSERT(num_experts >= 0 && num_experts <= 65535 && cols >= 0, "segment_row_sum: 0 <= experts <= 65535");
+    HOST_ASSERT((static_cast<int64_t>(cols) * elem_bytes) % 16 == 0,
+                "segment_row_sum: columns * element size must be a multiple of 16");
+    HOST_ASSERT(reinterpret_cast<uintptr_t>(g) % 16 == 0 && reinterpret_cast<uintptr_t>(out) % 16 == 0,
+                "segment_row_sum: g and out must be 16-byte aligned");
+    if (num_experts == 0 || cols == 0) return;
+    const int per = 16 / elem_bytes;
+    const dim3 grid((cols / per + 31) / 32, num_experts);
+    if (elem_bytes == 2)
+        segment_row_sum_kernel<<<grid, kSumWarps * 32, 0, stream>>>(static_cast<const __nv_bfloat16*>(g), offs,
+                                                                     static_cast<__nv_bfloat16*>(out), cols);
+    else
+        segment_row_sum_kernel<<<grid, kSumWarps * 32, 0, stream>>>(static_cast<const float*>(g), offs,
+                                                                     static_cast<float*>(out), cols);
     LAUNCH_CHECK();
 }
 

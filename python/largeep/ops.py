@@ -847,6 +847,44 @@ def _native_act_ok(h: Tensor, bias: Tensor | None, offs: Tensor, *more: Tensor) 
     return bias is None or tuple(bias.shape) == (offs.shape[0], h.shape[1])
 
 
+@torch.library.custom_op("largeep::segment_row_sum", mutates_args=(), schema="(Tensor g, Tensor offs) -> Tensor")
+def _segment_row_sum_op(g: Tensor, offs: Tensor) -> Tensor:
+    g = g.contiguous()
+    e, n = offs.shape[0], g.shape[1]
+    native = (g.is_cuda and g.dtype in (torch.bfloat16, torch.float32) and g.dim() == 2 and offs.is_cuda
+              and offs.dtype == torch.int32 and (n * g.element_size()) % 16 == 0 and e <= 65535
+              and (not g.numel() or g.data_ptr() % 16 == 0))
+    C = _native_rows() if native else None
+    if C is None:
+        return _segment_row_sum_torch(g, offs)
+    out = g.new_empty(e, n)
+    with on_device(g.device):
+        C.segment_row_sum(g.data_ptr(), offs.contiguous().data_ptr(), e, out.data_ptr(), n, g.element_size(),
+                          current_raw_stream(g.device))
+    return out
+
+
+@_segment_row_sum_op.register_fake
+def _(g: Tensor, offs: Tensor) -> Tensor:
+    return g.new_empty(offs.shape[0], g.shape[1])
+
+
+def _segment_row_sum_torch(g: Tensor, offs: Tensor) -> Tensor:
+    """Each expert's rows of g summed ([E, N] in g's dtype, accumulated in at least float32; an index_put with
+    accumulation, the rows past offs[-1] going to a row that is dropped); differentiable."""
+    wide = torch.promote_types(g.dtype, torch.float32)
+    out = g.new_zeros(offs.shape[0] + 1, g.shape[1], dtype=wide).index_put((_row_experts(g, offs),), g.to(wide),
+                                                                             accumulate=True)
+    return out[:-1].to(g.dtype)
+
+
+def _bias_grad(g: Tensor, offs: Tensor) -> Tensor:
+    """A per-expert bias's gradient from its rows' (g [P, N], rows sorted by expert): largeep's kernel on CUDA (the
+    same bits on every call: expert-TP members' copies of b2 stay equal), torch ops where the backward records a
+    graph (create_graph) or elsewhere."""
+    return _segment_row_sum_torch(g, offs) if torch.is_grad_enabled() else _segment_row_sum_op(g, offs)
+
+
 @torch.library.custom_op(
     "largeep::expert_act", mutates_args=(),
     schema="(Tensor h, Tensor? bias, Tensor offs, int kind, float alpha, float limit) -> Tensor",
@@ -905,17 +943,14 @@ def _ea_setup(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
 def _ea_backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None, None, None, None]:
     """dh by largeep's kernel (zero rows past offs[-1]), or in torch ops where a backward records a graph
     (create_graph: second derivatives) or the kernel does not take the tensors; the bias's gradient sums each
-    expert's rows of dh (an index_put with accumulation; rows past offs[-1] go to a row that is dropped)."""
+    expert's rows of dh (_bias_grad)."""
     h, bias, offs = ctx.saved_tensors
     kind, alpha, limit = ctx.args
     if torch.is_grad_enabled():
         dh = _expert_act_grad_torch(grad, h, bias, offs, kind, alpha, limit)
     else:
         dh = _expert_act_backward_op(grad, h, bias, offs, kind, alpha, limit)
-    db = None
-    if bias is not None and ctx.needs_input_grad[1]:
-        db = dh.new_zeros(bias.shape[0] + 1, bias.shape[1]).index_put((_row_experts(h, offs),), dh, accumulate=True)
-        db = db[:-1]
+    db = _bias_grad(dh, offs) if bias is not None and ctx.needs_input_grad[1] else None
     return (dh if ctx.needs_input_grad[0] else None), db, None, None, None, None
 
 
@@ -957,21 +992,14 @@ def _(x: Tensor, bias: Tensor, offs: Tensor) -> Tensor:
 
 
 def _rba_setup(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
-    _, bias, offs = inputs
-    ctx.num_experts = bias.shape[0]
-    ctx.save_for_backward(offs)
+    ctx.save_for_backward(inputs[2])
 
 
 def _rba_backward(ctx: Any, grad: Tensor) -> tuple[Tensor, Tensor | None, None]:
     """x's gradient is the output's as it is (also on the rows past offs[-1], which the kernel zeroes: the grouped
-    GEMM that made x drops those rows' gradients); the bias's sums each expert's rows (index_put with accumulation;
-    the rows past offs[-1] go to a row that is dropped)."""
+    GEMM that made x drops those rows' gradients); the bias's sums each expert's rows (_bias_grad)."""
     (offs,) = ctx.saved_tensors
-    db = None
-    if ctx.needs_input_grad[1]:
-        db = grad.new_zeros(ctx.num_experts + 1, grad.shape[1]).index_put((_row_experts(grad, offs),), grad,
-                                                                           accumulate=True)[:-1]
-    return grad, db, None
+    return grad, _bias_grad(grad, offs) if ctx.needs_input_grad[1] else None, None
 
 
 _row_bias_add_op.register_autograd(_rba_backward, setup_context=_rba_setup)
@@ -996,8 +1024,9 @@ def expert_activation(
     bias. ``kind``: ``ACT_SILU`` (``silu(g) * u``) or ``ACT_CLAMPED`` (GPT-OSS's: ``(clamp(u, -limit, limit) + 1) *
     g' * sigmoid(alpha * g')``, ``g' = min(g, limit)``). On CUDA with the native module (bf16/fp32, F of a multiple
     of 16 bytes): one kernel, one read of h13 and one write of the result, float32 math (the bias added before any
-    rounding), rows past offs[-1] written as zeros; its backward one kernel too (and the bias's gradient an
-    index_put sum). Elsewhere torch ops (rows past offs[-1] then follow their h13 rows)."""
+    rounding), rows past offs[-1] written as zeros; its backward one kernel too (and the bias's gradient another, which
+    sums each expert's rows in a fixed order). Elsewhere torch ops (rows past offs[-1] then follow their h13
+    rows)."""
     op = _expert_act_impl if (_direct(h13, bias, offs) if bias is not None else _direct(h13, offs)) else \
         _expert_act_op
     return op(h13, bias, offs, kind, float(alpha), float(limit))  # type: ignore[no-any-return]

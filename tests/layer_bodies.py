@@ -650,6 +650,14 @@ def compiled_two_layers(rank: int, world: int, tokens: list[int], num_worst: int
         buf.destroy()
 
 
+def _native_gemms_ran() -> dict[str, int]:
+    """The grouped GEMMs run since the last reset, all by torch._grouped_mm on sm90/sm100 (asserted there)."""
+    ran = ops.grouped_mm_stats()
+    if torch.cuda.get_device_capability()[0] in (9, 10):
+        assert set(ran) == {"native"}, ran
+    return ran
+
+
 def layer_chunked_gpu(rank: int, world: int, backend: str, tokens: list[int], use_fp8: bool = False) -> dict[str, Any]:
     """On CUDA, bf16: the chunked schedule (dispatches issued from ops' side stream, expert GEMMs under the SM
     carveout) gives the unchunked output and grads up to bf16 rounding, and the grouped GEMM ran natively on
@@ -693,10 +701,7 @@ def layer_chunked_gpu(rank: int, world: int, backend: str, tokens: list[int], us
             if tokens[rank]:
                 diff = float((results[0][0] - plain).abs().max() / plain.abs().max().clamp(min=1e-30))
                 assert 1e-3 <= diff <= 0.1, f"rank {rank}: the FP8 layer's output differs from bf16's by {diff:.3g}"
-        ran = ops.grouped_mm_stats()
-        if torch.cuda.get_device_capability()[0] in (9, 10):
-            assert set(ran) == {"native"}, ran
-        return {"grouped_mm": ran}
+        return {"grouped_mm": _native_gemms_ran()}
     finally:
         buf.destroy()
 
@@ -3974,9 +3979,6 @@ def gpt_oss_layer_gpu(rank: int, world: int, backend: str) -> dict[str, Any]:
             close(runs[0][i], full[logical], f"{what}: grad of {name}", rtol=2.0**-5)
         for i, (a, b) in enumerate(zip(*runs, strict=True)):
             assert torch.equal(a, b), f"{what}: tensor {i} differs between two identical runs"
-        ran = ops.grouped_mm_stats()
-        if torch.cuda.get_device_capability()[0] in (9, 10):
-            assert set(ran) == {"native"}, ran
-        return {"grouped_mm": ran}
+        return {"grouped_mm": _native_gemms_ran()}
     finally:
         buf.destroy()

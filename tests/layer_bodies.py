@@ -3741,7 +3741,9 @@ def layer_set_placement_random(rank: int, world: int, seeds: list[int], tp_size:
                     continue
                 # gather_global_experts: the weights by the default gather against the reference by logical expert,
                 # then with a dst (None: every rank) and device against the default; a moment's with another
-                num = slots if chain[step] is None else logical
+                # (without a placement: the layer's logical experts, the slots past them, which no token reaches,
+                # left out)
+                num = min(logical, slots) if chain[step] is None else logical
                 for i, m in enumerate(("param", rng.choice(["exp_avg", "exp_avg_sq"]) if stepped else "param")):
                     ref = []
                     for p, part in (("w13", slice(0, fs)), ("w13", slice(fs, 2 * fs)), ("w2", None)):
@@ -3981,4 +3983,40 @@ def gpt_oss_layer_gpu(rank: int, world: int, backend: str) -> dict[str, Any]:
             assert torch.equal(a, b), f"{what}: tensor {i} differs between two identical runs"
         return {"grouped_mm": _native_gemms_ran()}
     finally:
+        buf.destroy()
+
+
+def logical_below_slots(rank: int, world: int) -> None:
+    """A layer without a placement whose num_logical_experts (8) is below the Buffer's experts (12; slot s holds
+    expert s, slots 8-11 reached by no token) loads and gathers its 8 experts (it once expected 12); the gather
+    loads into an 8-slot layer (another EP size) that computes the same outputs; allreduce_replica_grads takes its
+    phys_to_log (None: no replicas) and returns 0."""
+    from largeep.gate import GateConfig, TopKGate
+
+    h, f, slots, logical, k = 16, 8, 12, 8, 2
+    g = _gen(81)
+    want = [torch.randn(logical, h, f, generator=g), torch.randn(logical, h, f, generator=g),
+            torch.randn(logical, f, h, generator=g)]
+    buf = largeep.Buffer(None, hidden=h, num_experts=slots, num_topk=k, max_tokens_per_rank=16, backend="torch")
+    small = largeep.Buffer(None, hidden=h, num_experts=logical, num_topk=k, max_tokens_per_rank=16, backend="torch")
+    try:
+        torch.manual_seed(3)
+        layer = layers.MoELayer(buf, ffn_hidden=f, gate=TopKGate(GateConfig(hidden=h, num_experts=logical, topk=k)),
+                                num_logical_experts=logical)
+        layer.load_global_experts(*want)
+        got = layer.gather_global_experts()
+        assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True)), f"rank {rank}: gathered experts"
+        lean = layer.gather_global_experts(dst=0, device="cpu")
+        assert (lean is not None) == (rank == 0)
+        if lean is not None:
+            assert all(torch.equal(a, b) for a, b in zip(lean, want, strict=True))
+        assert layers.allreduce_replica_grads(list(layer.experts.parameters()), layer.phys_to_log) == 0
+        other = layers.MoELayer(small, ffn_hidden=f, gate=TopKGate(GateConfig(hidden=h, num_experts=logical, topk=k)))
+        other.load_state_dict({n: v for n, v in layer.state_dict().items() if n.startswith("gate.")}, strict=False)
+        other.load_global_experts(*got)
+        x = torch.randn(6 + rank, h, generator=_gen(82, rank))
+        with torch.no_grad():
+            close(other(x), layer(x), f"rank {rank}: the 8-slot layer against the 12-slot one")
+    finally:
+        small.destroy()
         buf.destroy()

@@ -57,6 +57,11 @@ def test_layer_gpt_oss_experts(pools, world: int, replicas: int) -> None:
         pools(2).run(layer_bodies.layer_vs_reference, [9, 14], 30, 18, 0, 6, 2, 5, [{}], 0, None, False, True)
 
 
+@pytest.mark.parametrize("world", [1, 2])
+def test_logical_experts_below_slots(pools, world: int) -> None:
+    pools(world).run(layer_bodies.logical_below_slots)
+
+
 @pytest.mark.parametrize("world", [2, 4])
 def test_gpt_oss_slot_paths(pools, world: int) -> None:
     pools(world).run(layer_bodies.gpt_oss_slot_paths)

@@ -952,7 +952,8 @@ class MoELayer(nn.Module):
         """Copies this rank's slots from global weights: w1/w3 [L, H, F], w2 [L, F, H] indexed by logical expert
         (the transposes of ``nn.Linear`` weights, [in, out]: :func:`experts_from_linear` stacks per-expert
         ``nn.Linear`` modules so; with H == F the shapes cannot tell a forgotten transpose);
-        slot s holds logical ``phys_to_log[s]`` (default: this layer's placement's table, else the identity).
+        slot s holds logical ``phys_to_log[s]`` (default: this layer's placement's table, else the identity: then
+        L may be anything from ``num_logical_experts`` to the Buffer's num_experts, the slots at or past L zeroed).
         Empty slots (-1) are zeroed. With expert TP, member j of the TP group copies its shard: columns
         [j*F/T, (j+1)*F/T) of w1/w3, the same rows of w2.
 
@@ -998,8 +999,11 @@ class MoELayer(nn.Module):
         ``op``. Returns (w1, w3, w2) or (w1, w3, w2, b1, b3, b2)."""
         # every rank checks the same shapes (a rank whose slots all lie below a short L would load silently)
         # L: at least the table's largest logical expert + 1 (the identity: E), at most the layer's logical experts
-        least = int(table.max()) + 1 if table is not None and table.numel() else self.num_experts
-        most = max(least, self.num_logical_experts)
+        # (without a placement slot s holds expert s: L from the layer's logical experts, which may be fewer than the
+        # slots, whose rest no token reaches, up to every slot)
+        least = int(table.max()) + 1 if table is not None and table.numel() else \
+            min(self.num_logical_experts, self.num_experts)
+        most = max(least, self.num_logical_experts) if table is not None else self.num_experts
         h, f = self.hidden, self.ffn_hidden
         for arg, t, want in (("w1", w1, (h, f)), ("w3", w3, (h, f)), ("w2", w2, (f, h))):
             if not isinstance(t, Tensor) or t.dim() != 3 or tuple(t.shape[1:]) != want or \
@@ -1030,7 +1034,7 @@ class MoELayer(nn.Module):
         lo = self.rank * self.num_local_experts
         slots = torch.arange(lo, lo + self.num_local_experts, device="cpu")
         logical = table.cpu()[slots] if table is not None else slots
-        ok = logical >= 0
+        ok = (logical >= 0) & (logical < w1.shape[0])  # (without a placement, the slots past L are zeroed)
         full = [w1, w3, w2] + ([t for t in biases if t is not None] if has_bias else [])
         if self.expert_tp is not None and self.expert_tp.size > 1:
             f = self.ffn_hidden // self.expert_tp.size
@@ -1040,7 +1044,8 @@ class MoELayer(nn.Module):
                 full[3:5] = [full[3][:, cols], full[4][:, cols]]
         # (only this rank's experts move, whatever device the global weights are on)
         return tuple(
-            torch.where(ok.to(t.device).view(-1, *([1] * (t.dim() - 1))), t[logical.clamp(min=0).to(t.device)], 0)
+            torch.where(ok.to(t.device).view(-1, *([1] * (t.dim() - 1))),
+                        t[logical.clamp(0, t.shape[0] - 1).to(t.device)], 0)
             for t in full
         )
 
@@ -1070,8 +1075,9 @@ class MoELayer(nn.Module):
         b2 [L, H]) (``load_global_experts`` takes the six as they are, positionally or b1/b3/b2 by name; with expert
         TP b2 is the first member's, the members' copies being equal).
 
-        L: the layer's logical experts (at least the table's largest id + 1); without a placement the Buffer's
-        num_experts (slot s holds expert s). A logical expert held by no slot comes back as zeros (it has no
+        L: the layer's logical experts (at least the table's largest id + 1); without a placement slot s holds
+        expert s, and L is ``num_logical_experts`` (the Buffer's num_experts unless fewer were given: the slots past
+        them, which no token reaches, are left out). A logical expert held by no slot comes back as zeros (it has no
         weights, as ``load_global_experts`` zeroes an empty slot). An expert held by several slots (replicas)
         comes back once; its copies must be equal (``allreduce_replica_grads`` keeps them so in training), else
         ``ArgumentError`` names the expert and the slots that differ, on every rank. Ranks whose layers hold
@@ -1158,10 +1164,13 @@ class MoELayer(nn.Module):
 
     def _gather_table(self) -> tuple[Tensor, int]:
         """gather_global_experts' slot table (int64 [E] on the host, :meth:`_slot_table`) and its number L of
-        logical experts (at least the table's largest id + 1; without a placement the Buffer's num_experts)."""
+        logical experts (at least the table's largest id + 1; without a placement the layer's logical experts, the
+        slots past them, which no token reaches, marked empty)."""
         table = torch.tensor(self._slot_table(), dtype=torch.int64)
-        num = max(self.num_logical_experts, int(table.max()) + 1) if self.phys_to_log is not None else self.num_experts
-        return table, num
+        if self.phys_to_log is None:
+            num = min(self.num_logical_experts, self.num_experts)
+            return torch.where(table < num, table, -1), num
+        return table, max(self.num_logical_experts, int(table.max()) + 1)
 
     def _gather_piecewise(
         self, what: str, stored: list[Tensor], dst: int | None, device: torch.device | str | None
@@ -2752,7 +2761,7 @@ def clip_grad_norm_(model: nn.Module, max_norm: float, norm_type: float = 2.0) -
 
 
 def allreduce_replica_grads(
-    params: Iterable[Tensor], phys_to_log: Tensor, group: dist.ProcessGroup | None = None
+    params: Iterable[Tensor], phys_to_log: Tensor | None, group: dist.ProcessGroup | None = None
 ) -> int:
     """Sums the grads of every replica of each logical expert, so all copies take the same step.
 
@@ -2762,7 +2771,9 @@ def allreduce_replica_grads(
             with biases, whose replicas otherwise drift apart); rank r holds the global slots [r*S, (r+1)*S).
             Params without a grad count as zero; on a rank that holds a replicated slot they get a grad (zeros
             outside those slots), on the others they keep None.
-        phys_to_log: int64 [N*S], the logical expert of each slot (-1: empty), e.g. ``Placement.phys_to_log``.
+        phys_to_log: int64 [N*S], the logical expert of each slot (-1: empty), e.g. ``Placement.phys_to_log``;
+            None (a layer without a placement: ``MoELayer.phys_to_log``): no replicas, nothing to sum (returns 0,
+            no collective; every rank of the group must then pass None).
         group: the expert-parallel group (default: the world).
 
     Only logical experts with two or more slots take part: their grads are added by logical expert into one
@@ -2787,6 +2798,8 @@ def allreduce_replica_grads(
                 f"allreduce_replica_grads: params[{i}] has {p.shape[0]} rows, params[0] {s} (every parameter has one "
                 "row per local expert slot)"
             )
+    if phys_to_log is None:  # (a layer without a placement: slot s holds expert s, no replicas)
+        return 0
     n = dist.get_world_size(group)
     rank = dist.get_rank(group)
     if not checks.integer_tensor(phys_to_log):

@@ -178,3 +178,18 @@ def test_segment_row_sum(device: str, dtype: torch.dtype) -> None:
         assert torch.isfinite(got).all(), "rows past offs[-1] were read"
         torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol * float(want.abs().max()))
         assert torch.equal(ops._segment_row_sum_op(h, offs), got)
+
+
+def test_segment_row_sum_cpu_same_bits() -> None:
+    """The torch ops' segment sum (the biases' gradients off CUDA) gives the same bits on every call (index_put's
+    accumulation on CPU did not: its threads add in another order), and matches a float64 loop."""
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(5000, 512, generator=g)
+    ends = sorted(torch.randint(0, 5000, (8,), generator=g).tolist())
+    offs = torch.tensor(ends, dtype=torch.int32)
+    first = ops._segment_row_sum_torch(x, offs)
+    for _ in range(20):
+        assert torch.equal(ops._segment_row_sum_torch(x, offs), first), "the sum changed between calls"
+    starts = [0] + ends[:-1]
+    want = torch.stack([x[s:e].double().sum(0) for s, e in zip(starts, ends, strict=True)])
+    torch.testing.assert_close(first.double(), want, rtol=1e-5, atol=1e-4)

@@ -870,11 +870,16 @@ def _(g: Tensor, offs: Tensor) -> Tensor:
 
 
 def _segment_row_sum_torch(g: Tensor, offs: Tensor) -> Tensor:
-    """Each expert's rows of g summed ([E, N] in g's dtype, accumulated in at least float32; an index_put with
-    accumulation, the rows past offs[-1] going to a row that is dropped); differentiable."""
+    """Each expert's rows of g summed ([E, N] in g's dtype, accumulated in at least float32; an index_add on CPU,
+    an index_put with accumulation elsewhere, the rows past offs[-1] going to a row that is dropped);
+    differentiable. (index_put's accumulation on CPU adds in another order from call to call: its threads.)"""
     wide = torch.promote_types(g.dtype, torch.float32)
-    out = g.new_zeros(offs.shape[0] + 1, g.shape[1], dtype=wide).index_put((_row_experts(g, offs),), g.to(wide),
-                                                                             accumulate=True)
+    out = g.new_zeros(offs.shape[0] + 1, g.shape[1], dtype=wide)
+    rows = _row_experts(g, offs)
+    if g.device.type == "cpu":
+        out = out.index_add(0, rows, g.to(wide))
+    else:
+        out = out.index_put((rows,), g.to(wide), accumulate=True)
     return out[:-1].to(g.dtype)
 
 

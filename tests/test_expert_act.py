@@ -180,6 +180,44 @@ def test_segment_row_sum(device: str, dtype: torch.dtype) -> None:
         assert torch.equal(ops._segment_row_sum_op(h, offs), got)
 
 
+def test_expert_activation_arguments() -> None:
+    """Caller mistakes are refused with an ArgumentError naming the argument (before the kernel, which would take
+    another device's pointer, and before the torch ops, which would give another dtype or run ACT_CLAMPED for any
+    kind); the accepted call still matches the float64 loop."""
+    from largeep.errors import ArgumentError
+
+    h, bias, ends, _ = _case(3, torch.float32, "cpu", True)
+    assert bias is not None
+    h = h.nan_to_num(0.0)
+    offs = torch.tensor(ends, dtype=torch.int32)
+    with pytest.raises(ArgumentError, match=r"h13 must be a floating \[P, 2F\] tensor, got torch.float32 \(23, 31\)"):
+        ops.expert_activation(h[:, :31], offs)
+    with pytest.raises(ArgumentError, match=r"h13 must be a floating \[P, 2F\]"):
+        ops.expert_activation(h[0], offs)
+    with pytest.raises(ArgumentError, match=r"offs must be an int32 \[E\] tensor on cpu, got torch.int64"):
+        ops.expert_activation(h, offs.long())
+    with pytest.raises(ArgumentError, match=r"offs must be an int32 \[E\] tensor on cpu, got .* on meta"):
+        ops.expert_activation(h, offs.to("meta"))
+    with pytest.raises(ArgumentError, match=r"bias must be None or a torch.float32 \(4, 32\) tensor .* got "
+                                            r"torch.bfloat16"):
+        ops.expert_activation(h, offs, bias.bfloat16())  # (the torch ops would have given float32 for bf16 h13)
+    with pytest.raises(ArgumentError, match=r"bias must be None or a torch.float32 \(4, 32\) tensor .* \(4, 16\)"):
+        ops.expert_activation(h, offs, bias[:, :16])
+    with pytest.raises(ArgumentError, match=r"bias must be .* got torch.float32 \(4, 32\) on meta"):
+        ops.expert_activation(h, offs, bias.to("meta"))
+    with pytest.raises(ArgumentError, match=r"kind must be ACT_SILU \(0\) or ACT_CLAMPED \(1\), got 2"):
+        ops.expert_activation(h, offs, bias, 2)
+    with pytest.raises(ArgumentError, match=r"limit must be > 0 with ACT_CLAMPED, got -1.0"):
+        ops.expert_activation(h, offs, bias, ops.ACT_CLAMPED, ALPHA, -1.0)
+    with pytest.raises(ArgumentError, match=r"limit must be > 0 with ACT_CLAMPED, got nan"):
+        ops.expert_activation(h, offs, bias, ops.ACT_CLAMPED, ALPHA, float("nan"))
+    a = ops.expert_activation(h.bfloat16(), offs, bias.bfloat16(), ops.ACT_CLAMPED, ALPHA, LIMIT)
+    assert a.dtype == torch.bfloat16 and a.shape == (23, 16)
+    want = _loop64(h.bfloat16().double(), bias.bfloat16().double(), ends, ops.ACT_CLAMPED)
+    torch.testing.assert_close(a[: ends[-1]].double(), want[: ends[-1]], rtol=2.0**-7,
+                               atol=2.0**-7 * float(want.abs().max()))
+
+
 def test_segment_row_sum_cpu_same_bits() -> None:
     """The torch ops' segment sum (the biases' gradients off CUDA) gives the same bits on every call (index_put's
     accumulation on CPU did not: its threads add in another order), and matches a float64 loop."""

@@ -1019,6 +1019,31 @@ def _row_bias_add(x: Tensor, bias: Tensor, offs: Tensor) -> Tensor:
     return op(x, bias, offs)  # type: ignore[no-any-return]
 
 
+def _check_act_args(h13: Tensor, offs: Tensor, bias: Tensor | None, kind: int, limit: float) -> None:
+    """expert_activation's argument checks: caller mistakes are refused here, not left to the kernel (which would
+    take another device's pointer, or a bias of another dtype as h13's) or the torch ops (which would give another
+    dtype, or treat any kind but ACT_SILU as ACT_CLAMPED)."""
+    if not isinstance(h13, Tensor) or h13.dim() != 2 or h13.shape[1] % 2 or not h13.is_floating_point():
+        what = f"{h13.dtype} {tuple(h13.shape)}" if isinstance(h13, Tensor) else type(h13).__name__
+        raise ArgumentError(f"expert_activation: h13 must be a floating [P, 2F] tensor, got {what}")
+    if not isinstance(offs, Tensor) or offs.dtype != torch.int32 or offs.dim() != 1 or offs.device != h13.device:
+        what = f"{offs.dtype} {tuple(offs.shape)} on {offs.device}" if isinstance(offs, Tensor) else \
+            type(offs).__name__
+        raise ArgumentError(f"expert_activation: offs must be an int32 [E] tensor on {h13.device}, got {what}")
+    want = (offs.shape[0], h13.shape[1])
+    if bias is not None and (not isinstance(bias, Tensor) or tuple(bias.shape) != want or bias.dtype != h13.dtype
+                             or bias.device != h13.device):
+        what = f"{bias.dtype} {tuple(bias.shape)} on {bias.device}" if isinstance(bias, Tensor) else \
+            type(bias).__name__
+        raise ArgumentError(f"expert_activation: bias must be None or a {h13.dtype} {want} tensor (E = len(offs), "
+                            f"2F = h13's columns) on {h13.device}, got {what}")
+    if not isinstance(kind, int) or isinstance(kind, bool) or kind not in (ACT_SILU, ACT_CLAMPED):
+        raise ArgumentError(f"expert_activation: kind must be ACT_SILU ({ACT_SILU}) or ACT_CLAMPED ({ACT_CLAMPED}), "
+                            f"got {kind!r}")
+    if kind == ACT_CLAMPED and not float(limit) > 0:
+        raise ArgumentError(f"expert_activation: limit must be > 0 with ACT_CLAMPED, got {limit!r}")
+
+
 def expert_activation(
     h13: Tensor, offs: Tensor, bias: Tensor | None = None, kind: int = ACT_SILU, alpha: float = 1.702,
     limit: float = 7.0,
@@ -1031,7 +1056,9 @@ def expert_activation(
     of 16 bytes): one kernel, one read of h13 and one write of the result, float32 math (the bias added before any
     rounding), rows past offs[-1] written as zeros; its backward one kernel too (and the bias's gradient another, which
     sums each expert's rows in a fixed order). Elsewhere torch ops (rows past offs[-1] then follow their h13
-    rows)."""
+    rows). ``offs`` must be non-decreasing with ``offs[-1] <= P`` (as ``grouped_mm``'s; not checked: that needs a
+    host wait); the bias's gradient reads the rows up to ``offs[-1]``."""
+    _check_act_args(h13, offs, bias, kind, limit)
     op = _expert_act_impl if (_direct(h13, bias, offs) if bias is not None else _direct(h13, offs)) else \
         _expert_act_op
     return op(h13, bias, offs, kind, float(alpha), float(limit))  # type: ignore[no-any-return]

@@ -4,6 +4,7 @@
     torchrun --nproc-per-node 8 examples/train_moe.py --ep 4          # GPUs: NCCL; 2 data-parallel copies of EP 4
     torchrun --nproc-per-node 2 examples/train_moe.py --steps 20 --save ck.pt
     torchrun --nproc-per-node 2 examples/train_moe.py --steps 40 --resume ck.pt
+    torchrun --nproc-per-node 2 examples/train_moe.py --gpt-oss      # GPT-OSS's experts and router
 
 The model: token + position embeddings, two blocks of (causal attention, MoELayer with a TopKGate and shared
 experts), an LM head. The data: sequences of tokens drawn from a skewed (Zipf) distribution, whose second half
@@ -43,6 +44,8 @@ p.add_argument("--replan-every", type=int, default=20, help="re-place the expert
 p.add_argument("--save", help="checkpoint file written at the end")
 p.add_argument("--resume", help="checkpoint file to continue from")
 p.add_argument("--seed", type=int, default=0)
+p.add_argument("--gpt-oss", action="store_true",
+               help="GPT-OSS's MoE block: experts with biases and the clamped SwiGLU, a router with a bias")
 args = p.parse_args()
 
 # -- process groups and the Buffer ("A complete example"; with DP copies: "Gradients the layer leaves to you") --
@@ -79,8 +82,12 @@ class Block(nn.Module):
         h = args.hidden
         self.norm1, self.norm2 = nn.LayerNorm(h), nn.LayerNorm(h)
         self.qkv, self.proj = nn.Linear(h, 3 * h), nn.Linear(h, h)
-        gate = TopKGate(GateConfig(hidden=h, num_experts=args.experts, topk=TOPK, aux_loss_coef=args.aux_coef))
-        self.moe = layers.MoELayer(buf, ffn_hidden=2 * h, gate=gate, placement=plan, shared_ffn_hidden=h)
+        gate = TopKGate(GateConfig(hidden=h, num_experts=args.experts, topk=TOPK, aux_loss_coef=args.aux_coef,
+                                   router_bias=args.gpt_oss))
+        # GPT-OSS's experts ("Porting a Hugging Face MoE block"): biases and the clamped SwiGLU, no shared experts
+        kinds = {"expert_mlp_bias": True, "expert_activation": layers.ClampedSwiGLU()} if args.gpt_oss else \
+            {"shared_ffn_hidden": h}
+        self.moe = layers.MoELayer(buf, ffn_hidden=2 * h, gate=gate, placement=plan, **kinds)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, s, h = x.shape
@@ -101,6 +108,11 @@ class TinyMoELM(nn.Module):
         for blk in self.blocks:
             x = blk(x)
         return self.head(self.norm(x))
+
+
+def expert_moments(moe: layers.MoELayer, st: dict, m: str) -> list[torch.Tensor]:
+    """The AdamW moment ``m`` of each of the layer's expert parameters (w13, w2, and b13, b2 with biases)."""
+    return [st["state"][index[id(q)]][m] for q in moe.experts.parameters()]
 
 
 def batch(step: int) -> torch.Tensor:
@@ -133,9 +145,9 @@ if ck is not None:
     # (each layer's gate takes its own placement's replica counts again after the load above: MoELayer does that)
     for moe, experts, moments in zip(moes, ck["experts"], ck["moments"], strict=True):
         moe.load_global_experts(*experts)  # this rank's slots, under this run's placement
-        for m, glob in moments.items():
-            st["state"][index[id(moe.experts.w13)]][m], st["state"][index[id(moe.experts.w2)]][m] = \
-                moe.local_experts(*glob)
+        for m, glob in moments.items():  # (w13, w2, and b13, b2 with biases: local_experts gives them in that order)
+            for q, mine in zip(moe.experts.parameters(), moe.local_experts(*glob), strict=True):
+                st["state"][index[id(q)]][m] = mine
     opt.load_state_dict(st)
     start, loads = ck["step"], ck["loads"]
     assert start <= args.steps, f"--steps {args.steps}: the checkpoint is at step {start} already"
@@ -160,7 +172,7 @@ for step in range(start, args.steps):
         loss = loss + sum(moe.aux_loss for moe in moes)
     loss.backward()  # DDP averages the replicated grads over the world
     for i, moe in enumerate(moes):
-        w = [moe.experts.w13, moe.experts.w2]
+        w = list(moe.experts.parameters())  # (w13, w2, and b13, b2 with biases)
         for q in w:  # an expert's grad is the sum over its EP group's losses: make it the mean, as DDP's
             q.grad /= ep
             if dp > 1:  # copies of the EP group hold the same experts: average over them too
@@ -204,10 +216,12 @@ if args.save:
     gathered, moments = [], []
     for moe in moes:  # collective over each EP group: the first copy's is enough
         if rank < ep:
-            i13, i2 = index[id(moe.experts.w13)], index[id(moe.experts.w2)]
             gathered.append(moe.gather_global_experts(**lean))
-            moments.append({m: moe.gather_global_experts(st["state"][i13][m], st["state"][i2][m], **lean)
-                            for m in ("exp_avg", "exp_avg_sq")})
+            moments.append({})
+            for m in ("exp_avg", "exp_avg_sq"):  # (the biases' moments by name: all four given, or none)
+                t = expert_moments(moe, st, m)
+                biases = {"b13": t[2], "b2": t[3]} if len(t) == 4 else {}
+                moments[-1][m] = moe.gather_global_experts(t[0], t[1], **biases, **lean)
     if rank == 0:
         rest = {k: v for k, v in model.state_dict().items()
                 if not any(k.startswith(e) or k == s for e, s in expert_keys)}

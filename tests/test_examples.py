@@ -1,7 +1,8 @@
 """examples/train_moe.py as a user runs it: torchrun, 2 CPU processes (gloo, the torch backend), tiny sizes. The
 loss falls, the run ends cleanly, and a run saved at step 4 and resumed gives the uninterrupted run's losses at
 every later step (the checkpoint holds the experts gathered per logical expert, their AdamW moments, the
-placement re-planned at step 3 and the loads measured since)."""
+placement re-planned at step 3 and the loads measured since); the same with GPT-OSS's experts and router
+(--gpt-oss: experts with biases, whose AdamW moments travel through the checkpoint too)."""
 
 from __future__ import annotations
 
@@ -47,4 +48,16 @@ def test_train_moe_learns_and_resumes(tmp_path: Path) -> None:
     out, rest = _train("--steps", "8", "--resume", str(ck))
     assert sorted(rest) == list(range(4, 8)), out
     for s in range(4, 8):  # (the same arithmetic on the same ranks: the printed values agree to the last digit)
+        assert abs(rest[s] - whole[s]) <= 1e-6, f"step {s}: resumed {rest[s]}, uninterrupted {whole[s]}"
+
+
+def test_train_moe_gpt_oss_learns_and_resumes(tmp_path: Path) -> None:
+    out, whole = _train("--steps", "6", "--gpt-oss")
+    assert sorted(whole) == list(range(6)), out
+    assert max(whole[4], whole[5]) < whole[0] - 0.2, f"the loss did not fall: {whole}"
+    ck = tmp_path / "ck.pt"
+    out, first = _train("--steps", "4", "--gpt-oss", "--save", str(ck))
+    assert f"saved {ck} at step 4" in out and first == {s: whole[s] for s in range(4)}, (out, first, whole)
+    out, rest = _train("--steps", "6", "--gpt-oss", "--resume", str(ck))
+    for s in (4, 5):
         assert abs(rest[s] - whole[s]) <= 1e-6, f"step {s}: resumed {rest[s]}, uninterrupted {whole[s]}"

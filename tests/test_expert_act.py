@@ -25,7 +25,7 @@ def _loop64(h: torch.Tensor, bias: torch.Tensor | None, offs: list[int], kind: i
             if kind == ops.ACT_SILU:
                 rows.append(F.silu(g) * u)
             else:
-                gc = torch.minimum(g, torch.full_like(g, LIMIT))
+                gc = torch.clamp(g, max=LIMIT)  # (torch.clamp's gradient at the limit: passed, as GPT-OSS's)
                 uc = torch.clamp(u, -LIMIT, LIMIT)
                 rows.append((uc + 1) * gc * torch.sigmoid(ALPHA * gc))
         start = end
@@ -231,3 +231,42 @@ def test_segment_row_sum_cpu_same_bits() -> None:
     starts = [0] + ends[:-1]
     want = torch.stack([x[s:e].double().sum(0) for s, e in zip(starts, ends, strict=True)])
     torch.testing.assert_close(first.double(), want, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu(1))])
+@pytest.mark.parametrize("case", ["one_expert", "all_empty", "no_tail", "at_limits"])
+def test_expert_activation_edges(device: str, case: str) -> None:
+    """One expert; every expert empty (every row past offs[-1]); no row past it; values exactly at -limit and
+    +limit (the clamps' gradients pass there, as torch.clamp's) -- against the float64 loop, both kinds, biases."""
+    if device == "cuda":
+        from largeep import native
+
+        if native.unavailable_reason() is not None:
+            pytest.skip(str(native.unavailable_reason()))
+    f, rows = 8, 12
+    g = torch.Generator().manual_seed(9)
+    ends = {"one_expert": [9], "all_empty": [0, 0, 0], "no_tail": [3, 3, 12], "at_limits": [5, 12]}[case]
+    h = torch.randn(rows, 2 * f, generator=g)
+    if case == "at_limits":
+        h[:, :f:2], h[:, f::3], h[:, f + 1::3] = LIMIT, LIMIT, -LIMIT
+    bias = torch.zeros(len(ends), 2 * f) if case == "at_limits" else torch.randn(len(ends), 2 * f, generator=g)
+    grad = torch.randn(rows, f, generator=g)
+    offs = torch.tensor(ends, dtype=torch.int32, device=device)
+    used = ends[-1]
+    for kind in (ops.ACT_SILU, ops.ACT_CLAMPED):
+        hh = h.to(device).clone().requires_grad_()
+        bb = bias.to(device).clone().requires_grad_()
+        a = ops.expert_activation(hh, offs, bb, kind, ALPHA, LIMIT)
+        (a[:used] * grad[:used].to(device)).sum().backward()
+        if device == "cuda":
+            assert (a[used:] == 0).all()
+        if used == 0:  # (no row is any expert's: nothing computed, no gradient)
+            assert hh.grad is not None and not hh.grad.any() and bb.grad is not None and not bb.grad.any()
+            continue
+        h64, b64 = h.double().requires_grad_(), bias.double().requires_grad_()  # (new leaves: h is not one)
+        want = _loop64(h64, b64, ends, kind)
+        (want[:used] * grad[:used].double()).sum().backward()
+        torch.testing.assert_close(a[:used].double().cpu(), want[:used].detach(), rtol=1e-5, atol=1e-6)
+        assert hh.grad is not None and bb.grad is not None
+        torch.testing.assert_close(hh.grad[:used].double().cpu(), h64.grad[:used], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(bb.grad.double().cpu(), b64.grad, rtol=1e-5, atol=1e-5)

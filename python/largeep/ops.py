@@ -834,17 +834,24 @@ def _expert_act_grad_torch(grad: Tensor, h: Tensor, bias: Tensor | None, offs: T
     return torch.cat([dg, du], dim=1).to(h.dtype)
 
 
+def _native_expert_rows_ok(x: Tensor, offs: Tensor, cols: int, *same: Tensor | None) -> bool:
+    """Whether largeep's expert-side row kernels (expert_act, row_bias_add, segment_row_sum) take x: CUDA bf16/fp32
+    2-D rows whose blocks of ``cols`` columns are 16-byte multiples, offs int32 on the device, and x and each of
+    ``same`` (None: left out) of x's dtype, contiguous and 16-byte aligned (an empty view's pointer counts too: the
+    launchers assert alignment before they look at the sizes)."""
+    if not (x.is_cuda and x.dtype in (torch.bfloat16, torch.float32) and x.dim() == 2):
+        return False
+    if (cols * x.element_size()) % 16 or not (offs.is_cuda and offs.dtype == torch.int32):
+        return False
+    return all(t is None or (t.dtype == x.dtype and t.is_contiguous() and t.data_ptr() % 16 == 0)
+               for t in (x, *same))
+
+
 def _native_act_ok(h: Tensor, bias: Tensor | None, offs: Tensor, *more: Tensor) -> bool:
-    """Whether largeep's kernels take these: CUDA bf16/fp32, contiguous, 16-byte aligned, F of 16-byte multiples,
-    offs int32 on the device."""
-    if not (h.is_cuda and h.dtype in (torch.bfloat16, torch.float32) and h.dim() == 2 and h.shape[1] % 2 == 0):
+    """Whether largeep's activation kernels take these: h [P, 2F] (F of 16-byte multiples), bias None or
+    [len(offs), 2F], and ``more`` as _native_expert_rows_ok says."""
+    if h.dim() != 2 or h.shape[1] % 2 or not _native_expert_rows_ok(h, offs, h.shape[1] // 2, bias, *more):
         return False
-    if (h.shape[1] // 2 * h.element_size()) % 16 or not (offs.is_cuda and offs.dtype == torch.int32):
-        return False
-    for t in (h, bias, *more):
-        # (the launchers assert alignment before they look at the sizes: an empty view's pointer counts too)
-        if t is not None and (t.dtype != h.dtype or not t.is_contiguous() or t.data_ptr() % 16):
-            return False
     return bias is None or tuple(bias.shape) == (offs.shape[0], h.shape[1])
 
 
@@ -852,10 +859,7 @@ def _native_act_ok(h: Tensor, bias: Tensor | None, offs: Tensor, *more: Tensor) 
 def _segment_row_sum_op(g: Tensor, offs: Tensor) -> Tensor:
     g = g.contiguous()
     e, n = offs.shape[0], g.shape[1]
-    native = (g.is_cuda and g.dtype in (torch.bfloat16, torch.float32) and g.dim() == 2 and offs.is_cuda
-              and offs.dtype == torch.int32 and (n * g.element_size()) % 16 == 0 and e <= 65535
-              and g.data_ptr() % 16 == 0)
-    C = _native_rows() if native else None
+    C = _native_rows() if e <= 65535 and _native_expert_rows_ok(g, offs, n) else None
     if C is None:
         return _segment_row_sum_torch(g, offs)
     out = g.new_empty(e, n)
@@ -982,14 +986,10 @@ def _row_bias_add_impl(x: Tensor, bias: Tensor, offs: Tensor) -> Tensor:
 
 
 def _native_bias_ok(x: Tensor, bias: Tensor, offs: Tensor) -> bool:
-    """Whether largeep's row_bias_add kernel takes these (CUDA bf16/fp32 rows of 16-byte multiples, contiguous,
-    aligned; bias [len(offs), N] of x's dtype; offs int32 on the device)."""
-    if not (x.is_cuda and x.dtype in (torch.bfloat16, torch.float32) and x.dim() == 2 and offs.is_cuda
-            and offs.dtype == torch.int32 and (x.shape[1] * x.element_size()) % 16 == 0):
-        return False
-    if tuple(bias.shape) != (offs.shape[0], x.shape[1]) or bias.dtype != x.dtype:
-        return False
-    return all(t.is_contiguous() and t.data_ptr() % 16 == 0 for t in (x, bias))
+    """Whether largeep's row_bias_add kernel takes these: bias [len(offs), N] and x [P, N] as
+    _native_expert_rows_ok says."""
+    return x.dim() == 2 and _native_expert_rows_ok(x, offs, x.shape[1], bias) and \
+        tuple(bias.shape) == (offs.shape[0], x.shape[1])
 
 
 @_row_bias_add_op.register_fake

@@ -36,28 +36,29 @@ def _train(*options: str) -> tuple[str, dict[int, float]]:
     return out, losses
 
 
-def test_train_moe_learns_and_resumes(tmp_path: Path) -> None:
-    out, whole = _train("--steps", "8")
-    assert sorted(whole) == list(range(8)), out
-    assert max(whole[6], whole[7]) < whole[0] - 0.3, f"the loss did not fall: {whole}"
-    assert out.count("re-plan layer 0") == 2 and out.count("re-plan layer 1") == 2, out  # after steps 2 and 5
+def _whole_and_resumed(tmp_path: Path, steps: int, drop: float, *options: str) -> str:
+    """``steps`` steps (each printed once; the loss of the last two at least ``drop`` below the first's), then 4
+    steps saved to a checkpoint (the whole run's first 4: the same seed) and a run resumed from it to ``steps``,
+    which prints the whole run's loss at every later step (the same arithmetic on the same ranks: to the last
+    printed digit). Returns the whole run's output."""
+    whole_out, whole = _train("--steps", str(steps), *options)
+    assert sorted(whole) == list(range(steps)), whole_out
+    assert max(whole[steps - 2], whole[steps - 1]) < whole[0] - drop, f"the loss did not fall: {whole}"
     ck = tmp_path / "ck.pt"
-    out, first = _train("--steps", "4", "--save", str(ck))
+    out, first = _train("--steps", "4", "--save", str(ck), *options)
     assert f"saved {ck} at step 4" in out and ck.exists(), out
-    assert first == {s: whole[s] for s in range(4)}, (first, whole)  # (the same seed: the same steps)
-    out, rest = _train("--steps", "8", "--resume", str(ck))
-    assert sorted(rest) == list(range(4, 8)), out
-    for s in range(4, 8):  # (the same arithmetic on the same ranks: the printed values agree to the last digit)
+    assert first == {s: whole[s] for s in range(4)}, (first, whole)
+    out, rest = _train("--steps", str(steps), "--resume", str(ck), *options)
+    assert sorted(rest) == list(range(4, steps)), out
+    for s in range(4, steps):
         assert abs(rest[s] - whole[s]) <= 1e-6, f"step {s}: resumed {rest[s]}, uninterrupted {whole[s]}"
+    return whole_out
+
+
+def test_train_moe_learns_and_resumes(tmp_path: Path) -> None:
+    out = _whole_and_resumed(tmp_path, 8, 0.3)
+    assert out.count("re-plan layer 0") == 2 and out.count("re-plan layer 1") == 2, out  # after steps 2 and 5
 
 
 def test_train_moe_gpt_oss_learns_and_resumes(tmp_path: Path) -> None:
-    out, whole = _train("--steps", "6", "--gpt-oss")
-    assert sorted(whole) == list(range(6)), out
-    assert max(whole[4], whole[5]) < whole[0] - 0.2, f"the loss did not fall: {whole}"
-    ck = tmp_path / "ck.pt"
-    out, first = _train("--steps", "4", "--gpt-oss", "--save", str(ck))
-    assert f"saved {ck} at step 4" in out and first == {s: whole[s] for s in range(4)}, (out, first, whole)
-    out, rest = _train("--steps", "6", "--gpt-oss", "--resume", str(ck))
-    for s in (4, 5):
-        assert abs(rest[s] - whole[s]) <= 1e-6, f"step {s}: resumed {rest[s]}, uninterrupted {whole[s]}"
+    _whole_and_resumed(tmp_path, 6, 0.2, "--gpt-oss")
